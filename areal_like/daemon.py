@@ -1,0 +1,147 @@
+"""Lifecycle skeleton shared by every daemon: start / run / stop, signals, supervised tasks.
+
+A daemon subclasses ``Daemon`` and implements ``run_once()`` (one iteration of its loop) or
+overrides ``run()``. ``serve()`` then:
+
+1. installs SIGTERM/SIGINT handlers that request a graceful stop;
+2. starts the ``/metrics`` + ``/health`` server on ``metrics_port`` (0 = ephemeral);
+3. calls ``start()``, then ``run()`` until ``stop_requested``;
+4. always calls ``stop()`` and shuts the metrics server down.
+
+Background threads are started with ``spawn(name, fn)``. A supervised thread that returns or
+raises while the daemon is still running sets ``failure``; the main loop checks it every
+iteration (``raise_if_component_stopped``) and the daemon exits non-zero with one clear log
+line. A daemon is never left half alive.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+from areal_like.metrics import Metrics, MetricsServer
+
+GRACEFUL_STOP_S = 10.0  # after SIGTERM, how long stop() may take before the launcher's kill
+
+
+def setup_logging(name: str, level: str | None = None) -> logging.Logger:
+    """Structured, single-line logs tagged with the daemon name and PID."""
+    level = level or os.environ.get("AREAL_LIKE_LOG_LEVEL", "INFO")
+    root = logging.getLogger()
+    if not getattr(root, "_areal_like_configured", False):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(
+            f"%(asctime)s %(levelname)s [{name} pid={os.getpid()}] %(name)s: %(message)s", "%H:%M:%S"))
+        root.handlers[:] = [handler]
+        root.setLevel(level)
+        root._areal_like_configured = True  # type: ignore[attr-defined]
+    return logging.getLogger(name)
+
+
+class ComponentStopped(RuntimeError):
+    """A supervised background task ended while the daemon was running."""
+
+
+class Daemon:
+    name = "daemon"
+
+    def __init__(self, metrics_port: int = 0, metrics_host: str = "0.0.0.0"):
+        self.log = logging.getLogger(self.name)
+        self.metrics = Metrics()
+        self.metrics_port = metrics_port
+        self.metrics_host = metrics_host
+        self.metrics_server: MetricsServer | None = None
+        self.stop_requested = threading.Event()
+        self.failure: BaseException | None = None
+        self._threads: list[threading.Thread] = []
+
+    # ---- to override
+    def start(self) -> None:
+        """Open sockets, load state. Called once before run()."""
+
+    def run_once(self) -> None:
+        """One iteration of the daemon loop; must return within about a second."""
+        raise NotImplementedError(f"{type(self).__name__} must implement run_once() or run()")
+
+    def run(self) -> None:
+        while not self.stop_requested.is_set():
+            self.raise_if_component_stopped()
+            self.run_once()
+
+    def stop(self) -> None:
+        """Release resources. Called once, also after a failure."""
+
+    def health(self) -> tuple[bool, dict]:
+        return self.failure is None, {"name": self.name}
+
+    # ---- supervision
+    def spawn(self, name: str, fn: Callable[[], None]) -> threading.Thread:
+        def wrapper():
+            try:
+                fn()
+                if not self.stop_requested.is_set():
+                    raise ComponentStopped(f"background task {name!r} returned while the daemon was running")
+            except BaseException as e:  # noqa: BLE001 - recorded and re-raised in the main loop
+                if not self.stop_requested.is_set():
+                    self.failure = self.failure or e
+                    self.log.error("background task %r died: %s: %s", name, type(e).__name__, e)
+                    self.stop_requested.set()
+
+        t = threading.Thread(target=wrapper, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+        return t
+
+    def raise_if_component_stopped(self) -> None:
+        if self.failure is not None:
+            raise ComponentStopped(f"{self.name}: a component died: {type(self.failure).__name__}: {self.failure}")
+
+    def request_stop(self, *_args) -> None:
+        if not self.stop_requested.is_set():
+            self.log.info("stop requested")
+        self.stop_requested.set()
+
+    # ---- lifecycle
+    def start_metrics(self) -> None:
+        if self.metrics_server is None and self.metrics_port is not None and self.metrics_port >= 0:
+            self.metrics_server = MetricsServer(self.metrics, self.metrics_port, self.metrics_host,
+                                                health=self.health).start()
+            self.log.info("metrics on http://%s:%d/metrics", self.metrics_host, self.metrics_server.port)
+
+    def serve(self, install_signals: bool = True) -> int:
+        """Run the daemon to completion; returns the process exit code."""
+        if install_signals and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.request_stop)
+            signal.signal(signal.SIGINT, self.request_stop)
+        code = 0
+        try:
+            self.start_metrics()
+            self.start()
+            self.log.info("started")
+            self.run()
+            self.raise_if_component_stopped()
+        except ComponentStopped as e:
+            self.log.error("%s", e)
+            code = 1
+        except Exception:
+            self.log.exception("%s crashed", self.name)
+            code = 1
+        finally:
+            self.stop_requested.set()
+            t0 = time.monotonic()
+            try:
+                self.stop()
+            except Exception:
+                self.log.exception("error while stopping")
+                code = code or 1
+            for t in self._threads:
+                t.join(timeout=max(0.1, GRACEFUL_STOP_S - (time.monotonic() - t0)))
+            if self.metrics_server is not None:
+                self.metrics_server.stop()
+            self.log.info("stopped (exit %d)", code)
+        return code

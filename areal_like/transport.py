@@ -1,0 +1,267 @@
+"""ZeroMQ transport: reliable request/reply to the buffer, and publish/subscribe announcements.
+
+Patterns and why:
+
+* **Request/reply: DEALER (client) -> ROUTER (server).** The buffer binds one ROUTER; rollout
+  servers and trainer rank 0 connect DEALERs. Every request carries a fresh ``req_id`` frame
+  and the reply echoes it, so a late reply to an abandoned request is recognised and dropped.
+  ``Client.request`` waits at most ``timeout_s`` and raises ``TransportTimeout``; after a
+  timeout the socket is closed (LINGER 0, queued frames discarded) and a new one connects
+  ("lazy pirate"), so a peer that died and came back on the same address is reached again.
+  ZMQ itself never reports a dead peer: only timeouts do, which is why every blocking call here
+  has one. Requests are *not* retried here: the caller decides whether a request is idempotent
+  (every message of our protocol is, by design: groups are deduped by id, credits by lease).
+* **High-water marks.** A DEALER queues up to SNDHWM frames while disconnected and then
+  blocks; we send with NOBLOCK and treat a full queue as a timeout. A ROUTER *drops* replies to
+  peers that are gone (or whose queue is full): harmless, because the client times out and
+  re-sends, and the server side is idempotent.
+* **Publish/subscribe: PUB (buffer) -> SUB (rollout servers)** for VersionUpdate and
+  WeightSyncPlan. PUB drops messages for slow or absent subscribers and a new subscriber misses
+  everything published before its subscription is live (the "slow joiner"). Announcements are
+  therefore only a low-latency hint: the same facts are repeated in every HeartbeatAck, which is
+  the guarantee.
+* Trajectories never go over PUB/SUB: a group is kept by its sender until the buffer's Ack says
+  it is in the write-ahead log.
+
+Addresses are configuration (``tcp://host:port``); nothing here assumes localhost. Servers
+bind (``tcp://*:port`` or a concrete interface), clients connect.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import zmq
+import zmq.asyncio
+
+from areal_like.protocol import Message, ProtocolError, decode, encode
+
+DEFAULT_TIMEOUT_S = 10.0  # a healthy buffer answers in milliseconds; 10 s means it is gone or wedged
+SNDHWM = 1000  # frames queued per peer before sends fail fast
+
+
+class TransportError(RuntimeError):
+    pass
+
+
+class TransportTimeout(TransportError, TimeoutError):
+    """The peer did not answer in time (dead, restarting or overloaded)."""
+
+
+def bind_address(address: str) -> str:
+    """Map a connect address to what a server binds: ``tcp://host:port`` binds ``tcp://*:port``
+    unless AREAL_LIKE_BIND_HOST pins an interface."""
+    if address.startswith("tcp://"):
+        host_port = address[len("tcp://"):]
+        _, port = host_port.rsplit(":", 1)
+        return f"tcp://{os.environ.get('AREAL_LIKE_BIND_HOST', '*')}:{port}"
+    return address
+
+
+def _new_socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, SNDHWM)
+    sock.setsockopt(zmq.RCVHWM, SNDHWM)
+    return sock
+
+
+class Client:
+    """Synchronous request/reply client (one outstanding request at a time; not thread safe)."""
+
+    def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, identity: str | None = None):
+        self.address = address
+        self.timeout_s = timeout_s
+        self.identity = identity
+        self._ctx = zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+        self._connect()
+
+    def _connect(self) -> None:
+        self._sock = _new_socket(self._ctx, zmq.DEALER)
+        if self.identity:
+            self._sock.setsockopt(zmq.IDENTITY, f"{self.identity}-{uuid.uuid4().hex[:6]}".encode())
+        self._sock.connect(self.address)
+
+    def reconnect(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        self._connect()
+
+    def request(self, msg: Message, timeout_s: float | None = None) -> Message:
+        """Send ``msg`` and return the decoded reply. Raises TransportTimeout or ProtocolError."""
+        timeout_ms = int(1000 * (self.timeout_s if timeout_s is None else timeout_s))
+        req_id = uuid.uuid4().bytes
+        try:
+            self._sock.send_multipart([req_id, encode(msg)], flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.reconnect()
+            raise TransportTimeout(f"send queue to {self.address} is full") from None
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        remaining = timeout_ms
+        while remaining > 0:
+            t0 = time.monotonic()
+            if not poller.poll(remaining):
+                break
+            frames = self._sock.recv_multipart()
+            remaining -= int(1000 * (time.monotonic() - t0))
+            if len(frames) == 2 and frames[0] == req_id:
+                return decode(frames[1])
+            # a late reply to an earlier, abandoned request: drop it and keep waiting
+        self.reconnect()
+        raise TransportTimeout(f"no reply from {self.address} within {timeout_ms / 1000:.1f}s to {msg.TYPE}")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+
+class AsyncClient:
+    """asyncio twin of Client for daemons built on an event loop (rollout servers).
+
+    Requests are serialised with a lock: one outstanding request per socket keeps req_id
+    matching trivial, and the buffer answers in milliseconds.
+    """
+
+    def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, identity: str | None = None):
+        import asyncio
+
+        self.address = address
+        self.timeout_s = timeout_s
+        self.identity = identity
+        self._ctx = zmq.asyncio.Context.instance()
+        self._lock = asyncio.Lock()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._connect()
+
+    def _connect(self) -> None:
+        self._sock = _new_socket(self._ctx, zmq.DEALER)
+        if self.identity:
+            self._sock.setsockopt(zmq.IDENTITY, f"{self.identity}-{uuid.uuid4().hex[:6]}".encode())
+        self._sock.connect(self.address)
+
+    def reconnect(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        self._connect()
+
+    async def request(self, msg: Message, timeout_s: float | None = None) -> Message:
+        import asyncio
+
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        async with self._lock:
+            req_id = uuid.uuid4().bytes
+            try:
+                await self._sock.send_multipart([req_id, encode(msg)], flags=zmq.NOBLOCK)
+            except zmq.Again:
+                self.reconnect()
+                raise TransportTimeout(f"send queue to {self.address} is full") from None
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while (remaining := deadline - loop.time()) > 0:
+                if not await self._sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
+                    break
+                frames = await self._sock.recv_multipart()
+                if len(frames) == 2 and frames[0] == req_id:
+                    return decode(frames[1])
+            self.reconnect()
+            raise TransportTimeout(f"no reply from {self.address} within {timeout:.1f}s to {msg.TYPE}")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+
+class Server:
+    """ROUTER side of request/reply. ``recv`` yields (peer, req_id, message-or-error).
+
+    A frame that fails to decode is returned as a ProtocolError instead of a message, so the
+    daemon can answer with a rejection naming the field and keep serving.
+    """
+
+    def __init__(self, address: str):
+        self.address = address
+        self._ctx = zmq.Context.instance()
+        self._sock = _new_socket(self._ctx, zmq.ROUTER)
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished peers are dropped
+        self._sock.bind(bind_address(address))
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+
+    def recv(self, timeout_s: float) -> tuple[bytes, bytes, Message | ProtocolError] | None:
+        if not self._poller.poll(int(timeout_s * 1000)):
+            return None
+        frames = self._sock.recv_multipart()
+        if len(frames) != 3:
+            peer = frames[0]
+            return peer, frames[1] if len(frames) > 1 else b"", ProtocolError("expected [req_id, payload]", "frame")
+        peer, req_id, payload = frames
+        try:
+            return peer, req_id, decode(payload)
+        except ProtocolError as e:
+            return peer, req_id, e
+
+    def recv_nowait(self) -> tuple[bytes, bytes, Message | ProtocolError] | None:
+        return self.recv(0)
+
+    def send(self, peer: bytes, req_id: bytes, msg: Message) -> None:
+        try:
+            self._sock.send_multipart([peer, req_id, encode(msg)], flags=zmq.NOBLOCK)
+        except zmq.Again:  # the peer's queue is full: it will time out and re-send
+            pass
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+
+
+class Publisher:
+    """PUB side of announcements (lossy by design; see module docstring)."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self._sock = _new_socket(zmq.Context.instance(), zmq.PUB)
+        self._sock.bind(bind_address(address))
+
+    def publish(self, msg: Message) -> None:
+        try:
+            self._sock.send(encode(msg), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+
+
+class Subscriber:
+    """SUB side; ``recv(timeout_s)`` returns a message or None. Undecodable frames are skipped."""
+
+    def __init__(self, address: str, *, asyncio_ctx: bool = False):
+        self.address = address
+        ctx = zmq.asyncio.Context.instance() if asyncio_ctx else zmq.Context.instance()
+        self._sock = _new_socket(ctx, zmq.SUB)
+        self._sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sock.connect(address)
+
+    def recv(self, timeout_s: float) -> Message | None:
+        if not self._sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+            return None
+        try:
+            return decode(self._sock.recv())
+        except ProtocolError:
+            return None
+
+    async def arecv(self, timeout_s: float) -> Message | None:
+        if not await self._sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+            return None
+        try:
+            return decode(await self._sock.recv())
+        except ProtocolError:
+            return None
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
