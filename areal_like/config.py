@@ -369,3 +369,37 @@ def from_yaml(text: str) -> RunConfig:
 
     merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(text))
     return OmegaConf.to_object(merged)
+
+
+def dataset_size(task: TaskConfig) -> int:
+    """Number of prompts in one epoch of the task's dataset (the buffer's cursor range)."""
+    if task.name == "jsonl":
+        path = Path(task.dataset_path or "")
+        if not path.is_file():
+            raise ConfigError(f"task.dataset_path={task.dataset_path!r} does not exist")
+        with path.open() as f:
+            return sum(1 for line in f if line.strip())
+    return task.num_prompts
+
+
+def load_daemon_config(argv: list[str]) -> RunConfig:
+    """Entry-point helper: ``[--config-file PATH] [key=value ...]``.
+
+    With ``--config-file`` (a resolved YAML written by the launcher), the overrides are applied
+    on top of it; otherwise the Hydra tree is composed with the overrides.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    argv = list(argv)
+    if "--config-file" in argv:
+        i = argv.index("--config-file")
+        path = argv[i + 1]
+        del argv[i:i + 2]
+        try:
+            base = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
+            merged = OmegaConf.merge(base, OmegaConf.from_dotlist(argv))
+            return OmegaConf.to_object(merged)
+        except OmegaConfBaseException as e:
+            raise ConfigError(_explain(e)) from None
+    return load_config(argv)
