@@ -1,0 +1,86 @@
+"""launch/topology.py: port and CPU placement is pure and keeps its invariants."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from areal_like.config import ConfigError, RunConfig, load_config
+from launch.topology import apply_topology, plan_topology, split_address, split_cpus
+
+
+def _cfg(*overrides: str) -> RunConfig:
+    return load_config(list(overrides))
+
+
+def test_every_port_is_distinct_and_zero_ports_are_assigned():
+    cfg = _cfg("buffer.address=tcp://127.0.0.1:0", "buffer.pub_address=tcp://127.0.0.1:0",
+               "launch.num_rollout_servers=3")
+    # a port source that repeats itself (free_port() can) must still give distinct ports
+    topo = plan_topology(cfg, itertools.chain([20000, 20000, 20001], itertools.count(20001)))
+    ports = topo.ports()
+    assert len(set(ports.values())) == len(ports) == 3 + 5  # router, pub, master + 5 metrics
+    assert [s.name for s in topo.slots] == ["buffer", "rollout-0", "rollout-1", "rollout-2", "trainer"]
+    assert topo.buffer_address == "tcp://127.0.0.1:20000" and topo.pub_address == "tcp://127.0.0.1:20001"
+    assert all(p >= 20000 for p in ports.values())
+
+
+def test_fixed_ports_are_kept_and_skipped_by_the_source():
+    cfg = _cfg("buffer.address=tcp://10.0.0.5:7000", "buffer.pub_address=tcp://10.0.0.5:7001",
+               "buffer.metrics_port=9100", "rollout.metrics_port=9101", "trainer.metrics_port=9200",
+               "launch.num_rollout_servers=2")
+    topo = plan_topology(cfg, itertools.count(9100))  # overlaps the fixed ports on purpose
+    assert topo.host == "10.0.0.5"  # nothing assumes localhost
+    assert topo.buffer_address == "tcp://10.0.0.5:7000"
+    assert topo.slot("buffer").metrics_port == 9100
+    assert [topo.slot(f"rollout-{i}").metrics_port for i in range(2)] == [9101, 9102]
+    assert topo.slot("trainer").metrics_port == 9200
+    assert topo.master_port == 9103  # first port of the source that no fixed port uses
+    assert topo.slot("rollout-1").overrides == ("rollout.server_id=rollout-1", "rollout.metrics_port=9102")
+
+
+def test_two_daemons_with_the_same_fixed_port_are_refused():
+    cfg = _cfg("buffer.metrics_port=9100", "trainer.metrics_port=9100")
+    with pytest.raises(ConfigError, match="same fixed port"):
+        plan_topology(cfg, itertools.count(30000))
+
+
+@pytest.mark.parametrize("cores,rollout,trainer", [
+    ([0, 1], (0,), (1,)),
+    ([3, 2, 1, 0], (0, 1), (2, 3)),
+    ([0, 1, 2], (0,), (1, 2)),
+])
+def test_cpu_pools_are_disjoint_and_cover_the_cores(cores, rollout, trainer):
+    assert split_cpus(cores) == (rollout, trainer)
+
+
+def test_pinning_needs_two_cores():
+    with pytest.raises(ConfigError, match="at least 2 cores"):
+        split_cpus([0])
+
+
+def test_pinned_topology_puts_buffer_and_rollouts_on_one_pool_trainer_on_the_other():
+    cfg = _cfg("launch.pin_cpus=true", "buffer.address=tcp://127.0.0.1:0", "buffer.pub_address=tcp://127.0.0.1:0")
+    topo = plan_topology(cfg, itertools.count(40000), cpus=[0, 1])
+    assert topo.slot("trainer").cpus == (1,)
+    assert topo.slot("buffer").cpus == topo.slot("rollout-0").cpus == (0,)
+    unpinned = plan_topology(_cfg(), itertools.count(40000), cpus=[0, 1])
+    assert all(s.cpus is None for s in unpinned.slots)
+
+
+def test_apply_topology_fills_every_daemon_address():
+    cfg = _cfg("buffer.address=tcp://127.0.0.1:0", "buffer.pub_address=tcp://127.0.0.1:0")
+    topo = plan_topology(cfg, itertools.count(50000))
+    out = apply_topology(cfg, topo)
+    assert out.buffer.address == out.rollout.buffer_address == out.trainer.buffer_address == topo.buffer_address
+    assert out.rollout.pub_address == out.buffer.pub_address == topo.pub_address
+    assert out.buffer.metrics_port == topo.slot("buffer").metrics_port
+    assert out.trainer.metrics_port == topo.slot("trainer").metrics_port
+    assert cfg.buffer.address == "tcp://127.0.0.1:0"  # the input is not mutated
+
+
+def test_split_address_rejects_non_tcp():
+    assert split_address("tcp://node-3:5555") == ("node-3", 5555)
+    with pytest.raises(ConfigError):
+        split_address("ipc:///tmp/x")
