@@ -1,0 +1,128 @@
+"""Shared fixtures: ephemeral ports, temporary run directories, and tracked subprocesses.
+
+Every process a test starts goes through ``spawn_python`` so teardown can stop it by PID
+(SIGTERM, then SIGKILL after ``TERM_GRACE_S``). Nothing here kills by name.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from areal_like.distributed import free_port as _free_port
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TERM_GRACE_S = 10.0  # a daemon's graceful stop (GRACEFUL_STOP_S) fits in this; then SIGKILL
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for test subprocesses: one thread per process (2 shared cores), unbuffered
+    output, and the repository importable even without the editable install."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env.update(extra or {})
+    return env
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float = TERM_GRACE_S) -> int | None:
+    """SIGTERM, wait up to ``grace_s``, then SIGKILL, all by PID. Returns the exit code."""
+    if proc.poll() is None:
+        try:
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        except ProcessLookupError:
+            pass
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+    return proc.returncode
+
+
+class Spawner:
+    """Starts Python subprocesses and remembers them for teardown."""
+
+    def __init__(self, cwd: Path):
+        self.cwd = cwd
+        self.procs: list[subprocess.Popen] = []
+
+    def __call__(self, code_or_module: str, args: list[str] | tuple[str, ...] = (), *,
+                 env: dict[str, str] | None = None, cwd: str | Path | None = None,
+                 capture: bool = True) -> subprocess.Popen:
+        """Start ``python -m MODULE args`` (a dotted name) or ``python -c CODE args`` (anything else).
+
+        stdout/stderr are pipes when ``capture`` (read them with ``proc.communicate``), else
+        inherited. Text mode.
+        """
+        is_module = code_or_module.replace(".", "").replace("_", "").isalnum() and "\n" not in code_or_module
+        cmd = [sys.executable, "-m", code_or_module] if is_module else \
+            [sys.executable, "-c", textwrap.dedent(code_or_module)]
+        pipe = subprocess.PIPE if capture else None
+        proc = subprocess.Popen([*cmd, *map(str, args)], env=child_env(env), cwd=str(cwd or self.cwd),
+                                stdout=pipe, stderr=pipe, text=True)
+        self.procs.append(proc)
+        return proc
+
+    def kill9(self, proc: subprocess.Popen) -> None:
+        """Failure injection: SIGKILL by PID and reap."""
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    def cleanup(self) -> None:
+        for proc in reversed(self.procs):
+            stop_process(proc)
+        self.procs.clear()
+
+
+@pytest.fixture
+def free_port() -> Callable[[], int]:
+    """``free_port()`` -> an ephemeral TCP port on 127.0.0.1 (call it once per socket)."""
+    return _free_port
+
+
+@pytest.fixture
+def tmp_run_dir(tmp_path: Path) -> Path:
+    """A fresh run directory (what ``RunConfig.run_dir`` points to)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    return run_dir
+
+
+@pytest.fixture
+def spawn_python(tmp_path: Path) -> Iterator[Spawner]:
+    """``spawn_python(code_or_module, args)`` -> Popen; every process is stopped at teardown."""
+    spawner = Spawner(tmp_path)
+    try:
+        yield spawner
+    finally:
+        spawner.cleanup()
+
+
+def wait_until(predicate: Callable[[], object], timeout_s: float = 60.0, interval_s: float = 0.05,
+               what: str = "condition") -> object:
+    """Poll ``predicate`` until truthy; raise AssertionError naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+@pytest.fixture(name="wait_until")
+def wait_until_fixture() -> Callable[..., object]:
+    """The ``wait_until(predicate, timeout_s, interval_s, what)`` helper as a fixture."""
+    return wait_until

@@ -1,0 +1,33 @@
+"""GPU tests: everything under tests/gpu is marked ``gpu`` and skips cleanly without CUDA.
+
+The default run deselects them (``-m 'not gpu'`` in pyproject); ``pytest -m gpu`` runs them
+where a GPU exists and reports them as skipped (not failed, not errored) where none does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+_HERE = Path(__file__).resolve().parent
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def pytest_collection_modifyitems(config, items):
+    has_cuda: bool | None = None
+    for item in items:
+        if _HERE not in Path(str(item.fspath)).resolve().parents:
+            continue
+        item.add_marker(pytest.mark.gpu)
+        if has_cuda is None:
+            has_cuda = _cuda_available()
+        if not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is false)"))

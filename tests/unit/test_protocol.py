@@ -1,0 +1,415 @@
+"""Wire protocol: property round trips for every message type, strict rejection naming the
+field, and a fuzz run showing that nothing but ProtocolError escapes ``decode``."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import typing
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from areal_like import protocol as P
+
+# ---------------------------------------------------------------- strategies from the schema
+
+INT = st.integers(-(2**63), 2**64 - 1)  # what msgpack carries
+SMALL_INT = st.integers(-1000, 10**6)
+FLOAT = st.floats(allow_nan=False, allow_infinity=False)
+TEXT = st.text(max_size=12)
+JSON_LEAF = st.one_of(st.none(), st.booleans(), INT, FLOAT, TEXT, st.binary(max_size=8))
+FREE_DICT = st.dictionaries(TEXT, st.recursive(JSON_LEAF, lambda c: st.lists(c, max_size=3)
+                                               | st.dictionaries(TEXT, c, max_size=3), max_leaves=6), max_size=4)
+MAX_TOKENS = 48
+
+
+def _i32(n: int) -> st.SearchStrategy:
+    return st.lists(st.integers(-(2**31), 2**31 - 1), min_size=n, max_size=n).map(P.as_i32)
+
+
+def _f32(n: int) -> st.SearchStrategy:
+    # any float32 bit pattern, NaNs included: logprob bytes are carried verbatim
+    return st.lists(st.floats(width=32), min_size=n, max_size=n).map(P.as_f32)
+
+
+@st.composite
+def _trajectory(draw) -> P.Trajectory:
+    t = draw(st.integers(0, MAX_TOKENS))
+    return P.Trajectory(prompt_ids=draw(_i32(draw(st.integers(0, MAX_TOKENS)))), output_ids=draw(_i32(t)),
+                        behav_logp=draw(_f32(t)), versions=draw(_i32(t)), reward=draw(FLOAT),
+                        finish_reason=draw(st.sampled_from(["stop", "length", "abort", "error"])),
+                        metadata=draw(FREE_DICT))
+
+
+@st.composite
+def _bucket_spec(draw) -> P.BucketSpec:
+    n = draw(st.integers(0, 4))
+    return P.BucketSpec(names=draw(st.lists(TEXT, min_size=n, max_size=n)),
+                        dtypes=draw(st.lists(st.sampled_from(["float32", "bfloat16"]), min_size=n, max_size=n)),
+                        shapes=draw(st.lists(st.lists(SMALL_INT, max_size=3), min_size=n, max_size=n)))
+
+
+# Classes whose validate() constrains several fields together get a hand-written strategy;
+# single fields with a rule get an override; everything else is derived from the annotations.
+CLASS_STRATEGIES: dict[type, st.SearchStrategy] = {P.Trajectory: _trajectory(), P.BucketSpec: _bucket_spec()}
+FIELD_STRATEGIES = {
+    (P.Ack, "status"): st.sampled_from(["accepted", "duplicate", "rejected", "ok"]),
+    (P.TrajectoryGroup, "trajectories"): st.lists(_trajectory(), min_size=1, max_size=3),
+}
+
+
+def strategy_for(tp) -> st.SearchStrategy:
+    if isinstance(tp, type) and issubclass(tp, P.Message):
+        return message_strategy(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is list:
+        return st.lists(strategy_for(args[0]), max_size=3)
+    if type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        return st.none() | strategy_for(inner)
+    return {int: INT, float: FLOAT, bool: st.booleans(), str: TEXT, dict: FREE_DICT}[tp]
+
+
+def message_strategy(cls: type) -> st.SearchStrategy:
+    if cls in CLASS_STRATEGIES:
+        return CLASS_STRATEGIES[cls]
+    hints = typing.get_type_hints(cls, globalns=vars(P))
+    fields = {f.name: FIELD_STRATEGIES[(cls, f.name)] if (cls, f.name) in FIELD_STRATEGIES
+              else st.deferred(lambda tp=hints[f.name]: strategy_for(tp)) for f in dataclasses.fields(cls)}
+    return st.builds(cls, **fields)
+
+
+def assert_same(a, b, path: str = "") -> None:
+    """Field-by-field equality; arrays by dtype and bytes (NaN payloads included)."""
+    if isinstance(a, P.Message):
+        assert type(a) is type(b), path
+        for f in dataclasses.fields(a):
+            assert_same(getattr(a, f.name), getattr(b, f.name), f"{path}.{f.name}")
+    elif isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray) and b.dtype == a.dtype and b.tobytes() == a.tobytes(), path
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert type(b) is float and (a == b or (math.isnan(a) and math.isnan(b))), path
+    else:
+        assert a == b and type(a) is type(b), path
+
+
+# ---------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("cls", sorted(P.TOP_LEVEL_TYPES.values(), key=lambda c: c.TYPE), ids=lambda c: c.TYPE)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data())
+def test_round_trip_every_message_type(cls, data):
+    msg = data.draw(message_strategy(cls))
+    frame = P.encode(msg)
+    back = P.decode(frame)
+    assert type(back) is cls
+    assert P.encode(back) == frame
+    assert_same(msg, back)
+
+
+def test_top_level_types_cover_design_messages():
+    expected = {"register", "register_ack", "heartbeat", "heartbeat_ack", "credit_request", "credits",
+                "trajectory_group", "ack", "batch_request", "batch", "version_update", "weight_sync_plan",
+                "sync_done", "stats_request", "stats"}
+    assert expected <= set(P.TOP_LEVEL_TYPES)
+    assert not {"trajectory", "credit", "bucket_spec", "sync_member", "roster_entry"} & set(P.TOP_LEVEL_TYPES)
+
+
+def make_traj(t: int = 5, reward: float = 1.0, **kw) -> P.Trajectory:
+    args = dict(prompt_ids=np.arange(3), output_ids=np.arange(t) + 10, behav_logp=-np.arange(t) / 10.0,
+                versions=np.full(t, 7), reward=reward, finish_reason="stop", metadata={"k": [1, "x"]})
+    return P.Trajectory(**{**args, **kw})
+
+
+def make_group(n: int = 2, t: int = 5) -> P.TrajectoryGroup:
+    return P.TrajectoryGroup(group_id="s-1", server_id="s", lease_id="1", prompt_index=4, epoch=0,
+                             trajectories=[make_traj(t) for _ in range(n)])
+
+
+def test_arrays_decode_as_readonly_numpy_views_of_the_right_dtype():
+    back = P.decode(P.encode(make_group()))
+    traj = back.trajectories[0]
+    for name, dtype in (("prompt_ids", np.int32), ("output_ids", np.int32), ("versions", np.int32),
+                        ("behav_logp", np.float32)):
+        arr = getattr(traj, name)
+        assert isinstance(arr, np.ndarray) and arr.dtype == np.dtype(dtype) and arr.dtype.byteorder in "<="
+        assert isinstance(arr.base, bytes) and not arr.flags.writeable  # frombuffer over the wire bytes
+    assert traj.output_ids.tolist() == [10, 11, 12, 13, 14]
+    assert traj.versions.tolist() == [7] * 5
+    np.testing.assert_array_equal(traj.behav_logp, np.float32(-np.arange(5) / 10.0))
+    assert back.head_version == 7 and back.n_tokens == 10
+
+
+def test_arrays_travel_as_raw_bytes_not_lists():
+    wire = msgpack.unpackb(P.encode(make_group(1, 3)))
+    assert wire["trajectories"][0]["output_ids"] == ["<i4", 3, np.arange(10, 13, dtype="<i4").tobytes()]
+    assert wire["trajectories"][0]["behav_logp"][0] == "<f4"
+    assert wire["protocol"] == P.PROTOCOL_VERSION and wire["type"] == "trajectory_group"
+
+
+def test_encode_coerces_numpy_scalars_and_wide_arrays():
+    group = P.TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=np.int64(9),
+                              epoch=np.int32(1), trajectories=[make_traj(reward=np.float32(0.5))])
+    back = P.decode(P.encode(group))
+    assert back.prompt_index == 9 and type(back.prompt_index) is int and back.trajectories[0].reward == 0.5
+
+
+# ---------------------------------------------------------------- rejection, naming the field
+
+
+def wire_of(msg: P.Message) -> dict:
+    return msgpack.unpackb(P.encode(msg))
+
+
+def reject(wire: dict) -> P.ProtocolError:
+    with pytest.raises(P.ProtocolError) as info:
+        P.decode(msgpack.packb(wire, use_bin_type=True))
+    return info.value
+
+
+def test_rejects_other_protocol_version():
+    for bad in (P.PROTOCOL_VERSION + 1, 0, "1", None, 1.0, True):
+        wire = wire_of(P.VersionUpdate(policy_version=3))
+        wire["protocol"] = bad
+        assert reject(wire).field == "protocol"
+    wire = wire_of(P.VersionUpdate(policy_version=3))
+    del wire["protocol"]
+    assert reject(wire).field == "protocol"
+
+
+def test_rejects_unknown_and_nested_only_types():
+    for bad in ("no_such_message", "trajectory", "credit", 5, None):
+        wire = wire_of(P.VersionUpdate(policy_version=3))
+        wire["type"] = bad
+        assert reject(wire).field == "type"
+
+
+def test_rejects_missing_field():
+    wire = wire_of(make_group())
+    del wire["server_id"]
+    assert reject(wire).field == "server_id"
+    wire = wire_of(make_group())
+    del wire["trajectories"][1]["reward"]
+    assert reject(wire).field == "trajectories[1].reward"
+
+
+def test_optional_fields_may_be_missing():
+    wire = wire_of(P.Heartbeat(server_id="s", policy_version=2, in_flight=3))
+    del wire["in_flight"]
+    assert P.decode(msgpack.packb(wire)).in_flight == 0
+
+
+def test_rejects_extra_field():
+    wire = wire_of(make_group())
+    wire["surprise"] = 1
+    assert reject(wire).field == "surprise"
+    wire = wire_of(make_group())
+    wire["trajectories"][0]["protocol"] = 1  # only the top level carries the version
+    assert reject(wire).field == "trajectories[0].protocol"
+
+
+@pytest.mark.parametrize("path,bad,expect", [
+    (("prompt_index",), "4", "prompt_index"),
+    (("epoch",), True, "epoch"),  # bool is not an int
+    (("epoch",), 1.0, "epoch"),
+    (("group_id",), b"bytes", "group_id"),
+    (("trajectories",), {"a": 1}, "trajectories"),
+    (("trajectories", 0), [1, 2], "trajectories[0]"),
+    (("trajectories", 0, "reward"), "1.0", "trajectories[0].reward"),
+    (("trajectories", 0, "metadata"), [1], "trajectories[0].metadata"),
+    (("trajectories", 0, "output_ids"), [10, 11, 12, 13, 14], "trajectories[0].output_ids"),  # list, not bytes
+    (("trajectories", 1, "finish_reason"), None, "trajectories[1].finish_reason"),
+])
+def test_rejects_wrongly_typed_field(path, bad, expect):
+    wire = wire_of(make_group())
+    node = wire
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = bad
+    assert reject(wire).field == expect
+
+
+@pytest.mark.parametrize("reward", [math.nan, math.inf, -math.inf])
+def test_rejects_non_finite_reward(reward):
+    wire = wire_of(make_group())
+    wire["trajectories"][1]["reward"] = reward
+    err = reject(wire)
+    assert err.field == "trajectories[1].reward" and "finite" in str(err)
+    with pytest.raises(P.ProtocolError) as info:  # and the sender cannot produce it either
+        P.encode(P.TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0,
+                                   trajectories=[make_traj(reward=reward)]))
+    assert info.value.field == "trajectories[0].reward"
+
+
+@pytest.mark.parametrize("name", ["behav_logp", "versions"])
+def test_rejects_array_length_mismatch(name):
+    wire = wire_of(make_group(t=5))
+    short = make_traj(t=4)
+    wire["trajectories"][0][name] = msgpack.unpackb(P.encode(P.TrajectoryGroup(
+        group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0, trajectories=[short])))[
+        "trajectories"][0][name]
+    err = reject(wire)
+    assert err.field == f"trajectories[0].{name}" and "output_ids" in str(err)
+    with pytest.raises(P.ProtocolError) as info:
+        P.encode(P.TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0,
+                                   trajectories=[make_traj(**{name: np.zeros(3)})]))
+    assert info.value.field == f"trajectories[0].{name}"
+
+
+@pytest.mark.parametrize("name,bad", [
+    ("behav_logp", ["<f8", 5, np.zeros(5).tobytes()]),
+    ("output_ids", ["<i8", 5, np.arange(5).tobytes()]),
+    ("versions", [">i4", 5, np.arange(5, dtype=">i4").tobytes()]),
+    ("output_ids", ["<i4", 5, b"\0" * 19]),  # bytes disagree with the length
+    ("output_ids", ["<i4", -1, b""]),
+    ("output_ids", ["<i4", 5]),
+])
+def test_rejects_wrong_dtype_or_malformed_array(name, bad):
+    wire = wire_of(make_group(t=5))
+    wire["trajectories"][0][name] = bad
+    assert reject(wire).field == f"trajectories[0].{name}"
+
+
+def test_rejects_empty_group_and_bad_ack_status():
+    wire = wire_of(make_group())
+    wire["trajectories"] = []
+    assert reject(wire).field == "trajectories"
+    wire = wire_of(P.Ack(ref="g", status="ok"))
+    wire["status"] = "maybe"
+    assert reject(wire).field == "status"
+
+
+def test_rejects_oversized_frame(monkeypatch):
+    frame = P.encode(make_group(n=4, t=64))
+    monkeypatch.setattr(P, "MAX_FRAME_BYTES", len(frame) - 1)
+    with pytest.raises(P.ProtocolError) as info:
+        P.decode(frame)
+    assert info.value.field == "frame" and "exceeds" in str(info.value)
+    with pytest.raises(P.ProtocolError) as info:
+        P.encode(make_group(n=4, t=64))
+    assert info.value.field == "frame"
+
+
+def test_rejects_non_frames():
+    for bad in ("text", None, 12, [b"x"]):
+        with pytest.raises(P.ProtocolError) as info:
+            P.decode(bad)  # type: ignore[arg-type]
+        assert info.value.field == "frame"
+    for bad in (b"", b"\xc1", msgpack.packb([1, 2]), msgpack.packb({1: 2}), msgpack.packb({"a": 1}) + b"\x00"):
+        with pytest.raises(P.ProtocolError):
+            P.decode(bad)
+
+
+def test_encode_rejects_non_messages_and_nested_only():
+    with pytest.raises(P.ProtocolError):
+        P.encode({"type": "ack"})  # type: ignore[arg-type]
+    with pytest.raises(P.ProtocolError):
+        P.encode(make_traj())
+
+
+# ---------------------------------------------------------------- fuzz
+
+FUZZ_FRAMES = 12_000
+
+
+def _valid_frames(rng: random.Random) -> list[bytes]:
+    frames = [P.encode(make_group(n=rng.randint(1, 3), t=rng.randint(0, 12))) for _ in range(8)]
+    frames += [P.encode(m) for m in (
+        P.Register(server_id="r", engine_url="http://h:1"), P.Heartbeat(server_id="r", policy_version=3),
+        P.HeartbeatAck(policy_version=2, known=True, pending_plan=P.WeightSyncPlan(
+            policy_version=2, group_name="g", master_addr="h", master_port=9, world_size=3, backend="gloo",
+            reform=True, members=[P.SyncMember(server_id="r", rank_offset=1)],
+            buckets=[P.BucketSpec(names=["w"], dtypes=["float32"], shapes=[[2, 3]])], deadline_s=5.0)),
+        P.Credits(credits=[P.Credit(lease_id="1", prompt_index=2, epoch=0, deadline_s=9.0)], policy_version=1),
+        P.Batch(groups=[make_group()], trainer_version=3), P.Stats(values={"a": 1.5}),
+        P.Roster(members=[P.RosterEntry(server_id="r", engine_url="u", engine_ranks=1, policy_version=0)],
+                 policy_version=0), P.SyncStatus(policy_version=1, done=["a"], failed=[]))]
+    return frames
+
+
+def _random_value(rng: random.Random):
+    return rng.choice([None, True, -1, 2**40, 1.5, math.nan, "", "x" * rng.randint(0, 5), b"\x00\x01",
+                       [], [1, "a"], {}, {"type": "trajectory"}, ["<i4", 1, b"\0\0\0\0"], ["<f4", 2, b"\0"]])
+
+
+def _structural_mutation(rng: random.Random, frame: bytes) -> bytes:
+    """Replace, delete or add one node somewhere in the decoded tree."""
+    tree = msgpack.unpackb(frame)
+    nodes = [tree]
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        children = list(node.values()) if isinstance(node, dict) else node if isinstance(node, list) else []
+        for child in children:
+            if isinstance(child, (dict, list)):
+                nodes.append(child)
+                stack.append(child)
+    node = rng.choice(nodes)
+    if isinstance(node, dict):
+        keys = list(node)
+        op = rng.randrange(3)
+        if op == 0 and keys:
+            node[rng.choice(keys)] = _random_value(rng)
+        elif op == 1 and keys:
+            del node[rng.choice(keys)]
+        else:
+            node[rng.choice(["type", "protocol", "extra", "reward"])] = _random_value(rng)
+    elif node:
+        node[rng.randrange(len(node))] = _random_value(rng)
+    return msgpack.packb(tree, use_bin_type=True)
+
+
+def _byte_mutation(rng: random.Random, frame: bytes, other: bytes) -> bytes:
+    data = bytearray(frame)
+    op = rng.randrange(5)
+    if op == 0:  # bit flips
+        for _ in range(rng.randint(1, 8)):
+            i = rng.randrange(len(data))
+            data[i] ^= 1 << rng.randrange(8)
+        return bytes(data)
+    if op == 1:  # truncation
+        return bytes(data[:rng.randrange(len(data))])
+    if op == 2:  # splice of two valid frames
+        return bytes(data[:rng.randrange(len(data))]) + other[rng.randrange(len(other)):]
+    if op == 3:  # random byte overwrite (often hits length prefixes)
+        i = rng.randrange(len(data))
+        data[i:i + 4] = rng.randbytes(4)
+        return bytes(data)
+    i = rng.randrange(len(data) + 1)  # insertion
+    return bytes(data[:i]) + rng.randbytes(rng.randint(1, 6)) + bytes(data[i:])
+
+
+def test_fuzz_only_protocol_error_escapes():
+    rng = random.Random(1234)
+    valid = _valid_frames(rng)
+    outcomes = {"ok": 0, "rejected": 0}
+    for i in range(FUZZ_FRAMES):
+        kind = i % 4
+        if kind == 0:
+            frame = rng.randbytes(rng.randint(0, 64))
+            if frame and rng.random() < 0.5:
+                frame = bytes([0x80 | rng.randrange(16)]) + frame  # starts like a small map
+        elif kind == 3:
+            frame = _structural_mutation(rng, rng.choice(valid))
+        else:
+            frame = _byte_mutation(rng, rng.choice(valid), rng.choice(valid))
+        try:
+            msg = P.decode(frame)
+        except P.ProtocolError as e:
+            assert e.field, f"ProtocolError without a field for frame {frame[:40]!r}"
+            outcomes["rejected"] += 1
+        else:  # whatever is accepted must be a valid message that re-encodes
+            P.decode(P.encode(msg))
+            outcomes["ok"] += 1
+    assert sum(outcomes.values()) == FUZZ_FRAMES >= 10_000
+    assert outcomes["rejected"] > FUZZ_FRAMES // 2
