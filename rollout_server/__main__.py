@@ -1,0 +1,25 @@
+"""``python -m rollout_server --config-file RUN_DIR/config.yaml [key=value ...]``
+
+One rollout server owning one engine. On one machine the launcher starts N of them
+(``rollout.server_id=rollout-i rollout.metrics_port=...``); on GPU nodes start one per SGLang
+server with ``rollout.engine.kind=sglang`` (launch it) or ``kind=url`` (attach to a running one).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from areal_like.config import load_daemon_config
+from areal_like.daemon import setup_logging
+
+
+def main(argv: list[str]) -> int:
+    cfg = load_daemon_config(argv)
+    setup_logging(f"rollout:{cfg.rollout.server_id or 'rollout'}")
+    from rollout_server.server import RolloutServer
+
+    return RolloutServer(cfg).serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,154 @@
+"""Episodes: one credit (prompt index) -> one scored ``TrajectoryGroup``.
+
+``generate_sample`` is **interruptible generation**. A weight update pauses the engine with
+``mode=abort``; every running ``/generate`` then returns ``finish_reason.type == "abort"`` with
+the tokens produced so far. The sample is resubmitted as ``prompt + tokens so far`` with
+``max_new_tokens`` reduced by their count (the new request blocks in the engine until
+``/continue_generation``), and the segments are concatenated until a segment ends with
+``stop`` or ``length``. Invariants of the result:
+
+* ``output_ids``, ``behav_logp`` and ``versions`` are aligned and hold every token exactly once,
+  in order (segment outputs are appended; nothing is re-generated or dropped);
+* ``versions[t]`` is the version that produced token t: ``meta_info.weight_version`` of the
+  segment that returned it (or its ``weight_versions`` spans when SGLang reports several);
+  a server whose version string is not an integer (SGLang's default ``"default"``) falls back
+  to the version the rollout server knows it serves;
+* ``len(output_ids) <= max_new_tokens``; a sample that exhausts its budget across segments
+  finishes as ``length``.
+
+An abort that carries an HTTP status (the engine rejected the request, e.g. too long) is an
+error, not a pause: it raises ``SGLangError`` instead of looping. ``generate_group`` runs the
+n samples as n concurrent requests (each resumes on its own), then detokenises and scores them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from areal_like.metrics import Metrics
+from areal_like.protocol import Credit, Trajectory, TrajectoryGroup, as_f32, as_i32
+from rollout_server.rewards import score
+from rollout_server.sglang_client import GenerateOutput, SGLangClient, SGLangError
+
+MAX_EMPTY_RESUMES = 1000  # aborts in a row without a new token: the engine is stuck, not pausing
+
+
+@dataclass(slots=True)
+class Sample:
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    resumed: int = 0  # how many times an aborted segment was resubmitted
+
+
+def segment_versions(out: GenerateOutput, fallback: int) -> list[int]:
+    """Per-token versions of one segment (see module docstring)."""
+    def as_int(v: str | None) -> int:
+        try:
+            return int(v) if v is not None else fallback
+        except ValueError:
+            return fallback
+
+    versions = [as_int(out.weight_version)] * len(out.output_ids)
+    for version, start, end in out.weight_spans:
+        for t in range(max(0, start), min(end, len(versions))):
+            versions[t] = as_int(version)
+    return versions
+
+
+async def generate_sample(client: SGLangClient, prompt_ids: list[int], sampling: dict, max_new_tokens: int,
+                          current_version_fn: Callable[[], int], metrics: Metrics | None = None) -> Sample:
+    """Generate one sample to completion, resubmitting across pauses (module docstring)."""
+    sample, empty = Sample(), 0
+    while True:
+        params = dict(sampling, max_new_tokens=max_new_tokens - len(sample.output_ids))
+        _gauge(metrics, "rollout/requests_in_flight", +1)
+        try:
+            out = await client.generate(prompt_ids + sample.output_ids, params)
+        finally:
+            _gauge(metrics, "rollout/requests_in_flight", -1)
+        sample.output_ids += out.output_ids
+        sample.logprobs += out.logprobs
+        sample.versions += segment_versions(out, current_version_fn())
+        if metrics is not None:
+            metrics.counter("rollout/tokens_generated", "output tokens received").inc(len(out.output_ids))
+        if out.finish_reason != "abort":
+            sample.finish_reason = out.finish_reason
+            return sample
+        if out.abort_status is not None and out.abort_status >= 400:
+            raise SGLangError("/generate", out.abort_status, f"request aborted by the engine: {out.finish_message}")
+        if len(sample.output_ids) >= max_new_tokens:
+            sample.finish_reason = "length"
+            return sample
+        empty = 0 if out.output_ids else empty + 1
+        if empty > MAX_EMPTY_RESUMES:
+            raise SGLangError("/generate", None, f"aborted {empty} times in a row without progress")
+        sample.resumed += 1
+        if metrics is not None:
+            metrics.counter("rollout/aborted_resumed_requests", "aborted requests resubmitted").inc()
+
+
+async def generate_group(client: SGLangClient, prompt_ids: list[int], n: int, sampling: dict, max_new_tokens: int,
+                         current_version_fn: Callable[[], int], metrics: Metrics | None = None) -> list[Sample]:
+    """n samples for one prompt, as n concurrent interruptible requests."""
+    return list(await asyncio.gather(*(
+        generate_sample(client, prompt_ids, sampling, max_new_tokens, current_version_fn, metrics)
+        for _ in range(n))))
+
+
+@dataclass(kw_only=True)
+class EpisodeContext:
+    """What every episode of one rollout server shares."""
+
+    client: SGLangClient
+    task: object  # rollout_server.tasks.Task
+    tokenizer: object  # HF tokenizer
+    reward_fn: Callable[[str, object], float]
+    task_cfg: object  # areal_like.config.TaskConfig
+    server_id: str
+    current_version_fn: Callable[[], int]
+    metrics: Metrics | None = None
+
+    def sampling_params(self) -> dict:
+        cfg = self.task_cfg
+        params = {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k}
+        if self.tokenizer.eos_token_id is not None:
+            params["stop_token_ids"] = [int(self.tokenizer.eos_token_id)]
+        return params
+
+
+async def run_episode(ctx: EpisodeContext, credit: Credit) -> TrajectoryGroup:
+    """Generate, detokenise and score one group for ``credit``."""
+    example = ctx.task.example(credit.prompt_index, credit.epoch)
+    prompt_ids = [int(t) for t in ctx.tokenizer(example.prompt)["input_ids"]]
+    t0 = time.monotonic()
+    samples = await generate_group(ctx.client, prompt_ids, ctx.task_cfg.group_size, ctx.sampling_params(),
+                                   ctx.task_cfg.max_new_tokens, ctx.current_version_fn, ctx.metrics)
+    if ctx.metrics is not None:
+        ctx.metrics.histogram("rollout/generation_seconds", "wall time to generate one group",
+                              buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)).observe(time.monotonic() - t0)
+    trajectories = []
+    for s in samples:
+        text = ctx.tokenizer.decode(s.output_ids, skip_special_tokens=True)
+        reward, error = await asyncio.to_thread(score, ctx.reward_fn, text, example, ctx.task_cfg.reward_timeout_s)
+        meta = {"text": text, "resumed": s.resumed}
+        if error is not None:
+            meta["reward_error"] = error
+        trajectories.append(Trajectory(
+            prompt_ids=as_i32(prompt_ids), output_ids=as_i32(s.output_ids), behav_logp=as_f32(s.logprobs),
+            versions=as_i32(s.versions), reward=reward, finish_reason=s.finish_reason, metadata=meta))
+    if ctx.metrics is not None and trajectories:
+        ctx.metrics.gauge("rollout/reward_mean", "mean reward of the last group").set(
+            sum(t.reward for t in trajectories) / len(trajectories))
+    return TrajectoryGroup(group_id=f"{ctx.server_id}-{credit.lease_id}", server_id=ctx.server_id,
+                           lease_id=credit.lease_id, prompt_index=credit.prompt_index, epoch=credit.epoch,
+                           trajectories=trajectories)
+
+
+def _gauge(metrics: Metrics | None, name: str, delta: int) -> None:
+    if metrics is not None:
+        metrics.gauge(name, "generate requests open").inc(delta)

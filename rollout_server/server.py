@@ -1,0 +1,333 @@
+"""The rollout server daemon: keeps one engine busy and streams scored groups to the buffer.
+
+Owns: its engine (started in-process, launched as an SGLang subprocess, or attached by URL),
+the episodes it runs, the groups it generated until the buffer acknowledges them, and its side
+of every weight sync. Holds no durable state: a crash loses only unacknowledged work, whose
+leases the buffer re-issues after ``buffer.lease_timeout_s``.
+
+Invariants:
+* a group is kept (``unacked``) and re-sent until an Ack says ``accepted`` or ``duplicate``
+  (the buffer dedupes by ``group_id``), also across buffer restarts: a heartbeat answered with
+  ``known=False`` means the buffer lost us; we register again and re-send everything unacked;
+* at most ``rollout.max_concurrent_groups`` episodes run at once; no credit is requested while
+  a weight sync is being applied;
+* weight-sync plans arrive by PUB (fast hint) and in ``HeartbeatAck.pending_plan`` (the
+  guarantee); each plan is applied once and answered with exactly one ``SyncDone``;
+* ``policy_version`` is the version the engine serves: updated only by a successful sync.
+
+Concurrency: one asyncio loop. Background tasks: heartbeats, announcements, the group sender,
+and one task per episode. A background task that dies takes the daemon down (exit 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+from areal_like.config import RunConfig
+from areal_like.daemon import ComponentStopped, Daemon
+from areal_like.protocol import (
+    Ack, Credit, CreditRequest, Credits, Heartbeat, HeartbeatAck, Register, RegisterAck, SyncDone, TrajectoryGroup,
+    VersionUpdate, WeightSyncPlan,
+)
+from areal_like.tokenizer import load_tokenizer
+from areal_like.transport import AsyncClient, Subscriber, TransportTimeout
+from rollout_server.episode import EpisodeContext, run_episode
+from rollout_server.rewards import load_reward_fn
+from rollout_server.sglang_client import SGLangClient
+from rollout_server.tasks import make_task
+from rollout_server.weight_update import apply_weight_sync
+
+LOOP_TICK_S = 0.2  # the main loop also wakes on events; the tick only bounds reaction to stop requests
+CREDIT_RETRY_S = 0.25  # after an empty Credits answer (admission closed), ask again this much later
+BUFFER_TIMEOUT_S = 10.0  # a healthy buffer answers in ms (fsync included); longer means gone or wedged
+RESEND_BACKOFF_S = 2.0  # after a send timed out, wait this long before re-sending unacked groups
+SYNC_DONE_ATTEMPTS = 5  # SyncDone is idempotent; retry it through a short buffer outage
+MAX_EPISODE_FAILURES = 5  # consecutive failed episodes (engine errors): the engine is broken; exit
+
+
+@dataclass(slots=True)
+class _Unacked:
+    group: TrajectoryGroup
+    due: float = 0.0  # monotonic time of the next send
+    sends: int = 0
+
+
+class RolloutServer(Daemon):
+    name = "rollout"
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__(metrics_port=cfg.rollout.metrics_port)
+        self.cfg, self.rcfg = cfg, cfg.rollout
+        self.server_id = self.rcfg.server_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.policy_version = 0
+        self.engine = None
+        self.engine_url, self.engine_ranks = "", 1
+        self.unacked: dict[str, _Unacked] = {}
+        self.episodes: set[asyncio.Task] = set()
+        self.plans: dict[tuple, WeightSyncPlan] = {}
+        self.plans_handled: set[tuple] = set()
+        self.episode_failures = 0
+        self.pub_address = self.rcfg.pub_address
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        ecfg = self.rcfg.engine
+        if ecfg.kind == "embedded":
+            from rollout_server.engine import EmbeddedEngine
+
+            self.engine = EmbeddedEngine(self.cfg.model, ecfg).start()
+            self.engine_url = self.engine.url
+        elif ecfg.kind == "sglang":
+            from rollout_server.launch_sglang import SGLangProcess
+
+            log_path = str(self.cfg.resolve_path(f"logs/sglang-{self.server_id}.log"))
+            os.makedirs(os.path.dirname(log_path), exist_ok=True)
+            self.engine = SGLangProcess(self.cfg.model, ecfg, log_path).start()
+            self.engine_url, self.engine_ranks = self.engine.url, self.engine.engine_ranks
+        else:
+            self.engine_url = ecfg.url
+        self.task = make_task(self.cfg.task)
+        self.tokenizer = load_tokenizer(self.cfg.model)
+        self.reward_fn = load_reward_fn(self.cfg.task, self.task)
+        self.log.info("server %s, engine %s (%s)", self.server_id, self.engine_url, ecfg.kind)
+
+    def stop(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+            self.engine = None
+
+    def run(self) -> None:
+        asyncio.run(self.main())
+
+    def health(self) -> tuple[bool, dict]:
+        return self.failure is None, {"name": self.name, "server_id": self.server_id,
+                                      "policy_version": self.policy_version, "unacked": len(self.unacked)}
+
+    # ------------------------------------------------------------------ the loop
+    async def main(self) -> None:
+        self.wake = asyncio.Event()
+        self.client = SGLangClient(self.engine_url, generate_timeout_s=self.rcfg.engine.request_timeout_s)
+        self.control = AsyncClient(self.rcfg.buffer_address, timeout_s=BUFFER_TIMEOUT_S, identity=self.server_id)
+        self.data = AsyncClient(self.rcfg.buffer_address, timeout_s=BUFFER_TIMEOUT_S, identity=self.server_id)
+        background = []
+        try:
+            await self.client.wait_healthy(self.rcfg.engine.startup_timeout_s)
+            self.policy_version = await self.engine_version()
+            await self.register()
+            background = [asyncio.create_task(c, name=c.__name__) for c in
+                          (self.heartbeats(), self.announcements(), self.sender())]
+            while not self.stop_requested.is_set():
+                self.raise_if_component_stopped()
+                _raise_if_done(background)
+                if plan := self.next_plan():
+                    await self.sync_weights(plan)
+                await self.request_credits()
+                self.wake.clear()
+                try:
+                    await asyncio.wait_for(self.wake.wait(), LOOP_TICK_S)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            for t in [*background, *self.episodes]:
+                t.cancel()
+            await asyncio.gather(*background, *self.episodes, return_exceptions=True)
+            await self.flush_unacked()
+            await self.client.close()
+            self.control.close()
+            self.data.close()
+
+    # ------------------------------------------------------------------ buffer control
+    async def register(self) -> None:
+        """Register (retrying until the buffer answers or we are asked to stop)."""
+        msg = Register(server_id=self.server_id, engine_url=self.engine_url, engine_ranks=self.engine_ranks,
+                       policy_version=self.policy_version)
+        while not self.stop_requested.is_set():
+            try:
+                ack = await self.control.request(msg)
+            except TransportTimeout:
+                self.log.warning("buffer at %s not answering; retrying registration", self.rcfg.buffer_address)
+                continue
+            if isinstance(ack, RegisterAck):
+                self.pub_address = ack.pub_address or self.pub_address
+                self.log.info("registered with the buffer (trainer version %d)", ack.policy_version)
+                return
+            raise RuntimeError(f"unexpected answer to Register: {ack!r}")
+
+    async def heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.rcfg.heartbeat_s)
+            msg = Heartbeat(server_id=self.server_id, policy_version=self.policy_version, in_flight=len(self.episodes))
+            try:
+                ack = await self.control.request(msg)
+            except TransportTimeout:
+                self.log.warning("heartbeat timed out (buffer down or restarting)")
+                continue
+            if not isinstance(ack, HeartbeatAck):
+                continue
+            if not ack.known:  # the buffer restarted or expired us: join again, re-send all unacked
+                self.log.info("buffer does not know us: registering again, re-sending %d groups", len(self.unacked))
+                await self.register()
+                for u in self.unacked.values():
+                    u.due = 0.0
+            if ack.pending_plan is not None:
+                self.offer_plan(ack.pending_plan)
+
+    async def announcements(self) -> None:
+        sub = Subscriber(self.pub_address, asyncio_ctx=True)
+        try:
+            while True:
+                msg = await sub.arecv(0.5)
+                if isinstance(msg, WeightSyncPlan):
+                    self.offer_plan(msg)
+                elif isinstance(msg, VersionUpdate):
+                    self.metrics.gauge("rollout/trainer_version", "latest announced trainer version").set(
+                        msg.policy_version)
+        finally:
+            sub.close()
+
+    async def request_credits(self) -> None:
+        want = self.rcfg.max_concurrent_groups - len(self.episodes)
+        if want <= 0 or time.monotonic() < getattr(self, "_next_credit_at", 0.0):
+            return
+        try:
+            reply = await self.control.request(CreditRequest(server_id=self.server_id, max_credits=want))
+        except TransportTimeout:
+            self._next_credit_at = time.monotonic() + RESEND_BACKOFF_S
+            return
+        credits = reply.credits if isinstance(reply, Credits) else []
+        for credit in credits:
+            self.start_episode(credit)
+        if not credits:
+            self._next_credit_at = time.monotonic() + CREDIT_RETRY_S
+            if isinstance(reply, Credits) and reply.reason == "unknown_server":
+                await self.register()
+
+    # ------------------------------------------------------------------ episodes and groups
+    def start_episode(self, credit: Credit) -> None:
+        ctx = EpisodeContext(client=self.client, task=self.task, tokenizer=self.tokenizer, reward_fn=self.reward_fn,
+                             task_cfg=self.cfg.task, server_id=self.server_id,
+                             current_version_fn=lambda: self.policy_version, metrics=self.metrics)
+        task = asyncio.create_task(run_episode(ctx, credit), name=f"episode-{credit.lease_id}")
+        self.episodes.add(task)
+        task.add_done_callback(self._episode_done)
+
+    def _episode_done(self, task: asyncio.Task) -> None:
+        self.episodes.discard(task)
+        self.wake.set()
+        if task.cancelled():
+            return
+        if (e := task.exception()) is not None:
+            self.episode_failures += 1
+            self.log.error("episode %s failed (%d in a row): %s", task.get_name(), self.episode_failures, e)
+            if self.episode_failures >= MAX_EPISODE_FAILURES:
+                self.failure = self.failure or ComponentStopped(f"{self.episode_failures} episodes failed in a row: {e}")
+            return
+        self.episode_failures = 0
+        group = task.result()
+        self.unacked[group.group_id] = _Unacked(group)
+
+    async def sender(self) -> None:
+        """Send every due unacked group; keep it until the buffer acks it (module docstring)."""
+        while True:
+            now = time.monotonic()
+            due = [u for u in self.unacked.values() if u.due <= now]
+            for u in due:
+                if not await self.send_group(u):
+                    for other in self.unacked.values():  # the buffer is not answering: back off all
+                        other.due = max(other.due, time.monotonic() + RESEND_BACKOFF_S)
+                    break
+            await asyncio.sleep(0.05 if not due else 0)
+
+    async def send_group(self, u: _Unacked) -> bool:
+        """Send one group; False when the buffer did not answer."""
+        u.sends += 1
+        self.metrics.counter("rollout/groups_resent" if u.sends > 1 else "rollout/groups_sent",
+                             "TrajectoryGroup sends").inc()
+        try:
+            ack = await self.data.request(u.group)
+        except TransportTimeout:
+            u.due = time.monotonic() + RESEND_BACKOFF_S
+            return False
+        if isinstance(ack, Ack) and ack.status in ("accepted", "duplicate", "rejected"):
+            self.unacked.pop(u.group.group_id, None)
+            if ack.status == "rejected":  # e.g. too stale or malformed: re-sending cannot help
+                self.log.warning("group %s rejected: %s", u.group.group_id, ack.reason)
+                self.metrics.counter("rollout/groups_rejected", "groups the buffer refused").inc()
+            else:
+                self.metrics.counter("rollout/groups_acked", "groups acknowledged by the buffer").inc()
+        else:
+            u.due = time.monotonic() + RESEND_BACKOFF_S
+        return True
+
+    async def flush_unacked(self) -> None:
+        """On stop: one last best-effort send of what is unacked (the leases cover the rest)."""
+        for u in list(self.unacked.values()):
+            try:
+                ack = await self.data.request(u.group, timeout_s=2.0)
+            except TransportTimeout:
+                break
+            if isinstance(ack, Ack) and ack.status in ("accepted", "duplicate"):
+                self.unacked.pop(u.group.group_id, None)
+        if self.unacked:
+            self.log.warning("stopping with %d unacknowledged groups (their leases will be re-issued)",
+                             len(self.unacked))
+
+    # ------------------------------------------------------------------ weight sync
+    def offer_plan(self, plan: WeightSyncPlan) -> None:
+        key = (plan.policy_version, plan.group_name, plan.master_addr, plan.master_port, plan.reform)
+        if key in self.plans_handled or not any(m.server_id == self.server_id for m in plan.members):
+            return
+        self.plans[key] = plan
+        self.wake.set()
+
+    def next_plan(self) -> WeightSyncPlan | None:
+        """The newest pending plan; older ones are superseded (their trainer has moved on)."""
+        if not self.plans:
+            return None
+        key = max(self.plans, key=lambda k: k[0])
+        self.plans_handled.update(self.plans)
+        plan = self.plans[key]
+        self.plans.clear()
+        return plan
+
+    async def sync_weights(self, plan: WeightSyncPlan) -> None:
+        self.log.info("applying weight sync v%d (reform=%s, %d buckets)", plan.policy_version, plan.reform,
+                      len(plan.buckets))
+        done = await apply_weight_sync(self.client, plan, self.server_id, drain=self.rcfg.drain_on_update,
+                                       inflight_drained=self.episodes_idle)
+        if done.ok:
+            self.policy_version = plan.policy_version
+            self.metrics.gauge("rollout/policy_version", "version the engine serves").set(self.policy_version)
+        self.metrics.histogram("rollout/weight_sync_pause_seconds", "engine pause per weight update",
+                               buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)).observe(done.pause_s)
+        self.log.info("weight sync v%d %s in %.2fs pause%s", plan.policy_version, "done" if done.ok else "FAILED",
+                      done.pause_s, f": {done.reason}" if done.reason else "")
+        for _ in range(SYNC_DONE_ATTEMPTS):
+            try:
+                await self.control.request(done)
+                return
+            except TransportTimeout:
+                continue
+        self.log.error("could not report SyncDone v%d to the buffer", plan.policy_version)
+
+    async def episodes_idle(self) -> None:
+        while self.episodes:
+            await asyncio.wait(set(self.episodes))
+
+    async def engine_version(self) -> int:
+        try:
+            v = await self.client.weight_version()
+            return int(v) if v is not None else 0
+        except ValueError:
+            return 0  # SGLang's default version string "default": the initial weights
+
+
+def _raise_if_done(tasks: list[asyncio.Task]) -> None:
+    for t in tasks:
+        if t.done():
+            exc = None if t.cancelled() else t.exception()
+            raise ComponentStopped(f"background task {t.get_name()!r} ended: {exc!r}")

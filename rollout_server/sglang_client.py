@@ -1,0 +1,323 @@
+"""The one async HTTP client for SGLang's server protocol (pinned: SGLang 0.5.23).
+
+This is the only module that knows SGLang's request and response shapes
+(``specs/sglang.md`` section 2). It drives a real ``sglang.launch_server`` and the embedded
+engine alike. One method per endpoint; every call has a timeout.
+
+Retries (bounded, exponential backoff) and why they are safe:
+
+* idempotent calls (health, info, metrics, pause, continue, flush, abort, destroy group) are
+  retried on connection errors, timeouts and 5xx answers;
+* non-idempotent calls (``generate``, ``init_weights_update_group``, the weight update calls)
+  are retried **only** when the connection was refused before anything was sent
+  (``aiohttp.ClientConnectorError``): a generate that may have run is never blindly repeated,
+  and a bucket whose broadcast may have started is never re-posted;
+* ``flush_cache`` answers 400 while requests are running (SGLang refuses to flush then); it is
+  polled until ``timeout_s``, as slime does.
+
+Version differences: ``/begin_weight_update`` and ``/end_weight_update`` exist from 0.5.2x on
+and are *required* there (the scheduler refuses bucket updates outside a session). An older
+server answers 404; the client remembers that (``weight_session_supported = False``) and skips
+both calls from then on.
+
+Errors raise ``SGLangError`` with the HTTP status (None when the server could not be reached)
+and SGLang's own message, whichever of its error bodies it used:
+``{"error": {"message"}}``, ``{"error": "text"}`` (contract violations),
+``{"message", "type", "code"}`` (request validation) or ``{"success": false, "message"}``
+(control endpoints).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+DEFAULT_TIMEOUT_S = 30.0  # control calls on a healthy server take milliseconds; 30 s is a wedged server
+GENERATE_TIMEOUT_S = 600.0  # a long generation on a busy CPU engine can take minutes
+MAX_ATTEMPTS = 4  # per call; with the backoff below a dead server is declared dead in about 3 s
+BACKOFF_S = 0.25  # first retry delay, doubled per attempt (0.25, 0.5, 1.0)
+FLUSH_POLL_S = 0.5  # flush_cache is refused (400) while requests run; poll this often
+
+
+class SGLangError(RuntimeError):
+    """A failed SGLang call. ``status`` is the HTTP status, or None if no answer came."""
+
+    def __init__(self, endpoint: str, status: int | None, message: str):
+        super().__init__(f"{endpoint}: {'HTTP ' + str(status) if status is not None else 'unreachable'}: {message}")
+        self.endpoint = endpoint
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateOutput:
+    """One sample's segment as returned by ``/generate`` (non-streaming, one prompt)."""
+
+    rid: str
+    output_ids: list[int]  # generated tokens of this segment, in order
+    logprobs: list[float]  # behaviour logprob of each output token (aligned with output_ids)
+    finish_reason: str  # "stop" | "length" | "abort"
+    finish_message: str  # abort message (or the matched stop) for logs
+    abort_status: int | None  # an abort that carries an HTTP status is an error, not a pause
+    weight_version: str | None  # the version that produced the segment (last span if several)
+    weight_spans: list[tuple[str, int, int]] = field(default_factory=list)  # (version, start, end)
+    text: str | None = None
+
+
+def _error_message(body: Any, raw: str) -> str:
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and "message" in err:
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+        if "message" in body:
+            return str(body["message"])
+    return raw.strip()[:500] or "(empty body)"
+
+
+def parse_generate_output(body: Any) -> GenerateOutput:
+    """Turn one ``/generate`` response object into a GenerateOutput. Raises SGLangError on a
+    shape we do not understand (never a KeyError deep in the caller)."""
+    try:
+        meta = body["meta_info"]
+        entries = meta.get("output_token_logprobs") or []
+        ids = [int(e[1]) for e in entries]
+        logprobs = [float(e[0]) for e in entries]
+        if "output_ids" in body and body["output_ids"] is not None and not entries:
+            ids = [int(t) for t in body["output_ids"]]
+        if "output_ids" in body and entries and list(body["output_ids"]) != ids:
+            raise ValueError("output_ids disagree with output_token_logprobs")
+        fr = meta.get("finish_reason") or {}
+        kind = fr.get("type", "") if isinstance(fr, dict) else str(fr)
+        if kind not in ("stop", "length", "abort"):
+            raise ValueError(f"unknown finish_reason {fr!r}")
+        message = str(fr.get("message") or fr.get("matched") or "") if isinstance(fr, dict) else ""
+        spans = [(str(s["version"]), int(s["start"]), int(s["end"])) for s in meta.get("weight_versions") or []]
+        version = meta.get("weight_version")
+        return GenerateOutput(
+            rid=str(meta.get("id", "")), output_ids=ids, logprobs=logprobs, finish_reason=kind,
+            finish_message=message, abort_status=fr.get("status_code") if isinstance(fr, dict) else None,
+            weight_version=None if version is None else str(version), weight_spans=spans, text=body.get("text"))
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise SGLangError("/generate", 200, f"unexpected response shape: {type(e).__name__}: {e}") from None
+
+
+class SGLangClient:
+    """Async client for one SGLang server. Create inside a running event loop; ``close()`` it.
+
+    ``on_request(method, path, body)`` is called with every request body before it is sent
+    (tracing; the contract test validates what we send through it).
+    """
+
+    def __init__(self, base_url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 generate_timeout_s: float = GENERATE_TIMEOUT_S, max_attempts: int = MAX_ATTEMPTS,
+                 on_request: Callable[[str, str, Any], None] | None = None):
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.generate_timeout_s = generate_timeout_s
+        self.max_attempts = max_attempts
+        self.on_request = on_request
+        self.weight_session_supported: bool | None = None  # None: not probed yet
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> SGLangClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            # no connection limit: a rollout server keeps many generate calls open at once
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        return self._session
+
+    async def _call(self, method: str, path: str, body: Any = None, *, timeout_s: float | None = None,
+                    idempotent: bool, params: dict | None = None) -> tuple[int, Any, str]:
+        """One HTTP call with retries; returns (status, parsed JSON or None, raw text).
+        Raises SGLangError for non-2xx answers and for unreachable servers."""
+        timeout = aiohttp.ClientTimeout(total=timeout_s or self.timeout_s)
+        if self.on_request is not None:
+            self.on_request(method, path, body)
+        last: SGLangError | None = None
+        for attempt in range(self.max_attempts):
+            if attempt:
+                await asyncio.sleep(BACKOFF_S * 2 ** (attempt - 1))
+            try:
+                async with self._http().request(method, self.base_url + path, json=body, params=params,
+                                                timeout=timeout) as resp:
+                    raw = await resp.text()
+                    try:
+                        parsed = json.loads(raw) if raw.strip() else None
+                    except ValueError:
+                        parsed = None
+                    if resp.status < 300 and not (isinstance(parsed, dict) and parsed.get("success") is False):
+                        return resp.status, parsed, raw
+                    last = SGLangError(path, resp.status, _error_message(parsed, raw))
+                    if not (idempotent and resp.status >= 500):
+                        raise last
+            except aiohttp.ClientConnectorError as e:  # nothing was sent: safe to retry any call
+                last = SGLangError(path, None, f"connection failed: {e}")
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                last = SGLangError(path, None, f"{type(e).__name__}: {e}")
+                if not idempotent:
+                    raise last from None
+        assert last is not None
+        raise last
+
+    # ------------------------------------------------------------------ generation
+    async def generate(self, input_ids: list[int], sampling_params: dict, *, rid: str | None = None,
+                       return_logprob: bool = True, timeout_s: float | None = None) -> GenerateOutput:
+        """``POST /generate`` for one prompt and one sample (``n`` must be 1; see generate_n)."""
+        body = self._generate_body(input_ids, sampling_params, rid, return_logprob)
+        _, out, _ = await self._call("POST", "/generate", body, timeout_s=timeout_s or self.generate_timeout_s,
+                                     idempotent=False)
+        if isinstance(out, list):
+            raise SGLangError("/generate", 200, "got a batch answer to a single request (n > 1?)")
+        return parse_generate_output(out)
+
+    async def generate_n(self, input_ids: list[int], sampling_params: dict, *, rid: str | None = None,
+                         timeout_s: float | None = None) -> list[GenerateOutput]:
+        """One request with ``sampling_params["n"]`` samples; SGLang answers a JSON array."""
+        body = self._generate_body(input_ids, sampling_params, rid, True)
+        _, out, _ = await self._call("POST", "/generate", body, timeout_s=timeout_s or self.generate_timeout_s,
+                                     idempotent=False)
+        return [parse_generate_output(o) for o in (out if isinstance(out, list) else [out])]
+
+    @staticmethod
+    def _generate_body(input_ids: list[int], sampling_params: dict, rid: str | None, return_logprob: bool) -> dict:
+        body = {"input_ids": [int(t) for t in input_ids], "sampling_params": dict(sampling_params),
+                "return_logprob": return_logprob, "stream": False}
+        if rid is not None:
+            body["rid"] = rid
+        return body
+
+    async def abort_request(self, rid: str = "", *, abort_all: bool = False) -> None:
+        await self._call("POST", "/abort_request", {"rid": rid, "abort_all": abort_all}, idempotent=True)
+
+    # ------------------------------------------------------------------ health and info
+    async def health(self, *, generate: bool = False, timeout_s: float = 5.0) -> bool:
+        """``GET /health`` (or ``/health_generate``): True on 200; False on 503 or no answer."""
+        try:
+            await self._call("GET", "/health_generate" if generate else "/health", timeout_s=timeout_s,
+                             idempotent=True)
+            return True
+        except SGLangError:
+            return False
+
+    async def health_generate(self, timeout_s: float = 30.0) -> bool:
+        return await self.health(generate=True, timeout_s=timeout_s)
+
+    async def wait_healthy(self, timeout_s: float, poll_s: float = 0.5) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not await self.health(timeout_s=min(10.0, timeout_s)):
+            if loop.time() > deadline:
+                raise SGLangError("/health", None, f"not healthy within {timeout_s:.0f}s")
+            await asyncio.sleep(poll_s)
+
+    async def model_info(self) -> dict:
+        return (await self._call("GET", "/model_info", idempotent=True))[1]
+
+    async def server_info(self) -> dict:
+        return (await self._call("GET", "/server_info", idempotent=True))[1]
+
+    async def weight_version(self) -> str | None:
+        """The version the server serves, from ``/model_info`` (0.5.23 has no /weight_version)."""
+        v = (await self.model_info()).get("weight_version")
+        return None if v is None else str(v)
+
+    async def metrics(self) -> dict[str, float]:
+        """``GET /metrics`` parsed to ``{series-with-labels: value}`` (needs --enable-metrics)."""
+        _, _, raw = await self._call("GET", "/metrics", idempotent=True)
+        out: dict[str, float] = {}
+        for line in raw.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                try:
+                    out[key] = float(value)
+                except ValueError:
+                    pass
+        return out
+
+    # ------------------------------------------------------------------ cache, pause, continue
+    async def flush_cache(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        """``POST /flush_cache``, polled while SGLang refuses (400: requests still running)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            try:
+                await self._call("POST", "/flush_cache", idempotent=True, timeout_s=timeout_s)
+                return
+            except SGLangError as e:
+                if e.status != 400 or loop.time() + FLUSH_POLL_S > deadline:
+                    raise
+            await asyncio.sleep(FLUSH_POLL_S)
+
+    async def pause_generation(self, mode: str = "abort", *, timeout_s: float | None = None) -> None:
+        """Returns once every in-flight request was aborted and answered (mode ``abort``)."""
+        await self._call("POST", "/pause_generation", {"mode": mode}, timeout_s=timeout_s, idempotent=True)
+
+    async def continue_generation(self, *, timeout_s: float | None = None) -> None:
+        await self._call("POST", "/continue_generation", {}, timeout_s=timeout_s, idempotent=True)
+
+    # ------------------------------------------------------------------ weight updates
+    async def init_weights_update_group(self, *, master_address: str, master_port: int, rank_offset: int,
+                                        world_size: int, group_name: str, backend: str,
+                                        timeout_s: float | None = None) -> None:
+        """Blocks until every rank (the trainer included) joined the TCP rendezvous."""
+        body = {"master_address": master_address, "master_port": int(master_port), "rank_offset": int(rank_offset),
+                "world_size": int(world_size), "group_name": group_name, "backend": backend}
+        await self._call("POST", "/init_weights_update_group", body, timeout_s=timeout_s, idempotent=False)
+
+    async def destroy_weights_update_group(self, group_name: str, *, timeout_s: float | None = None) -> None:
+        await self._call("POST", "/destroy_weights_update_group", {"group_name": group_name},
+                         timeout_s=timeout_s, idempotent=True)
+
+    async def begin_weight_update(self, *, timeout_s: float | None = None) -> bool:
+        """Open a weight-update session. Returns False (and remembers) on servers without it."""
+        return await self._weight_session("/begin_weight_update", {"selector": "all"}, timeout_s)
+
+    async def end_weight_update(self, *, timeout_s: float | None = None) -> bool:
+        return await self._weight_session("/end_weight_update", {}, timeout_s)
+
+    async def _weight_session(self, path: str, body: dict, timeout_s: float | None) -> bool:
+        if self.weight_session_supported is False:
+            return False
+        try:
+            await self._call("POST", path, body, timeout_s=timeout_s, idempotent=False)
+        except SGLangError as e:
+            if e.status == 404:  # an SGLang release before weight-update sessions
+                self.weight_session_supported = False
+                return False
+            raise
+        self.weight_session_supported = True
+        return True
+
+    async def update_weights_from_distributed(self, *, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                                              group_name: str, weight_version: str | None, flush_cache: bool,
+                                              timeout_s: float | None = None) -> None:
+        """Receive one bucket by broadcast from group rank 0; returns once it is loaded."""
+        body = {"names": list(names), "dtypes": list(dtypes), "shapes": [list(map(int, s)) for s in shapes],
+                "group_name": group_name, "flush_cache": flush_cache}
+        if weight_version is not None:
+            body["weight_version"] = weight_version
+        await self._call("POST", "/update_weights_from_distributed", body, timeout_s=timeout_s, idempotent=False)
+
+    async def update_weights_from_disk(self, model_path: str, *, weight_version: str | None = None,
+                                       abort_all_requests: bool = False, timeout_s: float | None = None) -> None:
+        body = {"model_path": model_path, "abort_all_requests": abort_all_requests}
+        if weight_version is not None:
+            body["weight_version"] = weight_version
+        await self._call("POST", "/update_weights_from_disk", body, timeout_s=timeout_s, idempotent=False)

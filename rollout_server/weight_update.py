@@ -1,0 +1,120 @@
+"""A rollout server's side of a weight sync (step 2 of the contract in DESIGN.md section 4).
+
+``apply_weight_sync(client, plan, server_id, drain=..., inflight_drained=...)`` drives this
+server's engine through one ``WeightSyncPlan`` over SGLang's HTTP endpoints:
+
+1. if ``plan.reform``: ``/destroy_weights_update_group`` (errors ignored: there may be no old
+   group), then ``/init_weights_update_group`` as rank ``rank_offset``. That call blocks in the
+   TCP rendezvous until trainer rank 0 joins, so it is issued as a task and generation goes on
+   while it waits (and while in-flight episodes drain, in drain mode);
+2. ``/pause_generation {mode: abort}``: SGLang answers once every running request has been
+   aborted and answered, so the rollout server's episodes resubmit (their new requests block in
+   the engine until step 5). In drain mode the pause comes only after ``inflight_drained()``
+   returned, so nothing is aborted; a drain that takes more than ``DRAIN_SHARE`` of the
+   deadline falls back to aborting (the sync must not miss its deadline waiting for a long tail);
+3. ``/begin_weight_update`` (skipped on servers without it), one
+   ``/update_weights_from_distributed`` per bucket in plan order, each returning once its tensors
+   are received and loaded (``weight_version`` = the new version on every bucket, flush_cache on
+   the last), ``/end_weight_update``;
+4. ``/continue_generation`` -- **always**, also after a failure: an engine is never left paused;
+5. the result is a ``SyncDone`` (ok, reason, pause_s) for the buffer.
+
+Every call is bounded by what is left of ``plan.deadline_s`` (measured from when this server
+starts applying the plan; the trainer's own deadline is the authority and drops members that
+are late). Failures never raise: they become ``SyncDone(ok=False, reason=...)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from areal_like.protocol import SyncDone, WeightSyncPlan
+from rollout_server.sglang_client import SGLangClient, SGLangError
+
+log = logging.getLogger(__name__)
+
+DESTROY_TIMEOUT_S = 10.0  # tearing down an old group is local work; a hang here means the group is broken
+CONTINUE_TIMEOUT_S = 30.0  # continue runs even after the deadline passed; it must not wait forever either
+DRAIN_SHARE = 0.5  # at most this share of the deadline is spent letting in-flight requests finish
+
+
+class _Deadline:
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("weight sync deadline passed")
+        return left
+
+
+async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_id: str, *, drain: bool,
+                            inflight_drained: Callable[[], Awaitable[None]] | None = None) -> SyncDone:
+    """Apply ``plan`` to this server's engine; never raises, never leaves the engine paused."""
+    member = next((m for m in plan.members if m.server_id == server_id), None)
+    if member is None:
+        return SyncDone(server_id=server_id, policy_version=plan.policy_version, ok=False,
+                        reason="this server is not a member of the plan")
+    deadline = _Deadline(plan.deadline_s)
+    init_task: asyncio.Task | None = None
+    paused_at: float | None = None
+    pause_s, ok, reason = 0.0, False, ""
+    try:
+        if plan.reform:
+            init_task = await _start_group_join(client, plan, member.rank_offset, deadline)
+        if drain and inflight_drained is not None:
+            await _drain(inflight_drained, plan.deadline_s * DRAIN_SHARE, deadline)
+        if init_task is not None:
+            await asyncio.wait_for(asyncio.shield(init_task), deadline.left())
+        paused_at = time.monotonic()
+        await client.pause_generation("abort", timeout_s=deadline.left())
+        await client.begin_weight_update(timeout_s=deadline.left())
+        for i, bucket in enumerate(plan.buckets):
+            await client.update_weights_from_distributed(
+                names=bucket.names, dtypes=bucket.dtypes, shapes=bucket.shapes, group_name=plan.group_name,
+                weight_version=str(plan.policy_version), flush_cache=i == len(plan.buckets) - 1,
+                timeout_s=deadline.left())
+        await client.end_weight_update(timeout_s=deadline.left())
+        ok = True
+    except (SGLangError, TimeoutError, asyncio.TimeoutError) as e:
+        reason = f"{type(e).__name__}: {e}" if not isinstance(e, SGLangError) else str(e)
+        log.warning("weight sync v%d failed: %s", plan.policy_version, reason)
+    finally:
+        if init_task is not None and not init_task.done():
+            init_task.cancel()
+        if paused_at is not None:
+            reason = await _continue(client, reason)
+            ok = ok and not reason
+            pause_s = time.monotonic() - paused_at
+    return SyncDone(server_id=server_id, policy_version=plan.policy_version, ok=ok, reason=reason, pause_s=pause_s)
+
+
+async def _start_group_join(client: SGLangClient, plan: WeightSyncPlan, rank_offset: int,
+                            deadline: _Deadline) -> asyncio.Task:
+    try:
+        await client.destroy_weights_update_group(plan.group_name, timeout_s=min(DESTROY_TIMEOUT_S, deadline.left()))
+    except SGLangError:
+        pass  # no group yet, or the old one is already gone
+    return asyncio.create_task(client.init_weights_update_group(
+        master_address=plan.master_addr, master_port=plan.master_port, rank_offset=rank_offset,
+        world_size=plan.world_size, group_name=plan.group_name, backend=plan.backend, timeout_s=deadline.left()))
+
+
+async def _drain(inflight_drained: Callable[[], Awaitable[None]], budget_s: float, deadline: _Deadline) -> None:
+    try:
+        await asyncio.wait_for(inflight_drained(), min(budget_s, deadline.left()))
+    except asyncio.TimeoutError:
+        log.warning("drain did not finish within %.1fs; aborting the remaining requests instead", budget_s)
+
+
+async def _continue(client: SGLangClient, reason: str) -> str:
+    try:
+        await client.continue_generation(timeout_s=CONTINUE_TIMEOUT_S)
+    except SGLangError as e:
+        log.error("could not continue generation after a weight sync: %s", e)
+        reason = "; ".join(r for r in (reason, f"continue failed: {e}") if r)
+    return reason

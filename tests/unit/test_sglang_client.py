@@ -1,0 +1,226 @@
+"""SGLangClient behaviour against a scripted in-process HTTP server on 127.0.0.1.
+
+The scripted server answers with SGLang 0.5.23's documented shapes (specs/sglang.md section 2);
+the real shapes are checked against SGLang's own contract in
+tests/integration/test_sglang_contract.py. Here: retries only where safe, timeouts, error
+bodies, version detection, and interruptible generation (resubmit after abort).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from aiohttp import web
+
+from areal_like.distributed import free_port
+from rollout_server.episode import generate_sample, segment_versions
+from rollout_server.sglang_client import GenerateOutput, SGLangClient, SGLangError
+
+
+class Scripted:
+    """An aiohttp app whose handlers pop scripted answers per path and record every request."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, object]] = []
+        self.script: dict[str, list] = {}
+        self.app = web.Application()
+        self.app.router.add_route("*", "/{path:.*}", self.handle)
+        self.runner: web.AppRunner | None = None
+        self.port = free_port()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        path = "/" + request.match_info["path"]
+        body = await request.text()
+        self.calls.append((path, json.loads(body) if body else None))
+        answers = self.script.get(path) or [(404, {"detail": "Not Found"})]
+        answer = answers.pop(0) if len(answers) > 1 else answers[0]
+        if callable(answer):
+            answer = await answer(json.loads(body) if body else None)
+        status, payload = answer
+        if isinstance(payload, str):
+            return web.Response(status=status, text=payload)
+        return web.json_response(payload, status=status)
+
+    async def start(self) -> str:
+        self.runner = web.AppRunner(self.app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        return f"http://127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+    def count(self, path: str) -> int:
+        return sum(1 for p, _ in self.calls if p == path)
+
+
+def gen_response(ids, logps, finish, version="0", rid="r"):
+    return {"text": "", "output_ids": ids,
+            "meta_info": {"id": rid, "finish_reason": finish, "prompt_tokens": 3, "completion_tokens": len(ids),
+                          "weight_version": version,
+                          "output_token_logprobs": [[lp, t, None] for t, lp in zip(ids, logps)]}}
+
+
+def run(coro_fn):
+    """Run ``coro_fn(server, client)`` with a fresh scripted server and client."""
+    async def main():
+        server = Scripted()
+        url = await server.start()
+        client = SGLangClient(url, timeout_s=5.0)
+        try:
+            return await coro_fn(server, client)
+        finally:
+            await client.close()
+            await server.stop()
+    return asyncio.run(main())
+
+
+def test_generate_parses_tokens_logprobs_finish_and_version():
+    async def body(server, client):
+        server.script["/generate"] = [(200, gen_response([5, 6, 2], [-0.5, -1.25, -0.125],
+                                                          {"type": "stop", "matched": 2}, version="3"))]
+        out = await client.generate([1, 7, 8], {"max_new_tokens": 4, "temperature": 1.0})
+        assert out == GenerateOutput(rid="r", output_ids=[5, 6, 2], logprobs=[-0.5, -1.25, -0.125],
+                                     finish_reason="stop", finish_message="2", abort_status=None,
+                                     weight_version="3", weight_spans=[], text="")
+        assert server.calls == [("/generate", {"input_ids": [1, 7, 8], "return_logprob": True, "stream": False,
+                                               "sampling_params": {"max_new_tokens": 4, "temperature": 1.0}})]
+    run(body)
+
+
+def test_generate_is_not_retried_after_it_may_have_run():
+    async def body(server, client):
+        server.script["/generate"] = [(500, {"error": {"message": "boom"}})]
+        with pytest.raises(SGLangError) as e:
+            await client.generate([1], {"max_new_tokens": 1})
+        assert (e.value.status, e.value.message) == (500, "boom")
+        assert server.count("/generate") == 1
+
+        async def slow(_):
+            await asyncio.sleep(1.0)
+            return 200, gen_response([4], [-1.0], {"type": "length", "length": 1})
+        server.script["/generate"] = [slow]
+        with pytest.raises(SGLangError) as e:
+            await client.generate([1], {"max_new_tokens": 1}, timeout_s=0.3)
+        assert e.value.status is None and "Timeout" in e.value.message
+        assert server.count("/generate") == 2  # one more call, no retry
+    run(body)
+
+
+def test_idempotent_calls_retry_on_5xx_and_generate_retries_on_refused_connection():
+    async def body(server, client):
+        server.script["/model_info"] = [(503, "starting"), (503, "starting"), (200, {"weight_version": "7"})]
+        assert await client.weight_version() == "7"
+        assert server.count("/model_info") == 3
+
+        # connection refused before anything was sent: safe even for generate
+        late = Scripted()
+        late.script["/generate"] = [(200, gen_response([9], [-0.5], {"type": "length", "length": 1}))]
+        late_client = SGLangClient(f"http://127.0.0.1:{late.port}")
+        starter = asyncio.get_running_loop().call_later(0.1, lambda: asyncio.ensure_future(late.start()))
+        try:
+            out = await late_client.generate([1], {"max_new_tokens": 1})
+            assert out.output_ids == [9] and late.count("/generate") == 1
+        finally:
+            starter.cancel()
+            await late_client.close()
+            await late.stop()
+    run(body)
+
+
+def test_unreachable_server_raises_after_bounded_attempts():
+    async def main():
+        client = SGLangClient(f"http://127.0.0.1:{free_port()}", max_attempts=2)
+        try:
+            with pytest.raises(SGLangError) as e:
+                await client.pause_generation()
+            assert e.value.status is None
+            assert not await client.health()
+        finally:
+            await client.close()
+    asyncio.run(main())
+
+
+def test_error_bodies_of_every_sglang_shape_become_the_message():
+    async def body(server, client):
+        server.script["/pause_generation"] = [(400, {"message": "bad mode", "type": "Bad Request", "code": 400})]
+        server.script["/init_weights_update_group"] = [(400, {"success": False, "message": "rendezvous failed"})]
+        server.script["/update_weights_from_distributed"] = [(200, {"success": False, "message": "not in session"})]
+        server.script["/abort_request"] = [(400, {"error": "invalid type: string \"x\", expected a boolean"})]
+        cases = [
+            (client.pause_generation("bogus"), 400, "bad mode"),
+            (client.init_weights_update_group(master_address="h", master_port=1, rank_offset=1, world_size=2,
+                                              group_name="g", backend="gloo"), 400, "rendezvous failed"),
+            (client.update_weights_from_distributed(names=["w"], dtypes=["float32"], shapes=[[2]], group_name="g",
+                                                    weight_version="1", flush_cache=True), 200, "not in session"),
+            (client.abort_request("x"), 400, 'invalid type: string "x", expected a boolean'),
+        ]
+        for call, status, message in cases:
+            with pytest.raises(SGLangError) as e:
+                await call
+            assert (e.value.status, e.value.message) == (status, message)
+        assert server.count("/pause_generation") == 1  # 4xx is never retried
+    run(body)
+
+
+def test_weight_session_endpoints_missing_on_older_servers_are_detected_once():
+    async def body(server, client):
+        assert await client.begin_weight_update() is False  # scripted server: 404 for unknown paths
+        assert client.weight_session_supported is False
+        assert await client.end_weight_update() is False
+        assert server.count("/begin_weight_update") == 1 and server.count("/end_weight_update") == 0
+
+        newer = SGLangClient(client.base_url)
+        server.script["/begin_weight_update"] = [(200, {"success": True, "message": "ok"})]
+        assert await newer.begin_weight_update() is True and newer.weight_session_supported is True
+        await newer.close()
+    run(body)
+
+
+def test_flush_cache_polls_while_requests_run():
+    async def body(server, client):
+        server.script["/flush_cache"] = [(400, "requests running"), (400, "requests running"), (200, "Cache flushed.")]
+        await client.flush_cache(timeout_s=10)
+        assert server.count("/flush_cache") == 3
+        server.script["/flush_cache"] = [(400, "requests running")]
+        with pytest.raises(SGLangError):
+            await client.flush_cache(timeout_s=0.6)
+    run(body)
+
+
+def test_interrupted_sample_is_resumed_with_prompt_plus_tokens_and_remaining_budget():
+    abort = {"type": "abort", "message": "Abort by pause", "status_code": None, "err_type": None}
+
+    async def body(server, client):
+        server.script["/generate"] = [
+            (200, gen_response([10, 11], [-0.1, -0.2], abort, version="4")),
+            (200, gen_response([], [], {"type": "abort", "message": "Abort in waiting queue"}, version="4")),
+            (200, gen_response([12, 2], [-0.3, -0.4], {"type": "stop", "matched": 2}, version="5")),
+        ]
+        s = await generate_sample(client, [1, 7], {"temperature": 1.0}, 8, current_version_fn=lambda: 99)
+        assert (s.output_ids, s.logprobs, s.versions) == ([10, 11, 12, 2], [-0.1, -0.2, -0.3, -0.4], [4, 4, 5, 5])
+        assert s.finish_reason == "stop" and s.resumed == 2
+        sent = [b for p, b in server.calls if p == "/generate"]
+        assert [b["input_ids"] for b in sent] == [[1, 7], [1, 7, 10, 11], [1, 7, 10, 11]]
+        assert [b["sampling_params"]["max_new_tokens"] for b in sent] == [8, 6, 6]
+
+        # an abort that exhausts the budget finishes as length; an abort with an HTTP status is an error
+        server.script["/generate"] = [(200, gen_response([3, 4], [-1.0, -1.0], abort, version="5"))]
+        s = await generate_sample(client, [1], {}, 2, current_version_fn=lambda: 0)
+        assert s.finish_reason == "length" and s.output_ids == [3, 4]
+        server.script["/generate"] = [(200, gen_response([], [], {**abort, "status_code": 400}))]
+        with pytest.raises(SGLangError):
+            await generate_sample(client, [1], {}, 2, current_version_fn=lambda: 0)
+    run(body)
+
+
+def test_segment_versions_use_spans_and_fall_back_for_non_integer_versions():
+    out = GenerateOutput(rid="", output_ids=[1, 2, 3, 4], logprobs=[0.0] * 4, finish_reason="stop",
+                         finish_message="", abort_status=None, weight_version="8",
+                         weight_spans=[("7", 0, 3), ("8", 3, 4)])
+    assert segment_versions(out, fallback=0) == [7, 7, 7, 8]
+    default = GenerateOutput(rid="", output_ids=[1, 2], logprobs=[0.0, 0.0], finish_reason="length",
+                             finish_message="", abort_status=None, weight_version="default")
+    assert segment_versions(default, fallback=3) == [3, 3]
