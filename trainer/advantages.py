@@ -1,0 +1,232 @@
+"""Advantage estimators and the per-minibatch baselines of VCPO and OAPL: pure tensor functions.
+
+Formulas and test vectors: ``specs/kernels.md`` sections 1 (estimators), 8 (VCPO) and 9 (OAPL).
+Everything here runs once per minibatch on the WHOLE minibatch (groups must be complete and the
+REINFORCE++ whitening is global), before it is split into micro-batches; the results are
+constants for the loss (no gradient). No torch.distributed, no logging.
+
+Shapes: ``rewards`` [N] (one outcome reward per response), ``group_ids`` [N] (an integer tensor
+or any sequence of hashable ids, e.g. the trajectory groups' string ``group_id``), ``mask``
+[N, T] float response mask. Estimators return advantages [N, T], zero on padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from areal_like.config import ESTIMATORS
+
+GRPO_EPS = 1e-6  # verl: added to the unbiased group std
+WHITEN_EPS = 1e-8  # verl masked_whiten: added to the variance
+VCPO_EPS = 1e-8  # VCPO: OPOB denominator eps and the "std too small to divide" threshold
+
+
+def group_index(group_ids: Tensor | Sequence) -> Tensor:
+    """Dense group index [N] (0..G-1) from integer tensor ids or a sequence of hashable ids."""
+    if isinstance(group_ids, Tensor):
+        return torch.unique(group_ids, return_inverse=True)[1].long()
+    seen: dict = {}
+    return torch.tensor([seen.setdefault(g, len(seen)) for g in group_ids], dtype=torch.long)
+
+
+def _group_sums(values: Tensor, idx: Tensor) -> Tensor:
+    return torch.zeros(int(idx.max()) + 1, dtype=values.dtype, device=values.device).index_add_(0, idx, values)
+
+
+def group_stats(rewards: Tensor, group_ids: Tensor | Sequence, *, unbiased: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-response group mean, std and size [N]. Groups of size 1 get mean 0 and std 1 (verl)."""
+    r = rewards.detach().double()
+    idx = group_index(group_ids).to(r.device)
+    n = _group_sums(torch.ones_like(r), idx)
+    mean = _group_sums(r, idx) / n
+    sq = _group_sums((r - mean[idx]) ** 2, idx)
+    var = sq / (n - 1).clamp(min=1) if unbiased else sq / n
+    single = n < 2
+    mean = torch.where(single, torch.zeros_like(mean), mean)
+    std = torch.where(single, torch.ones_like(var), var.sqrt())
+    return mean[idx], std[idx], n[idx]
+
+
+def whiten(values: Tensor, mask: Tensor, *, eps: float = WHITEN_EPS) -> Tensor:
+    """Token-weighted global whitening (verl ``masked_whiten``): (x - mean) / sqrt(var + eps) over the
+    valid tokens, Bessel-corrected variance; padding stays 0."""
+    m = mask.double()
+    x = values.double()
+    n = m.sum()
+    mean = (x * m).sum() / n
+    var = (((x - mean) ** 2) * m).sum() / (n - 1).clamp(min=1)
+    return (x - mean) * torch.rsqrt(var + eps) * m
+
+
+def compute_advantages(estimator: str, rewards: Tensor, group_ids: Tensor | Sequence, mask: Tensor) -> Tensor:
+    """Outcome-reward advantages [N, T] (fp32) for one estimator of ``areal_like.config.ESTIMATORS``.
+
+    grpo: (R - mean_g) / (std_g + 1e-6), unbiased std; drgrpo: R - mean_g; rloo: G/(G-1) (R - mean_g)
+    (= R - mean of the others; G = 1 gives R); reinforce_pp_baseline: R - mean_g broadcast to
+    tokens, then whitened over all valid tokens of the minibatch; reinforce_pp: R (gamma = 1 return)
+    broadcast, then the same whitening.
+    """
+    m = mask.detach().double()
+    r = rewards.detach().double().to(m.device)
+    if estimator in ("grpo", "drgrpo", "rloo", "reinforce_pp_baseline"):
+        mean, std, n = group_stats(r, group_ids, unbiased=True)
+    if estimator == "grpo":
+        adv = (r - mean) / (std + GRPO_EPS)
+    elif estimator == "drgrpo":
+        adv = r - mean
+    elif estimator == "rloo":
+        adv = torch.where(n > 1, n / (n - 1).clamp(min=1) * (r - mean), r)
+    elif estimator == "reinforce_pp_baseline":
+        adv = whiten((r - mean)[:, None] * m, m)
+    elif estimator == "reinforce_pp":
+        adv = whiten(r[:, None] * m, m)
+    else:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
+    adv = adv[:, None] * m if adv.dim() == 1 else adv
+    return adv.float()
+
+
+# ---------------------------------------------------------------- VCPO (spec 8)
+def vcpo_advantages(
+    rewards: Tensor,
+    is_weights: Tensor,
+    grad_sq_norms: Tensor,
+    group_ids: Tensor | Sequence,
+    *,
+    weight_mode: str = "readme",
+    is_cap: float = 8.0,
+    norm_by_std: bool = True,
+) -> Tensor:
+    """VCPO advantages [N] with the off-policy optimal baseline (OPOB) per prompt group.
+
+    b*_g = sum_i c_i R_i / (sum_i c_i + 1e-8), A_i = (R_i - b*_g) / sigma_g (population std of the
+    group's rewards; no division when sigma_g <= 1e-8 or ``norm_by_std`` is False), with
+    - ``weight_mode="readme"`` (paper/README, default): c_i = w_i^2 ||g_i||^2;
+    - ``weight_mode="code"`` (released code): c_i = min(w_i, is_cap)^2 w_i^2 ||g_i||^2, because the
+      code measures the gradient norm of the already IS-weighted loss (spec 8, flagged UNCERTAIN).
+    ``is_weights`` are the unclipped sequence weights w_i (``losses.vcpo_is_weights``) and
+    ``grad_sq_norms`` the squared norm of g_i = grad_theta sum_t logp_it, the UNweighted sequence
+    score (exact: one backward per trajectory; see ``trainer/LOSSES.md`` for how to get it).
+    """
+    r = rewards.detach().double()
+    w = is_weights.detach().double().to(r.device)
+    g2 = grad_sq_norms.detach().double().to(r.device)
+    if weight_mode == "readme":
+        c = w * w * g2
+    elif weight_mode == "code":
+        c = w.clamp(max=is_cap) ** 2 * w * w * g2
+    else:
+        raise ValueError(f"unknown vcpo baseline weight {weight_mode!r}; choose readme or code")
+    idx = group_index(group_ids).to(r.device)
+    b = _group_sums(c * r, idx) / (_group_sums(c, idx) + VCPO_EPS)
+    adv = r - b[idx]
+    if norm_by_std:
+        _, std, _ = group_stats(r, idx, unbiased=False)
+        adv = torch.where(std > VCPO_EPS, adv / std, adv)
+    return adv.float()
+
+
+def vcpo_ess_lr_scale(is_weights: Tensor, *, base: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """ESS-guided step size (sqrt rule): returns (lr multiplier, ESS, ESS / B).
+
+    ESS = (sum w)^2 / sum w^2 over the GLOBAL minibatch (unclipped w); multiplier
+    sqrt(min(1, (ESS/B) / base)). Computed in float64 after dividing by max w (ESS is scale-free).
+    """
+    w = is_weights.detach().double()
+    w = w / w.max().clamp(min=1e-300)
+    ess = w.sum() ** 2 / (w * w).sum().clamp(min=1e-300)
+    ratio = ess / w.numel()
+    return torch.sqrt(torch.clamp(ratio / base, max=1.0)), ess, ratio
+
+
+def vcpo_two_buffer_gradient(
+    seq_grads: Tensor,
+    rewards: Tensor,
+    is_weights: Tensor,
+    grad_sq_norms: Tensor,
+    group_ids: Tensor | Sequence,
+    *,
+    weight_mode: str = "readme",
+    is_cap: float = 8.0,
+    n_seqs_global: float | None = None,
+) -> Tensor:
+    """The released code's one-backward-per-trajectory accumulation, over explicit vectors.
+
+    ``seq_grads`` [N, D] holds each trajectory's token-mean score gradient gbar_i = grad (1/L_i)
+    sum_t logp_it. Per group, buffer_R accumulates (R_i/sigma) w~_i gbar_i and buffer_1
+    accumulates (1/sigma) w~_i gbar_i; closing the group adds buffer_R - b*_g buffer_1. The result
+    equals (1/B) sum_i A_i w~_i gbar_i (the ascent direction of spec 8 step 5) without knowing b*
+    before the backward passes; a trainer can run the same algebra on parameter gradients.
+    """
+    idx = group_index(group_ids).to(seq_grads.device)
+    r = rewards.detach().double()
+    w = is_weights.detach().double()
+    w_clip = w.clamp(max=is_cap)
+    c = w * w * grad_sq_norms.double() * (w_clip**2 if weight_mode == "code" else 1.0)
+    _, std, _ = group_stats(r, idx, unbiased=False)
+    sigma = torch.where(std > VCPO_EPS, std, torch.ones_like(std))
+    total = torch.zeros(seq_grads.shape[1], dtype=torch.float64, device=seq_grads.device)
+    for g in range(int(idx.max()) + 1):
+        rows = (idx == g).nonzero().flatten()
+        buf_r = torch.zeros_like(total)
+        buf_1 = torch.zeros_like(total)
+        for i in rows.tolist():  # one "backward" per trajectory
+            buf_r += (r[i] / sigma[i]) * w_clip[i] * seq_grads[i].double()
+            buf_1 += (1.0 / sigma[i]) * w_clip[i] * seq_grads[i].double()
+        b_star = (c[rows] * r[rows]).sum() / (c[rows].sum() + VCPO_EPS)
+        total += buf_r - b_star * buf_1
+    n = float(n_seqs_global) if n_seqs_global is not None else float(len(r))
+    return total / n
+
+
+# ---------------------------------------------------------------- OAPL (spec 9, reconstruction)
+def oapl_targets(rewards: Tensor, group_ids: Tensor | Sequence, *, beta_v: float = 1.0) -> Tensor:
+    """Regression targets A*_i = R_i - V_hat(x_g) [N], V_hat = beta_v (logsumexp_j(R_j/beta_v) - log G).
+
+    RECONSTRUCTION (spec 9, UNCERTAIN): the soft value of the lagged inference policy's samples.
+    """
+    r = rewards.detach().double()
+    idx = group_index(group_ids).to(r.device)
+    n_groups = int(idx.max()) + 1
+    z = r / beta_v
+    zmax = torch.full((n_groups,), -torch.inf, dtype=r.dtype, device=r.device).scatter_reduce(0, idx, z, "amax")
+    sums = _group_sums(torch.exp(z - zmax[idx]), idx)
+    counts = _group_sums(torch.ones_like(r), idx)
+    v = beta_v * (zmax + torch.log(sums) - torch.log(counts))
+    return (r - v[idx]).float()
+
+
+def kernel_advantages(
+    kind: str,
+    estimator: str,
+    rewards: Tensor,
+    group_ids: Tensor | Sequence,
+    mask: Tensor,
+    *,
+    oapl_beta: float = 1.0,
+    oapl_beta_v: float | None = None,
+    vcpo_is_weights: Tensor | None = None,
+    grad_sq_norms: Tensor | None = None,
+    vcpo_baseline_weight: str = "readme",
+    vcpo_is_cap: float = 8.0,
+) -> Tensor:
+    """The ``advantages`` argument of ``losses.compute_policy_loss`` for one minibatch, [N, T].
+
+    oapl: the regression targets (``oapl_targets`` with beta_v = oapl_beta_v or oapl_beta);
+    vcpo: the OPOB advantages (needs ``vcpo_is_weights`` and ``grad_sq_norms``); every other
+    kind: ``compute_advantages(estimator, ...)``.
+    """
+    m = mask.detach().float()
+    if kind == "oapl":
+        adv = oapl_targets(rewards, group_ids, beta_v=oapl_beta if oapl_beta_v is None else oapl_beta_v)
+    elif kind == "vcpo":
+        if vcpo_is_weights is None or grad_sq_norms is None:
+            raise ValueError("vcpo advantages need vcpo_is_weights and grad_sq_norms (see trainer/LOSSES.md)")
+        adv = vcpo_advantages(rewards, vcpo_is_weights, grad_sq_norms, group_ids,
+                              weight_mode=vcpo_baseline_weight, is_cap=vcpo_is_cap)
+    else:
+        return compute_advantages(estimator, rewards, group_ids, m)
+    return adv.to(m.device)[:, None] * m
