@@ -308,19 +308,85 @@ def config_dir() -> Path:
     return (Path(__file__).resolve().parent.parent / "configs").resolve()
 
 
-def compose(overrides: list[str] | None = None, config_name: str = "config"):
-    """Compose the YAML tree with Hydra and return the raw DictConfig (entry points only)."""
+def _compose_with_choices(overrides: list[str], config_name: str):
+    """Hydra compose; returns the raw DictConfig and the chosen option of each config group."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.config_store import ConfigStore
     from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
 
     # The schema is the base of config.yaml's defaults list, so every key is known (and typed)
     # when command-line overrides are applied: `trainer.lr=1e-4` works, `trainer.lr=abc` names the key.
     ConfigStore.instance().store(name="areal_like_schema", node=RunConfig)
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-        return hydra_compose(config_name, overrides=list(overrides or []))
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+            raw = hydra_compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
+    choices = {k: v for k, v in raw.hydra.runtime.choices.items() if not k.startswith("hydra/")}
+    with open_dict(raw):
+        del raw["hydra"]
+    return raw, choices
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config"):
+    """Compose the YAML tree with Hydra and return the raw DictConfig (entry points only)."""
+    return _compose_with_choices(list(overrides or []), config_name)[0]
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group: ``configs/<group>/*.yaml`` without the suffix."""
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
+def _check_group_overrides(overrides: list[str]) -> None:
+    """``model=nope`` (or ``experiment=typo``, which Hydra would silently skip because the group
+    is optional) fails here, listing the allowed values."""
+    for ov in overrides:
+        key, sep, value = ov.lstrip("+~").partition("=")
+        if not sep or "." in key or "/" in key or not (config_dir() / key).is_dir():
+            continue
+        if value not in ("null", "") and not (config_dir() / key / f"{value}.yaml").is_file():
+            allowed = ", ".join(map(repr, group_options(key))) or "(the group has no options yet)"
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {allowed}")
+
+
+def _mandatory_keys(group: str, option: str) -> list[str]:
+    """Keys a group option marks ``???``, as full dotted keys (honouring ``# @package``)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    path = config_dir() / group / f"{option}.yaml"
+    if not path.is_file():
+        return []
+    package = group.replace("/", ".")
+    for line in path.read_text().splitlines()[:5]:
+        if line.startswith("# @package"):
+            package = line.split(None, 2)[2].strip()
+    package = "" if package == "_global_" else group.replace("/", ".") if package == "_group_" else package
+
+    def walk(node, prefix: str):
+        for k in node.keys():
+            full = f"{prefix}.{k}" if prefix else str(k)
+            if OmegaConf.is_missing(node, k):
+                yield full
+            elif isinstance(node._get_node(k), DictConfig):
+                yield from walk(node[k], full)
+
+    return list(walk(OmegaConf.load(path), package))
+
+
+def _unknown_keys(obj: Any, prefix: str = "") -> list[str]:
+    """Keys a ``+key=value`` override smuggled past the schema (to_object sets them as attributes)."""
+    import dataclasses
+
+    out = [f"{prefix}{k}" for k in vars(obj) if k not in {f.name for f in dataclasses.fields(obj)}]
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out += _unknown_keys(value, f"{prefix}{f.name}.")
+    return out
 
 
 def load_config(overrides: list[str] | None = None, config_name: str = "config") -> RunConfig:
@@ -329,10 +395,15 @@ def load_config(overrides: list[str] | None = None, config_name: str = "config")
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    overrides = list(overrides or [])
+    _check_group_overrides(overrides)
     try:
-        raw = compose(overrides, config_name)
-        schema = OmegaConf.structured(RunConfig)
-        merged = OmegaConf.merge(schema, raw)
+        raw, choices = _compose_with_choices(overrides, config_name)
+        for group, option in choices.items():
+            for key in _mandatory_keys(group, option) if option else []:
+                if OmegaConf.select(raw, key, default=None) in (None, ""):
+                    raise ConfigError(f"{key} is mandatory with {group}={option}: add {key}=...")
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), raw)
         cfg = OmegaConf.to_object(merged)
     except ConfigError:
         raise
@@ -344,17 +415,57 @@ def load_config(overrides: list[str] | None = None, config_name: str = "config")
             raise cause from None
         raise
     assert isinstance(cfg, RunConfig)
+    if unknown := _unknown_keys(cfg):
+        raise ConfigError(f"{unknown[0]}: not a known key ({_known_keys(unknown[0])})")
     return cfg
 
 
-def _explain(e: Exception) -> str:
-    msg = str(e).strip()
-    cause = getattr(e, "__cause__", None)
-    if isinstance(cause, ConfigError):
-        return str(cause)
-    key = getattr(e, "full_key", None)
-    head = msg.splitlines()[0] if msg else type(e).__name__
-    return f"{key}: {head}" if key and key not in head else head
+def _known_keys(full_key: str) -> str:
+    """``trainer.nope`` -> "known keys in trainer: betas, buffer_address, ..." from the schema."""
+    import dataclasses
+    import typing
+
+    cls: Any = RunConfig
+    parts = full_key.split(".")
+    for part in parts[:-1]:
+        hints = typing.get_type_hints(cls)
+        if part not in hints or not dataclasses.is_dataclass(hints[part]):
+            return "see areal_like/config.py"
+        cls = hints[part]
+    names = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
+    return f"known keys in {'.'.join(parts[:-1]) or 'the root'}: {names}"
+
+
+def _explain(e: BaseException) -> str:
+    """One line naming the key and the reason, from Hydra/OmegaConf's chain of exceptions.
+
+    Hydra wraps the useful OmegaConf error (``full_key`` + reason) in a generic
+    "Error merging override ..."; we walk the chain and report the innermost keyed error.
+    """
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    chain: list[BaseException] = []
+    seen: set[int] = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    for x in chain:
+        if isinstance(x, ConfigError):
+            return str(x)
+    keyed = [x for x in chain if getattr(x, "full_key", None)]
+    first_lines = [str(x).strip().splitlines()[0] for x in chain if str(x).strip()]
+    if keyed:
+        err = keyed[-1]
+        key = err.full_key  # type: ignore[attr-defined]
+        reason = str(err).strip().splitlines()[0]
+        context = first_lines[0] if first_lines and first_lines[0] != reason else ""
+        if isinstance(err, (ConfigAttributeError, ConfigKeyError)):
+            reason += f" ({_known_keys(key)})"
+        return f"{key}: {reason}" + (f" [{context}]" if context else "")
+    unique = list(dict.fromkeys(first_lines))
+    return ": ".join(unique) if unique else type(e).__name__
 
 
 def to_yaml(cfg: Any) -> str:
@@ -392,14 +503,33 @@ def load_daemon_config(argv: list[str]) -> RunConfig:
     from omegaconf.errors import OmegaConfBaseException
 
     argv = list(argv)
-    if "--config-file" in argv:
-        i = argv.index("--config-file")
-        path = argv[i + 1]
-        del argv[i:i + 2]
-        try:
-            base = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
-            merged = OmegaConf.merge(base, OmegaConf.from_dotlist(argv))
-            return OmegaConf.to_object(merged)
-        except OmegaConfBaseException as e:
-            raise ConfigError(_explain(e)) from None
-    return load_config(argv)
+    path = None
+    for i, arg in enumerate(argv):
+        if arg == "--config-file":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config-file needs a path")
+            path = argv[i + 1]
+            del argv[i:i + 2]
+            break
+        if arg.startswith("--config-file="):
+            path = arg.split("=", 1)[1]
+            del argv[i]
+            break
+    if path is None:
+        return load_config(argv)
+    if not Path(path).is_file():
+        raise ConfigError(f"--config-file {path!r} does not exist")
+    try:
+        base = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(argv))
+        cfg = OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain(e)) from None
+    except Exception as e:  # a validator's ConfigError, wrapped by some omegaconf versions
+        if isinstance(e.__cause__ or e.__context__, ConfigError):
+            raise (e.__cause__ or e.__context__) from None
+        raise ConfigError(f"{path}: {type(e).__name__}: {e}") from None
+    assert isinstance(cfg, RunConfig)
+    return cfg

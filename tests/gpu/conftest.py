@@ -21,6 +21,7 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+@pytest.hookimpl(tryfirst=True)  # mark before `-m 'not gpu'` deselects
 def pytest_collection_modifyitems(config, items):
     has_cuda: bool | None = None
     for item in items:

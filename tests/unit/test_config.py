@@ -1,0 +1,146 @@
+"""Typed config: every YAML under configs/ composes and validates; bad input names the key."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from areal_like import config as C
+from areal_like.config import ConfigError, RunConfig, load_config, load_daemon_config, to_yaml
+
+CONFIG_DIR = C.config_dir()
+GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONFIG_DIR / g).glob("*.yaml"))]
+
+
+def mandatory_overrides(group: str, option: str, tmp_path: Path) -> list[str]:
+    """Values for the keys an option marks ``???``: a JSONL file for datasets, a directory otherwise."""
+    out = []
+    for key in C._mandatory_keys(group, option):
+        if "dataset" in key:
+            path = tmp_path / "data.jsonl"
+            path.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+        else:
+            path = tmp_path / key.replace(".", "_")
+            path.mkdir(exist_ok=True)
+        out.append(f"{key}={path}")
+    return out
+
+
+def test_config_groups_are_discovered():
+    assert {"model", "task", "loss", "topology"} <= set(GROUPS)
+    assert len(OPTIONS) >= 15
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_yaml_composes_and_validates(group, option, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config([f"{group}={option}", *mandatory_overrides(group, option, tmp_path)])
+    assert isinstance(cfg, RunConfig)
+    assert C.from_yaml(to_yaml(cfg)).__dict__.keys() == cfg.__dict__.keys()
+    assert to_yaml(C.from_yaml(to_yaml(cfg))) == to_yaml(cfg)
+    assert not (tmp_path / "outputs").exists() and os.getcwd() == str(tmp_path)
+
+
+def test_group_files_feed_the_typed_config():
+    cfg = load_config(["model=small", "loss=tis", "task=sort"])
+    assert cfg.model.hidden_size == 384 and cfg.trainer.loss.kind == "tis" and cfg.task.name == "sort"
+    assert cfg.trainer.loss.tis_cap == 2.0
+    assert cfg.rollout.buffer_address == cfg.buffer.address  # interpolation resolved
+    assert cfg.trainer.groups_per_step == cfg.buffer.groups_per_step
+
+
+def test_hydra_does_not_chdir_or_write_outputs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    load_config(["trainer.lr=3e-4"])
+    assert os.getcwd() == str(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no outputs/, no .hydra/
+
+
+def error_of(overrides: list[str]) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides)
+    return str(info.value)
+
+
+def test_type_error_names_key_and_reason():
+    msg = error_of(["trainer.lr=abc"])
+    assert "trainer.lr" in msg and "'abc'" in msg and "could not be converted to Float" in msg
+    msg = error_of(["trainer.steps=1.5"])
+    assert "trainer.steps" in msg and "Integer" in msg
+
+
+def test_bad_choice_lists_allowed_values():
+    msg = error_of(["trainer.loss.kind=xyz"])
+    assert "trainer.loss.kind" in msg and all(repr(k) in msg for k in C.LOSS_KINDS)
+    msg = error_of(["buffer.fsync=sometimes"])
+    assert "buffer.fsync" in msg and "'always'" in msg and "'never'" in msg
+
+
+def test_unknown_group_option_lists_options():
+    msg = error_of(["model=nope"])
+    assert "model" in msg and "'nope'" in msg and all(repr(o) in msg for o in C.group_options("model"))
+    assert "experiment" in error_of(["experiment=surely_not_an_experiment"])  # optional group: no silent skip
+
+
+def test_unknown_key_is_rejected_naming_it():
+    msg = error_of(["trainer.nope=1"])
+    assert "trainer.nope" in msg and "lr" in msg  # lists the keys that do exist
+    assert "trainer.foo" in error_of(["+trainer.foo=1"])
+    assert "bogus" in error_of(["+bogus=1"])
+
+
+def test_range_and_cross_field_rules():
+    assert "buffer.max_staleness" in error_of(["buffer.max_staleness=-1"])
+    assert "buffer.capacity" in error_of(["buffer.capacity=2", "buffer.groups_per_step=4"])
+    assert "trainer.loss.agg" in error_of(["loss=vcpo", "trainer.loss.agg=token-mean"])
+    assert "model.num_attention_heads" in error_of(["model.num_key_value_heads=3"])
+    assert "task.top_p" in error_of(["task.top_p=0"])
+
+
+def test_mandatory_values_must_be_supplied(tmp_path):
+    assert "model.path" in error_of(["model=local_hf"])
+    assert "task.dataset_path" in error_of(["task=jsonl_math"])
+    assert load_config(["model=local_hf", f"model.path={tmp_path}"]).model.path == str(tmp_path)
+
+
+def test_malformed_override():
+    assert "trainer.lr" in error_of(["trainer.lr"])
+
+
+def test_daemon_config_round_trip(tmp_path):
+    cfg = load_config(["trainer.lr=3e-4", "loss=gspo"])
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(cfg))
+    extra = ["rollout.server_id=rollout-0", "rollout.metrics_port=9101", "buffer.max_staleness=2"]
+    daemon_cfg = load_daemon_config(["--config-file", str(path), *extra])
+    assert daemon_cfg.rollout.server_id == "rollout-0" and daemon_cfg.rollout.metrics_port == 9101
+    assert daemon_cfg.trainer.lr == 3e-4 and daemon_cfg.trainer.loss.kind == "gspo"
+    assert to_yaml(daemon_cfg) == to_yaml(load_config(["trainer.lr=3e-4", "loss=gspo", *extra]))
+    assert to_yaml(load_daemon_config(["--config-file", str(path)])) == path.read_text()
+    assert to_yaml(load_daemon_config([f"--config-file={path}"])) == path.read_text()
+    assert load_daemon_config(["task=sort"]).task.name == "sort"  # without a file: Hydra composes
+
+
+def test_daemon_config_errors_name_the_key(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(load_config([])))
+    for override, key in (("trainer.lr=abc", "trainer.lr"), ("trainer.nope=1", "trainer.nope"),
+                          ("trainer.loss.kind=xyz", "trainer.loss.kind")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_daemon_config(["--config-file", str(path), override])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_daemon_config(["--config-file", str(tmp_path / "missing.yaml")])
+    with pytest.raises(ConfigError):
+        load_daemon_config(["--config-file"])
+
+
+def test_dataset_size(tmp_path):
+    assert C.dataset_size(load_config(["task.num_prompts=37"]).task) == 37
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "answer": "1"}\n\n{"prompt": "b", "answer": "2"}\n')
+    assert C.dataset_size(load_config(["task=jsonl_math", f"task.dataset_path={data}"]).task) == 2
+    with pytest.raises(ConfigError, match="task.dataset_path"):
+        C.dataset_size(load_config(["task=jsonl_math", f"task.dataset_path={tmp_path / 'no.jsonl'}"]).task)
