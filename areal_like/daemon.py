@@ -58,7 +58,9 @@ class Daemon:
         self.metrics_server: MetricsServer | None = None
         self.stop_requested = threading.Event()
         self.failure: BaseException | None = None
+        self.failed_task: str | None = None  # name of the background task that took the daemon down
         self._threads: list[threading.Thread] = []
+        self._failure_lock = threading.Lock()
 
     # ---- to override
     def start(self) -> None:
@@ -79,6 +81,10 @@ class Daemon:
     def health(self) -> tuple[bool, dict]:
         return self.failure is None, {"name": self.name}
 
+    def metrics_text(self) -> str:
+        """Extra Prometheus exposition text appended to ``/metrics`` (e.g. SGLang-named series)."""
+        return ""
+
     # ---- supervision
     def spawn(self, name: str, fn: Callable[[], None]) -> threading.Thread:
         def wrapper():
@@ -88,8 +94,11 @@ class Daemon:
                     raise ComponentStopped(f"background task {name!r} returned while the daemon was running")
             except BaseException as e:  # noqa: BLE001 - recorded and re-raised in the main loop
                 if not self.stop_requested.is_set():
-                    self.failure = self.failure or e
-                    self.log.error("background task %r died: %s: %s", name, type(e).__name__, e)
+                    with self._failure_lock:
+                        if self.failure is None:
+                            self.failure, self.failed_task = e, name
+                    self.log.error("background task %r died: %s: %s", name, type(e).__name__, e,
+                                   exc_info=not isinstance(e, ComponentStopped))
                     self.stop_requested.set()
 
         t = threading.Thread(target=wrapper, name=name, daemon=True)
@@ -99,7 +108,8 @@ class Daemon:
 
     def raise_if_component_stopped(self) -> None:
         if self.failure is not None:
-            raise ComponentStopped(f"{self.name}: a component died: {type(self.failure).__name__}: {self.failure}")
+            raise ComponentStopped(f"{self.name}: background task {self.failed_task!r} died: "
+                                   f"{type(self.failure).__name__}: {self.failure}")
 
     def request_stop(self, *_args) -> None:
         if not self.stop_requested.is_set():
@@ -110,14 +120,17 @@ class Daemon:
     def start_metrics(self) -> None:
         if self.metrics_server is None and self.metrics_port is not None and self.metrics_port >= 0:
             self.metrics_server = MetricsServer(self.metrics, self.metrics_port, self.metrics_host,
-                                                health=self.health).start()
+                                                health=self.health, extra_text=self.metrics_text).start()
             self.log.info("metrics on http://%s:%d/metrics", self.metrics_host, self.metrics_server.port)
 
     def serve(self, install_signals: bool = True) -> int:
         """Run the daemon to completion; returns the process exit code."""
+        if not logging.getLogger().handlers:  # a bare process (not under pytest / an embedding app)
+            setup_logging(self.name)
+        previous_handlers = {}
         if install_signals and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self.request_stop)
-            signal.signal(signal.SIGINT, self.request_stop)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous_handlers[sig] = signal.signal(sig, self.request_stop)
         code = 0
         try:
             self.start_metrics()
@@ -144,4 +157,6 @@ class Daemon:
             if self.metrics_server is not None:
                 self.metrics_server.stop()
             self.log.info("stopped (exit %d)", code)
+            for sig, handler in previous_handlers.items():  # serve() run in-process (tests) leaves no trace
+                signal.signal(sig, handler)
         return code

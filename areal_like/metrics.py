@@ -39,6 +39,8 @@ class Metrics:
             if m is None:
                 m = kind(prom_name(name), doc or name, labelnames=labels, registry=self.registry, **kw)
                 self._by_name[name] = m
+            elif not isinstance(m, kind):  # one name, one meaning: a silent mix-up would corrupt dashboards
+                raise ValueError(f"metric {name!r} is a {type(m).__name__}, not a {kind.__name__}")
             return m
 
     def counter(self, name: str, doc: str = "", labels: tuple[str, ...] = ()) -> Counter:
@@ -63,9 +65,11 @@ class MetricsServer:
     """
 
     def __init__(self, metrics: Metrics, port: int, host: str = "0.0.0.0",
-                 health: Callable[[], tuple[bool, dict]] | None = None):
+                 health: Callable[[], tuple[bool, dict]] | None = None,
+                 extra_text: Callable[[], str] | None = None):
         self.metrics = metrics
         self.health = health or (lambda: (True, {}))
+        self.extra_text = extra_text
         self.started = time.time()
         outer = self
 
@@ -73,7 +77,13 @@ class MetricsServer:
             def do_GET(self):  # noqa: N802 (http.server API)
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
-                    self._reply(200, outer.metrics.render(), CONTENT_TYPE_LATEST)
+                    body = outer.metrics.render()
+                    if outer.extra_text is not None:
+                        try:
+                            body += outer.extra_text().encode()
+                        except Exception as e:  # keep our own series scrapeable
+                            body += f"# extra_text failed: {type(e).__name__}\n".encode()
+                    self._reply(200, body, CONTENT_TYPE_LATEST)
                 elif path == "/health":
                     try:
                         ok, details = outer.health()

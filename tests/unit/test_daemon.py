@@ -1,0 +1,170 @@
+"""Daemon lifecycle: graceful SIGTERM/SIGINT, a dying background task takes the daemon down
+with a log line naming it, and /metrics + /health served from the daemon's own registry."""
+
+from __future__ import annotations
+
+import json
+import select
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from areal_like.daemon import ComponentStopped, Daemon
+
+STARTUP_TIMEOUT_S = 60.0  # a cold interpreter importing prometheus/zmq on a loaded 2-core box
+EXIT_TIMEOUT_S = 30.0
+
+# The child: a tiny daemon whose behaviour is picked by argv[1]; argv[2] is a flag file that
+# makes health() report not-ok while it exists.
+CHILD = """
+import os, sys, time
+from areal_like.daemon import Daemon
+
+class Probe(Daemon):
+    name = "probe"
+
+    def start(self):
+        self.metrics.counter("probe/ticks", "loop iterations")
+        self.metrics.gauge("probe/mode_crash").set(1 if sys.argv[1] == "crash" else 0)
+        if sys.argv[1] == "crash":
+            self.spawn("exploder", self.explode)
+        else:
+            self.spawn("idler", lambda: self.stop_requested.wait())
+        print("PORT", self.metrics_server.port, flush=True)
+
+    def explode(self):
+        time.sleep(0.5)
+        raise RuntimeError("boom in the background")
+
+    def run_once(self):
+        self.metrics.counter("probe/ticks").inc()
+        time.sleep(0.02)
+
+    def health(self):
+        ok, details = super().health()
+        return ok and not os.path.exists(sys.argv[2]), details
+
+    def stop(self):
+        print("STOP_RAN", flush=True)
+
+sys.exit(Probe(metrics_port=0, metrics_host="127.0.0.1").serve())
+"""
+
+
+def read_line_starting(proc, prefix: str, timeout_s: float = STARTUP_TIMEOUT_S) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+        if ready:
+            line = proc.stdout.readline()
+            if line.startswith(prefix):
+                return line.strip()
+            if not line and proc.poll() is not None:
+                break
+    raise AssertionError(f"no line starting {prefix!r}; exit={proc.poll()} stderr={proc.stderr.read()[-2000:]}")
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def start_probe(spawn_python, tmp_path, mode: str):
+    flag = tmp_path / "unhealthy"
+    proc = spawn_python(CHILD, [mode, flag])
+    port = int(read_line_starting(proc, "PORT").split()[1])
+    return proc, port, flag
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_gracefully(spawn_python, tmp_path, sig):
+    proc, port, _ = start_probe(spawn_python, tmp_path, "ok")
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=EXIT_TIMEOUT_S)
+    assert proc.returncode == 0, err
+    assert "STOP_RAN" in out
+    assert "[probe pid=" in err and "stopped (exit 0)" in err  # structured log lines tagged with the name
+
+
+def test_dying_background_task_takes_the_daemon_down(spawn_python, tmp_path):
+    proc, _, _ = start_probe(spawn_python, tmp_path, "crash")
+    out, err = proc.communicate(timeout=EXIT_TIMEOUT_S)
+    assert proc.returncode != 0
+    assert "STOP_RAN" in out  # stop() still runs
+    assert "background task 'exploder' died: RuntimeError: boom in the background" in err
+
+
+def test_metrics_and_health_endpoints(spawn_python, tmp_path, wait_until):
+    proc, port, flag = start_probe(spawn_python, tmp_path, "ok")
+    base = f"http://127.0.0.1:{port}"
+
+    def ticks() -> float:
+        status, text = http_get(base + "/metrics")
+        assert status == 200
+        lines = [ln for ln in text.splitlines() if ln.startswith("areal_probe_ticks_total ")]
+        return float(lines[0].split()[1]) if lines else 0.0
+
+    status, text = http_get(base + "/metrics")
+    assert status == 200 and "# TYPE areal_probe_ticks_total counter" in text and "areal_probe_mode_crash 0.0" in text
+    wait_until(lambda: ticks() >= 3, 30, what="the counter to advance")
+    status, body = http_get(base + "/health")
+    assert status == 200 and json.loads(body)["ok"] is True and json.loads(body)["name"] == "probe"
+    flag.write_text("x")
+    status, body = http_get(base + "/health")
+    assert status == 503 and json.loads(body)["ok"] is False
+    assert http_get(base + "/nope")[0] == 404
+    proc.terminate()
+    assert proc.wait(timeout=EXIT_TIMEOUT_S) == 0
+
+
+# ---------------------------------------------------------------- in-process lifecycle
+
+
+class Counting(Daemon):
+    name = "counting"
+
+    def __init__(self, iterations: int, fail_at: int | None = None):
+        super().__init__(metrics_port=-1)  # no HTTP server needed here
+        self.iterations, self.fail_at, self.calls, self.stopped = iterations, fail_at, 0, False
+
+    def run_once(self):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise ValueError("bad iteration")
+        if self.calls >= self.iterations:
+            self.request_stop()
+
+    def stop(self):
+        self.stopped = True
+
+
+def test_serve_runs_until_stop_requested():
+    d = Counting(iterations=5)
+    assert d.serve() == 0 and d.calls == 5 and d.stopped
+
+
+def test_crash_in_loop_exits_non_zero_and_still_stops():
+    d = Counting(iterations=10, fail_at=3)
+    assert d.serve() == 1 and d.calls == 3 and d.stopped
+
+
+def test_background_task_that_returns_is_a_failure():
+    d = Counting(iterations=10**9)
+    returned = threading.Event()
+    d.start = lambda: (d.spawn("short-lived", returned.set), returned.wait(5), time.sleep(0.05))
+    assert d.serve() == 1 and d.failed_task == "short-lived" and isinstance(d.failure, ComponentStopped)
+    with pytest.raises(ComponentStopped, match="short-lived"):
+        d.raise_if_component_stopped()
+
+
+def test_serve_restores_signal_handlers():
+    before = signal.getsignal(signal.SIGTERM)
+    Counting(iterations=1).serve()
+    assert signal.getsignal(signal.SIGTERM) is before

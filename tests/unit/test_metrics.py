@@ -1,0 +1,76 @@
+"""Metrics: hierarchical names, private registries, the HTTP endpoints and ``scrape``."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from areal_like.metrics import Metrics, MetricsServer, prom_name, scrape
+
+
+def test_prom_name():
+    assert prom_name("buffer/staleness_max") == "areal_buffer_staleness_max"
+    assert prom_name("rollout/tokens-per.s") == "areal_rollout_tokens_per_s"
+
+
+def test_registries_are_private_and_get_or_create():
+    a, b = Metrics(), Metrics()
+    a.counter("x/events", "events").inc(2)
+    b.counter("x/events", "events").inc(5)  # same name in another daemon: no collision
+    assert a.counter("x/events") is a.counter("x/events")
+    a.gauge("x/level").set(1.5)
+    a.histogram("x/seconds", buckets=(0.1, 1.0)).observe(0.5)
+    a.counter("x/by_kind", labels=("kind",)).labels(kind="ok").inc()
+    text = a.render().decode()
+    assert "areal_x_events_total 2.0" in text and "areal_x_level 1.5" in text
+    assert 'areal_x_seconds_bucket{le="1.0"} 1.0' in text and 'areal_x_by_kind_total{kind="ok"} 1.0' in text
+    assert "areal_x_events_total 5.0" in b.render().decode()
+
+
+def test_one_name_one_kind():
+    m = Metrics()
+    m.counter("x/n")
+    with pytest.raises(ValueError, match="x/n"):
+        m.gauge("x/n")
+
+
+def get(url: str) -> tuple[int, str, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.headers["Content-Type"], r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], e.read().decode()
+
+
+def test_server_endpoints_and_scrape():
+    m = Metrics()
+    m.counter("t/requests").inc(3)
+    state = {"ok": True}
+
+    def health():
+        if state["ok"] is None:
+            raise RuntimeError("probe broke")
+        return state["ok"], {"detail": 7}
+
+    server = MetricsServer(m, 0, "127.0.0.1", health=health,
+                           extra_text=lambda: "# TYPE sglang:num_running_reqs gauge\nsglang:num_running_reqs 4.0\n").start()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        status, ctype, text = get(base + "/metrics")
+        assert status == 200 and ctype.startswith("text/plain") and "areal_t_requests_total 3.0" in text
+        values = scrape(base + "/metrics")
+        assert values["areal_t_requests_total"] == 3.0 and values["sglang:num_running_reqs"] == 4.0
+        status, ctype, body = get(base + "/health?verbose=1")
+        assert status == 200 and ctype == "application/json"
+        assert json.loads(body)["ok"] is True and json.loads(body)["detail"] == 7
+        state["ok"] = False
+        assert get(base + "/health")[0] == 503
+        state["ok"] = None  # a probe that raises is unhealthy, not a crash
+        status, _, body = get(base + "/health")
+        assert status == 503 and "probe broke" in json.loads(body)["error"]
+        assert get(base + "/other")[0] == 404
+    finally:
+        server.stop()
