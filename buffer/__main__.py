@@ -1,0 +1,25 @@
+"""``python -m buffer [--config-file PATH] [key=value ...]``: run the buffer daemon.
+
+The launcher passes the resolved run config (``<run_dir>/config.yaml``); overrides such as
+``buffer.metrics_port=9100`` apply on top. The WAL lives in ``buffer.wal_dir`` (relative to
+``run_dir``); restarting with the same run_dir resumes from it.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from areal_like.config import load_daemon_config
+    from areal_like.daemon import setup_logging
+    from buffer.service import BufferService
+
+    setup_logging("buffer")
+    cfg = load_daemon_config(sys.argv[1:] if argv is None else argv)
+    return BufferService(cfg).serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

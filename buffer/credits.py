@@ -1,0 +1,124 @@
+"""Prompt cursor, leases and the admission counter: which prompt goes out next, to whom, until when.
+
+The ledger owns the only state that decides *what* gets generated:
+
+* the cursor ``(next_index, epoch)`` over ``dataset_size`` prompts (``max_epochs`` = 0: unbounded);
+* outstanding leases ``lease_id -> Lease`` (one prompt, one server, one deadline);
+* the re-issue queue: prompts whose lease expired, whose group was rejected or dropped as stale
+  (with ``stale_policy=reissue``); they go out again before the cursor moves on;
+* ``started`` (see ``staleness.py``) and ``next_lease`` (lease ids are never reused, also across
+  restarts, so ``group_id = f"{server_id}-{lease_id}"`` is unique for the life of the job).
+
+Invariants: every prompt index below the cursor is, at any time, exactly one of: covered by an
+accepted group, held by an outstanding lease, or waiting in the re-issue queue. Nothing here does
+I/O; ``state()`` / ``from_state()`` are what the WAL persists. Deadlines are monotonic-clock
+values and are not persisted: a restored lease gets a fresh full timeout (its holder may still
+deliver after the buffer restarts).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from buffer.staleness import StalenessPolicy
+
+
+@dataclass(slots=True)
+class Lease:
+    lease_id: str
+    prompt_index: int
+    epoch: int
+    server_id: str
+    deadline: float  # clock() value after which the prompt is re-issued
+
+
+class CreditLedger:
+    def __init__(self, policy: StalenessPolicy, dataset_size: int, *, lease_timeout_s: float,
+                 max_epochs: int = 0, clock: Callable[[], float]):
+        if dataset_size < 1:
+            raise ValueError("dataset_size must be >= 1")
+        self.policy = policy
+        self.dataset_size = dataset_size
+        self.lease_timeout_s = lease_timeout_s
+        self.max_epochs = max_epochs
+        self.clock = clock
+        self.next_index = 0
+        self.epoch = 0
+        self.started = 0
+        self.next_lease = 0
+        self.leases: dict[str, Lease] = {}
+        self.reissue: deque[tuple[int, int]] = deque()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.leases)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.max_epochs > 0 and self.epoch >= self.max_epochs and not self.reissue
+
+    def available(self, version: int) -> int:
+        """Credits admission allows now (before per-request and storage limits)."""
+        return self.policy.capacity(version, self.started, self.in_flight)
+
+    def grant(self, server_id: str, n: int, version: int) -> list[Lease]:
+        """Lease up to ``n`` prompts (re-issues first) within the admission limit."""
+        out: list[Lease] = []
+        n = min(n, self.available(version))
+        while len(out) < n:
+            if self.reissue:
+                index, epoch = self.reissue.popleft()
+            elif self.exhausted:
+                break
+            else:
+                index, epoch = self.next_index, self.epoch
+                self.next_index += 1
+                if self.next_index == self.dataset_size:
+                    self.next_index, self.epoch = 0, self.epoch + 1
+            lease = Lease(f"L{self.next_lease}", index, epoch, server_id, self.clock() + self.lease_timeout_s)
+            self.next_lease += 1
+            self.started += 1
+            self.leases[lease.lease_id] = lease
+            out.append(lease)
+        return out
+
+    def fulfil(self, lease_id: str) -> Lease | None:
+        """A group for this lease was accepted: the lease closes, its slot stays taken."""
+        return self.leases.pop(lease_id, None)
+
+    def give_back(self, prompt_index: int, epoch: int, *, reissue: bool) -> None:
+        """A group was dropped (filter, staleness): return its slot, optionally re-queue its prompt."""
+        self.started -= 1
+        if reissue:
+            self.reissue.append((prompt_index, epoch))
+
+    def cancel(self, lease_id: str) -> Lease | None:
+        """The lease's group was rejected: the prompt goes out again, the slot is returned."""
+        lease = self.leases.pop(lease_id, None)
+        if lease is not None:
+            self.give_back(lease.prompt_index, lease.epoch, reissue=True)
+        return lease
+
+    def expire(self) -> list[Lease]:
+        """Re-issue every lease past its deadline (the holder died or stalled)."""
+        now = self.clock()
+        expired = [lease for lease in self.leases.values() if lease.deadline <= now]
+        for lease in expired:
+            self.cancel(lease.lease_id)
+        return expired
+
+    # ---- persistence
+    def state(self) -> dict:
+        return {"cursor": [self.next_index, self.epoch], "started": self.started, "next_lease": self.next_lease,
+                "leases": [[x.lease_id, x.prompt_index, x.epoch, x.server_id] for x in self.leases.values()],
+                "reissue": [list(p) for p in self.reissue]}
+
+    def load_state(self, state: dict) -> None:
+        self.next_index, self.epoch = state["cursor"]
+        self.started = state["started"]
+        self.next_lease = state["next_lease"]
+        deadline = self.clock() + self.lease_timeout_s
+        self.leases = {lid: Lease(lid, i, e, sid, deadline) for lid, i, e, sid in state["leases"]}
+        self.reissue = deque((i, e) for i, e in state["reissue"])

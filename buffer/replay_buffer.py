@@ -1,0 +1,120 @@
+"""The group store: what has been generated and not yet handed to the trainer. No I/O.
+
+A ``TrajectoryGroup`` (all samples of one prompt) is the unit of storage and of hand-out.
+Groups are indexed by head version so that selection and the stale sweep touch only what they
+return: ``oldest`` (default: lowest head version first, then arrival), ``newest`` (highest head
+version first) or ``fifo`` (arrival order).
+
+Invariants:
+* ``take_batch(n, v)`` returns exactly ``n`` groups, all fresh at ``v`` (checked again by
+  ``StalenessPolicy.check_batch`` right before returning), or ``None`` and changes nothing.
+* Nothing is dropped silently: ``filter_reason`` says why a group should not be stored and
+  ``drop_stale`` returns what it removed; the caller counts both and returns their admission slots.
+* Memory is bounded by ``capacity`` through admission (``free_slots`` counts groups in flight as
+  taken, so credits stop while the store could overflow); ``add`` itself never refuses a group
+  whose credit was granted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from areal_like.protocol import TrajectoryGroup
+from buffer.staleness import StalenessPolicy
+
+SELECTIONS = ("oldest", "newest", "fifo")
+
+
+@dataclass(slots=True)
+class StoredGroup:
+    group: TrajectoryGroup
+    head_version: int
+    nbytes: int  # size of its wire frame (what it costs in memory and in the WAL)
+
+
+class ReplayBuffer:
+    def __init__(self, policy: StalenessPolicy, *, capacity: int, selection: str = "oldest",
+                 filter_equal_rewards: bool = False, max_tokens_per_trajectory: int = 0):
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection={selection!r}; choose one of {SELECTIONS}")
+        self.policy = policy
+        self.capacity = capacity
+        self.selection = selection
+        self.filter_equal_rewards = filter_equal_rewards
+        self.max_tokens_per_trajectory = max_tokens_per_trajectory
+        self._groups: dict[str, StoredGroup] = {}  # insertion order = arrival order (fifo)
+        self._by_version: dict[int, dict[str, None]] = {}  # head version -> ids (ordered sets)
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    def __contains__(self, group_id: str) -> bool:
+        return group_id in self._groups
+
+    def groups(self) -> list[TrajectoryGroup]:
+        return [s.group for s in self._groups.values()]
+
+    def free_slots(self, in_flight: int) -> int:
+        """Groups that may still be admitted: stored and in-flight groups both hold space."""
+        return max(0, self.capacity - len(self._groups) - in_flight)
+
+    def filter_reason(self, group: TrajectoryGroup) -> str | None:
+        """Why a group should not be stored (None: keep it)."""
+        limit = self.max_tokens_per_trajectory
+        if limit and any(len(t.output_ids) > limit for t in group.trajectories):
+            return "max_tokens"
+        # One sample has no group baseline to compare against; the DAPO filter needs >= 2.
+        rewards = [t.reward for t in group.trajectories]
+        if self.filter_equal_rewards and len(rewards) > 1 and min(rewards) == max(rewards):
+            return "equal_rewards"
+        return None
+
+    def add(self, group: TrajectoryGroup, nbytes: int = 0) -> bool:
+        """Store a group; False if one with the same id is already stored."""
+        if group.group_id in self._groups:
+            return False
+        head = group.head_version
+        self._groups[group.group_id] = StoredGroup(group, head, nbytes)
+        self._by_version.setdefault(head, {})[group.group_id] = None
+        self.nbytes += nbytes
+        return True
+
+    def remove(self, group_id: str) -> TrajectoryGroup | None:
+        stored = self._groups.pop(group_id, None)
+        if stored is None:
+            return None
+        bucket = self._by_version[stored.head_version]
+        del bucket[group_id]
+        if not bucket:
+            del self._by_version[stored.head_version]
+        self.nbytes -= stored.nbytes
+        return stored.group
+
+    def n_fresh(self, trainer_version: int) -> int:
+        oldest = self.policy.min_fresh_version(trainer_version)
+        return sum(len(ids) for v, ids in self._by_version.items() if v >= oldest)
+
+    def drop_stale(self, trainer_version: int) -> list[TrajectoryGroup]:
+        """Remove and return every group too old to ever be trained on at ``trainer_version``."""
+        oldest = self.policy.min_fresh_version(trainer_version)
+        stale_ids = [gid for v, ids in self._by_version.items() if v < oldest for gid in ids]
+        return [self.remove(gid) for gid in stale_ids]
+
+    def take_batch(self, n_groups: int, trainer_version: int) -> list[TrajectoryGroup] | None:
+        """Exactly ``n_groups`` fresh groups in selection order, or None (nothing removed)."""
+        if n_groups < 1 or self.n_fresh(trainer_version) < n_groups:
+            return None
+        oldest = self.policy.min_fresh_version(trainer_version)
+        if self.selection == "fifo":
+            order = (gid for gid, s in self._groups.items() if s.head_version >= oldest)
+        else:
+            versions = sorted((v for v in self._by_version if v >= oldest), reverse=self.selection == "newest")
+            order = (gid for v in versions for gid in self._by_version[v])
+        chosen = []
+        for gid in order:
+            chosen.append(gid)
+            if len(chosen) == n_groups:
+                break
+        self.policy.check_batch((self._groups[gid].head_version for gid in chosen), trainer_version)
+        return [self.remove(gid) for gid in chosen]

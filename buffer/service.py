@@ -1,0 +1,386 @@
+"""The buffer daemon: data plane and control plane of one job (DESIGN.md sections 1-4).
+
+Owns: the prompt cursor and leases (``CreditLedger``), the replay store (``ReplayBuffer``), the
+write-ahead log, the trainer version, the roster of rollout servers and the latest weight-sync
+plan. Everything but the roster and the plan is durable: the roster is soft state rebuilt from
+heartbeats within a second of a restart, and a plan is the trainer's to re-send.
+
+One thread, one loop (``run_once``): receive a batch of requests, answer what can be answered,
+expire leases and silent servers, hand out batches, then write one control record, commit the
+WAL (one fsync for the whole batch) and only then send the replies. So:
+
+* a group is acked only after its record is durable; credits are granted only after the lease
+  is durable (a restart neither repeats nor skips prompts); a batch is handed out only after its
+  groups are durably marked consumed (never handed out twice);
+* bad input (undecodable frame, unknown lease, versions newer than any published, NaN reward)
+  gets ``Ack(status="rejected", reason=...)``, is counted, and the loop keeps serving;
+* a duplicate group id gets ``Ack(status="duplicate")`` and is stored once.
+
+Deliberately ignored: who generates what (any registered server may take any credit) and what a
+trajectory contains beyond versions, lengths and rewards.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from areal_like import protocol as P
+from areal_like.config import RunConfig, dataset_size
+from areal_like.daemon import Daemon
+from areal_like.transport import Publisher, Server
+from buffer.credits import CreditLedger
+from buffer.replay_buffer import ReplayBuffer
+from buffer.staleness import StalenessPolicy
+from buffer.wal import WriteAheadLog
+
+POLL_S = 0.02  # wait for the first request of a batch; bounds how late a held BatchRequest is answered
+MAX_POLL_BATCH = 512  # requests handled per loop iteration (one fsync for all of them)
+MAX_POLL_BYTES = 256 << 20  # ...or this many bytes of frames, whichever comes first
+SEEN_KEEP = 200_000  # group ids remembered for dedupe after consumption: hours of generation,
+# while a sender re-sends an unacked group within seconds to minutes; ~20 MB
+SYNC_RESULTS_KEEP = 8  # versions of SyncDone results kept for SyncStatusRequest
+
+
+@dataclass(slots=True)
+class Member:
+    entry: P.RosterEntry
+    last_seen: float
+    in_flight: int = 0
+
+
+@dataclass(slots=True)
+class PendingBatch:
+    peer: bytes
+    req_id: bytes
+    request: P.BatchRequest
+    deadline: float
+    received: float
+
+
+class BufferService(Daemon):
+    name = "buffer"
+
+    def __init__(self, cfg: RunConfig, *, clock: Callable[[], float] = time.monotonic):
+        b = cfg.buffer
+        super().__init__(metrics_port=b.metrics_port)
+        self.cfg = b
+        self.clock = clock
+        self.policy = StalenessPolicy(b.max_staleness, b.groups_per_step, b.max_inflight)
+        self.ledger = CreditLedger(self.policy, dataset_size(cfg.task), lease_timeout_s=b.lease_timeout_s,
+                                   max_epochs=b.max_epochs, clock=clock)
+        self.store = ReplayBuffer(self.policy, capacity=b.capacity, selection=b.selection,
+                                  filter_equal_rewards=b.filter_equal_rewards,
+                                  max_tokens_per_trajectory=b.max_tokens_per_trajectory)
+        self.wal = WriteAheadLog(cfg.resolve_path(b.wal_dir), fsync=b.fsync, segment_bytes=b.segment_bytes)
+        self.version = 0
+        self.seen: dict[str, None] = {}  # accepted group ids (ordered: oldest are forgotten first)
+        self.roster: dict[str, Member] = {}
+        self.plan: P.WeightSyncPlan | None = None
+        self.plan_deadline = 0.0
+        self.sync_results: dict[int, dict[str, bool]] = {}
+        self.pending: list[PendingBatch] = []
+        self.counts: Counter[str] = Counter()
+        self._replies: list[tuple[bytes, bytes, P.Message, str, float]] = []
+        self._consumed: list[str] = []  # group ids marked consumed/dropped in this iteration
+        self._dirty = False  # control state changed in this iteration
+        self._handlers = {
+            P.Register: self._on_register, P.Heartbeat: self._on_heartbeat, P.CreditRequest: self._on_credits,
+            P.VersionUpdate: self._on_version, P.RosterRequest: self._on_roster,
+            P.WeightSyncPlan: self._on_plan, P.SyncDone: self._on_sync_done,
+            P.SyncStatusRequest: self._on_sync_status, P.StatsRequest: lambda m: P.Stats(values=self.stats()),
+        }
+        self.server: Server | None = None
+        self.publisher: Publisher | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        from buffer.recovery import recover
+
+        recover(self)
+        self.server = Server(self.cfg.address)
+        self.publisher = Publisher(self.cfg.pub_address)
+        self.log.info("serving on %s (pub %s): version %d, %d groups stored, %d leases, cursor %s",
+                      self.cfg.address, self.cfg.pub_address, self.version, len(self.store),
+                      self.ledger.in_flight, (self.ledger.next_index, self.ledger.epoch))
+
+    def run_once(self) -> None:
+        self._receive(POLL_S)  # handle a batch of requests; replies are queued
+        self._expire()  # leases past their deadline, servers past their heartbeat timeout
+        self._serve_batches()  # held BatchRequests: enough fresh groups now, or their wait is over
+        self._persist_and_reply()  # one control record, one commit, then every queued reply
+        self._update_gauges()
+
+    def stop(self) -> None:
+        for closable in (self.server, self.publisher):
+            if closable is not None:
+                closable.close()
+        self.wal.close()
+
+    def health(self) -> tuple[bool, dict]:
+        return self.failure is None, {"name": self.name, "policy_version": self.version,
+                                      "stored": len(self.store), "in_flight": self.ledger.in_flight}
+
+    # ------------------------------------------------------------------ the loop's steps
+    def _receive(self, timeout_s: float) -> None:
+        n_bytes = 0
+        for i in range(MAX_POLL_BATCH):
+            got = self.server.recv_with_payload(timeout_s if i == 0 else 0)
+            if got is None:
+                return
+            peer, req_id, msg, frame = got
+            n_bytes += len(frame)
+            self.handle(peer, req_id, msg, frame)
+            if n_bytes >= MAX_POLL_BYTES:
+                return
+
+    def handle(self, peer: bytes, req_id: bytes, msg: P.Message | P.ProtocolError, frame: bytes) -> None:
+        received = self.clock()
+        if isinstance(msg, P.ProtocolError):
+            self._count("rejected", reason="decode")
+            self.log.warning("rejected an undecodable frame: %s", msg)
+            reply, kind = P.Ack(ref="", status="rejected", reason=f"decode: {msg}"), "invalid"
+        elif isinstance(msg, P.TrajectoryGroup):
+            reply, kind = self._on_group(msg, frame), msg.TYPE
+        elif isinstance(msg, P.BatchRequest):
+            wait = max(0.0, msg.wait_s)
+            self.pending.append(PendingBatch(peer, req_id, msg, received + wait, received))
+            return
+        elif type(msg) in self._handlers:
+            reply, kind = self._handlers[type(msg)](msg), msg.TYPE
+        else:  # a valid message the buffer does not serve (e.g. a reply type sent by mistake)
+            self._count("rejected", reason="unexpected_type")
+            reply, kind = P.Ack(ref="", status="rejected", reason=f"type: {msg.TYPE} is not a request"), "invalid"
+        self._replies.append((peer, req_id, reply, kind, received))
+
+    def _expire(self) -> None:
+        expired = self.ledger.expire()
+        if expired:
+            self._dirty = True
+            self._count("credits_expired", len(expired))
+            self.log.warning("re-issuing %d expired leases (e.g. %s of %s)", len(expired),
+                             expired[0].lease_id, expired[0].server_id)
+        now = self.clock()
+        for sid in [s for s, m in self.roster.items() if now - m.last_seen > self.cfg.heartbeat_timeout_s]:
+            self.log.warning("server %s silent for %.0fs: removed from the roster", sid, now - self.roster[sid].last_seen)
+            del self.roster[sid]
+
+    def _serve_batches(self) -> None:
+        now = self.clock()
+        for p in list(self.pending):
+            v = p.request.trainer_version
+            self._drop(self.store.drop_stale(v), "stale")
+            groups = self.store.take_batch(p.request.n_groups, v)
+            if groups is None and now < p.deadline:
+                continue
+            self.pending.remove(p)
+            if groups is None:
+                why = f"{self.store.n_fresh(v)} of {p.request.n_groups} fresh groups after {p.request.wait_s:.1f}s"
+                reply = P.Batch(groups=[], trainer_version=v, reason=why)
+            else:
+                for g in groups:
+                    self._consumed.append(g.group_id)
+                    self.metrics.histogram("buffer/staleness", "staleness of consumed groups (versions)",
+                                           buckets=range(0, 17)).observe(self.policy.staleness(g.head_version, v))
+                self._count("groups_consumed", len(groups))
+                reply = P.Batch(groups=groups, trainer_version=v)
+            self._replies.append((p.peer, p.req_id, reply, p.request.TYPE, p.received))
+
+    def _persist_and_reply(self) -> None:
+        if self._dirty or self._consumed:
+            self._count("wal_bytes_written", self.wal.append_control({"state": self.state(),
+                                                                      "consumed": self._consumed}))
+            self._dirty, self._consumed = False, []
+        fsync_s = self.wal.commit()
+        if fsync_s is not None:
+            self.metrics.histogram("buffer/fsync_seconds", "WAL fsync latency").observe(fsync_s)
+        now = self.clock()
+        latency = self.metrics.histogram("buffer/request_seconds", "request latency by type", labels=("type",))
+        for peer, req_id, reply, kind, received in self._replies:
+            self.server.send(peer, req_id, reply)
+            latency.labels(type=kind).observe(now - received)
+        self._replies.clear()
+        self.wal.maybe_rotate(self.checkpoint)
+
+    # ------------------------------------------------------------------ rollout servers
+    def _on_register(self, m: P.Register) -> P.RegisterAck:
+        entry = P.RosterEntry(server_id=m.server_id, engine_url=m.engine_url, engine_ranks=m.engine_ranks,
+                              policy_version=m.policy_version)
+        if m.server_id not in self.roster:
+            self.log.info("server %s registered (engine %s, version %d)", m.server_id, m.engine_url, m.policy_version)
+        self.roster[m.server_id] = Member(entry, self.clock())
+        return P.RegisterAck(server_id=m.server_id, policy_version=self.version, pub_address=self.cfg.pub_address)
+
+    def _touch(self, server_id: str, engine_version: int | None = None) -> Member | None:
+        member = self.roster.get(server_id)
+        if member is not None:
+            member.last_seen = self.clock()
+            if engine_version is not None:
+                e = member.entry
+                member.entry = P.RosterEntry(server_id=e.server_id, engine_url=e.engine_url,
+                                             engine_ranks=e.engine_ranks, policy_version=engine_version)
+        return member
+
+    def _on_heartbeat(self, m: P.Heartbeat) -> P.HeartbeatAck:
+        member = self._touch(m.server_id, m.policy_version)
+        if member is None:
+            return P.HeartbeatAck(policy_version=self.version, known=False)
+        member.in_flight = m.in_flight
+        return P.HeartbeatAck(policy_version=self.version, known=True, pending_plan=self._pending_plan(m.server_id))
+
+    def _on_credits(self, m: P.CreditRequest) -> P.Credits:
+        member = self._touch(m.server_id)
+        reason, n = "", m.max_credits
+        if member is None:
+            reason, n = "unknown_server", 0
+        elif not self.policy.engine_can_start(member.entry.policy_version, self.version):
+            reason, n = "stale_engine", 0  # it gets the new weights at the next sync
+        elif self.store.free_slots(self.ledger.in_flight) < n:
+            reason, n = "capacity", self.store.free_slots(self.ledger.in_flight)
+        queued = len(self.ledger.reissue)
+        leases = self.ledger.grant(m.server_id, n, self.version)
+        if len(leases) < n:
+            reason = self._admission_reason()
+        if leases:
+            self._dirty = True
+            self._count("credits_granted", len(leases))
+            self._count("credits_reissued", queued - len(self.ledger.reissue))
+        credits = [P.Credit(lease_id=x.lease_id, prompt_index=x.prompt_index, epoch=x.epoch,
+                            deadline_s=self.cfg.lease_timeout_s) for x in leases]
+        return P.Credits(credits=credits, policy_version=self.version, reason=reason)
+
+    def _admission_reason(self) -> str:
+        if self.ledger.in_flight >= self.policy.max_inflight:
+            return "inflight"
+        if self.ledger.started >= self.policy.admission_limit(self.version):
+            return "staleness"
+        return "exhausted"
+
+    def _on_group(self, g: P.TrajectoryGroup, frame: bytes) -> P.Ack:
+        if g.group_id in self.seen or g.group_id in self.store:
+            self._count("groups_duplicate")
+            return P.Ack(ref=g.group_id, status="duplicate")
+        lease = self.ledger.leases.get(g.lease_id)
+        reason = self._invalid_group(g, lease)
+        if reason is not None:
+            self._count("rejected", reason=reason.split(":")[0])
+            self.log.warning("rejected group %s from %s: %s", g.group_id, g.server_id, reason)
+            if lease is not None and not reason.startswith("lease"):
+                self.ledger.cancel(lease.lease_id)  # the sender drops a rejected group: generate it again
+                self._dirty = True
+            return P.Ack(ref=g.group_id, status="rejected", reason=reason)
+        self._count("wal_bytes_written", self.wal.append_group(g.group_id, frame))
+        self.ledger.fulfil(g.lease_id)
+        self._remember(g.group_id)
+        self._count("groups_accepted")
+        if (why := self.store.filter_reason(g)) is not None:
+            self._drop([g], why)
+        else:
+            self.store.add(g, len(frame))
+        return P.Ack(ref=g.group_id, status="accepted")
+
+    def _invalid_group(self, g: P.TrajectoryGroup, lease) -> str | None:
+        if lease is None:
+            return f"unknown_lease: {g.lease_id} is not outstanding (expired and re-issued, or never granted)"
+        if (lease.prompt_index, lease.epoch) != (g.prompt_index, g.epoch):
+            return f"lease_mismatch: lease {g.lease_id} is for prompt {lease.prompt_index} epoch {lease.epoch}"
+        newest = max(self.version, self.plan.policy_version if self.plan else 0)
+        top = max(int(t.versions.max()) for t in g.trajectories if len(t.versions)) if g.n_tokens else 0
+        if top > newest:
+            return f"future_version: token version {top} > newest published version {newest}"
+        if g.n_tokens and min(int(t.versions.min()) for t in g.trajectories if len(t.versions)) < 0:
+            return "negative_version: token versions must be >= 0"
+        return None
+
+    def _drop(self, groups: list[P.TrajectoryGroup], reason: str) -> None:
+        """Groups that will never be trained on: marked in the WAL, counted, their slots returned."""
+        reissue = reason == "stale" and self.cfg.stale_policy == "reissue"
+        for g in groups:
+            self._consumed.append(g.group_id)
+            self.ledger.give_back(g.prompt_index, g.epoch, reissue=reissue)
+            self._count("groups_dropped", reason=reason)
+        if groups:
+            self._dirty = True
+
+    # ------------------------------------------------------------------ trainer
+    def _on_version(self, m: P.VersionUpdate) -> P.Ack:
+        if m.policy_version > self.version:
+            self.version = m.policy_version
+            self._dirty = True
+            self._drop(self.store.drop_stale(self.version), "stale")
+            self.publisher.publish(m)
+            self.log.info("trainer version %d", self.version)
+        return P.Ack(ref=str(m.policy_version), status="ok")
+
+    def _on_roster(self, _m: P.RosterRequest) -> P.Roster:
+        return P.Roster(members=[m.entry for m in self.roster.values()], policy_version=self.version)
+
+    def _on_plan(self, plan: P.WeightSyncPlan) -> P.Ack:
+        self.plan, self.plan_deadline = plan, self.clock() + plan.deadline_s
+        self.sync_results.setdefault(plan.policy_version, {})
+        for old in sorted(self.sync_results)[:-SYNC_RESULTS_KEEP]:
+            del self.sync_results[old]
+        self.publisher.publish(plan)
+        return P.Ack(ref=str(plan.policy_version), status="ok")
+
+    def _pending_plan(self, server_id: str) -> P.WeightSyncPlan | None:
+        plan = self.plan
+        if plan is None or self.clock() > self.plan_deadline:
+            return None
+        if server_id in self.sync_results.get(plan.policy_version, {}):
+            return None
+        return plan if any(m.server_id == server_id for m in plan.members) else None
+
+    def _on_sync_done(self, m: P.SyncDone) -> P.Ack:
+        self.sync_results.setdefault(m.policy_version, {})[m.server_id] = m.ok
+        if m.ok:
+            self._touch(m.server_id, m.policy_version)
+        else:
+            self.log.warning("server %s failed to load version %d: %s", m.server_id, m.policy_version, m.reason)
+        return P.Ack(ref=str(m.policy_version), status="ok")
+
+    def _on_sync_status(self, m: P.SyncStatusRequest) -> P.SyncStatus:
+        results = self.sync_results.get(m.policy_version, {})
+        return P.SyncStatus(policy_version=m.policy_version, done=sorted(s for s, ok in results.items() if ok),
+                            failed=sorted(s for s, ok in results.items() if not ok))
+
+    # ------------------------------------------------------------------ state, metrics
+    def state(self) -> dict:
+        """The small control state; the WAL stores it after every change."""
+        return {**self.ledger.state(), "version": self.version}
+
+    def checkpoint(self) -> dict:
+        """First record of every WAL segment: supersedes every older control record."""
+        return {"state": self.state(), "seen": list(self.seen)[-SEEN_KEEP:]}
+
+    def _remember(self, group_id: str) -> None:
+        self.seen[group_id] = None
+        if len(self.seen) > 2 * SEEN_KEEP:
+            self.seen = dict.fromkeys(list(self.seen)[-SEEN_KEEP:])
+
+    def _count(self, name: str, n: int = 1, **labels: str) -> None:
+        if n:
+            key = "_".join([name, *labels.values()])
+            self.counts[key] += n
+            counter = self.metrics.counter(f"buffer/{name}", name.replace("_", " "), tuple(labels))
+            (counter.labels(**labels) if labels else counter).inc(n)
+
+    def _update_gauges(self) -> None:
+        groups = self.metrics.gauge("buffer/groups", "groups by state", labels=("state",))
+        groups.labels(state="in_flight").set(self.ledger.in_flight)
+        groups.labels(state="stored").set(len(self.store))
+        self.metrics.gauge("buffer/trainer_version").set(self.version)
+        self.metrics.gauge("buffer/roster_size").set(len(self.roster))
+        self.metrics.gauge("buffer/started", "admission counter (groups holding a slot)").set(self.ledger.started)
+        self.metrics.gauge("buffer/stored_bytes", "frame bytes of stored groups").set(self.store.nbytes)
+        self.metrics.gauge("buffer/wal_bytes", "bytes of WAL segments on disk").set(self.wal.disk_bytes)
+
+    def stats(self) -> dict:
+        return {**self.counts, "policy_version": self.version, "stored": len(self.store),
+                "in_flight": self.ledger.in_flight, "started": self.ledger.started,
+                "cursor_index": self.ledger.next_index, "cursor_epoch": self.ledger.epoch,
+                "reissue_queue": len(self.ledger.reissue), "roster_size": len(self.roster),
+                "pending_batches": len(self.pending), "wal_bytes": self.wal.disk_bytes,
+                "wal_corrupt_records": self.wal.corrupt_records}

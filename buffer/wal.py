@@ -1,0 +1,239 @@
+"""Write-ahead log: append-only segment files, so that an acknowledged group survives a crash.
+
+Layout: ``<wal_dir>/seg-<n>.wal``, n increasing. Every start and every rotation opens a new
+segment whose first record is a checkpoint (the small control state, see ``BufferService``), so a
+segment never continues after a crash and older segments' control records are superseded.
+
+Record framing (little-endian)::
+
+    u32 length | u32 crc32(payload) | payload
+    payload = b"G" + u16 len(group_id) + group_id + frame     # a TrajectoryGroup, wire bytes as received
+            | b"C" + msgpack map                              # control: {"state", "consumed", "seen", ...}
+
+A control record's ``consumed`` list marks groups handed to the trainer or dropped; replay yields
+everything in order and the caller applies it, so restart rebuilds exactly the unconsumed groups.
+
+Durability (``fsync``): records are written with ``os.writev`` straight to the file descriptor (no
+user-space buffer), so anything written survives the *process* dying (``kill -9``); fsync decides
+what survives the *machine* dying.
+* ``always`` (default): ``commit()`` fsyncs whatever was appended since the last commit; the
+  service acks only after commit. One fsync covers a whole poll batch (group commit), which is how
+  the safe policy keeps up with the network.
+* ``batch``: ``commit()`` fsyncs at most every ``BATCH_FSYNC_S``; acks may precede the fsync.
+* ``never``: the OS flushes when it likes.
+
+Compaction: a segment is deleted once it is not the current one, every group record in it has
+been consumed, and so has every older segment (only a prefix is deleted: a consumed mark may live
+in a later segment than its group, so deleting from the middle could resurrect a group).
+
+A torn or corrupt record (short header or payload, CRC mismatch, absurd length) ends the replay of
+its segment with a warning naming file and offset; the rest of that segment is skipped and a
+torn tail of the newest segment is truncated. It is never fatal and never accepted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+
+BATCH_FSYNC_S = 0.05  # fsync=batch: bounds what a power loss can take to the last 50 ms of acks
+MAX_RECORD_BYTES = 1 << 30  # a length above this is corruption, not a record (frames are <= 256 MiB)
+_HEADER = struct.Struct("<II")
+_GID_LEN = struct.Struct("<H")
+
+log = logging.getLogger("buffer.wal")
+
+
+@dataclass(slots=True)
+class Record:
+    kind: str  # "G" (group) | "C" (control)
+    segment: int
+    group_id: str = ""  # kind G
+    frame: bytes = b""  # kind G: the TrajectoryGroup wire frame
+    control: dict | None = None  # kind C
+
+
+def _segment_path(directory: Path, n: int) -> Path:
+    return directory / f"seg-{n:012d}.wal"
+
+
+class WriteAheadLog:
+    def __init__(self, directory: str | Path, *, fsync: str = "always", segment_bytes: int = 64 << 20):
+        if fsync not in ("always", "batch", "never"):
+            raise ValueError(f"fsync={fsync!r}")
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.fsync_policy = fsync
+        self.segment_bytes = segment_bytes
+        self._fd: int | None = None
+        self.segment = 0  # current segment number
+        self._segment_size = 0
+        self._live: dict[int, set[str]] = {}  # segment -> unconsumed group ids recorded in it
+        self._where: dict[str, int] = {}  # group id -> segment
+        self._dirty = False
+        self._last_fsync = 0.0
+        self.corrupt_records = 0
+        self.disk_bytes = 0  # size of all segment files, kept current without stat calls
+
+    # ---- recovery
+    def segments(self) -> list[int]:
+        return sorted(int(p.stem.split("-")[1]) for p in self.dir.glob("seg-*.wal"))
+
+    def replay(self) -> Iterator[Record]:
+        """Yield every intact record of every segment, oldest first (call before ``open``)."""
+        segments = self.segments()
+        for n in segments:
+            self._live.setdefault(n, set())
+            yield from self._read_segment(n, newest=n == segments[-1])
+        self.segment = segments[-1] if segments else 0
+
+    def _read_segment(self, n: int, newest: bool) -> Iterator[Record]:
+        path = _segment_path(self.dir, n)
+        data = path.read_bytes()
+        self.disk_bytes += len(data)
+        pos = 0
+        while pos < len(data):
+            problem = None
+            if len(data) - pos < _HEADER.size:
+                problem = "truncated header"
+            else:
+                length, crc = _HEADER.unpack_from(data, pos)
+                end = pos + _HEADER.size + length
+                if length < 1 or length > MAX_RECORD_BYTES:
+                    problem = f"invalid length {length}"
+                elif end > len(data):
+                    problem = f"truncated payload ({len(data) - pos - _HEADER.size} of {length} bytes)"
+                elif zlib.crc32(memoryview(data)[pos + _HEADER.size:end]) != crc:
+                    problem = "checksum mismatch"
+            if problem is not None:
+                self.corrupt_records += 1
+                log.warning("wal %s: %s at offset %d; skipping the last %d bytes of this segment",
+                            path.name, problem, pos, len(data) - pos)
+                if newest:  # a torn write of the crash that ended the last run: cut it off
+                    with path.open("r+b") as f:
+                        f.truncate(pos)
+                        os.fsync(f.fileno())
+                    self.disk_bytes -= len(data) - pos
+                return
+            yield self._parse(data, pos + _HEADER.size, end, n)
+            pos = end
+
+    def _parse(self, data: bytes, start: int, end: int, segment: int) -> Record:
+        kind = data[start:start + 1]
+        if kind == b"G":
+            (n,) = _GID_LEN.unpack_from(data, start + 1)
+            gid = data[start + 3:start + 3 + n].decode()
+            self._track(gid, segment)
+            return Record("G", segment, group_id=gid, frame=data[start + 3 + n:end])  # a copy: frees the segment
+        control = msgpack.unpackb(data[start + 1:end], raw=False)
+        self._untrack(control.get("consumed", ()))
+        return Record("C", segment, control=control)
+
+    # ---- writing
+    def open(self, checkpoint: dict) -> None:
+        """Start a fresh segment beginning with ``checkpoint``, then compact."""
+        self.segment += 1
+        path = _segment_path(self.dir, self.segment)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        self._segment_size = 0
+        self._live[self.segment] = set()
+        self.append_control({**checkpoint, "checkpoint": True})
+        self._fsync_dir()
+        self.commit(force=True)
+        self.compact()
+
+    def _write(self, parts: list[bytes | memoryview]) -> int:
+        crc = 0
+        length = 0
+        for p in parts:
+            crc = zlib.crc32(p, crc)
+            length += len(p)
+        n = os.writev(self._fd, [_HEADER.pack(length, crc), *parts])
+        if n != _HEADER.size + length:  # a short write to a regular file means the disk is full
+            raise OSError(f"short write to the WAL ({n} of {_HEADER.size + length} bytes)")
+        self._segment_size += n
+        self.disk_bytes += n
+        self._dirty = True
+        return n
+
+    def append_group(self, group_id: str, frame: bytes) -> int:
+        gid = group_id.encode()
+        n = self._write([b"G", _GID_LEN.pack(len(gid)), gid, frame])
+        self._track(group_id, self.segment)
+        return n
+
+    def append_control(self, control: dict) -> int:
+        n = self._write([b"C", msgpack.packb(control, use_bin_type=True)])
+        self._untrack(control.get("consumed", ()))
+        return n
+
+    def commit(self, force: bool = False) -> float | None:
+        """Make appended records durable per the policy; returns the fsync seconds if one ran."""
+        if not self._dirty or self._fd is None:
+            return None
+        now = time.monotonic()
+        if not force and (self.fsync_policy == "never" or
+                          (self.fsync_policy == "batch" and now - self._last_fsync < BATCH_FSYNC_S)):
+            return None
+        os.fsync(self._fd)
+        self._dirty = False
+        self._last_fsync = time.monotonic()
+        return self._last_fsync - now
+
+    def maybe_rotate(self, checkpoint: Callable[[], dict]) -> bool:
+        """Open a new segment when the current one is full (call after commit)."""
+        if self._segment_size < self.segment_bytes:
+            return False
+        self.commit(force=True)
+        os.close(self._fd)
+        self.open(checkpoint())
+        return True
+
+    def compact(self) -> list[int]:
+        removed = []
+        for n in sorted(self._live):
+            if n == self.segment or self._live[n]:
+                break
+            path = _segment_path(self.dir, n)
+            self.disk_bytes -= path.stat().st_size if path.exists() else 0
+            path.unlink(missing_ok=True)
+            del self._live[n]
+            removed.append(n)
+        if removed:
+            self._fsync_dir()
+            log.info("wal: compacted segments %s", removed)
+        return removed
+
+    def close(self) -> None:
+        if self._fd is not None:
+            self.commit(force=self.fsync_policy != "never")
+            os.close(self._fd)
+            self._fd = None
+
+    # ---- bookkeeping
+    def _track(self, group_id: str, segment: int) -> None:
+        self._where[group_id] = segment
+        self._live.setdefault(segment, set()).add(group_id)
+
+    def _untrack(self, group_ids) -> None:
+        for gid in group_ids:
+            seg = self._where.pop(gid, None)
+            if seg is not None:
+                self._live[seg].discard(gid)
+
+    def _fsync_dir(self) -> None:
+        if self.fsync_policy == "never":
+            return
+        fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,135 @@
+"""WriteAheadLog: round trip, consumed marks, compaction, torn and corrupt tails."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+from buffer.wal import WriteAheadLog, _segment_path
+
+
+def replay(path, **kw) -> tuple[WriteAheadLog, list]:
+    wal = WriteAheadLog(path, **kw)
+    return wal, [(r.kind, r.group_id, r.frame, r.control) for r in wal.replay()]
+
+
+def test_round_trip_in_order(tmp_path):
+    wal = WriteAheadLog(tmp_path)
+    list(wal.replay())
+    wal.open({"state": {"v": 0}})
+    wal.append_group("g1", b"frame-1")
+    wal.append_control({"consumed": ["g1"], "state": {"v": 1}})
+    wal.append_group("g2", b"\x00" * 1000)
+    assert wal.commit() is not None and wal.commit() is None  # nothing new: no second fsync
+    wal.close()
+    _, recs = replay(tmp_path)
+    assert recs == [("C", "", b"", {"state": {"v": 0}, "checkpoint": True}), ("G", "g1", b"frame-1", None),
+                    ("C", "", b"", {"consumed": ["g1"], "state": {"v": 1}}), ("G", "g2", b"\x00" * 1000, None)]
+
+
+def test_every_start_opens_a_new_segment(tmp_path):
+    wal = WriteAheadLog(tmp_path)
+    list(wal.replay())
+    wal.open({"n": 0})
+    wal.append_group("live", b"...")
+    wal.close()
+    for i in (1, 2):
+        wal = WriteAheadLog(tmp_path)
+        assert [r.group_id for r in wal.replay() if r.kind == "G"] == ["live"]
+        wal.open({"n": i})
+        wal.close()
+    # segment 2 holds only a checkpoint, but only a prefix is compacted and segment 1 holds "live"
+    assert WriteAheadLog(tmp_path).segments() == [1, 2, 3]
+    wal = WriteAheadLog(tmp_path)
+    list(wal.replay())
+    wal.open({"n": 3})
+    wal.append_control({"consumed": ["live"]})
+    assert wal.compact() == [1, 2, 3] and wal.segments() == [4]
+    wal.close()
+
+
+@pytest.mark.parametrize("damage", ["truncate_payload", "truncate_header", "flip_byte", "garbage_length"])
+def test_torn_or_corrupt_tail_is_skipped_and_logged(tmp_path, damage, caplog):
+    wal = WriteAheadLog(tmp_path)
+    list(wal.replay())
+    wal.open({})
+    wal.append_group("good", b"x" * 100)
+    wal.append_group("last", b"y" * 100)
+    wal.close()
+    path = _segment_path(tmp_path, 1)
+    data = bytearray(path.read_bytes())
+    size_good = len(data) - (8 + 1 + 2 + 4 + 100)  # everything before the last record
+    if damage == "truncate_payload":
+        data = data[:-30]
+    elif damage == "truncate_header":
+        data = data[:size_good + 5]
+    elif damage == "flip_byte":
+        data[-1] ^= 0xFF
+    else:
+        data[size_good:size_good + 4] = (2**31).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="buffer.wal"):
+        wal2, recs = replay(tmp_path)
+    assert [r[1] for r in recs if r[0] == "G"] == ["good"]  # never the damaged one
+    assert wal2.corrupt_records == 1
+    assert any("seg-000000000001.wal" in m and "offset" in m for m in caplog.messages)
+    assert path.stat().st_size == size_good  # the torn tail of the newest segment was cut off
+    wal2.open({})
+    wal2.append_group("after", b"z")
+    wal2.close()
+    _, recs = replay(tmp_path)  # clean now; new records follow in a new segment
+    assert [r[1] for r in recs if r[0] == "G"] == ["good", "after"]
+
+
+def test_corruption_in_an_older_segment_skips_only_its_rest(tmp_path):
+    wal = WriteAheadLog(tmp_path, segment_bytes=1)  # rotate after every commit
+    list(wal.replay())
+    wal.open({})
+    for gid in ("a", "b"):
+        wal.append_group(gid, gid.encode() * 10)
+        wal.commit()
+        wal.maybe_rotate(lambda: {})
+    wal.close()
+    first = _segment_path(tmp_path, 1)
+    data = bytearray(first.read_bytes())
+    data[-1] ^= 1
+    first.write_bytes(bytes(data))
+    _, recs = replay(tmp_path)
+    assert [r[1] for r in recs if r[0] == "G"] == ["b"]
+    assert first.exists()  # kept for inspection; only the newest segment's tail is truncated
+
+
+def test_compaction_deletes_fully_consumed_prefix_only(tmp_path):
+    wal = WriteAheadLog(tmp_path, segment_bytes=1)
+    list(wal.replay())
+    wal.open({})  # segment 1
+    for gid in ("a", "b", "c"):  # one group per segment: 1, 2, 3; current becomes 4
+        wal.append_group(gid, b"." * 50)
+        wal.commit()
+        wal.maybe_rotate(lambda: {"checkpoint_of": "state"})
+    assert wal.segments() == [1, 2, 3, 4]
+    wal.append_control({"consumed": ["b"]})  # segment 2 is clear but segment 1 is not: nothing deleted
+    assert wal.compact() == [] and wal.segments() == [1, 2, 3, 4]
+    wal.append_control({"consumed": ["a"]})
+    assert wal.compact() == [1, 2]
+    size_before = wal.disk_bytes
+    wal.close()
+    assert size_before == sum(p.stat().st_size for p in tmp_path.glob("seg-*.wal"))
+    _, recs = replay(tmp_path)  # "c" still there, "a"/"b" gone with their segments
+    assert [r[1] for r in recs if r[0] == "G"] == ["c"]
+
+
+@pytest.mark.parametrize("policy", ["always", "batch", "never"])
+def test_records_survive_the_process_without_close(tmp_path, policy):
+    """writev goes straight to the kernel: what was appended is readable without close/fsync."""
+    wal = WriteAheadLog(tmp_path, fsync=policy)
+    list(wal.replay())
+    wal.open({})
+    wal.append_group("g", b"payload")
+    wal.commit()
+    fd = wal._fd  # simulate the process vanishing: no close, no final commit
+    _, recs = replay(tmp_path)
+    assert [r[1] for r in recs if r[0] == "G"] == ["g"]
+    os.close(fd)
