@@ -340,7 +340,7 @@ def vespo_loss(
     if prox_logp is None:
         log_w = _log_ratio(lp_d, behav_logp.detach(), mask).sum(-1)
     else:
-        log_w = (_log_ratio(lp_d, prox_logp.detach(), mask) + _log_ratio(prox_logp, behav_logp, mask)).sum(-1)
+        log_w = (_log_ratio(lp_d, prox_logp.detach(), mask) + _log_ratio(prox_logp.detach(), behav_logp.detach(), mask)).sum(-1)
     log_w = _clamped(log_w)
     phi = vespo_phi(log_w, _seq_adv(advantages, mask) >= 0, k_pos=k_pos, lambda_pos=lambda_pos,
                     k_neg=k_neg, lambda_neg=lambda_neg)
@@ -509,7 +509,8 @@ def _add_common(loss: Tensor, stats: Stats, logp: Tensor, prox_logp: Tensor | No
         if ref_logp is None:
             raise ValueError("kl_coef > 0 needs ref_logp")
         kl = kl_penalty(logp, ref_logp, mask, estimator=hp["kl_estimator"])
-        loss = loss + hp["kl_coef"] * aggregate(kl, mask, **aggs)
+        loss = loss + hp["kl_coef"] * aggregate(kl, mask, aggs["agg"], n_tokens_global=aggs["n_tokens_global"],
+                                                n_seqs_global=aggs["n_seqs_global"], scale_factor=aggs["scale_factor"])
         stats["kl_ref"] = (kl.detach() * mask).sum() / n_tok
     old = logp.detach() if prox_logp is None else prox_logp
     stats.update(mismatch_stats(old, behav_logp, mask, n_tok))

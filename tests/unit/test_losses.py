@@ -1,0 +1,381 @@
+"""Policy-loss kernels: every test vector of specs/kernels.md section (f) (loss and gradient w.r.t.
+logp, rtol 1e-5), aggregation vectors, gradient flow, stability and micro-batch invariance."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from areal_like.config import AGG_MODES, LOSS_KINDS, LossConfig
+from trainer import losses
+from trainer.advantages import oapl_targets
+from trainer.losses import aggregate, compute_policy_loss, kernel_needs_prox
+
+RTOL, ATOL = 1e-5, 1e-7
+
+
+def close(actual, expected, rtol=RTOL, atol=ATOL):
+    torch.testing.assert_close(torch.as_tensor(actual, dtype=torch.float64),
+                               torch.as_tensor(expected, dtype=torch.float64), rtol=rtol, atol=atol)
+
+
+def run(kind, *, logp, prox=None, behav=None, adv, mask=None, agg="token-mean", **hp):
+    """Call the dispatcher with logp as a fresh leaf; return (loss, grad wrt logp, stats)."""
+    lp = logp.clone().detach().requires_grad_(True)
+    mask = torch.ones_like(lp) if mask is None else mask
+    behav = prox if behav is None else behav
+    loss, stats = compute_policy_loss(kind, logp=lp, prox_logp=prox, behav_logp=behav, advantages=adv,
+                                      mask=mask, agg=agg, **hp)
+    loss.backward()
+    return loss.detach(), lp.grad, stats
+
+
+# spec 2 tokens: A = [+1, +1, -1, -1, -1], r = [1.1, 1.5, 0.5, 4.0, 1.5]
+A5 = torch.tensor([[1.0, 1.0, -1.0, -1.0, -1.0]])
+PROX5 = torch.log(torch.tensor([[0.5, 0.4, 0.6, 0.1, 0.3]]))
+LOGP5 = PROX5 + torch.log(torch.tensor([[1.1, 1.5, 0.5, 4.0, 1.5]]))
+RHO5 = torch.tensor([[1.0, 3.0, 0.5, 2.5, 1.2]])
+
+
+# ---------------------------------------------------------------- aggregation (spec 0.4)
+@pytest.mark.parametrize("mode,expected", [("token-mean", 2.0), ("seq-mean-token-mean", 2.25),
+                                           ("seq-mean-token-sum", 3.0), ("seq-mean-token-sum-norm", 2.0)])
+def test_aggregation_vector(mode, expected):
+    lmat = torch.tensor([[1.0, 2.0, 9.0], [3.0, 9.0, 9.0]])
+    m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    close(aggregate(lmat, m, mode, scale_factor=3.0), expected)
+
+
+def test_aggregation_ignores_nan_padding_and_empty_rows():
+    lmat = torch.tensor([[1.0, float("nan")], [float("inf"), 5.0]])
+    m = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    for mode in AGG_MODES:
+        assert torch.isfinite(aggregate(lmat, m, mode))
+    close(aggregate(lmat, m, "seq-mean-token-mean"), 1.0)  # the empty row is not a sequence
+
+
+# ---------------------------------------------------------------- PPO / GRPO (spec 2)
+@pytest.mark.parametrize("eps_high,expected", [(0.2, 0.6), (0.28, 0.584)])
+def test_ppo_vector(eps_high, expected):
+    loss, grad, stats = run("ppo", logp=LOGP5, prox=PROX5, adv=A5, eps_clip=0.2, eps_clip_high=eps_high,
+                            dual_clip=3.0)
+    close(loss, expected)
+    close(grad, [[-0.22, 0.0, 0.0, 0.0, 0.30]])
+    close(stats["clip_frac"], 0.4)  # tokens 2 and 3 (l2 > l1)
+    close(stats["dual_clip_frac"], 0.2)  # token 4
+
+
+def test_ppo_accepts_per_sequence_advantages():
+    m = torch.ones(2, 3)
+    lp = torch.log(torch.full((2, 3), 0.5))
+    a, g1, _ = run("ppo", logp=lp, prox=lp, adv=torch.tensor([1.0, -2.0]), mask=m)
+    b, g2, _ = run("ppo", logp=lp, prox=lp, adv=torch.tensor([[1.0] * 3, [-2.0] * 3]), mask=m)
+    close(a, b)
+    close(g1, g2)
+
+
+# ---------------------------------------------------------------- GSPO (spec 3)
+def test_gspo_vector():
+    lr = torch.tensor([[1e-4, 3e-4, 0.0], [1e-3] * 3, [1e-3] * 3], dtype=torch.float64)
+    m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    prox = torch.log(torch.full((3, 3), 0.5, dtype=torch.float64))
+    loss, grad, _ = run("gspo", logp=(prox + lr).float(), prox=prox.float(), adv=torch.tensor([1.0, 1.0, -1.0]),
+                        mask=m, agg="token-mean", eps_clip=3e-4, eps_clip_high=4e-4)
+    close(loss, -0.33319984, rtol=1e-5)
+    expected = [[-0.16670, -0.16670, 0.0], [0.0, 0.0, 0.0], [0.111222] * 3]
+    close(grad, expected, rtol=1e-4, atol=1e-6)  # the spec prints 5-6 digits
+    s1, s3 = math.exp(2e-4), math.exp(1e-3)
+    close(grad, [[-s1 / 6, -s1 / 6, 0.0], [0.0] * 3, [s3 / 9] * 3])  # exact: -A s_i / (L_i B)
+
+
+# ---------------------------------------------------------------- AReaL decoupled PPO (spec 4)
+@pytest.mark.parametrize("cap,expected,grad", [
+    (2.0, 0.22, [[-0.22, 0.0, 0.0, 0.0, 0.36]]),
+    (None, 1.5, [[-0.22, 0.0, 0.0, 2.0, 0.36]]),
+])
+def test_decoupled_ppo_vector(cap, expected, grad):
+    behav = PROX5 - torch.log(RHO5)
+    loss, g, stats = run("decoupled_ppo", logp=LOGP5, prox=PROX5, behav=behav, adv=A5, eps_clip=0.2,
+                         behav_cap=cap)
+    close(loss, expected)
+    close(g, grad)
+    close(stats["masked_frac"], 0.4 if cap else 0.0)  # rho 3.0 and 2.5 dropped, still in the denominator
+    close(stats["is_weight_max"], 3.0)
+
+
+# ---------------------------------------------------------------- TIS (spec 5)
+def test_tis_token_vector():
+    behav = PROX5 - torch.log(RHO5)
+    loss, g, stats = run("tis", logp=LOGP5, prox=PROX5, behav=behav, adv=A5, eps_clip=0.2, dual_clip=3.0,
+                         tis_cap=2.0, tis_level="token")
+    close(loss, 0.94)
+    close(g, [[-0.22, 0.0, 0.0, 0.0, 0.36]])
+    close(stats["truncated_frac"], 0.4)
+
+
+def test_tis_sequence_weights_and_loss():
+    # rho_seq = [1.5, 3.0, 0.4], C = 2 -> w = [1.5, 2.0, 0.4] on every token of the sequence
+    rho_seq = torch.tensor([1.5, 3.0, 0.4])
+    m = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
+    prox = torch.log(torch.full((3, 2), 0.5))
+    behav = prox - torch.log(rho_seq)[:, None] * m / m.sum(-1, keepdim=True)  # log rho spread over tokens
+    adv = torch.tensor([1.0, -1.0, 1.0])
+    loss, g, _ = run("tis", logp=prox, prox=prox, behav=behav, adv=adv, mask=m, tis_cap=2.0, tis_level="sequence")
+    w = torch.tensor([1.5, 2.0, 0.4])
+    # on-policy (r = 1, unclipped): per-token loss -A w, gradient -A w / n_tokens
+    close(loss, (-adv * w * m.sum(-1)).sum() / 5)
+    close(g, (-adv * w)[:, None] * m / 5)
+
+
+# ---------------------------------------------------------------- MIS / IcePop (spec 6)
+@pytest.mark.parametrize("low,weights", [(0.0, [1.5, 0.0, 0.4]), (0.5, [1.5, 0.0, 0.0])])
+def test_seq_mis_weights(low, weights):
+    rho_seq = torch.tensor([1.5, 3.0, 0.4])
+    m = torch.ones(3, 2)
+    prox = torch.log(torch.full((3, 2), 0.5))
+    behav = prox - torch.log(rho_seq)[:, None] / 2
+    adv = torch.tensor([1.0, 1.0, 1.0])
+    loss, g, stats = run("mis", logp=prox, prox=prox, behav=behav, adv=adv, mask=m, mis_low=low, mis_high=2.0)
+    w = torch.tensor(weights)
+    close(g, -w[:, None].expand(3, 2) / 6)  # rejected sequences keep their place in the denominator
+    close(loss, -(w * 2).sum() / 6)
+    close(stats["masked_frac"], (w == 0).float().mean())
+
+
+def test_icepop_vector():
+    behav = PROX5 - torch.log(torch.tensor([[1.0, 6.0, 0.3, 2.5, 1.2]]))
+    loss, g, stats = run("icepop", logp=LOGP5, prox=PROX5, behav=behav, adv=A5, eps_clip=0.2, dual_clip=3.0,
+                         mis_low=0.5, mis_high=5.0)
+    close(loss, 1.64)
+    close(g, [[-0.22, 0.0, 0.0, 0.0, 0.36]])
+    close(stats["masked_frac"], 0.4)
+
+
+# ---------------------------------------------------------------- VESPO (spec 7)
+@pytest.mark.parametrize("w,positive,phi", [
+    (1.0, True, 1.0), (1.0, False, 1.0), (1.5, True, 0.502043), (0.8, False, 0.763814), (1.5, False, 1.241593),
+    (0.5, True, 1.120422), (3.0, True, 0.022309), (3.0, False, 0.494522),
+])
+def test_vespo_phi_table(w, positive, phi):
+    got = losses.vespo_phi(torch.tensor([math.log(w)]), torch.tensor([positive]))
+    close(got, [phi], rtol=1e-5, atol=1e-6)
+
+
+VESPO_LP = torch.log(torch.tensor([[0.5, 0.6, 1.0], [0.2, 0.5, 0.4]]))
+VESPO_M = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+VESPO_OLD = VESPO_LP - torch.tensor([[math.log(1.5) / 2] * 3, [math.log(0.8) / 3] * 3]) * VESPO_M
+
+
+def test_vespo_full_vector_async():
+    loss, g, stats = run("vespo", logp=VESPO_LP, behav=VESPO_OLD, adv=torch.tensor([1.0, -1.0]), mask=VESPO_M)
+    close(loss, -0.370835, rtol=1e-5)
+    close(g, [[-0.100409, -0.100409, 0.0], [0.152763] * 3], rtol=1e-5, atol=1e-6)
+    close(stats["is_weight_max"], 1.5)
+
+
+def test_vespo_prox_folded_gives_same_weight():
+    """With prox given, log W = sum(logp - prox) + sum(prox - behav): still W = pi_theta / pi_behav."""
+    prox = VESPO_LP - 0.05 * VESPO_M
+    loss, g, _ = run("vespo", logp=VESPO_LP, prox=prox, behav=VESPO_OLD, adv=torch.tensor([1.0, -1.0]),
+                     mask=VESPO_M)
+    close(loss, -0.370835, rtol=1e-5)
+    close(g, [[-0.100409, -0.100409, 0.0], [0.152763] * 3], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- VCPO loss (spec 8 steps 2, 5)
+def test_vcpo_loss_is_weighted_reinforce():
+    # w = [exp(0.3), exp(2.5)] -> w~ = [1.349859, 8] with cap 8; seq-mean-token-mean over B = 2.
+    lp = torch.log(torch.tensor([[0.5, 0.25, 1.0], [0.4, 0.5, 0.2]]))
+    m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    behav = lp - torch.tensor([[0.1, 0.2, 0.0], [1.0, 1.0, 0.5]])
+    adv = torch.tensor([0.5, -1.5])
+    loss, g, stats = run("vcpo", logp=lp, behav=behav, adv=adv, mask=m, agg="token-mean", vcpo_is_cap=8.0)
+    wt = torch.tensor([math.exp(0.3), 8.0])
+    L = m.sum(-1)
+    expected = (-(adv * wt) * ((lp * m).sum(-1) / L)).sum() / 2
+    close(loss, expected)
+    close(g, (-(adv * wt) / (L * 2))[:, None] * m)
+    close(stats["truncated_frac"], 0.5)
+    w = torch.tensor([math.exp(0.3), math.exp(2.5)])
+    close(losses.finalize_stats(stats)["ess_ratio"], w.sum() ** 2 / (w * w).sum() / 2)
+
+
+# ---------------------------------------------------------------- OAPL (spec 9, reconstruction)
+def test_oapl_vector():
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    targets = oapl_targets(rewards, [7, 7, 7, 7], beta_v=1.0)
+    close(targets, [0.172011, -0.827989, 0.172011, 0.172011], rtol=1e-5, atol=1e-6)
+    delta = torch.tensor([0.2, -0.1, 0.0, 0.3])
+    m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    behav = torch.log(torch.full((4, 3), 0.3))
+    lp = behav + (delta / m.sum(-1))[:, None] * m
+    loss, g, _ = run("oapl", logp=lp, behav=behav, adv=targets, mask=m, oapl_beta=1.0)
+    close(loss, 0.1441801, rtol=1e-5)
+    dl_ddelta = torch.tensor([0.013994, 0.363994, -0.086006, 0.063994])
+    close(g, dl_ddelta[:, None] * m, rtol=1e-4, atol=1e-6)  # the spec prints 6 decimals
+    close(oapl_targets(rewards, [0] * 4, beta_v=0.5), rewards - 0.8782209, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- KL to the reference policy
+def test_kl_penalty_estimators_and_clamps():
+    lp = torch.tensor([[math.log(0.5), math.log(0.2)]])
+    ref = torch.tensor([[math.log(0.25), math.log(0.4)]])
+    m = torch.ones(1, 2)
+    d = lp - ref
+    close(losses.kl_penalty(lp, ref, m, estimator="k1"), d)
+    close(losses.kl_penalty(lp, ref, m, estimator="k2"), 0.5 * d * d)
+    close(losses.kl_penalty(lp, ref, m, estimator="k3"), torch.exp(-d) + d - 1)
+    big = losses.kl_penalty(torch.tensor([[-1e4]]), torch.tensor([[0.0]]), torch.ones(1, 1), estimator="k3")
+    close(big, [[10.0]])  # log-ratio clamped to -20, k3 clamped to 10
+
+
+def test_kl_term_adds_to_loss():
+    ref = PROX5 - 0.1
+    base, g0, _ = run("ppo", logp=LOGP5, prox=PROX5, adv=A5, dual_clip=3.0)
+    loss, g, stats = run("ppo", logp=LOGP5, prox=PROX5, adv=A5, dual_clip=3.0, kl_coef=0.5, kl_estimator="k1",
+                         ref_logp=ref)
+    close(loss - base, 0.5 * (LOGP5 - ref).mean())
+    close(g - g0, torch.full((1, 5), 0.5 / 5))
+    close(stats["kl_ref"], (LOGP5 - ref).mean())
+    with pytest.raises(ValueError, match="ref_logp"):
+        run("ppo", logp=LOGP5, prox=PROX5, adv=A5, kl_coef=0.5)
+
+
+# ---------------------------------------------------------------- dispatcher contract
+def test_dispatcher_contract():
+    assert set(losses.KERNEL_NEEDS_PROX) == set(LOSS_KINDS)
+    assert {k for k in LOSS_KINDS if not kernel_needs_prox(k)} == {"vespo", "vcpo", "oapl"}
+    assert set(losses.HPARAM_DEFAULTS) == {f for f in LossConfig.__dataclass_fields__} - {"kind", "agg"}
+    with pytest.raises(TypeError, match="eps_clp"):
+        run("ppo", logp=LOGP5, prox=PROX5, adv=A5, eps_clp=0.2)
+    with pytest.raises(ValueError, match="needs prox_logp"):
+        run("tis", logp=LOGP5, prox=None, behav=PROX5, adv=A5)
+    with pytest.raises(ValueError, match="unknown loss kind"):
+        kernel_needs_prox("reinforce")
+    # the trainer passes every LossConfig field but kind/agg
+    cfg = LossConfig(kind="tis", dual_clip=3.0)
+    hp = {f: getattr(cfg, f) for f in losses.HPARAM_DEFAULTS}
+    loss, _, stats = run(cfg.kind, logp=LOGP5, prox=PROX5, behav=PROX5 - torch.log(RHO5), adv=A5, **hp)
+    close(loss, 0.94)
+    for k in ("loss", "policy_loss", "mismatch_kl", "mismatch_kl_k1", "is_weight_mean", "is_weight_max"):
+        assert k in stats and not stats[k].requires_grad
+
+
+def test_mismatch_kl_is_k3_of_behav_vs_prox():
+    behav = PROX5 - torch.log(RHO5)
+    _, _, stats = run("decoupled_ppo", logp=LOGP5, prox=PROX5, behav=behav, adv=A5)
+    close(stats["mismatch_kl"], (RHO5 - 1 - torch.log(RHO5)).mean())
+    close(stats["mismatch_kl_k1"], (-torch.log(RHO5)).mean())
+    ent = torch.full((1, 5), 0.7)
+    lp = LOGP5.clone().requires_grad_(True)
+    _, s = compute_policy_loss("ppo", logp=lp, prox_logp=PROX5, behav_logp=PROX5, advantages=A5,
+                               mask=torch.ones(1, 5), agg="token-mean", entropy=ent)
+    close(s["entropy"], 0.7)
+
+
+# ---------------------------------------------------------------- gradient flow, stability, invariance
+def make_batch(seed=0, b=6, t=7, spread=0.3):
+    """Random [b, t] batch with ragged lengths (>= 1) and garbage (nan) in the padding of every stream."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, t + 1, (b,), generator=g)
+    lengths[0] = t
+    mask = (torch.arange(t)[None, :] < lengths[:, None]).float()
+    prox = torch.log(torch.rand(b, t, generator=g) * 0.9 + 0.05)
+    logp = prox + spread * torch.randn(b, t, generator=g)
+    behav = prox + spread * torch.randn(b, t, generator=g)
+    adv = torch.randn(b, generator=g)[:, None] * mask
+    ref = prox + 0.1 * torch.randn(b, t, generator=g)
+    pad = mask == 0
+    for x in (logp, prox, behav, ref):
+        x[pad] = float("nan")
+    return dict(logp=logp, prox=prox, behav=behav, adv=adv, mask=mask, ref=ref)
+
+
+KIND_HP = {"ppo": dict(dual_clip=3.0), "decoupled_ppo": dict(behav_cap=1.5), "tis": dict(tis_level="sequence"),
+           "mis": dict(mis_low=0.2, mis_high=5.0), "icepop": dict(mis_high=5.0), "gspo": dict(eps_clip=0.1),
+           "vespo": {}, "vcpo": {}, "oapl": dict(oapl_beta=0.5)}
+
+
+@pytest.mark.parametrize("kind", LOSS_KINDS)
+def test_gradient_flows_only_to_logp(kind):
+    b = make_batch(1)
+    leaves = {k: b[k].clone().requires_grad_(True) for k in ("logp", "prox", "behav", "adv", "ref")}
+    loss, stats = compute_policy_loss(kind, logp=leaves["logp"], prox_logp=leaves["prox"],
+                                      behav_logp=leaves["behav"], advantages=leaves["adv"], mask=b["mask"],
+                                      agg="token-mean", ref_logp=leaves["ref"], kl_coef=0.1, **KIND_HP[kind])
+    loss.backward()
+    grad = leaves["logp"].grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert (grad[b["mask"] == 0] == 0).all()  # padding gets no gradient even with nan in it
+    for k in ("prox", "behav", "adv", "ref"):
+        assert leaves[k].grad is None, f"{kind}: gradient reached {k}"
+    assert all(not v.requires_grad and torch.isfinite(v).all() for v in stats.values())
+
+
+@pytest.mark.parametrize("kind", LOSS_KINDS)
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_extreme_log_ratios_and_lengths_are_finite(kind, sign):
+    t = 4096
+    lengths = torch.tensor([t, 1, 100, 2])
+    mask = (torch.arange(t)[None, :] < lengths[:, None]).float()
+    prox = torch.full((4, t), -3.0)
+    noise = torch.where(torch.arange(t) % 2 == 0, 1.0, -0.5)[None, :]
+    logp = prox + sign * 1e4 * noise
+    behav = prox - sign * 1e4 * noise
+    adv = torch.tensor([1.0, -1.0, 2.0, -3.0])
+    for agg in AGG_MODES:
+        loss, g, stats = run(kind, logp=logp, prox=prox, behav=behav, adv=adv, mask=mask, agg=agg,
+                             ref_logp=prox, kl_coef=0.1, **{**KIND_HP[kind], "behav_cap": None})
+        assert torch.isfinite(loss), (kind, agg)
+        assert torch.isfinite(g).all(), (kind, agg)
+        assert all(torch.isfinite(v).all() for v in stats.values()), (kind, agg, stats)
+
+
+def _split_losses(kind, agg, b, sizes, trim):
+    """Whole batch vs micro-batches (optionally re-padded to their own max length) with global counts."""
+    hp = dict(KIND_HP[kind], loss_scale_factor=7.0)
+    n_tok = float(b["mask"].sum())
+    n_seq = float((b["mask"].sum(-1) > 0).sum())
+
+    def call(sl, **norms):
+        lp = b["logp"][sl].clone().requires_grad_(True)
+        m = b["mask"][sl]
+        width = int(m.sum(-1).max()) if trim else m.shape[1]
+        cut = (slice(None), slice(0, width))
+        loss, stats = compute_policy_loss(kind, logp=lp[cut], prox_logp=b["prox"][sl][cut],
+                                          behav_logp=b["behav"][sl][cut], advantages=b["adv"][sl][cut],
+                                          mask=m[cut], agg=agg, ref_logp=b["ref"][sl][cut], kl_coef=0.05, **hp,
+                                          **norms)
+        loss.backward()
+        return loss.detach(), lp.grad, stats
+
+    whole, g_whole, s_whole = call(slice(None))
+    parts, grads, total = [], [], {}
+    start = 0
+    for size in sizes:
+        loss, g, s = call(slice(start, start + size), n_tokens_global=n_tok, n_seqs_global=n_seq)
+        parts.append(loss)
+        grads.append(g)
+        total = losses.accumulate_stats(total, s)
+        start += size
+    return whole, g_whole, s_whole, torch.stack(parts).sum(), torch.cat(grads), total
+
+
+@pytest.mark.parametrize("kind", LOSS_KINDS)
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_micro_batch_sum_equals_whole_batch(kind, agg):
+    b = make_batch(2)
+    for sizes, trim in (([1] * 6, True), ([2, 2, 2], False), ([4, 2], True)):
+        whole, g_whole, s_whole, summed, g_parts, s_total = _split_losses(kind, agg, b, sizes, trim)
+        close(summed, whole, rtol=1e-5, atol=1e-6)
+        g_full = torch.zeros_like(g_whole)
+        start = 0
+        for size in sizes:  # micro-batch grads may be narrower when re-padded
+            g_mb = g_parts[start:start + size]
+            g_full[start:start + size, : g_mb.shape[1]] = g_mb
+            start += size
+        close(g_full, g_whole, rtol=1e-5, atol=1e-7)
+        for k, v in s_whole.items():
+            close(s_total[k], v, rtol=1e-5, atol=1e-6)
