@@ -1,0 +1,56 @@
+"""``python -m rollout_server.engine [--config-file PATH] [key=value ...] [--port N] [--host H]``
+
+Runs one embedded engine as its own process (model from ``model.*``, sizing from
+``rollout.engine.*``), prints ``ENGINE_URL http://host:port`` on stdout once ``/health`` would
+answer 200, and serves until SIGTERM/SIGINT. ``--port 0`` (the default) picks a free port.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from dataclasses import replace
+
+
+def main(argv: list[str]) -> int:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    from areal_like.config import load_daemon_config
+    from areal_like.daemon import setup_logging
+    from rollout_server.engine.embedded import EmbeddedEngine
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    log = setup_logging("engine")
+    argv = list(argv)
+    flags = {}
+    for flag in ("--port", "--host"):
+        if flag in argv:
+            i = argv.index(flag)
+            flags[flag[2:]] = argv[i + 1]
+            del argv[i:i + 2]
+    cfg = load_daemon_config(argv)
+    engine_cfg = cfg.rollout.engine
+    if "port" in flags:
+        engine_cfg = replace(engine_cfg, port=int(flags["port"]))
+    if "host" in flags:
+        engine_cfg = replace(engine_cfg, host=flags["host"])
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    engine = EmbeddedEngine(cfg.model, engine_cfg, seed=cfg.seed).start()
+    print(f"ENGINE_URL {engine.url}", flush=True)
+    try:
+        while not stop.wait(0.5):
+            if not engine.scheduler.alive:
+                log.error("engine scheduler stopped: %r", engine.scheduler.failure)
+                return 1
+    finally:
+        engine.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,201 @@
+"""``EmbeddedEngine``: a Hugging Face causal LM served over SGLang's HTTP protocol, in-process.
+
+``EmbeddedEngine(model_cfg, engine_cfg).start()`` builds the model (``areal_like.hf.build_model``)
+and tokenizer, starts the scheduler thread (``scheduler.py``) and the aiohttp server on its own
+event-loop thread (``http_server.py``), runs a one-token warm-up, and returns; ``.url`` is then
+live and ``/health`` answers 200. ``.stop()`` tears everything down. The same object backs
+``python -m rollout_server.engine`` (``__main__.py``).
+
+Sizing: ``max_running_requests`` KV slots, each up to ``context_len = min(max_position_embeddings,
+max_total_tokens)`` positions (allocated lazily, doubling); admission keeps the sum over running
+requests of ``prompt + max_new_tokens`` within ``max_total_tokens``. The initial
+``weight_version`` is ``"0"`` (policy version 0) rather than SGLang's ``"default"``, because the
+rollout server reads token versions as ``int(weight_version)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+
+from areal_like.config import EngineConfig, ModelConfig
+from rollout_server.engine.http_server import EngineHttp
+from rollout_server.engine.metrics import EngineMetrics
+from rollout_server.engine.sampling import SamplingParams
+from rollout_server.engine.scheduler import Request, Scheduler
+from rollout_server.engine.weights import WeightUpdater
+
+SERVER_START_TIMEOUT_S = 60.0  # binding a socket and starting a loop; long only on a loaded machine
+STOP_TIMEOUT_S = 10.0
+PROTOCOL_VERSION = "0.5.23"  # the SGLang release whose protocol this engine speaks (begin/end weight update)
+
+
+class EmbeddedEngine:
+    def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, *, tokenizer=None,
+                 weight_version: str = "0", seed: int = 0):
+        self.model_cfg, self.engine_cfg = model_cfg, engine_cfg
+        self.tokenizer = tokenizer
+        self.initial_weight_version, self.seed = weight_version, seed
+        self.log = logging.getLogger("engine")
+        self.status = "starting"
+        self.port = engine_cfg.port
+        self.started_at = time.time()
+        self.model = self.scheduler = self.weights = self.metrics = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner = None
+        self._http_thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.engine_cfg.host}:{self.port}"
+
+    @property
+    def model_name(self) -> str:
+        return self.model_cfg.path or "areal_like/tiny-qwen2"
+
+    # ---- lifecycle
+    def start(self) -> EmbeddedEngine:
+        from areal_like.hf import build_model
+        from areal_like.tokenizer import load_tokenizer
+
+        ec = self.engine_cfg
+        self.model = build_model(self.model_cfg, device=ec.device)
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.model_cfg)
+        cfg = self.model.config
+        self.vocab_size = cfg.vocab_size
+        self.context_len = min(cfg.max_position_embeddings, ec.max_total_tokens)
+        self.eos_ids = self._eos_ids()
+        self.metrics = EngineMetrics(self.model_name)
+        self.scheduler = Scheduler(self.model, max_running=ec.max_running_requests, max_total_tokens=ec.max_total_tokens,
+                                   context_len=self.context_len, eos_ids=self.eos_ids,
+                                   weight_version=self.initial_weight_version, metrics=self.metrics,
+                                   seed=self.seed).start()
+        self.weights = WeightUpdater(self.scheduler, self.model_cfg, group_timeout_s=ec.request_timeout_s)
+        self._start_http()
+        if not self.generate_one_token_sync(timeout_s=ec.startup_timeout_s):
+            self.stop()
+            raise RuntimeError("engine warm-up generation did not complete")
+        self.status = "up"
+        self.log.info("embedded engine up at %s (model %s, %d slots, context %d)", self.url, self.model_name,
+                      ec.max_running_requests, self.context_len)
+        return self
+
+    def stop(self) -> None:
+        self.status = "stopping"
+        if self._loop is not None and self._loop.is_running():
+            async def shutdown():
+                await self._runner.cleanup()
+            try:
+                asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=STOP_TIMEOUT_S)
+            except Exception:  # a stuck handler must not block shutdown; the loop is stopped below anyway
+                self.log.warning("HTTP server cleanup timed out")
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._http_thread is not None:
+            self._http_thread.join(timeout=STOP_TIMEOUT_S)
+        if self.scheduler is not None:
+            self.scheduler.stop(timeout_s=STOP_TIMEOUT_S)
+        if self.weights is not None:
+            self.weights.close()
+
+    def _start_http(self) -> None:
+        from aiohttp import web
+
+        ready = threading.Event()
+        errors: list[BaseException] = []
+
+        def serve():
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            try:
+                self._runner = web.AppRunner(EngineHttp(self).app(), access_log=None)
+                loop.run_until_complete(self._runner.setup())
+                site = web.TCPSite(self._runner, self.engine_cfg.host, self.engine_cfg.port)
+                loop.run_until_complete(site.start())
+                self.port = site._server.sockets[0].getsockname()[1]
+                self._loop = loop
+            except BaseException as e:
+                errors.append(e)
+                return
+            finally:
+                ready.set()
+            loop.run_forever()
+            loop.close()
+
+        self._http_thread = threading.Thread(target=serve, name="engine-http", daemon=True)
+        self._http_thread.start()
+        if not ready.wait(SERVER_START_TIMEOUT_S) or errors:
+            raise RuntimeError(f"engine HTTP server failed to start: {errors[0] if errors else 'timeout'}")
+
+    # ---- helpers used by the HTTP layer
+    def _eos_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        gen = getattr(self.model, "generation_config", None)
+        for src in (getattr(self.tokenizer, "eos_token_id", None), getattr(gen, "eos_token_id", None)):
+            if isinstance(src, int):
+                ids.add(src)
+            elif src:
+                ids.update(int(t) for t in src)
+        return frozenset(ids)
+
+    def stop_ids(self, params: SamplingParams) -> frozenset[int]:
+        extra = frozenset() if params.ignore_eos else self.eos_ids
+        return frozenset(params.stop_token_ids) | extra
+
+    def _health_request(self, on_finish) -> Request:
+        params = SamplingParams(max_new_tokens=1, temperature=0.0)
+        first = next(iter(self.eos_ids), 0)
+        return Request(rid=f"HEALTH_CHECK_{uuid.uuid4().hex}", input_ids=[first], params=params,
+                       stop_ids=frozenset(), on_finish=on_finish)
+
+    def generate_one_token_sync(self, timeout_s: float) -> bool:
+        done = threading.Event()
+        self.scheduler.submit(self._health_request(lambda r: done.set()))
+        return done.wait(timeout_s)
+
+    async def generate_one_token(self, timeout_s: float) -> bool:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        req = self._health_request(lambda r: loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(r)))
+        self.scheduler.submit(req)
+        try:
+            r = await asyncio.wait_for(fut, timeout_s)
+        except asyncio.TimeoutError:
+            self.scheduler.abort(req.rid)
+            return False
+        return r.finish_reason is not None and r.finish_reason.get("type") == "length"
+
+    def model_info(self) -> dict:
+        cfg = self.model.config
+        return {"model_path": self.model_name, "served_model_name": self.model_name,
+                "tokenizer_path": self.model_cfg.path or "areal_like.tokenizer:char_tokenizer", "is_generation": True,
+                "preferred_sampling_params": None, "weight_version": self.scheduler.weight_version,
+                "load_format": "auto", "reasoning_parser": None, "tool_call_parser": None,
+                "disaggregation_mode": "null", "has_image_understanding": False, "has_audio_understanding": False,
+                "model_type": getattr(cfg, "model_type", None), "architectures": getattr(cfg, "architectures", None)}
+
+    def server_info(self) -> dict:
+        ec = self.engine_cfg
+        return {"model_path": self.model_name, "served_model_name": self.model_name,
+                "tokenizer_path": self.model_info()["tokenizer_path"], "max_context_length": self.context_len,
+                "max_total_num_tokens": ec.max_total_tokens, "max_running_requests": ec.max_running_requests,
+                "version": PROTOCOL_VERSION, "engine": "areal_like.embedded", "frontend": "python",
+                "internal_states": [{**self.scheduler.load(), "weight_version": self.scheduler.weight_version,
+                                     "last_gen_throughput": self.metrics.throughput}],
+                "host": ec.host, "port": self.port, "device": ec.device, "dtype": self.model_cfg.dtype,
+                "startup_time": self.started_at, "incremental_streaming_output": False, "disaggregation_mode": "null",
+                "weight_version": self.scheduler.weight_version, "dp_size": 1, "tp_size": 1}
+
+    def loads(self) -> dict:
+        load = self.scheduler.load()
+        ec = self.engine_cfg
+        return {"timestamp": time.time(), "version": PROTOCOL_VERSION,
+                "accelerator": "cuda" if ec.device.startswith("cuda") else "cpu", "num_accelerators": 1,
+                "loads": [{"dp_rank": 0, **load, "num_total_tokens": load["num_used_tokens"],
+                           "max_total_num_tokens": ec.max_total_tokens, "max_running_requests": ec.max_running_requests,
+                           "gen_throughput": self.metrics.throughput, "cache_hit_rate": 0.0,
+                           "utilization": load["num_running_reqs"] / ec.max_running_requests}]}
+

@@ -1,0 +1,328 @@
+"""The aiohttp app that speaks SGLang 0.5.23's HTTP protocol subset in front of the scheduler.
+
+It plays the part of SGLang's tokenizer manager: it validates and tokenizes requests, fans out
+``n`` samples, gates generation for pauses and weight updates, and shapes responses and errors
+exactly like SGLang (status codes and bodies: specs/sglang.md section 2, ``api.py``).
+
+Gate semantics (``Gate``), as in SGLang: while paused, new ``/generate`` calls wait (they are not
+rejected) until ``/continue_generation``; ``/pause_generation`` mode ``abort`` returns only after
+every in-flight request has been answered (finish_reason abort, tokens so far). A weight update
+while *not* paused takes the writer side: it waits for in-flight requests to finish and holds new
+ones back, so a request never spans two versions; while paused it goes straight through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import replace
+
+from aiohttp import web
+
+from rollout_server.engine.api import ApiError, build_output, parse_generate, validation_error
+from rollout_server.engine.metrics import CONTENT_TYPE
+from rollout_server.engine.scheduler import Request
+
+PAUSE_ABORT_POLL_S = 1.0  # re-send abort-all while requests are still in flight (SGLang does the same)
+HEALTH_TIMEOUT_S = 20.0  # SGLang's HEALTH_CHECK_TIMEOUT: a 1-token generation must finish by then
+FLUSHED = ("Cache flushed.\nPlease check backend logs for more details. (When there are running or waiting "
+           "requests, the operation will not be performed.)\n")
+REQUIRED = object()
+
+
+class Gate:
+    """Readers are /generate calls, the writer is a weight update; ``paused`` holds readers back."""
+
+    def __init__(self):
+        self.cond = asyncio.Condition()
+        self.paused = False
+        self.readers = 0
+        self.writers = 0
+
+    async def enter(self) -> None:
+        async with self.cond:
+            await self.cond.wait_for(lambda: not self.paused and not self.writers)
+            self.readers += 1
+
+    async def leave(self) -> None:
+        async with self.cond:
+            self.readers -= 1
+            self.cond.notify_all()
+
+    async def set_paused(self, paused: bool) -> None:
+        async with self.cond:
+            self.paused = paused
+            self.cond.notify_all()
+
+    @asynccontextmanager
+    async def writer(self):
+        async with self.cond:
+            exclusive = not self.paused
+            if exclusive:
+                self.writers += 1
+                await self.cond.wait_for(lambda: self.readers == 0)
+        try:
+            yield
+        finally:
+            if exclusive:
+                async with self.cond:
+                    self.writers -= 1
+                    self.cond.notify_all()
+
+
+def _fields(body: dict, spec: dict) -> dict:
+    """Pydantic-lax parsing of a control body: defaults, required keys, int/float from numeric strings,
+    Literal choices (a tuple); unknown keys are dropped. Errors -> 400 ErrorResponse shape."""
+    out = {}
+    for key, (kind, default) in spec.items():
+        v = body.get(key, default)
+        if v is REQUIRED:
+            raise validation_error(f"[{{'type': 'missing', 'loc': ('body', '{key}'), 'msg': 'Field required'}}]")
+        try:
+            if v is None or kind is None:
+                pass
+            elif isinstance(kind, tuple):
+                if v not in kind:
+                    raise ValueError(f"Input should be {' or '.join(map(repr, kind))}")
+            elif kind is bool:
+                if not isinstance(v, bool):
+                    raise ValueError("Input should be a valid boolean")
+            elif kind in (int, float):
+                if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+                    raise ValueError(f"Input should be a valid {'integer' if kind is int else 'number'}")
+                v = kind(v)
+            elif not isinstance(v, kind):
+                raise ValueError(f"Input should be a valid {kind.__name__}")
+        except ValueError as e:
+            raise validation_error(f"[{{'type': 'value_error', 'loc': ('body', '{key}'), 'msg': '{e}', "
+                                   f"'input': {v!r}}}]") from None
+        out[key] = v
+    return out
+
+
+async def _body(request: web.Request) -> dict:
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError as e:
+        raise validation_error(f"[{{'type': 'json_invalid', 'loc': ('body', {e.pos}), 'msg': 'JSON decode error', "
+                               f"'input': {{}}, 'ctx': {{'error': {e.msg!r}}}}}]") from None
+    if not isinstance(body, dict):
+        raise validation_error(f"[{{'type': 'model_attributes_type', 'loc': ('body',), 'msg': 'Input should be a "
+                               f"valid dictionary or object to extract fields from', 'input': {body!r}}}]")
+    return body
+
+
+def _ok_or_400(ok: bool, msg: str, **extra) -> web.Response:
+    return web.json_response({"success": ok, "message": msg, **extra}, status=200 if ok else 400)
+
+
+class EngineHttp:
+    """Routes bound to one engine (``engine``: an ``EmbeddedEngine`` that has started its scheduler)."""
+
+    def __init__(self, engine):
+        self.e = engine
+        self.gate: Gate | None = None  # created on the server's event loop
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._errors], client_max_size=64 * 1024 * 1024)
+        app.on_startup.append(self._startup)
+        r = app.router
+        for path, handler in [("/generate", self.generate), ("/flush_cache", self.flush_cache)]:
+            r.add_post(path, handler)
+            r.add_route("GET" if path == "/flush_cache" else "PUT", path, handler)
+        for path, handler in [("/health", self.health), ("/health_generate", self.health),
+                              ("/model_info", self.model_info), ("/get_model_info", self.model_info),
+                              ("/server_info", self.server_info), ("/get_server_info", self.server_info),
+                              ("/v1/loads", self.loads), ("/metrics", self.metrics)]:
+            r.add_get(path, handler)
+        for path, handler in [("/abort_request", self.abort_request), ("/pause_generation", self.pause),
+                              ("/continue_generation", self.continue_), ("/init_weights_update_group", self.init_group),
+                              ("/destroy_weights_update_group", self.destroy_group),
+                              ("/begin_weight_update", self.begin_update), ("/end_weight_update", self.end_update),
+                              ("/update_weights_from_distributed", self.update_distributed),
+                              ("/update_weights_from_disk", self.update_disk)]:
+            r.add_post(path, handler)
+        return app
+
+    async def _startup(self, app) -> None:
+        self.gate = Gate()
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler):
+        try:
+            return await handler(request)
+        except ApiError as e:
+            return web.json_response(e.body, status=e.status)
+        except web.HTTPNotFound:
+            return web.json_response({"detail": "Not Found"}, status=404)
+        except web.HTTPMethodNotAllowed:
+            return web.json_response({"detail": "Method Not Allowed"}, status=405)
+        except web.HTTPException:
+            raise
+        except Exception as e:  # a bug answers 500 with SGLang's error body; the server stays up
+            self.e.log.exception("%s %s failed", request.method, request.path)
+            return web.json_response({"error": {"message": f"{type(e).__name__}: {e}"}}, status=500)
+
+    # ---- generation
+    async def generate(self, request: web.Request) -> web.Response:
+        e = self.e
+        inp = parse_generate(await _body(request), e.tokenizer, e.vocab_size, e.context_len)
+        await self.gate.enter()
+        try:
+            reqs = await self._run(inp)
+        finally:
+            await self.gate.leave()
+        for r, _ in reqs:  # an abort carrying an HTTP status is an error response, as in SGLang
+            code = (r.finish_reason or {}).get("status_code")
+            if code and code >= 400:
+                return web.json_response({"error": {"message": r.finish_reason["message"]}}, status=code)
+        outs = [build_output(r, e.tokenizer, return_logprob=lp, text_in_logprobs=inp.text_in_logprobs,
+                             weight_version=r.output_versions[-1] if r.output_versions else e.scheduler.weight_version,
+                             e2e_latency=r.finished_at - r.created) for r, lp in reqs]
+        return web.json_response(outs[0] if inp.is_single else outs)
+
+    async def _run(self, inp) -> list[tuple[Request, bool]]:
+        loop = asyncio.get_running_loop()
+        futs, made = [], []
+        for i, prompt in enumerate(inp.prompts):
+            for j in range(inp.n):
+                params = inp.params[i]
+                if params.sampling_seed is not None and j:  # distinct streams for the n samples of one seed
+                    params = replace(params, sampling_seed=params.sampling_seed + j)
+                fut = loop.create_future()
+                req = Request(rid=inp.rids[i] if inp.n == 1 else uuid.uuid4().hex, input_ids=prompt, params=params,
+                              stop_ids=self.e.stop_ids(params), on_finish=_resolver(loop, fut))
+                futs.append(fut)
+                made.append((req, inp.return_logprob[i]))
+        for req, _ in made:
+            self.e.scheduler.submit(req)
+        try:
+            await asyncio.gather(*futs)
+        except asyncio.CancelledError:  # the client went away: free the slots
+            for req, _ in made:
+                self.e.scheduler.abort(req.rid)
+            raise
+        return made
+
+    async def health(self, request: web.Request) -> web.Response:
+        e = self.e
+        if e.status != "up" or not e.scheduler.alive:
+            return web.Response(status=503)
+        sched = e.scheduler
+        if sched.running or sched.held:  # progress (or a deliberate hold) already proves liveness
+            fresh = time.monotonic() - sched.heartbeat < HEALTH_TIMEOUT_S
+            return web.Response(status=200 if fresh else 503)
+        ok = await e.generate_one_token(timeout_s=HEALTH_TIMEOUT_S)
+        return web.Response(status=200 if ok else 503)
+
+    # ---- info
+    async def model_info(self, request: web.Request) -> web.Response:
+        return web.json_response(self.e.model_info())
+
+    async def server_info(self, request: web.Request) -> web.Response:
+        return web.json_response(self.e.server_info())
+
+    async def loads(self, request: web.Request) -> web.Response:
+        return web.json_response(self.e.loads())
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.e.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    # ---- cache, abort, pause
+    async def flush_cache(self, request: web.Request) -> web.Response:
+        ok = await asyncio.wrap_future(self.e.scheduler.call(lambda s: s.flush()))
+        return web.Response(text=FLUSHED if ok else "Flush cache failed.\n", status=200 if ok else 400)
+
+    async def abort_request(self, request: web.Request) -> web.Response:
+        f = _fields(await _body(request), {"rid": (str, ""), "abort_all": (bool, False),
+                                           "abort_message": (str, None)})
+        if f["abort_all"] or f["rid"]:  # an empty rid without abort_all is ignored (SGLang)
+            self.e.scheduler.abort(f["rid"], abort_all=f["abort_all"], message=f["abort_message"] or "Aborted")
+        return web.Response(status=200)
+
+    async def pause(self, request: web.Request) -> web.Response:
+        f = _fields(await _body(request), {"mode": (("abort", "retract", "in_place"), "abort")})
+        await self.gate.set_paused(True)
+        sched = self.e.scheduler
+        if f["mode"] == "abort":
+            while self.gate.readers:
+                sched.abort(abort_all=True, message="Abort by pause_generation")
+                async with self.gate.cond:
+                    try:
+                        await asyncio.wait_for(self.gate.cond.wait_for(lambda: not self.gate.readers),
+                                               PAUSE_ABORT_POLL_S)
+                    except asyncio.TimeoutError:
+                        pass
+            self.e.metrics.set_paused(0)
+        else:
+            self.e.metrics.set_paused(await asyncio.wrap_future(sched.hold(retract=f["mode"] == "retract")))
+        return web.json_response({"message": "Generation paused successfully.", "status": "ok"})
+
+    async def continue_(self, request: web.Request) -> web.Response:
+        _fields(await _body(request), {"torch_empty_cache": (bool, True)})
+        await asyncio.wrap_future(self.e.scheduler.release())
+        await self.gate.set_paused(False)
+        self.e.metrics.set_paused(0)
+        return web.json_response({"message": "Generation continued successfully.", "status": "ok"})
+
+    # ---- weights
+    async def init_group(self, request: web.Request) -> web.Response:
+        f = _fields(await _body(request), {
+            "master_address": (str, REQUIRED), "master_port": (int, REQUIRED), "rank_offset": (int, REQUIRED),
+            "world_size": (int, REQUIRED), "group_name": (str, "weight_update_group"), "backend": (str, "nccl")})
+        ok, msg = await asyncio.to_thread(self.e.weights.init_group, f["master_address"], f["master_port"],
+                                          f["rank_offset"], f["world_size"], f["group_name"], f["backend"])
+        return _ok_or_400(ok, msg)
+
+    async def destroy_group(self, request: web.Request) -> web.Response:
+        f = _fields(await _body(request), {"group_name": (str, "weight_update_group")})
+        return _ok_or_400(*await asyncio.to_thread(self.e.weights.destroy_group, f["group_name"]))
+
+    async def begin_update(self, request: web.Request) -> web.Response:
+        _fields(await _body(request), {"selector": (("target", "draft", "all"), "all")})
+        return _ok_or_400(*self.e.weights.begin())
+
+    async def end_update(self, request: web.Request) -> web.Response:
+        await _body(request)
+        return _ok_or_400(*self.e.weights.end())
+
+    async def update_distributed(self, request: web.Request) -> web.Response:
+        f = _fields(await _body(request), {
+            "names": (list, REQUIRED), "dtypes": (list, REQUIRED), "shapes": (list, REQUIRED),
+            "group_name": (str, "weight_update_group"), "flush_cache": (bool, True),
+            "abort_all_requests": (bool, False), "weight_version": (str, None), "load_format": (str, None),
+            "selector": (("target", "draft", "all"), "all"), "torch_empty_cache": (bool, False)})
+        if f["load_format"] not in (None, "auto"):
+            return _ok_or_400(False, f"load_format={f['load_format']!r} is not supported by the embedded engine")
+        w = self.e.weights
+        args = (f["names"], f["dtypes"], f["shapes"], f["group_name"], f["weight_version"], f["flush_cache"])
+        return _ok_or_400(*await self._weight_load("distributed", w.update_from_distributed, args, f))
+
+    async def update_disk(self, request: web.Request) -> web.Response:
+        f = _fields(await _body(request), {
+            "model_path": (str, REQUIRED), "load_format": (str, None), "abort_all_requests": (bool, False),
+            "weight_version": (str, None), "flush_cache": (bool, True)})
+        args = (f["model_path"], f["weight_version"], f["flush_cache"])
+        ok, msg = await self._weight_load("disk", self.e.weights.update_from_disk, args, f)
+        return _ok_or_400(ok, msg, num_paused_requests=0)
+
+    async def _weight_load(self, source: str, fn, args: tuple, f: dict) -> tuple[bool, str]:
+        if f["abort_all_requests"]:
+            self.e.scheduler.abort(abort_all=True, message="Abort for weight update")
+        async with self.gate.writer():
+            t0 = time.monotonic()
+            ok, msg = await asyncio.to_thread(fn, *args)
+            self.e.metrics.observe_weight_load(source, time.monotonic() - t0)
+        return ok, msg
+
+
+def _resolver(loop: asyncio.AbstractEventLoop, fut: asyncio.Future):
+    def on_finish(req: Request) -> None:  # scheduler thread -> event loop
+        loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(req))
+    return on_finish

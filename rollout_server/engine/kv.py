@@ -1,0 +1,87 @@
+"""Preallocated per-slot KV cache that a Hugging Face decoder writes into through ``update()``.
+
+A model in transformers 5.x only calls ``past_key_values.update(k, v, layer_idx)`` and reads its
+result, so this plain object is a complete cache (specs/engine_notes.md section 6). Layout per
+layer: ``K, V = [slots, kv_heads, capacity, head_dim]``. The scheduler keeps its running requests
+packed in slots ``[0, B)``, so attention reads the views ``K[rows, :, :kv_len]`` without a gather.
+
+Invariants: a slot holds exactly one request's KV for positions ``[0, cached)``; positions past
+that are garbage and always masked. ``capacity`` only grows (doubling, copy) until ``flush``.
+Nothing outlives its request: there is no prefix sharing, so no KV computed under old weights is
+ever reused after a weight update.
+"""
+
+from __future__ import annotations
+
+import torch
+
+INITIAL_CAPACITY = 128  # tokens per slot before the first growth; doubling keeps reallocations rare
+
+
+class SlotKV:
+    def __init__(self, num_layers: int, slots: int, kv_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        self.shape = (slots, kv_heads, head_dim)
+        self.num_layers, self.max_len, self.dtype, self.device = num_layers, max_len, dtype, torch.device(device)
+        self.capacity = 0
+        self.K: list[torch.Tensor] = []
+        self.V: list[torch.Tensor] = []
+        self._rows = slice(0, 0)
+        self._write_pos: torch.Tensor | None = None  # decode: per-row position of the new token
+        self._kv_len = 0
+        self.ensure(min(INITIAL_CAPACITY, max_len))
+
+    # ---- scheduler side
+    def ensure(self, length: int) -> None:
+        """Grow every slot to hold at least ``length`` positions (keeps the cached prefix)."""
+        if length <= self.capacity:
+            return
+        new_cap = min(self.max_len, max(length, 2 * self.capacity))
+        slots, heads, dim = self.shape
+        for store in (self.K, self.V):
+            for layer in range(self.num_layers):
+                t = torch.zeros(slots, heads, new_cap, dim, dtype=self.dtype, device=self.device)
+                if layer < len(store):
+                    t[:, :, :self.capacity] = store[layer]
+                    store[layer] = t
+                else:
+                    store.append(t)
+        self.capacity = new_cap
+
+    def flush(self) -> None:
+        """Drop all memory back to the initial size (only when no request holds a slot)."""
+        self.K, self.V, self.capacity = [], [], 0
+        self.ensure(min(INITIAL_CAPACITY, self.max_len))
+
+    def set_prefill(self, rows: slice, length: int) -> None:
+        self._rows, self._write_pos, self._kv_len = rows, None, length
+
+    def set_decode(self, rows: slice, write_pos: torch.Tensor, kv_len: int) -> None:
+        self._rows, self._write_pos, self._kv_len = rows, write_pos, kv_len
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy slot ``src``'s first ``length`` positions into slot ``dst`` (compaction)."""
+        for store in (self.K, self.V):
+            for t in store:
+                t[dst, :, :length] = t[src, :, :length]
+
+    # ---- model side (transformers' Cache protocol, the part decoders use)
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        K, V = self.K[layer_idx], self.V[layer_idx]
+        rows = self._rows
+        if self._write_pos is not None:  # decode: one new token per row, each at its own position
+            r = torch.arange(rows.start, rows.stop, device=K.device)
+            K[r, :, self._write_pos] = key_states[:, :, 0]
+            V[r, :, self._write_pos] = value_states[:, :, 0]
+        else:  # right-padded prefill into fresh slots
+            n = key_states.shape[2]
+            K[rows, :, :n] = key_states
+            V[rows, :, :n] = value_states
+        return K[rows, :, :self._kv_len], V[rows, :, :self._kv_len]
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return 0  # positions are always passed explicitly
+
+    @property
+    def is_compileable(self) -> bool:
+        return False

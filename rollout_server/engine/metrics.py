@@ -1,0 +1,94 @@
+"""Prometheus series of the embedded engine under SGLang's names (specs/sglang.md section 5).
+
+The core subset an aggregator scrapes from real SGLang servers, with the same names, types and
+label keys (``model_name`` everywhere, ``is_streaming`` on request counters and histograms,
+``source`` on the weight-load gauge), on a private ``CollectorRegistry`` so several engines can
+live in one process (tests). Scheduler callbacks run on the scheduler thread; prometheus_client
+metrics are thread-safe.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+THROUGHPUT_WINDOW_S = 2.0  # gen_throughput averages the tokens of this trailing window
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60, 120, 300, 600)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class EngineMetrics:
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        r, m = self.registry, {"model_name": model_name}
+        base, req = ("model_name",), ("model_name", "is_streaming")
+
+        def gauge(name, doc, labels=base):
+            return Gauge(f"sglang:{name}", doc, labels, registry=r)
+
+        self.num_running = gauge("num_running_reqs", "The number of running requests.").labels(**m)
+        self.num_queue = gauge("num_queue_reqs", "The number of requests in the waiting queue.").labels(**m)
+        self.token_usage = gauge("token_usage", "The token usage (used KV tokens / max_total_tokens).").labels(**m)
+        self.gen_throughput = gauge("gen_throughput", "The generation throughput (token/s).").labels(**m)
+        self.num_paused = gauge("num_paused_reqs", "The number of requests paused by async weight sync.").labels(**m)
+        self.weight_load = gauge("weight_load_duration_seconds",
+                                 "Wall time of the last update_weights_from_<source>.", ("model_name", "source"))
+        labels = {**m, "is_streaming": "false"}
+        self.prompt_tokens = Counter("sglang:prompt_tokens", "Number of prefill tokens processed.", req,
+                                     registry=r).labels(**labels)
+        self.generation_tokens = Counter("sglang:generation_tokens", "Number of generation tokens processed.", req,
+                                         registry=r).labels(**labels)
+        self.num_requests = Counter("sglang:num_requests", "The number of processed requests.", req,
+                                    registry=r).labels(**labels)
+        self.num_aborted = Counter("sglang:num_aborted_requests", "Number of requests aborted.", base,
+                                   registry=r).labels(**m)
+        self.ttft = Histogram("sglang:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                              req, buckets=_LATENCY_BUCKETS, registry=r).labels(**labels)
+        self.e2e = Histogram("sglang:e2e_request_latency_seconds", "Histogram of End-to-end request latency in "
+                             "seconds", req, buckets=_LATENCY_BUCKETS, registry=r).labels(**labels)
+        self._model_name = model_name
+        self._window: list[tuple[float, int]] = []
+        self.throughput = 0.0
+
+    # ---- scheduler callbacks
+    def on_submit(self, req) -> None:
+        self.prompt_tokens.inc(len(req.input_ids))
+
+    def on_tokens(self, n: int) -> None:
+        self.generation_tokens.inc(n)
+        now = time.monotonic()
+        self._window.append((now, n))
+        while self._window and self._window[0][0] < now - THROUGHPUT_WINDOW_S:
+            self._window.pop(0)
+        span = max(now - self._window[0][0], 1e-3) if len(self._window) > 1 else THROUGHPUT_WINDOW_S
+        self.throughput = sum(k for _, k in self._window) / span
+        self.gen_throughput.set(self.throughput)
+
+    def on_finish(self, req) -> None:
+        self.num_requests.inc()
+        if req.finish_reason and req.finish_reason.get("type") == "abort":
+            self.num_aborted.inc()
+        if req.first_token_at is not None:
+            self.ttft.observe(req.first_token_at - req.created)
+        self.e2e.observe(req.finished_at - req.created)
+
+    def on_step(self, load: dict) -> None:
+        self.num_running.set(load["num_running_reqs"])
+        self.num_queue.set(load["num_waiting_reqs"])
+        self.token_usage.set(load["token_usage"])
+        if not load["num_running_reqs"]:
+            self.throughput = 0.0
+            self.gen_throughput.set(0.0)
+
+    # ---- HTTP side
+    def set_paused(self, n: int) -> None:
+        self.num_paused.set(n)
+
+    def observe_weight_load(self, source: str, seconds: float) -> None:
+        self.weight_load.labels(model_name=self._model_name, source=source).set(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

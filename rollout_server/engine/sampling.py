@@ -1,0 +1,95 @@
+"""Per-request sampling parameters and the batched sampler with its logprob convention.
+
+Logprob convention (the contract with the trainer, DESIGN section 2 and the brief):
+``logprob[t] = log_softmax(logits_t / temperature)[token_t]`` computed in fp32, i.e. the
+temperature-scaled policy distribution *before* top-p / top-k truncation. This is what the
+trainer recomputes from a plain forward pass (it never applies top-p/top-k), and it is also what
+SGLang returns by default (its sampler takes the log of the temperature-scaled probabilities
+before truncation). ``temperature == 0`` means greedy: like SGLang, the engine then uses
+temperature 1 and top_k 1, so the returned logprob is ``log_softmax(logits)[argmax]``.
+
+Sampling draws ``argmax(p / E)`` with ``E ~ Exp(1)`` i.i.d. per vocabulary entry, which is an
+exact sample from ``p`` and lets every row use its own ``torch.Generator`` (``sampling_seed``)
+while the unseeded rows share the engine's generator in one batched call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+TOP_K_ALL = 1 << 30  # SGLang's "whole vocabulary" default (1073741824)
+
+
+@dataclass(kw_only=True, slots=True)
+class SamplingParams:
+    """What one request asks of the sampler (already validated by ``api.parse_generate``)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = TOP_K_ALL
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    sampling_seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def effective_temperature(self) -> float:
+        return 1.0 if self.temperature == 0.0 else self.temperature
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           shared: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row. ``logits``: [B, V] (any dtype). Returns (tokens [B] long, logprobs [B] fp32)."""
+    logits = logits.float()
+    temps = torch.tensor([p.effective_temperature for p in params], dtype=torch.float32, device=logits.device)
+    scaled = logits / temps[:, None]
+    logp = torch.log_softmax(scaled, dim=-1)
+    greedy = [p.greedy for p in params]
+    tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
+    if any(greedy):
+        g = torch.tensor(greedy, device=logits.device)
+        tokens[g] = logits[g].argmax(dim=-1)
+    if not all(greedy):
+        rows = [i for i, gr in enumerate(greedy) if not gr]
+        tokens[rows] = _sample_rows(scaled[rows], [params[i] for i in rows], [generators[i] for i in rows], shared)
+    return tokens, logp.gather(1, tokens[:, None])[:, 0]
+
+
+def _sample_rows(scaled: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                 shared: torch.Generator) -> torch.Tensor:
+    scaled = _truncate(scaled, params)
+    probs = torch.softmax(scaled, dim=-1)
+    noise = torch.empty_like(probs)
+    unseeded = [i for i, g in enumerate(generators) if g is None]
+    if unseeded:
+        # Exponential noise is drawn on CPU from CPU generators so a seed means the same stream on any device.
+        noise[unseeded] = torch.empty(len(unseeded), probs.shape[1]).exponential_(generator=shared).to(probs.device)
+    for i, g in enumerate(generators):
+        if g is not None:
+            noise[i] = torch.empty(probs.shape[1]).exponential_(generator=g).to(probs.device)
+    return (probs / noise).argmax(dim=-1)
+
+
+def _truncate(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Mask logits outside each row's top-k and top-p set (the kept set always has >= 1 token)."""
+    vocab = scaled.shape[1]
+    top_k = torch.tensor([min(p.top_k, vocab) for p in params], device=scaled.device)
+    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=scaled.device)
+    if bool((top_k >= vocab).all()) and bool((top_p >= 1.0).all()):
+        return scaled
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    rank = torch.arange(vocab, device=scaled.device)[None, :]
+    drop = rank >= top_k[:, None]
+    sorted_probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability mass strictly above this token
+    drop |= mass_before > top_p[:, None]
+    drop[:, 0] = False
+    mask = torch.zeros_like(drop).scatter(1, order, drop)
+    return scaled.masked_fill(mask, float("-inf"))

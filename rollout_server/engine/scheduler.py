@@ -1,0 +1,339 @@
+"""Continuous-batching scheduler: one thread that owns the model, the slot KV cache and all requests.
+
+Each loop iteration (``_loop``) is: run queued commands (submits, aborts, weight loads, pauses) ->
+admit waiting requests into free slots and prefill them as one right-padded batch -> one decode
+step over every running request -> retire finished requests (their slot is refilled by moving
+the last running row into it). Requests therefore join and leave the batch at every step.
+
+Invariants:
+- Only the scheduler thread touches the model, the KV cache and the request lists; other threads
+  talk to it through ``submit`` / ``abort`` / ``hold`` / ``release`` / ``call`` (a command inbox).
+- Commands run between two forward passes, so a weight load (``call``) never lands inside one:
+  every forward pass sees exactly one weight version, and every output token records the version
+  that produced it (``Request.output_versions``).
+- No KV outlives its request (no prefix cache), so nothing computed under old weights is reused.
+- Every request that entered the scheduler gets exactly one ``on_finish`` callback, also when the
+  loop dies (then with an abort carrying status 500).
+Logprob convention: see ``sampling.py`` (temperature-scaled, before top-p/top-k, fp32).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from rollout_server.engine.kv import SlotKV
+from rollout_server.engine.sampling import SamplingParams, sample
+
+log = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 0.05  # idle loop wake-up; bounds command latency when nothing runs
+MAX_PREFILL_TOKENS = 8192  # padded tokens in one prefill batch (bounds activation memory)
+
+
+@dataclass(eq=False, kw_only=True)
+class Request:
+    """One sequence to generate. ``output_*`` grow by one entry per sampled token."""
+
+    rid: str
+    input_ids: list[int]
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    on_finish: Callable[[Request], None]
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    output_versions: list[str] = field(default_factory=list)
+    finish_reason: dict | None = None
+    created: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    generator: torch.Generator | None = None
+    cached: int = 0  # positions of this request whose KV sits in its slot
+
+    def __post_init__(self):
+        if self.params.sampling_seed is not None and self.generator is None:
+            self.generator = torch.Generator().manual_seed(self.params.sampling_seed)
+
+
+class Scheduler:
+    def __init__(self, model, *, max_running: int, max_total_tokens: int, context_len: int,
+                 eos_ids: frozenset[int], weight_version: str, metrics=None, seed: int = 0):
+        cfg = model.config
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.max_running, self.max_total_tokens, self.context_len = max_running, max_total_tokens, context_len
+        self.eos_ids = eos_ids
+        self.weight_version = weight_version
+        self.metrics = metrics
+        self.shared_gen = torch.Generator().manual_seed(seed)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.kv = SlotKV(cfg.num_hidden_layers, max_running, cfg.num_key_value_heads, head_dim, context_len,
+                         self.dtype, self.device)
+        self.layer_types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+        if self.layer_types != {"full_attention"}:
+            raise NotImplementedError(f"layer types {sorted(self.layer_types)}: the embedded engine builds "
+                                      "full-attention masks only (no sliding-window layers)")
+        self.running: list[Request] = []  # running[i] lives in KV slot i
+        self.waiting: deque[Request] = deque()
+        self.held = False  # pause in_place / retract: no forward passes until release()
+        self.failure: BaseException | None = None
+        self.heartbeat = time.monotonic()
+        self.steps = 0
+        self._inbox: list[Callable[[], None]] = []
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop_guarded, name="engine-scheduler", daemon=True)
+
+    # ---- thread-safe API
+    def start(self) -> Scheduler:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=timeout_s)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.failure is None
+
+    def submit(self, req: Request) -> None:
+        self._post(lambda: self._enqueue(req))
+
+    def abort(self, rid: str = "", *, abort_all: bool = False, message: str = "Aborted") -> None:
+        self._post(lambda: self._abort(rid, abort_all, message))
+
+    def hold(self, retract: bool = False) -> Future:
+        """Stop stepping (pause in_place), optionally moving running requests back to the queue."""
+        return self.call(lambda s: s._hold(retract))
+
+    def release(self) -> Future:
+        return self.call(lambda s: setattr(s, "held", False))
+
+    def call(self, fn: Callable[[Scheduler], object]) -> Future:
+        """Run ``fn(self)`` on the scheduler thread between two steps; the Future holds its result."""
+        fut: Future = Future()
+
+        def run():
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(self))
+                except BaseException as e:  # handed to the caller, the loop goes on
+                    fut.set_exception(e)
+        self._post(run)
+        return fut
+
+    def load(self) -> dict:
+        running = list(self.running)
+        used = sum(r.cached for r in running)
+        return {"num_running_reqs": len(running), "num_waiting_reqs": len(self.waiting),
+                "num_used_tokens": used, "token_usage": used / self.max_total_tokens}
+
+    def _post(self, cmd: Callable[[], None]) -> None:
+        with self._cv:
+            if self._stopping or self.failure is not None:
+                raise RuntimeError(f"engine scheduler is not running ({self.failure!r})")
+            self._inbox.append(cmd)
+            self._cv.notify_all()
+
+    # ---- the loop (scheduler thread only below this line)
+    def _loop_guarded(self) -> None:
+        try:
+            with torch.inference_mode():
+                self._loop()
+        except BaseException as e:
+            log.exception("engine scheduler died")
+            with self._cv:
+                self.failure = e
+                inbox, self._inbox = self._inbox, []
+            for cmd in inbox:  # answer pending callers instead of leaving them hanging
+                try:
+                    cmd()
+                except BaseException:
+                    pass
+            for r in [*self.running, *self.waiting]:
+                self._finish(r, {"type": "abort", "message": f"engine failure: {e!r}", "status_code": 500,
+                                 "err_type": "InternalServerError"})
+            self.running, self.waiting = [], deque()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                if not self._inbox and (self.held or not (self.running or self.waiting)) and not self._stopping:
+                    self._cv.wait(timeout=IDLE_WAIT_S)
+                if self._stopping:
+                    break
+                inbox, self._inbox = self._inbox, []
+            for cmd in inbox:
+                cmd()
+            self.heartbeat = time.monotonic()
+            if self.held:
+                continue
+            new = self._admit()
+            if new:
+                self._prefill(new)
+            if self.running:
+                self._decode()
+            self._report()
+        for r in [*self.running, *self.waiting]:
+            self._finish(r, {"type": "abort", "message": "engine shutting down", "status_code": 503,
+                             "err_type": "ServiceUnavailable"})
+
+    def _enqueue(self, req: Request) -> None:
+        if self.metrics:
+            self.metrics.on_submit(req)
+        if req.params.max_new_tokens == 0:
+            self._finish(req, {"type": "length", "length": 0})
+        else:
+            self.waiting.append(req)
+
+    def _admit(self) -> list[Request]:
+        new: list[Request] = []
+        reserved = sum(self._reserve(r) for r in self.running)
+        longest = 0
+        while self.waiting and len(self.running) + len(new) < self.max_running:
+            r = self.waiting[0]
+            need = self._reserve(r)
+            longest = max(longest, len(r.input_ids) + len(r.output_ids))
+            busy = self.running or new
+            if busy and (reserved + need > self.max_total_tokens or longest * (len(new) + 1) > MAX_PREFILL_TOKENS):
+                break
+            new.append(self.waiting.popleft())
+            reserved += need
+        return new
+
+    def _reserve(self, r: Request) -> int:
+        return min(self.context_len, len(r.input_ids) + r.params.max_new_tokens)
+
+    def _masks(self, allowed: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Additive 4D masks [B, 1, Q, K] per layer type from a boolean ``allowed`` [B, Q, K]."""
+        neg = torch.finfo(self.dtype).min
+        full = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill(~allowed, neg)[:, None]
+        return {"full_attention": full}
+
+    def _prefill(self, new: list[Request]) -> None:
+        B, k = len(self.running), len(new)
+        seqs = [r.input_ids + r.output_ids for r in new]  # a retracted request re-prefills its outputs
+        lens = torch.tensor([len(s) for s in seqs], device=self.device)
+        L = int(lens.max())
+        ids = torch.zeros(k, L, dtype=torch.long, device=self.device)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        pos = torch.arange(L, device=self.device)
+        allowed = (pos[None, None, :] <= pos[None, :, None]) & (pos[None, None, :] < lens[:, None, None])
+        self.kv.ensure(L + 1)
+        self.kv.set_prefill(slice(B, B + k), L)
+        out = self.model(input_ids=ids, attention_mask=self._masks(allowed), position_ids=pos[None].expand(k, L),
+                         past_key_values=self.kv, use_cache=True, logits_to_keep=(lens - 1)[:, None])
+        for r, n in zip(new, lens.tolist()):
+            r.cached = n
+        self.running.extend(new)
+        self._sample_and_retire(out.logits[:, -1], list(range(B, B + k)))
+
+    def _decode(self) -> None:
+        B = len(self.running)
+        start = torch.tensor([r.cached for r in self.running], device=self.device)
+        kv_len = int(start.max()) + 1
+        self.kv.ensure(kv_len)
+        keys = torch.arange(kv_len, device=self.device)
+        allowed = (keys[None, None, :] <= start[:, None, None])
+        self.kv.set_decode(slice(0, B), start, kv_len)
+        last = torch.tensor([r.output_ids[-1] for r in self.running], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=last[:, None], attention_mask=self._masks(allowed), position_ids=start[:, None],
+                         past_key_values=self.kv, use_cache=True, logits_to_keep=1)
+        for r in self.running:
+            r.cached += 1
+        self.steps += 1
+        self._sample_and_retire(out.logits[:, -1], list(range(B)))
+
+    def _sample_and_retire(self, logits: torch.Tensor, slots: list[int]) -> None:
+        reqs = [self.running[s] for s in slots]
+        tokens, logps = sample(logits, [r.params for r in reqs], [r.generator for r in reqs], self.shared_gen)
+        now = time.monotonic()
+        done: list[tuple[int, dict]] = []
+        for slot, r, tok, lp in zip(slots, reqs, tokens.tolist(), logps.tolist()):
+            r.output_ids.append(tok)
+            r.output_logprobs.append(lp)
+            r.output_versions.append(self.weight_version)
+            if r.first_token_at is None:
+                r.first_token_at = now
+            reason = self._finish_reason(r, tok)
+            if reason is not None:
+                done.append((slot, reason))
+        self._retire(done)
+        if self.metrics:
+            self.metrics.on_tokens(len(reqs))
+
+    def _finish_reason(self, r: Request, tok: int) -> dict | None:
+        if tok in r.stop_ids:
+            return {"type": "stop", "matched": tok}
+        if len(r.output_ids) >= r.params.max_new_tokens:
+            return {"type": "length", "length": r.params.max_new_tokens}
+        if len(r.input_ids) + len(r.output_ids) >= self.context_len:
+            return {"type": "length", "length": len(r.output_ids)}
+        return None
+
+    def _retire(self, done: list[tuple[int, dict]]) -> None:
+        """Remove finished slots (highest first), refilling each hole with the last running row."""
+        for slot, reason in sorted(done, key=lambda x: -x[0]):
+            r = self.running[slot]
+            last = len(self.running) - 1
+            if slot != last:
+                moved = self.running[last]
+                self.kv.move(last, slot, moved.cached)
+                self.running[slot] = moved
+            self.running.pop()
+            self._finish(r, reason)
+
+    def _finish(self, r: Request, reason: dict) -> None:
+        r.finish_reason = reason
+        r.finished_at = time.monotonic()
+        r.cached = 0
+        if self.metrics:
+            self.metrics.on_finish(r)
+        try:
+            r.on_finish(r)
+        except Exception:  # a broken callback must not take the scheduler down with it
+            log.exception("on_finish callback of %s failed", r.rid)
+
+    def _abort(self, rid: str, abort_all: bool, message: str) -> None:
+        reason = {"type": "abort", "message": message, "status_code": None, "err_type": None}
+        keep: deque[Request] = deque()
+        for r in self.waiting:
+            if abort_all or r.rid == rid:
+                self._finish(r, {**reason, "message": "Abort in waiting queue" if not abort_all else message})
+            else:
+                keep.append(r)
+        self.waiting = keep
+        self._retire([(i, reason) for i, r in enumerate(self.running) if abort_all or r.rid == rid])
+
+    def _hold(self, retract: bool) -> int:
+        self.held = True
+        if retract:  # drop the KV; the requests re-prefill prompt + outputs after release()
+            for r in reversed(self.running):
+                r.cached = 0
+                self.waiting.appendleft(r)
+            self.running = []
+        return len(self.running) + len(self.waiting)
+
+    def flush(self) -> bool:
+        """Release KV memory; refused (False) while requests run or wait, as in SGLang."""
+        if self.running or self.waiting:
+            return False
+        self.kv.flush()
+        return True
+
+    def _report(self) -> None:
+        if self.metrics:
+            self.metrics.on_step(self.load())
