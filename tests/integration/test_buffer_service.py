@@ -1,0 +1,237 @@
+"""BufferService over real ZMQ sockets on loopback (the service runs in a thread of this process).
+
+A fake rollout server and a fake trainer are plain ``Client``s speaking the protocol.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from contextlib import contextmanager
+
+import msgpack
+import numpy as np
+import zmq
+
+from areal_like import protocol as P
+from areal_like.config import BufferConfig, RunConfig, TaskConfig
+from areal_like.distributed import free_port
+from areal_like.metrics import scrape
+from areal_like.transport import Client, Subscriber
+from buffer.service import BufferService
+
+TIMEOUT_S = 30.0  # generous: the machine is shared and loaded
+
+
+def make_cfg(run_dir, num_prompts=1000, **buffer_kw) -> RunConfig:
+    buf = BufferConfig(address=f"tcp://127.0.0.1:{free_port()}", pub_address=f"tcp://127.0.0.1:{free_port()}",
+                       **{"max_staleness": 1, "groups_per_step": 2, "lease_timeout_s": 60.0, **buffer_kw})
+    return RunConfig(run_dir=str(run_dir), buffer=buf, task=TaskConfig(num_prompts=num_prompts))
+
+
+@contextmanager
+def running(cfg: RunConfig):
+    svc = BufferService(cfg)
+    thread = threading.Thread(target=svc.serve, kwargs={"install_signals": False}, daemon=True)
+    thread.start()
+    client = Client(cfg.buffer.address, timeout_s=TIMEOUT_S)
+    try:
+        client.request(P.StatsRequest())  # ready
+        yield svc, client
+    finally:
+        client.close()
+        svc.request_stop()
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+
+
+def make_group(credit: P.Credit, server_id="s0", version=0, rewards=(0.0, 1.0), tokens=4) -> P.TrajectoryGroup:
+    trajs = [P.Trajectory(prompt_ids=P.as_i32([7, 8]), output_ids=P.as_i32(np.arange(tokens)),
+                          behav_logp=P.as_f32(np.full(tokens, -1.0)), versions=P.as_i32(np.full(tokens, version)),
+                          reward=float(r), finish_reason="stop") for r in rewards]
+    return P.TrajectoryGroup(group_id=f"{server_id}-{credit.lease_id}", server_id=server_id, lease_id=credit.lease_id,
+                             prompt_index=credit.prompt_index, epoch=credit.epoch, trajectories=trajs)
+
+
+def register(client, server_id="s0", version=0) -> None:
+    ack = client.request(P.Register(server_id=server_id, engine_url="http://127.0.0.1:1", policy_version=version))
+    assert isinstance(ack, P.RegisterAck)
+
+
+def stats(client) -> dict:
+    return client.request(P.StatsRequest()).values
+
+
+def test_credits_groups_dedupe_and_batches(tmp_path):
+    cfg = make_cfg(tmp_path)
+    with running(cfg) as (svc, c):
+        assert c.request(P.CreditRequest(server_id="s0", max_credits=2)).reason == "unknown_server"
+        register(c)
+        credits = c.request(P.CreditRequest(server_id="s0", max_credits=10))
+        # eta = 1, B = 2, v = 0: (1 + 0 + 1) * 2 = 4 credits, then admission stops
+        assert [x.prompt_index for x in credits.credits] == [0, 1, 2, 3] and credits.reason == "staleness"
+        groups = [make_group(x) for x in credits.credits]
+        for g in groups:
+            assert c.request(g).status == "accepted"
+        assert c.request(groups[0]).status == "duplicate"
+        batch = c.request(P.BatchRequest(n_groups=2, trainer_version=0, wait_s=5))
+        assert [g.group_id for g in batch.groups] == ["s0-L0", "s0-L1"]  # oldest first, then arrival
+        np.testing.assert_array_equal(batch.groups[0].trajectories[1].output_ids, np.arange(4))
+        assert c.request(groups[0]).status == "duplicate"  # consumed, still remembered
+        sub = Subscriber(cfg.buffer.pub_address)
+        try:
+            time.sleep(0.3)  # slow joiner: let the subscription reach the publisher
+            assert c.request(P.VersionUpdate(policy_version=1)).status == "ok"
+            announced = sub.recv(TIMEOUT_S)
+            assert isinstance(announced, P.VersionUpdate) and announced.policy_version == 1
+        finally:
+            sub.close()
+        more = c.request(P.CreditRequest(server_id="s0", max_credits=10))
+        assert [x.prompt_index for x in more.credits] == [4, 5]  # (1+1+1)*2 = 6 started
+        s = stats(c)
+        assert (s["groups_accepted"], s["groups_duplicate"], s["groups_consumed"], s["stored"]) == (4, 2, 2, 2)
+        assert s["policy_version"] == 1 and s["in_flight"] == 2 and s["credits_granted"] == 6
+        text = scrape(f"http://127.0.0.1:{svc.metrics_server.port}/metrics")
+        assert text['areal_buffer_groups{state="stored"}'] == 2
+        assert text["areal_buffer_staleness_count"] == 2 and text["areal_buffer_trainer_version"] == 1
+        assert text["areal_buffer_credits_granted_total"] == 6
+        assert any(k.startswith("areal_buffer_fsync_seconds_count") for k in text)
+
+
+def test_bad_input_is_rejected_with_a_reason_and_the_daemon_keeps_serving(tmp_path):
+    cfg = make_cfg(tmp_path)
+    with running(cfg) as (svc, c):
+        register(c)
+        credits = c.request(P.CreditRequest(server_id="s0", max_credits=3)).credits
+        ack = c.request(make_group(credits[0], version=5))  # nobody published version 5
+        assert ack.status == "rejected" and ack.reason.startswith("future_version")
+        fake = P.Credit(lease_id="L99", prompt_index=0, epoch=0, deadline_s=1.0)
+        ack = c.request(make_group(fake))
+        assert ack.status == "rejected" and ack.reason.startswith("unknown_lease")
+        wrong = P.Credit(lease_id=credits[1].lease_id, prompt_index=42, epoch=0, deadline_s=1.0)
+        assert c.request(make_group(wrong)).reason.startswith("lease_mismatch")
+        # a NaN reward cannot be encoded by a well-behaved sender: patch the frame by hand
+        wire = msgpack.unpackb(P.encode(make_group(credits[2])), raw=False)
+        wire["trajectories"][0]["reward"] = math.nan
+        raw = [msgpack.packb(wire, use_bin_type=True), msgpack.packb({"type": "stats_request", "protocol": 99}),
+               b"not msgpack at all \xc1"]
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.connect(cfg.buffer.address)
+        reasons = []
+        try:
+            for i, payload in enumerate(raw):
+                sock.send_multipart([bytes([i]), payload])
+                assert sock.poll(int(TIMEOUT_S * 1000))
+                req_id, reply = sock.recv_multipart()
+                ack = P.decode(reply)
+                assert req_id == bytes([i]) and ack.status == "rejected" and ack.reason.startswith("decode")
+                reasons.append(ack.reason)
+            assert "trajectories[0].reward" in reasons[0] and "protocol" in reasons[1] and "frame" in reasons[2]
+        finally:
+            sock.close(linger=0)
+        s = stats(c)  # still serving
+        assert s["rejected_decode"] == 3 and s["rejected_future_version"] == 1
+        assert s["rejected_unknown_lease"] == 1 and s["rejected_lease_mismatch"] == 1
+        # the future-version group's prompt goes out again; the others' leases are still valid
+        again = c.request(P.CreditRequest(server_id="s0", max_credits=1)).credits
+        assert [x.prompt_index for x in again] == [credits[0].prompt_index]
+        assert c.request(make_group(credits[2])).status == "accepted"
+
+
+def test_capacity_back_pressure(tmp_path):
+    cfg = make_cfg(tmp_path, max_staleness=100, capacity=4, groups_per_step=2)
+    with running(cfg) as (svc, c):
+        register(c)
+        first = c.request(P.CreditRequest(server_id="s0", max_credits=10))
+        assert len(first.credits) == 4 and first.reason == "capacity"  # in-flight groups hold space
+        for x in first.credits:
+            assert c.request(make_group(x)).status == "accepted"
+        none = c.request(P.CreditRequest(server_id="s0", max_credits=1))
+        assert none.credits == [] and none.reason == "capacity"  # full: no credits, nothing dropped
+        assert len(c.request(P.BatchRequest(n_groups=2, trainer_version=0)).groups) == 2
+        assert len(c.request(P.CreditRequest(server_id="s0", max_credits=10)).credits) == 2
+        assert stats(c).get("groups_dropped_stale", 0) == 0
+
+
+def test_held_batch_request_and_empty_answer_after_wait(tmp_path):
+    cfg = make_cfg(tmp_path)
+    with running(cfg) as (svc, c):
+        register(c)
+        credits = c.request(P.CreditRequest(server_id="s0", max_credits=2)).credits
+        c.request(make_group(credits[0]))
+        t0 = time.monotonic()
+        empty = c.request(P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0.3))
+        assert empty.groups == [] and "1 of 2 fresh" in empty.reason and time.monotonic() - t0 >= 0.3
+        trainer = Client(cfg.buffer.address, timeout_s=TIMEOUT_S)
+        got = {}
+        t = threading.Thread(target=lambda: got.setdefault("b", trainer.request(
+            P.BatchRequest(n_groups=2, trainer_version=0, wait_s=TIMEOUT_S))))
+        t.start()
+        time.sleep(0.3)  # the request is held while the second group is produced
+        c.request(make_group(credits[1]))
+        t.join(TIMEOUT_S)
+        trainer.close()
+        assert len(got["b"].groups) == 2
+
+
+def test_stale_groups_are_dropped_and_their_prompts_reissued(tmp_path):
+    cfg = make_cfg(tmp_path, max_staleness=0, groups_per_step=2, stale_policy="reissue")
+    with running(cfg) as (svc, c):
+        register(c)
+        credits = c.request(P.CreditRequest(server_id="s0", max_credits=4)).credits
+        assert len(credits) == 2  # eta = 0: one step's worth
+        c.request(make_group(credits[0]))
+        c.request(P.VersionUpdate(policy_version=1))  # the trainer moved on without it
+        s = stats(c)
+        assert s["groups_dropped_stale"] == 1 and s["stored"] == 0 and s["reissue_queue"] == 1
+        assert c.request(make_group(credits[1], version=0)).status == "accepted"  # valid lease, stale content
+        assert c.request(P.BatchRequest(n_groups=1, trainer_version=1, wait_s=0.1)).groups == []
+        assert stats(c)["groups_dropped_stale"] == 2
+        c.request(P.Heartbeat(server_id="s0", policy_version=1))
+        again = c.request(P.CreditRequest(server_id="s0", max_credits=4)).credits
+        # (0+1+1)*2 = 4 limit, 2 started - 2 dropped = 0 -> 4 credits: the 2 re-issued prompts first
+        assert [x.prompt_index for x in again] == [0, 1, 2, 3]
+
+
+def test_engine_behind_the_bound_gets_no_credits(tmp_path):
+    cfg = make_cfg(tmp_path, max_staleness=1)
+    with running(cfg) as (svc, c):
+        register(c, version=0)
+        c.request(P.VersionUpdate(policy_version=2))
+        assert c.request(P.CreditRequest(server_id="s0", max_credits=1)).reason == "stale_engine"
+        c.request(P.Heartbeat(server_id="s0", policy_version=1))  # 2 - 1 <= eta
+        assert len(c.request(P.CreditRequest(server_id="s0", max_credits=1)).credits) == 1
+
+
+def test_weight_sync_flow_and_roster_liveness(tmp_path):
+    cfg = make_cfg(tmp_path, heartbeat_timeout_s=1.0)
+    with running(cfg) as (svc, c):
+        register(c, "a")
+        register(c, "b")
+        roster = c.request(P.RosterRequest())
+        assert sorted(m.server_id for m in roster.members) == ["a", "b"]
+        plan = P.WeightSyncPlan(policy_version=1, group_name="w", master_addr="127.0.0.1", master_port=1234,
+                                world_size=3, backend="gloo", reform=True,
+                                members=[P.SyncMember(server_id="a", rank_offset=1),
+                                         P.SyncMember(server_id="b", rank_offset=2)],
+                                buckets=[P.BucketSpec(names=["w"], dtypes=["float32"], shapes=[[2, 2]])], deadline_s=60)
+        assert c.request(plan).status == "ok"
+        hb = c.request(P.Heartbeat(server_id="a", policy_version=0))
+        assert hb.known and hb.pending_plan.policy_version == 1 and hb.pending_plan.members[1].rank_offset == 2
+        c.request(P.SyncDone(server_id="a", policy_version=1, ok=True, pause_s=0.1))
+        c.request(P.SyncDone(server_id="b", policy_version=1, ok=False, reason="timeout"))
+        status = c.request(P.SyncStatusRequest(policy_version=1))
+        assert (status.done, status.failed) == (["a"], ["b"])
+        assert c.request(P.Heartbeat(server_id="a", policy_version=1)).pending_plan is None
+        assert c.request(P.Heartbeat(server_id="b", policy_version=0)).pending_plan is None  # reported (failed)
+        deadline = time.monotonic() + TIMEOUT_S
+        while time.monotonic() < deadline:  # "b" falls silent, "a" keeps beating
+            c.request(P.Heartbeat(server_id="a", policy_version=1))
+            if [m.server_id for m in c.request(P.RosterRequest()).members] == ["a"]:
+                break
+            time.sleep(0.2)
+        assert [m.server_id for m in c.request(P.RosterRequest()).members] == ["a"]
+        assert not c.request(P.Heartbeat(server_id="b", policy_version=1)).known
+        register(c, "b")  # comes back under the same id
+        assert sorted(m.server_id for m in c.request(P.RosterRequest()).members) == ["a", "b"]
