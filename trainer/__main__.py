@@ -1,0 +1,26 @@
+"""Entry point: ``python -m trainer --config-file P [key=value ...]`` (one process) or
+``torchrun --nproc-per-node K -m trainer --config-file P [key=value ...]`` (K FSDP2 ranks).
+
+Without ``--config-file`` the Hydra tree in ``configs/`` is composed with the overrides.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported: intra-op threads only oversubscribe
+
+from areal_like.config import load_daemon_config  # noqa: E402
+from areal_like.daemon import setup_logging  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    rank = os.environ.get("RANK", "0")
+    setup_logging(f"trainer-{rank}")
+    cfg = load_daemon_config(argv)
+    from trainer.loop import train
+
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,170 @@
+"""Batches from the buffer: rank 0 asks, every rank gets the same padded tensors.
+
+Owns the trainer's side of ``BatchRequest``/``Batch`` and the conversion of trajectory groups to
+tensors (``TrainBatch``). Deliberately ignores staleness policy: the buffer enforces the bound;
+the trainer only measures and reports the staleness of what it consumed.
+
+Invariants:
+- Every rank leaves ``next_batch`` with the same outcome (a batch, a stop, or the same error), so
+  the ranks never disagree about whether a step happens. Rank 0 broadcasts one status per attempt
+  on the default group; each attempt is bounded by ``wait_s`` + a reply margin, far below the
+  process-group timeout, so the other ranks never time out while rank 0 waits for data.
+- An empty batch (not enough fresh groups yet) is retried forever; a buffer that does not answer
+  at all for ``buffer_timeout_s`` is an error (``BufferUnavailable``), not a wait.
+- Layout (right padding, pad id 0): ``input_ids[i] = prompt_i + output_i``; output-aligned arrays
+  ``[N, T]`` hold entry t of output token t. Output token t sits at input position ``P_i + t`` and
+  is predicted by the logits at position ``P_i - 1 + t``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from areal_like.protocol import Batch, BatchRequest, TrajectoryGroup
+from areal_like.transport import Client, TransportTimeout
+
+log = logging.getLogger("trainer.data")
+
+REPLY_MARGIN_S = 5.0  # on top of wait_s: the buffer answers within wait_s; the margin covers a loaded machine
+PAD_ID = 0
+
+
+class BufferUnavailable(RuntimeError):
+    """The buffer has not answered for longer than ``trainer.buffer_timeout_s``."""
+
+
+@dataclass
+class TrainBatch:
+    input_ids: torch.Tensor  # [N, S] int64, prompt + output, right-padded with PAD_ID
+    prompt_lens: torch.Tensor  # [N] int64, >= 1
+    output_lens: torch.Tensor  # [N] int64
+    behav_logp: torch.Tensor  # [N, T] float32, engine logprobs of output tokens (0 on padding)
+    versions: torch.Tensor  # [N, T] int64, policy_version that produced each output token
+    mask: torch.Tensor  # [N, T] float32, 1 on output tokens
+    rewards: torch.Tensor  # [N] float32
+    group_ids: torch.Tensor  # [N] int64, index of the sequence's group in this batch
+    head_versions: torch.Tensor  # [G] int64, min token version per group
+
+    @property
+    def n_seqs(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.mask.sum())
+
+    def select(self, idx: torch.Tensor | list[int]) -> TrainBatch:
+        """Rows ``idx`` (per-sequence fields), trimmed to the longest selected sequence."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        s = int((self.prompt_lens[idx] + self.output_lens[idx]).max()) if len(idx) else 1
+        t = max(1, int(self.output_lens[idx].max())) if len(idx) else 1
+        kw = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "head_versions":
+                kw[f.name] = v
+            elif f.name == "input_ids":
+                kw[f.name] = v[idx, :s]
+            elif v.dim() == 2:
+                kw[f.name] = v[idx, :t]
+            else:
+                kw[f.name] = v[idx]
+        return TrainBatch(**kw)
+
+    def to(self, device: torch.device) -> TrainBatch:
+        return TrainBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def groups_to_batch(groups: list[TrajectoryGroup]) -> TrainBatch:
+    """Pad a list of groups into one ``TrainBatch`` (see the module docstring for the layout)."""
+    trajs = [(gi, t) for gi, g in enumerate(groups) for t in g.trajectories]
+    n = len(trajs)
+    p_lens = np.array([len(t.prompt_ids) for _, t in trajs], dtype=np.int64)
+    o_lens = np.array([len(t.output_ids) for _, t in trajs], dtype=np.int64)
+    if n == 0 or p_lens.min() < 1:
+        raise ValueError("every trajectory needs a non-empty prompt (its first output token is predicted from it)")
+    s, t_max = int((p_lens + o_lens).max()), max(1, int(o_lens.max()))
+    input_ids = np.full((n, s), PAD_ID, dtype=np.int64)
+    behav = np.zeros((n, t_max), dtype=np.float32)
+    versions = np.zeros((n, t_max), dtype=np.int64)
+    mask = np.zeros((n, t_max), dtype=np.float32)
+    for i, (_, t) in enumerate(trajs):
+        p, o = p_lens[i], o_lens[i]
+        input_ids[i, :p] = t.prompt_ids
+        input_ids[i, p:p + o] = t.output_ids
+        behav[i, :o] = t.behav_logp
+        versions[i, :o] = t.versions
+        mask[i, :o] = 1.0
+    return TrainBatch(
+        input_ids=torch.from_numpy(input_ids), prompt_lens=torch.from_numpy(p_lens),
+        output_lens=torch.from_numpy(o_lens), behav_logp=torch.from_numpy(behav),
+        versions=torch.from_numpy(versions), mask=torch.from_numpy(mask),
+        rewards=torch.tensor([t.reward for _, t in trajs], dtype=torch.float32),
+        group_ids=torch.tensor([gi for gi, _ in trajs], dtype=torch.long),
+        head_versions=torch.tensor([g.head_version for g in groups], dtype=torch.long),
+    )
+
+
+class BatchSource:
+    """``next_batch(version)`` on every rank; only rank 0 holds a buffer connection."""
+
+    def __init__(self, address: str, n_groups: int, *, wait_s: float, buffer_timeout_s: float, rank: int,
+                 should_stop: Callable[[], bool] = lambda: False):
+        self.n_groups = n_groups
+        self.wait_s = wait_s
+        self.buffer_timeout_s = buffer_timeout_s
+        self.rank = rank
+        self.should_stop = should_stop
+        self.client = Client(address, timeout_s=wait_s + REPLY_MARGIN_S, identity="trainer") if rank == 0 else None
+        self.empty_polls = 0  # metric: answers with no batch (waiting for data)
+
+    def _attempt(self, version: int, last_reply: list[float]) -> tuple[str, object]:
+        """Rank 0: one request. Returns (status, payload)."""
+        if self.should_stop():
+            return "stop", None
+        try:
+            reply = self.client.request(BatchRequest(n_groups=self.n_groups, trainer_version=version,
+                                                     wait_s=self.wait_s))
+        except TransportTimeout:
+            silent = time.monotonic() - last_reply[0]
+            if silent > self.buffer_timeout_s:
+                return "error", (f"the buffer at {self.client.address} has not answered for {silent:.0f}s "
+                                 f"(trainer.buffer_timeout_s={self.buffer_timeout_s:g}); is it running?")
+            return "empty", "timeout"
+        last_reply[0] = time.monotonic()
+        if not isinstance(reply, Batch):
+            return "error", f"the buffer answered a BatchRequest with {reply.TYPE}"
+        if not reply.groups:
+            return "empty", reply.reason
+        return "batch", groups_to_batch(reply.groups)
+
+    def next_batch(self, version: int) -> TrainBatch | None:
+        """The next batch for step ``version -> version + 1``, or None when a stop was requested."""
+        last_reply = [time.monotonic()]
+        while True:
+            obj = [self._attempt(version, last_reply) if self.rank == 0 else None]
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.broadcast_object_list(obj, src=0)
+            status, payload = obj[0]
+            if status == "batch":
+                return payload
+            if status == "stop":
+                return None
+            if status == "error":
+                raise BufferUnavailable(payload)
+            self.empty_polls += 1
+            if self.rank == 0 and self.empty_polls % 10 == 0:
+                log.info("waiting for data for version %d (%s)", version, payload)
+            if payload == "timeout":
+                time.sleep(0.1)  # the client already waited its timeout; avoid a hot loop on fast errors
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()

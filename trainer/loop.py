@@ -1,0 +1,166 @@
+"""The trainer daemon: ``train(cfg)`` and the one-screen loop ``Trainer.run`` (DESIGN section 5).
+
+Run on 1 process: ``python -m trainer --config-file run/config.yaml``; on K processes:
+``torchrun --nproc-per-node K -m trainer --config-file run/config.yaml``. Rank 0 talks to the
+buffer, serves ``/metrics`` and ``/health`` and writes ``<run_dir>/metrics/trainer.jsonl``.
+
+Each phase runs in a named timing scope whose name is also its metric label
+(``trainer/phase_seconds{phase="fetch_batch"}``): fetch_batch (time waiting for data),
+recompute_prox, advantages, train_step, weight_sync, checkpoint, metrics.
+
+Invariants:
+- Order at a version boundary: optimizer step(s) -> v += 1 -> weights broadcast -> version
+  announced (inside ``push``) -> next batch. The initial (or resumed) weights are pushed and their
+  version announced before the first batch is requested.
+- Rank 0 decides when to stop (SIGTERM, or the buffer's end of data) and the decision reaches the
+  other ranks through the batch broadcast, so the ranks never diverge. A graceful stop saves a
+  checkpoint; a kill -9 loses at most the steps since the last periodic checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from areal_like.config import RunConfig
+from areal_like.daemon import Daemon
+from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, state_checksums
+from trainer.data import BatchSource, TrainBatch
+from trainer.model import init_distributed, build_policy
+from trainer.step import StepSettings, compute_batch_advantages, recompute_prox_logp, train_step
+from trainer.weight_sync import SyncReport, WeightBroadcaster
+
+
+def train(cfg: RunConfig) -> int:
+    """Run the trainer to completion (cfg.trainer.steps policy versions); returns the exit code."""
+    return Trainer(cfg).serve()
+
+
+class Trainer(Daemon):
+    name = "trainer"
+
+    def __init__(self, cfg: RunConfig):
+        self.rank = int(os.environ.get("RANK", "0"))
+        super().__init__(metrics_port=cfg.trainer.metrics_port if self.rank == 0 else None)
+        self.cfg = cfg
+        self.version = 0
+        self.phase_times: dict[str, float] = {}
+        self.ckpt_root = cfg.resolve_path(cfg.trainer.checkpoint_dir)
+        self.jsonl = Path(cfg.run_dir) / "metrics" / "trainer.jsonl"
+
+    def start(self) -> None:
+        torch.set_num_threads(1)
+        torch.manual_seed(self.cfg.seed)
+        t = self.cfg.trainer
+        self.rank, self.world_size = init_distributed(t)
+        self.policy = build_policy(self.cfg.model, t)
+        self.settings = StepSettings.from_config(self.cfg)
+        self.data = BatchSource(t.buffer_address, t.groups_per_step, wait_s=t.batch_wait_s,
+                                buffer_timeout_s=t.buffer_timeout_s, rank=self.rank,
+                                should_stop=self.stop_requested.is_set)
+        self.broadcaster = WeightBroadcaster(t.weight_sync, buffer_address=t.buffer_address, rank=self.rank,
+                                             device=self.policy.device, send_dtype=self.cfg.model.dtype)
+        ckpt = latest_checkpoint(self.ckpt_root) if t.resume else None
+        if ckpt is not None:
+            self.version, meta = load_checkpoint(ckpt, self.policy)
+            self.record({"event": "resume", "policy_version": self.version, "checkpoint": str(ckpt),
+                         "saved_checksums": meta["checksums"], "checksums": state_checksums(self.policy)})
+
+    def run(self) -> None:
+        """fetch batch -> recompute prox -> advantages -> train step -> v += 1 -> push -> checkpoint -> metrics."""
+        t, model = self.cfg.trainer, self.policy.model
+        with self.phase("weight_sync"):
+            sync = self.broadcaster.push(model, self.version)
+        self.log.info("serving policy_version %d to %s", self.version, sync.done or "no engines yet")
+        while self.version < t.steps:
+            t_step = time.monotonic()
+            with self.phase("fetch_batch"):
+                batch = self.data.next_batch(self.version)
+            if batch is None:
+                break
+            with self.phase("recompute_prox"):
+                prox_logp = recompute_prox_logp(self.policy, batch, self.settings)
+            with self.phase("advantages"):
+                advantages = compute_batch_advantages(batch, self.settings)
+            with self.phase("train_step"):
+                stats = train_step(self.policy, batch, self.settings, prox_logp, advantages)
+            self.version += 1
+            with self.phase("weight_sync"):
+                sync = self.broadcaster.push(model, self.version)
+            if self.version % t.checkpoint_every == 0:
+                with self.phase("checkpoint"):
+                    save_checkpoint(self.ckpt_root, self.policy, self.version)
+            with self.phase("metrics"):
+                self.report(batch, stats, sync, time.monotonic() - t_step)
+        if not list(self.ckpt_root.glob(f"v{self.version:08d}")):
+            save_checkpoint(self.ckpt_root, self.policy, self.version)  # graceful end or stop
+        self.log.info("done at policy_version %d", self.version)
+
+    def stop(self) -> None:
+        for part in ("data", "broadcaster"):
+            if hasattr(self, part):
+                getattr(self, part).close()
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ------------------------------------------------------------------ timing and metrics
+    @contextmanager
+    def phase(self, name: str):
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            dt = time.monotonic() - t0
+            self.phase_times[name] = dt
+            self.metrics.gauge("trainer/phase_seconds", "seconds of the last run of each phase",
+                               ("phase",)).labels(phase=name).set(dt)
+
+    def report(self, batch: TrainBatch, stats: dict[str, float], sync: SyncReport, step_s: float) -> None:
+        if self.rank != 0:
+            return
+        staleness = (self.version - 1) - batch.head_versions
+        row = {
+            "step": self.version, "policy_version": self.version, "loss": stats.get("loss"),
+            "reward_mean": float(batch.rewards.mean()), "staleness_mean": float(staleness.float().mean()),
+            "staleness_max": int(staleness.max()), "tokens": batch.n_tokens, "seqs": batch.n_seqs,
+            "tokens_per_s": batch.n_tokens / max(step_s, 1e-9), "step_seconds": step_s,
+            "phase_seconds": dict(self.phase_times), "data_wait_seconds": self.phase_times.get("fetch_batch", 0.0),
+            "weight_sync": {"seconds": sync.seconds, "bytes": sync.bytes, "transfer_s": sync.transfer_s,
+                            "done": sync.done, "dropped": sync.dropped, "pause_s": sync.pause_s,
+                            "error": sync.error},
+            "stats": stats,
+        }
+        self.record(row)
+        m = self.metrics
+        for key in ("loss", "reward_mean", "staleness_mean", "staleness_max", "tokens_per_s", "step_seconds",
+                    "data_wait_seconds"):
+            m.gauge(f"trainer/{key}").set(float(row[key]))
+        for key, value in stats.items():
+            m.gauge(f"trainer/stat/{key}", f"kernel/step stat {key}").set(value)
+        m.gauge("trainer/policy_version").set(self.version)
+        m.gauge("trainer/mismatch_kl").set(stats.get("mismatch_kl", 0.0))
+        m.gauge("trainer/grad_norm").set(stats.get("grad_norm", 0.0))
+        m.counter("trainer/tokens").inc(batch.n_tokens)
+        m.gauge("trainer/weight_sync_seconds").set(sync.seconds)
+        m.counter("trainer/weight_sync_bytes").inc(sync.bytes)
+        m.counter("trainer/weight_sync_dropped").inc(len(sync.dropped))
+        if sync.pause_s:
+            m.gauge("trainer/weight_sync_pause_max_seconds").set(max(sync.pause_s.values()))
+        self.log.info("v%d loss=%.4f reward=%.3f staleness=%.2f grad_norm=%.3f step=%.2fs sync=%.2fs",
+                      self.version, row["loss"] or 0.0, row["reward_mean"], row["staleness_mean"],
+                      stats.get("grad_norm", 0.0), step_s, sync.seconds)
+
+    def record(self, row: dict) -> None:
+        """Append one JSON line to ``<run_dir>/metrics/trainer.jsonl`` (rank 0)."""
+        if self.rank != 0:
+            return
+        self.jsonl.parent.mkdir(parents=True, exist_ok=True)
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps({"time": time.time(), **row}) + "\n")

@@ -1,0 +1,137 @@
+"""The trainable policy: process group, FSDP2-sharded model, AdamW, LR schedule, gradient clipping.
+
+Owns: the default process group of the trainer world (``init_distributed``) and the ``Policy``
+bundle (model, optimizer, scheduler). Master weights are always fp32; on CUDA with
+``model.dtype=bfloat16`` the forward/backward runs in bf16 through FSDP2's
+``MixedPrecisionPolicy`` and gradients are reduced in fp32.
+
+Invariants:
+- FSDP2 only (``fully_shard`` per decoder block, then the root). FSDP1 does not run on CPU
+  (specs/cpu_notes.md 3a). A single process (plain ``python -m trainer``) joins a world-size-1
+  gloo group so exactly the same code path (DTensor parameters, collectives) runs everywhere.
+- Parameter names are the unwrapped Hugging Face names (``fully_shard`` does not rename), so the
+  weight-sync plan names match what an engine's ``load_weights`` expects.
+- FSDP2 *averages* gradients over ranks; ``trainer/step.py`` scales the local loss by the world
+  size so the reduced gradient equals the single-process gradient of the global loss.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from areal_like.config import ModelConfig, TrainerConfig
+from areal_like.distributed import free_port
+from areal_like.hf import build_model, torch_dtype
+
+
+@dataclass
+class Policy:
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    device: torch.device
+    rank: int
+    world_size: int
+
+
+def init_distributed(trainer_cfg: TrainerConfig) -> tuple[int, int]:
+    """Join (or create) the trainer's default process group; returns (rank, world_size).
+
+    Under torchrun the env:// rendezvous is used. Without it, a world-size-1 gloo group on a free
+    loopback port. On CUDA the group has both backends (gloo for CPU objects such as the batch
+    broadcast, NCCL for tensors on the GPU).
+    """
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    timeout = timedelta(seconds=trainer_cfg.gloo_timeout_s)
+    backend = "cpu:gloo,cuda:nccl" if trainer_cfg.device.startswith("cuda") else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend, timeout=timeout)
+        if trainer_cfg.device.startswith("cuda"):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                                timeout=timeout)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def trainer_device(trainer_cfg: TrainerConfig) -> torch.device:
+    if trainer_cfg.device.startswith("cuda"):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(trainer_cfg.device)
+
+
+def apply_fsdp(model: torch.nn.Module, model_cfg: ModelConfig, device: torch.device) -> torch.nn.Module:
+    """``fully_shard`` each decoder block, then the root (embeddings, final norm, lm_head)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs = {}
+    if device.type == "cuda" and model_cfg.dtype != "float32":
+        # bf16 compute, fp32 gradient reduction: the usual recipe (torchtitan, verl).
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch_dtype(model_cfg.dtype),
+                                                   reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
+    """Multiplier on the base LR after ``step`` optimizer steps: linear warmup, then the schedule."""
+
+    def f(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+
+    return f
+
+
+def build_policy(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, adam_eps: float = 1e-8) -> Policy:
+    """Build (or load) the model in fp32 on the trainer device, shard it and make its optimizer.
+
+    Requires the default process group (``init_distributed``). ``adam_eps`` is exposed for tests
+    that compare updated weights across shardings (a larger eps makes Adam's first step linear in
+    the gradient instead of a sign function that amplifies float rounding near zero).
+    """
+    device = trainer_device(trainer_cfg)
+    model = build_model(model_cfg, device=str(device), dtype="float32")
+    model.train()
+    model.config.use_cache = False
+    apply_fsdp(model, model_cfg, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=trainer_cfg.lr, betas=tuple(trainer_cfg.betas),
+                                  weight_decay=trainer_cfg.weight_decay, eps=adam_eps)
+    # The optimizer step count is the number of AdamW steps (num_minibatches per policy version).
+    total = trainer_cfg.steps * trainer_cfg.num_minibatches
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(trainer_cfg.lr_schedule, trainer_cfg.warmup_steps * trainer_cfg.num_minibatches, total))
+    return Policy(model, optimizer, scheduler, device, dist.get_rank(), dist.get_world_size())
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm (DTensor-aware; a collective) and return the pre-clip norm."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter as a full CPU tensor, on every rank (a collective: all ranks must call it)."""
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out[name] = t.detach().to("cpu", torch.float32).clone()
+    return out

@@ -1,0 +1,236 @@
+"""One policy version's update: ``train_step`` -> minibatches -> ``forward_backward(microbatch)``.
+
+Owns the split of a batch into optimizer steps and micro-batches, the sharding of sequences over
+data-parallel ranks, loss normalisation and the optimizer step. The formulas live in
+``trainer/losses.py`` and ``trainer/advantages.py``; this module only decides what each call sees.
+
+Invariants (the invariance tests check them):
+- A minibatch is a contiguous run of WHOLE groups (``num_minibatches`` of them per batch); each
+  is one optimizer step. Its sequences are dealt to ranks round-robin and cut into micro-batches
+  of ``micro_batch_size`` sequences, right-padded to the micro-batch's longest sequence.
+- Every call gets the minibatch-GLOBAL valid-token and sequence counts, so the per-call losses
+  sum to the minibatch loss. Every rank holds the whole batch (``trainer/data.py`` broadcasts
+  it), so these counts are computed locally, identically on every rank, with no collective.
+- FSDP2 averages gradients over ranks; the local loss is multiplied by the world size before
+  ``backward`` so the reduced gradient is the gradient of the global loss. Result: loss and
+  updated weights do not depend on the micro-batch size or the number of ranks.
+- All ranks run the same number of forward/backward passes (FSDP's all-gathers are collectives):
+  a rank with fewer sequences runs zero-weight micro-batches.
+- VCPO: one extra backward per trajectory gives the per-trajectory score-gradient norms its
+  baseline needs (exact, as in the paper's code); the learning rate is ESS-scaled for that
+  optimizer step only and restored right after.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.distributed as dist
+
+from areal_like.config import LossConfig, RunConfig
+from trainer.advantages import kernel_advantages, vcpo_ess_lr_scale
+from trainer.data import TrainBatch
+from trainer.logprobs import token_logprobs
+from trainer.losses import accumulate_stats, compute_policy_loss, finalize_stats, kernel_needs_prox, vcpo_is_weights
+from trainer.model import Policy, clip_gradients
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    loss: LossConfig
+    estimator: str
+    micro_batch_size: int
+    num_minibatches: int
+    grad_clip: float
+    temperature: float
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> StepSettings:
+        t = cfg.trainer
+        if t.loss.kl_coef:
+            raise ValueError("trainer.loss.kl_coef > 0 needs a reference policy, which this trainer does not hold")
+        return cls(loss=t.loss, estimator=t.estimator, micro_batch_size=t.micro_batch_size,
+                   num_minibatches=t.num_minibatches, grad_clip=t.grad_clip, temperature=cfg.task.temperature)
+
+    def hparams(self, batch: TrainBatch) -> dict:
+        hp = {f.name: getattr(self.loss, f.name) for f in fields(LossConfig) if f.name not in ("kind", "agg")}
+        if hp["loss_scale_factor"] is None:  # Dr.GRPO's C: the batch's padded width, fixed across micro-batches
+            hp["loss_scale_factor"] = float(batch.mask.shape[1])
+        return hp
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def output_logp(model: torch.nn.Module, mb: TrainBatch, temperature: float) -> torch.Tensor:
+    """log pi(output token t) [n, T] under ``model`` (fp32, logits / temperature); garbage on padding."""
+    logits = model(input_ids=mb.input_ids).logits  # right padding + causal attention: no mask needed
+    s, t_max = mb.input_ids.shape[1], mb.mask.shape[1]
+    pos = (mb.prompt_lens[:, None] - 1 + torch.arange(t_max, device=logits.device)).clamp(max=s - 2)
+    targets = mb.input_ids.gather(1, pos + 1)
+    picked = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
+    return token_logprobs(picked, targets, temperature)
+
+
+def minibatches(batch: TrainBatch, n: int) -> list[torch.Tensor]:
+    """Split the groups into ``n`` contiguous runs (sizes differ by at most one group); row indices."""
+    n_groups = int(batch.head_versions.numel())
+    bounds = [round(k * n_groups / n) for k in range(n + 1)]
+    out = []
+    for a, b in zip(bounds, bounds[1:]):
+        rows = ((batch.group_ids >= a) & (batch.group_ids < b)).nonzero().flatten()
+        if len(rows):
+            out.append(rows)
+    return out
+
+
+def local_microbatches(rows: torch.Tensor, mbs: int) -> list[torch.Tensor | None]:
+    """This rank's micro-batches of ``rows``; ``None`` entries pad to the count every rank runs."""
+    rank, world = _world()
+    mine = rows[rank::world]
+    n_calls = math.ceil(math.ceil(len(rows) / world) / mbs)
+    chunks: list[torch.Tensor | None] = [mine[i:i + mbs] for i in range(0, len(mine), mbs)]
+    return chunks + [None] * (n_calls - len(chunks))
+
+
+@torch.no_grad()
+def recompute_prox_logp(policy: Policy, batch: TrainBatch, s: StepSettings) -> torch.Tensor | None:
+    """pi_prox for every row this rank will train on, with the weights held at the start of the step."""
+    if not kernel_needs_prox(s.loss.kind):
+        return None
+    prox = torch.zeros_like(batch.behav_logp)
+    for rows in minibatches(batch, s.num_minibatches):
+        for mb_rows in local_microbatches(rows, s.micro_batch_size):
+            idx = mb_rows if mb_rows is not None else rows[:1]  # a dummy pass keeps the collectives aligned
+            lp = output_logp(policy.model, batch.select(idx).to(policy.device), s.temperature)
+            if mb_rows is not None:
+                prox[mb_rows, :lp.shape[1]] = lp.float().cpu()
+    return prox
+
+
+def compute_batch_advantages(batch: TrainBatch, s: StepSettings) -> torch.Tensor:
+    """Advantages [N, T] per minibatch (whole groups). VCPO's depend on the weights: see train_step."""
+    adv = torch.zeros_like(batch.mask)
+    if s.loss.kind == "vcpo":
+        return adv
+    for rows in minibatches(batch, s.num_minibatches):
+        adv[rows] = kernel_advantages(s.loss.kind, s.estimator, batch.rewards[rows], batch.group_ids[rows],
+                                      batch.mask[rows], oapl_beta=s.loss.oapl_beta, oapl_beta_v=s.loss.oapl_beta_v)
+    return adv
+
+
+def forward_backward(policy: Policy, mb: TrainBatch, advantages: torch.Tensor, prox_logp: torch.Tensor | None,
+                     s: StepSettings, hparams: dict, n_tokens: float, n_seqs: float) -> dict:
+    """Loss and gradient of one micro-batch (already on the device). Returns the kernel's stats."""
+    logp = output_logp(policy.model, mb, s.temperature)
+    loss, stats = compute_policy_loss(
+        s.loss.kind, logp=logp, prox_logp=prox_logp, behav_logp=mb.behav_logp, advantages=advantages,
+        mask=mb.mask, agg=s.loss.agg, n_tokens_global=n_tokens, n_seqs_global=n_seqs, **hparams)
+    (loss * policy.world_size).backward()  # FSDP2 averages over ranks; see the module docstring
+    return stats
+
+
+def _reduce_stats(stats: dict) -> dict[str, float]:
+    """Sum (``_max``: max) the per-rank stats over ranks, then derive ratios."""
+    keys = sorted(stats)
+    sums = [k for k in keys if not k.endswith("_max")]
+    maxes = [k for k in keys if k.endswith("_max")]
+    vs = torch.stack([stats[k].float().cpu().reshape(()) for k in sums]) if sums else torch.zeros(0)
+    vm = torch.stack([stats[k].float().cpu().reshape(()) for k in maxes]) if maxes else torch.zeros(0)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(vs)
+        dist.all_reduce(vm, op=dist.ReduceOp.MAX)
+    out = dict(zip(sums, vs)) | dict(zip(maxes, vm))
+    return {k: float(v) for k, v in finalize_stats(out).items()}
+
+
+def vcpo_sequence_terms(policy: Policy, batch: TrainBatch, rows: torch.Tensor,
+                        s: StepSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-trajectory (w_i, ||grad sum_t logp_it||^2) for VCPO's baseline, exact, one backward each.
+
+    Trajectory k is owned by rank k % world; the others run the same sequence with weight 0, so
+    the FSDP-reduced gradient is exactly the owner's. Squared norms of the local gradient shards
+    are summed over ranks once at the end.
+    """
+    rank, world = _world()
+    w = torch.zeros(len(rows), dtype=torch.float64)
+    g2 = torch.zeros(len(rows), dtype=torch.float64)
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    for k, j in enumerate(rows.tolist()):
+        mine = k % world == rank
+        mb = batch.select([j]).to(policy.device)
+        policy.optimizer.zero_grad(set_to_none=True)
+        logp = output_logp(policy.model, mb, s.temperature)
+        score = torch.where(mb.mask > 0, logp.float(), torch.zeros_like(mb.mask)).sum()
+        (score * (world if mine else 0.0)).backward()
+        g2[k] = sum(float(_local(p.grad).double().pow(2).sum()) for p in params if p.grad is not None)
+        if mine:
+            w[k] = float(vcpo_is_weights(logp.detach(), mb.behav_logp, mb.mask, cap=s.loss.vcpo_is_cap)[0][0])
+    policy.optimizer.zero_grad(set_to_none=True)
+    if world > 1:
+        dist.all_reduce(g2)
+        dist.all_reduce(w)
+    return w, g2
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def train_step(policy: Policy, batch: TrainBatch, s: StepSettings, prox_logp: torch.Tensor | None,
+               advantages: torch.Tensor) -> dict[str, float]:
+    """``num_minibatches`` optimizer steps on ``batch``; returns stats averaged over them."""
+    hparams = s.hparams(batch)
+    per_step: list[dict[str, float]] = []
+    for rows in minibatches(batch, s.num_minibatches):
+        n_tokens = float(batch.mask[rows].sum())
+        n_seqs = float((batch.mask[rows].sum(-1) > 0).sum())
+        lr_scale, extra = 1.0, {}
+        if s.loss.kind == "vcpo":
+            w, g2 = vcpo_sequence_terms(policy, batch, rows, s)
+            advantages = advantages.clone()
+            advantages[rows] = kernel_advantages(
+                "vcpo", s.estimator, batch.rewards[rows], batch.group_ids[rows], batch.mask[rows],
+                vcpo_is_weights=w, grad_sq_norms=g2, vcpo_baseline_weight=s.loss.vcpo_baseline_weight,
+                vcpo_is_cap=s.loss.vcpo_is_cap)
+            scale, ess, _ = vcpo_ess_lr_scale(w, base=s.loss.vcpo_ess_base)
+            lr_scale, extra = float(scale), {"vcpo_lr_scale": float(scale), "vcpo_ess": float(ess),
+                                             "vcpo_grad_sq_norm_mean": float(g2.mean())}
+        policy.optimizer.zero_grad(set_to_none=True)
+        stats: dict = {}
+        for mb_rows in local_microbatches(rows, s.micro_batch_size):
+            idx = mb_rows if mb_rows is not None else rows[:1]
+            mb = batch.select(idx)
+            if mb_rows is None:
+                mb.mask = torch.zeros_like(mb.mask)  # zero-weight pass: keeps FSDP collectives aligned
+            t = mb.mask.shape[1]
+            prox = None if prox_logp is None else prox_logp[idx, :t].to(policy.device)
+            mbs = forward_backward(policy, mb.to(policy.device), advantages[idx, :t].to(policy.device), prox, s,
+                                   hparams, n_tokens, n_seqs)
+            stats = accumulate_stats(stats, mbs)
+        out = _reduce_stats(stats)
+        out["grad_norm"] = clip_gradients(policy.model, s.grad_clip)
+        base_lrs = [g["lr"] for g in policy.optimizer.param_groups]
+        for g in policy.optimizer.param_groups:
+            g["lr"] *= lr_scale
+        out["lr"] = policy.optimizer.param_groups[0]["lr"]
+        policy.optimizer.step()
+        for g, lr in zip(policy.optimizer.param_groups, base_lrs):
+            g["lr"] = lr
+        policy.scheduler.step()
+        per_step.append(out | extra | {"tokens": n_tokens, "seqs": n_seqs})
+    return _combine(per_step)
+
+
+def _combine(per_step: list[dict[str, float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k in per_step[0]:
+        vals = [d[k] for d in per_step if k in d]
+        out[k] = max(vals) if k.endswith("_max") else (sum(vals) if k in ("tokens", "seqs") else sum(vals) / len(vals))
+    out["optimizer_steps"] = float(len(per_step))
+    return out

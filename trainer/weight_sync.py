@@ -1,0 +1,295 @@
+"""Trainer side of weight synchronisation (DESIGN section 4; the protocol is in WEIGHT_SYNC.md).
+
+Owns: the bucket plan (pure ``plan_buckets``), the weight-update process group on trainer rank 0
+(``WeightBroadcaster``), the broadcast of every bucket, the wait for the members' ``SyncDone``
+reports (through the buffer's ``SyncStatus``) and the ``VersionUpdate`` announcement. The engines'
+HTTP side (pause, per-bucket receive, continue) is driven by each rollout server, not here.
+
+Invariants:
+- ``push`` is a collective over all trainer ranks: gathering a full tensor from FSDP shards
+  (``full_tensor()``) is an all-gather, so every rank walks the same buckets in the same order;
+  only rank 0 broadcasts on the weight group.
+- Every wait is bounded by ``weight_sync.deadline_s`` measured from the plan's publication:
+  the rendezvous, each bucket's broadcast and the status poll. A member that misses it is
+  dropped for this version; the next plan re-forms the group (``reform=True``) with whoever is in
+  the roster then, and every push is a full push, so a dropped engine catches up on its next sync.
+- After any failure on the group (a peer died mid-broadcast, rendezvous timeout) the group is
+  torn down and re-formed on the next push; a broken group is never reused.
+- The version is announced to the buffer after every push, with or without members, so the
+  buffer's admission clock always follows the trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from areal_like.config import WeightSyncConfig
+from areal_like.distributed import destroy_weight_group, free_port, init_weight_group
+from areal_like.protocol import (
+    Ack,
+    BucketSpec,
+    Roster,
+    RosterRequest,
+    SyncMember,
+    SyncStatus,
+    SyncStatusRequest,
+    VersionUpdate,
+    WeightSyncPlan,
+)
+from areal_like.transport import Client, TransportTimeout
+
+log = logging.getLogger("trainer.weight_sync")
+
+STATUS_POLL_S = 0.05  # SyncStatus poll period: a cheap buffer query; sync itself takes far longer
+BUFFER_REQUEST_TIMEOUT_S = 10.0  # the buffer answers control requests in milliseconds when alive
+_ITEMSIZE = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4, "int16": 2,
+             "int8": 1, "uint8": 1, "bool": 1}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (the SGLang wire form)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def plan_buckets(named_shapes_dtypes: list[tuple[str, list[int], str]], bucket_bytes: int) -> list[BucketSpec]:
+    """Group tensors into broadcast buckets of at most ``bucket_bytes`` each.
+
+    Each bucket holds one dtype. Dtypes appear in order of first occurrence and tensors keep their
+    relative order within a dtype, so the order of names is deterministic and equal on every
+    rank. A tensor larger than ``bucket_bytes`` gets a bucket of its own. Pure; no torch.
+    """
+    by_dtype: dict[str, list[tuple[str, list[int]]]] = {}
+    for name, shape, dt in named_shapes_dtypes:
+        if dt not in _ITEMSIZE:
+            raise ValueError(f"{name}: unsupported dtype {dt!r}")
+        by_dtype.setdefault(dt, []).append((name, [int(s) for s in shape]))
+    buckets: list[BucketSpec] = []
+    for dt, items in by_dtype.items():
+        cur: list[tuple[str, list[int]]] = []
+        cur_bytes = 0
+        for name, shape in items:
+            nbytes = _ITEMSIZE[dt] * _numel(shape)
+            if cur and cur_bytes + nbytes > bucket_bytes:
+                buckets.append(_spec(cur, dt))
+                cur, cur_bytes = [], 0
+            cur.append((name, shape))
+            cur_bytes += nbytes
+        if cur:
+            buckets.append(_spec(cur, dt))
+    return buckets
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _spec(items: list[tuple[str, list[int]]], dt: str) -> BucketSpec:
+    return BucketSpec(names=[n for n, _ in items], dtypes=[dt] * len(items), shapes=[s for _, s in items])
+
+
+def bucket_nbytes(b: BucketSpec) -> int:
+    return sum(_ITEMSIZE[d] * _numel(s) for d, s in zip(b.dtypes, b.shapes))
+
+
+@dataclass
+class SyncReport:
+    version: int
+    seconds: float = 0.0  # whole push on rank 0
+    bytes: int = 0  # broadcast payload
+    transfer_s: float = 0.0  # gather + broadcast of all buckets
+    rendezvous_s: float = 0.0
+    members: list[str] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    reform: bool = False
+    pause_s: dict = field(default_factory=dict)  # server_id -> seconds not generating (when reported)
+    error: str = ""
+
+
+@contextmanager
+def _no_agent_store():
+    """torchrun sets TORCHELASTIC_USE_AGENT_STORE=True, which makes the tcp:// rendezvous connect to
+    the elastic agent's store instead of hosting one: the weight group would never form."""
+    old = os.environ.get("TORCHELASTIC_USE_AGENT_STORE")
+    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+        else:
+            os.environ["TORCHELASTIC_USE_AGENT_STORE"] = old
+
+
+class WeightBroadcaster:
+    """Pushes the model's weights to every engine in the buffer's roster. ``push`` on all ranks."""
+
+    def __init__(self, cfg: WeightSyncConfig, *, buffer_address: str, rank: int, device: torch.device,
+                 send_dtype: str = "float32"):
+        self.cfg = cfg
+        self.rank = rank
+        self.device = device
+        self.send_dtype = send_dtype
+        self.backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+        self.client = Client(buffer_address, timeout_s=BUFFER_REQUEST_TIMEOUT_S, identity="trainer-ws") \
+            if rank == 0 else None
+        self._pg = None
+        self._group_key: tuple | None = None  # ((server_id, engine_ranks), ...) of the formed group
+        self._port = 0
+
+    # ------------------------------------------------------------------ rank 0 phases
+    def _roster(self) -> list[tuple[str, int]]:
+        reply = self.client.request(RosterRequest())
+        if not isinstance(reply, Roster):
+            raise RuntimeError(f"buffer answered RosterRequest with {reply.TYPE}")
+        return sorted((m.server_id, m.engine_ranks) for m in reply.members)
+
+    def _make_plan(self, version: int, roster: list[tuple[str, int]], buckets: list[BucketSpec]) -> WeightSyncPlan:
+        key = tuple(roster)
+        reform = self._pg is None or key != self._group_key
+        if reform:
+            self._port = self.cfg.master_port or free_port()
+        members, offset = [], 1  # trainer rank 0 is group rank 0
+        for server_id, ranks in roster:
+            members.append(SyncMember(server_id=server_id, rank_offset=offset))
+            offset += ranks
+        return WeightSyncPlan(policy_version=version, group_name=self.cfg.group_name, master_addr=self.cfg.master_addr,
+                              master_port=self._port, world_size=offset, backend=self.backend, reform=reform,
+                              members=members, buckets=buckets, deadline_s=self.cfg.deadline_s)
+
+    def _form_group(self, plan: WeightSyncPlan, key: tuple, deadline: float) -> None:
+        self._teardown()
+        with _no_agent_store():
+            self._pg = init_weight_group(plan.backend, plan.master_addr, plan.master_port, plan.world_size, 0,
+                                         plan.group_name, timeout_s=max(1.0, deadline - time.monotonic()))
+        self._group_key = key
+
+    def _teardown(self) -> None:
+        if self._pg is not None:
+            destroy_weight_group(self._pg)
+        self._pg, self._group_key = None, None
+
+    def _prepare(self, version: int, buckets: list[BucketSpec], report: SyncReport, deadline: float) -> bool:
+        """Rank 0: roster, plan, publish, (re)form. Returns whether tensors should be broadcast."""
+        roster = self._roster()
+        report.members = [s for s, _ in roster]
+        if not roster:
+            self._teardown()
+            return False
+        plan = self._make_plan(version, roster, buckets)
+        report.reform = plan.reform
+        ack = self.client.request(plan)
+        if not (isinstance(ack, Ack) and ack.status in ("ok", "accepted")):
+            raise RuntimeError(f"buffer refused the plan for version {version}: {ack}")
+        if plan.reform:
+            t0 = time.monotonic()
+            self._form_group(plan, tuple(roster), deadline)
+            report.rendezvous_s = time.monotonic() - t0
+        return True
+
+    def _broadcast(self, tensors: list[torch.Tensor], deadline: float) -> None:
+        works = [dist.broadcast(t, group_src=0, group=self._pg, async_op=True) for t in tensors]
+        for w in works:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("weight-sync deadline passed during the broadcast")
+            w.wait(timedelta(seconds=remaining))
+
+    def _await_members(self, version: int, report: SyncReport, deadline: float) -> None:
+        pending = set(report.members)
+        while pending and time.monotonic() < deadline:
+            try:
+                st = self.client.request(SyncStatusRequest(policy_version=version),
+                                         timeout_s=max(0.5, min(BUFFER_REQUEST_TIMEOUT_S, deadline - time.monotonic())))
+            except TransportTimeout:
+                continue
+            if isinstance(st, SyncStatus):
+                report.done = sorted(set(st.done) & set(report.members))
+                report.pause_s.update(getattr(st, "pause_s", None) or {})
+                pending = set(report.members) - set(st.done) - set(st.failed)
+                if not pending:
+                    break
+            time.sleep(STATUS_POLL_S)
+        report.dropped = sorted(set(report.members) - set(report.done))
+
+    # ------------------------------------------------------------------ the collective
+    def push(self, model: torch.nn.Module, version: int) -> SyncReport:
+        """Broadcast every parameter to the roster and announce ``version``. Call on all ranks."""
+        t_start = time.monotonic()
+        deadline = t_start + self.cfg.deadline_s
+        report = SyncReport(version=version)
+        params = list(model.named_parameters())
+        buckets = plan_buckets([(n, list(p.shape), self.send_dtype) for n, p in params],
+                               int(self.cfg.bucket_mb * 1024 * 1024))
+        send = False
+        if self.rank == 0:
+            try:
+                send = self._prepare(version, buckets, report, deadline)
+            except Exception as e:  # rendezvous timeout, refused plan, buffer gone: drop this version's sync
+                report.error = f"{type(e).__name__}: {e}"
+                log.warning("weight sync v%d: setup failed: %s", version, report.error)
+                self._teardown()
+        flag = [send]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(flag, src=0)
+        if flag[0]:
+            self._transfer(params, buckets, report, deadline)
+        if self.rank == 0:
+            if send:
+                self._await_members(version, report, deadline)
+                if report.dropped:
+                    log.warning("weight sync v%d: dropped %s (missed the %.0fs deadline or failed)", version,
+                                report.dropped, self.cfg.deadline_s)
+                    self._group_key = None  # re-form without them next time
+            self._announce(version, report)
+        report.seconds = time.monotonic() - t_start
+        return report
+
+    def _transfer(self, params: list[tuple[str, torch.nn.Parameter]], buckets: list[BucketSpec],
+                  report: SyncReport, deadline: float) -> None:
+        by_name = dict(params)
+        dtype = getattr(torch, self.send_dtype)
+        healthy = self.rank == 0 and self._pg is not None
+        t0 = time.monotonic()
+        for b in buckets:
+            # full_tensor() is an all-gather over the trainer ranks: every rank runs it, even after a failure.
+            tensors = [_full(by_name[n]).to(dtype).contiguous() for n in b.names]
+            if healthy:
+                try:
+                    self._broadcast(tensors, deadline)
+                    report.bytes += sum(t.numel() * t.element_size() for t in tensors)
+                except Exception as e:  # a member died or stalled: this group is unusable now
+                    report.error = f"{type(e).__name__}: {e}"
+                    log.warning("weight sync v%d: broadcast failed: %s", report.version, report.error)
+                    self._teardown()
+                    healthy = False
+        report.transfer_s = time.monotonic() - t0
+
+    def _announce(self, version: int, report: SyncReport) -> None:
+        try:
+            ack = self.client.request(VersionUpdate(policy_version=version))
+            if not isinstance(ack, Ack):
+                raise RuntimeError(f"buffer answered VersionUpdate with {ack.TYPE}")
+        except Exception as e:
+            report.error = report.error or f"announce failed: {type(e).__name__}: {e}"
+            log.error("could not announce version %d to the buffer: %s", version, e)
+
+    def close(self) -> None:
+        self._teardown()
+        if self.client is not None:
+            self.client.close()
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
