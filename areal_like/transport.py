@@ -40,6 +40,7 @@ from areal_like.protocol import Message, ProtocolError, decode, encode
 
 DEFAULT_TIMEOUT_S = 10.0  # a healthy buffer answers in milliseconds; 10 s means it is gone or wedged
 SNDHWM = 1000  # frames queued per peer before sends fail fast
+ZERO_COPY_BYTES = 64 * 1024  # above this, hand frames to libzmq without copying (pyzmq's own guidance)
 
 
 class TransportError(RuntimeError):
@@ -92,27 +93,26 @@ class Client:
 
     def request(self, msg: Message, timeout_s: float | None = None) -> Message:
         """Send ``msg`` and return the decoded reply. Raises TransportTimeout or ProtocolError."""
-        timeout_ms = int(1000 * (self.timeout_s if timeout_s is None else timeout_s))
+        if self._sock is None:
+            raise TransportError(f"client for {self.address} is closed")
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        frame = encode(msg)  # a ProtocolError here leaves the socket untouched
         req_id = uuid.uuid4().bytes
         try:
-            self._sock.send_multipart([req_id, encode(msg)], flags=zmq.NOBLOCK, copy=False)
+            self._sock.send_multipart([req_id, frame], flags=zmq.NOBLOCK, copy=len(frame) < ZERO_COPY_BYTES)
         except zmq.Again:
             self.reconnect()
             raise TransportTimeout(f"send queue to {self.address} is full") from None
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
-        remaining = timeout_ms
-        while remaining > 0:
-            t0 = time.monotonic()
-            if not poller.poll(remaining):
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            if not self._sock.poll(max(1, int(remaining * 1000)), zmq.POLLIN):
                 break
-            frames = self._sock.recv_multipart()
-            remaining -= int(1000 * (time.monotonic() - t0))
-            if len(frames) == 2 and frames[0] == req_id:
-                return decode(frames[1])
+            frames = self._sock.recv_multipart(copy=False)
+            if len(frames) == 2 and frames[0].bytes == req_id:
+                return decode(frames[1].buffer)
             # a late reply to an earlier, abandoned request: drop it and keep waiting
-        self.reconnect()
-        raise TransportTimeout(f"no reply from {self.address} within {timeout_ms / 1000:.1f}s to {msg.TYPE}")
+        self.reconnect()  # fresh socket: queued requests and late replies to this one are discarded
+        raise TransportTimeout(f"no reply from {self.address} within {timeout:.1f}s to {msg.TYPE}")
 
     def close(self) -> None:
         if self._sock is not None:
@@ -153,10 +153,14 @@ class AsyncClient:
         import asyncio
 
         timeout = self.timeout_s if timeout_s is None else timeout_s
+        frame = encode(msg)
         async with self._lock:
+            if self._sock is None:
+                raise TransportError(f"client for {self.address} is closed")
             req_id = uuid.uuid4().bytes
             try:
-                await self._sock.send_multipart([req_id, encode(msg)], flags=zmq.NOBLOCK)
+                await self._sock.send_multipart([req_id, frame], flags=zmq.NOBLOCK,
+                                                copy=len(frame) < ZERO_COPY_BYTES)
             except zmq.Again:
                 self.reconnect()
                 raise TransportTimeout(f"send queue to {self.address} is full") from None
@@ -165,9 +169,9 @@ class AsyncClient:
             while (remaining := deadline - loop.time()) > 0:
                 if not await self._sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
                     break
-                frames = await self._sock.recv_multipart()
-                if len(frames) == 2 and frames[0] == req_id:
-                    return decode(frames[1])
+                frames = await self._sock.recv_multipart(copy=False)
+                if len(frames) == 2 and frames[0].bytes == req_id:
+                    return decode(frames[1].buffer)
             self.reconnect()
             raise TransportTimeout(f"no reply from {self.address} within {timeout:.1f}s to {msg.TYPE}")
 
@@ -194,25 +198,45 @@ class Server:
         self._poller.register(self._sock, zmq.POLLIN)
 
     def recv(self, timeout_s: float) -> tuple[bytes, bytes, Message | ProtocolError] | None:
-        if not self._poller.poll(int(timeout_s * 1000)):
+        """Wait up to ``timeout_s`` for one request; None on timeout."""
+        if not self._poller.poll(max(0, int(timeout_s * 1000))):
             return None
-        frames = self._sock.recv_multipart()
+        frames = self._sock.recv_multipart(copy=False)  # zero copy: decode reads the frame buffer
+        peer = frames[0].bytes
         if len(frames) != 3:
-            peer = frames[0]
-            return peer, frames[1] if len(frames) > 1 else b"", ProtocolError("expected [req_id, payload]", "frame")
-        peer, req_id, payload = frames
+            req_id = frames[1].bytes if len(frames) > 1 else b""
+            return peer, req_id, ProtocolError("expected [req_id, payload]", "frame")
+        req_id = frames[1].bytes
         try:
-            return peer, req_id, decode(payload)
+            return peer, req_id, decode(frames[2].buffer)
         except ProtocolError as e:
             return peer, req_id, e
 
     def recv_nowait(self) -> tuple[bytes, bytes, Message | ProtocolError] | None:
         return self.recv(0)
 
-    def send(self, peer: bytes, req_id: bytes, msg: Message) -> None:
+    def recv_with_payload(self, timeout_s: float) -> tuple[bytes, bytes, Message | ProtocolError, bytes] | None:
+        """Like ``recv`` but also returns the undecoded payload (the buffer logs it verbatim in
+        its write-ahead log instead of re-encoding the message)."""
+        if not self._poller.poll(int(timeout_s * 1000)):
+            return None
+        frames = self._sock.recv_multipart()
+        if len(frames) != 3:
+            error = ProtocolError("expected [req_id, payload]", "frame")
+            return frames[0], frames[1] if len(frames) > 1 else b"", error, b""
+        peer, req_id, payload = frames
         try:
-            self._sock.send_multipart([peer, req_id, encode(msg)], flags=zmq.NOBLOCK)
-        except zmq.Again:  # the peer's queue is full: it will time out and re-send
+            return peer, req_id, decode(payload), payload
+        except ProtocolError as e:
+            return peer, req_id, e, payload
+
+    def send(self, peer: bytes, req_id: bytes, msg: Message) -> None:
+        """Reply to ``peer``'s request ``req_id``. Never blocks: a reply to a peer that is gone or
+        whose queue is full is dropped (it times out and re-sends)."""
+        frame = encode(msg)
+        try:
+            self._sock.send_multipart([peer, req_id, frame], flags=zmq.NOBLOCK, copy=len(frame) < ZERO_COPY_BYTES)
+        except zmq.Again:
             pass
 
     def close(self) -> None:
@@ -248,20 +272,27 @@ class Subscriber:
         self._sock.connect(address)
 
     def recv(self, timeout_s: float) -> Message | None:
-        if not self._sock.poll(int(timeout_s * 1000), zmq.POLLIN):
-            return None
-        try:
-            return decode(self._sock.recv())
-        except ProtocolError:
-            return None
+        """The next valid announcement within ``timeout_s``, or None (undecodable frames are skipped)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if not self._sock.poll(max(0, int(remaining * 1000)), zmq.POLLIN):
+                return None
+            try:
+                return decode(self._sock.recv())
+            except ProtocolError:
+                continue
 
     async def arecv(self, timeout_s: float) -> Message | None:
-        if not await self._sock.poll(int(timeout_s * 1000), zmq.POLLIN):
-            return None
-        try:
-            return decode(await self._sock.recv())
-        except ProtocolError:
-            return None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if not await self._sock.poll(max(0, int(remaining * 1000)), zmq.POLLIN):
+                return None
+            try:
+                return decode(await self._sock.recv())
+            except ProtocolError:
+                continue
 
     def close(self) -> None:
         self._sock.close(linger=0)
