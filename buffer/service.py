@@ -311,7 +311,7 @@ class BufferService(Daemon):
             self._dirty = True
             self._drop(self.store.drop_stale(self.version), "stale")
             self.publisher.publish(m)
-            self.log.info("trainer version %d", self.version)
+            self.log.debug("trainer version %d", self.version)
         return P.Ack(ref=str(m.policy_version), status="ok")
 
     def _on_roster(self, _m: P.RosterRequest) -> P.Roster:
