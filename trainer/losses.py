@@ -62,13 +62,8 @@ def _norms(mask: Tensor, n_tokens_global: float | None, n_seqs_global: float | N
 
 
 def aggregate(
-    loss_mat: Tensor,
-    mask: Tensor,
-    mode: str,
-    *,
-    n_tokens_global: float | None = None,
-    n_seqs_global: float | None = None,
-    scale_factor: float | None = None,
+    loss_mat: Tensor, mask: Tensor, mode: str, *, n_tokens_global: float | None = None,
+    n_seqs_global: float | None = None, scale_factor: float | None = None,
 ) -> Tensor:
     """Reduce a per-token loss ``[B, T]`` to a scalar (spec 0.4, verl ``agg_loss``).
 
@@ -117,7 +112,7 @@ def _seq_log_ratio(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
 def _weight_stats(w: Tensor, valid: Tensor, n: float, prefix: str = "is_weight") -> Stats:
     """Sum-reducible mean and mean-square of an IS weight over the valid entries, plus its max."""
     w, valid = w.detach().float(), valid.float()
-    wmax = torch.where(valid > 0, w, torch.full_like(w, -math.inf)).max() if valid.any() else w.new_zeros(())
+    wmax = torch.where(valid > 0, w, torch.zeros_like(w)).max()  # weights are >= 0; no host sync
     return {
         f"{prefix}_mean": (w * valid).sum() / n,
         f"{prefix}_sq_mean": (w * w * valid).sum() / n,
@@ -179,14 +174,8 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, mask: Tensor, *, estimator: str =
 
 # ---------------------------------------------------------------- PPO family (spec 2, 4, 5, 6)
 def ppo_token_loss(
-    logp: Tensor,
-    prox_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    *,
-    eps_clip: float,
-    eps_clip_high: float | None = None,
-    dual_clip: float | None = None,
+    logp: Tensor, prox_logp: Tensor, advantages: Tensor, mask: Tensor, *,
+    eps_clip: float, eps_clip_high: float | None = None, dual_clip: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """PPO-clip per-token loss ``[B, T]`` (spec 2), plus float masks of clipped / dual-clipped tokens.
 
@@ -210,7 +199,6 @@ def ppo_token_loss(
 
 def _ppo_stats(clipped: Tensor, dual: Tensor, n_tok: float) -> Stats:
     return {"clip_frac": clipped.sum() / n_tok, "dual_clip_frac": dual.sum() / n_tok}
-
 
 
 def _is_ratio(prox_logp: Tensor, behav_logp: Tensor, mask: Tensor, level: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -423,20 +411,9 @@ def kernel_needs_prox(kind: str) -> bool:
 
 
 def compute_policy_loss(
-    kind: str,
-    *,
-    logp: Tensor,
-    prox_logp: Tensor | None,
-    behav_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    agg: str,
-    group_ids: object = None,
-    rewards: Tensor | None = None,
-    n_tokens_global: float | None = None,
-    n_seqs_global: float | None = None,
-    ref_logp: Tensor | None = None,
-    entropy: Tensor | None = None,
+    kind: str, *, logp: Tensor, prox_logp: Tensor | None, behav_logp: Tensor, advantages: Tensor, mask: Tensor,
+    agg: str, group_ids: object = None, rewards: Tensor | None = None, n_tokens_global: float | None = None,
+    n_seqs_global: float | None = None, ref_logp: Tensor | None = None, entropy: Tensor | None = None,
     **hparams: float | str | None,
 ) -> tuple[Tensor, Stats]:
     """One entry point for every kernel: ``(loss, stats)`` for this call's rows.
