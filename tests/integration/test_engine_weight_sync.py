@@ -1,0 +1,159 @@
+"""Engine weight update over gloo from ANOTHER process, and the standalone engine process.
+
+The sender is a separate Python process that joins the weight group as rank 0 with
+``areal_like.distributed.init_weight_group`` and broadcasts a model built with a different init
+seed, in two buckets, exactly like trainer rank 0 does (DESIGN section 4); the test drives the
+engine through the SGLang endpoints (init group, pause, begin, update x2, end, continue).
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from areal_like.config import EngineConfig, ModelConfig
+from areal_like.distributed import free_port
+from areal_like.hf import build_model, state_checksum
+from areal_like.tokenizer import char_tokenizer
+from rollout_server.engine import EmbeddedEngine
+
+HTTP_TIMEOUT_S = 180.0  # init_weights_update_group waits for the sender's imports under load
+PROCESS_START_S = 180.0
+GROUP = "areal_like_weights"
+MODEL = ModelConfig(max_position_embeddings=128)
+
+SENDER = """
+import sys
+import torch
+import torch.distributed as dist
+torch.set_num_threads(1)
+from areal_like.config import ModelConfig
+from areal_like.distributed import init_weight_group
+from areal_like.hf import build_model
+
+port, seed, group = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+model = build_model(ModelConfig(max_position_embeddings=128, init_seed=seed))
+pg = init_weight_group("gloo", "127.0.0.1", port, 2, 0, group, 120.0)
+print("JOINED", flush=True)
+for name, p in model.named_parameters():  # the buckets' order; each waits for the engine's receive
+    dist.broadcast(p.data, group_src=0, group=pg)
+print("SENT", flush=True)
+"""
+
+
+def post(url: str, path: str, body: dict | None = None) -> tuple[int, dict | str]:
+    req = urllib.request.Request(url + path, data=json.dumps(body or {}).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as r:
+            text, status = r.read().decode(), r.status
+    except urllib.error.HTTPError as e:
+        text, status = e.read().decode(), e.code
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+def read_line(proc, prefix: str, timeout_s: float) -> str:
+    """The first stdout line of ``proc`` starting with ``prefix`` (bounded wait)."""
+    lines: queue.Queue = queue.Queue()
+
+    def pump():
+        for line in proc.stdout:
+            lines.put(line)
+            if line.startswith(prefix):
+                return
+        lines.put(None)
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if line is None:
+            break
+        if line.startswith(prefix):
+            return line.strip()
+    raise AssertionError(f"no {prefix!r} line from pid {proc.pid}; stderr: {proc.stderr.read()[-2000:]}")
+
+
+@pytest.fixture
+def engine():
+    torch.set_num_threads(1)
+    e = EmbeddedEngine(MODEL, EngineConfig(max_running_requests=4)).start()
+    try:
+        yield e
+    finally:
+        e.stop()
+
+
+def test_weight_update_over_gloo_from_another_process(engine, spawn_python):
+    url = engine.url
+    port = free_port()
+    sender = spawn_python(SENDER, [port, 11, GROUP])
+    target = build_model(ModelConfig(max_position_embeddings=128, init_seed=11))
+    names = [n for n, _ in target.named_parameters()]
+    buckets = [names[: len(names) // 2], names[len(names) // 2:]]
+    assert state_checksum(engine.model) != state_checksum(target)
+    with ThreadPoolExecutor(2) as pool:
+        joined = pool.submit(post, url, "/init_weights_update_group", {
+            "master_address": "127.0.0.1", "master_port": str(port), "rank_offset": 1, "world_size": 2,
+            "group_name": GROUP, "backend": "gloo"})  # master_port as a string: pydantic-lax like SGLang
+        assert read_line(sender, "JOINED", PROCESS_START_S) == "JOINED"
+        assert joined.result(timeout=HTTP_TIMEOUT_S) == (200, {
+            "success": True, "message": "Succeeded to initialize custom process group."})
+        busy = pool.submit(post, url, "/generate", {"input_ids": [1, 7], "sampling_params": {
+            "max_new_tokens": 120, "ignore_eos": True}})
+        while not engine.scheduler.load()["num_running_reqs"] and not busy.done():
+            time.sleep(0.01)
+        assert post(url, "/pause_generation", {"mode": "abort"})[0] == 200
+        assert busy.result()[1]["meta_info"]["weight_version"] == "0"
+        assert post(url, "/begin_weight_update", {})[0] == 200
+        params = dict(target.named_parameters())
+        for i, bucket in enumerate(buckets):
+            status, body = post(url, "/update_weights_from_distributed", {
+                "names": bucket, "dtypes": ["float32"] * len(bucket),
+                "shapes": [list(params[n].shape) for n in bucket], "group_name": GROUP,
+                "weight_version": "1", "flush_cache": i == len(buckets) - 1})
+            assert (status, body["success"]) == (200, True), body
+        assert read_line(sender, "SENT", PROCESS_START_S) == "SENT"
+        assert post(url, "/end_weight_update", {})[0] == 200
+        assert post(url, "/continue_generation", {})[0] == 200
+    assert state_checksum(engine.model) == state_checksum(target)
+    for (name, p), q in zip(engine.model.named_parameters(), target.parameters()):
+        assert torch.equal(p, q), name
+    status, info = post(url, "/generate", {"input_ids": [1, 7], "sampling_params": {"max_new_tokens": 3}})
+    assert info["meta_info"]["weight_version"] == "1"
+    assert json.loads(urllib.request.urlopen(url + "/model_info").read())["weight_version"] == "1"
+    assert post(url, "/destroy_weights_update_group", {"group_name": GROUP}) == (200, {
+        "success": True, "message": "Succeeded to destroy custom process group."})
+    assert sender.wait(timeout=60) == 0
+
+
+def test_standalone_engine_process(spawn_python):
+    proc = spawn_python("rollout_server.engine", ["--port", "0", "model.max_position_embeddings=128",
+                                                  "rollout.engine.max_running_requests=4"])
+    url = read_line(proc, "ENGINE_URL", PROCESS_START_S).split()[1]
+    assert urllib.request.urlopen(url + "/health", timeout=HTTP_TIMEOUT_S).status == 200
+    status, out = post(url, "/generate", {"text": "7+8=", "sampling_params": {"max_new_tokens": 4, "temperature": 0},
+                                          "return_logprob": True})
+    assert status == 200 and len(out["output_ids"]) <= 4
+    with torch.no_grad():  # the standalone process built the same tiny model (fixed init seed)
+        ids = char_tokenizer().encode("7+8=")
+        ref = build_model(MODEL).generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False, eos_token_id=2,
+                                          pad_token_id=0)
+    assert out["output_ids"] == ref[0, len(ids):].tolist()
+    metrics = urllib.request.urlopen(url + "/metrics", timeout=HTTP_TIMEOUT_S).read().decode()
+    assert 'sglang:generation_tokens_total{is_streaming="false"' in metrics
+    proc.terminate()
+    assert proc.wait(timeout=60) == 0

@@ -1,0 +1,231 @@
+"""The embedded engine over real HTTP on 127.0.0.1 (one in-process engine for the module): SGLang response
+and error shapes, n > 1, concurrent greedy == transformers, pause/continue, abort, disk weight update."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from areal_like.config import EngineConfig, ModelConfig
+from areal_like.hf import build_model, state_checksum
+from rollout_server.engine import EmbeddedEngine
+
+HTTP_TIMEOUT_S = 120.0
+MODEL = ModelConfig(max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    torch.set_num_threads(1)
+    e = EmbeddedEngine(MODEL, EngineConfig(max_running_requests=8)).start()
+    try:
+        yield e
+    finally:
+        e.stop()
+
+
+def call(engine, path: str, body=None, method: str | None = None) -> tuple[int, str]:
+    data = None if body is None else body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(engine.url + path, data=data, method=method or ("GET" if data is None else "POST"),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def gen(engine, **body) -> dict | list:
+    status, text = call(engine, "/generate", body)
+    assert status == 200, text
+    return json.loads(text)
+
+
+def test_generate_shape_and_logprobs(engine):
+    out = gen(engine, text="12+34=", sampling_params={"max_new_tokens": 6, "temperature": 0.5},
+              return_logprob=True, return_text_in_logprobs=True)
+    meta = out["meta_info"]
+    assert set(out) == {"text", "output_ids", "meta_info"} and len(out["output_ids"]) == 6
+    assert meta["prompt_tokens"] == 7 and meta["completion_tokens"] == 6 and meta["cached_tokens"] == 0
+    assert meta["finish_reason"] == {"type": "length", "length": 6} and meta["weight_version"] == "0"
+    assert isinstance(meta["id"], str) and meta["e2e_latency"] > 0
+    entries = meta["output_token_logprobs"]
+    assert [e[1] for e in entries] == out["output_ids"]
+    assert all(len(e) == 3 and e[0] <= 0 and isinstance(e[2], str) for e in entries)
+    assert out["text"] == "".join(e[2] for e in entries)
+    ids = engine.tokenizer.encode("12+34=")
+    with torch.no_grad():
+        logits = engine.model(torch.tensor([ids + out["output_ids"]])).logits[0, len(ids) - 1:-1]
+    ref = torch.log_softmax(logits / 0.5, -1).gather(1, torch.tensor(out["output_ids"])[:, None])[:, 0]
+    assert (ref - torch.tensor([e[0] for e in entries])).abs().max() <= 1e-4
+
+
+def test_concurrent_greedy_equals_transformers(engine):
+    g = torch.Generator().manual_seed(5)
+    prompts = [[1] + torch.randint(4, 104, (int(k),), generator=g).tolist() for k in (3, 30, 11, 22, 7, 16)]
+    limits = [12, 50, 3, 30, 44, 20]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        outs = list(pool.map(lambda a: gen(engine, input_ids=a[0], sampling_params={
+            "max_new_tokens": a[1], "temperature": 0.0}), zip(prompts, limits)))
+    for p, m, out in zip(prompts, limits, outs):
+        with torch.no_grad():
+            ref = engine.model.generate(torch.tensor([p]), max_new_tokens=m, do_sample=False, eos_token_id=2,
+                                        pad_token_id=0)[0, len(p):].tolist()
+        assert out["output_ids"] == ref
+        assert "output_token_logprobs" not in out["meta_info"]
+
+
+def test_n_samples_and_batches_return_arrays(engine):
+    outs = gen(engine, input_ids=[1, 20, 21], sampling_params={"max_new_tokens": 5, "n": 3, "ignore_eos": True},
+               return_logprob=True)
+    assert isinstance(outs, list) and len(outs) == 3
+    assert len({o["meta_info"]["id"] for o in outs}) == 3
+    assert all(len(o["output_ids"]) == 5 and len(o["meta_info"]["output_token_logprobs"]) == 5 for o in outs)
+    batch = gen(engine, input_ids=[[1, 5], [1, 6, 7]], sampling_params={"max_new_tokens": 2, "n": 2})
+    assert [o["meta_info"]["prompt_tokens"] for o in batch] == [2, 2, 3, 3]
+
+
+def test_stop_token_ids_finish_with_stop(engine):
+    first = gen(engine, input_ids=[1, 9, 9], sampling_params={"max_new_tokens": 8, "temperature": 0})
+    tok = first["output_ids"][2]
+    out = gen(engine, input_ids=[1, 9, 9], sampling_params={"max_new_tokens": 8, "temperature": 0,
+                                                            "stop_token_ids": [tok]})
+    stop_at = first["output_ids"].index(tok)
+    assert out["output_ids"] == first["output_ids"][:stop_at + 1]
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": tok}
+
+
+@pytest.mark.parametrize("body,shape", [
+    (b"{not json", "validation"), (b"[1, 2]", "validation"), ({"input_ids": "abc"}, "validation"),
+    ({"input_ids": [1, 2], "sampling_params": {"bogus": 1}}, "contract"),
+    ({"input_ids": [1, 2], "sampling_params": {"temperature": "hot"}}, "contract"),
+    ({"input_ids": [1, 2], "return_logprob": "yes"}, "contract"),
+    ({"input_ids": [1, 2], "sampling_params": {"temperature": -1}}, "value"),
+    ({"input_ids": [1, 2], "sampling_params": {"top_p": 0}}, "value"),
+    ({"input_ids": [1, 2], "text": "ab"}, "value"), ({"sampling_params": {}}, "value"),
+    ({"input_ids": []}, "value"), ({"input_ids": [1, 999]}, "value"),
+    ({"input_ids": [1, 2], "sampling_params": {"stop": ["x"]}}, "value"),
+])
+def test_malformed_generate_gets_sglang_400(engine, body, shape):
+    status, text = call(engine, "/generate", body)
+    assert status == 400
+    err = json.loads(text)
+    if shape == "validation":
+        assert err["object"] == "error" and err["type"] == "Bad Request" and err["code"] == 400
+        assert isinstance(err["message"], str) and err["param"] is None
+    elif shape == "contract":
+        assert isinstance(err["error"], str) and err["error"].startswith(("unknown field", "invalid type"))
+    else:
+        assert isinstance(err["error"]["message"], str)
+
+
+def test_control_endpoints_shapes(engine):
+    assert call(engine, "/health") == (200, "") and call(engine, "/health_generate") == (200, "")
+    info = json.loads(call(engine, "/model_info")[1])
+    assert info["weight_version"] == "0" and info["is_generation"] is True
+    server = json.loads(call(engine, "/server_info")[1])
+    assert server["version"] == "0.5.23" and server["max_running_requests"] == 8
+    loads = json.loads(call(engine, "/v1/loads")[1])["loads"][0]
+    assert loads["num_running_reqs"] == 0 and loads["max_running_requests"] == 8
+    assert call(engine, "/get_weight_version")[0] == 404  # removed in 0.5.23
+    assert call(engine, "/flush_cache", {})[0] == 200 and call(engine, "/flush_cache")[0] == 200
+    assert call(engine, "/abort_request", {"rid": "nope"}) == (200, "")
+    status, text = call(engine, "/pause_generation", {"mode": "sideways"})
+    assert status == 400 and json.loads(text)["code"] == 400
+    status, text = call(engine, "/update_weights_from_distributed", {"names": [], "dtypes": [], "shapes": []})
+    assert status == 400 and "begin_weight_update" in json.loads(text)["message"]
+    assert call(engine, "/end_weight_update", {})[0] == 400
+    assert json.loads(call(engine, "/begin_weight_update", {})[1]) == {"success": True, "message": "Success"}
+    assert call(engine, "/begin_weight_update", {})[0] == 400
+    assert call(engine, "/end_weight_update", {})[0] == 200
+    assert call(engine, "/init_weights_update_group", {"master_address": "127.0.0.1"})[0] == 400
+    metrics = call(engine, "/metrics")[1]
+    for name in ("sglang:num_running_reqs", "sglang:num_queue_reqs", "sglang:token_usage", "sglang:gen_throughput",
+                 "sglang:prompt_tokens_total", "sglang:generation_tokens_total", "sglang:num_requests_total",
+                 "sglang:num_aborted_requests_total", "sglang:time_to_first_token_seconds_bucket",
+                 "sglang:e2e_request_latency_seconds_count", "sglang:num_paused_reqs"):
+        assert name in metrics, name
+
+
+def test_pause_abort_partial_then_blocked_until_continue(engine):
+    long = {"input_ids": [1, 30, 31], "sampling_params": {"max_new_tokens": 240, "ignore_eos": True},
+            "return_logprob": True}
+    with ThreadPoolExecutor(4) as pool:
+        inflight = [pool.submit(gen, engine, **long) for _ in range(2)]
+        deadline = time.monotonic() + HTTP_TIMEOUT_S
+        while engine.scheduler.load()["num_used_tokens"] < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        status, text = call(engine, "/pause_generation", {"mode": "abort"})
+        assert status == 200 and json.loads(text) == {"message": "Generation paused successfully.", "status": "ok"}
+        for f in inflight:  # pause returns only after every in-flight request was answered
+            assert f.done()
+            out = f.result()
+            assert out["meta_info"]["finish_reason"]["type"] == "abort"
+            assert 0 < len(out["output_ids"]) < 240
+            assert len(out["meta_info"]["output_token_logprobs"]) == len(out["output_ids"])
+        blocked = pool.submit(gen, engine, input_ids=[1, 5], sampling_params={"max_new_tokens": 2})
+        time.sleep(0.5)
+        assert not blocked.done()  # waits, is not rejected
+        assert call(engine, "/continue_generation", {})[0] == 200
+        assert blocked.result(timeout=HTTP_TIMEOUT_S)["meta_info"]["finish_reason"]["type"] == "length"
+
+
+def test_abort_request_by_rid(engine):
+    body = {"rid": "kill-me", "input_ids": [1, 40], "sampling_params": {"max_new_tokens": 250, "ignore_eos": True}}
+    with ThreadPoolExecutor(1) as pool:
+        f = pool.submit(gen, engine, **body)
+        deadline = time.monotonic() + HTTP_TIMEOUT_S
+        while not engine.scheduler.load()["num_running_reqs"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert call(engine, "/abort_request", {"rid": "kill-me"}) == (200, "")
+        out = f.result(timeout=HTTP_TIMEOUT_S)
+    assert out["meta_info"]["id"] == "kill-me" and out["meta_info"]["finish_reason"]["type"] == "abort"
+
+
+def test_pause_in_place_keeps_requests_and_refuses_flush(engine):
+    body = {"input_ids": [1, 50, 51], "sampling_params": {"max_new_tokens": 120, "temperature": 0, "ignore_eos": True}}
+    ref = gen(engine, **body)["output_ids"]
+    with ThreadPoolExecutor(1) as pool:
+        f = pool.submit(gen, engine, **body)
+        while not engine.scheduler.load()["num_running_reqs"]:
+            time.sleep(0.01)
+        assert call(engine, "/pause_generation", {"mode": "in_place"})[0] == 200
+        assert call(engine, "/flush_cache", {})[0] == 400  # requests are still running
+        time.sleep(0.2)
+        assert not f.done()
+        assert call(engine, "/continue_generation", {})[0] == 200
+        out = f.result(timeout=HTTP_TIMEOUT_S)
+    assert out["output_ids"] == ref and out["meta_info"]["finish_reason"]["type"] == "length"
+
+
+def test_update_weights_from_disk(engine, tmp_path):
+    new = build_model(ModelConfig(max_position_embeddings=256, init_seed=3))
+    new.save_pretrained(tmp_path / "m")
+    before = state_checksum(engine.model)
+    status, text = call(engine, "/update_weights_from_disk", {"model_path": str(tmp_path / "m"), "weight_version": "7"})
+    assert status == 200 and json.loads(text)["success"] is True
+    try:
+        assert state_checksum(engine.model) == state_checksum(new) != before
+        assert json.loads(call(engine, "/model_info")[1])["weight_version"] == "7"
+        out = gen(engine, input_ids=[1, 3, 4], sampling_params={"max_new_tokens": 2})
+        assert out["meta_info"]["weight_version"] == "7"
+        bad = call(engine, "/update_weights_from_disk", {"model_path": str(tmp_path / "nothing")})
+        assert bad[0] == 400 and json.loads(bad[1])["success"] is False
+    finally:  # later tests in this module expect the initial weights
+        build_model(MODEL).save_pretrained(tmp_path / "orig")
+        assert call(engine, "/update_weights_from_disk", {"model_path": str(tmp_path / "orig"),
+                                                          "weight_version": "0"})[0] == 200
+
+
+def test_health_while_paused(engine):
+    assert call(engine, "/pause_generation", {})[0] == 200
+    try:
+        assert call(engine, "/health")[0] == 200  # the health probe bypasses the pause gate
+    finally:
+        assert call(engine, "/continue_generation", {})[0] == 200

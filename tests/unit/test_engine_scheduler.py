@@ -1,0 +1,168 @@
+"""Engine correctness at the scheduler level (no HTTP): greedy == transformers' generate, exact logprobs,
+continuous batching with refill, abort/retract, weight loads between steps, and the sampler's truncation."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from areal_like.config import ModelConfig
+from areal_like.hf import build_model
+from rollout_server.engine.sampling import SamplingParams, sample
+from rollout_server.engine.scheduler import Request, Scheduler
+
+WAIT_S = 120.0  # generous: the machine is shared by many engineers
+EOS = 2
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    return build_model(ModelConfig(max_position_embeddings=192))
+
+
+@pytest.fixture
+def make_scheduler(model):
+    made: list[Scheduler] = []
+
+    def make(max_running: int = 3, max_total_tokens: int = 4096, own_model=None) -> Scheduler:
+        s = Scheduler(own_model or model, max_running=max_running, max_total_tokens=max_total_tokens, context_len=192,
+                      eos_ids=frozenset([EOS]), weight_version="0").start()
+        made.append(s)
+        return s
+    yield make
+    for s in made:
+        s.stop()
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(2, 40, (n,), generator=g).tolist()
+    return [[1] + torch.randint(4, 104, (k,), generator=g).tolist() for k in lens]
+
+
+def run_all(s: Scheduler, ps: list[list[int]], params: list[SamplingParams], stop_eos: bool = True) -> list[Request]:
+    done, finished = {}, threading.Event()
+
+    def fin(r):
+        done[r.rid] = r
+        if len(done) == len(ps):
+            finished.set()
+    for i, (p, sp) in enumerate(zip(ps, params)):
+        stop = frozenset(sp.stop_token_ids) | (frozenset([EOS]) if stop_eos else frozenset())
+        s.submit(Request(rid=str(i), input_ids=p, params=sp, stop_ids=stop, on_finish=fin))
+    assert finished.wait(WAIT_S), "requests did not finish"
+    return [done[str(i)] for i in range(len(ps))]
+
+
+def full_forward_logprobs(model, prompt: list[int], out: list[int], temperature: float) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + out])).logits[0, len(prompt) - 1:-1].float()
+    return torch.log_softmax(logits / temperature, -1).gather(1, torch.tensor(out)[:, None])[:, 0]
+
+
+def test_greedy_equals_transformers_generate_with_refill(model, make_scheduler):
+    ps = prompts(9)
+    limits = [5, 40, 17, 3, 64, 25, 9, 33, 1]
+    s = make_scheduler(max_running=3)  # 9 requests through 3 slots: rows join and leave every step
+    got = run_all(s, ps, [SamplingParams(max_new_tokens=m, temperature=0.0) for m in limits])
+    for p, m, r in zip(ps, limits, got):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([p]), max_new_tokens=m, do_sample=False, eos_token_id=EOS,
+                                 pad_token_id=0)[0, len(p):].tolist()
+        assert r.output_ids == ref
+        expected = {"type": "stop", "matched": EOS} if ref[-1] == EOS else {"type": "length", "length": m}
+        assert r.finish_reason == expected
+        assert r.output_versions == ["0"] * len(ref)
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 1 << 30), (0.7, 0.9, 20), (1.6, 1.0, 5)])
+def test_logprobs_equal_separate_forward(model, make_scheduler, temperature, top_p, top_k):
+    ps = prompts(6, seed=1)
+    s = make_scheduler(max_running=4)
+    params = [SamplingParams(max_new_tokens=24, temperature=temperature, top_p=top_p, top_k=top_k) for _ in ps]
+    for p, r in zip(ps, run_all(s, ps, params, stop_eos=False)):
+        ref = full_forward_logprobs(model, p, r.output_ids, temperature)
+        assert (ref - torch.tensor(r.output_logprobs)).abs().max().item() <= 1e-4
+        if top_k < 104:  # every sampled token is inside the truncated set
+            with torch.no_grad():
+                logits = model(torch.tensor([p + r.output_ids])).logits[0, len(p) - 1:-1]
+            ranks = (logits > logits.gather(1, torch.tensor(r.output_ids)[:, None])).sum(-1)
+            assert int(ranks.max()) < top_k
+
+
+def test_seeded_sampling_is_reproducible(model, make_scheduler):
+    s = make_scheduler()
+    p = prompts(1, seed=2) * 3
+    params = [SamplingParams(max_new_tokens=16, temperature=1.0, sampling_seed=7) for _ in range(2)] + \
+        [SamplingParams(max_new_tokens=16, temperature=1.0, sampling_seed=8)]
+    a, b, c = run_all(s, p, params, stop_eos=False)
+    assert a.output_ids == b.output_ids and a.output_ids != c.output_ids
+
+
+def test_sampler_truncation_hand_computed():
+    # probs = [0.5, 0.3, 0.15, 0.05]; top_p=0.6 keeps {0, 1} (mass before token 2 is 0.8 > 0.6)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(400, 1)
+    shared = torch.Generator().manual_seed(0)
+    tok, lp = sample(logits, [SamplingParams(top_p=0.6)] * 400, [None] * 400, shared)
+    assert set(tok.tolist()) == {0, 1}
+    # the logprob is of the untruncated distribution: log 0.5 / log 0.3, not log(0.5/0.8)
+    assert torch.allclose(lp, torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))[tok], atol=1e-6)
+    tok, _ = sample(logits, [SamplingParams(top_k=3)] * 400, [None] * 400, shared)
+    assert set(tok.tolist()) == {0, 1, 2}
+    tok, lp = sample(logits[:1], [SamplingParams(temperature=0.0)], [None], shared)
+    assert tok.tolist() == [0] and abs(lp.item() - torch.log(torch.tensor(0.5)).item()) < 1e-6
+    # temperature 0.5 sharpens: logprob = log_softmax(log p / 0.5) = log(p^2 / sum p^2)
+    tok, lp = sample(logits[:1], [SamplingParams(temperature=0.5, top_k=1)], [None], shared)
+    p2 = torch.tensor([0.25, 0.09, 0.0225, 0.0025])
+    assert abs(lp.item() - torch.log(p2[0] / p2.sum()).item()) < 1e-6
+
+
+def test_abort_returns_partial_and_frees_slot(model, make_scheduler):
+    s = make_scheduler(max_running=2)
+    finished, ev = {}, threading.Event()
+
+    def fin(r):
+        finished[r.rid] = r
+        ev.set()
+    long = Request(rid="long", input_ids=prompts(1)[0], params=SamplingParams(max_new_tokens=180, temperature=0.0),
+                   stop_ids=frozenset(), on_finish=fin)
+    s.submit(long)
+    while not long.output_ids:
+        s.call(lambda sch: None).result(WAIT_S)
+    s.abort("long", message="stop it")
+    assert ev.wait(WAIT_S)
+    r = finished["long"]
+    assert r.finish_reason["type"] == "abort" and r.finish_reason["message"] == "stop it"
+    assert 0 < len(r.output_ids) < 180 and len(r.output_logprobs) == len(r.output_ids)
+    assert s.call(lambda sch: (len(sch.running), len(sch.waiting))).result(WAIT_S) == (0, 0)
+
+
+def test_retract_and_weight_swap_between_steps(model, make_scheduler):
+    """Pause with retract, load new weights, release: outputs continue; versions switch at the swap."""
+    other = build_model(ModelConfig(max_position_embeddings=192, init_seed=1))
+    s = make_scheduler(max_running=2, own_model=build_model(ModelConfig(max_position_embeddings=192)))
+    p = prompts(1, seed=3)[0]
+    done = threading.Event()
+    req = Request(rid="r", input_ids=p, params=SamplingParams(max_new_tokens=60, temperature=0.0),
+                  stop_ids=frozenset(), on_finish=lambda r: done.set())
+    s.submit(req)
+    while len(req.output_ids) < 5:
+        s.call(lambda sch: None).result(WAIT_S)
+    assert s.hold(retract=True).result(WAIT_S) == 1
+
+    def swap(sch):
+        sch.model.load_state_dict(other.state_dict())
+        sch.weight_version = "1"
+        return len(req.output_ids)
+    cut = s.call(swap).result(WAIT_S)
+    s.release().result(WAIT_S)
+    assert done.wait(WAIT_S)
+    assert req.output_versions == ["0"] * cut + ["1"] * (60 - cut)
+    # tokens after the swap are exactly new-weights greedy continuations of prompt + old tokens
+    with torch.no_grad():
+        ref = other.generate(torch.tensor([p + req.output_ids[:cut]]), max_new_tokens=60 - cut, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)[0, len(p) + cut:].tolist()
+    assert req.output_ids[cut:] == ref
