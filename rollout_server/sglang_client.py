@@ -111,18 +111,21 @@ def parse_generate_output(body: Any) -> GenerateOutput:
 class SGLangClient:
     """Async client for one SGLang server. Create inside a running event loop; ``close()`` it.
 
-    ``on_request(method, path, body)`` is called with every request body before it is sent
-    (tracing; the contract test validates what we send through it).
+    ``on_request(method, path, body)`` is called with every request body before it is sent and
+    ``on_response(method, path, status, parsed_json_or_None, raw_text)`` with every answer
+    (tracing; the contract test validates both sides through them).
     """
 
     def __init__(self, base_url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  generate_timeout_s: float = GENERATE_TIMEOUT_S, max_attempts: int = MAX_ATTEMPTS,
-                 on_request: Callable[[str, str, Any], None] | None = None):
+                 on_request: Callable[[str, str, Any], None] | None = None,
+                 on_response: Callable[[str, str, int, Any, str], None] | None = None):
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self.generate_timeout_s = generate_timeout_s
         self.max_attempts = max_attempts
         self.on_request = on_request
+        self.on_response = on_response
         self.weight_session_supported: bool | None = None  # None: not probed yet
         self._session: aiohttp.ClientSession | None = None
 
@@ -162,6 +165,8 @@ class SGLangClient:
                         parsed = json.loads(raw) if raw.strip() else None
                     except ValueError:
                         parsed = None
+                    if self.on_response is not None:
+                        self.on_response(method, path, resp.status, parsed, raw)
                     if resp.status < 300 and not (isinstance(parsed, dict) and parsed.get("success") is False):
                         return resp.status, parsed, raw
                     last = SGLangError(path, resp.status, _error_message(parsed, raw))

@@ -15,7 +15,9 @@ import pytest
 from aiohttp import web
 
 from areal_like.distributed import free_port
+from areal_like.config import EngineConfig, ModelConfig
 from rollout_server.episode import generate_sample, segment_versions
+from rollout_server.launch_sglang import sglang_command
 from rollout_server.sglang_client import GenerateOutput, SGLangClient, SGLangError
 
 
@@ -224,3 +226,12 @@ def test_segment_versions_use_spans_and_fall_back_for_non_integer_versions():
     default = GenerateOutput(rid="", output_ids=[1, 2], logprobs=[0.0, 0.0], finish_reason="length",
                              finish_message="", abort_status=None, weight_version="default")
     assert segment_versions(default, fallback=3) == [3, 3]
+
+
+def test_sglang_command_passes_every_option_through():
+    argv = sglang_command(ModelConfig(path="/m"), EngineConfig(kind="sglang", sglang={
+        "tp_size": 2, "skip_server_warmup": True, "enable_metrics": False, "cuda_graph_max_bs": 8,
+        "weight_version": "7"}), 30001)
+    assert argv[1:3] == ["-m", "sglang.launch_server"]
+    assert argv[3:] == ["--model-path", "/m", "--host", "127.0.0.1", "--port", "30001", "--weight-version", "7",
+                        "--tp-size", "2", "--skip-server-warmup", "--cuda-graph-max-bs", "8"]

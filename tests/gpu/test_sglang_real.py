@@ -1,0 +1,127 @@
+"""Real SGLang on a GPU: the rollout server's launcher, client and weight-sync path end to end.
+
+Skips without CUDA (tests/gpu/conftest.py) and when ``sglang`` is not installed. Builds a small
+Qwen2 with the char tokenizer into a local model directory (nothing is downloaded), launches
+``python -m sglang.launch_server`` through ``SGLangProcess`` with ``engine.sglang`` options passed
+through, then: generate with logprobs, pause with a long request in flight (abort + resume), and a
+weight update by broadcast from a separate sender process (rank 0) driven by a ``WeightSyncPlan``
+through ``apply_weight_sync``. With two GPUs the group uses NCCL (sender on cuda:1); with one,
+gloo over CUDA tensors (NCCL cannot put two ranks on one device).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from areal_like.config import EngineConfig, ModelConfig
+from areal_like.distributed import free_port
+from areal_like.protocol import BucketSpec, SyncMember, WeightSyncPlan
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang is not installed")
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+             num_hidden_layers=2, max_position_embeddings=512, dtype="bfloat16")
+SENDER = r"""
+import json, os, sys, torch, torch.distributed as dist
+from areal_like.config import ModelConfig
+from areal_like.distributed import init_weight_group
+from areal_like.hf import build_model
+spec = json.loads(sys.argv[1])
+device = spec["device"]
+state = build_model(ModelConfig(**spec["model"]), device=device).state_dict()
+pg = init_weight_group(spec["backend"], "127.0.0.1", spec["port"], 2, 0, spec["group"], 300)
+for names in spec["buckets"]:
+    for name in names:
+        dist.broadcast(state[name].contiguous(), group_src=0, group=pg)
+torch.cuda.synchronize()
+print("sent", flush=True)
+os._exit(0)  # skip interpreter teardown: destroying a gloo group at exit can abort the process
+"""
+
+
+@pytest.fixture(scope="module")
+def sglang_server(tmp_path_factory):
+    from areal_like.hf import build_model
+    from areal_like.tokenizer import char_tokenizer
+    from rollout_server.launch_sglang import SGLangProcess
+
+    model_dir = tmp_path_factory.mktemp("tiny-qwen2")
+    build_model(ModelConfig(**MODEL)).save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    engine_cfg = EngineConfig(kind="sglang", device="cuda", startup_timeout_s=900, sglang={
+        "mem_fraction_static": 0.3, "skip_server_warmup": True, "disable_radix_cache": True,
+        "enable_metrics": True, "attention_backend": "triton"})
+    proc = SGLangProcess(ModelConfig(**MODEL, path=str(model_dir)), engine_cfg,
+                         log_path=str(model_dir / "sglang.log")).start()
+    try:
+        yield proc.url
+    finally:
+        proc.stop()
+
+
+def test_generate_pause_resume_and_weight_update_on_real_sglang(sglang_server):
+    import torch
+
+    from areal_like.hf import build_model
+    from rollout_server.episode import generate_sample
+    from rollout_server.sglang_client import SGLangClient
+    from rollout_server.weight_update import apply_weight_sync
+
+    two_gpus = torch.cuda.device_count() >= 2
+    state = build_model(ModelConfig(**MODEL, init_seed=1)).state_dict()
+    names = list(state)
+    buckets = [names[: len(names) // 2], names[len(names) // 2:]]
+    port, group = free_port(), "gpu_test_weights"
+    plan = WeightSyncPlan(
+        policy_version=1, group_name=group, master_addr="127.0.0.1", master_port=port, world_size=2,
+        backend="nccl" if two_gpus else "gloo", reform=True, members=[SyncMember(server_id="gpu", rank_offset=1)],
+        buckets=[BucketSpec(names=b, dtypes=["bfloat16"] * len(b), shapes=[list(state[n].shape) for n in b])
+                 for b in buckets], deadline_s=300)
+    spec = {"model": {**MODEL, "init_seed": 1}, "port": port, "group": group, "buckets": buckets,
+            "backend": plan.backend, "device": "cuda:1" if two_gpus else "cuda:0"}
+
+    async def scenario():
+        client = SGLangClient(sglang_server, timeout_s=300)
+        try:
+            assert await client.health_generate()
+            assert await client.weight_version() == "0"
+            out = await client.generate([1, 20, 21], {"max_new_tokens": 8, "temperature": 1.0})
+            assert out.finish_reason in ("stop", "length") and len(out.logprobs) == len(out.output_ids) >= 1
+            assert all(lp <= 0 for lp in out.logprobs) and out.weight_version == "0"
+            version = 0
+            job = asyncio.create_task(generate_sample(client, [1, 30, 31], {"temperature": 1.0, "ignore_eos": True},
+                                                      400, lambda: version))
+            await asyncio.sleep(0.2)
+            env = {**os.environ, "PYTHONPATH": str(REPO)}
+            sender = subprocess.Popen([sys.executable, "-c", SENDER, json.dumps(spec)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                done = await apply_weight_sync(client, plan, "gpu", drain=False)
+                _, err = await asyncio.to_thread(sender.communicate, timeout=300)
+                assert sender.returncode == 0, err[-2000:]
+            finally:
+                if sender.poll() is None:
+                    sender.kill()
+                    sender.wait()
+            assert done.ok, done.reason
+            version = 1
+            sample = await job
+            assert len(sample.output_ids) == 400 and sample.finish_reason == "length"
+            assert sorted(set(sample.versions)) in ([1], [0, 1])
+            assert await client.weight_version() == "1"
+            out = await client.generate([1, 20, 21], {"max_new_tokens": 4, "temperature": 1.0})
+            assert out.weight_version == "1"
+            assert any(k.startswith("sglang:num_running_reqs") for k in await client.metrics())
+        finally:
+            await client.close()
+
+    asyncio.run(scenario())

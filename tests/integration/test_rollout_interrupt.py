@@ -1,0 +1,145 @@
+"""Interruptible generation across a real weight update.
+
+Long greedy generations run on the embedded engine; in the middle, a ``WeightSyncPlan`` is applied
+with ``apply_weight_sync`` (reform, pause with abort, begin, two buckets, end, continue) while a
+separate sender process joins the group as rank 0 and broadcasts a differently initialised model.
+Every sample is resubmitted as prompt + tokens so far and completes. Checked against reference
+forward passes in this process:
+
+* versions switch 0 -> 1 exactly once per sample, at the point k where the sample was aborted;
+* tokens before k are the old model's greedy choices and tokens from k on are the new model's
+  greedy continuation of ``prompt + tokens[:k]`` (so no token was lost, duplicated or regenerated:
+  the concatenation is exactly what the two weight versions generated);
+* ``behav_logp`` equals ``log_softmax(logits)`` of the model version that produced each token
+  (max abs diff <= 1e-4), and the total length is what the engine reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from areal_like.config import EngineConfig, ModelConfig
+from areal_like.distributed import free_port
+from areal_like.hf import build_model
+from areal_like.protocol import BucketSpec, SyncMember, WeightSyncPlan
+from rollout_server.episode import generate_sample
+from rollout_server.sglang_client import SGLangClient
+from rollout_server.weight_update import apply_weight_sync
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = {"max_position_embeddings": 1024}
+MAX_NEW = 600
+PROMPTS = [[1, 20 + i, 40 + 2 * i, 60 + i] for i in range(4)]
+SENDER = r"""
+import json, os, sys, torch, torch.distributed as dist
+torch.set_num_threads(1)
+from areal_like.config import ModelConfig
+from areal_like.distributed import init_weight_group
+from areal_like.hf import build_model
+spec = json.loads(sys.argv[1])
+state = build_model(ModelConfig(**spec["model"])).state_dict()
+print("ready", flush=True)
+pg = init_weight_group("gloo", "127.0.0.1", spec["port"], 2, 0, spec["group"], 120)
+for names in spec["buckets"]:
+    for name in names:
+        dist.broadcast(state[name].contiguous(), group_src=0, group=pg)
+print("sent", flush=True)
+os._exit(0)  # skip interpreter teardown: destroying a gloo group at exit can abort the process
+"""
+
+
+def make_plan(state: dict, port: int, group: str) -> tuple[WeightSyncPlan, list[list[str]]]:
+    names = list(state)
+    buckets = [names[: len(names) // 2], names[len(names) // 2:]]
+    specs = [BucketSpec(names=b, dtypes=[str(state[n].dtype).removeprefix("torch.") for n in b],
+                        shapes=[list(state[n].shape) for n in b]) for b in buckets]
+    plan = WeightSyncPlan(policy_version=1, group_name=group, master_addr="127.0.0.1", master_port=port,
+                          world_size=2, backend="gloo", reform=True,
+                          members=[SyncMember(server_id="engine-under-test", rank_offset=1)], buckets=specs,
+                          deadline_s=120.0)
+    return plan, buckets
+
+
+async def generated_tokens(client: SGLangClient) -> float:
+    return sum(v for k, v in (await client.metrics()).items() if k.startswith("sglang:generation_tokens_total"))
+
+
+async def scenario(url: str, plan: WeightSyncPlan, sender_argv: list[str]):
+    client = SGLangClient(url, timeout_s=120)
+    version = 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # the trainer's side (rank 0) is up and waiting in the rendezvous before generation starts,
+    # so the pause lands in the middle of the generations rather than after them
+    sender = subprocess.Popen(sender_argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        await client.wait_healthy(120)
+        assert (await asyncio.to_thread(sender.stdout.readline)).strip() == "ready"
+        # greedy (top_k=1; logprobs are of the untruncated distribution), every sample runs to MAX_NEW
+        sampling = {"temperature": 1.0, "top_k": 1, "ignore_eos": True}
+        jobs = [asyncio.create_task(generate_sample(client, p, sampling, MAX_NEW, lambda: version)) for p in PROMPTS]
+        t0 = time.monotonic()  # pause once every sample is well under way (about 40 tokens each)
+        while await generated_tokens(client) < 40 * len(PROMPTS) and time.monotonic() - t0 < 60:
+            await asyncio.sleep(0.01)
+        done = await apply_weight_sync(client, plan, "engine-under-test", drain=False)
+        _, err = await asyncio.to_thread(sender.communicate, timeout=120)
+        assert sender.returncode == 0, err[-2000:]
+        if done.ok:
+            version = 1
+        samples = await asyncio.gather(*jobs)
+        return done, samples, await client.weight_version()
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait()
+        await client.close()
+
+
+def check_against(model, prompt: list[int], out: list[int], logps: list[float], lo: int, hi: int) -> None:
+    """Tokens out[lo:hi] are ``model``'s greedy choices given prompt + out[:t], logprobs match."""
+    if lo >= hi:
+        return
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + out])).logits[0].float()
+    steps = logits[len(prompt) - 1 + lo: len(prompt) - 1 + hi]
+    assert steps.argmax(-1).tolist() == out[lo:hi]
+    ref = torch.log_softmax(steps, -1).gather(-1, torch.tensor(out[lo:hi])[:, None])[:, 0]
+    assert (ref - torch.tensor(logps[lo:hi])).abs().max().item() <= 1e-4
+
+
+def test_pause_update_continue_switches_versions_exactly_at_the_abort_point():
+    from rollout_server.engine import EmbeddedEngine
+
+    torch.set_num_threads(1)
+    old, new = build_model(ModelConfig(**MODEL, init_seed=0)), build_model(ModelConfig(**MODEL, init_seed=1))
+    port, group = free_port(), "interrupt_weights"
+    plan, buckets = make_plan(new.state_dict(), port, group)
+    spec = {"model": {**MODEL, "init_seed": 1}, "port": port, "group": group, "buckets": buckets}
+    engine = EmbeddedEngine(ModelConfig(**MODEL), EngineConfig(max_running_requests=8)).start()
+    try:
+        done, samples, served = asyncio.run(scenario(engine.url, plan, [sys.executable, "-c", SENDER, json.dumps(spec)]))
+    finally:
+        engine.stop()
+
+    assert done.ok and done.pause_s > 0, done.reason
+    assert served == "1"
+    spanning = 0
+    for prompt, s in zip(PROMPTS, samples):
+        n = len(s.output_ids)
+        assert s.finish_reason == "length" and n == MAX_NEW  # nothing lost, nothing generated twice
+        assert len(s.logprobs) == len(s.versions) == n
+        k = s.versions.count(0)
+        assert s.versions == [0] * k + [1] * (n - k), "versions must switch once, from 0 to 1"
+        if 0 < k < n:
+            spanning += 1
+            assert s.resumed >= 1
+        check_against(old, prompt, s.output_ids, s.logprobs, 0, k)
+        check_against(new, prompt, s.output_ids, s.logprobs, k, n)
+    assert spanning >= 1, "no sample was interrupted mid-generation"

@@ -1,0 +1,321 @@
+"""Contract test against SGLang itself (pinned 0.5.23), without installing or committing SGLang.
+
+At test time the wheel is fetched with ``pip download --no-deps sglang==0.5.23`` into a per-machine
+cache (``~/.cache/areal_like/sglang``; the 40 MB download happens once). From the wheel:
+
+* ``sglang/api/v1/api_types.py`` (imports only msgspec) is exec'd into a module object
+  (``sglang/__init__`` never runs) and used to validate every ``/generate`` and ``/abort_request``
+  body our client sends and every generate / model-info / server-info response the embedded engine
+  returns, with SGLang's own ``from_json_value`` decoders;
+* ``sglang/srt/managers/io_struct.py`` is parsed with ``ast`` (no import) and every control body
+  we send (pause, continue, flush, weight-update group, bucket update, begin/end session, update
+  from disk) is checked against the struct's fields: names a subset, required fields present,
+  Literal values allowed, JSON types matching the annotations; control answers carry the
+  ``*ReqOutput`` fields.
+
+Everything is captured through ``SGLangClient(on_request=..., on_response=...)`` while the client
+drives a real embedded engine through a full cycle, including a weight update received by
+broadcast from a separate sender process. Skips only when the wheel cannot be downloaded.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import types
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from areal_like.config import EngineConfig, ModelConfig
+from areal_like.distributed import free_port
+from areal_like.protocol import BucketSpec, SyncMember, WeightSyncPlan
+from rollout_server.sglang_client import SGLangClient, SGLangError
+from rollout_server.weight_update import apply_weight_sync
+
+SGLANG_PIN = "0.5.23"
+CACHE = Path(os.environ.get("AREAL_LIKE_CACHE", Path.home() / ".cache" / "areal_like")) / "sglang"
+REPO = Path(__file__).resolve().parents[2]
+MODEL = {"max_position_embeddings": 4096}  # room for long generations to pause and abort mid-way
+LONG = 3000
+
+# control endpoint -> (request struct, response struct) in io_struct.py
+CONTROL = {
+    "/pause_generation": ("PauseGenerationReqInput", None),
+    "/continue_generation": ("ContinueGenerationReqInput", None),
+    "/flush_cache": ("FlushCacheReqInput", None),
+    "/init_weights_update_group": ("InitWeightsUpdateGroupReqInput", "InitWeightsUpdateGroupReqOutput"),
+    "/destroy_weights_update_group": ("DestroyWeightsUpdateGroupReqInput", "DestroyWeightsUpdateGroupReqOutput"),
+    "/update_weights_from_distributed": ("UpdateWeightsFromDistributedReqInput",
+                                         "UpdateWeightsFromDistributedReqOutput"),
+    "/begin_weight_update": ("BeginWeightUpdateReqInput", "BeginWeightUpdateReqOutput"),
+    "/end_weight_update": ("EndWeightUpdateReqInput", "EndWeightUpdateReqOutput"),
+    "/update_weights_from_disk": ("UpdateWeightFromDiskReqInput", "UpdateWeightFromDiskReqOutput"),
+    "/abort_request": ("AbortReq", None),
+}
+
+SENDER = r"""
+import json, os, sys, torch, torch.distributed as dist
+torch.set_num_threads(1)
+from areal_like.config import ModelConfig
+from areal_like.distributed import init_weight_group
+from areal_like.hf import build_model
+spec = json.loads(sys.argv[1])
+state = build_model(ModelConfig(**spec["model"])).state_dict()
+pg = init_weight_group("gloo", "127.0.0.1", spec["port"], 2, 0, spec["group"], 120)
+for names in spec["buckets"]:
+    for name in names:
+        dist.broadcast(state[name].contiguous(), group_src=0, group=pg)
+print("sent", flush=True)
+os._exit(0)  # skip interpreter teardown: destroying a gloo group at exit can abort the process
+"""
+
+
+# ---------------------------------------------------------------------------- SGLang's contract
+def sglang_wheel() -> Path:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    found = sorted(CACHE.glob(f"sglang-{SGLANG_PIN}-*.whl"))
+    if found:
+        return found[0]
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:  # concurrent runs: download aside, then rename
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", f"sglang=={SGLANG_PIN}",
+                            "-d", tmp], capture_output=True, text=True, timeout=600)
+        wheels = sorted(Path(tmp).glob("sglang-*.whl"))
+        if r.returncode != 0 or not wheels:
+            pytest.skip(f"cannot download the pinned SGLang wheel (pip download --no-deps sglang=={SGLANG_PIN} "
+                        f"failed: {(r.stderr or r.stdout).strip()[-300:]})")
+        target = CACHE / wheels[0].name
+        os.replace(wheels[0], target)
+        return target
+
+
+@pytest.fixture(scope="module")
+def contract():
+    with zipfile.ZipFile(sglang_wheel()) as z:
+        api_src = z.read("sglang/api/v1/api_types.py").decode()
+        io_src = z.read("sglang/srt/managers/io_struct.py").decode()
+    api = types.ModuleType("sglang_api_types_pinned")
+    sys.modules[api.__name__] = api
+    exec(compile(api_src, "sglang/api/v1/api_types.py", "exec"), api.__dict__)
+    return api, io_structs(io_src)
+
+
+def io_structs(source: str) -> dict[str, dict[str, tuple[ast.expr, bool]]]:
+    """class name -> {field: (annotation AST, has_default)}, inherited fields included."""
+    classes = {n.name: n for n in ast.parse(source).body if isinstance(n, ast.ClassDef)}
+
+    def fields(name: str) -> dict:
+        node = classes[name]
+        out: dict = {}
+        for base in node.bases:
+            if isinstance(base, ast.Name) and base.id in classes:
+                out.update(fields(base.id))
+        for stmt in node.body:
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                out[stmt.target.id] = (stmt.annotation, stmt.value is not None)
+        return out
+    return {name: fields(name) for name in classes}
+
+
+def json_matches(value, ann: ast.expr) -> bool:
+    """Does a JSON value fit a (simple) io_struct annotation? Unknown annotations accept."""
+    if isinstance(ann, ast.Name):
+        expected = {"str": (str,), "int": (int,), "bool": (bool,), "float": (int, float)}.get(ann.id)
+        if expected is None:
+            return True
+        return isinstance(value, expected) and (ann.id == "bool" or not isinstance(value, bool))
+    if isinstance(ann, ast.Subscript) and isinstance(ann.value, ast.Name):
+        head, arg = ann.value.id, ann.slice
+        if head == "Optional":
+            return value is None or json_matches(value, arg)
+        if head == "List":
+            return isinstance(value, list) and all(json_matches(v, arg) for v in value)
+        if head == "Literal":
+            allowed = [e.value for e in (arg.elts if isinstance(arg, ast.Tuple) else [arg])]
+            return value in allowed
+    return True
+
+
+def check_control_body(structs, path: str, body) -> None:
+    fields = structs[CONTROL[path][0]]
+    body = body or {}
+    assert set(body) <= set(fields), f"{path}: fields {set(body) - set(fields)} are not in {CONTROL[path][0]}"
+    missing = [f for f, (_, has_default) in fields.items() if not has_default and f not in body]
+    assert not missing, f"{path}: required fields {missing} missing"
+    for key, value in body.items():
+        assert json_matches(value, fields[key][0]), f"{path}: {key}={value!r} does not fit {ast.unparse(fields[key][0])}"
+
+
+# ---------------------------------------------------------------------------- the engine under test
+async def drive_engine(url: str, tmp: Path, seen_requests: list, seen_responses: list) -> dict:
+    """Exercise every endpoint the rollout server uses; return facts for extra asserts."""
+    client = SGLangClient(url, timeout_s=120, on_request=lambda m, p, b: seen_requests.append((p, b)),
+                          on_response=lambda m, p, s, j, raw: seen_responses.append((p, s, j, raw)))
+    facts: dict = {}
+    try:
+        await client.wait_healthy(120)
+        facts["health_generate"] = await client.health_generate()
+        info = await client.model_info()
+        await client.server_info()
+        facts["version0"] = info.get("weight_version")
+        sp = {"max_new_tokens": 6, "temperature": 1.0, "top_p": 0.9, "top_k": 20, "stop_token_ids": [2]}
+        facts["single"] = await client.generate([1, 20, 21, 22], sp, rid="contract-1")
+        facts["n"] = await client.generate_n([1, 20, 21], {**sp, "n": 2})
+        facts["greedy_length"] = await client.generate([1, 30], {"max_new_tokens": 3, "temperature": 0.0,
+                                                                 "ignore_eos": True})
+        facts["stopped"] = await client.generate([1, 31], {"max_new_tokens": 3, "stop_token_ids": list(range(104))})
+        # a long request aborted by pause (interruptible generation) and by abort_request
+        long_sp = {"max_new_tokens": LONG, "temperature": 1.0, "ignore_eos": True}
+        job = asyncio.create_task(client.generate([1, 40, 41], long_sp))
+        await asyncio.sleep(0.3)
+        await client.pause_generation("abort")
+        facts["paused"] = await job
+        await client.continue_generation()
+        job = asyncio.create_task(client.generate([1, 42], long_sp, rid="to-abort"))
+        await asyncio.sleep(0.3)
+        await client.abort_request("to-abort")
+        facts["aborted"] = await job
+        await client.abort_request(abort_all=True)
+        await client.flush_cache(timeout_s=60)
+        # a malformed request gets SGLang's 400 contract error
+        with pytest.raises(SGLangError) as e:
+            await client.generate([1, 5], {"max_new_tokens": 2, "bogus": 1})
+        facts["bad_status"] = e.value.status
+        # weight update by broadcast from a sender process, driven by a plan
+        facts["sync"] = await sync_from_sender(client, tmp)
+        facts["version1"] = await client.weight_version()
+        # update from disk
+        from areal_like.hf import build_model
+        model_dir = tmp / "model-v2"
+        build_model(ModelConfig(**MODEL, init_seed=2)).save_pretrained(model_dir)
+        await client.update_weights_from_disk(str(model_dir), weight_version="2")
+        facts["version2"] = await client.weight_version()
+        facts["metrics"] = await client.metrics()
+    finally:
+        await client.close()
+    return facts
+
+
+async def sync_from_sender(client: SGLangClient, tmp: Path):
+    from areal_like.hf import build_model
+
+    state = build_model(ModelConfig(**MODEL, init_seed=1)).state_dict()
+    names = list(state)
+    buckets = [names[: len(names) // 2], names[len(names) // 2:]]
+    port, group = free_port(), "contract_weights"
+    plan = WeightSyncPlan(
+        policy_version=1, group_name=group, master_addr="127.0.0.1", master_port=port, world_size=2,
+        backend="gloo", reform=True, members=[SyncMember(server_id="contract", rank_offset=1)],
+        buckets=[BucketSpec(names=b, dtypes=[str(state[n].dtype).removeprefix("torch.") for n in b],
+                            shapes=[list(state[n].shape) for n in b]) for b in buckets],
+        deadline_s=120.0)
+    spec = {"model": {**MODEL, "init_seed": 1}, "port": port, "group": group, "buckets": buckets}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    sender = subprocess.Popen([sys.executable, "-c", SENDER, json.dumps(spec)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        done = await apply_weight_sync(client, plan, "contract", drain=False)
+        out, err = await asyncio.to_thread(sender.communicate, timeout=120)
+        assert sender.returncode == 0, err[-2000:]
+        return done
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait()
+
+
+@pytest.fixture(scope="module")
+def engine_run(tmp_path_factory):
+    from rollout_server.engine import EmbeddedEngine
+
+    tmp = tmp_path_factory.mktemp("contract")
+    engine = EmbeddedEngine(ModelConfig(**MODEL), EngineConfig(max_running_requests=8)).start()
+    requests: list = []
+    responses: list = []
+    try:
+        facts = asyncio.run(drive_engine(engine.url, tmp, requests, responses))
+    finally:
+        engine.stop()
+    return requests, responses, facts
+
+
+# ---------------------------------------------------------------------------- the tests
+def test_every_generate_and_abort_request_we_send_is_valid_for_sglang(contract, engine_run):
+    api, structs = contract
+    requests, _, _ = engine_run
+    generate = [b for p, b in requests if p == "/generate"]
+    assert len(generate) >= 6
+    for body in generate:
+        if "bogus" in json.dumps(body):
+            with pytest.raises(api.JsonContractError, match="unknown field `bogus`"):
+                api.GenerateRequest.from_json_value(body)
+            continue
+        req = api.GenerateRequest.from_json_value(body)
+        assert req.input_ids == body["input_ids"] and req.return_logprob is True
+    for body in [b for p, b in requests if p == "/abort_request"]:
+        api.AbortRequest.from_json_value(body)
+        check_control_body(structs, "/abort_request", body)
+
+
+def test_every_control_body_we_send_fits_io_struct(contract, engine_run):
+    _, structs = contract
+    requests, _, _ = engine_run
+    sent = {p for p, _ in requests}
+    for path in CONTROL:
+        assert path in sent, f"the client never exercised {path}"
+    for path, body in requests:
+        if path in CONTROL:
+            check_control_body(structs, path, body)
+    pause = [b for p, b in requests if p == "/pause_generation"]
+    assert all(b["mode"] == "abort" for b in pause)
+
+
+def test_every_engine_response_decodes_with_sglang_types(contract, engine_run):
+    api, structs = contract
+    _, responses, facts = engine_run
+    finish_types = set()
+    for path, status, body, raw in responses:
+        if path == "/generate" and status == 200:
+            for obj in body if isinstance(body, list) else [body]:
+                resp = api.GenerateResponse.from_json_value(obj)
+                fr = resp.meta_info.finish_reason
+                assert isinstance(fr, (api.FinishStop, api.FinishLength, api.FinishAbort)), fr
+                finish_types.add(type(fr).__name__)
+                assert resp.meta_info.weight_version is not None
+                assert len(resp.meta_info.output_token_logprobs) == len(resp.output_ids)
+                assert [e.token_id for e in resp.meta_info.output_token_logprobs] == resp.output_ids
+        elif path == "/generate":
+            assert status == 400 and isinstance(body, dict) and "error" in body, (status, raw)
+        elif path == "/model_info":
+            api.GetModelInfoResponse.from_json_value(body)
+        elif path == "/server_info":
+            api.GetServerInfoResponse.from_json_value(body)
+        elif path == "/abort_request":
+            assert status == 200 and raw == "", raw
+        elif path in CONTROL and CONTROL[path][1] and status == 200:
+            out_fields = structs[CONTROL[path][1]]
+            assert isinstance(body, dict) and {"success", "message"} <= set(body) <= set(out_fields), body
+    assert finish_types == {"FinishStop", "FinishLength", "FinishAbort"}, finish_types
+    assert facts["bad_status"] == 400
+
+
+def test_engine_behaves_as_the_protocol_says(engine_run):
+    _, _, f = engine_run
+    assert f["health_generate"] is True
+    assert f["single"].finish_reason in ("stop", "length") and 1 <= len(f["single"].output_ids) <= 6
+    assert len(f["n"]) == 2 and all(1 <= len(o.output_ids) <= 6 for o in f["n"])
+    assert f["greedy_length"].finish_reason == "length" and len(f["greedy_length"].output_ids) == 3
+    assert f["stopped"].finish_reason == "stop" and len(f["stopped"].output_ids) == 1
+    for key in ("paused", "aborted"):
+        assert f[key].finish_reason == "abort" and len(f[key].output_ids) < LONG, key
+    assert f["sync"].ok, f["sync"].reason
+    assert (f["version0"], f["version1"], f["version2"]) == ("0", "1", "2")
+    names = {k.split("{")[0] for k in f["metrics"]}
+    assert {"sglang:num_running_reqs", "sglang:generation_tokens_total", "sglang:num_requests_total"} <= names
