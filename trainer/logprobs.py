@@ -43,7 +43,7 @@ class _TokenLogprob(torch.autograd.Function):
         wd = _work_dtype(logits)
         out = torch.empty(flat.shape[0], dtype=wd, device=logits.device)
         for s in range(0, flat.shape[0], rows):
-            x = flat[s : s + rows].to(wd) / temperature
+            x = flat[s : s + rows].to(wd, copy=True).div_(temperature)  # one fp32 chunk, never a view of logits
             out[s : s + rows] = x.gather(-1, tok[s : s + rows]).squeeze(-1) - torch.logsumexp(x, dim=-1)
         ctx.save_for_backward(logits, tokens)
         ctx.temperature, ctx.rows = temperature, rows
@@ -57,11 +57,12 @@ class _TokenLogprob(torch.autograd.Function):
         g_flat = grad_out.reshape(-1, 1).to(wd)
         grad = torch.empty_like(flat)
         for s in range(0, flat.shape[0], ctx.rows):
-            x = flat[s : s + ctx.rows].to(wd) / ctx.temperature
+            x = flat[s : s + ctx.rows].to(wd, copy=True).div_(ctx.temperature)
             g = g_flat[s : s + ctx.rows]
             gx = torch.softmax(x, dim=-1).mul_(-g)
+            del x
             gx.scatter_add_(-1, tok[s : s + ctx.rows], g)
-            grad[s : s + ctx.rows] = (gx / ctx.temperature).to(grad.dtype)
+            grad[s : s + ctx.rows] = gx.div_(ctx.temperature)
         return grad.view(logits.shape), None, None, None
 
 
