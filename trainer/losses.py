@@ -99,14 +99,19 @@ def _seq_adv(advantages: Tensor, mask: Tensor) -> Tensor:
     return (adv * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
 
 
+def _masked_diff(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
+    """a - b in fp32 on valid tokens, exactly 0 on padding (whatever, nan included, is there)."""
+    return torch.where(mask > 0, a.float() - b.float(), torch.zeros_like(mask))
+
+
 def _log_ratio(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
-    """Token log-ratio a - b, zero (and nan-free) on padding, clamped."""
-    return _clamped(torch.where(mask > 0, a.float() - b.float(), torch.zeros_like(mask)))
+    """Token log-ratio a - b, clamped to +-LOG_RATIO_BOUND, 0 on padding."""
+    return _clamped(_masked_diff(a, b, mask))
 
 
 def _seq_log_ratio(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
-    """Clamped sum over valid tokens of the token log-ratio a - b: log of the sequence ratio [B]."""
-    return _clamped(_log_ratio(a, b, mask).sum(-1))
+    """Log of the sequence ratio [B]: the per-token differences summed, THEN clamped (verl)."""
+    return _clamped(_masked_diff(a, b, mask).sum(-1))
 
 
 def _weight_stats(w: Tensor, valid: Tensor, n: float, prefix: str = "is_weight") -> Stats:
@@ -280,8 +285,7 @@ def gspo_loss(
     token's gradient is -A s_i and the sequence gets the exact gradient of its objective.
     Aggregation is always seq-mean-token-mean (verl forces it).
     """
-    lr = _log_ratio(logp, prox_logp.detach(), mask)
-    log_s = lr.sum(-1) / mask.sum(-1).clamp(min=1.0)
+    log_s = _masked_diff(logp, prox_logp.detach(), mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
     lp = torch.where(mask > 0, logp.float(), torch.zeros_like(mask))
     log_s_tok = log_s.detach()[:, None] + lp - lp.detach()
     s = torch.exp(log_s_tok.clamp(max=GSPO_LOG_RATIO_MAX))
@@ -294,7 +298,7 @@ def gspo_loss(
     n_tok, n_seq = _norms(mask, n_tokens_global, n_seqs_global)
     valid = (mask.sum(-1) > 0).float()
     stats = {"clip_frac": ((l2 > l1).float() * mask).sum() / n_tok,
-             "seq_ratio_mean": (torch.exp(log_s.detach()) * valid).sum() / n_seq}
+             "seq_ratio_mean": (torch.exp(log_s.detach().clamp(max=GSPO_LOG_RATIO_MAX)) * valid).sum() / n_seq}
     return loss, stats
 
 
@@ -322,13 +326,15 @@ def vespo_loss(
 
     log W_i = clamp(sum_t clamp(sg logp - old)) with old = behav (fully async), or old = prox plus
     the folded sum_t clamp(prox - behav) when ``prox_logp`` is given (verl's sync path): both give
-    W = pi_theta/pi_behav. Loss matrix -phi_i A_it logp_it; only its gradient is meaningful.
+    W = pi_theta/pi_behav. Per-token clamps before the sum, as in the VESPO code. Loss matrix
+    -phi_i A_it logp_it; only its gradient is meaningful.
     """
     lp_d = logp.detach()
     if prox_logp is None:
         log_w = _log_ratio(lp_d, behav_logp.detach(), mask).sum(-1)
     else:
-        log_w = (_log_ratio(lp_d, prox_logp.detach(), mask) + _log_ratio(prox_logp.detach(), behav_logp.detach(), mask)).sum(-1)
+        fold = _log_ratio(prox_logp.detach(), behav_logp.detach(), mask)  # verl rollout-IS weight, folded in
+        log_w = (_log_ratio(lp_d, prox_logp.detach(), mask) + fold).sum(-1)
     log_w = _clamped(log_w)
     phi = vespo_phi(log_w, _seq_adv(advantages, mask) >= 0, k_pos=k_pos, lambda_pos=lambda_pos,
                     k_neg=k_neg, lambda_neg=lambda_neg)
@@ -385,8 +391,7 @@ def oapl_loss(
     to the lagged inference policy, no IS, no clamp: the regression pulls large ratios back) and
     A*_i = R_i - V_hat(x_g) from ``advantages.oapl_targets`` (whole minibatch). Mean over sequences.
     """
-    d = torch.where(mask > 0, logp.float() - behav_logp.detach().float(), torch.zeros_like(mask))
-    delta = d.sum(-1)
+    delta = _masked_diff(logp, behav_logp.detach(), mask).sum(-1)
     valid = (mask.sum(-1) > 0).float()
     resid = beta * delta - _seq_adv(targets, mask)
     _, n_seq = _norms(mask, None, n_seqs_global)

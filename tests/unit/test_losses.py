@@ -215,7 +215,20 @@ def test_oapl_vector():
     close(loss, 0.1441801, rtol=1e-5)
     dl_ddelta = torch.tensor([0.013994, 0.363994, -0.086006, 0.063994])
     close(g, dl_ddelta[:, None] * m, rtol=1e-4, atol=1e-6)  # the spec prints 6 decimals
+    close(g, (2 / 4 * (delta - targets))[:, None] * m)  # exact: (2 beta / B)(beta Delta_i - target_i)
     close(oapl_targets(rewards, [0] * 4, beta_v=0.5), rewards - 0.8782209, rtol=1e-5, atol=1e-6)
+
+
+def test_sequence_log_ratio_is_clamped_after_summing():
+    # token log-ratios [+30, -25]: the sequence ratio is exp(5), not exp(20 - 20) (spec 0.4 rule 1)
+    old = torch.tensor([[30.0, -25.0, float("nan")]])
+    behav = torch.zeros(1, 3)
+    m = torch.tensor([[1.0, 1.0, 0.0]])
+    w, w_clip = losses.vcpo_is_weights(old, behav, m, cap=8.0)
+    close(w, [math.exp(5.0)])
+    close(w_clip, [8.0])
+    _, _, stats = run("mis", logp=old, prox=old, behav=behav, adv=torch.ones(1), mask=m, mis_low=0.0, mis_high=1e9)
+    close(stats["is_weight_max"], math.exp(5.0), rtol=1e-5)
 
 
 # ---------------------------------------------------------------- KL to the reference policy
