@@ -111,7 +111,8 @@ class EmbeddedEngine:
             loop = asyncio.new_event_loop()
             asyncio.set_event_loop(loop)
             try:
-                self._runner = web.AppRunner(EngineHttp(self).app(), access_log=None)
+                self._runner = web.AppRunner(EngineHttp(self).app(), access_log=None,
+                                             handler_cancellation=True)  # a client that hangs up frees its slot
                 loop.run_until_complete(self._runner.setup())
                 site = web.TCPSite(self._runner, self.engine_cfg.host, self.engine_cfg.port)
                 loop.run_until_complete(site.start())
@@ -159,7 +160,8 @@ class EmbeddedEngine:
     async def generate_one_token(self, timeout_s: float) -> bool:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        req = self._health_request(lambda r: loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(r)))
+        req = self._health_request(lambda r: loop.is_closed() or loop.call_soon_threadsafe(
+            lambda: fut.done() or fut.set_result(r)))
         self.scheduler.submit(req)
         try:
             r = await asyncio.wait_for(fut, timeout_s)

@@ -324,5 +324,6 @@ class EngineHttp:
 
 def _resolver(loop: asyncio.AbstractEventLoop, fut: asyncio.Future):
     def on_finish(req: Request) -> None:  # scheduler thread -> event loop
-        loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(req))
+        if not loop.is_closed():  # the server may be gone already when the scheduler shuts down
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(req))
     return on_finish

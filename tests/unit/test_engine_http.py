@@ -208,13 +208,19 @@ def test_update_weights_from_disk(engine, tmp_path):
     new = build_model(ModelConfig(max_position_embeddings=256, init_seed=3))
     new.save_pretrained(tmp_path / "m")
     before = state_checksum(engine.model)
+    probe = {"input_ids": [1, 60, 61, 62], "sampling_params": {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}}
+    old_out = gen(engine, **probe)["output_ids"]  # its KV must not survive the update
     status, text = call(engine, "/update_weights_from_disk", {"model_path": str(tmp_path / "m"), "weight_version": "7"})
     assert status == 200 and json.loads(text)["success"] is True
     try:
         assert state_checksum(engine.model) == state_checksum(new) != before
         assert json.loads(call(engine, "/model_info")[1])["weight_version"] == "7"
-        out = gen(engine, input_ids=[1, 3, 4], sampling_params={"max_new_tokens": 2})
+        out = gen(engine, **probe)
         assert out["meta_info"]["weight_version"] == "7"
+        with torch.no_grad():
+            ref = new.generate(torch.tensor([probe["input_ids"]]), max_new_tokens=12, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)[0, 4:].tolist()
+        assert out["output_ids"] == ref != old_out
         bad = call(engine, "/update_weights_from_disk", {"model_path": str(tmp_path / "nothing")})
         assert bad[0] == 400 and json.loads(bad[1])["success"] is False
     finally:  # later tests in this module expect the initial weights
@@ -229,3 +235,19 @@ def test_health_while_paused(engine):
         assert call(engine, "/health")[0] == 200  # the health probe bypasses the pause gate
     finally:
         assert call(engine, "/continue_generation", {})[0] == 200
+
+
+def test_client_disconnect_aborts_request(engine):
+    import socket
+
+    body = json.dumps({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 250, "ignore_eos": True}}).encode()
+    sock = socket.create_connection(("127.0.0.1", engine.port), timeout=HTTP_TIMEOUT_S)
+    sock.sendall(b"POST /generate HTTP/1.1\r\nHost: engine\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    deadline = time.monotonic() + HTTP_TIMEOUT_S
+    while not engine.scheduler.load()["num_running_reqs"] and time.monotonic() < deadline:
+        time.sleep(0.005)
+    sock.close()
+    while engine.scheduler.load()["num_running_reqs"] and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert engine.scheduler.load()["num_running_reqs"] == 0

@@ -1,0 +1,136 @@
+"""The embedded engine on CUDA: greedy == transformers' generate, logprobs == a separate forward (fp32 tight,
+bf16 with a bf16 tolerance), and a weight update broadcast from another process over NCCL (two GPUs: the
+sender on cuda:1) or gloo over CUDA tensors (one GPU: NCCL cannot put two ranks on one device).
+
+Skips cleanly without CUDA (tests/gpu/conftest.py marks and skips everything here).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from areal_like.config import EngineConfig, ModelConfig
+from areal_like.distributed import free_port
+from areal_like.hf import build_model, state_checksum
+from rollout_server.engine import EmbeddedEngine
+
+REPO = Path(__file__).resolve().parents[2]
+HTTP_TIMEOUT_S = 300.0
+GROUP = "areal_like_weights"
+BF16_LOGPROB_TOL = 0.1  # bf16 keeps ~3 significant digits; logprobs of a random model sit around -4
+BF16_TIE_GAP = 0.125  # a greedy divergence is accepted only where the reference's top-2 logits are this close
+
+SENDER = r"""
+import json, os, sys, torch, torch.distributed as dist
+from areal_like.config import ModelConfig
+from areal_like.distributed import init_weight_group
+from areal_like.hf import build_model
+spec = json.loads(sys.argv[1])
+torch.cuda.set_device(spec["device"])
+model = build_model(ModelConfig(**spec["model"]), device=spec["device"])
+pg = init_weight_group(spec["backend"], "127.0.0.1", spec["port"], 2, 0, spec["group"], 300)
+for name, p in model.named_parameters():
+    dist.broadcast(p.data, group_src=0, group=pg)
+torch.cuda.synchronize()
+print("SENT", flush=True)
+os._exit(0)  # skip interpreter teardown of the group (it can abort on exit)
+"""
+
+
+def post(url: str, path: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def model_cfg(dtype: str, seed: int = 0) -> ModelConfig:
+    return ModelConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=512, dtype=dtype, init_seed=seed)
+
+
+def prompts(n: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [[1] + torch.randint(4, 104, (int(k),), generator=g).tolist() for k in torch.randint(3, 60, (n,), generator=g)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_greedy_and_logprobs(dtype):
+    engine = EmbeddedEngine(model_cfg(dtype), EngineConfig(device="cuda", max_running_requests=4)).start()
+    try:
+        ps, limits = prompts(10), [5, 80, 17, 3, 120, 25, 9, 60, 33, 1]
+        with ThreadPoolExecutor(len(ps)) as pool:
+            outs = list(pool.map(lambda a: post(engine.url, "/generate", {
+                "input_ids": a[0], "sampling_params": {"max_new_tokens": a[1], "temperature": 0},
+                "return_logprob": True})[1], zip(ps, limits)))
+        model = engine.model
+        for p, m, out in zip(ps, limits, outs):
+            got = out["output_ids"]
+            with torch.no_grad():
+                ref = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=m, do_sample=False,
+                                     eos_token_id=2, pad_token_id=0)[0, len(p):].tolist()
+                logits = model(torch.tensor([p + got], device="cuda")).logits[0, len(p) - 1:-1].float()
+            lp = torch.log_softmax(logits, -1).gather(1, torch.tensor(got, device="cuda")[:, None])[:, 0].cpu()
+            diff = (lp - torch.tensor([e[0] for e in out["meta_info"]["output_token_logprobs"]])).abs().max().item()
+            if dtype == "float32":
+                assert got == ref
+                assert diff <= 1e-4
+                continue
+            assert diff <= BF16_LOGPROB_TOL
+            k = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), None)
+            if k is not None:  # bf16: batched and single-sequence kernels may break a near-tie differently
+                top2 = logits[k].topk(2).values
+                assert (top2[0] - top2[1]).item() <= BF16_TIE_GAP, (k, got, ref)
+    finally:
+        engine.stop()
+
+
+def test_cuda_weight_update_from_another_process():
+    two_gpus = torch.cuda.device_count() >= 2
+    backend, sender_device = ("nccl", "cuda:1") if two_gpus else ("gloo", "cuda:0")
+    engine = EmbeddedEngine(model_cfg("bfloat16"), EngineConfig(device="cuda:0", max_running_requests=4)).start()
+    sender = None
+    try:
+        port = free_port()
+        spec = {"device": sender_device, "model": asdict(model_cfg("bfloat16", seed=5)), "backend": backend,
+                "port": port, "group": GROUP}
+        sender = subprocess.Popen([sys.executable, "-c", SENDER, json.dumps(spec)], cwd=REPO, text=True,
+                                  stdout=subprocess.PIPE)
+        status, body = post(engine.url, "/init_weights_update_group", {
+            "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
+            "group_name": GROUP, "backend": backend})
+        assert status == 200, body
+        target = build_model(model_cfg("bfloat16", seed=5), device="cuda:0")
+        named = list(target.named_parameters())
+        assert post(engine.url, "/pause_generation", {"mode": "abort"})[0] == 200
+        assert post(engine.url, "/begin_weight_update", {})[0] == 200
+        status, body = post(engine.url, "/update_weights_from_distributed", {
+            "names": [n for n, _ in named], "dtypes": ["bfloat16"] * len(named),
+            "shapes": [list(p.shape) for _, p in named], "group_name": GROUP, "weight_version": "1"})
+        assert status == 200, body
+        assert post(engine.url, "/end_weight_update", {})[0] == 200
+        assert post(engine.url, "/continue_generation", {})[0] == 200
+        assert sender.stdout.readline().strip() == "SENT"
+        assert state_checksum(engine.model) == state_checksum(target)
+        info = json.loads(urllib.request.urlopen(engine.url + "/model_info", timeout=HTTP_TIMEOUT_S).read())
+        assert info["weight_version"] == "1"
+        out = post(engine.url, "/generate", {"input_ids": [1, 9], "sampling_params": {"max_new_tokens": 4}})[1]
+        assert out["meta_info"]["weight_version"] == "1"
+    finally:
+        engine.stop()
+        if sender is not None:
+            if sender.poll() is None:
+                sender.kill()
+            sender.wait(timeout=60)
