@@ -49,6 +49,7 @@ from areal_like.transport import Client, TransportTimeout
 log = logging.getLogger("trainer.weight_sync")
 
 STATUS_POLL_S = 0.05  # SyncStatus poll period: a cheap buffer query; sync itself takes far longer
+BROADCAST_SLICE_S = 1.0  # a stalled broadcast checks every slice whether a member already reported failure
 BUFFER_REQUEST_TIMEOUT_S = 10.0  # the buffer answers control requests in milliseconds when alive
 _ITEMSIZE = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4, "int16": 2,
              "int8": 1, "uint8": 1, "bool": 1}
@@ -171,8 +172,10 @@ class WeightBroadcaster:
     def _form_group(self, plan: WeightSyncPlan, key: tuple, deadline: float) -> None:
         self._teardown()
         with _no_agent_store():
+            # The timeout bounds the rendezvous and every later op of this group (the pg keeps it), so
+            # it is the whole sync budget, not what is left of this one.
             self._pg = init_weight_group(plan.backend, plan.master_addr, plan.master_port, plan.world_size, 0,
-                                         plan.group_name, timeout_s=max(1.0, deadline - time.monotonic()))
+                                         plan.group_name, timeout_s=self.cfg.deadline_s)
         self._group_key = key
 
     def _teardown(self) -> None:
@@ -198,13 +201,31 @@ class WeightBroadcaster:
             report.rendezvous_s = time.monotonic() - t0
         return True
 
-    def _broadcast(self, tensors: list[torch.Tensor], deadline: float) -> None:
+    def _broadcast(self, tensors: list[torch.Tensor], deadline: float, version: int) -> None:
+        """Broadcast one bucket. A receiver that failed (it reported SyncDone(ok=False)) will never
+        post its receive, so while waiting we ask the buffer once per slice and give up early."""
         works = [dist.broadcast(t, group_src=0, group=self._pg, async_op=True) for t in tensors]
         for w in works:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("weight-sync deadline passed during the broadcast")
-            w.wait(timedelta(seconds=remaining))
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("weight-sync deadline passed during the broadcast")
+                try:
+                    w.wait(timedelta(seconds=min(BROADCAST_SLICE_S, remaining)))
+                    break
+                except RuntimeError as e:
+                    if "timed out" not in str(e).lower():
+                        raise  # a peer died: gloo reports the closed connection at once
+                failed = self._failed_members(version)
+                if failed:
+                    raise RuntimeError(f"member(s) {failed} failed during the broadcast")
+
+    def _failed_members(self, version: int) -> list[str]:
+        try:
+            st = self.client.request(SyncStatusRequest(policy_version=version), timeout_s=BROADCAST_SLICE_S)
+        except TransportTimeout:
+            return []
+        return list(st.failed) if isinstance(st, SyncStatus) else []
 
     def _await_members(self, version: int, report: SyncReport, deadline: float) -> None:
         pending = set(report.members)
@@ -267,7 +288,7 @@ class WeightBroadcaster:
             tensors = [_full(by_name[n]).to(dtype).contiguous() for n in b.names]
             if healthy:
                 try:
-                    self._broadcast(tensors, deadline)
+                    self._broadcast(tensors, deadline, report.version)
                     report.bytes += sum(t.numel() * t.element_size() for t in tensors)
                 except Exception as e:  # a member died or stalled: this group is unusable now
                     report.error = f"{type(e).__name__}: {e}"

@@ -1,0 +1,243 @@
+"""Weight sync on CPU with real processes: a 2-rank FSDP2 trainer pushes to 2 embedded engines.
+
+Processes: the real buffer daemon, two embedded engines (``python -m``-style wrappers below that
+also write a SHA-256 of their weights whenever their weight_version changes), two trainer ranks
+(torchrun environment, gloo). The rollout-server side is played by two small drivers in this
+test process that register with the buffer, heartbeat, and apply plans with the real
+``rollout_server.weight_update.apply_weight_sync``.
+
+Checks:
+- v1: both engines hold exactly the trainer's full state (SHA-256 of every parameter's bytes) and
+  their sampled logprobs on a probe batch match the trainer's recomputation;
+- v2: engine A is killed (kill -9) mid-sync (paused, update session open, before its first
+  bucket): the trainer finishes the version within its deadline and drops A;
+- v3: after A left the roster, the group is re-formed with B alone and B gets the full push.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+RUNNER = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
+DEADLINE_S = 10.0  # the sync deadline under test (generous for a loaded machine; bounds the v2 wait)
+STARTUP_S = 180.0  # cold imports of torch + transformers in 5 processes on 2 shared cores
+
+
+def weights_sha(named) -> str:
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(named):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- subprocess roles
+def engine_role(cfg_path: str, out: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from areal_like.config import load_daemon_config
+    from rollout_server.engine.embedded import EmbeddedEngine
+
+    cfg = load_daemon_config(["--config-file", cfg_path])
+    engine = EmbeddedEngine(cfg.model, cfg.rollout.engine).start()
+    Path(out + ".url").write_text(engine.url)
+    seen = None
+    while True:  # report the weights whenever the served version changes (until killed/terminated)
+        v = engine.scheduler.weight_version
+        if v != seen:
+            time.sleep(0.2)  # let the last bucket's copy finish (the version is set with it)
+            Path(out + ".tmp").write_text(json.dumps({"version": v, "sha": weights_sha(engine.model.named_parameters())}))
+            os.replace(out + ".tmp", out)
+            seen = v
+        time.sleep(0.1)
+
+
+def trainer_role(cfg_path: str, out_dir: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_trainer_invariance import synthetic_groups
+
+    from areal_like.config import load_daemon_config
+    from areal_like.protocol import RosterRequest, Trajectory, TrajectoryGroup, as_f32, as_i32
+    from areal_like.transport import Client
+    from trainer.data import groups_to_batch
+    from trainer.model import build_policy, full_state_dict, init_distributed
+    from trainer.step import StepSettings, compute_batch_advantages, output_logp, recompute_prox_logp, train_step
+    from trainer.weight_sync import WeightBroadcaster
+
+    cfg = load_daemon_config(["--config-file", cfg_path])
+    rank, _ = init_distributed(cfg.trainer)
+    policy = build_policy(cfg.model, cfg.trainer)
+    s = StepSettings.from_config(cfg)
+    batch = groups_to_batch(synthetic_groups())
+    wb = WeightBroadcaster(cfg.trainer.weight_sync, buffer_address=cfg.buffer.address, rank=rank,
+                           device=policy.device)
+    out = Path(out_dir)
+    client = Client(cfg.buffer.address) if rank == 0 else None
+
+    def wait_roster(n: int) -> None:
+        while rank == 0 and len(client.request(RosterRequest()).members) != n:
+            time.sleep(0.2)
+        dist.barrier()
+
+    for version, members in ((1, 2), (2, 2), (3, 1)):
+        wait_roster(members)
+        train_step(policy, batch, s, recompute_prox_logp(policy, batch, s), compute_batch_advantages(batch, s))
+        rep = wb.push(policy.model, version)
+        sha = weights_sha(full_state_dict(policy.model).items())
+        if rank == 0:
+            (out / f"v{version}.json").write_text(json.dumps({**rep.__dict__, "sha": sha}))
+        if version == 1:  # probe: logprobs of the engines' samples under the trainer's weights
+            probe = [None]
+            while rank == 0 and not (out / "probe.json").exists():
+                time.sleep(0.1)
+            if rank == 0:
+                probe = [json.loads((out / "probe.json").read_text())]
+            dist.broadcast_object_list(probe, src=0)
+            mb = groups_to_batch([TrajectoryGroup(
+                group_id="probe", server_id="probe", lease_id="probe", prompt_index=0, epoch=0,
+                trajectories=[Trajectory(prompt_ids=as_i32(p), output_ids=as_i32(o), behav_logp=as_f32([0.0] * len(o)),
+                                         versions=as_i32([0] * len(o)),
+                                         reward=0.0, finish_reason="length") for p, o in probe[0]])])
+            with torch.no_grad():
+                lp = output_logp(policy.model, mb, cfg.task.temperature)
+            if rank == 0:
+                (out / "probe_logp.json").write_text(json.dumps([lp[i, :len(o)].tolist()
+                                                                 for i, (_, o) in enumerate(probe[0])]))
+    wb.close()
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- rollout-server stand-ins
+def drive(server_id: str, url: str, address: str, stop: threading.Event, kill_at: int | None = None,
+          kill_pid: int | None = None) -> None:
+    """Register, heartbeat, apply plans with the real applier; optionally kill the engine mid-sync."""
+    from areal_like.protocol import Heartbeat, Register
+    from areal_like.transport import Client
+    from rollout_server.sglang_client import SGLangClient
+    from rollout_server.weight_update import apply_weight_sync
+
+    async def main() -> None:
+        client = Client(address, timeout_s=10)
+        client.request(Register(server_id=server_id, engine_url=url, engine_ranks=1, policy_version=0))
+        sg, served, attempted = SGLangClient(url, timeout_s=60), 0, 0
+        try:
+            while not stop.is_set():
+                plan = client.request(Heartbeat(server_id=server_id, policy_version=served)).pending_plan
+                if plan is not None and plan.policy_version > attempted:
+                    attempted = plan.policy_version
+                    if plan.policy_version == kill_at:
+                        await sg.pause_generation("abort")
+                        await sg.begin_weight_update()
+                        os.kill(kill_pid, signal.SIGKILL)  # dies holding the session, before its first bucket
+                        return
+                    done = await apply_weight_sync(sg, plan, server_id, drain=False)
+                    if not done.ok:  # workaround: the applier leaves the engine's update session open after
+                        try:         # a failed bucket, and the next begin_weight_update is refused (reported)
+                            await sg.end_weight_update(timeout_s=5)
+                        except Exception:
+                            pass
+                    client.request(done)
+                    served = plan.policy_version if done.ok else served
+                await asyncio.sleep(0.1)
+        finally:
+            await sg.close()
+            client.close()
+
+    asyncio.run(main())
+
+
+async def sample_probe(url: str, prompts: list[list[int]]) -> list[tuple[list[int], list[int], list[float]]]:
+    from rollout_server.sglang_client import SGLangClient
+
+    async with SGLangClient(url, timeout_s=60) as sg:
+        outs = [await sg.generate(p, {"max_new_tokens": 8, "temperature": 1.0}) for p in prompts]
+    return [(p, list(o.output_ids), list(o.logprobs)) for p, o in zip(prompts, outs)]
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def test_two_rank_trainer_pushes_to_two_engines_and_survives_a_kill(tmp_path, spawn_python, free_port, wait_until):
+    from areal_like.config import load_config, to_yaml
+
+    cfg = load_config([
+        f"run_dir={tmp_path}", f"buffer.address=tcp://127.0.0.1:{free_port()}",
+        f"buffer.pub_address=tcp://127.0.0.1:{free_port()}", "buffer.heartbeat_timeout_s=3",
+        f"trainer.weight_sync.deadline_s={DEADLINE_S}", "trainer.weight_sync.bucket_mb=0.25", "trainer.lr=1e-2",
+        "rollout.engine.max_running_requests=4", "rollout.engine.max_total_tokens=2048"])
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(to_yaml(cfg))
+    spawn_python("buffer", ["--config-file", cfg_path], capture=False)
+    engines = {sid: spawn_python(RUNNER, [__file__, "engine", cfg_path, tmp_path / sid], capture=False)
+               for sid in ("rollout-a", "rollout-b")}
+    urls = {sid: wait_until(lambda sid=sid: _read_json(tmp_path / sid) and (tmp_path / f"{sid}.url").read_text(),
+                            STARTUP_S, 0.2, f"engine {sid}") for sid in engines}
+    stop = threading.Event()
+    drivers = [threading.Thread(target=drive, args=("rollout-a", urls["rollout-a"], cfg.buffer.address, stop, 2,
+                                                    engines["rollout-a"].pid), daemon=True),
+               threading.Thread(target=drive, args=("rollout-b", urls["rollout-b"], cfg.buffer.address, stop),
+                                daemon=True)]
+    for d in drivers:
+        d.start()
+    port = free_port()
+    trainers = [spawn_python(RUNNER, [__file__, "trainer", cfg_path, tmp_path], capture=False,
+                             env={"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for rank in (0, 1)]
+
+    def result(name: str):
+        assert all(t.poll() in (None, 0) for t in trainers), "a trainer rank died (see its log above)"
+        return _read_json(tmp_path / name)
+
+    try:
+        v1 = wait_until(lambda: result("v1.json"), STARTUP_S, 0.2, "trainer push v1")
+        assert sorted(v1["done"]) == ["rollout-a", "rollout-b"] and not v1["dropped"], v1
+        assert v1["reform"] and v1["bytes"] > 0
+        for sid in engines:  # exact weights: every parameter byte-identical to the trainer's full state
+            got = wait_until(lambda sid=sid: (r := _read_json(tmp_path / sid)) and r["version"] == "1" and r,
+                             30, 0.1, f"{sid} at version 1")
+            assert got["sha"] == v1["sha"], sid
+        probes = [s for sid in engines for s in asyncio.run(sample_probe(urls[sid], [[1, 20, 30, 40], [1, 50, 60]]))]
+        (tmp_path / "probe.json").write_text(json.dumps([[p, o] for p, o, _ in probes]))
+        trainer_lp = wait_until(lambda: result("probe_logp.json"), 60, 0.1, "probe logprobs")
+        for (_, _, engine_lp), lp in zip(probes, trainer_lp):
+            assert max(abs(a - b) for a, b in zip(engine_lp, lp)) < 1e-4, (engine_lp, lp)
+
+        v2 = wait_until(lambda: result("v2.json"), 120, 0.2, "trainer push v2")
+        assert "rollout-a" in v2["dropped"], v2
+        assert v2["seconds"] <= DEADLINE_S + 5.0, v2  # finished within its deadline (+ gather/announce slack)
+        assert engines["rollout-a"].poll() is not None
+
+        v3 = wait_until(lambda: result("v3.json"), 120, 0.2, "trainer push v3")
+        assert v3["reform"] and v3["members"] == ["rollout-b"] and v3["done"] == ["rollout-b"], v3
+        got = wait_until(lambda: (r := _read_json(tmp_path / "rollout-b")) and r["version"] == "3" and r,
+                         30, 0.1, "rollout-b at version 3")
+        assert got["sha"] == v3["sha"]
+    finally:
+        stop.set()
+        for d in drivers:
+            d.join(timeout=15)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    role, args = sys.argv[2], sys.argv[3:]
+    {"engine": engine_role, "trainer": trainer_role}[role](*args)
