@@ -1,0 +1,71 @@
+"""``plan_buckets``: pure bucket planning for the weight broadcast (trainer/weight_sync.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from trainer.weight_sync import bucket_nbytes, plan_buckets
+
+MB = 1024 * 1024
+
+
+def _names(buckets):
+    return [b.names for b in buckets]
+
+
+def test_packs_in_order_up_to_the_bucket_size():
+    # float32: 4 bytes per element. a, b = 400 B each, c = 800 B; bucket 1000 B.
+    specs = [("a", [10, 10], "float32"), ("b", [100], "float32"), ("c", [200], "float32")]
+    buckets = plan_buckets(specs, 1000)
+    assert _names(buckets) == [["a", "b"], ["c"]]
+    assert [bucket_nbytes(b) for b in buckets] == [800, 800]
+    assert buckets[0].shapes == [[10, 10], [100]] and buckets[0].dtypes == ["float32", "float32"]
+
+
+def test_exact_fit_stays_in_one_bucket():
+    buckets = plan_buckets([("a", [125], "float32"), ("b", [125], "float32")], 1000)
+    assert _names(buckets) == [["a", "b"]]
+
+
+def test_a_tensor_larger_than_a_bucket_gets_its_own():
+    specs = [("small", [10], "float32"), ("huge", [1000], "float32"), ("tail", [10], "float32")]
+    assert _names(plan_buckets(specs, 100)) == [["small"], ["huge"], ["tail"]]
+
+
+def test_dtype_grouped_in_first_appearance_order_and_stable_within_dtype():
+    specs = [("w1", [4], "bfloat16"), ("n1", [4], "float32"), ("w2", [4], "bfloat16"), ("n2", [4], "float32")]
+    buckets = plan_buckets(specs, MB)
+    assert _names(buckets) == [["w1", "w2"], ["n1", "n2"]]
+    assert [set(b.dtypes) for b in buckets] == [{"bfloat16"}, {"float32"}]
+    assert bucket_nbytes(buckets[0]) == 16 and bucket_nbytes(buckets[1]) == 32
+
+
+def test_every_tensor_exactly_once_and_deterministic():
+    specs = [(f"layer{i}.w", [i + 1, 7], "float32" if i % 3 else "bfloat16") for i in range(50)]
+    a, b = plan_buckets(specs, 300), plan_buckets(list(specs), 300)
+    flat = [n for bucket in a for n in bucket.names]
+    assert sorted(flat) == sorted(n for n, _, _ in specs) and len(flat) == len(specs)
+    assert _names(a) == _names(b)
+    for bucket in a:  # no bucket over the limit unless it holds a single oversized tensor
+        assert bucket_nbytes(bucket) <= 300 or len(bucket.names) == 1
+
+
+def test_empty_and_scalars():
+    assert plan_buckets([], MB) == []
+    buckets = plan_buckets([("s", [], "float32")], MB)
+    assert buckets[0].shapes == [[]] and bucket_nbytes(buckets[0]) == 4
+
+
+def test_unknown_dtype_is_refused():
+    with pytest.raises(ValueError, match="complex64"):
+        plan_buckets([("x", [2], "complex64")], MB)
+
+
+def test_plan_travels_on_the_wire():
+    from areal_like.protocol import WeightSyncPlan, decode, encode
+
+    buckets = plan_buckets([("a", [2, 3], "float32"), ("b", [5], "bfloat16")], MB)
+    plan = WeightSyncPlan(policy_version=3, group_name="g", master_addr="127.0.0.1", master_port=1234, world_size=2,
+                          backend="gloo", reform=True, members=[], buckets=buckets, deadline_s=10.0)
+    back = decode(encode(plan))
+    assert [(b.names, b.dtypes, b.shapes) for b in back.buckets] == [(b.names, b.dtypes, b.shapes) for b in buckets]
