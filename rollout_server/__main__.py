@@ -7,6 +7,8 @@ server with ``rollout.engine.kind=sglang`` (launch it) or ``kind=url`` (attach t
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 from areal_like.config import load_daemon_config
@@ -22,4 +24,10 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    # Everything is stopped and flushed; skip interpreter teardown, which spends seconds
+    # finalising torch/transformers on a loaded machine and would eat the launcher's stop grace.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

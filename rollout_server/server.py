@@ -117,6 +117,7 @@ class RolloutServer(Daemon):
         try:
             await self.client.wait_healthy(self.rcfg.engine.startup_timeout_s)
             self.policy_version = await self.engine_version()
+            self.metrics.gauge("rollout/policy_version", "version the engine serves").set(self.policy_version)
             await self.register()
             background = [asyncio.create_task(c, name=c.__name__) for c in
                           (self.heartbeats(), self.announcements(), self.sender())]
