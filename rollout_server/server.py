@@ -30,8 +30,17 @@ from dataclasses import dataclass
 from areal_like.config import RunConfig
 from areal_like.daemon import ComponentStopped, Daemon
 from areal_like.protocol import (
-    Ack, Credit, CreditRequest, Credits, Heartbeat, HeartbeatAck, Register, RegisterAck, SyncDone, TrajectoryGroup,
-    VersionUpdate, WeightSyncPlan,
+    Ack,
+    Credit,
+    CreditRequest,
+    Credits,
+    Heartbeat,
+    HeartbeatAck,
+    Register,
+    RegisterAck,
+    TrajectoryGroup,
+    VersionUpdate,
+    WeightSyncPlan,
 )
 from areal_like.tokenizer import load_tokenizer
 from areal_like.transport import AsyncClient, Subscriber, TransportTimeout

@@ -29,8 +29,19 @@ from areal_like.distributed import free_port
 from areal_like.hf import build_model
 from areal_like.metrics import scrape
 from areal_like.protocol import (
-    Ack, Batch, BatchRequest, BucketSpec, Roster, RosterRequest, Stats, StatsRequest, SyncMember, SyncStatus,
-    SyncStatusRequest, VersionUpdate, WeightSyncPlan,
+    Ack,
+    Batch,
+    BatchRequest,
+    BucketSpec,
+    Roster,
+    RosterRequest,
+    Stats,
+    StatsRequest,
+    SyncMember,
+    SyncStatus,
+    SyncStatusRequest,
+    VersionUpdate,
+    WeightSyncPlan,
 )
 from areal_like.transport import Client
 from rollout_server.server import BUFFER_TIMEOUT_S

@@ -24,7 +24,6 @@ import ast
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile

@@ -14,8 +14,8 @@ import json
 import pytest
 from aiohttp import web
 
-from areal_like.distributed import free_port
 from areal_like.config import EngineConfig, ModelConfig
+from areal_like.distributed import free_port
 from rollout_server.episode import generate_sample, segment_versions
 from rollout_server.launch_sglang import sglang_command
 from rollout_server.sglang_client import GenerateOutput, SGLangClient, SGLangError
@@ -235,3 +235,76 @@ def test_sglang_command_passes_every_option_through():
     assert argv[1:3] == ["-m", "sglang.launch_server"]
     assert argv[3:] == ["--model-path", "/m", "--host", "127.0.0.1", "--port", "30001", "--weight-version", "7",
                         "--tp-size", "2", "--skip-server-warmup", "--cuda-graph-max-bs", "8"]
+
+
+def _plan(reform: bool, buckets: int = 2, deadline_s: float = 10.0):
+    from areal_like.protocol import BucketSpec, SyncMember, WeightSyncPlan
+
+    return WeightSyncPlan(policy_version=3, group_name="g", master_addr="10.0.0.1", master_port=29500, world_size=3,
+                          backend="gloo", reform=reform, members=[SyncMember(server_id="s0", rank_offset=1),
+                                                                  SyncMember(server_id="s1", rank_offset=2)],
+                          buckets=[BucketSpec(names=[f"w{i}"], dtypes=["float32"], shapes=[[2, 2]])
+                                   for i in range(buckets)], deadline_s=deadline_s)
+
+
+OK = (200, {"success": True, "message": "ok"})
+
+
+def test_weight_sync_follows_the_contract_in_order():
+    from rollout_server.weight_update import apply_weight_sync
+
+    async def body(server, client):
+        for path in ("/destroy_weights_update_group", "/init_weights_update_group", "/pause_generation",
+                     "/begin_weight_update", "/update_weights_from_distributed", "/end_weight_update",
+                     "/continue_generation"):
+            server.script[path] = [OK]
+        drained = []
+
+        async def drain():
+            drained.append(len(server.calls))
+        done = await apply_weight_sync(client, _plan(reform=True), "s1", drain=True, inflight_drained=drain)
+        assert done.ok and done.server_id == "s1" and done.policy_version == 3 and done.pause_s > 0
+        assert [p for p, _ in server.calls] == [
+            "/destroy_weights_update_group", "/init_weights_update_group", "/pause_generation",
+            "/begin_weight_update", "/update_weights_from_distributed", "/update_weights_from_distributed",
+            "/end_weight_update", "/continue_generation"]
+        bodies = dict(server.calls[:3])
+        assert bodies["/init_weights_update_group"] == {"master_address": "10.0.0.1", "master_port": 29500,
+                                                         "rank_offset": 2, "world_size": 3, "group_name": "g",
+                                                         "backend": "gloo"}
+        assert bodies["/pause_generation"] == {"mode": "abort"}
+        updates = [b for p, b in server.calls if p == "/update_weights_from_distributed"]
+        assert [(b["names"], b["weight_version"], b["flush_cache"]) for b in updates] == [
+            (["w0"], "3", False), (["w1"], "3", True)]
+        assert drained and drained[0] in (1, 2)  # after the group join was issued (concurrent), before the pause
+
+        # not a member: nothing is called
+        n = len(server.calls)
+        done = await apply_weight_sync(client, _plan(reform=False), "s9", drain=False)
+        assert not done.ok and "not a member" in done.reason and len(server.calls) == n
+    run(body)
+
+
+def test_a_failed_sync_reports_the_reason_and_always_continues():
+    from rollout_server.weight_update import apply_weight_sync
+
+    async def body(server, client):
+        server.script["/pause_generation"] = [OK]
+        server.script["/continue_generation"] = [OK]
+        server.script["/begin_weight_update"] = [OK]
+        server.script["/update_weights_from_distributed"] = [(400, {"success": False, "message": "bad shape"})]
+        done = await apply_weight_sync(client, _plan(reform=False), "s0", drain=False)
+        assert not done.ok and "bad shape" in done.reason
+        assert [p for p, _ in server.calls][-1] == "/continue_generation"
+
+        # a rendezvous that never completes is bounded by the plan's deadline; the engine was never paused
+        async def hang(_):
+            await asyncio.sleep(1.5)
+            return OK
+        server.calls.clear()
+        server.script["/destroy_weights_update_group"] = [(400, {"success": False, "message": "no group"})]
+        server.script["/init_weights_update_group"] = [hang]
+        done = await apply_weight_sync(client, _plan(reform=True, deadline_s=0.5), "s0", drain=False)
+        assert not done.ok and "Timeout" in done.reason and done.pause_s == 0.0
+        assert "/pause_generation" not in [p for p, _ in server.calls]
+    run(body)
