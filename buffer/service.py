@@ -6,8 +6,9 @@ plan. Everything but the roster and the plan is durable: the roster is soft stat
 heartbeats within a second of a restart, and a plan is the trainer's to re-send.
 
 One thread, one loop (``run_once``): receive a batch of requests, answer what can be answered,
-expire leases and silent servers, hand out batches, then write one control record, commit the
-WAL (one fsync for the whole batch) and only then send the replies. So:
+expire leases and silent servers, hand out batches, then write one control record and ask the WAL
+for a sync ticket. A reply is sent only once its ticket is durable (one fsync covers the whole
+batch, run by the WAL's fsync thread while this loop already receives the next batch). So:
 
 * a group is acked only after its record is durable; credits are granted only after the lease
   is durable (a restart neither repeats nor skips prompts); a batch is handed out only after its
@@ -23,7 +24,7 @@ trajectory contains beyond versions, lengths and rewards.
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ from buffer.staleness import StalenessPolicy
 from buffer.wal import WriteAheadLog
 
 POLL_S = 0.02  # wait for the first request of a batch; bounds how late a held BatchRequest is answered
+POLL_BUSY_S = 0.001  # ...while replies wait for an fsync: send them as soon as it completes
 MAX_POLL_BATCH = 512  # requests handled per loop iteration (one fsync for all of them)
 MAX_POLL_BYTES = 256 << 20  # ...or this many bytes of frames, whichever comes first
 SEEN_KEEP = 200_000  # group ids remembered for dedupe after consumption: hours of generation,
@@ -83,7 +85,8 @@ class BufferService(Daemon):
         self.sync_results: dict[int, dict[str, bool]] = {}
         self.pending: list[PendingBatch] = []
         self.counts: Counter[str] = Counter()
-        self._replies: list[tuple[bytes, bytes, P.Message, str, float]] = []
+        self._replies: list[tuple[bytes, bytes, P.Message, str, float]] = []  # (peer, req_id, reply, type, t)
+        self._waiting: deque[tuple] = deque()  # (wal ticket, *reply): sent once the ticket is durable
         self._consumed: list[str] = []  # group ids marked consumed/dropped in this iteration
         self._dirty = False  # control state changed in this iteration
         self._handlers = {
@@ -107,13 +110,16 @@ class BufferService(Daemon):
                       self.ledger.in_flight, (self.ledger.next_index, self.ledger.epoch))
 
     def run_once(self) -> None:
-        self._receive(POLL_S)  # handle a batch of requests; replies are queued
+        self._receive(POLL_BUSY_S if self._waiting else POLL_S)  # handle a batch of requests; queue replies
         self._expire()  # leases past their deadline, servers past their heartbeat timeout
         self._serve_batches()  # held BatchRequests: enough fresh groups now, or their wait is over
         self._persist_and_reply()  # one control record, one commit, then every queued reply
         self._update_gauges()
 
     def stop(self) -> None:
+        if self.server is not None and self._waiting:
+            self.wal.wait_durable()
+            self._send_durable_replies()
         for closable in (self.server, self.publisher):
             if closable is not None:
                 closable.close()
@@ -193,16 +199,22 @@ class BufferService(Daemon):
             self._count("wal_bytes_written", self.wal.append_control({"state": self.state(),
                                                                       "consumed": self._consumed}))
             self._dirty, self._consumed = False, []
-        fsync_s = self.wal.commit()
-        if fsync_s is not None:
-            self.metrics.histogram("buffer/fsync_seconds", "WAL fsync latency").observe(fsync_s)
-        now = self.clock()
+        ticket = self.wal.request_sync()  # this iteration's replies wait for this ticket
+        self._waiting.extend((ticket, *reply) for reply in self._replies)
+        self._replies.clear()
+        self._send_durable_replies()
+        if self.wal.maybe_rotate(self.checkpoint):
+            self._send_durable_replies()
+
+    def _send_durable_replies(self) -> None:
+        durable, now = self.wal.durable(), self.clock()
         latency = self.metrics.histogram("buffer/request_seconds", "request latency by type", labels=("type",))
-        for peer, req_id, reply, kind, received in self._replies:
+        while self._waiting and self._waiting[0][0] <= durable:
+            _, peer, req_id, reply, kind, received = self._waiting.popleft()
             self.server.send(peer, req_id, reply)
             latency.labels(type=kind).observe(now - received)
-        self._replies.clear()
-        self.wal.maybe_rotate(self.checkpoint)
+        for seconds in self.wal.fsync_seconds():
+            self.metrics.histogram("buffer/fsync_seconds", "WAL fsync latency").observe(seconds)
 
     # ------------------------------------------------------------------ rollout servers
     def _on_register(self, m: P.Register) -> P.RegisterAck:
@@ -378,7 +390,7 @@ class BufferService(Daemon):
         self.metrics.gauge("buffer/wal_bytes", "bytes of WAL segments on disk").set(self.wal.disk_bytes)
 
     def stats(self) -> dict:
-        return {**self.counts, "policy_version": self.version, "stored": len(self.store),
+        return {**self.counts, "policy_version": self.version, "stored": len(self.store), "stored_bytes": self.store.nbytes,
                 "in_flight": self.ledger.in_flight, "started": self.ledger.started,
                 "cursor_index": self.ledger.next_index, "cursor_epoch": self.ledger.epoch,
                 "reissue_queue": len(self.ledger.reissue), "roster_size": len(self.roster),

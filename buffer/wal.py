@@ -16,10 +16,12 @@ everything in order and the caller applies it, so restart rebuilds exactly the u
 Durability (``fsync``): records are written with ``os.writev`` straight to the file descriptor (no
 user-space buffer), so anything written survives the *process* dying (``kill -9``); fsync decides
 what survives the *machine* dying.
-* ``always`` (default): ``commit()`` fsyncs whatever was appended since the last commit; the
-  service acks only after commit. One fsync covers a whole poll batch (group commit), which is how
-  the safe policy keeps up with the network.
-* ``batch``: ``commit()`` fsyncs at most every ``BATCH_FSYNC_S``; acks may precede the fsync.
+* ``always`` (default): ``request_sync()`` returns a ticket and a background thread fsyncs
+  everything appended so far; the service sends a reply only once ``durable() >= ticket``. One
+  fsync covers a whole poll batch (group commit), and the loop keeps receiving and writing the
+  next batch while the disk flushes the previous one (pipelining), which is how the safe policy
+  keeps up with the network.
+* ``batch``: fsync at most every ``BATCH_FSYNC_S``, inline; replies may precede the fsync.
 * ``never``: the OS flushes when it likes.
 
 Compaction: a segment is deleted once it is not the current one, every group record in it has
@@ -36,6 +38,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -80,6 +83,14 @@ class WriteAheadLog:
         self._where: dict[str, int] = {}  # group id -> segment
         self._dirty = False
         self._last_fsync = 0.0
+        # group commit in the background (fsync=always): tickets <= _synced are durable
+        self._cv = threading.Condition()
+        self._requested = 0
+        self._synced = 0
+        self._sync_error: BaseException | None = None
+        self._fsync_times: list[float] = []
+        self._syncer: threading.Thread | None = None
+        self._closing = False
         self.corrupt_records = 0
         self.disk_bytes = 0  # size of all segment files, kept current without stat calls
 
@@ -149,6 +160,9 @@ class WriteAheadLog:
         self._fsync_dir()
         self.commit(force=True)
         self.compact()
+        if self.fsync_policy == "always" and self._syncer is None:
+            self._syncer = threading.Thread(target=self._sync_loop, name="wal-fsync", daemon=True)
+            self._syncer.start()
 
     def _write(self, parts: list[bytes | memoryview]) -> int:
         crc = 0
@@ -175,8 +189,59 @@ class WriteAheadLog:
         self._untrack(control.get("consumed", ()))
         return n
 
+    def request_sync(self) -> int:
+        """Ticket for everything appended so far: durable once ``durable() >= ticket``."""
+        if self.fsync_policy != "always":
+            if (t := self.commit()) is not None:
+                self._fsync_times.append(t)
+            self._requested = self._synced = self._requested + 1
+            return self._requested
+        with self._cv:
+            if self._dirty:
+                self._dirty = False
+                self._requested += 1
+                self._cv.notify_all()
+            return self._requested
+
+    def durable(self) -> int:
+        """The highest ticket whose records are on disk. Raises if the disk failed."""
+        if self._sync_error is not None:
+            raise OSError(f"WAL fsync failed: {self._sync_error}") from self._sync_error
+        return self._synced
+
+    def wait_durable(self) -> None:
+        with self._cv:
+            while self._synced < self._requested and self._sync_error is None:
+                self._cv.wait(0.1)
+        self.durable()
+
+    def fsync_seconds(self) -> list[float]:
+        """fsync durations since the last call (for the latency histogram)."""
+        with self._cv:
+            out, self._fsync_times = self._fsync_times, []
+        return out
+
+    def _sync_loop(self) -> None:
+        while True:
+            with self._cv:
+                while self._synced >= self._requested and not self._closing:
+                    self._cv.wait()
+                if self._synced >= self._requested:
+                    return
+                target, fd = self._requested, self._fd
+            t0 = time.monotonic()
+            try:
+                os.fsync(fd)  # covers every write made before this call, so all of ticket `target`
+            except OSError as e:
+                self._sync_error = e
+                return
+            with self._cv:
+                self._synced = target
+                self._fsync_times.append(time.monotonic() - t0)
+                self._cv.notify_all()
+
     def commit(self, force: bool = False) -> float | None:
-        """Make appended records durable per the policy; returns the fsync seconds if one ran."""
+        """Inline fsync per the policy (the syncer must be idle); returns its seconds if one ran."""
         if not self._dirty or self._fd is None:
             return None
         now = time.monotonic()
@@ -192,6 +257,7 @@ class WriteAheadLog:
         """Open a new segment when the current one is full (call after commit)."""
         if self._segment_size < self.segment_bytes:
             return False
+        self.wait_durable()
         self.commit(force=True)
         os.close(self._fd)
         self.open(checkpoint())
@@ -213,6 +279,12 @@ class WriteAheadLog:
         return removed
 
     def close(self) -> None:
+        if self._syncer is not None:
+            with self._cv:
+                self._closing = True
+                self._cv.notify_all()
+            self._syncer.join(timeout=60)
+            self._syncer = None
         if self._fd is not None:
             self.commit(force=self.fsync_policy != "never")
             os.close(self._fd)

@@ -1,0 +1,264 @@
+"""Buffer ingest and hand-out against the raw transport, same frames, same run.
+
+Cases (one JSON line each):
+* ``raw_transport``: 32 producers send TrajectoryGroup frames to a bare ROUTER that answers each
+  with a pre-encoded Ack (no decode, no disk): the transport ceiling;
+* ``buffer_ingest_fsync_<policy>``: the same producers, the same frames, to ``python -m buffer``
+  (decode, validate, WAL append, group-commit fsync, ack); each producer leases prompts first,
+  as a rollout server does; ratio = groups/s over the raw case's (goal >= 0.5 for fsync=always);
+* ``disk_fsync_ceiling``: the same frames written and fsynced in batches of ``producers`` frames
+  by one process with no network: what the disk allows a durable log (an fsync=always buffer
+  cannot ingest faster than this, whatever the transport does);
+* ``buffer_handout``: BatchRequest latency p50/p99 with the store full, n_groups per batch;
+* ``buffer_memory``: resident memory of the daemon per 100,000 stored trajectories (RSS growth
+  over the ingest / stored trajectories); baseline = their frame bytes; ratio = frame bytes / RSS.
+
+Producers run in several processes with several threads each (one DEALER socket per thread) so
+that producer-side Python does not cap either case.
+
+    .venv/bin/python benchmarks/bench_buffer.py                 # defaults, < 60 s
+    .venv/bin/python benchmarks/bench_buffer.py --tokens 512 --seconds 3 --fsync always never
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import psutil
+import zmq
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from areal_like import protocol as P  # noqa: E402
+from areal_like.config import BufferConfig, RunConfig, TaskConfig, to_yaml  # noqa: E402
+from areal_like.distributed import free_port  # noqa: E402
+from areal_like.transport import Client  # noqa: E402
+
+REPLY_TIMEOUT_MS = 20_000  # a producer waiting this long means the server is gone: abort the case
+RAW_SERVER = """
+import sys, zmq
+ack = bytes.fromhex(sys.argv[2])  # a pre-encoded Ack: the raw server does no protocol work at all
+sock = zmq.Context.instance().socket(zmq.ROUTER)
+sock.bind(sys.argv[1])
+while True:
+    peer, req_id, payload = sock.recv_multipart(copy=False)
+    sock.send_multipart([peer, req_id, ack])
+"""
+
+
+def trajectories_blob(tokens: int, group_size: int, prompt_tokens: int = 256) -> bytes:
+    """The msgpack bytes of a group's ``trajectories`` field, packed once and reused."""
+    rng = np.random.default_rng(0)
+    trajs = [P.Trajectory(prompt_ids=P.as_i32(rng.integers(0, 100, prompt_tokens)),
+                          output_ids=P.as_i32(rng.integers(0, 100, tokens)),
+                          behav_logp=P.as_f32(-rng.random(tokens)), versions=P.as_i32(np.zeros(tokens)),
+                          reward=float(i % 2), finish_reason="length") for i in range(group_size)]
+    group = P.TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0, trajectories=trajs)
+    return msgpack.packb(msgpack.unpackb(P.encode(group), raw=False)["trajectories"], use_bin_type=True)
+
+
+def group_frame(blob: bytes, server_id: str, lease_id: str, prompt_index: int, epoch: int) -> bytes:
+    """A TrajectoryGroup frame built around the pre-packed trajectories (one memcpy, no encode)."""
+    head = {"type": "trajectory_group", "protocol": P.PROTOCOL_VERSION, "group_id": f"{server_id}-{lease_id}",
+            "server_id": server_id, "lease_id": lease_id, "prompt_index": prompt_index, "epoch": epoch}
+    parts = [msgpack.Packer().pack_map_header(len(head) + 1)]
+    parts += [msgpack.packb(x) for kv in head.items() for x in kv]
+    return b"".join([*parts, msgpack.packb("trajectories"), blob])
+
+
+def _request(sock: zmq.Socket, payload: bytes) -> bytes:
+    req_id = uuid.uuid4().bytes
+    sock.send_multipart([req_id, payload], copy=False)
+    while True:
+        if not sock.poll(REPLY_TIMEOUT_MS):
+            raise TimeoutError("no reply")
+        rid, reply = sock.recv_multipart()
+        if rid == req_id:
+            return reply
+
+
+def _producer_thread(mode, address, sid, blob, t_start, t_stop, counts, lock):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    n = nbytes = 0
+    if mode == "buffer":
+        _request(sock, P.encode(P.Register(server_id=sid, engine_url="http://x", policy_version=0)))
+    counter = 0
+    while time.time() < t_stop:
+        if mode == "buffer":
+            credits = P.decode(_request(sock, P.encode(P.CreditRequest(server_id=sid, max_credits=4)))).credits
+            leases = [(c.lease_id, c.prompt_index, c.epoch) for c in credits]
+            if not leases:
+                time.sleep(0.005)
+        else:
+            leases = [(f"L{counter + i}", counter + i, 0) for i in range(4)]
+            counter += 4
+        for lease in leases:
+            frame = group_frame(blob, sid, *lease)
+            reply = _request(sock, frame)
+            if mode == "buffer":
+                ack = P.decode(reply)
+                assert ack.status == "accepted", ack
+            if t_start <= time.time() <= t_stop:
+                n, nbytes = n + 1, nbytes + len(frame)
+    sock.close()
+    with lock:
+        counts[0] += n
+        counts[1] += nbytes
+
+
+def _producer_process(mode, address, wid, threads, tokens, group_size, t_start, t_stop, out):
+    blob = trajectories_blob(tokens, group_size)
+    counts, lock = [0, 0], threading.Lock()
+    ts = [threading.Thread(target=_producer_thread, args=(mode, address, f"w{wid}-{i}", blob, t_start, t_stop,
+                                                          counts, lock)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    out.put(tuple(counts))
+
+
+def run_producers(mode: str, address: str, args) -> tuple[float, float]:
+    """Returns (groups/s, MB/s) over the measured window."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    t_start = time.time() + args.warmup_s + 2.0  # 2 s for the spawned processes to import
+    t_stop = t_start + args.seconds
+    per = args.producers // args.processes
+    procs = [ctx.Process(target=_producer_process, args=(mode, address, w, per, args.tokens, args.group_size,
+                                                         t_start, t_stop, out)) for w in range(args.processes)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=args.seconds + args.warmup_s + 120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    n = sum(r[0] for r in results)
+    if n == 0:
+        raise SystemExit(f"{mode}: no group was acknowledged in the measured window")
+    return n / args.seconds, sum(r[1] for r in results) / args.seconds / 1e6
+
+
+def start_buffer(run_dir: Path, fsync: str, env: dict) -> tuple[subprocess.Popen, RunConfig]:
+    cfg = RunConfig(run_dir=str(run_dir), task=TaskConfig(num_prompts=10_000_000), buffer=BufferConfig(
+        address=f"tcp://127.0.0.1:{free_port()}", pub_address=f"tcp://127.0.0.1:{free_port()}",
+        max_staleness=1_000_000, groups_per_step=8, max_inflight=4096, capacity=10_000_000, fsync=fsync))
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "buffer", "--config-file", str(run_dir / "config.yaml")],
+                            env=env, cwd=REPO, stderr=subprocess.DEVNULL)
+    Client(cfg.buffer.address, timeout_s=60).request(P.StatsRequest())  # ready
+    return proc, cfg
+
+
+def handout_latency(address: str, n_groups: int, trials: int) -> tuple[float, float]:
+    client = Client(address, timeout_s=60)
+    lat = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        batch = client.request(P.BatchRequest(n_groups=n_groups, trainer_version=0, wait_s=0))
+        lat.append(time.perf_counter() - t0)
+        assert len(batch.groups) == n_groups, batch.reason
+    client.close()
+    lat.sort()
+    return statistics.median(lat) * 1e3, lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3
+
+
+def disk_ceiling(directory: Path, args) -> tuple[float, float]:
+    """Write+fsync the benchmark's frames in group-commit batches for ``args.seconds``."""
+    frame = group_frame(trajectories_blob(args.tokens, args.group_size), "disk", "L0", 0, 0)
+    path = directory / "disk_ceiling.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    n, t0 = 0, time.perf_counter()
+    try:
+        while time.perf_counter() - t0 < args.seconds:
+            for _ in range(args.producers):
+                os.writev(fd, [frame])
+            os.fsync(fd)
+            n += args.producers
+    finally:
+        os.close(fd)
+        path.unlink()
+    dt = time.perf_counter() - t0
+    return n / dt, n * len(frame) / dt / 1e6
+
+
+def emit(**row) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--group-size", type=int, default=8)
+    ap.add_argument("--producers", type=int, default=32)
+    ap.add_argument("--processes", type=int, default=4)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--warmup-s", type=float, default=1.0)
+    ap.add_argument("--fsync", nargs="+", default=["always", "never"])
+    ap.add_argument("--handout-groups", type=int, default=8)
+    args = ap.parse_args()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "AREAL_LIKE_LOG_LEVEL": "WARNING"}
+    common = {"tokens": args.tokens, "group_size": args.group_size, "producers": args.producers}
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    ack = P.encode(P.Ack(ref="x", status="accepted")).hex()
+    raw = subprocess.Popen([sys.executable, "-c", RAW_SERVER, address, ack], env=env, cwd=REPO)
+    try:
+        raw_gps, raw_mbps = run_producers("raw", address, args)
+    finally:
+        raw.kill()
+        raw.wait()
+    emit(name="raw_transport", figure=round(raw_gps, 1), unit="groups/s", baseline=round(raw_gps, 1), ratio=1.0,
+         goal=None, mb_per_s=round(raw_mbps, 1), **common)
+
+    with tempfile.TemporaryDirectory(prefix="bench_buffer_") as tmp:
+        disk_gps, disk_mbps = disk_ceiling(Path(tmp), args)
+        emit(name="disk_fsync_ceiling", figure=round(disk_gps, 1), unit="groups/s", baseline=round(raw_gps, 1),
+             ratio=round(disk_gps / raw_gps, 3), goal=None, mb_per_s=round(disk_mbps, 1), **common)
+        for fsync in args.fsync:
+            proc, cfg = start_buffer(Path(tmp) / fsync, fsync, env)
+            try:
+                rss0 = psutil.Process(proc.pid).memory_info().rss
+                gps, mbps = run_producers("buffer", cfg.buffer.address, args)
+                emit(name=f"buffer_ingest_fsync_{fsync}", figure=round(gps, 1), unit="groups/s",
+                     baseline=round(raw_gps, 1), ratio=round(gps / raw_gps, 3), goal=0.5 if fsync == "always" else None,
+                     mb_per_s=round(mbps, 1), raw_mb_per_s=round(raw_mbps, 1),
+                     of_disk_ceiling=round(gps / disk_gps, 3), **common)
+                if fsync != args.fsync[0]:
+                    continue
+                stats = Client(cfg.buffer.address, timeout_s=60).request(P.StatsRequest()).values
+                n_traj = stats["stored"] * args.group_size
+                rss = psutil.Process(proc.pid).memory_info().rss - rss0
+                per_100k, payload_100k = rss / n_traj * 1e5 / 2**20, stats["stored_bytes"] / n_traj * 1e5 / 2**20
+                emit(name="buffer_memory", figure=round(per_100k, 1), unit="MiB per 100k stored trajectories",
+                     baseline=round(payload_100k, 1), ratio=round(payload_100k / per_100k, 3), goal=None,
+                     stored_trajectories=n_traj, **common)
+                trials = min(200, stats["stored"] // args.handout_groups)
+                p50, p99 = handout_latency(cfg.buffer.address, args.handout_groups, trials)
+                emit(name="buffer_handout", figure=round(p50, 2), unit="ms p50", baseline=None, ratio=None, goal=None,
+                     p99_ms=round(p99, 2), n_groups=args.handout_groups, trials=trials, **common)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
+                shutil.rmtree(Path(tmp) / fsync, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
