@@ -1,0 +1,129 @@
+"""``areal-like``: the command users type.
+
+    areal-like run      [-q] [overrides...]   the whole job on this machine (warm start + supervisor)
+    areal-like buffer   [overrides...]        one buffer daemon in the foreground
+    areal-like rollout  [overrides...]        one rollout server (+ its engine) in the foreground
+    areal-like train    [torchrun flags] [overrides...]   the trainer under torchrun
+    areal-like top      [RUN_DIR]             live terminal view scraped from every /metrics
+    areal-like status   [RUN_DIR]             one-shot health of every daemon of a run
+
+Overrides are Hydra's: ``experiment=quickstart trainer.lr=1e-4 buffer.max_staleness=0``.
+``--help`` is fast: nothing heavy (torch, transformers, hydra) is imported before a command runs,
+and the process packages are reached by module name (``python -m buffer``), never imported here,
+so ``areal_like`` keeps pointing one way in the import graph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DAEMON_MODULES = {"buffer": "buffer", "rollout": "rollout_server", "train": "trainer"}
+TORCHRUN_FLAGS_WITH_VALUE = {"--nproc-per-node", "--nproc_per_node", "--nnodes", "--node-rank", "--node_rank",
+                             "--master-addr", "--master_addr", "--master-port", "--master_port", "--rdzv-backend",
+                             "--rdzv_backend", "--rdzv-endpoint", "--rdzv_endpoint", "--rdzv-id", "--rdzv_id",
+                             "--max-restarts", "--max_restarts", "--local-addr", "--local_addr"}
+TORCHRUN_FLAGS_BARE = {"--standalone"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="areal-like", description="Asynchronous streaming RL for LLM post-training.",
+                                epilog="Overrides are Hydra's key=value, e.g. experiment=quickstart trainer.lr=1e-4")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run the whole job on this machine")
+    run.add_argument("-q", "--quiet", action="store_true", help="do not echo daemon logs (they stay in run_dir/logs)")
+    run.add_argument("overrides", nargs="*", help="Hydra overrides")
+    for name, help_ in (("buffer", "run one buffer daemon in the foreground"),
+                        ("rollout", "run one rollout server in the foreground")):
+        d = sub.add_parser(name, help=help_)
+        d.add_argument("args", nargs=argparse.REMAINDER, help="[--config-file PATH] Hydra overrides")
+    tr = sub.add_parser("train", help="run the trainer under torchrun (torchrun flags pass through)",
+                        description="torchrun flags (--nproc-per-node, --nnodes, --node-rank, --master-addr, "
+                                    "--master-port, --rdzv-*) pass through; the rest are Hydra overrides.")
+    tr.add_argument("args", nargs=argparse.REMAINDER, help="[torchrun flags] [--config-file PATH] overrides")
+    for name, help_ in (("top", "live terminal view of a running job"), ("status", "health of every daemon")):
+        t = sub.add_parser(name, help=help_)
+        t.add_argument("run_dir", nargs="?", help="run directory (default: the newest under ./runs)")
+        if name == "top":
+            t.add_argument("--interval", type=float, default=2.0, help="seconds between scrapes")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command in ("buffer", "rollout"):
+        return _exec_module(DAEMON_MODULES[args.command], args.args)
+    if args.command == "train":
+        return _exec_trainer(args.args)
+    if args.command == "run":
+        return _run(args.overrides, quiet=args.quiet)
+    from areal_like import top
+
+    run_dir = args.run_dir or top.newest_run_dir()
+    if run_dir is None:
+        print("error: no run directory given and none with ports.json under ./runs", file=sys.stderr)
+        return 2
+    if args.command == "status":
+        return top.status(run_dir)
+    return top.live(run_dir, interval_s=args.interval)
+
+
+def _exec_module(module: str, rest: list[str]) -> int:
+    """Replace this process with ``python -m module rest...`` (signals and exit code go straight through)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    argv = [sys.executable, "-m", module, *rest]
+    sys.stdout.flush()
+    os.execv(sys.executable, argv)
+    return 1  # not reached
+
+
+def split_torchrun_args(rest: list[str]) -> tuple[list[str], list[str]]:
+    """``[torchrun flags..., trainer args...]`` -> (torchrun flags, trainer args)."""
+    flags, other, i = [], [], 0
+    while i < len(rest):
+        a = rest[i]
+        key = a.split("=", 1)[0]
+        if key in TORCHRUN_FLAGS_WITH_VALUE:
+            if "=" in a:
+                flags.append(a)
+            else:
+                if i + 1 >= len(rest):
+                    raise SystemExit(f"error: {a} needs a value")
+                flags += [a, rest[i + 1]]
+                i += 1
+        elif a in TORCHRUN_FLAGS_BARE:
+            flags.append(a)
+        else:
+            other.append(a)
+        i += 1
+    if not any(f.split("=", 1)[0] in ("--nnodes", "--master-addr", "--master_addr", "--rdzv-endpoint",
+                                      "--rdzv_endpoint", "--standalone") for f in flags):
+        flags.append("--standalone")  # one node: torchrun picks a free rendezvous port itself
+    if not any(f.split("=", 1)[0] in ("--nproc-per-node", "--nproc_per_node") for f in flags):
+        flags += ["--nproc-per-node", "1"]
+    return flags, other
+
+
+def _exec_trainer(rest: list[str]) -> int:
+    flags, other = split_torchrun_args(rest)
+    return _exec_module("torch.distributed.run", [*flags, "-m", DAEMON_MODULES["train"], *other])
+
+
+def _run(overrides: list[str], quiet: bool) -> int:
+    from areal_like.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(overrides)
+    except ConfigError as e:
+        print(f"error: bad configuration: {e}", file=sys.stderr)
+        return 2
+    import importlib
+
+    # launch/ imports the process-independent pieces; reached by name like the daemons are.
+    job = importlib.import_module("launch.job")
+    return job.run_job(cfg, quiet=quiet)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""A whole job on one machine: config -> topology -> processes -> supervisor -> summary.
+
+``run_job(cfg)`` is what ``areal-like run`` does:
+
+1. warm start (``launch/warmstart.py``) when ``warm_start.steps > 0`` (cached across runs);
+2. plan ports and CPU pools (``launch/topology.py``), write ``<run_dir>/config.yaml`` (the only
+   config every daemon reads), ``ports.json`` (for ``areal-like top|status``) and
+   ``prometheus_targets.json`` (Prometheus file_sd);
+3. run the supervisor over the buffer, K rollout servers and ``torchrun -m trainer``, with a live
+   progress line read from ``<run_dir>/metrics/trainer.jsonl`` and a periodic scrape of every
+   ``/metrics`` into ``<run_dir>/metrics/scrape.jsonl``;
+4. write ``learning_curve.png`` and ``summary.json`` and print the summary as ONE JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from areal_like.config import RunConfig, to_yaml
+from areal_like.distributed import free_port
+from launch.local import ProcSpec, Supervisor, write_json_atomic
+from launch.topology import Topology, apply_topology, plan_topology
+
+PROGRESS_EVERY_S = 5.0  # a live line this often keeps a terminal alive without flooding logs
+SCRAPE_EVERY_S = 10.0  # /metrics snapshots in scrape.jsonl; Prometheus does the fine-grained job
+SUMMARY_WINDOW = 5  # "first / last few steps" for reward_first / reward_last
+
+
+def free_ports():
+    while True:
+        yield free_port()
+
+
+def prepare(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, Topology, Path]:
+    """Resolve ports, write config.yaml; returns (config the daemons read, topology, its path)."""
+    run_dir = Path(cfg.run_dir).resolve()
+    (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
+    cfg = _replace_run_dir(cfg, str(run_dir))
+    if cpus is None and cfg.launch.pin_cpus:
+        cpus = sorted(os.sched_getaffinity(0))
+    topo = plan_topology(cfg, free_ports(), cpus)
+    cfg = apply_topology(cfg, topo)
+    path = run_dir / "config.yaml"
+    path.write_text(to_yaml(cfg))
+    return cfg, topo, path
+
+
+def _replace_run_dir(cfg: RunConfig, run_dir: str) -> RunConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, run_dir=run_dir)
+
+
+def job_specs(cfg: RunConfig, topo: Topology, config_path: Path, python: str = sys.executable) -> list[ProcSpec]:
+    """The buffer (stage 0), then every rollout server and the trainer (stage 1)."""
+    env = {"OMP_NUM_THREADS": str(cfg.launch.omp_threads), "MKL_NUM_THREADS": str(cfg.launch.omp_threads),
+           "AREAL_LIKE_RUN_DIR": cfg.run_dir}
+    base = ["--config-file", str(config_path)]
+    specs = []
+    for slot in topo.slots:
+        health = f"http://{topo.host}:{slot.metrics_port}/health"
+        if slot.kind == "buffer":
+            argv = [python, "-m", "buffer", *base]
+        elif slot.kind == "rollout":
+            argv = [python, "-m", "rollout_server", *base, *slot.overrides]
+        else:
+            argv = _trainer_argv(python, cfg.launch.trainer_ranks, topo.host, base)
+        specs.append(ProcSpec(name=slot.name, argv=argv, env=env, health_url=health,
+                              stage=0 if slot.kind == "buffer" else 1, main=slot.kind == "trainer", cpus=slot.cpus))
+    return specs
+
+
+def _trainer_argv(python: str, ranks: int, host: str, base: list[str]):
+    def argv() -> list[str]:  # a fresh rendezvous port per (re)start: the old one may linger in TIME_WAIT
+        return [python, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(ranks),
+                "--master-addr", host, "--master-port", str(free_port()), "--max-restarts", "0",
+                "-m", "trainer", *base]
+    return argv
+
+
+def write_ports(run_dir: Path, topo: Topology, sup: Supervisor) -> None:
+    pids = sup.pids()
+    info = {**topo.to_json(), "run_dir": str(run_dir), "supervisor_pid": os.getpid(), "ports": topo.ports()}
+    for d in info["daemons"]:
+        d["pid"] = pids.get(d["name"])
+        d["health_url"] = f"http://{topo.host}:{d['metrics_port']}/health"
+    write_json_atomic(run_dir / "ports.json", info)
+    targets = [{"targets": [f"{topo.host}:{d['metrics_port']}"],
+                "labels": {"daemon": d["name"], "kind": d["kind"], "run": run_dir.name}} for d in info["daemons"]]
+    write_json_atomic(run_dir / "prometheus_targets.json", targets)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    out = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line being written right now
+    return out
+
+
+def reward_of(rec: dict) -> float | None:
+    """The mean task reward of one trainer step record."""
+    for key in ("reward_mean", "reward/mean", "trainer/reward_mean", "rewards/mean", "reward"):
+        if isinstance(rec.get(key), (int, float)):
+            return float(rec[key])
+    return None
+
+
+def step_records(run_dir: Path) -> list[dict]:
+    """One record per trainer step (the last one wins after a resume replays a step)."""
+    by_step: dict[int, dict] = {}
+    for rec in read_jsonl(run_dir / "metrics" / "trainer.jsonl"):
+        step = rec.get("step", rec.get("policy_version"))
+        if isinstance(step, int) and reward_of(rec) is not None:
+            by_step[step] = rec
+    return [by_step[k] for k in sorted(by_step)]
+
+
+class Monitor:
+    """on_tick: the live progress line and the periodic /metrics scrape."""
+
+    def __init__(self, cfg: RunConfig, topo: Topology, run_dir: Path, out=sys.stderr):
+        self.cfg, self.topo, self.run_dir, self.out = cfg, topo, run_dir, out
+        self.t0 = time.monotonic()
+        self.next_line = self.next_scrape = 0.0
+
+    def __call__(self, sup: Supervisor) -> None:
+        now = time.monotonic()
+        if now >= self.next_line:
+            self.next_line = now + PROGRESS_EVERY_S
+            self.out.write(self.progress_line() + "\n")
+            self.out.flush()
+        if now >= self.next_scrape:
+            self.next_scrape = now + SCRAPE_EVERY_S
+            self.scrape()
+
+    def progress_line(self) -> str:
+        recs = step_records(self.run_dir)
+        elapsed = time.monotonic() - self.t0
+        if not recs:
+            return f"[run] waiting for the first trainer step ... {elapsed:.0f}s"
+        last = recs[-1]
+        window = [reward_of(r) for r in recs[-SUMMARY_WINDOW:]]
+        total = self.cfg.trainer.steps
+        done = len(recs)
+        bar = "#" * int(20 * done / total) + "." * (20 - int(20 * done / total))
+        return (f"[run] [{bar}] step {done}/{total}  reward {sum(window) / len(window):.3f}  "
+                f"version {last.get('policy_version', '?')}  {elapsed:.0f}s")
+
+    def scrape(self) -> None:
+        from areal_like.metrics import scrape
+
+        with (self.run_dir / "metrics" / "scrape.jsonl").open("a") as f:
+            for slot in self.topo.slots:
+                try:
+                    values = scrape(f"http://{self.topo.host}:{slot.metrics_port}/metrics")
+                except Exception:
+                    continue  # down or restarting: the supervisor reports that
+                values = {k: v for k, v in values.items() if k.startswith("areal_") and "_bucket{" not in k}
+                f.write(json.dumps({"t": round(time.time(), 3), "daemon": slot.name, "values": values}) + "\n")
+
+
+def summarize(run_dir: Path, wall_s: float, code: int) -> dict:
+    recs = step_records(run_dir)
+    rewards = [reward_of(r) for r in recs]
+    first, last = rewards[:SUMMARY_WINDOW], rewards[-SUMMARY_WINDOW:]
+    summary = {
+        "reward_first": round(sum(first) / len(first), 4) if first else None,
+        "reward_last": round(sum(last) / len(last), 4) if last else None,
+        "steps": len(recs), "wall_s": round(wall_s, 1), "run_dir": str(run_dir), "ok": code == 0,
+    }
+    if rewards:
+        summary["learning_curve"] = str(plot_curve(run_dir, recs))
+    write_json_atomic(run_dir / "summary.json", summary)
+    return summary
+
+
+def plot_curve(run_dir: Path, recs: list[dict]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = list(range(1, len(recs) + 1))
+    rewards = [reward_of(r) for r in recs]
+    k = max(1, min(SUMMARY_WINDOW, len(rewards)))
+    windows = [rewards[max(0, i - k + 1):i + 1] for i in range(len(rewards))]
+    smooth = [sum(w) / len(w) for w in windows]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, rewards, alpha=0.35, label="reward (per step)")
+    ax.plot(steps, smooth, label=f"reward ({k}-step mean)")
+    ax.set_xlabel("trainer step")
+    ax.set_ylabel("mean task reward")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title(run_dir.name)
+    fig.tight_layout()
+    path = run_dir / "learning_curve.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _supervisor_lines_only(line: str) -> None:
+    if line.startswith("[supervisor]"):
+        print(line, file=sys.stderr, flush=True)
+
+
+def run_job(cfg: RunConfig, quiet: bool = False) -> int:
+    """``areal-like run``: returns the exit code; prints the summary as one JSON line on stdout."""
+    from launch.warmstart import ensure_warm_start
+
+    t0 = time.monotonic()
+    cfg = ensure_warm_start(cfg, log=lambda m: print(f"[warm-start] {m}", file=sys.stderr, flush=True))
+    cfg, topo, config_path = prepare(cfg)
+    run_dir = Path(cfg.run_dir)
+    echo = _supervisor_lines_only if quiet else None
+    sup = Supervisor(job_specs(cfg, topo, config_path), run_dir, restarts=cfg.launch.restarts,
+                     health_timeout_s=cfg.launch.health_timeout_s, echo=echo,
+                     on_tick=Monitor(cfg, topo, run_dir), on_change=lambda s: write_ports(run_dir, topo, s))
+    sup.install_signals()
+    print(f"[run] run_dir {run_dir}  (logs in {run_dir / 'logs'}; `areal-like top {run_dir}` for a live view)",
+          file=sys.stderr, flush=True)
+    code = sup.run()
+    summary = summarize(run_dir, time.monotonic() - t0, code)
+    print(json.dumps(summary), flush=True)
+    return code
+

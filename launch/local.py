@@ -1,0 +1,277 @@
+"""Local supervisor: one command starts, watches and stops every daemon of a job on this machine.
+
+``Supervisor(specs, run_dir)`` owns a list of ``ProcSpec``s (the buffer, K rollout servers, the
+trainer under torchrun; or any commands in tests). ``run()``:
+
+1. starts the processes stage by stage (the buffer first, then the rest), each in its own session
+   (``start_new_session``) so that it and its children can be signalled as one group, and waits
+   for every ``/health`` to answer 200;
+2. streams each process's output line by line, prefixed with its name, to the console and to
+   ``<run_dir>/logs/<name>.log``;
+3. polls: a process that exits is restarted (at most ``restarts`` times each); the *main*
+   process (the trainer) exiting 0 is job completion; any process out of restarts fails the job;
+4. on completion, failure, Ctrl-C or SIGTERM stops everything in reverse start order: SIGTERM to
+   the process group, wait, SIGKILL, by PID.
+
+Invariant: no process is left behind. torchrun puts every rank in a session of its own, so a
+``kill -9`` of torchrun orphans its ranks outside our process group; the supervisor therefore
+records the descendants of every process it started on each poll (PID + create time, so a
+recycled PID is never hit) and kills the survivors by PID after the group is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+POLL_S = 0.5  # how often exits are noticed; a restart within a second is plenty for daemons
+STOP_GRACE_S = 15.0  # SIGTERM -> SIGKILL; above daemon.GRACEFUL_STOP_S so a clean stop can finish
+HEALTH_PROBE_S = 2.0  # one /health request; a daemon answering slower than this is not healthy
+RESTART_BACKOFF_S = 1.0  # between a crash and its restart, so a crash loop does not spin the CPU
+
+
+@dataclass(kw_only=True)
+class ProcSpec:
+    """A process the supervisor owns. ``argv`` may be a function (fresh ports on each start)."""
+
+    name: str
+    argv: list[str] | Callable[[], list[str]]
+    env: dict[str, str] = field(default_factory=dict)  # added to the supervisor's environment
+    health_url: str | None = None  # GET -> 200 when ready; None = ready once started
+    stage: int = 0  # lower stages start (and become healthy) first
+    main: bool = False  # exiting 0 completes the job (the trainer)
+    cpus: tuple[int, ...] | None = None  # pinned cores (taskset)
+
+
+@dataclass
+class _Proc:
+    spec: ProcSpec
+    popen: subprocess.Popen | None = None
+    restarts: int = 0
+    descendants: dict[int, float] = field(default_factory=dict)  # pid -> create_time
+    pump: threading.Thread | None = None
+
+
+class JobFailed(RuntimeError):
+    pass
+
+
+class Supervisor:
+    def __init__(self, specs: list[ProcSpec], run_dir: str | Path, restarts: int = 3,
+                 health_timeout_s: float = 300.0, stop_grace_s: float = STOP_GRACE_S,
+                 echo: Callable[[str], None] | None = None, on_tick: Callable[[Supervisor], None] | None = None,
+                 on_change: Callable[[Supervisor], None] | None = None):
+        self.procs = [_Proc(s) for s in sorted(specs, key=lambda s: s.stage)]
+        self.run_dir = Path(run_dir)
+        self.log_dir = self.run_dir / "logs"
+        self.restarts = restarts
+        self.health_timeout_s = health_timeout_s
+        self.stop_grace_s = stop_grace_s
+        self.echo = echo if echo is not None else _stderr_echo
+        self.on_tick = on_tick
+        self.on_change = on_change  # called after any (re)start: e.g. rewrite ports.json with the new PIDs
+        self.stop_event = threading.Event()
+        self.outcome = ""
+
+    # ---- public
+    def request_stop(self, *_args) -> None:
+        self.stop_event.set()
+
+    def install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+    def pids(self) -> dict[str, int | None]:
+        return {p.spec.name: (p.popen.pid if p.popen and p.popen.poll() is None else None) for p in self.procs}
+
+    def proc(self, name: str) -> _Proc:
+        return next(p for p in self.procs if p.spec.name == name)
+
+    def run(self) -> int:
+        """Start, supervise, stop. Returns 0 when the main process completed, 1 otherwise."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.start_all()
+            code = self.watch()
+        except JobFailed as e:
+            self.outcome = f"failed: {e}"
+            code = 1
+        finally:
+            self.stop_all()
+        self.echo(f"[supervisor] {self.outcome}")
+        return code
+
+    def start_all(self) -> None:
+        for stage in sorted({p.spec.stage for p in self.procs}):
+            batch = [p for p in self.procs if p.spec.stage == stage]
+            for p in batch:
+                self._start(p)
+            for p in batch:
+                self._wait_healthy(p)
+            if self.stop_event.is_set():
+                raise JobFailed("stop requested during start-up")
+        self.echo(f"[supervisor] all {len(self.procs)} processes healthy")
+
+    def watch(self) -> int:
+        while not self.stop_event.is_set():
+            for p in self.procs:
+                self._record_descendants(p)
+                rc = p.popen.poll() if p.popen else None
+                if rc is None:
+                    continue
+                if p.spec.main and rc == 0:
+                    self.outcome = f"{p.spec.name} completed"
+                    return 0
+                self._kill_leftovers(p)
+                if p.restarts >= self.restarts:
+                    raise JobFailed(f"{p.spec.name} exited with {rc} and has no restarts left ({self.restarts})")
+                p.restarts += 1
+                self.echo(f"[supervisor] {p.spec.name} exited with {rc}; restart {p.restarts}/{self.restarts}")
+                time.sleep(RESTART_BACKOFF_S)
+                self._start(p)
+            if self.on_tick is not None:
+                self.on_tick(self)
+            self.stop_event.wait(POLL_S)
+        self.outcome = "stopped on request"
+        return 1
+
+    def stop_all(self) -> None:
+        """Reverse start order: SIGTERM the group, wait, SIGKILL; then every recorded descendant."""
+        for p in reversed(self.procs):
+            self._stop(p)
+
+    # ---- one process
+    def _start(self, p: _Proc) -> None:
+        argv = p.spec.argv() if callable(p.spec.argv) else list(p.spec.argv)
+        if p.spec.cpus is not None:
+            argv = _pin(argv, p.spec.cpus)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **p.spec.env}
+        log = open(self.log_dir / f"{p.spec.name}.log", "ab")  # noqa: SIM115 - owned by the pump thread
+        log.write(f"---- start {time.strftime('%H:%M:%S')}: {' '.join(argv)}\n".encode())
+        p.popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        p.descendants = {}
+        p.pump = threading.Thread(target=self._pump, args=(p.spec.name, p.popen, log), daemon=True,
+                                  name=f"log-{p.spec.name}")
+        p.pump.start()
+        self.echo(f"[supervisor] started {p.spec.name} pid={p.popen.pid}")
+        if self.on_change is not None:
+            self.on_change(self)
+
+    def _pump(self, name: str, popen: subprocess.Popen, log) -> None:
+        with log:
+            for line in iter(popen.stdout.readline, b""):
+                log.write(line)
+                log.flush()
+                self.echo(f"{name:>10} | {line.decode(errors='replace').rstrip()}")
+            popen.stdout.close()
+
+    def _wait_healthy(self, p: _Proc) -> None:
+        deadline = time.monotonic() + self.health_timeout_s
+        while p.spec.health_url and not self.stop_event.is_set():
+            if p.popen.poll() is not None:
+                raise JobFailed(f"{p.spec.name} exited with {p.popen.returncode} before it was healthy "
+                                f"(see {self.log_dir / (p.spec.name + '.log')})")
+            if probe(p.spec.health_url):
+                return
+            if time.monotonic() > deadline:
+                raise JobFailed(f"{p.spec.name} not healthy at {p.spec.health_url} after {self.health_timeout_s:.0f}s")
+            time.sleep(0.2)
+
+    def _record_descendants(self, p: _Proc) -> None:
+        if p.popen is None or p.popen.poll() is not None:
+            return
+        try:
+            for c in psutil.Process(p.popen.pid).children(recursive=True):
+                p.descendants.setdefault(c.pid, c.create_time())
+        except psutil.Error:
+            pass  # exited between poll() and the walk: the next poll handles it
+
+    def _stop(self, p: _Proc) -> None:
+        if p.popen is not None and p.popen.poll() is None:
+            self._record_descendants(p)
+            _signal_group(p.popen.pid, signal.SIGTERM)
+            try:
+                p.popen.wait(self.stop_grace_s)
+            except subprocess.TimeoutExpired:
+                self.echo(f"[supervisor] {p.spec.name} ignored SIGTERM for {self.stop_grace_s:.0f}s; SIGKILL")
+                _signal_group(p.popen.pid, signal.SIGKILL)
+                p.popen.wait()
+        if p.popen is not None:
+            _signal_group(p.popen.pid, signal.SIGKILL)  # children that outlived their leader
+        self._kill_leftovers(p)
+        if p.pump is not None:
+            p.pump.join(timeout=5)
+
+    def _kill_leftovers(self, p: _Proc) -> None:
+        """SIGTERM, then SIGKILL, every recorded descendant still alive (same PID and create time)."""
+        alive = []
+        for pid, created in p.descendants.items():
+            try:
+                proc = psutil.Process(pid)
+                if abs(proc.create_time() - created) < 1e-3:
+                    alive.append(proc)
+            except psutil.Error:
+                continue
+        for proc in alive:
+            try:
+                proc.terminate()
+            except psutil.Error:
+                pass
+        _, still = psutil.wait_procs(alive, timeout=5)
+        for proc in still:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(still, timeout=5)
+        p.descendants = {}
+
+
+def probe(url: str, timeout_s: float = HEALTH_PROBE_S) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            return r.status == 200
+    except Exception:  # refused, timeout, 503: all mean "not healthy yet"
+        return False
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _pin(argv: list[str], cpus: tuple[int, ...]) -> list[str]:
+    taskset = shutil.which("taskset")
+    if taskset is None:
+        raise JobFailed("launch.pin_cpus=true needs `taskset` (util-linux)")
+    return [taskset, "-c", ",".join(map(str, cpus)), *argv]
+
+
+_echo_lock = threading.Lock()
+
+
+def _stderr_echo(line: str) -> None:
+    with _echo_lock:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)

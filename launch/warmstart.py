@@ -1,0 +1,152 @@
+"""Supervised warm start: give a freshly built tiny model a learning signal before RL.
+
+A randomly initialised model almost never samples a correct answer, so group-relative RL has
+nothing to reinforce. ``ensure_warm_start(cfg)`` trains the model for ``warm_start.steps`` steps
+of next-token cross-entropy on the task's own ``(prompt, answer + <eos>)`` pairs (loss on the
+answer tokens only), on one process, then saves a Hugging Face model directory (weights,
+config, tokenizer) and returns the config with ``model.path`` pointing at it.
+
+The result is cached under ``<run_dir>/../<warm_start.cache_dir>/<key>`` where ``key`` hashes the
+model, task and warm-start settings, so later runs of the same experiment skip it. The directory
+is written under a temporary name and renamed, so a crash never leaves a half-written cache.
+
+The token layout is the rollout server's: ``tokenizer(prompt)`` (``<bos>`` + characters) followed
+by the generated answer and ``<eos>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from areal_like.config import RunConfig
+
+LOG_EVERY = 100  # warm-start steps between progress lines
+EVAL_PROMPTS = 128  # prompts for the before/after accuracy line (greedy and sampled)
+
+
+def cache_key(cfg: RunConfig) -> str:
+    ws = {k: v for k, v in dataclasses.asdict(cfg.warm_start).items() if k != "cache_dir"}
+    blob = json.dumps({"model": dataclasses.asdict(cfg.model), "task": dataclasses.asdict(cfg.task), "ws": ws},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cache_path(cfg: RunConfig) -> Path:
+    base = Path(cfg.warm_start.cache_dir)
+    if not base.is_absolute():
+        base = Path(cfg.run_dir).resolve().parent / base
+    return base / cache_key(cfg)
+
+
+def ensure_warm_start(cfg: RunConfig, log: Callable[[str], None] = print) -> RunConfig:
+    """``cfg`` with ``model.path`` set to the warm-started model (trained now or from the cache)."""
+    if cfg.warm_start.steps <= 0:
+        return cfg
+    if cfg.model.path:
+        log(f"model.path={cfg.model.path} is set; the warm start refines that model")
+    out = cache_path(cfg)
+    if (out / "config.json").is_file():
+        log(f"cached: {out}")
+    else:
+        t0 = time.monotonic()
+        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+        train_warm_start(cfg, tmp, log)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another run finished the same key first: use theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+        log(f"saved {out} in {time.monotonic() - t0:.0f}s")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(out)))
+
+
+def _pairs(task, indices: list[int], tok) -> list[tuple[list[int], list[int]]]:
+    from areal_like.tokenizer import EOS_ID
+
+    out = []
+    for i in indices:
+        ex = task.example(i, 0)
+        prompt = list(tok(ex.prompt)["input_ids"])
+        answer = list(tok(ex.answer, add_special_tokens=False)["input_ids"]) + [EOS_ID]
+        out.append((prompt, answer))
+    return out
+
+
+def _batch(pairs: list[tuple[list[int], list[int]]]):
+    """Right-padded input ids, labels (-100 outside the answer) and attention mask."""
+    import torch
+
+    width = max(len(p) + len(a) for p, a in pairs)
+    ids = torch.zeros(len(pairs), width, dtype=torch.long)
+    labels = torch.full((len(pairs), width), -100, dtype=torch.long)
+    mask = torch.zeros(len(pairs), width, dtype=torch.long)
+    for r, (p, a) in enumerate(pairs):
+        seq = p + a
+        ids[r, :len(seq)] = torch.tensor(seq)
+        labels[r, len(p):len(seq)] = torch.tensor(a)
+        mask[r, :len(seq)] = 1
+    return ids, labels, mask
+
+
+def train_warm_start(cfg: RunConfig, out: Path, log: Callable[[str], None] = print) -> None:
+    import torch
+
+    from areal_like.hf import build_model
+    from areal_like.tokenizer import load_tokenizer
+    from rollout_server.tasks import make_task
+
+    torch.set_num_threads(max(1, cfg.launch.omp_threads))
+    torch.manual_seed(cfg.seed)
+    tok = load_tokenizer(cfg.model)
+    task = make_task(cfg.task)
+    model = build_model(cfg.model, "cpu", "float32").train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.warm_start.lr, weight_decay=0.0)
+    rng = random.Random(cfg.seed + 1)
+    n, bs = len(task), cfg.warm_start.batch_size
+    eval_idx = [rng.randrange(n) for _ in range(EVAL_PROMPTS)]
+    for step in range(1, cfg.warm_start.steps + 1):
+        ids, labels, mask = _batch(_pairs(task, [rng.randrange(n) for _ in range(bs)], tok))
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % LOG_EVERY == 0 or step == cfg.warm_start.steps:
+            log(f"step {step}/{cfg.warm_start.steps} loss {loss.item():.3f}")
+    greedy, sampled = evaluate(model.eval(), tok, task, eval_idx, cfg.task.max_new_tokens, cfg.task.temperature)
+    log(f"accuracy after warm start: greedy {greedy:.2f}, sampled at T={cfg.task.temperature} {sampled:.2f}")
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "warm_start.json").write_text(json.dumps({"key": out.name, "greedy_acc": greedy, "sampled_acc": sampled,
+                                                     "steps": cfg.warm_start.steps}))
+
+
+def evaluate(model, tok, task, indices: list[int], max_new_tokens: int, temperature: float) -> tuple[float, float]:
+    """(greedy accuracy, sampled accuracy at ``temperature``) over the given prompts."""
+    import torch
+
+    from areal_like.tokenizer import EOS_ID, PAD_ID
+
+    examples = [task.example(i, 0) for i in indices]
+    scores = []
+    for sample in (False, True):
+        hits = 0.0
+        for ex in examples:  # one prompt at a time: no left-padding subtleties, and it is cheap
+            ids = torch.tensor([tok(ex.prompt)["input_ids"]])
+            with torch.no_grad():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                     do_sample=sample, temperature=temperature if sample else None, top_k=0,
+                                     top_p=1.0, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+            text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            hits += task.reward(text, ex)
+        scores.append(hits / len(examples))
+    return scores[0], scores[1]

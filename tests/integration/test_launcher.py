@@ -1,0 +1,185 @@
+"""launch/local.py Supervisor with real processes: start, health, logs, restart, stop, no leftovers.
+
+The daemons here are small Python programs (written to tmp_path) that serve ``/health`` on a
+given port, print lines, and can spawn a child in a session of its own, the way torchrun starts
+its ranks, so that a ``kill -9`` of the leader orphans the child outside the process group.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from areal_like.distributed import free_port
+from launch.local import ProcSpec, Supervisor, probe
+
+DUMMY = textwrap.dedent('''
+    import http.server, os, signal, subprocess, sys, threading, time
+    port, mode = int(sys.argv[1]), sys.argv[2]
+    pidfile = sys.argv[3] if len(sys.argv) > 3 else None
+    if mode == "ignore_term":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+    if pidfile:  # a "rank" in its own session, like torchrun's children
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+        open(pidfile, "w").write(str(child.pid))
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+        def log_message(self, *a): pass
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    print(f"dummy up pid={os.getpid()} port={port}", flush=True)
+    t0 = time.time()
+    while True:
+        if mode.startswith("exit_after_"):
+            if time.time() - t0 > float(mode.split("_")[2]):
+                print("done", flush=True)
+                sys.exit(0)
+        if mode == "crash":
+            sys.exit(3)
+        time.sleep(0.05)
+''')
+
+
+@pytest.fixture
+def dummy(tmp_path: Path) -> Path:
+    path = tmp_path / "dummy.py"
+    path.write_text(DUMMY)
+    return path
+
+
+def _spec(dummy: Path, name: str, mode: str = "serve", stage: int = 1, main: bool = False,
+          pidfile: Path | None = None, health: bool = True) -> ProcSpec:
+    port = free_port()
+    argv = [sys.executable, str(dummy), str(port), mode] + ([str(pidfile)] if pidfile else [])
+    return ProcSpec(name=name, argv=argv, health_url=f"http://127.0.0.1:{port}/health" if health else None,
+                    stage=stage, main=main)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _wait(cond, timeout_s: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+class _Run:
+    """Run a supervisor on a thread; always stop it and check nothing it started survives."""
+
+    def __init__(self, sup: Supervisor):
+        self.sup, self.code, self.seen_pids = sup, None, set()
+        self.thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self):
+        self.code = self.sup.run()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def track(self):
+        for p in self.sup.procs:
+            if p.popen is not None:
+                self.seen_pids.add(p.popen.pid)
+            self.seen_pids |= set(p.descendants)
+
+    def __exit__(self, *exc):
+        self.sup.request_stop()
+        self.thread.join(timeout=120)
+        assert not self.thread.is_alive(), "supervisor did not stop"
+        leftovers = [pid for pid in self.seen_pids if _alive(pid)]
+        for pid in leftovers:  # clean up for the next test before failing this one
+            os.kill(pid, signal.SIGKILL)
+        assert not leftovers, f"processes left behind: {leftovers}"
+
+
+@pytest.mark.slow
+def test_start_health_logs_restart_and_clean_stop(dummy, tmp_path):
+    pidfile = tmp_path / "rank.pid"
+    specs = [_spec(dummy, "buffer", stage=0), _spec(dummy, "rollout-0"),
+             _spec(dummy, "trainer", pidfile=pidfile, main=True)]
+    lines: list[str] = []
+    sup = Supervisor(specs, tmp_path / "run", restarts=2, health_timeout_s=60, echo=lines.append)
+    with _Run(sup) as run:
+        assert _wait(lambda: any("all 3 processes healthy" in ln for ln in lines)), lines
+        run.track()
+        assert all(probe(s.health_url) for s in specs)
+        # every daemon's output is streamed with its name and kept in logs/<name>.log
+        assert _wait(lambda: any(ln.strip().startswith("rollout-0 | dummy up") for ln in lines))
+        assert "dummy up" in (tmp_path / "run" / "logs" / "buffer.log").read_text()
+
+        # kill -9 of a daemon: restarted under a new PID and healthy again
+        old = sup.proc("rollout-0").popen.pid
+        os.kill(old, signal.SIGKILL)
+        assert _wait(lambda: sup.pids()["rollout-0"] not in (None, old))
+        assert _wait(lambda: probe(specs[1].health_url))
+        assert sup.proc("rollout-0").restarts == 1
+
+        # kill -9 of a torchrun-like leader orphans its rank (own session): the supervisor
+        # records it and kills it by PID before the restart
+        assert _wait(lambda: pidfile.is_file() and pidfile.read_text().strip() != "")
+        rank = int(pidfile.read_text())
+        assert _wait(lambda: rank in sup.proc("trainer").descendants)
+        os.kill(sup.proc("trainer").popen.pid, signal.SIGKILL)
+        assert _wait(lambda: not _alive(rank)), "orphaned rank survived its leader's kill -9"
+        assert _wait(lambda: sup.pids()["trainer"] is not None and sup.proc("trainer").restarts == 1)
+        assert _wait(lambda: pidfile.read_text().strip() not in ("", str(rank)))
+        assert _wait(lambda: len(sup.proc("trainer").descendants) == 1)
+        run.track()
+    assert run.code == 1 and sup.outcome == "stopped on request"
+    assert not _alive(int(pidfile.read_text()))
+
+
+@pytest.mark.slow
+def test_main_exit_zero_completes_the_job_and_stops_the_rest(dummy, tmp_path):
+    specs = [_spec(dummy, "buffer", stage=0), _spec(dummy, "trainer", mode="exit_after_2", main=True)]
+    sup = Supervisor(specs, tmp_path / "run", restarts=0, health_timeout_s=60, echo=lambda _: None)
+    with _Run(sup) as run:
+        assert _wait(lambda: not run.thread.is_alive(), 90)
+        run.track()
+    assert run.code == 0 and sup.outcome == "trainer completed"
+
+
+@pytest.mark.slow
+def test_sigterm_ignored_gets_sigkill_and_restarts_are_bounded(dummy, tmp_path):
+    stubborn = _spec(dummy, "stubborn", mode="ignore_term", stage=0)
+    crasher = _spec(dummy, "crasher", mode="crash", health=False)
+    sup = Supervisor([stubborn, crasher], tmp_path / "run", restarts=2, health_timeout_s=60,
+                     stop_grace_s=1.0, echo=lambda _: None)
+    with _Run(sup) as run:
+        assert _wait(lambda: not run.thread.is_alive(), 90)
+        run.track()
+    assert run.code == 1
+    assert "crasher exited with 3 and has no restarts left (2)" in sup.outcome
+    assert sup.proc("crasher").restarts == 2
+    assert not _alive(sup.proc("stubborn").popen.pid)
+
+
+@pytest.mark.slow
+def test_stop_while_a_daemon_never_becomes_healthy(dummy, tmp_path):
+    never = ProcSpec(name="never", argv=[sys.executable, "-c", "import time; time.sleep(600)"],
+                     health_url=f"http://127.0.0.1:{free_port()}/health")
+    sup = Supervisor([never], tmp_path / "run", restarts=0, health_timeout_s=2, echo=lambda _: None)
+    with _Run(sup) as run:
+        assert _wait(lambda: not run.thread.is_alive(), 60)
+        run.track()
+    assert run.code == 1 and "not healthy" in sup.outcome
