@@ -94,10 +94,16 @@ async def generate_sample(client: SGLangClient, prompt_ids: list[int], sampling:
 
 async def generate_group(client: SGLangClient, prompt_ids: list[int], n: int, sampling: dict, max_new_tokens: int,
                          current_version_fn: Callable[[], int], metrics: Metrics | None = None) -> list[Sample]:
-    """n samples for one prompt, as n concurrent interruptible requests."""
-    return list(await asyncio.gather(*(
-        generate_sample(client, prompt_ids, sampling, max_new_tokens, current_version_fn, metrics)
-        for _ in range(n))))
+    """n samples for one prompt, as n concurrent interruptible requests (all cancelled if one fails)."""
+    tasks = [asyncio.ensure_future(generate_sample(client, prompt_ids, sampling, max_new_tokens,
+                                                   current_version_fn, metrics)) for _ in range(n)]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 @dataclass(kw_only=True)

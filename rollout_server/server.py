@@ -55,6 +55,7 @@ CREDIT_RETRY_S = 0.25  # after an empty Credits answer (admission closed), ask a
 BUFFER_TIMEOUT_S = 10.0  # a healthy buffer answers in ms (fsync included); longer means gone or wedged
 RESEND_BACKOFF_S = 2.0  # after a send timed out, wait this long before re-sending unacked groups
 SYNC_DONE_ATTEMPTS = 5  # SyncDone is idempotent; retry it through a short buffer outage
+FLUSH_ON_STOP_S = 3.0  # last sends on stop; well inside the launcher's grace period (GRACEFUL_STOP_S)
 MAX_EPISODE_FAILURES = 5  # consecutive failed episodes (engine errors): the engine is broken; exit
 
 
@@ -110,7 +111,19 @@ class RolloutServer(Daemon):
             self.engine = None
 
     def run(self) -> None:
-        asyncio.run(self.main())
+        asyncio.run(self.serve_until_stopped())
+
+    async def serve_until_stopped(self) -> None:
+        """Run ``main`` until a stop is requested, then cancel it wherever it waits (a request to a
+        dead buffer can take BUFFER_TIMEOUT_S; a stop must not)."""
+        main = asyncio.create_task(self.main())
+        while not main.done() and not self.stop_requested.is_set():
+            await asyncio.wait({main}, timeout=LOOP_TICK_S)
+        main.cancel()
+        try:
+            await main
+        except asyncio.CancelledError:
+            pass
 
     def health(self) -> tuple[bool, dict]:
         return self.failure is None, {"name": self.name, "server_id": self.server_id,
@@ -275,9 +288,12 @@ class RolloutServer(Daemon):
 
     async def flush_unacked(self) -> None:
         """On stop: one last best-effort send of what is unacked (the leases cover the rest)."""
+        end = time.monotonic() + FLUSH_ON_STOP_S
         for u in list(self.unacked.values()):
+            if (left := end - time.monotonic()) <= 0:
+                break
             try:
-                ack = await self.data.request(u.group, timeout_s=2.0)
+                ack = await self.data.request(u.group, timeout_s=left)
             except TransportTimeout:
                 break
             if isinstance(ack, Ack) and ack.status in ("accepted", "duplicate"):
