@@ -81,6 +81,7 @@ class RolloutServer(Daemon):
         self.plans: dict[tuple, WeightSyncPlan] = {}
         self.plans_handled: set[tuple] = set()
         self.episode_failures = 0
+        self.next_credit_at = 0.0  # monotonic; credit requests back off while admission is closed
         self.pub_address = self.rcfg.pub_address
 
     # ------------------------------------------------------------------ lifecycle
@@ -214,18 +215,18 @@ class RolloutServer(Daemon):
 
     async def request_credits(self) -> None:
         want = self.rcfg.max_concurrent_groups - len(self.episodes)
-        if want <= 0 or time.monotonic() < getattr(self, "_next_credit_at", 0.0):
+        if want <= 0 or time.monotonic() < self.next_credit_at:
             return
         try:
             reply = await self.control.request(CreditRequest(server_id=self.server_id, max_credits=want))
         except TransportTimeout:
-            self._next_credit_at = time.monotonic() + RESEND_BACKOFF_S
+            self.next_credit_at = time.monotonic() + RESEND_BACKOFF_S
             return
         credits = reply.credits if isinstance(reply, Credits) else []
         for credit in credits:
             self.start_episode(credit)
         if not credits:
-            self._next_credit_at = time.monotonic() + CREDIT_RETRY_S
+            self.next_credit_at = time.monotonic() + CREDIT_RETRY_S
             if isinstance(reply, Credits) and reply.reason == "unknown_server":
                 await self.register()
 

@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import types
 import zipfile
 from pathlib import Path
@@ -173,12 +174,12 @@ async def drive_engine(url: str, tmp: Path, seen_requests: list, seen_responses:
         # a long request aborted by pause (interruptible generation) and by abort_request
         long_sp = {"max_new_tokens": LONG, "temperature": 1.0, "ignore_eos": True}
         job = asyncio.create_task(client.generate([1, 40, 41], long_sp))
-        await asyncio.sleep(0.3)
+        await generating(client)
         await client.pause_generation("abort")
         facts["paused"] = await job
         await client.continue_generation()
         job = asyncio.create_task(client.generate([1, 42], long_sp, rid="to-abort"))
-        await asyncio.sleep(0.3)
+        await generating(client)
         await client.abort_request("to-abort")
         facts["aborted"] = await job
         await client.abort_request(abort_all=True)
@@ -200,6 +201,15 @@ async def drive_engine(url: str, tmp: Path, seen_requests: list, seen_responses:
     finally:
         await client.close()
     return facts
+
+
+async def generating(client: SGLangClient, timeout_s: float = 60.0) -> None:
+    """Wait until the engine has produced new tokens (the long request is running, not queued)."""
+    def tokens(m: dict) -> float:
+        return sum(v for k, v in m.items() if k.startswith("sglang:generation_tokens_total"))
+    start, t0 = tokens(await client.metrics()), time.monotonic()
+    while tokens(await client.metrics()) < start + 8 and time.monotonic() - t0 < timeout_s:
+        await asyncio.sleep(0.01)
 
 
 async def sync_from_sender(client: SGLangClient, tmp: Path):
