@@ -106,12 +106,13 @@ class EmbeddedEngine:
 
         ready = threading.Event()
         errors: list[BaseException] = []
+        self.http = EngineHttp(self)
 
         def serve():
             loop = asyncio.new_event_loop()
             asyncio.set_event_loop(loop)
             try:
-                self._runner = web.AppRunner(EngineHttp(self).app(), access_log=None,
+                self._runner = web.AppRunner(self.http.app(), access_log=None,
                                              handler_cancellation=True)  # a client that hangs up frees its slot
                 loop.run_until_complete(self._runner.setup())
                 site = web.TCPSite(self._runner, self.engine_cfg.host, self.engine_cfg.port)

@@ -4,10 +4,12 @@ and error shapes, n > 1, concurrent greedy == transformers, pause/continue, abor
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -153,26 +155,52 @@ def test_control_endpoints_shapes(engine):
         assert name in metrics, name
 
 
+@contextmanager
+def stalled(engine):
+    """Block the scheduler thread between two steps (commands queue up) until the block exits.
+
+    Makes races deterministic: a long request is certainly still running when the command the
+    test sends (pause, abort) is processed."""
+    release = threading.Event()
+    entered = threading.Event()
+    engine.scheduler.call(lambda s: (entered.set(), release.wait(HTTP_TIMEOUT_S)))
+    assert entered.wait(HTTP_TIMEOUT_S)
+    try:
+        yield
+    finally:
+        release.set()
+
+
+def wait_for(predicate, what: str) -> None:
+    deadline = time.monotonic() + HTTP_TIMEOUT_S
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
 def test_pause_abort_partial_then_blocked_until_continue(engine):
     long = {"input_ids": [1, 30, 31], "sampling_params": {"max_new_tokens": 240, "ignore_eos": True},
             "return_logprob": True}
     with ThreadPoolExecutor(4) as pool:
-        inflight = [pool.submit(gen, engine, **long) for _ in range(2)]
-        deadline = time.monotonic() + HTTP_TIMEOUT_S
-        while engine.scheduler.load()["num_used_tokens"] < 20 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        status, text = call(engine, "/pause_generation", {"mode": "abort"})
-        assert status == 200 and json.loads(text) == {"message": "Generation paused successfully.", "status": "ok"}
-        for f in inflight:  # pause returns only after every in-flight request was answered
-            assert f.done()
-            out = f.result()
-            assert out["meta_info"]["finish_reason"]["type"] == "abort"
-            assert 0 < len(out["output_ids"]) < 240
-            assert len(out["meta_info"]["output_token_logprobs"]) == len(out["output_ids"])
-        blocked = pool.submit(gen, engine, input_ids=[1, 5], sampling_params={"max_new_tokens": 2})
-        time.sleep(0.5)
-        assert not blocked.done()  # waits, is not rejected
-        assert call(engine, "/continue_generation", {})[0] == 200
+        try:
+            inflight = [pool.submit(gen, engine, **long) for _ in range(2)]
+            wait_for(lambda: engine.scheduler.load()["num_used_tokens"] >= 20, "two running requests")
+            with stalled(engine):
+                pause = pool.submit(call, engine, "/pause_generation", {"mode": "abort"})
+                wait_for(lambda: engine.http.gate.paused, "the pause to reach the server")
+            status, text = pause.result(timeout=HTTP_TIMEOUT_S)
+            assert status == 200 and json.loads(text) == {"message": "Generation paused successfully.", "status": "ok"}
+            assert engine.http.gate.readers == 0  # pause returned only after every in-flight request was answered
+            for f in inflight:
+                out = f.result(timeout=HTTP_TIMEOUT_S)
+                assert out["meta_info"]["finish_reason"]["type"] == "abort"
+                assert 0 < len(out["output_ids"]) < 240
+                assert len(out["meta_info"]["output_token_logprobs"]) == len(out["output_ids"])
+            blocked = pool.submit(gen, engine, input_ids=[1, 5], sampling_params={"max_new_tokens": 2})
+            time.sleep(0.5)
+            assert not blocked.done()  # waits, is not rejected
+        finally:
+            assert call(engine, "/continue_generation", {})[0] == 200
         assert blocked.result(timeout=HTTP_TIMEOUT_S)["meta_info"]["finish_reason"]["type"] == "length"
 
 
@@ -180,10 +208,9 @@ def test_abort_request_by_rid(engine):
     body = {"rid": "kill-me", "input_ids": [1, 40], "sampling_params": {"max_new_tokens": 250, "ignore_eos": True}}
     with ThreadPoolExecutor(1) as pool:
         f = pool.submit(gen, engine, **body)
-        deadline = time.monotonic() + HTTP_TIMEOUT_S
-        while not engine.scheduler.load()["num_running_reqs"] and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert call(engine, "/abort_request", {"rid": "kill-me"}) == (200, "")
+        wait_for(lambda: engine.scheduler.load()["num_running_reqs"], "the request to run")
+        with stalled(engine):
+            assert call(engine, "/abort_request", {"rid": "kill-me"}) == (200, "")
         out = f.result(timeout=HTTP_TIMEOUT_S)
     assert out["meta_info"]["id"] == "kill-me" and out["meta_info"]["finish_reason"]["type"] == "abort"
 
@@ -191,15 +218,19 @@ def test_abort_request_by_rid(engine):
 def test_pause_in_place_keeps_requests_and_refuses_flush(engine):
     body = {"input_ids": [1, 50, 51], "sampling_params": {"max_new_tokens": 120, "temperature": 0, "ignore_eos": True}}
     ref = gen(engine, **body)["output_ids"]
-    with ThreadPoolExecutor(1) as pool:
-        f = pool.submit(gen, engine, **body)
-        while not engine.scheduler.load()["num_running_reqs"]:
-            time.sleep(0.01)
-        assert call(engine, "/pause_generation", {"mode": "in_place"})[0] == 200
-        assert call(engine, "/flush_cache", {})[0] == 400  # requests are still running
-        time.sleep(0.2)
-        assert not f.done()
-        assert call(engine, "/continue_generation", {})[0] == 200
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            f = pool.submit(gen, engine, **body)
+            wait_for(lambda: engine.scheduler.load()["num_running_reqs"], "the request to run")
+            with stalled(engine):
+                pause = pool.submit(call, engine, "/pause_generation", {"mode": "in_place"})
+                wait_for(lambda: engine.http.gate.paused, "the pause to reach the server")
+            assert pause.result(timeout=HTTP_TIMEOUT_S)[0] == 200
+            assert call(engine, "/flush_cache", {})[0] == 400  # requests are still running
+            time.sleep(0.2)
+            assert not f.done()
+        finally:
+            assert call(engine, "/continue_generation", {})[0] == 200
         out = f.result(timeout=HTTP_TIMEOUT_S)
     assert out["output_ids"] == ref and out["meta_info"]["finish_reason"]["type"] == "length"
 
@@ -240,14 +271,14 @@ def test_health_while_paused(engine):
 def test_client_disconnect_aborts_request(engine):
     import socket
 
+    aborted = engine.metrics.num_aborted._value.get()
     body = json.dumps({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 250, "ignore_eos": True}}).encode()
     sock = socket.create_connection(("127.0.0.1", engine.port), timeout=HTTP_TIMEOUT_S)
     sock.sendall(b"POST /generate HTTP/1.1\r\nHost: engine\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
-    deadline = time.monotonic() + HTTP_TIMEOUT_S
-    while not engine.scheduler.load()["num_running_reqs"] and time.monotonic() < deadline:
-        time.sleep(0.005)
-    sock.close()
-    while engine.scheduler.load()["num_running_reqs"] and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert engine.scheduler.load()["num_running_reqs"] == 0
+    wait_for(lambda: engine.scheduler.load()["num_running_reqs"], "the request to run")
+    with stalled(engine):
+        sock.close()
+        time.sleep(0.3)  # the server notices the hang-up and queues the abort behind the stall
+    wait_for(lambda: engine.metrics.num_aborted._value.get() > aborted, "the abort")
+    assert engine.metrics.num_aborted._value.get() == aborted + 1  # aborted, not run to its 250 tokens
