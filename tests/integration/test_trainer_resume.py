@@ -69,8 +69,9 @@ def test_kill9_and_resume_restores_version_weights_and_optimizer(tmp_path, spawn
 
     from areal_like.config import load_config, to_yaml
 
-    address = f"tcp://127.0.0.1:{free_port()}"
+    address, metrics_port = f"tcp://127.0.0.1:{free_port()}", free_port()
     cfg = load_config([f"run_dir={tmp_path}", f"buffer.address={address}", "trainer.checkpoint_every=1",
+                       f"trainer.metrics_port={metrics_port}",
                        "trainer.steps=1000", "trainer.lr=1e-3", "trainer.micro_batch_size=4",
                        "trainer.batch_wait_s=1"])
     cfg_path = tmp_path / "config.yaml"
@@ -111,6 +112,14 @@ def test_kill9_and_resume_restores_version_weights_and_optimizer(tmp_path, spawn
         after = wait_until(lambda: [x for x in _lines(jsonl) if x.get("step", 0) > version and
                                     x["time"] > resume["time"]], 120, 0.2, "a step after resume")
         assert after[0]["policy_version"] == version + 1
+        # rank 0's /metrics: each phase's timing scope is its metric label
+        from areal_like.metrics import scrape
+
+        series = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
+        for phase in ("fetch_batch", "recompute_prox", "advantages", "train_step", "weight_sync", "checkpoint"):
+            assert f'areal_trainer_phase_seconds{{phase="{phase}"}}' in series, sorted(series)
+        assert series["areal_trainer_policy_version"] >= version + 1
+        assert "areal_trainer_grad_norm" in series and "areal_trainer_weight_sync_seconds" in series
         for p in ranks:  # graceful stop: exit 0 and a final checkpoint
             os.kill(p.pid, signal.SIGTERM)
         assert [p.wait(timeout=60) for p in ranks] == [0, 0]
