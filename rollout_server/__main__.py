@@ -16,6 +16,7 @@ from areal_like.daemon import setup_logging
 
 
 def main(argv: list[str]) -> int:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported (embedded engine)
     cfg = load_daemon_config(argv)
     setup_logging(f"rollout:{cfg.rollout.server_id or 'rollout'}")
     from rollout_server.server import RolloutServer

@@ -52,7 +52,7 @@ from rollout_server.weight_update import apply_weight_sync
 
 LOOP_TICK_S = 0.2  # the main loop also wakes on events; the tick only bounds reaction to stop requests
 CREDIT_RETRY_S = 0.25  # after an empty Credits answer (admission closed), ask again this much later
-BUFFER_TIMEOUT_S = 10.0  # a healthy buffer answers in ms (fsync included); longer means gone or wedged
+BUFFER_TIMEOUT_S = 5.0  # a healthy buffer answers in ms (one fsync per batch); 5 s means gone or wedged
 RESEND_BACKOFF_S = 2.0  # after a send timed out, wait this long before re-sending unacked groups
 SYNC_DONE_ATTEMPTS = 5  # SyncDone is idempotent; retry it through a short buffer outage
 FLUSH_ON_STOP_S = 3.0  # last sends on stop; well inside the launcher's grace period (GRACEFUL_STOP_S)
