@@ -1,0 +1,164 @@
+"""``areal-like top`` and ``areal-like status``: the job seen from its ``/metrics`` and ``/health``.
+
+Both read ``<run_dir>/ports.json`` (written by the supervisor, or by hand for a multi-node job:
+``{"daemons": [{"name", "kind", "metrics_url", "health_url"}, ...]}``) and scrape every daemon
+over HTTP, so they work from any machine that can reach the daemons. ``top`` redraws a table
+every few seconds: per daemon its health and the figures that tell whether the job is healthy
+(versions, staleness, rewards, throughput as rates of the counters, weight-sync times).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+# (column title, kind, series, how): how = "value" | "rate" (per second, from a counter) | "mean" (histogram)
+COLUMNS = [
+    ("version", "buffer", "areal_buffer_trainer_version", "value"),
+    ("stored", "buffer", 'areal_buffer_groups{state="stored"}', "value"),
+    ("in flight", "buffer", 'areal_buffer_groups{state="in_flight"}', "value"),
+    ("consumed/s", "buffer", "areal_buffer_groups_consumed_total", "rate"),
+    ("staleness", "buffer", "areal_buffer_staleness", "mean"),
+    ("roster", "buffer", "areal_buffer_roster_size", "value"),
+    ("version", "rollout", "areal_rollout_policy_version", "value"),
+    ("tok/s", "rollout", "areal_rollout_tokens_generated_total", "rate"),
+    ("acked/s", "rollout", "areal_rollout_groups_acked_total", "rate"),
+    ("reward", "rollout", "areal_rollout_reward_mean", "value"),
+    ("in flight", "rollout", "areal_rollout_requests_in_flight", "value"),
+    ("pause s", "rollout", "areal_rollout_weight_sync_pause_seconds", "mean"),
+    ("version", "trainer", "areal_trainer_policy_version", "value"),
+    ("reward", "trainer", "areal_trainer_reward_mean", "value"),
+    ("staleness max", "trainer", "areal_trainer_staleness_max", "value"),
+    ("step s", "trainer", "areal_trainer_step_seconds", "value"),
+    ("sync s", "trainer", "areal_trainer_weight_sync_seconds", "value"),
+    ("tok/s", "trainer", "areal_trainer_tokens_per_s", "value"),
+]
+
+
+def newest_run_dir(root: str | Path = "runs") -> str | None:
+    found = sorted(Path(root).glob("**/ports.json"), key=lambda p: p.stat().st_mtime)
+    return str(found[-1].parent) if found else None
+
+
+def load_ports(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / "ports.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found (is this a run directory started by `areal-like run`?)")
+    return json.loads(path.read_text())
+
+
+def health(url: str, timeout_s: float = 2.0) -> tuple[bool, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            return r.status == 200, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:  # 503: the daemon answers but reports itself unhealthy
+        try:
+            return False, json.loads(e.read() or b"{}")
+        except ValueError:
+            return False, {"error": f"HTTP {e.code}"}
+    except Exception as e:
+        return False, {"error": f"{type(e).__name__}: {e}"}
+
+
+def status(run_dir: str | Path) -> int:
+    """Print one line per daemon (and the trainer's progress); 0 when every daemon is healthy."""
+    info = load_ports(run_dir)
+    all_ok = True
+    for d in info["daemons"]:
+        ok, details = health(d["health_url"])
+        all_ok &= ok
+        extra = f"uptime {details['uptime_s']}s" if "uptime_s" in details else details.get("error", "")
+        print(f"{d['name']:<12} {'ok  ' if ok else 'DOWN'} pid={d.get('pid')}  {d['health_url']}  {extra}")
+    last = _last_step(Path(run_dir))
+    if last:
+        print(f"trainer step {last.get('step')}  reward {last.get('reward_mean', float('nan')):.3f}  "
+              f"staleness max {last.get('staleness_max')}")
+    return 0 if all_ok else 1
+
+
+def _last_step(run_dir: Path) -> dict | None:
+    path = run_dir / "metrics" / "trainer.jsonl"
+    if not path.is_file():
+        return None
+    for line in reversed(path.read_text().splitlines()):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "step" in rec:
+            return rec
+    return None
+
+
+def snapshot(info: dict) -> dict[str, dict[str, float] | None]:
+    from areal_like.metrics import scrape
+
+    out: dict[str, dict[str, float] | None] = {}
+    for d in info["daemons"]:
+        try:
+            out[d["name"]] = scrape(d["metrics_url"])
+        except Exception:
+            out[d["name"]] = None
+    return out
+
+
+def figure(values: dict[str, float], prev: dict[str, float] | None, dt: float, series: str, how: str) -> str:
+    if how == "value":
+        v = values.get(series)
+    elif how == "rate":
+        v = None
+        if prev is not None and series in values and series in prev and dt > 0:
+            v = (values[series] - prev[series]) / dt
+    else:
+        n = values.get(f"{series}_count", 0.0)
+        v = values.get(f"{series}_sum", 0.0) / n if n else None
+    if v is None:
+        return "-"
+    return f"{v:.0f}" if abs(v) >= 100 or float(v).is_integer() else f"{v:.3g}"
+
+
+def render(info: dict, snap: dict, prev: dict, dt: float):
+    from rich.table import Table
+
+    tables = []
+    for kind in ("buffer", "rollout", "trainer"):
+        cols = [(title, series, how) for title, k, series, how in COLUMNS if k == kind]
+        table = Table(title=kind, title_justify="left", expand=True)
+        table.add_column("daemon")
+        table.add_column("up")
+        for title, _, _ in cols:
+            table.add_column(title, justify="right")
+        for d in (d for d in info["daemons"] if d["kind"] == kind):
+            values = snap.get(d["name"])
+            if values is None:
+                table.add_row(d["name"], "[red]DOWN", *["-"] * len(cols))
+                continue
+            table.add_row(d["name"], "[green]ok", *[figure(values, prev.get(d["name"]), dt, s, h) for _, s, h in cols])
+        tables.append(table)
+    return tables
+
+
+def live(run_dir: str | Path, interval_s: float = 2.0) -> int:
+    from rich.console import Group
+    from rich.live import Live
+    from rich.text import Text
+
+    info = load_ports(run_dir)
+    prev: dict = {}
+    t_prev = time.monotonic()
+    try:
+        with Live(refresh_per_second=4, screen=False) as view:
+            while True:
+                snap, now = snapshot(info), time.monotonic()
+                last = _last_step(Path(run_dir)) or {}
+                head = Text(f"{run_dir}   trainer step {last.get('step', '-')}   "
+                            f"reward {last.get('reward_mean', float('nan')):.3f}   {time.strftime('%H:%M:%S')}")
+                view.update(Group(head, *render(info, snap, prev, now - t_prev)))
+                prev = {k: v for k, v in snap.items() if v is not None}
+                t_prev = now
+                time.sleep(interval_s)
+                info = load_ports(run_dir)  # PIDs change on restarts
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,106 @@
+"""areal-like CLI: fast --help, clear bad-override errors, torchrun pass-through, status/top."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from areal_like.cli import main, split_torchrun_args
+from areal_like.distributed import free_port
+from areal_like.metrics import Metrics, MetricsServer
+from areal_like.top import figure, render, status
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "areal_like.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_help_is_fast_and_imports_nothing_heavy():
+    code = ("import sys\nfrom areal_like.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "heavy = [m for m in ('torch', 'transformers', 'hydra', 'buffer', 'trainer', 'rollout_server') "
+            "if m in sys.modules]\nassert not heavy, heavy\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for cmd in ("run", "buffer", "rollout", "train", "top", "status"):
+        assert cmd in r.stdout
+
+
+def test_subcommand_help():
+    r = _cli("train", "--help")
+    assert r.returncode == 0 and "--nproc-per-node" in r.stdout
+
+
+def test_bad_override_value_names_the_key_and_exits_2():
+    r = _cli("run", "trainer.lr=abc")
+    assert r.returncode == 2
+    assert "trainer.lr" in r.stderr and "error: bad configuration" in r.stderr
+
+
+def test_unknown_key_and_unknown_group_option_exit_2():
+    r = _cli("run", "trainer.no_such_key=1")
+    assert r.returncode == 2 and "no_such_key" in r.stderr
+    r = _cli("run", "experiment=no_such_experiment")
+    assert r.returncode == 2 and "no_such_experiment" in r.stderr
+
+
+def test_validator_error_exits_2():
+    r = _cli("run", "buffer.max_staleness=-1")
+    assert r.returncode == 2 and "buffer.max_staleness" in r.stderr
+
+
+def test_unknown_command_is_a_usage_error():
+    with pytest.raises(SystemExit) as e:
+        main(["frobnicate"])
+    assert e.value.code == 2
+
+
+def test_torchrun_flags_pass_through():
+    flags, rest = split_torchrun_args(["--nproc-per-node", "2", "--nnodes=2", "--node-rank", "1",
+                                       "--master-addr", "node-0", "--master-port", "29500",
+                                       "--config-file", "run/config.yaml", "trainer.steps=5"])
+    assert flags == ["--nproc-per-node", "2", "--nnodes=2", "--node-rank", "1", "--master-addr", "node-0",
+                     "--master-port", "29500"]
+    assert rest == ["--config-file", "run/config.yaml", "trainer.steps=5"]
+    flags, rest = split_torchrun_args(["trainer.steps=5"])
+    assert flags == ["--standalone", "--nproc-per-node", "1"] and rest == ["trainer.steps=5"]
+
+
+def _ports_json(tmp_path, ports: dict[str, int]) -> None:
+    daemons = [{"name": n, "kind": n.split("-")[0], "pid": None, "metrics_url": f"http://127.0.0.1:{p}/metrics",
+                "health_url": f"http://127.0.0.1:{p}/health"} for n, p in ports.items()]
+    (tmp_path / "ports.json").write_text(json.dumps({"daemons": daemons}))
+
+
+def test_status_reports_every_daemon_and_fails_when_one_is_down(tmp_path, capsys):
+    m = Metrics()
+    m.gauge("buffer/trainer_version").set(7)
+    srv = MetricsServer(m, 0, "127.0.0.1").start()
+    try:
+        _ports_json(tmp_path, {"buffer": srv.port})
+        assert status(tmp_path) == 0
+        assert "buffer" in capsys.readouterr().out
+        _ports_json(tmp_path, {"buffer": srv.port, "rollout-0": free_port()})
+        assert status(tmp_path) == 1
+        out = capsys.readouterr().out
+        assert "rollout-0" in out and "DOWN" in out
+    finally:
+        srv.stop()
+
+
+def test_top_figures_values_rates_and_histogram_means():
+    now = {"areal_x": 3.0, "areal_c_total": 50.0, "areal_h_sum": 6.0, "areal_h_count": 4.0}
+    prev = {"areal_c_total": 30.0}
+    assert figure(now, prev, 2.0, "areal_x", "value") == "3"
+    assert figure(now, prev, 2.0, "areal_c_total", "rate") == "10"
+    assert figure(now, None, 2.0, "areal_c_total", "rate") == "-"
+    assert figure(now, prev, 2.0, "areal_h", "mean") == "1.5"
+    assert figure(now, prev, 2.0, "areal_missing", "value") == "-"
+    info = {"daemons": [{"name": "buffer", "kind": "buffer"}, {"name": "rollout-0", "kind": "rollout"},
+                        {"name": "trainer", "kind": "trainer"}]}
+    tables = render(info, {"buffer": {"areal_buffer_trainer_version": 4.0}, "rollout-0": None, "trainer": {}}, {}, 1)
+    assert [t.title for t in tables] == ["buffer", "rollout", "trainer"]
