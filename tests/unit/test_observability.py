@@ -1,0 +1,64 @@
+"""launch/observability: the scrape config, alert rules and dashboard parse, and every metric
+they query is one a daemon really exports (names checked against the daemons' source)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from areal_like.metrics import prom_name
+
+ROOT = Path(__file__).resolve().parents[2]
+OBS = ROOT / "launch" / "observability"
+SUFFIXES = ("_total", "_sum", "_count", "_bucket")
+
+
+def _exported() -> set[str]:
+    """Prometheus names of every metric the process packages create (hierarchical name literals)."""
+    names = set()
+    literal = re.compile(r'f?"((?:buffer|rollout|trainer)/[a-z_]+)"')
+    for pkg in ("buffer", "rollout_server", "trainer"):
+        for path in (ROOT / pkg).rglob("*.py"):
+            names |= {prom_name(n) for n in literal.findall(path.read_text())}
+    # buffer counters go through one helper: self._count("groups_consumed") -> buffer/groups_consumed
+    for path in (ROOT / "buffer").rglob("*.py"):
+        names |= {prom_name(f"buffer/{n}") for n in re.findall(r'_count\("([a-z_]+)"', path.read_text())}
+    # trainer gauges named by a loop over row keys: m.gauge(f"trainer/{key}")
+    loop = (ROOT / "trainer" / "loop.py").read_text()
+    block = re.search(r'for key in \(([^)]*)\):\s*\n\s*m\.gauge\(f"trainer/\{key\}"\)', loop)
+    if block:
+        names |= {prom_name(f"trainer/{k}") for k in re.findall(r'"([a-z_]+)"', block.group(1))}
+    return names
+
+
+def _queried(text: str) -> set[str]:
+    found = set(re.findall(r"\b(areal_(?:buffer|rollout|trainer)_[a-z_]+)", text))
+    out = set()
+    for name in found:
+        for suffix in SUFFIXES:
+            if name.endswith(suffix):
+                name = name[: -len(suffix)]
+                break
+        out.add(name)
+    return out
+
+
+def test_files_parse():
+    prom = yaml.safe_load((OBS / "prometheus.yml").read_text())
+    assert {j["job_name"] for j in prom["scrape_configs"]} >= {"areal-like"}
+    rules = yaml.safe_load((OBS / "alerts.yml").read_text())
+    alerts = {r["alert"] for g in rules["groups"] for r in g["rules"]}
+    assert {"TrainerNoStep", "WeightSyncOverDeadline", "StalenessAtBound", "EngineUnhealthy"} <= alerts
+    dash = json.loads((OBS / "grafana_dashboard.json").read_text())
+    assert dash["panels"] and all(p["targets"] for p in dash["panels"])
+
+
+def test_every_queried_metric_is_exported():
+    exported = _exported()
+    assert "areal_buffer_trainer_version" in exported and "areal_trainer_policy_version" in exported
+    text = (OBS / "alerts.yml").read_text() + (OBS / "grafana_dashboard.json").read_text()
+    missing = sorted(_queried(text) - exported)
+    assert not missing, f"queried but not exported by any daemon: {missing}"
