@@ -30,6 +30,10 @@ from rollout_server.engine.weights import WeightUpdater
 
 SERVER_START_TIMEOUT_S = 60.0  # binding a socket and starting a loop; long only on a loaded machine
 STOP_TIMEOUT_S = 10.0
+HTTP_SHUTDOWN_S = 2.0  # in-flight handlers get this long to answer (their requests are aborted first)
+# Every wait of the weight group (rendezvous, each broadcast) is bounded by this: a trainer that dies
+# mid-update frees the engine's receive thread after it. Long enough for a multi-GB bucket over gloo.
+WEIGHT_GROUP_TIMEOUT_S = 300.0
 PROTOCOL_VERSION = "0.5.23"  # the SGLang release whose protocol this engine speaks (begin/end weight update)
 
 
@@ -58,6 +62,14 @@ class EmbeddedEngine:
 
     # ---- lifecycle
     def start(self) -> EmbeddedEngine:
+        try:
+            self._start()
+        except BaseException:  # never leave a half-started engine (threads, sockets) behind
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
         from areal_like.hf import build_model
         from areal_like.tokenizer import load_tokenizer
 
@@ -74,18 +86,19 @@ class EmbeddedEngine:
                                    context_len=self.context_len, eos_ids=self.eos_ids,
                                    weight_version=self.initial_weight_version, metrics=self.metrics,
                                    seed=self.seed).start()
-        self.weights = WeightUpdater(self.scheduler, self.model_cfg, group_timeout_s=ec.request_timeout_s)
+        self.weights = WeightUpdater(self.scheduler, self.model_cfg,
+                                     group_timeout_s=min(WEIGHT_GROUP_TIMEOUT_S, ec.request_timeout_s))
         self._start_http()
         if not self.generate_one_token_sync(timeout_s=ec.startup_timeout_s):
-            self.stop()
             raise RuntimeError("engine warm-up generation did not complete")
         self.status = "up"
         self.log.info("embedded engine up at %s (model %s, %d slots, context %d)", self.url, self.model_name,
                       ec.max_running_requests, self.context_len)
-        return self
 
     def stop(self) -> None:
         self.status = "stopping"
+        if self.scheduler is not None and self.scheduler.alive:  # answer in-flight requests right away
+            self.scheduler.abort(abort_all=True, message="engine shutting down")
         if self._loop is not None and self._loop.is_running():
             async def shutdown():
                 await self._runner.cleanup()
@@ -112,7 +125,7 @@ class EmbeddedEngine:
             loop = asyncio.new_event_loop()
             asyncio.set_event_loop(loop)
             try:
-                self._runner = web.AppRunner(self.http.app(), access_log=None,
+                self._runner = web.AppRunner(self.http.app(), access_log=None, shutdown_timeout=HTTP_SHUTDOWN_S,
                                              handler_cancellation=True)  # a client that hangs up frees its slot
                 loop.run_until_complete(self._runner.setup())
                 site = web.TCPSite(self._runner, self.engine_cfg.host, self.engine_cfg.port)
@@ -151,7 +164,7 @@ class EmbeddedEngine:
         params = SamplingParams(max_new_tokens=1, temperature=0.0)
         first = next(iter(self.eos_ids), 0)
         return Request(rid=f"HEALTH_CHECK_{uuid.uuid4().hex}", input_ids=[first], params=params,
-                       stop_ids=frozenset(), on_finish=on_finish)
+                       stop_ids=frozenset(), on_finish=on_finish, log_metrics=False)
 
     def generate_one_token_sync(self, timeout_s: float) -> bool:
         done = threading.Event()

@@ -55,6 +55,7 @@ class Request:
     first_token_at: float | None = None
     finished_at: float | None = None
     generator: torch.Generator | None = None
+    log_metrics: bool = True  # False for health probes, as in SGLang
     cached: int = 0  # positions of this request whose KV sits in its slot
 
     def __post_init__(self):
@@ -191,7 +192,7 @@ class Scheduler:
                              "err_type": "ServiceUnavailable"})
 
     def _enqueue(self, req: Request) -> None:
-        if self.metrics:
+        if self.metrics and req.log_metrics:
             self.metrics.on_submit(req)
         if req.params.max_new_tokens == 0:
             self._finish(req, {"type": "length", "length": 0})
@@ -300,7 +301,7 @@ class Scheduler:
         r.finish_reason = reason
         r.finished_at = time.monotonic()
         r.cached = 0
-        if self.metrics:
+        if self.metrics and r.log_metrics:
             self.metrics.on_finish(r)
         try:
             r.on_finish(r)
