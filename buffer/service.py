@@ -40,7 +40,7 @@ from buffer.wal import WriteAheadLog
 POLL_S = 0.02  # wait for the first request of a batch; bounds how late a held BatchRequest is answered
 POLL_BUSY_S = 0.001  # ...while replies wait for an fsync: send them as soon as it completes
 MAX_POLL_BATCH = 512  # requests handled per loop iteration (one fsync for all of them)
-MAX_POLL_BYTES = 256 << 20  # ...or this many bytes of frames, whichever comes first
+MAX_POLL_BYTES = 4 << 20  # ...or this many bytes: smaller fsyncs start sooner and overlap receiving
 SEEN_KEEP = 200_000  # group ids remembered for dedupe after consumption: hours of generation,
 # while a sender re-sends an unacked group within seconds to minutes; ~20 MB
 SYNC_RESULTS_KEEP = 8  # versions of SyncDone results kept for SyncStatusRequest

@@ -133,3 +133,38 @@ def test_records_survive_the_process_without_close(tmp_path, policy):
     _, recs = replay(tmp_path)
     assert [r[1] for r in recs if r[0] == "G"] == ["g"]
     os.close(fd)
+
+
+def test_group_commit_tickets_become_durable_in_order(tmp_path):
+    wal = WriteAheadLog(tmp_path)  # fsync=always: a background thread runs the fsyncs
+    list(wal.replay())
+    wal.open({})
+    assert wal.request_sync() == wal.durable()  # nothing appended: nothing to wait for
+    wal.append_group("a", b"1")
+    first = wal.request_sync()
+    wal.append_group("b", b"2")
+    second = wal.request_sync()
+    assert second == first + 1
+    wal.wait_durable()
+    assert wal.durable() >= second and len(wal.fsync_seconds()) >= 1 and wal.fsync_seconds() == []
+    wal.close()
+
+
+def test_a_failing_fsync_is_fatal_not_silent(tmp_path, monkeypatch):
+    wal = WriteAheadLog(tmp_path)
+    list(wal.replay())
+    wal.open({})
+
+    def broken_fsync(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("buffer.wal.os.fsync", broken_fsync)
+    wal.append_group("a", b"1")
+    ticket = wal.request_sync()
+    with pytest.raises(OSError, match="WAL fsync failed"):
+        wal.wait_durable()
+    assert wal._synced < ticket  # never reported durable
+    monkeypatch.undo()
+    wal._syncer = None  # the syncer thread ended with the error
+    os.close(wal._fd)
+    wal._fd = None
