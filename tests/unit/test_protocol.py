@@ -115,6 +115,7 @@ def test_round_trip_every_message_type(cls, data):
     assert type(back) is cls
     assert P.encode(back) == frame
     assert_same(msg, back)
+    assert_same(msg, P.decode_reference(frame))
 
 
 def test_top_level_types_cover_design_messages():
@@ -136,14 +137,28 @@ def make_group(n: int = 2, t: int = 5) -> P.TrajectoryGroup:
                              trajectories=[make_traj(t) for _ in range(n)])
 
 
-def test_arrays_decode_as_readonly_numpy_views_of_the_right_dtype():
-    back = P.decode(P.encode(make_group()))
+@pytest.mark.parametrize("as_input", [bytes, bytearray, memoryview, lambda b: memoryview(bytearray(b))],
+                         ids=["bytes", "bytearray", "memoryview", "writable-memoryview"])
+def test_arrays_decode_as_readonly_zero_copy_views(as_input):
+    frame = P.encode(make_group())
+    back = P.decode(as_input(frame))
     traj = back.trajectories[0]
     for name, dtype in (("prompt_ids", np.int32), ("output_ids", np.int32), ("versions", np.int32),
                         ("behav_logp", np.float32)):
         arr = getattr(traj, name)
-        assert isinstance(arr, np.ndarray) and arr.dtype == np.dtype(dtype) and arr.dtype.byteorder in "<="
-        assert isinstance(arr.base, bytes) and not arr.flags.writeable  # frombuffer over the wire bytes
+        assert type(arr) is np.ndarray and arr.dtype == np.dtype(dtype) and arr.dtype.byteorder in "<="
+        assert not arr.flags.writeable and not arr.flags.owndata  # numpy.frombuffer over the frame
+        assert isinstance(arr.base, memoryview) and arr.base.readonly
+        if as_input is bytes:
+            assert arr.base.obj is frame  # no copy of the array bytes at all
+    assert P.encode(back) == frame
+    ref = P.decode_reference(frame)  # the reference path: frombuffer over msgpack's bytes
+    assert isinstance(ref.trajectories[0].output_ids.base, bytes) and P.encode(ref) == frame
+
+
+def test_decoded_arrays_have_the_right_values():
+    back = P.decode(P.encode(make_group()))
+    traj = back.trajectories[0]
     assert traj.output_ids.tolist() == [10, 11, 12, 13, 14]
     assert traj.versions.tolist() == [7] * 5
     np.testing.assert_array_equal(traj.behav_logp, np.float32(-np.arange(5) / 10.0))
@@ -338,13 +353,15 @@ def _valid_frames(rng: random.Random) -> list[bytes]:
 
 
 def _random_value(rng: random.Random):
-    return rng.choice([None, True, -1, 2**40, 1.5, math.nan, "", "x" * rng.randint(0, 5), b"\x00\x01",
-                       [], [1, "a"], {}, {"type": "trajectory"}, ["<i4", 1, b"\0\0\0\0"], ["<f4", 2, b"\0"]])
+    return rng.choice([None, True, -1, 2**40, -(2**63), 2**64 - 1, 1.5, math.nan, math.inf, "", "x" * rng.randint(0, 5),
+                       b"\x00\x01", [], [1, "a"], {}, {1: 2}, {"k": {b"b": [1]}}, {"type": "trajectory"},
+                       msgpack.ExtType(5, b"x"), msgpack.Timestamp(1, 5), ["<i4", 1, b"\0\0\0\0"],
+                       ["<f4", 2, b"\0"], ["<i4", True, b""], ("<i4", 0, b"")])
 
 
 def _structural_mutation(rng: random.Random, frame: bytes) -> bytes:
     """Replace, delete or add one node somewhere in the decoded tree."""
-    tree = msgpack.unpackb(frame)
+    tree = msgpack.unpackb(frame, strict_map_key=False)
     nodes = [tree]
     stack = [tree]
     while stack:
@@ -389,6 +406,20 @@ def _byte_mutation(rng: random.Random, frame: bytes, other: bytes) -> bytes:
     return bytes(data[:i]) + rng.randbytes(rng.randint(1, 6)) + bytes(data[i:])
 
 
+def fast_verdict(frame: bytes) -> P.Message | None:
+    try:
+        return P._CODEC._decode_fast(frame)
+    except Exception:
+        return None
+
+
+def reference_verdict(frame: bytes) -> P.Message | None:
+    try:
+        return P.decode_reference(frame)
+    except P.ProtocolError:
+        return None
+
+
 def test_fuzz_only_protocol_error_escapes():
     rng = random.Random(1234)
     valid = _valid_frames(rng)
@@ -408,8 +439,12 @@ def test_fuzz_only_protocol_error_escapes():
         except P.ProtocolError as e:
             assert e.field, f"ProtocolError without a field for frame {frame[:40]!r}"
             outcomes["rejected"] += 1
-        else:  # whatever is accepted must be a valid message that re-encodes
+        else:  # whatever is accepted is a valid message that re-encodes
             P.decode(P.encode(msg))
             outcomes["ok"] += 1
+        fast, ref = fast_verdict(frame), reference_verdict(frame)
+        assert (fast is None) == (ref is None), f"fast and reference decoders disagree on {frame[:60]!r}"
+        if fast is not None:
+            assert P.encode(fast) == P.encode(ref)
     assert sum(outcomes.values()) == FUZZ_FRAMES >= 10_000
     assert outcomes["rejected"] > FUZZ_FRAMES // 2

@@ -1,0 +1,250 @@
+"""Trajectory-group transport: our protocol + transport vs raw ZMQ bytes, between two processes.
+
+A group is 8 trajectories of 256 prompt tokens and T output tokens (ids, logprobs, versions);
+T in --tokens, default 512 and 4096. A receiving process serves both paths from one poll loop:
+our ``Server`` (``recv`` decodes and validates the group, ``send`` answers an ``Ack``) and a raw
+ROUTER that answers a prebuilt reply of the same size without decoding anything.
+
+* **stream** (the goal's figure): the sender keeps ``WINDOW`` requests in flight on a DEALER
+  configured like ``transport.Client``'s (``[req_id, frame]`` framing), encoding each group
+  with ``protocol.encode`` and decoding each Ack; the raw twin sends prebuilt bytes of the same
+  size and reads replies undecoded. Sender encode and receiver decode overlap, as they do when
+  several rollout servers feed one buffer: this is the throughput the protocol allows.
+* **reqrep** (for reference): ``Client.request`` with one request in flight, as a single
+  rollout server's sender does; encode, decode and both wake-ups add up serially, so on a busy
+  2-core box this ratio is much lower than the streaming one.
+
+Modes are interleaved round by round so machine load hits both alike; figures are medians over
+rounds. One JSON line per (pattern, T): ``figure`` (our groups/s), ``baseline`` (raw groups/s),
+``ratio`` (goal >= 0.8 for stream at T = 4096), MB/s for both, and the in-process encode/decode
+cost of one group.
+
+Run: ``python benchmarks/bench_transport.py [--tokens 512,4096] [--rounds 7] [--seconds 0.35]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import zmq  # noqa: E402
+
+from areal_like import protocol as P  # noqa: E402
+from areal_like.distributed import free_port  # noqa: E402
+from areal_like.transport import ZERO_COPY_BYTES, Client, _new_socket  # noqa: E402
+
+GROUP_SIZE = 8
+PROMPT_TOKENS = 256
+GOAL_RATIO_AT_4096 = 0.8
+READY_TIMEOUT_S = 60.0
+REQUEST_TIMEOUT_S = 30.0
+WINDOW = 8  # requests in flight in the stream pattern (a few rollout servers' worth)
+
+# The receiving process: our Server on argv[1], a raw ROUTER on argv[2], served from one poll loop.
+RECEIVER = """
+import sys, zmq
+from areal_like import protocol as P
+from areal_like.transport import Server
+
+server = Server(sys.argv[1])
+raw = zmq.Context.instance().socket(zmq.ROUTER)
+raw.setsockopt(zmq.LINGER, 0)
+raw.bind(sys.argv[2])
+raw_ack = P.encode(P.Ack(ref="x" * 16, status="accepted", reason="4096"))
+poller = zmq.Poller()
+poller.register(server._sock, zmq.POLLIN)
+poller.register(raw, zmq.POLLIN)
+print("READY", flush=True)
+while True:
+    for sock, _ in poller.poll(1000):
+        if sock is raw:
+            peer, req_id, payload = raw.recv_multipart(copy=False)
+            raw.send_multipart([peer, req_id, raw_ack])
+        else:
+            peer, req_id, msg = server.recv(0)
+            if isinstance(msg, P.TrajectoryGroup):
+                reply = P.Ack(ref=msg.group_id, status="accepted", reason=str(msg.n_tokens))
+            else:
+                reply = P.Ack(ref="", status="rejected", reason=str(msg))
+            server.send(peer, req_id, reply)
+"""
+
+
+def make_group(tokens: int, seed: int) -> P.TrajectoryGroup:
+    rng = np.random.default_rng(seed)
+    trajs = [P.Trajectory(prompt_ids=rng.integers(0, 32000, PROMPT_TOKENS, dtype=np.int32),
+                          output_ids=rng.integers(0, 32000, tokens, dtype=np.int32),
+                          behav_logp=-rng.random(tokens, dtype=np.float32),
+                          versions=np.full(tokens, 3, dtype=np.int32), reward=float(i % 2), finish_reason="length",
+                          metadata={"answer": "42", "lens": [PROMPT_TOKENS, tokens]})
+             for i in range(GROUP_SIZE)]
+    return P.TrajectoryGroup(group_id=f"bench-{seed:016d}", server_id="bench", lease_id=str(seed), prompt_index=seed,
+                             epoch=0, trajectories=trajs)
+
+
+def round_reqrep_ours(client: Client, groups: list[P.TrajectoryGroup], seconds: float) -> float:
+    n, t0 = 0, time.perf_counter()
+    expected = str(groups[0].n_tokens)
+    while (elapsed := time.perf_counter() - t0) < seconds:
+        ack = client.request(groups[n % len(groups)])
+        if ack.status != "accepted" or ack.reason != expected:
+            raise RuntimeError(f"receiver rejected the group: {ack}")
+        n += 1
+    return n / elapsed
+
+
+def round_reqrep_raw(sock: zmq.Socket, payload: bytes, seconds: float) -> float:
+    n, t0 = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - t0) < seconds:
+        req_id = n.to_bytes(16, "little")
+        sock.send_multipart([req_id, payload], copy=len(payload) < ZERO_COPY_BYTES)
+        if not sock.poll(int(REQUEST_TIMEOUT_S * 1000)):
+            raise RuntimeError("raw receiver did not answer")
+        rid, _ack = sock.recv_multipart(copy=False)
+        assert rid.bytes == req_id
+        n += 1
+    return n / elapsed
+
+
+def round_stream(sock: zmq.Socket, make_frame, check_reply, seconds: float) -> float:
+    """Keep WINDOW requests in flight; count replies per second."""
+    sent = done = 0
+    t0 = time.perf_counter()
+    while True:
+        elapsed = time.perf_counter() - t0
+        while sent - done < WINDOW and elapsed < seconds:
+            frame = make_frame(sent)
+            sock.send_multipart([sent.to_bytes(8, "little"), frame], copy=len(frame) < ZERO_COPY_BYTES)
+            sent += 1
+        if done == sent:
+            return done / elapsed
+        if not sock.poll(int(REQUEST_TIMEOUT_S * 1000)):
+            raise RuntimeError("receiver did not answer")
+        _rid, reply = sock.recv_multipart(copy=False)
+        check_reply(reply)
+        done += 1
+
+
+def dealer(address: str) -> zmq.Socket:
+    sock = _new_socket(zmq.Context.instance(), zmq.DEALER)  # Client's socket options (HWM, LINGER 0)
+    sock.connect(address)
+    return sock
+
+
+def codec_cost_us(group: P.TrajectoryGroup, repeats: int = 200) -> tuple[float, float]:
+    """CPU microseconds to encode / decode one group in this process (robust to machine load)."""
+    frame = P.encode(group)
+    t0 = time.process_time()
+    for _ in range(repeats):
+        P.encode(group)
+    t1 = time.process_time()
+    for _ in range(repeats):
+        P.decode(frame)
+    return 1e6 * (t1 - t0) / repeats, 1e6 * (time.process_time() - t1) / repeats
+
+
+def child_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) of another process, from /proc."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_size(tokens: int, ours_addr: str, raw_addr: str, receiver_pid: int, rounds: int,
+               seconds: float) -> list[dict]:
+    groups = [make_group(tokens, seed) for seed in range(4)]
+    frame_bytes = len(P.encode(groups[0]))
+    payload = os.urandom(frame_bytes)
+    expected = str(groups[0].n_tokens)
+
+    def check_ack(reply: zmq.Frame) -> None:
+        ack = P.decode(reply.buffer)
+        if not (isinstance(ack, P.Ack) and ack.status == "accepted" and ack.reason == expected):
+            raise RuntimeError(f"receiver rejected the group: {ack}")
+
+    client, ours_sock, raw_sock = Client(ours_addr, timeout_s=REQUEST_TIMEOUT_S), dealer(ours_addr), dealer(raw_addr)
+    modes = {
+        ("stream", "ours"): lambda s: round_stream(ours_sock, lambda i: P.encode(groups[i % len(groups)]),
+                                                   check_ack, s),
+        ("stream", "raw"): lambda s: round_stream(raw_sock, lambda i: payload, lambda reply: None, s),
+        ("reqrep", "ours"): lambda s: round_reqrep_ours(client, groups, s),
+        ("reqrep", "raw"): lambda s: round_reqrep_raw(raw_sock, payload, s),
+    }
+    rates: dict[tuple[str, str], list[float]] = {k: [] for k in modes}
+    cpu_s = {k: 0.0 for k in modes}  # both processes, all threads
+    n_groups = {k: 0.0 for k in modes}
+    try:
+        for fn in modes.values():  # warm up connections, caches and codec plans
+            fn(0.1)
+        for _ in range(rounds):  # interleaved, so load spikes hit every mode alike
+            for key, fn in modes.items():
+                c0, w0 = time.process_time() + child_cpu_s(receiver_pid), time.perf_counter()
+                rate = fn(seconds)
+                cpu_s[key] += time.process_time() + child_cpu_s(receiver_pid) - c0
+                n_groups[key] += rate * (time.perf_counter() - w0)
+                rates[key].append(rate)
+    finally:
+        client.close()
+        ours_sock.close(linger=0)
+        raw_sock.close(linger=0)
+    enc_us, dec_us = codec_cost_us(groups[0])
+    lines = []
+    for pattern in ("stream", "reqrep"):
+        ours, base = rates[(pattern, "ours")], rates[(pattern, "raw")]
+        figure, baseline = statistics.median(ours), statistics.median(base)
+        cpu_ours = 1e6 * cpu_s[(pattern, "ours")] / n_groups[(pattern, "ours")]
+        cpu_raw = 1e6 * cpu_s[(pattern, "raw")] / n_groups[(pattern, "raw")]
+        ratio = figure / baseline
+        goal = GOAL_RATIO_AT_4096 if (pattern == "stream" and tokens == 4096) else None
+        lines.append({"name": f"transport_{pattern}_{GROUP_SIZE}x{tokens}", "figure": round(figure, 1),
+                      "unit": "groups/s", "baseline": round(baseline, 1), "ratio": round(ratio, 3), "goal": goal,
+                      "goal_met": None if goal is None else ratio >= goal,
+                      "mb_s": round(figure * frame_bytes / 1e6, 1),
+                      "baseline_mb_s": round(baseline * frame_bytes / 1e6, 1), "bytes_per_group": frame_bytes,
+                      # load-robust companion: CPU (both processes) per group, raw over ours
+                      "cpu_us_per_group": round(cpu_ours, 1), "baseline_cpu_us_per_group": round(cpu_raw, 1),
+                      "cpu_ratio": round(cpu_raw / cpu_ours, 3),
+                      "encode_us": round(enc_us, 1), "decode_us": round(dec_us, 1), "rounds": rounds,
+                      "round_s": seconds, "ours_rounds": [round(x) for x in ours], "raw_rounds": [round(x) for x in base],
+                      "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()})
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--tokens", default="512,4096", help="comma-separated output lengths")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--seconds", type=float, default=0.35, help="duration of one round of one mode")
+    args = parser.parse_args()
+    ours_addr, raw_addr = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, ours_addr, raw_addr], stdout=subprocess.PIPE,
+                                text=True, env=env)
+    try:
+        import select
+
+        ready, _, _ = select.select([receiver.stdout], [], [], READY_TIMEOUT_S)
+        if not ready or receiver.stdout.readline().strip() != "READY":
+            raise RuntimeError("receiver did not start")
+        for tokens in (int(t) for t in args.tokens.split(",")):
+            for line in bench_size(tokens, ours_addr, raw_addr, receiver.pid, args.rounds, args.seconds):
+                print(json.dumps(line), flush=True)
+    finally:
+        receiver.terminate()
+        try:
+            receiver.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            receiver.kill()
+            receiver.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
