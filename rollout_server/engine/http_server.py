@@ -133,9 +133,10 @@ class EngineHttp:
         app = web.Application(middlewares=[self._errors], client_max_size=64 * 1024 * 1024)
         app.on_startup.append(self._startup)
         r = app.router
-        for path, handler in [("/generate", self.generate), ("/flush_cache", self.flush_cache)]:
+        for path, handler in [("/generate", self.generate), ("/flush_cache", self.flush_cache),
+                              ("/get_weights_by_name", self.weights_by_name)]:
             r.add_post(path, handler)
-            r.add_route("GET" if path == "/flush_cache" else "PUT", path, handler)
+            r.add_route("PUT" if path == "/generate" else "GET", path, handler)
         for path, handler in [("/health", self.health), ("/health_generate", self.health),
                               ("/model_info", self.model_info), ("/get_model_info", self.model_info),
                               ("/server_info", self.server_info), ("/get_server_info", self.server_info),
@@ -272,6 +273,17 @@ class EngineHttp:
         return web.json_response({"message": "Generation continued successfully.", "status": "ok"})
 
     # ---- weights
+    async def weights_by_name(self, request: web.Request) -> web.Response:
+        f = _fields(await _body(request), {"name": (str, REQUIRED), "truncate_size": (int, 100)})
+
+        def read(sched):  # on the scheduler thread: never half-way through a weight load
+            t = dict(sched.model.named_parameters()).get(f["name"])
+            return None if t is None else t.detach().float().cpu()[:f["truncate_size"]].tolist()
+        values = await asyncio.wrap_future(self.e.scheduler.call(read))
+        if values is None:
+            return web.json_response({"error": {"message": "Get parameter by name failed"}}, status=400)
+        return web.json_response(values)
+
     async def init_group(self, request: web.Request) -> web.Response:
         f = _fields(await _body(request), {
             "master_address": (str, REQUIRED), "master_port": (int, REQUIRED), "rank_offset": (int, REQUIRED),

@@ -136,6 +136,10 @@ def test_control_endpoints_shapes(engine):
     loads = json.loads(call(engine, "/v1/loads")[1])["loads"][0]
     assert loads["num_running_reqs"] == 0 and loads["max_running_requests"] == 8
     assert call(engine, "/get_weight_version")[0] == 404  # removed in 0.5.23
+    status, text = call(engine, "/get_weights_by_name", {"name": "model.norm.weight", "truncate_size": 5})
+    assert status == 200 and json.loads(text) == engine.model.model.norm.weight[:5].tolist()
+    status, text = call(engine, "/get_weights_by_name", {"name": "no.such.weight"})
+    assert status == 400 and json.loads(text) == {"error": {"message": "Get parameter by name failed"}}
     assert call(engine, "/flush_cache", {})[0] == 200 and call(engine, "/flush_cache")[0] == 200
     assert call(engine, "/abort_request", {"rid": "nope"}) == (200, "")
     status, text = call(engine, "/pause_generation", {"mode": "sideways"})
