@@ -170,8 +170,8 @@ class BufferService(Daemon):
                              expired[0].lease_id, expired[0].server_id)
         now = self.clock()
         for sid in [s for s, m in self.roster.items() if now - m.last_seen > self.cfg.heartbeat_timeout_s]:
-            self.log.warning("server %s silent for %.0fs: removed from the roster", sid, now - self.roster[sid].last_seen)
-            del self.roster[sid]
+            silent = now - self.roster.pop(sid).last_seen
+            self.log.warning("server %s silent for %.0fs: removed from the roster", sid, silent)
 
     def _serve_batches(self) -> None:
         now = self.clock()
@@ -390,8 +390,8 @@ class BufferService(Daemon):
         self.metrics.gauge("buffer/wal_bytes", "bytes of WAL segments on disk").set(self.wal.disk_bytes)
 
     def stats(self) -> dict:
-        return {**self.counts, "policy_version": self.version, "stored": len(self.store), "stored_bytes": self.store.nbytes,
-                "in_flight": self.ledger.in_flight, "started": self.ledger.started,
+        return {**self.counts, "policy_version": self.version, "stored": len(self.store),
+                "stored_bytes": self.store.nbytes, "in_flight": self.ledger.in_flight, "started": self.ledger.started,
                 "cursor_index": self.ledger.next_index, "cursor_epoch": self.ledger.epoch,
                 "reissue_queue": len(self.ledger.reissue), "roster_size": len(self.roster),
                 "pending_batches": len(self.pending), "wal_bytes": self.wal.disk_bytes,

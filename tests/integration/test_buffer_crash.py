@@ -131,8 +131,8 @@ def test_kill9_mid_stream_loses_and_duplicates_nothing(tmp_run_dir, spawn_python
             np.testing.assert_array_equal(got.behav_logp, want.behav_logp)
 
     assert spawn_python.cleanup() is None  # SIGTERM: graceful stop, WAL closed
-    from buffer.service import BufferService
     from buffer.recovery import recover
+    from buffer.service import BufferService
 
     svc = BufferService(cfg)
     recover(svc)

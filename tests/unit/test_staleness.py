@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from buffer.credits import CreditLedger
-from buffer.staleness import StalenessPolicy, StaleBatchError
+from buffer.staleness import StaleBatchError, StalenessPolicy
 
 
 class FakeClock:
