@@ -6,6 +6,7 @@
     areal-like train    [torchrun flags] [overrides...]   the trainer under torchrun
     areal-like top      [RUN_DIR]             live terminal view scraped from every /metrics
     areal-like status   [RUN_DIR]             one-shot health of every daemon of a run
+    areal-like config   [overrides...]        print the resolved config (one file for every node)
 
 Overrides are Hydra's: ``experiment=quickstart trainer.lr=1e-4 buffer.max_staleness=0``.
 ``--help`` is fast: nothing heavy (torch, transformers, hydra) is imported before a command runs,
@@ -42,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
                         description="torchrun flags (--nproc-per-node, --nnodes, --node-rank, --master-addr, "
                                     "--master-port, --rdzv-*) pass through; the rest are Hydra overrides.")
     tr.add_argument("args", nargs=argparse.REMAINDER, help="[torchrun flags] [--config-file PATH] overrides")
+    cf = sub.add_parser("config", help="print the resolved config as YAML (for --config-file on every node)")
+    cf.add_argument("overrides", nargs="*", help="Hydra overrides")
     for name, help_ in (("top", "live terminal view of a running job"), ("status", "health of every daemon")):
         t = sub.add_parser(name, help=help_)
         t.add_argument("run_dir", nargs="?", help="run directory (default: the newest under ./runs)")
@@ -58,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         return _exec_trainer(args.args)
     if args.command == "run":
         return _run(args.overrides, quiet=args.quiet)
+    if args.command == "config":
+        return _print_config(args.overrides)
     from areal_like import top
 
     run_dir = args.run_dir or top.newest_run_dir()
@@ -110,13 +115,29 @@ def _exec_trainer(rest: list[str]) -> int:
     return _exec_module("torch.distributed.run", [*flags, "-m", DAEMON_MODULES["train"], *other])
 
 
-def _run(overrides: list[str], quiet: bool) -> int:
+def _load(overrides: list[str]):
     from areal_like.config import ConfigError, load_config
 
     try:
-        cfg = load_config(overrides)
+        return load_config(overrides)
     except ConfigError as e:
         print(f"error: bad configuration: {e}", file=sys.stderr)
+        return None
+
+
+def _print_config(overrides: list[str]) -> int:
+    from areal_like.config import to_yaml
+
+    cfg = _load(overrides)
+    if cfg is None:
+        return 2
+    sys.stdout.write(to_yaml(cfg))
+    return 0
+
+
+def _run(overrides: list[str], quiet: bool) -> int:
+    cfg = _load(overrides)
+    if cfg is None:
         return 2
     import importlib
 
