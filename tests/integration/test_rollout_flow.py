@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -119,34 +120,34 @@ class Consumer:
 def test_groups_flow_kill9_weight_sync_and_buffer_restart(spawn_python, tmp_run_dir, wait_until):
     config, cfg = write_config(tmp_run_dir)
     buffer = spawn_python("buffer", ["--config-file", config], capture=False)
-    a_port, b_port = free_port(), free_port()
+    a_port, b_port, engine_port = free_port(), free_port(), free_port()
     a = spawn_python("rollout_server", ["--config-file", config, "rollout.server_id=A",
                                         f"rollout.metrics_port={a_port}"], capture=False)
+    # B attaches by URL to a standalone engine process and drains in-flight work before a sync;
+    # everything starts at once (process start-up dominates this test on a loaded machine)
+    spawn_python("rollout_server.engine", ["--config-file", config, "--port", engine_port], capture=False)
+    b = spawn_python("rollout_server", ["--config-file", config, "rollout.server_id=B", f"rollout.metrics_port={b_port}",
+                                        "rollout.engine.kind=url", f"rollout.engine.url=http://127.0.0.1:{engine_port}",
+                                        "rollout.drain_on_update=true"], capture=False)
+    sync_port, group = free_port(), "flow_weights"
+    sender = start_sender(sync_port, group)
     c = Consumer(cfg.buffer.address)
     try:
-        # 1. groups flow from A through the buffer to the consumer, and A sees them acked
-        wait_until(lambda: c.take_batch() and len(c.consumed) >= 4, STARTUP_S, 0.0, "two batches from A")
+        # 1. groups flow through the buffer to the consumer, and the servers see them acked
+        wait_until(lambda: c.take_batch() and len(c.consumed) >= 4, STARTUP_S, 0.0, "two batches")
         g = c.consumed[0]
-        assert g.server_id == "A" and g.group_id == f"A-{g.lease_id}" and len(g.trajectories) == 2
+        assert g.group_id == f"{g.server_id}-{g.lease_id}" and len(g.trajectories) == 2
         for t in g.trajectories:
             assert 1 <= len(t.output_ids) <= 48 and len(t.behav_logp) == len(t.versions) == len(t.output_ids)
             assert (t.behav_logp <= 0).all() and t.prompt_ids[0] == 1
-        wait_until(lambda: metric(a_port, "areal_rollout_groups_acked_total") >= 4, 60, 0.1, "A's acks")
+        wait_until(lambda: metric(a_port, "areal_rollout_groups_acked_total") >= 2, STARTUP_S, 0.1, "A's acks")
         assert metric(a_port, "areal_rollout_tokens_generated_total") > 0
 
-        # 2. kill -9 A while it holds leases; B takes over and gets A's prompts after the lease timeout
-        wait_until(lambda: c.stats()["in_flight"] >= 1, 60, 0.02, "A generating")
+        # 2. kill -9 A while it generates; A's leased prompts come back (lease timeout) and B makes them
+        wait_until(lambda: metric(a_port, "areal_rollout_requests_in_flight") >= 1, 60, 0.01, "A generating")
         acked_by_a = metric(a_port, "areal_rollout_groups_acked_total")
         spawn_python.kill9(a)
         cursor = c.stats()["cursor_index"]
-        # B attaches by URL to a standalone engine process and drains in-flight work before a sync
-        engine_port = free_port()
-        spawn_python("rollout_server.engine", ["--config-file", config, "--port", engine_port], capture=False)
-        spawn_python("rollout_server", ["--config-file", config, "rollout.server_id=B", f"rollout.metrics_port={b_port}",
-                                        "rollout.engine.kind=url", f"rollout.engine.url=http://127.0.0.1:{engine_port}",
-                                        "rollout.drain_on_update=true"], capture=False)
-        sync_port, group = free_port(), "flow_weights"
-        sender = start_sender(sync_port, group)  # imports torch while B starts
 
         def covered() -> bool:
             c.take_batch()
@@ -155,8 +156,7 @@ def test_groups_flow_kill9_weight_sync_and_buffer_restart(spawn_python, tmp_run_
         c.assert_no_prompt_twice()
         # every group A had acked is for a prompt below the cursor, and all of those were consumed
         assert len([g for g in c.consumed if g.server_id == "A"]) >= acked_by_a, "a group acked to A was lost"
-        reissued = [g for g in c.consumed if g.server_id == "B" and g.prompt_index < cursor]
-        assert reissued, "A's in-flight prompts were not re-issued to B"
+        assert c.stats().get("credits_reissued", 0) >= 1, "A's in-flight prompts were not re-issued"
 
         # 3. a weight sync through the buffer: B joins the group, receives, reports done
         new_version = weight_sync(c, sync_port, group, wait_until)
@@ -180,8 +180,13 @@ def test_groups_flow_kill9_weight_sync_and_buffer_restart(spawn_python, tmp_run_
         c.assert_no_prompt_twice()
         assert metric(b_port, "areal_rollout_groups_resent_total") >= 1
         assert metric(b_port, "areal_rollout_groups_acked_total") >= 1
+        os.kill(b.pid, signal.SIGTERM)  # before the buffer, so its last sends are answered
+        b.wait(timeout=60)
     finally:
         c.client.close()
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait()
 
 
 def start_sender(port: int, group: str) -> subprocess.Popen:
@@ -196,8 +201,10 @@ def start_sender(port: int, group: str) -> subprocess.Popen:
 
 def weight_sync(c: Consumer, port: int, group: str, wait_until) -> int:
     """Trainer rank 0's part of the contract (the broadcast itself runs in the sender process)."""
-    roster = c.client.request(RosterRequest())
-    assert isinstance(roster, Roster) and [m.server_id for m in roster.members] == ["B"]
+    def only_b() -> bool:  # A leaves the roster once its heartbeats are overdue
+        roster = c.client.request(RosterRequest())
+        return isinstance(roster, Roster) and [m.server_id for m in roster.members] == ["B"]
+    wait_until(only_b, 60, 0.1, "A gone from the roster")
     state = build_model(ModelConfig(init_seed=1)).state_dict()
     names = list(state)
     buckets = [names[: len(names) // 2], names[len(names) // 2:]]
