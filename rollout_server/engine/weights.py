@@ -93,12 +93,16 @@ class WeightUpdater:
             return False, f"Group {group_name} not in process groups."
         import torch.distributed as dist
 
+        device = self.scheduler.device
         with self._recv_lock:
             try:
-                bufs = [torch.empty(shape, dtype=_dtype(dt), device=self.scheduler.device)
-                        for dt, shape in zip(dtypes, shapes)]
+                if device.type == "cuda":  # NCCL binds its communicator to this thread's current device
+                    torch.cuda.set_device(device)
+                bufs = [torch.empty(shape, dtype=_dtype(dt), device=device) for dt, shape in zip(dtypes, shapes)]
                 for buf in bufs:
                     dist.broadcast(buf, group_src=0, group=pg)
+                if device.type == "cuda":  # the bucket is complete before the scheduler copies it
+                    torch.cuda.synchronize(device)
             except Exception as e:
                 return False, f"Failed to receive weights: {e}"
             return self._apply(dict(zip(names, bufs)), weight_version, flush_cache)
