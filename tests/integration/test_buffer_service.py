@@ -31,8 +31,8 @@ def make_cfg(run_dir, num_prompts=1000, **buffer_kw) -> RunConfig:
 
 
 @contextmanager
-def running(cfg: RunConfig):
-    svc = BufferService(cfg)
+def running(cfg: RunConfig, clock=time.monotonic):
+    svc = BufferService(cfg, clock=clock)
     thread = threading.Thread(target=svc.serve, kwargs={"install_signals": False}, daemon=True)
     thread.start()
     client = Client(cfg.buffer.address, timeout_s=TIMEOUT_S)
@@ -235,3 +235,28 @@ def test_weight_sync_flow_and_roster_liveness(tmp_path):
         assert not c.request(P.Heartbeat(server_id="b", policy_version=1)).known
         register(c, "b")  # comes back under the same id
         assert sorted(m.server_id for m in c.request(P.RosterRequest()).members) == ["a", "b"]
+
+
+def test_expired_lease_is_reissued_to_the_next_requester(tmp_path):
+    """Fake clock: server a stalls past its lease deadline, b gets the same prompt, a's late group
+    is refused (the prompt is generated once)."""
+    now = [1000.0]
+    cfg = make_cfg(tmp_path, lease_timeout_s=30.0)
+    with running(cfg, clock=lambda: now[0]) as (svc, c):
+        register(c, "a")
+        register(c, "b")
+        (lease_a,) = c.request(P.CreditRequest(server_id="a", max_credits=1)).credits
+        assert lease_a.deadline_s == 30.0
+        now[0] += 31.0  # a stalls; the next loop iteration (<= POLL_S later) re-issues its prompt
+        deadline = time.monotonic() + TIMEOUT_S
+        while stats(c).get("credits_expired", 0) == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        register(c, "b")  # 31 s of silence also dropped both from the roster
+        (lease_b,) = c.request(P.CreditRequest(server_id="b", max_credits=1)).credits
+        assert (lease_b.prompt_index, lease_b.epoch) == (lease_a.prompt_index, lease_a.epoch)
+        assert lease_b.lease_id != lease_a.lease_id
+        late = c.request(make_group(lease_a, server_id="a"))
+        assert late.status == "rejected" and late.reason.startswith("unknown_lease")
+        assert c.request(make_group(lease_b, server_id="b")).status == "accepted"
+        s = stats(c)
+        assert (s["credits_expired"], s["credits_reissued"], s["credits_granted"]) == (1, 1, 2)
