@@ -126,6 +126,7 @@ class GenerateInput:
     return_logprob: list[bool]  # one per prompt
     text_in_logprobs: bool
     is_single: bool  # one prompt and n == 1 -> one JSON object, else a JSON array
+    stream: bool  # server-sent events, one cumulative chunk per new token, then "data: [DONE]"
 
 
 def parse_generate(body: Any, tokenizer, vocab_size: int, context_len: int) -> GenerateInput:
@@ -165,11 +166,11 @@ def parse_generate(body: Any, tokenizer, vocab_size: int, context_len: int) -> G
         for v in _per_prompt(body.get(key), len(prompts), key):
             if v is not None and ((key == "logprob_start_len" and v >= 0) or (key == "top_logprobs_num" and v > 0)):
                 raise value_error(f"{key}={v} is not supported by the embedded engine (output token logprobs only)")
-    if body.get("token_ids_logprob") or body.get("stream"):
-        raise value_error("token_ids_logprob and stream=true are not supported by the embedded engine")
+    if body.get("token_ids_logprob"):
+        raise value_error("token_ids_logprob is not supported by the embedded engine")
     return GenerateInput(prompts=prompts, params=params, rids=[str(r) for r in rids], n=n,
                          return_logprob=return_logprob, text_in_logprobs=bool(body.get("return_text_in_logprobs")),
-                         is_single=not is_batch and n == 1)
+                         is_single=not is_batch and n == 1, stream=bool(body.get("stream")))
 
 
 def _stage1(body: dict) -> None:
@@ -254,22 +255,31 @@ def _to_params(sp: dict, vocab_size: int) -> SamplingParams:
                           sampling_seed=sp.get("sampling_seed"))
 
 
-def build_output(req, tokenizer, *, return_logprob: bool, text_in_logprobs: bool, weight_version: str,
-                 e2e_latency: float) -> dict:
-    """One SGLang ``/generate`` result object for a finished scheduler Request."""
+def build_output(req, tokenizer, *, return_logprob: bool, text_in_logprobs: bool, default_version: str,
+                 finished: bool = True) -> dict:
+    """One SGLang ``/generate`` result object for a scheduler Request.
+
+    ``finished=False`` builds a streaming chunk of a request still running: cumulative outputs so
+    far (SGLang's default, non-incremental streaming), ``finish_reason`` null, no ``e2e_latency``.
+    It reads the request while the scheduler thread appends to it: the lists only grow and
+    ``output_versions`` is appended last, so its length is a consistent cut."""
+    n = len(req.output_versions)
+    ids, logps, versions = req.output_ids[:n], req.output_logprobs[:n], req.output_versions[:n]
     meta: dict[str, Any] = {
-        "id": req.rid, "finish_reason": req.finish_reason, "prompt_tokens": len(req.input_ids),
-        "weight_version": weight_version, "reasoning_tokens": 0, "completion_tokens": len(req.output_ids),
-        "cached_tokens": 0, "e2e_latency": e2e_latency,
+        "id": req.rid, "finish_reason": req.finish_reason if finished else None, "prompt_tokens": len(req.input_ids),
+        "weight_version": versions[-1] if versions else default_version, "reasoning_tokens": 0,
+        "completion_tokens": n, "cached_tokens": 0,
     }
-    spans = _version_spans(req.output_versions)
+    if finished:
+        meta["e2e_latency"] = req.finished_at - req.created
+    spans = _version_spans(versions)
     if len(spans) > 1:  # the request ran under several weight versions (pause in_place / retract)
         meta["weight_versions"] = spans
     if return_logprob:
-        texts = [tokenizer.decode([t]) for t in req.output_ids] if text_in_logprobs else [None] * len(req.output_ids)
-        meta["output_token_logprobs"] = [[lp, t, s] for lp, t, s in zip(req.output_logprobs, req.output_ids, texts)]
-    text = tokenizer.decode(req.output_ids, skip_special_tokens=req.params.skip_special_tokens)
-    return {"text": text, "output_ids": list(req.output_ids), "meta_info": meta}
+        texts = [tokenizer.decode([t]) for t in ids] if text_in_logprobs else [None] * n
+        meta["output_token_logprobs"] = [[lp, t, s] for lp, t, s in zip(logps, ids, texts)]
+    text = tokenizer.decode(ids, skip_special_tokens=req.params.skip_special_tokens)
+    return {"text": text, "output_ids": ids, "meta_info": meta}
 
 
 def _version_spans(versions: list[str]) -> list[dict]:

@@ -171,11 +171,17 @@ class EngineHttp:
             return web.json_response({"error": {"message": f"{type(e).__name__}: {e}"}}, status=500)
 
     # ---- generation
-    async def generate(self, request: web.Request) -> web.Response:
+    async def generate(self, request: web.Request) -> web.StreamResponse:
         e = self.e
         inp = parse_generate(await _body(request), e.tokenizer, e.vocab_size, e.context_len)
         await self.gate.enter()
         try:
+            if inp.stream:
+                resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+                await resp.prepare(request)
+                await self._run(inp, resp)
+                await resp.write(b"data: [DONE]\n\n")
+                return resp
             reqs = await self._run(inp)
         finally:
             await self.gate.leave()
@@ -183,29 +189,47 @@ class EngineHttp:
             code = (r.finish_reason or {}).get("status_code")
             if code and code >= 400:
                 return web.json_response({"error": {"message": r.finish_reason["message"]}}, status=code)
-        outs = [build_output(r, e.tokenizer, return_logprob=lp, text_in_logprobs=inp.text_in_logprobs,
-                             weight_version=r.output_versions[-1] if r.output_versions else e.scheduler.weight_version,
-                             e2e_latency=r.finished_at - r.created) for r, lp in reqs]
+        outs = [self._output(r, lp, inp) for r, lp in reqs]
         return web.json_response(outs[0] if inp.is_single else outs)
 
-    async def _run(self, inp) -> list[tuple[Request, bool]]:
+    def _output(self, req: Request, return_logprob: bool, inp, finished: bool = True) -> dict:
+        return build_output(req, self.e.tokenizer, return_logprob=return_logprob, text_in_logprobs=inp.text_in_logprobs,
+                            default_version=self.e.scheduler.weight_version, finished=finished)
+
+    async def _run(self, inp, stream: web.StreamResponse | None = None) -> list[tuple[Request, bool]]:
+        """Submit every (prompt, sample) and wait for all; with ``stream``, write a chunk per update."""
         loop = asyncio.get_running_loop()
-        futs, made = [], []
+        events: asyncio.Queue[int] = asyncio.Queue()
+        made: list[tuple[Request, bool]] = []
         for i, prompt in enumerate(inp.prompts):
             for j in range(inp.n):
                 params = inp.params[i]
                 if params.sampling_seed is not None and j:  # distinct streams for the n samples of one seed
                     params = replace(params, sampling_seed=params.sampling_seed + j)
-                fut = loop.create_future()
+                notify = _notifier(loop, events, len(made))
                 req = Request(rid=inp.rids[i] if inp.n == 1 else uuid.uuid4().hex, input_ids=prompt, params=params,
-                              stop_ids=self.e.stop_ids(params), on_finish=_resolver(loop, fut))
-                futs.append(fut)
+                              stop_ids=self.e.stop_ids(params), on_finish=notify,
+                              on_token=notify if stream is not None else None)
                 made.append((req, inp.return_logprob[i]))
         for req, _ in made:
             self.e.scheduler.submit(req)
+        pending = set(range(len(made)))
         try:
-            await asyncio.gather(*futs)
-        except asyncio.CancelledError:  # the client went away: free the slots
+            while pending:
+                updated = {await events.get()}
+                while not events.empty():  # coalesce: one chunk per request per wake-up
+                    updated.add(events.get_nowait())
+                for idx in sorted(updated & pending):
+                    req, return_logprob = made[idx]
+                    finished = req.finish_reason is not None
+                    if finished:
+                        pending.discard(idx)
+                    if stream is not None:
+                        chunk = self._output(req, return_logprob, inp, finished=finished)
+                        if not inp.is_single:
+                            chunk["index"] = idx
+                        await stream.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        except (asyncio.CancelledError, ConnectionResetError):  # the client went away: free the slots
             for req, _ in made:
                 self.e.scheduler.abort(req.rid)
             raise
@@ -334,8 +358,8 @@ class EngineHttp:
         return ok, msg
 
 
-def _resolver(loop: asyncio.AbstractEventLoop, fut: asyncio.Future):
-    def on_finish(req: Request) -> None:  # scheduler thread -> event loop
+def _notifier(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, idx: int):
+    def notify(req: Request) -> None:  # scheduler thread -> event loop
         if not loop.is_closed():  # the server may be gone already when the scheduler shuts down
-            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(req))
-    return on_finish
+            loop.call_soon_threadsafe(events.put_nowait, idx)
+    return notify

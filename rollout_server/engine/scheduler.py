@@ -47,6 +47,7 @@ class Request:
     params: SamplingParams
     stop_ids: frozenset[int]
     on_finish: Callable[[Request], None]
+    on_token: Callable[[Request], None] | None = None  # streaming: after each token of an unfinished request
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     output_versions: list[str] = field(default_factory=list)
@@ -272,6 +273,8 @@ class Scheduler:
             reason = self._finish_reason(r, tok)
             if reason is not None:
                 done.append((slot, reason))
+            elif r.on_token is not None:
+                _notify(r.on_token, r)
         self._retire(done)
         if self.metrics:
             self.metrics.on_tokens(len(reqs))
@@ -298,15 +301,12 @@ class Scheduler:
             self._finish(r, reason)
 
     def _finish(self, r: Request, reason: dict) -> None:
+        r.finished_at = time.monotonic()  # before finish_reason: readers on other threads test finish_reason
         r.finish_reason = reason
-        r.finished_at = time.monotonic()
         r.cached = 0
         if self.metrics and r.log_metrics:
             self.metrics.on_finish(r)
-        try:
-            r.on_finish(r)
-        except Exception:  # a broken callback must not take the scheduler down with it
-            log.exception("on_finish callback of %s failed", r.rid)
+        _notify(r.on_finish, r)
 
     def _abort(self, rid: str, abort_all: bool, message: str) -> None:
         reason = {"type": "abort", "message": message, "status_code": None, "err_type": None}
@@ -338,3 +338,10 @@ class Scheduler:
     def _report(self) -> None:
         if self.metrics:
             self.metrics.on_step(self.load())
+
+
+def _notify(callback: Callable[[Request], None], r: Request) -> None:
+    try:
+        callback(r)
+    except Exception:  # a broken callback must not take the scheduler down with it
+        log.exception("callback of request %s failed", r.rid)

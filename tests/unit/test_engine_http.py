@@ -286,3 +286,31 @@ def test_client_disconnect_aborts_request(engine):
         time.sleep(0.3)  # the server notices the hang-up and queues the abort behind the stall
     wait_for(lambda: engine.metrics.num_aborted._value.get() > aborted, "the abort")
     assert engine.metrics.num_aborted._value.get() == aborted + 1  # aborted, not run to its 250 tokens
+
+
+def stream(engine, body: dict) -> list:
+    req = urllib.request.Request(engine.url + "/generate", data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        events = [line[len("data: "):] for line in r.read().decode().split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_streaming_chunks_are_cumulative_and_end_like_the_plain_response(engine):
+    body = {"input_ids": [1, 70, 71], "sampling_params": {"max_new_tokens": 20, "temperature": 0, "ignore_eos": True},
+            "return_logprob": True}
+    plain = gen(engine, **body)
+    chunks = stream(engine, body)
+    assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-1])
+    lengths = [len(c["output_ids"]) for c in chunks]
+    assert lengths == sorted(lengths) and lengths[-1] == 20
+    for c in chunks:  # every chunk is a prefix of the final output, logprobs included
+        assert c["output_ids"] == plain["output_ids"][:len(c["output_ids"])]
+        assert len(c["meta_info"]["output_token_logprobs"]) == len(c["output_ids"])
+    last = chunks[-1]
+    assert last["meta_info"]["finish_reason"] == {"type": "length", "length": 20} and "e2e_latency" in last["meta_info"]
+    assert last["output_ids"] == plain["output_ids"] and last["text"] == plain["text"]
+    many = stream(engine, {"input_ids": [1, 5], "sampling_params": {"max_new_tokens": 3, "n": 2}})
+    assert {c["index"] for c in many} == {0, 1}
