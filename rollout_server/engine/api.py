@@ -127,6 +127,7 @@ class GenerateInput:
     text_in_logprobs: bool
     is_single: bool  # one prompt and n == 1 -> one JSON object, else a JSON array
     stream: bool  # server-sent events, one cumulative chunk per new token, then "data: [DONE]"
+    prompt_ids_out: bool = False  # return_prompt_token_ids: echo the (tokenized) prompt
 
 
 def parse_generate(body: Any, tokenizer, vocab_size: int, context_len: int) -> GenerateInput:
@@ -170,7 +171,8 @@ def parse_generate(body: Any, tokenizer, vocab_size: int, context_len: int) -> G
         raise value_error("token_ids_logprob is not supported by the embedded engine")
     return GenerateInput(prompts=prompts, params=params, rids=[str(r) for r in rids], n=n,
                          return_logprob=return_logprob, text_in_logprobs=bool(body.get("return_text_in_logprobs")),
-                         is_single=not is_batch and n == 1, stream=bool(body.get("stream")))
+                         is_single=not is_batch and n == 1, stream=bool(body.get("stream")),
+                         prompt_ids_out=bool(body.get("return_prompt_token_ids")))
 
 
 def _stage1(body: dict) -> None:
@@ -201,7 +203,7 @@ def _stage2(body: dict) -> None:
                 _check(isinstance(e, bool), e, _BOOL)
         elif v is not None:
             _check(isinstance(v, bool), v, "a value or an array of values for BoolOrList")
-    for key in ("stream", "return_text_in_logprobs"):
+    for key in ("stream", "return_text_in_logprobs", "return_prompt_token_ids"):
         if body.get(key) is not None:
             _check(isinstance(body[key], bool), body[key], _BOOL)
     for key in ("logprob_start_len", "top_logprobs_num"):
@@ -256,7 +258,7 @@ def _to_params(sp: dict, vocab_size: int) -> SamplingParams:
 
 
 def build_output(req, tokenizer, *, return_logprob: bool, text_in_logprobs: bool, default_version: str,
-                 finished: bool = True) -> dict:
+                 finished: bool = True, prompt_ids: bool = False) -> dict:
     """One SGLang ``/generate`` result object for a scheduler Request.
 
     ``finished=False`` builds a streaming chunk of a request still running: cumulative outputs so
@@ -279,7 +281,10 @@ def build_output(req, tokenizer, *, return_logprob: bool, text_in_logprobs: bool
         texts = [tokenizer.decode([t]) for t in ids] if text_in_logprobs else [None] * n
         meta["output_token_logprobs"] = [[lp, t, s] for lp, t, s in zip(logps, ids, texts)]
     text = tokenizer.decode(ids, skip_special_tokens=req.params.skip_special_tokens)
-    return {"text": text, "output_ids": ids, "meta_info": meta}
+    out = {"text": text, "output_ids": ids, "meta_info": meta}
+    if prompt_ids:
+        out["prompt_token_ids"] = list(req.input_ids)
+    return out
 
 
 def _version_spans(versions: list[str]) -> list[dict]:

@@ -194,7 +194,8 @@ class EngineHttp:
 
     def _output(self, req: Request, return_logprob: bool, inp, finished: bool = True) -> dict:
         return build_output(req, self.e.tokenizer, return_logprob=return_logprob, text_in_logprobs=inp.text_in_logprobs,
-                            default_version=self.e.scheduler.weight_version, finished=finished)
+                            default_version=self.e.scheduler.weight_version, finished=finished,
+                            prompt_ids=inp.prompt_ids_out)
 
     async def _run(self, inp, stream: web.StreamResponse | None = None) -> list[tuple[Request, bool]]:
         """Submit every (prompt, sample) and wait for all; with ``stream``, write a chunk per update."""

@@ -51,9 +51,10 @@ def gen(engine, **body) -> dict | list:
 
 def test_generate_shape_and_logprobs(engine):
     out = gen(engine, text="12+34=", sampling_params={"max_new_tokens": 6, "temperature": 0.5},
-              return_logprob=True, return_text_in_logprobs=True)
+              return_logprob=True, return_text_in_logprobs=True, return_prompt_token_ids=True)
     meta = out["meta_info"]
-    assert set(out) == {"text", "output_ids", "meta_info"} and len(out["output_ids"]) == 6
+    assert set(out) == {"text", "output_ids", "meta_info", "prompt_token_ids"} and len(out["output_ids"]) == 6
+    assert out["prompt_token_ids"] == engine.tokenizer.encode("12+34=")
     assert meta["prompt_tokens"] == 7 and meta["completion_tokens"] == 6 and meta["cached_tokens"] == 0
     assert meta["finish_reason"] == {"type": "length", "length": 6} and meta["weight_version"] == "0"
     assert isinstance(meta["id"], str) and meta["e2e_latency"] > 0
