@@ -324,11 +324,13 @@ class Codec:
         if typing.get_origin(tp) is list:
             item = f"_x{depth}"
             item_expr = self._value_expr(typing.get_args(tp)[0], item, ns, decode, depth + 1)
-            return var if item_expr == item else f"[{item_expr} for {item} in {var}]"
+            if decode:
+                return var if item_expr == item else f"[{item_expr} for {item} in {var}]"
+            return f"[{item_expr} for {item} in ({var} if type({var}) is list else {_bind(ns, _refuse)}())]"
         if isinstance(tp, type) and issubclass(tp, self.base):
             fn = self._fast_builder(tp, top=False) if decode else self._fast_encoder(tp)
             return f"{_bind(ns, fn)}({var})"
-        if not decode and tp in (int, float, bool):  # exact types pass; others take the coercing path
+        if not decode and tp in (int, float, bool, str, dict):  # exact types pass; others take the slow path
             return f"({var} if type({var}) is {_bind(ns, tp)} else {_bind(ns, _refuse)}())"
         return var
 
