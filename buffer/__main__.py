@@ -12,12 +12,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from areal_like.config import load_daemon_config
+    from areal_like.config import ConfigError, load_daemon_config
     from areal_like.daemon import setup_logging
     from buffer.service import BufferService
 
-    setup_logging("buffer")
-    cfg = load_daemon_config(sys.argv[1:] if argv is None else argv)
+    log = setup_logging("buffer")
+    try:
+        cfg = load_daemon_config(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        log.error("invalid configuration: %s", e)
+        return 2
     return BufferService(cfg).serve()
 
 
