@@ -24,8 +24,8 @@ what survives the *machine* dying.
 * ``batch``: fsync at most every ``BATCH_FSYNC_S``, inline; replies may precede the fsync.
 * ``never``: the OS flushes when it likes.
 
-Compaction: a segment is deleted once it is not the current one, every group record in it has
-been consumed, and so has every older segment (only a prefix is deleted: a consumed mark may live
+Compaction (at every start and rotation): a segment is deleted once it is not the current one,
+every group record in it has been consumed, and so has every older segment (only a prefix is deleted: a consumed mark may live
 in a later segment than its group, so deleting from the middle could resurrect a group).
 
 A torn or corrupt record (short header or payload, CRC mismatch, absurd length) ends the replay of
