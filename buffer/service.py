@@ -7,8 +7,9 @@ heartbeats within a second of a restart, and a plan is the trainer's to re-send.
 
 One thread, one loop (``run_once``): receive a batch of requests, answer what can be answered,
 expire leases and silent servers, hand out batches, then write one control record and ask the WAL
-for a sync ticket. A reply is sent only once its ticket is durable (one fsync covers the whole
-batch, run by the WAL's fsync thread while this loop already receives the next batch). So:
+for a sync ticket. A reply is sent only once its ticket is durable: the WAL's fsync thread syncs
+whatever has been written so far (group commit) while this loop keeps receiving. An accepted
+group needs only its own record, so its ticket is requested as soon as the record is written. So:
 
 * a group is acked only after its record is durable; credits are granted only after the lease
   is durable (a restart neither repeats nor skips prompts); a batch is handed out only after its
@@ -150,6 +151,10 @@ class BufferService(Daemon):
             reply, kind = P.Ack(ref="", status="rejected", reason=f"decode: {msg}"), "invalid"
         elif isinstance(msg, P.TrajectoryGroup):
             reply, kind = self._on_group(msg, frame), msg.TYPE
+            if reply.status == "accepted":  # needs only its own record on disk: start that fsync now
+                self._waiting.append((self.wal.request_sync(), peer, req_id, reply, kind, received))
+                self._send_durable_replies()
+                return
         elif isinstance(msg, P.BatchRequest):
             wait = max(0.0, msg.wait_s)
             self.pending.append(PendingBatch(peer, req_id, msg, received + wait, received))
@@ -207,7 +212,10 @@ class BufferService(Daemon):
             self._send_durable_replies()
 
     def _send_durable_replies(self) -> None:
-        durable, now = self.wal.durable(), self.clock()
+        durable = self.wal.durable()
+        if not self._waiting or self._waiting[0][0] > durable:
+            return
+        now = self.clock()
         latency = self.metrics.histogram("buffer/request_seconds", "request latency by type", labels=("type",))
         while self._waiting and self._waiting[0][0] <= durable:
             _, peer, req_id, reply, kind, received = self._waiting.popleft()
