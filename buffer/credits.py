@@ -9,6 +9,9 @@ The ledger owns the only state that decides *what* gets generated:
 * ``started`` (see ``staleness.py``) and ``next_lease`` (lease ids are never reused, also across
   restarts, so ``group_id = f"{server_id}-{lease_id}"`` is unique for the life of the job).
 
+``invalid_group`` checks a delivered group against its lease (and its token versions against
+the newest version any engine can serve).
+
 Invariants: every prompt index below the cursor is, at any time, exactly one of: covered by an
 accepted group, held by an outstanding lease, or waiting in the re-issue queue. Nothing here does
 I/O; ``state()`` / ``from_state()`` are what the WAL persists. Deadlines are monotonic-clock
@@ -22,6 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from areal_like.protocol import TrajectoryGroup
 from buffer.staleness import StalenessPolicy
 
 
@@ -122,3 +126,18 @@ class CreditLedger:
         deadline = self.clock() + self.lease_timeout_s
         self.leases = {lid: Lease(lid, i, e, sid, deadline) for lid, i, e, sid in state["leases"]}
         self.reissue = deque((i, e) for i, e in state["reissue"])
+
+
+def invalid_group(group: TrajectoryGroup, lease: Lease | None, newest_version: int) -> str | None:
+    """Why a group cannot be accepted against its lease (None: it can). ``newest_version`` is the
+    newest version any engine may serve: the trainer's, or that of a weight sync in progress."""
+    if lease is None:
+        return f"unknown_lease: {group.lease_id} is not outstanding (expired and re-issued, or never granted)"
+    if (lease.prompt_index, lease.epoch) != (group.prompt_index, group.epoch):
+        return f"lease_mismatch: lease {group.lease_id} is for prompt {lease.prompt_index} epoch {lease.epoch}"
+    versions = [t.versions for t in group.trajectories if len(t.versions)]
+    if versions and (top := max(int(v.max()) for v in versions)) > newest_version:
+        return f"future_version: token version {top} > newest published version {newest_version}"
+    if versions and min(int(v.min()) for v in versions) < 0:
+        return "negative_version: token versions must be >= 0"
+    return None

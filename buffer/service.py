@@ -33,7 +33,7 @@ from areal_like import protocol as P
 from areal_like.config import RunConfig, dataset_size
 from areal_like.daemon import Daemon
 from areal_like.transport import Publisher, Server
-from buffer.credits import CreditLedger
+from buffer.credits import CreditLedger, invalid_group
 from buffer.replay_buffer import ReplayBuffer
 from buffer.staleness import StalenessPolicy
 from buffer.wal import WriteAheadLog
@@ -283,7 +283,7 @@ class BufferService(Daemon):
             self._count("groups_duplicate")
             return P.Ack(ref=g.group_id, status="duplicate")
         lease = self.ledger.leases.get(g.lease_id)
-        reason = self._invalid_group(g, lease)
+        reason = invalid_group(g, lease, max(self.version, self.plan.policy_version if self.plan else 0))
         if reason is not None:
             self._count("rejected", reason=reason.split(":")[0])
             self.log.warning("rejected group %s from %s: %s", g.group_id, g.server_id, reason)
@@ -300,19 +300,6 @@ class BufferService(Daemon):
         else:
             self.store.add(g, len(frame))
         return P.Ack(ref=g.group_id, status="accepted")
-
-    def _invalid_group(self, g: P.TrajectoryGroup, lease) -> str | None:
-        if lease is None:
-            return f"unknown_lease: {g.lease_id} is not outstanding (expired and re-issued, or never granted)"
-        if (lease.prompt_index, lease.epoch) != (g.prompt_index, g.epoch):
-            return f"lease_mismatch: lease {g.lease_id} is for prompt {lease.prompt_index} epoch {lease.epoch}"
-        newest = max(self.version, self.plan.policy_version if self.plan else 0)
-        top = max(int(t.versions.max()) for t in g.trajectories if len(t.versions)) if g.n_tokens else 0
-        if top > newest:
-            return f"future_version: token version {top} > newest published version {newest}"
-        if g.n_tokens and min(int(t.versions.min()) for t in g.trajectories if len(t.versions)) < 0:
-            return "negative_version: token versions must be >= 0"
-        return None
 
     def _drop(self, groups: list[P.TrajectoryGroup], reason: str) -> None:
         """Groups that will never be trained on: marked in the WAL, counted, their slots returned."""
