@@ -1,9 +1,11 @@
 """The codec behind ``areal_like.protocol``: frozen-dataclass messages <-> msgpack frames.
 
-Encoding walks each message with a per-class plan (one converter per field, built once from the
-annotations), coerces what is unambiguous (numpy integers, int64 or list token arrays) and runs
-every ``validate()``, so an invalid message fails at the sender. Arrays become
-``[dtype, length, bytes]`` with the bytes written straight from the numpy buffer.
+Encoding runs every ``validate()`` (an invalid message fails at its sender) and turns each
+message into a map whose arrays are ``[dtype, length, memoryview]``; msgspec then writes the
+frame in one pass, copying each array's bytes once. A converter generated per class handles
+messages whose values already have the exact wire types; anything else (numpy integers, int64
+or list token arrays, tuples) takes the reference encoder, which coerces what is unambiguous
+and names the field it cannot encode. Both produce the same bytes.
 
 Decoding has two paths that accept exactly the same frames:
 
@@ -378,9 +380,9 @@ class Codec:
     def _decode_fast(self, data: Any) -> Any:
         if self._fast_decoder is None:
             mirrors = tuple(self._mirror(cls, top=True) for cls in self.top_level.values())
-            self._fast_decoder = msgspec.msgpack.Decoder(typing.Union[mirrors], ext_hook=_ext_hook)
             self._top_builders = {m: self._fast_builder(cls, top=True)
                                   for m, cls in zip(mirrors, self.top_level.values())}
+            self._fast_decoder = msgspec.msgpack.Decoder(typing.Union[mirrors], ext_hook=_ext_hook)  # last: ready
         wire = self._fast_decoder.decode(data)
         if wire.protocol != self.version:
             raise _Refused
