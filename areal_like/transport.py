@@ -22,6 +22,11 @@ Patterns and why:
   the guarantee.
 * Trajectories never go over PUB/SUB: a group is kept by its sender until the buffer's Ack says
   it is in the write-ahead log.
+* **Copies.** Frames of ``ZERO_COPY_BYTES`` or more are handed to libzmq without a copy (the
+  bytes object stays referenced until sent), and received frames are decoded in place: the
+  arrays of a decoded message are read-only views of ZMQ's receive buffer, which they keep
+  alive. A 400 KB trajectory group is therefore copied once when encoded and never again in
+  this process (benchmarks/bench_transport.py measures the path).
 
 Addresses are configuration (``tcp://host:port``); nothing here assumes localhost. Servers
 bind (``tcp://*:port`` or a concrete interface), clients connect.
