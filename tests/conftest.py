@@ -1,7 +1,8 @@
 """Shared fixtures: ephemeral ports, temporary run directories, and tracked subprocesses.
 
 Every process a test starts goes through ``spawn_python`` so teardown can stop it by PID
-(SIGTERM, then SIGKILL after ``TERM_GRACE_S``). Nothing here kills by name.
+(SIGTERM, then SIGKILL after ``TERM_GRACE_S``), and its descendants after it, by PID as
+well. Nothing here kills by name.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from areal_like.distributed import free_port as _free_port
@@ -33,8 +35,18 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def _descendants(pid: int) -> list:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
 def stop_process(proc: subprocess.Popen, grace_s: float = TERM_GRACE_S) -> int | None:
-    """SIGTERM, wait up to ``grace_s``, then SIGKILL, all by PID. Returns the exit code."""
+    """SIGTERM, wait up to ``grace_s``, then SIGKILL, all by PID; then the same for any of its
+    descendants still alive (a daemon's own children must not outlive the test). Returns the
+    exit code."""
+    children = _descendants(proc.pid) if proc.poll() is None else []
     if proc.poll() is None:
         try:
             os.kill(proc.pid, signal.SIGTERM)
@@ -43,6 +55,18 @@ def stop_process(proc: subprocess.Popen, grace_s: float = TERM_GRACE_S) -> int |
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
         except ProcessLookupError:
+            pass
+    alive = [c for c in children if c.is_running()]
+    for child in alive:
+        try:
+            child.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(alive, timeout=grace_s)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.Error:
             pass
     for stream in (proc.stdout, proc.stderr):
         if stream is not None:
