@@ -72,13 +72,9 @@ async def generated_tokens(client: SGLangClient) -> float:
     return sum(v for k, v in (await client.metrics()).items() if k.startswith("sglang:generation_tokens_total"))
 
 
-async def scenario(url: str, plan: WeightSyncPlan, sender_argv: list[str]):
+async def scenario(url: str, plan: WeightSyncPlan, sender: subprocess.Popen):
     client = SGLangClient(url, timeout_s=120)
     version = 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    # the trainer's side (rank 0) is up and waiting in the rendezvous before generation starts,
-    # so the pause lands in the middle of the generations rather than after them
-    sender = subprocess.Popen(sender_argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         await client.wait_healthy(120)
         assert (await asyncio.to_thread(sender.stdout.readline)).strip() == "ready"
@@ -96,9 +92,6 @@ async def scenario(url: str, plan: WeightSyncPlan, sender_argv: list[str]):
         samples = await asyncio.gather(*jobs)
         return done, samples, await client.weight_version()
     finally:
-        if sender.poll() is None:
-            sender.kill()
-            sender.wait()
         await client.close()
 
 
@@ -122,11 +115,21 @@ def test_pause_update_continue_switches_versions_exactly_at_the_abort_point():
     port, group = free_port(), "interrupt_weights"
     plan, buckets = make_plan(new.state_dict(), port, group)
     spec = {"model": {**MODEL, "init_seed": 1}, "port": port, "group": group, "buckets": buckets}
-    engine = EmbeddedEngine(ModelConfig(**MODEL), EngineConfig(max_running_requests=8)).start()
+    # the trainer's side (rank 0) starts first and waits in the rendezvous, so that the pause lands
+    # in the middle of the generations rather than after them
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    sender = subprocess.Popen([sys.executable, "-c", SENDER, json.dumps(spec)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
     try:
-        done, samples, served = asyncio.run(scenario(engine.url, plan, [sys.executable, "-c", SENDER, json.dumps(spec)]))
+        engine = EmbeddedEngine(ModelConfig(**MODEL), EngineConfig(max_running_requests=8)).start()
+        try:
+            done, samples, served = asyncio.run(scenario(engine.url, plan, sender))
+        finally:
+            engine.stop()
     finally:
-        engine.stop()
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait()
 
     assert done.ok and done.pause_s > 0, done.reason
     assert served == "1"

@@ -154,7 +154,8 @@ def check_control_body(structs, path: str, body) -> None:
 
 
 # ---------------------------------------------------------------------------- the engine under test
-async def drive_engine(url: str, tmp: Path, seen_requests: list, seen_responses: list) -> dict:
+async def drive_engine(url: str, tmp: Path, seen_requests: list, seen_responses: list, plan: WeightSyncPlan,
+                       sender: subprocess.Popen) -> dict:
     """Exercise every endpoint the rollout server uses; return facts for extra asserts."""
     client = SGLangClient(url, timeout_s=120, on_request=lambda m, p, b: seen_requests.append((p, b)),
                           on_response=lambda m, p, s, j, raw: seen_responses.append((p, s, j, raw)))
@@ -189,7 +190,7 @@ async def drive_engine(url: str, tmp: Path, seen_requests: list, seen_responses:
             await client.generate([1, 5], {"max_new_tokens": 2, "bogus": 1})
         facts["bad_status"] = e.value.status
         # weight update by broadcast from a sender process, driven by a plan
-        facts["sync"] = await sync_from_sender(client, tmp)
+        facts["sync"] = await sync_from_sender(client, plan, sender)
         facts["version1"] = await client.weight_version()
         # update from disk
         from areal_like.hf import build_model
@@ -212,7 +213,9 @@ async def generating(client: SGLangClient, timeout_s: float = 60.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def sync_from_sender(client: SGLangClient, tmp: Path):
+def weight_sync_setup() -> tuple[WeightSyncPlan, subprocess.Popen]:
+    """The plan for version 1 and the sender process (rank 0), started before the engine so its
+    torch import overlaps with the engine's start-up; it waits in the rendezvous."""
     from areal_like.hf import build_model
 
     state = build_model(ModelConfig(**MODEL, init_seed=1)).state_dict()
@@ -229,15 +232,14 @@ async def sync_from_sender(client: SGLangClient, tmp: Path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     sender = subprocess.Popen([sys.executable, "-c", SENDER, json.dumps(spec)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
-    try:
-        done = await apply_weight_sync(client, plan, "contract", drain=False)
-        out, err = await asyncio.to_thread(sender.communicate, timeout=120)
-        assert sender.returncode == 0, err[-2000:]
-        return done
-    finally:
-        if sender.poll() is None:
-            sender.kill()
-            sender.wait()
+    return plan, sender
+
+
+async def sync_from_sender(client: SGLangClient, plan: WeightSyncPlan, sender: subprocess.Popen):
+    done = await apply_weight_sync(client, plan, "contract", drain=False)
+    _, err = await asyncio.to_thread(sender.communicate, timeout=120)
+    assert sender.returncode == 0, err[-2000:]
+    return done
 
 
 @pytest.fixture(scope="module")
@@ -245,13 +247,19 @@ def engine_run(tmp_path_factory):
     from rollout_server.engine import EmbeddedEngine
 
     tmp = tmp_path_factory.mktemp("contract")
-    engine = EmbeddedEngine(ModelConfig(**MODEL), EngineConfig(max_running_requests=8)).start()
+    plan, sender = weight_sync_setup()
     requests: list = []
     responses: list = []
     try:
-        facts = asyncio.run(drive_engine(engine.url, tmp, requests, responses))
+        engine = EmbeddedEngine(ModelConfig(**MODEL), EngineConfig(max_running_requests=8)).start()
+        try:
+            facts = asyncio.run(drive_engine(engine.url, tmp, requests, responses, plan, sender))
+        finally:
+            engine.stop()
     finally:
-        engine.stop()
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait()
     return requests, responses, facts
 
 
