@@ -6,10 +6,10 @@ plan. Everything but the roster and the plan is durable: the roster is soft stat
 heartbeats within a second of a restart, and a plan is the trainer's to re-send.
 
 One thread, one loop (``run_once``): receive a batch of requests, answer what can be answered,
-expire leases and silent servers, hand out batches, then write one control record and ask the WAL
-for a sync ticket. A reply is sent only once its ticket is durable: the WAL's fsync thread syncs
-whatever has been written so far (group commit) while this loop keeps receiving. An accepted
-group needs only its own record, so its ticket is requested as soon as the record is written. So:
+expire leases and silent servers, hand out batches. Every reply first logs what it depends on (a
+group record, or one control record with the changed state), takes a WAL sync ticket, and is sent
+only once that ticket is durable: the WAL's fsync thread syncs whatever has been written so far
+(group commit) while this loop keeps receiving. So:
 
 * a group is acked only after its record is durable; credits are granted only after the lease
   is durable (a restart neither repeats nor skips prompts); a batch is handed out only after its
@@ -86,8 +86,7 @@ class BufferService(Daemon):
         self.sync_results: dict[int, dict[str, bool]] = {}
         self.pending: list[PendingBatch] = []
         self.counts: Counter[str] = Counter()
-        self._replies: list[tuple[bytes, bytes, P.Message, str, float]] = []  # (peer, req_id, reply, type, t)
-        self._waiting: deque[tuple] = deque()  # (wal ticket, *reply): sent once the ticket is durable
+        self._waiting: deque[tuple] = deque()  # (wal ticket, peer, req_id, reply, type, t): sent once durable
         self._consumed: list[str] = []  # group ids marked consumed/dropped in this iteration
         self._dirty = False  # control state changed in this iteration
         self._handlers = {
@@ -111,10 +110,10 @@ class BufferService(Daemon):
                       self.ledger.in_flight, (self.ledger.next_index, self.ledger.epoch))
 
     def run_once(self) -> None:
-        self._receive(POLL_BUSY_S if self._waiting else POLL_S)  # handle a batch of requests; queue replies
+        self._receive(POLL_BUSY_S if self._waiting else POLL_S)  # handle a batch of requests
         self._expire()  # leases past their deadline, servers past their heartbeat timeout
         self._serve_batches()  # held BatchRequests: enough fresh groups now, or their wait is over
-        self._persist_and_reply()  # one control record, one commit, then every queued reply
+        self._persist_and_reply()  # log what changed, send the replies that are durable now
         self._update_gauges()
 
     def stop(self) -> None:
@@ -151,10 +150,6 @@ class BufferService(Daemon):
             reply, kind = P.Ack(ref="", status="rejected", reason=f"decode: {msg}"), "invalid"
         elif isinstance(msg, P.TrajectoryGroup):
             reply, kind = self._on_group(msg, frame), msg.TYPE
-            if reply.status == "accepted":  # needs only its own record on disk: start that fsync now
-                self._waiting.append((self.wal.request_sync(), peer, req_id, reply, kind, received))
-                self._send_durable_replies()
-                return
         elif isinstance(msg, P.BatchRequest):
             wait = max(0.0, msg.wait_s)
             self.pending.append(PendingBatch(peer, req_id, msg, received + wait, received))
@@ -164,7 +159,13 @@ class BufferService(Daemon):
         else:  # a valid message the buffer does not serve (e.g. a reply type sent by mistake)
             self._count("rejected", reason="unexpected_type")
             reply, kind = P.Ack(ref="", status="rejected", reason=f"type: {msg.TYPE} is not a request"), "invalid"
-        self._replies.append((peer, req_id, reply, kind, received))
+        self._queue_reply(peer, req_id, reply, kind, received)
+
+    def _queue_reply(self, peer: bytes, req_id: bytes, reply: P.Message, kind: str, received: float) -> None:
+        """Log the state this reply depends on, then send it as soon as that is durable."""
+        self._write_control()
+        self._waiting.append((self.wal.request_sync(), peer, req_id, reply, kind, received))
+        self._send_durable_replies()
 
     def _expire(self) -> None:
         expired = self.ledger.expire()
@@ -197,16 +198,17 @@ class BufferService(Daemon):
                                            buckets=range(0, 17)).observe(self.policy.staleness(g.head_version, v))
                 self._count("groups_consumed", len(groups))
                 reply = P.Batch(groups=groups, trainer_version=v)
-            self._replies.append((p.peer, p.req_id, reply, p.request.TYPE, p.received))
+            self._queue_reply(p.peer, p.req_id, reply, p.request.TYPE, p.received)
 
-    def _persist_and_reply(self) -> None:
+    def _write_control(self) -> None:
         if self._dirty or self._consumed:
             self._count("wal_bytes_written", self.wal.append_control({"state": self.state(),
                                                                       "consumed": self._consumed}))
             self._dirty, self._consumed = False, []
-        ticket = self.wal.request_sync()  # this iteration's replies wait for this ticket
-        self._waiting.extend((ticket, *reply) for reply in self._replies)
-        self._replies.clear()
+
+    def _persist_and_reply(self) -> None:
+        self._write_control()  # e.g. expired leases, stale drops: no reply waits for them
+        self.wal.request_sync()
         self._send_durable_replies()
         if self.wal.maybe_rotate(self.checkpoint):
             self._send_durable_replies()
