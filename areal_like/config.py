@@ -6,6 +6,11 @@
 and converts it with ``OmegaConf.to_object``, which runs every ``__post_init__`` validator.
 Code past the entry point only ever sees these dataclasses, and each component gets only its
 own sub-config. Importing this module has no side effects and does not import torch.
+
+Every failure is a ``ConfigError`` whose message starts with the key: a bad group option
+(``model=nope``, also for the optional ``experiment`` group, which Hydra would skip silently)
+lists the options; a ``???`` value a chosen option leaves unset names the key; a ``+new=key``
+that the schema does not know lists the known keys; type errors give OmegaConf's reason.
 """
 
 from __future__ import annotations
