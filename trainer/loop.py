@@ -26,12 +26,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from areal_like.config import RunConfig
 from areal_like.daemon import Daemon
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, state_checksums
 from trainer.data import BatchSource, TrainBatch
-from trainer.model import init_distributed, build_policy
+from trainer.model import build_policy, init_distributed
 from trainer.step import StepSettings, compute_batch_advantages, recompute_prox_logp, train_step
 from trainer.weight_sync import SyncReport, WeightBroadcaster
 
@@ -97,16 +98,15 @@ class Trainer(Daemon):
                     save_checkpoint(self.ckpt_root, self.policy, self.version)
             with self.phase("metrics"):
                 self.report(batch, stats, sync, time.monotonic() - t_step)
-        if not list(self.ckpt_root.glob(f"v{self.version:08d}")):
-            save_checkpoint(self.ckpt_root, self.policy, self.version)  # graceful end or stop
+        if self.version % t.checkpoint_every != 0:  # graceful end or stop: keep what was trained
+            with self.phase("checkpoint"):
+                save_checkpoint(self.ckpt_root, self.policy, self.version)
         self.log.info("done at policy_version %d", self.version)
 
     def stop(self) -> None:
         for part in ("data", "broadcaster"):
             if hasattr(self, part):
                 getattr(self, part).close()
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
 

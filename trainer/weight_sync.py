@@ -49,6 +49,7 @@ from areal_like.transport import Client, TransportTimeout
 log = logging.getLogger("trainer.weight_sync")
 
 STATUS_POLL_S = 0.05  # SyncStatus poll period: a cheap buffer query; sync itself takes far longer
+ROSTER_POLL_S = 0.5  # while waiting for reports: how often to check that pending members are still alive
 BROADCAST_SLICE_S = 1.0  # a stalled broadcast checks every slice whether a member already reported failure
 BUFFER_REQUEST_TIMEOUT_S = 10.0  # the buffer answers control requests in milliseconds when alive
 _ITEMSIZE = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4, "int16": 2,
@@ -228,19 +229,22 @@ class WeightBroadcaster:
         return list(st.failed) if isinstance(st, SyncStatus) else []
 
     def _await_members(self, version: int, report: SyncReport, deadline: float) -> None:
-        pending = set(report.members)
-        while pending and time.monotonic() < deadline:
+        """Poll SyncStatus until every member reported, or left the roster (the buffer expired it:
+        it is dead, no report will come), or the deadline passes."""
+        pending, gone, next_roster = set(report.members), set(), time.monotonic() + ROSTER_POLL_S
+        while pending - gone and time.monotonic() < deadline:
+            timeout = max(0.5, min(BUFFER_REQUEST_TIMEOUT_S, deadline - time.monotonic()))
             try:
-                st = self.client.request(SyncStatusRequest(policy_version=version),
-                                         timeout_s=max(0.5, min(BUFFER_REQUEST_TIMEOUT_S, deadline - time.monotonic())))
+                st = self.client.request(SyncStatusRequest(policy_version=version), timeout_s=timeout)
+                if time.monotonic() > next_roster:
+                    gone = pending - {s for s, _ in self._roster()}
+                    next_roster = time.monotonic() + ROSTER_POLL_S
             except TransportTimeout:
                 continue
             if isinstance(st, SyncStatus):
                 report.done = sorted(set(st.done) & set(report.members))
                 report.pause_s.update(getattr(st, "pause_s", None) or {})
                 pending = set(report.members) - set(st.done) - set(st.failed)
-                if not pending:
-                    break
             time.sleep(STATUS_POLL_S)
         report.dropped = sorted(set(report.members) - set(report.done))
 

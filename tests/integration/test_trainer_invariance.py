@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-CASES = [  # (name, overrides)
+CASES = [  # (name, overrides); every case runs with micro-batch sizes 1, 2, 4 on 1 rank and 2 on 2 ranks
     ("decoupled_ppo", ["trainer.loss.kind=decoupled_ppo", "trainer.loss.agg=token-mean"]),
     ("grpo_seqmean_2mb", ["trainer.loss.kind=ppo", "trainer.loss.agg=seq-mean-token-mean",
                           "trainer.num_minibatches=2"]),
