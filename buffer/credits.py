@@ -88,6 +88,14 @@ class CreditLedger:
             out.append(lease)
         return out
 
+    def shortfall_reason(self, version: int) -> str:
+        """Why ``grant`` gave fewer credits than allowed by the caller's limits."""
+        if self.in_flight >= self.policy.max_inflight:
+            return "inflight"
+        if self.started >= self.policy.admission_limit(version):
+            return "staleness"
+        return "exhausted"
+
     def fulfil(self, lease_id: str) -> Lease | None:
         """A group for this lease was accepted: the lease closes, its slot stays taken."""
         return self.leases.pop(lease_id, None)

@@ -24,6 +24,7 @@ trajectory contains beyond versions, lengths and rewards.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -97,6 +98,7 @@ class BufferService(Daemon):
         }
         self.server: Server | None = None
         self.publisher: Publisher | None = None
+        self._declare_metrics()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -240,9 +242,7 @@ class BufferService(Daemon):
         if member is not None:
             member.last_seen = self.clock()
             if engine_version is not None:
-                e = member.entry
-                member.entry = P.RosterEntry(server_id=e.server_id, engine_url=e.engine_url,
-                                             engine_ranks=e.engine_ranks, policy_version=engine_version)
+                member.entry = dataclasses.replace(member.entry, policy_version=engine_version)
         return member
 
     def _on_heartbeat(self, m: P.Heartbeat) -> P.HeartbeatAck:
@@ -264,7 +264,7 @@ class BufferService(Daemon):
         queued = len(self.ledger.reissue)
         leases = self.ledger.grant(m.server_id, n, self.version)
         if len(leases) < n:
-            reason = self._admission_reason()
+            reason = self.ledger.shortfall_reason(self.version)
         if leases:
             self._dirty = True
             self._count("credits_granted", len(leases))
@@ -272,13 +272,6 @@ class BufferService(Daemon):
         credits = [P.Credit(lease_id=x.lease_id, prompt_index=x.prompt_index, epoch=x.epoch,
                             deadline_s=self.cfg.lease_timeout_s) for x in leases]
         return P.Credits(credits=credits, policy_version=self.version, reason=reason)
-
-    def _admission_reason(self) -> str:
-        if self.ledger.in_flight >= self.policy.max_inflight:
-            return "inflight"
-        if self.ledger.started >= self.policy.admission_limit(self.version):
-            return "staleness"
-        return "exhausted"
 
     def _on_group(self, g: P.TrajectoryGroup, frame: bytes) -> P.Ack:
         if g.group_id in self.seen or g.group_id in self.store:
@@ -375,6 +368,17 @@ class BufferService(Daemon):
             self.counts[key] += n
             counter = self.metrics.counter(f"buffer/{name}", name.replace("_", " "), tuple(labels))
             (counter.labels(**labels) if labels else counter).inc(n)
+
+    def _declare_metrics(self) -> None:
+        """Create every counter up front so dashboards see zeros, not missing series."""
+        for name in ("groups_accepted", "groups_duplicate", "groups_consumed", "credits_granted", "credits_expired",
+                     "credits_reissued", "wal_bytes_written"):
+            self.metrics.counter(f"buffer/{name}", name.replace("_", " "))
+        for name, reasons in (("groups_dropped", ("stale", "equal_rewards", "max_tokens")),
+                              ("rejected", ("decode", "unknown_lease", "lease_mismatch", "future_version"))):
+            counter = self.metrics.counter(f"buffer/{name}", name.replace("_", " "), ("reason",))
+            for reason in reasons:
+                counter.labels(reason=reason)
 
     def _update_gauges(self) -> None:
         groups = self.metrics.gauge("buffer/groups", "groups by state", labels=("state",))
