@@ -149,14 +149,20 @@ class SGLangClient:
     async def _call(self, method: str, path: str, body: Any = None, *, timeout_s: float | None = None,
                     idempotent: bool, params: dict | None = None) -> tuple[int, Any, str]:
         """One HTTP call with retries; returns (status, parsed JSON or None, raw text).
-        Raises SGLangError for non-2xx answers and for unreachable servers."""
-        timeout = aiohttp.ClientTimeout(total=timeout_s or self.timeout_s)
+        ``timeout_s`` bounds the whole call, retries included. Raises SGLangError for non-2xx
+        answers and for unreachable servers."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout_s or self.timeout_s)
         if self.on_request is not None:
             self.on_request(method, path, body)
-        last: SGLangError | None = None
+        last = SGLangError(path, None, "no attempt fitted in the timeout")
         for attempt in range(self.max_attempts):
             if attempt:
-                await asyncio.sleep(BACKOFF_S * 2 ** (attempt - 1))
+                delay = BACKOFF_S * 2 ** (attempt - 1)
+                if loop.time() + delay >= deadline:
+                    break
+                await asyncio.sleep(delay)
+            timeout = aiohttp.ClientTimeout(total=max(1e-3, deadline - loop.time()))
             try:
                 async with self._http().request(method, self.base_url + path, json=body, params=params,
                                                 timeout=timeout) as resp:
@@ -178,7 +184,6 @@ class SGLangClient:
                 last = SGLangError(path, None, f"{type(e).__name__}: {e}")
                 if not idempotent:
                     raise last from None
-        assert last is not None
         raise last
 
     # ------------------------------------------------------------------ generation
@@ -263,7 +268,7 @@ class SGLangClient:
         deadline = loop.time() + timeout_s
         while True:
             try:
-                await self._call("POST", "/flush_cache", idempotent=True, timeout_s=timeout_s)
+                await self._call("POST", "/flush_cache", idempotent=True, timeout_s=max(1e-3, deadline - loop.time()))
                 return
             except SGLangError as e:
                 if e.status != 400 or loop.time() + FLUSH_POLL_S > deadline:

@@ -308,3 +308,13 @@ def test_a_failed_sync_reports_the_reason_and_always_continues():
         assert not done.ok and "Timeout" in done.reason and done.pause_s == 0.0
         assert "/pause_generation" not in [p for p, _ in server.calls]
     run(body)
+
+
+def test_timeout_bounds_the_whole_call_including_retries():
+    async def body(server, client):
+        server.script["/pause_generation"] = [(503, "busy")]  # idempotent and 5xx: retried until the budget
+        with pytest.raises(SGLangError) as e:
+            await client.pause_generation(timeout_s=0.5)
+        assert e.value.status == 503
+        assert 1 <= server.count("/pause_generation") <= 2  # without the budget: 4 attempts (backoff 0.25, 0.5, 1.0)
+    run(body)
