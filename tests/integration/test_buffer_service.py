@@ -260,3 +260,36 @@ def test_expired_lease_is_reissued_to_the_next_requester(tmp_path):
         assert c.request(make_group(lease_b, server_id="b")).status == "accepted"
         s = stats(c)
         assert (s["credits_expired"], s["credits_reissued"], s["credits_granted"]) == (1, 1, 2)
+
+
+def test_filtered_group_returns_its_slot(tmp_path):
+    """DAPO filter: a group with equal rewards is acked, not stored, and its admission slot comes back."""
+    cfg = make_cfg(tmp_path, max_staleness=0, groups_per_step=2, filter_equal_rewards=True)
+    with running(cfg) as (svc, c):
+        register(c)
+        credits = c.request(P.CreditRequest(server_id="s0", max_credits=5)).credits
+        assert len(credits) == 2  # (0+0+1)*2
+        assert c.request(make_group(credits[0], rewards=(1.0, 1.0))).status == "accepted"
+        assert c.request(make_group(credits[1], rewards=(0.0, 1.0))).status == "accepted"
+        s = stats(c)
+        assert (s["groups_dropped_equal_rewards"], s["stored"], s["started"]) == (1, 1, 1)
+        more = c.request(P.CreditRequest(server_id="s0", max_credits=5)).credits
+        assert [x.prompt_index for x in more] == [2]  # a new prompt (no re-issue): the trainer is not starved
+
+
+def test_restart_resumes_counters_without_a_capacity_burst(tmp_path):
+    cfg = make_cfg(tmp_path, max_staleness=0, groups_per_step=2)
+    with running(cfg) as (svc, c):
+        register(c)
+        credits = c.request(P.CreditRequest(server_id="s0", max_credits=5)).credits
+        assert c.request(make_group(credits[0])).status == "accepted"
+        c.request(P.VersionUpdate(policy_version=0))
+    with running(cfg) as (svc, c):  # same run_dir: recovered from the WAL
+        register(c)
+        s = stats(c)
+        assert (s["started"], s["in_flight"], s["stored"], s["cursor_index"]) == (2, 1, 1, 2)
+        assert c.request(P.CreditRequest(server_id="s0", max_credits=5)).reason == "staleness"  # no burst
+        assert c.request(make_group(credits[0])).status == "duplicate"
+        assert c.request(make_group(credits[1])).status == "accepted"  # the restored lease is still valid
+        batch = c.request(P.BatchRequest(n_groups=2, trainer_version=0, wait_s=5))
+        assert sorted(g.prompt_index for g in batch.groups) == [0, 1]
