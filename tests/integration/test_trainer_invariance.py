@@ -21,6 +21,8 @@ CASES = [  # (name, overrides); every case runs with micro-batch sizes 1, 2, 4 o
     ("decoupled_ppo", ["trainer.loss.kind=decoupled_ppo", "trainer.loss.agg=token-mean"]),
     ("grpo_seqmean_2mb", ["trainer.loss.kind=ppo", "trainer.loss.agg=seq-mean-token-mean",
                           "trainer.num_minibatches=2"]),
+    ("drgrpo_tokensum_norm", ["trainer.loss.kind=ppo", "trainer.estimator=drgrpo",
+                              "trainer.loss.agg=seq-mean-token-sum-norm"]),  # C = the batch's padded width
     ("vcpo", ["trainer.loss.kind=vcpo", "trainer.loss.agg=seq-mean-token-mean"]),
 ]
 MICRO_BATCH_SIZES = (1, 2, 4)
