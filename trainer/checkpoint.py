@@ -14,6 +14,8 @@ Invariants:
   (kill -9) at any moment leaves the previous checkpoint usable. The last ``KEEP`` are kept.
 - Resume restores model, optimizer, scheduler, policy_version and RNG states; the caller then
   re-pushes the weights and announces the version (trainer/loop.py).
+- Every rank writes its own DCP shard and RNG file into the same directory, so on several nodes
+  ``checkpoint_dir`` must be on a shared filesystem (rank 0 does the rename).
 - The checksums in meta.pt (order-independent float64 sums over every tensor) let a resumed run
   prove it holds exactly the saved state (``state_checksums``).
 """
