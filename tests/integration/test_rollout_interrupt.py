@@ -35,8 +35,8 @@ from rollout_server.sglang_client import SGLangClient
 from rollout_server.weight_update import apply_weight_sync
 
 REPO = Path(__file__).resolve().parents[2]
-MODEL = {"max_position_embeddings": 1024}
-MAX_NEW = 600
+MODEL = {"max_position_embeddings": 512}
+MAX_NEW = 300
 PROMPTS = [[1, 20 + i, 40 + 2 * i, 60 + i] for i in range(4)]
 SENDER = r"""
 import json, os, sys, torch, torch.distributed as dist
