@@ -111,7 +111,7 @@ class RunningSystem:
     def steps(self) -> list[dict]:
         return [r for r in self.records() if "step" in r]
 
-    def wait_for(self, cond, timeout_s: float, what: str):
+    def wait_for(self, cond, timeout_s: float, what: str, poll_s: float = 0.3):
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             value = cond()
@@ -119,7 +119,7 @@ class RunningSystem:
                 return value
             if self.finished() and self.code != 0:
                 raise AssertionError(f"job ended ({self.sup.outcome}) while waiting for {what}\n" + self.tail())
-            time.sleep(0.3)
+            time.sleep(poll_s)
         raise AssertionError(f"timed out after {timeout_s}s waiting for {what}\n" + self.tail())
 
     def wait_step(self, n: int, timeout_s: float = 120) -> None:
