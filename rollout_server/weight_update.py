@@ -62,6 +62,7 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
     deadline = _Deadline(plan.deadline_s)
     init_task: asyncio.Task | None = None
     paused_at: float | None = None
+    session_open = False
     pause_s, ok, reason = 0.0, False, ""
     try:
         if plan.reform:
@@ -73,12 +74,14 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
         paused_at = time.monotonic()
         await client.pause_generation("abort", timeout_s=deadline.left())
         await client.begin_weight_update(timeout_s=deadline.left())
+        session_open = True
         for i, bucket in enumerate(plan.buckets):
             await client.update_weights_from_distributed(
                 names=bucket.names, dtypes=bucket.dtypes, shapes=bucket.shapes, group_name=plan.group_name,
                 weight_version=str(plan.policy_version), flush_cache=i == len(plan.buckets) - 1,
                 timeout_s=deadline.left())
         await client.end_weight_update(timeout_s=deadline.left())
+        session_open = False
         ok = True
     except (SGLangError, TimeoutError, asyncio.TimeoutError) as e:
         reason = f"{type(e).__name__}: {e}" if not isinstance(e, SGLangError) else str(e)
@@ -86,6 +89,11 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
     finally:
         if init_task is not None and not init_task.done():
             init_task.cancel()
+        if session_open:  # a failed bucket (e.g. a peer died mid-broadcast) must not wedge every later sync
+            try:
+                await client.end_weight_update(timeout_s=CONTINUE_TIMEOUT_S)
+            except SGLangError as e:
+                log.error("could not close the weight-update session after a failed sync: %s", e)
         if paused_at is not None:
             reason = await _continue(client, reason)
             ok = ok and not reason

@@ -293,9 +293,11 @@ def test_a_failed_sync_reports_the_reason_and_always_continues():
         server.script["/continue_generation"] = [OK]
         server.script["/begin_weight_update"] = [OK]
         server.script["/update_weights_from_distributed"] = [(400, {"success": False, "message": "bad shape"})]
+        server.script["/end_weight_update"] = [OK]
         done = await apply_weight_sync(client, _plan(reform=False), "s0", drain=False)
         assert not done.ok and "bad shape" in done.reason
-        assert [p for p, _ in server.calls][-1] == "/continue_generation"
+        # the session is closed (or every later sync would be refused) and generation continues
+        assert [p for p, _ in server.calls][-2:] == ["/end_weight_update", "/continue_generation"]
 
         # a rendezvous that never completes is bounded by the plan's deadline; the engine was never paused
         async def hang(_):
