@@ -16,7 +16,8 @@ server's engine through one ``WeightSyncPlan`` over SGLang's HTTP endpoints:
    ``/update_weights_from_distributed`` per bucket in plan order, each returning once its tensors
    are received and loaded (``weight_version`` = the new version on every bucket, flush_cache on
    the last), ``/end_weight_update``;
-4. ``/continue_generation`` -- **always**, also after a failure: an engine is never left paused;
+4. ``/continue_generation`` -- **always**, also after a failure: an engine is never left paused
+   (and a session left open by a failed bucket is closed first, or every later sync is refused);
 5. the result is a ``SyncDone`` (ok, reason, pause_s) for the buffer.
 
 Every call is bounded by what is left of ``plan.deadline_s`` (measured from when this server
