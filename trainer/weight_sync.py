@@ -151,8 +151,8 @@ class WeightBroadcaster:
         self._port = 0
 
     # ------------------------------------------------------------------ rank 0 phases
-    def _roster(self) -> list[tuple[str, int]]:
-        reply = self.client.request(RosterRequest())
+    def _roster(self, deadline: float | None = None) -> list[tuple[str, int]]:
+        reply = self.client.request(RosterRequest(), timeout_s=_bounded(deadline))
         if not isinstance(reply, Roster):
             raise RuntimeError(f"buffer answered RosterRequest with {reply.TYPE}")
         return sorted((m.server_id, m.engine_ranks) for m in reply.members)
@@ -186,14 +186,14 @@ class WeightBroadcaster:
 
     def _prepare(self, version: int, buckets: list[BucketSpec], report: SyncReport, deadline: float) -> bool:
         """Rank 0: roster, plan, publish, (re)form. Returns whether tensors should be broadcast."""
-        roster = self._roster()
+        roster = self._roster(deadline)
         report.members = [s for s, _ in roster]
         if not roster:
             self._teardown()
             return False
         plan = self._make_plan(version, roster, buckets)
         report.reform = plan.reform
-        ack = self.client.request(plan)
+        ack = self.client.request(plan, timeout_s=_bounded(deadline))
         if not (isinstance(ack, Ack) and ack.status in ("ok", "accepted")):
             raise RuntimeError(f"buffer refused the plan for version {version}: {ack}")
         if plan.reform:
@@ -237,7 +237,7 @@ class WeightBroadcaster:
             try:
                 st = self.client.request(SyncStatusRequest(policy_version=version), timeout_s=timeout)
                 if time.monotonic() > next_roster:
-                    gone = pending - {s for s, _ in self._roster()}
+                    gone = pending - {s for s, _ in self._roster(deadline)}
                     next_roster = time.monotonic() + ROSTER_POLL_S
             except TransportTimeout:
                 continue
@@ -303,7 +303,8 @@ class WeightBroadcaster:
 
     def _announce(self, version: int, report: SyncReport) -> None:
         try:
-            ack = self.client.request(VersionUpdate(policy_version=version))
+            ack = self.client.request(VersionUpdate(policy_version=version),
+                                      timeout_s=min(BUFFER_REQUEST_TIMEOUT_S, self.cfg.deadline_s))
             if not isinstance(ack, Ack):
                 raise RuntimeError(f"buffer answered VersionUpdate with {ack.TYPE}")
         except Exception as e:
@@ -314,6 +315,13 @@ class WeightBroadcaster:
         self._teardown()
         if self.client is not None:
             self.client.close()
+
+
+def _bounded(deadline: float | None) -> float:
+    """A buffer request's timeout: the usual one, but never past the sync deadline (at least 0.5 s)."""
+    if deadline is None:
+        return BUFFER_REQUEST_TIMEOUT_S
+    return max(0.5, min(BUFFER_REQUEST_TIMEOUT_S, deadline - time.monotonic()))
 
 
 def _full(p: torch.Tensor) -> torch.Tensor:
