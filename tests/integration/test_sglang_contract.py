@@ -172,6 +172,7 @@ async def drive_engine(url: str, tmp: Path, seen_requests: list, seen_responses:
         facts["greedy_length"] = await client.generate([1, 30], {"max_new_tokens": 3, "temperature": 0.0,
                                                                  "ignore_eos": True})
         facts["stopped"] = await client.generate([1, 31], {"max_new_tokens": 3, "stop_token_ids": list(range(104))})
+        facts["episode"] = await one_episode(client)  # the exact bodies a rollout server sends
         # a long request aborted by pause (interruptible generation) and by abort_request
         long_sp = {"max_new_tokens": LONG, "temperature": 1.0, "ignore_eos": True}
         job = asyncio.create_task(client.generate([1, 40, 41], long_sp))
@@ -202,6 +203,21 @@ async def drive_engine(url: str, tmp: Path, seen_requests: list, seen_responses:
     finally:
         await client.close()
     return facts
+
+
+async def one_episode(client: SGLangClient):
+    from areal_like.config import TaskConfig
+    from areal_like.protocol import Credit
+    from areal_like.tokenizer import char_tokenizer
+    from rollout_server.episode import EpisodeContext, run_episode
+    from rollout_server.rewards import load_reward_fn
+    from rollout_server.tasks import make_task
+
+    task_cfg = TaskConfig(group_size=2, max_new_tokens=8)
+    task = make_task(task_cfg)
+    ctx = EpisodeContext(client=client, task=task, tokenizer=char_tokenizer(), reward_fn=load_reward_fn(task_cfg, task),
+                         task_cfg=task_cfg, server_id="contract", current_version_fn=lambda: 0)
+    return await run_episode(ctx, Credit(lease_id="L1", prompt_index=3, epoch=0, deadline_s=60.0))
 
 
 async def generating(client: SGLangClient, timeout_s: float = 60.0) -> None:
@@ -330,6 +346,10 @@ def test_engine_behaves_as_the_protocol_says(engine_run):
     assert len(f["n"]) == 2 and all(1 <= len(o.output_ids) <= 6 for o in f["n"])
     assert f["greedy_length"].finish_reason == "length" and len(f["greedy_length"].output_ids) == 3
     assert f["stopped"].finish_reason == "stop" and len(f["stopped"].output_ids) == 1
+    group = f["episode"]
+    assert group.group_id == "contract-L1" and group.prompt_index == 3 and len(group.trajectories) == 2
+    for t in group.trajectories:
+        assert 1 <= len(t.output_ids) <= 8 and t.finish_reason in ("stop", "length") and set(t.versions) == {0}
     for key in ("paused", "aborted"):
         assert f[key].finish_reason == "abort" and len(f[key].output_ids) < LONG, key
     assert f["sync"].ok, f["sync"].reason
