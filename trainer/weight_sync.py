@@ -51,6 +51,7 @@ log = logging.getLogger("trainer.weight_sync")
 STATUS_POLL_S = 0.05  # SyncStatus poll period: a cheap buffer query; sync itself takes far longer
 ROSTER_POLL_S = 0.5  # while waiting for reports: how often to check that pending members are still alive
 BROADCAST_SLICE_S = 1.0  # a stalled broadcast checks every slice whether a member already reported failure
+NCCL_POLL_S = 0.0005  # NCCL completion poll; small next to any bucket's transfer time
 BUFFER_REQUEST_TIMEOUT_S = 10.0  # the buffer answers control requests in milliseconds when alive
 _ITEMSIZE = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4, "int16": 2,
              "int8": 1, "uint8": 1, "bool": 1}
@@ -174,13 +175,20 @@ class WeightBroadcaster:
         self._teardown()
         with _no_agent_store():
             # The timeout bounds the rendezvous and every later op of this group (the pg keeps it), so
-            # it is the whole sync budget, not what is left of this one.
+            # it is the whole sync budget, not what is left of this one. NCCL gets twice that so our
+            # own deadline (then abort) always fires before NCCL's watchdog, which would end the process.
+            timeout = self.cfg.deadline_s * (2 if plan.backend == "nccl" else 1)
             self._pg = init_weight_group(plan.backend, plan.master_addr, plan.master_port, plan.world_size, 0,
-                                         plan.group_name, timeout_s=self.cfg.deadline_s)
+                                         plan.group_name, timeout_s=timeout)
         self._group_key = key
 
     def _teardown(self) -> None:
         if self._pg is not None:
+            if self.backend == "nccl" and hasattr(self._pg, "abort"):
+                try:  # a communicator with a hung op would block a plain destroy
+                    self._pg.abort()
+                except Exception as e:  # already broken or aborted: destroy below still cleans up
+                    log.debug("abort of the weight group failed: %s", e)
             destroy_weight_group(self._pg)
         self._pg, self._group_key = None, None
 
@@ -207,19 +215,43 @@ class WeightBroadcaster:
         post its receive, so while waiting we ask the buffer once per slice and give up early."""
         works = [dist.broadcast(t, group_src=0, group=self._pg, async_op=True) for t in tensors]
         for w in works:
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError("weight-sync deadline passed during the broadcast")
-                try:
-                    w.wait(timedelta(seconds=min(BROADCAST_SLICE_S, remaining)))
-                    break
-                except RuntimeError as e:
-                    if "timed out" not in str(e).lower():
-                        raise  # a peer died: gloo reports the closed connection at once
-                failed = self._failed_members(version)
-                if failed:
-                    raise RuntimeError(f"member(s) {failed} failed during the broadcast")
+            if self.backend == "nccl":
+                self._poll_until_done(w, deadline, version)
+            else:
+                self._wait_in_slices(w, deadline, version)
+
+    def _wait_in_slices(self, w, deadline: float, version: int) -> None:
+        """gloo: a wait with a timeout raises "timed out" and leaves the op pending (checked on torch 2.13)."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("weight-sync deadline passed during the broadcast")
+            try:
+                w.wait(timedelta(seconds=min(BROADCAST_SLICE_S, remaining)))
+                return
+            except RuntimeError as e:
+                if "timed out" not in str(e).lower():
+                    raise  # a peer died: gloo reports the closed connection at once
+            self._raise_if_failed(version)
+
+    def _poll_until_done(self, w, deadline: float, version: int) -> None:
+        """NCCL: a timed-out wait can make the NCCL watchdog tear the process down, so poll instead;
+        on the deadline the caller aborts the communicator (``_teardown``)."""
+        next_check = time.monotonic() + BROADCAST_SLICE_S
+        while not w.is_completed():
+            now = time.monotonic()
+            if now > deadline:
+                raise TimeoutError("weight-sync deadline passed during the broadcast")
+            if now > next_check:
+                self._raise_if_failed(version)
+                next_check = now + BROADCAST_SLICE_S
+            time.sleep(NCCL_POLL_S)
+        w.wait()
+
+    def _raise_if_failed(self, version: int) -> None:
+        failed = self._failed_members(version)
+        if failed:
+            raise RuntimeError(f"member(s) {failed} failed during the broadcast")
 
     def _failed_members(self, version: int) -> list[str]:
         try:
@@ -233,9 +265,8 @@ class WeightBroadcaster:
         it is dead, no report will come), or the deadline passes."""
         pending, gone, next_roster = set(report.members), set(), time.monotonic() + ROSTER_POLL_S
         while pending - gone and time.monotonic() < deadline:
-            timeout = max(0.5, min(BUFFER_REQUEST_TIMEOUT_S, deadline - time.monotonic()))
             try:
-                st = self.client.request(SyncStatusRequest(policy_version=version), timeout_s=timeout)
+                st = self.client.request(SyncStatusRequest(policy_version=version), timeout_s=_bounded(deadline))
                 if time.monotonic() > next_roster:
                     gone = pending - {s for s, _ in self._roster(deadline)}
                     next_roster = time.monotonic() + ROSTER_POLL_S
