@@ -140,6 +140,8 @@ class RolloutServer(Daemon):
         try:
             await self.client.wait_healthy(self.rcfg.engine.startup_timeout_s)
             self.policy_version = await self.engine_version()
+            if self.rcfg.engine.kind == "url":  # its TP size decides how many group ranks it takes
+                self.engine_ranks = int((await self.client.server_info()).get("tp_size") or 1)
             self.metrics.gauge("rollout/policy_version", "version the engine serves").set(self.policy_version)
             await self.register()
             background = [asyncio.create_task(c, name=c.__name__) for c in
