@@ -1,0 +1,110 @@
+"""Asynchronous versus synchronous RL, end to end, on the same machine in one run.
+
+Runs the real system twice (buffer + 1 rollout server with the embedded engine + a 1-rank trainer,
+under the local supervisor), once with eta = 0 (synchronous on-policy: generation waits for the
+new weights, training waits for the batch) and once with eta = 4 (asynchronous). As on a GPU
+cluster, the rollout pool and the trainer pool get disjoint resources in both runs: one core
+each, pinned with taskset (launch.pin_cpus), one thread per process.
+
+Measured from the trainer's per-step records (after ``--skip`` warm-up steps):
+* trained samples per second for each run;
+* from the synchronous run, the generation phase G (the trainer waiting for its batch, which is
+  the generation of a whole batch at the new version) and the training phase T (everything else
+  in a step: recompute, advantages, update, weight sync, checkpoint);
+* achieved speedup = samples/s(eta=4) / samples/s(eta=0) and the ideal (G + T) / max(G, T).
+
+One JSON line: figure = achieved speedup, baseline = ideal speedup, ratio = achieved / ideal
+(goal >= 0.8).
+
+    python benchmarks/bench_async.py [--steps 25] [--model tiny] [--max-new-tokens 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from areal_like.config import load_config  # noqa: E402
+from launch.job import job_specs, prepare, step_records  # noqa: E402
+from launch.local import Supervisor  # noqa: E402
+
+
+def run_once(run_dir: Path, eta: int, args) -> list[dict]:
+    cfg = load_config([
+        f"model={args.model}", "task=reverse", "task.digits=4", f"task.max_new_tokens={args.max_new_tokens}",
+        "task.group_size=8", f"buffer.groups_per_step={args.groups}", f"buffer.max_staleness={eta}",
+        "buffer.address=tcp://127.0.0.1:0", "buffer.pub_address=tcp://127.0.0.1:0", "buffer.fsync=batch",
+        f"trainer.steps={args.steps}", "trainer.checkpoint_every=1000", "trainer.lr=1e-4",
+        f"trainer.micro_batch_size={8 * args.groups}",
+        "launch.num_rollout_servers=1", "launch.trainer_ranks=1", "launch.pin_cpus=true", "launch.restarts=0",
+        f"run_dir={run_dir}",
+    ])
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    cfg, topo, path = prepare(cfg, cpus=cpus)
+    sup = Supervisor(job_specs(cfg, topo, path), run_dir, restarts=0, health_timeout_s=300, echo=lambda _: None)
+    code = sup.run()
+    if code != 0:
+        raise SystemExit(f"eta={eta} run failed: {sup.outcome}; logs in {run_dir / 'logs'}")
+    return step_records(run_dir)
+
+
+def throughput(recs: list[dict], skip: int) -> float:
+    """Trained samples per second between the end of step ``skip`` and the end of the last step."""
+    window = recs[skip:]
+    return sum(r["seqs"] for r in window[1:]) / (window[-1]["time"] - window[0]["time"])
+
+
+def phases(recs: list[dict], skip: int) -> tuple[float, float]:
+    """(G, T): mean generation wait and mean training time per step of a synchronous run."""
+    window = recs[skip + 1:]
+    g = sum(r["phase_seconds"].get("fetch_batch", 0.0) for r in window) / len(window)
+    t = sum(sum(v for k, v in r["phase_seconds"].items() if k != "fetch_batch") for r in window) / len(window)
+    return g, t
+
+
+def phase_means(recs: list[dict], skip: int) -> dict[str, float]:
+    window = recs[skip + 1:]
+    keys = sorted({k for r in window for k in r["phase_seconds"]})
+    return {k: round(sum(r["phase_seconds"].get(k, 0.0) for r in window) / len(window), 3) for k in keys}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--skip", type=int, default=5, help="warm-up steps left out of every figure")
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--groups", type=int, default=8, help="groups per step (x8 samples)")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--keep", default=None, help="keep both run directories under this path")
+    args = ap.parse_args()
+    if len(os.sched_getaffinity(0)) < 2:
+        raise SystemExit("needs 2 cores: one for the rollout pool, one for the trainer pool")
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bench_async_") as tmp:
+        root = Path(args.keep) if args.keep else Path(tmp)
+        sync = run_once(root / "eta0", 0, args)
+        asyn = run_once(root / "eta4", 4, args)
+    sps_sync, sps_async = throughput(sync, args.skip), throughput(asyn, args.skip)
+    g, t = phases(sync, args.skip)
+    achieved, ideal = sps_async / sps_sync, (g + t) / max(g, t)
+    print(json.dumps({
+        "name": "async_vs_sync_speedup", "figure": round(achieved, 3), "unit": "x (trained samples/s, eta=4 / eta=0)",
+        "baseline": round(ideal, 3), "ratio": round(achieved / ideal, 3), "goal": 0.8,
+        "samples_per_s_eta0": round(sps_sync, 2), "samples_per_s_eta4": round(sps_async, 2),
+        "generation_s": round(g, 3), "training_s": round(t, 3),
+        "staleness_mean_eta4": round(sum(r["staleness_mean"] for r in asyn) / len(asyn), 2),
+        "phases_eta0": phase_means(sync, args.skip), "phases_eta4": phase_means(asyn, args.skip),
+        "steps": args.steps, "model": args.model, "max_new_tokens": args.max_new_tokens,
+        "wall_s": round(time.monotonic() - t0, 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()
