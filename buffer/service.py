@@ -8,7 +8,7 @@ heartbeats within a second of a restart, and a plan is the trainer's to re-send.
 One thread, one loop (``run_once``): receive a batch of requests, answer what can be answered,
 expire leases and silent servers, hand out batches. Every reply first logs what it depends on (a
 group record, or one control record with the changed state), takes a WAL sync ticket, and is sent
-only once that ticket is durable: the WAL's writer thread writes and syncs whatever has queued up
+only once that ticket is durable: the WAL's fsync thread syncs whatever has been written so far
 (group commit) while this loop keeps receiving. So:
 
 * a group is acked only after its record is durable; credits are granted only after the lease

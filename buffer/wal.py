@@ -13,23 +13,20 @@ Record framing (little-endian)::
 A control record's ``consumed`` list marks groups handed to the trainer or dropped; replay yields
 everything in order and the caller applies it, so restart rebuilds exactly the unconsumed groups.
 
-Writing is pipelined: ``append_*`` only queues a record; the writer thread checksums it, writes
-it with ``os.writev`` straight to the file descriptor (no user-space buffer) and syncs per the
-policy. ``request_sync()`` returns a ticket (the number of records appended so far) and the
-service sends a reply only once ``durable() >= ticket``, so the daemon loop keeps decoding and
-validating while the disk works. A written record survives the *process* dying (``kill -9``);
-fsync decides what survives the *machine* dying:
-* ``always`` (default): the writer fsyncs after every batch it takes from the queue, before the
-  ticket counts as durable. One fsync covers every record that queued up during the previous one
-  (group commit), which is how the safe policy keeps up with the network.
-* ``batch``: fsync at most every ``BATCH_FSYNC_S``; replies may precede the fsync.
+Durability (``fsync``): records are written with ``os.writev`` straight to the file descriptor (no
+user-space buffer), so anything written survives the *process* dying (``kill -9``); fsync decides
+what survives the *machine* dying.
+* ``always`` (default): ``request_sync()`` returns a ticket and a background thread fsyncs
+  everything appended so far; the service sends a reply only once ``durable() >= ticket``. One
+  fsync covers a whole poll batch (group commit), and the loop keeps receiving and writing the
+  next batch while the disk flushes the previous one (pipelining), which is how the safe policy
+  keeps up with the network.
+* ``batch``: fsync at most every ``BATCH_FSYNC_S``, inline; replies may precede the fsync.
 * ``never``: the OS flushes when it likes.
-A failed write or fsync is fatal: ``durable()`` raises from then on.
 
 Compaction (at every start and rotation): a segment is deleted once it is not the current one,
-every group record in it has been consumed, and so has every older segment. Only a prefix is
-deleted: a consumed mark may live in a later segment than its group, so deleting from the
-middle could resurrect a group.
+every group record in it has been consumed, and so has every older segment (only a prefix is deleted: a consumed mark may live
+in a later segment than its group, so deleting from the middle could resurrect a group).
 
 A torn or corrupt record (short header or payload, CRC mismatch, absurd length) ends the replay of
 its segment with a warning naming file and offset; the rest of that segment is skipped and a
@@ -84,17 +81,15 @@ class WriteAheadLog:
         self._segment_size = 0
         self._live: dict[int, set[str]] = {}  # segment -> unconsumed group ids recorded in it
         self._where: dict[str, int] = {}  # group id -> segment
+        self._dirty = False
         self._last_fsync = 0.0
-        # the writer thread: records queue up under _cv; tickets (record counts) <= _done are on disk
+        # group commit in the background (fsync=always): tickets <= _synced are durable
         self._cv = threading.Condition()
-        self._io_lock = threading.Lock()  # held while the fd is written, synced or swapped
-        self._queue: list[list[bytes | memoryview]] = []
-        self._seq = 0  # records appended
-        self._done = 0  # records written (and synced per the policy)
-        self._unsynced = False
-        self._error: BaseException | None = None
+        self._requested = 0
+        self._synced = 0
+        self._sync_error: BaseException | None = None
         self._fsync_times: list[float] = []
-        self._writer: threading.Thread | None = None
+        self._syncer: threading.Thread | None = None
         self._closing = False
         self.corrupt_records = 0
         self.disk_bytes = 0  # size of all segment files, kept current without stat calls
@@ -153,58 +148,70 @@ class WriteAheadLog:
         self._untrack(control.get("consumed", ()))
         return Record("C", segment, control=control)
 
-    # ---- writing: the caller enqueues records; the writer thread checksums, writes and syncs them
+    # ---- writing
     def open(self, checkpoint: dict) -> None:
-        """Start a fresh segment beginning with ``checkpoint`` (durable on return), then compact."""
+        """Start a fresh segment beginning with ``checkpoint``, then compact."""
         self.segment += 1
-        fd = os.open(_segment_path(self.dir, self.segment), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
-        with self._io_lock:
-            self._fd = fd
+        path = _segment_path(self.dir, self.segment)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
         self._segment_size = 0
         self._live[self.segment] = set()
-        if self._writer is None:
-            self._writer = threading.Thread(target=self._write_loop, name="wal-writer", daemon=True)
-            self._writer.start()
         self.append_control({**checkpoint, "checkpoint": True})
-        self.commit(force=True)
         self._fsync_dir()
+        self.commit(force=True)
         self.compact()
+        if self.fsync_policy == "always" and self._syncer is None:
+            self._syncer = threading.Thread(target=self._sync_loop, name="wal-fsync", daemon=True)
+            self._syncer.start()
 
-    def _enqueue(self, parts: list[bytes | memoryview]) -> int:
-        size = _HEADER.size + sum(memoryview(p).nbytes for p in parts)
-        with self._cv:
-            self._queue.append(parts)
-            self._seq += 1
-            self._cv.notify_all()
-        self._segment_size += size
-        self.disk_bytes += size
-        return size
+    def _write(self, parts: list[bytes | memoryview]) -> int:
+        crc = 0
+        length = 0
+        for p in parts:
+            crc = zlib.crc32(p, crc)
+            length += len(p)
+        n = os.writev(self._fd, [_HEADER.pack(length, crc), *parts])
+        if n != _HEADER.size + length:  # a short write to a regular file means the disk is full
+            raise OSError(f"short write to the WAL ({n} of {_HEADER.size + length} bytes)")
+        self._segment_size += n
+        self.disk_bytes += n
+        self._dirty = True
+        return n
 
-    def append_group(self, group_id: str, frame: bytes | memoryview) -> int:
+    def append_group(self, group_id: str, frame: bytes) -> int:
         gid = group_id.encode()
-        n = self._enqueue([b"G", _GID_LEN.pack(len(gid)), gid, frame])
+        n = self._write([b"G", _GID_LEN.pack(len(gid)), gid, frame])
         self._track(group_id, self.segment)
         return n
 
     def append_control(self, control: dict) -> int:
-        n = self._enqueue([b"C", msgpack.packb(control, use_bin_type=True)])
+        n = self._write([b"C", msgpack.packb(control, use_bin_type=True)])
         self._untrack(control.get("consumed", ()))
         return n
 
     def request_sync(self) -> int:
-        """Ticket for everything appended so far: written, and synced per the policy, once
-        ``durable() >= ticket``."""
-        return self._seq
+        """Ticket for everything appended so far: durable once ``durable() >= ticket``."""
+        if self.fsync_policy != "always":
+            if (t := self.commit()) is not None:
+                self._fsync_times.append(t)
+            self._requested = self._synced = self._requested + 1
+            return self._requested
+        with self._cv:
+            if self._dirty:
+                self._dirty = False
+                self._requested += 1
+                self._cv.notify_all()
+            return self._requested
 
     def durable(self) -> int:
-        """The highest ticket whose records are written (and synced). Raises if the disk failed."""
-        if self._error is not None:
-            raise OSError(f"WAL write failed: {self._error}") from self._error
-        return self._done
+        """The highest ticket whose records are on disk. Raises if the disk failed."""
+        if self._sync_error is not None:
+            raise OSError(f"WAL fsync failed: {self._sync_error}") from self._sync_error
+        return self._synced
 
     def wait_durable(self) -> None:
         with self._cv:
-            while self._done < self._seq and self._error is None:
+            while self._synced < self._requested and self._sync_error is None:
                 self._cv.wait(0.1)
         self.durable()
 
@@ -214,73 +221,45 @@ class WriteAheadLog:
             out, self._fsync_times = self._fsync_times, []
         return out
 
-    def _write_loop(self) -> None:
+    def _sync_loop(self) -> None:
         while True:
             with self._cv:
-                timed_out = False
-                while not self._queue and not self._closing and not timed_out:
-                    # fsync=batch: writes not yet synced are synced after at most BATCH_FSYNC_S
-                    pending = self._unsynced and self.fsync_policy == "batch"
-                    timed_out = not self._cv.wait(BATCH_FSYNC_S if pending else None)
-                if not self._queue and self._closing:
+                while self._synced >= self._requested and not self._closing:
+                    self._cv.wait()
+                if self._synced >= self._requested:
                     return
-                batch, self._queue, target = self._queue, [], self._seq
+                target, fd = self._requested, self._fd
+            t0 = time.monotonic()
             try:
-                with self._io_lock:
-                    for parts in batch:
-                        self._write(parts)
-                    seconds = self._sync(force=timed_out and self._unsynced)
+                os.fsync(fd)  # covers every write made before this call, so all of ticket `target`
             except OSError as e:
-                log.error("wal: write failed: %s", e)
-                with self._cv:
-                    self._error = e
-                    self._cv.notify_all()
+                self._sync_error = e
                 return
             with self._cv:
-                self._done = target
-                if seconds is not None:
-                    self._fsync_times.append(seconds)
+                self._synced = target
+                self._fsync_times.append(time.monotonic() - t0)
                 self._cv.notify_all()
 
-    def _write(self, parts: list[bytes | memoryview]) -> None:
-        crc = length = 0
-        for p in parts:
-            crc = zlib.crc32(p, crc)
-            length += memoryview(p).nbytes
-        n = os.writev(self._fd, [_HEADER.pack(length, crc), *parts])
-        if n != _HEADER.size + length:  # a short write to a regular file means the disk is full
-            raise OSError(f"short write to the WAL ({n} of {_HEADER.size + length} bytes)")
-        self._unsynced = True
-
-    def _sync(self, force: bool = False) -> float | None:
-        """fsync per the policy (caller holds the io lock); returns its seconds if one ran."""
+    def commit(self, force: bool = False) -> float | None:
+        """Inline fsync per the policy (the syncer must be idle); returns its seconds if one ran."""
+        if not self._dirty or self._fd is None:
+            return None
         now = time.monotonic()
-        if self._fd is None or not self._unsynced or (not force and (
-                self.fsync_policy == "never" or
-                (self.fsync_policy == "batch" and now - self._last_fsync < BATCH_FSYNC_S))):
+        if not force and (self.fsync_policy == "never" or
+                          (self.fsync_policy == "batch" and now - self._last_fsync < BATCH_FSYNC_S)):
             return None
         os.fsync(self._fd)
-        self._unsynced = False
+        self._dirty = False
         self._last_fsync = time.monotonic()
         return self._last_fsync - now
 
-    def commit(self, force: bool = False) -> float | None:
-        """Wait until every appended record is written (and synced per the policy); ``force``
-        fsyncs now whatever the policy. Returns the seconds of that fsync if one ran."""
-        self.wait_durable()
-        if not force:
-            return None
-        with self._io_lock:
-            return self._sync(force=True)
-
     def maybe_rotate(self, checkpoint: Callable[[], dict]) -> bool:
-        """Open a new segment when the current one is full."""
+        """Open a new segment when the current one is full (call after commit)."""
         if self._segment_size < self.segment_bytes:
             return False
+        self.wait_durable()
         self.commit(force=True)
-        with self._io_lock:
-            os.close(self._fd)
-            self._fd = None
+        os.close(self._fd)
         self.open(checkpoint())
         return True
 
@@ -300,20 +279,16 @@ class WriteAheadLog:
         return removed
 
     def close(self) -> None:
-        if self._writer is not None:
-            if self._error is None:
-                self.wait_durable()
+        if self._syncer is not None:
             with self._cv:
                 self._closing = True
                 self._cv.notify_all()
-            self._writer.join(timeout=60)
-            self._writer = None
-        with self._io_lock:
-            if self._fd is not None:
-                if self._error is None and self.fsync_policy != "never":
-                    self._sync(force=True)
-                os.close(self._fd)
-                self._fd = None
+            self._syncer.join(timeout=60)
+            self._syncer = None
+        if self._fd is not None:
+            self.commit(force=self.fsync_policy != "never")
+            os.close(self._fd)
+            self._fd = None
 
     # ---- bookkeeping
     def _track(self, group_id: str, segment: int) -> None:
