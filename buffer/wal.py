@@ -25,8 +25,11 @@ what survives the *machine* dying.
 * ``never``: the OS flushes when it likes.
 
 Compaction (at every start and rotation): a segment is deleted once it is not the current one,
-every group record in it has been consumed, and so has every older segment (only a prefix is deleted: a consumed mark may live
-in a later segment than its group, so deleting from the middle could resurrect a group).
+every group record in it has been consumed, and so has every older segment. Only a prefix is
+deleted: a consumed mark may live in a later segment than its group, so deleting from the
+middle could resurrect a group.
+
+A failed fsync is fatal: ``durable()`` raises from then on and the daemon exits.
 
 A torn or corrupt record (short header or payload, CRC mismatch, absurd length) ends the replay of
 its segment with a warning naming file and offset; the rest of that segment is skipped and a
