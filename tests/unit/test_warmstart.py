@@ -1,0 +1,38 @@
+"""launch/warmstart.py: the cache key, the token layout, and the skip when cached."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from areal_like.config import load_config
+from launch.warmstart import _batch, cache_key, cache_path, ensure_warm_start
+
+
+def test_cache_key_covers_model_task_and_warm_start_but_not_the_run_dir(tmp_path):
+    a = load_config(["experiment=quickstart", f"run_dir={tmp_path}/r1"])
+    b = load_config(["experiment=quickstart", f"run_dir={tmp_path}/r2"])
+    assert cache_key(a) == cache_key(b)
+    assert cache_path(a) == cache_path(b) == tmp_path / "warmstart" / cache_key(a)  # next to the run dirs
+    for override in ("task.digits=3", "model.hidden_size=64", "warm_start.steps=7", "warm_start.lr=1e-4"):
+        assert cache_key(load_config(["experiment=quickstart", override])) != cache_key(a), override
+
+
+def test_batch_puts_loss_on_the_answer_and_eos_only():
+    # prompt [1, 10, 11] (bos + 2 chars), answer [20, 2] (1 char + eos); second row shorter and padded
+    ids, labels, mask = _batch([([1, 10, 11], [20, 2]), ([1, 10], [21, 2])])
+    assert ids.tolist() == [[1, 10, 11, 20, 2], [1, 10, 21, 2, 0]]
+    assert labels.tolist() == [[-100, -100, -100, 20, 2], [-100, -100, 21, 2, -100]]
+    assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+
+
+def test_cached_model_is_reused_without_training(tmp_path):
+    cfg = load_config(["experiment=quickstart", f"run_dir={tmp_path}/run"])
+    out = cache_path(cfg)
+    out.mkdir(parents=True)
+    (out / "config.json").write_text("{}")  # a finished cache entry
+    logs: list[str] = []
+    got = ensure_warm_start(cfg, log=logs.append)
+    assert got.model.path == str(out) and logs == [f"cached: {out}"]
+    assert dataclasses.replace(got, model=cfg.model) == cfg  # nothing else changes
+    off = load_config(["experiment=quickstart", "warm_start.steps=0"])
+    assert ensure_warm_start(off) is off
