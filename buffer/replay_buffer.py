@@ -101,8 +101,9 @@ class ReplayBuffer:
         stale_ids = [gid for v, ids in self._by_version.items() if v < oldest for gid in ids]
         return [self.remove(gid) for gid in stale_ids]
 
-    def take_batch(self, n_groups: int, trainer_version: int) -> list[TrajectoryGroup] | None:
-        """Exactly ``n_groups`` fresh groups in selection order, or None (nothing removed)."""
+    def take_batch(self, n_groups: int, trainer_version: int, max_bytes: int = 0) -> list[TrajectoryGroup] | None:
+        """Exactly ``n_groups`` fresh groups in selection order, or None (nothing removed). With
+        ``max_bytes``, also None when their frames add up to more (a reply must fit in one frame)."""
         if n_groups < 1 or self.n_fresh(trainer_version) < n_groups:
             return None
         oldest = self.policy.min_fresh_version(trainer_version)
@@ -116,5 +117,7 @@ class ReplayBuffer:
             chosen.append(gid)
             if len(chosen) == n_groups:
                 break
+        if max_bytes and sum(self._groups[gid].nbytes for gid in chosen) > max_bytes:
+            return None
         self.policy.check_batch((self._groups[gid].head_version for gid in chosen), trainer_version)
         return [self.remove(gid) for gid in chosen]

@@ -46,6 +46,7 @@ MAX_POLL_BYTES = 4 << 20  # ...or this many bytes: smaller fsyncs start sooner a
 SEEN_KEEP = 200_000  # group ids remembered for dedupe after consumption: hours of generation,
 # while a sender re-sends an unacked group within seconds to minutes; ~20 MB
 SYNC_RESULTS_KEEP = 8  # versions of SyncDone results kept for SyncStatusRequest
+MAX_BATCH_BYTES = P.MAX_FRAME_BYTES * 9 // 10  # a Batch is one frame; leave room for its envelope
 
 
 @dataclass(slots=True)
@@ -186,12 +187,15 @@ class BufferService(Daemon):
         for p in list(self.pending):
             v = p.request.trainer_version
             self._drop(self.store.drop_stale(v), "stale")
-            groups = self.store.take_batch(p.request.n_groups, v)
-            if groups is None and now < p.deadline:
+            groups = self.store.take_batch(p.request.n_groups, v, max_bytes=MAX_BATCH_BYTES)
+            too_large = groups is None and self.store.n_fresh(v) >= p.request.n_groups
+            if groups is None and now < p.deadline and not too_large:
                 continue
             self.pending.remove(p)
             if groups is None:
-                why = f"{self.store.n_fresh(v)} of {p.request.n_groups} fresh groups after {p.request.wait_s:.1f}s"
+                n = p.request.n_groups
+                why = (f"too_large: {n} groups exceed {MAX_BATCH_BYTES} bytes in one frame; ask for fewer" if too_large
+                       else f"{self.store.n_fresh(v)} of {n} fresh groups after {p.request.wait_s:.1f}s")
                 reply = P.Batch(groups=[], trainer_version=v, reason=why)
             else:
                 for g in groups:
