@@ -2,8 +2,8 @@
 
 The consumer (this test process) plays the trainer's side: it takes batches with ``BatchRequest``,
 announces a new version after each one, and once drives a full weight sync through the buffer
-(``WeightSyncPlan`` -> the rollout server applies it to its engine while a sender process
-broadcasts as group rank 0 -> ``SyncDone`` -> ``SyncStatus`` -> ``VersionUpdate``). Checked, in
+(``WeightSyncPlan`` -> the rollout server applies it to its engine while this process joins the
+group as rank 0 and broadcasts -> ``SyncDone`` -> ``SyncStatus`` -> ``VersionUpdate``). Checked, in
 one run to keep the suite short:
 
 1. groups flow and are acked;
@@ -18,16 +18,15 @@ one run to keep the suite short:
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+import torch.distributed as dist
+
 from areal_like.config import ModelConfig, load_config, to_yaml
-from areal_like.distributed import free_port
+from areal_like.distributed import destroy_weight_group, free_port, init_weight_group
 from areal_like.hf import build_model
 from areal_like.metrics import scrape
 from areal_like.protocol import (
@@ -49,22 +48,6 @@ from areal_like.transport import Client
 from rollout_server.server import BUFFER_TIMEOUT_S
 
 STARTUP_S = 180.0  # a daemon imports torch and builds its model; the shared 2-core machine is slow
-REPO = Path(__file__).resolve().parents[2]
-SENDER = r"""
-import json, os, sys, torch, torch.distributed as dist
-torch.set_num_threads(1)
-from areal_like.config import ModelConfig
-from areal_like.distributed import init_weight_group
-from areal_like.hf import build_model
-spec = json.loads(sys.argv[1])
-state = build_model(ModelConfig(**spec["model"])).state_dict()
-pg = init_weight_group("gloo", "127.0.0.1", spec["port"], 2, 0, spec["group"], 300)
-for names in spec["buckets"]:
-    for name in names:
-        dist.broadcast(state[name].contiguous(), group_src=0, group=pg)
-print("sent", flush=True)
-os._exit(0)  # skip interpreter teardown: destroying a gloo group at exit can abort the process
-"""
 
 
 def write_config(run_dir: Path) -> tuple[Path, object]:
@@ -131,8 +114,6 @@ def test_groups_flow_kill9_weight_sync_and_buffer_restart(spawn_python, tmp_run_
     b = spawn_python("rollout_server", ["--config-file", config, "rollout.server_id=B", f"rollout.metrics_port={b_port}",
                                         "rollout.engine.kind=url", f"rollout.engine.url=http://127.0.0.1:{engine_port}",
                                         "rollout.drain_on_update=true"], capture=False)
-    sync_port, group = free_port(), "flow_weights"
-    sender = start_sender(sync_port, group)
     c = Consumer(cfg.buffer.address)
     try:
         # 1. groups flow through the buffer to the consumer, and the servers see them acked
@@ -161,9 +142,7 @@ def test_groups_flow_kill9_weight_sync_and_buffer_restart(spawn_python, tmp_run_
         assert c.stats().get("credits_reissued", 0) >= 1, "A's in-flight prompts were not re-issued"
 
         # 3. a weight sync through the buffer: B joins the group, receives, reports done
-        new_version = weight_sync(c, sync_port, group, wait_until)
-        out, err = sender.communicate(timeout=120)
-        assert sender.returncode == 0 and "sent" in out, err[-2000:]
+        new_version = weight_sync(c, wait_until)
         wait_until(lambda: metric(b_port, "areal_rollout_policy_version") == new_version, 30, 0.1, "B's version")
 
         def new_tokens_arrived() -> bool:
@@ -186,23 +165,11 @@ def test_groups_flow_kill9_weight_sync_and_buffer_restart(spawn_python, tmp_run_
         b.wait(timeout=60)
     finally:
         c.client.close()
-        if sender.poll() is None:
-            sender.kill()
-            sender.wait()
 
 
-def start_sender(port: int, group: str) -> subprocess.Popen:
-    state = build_model(ModelConfig(init_seed=1)).state_dict()
-    names = list(state)
-    spec = {"model": {"init_seed": 1}, "port": port, "group": group,
-            "buckets": [names[: len(names) // 2], names[len(names) // 2:]]}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-c", SENDER, json.dumps(spec)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def weight_sync(c: Consumer, port: int, group: str, wait_until) -> int:
-    """Trainer rank 0's part of the contract (the broadcast itself runs in the sender process)."""
+def weight_sync(c: Consumer, wait_until) -> int:
+    """Trainer rank 0's part of the contract, done here: plan -> buffer, join the group as rank 0,
+    broadcast every bucket in order, wait for the members' SyncDone, announce the version."""
     def only_b() -> bool:  # A leaves the roster once its heartbeats are overdue
         roster = c.client.request(RosterRequest())
         return isinstance(roster, Roster) and [m.server_id for m in roster.members] == ["B"]
@@ -212,11 +179,18 @@ def weight_sync(c: Consumer, port: int, group: str, wait_until) -> int:
     buckets = [names[: len(names) // 2], names[len(names) // 2:]]
     version = c.version + 1
     plan = WeightSyncPlan(
-        policy_version=version, group_name=group, master_addr="127.0.0.1", master_port=port, world_size=2,
-        backend="gloo", reform=True, members=[SyncMember(server_id="B", rank_offset=1)],
+        policy_version=version, group_name="flow_weights", master_addr="127.0.0.1", master_port=free_port(),
+        world_size=2, backend="gloo", reform=True, members=[SyncMember(server_id="B", rank_offset=1)],
         buckets=[BucketSpec(names=b, dtypes=["float32"] * len(b), shapes=[list(state[n].shape) for n in b])
                  for b in buckets], deadline_s=120.0)
     assert isinstance(c.client.request(plan), Ack)
+    pg = init_weight_group("gloo", "127.0.0.1", plan.master_port, 2, 0, plan.group_name, 120)
+    try:
+        for names in buckets:
+            for name in names:
+                dist.broadcast(state[name].contiguous(), group_src=0, group=pg)
+    finally:
+        destroy_weight_group(pg)
 
     def status() -> SyncStatus:
         reply = c.client.request(SyncStatusRequest(policy_version=version))
