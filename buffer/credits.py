@@ -29,6 +29,9 @@ from areal_like.protocol import TrajectoryGroup
 from buffer.staleness import StalenessPolicy
 
 
+MAX_GROUP_ID_BYTES = 1024  # ids are "<server_id>-<lease_id>"; the WAL stores the length in 16 bits
+
+
 @dataclass(slots=True)
 class Lease:
     lease_id: str
@@ -139,6 +142,8 @@ class CreditLedger:
 def invalid_group(group: TrajectoryGroup, lease: Lease | None, newest_version: int) -> str | None:
     """Why a group cannot be accepted against its lease (None: it can). ``newest_version`` is the
     newest version any engine may serve: the trainer's, or that of a weight sync in progress."""
+    if not 0 < len(group.group_id.encode()) <= MAX_GROUP_ID_BYTES:
+        return f"invalid_group_id: must be 1 to {MAX_GROUP_ID_BYTES} bytes"
     if lease is None:
         return f"unknown_lease: {group.lease_id} is not outstanding (expired and re-issued, or never granted)"
     if (lease.prompt_index, lease.epoch) != (group.prompt_index, group.epoch):

@@ -5,6 +5,7 @@ A fake rollout server and a fake trainer are plain ``Client``s speaking the prot
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -103,12 +104,14 @@ def test_bad_input_is_rejected_with_a_reason_and_the_daemon_keeps_serving(tmp_pa
     cfg = make_cfg(tmp_path)
     with running(cfg) as (svc, c):
         register(c)
-        credits = c.request(P.CreditRequest(server_id="s0", max_credits=3)).credits
+        credits = c.request(P.CreditRequest(server_id="s0", max_credits=4)).credits
         ack = c.request(make_group(credits[0], version=5))  # nobody published version 5
         assert ack.status == "rejected" and ack.reason.startswith("future_version")
         fake = P.Credit(lease_id="L99", prompt_index=0, epoch=0, deadline_s=1.0)
         ack = c.request(make_group(fake))
         assert ack.status == "rejected" and ack.reason.startswith("unknown_lease")
+        huge = dataclasses.replace(make_group(credits[3]), group_id="x" * 5000)
+        assert c.request(huge).reason.startswith("invalid_group_id")
         wrong = P.Credit(lease_id=credits[1].lease_id, prompt_index=42, epoch=0, deadline_s=1.0)
         assert c.request(make_group(wrong)).reason.startswith("lease_mismatch")
         # a NaN reward cannot be encoded by a well-behaved sender: patch the frame by hand
@@ -133,9 +136,9 @@ def test_bad_input_is_rejected_with_a_reason_and_the_daemon_keeps_serving(tmp_pa
         s = stats(c)  # still serving
         assert s["rejected_decode"] == 3 and s["rejected_future_version"] == 1
         assert s["rejected_unknown_lease"] == 1 and s["rejected_lease_mismatch"] == 1
-        # the future-version group's prompt goes out again; the others' leases are still valid
-        again = c.request(P.CreditRequest(server_id="s0", max_credits=1)).credits
-        assert [x.prompt_index for x in again] == [credits[0].prompt_index]
+        # the prompts of the future-version and bad-id groups go out again; other leases stay valid
+        again = c.request(P.CreditRequest(server_id="s0", max_credits=2)).credits
+        assert [x.prompt_index for x in again] == [credits[0].prompt_index, credits[3].prompt_index]
         assert c.request(make_group(credits[2])).status == "accepted"
 
 
