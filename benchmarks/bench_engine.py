@@ -92,7 +92,7 @@ def run_scheduler(model, prompts: list[list[int]], limits: list[int], batch: int
     from rollout_server.engine.sampling import SamplingParams
     from rollout_server.engine.scheduler import Request, Scheduler
 
-    sched = Scheduler(model, max_running=batch, max_total_tokens=1 << 20, context_len=512, eos_ids=frozenset([2]),
+    sched = Scheduler(model, max_running=batch, max_total_tokens=1 << 20, context_len=512,
                       weight_version="0").start()
     done, finished = [0], threading.Event()
 

@@ -83,7 +83,7 @@ class EmbeddedEngine:
         self.eos_ids = self._eos_ids()
         self.metrics = EngineMetrics(self.model_name)
         self.scheduler = Scheduler(self.model, max_running=ec.max_running_requests, max_total_tokens=ec.max_total_tokens,
-                                   context_len=self.context_len, eos_ids=self.eos_ids,
+                                   context_len=self.context_len,
                                    weight_version=self.initial_weight_version, metrics=self.metrics,
                                    seed=self.seed).start()
         self.weights = WeightUpdater(self.scheduler, self.model_cfg,

@@ -67,13 +67,12 @@ class Request:
 
 class Scheduler:
     def __init__(self, model, *, max_running: int, max_total_tokens: int, context_len: int,
-                 eos_ids: frozenset[int], weight_version: str, metrics=None, seed: int = 0):
+                 weight_version: str, metrics=None, seed: int = 0):
         cfg = model.config
         self.model = model
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.max_running, self.max_total_tokens, self.context_len = max_running, max_total_tokens, context_len
-        self.eos_ids = eos_ids
         self.weight_version = weight_version
         self.metrics = metrics
         self.shared_gen = torch.Generator().manual_seed(seed)

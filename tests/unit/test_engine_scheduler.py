@@ -29,7 +29,7 @@ def make_scheduler(model):
 
     def make(max_running: int = 3, max_total_tokens: int = 4096, own_model=None) -> Scheduler:
         s = Scheduler(own_model or model, max_running=max_running, max_total_tokens=max_total_tokens, context_len=192,
-                      eos_ids=frozenset([EOS]), weight_version="0").start()
+                      weight_version="0").start()
         made.append(s)
         return s
     yield make
