@@ -294,7 +294,8 @@ class BufferService(Daemon):
         self.ledger.fulfil(g.lease_id)
         self._remember(g.group_id)
         self._count("groups_accepted")
-        if (why := self.store.filter_reason(g)) is not None:
+        why = "stale" if not self.policy.is_fresh(g.head_version, self.version) else self.store.filter_reason(g)
+        if why is not None:  # acked (the sender is done with it), never stored
             self._drop([g], why)
         else:
             self.store.add(g, len(frame))

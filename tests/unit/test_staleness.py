@@ -165,7 +165,7 @@ def _group(credit, server_id: str, version: int, rewards):
 OPS = {"credits": 3, "deliver": 4, "redeliver": 1, "batch": 2, "bump": 1, "tick": 1, "heartbeat": 1}  # weights
 
 
-@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("seed", range(12))
 def test_books_balance_under_random_traffic(seed, tmp_path):
     """Random requests against the real service logic (fake sockets, fake clock). After every step:
     started == in_flight + stored + consumed (every slot accounted for), every prompt below the
