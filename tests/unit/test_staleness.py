@@ -162,7 +162,8 @@ def _group(credit, server_id: str, version: int, rewards):
                              prompt_index=credit.prompt_index, epoch=credit.epoch, trajectories=trajs), np
 
 
-OPS = {"credits": 3, "deliver": 4, "redeliver": 1, "batch": 2, "bump": 1, "tick": 1, "heartbeat": 1}  # weights
+OPS = {"credits": 3, "deliver": 4, "redeliver": 1, "batch": 2, "bump": 1, "tick": 1, "heartbeat": 1,
+       "restart": 1}  # weights
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -232,6 +233,15 @@ def test_books_balance_under_random_traffic(seed, tmp_path):
             step(P.StatsRequest())
         elif op == "heartbeat":
             step(P.Heartbeat(server_id=sid, policy_version=v))
+        elif op == "restart":  # a clean crash: what the WAL holds is all that survives
+            before = (svc.ledger.state(), {g.group_id for g in svc.store.groups()}, svc.version)
+            svc.wal.close()
+            svc = BufferService(cfg, clock=clock)
+            recover(svc)
+            svc.server, svc.publisher = _FakeServer(), _FakePublisher()
+            assert (svc.ledger.state(), {g.group_id for g in svc.store.groups()}, svc.version) == before
+            for server_id in ("a", "b"):  # the roster is soft state: servers re-register
+                step(P.Register(server_id=server_id, engine_url="http://x", policy_version=v))
         ledger = svc.ledger
         assert ledger.started == ledger.in_flight + len(svc.store) + len(consumed)
         if not cfg.buffer.filter_equal_rewards:  # filtered prompts are deliberately not re-issued
