@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -39,7 +40,7 @@ def prepare(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, T
     """Resolve ports, write config.yaml; returns (config the daemons read, topology, its path)."""
     run_dir = Path(cfg.run_dir).resolve()
     (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
-    cfg = _replace_run_dir(cfg, str(run_dir))
+    cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
     if cpus is None and cfg.launch.pin_cpus:
         cpus = sorted(os.sched_getaffinity(0))
     topo = plan_topology(cfg, free_ports(), cpus)
@@ -47,12 +48,6 @@ def prepare(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, T
     path = run_dir / "config.yaml"
     path.write_text(to_yaml(cfg))
     return cfg, topo, path
-
-
-def _replace_run_dir(cfg: RunConfig, run_dir: str) -> RunConfig:
-    import dataclasses
-
-    return dataclasses.replace(cfg, run_dir=run_dir)
 
 
 def job_specs(cfg: RunConfig, topo: Topology, config_path: Path, python: str = sys.executable) -> list[ProcSpec]:
