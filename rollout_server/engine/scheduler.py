@@ -242,11 +242,11 @@ class Scheduler:
         allowed = (pos[None, None, :] <= pos[None, :, None]) & (pos[None, None, :] < lens[:, None, None])
         self.kv.ensure(L + 1)
         self.kv.set_prefill(slice(B, B + k), L)
+        self.running.extend(new)  # before the forward: if it raises, these are answered with the rest
         out = self.model(input_ids=ids, attention_mask=self._masks(allowed), position_ids=pos[None].expand(k, L),
                          past_key_values=self.kv, use_cache=True, logits_to_keep=(lens - 1)[:, None])
         for r, n in zip(new, lens.tolist()):
             r.cached = n
-        self.running.extend(new)
         self._sample_and_retire(out.logits[:, -1], list(range(B, B + k)))
 
     def _decode(self) -> None:

@@ -166,3 +166,27 @@ def test_retract_and_weight_swap_between_steps(model, make_scheduler):
         ref = other.generate(torch.tensor([p + req.output_ids[:cut]]), max_new_tokens=60 - cut, do_sample=False,
                              eos_token_id=None, pad_token_id=0)[0, len(p) + cut:].tolist()
     assert req.output_ids[cut:] == ref
+
+
+@pytest.mark.parametrize("fail_at", [1, 4])  # the first prefill, a later decode step
+def test_forward_failure_answers_every_request_and_stops(model, make_scheduler, fail_at):
+    """A crash inside a forward pass must not leave callers hanging or the engine half alive."""
+    class Exploding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config, self.calls = model, model.config, 0
+
+        def forward(self, **kw):
+            self.calls += 1
+            if self.calls == fail_at:
+                raise RuntimeError("boom")
+            return self.inner(**kw)
+    s = make_scheduler(max_running=2, own_model=Exploding())
+    ps = prompts(3, seed=4)
+    got = run_all(s, ps, [SamplingParams(max_new_tokens=50, temperature=0.0) for _ in ps], stop_eos=False)
+    assert all(r.finish_reason["type"] == "abort" and r.finish_reason["status_code"] == 500 for r in got)
+    assert "boom" in got[0].finish_reason["message"]
+    assert not s.alive
+    with pytest.raises(RuntimeError):
+        s.submit(Request(rid="late", input_ids=[1, 5], params=SamplingParams(), stop_ids=frozenset(),
+                         on_finish=lambda r: None))
