@@ -198,7 +198,11 @@ class Scheduler:
     def _enqueue(self, req: Request) -> None:
         if self.metrics and req.log_metrics:
             self.metrics.on_submit(req)
-        if req.params.max_new_tokens == 0:
+        if len(req.input_ids) + len(req.output_ids) >= self.context_len:  # would not fit a slot
+            self._finish(req, {"type": "abort", "message": f"The input ({len(req.input_ids)} tokens) is longer than "
+                               f"the context length ({self.context_len} tokens).", "status_code": 400,
+                               "err_type": "BadRequestError"})
+        elif req.params.max_new_tokens == 0:
             self._finish(req, {"type": "length", "length": 0})
         else:
             self.waiting.append(req)

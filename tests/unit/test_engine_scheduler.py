@@ -190,3 +190,10 @@ def test_forward_failure_answers_every_request_and_stops(model, make_scheduler, 
     with pytest.raises(RuntimeError):
         s.submit(Request(rid="late", input_ids=[1, 5], params=SamplingParams(), stop_ids=frozenset(),
                          on_finish=lambda r: None))
+
+
+def test_too_long_prompt_is_refused_not_fatal(model, make_scheduler):
+    s = make_scheduler()
+    bad, ok = run_all(s, [[1] * 192, [1, 5]], [SamplingParams(max_new_tokens=3, temperature=0.0)] * 2, stop_eos=False)
+    assert bad.finish_reason["type"] == "abort" and bad.finish_reason["status_code"] == 400
+    assert ok.finish_reason == {"type": "length", "length": 3} and s.alive
