@@ -26,6 +26,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import queue
 import shutil
 import statistics
 import subprocess
@@ -146,7 +147,14 @@ def run_producers(mode: str, address: str, args) -> tuple[float, float]:
                                                          t_start, t_stop, out)) for w in range(args.processes)]
     for p in procs:
         p.start()
-    results = [out.get(timeout=args.seconds + args.warmup_s + 120) for _ in procs]
+    results, deadline = [], time.time() + args.seconds + args.warmup_s + 120
+    while len(results) < len(procs):
+        try:
+            results.append(out.get(timeout=1.0))
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead or time.time() > deadline:
+                raise SystemExit(f"{mode}: a producer process failed (exit codes {dead}) or hung") from None
     for p in procs:
         p.join(timeout=30)
     n = sum(r[0] for r in results)
