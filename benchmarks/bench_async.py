@@ -1,7 +1,7 @@
 """Asynchronous versus synchronous RL, end to end, on the same machine in one run.
 
 Runs the real system twice (buffer + 1 rollout server with the embedded engine + a 1-rank trainer,
-under the local supervisor), once with eta = 0 (synchronous on-policy: generation waits for the
+under the local supervisor; configs/experiment/bench_async.yaml), once with eta = 0 (synchronous on-policy: generation waits for the
 new weights, training waits for the batch) and once with eta = 4 (asynchronous). As on a GPU
 cluster, the rollout pool and the trainer pool get disjoint resources in both runs: one core
 each, pinned with taskset (launch.pin_cpus), one thread per process.
@@ -16,7 +16,7 @@ Measured from the trainer's per-step records (after ``--skip`` warm-up steps):
 One JSON line: figure = achieved speedup, baseline = ideal speedup, ratio = achieved / ideal
 (goal >= 0.8).
 
-    python benchmarks/bench_async.py [--steps 25] [--model tiny] [--max-new-tokens 48]
+    python benchmarks/bench_async.py [--steps 20] [--model tiny] [--max-new-tokens 48]
 """
 
 from __future__ import annotations
@@ -38,13 +38,9 @@ from launch.local import Supervisor  # noqa: E402
 
 def run_once(run_dir: Path, eta: int, args) -> list[dict]:
     cfg = load_config([
-        f"model={args.model}", "task=reverse", "task.digits=4", f"task.max_new_tokens={args.max_new_tokens}",
-        "task.group_size=8", f"buffer.groups_per_step={args.groups}", f"buffer.max_staleness={eta}",
-        "buffer.address=tcp://127.0.0.1:0", "buffer.pub_address=tcp://127.0.0.1:0", "buffer.fsync=batch",
-        f"trainer.steps={args.steps}", "trainer.checkpoint_every=1000", "trainer.lr=1e-4",
-        f"trainer.micro_batch_size={8 * args.groups}",
-        "launch.num_rollout_servers=1", "launch.trainer_ranks=1", "launch.pin_cpus=true", "launch.restarts=0",
-        f"run_dir={run_dir}",
+        "experiment=bench_async", f"model={args.model}", f"task.max_new_tokens={args.max_new_tokens}",
+        f"buffer.groups_per_step={args.groups}", f"buffer.max_staleness={eta}", f"trainer.steps={args.steps}",
+        f"trainer.micro_batch_size={8 * args.groups}", f"run_dir={run_dir}",
     ])
     cpus = sorted(os.sched_getaffinity(0))[:2]
     cfg, topo, path = prepare(cfg, cpus=cpus)
@@ -77,8 +73,8 @@ def phase_means(recs: list[dict], skip: int) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--skip", type=int, default=5, help="warm-up steps left out of every figure")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--skip", type=int, default=4, help="warm-up steps left out of every figure")
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--groups", type=int, default=8, help="groups per step (x8 samples)")
     ap.add_argument("--max-new-tokens", type=int, default=48)

@@ -82,6 +82,8 @@ class Supervisor:
         self.echo = echo if echo is not None else _stderr_echo
         self.on_tick = on_tick
         self.on_change = on_change  # called after any (re)start: e.g. rewrite ports.json with the new PIDs
+        self.on_complete: Callable[[Supervisor], None] | None = None  # after the main process completed,
+        # before anything is stopped (tests inspect the finished job's live daemons here)
         self.stop_event = threading.Event()
         self.outcome = ""
 
@@ -105,6 +107,8 @@ class Supervisor:
         try:
             self.start_all()
             code = self.watch()
+            if code == 0 and self.on_complete is not None:
+                self.on_complete(self)
         except JobFailed as e:
             self.outcome = f"failed: {e}"
             code = 1

@@ -26,6 +26,8 @@ from launch.job import job_specs, prepare, read_jsonl
 from launch.local import Supervisor
 from launch.warmstart import ensure_warm_start
 
+HOLD_S = 120.0  # longest a finished job waits for the test to look at it before stopping
+
 BASE_OVERRIDES = [
     "experiment=quickstart",
     "task.group_size=4", "buffer.groups_per_step=4",
@@ -57,6 +59,9 @@ class RunningSystem:
                               restarts=self.cfg.launch.restarts, health_timeout_s=self.cfg.launch.health_timeout_s,
                               echo=self.lines.append)
         self.code: int | None = None
+        # on completion the daemons stay up until the test releases them (or HOLD_S passes)
+        self.completed, self.release = threading.Event(), threading.Event()
+        self.sup.on_complete = lambda _: (self.completed.set(), self.release.wait(HOLD_S))
         self.seen: dict[int, float] = {}
         self._thread = threading.Thread(target=self._main, daemon=True)
         self._watch_stop = threading.Event()
@@ -84,6 +89,7 @@ class RunningSystem:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.release.set()
         self.sup.request_stop()
         self._thread.join(timeout=180)
         self._watch_stop.set()

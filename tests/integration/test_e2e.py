@@ -85,10 +85,18 @@ def test_async_system_learns_with_bounded_staleness_and_synced_weights(tmp_path)
         watcher = WeightWatcher(system, {s: m.engine_url for s, m in roster.items()}, _param_names(model))
         watcher.start()
         try:
-            system.wait_for(system.finished, 300, "the trainer to finish")
+            system.wait_for(system.completed.is_set, 300, "the trainer to finish")
         finally:
             watcher.stop.set()
             watcher.join(timeout=60)
+        # the job is complete and its daemons still up: every engine serves the last version, exactly
+        final_sum = checkpoint_checksum(system.run_dir, STEPS)
+        for server, entry in roster.items():
+            got = engine_weights(entry.engine_url, watcher.names)
+            assert got is not None and got[0] == STEPS, (server, got and got[0])
+            assert checksum(got[1]) == pytest.approx(final_sum, rel=1e-9), server
+        system.release.set()
+        system.wait_for(system.finished, 120, "the job to stop")
     assert system.code == 0, system.tail()
 
     steps = system.steps()
@@ -103,11 +111,9 @@ def test_async_system_learns_with_bounded_staleness_and_synced_weights(tmp_path)
     total = hist.get("areal_buffer_staleness_count", 0)
     assert total > 0 and hist[f'areal_buffer_staleness_bucket{{le="{float(ETA)}"}}'] == total
 
-    # every read that caught an engine at a stable version matched the trainer; the last version
-    # is always caught (engines keep serving it after the final sync), earlier ones when the read
-    # (~1 s of JSON) fits between two syncs
+    # every read during the run that caught an engine at a stable version matched the trainer's
+    # checkpoint of that version (a read is ~1 s of JSON: it fits between two syncs only sometimes)
     assert not watcher.mismatched, watcher.mismatched
-    assert all(STEPS in v for v in watcher.matched.values()), watcher.matched
 
     rewards = [r["reward_mean"] for r in steps]
     first, last = sum(rewards[:6]) / 6, sum(rewards[-6:]) / 6
