@@ -105,7 +105,7 @@ class BufferConfig:
     lease_timeout_s: float = 120.0  # a credit not fulfilled by then is re-issued
     heartbeat_timeout_s: float = 15.0  # a rollout server silent this long leaves the roster
     wal_dir: str = "wal"  # relative to run_dir unless absolute
-    fsync: str = "always"  # always (ack after fsync) | batch (fsync per poll batch) | never
+    fsync: str = "always"  # always (ack after fsync; group commit) | batch (fsync every 50 ms; acks may precede it) | never
     segment_bytes: int = 64 * 1024 * 1024
     metrics_port: int = 0  # 0 = ephemeral
     max_epochs: int = 0  # 0 = unbounded passes over the dataset
@@ -173,7 +173,7 @@ class LossConfig:
     dual_clip: float | None = None  # c > 1, binds where A < 0
     behav_cap: float | None = 5.0  # decoupled_ppo: drop tokens with pi_prox/pi_behav over this
     tis_cap: float = 2.0  # tis: truncate the IS weight at C
-    tis_level: str = "token"  # tis / mis: token | sequence
+    tis_level: str = "token"  # tis: token | sequence (mis is always sequence-level; icepop is the token band)
     mis_low: float = 0.5  # mis / icepop acceptance band [low, high]
     mis_high: float = 2.0
     vespo_k_pos: float = 2.0

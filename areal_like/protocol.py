@@ -313,6 +313,7 @@ class SyncStatus(Message):
     policy_version: int
     done: list[str]  # server ids that loaded the version
     failed: list[str]
+    pause_s: dict = field(default_factory=dict)  # server id -> seconds its engine was not generating
 
 
 @message

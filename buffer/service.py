@@ -86,6 +86,7 @@ class BufferService(Daemon):
         self.plan: P.WeightSyncPlan | None = None
         self.plan_deadline = 0.0
         self.sync_results: dict[int, dict[str, bool]] = {}
+        self.sync_pauses: dict[int, dict[str, float]] = {}  # version -> server -> seconds not generating
         self.pending: list[PendingBatch] = []
         self.counts: Counter[str] = Counter()
         self._waiting: deque[tuple] = deque()  # (wal ticket, peer, req_id, reply, type, t): sent once durable
@@ -329,6 +330,7 @@ class BufferService(Daemon):
         self.sync_results.setdefault(plan.policy_version, {})
         for old in sorted(self.sync_results)[:-SYNC_RESULTS_KEEP]:
             del self.sync_results[old]
+            self.sync_pauses.pop(old, None)
         self.publisher.publish(plan)
         return P.Ack(ref=str(plan.policy_version), status="ok")
 
@@ -342,6 +344,7 @@ class BufferService(Daemon):
 
     def _on_sync_done(self, m: P.SyncDone) -> P.Ack:
         self.sync_results.setdefault(m.policy_version, {})[m.server_id] = m.ok
+        self.sync_pauses.setdefault(m.policy_version, {})[m.server_id] = m.pause_s
         if m.ok:
             self._touch(m.server_id, m.policy_version)
         else:
@@ -351,7 +354,8 @@ class BufferService(Daemon):
     def _on_sync_status(self, m: P.SyncStatusRequest) -> P.SyncStatus:
         results = self.sync_results.get(m.policy_version, {})
         return P.SyncStatus(policy_version=m.policy_version, done=sorted(s for s, ok in results.items() if ok),
-                            failed=sorted(s for s, ok in results.items() if not ok))
+                            failed=sorted(s for s, ok in results.items() if not ok),
+                            pause_s=dict(self.sync_pauses.get(m.policy_version, {})))
 
     # ------------------------------------------------------------------ state, metrics
     def state(self) -> dict:

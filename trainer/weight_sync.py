@@ -274,7 +274,7 @@ class WeightBroadcaster:
                 continue
             if isinstance(st, SyncStatus):
                 report.done = sorted(set(st.done) & set(report.members))
-                report.pause_s.update(getattr(st, "pause_s", None) or {})
+                report.pause_s.update(st.pause_s)
                 pending = set(report.members) - set(st.done) - set(st.failed)
             time.sleep(STATUS_POLL_S)
         report.dropped = sorted(set(report.members) - set(report.done))
