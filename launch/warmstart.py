@@ -124,6 +124,9 @@ def train_warm_start(cfg: RunConfig, out: Path, log: Callable[[str], None] = pri
     greedy, sampled = evaluate(model.eval(), tok, task, eval_idx, cfg.task.max_new_tokens, cfg.task.temperature)
     log(f"accuracy after warm start: greedy {greedy:.2f}, sampled at T={cfg.task.temperature} {sampled:.2f}")
     out.mkdir(parents=True, exist_ok=True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one "Writing model shards" bar is noise in the run's output
     model.save_pretrained(out)
     tok.save_pretrained(out)
     (out / "warm_start.json").write_text(json.dumps({"key": out.name, "greedy_acc": greedy, "sampled_acc": sampled,
@@ -138,14 +141,14 @@ def evaluate(model, tok, task, indices: list[int], max_new_tokens: int, temperat
 
     examples = [task.example(i, 0) for i in indices]
     scores = []
-    for sample in (False, True):
+    # sampled = the full temperature-scaled distribution, as the engine samples (no top-k/top-p)
+    for mode in ({"do_sample": False}, {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": 1.0}):
         hits = 0.0
         for ex in examples:  # one prompt at a time: no left-padding subtleties, and it is cheap
             ids = torch.tensor([tok(ex.prompt)["input_ids"]])
             with torch.no_grad():
                 out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                     do_sample=sample, temperature=temperature if sample else None, top_k=0,
-                                     top_p=1.0, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+                                     eos_token_id=EOS_ID, pad_token_id=PAD_ID, **mode)
             text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
             hits += task.reward(text, ex)
         scores.append(hits / len(examples))
