@@ -1,8 +1,9 @@
 """Prometheus series of the embedded engine under SGLang's names (specs/sglang.md section 5).
 
 The core subset an aggregator scrapes from real SGLang servers, with the same names, types and
-label keys (``model_name`` everywhere, ``is_streaming`` on request counters and histograms,
-``source`` on the weight-load gauge), on a private ``CollectorRegistry`` so several engines can
+label keys (SGLang's common labels ``model_name``, ``engine_type``, ``tp_rank``, ``pp_rank``,
+``moe_ep_rank`` everywhere, ``is_streaming`` on request counters and histograms, ``source`` on
+the weight-load gauge), on a private ``CollectorRegistry`` so several engines can
 live in one process (tests). Scheduler callbacks run on the scheduler thread; prometheus_client
 metrics are thread-safe.
 """
@@ -23,8 +24,11 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 class EngineMetrics:
     def __init__(self, model_name: str):
         self.registry = CollectorRegistry()
-        r, m = self.registry, {"model_name": model_name}
-        base, req = ("model_name",), ("model_name", "is_streaming")
+        r = self.registry
+        # SGLang's common labels (metrics_collector.py); one engine, no parallelism: constant ranks
+        m = {"model_name": model_name, "engine_type": "unified", "tp_rank": "0", "pp_rank": "0", "moe_ep_rank": "0"}
+        base = tuple(m)
+        req = (*base, "is_streaming")
 
         def gauge(name, doc, labels=base):
             return Gauge(f"sglang:{name}", doc, labels, registry=r)
@@ -35,7 +39,7 @@ class EngineMetrics:
         self.gen_throughput = gauge("gen_throughput", "The generation throughput (token/s).").labels(**m)
         self.num_paused = gauge("num_paused_reqs", "The number of requests paused by async weight sync.").labels(**m)
         self.weight_load = gauge("weight_load_duration_seconds",
-                                 "Wall time of the last update_weights_from_<source>.", ("model_name", "source"))
+                                 "Wall time of the last update_weights_from_<source>.", (*base, "source"))
         labels = {**m, "is_streaming": "false"}
         self.prompt_tokens = Counter("sglang:prompt_tokens", "Number of prefill tokens processed.", req,
                                      registry=r).labels(**labels)
@@ -49,7 +53,7 @@ class EngineMetrics:
                               req, buckets=_LATENCY_BUCKETS, registry=r).labels(**labels)
         self.e2e = Histogram("sglang:e2e_request_latency_seconds", "Histogram of End-to-end request latency in "
                              "seconds", req, buckets=_LATENCY_BUCKETS, registry=r).labels(**labels)
-        self._model_name = model_name
+        self._labels = m
         self._window: list[tuple[float, int]] = []
         self.throughput = 0.0
 
@@ -88,7 +92,7 @@ class EngineMetrics:
         self.num_paused.set(n)
 
     def observe_weight_load(self, source: str, seconds: float) -> None:
-        self.weight_load.labels(model_name=self._model_name, source=source).set(seconds)
+        self.weight_load.labels(**self._labels, source=source).set(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
