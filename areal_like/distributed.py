@@ -9,6 +9,7 @@ with or without a default group in the process. Every wait is bounded by ``timeo
 
 from __future__ import annotations
 
+import os
 import socket
 from datetime import timedelta
 
@@ -31,8 +32,18 @@ def init_weight_group(backend: str, master_addr: str, master_port: int, world_si
     )
 
     timeout = timedelta(seconds=timeout_s)
-    store, rank, world_size = next(rendezvous(f"tcp://{master_addr}:{master_port}", rank, world_size,
-                                              timeout=timeout))
+    # Under torchrun TORCHELASTIC_USE_AGENT_STORE=True makes a tcp:// rendezvous connect to the elastic
+    # agent's store instead of hosting its own, and the weight group would never form.
+    old = os.environ.get("TORCHELASTIC_USE_AGENT_STORE")
+    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
+    try:
+        store, rank, world_size = next(rendezvous(f"tcp://{master_addr}:{master_port}", rank, world_size,
+                                                  timeout=timeout))
+    finally:
+        if old is None:
+            os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+        else:
+            os.environ["TORCHELASTIC_USE_AGENT_STORE"] = old
     store.set_timeout(timeout)
     store = PrefixStore(group_name, store)
     pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store, group_name=group_name,

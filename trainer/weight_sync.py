@@ -22,9 +22,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -120,21 +118,6 @@ class SyncReport:
     error: str = ""
 
 
-@contextmanager
-def _no_agent_store():
-    """torchrun sets TORCHELASTIC_USE_AGENT_STORE=True, which makes the tcp:// rendezvous connect to
-    the elastic agent's store instead of hosting one: the weight group would never form."""
-    old = os.environ.get("TORCHELASTIC_USE_AGENT_STORE")
-    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
-        else:
-            os.environ["TORCHELASTIC_USE_AGENT_STORE"] = old
-
-
 class WeightBroadcaster:
     """Pushes the model's weights to every engine in the buffer's roster. ``push`` on all ranks."""
 
@@ -173,13 +156,12 @@ class WeightBroadcaster:
 
     def _form_group(self, plan: WeightSyncPlan, key: tuple, deadline: float) -> None:
         self._teardown()
-        with _no_agent_store():
-            # The timeout bounds the rendezvous and every later op of this group (the pg keeps it), so
-            # it is the whole sync budget, not what is left of this one. NCCL gets twice that so our
-            # own deadline (then abort) always fires before NCCL's watchdog, which would end the process.
-            timeout = self.cfg.deadline_s * (2 if plan.backend == "nccl" else 1)
-            self._pg = init_weight_group(plan.backend, plan.master_addr, plan.master_port, plan.world_size, 0,
-                                         plan.group_name, timeout_s=timeout)
+        # The timeout bounds the rendezvous and every later op of this group (the pg keeps it), so
+        # it is the whole sync budget, not what is left of this one. NCCL gets twice that so our
+        # own deadline (then abort) always fires before NCCL's watchdog, which would end the process.
+        timeout = self.cfg.deadline_s * (2 if plan.backend == "nccl" else 1)
+        self._pg = init_weight_group(plan.backend, plan.master_addr, plan.master_port, plan.world_size, 0,
+                                     plan.group_name, timeout_s=timeout)
         self._group_key = key
 
     def _teardown(self) -> None:
