@@ -191,7 +191,8 @@ def _stage1(body: dict) -> None:
             bad("input_ids", "Input should be a valid list of integers or a list of lists of integers")
     if sp is not None and not (isinstance(sp, dict) or (isinstance(sp, list) and all(isinstance(d, dict) for d in sp))):
         bad("sampling_params", "Input should be a valid dictionary or a list of dictionaries")
-    if rid is not None and not (isinstance(rid, str) or (isinstance(rid, list) and all(isinstance(r, str) for r in rid))):
+    if rid is not None and not (isinstance(rid, str) or (isinstance(rid, list)
+                                                         and all(isinstance(r, str) for r in rid))):
         bad("rid", "Input should be a valid string or a list of strings")
 
 

@@ -82,8 +82,8 @@ class EmbeddedEngine:
         self.context_len = min(cfg.max_position_embeddings, ec.max_total_tokens)
         self.eos_ids = self._eos_ids()
         self.metrics = EngineMetrics(self.model_name)
-        self.scheduler = Scheduler(self.model, max_running=ec.max_running_requests, max_total_tokens=ec.max_total_tokens,
-                                   context_len=self.context_len,
+        self.scheduler = Scheduler(self.model, max_running=ec.max_running_requests,
+                                   max_total_tokens=ec.max_total_tokens, context_len=self.context_len,
                                    weight_version=self.initial_weight_version, metrics=self.metrics,
                                    seed=self.seed).start()
         self.weights = WeightUpdater(self.scheduler, self.model_cfg,

@@ -63,7 +63,8 @@ def model_cfg(dtype: str, seed: int = 0) -> ModelConfig:
 
 def prompts(n: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(0)
-    return [[1] + torch.randint(4, 104, (int(k),), generator=g).tolist() for k in torch.randint(3, 60, (n,), generator=g)]
+    lens = torch.randint(3, 60, (n,), generator=g).tolist()
+    return [[1] + torch.randint(4, 104, (k,), generator=g).tolist() for k in lens]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

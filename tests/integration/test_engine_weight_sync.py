@@ -157,6 +157,7 @@ def test_standalone_engine_process(spawn_python):
     assert out["output_ids"] == ref[0, len(ids):].tolist()
     metrics = urllib.request.urlopen(url + "/metrics", timeout=HTTP_TIMEOUT_S).read().decode()
     line = next(x for x in metrics.splitlines() if x.startswith("sglang:generation_tokens_total{"))
-    assert 'is_streaming="false"' in line and 'tp_rank="0"' in line and float(line.rsplit(" ", 1)[1]) >= len(out["output_ids"])
+    assert 'is_streaming="false"' in line and 'tp_rank="0"' in line
+    assert float(line.rsplit(" ", 1)[1]) >= len(out["output_ids"])
     proc.terminate()
     assert proc.wait(timeout=60) == 0

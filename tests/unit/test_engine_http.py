@@ -244,7 +244,8 @@ def test_update_weights_from_disk(engine, tmp_path):
     new = build_model(ModelConfig(max_position_embeddings=256, init_seed=3))
     new.save_pretrained(tmp_path / "m")
     before = state_checksum(engine.model)
-    probe = {"input_ids": [1, 60, 61, 62], "sampling_params": {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}}
+    probe = {"input_ids": [1, 60, 61, 62],
+             "sampling_params": {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}}
     old_out = gen(engine, **probe)["output_ids"]  # its KV must not survive the update
     status, text = call(engine, "/update_weights_from_disk", {"model_path": str(tmp_path / "m"), "weight_version": "7"})
     assert status == 200 and json.loads(text)["success"] is True
