@@ -74,8 +74,9 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
             await asyncio.wait_for(asyncio.shield(init_task), deadline.left())
         paused_at = time.monotonic()
         await client.pause_generation("abort", timeout_s=deadline.left())
-        await client.begin_weight_update(timeout_s=deadline.left())
-        session_open = True
+        begin_timeout_s = deadline.left()
+        session_open = True  # before the call: a begin whose answer is late or lost may still have opened it
+        await client.begin_weight_update(timeout_s=begin_timeout_s)
         for i, bucket in enumerate(plan.buckets):
             await client.update_weights_from_distributed(
                 names=bucket.names, dtypes=bucket.dtypes, shapes=bucket.shapes, group_name=plan.group_name,
