@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -166,6 +167,42 @@ def engine_weights(engine_url: str, names: list[str]) -> tuple[int, dict[str, li
     params = {n: get("/get_weights_by_name", {"name": n, "truncate_size": 1 << 30}) for n in names}
     after = get("/server_info")["weight_version"]
     return (int(before), params) if before == after else None
+
+
+def engine_prefix(engine_url: str, names: list[str], rows: int) -> tuple[int, dict[str, list]] | None:
+    """(weight_version, the first ``rows`` rows of every parameter) at one stable version, else None.
+
+    A small read (SGLang's ``truncate_size``) fits between two weight syncs, so intermediate
+    versions are caught; reads on the engine's scheduler thread never see a half-loaded version.
+    """
+    def get(path: str, body: dict | None = None):
+        req = urllib.request.Request(engine_url + path, data=json.dumps(body).encode() if body else None,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    before = get("/server_info")["weight_version"]
+    params = {n: get("/get_weights_by_name", {"name": n, "truncate_size": rows}) for n in names}
+    after = get("/server_info")["weight_version"]
+    return (int(before), params) if before == after else None
+
+
+def checkpoint_prefix(ckpt_dir: Path, rows: int, scratch: Path) -> dict | None:
+    """The first ``rows`` rows of every model tensor of a trainer DCP checkpoint (None if rotated away)."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    copy, out = scratch / ckpt_dir.name, scratch / f"{ckpt_dir.name}.pt"
+    try:
+        shutil.copytree(ckpt_dir, copy)  # a copy is quick; the trainer rotates checkpoints away fast
+        dcp_to_torch_save(str(copy), str(out))
+        model = torch.load(out, weights_only=False)["model"]
+    except Exception:  # deleted by checkpoint rotation (KEEP=2) while we copied it
+        return None
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+        out.unlink(missing_ok=True)
+    return {name: t[:rows].float() for name, t in model.items()}
 
 
 def checksum(named: dict) -> float:
