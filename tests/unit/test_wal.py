@@ -22,7 +22,8 @@ def test_round_trip_in_order(tmp_path):
     wal.append_group("g1", b"frame-1")
     wal.append_control({"consumed": ["g1"], "state": {"v": 1}})
     wal.append_group("g2", b"\x00" * 1000)
-    assert wal.commit() is not None and wal.commit() is None  # nothing new: no second fsync
+    wal.commit()
+    assert wal.commit() is None  # nothing new: no second fsync
     wal.close()
     _, recs = replay(tmp_path)
     assert recs == [("C", "", b"", {"state": {"v": 0}, "checkpoint": True}), ("G", "g1", b"frame-1", None),
