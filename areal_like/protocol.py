@@ -216,6 +216,8 @@ class BatchRequest(Message):
     n_groups: int
     trainer_version: int  # the version the batch will train (step v -> v+1)
     wait_s: float = 5.0  # how long the buffer may hold the request before answering empty
+    ack_batch: str = ""  # batch_id of the last Batch received ("" = none): the buffer marks it consumed;
+    # a batch still in transit that is not acked here was lost on the way and goes back to the store
 
 
 @message
@@ -224,6 +226,7 @@ class Batch(Message):
     groups: list[TrajectoryGroup]  # exactly n_groups fresh groups, or empty
     trainer_version: int
     reason: str = ""  # why empty
+    batch_id: str = ""  # unique id of a non-empty batch; the next BatchRequest acks it with ack_batch
 
 
 @message

@@ -25,6 +25,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from areal_like.protocol import TrajectoryGroup
 from buffer.staleness import StalenessPolicy
 
@@ -139,18 +141,32 @@ class CreditLedger:
         self.reissue = deque((i, e) for i, e in state["reissue"])
 
 
-def invalid_group(group: TrajectoryGroup, lease: Lease | None, newest_version: int) -> str | None:
+def version_range(group: TrajectoryGroup) -> tuple[int, int, int]:
+    """``(lowest, highest, head_version)`` of the group's token versions in one pass over its
+    arrays (the ingest path must not walk a 32k-token group several times); ``lowest``/``highest``
+    cover non-empty trajectories (0, 0 if none); ``head_version`` is ``group.head_version``."""
+    arrays = [t.versions for t in group.trajectories if len(t.versions)]
+    if not arrays:
+        return 0, 0, 0
+    joined = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+    lo, hi = int(joined.min()), int(joined.max())
+    return lo, hi, lo if len(arrays) == len(group.trajectories) else min(lo, 0)
+
+
+def invalid_group(group: TrajectoryGroup, lease: Lease | None, newest_version: int,
+                  versions: tuple[int, int, int] | None = None) -> str | None:
     """Why a group cannot be accepted against its lease (None: it can). ``newest_version`` is the
-    newest version any engine may serve: the trainer's, or that of a weight sync in progress."""
+    newest version any engine may serve: the trainer's, or that of a weight sync in progress.
+    ``versions``: the group's ``version_range`` if the caller has it already."""
     if not 0 < len(group.group_id.encode()) <= MAX_GROUP_ID_BYTES:
         return f"invalid_group_id: must be 1 to {MAX_GROUP_ID_BYTES} bytes"
     if lease is None:
         return f"unknown_lease: {group.lease_id} is not outstanding (expired and re-issued, or never granted)"
     if (lease.prompt_index, lease.epoch) != (group.prompt_index, group.epoch):
         return f"lease_mismatch: lease {group.lease_id} is for prompt {lease.prompt_index} epoch {lease.epoch}"
-    versions = [t.versions for t in group.trajectories if len(t.versions)]
-    if versions and (top := max(int(v.max()) for v in versions)) > newest_version:
-        return f"future_version: token version {top} > newest published version {newest_version}"
-    if versions and min(int(v.min()) for v in versions) < 0:
+    lo, hi, _ = versions or version_range(group)
+    if hi > newest_version:
+        return f"future_version: token version {hi} > newest published version {newest_version}"
+    if lo < 0:
         return "negative_version: token versions must be >= 0"
     return None

@@ -9,6 +9,9 @@ Replay applies the records in the order they were written:
   reflects them; if the process died between a group record and the next state record, the group
   record alone closes its lease, which is exactly what had happened.
 
+The last state's ``in_transit`` batch (handed to the trainer, not yet acknowledged) leaves the
+store again: the trainer's next request says whether it arrived (``handout.py``).
+
 Then a fresh segment is opened with a checkpoint of the recovered state, and groups that are stale
 at the recovered version (or fail the filters) are dropped and logged. Restored leases get a full
 timeout.
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
 
 def recover(svc: BufferService) -> None:
     groups = records = 0
+    in_transit = None
     for rec in svc.wal.replay():
         records += 1
         if rec.kind == "G":
@@ -47,6 +51,8 @@ def recover(svc: BufferService) -> None:
         if "state" in control:
             svc.ledger.load_state(control["state"])
             svc.version = control["state"]["version"]
+            in_transit = control["state"].get("in_transit")
+    svc._restore_in_transit(in_transit)
     # Drops must land in the same record as their returned slots (a checkpoint that already counts
     # them while the groups are still unconsumed in the log would return the slots twice).
     svc.wal.open(svc.checkpoint())
@@ -57,5 +63,6 @@ def recover(svc: BufferService) -> None:
             svc._drop([group], why)
     svc._persist_and_reply()
     if records:
-        svc.log.info("recovered %d WAL records (%d group records, %d stored now, %d corrupt skipped)",
-                     records, groups, len(svc.store), svc.wal.corrupt_records)
+        svc.log.info("recovered %d WAL records (%d group records, %d stored now, %d of them in transit, "
+                     "%d corrupt skipped)", records, groups, len(svc.store) + svc._in_transit_groups(),
+                     svc._in_transit_groups(), svc.wal.corrupt_records)

@@ -70,17 +70,25 @@ class ReplayBuffer:
             return "equal_rewards"
         return None
 
-    def add(self, group: TrajectoryGroup, nbytes: int = 0) -> bool:
-        """Store a group; False if one with the same id is already stored."""
+    def add(self, group: TrajectoryGroup, nbytes: int = 0, head_version: int | None = None) -> bool:
+        """Store a group (``head_version``: its head version if the caller has it already); False
+        if one with the same id is already stored."""
         if group.group_id in self._groups:
             return False
-        head = group.head_version
-        self._groups[group.group_id] = StoredGroup(group, head, nbytes)
-        self._by_version.setdefault(head, {})[group.group_id] = None
-        self.nbytes += nbytes
+        head = group.head_version if head_version is None else head_version
+        return self.put(StoredGroup(group, head, nbytes))
+
+    def put(self, stored: StoredGroup) -> bool:
+        """Store a group taken earlier (a batch the trainer never received); False if stored."""
+        gid = stored.group.group_id
+        if gid in self._groups:
+            return False
+        self._groups[gid] = stored
+        self._by_version.setdefault(stored.head_version, {})[gid] = None
+        self.nbytes += stored.nbytes
         return True
 
-    def remove(self, group_id: str) -> TrajectoryGroup | None:
+    def pop(self, group_id: str) -> StoredGroup | None:
         stored = self._groups.pop(group_id, None)
         if stored is None:
             return None
@@ -89,7 +97,11 @@ class ReplayBuffer:
         if not bucket:
             del self._by_version[stored.head_version]
         self.nbytes -= stored.nbytes
-        return stored.group
+        return stored
+
+    def remove(self, group_id: str) -> TrajectoryGroup | None:
+        stored = self.pop(group_id)
+        return None if stored is None else stored.group
 
     def n_fresh(self, trainer_version: int) -> int:
         oldest = self.policy.min_fresh_version(trainer_version)
@@ -104,6 +116,11 @@ class ReplayBuffer:
     def take_batch(self, n_groups: int, trainer_version: int, max_bytes: int = 0) -> list[TrajectoryGroup] | None:
         """Exactly ``n_groups`` fresh groups in selection order, or None (nothing removed). With
         ``max_bytes``, also None when their frames add up to more (a reply must fit in one frame)."""
+        taken = self.take_stored(n_groups, trainer_version, max_bytes)
+        return None if taken is None else [s.group for s in taken]
+
+    def take_stored(self, n_groups: int, trainer_version: int, max_bytes: int = 0) -> list[StoredGroup] | None:
+        """``take_batch`` with each group's bookkeeping (to ``put`` it back if need be)."""
         if n_groups < 1 or self.n_fresh(trainer_version) < n_groups:
             return None
         oldest = self.policy.min_fresh_version(trainer_version)
@@ -120,4 +137,4 @@ class ReplayBuffer:
         if max_bytes and sum(self._groups[gid].nbytes for gid in chosen) > max_bytes:
             return None
         self.policy.check_batch((self._groups[gid].head_version for gid in chosen), trainer_version)
-        return [self.remove(gid) for gid in chosen]
+        return [self.pop(gid) for gid in chosen]

@@ -12,8 +12,9 @@ only once that ticket is durable: the WAL's fsync thread syncs whatever has been
 (group commit) while this loop keeps receiving. So:
 
 * a group is acked only after its record is durable; credits are granted only after the lease
-  is durable (a restart neither repeats nor skips prompts); a batch is handed out only after its
-  groups are durably marked consumed (never handed out twice);
+  is durable (a restart neither repeats nor skips prompts); a batch is handed out only after it
+  is durably recorded as in transit, and its groups are consumed once the trainer acknowledges it
+  (``handout.py``: at least once into training, exactly once while nothing crashes);
 * bad input (undecodable frame, unknown lease, versions newer than any published, NaN reward)
   gets ``Ack(status="rejected", reason=...)``, is counted, and the loop keeps serving;
 * a duplicate group id gets ``Ack(status="duplicate")`` and is stored once.
@@ -34,7 +35,8 @@ from areal_like import protocol as P
 from areal_like.config import RunConfig, dataset_size
 from areal_like.daemon import Daemon
 from areal_like.transport import Publisher, Server
-from buffer.credits import CreditLedger, invalid_group
+from buffer.credits import CreditLedger, invalid_group, version_range
+from buffer.handout import BatchHandout, InTransit, PendingBatch
 from buffer.replay_buffer import ReplayBuffer
 from buffer.staleness import StalenessPolicy
 from buffer.wal import WriteAheadLog
@@ -46,7 +48,6 @@ MAX_POLL_BYTES = 4 << 20  # ...or this many bytes: smaller fsyncs start sooner a
 SEEN_KEEP = 200_000  # group ids remembered for dedupe after consumption: hours of generation,
 # while a sender re-sends an unacked group within seconds to minutes; ~20 MB
 SYNC_RESULTS_KEEP = 8  # versions of SyncDone results kept for SyncStatusRequest
-MAX_BATCH_BYTES = P.MAX_FRAME_BYTES * 9 // 10  # a Batch is one frame; leave room for its envelope
 
 
 @dataclass(slots=True)
@@ -56,16 +57,7 @@ class Member:
     in_flight: int = 0
 
 
-@dataclass(slots=True)
-class PendingBatch:
-    peer: bytes
-    req_id: bytes
-    request: P.BatchRequest
-    deadline: float
-    received: float
-
-
-class BufferService(Daemon):
+class BufferService(BatchHandout, Daemon):
     name = "buffer"
 
     def __init__(self, cfg: RunConfig, *, clock: Callable[[], float] = time.monotonic):
@@ -88,8 +80,12 @@ class BufferService(Daemon):
         self.sync_results: dict[int, dict[str, bool]] = {}
         self.sync_pauses: dict[int, dict[str, float]] = {}  # version -> server -> seconds not generating
         self.pending: list[PendingBatch] = []
+        self.in_transit: InTransit | None = None  # the last batch handed out, until the trainer acks it
+        self._metric_children: dict[tuple, object] = {}  # (name, labels) -> metric child: no lookups per group
         self.counts: Counter[str] = Counter()
-        self._waiting: deque[tuple] = deque()  # (wal ticket, peer, req_id, reply, type, t): sent once durable
+        self._waiting: deque[tuple] = deque()  # (wal ticket, peer, req_id, reply, type, t): sent once durable;
+        # peer None: a message to publish once durable (a VersionUpdate a restart must not forget)
+        self._publish: list[P.Message] = []  # to publish with the next reply's ticket
         self._consumed: list[str] = []  # group ids marked consumed/dropped in this iteration
         self._dirty = False  # control state changed in this iteration
         self._handlers = {
@@ -168,7 +164,10 @@ class BufferService(Daemon):
     def _queue_reply(self, peer: bytes, req_id: bytes, reply: P.Message, kind: str, received: float) -> None:
         """Log the state this reply depends on, then send it as soon as that is durable."""
         self._write_control()
-        self._waiting.append((self.wal.request_sync(), peer, req_id, reply, kind, received))
+        ticket = self.wal.request_sync()
+        self._waiting.extend((ticket, None, b"", m, "", received) for m in self._publish)
+        self._publish.clear()
+        self._waiting.append((ticket, peer, req_id, reply, kind, received))
         self._send_durable_replies()
 
     def _expire(self) -> None:
@@ -182,30 +181,6 @@ class BufferService(Daemon):
         for sid in [s for s, m in self.roster.items() if now - m.last_seen > self.cfg.heartbeat_timeout_s]:
             silent = now - self.roster.pop(sid).last_seen
             self.log.warning("server %s silent for %.0fs: removed from the roster", sid, silent)
-
-    def _serve_batches(self) -> None:
-        now = self.clock()
-        for p in list(self.pending):
-            v = p.request.trainer_version
-            self._drop(self.store.drop_stale(v), "stale")
-            groups = self.store.take_batch(p.request.n_groups, v, max_bytes=MAX_BATCH_BYTES)
-            too_large = groups is None and self.store.n_fresh(v) >= p.request.n_groups
-            if groups is None and now < p.deadline and not too_large:
-                continue
-            self.pending.remove(p)
-            if groups is None:
-                n = p.request.n_groups
-                why = (f"too_large: {n} groups exceed {MAX_BATCH_BYTES} bytes in one frame; ask for fewer" if too_large
-                       else f"{self.store.n_fresh(v)} of {n} fresh groups after {p.request.wait_s:.1f}s")
-                reply = P.Batch(groups=[], trainer_version=v, reason=why)
-            else:
-                for g in groups:
-                    self._consumed.append(g.group_id)
-                    self.metrics.histogram("buffer/staleness", "staleness of consumed groups (versions)",
-                                           buckets=range(0, 17)).observe(self.policy.staleness(g.head_version, v))
-                self._count("groups_consumed", len(groups))
-                reply = P.Batch(groups=groups, trainer_version=v)
-            self._queue_reply(p.peer, p.req_id, reply, p.request.TYPE, p.received)
 
     def _write_control(self) -> None:
         if self._dirty or self._consumed:
@@ -225,13 +200,16 @@ class BufferService(Daemon):
         if not self._waiting or self._waiting[0][0] > durable:
             return
         now = self.clock()
-        latency = self.metrics.histogram("buffer/request_seconds", "request latency by type", labels=("type",))
         while self._waiting and self._waiting[0][0] <= durable:
             _, peer, req_id, reply, kind, received = self._waiting.popleft()
+            if peer is None:
+                self.publisher.publish(reply)
+                continue
             self.server.send(peer, req_id, reply)
-            latency.labels(type=kind).observe(now - received)
+            self._metric_child("histogram", "buffer/request_seconds", "request latency by type", type=kind).observe(
+                now - received)
         for seconds in self.wal.fsync_seconds():
-            self.metrics.histogram("buffer/fsync_seconds", "WAL fsync latency").observe(seconds)
+            self._metric_child("histogram", "buffer/fsync_seconds", "WAL fsync latency").observe(seconds)
 
     # ------------------------------------------------------------------ rollout servers
     def _on_register(self, m: P.Register) -> P.RegisterAck:
@@ -283,7 +261,8 @@ class BufferService(Daemon):
             self._count("groups_duplicate")
             return P.Ack(ref=g.group_id, status="duplicate")
         lease = self.ledger.leases.get(g.lease_id)
-        reason = invalid_group(g, lease, max(self.version, self.plan.policy_version if self.plan else 0))
+        versions = version_range(g)  # one pass over the token versions, for every check below
+        reason = invalid_group(g, lease, max(self.version, self.plan.policy_version if self.plan else 0), versions)
         if reason is not None:
             self._count("rejected", reason=reason.split(":")[0])
             self.log.warning("rejected group %s from %s: %s", g.group_id, g.server_id, reason)
@@ -295,11 +274,12 @@ class BufferService(Daemon):
         self.ledger.fulfil(g.lease_id)
         self._remember(g.group_id)
         self._count("groups_accepted")
-        why = "stale" if not self.policy.is_fresh(g.head_version, self.version) else self.store.filter_reason(g)
+        head = versions[2]
+        why = "stale" if not self.policy.is_fresh(head, self.version) else self.store.filter_reason(g)
         if why is not None:  # acked (the sender is done with it), never stored
             self._drop([g], why)
         else:
-            self.store.add(g, len(frame))
+            self.store.add(g, len(frame), head)
         return P.Ack(ref=g.group_id, status="accepted")
 
     def _drop(self, groups: list[P.TrajectoryGroup], reason: str) -> None:
@@ -318,7 +298,7 @@ class BufferService(Daemon):
             self.version = m.policy_version
             self._dirty = True
             self._drop(self.store.drop_stale(self.version), "stale")
-            self.publisher.publish(m)
+            self._publish.append(m)  # once the new version is durable: a restart never goes back on it
             self.log.debug("trainer version %d", self.version)
         return P.Ack(ref=str(m.policy_version), status="ok")
 
@@ -360,7 +340,8 @@ class BufferService(Daemon):
     # ------------------------------------------------------------------ state, metrics
     def state(self) -> dict:
         """The small control state; the WAL stores it after every change."""
-        return {**self.ledger.state(), "version": self.version}
+        return {**self.ledger.state(), "version": self.version,
+                "in_transit": self.in_transit.record() if self.in_transit is not None else None}
 
     def checkpoint(self) -> dict:
         """First record of every WAL segment: supersedes every older control record."""
@@ -373,15 +354,23 @@ class BufferService(Daemon):
 
     def _count(self, name: str, n: int = 1, **labels: str) -> None:
         if n:
-            key = "_".join([name, *labels.values()])
-            self.counts[key] += n
-            counter = self.metrics.counter(f"buffer/{name}", name.replace("_", " "), tuple(labels))
-            (counter.labels(**labels) if labels else counter).inc(n)
+            self.counts["_".join([name, *labels.values()])] += n
+            self._metric_child("counter", f"buffer/{name}", name.replace("_", " "), **labels).inc(n)
+
+    def _metric_child(self, kind: str, name: str, doc: str, buckets=None, **labels: str):
+        """The metric (or its labelled child), looked up once: the ingest path counts per group."""
+        key = (name, *labels.items())
+        child = self._metric_children.get(key)
+        if child is None:
+            kw = {"buckets": buckets} if kind == "histogram" else {}
+            metric = getattr(self.metrics, kind)(name, doc, tuple(labels), **kw)
+            child = self._metric_children[key] = metric.labels(**labels) if labels else metric
+        return child
 
     def _declare_metrics(self) -> None:
         """Create every counter up front so dashboards see zeros, not missing series."""
         for name in ("groups_accepted", "groups_duplicate", "groups_consumed", "credits_granted", "credits_expired",
-                     "credits_reissued", "wal_bytes_written"):
+                     "credits_reissued", "wal_bytes_written", "batches_redelivered", "groups_redelivered"):
             self.metrics.counter(f"buffer/{name}", name.replace("_", " "))
         for name, reasons in (("groups_dropped", ("stale", "equal_rewards", "max_tokens")),
                               ("rejected", ("decode", "unknown_lease", "lease_mismatch", "future_version"))):
@@ -393,6 +382,7 @@ class BufferService(Daemon):
         groups = self.metrics.gauge("buffer/groups", "groups by state", labels=("state",))
         groups.labels(state="in_flight").set(self.ledger.in_flight)
         groups.labels(state="stored").set(len(self.store))
+        groups.labels(state="in_transit").set(self._in_transit_groups())
         self.metrics.gauge("buffer/trainer_version").set(self.version)
         self.metrics.gauge("buffer/roster_size").set(len(self.roster))
         self.metrics.gauge("buffer/started", "admission counter (groups holding a slot)").set(self.ledger.started)
@@ -401,7 +391,7 @@ class BufferService(Daemon):
 
     def stats(self) -> dict:
         return {**self.counts, "policy_version": self.version, "stored": len(self.store),
-                "stored_bytes": self.store.nbytes, "in_flight": self.ledger.in_flight, "started": self.ledger.started,
+                "in_transit": self._in_transit_groups(), "stored_bytes": self.store.nbytes, "in_flight": self.ledger.in_flight, "started": self.ledger.started,
                 "cursor_index": self.ledger.next_index, "cursor_epoch": self.ledger.epoch,
                 "reissue_queue": len(self.ledger.reissue), "roster_size": len(self.roster),
                 "pending_batches": len(self.pending), "wal_bytes": self.wal.disk_bytes,

@@ -124,6 +124,7 @@ class BatchSource:
         self.should_stop = should_stop
         self.client = Client(address, timeout_s=wait_s + REPLY_MARGIN_S, identity="trainer") if rank == 0 else None
         self.empty_polls = 0  # metric: answers with no batch (waiting for data)
+        self.last_batch_id = ""  # acked in the next request: the buffer then marks that batch consumed
 
     def _attempt(self, version: int, last_reply: list[float]) -> tuple[str, object]:
         """Rank 0: one request. Returns (status, payload)."""
@@ -131,7 +132,7 @@ class BatchSource:
             return "stop", None
         try:
             reply = self.client.request(BatchRequest(n_groups=self.n_groups, trainer_version=version,
-                                                     wait_s=self.wait_s))
+                                                     wait_s=self.wait_s, ack_batch=self.last_batch_id))
         except TransportTimeout:
             silent = time.monotonic() - last_reply[0]
             if silent > self.buffer_timeout_s:
@@ -143,6 +144,7 @@ class BatchSource:
             return "error", f"the buffer answered a BatchRequest with {reply.TYPE}"
         if not reply.groups:
             return "empty", reply.reason
+        self.last_batch_id = reply.batch_id
         return "batch", groups_to_batch(reply.groups)
 
     def next_batch(self, version: int) -> TrainBatch | None:

@@ -56,17 +56,17 @@ def producer(address: str, server_id: str, stop: threading.Event, acked: list[st
         client.close()
 
 
-def trainer(address: str, stop: threading.Event, delivered: list[str], versions: list[int]) -> None:
+def trainer(address: str, stop: threading.Event, delivered: list[str], versions: list[tuple[int, str]]) -> None:
     client = Client(address, timeout_s=REQUEST_S)
-    v = 0
+    v, last = 0, ""
     try:
         while not stop.is_set():
-            batch = client.request(P.BatchRequest(n_groups=8, trainer_version=v, wait_s=0.5))
+            batch = client.request(P.BatchRequest(n_groups=8, trainer_version=v, wait_s=0.5, ack_batch=last))
             if batch.groups:
                 delivered.extend(g.group_id for g in batch.groups)
-                v += 1
+                v, last = v + 1, batch.batch_id
                 client.request(P.VersionUpdate(policy_version=v))
-        versions.append(v)
+        versions.append((v, last))
     finally:
         client.close()
 
@@ -85,7 +85,7 @@ def test_32_producers_zero_lost_zero_duplicated_memory_bounded(tmp_run_dir, spaw
     acked: list[str] = []
     errors: list[str] = []
     delivered: list[str] = []
-    final_version: list[int] = []
+    final_version: list[tuple[int, str]] = []  # (version, id of the last batch received)
     threads = [threading.Thread(target=producer, args=(cfg.buffer.address, f"p{i}", stop_producers, acked, errors))
                for i in range(N_PRODUCERS)]
     threads.append(threading.Thread(target=trainer, args=(cfg.buffer.address, stop_trainer, delivered, final_version)))
@@ -106,8 +106,9 @@ def test_32_producers_zero_lost_zero_duplicated_memory_bounded(tmp_run_dir, spaw
     assert not any(t.is_alive() for t in threads)
 
     s = client.request(P.StatsRequest()).values
-    v = final_version[0]
-    rest = client.request(P.BatchRequest(n_groups=s["stored"], trainer_version=v, wait_s=0.5)) if s["stored"] else None
+    v, last = final_version[0]
+    rest = client.request(P.BatchRequest(n_groups=s["stored"], trainer_version=v, wait_s=0.5, ack_batch=last))
+    rest = rest if rest.groups else None
     remaining = [g.group_id for g in rest.groups] if rest else []
     s = client.request(P.StatsRequest()).values
     client.close()
@@ -119,7 +120,7 @@ def test_32_producers_zero_lost_zero_duplicated_memory_bounded(tmp_run_dir, spaw
     assert set(out) <= set(acked)
     dropped = s.get("groups_dropped_stale", 0)
     assert len(acked) == len(out) + dropped, "an acked group is unaccounted for"
-    assert s["groups_accepted"] == len(acked) and s["stored"] == 0
+    assert s["groups_accepted"] == len(acked) and s["stored"] == 0 and s.get("batches_redelivered", 0) == 0
     assert peak_stored <= CAPACITY
     assert peak_rss < RSS_LIMIT_MB * 2**20, f"buffer RSS {peak_rss / 2**20:.0f} MB"
     print(f"load: {len(acked)} groups acked, {len(delivered)} trained on at {v} versions, {dropped} stale, "

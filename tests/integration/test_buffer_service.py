@@ -90,8 +90,13 @@ def test_credits_groups_dedupe_and_batches(tmp_path):
             sub.close()
         more = c.request(P.CreditRequest(server_id="s0", max_credits=10))
         assert [x.prompt_index for x in more.credits] == [4, 5]  # (1+1+1)*2 = 6 started
+        s = stats(c)  # the batch is in transit until the next request acks it
+        assert (s["groups_accepted"], s.get("groups_consumed", 0), s["stored"], s["in_transit"]) == (4, 0, 2, 2)
+        ack = c.request(P.BatchRequest(n_groups=3, trainer_version=1, wait_s=0, ack_batch=batch.batch_id))
+        assert ack.groups == [] and batch.batch_id
         s = stats(c)
         assert (s["groups_accepted"], s["groups_duplicate"], s["groups_consumed"], s["stored"]) == (4, 2, 2, 2)
+        assert s["in_transit"] == 0
         assert s["policy_version"] == 1 and s["in_flight"] == 2 and s["credits_granted"] == 6
         text = scrape(f"http://127.0.0.1:{svc.metrics_server.port}/metrics")
         assert text['areal_buffer_groups{state="stored"}'] == 2

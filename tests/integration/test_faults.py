@@ -34,7 +34,8 @@ def _last_step(system: RunningSystem) -> int:
 
 def _books_balance(stats: dict, recovered: int = 0) -> bool:
     dropped = sum(v for k, v in stats.items() if k.startswith("groups_dropped"))
-    return stats.get("groups_accepted", 0) + recovered == stats.get("groups_consumed", 0) + dropped + stats["stored"]
+    return (stats.get("groups_accepted", 0) + recovered
+            == stats.get("groups_consumed", 0) + dropped + stats["stored"] + stats.get("in_transit", 0))
 
 
 def _count(stats: dict, key: str) -> int:

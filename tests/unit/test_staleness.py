@@ -162,15 +162,17 @@ def _group(credit, server_id: str, version: int, rewards):
                              prompt_index=credit.prompt_index, epoch=credit.epoch, trajectories=trajs), np
 
 
-OPS = {"credits": 3, "deliver": 4, "redeliver": 1, "batch": 2, "bump": 1, "tick": 1, "heartbeat": 1,
-       "restart": 1}  # weights
+OPS = {"credits": 3, "deliver": 4, "redeliver": 1, "batch": 2, "lost_batch": 1, "bump": 1, "tick": 1,
+       "heartbeat": 1, "restart": 1}  # weights
 
 
 @pytest.mark.parametrize("seed", range(12))
 def test_books_balance_under_random_traffic(seed, tmp_path):
     """Random requests against the real service logic (fake sockets, fake clock). After every step:
-    started == in_flight + stored + consumed (every slot accounted for), every prompt below the
-    cursor is in exactly one of stored/consumed/leased/re-issue queue, and no batch is stale."""
+    started == in_flight + stored + in transit + consumed (every slot accounted for), every prompt
+    below the cursor is in exactly one of stored/in transit/consumed/leased/re-issue queue, and no
+    batch is stale. The trainer acks each batch with its next request, except after a "restart"
+    (``lost_batch``: it acks nothing, so the batch in transit goes back to the store)."""
     import random
 
     from areal_like import protocol as P
@@ -189,6 +191,8 @@ def test_books_balance_under_random_traffic(seed, tmp_path):
     recover(svc)
     svc.server, svc.publisher = _FakeServer(), _FakePublisher()
     consumed: list = []
+    in_transit: list = []  # the last batch received, not yet acked
+    last_batch = ""
     held: list = []  # (credit, server) not yet delivered
     delivered: list = []
     v = 0
@@ -217,12 +221,16 @@ def test_books_balance_under_random_traffic(seed, tmp_path):
             step(group, encode(group))
             if op == "deliver":
                 delivered.append((credit, owner, gen_v))
-        elif op == "batch":
-            step(P.BatchRequest(n_groups=cfg.buffer.groups_per_step, trainer_version=v, wait_s=0.0))
+        elif op in ("batch", "lost_batch"):
+            ack = last_batch if op == "batch" else ""
+            step(P.BatchRequest(n_groups=cfg.buffer.groups_per_step, trainer_version=v, wait_s=0.0, ack_batch=ack))
             batch = svc.server.sent[-1]
             assert all(v - g.head_version <= cfg.buffer.max_staleness for g in batch.groups)
-            consumed += [(g.prompt_index, g.epoch) for g in batch.groups]
+            if ack:
+                consumed += in_transit
+            in_transit, last_batch = [], ack
             if batch.groups:
+                in_transit, last_batch = [(g.prompt_index, g.epoch) for g in batch.groups], batch.batch_id
                 v += 1
                 step(P.VersionUpdate(policy_version=v))
         elif op == "bump":  # the trainer moves on without a batch from us: stored groups age
@@ -234,26 +242,27 @@ def test_books_balance_under_random_traffic(seed, tmp_path):
         elif op == "heartbeat":
             step(P.Heartbeat(server_id=sid, policy_version=v))
         elif op == "restart":  # a clean crash: what the WAL holds is all that survives
-            before = (svc.ledger.state(), {g.group_id for g in svc.store.groups()}, svc.version)
+            before = (svc.state(), {g.group_id for g in svc.store.groups()}, svc.version)
             svc.wal.close()
             svc = BufferService(cfg, clock=clock)
             recover(svc)
             svc.server, svc.publisher = _FakeServer(), _FakePublisher()
-            assert (svc.ledger.state(), {g.group_id for g in svc.store.groups()}, svc.version) == before
+            assert (svc.state(), {g.group_id for g in svc.store.groups()}, svc.version) == before
             for server_id in ("a", "b"):  # the roster is soft state: servers re-register
                 step(P.Register(server_id=server_id, engine_url="http://x", policy_version=v))
         ledger = svc.ledger
-        assert ledger.started == ledger.in_flight + len(svc.store) + len(consumed)
+        assert ledger.started == ledger.in_flight + len(svc.store) + len(in_transit) + len(consumed)
+        assert svc._in_transit_groups() == len(in_transit)
         if not cfg.buffer.filter_equal_rewards:  # filtered prompts are deliberately not re-issued
             below = [(i, e) for e in range(ledger.epoch + 1)
                      for i in range(ledger.next_index if e == ledger.epoch else cfg.task.num_prompts)]
-            places = consumed + [(g.prompt_index, g.epoch) for g in svc.store.groups()] \
+            places = consumed + in_transit + [(g.prompt_index, g.epoch) for g in svc.store.groups()] \
                 + [(x.prompt_index, x.epoch) for x in ledger.leases.values()] + list(ledger.reissue)
             assert sorted(places) == sorted(below)
     svc.wal.close()
     restarted = BufferService(cfg, clock=clock)  # the WAL alone rebuilds the same state
     recover(restarted)
-    assert restarted.ledger.state() == svc.ledger.state() and restarted.version == svc.version
+    assert restarted.state() == svc.state() and restarted.version == svc.version
     assert {g.group_id for g in restarted.store.groups()} == {g.group_id for g in svc.store.groups()}
     assert set(restarted.seen) == set(svc.seen)
     restarted.wal.close()

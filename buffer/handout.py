@@ -1,0 +1,111 @@
+"""Batch hand-out to the trainer: held BatchRequests and the one batch in transit.
+
+At-least-once into training, and exactly once while nobody crashes:
+
+* a batch handed out is *in transit*, not consumed: its groups leave the store, the WAL's state
+  records ``in_transit = [batch_id, version, group ids]`` (the group records stay live), and the
+  ``Batch`` reply carries ``batch_id``; it is sent once that state is durable;
+* the trainer's next ``BatchRequest`` carries ``ack_batch`` = the id of the last batch it received.
+  A match marks the batch consumed (WAL ``consumed`` marks, ``groups_consumed``, the staleness
+  histogram at the version it was handed out for);
+* any other ``ack_batch`` (empty after a trainer restart, or an older id when the reply was lost)
+  means the batch never arrived: its groups go back to the store and are re-checked for staleness
+  at the next hand-out like any other group (``batches_redelivered``);
+* a restarted buffer restores the batch in transit from the WAL and lets the next request decide
+  the same way, so a trainer that did receive it does not train on it twice.
+
+There is one trainer (rank 0 asks for every rank); two consumers would take each other's batches
+for lost ones. Mixed into ``BufferService`` (it uses the store, the policy, the WAL marks and the
+reply queue).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from areal_like import protocol as P
+from buffer.replay_buffer import StoredGroup
+
+MAX_BATCH_BYTES = P.MAX_FRAME_BYTES * 9 // 10  # a Batch is one frame; leave room for its envelope
+
+
+@dataclass(slots=True)
+class PendingBatch:
+    peer: bytes
+    req_id: bytes
+    request: P.BatchRequest
+    deadline: float
+    received: float
+
+
+@dataclass(slots=True)
+class InTransit:
+    batch_id: str
+    version: int  # the trainer version it was handed out for
+    groups: list[StoredGroup]
+
+    def record(self) -> list:
+        return [self.batch_id, self.version, [s.group.group_id for s in self.groups]]
+
+
+class BatchHandout:
+    """The trainer side of ``BufferService`` (see the module docstring)."""
+
+    pending: list[PendingBatch]
+    in_transit: InTransit | None
+
+    def _serve_batches(self) -> None:
+        now = self.clock()
+        for p in list(self.pending):
+            self._settle(p.request.ack_batch)
+            v = p.request.trainer_version
+            self._drop(self.store.drop_stale(v), "stale")
+            taken = self.store.take_stored(p.request.n_groups, v, max_bytes=MAX_BATCH_BYTES)
+            too_large = taken is None and self.store.n_fresh(v) >= p.request.n_groups
+            if taken is None and now < p.deadline and not too_large:
+                continue
+            self.pending.remove(p)
+            if taken is None:
+                n = p.request.n_groups
+                why = (f"too_large: {n} groups exceed {MAX_BATCH_BYTES} bytes in one frame; ask for fewer" if too_large
+                       else f"{self.store.n_fresh(v)} of {n} fresh groups after {p.request.wait_s:.1f}s")
+                reply = P.Batch(groups=[], trainer_version=v, reason=why)
+            else:
+                self.in_transit = InTransit(uuid.uuid4().hex, v, taken)
+                self._dirty = True  # the state record carries the batch in transit
+                reply = P.Batch(groups=[s.group for s in taken], trainer_version=v, batch_id=self.in_transit.batch_id)
+            self._queue_reply(p.peer, p.req_id, reply, p.request.TYPE, p.received)
+
+    def _settle(self, ack_batch: str) -> None:
+        """A BatchRequest tells what became of the batch in transit: received (acked) or lost."""
+        batch, self.in_transit = self.in_transit, None
+        if batch is None:
+            return
+        self._dirty = True
+        if ack_batch == batch.batch_id:
+            staleness = self._metric_child("histogram", "buffer/staleness", "staleness of consumed groups (versions)",
+                                           buckets=range(0, 17))
+            for s in batch.groups:
+                self._consumed.append(s.group.group_id)
+                staleness.observe(self.policy.staleness(s.head_version, batch.version))
+            self._count("groups_consumed", len(batch.groups))
+            return
+        for s in batch.groups:
+            self.store.put(s)
+        self._count("batches_redelivered")
+        self._count("groups_redelivered", len(batch.groups))
+        self.log.warning("batch %s (%d groups) was not acknowledged (ack_batch=%r): its groups are back in the "
+                         "store", batch.batch_id, len(batch.groups), ack_batch)
+
+    def _restore_in_transit(self, record: list | None) -> None:
+        """Recovery: the batch in transit when the buffer stopped leaves the store again."""
+        if not record:
+            return
+        batch_id, version, group_ids = record
+        taken = [s for gid in group_ids if (s := self.store.pop(gid)) is not None]
+        if taken:
+            self.in_transit = InTransit(batch_id, version, taken)
+
+    def _in_transit_groups(self) -> int:
+        return len(self.in_transit.groups) if self.in_transit is not None else 0

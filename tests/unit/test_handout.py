@@ -1,0 +1,132 @@
+"""Batch hand-out: a batch is in transit until the trainer's next request acks it (buffer/handout.py).
+
+The real service logic with fake sockets (the WAL is real, in tmp_path): in transit -> ack ->
+consumed; in transit -> a request without the ack -> the groups are back in the store; a restart
+restores the batch in transit from the WAL and the next request decides.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from areal_like import protocol as P
+from areal_like.config import BufferConfig, RunConfig, TaskConfig
+from buffer.recovery import recover
+from buffer.service import BufferService
+
+
+class _FakeServer:
+    def __init__(self):
+        self.sent: list[P.Message] = []
+
+    def send(self, peer, req_id, msg):
+        self.sent.append(msg)
+
+    def publish(self, msg):
+        self.sent.append(msg)
+
+    def close(self):
+        pass
+
+
+def _start(tmp_path) -> BufferService:
+    cfg = RunConfig(run_dir=str(tmp_path), task=TaskConfig(num_prompts=100), buffer=BufferConfig(
+        max_staleness=1, groups_per_step=2, max_inflight=16, capacity=64))
+    svc = BufferService(cfg)
+    recover(svc)
+    svc.server, svc.publisher = _FakeServer(), _FakeServer()
+    return svc
+
+
+def _step(svc: BufferService, msg: P.Message) -> P.Message:
+    frame = P.encode(msg)
+    svc.handle(b"peer", b"req", P.decode(frame), frame)
+    svc._expire()
+    svc._serve_batches()
+    svc._persist_and_reply()
+    svc.wal.wait_durable()
+    svc._send_durable_replies()
+    return svc.server.sent[-1]
+
+
+def _fill(svc: BufferService, n: int) -> list[str]:
+    _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
+    ids = []
+    for c in _step(svc, P.CreditRequest(server_id="s", max_credits=n)).credits:
+        t = P.Trajectory(prompt_ids=P.as_i32([1]), output_ids=P.as_i32([2, 3]), behav_logp=P.as_f32([-1, -1]),
+                         versions=P.as_i32(np.zeros(2)), reward=1.0, finish_reason="stop")
+        g = P.TrajectoryGroup(group_id=f"s-{c.lease_id}", server_id="s", lease_id=c.lease_id,
+                              prompt_index=c.prompt_index, epoch=c.epoch, trajectories=[t])
+        assert _step(svc, g).status == "accepted"
+        ids.append(g.group_id)
+    return ids
+
+
+def _ask(svc: BufferService, ack: str = "", n: int = 2) -> P.Batch:
+    return _step(svc, P.BatchRequest(n_groups=n, trainer_version=0, wait_s=0.0, ack_batch=ack))
+
+
+def test_in_transit_then_ack_marks_consumed(tmp_path):
+    svc = _start(tmp_path)
+    ids = _fill(svc, 4)
+    first = _ask(svc)
+    assert first.batch_id and [g.group_id for g in first.groups] == ids[:2]
+    assert (len(svc.store), svc._in_transit_groups(), svc.counts["groups_consumed"]) == (2, 2, 0)
+    second = _ask(svc, ack=first.batch_id)  # acks the first, takes the next two
+    assert [g.group_id for g in second.groups] == ids[2:] and second.batch_id != first.batch_id
+    assert (len(svc.store), svc._in_transit_groups(), svc.counts["groups_consumed"]) == (0, 2, 2)
+    assert svc.counts["batches_redelivered"] == 0
+    empty = _ask(svc, ack=second.batch_id)
+    assert empty.groups == [] and empty.batch_id == "" and svc.counts["groups_consumed"] == 4
+    assert svc.in_transit is None and svc.state()["in_transit"] is None
+    svc.wal.close()
+    restarted = _start(tmp_path)  # the WAL agrees: everything consumed
+    assert len(restarted.store) == 0 and restarted.in_transit is None
+    restarted.wal.close()
+
+
+def test_a_request_without_the_ack_puts_the_batch_back(tmp_path):
+    svc = _start(tmp_path)
+    ids = _fill(svc, 2)
+    lost = _ask(svc)
+    assert len(lost.groups) == 2 and len(svc.store) == 0
+    again = _ask(svc)  # a restarted trainer acks nothing: the batch never arrived
+    assert sorted(g.group_id for g in again.groups) == sorted(ids) and again.batch_id != lost.batch_id
+    assert svc.counts["batches_redelivered"] == 1 and svc.counts["groups_redelivered"] == 2
+    stale_ack = _ask(svc, ack=lost.batch_id)  # an older id: the reply to `again` was lost too
+    assert sorted(g.group_id for g in stale_ack.groups) == sorted(ids)
+    assert svc.counts["batches_redelivered"] == 2 and svc.counts["groups_consumed"] == 0
+    _ask(svc, ack=stale_ack.batch_id)
+    assert svc.counts["groups_consumed"] == 2 and len(svc.store) == 0
+    svc.wal.close()
+
+
+def test_returned_groups_are_checked_for_staleness_again(tmp_path):
+    svc = _start(tmp_path)
+    _fill(svc, 2)
+    assert len(_ask(svc).groups) == 2
+    _step(svc, P.VersionUpdate(policy_version=2))  # eta = 1: head version 0 is stale at 2
+    batch = _step(svc, P.BatchRequest(n_groups=2, trainer_version=2, wait_s=0.0))
+    assert batch.groups == [] and svc.counts["groups_dropped_stale"] == 2 and svc.counts["groups_redelivered"] == 2
+    svc.wal.close()
+
+
+def test_wal_replay_restores_the_batch_in_transit(tmp_path):
+    svc = _start(tmp_path)
+    ids = _fill(svc, 4)
+    first = _ask(svc)
+    svc.wal.close()  # a crash after the hand-out: the WAL alone survives
+
+    received = _start(tmp_path)  # the trainer got it: its ack consumes it, no double training
+    assert received.in_transit is not None and received.in_transit.batch_id == first.batch_id
+    assert (len(received.store), received._in_transit_groups()) == (2, 2)
+    nxt = _ask(received, ack=first.batch_id)
+    assert [g.group_id for g in nxt.groups] == ids[2:] and received.counts["groups_consumed"] == 2
+    received.wal.close()
+
+    svc = _start(tmp_path)  # restart again with `nxt` in transit; this time the trainer never got it
+    assert svc.in_transit.batch_id == nxt.batch_id
+    again = _ask(svc)
+    assert sorted(g.group_id for g in again.groups) == sorted(ids[2:])
+    assert svc.counts["batches_redelivered"] == 1
+    svc.wal.close()
