@@ -14,8 +14,9 @@ server's engine through one ``WeightSyncPlan`` over SGLang's HTTP endpoints:
    deadline falls back to aborting (the sync must not miss its deadline waiting for a long tail);
 3. ``/begin_weight_update`` (skipped on servers without it), one
    ``/update_weights_from_distributed`` per bucket in plan order, each returning once its tensors
-   are received and loaded (``weight_version`` = the new version on every bucket, flush_cache on
-   the last), ``/end_weight_update``;
+   are received and loaded (``weight_version`` and flush_cache only on the last bucket, so an
+   engine whose sync fails half-way keeps its old label: tokens from mixed weights are never
+   labelled newer than they are), ``/end_weight_update``;
 4. ``/continue_generation`` -- **always**, also after a failure: an engine is never left paused
    (and a session left open by a failed bucket is closed first, or every later sync is refused);
 5. the result is a ``SyncDone`` (ok, reason, pause_s) for the buffer.
@@ -78,9 +79,10 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
         session_open = True  # before the call: a begin whose answer is late or lost may still have opened it
         await client.begin_weight_update(timeout_s=begin_timeout_s)
         for i, bucket in enumerate(plan.buckets):
+            last = i == len(plan.buckets) - 1
             await client.update_weights_from_distributed(
                 names=bucket.names, dtypes=bucket.dtypes, shapes=bucket.shapes, group_name=plan.group_name,
-                weight_version=str(plan.policy_version), flush_cache=i == len(plan.buckets) - 1,
+                weight_version=str(plan.policy_version) if last else None, flush_cache=last,
                 timeout_s=deadline.left())
         await client.end_weight_update(timeout_s=deadline.left())
         session_open = False

@@ -274,8 +274,9 @@ def test_weight_sync_follows_the_contract_in_order():
                                                          "backend": "gloo"}
         assert bodies["/pause_generation"] == {"mode": "abort"}
         updates = [b for p, b in server.calls if p == "/update_weights_from_distributed"]
-        assert [(b["names"], b["weight_version"], b["flush_cache"]) for b in updates] == [
-            (["w0"], "3", False), (["w1"], "3", True)]
+        # the new version label goes only with the last bucket: a half-applied sync keeps the old label
+        assert [(b["names"], b.get("weight_version"), b["flush_cache"]) for b in updates] == [
+            (["w0"], None, False), (["w1"], "3", True)]
         assert drained and drained[0] in (1, 2)  # after the group join was issued (concurrent), before the pause
 
         # not a member: nothing is called
