@@ -37,6 +37,19 @@ from trainer.step import StepSettings, compute_batch_advantages, recompute_prox_
 from trainer.weight_sync import SyncReport, WeightBroadcaster
 
 
+class StaleDataError(RuntimeError):
+    """The buffer handed out a group older than the staleness bound (a bug, never a policy)."""
+
+
+def assert_fresh(batch: TrainBatch, version: int, max_staleness: int) -> None:
+    """Consume-time guarantee (STYLE R4): admission control in the buffer is the saver, this is the
+    check. Training step ``version -> version + 1`` may only use groups with ``version - head <= eta``."""
+    staleness = version - batch.head_versions
+    if int(staleness.max()) > max_staleness:
+        raise StaleDataError(f"admitted stale training data: staleness {int(staleness.max())} > "
+                             f"max_staleness {max_staleness} at policy_version {version}")
+
+
 def train(cfg: RunConfig) -> int:
     """Run the trainer to completion (cfg.trainer.steps policy versions); returns the exit code."""
     return Trainer(cfg).serve()
@@ -69,8 +82,28 @@ class Trainer(Daemon):
         ckpt = latest_checkpoint(self.ckpt_root) if t.resume else None
         if ckpt is not None:
             self.version, meta = load_checkpoint(ckpt, self.policy)
-            self.record({"event": "resume", "policy_version": self.version, "checkpoint": str(ckpt),
-                         "saved_checksums": meta["checksums"], "checksums": state_checksums(self.policy)})
+        checkpoint_version = self.version
+        self.version = self.monotonic_version(self.version)
+        if ckpt is not None:
+            self.record({"event": "resume", "policy_version": self.version, "checkpoint_version": checkpoint_version,
+                         "checkpoint": str(ckpt), "saved_checksums": meta["checksums"],
+                         "checksums": state_checksums(self.policy)})
+
+    def monotonic_version(self, version: int) -> int:
+        """Versions never go backwards. If the buffer already announced a version past ours (the steps
+        since the last checkpoint were lost with a crash), our weights get the next fresh label: the
+        buffer's admission counters and every stored token's version stay valid, nothing waits for
+        versions that were already counted, and no label ever names two different sets of weights."""
+        announced = [None]
+        if self.rank == 0:
+            announced[0] = self.broadcaster.announced_version(timeout_s=self.cfg.trainer.buffer_timeout_s)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(announced, src=0)
+        if announced[0] is not None and announced[0] > version:
+            self.log.warning("buffer announced policy_version %d but our weights are version %d: "
+                             "continuing as version %d", announced[0], version, announced[0] + 1)
+            return announced[0] + 1
+        return version
 
     def run(self) -> None:
         """fetch batch -> recompute prox -> advantages -> train step -> v += 1 -> push -> checkpoint -> metrics."""
@@ -84,6 +117,7 @@ class Trainer(Daemon):
                 batch = self.data.next_batch(self.version)
             if batch is None:
                 break
+            assert_fresh(batch, self.version, self.cfg.buffer.max_staleness)
             with self.phase("recompute_prox"):
                 prox_logp = recompute_prox_logp(self.policy, batch, self.settings)
             with self.phase("advantages"):

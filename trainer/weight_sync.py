@@ -135,6 +135,14 @@ class WeightBroadcaster:
         self._port = 0
 
     # ------------------------------------------------------------------ rank 0 phases
+    def announced_version(self, timeout_s: float) -> int | None:
+        """The policy_version the buffer last had announced (rank 0); None if it does not answer."""
+        try:
+            reply = self.client.request(RosterRequest(), timeout_s=timeout_s)
+        except TransportTimeout:
+            return None
+        return reply.policy_version if isinstance(reply, Roster) else None
+
     def _roster(self, deadline: float | None = None) -> list[tuple[str, int]]:
         reply = self.client.request(RosterRequest(), timeout_s=_bounded(deadline))
         if not isinstance(reply, Roster):

@@ -41,7 +41,8 @@ class BufferStandIn:
                 continue
             peer, req_id, m = got
             if isinstance(m, P.BatchRequest):
-                reply = P.Batch(groups=synthetic_groups(seed=m.trainer_version), trainer_version=m.trainer_version)
+                reply = P.Batch(groups=synthetic_groups(seed=m.trainer_version, version=m.trainer_version),
+                                trainer_version=m.trainer_version)
             elif isinstance(m, P.RosterRequest):
                 reply = P.Roster(members=[], policy_version=max(self.versions, default=0))
             elif isinstance(m, P.VersionUpdate):
@@ -101,9 +102,13 @@ def test_kill9_and_resume_restores_version_weights_and_optimizer(tmp_path, spawn
         assert saved["policy_version"] == version >= 2
 
         n_before = len(buffer.versions)
+        announced = max(buffer.versions)  # the kill may land after announcing v+1 and before checkpointing it
         ranks = start_ranks()
         resume = wait_until(lambda: [x for x in _lines(jsonl) if x.get("event") == "resume"], STARTUP_S, 0.2,
                             "the resume record")[0]
+        assert resume["checkpoint_version"] == version
+        # versions never go backwards: weights older than an announced version get a fresh label
+        version = version if announced <= version else announced + 1
         assert resume["policy_version"] == version
         assert resume["checksums"] == saved["checksums"]  # bit-identical model and optimizer state
         assert resume["checksums"]["optim"] != 0.0
