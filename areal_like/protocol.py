@@ -292,6 +292,7 @@ class WeightSyncPlan(Message):
     members: list[SyncMember]
     buckets: list[BucketSpec]
     deadline_s: float  # the whole sync, from publication
+    plan_id: str = ""  # unique per push attempt: a re-push of the same version is a new plan
 
 
 @message

@@ -307,7 +307,7 @@ class RolloutServer(Daemon):
 
     # ------------------------------------------------------------------ weight sync
     def offer_plan(self, plan: WeightSyncPlan) -> None:
-        key = (plan.policy_version, plan.group_name, plan.master_addr, plan.master_port, plan.reform)
+        key = (plan.policy_version, plan.plan_id, plan.group_name, plan.master_addr, plan.master_port, plan.reform)
         if key in self.plans_handled or not any(m.server_id == self.server_id for m in plan.members):
             return
         self.plans[key] = plan

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from areal_like.protocol import Batch, BatchRequest, TrajectoryGroup
+from areal_like.protocol import Batch, BatchRequest, Roster, RosterRequest, TrajectoryGroup
 from areal_like.transport import Client, TransportTimeout
 
 log = logging.getLogger("trainer.data")
@@ -112,8 +112,18 @@ def groups_to_batch(groups: list[TrajectoryGroup]) -> TrainBatch:
     )
 
 
+RESYNC_CHECK_S = 5.0  # no data for this long: ask the buffer whether an engine is behind our version
+
+
 class BatchSource:
-    """``next_batch(version)`` on every rank; only rank 0 holds a buffer connection."""
+    """``next_batch(version)`` on every rank; only rank 0 holds a buffer connection.
+
+    Liveness: an engine that restarted (or missed a sync) serves an old version and, past the
+    staleness bound, gets no credits; if no engine is current, no batch ever comes and the trainer
+    would wait forever for data that needs new weights first. So while no data comes, rank 0 checks
+    the roster every ``RESYNC_CHECK_S``; when an engine is behind, every rank calls ``on_stall``
+    (the loop re-pushes the current weights) and the wait goes on.
+    """
 
     def __init__(self, address: str, n_groups: int, *, wait_s: float, buffer_timeout_s: float, rank: int,
                  should_stop: Callable[[], bool] = lambda: False):
@@ -125,6 +135,8 @@ class BatchSource:
         self.client = Client(address, timeout_s=wait_s + REPLY_MARGIN_S, identity="trainer") if rank == 0 else None
         self.empty_polls = 0  # metric: answers with no batch (waiting for data)
         self.last_batch_id = ""  # acked in the next request: the buffer then marks that batch consumed
+        self.on_stall: Callable[[], object] | None = None
+        self._next_check = 0.0
 
     def _attempt(self, version: int, last_reply: list[float]) -> tuple[str, object]:
         """Rank 0: one request. Returns (status, payload)."""
@@ -143,13 +155,28 @@ class BatchSource:
         if not isinstance(reply, Batch):
             return "error", f"the buffer answered a BatchRequest with {reply.TYPE}"
         if not reply.groups:
+            if self.on_stall is not None and time.monotonic() > self._next_check:
+                self._next_check = time.monotonic() + RESYNC_CHECK_S
+                behind = self._engines_behind(version)
+                if behind:
+                    return "resync", behind
             return "empty", reply.reason
         self.last_batch_id = reply.batch_id
         return "batch", groups_to_batch(reply.groups)
 
+    def _engines_behind(self, version: int) -> list[str]:
+        try:
+            roster = self.client.request(RosterRequest())
+        except TransportTimeout:
+            return []
+        if not isinstance(roster, Roster):
+            return []
+        return [m.server_id for m in roster.members if m.policy_version < version]
+
     def next_batch(self, version: int) -> TrainBatch | None:
         """The next batch for step ``version -> version + 1``, or None when a stop was requested."""
         last_reply = [time.monotonic()]
+        self._next_check = time.monotonic() + RESYNC_CHECK_S  # a normal wait for generation is not a stall
         while True:
             obj = [self._attempt(version, last_reply) if self.rank == 0 else None]
             if dist.is_initialized() and dist.get_world_size() > 1:
@@ -161,6 +188,12 @@ class BatchSource:
                 return None
             if status == "error":
                 raise BufferUnavailable(payload)
+            if status == "resync":
+                if self.rank == 0:
+                    log.warning("no data for version %d and engines %s are behind it: re-pushing weights",
+                                version, payload)
+                self.on_stall()
+                continue
             self.empty_polls += 1
             if self.rank == 0 and self.empty_polls % 10 == 0:
                 log.info("waiting for data for version %d (%s)", version, payload)

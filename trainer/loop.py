@@ -79,6 +79,7 @@ class Trainer(Daemon):
                                 should_stop=self.stop_requested.is_set)
         self.broadcaster = WeightBroadcaster(t.weight_sync, buffer_address=t.buffer_address, rank=self.rank,
                                              device=self.policy.device, send_dtype=self.cfg.model.dtype)
+        self.data.on_stall = lambda: self.broadcaster.push(self.policy.model, self.version)
         ckpt = latest_checkpoint(self.ckpt_root) if t.resume else None
         if ckpt is not None:
             self.version, meta = load_checkpoint(ckpt, self.policy)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -160,7 +161,8 @@ class WeightBroadcaster:
             offset += ranks
         return WeightSyncPlan(policy_version=version, group_name=self.cfg.group_name, master_addr=self.cfg.master_addr,
                               master_port=self._port, world_size=offset, backend=self.backend, reform=reform,
-                              members=members, buckets=buckets, deadline_s=self.cfg.deadline_s)
+                              members=members, buckets=buckets, deadline_s=self.cfg.deadline_s,
+                              plan_id=uuid.uuid4().hex[:12])
 
     def _form_group(self, plan: WeightSyncPlan, key: tuple, deadline: float) -> None:
         self._teardown()

@@ -1,0 +1,98 @@
+"""Trainer liveness and safety guards: re-push when engines are behind, consume-time staleness check."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from areal_like import protocol as P
+from areal_like.transport import Server
+
+
+def _group(version: int, gid: str = "g0") -> P.TrajectoryGroup:
+    traj = P.Trajectory(prompt_ids=np.array([1, 5, 6], np.int32), output_ids=np.array([7, 2], np.int32),
+                        behav_logp=np.array([-1.0, -0.5], np.float32), versions=np.full(2, version, np.int32),
+                        reward=1.0, finish_reason="stop")
+    return P.TrajectoryGroup(group_id=gid, server_id="s", lease_id="l", prompt_index=0, epoch=0,
+                             trajectories=[traj, traj])
+
+
+class StandIn:
+    """A buffer that has no data until the trainer re-pushes (the stale engine catches up)."""
+
+    def __init__(self, address: str, engine_version: int):
+        self.server, self.engine_version, self.roster_requests = Server(address), engine_version, 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        while not self.stop.is_set():
+            got = self.server.recv(0.05)
+            if got is None:
+                continue
+            peer, req_id, m = got
+            if isinstance(m, P.BatchRequest):
+                fresh = self.engine_version >= m.trainer_version
+                reply = P.Batch(groups=[_group(m.trainer_version)] if fresh else [], trainer_version=m.trainer_version,
+                                reason="" if fresh else "no data", batch_id="b1" if fresh else "")
+            else:
+                self.roster_requests += 1
+                reply = P.Roster(members=[P.RosterEntry(server_id="s", engine_url="http://x", engine_ranks=1,
+                                                        policy_version=self.engine_version)], policy_version=3)
+            self.server.send(peer, req_id, reply)
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(5)
+        self.server.close()
+
+
+def test_no_data_and_an_engine_behind_triggers_a_repush(free_port, monkeypatch):
+    import trainer.data as data
+
+    monkeypatch.setattr(data, "RESYNC_CHECK_S", 0.2)
+    address = f"tcp://127.0.0.1:{free_port()}"
+    buffer = StandIn(address, engine_version=0)  # a restarted engine serves version 0; the trainer is at 3
+    source = data.BatchSource(address, 1, wait_s=0.05, buffer_timeout_s=30, rank=0)
+    pushes = []
+
+    def repush():
+        pushes.append(3)
+        buffer.engine_version = 3  # the re-push brought the engine to the trainer's version
+
+    source.on_stall = repush
+    try:
+        batch = source.next_batch(3)
+        assert pushes == [3] and batch is not None and batch.n_seqs == 2
+        assert buffer.roster_requests >= 1
+    finally:
+        source.close()
+        buffer.close()
+
+
+def test_no_repush_while_engines_are_current(free_port, monkeypatch):
+    import trainer.data as data
+
+    monkeypatch.setattr(data, "RESYNC_CHECK_S", 0.1)
+    address = f"tcp://127.0.0.1:{free_port()}"
+    buffer = StandIn(address, engine_version=5)  # current (and ahead of the request): data flows
+    source = data.BatchSource(address, 1, wait_s=0.05, buffer_timeout_s=30, rank=0)
+    source.on_stall = lambda: pytest.fail("re-pushed although no engine was behind")
+    try:
+        assert source.next_batch(5) is not None
+    finally:
+        source.close()
+        buffer.close()
+
+
+def test_consume_time_staleness_assertion():
+    from trainer.data import groups_to_batch
+    from trainer.loop import StaleDataError, assert_fresh
+
+    batch = groups_to_batch([_group(3, "a"), _group(1, "b")])
+    assert_fresh(batch, version=5, max_staleness=4)  # 5 - 1 = 4 <= 4
+    with pytest.raises(StaleDataError, match="staleness 4 > max_staleness 3"):
+        assert_fresh(batch, version=5, max_staleness=3)
+    assert torch.equal(batch.head_versions, torch.tensor([3, 1]))
