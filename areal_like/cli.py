@@ -54,11 +54,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    if args.command in ("buffer", "rollout"):
-        return _exec_module(DAEMON_MODULES[args.command], args.args)
-    if args.command == "train":
-        return _exec_trainer(args.args)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DAEMON_MODULES and argv[1:2] not in (["-h"], ["--help"]):
+        # everything after the daemon name is the daemon's (--config-file, torchrun flags, overrides):
+        # argparse would reject flags it does not know
+        return _exec_trainer(argv[1:]) if argv[0] == "train" else _exec_module(DAEMON_MODULES[argv[0]], argv[1:])
+    args = _parser().parse_args(argv)
+    if args.command in DAEMON_MODULES:  # only `--help` reaches here
+        return 0
     if args.command == "run":
         return _run(args.overrides, quiet=args.quiet)
     if args.command == "config":

@@ -104,3 +104,15 @@ def test_top_figures_values_rates_and_histogram_means():
                         {"name": "trainer", "kind": "trainer"}]}
     tables = render(info, {"buffer": {"areal_buffer_trainer_version": 4.0}, "rollout-0": None, "trainer": {}}, {}, 1)
     assert [t.title for t in tables] == ["buffer", "rollout", "trainer"]
+
+
+def test_daemon_commands_pass_every_argument_through(monkeypatch):
+    calls = []
+    monkeypatch.setattr("areal_like.cli.os.execv", lambda exe, argv: calls.append(argv))
+    main(["rollout", "--config-file", "run/config.yaml", "rollout.server_id=a"])
+    main(["buffer", "buffer.metrics_port=9100"])
+    main(["train", "--nproc-per-node", "2", "--config-file", "run/config.yaml", "trainer.steps=3"])
+    assert calls[0][1:] == ["-m", "rollout_server", "--config-file", "run/config.yaml", "rollout.server_id=a"]
+    assert calls[1][1:] == ["-m", "buffer", "buffer.metrics_port=9100"]
+    assert calls[2][1:] == ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m", "trainer",
+                            "--config-file", "run/config.yaml", "trainer.steps=3"]
