@@ -9,12 +9,22 @@ Cases (one JSON line each):
 * ``disk_fsync_ceiling``: the same frames written and fsynced in batches of ``producers`` frames
   by one process with no network: what the disk allows a durable log (an fsync=always buffer
   cannot ingest faster than this, whatever the transport does);
-* ``buffer_handout``: BatchRequest latency p50/p99 with the store full, n_groups per batch;
+* ``raw_transport_keeping_frames`` (``--raw-keep``): the raw server also keeps every frame in
+  memory, as the store does: what holding the data costs before any protocol work;
+* ``buffer_handout``: BatchRequest latency p50/p99 with the store full, n_groups per batch (each
+  request acks the previous batch, as the trainer does);
 * ``buffer_memory``: resident memory of the daemon per 100,000 stored trajectories (RSS growth
   over the ingest / stored trajectories); baseline = their frame bytes; ratio = frame bytes / RSS.
 
+Every ingest case also reports ``server_cpu_ms_per_group`` and ``producer_cpu_ms_per_group``: CPU
+seconds (all threads, user + system) over the measured window per acknowledged group. On a shared
+machine they vary less than the rates and show where the time goes.
+
 Producers run in several processes with several threads each (one DEALER socket per thread) so
-that producer-side Python does not cap either case.
+that producer-side Python does not cap either case, and they do not encode: each thread packs its
+trajectories once and rewrites only the ids at the end of the frame per group (``FrameWriter``),
+in both cases. The buffer case also leases its prompts (one CreditRequest per 4 groups), as a
+rollout server must.
 
     .venv/bin/python benchmarks/bench_buffer.py                 # defaults, < 60 s
     .venv/bin/python benchmarks/bench_buffer.py --tokens 512 --seconds 3 --fsync always never
@@ -54,10 +64,13 @@ REPLY_TIMEOUT_MS = 20_000  # a producer waiting this long means the server is go
 RAW_SERVER = """
 import sys, zmq
 ack = bytes.fromhex(sys.argv[2])  # a pre-encoded Ack: the raw server does no protocol work at all
+kept = [] if sys.argv[3] == "keep" else None  # keep every frame in memory, as the buffer's store does
 sock = zmq.Context.instance().socket(zmq.ROUTER)
 sock.bind(sys.argv[1])
 while True:
     peer, req_id, payload = sock.recv_multipart(copy=False)
+    if kept is not None:
+        kept.append(payload)
     sock.send_multipart([peer, req_id, ack])
 """
 
@@ -73,16 +86,48 @@ def trajectories_blob(tokens: int, group_size: int, prompt_tokens: int = 256) ->
     return msgpack.packb(msgpack.unpackb(P.encode(group), raw=False)["trajectories"], use_bin_type=True)
 
 
+def _frame_prefix(blob: bytes) -> bytes:
+    """A TrajectoryGroup frame up to its ids: the map header, type, protocol and the trajectories
+    (msgpack maps are unordered; the ids come last so that only they change between groups)."""
+    head = [msgpack.Packer().pack_map_header(8)]
+    head += [msgpack.packb(x) for x in ("type", "trajectory_group", "protocol", P.PROTOCOL_VERSION, "trajectories")]
+    return b"".join([*head, blob])
+
+
+def _frame_suffix(server_id: str, lease_id: str, prompt_index: int, epoch: int) -> bytes:
+    ids = {"group_id": f"{server_id}-{lease_id}", "server_id": server_id, "lease_id": lease_id,
+           "prompt_index": prompt_index, "epoch": epoch}
+    return b"".join(msgpack.packb(x) for kv in ids.items() for x in kv)
+
+
 def group_frame(blob: bytes, server_id: str, lease_id: str, prompt_index: int, epoch: int) -> bytes:
-    """A TrajectoryGroup frame built around the pre-packed trajectories (one memcpy, no encode)."""
-    head = {"type": "trajectory_group", "protocol": P.PROTOCOL_VERSION, "group_id": f"{server_id}-{lease_id}",
-            "server_id": server_id, "lease_id": lease_id, "prompt_index": prompt_index, "epoch": epoch}
-    parts = [msgpack.Packer().pack_map_header(len(head) + 1)]
-    parts += [msgpack.packb(x) for kv in head.items() for x in kv]
-    return b"".join([*parts, msgpack.packb("trajectories"), blob])
+    """A TrajectoryGroup frame built around the pre-packed trajectories."""
+    return _frame_prefix(blob) + _frame_suffix(server_id, lease_id, prompt_index, epoch)
 
 
-def _request(sock: zmq.Socket, payload: bytes) -> bytes:
+class FrameWriter:
+    """One producer's frames without per-group encoding or copying: the trajectories are packed
+    once into a buffer and only the ids at its end are rewritten per group (in place; the frame is
+    sent without a copy and rewritten only after its reply, i.e. once it has left). The raw and
+    the buffer cases send these same frames, so neither pays producer-side encoding."""
+
+    MAX_SUFFIX = 4096
+
+    def __init__(self, blob: bytes):
+        prefix = _frame_prefix(blob)
+        self.n_prefix = len(prefix)
+        self.buf = bytearray(self.n_prefix + self.MAX_SUFFIX)
+        self.buf[:self.n_prefix] = prefix
+        self.view = memoryview(self.buf)
+
+    def frame(self, server_id: str, lease_id: str, prompt_index: int, epoch: int) -> memoryview:
+        suffix = _frame_suffix(server_id, lease_id, prompt_index, epoch)
+        end = self.n_prefix + len(suffix)
+        self.buf[self.n_prefix:end] = suffix
+        return self.view[:end]
+
+
+def _request(sock: zmq.Socket, payload: bytes | memoryview) -> bytes:
     req_id = uuid.uuid4().bytes
     sock.send_multipart([req_id, payload], copy=False)
     while True:
@@ -101,6 +146,7 @@ def _producer_thread(mode, address, sid, blob, t_start, t_stop, counts, lock):
     if mode == "buffer":
         _request(sock, P.encode(P.Register(server_id=sid, engine_url="http://x", policy_version=0)))
     counter = 0
+    writer = FrameWriter(blob)
     while time.time() < t_stop:
         if mode == "buffer":
             credits = P.decode(_request(sock, P.encode(P.CreditRequest(server_id=sid, max_credits=4)))).credits
@@ -111,7 +157,7 @@ def _producer_thread(mode, address, sid, blob, t_start, t_stop, counts, lock):
             leases = [(f"L{counter + i}", counter + i, 0) for i in range(4)]
             counter += 4
         for lease in leases:
-            frame = group_frame(blob, sid, *lease)
+            frame = writer.frame(sid, *lease)
             reply = _request(sock, frame)
             if mode == "buffer":
                 ack = P.decode(reply)
@@ -136,8 +182,28 @@ def _producer_process(mode, address, wid, threads, tokens, group_size, t_start, 
     out.put(tuple(counts))
 
 
-def run_producers(mode: str, address: str, args) -> tuple[float, float]:
-    """Returns (groups/s, MB/s) over the measured window."""
+def _cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _cpu_in_window(pids: list[int], t_start: float, t_stop: float, out: dict) -> None:
+    """CPU seconds the processes spend between t_start and t_stop (all their threads)."""
+    time.sleep(max(0.0, t_start - time.time()))
+    before = _cpu_seconds(pids)
+    time.sleep(max(0.0, t_stop - time.time()))
+    out["cpu_s"] = _cpu_seconds(pids) - before
+
+
+def run_producers(mode: str, address: str, args, server_pid: int) -> tuple[float, float, dict]:
+    """Returns (groups/s, MB/s, CPU ms per group of the server and of the producers) over the
+    measured window. CPU per group does not depend on how busy the shared machine is."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     t_start = time.time() + args.warmup_s + 2.0  # 2 s for the spawned processes to import
@@ -147,6 +213,11 @@ def run_producers(mode: str, address: str, args) -> tuple[float, float]:
                                                          t_start, t_stop, out)) for w in range(args.processes)]
     for p in procs:
         p.start()
+    server_cpu, producer_cpu = {}, {}
+    meters = [threading.Thread(target=_cpu_in_window, args=(pids, t_start, t_stop, into), daemon=True)
+              for pids, into in (([server_pid], server_cpu), ([p.pid for p in procs], producer_cpu))]
+    for m in meters:
+        m.start()
     results, deadline = [], time.time() + args.seconds + args.warmup_s + 120
     while len(results) < len(procs):
         try:
@@ -157,10 +228,14 @@ def run_producers(mode: str, address: str, args) -> tuple[float, float]:
                 raise SystemExit(f"{mode}: a producer process failed (exit codes {dead}) or hung") from None
     for p in procs:
         p.join(timeout=30)
+    for m in meters:
+        m.join(timeout=5)
     n = sum(r[0] for r in results)
     if n == 0:
         raise SystemExit(f"{mode}: no group was acknowledged in the measured window")
-    return n / args.seconds, sum(r[1] for r in results) / args.seconds / 1e6
+    cpu = {"server_cpu_ms_per_group": round(server_cpu.get("cpu_s", 0) / n * 1e3, 3),
+           "producer_cpu_ms_per_group": round(producer_cpu.get("cpu_s", 0) / n * 1e3, 3)}
+    return n / args.seconds, sum(r[1] for r in results) / args.seconds / 1e6, cpu
 
 
 def start_buffer(run_dir: Path, fsync: str, env: dict) -> tuple[subprocess.Popen, RunConfig]:
@@ -177,12 +252,13 @@ def start_buffer(run_dir: Path, fsync: str, env: dict) -> tuple[subprocess.Popen
 
 def handout_latency(address: str, n_groups: int, trials: int) -> tuple[float, float]:
     client = Client(address, timeout_s=60)
-    lat = []
+    lat, last = [], ""
     for _ in range(trials):
         t0 = time.perf_counter()
-        batch = client.request(P.BatchRequest(n_groups=n_groups, trainer_version=0, wait_s=0))
+        batch = client.request(P.BatchRequest(n_groups=n_groups, trainer_version=0, wait_s=0, ack_batch=last))
         lat.append(time.perf_counter() - t0)
         assert len(batch.groups) == n_groups, batch.reason
+        last = batch.batch_id  # acked by the next request, as the trainer does
     client.close()
     lat.sort()
     return statistics.median(lat) * 1e3, lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3
@@ -221,20 +297,27 @@ def main() -> None:
     ap.add_argument("--warmup-s", type=float, default=1.0)
     ap.add_argument("--fsync", nargs="+", default=["always", "never"])
     ap.add_argument("--handout-groups", type=int, default=8)
+    ap.add_argument("--raw-keep", action="store_true",
+                    help="also run the raw server keeping every frame in memory (what storing them costs)")
     args = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "AREAL_LIKE_LOG_LEVEL": "WARNING"}
     common = {"tokens": args.tokens, "group_size": args.group_size, "producers": args.producers}
 
-    address = f"tcp://127.0.0.1:{free_port()}"
     ack = P.encode(P.Ack(ref="x", status="accepted")).hex()
-    raw = subprocess.Popen([sys.executable, "-c", RAW_SERVER, address, ack], env=env, cwd=REPO)
-    try:
-        raw_gps, raw_mbps = run_producers("raw", address, args)
-    finally:
-        raw.kill()
-        raw.wait()
-    emit(name="raw_transport", figure=round(raw_gps, 1), unit="groups/s", baseline=round(raw_gps, 1), ratio=1.0,
-         goal=None, mb_per_s=round(raw_mbps, 1), **common)
+    raw_gps = raw_mbps = 0.0
+    for keep in ("drop", "keep") if args.raw_keep else ("drop",):
+        address = f"tcp://127.0.0.1:{free_port()}"
+        raw = subprocess.Popen([sys.executable, "-c", RAW_SERVER, address, ack, keep], env=env, cwd=REPO)
+        try:
+            gps, mbps, cpu = run_producers("raw", address, args, raw.pid)
+        finally:
+            raw.kill()
+            raw.wait()
+        if keep == "drop":
+            raw_gps, raw_mbps = gps, mbps
+        emit(name="raw_transport" if keep == "drop" else "raw_transport_keeping_frames", figure=round(gps, 1),
+             unit="groups/s", baseline=round(raw_gps, 1), ratio=round(gps / raw_gps, 3), goal=None,
+             mb_per_s=round(mbps, 1), **cpu, **common)
 
     with tempfile.TemporaryDirectory(prefix="bench_buffer_") as tmp:
         disk_gps, disk_mbps = disk_ceiling(Path(tmp), args)
@@ -244,11 +327,11 @@ def main() -> None:
             proc, cfg = start_buffer(Path(tmp) / fsync, fsync, env)
             try:
                 rss0 = psutil.Process(proc.pid).memory_info().rss
-                gps, mbps = run_producers("buffer", cfg.buffer.address, args)
+                gps, mbps, cpu = run_producers("buffer", cfg.buffer.address, args, proc.pid)
                 emit(name=f"buffer_ingest_fsync_{fsync}", figure=round(gps, 1), unit="groups/s",
                      baseline=round(raw_gps, 1), ratio=round(gps / raw_gps, 3), goal=0.5 if fsync == "always" else None,
                      mb_per_s=round(mbps, 1), raw_mb_per_s=round(raw_mbps, 1),
-                     of_disk_ceiling=round(gps / disk_gps, 3), **common)
+                     of_disk_ceiling=round(gps / disk_gps, 3), **cpu, **common)
                 if fsync != args.fsync[0]:
                     continue
                 stats = Client(cfg.buffer.address, timeout_s=60).request(P.StatsRequest()).values
