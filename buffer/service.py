@@ -309,6 +309,10 @@ class BufferService(BatchHandout, Daemon):
         return P.Roster(members=[m.entry for m in self.roster.values()], policy_version=self.version)
 
     def _on_plan(self, plan: P.WeightSyncPlan) -> P.Ack:
+        old = self.plan
+        if old is not None and old.policy_version == plan.policy_version and old.plan_id != plan.plan_id:
+            self.sync_results.pop(plan.policy_version, None)  # a re-push: every member must load it again
+            self.sync_pauses.pop(plan.policy_version, None)
         self.plan, self.plan_deadline = plan, self.clock() + plan.deadline_s
         self.sync_results.setdefault(plan.policy_version, {})
         for old in sorted(self.sync_results)[:-SYNC_RESULTS_KEEP]:

@@ -233,6 +233,16 @@ def test_weight_sync_flow_and_roster_liveness(tmp_path):
         assert (status.done, status.failed) == (["a"], ["b"])
         assert c.request(P.Heartbeat(server_id="a", policy_version=1)).pending_plan is None
         assert c.request(P.Heartbeat(server_id="b", policy_version=0)).pending_plan is None  # reported (failed)
+        assert c.request(dataclasses.replace(plan, plan_id="same")).status == "ok"  # the trainer's re-push
+        assert c.request(P.Heartbeat(server_id="a", policy_version=1)).pending_plan.plan_id == "same"
+        assert c.request(P.SyncStatusRequest(policy_version=1)).done == []  # earlier results do not count
+        assert c.request(dataclasses.replace(plan, plan_id="same")).status == "ok"  # re-sent, not re-pushed
+        c.request(P.SyncDone(server_id="a", policy_version=1, ok=True))
+        c.request(dataclasses.replace(plan, plan_id="same"))
+        c.request(P.SyncDone(server_id="b", policy_version=1, ok=False, reason="timeout"))
+        status = c.request(P.SyncStatusRequest(policy_version=1))
+        assert (status.done, status.failed) == (["a"], ["b"])
+        assert c.request(P.Heartbeat(server_id="a", policy_version=1)).pending_plan is None
         deadline = time.monotonic() + TIMEOUT_S
         while time.monotonic() < deadline:  # "b" falls silent, "a" keeps beating
             c.request(P.Heartbeat(server_id="a", policy_version=1))
