@@ -78,12 +78,15 @@ class Consumer:
         self.client = Client(address, timeout_s=30)
         self.consumed: list = []
         self.version = 0
+        self.last_batch = ""  # acked with the next request, as the trainer does (else it is handed out again)
 
     def take_batch(self) -> bool:
-        batch = self.client.request(BatchRequest(n_groups=2, trainer_version=self.version, wait_s=0.5))
+        batch = self.client.request(BatchRequest(n_groups=2, trainer_version=self.version, wait_s=0.5,
+                                                 ack_batch=self.last_batch))
         assert isinstance(batch, Batch)
         if not batch.groups:
             return False
+        self.last_batch = batch.batch_id
         self.consumed.extend(batch.groups)
         self.announce(self.version + 1)
         return True
