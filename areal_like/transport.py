@@ -222,14 +222,15 @@ class Server:
 
     def recv_with_payload(self, timeout_s: float) -> tuple[bytes, bytes, Message | ProtocolError, bytes] | None:
         """Like ``recv`` but also returns the undecoded payload (the buffer logs it verbatim in
-        its write-ahead log instead of re-encoding the message)."""
+        its write-ahead log instead of re-encoding the message). The payload is received without
+        a copy (a read-only view of ZMQ's buffer; decoded arrays keep it alive)."""
         if not self._poller.poll(int(timeout_s * 1000)):
             return None
-        frames = self._sock.recv_multipart()
+        frames = self._sock.recv_multipart(copy=False)
         if len(frames) != 3:
             error = ProtocolError("expected [req_id, payload]", "frame")
-            return frames[0], frames[1] if len(frames) > 1 else b"", error, b""
-        peer, req_id, payload = frames
+            return frames[0].bytes, frames[1].bytes if len(frames) > 1 else b"", error, b""
+        peer, req_id, payload = frames[0].bytes, frames[1].bytes, frames[2].buffer
         try:
             return peer, req_id, decode(payload), payload
         except ProtocolError as e:
