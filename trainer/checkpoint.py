@@ -94,8 +94,9 @@ def state_checksums(policy: Policy) -> dict[str, float]:
     return {"model": float(vals[0]), "optim": float(vals[1])}
 
 
-def save_checkpoint(root: Path, policy: Policy, version: int) -> Path:
-    """Save on all ranks (a collective); returns the final directory."""
+def save_checkpoint(root: Path, policy: Policy, version: int, extra: dict | None = None) -> Path:
+    """Save on all ranks (a collective); returns the final directory. ``extra`` (rank 0's) is kept
+    in the metadata (the trainer stores the id of the last batch the checkpoint includes)."""
     rank = _rank()
     final = root / f"{PREFIX}{version:08d}"
     tmp = root / f"{TMP_PREFIX}{final.name}"
@@ -113,7 +114,8 @@ def save_checkpoint(root: Path, policy: Policy, version: int) -> Path:
     sums = state_checksums(policy)
     if rank == 0:
         torch.save({"policy_version": version, "scheduler": policy.scheduler.state_dict(),
-                    "world_size": policy.world_size, "checksums": sums}, tmp / "meta.pt")
+                    "world_size": policy.world_size, "checksums": sums, "extra": dict(extra or {})},
+                   tmp / "meta.pt")
     _barrier()
     if rank == 0:
         if final.exists():  # a re-save of the same version (e.g. shutdown right after a periodic save)

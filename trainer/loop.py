@@ -83,12 +83,18 @@ class Trainer(Daemon):
         ckpt = latest_checkpoint(self.ckpt_root) if t.resume else None
         if ckpt is not None:
             self.version, meta = load_checkpoint(ckpt, self.policy)
+            # The buffer keeps the last batch "in transit" until it is acked: acking the batch this
+            # checkpoint includes consumes it; a later, lost batch does not match and goes back.
+            self.data.last_batch_id = meta.get("extra", {}).get("last_batch_id", "")
         checkpoint_version = self.version
         self.version = self.monotonic_version(self.version)
         if ckpt is not None:
             self.record({"event": "resume", "policy_version": self.version, "checkpoint_version": checkpoint_version,
                          "checkpoint": str(ckpt), "saved_checksums": meta["checksums"],
                          "checksums": state_checksums(self.policy)})
+
+    def checkpoint_extra(self) -> dict:
+        return {"last_batch_id": self.data.last_batch_id}
 
     def monotonic_version(self, version: int) -> int:
         """Versions never go backwards. If the buffer already announced a version past ours (the steps
@@ -130,12 +136,12 @@ class Trainer(Daemon):
                 sync = self.broadcaster.push(model, self.version)
             if self.version % t.checkpoint_every == 0:
                 with self.phase("checkpoint"):
-                    save_checkpoint(self.ckpt_root, self.policy, self.version)
+                    save_checkpoint(self.ckpt_root, self.policy, self.version, self.checkpoint_extra())
             with self.phase("metrics"):
                 self.report(batch, stats, sync, time.monotonic() - t_step)
         if self.version % t.checkpoint_every != 0:  # graceful end or stop: keep what was trained
             with self.phase("checkpoint"):
-                save_checkpoint(self.ckpt_root, self.policy, self.version)
+                save_checkpoint(self.ckpt_root, self.policy, self.version, self.checkpoint_extra())
         self.log.info("done at policy_version %d", self.version)
 
     def stop(self) -> None:

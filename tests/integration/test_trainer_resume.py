@@ -28,6 +28,7 @@ class BufferStandIn:
 
         self.server = Server(address)
         self.versions: list[int] = []
+        self.acks: list[str] = []  # ack_batch of every BatchRequest, in order
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -41,8 +42,9 @@ class BufferStandIn:
                 continue
             peer, req_id, m = got
             if isinstance(m, P.BatchRequest):
+                self.acks.append(m.ack_batch)
                 reply = P.Batch(groups=synthetic_groups(seed=m.trainer_version, version=m.trainer_version),
-                                trainer_version=m.trainer_version)
+                                trainer_version=m.trainer_version, batch_id=f"b{m.trainer_version}")
             elif isinstance(m, P.RosterRequest):
                 reply = P.Roster(members=[], policy_version=max(self.versions, default=0))
             elif isinstance(m, P.VersionUpdate):
@@ -101,12 +103,16 @@ def test_kill9_and_resume_restores_version_weights_and_optimizer(tmp_path, spawn
         saved = torch.load(latest / "meta.pt", weights_only=False)
         assert saved["policy_version"] == version >= 2
 
-        n_before = len(buffer.versions)
+        n_before, n_acks = len(buffer.versions), len(buffer.acks)
         announced = max(buffer.versions)  # the kill may land after announcing v+1 and before checkpointing it
         ranks = start_ranks()
         resume = wait_until(lambda: [x for x in _lines(jsonl) if x.get("event") == "resume"], STARTUP_S, 0.2,
                             "the resume record")[0]
         assert resume["checkpoint_version"] == version
+        # the first request after the restart acks the batch the checkpoint includes (step version-1 -> version),
+        # so the buffer consumes it instead of handing it out again; anything later is redelivered
+        wait_until(lambda: len(buffer.acks) > n_acks, 60, 0.1, "a batch request after resume")
+        assert buffer.acks[n_acks] == f"b{version - 1}"
         # versions never go backwards: weights older than an announced version get a fresh label
         version = version if announced <= version else announced + 1
         assert resume["policy_version"] == version
