@@ -391,6 +391,7 @@ class BufferService(BatchHandout, Daemon):
         groups.labels(state="stored").set(len(self.store))
         groups.labels(state="in_transit").set(self._in_transit_groups())
         self.metrics.gauge("buffer/trainer_version").set(self.version)
+        self.metrics.gauge("buffer/max_staleness", "the staleness bound eta (for alerts)").set(self.cfg.max_staleness)
         self.metrics.gauge("buffer/roster_size").set(len(self.roster))
         self.metrics.gauge("buffer/started", "admission counter (groups holding a slot)").set(self.ledger.started)
         self.metrics.gauge("buffer/stored_bytes", "frame bytes of stored groups").set(self.store.nbytes)

@@ -190,6 +190,7 @@ class Trainer(Daemon):
         m.gauge("trainer/grad_norm").set(stats.get("grad_norm", 0.0))
         m.counter("trainer/tokens").inc(batch.n_tokens)
         m.gauge("trainer/weight_sync_seconds").set(sync.seconds)
+        m.gauge("trainer/weight_sync_deadline_seconds").set(self.cfg.trainer.weight_sync.deadline_s)
         m.counter("trainer/weight_sync_bytes").inc(sync.bytes)
         m.counter("trainer/weight_sync_dropped").inc(len(sync.dropped))
         if sync.pause_s:
