@@ -124,7 +124,11 @@ def scrape(url: str, timeout_s: float = 2.0) -> dict[str, float]:
     """Fetch a ``/metrics`` URL and return ``{series: value}`` (labels kept in the key)."""
     import urllib.request
 
-    text = urllib.request.urlopen(url, timeout=timeout_s).read().decode()
+    return parse_exposition(urllib.request.urlopen(url, timeout=timeout_s).read().decode())
+
+
+def parse_exposition(text: str) -> dict[str, float]:
+    """Prometheus text format -> ``{series-with-labels: value}`` (comments and junk skipped)."""
     out: dict[str, float] = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):

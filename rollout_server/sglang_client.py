@@ -37,6 +37,8 @@ from typing import Any
 
 import aiohttp
 
+from areal_like.metrics import parse_exposition
+
 DEFAULT_TIMEOUT_S = 30.0  # control calls on a healthy server take milliseconds; 30 s is a wedged server
 GENERATE_TIMEOUT_S = 600.0  # a long generation on a busy CPU engine can take minutes
 MAX_ATTEMPTS = 4  # per call; with the backoff below a dead server is declared dead in about 3 s
@@ -251,15 +253,7 @@ class SGLangClient:
     async def metrics(self) -> dict[str, float]:
         """``GET /metrics`` parsed to ``{series-with-labels: value}`` (needs --enable-metrics)."""
         _, _, raw = await self._call("GET", "/metrics", idempotent=True)
-        out: dict[str, float] = {}
-        for line in raw.splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                try:
-                    out[key] = float(value)
-                except ValueError:
-                    pass
-        return out
+        return parse_exposition(raw)
 
     # ------------------------------------------------------------------ cache, pause, continue
     async def flush_cache(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
