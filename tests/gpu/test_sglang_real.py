@@ -30,22 +30,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reas
 REPO = Path(__file__).resolve().parents[2]
 MODEL = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
              num_hidden_layers=2, max_position_embeddings=512, dtype="bfloat16")
-SENDER = r"""
-import json, os, sys, torch, torch.distributed as dist
-from areal_like.config import ModelConfig
-from areal_like.distributed import init_weight_group
-from areal_like.hf import build_model
-spec = json.loads(sys.argv[1])
-device = spec["device"]
-state = build_model(ModelConfig(**spec["model"]), device=device).state_dict()
-pg = init_weight_group(spec["backend"], "127.0.0.1", spec["port"], 2, 0, spec["group"], 300)
-for names in spec["buckets"]:
-    for name in names:
-        dist.broadcast(state[name].contiguous(), group_src=0, group=pg)
-torch.cuda.synchronize()
-print("sent", flush=True)
-os._exit(0)  # skip interpreter teardown: destroying a gloo group at exit can abort the process
-"""
+SENDER = (Path(__file__).resolve().parents[1] / "weight_sender.py").read_text()  # group rank 0
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +72,7 @@ def test_generate_pause_resume_and_weight_update_on_real_sglang(sglang_server):
         buckets=[BucketSpec(names=b, dtypes=["bfloat16"] * len(b), shapes=[list(state[n].shape) for n in b])
                  for b in buckets], deadline_s=300)
     spec = {"model": {**MODEL, "init_seed": 1}, "port": port, "group": group, "buckets": buckets,
-            "backend": plan.backend, "device": "cuda:1" if two_gpus else "cuda:0"}
+            "backend": plan.backend, "device": "cuda:1" if two_gpus else "cuda:0", "timeout_s": 300}
 
     async def scenario():
         client = SGLangClient(sglang_server, timeout_s=300)

@@ -38,22 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 MODEL = {"max_position_embeddings": 512}
 MAX_NEW = 300
 PROMPTS = [[1, 20 + i, 40 + 2 * i, 60 + i] for i in range(4)]
-SENDER = r"""
-import json, os, sys, torch, torch.distributed as dist
-torch.set_num_threads(1)
-from areal_like.config import ModelConfig
-from areal_like.distributed import init_weight_group
-from areal_like.hf import build_model
-spec = json.loads(sys.argv[1])
-state = build_model(ModelConfig(**spec["model"])).state_dict()
-print("ready", flush=True)
-pg = init_weight_group("gloo", "127.0.0.1", spec["port"], 2, 0, spec["group"], 120)
-for names in spec["buckets"]:
-    for name in names:
-        dist.broadcast(state[name].contiguous(), group_src=0, group=pg)
-print("sent", flush=True)
-os._exit(0)  # skip interpreter teardown: destroying a gloo group at exit can abort the process
-"""
+SENDER = (Path(__file__).resolve().parents[1] / "weight_sender.py").read_text()  # group rank 0
 
 
 def make_plan(state: dict, port: int, group: str) -> tuple[WeightSyncPlan, list[list[str]]]:

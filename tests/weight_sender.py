@@ -1,0 +1,32 @@
+"""Trainer-side stand-in for weight-sync tests: group rank 0 broadcasting a model's tensors.
+
+Run as ``python weight_sender.py '<json spec>'`` (tests pass its text to ``python -c``). Spec:
+``model`` (ModelConfig fields), ``port``, ``group``, ``buckets`` (lists of parameter names, the
+broadcast order), optional ``backend`` (gloo), ``device`` (cpu), ``timeout_s`` (120). Prints
+``ready`` once the model is built (before the rendezvous) and ``sent`` after the last tensor.
+"""
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+torch.set_num_threads(1)
+from areal_like.config import ModelConfig  # noqa: E402
+from areal_like.distributed import init_weight_group  # noqa: E402
+from areal_like.hf import build_model  # noqa: E402
+
+spec = json.loads(sys.argv[1])
+device = spec.get("device", "cpu")
+state = build_model(ModelConfig(**spec["model"]), device=device).state_dict()
+print("ready", flush=True)
+pg = init_weight_group(spec.get("backend", "gloo"), "127.0.0.1", spec["port"], 2, 0, spec["group"],
+                       spec.get("timeout_s", 120))
+for names in spec["buckets"]:
+    for name in names:
+        dist.broadcast(state[name].contiguous(), group_src=0, group=pg)
+if device.startswith("cuda"):
+    torch.cuda.synchronize()
+print("sent", flush=True)
+os._exit(0)  # skip interpreter teardown: destroying a gloo group at exit can abort the process
