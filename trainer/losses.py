@@ -32,149 +32,32 @@ import torch
 from torch import Tensor
 
 from areal_like.config import AGG_MODES, LOSS_KINDS, LossConfig
+from trainer.loss_terms import (  # noqa: F401  (re-exported: the public surface of the kernels)
+    LOG_RATIO_BOUND,
+    Stats,
+    accumulate_stats,
+    aggregate,
+    clamped,
+    finalize_stats,
+    kl_penalty,
+    log_ratio,
+    masked_diff,
+    mismatch_stats,
+    norms,
+    seq_adv,
+    seq_log_ratio,
+    token_adv,
+    weight_stats,
+)
 
-# verl's SAFETY_BOUND: exp(20) ~ 4.9e8 is far past any cap, so clamping only touches tokens that
-# are clipped or masked anyway, and keeps exp() finite in fp32.
-LOG_RATIO_BOUND = 20.0
 # GSPO clamps its token-view log-ratio from above only (verl compute_policy_loss_gspo).
 GSPO_LOG_RATIO_MAX = 10.0
-# verl low_var_kl clamps the k3 estimate: a single token must not dominate the KL term.
-K3_BOUND = 10.0
 # VESPO numerics (FloyedShen/VESPO core_algos.py): floor on W before log and on lambda.
 VESPO_W_MIN = 1e-8
 VESPO_LAMBDA_MIN = 1e-4
 
-Stats = dict[str, Tensor]
-
 # hparams accepted by compute_policy_loss: the fields of LossConfig (one source of defaults).
 HPARAM_DEFAULTS = {f.name: f.default for f in fields(LossConfig) if f.name not in ("kind", "agg")}
-
-
-# ---------------------------------------------------------------- helpers and aggregation
-def _clamped(x: Tensor) -> Tensor:
-    return x.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
-
-
-def _norms(mask: Tensor, n_tokens_global: float | None, n_seqs_global: float | None) -> tuple[float, float]:
-    n_tok = float(mask.sum()) if n_tokens_global is None else float(n_tokens_global)
-    n_seq = float((mask.sum(-1) > 0).sum()) if n_seqs_global is None else float(n_seqs_global)
-    return max(n_tok, 1.0), max(n_seq, 1.0)
-
-
-def aggregate(
-    loss_mat: Tensor, mask: Tensor, mode: str, *, n_tokens_global: float | None = None,
-    n_seqs_global: float | None = None, scale_factor: float | None = None,
-) -> Tensor:
-    """Reduce a per-token loss ``[B, T]`` to a scalar (spec 0.4, verl ``agg_loss``).
-
-    token-mean: sum(m*l) / n_tokens; seq-mean-token-mean: sum_i(sum_t m*l / L_i) / n_seqs;
-    seq-mean-token-sum: sum(m*l) / n_seqs; seq-mean-token-sum-norm: sum(m*l) / C with
-    C = ``scale_factor`` or the padded width T (verl; pass a constant C for split invariance).
-    Counts default to this call's mask; pass the minibatch-global ones when micro-batching.
-    """
-    mask = mask.to(loss_mat.dtype)
-    masked = torch.where(mask > 0, loss_mat * mask, torch.zeros_like(loss_mat))
-    n_tok, n_seq = _norms(mask, n_tokens_global, n_seqs_global)
-    if mode == "token-mean":
-        return masked.sum() / n_tok
-    if mode == "seq-mean-token-mean":
-        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / n_seq
-    if mode == "seq-mean-token-sum":
-        return masked.sum() / n_seq
-    if mode == "seq-mean-token-sum-norm":
-        return masked.sum() / float(scale_factor if scale_factor is not None else mask.shape[-1])
-    raise ValueError(f"unknown aggregation mode {mode!r}; choose one of {AGG_MODES}")
-
-
-def _token_adv(advantages: Tensor, mask: Tensor) -> Tensor:
-    adv = advantages.detach().float()
-    return adv[:, None].expand(mask.shape) if adv.dim() == 1 else adv
-
-
-def _seq_adv(advantages: Tensor, mask: Tensor) -> Tensor:
-    """Per-sequence advantage [B]: the mean over valid tokens (outcome rewards are constant)."""
-    adv = advantages.detach().float()
-    if adv.dim() == 1:
-        return adv
-    return (adv * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
-
-
-def _masked_diff(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
-    """a - b in fp32 on valid tokens, exactly 0 on padding (whatever, nan included, is there)."""
-    return torch.where(mask > 0, a.float() - b.float(), torch.zeros_like(mask))
-
-
-def _log_ratio(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
-    """Token log-ratio a - b, clamped to +-LOG_RATIO_BOUND, 0 on padding."""
-    return _clamped(_masked_diff(a, b, mask))
-
-
-def _seq_log_ratio(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
-    """Log of the sequence ratio [B]: the per-token differences summed, THEN clamped (verl)."""
-    return _clamped(_masked_diff(a, b, mask).sum(-1))
-
-
-def _weight_stats(w: Tensor, valid: Tensor, n: float, prefix: str = "is_weight") -> Stats:
-    """Sum-reducible mean and mean-square of an IS weight over the valid entries, plus its max."""
-    w, valid = w.detach().float(), valid.float()
-    wmax = torch.where(valid > 0, w, torch.zeros_like(w)).max()  # weights are >= 0; no host sync
-    return {
-        f"{prefix}_mean": (w * valid).sum() / n,
-        f"{prefix}_sq_mean": (w * w * valid).sum() / n,
-        f"{prefix}_max": wmax,
-    }
-
-
-def finalize_stats(stats: Stats) -> Stats:
-    """Add derived stats after summing (``_max``: max-ing) the per-call stats over calls and ranks.
-
-    ``ess_ratio`` = ESS / n = mean(w)^2 / mean(w^2) (VCPO's rho_ess when w are its sequence weights).
-    """
-    out = dict(stats)
-    if "is_weight_mean" in stats and "is_weight_sq_mean" in stats:
-        out["ess_ratio"] = stats["is_weight_mean"] ** 2 / stats["is_weight_sq_mean"].clamp(min=1e-30)
-    return out
-
-
-def accumulate_stats(total: Stats, stats: Stats) -> Stats:
-    """Combine two calls' stats: max for keys ending in ``_max``, sum otherwise."""
-    out = dict(total)
-    for k, v in stats.items():
-        if k not in out:
-            out[k] = v.detach()
-        else:
-            out[k] = torch.maximum(out[k], v.detach()) if k.endswith("_max") else out[k] + v.detach()
-    return out
-
-
-# ---------------------------------------------------------------- shared stats
-def mismatch_stats(old_logp: Tensor, behav_logp: Tensor, mask: Tensor, n_tok: float) -> Stats:
-    """Trainer/engine mismatch KL(pi_behav || pi_old) estimated on the engine's own samples.
-
-    ``mismatch_kl`` is Schulman's k3 (http://joschu.net/blog/kl-approx.html) with log r = old - behav:
-    r - 1 - log r, unbiased and >= 0 per token; ``mismatch_kl_k1`` is the plain k1 = behav - old.
-    Token means, normalised by ``n_tok`` (sum-reducible).
-    """
-    with torch.no_grad():
-        log_r = _log_ratio(old_logp.detach(), behav_logp.detach(), mask)
-        k3 = (torch.exp(log_r) - 1.0 - log_r) * mask
-        return {"mismatch_kl": k3.sum() / n_tok, "mismatch_kl_k1": (-log_r * mask).sum() / n_tok}
-
-
-def kl_penalty(logp: Tensor, ref_logp: Tensor, mask: Tensor, *, estimator: str = "k3") -> Tensor:
-    """Per-token KL(pi_theta || pi_ref) estimate ``[B, T]`` with gradient through ``logp``.
-
-    k1 = logp - ref; k2 = (logp - ref)^2 / 2; k3 = exp(ref - logp) - (ref - logp) - 1, clamped to
-    +-K3_BOUND (verl ``kl_penalty`` low_var_kl). Log-ratios are clamped to +-LOG_RATIO_BOUND first.
-    """
-    d = _log_ratio(logp, ref_logp.detach(), mask)  # logp - ref
-    if estimator == "k1":
-        return d
-    if estimator == "k2":
-        return 0.5 * d * d
-    if estimator == "k3":
-        return (torch.exp(-d) + d - 1.0).clamp(-K3_BOUND, K3_BOUND)
-    raise ValueError(f"unknown KL estimator {estimator!r}; choose k1, k2 or k3")
 
 
 # ---------------------------------------------------------------- PPO family (spec 2, 4, 5, 6)
@@ -187,8 +70,8 @@ def ppo_token_loss(
     r = exp(clamp(logp - sg prox)); l = max(-A r, -A clip(r, 1-eps, 1+eps_high)); where A < 0 and
     ``dual_clip`` = c is set: l = min(l, -A c). Gradient -A r where unclipped, 0 where clipped.
     """
-    adv = _token_adv(advantages, mask)
-    ratio = torch.exp(_log_ratio(logp, prox_logp.detach(), mask))
+    adv = token_adv(advantages, mask)
+    ratio = torch.exp(log_ratio(logp, prox_logp.detach(), mask))
     eps_high = eps_clip if eps_clip_high is None else eps_clip_high
     l1 = -adv * ratio
     l2 = -adv * ratio.clamp(1.0 - eps_clip, 1.0 + eps_high)
@@ -210,10 +93,10 @@ def _is_ratio(prox_logp: Tensor, behav_logp: Tensor, mask: Tensor, level: str) -
     """rho = pi_prox / pi_behav (a constant). Returns (rho per token [B, T], raw rho at its level
     ([B, T] or [B]), validity of that level's entries). Sequence level: exp of the clamped sum."""
     if level == "token":
-        rho = torch.exp(_log_ratio(prox_logp.detach(), behav_logp.detach(), mask)) * mask
+        rho = torch.exp(log_ratio(prox_logp.detach(), behav_logp.detach(), mask)) * mask
         return rho, rho, mask
     if level == "sequence":
-        rho_seq = torch.exp(_seq_log_ratio(prox_logp.detach(), behav_logp.detach(), mask))
+        rho_seq = torch.exp(seq_log_ratio(prox_logp.detach(), behav_logp.detach(), mask))
         return rho_seq[:, None] * mask, rho_seq, (mask.sum(-1) > 0).float()
     raise ValueError(f"unknown IS level {level!r}; choose token or sequence")
 
@@ -229,7 +112,7 @@ def ppo_clip_loss(
                                         eps_clip_high=eps_clip_high, dual_clip=dual_clip)
     loss = aggregate(mat, mask, agg, n_tokens_global=n_tokens_global, n_seqs_global=n_seqs_global,
                      scale_factor=scale_factor)
-    n_tok, _ = _norms(mask, n_tokens_global, n_seqs_global)
+    n_tok, _ = norms(mask, n_tokens_global, n_seqs_global)
     return loss, _ppo_stats(clipped, dual, n_tok)
 
 
@@ -265,12 +148,12 @@ def weighted_ppo_loss(
     w = rho.clamp(max=cap) if weight == "truncate" else torch.where(keep_tok, rho, torch.zeros_like(rho))
     loss = aggregate(mat * w, mask, agg, n_tokens_global=n_tokens_global, n_seqs_global=n_seqs_global,
                      scale_factor=scale_factor)
-    n_tok, n_seq = _norms(mask, n_tokens_global, n_seqs_global)
+    n_tok, n_seq = norms(mask, n_tokens_global, n_seqs_global)
     n_level = n_tok if level == "token" else n_seq
     frac_name = "truncated_frac" if weight == "truncate" else "masked_frac"
     stats = _ppo_stats(clipped, dual, n_tok)
     stats[frac_name] = ((~keep).float() * valid).sum() / n_level
-    stats.update(_weight_stats(rho_raw, valid, n_level))
+    stats.update(weight_stats(rho_raw, valid, n_level))
     return loss, stats
 
 
@@ -285,17 +168,17 @@ def gspo_loss(
     token's gradient is -A s_i and the sequence gets the exact gradient of its objective.
     Aggregation is always seq-mean-token-mean (verl forces it).
     """
-    log_s = _masked_diff(logp, prox_logp.detach(), mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    log_s = masked_diff(logp, prox_logp.detach(), mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
     lp = torch.where(mask > 0, logp.float(), torch.zeros_like(mask))
     log_s_tok = log_s.detach()[:, None] + lp - lp.detach()
     s = torch.exp(log_s_tok.clamp(max=GSPO_LOG_RATIO_MAX))
-    adv = _token_adv(advantages, mask)
+    adv = token_adv(advantages, mask)
     eps_high = eps_clip if eps_clip_high is None else eps_clip_high
     l1 = -adv * s
     l2 = -adv * s.clamp(1.0 - eps_clip, 1.0 + eps_high)
     loss = aggregate(torch.maximum(l1, l2), mask, "seq-mean-token-mean",
                      n_tokens_global=n_tokens_global, n_seqs_global=n_seqs_global)
-    n_tok, n_seq = _norms(mask, n_tokens_global, n_seqs_global)
+    n_tok, n_seq = norms(mask, n_tokens_global, n_seqs_global)
     valid = (mask.sum(-1) > 0).float()
     stats = {"clip_frac": ((l2 > l1).float() * mask).sum() / n_tok,
              "seq_ratio_mean": (torch.exp(log_s.detach().clamp(max=GSPO_LOG_RATIO_MAX)) * valid).sum() / n_seq}
@@ -331,20 +214,20 @@ def vespo_loss(
     """
     lp_d = logp.detach()
     if prox_logp is None:
-        log_w = _log_ratio(lp_d, behav_logp.detach(), mask).sum(-1)
+        log_w = log_ratio(lp_d, behav_logp.detach(), mask).sum(-1)
     else:
-        fold = _log_ratio(prox_logp.detach(), behav_logp.detach(), mask)  # verl rollout-IS weight, folded in
-        log_w = (_log_ratio(lp_d, prox_logp.detach(), mask) + fold).sum(-1)
-    log_w = _clamped(log_w)
-    phi = vespo_phi(log_w, _seq_adv(advantages, mask) >= 0, k_pos=k_pos, lambda_pos=lambda_pos,
+        fold = log_ratio(prox_logp.detach(), behav_logp.detach(), mask)  # verl rollout-IS weight, folded in
+        log_w = (log_ratio(lp_d, prox_logp.detach(), mask) + fold).sum(-1)
+    log_w = clamped(log_w)
+    phi = vespo_phi(log_w, seq_adv(advantages, mask) >= 0, k_pos=k_pos, lambda_pos=lambda_pos,
                     k_neg=k_neg, lambda_neg=lambda_neg)
     lp = torch.where(mask > 0, logp.float(), torch.zeros_like(mask))
-    mat = -phi[:, None] * _token_adv(advantages, mask) * lp
+    mat = -phi[:, None] * token_adv(advantages, mask) * lp
     loss = aggregate(mat, mask, agg, n_tokens_global=n_tokens_global, n_seqs_global=n_seqs_global,
                      scale_factor=scale_factor)
-    _, n_seq = _norms(mask, n_tokens_global, n_seqs_global)
+    _, n_seq = norms(mask, n_tokens_global, n_seqs_global)
     valid = (mask.sum(-1) > 0).float()
-    stats = _weight_stats(torch.exp(log_w), valid, n_seq)
+    stats = weight_stats(torch.exp(log_w), valid, n_seq)
     stats["vespo_phi_mean"] = (phi * valid).sum() / n_seq
     return loss, stats
 
@@ -354,7 +237,7 @@ def vcpo_is_weights(old_logp: Tensor, behav_logp: Tensor, mask: Tensor, *, cap: 
 
     ``old`` is the current policy detached (``prox_logp`` when the trainer has it). Constants, [B].
     """
-    w = torch.exp(_seq_log_ratio(old_logp.detach(), behav_logp.detach(), mask))
+    w = torch.exp(seq_log_ratio(old_logp.detach(), behav_logp.detach(), mask))
     return w, w.clamp(max=cap)
 
 
@@ -372,11 +255,11 @@ def vcpo_loss(
     old = logp.detach() if prox_logp is None else prox_logp
     w, w_clip = vcpo_is_weights(old, behav_logp, mask, cap=is_cap)
     lp = torch.where(mask > 0, logp.float(), torch.zeros_like(mask))
-    mat = -w_clip[:, None] * _token_adv(advantages, mask) * lp
+    mat = -w_clip[:, None] * token_adv(advantages, mask) * lp
     loss = aggregate(mat, mask, "seq-mean-token-mean", n_tokens_global=n_tokens_global, n_seqs_global=n_seqs_global)
-    _, n_seq = _norms(mask, n_tokens_global, n_seqs_global)
+    _, n_seq = norms(mask, n_tokens_global, n_seqs_global)
     valid = (mask.sum(-1) > 0).float()
-    stats = _weight_stats(w, valid, n_seq)
+    stats = weight_stats(w, valid, n_seq)
     stats["truncated_frac"] = ((w > is_cap).float() * valid).sum() / n_seq
     return loss, stats
 
@@ -391,10 +274,10 @@ def oapl_loss(
     to the lagged inference policy, no IS, no clamp: the regression pulls large ratios back) and
     A*_i = R_i - V_hat(x_g) from ``advantages.oapl_targets`` (whole minibatch). Mean over sequences.
     """
-    delta = _masked_diff(logp, behav_logp.detach(), mask).sum(-1)
+    delta = masked_diff(logp, behav_logp.detach(), mask).sum(-1)
     valid = (mask.sum(-1) > 0).float()
-    resid = beta * delta - _seq_adv(targets, mask)
-    _, n_seq = _norms(mask, None, n_seqs_global)
+    resid = beta * delta - seq_adv(targets, mask)
+    _, n_seq = norms(mask, None, n_seqs_global)
     loss = (resid * resid * valid).sum() / n_seq
     stats = {"oapl_delta_mean": (delta.detach() * valid).sum() / n_seq,
              "oapl_residual_sq_mean": (resid.detach() ** 2 * valid).sum() / n_seq}
@@ -447,8 +330,8 @@ def compute_policy_loss(
         raise ValueError(f"unknown aggregation mode {agg!r}; choose one of {AGG_MODES}")
     hp = {**HPARAM_DEFAULTS, **hparams}
     mask = mask.detach().float()
-    norms = dict(n_tokens_global=n_tokens_global, n_seqs_global=n_seqs_global)
-    aggs = dict(agg=agg, scale_factor=hp["loss_scale_factor"], **norms)
+    counts = dict(n_tokens_global=n_tokens_global, n_seqs_global=n_seqs_global)
+    aggs = dict(agg=agg, scale_factor=hp["loss_scale_factor"], **counts)
     clip = dict(eps_clip=hp["eps_clip"], eps_clip_high=hp["eps_clip_high"], dual_clip=hp["dual_clip"])
     ppo_args = (logp, prox_logp, behav_logp, advantages, mask)
     if kind == "ppo":
@@ -464,14 +347,14 @@ def compute_policy_loss(
                                         high=hp["mis_high"], **clip, **aggs)
     elif kind == "gspo":
         loss, stats = gspo_loss(logp, prox_logp, advantages, mask, eps_clip=hp["eps_clip"],
-                                eps_clip_high=hp["eps_clip_high"], **norms)
+                                eps_clip_high=hp["eps_clip_high"], **counts)
     elif kind == "vespo":
         loss, stats = vespo_loss(logp, behav_logp, advantages, mask, prox_logp=prox_logp,
                                  k_pos=hp["vespo_k_pos"], lambda_pos=hp["vespo_lambda_pos"],
                                  k_neg=hp["vespo_k_neg"], lambda_neg=hp["vespo_lambda_neg"], **aggs)
     elif kind == "vcpo":
         loss, stats = vcpo_loss(logp, behav_logp, advantages, mask, prox_logp=prox_logp,
-                                is_cap=hp["vcpo_is_cap"], **norms)
+                                is_cap=hp["vcpo_is_cap"], **counts)
     elif kind == "oapl":
         loss, stats = oapl_loss(logp, behav_logp, advantages, mask, beta=hp["oapl_beta"],
                                 n_seqs_global=n_seqs_global)
@@ -484,7 +367,7 @@ def _add_common(loss: Tensor, stats: Stats, logp: Tensor, prox_logp: Tensor | No
                 mask: Tensor, hp: dict, aggs: dict, ref_logp: Tensor | None,
                 entropy: Tensor | None) -> tuple[Tensor, Stats]:
     """KL-to-reference term, mismatch KL, entropy and loss stats shared by every kernel."""
-    n_tok, _ = _norms(mask, aggs["n_tokens_global"], aggs["n_seqs_global"])
+    n_tok, _ = norms(mask, aggs["n_tokens_global"], aggs["n_seqs_global"])
     stats = {k: v.detach().float() for k, v in stats.items()}
     stats["policy_loss"] = loss.detach()
     if hp["kl_coef"]:
