@@ -114,27 +114,22 @@ def _bind(ns: dict, obj: Any) -> str:
     return name
 
 
-def _fast_array_encoder(dtype: np.dtype) -> Converter:
-    tag = dtype.str
+def _array_encode_expr(dtype: np.dtype, var: str, ns: dict) -> str:
+    """Fast encode of an array field: the exact dtype, 1-D and contiguous becomes
+    ``[dtype, length, memoryview]`` (msgspec copies the bytes straight into the frame); lists,
+    int64 ids or strided views are refused (the reference path coerces them)."""
+    dt, nd = _bind(ns, dtype), _bind(ns, np.ndarray)
+    return (f"([{dtype.str!r}, len({var}), memoryview({var})] if type({var}) is {nd} "
+            f"and ({var}.dtype is {dt} or {var}.dtype == {dt}) and {var}.ndim == 1 and {var}.flags.c_contiguous "
+            f"else {_bind(ns, _refuse)}())")
 
-    def enc(v: Any) -> list:
-        if type(v) is np.ndarray and v.ndim == 1 and v.dtype == dtype and v.flags.c_contiguous:
-            return [tag, len(v), memoryview(v)]  # msgpack copies the buffer straight into the frame
-        raise _Refused  # lists, int64 ids, strided views: the reference path coerces them
 
-    return enc
-
-
-def _fast_array_decoder(dtype: np.dtype) -> Converter:
-    tag, itemsize = dtype.str, dtype.itemsize
-
-    def dec(value: tuple) -> np.ndarray:
-        dt, n, view = value
-        if dt != tag or n < 0 or view.nbytes != n * itemsize:
-            raise _Refused
-        return np.frombuffer(view, dtype=dtype)  # a read-only view of the frame
-
-    return dec
+def _array_decode_expr(dtype: np.dtype, var: str, ns: dict) -> str:
+    """Fast decode of an array field: msgspec already checked the dtype tag and length >= 0
+    (``Codec._mirror_type``); the bytes must match the length. ``frombuffer`` gives a read-only view
+    of the frame (dtype passed positionally: keyword parsing costs more than the view)."""
+    return (f"({_bind(ns, np.frombuffer)}({var}[2], {_bind(ns, dtype)}) if {var}[2].nbytes == {var}[1] * "
+            f"{dtype.itemsize} else {_bind(ns, _refuse)}())")
 
 
 # --------------------------------------------------------------------------- scalars
@@ -255,7 +250,7 @@ class Codec:
                 raise ProtocolError(f"cannot encode: {e}", name) from None
         return out
 
-    def encode(self, msg: Any, max_bytes: int) -> bytes:
+    def _wire(self, msg: Any) -> dict:
         if not isinstance(msg, self.base) or type(msg) not in self._top_classes:
             raise ProtocolError(f"not a top-level message: {type(msg).__name__}")
         try:
@@ -268,6 +263,10 @@ class Codec:
             except Exception as e:  # e.g. validate() on a reward that is not a number
                 raise ProtocolError(f"cannot encode: {type(e).__name__}: {e}", "frame") from None
         wire["protocol"] = self.version
+        return wire
+
+    def encode(self, msg: Any, max_bytes: int) -> bytes:
+        wire = self._wire(msg)
         try:
             data = _ENCODER.encode(wire)
         except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as e:  # e.g. a numpy scalar in a dict
@@ -276,11 +275,24 @@ class Codec:
             raise ProtocolError(f"{len(data)} bytes exceeds the limit of {max_bytes}", "frame")
         return data
 
+    def encode_into(self, msg: Any, buffer: bytearray, max_bytes: int) -> None:
+        """``encode`` written into ``buffer`` (resized to the frame; its allocation is kept, so a
+        reused buffer costs no allocation and no page faults). On ProtocolError the contents are
+        undefined."""
+        wire = self._wire(msg)
+        try:
+            _ENCODER.encode_into(wire, buffer)
+        except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as e:
+            raise ProtocolError(f"cannot encode: {e}", "frame") from None
+        if len(buffer) > max_bytes:
+            raise ProtocolError(f"{len(buffer)} bytes exceeds the limit of {max_bytes}", "frame")
+
     # ------------------------------------------------------------------ decode: fast path
 
     def _mirror_type(self, tp: Any) -> Any:
-        if tp in self.array_dtypes:
-            return tuple[str, int, memoryview]
+        if tp in self.array_dtypes:  # msgspec checks the dtype tag and a non-negative length in C
+            return tuple[typing.Literal[self.array_dtypes[tp].str], typing.Annotated[int, msgspec.Meta(ge=0)],
+                         memoryview]
         if (inner := _optional_inner(tp)) is not None:
             return self._mirror_type(inner) | None
         if typing.get_origin(tp) is list:
@@ -319,8 +331,7 @@ class Codec:
     def _value_expr(self, tp: Any, var: str, ns: dict, decode: bool, depth: int = 0) -> str:
         """Source converting the value named ``var`` of type ``tp`` (wire <-> message)."""
         if tp in self.array_dtypes:
-            fn = (_fast_array_decoder if decode else _fast_array_encoder)(self.array_dtypes[tp])
-            return f"{_bind(ns, fn)}({var})"
+            return (_array_decode_expr if decode else _array_encode_expr)(self.array_dtypes[tp], var, ns)
         if (inner := _optional_inner(tp)) is not None:
             return f"(None if {var} is None else {self._value_expr(inner, var, ns, decode, depth)})"
         if typing.get_origin(tp) is list:
@@ -349,11 +360,17 @@ class Codec:
             self._builders[key] = lambda w: built(w)  # stand-in while compiling (no recursive schema today)
             hints = self._hints(cls)
             lines = [] if top else [f"if w.type != {cls.TYPE!r}: raise _Refused"]
-            args = []
-            for i, f in enumerate(dataclasses.fields(cls)):
-                lines.append(f"v{i} = w.{f.name}")
-                args.append(f"{f.name}={self._value_expr(hints[f.name], f'v{i}', ns, decode=True)}")
-            lines.append(f"m = _cls({', '.join(args)})")
+            fields = dataclasses.fields(cls)
+            lines += [f"v{i} = w.{f.name}" for i, f in enumerate(fields)]
+            values = [self._value_expr(hints[f.name], f"v{i}", ns, decode=True) for i, f in enumerate(fields)]
+            slots = [getattr(cls, f.name, None) for f in fields]
+            if all(isinstance(d, types.MemberDescriptorType) for d in slots) and not hasattr(cls, "__post_init__"):
+                # what the frozen dataclass __init__ does (object.__setattr__ per slot) without the
+                # keyword-argument parsing, which costs more than the assignments themselves
+                lines.append(f"m = {_bind(ns, object.__new__)}(_cls)")
+                lines += [f"{_bind(ns, d.__set__)}(m, {v})" for d, v in zip(slots, values)]
+            else:
+                lines.append(f"m = _cls({', '.join(f'{f.name}={v}' for f, v in zip(fields, values))})")
             if cls.validate is not self.base.validate:
                 lines.append("m.validate()")
             lines.append("return m")

@@ -32,7 +32,7 @@ import numpy as np
 
 from areal_like.codec import Codec, ProtocolError
 
-__all__ = ["PROTOCOL_VERSION", "MAX_FRAME_BYTES", "ProtocolError", "Message", "encode", "decode", "TOP_LEVEL_TYPES"]
+__all__ = ["PROTOCOL_VERSION", "MAX_FRAME_BYTES", "ProtocolError", "Message", "encode", "encode_into", "decode", "TOP_LEVEL_TYPES"]
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 256 * 1024 * 1024  # one batch of many long groups stays far below this
@@ -342,6 +342,12 @@ def encode(msg: Message) -> bytes:
     """Serialise a top-level message. Raises ProtocolError naming the field if the message is
     invalid (the sender finds out, not the receiver)."""
     return _CODEC.encode(msg, MAX_FRAME_BYTES)
+
+
+def encode_into(msg: Message, buffer: bytearray) -> None:
+    """``encode`` into a caller-owned buffer (resized to the frame, allocation kept): the
+    transport reuses one buffer per socket instead of allocating every frame."""
+    _CODEC.encode_into(msg, buffer, MAX_FRAME_BYTES)
 
 
 def decode(data: bytes | bytearray | memoryview) -> Message:

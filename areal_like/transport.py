@@ -22,11 +22,18 @@ Patterns and why:
   the guarantee.
 * Trajectories never go over PUB/SUB: a group is kept by its sender until the buffer's Ack says
   it is in the write-ahead log.
-* **Copies.** Frames of ``ZERO_COPY_BYTES`` or more are handed to libzmq without a copy (the
-  bytes object stays referenced until sent), and received frames are decoded in place: the
-  arrays of a decoded message are read-only views of ZMQ's receive buffer, which they keep
-  alive. A 400 KB trajectory group is therefore copied once when encoded and never again in
-  this process (benchmarks/bench_transport.py measures the path).
+* **Copies and allocations.** A message is encoded into a buffer each sender keeps
+  (``FrameWriter``) and libzmq copies it into its own message while sending: no Python
+  allocation per frame and none of pyzmq's zero-copy bookkeeping (a frame handed over without
+  a copy is released through a garbage-collector thread, which costs more than copying a
+  frame of a few MB from a buffer that is hot in cache). Frames above ``SCRATCH_KEEP_BYTES``
+  (a big Batch) hand their buffer to libzmq without a copy instead, so an idle process does not
+  pin it. Received frames are decoded in place: the arrays of a decoded message are read-only
+  views of ZMQ's receive buffer, which they keep alive. A 400 KB trajectory group is copied
+  once when encoded, once into libzmq, and never on the receiving side. glibc's allocator is
+  told to keep freed blocks of frame size (``tune_allocator``): by default it returns them to
+  the kernel and every message faults its pages in again (benchmarks/bench_transport.py
+  measures the path).
 
 Addresses are configuration (``tcp://host:port``); nothing here assumes localhost. Servers
 bind (``tcp://*:port`` or a concrete interface), clients connect.
@@ -34,18 +41,27 @@ bind (``tcp://*:port`` or a concrete interface), clients connect.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 import uuid
+from typing import Any
 
 import zmq
 import zmq.asyncio
 
-from areal_like.protocol import Message, ProtocolError, decode, encode
+from areal_like.protocol import Message, ProtocolError, decode, encode_into
 
 DEFAULT_TIMEOUT_S = 10.0  # a healthy buffer answers in milliseconds; 10 s means it is gone or wedged
 SNDHWM = 1000  # frames queued per peer before sends fail fast
-ZERO_COPY_BYTES = 64 * 1024  # above this, hand frames to libzmq without copying (pyzmq's own guidance)
+ZERO_COPY_BYTES = 64 * 1024  # pyzmq's own threshold for zero-copy frames (benchmarks use it for raw bytes)
+SCRATCH_KEEP_BYTES = 4 * 1024 * 1024  # bigger frames hand their buffer over instead of being copied and kept
+# glibc keeps freed blocks below MMAP in the heap, and at most TRIM free bytes at its top, instead of
+# unmapping them: a frame's buffer is then reused warm by the next frame instead of faulted in anew.
+MALLOC_MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024  # glibc's own ceiling for its dynamic threshold
+MALLOC_TRIM_THRESHOLD_BYTES = 64 * 1024 * 1024  # twice that, as glibc's dynamic rule sets it
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+_allocator_tuned = False
 
 
 class TransportError(RuntimeError):
@@ -66,7 +82,56 @@ def bind_address(address: str) -> str:
     return address
 
 
+def tune_allocator() -> bool:
+    """Keep freed frame-sized blocks in the heap (glibc; once per process; True if applied).
+
+    Frames of hundreds of KB are allocated and freed for every message (by libzmq on receipt,
+    by encoders). glibc's defaults give such blocks back to the kernel (munmap, or trimming the
+    heap top once more than twice the last freed block is free), so the next message faults its
+    pages in again: measured 40+ minor faults and ~140 us of kernel time per 400 KB group on
+    the sending side. Setting the thresholds reaches at once the steady state glibc's dynamic
+    rule converges to for such sizes. Left alone when the user set MALLOC_MMAP_THRESHOLD_ or
+    MALLOC_TRIM_THRESHOLD_ (their choice wins) or AREAL_LIKE_TUNE_MALLOC=0.
+    """
+    global _allocator_tuned
+    if _allocator_tuned:
+        return False
+    _allocator_tuned = True
+    if os.environ.get("AREAL_LIKE_TUNE_MALLOC", "1") == "0" or any(
+            k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
+    except (OSError, AttributeError):  # no mallopt (macOS): nothing to tune
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD_BYTES)
+                and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD_BYTES))
+
+
+class FrameWriter:
+    """Encodes messages into one kept buffer and sends them (see "Copies" above).
+
+    One per socket user; not thread safe (sockets are not either). On an asyncio socket only with
+    NOBLOCK: zmq.asyncio then sends at once or fails, it never queues the parts for later, so the
+    buffer is free again when ``send`` returns.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def send(self, sock: zmq.Socket, head: list[bytes], msg: Message, flags: int = 0) -> Any:
+        """Send ``[*head, encode(msg)]``; an invalid message raises ProtocolError before anything is sent."""
+        frame = self._buf
+        encode_into(msg, frame)
+        if len(frame) <= SCRATCH_KEEP_BYTES:
+            return sock.send_multipart([*head, frame], flags=flags, copy=True)  # copied before send returns
+        self._buf = bytearray()  # libzmq owns this one until it is sent; never written again
+        return sock.send_multipart([*head, frame], flags=flags, copy=False)
+
+
 def _new_socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
+    tune_allocator()
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, SNDHWM)
@@ -83,6 +148,7 @@ class Client:
         self.identity = identity
         self._ctx = zmq.Context.instance()
         self._sock: zmq.Socket | None = None
+        self._writer = FrameWriter()
         self._connect()
 
     def _connect(self) -> None:
@@ -101,10 +167,9 @@ class Client:
         if self._sock is None:
             raise TransportError(f"client for {self.address} is closed")
         timeout = self.timeout_s if timeout_s is None else timeout_s
-        frame = encode(msg)  # a ProtocolError here leaves the socket untouched
         req_id = uuid.uuid4().bytes
         try:
-            self._sock.send_multipart([req_id, frame], flags=zmq.NOBLOCK, copy=len(frame) < ZERO_COPY_BYTES)
+            self._writer.send(self._sock, [req_id], msg, zmq.NOBLOCK)  # a ProtocolError leaves the socket untouched
         except zmq.Again:
             self.reconnect()
             raise TransportTimeout(f"send queue to {self.address} is full") from None
@@ -141,6 +206,7 @@ class AsyncClient:
         self._ctx = zmq.asyncio.Context.instance()
         self._lock = asyncio.Lock()
         self._sock: zmq.asyncio.Socket | None = None
+        self._writer = FrameWriter()
         self._connect()
 
     def _connect(self) -> None:
@@ -158,14 +224,12 @@ class AsyncClient:
         import asyncio
 
         timeout = self.timeout_s if timeout_s is None else timeout_s
-        frame = encode(msg)
         async with self._lock:
             if self._sock is None:
                 raise TransportError(f"client for {self.address} is closed")
             req_id = uuid.uuid4().bytes
             try:
-                await self._sock.send_multipart([req_id, frame], flags=zmq.NOBLOCK,
-                                                copy=len(frame) < ZERO_COPY_BYTES)
+                await self._writer.send(self._sock, [req_id], msg, zmq.NOBLOCK)
             except zmq.Again:
                 self.reconnect()
                 raise TransportTimeout(f"send queue to {self.address} is full") from None
@@ -201,21 +265,12 @@ class Server:
         self._sock.bind(bind_address(address))
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
+        self._writer = FrameWriter()
 
     def recv(self, timeout_s: float) -> tuple[bytes, bytes, Message | ProtocolError] | None:
         """Wait up to ``timeout_s`` for one request; None on timeout."""
-        if not self._poller.poll(max(0, int(timeout_s * 1000))):
-            return None
-        frames = self._sock.recv_multipart(copy=False)  # zero copy: decode reads the frame buffer
-        peer = frames[0].bytes
-        if len(frames) != 3:
-            req_id = frames[1].bytes if len(frames) > 1 else b""
-            return peer, req_id, ProtocolError("expected [req_id, payload]", "frame")
-        req_id = frames[1].bytes
-        try:
-            return peer, req_id, decode(frames[2].buffer)
-        except ProtocolError as e:
-            return peer, req_id, e
+        got = self.recv_with_payload(timeout_s)
+        return None if got is None else got[:3]
 
     def recv_nowait(self) -> tuple[bytes, bytes, Message | ProtocolError] | None:
         return self.recv(0)
@@ -224,9 +279,9 @@ class Server:
         """Like ``recv`` but also returns the undecoded payload (the buffer logs it verbatim in
         its write-ahead log instead of re-encoding the message). The payload is received without
         a copy (a read-only view of ZMQ's buffer; decoded arrays keep it alive)."""
-        if not self._poller.poll(int(timeout_s * 1000)):
+        frames = self._recv_frames(timeout_s)
+        if frames is None:
             return None
-        frames = self._sock.recv_multipart(copy=False)
         if len(frames) != 3:
             error = ProtocolError("expected [req_id, payload]", "frame")
             return frames[0].bytes, frames[1].bytes if len(frames) > 1 else b"", error, b""
@@ -236,12 +291,22 @@ class Server:
         except ProtocolError as e:
             return peer, req_id, e, payload
 
+    def _recv_frames(self, timeout_s: float) -> list[zmq.Frame] | None:
+        """The next request's frames (zero copy). A request already queued is taken without polling
+        first (a busy server saves a poll per request); otherwise wait up to ``timeout_s``."""
+        try:
+            return self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            pass
+        if timeout_s <= 0 or not self._poller.poll(int(timeout_s * 1000)):
+            return None
+        return self._sock.recv_multipart(copy=False)
+
     def send(self, peer: bytes, req_id: bytes, msg: Message) -> None:
         """Reply to ``peer``'s request ``req_id``. Never blocks: a reply to a peer that is gone or
         whose queue is full is dropped (it times out and re-sends)."""
-        frame = encode(msg)
         try:
-            self._sock.send_multipart([peer, req_id, frame], flags=zmq.NOBLOCK, copy=len(frame) < ZERO_COPY_BYTES)
+            self._writer.send(self._sock, [peer, req_id], msg, zmq.NOBLOCK)
         except zmq.Again:
             pass
 
@@ -256,10 +321,11 @@ class Publisher:
         self.address = address
         self._sock = _new_socket(zmq.Context.instance(), zmq.PUB)
         self._sock.bind(bind_address(address))
+        self._writer = FrameWriter()
 
     def publish(self, msg: Message) -> None:
         try:
-            self._sock.send(encode(msg), flags=zmq.NOBLOCK)
+            self._writer.send(self._sock, [], msg, zmq.NOBLOCK)
         except zmq.Again:
             pass
 

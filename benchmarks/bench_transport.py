@@ -6,9 +6,10 @@ our ``Server`` (``recv`` decodes and validates the group, ``send`` answers an ``
 ROUTER that answers a prebuilt reply of the same size without decoding anything.
 
 * **stream** (the goal's figure): the sender keeps ``WINDOW`` requests in flight on a DEALER
-  configured like ``transport.Client``'s (``[req_id, frame]`` framing), encoding each group
-  with ``protocol.encode`` and decoding each Ack; the raw twin sends prebuilt bytes of the same
-  size and reads replies undecoded. Sender encode and receiver decode overlap, as they do when
+  configured like ``transport.Client``'s, sending each group the way ``Client.request`` does
+  (``FrameWriter``: encoded, ``[req_id, frame]`` framing) and decoding each Ack; the raw twin
+  sends prebuilt bytes of the same size (without a copy, above pyzmq's threshold) and reads
+  replies undecoded. Sender encode and receiver decode overlap, as they do when
   several rollout servers feed one buffer: this is the throughput the protocol allows.
 * **reqrep** (for reference): ``Client.request`` with one request in flight, as a single
   rollout server's sender does; encode, decode and both wake-ups add up serially, so on a busy
@@ -39,7 +40,7 @@ import zmq  # noqa: E402
 
 from areal_like import protocol as P  # noqa: E402
 from areal_like.distributed import free_port  # noqa: E402
-from areal_like.transport import ZERO_COPY_BYTES, Client, _new_socket  # noqa: E402
+from areal_like.transport import ZERO_COPY_BYTES, Client, FrameWriter, _new_socket  # noqa: E402
 
 GROUP_SIZE = 8
 PROMPT_TOKENS = 256
@@ -114,15 +115,30 @@ def round_reqrep_raw(sock: zmq.Socket, payload: bytes, seconds: float) -> float:
     return n / elapsed
 
 
-def round_stream(sock: zmq.Socket, make_frame, check_reply, seconds: float) -> float:
+def send_raw(payload: bytes):
+    def send(sock: zmq.Socket, req_id: bytes, _i: int) -> None:
+        sock.send_multipart([req_id, payload], copy=len(payload) < ZERO_COPY_BYTES)
+
+    return send
+
+
+def send_ours(groups: list[P.TrajectoryGroup]):
+    writer = FrameWriter()  # what Client.request sends with
+
+    def send(sock: zmq.Socket, req_id: bytes, i: int) -> None:
+        writer.send(sock, [req_id], groups[i % len(groups)])
+
+    return send
+
+
+def round_stream(sock: zmq.Socket, send, check_reply, seconds: float) -> float:
     """Keep WINDOW requests in flight; count replies per second."""
     sent = done = 0
     t0 = time.perf_counter()
     while True:
         elapsed = time.perf_counter() - t0
         while sent - done < WINDOW and elapsed < seconds:
-            frame = make_frame(sent)
-            sock.send_multipart([sent.to_bytes(8, "little"), frame], copy=len(frame) < ZERO_COPY_BYTES)
+            send(sock, sent.to_bytes(8, "little"), sent)
             sent += 1
         if done == sent:
             return done / elapsed
@@ -171,9 +187,8 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, receiver_pid: int, ro
 
     client, ours_sock, raw_sock = Client(ours_addr, timeout_s=REQUEST_TIMEOUT_S), dealer(ours_addr), dealer(raw_addr)
     modes = {
-        ("stream", "ours"): lambda s: round_stream(ours_sock, lambda i: P.encode(groups[i % len(groups)]),
-                                                   check_ack, s),
-        ("stream", "raw"): lambda s: round_stream(raw_sock, lambda i: payload, lambda reply: None, s),
+        ("stream", "ours"): lambda s: round_stream(ours_sock, send_ours(groups), check_ack, s),
+        ("stream", "raw"): lambda s: round_stream(raw_sock, send_raw(payload), lambda reply: None, s),
         ("reqrep", "ours"): lambda s: round_reqrep_ours(client, groups, s),
         ("reqrep", "raw"): lambda s: round_reqrep_raw(raw_sock, payload, s),
     }
