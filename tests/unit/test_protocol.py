@@ -206,6 +206,33 @@ def test_encode_accepts_sequences_and_numpy_values_like_their_canonical_form():
     assert back.behav_logp.tolist() == [0.0, 2.0, 4.0, 6.0, 8.0]
 
 
+def test_fast_encoder_takes_equal_dtypes_and_refuses_2d_arrays():
+    import pickle
+
+    equal_dtype = np.arange(5, dtype=pickle.loads(pickle.dumps(np.dtype("<i4"))))  # equal, not the same object
+    traj = make_traj(prompt_ids=P.as_i32([1]), output_ids=equal_dtype, behav_logp=P.as_f32(np.zeros(5)),
+                     versions=P.as_i32(np.zeros(5)))
+    assert P._CODEC._fast_encoder(P.Trajectory)(traj)["output_ids"][1] == 5
+    with pytest.raises(P.ProtocolError) as info:
+        P.encode(P.TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0,
+                                   trajectories=[make_traj(prompt_ids=np.zeros((2, 3), dtype=np.int32))]))
+    assert info.value.field == "trajectories[0].prompt_ids" and "1-D" in str(info.value)
+
+
+def test_encode_into_writes_the_same_frame_into_a_kept_buffer(monkeypatch):
+    buffer = bytearray()
+    for msg in (make_group(n=3, t=400), P.Ack(ref="g", status="ok"), make_group(n=1, t=7)):
+        P.encode_into(msg, buffer)
+        assert bytes(buffer) == P.encode(msg)
+    with pytest.raises(P.ProtocolError) as info:
+        P.encode_into(P.Ack(ref="g", status="maybe"), buffer)
+    assert info.value.field == "status"
+    monkeypatch.setattr(P, "MAX_FRAME_BYTES", 100)
+    with pytest.raises(P.ProtocolError) as info:
+        P.encode_into(make_group(n=2, t=64), buffer)
+    assert info.value.field == "frame" and "exceeds" in str(info.value)
+
+
 # ---------------------------------------------------------------- rejection, naming the field
 
 

@@ -1,0 +1,176 @@
+"""Transport copy discipline, in one process over loopback TCP: decoded arrays are views of the
+received ZMQ frame and stay valid after the frame is dropped and more frames arrive; the sender's
+kept encode buffer never corrupts frames still queued; big frames hand their buffer over; the
+allocator tuning is opt-out and applied once."""
+
+from __future__ import annotations
+
+import gc
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zmq
+
+from areal_like import protocol as P
+from areal_like import transport
+from areal_like.transport import Client, FrameWriter, Server, _new_socket
+
+REQUEST_TIMEOUT_S = 20.0  # loopback on a loaded 2-core box: generous, answers take milliseconds
+
+
+def group(seed: int, tokens: int = 4096, n: int = 4) -> P.TrajectoryGroup:
+    rng = np.random.default_rng(seed)
+    trajs = [P.Trajectory(prompt_ids=rng.integers(0, 1000, 16, dtype=np.int32),
+                          output_ids=rng.integers(0, 1000, tokens, dtype=np.int32),
+                          behav_logp=-rng.random(tokens, dtype=np.float32),
+                          versions=np.full(tokens, seed, dtype=np.int32), reward=float(seed), finish_reason="stop")
+             for _ in range(n)]
+    return P.TrajectoryGroup(group_id=f"g-{seed}", server_id="s", lease_id=str(seed), prompt_index=seed, epoch=0,
+                             trajectories=trajs)
+
+
+def same_group(a: P.TrajectoryGroup, b: P.TrajectoryGroup) -> bool:
+    return a.group_id == b.group_id and all(
+        np.array_equal(getattr(x, f), getattr(y, f)) for x, y in zip(a.trajectories, b.trajectories)
+        for f in ("prompt_ids", "output_ids", "behav_logp", "versions"))
+
+
+@pytest.fixture
+def server_and_dealer(free_port):
+    address = f"tcp://127.0.0.1:{free_port()}"
+    server = Server(address)
+    dealer = _new_socket(zmq.Context.instance(), zmq.DEALER)
+    dealer.connect(address)
+    try:
+        yield server, dealer
+    finally:
+        dealer.close(linger=0)
+        server.close()
+
+
+def receive(server: Server, n: int) -> list:
+    got = []
+    while len(got) < n:
+        item = server.recv_with_payload(REQUEST_TIMEOUT_S)
+        assert item is not None, f"received {len(got)} of {n} requests"
+        got.append(item)
+    return got
+
+
+def test_decoded_arrays_outlive_the_received_frame(server_and_dealer):
+    server, dealer = server_and_dealer
+    writer = FrameWriter()
+    sent = group(1)
+    writer.send(dealer, [b"r1"], sent)
+    [(_peer, req_id, msg, payload)] = receive(server, 1)
+    assert req_id == b"r1" and isinstance(msg, P.TrajectoryGroup)
+    arr = msg.trajectories[0].output_ids
+    assert not arr.flags.owndata and not arr.flags.writeable  # a view of ZMQ's buffer, not a copy
+    assert isinstance(arr.base, memoryview) and isinstance(arr.base.obj, zmq.Frame)  # holds the frame
+    del payload
+    gc.collect()
+    for seed in range(2, 12):  # new frames reuse whatever memory was freed meanwhile
+        writer.send(dealer, [b"r"], group(seed))
+    others = receive(server, 10)
+    del others
+    gc.collect()
+    assert same_group(msg, sent)  # the arrays still read the first frame's bytes
+
+
+def test_payload_stays_valid_and_decodes_again(server_and_dealer):
+    """The buffer daemon logs the payload and replays it with ``decode``: same message back."""
+    server, dealer = server_and_dealer
+    writer = FrameWriter()
+    writer.send(dealer, [b"a"], group(3))
+    [(_p, _r, msg, payload)] = receive(server, 1)
+    del msg
+    writer.send(dealer, [b"b"], group(4))
+    receive(server, 1)
+    gc.collect()
+    assert same_group(P.decode(payload), group(3)) and P.decode(bytes(payload)) is not None
+
+
+def test_kept_buffer_never_corrupts_queued_frames(server_and_dealer):
+    server, dealer = server_and_dealer
+    writer = FrameWriter()
+    sent = [group(seed, tokens=512 * (seed + 1)) for seed in range(6)]  # sizes change frame to frame
+    for i, g in enumerate(sent):  # all queued before the server reads any
+        writer.send(dealer, [str(i).encode()], g)
+    buffer = writer._buf
+    got = receive(server, len(sent))
+    assert [r for _, r, _, _ in got] == [str(i).encode() for i in range(len(sent))]
+    assert all(same_group(m, g) for (_, _, m, _), g in zip(got, sent))
+    writer.send(dealer, [b"x"], group(9))
+    assert writer._buf is buffer  # one kept buffer: no allocation per frame
+    receive(server, 1)
+
+
+def test_frames_above_the_kept_size_hand_their_buffer_over(server_and_dealer, monkeypatch):
+    server, dealer = server_and_dealer
+    monkeypatch.setattr(transport, "SCRATCH_KEEP_BYTES", 64 * 1024)
+    writer = FrameWriter()
+    big, small = group(5), P.Ack(ref="r", status="ok")
+    first = writer._buf
+    writer.send(dealer, [b"big"], big)
+    assert writer._buf is not first and len(writer._buf) == 0  # libzmq owns the old one now
+    kept = writer._buf
+    writer.send(dealer, [b"small"], small)
+    assert writer._buf is kept
+    (_, _, m1, _), (_, _, m2, _) = receive(server, 2)
+    assert same_group(m1, big) and isinstance(m2, P.Ack) and m2.ref == "r"
+
+
+def test_invalid_message_sends_nothing(server_and_dealer):
+    server, dealer = server_and_dealer
+    writer = FrameWriter()
+    bad = P.Ack(ref="r", status="maybe")
+    with pytest.raises(P.ProtocolError) as info:
+        writer.send(dealer, [b"bad"], bad)
+    assert info.value.field == "status"
+    assert server.recv(0.2) is None
+    client = Client(server.address, timeout_s=0.2)
+    try:
+        with pytest.raises(P.ProtocolError):
+            client.request(bad)
+    finally:
+        client.close()
+    assert server.recv(0.2) is None
+
+
+def test_server_reply_and_client_round_trip(server_and_dealer):
+    server, _ = server_and_dealer
+    client = Client(server.address, timeout_s=REQUEST_TIMEOUT_S)
+    try:
+        import threading
+
+        def answer():
+            peer, req_id, msg = server.recv(REQUEST_TIMEOUT_S)
+            server.send(peer, req_id, P.Batch(groups=[msg], trainer_version=1, batch_id="b"))
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        reply = client.request(group(7))
+        thread.join(timeout=REQUEST_TIMEOUT_S)
+        assert isinstance(reply, P.Batch) and same_group(reply.groups[0], group(7))
+    finally:
+        client.close()
+
+
+ALLOCATOR_PROBE = "from areal_like import transport; print(transport.tune_allocator(), transport.tune_allocator())"
+
+
+@pytest.mark.parametrize("env,expect", [({}, "True False"), ({"AREAL_LIKE_TUNE_MALLOC": "0"}, "False False"),
+                                        ({"MALLOC_TRIM_THRESHOLD_": "131072"}, "False False")])
+def test_allocator_tuning_is_applied_once_and_can_be_refused(env, expect):
+    import os
+    import platform
+
+    if expect.startswith("True") and not (sys.platform == "linux" and platform.libc_ver()[0] == "glibc"):
+        pytest.skip("mallopt tuning applies to glibc only")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "AREAL_LIKE_TUNE"))}
+    out = subprocess.run([sys.executable, "-c", ALLOCATOR_PROBE], env={**base, **env}, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expect
