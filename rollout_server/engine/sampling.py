@@ -48,18 +48,23 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
            shared: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row. ``logits``: [B, V] (any dtype). Returns (tokens [B] long, logprobs [B] fp32)."""
     logits = logits.float()
-    temps = torch.tensor([p.effective_temperature for p in params], dtype=torch.float32, device=logits.device)
-    scaled = logits / temps[:, None]
-    logp = torch.log_softmax(scaled, dim=-1)
+    temps = [p.effective_temperature for p in params]
+    if all(t == 1.0 for t in temps):  # greedy rows and T=1 sampling: no scaled copy of the logits
+        scaled = logits
+    else:
+        scaled = logits / torch.tensor(temps, dtype=torch.float32, device=logits.device)[:, None]
     greedy = [p.greedy for p in params]
-    tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
-    if any(greedy):
-        g = torch.tensor(greedy, device=logits.device)
-        tokens[g] = logits[g].argmax(dim=-1)
-    if not all(greedy):
+    if all(greedy):
+        tokens = logits.argmax(dim=-1)
+    else:
+        tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
+        if any(greedy):
+            g = torch.tensor(greedy, device=logits.device)
+            tokens[g] = logits[g].argmax(dim=-1)
         rows = [i for i, gr in enumerate(greedy) if not gr]
         tokens[rows] = _sample_rows(scaled[rows], [params[i] for i in rows], [generators[i] for i in rows], shared)
-    return tokens, logp.gather(1, tokens[:, None])[:, 0]
+    # log_softmax(scaled)[token] without materialising the whole [B, V] log_softmax
+    return tokens, scaled.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1)
 
 
 def _sample_rows(scaled: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],

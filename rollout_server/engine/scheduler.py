@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rollout_server.engine import fastpath
 from rollout_server.engine.kv import SlotKV
 from rollout_server.engine.sampling import SamplingParams, sample
 
@@ -83,6 +84,8 @@ class Scheduler:
         if self.layer_types != {"full_attention"}:
             raise NotImplementedError(f"layer types {sorted(self.layer_types)}: the embedded engine builds "
                                       "full-attention masks only (no sliding-window layers)")
+        # Prefill and decode through fastpath when the model's layout is one it knows (same math, less overhead).
+        self.fast_decode = fastpath.supports(model)
         self.running: list[Request] = []  # running[i] lives in KV slot i
         self.waiting: deque[Request] = deque()
         # Admit only when this many slots are free (or the queue is shorter): on CPU a forward pass
@@ -237,6 +240,20 @@ class Scheduler:
     def _prefill(self, new: list[Request]) -> None:
         B, k = len(self.running), len(new)
         seqs = [r.input_ids + r.output_ids for r in new]  # a retracted request re-prefills its outputs
+        L = max(map(len, seqs))
+        self.kv.ensure(L + 1)
+        self.running.extend(new)  # before the forward: if it raises, these are answered with the rest
+        if self.fast_decode:
+            logits = fastpath.prefill(self.model, self.kv, seqs, B)
+        else:
+            logits = self._prefill_padded(seqs, B)
+        for r, s in zip(new, seqs):
+            r.cached = len(s)
+        self._sample_and_retire(logits, list(range(B, B + k)))
+
+    def _prefill_padded(self, seqs: list[list[int]], first_slot: int) -> torch.Tensor:
+        """Any model: one right-padded batch through its forward (4D mask, explicit positions)."""
+        k = len(seqs)
         lens = torch.tensor([len(s) for s in seqs], device=self.device)
         L = int(lens.max())
         ids = torch.zeros(k, L, dtype=torch.long, device=self.device)
@@ -244,30 +261,30 @@ class Scheduler:
             ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
         pos = torch.arange(L, device=self.device)
         allowed = (pos[None, None, :] <= pos[None, :, None]) & (pos[None, None, :] < lens[:, None, None])
-        self.kv.ensure(L + 1)
-        self.kv.set_prefill(slice(B, B + k), L)
-        self.running.extend(new)  # before the forward: if it raises, these are answered with the rest
+        self.kv.set_prefill(slice(first_slot, first_slot + k), L)
         out = self.model(input_ids=ids, attention_mask=self._masks(allowed), position_ids=pos[None].expand(k, L),
                          past_key_values=self.kv, use_cache=True, logits_to_keep=(lens - 1)[:, None])
-        for r, n in zip(new, lens.tolist()):
-            r.cached = n
-        self._sample_and_retire(out.logits[:, -1], list(range(B, B + k)))
+        return out.logits[:, -1]
 
     def _decode(self) -> None:
         B = len(self.running)
         start = torch.tensor([r.cached for r in self.running], device=self.device)
-        kv_len = int(start.max()) + 1
+        kv_len = max(r.cached for r in self.running) + 1
         self.kv.ensure(kv_len)
-        keys = torch.arange(kv_len, device=self.device)
-        allowed = (keys[None, None, :] <= start[:, None, None])
-        self.kv.set_decode(slice(0, B), start, kv_len)
         last = torch.tensor([r.output_ids[-1] for r in self.running], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=last[:, None], attention_mask=self._masks(allowed), position_ids=start[:, None],
-                         past_key_values=self.kv, use_cache=True, logits_to_keep=1)
+        if self.fast_decode:
+            logits = fastpath.decode(self.model, self.kv, last, start, kv_len)
+        else:
+            keys = torch.arange(kv_len, device=self.device)
+            allowed = (keys[None, None, :] <= start[:, None, None])
+            self.kv.set_decode(slice(0, B), start, kv_len)
+            logits = self.model(input_ids=last[:, None], attention_mask=self._masks(allowed),
+                                position_ids=start[:, None], past_key_values=self.kv, use_cache=True,
+                                logits_to_keep=1).logits[:, -1]
         for r in self.running:
             r.cached += 1
         self.steps += 1
-        self._sample_and_retire(out.logits[:, -1], list(range(B)))
+        self._sample_and_retire(logits, list(range(B)))
 
     def _sample_and_retire(self, logits: torch.Tensor, slots: list[int]) -> None:
         reqs = [self.running[s] for s in slots]

@@ -1,0 +1,97 @@
+"""The scheduler's own prefill/decode path (fastpath.py) against transformers, for each family it accepts:
+greedy tokens equal ``generate`` token for token, logprobs equal a separate forward, and the path agrees
+with the model's own forward through the slot cache (the fallback every other model uses)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+from rollout_server.engine import fastpath
+from rollout_server.engine.sampling import SamplingParams
+from rollout_server.engine.scheduler import Request, Scheduler
+
+WAIT_S = 120.0  # generous: the machine is shared
+EOS = 2
+SIZES = dict(vocab_size=104, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=192, eos_token_id=EOS, pad_token_id=0, bos_token_id=1)
+
+
+def tiny(kind: str):
+    torch.manual_seed(0)
+    cfg = {"qwen2": lambda: Qwen2Config(**SIZES), "llama": lambda: LlamaConfig(**SIZES, attention_bias=True),
+           "qwen3": lambda: Qwen3Config(**SIZES, head_dim=16)}[kind]()
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    with torch.no_grad():  # a random init this small gives near-uniform logits; sharpen them so argmax is stable
+        model.lm_head.weight.mul_(8.0)
+    return model
+
+
+def prompts(n: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(4, 104, (int(k),), generator=g).tolist() for k in torch.randint(2, 40, (n,), generator=g)]
+
+
+def run(model, ps, params, *, fast: bool = True, max_running: int = 3) -> list[Request]:
+    s = Scheduler(model, max_running=max_running, max_total_tokens=4096, context_len=192, weight_version="0")
+    s.fast_decode = fast and s.fast_decode
+    done, finished = {}, threading.Event()
+
+    def fin(r):
+        done[r.rid] = r
+        if len(done) == len(ps):
+            finished.set()
+    s.start()
+    try:
+        for i, (p, sp) in enumerate(zip(ps, params)):
+            s.submit(Request(rid=str(i), input_ids=p, params=sp, stop_ids=frozenset([EOS]), on_finish=fin))
+        assert finished.wait(WAIT_S), "requests did not finish"
+    finally:
+        s.stop()
+    return [done[str(i)] for i in range(len(ps))]
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen3"])
+def test_family_greedy_equals_generate_and_logprobs_equal_forward(kind):
+    torch.set_num_threads(1)
+    model = tiny(kind)
+    assert fastpath.supports(model)
+    ps, limits = prompts(7, seed=3), [6, 30, 12, 1, 45, 20, 9]
+    got = run(model, ps, [SamplingParams(max_new_tokens=m, temperature=0.0) for m in limits])
+    for p, m, r in zip(ps, limits, got):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([p]), max_new_tokens=m, do_sample=False, eos_token_id=EOS,
+                                 pad_token_id=0)[0, len(p):].tolist()
+        assert r.output_ids == ref
+    sampled = run(model, ps, [SamplingParams(max_new_tokens=20, temperature=0.8) for _ in ps], max_running=4)
+    for p, r in zip(ps, sampled):
+        with torch.no_grad():
+            logits = model(torch.tensor([p + r.output_ids])).logits[0, len(p) - 1:-1].float()
+        ref = torch.log_softmax(logits / 0.8, -1).gather(1, torch.tensor(r.output_ids)[:, None])[:, 0]
+        assert (ref - torch.tensor(r.output_logprobs)).abs().max().item() <= 1e-4
+
+
+def test_fast_path_agrees_with_the_models_own_forward():
+    torch.set_num_threads(1)
+    model = tiny("qwen2")
+    ps = prompts(8, seed=5)
+    params = [SamplingParams(max_new_tokens=40, temperature=0.0) for _ in ps]
+    fast, slow = run(model, ps, params), run(model, ps, params, fast=False)
+    for a, b in zip(fast, slow):
+        assert a.output_ids == b.output_ids
+        assert max(abs(x - y) for x, y in zip(a.output_logprobs, b.output_logprobs)) <= 1e-5
+
+
+def test_supports_only_known_layouts():
+    class Wrapped(torch.nn.Module):  # a module that only forwards: the scheduler must use its forward
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+    model = tiny("qwen2")
+    assert not fastpath.supports(Wrapped(model))
+    sliding = AutoModelForCausalLM.from_config(Qwen2Config(**SIZES, use_sliding_window=True, sliding_window=8,
+                                                           max_window_layers=0))
+    assert not fastpath.supports(sliding)
