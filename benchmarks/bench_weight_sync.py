@@ -1,22 +1,34 @@
-"""Weight broadcast: the trainer's bucketed per-tensor broadcast against one flat tensor, same run.
+"""Weight sync through the real code path (trainer sender -> 2 embedded engines over HTTP) vs one flat broadcast.
 
-Three processes on loopback form one gloo weight group exactly as in a real sync
-(``areal_like.distributed.init_weight_group``): rank 0 is the trainer, ranks 1-2 are receivers.
+Three processes on loopback. Rank 0 plays trainer rank 0: it builds a Qwen2 (``areal_like.hf.build_model``;
+default hidden 512, 4 layers, vocab 8192: ~24M fp32 parameters, ~96 MB) and sends it in the buckets
+of ``trainer.weight_buckets.plan_buckets`` (64 MB). Ranks 1-2 each run a real ``EmbeddedEngine``
+(HTTP server, scheduler, ``WeightUpdater``) with a differently initialised copy of the model, and
+apply every sync exactly as a rollout server does: ``rollout_server.weight_update.apply_weight_sync``
+over ``SGLangClient`` (``/pause_generation``, ``/begin_weight_update``, one
+``/update_weights_from_distributed`` per bucket, ``/end_weight_update``, ``/continue_generation``).
+The weight group is formed once, as in a real run (``/init_weights_update_group`` + rank 0's join).
 
-* bucketed: the tensors of a Qwen2-shaped model (default hidden 512, 4 layers, vocab 8192:
-  ~24M fp32 parameters, ~96 MB) in the order and buckets of ``trainer.weight_sync.plan_buckets``;
-  the sender issues every tensor of a bucket as an async broadcast and waits for them (what
-  ``WeightBroadcaster`` does). Two receiver strategies, one JSON line each:
-  ``in_place``: receive straight into the parameters (safe: generation is paused during a sync);
-  ``alloc_copy``: allocate a fresh buffer per tensor, receive, copy into the parameters (what the
-  embedded engine's loader does today, like SGLang's).
-* flat: the same number of bytes as one flat fp32 tensor, received into one buffer, no load:
-  the transport's ceiling, measured in the same run, interleaved with the bucketed trials.
+Cases, interleaved in every trial, one JSON line each for the two sync formats:
+* ``flattened`` (what the system does): each bucket packed into one uint8 buffer and broadcast with
+  one op (``BucketPipeline``: bucket i+1 packed while bucket i is on the wire); the engine receives
+  it into a spare buffer and swaps it in as the parameters' storage (``load_format:
+  "flattened_bucket"``, as SGLang's FlattenedTensorBucket). Bucket 0 is packed before the start
+  barrier because ``WeightBroadcaster.push`` packs it before it publishes the plan, i.e. before any
+  engine is asked to pause; buckets 1.. are packed inside the measured window;
+* ``per_tensor`` (the previous format, SGLang's default): one async broadcast per tensor, the
+  engine receives into fresh buffers and copies them into the parameters;
+* ``flat`` (baseline): the same number of bytes as one flat fp32 broadcast on the same weight group,
+  received into one preallocated buffer, no HTTP, no load: the transport's ceiling, same run.
 
-Each line: bucketed GB/s (figure), flat GB/s (baseline), ratio = bucketed/flat (goal >= 0.85),
-and the pause window: the slowest receiver's time from the start of the sync to the last tensor
-loaded, against the pure flat transfer time (goal pause <= 1.2x transfer). Median of ``--trials``
-trials after one warm-up. Not included: the trainer-side FSDP all-gather (``full_tensor``).
+Per line: figure = bytes / t_loaded (GB/s) with t_loaded = from the common start (a barrier) to the
+slowest engine's answer to its last ``/update_weights_from_distributed`` (received AND loaded),
+baseline = bytes / t_flat, ratio = t_flat / t_loaded (goal >= 0.85); ``pause_s`` = the slowest
+engine's real pause window (``SyncDone.pause_s``: ``/pause_generation`` sent until
+``/continue_generation`` answered), ``pause_over_transfer`` = pause / t_flat (goal <= 1.2). Median of
+``--trials`` trials after one warm-up. The engines are idle (no requests to abort) and the
+trainer-side FSDP all-gather is not included. After the trials the engines' weights are checked
+to equal the sender's exactly (SHA-256), so a fast wrong sync cannot pass.
 
     .venv/bin/python benchmarks/bench_weight_sync.py                      # ~96 MB, < 60 s
     .venv/bin/python benchmarks/bench_weight_sync.py --hidden 1024 --layers 8 --bucket-mb 64
@@ -35,88 +47,169 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 GROUP_TIMEOUT_S = 120.0  # rendezvous and every op; the whole benchmark must fit in well under it
+GROUP = "bench_weights"
+CASES = ("flat", "per_tensor", "flattened")  # flattened last: the final checksum checks the system's path
 
 
-def model_shapes(hidden: int, layers: int, vocab: int) -> list[tuple[str, list[int], str]]:
-    """Parameter names and shapes of a Qwen2 (heads of 64, kv heads = half, ffn = 4x), in HF order."""
-    kv = hidden // 2
-    out = [("model.embed_tokens.weight", [vocab, hidden], "float32")]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        out += [(p + "self_attn.q_proj.weight", [hidden, hidden], "float32"), (p + "self_attn.q_proj.bias", [hidden], "float32"),
-                (p + "self_attn.k_proj.weight", [kv, hidden], "float32"), (p + "self_attn.k_proj.bias", [kv], "float32"),
-                (p + "self_attn.v_proj.weight", [kv, hidden], "float32"), (p + "self_attn.v_proj.bias", [kv], "float32"),
-                (p + "self_attn.o_proj.weight", [hidden, hidden], "float32"),
-                (p + "mlp.gate_proj.weight", [4 * hidden, hidden], "float32"),
-                (p + "mlp.up_proj.weight", [4 * hidden, hidden], "float32"),
-                (p + "mlp.down_proj.weight", [hidden, 4 * hidden], "float32"),
-                (p + "input_layernorm.weight", [hidden], "float32"),
-                (p + "post_attention_layernorm.weight", [hidden], "float32")]
-    return out + [("model.norm.weight", [hidden], "float32"), ("lm_head.weight", [vocab, hidden], "float32")]
+def model_config(args: argparse.Namespace, seed: int):
+    from areal_like.config import ModelConfig
+
+    heads = max(1, args.hidden // 64)
+    return ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                       num_hidden_layers=args.layers, num_attention_heads=heads,
+                       num_key_value_heads=max(1, heads // 2), max_position_embeddings=256, init_seed=seed)
 
 
-def worker(rank: int, port: int, args: argparse.Namespace) -> None:
+def sender(args: argparse.Namespace, wport: int, buckets, model):
+    """Rank 0: one function per case, each returns when its last broadcast completed."""
+    import torch
+    import torch.distributed as dist
+
+    from areal_like.distributed import init_weight_group
+    from trainer.weight_buckets import BucketPipeline
+
+    pg = init_weight_group("gloo", "127.0.0.1", wport, 3, 0, GROUP, GROUP_TIMEOUT_S)
+    params = dict(model.named_parameters())
+    nbytes = sum(p.numel() * p.element_size() for p in params.values())
+    flat = torch.randn(nbytes // 4)
+    pipeline = BucketPipeline()
+
+    def stage_first():  # before the start, as WeightBroadcaster.push packs bucket 0 before it publishes the plan
+        pipeline.stage([params[n].detach() for n in buckets[0].names])
+
+    def flattened():
+        pipeline.launch(pg)
+        for b in buckets[1:]:
+            pipeline.send([params[n].detach() for n in b.names], pg)
+        pipeline.finish()
+
+    def per_tensor():
+        for b in buckets:
+            for w in [dist.broadcast(params[n].detach(), group_src=0, group=pg, async_op=True) for n in b.names]:
+                w.wait()
+
+    return {"flat": lambda: dist.broadcast(flat, group_src=0, group=pg), "flattened": flattened,
+            "per_tensor": per_tensor}, stage_first, nbytes
+
+
+async def receiver_trials(args: argparse.Namespace, rank: int, wport: int, buckets, engine) -> dict:
+    """Ranks 1-2: drive this engine through every trial as a rollout server would."""
+    import torch
+    import torch.distributed as dist
+
+    from areal_like.protocol import SyncMember, WeightSyncPlan
+    from rollout_server.sglang_client import SGLangClient
+    from rollout_server.weight_update import FLATTENED, apply_weight_sync
+
+    last_update = [0.0]
+
+    def stamp(method, path, status, body, raw):
+        if path == "/update_weights_from_distributed":
+            last_update[0] = time.perf_counter()
+
+    results = {c: [] for c in CASES}
+    async with SGLangClient(engine.url, timeout_s=GROUP_TIMEOUT_S, on_response=stamp) as client:
+        await client.init_weights_update_group(master_address="127.0.0.1", master_port=wport, rank_offset=rank,
+                                               world_size=3, group_name=GROUP, backend="gloo",
+                                               timeout_s=GROUP_TIMEOUT_S)
+        pg = engine.weights.groups[GROUP]
+        flat = torch.empty(sum(p.numel() for p in engine.model.parameters()))
+        members = [SyncMember(server_id=f"engine-{r}", rank_offset=r) for r in (1, 2)]
+        version = 0
+        for trial in range(args.trials + 1):
+            for case in CASES:
+                version += 1
+                plan = WeightSyncPlan(policy_version=version, group_name=GROUP, master_addr="127.0.0.1",
+                                      master_port=wport, world_size=3, backend="gloo", reform=False,
+                                      members=members, buckets=buckets, deadline_s=GROUP_TIMEOUT_S)
+                dist.barrier()
+                t0 = time.perf_counter()
+                if case == "flat":
+                    dist.broadcast(flat, group_src=0, group=pg)
+                    loaded = pause = time.perf_counter() - t0
+                else:
+                    done = await apply_weight_sync(client, plan, f"engine-{rank}", drain=False,
+                                                   load_format=FLATTENED if case == "flattened" else None)
+                    if not done.ok:
+                        raise RuntimeError(f"sync failed: {done.reason}")
+                    loaded, pause = last_update[0] - t0, done.pause_s
+                results[case].append(_slowest(loaded, pause, trial))
+    return results
+
+
+def _slowest(loaded: float, pause: float, trial: int) -> tuple[float, float] | None:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([loaded, pause], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank: when the last engine is done
+    return (float(t[0]), float(t[1])) if trial > 0 else None
+
+
+def worker(rank: int, cport: int, wport: int, args: argparse.Namespace) -> None:
+    import asyncio
+
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     sys.path.insert(0, str(REPO))
-    from areal_like.distributed import init_weight_group
-    from trainer.weight_sync import plan_buckets
+    from areal_like.config import EngineConfig
+    from areal_like.hf import build_model, state_checksum
+    from rollout_server.engine import EmbeddedEngine
+    from trainer.weight_buckets import plan_buckets
 
-    pg = init_weight_group("gloo", "127.0.0.1", port, 3, rank, "bench_weights", GROUP_TIMEOUT_S)
-    shapes = model_shapes(args.hidden, args.layers, args.vocab)
-    buckets = plan_buckets(shapes, int(args.bucket_mb * 1024 * 1024))
-    gen = torch.Generator().manual_seed(rank)
-    params = {n: torch.randn(s, generator=gen) for n, s, _ in shapes}  # sender: the weights; receivers: the model
-    n_elems = sum(t.numel() for t in params.values())
-    flat = torch.randn(n_elems) if rank == 0 else torch.empty(n_elems)
+    engine = None
+    if rank == 0:
+        model = build_model(model_config(args, seed=7))
+    else:
+        engine = EmbeddedEngine(model_config(args, seed=rank),
+                                EngineConfig(max_running_requests=4, max_total_tokens=512)).start()
+        model = engine.model
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{cport}", rank=rank, world_size=3)
+        buckets = plan_buckets([(n, list(p.shape), "float32") for n, p in model.named_parameters()],
+                               int(args.bucket_mb * 1024 * 1024))
+        if rank == 0:
+            cases, stage_first, nbytes = sender(args, wport, buckets, model)
+            results = {c: [] for c in CASES}
+            for trial in range(args.trials + 1):
+                for case in CASES:
+                    if case == "flattened":
+                        stage_first()
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    cases[case]()
+                    results[case].append(_slowest(time.perf_counter() - t0, 0.0, trial))
+        else:
+            results = asyncio.run(receiver_trials(args, rank, wport, buckets, engine))
+        sums = [None] * 3
+        dist.all_gather_object(sums, state_checksum(model))
+        if rank == 0:
+            if len(set(sums)) != 1:
+                raise SystemExit(f"engine weights differ from the sender's after the syncs: {sums}")
+            report(results, nbytes, len(buckets), sum(len(b.names) for b in buckets), args)
+    finally:
+        if engine is not None:
+            engine.stop()
+    os._exit(0)  # skip interpreter teardown: destroying gloo groups at exit can abort the process
 
-    def bucketed(in_place: bool) -> float:
-        t0 = time.perf_counter()
-        for b in buckets:
-            if rank == 0 or in_place:
-                works = [dist.broadcast(params[n], group_src=0, group=pg, async_op=True) for n in b.names]
-                for w in works:
-                    w.wait()
-            else:
-                bufs = [torch.empty(s) for s in b.shapes]
-                for buf in bufs:
-                    dist.broadcast(buf, group_src=0, group=pg)
-                with torch.no_grad():
-                    for n, buf in zip(b.names, bufs):
-                        params[n].copy_(buf)
-        return time.perf_counter() - t0
 
-    def flat_once() -> float:
-        t0 = time.perf_counter()
-        dist.broadcast(flat, group_src=0, group=pg)
-        return time.perf_counter() - t0
-
-    cases = {"flat": flat_once, "in_place": lambda: bucketed(True), "alloc_copy": lambda: bucketed(False)}
-    results = {name: [] for name in cases}
-    for trial in range(args.trials + 1):
-        for name, fn in cases.items():
-            dist.barrier(group=pg)
-            dt = torch.tensor([fn()], dtype=torch.float64)
-            dist.all_reduce(dt, op=dist.ReduceOp.MAX, group=pg)  # the slowest rank: when the last receiver is done
-            if trial > 0:
-                results[name].append(float(dt))
-    for mode in ("in_place", "alloc_copy"):
-        if rank != 0:
-            break
-        nbytes = 4 * n_elems
-        t_b, t_f = statistics.median(results[mode]), statistics.median(results["flat"])
-        gbps_b, gbps_f = nbytes / t_b / 1e9, nbytes / t_f / 1e9
+def report(results: dict, nbytes: int, n_buckets: int, n_tensors: int, args: argparse.Namespace) -> None:
+    t_flat = statistics.median(r[0] for r in results["flat"] if r)
+    best_flat = min(r[0] for r in results["flat"] if r)
+    for case in ("flattened", "per_tensor"):
+        rows = [r for r in results[case] if r]
+        t_load, pause = statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows)
         print(json.dumps({
-            "name": f"weight_sync_bucketed_{mode}_vs_flat", "figure": round(gbps_b, 3), "unit": "GB/s",
-            "baseline": round(gbps_f, 3), "ratio": round(gbps_b / gbps_f, 3), "goal": ">= 0.85",
-            "pause_s": round(t_b, 4), "transfer_s": round(t_f, 4), "pause_over_transfer": round(t_b / t_f, 3),
-            "pause_goal": "<= 1.2", "ratio_best_trials": round(min(results["flat"]) / min(results[mode]), 3),
-            "bytes": nbytes, "tensors": len(shapes), "buckets": len(buckets),
-            "bucket_mb": args.bucket_mb, "receivers": 2, "trials": args.trials, "backend": "gloo",
+            "name": f"weight_sync_{case}_vs_flat", "figure": round(nbytes / t_load / 1e9, 3), "unit": "GB/s",
+            "baseline": round(nbytes / t_flat / 1e9, 3), "ratio": round(t_flat / t_load, 3), "goal": ">= 0.85",
+            "loaded_s": round(t_load, 4), "pause_s": round(pause, 4), "transfer_s": round(t_flat, 4),
+            "pause_over_transfer": round(pause / t_flat, 3), "pause_goal": "<= 1.2",
+            "ratio_best_trials": round(best_flat / min(r[0] for r in rows), 3),
+            "bytes": nbytes, "tensors": n_tensors, "buckets": n_buckets, "bucket_mb": args.bucket_mb,
+            "receivers": 2, "trials": args.trials, "backend": "gloo", "load": os.getloadavg()[0],
         }), flush=True)
-    dist.destroy_process_group(pg)
 
 
 def main() -> None:
@@ -127,17 +220,18 @@ def main() -> None:
     ap.add_argument("--bucket-mb", type=float, default=64.0)
     ap.add_argument("--trials", type=int, default=15)
     ap.add_argument("--rank", type=int, default=-1, help=argparse.SUPPRESS)
-    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--ports", type=str, default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rank >= 0:
-        worker(args.rank, args.port, args)
+        cport, wport = map(int, args.ports.split(","))
+        worker(args.rank, cport, wport, args)
         return
     sys.path.insert(0, str(REPO))
     from areal_like.distributed import free_port
 
-    port = free_port()
+    ports = f"{free_port()},{free_port()}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--rank", str(r), "--port", str(port)],
+    procs = [subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--rank", str(r), "--ports", ports],
                               env=env) for r in range(3)]
     try:
         codes = [p.wait(timeout=GROUP_TIMEOUT_S * 2) for p in procs]

@@ -311,12 +311,15 @@ class SGLangClient:
 
     async def update_weights_from_distributed(self, *, names: list[str], dtypes: list[str], shapes: list[list[int]],
                                               group_name: str, weight_version: str | None, flush_cache: bool,
-                                              timeout_s: float | None = None) -> None:
-        """Receive one bucket by broadcast from group rank 0; returns once it is loaded."""
+                                              load_format: str | None = None, timeout_s: float | None = None) -> None:
+        """Receive one bucket by broadcast from group rank 0; returns once it is loaded. ``load_format``
+        ``"flattened_bucket"``: the bucket comes as ONE uint8 broadcast of all tensors back to back."""
         body = {"names": list(names), "dtypes": list(dtypes), "shapes": [list(map(int, s)) for s in shapes],
                 "group_name": group_name, "flush_cache": flush_cache}
         if weight_version is not None:
             body["weight_version"] = weight_version
+        if load_format is not None:
+            body["load_format"] = load_format
         await self._call("POST", "/update_weights_from_distributed", body, timeout_s=timeout_s, idempotent=False)
 
     async def update_weights_from_disk(self, model_path: str, *, weight_version: str | None = None,

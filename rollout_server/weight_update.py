@@ -13,8 +13,10 @@ server's engine through one ``WeightSyncPlan`` over SGLang's HTTP endpoints:
    returned, so nothing is aborted; a drain that takes more than ``DRAIN_SHARE`` of the
    deadline falls back to aborting (the sync must not miss its deadline waiting for a long tail);
 3. ``/begin_weight_update`` (skipped on servers without it), one
-   ``/update_weights_from_distributed`` per bucket in plan order, each returning once its tensors
-   are received and loaded (``weight_version`` and flush_cache only on the last bucket, so an
+   ``/update_weights_from_distributed`` per bucket in plan order with ``load_format:
+   "flattened_bucket"`` (the trainer broadcasts each bucket as ONE uint8 buffer of its tensors back
+   to back, ``trainer.weight_buckets``; SGLang 0.5.23 and the embedded engine both receive it so),
+   each returning once its tensors are received and loaded (``weight_version`` and flush_cache only on the last bucket, so an
    engine whose sync fails half-way keeps its old label: tokens from mixed weights are never
    labelled newer than they are), ``/end_weight_update``;
 4. ``/continue_generation`` -- **always**, also after a failure: an engine is never left paused
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 DESTROY_TIMEOUT_S = 10.0  # tearing down an old group is local work; a hang here means the group is broken
 CONTINUE_TIMEOUT_S = 30.0  # continue runs even after the deadline passed; it must not wait forever either
 DRAIN_SHARE = 0.5  # at most this share of the deadline is spent letting in-flight requests finish
+FLATTENED = "flattened_bucket"  # must match what trainer rank 0 broadcasts (trainer.weight_buckets.FLATTENED)
 
 
 class _Deadline:
@@ -55,8 +58,10 @@ class _Deadline:
 
 
 async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_id: str, *, drain: bool,
-                            inflight_drained: Callable[[], Awaitable[None]] | None = None) -> SyncDone:
-    """Apply ``plan`` to this server's engine; never raises, never leaves the engine paused."""
+                            inflight_drained: Callable[[], Awaitable[None]] | None = None,
+                            load_format: str | None = FLATTENED) -> SyncDone:
+    """Apply ``plan`` to this server's engine; never raises, never leaves the engine paused.
+    ``load_format=None`` (one broadcast per tensor) is for senders that do not pack buckets."""
     member = next((m for m in plan.members if m.server_id == server_id), None)
     if member is None:
         return SyncDone(server_id=server_id, policy_version=plan.policy_version, ok=False,
@@ -83,7 +88,7 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
             await client.update_weights_from_distributed(
                 names=bucket.names, dtypes=bucket.dtypes, shapes=bucket.shapes, group_name=plan.group_name,
                 weight_version=str(plan.policy_version) if last else None, flush_cache=last,
-                timeout_s=deadline.left())
+                load_format=load_format, timeout_s=deadline.left())
         await client.end_weight_update(timeout_s=deadline.left())
         session_open = False
         ok = True

@@ -2,7 +2,11 @@
 
 Run as ``python weight_sender.py '<json spec>'`` (tests pass its text to ``python -c``). Spec:
 ``model`` (ModelConfig fields), ``port``, ``group``, ``buckets`` (lists of parameter names, the
-broadcast order), optional ``backend`` (gloo), ``device`` (cpu), ``timeout_s`` (120). Prints
+broadcast order), optional ``backend`` (gloo), ``device`` (cpu), ``timeout_s`` (120), ``load_format``
+(``"flattened_bucket"``: one packed broadcast per bucket with the trainer's ``BucketPipeline``, what
+``apply_weight_sync`` announces; null: one broadcast per tensor), ``rounds`` (a list of
+``{"seed": int, "dtype": str}``: push the buckets once per round, the model built with that init
+seed and sent in that wire dtype; default one round of ``model`` in its own dtype). Prints
 ``ready`` once the model is built (before the rendezvous) and ``sent`` after the last tensor.
 """
 import json
@@ -16,16 +20,27 @@ torch.set_num_threads(1)
 from areal_like.config import ModelConfig  # noqa: E402
 from areal_like.distributed import init_weight_group  # noqa: E402
 from areal_like.hf import build_model  # noqa: E402
+from trainer.weight_buckets import FLATTENED, BucketPipeline  # noqa: E402
 
 spec = json.loads(sys.argv[1])
 device = spec.get("device", "cpu")
-state = build_model(ModelConfig(**spec["model"]), device=device).state_dict()
+states = []
+for r in spec.get("rounds") or [{}]:
+    cfg = ModelConfig(**{**spec["model"], **({"init_seed": r["seed"]} if "seed" in r else {})})
+    dtype = getattr(torch, r["dtype"]) if "dtype" in r else None
+    states.append({n: t.to(dtype or t.dtype) for n, t in build_model(cfg, device=device).state_dict().items()})
 print("ready", flush=True)
 pg = init_weight_group(spec.get("backend", "gloo"), "127.0.0.1", spec["port"], 2, 0, spec["group"],
                        spec.get("timeout_s", 120))
-for names in spec["buckets"]:
-    for name in names:
-        dist.broadcast(state[name].contiguous(), group_src=0, group=pg)
+pipeline = BucketPipeline()
+for state in states:
+    for names in spec["buckets"]:
+        if spec.get("load_format", FLATTENED) == FLATTENED:
+            pipeline.send([state[name] for name in names], pg)
+        else:
+            for name in names:
+                dist.broadcast(state[name].contiguous(), group_src=0, group=pg)
+pipeline.finish()
 if device.startswith("cuda"):
     torch.cuda.synchronize()
 print("sent", flush=True)

@@ -1,7 +1,8 @@
 """Trainer side of weight synchronisation (DESIGN section 4; the protocol is in WEIGHT_SYNC.md).
 
-Owns: the bucket plan (pure ``plan_buckets``), the weight-update process group on trainer rank 0
-(``WeightBroadcaster``), the broadcast of every bucket, the wait for the members' ``SyncDone``
+Owns: the weight-update process group on trainer rank 0 (``WeightBroadcaster``), the broadcast
+of every bucket (planned and packed by ``trainer.weight_buckets``: one flattened uint8 broadcast
+per bucket, the next bucket packed while the previous one is on the wire), the wait for the members' ``SyncDone``
 reports (through the buffer's ``SyncStatus``) and the ``VersionUpdate`` announcement. The engines'
 HTTP side (pause, per-bucket receive, continue) is driven by each rollout server, not here.
 
@@ -44,6 +45,7 @@ from areal_like.protocol import (
     WeightSyncPlan,
 )
 from areal_like.transport import Client, TransportTimeout
+from trainer.weight_buckets import BucketPipeline, bucket_nbytes, dtype_name, plan_buckets  # noqa: F401 (re-exported)
 
 log = logging.getLogger("trainer.weight_sync")
 
@@ -52,56 +54,6 @@ ROSTER_POLL_S = 0.5  # while waiting for reports: how often to check that pendin
 BROADCAST_SLICE_S = 1.0  # a stalled broadcast checks every slice whether a member already reported failure
 NCCL_POLL_S = 0.0005  # NCCL completion poll; small next to any bucket's transfer time
 BUFFER_REQUEST_TIMEOUT_S = 10.0  # the buffer answers control requests in milliseconds when alive
-_ITEMSIZE = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4, "int16": 2,
-             "int8": 1, "uint8": 1, "bool": 1}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"`` (the SGLang wire form)."""
-    return str(dtype).removeprefix("torch.")
-
-
-def plan_buckets(named_shapes_dtypes: list[tuple[str, list[int], str]], bucket_bytes: int) -> list[BucketSpec]:
-    """Group tensors into broadcast buckets of at most ``bucket_bytes`` each.
-
-    Each bucket holds one dtype. Dtypes appear in order of first occurrence and tensors keep their
-    relative order within a dtype, so the order of names is deterministic and equal on every
-    rank. A tensor larger than ``bucket_bytes`` gets a bucket of its own. Pure; no torch.
-    """
-    by_dtype: dict[str, list[tuple[str, list[int]]]] = {}
-    for name, shape, dt in named_shapes_dtypes:
-        if dt not in _ITEMSIZE:
-            raise ValueError(f"{name}: unsupported dtype {dt!r}")
-        by_dtype.setdefault(dt, []).append((name, [int(s) for s in shape]))
-    buckets: list[BucketSpec] = []
-    for dt, items in by_dtype.items():
-        cur: list[tuple[str, list[int]]] = []
-        cur_bytes = 0
-        for name, shape in items:
-            nbytes = _ITEMSIZE[dt] * _numel(shape)
-            if cur and cur_bytes + nbytes > bucket_bytes:
-                buckets.append(_spec(cur, dt))
-                cur, cur_bytes = [], 0
-            cur.append((name, shape))
-            cur_bytes += nbytes
-        if cur:
-            buckets.append(_spec(cur, dt))
-    return buckets
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _spec(items: list[tuple[str, list[int]]], dt: str) -> BucketSpec:
-    return BucketSpec(names=[n for n, _ in items], dtypes=[dt] * len(items), shapes=[s for _, s in items])
-
-
-def bucket_nbytes(b: BucketSpec) -> int:
-    return sum(_ITEMSIZE[d] * _numel(s) for d, s in zip(b.dtypes, b.shapes))
 
 
 @dataclass
@@ -134,6 +86,7 @@ class WeightBroadcaster:
         self._pg = None
         self._group_key: tuple | None = None  # ((server_id, engine_ranks), ...) of the formed group
         self._port = 0
+        self._pipeline = BucketPipeline()  # its staging buffers are reused by every push
 
     # ------------------------------------------------------------------ rank 0 phases
     def announced_version(self, timeout_s: float) -> int | None:
@@ -201,16 +154,6 @@ class WeightBroadcaster:
             self._form_group(plan, tuple(roster), deadline)
             report.rendezvous_s = time.monotonic() - t0
         return True
-
-    def _broadcast(self, tensors: list[torch.Tensor], deadline: float, version: int) -> None:
-        """Broadcast one bucket. A receiver that failed (it reported SyncDone(ok=False)) will never
-        post its receive, so while waiting we ask the buffer once per slice and give up early."""
-        works = [dist.broadcast(t, group_src=0, group=self._pg, async_op=True) for t in tensors]
-        for w in works:
-            if self.backend == "nccl":
-                self._poll_until_done(w, deadline, version)
-            else:
-                self._wait_in_slices(w, deadline, version)
 
     def _wait_in_slices(self, w, deadline: float, version: int) -> None:
         """gloo: a wait with a timeout raises "timed out" and leaves the op pending (checked on torch 2.13)."""
@@ -280,6 +223,13 @@ class WeightBroadcaster:
         params = list(model.named_parameters())
         buckets = plan_buckets([(n, list(p.shape), self.send_dtype) for n, p in params],
                                int(self.cfg.bucket_mb * 1024 * 1024))
+        t_gather = time.monotonic()
+        # Bucket 0 is gathered (all ranks) and packed before the plan goes out: that work is then
+        # off the engines' pause window, which starts only when they receive the plan.
+        first = self._gather(params, buckets[0]) if buckets else []
+        if self.rank == 0 and first:
+            report.bytes = self._pipeline.stage(first)
+        report.transfer_s = time.monotonic() - t_gather
         send = False
         if self.rank == 0:
             try:
@@ -293,6 +243,9 @@ class WeightBroadcaster:
             dist.broadcast_object_list(flag, src=0)
         if flag[0]:
             self._transfer(params, buckets, report, deadline)
+        else:
+            self._pipeline.abandon()  # nobody to send to: drop the staged bucket
+            report.bytes = 0
         if self.rank == 0:
             if send:
                 self._await_members(version, report, deadline)
@@ -306,23 +259,47 @@ class WeightBroadcaster:
 
     def _transfer(self, params: list[tuple[str, torch.nn.Parameter]], buckets: list[BucketSpec],
                   report: SyncReport, deadline: float) -> None:
+        """Broadcast the staged bucket 0, then gather (all ranks) and broadcast (rank 0) the others, each
+        as one flattened buffer; bucket i+1 is gathered and packed while bucket i is on the wire."""
+        healthy = self.rank == 0 and self._pg is not None
+        self._pipeline.wait = lambda work: self._wait(work, deadline, report.version)
+        t0 = time.monotonic()
+        if healthy:
+            healthy = self._guarded(report, lambda: self._pipeline.launch(self._pg))
+        for b in buckets[1:]:
+            # full_tensor() is an all-gather over the trainer ranks: every rank runs it, even after a failure.
+            tensors = self._gather(params, b)
+            if healthy:
+                healthy = self._guarded(report, lambda: self._pipeline.send(tensors, self._pg))
+        if healthy:
+            self._guarded(report, self._pipeline.finish)
+        self._pipeline.abandon()  # rank > 0, or after a failure: nothing may stay staged for the next push
+        report.transfer_s += time.monotonic() - t0
+
+    def _gather(self, params: list[tuple[str, torch.nn.Parameter]], b: BucketSpec) -> list[torch.Tensor]:
         by_name = dict(params)
         dtype = getattr(torch, self.send_dtype)
-        healthy = self.rank == 0 and self._pg is not None
-        t0 = time.monotonic()
-        for b in buckets:
-            # full_tensor() is an all-gather over the trainer ranks: every rank runs it, even after a failure.
-            tensors = [_full(by_name[n]).to(dtype).contiguous() for n in b.names]
-            if healthy:
-                try:
-                    self._broadcast(tensors, deadline, report.version)
-                    report.bytes += sum(t.numel() * t.element_size() for t in tensors)
-                except Exception as e:  # a member died or stalled: this group is unusable now
-                    report.error = f"{type(e).__name__}: {e}"
-                    log.warning("weight sync v%d: broadcast failed: %s", report.version, report.error)
-                    self._teardown()
-                    healthy = False
-        report.transfer_s = time.monotonic() - t0
+        return [_full(by_name[n]).to(dtype) for n in b.names]
+
+    def _guarded(self, report: SyncReport, step) -> bool:
+        """Run one broadcast step; on failure (a member died or stalled) the group is unusable: tear it down."""
+        try:
+            report.bytes += step() or 0
+            return True
+        except Exception as e:
+            self._pipeline.abandon()
+            report.error = f"{type(e).__name__}: {e}"
+            log.warning("weight sync v%d: broadcast failed: %s", report.version, report.error)
+            self._teardown()
+            return False
+
+    def _wait(self, work, deadline: float, version: int) -> None:
+        """A receiver that failed (it reported SyncDone(ok=False)) will never post its receive, so while
+        waiting we ask the buffer once per slice and give up early."""
+        if self.backend == "nccl":
+            self._poll_until_done(work, deadline, version)
+        else:
+            self._wait_in_slices(work, deadline, version)
 
     def _announce(self, version: int, report: SyncReport) -> None:
         try:
@@ -336,6 +313,7 @@ class WeightBroadcaster:
 
     def close(self) -> None:
         self._teardown()
+        self._pipeline.release()
         if self.client is not None:
             self.client.close()
 

@@ -335,10 +335,11 @@ class EngineHttp:
             "group_name": (str, "weight_update_group"), "flush_cache": (bool, True),
             "abort_all_requests": (bool, False), "weight_version": (str, None), "load_format": (str, None),
             "selector": (("target", "draft", "all"), "all"), "torch_empty_cache": (bool, False)})
-        if f["load_format"] not in (None, "auto"):
+        if f["load_format"] not in (None, "auto", "flattened_bucket"):
             return _ok_or_400(False, f"load_format={f['load_format']!r} is not supported by the embedded engine")
         w = self.e.weights
-        args = (f["names"], f["dtypes"], f["shapes"], f["group_name"], f["weight_version"], f["flush_cache"])
+        args = (f["names"], f["dtypes"], f["shapes"], f["group_name"], f["weight_version"], f["flush_cache"],
+                f["load_format"])
         return _ok_or_400(*await self._weight_load("distributed", w.update_from_distributed, args, f))
 
     async def update_disk(self, request: web.Request) -> web.Response:

@@ -2,13 +2,26 @@
 
 Flow (SGLang 0.5.23 semantics, specs/sglang.md 2.4): ``init_group`` joins the TCP-rendezvous
 group as rank ``rank_offset`` (blocks until the trainer joins; callers run it off the event
-loop); ``begin`` opens a session; each ``update_from_distributed`` receives one bucket with
-``dist.broadcast(buf, group_src=0, group=pg)`` per tensor in ``names`` order into fresh buffers,
-then hands the whole bucket to the scheduler thread, which copies it into the parameters between
-two forward passes (``Scheduler.call``), so no forward pass ever mixes two versions; ``end``
-closes the session. Updates outside a session are refused, as 0.5.23 does. A bucket is applied
-all-or-nothing: every tensor is received first (the broadcast must be drained even when a name is
-unknown, or the sender would hang), then checked, then copied.
+loop); ``begin`` opens a session; each ``update_from_distributed`` receives one bucket, then hands
+it to the scheduler thread, which loads it between two forward passes (``Scheduler.call``), so no
+forward pass ever mixes two versions; ``end`` closes the session. Updates outside a session are
+refused, as 0.5.23 does. A bucket is applied all-or-nothing: every byte is received first (the
+broadcast must be drained even when a name is unknown, or the sender would hang), then checked,
+then loaded.
+
+Two wire formats, as SGLang's ``load_format``:
+- default: one ``dist.broadcast(buf, group_src=0)`` per tensor, in ``names`` order, into fresh
+  buffers, then copied into the parameters;
+- ``"flattened_bucket"``: ONE broadcast of a uint8 buffer holding every tensor's bytes
+  concatenated in ``names`` order, no padding (SGLang's ``FlattenedTensorBucket``; what the
+  trainer sends). It is received into a spare buffer kept per bucket layout, and loading is a
+  swap, not a copy: each parameter's ``.data`` becomes its view into the received buffer, and the
+  buffer the parameters viewed before becomes the spare for the next sync of that layout. So a
+  sync costs no allocation and no copy after the first one, at the price of one spare copy of the
+  weights (only when wire dtype = parameter dtype and every name is a distinct parameter; anything
+  else, e.g. a bf16 engine fed fp32, falls back to copying out of the received buffer).
+  Invariant for the swap: a buffer is only ever viewed by the parameters of its own layout, and a
+  swap re-points all of them, so the buffer it retires is viewed by no parameter.
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ log = logging.getLogger(__name__)
 
 APPLY_TIMEOUT_S = 300.0  # copying a bucket waits for the current forward pass to end; generous under load
 NO_SESSION = ("update_weights_from_distributed must run between begin_weight_update() and end_weight_update()")
+FLATTENED = "flattened_bucket"  # SGLang's load_format for one uint8 buffer per bucket (tensor_bucket.py)
 NOT_FLUSHED = ("Weights were updated, but the cache was not flushed because requests are still running or "
                "queued. Retract or finish them, then call /flush_cache.")
 
@@ -38,6 +52,8 @@ class WeightUpdater:
         self.groups: dict[str, object] = {}
         self.session_open = False
         self._recv_lock = threading.Lock()  # one bucket at a time: broadcasts must not interleave
+        self._live: dict[tuple, torch.Tensor] = {}  # layout -> the flat buffer its parameters view now
+        self._spare: dict[tuple, torch.Tensor] = {}  # layout -> a free buffer the next bucket is received into
 
     # ---- group lifecycle (blocking)
     def init_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
@@ -59,6 +75,7 @@ class WeightUpdater:
         from areal_like.distributed import destroy_weight_group
 
         pg = self.groups.pop(group_name, None)
+        self._spare.clear()  # receive buffers are only worth keeping while a group streams into them
         if pg is None:
             return False, f"Group {group_name} not in process groups."
         destroy_weight_group(pg)
@@ -83,7 +100,8 @@ class WeightUpdater:
 
     # ---- loading (blocking; called from executor threads)
     def update_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
-                                group_name: str, weight_version: str | None, flush_cache: bool) -> tuple[bool, str]:
+                                group_name: str, weight_version: str | None, flush_cache: bool,
+                                load_format: str | None = None) -> tuple[bool, str]:
         if not self.session_open:
             return False, NO_SESSION
         if not len(names) == len(dtypes) == len(shapes):
@@ -91,6 +109,8 @@ class WeightUpdater:
         pg = self.groups.get(group_name)
         if pg is None:
             return False, f"Group {group_name} not in process groups."
+        if load_format == FLATTENED:
+            return self._update_flattened(names, dtypes, shapes, pg, weight_version, flush_cache)
         import torch.distributed as dist
 
         device = self.scheduler.device
@@ -117,19 +137,54 @@ class WeightUpdater:
         with self._recv_lock:
             return self._apply(dict(loaded.state_dict()), weight_version, flush_cache)
 
+    def _update_flattened(self, names: list[str], dtypes: list[str], shapes: list[list[int]], pg,
+                          weight_version: str | None, flush_cache: bool) -> tuple[bool, str]:
+        import torch.distributed as dist
+
+        try:
+            layout, nbytes = _flat_layout(names, dtypes, shapes)
+        except ValueError as e:  # nothing was posted, so the sender's broadcast fails on its own deadline
+            return False, f"Failed to receive weights: {e}"
+        device = self.scheduler.device
+        key = tuple((n, str(dt), tuple(s)) for n, dt, s, _ in layout)
+        with self._recv_lock:
+            try:
+                if device.type == "cuda":  # NCCL binds its communicator to this thread's current device
+                    torch.cuda.set_device(device)
+                flat = self._spare.pop(key, None)
+                if flat is None or flat.device != device:
+                    flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
+                dist.broadcast(flat, group_src=0, group=pg)
+                if device.type == "cuda":  # the bucket is complete before the scheduler swaps it in
+                    torch.cuda.synchronize(device)
+            except Exception as e:
+                return False, f"Failed to receive weights: {e}"
+            tensors = {n: flat[a:a + _numel(s) * dt.itemsize].view(dt).view(s) for n, dt, s, a in layout}
+            return self._apply(tensors, weight_version, flush_cache, swap=(key, flat))
+
     def _apply(self, tensors: dict[str, torch.Tensor], weight_version: str | None,
-               flush_cache: bool) -> tuple[bool, str]:
-        def copy_between_steps(sched) -> tuple[bool, str]:
+               flush_cache: bool, swap: tuple[tuple, torch.Tensor] | None = None) -> tuple[bool, str]:
+        """Load ``tensors`` on the scheduler thread, all-or-nothing. With ``swap=(layout, flat)`` the
+        tensors are views of ``flat``, which the parameters may adopt instead of copying it."""
+        def release() -> None:  # the received buffer was not adopted: keep it for the next sync of its layout
+            if swap is not None:
+                self._spare[swap[0]] = swap[1]
+
+        def load_between_steps(sched) -> tuple[bool, str]:
             state = sched.model.state_dict()
             for name, t in tensors.items():
                 if name not in state:
+                    release()
                     return False, f"Unknown parameter {name!r}; nothing was loaded."
                 if tuple(state[name].shape) != tuple(t.shape):
+                    release()
                     return False, (f"Shape mismatch for {name}: engine {tuple(state[name].shape)}, "
                                    f"received {tuple(t.shape)}; nothing was loaded.")
-            with torch.no_grad():
-                for name, t in tensors.items():
-                    state[name].copy_(t)
+            if swap is None or not self._swap_in(sched.model, tensors, *swap):
+                with torch.no_grad():
+                    for name, t in tensors.items():
+                        state[name].copy_(t)
+                release()
             if weight_version is not None:
                 sched.weight_version = weight_version
             if flush_cache and not sched.flush():
@@ -137,10 +192,52 @@ class WeightUpdater:
             return True, "Succeeded to update parameter online."
 
         t0 = time.monotonic()
-        ok, msg = self.scheduler.call(copy_between_steps).result(timeout=APPLY_TIMEOUT_S)
+        ok, msg = self.scheduler.call(load_between_steps).result(timeout=APPLY_TIMEOUT_S)
         log.info("weights %s (%d tensors, version %s) in %.3fs", "loaded" if ok else f"refused: {msg}",
                  len(tensors), weight_version, time.monotonic() - t0)
         return ok, msg
+
+    def _swap_in(self, model: torch.nn.Module, tensors: dict[str, torch.Tensor], key: tuple,
+                 flat: torch.Tensor) -> bool:
+        """Scheduler thread: make the parameters views of ``flat`` when every name is a distinct
+        parameter of the same dtype and device; the buffer they viewed (if any) becomes the spare."""
+        params = dict(model.named_parameters())
+        chosen = [params.get(n) for n in tensors]
+        if any(p is None for p in chosen) or len({id(p) for p in chosen}) != len(chosen):
+            return False  # a buffer, a tied alias or a repeated name: copy instead
+        if any(p.dtype != t.dtype or p.device != t.device for p, t in zip(chosen, tensors.values())):
+            return False
+        for p, t in zip(chosen, tensors.values()):
+            p.data = t
+        retired = self._live.get(key)
+        self._live[key] = flat
+        if retired is not None:
+            self._spare[key] = retired
+        return True
+
+
+def _flat_layout(names: list[str], dtypes: list[str], shapes: list[list[int]]) -> tuple[list[tuple], int]:
+    """(name, dtype, shape, byte offset) per tensor, packed back to back as SGLang's FlattenedTensorBucket
+    lays them out, and the total bytes. Refuses offsets not aligned to the dtype (as SGLang does)."""
+    out, offset = [], 0
+    for name, dt_name, shape in zip(names, dtypes, shapes):
+        dt, shape = _dtype(dt_name), [int(s) for s in shape]
+        if any(s < 0 for s in shape):
+            raise ValueError(f"negative dimension in {name}: {shape}")
+        if offset % dt.itemsize:
+            raise ValueError(f"unaligned tensor {name}: byte offset {offset}, dtype {dt}")
+        out.append((name, dt, shape, offset))
+        offset += _numel(shape) * dt.itemsize
+    if not out:
+        raise ValueError("empty bucket")
+    return out, offset
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def _dtype(name: str) -> torch.dtype:

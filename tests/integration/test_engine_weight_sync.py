@@ -3,11 +3,14 @@
 The sender is a separate Python process that joins the weight group as rank 0 with
 ``areal_like.distributed.init_weight_group`` and broadcasts a model built with a different init
 seed, in two buckets, exactly like trainer rank 0 does (DESIGN section 4); the test drives the
-engine through the SGLang endpoints (init group, pause, begin, update x2, end, continue).
+engine through the SGLang endpoints (init group, pause, begin, update x2, end, continue): once
+with one broadcast per tensor (SGLang's default format), once with several consecutive syncs in
+the flattened-bucket format the trainer uses (received into spare buffers and swapped in).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
 import threading
@@ -15,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +26,12 @@ import torch
 from areal_like.config import EngineConfig, ModelConfig
 from areal_like.distributed import free_port
 from areal_like.hf import build_model, state_checksum
+from areal_like.protocol import BucketSpec, SyncMember, WeightSyncPlan
 from areal_like.tokenizer import char_tokenizer
 from rollout_server.engine import EmbeddedEngine
+from rollout_server.sglang_client import SGLangClient
+from rollout_server.weight_update import apply_weight_sync
+from trainer.weight_buckets import plan_buckets
 
 HTTP_TIMEOUT_S = 180.0  # init_weights_update_group waits for the sender's imports under load
 PROCESS_START_S = 180.0
@@ -49,6 +57,13 @@ for name, p in model.named_parameters():  # the buckets' order; each waits for t
 print("SENT", flush=True)
 os._exit(0)  # skip interpreter teardown: a gloo group whose peer already left can abort at exit
 """
+
+
+FLAT_SENDER = (Path(__file__).resolve().parents[1] / "weight_sender.py").read_text()  # group rank 0
+# several syncs in a row: fp32 (swapped in), fp32 again (received into the buffer the first one retired),
+# bf16 on the wire into the fp32 engine (cannot be swapped: copied with a cast), then fp32 (swapped again)
+ROUNDS = [{"seed": 21, "dtype": "float32"}, {"seed": 22, "dtype": "float32"}, {"seed": 23, "dtype": "bfloat16"},
+          {"seed": 24, "dtype": "float32"}]
 
 
 def post(url: str, path: str, body: dict | None = None) -> tuple[int, dict | str]:
@@ -161,3 +176,53 @@ def test_standalone_engine_process(spawn_python):
     assert float(line.rsplit(" ", 1)[1]) >= len(out["output_ids"])
     proc.terminate()
     assert proc.wait(timeout=60) == 0
+
+
+def test_consecutive_flattened_bucket_syncs_swap_exact_weights(engine, spawn_python):
+    port = free_port()
+    model_fields = {"max_position_embeddings": 128}
+    names = [(n, list(p.shape)) for n, p in engine.model.named_parameters()]
+    bucket_names = [b.names for b in plan_buckets([(n, s, "float32") for n, s in names], 40_000)]
+    shapes = dict(names)
+    assert len(bucket_names) >= 3
+    sender = spawn_python(FLAT_SENDER, [json.dumps({"model": model_fields, "port": port, "group": GROUP,
+                                                    "buckets": bucket_names, "rounds": ROUNDS})])
+
+    async def syncs() -> list[tuple[bool, str, str, str]]:
+        out = []
+        async with SGLangClient(engine.url, timeout_s=HTTP_TIMEOUT_S) as client:
+            for version, r in enumerate(ROUNDS, start=1):
+                buckets = [BucketSpec(names=b, dtypes=[r["dtype"]] * len(b), shapes=[shapes[n] for n in b])
+                           for b in bucket_names]  # the sender's buckets, in this round's wire dtype
+                plan = WeightSyncPlan(policy_version=version, group_name=GROUP, master_addr="127.0.0.1",
+                                      master_port=port, world_size=2, backend="gloo", reform=version == 1,
+                                      members=[SyncMember(server_id="e", rank_offset=1)], buckets=buckets,
+                                      deadline_s=HTTP_TIMEOUT_S)
+                done = await apply_weight_sync(client, plan, "e", drain=False)
+                out.append((done.ok, done.reason, await client.weight_version(), state_checksum(engine.model)))
+                _no_spare_is_viewed_by_a_parameter(engine)
+        return out
+
+    results = asyncio.run(syncs())
+    assert read_line(sender, "sent", PROCESS_START_S) == "sent"
+    for version, (r, (ok, reason, served, checksum)) in enumerate(zip(ROUNDS, results), start=1):
+        assert ok, reason
+        assert served == str(version)
+        target = build_model(ModelConfig(**model_fields, init_seed=r["seed"]))
+        if r["dtype"] == "bfloat16":  # what a bf16 wire can carry: the sender's values rounded to bf16
+            with torch.no_grad():
+                for p in target.parameters():
+                    p.copy_(p.to(torch.bfloat16))
+        assert checksum == state_checksum(target), f"round {version}"
+    live = {flat.untyped_storage().data_ptr() for flat in engine.weights._live.values()}
+    assert {p.untyped_storage().data_ptr() for p in engine.model.parameters()} <= live  # swapped, not copied
+    status, out = post(engine.url, "/generate", {"input_ids": [1, 7], "sampling_params": {"max_new_tokens": 3}})
+    assert status == 200 and out["meta_info"]["weight_version"] == str(len(ROUNDS))
+
+
+def _no_spare_is_viewed_by_a_parameter(engine) -> None:
+    """The swap invariant: the buffers the next syncs are received into hold no live parameter."""
+    spans = [(p.untyped_storage().data_ptr(), p.untyped_storage().nbytes()) for p in engine.model.parameters()]
+    for flat in engine.weights._spare.values():
+        a, n = flat.untyped_storage().data_ptr(), flat.untyped_storage().nbytes()
+        assert all(b + m <= a or a + n <= b for b, m in spans)

@@ -1,0 +1,65 @@
+"""The flattened-bucket wire format (trainer/weight_buckets.py) and its engine-side layout
+(rollout_server/engine/weights.py): hand-computed bytes, the staging pipeline's buffer reuse."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import torch
+
+from areal_like.distributed import destroy_weight_group, free_port, init_weight_group
+from rollout_server.engine.weights import _flat_layout
+from trainer.weight_buckets import BucketPipeline, pack_bucket
+
+
+def test_pack_is_each_tensors_bytes_back_to_back_in_order():
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]])  # row-major: 1, 2, 3, 4
+    b = torch.tensor([-0.5])
+    out = torch.full((64,), 7, dtype=torch.uint8)
+    flat = pack_bucket([a, b], out)
+    assert flat.numel() == 20 and flat.data_ptr() == out.data_ptr()
+    assert bytes(flat.tolist()) == struct.pack("<5f", 1.0, 2.0, 3.0, 4.0, -0.5)
+    assert out[20:].eq(7).all()  # nothing written past the bucket
+
+
+def test_pack_takes_non_contiguous_tensors_in_logical_order_and_bf16():
+    t = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).t()  # logical rows: (1, 3), (2, 4)
+    flat = pack_bucket([t], torch.empty(16, dtype=torch.uint8))
+    assert bytes(flat.tolist()) == struct.pack("<4f", 1.0, 3.0, 2.0, 4.0)
+    one = torch.tensor([1.0], dtype=torch.bfloat16)  # bf16 1.0 = 0x3F80, little-endian
+    assert pack_bucket([one], torch.empty(2, dtype=torch.uint8)).tolist() == [0x80, 0x3F]
+
+
+def test_engine_layout_matches_the_packing_and_refuses_misalignment():
+    layout, nbytes = _flat_layout(["w", "b"], ["float32", "float32"], [[2, 2], [1]])
+    assert nbytes == 20 and [(n, off) for n, _, _, off in layout] == [("w", 0), ("b", 16)]
+    flat = pack_bucket([torch.arange(4.0).view(2, 2), torch.tensor([9.0])], torch.empty(20, dtype=torch.uint8))
+    _, dt, shape, off = layout[1]
+    assert flat[off:off + 4].view(dt).view(shape).tolist() == [9.0]
+    with pytest.raises(ValueError, match="unaligned"):  # 2 bytes of fp16, then fp32 at offset 2
+        _flat_layout(["h", "f"], ["float16", "float32"], [[1], [1]])
+    with pytest.raises(ValueError, match="empty"):
+        _flat_layout([], [], [])
+
+
+def test_pipeline_reuses_two_staging_buffers_and_waits_before_repacking():
+    pg = init_weight_group("gloo", "127.0.0.1", free_port(), 1, 0, "unit_pipeline", 30.0)
+    waited = []
+    try:
+        pipe = BucketPipeline(wait=lambda w: (w.wait(), waited.append(w)))
+        buckets = [[torch.full((4,), float(i))] for i in range(3)]
+        pipe.stage(buckets[0])
+        first = pipe._staging[0].data_ptr()
+        pipe.launch(pg)
+        pipe.send(buckets[1], pg)  # second buffer: bucket 0 may still be on the wire
+        assert waited == [] and pipe._staging[1].data_ptr() != first
+        pipe.send(buckets[2], pg)  # back to the first buffer, only after bucket 0's broadcast completed
+        assert len(waited) == 1 and pipe._staging[0].data_ptr() == first
+        assert pipe._staging[0][:16].view(torch.float32).tolist() == [2.0] * 4
+        pipe.finish()
+        assert len(waited) == 3
+        pipe.finish()  # nothing in flight: no wait
+        assert len(waited) == 3
+    finally:
+        destroy_weight_group(pg)

@@ -1,0 +1,151 @@
+"""Buckets of the weight broadcast: the plan (pure) and the wire format (trainer rank 0).
+
+Owns: ``plan_buckets`` (which tensors travel together, in which order), the flattened-bucket wire
+format and ``BucketPipeline``, which puts buckets on the weight group one after the other.
+
+Wire format (SGLang's ``load_format: "flattened_bucket"``, ``sglang/srt/weight_sync/tensor_bucket.py``):
+a bucket is ONE ``dist.broadcast`` of a uint8 buffer holding the bucket's tensors back to back in
+``names`` order, each as its row-major bytes in its wire dtype, with no padding (one dtype per
+bucket keeps every tensor aligned). The rollout servers announce it with every bucket
+(``rollout_server.weight_update.FLATTENED``); SGLang 0.5.23 and the embedded engine receive it.
+One broadcast per bucket instead of one per tensor: a model has hundreds of small tensors (norms,
+biases) whose per-op latency dominates their bytes.
+
+Invariants:
+- ``plan_buckets`` is deterministic: every trainer rank computes the same buckets and order.
+- At most two buckets are on the wire, one per staging buffer: bucket i+1 is gathered and packed
+  while bucket i is broadcast, and a staging buffer is refilled only after the broadcast that read
+  it completed. Broadcasts on one group complete in launch order on every rank, so receivers get
+  the buckets in plan order. The staging buffers live as long as the pipeline (reused by every
+  push): 2x the largest bucket of extra memory on the trainer's device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from areal_like.protocol import BucketSpec
+
+FLATTENED = "flattened_bucket"  # SGLang's load_format name; rollout_server.weight_update sends it
+_ITEMSIZE = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4, "int16": 2,
+             "int8": 1, "uint8": 1, "bool": 1}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (the SGLang wire form)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def plan_buckets(named_shapes_dtypes: list[tuple[str, list[int], str]], bucket_bytes: int) -> list[BucketSpec]:
+    """Group tensors into broadcast buckets of at most ``bucket_bytes`` each.
+
+    Each bucket holds one dtype. Dtypes appear in order of first occurrence and tensors keep their
+    relative order within a dtype, so the order of names is deterministic and equal on every
+    rank. A tensor larger than ``bucket_bytes`` gets a bucket of its own. Pure; no torch.
+    """
+    by_dtype: dict[str, list[tuple[str, list[int]]]] = {}
+    for name, shape, dt in named_shapes_dtypes:
+        if dt not in _ITEMSIZE:
+            raise ValueError(f"{name}: unsupported dtype {dt!r}")
+        by_dtype.setdefault(dt, []).append((name, [int(s) for s in shape]))
+    buckets: list[BucketSpec] = []
+    for dt, items in by_dtype.items():
+        cur: list[tuple[str, list[int]]] = []
+        cur_bytes = 0
+        for name, shape in items:
+            nbytes = _ITEMSIZE[dt] * _numel(shape)
+            if cur and cur_bytes + nbytes > bucket_bytes:
+                buckets.append(_spec(cur, dt))
+                cur, cur_bytes = [], 0
+            cur.append((name, shape))
+            cur_bytes += nbytes
+        if cur:
+            buckets.append(_spec(cur, dt))
+    return buckets
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _spec(items: list[tuple[str, list[int]]], dt: str) -> BucketSpec:
+    return BucketSpec(names=[n for n, _ in items], dtypes=[dt] * len(items), shapes=[s for _, s in items])
+
+
+def bucket_nbytes(b: BucketSpec) -> int:
+    return sum(_ITEMSIZE[d] * _numel(s) for d, s in zip(b.dtypes, b.shapes))
+
+
+def pack_bucket(tensors: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """Copy ``tensors`` back to back into the uint8 buffer ``out`` (the flattened-bucket layout);
+    returns the filled prefix. Tensors must already be in their wire dtype."""
+    parts = [t.reshape(-1).view(torch.uint8) for t in tensors]
+    flat = out[:sum(p.numel() for p in parts)]
+    torch.cat(parts, out=flat)
+    return flat
+
+
+class BucketPipeline:
+    """Rank 0: packs bucket after bucket into two staging buffers and broadcasts each with one op.
+
+    Up to two broadcasts are in flight: bucket i+1 is launched without waiting for bucket i, so its
+    bytes queue behind bucket i's and stream as soon as each receiver posts its receive (a receiver
+    posts bucket i+1 only after it loaded bucket i and got the next HTTP call: that gap must not
+    stall the sender too). A staging buffer is repacked only after the broadcast reading it
+    completed. ``wait(work)`` is how the caller waits (bounded). ``stage`` packs a bucket without
+    sending it, so the first bucket can be packed before the engines are asked to pause;
+    ``launch`` sends the staged bucket; ``send`` is both; ``finish`` waits for everything sent."""
+
+    def __init__(self, wait: Callable[[dist.Work], None] = lambda w: w.wait()):
+        self.wait = wait
+        self._staging: list[torch.Tensor | None] = [None, None]
+        self._works: list[dist.Work | None] = [None, None]  # per staging buffer: the broadcast reading it
+        self._slot = 0  # the staging buffer the next bucket is packed into
+        self._staged: torch.Tensor | None = None
+
+    def stage(self, tensors: list[torch.Tensor]) -> int:
+        """Pack ``tensors`` (one bucket, wire dtype, plan order) into the next staging buffer, once the
+        broadcast that read it before completed. Returns the bucket's bytes."""
+        self._wait_slot(self._slot)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        buf = self._staging[self._slot]
+        if buf is None or buf.numel() < nbytes or buf.device != tensors[0].device:
+            buf = self._staging[self._slot] = torch.empty(nbytes, dtype=torch.uint8, device=tensors[0].device)
+        self._staged = pack_bucket(tensors, buf)
+        return nbytes
+
+    def launch(self, pg) -> None:
+        """Start broadcasting the staged bucket (behind the one still in flight, if any)."""
+        flat, self._staged = self._staged, None
+        self._works[self._slot] = dist.broadcast(flat, group_src=0, group=pg, async_op=True)
+        self._slot ^= 1
+
+    def send(self, tensors: list[torch.Tensor], pg) -> int:
+        nbytes = self.stage(tensors)
+        self.launch(pg)
+        return nbytes
+
+    def finish(self) -> None:
+        """Wait for every bucket sent, oldest first."""
+        self._wait_slot(self._slot)  # the older in-flight bucket, if two are
+        self._wait_slot(self._slot ^ 1)
+
+    def _wait_slot(self, slot: int) -> None:
+        work, self._works[slot] = self._works[slot], None
+        if work is not None:
+            self.wait(work)
+
+    def abandon(self) -> None:
+        """After a failure or a push without members: forget the staged and the in-flight buckets."""
+        self._staged, self._works = None, [None, None]
+
+    def release(self) -> None:
+        """Free the staging buffers (the next push allocates them again)."""
+        self.abandon()
+        self._staging = [None, None]
