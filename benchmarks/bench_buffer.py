@@ -15,6 +15,9 @@ Cases (one JSON line each):
   request acks the previous batch, as the trainer does);
 * ``buffer_memory``: resident memory of the daemon per 100,000 stored trajectories (RSS growth
   over the ingest / stored trajectories); baseline = their frame bytes; ratio = frame bytes / RSS.
+  The daemon keeps only an index in its own memory: the frames stay in the WAL, i.e. in the page
+  cache (clean once synced, so the kernel can reclaim it and a hand-out then reads the disk), which
+  RSS does not count; ``wal_mib_per_100k`` reports what the WAL (page cache or disk) holds.
 
 Every ingest case also reports ``server_cpu_ms_per_group`` and ``producer_cpu_ms_per_group``: CPU
 seconds (all threads, user + system) over the measured window per acknowledged group. On a shared
@@ -340,6 +343,7 @@ def main() -> None:
                 per_100k, payload_100k = rss / n_traj * 1e5 / 2**20, stats["stored_bytes"] / n_traj * 1e5 / 2**20
                 emit(name="buffer_memory", figure=round(per_100k, 1), unit="MiB per 100k stored trajectories",
                      baseline=round(payload_100k, 1), ratio=round(payload_100k / per_100k, 3), goal=None,
+                     wal_mib_per_100k=round(stats["wal_bytes"] / n_traj * 1e5 / 2**20, 1),
                      stored_trajectories=n_traj, **common)
                 trials = min(200, stats["stored"] // args.handout_groups)
                 p50, p99 = handout_latency(cfg.buffer.address, args.handout_groups, trials)

@@ -46,7 +46,7 @@ class InTransit:
     groups: list[StoredGroup]
 
     def record(self) -> list:
-        return [self.batch_id, self.version, [s.group.group_id for s in self.groups]]
+        return [self.batch_id, self.version, [s.group_id for s in self.groups]]
 
 
 class BatchHandout:
@@ -74,8 +74,18 @@ class BatchHandout:
             else:
                 self.in_transit = InTransit(uuid.uuid4().hex, v, taken)
                 self._dirty = True  # the state record carries the batch in transit
-                reply = P.Batch(groups=[s.group for s in taken], trainer_version=v, batch_id=self.in_transit.batch_id)
+                reply = P.Batch(groups=[self._load(s) for s in taken], trainer_version=v,
+                                batch_id=self.in_transit.batch_id)
             self._queue_reply(p.peer, p.req_id, reply, p.request.TYPE, p.received)
+
+    def _load(self, stored: StoredGroup) -> P.TrajectoryGroup:
+        """A stored group, read back from the WAL unless the store holds it (a damaged record
+        raises: the daemon stops rather than hand out what it cannot verify)."""
+        if stored.group is not None:
+            return stored.group
+        group = P.decode(self.wal.read_group(stored.ref))
+        assert isinstance(group, P.TrajectoryGroup) and group.group_id == stored.group_id, stored
+        return group
 
     def _settle(self, ack_batch: str) -> None:
         """A BatchRequest tells what became of the batch in transit: received (acked) or lost."""
@@ -87,7 +97,7 @@ class BatchHandout:
             staleness = self._metric_child("histogram", "buffer/staleness", "staleness of consumed groups (versions)",
                                            buckets=range(0, 17))
             for s in batch.groups:
-                self._consumed.append(s.group.group_id)
+                self._consumed.append(s.group_id)
                 staleness.observe(self.policy.staleness(s.head_version, batch.version))
             self._count("groups_consumed", len(batch.groups))
             return

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 def recover(svc: BufferService) -> None:
     groups = records = 0
     in_transit = None
+    filtered: dict[str, str] = {}  # group id -> why the filters refuse it
     for rec in svc.wal.replay():
         records += 1
         if rec.kind == "G":
@@ -41,7 +42,9 @@ def recover(svc: BufferService) -> None:
             assert isinstance(group, TrajectoryGroup)
             svc.seen[group.group_id] = None
             svc.ledger.fulfil(group.lease_id)
-            svc.store.add(group, len(rec.frame))
+            if (why := svc.store.filter_reason(group)) is not None:
+                filtered[group.group_id] = why
+            svc.store.add(group, len(rec.frame), ref=rec.ref)  # read back from the WAL at hand-out
             groups += 1
             continue
         control = rec.control
@@ -57,10 +60,9 @@ def recover(svc: BufferService) -> None:
     # them while the groups are still unconsumed in the log would return the slots twice).
     svc.wal.open(svc.checkpoint())
     svc._drop(svc.store.drop_stale(svc.version), "stale")
-    for group in svc.store.groups():  # filtered but died before its drop was logged (or config changed)
-        if (why := svc.store.filter_reason(group)) is not None:
-            svc.store.remove(group.group_id)
-            svc._drop([group], why)
+    for gid, why in filtered.items():  # filtered but died before its drop was logged (or config changed)
+        if (stored := svc.store.remove(gid)) is not None:
+            svc._drop([stored], why)
     svc._persist_and_reply()
     if records:
         svc.log.info("recovered %d WAL records (%d group records, %d stored now, %d of them in transit, "

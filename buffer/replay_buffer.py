@@ -10,6 +10,8 @@ Invariants:
   ``StalenessPolicy.check_batch`` right before returning), or ``None`` and changes nothing.
 * Nothing is dropped silently: ``filter_reason`` says why a group should not be stored and
   ``drop_stale`` returns what it removed; the caller counts both and returns their admission slots.
+* The buffer daemon stores only bookkeeping and a WAL reference per group (``ref``; the frame is
+  read back at hand-out), tests and tools may store the decoded group itself (``group``).
 * Memory is bounded by ``capacity`` through admission (``free_slots`` counts groups in flight as
   taken, so credits stop while the store could overflow); ``add`` itself never refuses a group
   whose credit was granted.
@@ -27,9 +29,14 @@ SELECTIONS = ("oldest", "newest", "fifo")
 
 @dataclass(slots=True)
 class StoredGroup:
-    group: TrajectoryGroup
+    """A stored group's bookkeeping, and the group itself or where to read it (``ref``)."""
+    group_id: str
+    prompt_index: int
+    epoch: int
     head_version: int
-    nbytes: int  # size of its wire frame (what it costs in memory and in the WAL)
+    nbytes: int  # size of its wire frame (in the WAL, and in memory when ``group`` is held)
+    group: TrajectoryGroup | None = None  # held in memory (no ``ref``)
+    ref: object = None  # an opaque location the owner reads the frame back from (a ``WalRef``)
 
 
 class ReplayBuffer:
@@ -52,8 +59,8 @@ class ReplayBuffer:
     def __contains__(self, group_id: str) -> bool:
         return group_id in self._groups
 
-    def groups(self) -> list[TrajectoryGroup]:
-        return [s.group for s in self._groups.values()]
+    def groups(self) -> list[StoredGroup]:
+        return list(self._groups.values())
 
     def free_slots(self, in_flight: int) -> int:
         """Groups that may still be admitted: stored and in-flight groups both hold space."""
@@ -70,17 +77,19 @@ class ReplayBuffer:
             return "equal_rewards"
         return None
 
-    def add(self, group: TrajectoryGroup, nbytes: int = 0, head_version: int | None = None) -> bool:
+    def add(self, group: TrajectoryGroup, nbytes: int = 0, head_version: int | None = None, ref: object = None) -> bool:
         """Store a group (``head_version``: its head version if the caller has it already); False
-        if one with the same id is already stored."""
+        if one with the same id is already stored. With ``ref`` only the bookkeeping is kept, not
+        the group: its owner reads it back from there at hand-out."""
         if group.group_id in self._groups:
             return False
         head = group.head_version if head_version is None else head_version
-        return self.put(StoredGroup(group, head, nbytes))
+        return self.put(StoredGroup(group.group_id, group.prompt_index, group.epoch, head, nbytes,
+                                    None if ref is not None else group, ref))
 
     def put(self, stored: StoredGroup) -> bool:
         """Store a group taken earlier (a batch the trainer never received); False if stored."""
-        gid = stored.group.group_id
+        gid = stored.group_id
         if gid in self._groups:
             return False
         self._groups[gid] = stored
@@ -99,15 +108,14 @@ class ReplayBuffer:
         self.nbytes -= stored.nbytes
         return stored
 
-    def remove(self, group_id: str) -> TrajectoryGroup | None:
-        stored = self.pop(group_id)
-        return None if stored is None else stored.group
+    def remove(self, group_id: str) -> StoredGroup | None:
+        return self.pop(group_id)
 
     def n_fresh(self, trainer_version: int) -> int:
         oldest = self.policy.min_fresh_version(trainer_version)
         return sum(len(ids) for v, ids in self._by_version.items() if v >= oldest)
 
-    def drop_stale(self, trainer_version: int) -> list[TrajectoryGroup]:
+    def drop_stale(self, trainer_version: int) -> list[StoredGroup]:
         """Remove and return every group too old to ever be trained on at ``trainer_version``."""
         oldest = self.policy.min_fresh_version(trainer_version)
         stale_ids = [gid for v, ids in self._by_version.items() if v < oldest for gid in ids]
@@ -115,7 +123,8 @@ class ReplayBuffer:
 
     def take_batch(self, n_groups: int, trainer_version: int, max_bytes: int = 0) -> list[TrajectoryGroup] | None:
         """Exactly ``n_groups`` fresh groups in selection order, or None (nothing removed). With
-        ``max_bytes``, also None when their frames add up to more (a reply must fit in one frame)."""
+        ``max_bytes``, also None when their frames add up to more (a reply must fit in one frame).
+        For groups stored in memory (no ``ref``); ``take_stored`` serves both kinds."""
         taken = self.take_stored(n_groups, trainer_version, max_bytes)
         return None if taken is None else [s.group for s in taken]
 

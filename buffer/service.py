@@ -19,6 +19,9 @@ only once that ticket is durable: the WAL's fsync thread syncs whatever has been
   gets ``Ack(status="rejected", reason=...)``, is counted, and the loop keeps serving;
 * a duplicate group id gets ``Ack(status="duplicate")`` and is stored once.
 
+The store holds each group's bookkeeping and a reference to its WAL record, not the group: the
+received frame is freed once written, and a hand-out reads the frames back (``wal.py``).
+
 Deliberately ignored: who generates what (any registered server may take any credit) and what a
 trajectory contains beyond versions, lengths and rewards.
 """
@@ -37,7 +40,7 @@ from areal_like.daemon import Daemon
 from areal_like.transport import Publisher, Server
 from buffer.credits import CreditLedger, invalid_group, version_range
 from buffer.handout import BatchHandout, InTransit, PendingBatch
-from buffer.replay_buffer import ReplayBuffer
+from buffer.replay_buffer import ReplayBuffer, StoredGroup
 from buffer.staleness import StalenessPolicy
 from buffer.wal import WriteAheadLog
 
@@ -273,7 +276,8 @@ class BufferService(BatchHandout, Daemon):
                 self.ledger.cancel(lease.lease_id)  # the sender drops a rejected group: generate it again
                 self._dirty = True
             return P.Ack(ref=g.group_id, status="rejected", reason=reason)
-        self._count("wal_bytes_written", self.wal.append_group(g.group_id, frame))
+        ref = self.wal.append_group(g.group_id, frame)
+        self._count("wal_bytes_written", ref.length)
         self.ledger.fulfil(g.lease_id)
         self._remember(g.group_id)
         self._count("groups_accepted")
@@ -282,10 +286,10 @@ class BufferService(BatchHandout, Daemon):
         if why is not None:  # acked (the sender is done with it), never stored
             self._drop([g], why)
         else:
-            self.store.add(g, len(frame), head)
+            self.store.add(g, len(frame), head, ref=ref)  # the frame's memory is freed: the WAL holds it
         return P.Ack(ref=g.group_id, status="accepted")
 
-    def _drop(self, groups: list[P.TrajectoryGroup], reason: str) -> None:
+    def _drop(self, groups: list[P.TrajectoryGroup] | list[StoredGroup], reason: str) -> None:
         """Groups that will never be trained on: marked in the WAL, counted, their slots returned."""
         reissue = reason == "stale" and self.cfg.stale_policy == "reissue"
         for g in groups:

@@ -16,13 +16,20 @@ everything in order and the caller applies it, so restart rebuilds exactly the u
 Durability (``fsync``): records are written with ``os.writev`` straight to the file descriptor (no
 user-space buffer), so anything written survives the *process* dying (``kill -9``); fsync decides
 what survives the *machine* dying.
-* ``always`` (default): ``request_sync()`` returns a ticket and a background thread fsyncs
+* ``always`` (default): ``request_sync()`` returns a ticket and a background thread syncs
+  (``fdatasync``: the data and the file size, not the timestamps, which replay never reads)
   everything appended so far; the service sends a reply only once ``durable() >= ticket``. One
   fsync covers a whole poll batch (group commit), and the loop keeps receiving and writing the
   next batch while the disk flushes the previous one (pipelining), which is how the safe policy
   keeps up with the network.
 * ``batch``: fsync at most every ``BATCH_FSYNC_S``, inline; replies may precede the fsync.
 * ``never``: the OS flushes when it likes.
+
+Reading back: ``append_group`` returns a ``WalRef`` and ``read_group`` returns that record's frame
+(CRC checked), so the store keeps only references and the frames live in the page cache, as in
+Kafka: clean once synced, reclaimable under memory pressure (then read from disk), and written
+once instead of being held twice (the receive buffer and the page cache). A referenced record is
+live, so its segment is never compacted while the reference is in use.
 
 Compaction (at every start and rotation): a segment is deleted once it is not the current one,
 every group record in it has been consumed, and so has every older segment. Only a prefix is
@@ -64,6 +71,14 @@ _GID_LEN = struct.Struct("<H")
 log = logging.getLogger("buffer.wal")
 
 
+@dataclass(frozen=True, slots=True)
+class WalRef:
+    """Where a group record lives: ``read_group`` returns its frame while the group is live."""
+    segment: int
+    offset: int  # of the record header in the segment file
+    length: int  # header + payload bytes
+
+
 @dataclass(slots=True)
 class Record:
     kind: str  # "G" (group) | "C" (control)
@@ -71,6 +86,7 @@ class Record:
     group_id: str = ""  # kind G
     frame: bytes = b""  # kind G: the TrajectoryGroup wire frame
     control: dict | None = None  # kind C
+    ref: WalRef | None = None  # kind G
 
 
 def _checksum_ok(payload: memoryview, crc: int) -> bool:
@@ -104,6 +120,7 @@ class WriteAheadLog:
         self._fsync_times: list[float] = []
         self._syncer: threading.Thread | None = None
         self._closing = False
+        self._readers: dict[int, int] = {}  # segment -> read-only fd for read_group
         self.corrupt_records = 0
         self.disk_bytes = 0  # size of all segment files, kept current without stat calls
 
@@ -147,16 +164,18 @@ class WriteAheadLog:
                         os.fsync(f.fileno())
                     self.disk_bytes -= len(data) - pos
                 return
-            yield self._parse(data, pos + _HEADER.size, end, n)
+            yield self._parse(data, pos, end, n)
             pos = end
 
-    def _parse(self, data: bytes, start: int, end: int, segment: int) -> Record:
+    def _parse(self, data: bytes, pos: int, end: int, segment: int) -> Record:
+        start = pos + _HEADER.size
         kind = data[start:start + 1]
         if kind == b"G":
             (n,) = _GID_LEN.unpack_from(data, start + 1)
             gid = data[start + 3:start + 3 + n].decode()
             self._track(gid, segment)
-            return Record("G", segment, group_id=gid, frame=data[start + 3 + n:end])  # a copy: frees the segment
+            return Record("G", segment, group_id=gid, frame=data[start + 3 + n:end],  # a copy: frees the segment
+                          ref=WalRef(segment, pos, end - pos))
         control = msgpack.unpackb(data[start + 1:end], raw=False)
         self._untrack(control.get("consumed", ()))
         return Record("C", segment, control=control)
@@ -191,11 +210,29 @@ class WriteAheadLog:
         self._dirty = True
         return n
 
-    def append_group(self, group_id: str, frame: bytes) -> int:
+    def append_group(self, group_id: str, frame: bytes) -> WalRef:
+        """Log a group; the returned reference reads its frame back (``read_group``) until the
+        group is consumed: its segment is not compacted before that."""
         gid = group_id.encode()
+        offset = self._segment_size
         n = self._write([b"G", _GID_LEN.pack(len(gid)), gid, frame])
         self._track(group_id, self.segment)
-        return n
+        return WalRef(self.segment, offset, n)
+
+    def read_group(self, ref: WalRef) -> memoryview:
+        """The frame of a live group record, checked against its CRC. Written records are in the
+        page cache (fsynced or not), so this is a memory copy unless the kernel evicted them."""
+        fd = self._readers.get(ref.segment)
+        if fd is None:
+            fd = self._readers[ref.segment] = os.open(_segment_path(self.dir, ref.segment), os.O_RDONLY)
+        data = os.pread(fd, ref.length, ref.offset)
+        view = memoryview(data)
+        length, crc = _HEADER.unpack_from(data, 0) if len(data) >= _HEADER.size else (0, 0)
+        if len(data) != ref.length or length != ref.length - _HEADER.size or data[_HEADER.size] != ord("G") \
+                or not _checksum_ok(view[_HEADER.size:], crc):
+            raise OSError(f"WAL record at {_segment_path(self.dir, ref.segment).name}:{ref.offset} is damaged")
+        (n,) = _GID_LEN.unpack_from(data, _HEADER.size + 1)
+        return view[_HEADER.size + 3 + n:]
 
     def append_control(self, control: dict) -> int:
         n = self._write([b"C", msgpack.packb(control, use_bin_type=True)])
@@ -244,7 +281,7 @@ class WriteAheadLog:
                 target, fd = self._requested, self._fd
             t0 = time.monotonic()
             try:
-                os.fsync(fd)  # covers every write made before this call, so all of ticket `target`
+                os.fdatasync(fd)  # covers every write made before this call, so all of ticket `target`
             except OSError as e:
                 self._sync_error = e
                 return
@@ -261,7 +298,7 @@ class WriteAheadLog:
         if not force and (self.fsync_policy == "never" or
                           (self.fsync_policy == "batch" and now - self._last_fsync < BATCH_FSYNC_S)):
             return None
-        os.fsync(self._fd)
+        os.fdatasync(self._fd)
         self._dirty = False
         self._last_fsync = time.monotonic()
         return self._last_fsync - now
@@ -285,6 +322,8 @@ class WriteAheadLog:
             self.disk_bytes -= path.stat().st_size if path.exists() else 0
             path.unlink(missing_ok=True)
             del self._live[n]
+            if (fd := self._readers.pop(n, None)) is not None:
+                os.close(fd)
             removed.append(n)
         if removed:
             self._fsync_dir()
@@ -302,6 +341,9 @@ class WriteAheadLog:
             self.commit(force=self.fsync_policy != "never")
             os.close(self._fd)
             self._fd = None
+        for fd in self._readers.values():
+            os.close(fd)
+        self._readers.clear()
 
     # ---- bookkeeping
     def _track(self, group_id: str, segment: int) -> None:

@@ -130,3 +130,24 @@ def test_wal_replay_restores_the_batch_in_transit(tmp_path):
     assert sorted(g.group_id for g in again.groups) == sorted(ids[2:])
     assert svc.counts["batches_redelivered"] == 1
     svc.wal.close()
+
+
+def test_stored_groups_live_in_the_wal_and_come_back_whole(tmp_path):
+    svc = _start(tmp_path)
+    _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
+    sent = []
+    for k, c in enumerate(_step(svc, P.CreditRequest(server_id="s", max_credits=2)).credits):
+        t = P.Trajectory(prompt_ids=P.as_i32([k, 5]), output_ids=P.as_i32(np.arange(k, k + 7)),
+                         behav_logp=P.as_f32(np.linspace(-1, -0.5, 7)), versions=P.as_i32(np.zeros(7)),
+                         reward=float(k), finish_reason="stop")
+        sent.append(P.TrajectoryGroup(group_id=f"s-{c.lease_id}", server_id="s", lease_id=c.lease_id,
+                                      prompt_index=c.prompt_index, epoch=c.epoch, trajectories=[t]))
+        assert _step(svc, sent[-1]).status == "accepted"
+    assert all(s.group is None and s.ref is not None for s in svc.store.groups())  # no frame kept in memory
+    batch = _ask(svc)
+    for got, want in zip(batch.groups, sent, strict=True):
+        assert (got.group_id, got.prompt_index, got.trajectories[0].reward) == (want.group_id, want.prompt_index,
+                                                                             want.trajectories[0].reward)
+        np.testing.assert_array_equal(got.trajectories[0].output_ids, want.trajectories[0].output_ids)
+        np.testing.assert_array_equal(got.trajectories[0].behav_logp, want.trajectories[0].behav_logp)
+    svc.wal.close()
