@@ -13,9 +13,10 @@ Cases, interleaved in every trial, one JSON line each for the two sync formats:
 * ``flattened`` (what the system does): each bucket packed into one uint8 buffer and broadcast with
   one op (``BucketPipeline``: bucket i+1 packed while bucket i is on the wire); the engine receives
   it into a spare buffer and swaps it in as the parameters' storage (``load_format:
-  "flattened_bucket"``, as SGLang's FlattenedTensorBucket). Bucket 0 is packed before the start
-  barrier because ``WeightBroadcaster.push`` packs it before it publishes the plan, i.e. before any
-  engine is asked to pause; buckets 1.. are packed inside the measured window;
+  "flattened_bucket"``, as SGLang's FlattenedTensorBucket). The first two buckets (one per staging
+  buffer) are packed before the start barrier because ``WeightBroadcaster.push`` packs them before
+  it publishes the plan, i.e. before any engine is asked to pause; later buckets (with
+  ``--bucket-mb`` small enough to have more than two) are packed inside the measured window;
 * ``per_tensor`` (the previous format, SGLang's default): one async broadcast per tensor, the
   engine receives into fresh buffers and copies them into the parameters;
 * ``flat`` (baseline): the same number of bytes as one flat fp32 broadcast on the same weight group,
@@ -74,12 +75,14 @@ def sender(args: argparse.Namespace, wport: int, buckets, model):
     flat = torch.randn(nbytes // 4)
     pipeline = BucketPipeline()
 
-    def stage_first():  # before the start, as WeightBroadcaster.push packs bucket 0 before it publishes the plan
-        pipeline.stage([params[n].detach() for n in buckets[0].names])
+    def stage_first():  # before the start, as WeightBroadcaster.push packs them before it publishes the plan
+        for b in buckets[:BucketPipeline.SLOTS]:
+            pipeline.stage([params[n].detach() for n in b.names])
 
     def flattened():
-        pipeline.launch(pg)
-        for b in buckets[1:]:
+        while pipeline.staged:
+            pipeline.launch(pg)
+        for b in buckets[BucketPipeline.SLOTS:]:
             pipeline.send([params[n].detach() for n in b.names], pg)
         pipeline.finish()
 

@@ -99,42 +99,52 @@ class BucketPipeline:
     posts bucket i+1 only after it loaded bucket i and got the next HTTP call: that gap must not
     stall the sender too). A staging buffer is repacked only after the broadcast reading it
     completed. ``wait(work)`` is how the caller waits (bounded). ``stage`` packs a bucket without
-    sending it, so the first bucket can be packed before the engines are asked to pause;
-    ``launch`` sends the staged bucket; ``send`` is both; ``finish`` waits for everything sent."""
+    sending it, so the first ``SLOTS`` buckets can be packed before the engines are asked to pause;
+    ``launch`` sends the oldest staged bucket; ``send`` is both; ``finish`` waits for everything."""
+
+    SLOTS = 2
 
     def __init__(self, wait: Callable[[dist.Work], None] = lambda w: w.wait()):
         self.wait = wait
-        self._staging: list[torch.Tensor | None] = [None, None]
-        self._works: list[dist.Work | None] = [None, None]  # per staging buffer: the broadcast reading it
-        self._slot = 0  # the staging buffer the next bucket is packed into
-        self._staged: torch.Tensor | None = None
+        self._staging: list[torch.Tensor | None] = [None] * self.SLOTS
+        self._works: list[dist.Work | None] = [None] * self.SLOTS  # per staging buffer: the broadcast reading it
+        self._next = 0  # the staging buffer the next bucket is packed into
+        self._staged: list[tuple[int, torch.Tensor]] = []  # packed, not yet launched, oldest first
 
     def stage(self, tensors: list[torch.Tensor]) -> int:
         """Pack ``tensors`` (one bucket, wire dtype, plan order) into the next staging buffer, once the
         broadcast that read it before completed. Returns the bucket's bytes."""
-        self._wait_slot(self._slot)
+        slot = self._next
+        if any(s == slot for s, _ in self._staged):
+            raise RuntimeError("both staging buffers hold buckets not launched yet")
+        self._wait_slot(slot)
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
-        buf = self._staging[self._slot]
+        buf = self._staging[slot]
         if buf is None or buf.numel() < nbytes or buf.device != tensors[0].device:
-            buf = self._staging[self._slot] = torch.empty(nbytes, dtype=torch.uint8, device=tensors[0].device)
-        self._staged = pack_bucket(tensors, buf)
+            buf = self._staging[slot] = torch.empty(nbytes, dtype=torch.uint8, device=tensors[0].device)
+        self._staged.append((slot, pack_bucket(tensors, buf)))
+        self._next = (slot + 1) % self.SLOTS
         return nbytes
 
     def launch(self, pg) -> None:
-        """Start broadcasting the staged bucket (behind the one still in flight, if any)."""
-        flat, self._staged = self._staged, None
-        self._works[self._slot] = dist.broadcast(flat, group_src=0, group=pg, async_op=True)
-        self._slot ^= 1
+        """Start broadcasting the oldest staged bucket (behind the one still in flight, if any)."""
+        slot, flat = self._staged.pop(0)
+        self._works[slot] = dist.broadcast(flat, group_src=0, group=pg, async_op=True)
 
     def send(self, tensors: list[torch.Tensor], pg) -> int:
         nbytes = self.stage(tensors)
         self.launch(pg)
         return nbytes
 
+    @property
+    def staged(self) -> int:
+        """How many packed buckets wait for ``launch``."""
+        return len(self._staged)
+
     def finish(self) -> None:
         """Wait for every bucket sent, oldest first."""
-        self._wait_slot(self._slot)  # the older in-flight bucket, if two are
-        self._wait_slot(self._slot ^ 1)
+        for i in range(self.SLOTS):
+            self._wait_slot((self._next + i) % self.SLOTS)
 
     def _wait_slot(self, slot: int) -> None:
         work, self._works[slot] = self._works[slot], None
@@ -143,9 +153,9 @@ class BucketPipeline:
 
     def abandon(self) -> None:
         """After a failure or a push without members: forget the staged and the in-flight buckets."""
-        self._staged, self._works = None, [None, None]
+        self._staged, self._works = [], [None] * self.SLOTS
 
     def release(self) -> None:
         """Free the staging buffers (the next push allocates them again)."""
         self.abandon()
-        self._staging = [None, None]
+        self._staging = [None] * self.SLOTS

@@ -224,11 +224,13 @@ class WeightBroadcaster:
         buckets = plan_buckets([(n, list(p.shape), self.send_dtype) for n, p in params],
                                int(self.cfg.bucket_mb * 1024 * 1024))
         t_gather = time.monotonic()
-        # Bucket 0 is gathered (all ranks) and packed before the plan goes out: that work is then
-        # off the engines' pause window, which starts only when they receive the plan.
-        first = self._gather(params, buckets[0]) if buckets else []
-        if self.rank == 0 and first:
-            report.bytes = self._pipeline.stage(first)
+        # The first buckets (one per staging buffer) are gathered (all ranks) and packed (rank 0)
+        # before the plan goes out: that work is then outside the engines' pause window, which
+        # starts only when they receive the plan.
+        for b in buckets[:BucketPipeline.SLOTS]:
+            tensors = self._gather(params, b)
+            if self.rank == 0:
+                report.bytes += self._pipeline.stage(tensors)
         report.transfer_s = time.monotonic() - t_gather
         send = False
         if self.rank == 0:
@@ -244,7 +246,7 @@ class WeightBroadcaster:
         if flag[0]:
             self._transfer(params, buckets, report, deadline)
         else:
-            self._pipeline.abandon()  # nobody to send to: drop the staged bucket
+            self._pipeline.abandon()  # nobody to send to: drop the staged buckets
             report.bytes = 0
         if self.rank == 0:
             if send:
@@ -259,14 +261,14 @@ class WeightBroadcaster:
 
     def _transfer(self, params: list[tuple[str, torch.nn.Parameter]], buckets: list[BucketSpec],
                   report: SyncReport, deadline: float) -> None:
-        """Broadcast the staged bucket 0, then gather (all ranks) and broadcast (rank 0) the others, each
-        as one flattened buffer; bucket i+1 is gathered and packed while bucket i is on the wire."""
+        """Broadcast the staged buckets, then gather (all ranks) and broadcast (rank 0) the others, each
+        as one flattened buffer; bucket i+2 is gathered and packed while bucket i+1 is on the wire."""
         healthy = self.rank == 0 and self._pg is not None
         self._pipeline.wait = lambda work: self._wait(work, deadline, report.version)
         t0 = time.monotonic()
-        if healthy:
+        while healthy and self._pipeline.staged:
             healthy = self._guarded(report, lambda: self._pipeline.launch(self._pg))
-        for b in buckets[1:]:
+        for b in buckets[BucketPipeline.SLOTS:]:
             # full_tensor() is an all-gather over the trainer ranks: every rank runs it, even after a failure.
             tensors = self._gather(params, b)
             if healthy:

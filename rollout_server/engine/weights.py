@@ -7,7 +7,9 @@ it to the scheduler thread, which loads it between two forward passes (``Schedul
 forward pass ever mixes two versions; ``end`` closes the session. Updates outside a session are
 refused, as 0.5.23 does. A bucket is applied all-or-nothing: every byte is received first (the
 broadcast must be drained even when a name is unknown, or the sender would hang), then checked,
-then loaded.
+then loaded. A bucket that neither sets ``weight_version`` nor flushes is answered once checked
+and queued on the scheduler (``_apply``): everything that reaches the scheduler later runs after
+its load, so the answer is as good as "loaded", and the next bucket's receive overlaps the load.
 
 Two wire formats, as SGLang's ``load_format``:
 - default: one ``dist.broadcast(buf, group_src=0)`` per tensor, in ``names`` order, into fresh
@@ -54,6 +56,7 @@ class WeightUpdater:
         self._recv_lock = threading.Lock()  # one bucket at a time: broadcasts must not interleave
         self._live: dict[tuple, torch.Tensor] = {}  # layout -> the flat buffer its parameters view now
         self._spare: dict[tuple, torch.Tensor] = {}  # layout -> a free buffer the next bucket is received into
+        self._deferred_error = ""  # a queued (unanswered) bucket load of this session failed
 
     # ---- group lifecycle (blocking)
     def init_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
@@ -90,6 +93,7 @@ class WeightUpdater:
         if self.session_open:
             return False, "a weight-update session is already open; call end_weight_update() first"
         self.session_open = True
+        self._deferred_error = ""
         return True, "Success"
 
     def end(self) -> tuple[bool, str]:
@@ -162,24 +166,26 @@ class WeightUpdater:
             tensors = {n: flat[a:a + _numel(s) * dt.itemsize].view(dt).view(s) for n, dt, s, a in layout}
             return self._apply(tensors, weight_version, flush_cache, swap=(key, flat))
 
-    def _apply(self, tensors: dict[str, torch.Tensor], weight_version: str | None,
-               flush_cache: bool, swap: tuple[tuple, torch.Tensor] | None = None) -> tuple[bool, str]:
+    def _apply(self, tensors: dict[str, torch.Tensor], weight_version: str | None, flush_cache: bool,
+               swap: tuple[tuple, torch.Tensor] | None = None) -> tuple[bool, str]:
         """Load ``tensors`` on the scheduler thread, all-or-nothing. With ``swap=(layout, flat)`` the
-        tensors are views of ``flat``, which the parameters may adopt instead of copying it."""
+        tensors are views of ``flat``, which the parameters may adopt instead of copying it.
+
+        A bucket that neither sets the version nor flushes (not the last of a sync) is checked here,
+        queued, and answered without waiting for the scheduler: its load is ahead of anything that
+        reaches the scheduler after this answer (a later bucket, a read, a forward pass), so nothing
+        can tell the difference, and the sender's next bucket is received while it is swapped in.
+        A queued load that fails anyway makes every later bucket of the session fail."""
         def release() -> None:  # the received buffer was not adopted: keep it for the next sync of its layout
             if swap is not None:
                 self._spare[swap[0]] = swap[1]
 
         def load_between_steps(sched) -> tuple[bool, str]:
             state = sched.model.state_dict()
-            for name, t in tensors.items():
-                if name not in state:
-                    release()
-                    return False, f"Unknown parameter {name!r}; nothing was loaded."
-                if tuple(state[name].shape) != tuple(t.shape):
-                    release()
-                    return False, (f"Shape mismatch for {name}: engine {tuple(state[name].shape)}, "
-                                   f"received {tuple(t.shape)}; nothing was loaded.")
+            refusal = self._deferred_error or _refusal(state, tensors)
+            if refusal:
+                release()
+                return False, refusal
             if swap is None or not self._swap_in(sched.model, tensors, *swap):
                 with torch.no_grad():
                     for name, t in tensors.items():
@@ -192,10 +198,23 @@ class WeightUpdater:
             return True, "Succeeded to update parameter online."
 
         t0 = time.monotonic()
+        if weight_version is None and not flush_cache:
+            refusal = self._deferred_error or _refusal(self.scheduler.model.state_dict(), tensors)
+            if refusal:
+                release()
+                return False, refusal
+            self.scheduler.call(load_between_steps).add_done_callback(self._note_deferred)
+            return True, "Succeeded to update parameter online."
         ok, msg = self.scheduler.call(load_between_steps).result(timeout=APPLY_TIMEOUT_S)
         log.info("weights %s (%d tensors, version %s) in %.3fs", "loaded" if ok else f"refused: {msg}",
                  len(tensors), weight_version, time.monotonic() - t0)
         return ok, msg
+
+    def _note_deferred(self, fut) -> None:
+        ok, msg = fut.result() if fut.exception() is None else (False, repr(fut.exception()))
+        if not ok:
+            log.error("a queued weight load failed: %s", msg)
+            self._deferred_error = self._deferred_error or f"an earlier bucket of this update failed: {msg}"
 
     def _swap_in(self, model: torch.nn.Module, tensors: dict[str, torch.Tensor], key: tuple,
                  flat: torch.Tensor) -> bool:
@@ -214,6 +233,17 @@ class WeightUpdater:
         if retired is not None:
             self._spare[key] = retired
         return True
+
+
+def _refusal(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> str:
+    """Why ``tensors`` cannot be loaded into ``state`` ('' if they can)."""
+    for name, t in tensors.items():
+        if name not in state:
+            return f"Unknown parameter {name!r}; nothing was loaded."
+        if tuple(state[name].shape) != tuple(t.shape):
+            return (f"Shape mismatch for {name}: engine {tuple(state[name].shape)}, "
+                    f"received {tuple(t.shape)}; nothing was loaded.")
+    return ""
 
 
 def _flat_layout(names: list[str], dtypes: list[str], shapes: list[list[int]]) -> tuple[list[tuple], int]:
