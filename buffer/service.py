@@ -48,6 +48,8 @@ POLL_S = 0.02  # wait for the first request of a batch; bounds how late a held B
 POLL_BUSY_S = 0.001  # ...while replies wait for an fsync: send them as soon as it completes
 MAX_POLL_BATCH = 512  # requests handled per loop iteration (one fsync for all of them)
 MAX_POLL_BYTES = 4 << 20  # ...or this many bytes: smaller fsyncs start sooner and overlap receiving
+SWEEP_S = 0.05  # lease expiry and roster timeouts at most this often: their deadlines are
+# seconds, and a scan of every lease per loop iteration cost several % of the ingest CPU
 SEEN_KEEP = 200_000  # group ids remembered for dedupe after consumption: hours of generation,
 # while a sender re-sends an unacked group within seconds to minutes; ~20 MB
 SYNC_RESULTS_KEEP = 8  # versions of SyncDone results kept for SyncStatusRequest
@@ -91,6 +93,7 @@ class BufferService(BatchHandout, Daemon):
         self._publish: list[P.Message] = []  # to publish with the next reply's ticket
         self._consumed: list[str] = []  # group ids marked consumed/dropped in this iteration
         self._dirty = False  # control state changed in this iteration
+        self._next_sweep = 0.0  # time.monotonic() of the next expiry sweep
         self._handlers = {
             P.Register: self._on_register, P.Heartbeat: self._on_heartbeat, P.CreditRequest: self._on_credits,
             P.VersionUpdate: self._on_version, P.RosterRequest: self._on_roster,
@@ -114,10 +117,11 @@ class BufferService(BatchHandout, Daemon):
 
     def run_once(self) -> None:
         self._receive(POLL_BUSY_S if self._waiting else POLL_S)  # handle a batch of requests
-        self._expire()  # leases past their deadline, servers past their heartbeat timeout
+        if (now := time.monotonic()) >= self._next_sweep:  # real time: self.clock may be a test's
+            self._next_sweep = now + SWEEP_S
+            self._expire()  # leases past their deadline, servers past their heartbeat timeout
         self._serve_batches()  # held BatchRequests: enough fresh groups now, or their wait is over
         self._persist_and_reply()  # log what changed, send the replies that are durable now
-        self._update_gauges()
 
     def stop(self) -> None:
         if self.server is not None and self._waiting:
@@ -388,18 +392,23 @@ class BufferService(BatchHandout, Daemon):
             counter = self.metrics.counter(f"buffer/{name}", name.replace("_", " "), ("reason",))
             for reason in reasons:
                 counter.labels(reason=reason)
+        self._declare_gauges()
 
-    def _update_gauges(self) -> None:
+    def _declare_gauges(self) -> None:
+        """Gauges read the state when scraped (reads of ints, safe from the metrics thread), so the
+        loop spends nothing on them per request."""
         groups = self.metrics.gauge("buffer/groups", "groups by state", labels=("state",))
-        groups.labels(state="in_flight").set(self.ledger.in_flight)
-        groups.labels(state="stored").set(len(self.store))
-        groups.labels(state="in_transit").set(self._in_transit_groups())
-        self.metrics.gauge("buffer/trainer_version").set(self.version)
-        self.metrics.gauge("buffer/max_staleness", "the staleness bound eta (for alerts)").set(self.cfg.max_staleness)
-        self.metrics.gauge("buffer/roster_size").set(len(self.roster))
-        self.metrics.gauge("buffer/started", "admission counter (groups holding a slot)").set(self.ledger.started)
-        self.metrics.gauge("buffer/stored_bytes", "frame bytes of stored groups").set(self.store.nbytes)
-        self.metrics.gauge("buffer/wal_bytes", "bytes of WAL segments on disk").set(self.wal.disk_bytes)
+        groups.labels(state="in_flight").set_function(lambda: self.ledger.in_flight)
+        groups.labels(state="stored").set_function(lambda: len(self.store))
+        groups.labels(state="in_transit").set_function(self._in_transit_groups)
+        for name, doc, read in (
+                ("buffer/trainer_version", "", lambda: self.version),
+                ("buffer/max_staleness", "the staleness bound eta (for alerts)", lambda: self.cfg.max_staleness),
+                ("buffer/roster_size", "", lambda: len(self.roster)),
+                ("buffer/started", "admission counter (groups holding a slot)", lambda: self.ledger.started),
+                ("buffer/stored_bytes", "frame bytes of stored groups", lambda: self.store.nbytes),
+                ("buffer/wal_bytes", "bytes of WAL segments on disk", lambda: self.wal.disk_bytes)):
+            self.metrics.gauge(name, doc).set_function(read)
 
     def stats(self) -> dict:
         return {**self.counts, "policy_version": self.version, "stored": len(self.store),

