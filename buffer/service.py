@@ -87,6 +87,7 @@ class BufferService(BatchHandout, Daemon):
         self.pending: list[PendingBatch] = []
         self.in_transit: InTransit | None = None  # the last batch handed out, until the trainer acks it
         self._metric_children: dict[tuple, object] = {}  # (name, labels) -> metric child: no lookups per group
+        self._counters: dict[str, object] = {}  # key in self.counts -> its counter (child)
         self.counts: Counter[str] = Counter()
         self._waiting: deque[tuple] = deque()  # (wal ticket, peer, req_id, reply, type, t): sent once durable;
         # peer None: a message to publish once durable (a VersionUpdate a restart must not forget)
@@ -368,9 +369,14 @@ class BufferService(BatchHandout, Daemon):
             self.seen = dict.fromkeys(list(self.seen)[-SEEN_KEEP:])
 
     def _count(self, name: str, n: int = 1, **labels: str) -> None:
-        if n:
-            self.counts["_".join([name, *labels.values()])] += n
-            self._metric_child("counter", f"buffer/{name}", name.replace("_", " "), **labels).inc(n)
+        if not n:
+            return
+        key = "_".join([name, *labels.values()]) if labels else name
+        self.counts[key] += n
+        if (counter := self._counters.get(key)) is None:  # the ingest path counts twice per group
+            counter = self._counters[key] = self._metric_child("counter", f"buffer/{name}", name.replace("_", " "),
+                                                               **labels)
+        counter.inc(n)
 
     def _metric_child(self, kind: str, name: str, doc: str, buckets=None, **labels: str):
         """The metric (or its labelled child), looked up once: the ingest path counts per group."""

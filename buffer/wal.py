@@ -137,6 +137,7 @@ class WriteAheadLog:
         self._sync_error: BaseException | None = None
         self._fsync_times: list[float] = []
         self._syncer: threading.Thread | None = None
+        self._syncer_idle = False  # waiting on _cv for a request (under _cv)
         self._closing = False
         self._readers: dict[int, int] = {}  # segment -> read-only fd for read_group
         self.corrupt_records = 0
@@ -269,7 +270,8 @@ class WriteAheadLog:
             if self._dirty:
                 self._dirty = False
                 self._requested += 1
-                self._cv.notify_all()
+                if self._syncer_idle:  # else it re-checks _requested before it waits (notify is slow Python)
+                    self._cv.notify_all()
             return self._requested
 
     def durable(self) -> int:
@@ -294,7 +296,9 @@ class WriteAheadLog:
         while True:
             with self._cv:
                 while self._synced >= self._requested and not self._closing:
+                    self._syncer_idle = True
                     self._cv.wait()
+                    self._syncer_idle = False
                 if self._synced >= self._requested:
                     return
                 target, fd = self._requested, self._fd
