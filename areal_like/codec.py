@@ -2,18 +2,20 @@
 
 Encoding runs every ``validate()`` (an invalid message fails at its sender) and turns each
 message into a map whose arrays are ``[dtype, length, memoryview]``; msgspec then writes the
-frame in one pass, copying each array's bytes once. A converter generated per class handles
-messages whose values already have the exact wire types; anything else (numpy integers, int64
-or list token arrays, tuples) takes the reference encoder, which coerces what is unambiguous
-and names the field it cannot encode. Both produce the same bytes.
+frame in one pass, copying each array's bytes once, into fresh bytes (``encode``) or into a
+buffer the caller keeps (``encode_into``: no allocation per frame). A converter generated per
+class handles messages whose values already have the exact wire types; anything else (numpy
+integers, int64 or list token arrays, tuples) takes the reference encoder, which coerces what
+is unambiguous and names the field it cannot encode. Both produce the same bytes.
 
 Decoding has two paths that accept exactly the same frames:
 
 * **fast** (every frame): msgspec parses the frame in C into generated mirror structs (unknown
-  fields forbidden, exact scalar types, the ``type`` tag picking the class) with array bytes as
-  zero-copy ``memoryview`` slices of the frame; a thin pass builds the dataclasses with
-  ``numpy.frombuffer`` and runs ``validate()``. About 3x faster than walking msgpack objects
-  in Python, and no copy of the array bytes.
+  fields forbidden, exact scalar types, array dtype tags and non-negative lengths, the ``type``
+  tag picking the class) with array bytes as zero-copy ``memoryview`` slices of the frame; a
+  thin generated pass fills the dataclasses' slots with ``numpy.frombuffer`` views and runs
+  ``validate()``. About 3.5x faster than walking msgpack objects in Python, and no copy of the
+  array bytes.
 * **reference** (only when the fast path refuses a frame): msgpack objects walked in Python,
   checking in a fixed order, so the ``ProtocolError`` names the first offending field
   (``trajectories[3].behav_logp``). The fuzz test checks that both paths agree on every frame.

@@ -22,18 +22,17 @@ Patterns and why:
   the guarantee.
 * Trajectories never go over PUB/SUB: a group is kept by its sender until the buffer's Ack says
   it is in the write-ahead log.
-* **Copies and allocations.** A message is encoded into a buffer each sender keeps
-  (``FrameWriter``) and libzmq copies it into its own message while sending: no Python
-  allocation per frame and none of pyzmq's zero-copy bookkeeping (a frame handed over without
-  a copy is released through a garbage-collector thread, which costs more than copying a
-  frame of a few MB from a buffer that is hot in cache). Frames above ``SCRATCH_KEEP_BYTES``
-  (a big Batch) hand their buffer to libzmq without a copy instead, so an idle process does not
-  pin it. Received frames are decoded in place: the arrays of a decoded message are read-only
-  views of ZMQ's receive buffer, which they keep alive. A 400 KB trajectory group is copied
-  once when encoded, once into libzmq, and never on the receiving side. glibc's allocator is
-  told to keep freed blocks of frame size (``tune_allocator``): by default it returns them to
-  the kernel and every message faults its pages in again (benchmarks/bench_transport.py
-  measures the path).
+* **Copies and allocations.** A message is encoded into a buffer its sender keeps
+  (``FrameWriter``) and libzmq copies it into its own message while sending. Why not hand
+  fresh bytes over without a copy: pyzmq releases such frames through a garbage-collector
+  thread (a message to it and a wake-up per frame), which for a 400 KB group costs about what
+  the copy from a cache-hot buffer costs, and a fresh buffer per frame is regrown and faulted
+  in every time. Frames above ``SCRATCH_KEEP_BYTES`` (a big Batch) hand their buffer over
+  without a copy instead, so an idle process does not pin it. Received frames are decoded in
+  place: the arrays of a decoded message are read-only views of ZMQ's receive buffer, which
+  they keep alive. glibc is told to keep freed frame-sized blocks (``tune_allocator``): by
+  default it returns them to the kernel and every message faults its pages in again.
+  benchmarks/bench_transport.py measures the path.
 
 Addresses are configuration (``tcp://host:port``); nothing here assumes localhost. Servers
 bind (``tcp://*:port`` or a concrete interface), clients connect.
