@@ -6,9 +6,11 @@ Cases (one JSON line each):
 * ``buffer_ingest_fsync_<policy>``: the same producers, the same frames, to ``python -m buffer``
   (decode, validate, WAL append, group-commit fsync, ack); each producer leases prompts first,
   as a rollout server does; ratio = groups/s over the raw case's (goal >= 0.5 for fsync=always);
-* ``disk_fsync_ceiling``: the same frames written and fsynced in batches of ``producers`` frames
-  by one process with no network: what the disk allows a durable log (an fsync=always buffer
-  cannot ingest faster than this, whatever the transport does);
+* ``disk_ceiling_group_commit``: the same frames appended by one thread while another fdatasyncs
+  what was written so far (the WAL's scheme), one process, no network: what the disk allows an
+  fsync=always buffer, whatever the transport does; ``disk_ceiling_sequential``: write
+  ``producers`` frames, fsync, repeat (no overlap; the figure this benchmark used to call the
+  ceiling, which a pipelined log is not bound by);
 * ``raw_transport_keeping_frames`` (``--raw-keep``): the raw server also keeps every frame in
   memory, as the store does: what holding the data costs before any protocol work;
 * ``buffer_handout``: BatchRequest latency p50/p99 with the store full, n_groups per batch (each
@@ -18,6 +20,11 @@ Cases (one JSON line each):
   The daemon keeps only an index in its own memory: the frames stay in the WAL, i.e. in the page
   cache (clean once synced, so the kernel can reclaim it and a hand-out then reads the disk), which
   RSS does not count; ``wal_mib_per_100k`` reports what the WAL (page cache or disk) holds.
+
+The raw and buffer cases run in ``--rounds`` interleaved rounds (raw, buffer always, buffer
+never, raw, ...), each with its own daemon; a case's ratio is the median over rounds of its
+rate against the raw rate of the same round, so load from other work on a shared machine hits
+both sides of a ratio alike (``ratios`` lists them).
 
 Every ingest case also reports ``server_cpu_ms_per_group`` and ``producer_cpu_ms_per_group``: CPU
 seconds (all threads, user + system) over the measured window per acknowledged group. On a shared
@@ -62,6 +69,7 @@ from areal_like import protocol as P  # noqa: E402
 from areal_like.config import BufferConfig, RunConfig, TaskConfig, to_yaml  # noqa: E402
 from areal_like.distributed import free_port  # noqa: E402
 from areal_like.transport import Client  # noqa: E402
+from buffer.wal import reserve_blocks  # noqa: E402
 
 REPLY_TIMEOUT_MS = 20_000  # a producer waiting this long means the server is gone: abort the case
 RAW_SERVER = """
@@ -267,19 +275,45 @@ def handout_latency(address: str, n_groups: int, trials: int) -> tuple[float, fl
     return statistics.median(lat) * 1e3, lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3
 
 
-def disk_ceiling(directory: Path, args) -> tuple[float, float]:
-    """Write+fsync the benchmark's frames in group-commit batches for ``args.seconds``."""
+def disk_ceiling(directory: Path, args, kind: str) -> tuple[float, float]:
+    """The benchmark's frames written and synced for ``args.seconds`` by one process, no network.
+
+    ``sequential``: write ``producers`` frames, fsync, repeat (the disk idles while frames are
+    written, the writer idles during the fsync). ``group_commit``: what the WAL does, so what
+    bounds an fsync=always buffer: one thread appends continuously to a segment with reserved
+    blocks while another fdatasyncs whatever was written so far."""
     frame = group_frame(trajectories_blob(args.tokens, args.group_size), "disk", "L0", 0, 0)
     path = directory / "disk_ceiling.bin"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    n, t0 = 0, time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+    n, stop = 0, threading.Event()
+
+    def sync_loop():
+        synced = 0
+        while not stop.is_set():
+            if n == synced:  # nothing new: the WAL's syncer waits for a request too
+                time.sleep(0.0005)
+                continue
+            synced = n
+            os.fdatasync(fd)
+
+    syncer = threading.Thread(target=sync_loop)
+    t0 = time.perf_counter()
     try:
+        if kind == "group_commit":
+            reserve_blocks(fd, 4 << 30)
+            syncer.start()
         while time.perf_counter() - t0 < args.seconds:
             for _ in range(args.producers):
                 os.writev(fd, [frame])
-            os.fsync(fd)
+            if kind == "sequential":
+                os.fsync(fd)
             n += args.producers
+        stop.set()
+        if kind == "group_commit":
+            syncer.join()
+            os.fdatasync(fd)
     finally:
+        stop.set()
         os.close(fd)
         path.unlink()
     dt = time.perf_counter() - t0
@@ -290,14 +324,40 @@ def emit(**row) -> None:
     print(json.dumps(row), flush=True)
 
 
+def run_raw(keep: str, args, env: dict) -> tuple[float, float, dict]:
+    ack = P.encode(P.Ack(ref="x", status="accepted")).hex()
+    address = f"tcp://127.0.0.1:{free_port()}"
+    raw = subprocess.Popen([sys.executable, "-c", RAW_SERVER, address, ack, keep], env=env, cwd=REPO)
+    try:
+        return run_producers("raw", address, args, raw.pid)
+    finally:
+        raw.kill()
+        raw.wait()
+
+
+def memory_and_handout(address: str, pid: int, rss0: int, args, common: dict) -> None:
+    stats = Client(address, timeout_s=60).request(P.StatsRequest()).values
+    n_traj = stats["stored"] * args.group_size
+    rss = psutil.Process(pid).memory_info().rss - rss0
+    per_100k, payload_100k = rss / n_traj * 1e5 / 2**20, stats["stored_bytes"] / n_traj * 1e5 / 2**20
+    emit(name="buffer_memory", figure=round(per_100k, 1), unit="MiB per 100k stored trajectories",
+         baseline=round(payload_100k, 1), ratio=round(payload_100k / per_100k, 3), goal=None,
+         wal_mib_per_100k=round(stats["wal_bytes"] / n_traj * 1e5 / 2**20, 1), stored_trajectories=n_traj, **common)
+    trials = min(200, stats["stored"] // args.handout_groups)
+    p50, p99 = handout_latency(address, args.handout_groups, trials)
+    emit(name="buffer_handout", figure=round(p50, 2), unit="ms p50", baseline=None, ratio=None, goal=None,
+         p99_ms=round(p99, 2), n_groups=args.handout_groups, trials=trials, **common)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--producers", type=int, default=32)
     ap.add_argument("--processes", type=int, default=4)
-    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--warmup-s", type=float, default=1.0)
+    ap.add_argument("--rounds", type=int, default=2, help="raw and buffer runs alternate this many times")
     ap.add_argument("--fsync", nargs="+", default=["always", "never"])
     ap.add_argument("--handout-groups", type=int, default=8)
     ap.add_argument("--raw-keep", action="store_true",
@@ -305,54 +365,40 @@ def main() -> None:
     args = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "AREAL_LIKE_LOG_LEVEL": "WARNING"}
     common = {"tokens": args.tokens, "group_size": args.group_size, "producers": args.producers}
-
-    ack = P.encode(P.Ack(ref="x", status="accepted")).hex()
-    raw_gps = raw_mbps = 0.0
-    for keep in ("drop", "keep") if args.raw_keep else ("drop",):
-        address = f"tcp://127.0.0.1:{free_port()}"
-        raw = subprocess.Popen([sys.executable, "-c", RAW_SERVER, address, ack, keep], env=env, cwd=REPO)
-        try:
-            gps, mbps, cpu = run_producers("raw", address, args, raw.pid)
-        finally:
-            raw.kill()
-            raw.wait()
-        if keep == "drop":
-            raw_gps, raw_mbps = gps, mbps
-        emit(name="raw_transport" if keep == "drop" else "raw_transport_keeping_frames", figure=round(gps, 1),
-             unit="groups/s", baseline=round(raw_gps, 1), ratio=round(gps / raw_gps, 3), goal=None,
-             mb_per_s=round(mbps, 1), **cpu, **common)
-
+    cases = ["raw", *(["raw_keep"] if args.raw_keep else []), *args.fsync]
+    runs: dict[str, list[tuple[float, float, dict]]] = {case: [] for case in cases}
     with tempfile.TemporaryDirectory(prefix="bench_buffer_") as tmp:
-        disk_gps, disk_mbps = disk_ceiling(Path(tmp), args)
-        emit(name="disk_fsync_ceiling", figure=round(disk_gps, 1), unit="groups/s", baseline=round(raw_gps, 1),
-             ratio=round(disk_gps / raw_gps, 3), goal=None, mb_per_s=round(disk_mbps, 1), **common)
-        for fsync in args.fsync:
-            proc, cfg = start_buffer(Path(tmp) / fsync, fsync, env)
-            try:
-                rss0 = psutil.Process(proc.pid).memory_info().rss
-                gps, mbps, cpu = run_producers("buffer", cfg.buffer.address, args, proc.pid)
-                emit(name=f"buffer_ingest_fsync_{fsync}", figure=round(gps, 1), unit="groups/s",
-                     baseline=round(raw_gps, 1), ratio=round(gps / raw_gps, 3), goal=0.5 if fsync == "always" else None,
-                     mb_per_s=round(mbps, 1), raw_mb_per_s=round(raw_mbps, 1),
-                     of_disk_ceiling=round(gps / disk_gps, 3), **cpu, **common)
-                if fsync != args.fsync[0]:
+        for r in range(args.rounds):  # interleaved: load from other work hits every case alike
+            for case in cases:
+                if case.startswith("raw"):
+                    runs[case].append(run_raw("keep" if case == "raw_keep" else "drop", args, env))
                     continue
-                stats = Client(cfg.buffer.address, timeout_s=60).request(P.StatsRequest()).values
-                n_traj = stats["stored"] * args.group_size
-                rss = psutil.Process(proc.pid).memory_info().rss - rss0
-                per_100k, payload_100k = rss / n_traj * 1e5 / 2**20, stats["stored_bytes"] / n_traj * 1e5 / 2**20
-                emit(name="buffer_memory", figure=round(per_100k, 1), unit="MiB per 100k stored trajectories",
-                     baseline=round(payload_100k, 1), ratio=round(payload_100k / per_100k, 3), goal=None,
-                     wal_mib_per_100k=round(stats["wal_bytes"] / n_traj * 1e5 / 2**20, 1),
-                     stored_trajectories=n_traj, **common)
-                trials = min(200, stats["stored"] // args.handout_groups)
-                p50, p99 = handout_latency(cfg.buffer.address, args.handout_groups, trials)
-                emit(name="buffer_handout", figure=round(p50, 2), unit="ms p50", baseline=None, ratio=None, goal=None,
-                     p99_ms=round(p99, 2), n_groups=args.handout_groups, trials=trials, **common)
-            finally:
-                proc.terminate()
-                proc.wait(timeout=60)
-                shutil.rmtree(Path(tmp) / fsync, ignore_errors=True)
+                proc, cfg = start_buffer(Path(tmp) / f"{case}-{r}", case, env)
+                try:
+                    rss0 = psutil.Process(proc.pid).memory_info().rss
+                    runs[case].append(run_producers("buffer", cfg.buffer.address, args, proc.pid))
+                    if r == args.rounds - 1 and case == args.fsync[0]:
+                        memory_and_handout(cfg.buffer.address, proc.pid, rss0, args, common)
+                finally:
+                    proc.terminate()
+                    proc.wait(timeout=60)
+                    shutil.rmtree(Path(tmp) / f"{case}-{r}", ignore_errors=True)
+        disk = {kind: disk_ceiling(Path(tmp), args, kind) for kind in ("sequential", "group_commit")}
+    raw = runs["raw"]
+    raw_gps = statistics.mean(x[0] for x in raw)
+    for case in cases:
+        gps = statistics.mean(x[0] for x in runs[case])
+        ratios = [x[0] / base[0] for x, base in zip(runs[case], raw)]  # each run against the raw run of its round
+        cpu = {k: round(statistics.mean(x[2][k] for x in runs[case]), 3) for k in runs[case][0][2]}
+        name = {"raw": "raw_transport", "raw_keep": "raw_transport_keeping_frames"}.get(case, f"buffer_ingest_fsync_{case}")
+        extra = {"of_disk_ceiling": round(gps / disk["group_commit"][0], 3)} if case not in ("raw", "raw_keep") else {}
+        emit(name=name, figure=round(gps, 1), unit="groups/s", baseline=round(raw_gps, 1),
+             ratio=round(statistics.median(ratios), 3), goal=0.5 if case == "always" else None,
+             ratios=[round(x, 3) for x in ratios], mb_per_s=round(statistics.mean(x[1] for x in runs[case]), 1),
+             **extra, **cpu, **common)
+    for kind, (gps, mbps) in disk.items():
+        emit(name=f"disk_ceiling_{kind}", figure=round(gps, 1), unit="groups/s", baseline=round(raw_gps, 1),
+             ratio=round(gps / raw_gps, 3), goal=None, mb_per_s=round(mbps, 1), **common)
 
 
 if __name__ == "__main__":

@@ -88,6 +88,7 @@ class BufferService(BatchHandout, Daemon):
         self.in_transit: InTransit | None = None  # the last batch handed out, until the trainer acks it
         self._metric_children: dict[tuple, object] = {}  # (name, labels) -> metric child: no lookups per group
         self._counters: dict[str, object] = {}  # key in self.counts -> its counter (child)
+        self._latency: dict[str, object] = {}  # request type -> its request_seconds histogram child
         self.counts: Counter[str] = Counter()
         self._waiting: deque[tuple] = deque()  # (wal ticket, peer, req_id, reply, type, t): sent once durable;
         # peer None: a message to publish once durable (a VersionUpdate a restart must not forget)
@@ -176,8 +177,9 @@ class BufferService(BatchHandout, Daemon):
         benchmarks/bench_buffer.py this beats one ticket per loop iteration)."""
         self._write_control()
         ticket = self.wal.request_sync()
-        self._waiting.extend((ticket, None, b"", m, "", received) for m in self._publish)
-        self._publish.clear()
+        if self._publish:
+            self._waiting.extend((ticket, None, b"", m, "", received) for m in self._publish)
+            self._publish.clear()
         self._waiting.append((ticket, peer, req_id, reply, kind, received))
         self._send_durable_replies()
 
@@ -217,8 +219,10 @@ class BufferService(BatchHandout, Daemon):
                 self.publisher.publish(reply)
                 continue
             self.server.send(peer, req_id, reply)
-            self._metric_child("histogram", "buffer/request_seconds", "request latency by type", type=kind).observe(
-                now - received)
+            if (latency := self._latency.get(kind)) is None:
+                latency = self._latency[kind] = self._metric_child("histogram", "buffer/request_seconds",
+                                                                   "request latency by type", type=kind)
+            latency.observe(now - received)
         for seconds in self.wal.fsync_seconds():
             self._metric_child("histogram", "buffer/fsync_seconds", "WAL fsync latency").observe(seconds)
 
