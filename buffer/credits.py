@@ -30,7 +30,6 @@ import numpy as np
 from areal_like.protocol import TrajectoryGroup
 from buffer.staleness import StalenessPolicy
 
-
 MAX_GROUP_ID_BYTES = 1024  # ids are "<server_id>-<lease_id>"; the WAL stores the length in 16 bits
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,6 +40,7 @@ from areal_like.daemon import Daemon
 from areal_like.transport import Publisher, Server
 from buffer.credits import CreditLedger, invalid_group, version_range
 from buffer.handout import BatchHandout, InTransit, PendingBatch
+from buffer.instruments import BufferMetrics
 from buffer.replay_buffer import ReplayBuffer, StoredGroup
 from buffer.staleness import StalenessPolicy
 from buffer.wal import WriteAheadLog
@@ -62,7 +63,7 @@ class Member:
     in_flight: int = 0
 
 
-class BufferService(BatchHandout, Daemon):
+class BufferService(BatchHandout, BufferMetrics, Daemon):
     name = "buffer"
 
     def __init__(self, cfg: RunConfig, *, clock: Callable[[], float] = time.monotonic):
@@ -86,10 +87,6 @@ class BufferService(BatchHandout, Daemon):
         self.sync_pauses: dict[int, dict[str, float]] = {}  # version -> server -> seconds not generating
         self.pending: list[PendingBatch] = []
         self.in_transit: InTransit | None = None  # the last batch handed out, until the trainer acks it
-        self._metric_children: dict[tuple, object] = {}  # (name, labels) -> metric child: no lookups per group
-        self._counters: dict[str, object] = {}  # key in self.counts -> its counter (child)
-        self._latency: dict[str, object] = {}  # request type -> its request_seconds histogram child
-        self.counts: Counter[str] = Counter()
         self._waiting: deque[tuple] = deque()  # (wal ticket, peer, req_id, reply, type, t): sent once durable;
         # peer None: a message to publish once durable (a VersionUpdate a restart must not forget)
         self._publish: list[P.Message] = []  # to publish with the next reply's ticket
@@ -104,7 +101,7 @@ class BufferService(BatchHandout, Daemon):
         }
         self.server: Server | None = None
         self.publisher: Publisher | None = None
-        self._declare_metrics()
+        self._declare_metrics()  # BufferMetrics
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -219,10 +216,7 @@ class BufferService(BatchHandout, Daemon):
                 self.publisher.publish(reply)
                 continue
             self.server.send(peer, req_id, reply)
-            if (latency := self._latency.get(kind)) is None:
-                latency = self._latency[kind] = self._metric_child("histogram", "buffer/request_seconds",
-                                                                   "request latency by type", type=kind)
-            latency.observe(now - received)
+            self._observe_latency(kind, now - received)
         for seconds in self.wal.fsync_seconds():
             self._metric_child("histogram", "buffer/fsync_seconds", "WAL fsync latency").observe(seconds)
 
@@ -371,54 +365,6 @@ class BufferService(BatchHandout, Daemon):
         self.seen[group_id] = None
         if len(self.seen) > 2 * SEEN_KEEP:
             self.seen = dict.fromkeys(list(self.seen)[-SEEN_KEEP:])
-
-    def _count(self, name: str, n: int = 1, **labels: str) -> None:
-        if not n:
-            return
-        key = "_".join([name, *labels.values()]) if labels else name
-        self.counts[key] += n
-        if (counter := self._counters.get(key)) is None:  # the ingest path counts twice per group
-            counter = self._counters[key] = self._metric_child("counter", f"buffer/{name}", name.replace("_", " "),
-                                                               **labels)
-        counter.inc(n)
-
-    def _metric_child(self, kind: str, name: str, doc: str, buckets=None, **labels: str):
-        """The metric (or its labelled child), looked up once: the ingest path counts per group."""
-        key = (name, *labels.items())
-        child = self._metric_children.get(key)
-        if child is None:
-            kw = {"buckets": buckets} if kind == "histogram" else {}
-            metric = getattr(self.metrics, kind)(name, doc, tuple(labels), **kw)
-            child = self._metric_children[key] = metric.labels(**labels) if labels else metric
-        return child
-
-    def _declare_metrics(self) -> None:
-        """Create every counter up front so dashboards see zeros, not missing series."""
-        for name in ("groups_accepted", "groups_duplicate", "groups_consumed", "credits_granted", "credits_expired",
-                     "credits_reissued", "wal_bytes_written", "batches_redelivered", "groups_redelivered"):
-            self.metrics.counter(f"buffer/{name}", name.replace("_", " "))
-        for name, reasons in (("groups_dropped", ("stale", "equal_rewards", "max_tokens")),
-                              ("rejected", ("decode", "unknown_lease", "lease_mismatch", "future_version"))):
-            counter = self.metrics.counter(f"buffer/{name}", name.replace("_", " "), ("reason",))
-            for reason in reasons:
-                counter.labels(reason=reason)
-        self._declare_gauges()
-
-    def _declare_gauges(self) -> None:
-        """Gauges read the state when scraped (reads of ints, safe from the metrics thread), so the
-        loop spends nothing on them per request."""
-        groups = self.metrics.gauge("buffer/groups", "groups by state", labels=("state",))
-        groups.labels(state="in_flight").set_function(lambda: self.ledger.in_flight)
-        groups.labels(state="stored").set_function(lambda: len(self.store))
-        groups.labels(state="in_transit").set_function(self._in_transit_groups)
-        for name, doc, read in (
-                ("buffer/trainer_version", "", lambda: self.version),
-                ("buffer/max_staleness", "the staleness bound eta (for alerts)", lambda: self.cfg.max_staleness),
-                ("buffer/roster_size", "", lambda: len(self.roster)),
-                ("buffer/started", "admission counter (groups holding a slot)", lambda: self.ledger.started),
-                ("buffer/stored_bytes", "frame bytes of stored groups", lambda: self.store.nbytes),
-                ("buffer/wal_bytes", "bytes of WAL segments on disk", lambda: self.wal.disk_bytes)):
-            self.metrics.gauge(name, doc).set_function(read)
 
     def stats(self) -> dict:
         return {**self.counts, "policy_version": self.version, "stored": len(self.store),

@@ -53,8 +53,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import sys
 import struct
+import sys
 import threading
 import time
 import zlib
