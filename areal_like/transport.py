@@ -55,10 +55,11 @@ DEFAULT_TIMEOUT_S = 10.0  # a healthy buffer answers in milliseconds; 10 s means
 SNDHWM = 1000  # frames queued per peer before sends fail fast
 ZERO_COPY_BYTES = 64 * 1024  # pyzmq's own threshold for zero-copy frames (benchmarks use it for raw bytes)
 SCRATCH_KEEP_BYTES = 4 * 1024 * 1024  # bigger frames hand their buffer over instead of being copied and kept
-# glibc keeps freed blocks below MMAP in the heap, and at most TRIM free bytes at its top, instead of
-# unmapping them: a frame's buffer is then reused warm by the next frame instead of faulted in anew.
-MALLOC_MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024  # glibc's own ceiling for its dynamic threshold
-MALLOC_TRIM_THRESHOLD_BYTES = 64 * 1024 * 1024  # twice that, as glibc's dynamic rule sets it
+# glibc serves blocks below MMAP from the heap and keeps up to TRIM free bytes at a heap's top
+# instead of giving them back: the next frame reuses a warm block instead of faulting one in.
+MALLOC_MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024  # glibc's own ceiling for its dynamic threshold: no block
+# is mmapped that glibc would not also mmap once warmed up (a trainer's tensors included)
+MALLOC_TRIM_THRESHOLD_BYTES = 32 * 1024 * 1024  # room for a window of frames in flight; at most this is kept
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 _allocator_tuned = False
 
@@ -88,9 +89,10 @@ def tune_allocator() -> bool:
     by encoders). glibc's defaults give such blocks back to the kernel (munmap, or trimming the
     heap top once more than twice the last freed block is free), so the next message faults its
     pages in again: measured 40+ minor faults and ~140 us of kernel time per 400 KB group on
-    the sending side. Setting the thresholds reaches at once the steady state glibc's dynamic
-    rule converges to for such sizes. Left alone when the user set MALLOC_MMAP_THRESHOLD_ or
-    MALLOC_TRIM_THRESHOLD_ (their choice wins) or AREAL_LIKE_TUNE_MALLOC=0.
+    the sending side, none with these thresholds. The cost: up to MALLOC_TRIM_THRESHOLD_BYTES
+    of freed memory per malloc arena stays resident. Left alone when the user set
+    MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ (their choice wins) or
+    AREAL_LIKE_TUNE_MALLOC=0.
     """
     global _allocator_tuned
     if _allocator_tuned:
