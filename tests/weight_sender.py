@@ -6,7 +6,8 @@ broadcast order), optional ``backend`` (gloo), ``device`` (cpu), ``timeout_s`` (
 (``"flattened_bucket"``: one packed broadcast per bucket with the trainer's ``BucketPipeline``, what
 ``apply_weight_sync`` announces; null: one broadcast per tensor), ``rounds`` (a list of
 ``{"seed": int, "dtype": str}``: push the buckets once per round, the model built with that init
-seed and sent in that wire dtype; default one round of ``model`` in its own dtype). Prints
+seed and sent in that wire dtype; default one round of ``model`` in its own dtype), ``stop_after``
+(exit abruptly, as a crashed trainer, once that many buckets were broadcast). Prints
 ``ready`` once the model is built (before the rendezvous) and ``sent`` after the last tensor.
 """
 import json
@@ -33,8 +34,14 @@ print("ready", flush=True)
 pg = init_weight_group(spec.get("backend", "gloo"), "127.0.0.1", spec["port"], 2, 0, spec["group"],
                        spec.get("timeout_s", 120))
 pipeline = BucketPipeline()
+sent = 0
 for state in states:
     for names in spec["buckets"]:
+        if sent == spec.get("stop_after", -1):
+            pipeline.finish()
+            print("crashing", flush=True)
+            os._exit(3)
+        sent += 1
         if spec.get("load_format", FLATTENED) == FLATTENED:
             pipeline.send([state[name] for name in names], pg)
         else:

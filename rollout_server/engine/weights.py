@@ -56,7 +56,8 @@ class WeightUpdater:
         self._recv_lock = threading.Lock()  # one bucket at a time: broadcasts must not interleave
         self._live: dict[tuple, torch.Tensor] = {}  # layout -> the flat buffer its parameters view now
         self._spare: dict[tuple, torch.Tensor] = {}  # layout -> a free buffer the next bucket is received into
-        self._deferred_error = ""  # a queued (unanswered) bucket load of this session failed
+        self._deferred_error = ""  # a bucket of this session answered before its load/receive failed later
+        self._session_id = 0  # +1 per begin(): a request of an abandoned session never posts a receive
 
     # ---- group lifecycle (blocking)
     def init_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
@@ -94,6 +95,7 @@ class WeightUpdater:
             return False, "a weight-update session is already open; call end_weight_update() first"
         self.session_open = True
         self._deferred_error = ""
+        self._session_id += 1
         return True, "Success"
 
     def end(self) -> tuple[bool, str]:
@@ -143,6 +145,12 @@ class WeightUpdater:
 
     def _update_flattened(self, names: list[str], dtypes: list[str], shapes: list[list[int]], pg,
                           weight_version: str | None, flush_cache: bool) -> tuple[bool, str]:
+        """One bucket as one uint8 broadcast. A bucket that is not the last of its sync (no version, no
+        flush) is answered as soon as its receive is posted (CPU only; NCCL completion is tracked
+        differently): the caller's next request then waits here, on ``_recv_lock``, which the
+        completed receive releases after queuing its load, so the next receive is posted at once and
+        the loads stay in bucket order. A receive that fails after its answer makes every later
+        bucket of the session fail (``_deferred_error``), so the version is never set over it."""
         import torch.distributed as dist
 
         try:
@@ -151,31 +159,60 @@ class WeightUpdater:
             return False, f"Failed to receive weights: {e}"
         device = self.scheduler.device
         key = tuple((n, str(dt), tuple(s)) for n, dt, s, _ in layout)
-        with self._recv_lock:
-            try:
-                if device.type == "cuda":  # NCCL binds its communicator to this thread's current device
-                    torch.cuda.set_device(device)
-                flat = self._spare.pop(key, None)
-                if flat is None or flat.device != device:
-                    flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
-                dist.broadcast(flat, group_src=0, group=pg)
-                if device.type == "cuda":  # the bucket is complete before the scheduler swaps it in
-                    torch.cuda.synchronize(device)
-            except Exception as e:
-                return False, f"Failed to receive weights: {e}"
-            tensors = {n: flat[a:a + _numel(s) * dt.itemsize].view(dt).view(s) for n, dt, s, a in layout}
-            return self._apply(tensors, weight_version, flush_cache, swap=(key, flat))
+        early = weight_version is None and not flush_cache and device.type == "cpu"
+        session = self._session_id
+        if not self._recv_lock.acquire(timeout=self.group_timeout_s):  # released when the receive completed
+            return False, "Failed to receive weights: an earlier bucket is still being received"
+        try:
+            if session != self._session_id or not self.session_open:
+                raise _Refused(NO_SESSION)  # a request left over from an abandoned session
+            if self._deferred_error:
+                raise _Refused(self._deferred_error)
+            if device.type == "cuda":  # NCCL binds its communicator to this thread's current device
+                torch.cuda.set_device(device)
+            flat = self._spare.pop(key, None)
+            if flat is None or flat.device != device:
+                flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            work = dist.broadcast(flat, group_src=0, group=pg, async_op=True)
+        except Exception as e:
+            self._recv_lock.release()
+            return False, str(e) if isinstance(e, _Refused) else f"Failed to receive weights: {e}"
+        tensors = {n: flat[a:a + _numel(s) * dt.itemsize].view(dt).view(s) for n, dt, s, a in layout}
+        refusal = _refusal(self.scheduler.model.state_dict(), tensors) if early else ""
+        if early and not refusal:
+            work.get_future().then(lambda fut: self._received_early(fut, tensors, (key, flat), session))
+            return True, "Succeeded to update parameter online."
+        try:
+            work.wait()
+            if device.type == "cuda":  # the bucket is complete before the scheduler swaps it in
+                torch.cuda.synchronize(device)
+        except Exception as e:
+            return False, f"Failed to receive weights: {e}"
+        finally:
+            self._recv_lock.release()
+        if refusal:  # drained, so the sender is not left hanging; nothing is loaded
+            self._spare[key] = flat
+            return False, refusal
+        return self._apply(tensors, weight_version, flush_cache, swap=(key, flat))
 
-    def _apply(self, tensors: dict[str, torch.Tensor], weight_version: str | None, flush_cache: bool,
-               swap: tuple[tuple, torch.Tensor] | None = None) -> tuple[bool, str]:
-        """Load ``tensors`` on the scheduler thread, all-or-nothing. With ``swap=(layout, flat)`` the
-        tensors are views of ``flat``, which the parameters may adopt instead of copying it.
+    def _received_early(self, fut, tensors: dict[str, torch.Tensor], swap: tuple[tuple, torch.Tensor],
+                        session: int) -> None:
+        """Completion of an early-answered receive (gloo's thread): queue the load, then let the next
+        bucket's receive be posted. Must not block."""
+        try:
+            fut.value()  # raises if the receive failed (the sender died, the group broke)
+            done = self.scheduler.call(self._loader(tensors, None, False, swap))
+            done.add_done_callback(lambda f: self._note_deferred(f, session))
+        except Exception as e:
+            self._note_deferred(None, session, e)
+        finally:
+            self._recv_lock.release()
 
-        A bucket that neither sets the version nor flushes (not the last of a sync) is checked here,
-        queued, and answered without waiting for the scheduler: its load is ahead of anything that
-        reaches the scheduler after this answer (a later bucket, a read, a forward pass), so nothing
-        can tell the difference, and the sender's next bucket is received while it is swapped in.
-        A queued load that fails anyway makes every later bucket of the session fail."""
+    def _loader(self, tensors: dict[str, torch.Tensor], weight_version: str | None, flush_cache: bool,
+                swap: tuple[tuple, torch.Tensor] | None):
+        """The load of one bucket, to run on the scheduler thread between two forward passes,
+        all-or-nothing. With ``swap=(layout, flat)`` the tensors are views of ``flat``, which the
+        parameters may adopt instead of copying it."""
         def release() -> None:  # the received buffer was not adopted: keep it for the next sync of its layout
             if swap is not None:
                 self._spare[swap[0]] = swap[1]
@@ -196,25 +233,44 @@ class WeightUpdater:
             if flush_cache and not sched.flush():
                 return False, NOT_FLUSHED
             return True, "Succeeded to update parameter online."
+        return load_between_steps
 
+    def _apply(self, tensors: dict[str, torch.Tensor], weight_version: str | None, flush_cache: bool,
+               swap: tuple[tuple, torch.Tensor] | None = None) -> tuple[bool, str]:
+        """Load ``tensors`` (``_loader``) and answer. A bucket that neither sets the version nor
+        flushes (not the last of a sync) is checked here, queued, and answered without waiting for
+        the scheduler: its load is ahead of anything that reaches the scheduler after this answer
+        (a later bucket, a read, a forward pass), so nothing can tell the difference. A queued load
+        that fails anyway makes every later bucket of the session fail."""
         t0 = time.monotonic()
         if weight_version is None and not flush_cache:
             refusal = self._deferred_error or _refusal(self.scheduler.model.state_dict(), tensors)
             if refusal:
-                release()
+                if swap is not None:
+                    self._spare[swap[0]] = swap[1]
                 return False, refusal
-            self.scheduler.call(load_between_steps).add_done_callback(self._note_deferred)
+            session = self._session_id
+            done = self.scheduler.call(self._loader(tensors, None, False, swap))
+            done.add_done_callback(lambda f: self._note_deferred(f, session))
             return True, "Succeeded to update parameter online."
-        ok, msg = self.scheduler.call(load_between_steps).result(timeout=APPLY_TIMEOUT_S)
+        ok, msg = self.scheduler.call(self._loader(tensors, weight_version, flush_cache, swap)).result(
+            timeout=APPLY_TIMEOUT_S)
         log.info("weights %s (%d tensors, version %s) in %.3fs", "loaded" if ok else f"refused: {msg}",
                  len(tensors), weight_version, time.monotonic() - t0)
         return ok, msg
 
-    def _note_deferred(self, fut) -> None:
-        ok, msg = fut.result() if fut.exception() is None else (False, repr(fut.exception()))
-        if not ok:
-            log.error("a queued weight load failed: %s", msg)
-            self._deferred_error = self._deferred_error or f"an earlier bucket of this update failed: {msg}"
+    def _note_deferred(self, fut, session: int, error: BaseException | None = None) -> None:
+        """A bucket answered before its receive or load finished failed after all: fail the rest of
+        its session (only that session: a stale failure must not spoil the next sync)."""
+        if fut is not None:
+            error = fut.exception()
+            ok, msg = (False, repr(error)) if error is not None else fut.result()
+            if ok:
+                return
+            error = msg
+        log.warning("a weight bucket failed after it was answered: %s", error)
+        if session == self._session_id:
+            self._deferred_error = self._deferred_error or f"an earlier bucket of this update failed: {error}"
 
     def _swap_in(self, model: torch.nn.Module, tensors: dict[str, torch.Tensor], key: tuple,
                  flat: torch.Tensor) -> bool:
@@ -233,6 +289,10 @@ class WeightUpdater:
         if retired is not None:
             self._spare[key] = retired
         return True
+
+
+class _Refused(Exception):
+    """A bucket refused before anything was posted on the group."""
 
 
 def _refusal(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> str:

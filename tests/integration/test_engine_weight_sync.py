@@ -226,3 +226,36 @@ def _no_spare_is_viewed_by_a_parameter(engine) -> None:
     for flat in engine.weights._spare.values():
         a, n = flat.untyped_storage().data_ptr(), flat.untyped_storage().nbytes()
         assert all(b + m <= a or a + n <= b for b, m in spans)
+
+
+def test_a_sender_crash_mid_sync_never_labels_mixed_weights(engine, spawn_python):
+    """Buckets that are not the last are answered before their receive completes: a trainer that dies
+    after bucket 0 must still leave the engine on its old version label, and the next sync works."""
+    names = [(n, list(p.shape)) for n, p in engine.model.named_parameters()]
+    plan_specs = plan_buckets([(n, s, "float32") for n, s in names], 40_000)
+    assert len(plan_specs) >= 3
+    bucket_names = [b.names for b in plan_specs]
+    ports = [free_port(), free_port()]
+    crashing = spawn_python(FLAT_SENDER, [json.dumps({"model": {"max_position_embeddings": 128, "init_seed": 31},
+                                                      "port": ports[0], "group": GROUP, "buckets": bucket_names,
+                                                      "stop_after": 1})])
+
+    async def sync(version: int, port: int):
+        plan = WeightSyncPlan(policy_version=version, group_name=GROUP, master_addr="127.0.0.1", master_port=port,
+                              world_size=2, backend="gloo", reform=True,
+                              members=[SyncMember(server_id="e", rank_offset=1)], buckets=plan_specs,
+                              deadline_s=HTTP_TIMEOUT_S)
+        async with SGLangClient(engine.url, timeout_s=HTTP_TIMEOUT_S) as client:
+            done = await apply_weight_sync(client, plan, "e", drain=False)
+            return done, await client.weight_version()
+
+    done, served = asyncio.run(sync(1, ports[0]))
+    assert read_line(crashing, "crashing", PROCESS_START_S) == "crashing"
+    assert not done.ok and served == "0", (done, served)  # some buckets may be new: the label stays old
+    sender = spawn_python(FLAT_SENDER, [json.dumps({"model": {"max_position_embeddings": 128, "init_seed": 32},
+                                                    "port": ports[1], "group": GROUP, "buckets": bucket_names})])
+    done, served = asyncio.run(sync(2, ports[1]))
+    assert done.ok and served == "2", done.reason
+    assert state_checksum(engine.model) == state_checksum(build_model(ModelConfig(max_position_embeddings=128,
+                                                                                   init_seed=32)))
+    assert read_line(sender, "sent", PROCESS_START_S) == "sent"
