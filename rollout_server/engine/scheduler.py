@@ -95,6 +95,7 @@ class Scheduler:
         self.failure: BaseException | None = None
         self.heartbeat = time.monotonic()
         self.steps = 0
+        self.prefill_tokens = 0  # tokens run through prefill passes (shared prompts count once)
         self._inbox: list[Callable[[], None]] = []
         self._cv = threading.Condition()
         self._stopping = False
@@ -238,18 +239,29 @@ class Scheduler:
         return {"full_attention": full}
 
     def _prefill(self, new: list[Request]) -> None:
-        B, k = len(self.running), len(new)
+        """Prefill ``new`` into slots ``[B, B + k)``. Identical sequences in one batch (the n samples of one
+        prompt) are computed once and their KV copied: same weights, same pass, so nothing stale is shared."""
+        B = len(self.running)
+        first: dict[tuple[int, ...], int] = {}
+        src = [first.setdefault(tuple(r.input_ids + r.output_ids), i) for i, r in enumerate(new)]
+        order = [i for i in range(len(new)) if src[i] == i] + [i for i in range(len(new)) if src[i] != i]
+        new = [new[i] for i in order]  # distinct sequences first, in slots [B, B + u)
         seqs = [r.input_ids + r.output_ids for r in new]  # a retracted request re-prefills its outputs
-        L = max(map(len, seqs))
-        self.kv.ensure(L + 1)
+        u = len(first)
+        self.kv.ensure(max(map(len, seqs)) + 1)
         self.running.extend(new)  # before the forward: if it raises, these are answered with the rest
         if self.fast_decode:
-            logits = fastpath.prefill(self.model, self.kv, seqs, B)
+            logits = fastpath.prefill(self.model, self.kv, seqs[:u], B)
         else:
-            logits = self._prefill_padded(seqs, B)
+            logits = self._prefill_padded(seqs[:u], B)
+        self.prefill_tokens += sum(map(len, seqs[:u]))
+        row = {orig: j for j, orig in enumerate(order)}  # original index -> position in `new`
+        rows = [row[src[i]] for i in order]  # each request's distinct twin (a row of `logits`)
+        for j in range(u, len(new)):
+            self.kv.move(B + rows[j], B + j, len(seqs[j]))
         for r, s in zip(new, seqs):
             r.cached = len(s)
-        self._sample_and_retire(logits, list(range(B, B + k)))
+        self._sample_and_retire(logits[rows], list(range(B, B + len(new))))
 
     def _prefill_padded(self, seqs: list[list[int]], first_slot: int) -> torch.Tensor:
         """Any model: one right-padded batch through its forward (4D mask, explicit positions)."""

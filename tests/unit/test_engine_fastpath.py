@@ -35,9 +35,11 @@ def prompts(n: int, seed: int) -> list[list[int]]:
     return [[1] + torch.randint(4, 104, (int(k),), generator=g).tolist() for k in torch.randint(2, 40, (n,), generator=g)]
 
 
-def run(model, ps, params, *, fast: bool = True, max_running: int = 3) -> list[Request]:
+def run(model, ps, params, *, fast: bool = True, max_running: int = 3, sched: list | None = None) -> list[Request]:
     s = Scheduler(model, max_running=max_running, max_total_tokens=4096, context_len=192, weight_version="0")
     s.fast_decode = fast and s.fast_decode
+    if sched is not None:
+        sched.append(s)
     done, finished = {}, threading.Event()
 
     def fin(r):
@@ -83,6 +85,32 @@ def test_fast_path_agrees_with_the_models_own_forward():
     for a, b in zip(fast, slow):
         assert a.output_ids == b.output_ids
         assert max(abs(x - y) for x, y in zip(a.output_logprobs, b.output_logprobs)) <= 1e-5
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_identical_prompts_share_one_prefill(fast):
+    """The n samples of one prompt admitted together are prefilled once; each still decodes on its own."""
+    torch.set_num_threads(1)
+    model = tiny("qwen2")
+    a, b = prompts(2, seed=7)
+    ps = [a, b, a, a, b, a]
+    made: list[Scheduler] = []
+    greedy = run(model, ps, [SamplingParams(max_new_tokens=12, temperature=0.0) for _ in ps], fast=fast,
+                 max_running=6, sched=made)
+    assert made[0].prefill_tokens == len(a) + len(b)
+    for p, r in zip(ps, greedy):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=EOS,
+                                 pad_token_id=0)[0, len(p):].tolist()
+        assert r.output_ids == ref
+    sampled = run(model, ps, [SamplingParams(max_new_tokens=16, temperature=1.0, sampling_seed=i) for i in range(6)],
+                  fast=fast, max_running=6)
+    assert len({tuple(r.output_ids) for r in sampled}) == 6  # shared prompt KV, independent samples
+    for p, r in zip(ps, sampled):
+        with torch.no_grad():
+            logits = model(torch.tensor([p + r.output_ids])).logits[0, len(p) - 1:-1]
+        ref = torch.log_softmax(logits, -1).gather(1, torch.tensor(r.output_ids)[:, None])[:, 0]
+        assert (ref - torch.tensor(r.output_logprobs)).abs().max().item() <= 1e-4
 
 
 def test_supports_only_known_layouts():
