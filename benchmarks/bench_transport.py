@@ -15,8 +15,10 @@ ROUTER that answers a prebuilt reply of the same size without decoding anything.
   rollout server's sender does; encode, decode and both wake-ups add up serially, so on a busy
   2-core box this ratio is much lower than the streaming one.
 
-Modes are interleaved round by round so machine load hits both alike; figures are medians over
-rounds. One JSON line per (pattern, T): ``figure`` (our groups/s), ``baseline`` (raw groups/s),
+Both processes create sockets through ``transport`` (the sender its DEALERs, the receiver our
+``Server``), so ``transport.tune_allocator``, a per-process setting, applies to the raw path as
+much as to ours: the raw receiver's libzmq buffers are reused warm too. Modes are interleaved round by round so machine
+load hits both alike; figures are medians over rounds. One JSON line per (pattern, T): ``figure`` (our groups/s), ``baseline`` (raw groups/s),
 ``ratio`` (goal >= 0.8 for stream at T = 4096), MB/s for both, and the in-process encode/decode
 cost of one group.
 
