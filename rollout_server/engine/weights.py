@@ -259,7 +259,7 @@ class WeightUpdater:
                  len(tensors), weight_version, time.monotonic() - t0)
         return ok, msg
 
-    def _note_deferred(self, fut, session: int, error: BaseException | None = None) -> None:
+    def _note_deferred(self, fut, session: int, error: object = None) -> None:
         """A bucket answered before its receive or load finished failed after all: fail the rest of
         its session (only that session: a stale failure must not spoil the next sync)."""
         if fut is not None:
