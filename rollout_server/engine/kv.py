@@ -7,8 +7,10 @@ packed in slots ``[0, B)``, so attention reads the views ``K[rows, :, :kv_len]``
 
 Invariants: a slot holds exactly one request's KV for positions ``[0, cached)``; positions past
 that are garbage and always masked. ``capacity`` only grows (doubling, copy) until ``flush``.
-Nothing outlives its request: there is no prefix sharing, so no KV computed under old weights is
-ever reused after a weight update.
+Nothing outlives its request: there is no prefix cache (``move`` copies KV between slots only for
+compaction and for identical prompts prefilled in the same pass), so no KV computed under old
+weights is ever reused after a weight update. ``fastpath`` writes ``K``/``V`` directly; ``update``
+serves models that go through their own forward.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ Invariants:
 - Commands run between two forward passes, so a weight load (``call``) never lands inside one:
   every forward pass sees exactly one weight version, and every output token records the version
   that produced it (``Request.output_versions``).
-- No KV outlives its request (no prefix cache), so nothing computed under old weights is reused.
+- No KV outlives its request (no prefix cache), so nothing computed under old weights is reused. Identical
+  sequences admitted together share one prefill (KV copied within that pass, see ``_prefill``).
 - Every request that entered the scheduler gets exactly one ``on_finish`` callback, also when the
   loop dies (then with an abort carrying status 500).
 Logprob convention: see ``sampling.py`` (temperature-scaled, before top-p/top-k, fp32).
