@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import replace
 
 import torch
@@ -178,33 +179,48 @@ class WeightUpdater:
             self._recv_lock.release()
             return False, str(e) if isinstance(e, _Refused) else f"Failed to receive weights: {e}"
         tensors = {n: flat[a:a + _numel(s) * dt.itemsize].view(dt).view(s) for n, dt, s, a in layout}
-        refusal = _refusal(self.scheduler.model.state_dict(), tensors) if early else ""
-        if early and not refusal:
-            work.get_future().then(lambda fut: self._received_early(fut, tensors, (key, flat), session))
-            return True, "Succeeded to update parameter online."
+        if device.type == "cpu":  # gloo's completion callback queues the load itself: one thread hop less
+            refusal = _refusal(self.scheduler.model.state_dict(), tensors) if early else ""
+            done: Future = Future()
+            work.get_future().then(lambda fut: self._received(
+                fut, tensors, (key, flat), (weight_version, flush_cache), done,
+                session if early and not refusal else None, refusal))
+            if early and not refusal:
+                return True, "Succeeded to update parameter online."
+            ok, msg = done.result(timeout=self.group_timeout_s + APPLY_TIMEOUT_S)
+            log.info("weights %s (%d tensors, version %s)", "loaded" if ok else f"refused: {msg}", len(tensors),
+                     weight_version)
+            return ok, msg
         try:
             work.wait()
-            if device.type == "cuda":  # the bucket is complete before the scheduler swaps it in
-                torch.cuda.synchronize(device)
+            torch.cuda.synchronize(device)  # the bucket is complete before the scheduler swaps it in
         except Exception as e:
             return False, f"Failed to receive weights: {e}"
         finally:
             self._recv_lock.release()
-        if refusal:  # drained, so the sender is not left hanging; nothing is loaded
-            self._spare[key] = flat
-            return False, refusal
         return self._apply(tensors, weight_version, flush_cache, swap=(key, flat))
 
-    def _received_early(self, fut, tensors: dict[str, torch.Tensor], swap: tuple[tuple, torch.Tensor],
-                        session: int) -> None:
-        """Completion of an early-answered receive (gloo's thread): queue the load, then let the next
-        bucket's receive be posted. Must not block."""
+    def _received(self, fut, tensors: dict[str, torch.Tensor], swap: tuple[tuple, torch.Tensor],
+                  label: tuple[str | None, bool], done: Future, early_session: int | None, refusal: str) -> None:
+        """A bucket's receive completed (gloo's thread; must not block): queue its load, then let the
+        next bucket's receive be posted. ``done`` gets the answer; for an early-answered bucket
+        (``early_session`` set) a failure instead fails the rest of that session."""
+        def finish(ok: bool, msg: str) -> None:
+            if not ok and early_session is not None:
+                self._note_deferred(None, early_session, msg)
+            done.set_result((ok, msg))
+
         try:
             fut.value()  # raises if the receive failed (the sender died, the group broke)
-            done = self.scheduler.call(self._loader(tensors, None, False, swap))
-            done.add_done_callback(lambda f: self._note_deferred(f, session))
+            if refusal:  # drained, so the sender is not left hanging; nothing is loaded
+                self._spare[swap[0]] = swap[1]
+                finish(False, refusal)
+            else:
+                loaded = self.scheduler.call(self._loader(tensors, *label, swap))
+                loaded.add_done_callback(lambda f: finish(*f.result()) if f.exception() is None
+                                         else finish(False, repr(f.exception())))
         except Exception as e:
-            self._note_deferred(None, session, e)
+            finish(False, f"Failed to receive weights: {e}")
         finally:
             self._recv_lock.release()
 

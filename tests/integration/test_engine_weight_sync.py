@@ -259,3 +259,30 @@ def test_a_sender_crash_mid_sync_never_labels_mixed_weights(engine, spawn_python
     assert state_checksum(engine.model) == state_checksum(build_model(ModelConfig(max_position_embeddings=128,
                                                                                    init_seed=32)))
     assert read_line(sender, "sent", PROCESS_START_S) == "sent"
+
+
+def test_a_refused_flattened_bucket_is_drained_and_loads_nothing(engine, spawn_python):
+    names = [(n, list(p.shape)) for n, p in engine.model.named_parameters()]
+    specs = plan_buckets([(n, s, "float32") for n, s in names], 40_000)
+    port = free_port()
+    sender = spawn_python(FLAT_SENDER, [json.dumps({"model": {"max_position_embeddings": 128, "init_seed": 41},
+                                                    "port": port, "group": GROUP, "buckets": [b.names for b in specs]})])
+    before = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
+    with ThreadPoolExecutor(1) as pool:
+        joined = pool.submit(post, engine.url, "/init_weights_update_group", {
+            "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
+            "group_name": GROUP, "backend": "gloo"})
+        assert joined.result(timeout=HTTP_TIMEOUT_S)[0] == 200
+    assert post(engine.url, "/begin_weight_update", {})[0] == 200
+    for i, b in enumerate(specs):  # bucket 0 under a wrong name: refused after its bytes were drained
+        last = i == len(specs) - 1
+        status, body = post(engine.url, "/update_weights_from_distributed", {
+            "names": ["bogus." + n for n in b.names] if i == 0 else b.names, "dtypes": b.dtypes, "shapes": b.shapes,
+            "group_name": GROUP, "load_format": "flattened_bucket", "flush_cache": last,
+            **({"weight_version": "1"} if last else {})})
+        assert (status, body["success"]) == ((400, False) if i == 0 else (200, True)), body
+    assert post(engine.url, "/end_weight_update", {})[0] == 200
+    assert read_line(sender, "sent", PROCESS_START_S) == "sent"
+    target = dict(build_model(ModelConfig(max_position_embeddings=128, init_seed=41)).named_parameters())
+    for n, p in engine.model.named_parameters():
+        assert torch.equal(p, before[n] if n in specs[0].names else target[n]), n
