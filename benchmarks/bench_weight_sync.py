@@ -11,7 +11,7 @@ The weight group is formed once, as in a real run (``/init_weights_update_group`
 
 Cases, interleaved in every trial, one JSON line each for the two sync formats:
 * ``flattened`` (what the system does): each bucket packed into one uint8 buffer and broadcast with
-  one op (``BucketPipeline``: bucket i+1 packed while bucket i is on the wire); the engine receives
+  one op (``BucketPipeline``: two staging buffers, up to two broadcasts in flight); the engine receives
   it into a spare buffer and swaps it in as the parameters' storage (``load_format:
   "flattened_bucket"``, as SGLang's FlattenedTensorBucket). The first two buckets (one per staging
   buffer) are packed before the start barrier because ``WeightBroadcaster.push`` packs them before
@@ -29,8 +29,13 @@ engine's real pause window (``SyncDone.pause_s``: ``/pause_generation`` sent unt
 ``/continue_generation`` answered), ``pause_over_transfer`` = pause / t_flat (goal <= 1.2). Median of
 ``--trials`` trials after one warm-up; ``ratio_paired`` is the median over trials of each trial's
 flat time over its own sync time (robust to load that drifts during the run). The engines are idle
-(no requests to abort) and the trainer-side FSDP all-gather is not included. After the trials the engines' weights are checked
-to equal the sender's exactly (SHA-256), so a fast wrong sync cannot pass.
+(no requests to abort) and the trainer-side FSDP all-gather is not included. After the trials the
+engines' weights are checked to equal the sender's exactly (SHA-256), so a fast wrong sync cannot pass.
+
+History: this benchmark used to time only the broadcasts between bare processes (receivers
+calling ``dist.broadcast`` into the parameters or into fresh buffers, no engine, no HTTP), which
+left out the pause, the HTTP round trips and the load that an engine really goes through. It now
+drives the real sender and real engines, so the same goals are measured on a harder workload.
 
     .venv/bin/python benchmarks/bench_weight_sync.py                      # ~96 MB, < 60 s
     .venv/bin/python benchmarks/bench_weight_sync.py --hidden 1024 --layers 8 --bucket-mb 64
