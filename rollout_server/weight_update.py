@@ -16,9 +16,11 @@ server's engine through one ``WeightSyncPlan`` over SGLang's HTTP endpoints:
    ``/update_weights_from_distributed`` per bucket in plan order with ``load_format:
    "flattened_bucket"`` (the trainer broadcasts each bucket as ONE uint8 buffer of its tensors back
    to back, ``trainer.weight_buckets``; SGLang 0.5.23 and the embedded engine both receive it so),
-   each returning once its tensors are received and loaded (``weight_version`` and flush_cache only on the last bucket, so an
-   engine whose sync fails half-way keeps its old label: tokens from mixed weights are never
-   labelled newer than they are), ``/end_weight_update``;
+   each returning once its tensors are received and loaded (the embedded engine answers a bucket
+   that is not the last one earlier, and fails the rest of the sync if it then fails:
+   engine/ENGINE.md) (``weight_version`` and flush_cache only on the last bucket, so an engine
+   whose sync fails half-way keeps its old label: tokens from mixed weights are never labelled
+   newer than they are), ``/end_weight_update``;
 4. ``/continue_generation`` -- **always**, also after a failure: an engine is never left paused
    (and a session left open by a failed bucket is closed first, or every later sync is refused);
 5. the result is a ``SyncDone`` (ok, reason, pause_s) for the buffer.
