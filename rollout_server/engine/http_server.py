@@ -292,7 +292,8 @@ class EngineHttp:
 
     async def continue_(self, request: web.Request) -> web.Response:
         _fields(await _body(request), {"torch_empty_cache": (bool, True)})
-        await asyncio.wrap_future(self.e.scheduler.release())
+        if self.e.scheduler.held:  # pause in_place / retract held the steps; abort mode did not (saves a hop)
+            await asyncio.wrap_future(self.e.scheduler.release())
         await self.gate.set_paused(False)
         self.e.metrics.set_paused(0)
         return web.json_response({"message": "Generation continued successfully.", "status": "ok"})
