@@ -86,7 +86,7 @@ class Scheduler:
             raise NotImplementedError(f"layer types {sorted(self.layer_types)}: the embedded engine builds "
                                       "full-attention masks only (no sliding-window layers)")
         # Prefill and decode through fastpath when the model's layout is one it knows (same math, less overhead).
-        self.fast_decode = fastpath.supports(model)
+        self.use_fastpath = fastpath.supports(model)
         self.running: list[Request] = []  # running[i] lives in KV slot i
         self.waiting: deque[Request] = deque()
         # Admit only when this many slots are free (or the queue is shorter): on CPU a forward pass
@@ -251,7 +251,7 @@ class Scheduler:
         u = len(first)
         self.kv.ensure(max(map(len, seqs)) + 1)
         self.running.extend(new)  # before the forward: if it raises, these are answered with the rest
-        if self.fast_decode:
+        if self.use_fastpath:
             logits = fastpath.prefill(self.model, self.kv, seqs[:u], B)
         else:
             logits = self._prefill_padded(seqs[:u], B)
@@ -285,7 +285,7 @@ class Scheduler:
         kv_len = max(r.cached for r in self.running) + 1
         self.kv.ensure(kv_len)
         last = torch.tensor([r.output_ids[-1] for r in self.running], dtype=torch.long, device=self.device)
-        if self.fast_decode:
+        if self.use_fastpath:
             logits = fastpath.decode(self.model, self.kv, last, start, kv_len)
         else:
             keys = torch.arange(kv_len, device=self.device)

@@ -37,7 +37,7 @@ def prompts(n: int, seed: int) -> list[list[int]]:
 
 def run(model, ps, params, *, fast: bool = True, max_running: int = 3, sched: list | None = None) -> list[Request]:
     s = Scheduler(model, max_running=max_running, max_total_tokens=4096, context_len=192, weight_version="0")
-    s.fast_decode = fast and s.fast_decode
+    s.use_fastpath = fast and s.use_fastpath
     if sched is not None:
         sched.append(s)
     done, finished = {}, threading.Event()
