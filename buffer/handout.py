@@ -62,6 +62,9 @@ class BatchHandout:
             v = p.request.trainer_version
             self._drop(self.store.drop_stale(v), "stale")
             taken = self.store.take_stored(p.request.n_groups, v, max_bytes=MAX_BATCH_BYTES)
+            groups = None if taken is None else self._load_all(taken)
+            if taken is not None and groups is None:
+                continue  # an unreadable group was dropped; the next pass takes fresh ones instead
             too_large = taken is None and self.store.n_fresh(v) >= p.request.n_groups
             if taken is None and now < p.deadline and not too_large:
                 continue
@@ -74,17 +77,39 @@ class BatchHandout:
             else:
                 self.in_transit = InTransit(uuid.uuid4().hex, v, taken)
                 self._dirty = True  # the state record carries the batch in transit
-                reply = P.Batch(groups=[self._load(s) for s in taken], trainer_version=v,
-                                batch_id=self.in_transit.batch_id)
+                reply = P.Batch(groups=groups, trainer_version=v, batch_id=self.in_transit.batch_id)
             self._queue_reply(p.peer, p.req_id, reply, p.request.TYPE, p.received)
 
+    def _load_all(self, taken: list[StoredGroup]) -> list[P.TrajectoryGroup] | None:
+        """The taken groups read back, or None when one cannot be: a record damaged on disk after its
+        CRC was written (bad sector, an operator's edit) is never handed out. It is dropped as
+        ``unreadable`` (counted, logged, its prompt re-issued) and the readable ones go back to the
+        store; the daemon keeps serving. Nothing else can make a live record unreadable."""
+        groups, bad = [], []
+        for stored in taken:
+            try:
+                groups.append(self._load(stored))
+            except (OSError, P.ProtocolError) as e:
+                self.log.error("group %s cannot be read back from the WAL (%s): dropped, its prompt goes out again",
+                               stored.group_id, e)
+                bad.append(stored)
+        if not bad:
+            return groups
+        self._drop(bad, "unreadable")
+        bad_ids = {stored.group_id for stored in bad}
+        for stored in taken:
+            if stored.group_id not in bad_ids:
+                self.store.put(stored)
+        return None
+
     def _load(self, stored: StoredGroup) -> P.TrajectoryGroup:
-        """A stored group, read back from the WAL unless the store holds it (a damaged record
-        raises: the daemon stops rather than hand out what it cannot verify)."""
+        """A stored group, read back from the WAL (CRC-checked) unless the store holds it."""
         if stored.group is not None:
             return stored.group
         group = P.decode(self.wal.read_group(stored.ref))
-        assert isinstance(group, P.TrajectoryGroup) and group.group_id == stored.group_id, stored
+        if not isinstance(group, P.TrajectoryGroup) or group.group_id != stored.group_id:
+            raise P.ProtocolError(f"WAL record for {stored.group_id} holds {type(group).__name__} "
+                                  f"{getattr(group, 'group_id', '')!r}")
         return group
 
     def _settle(self, ack_batch: str) -> None:

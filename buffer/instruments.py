@@ -22,7 +22,7 @@ class BufferMetrics:
         for name in ("groups_accepted", "groups_duplicate", "groups_consumed", "credits_granted", "credits_expired",
                      "credits_reissued", "wal_bytes_written", "batches_redelivered", "groups_redelivered"):
             self.metrics.counter(f"buffer/{name}", name.replace("_", " "))
-        for name, reasons in (("groups_dropped", ("stale", "equal_rewards", "max_tokens")),
+        for name, reasons in (("groups_dropped", ("stale", "equal_rewards", "max_tokens", "unreadable")),
                               ("rejected", ("decode", "unknown_lease", "lease_mismatch", "future_version"))):
             counter = self.metrics.counter(f"buffer/{name}", name.replace("_", " "), ("reason",))
             for reason in reasons:

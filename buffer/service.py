@@ -294,7 +294,7 @@ class BufferService(BatchHandout, BufferMetrics, Daemon):
 
     def _drop(self, groups: list[P.TrajectoryGroup] | list[StoredGroup], reason: str) -> None:
         """Groups that will never be trained on: marked in the WAL, counted, their slots returned."""
-        reissue = reason == "stale" and self.cfg.stale_policy == "reissue"
+        reissue = reason == "unreadable" or (reason == "stale" and self.cfg.stale_policy == "reissue")
         for g in groups:
             self._consumed.append(g.group_id)
             self.ledger.give_back(g.prompt_index, g.epoch, reissue=reissue)

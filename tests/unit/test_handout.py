@@ -151,3 +151,28 @@ def test_stored_groups_live_in_the_wal_and_come_back_whole(tmp_path):
         np.testing.assert_array_equal(got.trajectories[0].output_ids, want.trajectories[0].output_ids)
         np.testing.assert_array_equal(got.trajectories[0].behav_logp, want.trajectories[0].behav_logp)
     svc.wal.close()
+
+
+def test_a_record_damaged_on_disk_is_dropped_and_the_daemon_keeps_serving(tmp_path):
+    svc = _start(tmp_path)
+    ids = _fill(svc, 4)
+    victim = next(s for s in svc.store.groups() if s.group_id == ids[0])
+    segment = svc.wal.dir / f"seg-{victim.ref.segment:012d}.wal"
+    with open(segment, "r+b") as f:  # flip one byte in the middle of the record: its CRC no longer matches
+        f.seek(victim.ref.offset + victim.ref.length // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    _ask(svc)  # this pass drops the damaged group; the request stays held for the next pass of the loop
+    svc._serve_batches()
+    svc._persist_and_reply()
+    svc.wal.wait_durable()
+    svc._send_durable_replies()
+    batch = svc.server.sent[-1]
+    first = [g.group_id for g in batch.groups]
+    assert len(first) == 2 and set(first) < set(ids[1:])  # the damaged group is never handed out
+    assert svc.counts["groups_dropped_unreadable"] == 1
+    assert len(svc.ledger.reissue) == 1 and len(svc.store) == 1  # its prompt goes out again; one group stays
+    last = _ask(svc, ack=batch.batch_id, n=1).groups[0].group_id
+    assert sorted([*first, last]) == sorted(ids[1:])  # every readable group exactly once
+    svc.wal.close()
