@@ -11,7 +11,7 @@ The weight group is formed once, as in a real run (``/init_weights_update_group`
 
 Cases, interleaved in every trial, one JSON line each for the two sync formats:
 * ``flattened`` (what the system does): each bucket packed into one uint8 buffer and broadcast with
-  one op (``BucketPipeline``: two staging buffers, up to two broadcasts in flight); the engine receives
+  one op (``BucketPipeline``: two staging buffers, one broadcast in flight); the engine receives
   it into a spare buffer and swaps it in as the parameters' storage (``load_format:
   "flattened_bucket"``, as SGLang's FlattenedTensorBucket). The first two buckets (one per staging
   buffer) are packed before the start barrier because ``WeightBroadcaster.push`` packs them before

@@ -43,23 +43,29 @@ def test_engine_layout_matches_the_packing_and_refuses_misalignment():
         _flat_layout([], [], [])
 
 
-def test_pipeline_reuses_two_staging_buffers_and_waits_before_repacking():
+def test_pipeline_packs_the_next_bucket_while_one_is_on_the_wire():
     pg = init_weight_group("gloo", "127.0.0.1", free_port(), 1, 0, "unit_pipeline", 30.0)
     waited = []
     try:
         pipe = BucketPipeline(wait=lambda w: (w.wait(), waited.append(w)))
-        buckets = [[torch.full((4,), float(i))] for i in range(3)]
+        buckets = [[torch.full((4,), float(i))] for i in range(4)]
         pipe.stage(buckets[0])
+        pipe.stage(buckets[1])  # both staging buffers packed before anything is sent (before the plan)
         first = pipe._staging[0].data_ptr()
+        assert pipe.staged == 2 and pipe._staging[1].data_ptr() != first
+        with pytest.raises(RuntimeError):
+            pipe.stage(buckets[2])  # no free staging buffer
         pipe.launch(pg)
-        pipe.send(buckets[1], pg)  # second buffer: bucket 0 may still be on the wire
-        assert waited == [] and pipe._staging[1].data_ptr() != first
-        pipe.send(buckets[2], pg)  # back to the first buffer, only after bucket 0's broadcast completed
-        assert len(waited) == 1 and pipe._staging[0].data_ptr() == first
+        assert waited == []
+        pipe.launch(pg)  # one broadcast at a time: bucket 0 completes first
+        assert len(waited) == 1 and pipe.staged == 0
+        pipe.send(buckets[2], pg)  # back to the first buffer (bucket 0 is done); waits for bucket 1
+        assert len(waited) == 2 and pipe._staging[0].data_ptr() == first
         assert pipe._staging[0][:16].view(torch.float32).tolist() == [2.0] * 4
+        pipe.send(buckets[3], pg)
         pipe.finish()
-        assert len(waited) == 3
+        assert len(waited) == 4
         pipe.finish()  # nothing in flight: no wait
-        assert len(waited) == 3
+        assert len(waited) == 4
     finally:
         destroy_weight_group(pg)
