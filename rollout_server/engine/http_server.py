@@ -17,6 +17,7 @@ import asyncio
 import json
 import time
 import uuid
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import replace
 
@@ -356,7 +357,9 @@ class EngineHttp:
             self.e.scheduler.abort(abort_all=True, message="Abort for weight update")
         async with self.gate.writer():
             t0 = time.monotonic()
-            ok, msg = await asyncio.to_thread(fn, *args)
+            out = await asyncio.to_thread(fn, *args)
+            # a bucket whose load finishes on the scheduler comes back as a Future (weights.py): await it here
+            ok, msg = await asyncio.wrap_future(out) if isinstance(out, Future) else out
             self.e.metrics.observe_weight_load(source, time.monotonic() - t0)
         return ok, msg
 

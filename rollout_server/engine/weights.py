@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import replace
 
 import torch
@@ -108,7 +108,8 @@ class WeightUpdater:
     # ---- loading (blocking; called from executor threads)
     def update_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
                                 group_name: str, weight_version: str | None, flush_cache: bool,
-                                load_format: str | None = None) -> tuple[bool, str]:
+                                load_format: str | None = None) -> tuple[bool, str] | Future:
+        """(ok, message), or a Future of it when the load is still running on the scheduler."""
         if not self.session_open:
             return False, NO_SESSION
         if not len(names) == len(dtypes) == len(shapes):
@@ -145,7 +146,7 @@ class WeightUpdater:
             return self._apply(dict(loaded.state_dict()), weight_version, flush_cache)
 
     def _update_flattened(self, names: list[str], dtypes: list[str], shapes: list[list[int]], pg,
-                          weight_version: str | None, flush_cache: bool) -> tuple[bool, str]:
+                          weight_version: str | None, flush_cache: bool) -> tuple[bool, str] | Future:
         """One bucket as one uint8 broadcast. A bucket that is not the last of its sync (no version, no
         flush) is answered as soon as its receive is posted (CPU only; NCCL completion is tracked
         differently): the caller's next request then waits here, on ``_recv_lock``, which the
@@ -187,10 +188,10 @@ class WeightUpdater:
                 session if early and not refusal else None, refusal))
             if early and not refusal:
                 return True, "Succeeded to update parameter online."
-            ok, msg = done.result(timeout=self.group_timeout_s + APPLY_TIMEOUT_S)
-            log.info("weights %s (%d tensors, version %s)", "loaded" if ok else f"refused: {msg}", len(tensors),
-                     weight_version)
-            return ok, msg
+            done.add_done_callback(lambda f: f.cancelled() or log.info(
+                "weights %s (%d tensors, version %s)", "loaded" if f.result()[0] else f"refused: {f.result()[1]}",
+                len(tensors), weight_version))
+            return done  # the caller awaits the load (one thread hop less than blocking this one)
         try:
             work.wait()
             torch.cuda.synchronize(device)  # the bucket is complete before the scheduler swaps it in
@@ -208,7 +209,10 @@ class WeightUpdater:
         def finish(ok: bool, msg: str) -> None:
             if not ok and early_session is not None:
                 self._note_deferred(None, early_session, msg)
-            done.set_result((ok, msg))
+            try:
+                done.set_result((ok, msg))
+            except InvalidStateError:  # the HTTP caller hung up and cancelled its wait; the load stands
+                pass
 
         try:
             fut.value()  # raises if the receive failed (the sender died, the group broke)
