@@ -21,6 +21,7 @@ reply queue).
 
 from __future__ import annotations
 
+import errno
 import uuid
 from dataclasses import dataclass
 
@@ -28,6 +29,9 @@ from areal_like import protocol as P
 from buffer.replay_buffer import StoredGroup
 
 MAX_BATCH_BYTES = P.MAX_FRAME_BYTES * 9 // 10  # a Batch is one frame; leave room for its envelope
+# Out of a resource while reading a record back: the record is intact, so the error stops the
+# daemon (a restart reads the group again) instead of dropping an acknowledged group for good.
+TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EAGAIN, errno.EINTR})
 
 
 @dataclass(slots=True)
@@ -84,12 +88,15 @@ class BatchHandout:
         """The taken groups read back, or None when one cannot be: a record damaged on disk after its
         CRC was written (bad sector, an operator's edit) is never handed out. It is dropped as
         ``unreadable`` (counted, logged, its prompt re-issued) and the readable ones go back to the
-        store; the daemon keeps serving. Nothing else can make a live record unreadable."""
+        store; the daemon keeps serving. Running out of a resource (``TRANSIENT_ERRNOS``) is no damage:
+        it propagates, so an intact group is never dropped."""
         groups, bad = [], []
         for stored in taken:
             try:
                 groups.append(self._load(stored))
             except (OSError, P.ProtocolError) as e:
+                if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
+                    raise
                 self.log.error("group %s cannot be read back from the WAL (%s): dropped, its prompt goes out again",
                                stored.group_id, e)
                 bad.append(stored)

@@ -176,3 +176,35 @@ def test_a_record_damaged_on_disk_is_dropped_and_the_daemon_keeps_serving(tmp_pa
     last = _ask(svc, ack=batch.batch_id, n=1).groups[0].group_id
     assert sorted([*first, last]) == sorted(ids[1:])  # every readable group exactly once
     svc.wal.close()
+
+
+def test_a_transient_read_error_never_drops_an_intact_group(tmp_path, monkeypatch):
+    """Running out of file descriptors (or memory) while reading a record back is not damage: the
+    intact, acknowledged group must not be dropped as 'unreadable'. The error stops the daemon
+    instead, and a restart finds every group still stored."""
+    import errno
+    import os
+
+    import pytest
+
+    import buffer.wal
+
+    svc = _start(tmp_path)
+    ids = _fill(svc, 4)
+    real_open = os.open
+
+    def no_fds(path, flags, *args):
+        if str(path).endswith(".wal") and flags == os.O_RDONLY:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(buffer.wal.os, "open", no_fds)
+    with pytest.raises(OSError) as raised:
+        _ask(svc)
+    assert raised.value.errno == errno.EMFILE
+    assert svc.counts["groups_dropped_unreadable"] == 0 and not svc.ledger.reissue
+    monkeypatch.setattr(buffer.wal.os, "open", real_open)
+    svc.wal.close()
+    restarted = _start(tmp_path)
+    assert sorted(s.group_id for s in restarted.store.groups()) == sorted(ids)
+    restarted.wal.close()
