@@ -23,8 +23,6 @@ import signal
 import time
 from pathlib import Path
 
-import torch.distributed as dist
-
 from areal_like.config import ModelConfig, load_config, to_yaml
 from areal_like.distributed import destroy_weight_group, free_port, init_weight_group
 from areal_like.hf import build_model
@@ -46,6 +44,7 @@ from areal_like.protocol import (
 )
 from areal_like.transport import Client
 from rollout_server.server import BUFFER_TIMEOUT_S
+from trainer.weight_buckets import BucketPipeline
 
 STARTUP_S = 180.0  # a daemon imports torch and builds its model; the shared 2-core machine is slow
 
@@ -188,10 +187,11 @@ def weight_sync(c: Consumer, wait_until) -> int:
                  for b in buckets], deadline_s=120.0)
     assert isinstance(c.client.request(plan), Ack)
     pg = init_weight_group("gloo", "127.0.0.1", plan.master_port, 2, 0, plan.group_name, 120)
-    try:
+    try:  # each bucket as one flattened buffer, as the trainer sends it (rollout servers announce that format)
+        pipeline = BucketPipeline()
         for names in buckets:
-            for name in names:
-                dist.broadcast(state[name].contiguous(), group_src=0, group=pg)
+            pipeline.send([state[name] for name in names], pg)
+        pipeline.finish()
     finally:
         destroy_weight_group(pg)
 
