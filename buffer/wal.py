@@ -100,6 +100,12 @@ def _segment_path(directory: Path, n: int) -> Path:
     return directory / f"seg-{n:012d}.wal"
 
 
+def _sync_data(fd: int) -> None:
+    """fdatasync (data and size, not timestamps); fsync where the OS has none (macOS). Looked up per
+    call: one per group commit."""
+    getattr(os, "fdatasync", os.fsync)(fd)
+
+
 def reserve_blocks(fd: int, nbytes: int) -> None:
     """Allocate a new segment's blocks up front, keeping its size 0 (replay never reads past the
     records). Appends then land in allocated blocks: ext4 skips its per-block delayed-allocation
@@ -305,8 +311,8 @@ class WriteAheadLog:
                 target, fd = self._requested, self._fd
             t0 = time.monotonic()
             try:
-                os.fdatasync(fd)  # covers every write made before this call, so all of ticket `target`
-            except OSError as e:
+                _sync_data(fd)  # covers every write made before this call, so all of ticket `target`
+            except Exception as e:  # any failure is fatal (durable() raises), never a silent hang
                 self._sync_error = e
                 return
             with self._cv:
@@ -322,7 +328,7 @@ class WriteAheadLog:
         if not force and (self.fsync_policy == "never" or
                           (self.fsync_policy == "batch" and now - self._last_fsync < BATCH_FSYNC_S)):
             return None
-        os.fdatasync(self._fd)
+        _sync_data(self._fd)
         self._dirty = False
         self._last_fsync = time.monotonic()
         return self._last_fsync - now
