@@ -124,7 +124,12 @@ class FrameWriter:
     def send(self, sock: zmq.Socket, head: list[bytes], msg: Message, flags: int = 0) -> Any:
         """Send ``[*head, encode(msg)]``; an invalid message raises ProtocolError before anything is sent."""
         frame = self._buf
-        encode_into(msg, frame)
+        try:
+            encode_into(msg, frame)
+        except ProtocolError:
+            if len(frame) > SCRATCH_KEEP_BYTES:  # grown to an oversized frame: do not keep that allocation
+                self._buf = bytearray()
+            raise
         if len(frame) <= SCRATCH_KEEP_BYTES:
             return sock.send_multipart([*head, frame], flags=flags, copy=True)  # copied before send returns
         self._buf = bytearray()  # libzmq owns this one until it is sent; never written again

@@ -122,6 +122,22 @@ def test_frames_above_the_kept_size_hand_their_buffer_over(server_and_dealer, mo
     assert same_group(m1, big) and isinstance(m2, P.Ack) and m2.ref == "r"
 
 
+def test_a_frame_over_the_limit_is_not_kept_either(server_and_dealer, monkeypatch):
+    """An oversized message fails with ProtocolError after msgspec grew the buffer to its size: that
+    allocation must not stay pinned for the socket's lifetime (the limit is hundreds of MB)."""
+    server, dealer = server_and_dealer
+    monkeypatch.setattr(transport, "SCRATCH_KEEP_BYTES", 64 * 1024)
+    monkeypatch.setattr(P, "MAX_FRAME_BYTES", 128 * 1024)
+    writer = FrameWriter()
+    with pytest.raises(P.ProtocolError, match="exceeds"):
+        writer.send(dealer, [b"huge"], group(5))  # ~200 KB
+    assert sys.getsizeof(writer._buf) <= transport.SCRATCH_KEEP_BYTES
+    assert server.recv(0.2) is None  # nothing was sent
+    writer.send(dealer, [b"small"], P.Ack(ref="r", status="ok"))
+    (_, req_id, msg, _), = receive(server, 1)
+    assert req_id == b"small" and isinstance(msg, P.Ack)
+
+
 def test_invalid_message_sends_nothing(server_and_dealer):
     server, dealer = server_and_dealer
     writer = FrameWriter()
