@@ -81,6 +81,10 @@ class WalRef:
     offset: int  # of the record header in the segment file
     length: int  # header + payload bytes
 
+    @property
+    def segment_name(self) -> str:
+        return _segment_path(Path(), self.segment).name
+
 
 @dataclass(slots=True)
 class Record:

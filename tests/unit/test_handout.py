@@ -208,3 +208,48 @@ def test_a_transient_read_error_never_drops_an_intact_group(tmp_path, monkeypatc
     restarted = _start(tmp_path)
     assert sorted(s.group_id for s in restarted.store.groups()) == sorted(ids)
     restarted.wal.close()
+
+
+def _make_undecodable(wal_dir, ref) -> None:
+    """Overwrite a group record's frame with bytes that are no msgpack frame, CRC kept valid: the
+    record is intact on disk but no longer decodes (as if written by another protocol version)."""
+    import struct
+
+    import crc32c
+
+    path = wal_dir / f"seg-{ref.segment:012d}.wal"
+    data = bytearray(path.read_bytes())
+    start, end = ref.offset + 8, ref.offset + ref.length
+    (n,) = struct.unpack_from("<H", data, start + 1)
+    data[start + 3 + n:end] = b"\xc1" * (end - start - 3 - n)
+    struct.pack_into("<I", data, ref.offset + 4, crc32c.crc32c(bytes(data[start:end])))
+    path.write_bytes(data)
+
+
+def test_a_group_that_no_longer_decodes_at_replay_is_dropped_and_stops_pinning_its_segment(tmp_path, caplog):
+    """A skipped record used to stay 'unconsumed' in the log forever: compaction (a prefix only)
+    never deleted a segment again. It is dropped as 'unreadable' like a damaged record at hand-out
+    (prompt re-issued, slot returned), once, and its segment is compacted like any other."""
+    svc = _start(tmp_path)
+    ids = _fill(svc, 2)
+    victim = next(s for s in svc.store.groups() if s.group_id == ids[0])
+    started = svc.ledger.started
+    svc.wal.close()
+    _make_undecodable(svc.wal.dir, victim.ref)
+
+    restarted = _start(tmp_path)
+    assert [s.group_id for s in restarted.store.groups()] == ids[1:]
+    assert restarted.counts["groups_dropped_unreadable"] == 1
+    assert list(restarted.ledger.reissue) == [(victim.prompt_index, victim.epoch)]
+    assert restarted.ledger.started == started - 1
+    assert f"seg-{victim.ref.segment:012d}.wal" in caplog.text and f"offset {victim.ref.offset}" in caplog.text
+    batch = _ask(restarted, n=1)
+    assert [g.group_id for g in batch.groups] == ids[1:]
+    _ask(restarted, ack=batch.batch_id, n=1)  # the other group of that segment is consumed too
+    restarted.wal.close()
+
+    again = _start(tmp_path)  # dropped once only; its segment is gone, with its read-only fd
+    assert again.counts["groups_dropped_unreadable"] == 0
+    assert list(again.ledger.reissue) == [(victim.prompt_index, victim.epoch)] and again.ledger.started == started - 1
+    assert victim.ref.segment not in again.wal.segments()
+    again.wal.close()
