@@ -33,6 +33,13 @@ Patterns and why:
   they keep alive. glibc is told to keep freed frame-sized blocks (``tune_allocator``): by
   default it returns them to the kernel and every message faults its pages in again.
   benchmarks/bench_transport.py measures the path.
+* **Incoming size bound.** Every socket sets ``MAXMSGSIZE`` to ``INCOMING_LIMIT_FACTOR`` x
+  ``protocol.MAX_FRAME_BYTES`` (read when the socket is made), so a peer cannot make a daemon
+  allocate an arbitrarily large frame before decode refuses it. A frame above the frame limit but
+  within the bound is received and refused by decode (the Server hands the ProtocolError, naming
+  the size, to the daemon, which answers with a rejection); a bigger one is cut by libzmq while
+  reading its header: the frame never reaches the application, that peer's connection is dropped
+  (its DEALER reconnects; the request times out) and every other peer is served as before.
 
 Addresses are configuration (``tcp://host:port``); nothing here assumes localhost. Servers
 bind (``tcp://*:port`` or a concrete interface), clients connect.
@@ -49,10 +56,14 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from areal_like import protocol
 from areal_like.protocol import Message, ProtocolError, decode, encode_into
 
 DEFAULT_TIMEOUT_S = 10.0  # a healthy buffer answers in milliseconds; 10 s means it is gone or wedged
 SNDHWM = 1000  # frames queued per peer before sends fail fast
+# Receive bound (MAXMSGSIZE) = this x protocol.MAX_FRAME_BYTES: a frame a little over the limit still
+# reaches decode and gets a rejection naming its size; a giant one is cut before it is allocated.
+INCOMING_LIMIT_FACTOR = 2
 ZERO_COPY_BYTES = 64 * 1024  # pyzmq's own threshold for zero-copy frames (benchmarks use it for raw bytes)
 SCRATCH_KEEP_BYTES = 4 * 1024 * 1024  # bigger frames hand their buffer over instead of being copied and kept
 # glibc serves blocks below MMAP from the heap and keeps up to TRIM free bytes at a heap's top
@@ -142,6 +153,7 @@ def _new_socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, SNDHWM)
     sock.setsockopt(zmq.RCVHWM, SNDHWM)
+    sock.setsockopt(zmq.MAXMSGSIZE, INCOMING_LIMIT_FACTOR * protocol.MAX_FRAME_BYTES)  # see "Incoming size bound"
     return sock
 
 

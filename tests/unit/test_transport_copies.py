@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import subprocess
+import time
 import sys
 
 import numpy as np
@@ -190,3 +191,36 @@ def test_allocator_tuning_is_applied_once_and_can_be_refused(env, expect):
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == expect
+
+
+def test_a_frame_above_the_incoming_limit_never_reaches_the_server(free_port, monkeypatch):
+    """A peer must not make the buffer allocate an arbitrarily big frame before decode refuses it:
+    every socket sets MAXMSGSIZE to INCOMING_LIMIT_FACTOR x the frame limit. A frame above the limit
+    but below that bound is still received and answered with a ProtocolError naming its size; a
+    bigger one is cut by libzmq (the peer's connection is dropped; it reconnects) and the server
+    keeps serving everyone."""
+    monkeypatch.setattr(P, "MAX_FRAME_BYTES", 128 * 1024)  # a small limit: the bound follows it
+    server = Server(f"tcp://127.0.0.1:{free_port()}")
+    big, other = (_new_socket(zmq.Context.instance(), zmq.DEALER) for _ in range(2))
+    try:
+        assert server._sock.getsockopt(zmq.MAXMSGSIZE) == transport.INCOMING_LIMIT_FACTOR * 128 * 1024
+        for sock in (big, other):
+            sock.connect(server.address)
+        big.send_multipart([b"moderate", b"\x00" * (200 * 1024)])
+        (_, req_id, error, _), = receive(server, 1)
+        assert req_id == b"moderate" and isinstance(error, P.ProtocolError)
+        assert "204800 bytes exceeds the limit of 131072" in str(error)
+
+        big.send_multipart([b"giant", b"\x00" * (transport.INCOMING_LIMIT_FACTOR * 128 * 1024 + 1)])
+        other.send_multipart([b"other", P.encode(P.Ack(ref="r", status="ok"))])
+        seen = [item[1] for item in receive(server, 1)]
+        deadline = time.monotonic() + REQUEST_TIMEOUT_S
+        while b"again" not in seen and time.monotonic() < deadline:  # the cut peer reconnects and is heard
+            big.send_multipart([b"again", P.encode(P.Ack(ref="r", status="ok"))])
+            while (item := server.recv(0.5)) is not None:
+                seen.append(item[1])
+        assert b"other" in seen and b"again" in seen and b"giant" not in seen
+    finally:
+        big.close(linger=0)
+        other.close(linger=0)
+        server.close()
