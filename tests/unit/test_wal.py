@@ -219,3 +219,52 @@ def test_the_log_syncs_where_the_os_has_no_fdatasync(tmp_path):
     out = subprocess.run([sys.executable, "-c", WAL_WITHOUT_FDATASYNC, str(tmp_path)], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+WAL_KILLED_MID_SEGMENT = """
+import sys, time
+from buffer.wal import WriteAheadLog
+wal = WriteAheadLog(sys.argv[1], segment_bytes=int(sys.argv[2]))
+list(wal.replay())
+wal.open({})
+wal.append_group("a", b"frame" * 100)
+wal.request_sync()
+wal.wait_durable()
+print("ready", flush=True)
+time.sleep(600)  # killed -9 here: the active segment keeps its block reservation
+"""
+
+
+def _allocated(path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def test_a_restart_releases_the_reservation_a_crash_left_behind(tmp_path):
+    """After kill -9 the segment that was active keeps its fallocate reservation (KEEP_SIZE: blocks
+    past the end of the data). Replay frees it in every old segment; the new active segment gets its
+    own reservation, which close frees as before."""
+    import signal
+    import subprocess
+    import sys
+
+    reserve = 8 << 20
+    child = subprocess.Popen([sys.executable, "-c", WAL_KILLED_MID_SEGMENT, str(tmp_path), str(reserve)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=60)
+    crashed = _segment_path(tmp_path, 1)
+    if _allocated(crashed) < reserve:
+        pytest.skip("this file system does not keep fallocate(KEEP_SIZE) reservations")
+    wal = WriteAheadLog(tmp_path, segment_bytes=reserve)
+    assert [r.group_id for r in wal.replay() if r.kind == "G"] == ["a"]
+    assert _allocated(crashed) < 1 << 20  # the data only (a few KB), the reservation is gone
+    wal.open({})
+    assert wal.segment == 2 and _allocated(_segment_path(tmp_path, 2)) >= reserve  # the new active segment
+    wal.append_group("b", b"frame")
+    wal.close()
+    assert _allocated(_segment_path(tmp_path, 2)) < 1 << 20
+    _, recs = replay(tmp_path)
+    assert [r[1] for r in recs if r[0] == "G"] == ["a", "b"]
