@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import gc
 import subprocess
-import time
 import sys
+import time
 
 import numpy as np
 import pytest
