@@ -253,3 +253,20 @@ def test_a_group_that_no_longer_decodes_at_replay_is_dropped_and_stops_pinning_i
     assert list(again.ledger.reissue) == [(victim.prompt_index, victim.epoch)] and again.ledger.started == started - 1
     assert victim.ref.segment not in again.wal.segments()
     again.wal.close()
+
+
+def test_an_undecodable_group_logged_before_its_lease_closed_returns_the_lease(tmp_path):
+    """The process died between the group record and the state record that closes its lease: the
+    restored lease is closed and its prompt re-issued, never both re-issued and still leased."""
+    svc = _start(tmp_path)
+    _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
+    (credit,) = _step(svc, P.CreditRequest(server_id="s", max_credits=1)).credits
+    started = svc.ledger.started
+    svc.wal.append_group(f"s-{credit.lease_id}", b"\xc1" * 16)  # no state record follows: a crash
+    svc.wal.close()
+
+    restarted = _start(tmp_path)
+    assert restarted.counts["groups_dropped_unreadable"] == 1 and restarted.ledger.in_flight == 0
+    assert list(restarted.ledger.reissue) == [(credit.prompt_index, credit.epoch)]
+    assert restarted.ledger.started == started - 1
+    restarted.wal.close()
