@@ -7,12 +7,14 @@ broadcast order), optional ``backend`` (gloo), ``device`` (cpu), ``timeout_s`` (
 ``apply_weight_sync`` announces; null: one broadcast per tensor), ``rounds`` (a list of
 ``{"seed": int, "dtype": str}``: push the buckets once per round, the model built with that init
 seed and sent in that wire dtype; default one round of ``model`` in its own dtype), ``stop_after``
-(exit abruptly, as a crashed trainer, once that many buckets were broadcast). Prints
+(exit abruptly, as a crashed trainer, once that many buckets were broadcast), ``wait_for`` (a path:
+broadcast nothing until that file exists). Prints
 ``ready`` once the model is built (before the rendezvous) and ``sent`` after the last tensor.
 """
 import json
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -35,6 +37,8 @@ pg = init_weight_group(spec.get("backend", "gloo"), "127.0.0.1", spec["port"], 2
                        spec.get("timeout_s", 120))
 pipeline = BucketPipeline()
 sent = 0
+while spec.get("wait_for") and not os.path.exists(spec["wait_for"]):
+    time.sleep(0.05)
 for state in states:
     for names in spec["buckets"]:
         if sent == spec.get("stop_after", -1):

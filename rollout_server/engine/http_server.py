@@ -329,7 +329,8 @@ class EngineHttp:
 
     async def end_update(self, request: web.Request) -> web.Response:
         await _body(request)
-        return _ok_or_400(*self.e.weights.end())
+        w = self.e.weights  # end() waits for buckets answered before they were loaded: off the loop then
+        return _ok_or_400(*(await asyncio.to_thread(w.end) if w.unsettled else w.end()))
 
     async def update_distributed(self, request: web.Request) -> web.Response:
         f = _fields(await _body(request), {

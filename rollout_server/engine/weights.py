@@ -10,6 +10,9 @@ broadcast must be drained even when a name is unknown, or the sender would hang)
 then loaded. A bucket that neither sets ``weight_version`` nor flushes is answered once checked
 and queued on the scheduler (``_apply``): everything that reaches the scheduler later runs after
 its load, so the answer is as good as "loaded", and the next bucket's receive overlaps the load.
+On CPU such a bucket is answered even before its receive completes; ``end`` waits for every bucket
+answered early and reports one that failed, so a client whose LAST bucket set neither learns the
+outcome there (SGLang answers each bucket only once it is loaded).
 
 Two wire formats, as SGLang's ``load_format``:
 - default: one ``dist.broadcast(buf, group_src=0)`` per tensor, in ``names`` order, into fresh
@@ -31,6 +34,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import replace
 
@@ -59,6 +63,8 @@ class WeightUpdater:
         self._spare: dict[tuple, torch.Tensor] = {}  # layout -> a free buffer the next bucket is received into
         self._deferred_error = ""  # a bucket of this session answered before its load/receive failed later
         self._session_id = 0  # +1 per begin(): a request of an abandoned session never posts a receive
+        self._unsettled = 0  # buckets answered before their receive or load finished (end() waits for them)
+        self._settled = threading.Condition()
 
     # ---- group lifecycle (blocking)
     def init_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
@@ -99,11 +105,38 @@ class WeightUpdater:
         self._session_id += 1
         return True, "Success"
 
+    @property
+    def unsettled(self) -> bool:
+        """Whether a bucket answered early is still being received or loaded (``end`` would wait)."""
+        return self._unsettled > 0
+
     def end(self) -> tuple[bool, str]:
+        """Close the session once every bucket answered early is received and loaded (blocks while
+        ``unsettled``): a client whose last bucket set neither version nor flush learns here whether
+        it arrived, and nothing of this session lands after the answer."""
         if not self.session_open:
             return False, "no weight-update session is open; call begin_weight_update() first"
+        with self._settled:
+            settled = self._settled.wait_for(lambda: not self._unsettled, timeout=self.group_timeout_s)
         self.session_open = False
+        if not settled:
+            return False, "an earlier bucket of this update is still being received"
+        if self._deferred_error:
+            return False, self._deferred_error
         return True, "Success"
+
+    def _answered_early(self) -> Callable[[], None]:
+        """Count a bucket answered before it is loaded; returns its (idempotent) 'settled' callback."""
+        with self._settled:
+            self._unsettled += 1
+        once = threading.Lock()
+
+        def settle() -> None:
+            if once.acquire(blocking=False):
+                with self._settled:
+                    self._unsettled -= 1
+                    self._settled.notify_all()
+        return settle
 
     # ---- loading (blocking; called from executor threads)
     def update_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
@@ -183,6 +216,9 @@ class WeightUpdater:
         if device.type == "cpu":  # gloo's completion callback queues the load itself: one thread hop less
             refusal = _refusal(self.scheduler.model.state_dict(), tensors) if early else ""
             done: Future = Future()
+            if early and not refusal:  # answered below, before its receive completed: end() waits for it
+                settle = self._answered_early()
+                done.add_done_callback(lambda _: settle())
             work.get_future().then(lambda fut: self._received(
                 fut, tensors, (key, flat), (weight_version, flush_cache), done,
                 session if early and not refusal else None, refusal))
@@ -269,9 +305,13 @@ class WeightUpdater:
                 if swap is not None:
                     self._spare[swap[0]] = swap[1]
                 return False, refusal
-            session = self._session_id
-            done = self.scheduler.call(self._loader(tensors, None, False, swap))
-            done.add_done_callback(lambda f: self._note_deferred(f, session))
+            session, settle = self._session_id, self._answered_early()
+            try:
+                done = self.scheduler.call(self._loader(tensors, None, False, swap))
+            except BaseException:
+                settle()
+                raise
+            done.add_done_callback(lambda f: (self._note_deferred(f, session), settle()))
             return True, "Succeeded to update parameter online."
         ok, msg = self.scheduler.call(self._loader(tensors, weight_version, flush_cache, swap)).result(
             timeout=APPLY_TIMEOUT_S)

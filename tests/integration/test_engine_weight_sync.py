@@ -286,3 +286,45 @@ def test_a_refused_flattened_bucket_is_drained_and_loads_nothing(engine, spawn_p
     target = dict(build_model(ModelConfig(max_position_embeddings=128, init_seed=41)).named_parameters())
     for n, p in engine.model.named_parameters():
         assert torch.equal(p, before[n] if n in specs[0].names else target[n]), n
+
+
+def test_an_unlabelled_last_bucket_is_settled_before_end_weight_update_answers(engine, spawn_python, tmp_path):
+    """SGLang's schema lets a client send its last bucket with ``flush_cache: false`` and no
+    ``weight_version`` (and flush or label later). The engine answers such a bucket once its receive is
+    posted, so ``/end_weight_update`` is where the client learns the outcome: it must report a receive
+    that failed after that answer (not "Success" over weights that never arrived), and once it answers
+    the bucket must be loaded."""
+    names = [(n, list(p.shape)) for n, p in engine.model.named_parameters()]
+    bucket = plan_buckets([(n, s, "float32") for n, s in names], 40_000)[0]
+    body = {"names": bucket.names, "dtypes": bucket.dtypes, "shapes": bucket.shapes, "group_name": GROUP,
+            "load_format": "flattened_bucket", "flush_cache": False}
+    before = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
+
+    def session(seed: int, go: Path, **spec) -> tuple[tuple, tuple, object]:
+        port = free_port()
+        sender = spawn_python(FLAT_SENDER, [json.dumps({"model": {"max_position_embeddings": 128, "init_seed": seed},
+                                                        "port": port, "group": GROUP, "buckets": [bucket.names],
+                                                        "wait_for": str(go), **spec})])
+        post(engine.url, "/destroy_weights_update_group", {"group_name": GROUP})
+        assert post(engine.url, "/init_weights_update_group", {
+            "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
+            "group_name": GROUP, "backend": "gloo"})[0] == 200
+        assert post(engine.url, "/begin_weight_update", {})[0] == 200
+        update = post(engine.url, "/update_weights_from_distributed", body)
+        go.touch()  # only now does the sender broadcast (or crash)
+        end = post(engine.url, "/end_weight_update", {})
+        return update, end, sender
+
+    update, end, crashed = session(51, tmp_path / "go1", stop_after=0)
+    assert read_line(crashed, "crashing", PROCESS_START_S) == "crashing"
+    assert update[0] == 200, update  # answered once its receive was posted
+    assert end[0] == 400 and not end[1]["success"], end  # the bucket never arrived: no "Success"
+    for n, p in engine.model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    update, end, sender = session(52, tmp_path / "go2")
+    assert update[0] == 200 and end[0] == 200, (update, end)
+    target = dict(build_model(ModelConfig(max_position_embeddings=128, init_seed=52)).named_parameters())
+    for n, p in engine.model.named_parameters():  # read right after end answered: the bucket is loaded
+        assert torch.equal(p, target[n] if n in bucket.names else before[n]), n
+    assert read_line(sender, "sent", PROCESS_START_S) == "sent"
+    assert post(engine.url, "/end_weight_update", {})[0] == 400  # the session is closed
