@@ -135,3 +135,55 @@ def test_cuda_weight_update_from_another_process():
             if sender.poll() is None:
                 sender.kill()
             sender.wait(timeout=60)
+
+
+def test_cuda_flattened_bucket_syncs_swap_bf16_weights_exactly():
+    """Two syncs in the trainer's wire format (one flattened bf16 broadcast per bucket, several buckets,
+    ``tests/weight_sender.py``) into a bf16 engine on CUDA: each parameter ends up a view of a received
+    buffer (swapped, not copied) holding exactly the sender's values, also in the second sync, which
+    receives into the buffers the first one retired."""
+    import asyncio
+
+    from areal_like.protocol import SyncMember, WeightSyncPlan
+    from rollout_server.sglang_client import SGLangClient
+    from rollout_server.weight_update import apply_weight_sync
+    from trainer.weight_buckets import plan_buckets
+
+    engine = EmbeddedEngine(model_cfg("bfloat16"), EngineConfig(device="cuda:0", max_running_requests=4)).start()
+    sender = None
+    try:
+        port, seeds = free_port(), [7, 8]
+        named = [(n, list(p.shape)) for n, p in engine.model.named_parameters()]
+        specs = plan_buckets([(n, s, "bfloat16") for n, s in named], 256 * 1024)
+        assert len(specs) >= 3
+        spec = {"device": "cuda:0", "backend": "gloo", "model": asdict(model_cfg("bfloat16")), "port": port,
+                "group": GROUP, "buckets": [b.names for b in specs], "rounds": [{"seed": s} for s in seeds]}
+        sender = subprocess.Popen([sys.executable, "-c", (REPO / "tests" / "weight_sender.py").read_text(),
+                                   json.dumps(spec)], cwd=REPO, text=True, stdout=subprocess.PIPE)
+
+        async def syncs() -> list[tuple[bool, str, str]]:
+            out = []
+            async with SGLangClient(engine.url, timeout_s=HTTP_TIMEOUT_S) as client:
+                for version in range(1, len(seeds) + 1):
+                    plan = WeightSyncPlan(policy_version=version, group_name=GROUP, master_addr="127.0.0.1",
+                                          master_port=port, world_size=2, backend="gloo", reform=version == 1,
+                                          members=[SyncMember(server_id="e", rank_offset=1)], buckets=specs,
+                                          deadline_s=HTTP_TIMEOUT_S)
+                    done = await apply_weight_sync(client, plan, "e", drain=False)
+                    out.append((done.ok, done.reason, state_checksum(engine.model)))
+            return out
+
+        for seed, (ok, reason, checksum) in zip(seeds, asyncio.run(syncs())):
+            assert ok, reason
+            assert checksum == state_checksum(build_model(model_cfg("bfloat16", seed=seed), device="cuda:0"))
+        live = {flat.untyped_storage().data_ptr() for flat in engine.weights._live.values()}
+        assert {p.untyped_storage().data_ptr() for p in engine.model.parameters()} <= live
+        out = post(engine.url, "/generate", {"input_ids": [1, 9], "sampling_params": {"max_new_tokens": 4}})[1]
+        assert out["meta_info"]["weight_version"] == str(len(seeds))
+        assert [line.strip() for line in sender.stdout][-1] == "sent"
+    finally:
+        engine.stop()
+        if sender is not None:
+            if sender.poll() is None:
+                sender.kill()
+            sender.wait(timeout=60)
