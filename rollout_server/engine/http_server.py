@@ -129,6 +129,7 @@ class EngineHttp:
     def __init__(self, engine):
         self.e = engine
         self.gate: Gate | None = None  # created on the server's event loop
+        self.hold_posted = False  # an in_place/retract pause posted a hold that no continue released yet
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors], client_max_size=64 * 1024 * 1024)
@@ -288,13 +289,15 @@ class EngineHttp:
                         pass
             self.e.metrics.set_paused(0)
         else:
+            self.hold_posted = True  # before the hold runs: a continue that overtakes it must still release it
             self.e.metrics.set_paused(await asyncio.wrap_future(sched.hold(retract=f["mode"] == "retract")))
         return web.json_response({"message": "Generation paused successfully.", "status": "ok"})
 
     async def continue_(self, request: web.Request) -> web.Response:
         _fields(await _body(request), {"torch_empty_cache": (bool, True)})
-        if self.e.scheduler.held:  # pause in_place / retract held the steps; abort mode did not (saves a hop)
-            await asyncio.wrap_future(self.e.scheduler.release())
+        if self.hold_posted or self.e.scheduler.held:  # in_place / retract hold the steps; abort does not (no hop)
+            self.hold_posted = False
+            await asyncio.wrap_future(self.e.scheduler.release())  # queued behind the hold, so it wins
         await self.gate.set_paused(False)
         self.e.metrics.set_paused(0)
         return web.json_response({"message": "Generation continued successfully.", "status": "ok"})

@@ -240,6 +240,27 @@ def test_pause_in_place_keeps_requests_and_refuses_flush(engine):
     assert out["output_ids"] == ref and out["meta_info"]["finish_reason"]["type"] == "length"
 
 
+def test_a_continue_that_overtakes_its_in_place_pause_still_resumes(engine):
+    """/continue_generation can reach the server while an in_place pause's hold is still queued on the
+    scheduler (a client that gave up waiting for the pause, or sent both at once): the hold must not
+    win and leave the engine stepping nothing until some later continue."""
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            with stalled(engine):  # the hold (and a release, if continue posts one) queue behind this
+                pause = pool.submit(call, engine, "/pause_generation", {"mode": "in_place"})
+                wait_for(lambda: engine.http.gate.paused and engine.scheduler._inbox, "the hold to be queued")
+                resume = pool.submit(call, engine, "/continue_generation", {})
+                wait_for(lambda: not engine.http.gate.paused or len(engine.scheduler._inbox) >= 2,
+                         "the continue to reach the server")
+            assert pause.result(timeout=HTTP_TIMEOUT_S)[0] == 200
+            assert resume.result(timeout=HTTP_TIMEOUT_S)[0] == 200
+            assert not engine.scheduler.call(lambda s: s.held).result(timeout=HTTP_TIMEOUT_S)
+            assert gen(engine, input_ids=[1, 5], sampling_params={"max_new_tokens": 2})["output_ids"]
+        finally:
+            if engine.scheduler.held:
+                call(engine, "/continue_generation", {})
+
+
 def test_update_weights_from_disk(engine, tmp_path):
     new = build_model(ModelConfig(max_position_embeddings=256, init_seed=3))
     new.save_pretrained(tmp_path / "m")
