@@ -15,8 +15,9 @@ strided view of the slot cache plus a 4D mask, and the generic decoder's per-lay
 - the new token's K/V are written into the slot cache at each row's own position.
 
 Invariant: same math as the model's forward (tests compare greedy tokens with ``generate`` and
-logprobs with a separate forward, within fp32 rounding). ``supports`` accepts only modules it
-has checked; anything else uses the model's own forward (scheduler.py).
+logprobs with a separate forward, within fp32 rounding). ``supports`` accepts only transformers'
+own classes of these families, unmodified (no subclass, patched forward or hook on a module whose
+forward this file replaces); anything else uses the model's own forward (scheduler.py).
 """
 
 from __future__ import annotations
@@ -29,22 +30,40 @@ from rollout_server.engine.kv import SlotKV
 FAMILIES = ("qwen2", "qwen3", "llama")  # the same decoder layer up to q/k norms and biases
 
 
+def _stock_classes(model_type: str) -> tuple[type, type, type, type]:
+    """transformers' (CausalLM, Model, DecoderLayer, Attention) classes of one family: the modules whose
+    ``forward`` this file re-implements."""
+    import importlib
+    mod = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    prefix = {"qwen2": "Qwen2", "qwen3": "Qwen3", "llama": "Llama"}[model_type]
+    return tuple(getattr(mod, prefix + part) for part in ("ForCausalLM", "Model", "DecoderLayer", "Attention"))
+
+
+def _untouched(module: torch.nn.Module, cls: type) -> bool:
+    """``module`` runs exactly ``cls.forward``: not a subclass, no forward patched on it, no hooks that
+    its forward would have run (fastpath never calls it)."""
+    return (type(module) is cls and "forward" not in vars(module) and not module._forward_hooks
+            and not module._forward_pre_hooks)
+
+
 def supports(model) -> bool:
-    """True if ``model`` is a full-attention Llama-family causal LM whose layout this path knows."""
+    """True if ``model`` is a stock full-attention Llama-family causal LM whose layout this path knows.
+
+    Exact classes, not ``model_type``: remote code or a subclass can keep the name and change the math
+    (softcapping, other scaling); those, and modules with forward hooks, go through their own forward.
+    Submodules that fastpath calls as modules (projections, norms, MLP, rotary, head) may be anything."""
     cfg = getattr(model, "config", None)
     inner = getattr(model, "model", None)
     if cfg is None or inner is None or getattr(cfg, "model_type", None) not in FAMILIES:
         return False
-    if getattr(cfg, "hidden_act", None) != "silu" or not hasattr(model, "lm_head"):
-        return False
     if set(getattr(cfg, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
         return False
-    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
-    layer_parts = ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")
-    attn_parts = ("q_proj", "k_proj", "v_proj", "o_proj", "scaling")
-    return all(hasattr(inner, n) for n in needed) and all(
-        all(hasattr(layer, n) for n in layer_parts) and all(hasattr(layer.self_attn, n) for n in attn_parts)
-        for layer in inner.layers)
+    lm_cls, model_cls, layer_cls, attn_cls = _stock_classes(cfg.model_type)
+    if not (_untouched(model, lm_cls) and _untouched(inner, model_cls)):
+        return False
+    layers = list(inner.layers)
+    return len(layers) == cfg.num_hidden_layers and all(
+        _untouched(layer, layer_cls) and _untouched(layer.self_attn, attn_cls) for layer in layers)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

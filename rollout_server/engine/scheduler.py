@@ -233,11 +233,12 @@ class Scheduler:
     def _reserve(self, r: Request) -> int:
         return min(self.context_len, len(r.input_ids) + r.params.max_new_tokens)
 
-    def _masks(self, allowed: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Additive 4D masks [B, 1, Q, K] per layer type from a boolean ``allowed`` [B, Q, K]."""
+    def _masks(self, allowed: torch.Tensor) -> torch.Tensor:
+        """Additive 4D mask [B, 1, Q, K] from a boolean ``allowed`` [B, Q, K]. A plain 4D tensor (every layer is
+        full attention, see __init__): transformers uses it as is, while a per-layer-type dict is only understood
+        by decoders with sliding layers in their family (Qwen2/Qwen3), not Llama's ``create_causal_mask``."""
         neg = torch.finfo(self.dtype).min
-        full = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill(~allowed, neg)[:, None]
-        return {"full_attention": full}
+        return torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill(~allowed, neg)[:, None]
 
     def _prefill(self, new: list[Request]) -> None:
         """Prefill ``new`` into slots ``[B, B + k)``. Identical sequences in one batch (the n samples of one

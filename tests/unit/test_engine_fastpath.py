@@ -123,3 +123,44 @@ def test_supports_only_known_layouts():
     sliding = AutoModelForCausalLM.from_config(Qwen2Config(**SIZES, use_sliding_window=True, sliding_window=8,
                                                            max_window_layers=0))
     assert not fastpath.supports(sliding)
+
+
+def _greedy_equals_generate(model, ps, limit: int, **kw) -> None:
+    got = run(model, ps, [SamplingParams(max_new_tokens=limit, temperature=0.0) for _ in ps], **kw)
+    for p, r in zip(ps, got):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([p]), max_new_tokens=limit, do_sample=False, eos_token_id=EOS,
+                                 pad_token_id=0)[0, len(p):].tolist()
+        assert r.finish_reason["type"] != "abort", r.finish_reason
+        assert r.output_ids == ref
+
+
+def test_a_model_whose_attention_or_layer_is_not_the_stock_one_goes_through_its_forward():
+    """The gate looks at the modules it re-implements (attention, decoder layer, model, head), not only at
+    ``model_type``: a subclass with its own forward (remote code, logit softcapping, ...) or a forward hook
+    would be silently skipped by fastpath, so such a model must use its own forward."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+
+    class ScaledAttention(Qwen2Attention):  # e.g. a remote-code variant: same weights, other math
+        def forward(self, *args, **kwargs):
+            out, w = super().forward(*args, **kwargs)
+            return 3.0 * out, w
+    torch.set_num_threads(1)
+    ps = prompts(3, seed=13)
+    model = tiny("qwen2")
+    model.model.layers[0].self_attn.__class__ = ScaledAttention
+    assert not fastpath.supports(model)
+    _greedy_equals_generate(model, ps, 12)
+    hooked = tiny("qwen2")
+    hooked.model.layers[1].register_forward_hook(lambda mod, args, out: out * 0.5)
+    assert not fastpath.supports(hooked)
+    _greedy_equals_generate(hooked, ps, 12)
+    assert fastpath.supports(tiny("qwen2"))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_the_models_own_forward_serves_every_family(kind):
+    """The fallback (any model the gate refuses) passes its 4D mask in a form every decoder accepts: Llama's
+    forward takes a tensor, not the per-layer-type dict Qwen2's accepts."""
+    torch.set_num_threads(1)
+    _greedy_equals_generate(tiny(kind), prompts(3, seed=17), 10, fast=False)
