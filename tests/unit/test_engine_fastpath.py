@@ -164,3 +164,40 @@ def test_the_models_own_forward_serves_every_family(kind):
     forward takes a tensor, not the per-layer-type dict Qwen2's accepts."""
     torch.set_num_threads(1)
     _greedy_equals_generate(tiny(kind), prompts(3, seed=17), 10, fast=False)
+
+
+def test_a_weight_swap_between_steps_is_seen_by_the_next_forward():
+    """weights.py re-points each parameter's ``.data`` at a received buffer: fastpath must hold no reference to
+    a weight tensor, so the first pass after the swap already computes with the new weights."""
+    torch.set_num_threads(1)
+    model, other = tiny("qwen3"), tiny("qwen3")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ps = prompts(3, seed=19)
+    s = Scheduler(model, max_running=3, max_total_tokens=4096, context_len=192, weight_version="0")
+    assert s.use_fastpath
+    s.start()
+    try:
+        for phase in ("before", "after"):
+            if phase == "after":
+                new = dict(other.named_parameters())
+                s.call(lambda _: [setattr(p, "data", new[n].detach().clone())
+                                  for n, p in model.named_parameters()]).result(WAIT_S)
+            done, finished = {}, threading.Event()
+
+            def fin(r, done=done, finished=finished):
+                done[r.rid] = r
+                if len(done) == len(ps):
+                    finished.set()
+            for i, p in enumerate(ps):
+                s.submit(Request(rid=f"{phase}{i}", input_ids=p, params=SamplingParams(max_new_tokens=10, temperature=0),
+                                 stop_ids=frozenset([EOS]), on_finish=fin))
+            assert finished.wait(WAIT_S)
+            with torch.no_grad():
+                refs = [other.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=EOS,
+                                       pad_token_id=0)[0, len(p):].tolist() for p in ps]
+            same = [done[f"{phase}{i}"].output_ids == ref for i, ref in enumerate(refs)]
+            assert all(same) if phase == "after" else not all(same)  # before: the weights really differ
+    finally:
+        s.stop()
