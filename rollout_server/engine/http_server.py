@@ -345,7 +345,7 @@ class EngineHttp:
             return _ok_or_400(False, f"load_format={f['load_format']!r} is not supported by the embedded engine")
         w = self.e.weights
         args = (f["names"], f["dtypes"], f["shapes"], f["group_name"], f["weight_version"], f["flush_cache"],
-                f["load_format"])
+                f["load_format"], self.gate.paused)  # only a paused engine may answer a bucket before it arrived
         return _ok_or_400(*await self._weight_load("distributed", w.update_from_distributed, args, f))
 
     async def update_disk(self, request: web.Request) -> web.Response:

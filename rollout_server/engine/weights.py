@@ -10,9 +10,9 @@ broadcast must be drained even when a name is unknown, or the sender would hang)
 then loaded. A bucket that neither sets ``weight_version`` nor flushes is answered once checked
 and queued on the scheduler (``_apply``): everything that reaches the scheduler later runs after
 its load, so the answer is as good as "loaded", and the next bucket's receive overlaps the load.
-On CPU such a bucket is answered even before its receive completes; ``end`` waits for every bucket
-answered early and reports one that failed, so a client whose LAST bucket set neither learns the
-outcome there (SGLang answers each bucket only once it is loaded).
+On CPU, while generation is paused, such a bucket is answered even before its receive completes;
+``end`` waits for every bucket answered early and reports one that failed, so a client whose LAST
+bucket set neither learns the outcome there (SGLang answers each bucket only once it is loaded).
 
 Two wire formats, as SGLang's ``load_format``:
 - default: one ``dist.broadcast(buf, group_src=0)`` per tensor, in ``names`` order, into fresh
@@ -141,8 +141,11 @@ class WeightUpdater:
     # ---- loading (blocking; called from executor threads)
     def update_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
                                 group_name: str, weight_version: str | None, flush_cache: bool,
-                                load_format: str | None = None) -> tuple[bool, str] | Future:
-        """(ok, message), or a Future of it when the load is still running on the scheduler."""
+                                load_format: str | None = None, paused: bool = False) -> tuple[bool, str] | Future:
+        """(ok, message), or a Future of it when the load is still running on the scheduler. ``paused``:
+        generation is paused, so no request can start before this session ends; only then may a bucket
+        be answered before its receive completed (else a request let in after the answer would see the
+        load land half-way through it)."""
         if not self.session_open:
             return False, NO_SESSION
         if not len(names) == len(dtypes) == len(shapes):
@@ -151,7 +154,7 @@ class WeightUpdater:
         if pg is None:
             return False, f"Group {group_name} not in process groups."
         if load_format == FLATTENED:
-            return self._update_flattened(names, dtypes, shapes, pg, weight_version, flush_cache)
+            return self._update_flattened(names, dtypes, shapes, pg, weight_version, flush_cache, paused)
         import torch.distributed as dist
 
         device = self.scheduler.device
@@ -179,10 +182,10 @@ class WeightUpdater:
             return self._apply(dict(loaded.state_dict()), weight_version, flush_cache)
 
     def _update_flattened(self, names: list[str], dtypes: list[str], shapes: list[list[int]], pg,
-                          weight_version: str | None, flush_cache: bool) -> tuple[bool, str] | Future:
+                          weight_version: str | None, flush_cache: bool, paused: bool) -> tuple[bool, str] | Future:
         """One bucket as one uint8 broadcast. A bucket that is not the last of its sync (no version, no
-        flush) is answered as soon as its receive is posted (CPU only; NCCL completion is tracked
-        differently): the caller's next request then waits here, on ``_recv_lock``, which the
+        flush) is answered as soon as its receive is posted (CPU and paused only; NCCL completion is
+        tracked differently): the caller's next request then waits here, on ``_recv_lock``, which the
         completed receive releases after queuing its load, so the next receive is posted at once and
         the loads stay in bucket order. A receive that fails after its answer makes every later
         bucket of the session fail (``_deferred_error``), so the version is never set over it."""
@@ -194,7 +197,7 @@ class WeightUpdater:
             return False, f"Failed to receive weights: {e}"
         device = self.scheduler.device
         key = tuple((n, str(dt), tuple(s)) for n, dt, s, _ in layout)
-        early = weight_version is None and not flush_cache and device.type == "cpu"
+        early = weight_version is None and not flush_cache and device.type == "cpu" and paused
         session = self._session_id
         if not self._recv_lock.acquire(timeout=self.group_timeout_s):  # released when the receive completed
             return False, "Failed to receive weights: an earlier bucket is still being received"

@@ -273,6 +273,7 @@ def test_a_refused_flattened_bucket_is_drained_and_loads_nothing(engine, spawn_p
             "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
             "group_name": GROUP, "backend": "gloo"})
         assert joined.result(timeout=HTTP_TIMEOUT_S)[0] == 200
+    assert post(engine.url, "/pause_generation", {"mode": "abort"})[0] == 200  # paused: buckets answered early
     assert post(engine.url, "/begin_weight_update", {})[0] == 200
     for i, b in enumerate(specs):  # bucket 0 under a wrong name: refused after its bytes were drained
         last = i == len(specs) - 1
@@ -282,6 +283,7 @@ def test_a_refused_flattened_bucket_is_drained_and_loads_nothing(engine, spawn_p
             **({"weight_version": "1"} if last else {})})
         assert (status, body["success"]) == ((400, False) if i == 0 else (200, True)), body
     assert post(engine.url, "/end_weight_update", {})[0] == 200
+    assert post(engine.url, "/continue_generation", {})[0] == 200
     assert read_line(sender, "sent", PROCESS_START_S) == "sent"
     target = dict(build_model(ModelConfig(max_position_embeddings=128, init_seed=41)).named_parameters())
     for n, p in engine.model.named_parameters():
@@ -309,10 +311,12 @@ def test_an_unlabelled_last_bucket_is_settled_before_end_weight_update_answers(e
         assert post(engine.url, "/init_weights_update_group", {
             "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
             "group_name": GROUP, "backend": "gloo"})[0] == 200
+        assert post(engine.url, "/pause_generation", {"mode": "abort"})[0] == 200  # as the rollout server does
         assert post(engine.url, "/begin_weight_update", {})[0] == 200
         update = post(engine.url, "/update_weights_from_distributed", body)
         go.touch()  # only now does the sender broadcast (or crash)
         end = post(engine.url, "/end_weight_update", {})
+        assert post(engine.url, "/continue_generation", {})[0] == 200
         return update, end, sender
 
     update, end, crashed = session(51, tmp_path / "go1", stop_after=0)
@@ -328,3 +332,54 @@ def test_an_unlabelled_last_bucket_is_settled_before_end_weight_update_answers(e
         assert torch.equal(p, target[n] if n in bucket.names else before[n]), n
     assert read_line(sender, "sent", PROCESS_START_S) == "sent"
     assert post(engine.url, "/end_weight_update", {})[0] == 400  # the session is closed
+
+
+def test_an_update_while_not_paused_holds_new_requests_until_its_bucket_is_loaded(engine, spawn_python, tmp_path):
+    """Without /pause_generation a weight update takes the gate's writer side (as SGLang's model-update
+    lock): a /generate that arrives meanwhile starts only once the bucket is loaded, so it never spans
+    two weight states. Here the sender holds bucket 0 back until the test lets it go; the request must
+    not start before that, and it then runs entirely on the updated weights."""
+    names = [(n, list(p.shape)) for n, p in engine.model.named_parameters()]
+    specs = plan_buckets([(n, s, "float32") for n, s in names], 40_000)
+    port, go = free_port(), tmp_path / "go"
+    sender = spawn_python(FLAT_SENDER, [json.dumps({"model": {"max_position_embeddings": 128, "init_seed": 81},
+                                                    "port": port, "group": GROUP, "buckets": [specs[0].names],
+                                                    "wait_for": str(go)})])
+    mixed = build_model(MODEL)  # what the engine holds once bucket 0 is in: bucket 0 new, the rest old
+    new = dict(build_model(ModelConfig(max_position_embeddings=128, init_seed=81)).named_parameters())
+    with torch.no_grad():
+        for n, p in mixed.named_parameters():
+            if n in specs[0].names:
+                p.copy_(new[n])
+    prompt = [1, 40, 41, 42]
+    body = {"names": specs[0].names, "dtypes": specs[0].dtypes, "shapes": specs[0].shapes, "group_name": GROUP,
+            "load_format": "flattened_bucket", "flush_cache": False}
+    with ThreadPoolExecutor(2) as pool:
+        assert pool.submit(post, engine.url, "/init_weights_update_group", {
+            "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
+            "group_name": GROUP, "backend": "gloo"}).result(timeout=HTTP_TIMEOUT_S)[0] == 200
+        assert post(engine.url, "/begin_weight_update", {})[0] == 200
+        update = pool.submit(post, engine.url, "/update_weights_from_distributed", body)
+        try:
+            wait_deadline = time.monotonic() + 1.0  # the update reaches the engine (or is answered) first
+            while not update.done() and time.monotonic() < wait_deadline:
+                time.sleep(0.01)
+            request = pool.submit(post, engine.url, "/generate", {"input_ids": prompt, "sampling_params": {
+                "max_new_tokens": 24, "temperature": 0, "ignore_eos": True}})
+            window = time.monotonic() + 2.0  # bounded look: the request must not start before bucket 0 arrived
+            started = False
+            while time.monotonic() < window and not started:
+                started = request.done() or engine.scheduler.load()["num_running_reqs"] > 0
+                time.sleep(0.01)
+        finally:
+            go.touch()
+        assert not started, "a /generate started while the update's bucket was still on the wire"
+        assert update.result(timeout=HTTP_TIMEOUT_S)[0] == 200
+        status, out = request.result(timeout=HTTP_TIMEOUT_S)
+    assert post(engine.url, "/end_weight_update", {})[0] == 200
+    assert status == 200 and out["meta_info"]["weight_version"] == "0"
+    with torch.no_grad():
+        ref = mixed.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+    assert out["output_ids"] == ref[0, len(prompt):].tolist()
+    assert read_line(sender, "sent", PROCESS_START_S) == "sent"
