@@ -3,7 +3,8 @@
 ``load_config(overrides)`` composes ``configs/config.yaml`` with Hydra's compose API
 (``version_base=None``: no chdir, no output folders), merges it onto
 ``OmegaConf.structured(RunConfig)`` (unknown keys and wrong types fail there, naming the key),
-and converts it with ``OmegaConf.to_object``, which runs every ``__post_init__`` validator.
+and converts it with ``OmegaConf.to_object``, which runs every ``__post_init__`` validator
+(the schema: ``areal_like/schema.py``, re-exported here).
 Code past the entry point only ever sees these dataclasses, and each component gets only its
 own sub-config. Importing this module has no side effects and does not import torch.
 
@@ -12,297 +13,36 @@ Every failure is a ``ConfigError`` whose message starts with the key: a bad grou
 lists the options; a ``???`` value a chosen option leaves unset names the key; a ``+new=key``
 that the schema does not know lists the known keys; type errors give OmegaConf's reason.
 """
-
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from areal_like.schema import (
+    AGG_MODES,
+    ESTIMATORS,
+    LOSS_KINDS,
+    BufferConfig,
+    ConfigError,
+    EngineConfig,
+    LaunchConfig,
+    LossConfig,
+    ModelConfig,
+    RolloutConfig,
+    RunConfig,
+    TaskConfig,
+    TrainerConfig,
+    WarmStartConfig,
+    WeightSyncConfig,
+)
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the key and what is allowed."""
-
-
-def _choice(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
-
-
-def _check(key: str, ok: bool, rule: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is invalid: must be {rule}")
-
-
-@dataclass(kw_only=True)
-class ModelConfig:
-    """A local HF model (``path``) or a tiny Qwen2 built from the fields below."""
-
-    path: str | None = None  # local directory with config.json + weights (+ tokenizer); never a hub id
-    vocab_size: int = 104  # must cover the tokenizer; the char tokenizer has 104 tokens
-    hidden_size: int = 128
-    intermediate_size: int = 256
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    max_position_embeddings: int = 256
-    tie_word_embeddings: bool = False
-    dtype: str = "float32"  # parameter dtype for inference / mixed-precision compute dtype on GPU
-    attn_implementation: str = "sdpa"
-    init_seed: int = 0
-
-    def __post_init__(self):
-        _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
-            _check(f"model.{k}", getattr(self, k) > 0, "> 0", getattr(self, k))
-        _check("model.num_attention_heads", self.num_attention_heads % self.num_key_value_heads == 0,
-               "a multiple of model.num_key_value_heads", self.num_attention_heads)
-        _check("model.hidden_size", self.hidden_size % self.num_attention_heads == 0,
-               "a multiple of model.num_attention_heads", self.hidden_size)
-
-
-@dataclass(kw_only=True)
-class TaskConfig:
-    name: str = "addition"  # addition | sort | reverse | countdown | jsonl
-    dataset_path: str | None = None  # JSONL of {prompt, answer} for name=jsonl
-    num_prompts: int = 100_000  # size of a synthetic dataset (an epoch)
-    digits: int = 2  # operand size / list length for synthetic tasks
-    seed: int = 0
-    group_size: int = 8  # samples per prompt (GRPO "n")
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    reward_fn: str = ""  # dotted path "pkg.module:function"; empty = the task's own reward
-    reward_timeout_s: float = 5.0
-
-    def __post_init__(self):
-        _choice("task.name", self.name, ("addition", "sort", "reverse", "countdown", "jsonl"))
-        if self.name == "jsonl":
-            _check("task.dataset_path", bool(self.dataset_path), "set when task.name=jsonl", self.dataset_path)
-        _check("task.group_size", self.group_size >= 1, ">= 1", self.group_size)
-        _check("task.max_new_tokens", self.max_new_tokens >= 1, ">= 1", self.max_new_tokens)
-        _check("task.temperature", self.temperature > 0, "> 0 (sampling; greedy is not RL)", self.temperature)
-        _check("task.top_p", 0 < self.top_p <= 1, "in (0, 1]", self.top_p)
-        _check("task.digits", 1 <= self.digits <= 9, "in [1, 9]", self.digits)
-        _check("task.reward_timeout_s", self.reward_timeout_s > 0, "> 0", self.reward_timeout_s)
-
-
-@dataclass(kw_only=True)
-class BufferConfig:
-    address: str = "tcp://127.0.0.1:5555"  # request/reply (ROUTER); clients connect here
-    pub_address: str = "tcp://127.0.0.1:5556"  # announcements (PUB)
-    max_staleness: int = 4  # eta; 0 = synchronous on-policy
-    groups_per_step: int = 8  # B: groups the trainer consumes per optimizer step
-    max_inflight: int = 64  # cap on groups being generated at once (all servers)
-    capacity: int = 1024  # stored groups; admission stops (back-pressure) at this size
-    stale_policy: str = "reissue"  # what happens to a group over the bound: drop | reissue its prompt
-    selection: str = "oldest"  # hand-out order: oldest (head version) | newest | fifo
-    filter_equal_rewards: bool = False  # drop groups with no learning signal (DAPO dynamic sampling)
-    max_tokens_per_trajectory: int = 0  # 0 = no length filter
-    lease_timeout_s: float = 120.0  # a credit not fulfilled by then is re-issued
-    heartbeat_timeout_s: float = 15.0  # a rollout server silent this long leaves the roster
-    wal_dir: str = "wal"  # relative to run_dir unless absolute
-    fsync: str = "always"  # always (ack after fsync; group commit) | batch (fsync every 50 ms; acks may precede it) | never
-    segment_bytes: int = 64 * 1024 * 1024
-    metrics_port: int = 0  # 0 = ephemeral
-    max_epochs: int = 0  # 0 = unbounded passes over the dataset
-
-    def __post_init__(self):
-        _check("buffer.max_staleness", self.max_staleness >= 0, ">= 0", self.max_staleness)
-        _check("buffer.groups_per_step", self.groups_per_step >= 1, ">= 1", self.groups_per_step)
-        _check("buffer.max_inflight", self.max_inflight >= 1, ">= 1", self.max_inflight)
-        _check("buffer.capacity", self.capacity >= self.groups_per_step, ">= buffer.groups_per_step", self.capacity)
-        _choice("buffer.stale_policy", self.stale_policy, ("drop", "reissue"))
-        _choice("buffer.selection", self.selection, ("oldest", "newest", "fifo"))
-        _choice("buffer.fsync", self.fsync, ("always", "batch", "never"))
-        _check("buffer.lease_timeout_s", self.lease_timeout_s > 0, "> 0", self.lease_timeout_s)
-
-
-@dataclass(kw_only=True)
-class EngineConfig:
-    kind: str = "embedded"  # embedded (in-process CPU/GPU engine) | sglang (launch a real server) | url (attach)
-    url: str = ""  # kind=url: base URL of a running SGLang server
-    host: str = "127.0.0.1"
-    port: int = 0  # 0 = pick a free port
-    device: str = "cpu"
-    max_running_requests: int = 64
-    max_total_tokens: int = 65536  # KV slots budget of the embedded engine
-    startup_timeout_s: float = 600.0
-    request_timeout_s: float = 600.0
-    sglang: dict = field(default_factory=dict)  # passed verbatim to `python -m sglang.launch_server`
-
-    def __post_init__(self):
-        _choice("rollout.engine.kind", self.kind, ("embedded", "sglang", "url"))
-        if self.kind == "url":
-            _check("rollout.engine.url", self.url.startswith("http"), "an http(s) URL when kind=url", self.url)
-
-
-@dataclass(kw_only=True)
-class RolloutConfig:
-    server_id: str = ""  # empty = "<hostname>-<pid>"
-    buffer_address: str = "${buffer.address}"
-    pub_address: str = "${buffer.pub_address}"
-    max_concurrent_groups: int = 8
-    heartbeat_s: float = 1.0
-    drain_on_update: bool = False  # finish in-flight requests before a weight update instead of aborting
-    metrics_port: int = 0
-    engine: EngineConfig = field(default_factory=EngineConfig)
-
-    def __post_init__(self):
-        _check("rollout.max_concurrent_groups", self.max_concurrent_groups >= 1, ">= 1", self.max_concurrent_groups)
-        _check("rollout.heartbeat_s", self.heartbeat_s > 0, "> 0", self.heartbeat_s)
-
-
-LOSS_KINDS = ("ppo", "decoupled_ppo", "tis", "mis", "icepop", "gspo", "vespo", "vcpo", "oapl")
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
-
-
-@dataclass(kw_only=True)
-class LossConfig:
-    """Which kernel and its hyper-parameters (defaults from specs/kernels.md)."""
-
-    kind: str = "decoupled_ppo"
-    agg: str = "token-mean"
-    loss_scale_factor: float | None = None  # seq-mean-token-sum-norm constant C (None = padded width)
-    eps_clip: float = 0.2
-    eps_clip_high: float | None = None  # None = eps_clip
-    dual_clip: float | None = None  # c > 1, binds where A < 0
-    behav_cap: float | None = 5.0  # decoupled_ppo: drop tokens with pi_prox/pi_behav over this
-    tis_cap: float = 2.0  # tis: truncate the IS weight at C
-    tis_level: str = "token"  # tis: token | sequence (mis is always sequence-level; icepop is the token band)
-    mis_low: float = 0.5  # mis / icepop acceptance band [low, high]
-    mis_high: float = 2.0
-    vespo_k_pos: float = 2.0
-    vespo_lambda_pos: float = 3.0
-    vespo_k_neg: float = 3.0
-    vespo_lambda_neg: float = 2.0
-    vcpo_is_cap: float = 8.0
-    vcpo_baseline_weight: str = "readme"  # readme: w^2 |g|^2 (paper) | code: wclip^2 w^2 |g|^2 (released code)
-    vcpo_ess_base: float = 1.0
-    oapl_beta: float = 1.0
-    oapl_beta_v: float | None = None  # beta for the value estimate; None = oapl_beta
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
-
-    def __post_init__(self):
-        _choice("trainer.loss.kind", self.kind, LOSS_KINDS)
-        _choice("trainer.loss.agg", self.agg, AGG_MODES)
-        _choice("trainer.loss.tis_level", self.tis_level, ("token", "sequence"))
-        _choice("trainer.loss.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
-        _choice("trainer.loss.vcpo_baseline_weight", self.vcpo_baseline_weight, ("readme", "code"))
-        _check("trainer.loss.eps_clip", 0 < self.eps_clip < 1, "in (0, 1)", self.eps_clip)
-        if self.dual_clip is not None:
-            _check("trainer.loss.dual_clip", self.dual_clip > 1, "> 1", self.dual_clip)
-        if self.behav_cap is not None:
-            _check("trainer.loss.behav_cap", self.behav_cap > 1, "> 1", self.behav_cap)
-        _check("trainer.loss.tis_cap", self.tis_cap > 0, "> 0", self.tis_cap)
-        _check("trainer.loss.mis_low", 0 <= self.mis_low < self.mis_high, "< trainer.loss.mis_high", self.mis_low)
-        _check("trainer.loss.oapl_beta", self.oapl_beta > 0, "> 0", self.oapl_beta)
-
-
-@dataclass(kw_only=True)
-class WeightSyncConfig:
-    bucket_mb: float = 64.0
-    deadline_s: float = 60.0  # whole sync; a member that misses it is dropped for this version
-    backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | gloo | nccl
-    master_addr: str = "127.0.0.1"  # address engines use to reach trainer rank 0
-    master_port: int = 0  # 0 = pick a free port per group formation
-    group_name: str = "areal_like_weights"
-
-    def __post_init__(self):
-        _choice("trainer.weight_sync.backend", self.backend, ("auto", "gloo", "nccl"))
-        _check("trainer.weight_sync.bucket_mb", self.bucket_mb > 0, "> 0", self.bucket_mb)
-        _check("trainer.weight_sync.deadline_s", self.deadline_s > 0, "> 0", self.deadline_s)
-
-
-@dataclass(kw_only=True)
-class TrainerConfig:
-    buffer_address: str = "${buffer.address}"
-    groups_per_step: int = "${buffer.groups_per_step}"  # type: ignore[assignment]
-    steps: int = 100
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    lr_schedule: str = "constant"  # constant | linear | cosine (after warmup)
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    micro_batch_size: int = 8  # sequences per forward/backward
-    num_minibatches: int = 1  # optimizer steps per batch (all but the first are off-policy by construction)
-    estimator: str = "grpo"
-    loss: LossConfig = field(default_factory=LossConfig)
-    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
-    checkpoint_every: int = 20
-    checkpoint_dir: str = "checkpoints"  # relative to run_dir unless absolute
-    resume: bool = True
-    device: str = "cpu"
-    batch_wait_s: float = 5.0
-    buffer_timeout_s: float = 120.0  # the buffer silent this long is an error, not a wait
-    metrics_port: int = 0
-    gloo_timeout_s: float = 300.0
-
-    def __post_init__(self):
-        _check("trainer.steps", self.steps >= 1, ">= 1", self.steps)
-        _check("trainer.lr", self.lr > 0, "> 0", self.lr)
-        _choice("trainer.lr_schedule", self.lr_schedule, ("constant", "linear", "cosine"))
-        _choice("trainer.estimator", self.estimator, ESTIMATORS)
-        _check("trainer.micro_batch_size", self.micro_batch_size >= 1, ">= 1", self.micro_batch_size)
-        _check("trainer.num_minibatches", self.num_minibatches >= 1, ">= 1", self.num_minibatches)
-        _check("trainer.grad_clip", self.grad_clip > 0, "> 0", self.grad_clip)
-        _check("trainer.betas", len(self.betas) == 2, "two numbers", self.betas)
-        if self.loss.kind == "vcpo":
-            _check("trainer.loss.agg", self.loss.agg.startswith("seq-mean"), "a seq-mean-* mode for vcpo",
-                   self.loss.agg)
-
-
-@dataclass(kw_only=True)
-class WarmStartConfig:
-    """Short supervised warm start on the task's answers, cached in the run directory."""
-
-    steps: int = 0  # 0 = off
-    lr: float = 3e-3
-    batch_size: int = 64
-    cache_dir: str = "warmstart"  # relative to run_dir's parent so later runs reuse it
-
-    def __post_init__(self):
-        _check("warm_start.steps", self.steps >= 0, ">= 0", self.steps)
-
-
-@dataclass(kw_only=True)
-class LaunchConfig:
-    num_rollout_servers: int = 2
-    trainer_ranks: int = 2
-    restarts: int = 3  # per daemon, before the job gives up
-    health_timeout_s: float = 300.0
-    pin_cpus: bool = False  # give the rollout pool and the trainer pool disjoint cores (taskset)
-    omp_threads: int = 1
-
-    def __post_init__(self):
-        _check("launch.num_rollout_servers", self.num_rollout_servers >= 1, ">= 1", self.num_rollout_servers)
-        _check("launch.trainer_ranks", self.trainer_ranks >= 1, ">= 1", self.trainer_ranks)
-        _check("launch.restarts", self.restarts >= 0, ">= 0", self.restarts)
-
-
-@dataclass(kw_only=True)
-class RunConfig:
-    experiment_name: str = "default"
-    run_dir: str = "runs/${experiment_name}"
-    seed: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
-    buffer: BufferConfig = field(default_factory=BufferConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
-    launch: LaunchConfig = field(default_factory=LaunchConfig)
-
-    def resolve_path(self, p: str) -> Path:
-        """A path from the config, relative to run_dir unless absolute."""
-        path = Path(p)
-        return path if path.is_absolute() else Path(self.run_dir) / path
+__all__ = [
+    "AGG_MODES", "ESTIMATORS", "LOSS_KINDS", "BufferConfig", "ConfigError", "EngineConfig", "LaunchConfig",
+    "LossConfig", "ModelConfig", "RolloutConfig", "RunConfig", "TaskConfig", "TrainerConfig", "WarmStartConfig",
+    "WeightSyncConfig", "compose", "config_dir", "dataset_size", "from_yaml", "group_options", "load_config",
+    "load_daemon_config", "to_yaml",
+]
 
 
 def config_dir() -> Path:
@@ -435,7 +175,7 @@ def _known_keys(full_key: str) -> str:
     for part in parts[:-1]:
         hints = typing.get_type_hints(cls)
         if part not in hints or not dataclasses.is_dataclass(hints[part]):
-            return "see areal_like/config.py"
+            return "see areal_like/schema.py"
         cls = hints[part]
     names = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
     return f"known keys in {'.'.join(parts[:-1]) or 'the root'}: {names}"
