@@ -21,6 +21,7 @@ Invariants:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -55,7 +56,7 @@ def plan_buckets(named_shapes_dtypes: list[tuple[str, list[int], str]], bucket_b
         cur: list[tuple[str, list[int]]] = []
         cur_bytes = 0
         for name, shape in items:
-            nbytes = _ITEMSIZE[dt] * _numel(shape)
+            nbytes = _ITEMSIZE[dt] * math.prod(shape)
             if cur and cur_bytes + nbytes > bucket_bytes:
                 buckets.append(_spec(cur, dt))
                 cur, cur_bytes = [], 0
@@ -66,19 +67,12 @@ def plan_buckets(named_shapes_dtypes: list[tuple[str, list[int], str]], bucket_b
     return buckets
 
 
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def _spec(items: list[tuple[str, list[int]]], dt: str) -> BucketSpec:
     return BucketSpec(names=[n for n, _ in items], dtypes=[dt] * len(items), shapes=[s for _, s in items])
 
 
 def bucket_nbytes(b: BucketSpec) -> int:
-    return sum(_ITEMSIZE[d] * _numel(s) for d, s in zip(b.dtypes, b.shapes))
+    return sum(_ITEMSIZE[d] * math.prod(s) for d, s in zip(b.dtypes, b.shapes))
 
 
 def pack_bucket(tensors: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:

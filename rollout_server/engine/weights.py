@@ -32,6 +32,7 @@ Two wire formats, as SGLang's ``load_format``:
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -215,7 +216,7 @@ class WeightUpdater:
         except Exception as e:
             self._recv_lock.release()
             return False, str(e) if isinstance(e, _Refused) else f"Failed to receive weights: {e}"
-        tensors = {n: flat[a:a + _numel(s) * dt.itemsize].view(dt).view(s) for n, dt, s, a in layout}
+        tensors = {n: flat[a:a + math.prod(s) * dt.itemsize].view(dt).view(s) for n, dt, s, a in layout}
         if device.type == "cpu":  # gloo's completion callback queues the load itself: one thread hop less
             refusal = _refusal(self.scheduler.model.state_dict(), tensors) if early else ""
             done: Future = Future()
@@ -380,17 +381,10 @@ def _flat_layout(names: list[str], dtypes: list[str], shapes: list[list[int]]) -
         if offset % dt.itemsize:
             raise ValueError(f"unaligned tensor {name}: byte offset {offset}, dtype {dt}")
         out.append((name, dt, shape, offset))
-        offset += _numel(shape) * dt.itemsize
+        offset += math.prod(shape) * dt.itemsize
     if not out:
         raise ValueError("empty bucket")
     return out, offset
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _dtype(name: str) -> torch.dtype:
