@@ -17,9 +17,10 @@ Cases (one JSON line each):
   request acks the previous batch, as the trainer does);
 * ``buffer_memory``: resident memory of the daemon per 100,000 stored trajectories (RSS growth
   over the ingest / stored trajectories); baseline = their frame bytes; ratio = frame bytes / RSS.
-  The daemon keeps only an index in its own memory: the frames stay in the WAL, i.e. in the page
-  cache (clean once synced, so the kernel can reclaim it and a hand-out then reads the disk), which
-  RSS does not count; ``wal_mib_per_100k`` reports what the WAL (page cache or disk) holds.
+  The daemon keeps only an index in its own memory: the frames stay in the WAL, on disk (with
+  fsync=always the WAL writes and reads them with direct I/O, bypassing the page cache) or in the
+  page cache (other policies), which RSS does not count; ``wal_mib_per_100k`` reports what the WAL
+  holds.
 
 The raw and buffer cases run in ``--rounds`` interleaved rounds (raw, buffer always, buffer
 never, raw, ...), each with its own daemon; a case's ratio is the median over rounds of its

@@ -13,23 +13,26 @@ Record framing (little-endian)::
 A control record's ``consumed`` list marks groups handed to the trainer or dropped; replay yields
 everything in order and the caller applies it, so restart rebuilds exactly the unconsumed groups.
 
-Durability (``fsync``): records are written with ``os.writev`` straight to the file descriptor (no
-user-space buffer), so anything written survives the *process* dying (``kill -9``); fsync decides
-what survives the *machine* dying.
-* ``always`` (default): ``request_sync()`` returns a ticket and a background thread syncs
-  (``fdatasync``: the data and the file size, not the timestamps, which replay never reads)
+Durability (``fsync``):
+* ``always`` (default): ``request_sync()`` returns a ticket and a background thread writes and
+  syncs (``fdatasync``: the data and the file size, not the timestamps, which replay never reads)
   everything appended so far; the service sends a reply only once ``durable() >= ticket``. One
-  fsync covers a whole poll batch (group commit), and the loop keeps receiving and writing the
+  fsync covers a whole poll batch (group commit), and the loop keeps receiving and appending the
   next batch while the disk flushes the previous one (pipelining), which is how the safe policy
-  keeps up with the network.
+  keeps up with the network. Appends are queued and that thread writes them with direct I/O
+  (``segment_io.DirectAppender``: no page cache) where the file system allows it (``direct``);
+  a record lost with the process before its fsync was never acknowledged.
 * ``batch``: fsync at most every ``BATCH_FSYNC_S``, inline; replies may precede the fsync.
 * ``never``: the OS flushes when it likes.
+With ``batch`` and ``never`` (and ``always`` where direct I/O is refused, e.g. on tmpfs) records
+are written with ``os.writev`` straight to the file descriptor (no user-space buffer), so anything
+acknowledged survives the *process* dying (``kill -9``); fsync decides what survives the
+*machine* dying.
 
 Reading back: ``append_group`` returns a ``WalRef`` and ``read_group`` returns that record's frame
-(CRC checked), so the store keeps only references and the frames live in the page cache, as in
-Kafka: clean once synced, reclaimable under memory pressure (then read from disk), and written
-once instead of being held twice (the receive buffer and the page cache). A referenced record is
-live, so its segment is never compacted while the reference is in use.
+(CRC checked), so the store keeps only references and the frames live on disk (direct I/O) or in
+the page cache (clean once synced, reclaimable), never in the daemon's own memory. A referenced
+record is live, so its segment is never compacted while the reference is in use.
 
 A new segment's blocks are reserved up front (``reserve_blocks``); rotation and close free what no
 record used, and after a crash (no close) the next start's replay frees it in every old segment.
@@ -48,16 +51,15 @@ called corrupt).
 
 A torn or corrupt record (short header or payload, CRC mismatch, absurd length) ends the replay of
 its segment with a warning naming file and offset; the rest of that segment is skipped and a
-torn tail of the newest segment is truncated. It is never fatal and never accepted.
+torn tail of the newest segment is truncated. It is never fatal and never accepted. The zero
+padding a direct append leaves up to a block boundary is the clean end of a segment, and is cut.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import struct
-import sys
 import threading
 import time
 import zlib
@@ -68,9 +70,11 @@ from pathlib import Path
 import crc32c
 import msgpack
 
+from buffer.segment_io import (DirectAppender, DirectReader, is_zero_tail, open_direct, release_reserved,
+                               reserve_blocks)
+
 BATCH_FSYNC_S = 0.05  # fsync=batch: bounds what a power loss can take to the last 50 ms of acks
 MAX_RECORD_BYTES = 1 << 30  # a length above this is corruption, not a record (frames are <= 256 MiB)
-FALLOC_FL_KEEP_SIZE = 1  # linux/falloc.h: reserve blocks past the end without changing the file size
 _HEADER = struct.Struct("<II")
 _GID_LEN = struct.Struct("<H")
 
@@ -113,41 +117,19 @@ def _sync_data(fd: int) -> None:
     getattr(os, "fdatasync", os.fsync)(fd)
 
 
-def reserve_blocks(fd: int, nbytes: int) -> None:
-    """Allocate a new segment's blocks up front, keeping its size 0 (replay never reads past the
-    records). Appends then land in allocated blocks: ext4 skips its per-block delayed-allocation
-    work, a quarter of the CPU of a 400 KB append (measured). Closing or rotating frees what no
-    record used; after a crash the next start's replay frees it (``release_reserved``). Best effort:
-    a file system without fallocate just allocates as it goes."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-        libc.fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, nbytes)
-    except (OSError, AttributeError):
-        pass
-
-
-def release_reserved(path: Path, size: int) -> None:
-    """Free the blocks ``reserve_blocks`` left past the data of a segment a crash never closed:
-    truncating to the current size drops them (ext4 and tmpfs, checked, free preallocated blocks past
-    the new size even when it does not change). A segment without a reservation, or one that grew
-    since it was read, is left alone. A stat per segment at start."""
-    st = os.stat(path)
-    if st.st_size == size and st.st_blocks * 512 > size + st.st_blksize:
-        os.truncate(path, size)
-
-
 class WriteAheadLog:
-    def __init__(self, directory: str | Path, *, fsync: str = "always", segment_bytes: int = 64 << 20):
+    def __init__(self, directory: str | Path, *, fsync: str = "always", segment_bytes: int = 64 << 20,
+                 direct: bool = True):
         if fsync not in ("always", "batch", "never"):
             raise ValueError(f"fsync={fsync!r}")
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.fsync_policy = fsync
         self.segment_bytes = segment_bytes
+        self.direct = direct and fsync == "always"  # direct I/O wanted; each segment falls back if refused
         self._fd: int | None = None
+        self._appender: DirectAppender | None = None  # the current segment's, when it is written directly
+        self._direct_reader = DirectReader()
         self.segment = 0  # current segment number
         self._segment_size = 0
         self._live: dict[int, set[str]] = {}  # segment -> unconsumed group ids recorded in it
@@ -163,7 +145,7 @@ class WriteAheadLog:
         self._syncer: threading.Thread | None = None
         self._syncer_idle = False  # waiting on _cv for a request (under _cv)
         self._closing = False
-        self._readers: dict[int, int] = {}  # segment -> read-only fd for read_group
+        self._readers: dict[int, int] = {}  # segment -> read-only fd for read_group (O_DIRECT if self.direct)
         self.corrupt_records = 0
         self.disk_bytes = 0  # size of all segment files, kept current without stat calls
 
@@ -198,6 +180,11 @@ class WriteAheadLog:
                     problem = f"truncated payload ({len(data) - pos - _HEADER.size} of {length} bytes)"
                 elif not _checksum_ok(memoryview(data)[pos + _HEADER.size:end], crc):
                     problem = "checksum mismatch"
+            if problem is not None and is_zero_tail(data, pos):  # a direct append's padding: the end
+                log.info("wal %s: cut %d bytes of padding at offset %d", path.name, len(data) - pos, pos)
+                os.truncate(path, pos)
+                self.disk_bytes -= len(data) - pos
+                return
             if problem is not None:
                 self.corrupt_records += 1
                 log.warning("wal %s: %s at offset %d; skipping the last %d bytes of this segment",
@@ -229,7 +216,14 @@ class WriteAheadLog:
         """Start a fresh segment beginning with ``checkpoint``, then compact."""
         self.segment += 1
         path = _segment_path(self.dir, self.segment)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        fd = open_direct(path, os.O_WRONLY) if self.direct else None
+        if fd is not None:
+            self._appender = DirectAppender(fd)
+        elif self.direct:
+            log.info("wal: %s refuses direct I/O; appending through the page cache", self.dir)
+            self.direct = False
+        self._fd = fd if fd is not None else os.open(path, os.O_WRONLY | os.O_APPEND)
         reserve_blocks(self._fd, self.segment_bytes)
         self._segment_size = 0
         self._live[self.segment] = set()
@@ -247,9 +241,11 @@ class WriteAheadLog:
         for p in parts:
             crc = crc32c.crc32c(p, crc, 0)  # 0: keep the GIL (30 us; a GIL round trip can cost more)
             length += len(p)
-        n = os.writev(self._fd, [_HEADER.pack(length, crc), *parts])
-        if n != _HEADER.size + length:  # a short write to a regular file means the disk is full
-            raise OSError(f"short write to the WAL ({n} of {_HEADER.size + length} bytes)")
+        n = _HEADER.size + length
+        if self._appender is not None:  # written by the fsync thread (request_sync)
+            self._appender.add([_HEADER.pack(length, crc) + b"".join(parts[:-1]), parts[-1]])
+        elif (written := os.writev(self._fd, [_HEADER.pack(length, crc), *parts])) != n:
+            raise OSError(f"short write to the WAL ({written} of {n} bytes)")  # a full disk
         self._segment_size += n
         self.disk_bytes += n
         self._dirty = True
@@ -267,10 +263,19 @@ class WriteAheadLog:
     def read_group(self, ref: WalRef) -> memoryview:
         """The frame of a live group record, checked against its CRC. Written records are in the
         page cache (fsynced or not), so this is a memory copy unless the kernel evicted them."""
+        if ref.segment == self.segment and self._appender is not None \
+                and ref.offset + ref.length > self._appender.written:
+            self.request_sync()  # still queued in memory: write it out first
+            self.wait_durable()
         fd = self._readers.get(ref.segment)
         if fd is None:
-            fd = self._readers[ref.segment] = os.open(_segment_path(self.dir, ref.segment), os.O_RDONLY)
-        data = os.pread(fd, ref.length, ref.offset)
+            path = _segment_path(self.dir, ref.segment)
+            fd = (open_direct(path, os.O_RDONLY) if self.direct else None) or os.open(path, os.O_RDONLY)
+            self._readers[ref.segment] = fd
+        if self.direct:
+            data = self._direct_reader.read(fd, ref.offset, ref.length)
+        else:
+            data = os.pread(fd, ref.length, ref.offset)
         view = memoryview(data)
         length, crc = _HEADER.unpack_from(data, 0) if len(data) >= _HEADER.size else (0, 0)
         if len(data) != ref.length or length != ref.length - _HEADER.size or data[_HEADER.size] != ord("G") \
@@ -326,9 +331,11 @@ class WriteAheadLog:
                     self._syncer_idle = False
                 if self._synced >= self._requested:
                     return
-                target, fd = self._requested, self._fd
+                target, fd, appender = self._requested, self._fd, self._appender
             t0 = time.monotonic()
             try:
+                if appender is not None:
+                    appender.flush()  # every record queued so far, so all of ticket `target`
                 _sync_data(fd)  # covers every write made before this call, so all of ticket `target`
             except Exception as e:  # any failure is fatal (durable() raises), never a silent hang
                 self._sync_error = e
@@ -346,6 +353,8 @@ class WriteAheadLog:
         if not force and (self.fsync_policy == "never" or
                           (self.fsync_policy == "batch" and now - self._last_fsync < BATCH_FSYNC_S)):
             return None
+        if self._appender is not None:
+            self._appender.flush()
         _sync_data(self._fd)
         self._dirty = False
         self._last_fsync = time.monotonic()
@@ -362,6 +371,9 @@ class WriteAheadLog:
         return True
 
     def _close_segment(self) -> None:
+        if self._appender is not None:  # everything is written (commit): drop the staging buffer
+            self._appender.close()
+            self._appender = None
         os.ftruncate(self._fd, self._segment_size)  # frees the blocks reserve_blocks allocated and no record used
         os.close(self._fd)
         self._fd = None
@@ -396,6 +408,7 @@ class WriteAheadLog:
         for fd in self._readers.values():
             os.close(fd)
         self._readers.clear()
+        self._direct_reader.close()
 
     # ---- bookkeeping
     def _track(self, group_id: str, segment: int) -> None:

@@ -124,7 +124,8 @@ def test_compaction_deletes_fully_consumed_prefix_only(tmp_path):
 
 @pytest.mark.parametrize("policy", ["always", "batch", "never"])
 def test_records_survive_the_process_without_close(tmp_path, policy):
-    """writev goes straight to the kernel: what was appended is readable without close/fsync."""
+    """What was committed is readable without close/fsync: writev goes straight to the kernel
+    (batch, never), the direct appender writes at commit (always)."""
     wal = WriteAheadLog(tmp_path, fsync=policy)
     list(wal.replay())
     wal.open({})
