@@ -31,6 +31,7 @@ import mmap
 import os
 import sys
 import threading
+from collections.abc import Callable
 
 import numpy as np
 
@@ -95,13 +96,16 @@ def open_direct(path: os.PathLike, flags: int) -> int | None:
 
 
 class DirectAppender:
-    """A segment's byte stream appended with O_DIRECT: ``add`` queues (any thread), ``flush``
-    writes everything queued so far (one thread at a time; the caller fsyncs afterwards)."""
+    """A segment's records appended with O_DIRECT: ``add`` queues a record (any thread), ``flush``
+    writes everything queued so far (one thread at a time; the caller fsyncs afterwards). Each
+    record is written as ``header(parts)`` followed by its parts: the header (a checksum) is computed
+    by the flushing thread, off the thread that queues."""
 
-    def __init__(self, fd: int, start: int = 0, stage_bytes: int = STAGE_BYTES):
+    def __init__(self, fd: int, header: Callable[[list], bytes], start: int = 0, stage_bytes: int = STAGE_BYTES):
         if start % BLOCK:
             raise ValueError(f"a direct segment starts at a block boundary, not at {start}")
         self.fd = fd
+        self._header = header
         self._map = _private_map(stage_bytes)
         self._stage = np.frombuffer(self._map, np.uint8)  # numpy copies release the GIL
         self._view = memoryview(self._map)
@@ -113,17 +117,17 @@ class DirectAppender:
         self.written = start  # stream bytes on the device (not yet synced: the caller fsyncs)
 
     def add(self, parts: list) -> None:
-        """Queue bytes-like parts of the stream (kept referenced until written)."""
+        """Queue a record's bytes-like parts (kept referenced until written)."""
         with self._queue_lock:
-            self._queue.extend(parts)
+            self._queue.append(parts)
 
     def flush(self) -> int:
         """Write every queued byte; returns the stream size now on the device."""
         with self._flush_lock:
             with self._queue_lock:
-                parts, self._queue = self._queue, []
+                records, self._queue = self._queue, []
             stage, size = self._stage, len(self._stage)
-            for part in parts:
+            for part in (p for parts in records for p in (self._header(parts), *parts)):
                 src = np.frombuffer(part, np.uint8)
                 pos = 0
                 while pos < len(src):

@@ -28,18 +28,19 @@ def _direct_fd(path: Path) -> int:
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.lists(st.integers(0, 3 * BLOCK + 17), max_size=5), min_size=1, max_size=6))
 def test_the_stream_on_disk_is_what_was_added_whatever_the_flush_points(tmp_path_factory, flushes):
-    """Parts of any size, flushed at any points, through a 2-block stage: the file holds exactly the
-    concatenation, then zeros up to the next block boundary; ``written`` is the stream length."""
+    """Records of any size, flushed at any points, through a 2-block stage: the file holds exactly
+    each record's header and parts in order, then zeros up to the next block boundary; ``written``
+    is the stream length."""
     path = tmp_path_factory.mktemp("direct") / "seg.wal"
     fd = _direct_fd(path)
-    appender = DirectAppender(fd, stage_bytes=2 * BLOCK)
+    appender = DirectAppender(fd, lambda parts: b"H%dh" % sum(map(len, parts)), stage_bytes=2 * BLOCK)
     stream = bytearray()
     try:
         for sizes in flushes:
             for size in sizes:
-                part = os.urandom(size)
-                stream += part
-                appender.add([part])
+                parts = [os.urandom(size), os.urandom(size // 3)]
+                stream += b"H%dh" % sum(map(len, parts)) + b"".join(parts)
+                appender.add(parts)
             assert appender.flush() == len(stream) == appender.written
             data = path.read_bytes()
             pad = -len(stream) % BLOCK
@@ -52,7 +53,7 @@ def test_the_stream_on_disk_is_what_was_added_whatever_the_flush_points(tmp_path
 def test_direct_reads_return_any_record_span(tmp_path):
     path = tmp_path / "seg.wal"
     fd = _direct_fd(path)
-    appender = DirectAppender(fd)
+    appender = DirectAppender(fd, lambda parts: b"")
     payload = os.urandom(5 * BLOCK + 123)
     appender.add([payload])
     appender.flush()
