@@ -1,0 +1,143 @@
+"""The transport's per-frame fast paths (C socket methods, plain-int flags) behave exactly like
+pyzmq's send_multipart / recv_multipart: same framing, a failed NOBLOCK send queues nothing,
+IntFlag and int flags alike, asyncio sockets keep their own path; the Client's kept poller
+survives a reconnect. In one process over loopback TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+import zmq
+import zmq.asyncio
+
+from areal_like import protocol as P
+from areal_like.transport import Client, FrameWriter, Server, _new_socket, _recv_parts
+
+TIMEOUT_MS = 20_000  # loopback on a loaded 2-core box: generous, frames take milliseconds
+
+
+def small_group(seed: int) -> P.TrajectoryGroup:
+    traj = P.Trajectory(prompt_ids=np.arange(3, dtype=np.int32), output_ids=np.arange(5, dtype=np.int32) + seed,
+                        behav_logp=-np.ones(5, dtype=np.float32), versions=np.zeros(5, dtype=np.int32),
+                        reward=1.0, finish_reason="stop")
+    return P.TrajectoryGroup(group_id=f"g-{seed}", server_id="s", lease_id="l", prompt_index=seed, epoch=0,
+                             trajectories=[traj])
+
+
+@pytest.fixture
+def router(free_port):
+    sock = _new_socket(zmq.Context.instance(), zmq.ROUTER)
+    port = free_port()
+    sock.bind(f"tcp://127.0.0.1:{port}")
+    try:
+        yield sock, f"tcp://127.0.0.1:{port}"
+    finally:
+        sock.close(linger=0)
+
+
+def recv_all(sock: zmq.Socket) -> list[bytes]:
+    assert sock.poll(TIMEOUT_MS), "nothing arrived"
+    return sock.recv_multipart()
+
+
+@pytest.mark.parametrize("flags", [0, zmq.NOBLOCK, int(zmq.NOBLOCK)])
+def test_frame_writer_sends_the_same_parts_as_send_multipart(router, flags):
+    sock, address = router
+    dealer = _new_socket(zmq.Context.instance(), zmq.DEALER)
+    dealer.connect(address)
+    try:
+        writer, msg = FrameWriter(), small_group(1)
+        writer.send(dealer, [b"head-1", b"head-2"], msg, flags)
+        dealer.send_multipart([b"head-1", b"head-2", P.encode(msg)])
+        mine, reference = recv_all(sock), recv_all(sock)
+        assert mine[1:] == reference[1:] == [b"head-1", b"head-2", P.encode(msg)]
+        writer.send(dealer, [], P.Ack(ref="r", status="ok"), flags)  # no head: one part
+        assert recv_all(sock)[1:] == [P.encode(P.Ack(ref="r", status="ok"))]
+    finally:
+        dealer.close(linger=0)
+
+
+def test_a_refused_noblock_send_queues_no_partial_message(router):
+    """A DEALER with no peer refuses at once (zmq.Again on the first part); nothing of that message
+    may be left queued to prefix the next one."""
+    sock, address = router
+    dealer = _new_socket(zmq.Context.instance(), zmq.DEALER)
+    try:
+        writer = FrameWriter()
+        with pytest.raises(zmq.Again):
+            writer.send(dealer, [b"lost"], small_group(2), zmq.NOBLOCK)
+        dealer.connect(address)
+        writer.send(dealer, [b"kept"], small_group(3), zmq.NOBLOCK)
+        got = recv_all(sock)
+        assert got[1:] == [b"kept", P.encode(small_group(3))]
+        assert not sock.poll(200)
+    finally:
+        dealer.close(linger=0)
+
+
+def test_recv_parts_matches_recv_multipart(router):
+    sock, address = router
+    dealer = _new_socket(zmq.Context.instance(), zmq.DEALER)
+    dealer.connect(address)
+    try:
+        with pytest.raises(zmq.Again):
+            _recv_parts(sock, int(zmq.NOBLOCK))  # nothing queued
+        for parts in ([b"a"], [b"a", b"", b"c" * 100_000]):
+            dealer.send_multipart(parts)
+            assert sock.poll(TIMEOUT_MS)
+            frames = _recv_parts(sock, 0)
+            assert all(isinstance(f, zmq.Frame) for f in frames)
+            assert [f.bytes for f in frames[1:]] == parts
+    finally:
+        dealer.close(linger=0)
+
+
+def test_asyncio_sockets_keep_their_own_send(free_port):
+    """zmq.asyncio sockets are not plain zmq.Socket: FrameWriter sends them with send_multipart."""
+    address = f"tcp://127.0.0.1:{free_port()}"
+    server = Server(address)
+    ctx = zmq.asyncio.Context.instance()
+
+    async def go() -> None:
+        dealer = _new_socket(ctx, zmq.DEALER)
+        dealer.connect(address)
+        try:
+            await FrameWriter().send(dealer, [b"rid"], small_group(4), zmq.NOBLOCK)
+        finally:
+            await asyncio.sleep(0)
+            got = server.recv(TIMEOUT_MS / 1000)
+            dealer.close(linger=0)
+        assert got is not None and got[1] == b"rid" and got[2].group_id == "g-4"
+
+    try:
+        asyncio.run(go())
+    finally:
+        server.close()
+
+
+def test_client_kept_poller_follows_a_reconnect(free_port):
+    address = f"tcp://127.0.0.1:{free_port()}"
+    client = Client(address, timeout_s=0.3)
+    server = None
+    try:
+        with pytest.raises(TimeoutError):
+            client.request(P.StatsRequest())  # nobody there: times out and reconnects
+        server = Server(address)
+
+        def answer() -> None:
+            peer, req_id, msg = server.recv(TIMEOUT_MS / 1000)
+            server.send(peer, req_id, P.Ack(ref=type(msg).__name__, status="ok"))
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        client.timeout_s = TIMEOUT_MS / 1000
+        reply = client.request(P.StatsRequest())
+        thread.join(TIMEOUT_MS / 1000)
+        assert isinstance(reply, P.Ack) and reply.ref == "StatsRequest"
+    finally:
+        client.close()
+        if server is not None:
+            server.close()
