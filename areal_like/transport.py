@@ -77,8 +77,8 @@ _allocator_tuned = False
 # Per-frame calls go straight to pyzmq's C socket methods with plain-int flags: send_multipart /
 # recv_multipart add Python layers, and OR-ing zmq's IntFlag enums runs enum.py, about 0.5 us per
 # operation (measured ~3 us per 3-part message, both directions, on this 2-core box).
-_SEND, _RECV, _GET = _BackendSocket.send, _BackendSocket.recv, _BackendSocket.get
-_SNDMORE, _NOBLOCK, _RCVMORE = int(zmq.SNDMORE), int(zmq.NOBLOCK), int(zmq.RCVMORE)
+_SEND, _RECV = _BackendSocket.send, _BackendSocket.recv
+_SNDMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)
 
 
 class TransportError(RuntimeError):
@@ -162,7 +162,7 @@ def _recv_parts(sock: zmq.Socket, flags: int) -> list[zmq.Frame]:
     """``sock.recv_multipart(flags, copy=False)`` through the C methods (a sync socket only).
     Only the first part can raise zmq.Again: the rest of a multipart message arrives with it."""
     parts = [_RECV(sock, flags, False)]
-    while _GET(sock, _RCVMORE):
+    while parts[-1].more:  # set by recv(copy=False); Socket.get(RCVMORE) would look the option up in enum.py
         parts.append(_RECV(sock, flags, False))
     return parts
 
