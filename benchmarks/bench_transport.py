@@ -172,8 +172,13 @@ def codec_cost_us(group: P.TrajectoryGroup, repeats: int = 200) -> tuple[float, 
 
 def child_cpu_s(pid: int) -> float:
     """CPU seconds (user + system, all threads) of another process, from /proc."""
+    return sum(cpu_split_s(pid))
+
+
+def cpu_split_s(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds, all threads, of a process, from /proc (clock-tick resolution)."""
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
 def bench_size(tokens: int, ours_addr: str, raw_addr: str, receiver_pid: int, rounds: int,
@@ -197,16 +202,20 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, receiver_pid: int, ro
     }
     rates: dict[tuple[str, str], list[float]] = {k: [] for k in modes}
     cpu_s = {k: 0.0 for k in modes}  # both processes, all threads
+    split_s = {k: [0.0] * 4 for k in modes}  # diagnostics: sender user/sys, receiver user/sys
     n_groups = {k: 0.0 for k in modes}
     try:
         for fn in modes.values():  # warm up connections, caches and codec plans
             fn(0.1)
         for _ in range(rounds):  # interleaved, so load spikes hit every mode alike
             for key, fn in modes.items():
+                s0 = (*cpu_split_s(os.getpid()), *cpu_split_s(receiver_pid))
                 c0, w0 = time.process_time() + child_cpu_s(receiver_pid), time.perf_counter()
                 rate = fn(seconds)
                 cpu_s[key] += time.process_time() + child_cpu_s(receiver_pid) - c0
                 n_groups[key] += rate * (time.perf_counter() - w0)
+                for i, (a, b) in enumerate(zip(s0, (*cpu_split_s(os.getpid()), *cpu_split_s(receiver_pid)))):
+                    split_s[key][i] += b - a
                 rates[key].append(rate)
     finally:
         client.close()
@@ -229,6 +238,10 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, receiver_pid: int, ro
                       # load-robust companion: CPU (both processes) per group, raw over ours
                       "cpu_us_per_group": round(cpu_ours, 1), "baseline_cpu_us_per_group": round(cpu_raw, 1),
                       "cpu_ratio": round(cpu_raw / cpu_ours, 3),
+                      # diagnostics (clock-tick resolution): where the CPU per group goes, by process
+                      "cpu_split_us": {mode: dict(zip(("sender_user", "sender_sys", "receiver_user", "receiver_sys"),
+                                                      (round(1e6 * x / n_groups[(pattern, mode)]) for x in
+                                                       split_s[(pattern, mode)]))) for mode in ("ours", "raw")},
                       "encode_us": round(enc_us, 1), "decode_us": round(dec_us, 1), "rounds": rounds,
                       "round_s": seconds, "ours_rounds": [round(x) for x in ours], "raw_rounds": [round(x) for x in base],
                       "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()})
