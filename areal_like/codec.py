@@ -117,21 +117,19 @@ def _bind(ns: dict, obj: Any) -> str:
 
 
 def _array_encode_expr(dtype: np.dtype, var: str, ns: dict) -> str:
-    """Fast encode of an array field: the exact dtype, 1-D and contiguous becomes
-    ``[dtype, length, memoryview]`` (msgspec copies the bytes straight into the frame); lists,
-    int64 ids or strided views are refused (the reference path coerces them). ``.data`` is the
-    array's memoryview, a little cheaper than ``memoryview(array)``; contiguity is checked first."""
+    """Fast encode of an array field: the exact dtype, 1-D and contiguous becomes ``[dtype, length,
+    array.data]`` (msgspec copies the bytes straight into the frame); lists, int64 ids or strided
+    views are refused (the reference path coerces them)."""
     dt, nd, mv = _bind(ns, dtype), _bind(ns, np.ndarray), f"{var}_mv"
     return (f"(({dtype.str!r}, len({var}), {mv}) if type({var}) is {nd} and ({var}.dtype is {dt} or {var}.dtype == {dt}) "
             f"and ({mv} := {var}.data).c_contiguous and {mv}.ndim == 1 else {_bind(ns, _refuse)}())")
 
 
 def _array_decode_expr(dtype: np.dtype, var: str, ns: dict) -> str:
-    """Fast decode of an array field: msgspec already checked the dtype tag and length >= 0
-    (``Codec._mirror_type``); the bytes must match the length. ``frombuffer`` gives a read-only view
-    of the frame (dtype passed positionally: keyword parsing costs more than the view)."""
-    return (f"({_bind(ns, np.frombuffer)}({var}[2], {_bind(ns, dtype)}) if {var}[2].nbytes == {var}[1] * "
-            f"{dtype.itemsize} else {_bind(ns, _refuse)}())")
+    """Fast decode of an array field: msgspec checked the dtype tag and length >= 0 (``_mirror_type``);
+    the read-only view of the frame must have that length (``frombuffer`` refuses partial items)."""
+    return (f"({var}_a if len({var}_a := {_bind(ns, np.frombuffer)}({var}[2], {_bind(ns, dtype)})) == {var}[1] "
+            f"else {_bind(ns, _refuse)}())")
 
 
 # --------------------------------------------------------------------------- scalars
