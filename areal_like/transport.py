@@ -74,9 +74,8 @@ MALLOC_MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024  # glibc's own ceiling for its dy
 MALLOC_TRIM_THRESHOLD_BYTES = 32 * 1024 * 1024  # room for a window of frames in flight; at most this is kept
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 _allocator_tuned = False
-# Per-frame calls go straight to pyzmq's C socket methods with plain-int flags: send_multipart /
-# recv_multipart add Python layers, and OR-ing zmq's IntFlag enums runs enum.py, about 0.5 us per
-# operation (measured ~3 us per 3-part message, both directions, on this 2-core box).
+# Per-frame calls use pyzmq's C socket methods with int flags: send_multipart/recv_multipart add Python
+# layers and OR-ing zmq's IntFlag enums runs enum.py (measured ~3 us per 3-part message each way).
 _SEND, _RECV = _BackendSocket.send, _BackendSocket.recv
 _SNDMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)
 
@@ -159,8 +158,8 @@ class FrameWriter:
 
 
 def _recv_parts(sock: zmq.Socket, flags: int) -> list[zmq.Frame]:
-    """``sock.recv_multipart(flags, copy=False)`` through the C methods (a sync socket only).
-    Only the first part can raise zmq.Again: the rest of a multipart message arrives with it."""
+    """``sock.recv_multipart(flags, copy=False)`` through the C methods (sync sockets; only the first
+    part can raise zmq.Again: a multipart message arrives whole)."""
     parts = [_RECV(sock, flags, False)]
     while parts[-1].more:  # set by recv(copy=False); Socket.get(RCVMORE) would look the option up in enum.py
         parts.append(_RECV(sock, flags, False))
