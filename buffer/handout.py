@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from areal_like import protocol as P
 from buffer.replay_buffer import StoredGroup
+from buffer.wal import WalFailed
 
 MAX_BATCH_BYTES = P.MAX_FRAME_BYTES * 9 // 10  # a Batch is one frame; leave room for its envelope
 # Out of a resource while reading a record back: the record is intact, so the error stops the
@@ -88,14 +89,14 @@ class BatchHandout:
         """The taken groups read back, or None when one cannot be: a record damaged on disk after its
         CRC was written (bad sector, an operator's edit) is never handed out. It is dropped as
         ``unreadable`` (counted, logged, its prompt re-issued) and the readable ones go back to the
-        store; the daemon keeps serving. Running out of a resource (``TRANSIENT_ERRNOS``) is no damage:
-        it propagates, so an intact group is never dropped."""
+        store; the daemon keeps serving. Running out of a resource (``TRANSIENT_ERRNOS``) or a failed WAL
+        (``WalFailed``, fatal) is no damage: it propagates, so an intact group is never dropped."""
         groups, bad = [], []
         for stored in taken:
             try:
                 groups.append(self._load(stored))
             except (OSError, P.ProtocolError) as e:
-                if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
+                if isinstance(e, WalFailed) or (isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS):
                     raise
                 self.log.error("group %s cannot be read back from the WAL (%s): dropped, its prompt goes out again",
                                stored.group_id, e)

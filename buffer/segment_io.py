@@ -79,8 +79,8 @@ def release_reserved(path: os.PathLike, size: int) -> None:
 
 def is_zero_tail(data: bytes | memoryview, pos: int) -> bool:
     """Whether everything from ``pos`` on is zero padding a direct append left (less than a block)."""
-    rest = len(data) - pos
-    return 0 < rest < BLOCK and not any(memoryview(data)[pos:])
+    rest = len(data) - pos  # padding ends the file on a block boundary; a buffered segment never does
+    return 0 < rest < BLOCK and len(data) % BLOCK == 0 and not any(memoryview(data)[pos:])
 
 
 def open_direct(path: os.PathLike, flags: int) -> int | None:

@@ -81,6 +81,11 @@ _GID_LEN = struct.Struct("<H")
 log = logging.getLogger("buffer.wal")
 
 
+class WalFailed(OSError):
+    """The WAL cannot make anything durable any more (a failed write or fsync): fatal for the
+    daemon, never to be mistaken for one damaged record."""
+
+
 @dataclass(frozen=True, slots=True)
 class WalRef:
     """Where a group record lives: ``read_group`` returns its frame while the group is live."""
@@ -276,7 +281,8 @@ class WriteAheadLog:
         fd = self._readers.get(ref.segment)
         if fd is None:
             path = _segment_path(self.dir, ref.segment)
-            fd = (open_direct(path, os.O_RDONLY) if self.direct else None) or os.open(path, os.O_RDONLY)
+            fd = open_direct(path, os.O_RDONLY) if self.direct else None
+            fd = os.open(path, os.O_RDONLY) if fd is None else fd
             self._readers[ref.segment] = fd
         if self.direct:
             data = self._direct_reader.read(fd, ref.offset, ref.length)
@@ -313,7 +319,7 @@ class WriteAheadLog:
     def durable(self) -> int:
         """The highest ticket whose records are on disk. Raises if the disk failed."""
         if self._sync_error is not None:
-            raise OSError(f"WAL fsync failed: {self._sync_error}") from self._sync_error
+            raise WalFailed(f"WAL fsync failed: {self._sync_error}") from self._sync_error
         return self._synced
 
     def wait_durable(self) -> None:
@@ -344,7 +350,7 @@ class WriteAheadLog:
                     appender.flush()  # every record queued so far, so all of ticket `target`
                 _sync_data(fd)  # covers every write made before this call, so all of ticket `target`
             except Exception as e:  # any failure is fatal (durable() raises), never a silent hang
-                self._sync_error = e
+                self._sync_error = e.with_traceback(None)  # its frames would pin the staging buffers
                 return
             with self._cv:
                 self._synced = target
@@ -408,9 +414,15 @@ class WriteAheadLog:
                 self._cv.notify_all()
             self._syncer.join(timeout=60)
             self._syncer = None
-        if self._fd is not None:
+        if self._fd is not None and self._sync_error is None:
             self.commit(force=self.fsync_policy != "never")
             self._close_segment()
+        elif self._fd is not None:  # the disk failed: release everything, write nothing more
+            if self._appender is not None:
+                self._appender.close()
+                self._appender = None
+            os.close(self._fd)
+            self._fd = None
         for fd in self._readers.values():
             os.close(fd)
         self._readers.clear()

@@ -155,3 +155,39 @@ def test_a_crash_leaves_padding_that_replay_cuts_as_the_clean_end(tmp_path, capl
     assert groups == [(f"g{i}", bytes([i]) * (1000 * i + 7)) for i in range(5)]
     assert wal.corrupt_records == 0 and "padding" in caplog.text
     assert seg.stat().st_size % BLOCK != 0  # cut to the records
+
+
+def test_close_after_a_failed_direct_write_releases_the_segment(tmp_path, monkeypatch):
+    """A direct write fails (EIO) in the fsync thread: durable() raises, and the daemon's stop()
+    still closes the WAL when no reply is waiting. close() releases the segment's descriptor and
+    staging buffers (the kept error must not pin them through its traceback's frames) and writes
+    nothing more."""
+    wal = _open(tmp_path)
+    if not wal.direct:
+        pytest.skip("this file system refuses O_DIRECT")
+    wal.append_group("a", b"x" * 100)
+    wal.request_sync()
+    wal.wait_durable()
+
+    def broken_pwrite(*args):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("buffer.segment_io.os.pwrite", broken_pwrite)
+    wal.append_group("b", b"y" * 100_000)
+    wal.request_sync()
+    with pytest.raises(OSError, match="WAL fsync failed"):
+        wal.wait_durable()
+    monkeypatch.undo()
+    fd = wal._fd
+    try:
+        try:
+            wal.close()
+        except OSError:
+            pass  # the failure may be reported again
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

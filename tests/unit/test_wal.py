@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from buffer.wal import WriteAheadLog, _segment_path
+from buffer.wal import WalFailed, WriteAheadLog, _segment_path
 
 
 def replay(path, **kw) -> tuple[WriteAheadLog, list]:
@@ -269,3 +269,132 @@ def test_a_restart_releases_the_reservation_a_crash_left_behind(tmp_path):
     assert _allocated(_segment_path(tmp_path, 2)) < 1 << 20
     _, recs = replay(tmp_path)
     assert [r[1] for r in recs if r[0] == "G"] == ["a", "b"]
+
+
+# ---- direct appends (fsync=always): what a review found
+
+
+def test_a_zeroed_tail_off_a_block_boundary_is_corruption_not_padding(tmp_path, caplog):
+    """A direct append pads only up to a block boundary, so its zero tail always ends the file at a
+    multiple of BLOCK. A buffered segment (fsync=batch/never, older versions, file systems refusing
+    O_DIRECT) never has padding: a zeroed last record there (a lost write after a power failure,
+    whose ack fsync=batch may already have sent) must be counted and warned about as corruption,
+    not cut silently at INFO as 'padding'."""
+    wal = WriteAheadLog(tmp_path, fsync="batch")
+    list(wal.replay())
+    wal.open({})
+    wal.append_group("good", b"x" * 100)
+    last = wal.append_group("last", b"y" * 100)
+    wal.close()
+    path = _segment_path(tmp_path, 1)
+    data = bytearray(path.read_bytes())
+    assert len(data) % 4096 != 0  # a buffered segment: its size is not block aligned
+    data[last.offset:] = bytes(len(data) - last.offset)  # the last record reads back as zeros
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="buffer.wal"):
+        wal2, recs = replay(tmp_path)
+    assert [r[1] for r in recs if r[0] == "G"] == ["good"]
+    assert wal2.corrupt_records == 1  # not taken for a direct append's padding
+    assert any("offset" in m for m in caplog.messages)
+
+
+def test_a_failed_direct_write_is_not_taken_for_a_damaged_record_at_hand_out(tmp_path, monkeypatch):
+    """fsync=always, direct: a hand-out of a group still queued in the appender makes read_group
+    wait for the fsync thread. When that thread's write fails (EIO), read_group raises the WAL's
+    fatal WalFailed, which must stop the daemon: handout._load_all must not take it for a damaged
+    record and drop the intact, accepted group as 'unreadable'."""
+    import numpy as np
+
+    from areal_like import protocol as P
+    from areal_like.config import BufferConfig, RunConfig, TaskConfig
+    from buffer.recovery import recover
+    from buffer.service import BufferService
+
+    class FakeServer:
+        def __init__(self):
+            self.sent = []
+
+        def send(self, peer, req_id, msg):
+            self.sent.append(msg)
+
+        publish = send
+
+        def close(self):
+            pass
+
+    cfg = RunConfig(run_dir=str(tmp_path), task=TaskConfig(num_prompts=100), buffer=BufferConfig(
+        max_staleness=1, groups_per_step=2, max_inflight=16, capacity=64))
+    svc = BufferService(cfg)
+    recover(svc)
+    if not svc.wal.direct:
+        pytest.skip("this file system refuses O_DIRECT")
+    svc.server, svc.publisher = FakeServer(), FakeServer()
+
+    def handle(msg):
+        frame = P.encode(msg)
+        svc.handle(b"peer", b"req", P.decode(frame), frame)
+
+    handle(P.Register(server_id="s", engine_url="http://x", policy_version=0))
+    handle(P.CreditRequest(server_id="s", max_credits=2))
+    svc.wal.wait_durable()
+    svc._send_durable_replies()
+    credits = svc.server.sent[-1].credits
+    groups = []
+    for c in credits:
+        t = P.Trajectory(prompt_ids=P.as_i32([1]), output_ids=P.as_i32([2, 3]), behav_logp=P.as_f32([-1, -1]),
+                         versions=P.as_i32(np.zeros(2)), reward=1.0, finish_reason="stop")
+        groups.append(P.TrajectoryGroup(group_id=f"s-{c.lease_id}", server_id="s", lease_id=c.lease_id,
+                                        prompt_index=c.prompt_index, epoch=c.epoch, trajectories=[t]))
+    handle(groups[0])
+    svc.wal.wait_durable()  # the first group is on disk
+
+    def broken_pwrite(*args):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("buffer.segment_io.os.pwrite", broken_pwrite)
+    frame = P.encode(groups[1])
+    assert svc._on_group(P.decode(frame), frame).status == "accepted"  # queued for the fsync thread
+    handle(P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0.0, ack_batch=""))
+    try:
+        with pytest.raises(WalFailed):
+            svc._serve_batches()
+        assert svc.counts["groups_dropped_unreadable"] == 0
+    finally:
+        monkeypatch.undo()
+        svc.wal._syncer = None  # the syncer thread ended with the error
+        os.close(svc.wal._fd)
+        svc.wal._fd = None
+
+
+WAL_READER_ON_FD_0 = """
+import os, sys
+from buffer.wal import WriteAheadLog
+wal = WriteAheadLog(sys.argv[1])
+list(wal.replay())
+wal.open({})
+assert wal.direct
+ref = wal.append_group("a", b"frame")
+wal.request_sync()
+wal.wait_durable()
+os.close(0)  # a daemon started without stdin: the next open returns descriptor 0
+assert bytes(wal.read_group(ref)) == b"frame"
+wal.close()
+try:
+    os.fstat(0)
+except OSError:
+    print("closed")
+else:
+    print("leaked", os.readlink("/proc/self/fd/0"))
+"""
+
+
+def test_a_reader_descriptor_numbered_0_is_kept_and_closed(tmp_path):
+    """An O_DIRECT reader descriptor numbered 0 (a daemon without stdin) is used and closed like any
+    other, not taken for 'none' (a leaked one would keep a compacted segment's blocks allocated)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", WAL_READER_ON_FD_0, str(tmp_path)], capture_output=True,
+                         text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "closed"
