@@ -10,7 +10,10 @@ Cases (one JSON line each):
   what was written so far (the WAL's scheme), one process, no network: what the disk allows an
   fsync=always buffer, whatever the transport does; ``disk_ceiling_sequential``: write
   ``producers`` frames, fsync, repeat (no overlap; the figure this benchmark used to call the
-  ceiling, which a pipelined log is not bound by);
+  ceiling, which a pipelined log is not bound by); ``wal_ceiling``: the buffer's own
+  ``WriteAheadLog`` (fsync=always: direct I/O and group commit, as the daemon runs it) fed the same
+  frames in one process with ``producers`` sync tickets outstanding, no network: what the log
+  itself allows;
 * ``raw_transport_keeping_frames`` (``--raw-keep``): the raw server also keeps every frame in
   memory, as the store does: what holding the data costs before any protocol work;
 * ``buffer_handout``: BatchRequest latency p50/p99 with the store full, n_groups per batch (each
@@ -56,6 +59,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import deque
 from pathlib import Path
 
 import msgpack
@@ -70,7 +74,7 @@ from areal_like import protocol as P  # noqa: E402
 from areal_like.config import BufferConfig, RunConfig, TaskConfig, to_yaml  # noqa: E402
 from areal_like.distributed import free_port  # noqa: E402
 from areal_like.transport import Client  # noqa: E402
-from buffer.wal import reserve_blocks  # noqa: E402
+from buffer.wal import WriteAheadLog, reserve_blocks  # noqa: E402
 
 DISK_SECONDS = 3.0  # per disk ceiling: the disk alone varies less than the network cases
 REPLY_TIMEOUT_MS = 20_000  # a producer waiting this long means the server is gone: abort the case
@@ -322,6 +326,32 @@ def disk_ceiling(directory: Path, args, kind: str) -> tuple[float, float]:
     return n / dt, n * len(frame) / dt / 1e6
 
 
+def wal_ceiling(directory: Path, args) -> tuple[float, float]:
+    """Groups/s through the WAL alone: append, take a ticket, keep ``producers`` tickets outstanding."""
+    frame = group_frame(trajectories_blob(args.tokens, args.group_size), "disk", "L0", 0, 0)
+    wal = WriteAheadLog(directory / "wal_ceiling", segment_bytes=BufferConfig().segment_bytes)
+    list(wal.replay())
+    wal.open({})
+    tickets: deque[int] = deque()
+    n, seconds, t0 = 0, min(args.seconds, DISK_SECONDS), time.perf_counter()
+    try:
+        while time.perf_counter() - t0 < seconds:
+            wal.append_group(f"g{n}", frame)
+            tickets.append(wal.request_sync())
+            n += 1
+            while tickets and (len(tickets) >= args.producers or wal.durable() >= tickets[0]):
+                if wal.durable() >= tickets[0]:
+                    tickets.popleft()
+                else:
+                    time.sleep(0.0002)  # the daemon's loop would be receiving meanwhile
+        wal.wait_durable()
+    finally:
+        wal.close()
+        shutil.rmtree(directory / "wal_ceiling", ignore_errors=True)
+    dt = time.perf_counter() - t0
+    return n / dt, n * len(frame) / dt / 1e6
+
+
 def emit(**row) -> None:
     print(json.dumps(row), flush=True)
 
@@ -386,6 +416,7 @@ def main() -> None:
                     proc.wait(timeout=60)
                     shutil.rmtree(Path(tmp) / f"{case}-{r}", ignore_errors=True)
         disk = {kind: disk_ceiling(Path(tmp), args, kind) for kind in ("sequential", "group_commit")}
+        wal_gps, wal_mbps = wal_ceiling(Path(tmp), args)
     raw = runs["raw"]
     raw_gps = statistics.mean(x[0] for x in raw)
     for case in cases:
@@ -401,6 +432,8 @@ def main() -> None:
     for kind, (gps, mbps) in disk.items():
         emit(name=f"disk_ceiling_{kind}", figure=round(gps, 1), unit="groups/s", baseline=round(raw_gps, 1),
              ratio=round(gps / raw_gps, 3), goal=None, mb_per_s=round(mbps, 1), **common)
+    emit(name="wal_ceiling", figure=round(wal_gps, 1), unit="groups/s", baseline=round(raw_gps, 1),
+         ratio=round(wal_gps / raw_gps, 3), goal=None, mb_per_s=round(wal_mbps, 1), **common)
 
 
 if __name__ == "__main__":

@@ -70,8 +70,7 @@ from pathlib import Path
 import crc32c
 import msgpack
 
-from buffer.segment_io import (DirectAppender, DirectReader, is_zero_tail, open_direct, release_reserved,
-                               reserve_blocks)
+from buffer.segment_io import DirectAppender, DirectReader, is_zero_tail, open_direct, release_reserved, reserve_blocks
 
 BATCH_FSYNC_S = 0.05  # fsync=batch: bounds what a power loss can take to the last 50 ms of acks
 MAX_RECORD_BYTES = 1 << 30  # a length above this is corruption, not a record (frames are <= 256 MiB)
