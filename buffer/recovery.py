@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from areal_like.protocol import ProtocolError, TrajectoryGroup, decode
 from buffer.credits import Lease
-from buffer.wal import Record, WalRef
+from buffer.wal_format import Record, WalRef
 
 if TYPE_CHECKING:
     from buffer.service import BufferService

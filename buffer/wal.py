@@ -4,13 +4,9 @@ Layout: ``<wal_dir>/seg-<n>.wal``, n increasing. Every start and every rotation 
 segment whose first record is a checkpoint (the small control state, see ``BufferService``), so a
 segment never continues after a crash and older segments' control records are superseded.
 
-Record framing (little-endian)::
-
-    u32 length | u32 crc32c(payload) | payload
-    payload = b"G" + u16 len(group_id) + group_id + frame     # a TrajectoryGroup, wire bytes as received
-            | b"C" + msgpack map                              # control: {"state", "consumed", "seen", ...}
-
-A control record's ``consumed`` list marks groups handed to the trainer or dropped; replay yields
+Records (framing and checksums: ``wal_format.py``) are group records (a TrajectoryGroup's wire
+frame as received) and control records (a msgpack map: "state", "consumed", "seen", ...). A control
+record's ``consumed`` list marks groups handed to the trainer or dropped; replay yields
 everything in order and the caller applies it, so restart rebuilds exactly the unconsumed groups.
 
 Durability (``fsync``):
@@ -44,11 +40,6 @@ middle could resurrect a group.
 
 A failed fsync is fatal: ``durable()`` raises from then on and the daemon exits.
 
-The checksum is CRC-32C (hardware-accelerated: ~30 us on a 400 KB group where zlib's CRC-32 takes
-~300 us, on the loop's critical path); segments written before the switch carry zlib CRC-32 and
-are still read (a record whose CRC-32C does not match is checked against CRC-32 before it is
-called corrupt).
-
 A torn or corrupt record (short header or payload, CRC mismatch, absurd length) ends the replay of
 its segment with a warning naming file and offset; the rest of that segment is skipped and a
 torn tail of the newest segment is truncated. It is never fatal and never accepted. The zero
@@ -59,23 +50,18 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import crc32c
 import msgpack
 
 from buffer.segment_io import DirectAppender, DirectReader, is_zero_tail, open_direct, release_reserved, reserve_blocks
+from buffer.wal_format import HEADER, Record, WalRef, group_frame, group_record, parse_record, record_at, record_header
+from buffer.wal_format import segment_path as _segment_path
 
 BATCH_FSYNC_S = 0.05  # fsync=batch: bounds what a power loss can take to the last 50 ms of acks
-MAX_RECORD_BYTES = 1 << 30  # a length above this is corruption, not a record (frames are <= 256 MiB)
-_HEADER = struct.Struct("<II")
-_GID_LEN = struct.Struct("<H")
 
 log = logging.getLogger("buffer.wal")
 
@@ -83,47 +69,6 @@ log = logging.getLogger("buffer.wal")
 class WalFailed(OSError):
     """The WAL cannot make anything durable any more (a failed write or fsync): fatal for the
     daemon, never to be mistaken for one damaged record."""
-
-
-@dataclass(frozen=True, slots=True)
-class WalRef:
-    """Where a group record lives: ``read_group`` returns its frame while the group is live."""
-    segment: int
-    offset: int  # of the record header in the segment file
-    length: int  # header + payload bytes
-
-    @property
-    def segment_name(self) -> str:
-        return _segment_path(Path(), self.segment).name
-
-
-@dataclass(slots=True)
-class Record:
-    kind: str  # "G" (group) | "C" (control)
-    segment: int
-    group_id: str = ""  # kind G
-    frame: bytes = b""  # kind G: the TrajectoryGroup wire frame
-    control: dict | None = None  # kind C
-    ref: WalRef | None = None  # kind G
-
-
-def _checksum_ok(payload: memoryview, crc: int) -> bool:
-    return crc32c.crc32c(payload) == crc or zlib.crc32(payload) == crc  # the second: segments of older versions
-
-
-def _record_header(parts: list[bytes | memoryview], gil_release: int = -1) -> bytes:
-    """``u32 length | u32 crc32c`` of a record's payload parts. ``gil_release``: crc32c's mode (0:
-    keep the GIL, the loop's own records: 30 us on a 400 KB group, a GIL round trip can cost more;
-    -1: release it for big parts, the fsync thread's, so the loop runs meanwhile)."""
-    crc = length = 0
-    for p in parts:
-        crc = crc32c.crc32c(p, crc, gil_release)
-        length += len(p)
-    return _HEADER.pack(length, crc)
-
-
-def _segment_path(directory: Path, n: int) -> Path:
-    return directory / f"seg-{n:012d}.wal"
 
 
 def _sync_data(fd: int) -> None:
@@ -183,18 +128,7 @@ class WriteAheadLog:
         release_reserved(path, len(data))  # replay runs before ``open``: no segment read here is written again
         pos = 0
         while pos < len(data):
-            problem = None
-            if len(data) - pos < _HEADER.size:
-                problem = "truncated header"
-            else:
-                length, crc = _HEADER.unpack_from(data, pos)
-                end = pos + _HEADER.size + length
-                if length < 1 or length > MAX_RECORD_BYTES:
-                    problem = f"invalid length {length}"
-                elif end > len(data):
-                    problem = f"truncated payload ({len(data) - pos - _HEADER.size} of {length} bytes)"
-                elif not _checksum_ok(memoryview(data)[pos + _HEADER.size:end], crc):
-                    problem = "checksum mismatch"
+            end, problem = record_at(data, pos)
             if problem is not None and is_zero_tail(data, pos):  # a direct append's padding: the end
                 log.info("wal %s: cut %d bytes of padding at offset %d", path.name, len(data) - pos, pos)
                 os.truncate(path, pos)
@@ -210,21 +144,13 @@ class WriteAheadLog:
                         os.fsync(f.fileno())
                     self.disk_bytes -= len(data) - pos
                 return
-            yield self._parse(data, pos, end, n)
+            record = parse_record(data, pos, end, n)
+            if record.kind == "G":
+                self._track(record.group_id, n)
+            else:
+                self._untrack(record.control.get("consumed", ()))
+            yield record
             pos = end
-
-    def _parse(self, data: bytes, pos: int, end: int, segment: int) -> Record:
-        start = pos + _HEADER.size
-        kind = data[start:start + 1]
-        if kind == b"G":
-            (n,) = _GID_LEN.unpack_from(data, start + 1)
-            gid = data[start + 3:start + 3 + n].decode()
-            self._track(gid, segment)
-            return Record("G", segment, group_id=gid, frame=data[start + 3 + n:end],  # a copy: frees the segment
-                          ref=WalRef(segment, pos, end - pos))
-        control = msgpack.unpackb(data[start + 1:end], raw=False)
-        self._untrack(control.get("consumed", ()))
-        return Record("C", segment, control=control)
 
     # ---- writing
     def open(self, checkpoint: dict) -> None:
@@ -234,7 +160,7 @@ class WriteAheadLog:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         fd = open_direct(path, os.O_WRONLY) if self.direct else None
         if fd is not None:
-            self._appender = DirectAppender(fd, _record_header)
+            self._appender = DirectAppender(fd, record_header)
         elif self.direct:
             log.info("wal: %s refuses direct I/O; appending through the page cache", self.dir)
             self.direct = False
@@ -251,10 +177,10 @@ class WriteAheadLog:
             self._syncer.start()
 
     def _write(self, parts: list[bytes | memoryview]) -> int:
-        n = _HEADER.size + sum(len(p) for p in parts)
+        n = HEADER.size + sum(len(p) for p in parts)
         if self._appender is not None:  # checksummed and written by the fsync thread (request_sync)
             self._appender.add(parts)
-        elif (written := os.writev(self._fd, [_record_header(parts, gil_release=0), *parts])) != n:
+        elif (written := os.writev(self._fd, [record_header(parts, gil_release=0), *parts])) != n:
             raise OSError(f"short write to the WAL ({written} of {n} bytes)")  # a full disk
         self._segment_size += n
         self.disk_bytes += n
@@ -264,15 +190,14 @@ class WriteAheadLog:
     def append_group(self, group_id: str, frame: bytes) -> WalRef:
         """Log a group; the returned reference reads its frame back (``read_group``) until the
         group is consumed: its segment is not compacted before that."""
-        gid = group_id.encode()
         offset = self._segment_size
-        n = self._write([b"G", _GID_LEN.pack(len(gid)), gid, frame])
+        n = self._write(group_record(group_id, frame))
         self._track(group_id, self.segment)
         return WalRef(self.segment, offset, n)
 
     def read_group(self, ref: WalRef) -> memoryview:
-        """The frame of a live group record, checked against its CRC. Written records are in the
-        page cache (fsynced or not), so this is a memory copy unless the kernel evicted them."""
+        """The frame of a live group record, checked against its CRC: read with direct I/O, or from
+        the page cache (fsync batch/never) unless the kernel evicted it."""
         if ref.segment == self.segment and self._appender is not None \
                 and ref.offset + ref.length > self._appender.written:
             self.request_sync()  # still queued in memory: write it out first
@@ -287,13 +212,10 @@ class WriteAheadLog:
             data = self._direct_reader.read(fd, ref.offset, ref.length)
         else:
             data = os.pread(fd, ref.length, ref.offset)
-        view = memoryview(data)
-        length, crc = _HEADER.unpack_from(data, 0) if len(data) >= _HEADER.size else (0, 0)
-        if len(data) != ref.length or length != ref.length - _HEADER.size or data[_HEADER.size] != ord("G") \
-                or not _checksum_ok(view[_HEADER.size:], crc):
-            raise OSError(f"WAL record at {_segment_path(self.dir, ref.segment).name}:{ref.offset} is damaged")
-        (n,) = _GID_LEN.unpack_from(data, _HEADER.size + 1)
-        return view[_HEADER.size + 3 + n:]
+        try:
+            return group_frame(data)
+        except ValueError:
+            raise OSError(f"WAL record at {ref.segment_name}:{ref.offset} is damaged") from None
 
     def append_control(self, control: dict) -> int:
         n = self._write([b"C", msgpack.packb(control, use_bin_type=True)])

@@ -7,7 +7,6 @@ Each test names the invariant it protects; the fake engines here keep the state 
 from __future__ import annotations
 
 import asyncio
-import json
 
 from aiohttp import web
 
