@@ -339,7 +339,15 @@ class Server:
             pass
         if timeout_s <= 0 or not self._poller.poll(int(timeout_s * 1000)):
             return None
-        return _recv_parts(self._sock, 0)
+        try:  # NOBLOCK: the poll may have returned for a ``wake_on`` descriptor instead
+            return _recv_parts(self._sock, _NOBLOCK)
+        except zmq.Again:
+            return None
+
+    def wake_on(self, fd: int) -> None:
+        """A wait in ``recv`` also ends (returning None) as soon as ``fd`` is readable: how a
+        background thread tells the loop that something is ready. The caller drains ``fd``."""
+        self._poller.register(fd, zmq.POLLIN)
 
     def send(self, peer: bytes, req_id: bytes, msg: Message) -> None:
         """Reply to ``peer``'s request ``req_id``. Never blocks: a reply to a peer that is gone or

@@ -46,7 +46,7 @@ from buffer.staleness import StalenessPolicy
 from buffer.wal import WriteAheadLog
 
 POLL_S = 0.02  # wait for the first request of a batch; bounds how late a held BatchRequest is answered
-POLL_BUSY_S = 0.001  # ...while replies wait for an fsync: send them as soon as it completes
+POLL_BUSY_S = 0.001  # ...while replies wait for an fsync, where the WAL has no wake-up descriptor
 MAX_POLL_BATCH = 512  # requests handled per loop iteration (one fsync for all of them)
 MAX_POLL_BYTES = 4 << 20  # ...or this many bytes: smaller fsyncs start sooner and overlap receiving
 SWEEP_S = 0.05  # lease expiry and roster timeouts at most this often: their deadlines are
@@ -109,13 +109,16 @@ class BufferService(BatchHandout, BufferMetrics, Daemon):
 
         recover(self)
         self.server = Server(self.cfg.address)
+        if self.wal.wakeup_fd is not None:
+            self.server.wake_on(self.wal.wakeup_fd)  # a finished fsync ends the wait for requests
         self.publisher = Publisher(self.cfg.pub_address)
         self.log.info("serving on %s (pub %s): version %d, %d groups stored, %d leases, cursor %s",
                       self.cfg.address, self.cfg.pub_address, self.version, len(self.store),
                       self.ledger.in_flight, (self.ledger.next_index, self.ledger.epoch))
 
     def run_once(self) -> None:
-        self._receive(POLL_BUSY_S if self._waiting else POLL_S)  # handle a batch of requests
+        busy = self._waiting and self.wal.wakeup_fd is None  # else the fsync thread ends the wait itself
+        self._receive(POLL_BUSY_S if busy else POLL_S)  # handle a batch of requests
         if (now := time.monotonic()) >= self._next_sweep:  # real time: self.clock may be a test's
             self._next_sweep = now + SWEEP_S
             self._expire()  # leases past their deadline, servers past their heartbeat timeout
@@ -201,6 +204,7 @@ class BufferService(BatchHandout, BufferMetrics, Daemon):
     def _persist_and_reply(self) -> None:
         self._write_control()  # e.g. expired leases, stale drops: no reply waits for them
         self.wal.request_sync()
+        self.wal.clear_wakeup()  # before reading durable(): a later fsync wakes the next wait
         self._send_durable_replies()
         if self.wal.maybe_rotate(self.checkpoint):
             self._send_durable_replies()
