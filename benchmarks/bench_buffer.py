@@ -26,7 +26,9 @@ Cases (one JSON line each):
   holds.
 
 The raw and buffer cases run in ``--rounds`` interleaved rounds (raw, buffer always, buffer
-never, raw, ...), each with its own daemon; a case's ratio is the median over rounds of its
+never, raw, ...), each with its own daemon and WAL directory, deleted and synced to disk before the
+next case starts (on a file system mounted with ``discard`` the deletion of a case's GBs otherwise
+loads the disk during the next one); a case's ratio is the median over rounds of its
 rate against the raw rate of the same round, so load from other work on a shared machine hits
 both sides of a ratio alike (``ratios`` lists them).
 
@@ -415,6 +417,7 @@ def main() -> None:
                     proc.terminate()
                     proc.wait(timeout=60)
                     shutil.rmtree(Path(tmp) / f"{case}-{r}", ignore_errors=True)
+                    os.sync()  # the next case must not pay for this one's deleted GBs (writeback, discards)
         disk = {kind: disk_ceiling(Path(tmp), args, kind) for kind in ("sequential", "group_commit")}
         wal_gps, wal_mbps = wal_ceiling(Path(tmp), args)
     raw = runs["raw"]
