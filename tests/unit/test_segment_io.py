@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -132,7 +129,7 @@ time.sleep(600)
 """
 
 
-def test_a_crash_leaves_padding_that_replay_cuts_as_the_clean_end(tmp_path, caplog):
+def test_a_crash_leaves_padding_that_replay_cuts_as_the_clean_end(tmp_path, caplog, spawn_python):
     """kill -9 after a durable ticket: the segment ends in zero padding up to a block boundary;
     replay yields every durable record, counts nothing as corrupt and cuts the padding."""
     probe = _open(tmp_path / "probe")
@@ -140,13 +137,9 @@ def test_a_crash_leaves_padding_that_replay_cuts_as_the_clean_end(tmp_path, capl
     probe.close()
     if not direct:
         pytest.skip("this file system refuses O_DIRECT")
-    child = subprocess.Popen([sys.executable, "-c", KILLED_AFTER_DURABLE, str(tmp_path / "wal")],
-                             stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout.readline().strip() == "ready"
-    finally:
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait(timeout=60)
+    child = spawn_python(KILLED_AFTER_DURABLE, [tmp_path / "wal"])
+    assert child.stdout.readline().strip() == "ready"
+    spawn_python.kill9(child)
     seg = _segment_path(tmp_path / "wal", 1)
     assert seg.stat().st_size % BLOCK == 0  # padded
     with caplog.at_level(logging.INFO, logger="buffer.wal"):
