@@ -4,7 +4,7 @@ Two ways to append, chosen per segment by ``wal.WriteAheadLog``:
 
 * **buffered** (``os.writev`` into the page cache): a record is in the kernel once the call
   returns, so it survives the process being killed before any fsync. Used by ``fsync=batch`` and
-  ``never``, whose acks may precede the fsync, and wherever direct I/O is refused (tmpfs).
+  ``never``, whose acks may precede the fsync, and wherever direct I/O is refused (older tmpfs).
 * **direct** (``DirectAppender``, ``O_DIRECT``, used by ``fsync=always``): records are queued in
   memory and the WAL's fsync thread copies them into a page-aligned staging buffer that it writes
   to the device, then fdatasyncs. Nothing is acked before that, so a queued record lost with the
