@@ -20,7 +20,7 @@ Durability (``fsync``):
   a record lost with the process before its fsync was never acknowledged.
 * ``batch``: fsync at most every ``BATCH_FSYNC_S``, inline; replies may precede the fsync.
 * ``never``: the OS flushes when it likes.
-With ``batch`` and ``never`` (and ``always`` where direct I/O is refused, e.g. on tmpfs) records
+With ``batch`` and ``never`` (and ``always`` where direct I/O is refused, e.g. older tmpfs) records
 are written with ``os.writev`` straight to the file descriptor (no user-space buffer), so anything
 acknowledged survives the *process* dying (``kill -9``); fsync decides what survives the
 *machine* dying.
