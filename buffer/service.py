@@ -222,7 +222,7 @@ class BufferService(BatchHandout, BufferMetrics, Daemon):
             self.server.send(peer, req_id, reply)
             self._observe_latency(kind, now - received)
         for seconds in self.wal.fsync_seconds():
-            self._metric_child("histogram", "buffer/fsync_seconds", "WAL fsync latency").observe(seconds)
+            self._metric_child("histogram", "buffer/fsync_seconds", "WAL group commit latency (write if direct, fsync)").observe(seconds)
 
     # ------------------------------------------------------------------ rollout servers
     def _on_register(self, m: P.Register) -> P.RegisterAck:

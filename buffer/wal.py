@@ -262,7 +262,7 @@ class WriteAheadLog:
         self.durable()
 
     def fsync_seconds(self) -> list[float]:
-        """fsync durations since the last call (for the latency histogram)."""
+        """Group commit durations since the last call (the direct write, if any, and the fsync)."""
         with self._cv:
             out, self._fsync_times = self._fsync_times, []
         return out
