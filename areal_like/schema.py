@@ -102,6 +102,10 @@ class BufferConfig:
     # remembered group ids), so segments are big (at 700 MB/s of 4k-token groups, one every ~0.4 s);
     # a segment's disk space returns once every group in it is consumed
     segment_bytes: int = 256 * 1024 * 1024
+    # fsync=always writes and reads the WAL with O_DIRECT (no page-cache copy of every group; it
+    # falls back by itself where the file system refuses). false: through the page cache, e.g. on a
+    # network file system where direct I/O is slow
+    direct_io: bool = True
     metrics_port: int = 0  # 0 = ephemeral
     max_epochs: int = 0  # 0 = unbounded passes over the dataset
 

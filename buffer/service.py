@@ -77,7 +77,8 @@ class BufferService(BatchHandout, BufferMetrics, Daemon):
         self.store = ReplayBuffer(self.policy, capacity=b.capacity, selection=b.selection,
                                   filter_equal_rewards=b.filter_equal_rewards,
                                   max_tokens_per_trajectory=b.max_tokens_per_trajectory)
-        self.wal = WriteAheadLog(cfg.resolve_path(b.wal_dir), fsync=b.fsync, segment_bytes=b.segment_bytes)
+        self.wal = WriteAheadLog(cfg.resolve_path(b.wal_dir), fsync=b.fsync, segment_bytes=b.segment_bytes,
+                                 direct=b.direct_io)
         self.version = 0
         self.seen: dict[str, None] = {}  # accepted group ids (ordered: oldest are forgotten first)
         self.roster: dict[str, Member] = {}

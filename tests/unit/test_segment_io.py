@@ -90,6 +90,20 @@ def test_fsync_always_writes_directly_and_reads_back_what_is_still_queued(tmp_pa
     _, = [r for r in WriteAheadLog(tmp_path).replay() if r.kind == "G" and r.group_id == "g19"]
 
 
+def test_direct_io_can_be_turned_off_in_the_config(tmp_path):
+    from areal_like.config import load_config
+    from buffer.recovery import recover
+    from buffer.service import BufferService
+
+    cfg = load_config([f"run_dir={tmp_path}", "buffer.direct_io=false"])
+    svc = BufferService(cfg)
+    recover(svc)
+    try:
+        assert cfg.buffer.fsync == "always" and not svc.wal.direct and svc.wal._appender is None
+    finally:
+        svc.wal.close()
+
+
 def test_fsync_batch_and_never_keep_the_page_cache_path(tmp_path):
     for policy in ("batch", "never"):
         wal = _open(tmp_path / policy, fsync=policy)
