@@ -106,8 +106,10 @@ class WriteAheadLog:
         self._syncer: threading.Thread | None = None
         self._syncer_idle = False  # waiting on _cv for a request (under _cv)
         # readable once the fsync thread made a ticket durable: a loop waiting for requests wakes up
-        # to send the replies at once instead of at its next poll timeout (Linux; None elsewhere)
-        self.wakeup_fd: int | None = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if hasattr(os, "eventfd") else None
+        # to send the replies at once instead of at its next poll timeout (fsync=always, the only
+        # policy with that thread; Linux, None elsewhere)
+        self.wakeup_fd: int | None = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                                      if fsync == "always" and hasattr(os, "eventfd") else None)
         self._closing = False
         self._readers: dict[int, int] = {}  # segment -> read-only fd for read_group (O_DIRECT if self.direct)
         self.corrupt_records = 0

@@ -56,6 +56,15 @@ def post(url: str, path: str, body: dict) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
+def _stop(engine: EmbeddedEngine, sender: subprocess.Popen | None) -> None:
+    """Teardown: the engine, then the sender process (killed by PID if it is still running)."""
+    engine.stop()
+    if sender is not None:
+        if sender.poll() is None:
+            sender.kill()
+        sender.wait(timeout=60)
+
+
 def model_cfg(dtype: str, seed: int = 0) -> ModelConfig:
     return ModelConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, max_position_embeddings=512, dtype=dtype, init_seed=seed)
@@ -130,11 +139,7 @@ def test_cuda_weight_update_from_another_process():
         out = post(engine.url, "/generate", {"input_ids": [1, 9], "sampling_params": {"max_new_tokens": 4}})[1]
         assert out["meta_info"]["weight_version"] == "1"
     finally:
-        engine.stop()
-        if sender is not None:
-            if sender.poll() is None:
-                sender.kill()
-            sender.wait(timeout=60)
+        _stop(engine, sender)
 
 
 def test_cuda_flattened_bucket_syncs_swap_bf16_weights_exactly():
@@ -182,8 +187,4 @@ def test_cuda_flattened_bucket_syncs_swap_bf16_weights_exactly():
         assert out["meta_info"]["weight_version"] == str(len(seeds))
         assert [line.strip() for line in sender.stdout][-1] == "sent"
     finally:
-        engine.stop()
-        if sender is not None:
-            if sender.poll() is None:
-                sender.kill()
-            sender.wait(timeout=60)
+        _stop(engine, sender)
