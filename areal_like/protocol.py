@@ -36,6 +36,7 @@ __all__ = ["PROTOCOL_VERSION", "MAX_FRAME_BYTES", "ProtocolError", "Message", "e
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 256 * 1024 * 1024  # one batch of many long groups stays far below this
+MAX_CREDITS_PER_REQUEST = 4096  # leases one TrajectoryGroup may ask for with its ack
 
 
 # Array dtypes on the wire, by field-annotation marker.
@@ -184,10 +185,13 @@ class TrajectoryGroup(Message):
     prompt_index: int
     epoch: int
     trajectories: list[Trajectory]
+    want_credits: int = 0  # leases the sender wants with the ack (saves a CreditRequest round trip)
 
     def validate(self) -> None:
         if not self.trajectories:
             raise ProtocolError("a group needs at least one trajectory", "trajectories")
+        if not 0 <= self.want_credits <= MAX_CREDITS_PER_REQUEST:
+            raise ProtocolError(f"must be 0 to {MAX_CREDITS_PER_REQUEST}, got {self.want_credits}", "want_credits")
 
     @property
     def head_version(self) -> int:
@@ -204,6 +208,7 @@ class Ack(Message):
     ref: str  # id of what is acknowledged (group id, version, ...)
     status: str  # "accepted" | "duplicate" | "rejected" | "ok"
     reason: str = ""
+    credits: list[Credit] = field(default_factory=list)  # leases asked for by TrajectoryGroup.want_credits
 
     def validate(self) -> None:
         if self.status not in ("accepted", "duplicate", "rejected", "ok"):

@@ -39,8 +39,9 @@ machine they vary less than the rates and show where the time goes.
 Producers run in several processes with several threads each (one DEALER socket per thread) so
 that producer-side Python does not cap either case, and they do not encode: each thread packs its
 trajectories once and rewrites only the ids at the end of the frame per group (``FrameWriter``),
-in both cases. The buffer case also leases its prompts (one CreditRequest per 4 groups), as a
-rollout server must.
+in both cases. The buffer case also leases its prompts as a rollout server does: every group asks
+for the next lease with its ack (``want_credits=1``), and a producer holding no lease sends a
+CreditRequest (the raw case sends the same frames and ignores that field).
 
     .venv/bin/python benchmarks/bench_buffer.py                 # defaults, < 60 s
     .venv/bin/python benchmarks/bench_buffer.py --tokens 512 --seconds 3 --fsync always never
@@ -108,14 +109,14 @@ def trajectories_blob(tokens: int, group_size: int, prompt_tokens: int = 256) ->
 def _frame_prefix(blob: bytes) -> bytes:
     """A TrajectoryGroup frame up to its ids: the map header, type, protocol and the trajectories
     (msgpack maps are unordered; the ids come last so that only they change between groups)."""
-    head = [msgpack.Packer().pack_map_header(8)]
+    head = [msgpack.Packer().pack_map_header(9)]
     head += [msgpack.packb(x) for x in ("type", "trajectory_group", "protocol", P.PROTOCOL_VERSION, "trajectories")]
     return b"".join([*head, blob])
 
 
-def _frame_suffix(server_id: str, lease_id: str, prompt_index: int, epoch: int) -> bytes:
+def _frame_suffix(server_id: str, lease_id: str, prompt_index: int, epoch: int, want_credits: int = 1) -> bytes:
     ids = {"group_id": f"{server_id}-{lease_id}", "server_id": server_id, "lease_id": lease_id,
-           "prompt_index": prompt_index, "epoch": epoch}
+           "prompt_index": prompt_index, "epoch": epoch, "want_credits": want_credits}
     return b"".join(msgpack.packb(x) for kv in ids.items() for x in kv)
 
 
@@ -166,23 +167,25 @@ def _producer_thread(mode, address, sid, blob, t_start, t_stop, counts, lock):
         _request(sock, P.encode(P.Register(server_id=sid, engine_url="http://x", policy_version=0)))
     counter = 0
     writer = FrameWriter(blob)
+    leases: deque[tuple[str, int, int]] = deque()
     while time.time() < t_stop:
-        if mode == "buffer":
+        if not leases and mode == "buffer":  # holding no lease: ask for some (a rollout server asks for its free slots)
             credits = P.decode(_request(sock, P.encode(P.CreditRequest(server_id=sid, max_credits=4)))).credits
-            leases = [(c.lease_id, c.prompt_index, c.epoch) for c in credits]
+            leases.extend((c.lease_id, c.prompt_index, c.epoch) for c in credits)
             if not leases:
                 time.sleep(0.005)
-        else:
-            leases = [(f"L{counter + i}", counter + i, 0) for i in range(4)]
+                continue
+        elif not leases:
+            leases.extend((f"L{counter + i}", counter + i, 0) for i in range(4))
             counter += 4
-        for lease in leases:
-            frame = writer.frame(sid, *lease)
-            reply = _request(sock, frame)
-            if mode == "buffer":
-                ack = P.decode(reply)
-                assert ack.status == "accepted", ack
-            if t_start <= time.time() <= t_stop:
-                n, nbytes = n + 1, nbytes + len(frame)
+        frame = writer.frame(sid, *leases.popleft())  # asks for the next lease with its ack (want_credits=1)
+        reply = _request(sock, frame)
+        if mode == "buffer":
+            ack = P.decode(reply)
+            assert ack.status == "accepted", ack
+            leases.extend((c.lease_id, c.prompt_index, c.epoch) for c in ack.credits)
+        if t_start <= time.time() <= t_stop:
+            n, nbytes = n + 1, nbytes + len(frame)
     sock.close()
     with lock:
         counts[0] += n

@@ -17,7 +17,10 @@ only once that ticket is durable: the WAL's fsync thread syncs whatever has been
   (``handout.py``: at least once into training, exactly once while nothing crashes);
 * bad input (undecodable frame, unknown lease, versions newer than any published, NaN reward)
   gets ``Ack(status="rejected", reason=...)``, is counted, and the loop keeps serving;
-* a duplicate group id gets ``Ack(status="duplicate")`` and is stored once.
+* a duplicate group id gets ``Ack(status="duplicate")`` and is stored once;
+* a group may ask for the sender's next leases (``want_credits``): its Ack carries them, granted by
+  the same rules as a CreditRequest (none for a rejected group), so a rollout server needs one
+  round trip per group, not two.
 
 The store holds each group's bookkeeping and a reference to its WAL record, not the group: the
 received frame is freed once written, and a hand-out reads the frames back (``wal.py``).
@@ -250,8 +253,14 @@ class BufferService(BatchHandout, BufferMetrics, Daemon):
         return P.HeartbeatAck(policy_version=self.version, known=True, pending_plan=self._pending_plan(m.server_id))
 
     def _on_credits(self, m: P.CreditRequest) -> P.Credits:
-        member = self._touch(m.server_id)
-        reason, n = "", m.max_credits
+        credits, reason = self._grant(m.server_id, m.max_credits)
+        return P.Credits(credits=credits, policy_version=self.version, reason=reason)
+
+    def _grant(self, server_id: str, n: int) -> tuple[list[P.Credit], str]:
+        """Up to ``n`` leases for a server (a CreditRequest, or a group's ``want_credits``), and why
+        fewer when fewer. They are durable before the reply that carries them is sent."""
+        member = self._touch(server_id)
+        reason = ""
         if member is None:
             reason, n = "unknown_server", 0
         elif not self.policy.engine_can_start(member.entry.policy_version, self.version):
@@ -259,21 +268,20 @@ class BufferService(BatchHandout, BufferMetrics, Daemon):
         elif self.store.free_slots(self.ledger.in_flight) < n:
             reason, n = "capacity", self.store.free_slots(self.ledger.in_flight)
         queued = len(self.ledger.reissue)
-        leases = self.ledger.grant(m.server_id, n, self.version)
+        leases = self.ledger.grant(server_id, n, self.version)
         if len(leases) < n:
             reason = self.ledger.shortfall_reason(self.version)
         if leases:
             self._dirty = True
             self._count("credits_granted", len(leases))
             self._count("credits_reissued", queued - len(self.ledger.reissue))
-        credits = [P.Credit(lease_id=x.lease_id, prompt_index=x.prompt_index, epoch=x.epoch,
-                            deadline_s=self.cfg.lease_timeout_s) for x in leases]
-        return P.Credits(credits=credits, policy_version=self.version, reason=reason)
+        return [P.Credit(lease_id=x.lease_id, prompt_index=x.prompt_index, epoch=x.epoch,
+                         deadline_s=self.cfg.lease_timeout_s) for x in leases], reason
 
     def _on_group(self, g: P.TrajectoryGroup, frame: bytes) -> P.Ack:
         if g.group_id in self.seen or g.group_id in self.store:
             self._count("groups_duplicate")
-            return P.Ack(ref=g.group_id, status="duplicate")
+            return P.Ack(ref=g.group_id, status="duplicate", credits=self._grant(g.server_id, g.want_credits)[0])
         lease = self.ledger.leases.get(g.lease_id)
         versions = version_range(g)  # one pass over the token versions, for every check below
         reason = invalid_group(g, lease, max(self.version, self.plan.policy_version if self.plan else 0), versions)
@@ -295,7 +303,8 @@ class BufferService(BatchHandout, BufferMetrics, Daemon):
             self._drop([g], why)
         else:
             self.store.add(g, len(frame), head, ref=ref)  # the frame's memory is freed: the WAL holds it
-        return P.Ack(ref=g.group_id, status="accepted")
+        credits = self._grant(g.server_id, g.want_credits)[0] if g.want_credits else []
+        return P.Ack(ref=g.group_id, status="accepted", credits=credits)
 
     def _drop(self, groups: list[P.TrajectoryGroup] | list[StoredGroup], reason: str) -> None:
         """Groups that will never be trained on: marked in the WAL, counted, their slots returned."""

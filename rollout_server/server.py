@@ -9,8 +9,10 @@ Invariants:
 * a group is kept (``unacked``) and re-sent until an Ack says ``accepted`` or ``duplicate``
   (the buffer dedupes by ``group_id``), also across buffer restarts: a heartbeat answered with
   ``known=False`` means the buffer lost us; we register again and re-send everything unacked;
-* at most ``rollout.max_concurrent_groups`` episodes run at once; no credit is requested while
-  a weight sync is being applied;
+* at most ``rollout.max_concurrent_groups`` episodes run at once (counting leases asked for and
+  not yet answered); no credit is requested while a weight sync is pending or being applied;
+* leases for free slots are asked for with each group sent (``want_credits``: the Ack carries
+  them, no extra round trip), and by a CreditRequest when slots are free and no group is sent;
 * weight-sync plans arrive by PUB (fast hint) and in ``HeartbeatAck.pending_plan`` (the
   guarantee); each plan is applied once and answered with exactly one ``SyncDone``;
 * ``policy_version`` is the version the engine serves: updated only by a successful sync.
@@ -25,7 +27,7 @@ import asyncio
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from areal_like.config import RunConfig
 from areal_like.daemon import ComponentStopped, Daemon
@@ -82,6 +84,8 @@ class RolloutServer(Daemon):
         self.plans_handled: set[tuple] = set()
         self.episode_failures = 0
         self.next_credit_at = 0.0  # monotonic; credit requests back off while admission is closed
+        self.credits_asked = 0  # leases asked for by requests still in flight (CreditRequest or a group's ack)
+        self.syncing = False  # a weight sync is being applied: no lease is asked for
         self.pub_address = self.rcfg.pub_address
 
     # ------------------------------------------------------------------ lifecycle
@@ -215,15 +219,25 @@ class RolloutServer(Daemon):
         finally:
             sub.close()
 
+    def credits_wanted(self) -> int:
+        """Free episode slots not already asked for; 0 while a weight sync is pending or applied, or
+        while credit requests back off."""
+        if self.syncing or self.plans or time.monotonic() < self.next_credit_at:
+            return 0
+        return max(0, self.rcfg.max_concurrent_groups - len(self.episodes) - self.credits_asked)
+
     async def request_credits(self) -> None:
-        want = self.rcfg.max_concurrent_groups - len(self.episodes)
-        if want <= 0 or time.monotonic() < self.next_credit_at:
+        want = self.credits_wanted()
+        if want <= 0:
             return
+        self.credits_asked += want
         try:
             reply = await self.control.request(CreditRequest(server_id=self.server_id, max_credits=want))
         except TransportTimeout:
             self.next_credit_at = time.monotonic() + RESEND_BACKOFF_S
             return
+        finally:
+            self.credits_asked -= want
         credits = reply.credits if isinstance(reply, Credits) else []
         for credit in credits:
             self.start_episode(credit)
@@ -269,15 +283,22 @@ class RolloutServer(Daemon):
             await asyncio.sleep(0.05 if not due else 0)
 
     async def send_group(self, u: _Unacked) -> bool:
-        """Send one group; False when the buffer did not answer."""
+        """Send one group, asking for the leases of free slots with its ack (one round trip for
+        both); False when the buffer did not answer."""
         u.sends += 1
         self.metrics.counter("rollout/groups_resent" if u.sends > 1 else "rollout/groups_sent",
                              "TrajectoryGroup sends").inc()
+        want = self.credits_wanted()
+        self.credits_asked += want
         try:
-            ack = await self.data.request(u.group)
+            ack = await self.data.request(replace(u.group, want_credits=want) if want else u.group)
         except TransportTimeout:
             u.due = time.monotonic() + RESEND_BACKOFF_S
             return False
+        finally:
+            self.credits_asked -= want
+        for credit in ack.credits if isinstance(ack, Ack) else ():
+            self.start_episode(credit)
         if isinstance(ack, Ack) and ack.status in ("accepted", "duplicate", "rejected"):
             self.unacked.pop(u.group.group_id, None)
             if ack.status == "rejected":  # e.g. too stale or malformed: re-sending cannot help
@@ -326,8 +347,12 @@ class RolloutServer(Daemon):
     async def sync_weights(self, plan: WeightSyncPlan) -> None:
         self.log.info("applying weight sync v%d (reform=%s, %d buckets)", plan.policy_version, plan.reform,
                       len(plan.buckets))
-        done = await apply_weight_sync(self.client, plan, self.server_id, drain=self.rcfg.drain_on_update,
-                                       inflight_drained=self.episodes_idle)
+        self.syncing = True
+        try:
+            done = await apply_weight_sync(self.client, plan, self.server_id, drain=self.rcfg.drain_on_update,
+                                           inflight_drained=self.episodes_idle)
+        finally:
+            self.syncing = False
         if done.ok:
             self.policy_version = plan.policy_version
             self.metrics.gauge("rollout/policy_version", "version the engine serves").set(self.policy_version)

@@ -311,3 +311,72 @@ def test_restart_resumes_counters_without_a_capacity_burst(tmp_path):
         assert c.request(make_group(credits[1])).status == "accepted"  # the restored lease is still valid
         batch = c.request(P.BatchRequest(n_groups=2, trainer_version=0, wait_s=5))
         assert sorted(g.prompt_index for g in batch.groups) == [0, 1]
+
+
+def test_a_group_asks_for_leases_with_its_ack_and_they_survive_a_restart(tmp_path):
+    """``want_credits``: the Ack carries new leases (the same admission rules as a CreditRequest:
+    capped by staleness and capacity, none for a rejected group), and they are durable before the
+    Ack is sent: after a restart they are still outstanding, and the cursor does not repeat them."""
+    cfg = make_cfg(tmp_path, max_staleness=1, groups_per_step=2)  # (1 + 0 + 1) * 2 = 4 groups may start
+    with running(cfg) as (svc, c):
+        register(c)
+        (first,) = c.request(P.CreditRequest(server_id="s0", max_credits=1)).credits
+        ack = c.request(dataclasses.replace(make_group(first), want_credits=2))
+        assert ack.status == "accepted" and [x.prompt_index for x in ack.credits] == [1, 2]
+        again = c.request(dataclasses.replace(make_group(ack.credits[0]), want_credits=5))
+        assert again.status == "accepted" and [x.prompt_index for x in again.credits] == [3]  # the bound: 4
+        bad = dataclasses.replace(make_group(ack.credits[1], version=9), want_credits=1)  # a future version
+        rejected = c.request(bad)
+        assert rejected.status == "rejected" and rejected.credits == []
+        assert stats(c)["credits_granted"] == 4
+        granted_before_restart = [x.lease_id for x in again.credits]
+    with running(cfg) as (svc, c):  # same run_dir: recovered from the WAL
+        register(c)
+        s = stats(c)
+        assert (s["cursor_index"], s["stored"]) == (4, 2)
+        lease = next(x for x in svc.ledger.leases.values() if x.lease_id == granted_before_restart[0])
+        assert lease.prompt_index == 3  # the lease an Ack carried is still outstanding
+        late = c.request(make_group(P.Credit(lease_id=lease.lease_id, prompt_index=3, epoch=0, deadline_s=60.0)))
+        assert late.status == "accepted"
+
+
+def test_a_rollout_server_gets_its_next_leases_with_each_ack(tmp_path):
+    """RolloutServer.send_group asks for the leases of its free slots with the group (not while a
+    weight sync is pending or applied, nor for slots already asked for) and starts an episode for
+    each lease the Ack carries: one round trip per group instead of two."""
+    import asyncio
+
+    from areal_like.config import RolloutConfig
+    from areal_like.transport import AsyncClient
+    from rollout_server.server import RolloutServer, _Unacked
+
+    cfg = make_cfg(tmp_path, max_staleness=100, groups_per_step=2)
+    cfg = dataclasses.replace(cfg, rollout=RolloutConfig(server_id="s0", buffer_address=cfg.buffer.address,
+                                                         max_concurrent_groups=3))
+    with running(cfg) as (svc, c):
+        register(c)
+        first, second = c.request(P.CreditRequest(server_id="s0", max_credits=2)).credits
+        server = RolloutServer(cfg)
+        started: list[P.Credit] = []
+        server.start_episode = started.append  # no engine here: record the episodes it would start
+
+        async def scenario() -> None:
+            server.data = AsyncClient(cfg.buffer.address, timeout_s=TIMEOUT_S, identity="s0")
+            try:
+                server.episodes = {"still running"}  # 3 slots, one busy: two free
+                assert server.credits_wanted() == 2
+                server.credits_asked = 2  # e.g. a CreditRequest for them is in flight
+                assert server.credits_wanted() == 0
+                server.credits_asked = 0
+                assert await server.send_group(_Unacked(make_group(first)))
+                assert [x.prompt_index for x in started] == [2, 3] and server.credits_asked == 0
+                server.syncing = True  # a weight sync is being applied: the next ack brings no lease
+                assert server.credits_wanted() == 0
+                assert await server.send_group(_Unacked(make_group(second)))
+                assert len(started) == 2 and not server.unacked
+            finally:
+                server.data.close()
+
+        asyncio.run(scenario())
+        s = stats(c)
+        assert (s["groups_accepted"], s["credits_granted"], s["in_flight"]) == (2, 4, 2)

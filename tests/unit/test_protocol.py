@@ -60,6 +60,7 @@ CLASS_STRATEGIES: dict[type, st.SearchStrategy] = {P.Trajectory: _trajectory(), 
 FIELD_STRATEGIES = {
     (P.Ack, "status"): st.sampled_from(["accepted", "duplicate", "rejected", "ok"]),
     (P.TrajectoryGroup, "trajectories"): st.lists(_trajectory(), min_size=1, max_size=3),
+    (P.TrajectoryGroup, "want_credits"): st.integers(0, P.MAX_CREDITS_PER_REQUEST),
 }
 
 
@@ -356,6 +357,20 @@ def test_rejects_empty_group_and_bad_ack_status():
     wire = wire_of(P.Ack(ref="g", status="ok"))
     wire["status"] = "maybe"
     assert reject(wire).field == "status"
+
+
+def test_want_credits_is_optional_and_bounded():
+    """A group may ask for leases with its ack; a frame without the field (an older sender, a group
+    stored in the WAL before the field existed) decodes with 0."""
+    wire = wire_of(make_group())
+    del wire["want_credits"]
+    assert P.decode(msgpack.packb(wire, use_bin_type=True)).want_credits == 0
+    for bad in (-1, P.MAX_CREDITS_PER_REQUEST + 1):
+        wire["want_credits"] = bad
+        assert reject(wire).field == "want_credits"
+    with pytest.raises(P.ProtocolError) as info:
+        P.encode(dataclasses.replace(make_group(), want_credits=-2))
+    assert info.value.field == "want_credits"
 
 
 def test_rejects_oversized_frame(monkeypatch):
