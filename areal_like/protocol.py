@@ -13,6 +13,12 @@ exception escapes ``decode`` for any input bytes. ``encode`` runs the same check
 an invalid message fails at its sender. The machinery (and why it is fast) is in
 ``areal_like/codec.py``; this module is the schema.
 
+Compatibility: a field added with a default keeps the protocol version, since frames without it
+(older senders, groups already in a buffer's WAL) still decode. A component built before the
+field rejects frames that carry it ("unknown field"), so upgrade the buffer before the rollout
+servers and the trainer, and do not downgrade a buffer over a WAL written by a newer one.
+Added since version 1 first shipped: ``TrajectoryGroup.want_credits``, ``Ack.credits``.
+
 Message flow (DESIGN.md section 1):
     rollout -> buffer : Register, Heartbeat, CreditRequest, TrajectoryGroup, SyncDone
     buffer -> rollout : RegisterAck, HeartbeatAck, Credits, Ack

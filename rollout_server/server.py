@@ -11,8 +11,10 @@ Invariants:
   ``known=False`` means the buffer lost us; we register again and re-send everything unacked;
 * at most ``rollout.max_concurrent_groups`` episodes run at once (counting leases asked for and
   not yet answered); no credit is requested while a weight sync is pending or being applied;
-* leases for free slots are asked for with each group sent (``want_credits``: the Ack carries
-  them, no extra round trip), and by a CreditRequest when slots are free and no group is sent;
+* leases for free slots are asked for with each group's first send (``want_credits``: the Ack
+  carries them, no extra round trip; a finished episode wakes the sender at once), and by a
+  CreditRequest only when no group is due; leases an Ack brings after a weight sync began are
+  held and started once it is over;
 * weight-sync plans arrive by PUB (fast hint) and in ``HeartbeatAck.pending_plan`` (the
   guarantee); each plan is applied once and answered with exactly one ``SyncDone``;
 * ``policy_version`` is the version the engine serves: updated only by a successful sync.
@@ -32,6 +34,7 @@ from dataclasses import dataclass, replace
 from areal_like.config import RunConfig
 from areal_like.daemon import ComponentStopped, Daemon
 from areal_like.protocol import (
+    MAX_CREDITS_PER_REQUEST,
     Ack,
     Credit,
     CreditRequest,
@@ -85,6 +88,7 @@ class RolloutServer(Daemon):
         self.episode_failures = 0
         self.next_credit_at = 0.0  # monotonic; credit requests back off while admission is closed
         self.credits_asked = 0  # leases asked for by requests still in flight (CreditRequest or a group's ack)
+        self.held_credits: list[Credit] = []  # leases an Ack brought while a weight sync was pending or applied
         self.syncing = False  # a weight sync is being applied: no lease is asked for
         self.pub_address = self.rcfg.pub_address
 
@@ -137,6 +141,7 @@ class RolloutServer(Daemon):
     # ------------------------------------------------------------------ the loop
     async def main(self) -> None:
         self.wake = asyncio.Event()
+        self.group_ready = asyncio.Event()  # a finished episode's group waits for the sender
         self.client = SGLangClient(self.engine_url, generate_timeout_s=self.rcfg.engine.request_timeout_s)
         self.control = AsyncClient(self.rcfg.buffer_address, timeout_s=BUFFER_TIMEOUT_S, identity=self.server_id)
         self.data = AsyncClient(self.rcfg.buffer_address, timeout_s=BUFFER_TIMEOUT_S, identity=self.server_id)
@@ -155,6 +160,7 @@ class RolloutServer(Daemon):
                 _raise_if_done(background)
                 if plan := self.next_plan():
                     await self.sync_weights(plan)
+                self.start_held_credits()
                 await self.request_credits()
                 self.wake.clear()
                 try:
@@ -224,9 +230,21 @@ class RolloutServer(Daemon):
         while credit requests back off."""
         if self.syncing or self.plans or time.monotonic() < self.next_credit_at:
             return 0
-        return max(0, self.rcfg.max_concurrent_groups - len(self.episodes) - self.credits_asked)
+        free = self.rcfg.max_concurrent_groups - len(self.episodes) - self.credits_asked - len(self.held_credits)
+        return max(0, min(free, MAX_CREDITS_PER_REQUEST))
+
+    def start_held_credits(self) -> None:
+        """Start the episodes of leases that arrived during a weight sync, now that it is over."""
+        if self.held_credits and not (self.syncing or self.plans):
+            held, self.held_credits = self.held_credits, []
+            for credit in held:
+                self.start_episode(credit)
 
     async def request_credits(self) -> None:
+        """Ask for the free slots' leases, unless a group is about to be sent: it asks with its ack."""
+        now = time.monotonic()
+        if any(u.due <= now for u in self.unacked.values()):
+            return
         want = self.credits_wanted()
         if want <= 0:
             return
@@ -269,10 +287,12 @@ class RolloutServer(Daemon):
         self.episode_failures = 0
         group = task.result()
         self.unacked[group.group_id] = _Unacked(group)
+        self.group_ready.set()
 
     async def sender(self) -> None:
         """Send every due unacked group; keep it until the buffer acks it (module docstring)."""
         while True:
+            self.group_ready.clear()
             now = time.monotonic()
             due = [u for u in self.unacked.values() if u.due <= now]
             for u in due:
@@ -280,7 +300,12 @@ class RolloutServer(Daemon):
                     for other in self.unacked.values():  # the buffer is not answering: back off all
                         other.due = max(other.due, time.monotonic() + RESEND_BACKOFF_S)
                     break
-            await asyncio.sleep(0.05 if not due else 0)
+            if not due:
+                try:  # a finished episode wakes it at once: its group is sent with the next lease asked for
+                    await asyncio.wait_for(self.group_ready.wait(), 0.05)
+                except asyncio.TimeoutError:
+                    pass
+            await asyncio.sleep(0)
 
     async def send_group(self, u: _Unacked) -> bool:
         """Send one group, asking for the leases of free slots with its ack (one round trip for
@@ -288,8 +313,8 @@ class RolloutServer(Daemon):
         u.sends += 1
         self.metrics.counter("rollout/groups_resent" if u.sends > 1 else "rollout/groups_sent",
                              "TrajectoryGroup sends").inc()
-        want = self.credits_wanted()
-        self.credits_asked += want
+        want = self.credits_wanted() if u.sends == 1 else 0  # a re-send may be a duplicate: its leases came
+        self.credits_asked += want  # with the lost ack (they expire and are re-issued); do not take more
         try:
             ack = await self.data.request(replace(u.group, want_credits=want) if want else u.group)
         except TransportTimeout:
@@ -298,7 +323,10 @@ class RolloutServer(Daemon):
         finally:
             self.credits_asked -= want
         for credit in ack.credits if isinstance(ack, Ack) else ():
-            self.start_episode(credit)
+            if self.syncing or self.plans:  # a sync began meanwhile: start them once it is over
+                self.held_credits.append(credit)
+            else:
+                self.start_episode(credit)
         if isinstance(ack, Ack) and ack.status in ("accepted", "duplicate", "rejected"):
             self.unacked.pop(u.group.group_id, None)
             if ack.status == "rejected":  # e.g. too stale or malformed: re-sending cannot help

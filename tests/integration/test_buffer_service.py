@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import threading
 import time
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from areal_like.distributed import free_port
 from areal_like.metrics import scrape
 from areal_like.transport import Client, Subscriber
 from buffer.service import BufferService
+from buffer.wal import WriteAheadLog
 
 TIMEOUT_S = 30.0  # generous: the machine is shared and loaded
 
@@ -325,6 +327,11 @@ def test_a_group_asks_for_leases_with_its_ack_and_they_survive_a_restart(tmp_pat
         assert ack.status == "accepted" and [x.prompt_index for x in ack.credits] == [1, 2]
         again = c.request(dataclasses.replace(make_group(ack.credits[0]), want_credits=5))
         assert again.status == "accepted" and [x.prompt_index for x in again.credits] == [3]  # the bound: 4
+        # durable before the Ack was sent: a copy of the WAL taken now (nothing else was asked since)
+        # ends in a control state holding that lease
+        shutil.copytree(svc.wal.dir, tmp_path / "wal-copy")
+        controls = [r.control for r in WriteAheadLog(tmp_path / "wal-copy").replay() if r.kind == "C"]
+        assert again.credits[0].lease_id in [x[0] for x in controls[-1]["state"]["leases"]]
         bad = dataclasses.replace(make_group(ack.credits[1], version=9), want_credits=1)  # a future version
         rejected = c.request(bad)
         assert rejected.status == "rejected" and rejected.credits == []
@@ -341,9 +348,11 @@ def test_a_group_asks_for_leases_with_its_ack_and_they_survive_a_restart(tmp_pat
 
 
 def test_a_rollout_server_gets_its_next_leases_with_each_ack(tmp_path):
-    """RolloutServer.send_group asks for the leases of its free slots with the group (not while a
-    weight sync is pending or applied, nor for slots already asked for) and starts an episode for
-    each lease the Ack carries: one round trip per group instead of two."""
+    """RolloutServer.send_group asks for the leases of its free slots with a group's first send (not
+    while a weight sync is pending or applied, not for slots already asked for, not on a re-send,
+    which may be a duplicate whose lost ack had them) and starts an episode for each lease the Ack
+    carries; leases arriving after a sync began are held until it is over. request_credits leaves a
+    due group to ask: one round trip per group instead of two."""
     import asyncio
 
     from areal_like.config import RolloutConfig
@@ -355,28 +364,44 @@ def test_a_rollout_server_gets_its_next_leases_with_each_ack(tmp_path):
                                                          max_concurrent_groups=3))
     with running(cfg) as (svc, c):
         register(c)
-        first, second = c.request(P.CreditRequest(server_id="s0", max_credits=2)).credits
+        first, second, third = c.request(P.CreditRequest(server_id="s0", max_credits=3)).credits
         server = RolloutServer(cfg)
         started: list[P.Credit] = []
         server.start_episode = started.append  # no engine here: record the episodes it would start
 
         async def scenario() -> None:
-            server.data = AsyncClient(cfg.buffer.address, timeout_s=TIMEOUT_S, identity="s0")
+            server.data = server.control = AsyncClient(cfg.buffer.address, timeout_s=TIMEOUT_S, identity="s0")
             try:
                 server.episodes = {"still running"}  # 3 slots, one busy: two free
                 assert server.credits_wanted() == 2
                 server.credits_asked = 2  # e.g. a CreditRequest for them is in flight
                 assert server.credits_wanted() == 0
                 server.credits_asked = 0
-                assert await server.send_group(_Unacked(make_group(first)))
-                assert [x.prompt_index for x in started] == [2, 3] and server.credits_asked == 0
-                server.syncing = True  # a weight sync is being applied: the next ack brings no lease
+                group = make_group(first)
+                server.unacked[group.group_id] = _Unacked(group)  # due: request_credits leaves it to the group
+                await server.request_credits()
+                assert started == []
+                assert await server.send_group(server.unacked[group.group_id])
+                assert [x.prompt_index for x in started] == [3, 4] and server.credits_asked == 0
+                assert not server.unacked
+                started.clear()
+                resend = _Unacked(make_group(first), sends=1)  # a re-send: answered as a duplicate, no lease
+                assert await server.send_group(resend) and started == []
+                task = asyncio.ensure_future(server.send_group(_Unacked(make_group(second))))
+                await asyncio.sleep(0)
+                assert server.credits_asked == 2  # asked for, the ack not back yet: a sync begins now
+                server.syncing = True
+                assert await task
+                assert started == [] and len(server.held_credits) == 2  # held, not started
                 assert server.credits_wanted() == 0
-                assert await server.send_group(_Unacked(make_group(second)))
-                assert len(started) == 2 and not server.unacked
+                server.syncing = False
+                server.start_held_credits()  # the main loop, once the sync is over
+                assert [x.prompt_index for x in started] == [5, 6] and server.held_credits == []
+                server.syncing = True  # during a sync nothing is asked for
+                assert await server.send_group(_Unacked(make_group(third))) and len(started) == 2
             finally:
                 server.data.close()
 
         asyncio.run(scenario())
         s = stats(c)
-        assert (s["groups_accepted"], s["credits_granted"], s["in_flight"]) == (2, 4, 2)
+        assert (s["groups_accepted"], s["groups_duplicate"], s["credits_granted"]) == (3, 1, 7)

@@ -364,7 +364,12 @@ def test_want_credits_is_optional_and_bounded():
     stored in the WAL before the field existed) decodes with 0."""
     wire = wire_of(make_group())
     del wire["want_credits"]
-    assert P.decode(msgpack.packb(wire, use_bin_type=True)).want_credits == 0
+    frame = msgpack.packb(wire, use_bin_type=True)
+    assert P.decode(frame).want_credits == 0 == P.decode_reference(frame).want_credits
+    ack = wire_of(P.Ack(ref="g", status="accepted"))
+    del ack["credits"]
+    frame = msgpack.packb(ack, use_bin_type=True)
+    assert P.decode(frame).credits == [] == P.decode_reference(frame).credits
     for bad in (-1, P.MAX_CREDITS_PER_REQUEST + 1):
         wire["want_credits"] = bad
         assert reject(wire).field == "want_credits"

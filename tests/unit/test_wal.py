@@ -336,6 +336,7 @@ def test_a_failed_direct_write_is_not_taken_for_a_damaged_record_at_hand_out(tmp
 
     handle(P.Register(server_id="s", engine_url="http://x", policy_version=0))
     handle(P.CreditRequest(server_id="s", max_credits=2))
+    svc._persist_and_reply()  # as the loop does: the credits' control record, then their reply
     svc.wal.wait_durable()
     svc._send_durable_replies()
     credits = svc.server.sent[-1].credits
