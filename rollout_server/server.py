@@ -233,6 +233,10 @@ class RolloutServer(Daemon):
         free = self.rcfg.max_concurrent_groups - len(self.episodes) - self.credits_asked - len(self.held_credits)
         return max(0, min(free, MAX_CREDITS_PER_REQUEST))
 
+    def _count_leases(self, via: str, n: int) -> None:
+        self.metrics.counter("rollout/leases_received", "leases received, by how they were asked for",
+                             ("via",)).labels(via=via).inc(n)
+
     def start_held_credits(self) -> None:
         """Start the episodes of leases that arrived during a weight sync, now that it is over."""
         if self.held_credits and not (self.syncing or self.plans):
@@ -257,6 +261,7 @@ class RolloutServer(Daemon):
         finally:
             self.credits_asked -= want
         credits = reply.credits if isinstance(reply, Credits) else []
+        self._count_leases("credit_request", len(credits))
         for credit in credits:
             self.start_episode(credit)
         if not credits:
@@ -322,6 +327,8 @@ class RolloutServer(Daemon):
             return False
         finally:
             self.credits_asked -= want
+        if isinstance(ack, Ack):
+            self._count_leases("ack", len(ack.credits))
         for credit in ack.credits if isinstance(ack, Ack) else ():
             if self.syncing or self.plans:  # a sync began meanwhile: start them once it is over
                 self.held_credits.append(credit)

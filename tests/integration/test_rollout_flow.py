@@ -127,6 +127,9 @@ def test_groups_flow_kill9_weight_sync_and_buffer_restart(spawn_python, tmp_run_
             assert (t.behav_logp <= 0).all() and t.prompt_ids[0] == 1
         wait_until(lambda: metric(a_port, "areal_rollout_groups_acked_total") >= 2, STARTUP_S, 0.1, "A's acks")
         assert metric(a_port, "areal_rollout_tokens_generated_total") > 0
+        # after its first leases, a server gets its next ones with its groups' acks
+        wait_until(lambda: metric(a_port, 'areal_rollout_leases_received_total{via="ack"}') >= 1, 60, 0.1,
+                   "leases with acks")
 
         # 2. kill -9 A while it generates; A's leased prompts come back (lease timeout) and B makes them
         wait_until(lambda: metric(a_port, "areal_rollout_requests_in_flight") >= 1, 60, 0.01, "A generating")
