@@ -298,8 +298,7 @@ class BufferService(BatchHandout, BufferMetrics, Daemon):
     def _on_group(self, g: P.TrajectoryGroup, frame: bytes) -> P.Ack:
         if g.group_id in self.seen or g.group_id in self.store:
             self._count("groups_duplicate")
-            credits = self._grant(g.server_id, g.want_credits)[0] if g.want_credits else []
-            return P.Ack(ref=g.group_id, status="duplicate", credits=credits)
+            return self._ack_with_leases(g, "duplicate")
         lease = self.ledger.leases.get(g.lease_id)
         versions = version_range(g)  # one pass over the token versions, for every check below
         reason = invalid_group(g, lease, max(self.version, self.plan.policy_version if self.plan else 0), versions)
@@ -321,8 +320,12 @@ class BufferService(BatchHandout, BufferMetrics, Daemon):
             self._drop([g], why)
         else:
             self.store.add(g, len(frame), head, ref=ref)  # the frame's memory is freed: the WAL holds it
+        return self._ack_with_leases(g, "accepted")
+
+    def _ack_with_leases(self, g: P.TrajectoryGroup, status: str) -> P.Ack:
+        """The Ack of a group taken (accepted or duplicate), with the leases it asked for."""
         credits = self._grant(g.server_id, g.want_credits)[0] if g.want_credits else []
-        return P.Ack(ref=g.group_id, status="accepted", credits=credits)
+        return P.Ack(ref=g.group_id, status=status, credits=credits)
 
     def _drop(self, groups: list[P.TrajectoryGroup] | list[StoredGroup], reason: str) -> None:
         """Groups that will never be trained on: marked in the WAL, counted, their slots returned."""
