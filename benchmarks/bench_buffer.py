@@ -201,7 +201,7 @@ def _producer_process(mode, address, wid, threads, tokens, group_size, t_start, 
         t.start()
     for t in ts:
         t.join()
-    out.put(tuple(counts))
+    out.put((wid, *counts))
 
 
 def _cpu_seconds(pids: list[int]) -> float:
@@ -244,20 +244,25 @@ def run_producers(mode: str, address: str, args, server_pid: int) -> tuple[float
     while len(results) < len(procs):
         try:
             results.append(out.get(timeout=1.0))
-        except queue.Empty:
-            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+        except queue.Empty:  # failed: a producer died before reporting its counts (or none reports)
+            reported = {r[0] for r in results}
+            dead = [p.exitcode for w, p in enumerate(procs) if p.exitcode not in (None, 0) and w not in reported]
             if dead or time.time() > deadline:
                 raise SystemExit(f"{mode}: a producer process failed (exit codes {dead}) or hung") from None
     for p in procs:
         p.join(timeout=30)
+    for w, p in enumerate(procs):  # counts reported, then a crash on the way out: say so, keep the counts
+        if p.exitcode not in (None, 0):
+            print(f"warning: {mode} producer {w} exited with code {p.exitcode} after reporting its counts",
+                  file=sys.stderr, flush=True)
     for m in meters:
         m.join(timeout=5)
-    n = sum(r[0] for r in results)
+    n = sum(r[1] for r in results)
     if n == 0:
         raise SystemExit(f"{mode}: no group was acknowledged in the measured window")
     cpu = {"server_cpu_ms_per_group": round(server_cpu.get("cpu_s", 0) / n * 1e3, 3),
            "producer_cpu_ms_per_group": round(producer_cpu.get("cpu_s", 0) / n * 1e3, 3)}
-    return n / args.seconds, sum(r[1] for r in results) / args.seconds / 1e6, cpu
+    return n / args.seconds, sum(r[2] for r in results) / args.seconds / 1e6, cpu
 
 
 def start_buffer(run_dir: Path, fsync: str, env: dict) -> tuple[subprocess.Popen, RunConfig]:
