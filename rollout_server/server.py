@@ -305,12 +305,13 @@ class RolloutServer(Daemon):
                     for other in self.unacked.values():  # the buffer is not answering: back off all
                         other.due = max(other.due, time.monotonic() + RESEND_BACKOFF_S)
                     break
-            if not due:
-                try:  # a finished episode wakes it at once: its group is sent with the next lease asked for
-                    await asyncio.wait_for(self.group_ready.wait(), 0.05)
-                except asyncio.TimeoutError:
-                    pass
-            await asyncio.sleep(0)
+            if due:
+                await asyncio.sleep(0)
+                continue
+            try:  # a finished episode wakes it at once: its group is sent with the next lease asked for
+                await asyncio.wait_for(self.group_ready.wait(), 0.05)
+            except asyncio.TimeoutError:
+                pass
 
     async def send_group(self, u: _Unacked) -> bool:
         """Send one group, asking for the leases of free slots with its ack (one round trip for
@@ -327,13 +328,13 @@ class RolloutServer(Daemon):
             return False
         finally:
             self.credits_asked -= want
-        if isinstance(ack, Ack):
+        if isinstance(ack, Ack) and ack.credits:
             self._count_leases("ack", len(ack.credits))
-        for credit in ack.credits if isinstance(ack, Ack) else ():
             if self.syncing or self.plans:  # a sync began meanwhile: start them once it is over
-                self.held_credits.append(credit)
+                self.held_credits.extend(ack.credits)
             else:
-                self.start_episode(credit)
+                for credit in ack.credits:
+                    self.start_episode(credit)
         if isinstance(ack, Ack) and ack.status in ("accepted", "duplicate", "rejected"):
             self.unacked.pop(u.group.group_id, None)
             if ack.status == "rejected":  # e.g. too stale or malformed: re-sending cannot help
