@@ -2,7 +2,8 @@
 
 The launcher passes the resolved run config (``<run_dir>/config.yaml``); overrides such as
 ``buffer.metrics_port=9100`` apply on top. The WAL lives in ``buffer.wal_dir`` (relative to
-``run_dir``); restarting with the same run_dir resumes from it.
+``run_dir``); restarting with the same run_dir resumes from it. Exit status 2: invalid configuration;
+3: another buffer holds that WAL directory (one buffer per ``wal_dir``).
 """
 
 import os
@@ -15,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     from areal_like.config import ConfigError, load_daemon_config
     from areal_like.daemon import setup_logging
     from buffer.service import BufferService
+    from buffer.wal import WalInUse
 
     log = setup_logging("buffer")
     try:
@@ -22,7 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         log.error("invalid configuration: %s", e)
         return 2
-    return BufferService(cfg).serve()
+    try:
+        service = BufferService(cfg)
+    except WalInUse as e:
+        log.error("%s", e)
+        return 3
+    return service.serve()
 
 
 if __name__ == "__main__":

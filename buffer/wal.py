@@ -40,6 +40,13 @@ middle could resurrect a group.
 
 A failed fsync is fatal: ``durable()`` raises from then on and the daemon exits.
 
+One writer per directory: the log holds an exclusive ``flock`` on ``<wal_dir>/LOCK`` from the moment
+it is made until ``close`` (the kernel drops it when the process dies, ``kill -9`` included), and a
+second log on the same directory, in any process, fails at once with ``WalInUse`` naming the
+holder's PID. Two buffers appending to, truncating and compacting the same segments would lose
+acknowledged groups without either noticing (two jobs given one ``run_dir``, a buffer started by
+hand beside a running job).
+
 A torn or corrupt record (short header or payload, CRC mismatch, absurd length) ends the replay of
 its segment with a warning naming file and offset; the rest of that segment is skipped and a
 torn tail of the newest segment is truncated. It is never fatal and never accepted. The zero
@@ -48,10 +55,12 @@ padding a direct append leaves up to a block boundary is the clean end of a segm
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -63,6 +72,7 @@ from buffer.wal_format import segment_path as _segment_path
 
 _CONTROL_ENCODER = msgspec.msgpack.Encoder()  # the bytes msgpack.packb(use_bin_type=True) writes, ~4x faster
 BATCH_FSYNC_S = 0.05  # fsync=batch: bounds what a power loss can take to the last 50 ms of acks
+LOCK_FILE = "LOCK"  # in the WAL directory: flocked by the one log that may write there
 
 log = logging.getLogger("buffer.wal")
 
@@ -70,6 +80,43 @@ log = logging.getLogger("buffer.wal")
 class WalFailed(OSError):
     """The WAL cannot make anything durable any more (a failed write or fsync): fatal for the
     daemon, never to be mistaken for one damaged record."""
+
+
+class WalInUse(RuntimeError):
+    """Another log (in this or another process) holds the WAL directory."""
+
+
+class _DirectoryLock:
+    """The exclusive ``flock`` on ``<directory>/LOCK``, held while ``fd`` is open. The holder's PID is
+    written into the file for the error message of the next one to try."""
+
+    def __init__(self, directory: Path):
+        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise WalInUse(f"WAL directory {directory} is in use by another buffer (pid {holder}): one buffer "
+                           f"per wal_dir; stop that one or give this one its own run_dir") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd: int | None = fd
+        _HELD.add(self)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+_HELD: weakref.WeakSet[_DirectoryLock] = weakref.WeakSet()
+# A forked child (multiprocessing) shares the parent's open file, so its copy of the descriptor would
+# keep the directory locked after the parent let go or died: the child closes its copies at once.
+os.register_at_fork(after_in_child=lambda: [lock.release() for lock in list(_HELD)])
 
 
 def _sync_data(fd: int) -> None:
@@ -85,6 +132,9 @@ class WriteAheadLog:
             raise ValueError(f"fsync={fsync!r}")
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
+        # released by close(), or when a log that was never closed is collected
+        self._lock = _DirectoryLock(self.dir)
+        self._unlock = weakref.finalize(self, self._lock.release)
         self.fsync_policy = fsync
         self.segment_bytes = segment_bytes
         self.direct = direct and fsync == "always"  # direct I/O wanted; each segment falls back if refused
@@ -367,6 +417,7 @@ class WriteAheadLog:
         if self.wakeup_fd is not None:
             os.close(self.wakeup_fd)
             self.wakeup_fd = None
+        self._unlock()  # last: nothing of this log writes to the directory any more
 
     # ---- bookkeeping
     def _track(self, group_id: str, segment: int) -> None:

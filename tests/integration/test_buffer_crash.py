@@ -154,6 +154,37 @@ def test_kill9_mid_stream_loses_and_duplicates_nothing(tmp_run_dir, spawn_python
     svc.wal.close()
 
 
+def test_a_second_buffer_on_the_same_wal_is_refused_until_the_first_is_gone(tmp_run_dir, spawn_python):
+    """Two buffers on one WAL directory would append to, truncate and compact the same segments: the
+    second refuses to start (exit 3, naming the holder's PID) and the first serves on untouched; once
+    the first is killed (kill -9: no close), the kernel has dropped its lock and a new one starts."""
+    def config(name: str) -> tuple[Path, str]:
+        cfg = RunConfig(run_dir=str(tmp_run_dir), task=TaskConfig(num_prompts=1000), buffer=BufferConfig(
+            address=f"tcp://127.0.0.1:{free_port()}", pub_address=f"tcp://127.0.0.1:{free_port()}"))
+        path = tmp_run_dir / f"{name}.yaml"  # the same run_dir, so the same wal_dir
+        path.write_text(to_yaml(cfg))
+        return path, cfg.buffer.address
+
+    def stored(address: str) -> int:
+        client = Client(address, timeout_s=TIMEOUT_S)
+        try:
+            return client.request(P.StatsRequest()).values["stored"]
+        finally:
+            client.close()
+
+    (first_cfg, first_addr), (second_cfg, second_addr) = config("first"), config("second")
+    first = spawn_python("buffer", ["--config-file", first_cfg], capture=False)
+    assert stored(first_addr) == 0  # up, WAL opened
+    second = spawn_python("buffer", ["--config-file", second_cfg])
+    _, err = second.communicate(timeout=TIMEOUT_S)
+    assert second.returncode == 3, err[-2000:]
+    assert f"is in use by another buffer (pid {first.pid})" in err, err[-2000:]
+    assert first.poll() is None and stored(first_addr) == 0  # the first one was not disturbed
+
+    spawn_python.kill9(first)
+    third = spawn_python("buffer", ["--config-file", second_cfg], capture=False)
+    assert stored(second_addr) == 0 and third.poll() is None
+
 if __name__ == "__main__":  # a producer started by hand: python test_buffer_crash.py ADDRESS ID OUT N
     produce(*sys.argv[1:])
     os._exit(0)

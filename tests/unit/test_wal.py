@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from buffer.wal import WalFailed, WriteAheadLog, _segment_path
+from buffer.wal import WalFailed, WalInUse, WriteAheadLog, _segment_path
 
 
 def replay(path, **kw) -> tuple[WriteAheadLog, list]:
@@ -132,6 +132,7 @@ def test_records_survive_the_process_without_close(tmp_path, policy):
     wal.append_group("g", b"payload")
     wal.commit()
     fd = wal._fd  # simulate the process vanishing: no close, no final commit
+    wal._lock.release()  # the kernel drops a dead process's directory lock
     _, recs = replay(tmp_path)
     assert [r[1] for r in recs if r[0] == "G"] == ["g"]
     os.close(fd)
@@ -399,3 +400,41 @@ def test_a_reader_descriptor_numbered_0_is_kept_and_closed(tmp_path):
                          text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "closed"
+
+
+def test_one_log_per_directory(tmp_path):
+    """A second log on a directory that a log holds fails at once, naming the holder; closing (or
+    dropping) the first lets the next one in."""
+    wal = WriteAheadLog(tmp_path)
+    with pytest.raises(WalInUse, match=f"in use by another buffer \\(pid {os.getpid()}\\)"):
+        WriteAheadLog(tmp_path)
+    wal.close()
+    again = WriteAheadLog(tmp_path)
+    del again  # never closed: the lock goes with the object
+    WriteAheadLog(tmp_path, fsync="never").close()
+
+
+def _signal_and_wait(running, release) -> None:
+    running.set()
+    release.wait(60)
+
+
+def test_a_forked_child_does_not_keep_the_directory_locked(tmp_path):
+    """A child forked while the log is open (multiprocessing's default on Linux) shares the lock
+    file; it lets go of it at once, so the directory is free as soon as the parent closes its log."""
+    import multiprocessing as mp
+
+    wal = WriteAheadLog(tmp_path)
+    ctx = mp.get_context("fork")
+    running, release, child = ctx.Event(), ctx.Event(), None
+    try:
+        child = ctx.Process(target=_signal_and_wait, args=(running, release))
+        child.start()
+        assert running.wait(60)  # past the fork handlers
+        wal.close()
+        WriteAheadLog(tmp_path).close()  # the child is still alive and holds no lock
+        assert child.is_alive()
+    finally:
+        release.set()
+        if child is not None:
+            child.join(timeout=60)
