@@ -34,7 +34,10 @@ both sides of a ratio alike (``ratios`` lists them).
 
 Every ingest case also reports ``server_cpu_ms_per_group`` and ``producer_cpu_ms_per_group``: CPU
 seconds (all threads, user + system) over the measured window per acknowledged group. On a shared
-machine they vary less than the rates and show where the time goes.
+machine they vary less than the rates and show where the time goes. ``machine_idle_share`` and
+``machine_iowait_share`` say how much of the whole machine's CPU time in that window was idle, and
+idle with disk I/O outstanding: a case with idle cores is bound by latency (the group commit's
+disk round trip, the producers' one request in flight each), not by CPU.
 
 Producers run in several processes with several threads each (one DEALER socket per thread) so
 that producer-side Python does not cap either case, and they do not encode: each thread packs its
@@ -223,6 +226,18 @@ def _cpu_in_window(pids: list[int], t_start: float, t_stop: float, out: dict) ->
     out["cpu_s"] = _cpu_seconds(pids) - before
 
 
+def _machine_in_window(t_start: float, t_stop: float, out: dict) -> None:
+    """Shares of the whole machine's CPU time between t_start and t_stop that were idle, and idle
+    with I/O outstanding (iowait): how far a case is from using every core."""
+    time.sleep(max(0.0, t_start - time.time()))
+    before = psutil.cpu_times()
+    time.sleep(max(0.0, t_stop - time.time()))
+    delta = {k: v - getattr(before, k) for k, v in psutil.cpu_times()._asdict().items()}
+    total = sum(v for k, v in delta.items() if k not in ("guest", "guest_nice")) or 1.0  # guest time is in user
+    out["idle"] = delta.get("idle", 0.0) / total
+    out["iowait"] = delta.get("iowait", 0.0) / total
+
+
 def run_producers(mode: str, address: str, args, server_pid: int) -> tuple[float, float, dict]:
     """Returns (groups/s, MB/s, CPU ms per group of the server and of the producers) over the
     measured window. CPU per group does not depend on how busy the shared machine is."""
@@ -235,9 +250,10 @@ def run_producers(mode: str, address: str, args, server_pid: int) -> tuple[float
                                                          t_start, t_stop, out)) for w in range(args.processes)]
     for p in procs:
         p.start()
-    server_cpu, producer_cpu = {}, {}
+    server_cpu, producer_cpu, machine = {}, {}, {}
     meters = [threading.Thread(target=_cpu_in_window, args=(pids, t_start, t_stop, into), daemon=True)
               for pids, into in (([server_pid], server_cpu), ([p.pid for p in procs], producer_cpu))]
+    meters.append(threading.Thread(target=_machine_in_window, args=(t_start, t_stop, machine), daemon=True))
     for m in meters:
         m.start()
     results, deadline = [], time.time() + args.seconds + args.warmup_s + 120
@@ -261,7 +277,9 @@ def run_producers(mode: str, address: str, args, server_pid: int) -> tuple[float
     if n == 0:
         raise SystemExit(f"{mode}: no group was acknowledged in the measured window")
     cpu = {"server_cpu_ms_per_group": round(server_cpu.get("cpu_s", 0) / n * 1e3, 3),
-           "producer_cpu_ms_per_group": round(producer_cpu.get("cpu_s", 0) / n * 1e3, 3)}
+           "producer_cpu_ms_per_group": round(producer_cpu.get("cpu_s", 0) / n * 1e3, 3),
+           "machine_idle_share": round(machine.get("idle", 0.0), 3),
+           "machine_iowait_share": round(machine.get("iowait", 0.0), 3)}
     return n / args.seconds, sum(r[2] for r in results) / args.seconds / 1e6, cpu
 
 
