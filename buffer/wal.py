@@ -55,6 +55,7 @@ padding a direct append leaves up to a block boundary is the clean end of a segm
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -91,6 +92,7 @@ class _DirectoryLock:
     written into the file for the error message of the next one to try."""
 
     def __init__(self, directory: Path):
+        self.fd: int | None = None
         fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -99,12 +101,18 @@ class _DirectoryLock:
             os.close(fd)
             raise WalInUse(f"WAL directory {directory} is in use by another buffer (pid {holder}): one buffer "
                            f"per wal_dir; stop that one or give this one its own run_dir") from None
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            log.warning("wal: %s cannot be locked (%s): nothing stops a second buffer on it", directory, e)
+            return
         except BaseException:
             os.close(fd)
             raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd: int | None = fd
+        self.fd = fd
         _HELD.add(self)
 
     def release(self) -> None:
@@ -114,9 +122,16 @@ class _DirectoryLock:
 
 
 _HELD: weakref.WeakSet[_DirectoryLock] = weakref.WeakSet()
-# A forked child (multiprocessing) shares the parent's open file, so its copy of the descriptor would
-# keep the directory locked after the parent let go or died: the child closes its copies at once.
-os.register_at_fork(after_in_child=lambda: [lock.release() for lock in list(_HELD)])
+
+
+def _release_inherited_locks() -> None:
+    """In a forked child (multiprocessing): its copies of the lock descriptors share the parent's
+    open file and would keep the directories locked after the parent let go or died."""
+    for lock in list(_HELD):
+        lock.release()
+
+
+os.register_at_fork(after_in_child=_release_inherited_locks)
 
 
 def _sync_data(fd: int) -> None:

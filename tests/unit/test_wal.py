@@ -414,6 +414,23 @@ def test_one_log_per_directory(tmp_path):
     WriteAheadLog(tmp_path, fsync="never").close()
 
 
+def test_a_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):
+    """Where flock is not supported (ENOLCK: some network file systems) the log still opens, and
+    says that nothing stops a second buffer."""
+    import errno
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr("buffer.wal.fcntl.flock", no_locks)
+    with caplog.at_level(logging.WARNING, logger="buffer.wal"):
+        wal = WriteAheadLog(tmp_path)
+    assert "nothing stops a second buffer" in caplog.text
+    list(wal.replay())
+    wal.open({})
+    wal.close()
+
+
 def _signal_and_wait(running, release) -> None:
     running.set()
     release.wait(60)
