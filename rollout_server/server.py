@@ -330,11 +330,8 @@ class RolloutServer(Daemon):
             self.credits_asked -= want
         if isinstance(ack, Ack) and ack.credits:
             self._count_leases("ack", len(ack.credits))
-            if self.syncing or self.plans:  # a sync began meanwhile: start them once it is over
-                self.held_credits.extend(ack.credits)
-            else:
-                for credit in ack.credits:
-                    self.start_episode(credit)
+            self.held_credits.extend(ack.credits)
+            self.start_held_credits()  # at once, unless a weight sync began meanwhile
         if isinstance(ack, Ack) and ack.status in ("accepted", "duplicate", "rejected"):
             self.unacked.pop(u.group.group_id, None)
             if ack.status == "rejected":  # e.g. too stale or malformed: re-sending cannot help
