@@ -18,6 +18,10 @@ Cases (one JSON line each):
   memory, as the store does: what holding the data costs before any protocol work;
 * ``buffer_handout``: BatchRequest latency p50/p99 with the store full, n_groups per batch (each
   request acks the previous batch, as the trainer does);
+* ``control_record_<n>_leases``: the control record the buffer logs after a loop iteration that
+  closed one lease and granted one, with ``n`` leases outstanding: CPU to build and encode it as
+  logged now (what changed, ``CreditLedger.take_changes``) against the whole state, which is what
+  every iteration used to log (and what a checkpoint still holds); bytes of both. In process, no I/O;
 * ``buffer_memory``: resident memory of the daemon per 100,000 stored trajectories (RSS growth
   over the ingest / stored trajectories); baseline = their frame bytes; ratio = frame bytes / RSS.
   The daemon keeps only an index in its own memory: the frames stay in the WAL, on disk (with
@@ -80,6 +84,8 @@ from areal_like import protocol as P  # noqa: E402
 from areal_like.config import BufferConfig, RunConfig, TaskConfig, to_yaml  # noqa: E402
 from areal_like.distributed import free_port  # noqa: E402
 from areal_like.transport import Client  # noqa: E402
+from buffer.credits import CreditLedger  # noqa: E402
+from buffer.staleness import StalenessPolicy  # noqa: E402
 from buffer.wal import WriteAheadLog, reserve_blocks  # noqa: E402
 
 DISK_SECONDS = 3.0  # per disk ceiling: the disk alone varies less than the network cases
@@ -463,6 +469,31 @@ def main() -> None:
              ratio=round(gps / raw_gps, 3), goal=None, mb_per_s=round(mbps, 1), **common)
     emit(name="wal_ceiling", figure=round(wal_gps, 1), unit="groups/s", baseline=round(raw_gps, 1),
          ratio=round(wal_gps / raw_gps, 3), goal=None, mb_per_s=round(wal_mbps, 1), **common)
+    for leases in (64, 4096):
+        control_record_cost(leases)
+
+
+def control_record_cost(leases: int, iterations: int = 300) -> None:
+    """One loop iteration's control record with ``leases`` outstanding: changes against whole state."""
+    import msgspec
+
+    encoder = msgspec.msgpack.Encoder()  # the WAL's control encoder
+    ledger = CreditLedger(StalenessPolicy(10**9, 8, 10**9), 10**9, lease_timeout_s=60.0, clock=time.monotonic)
+    servers = [f"rollout-server-{i:02d}" for i in range(64)]
+    ledger.grant(servers[0], leases, 0)
+    ledger.take_changes()
+    cost, size = {}, {}
+    for how, build in (("whole", ledger.state), ("changes", ledger.take_changes)):
+        t0 = time.process_time()
+        for i in range(iterations):  # one group delivered (its lease closes), one lease granted with the ack
+            ledger.fulfil(next(iter(ledger.leases)))
+            ledger.grant(servers[i % 64], 1, 0)
+            record = encoder.encode({"changes" if how == "changes" else "state": {**build(), "version": 0,
+                                                                                   "in_transit": None}})
+        cost[how], size[how] = 1e6 * (time.process_time() - t0) / iterations, len(record)
+    emit(name=f"control_record_{leases}_leases", figure=round(cost["changes"], 1), unit="us per iteration",
+         baseline=round(cost["whole"], 1), ratio=round(cost["whole"] / cost["changes"], 1), goal=None,
+         bytes=size["changes"], baseline_bytes=size["whole"], leases=leases)
 
 
 if __name__ == "__main__":

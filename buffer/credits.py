@@ -14,9 +14,14 @@ the newest version any engine can serve).
 
 Invariants: every prompt index below the cursor is, at any time, exactly one of: covered by an
 accepted group, held by an outstanding lease, or waiting in the re-issue queue. Nothing here does
-I/O; ``state()`` / ``from_state()`` are what the WAL persists. Deadlines are monotonic-clock
-values and are not persisted: a restored lease gets a fresh full timeout (its holder may still
-deliver after the buffer restarts).
+I/O. What the WAL persists: ``snapshot()`` (the whole state, ``load_state`` restores it) in the
+checkpoint that starts every segment, and after that ``take_changes()`` (what changed since the last
+snapshot or change record, ``apply_changes`` replays it) in the control record of every loop
+iteration that changed something. A change record costs what changed, not the number of leases
+outstanding: with 4,096 leases out, a whole state is ~117 KB of msgpack and ~1 ms of CPU to build
+and encode, which the buffer used to pay in every iteration. Deadlines are monotonic-clock values
+and are not persisted: a restored lease gets a fresh full timeout (its holder may still deliver
+after the buffer restarts).
 """
 
 from __future__ import annotations
@@ -58,6 +63,14 @@ class CreditLedger:
         self.next_lease = 0
         self.leases: dict[str, Lease] = {}
         self.reissue: deque[tuple[int, int]] = deque()
+        self._forget_changes()
+
+    def _forget_changes(self) -> None:
+        """Start a new change record (see ``take_changes``)."""
+        self._granted: list[Lease] = []  # in grant order
+        self._closed: list[str] = []  # lease ids fulfilled, cancelled or expired
+        self._requeued: list[tuple[int, int]] = []  # pushed onto the re-issue queue, in order
+        self._dequeued = 0  # taken from its front
 
     @property
     def in_flight(self) -> int:
@@ -78,6 +91,7 @@ class CreditLedger:
         while len(out) < n:
             if self.reissue:
                 index, epoch = self.reissue.popleft()
+                self._dequeued += 1
             elif self.exhausted:
                 break
             else:
@@ -89,6 +103,7 @@ class CreditLedger:
             self.next_lease += 1
             self.started += 1
             self.leases[lease.lease_id] = lease
+            self._granted.append(lease)
             out.append(lease)
         return out
 
@@ -102,18 +117,23 @@ class CreditLedger:
 
     def fulfil(self, lease_id: str) -> Lease | None:
         """A group for this lease was accepted: the lease closes, its slot stays taken."""
-        return self.leases.pop(lease_id, None)
+        lease = self.leases.pop(lease_id, None)
+        if lease is not None:
+            self._closed.append(lease_id)
+        return lease
 
     def give_back(self, prompt_index: int, epoch: int, *, reissue: bool) -> None:
         """A group was dropped (filter, staleness): return its slot, optionally re-queue its prompt."""
         self.started -= 1
         if reissue:
             self.reissue.append((prompt_index, epoch))
+            self._requeued.append((prompt_index, epoch))
 
     def cancel(self, lease_id: str) -> Lease | None:
         """The lease's group was rejected: the prompt goes out again, the slot is returned."""
         lease = self.leases.pop(lease_id, None)
         if lease is not None:
+            self._closed.append(lease_id)
             self.give_back(lease.prompt_index, lease.epoch, reissue=True)
         return lease
 
@@ -127,9 +147,15 @@ class CreditLedger:
 
     # ---- persistence
     def state(self) -> dict:
+        """The whole state (what ``load_state`` restores)."""
         return {"cursor": [self.next_index, self.epoch], "started": self.started, "next_lease": self.next_lease,
                 "leases": [[x.lease_id, x.prompt_index, x.epoch, x.server_id] for x in self.leases.values()],
                 "reissue": [list(p) for p in self.reissue]}
+
+    def snapshot(self) -> dict:
+        """``state()`` for a checkpoint: the next change record starts from here."""
+        self._forget_changes()
+        return self.state()
 
     def load_state(self, state: dict) -> None:
         self.next_index, self.epoch = state["cursor"]
@@ -138,6 +164,36 @@ class CreditLedger:
         deadline = self.clock() + self.lease_timeout_s
         self.leases = {lid: Lease(lid, i, e, sid, deadline) for lid, i, e, sid in state["leases"]}
         self.reissue = deque((i, e) for i, e in state["reissue"])
+        self._forget_changes()
+
+    def take_changes(self) -> dict:
+        """What changed since the last ``snapshot``, ``take_changes`` or ``load_state``: the counters
+        (whole: three numbers), the leases granted and closed (a lease may be both), and the
+        re-issue queue's pushes and pops. The queue is FIFO, so it becomes ``(old + requeued)``
+        without its first ``dequeued`` entries, whatever the interleaving was."""
+        changes = {"cursor": [self.next_index, self.epoch], "started": self.started, "next_lease": self.next_lease,
+                   "granted": [[x.lease_id, x.prompt_index, x.epoch, x.server_id] for x in self._granted],
+                   "closed": self._closed, "requeued": [list(p) for p in self._requeued],
+                   "dequeued": self._dequeued}
+        self._forget_changes()
+        return changes
+
+    def apply_changes(self, changes: dict) -> None:
+        """Replay a ``take_changes`` record on the state it was taken from."""
+        self.next_index, self.epoch = changes["cursor"]
+        self.started = changes["started"]
+        self.next_lease = changes["next_lease"]
+        deadline = self.clock() + self.lease_timeout_s
+        for lid, i, e, sid in changes["granted"]:
+            self.leases[lid] = Lease(lid, i, e, sid, deadline)
+        for lid in changes["closed"]:
+            self.leases.pop(lid, None)  # a replayed group record may have closed it already
+        self.reissue.extend((i, e) for i, e in changes["requeued"])
+        if changes["dequeued"] > len(self.reissue):
+            raise ValueError(f"change record takes {changes['dequeued']} re-issues of {len(self.reissue)}")
+        for _ in range(changes["dequeued"]):
+            self.reissue.popleft()
+        self._forget_changes()
 
 
 def version_range(group: TrajectoryGroup) -> tuple[int, int, int]:

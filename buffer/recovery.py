@@ -4,10 +4,12 @@ Replay applies the records in the order they were written:
 
 * ``G`` (an accepted group): remembered for dedupe, its lease closed, stored;
 * ``C`` (control): ``seen`` ids (checkpoints) remembered, ``consumed`` groups removed from the
-  store, ``state`` (cursor, started, leases, re-issue queue, trainer version) replaces the small
-  state. A state record is written after the records of its loop iteration, so it already
-  reflects them; if the process died between a group record and the next state record, the group
-  record alone closes its lease, which is exactly what had happened.
+  store; a checkpoint's ``state`` (cursor, started, leases, re-issue queue, trainer version,
+  batch in transit) replaces the control state, and every later record's ``changes`` (what its
+  loop iteration changed, ``CreditLedger.take_changes``) are applied on top. A control record is
+  written after the records of its loop iteration, so it already reflects them; if the process
+  died between a group record and the next control record, the group record alone closes its
+  lease, which is exactly what had happened.
 
 The last state's ``in_transit`` batch (handed to the trainer, not yet acknowledged) leaves the
 store again: the trainer's next request says whether it arrived (``handout.py``).
@@ -71,10 +73,14 @@ def recover(svc: BufferService) -> None:
         for gid in control.get("consumed", ()):
             svc.store.remove(gid)
             unreadable.pop(gid, None)  # dropped by an earlier start
-        if "state" in control:
+        if "state" in control:  # a checkpoint (or any control record of a version before change records)
             svc.ledger.load_state(control["state"])
             svc.version = control["state"]["version"]
             in_transit = control["state"].get("in_transit")
+        elif "changes" in control:  # what the iteration that wrote it changed
+            svc.ledger.apply_changes(control["changes"])
+            svc.version = control["changes"]["version"]
+            in_transit = control["changes"]["in_transit"]
     svc._restore_in_transit(in_transit)
     # Drops must land in the same record as their returned slots (a checkpoint that already counts
     # them while the groups are still unconsumed in the log would return the slots twice).

@@ -217,9 +217,9 @@ class BufferService(BatchHandout, BufferMetrics, Daemon):
             self.log.warning("server %s silent for %.0fs: removed from the roster", sid, silent)
 
     def _write_control(self) -> None:
-        if self._dirty or self._consumed:
-            self._count("wal_bytes_written", self.wal.append_control({"state": self.state(),
-                                                                      "consumed": self._consumed}))
+        if self._dirty or self._consumed:  # what changed, not the whole state (see credits.py)
+            changes = {**self.ledger.take_changes(), "version": self.version, "in_transit": self._in_transit_record()}
+            self._count("wal_bytes_written", self.wal.append_control({"changes": changes, "consumed": self._consumed}))
             self._dirty, self._consumed = False, []
 
     def _persist_and_reply(self) -> None:
@@ -388,13 +388,16 @@ class BufferService(BatchHandout, BufferMetrics, Daemon):
 
     # ------------------------------------------------------------------ state, metrics
     def state(self) -> dict:
-        """The small control state; the WAL stores it after every change."""
-        return {**self.ledger.state(), "version": self.version,
-                "in_transit": self.in_transit.record() if self.in_transit is not None else None}
+        """The whole control state (a checkpoint holds it; every iteration logs what changed)."""
+        return {**self.ledger.state(), "version": self.version, "in_transit": self._in_transit_record()}
+
+    def _in_transit_record(self) -> list | None:
+        return self.in_transit.record() if self.in_transit is not None else None
 
     def checkpoint(self) -> dict:
         """First record of every WAL segment: supersedes every older control record."""
-        return {"state": self.state(), "seen": list(self.seen)[-SEEN_KEEP:]}
+        return {"state": {**self.ledger.snapshot(), "version": self.version, "in_transit": self._in_transit_record()},
+                "seen": list(self.seen)[-SEEN_KEEP:]}
 
     def _remember(self, group_id: str) -> None:
         self.seen[group_id] = None

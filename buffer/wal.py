@@ -5,8 +5,8 @@ segment whose first record is a checkpoint (the small control state, see ``Buffe
 segment never continues after a crash and older segments' control records are superseded.
 
 Records (framing and checksums: ``wal_format.py``) are group records (a TrajectoryGroup's wire
-frame as received) and control records (a msgpack map: "state", "consumed", "seen", ...). A control
-record's ``consumed`` list marks groups handed to the trainer or dropped; replay yields
+frame as received) and control records (a msgpack map: "state" or "changes", "consumed", "seen",
+...). A control record's ``consumed`` list marks groups handed to the trainer or dropped; replay yields
 everything in order and the caller applies it, so restart rebuilds exactly the unconsumed groups.
 
 Durability (``fsync``):

@@ -328,10 +328,10 @@ def test_a_group_asks_for_leases_with_its_ack_and_they_survive_a_restart(tmp_pat
         again = c.request(dataclasses.replace(make_group(ack.credits[0]), want_credits=5))
         assert again.status == "accepted" and [x.prompt_index for x in again.credits] == [3]  # the bound: 4
         # durable before the Ack was sent: a copy of the WAL taken now (nothing else was asked since)
-        # ends in a control state holding that lease
+        # ends in a control record that grants that lease
         shutil.copytree(svc.wal.dir, tmp_path / "wal-copy")
         controls = [r.control for r in WriteAheadLog(tmp_path / "wal-copy").replay() if r.kind == "C"]
-        assert again.credits[0].lease_id in [x[0] for x in controls[-1]["state"]["leases"]]
+        assert again.credits[0].lease_id in [x[0] for x in controls[-1]["changes"]["granted"]]
         bad = dataclasses.replace(make_group(ack.credits[1], version=9), want_credits=1)  # a future version
         rejected = c.request(bad)
         assert rejected.status == "rejected" and rejected.credits == []
