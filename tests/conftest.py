@@ -27,9 +27,11 @@ TERM_GRACE_S = 10.0  # a daemon's graceful stop (GRACEFUL_STOP_S) fits in this; 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for test subprocesses: one thread per process (2 shared cores), unbuffered
-    output, and the repository importable even without the editable install."""
+    output, the repository importable even without the editable install, and the Python stacks of
+    every thread printed if a process dies of a fatal signal (a native crash, an abort)."""
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONFAULTHANDLER="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env.update(extra or {})
     return env

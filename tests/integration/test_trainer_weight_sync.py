@@ -204,7 +204,8 @@ def test_two_rank_trainer_pushes_to_two_engines_and_survives_a_kill(tmp_path, sp
                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for rank in (0, 1)]
 
     def result(name: str):
-        assert all(t.poll() in (None, 0) for t in trainers), "a trainer rank died (see its log above)"
+        codes = [t.poll() for t in trainers]
+        assert all(c in (None, 0) for c in codes), f"a trainer rank died: exit codes by rank {codes} (see its log above)"
         return _read_json(tmp_path / name)
 
     try:
