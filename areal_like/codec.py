@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import sys
+import threading
 import types
 import typing
 from collections.abc import Callable
@@ -200,6 +201,10 @@ class Codec:
         self._builders: dict[tuple[type, bool], Converter] = {}
         self._fast_encoders: dict[type, Converter] = {}
         self._fast_decoder: msgspec.msgpack.Decoder | None = None
+        # The fast paths are built on first use, by one thread while any other waits: two threads
+        # building msgspec decoders over the same new struct types at once crashed the process
+        # (SIGSEGV inside msgspec), and a half-built converter is a stand-in that is not ready.
+        self._build_lock = threading.RLock()  # re-entrant: builders recurse into nested message types
 
     def _hints(self, cls: type) -> dict[str, Any]:
         return typing.get_type_hints(cls, globalns=vars(sys.modules[cls.__module__]))
@@ -352,12 +357,22 @@ class Codec:
         exec(compile(source, f"<areal_like.codec {name}>", "exec"), ns)  # noqa: S102 - our own schema
         return ns[name]
 
+    def _stand_in(self, final: Callable[[], Converter]) -> Converter:
+        """What a converter's cache holds while it is compiled: it waits for the thread building it
+        (which holds ``_build_lock``), then calls the finished converter ``final()`` returns."""
+        def stand_in(w: Any) -> Any:
+            with self._build_lock:
+                pass
+            return final()(w)
+
+        return stand_in
+
     def _fast_builder(self, cls: type, top: bool) -> Converter:
         """mirror struct -> message (decode)."""
         key = (cls, top)
         if key not in self._builders:
             ns: dict[str, Any] = {"_Refused": _Refused, "_cls": cls}
-            self._builders[key] = lambda w: built(w)  # stand-in while compiling (no recursive schema today)
+            self._builders[key] = self._stand_in(lambda: built)  # while compiling (no recursive schema today)
             hints = self._hints(cls)
             lines = [] if top else [f"if w.type != {cls.TYPE!r}: raise _Refused"]
             fields = dataclasses.fields(cls)
@@ -379,9 +394,15 @@ class Codec:
 
     def _fast_encoder(self, cls: type) -> Converter:
         """message -> wire dict (encode); _Refused for anything the reference path must handle."""
+        if (ready := self._fast_encoders.get(cls)) is not None:
+            return ready
+        with self._build_lock:
+            return self._build_fast_encoder(cls)
+
+    def _build_fast_encoder(self, cls: type) -> Converter:
         if cls not in self._fast_encoders:
             ns: dict[str, Any] = {"_Refused": _Refused, "_cls": cls}
-            self._fast_encoders[cls] = lambda w: encoded(w)
+            self._fast_encoders[cls] = self._stand_in(lambda: encoded)
             hints = self._hints(cls)
             lines = ["if type(w) is not _cls: raise _Refused"]
             if cls.validate is not self.base.validate:
@@ -395,12 +416,16 @@ class Codec:
         return self._fast_encoders[cls]
 
     def _decode_fast(self, data: Any) -> Any:
-        if self._fast_decoder is None:
-            mirrors = tuple(self._mirror(cls, top=True) for cls in self.top_level.values())
-            self._top_builders = {m: self._fast_builder(cls, top=True)
-                                  for m, cls in zip(mirrors, self.top_level.values())}
-            self._fast_decoder = msgspec.msgpack.Decoder(typing.Union[mirrors], ext_hook=_ext_hook)  # last: ready
-        wire = self._fast_decoder.decode(data)
+        decoder = self._fast_decoder
+        if decoder is None:
+            with self._build_lock:
+                if self._fast_decoder is None:
+                    mirrors = tuple(self._mirror(cls, top=True) for cls in self.top_level.values())
+                    self._top_builders = {m: self._fast_builder(cls, top=True)
+                                          for m, cls in zip(mirrors, self.top_level.values())}
+                    self._fast_decoder = msgspec.msgpack.Decoder(typing.Union[mirrors], ext_hook=_ext_hook)  # last
+                decoder = self._fast_decoder
+        wire = decoder.decode(data)
         if wire.protocol != self.version:
             raise _Refused
         return self._top_builders[type(wire)](wire)
