@@ -15,13 +15,14 @@ the newest version any engine can serve).
 Invariants: every prompt index below the cursor is, at any time, exactly one of: covered by an
 accepted group, held by an outstanding lease, or waiting in the re-issue queue. Nothing here does
 I/O. What the WAL persists: ``snapshot()`` (the whole state, ``load_state`` restores it) in the
-checkpoint that starts every segment, and after that ``take_changes()`` (what changed since the last
-snapshot or change record, ``apply_changes`` replays it) in the control record of every loop
-iteration that changed something. A change record costs what changed, not the number of leases
-outstanding: with 4,096 leases out, a whole state is ~117 KB of msgpack and ~1 ms of CPU to build
-and encode, which the buffer used to pay in every iteration. Deadlines are monotonic-clock values
-and are not persisted: a restored lease gets a fresh full timeout (its holder may still deliver
-after the buffer restarts).
+checkpoint that starts every segment, and after that ``take_changes()`` (what changed since the
+last snapshot or change record, ``apply_changes`` replays it) in the control record the buffer
+writes after a loop iteration that changed its state (a lease closed by an accepted group alone
+waits for the next one: the group's own record closes it on replay). A change record costs what
+changed, not the number of leases outstanding: with 4,096 leases out, a whole state is ~117 KB of
+msgpack and ~1 ms of CPU to build and encode, which the buffer used to pay in every iteration.
+Deadlines are monotonic-clock values and are not persisted: a restored lease gets a fresh full
+timeout (its holder may still deliver after the buffer restarts).
 """
 
 from __future__ import annotations

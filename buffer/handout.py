@@ -2,9 +2,9 @@
 
 At-least-once into training, and exactly once while nobody crashes:
 
-* a batch handed out is *in transit*, not consumed: its groups leave the store, the WAL's state
-  records ``in_transit = [batch_id, version, group ids]`` (the group records stay live), and the
-  ``Batch`` reply carries ``batch_id``; it is sent once that state is durable;
+* a batch handed out is *in transit*, not consumed: its groups leave the store, the WAL's
+  control record notes ``in_transit = [batch_id, version, group ids]`` (the group records stay live),
+  and the ``Batch`` reply carries ``batch_id``; it is sent once that record is durable;
 * the trainer's next ``BatchRequest`` carries ``ack_batch`` = the id of the last batch it received.
   A match marks the batch consumed (WAL ``consumed`` marks, ``groups_consumed``, the staleness
   histogram at the version it was handed out for);
@@ -81,7 +81,7 @@ class BatchHandout:
                 reply = P.Batch(groups=[], trainer_version=v, reason=why)
             else:
                 self.in_transit = InTransit(uuid.uuid4().hex, v, taken)
-                self._dirty = True  # the state record carries the batch in transit
+                self._dirty = True  # the next control record carries the batch in transit
                 reply = P.Batch(groups=groups, trainer_version=v, batch_id=self.in_transit.batch_id)
             self._queue_reply(p.peer, p.req_id, reply, p.request.TYPE, p.received)
 

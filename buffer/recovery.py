@@ -11,7 +11,7 @@ Replay applies the records in the order they were written:
   died between a group record and the next control record, the group record alone closes its
   lease, which is exactly what had happened.
 
-The last state's ``in_transit`` batch (handed to the trainer, not yet acknowledged) leaves the
+The last control record's ``in_transit`` batch (handed to the trainer, not yet acknowledged) leaves the
 store again: the trainer's next request says whether it arrived (``handout.py``).
 
 Then a fresh segment is opened with a checkpoint of the recovered state, and groups that are stale
@@ -117,5 +117,5 @@ def _drop_unreadable(svc: BufferService, unreadable: dict[str, tuple[Lease | Non
             svc._consumed.append(gid)
             svc._count("groups_dropped", reason="unreadable")
             continue
-        svc.ledger.fulfil(lease.lease_id)  # still open if the process died before its state record
+        svc.ledger.fulfil(lease.lease_id)  # still open if the process died before its control record
         svc._drop([_Unreadable(gid, lease.prompt_index, lease.epoch)], "unreadable")
