@@ -218,8 +218,8 @@ class BufferService(BatchHandout, BufferMetrics, Daemon):
 
     def _write_control(self) -> None:
         if self._dirty or self._consumed:  # what changed, not the whole state (see credits.py)
-            changes = {**self.ledger.take_changes(), "version": self.version, "in_transit": self._in_transit_record()}
-            self._count("wal_bytes_written", self.wal.append_control({"changes": changes, "consumed": self._consumed}))
+            self._count("wal_bytes_written", self.wal.append_control({"changes": self._control(self.ledger.take_changes()),
+                                                                      "consumed": self._consumed}))
             self._dirty, self._consumed = False, []
 
     def _persist_and_reply(self) -> None:
@@ -389,15 +389,17 @@ class BufferService(BatchHandout, BufferMetrics, Daemon):
     # ------------------------------------------------------------------ state, metrics
     def state(self) -> dict:
         """The whole control state (a checkpoint holds it; every iteration logs what changed)."""
-        return {**self.ledger.state(), "version": self.version, "in_transit": self._in_transit_record()}
+        return self._control(self.ledger.state())
 
-    def _in_transit_record(self) -> list | None:
-        return self.in_transit.record() if self.in_transit is not None else None
+    def _control(self, ledger: dict) -> dict:
+        """A ledger's state or changes with the service's own control state (trainer version, batch in
+        transit), both always whole."""
+        return {**ledger, "version": self.version,
+                "in_transit": self.in_transit.record() if self.in_transit is not None else None}
 
     def checkpoint(self) -> dict:
         """First record of every WAL segment: supersedes every older control record."""
-        return {"state": {**self.ledger.snapshot(), "version": self.version, "in_transit": self._in_transit_record()},
-                "seen": list(self.seen)[-SEEN_KEEP:]}
+        return {"state": self._control(self.ledger.snapshot()), "seen": list(self.seen)[-SEEN_KEEP:]}
 
     def _remember(self, group_id: str) -> None:
         self.seen[group_id] = None
