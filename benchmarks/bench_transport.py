@@ -24,10 +24,11 @@ ROUTER that answers a prebuilt reply of the same size without decoding anything.
 
 Both processes create sockets through ``transport`` (the sender its DEALERs, the receiver our
 ``Server``), so ``transport.tune_allocator``, a per-process setting, applies to the raw path as
-much as to ours: the raw receiver's libzmq buffers are reused warm too. Modes are interleaved round by round so machine
-load hits both alike; figures are medians over rounds. One JSON line per (pattern, T): ``figure`` (our groups/s), ``baseline`` (raw groups/s),
-``ratio`` (goal >= 0.8 for stream at T = 4096), MB/s for both, and the in-process encode/decode
-cost of one group.
+much as to ours: the raw receiver's libzmq buffers are reused warm too. Modes are interleaved
+round by round so machine load hits both alike; figures are medians over rounds. One JSON line
+per (pattern, T), and one for the struct ceiling per T: ``figure`` (our groups/s), ``baseline``
+(raw groups/s), ``ratio`` (goal >= 0.8 for stream at T = 4096), MB/s for both, and the
+in-process encode/decode cost of one group.
 
 Run: ``python benchmarks/bench_transport.py [--tokens 512,4096] [--rounds 7] [--seconds 0.35]``
 """
@@ -100,8 +101,8 @@ def struct_accept(frame: memoryview) -> tuple[str, int]:
     group = STRUCT_DECODER.decode(frame)
     n_tokens = 0
     for t in group.trajectories:
-        ids, logp, versions = np.frombuffer(t.output_ids, I4), np.frombuffer(t.behav_logp, F4), np.frombuffer(t.versions, I4)
-        np.frombuffer(t.prompt_ids, I4)
+        ids, logp = np.frombuffer(t.output_ids, I4), np.frombuffer(t.behav_logp, F4)
+        versions, _prompt = np.frombuffer(t.versions, I4), np.frombuffer(t.prompt_ids, I4)
         if len(logp) != len(ids) or len(versions) != len(ids) or not math.isfinite(t.reward):
             raise ValueError(f"invalid trajectory in {group.group_id}")
         n_tokens += len(ids)
