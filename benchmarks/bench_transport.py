@@ -319,12 +319,16 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, struct_addr: str, rec
         raw_sock.close(linger=0)
         struct_sock.close(linger=0)
     enc_us, dec_us = codec_cost_us(groups[0])
+
+    def cpu_us(key: tuple[str, str]) -> float:
+        """CPU microseconds (both processes) per group of one mode."""
+        return 1e6 * cpu_s[key] / n_groups[key]
+
     lines = []
     for pattern in ("stream", "reqrep"):
         ours, base = rates[(pattern, "ours")], rates[(pattern, "raw")]
         figure, baseline = statistics.median(ours), statistics.median(base)
-        cpu_ours = 1e6 * cpu_s[(pattern, "ours")] / n_groups[(pattern, "ours")]
-        cpu_raw = 1e6 * cpu_s[(pattern, "raw")] / n_groups[(pattern, "raw")]
+        cpu_ours, cpu_raw = cpu_us((pattern, "ours")), cpu_us((pattern, "raw"))
         ratio = figure / baseline
         goal = GOAL_RATIO_AT_4096 if (pattern == "stream" and tokens == 4096) else None
         lines.append({"name": f"transport_{pattern}_{GROUP_SIZE}x{tokens}", "figure": round(figure, 1),
@@ -343,8 +347,7 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, struct_addr: str, rec
                       "round_s": seconds, "ours_rounds": [round(x) for x in ours], "raw_rounds": [round(x) for x in base],
                       "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()})
     structs, base = rates[("stream", "struct")], rates[("stream", "raw")]
-    cpu_struct = 1e6 * cpu_s[("stream", "struct")] / n_groups[("stream", "struct")]
-    cpu_raw = 1e6 * cpu_s[("stream", "raw")] / n_groups[("stream", "raw")]
+    cpu_struct, cpu_raw = cpu_us(("stream", "struct")), cpu_us(("stream", "raw"))
     lines.append({"name": f"transport_stream_{GROUP_SIZE}x{tokens}_struct_ceiling",
                   "figure": round(statistics.median(structs), 1), "unit": "groups/s",
                   "baseline": round(statistics.median(base), 1),
