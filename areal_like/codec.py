@@ -110,6 +110,12 @@ def _refuse() -> Any:
     raise _Refused
 
 
+def _is_struct(tp: Any) -> bool:
+    """A message class that is a msgspec Struct in its wire form (``protocol.Trajectory``): it
+    validates itself when built or decoded, and msgspec encodes and decodes it as it is."""
+    return isinstance(tp, type) and issubclass(tp, msgspec.Struct)
+
+
 def _bind(ns: dict, obj: Any) -> str:
     """Name under which generated source refers to ``obj``."""
     name = f"_g{len(ns)}"
@@ -232,6 +238,8 @@ class Codec:
             return lambda v: None if v is None else inner_enc(v)
         if typing.get_origin(tp) is list:
             return _list_of(self._encoder(typing.get_args(tp)[0]), check_list=False)
+        if _is_struct(tp):
+            return lambda v: self._check_struct(v, tp)
         if isinstance(tp, type) and issubclass(tp, self.base):
             return lambda v: self._to_wire(v, tp)
         return {int: _encode_int, float: _encode_float, bool: _encode_bool}.get(tp, lambda v: v)  # str, dict
@@ -240,6 +248,12 @@ class Codec:
         hints = self._hints(cls)
         plan = self._encode_plans[cls] = [(f.name, self._encoder(hints[f.name])) for f in dataclasses.fields(cls)]
         return plan
+
+    @staticmethod
+    def _check_struct(msg: Any, cls: type) -> Any:
+        if type(msg) is not cls:
+            raise ProtocolError(f"expected {cls.__name__}, got {type(msg).__name__}")
+        return msg  # valid since it was built
 
     def _to_wire(self, msg: Any, cls: type) -> dict:
         if not isinstance(msg, cls):
@@ -295,6 +309,8 @@ class Codec:
     # ------------------------------------------------------------------ decode: fast path
 
     def _mirror_type(self, tp: Any) -> Any:
+        if _is_struct(tp):
+            return tp
         if tp in self.array_dtypes:  # msgspec checks the dtype tag and a non-negative length in C
             return tuple[typing.Literal[self.array_dtypes[tp].str], typing.Annotated[int, msgspec.Meta(ge=0)],
                          memoryview]
@@ -345,6 +361,8 @@ class Codec:
             if decode:
                 return var if item_expr == item else f"[{item_expr} for {item} in {var}]"
             return f"[{item_expr} for {item} in ({var} if type({var}) is list else {_bind(ns, _refuse)}())]"
+        if _is_struct(tp):
+            return var if decode else f"({var} if type({var}) is {_bind(ns, tp)} else {_bind(ns, _refuse)}())"
         if isinstance(tp, type) and issubclass(tp, self.base):
             fn = self._fast_builder(tp, top=False) if decode else self._fast_encoder(tp)
             return f"{_bind(ns, fn)}({var})"
@@ -469,11 +487,14 @@ class Codec:
         return parse
 
     def _decode_plan(self, cls: type):
-        hints = self._hints(cls)
-        fields = [(f.name, self._parser(hints[f.name]),
-                   f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
-                  for f in dataclasses.fields(cls)]
-        plan = self._decode_plans[cls] = (frozenset(f.name for f in dataclasses.fields(cls)) | {"type"}, fields)
+        if _is_struct(cls):  # its wire layout, by name (its attributes hold the arrays in wire form)
+            fields = [(name, self._parser(tp), name not in cls.OPTIONAL) for name, tp in cls.FIELDS.items()]
+        else:
+            hints = self._hints(cls)
+            fields = [(f.name, self._parser(hints[f.name]),
+                       f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+                      for f in dataclasses.fields(cls)]
+        plan = self._decode_plans[cls] = (frozenset(name for name, _, _ in fields) | {"type"}, fields)
         return plan
 
     def _from_wire(self, cls: type, value: Any, top_level: bool = False) -> Any:

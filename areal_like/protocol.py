@@ -30,10 +30,13 @@ Message flow (DESIGN.md section 1):
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
+import msgspec
 import numpy as np
 
 from areal_like.codec import Codec, ProtocolError
@@ -54,7 +57,12 @@ class F32(np.ndarray):
     """Annotation marker: little-endian float32 array."""
 
 
-_ARRAY_DTYPES = {I32: np.dtype("<i4"), F32: np.dtype("<f4")}
+_I4, _F4 = np.dtype("<i4"), np.dtype("<f4")  # both 4 bytes an item (Trajectory's checks rely on it)
+_isfinite = math.isfinite
+_ARRAY_DTYPES = {I32: _I4, F32: _F4}
+# An array on the wire: [dtype, length, little-endian bytes]; msgspec checks the tag and length >= 0
+_I32Wire = tuple[Literal["<i4"], Annotated[int, msgspec.Meta(ge=0)], memoryview]
+_F32Wire = tuple[Literal["<f4"], Annotated[int, msgspec.Meta(ge=0)], memoryview]
 
 
 def as_i32(x: Any) -> np.ndarray:
@@ -65,8 +73,31 @@ def as_f32(x: Any) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x, dtype="<f4"))
 
 
+def _wire_array(value: Any, dtype: np.dtype, name: str) -> tuple[str, int, memoryview]:
+    """An array-like as ``(dtype, length, bytes)``: the exact dtype, 1-D and contiguous is taken as
+    it is (no copy); lists, other dtypes (int64 ids) and strided views are converted."""
+    arr = value
+    if type(arr) is not np.ndarray or arr.dtype != dtype or not arr.flags.c_contiguous:
+        try:
+            arr = np.ascontiguousarray(value, dtype=dtype)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ProtocolError(f"cannot convert to {dtype.str}: {e}", name) from None
+    if arr.ndim != 1:
+        raise ProtocolError(f"expected a 1-D array, got shape {arr.shape}", name)
+    return dtype.str, len(arr), arr.data
+
+
+def _as_float(value: Any, name: str) -> float:
+    if type(value) is float:
+        return value
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ProtocolError(f"expected float, got {type(value).__name__}", name)
+    return float(value)
+
+
 class Message:
-    """Base of every message. Subclasses are frozen slotted dataclasses."""
+    """Base of every message. Subclasses are frozen slotted dataclasses (Trajectory: a frozen msgspec
+    Struct, see there)."""
 
     __slots__ = ()
     TYPE: ClassVar[str] = ""
@@ -89,36 +120,115 @@ def message(cls: type) -> type:
 # --------------------------------------------------------------------------- messages
 
 
-@message
-class Trajectory(Message):
+class _TrajectoryMeta(type(msgspec.Struct)):
+    """``Trajectory(prompt_ids=..., ...)`` takes arrays by their public names and stores each in its
+    wire form (msgspec Structs cannot define ``__init__``; decoding does not pass through here)."""
+
+    def __call__(cls, *, prompt_ids: Any, output_ids: Any, behav_logp: Any, versions: Any, reward: Any,
+                 finish_reason: str, metadata: dict | None = None) -> Trajectory:
+        # checked here, not in __post_init__, which runs on decode too, where msgspec has checked these types
+        if type(finish_reason) is not str:
+            raise ProtocolError(f"expected str, got {type(finish_reason).__name__}", "finish_reason")
+        if metadata is None:
+            metadata = {}
+        elif type(metadata) is not dict or not all(type(k) is str for k in metadata):
+            raise ProtocolError("expected a map with string keys", "metadata")
+        return super().__call__(
+            type=cls.TYPE, prompt_ids_wire=_wire_array(prompt_ids, _I4, "prompt_ids"),
+            output_ids_wire=_wire_array(output_ids, _I4, "output_ids"),
+            behav_logp_wire=_wire_array(behav_logp, _F4, "behav_logp"),
+            versions_wire=_wire_array(versions, _I4, "versions"), reward=_as_float(reward, "reward"),
+            finish_reason=finish_reason, metadata=metadata)
+
+
+class Trajectory(msgspec.Struct, Message, metaclass=_TrajectoryMeta, frozen=True, kw_only=True, eq=False,
+                 forbid_unknown_fields=True):
     """One sampled response. Not a top-level message; travels inside TrajectoryGroup.
 
     ``output_ids``, ``behav_logp`` and ``versions`` are aligned: entry t belongs to
     output token t. ``versions[t]`` is the policy_version of the weights that produced
     token t (a trajectory interrupted by a weight update spans several versions).
+
+    Built with ``Trajectory(prompt_ids=..., output_ids=..., behav_logp=..., versions=..., reward=...,
+    finish_reason=..., metadata=...)`` from any 1-D array-likes (converted to the wire dtype);
+    invalid values raise ProtocolError naming the field, at construction. Unlike the other
+    messages this one is a msgspec Struct that holds each array in its wire form ``(dtype,
+    length, bytes)``: msgspec encodes and decodes it in C, with no Python per array, which is
+    most of what a group costs on the wire (benchmarks/bench_transport.py). The array
+    attributes are numpy views of those bytes (read-only when decoded), made on each access.
     """
 
     TYPE: ClassVar[str] = "trajectory"
-    prompt_ids: I32  # [P] prompt token ids
-    output_ids: I32  # [T] generated token ids
-    behav_logp: F32  # [T] log pi_behav(token) as the engine sampled it (fp32, temperature-scaled policy)
-    versions: I32  # [T] policy_version that produced each token
+    # the wire layout (reference decoder and docs): field -> type, and which fields may be absent
+    FIELDS: ClassVar[dict[str, Any]] = {"prompt_ids": I32, "output_ids": I32, "behav_logp": F32, "versions": I32,
+                                        "reward": float, "finish_reason": str, "metadata": dict}
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"metadata"})
+
+    type: Literal["trajectory"]  # a field, not a msgspec tag: required in every frame, as for the other messages
+    prompt_ids_wire: _I32Wire = msgspec.field(name="prompt_ids")  # [P] prompt token ids
+    output_ids_wire: _I32Wire = msgspec.field(name="output_ids")  # [T] generated token ids
+    # [T] log pi_behav(token) as the engine sampled it (fp32, temperature-scaled policy)
+    behav_logp_wire: _F32Wire = msgspec.field(name="behav_logp")
+    versions_wire: _I32Wire = msgspec.field(name="versions")  # [T] policy_version that produced each token
     reward: float  # scalar outcome reward; finite
     finish_reason: str  # "stop" | "length" | "abort" | "error"
-    metadata: dict = field(default_factory=dict)  # free-form, msgpack-able
+    metadata: dict[str, Any] = {}  # free-form, msgpack-able
+
+    def __post_init__(self) -> None:  # on construction and on decode: one expression while all is well
+        t, b, v = self.output_ids_wire[1], self.behav_logp_wire, self.versions_wire
+        if not (b[1] == t == v[1] and self.output_ids_wire[2].nbytes == b[2].nbytes == v[2].nbytes == 4 * t
+                and self.prompt_ids_wire[2].nbytes == 4 * self.prompt_ids_wire[1] and _isfinite(self.reward)):
+            self.validate()  # names the field
+            raise AssertionError("validate() accepted what __post_init__ refused")  # unreachable
 
     def validate(self) -> None:
-        t = len(self.output_ids)
-        if len(self.behav_logp) != t:
-            raise ProtocolError(f"length {len(self.behav_logp)} != len(output_ids) {t}", "behav_logp")
-        if len(self.versions) != t:
-            raise ProtocolError(f"length {len(self.versions)} != len(output_ids) {t}", "versions")
+        for name in ("prompt_ids", "output_ids", "behav_logp", "versions"):
+            _dtype, n, data = getattr(self, f"{name}_wire")
+            if data.nbytes != 4 * n:
+                raise ProtocolError("array length does not match its bytes", name)
+        t = self.output_ids_wire[1]
+        if (n := self.behav_logp_wire[1]) != t:
+            raise ProtocolError(f"length {n} != len(output_ids) {t}", "behav_logp")
+        if (n := self.versions_wire[1]) != t:
+            raise ProtocolError(f"length {n} != len(output_ids) {t}", "versions")
         if not math.isfinite(self.reward):
             raise ProtocolError(f"must be finite, got {self.reward}", "reward")
+        if type(self.finish_reason) is not str:
+            raise ProtocolError(f"expected str, got {type(self.finish_reason).__name__}", "finish_reason")
+        if type(self.metadata) is not dict or not all(type(k) is str for k in self.metadata):
+            raise ProtocolError("expected a map with string keys", "metadata")
+
+    @property
+    def prompt_ids(self) -> np.ndarray:
+        return np.frombuffer(self.prompt_ids_wire[2], _I4)
+
+    @property
+    def output_ids(self) -> np.ndarray:
+        return np.frombuffer(self.output_ids_wire[2], _I4)
+
+    @property
+    def behav_logp(self) -> np.ndarray:
+        return np.frombuffer(self.behav_logp_wire[2], _F4)
+
+    @property
+    def versions(self) -> np.ndarray:
+        return np.frombuffer(self.versions_wire[2], _I4)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.output_ids_wire[1]
 
     @property
     def head_version(self) -> int:
-        return int(self.versions.min()) if len(self.versions) else 0
+        return int(self.versions.min()) if self.versions_wire[1] else 0
+
+    def __reduce__(self) -> tuple:  # memoryviews do not pickle; arrays do
+        return functools.partial(Trajectory, prompt_ids=self.prompt_ids, output_ids=self.output_ids,
+                                 behav_logp=self.behav_logp, versions=self.versions, reward=self.reward,
+                                 finish_reason=self.finish_reason, metadata=self.metadata), ()
+
+
+_REGISTRY[Trajectory.TYPE] = Trajectory
 
 
 @message
@@ -205,7 +315,7 @@ class TrajectoryGroup(Message):
 
     @property
     def n_tokens(self) -> int:
-        return sum(len(t.output_ids) for t in self.trajectories)
+        return sum(t.n_tokens for t in self.trajectories)
 
 
 @message
@@ -365,6 +475,13 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     """Parse and validate one frame. Raises only ProtocolError, for any input. Arrays are
     read-only numpy views of the frame."""
     return _CODEC.decode(data, MAX_FRAME_BYTES)
+
+
+def field_names(cls: type[Message]) -> tuple[str, ...]:
+    """The fields of a message class by their public (and wire) names, in wire order."""
+    if hasattr(cls, "FIELDS"):  # Trajectory: its attributes hold the arrays in wire form
+        return tuple(cls.FIELDS)
+    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 def decode_reference(data: bytes) -> Message:

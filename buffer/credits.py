@@ -201,7 +201,7 @@ def version_range(group: TrajectoryGroup) -> tuple[int, int, int]:
     """``(lowest, highest, head_version)`` of the group's token versions in one pass over its
     arrays (the ingest path must not walk a 32k-token group several times); ``lowest``/``highest``
     cover non-empty trajectories (0, 0 if none); ``head_version`` is ``group.head_version``."""
-    arrays = [t.versions for t in group.trajectories if len(t.versions)]
+    arrays = [t.versions for t in group.trajectories if t.n_tokens]
     if not arrays:
         return 0, 0, 0
     joined = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)

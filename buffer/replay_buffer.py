@@ -69,7 +69,7 @@ class ReplayBuffer:
     def filter_reason(self, group: TrajectoryGroup) -> str | None:
         """Why a group should not be stored (None: keep it)."""
         limit = self.max_tokens_per_trajectory
-        if limit and any(len(t.output_ids) > limit for t in group.trajectories):
+        if limit and any(t.n_tokens > limit for t in group.trajectories):
             return "max_tokens"
         # One sample has no group baseline to compare against; the DAPO filter needs >= 2.
         rewards = [t.reward for t in group.trajectories]

@@ -1,5 +1,6 @@
-"""The generated fast encoder refuses every array it cannot write as-is (the reference path then
-coerces or names the field), and writes the same bytes as the reference encoder for the rest."""
+"""A Trajectory takes any 1-D array-like and stores it in wire form (so both encoders write the
+same bytes for it), refuses other shapes when built, and the generated fast encoder refuses what
+is not a Trajectory (the reference path then names the field)."""
 
 from __future__ import annotations
 
@@ -40,13 +41,20 @@ def test_fast_and_reference_encoders_agree(name, value):
 
 
 @pytest.mark.parametrize("value", [np.arange(6, dtype=np.int32).reshape(2, 3), np.array(5, dtype=np.int32)])
-def test_fast_encoder_refuses_other_shapes_and_encode_names_the_field(value):
-    t = traj(prompt_ids=value)
-    with pytest.raises(_Refused):
-        P._CODEC._fast_encoder(P.Trajectory)(t)
+def test_other_shapes_are_refused_when_a_trajectory_is_built(value):
     with pytest.raises(P.ProtocolError) as info:
-        P.encode(group(t))
-    assert info.value.field == "trajectories[0].prompt_ids"
+        traj(prompt_ids=value)
+    assert info.value.field == "prompt_ids" and "1-D" in str(info.value)
+
+
+def test_fast_encoder_refuses_what_is_not_a_trajectory_and_encode_names_the_field():
+    bad = P.TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0,
+                            trajectories=[{"prompt_ids": [1]}])
+    with pytest.raises(_Refused):
+        P._CODEC._fast_encoder(P.TrajectoryGroup)(bad)
+    with pytest.raises(P.ProtocolError) as info:
+        P.encode(bad)
+    assert info.value.field == "trajectories[0]" and "expected Trajectory" in str(info.value)
 
 
 FIRST_USE_RACE = """

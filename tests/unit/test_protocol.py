@@ -89,8 +89,8 @@ def assert_same(a, b, path: str = "") -> None:
     """Field-by-field equality; arrays by dtype and bytes (NaN payloads included)."""
     if isinstance(a, P.Message):
         assert type(a) is type(b), path
-        for f in dataclasses.fields(a):
-            assert_same(getattr(a, f.name), getattr(b, f.name), f"{path}.{f.name}")
+        for name in P.field_names(type(a)):
+            assert_same(getattr(a, name), getattr(b, name), f"{path}.{name}")
     elif isinstance(a, np.ndarray):
         assert isinstance(b, np.ndarray) and b.dtype == a.dtype and b.tobytes() == a.tobytes(), path
     elif isinstance(a, list):
@@ -158,7 +158,8 @@ def test_arrays_decode_as_readonly_zero_copy_views(as_input):
             assert arr.base.obj is frame  # no copy of the array bytes at all
     assert P.encode(back) == frame
     ref = P.decode_reference(frame)  # the reference path: frombuffer over msgpack's bytes
-    assert isinstance(ref.trajectories[0].output_ids.base, bytes) and P.encode(ref) == frame
+    view = ref.trajectories[0].output_ids.base  # the trajectory's wire bytes: a view of that array
+    assert isinstance(view, memoryview) and isinstance(view.obj.base, bytes) and P.encode(ref) == frame
 
 
 def test_decoded_arrays_have_the_right_values():
@@ -213,11 +214,32 @@ def test_fast_encoder_takes_equal_dtypes_and_refuses_2d_arrays():
     equal_dtype = np.arange(5, dtype=pickle.loads(pickle.dumps(np.dtype("<i4"))))  # equal, not the same object
     traj = make_traj(prompt_ids=P.as_i32([1]), output_ids=equal_dtype, behav_logp=P.as_f32(np.zeros(5)),
                      versions=P.as_i32(np.zeros(5)))
-    assert P._CODEC._fast_encoder(P.Trajectory)(traj)["output_ids"][1] == 5
+    assert traj.output_ids_wire[1] == 5 and traj.output_ids_wire[2].obj is equal_dtype  # taken as it is
+    with pytest.raises(P.ProtocolError) as info:  # refused when built: no invalid Trajectory exists
+        make_traj(prompt_ids=np.zeros((2, 3), dtype=np.int32))
+    assert info.value.field == "prompt_ids" and "1-D" in str(info.value)
+
+
+@pytest.mark.parametrize("field,value,says", [
+    ("reward", "1.0", "expected float"), ("reward", True, "expected float"), ("reward", math.nan, "finite"),
+    ("finish_reason", 3, "expected str"), ("metadata", {1: "x"}, "string keys"), ("metadata", [1], "string keys"),
+    ("output_ids", ["a", "b", "c", "d", "e"], "cannot convert"), ("versions", np.zeros(4), "output_ids"),
+])
+def test_a_trajectory_is_checked_when_built_and_the_error_names_the_field(field, value, says):
     with pytest.raises(P.ProtocolError) as info:
-        P.encode(P.TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0,
-                                   trajectories=[make_traj(prompt_ids=np.zeros((2, 3), dtype=np.int32))]))
-    assert info.value.field == "trajectories[0].prompt_ids" and "1-D" in str(info.value)
+        make_traj(**{field: value})
+    assert info.value.field == field and says in str(info.value)
+
+
+def test_a_trajectory_pickles_and_its_arrays_are_views_of_its_wire_bytes():
+    import pickle
+
+    traj = P.decode(P.encode(make_group())).trajectories[0]
+    back = pickle.loads(pickle.dumps(traj))
+    assert_same(traj, back)
+    assert back.n_tokens == 5 and back.head_version == 7
+    ids = traj.output_ids
+    assert ids.base.obj is traj.output_ids_wire[2].obj and not ids.flags.writeable  # a view of the frame, no copy
 
 
 def test_encode_into_writes_the_same_frame_into_a_kept_buffer(monkeypatch):
@@ -315,10 +337,9 @@ def test_rejects_non_finite_reward(reward):
     wire["trajectories"][1]["reward"] = reward
     err = reject(wire)
     assert err.field == "trajectories[1].reward" and "finite" in str(err)
-    with pytest.raises(P.ProtocolError) as info:  # and the sender cannot produce it either
-        P.encode(P.TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0,
-                                   trajectories=[make_traj(reward=reward)]))
-    assert info.value.field == "trajectories[0].reward"
+    with pytest.raises(P.ProtocolError) as info:  # and the sender cannot build it either
+        make_traj(reward=reward)
+    assert info.value.field == "reward"
 
 
 @pytest.mark.parametrize("name", ["behav_logp", "versions"])
@@ -330,10 +351,9 @@ def test_rejects_array_length_mismatch(name):
         "trajectories"][0][name]
     err = reject(wire)
     assert err.field == f"trajectories[0].{name}" and "output_ids" in str(err)
-    with pytest.raises(P.ProtocolError) as info:
-        P.encode(P.TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0,
-                                   trajectories=[make_traj(**{name: np.zeros(3)})]))
-    assert info.value.field == f"trajectories[0].{name}"
+    with pytest.raises(P.ProtocolError) as info:  # and the sender cannot build it either
+        make_traj(**{name: np.zeros(3)})
+    assert info.value.field == name and "output_ids" in str(info.value)
 
 
 @pytest.mark.parametrize("name,bad", [
