@@ -1,21 +1,26 @@
-"""The codec behind ``areal_like.protocol``: frozen-dataclass messages <-> msgpack frames.
+"""The codec behind ``areal_like.protocol``: messages <-> msgpack frames.
 
-Encoding runs every ``validate()`` (an invalid message fails at its sender) and turns each
-message into a map whose arrays are ``[dtype, length, memoryview]``; msgspec then writes the
-frame in one pass, copying each array's bytes once, into fresh bytes (``encode``) or into a
-buffer the caller keeps (``encode_into``: no allocation per frame). A converter generated per
-class handles messages whose values already have the exact wire types; anything else (numpy
-integers, int64 or list token arrays, tuples) takes the reference encoder, which coerces what
-is unambiguous and names the field it cannot encode. Both produce the same bytes.
+Two kinds of message class:
+
+* **Structs** (``protocol.Trajectory``, the one that carries arrays): a frozen msgspec Struct in
+  its own wire form, each array a ``(dtype, length, memoryview)`` triple. It checks itself when
+  built and when decoded (``__post_init__``), and msgspec encodes and decodes it in C with no
+  Python per array: a group's arrays are nearly all of its bytes, so this is what a frame costs.
+* **Dataclasses** (every other message): frozen, slotted. Encoding runs every ``validate()`` (an
+  invalid message fails at its sender) and turns the message into a map; a converter generated
+  per class handles messages whose values already have the exact wire types; anything else
+  (numpy integers, tuples) takes the reference encoder, which coerces what is unambiguous and
+  names the field it cannot encode. Both produce the same bytes. msgspec then writes the frame
+  in one pass into fresh bytes (``encode``) or into a buffer the caller keeps (``encode_into``:
+  no allocation per frame); array bytes are copied once, straight into the frame.
 
 Decoding has two paths that accept exactly the same frames:
 
-* **fast** (every frame): msgspec parses the frame in C into generated mirror structs (unknown
-  fields forbidden, exact scalar types, array dtype tags and non-negative lengths, the ``type``
-  tag picking the class) with array bytes as zero-copy ``memoryview`` slices of the frame; a
-  thin generated pass fills the dataclasses' slots with ``numpy.frombuffer`` views and runs
-  ``validate()``. About 3.5x faster than walking msgpack objects in Python, and no copy of the
-  array bytes.
+* **fast** (every frame): msgspec parses the frame in C into generated mirror structs of the
+  dataclasses (unknown fields forbidden, exact scalar types, the ``type`` tag picking the class)
+  and into the Struct messages themselves (array dtype tags and non-negative lengths checked in
+  C, array bytes as zero-copy ``memoryview`` slices of the frame); a thin generated pass fills
+  the dataclasses' slots and runs ``validate()``.
 * **reference** (only when the fast path refuses a frame): msgpack objects walked in Python,
   checking in a fixed order, so the ``ProtocolError`` names the first offending field
   (``trajectories[3].behav_logp``). The fuzz test checks that both paths agree on every frame.
@@ -123,22 +128,6 @@ def _bind(ns: dict, obj: Any) -> str:
     return name
 
 
-def _array_encode_expr(dtype: np.dtype, var: str, ns: dict) -> str:
-    """Fast encode of an array field: the exact dtype, 1-D and contiguous becomes ``[dtype, length,
-    array.data]`` (msgspec copies the bytes straight into the frame); lists, int64 ids or strided
-    views are refused (the reference path coerces them)."""
-    dt, nd, mv = _bind(ns, dtype), _bind(ns, np.ndarray), f"{var}_mv"
-    return (f"(({dtype.str!r}, len({var}), {mv}) if type({var}) is {nd} and ({var}.dtype is {dt} or {var}.dtype == {dt}) "
-            f"and ({mv} := {var}.data).c_contiguous and {mv}.ndim == 1 else {_bind(ns, _refuse)}())")
-
-
-def _array_decode_expr(dtype: np.dtype, var: str, ns: dict) -> str:
-    """Fast decode of an array field: msgspec checked the dtype tag and length >= 0 (``_mirror_type``);
-    the read-only view of the frame must have that length (``frombuffer`` refuses partial items)."""
-    return (f"({var}_a if len({var}_a := {_bind(ns, np.frombuffer)}({var}[2], {_bind(ns, dtype)})) == {var}[1] "
-            f"else {_bind(ns, _refuse)}())")
-
-
 # --------------------------------------------------------------------------- scalars
 
 
@@ -217,22 +206,9 @@ class Codec:
 
     # ------------------------------------------------------------------ encode
 
-    def _encode_array(self, dtype: np.dtype) -> Converter:
-        tag = dtype.str
-
-        def enc(value: Any) -> list:
-            arr = value
-            if type(arr) is not np.ndarray or arr.dtype != dtype or not arr.flags.c_contiguous:
-                arr = np.ascontiguousarray(value, dtype=dtype)  # coerce int64 ids, lists, views
-            if arr.ndim != 1:
-                raise ProtocolError(f"expected a 1-D array, got shape {arr.shape}")
-            return [tag, len(arr), memoryview(arr)]  # msgpack copies the buffer straight into the frame
-
-        return enc
-
     def _encoder(self, tp: Any) -> Converter:
         if tp in self.array_dtypes:
-            return self._encode_array(self.array_dtypes[tp])
+            raise TypeError("array fields belong to a Struct message (see _is_struct)")  # schema bug
         if (inner := _optional_inner(tp)) is not None:
             inner_enc = self._encoder(inner)
             return lambda v: None if v is None else inner_enc(v)
@@ -311,9 +287,6 @@ class Codec:
     def _mirror_type(self, tp: Any) -> Any:
         if _is_struct(tp):
             return tp
-        if tp in self.array_dtypes:  # msgspec checks the dtype tag and a non-negative length in C
-            return tuple[typing.Literal[self.array_dtypes[tp].str], typing.Annotated[int, msgspec.Meta(ge=0)],
-                         memoryview]
         if (inner := _optional_inner(tp)) is not None:
             return self._mirror_type(inner) | None
         if typing.get_origin(tp) is list:
@@ -351,8 +324,6 @@ class Codec:
 
     def _value_expr(self, tp: Any, var: str, ns: dict, decode: bool, depth: int = 0) -> str:
         """Source converting the value named ``var`` of type ``tp`` (wire <-> message)."""
-        if tp in self.array_dtypes:
-            return (_array_decode_expr if decode else _array_encode_expr)(self.array_dtypes[tp], var, ns)
         if (inner := _optional_inner(tp)) is not None:
             return f"(None if {var} is None else {self._value_expr(inner, var, ns, decode, depth)})"
         if typing.get_origin(tp) is list:
