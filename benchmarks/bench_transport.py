@@ -11,13 +11,6 @@ ROUTER that answers a prebuilt reply of the same size without decoding anything.
   sends prebuilt bytes of the same size (without a copy, above pyzmq's threshold) and reads
   replies undecoded. Sender encode and receiver decode overlap, as they do when
   several rollout servers feed one buffer: this is the throughput the protocol allows.
-* **struct ceiling** (``transport_stream_8xT_struct_ceiling``, for reference): the stream
-  pattern with messages that *are* msgspec Structs (arrays as plain ``bin`` memoryviews, no
-  dataclass conversion on either side), decoded by msgspec with lengths and rewards checked and
-  every array turned into a numpy view: what a protocol whose message classes are msgspec Structs
-  would reach against the same raw baseline. The groups are built as Structs before timing, as
-  ours are built as dataclasses. It is not our wire format (arrays carry no dtype tag, fields are
-  not validated by name) and no daemon speaks it.
 * **reqrep** (for reference): ``Client.request`` with one request in flight, as a single
   rollout server's sender does; encode, decode and both wake-ups add up serially, so on a busy
   2-core box this ratio is much lower than the streaming one.
@@ -26,9 +19,8 @@ Both processes create sockets through ``transport`` (the sender its DEALERs, the
 ``Server``), so ``transport.tune_allocator``, a per-process setting, applies to the raw path as
 much as to ours: the raw receiver's libzmq buffers are reused warm too. Modes are interleaved
 round by round so machine load hits both alike; figures are medians over rounds. One JSON line
-per (pattern, T), and one for the struct ceiling per T: ``figure`` (our groups/s), ``baseline``
-(raw groups/s), ``ratio`` (goal >= 0.8 for stream at T = 4096), MB/s for both, and the
-in-process encode/decode cost of one group.
+per (pattern, T): ``figure`` (our groups/s), ``baseline`` (raw groups/s), ``ratio`` (goal >= 0.8
+for stream at T = 4096), MB/s for both, and the in-process encode/decode cost of one group.
 
 Run: ``python benchmarks/bench_transport.py [--tokens 512,4096] [--rounds 7] [--seconds 0.35]``
 """
@@ -37,17 +29,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
 import sys
 import time
-from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import msgspec  # noqa: E402
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
@@ -62,91 +51,24 @@ READY_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 30.0
 WINDOW = 8  # requests in flight in the stream pattern (a few rollout servers' worth)
 
-class StructTrajectory(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The struct ceiling's trajectory: arrays as little-endian bytes, dtype implied by the field."""
-    prompt_ids: memoryview
-    output_ids: memoryview
-    behav_logp: memoryview
-    versions: memoryview
-    reward: float
-    finish_reason: str
-    metadata: dict[str, Any] = {}
-
-
-class StructGroup(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="group", tag_field="type"):
-    protocol: int
-    group_id: str
-    server_id: str
-    lease_id: str
-    prompt_index: int
-    epoch: int
-    trajectories: list[StructTrajectory]
-
-
-class StructAck(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="ack", tag_field="type"):
-    protocol: int
-    ref: str
-    status: str
-    reason: str = ""
-
-
-STRUCT_ENCODER = msgspec.msgpack.Encoder()
-STRUCT_DECODER = msgspec.msgpack.Decoder(StructGroup | StructAck)
-I4, F4 = np.dtype("<i4"), np.dtype("<f4")
-
-
-def struct_accept(frame: memoryview) -> tuple[str, int]:
-    """Decode a struct-ceiling group as a receiver would use it: aligned lengths, finite rewards,
-    every array a numpy view of the frame. Returns (group id, output tokens)."""
-    group = STRUCT_DECODER.decode(frame)
-    n_tokens = 0
-    for t in group.trajectories:
-        ids, logp = np.frombuffer(t.output_ids, I4), np.frombuffer(t.behav_logp, F4)
-        versions, _prompt = np.frombuffer(t.versions, I4), np.frombuffer(t.prompt_ids, I4)
-        if len(logp) != len(ids) or len(versions) != len(ids) or not math.isfinite(t.reward):
-            raise ValueError(f"invalid trajectory in {group.group_id}")
-        n_tokens += len(ids)
-    return group.group_id, n_tokens
-
-
-def as_struct_group(group: P.TrajectoryGroup) -> StructGroup:
-    return StructGroup(P.PROTOCOL_VERSION, group.group_id, group.server_id, group.lease_id, group.prompt_index,
-                       group.epoch, [StructTrajectory(t.prompt_ids.data, t.output_ids.data, t.behav_logp.data,
-                                                      t.versions.data, t.reward, t.finish_reason, t.metadata)
-                                     for t in group.trajectories])
-
-
-# The receiving process: our Server on argv[1], a raw ROUTER on argv[2], the struct ceiling's ROUTER on
-# argv[3] (this module imported from argv[4]), served from one poll loop.
+# The receiving process: our Server on argv[1], a raw ROUTER on argv[2], served from one poll loop.
 RECEIVER = """
 import sys, zmq
 from areal_like import protocol as P
 from areal_like.transport import Server
-sys.path.insert(0, sys.argv[4])
-from bench_transport import STRUCT_ENCODER, StructAck, struct_accept
 
 server = Server(sys.argv[1])
 raw = zmq.Context.instance().socket(zmq.ROUTER)
 raw.setsockopt(zmq.LINGER, 0)
 raw.bind(sys.argv[2])
 raw_ack = P.encode(P.Ack(ref="x" * 16, status="accepted", reason="4096"))
-structs = zmq.Context.instance().socket(zmq.ROUTER)
-structs.setsockopt(zmq.LINGER, 0)
-structs.bind(sys.argv[3])
-struct_reply = bytearray()
 poller = zmq.Poller()
 poller.register(server._sock, zmq.POLLIN)
 poller.register(raw, zmq.POLLIN)
-poller.register(structs, zmq.POLLIN)
 print("READY", flush=True)
 while True:
     for sock, _ in poller.poll(1000):
-        if sock is structs:
-            peer, req_id, payload = structs.recv_multipart(copy=False)
-            group_id, n_tokens = struct_accept(payload.buffer)
-            STRUCT_ENCODER.encode_into(StructAck(P.PROTOCOL_VERSION, group_id, "accepted", str(n_tokens)), struct_reply)
-            structs.send_multipart([peer, req_id, struct_reply])
-        elif sock is raw:
+        if sock is raw:
             peer, req_id, payload = raw.recv_multipart(copy=False)
             raw.send_multipart([peer, req_id, raw_ack])
         else:
@@ -211,16 +133,6 @@ def send_ours(groups: list[P.TrajectoryGroup]):
     return send
 
 
-def send_structs(groups: list[StructGroup]):
-    buffer = bytearray()  # kept, as FrameWriter keeps its own
-
-    def send(sock: zmq.Socket, req_id: bytes, i: int) -> None:
-        STRUCT_ENCODER.encode_into(groups[i % len(groups)], buffer)
-        sock.send_multipart([req_id, buffer], copy=True)
-
-    return send
-
-
 def round_stream(sock: zmq.Socket, send, check_reply, seconds: float) -> float:
     """Keep WINDOW requests in flight; count replies per second."""
     sent = done = 0
@@ -269,10 +181,9 @@ def cpu_split_s(pid: int) -> tuple[float, float]:
     return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
-def bench_size(tokens: int, ours_addr: str, raw_addr: str, struct_addr: str, receiver_pid: int, rounds: int,
+def bench_size(tokens: int, ours_addr: str, raw_addr: str, receiver_pid: int, rounds: int,
                seconds: float) -> list[dict]:
     groups = [make_group(tokens, seed) for seed in range(4)]
-    struct_groups = [as_struct_group(g) for g in groups]
     frame_bytes = len(P.encode(groups[0]))
     payload = os.urandom(frame_bytes)
     expected = str(groups[0].n_tokens)
@@ -282,17 +193,10 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, struct_addr: str, rec
         if not (isinstance(ack, P.Ack) and ack.status == "accepted" and ack.reason == expected):
             raise RuntimeError(f"receiver rejected the group: {ack}")
 
-    def check_struct_ack(reply: zmq.Frame) -> None:
-        ack = STRUCT_DECODER.decode(reply.buffer)
-        if not (isinstance(ack, StructAck) and ack.status == "accepted" and ack.reason == expected):
-            raise RuntimeError(f"receiver rejected the group: {ack}")
-
     client, ours_sock, raw_sock = Client(ours_addr, timeout_s=REQUEST_TIMEOUT_S), dealer(ours_addr), dealer(raw_addr)
-    struct_sock = dealer(struct_addr)
     modes = {
         ("stream", "ours"): lambda s: round_stream(ours_sock, send_ours(groups), check_ack, s),
         ("stream", "raw"): lambda s: round_stream(raw_sock, send_raw(payload), lambda reply: None, s),
-        ("stream", "struct"): lambda s: round_stream(struct_sock, send_structs(struct_groups), check_struct_ack, s),
         ("reqrep", "ours"): lambda s: round_reqrep_ours(client, groups, s),
         ("reqrep", "raw"): lambda s: round_reqrep_raw(raw_sock, payload, s),
     }
@@ -317,7 +221,6 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, struct_addr: str, rec
         client.close()
         ours_sock.close(linger=0)
         raw_sock.close(linger=0)
-        struct_sock.close(linger=0)
     enc_us, dec_us = codec_cost_us(groups[0])
 
     def cpu_us(key: tuple[str, str]) -> float:
@@ -346,16 +249,6 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, struct_addr: str, rec
                       "encode_us": round(enc_us, 1), "decode_us": round(dec_us, 1), "rounds": rounds,
                       "round_s": seconds, "ours_rounds": [round(x) for x in ours], "raw_rounds": [round(x) for x in base],
                       "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()})
-    structs, base = rates[("stream", "struct")], rates[("stream", "raw")]
-    cpu_struct, cpu_raw = cpu_us(("stream", "struct")), cpu_us(("stream", "raw"))
-    lines.append({"name": f"transport_stream_{GROUP_SIZE}x{tokens}_struct_ceiling",
-                  "figure": round(statistics.median(structs), 1), "unit": "groups/s",
-                  "baseline": round(statistics.median(base), 1),
-                  "ratio": round(statistics.median(structs) / statistics.median(base), 3), "goal": None,
-                  "bytes_per_group": len(STRUCT_ENCODER.encode(struct_groups[0])),
-                  "cpu_us_per_group": round(cpu_struct, 1), "baseline_cpu_us_per_group": round(cpu_raw, 1),
-                  "cpu_ratio": round(cpu_raw / cpu_struct, 3), "rounds": rounds, "round_s": seconds,
-                  "struct_rounds": [round(x) for x in structs], "raw_rounds": [round(x) for x in base]})
     return lines
 
 
@@ -365,10 +258,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=0.35, help="duration of one round of one mode")
     args = parser.parse_args()
-    ours_addr, raw_addr, struct_addr = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
+    ours_addr, raw_addr = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, ours_addr, raw_addr, struct_addr,
-                                 os.path.dirname(os.path.abspath(__file__))], stdout=subprocess.PIPE, text=True, env=env)
+    receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, ours_addr, raw_addr], stdout=subprocess.PIPE,
+                                text=True, env=env)
     try:
         import select
 
@@ -376,7 +269,7 @@ def main() -> int:
         if not ready or receiver.stdout.readline().strip() != "READY":
             raise RuntimeError("receiver did not start")
         for tokens in (int(t) for t in args.tokens.split(",")):
-            for line in bench_size(tokens, ours_addr, raw_addr, struct_addr, receiver.pid, args.rounds, args.seconds):
+            for line in bench_size(tokens, ours_addr, raw_addr, receiver.pid, args.rounds, args.seconds):
                 print(json.dumps(line), flush=True)
     finally:
         receiver.terminate()
