@@ -10,9 +10,11 @@ Two kinds of message class:
   invalid message fails at its sender) and turns the message into a map; a converter generated
   per class handles messages whose values already have the exact wire types; anything else
   (numpy integers, tuples) takes the reference encoder, which coerces what is unambiguous and
-  names the field it cannot encode. Both produce the same bytes. msgspec then writes the frame
-  in one pass into fresh bytes (``encode``) or into a buffer the caller keeps (``encode_into``:
-  no allocation per frame); array bytes are copied once, straight into the frame.
+  names the field it cannot encode. Both produce the same bytes.
+
+msgspec then writes the frame in one pass into fresh bytes (``encode``) or into a buffer the
+caller keeps (``encode_into``: no allocation per frame); array bytes are copied once, straight
+into the frame.
 
 Decoding has two paths that accept exactly the same frames:
 
@@ -229,7 +231,7 @@ class Codec:
     def _check_struct(msg: Any, cls: type) -> Any:
         if type(msg) is not cls:
             raise ProtocolError(f"expected {cls.__name__}, got {type(msg).__name__}")
-        return msg  # valid since it was built
+        return msg  # checked when it was built (__post_init__); the receiver checks everything again
 
     def _to_wire(self, msg: Any, cls: type) -> dict:
         if not isinstance(msg, cls):

@@ -9,8 +9,8 @@ arrays: they are 10-14x slower to encode (specs/cpu_notes.md section 4).
 ``decode`` validates everything: unknown type, other protocol version, missing,
 extra or wrongly typed fields, non-finite rewards, arrays whose lengths disagree,
 oversized frames. Any problem raises ``ProtocolError`` naming the field; no other
-exception escapes ``decode`` for any input bytes. ``encode`` runs the same checks, so
-an invalid message fails at its sender. The machinery (and why it is fast) is in
+exception escapes ``decode`` for any input bytes. ``encode`` runs the same checks (a
+Trajectory runs them when it is built), so an invalid message fails at its sender. The machinery (and why it is fast) is in
 ``areal_like/codec.py``; this module is the schema.
 
 Compatibility: a field added with a default keeps the protocol version, since frames without it
@@ -31,7 +31,6 @@ Message flow (DESIGN.md section 1):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal
@@ -60,7 +59,7 @@ class F32(np.ndarray):
 _I4, _F4 = np.dtype("<i4"), np.dtype("<f4")  # both 4 bytes an item (Trajectory's checks rely on it)
 _isfinite = math.isfinite
 _ARRAY_DTYPES = {I32: _I4, F32: _F4}
-# An array on the wire: [dtype, length, little-endian bytes]; msgspec checks the tag and length >= 0
+# An array on the wire: [dtype, length, little-endian bytes]; on decode msgspec checks the tag and length >= 0
 _I32Wire = tuple[Literal["<i4"], Annotated[int, msgspec.Meta(ge=0)], memoryview]
 _F32Wire = tuple[Literal["<f4"], Annotated[int, msgspec.Meta(ge=0)], memoryview]
 
@@ -74,17 +73,48 @@ def as_f32(x: Any) -> np.ndarray:
 
 
 def _wire_array(value: Any, dtype: np.dtype, name: str) -> tuple[str, int, memoryview]:
-    """An array-like as ``(dtype, length, bytes)``: the exact dtype, 1-D and contiguous is taken as
-    it is (no copy); lists, other dtypes (int64 ids) and strided views are converted."""
-    arr = value
-    if type(arr) is not np.ndarray or arr.dtype != dtype or not arr.flags.c_contiguous:
-        try:
-            arr = np.ascontiguousarray(value, dtype=dtype)
-        except (TypeError, ValueError, OverflowError) as e:
-            raise ProtocolError(f"cannot convert to {dtype.str}: {e}", name) from None
-    if arr.ndim != 1:
-        raise ProtocolError(f"expected a 1-D array, got shape {arr.shape}", name)
+    """A 1-D array-like as ``(dtype, length, bytes)``. An array of the exact dtype, contiguous, is
+    taken as it is (no copy; ``_wire_i4``/``_wire_f4`` take that case without calling this); lists,
+    other dtypes (int64 ids, float64 logprobs) and strided views are converted, integers only where
+    every value fits. Scalars, other shapes and raw bytes are refused."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"raw bytes are ambiguous here; pass an array of {dtype.str}", name)
+    try:
+        src = np.asarray(value)
+    except (TypeError, ValueError) as e:
+        raise ProtocolError(f"not an array: {e}", name) from None
+    if src.ndim != 1:
+        raise ProtocolError(f"expected a 1-D array, got shape {src.shape}", name)
+    if dtype.kind == "i" and len(src) and src.dtype != dtype:
+        if src.dtype.kind not in "iu":
+            raise ProtocolError(f"expected integers, got {src.dtype}", name)
+        info = np.iinfo(dtype)
+        if src.min() < info.min or src.max() > info.max:
+            raise ProtocolError(f"values outside {dtype.str}", name)
+    try:
+        arr = np.ascontiguousarray(src, dtype=dtype)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ProtocolError(f"cannot convert to {dtype.str}: {e}", name) from None
     return dtype.str, len(arr), arr.data
+
+
+def _wire_i4(value: Any, name: str) -> tuple[str, int, memoryview]:
+    if type(value) is np.ndarray and value.dtype is _I4 and value.ndim == 1 and value.flags.c_contiguous:
+        return "<i4", len(value), value.data  # the common case: no copy, a few attribute reads
+    return _wire_array(value, _I4, name)
+
+
+def _wire_f4(value: Any, name: str) -> tuple[str, int, memoryview]:
+    if type(value) is np.ndarray and value.dtype is _F4 and value.ndim == 1 and value.flags.c_contiguous:
+        return "<f4", len(value), value.data
+    return _wire_array(value, _F4, name)
+
+
+_ONLY_STR = frozenset((str,))
+
+
+def _str_keys(d: dict) -> bool:
+    return _ONLY_STR.issuperset(map(type, d))  # no Python frame per key
 
 
 def _as_float(value: Any, name: str) -> float:
@@ -92,7 +122,10 @@ def _as_float(value: Any, name: str) -> float:
         return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ProtocolError(f"expected float, got {type(value).__name__}", name)
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        raise ProtocolError(f"must be finite, got {value}", name) from None
 
 
 class Message:
@@ -120,28 +153,31 @@ def message(cls: type) -> type:
 # --------------------------------------------------------------------------- messages
 
 
+_new_struct = type(msgspec.Struct).__call__  # what super().__call__ reaches, without building a super object
+
+
 class _TrajectoryMeta(type(msgspec.Struct)):
     """``Trajectory(prompt_ids=..., ...)`` takes arrays by their public names and stores each in its
     wire form (msgspec Structs cannot define ``__init__``; decoding does not pass through here)."""
 
     def __call__(cls, *, prompt_ids: Any, output_ids: Any, behav_logp: Any, versions: Any, reward: Any,
                  finish_reason: str, metadata: dict | None = None) -> Trajectory:
-        # checked here, not in __post_init__, which runs on decode too, where msgspec has checked these types
-        if type(finish_reason) is not str:
-            raise ProtocolError(f"expected str, got {type(finish_reason).__name__}", "finish_reason")
         if metadata is None:
             metadata = {}
-        elif type(metadata) is not dict or not all(type(k) is str for k in metadata):
-            raise ProtocolError("expected a map with string keys", "metadata")
-        return super().__call__(
-            type=cls.TYPE, prompt_ids_wire=_wire_array(prompt_ids, _I4, "prompt_ids"),
-            output_ids_wire=_wire_array(output_ids, _I4, "output_ids"),
-            behav_logp_wire=_wire_array(behav_logp, _F4, "behav_logp"),
-            versions_wire=_wire_array(versions, _I4, "versions"), reward=_as_float(reward, "reward"),
-            finish_reason=finish_reason, metadata=metadata)
+        # metadata keys are checked here, not in __post_init__, which also runs on decode (msgspec checks them)
+        if not (type(reward) is float and type(finish_reason) is str and type(metadata) is dict
+                and (not metadata or _str_keys(metadata))):
+            reward = _as_float(reward, "reward")
+            if type(finish_reason) is not str:
+                raise ProtocolError(f"expected str, got {type(finish_reason).__name__}", "finish_reason")
+            if type(metadata) is not dict or not _str_keys(metadata):
+                raise ProtocolError("expected a map with string keys", "metadata")
+        return _new_struct(cls, cls.TYPE, _wire_i4(prompt_ids, "prompt_ids"), _wire_i4(output_ids, "output_ids"),
+                           _wire_f4(behav_logp, "behav_logp"), _wire_i4(versions, "versions"), reward,
+                           finish_reason, metadata)  # positional, in the fields' order
 
 
-class Trajectory(msgspec.Struct, Message, metaclass=_TrajectoryMeta, frozen=True, kw_only=True, eq=False,
+class Trajectory(msgspec.Struct, Message, metaclass=_TrajectoryMeta, frozen=True, eq=False,
                  forbid_unknown_fields=True):
     """One sampled response. Not a top-level message; travels inside TrajectoryGroup.
 
@@ -150,8 +186,10 @@ class Trajectory(msgspec.Struct, Message, metaclass=_TrajectoryMeta, frozen=True
     token t (a trajectory interrupted by a weight update spans several versions).
 
     Built with ``Trajectory(prompt_ids=..., output_ids=..., behav_logp=..., versions=..., reward=...,
-    finish_reason=..., metadata=...)`` from any 1-D array-likes (converted to the wire dtype);
-    invalid values raise ProtocolError naming the field, at construction. Unlike the other
+    finish_reason=..., metadata=...)`` from 1-D array-likes (converted to the wire dtype);
+    invalid values raise ProtocolError naming the field, at construction. To change a field, build
+    a new one the same way (``msgspec.structs.replace`` re-runs only ``__post_init__``'s checks,
+    not those of metadata keys). Unlike the other
     messages this one is a msgspec Struct that holds each array in its wire form ``(dtype,
     length, bytes)``: msgspec encodes and decodes it in C, with no Python per array, which is
     most of what a group costs on the wire (benchmarks/bench_transport.py). The array
@@ -177,20 +215,25 @@ class Trajectory(msgspec.Struct, Message, metaclass=_TrajectoryMeta, frozen=True
     def __post_init__(self) -> None:  # on construction and on decode: one expression while all is well
         t, b, v = self.output_ids_wire[1], self.behav_logp_wire, self.versions_wire
         if not (b[1] == t == v[1] and self.output_ids_wire[2].nbytes == b[2].nbytes == v[2].nbytes == 4 * t
-                and self.prompt_ids_wire[2].nbytes == 4 * self.prompt_ids_wire[1] and _isfinite(self.reward)):
+                and self.prompt_ids_wire[2].nbytes == 4 * self.prompt_ids_wire[1] and type(self.reward) is float
+                and _isfinite(self.reward) and type(self.finish_reason) is str and type(self.metadata) is dict):
             self.validate()  # names the field
             raise AssertionError("validate() accepted what __post_init__ refused")  # unreachable
 
     def validate(self) -> None:
         for name in ("prompt_ids", "output_ids", "behav_logp", "versions"):
-            _dtype, n, data = getattr(self, f"{name}_wire")
-            if data.nbytes != 4 * n:
+            wire = getattr(self, f"{name}_wire")
+            if type(wire) is not tuple or len(wire) != 3 or type(wire[2]) is not memoryview:
+                raise ProtocolError("expected a (dtype, length, memoryview) triple", name)
+            if wire[2].nbytes != 4 * wire[1]:
                 raise ProtocolError("array length does not match its bytes", name)
         t = self.output_ids_wire[1]
         if (n := self.behav_logp_wire[1]) != t:
             raise ProtocolError(f"length {n} != len(output_ids) {t}", "behav_logp")
         if (n := self.versions_wire[1]) != t:
             raise ProtocolError(f"length {n} != len(output_ids) {t}", "versions")
+        if type(self.reward) is not float:
+            raise ProtocolError(f"expected float, got {type(self.reward).__name__}", "reward")
         if not math.isfinite(self.reward):
             raise ProtocolError(f"must be finite, got {self.reward}", "reward")
         if type(self.finish_reason) is not str:
@@ -222,10 +265,18 @@ class Trajectory(msgspec.Struct, Message, metaclass=_TrajectoryMeta, frozen=True
     def head_version(self) -> int:
         return int(self.versions.min()) if self.versions_wire[1] else 0
 
-    def __reduce__(self) -> tuple:  # memoryviews do not pickle; arrays do
-        return functools.partial(Trajectory, prompt_ids=self.prompt_ids, output_ids=self.output_ids,
-                                 behav_logp=self.behav_logp, versions=self.versions, reward=self.reward,
-                                 finish_reason=self.finish_reason, metadata=self.metadata), ()
+    def _public(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+    def __reduce__(self) -> tuple:  # memoryviews do not pickle; arrays do (and deepcopy copies them)
+        return _trajectory_from_fields, (self._public(),)
+
+    def __repr__(self) -> str:
+        return f"Trajectory({', '.join(f'{k}={v!r}' for k, v in self._public().items())})"
+
+
+def _trajectory_from_fields(fields: dict[str, Any]) -> Trajectory:
+    return Trajectory(**fields)
 
 
 _REGISTRY[Trajectory.TYPE] = Trajectory

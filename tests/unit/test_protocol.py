@@ -208,13 +208,13 @@ def test_encode_accepts_sequences_and_numpy_values_like_their_canonical_form():
     assert back.behav_logp.tolist() == [0.0, 2.0, 4.0, 6.0, 8.0]
 
 
-def test_fast_encoder_takes_equal_dtypes_and_refuses_2d_arrays():
+def test_equal_dtypes_are_taken_without_a_copy_and_2d_arrays_are_refused():
     import pickle
 
     equal_dtype = np.arange(5, dtype=pickle.loads(pickle.dumps(np.dtype("<i4"))))  # equal, not the same object
     traj = make_traj(prompt_ids=P.as_i32([1]), output_ids=equal_dtype, behav_logp=P.as_f32(np.zeros(5)),
                      versions=P.as_i32(np.zeros(5)))
-    assert traj.output_ids_wire[1] == 5 and traj.output_ids_wire[2].obj is equal_dtype  # taken as it is
+    assert traj.output_ids_wire[1] == 5 and np.shares_memory(traj.output_ids, equal_dtype)  # no copy
     with pytest.raises(P.ProtocolError) as info:  # refused when built: no invalid Trajectory exists
         make_traj(prompt_ids=np.zeros((2, 3), dtype=np.int32))
     assert info.value.field == "prompt_ids" and "1-D" in str(info.value)
@@ -223,7 +223,10 @@ def test_fast_encoder_takes_equal_dtypes_and_refuses_2d_arrays():
 @pytest.mark.parametrize("field,value,says", [
     ("reward", "1.0", "expected float"), ("reward", True, "expected float"), ("reward", math.nan, "finite"),
     ("finish_reason", 3, "expected str"), ("metadata", {1: "x"}, "string keys"), ("metadata", [1], "string keys"),
-    ("output_ids", ["a", "b", "c", "d", "e"], "cannot convert"), ("versions", np.zeros(4), "output_ids"),
+    ("output_ids", ["a", "b", "c", "d", "e"], "expected integers"), ("versions", np.zeros(4, dtype=np.int32), "output_ids"),
+    ("reward", 10**400, "finite"), ("output_ids", 7, "1-D"), ("prompt_ids", np.array(5), "1-D"),
+    ("prompt_ids", b"\1\0\0\0", "raw bytes"), ("output_ids", np.arange(5) + 2**40, "outside <i4"),
+    ("output_ids", np.arange(5) + 0.5, "expected integers"),
 ])
 def test_a_trajectory_is_checked_when_built_and_the_error_names_the_field(field, value, says):
     with pytest.raises(P.ProtocolError) as info:
@@ -231,12 +234,18 @@ def test_a_trajectory_is_checked_when_built_and_the_error_names_the_field(field,
     assert info.value.field == field and says in str(info.value)
 
 
-def test_a_trajectory_pickles_and_its_arrays_are_views_of_its_wire_bytes():
+def test_a_trajectory_pickles_copies_and_its_arrays_are_views_of_its_wire_bytes():
+    import copy
     import pickle
 
     traj = P.decode(P.encode(make_group())).trajectories[0]
     back = pickle.loads(pickle.dumps(traj))
     assert_same(traj, back)
+    built = make_traj()
+    twin = copy.deepcopy(built)
+    assert_same(built, twin)
+    assert not np.shares_memory(twin.output_ids, built.output_ids) and twin.metadata is not built.metadata
+    assert "output_ids=array([10, 11, 12, 13, 14]" in repr(built)  # not the wire triples
     assert back.n_tokens == 5 and back.head_version == 7
     ids = traj.output_ids
     assert ids.base.obj is traj.output_ids_wire[2].obj and not ids.flags.writeable  # a view of the frame, no copy
@@ -352,7 +361,7 @@ def test_rejects_array_length_mismatch(name):
     err = reject(wire)
     assert err.field == f"trajectories[0].{name}" and "output_ids" in str(err)
     with pytest.raises(P.ProtocolError) as info:  # and the sender cannot build it either
-        make_traj(**{name: np.zeros(3)})
+        make_traj(**{name: np.zeros(3, dtype=np.int32)})
     assert info.value.field == name and "output_ids" in str(info.value)
 
 
