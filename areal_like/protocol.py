@@ -86,7 +86,10 @@ def _wire_array(value: Any, dtype: np.dtype, name: str) -> tuple[str, int, memor
     if src.ndim != 1:
         raise ProtocolError(f"expected a 1-D array, got shape {src.shape}", name)
     if dtype.kind == "i" and len(src) and src.dtype != dtype:
-        if src.dtype.kind not in "iu":
+        if src.dtype.kind == "f":  # np.zeros(n) and the like: whole numbers are taken
+            if not np.all(np.isfinite(src)) or not np.all(src == np.trunc(src)):
+                raise ProtocolError(f"expected whole numbers, got {src.dtype} with fractions or non-finite values", name)
+        elif src.dtype.kind not in "iu":
             raise ProtocolError(f"expected integers, got {src.dtype}", name)
         info = np.iinfo(dtype)
         if src.min() < info.min or src.max() > info.max:

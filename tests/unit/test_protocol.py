@@ -200,12 +200,14 @@ def test_encode_accepts_sequences_and_numpy_values_like_their_canonical_form():
                                                        shapes=[[2, 3], [3]])], deadline_s=5.0)
     assert P.encode(loose) == P.encode(canonical)
     traj = make_traj(output_ids=[10, 11, 12, 13, 14], versions=np.full(5, 7, dtype=np.int64),
-                     behav_logp=np.arange(10, dtype=np.float64)[::2])  # list, int64, strided float64
+                     behav_logp=np.arange(10, dtype=np.float64)[::2],  # list, int64, strided float64
+                     prompt_ids=np.zeros(2))  # whole numbers as float64
     group = P.TrajectoryGroup(group_id="s-1", server_id="s", lease_id="1", prompt_index=4, epoch=0,
                               trajectories=[traj])
     back = P.decode(P.encode(group)).trajectories[0]
     assert back.output_ids.tolist() == [10, 11, 12, 13, 14] and back.versions.dtype == np.int32
     assert back.behav_logp.tolist() == [0.0, 2.0, 4.0, 6.0, 8.0]
+    assert back.prompt_ids.tolist() == [0, 0] and back.prompt_ids.dtype == np.int32
 
 
 def test_equal_dtypes_are_taken_without_a_copy_and_2d_arrays_are_refused():
@@ -223,10 +225,11 @@ def test_equal_dtypes_are_taken_without_a_copy_and_2d_arrays_are_refused():
 @pytest.mark.parametrize("field,value,says", [
     ("reward", "1.0", "expected float"), ("reward", True, "expected float"), ("reward", math.nan, "finite"),
     ("finish_reason", 3, "expected str"), ("metadata", {1: "x"}, "string keys"), ("metadata", [1], "string keys"),
-    ("output_ids", ["a", "b", "c", "d", "e"], "expected integers"), ("versions", np.zeros(4, dtype=np.int32), "output_ids"),
+    ("output_ids", ["a", "b", "c", "d", "e"], "expected integers"),  # a str array ("versions", np.zeros(4, dtype=np.int32), "output_ids"),
     ("reward", 10**400, "finite"), ("output_ids", 7, "1-D"), ("prompt_ids", np.array(5), "1-D"),
     ("prompt_ids", b"\1\0\0\0", "raw bytes"), ("output_ids", np.arange(5) + 2**40, "outside <i4"),
-    ("output_ids", np.arange(5) + 0.5, "expected integers"),
+    ("output_ids", np.arange(5) + 0.5, "whole numbers"), ("versions", np.full(5, np.nan), "whole numbers"),
+    ("versions", np.ones(5, dtype=bool), "expected integers"),
 ])
 def test_a_trajectory_is_checked_when_built_and_the_error_names_the_field(field, value, says):
     with pytest.raises(P.ProtocolError) as info:
