@@ -74,9 +74,10 @@ def as_f32(x: Any) -> np.ndarray:
 
 def _wire_array(value: Any, dtype: np.dtype, name: str) -> tuple[str, int, memoryview]:
     """A 1-D array-like as ``(dtype, length, bytes)``. An array of the exact dtype, contiguous, is
-    taken as it is (no copy; ``_wire_i4``/``_wire_f4`` take that case without calling this); lists,
-    other dtypes (int64 ids, float64 logprobs) and strided views are converted, integers only where
+    taken as it is (no copy); lists, other dtypes (int64 ids, float64 logprobs) and strided views are converted, integers only where
     every value fits. Scalars, other shapes and raw bytes are refused."""
+    if type(value) is np.ndarray and value.dtype == dtype and value.ndim == 1 and value.flags.c_contiguous:
+        return dtype.str, len(value), value.data
     if isinstance(value, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"raw bytes are ambiguous here; pass an array of {dtype.str}", name)
     try:
@@ -99,18 +100,6 @@ def _wire_array(value: Any, dtype: np.dtype, name: str) -> tuple[str, int, memor
     except (TypeError, ValueError, OverflowError) as e:
         raise ProtocolError(f"cannot convert to {dtype.str}: {e}", name) from None
     return dtype.str, len(arr), arr.data
-
-
-def _wire_i4(value: Any, name: str) -> tuple[str, int, memoryview]:
-    if type(value) is np.ndarray and value.dtype is _I4 and value.ndim == 1 and value.flags.c_contiguous:
-        return "<i4", len(value), value.data  # the common case: no copy, a few attribute reads
-    return _wire_array(value, _I4, name)
-
-
-def _wire_f4(value: Any, name: str) -> tuple[str, int, memoryview]:
-    if type(value) is np.ndarray and value.dtype is _F4 and value.ndim == 1 and value.flags.c_contiguous:
-        return "<f4", len(value), value.data
-    return _wire_array(value, _F4, name)
 
 
 _ONLY_STR = frozenset((str,))
@@ -167,17 +156,26 @@ class _TrajectoryMeta(type(msgspec.Struct)):
                  finish_reason: str, metadata: dict | None = None) -> Trajectory:
         if metadata is None:
             metadata = {}
-        # metadata keys are checked here, not in __post_init__, which also runs on decode (msgspec checks them)
-        if not (type(reward) is float and type(finish_reason) is str and type(metadata) is dict
-                and (not metadata or _str_keys(metadata))):
-            reward = _as_float(reward, "reward")
-            if type(finish_reason) is not str:
-                raise ProtocolError(f"expected str, got {type(finish_reason).__name__}", "finish_reason")
-            if type(metadata) is not dict or not _str_keys(metadata):
-                raise ProtocolError("expected a map with string keys", "metadata")
-        return _new_struct(cls, cls.TYPE, _wire_i4(prompt_ids, "prompt_ids"), _wire_i4(output_ids, "output_ids"),
-                           _wire_f4(behav_logp, "behav_logp"), _wire_i4(versions, "versions"), reward,
-                           finish_reason, metadata)  # positional, in the fields' order
+        # The common case (contiguous 1-D arrays of the wire dtypes, exact scalar types) in one test;
+        # it is most of what building a trajectory costs. Metadata keys are checked here and not in
+        # __post_init__, which also runs on decode, where msgspec checks them.
+        if (type(prompt_ids) is np.ndarray and type(output_ids) is np.ndarray and type(behav_logp) is np.ndarray
+                and type(versions) is np.ndarray and prompt_ids.dtype is _I4 and output_ids.dtype is _I4
+                and behav_logp.dtype is _F4 and versions.dtype is _I4):
+            p, o, b, v = prompt_ids.data, output_ids.data, behav_logp.data, versions.data
+            if (p.c_contiguous and o.c_contiguous and b.c_contiguous and v.c_contiguous
+                    and p.ndim == o.ndim == b.ndim == v.ndim == 1 and type(reward) is float
+                    and type(finish_reason) is str and type(metadata) is dict and (not metadata or _str_keys(metadata))):
+                return _new_struct(cls, "trajectory", ("<i4", len(p), p), ("<i4", len(o), o), ("<f4", len(b), b),
+                                   ("<i4", len(v), v), reward, finish_reason, metadata)  # positional: fields' order
+        reward = _as_float(reward, "reward")
+        if type(finish_reason) is not str:
+            raise ProtocolError(f"expected str, got {type(finish_reason).__name__}", "finish_reason")
+        if type(metadata) is not dict or not _str_keys(metadata):
+            raise ProtocolError("expected a map with string keys", "metadata")
+        return _new_struct(cls, "trajectory", _wire_array(prompt_ids, _I4, "prompt_ids"),
+                           _wire_array(output_ids, _I4, "output_ids"), _wire_array(behav_logp, _F4, "behav_logp"),
+                           _wire_array(versions, _I4, "versions"), reward, finish_reason, metadata)
 
 
 class Trajectory(msgspec.Struct, Message, metaclass=_TrajectoryMeta, frozen=True, eq=False,

@@ -11,6 +11,10 @@ ROUTER that answers a prebuilt reply of the same size without decoding anything.
   sends prebuilt bytes of the same size (without a copy, above pyzmq's threshold) and reads
   replies undecoded. Sender encode and receiver decode overlap, as they do when
   several rollout servers feed one buffer: this is the throughput the protocol allows.
+* **stream, built** (``transport_stream_8xT_built``, for reference): the stream pattern with each
+  group built from its arrays right before it is sent (``Trajectory(...)`` x 8 and the group),
+  as a rollout server does. A Trajectory checks itself and takes its wire form when it is built,
+  so part of what encoding once cost is paid here; this line keeps that cost in view.
 * **reqrep** (for reference): ``Client.request`` with one request in flight, as a single
   rollout server's sender does; encode, decode and both wake-ups add up serially, so on a busy
   2-core box this ratio is much lower than the streaming one.
@@ -133,6 +137,25 @@ def send_ours(groups: list[P.TrajectoryGroup]):
     return send
 
 
+def send_built(groups: list[P.TrajectoryGroup]):
+    """Like ``send_ours``, building each group from its own copies of the arrays just before it is sent."""
+    writer = FrameWriter()
+    parts = [(g, [dict(prompt_ids=t.prompt_ids.copy(), output_ids=t.output_ids.copy(), behav_logp=t.behav_logp.copy(),
+                       versions=t.versions.copy(), reward=t.reward, finish_reason=t.finish_reason,
+                       metadata=t.metadata) for t in g.trajectories]) for g in groups]
+
+    def send(sock: zmq.Socket, req_id: bytes, i: int) -> None:
+        writer.send(sock, [req_id], build_group(*parts[i % len(parts)]))
+
+    return send
+
+
+def build_group(like: P.TrajectoryGroup, trajectories: list[dict]) -> P.TrajectoryGroup:
+    return P.TrajectoryGroup(group_id=like.group_id, server_id=like.server_id, lease_id=like.lease_id,
+                             prompt_index=like.prompt_index, epoch=like.epoch,
+                             trajectories=[P.Trajectory(**t) for t in trajectories])
+
+
 def round_stream(sock: zmq.Socket, send, check_reply, seconds: float) -> float:
     """Keep WINDOW requests in flight; count replies per second."""
     sent = done = 0
@@ -170,6 +193,17 @@ def codec_cost_us(group: P.TrajectoryGroup, repeats: int = 200) -> tuple[float, 
     return 1e6 * (t1 - t0) / repeats, 1e6 * (time.process_time() - t1) / repeats
 
 
+def build_cost_us(group: P.TrajectoryGroup, repeats: int = 200) -> float:
+    """CPU microseconds to build one group from its arrays in this process."""
+    parts = [dict(prompt_ids=t.prompt_ids.copy(), output_ids=t.output_ids.copy(), behav_logp=t.behav_logp.copy(),
+                  versions=t.versions.copy(), reward=t.reward, finish_reason=t.finish_reason, metadata=t.metadata)
+             for t in group.trajectories]
+    t0 = time.process_time()
+    for _ in range(repeats):
+        build_group(group, parts)
+    return 1e6 * (time.process_time() - t0) / repeats
+
+
 def child_cpu_s(pid: int) -> float:
     """CPU seconds (user + system, all threads) of another process, from /proc."""
     return sum(cpu_split_s(pid))
@@ -197,6 +231,7 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, receiver_pid: int, ro
     modes = {
         ("stream", "ours"): lambda s: round_stream(ours_sock, send_ours(groups), check_ack, s),
         ("stream", "raw"): lambda s: round_stream(raw_sock, send_raw(payload), lambda reply: None, s),
+        ("stream", "built"): lambda s: round_stream(ours_sock, send_built(groups), check_ack, s),
         ("reqrep", "ours"): lambda s: round_reqrep_ours(client, groups, s),
         ("reqrep", "raw"): lambda s: round_reqrep_raw(raw_sock, payload, s),
     }
@@ -249,6 +284,15 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, receiver_pid: int, ro
                       "encode_us": round(enc_us, 1), "decode_us": round(dec_us, 1), "rounds": rounds,
                       "round_s": seconds, "ours_rounds": [round(x) for x in ours], "raw_rounds": [round(x) for x in base],
                       "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()})
+    built, base = rates[("stream", "built")], rates[("stream", "raw")]
+    lines.append({"name": f"transport_stream_{GROUP_SIZE}x{tokens}_built", "figure": round(statistics.median(built), 1),
+                  "unit": "groups/s", "baseline": round(statistics.median(base), 1),
+                  "ratio": round(statistics.median(built) / statistics.median(base), 3), "goal": None,
+                  "cpu_us_per_group": round(cpu_us(("stream", "built")), 1),
+                  "baseline_cpu_us_per_group": round(cpu_us(("stream", "raw")), 1),
+                  "cpu_ratio": round(cpu_us(("stream", "raw")) / cpu_us(("stream", "built")), 3),
+                  "build_us": round(build_cost_us(groups[0]), 1), "rounds": rounds, "round_s": seconds,
+                  "built_rounds": [round(x) for x in built], "raw_rounds": [round(x) for x in base]})
     return lines
 
 
