@@ -10,8 +10,8 @@ arrays: they are 10-14x slower to encode (specs/cpu_notes.md section 4).
 extra or wrongly typed fields, non-finite rewards, arrays whose lengths disagree,
 oversized frames. Any problem raises ``ProtocolError`` naming the field; no other
 exception escapes ``decode`` for any input bytes. ``encode`` runs the same checks (a
-Trajectory runs them when it is built), so an invalid message fails at its sender. The machinery (and why it is fast) is in
-``areal_like/codec.py``; this module is the schema.
+Trajectory runs them when it is built), so an invalid message fails at its sender. The
+machinery (and why it is fast) is in ``areal_like/codec.py``; this module is the schema.
 
 Compatibility: a field added with a default keeps the protocol version, since frames without it
 (older senders, groups already in a buffer's WAL) still decode. A component built before the
@@ -74,8 +74,9 @@ def as_f32(x: Any) -> np.ndarray:
 
 def _wire_array(value: Any, dtype: np.dtype, name: str) -> tuple[str, int, memoryview]:
     """A 1-D array-like as ``(dtype, length, bytes)``. An array of the exact dtype, contiguous, is
-    taken as it is (no copy); lists, other dtypes (int64 ids, float64 logprobs) and strided views are converted, integers only where
-    every value fits. Scalars, other shapes and raw bytes are refused."""
+    taken as it is (no copy); lists, other dtypes (int64 ids, float64 logprobs) and strided views
+    are converted; an int32 field takes only whole numbers that fit. Scalars, other shapes and
+    raw bytes are refused."""
     if type(value) is np.ndarray and value.dtype == dtype and value.ndim == 1 and value.flags.c_contiguous:
         return dtype.str, len(value), value.data
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -190,10 +191,11 @@ class Trajectory(msgspec.Struct, Message, metaclass=_TrajectoryMeta, frozen=True
     finish_reason=..., metadata=...)`` from 1-D array-likes (converted to the wire dtype);
     invalid values raise ProtocolError naming the field, at construction. To change a field, build
     a new one the same way (``msgspec.structs.replace`` re-runs only ``__post_init__``'s checks,
-    not those of metadata keys). Unlike the other
-    messages this one is a msgspec Struct that holds each array in its wire form ``(dtype,
-    length, bytes)``: msgspec encodes and decodes it in C, with no Python per array, which is
-    most of what a group costs on the wire (benchmarks/bench_transport.py). The array
+    not those of metadata keys).
+
+    Unlike the other messages this one is a msgspec Struct that holds each array in its wire form
+    ``(dtype, length, bytes)``: msgspec encodes and decodes it in C, with no Python per array,
+    which is most of what a group costs on the wire (benchmarks/bench_transport.py). The array
     attributes are numpy views of those bytes (read-only when decoded), made on each access.
     """
 
@@ -239,7 +241,7 @@ class Trajectory(msgspec.Struct, Message, metaclass=_TrajectoryMeta, frozen=True
             raise ProtocolError(f"must be finite, got {self.reward}", "reward")
         if type(self.finish_reason) is not str:
             raise ProtocolError(f"expected str, got {type(self.finish_reason).__name__}", "finish_reason")
-        if type(self.metadata) is not dict or not all(type(k) is str for k in self.metadata):
+        if type(self.metadata) is not dict or not _str_keys(self.metadata):
             raise ProtocolError("expected a map with string keys", "metadata")
 
     @property

@@ -23,8 +23,9 @@ Both processes create sockets through ``transport`` (the sender its DEALERs, the
 ``Server``), so ``transport.tune_allocator``, a per-process setting, applies to the raw path as
 much as to ours: the raw receiver's libzmq buffers are reused warm too. Modes are interleaved
 round by round so machine load hits both alike; figures are medians over rounds. One JSON line
-per (pattern, T): ``figure`` (our groups/s), ``baseline`` (raw groups/s), ``ratio`` (goal >= 0.8
-for stream at T = 4096), MB/s for both, and the in-process encode/decode cost of one group.
+per (pattern, T) and one for the built stream per T: ``figure`` (our groups/s), ``baseline`` (raw
+groups/s), ``ratio`` (goal >= 0.8 for stream at T = 4096), MB/s for both, and the in-process
+encode/decode (and build) cost of one group.
 
 Run: ``python benchmarks/bench_transport.py [--tokens 512,4096] [--rounds 7] [--seconds 0.35]``
 """
@@ -140,14 +141,19 @@ def send_ours(groups: list[P.TrajectoryGroup]):
 def send_built(groups: list[P.TrajectoryGroup]):
     """Like ``send_ours``, building each group from its own copies of the arrays just before it is sent."""
     writer = FrameWriter()
-    parts = [(g, [dict(prompt_ids=t.prompt_ids.copy(), output_ids=t.output_ids.copy(), behav_logp=t.behav_logp.copy(),
-                       versions=t.versions.copy(), reward=t.reward, finish_reason=t.finish_reason,
-                       metadata=t.metadata) for t in g.trajectories]) for g in groups]
+    parts = [(g, trajectory_parts(g)) for g in groups]
 
     def send(sock: zmq.Socket, req_id: bytes, i: int) -> None:
         writer.send(sock, [req_id], build_group(*parts[i % len(parts)]))
 
     return send
+
+
+def trajectory_parts(group: P.TrajectoryGroup) -> list[dict]:
+    """What a producer builds each of the group's trajectories from: fresh arrays and scalars."""
+    return [dict(prompt_ids=t.prompt_ids.copy(), output_ids=t.output_ids.copy(), behav_logp=t.behav_logp.copy(),
+                 versions=t.versions.copy(), reward=t.reward, finish_reason=t.finish_reason, metadata=t.metadata)
+            for t in group.trajectories]
 
 
 def build_group(like: P.TrajectoryGroup, trajectories: list[dict]) -> P.TrajectoryGroup:
@@ -195,9 +201,7 @@ def codec_cost_us(group: P.TrajectoryGroup, repeats: int = 200) -> tuple[float, 
 
 def build_cost_us(group: P.TrajectoryGroup, repeats: int = 200) -> float:
     """CPU microseconds to build one group from its arrays in this process."""
-    parts = [dict(prompt_ids=t.prompt_ids.copy(), output_ids=t.output_ids.copy(), behav_logp=t.behav_logp.copy(),
-                  versions=t.versions.copy(), reward=t.reward, finish_reason=t.finish_reason, metadata=t.metadata)
-             for t in group.trajectories]
+    parts = trajectory_parts(group)
     t0 = time.process_time()
     for _ in range(repeats):
         build_group(group, parts)
