@@ -26,20 +26,23 @@ from areal_like.schema import (
     BufferConfig,
     ConfigError,
     EngineConfig,
+    EvalConfig,
+    ExportConfig,
     LaunchConfig,
     LossConfig,
     ModelConfig,
     RolloutConfig,
     RunConfig,
     TaskConfig,
+    TrackingConfig,
     TrainerConfig,
     WarmStartConfig,
     WeightSyncConfig,
 )
 
 __all__ = [
-    "AGG_MODES", "ESTIMATORS", "LOSS_KINDS", "BufferConfig", "ConfigError", "EngineConfig", "LaunchConfig",
-    "LossConfig", "ModelConfig", "RolloutConfig", "RunConfig", "TaskConfig", "TrainerConfig", "WarmStartConfig",
+    "AGG_MODES", "ESTIMATORS", "LOSS_KINDS", "BufferConfig", "ConfigError", "EngineConfig", "EvalConfig", "ExportConfig", "LaunchConfig",
+    "LossConfig", "ModelConfig", "RolloutConfig", "RunConfig", "TaskConfig", "TrackingConfig", "TrainerConfig", "WarmStartConfig",
     "WeightSyncConfig", "compose", "config_dir", "dataset_size", "from_yaml", "group_options", "load_config",
     "load_daemon_config", "to_yaml",
 ]
@@ -229,7 +232,7 @@ def from_yaml(text: str) -> RunConfig:
 
 def dataset_size(task: TaskConfig) -> int:
     """Number of prompts in one epoch of the task's dataset (the buffer's cursor range)."""
-    if task.name == "jsonl":
+    if task.name == "dataset":
         path = Path(task.dataset_path or "")
         if not path.is_file():
             raise ConfigError(f"task.dataset_path={task.dataset_path!r} does not exist")

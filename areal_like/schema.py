@@ -31,7 +31,10 @@ def _check(key: str, ok: bool, rule: str, value: Any) -> None:
 class ModelConfig:
     """A local HF model (``path``) or a tiny Qwen2 built from the fields below."""
 
-    path: str | None = None  # local directory with config.json + weights (+ tokenizer); never a hub id
+    # a local directory with config.json + weights (+ tokenizer), or a hub id (org/name) that
+    # `areal-like run` resolves to a local directory once, before any daemon starts
+    path: str | None = None
+    tokenizer: str = "char"  # model built from config: char | bpe (built from shipped text) | a local directory
     vocab_size: int = 104  # must cover the tokenizer; the char tokenizer has 104 tokens
     hidden_size: int = 128
     intermediate_size: int = 256
@@ -57,8 +60,23 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class TaskConfig:
-    name: str = "addition"  # addition | sort | reverse | countdown | jsonl
-    dataset_path: str | None = None  # JSONL of {prompt, answer} for name=jsonl
+    """What to train on: a shipped synthetic task or a dataset (``name=dataset``), and how it is scored."""
+
+    name: str = "addition"  # addition | sort | reverse | countdown | dataset
+    # name=dataset: a local .jsonl / .json / .parquet / .csv file, a directory of such files, or a
+    # directory written by datasets' save_to_disk (areal_like/datasets.py)
+    dataset_path: str | None = None
+    eval_path: str | None = None  # the eval split; unset = eval_fraction of dataset_path held out
+    eval_fraction: float = 0.0  # held-out share of dataset_path when eval_path is unset (fixed seed)
+    prompt_key: str = "prompt"  # a column of plain prompt text ...
+    messages_key: str = ""  # ... or, when set, a column of chat messages [{role, content}, ...]
+    answer_key: str = "answer"  # the reference answer the reward grades against
+    metadata_keys: list[str] | None = None  # extra columns passed to the reward; None = all the others
+    system_prompt: str = ""  # prepended as a system message (chat) or text (plain)
+    # auto: the tokenizer's chat template when it has one | none: plain text (base models) |
+    # anything else: a Jinja template, or a path to a file holding one
+    chat_template: str = "auto"
+    max_prompt_tokens: int = 0  # longer prompts are filtered out (and counted); 0 = no limit
     num_prompts: int = 100_000  # size of a synthetic dataset (an epoch)
     digits: int = 2  # operand size / list length for synthetic tasks
     seed: int = 0
@@ -68,18 +86,85 @@ class TaskConfig:
     top_p: float = 1.0
     top_k: int = -1
     reward_fn: str = ""  # dotted path "pkg.module:function"; empty = the task's own reward
-    reward_timeout_s: float = 5.0
+    reward_timeout_s: float = 5.0  # per sample; a reward past it is killed and scored 0 with its reason
+    reward_workers: int = 2  # processes of the reward pool (per rollout server)
+    reward_memory_mb: int = 2048  # address-space limit of a reward worker; 0 = none
+    reward_url: str = ""  # remote reward: POST a batch of (prompt, response, metadata) here
+    reward_retries: int = 2  # remote reward: retries after a failed or timed-out call
 
     def __post_init__(self):
-        _choice("task.name", self.name, ("addition", "sort", "reverse", "countdown", "jsonl"))
-        if self.name == "jsonl":
-            _check("task.dataset_path", bool(self.dataset_path), "set when task.name=jsonl", self.dataset_path)
+        _choice("task.name", self.name, ("addition", "sort", "reverse", "countdown", "dataset"))
+        if self.name == "dataset":
+            _check("task.dataset_path", bool(self.dataset_path), "set when task.name=dataset", self.dataset_path)
+        _check("task.eval_fraction", 0 <= self.eval_fraction < 1, "in [0, 1)", self.eval_fraction)
+        _check("task.max_prompt_tokens", self.max_prompt_tokens >= 0, ">= 0", self.max_prompt_tokens)
         _check("task.group_size", self.group_size >= 1, ">= 1", self.group_size)
         _check("task.max_new_tokens", self.max_new_tokens >= 1, ">= 1", self.max_new_tokens)
         _check("task.temperature", self.temperature > 0, "> 0 (sampling; greedy is not RL)", self.temperature)
         _check("task.top_p", 0 < self.top_p <= 1, "in (0, 1]", self.top_p)
         _check("task.digits", 1 <= self.digits <= 9, "in [1, 9]", self.digits)
         _check("task.reward_timeout_s", self.reward_timeout_s > 0, "> 0", self.reward_timeout_s)
+        _check("task.reward_workers", self.reward_workers >= 1, ">= 1", self.reward_workers)
+        _check("task.reward_memory_mb", self.reward_memory_mb >= 0, ">= 0", self.reward_memory_mb)
+        _check("task.reward_retries", self.reward_retries >= 0, ">= 0", self.reward_retries)
+        if self.reward_url:
+            _check("task.reward_url", self.reward_url.startswith(("http://", "https://")), "an http(s) URL",
+                   self.reward_url)
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Evaluation on the eval split, through a rollout server's engine at a known policy version."""
+
+    every: int = 0  # evaluate each time the policy version reaches a multiple of this; 0 = never during the run
+    at_end: bool = True  # and once at trainer.steps (when the task has an eval split)
+    max_examples: int = 0  # eval prompts used (first N of the split); 0 = all
+    k: int = 4  # samples per prompt at the sampling temperature, for pass@k and mean@k; 0 = greedy only
+    temperature: float | None = None  # None = task.temperature
+    max_new_tokens: int | None = None  # None = task.max_new_tokens
+    final_timeout_s: float = 600.0  # how long `areal-like run` waits for the final eval after training
+
+    def __post_init__(self):
+        _check("eval.every", self.every >= 0, ">= 0", self.every)
+        _check("eval.max_examples", self.max_examples >= 0, ">= 0", self.max_examples)
+        _check("eval.k", self.k >= 0, ">= 0", self.k)
+        if self.temperature is not None:
+            _check("eval.temperature", self.temperature > 0, "> 0 (greedy is always measured)", self.temperature)
+        if self.max_new_tokens is not None:
+            _check("eval.max_new_tokens", self.max_new_tokens >= 1, ">= 1", self.max_new_tokens)
+
+
+@dataclass(kw_only=True)
+class ExportConfig:
+    """Hugging Face model directories written by the trainer (``areal-like export`` does the same offline)."""
+
+    every: int = 0  # export each time the policy version reaches a multiple of this; 0 = never during the run
+    at_end: bool = True  # and once when training ends
+    dir: str = "export"  # relative to run_dir unless absolute; one v<version> directory per export
+    shard_mb: int = 2048  # largest model.safetensors shard
+
+    def __post_init__(self):
+        _check("export.every", self.every >= 0, ">= 0", self.every)
+        _check("export.shard_mb", self.shard_mb >= 1, ">= 1", self.shard_mb)
+
+
+TRACKERS = ("jsonl", "tensorboard", "wandb", "mlflow", "trackio")
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    """Where metrics, eval results and sample tables go besides the run directory's JSONL files."""
+
+    project: str = "areal-like"
+    run_name: str = ""  # empty = the run directory's name
+    wandb_mode: str = "offline"  # online | offline (offline needs no network; `wandb sync` uploads later)
+    sample_every: int = 10  # every N trainer steps, a table of samples; 0 = never
+    sample_k: int = 8  # samples per table
+
+    def __post_init__(self):
+        _choice("tracking.wandb_mode", self.wandb_mode, ("online", "offline"))
+        _check("tracking.sample_every", self.sample_every >= 0, ">= 0", self.sample_every)
+        _check("tracking.sample_k", self.sample_k >= 1, ">= 1", self.sample_k)
 
 
 @dataclass(kw_only=True)
@@ -147,6 +232,7 @@ class RolloutConfig:
     max_concurrent_groups: int = 8
     heartbeat_s: float = 1.0
     drain_on_update: bool = False  # finish in-flight requests before a weight update instead of aborting
+    eval: bool = False  # this server runs the job's evaluations (eval.*); `areal-like run` sets it on the first
     metrics_port: int = 0
     engine: EngineConfig = field(default_factory=EngineConfig)
 
@@ -242,6 +328,9 @@ class TrainerConfig:
     buffer_timeout_s: float = 120.0  # the buffer silent this long is an error, not a wait
     metrics_port: int = 0
     gloo_timeout_s: float = 300.0
+    # the frozen reference policy of the KL term (trainer.loss.kl_coef > 0): a local HF directory;
+    # None = the run's initial weights (model.path, or the model built from config)
+    ref_path: str | None = None
 
     def __post_init__(self):
         _check("trainer.steps", self.steps >= 1, ">= 1", self.steps)
@@ -297,6 +386,14 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    tracker: list[str] = field(default_factory=lambda: ["jsonl"])  # any of TRACKERS, e.g. [jsonl,tensorboard]
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self):
+        for name in self.tracker:
+            _choice("tracker", name, TRACKERS)
 
     def resolve_path(self, p: str) -> Path:
         """A path from the config, relative to run_dir unless absolute."""
