@@ -7,6 +7,7 @@
     areal-like top      [RUN_DIR]             live terminal view scraped from every /metrics
     areal-like status   [RUN_DIR]             one-shot health of every daemon of a run
     areal-like config   [overrides...]        print the resolved config (one file for every node)
+    areal-like eval     MODEL [overrides...]  evaluate an HF directory or a checkpoint on the eval split
 
 Overrides are Hydra's: ``experiment=quickstart trainer.lr=1e-4 buffer.max_staleness=0``.
 ``--help`` is fast: nothing heavy (torch, transformers, hydra) is imported before a command runs,
@@ -21,6 +22,7 @@ import os
 import sys
 
 DAEMON_MODULES = {"buffer": "buffer", "rollout": "rollout_server", "train": "trainer"}
+TOOL_MODULES = {"eval": "rollout_server.evaluate"}  # commands run as `python -m module args...`
 TORCHRUN_FLAGS_WITH_VALUE = {"--nproc-per-node", "--nproc_per_node", "--nnodes", "--node-rank", "--node_rank",
                              "--master-addr", "--master_addr", "--master-port", "--master_port", "--rdzv-backend",
                              "--rdzv_backend", "--rdzv-endpoint", "--rdzv_endpoint", "--rdzv-id", "--rdzv_id",
@@ -43,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
                         description="torchrun flags (--nproc-per-node, --nnodes, --node-rank, --master-addr, "
                                     "--master-port, --rdzv-*) pass through; the rest are Hydra overrides.")
     tr.add_argument("args", nargs=argparse.REMAINDER, help="[torchrun flags] [--config-file PATH] overrides")
+    ev = sub.add_parser("eval", help="evaluate an HF model directory or a trainer checkpoint on the eval split")
+    ev.add_argument("args", nargs=argparse.REMAINDER, help="MODEL [--config-file F] [--out FILE] [overrides]")
     cf = sub.add_parser("config", help="print the resolved config as YAML (for --config-file on every node)")
     cf.add_argument("overrides", nargs="*", help="Hydra overrides")
     for name, help_ in (("top", "live terminal view of a running job"), ("status", "health of every daemon")):
@@ -55,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TOOL_MODULES:  # the module parses its own arguments (and --help)
+        return _exec_module(TOOL_MODULES[argv[0]], argv[1:])
     if argv and argv[0] in DAEMON_MODULES and argv[1:2] not in (["-h"], ["--help"]):
         # everything after the daemon name is the daemon's (--config-file, torchrun flags, overrides):
         # argparse would reject flags it does not know

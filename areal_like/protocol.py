@@ -308,6 +308,7 @@ class Heartbeat(Message):
     server_id: str
     policy_version: int  # version the engine serves
     in_flight: int = 0  # groups being generated
+    evaluating: bool = False  # running an evaluation: leave it out of weight syncs until it says False
 
 
 @message
@@ -429,6 +430,7 @@ class Roster(Message):
     TYPE: ClassVar[str] = "roster"
     members: list[RosterEntry]
     policy_version: int
+    evaluating: list[str] = field(default_factory=list)  # servers out of the roster while they evaluate
 
 
 @message

@@ -117,7 +117,8 @@ class EvalConfig:
     """Evaluation on the eval split, through a rollout server's engine at a known policy version."""
 
     every: int = 0  # evaluate each time the policy version reaches a multiple of this; 0 = never during the run
-    at_end: bool = True  # and once at trainer.steps (when the task has an eval split)
+    at_start: bool = True  # with every > 0: also the initial weights (version 0), the baseline
+    at_end: bool = True  # and once at trainer.steps
     max_examples: int = 0  # eval prompts used (first N of the split); 0 = all
     k: int = 4  # samples per prompt at the sampling temperature, for pass@k and mean@k; 0 = greedy only
     temperature: float | None = None  # None = task.temperature

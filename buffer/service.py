@@ -64,6 +64,7 @@ class Member:
     entry: P.RosterEntry
     last_seen: float
     in_flight: int = 0
+    evaluating: bool = False  # out of weight syncs while its engine holds one version for an evaluation
 
 
 class BufferService(BatchHandout, BufferMetrics, Daemon):
@@ -267,6 +268,10 @@ class BufferService(BatchHandout, BufferMetrics, Daemon):
         if member is None:
             return P.HeartbeatAck(policy_version=self.version, known=False)
         member.in_flight = m.in_flight
+        if member.evaluating != m.evaluating:
+            self.log.info("server %s %s", m.server_id, "evaluating: out of weight syncs" if m.evaluating
+                          else "done evaluating: back in weight syncs")
+            member.evaluating = m.evaluating
         return P.HeartbeatAck(policy_version=self.version, known=True, pending_plan=self._pending_plan(m.server_id))
 
     def _on_credits(self, m: P.CreditRequest) -> P.Credits:
@@ -348,7 +353,10 @@ class BufferService(BatchHandout, BufferMetrics, Daemon):
         return P.Ack(ref=str(m.policy_version), status="ok")
 
     def _on_roster(self, _m: P.RosterRequest) -> P.Roster:
-        return P.Roster(members=[m.entry for m in self.roster.values()], policy_version=self.version)
+        """Weight-sync members: every live server but those evaluating (their engines hold one version)."""
+        return P.Roster(members=[m.entry for m in self.roster.values() if not m.evaluating],
+                        policy_version=self.version,
+                        evaluating=sorted(s for s, m in self.roster.items() if m.evaluating))
 
     def _on_plan(self, plan: P.WeightSyncPlan) -> P.Ack:
         old = self.plan

@@ -24,7 +24,7 @@ from pathlib import Path
 from areal_like.config import RunConfig, to_yaml
 from areal_like.distributed import free_port
 from launch.local import ProcSpec, Supervisor, write_json_atomic
-from launch.topology import Topology, apply_topology, plan_topology
+from launch.topology import Topology, apply_topology, plan_topology, wants_eval
 
 PROGRESS_EVERY_S = 5.0  # a live line this often keeps a terminal alive without flooding logs
 SCRAPE_EVERY_S = 10.0  # /metrics snapshots in scrape.jsonl; Prometheus does the fine-grained job
@@ -162,6 +162,33 @@ class Monitor:
                 f.write(json.dumps({"t": round(time.time(), 3), "daemon": slot.name, "values": values}) + "\n")
 
 
+def wait_for_final_eval(cfg: RunConfig, run_dir: Path, sup: Supervisor) -> None:
+    """After the trainer completed: keep the job up until the evaluating rollout server has written
+    the final evaluation (eval.jsonl, ``"final": true``), at most ``eval.final_timeout_s``."""
+    deadline = time.monotonic() + cfg.eval.final_timeout_s
+    print("[run] trainer done; waiting for the final evaluation", file=sys.stderr, flush=True)
+    while time.monotonic() < deadline and not sup.stop_event.is_set():
+        if any(r.get("final") for r in read_jsonl(run_dir / "eval.jsonl")):
+            return
+        if sup.pids().get("rollout-0") is None:
+            print("[run] the evaluating rollout server is down: no final evaluation", file=sys.stderr, flush=True)
+            return
+        sup.stop_event.wait(1.0)
+    print(f"[run] no final evaluation within eval.final_timeout_s={cfg.eval.final_timeout_s}", file=sys.stderr,
+          flush=True)
+
+
+def eval_summary(run_dir: Path) -> dict:
+    """The first and last evaluation of the run, for the summary line."""
+    evals = read_jsonl(run_dir / "eval.jsonl")
+    if not evals:
+        return {}
+    first, last = evals[0], evals[-1]
+    out = {"eval_first": {"policy_version": first["policy_version"], "greedy_accuracy": first["greedy_accuracy"]},
+           "eval_last": {k: v for k, v in last.items() if k != "time"}}
+    return out
+
+
 def summarize(run_dir: Path, wall_s: float, code: int) -> dict:
     recs = step_records(run_dir)
     rewards = [reward_of(r) for r in recs]
@@ -171,6 +198,7 @@ def summarize(run_dir: Path, wall_s: float, code: int) -> dict:
         "reward_last": round(sum(last) / len(last), 4) if last else None,
         "steps": len(recs), "wall_s": round(wall_s, 1), "run_dir": str(run_dir), "ok": code == 0,
     }
+    summary.update(eval_summary(run_dir))
     if rewards:
         summary["learning_curve"] = str(plot_curve(run_dir, recs))
     write_json_atomic(run_dir / "summary.json", summary)
@@ -222,6 +250,8 @@ def run_job(cfg: RunConfig, quiet: bool = False) -> int:
                      health_timeout_s=cfg.launch.health_timeout_s, echo=echo,
                      on_tick=Monitor(cfg, topo, run_dir), on_change=lambda s: write_ports(run_dir, topo, s))
     sup.install_signals()
+    if wants_eval(cfg) and cfg.eval.at_end:
+        sup.on_complete = lambda s: wait_for_final_eval(cfg, run_dir, s)
     print(f"[run] run_dir {run_dir}  (logs in {run_dir / 'logs'}; `areal-like top {run_dir}` for a live view)",
           file=sys.stderr, flush=True)
     code = sup.run()

@@ -128,13 +128,22 @@ def plan_topology(cfg: RunConfig, ports: Iterable[int], cpus: Iterable[int] | No
     slots = [DaemonSlot(name="buffer", kind="buffer", metrics_port=pick(cfg.buffer.metrics_port), cpus=rollout_cpus)]
     for i in range(n_roll):
         port = cfg.rollout.metrics_port + i if cfg.rollout.metrics_port else next(source)
+        evaluates = ("rollout.eval=true",) if i == 0 and wants_eval(cfg) else ()  # the first server evaluates
         slots.append(DaemonSlot(name=f"rollout-{i}", kind="rollout", metrics_port=port, cpus=rollout_cpus,
-                                overrides=(f"rollout.server_id=rollout-{i}", f"rollout.metrics_port={port}")))
+                                overrides=(f"rollout.server_id=rollout-{i}", f"rollout.metrics_port={port}",
+                                           *evaluates)))
     slots.append(DaemonSlot(name="trainer", kind="trainer", metrics_port=pick(cfg.trainer.metrics_port),
                             cpus=trainer_cpus))
     return Topology(host=host, buffer_address=f"tcp://{host}:{router}", pub_address=f"tcp://{pub_host}:{pub}",
                     master_port=next(source), slots=tuple(slots), rollout_cpus=rollout_cpus,
                     trainer_cpus=trainer_cpus)
+
+
+def wants_eval(cfg: RunConfig) -> bool:
+    """Whether the job evaluates at all: an eval is scheduled and the task has an eval split."""
+    from areal_like.tasks import has_eval_split
+
+    return (cfg.eval.every > 0 or cfg.eval.at_end) and has_eval_split(cfg.task)
 
 
 def apply_topology(cfg: RunConfig, topo: Topology) -> RunConfig:

@@ -43,6 +43,7 @@ from areal_like.protocol import (
     HeartbeatAck,
     Register,
     RegisterAck,
+    SyncDone,
     TrajectoryGroup,
     VersionUpdate,
     WeightSyncPlan,
@@ -90,6 +91,10 @@ class RolloutServer(Daemon):
         self.credits_asked = 0  # leases asked for by requests still in flight (CreditRequest or a group's ack)
         self.held_credits: list[Credit] = []  # leases an Ack brought while a weight sync was pending or applied
         self.syncing = False  # a weight sync is being applied: no lease is asked for
+        self.evaluator = None  # rollout.eval: runs the job's evaluations (rollout_server/evaluate.py)
+        self.evaluating = False  # told to the buffer in heartbeats: it leaves us out of weight syncs
+        self.eval_version: int | None = None  # the version under evaluation: plans are declined meanwhile
+        self.eval_task: asyncio.Task | None = None
         self.pub_address = self.rcfg.pub_address
 
     # ------------------------------------------------------------------ lifecycle
@@ -112,6 +117,12 @@ class RolloutServer(Daemon):
         self.task = make_task(self.cfg.task)
         self.tokenizer = load_tokenizer(self.cfg.model)
         self.reward_fn = load_reward_fn(self.cfg.task, self.task)
+        if self.rcfg.eval:
+            from rollout_server.evaluate import ServerEvaluator
+
+            self.evaluator = ServerEvaluator(self.cfg, self.tokenizer, self.rewards, self.metrics)
+            self.log.info("evaluating %d eval prompts (eval.every=%d)", len(self.evaluator.examples),
+                          self.cfg.eval.every)
         self.log.info("server %s, engine %s (%s)", self.server_id, self.engine_url, ecfg.kind)
 
     def stop(self) -> None:
@@ -159,7 +170,8 @@ class RolloutServer(Daemon):
                 self.raise_if_component_stopped()
                 _raise_if_done(background)
                 if plan := self.next_plan():
-                    await self.sync_weights(plan)
+                    await (self.decline_plan(plan) if self.eval_version is not None else self.sync_weights(plan))
+                self.maybe_evaluate()
                 self.start_held_credits()
                 await self.request_credits()
                 self.wake.clear()
@@ -168,9 +180,10 @@ class RolloutServer(Daemon):
                 except asyncio.TimeoutError:
                     pass
         finally:
-            for t in [*background, *self.episodes]:
+            others = [*background, *self.episodes, *([self.eval_task] if self.eval_task else [])]
+            for t in others:
                 t.cancel()
-            await asyncio.gather(*background, *self.episodes, return_exceptions=True)
+            await asyncio.gather(*others, return_exceptions=True)
             await self.flush_unacked()
             await self.client.close()
             self.control.close()
@@ -196,21 +209,25 @@ class RolloutServer(Daemon):
     async def heartbeats(self) -> None:
         while True:
             await asyncio.sleep(self.rcfg.heartbeat_s)
-            msg = Heartbeat(server_id=self.server_id, policy_version=self.policy_version, in_flight=len(self.episodes))
-            try:
-                ack = await self.control.request(msg)
-            except TransportTimeout:
-                self.log.warning("heartbeat timed out (buffer down or restarting)")
-                continue
-            if not isinstance(ack, HeartbeatAck):
-                continue
-            if not ack.known:  # the buffer restarted or expired us: join again, re-send all unacked
-                self.log.info("buffer does not know us: registering again, re-sending %d groups", len(self.unacked))
-                await self.register()
-                for u in self.unacked.values():
-                    u.due = 0.0
-            if ack.pending_plan is not None:
-                self.offer_plan(ack.pending_plan)
+            await self.heartbeat()
+
+    async def heartbeat(self) -> None:
+        msg = Heartbeat(server_id=self.server_id, policy_version=self.policy_version, in_flight=len(self.episodes),
+                        evaluating=self.evaluating)
+        try:
+            ack = await self.control.request(msg)
+        except TransportTimeout:
+            self.log.warning("heartbeat timed out (buffer down or restarting)")
+            return
+        if not isinstance(ack, HeartbeatAck):
+            return
+        if not ack.known:  # the buffer restarted or expired us: join again, re-send all unacked
+            self.log.info("buffer does not know us: registering again, re-sending %d groups", len(self.unacked))
+            await self.register()
+            for u in self.unacked.values():
+                u.due = 0.0
+        if ack.pending_plan is not None:
+            self.offer_plan(ack.pending_plan)
 
     async def announcements(self) -> None:
         sub = Subscriber(self.pub_address, asyncio_ctx=True)
@@ -393,13 +410,56 @@ class RolloutServer(Daemon):
                                buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)).observe(done.pause_s)
         self.log.info("weight sync v%d %s in %.2fs pause%s", plan.policy_version, "done" if done.ok else "FAILED",
                       done.pause_s, f": {done.reason}" if done.reason else "")
+        await self.report_sync(done)
+
+    async def report_sync(self, done: SyncDone) -> None:
         for _ in range(SYNC_DONE_ATTEMPTS):
             try:
                 await self.control.request(done)
                 return
             except TransportTimeout:
                 continue
-        self.log.error("could not report SyncDone v%d to the buffer", plan.policy_version)
+        self.log.error("could not report SyncDone v%d to the buffer", done.policy_version)
+
+    async def decline_plan(self, plan: WeightSyncPlan) -> None:
+        """A plan that reached us after we left the roster to evaluate (published just before): say
+        so at once, so the trainer drops us from this version instead of waiting."""
+        self.log.warning("declining weight sync v%d: evaluating version %s", plan.policy_version, self.eval_version)
+        await self.report_sync(SyncDone(server_id=self.server_id, policy_version=plan.policy_version, ok=False,
+                                        reason=f"evaluating version {self.eval_version}"))
+
+    # ------------------------------------------------------------------ evaluation
+    def maybe_evaluate(self) -> None:
+        """Start an evaluation when the schedule says the served version is due (evaluate.py)."""
+        if (self.evaluator is None or self.eval_task is not None or self.syncing or self.plans
+                or not self.evaluator.schedule.due(self.policy_version)):
+            return
+        self.eval_task = asyncio.create_task(self.evaluate(), name="evaluate")
+        self.eval_task.add_done_callback(self._evaluation_done)
+
+    async def evaluate(self) -> None:
+        """Leave the weight syncs, let a plan already on its way land, evaluate the version the engine
+        then serves, come back (the next sync re-forms the group and pushes everything)."""
+        self.evaluating = True
+        try:
+            await self.heartbeat()  # from its answer on, no new plan includes us
+            await asyncio.sleep(self.rcfg.heartbeat_s)  # a plan published just before reaches us by PUB ...
+            await self.heartbeat()  # ... or in this answer's pending_plan; the main loop applies it
+            while self.syncing or self.plans:
+                await asyncio.sleep(LOOP_TICK_S)
+            self.eval_version = self.policy_version
+            record = await self.evaluator.run(self.client, self.eval_version)
+            self.log.info("eval v%d: %s", self.eval_version,
+                          {k: v for k, v in record.items() if k not in ("time", "policy_version")})
+        finally:
+            self.evaluating, self.eval_version = False, None
+        await self.heartbeat()
+
+    def _evaluation_done(self, task: asyncio.Task) -> None:
+        self.eval_task = None
+        self.wake.set()
+        if not task.cancelled() and (e := task.exception()) is not None:
+            self.failure = self.failure or ComponentStopped(f"evaluation failed: {e!r}")
 
     async def episodes_idle(self) -> None:
         while self.episodes:

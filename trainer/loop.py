@@ -139,6 +139,9 @@ class Trainer(Daemon):
                     save_checkpoint(self.ckpt_root, self.policy, self.version, self.checkpoint_extra())
             with self.phase("metrics"):
                 self.report(batch, stats, sync, time.monotonic() - t_step)
+        if self.version >= t.steps:  # an evaluating server may have missed the last pushes
+            with self.phase("catch_up"):
+                self.broadcaster.catch_up(model, self.version, self.cfg.eval.final_timeout_s)
         if self.version % t.checkpoint_every != 0:  # graceful end or stop: keep what was trained
             with self.phase("checkpoint"):
                 save_checkpoint(self.ckpt_root, self.policy, self.version, self.checkpoint_extra())

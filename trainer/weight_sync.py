@@ -53,6 +53,8 @@ STATUS_POLL_S = 0.05  # SyncStatus poll period: a cheap buffer query; sync itsel
 ROSTER_POLL_S = 0.5  # while waiting for reports: how often to check that pending members are still alive
 BROADCAST_SLICE_S = 1.0  # a stalled broadcast checks every slice whether a member already reported failure
 NCCL_POLL_S = 0.0005  # NCCL completion poll; small next to any bucket's transfer time
+CATCH_UP_POLL_S = 0.5  # after the last step: how often to look whether an evaluating server came back
+CATCH_UP_PUSHES = 3  # after the last step: re-pushes of the final version before giving up on a member
 BUFFER_REQUEST_TIMEOUT_S = 10.0  # the buffer answers control requests in milliseconds when alive
 
 
@@ -258,6 +260,39 @@ class WeightBroadcaster:
             self._announce(version, report)
         report.seconds = time.monotonic() - t_start
         return report
+
+    def catch_up(self, model: torch.nn.Module, version: int, timeout_s: float) -> int:
+        """After the last step (a collective): wait, at most ``timeout_s``, until no rollout server is
+        out of the roster evaluating, and push ``version`` again while a member does not serve it (a
+        server that evaluated through the last pushes missed them). Returns the pushes made."""
+        deadline, pushes = time.monotonic() + timeout_s, 0
+        while True:
+            decision = [self._catch_up_decision(version, deadline, pushes) if self.rank == 0 else None]
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.broadcast_object_list(decision, src=0)
+            if decision[0] == "done":
+                return pushes
+            if decision[0] == "push":
+                self.push(model, version)
+                pushes += 1
+            else:
+                time.sleep(CATCH_UP_POLL_S)
+
+    def _catch_up_decision(self, version: int, deadline: float, pushes: int) -> str:
+        """"wait" (a server is evaluating), "push" (a member is behind) or "done" (rank 0)."""
+        try:
+            reply = self.client.request(RosterRequest(), timeout_s=_bounded(deadline))
+        except TransportTimeout:
+            return "done"
+        if not isinstance(reply, Roster):
+            return "done"
+        behind = sorted(m.server_id for m in reply.members if m.policy_version < version)
+        if time.monotonic() > deadline or pushes >= CATCH_UP_PUSHES:
+            if reply.evaluating or behind:
+                log.warning("final version %d: %s still behind after %d pushes", version,
+                            behind or reply.evaluating, pushes)
+            return "done"
+        return "wait" if reply.evaluating else "push" if behind else "done"
 
     def _transfer(self, params: list[tuple[str, torch.nn.Parameter]], buckets: list[BucketSpec],
                   report: SyncReport, deadline: float) -> None:

@@ -1,0 +1,279 @@
+"""Evaluation on the task's eval split, through an engine serving one known policy version.
+
+Two callers share ``evaluate``:
+
+* the rollout server started with ``rollout.eval=true`` (``areal-like run`` sets it on the first
+  one). ``EvalSchedule`` says when: at version 0 (``eval.at_start``), each time the version its
+  engine serves crosses a multiple of ``eval.every``, and at ``trainer.steps`` (``eval.at_end``).
+  While it evaluates, the server tells the buffer so in its heartbeats and the buffer leaves it
+  out of the weight-sync roster: its engine stays at one version for the whole evaluation, the
+  trainer never waits for it, and it re-joins the next sync with a full push. No trainer time is
+  spent; the trainer's only part is one more push at the end if the evaluating server missed the
+  last version (``trainer/loop.py``).
+* ``areal-like eval MODEL`` (``main`` below): an HF directory or a trainer checkpoint, evaluated
+  on its own with an embedded engine.
+
+What one evaluation measures (one line of ``<run_dir>/eval.jsonl``), over ``n`` eval prompts:
+
+* ``greedy_accuracy``: share of prompts whose greedy response earns full credit (reward >= 1);
+  ``greedy_reward``: the mean reward of those responses;
+* ``mean@k``: mean reward of ``k`` samples per prompt at the sampling temperature;
+  ``pass@k``: share of prompts with at least one of the ``k`` samples at full credit.
+
+Every token of every eval response must come from ``policy_version``; the record carries the
+versions actually seen (``token_versions``) so a violation is visible, never silent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from areal_like.config import EvalConfig, RunConfig, TaskConfig
+from rollout_server.episode import generate_sample
+from rollout_server.sglang_client import SGLangClient
+
+FULL_CREDIT = 1.0 - 1e-6  # a response "is correct" when its reward reaches 1 (verifiable rewards are 0/1)
+EVAL_FILE = "eval.jsonl"
+
+
+@dataclass(frozen=True, slots=True)
+class EvalSettings:
+    """The sampling side of an evaluation, resolved from ``eval.*`` and ``task.*``."""
+
+    k: int
+    temperature: float
+    top_p: float
+    top_k: int
+    max_new_tokens: int
+    max_examples: int
+
+    @classmethod
+    def from_config(cls, ev: EvalConfig, task: TaskConfig) -> EvalSettings:
+        return cls(k=ev.k, temperature=ev.temperature or task.temperature, top_p=task.top_p, top_k=task.top_k,
+                   max_new_tokens=ev.max_new_tokens or task.max_new_tokens, max_examples=ev.max_examples)
+
+
+class EvalSchedule:
+    """Which engine versions to evaluate (module docstring); ``done`` survives restarts via eval.jsonl."""
+
+    def __init__(self, ev: EvalConfig, steps: int, done: set[int] | None = None):
+        self.ev, self.steps = ev, steps
+        self.done = set(done or ())
+
+    def due(self, version: int) -> bool:
+        if version in self.done:
+            return False
+        if version == 0:
+            return self.ev.at_start and self.ev.every > 0
+        if version >= self.steps:
+            return self.ev.at_end and version == self.steps
+        if self.ev.every <= 0:
+            return False
+        last = max((v for v in self.done if v < version), default=0)
+        return version // self.ev.every > last // self.ev.every
+
+    def is_final(self, version: int) -> bool:
+        return version >= self.steps
+
+
+def read_done_versions(path: Path) -> set[int]:
+    """Versions already evaluated in this run (a restarted server does not repeat them)."""
+    done = set()
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                done.add(int(json.loads(line)["policy_version"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line
+    return done
+
+
+def append_record(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def summarize(rewards_greedy: Sequence[float], rewards_sampled: Sequence[Sequence[float]], k: int) -> dict:
+    """The eval figures from per-prompt rewards (pure; see the module docstring)."""
+    n = len(rewards_greedy)
+    out = {"n": n, "k": k,
+           "greedy_accuracy": sum(r >= FULL_CREDIT for r in rewards_greedy) / n if n else 0.0,
+           "greedy_reward": sum(rewards_greedy) / n if n else 0.0}
+    if k > 0 and n:
+        out[f"mean@{k}"] = sum(sum(rs) / k for rs in rewards_sampled) / n
+        out[f"pass@{k}"] = sum(any(r >= FULL_CREDIT for r in rs) for rs in rewards_sampled) / n
+    return out
+
+
+async def evaluate(client: SGLangClient, examples: Sequence, encode: Callable[[object], list[int]],
+                   decode: Callable[[list[int]], str], rewards, settings: EvalSettings, stop_token_ids: list[int],
+                   version_fn: Callable[[], int], concurrency: int = 64) -> dict:
+    """Greedy and k sampled responses for every example, scored with ``rewards`` (a RewardPool:
+    ``await rewards.score_group(prompt, responses, example)``). Returns the figures plus the lowest
+    and highest token version seen."""
+    gate = asyncio.Semaphore(concurrency)
+    versions: set[int] = set()
+    base = {"top_p": settings.top_p, "top_k": settings.top_k, "stop_token_ids": list(stop_token_ids)}
+
+    async def one(ids: list[int], temperature: float) -> list[int]:
+        async with gate:
+            s = await generate_sample(client, ids, dict(base, temperature=temperature), settings.max_new_tokens,
+                                      version_fn)
+        versions.update(s.versions)
+        return s.output_ids
+
+    async def per_example(ex) -> tuple[float, list[float]]:
+        ids = encode(ex)
+        outs = await asyncio.gather(one(ids, 0.0), *(one(ids, settings.temperature) for _ in range(settings.k)))
+        texts = [decode(o) for o in outs]
+        scored = await rewards.score_group(ex.prompt, texts, ex)
+        return scored[0][0], [r for r, _ in scored[1:]]
+
+    results = await asyncio.gather(*(per_example(ex) for ex in examples))
+    figures = summarize([g for g, _ in results], [s for _, s in results], settings.k)
+    figures["token_versions"] = [min(versions), max(versions)] if versions else []
+    return figures
+
+
+class ServerEvaluator:
+    """The rollout server's side: the eval split, the schedule, and where records go."""
+
+    def __init__(self, cfg: RunConfig, tokenizer, rewards, metrics=None):
+        from areal_like.tasks import encode_prompt, make_task
+
+        self.cfg, self.tokenizer, self.rewards, self.metrics = cfg, tokenizer, rewards, metrics
+        task = make_task(cfg.task, tokenizer=tokenizer, split="eval")
+        n = len(task) if not cfg.eval.max_examples else min(len(task), cfg.eval.max_examples)
+        self.examples = [task.example(i, 0) for i in range(n)]
+        self.encode = lambda ex: encode_prompt(tokenizer, ex, cfg.task)
+        self.settings = EvalSettings.from_config(cfg.eval, cfg.task)
+        self.path = Path(cfg.run_dir) / EVAL_FILE
+        self.schedule = EvalSchedule(cfg.eval, cfg.trainer.steps, read_done_versions(self.path))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    async def run(self, client: SGLangClient, version: int) -> dict:
+        """Evaluate the engine (which serves ``version``) and record the result."""
+        t0 = time.monotonic()
+        eos = self.tokenizer.eos_token_id
+        figures = await evaluate(client, self.examples, self.encode, self.decode, self.rewards, self.settings,
+                                 [int(eos)] if eos is not None else [], lambda: version)
+        record = {"time": time.time(), "policy_version": version, "final": self.schedule.is_final(version),
+                  "seconds": round(time.monotonic() - t0, 3), **figures}
+        append_record(self.path, record)
+        self.schedule.done.add(version)
+        if self.metrics is not None:
+            for key in ("greedy_accuracy", "greedy_reward", f"mean@{self.settings.k}", f"pass@{self.settings.k}"):
+                if key in record:
+                    name = "rollout/eval_" + key.replace("@", "_at_")
+                    self.metrics.gauge(name, f"last evaluation: {key}").set(record[key])
+            self.metrics.gauge("rollout/eval_policy_version", "policy version of the last evaluation").set(version)
+            self.metrics.counter("rollout/evaluations", "evaluations run").inc()
+        return record
+
+
+# ---------------------------------------------------------------------- `areal-like eval`
+def _version_of(path: Path) -> int | None:
+    """``.../v00000200`` (an export or a checkpoint directory) -> 200."""
+    name = path.resolve().name
+    return int(name[1:]) if name.startswith("v") and name[1:].isdigit() else None
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / ".metadata").is_file() and (path / "meta.pt").is_file()
+
+
+def _default_config(path: Path) -> Path | None:
+    """The run's config.yaml for ``run_dir/export/vN`` or ``run_dir/checkpoints/vN``."""
+    candidate = path.resolve().parent.parent / "config.yaml"
+    return candidate if candidate.is_file() else None
+
+
+def _to_hf_dir(checkpoint: Path, config_file: Path | None, out: Path) -> Path:
+    """A trainer checkpoint converted by ``python -m trainer.export`` (the trainer owns that format)."""
+    import subprocess
+
+    argv = [sys.executable, "-m", "trainer.export", str(checkpoint), str(out)]
+    if config_file is not None:
+        argv += ["--config-file", str(config_file)]
+    subprocess.run(argv, check=True)
+    return out
+
+
+async def _evaluate_model(cfg: RunConfig, version: int | None) -> dict:
+    from areal_like.tokenizer import load_tokenizer
+    from rollout_server.engine import EmbeddedEngine
+    from rollout_server.reward_pool import RewardPool
+
+    engine = EmbeddedEngine(cfg.model, cfg.rollout.engine).start()
+    tokenizer = load_tokenizer(cfg.model)
+    rewards = RewardPool.from_config(cfg.task)
+    client = SGLangClient(engine.url, generate_timeout_s=cfg.rollout.engine.request_timeout_s)
+    try:
+        evaluator = ServerEvaluator(cfg, tokenizer, rewards)
+        t0 = time.monotonic()
+        figures = await evaluate(client, evaluator.examples, evaluator.encode, evaluator.decode, rewards,
+                                 evaluator.settings, [int(tokenizer.eos_token_id)], lambda: 0)
+    finally:
+        await client.close()
+        rewards.close()
+        engine.stop()
+    figures.pop("token_versions", None)  # the engine's own label; the model's version is the directory's
+    return {"time": time.time(), "model": cfg.model.path, "policy_version": version,
+            "seconds": round(time.monotonic() - t0, 3), **figures}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``areal-like eval MODEL [--config-file F] [--out FILE] [key=value ...]``: one JSON line."""
+    import argparse
+
+    from areal_like.config import ConfigError, load_daemon_config
+
+    p = argparse.ArgumentParser(prog="areal-like eval", description="Evaluate an HF model directory or a "
+                                "trainer checkpoint on the task's eval split (greedy accuracy, pass@k, mean@k).")
+    p.add_argument("model", type=Path, help="an HF model directory (e.g. run_dir/export/v00000200) or a "
+                                            "trainer checkpoint (run_dir/checkpoints/v00000200)")
+    p.add_argument("--config-file", type=Path, help="the run's config.yaml (default: the one of the run the "
+                                                    "model belongs to, when there is one)")
+    p.add_argument("--out", type=Path, help="also append the result to this JSONL file")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. eval.k=8 task.eval_path=...")
+    args = p.parse_args(argv)
+    if not args.model.is_dir():
+        print(f"error: {args.model} is not a directory", file=sys.stderr)
+        return 2
+    config_file = args.config_file or _default_config(args.model)
+    base = ["--config-file", str(config_file)] if config_file else []
+    try:
+        cfg = load_daemon_config([*base, *args.overrides])
+    except ConfigError as e:
+        print(f"error: bad configuration: {e}", file=sys.stderr)
+        return 2
+    import dataclasses
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="areal-like-eval-") as tmp:
+        model_dir = _to_hf_dir(args.model, config_file, Path(tmp) / "hf") if _is_checkpoint(args.model) else args.model
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(model_dir.resolve())),
+                                  rollout=dataclasses.replace(cfg.rollout, engine=dataclasses.replace(
+                                      cfg.rollout.engine, kind="embedded", port=0)))
+        record = asyncio.run(_evaluate_model(cfg, _version_of(args.model)))
+    record["model"] = str(args.model)
+    if args.out is not None:
+        append_record(args.out, record)
+    print(json.dumps(record), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
