@@ -1,0 +1,152 @@
+"""Evaluation: when it runs, what it measures, and how it keeps one version (rollout_server/evaluate.py).
+
+The schedule and the figures are pure; the roster rule is the buffer's real service with fake
+sockets (an evaluating server is out of weight syncs and back when it says so); the trainer's
+final catch-up decision runs against a scripted buffer.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from areal_like import protocol as P
+from areal_like.config import BufferConfig, EvalConfig, RunConfig, TaskConfig
+from buffer.recovery import recover
+from buffer.service import BufferService
+from rollout_server.evaluate import EvalSchedule, read_done_versions, summarize
+
+
+@pytest.mark.parametrize("every,at_start,at_end,done,due", [
+    # every=5, 20 steps: 0 (baseline), 5, 10, 15, 20 (final)
+    (5, True, True, set(), [0, 5, 10, 15, 20]),
+    (5, False, True, set(), [5, 10, 15, 20]),
+    (5, True, False, set(), [0, 5, 10, 15]),
+    (0, True, True, set(), [20]),  # every=0: only the final one (no baseline without every)
+    (0, True, False, set(), []),
+    (5, True, True, {0, 5}, [10, 15, 20]),  # a restarted server does not repeat what eval.jsonl holds
+])
+def test_schedule_versions_when_every_version_is_seen(every, at_start, at_end, done, due):
+    s = EvalSchedule(EvalConfig(every=every, at_start=at_start, at_end=at_end), steps=20, done=done)
+    seen = []
+    for v in range(0, 21):
+        if s.due(v):
+            seen.append(v)
+            s.done.add(v)
+    assert seen == due
+
+
+def test_schedule_catches_up_when_the_engine_skips_versions():
+    """An engine dropped from a sync jumps 9 -> 11: the multiple 10 was crossed, so 11 is evaluated
+    (and labelled 11, the version it really is), once."""
+    s = EvalSchedule(EvalConfig(every=5, at_start=False), steps=20, done={5})
+    assert not s.due(9)
+    assert s.due(11)
+    s.done.add(11)
+    assert not s.due(12) and not s.due(14) and s.due(15)
+    assert not s.due(25)  # past trainer.steps (a resumed run with fewer steps): never
+
+
+def test_summarize_hand_computed():
+    # 3 prompts; greedy rewards 1, 0, 0.5 -> accuracy 1/3 (0.5 is not full credit), mean reward 0.5
+    # k=2 samples: [1, 0] [0, 0] [1, 1] -> mean@2 = (0.5 + 0 + 1) / 3 = 0.5, pass@2 = 2/3
+    out = summarize([1.0, 0.0, 0.5], [[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]], k=2)
+    assert out["n"] == 3 and out["k"] == 2
+    assert out["greedy_accuracy"] == pytest.approx(1 / 3)
+    assert out["greedy_reward"] == pytest.approx(0.5)
+    assert out["mean@2"] == pytest.approx(0.5)
+    assert out["pass@2"] == pytest.approx(2 / 3)
+    assert "mean@0" not in summarize([1.0], [[]], k=0)
+
+
+def test_done_versions_survive_a_torn_line(tmp_path):
+    path = tmp_path / "eval.jsonl"
+    path.write_text(json.dumps({"policy_version": 0}) + "\n" + json.dumps({"policy_version": 5}) + "\n{\"policy_ver")
+    assert read_done_versions(path) == {0, 5}
+    assert read_done_versions(tmp_path / "missing.jsonl") == set()
+
+
+class _FakeServer:
+    def __init__(self):
+        self.sent: list[P.Message] = []
+
+    def send(self, peer, req_id, msg):
+        self.sent.append(msg)
+
+    def publish(self, msg):
+        self.sent.append(msg)
+
+    def close(self):
+        pass
+
+
+def _step(svc: BufferService, msg: P.Message) -> P.Message:
+    frame = P.encode(msg)
+    svc.handle(b"peer", b"req", P.decode(frame), frame)
+    svc._persist_and_reply()
+    svc.wal.wait_durable()
+    svc._send_durable_replies()
+    return svc.server.sent[-1]
+
+
+def test_an_evaluating_server_is_out_of_the_roster_until_it_says_it_is_done(tmp_path):
+    cfg = RunConfig(run_dir=str(tmp_path), task=TaskConfig(num_prompts=10), buffer=BufferConfig(groups_per_step=2))
+    svc = BufferService(cfg)
+    recover(svc)
+    svc.server, svc.publisher = _FakeServer(), _FakeServer()
+    try:
+        for sid in ("a", "b"):
+            _step(svc, P.Register(server_id=sid, engine_url=f"http://{sid}", policy_version=0))
+        assert [m.server_id for m in _step(svc, P.RosterRequest()).members] == ["a", "b"]
+        _step(svc, P.Heartbeat(server_id="a", policy_version=3, evaluating=True))
+        roster = _step(svc, P.RosterRequest())
+        assert [m.server_id for m in roster.members] == ["b"] and roster.evaluating == ["a"]
+        _step(svc, P.Heartbeat(server_id="a", policy_version=3))  # done: back in the next sync
+        roster = _step(svc, P.RosterRequest())
+        assert [m.server_id for m in roster.members] == ["a", "b"] and roster.evaluating == []
+    finally:
+        svc.stop()
+
+
+class _ScriptedBuffer:
+    def __init__(self, replies: list[P.Roster]):
+        self.replies = replies
+
+    def request(self, msg, timeout_s=None):
+        return self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
+
+    def close(self):
+        pass
+
+
+def _roster(versions: dict[str, int], evaluating=()) -> P.Roster:
+    return P.Roster(members=[P.RosterEntry(server_id=s, engine_url="", engine_ranks=1, policy_version=v)
+                             for s, v in versions.items()], policy_version=10, evaluating=list(evaluating))
+
+
+def test_final_catch_up_waits_for_the_evaluator_then_pushes_the_final_version_once():
+    """Trainer rank 0 at the end of a 10-step run: while a server evaluates it waits; once it is back
+    (at version 7) the final version is pushed again; when every member serves 10 it is done."""
+    import time
+
+    import torch
+
+    from areal_like.config import WeightSyncConfig
+    from trainer.weight_sync import WeightBroadcaster
+
+    b = WeightBroadcaster(WeightSyncConfig(), buffer_address="tcp://127.0.0.1:1", rank=0, device=torch.device("cpu"))
+    try:
+        b.client.close()
+        b.client = _ScriptedBuffer([_roster({"b": 10}, evaluating=["a"]), _roster({"a": 7, "b": 10}),
+                                    _roster({"a": 10, "b": 10})])
+        deadline = time.monotonic() + 60
+        assert b._catch_up_decision(10, deadline, 0) == "wait"
+        assert b._catch_up_decision(10, deadline, 0) == "push"
+        assert b._catch_up_decision(10, deadline, 1) == "done"
+        # bounded: past the deadline, or after CATCH_UP_PUSHES, it gives up even if a member is behind
+        b.client = _ScriptedBuffer([_roster({"a": 7})])
+        assert b._catch_up_decision(10, time.monotonic() - 1, 0) == "done"
+        assert b._catch_up_decision(10, deadline, 3) == "done"
+    finally:
+        b.close()
