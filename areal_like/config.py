@@ -56,8 +56,25 @@ def config_dir() -> Path:
     return (Path(__file__).resolve().parent.parent / "configs").resolve()
 
 
+def data_path(relative: str) -> str:
+    """``${data:math_chat/train.parquet}`` in a config: a file shipped in ``areal_like/data/`` (found in a
+    checkout and in an installed wheel alike)."""
+    path = Path(__file__).resolve().parent / "data" / relative
+    if not path.exists():
+        raise ConfigError(f"${{data:{relative}}}: no such shipped file ({path})")
+    return str(path)
+
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("data"):
+        OmegaConf.register_new_resolver("data", data_path)
+
+
 def _compose_with_choices(overrides: list[str], config_name: str):
     """Hydra compose; returns the raw DictConfig and the chosen option of each config group."""
+    _register_resolvers()
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.config_store import ConfigStore
@@ -265,6 +282,7 @@ def load_daemon_config(argv: list[str]) -> RunConfig:
             break
     if path is None:
         return load_config(argv)
+    _register_resolvers()
     if not Path(path).is_file():
         raise ConfigError(f"--config-file {path!r} does not exist")
     try:
