@@ -9,7 +9,8 @@
 3. run the supervisor over the buffer, K rollout servers and ``torchrun -m trainer``, with a live
    progress line read from ``<run_dir>/metrics/trainer.jsonl`` and a periodic scrape of every
    ``/metrics`` into ``<run_dir>/metrics/scrape.jsonl``;
-4. write ``learning_curve.png`` and ``summary.json`` and print the summary as ONE JSON line.
+4. write ``learning_curve.png`` (rewards, and the eval accuracies of ``eval.jsonl`` when there
+   are any) and ``summary.json``, and print the summary as ONE JSON line.
 """
 
 from __future__ import annotations
@@ -20,11 +21,15 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from areal_like.config import RunConfig, to_yaml
 from areal_like.distributed import free_port
 from launch.local import ProcSpec, Supervisor, write_json_atomic
 from launch.topology import Topology, apply_topology, plan_topology
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 PROGRESS_EVERY_S = 5.0  # a live line this often keeps a terminal alive without flooding logs
 SCRAPE_EVERY_S = 10.0  # /metrics snapshots in scrape.jsonl; Prometheus does the fine-grained job
@@ -177,30 +182,48 @@ def summarize(run_dir: Path, wall_s: float, code: int) -> dict:
     return summary
 
 
-def plot_curve(run_dir: Path, recs: list[dict]) -> Path:
-    import matplotlib
+def eval_records(run_dir: Path) -> list[dict]:
+    """One ``eval.jsonl`` record per evaluated policy version (the last one wins)."""
+    by_version = {rec["policy_version"]: rec for rec in read_jsonl(run_dir / "eval.jsonl")
+                  if isinstance(rec.get("policy_version"), int)}
+    return [by_version[v] for v in sorted(by_version)]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    steps = list(range(1, len(recs) + 1))
+def curve_figure(run_dir: Path, recs: list[dict], evals: list[dict]) -> Figure:
+    """Reward per step and its running mean; eval accuracies (greedy, mean@k) as points at their
+    policy version, which is the trainer step that produced those weights."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure registry, no GUI backend
+
+    steps = [r.get("step", r.get("policy_version")) for r in recs]
     rewards = [reward_of(r) for r in recs]
     k = max(1, min(SUMMARY_WINDOW, len(rewards)))
     windows = [rewards[max(0, i - k + 1):i + 1] for i in range(len(rewards))]
     smooth = [sum(w) / len(w) for w in windows]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    ax = fig.subplots()
     ax.plot(steps, rewards, alpha=0.35, label="reward (per step)")
     ax.plot(steps, smooth, label=f"reward ({k}-step mean)")
-    ax.set_xlabel("trainer step")
-    ax.set_ylabel("mean task reward")
+    samples_k = next((e["k"] for e in reversed(evals) if isinstance(e.get("k"), int)), "k")
+    for key, label, marker in (("greedy_accuracy", "eval accuracy (greedy)", "o"),
+                               ("mean@k", f"eval mean@{samples_k}", "s")):
+        points = [(e["policy_version"], float(e[key])) for e in evals
+                  if isinstance(e.get(key), (int, float)) and not isinstance(e.get(key), bool)]
+        if points:
+            ax.plot(*zip(*points), marker=marker, linestyle=":", label=label)
+    ax.set_xlabel("trainer step (policy version)")
+    ax.set_ylabel("mean task reward / eval accuracy" if evals else "mean task reward")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     ax.set_title(run_dir.name)
     fig.tight_layout()
+    return fig
+
+
+def plot_curve(run_dir: Path, recs: list[dict]) -> Path:
+    """``<run_dir>/learning_curve.png`` from the step records and ``eval.jsonl`` (when present)."""
     path = run_dir / "learning_curve.png"
-    fig.savefig(path)
-    plt.close(fig)
+    curve_figure(run_dir, recs, eval_records(run_dir)).savefig(path)
     return path
 
 
