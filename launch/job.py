@@ -7,10 +7,12 @@
    config every daemon reads), ``ports.json`` (for ``areal-like top|status``) and
    ``prometheus_targets.json`` (Prometheus file_sd);
 3. run the supervisor over the buffer, K rollout servers and ``torchrun -m trainer``, with a live
-   progress line read from ``<run_dir>/metrics/trainer.jsonl`` and a periodic scrape of every
-   ``/metrics`` into ``<run_dir>/metrics/scrape.jsonl``;
+   progress line read from ``<run_dir>/metrics/trainer.jsonl``, a periodic scrape of every
+   ``/metrics`` into ``<run_dir>/metrics/scrape.jsonl`` and the tracker sink
+   (``areal_like/track_sink.py``) feeding ``cfg.tracker`` from the run's JSONL files;
 4. write ``learning_curve.png`` (rewards, and the eval accuracies of ``eval.jsonl`` when there
-   are any) and ``summary.json``, and print the summary as ONE JSON line.
+   are any) and ``summary.json``, give the trackers their last rows, and print the summary as ONE
+   JSON line.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from typing import TYPE_CHECKING
 
 from areal_like.config import RunConfig, to_yaml
 from areal_like.distributed import free_port
+from areal_like.track_sink import TrackerSink
+from areal_like.tracking import check_trackers
 from launch.local import ProcSpec, Supervisor, write_json_atomic
 from launch.topology import Topology, apply_topology, plan_topology
 
@@ -33,6 +37,7 @@ if TYPE_CHECKING:
 
 PROGRESS_EVERY_S = 5.0  # a live line this often keeps a terminal alive without flooding logs
 SCRAPE_EVERY_S = 10.0  # /metrics snapshots in scrape.jsonl; Prometheus does the fine-grained job
+TRACK_EVERY_S = 2.0  # tracker sink polls: reads only what the files gained, so cheap
 SUMMARY_WINDOW = 5  # "first / last few steps" for reward_first / reward_last
 
 
@@ -124,12 +129,12 @@ def step_records(run_dir: Path) -> list[dict]:
 
 
 class Monitor:
-    """on_tick: the live progress line and the periodic /metrics scrape."""
+    """on_tick: the live progress line, the periodic /metrics scrape and the tracker sink's polls."""
 
-    def __init__(self, cfg: RunConfig, topo: Topology, run_dir: Path, out=sys.stderr):
-        self.cfg, self.topo, self.run_dir, self.out = cfg, topo, run_dir, out
+    def __init__(self, cfg: RunConfig, topo: Topology, run_dir: Path, out=sys.stderr, sink: TrackerSink | None = None):
+        self.cfg, self.topo, self.run_dir, self.out, self.sink = cfg, topo, run_dir, out, sink
         self.t0 = time.monotonic()
-        self.next_line = self.next_scrape = 0.0
+        self.next_line = self.next_scrape = self.next_track = 0.0
 
     def __call__(self, sup: Supervisor) -> None:
         now = time.monotonic()
@@ -140,6 +145,9 @@ class Monitor:
         if now >= self.next_scrape:
             self.next_scrape = now + SCRAPE_EVERY_S
             self.scrape()
+        if self.sink is not None and now >= self.next_track:
+            self.next_track = now + TRACK_EVERY_S
+            self.sink.poll()
 
     def progress_line(self) -> str:
         recs = step_records(self.run_dir)
@@ -237,18 +245,25 @@ def run_job(cfg: RunConfig, quiet: bool = False) -> int:
     from launch.warmstart import ensure_warm_start
 
     t0 = time.monotonic()
+    check_trackers(cfg)  # a missing tracker package fails here, before the warm start and the daemons
     cfg = ensure_warm_start(cfg, log=lambda m: print(f"[warm-start] {m}", file=sys.stderr, flush=True))
     cfg, topo, config_path = prepare(cfg)
     run_dir = Path(cfg.run_dir)
     echo = _supervisor_lines_only if quiet else None
-    sup = Supervisor(job_specs(cfg, topo, config_path), run_dir, restarts=cfg.launch.restarts,
-                     health_timeout_s=cfg.launch.health_timeout_s, echo=echo,
-                     on_tick=Monitor(cfg, topo, run_dir), on_change=lambda s: write_ports(run_dir, topo, s))
-    sup.install_signals()
-    print(f"[run] run_dir {run_dir}  (logs in {run_dir / 'logs'}; `areal-like top {run_dir}` for a live view)",
-          file=sys.stderr, flush=True)
-    code = sup.run()
-    summary = summarize(run_dir, time.monotonic() - t0, code)
+    sink = TrackerSink.from_config(cfg)
+    try:
+        sup = Supervisor(job_specs(cfg, topo, config_path), run_dir, restarts=cfg.launch.restarts,
+                         health_timeout_s=cfg.launch.health_timeout_s, echo=echo,
+                         on_tick=Monitor(cfg, topo, run_dir, sink=sink),
+                         on_change=lambda s: write_ports(run_dir, topo, s))
+        sup.install_signals()
+        print(f"[run] run_dir {run_dir}  (logs in {run_dir / 'logs'}; `areal-like top {run_dir}` for a live view)",
+              file=sys.stderr, flush=True)
+        code = sup.run()
+        summary = summarize(run_dir, time.monotonic() - t0, code)
+        sink.poll(final=True)  # every daemon has stopped: the files are complete
+    finally:
+        sink.close()
     print(json.dumps(summary), flush=True)
     return code
 
