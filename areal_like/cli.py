@@ -8,6 +8,7 @@
     areal-like status   [RUN_DIR]             one-shot health of every daemon of a run
     areal-like config   [overrides...]        print the resolved config (one file for every node)
     areal-like eval     MODEL [overrides...]  evaluate an HF directory or a checkpoint on the eval split
+    areal-like track    RUN_DIR [--once] [overrides...]   feed a run's metrics and samples to cfg.tracker
 
 Overrides are Hydra's: ``experiment=quickstart trainer.lr=1e-4 buffer.max_staleness=0``.
 ``--help`` is fast: nothing heavy (torch, transformers, hydra) is imported before a command runs,
@@ -49,6 +50,14 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("args", nargs=argparse.REMAINDER, help="MODEL [--config-file F] [--out FILE] [overrides]")
     cf = sub.add_parser("config", help="print the resolved config as YAML (for --config-file on every node)")
     cf.add_argument("overrides", nargs="*", help="Hydra overrides")
+    tk = sub.add_parser("track", help="feed a run's metrics, evals and samples to its trackers (cfg.tracker)",
+                        description="Tails RUN_DIR's metrics/trainer.jsonl, eval.jsonl and samples.jsonl into the "
+                                    "trackers of RUN_DIR/config.yaml (overrides apply on top, e.g. "
+                                    "'tracker=[wandb]') until RUN_DIR/summary.json appears or Ctrl-C. For jobs "
+                                    "not started by `areal-like run` (which does this itself).")
+    tk.add_argument("run_dir", help="run directory (holds config.yaml)")
+    tk.add_argument("--once", action="store_true", help="forward what is there now, then exit")
+    tk.add_argument("overrides", nargs="*", help="Hydra overrides on top of RUN_DIR/config.yaml")
     for name, help_ in (("top", "live terminal view of a running job"), ("status", "health of every daemon")):
         t = sub.add_parser(name, help=help_)
         t.add_argument("run_dir", nargs="?", help="run directory (default: the newest under ./runs)")
@@ -65,13 +74,20 @@ def main(argv: list[str] | None = None) -> int:
         # everything after the daemon name is the daemon's (--config-file, torchrun flags, overrides):
         # argparse would reject flags it does not know
         return _exec_trainer(argv[1:]) if argv[0] == "train" else _exec_module(DAEMON_MODULES[argv[0]], argv[1:])
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "track" or any(a.startswith("-") for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "track":  # overrides after --once: argparse leaves them over
+        args.overrides += extra
     if args.command in DAEMON_MODULES:  # only `--help` reaches here
         return 0
     if args.command == "run":
         return _run(args.overrides, quiet=args.quiet)
     if args.command == "config":
         return _print_config(args.overrides)
+    if args.command == "track":
+        return _track(args.run_dir, args.overrides, once=args.once)
     from areal_like import top
 
     run_dir = args.run_dir or top.newest_run_dir()
@@ -150,9 +166,41 @@ def _run(overrides: list[str], quiet: bool) -> int:
         return 2
     import importlib
 
+    from areal_like.config import ConfigError
+
     # launch/ imports the process-independent pieces; reached by name like the daemons are.
     job = importlib.import_module("launch.job")
-    return job.run_job(cfg, quiet=quiet)
+    try:
+        return job.run_job(cfg, quiet=quiet)
+    except ConfigError as e:  # e.g. a tracker whose package is missing: found before anything starts
+        print(f"error: bad configuration: {e}", file=sys.stderr)
+        return 2
+
+
+def _track(run_dir: str, overrides: list[str], once: bool) -> int:
+    import signal
+    import threading
+    from pathlib import Path
+
+    from areal_like.config import ConfigError, load_daemon_config
+    from areal_like.track_sink import TrackerSink, follow
+
+    try:
+        cfg = load_daemon_config(["--config-file", str(Path(run_dir) / "config.yaml"), *overrides])
+        sink = TrackerSink.from_config(cfg, run_dir)
+    except ConfigError as e:
+        print(f"error: bad configuration: {e}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    if once:
+        stop.set()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        follow(sink, run_dir, stop)
+    finally:
+        sink.close()
+    return 0
 
 
 if __name__ == "__main__":

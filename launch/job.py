@@ -7,9 +7,12 @@
    config every daemon reads), ``ports.json`` (for ``areal-like top|status``) and
    ``prometheus_targets.json`` (Prometheus file_sd);
 3. run the supervisor over the buffer, K rollout servers and ``torchrun -m trainer``, with a live
-   progress line read from ``<run_dir>/metrics/trainer.jsonl`` and a periodic scrape of every
-   ``/metrics`` into ``<run_dir>/metrics/scrape.jsonl``;
-4. write ``learning_curve.png`` and ``summary.json`` and print the summary as ONE JSON line.
+   progress line read from ``<run_dir>/metrics/trainer.jsonl``, a periodic scrape of every
+   ``/metrics`` into ``<run_dir>/metrics/scrape.jsonl`` and the tracker sink
+   (``areal_like/track_sink.py``) feeding ``cfg.tracker`` from the run's JSONL files;
+4. write ``learning_curve.png`` (rewards, and the eval accuracies of ``eval.jsonl`` when there
+   are any) and ``summary.json``, give the trackers their last rows, and print the summary as ONE
+   JSON line.
 """
 
 from __future__ import annotations
@@ -20,14 +23,21 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from areal_like.config import RunConfig, to_yaml
 from areal_like.distributed import free_port
+from areal_like.track_sink import TrackerSink
+from areal_like.tracking import check_trackers
 from launch.local import ProcSpec, Supervisor, write_json_atomic
 from launch.topology import Topology, apply_topology, plan_topology, wants_eval
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 PROGRESS_EVERY_S = 5.0  # a live line this often keeps a terminal alive without flooding logs
 SCRAPE_EVERY_S = 10.0  # /metrics snapshots in scrape.jsonl; Prometheus does the fine-grained job
+TRACK_EVERY_S = 2.0  # tracker sink polls: reads only what the files gained, so cheap
 SUMMARY_WINDOW = 5  # "first / last few steps" for reward_first / reward_last
 
 
@@ -119,12 +129,12 @@ def step_records(run_dir: Path) -> list[dict]:
 
 
 class Monitor:
-    """on_tick: the live progress line and the periodic /metrics scrape."""
+    """on_tick: the live progress line, the periodic /metrics scrape and the tracker sink's polls."""
 
-    def __init__(self, cfg: RunConfig, topo: Topology, run_dir: Path, out=sys.stderr):
-        self.cfg, self.topo, self.run_dir, self.out = cfg, topo, run_dir, out
+    def __init__(self, cfg: RunConfig, topo: Topology, run_dir: Path, out=sys.stderr, sink: TrackerSink | None = None):
+        self.cfg, self.topo, self.run_dir, self.out, self.sink = cfg, topo, run_dir, out, sink
         self.t0 = time.monotonic()
-        self.next_line = self.next_scrape = 0.0
+        self.next_line = self.next_scrape = self.next_track = 0.0
 
     def __call__(self, sup: Supervisor) -> None:
         now = time.monotonic()
@@ -135,6 +145,9 @@ class Monitor:
         if now >= self.next_scrape:
             self.next_scrape = now + SCRAPE_EVERY_S
             self.scrape()
+        if self.sink is not None and now >= self.next_track:
+            self.next_track = now + TRACK_EVERY_S
+            self.sink.poll()
 
     def progress_line(self) -> str:
         recs = step_records(self.run_dir)
@@ -205,30 +218,48 @@ def summarize(run_dir: Path, wall_s: float, code: int) -> dict:
     return summary
 
 
-def plot_curve(run_dir: Path, recs: list[dict]) -> Path:
-    import matplotlib
+def eval_records(run_dir: Path) -> list[dict]:
+    """One ``eval.jsonl`` record per evaluated policy version (the last one wins)."""
+    by_version = {rec["policy_version"]: rec for rec in read_jsonl(run_dir / "eval.jsonl")
+                  if isinstance(rec.get("policy_version"), int)}
+    return [by_version[v] for v in sorted(by_version)]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    steps = list(range(1, len(recs) + 1))
+def curve_figure(run_dir: Path, recs: list[dict], evals: list[dict]) -> Figure:
+    """Reward per step and its running mean; eval accuracies (greedy, mean@k) as points at their
+    policy version, which is the trainer step that produced those weights."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure registry, no GUI backend
+
+    steps = [r.get("step", r.get("policy_version")) for r in recs]
     rewards = [reward_of(r) for r in recs]
     k = max(1, min(SUMMARY_WINDOW, len(rewards)))
     windows = [rewards[max(0, i - k + 1):i + 1] for i in range(len(rewards))]
     smooth = [sum(w) / len(w) for w in windows]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    ax = fig.subplots()
     ax.plot(steps, rewards, alpha=0.35, label="reward (per step)")
     ax.plot(steps, smooth, label=f"reward ({k}-step mean)")
-    ax.set_xlabel("trainer step")
-    ax.set_ylabel("mean task reward")
+    samples_k = next((e["k"] for e in reversed(evals) if isinstance(e.get("k"), int)), "k")
+    for key, label, marker in (("greedy_accuracy", "eval accuracy (greedy)", "o"),
+                               ("mean@k", f"eval mean@{samples_k}", "s")):
+        points = [(e["policy_version"], float(e[key])) for e in evals
+                  if isinstance(e.get(key), (int, float)) and not isinstance(e.get(key), bool)]
+        if points:
+            ax.plot(*zip(*points), marker=marker, linestyle=":", label=label)
+    ax.set_xlabel("trainer step (policy version)")
+    ax.set_ylabel("mean task reward / eval accuracy" if evals else "mean task reward")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     ax.set_title(run_dir.name)
     fig.tight_layout()
+    return fig
+
+
+def plot_curve(run_dir: Path, recs: list[dict]) -> Path:
+    """``<run_dir>/learning_curve.png`` from the step records and ``eval.jsonl`` (when present)."""
     path = run_dir / "learning_curve.png"
-    fig.savefig(path)
-    plt.close(fig)
+    curve_figure(run_dir, recs, eval_records(run_dir)).savefig(path)
     return path
 
 
@@ -242,20 +273,27 @@ def run_job(cfg: RunConfig, quiet: bool = False) -> int:
     from launch.warmstart import ensure_warm_start
 
     t0 = time.monotonic()
+    check_trackers(cfg)  # a missing tracker package fails here, before the warm start and the daemons
     cfg = ensure_warm_start(cfg, log=lambda m: print(f"[warm-start] {m}", file=sys.stderr, flush=True))
     cfg, topo, config_path = prepare(cfg)
     run_dir = Path(cfg.run_dir)
     echo = _supervisor_lines_only if quiet else None
-    sup = Supervisor(job_specs(cfg, topo, config_path), run_dir, restarts=cfg.launch.restarts,
-                     health_timeout_s=cfg.launch.health_timeout_s, echo=echo,
-                     on_tick=Monitor(cfg, topo, run_dir), on_change=lambda s: write_ports(run_dir, topo, s))
-    sup.install_signals()
-    if wants_eval(cfg) and cfg.eval.at_end:
-        sup.on_complete = lambda s: wait_for_final_eval(cfg, run_dir, s)
-    print(f"[run] run_dir {run_dir}  (logs in {run_dir / 'logs'}; `areal-like top {run_dir}` for a live view)",
-          file=sys.stderr, flush=True)
-    code = sup.run()
-    summary = summarize(run_dir, time.monotonic() - t0, code)
+    sink = TrackerSink.from_config(cfg)
+    try:
+        sup = Supervisor(job_specs(cfg, topo, config_path), run_dir, restarts=cfg.launch.restarts,
+                         health_timeout_s=cfg.launch.health_timeout_s, echo=echo,
+                         on_tick=Monitor(cfg, topo, run_dir, sink=sink),
+                         on_change=lambda s: write_ports(run_dir, topo, s))
+        sup.install_signals()
+        if wants_eval(cfg) and cfg.eval.at_end:
+            sup.on_complete = lambda s: wait_for_final_eval(cfg, run_dir, s)
+        print(f"[run] run_dir {run_dir}  (logs in {run_dir / 'logs'}; `areal-like top {run_dir}` for a live view)",
+              file=sys.stderr, flush=True)
+        code = sup.run()
+        summary = summarize(run_dir, time.monotonic() - t0, code)
+        sink.poll(final=True)  # every daemon has stopped: the files are complete
+    finally:
+        sink.close()
     print(json.dumps(summary), flush=True)
     return code
 

@@ -135,6 +135,7 @@ class BatchSource:
         self.client = Client(address, timeout_s=wait_s + REPLY_MARGIN_S, identity="trainer") if rank == 0 else None
         self.empty_polls = 0  # metric: answers with no batch (waiting for data)
         self.last_batch_id = ""  # acked in the next request: the buffer then marks that batch consumed
+        self.last_groups: list[TrajectoryGroup] = []  # rank 0: the groups of the last batch (sample tables)
         self.on_stall: Callable[[], object] | None = None
         self._next_check = 0.0
 
@@ -162,6 +163,7 @@ class BatchSource:
                     return "resync", behind
             return "empty", reply.reason
         self.last_batch_id = reply.batch_id
+        self.last_groups = reply.groups
         return "batch", groups_to_batch(reply.groups)
 
     def _engines_behind(self, version: int) -> list[str]:

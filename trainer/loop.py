@@ -2,7 +2,8 @@
 
 Run on 1 process: ``python -m trainer --config-file run/config.yaml``; on K processes:
 ``torchrun --nproc-per-node K -m trainer --config-file run/config.yaml``. Rank 0 talks to the
-buffer, serves ``/metrics`` and ``/health`` and writes ``<run_dir>/metrics/trainer.jsonl``.
+buffer, serves ``/metrics`` and ``/health`` and writes ``<run_dir>/metrics/trainer.jsonl`` (one line per
+step) and, every ``tracking.sample_every`` steps, a few decoded samples to ``<run_dir>/samples.jsonl``.
 
 Each phase runs in a named timing scope whose name is also its metric label
 (``trainer/phase_seconds{phase="fetch_batch"}``): fetch_batch (time waiting for data),
@@ -23,6 +24,7 @@ import json
 import os
 import time
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -30,9 +32,11 @@ import torch.distributed as dist
 
 from areal_like.config import RunConfig
 from areal_like.daemon import Daemon
+from areal_like.tokenizer import load_tokenizer
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, state_checksums
 from trainer.data import BatchSource, TrainBatch
 from trainer.model import build_policy, init_distributed
+from trainer.samples import sample_rows
 from trainer.step import StepSettings, compute_batch_advantages, recompute_prox_logp, train_step
 from trainer.weight_sync import SyncReport, WeightBroadcaster
 
@@ -201,6 +205,23 @@ class Trainer(Daemon):
         self.log.info("v%d loss=%.4f reward=%.3f staleness=%.2f grad_norm=%.3f step=%.2fs sync=%.2fs",
                       self.version, row["loss"] or 0.0, row["reward_mean"], row["staleness_mean"],
                       stats.get("grad_norm", 0.0), step_s, sync.seconds)
+        self.record_samples()
+
+    def record_samples(self) -> None:
+        """Every ``tracking.sample_every`` steps (rank 0): a few decoded trajectories of the batch just
+        trained, appended to ``<run_dir>/samples.jsonl`` in one write (the tracker sink tails it)."""
+        every = self.cfg.tracking.sample_every
+        if self.rank != 0 or every == 0 or self.version % every != 0:
+            return
+        rows = sample_rows(self.data.last_groups, self.version - 1, self.cfg.tracking.sample_k,
+                           lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
+        with (Path(self.cfg.run_dir) / "samples.jsonl").open("a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+
+    @cached_property
+    def tokenizer(self):
+        """Loaded on the first sample table (the engines decode with the same tokenizer)."""
+        return load_tokenizer(self.cfg.model)
 
     def record(self, row: dict) -> None:
         """Append one JSON line to ``<run_dir>/metrics/trainer.jsonl`` (rank 0)."""

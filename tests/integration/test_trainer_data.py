@@ -92,6 +92,7 @@ def test_batch_source_retries_empty_then_returns_the_batch(free_port):
     try:
         batch = src.next_batch(4)
         assert batch is not None and batch.n_seqs == 2 and src.empty_polls == 2
+        assert [g.group_id for g in src.last_groups] == [g.group_id for g in groups]  # for the sample tables
         assert all(r.n_groups == 2 and r.trainer_version == 4 for r in stand_in.requests)
     finally:
         src.close()

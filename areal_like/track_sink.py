@@ -1,0 +1,175 @@
+"""The tracker sink: tails a run's JSONL files into its trackers (``areal_like/tracking.py``).
+
+Sources, relative to the run directory (any of them may be absent, or appear later):
+
+- ``metrics/trainer.jsonl``, one row per trainer step -> ``train/<key>`` scalars at ``row["step"]``;
+- ``eval.jsonl``, one row per evaluation -> ``eval/<key>`` scalars at ``row["policy_version"]``;
+- ``samples.jsonl``, sample rows (``trainer/samples.py``) -> one ``samples`` table per trainer step.
+
+``areal-like run`` polls the sink from its supervisor tick and once more after ``summary.json``;
+``areal-like track RUN_DIR`` (``follow``) does the same for a job it did not start.
+
+Invariants:
+- Only complete lines are read; a line still being written waits for the next poll. The final
+  poll (the writers have stopped) also takes a last line that has no newline.
+- A file that shrank (was replaced) is read again from its start; a line that is not JSON is
+  skipped with a warning. Each file is read from where the previous poll stopped, so a long run
+  costs each poll only what was appended since.
+- Nested dicts become "a/b" keys; only numbers are scalars (strings, lists, bools, None are not).
+- A table goes out whole: it is held until a row of a later step follows it, a poll finds the file
+  unchanged (the trainer writes a table in one write) or the final poll.
+- A tracker that raises is closed and dropped with one warning: the others, and the job, go on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from areal_like.schema import RunConfig
+from areal_like.tracking import Tracker, build_trackers, flatten
+
+log = logging.getLogger("areal_like.track_sink")
+
+FOLLOW_POLL_S = 2.0  # `areal-like track`: how often the files are read
+
+
+class JsonlTail:
+    """Incremental reader of one JSONL file that other processes append to."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.offset = 0  # bytes consumed, partial line included
+        self.partial = b""  # the bytes after the last newline
+
+    def read(self, final: bool = False) -> list[dict]:
+        """The JSON objects of the lines completed since the last call (``final``: and a last
+        unterminated line)."""
+        try:
+            with self.path.open("rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < self.offset:
+                    log.warning("%s shrank: reading it again from the start", self.path)
+                    self.offset, self.partial = 0, b""
+                f.seek(self.offset)
+                data = f.read(size - self.offset)
+        except FileNotFoundError:
+            data = b""
+        except OSError as e:
+            log.warning("cannot read %s: %s", self.path, e)
+            return []
+        self.offset += len(data)
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        if final and self.partial.strip():
+            lines.append(self.partial)
+            self.partial = b""
+        rows = []
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:  # JSONDecodeError and UnicodeDecodeError
+                log.warning("%s: skipping a line that is not JSON: %.80r", self.path, line)
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+        return rows
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def scalars(row: dict, prefix: str, drop: tuple[str, ...] = ()) -> dict[str, float]:
+    """``prefix/<flattened key>`` -> float for every numeric leaf of ``row`` outside ``drop``."""
+    flat = flatten({k: v for k, v in row.items() if k not in drop})
+    return {f"{prefix}/{k}": float(v) for k, v in flat.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class TrackerSink:
+    """``poll()`` forwards what the run's files gained since the last poll; ``close()`` the trackers."""
+
+    def __init__(self, run_dir: str | Path, trackers: list[Tracker]):
+        run_dir = Path(run_dir)
+        self.trackers = list(trackers)
+        self.train = JsonlTail(run_dir / "metrics" / "trainer.jsonl")
+        self.eval = JsonlTail(run_dir / "eval.jsonl")
+        self.samples = JsonlTail(run_dir / "samples.jsonl")
+        self.pending: list[dict] = []  # sample rows of tables not known to be complete yet
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, run_dir: str | Path | None = None) -> TrackerSink:
+        run_dir = run_dir if run_dir is not None else cfg.run_dir
+        return cls(run_dir, build_trackers(cfg, run_dir))
+
+    def poll(self, final: bool = False) -> int:
+        """Forward every new complete row; ``final`` when the writers have stopped. Returns how many
+        scalar rows and tables went out."""
+        sent = 0
+        for row in self.train.read(final):
+            if _is_int(row.get("step")):  # other rows (e.g. the resume event) are not steps
+                sent += self._metrics(scalars(row, "train", ("step", "time")), row["step"])
+        for row in self.eval.read(final):
+            if _is_int(row.get("policy_version")):
+                sent += self._metrics(scalars(row, "eval", ("policy_version", "time")), row["policy_version"])
+        return sent + self._tables(final)
+
+    def _metrics(self, metrics: dict[str, float], step: int) -> int:
+        if not metrics:
+            return 0
+        self._send("log_metrics", metrics, step)
+        return 1
+
+    def _tables(self, final: bool) -> int:
+        new = self.samples.read(final)
+        self.pending += [r for r in new if _is_int(r.get("step"))]
+        settled = final or (not new and not self.samples.partial)
+        sent = 0
+        while self.pending:
+            step = self.pending[0]["step"]
+            n = next((i for i, r in enumerate(self.pending) if r["step"] != step), len(self.pending))
+            if n == len(self.pending) and not settled:
+                break  # the newest table may still be growing
+            table, self.pending = self.pending[:n], self.pending[n:]
+            self._send("log_table", "samples", table, step)
+            sent += 1
+        return sent
+
+    def _send(self, method: str, *args: Any) -> None:
+        for tracker in list(self.trackers):
+            try:
+                getattr(tracker, method)(*args)
+            except Exception as e:  # a tracker is an observer: its failure must not end the job
+                log.warning("tracker %s failed (%s: %s); it gets no more data", type(tracker).__name__,
+                            type(e).__name__, e)
+                self.trackers.remove(tracker)
+                self._close(tracker)
+
+    @staticmethod
+    def _close(tracker: Tracker) -> None:
+        try:
+            tracker.close()
+        except Exception as e:
+            log.warning("tracker %s failed to close: %s", type(tracker).__name__, e)
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            self._close(tracker)
+        self.trackers = []
+
+
+def follow(sink: TrackerSink, run_dir: str | Path, stop: threading.Event, poll_s: float = FOLLOW_POLL_S) -> None:
+    """Poll until ``<run_dir>/summary.json`` exists (the job is over) or ``stop`` is set, then a
+    final poll. Does not close the sink."""
+    summary = Path(run_dir) / "summary.json"
+    while not stop.is_set() and not summary.exists():
+        sink.poll()
+        stop.wait(poll_s)
+    sink.poll(final=True)

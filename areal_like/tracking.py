@@ -1,0 +1,269 @@
+"""Experiment trackers: sinks that receive a run's metrics and sample tables (``cfg.tracker``).
+
+A tracker never runs inside a daemon. The daemons append JSONL files to the run directory
+(``metrics/trainer.jsonl``, ``eval.jsonl``, ``samples.jsonl``) and ``areal_like.track_sink``
+tails them into the trackers built here, from the supervisor of ``areal-like run`` or from
+``areal-like track RUN_DIR``; so a slow, failing or missing backend can neither slow nor stop
+training. Every backend writes under ``<run_dir>/tracking/`` and works without a network:
+
+- ``jsonl`` (default): ``tracking/metrics.jsonl``, one merged line per scalar row or table;
+- ``tensorboard``: event files in ``tracking/tensorboard/`` (scalars; tables as markdown text);
+- ``wandb``: ``wandb.init(mode=tracking.wandb_mode, dir=tracking/)``; offline runs land in
+  ``tracking/wandb/offline-run-*`` (``wandb sync`` uploads them later);
+- ``mlflow``: a file store in ``tracking/mlruns`` (MLflow 3 keeps that store in maintenance mode
+  and refuses it unless ``MLFLOW_ALLOW_FILE_STORE=true``, which the backend sets; the SQL store
+  would need the full ``mlflow`` package and a database, the file store needs only
+  ``mlflow-skinny``);
+- ``trackio``: its SQLite store in ``tracking/trackio`` (``TRACKIO_DIR`` wins when set; trackio
+  reads it once, when first imported).
+
+Each backend's package is optional and imported only when that backend is built;
+``check_trackers(cfg)`` names the missing package and its pip extra before anything starts.
+Series keep their own x axis: the sink logs ``train/*`` at the trainer step and ``eval/*`` at the
+policy version, so two series may arrive out of step order; every backend accepts that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import sys
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+from areal_like.schema import ConfigError, RunConfig
+
+# tracker -> (importable modules, any one of which is enough; the pip extra that installs one)
+TRACKER_MODULES: dict[str, tuple[tuple[str, ...], str]] = {
+    "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
+    "wandb": (("wandb",), "wandb"),
+    "mlflow": (("mlflow",), "mlflow"),
+    "trackio": (("trackio",), "trackio"),
+}
+
+
+class Tracker(ABC):
+    """Where scalars and tables go. ``metrics`` keys are "a/b" paths; ``step`` is the x value."""
+
+    @abstractmethod
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    @abstractmethod
+    def log_table(self, name: str, rows: list[dict], step: int) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+def check_trackers(cfg: RunConfig) -> None:
+    """Raise ConfigError if a configured tracker's package is not installed (before any daemon starts)."""
+    for name in cfg.tracker:
+        if name not in TRACKER_MODULES:
+            continue  # jsonl: no package
+        modules, extra = TRACKER_MODULES[name]
+        if not any(importlib.util.find_spec(m) is not None for m in modules):
+            raise ConfigError(f"tracker={name!r} needs the {' or '.join(map(repr, modules))} package, which is not "
+                              f"installed: pip install 'areal-like[{extra}]' (or drop {name!r} from tracker)")
+
+
+def build_trackers(cfg: RunConfig, run_dir: str | Path | None = None) -> list[Tracker]:
+    """One tracker per entry of ``cfg.tracker``, writing under ``<run_dir>/tracking``."""
+    check_trackers(cfg)
+    run_dir = Path(run_dir if run_dir is not None else cfg.run_dir).resolve()
+    out = run_dir / "tracking"
+    project, name = cfg.tracking.project, cfg.tracking.run_name or run_dir.name
+    config = dataclasses.asdict(cfg)
+    builders = {
+        "jsonl": lambda: JsonlTracker(out / "metrics.jsonl"),
+        "tensorboard": lambda: TensorBoardTracker(out / "tensorboard"),
+        "wandb": lambda: WandbTracker(out, project, name, cfg.tracking.wandb_mode, config),
+        "mlflow": lambda: MlflowTracker(out / "mlruns", project, name, config),
+        "trackio": lambda: TrackioTracker(out / "trackio", project, name, config),
+    }
+    trackers: list[Tracker] = []
+    try:
+        for tracker in dict.fromkeys(cfg.tracker):  # each backend once, in the configured order
+            trackers.append(builders[tracker]())
+    except BaseException:
+        for t in trackers:
+            t.close()
+        raise
+    return trackers
+
+
+def flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> one level with "a/b" keys; other values (lists included) are kept as they are."""
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, path + "/"))
+        else:
+            out[path] = value
+    return out
+
+
+def cell(value: Any) -> Any:
+    """A table cell: numbers and strings as they are, anything else (lists, None) as JSON text."""
+    return value if isinstance(value, (int, float, str)) and not isinstance(value, bool) else json.dumps(value)
+
+
+class JsonlTracker(Tracker):
+    """The merged view: ``{"step", "metrics"}`` and ``{"step", "table", "rows"}`` lines, in arrival order.
+
+    The sink replays the run's files from their start whenever it starts, so this file is rewritten
+    (not appended to) when the tracker opens: it is derived, never the only copy of anything."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.f = path.open("w")
+
+    def _write(self, obj: dict) -> None:
+        self.f.write(json.dumps(obj) + "\n")
+        self.f.flush()
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._write({"step": step, "metrics": metrics})
+
+    def log_table(self, name: str, rows: list[dict], step: int) -> None:
+        self._write({"step": step, "table": name, "rows": rows})
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Rows as a markdown table (TensorBoard's text plugin renders it); cells on one line each."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+
+    def text(v: Any) -> str:
+        return str(cell(v)).replace("\\", "\\\\").replace("|", "\\|").replace("\n", "\\n")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(text(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+class TensorBoardTracker(Tracker):
+    def __init__(self, logdir: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # torch's writer needs the tensorboard package; tensorboardX stands alone
+            from tensorboardX import SummaryWriter
+        self.writer = SummaryWriter(log_dir=str(logdir), flush_secs=5)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, global_step=step)
+
+    def log_table(self, name: str, rows: list[dict], step: int) -> None:
+        self.writer.add_text(name, markdown_table(rows), global_step=step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbTracker(Tracker):
+    """Each top-level series ("train", "eval") gets its own step metric ("train/step"), because
+    ``wandb.log(step=...)`` drops every row whose step is below one already logged."""
+
+    def __init__(self, directory: Path, project: str, name: str, mode: str, config: dict):
+        import wandb
+
+        directory.mkdir(parents=True, exist_ok=True)
+        # console="off": the process hosting the sink is a supervisor whose stdout is the job's result
+        settings = wandb.Settings(console="off", x_disable_stats=True, save_code=False)
+        self.wandb = wandb
+        self.run = wandb.init(project=project, name=name, dir=str(directory), mode=mode, config=config,
+                              settings=settings, reinit="create_new")
+        self.axes: set[str] = set()
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        series = {key.split("/", 1)[0] for key in metrics}
+        for s in series - self.axes:
+            self.run.define_metric(f"{s}/step", hidden=True)
+            self.run.define_metric(f"{s}/*", step_metric=f"{s}/step")
+            self.axes.add(s)
+        self.run.log({**metrics, **{f"{s}/step": step for s in series}})
+
+    def log_table(self, name: str, rows: list[dict], step: int) -> None:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        table = self.wandb.Table(columns=columns, data=[[cell(r.get(c)) for c in columns] for r in rows])
+        self.run.log({name: table})  # each log is a new version of the table; rows carry their "step"
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+MLFLOW_BATCH = 100  # MLflow takes at most 100 params (and 1000 metrics) per log_batch
+MLFLOW_PARAM_CHARS = 6000  # MLflow's limit on one param value
+
+
+class MlflowTracker(Tracker):
+    """Through ``MlflowClient`` (no process-global active run); tables as JSON artifacts."""
+
+    def __init__(self, directory: Path, project: str, name: str, config: dict):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=f"file:{directory}")
+        exp = self.client.get_experiment_by_name(project)
+        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(project)
+        self.run_id = self.client.create_run(exp_id, run_name=name).info.run_id
+        params = [Param(self.key(k), str(v)[:MLFLOW_PARAM_CHARS]) for k, v in flatten(config).items()]
+        for i in range(0, len(params), MLFLOW_BATCH):
+            self.client.log_batch(self.run_id, params=params[i:i + MLFLOW_BATCH])
+
+    @staticmethod
+    def key(name: str) -> str:
+        """MLflow names allow only alphanumerics, _ - . / and spaces: "eval/pass@k" -> "eval/pass_k"."""
+        return re.sub(r"[^\w./\- ]", "_", name)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ms = int(time.time() * 1000)
+        batch = [Metric(self.key(k), float(v), ms, step) for k, v in metrics.items()]
+        for i in range(0, len(batch), MLFLOW_BATCH):
+            self.client.log_batch(self.run_id, metrics=batch[i:i + MLFLOW_BATCH])
+
+    def log_table(self, name: str, rows: list[dict], step: int) -> None:
+        self.client.log_dict(self.run_id, {"step": step, "rows": rows}, f"{self.key(name)}/step_{step:08d}.json")
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+class TrackioTracker(Tracker):
+    """trackio prints its banners on stdout, which is the supervisor's result channel: they go to stderr."""
+
+    def __init__(self, directory: Path, project: str, name: str, config: dict):
+        os.environ.setdefault("TRACKIO_DIR", str(directory))
+        import trackio
+
+        self.trackio = trackio
+        with contextlib.redirect_stdout(sys.stderr):
+            # no CPU/GPU sampling: it would describe the supervisor's machine, not the daemons'
+            self.run = trackio.init(project=project, name=name, config=config, auto_log_cpu=False,
+                                    auto_log_gpu=False)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.run.log(dict(metrics), step=step)
+
+    def log_table(self, name: str, rows: list[dict], step: int) -> None:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        table = self.trackio.Table(columns=columns, data=[[cell(r.get(c)) for c in columns] for r in rows])
+        self.run.log({name: table}, step=step)
+
+    def close(self) -> None:
+        with contextlib.redirect_stdout(sys.stderr):
+            self.trackio.finish()  # finishes the run trackio.init made current, so its atexit hook has nothing left

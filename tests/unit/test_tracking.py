@@ -1,0 +1,395 @@
+"""Experiment tracking: the JSONL tailer, the sink, every backend read back from its own files
+(offline), the missing-package check, sample rows and the learning curve's eval points."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sqlite3
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from areal_like import protocol as P
+from areal_like import tracking
+from areal_like.cli import main
+from areal_like.config import to_yaml
+from areal_like.schema import ConfigError, RunConfig, TrackingConfig
+from areal_like.tokenizer import EOS_ID, char_tokenizer
+from areal_like.track_sink import JsonlTail, TrackerSink, follow, scalars
+from areal_like.tracking import JsonlTracker, MlflowTracker, TensorBoardTracker, Tracker, WandbTracker
+from launch.job import Monitor, curve_figure, eval_records, plot_curve
+from launch.topology import Topology
+from trainer.data import BatchSource
+from trainer.loop import Trainer
+from trainer.samples import sample_rows
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def append(path: Path, *rows: dict | str) -> None:
+    """Rows as JSON lines; a str is written as it is (to leave a line unfinished)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write("".join(r if isinstance(r, str) else json.dumps(r) + "\n" for r in rows))
+
+
+def merged(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "tracking" / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------- tailing
+
+
+def test_tail_reads_only_complete_lines_of_a_growing_file(tmp_path):
+    path = tmp_path / "m.jsonl"
+    tail = JsonlTail(path)
+    assert tail.read() == []  # not there yet
+    append(path, {"step": 1}, {"step": 2}, '{"step": 3, "lo')
+    assert tail.read() == [{"step": 1}, {"step": 2}]
+    assert tail.read() == []  # the line being written waits
+    append(path, 'ss": 0.5}\n\nnot json\n[1, 2]\n{"step": 4}\n')
+    assert tail.read() == [{"step": 3, "loss": 0.5}, {"step": 4}]  # blank, non-JSON, non-object lines skipped
+    append(path, '{"step": 5}')
+    assert tail.read() == []
+    assert tail.read(final=True) == [{"step": 5}]  # the writers stopped: an unterminated last line counts
+    path.write_text(json.dumps({"step": 9}) + "\n")  # replaced by a shorter file
+    assert tail.read() == [{"step": 9}]
+
+
+def test_scalars_flatten_nested_dicts_and_keep_only_numbers():
+    row = {"step": 3, "time": 1.5, "loss": 0.25, "stats": {"kl": 0.125, "n": 2, "deep": {"x": -1}},
+           "weight_sync": {"done": ["r0"], "error": None, "ok": True}, "tag": "x"}
+    assert scalars(row, "train", ("step", "time")) == {"train/loss": 0.25, "train/stats/kl": 0.125,
+                                                       "train/stats/n": 2.0, "train/stats/deep/x": -1.0}
+
+
+def test_sink_forwards_trainer_eval_and_sample_rows(tmp_path):
+    run = tmp_path / "run"
+    sink = TrackerSink(run, [JsonlTracker(run / "tracking" / "metrics.jsonl")])
+    assert sink.poll() == 0  # no files yet
+    append(run / "metrics" / "trainer.jsonl",
+           {"time": 1.0, "step": 1, "policy_version": 1, "loss": 0.5, "stats": {"kl": 0.01},
+            "weight_sync": {"done": ["r0"], "error": None}},
+           {"time": 2.0, "event": "resume", "policy_version": 1})
+    append(run / "eval.jsonl", {"policy_version": 0, "greedy_accuracy": 0.25, "pass@k": 0.5, "k": 4, "final": False,
+                                "time": 3.0})
+    table2 = [{"step": 2, "prompt": "ab", "reward": 1.0}, {"step": 2, "prompt": "cd", "reward": 0.0}]
+    append(run / "samples.jsonl", *table2)
+    assert sink.poll() == 2  # the trainer row and the eval row; the table may still be growing
+    assert sink.poll() == 1  # the file did not change since: the table is whole
+    table4, table6 = [{"step": 4, "prompt": "ef"}, {"step": 4, "prompt": "gh"}], [{"step": 6, "prompt": "ij"}]
+    append(run / "samples.jsonl", *table4, *table6)
+    assert sink.poll() == 1  # step 4 is followed by step 6, which is held
+    assert sink.poll(final=True) == 1
+    sink.close()
+    assert merged(run) == [
+        {"step": 1, "metrics": {"train/policy_version": 1.0, "train/loss": 0.5, "train/stats/kl": 0.01}},
+        {"step": 0, "metrics": {"eval/greedy_accuracy": 0.25, "eval/pass@k": 0.5, "eval/k": 4.0}},
+        {"step": 2, "table": "samples", "rows": table2},
+        {"step": 4, "table": "samples", "rows": table4},
+        {"step": 6, "table": "samples", "rows": table6},
+    ]
+
+
+class Failing(Tracker):
+    """A backend that fails on its first row (a full disk, a lost server)."""
+
+    def __init__(self):
+        self.closed = False
+
+    def log_metrics(self, metrics, step):
+        raise OSError("disk full")
+
+    def log_table(self, name, rows, step):
+        raise OSError("disk full")
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_failing_tracker_is_dropped_and_the_others_go_on(tmp_path):
+    run = tmp_path / "run"
+    failing = Failing()
+    sink = TrackerSink(run, [failing, JsonlTracker(run / "tracking" / "metrics.jsonl")])
+    append(run / "metrics" / "trainer.jsonl", {"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5})
+    assert sink.poll() == 2
+    assert failing.closed and len(sink.trackers) == 1
+    sink.close()
+    assert [r["metrics"]["train/loss"] for r in merged(run)] == [1.0, 0.5]
+
+
+def test_follow_polls_until_the_summary_appears(tmp_path):
+    run = tmp_path / "run"
+    sink = TrackerSink(run, [JsonlTracker(run / "tracking" / "metrics.jsonl")])
+    stop = threading.Event()
+    follower = threading.Thread(target=follow, args=(sink, run, stop, 0.05))
+    follower.start()
+    try:
+        append(run / "metrics" / "trainer.jsonl", {"step": 1, "loss": 1.0})
+        deadline = time.monotonic() + 30
+        while not (run / "tracking" / "metrics.jsonl").read_text() and time.monotonic() < deadline:
+            stop.wait(0.05)  # the follower forwards while the run goes on
+        assert merged(run) == [{"step": 1, "metrics": {"train/loss": 1.0}}]
+        append(run / "metrics" / "trainer.jsonl", {"step": 2, "loss": 0.5})
+        (run / "summary.json").write_text("{}")
+        follower.join(timeout=30)
+        assert not follower.is_alive()  # the summary ended it, after a final poll
+    finally:
+        stop.set()
+        follower.join(timeout=30)
+        sink.close()
+    assert merged(run)[-1] == {"step": 2, "metrics": {"train/loss": 0.5}}
+
+
+def test_monitor_tick_polls_the_sink(tmp_path):
+    run = tmp_path / "run"
+    cfg = RunConfig(run_dir=str(run))
+    topo = Topology(host="127.0.0.1", buffer_address="", pub_address="", master_port=0, slots=(),
+                    rollout_cpus=None, trainer_cpus=None)
+    sink = TrackerSink(run, [JsonlTracker(run / "tracking" / "metrics.jsonl")])
+    append(run / "metrics" / "trainer.jsonl", {"step": 1, "reward_mean": 0.5})
+    Monitor(cfg, topo, run, out=io.StringIO(), sink=sink)(None)
+    sink.close()
+    assert merged(run) == [{"step": 1, "metrics": {"train/reward_mean": 0.5}}]
+
+
+def test_track_command_forwards_a_finished_run_and_takes_overrides(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(to_yaml(RunConfig(run_dir=str(run))))
+    append(run / "metrics" / "trainer.jsonl", {"step": 1, "loss": 1.0})
+    append(run / "samples.jsonl", {"step": 1, "prompt": "ab"})
+    (run / "summary.json").write_text("{}")
+    assert main(["track", str(run)]) == 0  # the summary exists: one final poll, then exit
+    assert merged(run) == [{"step": 1, "metrics": {"train/loss": 1.0}},
+                           {"step": 1, "table": "samples", "rows": [{"step": 1, "prompt": "ab"}]}]
+    (run / "summary.json").unlink()
+    assert main(["track", str(run), "--once", "tracker=[jsonl,tensorboard]"]) == 0
+    assert len(merged(run)) == 2  # rewritten from the files, not appended to
+    assert list((run / "tracking" / "tensorboard").glob("events.out.tfevents.*"))
+    assert main(["track", str(tmp_path / "nowhere"), "--once"]) == 2  # no config.yaml: a clear error
+
+
+# ---------------------------------------------------------------------------- backends, read back
+
+
+def test_markdown_table_keeps_each_row_on_one_line():
+    assert tracking.markdown_table([{"a": "x|y", "b": "1\n2"}, {"a": 3, "c": [1, 2]}]) == (
+        "| a | b | c |\n| --- | --- | --- |\n| x\\|y | 1\\n2 |  |\n| 3 |  | [1, 2] |")
+
+
+def test_tensorboard_event_files_hold_scalars_and_the_text_table(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = TensorBoardTracker(tmp_path / "tb")
+    tb.log_metrics({"train/loss": 0.5, "eval/pass@k": 0.25}, 3)
+    tb.log_metrics({"train/loss": 0.25}, 4)
+    tb.log_table("samples", [{"prompt": "a|b", "versions": [1, 2]}], 4)
+    tb.close()
+    ea = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0, "scalars": 0})
+    ea.Reload()
+    assert [(e.step, e.value) for e in ea.Scalars("train/loss")] == [(3, 0.5), (4, 0.25)]
+    assert [(e.step, e.value) for e in ea.Scalars("eval/pass@k")] == [(3, 0.25)]
+    (text,) = ea.Tensors("samples/text_summary")
+    assert text.step == 4
+    assert text.tensor_proto.string_val[0].decode() == "| prompt | versions |\n| --- | --- |\n| a\\|b | [1, 2] |"
+
+
+def wandb_records(path: Path) -> list:
+    """The records of a ``run-*.wandb`` file: a ":W&B" header, then LevelDB-log framing (32 KiB
+    blocks; each chunk has a 7-byte header: crc32c, length, type FULL=1 FIRST=2 MIDDLE=3 LAST=4)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    records, pos, chunks = [], 7, b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            break
+        chunks += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(chunks)
+            records.append(record)
+            chunks = b""
+    return records
+
+
+def test_wandb_offline_run_directory_holds_history_config_and_table(tmp_path, monkeypatch):
+    import wandb
+
+    for var in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_MODE", "WANDB_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    wb = WandbTracker(tmp_path, "proj", "r1", "offline", {"trainer": {"lr": 0.001}})
+    try:
+        wb.log_metrics({"train/loss": 0.5}, 5)
+        wb.log_metrics({"eval/pass@k": 0.25}, 3)  # an earlier step on its own axis is kept
+        wb.log_table("samples", [{"step": 5, "prompt": "p", "versions": [1, 2]}], 5)
+    finally:
+        wb.close()
+        wandb.teardown()  # the wandb-core service this test started
+    (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    records = wandb_records(run_file)
+    history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+               for r in records if r.WhichOneof("record_type") == "history"]
+    assert {"train/loss": 0.5, "train/step": 5}.items() <= history[0].items()
+    assert {"eval/pass@k": 0.25, "eval/step": 3}.items() <= history[1].items()
+    assert history[2]["samples/_type"] == "table-file" and history[2]["samples/nrows"] == 1
+    (table,) = run_file.parent.glob("files/media/table/samples_*.table.json")
+    assert json.loads(table.read_text()) == {"columns": ["step", "prompt", "versions"], "data": [[5, "p", "[1, 2]"]]}
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert (run.project, run.display_name) == ("proj", "r1")
+    assert json.loads(next(i.value_json for i in run.config.update if i.key == "trainer")) == {"lr": 0.001}
+
+
+def test_mlflow_file_store_holds_metrics_params_and_tables(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the tracker sets it; this undoes it afterwards
+    rows = [{"step": 4, "prompt": "p", "versions": [1, 2]}]
+    ml = MlflowTracker(tmp_path / "mlruns", "proj", "r1", {"trainer": {"lr": 0.001}, "tracker": ["mlflow"]})
+    ml.log_metrics({"train/loss": 0.5, "eval/pass@k": 0.25}, 3)
+    ml.log_metrics({"train/loss": 0.25}, 4)
+    ml.log_table("samples", rows, 4)
+    ml.close()
+    client = MlflowClient(tracking_uri=f"file:{tmp_path / 'mlruns'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("proj").experiment_id])
+    assert run.info.run_name == "r1" and run.info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")] == [(3, 0.5),
+                                                                                                    (4, 0.25)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval/pass_k")] == [(3, 0.25)]
+    assert run.data.params == {"trainer/lr": "0.001", "tracker": "['mlflow']"}
+    local = client.download_artifacts(run.info.run_id, "samples/step_00000004.json", str(tmp_path / "dl"))
+    assert json.loads(Path(local).read_text()) == {"step": 4, "rows": rows}
+
+
+def test_trackio_store_holds_metrics_and_tables(tmp_path):
+    # a process of its own: trackio reads TRACKIO_DIR once, when it is first imported
+    code = textwrap.dedent(f"""
+        from pathlib import Path
+        from areal_like.tracking import TrackioTracker
+        t = TrackioTracker(Path({str(tmp_path / 'trackio')!r}), "proj", "r1", {{"seed": 0}})
+        t.log_metrics({{"train/loss": 0.5}}, 3)
+        t.log_metrics({{"eval/pass@k": 0.25}}, 2)
+        t.log_table("samples", [{{"step": 3, "prompt": "p", "versions": [1, 2]}}], 3)
+        t.close()
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRACKIO_DIR"}
+    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HOME=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""  # trackio's banners went to stderr: stdout is the supervisor's result line
+    with sqlite3.connect(tmp_path / "trackio" / "proj.db") as db:
+        logged = [(name, step, json.loads(m)) for name, step, m in
+                  db.execute("SELECT run_name, step, metrics FROM metrics ORDER BY id")]
+    assert logged == [("r1", 3, {"train/loss": 0.5}), ("r1", 2, {"eval/pass@k": 0.25}),
+                      ("r1", 3, {"samples": {"_type": "trackio.table",
+                                             "_value": [{"step": 3, "prompt": "p", "versions": "[1, 2]"}]}})]
+
+
+def test_check_trackers_names_the_missing_package_and_its_extra(monkeypatch, tmp_path):
+    tracking.check_trackers(RunConfig(tracker=["jsonl", "tensorboard", "wandb", "mlflow", "trackio"]))  # all installed
+    monkeypatch.setitem(tracking.TRACKER_MODULES, "wandb", (("areal_like_no_such_package",), "wandb"))
+    tracking.check_trackers(RunConfig(tracker=["jsonl"]))  # not configured: not needed
+    with pytest.raises(ConfigError, match=r"^tracker='wandb' needs the 'areal_like_no_such_package' package, "
+                                          r"which is not installed: pip install 'areal-like\[wandb\]'"):
+        tracking.check_trackers(RunConfig(tracker=["jsonl", "wandb"]))
+    # `areal-like run` stops there: exit 2, and no run directory (nothing was started)
+    assert main(["run", "tracker=[jsonl,wandb]", f"run_dir={tmp_path / 'run'}"]) == 2
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------- sample rows
+
+
+def _traj(prompt: str, out: list[int], versions: list[int], reward: float, finish: str = "stop",
+          metadata: dict | None = None) -> P.Trajectory:
+    return P.Trajectory(prompt_ids=P.as_i32(char_tokenizer()(prompt)["input_ids"]), output_ids=P.as_i32(out),
+                        behav_logp=P.as_f32([-1.0] * len(out)), versions=P.as_i32(versions), reward=reward,
+                        finish_reason=finish, metadata=metadata or {})
+
+
+def _ids(text: str) -> list[int]:
+    return char_tokenizer()(text)["input_ids"][1:]  # without <bos>
+
+
+def _batch_groups() -> list[P.TrajectoryGroup]:
+    g0 = [_traj("ab", _ids("ba"), [5, 6], 1.0, metadata={"text": "BA (engine text)"}),
+          _traj("ab", _ids("xy") + [EOS_ID], [6, 6, 7], 0.0)]
+    g1 = [_traj("cd", _ids("dcc"), [7, 7, 7], 0.5, finish="length")]
+    return [P.TrajectoryGroup(group_id=f"g{i}", server_id="s0", lease_id=f"l{i}", prompt_index=i, epoch=0,
+                              trajectories=ts) for i, ts in enumerate((g0, g1))]
+
+
+def test_sample_rows_from_a_hand_made_batch():
+    def decode(ids):
+        return char_tokenizer().decode(ids, skip_special_tokens=True)
+
+    rows = sample_rows(_batch_groups(), version=7, k=8, decode=decode)
+    assert rows == [  # round-robin over the groups: trajectory 0 of each group first
+        {"step": 8, "policy_version": 7, "prompt": "ab", "response": "BA (engine text)", "reward": 1.0,
+         "versions": [5, 6], "staleness": 2, "finish_reason": "stop"},
+        {"step": 8, "policy_version": 7, "prompt": "cd", "response": "dcc", "reward": 0.5,
+         "versions": [7, 7], "staleness": 0, "finish_reason": "length"},
+        {"step": 8, "policy_version": 7, "prompt": "ab", "response": "xy", "reward": 0.0,
+         "versions": [6, 7], "staleness": 2, "finish_reason": "stop"},
+    ]
+    assert sample_rows(_batch_groups(), version=7, k=2, decode=decode) == rows[:2]
+    assert sample_rows([], version=7, k=2, decode=decode) == []
+
+
+def test_trainer_appends_a_sample_table_every_sample_every_steps(tmp_path, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    cfg = RunConfig(run_dir=str(tmp_path), tracking=TrackingConfig(sample_every=10, sample_k=2))
+    trainer = Trainer(cfg)
+    trainer.data = BatchSource("tcp://127.0.0.1:1", 2, wait_s=1, buffer_timeout_s=1, rank=1)  # no socket on rank 1
+    trainer.data.last_groups = _batch_groups()
+    for trainer.version in (9, 10, 11):
+        trainer.record_samples()
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["policy_version"], r["prompt"], r["response"]) for r in rows] == [
+        (10, 9, "ab", "BA (engine text)"), (10, 9, "cd", "dcc")]
+
+
+# ---------------------------------------------------------------------------- learning curve
+
+
+def _lines(fig) -> dict[str, list[tuple[float, float]]]:
+    (ax,) = fig.axes
+    return {line.get_label(): [tuple(map(float, p)) for p in line.get_xydata()] for line in ax.get_lines()}
+
+
+def test_learning_curve_gains_eval_points_when_eval_jsonl_exists(tmp_path):
+    import matplotlib.image
+
+    recs = [{"step": s, "reward_mean": r} for s, r in ((1, 0.25), (2, 0.5), (3, 0.75))]
+    assert _lines(curve_figure(tmp_path, recs, eval_records(tmp_path))) == {
+        "reward (per step)": [(1, 0.25), (2, 0.5), (3, 0.75)],
+        "reward (3-step mean)": [(1, 0.25), (2, 0.375), (3, 0.5)]}
+    without = plot_curve(tmp_path, recs).read_bytes()
+    append(tmp_path / "eval.jsonl",
+           {"policy_version": 0, "greedy_accuracy": 0.125, "mean@k": 0.0625, "k": 4, "final": False},
+           {"policy_version": 3, "greedy_accuracy": 0.5, "mean@k": 0.25, "k": 4, "final": False},
+           {"policy_version": 3, "greedy_accuracy": 0.625, "mean@k": 0.375, "k": 4, "final": True})  # last wins
+    lines = _lines(curve_figure(tmp_path, recs, eval_records(tmp_path)))
+    assert lines["eval accuracy (greedy)"] == [(0, 0.125), (3, 0.625)]
+    assert lines["eval mean@4"] == [(0, 0.0625), (3, 0.375)]
+    path = plot_curve(tmp_path, recs)
+    assert path == tmp_path / "learning_curve.png" and path.read_bytes() != without
+    assert matplotlib.image.imread(path).shape == (350, 600, 4)
