@@ -247,15 +247,19 @@ def from_yaml(text: str) -> RunConfig:
     return OmegaConf.to_object(merged)
 
 
-def dataset_size(task: TaskConfig) -> int:
-    """Number of prompts in one epoch of the task's dataset (the buffer's cursor range)."""
-    if task.name == "dataset":
-        path = Path(task.dataset_path or "")
-        if not path.is_file():
-            raise ConfigError(f"task.dataset_path={task.dataset_path!r} does not exist")
-        with path.open() as f:
-            return sum(1 for line in f if line.strip())
-    return task.num_prompts
+def dataset_size(task: TaskConfig, model: ModelConfig) -> int:
+    """Prompts in one epoch of the task's train split (the buffer's cursor range): after the
+    ``task.max_prompt_tokens`` filter, counted with ``model``'s tokenizer as the rollout servers do."""
+    from areal_like.tasks import SYNTHETIC, make_task
+
+    if task.name in SYNTHETIC:
+        return task.num_prompts
+    tokenizer = None
+    if task.max_prompt_tokens > 0:
+        from areal_like.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(model)
+    return len(make_task(task, tokenizer))
 
 
 def load_daemon_config(argv: list[str]) -> RunConfig:

@@ -23,14 +23,20 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def qwen2_config(cfg: ModelConfig):
+def qwen2_config(cfg: ModelConfig, tokenizer=None):
+    """The Qwen2 config of a model built from ``cfg``; its bos/eos/pad ids are the tokenizer's
+    (``tokenizer``, default ``load_tokenizer(cfg)``), so generation stops where the tokenizer ends."""
     from transformers import Qwen2Config
 
+    from areal_like.tokenizer import load_tokenizer
+
+    tok = tokenizer if tokenizer is not None else load_tokenizer(cfg)
     return Qwen2Config(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
 
 

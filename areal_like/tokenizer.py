@@ -1,21 +1,46 @@
-"""Tokenizers: a character-level one built in code (tiny models, tests, quickstart) or a local HF one.
+"""Tokenizers: built in code for models built from config (char, bpe), or a local HF one.
 
-The char tokenizer has 104 tokens: ``<pad>=0 <bos>=1 <eos>=2 <unk>=3`` then ``string.printable``,
-one token per character, so token count == character count and decoding is exact. Encoding adds
-``<bos>`` in front. It is a real ``PreTrainedTokenizerFast`` (save_pretrained / from_pretrained
-round-trip), so an engine or trainer loads it from a model directory like any HF tokenizer.
+``model.tokenizer`` picks it when ``model.path`` holds no tokenizer:
+
+* ``char`` (tiny models, tests, quickstart): 104 tokens, ``<pad>=0 <bos>=1 <eos>=2 <unk>=3`` then
+  ``string.printable``, one token per character, so token count == character count and decoding
+  is exact. Encoding adds ``<bos>`` in front. Its chat template (``role: content`` lines) is
+  used only by dataset tasks; synthetic tasks prompt it with plain text (``areal_like.tasks``).
+* ``bpe``: byte-level BPE trained at load time on the shipped ``data/corpus.txt`` (English and
+  arithmetic) with ``model.vocab_size`` entries; digits are single tokens (Qwen2's
+  pre-tokenizer pattern), so numbers tokenize the same way everywhere. Special tokens
+  ``<pad>=0 <|im_start|>=1 <|im_end|>=2``; EOS is ``<|im_end|>``; no BOS is added (as Qwen2);
+  a ChatML chat template. Training is deterministic: the same corpus gives the same
+  ``tokenizer.json`` in every process. Every byte is in the base alphabet, so any text encodes
+  and decodes exactly; that needs ``model.vocab_size`` >= 256 bytes + 3 special tokens.
+* a local directory: ``AutoTokenizer.from_pretrained`` (nothing is downloaded).
+
+Both built tokenizers are real ``PreTrainedTokenizerFast``s (save_pretrained / from_pretrained
+round-trip), so an engine or trainer loads them from a model directory like any HF tokenizer.
+Builds are cached per process. Importing this module imports neither torch nor transformers.
 """
 
 from __future__ import annotations
 
 import string
 from functools import lru_cache
+from pathlib import Path
 
-from areal_like.config import ModelConfig
+from areal_like.config import ConfigError, ModelConfig
 
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 CHAR_VOCAB = SPECIAL + list(string.printable)  # 4 + 100 = 104
+
+CORPUS = Path(__file__).resolve().parent / "data" / "corpus.txt"
+BPE_SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2; eos = <|im_end|>
+BPE_MIN_VOCAB = 256 + len(BPE_SPECIAL)  # the byte alphabet + the special tokens
+# Qwen2's pre-tokenizer: words, single digits, punctuation runs, newlines, spaces
+BPE_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+")
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 @lru_cache(maxsize=1)
@@ -35,15 +60,50 @@ def char_tokenizer():
     return hf
 
 
-def load_tokenizer(model: ModelConfig):
-    """The tokenizer of ``model``: from its local directory when it has one, else the char tokenizer."""
-    from pathlib import Path
+@lru_cache(maxsize=4)
+def bpe_tokenizer(vocab_size: int = 512):
+    """Byte-level BPE with ``vocab_size`` entries (at most: a small corpus may stop merging
+    earlier) trained on ``data/corpus.txt`` (module docstring)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
-    if model.path and (Path(model.path) / "tokenizer.json").is_file() or (
-            model.path and (Path(model.path) / "tokenizer_config.json").is_file()):
+    if vocab_size < BPE_MIN_VOCAB:
+        raise ConfigError(f"model.vocab_size={vocab_size} is too small for model.tokenizer=bpe: it needs at least "
+                          f"{BPE_MIN_VOCAB} (256 bytes + {len(BPE_SPECIAL)} special tokens), e.g. 512")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(BPE_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=BPE_SPECIAL, min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train([str(CORPUS)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>",
+                                   chat_template=CHATML)
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+
+
+def load_tokenizer(model: ModelConfig):
+    """The tokenizer of ``model``: from ``model.path`` when it holds one, else ``model.tokenizer``."""
+    if model.path and _has_tokenizer(Path(model.path)):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(model.path)
-    if model.vocab_size < len(CHAR_VOCAB):
-        raise ValueError(f"model.vocab_size={model.vocab_size} is smaller than the char tokenizer ({len(CHAR_VOCAB)})")
-    return char_tokenizer()
+    if model.tokenizer == "char":
+        tok = char_tokenizer()
+    elif model.tokenizer == "bpe":
+        tok = bpe_tokenizer(model.vocab_size)
+    elif _has_tokenizer(Path(model.tokenizer).expanduser()):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(Path(model.tokenizer).expanduser()))
+    else:
+        raise ConfigError(f"model.tokenizer={model.tokenizer!r} is not 'char', 'bpe' or a local directory holding a "
+                          "tokenizer (tokenizer.json or tokenizer_config.json)")
+    if len(tok) > model.vocab_size:
+        raise ConfigError(f"model.vocab_size={model.vocab_size} is smaller than the tokenizer "
+                          f"(model.tokenizer={model.tokenizer!r}: {len(tok)} tokens)")
+    return tok

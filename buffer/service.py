@@ -76,7 +76,7 @@ class BufferService(BatchHandout, BufferMetrics, Daemon):
         self.cfg = b
         self.clock = clock
         self.policy = StalenessPolicy(b.max_staleness, b.groups_per_step, b.max_inflight)
-        self.ledger = CreditLedger(self.policy, dataset_size(cfg.task), lease_timeout_s=b.lease_timeout_s,
+        self.ledger = CreditLedger(self.policy, dataset_size(cfg.task, cfg.model), lease_timeout_s=b.lease_timeout_s,
                                    max_epochs=b.max_epochs, clock=clock)
         self.store = ReplayBuffer(self.policy, capacity=b.capacity, selection=b.selection,
                                   filter_equal_rewards=b.filter_equal_rewards,

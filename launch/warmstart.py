@@ -10,8 +10,9 @@ The result is cached under ``<run_dir>/../<warm_start.cache_dir>/<key>`` where `
 model, task and warm-start settings, so later runs of the same experiment skip it. The directory
 is written under a temporary name and renamed, so a crash never leaves a half-written cache.
 
-The token layout is the rollout server's: ``tokenizer(prompt)`` (``<bos>`` + characters) followed
-by the generated answer and ``<eos>``.
+The token layout is the rollout server's: ``encode_prompt`` (``areal_like.tasks``: plain text, e.g.
+the char tokenizer's ``<bos>`` + characters, or the chat template with its generation prompt)
+followed by the answer's ids and the tokenizer's EOS.
 """
 
 from __future__ import annotations
@@ -69,14 +70,16 @@ def ensure_warm_start(cfg: RunConfig, log: Callable[[str], None] = print) -> Run
 
 
 def _pairs(task, indices: list[int], tok) -> list[tuple[list[int], list[int]]]:
-    from areal_like.tokenizer import EOS_ID
+    """(prompt ids, answer ids + EOS) of the task's examples, as the rollout server lays them out."""
+    from areal_like.tasks import encode_prompt
 
+    if tok.eos_token_id is None:
+        raise ValueError("the warm start needs a tokenizer with an EOS token (the model learns to stop)")
     out = []
     for i in indices:
         ex = task.example(i, 0)
-        prompt = list(tok(ex.prompt)["input_ids"])
-        answer = list(tok(ex.answer, add_special_tokens=False)["input_ids"]) + [EOS_ID]
-        out.append((prompt, answer))
+        answer = [int(t) for t in tok(ex.answer, add_special_tokens=False)["input_ids"]] + [int(tok.eos_token_id)]
+        out.append((encode_prompt(tok, ex, task.cfg), answer))
     return out
 
 
@@ -100,13 +103,13 @@ def train_warm_start(cfg: RunConfig, out: Path, log: Callable[[str], None] = pri
     import torch
 
     from areal_like.hf import build_model
+    from areal_like.tasks import make_task
     from areal_like.tokenizer import load_tokenizer
-    from rollout_server.tasks import make_task
 
     torch.set_num_threads(max(1, cfg.launch.omp_threads))
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(cfg.model)
-    task = make_task(cfg.task)
+    task = make_task(cfg.task, tok)
     model = build_model(cfg.model, "cpu", "float32").train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.warm_start.lr, weight_decay=0.0)
     rng = random.Random(cfg.seed + 1)
@@ -137,18 +140,19 @@ def evaluate(model, tok, task, indices: list[int], max_new_tokens: int, temperat
     """(greedy accuracy, sampled accuracy at ``temperature``) over the given prompts."""
     import torch
 
-    from areal_like.tokenizer import EOS_ID, PAD_ID
+    from areal_like.tasks import encode_prompt
 
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     examples = [task.example(i, 0) for i in indices]
     scores = []
     # sampled = the full temperature-scaled distribution, as the engine samples (no top-k/top-p)
     for mode in ({"do_sample": False}, {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": 1.0}):
         hits = 0.0
         for ex in examples:  # one prompt at a time: no left-padding subtleties, and it is cheap
-            ids = torch.tensor([tok(ex.prompt)["input_ids"]])
+            ids = torch.tensor([encode_prompt(tok, ex, task.cfg)])
             with torch.no_grad():
                 out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                     eos_token_id=EOS_ID, pad_token_id=PAD_ID, **mode)
+                                     eos_token_id=tok.eos_token_id, pad_token_id=pad, **mode)
             text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
             hits += task.reward(text, ex)
         scores.append(hits / len(examples))

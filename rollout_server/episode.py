@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from areal_like.metrics import Metrics
 from areal_like.protocol import Credit, Trajectory, TrajectoryGroup, as_f32, as_i32
+from areal_like.tasks import encode_prompt
 from rollout_server.rewards import score
 from rollout_server.sglang_client import GenerateOutput, SGLangClient, SGLangError
 
@@ -111,7 +112,7 @@ class EpisodeContext:
     """What every episode of one rollout server shares."""
 
     client: SGLangClient
-    task: object  # rollout_server.tasks.Task
+    task: object  # areal_like.tasks.Task
     tokenizer: object  # HF tokenizer
     reward_fn: Callable[[str, object], float]
     task_cfg: object  # areal_like.config.TaskConfig
@@ -130,7 +131,7 @@ class EpisodeContext:
 async def run_episode(ctx: EpisodeContext, credit: Credit) -> TrajectoryGroup:
     """Generate, detokenise and score one group for ``credit``."""
     example = ctx.task.example(credit.prompt_index, credit.epoch)
-    prompt_ids = [int(t) for t in ctx.tokenizer(example.prompt)["input_ids"]]
+    prompt_ids = encode_prompt(ctx.tokenizer, example, ctx.task_cfg)
     t0 = time.monotonic()
     samples = await generate_group(ctx.client, prompt_ids, ctx.task_cfg.group_size, ctx.sampling_params(),
                                    ctx.task_cfg.max_new_tokens, ctx.current_version_fn, ctx.metrics)

@@ -48,12 +48,12 @@ from areal_like.protocol import (
     VersionUpdate,
     WeightSyncPlan,
 )
+from areal_like.tasks import make_task
 from areal_like.tokenizer import load_tokenizer
 from areal_like.transport import AsyncClient, Subscriber, TransportTimeout
 from rollout_server.episode import EpisodeContext, run_episode
 from rollout_server.rewards import load_reward_fn
 from rollout_server.sglang_client import SGLangClient
-from rollout_server.tasks import make_task
 from rollout_server.weight_update import apply_weight_sync
 
 LOOP_TICK_S = 0.2  # the main loop also wakes on events; the tick only bounds reaction to stop requests
@@ -114,8 +114,8 @@ class RolloutServer(Daemon):
             self.engine_url, self.engine_ranks = self.engine.url, self.engine.engine_ranks
         else:
             self.engine_url = ecfg.url
-        self.task = make_task(self.cfg.task)
         self.tokenizer = load_tokenizer(self.cfg.model)
+        self.task = make_task(self.cfg.task, self.tokenizer)
         self.reward_fn = load_reward_fn(self.cfg.task, self.task)
         if self.rcfg.eval:
             from rollout_server.evaluate import ServerEvaluator

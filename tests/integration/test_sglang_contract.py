@@ -194,10 +194,10 @@ async def drive_engine(url: str, tmp: Path, seen_requests: list, seen_responses:
 async def one_episode(client: SGLangClient):
     from areal_like.config import TaskConfig
     from areal_like.protocol import Credit
+    from areal_like.tasks import make_task
     from areal_like.tokenizer import char_tokenizer
     from rollout_server.episode import EpisodeContext, run_episode
     from rollout_server.rewards import load_reward_fn
-    from rollout_server.tasks import make_task
 
     task_cfg = TaskConfig(group_size=2, max_new_tokens=8)
     task = make_task(task_cfg)

@@ -138,9 +138,16 @@ def test_daemon_config_errors_name_the_key(tmp_path):
 
 
 def test_dataset_size(tmp_path):
-    assert C.dataset_size(load_config(["task.num_prompts=37"]).task) == 37
+    cfg = load_config(["task.num_prompts=37"])
+    assert C.dataset_size(cfg.task, cfg.model) == 37
     data = tmp_path / "d.jsonl"
-    data.write_text('{"prompt": "a", "answer": "1"}\n\n{"prompt": "b", "answer": "2"}\n')
-    assert C.dataset_size(load_config(["task=jsonl_math", f"task.dataset_path={data}"]).task) == 2
+    data.write_text('{"prompt": "a", "answer": "1"}\n\n{"prompt": "bbbb", "answer": "2"}\n')
+    for task in ("jsonl_math", "dataset"):
+        cfg = load_config([f"task={task}", f"task.dataset_path={data}"])
+        assert C.dataset_size(cfg.task, cfg.model) == 2
+    # the count the buffer's cursor runs over is after the prompt-length filter ("user: a\nassistant: " = 19 ids)
+    cfg = load_config(["task=dataset", f"task.dataset_path={data}", "task.max_prompt_tokens=20"])
+    assert C.dataset_size(cfg.task, cfg.model) == 1
+    cfg = load_config(["task=jsonl_math", f"task.dataset_path={tmp_path / 'no.jsonl'}"])
     with pytest.raises(ConfigError, match="task.dataset_path"):
-        C.dataset_size(load_config(["task=jsonl_math", f"task.dataset_path={tmp_path / 'no.jsonl'}"]).task)
+        C.dataset_size(cfg.task, cfg.model)

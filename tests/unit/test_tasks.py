@@ -1,13 +1,24 @@
 """Shipped tasks, rewards and the char tokenizer."""
 
 import json
+import pickle
 
 import pytest
 
 from areal_like.config import ConfigError, ModelConfig, TaskConfig
+from areal_like.datasets import DatasetTask
+from areal_like.tasks import (
+    SYNTHETIC_EVAL_SIZE,
+    Example,
+    countdown_reward,
+    encode_prompt,
+    exact_match,
+    has_eval_split,
+    load_function,
+    make_task,
+)
 from areal_like.tokenizer import BOS_ID, EOS_ID, char_tokenizer, load_tokenizer
 from rollout_server.rewards import extract_answer, load_reward_fn, math_reward, score
-from rollout_server.tasks import Example, make_task
 
 
 @pytest.mark.parametrize("name", ["addition", "sort", "reverse", "countdown"])
@@ -21,6 +32,36 @@ def test_synthetic_tasks_are_deterministic_and_solvable(name):
         assert task.reward(ex.answer + "7", ex) == 0.0
     with pytest.raises(IndexError):
         task.example(50)
+
+
+@pytest.mark.parametrize("name", ["addition", "sort", "reverse", "countdown"])
+def test_synthetic_eval_split_is_fixed_and_drawn_apart_from_train(name):
+    cfg = TaskConfig(name=name, digits=4, num_prompts=1000)
+    assert has_eval_split(cfg)
+    train, ev = make_task(cfg), make_task(cfg, split="eval")
+    assert len(ev) == SYNTHETIC_EVAL_SIZE and len(make_task(TaskConfig(name=name, num_prompts=9), split="eval")) == 9
+    assert [ev.example(i) for i in range(20)] == [make_task(cfg, split="eval").example(i) for i in range(20)]
+    assert [ev.example(i) for i in range(20)] != [train.example(i) for i in range(20)]
+    assert all(ev.reward(ev.example(i).answer, ev.example(i)) == 1.0 for i in range(20))
+    with pytest.raises(IndexError):
+        ev.example(SYNTHETIC_EVAL_SIZE)
+    with pytest.raises(ValueError, match="split='test'"):
+        make_task(cfg, split="test")
+
+
+def test_rewards_are_module_level_functions_named_by_path():
+    for name, fn in (("addition", exact_match), ("reverse", exact_match), ("countdown", countdown_reward)):
+        task = make_task(TaskConfig(name=name))
+        assert load_function(task.reward_path) is fn
+    assert load_function(DatasetTask.reward_path) is math_reward  # named by path: areal_like never imports it
+
+
+def test_example_is_frozen_and_picklable():
+    ex = Example("p", "a", ({"role": "user", "content": "p"},), {"level": 2, "tags": ["x"]})
+    assert pickle.loads(pickle.dumps(ex)) == ex
+    assert Example("p", "a").metadata == {} and Example("p", "a").metadata is not Example("q", "b").metadata
+    with pytest.raises(AttributeError):
+        ex.answer = "b"
 
 
 def test_addition_content():
@@ -37,13 +78,24 @@ def test_countdown_accepts_any_valid_expression_and_rejects_reuse():
     assert task.reward("5*3*1", ex) == 0.0  # 1 is not offered
     assert task.reward("7+7+1", ex) == 0.0
     assert task.reward("__import__('os')", ex) == 0.0
+    assert task.reward("(7+5)+3", ex) == 1.0 and task.reward("7+(5+3", ex) == 0.0
 
 
-def test_jsonl_task_and_math_reward(tmp_path):
+def test_countdown_parses_instead_of_evaluating():
+    # both use only offered numbers and characters from + - * ( ): eval would compute 9**(8**7)
+    # (millions of digits) or 2**999999; the parser refuses the power operator outright
+    assert countdown_reward("9**8**7", Example("cd 9 8 7 to 15:", "9+8-2")) == 0.0
+    assert countdown_reward("2**999999", Example("cd 2 999999 to 4:", "2*2")) == 0.0
+    assert countdown_reward("2*999999", Example("cd 2 999999 to 1999998:", "2*999999")) == 1.0
+    assert countdown_reward("-3+5", Example("cd 3 5 to 2:", "5-3")) == 0.0  # unary minus is not an operator here
+    assert countdown_reward("3" * 41, Example("cd 3 to 3:", "3")) == 0.0  # over the length bound
+
+
+def test_dataset_task_and_math_reward(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text(json.dumps({"prompt": "1/2+1/4?", "answer": "3/4"}) + "\n\n"
                  + json.dumps({"prompt": "big", "answer": "1,234"}) + "\n")
-    task = make_task(TaskConfig(name="jsonl", dataset_path=str(p)))
+    task = make_task(TaskConfig(name="dataset", dataset_path=str(p)))
     assert len(task) == 2
     assert task.reward("the result is \\boxed{\\frac{3}{4}}", task.example(0)) == 1.0
     assert task.reward("0.75", task.example(0)) == 1.0
@@ -51,8 +103,8 @@ def test_jsonl_task_and_math_reward(tmp_path):
     assert task.reward("no number", task.example(1)) == 0.0
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x"}\n')
-    with pytest.raises(ConfigError, match="bad.jsonl:1"):
-        make_task(TaskConfig(name="jsonl", dataset_path=str(bad)))
+    with pytest.raises(ConfigError, match="task.answer_key='answer'.*columns found: prompt"):
+        make_task(TaskConfig(name="dataset", dataset_path=str(bad)))
 
 
 def test_extract_answer_prefers_boxed_with_nested_braces():
@@ -88,3 +140,12 @@ def test_char_tokenizer_round_trip(tmp_path):
     tok.save_pretrained(tmp_path)
     again = load_tokenizer(ModelConfig(path=str(tmp_path)))
     assert again(text)["input_ids"] == ids
+
+
+def test_synthetic_prompts_stay_plain_text_whatever_the_tokenizer_template():
+    # the quickstart's token layout: <bos> + one id per character, never the char template
+    tok, ex = char_tokenizer(), make_task(TaskConfig(name="reverse", digits=4)).example(0)
+    assert tok.chat_template  # the char tokenizer has a template: dataset tasks use it
+    for template in ("auto", "none"):
+        ids = encode_prompt(tok, ex, TaskConfig(name="reverse", digits=4, chat_template=template))
+        assert ids == tok(ex.prompt)["input_ids"] and ids[0] == BOS_ID and len(ids) == len(ex.prompt) + 1

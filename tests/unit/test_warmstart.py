@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from areal_like.config import load_config
 from launch.warmstart import _batch, cache_key, cache_path, ensure_warm_start
@@ -36,3 +37,28 @@ def test_cached_model_is_reused_without_training(tmp_path):
     assert dataclasses.replace(got, model=cfg.model) == cfg  # nothing else changes
     off = load_config(["experiment=quickstart", "warm_start.steps=0"])
     assert ensure_warm_start(off) is off
+
+
+def test_pairs_use_the_rollout_servers_prompt_layout():
+    from areal_like.tasks import encode_prompt, make_task
+    from areal_like.tokenizer import load_tokenizer
+    from launch.warmstart import _pairs
+
+    quick = load_config(["experiment=quickstart"])
+    tok = load_tokenizer(quick.model)
+    task = make_task(quick.task, tok)
+    [(prompt, answer)] = _pairs(task, [0], tok)
+    ex = task.example(0)
+    assert prompt == tok(ex.prompt)["input_ids"] and prompt[0] == 1  # <bos> + characters, as before
+    assert tok.decode(answer) == ex.answer + "<eos>" and len(answer) == len(ex.answer) + 1
+
+    data = Path(__file__).resolve().parents[2] / "areal_like" / "data" / "math_chat" / "eval.parquet"
+    chat = load_config(["task=dataset", f"task.dataset_path={data}",
+                        "task.messages_key=messages", "model.tokenizer=bpe", "model.vocab_size=512"])
+    tok = load_tokenizer(chat.model)
+    task = make_task(chat.task, tok)
+    [(prompt, answer)] = _pairs(task, [3], tok)
+    ex = task.example(3)
+    assert prompt == encode_prompt(tok, ex, chat.task)
+    assert tok.decode(prompt + answer) == (f"<|im_start|>user\n{ex.prompt}<|im_end|>\n<|im_start|>assistant\n"
+                                           f"{ex.answer}<|im_end|>")

@@ -1,0 +1,255 @@
+"""Tasks: what prompt ``index`` is, how it becomes token ids, and how a response is scored.
+
+A task maps a position ``index`` of its split (and ``epoch``) to an ``Example`` and names its
+reward as a dotted path (``reward_path``) to a module-level function ``fn(response, example)``,
+so a reward worker process imports the function without building the task. Tasks are shared by
+the buffer (the cursor's range), the rollout servers and the warm start; every process builds
+the same task from the same config and agrees on what prompt ``index`` is.
+
+Synthetic tasks (addition, sort, reverse, countdown) are generated from ``(seed, index)``;
+nothing is shipped or downloaded. Their prompts are short completion strings for the char
+tokenizer (``"37+45="`` -> ``"82"``); a model answers and emits EOS; the reward is exact match.
+Their eval split (``split="eval"``) draws from a different random stream, so it is fixed but
+not guaranteed disjoint from training examples (the small tasks have few distinct prompts).
+``task.name=dataset`` loads rows from local files (``areal_like/datasets.py``).
+
+``encode_prompt`` is the one place where an example becomes prompt ids, for the rollout server
+and the warm start alike; ``task.chat_template`` picks the layout (see its docstring).
+"""
+
+from __future__ import annotations
+
+import abc
+import ast
+import importlib
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from areal_like.config import ConfigError, TaskConfig
+
+SPLITS = ("train", "eval")
+SYNTHETIC_EVAL_SIZE = 512  # prompts in a synthetic task's eval split (at most task.num_prompts)
+MAX_EXPRESSION_CHARS = 40  # countdown: longer responses score 0 without being parsed
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    """One prompt: plain text (``prompt``) and/or chat ``messages``, the reference ``answer``, and
+    the dataset's other columns (``metadata``, plain msgpack-able values) for the reward."""
+
+    prompt: str
+    answer: str
+    messages: tuple | list | None = None  # [{"role": ..., "content": ...}, ...]
+    metadata: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- rewards (module level: importable by path)
+def exact_match(response: str, example: Example) -> float:
+    """1.0 when the stripped response is the answer, else 0.0."""
+    return 1.0 if response.strip() == example.answer else 0.0
+
+
+_COUNTDOWN_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b}
+
+
+def _arith(node: ast.AST) -> int:
+    """Value of an expression of + - * and parentheses over integer literals; anything else raises."""
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return node.value
+    if isinstance(node, ast.BinOp) and type(node.op) in _COUNTDOWN_OPS:
+        return _COUNTDOWN_OPS[type(node.op)](_arith(node.left), _arith(node.right))
+    raise ValueError(f"not allowed in a countdown expression: {type(node).__name__}")
+
+
+def countdown_reward(response: str, example: Example) -> float:
+    """1.0 when the response is an expression over the offered numbers (each at most once) that
+    equals the target. Parsed with ``ast`` (no ``eval``): ``**``, names and calls score 0.0; the
+    length bound and the literal-only grammar keep every value small."""
+    expr = response.strip()
+    if not expr or len(expr) > MAX_EXPRESSION_CHARS or any(c not in "0123456789+-*() " for c in expr):
+        return 0.0
+    try:
+        value = _arith(ast.parse(expr, mode="eval").body)
+    except (SyntaxError, ValueError):
+        return 0.0
+    head, _, target = example.prompt[3:].rstrip(":").rpartition(" to ")
+    pool = head.split()
+    for n in "".join(c if c.isdigit() else " " for c in expr).split():
+        if n not in pool:
+            return 0.0
+        pool.remove(n)
+    return 1.0 if value == int(target) else 0.0
+
+
+@lru_cache(maxsize=64)
+def load_function(path: str) -> Callable:
+    """The callable at ``"pkg.module:function"`` (or ``pkg.module.function``)."""
+    module, sep, attr = path.partition(":")
+    if not sep:
+        module, _, attr = path.rpartition(".")
+    fn = getattr(importlib.import_module(module), attr)
+    if not callable(fn):
+        raise TypeError(f"{path} is not callable")
+    return fn
+
+
+# ---------------------------------------------------------------- tasks
+class Task(abc.ABC):
+    name = "task"
+    reward_path: str = "areal_like.tasks:exact_match"  # module-level fn(response, example) -> float
+
+    def __init__(self, cfg: TaskConfig, split: str = "train"):
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r}: choose one of {', '.join(SPLITS)}")
+        self.cfg, self.split = cfg, split
+
+    def __len__(self) -> int:
+        return self.cfg.num_prompts if self.split == "train" else min(self.cfg.num_prompts, SYNTHETIC_EVAL_SIZE)
+
+    def _rng(self, index: int) -> random.Random:
+        if not 0 <= index < len(self):
+            raise IndexError(f"prompt index {index} outside [0, {len(self)})")
+        if self.split == "eval":  # a string seed is hashed with SHA-512: the same stream in every process
+            return random.Random(f"eval:{self.cfg.seed}:{index}")
+        return random.Random(self.cfg.seed * 1_000_003 + index)
+
+    @abc.abstractmethod
+    def example(self, index: int, epoch: int = 0) -> Example:
+        """The example at position ``index`` of this split (deterministic)."""
+
+    def reward(self, response: str, example: Example) -> float:
+        """The task's reward (the function at ``reward_path``)."""
+        return load_function(self.reward_path)(response, example)
+
+
+class Addition(Task):
+    """``a+b=`` with operands of up to ``digits`` digits."""
+
+    name = "addition"
+
+    def example(self, index: int, epoch: int = 0) -> Example:
+        rng = self._rng(index)
+        hi = 10 ** self.cfg.digits
+        a, b = rng.randrange(hi), rng.randrange(hi)
+        return Example(f"{a}+{b}=", str(a + b))
+
+
+class Sort(Task):
+    """Sort a string of ``digits + 2`` digits ascending."""
+
+    name = "sort"
+
+    def example(self, index: int, epoch: int = 0) -> Example:
+        rng = self._rng(index)
+        s = "".join(rng.choice("0123456789") for _ in range(self.cfg.digits + 2))
+        return Example(f"sort:{s}=", "".join(sorted(s)))
+
+
+class Reverse(Task):
+    """Reverse a string of ``digits + 2`` lowercase letters."""
+
+    name = "reverse"
+
+    def example(self, index: int, epoch: int = 0) -> Example:
+        rng = self._rng(index)
+        s = "".join(rng.choice("abcdefghij") for _ in range(self.cfg.digits + 2))
+        return Example(f"rev:{s}=", s[::-1])
+
+
+class Countdown(Task):
+    """Reach a target with + - * over the given numbers, each used at most once.
+
+    The answer field holds one valid expression; any expression that evaluates to the target
+    with allowed numbers scores 1.0 (``countdown_reward``).
+    """
+
+    name = "countdown"
+    reward_path = "areal_like.tasks:countdown_reward"
+
+    def example(self, index: int, epoch: int = 0) -> Example:
+        rng = self._rng(index)
+        nums = [rng.randrange(1, 10) for _ in range(max(2, self.cfg.digits + 1))]
+        a, b = nums[0], nums[1]
+        op = rng.choice("+-*")
+        target = {"+": a + b, "-": a - b, "*": a * b}[op]
+        return Example(f"cd {' '.join(map(str, nums))} to {target}:", f"{a}{op}{b}")
+
+
+SYNTHETIC: dict[str, type[Task]] = {t.name: t for t in (Addition, Sort, Reverse, Countdown)}
+
+
+def has_eval_split(cfg: TaskConfig) -> bool:
+    """Whether ``make_task(cfg, split="eval")`` exists: always for synthetic tasks; for a dataset
+    when ``task.eval_path`` is set or ``task.eval_fraction`` > 0."""
+    return cfg.name in SYNTHETIC or bool(cfg.eval_path) or cfg.eval_fraction > 0
+
+
+def make_task(cfg: TaskConfig, tokenizer: Any = None, split: str = "train") -> Task:
+    """The task's ``split`` ("train" or "eval"). ``tokenizer`` is needed only to filter a dataset's
+    prompts by ``task.max_prompt_tokens`` (the count uses ``encode_prompt``)."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: choose one of {', '.join(SPLITS)}")
+    if cfg.name in SYNTHETIC:
+        return SYNTHETIC[cfg.name](cfg, split)
+    from areal_like.datasets import DatasetTask
+
+    return DatasetTask(cfg, tokenizer, split)
+
+
+# ---------------------------------------------------------------- prompt encoding
+def chat_template_of(tokenizer: Any, cfg: TaskConfig) -> str | None:
+    """The Jinja chat template ``encode_prompt`` applies, or None for plain text.
+
+    ``task.chat_template``: ``none`` -> None; ``auto`` -> the tokenizer's own template for
+    ``task.name=dataset`` (None when it has none), and None for the synthetic tasks, whose
+    prompts are completion strings (their token ids do not depend on the tokenizer's template);
+    anything else -> the content of the file it names, or the value itself as a Jinja template
+    (for every task). An exporter sets this on the saved tokenizer so the exported model is
+    prompted as it was trained.
+    """
+    value = cfg.chat_template
+    if value == "none":
+        return None
+    if value == "auto":
+        return (getattr(tokenizer, "chat_template", None) or None) if cfg.name not in SYNTHETIC else None
+    return _template_text(value)
+
+
+@lru_cache(maxsize=16)
+def _template_text(value: str) -> str:
+    try:
+        if "\n" not in value and Path(value).expanduser().is_file():
+            return Path(value).expanduser().read_text()
+    except OSError:  # a one-line template longer than a file name can be
+        pass
+    if "{{" in value or "{%" in value:
+        return value
+    raise ConfigError(f"task.chat_template={value!r} is not 'auto', 'none', an existing file or a Jinja template "
+                      "(a template contains '{{' or '{%')")
+
+
+def encode_prompt(tokenizer: Any, example: Example, cfg: TaskConfig) -> list[int]:
+    """The prompt ids a model is given for ``example`` (the rollout server's and the warm start's layout).
+
+    With a chat template (``chat_template_of``): ``apply_chat_template(messages,
+    add_generation_prompt=True)`` where messages = ``example.messages`` or one user message
+    holding ``example.prompt``, with ``task.system_prompt`` as a first system message unless the
+    messages already start with one. Without: ``tokenizer(text)["input_ids"]`` (special tokens as
+    the tokenizer adds them, e.g. the char tokenizer's ``<bos>``), text = the system prompt, a
+    newline, then ``example.prompt`` (the prompt alone when no system prompt is set).
+    """
+    template = chat_template_of(tokenizer, cfg)
+    if template is None:
+        text = f"{cfg.system_prompt}\n{example.prompt}" if cfg.system_prompt else example.prompt
+        return [int(t) for t in tokenizer(text)["input_ids"]]
+    messages = list(example.messages) if example.messages else [{"role": "user", "content": example.prompt}]
+    if cfg.system_prompt and messages[0].get("role") != "system":
+        messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+    # transformers 5 returns a BatchEncoding unless return_dict=False (plain ids then)
+    ids = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                        tokenize=True, return_dict=False)
+    return [int(t) for t in ids]
