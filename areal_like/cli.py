@@ -7,11 +7,12 @@
     areal-like top      [RUN_DIR]             live terminal view scraped from every /metrics
     areal-like status   [RUN_DIR]             one-shot health of every daemon of a run
     areal-like config   [overrides...]        print the resolved config (one file for every node)
+    areal-like export   CHECKPOINT OUT [--config-file FILE]   a trainer checkpoint -> a Hugging Face directory
 
 Overrides are Hydra's: ``experiment=quickstart trainer.lr=1e-4 buffer.max_staleness=0``.
 ``--help`` is fast: nothing heavy (torch, transformers, hydra) is imported before a command runs,
-and the process packages are reached by module name (``python -m buffer``), never imported here,
-so ``areal_like`` keeps pointing one way in the import graph.
+and the process packages are reached by module name (``python -m buffer``, ``python -m trainer.export``),
+never imported here, so ``areal_like`` keeps pointing one way in the import graph.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import sys
 
 DAEMON_MODULES = {"buffer": "buffer", "rollout": "rollout_server", "train": "trainer"}
+TOOL_MODULES = {"export": "trainer.export"}  # one-shot commands that run a process package's code
 TORCHRUN_FLAGS_WITH_VALUE = {"--nproc-per-node", "--nproc_per_node", "--nnodes", "--node-rank", "--node_rank",
                              "--master-addr", "--master_addr", "--master-port", "--master_port", "--rdzv-backend",
                              "--rdzv_backend", "--rdzv-endpoint", "--rdzv_endpoint", "--rdzv-id", "--rdzv_id",
@@ -43,6 +45,15 @@ def _parser() -> argparse.ArgumentParser:
                         description="torchrun flags (--nproc-per-node, --nnodes, --node-rank, --master-addr, "
                                     "--master-port, --rdzv-*) pass through; the rest are Hydra overrides.")
     tr.add_argument("args", nargs=argparse.REMAINDER, help="[torchrun flags] [--config-file PATH] overrides")
+    ex = sub.add_parser("export", help="convert a trainer checkpoint into a Hugging Face model directory",
+                        usage="areal-like export CHECKPOINT OUT [--config-file FILE] [--shard-mb N] "
+                              "[--dtype float32|bfloat16|float16]",
+                        description="Convert a trainer checkpoint into a Hugging Face model directory: loads the DCP "
+                                    "checkpoint (<run_dir>/checkpoints/v<version>, or the checkpoints directory for "
+                                    "its newest) on one process and writes config, safetensors shards, tokenizer and "
+                                    "generation config into OUT (which must not exist). The run's config defaults to "
+                                    "<run_dir>/config.yaml; --shard-mb and --dtype to export.shard_mb and model.dtype.")
+    ex.add_argument("args", nargs=argparse.REMAINDER, help="CHECKPOINT OUT [options]")
     cf = sub.add_parser("config", help="print the resolved config as YAML (for --config-file on every node)")
     cf.add_argument("overrides", nargs="*", help="Hydra overrides")
     for name, help_ in (("top", "live terminal view of a running job"), ("status", "health of every daemon")):
@@ -59,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         # everything after the daemon name is the daemon's (--config-file, torchrun flags, overrides):
         # argparse would reject flags it does not know
         return _exec_trainer(argv[1:]) if argv[0] == "train" else _exec_module(DAEMON_MODULES[argv[0]], argv[1:])
+    if argv and argv[0] in TOOL_MODULES and argv[1:2] not in (["-h"], ["--help"]):
+        return _exec_module(TOOL_MODULES[argv[0]], argv[1:])
     args = _parser().parse_args(argv)
-    if args.command in DAEMON_MODULES:  # only `--help` reaches here
+    if args.command in DAEMON_MODULES or args.command in TOOL_MODULES:  # only `--help` reaches here
         return 0
     if args.command == "run":
         return _run(args.overrides, quiet=args.quiet)
