@@ -9,11 +9,12 @@
     areal-like config   [overrides...]        print the resolved config (one file for every node)
     areal-like eval     MODEL [overrides...]  evaluate an HF directory or a checkpoint on the eval split
     areal-like track    RUN_DIR [--once] [overrides...]   feed a run's metrics and samples to cfg.tracker
+    areal-like export   CHECKPOINT OUT [--config-file FILE]   a trainer checkpoint -> a Hugging Face directory
 
 Overrides are Hydra's: ``experiment=quickstart trainer.lr=1e-4 buffer.max_staleness=0``.
 ``--help`` is fast: nothing heavy (torch, transformers, hydra) is imported before a command runs,
-and the process packages are reached by module name (``python -m buffer``), never imported here,
-so ``areal_like`` keeps pointing one way in the import graph.
+and the process packages are reached by module name (``python -m buffer``, ``python -m trainer.export``),
+never imported here, so ``areal_like`` keeps pointing one way in the import graph.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import os
 import sys
 
 DAEMON_MODULES = {"buffer": "buffer", "rollout": "rollout_server", "train": "trainer"}
-TOOL_MODULES = {"eval": "rollout_server.evaluate"}  # commands run as `python -m module args...`
+TOOL_MODULES = {"eval": "rollout_server.evaluate", "export": "trainer.export"}  # one-shot commands: python -m module
 TORCHRUN_FLAGS_WITH_VALUE = {"--nproc-per-node", "--nproc_per_node", "--nnodes", "--node-rank", "--node_rank",
                              "--master-addr", "--master_addr", "--master-port", "--master_port", "--rdzv-backend",
                              "--rdzv_backend", "--rdzv-endpoint", "--rdzv_endpoint", "--rdzv-id", "--rdzv_id",
@@ -48,6 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("args", nargs=argparse.REMAINDER, help="[torchrun flags] [--config-file PATH] overrides")
     ev = sub.add_parser("eval", help="evaluate an HF model directory or a trainer checkpoint on the eval split")
     ev.add_argument("args", nargs=argparse.REMAINDER, help="MODEL [--config-file F] [--out FILE] [overrides]")
+    ex = sub.add_parser("export", help="convert a trainer checkpoint into a Hugging Face model directory",
+                        usage="areal-like export CHECKPOINT OUT [--config-file FILE] [--shard-mb N] "
+                              "[--dtype float32|bfloat16|float16]",
+                        description="Convert a trainer checkpoint into a Hugging Face model directory: loads the DCP "
+                                    "checkpoint (<run_dir>/checkpoints/v<version>, or the checkpoints directory for "
+                                    "its newest) on one process and writes config, safetensors shards, tokenizer and "
+                                    "generation config into OUT (which must not exist). The run's config defaults to "
+                                    "<run_dir>/config.yaml; --shard-mb and --dtype to export.shard_mb and model.dtype.")
+    ex.add_argument("args", nargs=argparse.REMAINDER, help="CHECKPOINT OUT [options]")
     cf = sub.add_parser("config", help="print the resolved config as YAML (for --config-file on every node)")
     cf.add_argument("overrides", nargs="*", help="Hydra overrides")
     tk = sub.add_parser("track", help="feed a run's metrics, evals and samples to its trackers (cfg.tracker)",
@@ -68,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in TOOL_MODULES:  # the module parses its own arguments (and --help)
+    if argv and argv[0] in TOOL_MODULES and argv[1:2] not in (["-h"], ["--help"]):  # the module parses the rest
         return _exec_module(TOOL_MODULES[argv[0]], argv[1:])
     if argv and argv[0] in DAEMON_MODULES and argv[1:2] not in (["-h"], ["--help"]):
         # everything after the daemon name is the daemon's (--config-file, torchrun flags, overrides):
@@ -80,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "track":  # overrides after --once: argparse leaves them over
         args.overrides += extra
-    if args.command in DAEMON_MODULES:  # only `--help` reaches here
+    if args.command in DAEMON_MODULES or args.command in TOOL_MODULES:  # only `--help` reaches here
         return 0
     if args.command == "run":
         return _run(args.overrides, quiet=args.quiet)

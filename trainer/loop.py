@@ -7,7 +7,10 @@ step) and, every ``tracking.sample_every`` steps, a few decoded samples to ``<ru
 
 Each phase runs in a named timing scope whose name is also its metric label
 (``trainer/phase_seconds{phase="fetch_batch"}``): fetch_batch (time waiting for data),
-recompute_prox, advantages, train_step, weight_sync, checkpoint, metrics.
+recompute_prox, ref_logp (the frozen reference's log-probs; no work unless
+``trainer.loss.kl_coef`` > 0), advantages, train_step, weight_sync, checkpoint, export (a Hugging
+Face directory ``<run_dir>/<export.dir>/v<version>`` at multiples of ``export.every`` and when
+training reaches ``trainer.steps``; trainer/export.py), metrics.
 
 Invariants:
 - Order at a version boundary: optimizer step(s) -> v += 1 -> weights broadcast -> version
@@ -20,8 +23,10 @@ Invariants:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from functools import cached_property
@@ -32,12 +37,15 @@ import torch.distributed as dist
 
 from areal_like.config import RunConfig
 from areal_like.daemon import Daemon
+from areal_like.tasks import chat_template_of
 from areal_like.tokenizer import load_tokenizer
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, state_checksums
 from trainer.data import BatchSource, TrainBatch
-from trainer.model import build_policy, init_distributed
+from trainer.export import TMP_PREFIX as EXPORT_TMP_PREFIX
+from trainer.export import export_hf
+from trainer.model import build_policy, build_reference, init_distributed
 from trainer.samples import sample_rows
-from trainer.step import StepSettings, compute_batch_advantages, recompute_prox_logp, train_step
+from trainer.step import StepSettings, compute_batch_advantages, recompute_prox_logp, reference_logp, train_step
 from trainer.weight_sync import SyncReport, WeightBroadcaster
 
 
@@ -69,6 +77,7 @@ class Trainer(Daemon):
         self.version = 0
         self.phase_times: dict[str, float] = {}
         self.ckpt_root = cfg.resolve_path(cfg.trainer.checkpoint_dir)
+        self.exported_version: int | None = None
         self.jsonl = Path(cfg.run_dir) / "metrics" / "trainer.jsonl"
 
     def start(self) -> None:
@@ -77,6 +86,8 @@ class Trainer(Daemon):
         t = self.cfg.trainer
         self.rank, self.world_size = init_distributed(t)
         self.policy = build_policy(self.cfg.model, t)
+        # the run's initial weights, built apart from the policy, so a resume below does not move them
+        self.reference = build_reference(self.cfg.model, t) if t.loss.kl_coef > 0 else None
         self.settings = StepSettings.from_config(self.cfg)
         self.data = BatchSource(t.buffer_address, t.groups_per_step, wait_s=t.batch_wait_s,
                                 buffer_timeout_s=t.buffer_timeout_s, rank=self.rank,
@@ -117,7 +128,8 @@ class Trainer(Daemon):
         return version
 
     def run(self) -> None:
-        """fetch batch -> recompute prox -> advantages -> train step -> v += 1 -> push -> checkpoint -> metrics."""
+        """fetch batch -> recompute prox -> reference logp -> advantages -> train step -> v += 1 -> push ->
+        checkpoint -> export -> metrics."""
         t, model = self.cfg.trainer, self.policy.model
         with self.phase("weight_sync"):
             sync = self.broadcaster.push(model, self.version)
@@ -131,16 +143,19 @@ class Trainer(Daemon):
             assert_fresh(batch, self.version, self.cfg.buffer.max_staleness)
             with self.phase("recompute_prox"):
                 prox_logp = recompute_prox_logp(self.policy, batch, self.settings)
+            with self.phase("ref_logp"):
+                ref_logp = reference_logp(self.reference, batch, self.settings, self.policy.device)
             with self.phase("advantages"):
                 advantages = compute_batch_advantages(batch, self.settings)
             with self.phase("train_step"):
-                stats = train_step(self.policy, batch, self.settings, prox_logp, advantages)
+                stats = train_step(self.policy, batch, self.settings, prox_logp, advantages, ref_logp)
             self.version += 1
             with self.phase("weight_sync"):
                 sync = self.broadcaster.push(model, self.version)
             if self.version % t.checkpoint_every == 0:
                 with self.phase("checkpoint"):
                     save_checkpoint(self.ckpt_root, self.policy, self.version, self.checkpoint_extra())
+            self.export_if_due()
             with self.phase("metrics"):
                 self.report(batch, stats, sync, time.monotonic() - t_step)
         if self.version >= t.steps:  # an evaluating server may have missed the last pushes
@@ -149,7 +164,41 @@ class Trainer(Daemon):
         if self.version % t.checkpoint_every != 0:  # graceful end or stop: keep what was trained
             with self.phase("checkpoint"):
                 save_checkpoint(self.ckpt_root, self.policy, self.version, self.checkpoint_extra())
+        self.export_if_due(final=True)
         self.log.info("done at policy_version %d", self.version)
+
+    def export_if_due(self, final: bool = False) -> None:
+        """Export (all ranks; a collective) at multiples of ``export.every``, and once training reached
+        ``trainer.steps`` when ``export.at_end``; a version is exported once. The test is on the
+        version, which every rank holds, so the ranks agree. A stop (SIGTERM) does not export: the
+        launcher allows a stop seconds and a large model takes longer; the checkpoint the stop
+        saves converts offline (``areal-like export``)."""
+        e = self.cfg.export
+        if final:
+            due = e.at_end and self.version >= self.cfg.trainer.steps
+        else:
+            due = e.every > 0 and self.version % e.every == 0
+        if not due or self.exported_version == self.version:
+            return
+        root = self.cfg.resolve_path(e.dir)
+        with self.phase("export"):
+            if self.rank == 0:  # an export a crash interrupted (kill -9) left its temporary directory
+                for stale in root.glob(f"{EXPORT_TMP_PREFIX}*"):
+                    shutil.rmtree(stale, ignore_errors=True)
+            out = export_hf(self.policy.model, root / f"v{self.version:08d}", model_cfg=self.cfg.model,
+                            tokenizer=self.export_tokenizer(), shard_mb=e.shard_mb, dtype=self.cfg.model.dtype)
+        self.exported_version = self.version
+        self.record({"event": "export", "policy_version": self.version, "path": str(out)})
+
+    def export_tokenizer(self):
+        """The tokenizer with the chat template the rollout servers prompt with (``task.chat_template``
+        may name one of its own), so the exported model is served as it was trained."""
+        tok = load_tokenizer(self.cfg.model)
+        template = chat_template_of(tok, self.cfg.task)
+        if template and template != getattr(tok, "chat_template", None):
+            tok = copy.deepcopy(tok)  # load_tokenizer's object is shared (cached)
+            tok.chat_template = template
+        return tok
 
     def stop(self) -> None:
         for part in ("data", "broadcaster"):

@@ -1,7 +1,8 @@
 """The trainable policy: process group, FSDP2-sharded model, AdamW, LR schedule, gradient clipping.
 
 Owns: the default process group of the trainer world (``init_distributed``) and the ``Policy``
-bundle (model, optimizer, scheduler). Master weights are always fp32; on CUDA with
+bundle (model, optimizer, scheduler), and the frozen reference policy of the KL term
+(``build_reference``). Master weights are always fp32; on CUDA with
 ``model.dtype=bfloat16`` the forward/backward runs in bf16 through FSDP2's
 ``MixedPrecisionPolicy`` and gradients are reduced in fp32.
 
@@ -11,6 +12,10 @@ Invariants:
   gloo group so exactly the same code path (DTensor parameters, collectives) runs everywhere.
 - Parameter names are the unwrapped Hugging Face names (``fully_shard`` does not rename), so the
   weight-sync plan names match what an engine's ``load_weights`` expects.
+- The reference is the run's INITIAL weights (``trainer.ref_path``, else ``model.path`` or the
+  config-built model with its init seed), never the policy's: resuming does not move it. It is
+  sharded like the policy, frozen (no optimizer, no gradients, eval mode) and only built when
+  ``trainer.loss.kl_coef`` > 0.
 - FSDP2 *averages* gradients over ranks; ``trainer/step.py`` scales the local loss by the world
   size so the reduced gradient equals the single-process gradient of the global loss.
 """
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import torch
@@ -80,6 +85,25 @@ def apply_fsdp(model: torch.nn.Module, model_cfg: ModelConfig, device: torch.dev
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def build_reference(model_cfg: ModelConfig, trainer_cfg: TrainerConfig) -> torch.nn.Module:
+    """The frozen reference policy, sharded like the policy (requires the default process group).
+
+    On CUDA its parameters are stored in ``model.dtype``: the policy's forward casts its fp32
+    master weights to that dtype anyway (FSDP2 mixed precision), so the reference computes the
+    same numbers with half the memory. It is built in fp32 and cast, as the policy's weights are
+    (a model initialised directly in bf16 draws different values). On CPU both are fp32.
+    """
+    device = trainer_device(trainer_cfg)
+    cfg = replace(model_cfg, path=trainer_cfg.ref_path) if trainer_cfg.ref_path else model_cfg
+    model = build_model(cfg, device=str(device), dtype="float32")
+    if device.type == "cuda":
+        model.to(torch_dtype(model_cfg.dtype))
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    apply_fsdp(model, model_cfg, device)
+    return model.eval()
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):

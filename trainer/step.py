@@ -16,6 +16,9 @@ Invariants (the invariance tests check them):
   updated weights do not depend on the micro-batch size or the number of ranks.
 - All ranks run the same number of forward/backward passes (FSDP's all-gathers are collectives):
   a rank with fewer sequences runs zero-weight micro-batches.
+- KL to a frozen reference (``trainer.loss.kl_coef`` > 0): ``reference_logp`` runs the reference
+  over exactly the micro-batches the step will train on, so with reference == policy the KL term
+  is exactly 0; ``train_step`` hands each call its rows as ``ref_logp`` and reports ``kl_ref``.
 - VCPO: one extra backward per trajectory gives the per-trajectory score-gradient norms its
   baseline needs (exact, as in the paper's code); the learning rate is ESS-scaled for that
   optimizer step only and restored right after.
@@ -49,8 +52,6 @@ class StepSettings:
     @classmethod
     def from_config(cls, cfg: RunConfig) -> StepSettings:
         t = cfg.trainer
-        if t.loss.kl_coef:
-            raise ValueError("trainer.loss.kl_coef > 0 needs a reference policy, which this trainer does not hold")
         return cls(loss=t.loss, estimator=t.estimator, micro_batch_size=t.micro_batch_size,
                    num_minibatches=t.num_minibatches, grad_clip=t.grad_clip, temperature=cfg.task.temperature)
 
@@ -99,18 +100,32 @@ def local_microbatches(rows: torch.Tensor, mbs: int) -> list[torch.Tensor | None
 
 
 @torch.no_grad()
+def batch_logp(model: torch.nn.Module, batch: TrainBatch, s: StepSettings, device: torch.device) -> torch.Tensor:
+    """log-probs under ``model`` [N, T] (CPU, fp32) of every row this rank will train on, computed
+    over the same micro-batches ``train_step`` uses; other ranks' rows are left 0."""
+    out = torch.zeros_like(batch.behav_logp)
+    for rows in minibatches(batch, s.num_minibatches):
+        for mb_rows in local_microbatches(rows, s.micro_batch_size):
+            idx = mb_rows if mb_rows is not None else rows[:1]  # a dummy pass keeps the collectives aligned
+            lp = output_logp(model, batch.select(idx).to(device), s.temperature)
+            if mb_rows is not None:
+                out[mb_rows, :lp.shape[1]] = lp.float().cpu()
+    return out
+
+
 def recompute_prox_logp(policy: Policy, batch: TrainBatch, s: StepSettings) -> torch.Tensor | None:
     """pi_prox for every row this rank will train on, with the weights held at the start of the step."""
     if not kernel_needs_prox(s.loss.kind):
         return None
-    prox = torch.zeros_like(batch.behav_logp)
-    for rows in minibatches(batch, s.num_minibatches):
-        for mb_rows in local_microbatches(rows, s.micro_batch_size):
-            idx = mb_rows if mb_rows is not None else rows[:1]  # a dummy pass keeps the collectives aligned
-            lp = output_logp(policy.model, batch.select(idx).to(policy.device), s.temperature)
-            if mb_rows is not None:
-                prox[mb_rows, :lp.shape[1]] = lp.float().cpu()
-    return prox
+    return batch_logp(policy.model, batch, s, policy.device)
+
+
+def reference_logp(reference: torch.nn.Module | None, batch: TrainBatch, s: StepSettings,
+                   device: torch.device) -> torch.Tensor | None:
+    """pi_ref for every row this rank will train on (None without a reference: KL off)."""
+    if reference is None:
+        return None
+    return batch_logp(reference, batch, s, device)
 
 
 def compute_batch_advantages(batch: TrainBatch, s: StepSettings) -> torch.Tensor:
@@ -125,12 +140,14 @@ def compute_batch_advantages(batch: TrainBatch, s: StepSettings) -> torch.Tensor
 
 
 def forward_backward(policy: Policy, mb: TrainBatch, advantages: torch.Tensor, prox_logp: torch.Tensor | None,
-                     s: StepSettings, hparams: dict, n_tokens: float, n_seqs: float) -> dict:
+                     s: StepSettings, hparams: dict, n_tokens: float, n_seqs: float,
+                     ref_logp: torch.Tensor | None = None) -> dict:
     """Loss and gradient of one micro-batch (already on the device). Returns the kernel's stats."""
     logp = output_logp(policy.model, mb, s.temperature)
     loss, stats = compute_policy_loss(
         s.loss.kind, logp=logp, prox_logp=prox_logp, behav_logp=mb.behav_logp, advantages=advantages,
-        mask=mb.mask, agg=s.loss.agg, n_tokens_global=n_tokens, n_seqs_global=n_seqs, **hparams)
+        mask=mb.mask, agg=s.loss.agg, n_tokens_global=n_tokens, n_seqs_global=n_seqs, ref_logp=ref_logp,
+        **hparams)
     (loss * policy.world_size).backward()  # FSDP2 averages over ranks; see the module docstring
     return stats
 
@@ -183,8 +200,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def train_step(policy: Policy, batch: TrainBatch, s: StepSettings, prox_logp: torch.Tensor | None,
-               advantages: torch.Tensor) -> dict[str, float]:
-    """``num_minibatches`` optimizer steps on ``batch``; returns stats averaged over them."""
+               advantages: torch.Tensor, ref_logp: torch.Tensor | None = None) -> dict[str, float]:
+    """``num_minibatches`` optimizer steps on ``batch``; returns stats averaged over them.
+    ``ref_logp`` (from ``reference_logp``) is required when ``kl_coef`` > 0."""
     hparams = s.hparams(batch)
     per_step: list[dict[str, float]] = []
     for rows in minibatches(batch, s.num_minibatches):
@@ -210,8 +228,9 @@ def train_step(policy: Policy, batch: TrainBatch, s: StepSettings, prox_logp: to
                 mb.mask = torch.zeros_like(mb.mask)  # zero-weight pass: keeps FSDP collectives aligned
             t = mb.mask.shape[1]
             prox = None if prox_logp is None else prox_logp[idx, :t].to(policy.device)
+            ref = None if ref_logp is None else ref_logp[idx, :t].to(policy.device)
             mbs = forward_backward(policy, mb.to(policy.device), advantages[idx, :t].to(policy.device), prox, s,
-                                   hparams, n_tokens, n_seqs)
+                                   hparams, n_tokens, n_seqs, ref)
             stats = accumulate_stats(stats, mbs)
         out = _reduce_stats(stats)
         out["grad_norm"] = clip_gradients(policy.model, s.grad_clip)

@@ -26,7 +26,7 @@ def test_help_is_fast_and_imports_nothing_heavy():
             "if m in sys.modules]\nassert not heavy, heavy\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    for cmd in ("run", "buffer", "rollout", "train", "top", "status"):
+    for cmd in ("run", "buffer", "rollout", "train", "top", "status", "export"):
         assert cmd in r.stdout
 
 
@@ -116,3 +116,17 @@ def test_daemon_commands_pass_every_argument_through(monkeypatch):
     assert calls[1][1:] == ["-m", "buffer", "buffer.metrics_port=9100"]
     assert calls[2][1:] == ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m", "trainer",
                             "--config-file", "run/config.yaml", "trainer.steps=3"]
+
+
+def test_export_runs_trainer_export_by_module_name_and_its_help_is_light(monkeypatch):
+    calls = []
+    monkeypatch.setattr("areal_like.cli.os.execv", lambda exe, argv: calls.append(argv))
+    main(["export", "runs/x/checkpoints/v00000012", "out", "--config-file", "runs/x/config.yaml", "--shard-mb", "5"])
+    assert calls == [[sys.executable, "-m", "trainer.export", "runs/x/checkpoints/v00000012", "out", "--config-file",
+                      "runs/x/config.yaml", "--shard-mb", "5"]]
+    code = ("import sys\nfrom areal_like.cli import main\n"
+            "try:\n    main(['export', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "assert not [m for m in ('torch', 'trainer') if m in sys.modules]\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "CHECKPOINT OUT" in r.stdout and "Hugging Face" in r.stdout

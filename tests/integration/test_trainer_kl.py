@@ -1,0 +1,108 @@
+"""The KL-to-reference term in real trainer steps, on 1 and on 2 FSDP2 ranks (gloo, real processes).
+
+Each worker builds the policy and the frozen reference (``trainer.loss.kl_coef`` > 0) and runs:
+- step 0: the reference equals the policy, so ``kl_ref`` is exactly 0 and loss == policy_loss;
+- step 1, after an update: ``kl_ref`` > 0 and loss - policy_loss == kl_coef * kl_ref (token-mean);
+- the reference never moved (frozen, no gradients) and is the initial weights, also when built
+  after a resume (a checkpoint loaded into a fresh policy);
+- ``trainer.ref_path``: a reference loaded from an HF export of the updated policy equals it, so
+  KL against it is 0 again.
+1 rank and 2 ranks agree on every stat. The worker half of this file runs as
+``python -c RUNNER test_trainer_kl.py OUT_DIR`` (RANK/WORLD_SIZE/MASTER_* in the environment for 2 ranks).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+RUNNER = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
+WORKER_TIMEOUT_S = 300  # cold torch + transformers imports of three processes on a loaded 2-core machine
+KL_COEF = 0.1
+
+
+def worker(out_dir: Path) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_trainer_invariance import synthetic_groups
+
+    from areal_like.config import load_config
+    from areal_like.tokenizer import load_tokenizer
+    from trainer.checkpoint import load_checkpoint, save_checkpoint
+    from trainer.data import groups_to_batch
+    from trainer.export import export_hf
+    from trainer.model import build_policy, build_reference, full_state_dict, init_distributed
+    from trainer.step import StepSettings, compute_batch_advantages, recompute_prox_logp, reference_logp, train_step
+
+    if not out_dir.is_dir():
+        raise SystemExit(f"{out_dir} is not a directory")
+    cfg = load_config(["trainer.lr=1e-2", "trainer.micro_batch_size=2", f"trainer.loss.kl_coef={KL_COEF}",
+                       "trainer.loss.agg=token-mean"])
+    rank, _ = init_distributed(cfg.trainer)
+    policy = build_policy(cfg.model, cfg.trainer)
+    reference = build_reference(cfg.model, cfg.trainer)
+    init = full_state_dict(policy.model)
+    s = StepSettings.from_config(cfg)
+    batch = groups_to_batch(synthetic_groups())
+
+    def step(ref_model):
+        return train_step(policy, batch, s, recompute_prox_logp(policy, batch, s), compute_batch_advantages(batch, s),
+                          reference_logp(ref_model, batch, s, policy.device))
+
+    res = {"step0": step(reference), "step1": step(reference),
+           "ref_frozen": all(not p.requires_grad for p in reference.parameters()) and not reference.training,
+           "ref_state": full_state_dict(reference), "init": init, "policy": full_state_dict(policy.model)}
+    ckpt = save_checkpoint(out_dir / "ckpt", policy, 2)  # resume: a fresh policy loads it, the reference does not
+    resumed = build_policy(cfg.model, cfg.trainer)
+    load_checkpoint(ckpt, resumed)
+    res["resumed_policy"] = full_state_dict(resumed.model)
+    res["resumed_ref"] = full_state_dict(build_reference(cfg.model, cfg.trainer))
+    hf = export_hf(policy.model, out_dir / "hf", model_cfg=cfg.model, tokenizer=load_tokenizer(cfg.model),
+                   shard_mb=1, dtype="float32")
+    cfg.trainer.ref_path = str(hf)
+    from_dir = build_reference(cfg.model, cfg.trainer)
+    res["ref_path_state"] = full_state_dict(from_dir)
+    res["ref_path_step"] = step(from_dir)  # policy == this reference at the start of the step
+    if rank == 0:
+        torch.save(res, out_dir / "res.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_kl_reference_step_on_one_and_two_ranks(tmp_path, spawn_python, free_port):
+    import torch
+
+    port = free_port()
+    env2 = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    procs = [spawn_python(RUNNER, [__file__, one], capture=False)]
+    procs += [spawn_python(RUNNER, [__file__, two], capture=False, env={**env2, "RANK": str(r), "LOCAL_RANK": str(r)})
+              for r in (0, 1)]
+    assert [p.wait(timeout=WORKER_TIMEOUT_S) for p in procs] == [0, 0, 0]
+    one, two = torch.load(one / "res.pt"), torch.load(two / "res.pt")
+    for res in (one, two):
+        s0, s1 = res["step0"], res["step1"]
+        assert s0["kl_ref"] == 0.0 and s0["loss"] == s0["policy_loss"]  # policy == reference: exactly 0
+        assert s1["kl_ref"] > 1e-6
+        assert s1["loss"] - s1["policy_loss"] == pytest.approx(KL_COEF * s1["kl_ref"], rel=1e-4)
+        assert res["ref_frozen"]
+        moved = max(float((w - res["init"][k]).abs().max()) for k, w in res["policy"].items())
+        assert moved > 1e-3  # the policy did move away from the reference
+        for key, w in res["init"].items():
+            assert torch.equal(res["ref_state"][key], w), key  # two steps later: untouched
+            assert torch.equal(res["resumed_ref"][key], w), key  # after a resume: still the initial weights
+            assert torch.equal(res["resumed_policy"][key], res["policy"][key]), key
+            assert torch.equal(res["ref_path_state"][key], res["policy"][key]), key  # trainer.ref_path
+        assert res["ref_path_step"]["kl_ref"] == 0.0
+    for key in ("loss", "policy_loss", "kl_ref"):  # ranks do not change the numbers
+        assert two["step1"][key] == pytest.approx(one["step1"][key], rel=1e-5, abs=1e-7), key
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    worker(Path(sys.argv[2]))  # argv: -c, this file, OUT_DIR (see RUNNER)

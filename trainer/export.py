@@ -1,0 +1,292 @@
+"""Hugging Face export: the policy as a directory that ``from_pretrained`` and SGLang load as is.
+
+What a directory holds (the layout ``save_pretrained`` writes)::
+
+    config.json, generation_config.json
+    model.safetensors                       all weights, when they fit in one shard; otherwise
+    model-00001-of-0000N.safetensors ...    shards of at most ``shard_mb`` MiB (a bigger tensor alone)
+    model.safetensors.index.json            {"metadata": {"total_parameters", "total_size"}, "weight_map"}
+    tokenizer.json, tokenizer_config.json, chat_template.jinja, ...   (``tokenizer.save_pretrained``)
+
+Two ways in: the trainer calls ``export_hf`` on its FSDP2 model during a run (trainer/loop.py),
+and ``python -m trainer.export CHECKPOINT OUT`` (``areal-like export``) loads a trainer DCP
+checkpoint into a freshly built CPU model in one process, without torchrun, and runs the same writer.
+
+Invariants:
+- ``export_hf`` is a collective: every rank calls it. Parameters are gathered one at a time
+  (``full_tensor`` of each DTensor); rank 0 keeps each in the shard being filled and writes and
+  frees that shard once it reaches ``shard_mb``. No rank ever holds more than one full parameter
+  besides rank 0's one unwritten shard: never a second copy of the model.
+- Atomic: rank 0 writes into ``.tmp_<name>`` beside ``out_dir`` and renames it when complete, so
+  ``out_dir`` is a whole export or absent (an interrupted export leaves only its ``.tmp_``
+  directory, which the next export of that name, or the trainer's next export, removes).
+- A parameter shared under two names (tied input/output embeddings) is written once, under its
+  first name (``model.embed_tokens.weight``) as ``save_pretrained`` does; loading re-ties it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import shutil
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from areal_like.config import ModelConfig, RunConfig
+from areal_like.hf import torch_dtype
+
+log = logging.getLogger("trainer.export")
+
+TMP_PREFIX = ".tmp_"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+SHARD_NAME = "model-{k:05d}-of-{n:05d}.safetensors"
+MIB = 2**20
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _exported_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every weight the directory holds, each storage once, in the same order on
+    every rank: parameters (``named_parameters`` drops the second name of a tied one), then
+    persistent buffers."""
+    keys = set(model.state_dict())
+    yield from model.named_parameters()
+    yield from ((name, b) for name, b in model.named_buffers() if name in keys)
+
+
+def _gather(t: torch.Tensor) -> torch.Tensor:
+    """The full tensor (a collective for a DTensor; FSDP2's root parameters may be unsharded already)."""
+    t = t.detach()
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class _ShardWriter:
+    """Fills one shard at a time; writes it (temporary name) when the next tensor would overflow it."""
+
+    def __init__(self, directory: Path, max_bytes: int):
+        self.dir, self.max_bytes = directory, max_bytes
+        self.current: dict[str, torch.Tensor] = {}
+        self.current_bytes = 0
+        self.files: list[tuple[Path, list[str]]] = []  # (temporary file, tensor names) per written shard
+        self.total_bytes = 0
+        self.total_params = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        size = t.numel() * t.element_size()
+        if self.current and self.current_bytes + size > self.max_bytes:
+            self.flush()
+        self.current[name] = t
+        self.current_bytes += size
+        self.total_bytes += size
+        self.total_params += t.numel()
+        if self.current_bytes >= self.max_bytes:  # a tensor over the limit gets a shard of its own
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.current:
+            return
+        path = self.dir / f"shard-{len(self.files):05d}.tmp"
+        save_file(self.current, str(path), metadata={"format": "pt"})
+        self.files.append((path, list(self.current)))
+        self.current, self.current_bytes = {}, 0
+
+    def finish(self) -> int:
+        """Name the files as transformers does and write the index when sharded; returns the shard count."""
+        self.flush()
+        n = len(self.files)
+        if n == 1:
+            os.replace(self.files[0][0], self.dir / SINGLE_FILE)
+            return 1
+        weight_map = {}
+        for k, (path, names) in enumerate(self.files, start=1):
+            final = SHARD_NAME.format(k=k, n=n)
+            os.replace(path, self.dir / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_parameters": self.total_params, "total_size": self.total_bytes},
+                 "weight_map": weight_map}
+        (self.dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return n
+
+
+def _architecture(model: torch.nn.Module) -> str:
+    # fully_shard swaps the class for a subclass named FSDP<Name>; the config must name the HF class
+    return type(model).__name__.removeprefix("FSDP")
+
+
+def generation_config(model_cfg: ModelConfig, tokenizer, model_config):
+    """The model's generation defaults (the source directory's file when there is one) with the
+    tokenizer's bos / pad ids and its eos id first among the stop ids."""
+    from transformers import GenerationConfig
+
+    src = Path(model_cfg.path) if model_cfg.path else None
+    if src is not None and (src / "generation_config.json").is_file():
+        gen = GenerationConfig.from_pretrained(str(src))
+    else:
+        gen = GenerationConfig.from_model_config(model_config)
+    for key in ("bos_token_id", "pad_token_id"):
+        if getattr(tokenizer, key, None) is not None:
+            setattr(gen, key, getattr(tokenizer, key))
+    eos = tokenizer.eos_token_id
+    if eos is not None:
+        old = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+        ids = [eos] + [i for i in old if i is not None and i != eos]  # keep a chat model's other stop ids
+        gen.eos_token_id = ids[0] if len(ids) == 1 else ids
+    return gen
+
+
+def _add_legacy_keys(path: Path) -> None:
+    """transformers 5 writes the dtype only as ``dtype`` and RoPE settings only as
+    ``rope_parameters``; a reader on transformers 4 (an SGLang install pins its own) would take
+    float32 and the default theta. The keys it reads (``torch_dtype``, ``rope_theta``,
+    ``rope_scaling``) are added; transformers 5 reads either form."""
+    config = json.loads(path.read_text())
+    if "dtype" in config:
+        config.setdefault("torch_dtype", config["dtype"])
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        config.setdefault("rope_theta", rope["rope_theta"])
+        if rope.get("rope_type", "default") != "default":
+            config.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _write_metadata(model: torch.nn.Module, directory: Path, model_cfg: ModelConfig, tokenizer, dtype: str) -> None:
+    config = copy.deepcopy(model.config)
+    config.architectures = [_architecture(model)]
+    config.dtype = dtype
+    config.use_cache = True  # the trainer turns the KV cache off; inference wants it
+    config.save_pretrained(str(directory))
+    _add_legacy_keys(directory / "config.json")
+    generation_config(model_cfg, tokenizer, config).save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+
+
+def export_hf(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelConfig, tokenizer, shard_mb: int,
+              dtype: str) -> Path:
+    """Write ``model`` (FSDP2-sharded or plain) as an HF directory at ``out_dir``; returns ``out_dir``.
+
+    A collective: all ranks call it, rank 0 writes; weights are stored in ``dtype`` (float32,
+    bfloat16, float16). An existing ``out_dir`` is replaced (re-export of the same version).
+    """
+    rank, world = _rank_world()
+    out_dir = Path(out_dir)
+    tmp = out_dir.parent / f"{TMP_PREFIX}{out_dir.name}"
+    writer = None
+    if rank == 0:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted export of the same name left
+        tmp.mkdir()
+        writer = _ShardWriter(tmp, shard_mb * MIB)
+    dt = torch_dtype(dtype)
+    for name, t in _exported_tensors(model):
+        full = _gather(t)
+        if writer is not None:
+            writer.add(name, full.to("cpu", dt).contiguous())
+        del full
+    if writer is not None:
+        n = writer.finish()
+        _write_metadata(model, tmp, model_cfg, tokenizer, dtype)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+        log.info("exported %s (%d shard%s, %.1f MiB, %s)", out_dir, n, "s" * (n > 1), writer.total_bytes / MIB, dtype)
+    if world > 1:
+        dist.barrier()
+    return out_dir
+
+
+# ------------------------------------------------------------------ offline: DCP checkpoint -> HF
+def load_checkpoint_model(checkpoint: Path, cfg: RunConfig) -> torch.nn.Module:
+    """A fresh fp32 CPU model (``cfg.model``) holding the model state of a trainer DCP checkpoint.
+
+    One process, no process group: DCP reads every rank's shards and reassembles full tensors.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    from areal_like.hf import build_model
+
+    if not (checkpoint / ".metadata").is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a trainer checkpoint (no .metadata: expected "
+                                "<run_dir>/checkpoints/v<version>)")
+    model = build_model(cfg.model, device="cpu", dtype="float32")
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():  # DCP warns that it loads in a single process: that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    model.load_state_dict(state["model"])
+    return model
+
+
+def export_checkpoint(checkpoint: Path, out_dir: Path, cfg: RunConfig, *, shard_mb: int | None = None,
+                      dtype: str | None = None) -> Path:
+    """``areal-like export``: a trainer DCP checkpoint directory -> an HF directory at ``out_dir``."""
+    from areal_like.tokenizer import load_tokenizer
+
+    model = load_checkpoint_model(Path(checkpoint), cfg)
+    return export_hf(model, Path(out_dir), model_cfg=cfg.model, tokenizer=load_tokenizer(cfg.model),
+                     shard_mb=shard_mb or cfg.export.shard_mb, dtype=dtype or cfg.model.dtype)
+
+
+def _resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory, or a checkpoint root (its newest complete checkpoint)."""
+    if (path / "meta.pt").is_file() or (path / ".metadata").is_file():
+        return path
+    done = sorted((p for p in path.glob("v*") if (p / "meta.pt").is_file()), key=lambda p: int(p.name[1:]))
+    if not done:
+        raise FileNotFoundError(f"{path} is neither a trainer checkpoint nor a directory of them")
+    return done[-1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m trainer.export CHECKPOINT OUT [--config-file FILE] [--shard-mb N] [--dtype D]``."""
+    from areal_like.config import ConfigError, load_daemon_config
+    from areal_like.schema import ExportConfig
+
+    p = argparse.ArgumentParser(prog="areal-like export",
+                                description="Convert a trainer checkpoint into a Hugging Face model directory.")
+    p.add_argument("checkpoint", type=Path, help="<run_dir>/checkpoints/v<version> (or the checkpoints "
+                                                 "directory: its newest)")
+    p.add_argument("out", type=Path, help="the HF directory to write (must not exist)")
+    p.add_argument("--config-file", type=Path, help="the run's config.yaml (default: <run_dir>/config.yaml "
+                                                    "beside the checkpoints directory)")
+    p.add_argument("--shard-mb", type=int, help=f"largest shard in MiB (default export.shard_mb, "
+                                                f"{ExportConfig().shard_mb})")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: model.dtype")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        ckpt = _resolve_checkpoint(args.checkpoint.resolve())
+        config_file = args.config_file or ckpt.parent.parent / "config.yaml"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"no run config at {config_file}: pass --config-file <run_dir>/config.yaml")
+        if args.out.exists():
+            raise FileExistsError(f"{args.out} exists: choose a new directory (an export never overwrites one)")
+        if args.shard_mb is not None and args.shard_mb < 1:
+            raise ValueError(f"--shard-mb={args.shard_mb} is invalid: must be >= 1")
+        cfg = load_daemon_config(["--config-file", str(config_file)])
+        out = export_checkpoint(ckpt, args.out, cfg, shard_mb=args.shard_mb, dtype=args.dtype)
+    except (OSError, ValueError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"checkpoint": str(ckpt), "out": str(out.resolve())}))
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    sys.exit(main())
