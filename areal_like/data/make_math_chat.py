@@ -2,8 +2,8 @@
 
 Arithmetic questions in chat form, small enough for a ~0.5M-parameter model to partly learn:
 each row is ``messages`` = one user message ("What is 37 + 45?"), ``answer`` ("82"), and two
-metadata columns, ``source`` (the operation) and ``level`` (1: one-digit + and -, 2: two-digit +,
-3: two-digit - with a non-negative result, 4: products of 2..12). Every question is distinct;
+metadata columns, ``source`` (the operation) and ``level`` (1: one-digit + and -, 2: two-digit plus
+one-digit, 3: two-digit minus one-digit, 4: two-digit + two-digit, 5: products of 2..9). Every question is distinct;
 ``EVAL_ROWS`` of them, drawn at random, form the eval split, so it is disjoint from train.
 
 Run ``python -m areal_like.data.make_math_chat [OUT_DIR]`` to rewrite the files; the test suite
@@ -19,7 +19,8 @@ from pathlib import Path
 SEED = 16
 EVAL_ROWS = 300
 # level -> (source, questions drawn from that level's distinct questions)
-LEVELS = {1: ("one-digit", 150), 2: ("addition", 1500), 3: ("subtraction", 1300), 4: ("multiplication", 100)}
+LEVELS = {1: ("one-digit", 155), 2: ("addition", 700), 3: ("subtraction", 700), 4: ("two-digit", 100),
+          5: ("multiplication", 64)}
 OUT_DIR = Path(__file__).resolve().parent / "math_chat"
 
 
@@ -29,10 +30,12 @@ def _candidates(level: int) -> list[tuple[int, str, int]]:
         return ([(a, "+", b) for a in range(10) for b in range(10)]
                 + [(a, "-", b) for a in range(10) for b in range(a + 1)])
     if level == 2:
-        return [(a, "+", b) for a in range(10, 100) for b in range(10, 100)]
+        return [(a, "+", b) for a in range(10, 100) for b in range(1, 10)]
     if level == 3:
-        return [(a, "-", b) for a in range(10, 100) for b in range(10, a + 1)]
-    return [(a, "*", b) for a in range(2, 13) for b in range(2, 13)]
+        return [(a, "-", b) for a in range(10, 100) for b in range(1, 10)]
+    if level == 4:
+        return [(a, "+", b) for a in range(10, 100) for b in range(10, 100)]
+    return [(a, "*", b) for a in range(2, 10) for b in range(2, 10)]
 
 
 def _row(level: int, a: int, op: str, b: int) -> dict:
