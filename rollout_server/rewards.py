@@ -37,16 +37,11 @@ in a reward worker's main thread (``rollout_server/reward_pool.py``), whose proc
 
 from __future__ import annotations
 
-import importlib
-import math
 import re
 import threading
-from collections.abc import Callable
 from functools import lru_cache
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, StringExtractionConfig, parse, verify
-
-from areal_like.config import ConfigError, TaskConfig
 
 PARSE_TIMEOUT_S = 2  # whole seconds (signal.alarm); a parse past it yields nothing: 0.0
 VERIFY_TIMEOUT_S = 2  # per comparison of one reference reading with one response reading
@@ -98,50 +93,3 @@ def math_reward(response: str, example) -> float:
     if not got:
         return 0.0
     return 1.0 if verify(list(reference), got, timeout_seconds=_timeout(VERIFY_TIMEOUT_S)) else 0.0
-
-
-RewardFn = Callable[[str, object], float]
-
-
-def load_reward_fn(cfg: TaskConfig, task) -> RewardFn:
-    """``task.reward_fn`` as ``"pkg.module:function"`` (or ``pkg.module.function``), else the task's own."""
-    if not cfg.reward_fn:
-        return task.reward
-    module, sep, attr = cfg.reward_fn.partition(":")
-    if not sep:
-        module, _, attr = cfg.reward_fn.rpartition(".")
-    try:
-        fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ConfigError(f"task.reward_fn={cfg.reward_fn!r} cannot be imported: {e}") from None
-    if not callable(fn):
-        raise ConfigError(f"task.reward_fn={cfg.reward_fn!r} is not callable")
-    return fn
-
-
-def score(fn: RewardFn, response: str, example, timeout_s: float) -> tuple[float, str | None]:
-    """``(reward, None)``, or ``(0.0, reason)`` when ``fn`` raises, hangs past ``timeout_s``,
-    or returns something that is not a finite number. Never raises."""
-    result: list = []
-
-    def target():
-        try:
-            result.append(("ok", fn(response, example)))
-        except BaseException as e:  # noqa: BLE001 - a user's reward must never kill the server
-            result.append(("error", f"{type(e).__name__}: {e}"))
-
-    t = threading.Thread(target=target, name="reward", daemon=True)
-    t.start()
-    t.join(timeout_s)
-    if not result:
-        return 0.0, f"timeout after {timeout_s}s"
-    kind, value = result[0]
-    if kind == "error":
-        return 0.0, value
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return 0.0, f"reward is not a number: {value!r}"
-    if not math.isfinite(value):
-        return 0.0, f"reward is not finite: {value}"
-    return value, None

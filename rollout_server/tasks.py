@@ -1,7 +1,9 @@
 """Tasks that ship with the project: synthetic verifiable tasks and JSONL {prompt, answer} data.
 
 A task maps a dataset position ``index`` (and ``epoch``) to an ``Example(prompt, answer)`` and
-scores a response with ``reward(response, example) -> float``. Synthetic tasks are generated
+names its reward as a dotted path (``reward_path``) to a module-level function
+``fn(response, example) -> float``, which a reward worker imports by that path
+(``rollout_server/reward_pool.py``); ``reward()`` calls it in-process. Synthetic tasks are generated
 deterministically from ``(seed, index)``, so every process (buffer, rollout servers, warm start)
 agrees on what prompt ``index`` is without shipping data; nothing is downloaded.
 
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from areal_like.config import ConfigError, TaskConfig
+from rollout_server.reward_worker import import_reward
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,8 +30,34 @@ class Example:
     answer: str
 
 
+def exact_match(response: str, example: Example) -> float:
+    """1.0 when the stripped response is the answer, else 0.0."""
+    return 1.0 if response.strip() == example.answer else 0.0
+
+
+def countdown_reward(response: str, example: Example) -> float:
+    """1.0 for any expression over the offered numbers (each at most once) that reaches the target."""
+    expr = response.strip()
+    if not expr or len(expr) > 40 or any(c not in "0123456789+-*() " for c in expr):
+        return 0.0
+    head, _, target = example.prompt[3:].rstrip(":").rpartition(" to ")
+    allowed = sorted(head.split())
+    used = sorted("".join(c if c.isdigit() else " " for c in expr).split())
+    pool = list(allowed)
+    for n in used:
+        if n not in pool:
+            return 0.0
+        pool.remove(n)
+    try:
+        value = eval(expr, {"__builtins__": {}}, {})  # charset restricted to digits, + - * ( ) above
+    except Exception:
+        return 0.0
+    return 1.0 if value == int(target) else 0.0
+
+
 class Task(abc.ABC):
     name = "task"
+    reward_path = "rollout_server.tasks:exact_match"
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
@@ -46,7 +75,7 @@ class Task(abc.ABC):
         """The example at dataset position ``index`` (deterministic)."""
 
     def reward(self, response: str, example: Example) -> float:
-        return 1.0 if response.strip() == example.answer else 0.0
+        return import_reward(self.reward_path)(response, example)
 
 
 class Addition(Task):
@@ -91,6 +120,7 @@ class Countdown(Task):
     """
 
     name = "countdown"
+    reward_path = "rollout_server.tasks:countdown_reward"
 
     def example(self, index: int, epoch: int = 0) -> Example:
         rng = self._rng(index)
@@ -100,29 +130,12 @@ class Countdown(Task):
         target = {"+": a + b, "-": a - b, "*": a * b}[op]
         return Example(f"cd {' '.join(map(str, nums))} to {target}:", f"{a}{op}{b}")
 
-    def reward(self, response: str, example: Example) -> float:
-        expr = response.strip()
-        if not expr or len(expr) > 40 or any(c not in "0123456789+-*() " for c in expr):
-            return 0.0
-        head, _, target = example.prompt[3:].rstrip(":").rpartition(" to ")
-        allowed = sorted(head.split())
-        used = sorted("".join(c if c.isdigit() else " " for c in expr).split())
-        pool = list(allowed)
-        for n in used:
-            if n not in pool:
-                return 0.0
-            pool.remove(n)
-        try:
-            value = eval(expr, {"__builtins__": {}}, {})  # charset restricted to digits, + - * ( ) above
-        except Exception:
-            return 0.0
-        return 1.0 if value == int(target) else 0.0
-
 
 class JsonlTask(Task):
     """``{"prompt": ..., "answer": ...}`` per line; reward = numeric match of the final answer."""
 
     name = "jsonl"
+    reward_path = "rollout_server.rewards:math_reward"
 
     def __init__(self, cfg: TaskConfig):
         super().__init__(cfg)
@@ -145,11 +158,6 @@ class JsonlTask(Task):
 
     def example(self, index: int, epoch: int = 0) -> Example:
         return self.examples[index]
-
-    def reward(self, response: str, example: Example) -> float:
-        from rollout_server.rewards import math_reward
-
-        return math_reward(response, example)
 
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (Addition, Sort, Reverse, Countdown, JsonlTask)}
