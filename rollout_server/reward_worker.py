@@ -14,8 +14,8 @@ socket ``FD``. Frames are an 8-byte big-endian length and a body:
 Limits, set by the worker itself: ``RLIMIT_AS`` (``memory_mb``) from the start, before the
 reward's module is imported, so an allocation past it raises MemoryError; ``RLIMIT_CPU`` before
 each sample, past what the sample could burn until its timeout, as a backstop should the pool
-fail to kill a runaway (the kernel then ends the worker with SIGXCPU). The pool enforces the timeout by
-killing the process. The worker exits when the pool's end of the socket closes.
+fail to kill a runaway (the kernel then ends the worker with SIGXCPU). The pool enforces the
+timeout by killing the process. The worker exits when the pool's end of the socket closes.
 """
 
 from __future__ import annotations
