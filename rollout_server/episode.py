@@ -18,7 +18,8 @@ the tokens produced so far. The sample is resubmitted as ``prompt + tokens so fa
 
 An abort that carries an HTTP status (the engine rejected the request, e.g. too long) is an
 error, not a pause: it raises ``SGLangError`` instead of looping. ``generate_group`` runs the
-n samples as n concurrent requests (each resumes on its own), then detokenises and scores them.
+n samples as n concurrent requests (each resumes on its own); ``run_episode`` detokenises them and
+scores the group in the reward pool (``rollout_server/reward_pool.py``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from areal_like.metrics import Metrics
 from areal_like.protocol import Credit, Trajectory, TrajectoryGroup, as_f32, as_i32
 from areal_like.tasks import encode_prompt
-from rollout_server.rewards import score
+from rollout_server.reward_pool import RewardPool
 from rollout_server.sglang_client import GenerateOutput, SGLangClient, SGLangError
 
 MAX_EMPTY_RESUMES = 1000  # aborts in a row without a new token: the engine is stuck, not pausing
@@ -114,7 +115,7 @@ class EpisodeContext:
     client: SGLangClient
     task: object  # areal_like.tasks.Task
     tokenizer: object  # HF tokenizer
-    reward_fn: Callable[[str, object], float]
+    rewards: RewardPool
     task_cfg: object  # areal_like.config.TaskConfig
     server_id: str
     current_version_fn: Callable[[], int]
@@ -138,10 +139,10 @@ async def run_episode(ctx: EpisodeContext, credit: Credit) -> TrajectoryGroup:
     if ctx.metrics is not None:
         ctx.metrics.histogram("rollout/generation_seconds", "wall time to generate one group",
                               buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)).observe(time.monotonic() - t0)
+    texts = [ctx.tokenizer.decode(s.output_ids, skip_special_tokens=True) for s in samples]
+    scores = await ctx.rewards.score_group(example.prompt, texts, example)
     trajectories = []
-    for s in samples:
-        text = ctx.tokenizer.decode(s.output_ids, skip_special_tokens=True)
-        reward, error = await asyncio.to_thread(score, ctx.reward_fn, text, example, ctx.task_cfg.reward_timeout_s)
+    for s, text, (reward, error) in zip(samples, texts, scores):
         meta = {"text": text, "resumed": s.resumed}
         if error is not None:
             meta["reward_error"] = error

@@ -216,9 +216,11 @@ async def _evaluate_model(cfg: RunConfig, version: int | None) -> dict:
     from rollout_server.engine import EmbeddedEngine
     from rollout_server.reward_pool import RewardPool
 
-    engine = EmbeddedEngine(cfg.model, cfg.rollout.engine).start()
+    from areal_like.tasks import make_task
+
     tokenizer = load_tokenizer(cfg.model)
-    rewards = RewardPool.from_config(cfg.task)
+    rewards = RewardPool(cfg.task, make_task(cfg.task, tokenizer, split="eval").reward_path)
+    engine = EmbeddedEngine(cfg.model, cfg.rollout.engine).start()
     client = SGLangClient(engine.url, generate_timeout_s=cfg.rollout.engine.request_timeout_s)
     try:
         evaluator = ServerEvaluator(cfg, tokenizer, rewards)

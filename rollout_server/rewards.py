@@ -1,110 +1,95 @@
-"""Reward functions: the math-answer reward, custom functions by dotted path, and safe scoring.
+"""The math-answer reward: a response's final answer graded against the reference by math-verify.
 
-A reward function is ``fn(response: str, example: Example) -> float``. ``score`` runs it with
-a timeout in a daemon thread: a function that raises or hangs scores the sample 0.0 with the
-reason recorded, and the rollout server goes on. (A hung pure-Python function cannot be killed
-from another thread; its thread is abandoned and counted. Rewards that can hang for real should
-shell out with their own timeout.)
+``math_reward(response, example) -> 1.0 | 0.0``. The reference (``example.answer``) is read as
+LaTeX math (it is wrapped in ``$...$``); the response's answer is its last ``\\boxed{}`` when it
+has one, else what math-verify's extraction finds (an "answer is ..." phrase, LaTeX, or the last
+number). The two are compared by math-verify's ``verify``: numerically, symbolically with sympy,
+as sets, intervals, tuples and equations. So ``\\boxed{2\\sqrt{2}}`` matches ``\\sqrt{8}``,
+``0.75`` matches ``\\frac{3}{4}``, ``5\\text{ cm}`` matches ``5``, and ``(2,1)`` does not match
+``(1,2)``. An approximation is not the answer: ``0.333`` does not match ``\\frac{1}{3}`` (floats
+are compared rounded to 6 places).
+
+Normalised before math-verify sees the text (both sides):
+
+* ``{,}`` (LaTeX's thousands separator) becomes ``,``: math-verify reads ``1{,}000`` in plain
+  text as ``1``.
+* Percent signs (``\\%``, ``%``) are dropped: math-verify 0.9 fails to parse ``\\boxed{25\\%}``
+  at all, and it already reads a reference ``25\\%`` as 25. So ``25\\%`` and ``25`` grade alike,
+  and ``0.25`` does not match a reference ``25\\%`` (the question asked for a percentage).
+* Multiple choice: a reference that is a choice letter A-E (``B``, ``(B)``, ``\\text{(B)}``,
+  ``\\textbf{(B)}``) is graded by the response's choice letter, from its ``\\boxed{}``, an
+  "answer is ..." phrase or a standalone letter (math-verify's letter extraction); ``(B)`` in the
+  response is read as ``B``, which that extraction otherwise misses.
+
+Known limits (each is a row of ``tests/unit/test_math_reward.py``):
+
+* A reference with a plain-word unit math-verify does not know (``12 dollars``) parses as a
+  product of symbols and nothing matches it; write ``12`` or ``12\\text{ dollars}``.
+* Multiple choice: a response that starts with the article "A" and gives its choice later
+  without a box or "answer" (``A quick check gives (C).``) is read as choice A.
+
+Timeouts: math-verify bounds its own parse and verify calls with ``signal.alarm``, which works
+only in a process's main thread. There they are on (``PARSE_TIMEOUT_S``, ``VERIFY_TIMEOUT_S``);
+in any other thread they are off and the caller bounds the time. The rollout server calls this
+in a reward worker's main thread (``rollout_server/reward_pool.py``), whose process is killed at
+``task.reward_timeout_s`` whatever happens inside.
 """
 
 from __future__ import annotations
 
-import importlib
-import math
 import re
 import threading
-from collections.abc import Callable
-from fractions import Fraction
+from functools import lru_cache
 
-from areal_like.config import ConfigError, TaskConfig
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, StringExtractionConfig, parse, verify
 
-RewardFn = Callable[[str, object], float]
+PARSE_TIMEOUT_S = 2  # whole seconds (signal.alarm); a parse past it yields nothing: 0.0
+VERIFY_TIMEOUT_S = 2  # per comparison of one reference reading with one response reading
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+# The response: a \boxed{} first (priority 0), then math-verify's usual anchors and fallbacks.
+RESPONSE_CONFIG = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
+REFERENCE_CONFIG = (LatexExtractionConfig(), ExprExtractionConfig())
+CHOICES = "ABCDE"
+CHOICE_CONFIG = (LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=False),
+                 StringExtractionConfig(strings=tuple(CHOICES)))
 
-
-def _boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` with balanced braces."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    i, depth = start + len("\\boxed{"), 1
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i:j]
-    return None
+_REFERENCE_CHOICE = re.compile(rf"(?:\\text(?:bf)?\{{)?\s*\(?([{CHOICES}])\)?\s*\}}?")
+_PARENTHESISED_CHOICE = re.compile(rf"\(([{CHOICES}])\)")
+_PERCENT = re.compile(r"\\?%")
 
 
-def _to_number(s: str) -> Fraction | None:
-    s = s.strip().replace(",", "").replace("$", "").rstrip(".")
-    s = re.sub(r"\\frac\{([^{}]+)\}\{([^{}]+)\}", r"\1/\2", s)
-    try:
-        return Fraction(s)
-    except (ValueError, ZeroDivisionError):
-        return None
+def _normalise(text: str) -> str:
+    return _PERCENT.sub("", text.replace("{,}", ","))
 
 
-def extract_answer(text: str) -> str | None:
-    """``\\boxed{}`` content if present, else the last number in the text."""
-    boxed = _boxed(text)
-    if boxed is not None:
-        return boxed.strip()
-    numbers = _NUMBER.findall(text)
-    return numbers[-1] if numbers else None
+def _timeout(seconds: int) -> int | None:
+    """math-verify's own timeout where its signal.alarm works (the main thread), else none."""
+    return seconds if threading.current_thread() is threading.main_thread() else None
+
+
+@lru_cache(maxsize=4096)
+def _reference(answer: str) -> tuple:
+    """The reference's readings (sympy objects and strings); a group's samples share one parse."""
+    return tuple(parse(f"${_normalise(answer)}$", list(REFERENCE_CONFIG), parsing_timeout=_timeout(PARSE_TIMEOUT_S)))
+
+
+def _choice(response: str) -> str | None:
+    """The choice letter a response gives, upper case, or None."""
+    text = _PARENTHESISED_CHOICE.sub(r" \1 ", response)
+    found = parse(text, list(CHOICE_CONFIG), parsing_timeout=_timeout(PARSE_TIMEOUT_S))
+    letter = str(found[0]).strip().upper() if found else ""
+    return letter if len(letter) == 1 and letter in CHOICES else None
 
 
 def math_reward(response: str, example) -> float:
-    """1.0 when the response's final answer equals the reference numerically (or as text)."""
-    got = extract_answer(response)
-    if got is None:
+    """1.0 when the response's final answer equals ``example.answer`` (module docstring), else 0.0."""
+    choice = _REFERENCE_CHOICE.fullmatch(example.answer.strip())
+    if choice is not None:
+        return 1.0 if _choice(response) == choice.group(1) else 0.0
+    reference = _reference(example.answer)
+    if not reference:
         return 0.0
-    ref = extract_answer(example.answer) or example.answer.strip()
-    a, b = _to_number(got), _to_number(ref)
-    if a is not None and b is not None:
-        return 1.0 if a == b else 0.0
-    return 1.0 if got.strip() == ref.strip() else 0.0
-
-
-def load_reward_fn(cfg: TaskConfig, task) -> RewardFn:
-    """``task.reward_fn`` as ``"pkg.module:function"`` (or ``pkg.module.function``), else the task's own."""
-    if not cfg.reward_fn:
-        return task.reward
-    module, sep, attr = cfg.reward_fn.partition(":")
-    if not sep:
-        module, _, attr = cfg.reward_fn.rpartition(".")
-    try:
-        fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ConfigError(f"task.reward_fn={cfg.reward_fn!r} cannot be imported: {e}") from None
-    if not callable(fn):
-        raise ConfigError(f"task.reward_fn={cfg.reward_fn!r} is not callable")
-    return fn
-
-
-def score(fn: RewardFn, response: str, example, timeout_s: float) -> tuple[float, str | None]:
-    """``(reward, None)``, or ``(0.0, reason)`` when ``fn`` raises, hangs past ``timeout_s``,
-    or returns something that is not a finite number. Never raises."""
-    result: list = []
-
-    def target():
-        try:
-            result.append(("ok", fn(response, example)))
-        except BaseException as e:  # noqa: BLE001 - a user's reward must never kill the server
-            result.append(("error", f"{type(e).__name__}: {e}"))
-
-    t = threading.Thread(target=target, name="reward", daemon=True)
-    t.start()
-    t.join(timeout_s)
-    if not result:
-        return 0.0, f"timeout after {timeout_s}s"
-    kind, value = result[0]
-    if kind == "error":
-        return 0.0, value
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return 0.0, f"reward is not a number: {value!r}"
-    if not math.isfinite(value):
-        return 0.0, f"reward is not finite: {value}"
-    return value, None
+    got = parse(_normalise(response), list(RESPONSE_CONFIG), parsing_timeout=_timeout(PARSE_TIMEOUT_S))
+    if not got:
+        return 0.0
+    return 1.0 if verify(list(reference), got, timeout_seconds=_timeout(VERIFY_TIMEOUT_S)) else 0.0

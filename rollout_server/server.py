@@ -52,7 +52,7 @@ from areal_like.tasks import make_task
 from areal_like.tokenizer import load_tokenizer
 from areal_like.transport import AsyncClient, Subscriber, TransportTimeout
 from rollout_server.episode import EpisodeContext, run_episode
-from rollout_server.rewards import load_reward_fn
+from rollout_server.reward_pool import RewardPool
 from rollout_server.sglang_client import SGLangClient
 from rollout_server.weight_update import apply_weight_sync
 
@@ -81,6 +81,7 @@ class RolloutServer(Daemon):
         self.server_id = self.rcfg.server_id or f"{socket.gethostname()}-{os.getpid()}"
         self.policy_version = 0
         self.engine = None
+        self.rewards: RewardPool | None = None
         self.engine_url, self.engine_ranks = "", 1
         self.unacked: dict[str, _Unacked] = {}
         self.episodes: set[asyncio.Task] = set()
@@ -116,7 +117,7 @@ class RolloutServer(Daemon):
             self.engine_url = ecfg.url
         self.tokenizer = load_tokenizer(self.cfg.model)
         self.task = make_task(self.cfg.task, self.tokenizer)
-        self.reward_fn = load_reward_fn(self.cfg.task, self.task)
+        self.rewards = RewardPool(self.cfg.task, self.task.reward_path, metrics=self.metrics)
         if self.rcfg.eval:
             from rollout_server.evaluate import ServerEvaluator
 
@@ -126,6 +127,9 @@ class RolloutServer(Daemon):
         self.log.info("server %s, engine %s (%s)", self.server_id, self.engine_url, ecfg.kind)
 
     def stop(self) -> None:
+        if self.rewards is not None:
+            self.rewards.close()
+            self.rewards = None
         if self.engine is not None:
             self.engine.stop()
             self.engine = None
@@ -288,7 +292,7 @@ class RolloutServer(Daemon):
 
     # ------------------------------------------------------------------ episodes and groups
     def start_episode(self, credit: Credit) -> None:
-        ctx = EpisodeContext(client=self.client, task=self.task, tokenizer=self.tokenizer, reward_fn=self.reward_fn,
+        ctx = EpisodeContext(client=self.client, task=self.task, tokenizer=self.tokenizer, rewards=self.rewards,
                              task_cfg=self.cfg.task, server_id=self.server_id,
                              current_version_fn=lambda: self.policy_version, metrics=self.metrics)
         task = asyncio.create_task(run_episode(ctx, credit), name=f"episode-{credit.lease_id}")

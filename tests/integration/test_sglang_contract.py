@@ -197,13 +197,17 @@ async def one_episode(client: SGLangClient):
     from areal_like.tasks import make_task
     from areal_like.tokenizer import char_tokenizer
     from rollout_server.episode import EpisodeContext, run_episode
-    from rollout_server.rewards import load_reward_fn
+    from rollout_server.reward_pool import RewardPool
 
     task_cfg = TaskConfig(group_size=2, max_new_tokens=8)
     task = make_task(task_cfg)
-    ctx = EpisodeContext(client=client, task=task, tokenizer=char_tokenizer(), reward_fn=load_reward_fn(task_cfg, task),
+    rewards = RewardPool(task_cfg, task.reward_path)
+    ctx = EpisodeContext(client=client, task=task, tokenizer=char_tokenizer(), rewards=rewards,
                          task_cfg=task_cfg, server_id="contract", current_version_fn=lambda: 0)
-    return await run_episode(ctx, Credit(lease_id="L1", prompt_index=3, epoch=0, deadline_s=60.0))
+    try:
+        return await run_episode(ctx, Credit(lease_id="L1", prompt_index=3, epoch=0, deadline_s=60.0))
+    finally:
+        rewards.close()
 
 
 async def generating(client: SGLangClient, timeout_s: float = 60.0) -> None:

@@ -1,0 +1,158 @@
+"""A reward worker: one process that imports one reward function and scores samples, one at a time.
+
+``rollout_server/reward_pool.py`` starts it as ``python reward_worker.py FD`` (a fresh
+interpreter, run as a script so it needs nothing on its path but the standard library) with
+the secrets scrubbed from its environment, in a session of its own, and talks to it over the
+socket ``FD``. Frames are an 8-byte big-endian length and a body:
+
+* pool -> worker, pickled: first ``{"path", "sys_path", "memory_mb"}``, then one
+  ``(response, example, timeout_s)`` per sample;
+* worker -> pool, JSON (the pool never unpickles what a reward produced): first
+  ``{"ready": true}`` or a failure, then one ``{"reward": float}`` or
+  ``{"kind": "error" | "memory", "reason": str}`` per sample.
+
+Limits, set by the worker itself: ``RLIMIT_AS`` (``memory_mb``) from the start, before the
+reward's module is imported, so an allocation past it raises MemoryError; ``RLIMIT_CPU`` before
+each sample, past what the sample could burn until its timeout, as a backstop should the pool
+fail to kill a runaway (the kernel then ends the worker with SIGXCPU). The pool enforces the
+timeout by killing the process. The worker exits when the pool's end of the socket closes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import numbers
+import os
+import pickle
+import reprlib
+import resource
+import socket
+import struct
+import sys
+import time
+from collections.abc import Callable
+
+HEADER = struct.Struct("!Q")
+CPU_GRACE_S = 3  # RLIMIT_CPU: CPU seconds past the most a sample could use before its timeout
+
+
+def import_reward(path: str) -> Callable:
+    """The callable at ``"pkg.module:function"`` (or ``"pkg.module.function"``).
+
+    Raises ImportError, AttributeError (or ValueError for a malformed path), TypeError when
+    the attribute is not callable."""
+    module, sep, attr = path.partition(":")
+    if not sep:
+        module, _, attr = path.rpartition(".")
+    if not module or not attr:
+        raise ValueError(f"{path!r} is not 'pkg.module:function'")
+    fn = getattr(importlib.import_module(module), attr)
+    if not callable(fn):
+        raise TypeError(f"{path} is a {type(fn).__name__}, not a callable")
+    return fn
+
+
+def as_reward(value: object) -> tuple[float, str | None]:
+    """``(float(value), None)`` for a finite real number (bools count as 0/1), else ``(0.0, why)``."""
+    if not isinstance(value, numbers.Real):
+        return 0.0, f"reward is not a number: {reprlib.repr(value)}"
+    value = float(value)
+    if not math.isfinite(value):
+        return 0.0, f"reward is not finite: {value}"
+    return value, None
+
+
+def send_frame(sock: socket.socket, body: bytes) -> None:
+    sock.sendall(HEADER.pack(len(body)) + body)
+
+
+def recv_frame(sock: socket.socket, deadline: float | None = None) -> bytes | None:
+    """One frame's body; None when the peer closed between frames. Raises TimeoutError past
+    ``deadline`` (``time.monotonic()``; None waits forever) and EOFError when the peer closed
+    inside a frame."""
+    header = _recv_exact(sock, HEADER.size, deadline)
+    if header is None:
+        return None
+    (size,) = HEADER.unpack(header)
+    body = _recv_exact(sock, size, deadline) if size else b""
+    if body is None:
+        raise EOFError("peer closed inside a frame")
+    return body
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float | None) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            sock.settimeout(left)
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            if buf:
+                raise EOFError("peer closed inside a frame")
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def _send_json(sock: socket.socket, message: dict) -> None:
+    send_frame(sock, json.dumps(message).encode())
+
+
+def _limit_memory(memory_mb: int) -> None:
+    if memory_mb > 0:
+        limit = memory_mb * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _limit_cpu(timeout_s: float) -> None:
+    """The CPU-time backstop for one sample: what all our CPUs could burn until the timeout, plus
+    a grace (a reward's threads may use several), so it never ends a sample the pool would not."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    soft = math.ceil(usage.ru_utime + usage.ru_stime + timeout_s * len(os.sched_getaffinity(0))) + CPU_GRACE_S
+    hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+    resource.setrlimit(resource.RLIMIT_CPU, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+
+
+def score_one(fn: Callable, frame: bytes) -> dict:
+    """The reply for one pickled ``(response, example, timeout_s)``; never raises."""
+    try:
+        response, example, timeout_s = pickle.loads(frame)
+        _limit_cpu(timeout_s)
+        reward, why = as_reward(fn(response, example))
+    except MemoryError:
+        return {"kind": "memory", "reason": "MemoryError"}
+    except BaseException as e:  # noqa: BLE001 - SystemExit too: a reward's failure is its sample's, not the worker's
+        return {"kind": "error", "reason": f"{type(e).__name__}: {e}"}
+    return {"reward": reward} if why is None else {"kind": "error", "reason": why}
+
+
+def main(fd: int) -> int:
+    sock = socket.socket(fileno=fd)
+    init = recv_frame(sock)
+    if init is None:
+        return 0
+    config = pickle.loads(init)
+    sys.path[:] = config["sys_path"]  # what the pool's process can import, this one can
+    try:
+        _limit_memory(config["memory_mb"])
+        fn = import_reward(config["path"])
+    except BaseException as e:  # noqa: BLE001 - reported to the pool, which scores the sample 0
+        kind = "memory" if isinstance(e, MemoryError) else "error"
+        _send_json(sock, {"kind": kind, "reason": f"cannot load {config['path']}: {type(e).__name__}: {e}"})
+        return 1
+    try:
+        _send_json(sock, {"ready": True})
+        while (frame := recv_frame(sock)) is not None:
+            _send_json(sock, score_one(fn, frame))
+    except (ConnectionError, EOFError):  # the pool's process is gone (or reset the socket): so are we
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(int(sys.argv[1])))

@@ -1,0 +1,58 @@
+"""Reward functions for tests/unit/test_reward_pool.py, imported by path inside reward workers.
+
+``behave`` does what its response names; a number is its own reward. Kept free of heavy imports:
+a worker imports this module under a small address-space limit.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import time
+from pathlib import Path
+
+SECRET_VAR = "AREAL_TEST_API_TOKEN"
+
+
+def behave(response: str, example) -> object:
+    if response == "crash":
+        raise ZeroDivisionError("division by zero on purpose")
+    if response == "hang":
+        while True:
+            time.sleep(1)
+    if response == "hog":
+        return len(bytearray(4 * 2**30))  # 4 GiB, far past the worker's address-space limit
+    if response == "exit":
+        os._exit(3)
+    if response == "nan":
+        return float("nan")
+    if response == "text":
+        return "1.0"  # a string is not a reward, even one that reads as a number
+    if response == "pid":
+        return os.getpid()
+    if response == "secret":  # 1.0 if the secret is visible to the worker in any way
+        with open("/proc/self/environ", "rb") as f:
+            initial = f.read()
+        return float(SECRET_VAR in os.environ or SECRET_VAR.encode() in initial)
+    if response == "memory_limit":  # the worker's address-space limit, in MiB
+        return resource.getrlimit(resource.RLIMIT_AS)[0] / 2**20
+    if response == "cpu_limit_left":  # CPU seconds this worker may still use before SIGXCPU
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return resource.getrlimit(resource.RLIMIT_CPU)[0] - usage.ru_utime - usage.ru_stime
+    if response == "child":  # start a process of its own and leave it running
+        return subprocess.Popen(["sleep", "600"]).pid
+    if response.startswith("rendezvous "):  # "rendezvous DIR N": wait until N workers have arrived
+        _, folder, n = response.split()
+        (Path(folder) / str(os.getpid())).touch()
+        while len(list(Path(folder).iterdir())) < int(n):
+            time.sleep(0.01)
+        return float(len(list(Path(folder).iterdir())))
+    if response.startswith("sleep "):  # "sleep S V": reward V after S seconds (to shuffle finishing order)
+        _, seconds, value = response.split()
+        time.sleep(float(seconds))
+        return float(value)
+    return float(response)
+
+
+NOT_CALLABLE = 3

@@ -1,0 +1,123 @@
+"""RewardPool with task.reward_url: one JSON batch per group to a real aiohttp server on
+127.0.0.1 (an ephemeral port), with a timeout per attempt and bounded retries."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from areal_like.config import TaskConfig
+from areal_like.metrics import Metrics
+from rollout_server.reward_pool import RewardPool
+
+
+@dataclass(frozen=True)
+class MetaExample:  # what a dataset task's example carries: its other columns as metadata
+    prompt: str
+    answer: str
+    metadata: dict = field(default_factory=dict)
+
+
+EXAMPLE = MetaExample("Half of 3?", "1.5", {"source": "unit", "level": 2})
+
+
+class RewardServer:
+    """Answers ``{"rewards": [float(response), ...]}``; ``mode`` scripts failures. Records each body."""
+
+    def __init__(self, mode: str = "ok"):
+        self.mode, self.bodies = mode, []
+        self.release = asyncio.Event()  # ends a hanging handler, so the server stops promptly
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.bodies.append(body)
+        rewards = [float(item["response"]) for item in body["items"]]
+        if self.mode == "always_500" or (self.mode == "fails_twice" and len(self.bodies) <= 2):
+            return web.json_response({"error": "busy"}, status=500)
+        if self.mode == "hang":
+            await self.release.wait()
+        if self.mode == "wrong_length":
+            rewards = rewards[:-1]
+        if self.mode == "one_bad":
+            rewards[1] = "x"
+        return web.json_response({"rewards": rewards})
+
+
+def run(mode: str, responses: list[str], metrics: Metrics | None = None, **task) -> tuple[list, RewardServer]:
+    async def main():
+        server = RewardServer(mode)
+        app = web.Application()
+        app.router.add_post("/score", server.handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))  # ephemeral: the kernel picks a free port
+        await web.SockSite(runner, sock).start()
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/score"
+        pool = RewardPool(TaskConfig(reward_url=url, **{"reward_timeout_s": 2.0, **task}), "unused:path", metrics)
+        try:
+            return await pool.score_group(EXAMPLE.prompt, responses, EXAMPLE), server
+        finally:
+            pool.close()
+            server.release.set()
+            await runner.cleanup()
+
+    return asyncio.run(main())
+
+
+def test_one_batch_per_group_in_order():
+    metrics = Metrics()
+    got, server = run("ok", ["1", "0.5", "0"], metrics)
+    assert got == [(1.0, None), (0.5, None), (0.0, None)]
+    assert server.bodies == [{"items": [
+        {"prompt": "Half of 3?", "response": r, "answer": "1.5", "metadata": {"source": "unit", "level": 2}}
+        for r in ("1", "0.5", "0")]}]
+    assert metrics.registry.get_sample_value("areal_rollout_reward_seconds_count") == 1
+
+
+def test_a_value_that_is_not_a_number_scores_only_its_item_zero():
+    got, _ = run("one_bad", ["1", "1", "0.5"])
+    assert got == [(1.0, None), (0.0, "remote reward: reward is not a number: 'x'"), (0.5, None)]
+
+
+def test_a_server_that_fails_twice_is_retried():
+    got, server = run("fails_twice", ["1", "0"], reward_retries=2)
+    assert got == [(1.0, None), (0.0, None)] and len(server.bodies) == 3
+
+
+def test_a_server_that_always_fails_scores_every_item_zero_after_the_retries():
+    metrics = Metrics()
+    got, server = run("always_500", ["1", "1"], metrics, reward_retries=2)
+    assert got == [(0.0, "remote reward: HTTP 500 (attempt 3 of 3)")] * 2 and len(server.bodies) == 3
+    assert metrics.registry.get_sample_value("areal_rollout_reward_failures_total", {"kind": "remote"}) == 2
+
+
+def test_a_hanging_server_times_out():
+    got, server = run("hang", ["1"], reward_timeout_s=1.0, reward_retries=1)
+    assert got == [(0.0, "remote reward: timeout after 1.0s (attempt 2 of 2)")] and len(server.bodies) == 2
+
+
+def test_a_wrong_length_answer_is_not_retried():
+    got, server = run("wrong_length", ["1", "1", "1"], reward_retries=2)
+    reason = "remote reward: expected {'rewards': [3 numbers]}, got 2 rewards (attempt 1 of 3)"
+    assert got == [(0.0, reason)] * 3 and len(server.bodies) == 1
+
+
+def test_an_unreachable_url_scores_zero_with_the_reason():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    port = sock.getsockname()[1]
+    try:
+        async def main():
+            pool = RewardPool(TaskConfig(reward_url=f"http://127.0.0.1:{port}/", reward_retries=0), "unused:path")
+            try:
+                return await pool.score(EXAMPLE.prompt, "1", EXAMPLE)
+            finally:
+                pool.close()
+        reward, reason = asyncio.run(main())
+    finally:
+        sock.close()
+    assert reward == 0.0 and reason.startswith("remote reward: ClientConnectorError") and "attempt 1 of 1" in reason
