@@ -2,6 +2,8 @@
 
 ``run_job(cfg)`` is what ``areal-like run`` does:
 
+0. resolve hub ids to local directories and run the preflight (``launch/preflight.py``); a
+   ``ConfigError`` from here reaches the CLI, which prints it as one line per problem and exits 2;
 1. warm start (``launch/warmstart.py``) when ``warm_start.steps > 0`` (cached across runs);
 2. plan ports and CPU pools (``launch/topology.py``), write ``<run_dir>/config.yaml`` (the only
    config every daemon reads), ``ports.json`` (for ``areal-like top|status``) and
@@ -24,6 +26,7 @@ from pathlib import Path
 from areal_like.config import RunConfig, to_yaml
 from areal_like.distributed import free_port
 from launch.local import ProcSpec, Supervisor, write_json_atomic
+from launch.preflight import checked
 from launch.topology import Topology, apply_topology, plan_topology
 
 PROGRESS_EVERY_S = 5.0  # a live line this often keeps a terminal alive without flooding logs
@@ -210,10 +213,12 @@ def _supervisor_lines_only(line: str) -> None:
 
 
 def run_job(cfg: RunConfig, quiet: bool = False) -> int:
-    """``areal-like run``: returns the exit code; prints the summary as one JSON line on stdout."""
+    """``areal-like run``: returns the exit code; prints the summary as one JSON line on stdout.
+    Raises ConfigError (before anything started) when an input is unusable."""
     from launch.warmstart import ensure_warm_start
 
     t0 = time.monotonic()
+    cfg = checked(cfg)
     cfg = ensure_warm_start(cfg, log=lambda m: print(f"[warm-start] {m}", file=sys.stderr, flush=True))
     cfg, topo, config_path = prepare(cfg)
     run_dir = Path(cfg.run_dir)
