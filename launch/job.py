@@ -11,7 +11,9 @@
 3. run the supervisor over the buffer, K rollout servers and ``torchrun -m trainer``, with a live
    progress line read from ``<run_dir>/metrics/trainer.jsonl`` and a periodic scrape of every
    ``/metrics`` into ``<run_dir>/metrics/scrape.jsonl``;
-4. write ``learning_curve.png`` and ``summary.json`` and print the summary as ONE JSON line.
+4. when the job failed, print the failing daemon's last error lines (its log's last traceback)
+   to stderr, also with ``-q``;
+5. write ``learning_curve.png`` and ``summary.json`` and print the summary as ONE JSON line.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 
 from areal_like.config import RunConfig, to_yaml
 from areal_like.distributed import free_port
-from launch.local import ProcSpec, Supervisor, write_json_atomic
+from launch.local import ProcSpec, Supervisor, error_tail, write_json_atomic
 from launch.preflight import checked
 from launch.topology import Topology, apply_topology, plan_topology
 
@@ -212,6 +214,14 @@ def _supervisor_lines_only(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+def report_failure(run_dir: Path, daemon: str, out=sys.stderr) -> None:
+    """The failing daemon's last error lines, so that a failed job says why (also with ``-q``)."""
+    log = run_dir / "logs" / f"{daemon}.log"
+    lines = error_tail(log)
+    out.write(f"[run] {daemon} failed; the end of {log}:\n" + "".join(f"    {ln}\n" for ln in lines))
+    out.flush()
+
+
 def run_job(cfg: RunConfig, quiet: bool = False) -> int:
     """``areal-like run``: returns the exit code; prints the summary as one JSON line on stdout.
     Raises ConfigError (before anything started) when an input is unusable."""
@@ -230,6 +240,8 @@ def run_job(cfg: RunConfig, quiet: bool = False) -> int:
     print(f"[run] run_dir {run_dir}  (logs in {run_dir / 'logs'}; `areal-like top {run_dir}` for a live view)",
           file=sys.stderr, flush=True)
     code = sup.run()
+    if code != 0 and sup.failed is not None:
+        report_failure(run_dir, sup.failed)
     summary = summarize(run_dir, time.monotonic() - t0, code)
     print(json.dumps(summary), flush=True)
     return code
