@@ -49,11 +49,14 @@ __all__ = [
 
 
 def config_dir() -> Path:
-    """``configs/`` of this checkout, or $AREAL_LIKE_CONFIG_DIR."""
+    """$AREAL_LIKE_CONFIG_DIR; else the copy of ``configs/`` a wheel installs as ``areal_like/configs``;
+    else ``configs/`` of this checkout (a source tree or an editable install)."""
     env = os.environ.get("AREAL_LIKE_CONFIG_DIR")
     if env:
         return Path(env).resolve()
-    return (Path(__file__).resolve().parent.parent / "configs").resolve()
+    here = Path(__file__).resolve().parent
+    packaged = here / "configs"
+    return packaged if packaged.is_dir() else (here.parent / "configs").resolve()
 
 
 def _compose_with_choices(overrides: list[str], config_name: str):
