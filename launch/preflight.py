@@ -8,6 +8,7 @@ and raises ``PreflightError``: one line per problem, each naming its key. It che
 
 * ``model.path``: a directory with config.json and weights; ``model.tokenizer`` (when it is not a
   built-in tokenizer): a directory with a tokenizer; ``trainer.ref_path``: like model.path;
+* ``warm_start.steps > 0`` only with a model built from config or one a warm start wrote;
 * ``task.dataset_path`` (``task.name=dataset``) and ``task.eval_path``: exist;
 * ``task.reward_fn``: imports and is callable, in a child Python (see ``check_reward_fn``);
 * the trackers' packages, through ``areal_like.tracking.check_trackers(cfg)`` when that module
@@ -33,6 +34,7 @@ from areal_like.hf import TOKENIZER_NAMES, resolve_models
 REWARD_IMPORT_TIMEOUT_S = 120.0  # a reward module importing a big library on a loaded machine
 WEIGHT_GLOBS = ("*.safetensors", "*.bin")  # what from_pretrained loads (single or sharded)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+WARM_START_MARK = "warm_start.json"  # written by launch/warmstart.py into the model directory it saves
 
 # Run as `python -c`: the working directory is first on sys.path, as for the rollout server's
 # `python -m rollout_server`. The last stdout line is the reason when the exit status is not 0.
@@ -106,6 +108,19 @@ def check_models(cfg: RunConfig) -> list[str]:
     return out
 
 
+def check_warm_start(cfg: RunConfig) -> list[str]:
+    """The warm start trains the tiny model built from config (char tokenizer, its eos id) or refines
+    a model it wrote earlier (warm_start.json); on someone's Hugging Face model it would run a
+    supervised phase nobody asked for, with the tiny model's assumptions. ``model.path=X`` alone
+    keeps the default model=tiny and its recipe, hence the hint."""
+    path, steps = cfg.model.path, cfg.warm_start.steps
+    if steps <= 0 or not path or (Path(path).expanduser() / WARM_START_MARK).is_file():
+        return []
+    return [f"warm_start.steps={steps} with model.path={path!r}: the warm start is for the tiny model built from "
+            "config, not a Hugging Face model; add model=local_hf (no warm start, no tiny-model recipe) "
+            "or warm_start.steps=0"]
+
+
 def check_task_files(cfg: RunConfig) -> list[str]:
     t, out = cfg.task, []
     if t.name == "dataset" and t.dataset_path and not Path(t.dataset_path).expanduser().exists():
@@ -166,4 +181,5 @@ def check_engine(cfg: RunConfig) -> list[str]:
     return out
 
 
-OTHER_CHECKS = (check_task_files, check_reward_fn, check_trackers, check_engine)  # besides check_models
+# every check but check_models, which checked() runs on the resolved model keys
+OTHER_CHECKS = (check_warm_start, check_task_files, check_reward_fn, check_trackers, check_engine)

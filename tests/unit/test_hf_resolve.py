@@ -75,11 +75,13 @@ def test_missing_hub_id_offline_is_one_line_naming_the_key(tmp_path):
 def test_areal_like_config_prints_the_resolved_directory(tmp_path):
     snap = fake_cache(tmp_path / "hf")
     code = "import sys; from areal_like.cli import main; sys.exit(main(sys.argv[1:]))"
-    r = run_py(code, tmp_path / "hf", True, "config", f"model.path={REPO}", cwd=tmp_path)
+    r = run_py(code, tmp_path / "hf", True, "config", "model=local_hf", f"model.path={REPO}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert f"path: {snap}\n" in r.stdout
-    r = run_py(code, tmp_path / "hf", True, "config", "model.path=areal-like-test/not-cached", cwd=tmp_path)
+    r = run_py(code, tmp_path / "hf", True, "config", "model=local_hf", "model.path=areal-like-test/not-cached",
+               cwd=tmp_path)
     assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1
     assert r.stderr.startswith("error: model.path='areal-like-test/not-cached' is not a local directory")
     assert "Traceback" not in r.stderr
 

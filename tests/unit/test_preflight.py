@@ -73,6 +73,20 @@ def test_tokenizer_directory_and_reference_model(tmp_path):
                                          "not a Hugging Face model directory"]
 
 
+def test_warm_start_only_for_a_tiny_model_or_its_own_output(tmp_path):
+    model = hf_dir(tmp_path / "qwen")
+    cfg = model_cfg(path=str(model))  # model.path=... alone keeps model=tiny and its 150-step warm start
+    assert base().warm_start.steps == 150
+    assert pf.check_warm_start(cfg) == [
+        f"warm_start.steps=150 with model.path={str(model)!r}: the warm start is for the tiny model built from "
+        "config, not a Hugging Face model; add model=local_hf (no warm start, no tiny-model recipe) "
+        "or warm_start.steps=0"]
+    assert pf.check_warm_start(load_config(["model=local_hf", f"model.path={model}"])) == []
+    assert pf.check_warm_start(base()) == []  # built from config
+    (model / "warm_start.json").write_text("{}")  # a directory an earlier warm start wrote: refined further
+    assert pf.check_warm_start(cfg) == []
+
+
 def test_dataset_and_eval_files_must_exist(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "train.jsonl"
@@ -144,10 +158,10 @@ def test_preflight_lists_every_problem_and_checked_resolves_first(tmp_path, monk
         pf.checked(cfg)
     assert isinstance(info.value, ConfigError)
     keys = [p.split("=", 1)[0] for p in info.value.problems]
-    assert keys == ["model.path", "task.dataset_path", "task.eval_path"]
+    assert keys == ["model.path", "warm_start.steps", "task.dataset_path", "task.eval_path"]
     assert str(info.value).splitlines() == info.value.problems
     model = hf_dir(tmp_path / "model")
-    good = model_cfg(path=str(model))
+    good = dataclasses.replace(model_cfg(path=str(model)), warm_start=dataclasses.replace(base().warm_start, steps=0))
     assert pf.checked(good) == good
 
 
@@ -159,7 +173,7 @@ def test_areal_like_run_refuses_bad_inputs_in_one_line_each_before_starting_anyt
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
-    assert [ln.split("=", 1)[0] for ln in lines] == ["error: model.path", "error: task.eval_path",
-                                                     "error: task.reward_fn"], lines
+    assert [ln.split("=", 1)[0] for ln in lines] == ["error: model.path", "error: warm_start.steps",
+                                                     "error: task.eval_path", "error: task.reward_fn"], lines
     assert "Traceback" not in r.stderr and r.stdout == ""
     assert not run_dir.exists()  # no warm start, no daemon, not even the run directory
