@@ -6,12 +6,15 @@
     areal-like train    [torchrun flags] [overrides...]   the trainer under torchrun
     areal-like top      [RUN_DIR]             live terminal view scraped from every /metrics
     areal-like status   [RUN_DIR]             one-shot health of every daemon of a run
-    areal-like config   [overrides...]        print the resolved config (one file for every node)
+    areal-like config   [overrides...]        print the resolved config (one file for every node):
+                                              hub ids resolved, inputs checked as `run` does
     areal-like eval     MODEL [overrides...]  evaluate an HF directory or a checkpoint on the eval split
     areal-like track    RUN_DIR [--once] [overrides...]   feed a run's metrics and samples to cfg.tracker
     areal-like export   CHECKPOINT OUT [--config-file FILE]   a trainer checkpoint -> a Hugging Face directory
 
-Overrides are Hydra's: ``experiment=quickstart trainer.lr=1e-4 buffer.max_staleness=0``.
+Overrides are Hydra's: ``experiment=quickstart trainer.lr=1e-4 buffer.max_staleness=0``. A bad
+configuration, an unusable input (preflight) or a finished ``run_dir`` prints ``error:`` lines and
+exits 2 before anything starts.
 ``--help`` is fast: nothing heavy (torch, transformers, hydra) is imported before a command runs,
 and the process packages are reached by module name (``python -m buffer``, ``python -m trainer.export``),
 never imported here, so ``areal_like`` keeps pointing one way in the import graph.
@@ -37,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog="Overrides are Hydra's key=value, e.g. experiment=quickstart trainer.lr=1e-4")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run the whole job on this machine")
-    run.add_argument("-q", "--quiet", action="store_true", help="do not echo daemon logs (they stay in run_dir/logs)")
+    run.add_argument("-q", "--quiet", action="store_true",
+                     help="do not echo daemon logs (they stay in run_dir/logs); a failed job still prints why")
     run.add_argument("overrides", nargs="*", help="Hydra overrides")
     for name, help_ in (("buffer", "run one buffer daemon in the foreground"),
                         ("rollout", "run one rollout server in the foreground")):
@@ -160,31 +164,44 @@ def _load(overrides: list[str]):
         return None
 
 
+def _errors(e: Exception) -> int:
+    """A ConfigError from past the composition (preflight, run_dir): one ``error:`` line per problem."""
+    for line in str(e).splitlines():
+        print(f"error: {line}", file=sys.stderr)
+    return 2
+
+
 def _print_config(overrides: list[str]) -> int:
-    from areal_like.config import to_yaml
+    """The config the daemons would read: hub ids resolved to local directories, inputs checked."""
+    import importlib
+
+    from areal_like.config import ConfigError, to_yaml
 
     cfg = _load(overrides)
     if cfg is None:
         return 2
+    try:
+        cfg = importlib.import_module("launch.preflight").checked(cfg)
+    except ConfigError as e:
+        return _errors(e)
     sys.stdout.write(to_yaml(cfg))
     return 0
 
 
 def _run(overrides: list[str], quiet: bool) -> int:
-    cfg = _load(overrides)
-    if cfg is None:
-        return 2
     import importlib
 
     from areal_like.config import ConfigError
 
+    cfg = _load(overrides)
+    if cfg is None:
+        return 2
     # launch/ imports the process-independent pieces; reached by name like the daemons are.
     job = importlib.import_module("launch.job")
     try:
         return job.run_job(cfg, quiet=quiet)
-    except ConfigError as e:  # e.g. a tracker whose package is missing: found before anything starts
-        print(f"error: bad configuration: {e}", file=sys.stderr)
-        return 2
+    except ConfigError as e:  # preflight, a finished run_dir, a port clash: before anything started
+        return _errors(e)
 
 
 def _track(run_dir: str, overrides: list[str], once: bool) -> int:

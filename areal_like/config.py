@@ -49,11 +49,14 @@ __all__ = [
 
 
 def config_dir() -> Path:
-    """``configs/`` of this checkout, or $AREAL_LIKE_CONFIG_DIR."""
+    """$AREAL_LIKE_CONFIG_DIR; else the copy of ``configs/`` a wheel installs as ``areal_like/configs``;
+    else ``configs/`` of this checkout (a source tree or an editable install)."""
     env = os.environ.get("AREAL_LIKE_CONFIG_DIR")
     if env:
         return Path(env).resolve()
-    return (Path(__file__).resolve().parent.parent / "configs").resolve()
+    here = Path(__file__).resolve().parent
+    packaged = here / "configs"
+    return packaged if packaged.is_dir() else (here.parent / "configs").resolve()
 
 
 def data_path(relative: str) -> str:
@@ -262,12 +265,32 @@ def dataset_size(task: TaskConfig, model: ModelConfig) -> int:
     return len(make_task(task, tokenizer))
 
 
-def load_daemon_config(argv: list[str]) -> RunConfig:
+def load_daemon_config(argv: list[str], addresses: tuple[str, ...] = ()) -> RunConfig:
     """Entry-point helper: ``[--config-file PATH] [key=value ...]``.
 
     With ``--config-file`` (a resolved YAML written by the launcher), the overrides are applied
-    on top of it; otherwise the Hydra tree is composed with the overrides.
+    on top of it; otherwise the Hydra tree is composed with the overrides. ``addresses``: the keys
+    this daemon binds or connects to; port 0 there is refused (only ``areal-like run`` turns 0 into
+    free ports, and a daemon started on its own cannot tell the others which port it got).
     """
+    cfg = _load_daemon_config(argv)
+    for key in addresses:
+        value = _dotted(cfg, key)
+        if isinstance(value, str) and value.rsplit(":", 1)[-1] == "0":
+            raise ConfigError(f"{key}={value!r} has port 0: a daemon started on its own needs the buffer's real "
+                              "address (e.g. buffer.address=tcp://HOST:5555 buffer.pub_address=tcp://HOST:5556); "
+                              "`areal-like run` picks free ports itself")
+    return cfg
+
+
+def _dotted(cfg: Any, key: str) -> Any:
+    """``cfg.a.b`` for the key ``"a.b"``."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _load_daemon_config(argv: list[str]) -> RunConfig:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 

@@ -1,20 +1,92 @@
-"""Build or load the Hugging Face causal LM that both the engine and the trainer run.
+"""Hugging Face models: find a model's local directory, and build or load the causal LM.
 
-``build_model(cfg)`` loads ``cfg.path`` (a local directory; hub ids are refused: nothing is
-downloaded at run time) or builds a Qwen2 from the config fields with a fixed init seed, so every
-process that builds "the same" tiny model gets bit-identical weights. Imports torch lazily.
+``resolve_model_path(path)`` turns ``model.path`` into a local directory ONCE, in the launcher
+(``areal-like run`` / ``areal-like config``), before any daemon starts: a local directory is used
+as is; a hub id (``org/name``) is looked up in the local Hugging Face cache and, only when
+``HF_HUB_OFFLINE`` is unset, downloaded (with progress bars). ``resolve_models(cfg)`` applies it to
+every model-valued key. The daemons then read directories only: ``build_model(cfg)`` loads
+``cfg.path`` (hub ids are refused there: nothing is downloaded by a daemon) or builds a Qwen2 from
+the config fields with a fixed init seed, so every process that builds "the same" tiny model gets
+bit-identical weights. Imports torch and huggingface_hub lazily.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from areal_like.config import ConfigError, ModelConfig
+from areal_like.config import ConfigError, ModelConfig, RunConfig
 
 if TYPE_CHECKING:
     import torch
+
+
+# org/name, as the hub spells model repos (validate_repo_id has the finer rules); a relative local
+# path of the same shape that exists is taken as a directory first
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+# what a download skips: other frameworks' weights and exports that transformers never reads
+DOWNLOAD_IGNORE = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "*.onnx_data", "*.gguf", "*.tflite", "*.pth",
+                   "original/*", "onnx/*", "openvino/*", "coreml/*"]
+TOKENIZER_NAMES = ("char", "bpe")  # model.tokenizer values that name a built-in tokenizer, not a directory
+
+
+def looks_like_hub_id(path: str) -> bool:
+    return bool(HUB_ID.match(path)) and "--" not in path and ".." not in path
+
+
+def _offline() -> bool:
+    # read at call time: huggingface_hub reads it once at import, and tests set it per process
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def resolve_model_path(path: str, key: str = "model.path") -> str:
+    """``path`` as a local directory: itself when it is one, else the hub id's snapshot directory
+    from the local cache, else downloaded (unless HF_HUB_OFFLINE is set). Raises ConfigError naming
+    ``key`` in one line when it is neither."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return path
+    if not looks_like_hub_id(path):
+        what = "is a file, not a model directory" if local.exists() else "does not exist"
+        raise ConfigError(f"{key}={path!r} {what} (and is not a hub id of the form org/name)")
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(path, local_files_only=True)
+    except LocalEntryNotFoundError:
+        pass  # not cached: download below, unless offline
+    except HFValidationError as e:
+        raise ConfigError(f"{key}={path!r} is not a local directory nor a valid hub id: {_first_line(e)}") from None
+    where = f"not a local directory and not in the Hugging Face cache {constants.HF_HUB_CACHE}"
+    if _offline():
+        raise ConfigError(f"{key}={path!r} is {where}, and HF_HUB_OFFLINE is set (unset it to download, "
+                          f"or give a local directory)")
+    try:
+        return snapshot_download(path, ignore_patterns=DOWNLOAD_IGNORE)  # tqdm progress bars on stderr
+    except Exception as e:  # network down, repo missing or gated: one line, not a traceback
+        raise ConfigError(f"{key}={path!r} is {where}, and the download failed: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def resolve_models(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with every model-valued key (model.path, model.tokenizer when it is not a built-in
+    tokenizer, trainer.ref_path) resolved to a local directory; a new object, the input unchanged."""
+    model, trainer = cfg.model, cfg.trainer
+    if model.path:
+        model = dataclasses.replace(model, path=resolve_model_path(model.path, "model.path"))
+    if model.tokenizer not in TOKENIZER_NAMES:
+        model = dataclasses.replace(model, tokenizer=resolve_model_path(model.tokenizer, "model.tokenizer"))
+    if trainer.ref_path:
+        trainer = dataclasses.replace(trainer, ref_path=resolve_model_path(trainer.ref_path, "trainer.ref_path"))
+    return dataclasses.replace(cfg, model=model, trainer=trainer)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -51,7 +123,7 @@ def build_model(cfg: ModelConfig, device: str = "cpu", dtype: str | None = None)
         path = Path(cfg.path)
         if not (path / "config.json").is_file():
             raise ConfigError(f"model.path={cfg.path!r} is not a local model directory (no config.json); "
-                              "models are never downloaded at run time")
+                              "a daemon never downloads: `areal-like run` resolves hub ids before it starts")
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt, attn_implementation=cfg.attn_implementation)
     else:
         rng_state = torch.random.get_rng_state()

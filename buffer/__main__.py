@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> int:
 
     log = setup_logging("buffer")
     try:
-        cfg = load_daemon_config(sys.argv[1:] if argv is None else argv)
+        cfg = load_daemon_config(sys.argv[1:] if argv is None else argv,
+                                 addresses=("buffer.address", "buffer.pub_address"))
     except ConfigError as e:
         log.error("invalid configuration: %s", e)
         return 2

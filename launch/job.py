@@ -2,6 +2,10 @@
 
 ``run_job(cfg)`` is what ``areal-like run`` does:
 
+0. resolve hub ids to local directories and run the preflight (``launch/preflight.py``), then look
+   at what ``run_dir`` already holds (``launch/rundir.py``): a finished run is refused, an
+   unfinished one resumes from its latest checkpoint; a ``ConfigError`` from here reaches the CLI,
+   which prints it as one line per problem and exits 2;
 1. warm start (``launch/warmstart.py``) when ``warm_start.steps > 0`` (cached across runs);
 2. plan ports and CPU pools (``launch/topology.py``), write ``<run_dir>/config.yaml`` (the only
    config every daemon reads), ``ports.json`` (for ``areal-like top|status``) and
@@ -9,10 +13,14 @@
 3. run the supervisor over the buffer, K rollout servers and ``torchrun -m trainer``, with a live
    progress line read from ``<run_dir>/metrics/trainer.jsonl``, a periodic scrape of every
    ``/metrics`` into ``<run_dir>/metrics/scrape.jsonl`` and the tracker sink
-   (``areal_like/track_sink.py``) feeding ``cfg.tracker`` from the run's JSONL files;
-4. write ``learning_curve.png`` (rewards, and the eval accuracies of ``eval.jsonl`` when there
+   (``areal_like/track_sink.py``) feeding ``cfg.tracker`` from the run's JSONL files; when an eval
+   is scheduled, the job stays up after the trainer completed until the final evaluation is written;
+4. when the job failed, print the failing daemon's last error lines (its log's last traceback)
+   to stderr, also with ``-q``;
+5. write ``learning_curve.png`` (rewards, and the eval accuracies of ``eval.jsonl`` when there
    are any) and ``summary.json``, give the trackers their last rows, and print the summary as ONE
-   JSON line.
+   JSON line: ``steps`` counts the steps trained by THIS invocation, ``resumed_from`` the
+   checkpoint it resumed.
 """
 
 from __future__ import annotations
@@ -28,8 +36,9 @@ from typing import TYPE_CHECKING
 from areal_like.config import RunConfig, to_yaml
 from areal_like.distributed import free_port
 from areal_like.track_sink import TrackerSink
-from areal_like.tracking import check_trackers
-from launch.local import ProcSpec, Supervisor, write_json_atomic
+from launch.local import ProcSpec, Supervisor, error_tail, write_json_atomic
+from launch.preflight import checked
+from launch.rundir import check_existing_run
 from launch.topology import Topology, apply_topology, plan_topology, wants_eval
 
 if TYPE_CHECKING:
@@ -99,10 +108,14 @@ def write_ports(run_dir: Path, topo: Topology, sup: Supervisor) -> None:
     write_json_atomic(run_dir / "prometheus_targets.json", targets)
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path, since: int = 0) -> list[dict]:
+    """The records of a JSONL file from byte offset ``since`` on."""
     out = []
     if path.is_file():
-        for line in path.read_text().splitlines():
+        with path.open("rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+        for line in text.splitlines():
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError:
@@ -118,10 +131,15 @@ def reward_of(rec: dict) -> float | None:
     return None
 
 
-def step_records(run_dir: Path) -> list[dict]:
-    """One record per trainer step (the last one wins after a resume replays a step)."""
+def trainer_jsonl(run_dir: Path) -> Path:
+    return run_dir / "metrics" / "trainer.jsonl"
+
+
+def step_records(run_dir: Path, since: int = 0) -> list[dict]:
+    """One record per trainer step written from byte ``since`` of trainer.jsonl on (0: the whole run;
+    the size at start: this invocation's steps); the last one wins after a resume replays a step."""
     by_step: dict[int, dict] = {}
-    for rec in read_jsonl(run_dir / "metrics" / "trainer.jsonl"):
+    for rec in read_jsonl(trainer_jsonl(run_dir), since):
         step = rec.get("step", rec.get("policy_version"))
         if isinstance(step, int) and reward_of(rec) is not None:
             by_step[step] = rec
@@ -131,8 +149,9 @@ def step_records(run_dir: Path) -> list[dict]:
 class Monitor:
     """on_tick: the live progress line, the periodic /metrics scrape and the tracker sink's polls."""
 
-    def __init__(self, cfg: RunConfig, topo: Topology, run_dir: Path, out=sys.stderr, sink: TrackerSink | None = None):
-        self.cfg, self.topo, self.run_dir, self.out, self.sink = cfg, topo, run_dir, out, sink
+    def __init__(self, cfg: RunConfig, topo: Topology, run_dir: Path, out=sys.stderr, since: int = 0,
+                 sink: TrackerSink | None = None):
+        self.cfg, self.topo, self.run_dir, self.out, self.since, self.sink = cfg, topo, run_dir, out, since, sink
         self.t0 = time.monotonic()
         self.next_line = self.next_scrape = self.next_track = 0.0
 
@@ -150,14 +169,14 @@ class Monitor:
             self.sink.poll()
 
     def progress_line(self) -> str:
-        recs = step_records(self.run_dir)
+        recs = step_records(self.run_dir, self.since)
         elapsed = time.monotonic() - self.t0
         if not recs:
             return f"[run] waiting for the first trainer step ... {elapsed:.0f}s"
         last = recs[-1]
         window = [reward_of(r) for r in recs[-SUMMARY_WINDOW:]]
         total = self.cfg.trainer.steps
-        done = len(recs)
+        done = min(total, int(last.get("step", last.get("policy_version", len(recs)))))  # counts resumed steps
         bar = "#" * int(20 * done / total) + "." * (20 - int(20 * done / total))
         return (f"[run] [{bar}] step {done}/{total}  reward {sum(window) / len(window):.3f}  "
                 f"version {last.get('policy_version', '?')}  {elapsed:.0f}s")
@@ -202,8 +221,10 @@ def eval_summary(run_dir: Path) -> dict:
     return out
 
 
-def summarize(run_dir: Path, wall_s: float, code: int) -> dict:
-    recs = step_records(run_dir)
+def summarize(run_dir: Path, wall_s: float, code: int, since: int = 0, resumed_from: int = 0) -> dict:
+    """The run's summary: rewards and steps of this invocation (trainer.jsonl from byte ``since``),
+    ``resumed_from`` when it continued a checkpoint; the learning curve shows the whole run."""
+    recs = step_records(run_dir, since)
     rewards = [reward_of(r) for r in recs]
     first, last = rewards[:SUMMARY_WINDOW], rewards[-SUMMARY_WINDOW:]
     summary = {
@@ -212,8 +233,11 @@ def summarize(run_dir: Path, wall_s: float, code: int) -> dict:
         "steps": len(recs), "wall_s": round(wall_s, 1), "run_dir": str(run_dir), "ok": code == 0,
     }
     summary.update(eval_summary(run_dir))
-    if rewards:
-        summary["learning_curve"] = str(plot_curve(run_dir, recs))
+    if resumed_from:
+        summary["resumed_from"] = resumed_from
+    history = step_records(run_dir)
+    if history:
+        summary["learning_curve"] = str(plot_curve(run_dir, history))
     write_json_atomic(run_dir / "summary.json", summary)
     return summary
 
@@ -241,7 +265,7 @@ def curve_figure(run_dir: Path, recs: list[dict], evals: list[dict]) -> Figure:
     ax.plot(steps, smooth, label=f"reward ({k}-step mean)")
     samples_k = next((e["k"] for e in reversed(evals) if isinstance(e.get("k"), int)), "k")
     for key, label, marker in (("greedy_accuracy", "eval accuracy (greedy)", "o"),
-                               ("mean@k", f"eval mean@{samples_k}", "s")):
+                               (f"mean@{samples_k}", f"eval mean@{samples_k}", "s")):
         points = [(e["policy_version"], float(e[key])) for e in evals
                   if isinstance(e.get(key), (int, float)) and not isinstance(e.get(key), bool)]
         if points:
@@ -268,21 +292,35 @@ def _supervisor_lines_only(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+def report_failure(run_dir: Path, daemon: str, out=sys.stderr) -> None:
+    """The failing daemon's last error lines, so that a failed job says why (also with ``-q``)."""
+    log = run_dir / "logs" / f"{daemon}.log"
+    lines = error_tail(log)
+    out.write(f"[run] {daemon} failed; the end of {log}:\n" + "".join(f"    {ln}\n" for ln in lines))
+    out.flush()
+
+
 def run_job(cfg: RunConfig, quiet: bool = False) -> int:
-    """``areal-like run``: returns the exit code; prints the summary as one JSON line on stdout."""
+    """``areal-like run``: returns the exit code; prints the summary as one JSON line on stdout.
+    Raises ConfigError (before anything started) when an input is unusable or run_dir refuses."""
     from launch.warmstart import ensure_warm_start
 
     t0 = time.monotonic()
-    check_trackers(cfg)  # a missing tracker package fails here, before the warm start and the daemons
+    cfg = checked(cfg)  # hub ids resolved, inputs and tracker packages checked: before anything starts
+    resumed_from = check_existing_run(cfg)
+    if resumed_from:
+        print(f"[run] resuming at step {resumed_from} of {cfg.trainer.steps}", file=sys.stderr, flush=True)
     cfg = ensure_warm_start(cfg, log=lambda m: print(f"[warm-start] {m}", file=sys.stderr, flush=True))
     cfg, topo, config_path = prepare(cfg)
     run_dir = Path(cfg.run_dir)
+    jsonl = trainer_jsonl(run_dir)
+    since = jsonl.stat().st_size if jsonl.is_file() else 0  # what earlier invocations trained
     echo = _supervisor_lines_only if quiet else None
     sink = TrackerSink.from_config(cfg)
     try:
         sup = Supervisor(job_specs(cfg, topo, config_path), run_dir, restarts=cfg.launch.restarts,
                          health_timeout_s=cfg.launch.health_timeout_s, echo=echo,
-                         on_tick=Monitor(cfg, topo, run_dir, sink=sink),
+                         on_tick=Monitor(cfg, topo, run_dir, since=since, sink=sink),
                          on_change=lambda s: write_ports(run_dir, topo, s))
         sup.install_signals()
         if wants_eval(cfg) and cfg.eval.at_end:
@@ -290,10 +328,11 @@ def run_job(cfg: RunConfig, quiet: bool = False) -> int:
         print(f"[run] run_dir {run_dir}  (logs in {run_dir / 'logs'}; `areal-like top {run_dir}` for a live view)",
               file=sys.stderr, flush=True)
         code = sup.run()
-        summary = summarize(run_dir, time.monotonic() - t0, code)
+        if code != 0 and sup.failed is not None:
+            report_failure(run_dir, sup.failed)
+        summary = summarize(run_dir, time.monotonic() - t0, code, since=since, resumed_from=resumed_from)
         sink.poll(final=True)  # every daemon has stopped: the files are complete
     finally:
         sink.close()
     print(json.dumps(summary), flush=True)
     return code
-

@@ -65,7 +65,11 @@ class _Proc:
 
 
 class JobFailed(RuntimeError):
-    pass
+    """The job cannot go on; ``daemon`` names the process that failed it (None: not one process)."""
+
+    def __init__(self, message: str, daemon: str | None = None):
+        super().__init__(message)
+        self.daemon = daemon
 
 
 class Supervisor:
@@ -86,6 +90,7 @@ class Supervisor:
         # before anything is stopped (tests inspect the finished job's live daemons here)
         self.stop_event = threading.Event()
         self.outcome = ""
+        self.failed: str | None = None  # the process that failed the job (see error_tail for its log)
 
     # ---- public
     def request_stop(self, *_args) -> None:
@@ -111,6 +116,7 @@ class Supervisor:
                 self.on_complete(self)
         except JobFailed as e:
             self.outcome = f"failed: {e}"
+            self.failed = e.daemon
             code = 1
         finally:
             self.stop_all()
@@ -140,7 +146,8 @@ class Supervisor:
                     return 0
                 self._kill_leftovers(p)
                 if p.restarts >= self.restarts:
-                    raise JobFailed(f"{p.spec.name} exited with {rc} and has no restarts left ({self.restarts})")
+                    raise JobFailed(f"{p.spec.name} exited with {rc} and has no restarts left ({self.restarts})",
+                                    p.spec.name)
                 p.restarts += 1
                 self.echo(f"[supervisor] {p.spec.name} exited with {rc}; restart {p.restarts}/{self.restarts}")
                 time.sleep(RESTART_BACKOFF_S)
@@ -187,11 +194,12 @@ class Supervisor:
         while p.spec.health_url and not self.stop_event.is_set():
             if p.popen.poll() is not None:
                 raise JobFailed(f"{p.spec.name} exited with {p.popen.returncode} before it was healthy "
-                                f"(see {self.log_dir / (p.spec.name + '.log')})")
+                                f"(see {self.log_dir / (p.spec.name + '.log')})", p.spec.name)
             if probe(p.spec.health_url):
                 return
             if time.monotonic() > deadline:
-                raise JobFailed(f"{p.spec.name} not healthy at {p.spec.health_url} after {self.health_timeout_s:.0f}s")
+                raise JobFailed(f"{p.spec.name} not healthy at {p.spec.health_url} after {self.health_timeout_s:.0f}s",
+                                p.spec.name)
             time.sleep(0.2)
 
     def _record_descendants(self, p: _Proc) -> None:
@@ -242,6 +250,42 @@ class Supervisor:
                 pass
         psutil.wait_procs(still, timeout=5)
         p.descendants = {}
+
+
+LOG_START = "---- start "  # the line _start writes before each (re)start of a process
+TRACEBACK = "Traceback (most recent call last):"
+
+
+def error_tail(log: Path, max_lines: int = 20) -> list[str]:
+    """Why a process failed, from its log: within its last start, the last Python traceback up to its
+    exception line (torchrun's own ChildFailedError traceback is skipped: it only says that a rank
+    failed, the rank's traceback is above it), shortened to ``max_lines``; without a traceback, the
+    last ``max_lines`` lines. Empty when there is no log."""
+    if not log.is_file():
+        return []
+    lines = log.read_text(errors="replace").splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(LOG_START)]
+    lines = lines[starts[-1] + 1:] if starts else lines
+    blocks = []
+    for i, line in enumerate(lines):
+        if TRACEBACK not in line:
+            continue
+        end = i + 1
+        while end < len(lines) and _body(lines[end])[:1] in (" ", "\t"):
+            end += 1  # frames are indented; the first unindented line is the exception
+        blocks.append(lines[i:end + 1])
+    blocks = [b for b in blocks if "ChildFailedError" not in b[-1]]
+    if not blocks:
+        return lines[-max_lines:]
+    block = blocks[-1]
+    return block if len(block) <= max_lines else [block[0], "  ...", *block[-(max_lines - 2):]]
+
+
+def _body(line: str) -> str:
+    """A log line without torchrun's ``[rank0]: `` prefix (newer torch versions add one)."""
+    if line.startswith("[rank") and "]: " in line[:16]:
+        return line.split("]: ", 1)[1]
+    return line
 
 
 def probe(url: str, timeout_s: float = HEALTH_PROBE_S) -> bool:

@@ -11,13 +11,17 @@ import logging
 import os
 import sys
 
-from areal_like.config import load_daemon_config
+from areal_like.config import ConfigError, load_daemon_config
 from areal_like.daemon import setup_logging
 
 
 def main(argv: list[str]) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported (embedded engine)
-    cfg = load_daemon_config(argv)
+    try:
+        cfg = load_daemon_config(argv, addresses=("rollout.buffer_address", "rollout.pub_address"))
+    except ConfigError as e:
+        setup_logging("rollout").error("invalid configuration: %s", e)
+        return 2
     setup_logging(f"rollout:{cfg.rollout.server_id or 'rollout'}")
     from rollout_server.server import RolloutServer
 

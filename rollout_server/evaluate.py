@@ -212,11 +212,10 @@ def _to_hf_dir(checkpoint: Path, config_file: Path | None, out: Path) -> Path:
 
 
 async def _evaluate_model(cfg: RunConfig, version: int | None) -> dict:
+    from areal_like.tasks import make_task
     from areal_like.tokenizer import load_tokenizer
     from rollout_server.engine import EmbeddedEngine
     from rollout_server.reward_pool import RewardPool
-
-    from areal_like.tasks import make_task
 
     tokenizer = load_tokenizer(cfg.model)
     rewards = RewardPool(cfg.task, make_task(cfg.task, tokenizer, split="eval").reward_path)

@@ -9,14 +9,18 @@ import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported: intra-op threads only oversubscribe
 
-from areal_like.config import load_daemon_config  # noqa: E402
+from areal_like.config import ConfigError, load_daemon_config  # noqa: E402
 from areal_like.daemon import setup_logging  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
     rank = os.environ.get("RANK", "0")
-    setup_logging(f"trainer-{rank}")
-    cfg = load_daemon_config(argv)
+    log = setup_logging(f"trainer-{rank}")
+    try:
+        cfg = load_daemon_config(argv, addresses=("trainer.buffer_address",))
+    except ConfigError as e:
+        log.error("invalid configuration: %s", e)
+        return 2
     from trainer.loop import train
 
     return train(cfg)

@@ -7,8 +7,11 @@ its ranks, so that a ``kill -9`` of the leader orphans the child outside the pro
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 import threading
@@ -19,7 +22,10 @@ import psutil
 import pytest
 
 from areal_like.distributed import free_port
-from launch.local import ProcSpec, Supervisor, probe
+from launch.job import report_failure
+from launch.local import ProcSpec, Supervisor, error_tail, probe
+
+ROOT = Path(__file__).resolve().parents[2]
 
 DUMMY = textwrap.dedent('''
     import http.server, os, signal, subprocess, sys, threading, time
@@ -39,6 +45,8 @@ DUMMY = textwrap.dedent('''
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), H)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     print(f"dummy up pid={os.getpid()} port={port}", flush=True)
+    if mode == "traceback":  # a daemon that fails at start with a Python traceback
+        raise RuntimeError(f"boom in pid {os.getpid()}")
     t0 = time.time()
     while True:
         if mode.startswith("exit_after_"):
@@ -183,3 +191,37 @@ def test_stop_while_a_daemon_never_becomes_healthy(dummy, tmp_path):
         assert _wait(lambda: not run.thread.is_alive(), 60)
         run.track()
     assert run.code == 1 and "not healthy" in sup.outcome
+
+
+@pytest.mark.slow
+def test_a_failed_job_names_the_daemon_and_shows_its_last_traceback(dummy, tmp_path):
+    specs = [_spec(dummy, "buffer", stage=0), _spec(dummy, "rollout-0", mode="traceback", health=False)]
+    sup = Supervisor(specs, tmp_path / "run", restarts=1, health_timeout_s=60, echo=lambda _: None)
+    with _Run(sup) as run:
+        assert _wait(lambda: not run.thread.is_alive(), 90)
+        run.track()
+    assert run.code == 1 and sup.failed == "rollout-0"
+    last_pid = sup.proc("rollout-0").popen.pid
+    tail = error_tail(tmp_path / "run" / "logs" / "rollout-0.log")
+    assert tail[0] == "Traceback (most recent call last):"
+    assert tail[-1] == f"RuntimeError: boom in pid {last_pid}"  # the last start's, not the first's
+    out = io.StringIO()
+    report_failure(tmp_path / "run", sup.failed, out)
+    assert out.getvalue().splitlines()[-1] == f"    RuntimeError: boom in pid {last_pid}"
+
+
+@pytest.mark.slow
+def test_quiet_run_prints_why_the_job_failed(tmp_path):
+    """`areal-like run -q` with a buffer that cannot create its WAL (a file where its directory
+    should be): the job fails at start, and stderr says why, although -q hides daemon logs."""
+    (tmp_path / "afile").write_text("")
+    r = subprocess.run([sys.executable, "-m", "areal_like.cli", "run", "-q", f"run_dir={tmp_path / 'run'}",
+                        "warm_start.steps=0", f"buffer.wal_dir={tmp_path / 'afile' / 'wal'}", "launch.restarts=0"],
+                       capture_output=True, text=True, timeout=180, cwd=tmp_path, env={**os.environ,
+                                                                                      "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 1, r.stderr
+    assert json.loads(r.stdout)["ok"] is False
+    assert f"[run] buffer failed; the end of {tmp_path / 'run' / 'logs' / 'buffer.log'}:" in r.stderr
+    assert "    Traceback (most recent call last):" in r.stderr
+    assert r.stderr.rstrip().endswith(f"NotADirectoryError: [Errno 20] Not a directory: '{tmp_path / 'afile' / 'wal'}'")
+    assert " | " not in r.stderr  # quiet: no streamed daemon lines, only the failure report

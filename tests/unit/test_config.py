@@ -111,14 +111,16 @@ def test_malformed_override():
 
 
 def test_daemon_config_round_trip(tmp_path):
-    cfg = load_config(["trainer.lr=3e-4", "loss=gspo"])
+    # a fixed run_dir: the default one is stamped with the time of each composition
+    cfg = load_config(["trainer.lr=3e-4", "loss=gspo", f"run_dir={tmp_path}"])
     path = tmp_path / "config.yaml"
     path.write_text(to_yaml(cfg))
     extra = ["rollout.server_id=rollout-0", "rollout.metrics_port=9101", "buffer.max_staleness=2"]
     daemon_cfg = load_daemon_config(["--config-file", str(path), *extra])
     assert daemon_cfg.rollout.server_id == "rollout-0" and daemon_cfg.rollout.metrics_port == 9101
     assert daemon_cfg.trainer.lr == 3e-4 and daemon_cfg.trainer.loss.kind == "gspo"
-    assert to_yaml(daemon_cfg) == to_yaml(load_config(["trainer.lr=3e-4", "loss=gspo", *extra]))
+    same = load_config(["trainer.lr=3e-4", "loss=gspo", f"run_dir={tmp_path}", *extra])
+    assert to_yaml(daemon_cfg) == to_yaml(same)
     assert to_yaml(load_daemon_config(["--config-file", str(path)])) == path.read_text()
     assert to_yaml(load_daemon_config([f"--config-file={path}"])) == path.read_text()
     assert load_daemon_config(["task=sort"]).task.name == "sort"  # without a file: Hydra composes

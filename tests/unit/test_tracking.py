@@ -384,9 +384,9 @@ def test_learning_curve_gains_eval_points_when_eval_jsonl_exists(tmp_path):
         "reward (3-step mean)": [(1, 0.25), (2, 0.375), (3, 0.5)]}
     without = plot_curve(tmp_path, recs).read_bytes()
     append(tmp_path / "eval.jsonl",
-           {"policy_version": 0, "greedy_accuracy": 0.125, "mean@k": 0.0625, "k": 4, "final": False},
-           {"policy_version": 3, "greedy_accuracy": 0.5, "mean@k": 0.25, "k": 4, "final": False},
-           {"policy_version": 3, "greedy_accuracy": 0.625, "mean@k": 0.375, "k": 4, "final": True})  # last wins
+           {"policy_version": 0, "greedy_accuracy": 0.125, "mean@4": 0.0625, "k": 4, "final": False},
+           {"policy_version": 3, "greedy_accuracy": 0.5, "mean@4": 0.25, "k": 4, "final": False},
+           {"policy_version": 3, "greedy_accuracy": 0.625, "mean@4": 0.375, "k": 4, "final": True})  # last wins
     lines = _lines(curve_figure(tmp_path, recs, eval_records(tmp_path)))
     assert lines["eval accuracy (greedy)"] == [(0, 0.125), (3, 0.625)]
     assert lines["eval mean@4"] == [(0, 0.0625), (3, 0.375)]

@@ -1,0 +1,83 @@
+"""`areal-like run` with no experiment is a working job: it learns like the quickstart (warm start,
+the tiny model's recipe), runs in a directory of its own and on free ports, so two runs never
+collide; real models get none of the tiny model's recipe; multi-node recipes keep their addresses."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from areal_like.config import ConfigError, load_config, load_daemon_config, to_yaml
+from launch.job import prepare
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_default_job_is_the_quickstart_recipe():
+    default, quick = load_config([]), load_config(["experiment=quickstart"])
+    assert default.warm_start.steps > 0 and default.warm_start == quick.warm_start
+    assert default.model == quick.model and default.task == quick.task  # reverse 6 letters at T=2
+    assert (default.trainer.lr, default.trainer.micro_batch_size, default.trainer.steps) == (3e-4, 64, 200)
+    assert default.trainer.loss == quick.trainer.loss and default.launch == quick.launch
+    assert re.fullmatch(r"runs/default/\d{8}-\d{6}", default.run_dir), default.run_dir
+
+
+def test_local_buffer_addresses_default_to_port_0():
+    cfg = load_config([])
+    assert cfg.buffer.address == cfg.rollout.buffer_address == cfg.trainer.buffer_address == "tcp://127.0.0.1:0"
+    assert cfg.buffer.pub_address == "tcp://127.0.0.1:0"
+
+
+def test_two_prepared_jobs_get_different_ports(tmp_path):
+    a, topo_a, _ = prepare(load_config([f"run_dir={tmp_path / 'a'}"]))
+    b, topo_b, _ = prepare(load_config([f"run_dir={tmp_path / 'b'}"]))
+    ports_a, ports_b = set(topo_a.ports().values()), set(topo_b.ports().values())
+    assert 0 not in ports_a | ports_b and ports_a != ports_b  # the old defaults were 5555/5556 for every run
+    assert a.buffer.address.endswith(f":{topo_a.ports()['buffer_router']}")  # what the daemons read
+    assert f"address: {b.buffer.address}" in (tmp_path / "b" / "config.yaml").read_text()
+
+
+def test_a_real_model_gets_none_of_the_tiny_models_recipe(tmp_path):
+    cfg = load_config(["model=local_hf", f"model.path={tmp_path}", "task=addition"])
+    assert cfg.warm_start.steps == 0  # no supervised phase on someone's model
+    assert cfg.trainer.lr == 1e-5 and cfg.trainer.micro_batch_size == 8  # the schema's defaults
+    assert cfg.task.temperature == 1.0
+
+
+@pytest.mark.parametrize("extra", [[], ["experiment=quickstart"]])
+def test_a_task_chosen_on_the_command_line_wins(extra):
+    assert load_config([*extra, "task=sort"]).task.name == "sort"
+
+
+def test_benchmark_keeps_a_random_init_model_at_temperature_1():
+    cfg = load_config(["experiment=bench_async"])
+    assert cfg.warm_start.steps == 0 and cfg.task.temperature == 1.0 and cfg.trainer.lr == 1e-4
+
+
+def test_daemons_started_by_hand_refuse_port_0_and_take_the_multinode_addresses(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(load_config([f"run_dir={tmp_path}"])))
+    for keys in (("buffer.address", "buffer.pub_address"), ("rollout.buffer_address", "rollout.pub_address"),
+                 ("trainer.buffer_address",)):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(keys[0])}='tcp://127.0.0.1:0' has port 0"):
+            load_daemon_config(["--config-file", str(path)], addresses=keys)
+    # what launch/slurm/areal_like.sbatch and launch/MULTINODE.md pass to `areal-like config`
+    multinode = load_config(["topology=gpu_sglang", f"run_dir={tmp_path}", "buffer.address=tcp://10.0.0.1:5555",
+                             "buffer.pub_address=tcp://10.0.0.1:5556", "buffer.metrics_port=9100",
+                             "trainer.metrics_port=9200", "trainer.weight_sync.master_addr=10.0.0.1"])
+    path.write_text(to_yaml(multinode))
+    loaded = load_daemon_config(["--config-file", str(path)], addresses=("rollout.buffer_address",
+                                                                          "rollout.pub_address"))
+    assert (loaded.rollout.buffer_address, loaded.rollout.pub_address) == ("tcp://10.0.0.1:5555",
+                                                                          "tcp://10.0.0.1:5556")
+    assert dataclasses.asdict(loaded.buffer) == dataclasses.asdict(multinode.buffer)
+
+
+def test_the_multinode_recipes_pass_explicit_addresses():
+    for doc in ("launch/slurm/areal_like.sbatch", "launch/MULTINODE.md"):
+        text = (ROOT / doc).read_text()
+        assert re.search(r"buffer\.address=\"?tcp://\$HEAD", text), doc
+        assert re.search(r"buffer\.pub_address=\"?tcp://\$HEAD", text), doc

@@ -1,0 +1,48 @@
+"""launch/local.py error_tail: the lines of a daemon's log that say why it failed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from launch.local import error_tail
+
+RANK_TB = ['Traceback (most recent call last):', '  File "/x/trainer/loop.py", line 9, in start',
+           '    self.policy = build_policy(cfg)', 'ValueError: model.vocab_size=10 is too small']
+TORCHRUN_TB = ['Traceback (most recent call last):', '  File "<frozen runpy>", line 198, in _run_module_as_main',
+               '    raise ChildFailedError(',
+               'torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ',
+               '============================================================', 'trainer FAILED']
+
+
+def log(tmp_path: Path, *sections: list[str]) -> Path:
+    path = tmp_path / "trainer.log"
+    path.write_text("".join(f"---- start 10:00:0{i}: python -m x\n" + "".join(f"{ln}\n" for ln in lines)
+                            for i, lines in enumerate(sections)))
+    return path
+
+
+def test_the_ranks_traceback_not_torchruns_wrapper(tmp_path):
+    first = ["starting", *RANK_TB[:-1], "OSError: first start failed differently"]
+    second = ["starting", "12:00:01 INFO loading", *RANK_TB, "E1122 failed (exitcode: 1) local_rank: 0", *TORCHRUN_TB]
+    assert error_tail(log(tmp_path, first, second)) == RANK_TB
+
+
+def test_torchrun_rank_prefixes(tmp_path):
+    prefixed = [f"[rank0]: {ln}" for ln in RANK_TB]
+    assert error_tail(log(tmp_path, ["x", *prefixed, *TORCHRUN_TB])) == prefixed
+
+
+def test_without_a_traceback_the_last_lines(tmp_path):
+    lines = [f"line {i}" for i in range(30)]
+    assert error_tail(log(tmp_path, ["old"], lines), max_lines=20) == lines[-20:]
+
+
+def test_a_long_traceback_keeps_its_head_and_the_frames_nearest_the_error(tmp_path):
+    frames = [f"  File \"/x/m{i}.py\", line {i}, in f{i}" for i in range(40)]
+    tb = ["Traceback (most recent call last):", *frames, "KeyError: 'x'"]
+    got = error_tail(log(tmp_path, tb), max_lines=20)
+    assert got == [tb[0], "  ...", *tb[-18:]] and len(got) == 20
+
+
+def test_no_log(tmp_path):
+    assert error_tail(tmp_path / "missing.log") == []

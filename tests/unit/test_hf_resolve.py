@@ -1,0 +1,115 @@
+"""Models by hub id: areal_like.hf.resolve_model_path against a real Hugging Face cache layout.
+
+The cache is laid out in tmp_path exactly as huggingface_hub writes it
+(``hub/models--org--name/snapshots/<commit>/`` and ``refs/main``); HF_HOME points at it in a child
+Python, because huggingface_hub reads HF_HOME and HF_HUB_OFFLINE once, at import. Nothing here
+touches the network: a cached id is found without it, and a missing one runs with HF_HUB_OFFLINE=1.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from areal_like.config import ConfigError, load_config
+from areal_like.hf import looks_like_hub_id, resolve_model_path, resolve_models
+
+ROOT = Path(__file__).resolve().parents[2]
+REPO = "areal-like-test/tiny-cached"  # not a real repository: a lookup that reached the hub would fail
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def fake_cache(home: Path, repo: str = REPO) -> Path:
+    """An HF_HOME whose hub cache holds ``repo`` at refs/main; returns the snapshot directory."""
+    entry = home / "hub" / f"models--{repo.replace('/', '--')}"
+    snap = entry / "snapshots" / COMMIT
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text('{"model_type": "qwen2"}')
+    (snap / "model.safetensors").write_bytes(b"")
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text(COMMIT)
+    return snap
+
+
+def run_py(code: str, home: Path, offline: bool, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    env.pop("HF_HUB_CACHE", None)
+    env.pop("HF_HUB_OFFLINE", None)
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=cwd)
+
+
+RESOLVE = "import sys; from areal_like.hf import resolve_model_path; print(resolve_model_path(sys.argv[1]))"
+
+
+def test_local_directory_is_used_as_is(tmp_path):
+    assert resolve_model_path(str(tmp_path)) == str(tmp_path)
+
+
+def test_hub_id_is_found_in_the_local_cache_without_the_network(tmp_path):
+    snap = fake_cache(tmp_path / "hf")
+    # HF_HUB_OFFLINE unset: the cache is looked at first, so a cached model never reaches the network
+    r = run_py(RESOLVE, tmp_path / "hf", False, REPO)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(snap)
+
+
+def test_missing_hub_id_offline_is_one_line_naming_the_key(tmp_path):
+    fake_cache(tmp_path / "hf")
+    code = ("import sys\nfrom areal_like.config import ConfigError\nfrom areal_like.hf import resolve_model_path\n"
+            "try:\n    resolve_model_path(sys.argv[1])\nexcept ConfigError as e:\n    print(e)\n")
+    r = run_py(code, tmp_path / "hf", True, "areal-like-test/not-cached")
+    assert r.returncode == 0, r.stderr
+    msg = r.stdout.strip()
+    assert "\n" not in msg
+    assert msg.startswith("model.path='areal-like-test/not-cached' is not a local directory")
+    assert "HF_HUB_OFFLINE" in msg and str(tmp_path / "hf" / "hub") in msg
+
+
+def test_areal_like_config_prints_the_resolved_directory(tmp_path):
+    snap = fake_cache(tmp_path / "hf")
+    code = "import sys; from areal_like.cli import main; sys.exit(main(sys.argv[1:]))"
+    r = run_py(code, tmp_path / "hf", True, "config", "model=local_hf", f"model.path={REPO}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"path: {snap}\n" in r.stdout
+    r = run_py(code, tmp_path / "hf", True, "config", "model=local_hf", "model.path=areal-like-test/not-cached",
+               cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1
+    assert r.stderr.startswith("error: model.path='areal-like-test/not-cached' is not a local directory")
+    assert "Traceback" not in r.stderr
+
+
+def test_neither_a_directory_nor_a_hub_id(tmp_path):
+    with pytest.raises(ConfigError, match=r"^model\.path='/no/such/dir' does not exist \(and is not a hub id"):
+        resolve_model_path("/no/such/dir")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match=r"^trainer\.ref_path=.* is a file, not a model directory"):
+        resolve_model_path(str(tmp_path / "f"), key="trainer.ref_path")
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("Qwen/Qwen2.5-0.5B-Instruct", True), ("org/name", True), ("gpt2", False), ("/abs/path", False),
+    ("./rel/dir", False), ("a/b/c", False), ("org/--x", False), ("org/a..b", False), ("~/models/x", False),
+])
+def test_hub_id_shape(text, expected):
+    assert looks_like_hub_id(text) is expected
+
+
+def test_resolve_models_resolves_every_model_key_and_leaves_the_input_alone(tmp_path):
+    model, tok, ref = (tmp_path / n for n in ("model", "tok", "ref"))
+    for d in (model, tok, ref):
+        d.mkdir()
+    cfg = load_config([f"model.path={model}", f"model.tokenizer={tok}", f"trainer.ref_path={ref}"])
+    assert resolve_models(cfg) == cfg  # local directories: as is
+    built = load_config([])
+    assert resolve_models(built) == built  # a model built from config, the char tokenizer: nothing to resolve
+    bad = load_config(["model.tokenizer=/no/tok"])
+    with pytest.raises(ConfigError, match=r"^model\.tokenizer='/no/tok' does not exist"):
+        resolve_models(bad)

@@ -1,0 +1,179 @@
+"""launch/preflight.py: every input a job reads from outside its config fails in one line naming
+its key, before anything starts, instead of 10-30 s later inside three daemons."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from areal_like.config import ConfigError, RunConfig, TaskConfig, load_config
+from launch import preflight as pf
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@functools.cache
+def base() -> RunConfig:
+    return load_config([])
+
+
+def cfg_with(**task: object) -> RunConfig:
+    return dataclasses.replace(base(), task=TaskConfig(**{"name": "reverse", **task}))
+
+
+def model_cfg(**model: object) -> RunConfig:
+    return dataclasses.replace(base(), model=dataclasses.replace(base().model, **model))
+
+
+def hf_dir(path: Path, config: bool = True, weights: bool = True) -> Path:
+    path.mkdir(parents=True)
+    if config:
+        (path / "config.json").write_text("{}")
+    if weights:
+        (path / "model.safetensors").write_bytes(b"")
+    return path
+
+
+def test_the_default_job_passes():
+    pf.preflight(base())
+
+
+def test_model_path_must_be_a_model_directory(tmp_path):
+    ok = hf_dir(tmp_path / "ok")
+    assert pf.check_models(model_cfg(path=str(ok))) == []
+    no_config = hf_dir(tmp_path / "no_config", config=False)
+    assert pf.check_models(model_cfg(path=str(no_config))) == [
+        f"model.path={str(no_config)!r} has no config.json: not a Hugging Face model directory"]
+    no_weights = hf_dir(tmp_path / "no_weights", weights=False)
+    assert pf.check_models(model_cfg(path=str(no_weights))) == [
+        f"model.path={str(no_weights)!r} has config.json but no weights (*.safetensors or *.bin)"]
+    sharded = hf_dir(tmp_path / "sharded", weights=False)
+    (sharded / "pytorch_model-00001-of-00002.bin").write_bytes(b"")
+    assert pf.check_models(model_cfg(path=str(sharded))) == []
+    missing = pf.check_models(model_cfg(path=str(tmp_path / "nope")))
+    assert len(missing) == 1 and missing[0].startswith(f"model.path={str(tmp_path / 'nope')!r} does not exist")
+
+
+def test_tokenizer_directory_and_reference_model(tmp_path):
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    assert pf.check_models(model_cfg(tokenizer=str(tok))) == [
+        f"model.tokenizer={str(tok)!r} has no tokenizer.json or tokenizer_config.json: not a tokenizer directory"]
+    (tok / "tokenizer_config.json").write_text("{}")
+    assert pf.check_models(model_cfg(tokenizer=str(tok))) == []
+    assert pf.check_models(model_cfg(tokenizer="bpe")) == []
+    with_ref = dataclasses.replace(base(), trainer=dataclasses.replace(base().trainer, ref_path=str(tok)))
+    assert pf.check_models(with_ref) == [f"trainer.ref_path={str(tok)!r} has no config.json: "
+                                         "not a Hugging Face model directory"]
+
+
+def test_warm_start_only_for_a_tiny_model_or_its_own_output(tmp_path):
+    model = hf_dir(tmp_path / "qwen")
+    cfg = model_cfg(path=str(model))  # model.path=... alone keeps model=tiny and its 150-step warm start
+    assert base().warm_start.steps == 150
+    assert pf.check_warm_start(cfg) == [
+        f"warm_start.steps=150 with model.path={str(model)!r}: the warm start is for the tiny model built from "
+        "config, not a Hugging Face model; add model=local_hf (no warm start, no tiny-model recipe) "
+        "or warm_start.steps=0"]
+    assert pf.check_warm_start(load_config(["model=local_hf", f"model.path={model}"])) == []
+    assert pf.check_warm_start(base()) == []  # built from config
+    (model / "warm_start.json").write_text("{}")  # a directory an earlier warm start wrote: refined further
+    assert pf.check_warm_start(cfg) == []
+
+
+def test_dataset_and_eval_files_must_exist(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    assert pf.check_task_files(cfg_with(name="dataset", dataset_path="train.jsonl")) == []
+    assert pf.check_task_files(cfg_with(name="dataset", dataset_path="data/math.jsonl")) == [
+        f"task.dataset_path='data/math.jsonl' does not exist (relative paths start at {tmp_path})"]
+    assert pf.check_task_files(cfg_with(eval_path="test.jsonl")) == [
+        f"task.eval_path='test.jsonl' does not exist (relative paths start at {tmp_path})"]
+    # a synthetic task ignores dataset_path: nothing to check
+    assert pf.check_task_files(cfg_with(dataset_path="ignored.jsonl")) == []
+
+
+def test_reward_fn_is_imported_from_the_working_directory_like_the_rollout_servers_do(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the child Python finds my_rewards.py here, as `python -m rollout_server` would
+    (tmp_path / "my_rewards.py").write_text("def score(response, example):\n    return 1.0\nTHRESHOLD = 3\n")
+    (tmp_path / "broken_rewards.py").write_text("import no_such_package_areal\n")
+    (tmp_path / "exits_rewards.py").write_text("raise SystemExit(7)\n")
+    assert pf.check_reward_fn(cfg_with(reward_fn="my_rewards:score")) == []
+    assert pf.check_reward_fn(cfg_with(reward_fn="my_rewards.score")) == []
+    assert pf.check_reward_fn(cfg_with(reward_fn="my_rewards:THRESHOLD")) == [
+        "task.reward_fn='my_rewards:THRESHOLD' THRESHOLD in my_rewards is a int, not callable"]
+    assert pf.check_reward_fn(cfg_with(reward_fn="my_rewards:nothing")) == [
+        "task.reward_fn='my_rewards:nothing' cannot be imported: AttributeError: "
+        "module 'my_rewards' has no attribute 'nothing'"]
+    assert pf.check_reward_fn(cfg_with(reward_fn="broken_rewards:score")) == [
+        "task.reward_fn='broken_rewards:score' cannot be imported: ModuleNotFoundError: "
+        "No module named 'no_such_package_areal'"]
+    assert pf.check_reward_fn(cfg_with(reward_fn="exits_rewards:score")) == [
+        "task.reward_fn='exits_rewards:score' cannot be imported: SystemExit: 7"]
+    assert pf.check_reward_fn(cfg_with(reward_fn="score")) == [
+        "task.reward_fn='score' is not of the form package.module:function"]
+    # a remote reward replaces the function: its import is not the job's business
+    assert pf.check_reward_fn(cfg_with(reward_fn="broken_rewards:score", reward_url="http://127.0.0.1:1/r")) == []
+
+
+def test_trackers_are_checked_by_the_tracking_module_when_it_exists(tmp_path, monkeypatch):
+    cfg = dataclasses.replace(base(), tracker=["jsonl", "wandb"])
+    monkeypatch.setitem(sys.modules, "areal_like.tracking", None)  # an installation without the module
+    assert importlib.util.find_spec("areal_like.tracking") is None
+    assert pf.check_trackers(cfg) == []
+    src = tmp_path / "tracking.py"
+    src.write_text("from areal_like.config import ConfigError\n"
+                   "def check_trackers(cfg):\n"
+                   "    if 'wandb' in cfg.tracker:\n"
+                   "        raise ConfigError(\"tracker=wandb needs the wandb package: pip install wandb\")\n")
+    spec = importlib.util.spec_from_file_location("areal_like.tracking", src)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setitem(sys.modules, "areal_like.tracking", module)
+    assert pf.check_trackers(cfg) == ["tracker=wandb needs the wandb package: pip install wandb"]
+    assert pf.check_trackers(dataclasses.replace(cfg, tracker=["jsonl"])) == []
+
+
+def test_sglang_engine_needs_its_package_and_a_model_directory(tmp_path):
+    cfg = load_config(["rollout.engine.kind=sglang", "warm_start.steps=0"])
+    problems = pf.check_engine(cfg)
+    assert "rollout.engine.kind=sglang needs model.path (SGLang serves a Hugging Face model directory)" in problems
+    has_sglang = importlib.util.find_spec("sglang") is not None
+    assert any(p.startswith("rollout.engine.kind=sglang needs the sglang package") for p in problems) != has_sglang
+    assert pf.check_engine(base()) == []  # embedded
+
+
+def test_preflight_lists_every_problem_and_checked_resolves_first(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = dataclasses.replace(cfg_with(name="dataset", dataset_path="nope.jsonl", eval_path="nope_eval.jsonl"),
+                              model=model_cfg(path=str(tmp_path / "no_model")).model)
+    with pytest.raises(pf.PreflightError) as info:
+        pf.checked(cfg)
+    assert isinstance(info.value, ConfigError)
+    keys = [p.split("=", 1)[0] for p in info.value.problems]
+    assert keys == ["model.path", "warm_start.steps", "task.dataset_path", "task.eval_path"]
+    assert str(info.value).splitlines() == info.value.problems
+    model = hf_dir(tmp_path / "model")
+    good = dataclasses.replace(model_cfg(path=str(model)), warm_start=dataclasses.replace(base().warm_start, steps=0))
+    assert pf.checked(good) == good
+
+
+def test_areal_like_run_refuses_bad_inputs_in_one_line_each_before_starting_anything(tmp_path):
+    run_dir = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "areal_like.cli", "run", "-q", f"run_dir={run_dir}",
+                        f"model.path={tmp_path / 'no_model'}", "task.eval_path=no_eval.jsonl",
+                        "task.reward_fn=no_such_module_areal:score"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert [ln.split("=", 1)[0] for ln in lines] == ["error: model.path", "error: warm_start.steps",
+                                                     "error: task.eval_path", "error: task.reward_fn"], lines
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert not run_dir.exists()  # no warm start, no daemon, not even the run directory

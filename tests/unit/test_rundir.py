@@ -1,0 +1,101 @@
+"""Running the same command twice with a fixed run_dir: a finished run is refused (it used to train
+0 steps and report ok), an unfinished one resumes, and the summary counts this invocation's steps.
+
+Checkpoints are laid out as trainer/checkpoint.py writes them (``v%08d/`` with ``meta.pt`` last,
+``.tmp_v...`` while a save is in progress)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from areal_like.config import ConfigError, load_config
+from launch.job import summarize
+from launch.rundir import check_existing_run, latest_checkpoint_step, live_supervisor
+
+
+def checkpoint(root: Path, step: int, complete: bool = True) -> None:
+    d = root / f"v{step:08d}"
+    d.mkdir(parents=True)
+    (d / "__0_0.distcp").write_bytes(b"")
+    if complete:
+        (d / "meta.pt").write_bytes(b"")
+
+
+def test_latest_complete_checkpoint_by_name(tmp_path):
+    root = tmp_path / "checkpoints"
+    assert latest_checkpoint_step(root) is None
+    checkpoint(root, 50)
+    checkpoint(root, 100)
+    checkpoint(root, 120, complete=False)  # interrupted before meta.pt: not a checkpoint
+    (root / ".tmp_v00000150").mkdir()
+    (root / "vnotes").mkdir()
+    assert latest_checkpoint_step(root) == 100
+
+
+def test_fresh_unfinished_and_finished_runs(tmp_path):
+    cfg = load_config([f"run_dir={tmp_path}", "trainer.steps=200"])
+    assert check_existing_run(cfg) == 0  # nothing there: a fresh start
+    checkpoint(tmp_path / "checkpoints", 150)
+    assert check_existing_run(cfg) == 150
+    checkpoint(tmp_path / "checkpoints", 200)
+    with pytest.raises(ConfigError) as info:
+        check_existing_run(cfg)
+    assert str(info.value) == (f"run_dir {tmp_path} already finished at step 200 (trainer.steps=200): "
+                               "raise trainer.steps to continue, or use a new run_dir")
+    assert check_existing_run(load_config([f"run_dir={tmp_path}", "trainer.steps=300"])) == 200
+    with pytest.raises(ConfigError, match="trainer.resume=false"):
+        check_existing_run(load_config([f"run_dir={tmp_path}", "trainer.steps=300", "trainer.resume=false"]))
+
+
+def test_checkpoint_dir_outside_the_run_dir(tmp_path):
+    ckpts = tmp_path / "elsewhere"
+    checkpoint(ckpts, 7)
+    cfg = load_config([f"run_dir={tmp_path / 'run'}", f"trainer.checkpoint_dir={ckpts}", "trainer.steps=7"])
+    with pytest.raises(ConfigError, match="already finished at step 7"):
+        check_existing_run(cfg)
+
+
+def test_a_run_dir_in_use_by_a_live_job_is_refused(tmp_path):
+    cfg = load_config([f"run_dir={tmp_path}"])
+    (tmp_path / "ports.json").write_text(json.dumps({"supervisor_pid": os.getpid()}))
+    assert live_supervisor(tmp_path) == os.getpid()
+    with pytest.raises(ConfigError, match=rf"in use by a running job \(areal-like run pid {os.getpid()}\)"):
+        check_existing_run(cfg)
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    (tmp_path / "ports.json").write_text(json.dumps({"supervisor_pid": done.pid}))
+    assert live_supervisor(tmp_path) is None and check_existing_run(cfg) == 0
+
+
+def test_running_a_finished_run_again_exits_2_with_one_line(tmp_path):
+    checkpoint(tmp_path / "run" / "checkpoints", 200)
+    r = subprocess.run([sys.executable, "-m", "areal_like.cli", "run", "-q", f"run_dir={tmp_path / 'run'}",
+                        "trainer.steps=200"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == ""  # no summary line claiming "ok": true
+    assert r.stderr == (f"error: run_dir {tmp_path / 'run'} already finished at step 200 (trainer.steps=200): "
+                        "raise trainer.steps to continue, or use a new run_dir\n")
+    assert not (tmp_path / "run" / "logs").exists()
+
+
+def test_summary_counts_only_this_invocations_steps(tmp_path):
+    jsonl = tmp_path / "metrics" / "trainer.jsonl"
+    jsonl.parent.mkdir(parents=True)
+    earlier = [{"step": s, "reward_mean": 0.1} for s in range(1, 11)]
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in earlier))
+    since = jsonl.stat().st_size
+    # this invocation resumed from the checkpoint at step 8: it re-trains 9 and 10, then 11 and 12
+    now = [{"event": "resume", "policy_version": 8}] + [{"step": s, "reward_mean": 0.5} for s in range(9, 13)]
+    with jsonl.open("a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in now))
+    summary = summarize(tmp_path, 1.0, 0, since=since, resumed_from=8)
+    assert summary["steps"] == 4 and summary["resumed_from"] == 8
+    assert summary["reward_first"] == summary["reward_last"] == 0.5
+    assert Path(summary["learning_curve"]).is_file()  # the curve shows the whole run
+    fresh = summarize(tmp_path, 1.0, 0)
+    assert fresh["steps"] == 12 and "resumed_from" not in fresh
