@@ -2,8 +2,7 @@
 
 Arithmetic questions in chat form, small enough for a ~0.5M-parameter model to partly learn:
 each row is ``messages`` = one user message ("What is 37 + 45?"), ``answer`` ("82"), and two
-metadata columns, ``source`` (the operation) and ``level`` (1: one-digit + and -, 2: two-digit plus
-one-digit, 3: two-digit minus one-digit, 4: two-digit + two-digit, 5: products of 2..9). Every question is distinct;
+metadata columns, ``source`` (the kind of question) and ``level`` (``LEVELS`` below). Every question is distinct;
 ``EVAL_ROWS`` of them, drawn at random, form the eval split, so it is disjoint from train.
 
 Run ``python -m areal_like.data.make_math_chat [OUT_DIR]`` to rewrite the files; the test suite
@@ -18,29 +17,32 @@ from pathlib import Path
 
 SEED = 16
 EVAL_ROWS = 300
-# level -> (source, questions drawn from that level's distinct questions)
-LEVELS = {1: ("one-digit", 155), 2: ("addition", 700), 3: ("subtraction", 700), 4: ("two-digit", 100),
-          5: ("multiplication", 64)}
+# level -> (source, questions drawn from that level's distinct questions). Levels 1-4 are place
+# value, which the tiny model learns in a short warm start; level 5 (one-digit facts, disjoint
+# between train and eval) and level 6 (two-digit plus one-digit, carries) are the hard tail.
+LEVELS = {1: ("place-value", 700), 2: ("tens-plus-ones", 90), 3: ("times-ten", 99), 4: ("drop-ones", 90),
+          5: ("one-digit", 100), 6: ("carry", 300)}
 OUT_DIR = Path(__file__).resolve().parent / "math_chat"
 
 
-def _candidates(level: int) -> list[tuple[int, str, int]]:
-    """Every distinct (a, op, b) question of ``level``, in a fixed order."""
+def _candidates(level: int) -> list[tuple[str, int]]:
+    """Every distinct (question, value) of ``level``, in a fixed order."""
     if level == 1:
-        return ([(a, "+", b) for a in range(10) for b in range(10)]
-                + [(a, "-", b) for a in range(10) for b in range(a + 1)])
+        return [(f"{a * 100} + {b * 10} + {c}", a * 100 + b * 10 + c)
+                for a in range(1, 10) for b in range(10) for c in range(10)]
     if level == 2:
-        return [(a, "+", b) for a in range(10, 100) for b in range(1, 10)]
+        return [(f"{a * 10} + {b}", a * 10 + b) for a in range(1, 10) for b in range(10)]
     if level == 3:
-        return [(a, "-", b) for a in range(10, 100) for b in range(1, 10)]
+        return [(f"10 * {a}", 10 * a) for a in range(1, 100)]
     if level == 4:
-        return [(a, "+", b) for a in range(10, 100) for b in range(10, 100)]
-    return [(a, "*", b) for a in range(2, 10) for b in range(2, 10)]
+        return [(f"{a * 10 + b} - {b}", a * 10) for a in range(1, 10) for b in range(10)]
+    if level == 5:
+        return [(f"{a} + {b}", a + b) for a in range(10) for b in range(10)]
+    return [(f"{a} + {b}", a + b) for a in range(10, 100) for b in range(1, 10) if a % 10 + b >= 10]
 
 
-def _row(level: int, a: int, op: str, b: int) -> dict:
-    value = {"+": a + b, "-": a - b, "*": a * b}[op]
-    return {"messages": [{"role": "user", "content": f"What is {a} {op} {b}?"}], "answer": str(value),
+def _row(level: int, question: str, value: int) -> dict:
+    return {"messages": [{"role": "user", "content": f"What is {question}?"}], "answer": str(value),
             "source": LEVELS[level][0], "level": level}
 
 

@@ -255,15 +255,15 @@ def test_math_chat_files_are_what_the_generator_writes():
         assert path.stat().st_size < 1_000_000
         assert pq.read_table(path).to_pylist() == generated[split]
     questions = {split: {r["messages"][0]["content"] for r in generated[split]} for split in generated}
-    assert len(questions["train"]) == 1419 and len(questions["eval"]) == 300
+    assert len(questions["train"]) == 1079 and len(questions["eval"]) == 300
     assert not questions["train"] & questions["eval"]
 
 
 def test_math_chat_loads_as_a_chat_dataset_with_metadata():
     cfg = task_cfg(MATH_CHAT / "train.parquet", eval_path=str(MATH_CHAT / "eval.parquet"), messages_key="messages")
     train, ev = make_task(cfg), make_task(cfg, split="eval")
-    assert (len(train), len(ev)) == (1419, 300)
-    ex = train.example(0)
-    a, op, b = ex.prompt.removeprefix("What is ").removesuffix("?").split()
-    assert int(ex.answer) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
-    assert set(ex.metadata) == {"source", "level"} and ex.metadata["level"] in (1, 2, 3, 4, 5)
+    assert (len(train), len(ev)) == (1079, 300)
+    for ex in (train.example(i) for i in range(len(train))):  # every answer is the question's value
+        expression = ex.prompt.removeprefix("What is ").removesuffix("?")
+        assert set(expression) <= set("0123456789+-* ") and int(ex.answer) == eval(expression)
+        assert set(ex.metadata) == {"source", "level"} and ex.metadata["level"] in (1, 2, 3, 4, 5, 6)
