@@ -37,7 +37,7 @@ from pathlib import Path
 
 from areal_like.config import EvalConfig, RunConfig, TaskConfig
 from rollout_server.episode import generate_sample
-from rollout_server.sglang_client import SGLangClient
+from rollout_server.sglang_client import SGLangClient, SGLangError
 
 FULL_CREDIT = 1.0 - 1e-6  # a response "is correct" when its reward reaches 1 (verifiable rewards are 0/1)
 EVAL_FILE = "eval.jsonl"
@@ -132,15 +132,25 @@ async def evaluate(client: SGLangClient, examples: Sequence, encode: Callable[[o
         versions.update(s.versions)
         return s.output_ids
 
-    async def per_example(ex) -> tuple[float, list[float]]:
-        ids = encode(ex)
-        outs = await asyncio.gather(one(ids, 0.0), *(one(ids, settings.temperature) for _ in range(settings.k)))
-        texts = [decode(o) for o in outs]
-        scored = await rewards.score_group(ex.prompt, texts, ex)
+    async def per_example(ex) -> tuple[float, list[float]] | None:
+        """The example's greedy reward and sampled rewards; None when the engine refused it (for
+        example a prompt longer than its context): counted, not fatal, unless every example fails."""
+        try:
+            ids = encode(ex)
+            outs = await asyncio.gather(one(ids, 0.0), *(one(ids, settings.temperature) for _ in range(settings.k)))
+        except SGLangError as e:
+            errors.append(f"{type(e).__name__}: {e}")
+            return None
+        scored = await rewards.score_group(ex.prompt, [decode(o) for o in outs], ex)
         return scored[0][0], [r for r, _ in scored[1:]]
 
-    results = await asyncio.gather(*(per_example(ex) for ex in examples))
+    errors: list[str] = []
+    results = [r for r in await asyncio.gather(*(per_example(ex) for ex in examples)) if r is not None]
+    if errors and not results:
+        raise SGLangError("/generate", None, f"every eval prompt failed; the first: {errors[0]}")
     figures = summarize([g for g, _ in results], [s for _, s in results], settings.k)
+    if errors:
+        figures["errors"], figures["first_error"] = len(errors), errors[0]
     figures["token_versions"] = [min(versions), max(versions)] if versions else []
     return figures
 

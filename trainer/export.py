@@ -232,13 +232,28 @@ def load_checkpoint_model(checkpoint: Path, cfg: RunConfig) -> torch.nn.Module:
     return model
 
 
+def export_tokenizer(cfg: RunConfig):
+    """The run's tokenizer carrying the chat template the rollout servers prompt with
+    (``task.chat_template`` may name one of its own), so an exported model is served as it was trained.
+    Both exports use it: the trainer's in-run export and ``areal-like export``."""
+    import copy
+
+    from areal_like.tasks import chat_template_of
+    from areal_like.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(cfg.model)
+    template = chat_template_of(tok, cfg.task)
+    if template and template != getattr(tok, "chat_template", None):
+        tok = copy.deepcopy(tok)  # the built-in tokenizers are cached and shared: never change them
+        tok.chat_template = template
+    return tok
+
+
 def export_checkpoint(checkpoint: Path, out_dir: Path, cfg: RunConfig, *, shard_mb: int | None = None,
                       dtype: str | None = None) -> Path:
     """``areal-like export``: a trainer DCP checkpoint directory -> an HF directory at ``out_dir``."""
-    from areal_like.tokenizer import load_tokenizer
-
     model = load_checkpoint_model(Path(checkpoint), cfg)
-    return export_hf(model, Path(out_dir), model_cfg=cfg.model, tokenizer=load_tokenizer(cfg.model),
+    return export_hf(model, Path(out_dir), model_cfg=cfg.model, tokenizer=export_tokenizer(cfg),
                      shard_mb=shard_mb or cfg.export.shard_mb, dtype=dtype or cfg.model.dtype)
 
 

@@ -23,7 +23,6 @@ Invariants:
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -37,12 +36,11 @@ import torch.distributed as dist
 
 from areal_like.config import RunConfig
 from areal_like.daemon import Daemon
-from areal_like.tasks import chat_template_of
 from areal_like.tokenizer import load_tokenizer
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, state_checksums
 from trainer.data import BatchSource, TrainBatch
 from trainer.export import TMP_PREFIX as EXPORT_TMP_PREFIX
-from trainer.export import export_hf
+from trainer.export import export_hf, export_tokenizer
 from trainer.model import build_policy, build_reference, init_distributed
 from trainer.samples import sample_rows
 from trainer.step import StepSettings, compute_batch_advantages, recompute_prox_logp, reference_logp, train_step
@@ -158,13 +156,14 @@ class Trainer(Daemon):
             self.export_if_due()
             with self.phase("metrics"):
                 self.report(batch, stats, sync, time.monotonic() - t_step)
-        if self.version >= t.steps:  # an evaluating server may have missed the last pushes
-            with self.phase("catch_up"):
-                self.broadcaster.catch_up(model, self.version, self.cfg.eval.final_timeout_s)
         if self.version % t.checkpoint_every != 0:  # graceful end or stop: keep what was trained
             with self.phase("checkpoint"):
                 save_checkpoint(self.ckpt_root, self.policy, self.version, self.checkpoint_extra())
         self.export_if_due(final=True)
+        if self.version >= t.steps:  # an evaluating server may have missed the last pushes
+            with self.phase("catch_up"):
+                self.broadcaster.catch_up(model, self.version, self.cfg.eval.final_timeout_s,
+                                          should_stop=self.stop_requested.is_set)
         self.log.info("done at policy_version %d", self.version)
 
     def export_if_due(self, final: bool = False) -> None:
@@ -186,19 +185,9 @@ class Trainer(Daemon):
                 for stale in root.glob(f"{EXPORT_TMP_PREFIX}*"):
                     shutil.rmtree(stale, ignore_errors=True)
             out = export_hf(self.policy.model, root / f"v{self.version:08d}", model_cfg=self.cfg.model,
-                            tokenizer=self.export_tokenizer(), shard_mb=e.shard_mb, dtype=self.cfg.model.dtype)
+                            tokenizer=export_tokenizer(self.cfg), shard_mb=e.shard_mb, dtype=self.cfg.model.dtype)
         self.exported_version = self.version
         self.record({"event": "export", "policy_version": self.version, "path": str(out)})
-
-    def export_tokenizer(self):
-        """The tokenizer with the chat template the rollout servers prompt with (``task.chat_template``
-        may name one of its own), so the exported model is served as it was trained."""
-        tok = load_tokenizer(self.cfg.model)
-        template = chat_template_of(tok, self.cfg.task)
-        if template and template != getattr(tok, "chat_template", None):
-            tok = copy.deepcopy(tok)  # load_tokenizer's object is shared (cached)
-            tok.chat_template = template
-        return tok
 
     def stop(self) -> None:
         for part in ("data", "broadcaster"):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -261,13 +262,17 @@ class WeightBroadcaster:
         report.seconds = time.monotonic() - t_start
         return report
 
-    def catch_up(self, model: torch.nn.Module, version: int, timeout_s: float) -> int:
-        """After the last step (a collective): wait, at most ``timeout_s``, until no rollout server is
-        out of the roster evaluating, and push ``version`` again while a member does not serve it (a
-        server that evaluated through the last pushes missed them). Returns the pushes made."""
+    def catch_up(self, model: torch.nn.Module, version: int, timeout_s: float,
+                 should_stop: Callable[[], bool] = lambda: False) -> int:
+        """After the last step (a collective): wait, at most ``timeout_s`` and until a stop is asked
+        for, until no rollout server is out of the roster evaluating, and push ``version`` again while
+        a member does not serve it (a server that evaluated through the last pushes missed them).
+        Returns the pushes made."""
         deadline, pushes = time.monotonic() + timeout_s, 0
         while True:
-            decision = [self._catch_up_decision(version, deadline, pushes) if self.rank == 0 else None]
+            stopping = should_stop() and self.rank == 0
+            decision = [("done" if stopping else self._catch_up_decision(version, deadline, pushes))
+                        if self.rank == 0 else None]
             if dist.is_initialized() and dist.get_world_size() > 1:
                 dist.broadcast_object_list(decision, src=0)
             if decision[0] == "done":

@@ -150,3 +150,59 @@ def test_final_catch_up_waits_for_the_evaluator_then_pushes_the_final_version_on
         assert b._catch_up_decision(10, deadline, 3) == "done"
     finally:
         b.close()
+
+
+class _ScriptedEngine:
+    """/generate as a function of (prompt, temperature): greedy answers "1" (right for prompt 0 only),
+    a prompt's sampled answers alternate right / wrong; prompt 9 is refused with an HTTP status (too long)."""
+
+    def __init__(self):
+        self.sampled: dict[int, int] = {}
+
+    async def generate(self, input_ids, params):
+        from rollout_server.sglang_client import GenerateOutput, SGLangError
+
+        prompt = input_ids[0]
+        if prompt == 9:
+            raise SGLangError("/generate", 400, "prompt too long")
+        if params["temperature"] == 0.0:
+            out = [1]
+        else:
+            self.sampled[prompt] = self.sampled.get(prompt, 0) + 1
+            out = [prompt + 1] if self.sampled[prompt] % 2 else [7]
+        return GenerateOutput(rid="r", output_ids=out, logprobs=[-0.1] * len(out), finish_reason="stop",
+                              finish_message="", abort_status=None, weight_version="5")
+
+
+class _Rewards:
+    async def score_group(self, prompt, responses, example):
+        return [(1.0 if r == str(example.answer) else 0.0, None) for r in responses]
+
+
+def _eval(examples, k=2):
+    import asyncio
+
+    from areal_like.tasks import Example
+    from rollout_server.evaluate import EvalSettings, evaluate
+
+    settings = EvalSettings(k=k, temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=4, max_examples=0)
+    exs = [Example(prompt=str(p), answer=str(p + 1)) for p in examples]
+    return asyncio.run(evaluate(_ScriptedEngine(), exs, lambda ex: [int(ex.prompt)], lambda ids: str(ids[0]),
+                                _Rewards(), settings, [2], lambda: 5))
+
+
+def test_evaluate_greedy_and_sampled_figures_with_a_refused_prompt_counted():
+    out = _eval([0, 3, 9])
+    # prompt 0: greedy "1" is right; prompt 3: greedy "1" is wrong; prompt 9 refused (counted, left out)
+    assert out["n"] == 2 and out["errors"] == 1 and "prompt too long" in out["first_error"]
+    assert out["greedy_accuracy"] == 0.5
+    # each prompt's 2 samples: one right, one wrong
+    assert out["mean@2"] == 0.5 and out["pass@2"] == 1.0
+    assert out["token_versions"] == [5, 5]
+
+
+def test_evaluate_raises_when_every_prompt_fails():
+    from rollout_server.sglang_client import SGLangError
+
+    with pytest.raises(SGLangError, match="every eval prompt failed"):
+        _eval([9, 9])
