@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -163,6 +164,7 @@ class ServerEvaluator:
 
         self.cfg, self.tokenizer, self.rewards, self.metrics = cfg, tokenizer, rewards, metrics
         task = make_task(cfg.task, tokenizer=tokenizer, split="eval")
+        self.reward_path = task.reward_path
         n = len(task) if not cfg.eval.max_examples else min(len(task), cfg.eval.max_examples)
         self.examples = [task.example(i, 0) for i in range(n)]
         self.encode = lambda ex: encode_prompt(tokenizer, ex, cfg.task)
@@ -212,8 +214,6 @@ def _default_config(path: Path) -> Path | None:
 
 def _to_hf_dir(checkpoint: Path, config_file: Path | None, out: Path) -> Path:
     """A trainer checkpoint converted by ``python -m trainer.export`` (the trainer owns that format)."""
-    import subprocess
-
     argv = [sys.executable, "-m", "trainer.export", str(checkpoint), str(out)]
     if config_file is not None:
         argv += ["--config-file", str(config_file)]
@@ -222,20 +222,20 @@ def _to_hf_dir(checkpoint: Path, config_file: Path | None, out: Path) -> Path:
 
 
 async def _evaluate_model(cfg: RunConfig, version: int | None) -> dict:
-    from areal_like.tasks import make_task
     from areal_like.tokenizer import load_tokenizer
     from rollout_server.engine import EmbeddedEngine
     from rollout_server.reward_pool import RewardPool
 
     tokenizer = load_tokenizer(cfg.model)
-    rewards = RewardPool(cfg.task, make_task(cfg.task, tokenizer, split="eval").reward_path)
+    evaluator = ServerEvaluator(cfg, tokenizer, rewards=None)  # a missing eval split fails here, before any start
+    rewards = evaluator.rewards = RewardPool(cfg.task, evaluator.reward_path)
     engine = EmbeddedEngine(cfg.model, cfg.rollout.engine).start()
     client = SGLangClient(engine.url, generate_timeout_s=cfg.rollout.engine.request_timeout_s)
+    eos = tokenizer.eos_token_id
     try:
-        evaluator = ServerEvaluator(cfg, tokenizer, rewards)
         t0 = time.monotonic()
         figures = await evaluate(client, evaluator.examples, evaluator.encode, evaluator.decode, rewards,
-                                 evaluator.settings, [int(tokenizer.eos_token_id)], lambda: 0)
+                                 evaluator.settings, [int(eos)] if eos is not None else [], lambda: 0)
     finally:
         await client.close()
         rewards.close()
@@ -243,6 +243,19 @@ async def _evaluate_model(cfg: RunConfig, version: int | None) -> dict:
     figures.pop("token_versions", None)  # the engine's own label; the model's version is the directory's
     return {"time": time.time(), "model": cfg.model.path, "policy_version": version,
             "seconds": round(time.monotonic() - t0, 3), **figures}
+
+
+def _evaluate_path(model: Path, cfg: RunConfig, config_file: Path | None) -> dict:
+    """Evaluate an HF directory, or a checkpoint converted into one in a temporary directory."""
+    import dataclasses
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="areal-like-eval-") as tmp:
+        model_dir = _to_hf_dir(model, config_file, Path(tmp) / "hf") if _is_checkpoint(model) else model
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(model_dir.resolve())),
+                                  rollout=dataclasses.replace(cfg.rollout, engine=dataclasses.replace(
+                                      cfg.rollout.engine, kind="embedded", port=0)))
+        return asyncio.run(_evaluate_model(cfg, _version_of(model)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,20 +278,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config_file = args.config_file or _default_config(args.model)
     base = ["--config-file", str(config_file)] if config_file else []
+    overrides = list(args.overrides)
+    keys = {o.split("=", 1)[0] for o in overrides}
+    if "task.eval_path" in keys and "task.dataset_path" not in keys:  # evaluating needs no training file
+        overrides.append("task.dataset_path=" + next(o for o in overrides if o.startswith("task.eval_path=")
+                                                     ).split("=", 1)[1])
+    if config_file is None:
+        print(f"note: no run config.yaml beside {args.model}: the task and eval settings come from the "
+              "composed config and the overrides", file=sys.stderr)
     try:
-        cfg = load_daemon_config([*base, *args.overrides])
-    except ConfigError as e:
-        print(f"error: bad configuration: {e}", file=sys.stderr)
+        cfg = load_daemon_config([*base, *overrides])
+        record = _evaluate_path(args.model, cfg, config_file)
+    except (ConfigError, subprocess.CalledProcessError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    import dataclasses
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="areal-like-eval-") as tmp:
-        model_dir = _to_hf_dir(args.model, config_file, Path(tmp) / "hf") if _is_checkpoint(args.model) else args.model
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(model_dir.resolve())),
-                                  rollout=dataclasses.replace(cfg.rollout, engine=dataclasses.replace(
-                                      cfg.rollout.engine, kind="embedded", port=0)))
-        record = asyncio.run(_evaluate_model(cfg, _version_of(args.model)))
     record["model"] = str(args.model)
     if args.out is not None:
         append_record(args.out, record)
