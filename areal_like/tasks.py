@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import abc
 import ast
-import importlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from areal_like.callables import import_function
 from areal_like.config import ConfigError, TaskConfig
 
 SPLITS = ("train", "eval")
@@ -87,14 +87,9 @@ def countdown_reward(response: str, example: Example) -> float:
 
 @lru_cache(maxsize=64)
 def load_function(path: str) -> Callable:
-    """The callable at ``"pkg.module:function"`` (or ``pkg.module.function``)."""
-    module, sep, attr = path.partition(":")
-    if not sep:
-        module, _, attr = path.rpartition(".")
-    fn = getattr(importlib.import_module(module), attr)
-    if not callable(fn):
-        raise TypeError(f"{path} is not callable")
-    return fn
+    """The callable at ``"pkg.module:function"`` (or ``pkg.module.function``), imported once
+    (``areal_like.callables.import_function``: what it raises, this raises)."""
+    return import_function(path)
 
 
 # ---------------------------------------------------------------- tasks

@@ -10,7 +10,8 @@ and raises ``PreflightError``: one line per problem, each naming its key. It che
   built-in tokenizer): a directory with a tokenizer; ``trainer.ref_path``: like model.path;
 * ``warm_start.steps > 0`` only with a model built from config or one a warm start wrote;
 * ``task.dataset_path`` (``task.name=dataset``) and ``task.eval_path``: exist;
-* ``task.reward_fn``: imports and is callable, in a child Python (see ``check_reward_fn``);
+* ``task.reward_fn``: loads as in a reward worker (same loader, ``task.reward_memory_mb`` address
+  space, environment without secrets), in a child Python (see ``check_reward_fn``);
 * the trackers' packages, through ``areal_like.tracking.check_trackers(cfg)`` when that module
   exists in this installation;
 * the engine: ``rollout.engine.kind=sglang`` needs the sglang package and ``model.path``.
@@ -28,8 +29,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from areal_like.callables import split_function_path
 from areal_like.config import ConfigError, RunConfig
 from areal_like.hf import TOKENIZER_NAMES, resolve_models
+from rollout_server.reward_worker import scrubbed_env
 
 REWARD_IMPORT_TIMEOUT_S = 120.0  # a reward module importing a big library on a loaded machine
 WEIGHT_GLOBS = ("*.safetensors", "*.bin")  # what from_pretrained loads (single or sharded)
@@ -37,21 +40,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 WARM_START_MARK = "warm_start.json"  # written by launch/warmstart.py into the model directory it saves
 
 # Run as `python -c`: the working directory is first on sys.path, as for the rollout server's
-# `python -m rollout_server`. The last stdout line is the reason when the exit status is not 0.
-REWARD_PROBE = """
-import importlib, sys
-module, sep, attr = sys.argv[1].partition(":")
-if not sep:
-    module, _, attr = sys.argv[1].rpartition(".")
-try:
-    fn = getattr(importlib.import_module(module), attr)
-except BaseException as e:
-    print(f"cannot be imported: {type(e).__name__}: {e}".splitlines()[0], flush=True)
-    sys.exit(1)
-if not callable(fn):
-    print(f"{attr} in {module} is a {type(fn).__name__}, not callable", flush=True)
-    sys.exit(1)
-"""
+# `python -m rollout_server`. The reward worker's own loader (address-space limit, then import):
+# it prints the reason and exits 1 when the reward cannot be loaded.
+REWARD_PROBE = ("import sys; from rollout_server.reward_worker import probe; "
+                "sys.exit(probe(sys.argv[1], int(sys.argv[2])))")
 
 
 class PreflightError(ConfigError):
@@ -131,26 +123,28 @@ def check_task_files(cfg: RunConfig) -> list[str]:
 
 
 def check_reward_fn(cfg: RunConfig) -> list[str]:
-    """Import ``task.reward_fn`` in a child Python, not here: it then sees the sys.path the rollout
-    servers will see (the ``areal-like`` console script does not put the working directory on
-    sys.path, ``python -m`` and ``python -c`` do), and a module that does something at import time
+    """Load ``task.reward_fn`` in a child Python as a reward worker would (``REWARD_PROBE``), not here:
+    it then sees the sys.path the rollout servers will see (the ``areal-like`` console script does
+    not put the working directory on sys.path, ``python -m`` and ``python -c`` do), the workers'
+    address-space limit and scrubbed environment, and a module that does something at import time
     (initialise CUDA, start threads, exit, hang) cannot harm the launcher."""
-    spec = cfg.task.reward_fn
+    spec, memory_mb = cfg.task.reward_fn, cfg.task.reward_memory_mb
     if not spec or cfg.task.reward_url:  # a remote reward replaces the function
         return []
-    module, sep, attr = spec.partition(":") if ":" in spec else spec.rpartition(".")
-    if not module or not attr:
+    try:
+        split_function_path(spec)
+    except ValueError:
         return [f"task.reward_fn={spec!r} is not of the form package.module:function"]
     try:
-        r = subprocess.run([sys.executable, "-c", REWARD_PROBE, spec], capture_output=True, text=True,
-                           timeout=REWARD_IMPORT_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        r = subprocess.run([sys.executable, "-c", REWARD_PROBE, spec, str(memory_mb)], capture_output=True,
+                           text=True, timeout=REWARD_IMPORT_TIMEOUT_S, stdin=subprocess.DEVNULL, env=scrubbed_env())
     except subprocess.TimeoutExpired:
         return [f"task.reward_fn={spec!r}: importing it took over {REWARD_IMPORT_TIMEOUT_S:.0f}s"]
     if r.returncode == 0:
         return []
     lines = r.stdout.strip().splitlines()
     reason = lines[-1] if lines else f"importing it ended the interpreter with status {r.returncode}"
-    return [f"task.reward_fn={spec!r} {reason}"]
+    return [f"task.reward_fn={spec!r} cannot be loaded in a reward worker: {reason}"]
 
 
 def check_trackers(cfg: RunConfig) -> list[str]:

@@ -263,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from areal_like.config import ConfigError, load_daemon_config
+    from rollout_server.reward_pool import RewardPoolError
 
     p = argparse.ArgumentParser(prog="areal-like eval", description="Evaluate an HF model directory or a "
                                 "trainer checkpoint on the task's eval split (greedy accuracy, pass@k, mean@k).")
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_daemon_config([*base, *overrides])
         record = _evaluate_path(args.model, cfg, config_file)
-    except (ConfigError, subprocess.CalledProcessError) as e:
+    except (ConfigError, RewardPoolError, subprocess.CalledProcessError) as e:  # RewardPoolError: reward not loadable
         print(f"error: {e}", file=sys.stderr)
         return 2
     record["model"] = str(args.model)

@@ -1,57 +1,85 @@
 """A reward worker: one process that imports one reward function and scores samples, one at a time.
 
-``rollout_server/reward_pool.py`` starts it as ``python reward_worker.py FD`` (a fresh
-interpreter, run as a script so it needs nothing on its path but the standard library) with
-the secrets scrubbed from its environment, in a session of its own, and talks to it over the
-socket ``FD``. Frames are an 8-byte big-endian length and a body:
+``rollout_server/reward_pool.py`` starts it as ``python -I reward_worker.py FD`` (a fresh
+interpreter, run as a script: its module level needs only the standard library) with the
+secrets scrubbed from its environment (``scrubbed_env``), in a session of its own, and talks to
+it over the socket ``FD``. Frames are an 8-byte big-endian length and a body:
 
 * pool -> worker, pickled: first ``{"path", "sys_path", "memory_mb"}``, then one
   ``(response, example, timeout_s)`` per sample;
 * worker -> pool, JSON (the pool never unpickles what a reward produced): first
-  ``{"ready": true}`` or a failure, then one ``{"reward": float}`` or
+  ``{"ready": true}`` or ``{"kind": "error" | "memory", "reason": str}`` when the reward cannot
+  be loaded (the worker then exits), then one ``{"reward": float}`` or
   ``{"kind": "error" | "memory", "reason": str}`` per sample.
 
-Limits, set by the worker itself: ``RLIMIT_AS`` (``memory_mb``) from the start, before the
-reward's module is imported, so an allocation past it raises MemoryError; ``RLIMIT_CPU`` before
-each sample, past what the sample could burn until its timeout, as a backstop should the pool
-fail to kill a runaway (the kernel then ends the worker with SIGXCPU). The pool enforces the
-timeout by killing the process. The worker exits when the pool's end of the socket closes.
+Loading (``load_reward``): the worker takes the pool's ``sys_path``, sets ``RLIMIT_AS``
+(``memory_mb``), then resolves the path with ``areal_like.callables.import_function`` (standard
+library only, the project's one path parser; importable once ``sys_path`` is the pool's, which
+imports ``areal_like`` itself) and imports the reward's module under that limit. The launcher's
+preflight runs the same ``load_reward`` through ``probe`` in a child Python with the same
+environment, so a reward passes preflight exactly when a worker can load it.
+
+Limits, set by the worker itself: ``RLIMIT_AS`` from the start, before the reward's module is
+imported, so an allocation past it raises MemoryError; ``RLIMIT_CPU`` before each sample, past
+what the sample could burn until its timeout, as a backstop should the pool fail to kill a
+runaway (the kernel then ends the worker with SIGXCPU). The pool enforces the timeout by
+killing the process. The worker exits when the pool's end of the socket closes.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import numbers
 import os
 import pickle
+import re
 import reprlib
 import resource
 import socket
 import struct
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 HEADER = struct.Struct("!Q")
 CPU_GRACE_S = 3  # RLIMIT_CPU: CPU seconds past the most a sample could use before its timeout
+SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH", re.IGNORECASE)  # WANDB_API_KEY, HF_TOKEN, ...
 
 
-def import_reward(path: str) -> Callable:
-    """The callable at ``"pkg.module:function"`` (or ``"pkg.module.function"``).
+def scrubbed_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """``environ`` without the variables whose names look like secrets (``SECRET_NAME``)."""
+    return {k: v for k, v in environ.items() if not SECRET_NAME.search(k)}
 
-    Raises ImportError, AttributeError (or ValueError for a malformed path), TypeError when
-    the attribute is not callable."""
-    module, sep, attr = path.partition(":")
-    if not sep:
-        module, _, attr = path.rpartition(".")
-    if not module or not attr:
-        raise ValueError(f"{path!r} is not 'pkg.module:function'")
-    fn = getattr(importlib.import_module(module), attr)
-    if not callable(fn):
-        raise TypeError(f"{path} is a {type(fn).__name__}, not a callable")
-    return fn
+
+def load_reward(path: str, memory_mb: int) -> Callable:
+    """The reward at ``path``, imported under an address-space limit of ``memory_mb`` MiB (0: none)
+    set on this whole process first; raises whatever the import raises (module docstring)."""
+    _limit_memory(memory_mb)
+    from areal_like.callables import import_function  # found on the sys.path taken from the pool
+
+    return import_function(path)
+
+
+def load_failure(e: BaseException, memory_mb: int) -> dict:
+    """The worker's reply (and the preflight probe's line) when ``load_reward`` raised ``e``."""
+    if isinstance(e, MemoryError):
+        why = f"MemoryError: {e}" if str(e) else "MemoryError"
+        if memory_mb > 0:
+            why += f" (task.reward_memory_mb={memory_mb} limits the address space)"
+        return {"kind": "memory", "reason": why}
+    return {"kind": "error", "reason": f"{type(e).__name__}: {e}".splitlines()[0]}
+
+
+def probe(path: str, memory_mb: int) -> int:
+    """Load the reward as a worker does (what the launcher's preflight runs in a child Python):
+    0 when it loads, else 1 after printing one line saying why."""
+    try:
+        load_reward(path, memory_mb)
+    except BaseException as e:  # noqa: BLE001 - SystemExit at import too: the reward cannot be used
+        print(load_failure(e, memory_mb)["reason"], flush=True)
+        return 1
+    return 0
 
 
 def as_reward(value: object) -> tuple[float, str | None]:
@@ -139,11 +167,9 @@ def main(fd: int) -> int:
     config = pickle.loads(init)
     sys.path[:] = config["sys_path"]  # what the pool's process can import, this one can
     try:
-        _limit_memory(config["memory_mb"])
-        fn = import_reward(config["path"])
-    except BaseException as e:  # noqa: BLE001 - reported to the pool, which scores the sample 0
-        kind = "memory" if isinstance(e, MemoryError) else "error"
-        _send_json(sock, {"kind": kind, "reason": f"cannot load {config['path']}: {type(e).__name__}: {e}"})
+        fn = load_reward(config["path"], config["memory_mb"])
+    except BaseException as e:  # noqa: BLE001 - reported to the pool, which cannot go on without the reward
+        _send_json(sock, load_failure(e, config["memory_mb"]))
         return 1
     try:
         _send_json(sock, {"ready": True})

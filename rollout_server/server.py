@@ -52,7 +52,7 @@ from areal_like.tasks import make_task
 from areal_like.tokenizer import load_tokenizer
 from areal_like.transport import AsyncClient, Subscriber, TransportTimeout
 from rollout_server.episode import EpisodeContext, run_episode
-from rollout_server.reward_pool import RewardPool
+from rollout_server.reward_pool import RewardPool, RewardPoolError
 from rollout_server.sglang_client import SGLangClient
 from rollout_server.weight_update import apply_weight_sync
 
@@ -307,7 +307,9 @@ class RolloutServer(Daemon):
         if (e := task.exception()) is not None:
             self.episode_failures += 1
             self.log.error("episode %s failed (%d in a row): %s", task.get_name(), self.episode_failures, e)
-            if self.episode_failures >= MAX_EPISODE_FAILURES:
+            if isinstance(e, RewardPoolError):  # the reward cannot be loaded: every later episode fails alike
+                self.failure = self.failure or ComponentStopped(str(e))
+            elif self.episode_failures >= MAX_EPISODE_FAILURES:
                 self.failure = self.failure or ComponentStopped(f"{self.episode_failures} episodes failed in a row: {e}")
             return
         self.episode_failures = 0

@@ -108,19 +108,38 @@ def test_reward_fn_is_imported_from_the_working_directory_like_the_rollout_serve
     assert pf.check_reward_fn(cfg_with(reward_fn="my_rewards:score")) == []
     assert pf.check_reward_fn(cfg_with(reward_fn="my_rewards.score")) == []
     assert pf.check_reward_fn(cfg_with(reward_fn="my_rewards:THRESHOLD")) == [
-        "task.reward_fn='my_rewards:THRESHOLD' THRESHOLD in my_rewards is a int, not callable"]
+        "task.reward_fn='my_rewards:THRESHOLD' cannot be loaded in a reward worker: "
+        "TypeError: THRESHOLD in my_rewards is a int, not a callable"]
     assert pf.check_reward_fn(cfg_with(reward_fn="my_rewards:nothing")) == [
-        "task.reward_fn='my_rewards:nothing' cannot be imported: AttributeError: "
+        "task.reward_fn='my_rewards:nothing' cannot be loaded in a reward worker: AttributeError: "
         "module 'my_rewards' has no attribute 'nothing'"]
     assert pf.check_reward_fn(cfg_with(reward_fn="broken_rewards:score")) == [
-        "task.reward_fn='broken_rewards:score' cannot be imported: ModuleNotFoundError: "
+        "task.reward_fn='broken_rewards:score' cannot be loaded in a reward worker: ModuleNotFoundError: "
         "No module named 'no_such_package_areal'"]
     assert pf.check_reward_fn(cfg_with(reward_fn="exits_rewards:score")) == [
-        "task.reward_fn='exits_rewards:score' cannot be imported: SystemExit: 7"]
+        "task.reward_fn='exits_rewards:score' cannot be loaded in a reward worker: SystemExit: 7"]
     assert pf.check_reward_fn(cfg_with(reward_fn="score")) == [
         "task.reward_fn='score' is not of the form package.module:function"]
     # a remote reward replaces the function: its import is not the job's business
     assert pf.check_reward_fn(cfg_with(reward_fn="broken_rewards:score", reward_url="http://127.0.0.1:1/r")) == []
+
+
+def test_reward_fn_is_loaded_under_the_workers_memory_limit_and_environment(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "big_rewards.py").write_text("BLOCK = bytearray(300 * 2**20)\ndef score(response, example):\n"
+                                             "    return 1.0\n")
+    (tmp_path / "secret_rewards.py").write_text("import os\nTOKEN = os.environ['AREAL_TEST_API_TOKEN']\n"
+                                                "def score(response, example):\n    return 1.0\n")
+    # a reward worker (task.reward_memory_mb of address space) could not import it: refused here too
+    assert pf.check_reward_fn(cfg_with(reward_fn="big_rewards:score", reward_memory_mb=256)) == [
+        "task.reward_fn='big_rewards:score' cannot be loaded in a reward worker: "
+        "MemoryError (task.reward_memory_mb=256 limits the address space)"]
+    assert pf.check_reward_fn(cfg_with(reward_fn="big_rewards:score", reward_memory_mb=1024)) == []
+    assert pf.check_reward_fn(cfg_with(reward_fn="big_rewards:score", reward_memory_mb=0)) == []  # no limit
+    # the workers' environment has no secrets: neither has the probe's
+    monkeypatch.setenv("AREAL_TEST_API_TOKEN", "s3cret")
+    assert pf.check_reward_fn(cfg_with(reward_fn="secret_rewards:score")) == [
+        "task.reward_fn='secret_rewards:score' cannot be loaded in a reward worker: KeyError: 'AREAL_TEST_API_TOKEN'"]
 
 
 def test_trackers_are_checked_by_the_tracking_module_when_it_exists(tmp_path, monkeypatch):

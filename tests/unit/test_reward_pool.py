@@ -1,5 +1,7 @@
-"""RewardPool with real worker processes: failures are contained, scored 0 with their reason, and
-the lost worker is replaced; results keep their order; secrets stay out; close() leaves nothing.
+"""RewardPool with real worker processes: failures of a running reward are contained, scored 0
+with their reason (and logged at most once a minute per kind), and the lost worker is replaced;
+a reward that cannot be loaded in a worker is fatal; results keep their order; secrets stay out;
+close() leaves nothing.
 
 The reward is ``reward_fns:behave`` (tests/unit/reward_fns.py), found through the test process's
 sys.path, which the workers get too.
@@ -8,15 +10,21 @@ sys.path, which the workers get too.
 from __future__ import annotations
 
 import asyncio
+import importlib
+import logging
+import os
+import sys
 
 import psutil
 import pytest
 from reward_fns import SECRET_VAR, behave
 
-from areal_like.config import ConfigError, TaskConfig
+from areal_like.config import TaskConfig, load_config
+from areal_like.daemon import ComponentStopped
 from areal_like.metrics import Metrics
 from areal_like.tasks import Example
-from rollout_server.reward_pool import RewardPool, check_reward_fn, scrubbed_env
+from rollout_server.reward_pool import WARN_EVERY_S, RewardPool, RewardPoolError, scrubbed_env
+from rollout_server.server import RolloutServer
 
 EXAMPLE = Example("What is 1+1?", "2")
 PATH = "reward_fns:behave"
@@ -165,16 +173,122 @@ def test_close_leaves_no_process_behind(make_pool, wait_until):
         score(pool, "1")
 
 
+def all_gone(procs: list[psutil.Process]) -> bool:
+    mine = {p.pid for p in psutil.Process().children(recursive=True)}
+    return all(gone(p) for p in procs) and not mine & {p.pid for p in procs}
+
+
 @pytest.mark.parametrize("path,why", [
-    ("nope.module:fn", "ModuleNotFoundError"),
-    ("reward_fns:missing", "AttributeError"),
-    ("reward_fns:NOT_CALLABLE", "not a callable"),
-    ("no_separator", "not 'pkg.module:function'"),
+    ("nope.module:fn", "ModuleNotFoundError: No module named 'nope'"),
+    ("reward_fns:missing", "AttributeError: module 'reward_fns' has no attribute 'missing'"),
+    ("reward_fns:NOT_CALLABLE", "TypeError: NOT_CALLABLE in reward_fns is a int, not a callable"),
+    ("no_separator", "ValueError: 'no_separator' is not of the form package.module:function"),
 ])
-def test_a_reward_path_that_cannot_be_used_is_a_config_error(path, why, make_pool):
-    with pytest.raises(ConfigError, match=rf"task\.reward_fn='{path}'.*{why}"):
-        check_reward_fn(path)
-    with pytest.raises(ConfigError, match=why):
-        make_pool(path)
-    check_reward_fn(PATH)
-    check_reward_fn("rollout_server.reward_pool.check_reward_fn")  # the dotted form also works
+def test_a_reward_that_cannot_be_loaded_is_fatal_at_the_first_score(path, why, make_pool):
+    pool = make_pool(reward_fn=path)
+    workers = [psutil.Process(pid) for pid in pool.worker_pids]
+    with pytest.raises(RewardPoolError) as e:
+        score(pool, "1", "2", "3")
+    assert str(e.value) == f"task.reward_fn={path!r} cannot be loaded in a reward worker: {why}"
+    assert all_gone(workers)  # every worker, not only the one that said why
+    with pytest.raises(RewardPoolError, match="cannot be loaded"):  # and it stays broken: no new worker
+        score(pool, "1")
+    assert [p.pid for p in workers] == pool.worker_pids and all_gone(workers)
+
+
+def test_the_tasks_own_reward_is_named_when_it_cannot_be_loaded(make_pool):
+    with pytest.raises(RewardPoolError, match=r"^the task's reward 'nope\.module:fn' cannot be loaded in a reward "
+                                              r"worker: ModuleNotFoundError"):
+        score(make_pool("nope.module:fn"), "1")
+
+
+WORKER_ONLY_FAILURES = {  # module source -> why its import fails in a worker, though it imports here
+    "needs_secret": ("import os\nif 'AREAL_TEST_API_TOKEN' not in os.environ:\n"
+                     "    raise RuntimeError('AREAL_TEST_API_TOKEN is not set')\n",
+                     "RuntimeError: AREAL_TEST_API_TOKEN is not set"),
+    "big_at_import": ("BLOCK = bytearray(300 * 2**20)\n",
+                      "MemoryError (task.reward_memory_mb=256 limits the address space)"),
+}
+
+
+@pytest.mark.parametrize("module", sorted(WORKER_ONLY_FAILURES))
+def test_a_reward_that_imports_here_but_not_in_a_worker_is_fatal(module, make_pool, tmp_path, monkeypatch):
+    source, why = WORKER_ONLY_FAILURES[module]
+    (tmp_path / f"{module}.py").write_text(source + "def score(response, example):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # the workers get this process's sys.path
+    monkeypatch.setenv(SECRET_VAR, "s3cret")  # scrubbed from the workers' environment
+    assert importlib.import_module(module).score("", EXAMPLE) == 1.0  # fine in this process
+    del sys.modules[module]  # (and its memory)
+    pool = make_pool(reward_fn=f"{module}:score", reward_memory_mb=256)
+    workers = [psutil.Process(pid) for pid in pool.worker_pids]
+    with pytest.raises(RewardPoolError) as e:
+        score(pool, "1")
+    assert str(e.value) == f"task.reward_fn='{module}:score' cannot be loaded in a reward worker: {why}"
+    assert all_gone(workers)
+
+
+def test_a_worker_that_dies_before_it_is_ready_is_fatal(make_pool, tmp_path, monkeypatch):
+    (tmp_path / "exits_at_import.py").write_text("import os\nos._exit(4)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pool = make_pool(reward_fn="exits_at_import:score")
+    workers = [psutil.Process(pid) for pid in pool.worker_pids]
+    with pytest.raises(RewardPoolError, match=r"^task\.reward_fn='exits_at_import:score' cannot be loaded in a "
+                                              r"reward worker: worker died: exit code 4$"):
+        score(pool, "1")
+    assert all_gone(workers)
+
+
+def test_the_pool_never_imports_the_reward_in_its_own_process(make_pool, tmp_path, monkeypatch):
+    (tmp_path / "marks_importer.py").write_text(
+        "import os, pathlib\n"
+        f"pathlib.Path({str(tmp_path)!r}, f'imported-by-{{os.getpid()}}').touch()\n"
+        "def score(response, example):\n    return float(os.getpid())\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pool = make_pool(reward_fn="marks_importer:score", reward_workers=1)
+    ((pid, _),) = score(pool, "x")
+    assert "marks_importer" not in sys.modules
+    assert sorted(p.name for p in tmp_path.glob("imported-by-*")) == [f"imported-by-{int(pid)}"]
+    assert int(pid) != os.getpid()
+
+
+def test_failures_are_logged_at_most_once_a_minute_per_kind(make_pool, caplog):
+    metrics = Metrics()
+    pool = make_pool(metrics=metrics, reward_workers=1, reward_fn=PATH)
+    now = [1000.0]
+    pool.clock = lambda: now[0]
+    caplog.set_level(logging.WARNING, logger="rollout_server.reward_pool")
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "rollout_server.reward_pool"]
+
+    assert score(pool, *["crash"] * 5) == [(0.0, "ZeroDivisionError: division by zero on purpose")] * 5
+    assert warnings() == [f"task.reward_fn={PATH!r}: 1 sample(s) scored 0, reward failure (error): ZeroDivisionError:"
+                          f" division by zero on purpose (logged at most every {WARN_EVERY_S:.0f}s per kind)"]
+    now[0] += WARN_EVERY_S / 2
+    assert score(pool, "exit", "crash") == [(0.0, "worker died: exit code 3"),
+                                            (0.0, "ZeroDivisionError: division by zero on purpose")]
+    assert len(warnings()) == 2 and "(died): worker died: exit code 3" in warnings()[1]  # a new kind: logged
+    now[0] += WARN_EVERY_S / 2
+    assert score(pool, "nan") == [(0.0, "reward is not finite: nan")]
+    assert len(warnings()) == 3  # a minute after the first: the latest reason, and how many were not logged
+    assert "(error): reward is not finite: nan; 5 more since the last warning" in warnings()[2]
+    assert failures(metrics, "error") == 7 and failures(metrics, "died") == 1
+
+
+def test_a_reward_that_cannot_be_loaded_stops_the_rollout_server_at_once():
+    server = RolloutServer(load_config([]))
+
+    async def episode(error: Exception) -> None:
+        raise error
+
+    async def finish(error: Exception) -> None:  # an episode task ends with `error`, as in serve_until_stopped
+        server.wake = asyncio.Event()
+        task = asyncio.create_task(episode(error))
+        await asyncio.gather(task, return_exceptions=True)
+        server._episode_done(task)
+
+    asyncio.run(finish(RuntimeError("engine hiccup")))
+    assert server.failure is None and server.episode_failures == 1  # an episode may fail now and then
+    asyncio.run(finish(RewardPoolError("task.reward_fn='x:y' cannot be loaded in a reward worker: ValueError: v")))
+    assert isinstance(server.failure, ComponentStopped)
+    assert str(server.failure) == "task.reward_fn='x:y' cannot be loaded in a reward worker: ValueError: v"

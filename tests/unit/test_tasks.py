@@ -5,6 +5,7 @@ import pickle
 
 import pytest
 
+from areal_like.callables import import_function, split_function_path
 from areal_like.config import ConfigError, ModelConfig, TaskConfig
 from areal_like.datasets import DatasetTask
 from areal_like.tasks import (
@@ -54,6 +55,19 @@ def test_rewards_are_module_level_functions_named_by_path():
         task = make_task(TaskConfig(name=name))
         assert load_function(task.reward_path) is fn
     assert load_function(DatasetTask.reward_path) is math_reward  # named by path: areal_like never imports it
+
+
+def test_one_parser_for_function_paths():
+    assert split_function_path("pkg.mod:fn") == ("pkg.mod", "fn")
+    assert split_function_path("pkg.mod.fn") == ("pkg.mod", "fn")  # no colon: the last dot
+    assert load_function("areal_like.tasks.exact_match") is exact_match
+    for bad in ("fn", "pkg.mod:", ":fn", ""):
+        with pytest.raises(ValueError, match="is not of the form package.module:function"):
+            split_function_path(bad)
+    with pytest.raises(TypeError, match="SPLITS in areal_like.tasks is a tuple, not a callable"):
+        import_function("areal_like.tasks:SPLITS")
+    with pytest.raises(AttributeError, match="no_such_reward"):
+        import_function("areal_like.tasks:no_such_reward")
 
 
 def test_example_is_frozen_and_picklable():
