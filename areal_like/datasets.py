@@ -108,14 +108,7 @@ def _log_once(line: str) -> None:
 def load_examples(cfg: TaskConfig, key: str, value: str) -> list[Example]:
     """Every row of the dataset at ``value`` (the config key ``key`` names it) as an Example."""
     table = load_table(key, value)
-    columns = list(table.column_names)
-    text_key = _require(columns, "task.messages_key" if cfg.messages_key else "task.prompt_key",
-                        cfg.messages_key or cfg.prompt_key, value)
-    answer_key = _require(columns, "task.answer_key", cfg.answer_key, value)
-    if cfg.metadata_keys is None:
-        meta_keys = [c for c in columns if c not in (text_key, answer_key)]
-    else:
-        meta_keys = [_require(columns, "task.metadata_keys", k, value) for k in cfg.metadata_keys]
+    text_key, answer_key, meta_keys = task_columns(cfg, list(table.column_names), value)
     rows = table.select_columns(list(dict.fromkeys([text_key, answer_key, *meta_keys]))).to_list()
     if not rows:
         raise ConfigError(f"{key}={value!r} has no rows")
@@ -134,6 +127,17 @@ def load_examples(cfg: TaskConfig, key: str, value: str) -> list[Example]:
                 raise ConfigError(f"task.prompt_key={text_key!r}: row {i} of {value} has no prompt")
             out.append(Example(_text(row[text_key]), _text(answer), None, metadata))
     return out
+
+
+def task_columns(cfg: TaskConfig, columns: list[str], source: str) -> tuple[str, str, list[str]]:
+    """(text column, answer column, metadata columns) of a table with ``columns`` read from
+    ``source``; ConfigError naming the task key and the columns found when one is missing."""
+    text_key = _require(columns, "task.messages_key" if cfg.messages_key else "task.prompt_key",
+                        cfg.messages_key or cfg.prompt_key, source)
+    answer_key = _require(columns, "task.answer_key", cfg.answer_key, source)
+    if cfg.metadata_keys is None:
+        return text_key, answer_key, [c for c in columns if c not in (text_key, answer_key)]
+    return text_key, answer_key, [_require(columns, "task.metadata_keys", k, source) for k in cfg.metadata_keys]
 
 
 def load_table(key: str, value: str):

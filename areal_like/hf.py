@@ -3,8 +3,10 @@
 ``resolve_model_path(path)`` turns ``model.path`` into a local directory ONCE, in the launcher
 (``areal-like run`` / ``areal-like config``), before any daemon starts: a local directory is used
 as is; a hub id (``org/name``) is looked up in the local Hugging Face cache and, only when
-``HF_HUB_OFFLINE`` is unset, downloaded (with progress bars). ``resolve_models(cfg)`` applies it to
-every model-valued key. The daemons then read directories only: ``build_model(cfg)`` loads
+``HF_HUB_OFFLINE`` is unset, downloaded (with progress bars). A cached snapshot counts only when it
+holds what the key needs (weights for a model, tokenizer files for a tokenizer): loading a
+tokenizer or a config caches just those files, and such a snapshot is completed by the download.
+``resolve_models(cfg)`` applies it to every model-valued key. The daemons then read directories only: ``build_model(cfg)`` loads
 ``cfg.path`` (hub ids are refused there: nothing is downloaded by a daemon) or builds a Qwen2 from
 the config fields with a fixed init seed, so every process that builds "the same" tiny model gets
 bit-identical weights. Imports torch and huggingface_hub lazily.
@@ -31,6 +33,8 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 DOWNLOAD_IGNORE = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "*.onnx_data", "*.gguf", "*.tflite", "*.pth",
                    "original/*", "onnx/*", "openvino/*", "coreml/*"]
 TOKENIZER_NAMES = ("char", "bpe")  # model.tokenizer values that name a built-in tokenizer, not a directory
+WEIGHT_GLOBS = ("*.safetensors", "*.bin")  # what from_pretrained loads (single or sharded)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # either makes a tokenizer directory
 
 
 def looks_like_hub_id(path: str) -> bool:
@@ -42,10 +46,10 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def resolve_model_path(path: str, key: str = "model.path") -> str:
+def resolve_model_path(path: str, key: str = "model.path", needs: tuple[str, ...] = WEIGHT_GLOBS) -> str:
     """``path`` as a local directory: itself when it is one, else the hub id's snapshot directory
-    from the local cache, else downloaded (unless HF_HUB_OFFLINE is set). Raises ConfigError naming
-    ``key`` in one line when it is neither."""
+    from the local cache when that holds a file matching one of ``needs`` (globs), else downloaded
+    (unless HF_HUB_OFFLINE is set). Raises ConfigError naming ``key`` in one line when it is neither."""
     local = Path(path).expanduser()
     if local.is_dir():
         return path
@@ -55,20 +59,36 @@ def resolve_model_path(path: str, key: str = "model.path") -> str:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
+    partial = None  # a cached snapshot without the files the key needs
     try:
-        return snapshot_download(path, local_files_only=True)
-    except LocalEntryNotFoundError:
-        pass  # not cached: download below, unless offline
+        snap = snapshot_download(path, local_files_only=True)
+        if holds(snap, needs):
+            return snap
+        partial = snap
+    except LocalEntryNotFoundError as e:  # not cached (or known incomplete): download below, unless offline
+        partial = getattr(e, "snapshot_path", None)
     except HFValidationError as e:
         raise ConfigError(f"{key}={path!r} is not a local directory nor a valid hub id: {_first_line(e)}") from None
-    where = f"not a local directory and not in the Hugging Face cache {constants.HF_HUB_CACHE}"
+    wanted = " or ".join(needs)
+    where = (f"in the Hugging Face cache incompletely ({partial} has no {wanted})" if partial else
+             f"not a local directory and not in the Hugging Face cache {constants.HF_HUB_CACHE}")
     if _offline():
         raise ConfigError(f"{key}={path!r} is {where}, and HF_HUB_OFFLINE is set (unset it to download, "
                           f"or give a local directory)")
     try:
-        return snapshot_download(path, ignore_patterns=DOWNLOAD_IGNORE)  # tqdm progress bars on stderr
+        snap = snapshot_download(path, ignore_patterns=DOWNLOAD_IGNORE)  # tqdm progress bars on stderr
     except Exception as e:  # network down, repo missing or gated: one line, not a traceback
         raise ConfigError(f"{key}={path!r} is {where}, and the download failed: {_first_line(e)}") from None
+    if not holds(snap, needs):  # the Hub was unreachable and huggingface_hub fell back to the cached snapshot
+        raise ConfigError(f"{key}={path!r}: {snap} has no {wanted} after the download (the Hub unreachable, "
+                          "or the repository has none)")
+    return snap
+
+
+def holds(directory: str | Path, globs: tuple[str, ...]) -> bool:
+    """Whether ``directory`` has a file matching one of ``globs`` (at its top level)."""
+    d = Path(directory)
+    return any(next(d.glob(g), None) is not None for g in globs)
 
 
 def _first_line(e: BaseException) -> str:
@@ -83,7 +103,8 @@ def resolve_models(cfg: RunConfig) -> RunConfig:
     if model.path:
         model = dataclasses.replace(model, path=resolve_model_path(model.path, "model.path"))
     if model.tokenizer not in TOKENIZER_NAMES:
-        model = dataclasses.replace(model, tokenizer=resolve_model_path(model.tokenizer, "model.tokenizer"))
+        model = dataclasses.replace(model, tokenizer=resolve_model_path(model.tokenizer, "model.tokenizer",
+                                                                        TOKENIZER_FILES))
     if trainer.ref_path:
         trainer = dataclasses.replace(trainer, ref_path=resolve_model_path(trainer.ref_path, "trainer.ref_path"))
     return dataclasses.replace(cfg, model=model, trainer=trainer)

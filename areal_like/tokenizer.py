@@ -87,7 +87,9 @@ def _has_tokenizer(path: Path) -> bool:
 
 
 def load_tokenizer(model: ModelConfig):
-    """The tokenizer of ``model``: from ``model.path`` when it holds one, else ``model.tokenizer``."""
+    """The tokenizer of ``model``: from ``model.path`` when it holds one, else ``model.tokenizer``.
+    A job's preflight (``areal-like run`` / ``config``) refuses a ``model.path`` without a tokenizer
+    when ``model.tokenizer`` is a built-in one: its ids would mean nothing to that model."""
     if model.path and _has_tokenizer(Path(model.path)):
         from transformers import AutoTokenizer
 

@@ -194,20 +194,38 @@ class Monitor:
                 f.write(json.dumps({"t": round(time.time(), 3), "daemon": slot.name, "values": values}) + "\n")
 
 
-def wait_for_final_eval(cfg: RunConfig, run_dir: Path, sup: Supervisor) -> None:
+def wait_for_final_eval(cfg: RunConfig, run_dir: Path, sup: Supervisor) -> bool:
     """After the trainer completed: keep the job up until the evaluating rollout server has written
-    the final evaluation (eval.jsonl, ``"final": true``), at most ``eval.final_timeout_s``."""
+    the final evaluation of THIS run (an eval.jsonl record with ``"final": true`` at policy version
+    ``trainer.steps``; a run resumed with more steps already holds the earlier run's final record),
+    at most ``eval.final_timeout_s``. Returns whether it was written.
+
+    Gives up at once when that server is down: nothing restarts it now (the supervisor restarts
+    processes only while the trainer runs), and a restarted one would not hold the final weights,
+    which only the trainer, gone now, pushes."""
     deadline = time.monotonic() + cfg.eval.final_timeout_s
     print("[run] trainer done; waiting for the final evaluation", file=sys.stderr, flush=True)
-    while time.monotonic() < deadline and not sup.stop_event.is_set():
-        if any(r.get("final") for r in read_jsonl(run_dir / "eval.jsonl")):
-            return
-        if sup.pids().get("rollout-0") is None:
-            print("[run] the evaluating rollout server is down: no final evaluation", file=sys.stderr, flush=True)
-            return
-        sup.stop_event.wait(1.0)
-    print(f"[run] no final evaluation within eval.final_timeout_s={cfg.eval.final_timeout_s}", file=sys.stderr,
-          flush=True)
+    while not sup.stop_event.is_set():
+        # liveness first, the file second: a server that wrote the record and then exited counts
+        down = sup.pids().get("rollout-0") is None
+        if _has_final_eval(run_dir, cfg.trainer.steps):
+            return True
+        if down:
+            why = "the evaluating rollout server is down"
+            break
+        left = deadline - time.monotonic()
+        if left <= 0:
+            why = f"not written within eval.final_timeout_s={cfg.eval.final_timeout_s}"
+            break
+        sup.stop_event.wait(min(1.0, left))
+    else:
+        why = "stop requested"
+    print(f"[run] no final evaluation: {why}", file=sys.stderr, flush=True)
+    return False
+
+
+def _has_final_eval(run_dir: Path, steps: int) -> bool:
+    return any(r.get("final") and r.get("policy_version") == steps for r in read_jsonl(run_dir / "eval.jsonl"))
 
 
 def eval_summary(run_dir: Path) -> dict:

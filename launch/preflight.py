@@ -2,18 +2,23 @@
 
 A missing model directory, dataset file or reward function would otherwise pass the config
 validators and fail 10-30 s later inside three daemons at once, with tracebacks and restarts.
-``preflight(cfg)`` runs in ``areal-like run`` (before the warm start and before any daemon) and in
-``areal-like config``, on a config whose hub ids are already resolved (``areal_like.hf.resolve_models``),
-and raises ``PreflightError``: one line per problem, each naming its key. It checks:
+``checked(cfg)`` is the one entry: ``areal-like run`` (before the warm start and before any daemon)
+and ``areal-like config`` call it. It resolves hub ids to local directories
+(``areal_like.hf.resolve_models``), runs every check below on the result and raises
+``PreflightError``: one line per problem, each naming its key. It checks:
 
-* ``model.path``: a directory with config.json and weights; ``model.tokenizer`` (when it is not a
-  built-in tokenizer): a directory with a tokenizer; ``trainer.ref_path``: like model.path;
+* ``model.path``: a directory with config.json and weights, and a tokenizer unless
+  ``model.tokenizer`` names a tokenizer directory (a built-in tokenizer's ids mean nothing to
+  someone else's model; a warm start's output always holds its tokenizer); ``model.tokenizer``
+  (when it is not a built-in tokenizer): a directory with a tokenizer; ``trainer.ref_path``: like
+  model.path;
 * ``warm_start.steps > 0`` only with a model built from config or one a warm start wrote;
-* ``task.dataset_path`` (``task.name=dataset``) and ``task.eval_path``: exist;
+* ``task.dataset_path`` (``task.name=dataset``) and ``task.eval_path``: exist, and hold the columns
+  ``task.messages_key`` / ``task.prompt_key``, ``task.answer_key`` and ``task.metadata_keys`` name;
+* ``task.chat_template`` (other than auto/none): a file or a template that compiles;
 * ``task.reward_fn``: loads as in a reward worker (same loader, ``task.reward_memory_mb`` address
   space, environment without secrets), in a child Python (see ``check_reward_fn``);
-* the trackers' packages, through ``areal_like.tracking.check_trackers(cfg)`` when that module
-  exists in this installation;
+* the trackers' packages (``areal_like.tracking.check_trackers``);
 * the engine: ``rollout.engine.kind=sglang`` needs the sglang package and ``model.path``.
 
 Paths are checked as the daemons will open them: relative to the working directory, which the
@@ -22,7 +27,6 @@ daemons inherit from the launcher.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 import subprocess
@@ -31,12 +35,10 @@ from pathlib import Path
 
 from areal_like.callables import split_function_path
 from areal_like.config import ConfigError, RunConfig
-from areal_like.hf import TOKENIZER_NAMES, resolve_models
+from areal_like.hf import TOKENIZER_FILES, TOKENIZER_NAMES, WEIGHT_GLOBS, holds, resolve_models
 from rollout_server.reward_worker import scrubbed_env
 
 REWARD_IMPORT_TIMEOUT_S = 120.0  # a reward module importing a big library on a loaded machine
-WEIGHT_GLOBS = ("*.safetensors", "*.bin")  # what from_pretrained loads (single or sharded)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 WARM_START_MARK = "warm_start.json"  # written by launch/warmstart.py into the model directory it saves
 
 # Run as `python -c`: the working directory is first on sys.path, as for the rollout server's
@@ -55,8 +57,8 @@ class PreflightError(ConfigError):
 
 
 def checked(cfg: RunConfig) -> RunConfig:
-    """``cfg`` with its hub ids resolved to local directories (downloaded if need be), once the
-    preflight passed on it; raises PreflightError. What ``areal-like run`` and ``config`` use."""
+    """``cfg`` with its hub ids resolved to local directories (downloaded if need be), once every
+    check passed on it; else PreflightError listing every problem (one line each, naming its key)."""
     try:
         cfg = resolve_models(cfg)
         problems = check_models(cfg)
@@ -68,32 +70,30 @@ def checked(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Raise PreflightError listing every problem (one line each, naming the key); None when all is well."""
-    problems = [p for check in (check_models, *OTHER_CHECKS) for p in check(cfg)]
-    if problems:
-        raise PreflightError(problems)
-
-
 def _model_dir(key: str, path: str) -> list[str]:
     p = Path(path).expanduser()
     if not p.is_dir():
         return [f"{key}={path!r} does not exist (a Hugging Face model directory, or a hub id org/name)"]
     if not (p / "config.json").is_file():
         return [f"{key}={path!r} has no config.json: not a Hugging Face model directory"]
-    if not any(next(p.glob(g), None) for g in WEIGHT_GLOBS):
+    if not holds(p, WEIGHT_GLOBS):
         return [f"{key}={path!r} has config.json but no weights ({' or '.join(WEIGHT_GLOBS)})"]
     return []
 
 
 def check_models(cfg: RunConfig) -> list[str]:
-    out = _model_dir("model.path", cfg.model.path) if cfg.model.path else []
-    tok = cfg.model.tokenizer
+    out, path, tok = [], cfg.model.path, cfg.model.tokenizer
+    if path:
+        out = _model_dir("model.path", path)
+        # load_tokenizer would fall back to model.tokenizer=char/bpe: ids the model was never trained on
+        if not out and tok in TOKENIZER_NAMES and not holds(Path(path).expanduser(), TOKENIZER_FILES):
+            out.append(f"model.path={path!r} has no tokenizer files ({' or '.join(TOKENIZER_FILES)}): "
+                       "give model.tokenizer=<a tokenizer directory>")
     if tok not in TOKENIZER_NAMES:
         p = Path(tok).expanduser()
         if not p.is_dir():
             out.append(f"model.tokenizer={tok!r} is neither {' nor '.join(TOKENIZER_NAMES)} nor an existing directory")
-        elif not any((p / f).is_file() for f in TOKENIZER_FILES):
+        elif not holds(p, TOKENIZER_FILES):
             out.append(f"model.tokenizer={tok!r} has no {' or '.join(TOKENIZER_FILES)}: not a tokenizer directory")
     if cfg.trainer.ref_path:
         out += _model_dir("trainer.ref_path", cfg.trainer.ref_path)
@@ -120,6 +120,50 @@ def check_task_files(cfg: RunConfig) -> list[str]:
     if t.eval_path and not Path(t.eval_path).expanduser().exists():
         out.append(f"task.eval_path={t.eval_path!r} does not exist (relative paths start at {os.getcwd()})")
     return out
+
+
+def check_dataset_columns(cfg: RunConfig) -> list[str]:
+    """The columns the task keys name exist in ``task.dataset_path`` and ``task.eval_path``; reads
+    the files as the daemons will (``areal_like.datasets.load_table``), rows untouched."""
+    t, out = cfg.task, []
+    if t.name != "dataset":
+        return out
+    from areal_like.datasets import load_table, task_columns
+
+    for key, value in (("task.dataset_path", t.dataset_path), ("task.eval_path", t.eval_path)):
+        if not value or not Path(value).expanduser().exists():
+            continue  # check_task_files says so
+        try:
+            task_columns(t, list(load_table(key, value).column_names), value)
+        except ConfigError as e:
+            out.append(str(e).splitlines()[0])
+        except Exception as e:  # noqa: BLE001 - a malformed file: the reader's reason, in one line
+            out.append(f"{key}={value!r} cannot be read: {type(e).__name__}: {e}".splitlines()[0])
+    return out
+
+
+def check_chat_template(cfg: RunConfig) -> list[str]:
+    """``task.chat_template`` other than auto/none: a file or an inline template (as
+    ``areal_like.tasks.chat_template_of`` reads it) that compiles as transformers compiles it for
+    ``apply_chat_template`` (its sandbox and extensions: loop controls, ``{% generation %}``)."""
+    value = cfg.task.chat_template
+    if value in ("auto", "none"):
+        return []
+    import jinja2
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    from areal_like.tasks import chat_template_of
+
+    try:
+        text = chat_template_of(None, cfg.task)  # the tokenizer is read only for auto
+        _compile_jinja_template(text)
+    except ConfigError as e:
+        return str(e).splitlines()[:1]
+    except jinja2.TemplateSyntaxError as e:
+        shown = value if len(value) <= 60 else value[:57] + "..."
+        reason = " ".join(str(e.message or e).split())  # one line, whatever jinja2 wrote
+        return [f"task.chat_template={shown!r} is not a valid Jinja template: {reason} (line {e.lineno})"]
+    return []
 
 
 def check_reward_fn(cfg: RunConfig) -> list[str]:
@@ -156,16 +200,6 @@ def check_trackers(cfg: RunConfig) -> list[str]:
     except ConfigError as e:
         return str(e).splitlines()[:1]
     return []
-    check = getattr(importlib.import_module("areal_like.tracking"), "check_trackers", None)
-    if check is None:
-        return []
-    try:
-        check(cfg)
-    except ConfigError as e:
-        return str(e).splitlines()[:1]
-    except Exception as e:  # noqa: BLE001 - whatever it raises, the user gets one line, not a traceback
-        return [f"tracker={cfg.tracker}: {type(e).__name__}: {e}".splitlines()[0]]
-    return []
 
 
 def check_engine(cfg: RunConfig) -> list[str]:
@@ -180,4 +214,5 @@ def check_engine(cfg: RunConfig) -> list[str]:
 
 
 # every check but check_models, which checked() runs on the resolved model keys
-OTHER_CHECKS = (check_warm_start, check_task_files, check_reward_fn, check_trackers, check_engine)
+OTHER_CHECKS = (check_warm_start, check_task_files, check_dataset_columns, check_chat_template, check_reward_fn,
+                check_trackers, check_engine)

@@ -9,6 +9,7 @@ touches the network: a cached id is found without it, and a missing one runs wit
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,20 +24,27 @@ REPO = "areal-like-test/tiny-cached"  # not a real repository: a lookup that rea
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-def fake_cache(home: Path, repo: str = REPO) -> Path:
-    """An HF_HOME whose hub cache holds ``repo`` at refs/main; returns the snapshot directory."""
+def fake_cache(home: Path, repo: str = REPO, weights: bool = True, tokenizer: bool = False) -> Path:
+    """An HF_HOME whose hub cache holds ``repo`` at refs/main; returns the snapshot directory.
+    Without ``weights``: what loading only a repository's config or tokenizer leaves in the cache."""
     entry = home / "hub" / f"models--{repo.replace('/', '--')}"
     snap = entry / "snapshots" / COMMIT
     snap.mkdir(parents=True)
     (snap / "config.json").write_text('{"model_type": "qwen2"}')
-    (snap / "model.safetensors").write_bytes(b"")
+    if weights:
+        (snap / "model.safetensors").write_bytes(b"")
+    if tokenizer:
+        (snap / "tokenizer_config.json").write_text("{}")
     (entry / "refs").mkdir()
     (entry / "refs" / "main").write_text(COMMIT)
     return snap
 
 
-def run_py(code: str, home: Path, offline: bool, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_py(code: str, home: Path, offline: bool, *args: str, cwd: Path | None = None,
+           endpoint: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    if endpoint:
+        env["HF_ENDPOINT"] = endpoint
     env.pop("HF_HUB_CACHE", None)
     env.pop("HF_HUB_OFFLINE", None)
     if offline:
@@ -72,8 +80,39 @@ def test_missing_hub_id_offline_is_one_line_naming_the_key(tmp_path):
     assert "HF_HUB_OFFLINE" in msg and str(tmp_path / "hf" / "hub") in msg
 
 
+ONE_LINE = ("import sys\nfrom areal_like.config import ConfigError\nfrom areal_like.hf import resolve_model_path\n"
+            "try:\n    print(resolve_model_path(*sys.argv[1:]))\nexcept ConfigError as e:\n    print('error:', e)\n")
+
+
+def test_a_cache_without_weights_is_incomplete_offline(tmp_path):
+    snap = fake_cache(tmp_path / "hf", weights=False, tokenizer=True)  # AutoTokenizer.from_pretrained cached these
+    r = run_py(ONE_LINE, tmp_path / "hf", True, REPO)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == (f"error: model.path={REPO!r} is in the Hugging Face cache incompletely ({snap} has no "
+                        "*.safetensors or *.bin), and HF_HUB_OFFLINE is set (unset it to download, or give a local "
+                        "directory)\n")
+    # the same snapshot is complete for model.tokenizer, which needs tokenizer files, not weights
+    code = ("from areal_like.config import load_config\nfrom areal_like.hf import resolve_models\n"
+            f"print(resolve_models(load_config(['model.tokenizer={REPO}'])).model.tokenizer)\n")
+    r = run_py(code, tmp_path / "hf", True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(snap)
+
+
+def test_a_cache_without_weights_is_completed_by_a_download(tmp_path):
+    snap = fake_cache(tmp_path / "hf", weights=False)
+    with socket.socket() as s:  # a port nothing listens on: the "Hub" refuses the connection
+        s.bind(("127.0.0.1", 0))
+        hub = f"http://127.0.0.1:{s.getsockname()[1]}"
+    r = run_py(ONE_LINE, tmp_path / "hf", False, REPO, endpoint=hub)
+    assert r.returncode == 0, r.stderr
+    # it went for the download (not returned the partial snapshot), which fell back to that snapshot
+    assert r.stdout == (f"error: model.path={REPO!r}: {snap} has no *.safetensors or *.bin after the download "
+                        "(the Hub unreachable, or the repository has none)\n")
+
+
 def test_areal_like_config_prints_the_resolved_directory(tmp_path):
-    snap = fake_cache(tmp_path / "hf")
+    snap = fake_cache(tmp_path / "hf", tokenizer=True)
     code = "import sys; from areal_like.cli import main; sys.exit(main(sys.argv[1:]))"
     r = run_py(code, tmp_path / "hf", True, "config", "model=local_hf", f"model.path={REPO}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr

@@ -31,17 +31,19 @@ def model_cfg(**model: object) -> RunConfig:
     return dataclasses.replace(base(), model=dataclasses.replace(base().model, **model))
 
 
-def hf_dir(path: Path, config: bool = True, weights: bool = True) -> Path:
+def hf_dir(path: Path, config: bool = True, weights: bool = True, tokenizer: bool = True) -> Path:
     path.mkdir(parents=True)
     if config:
         (path / "config.json").write_text("{}")
     if weights:
         (path / "model.safetensors").write_bytes(b"")
+    if tokenizer:
+        (path / "tokenizer.json").write_text("{}")
     return path
 
 
 def test_the_default_job_passes():
-    pf.preflight(base())
+    assert pf.checked(base()) == base()
 
 
 def test_model_path_must_be_a_model_directory(tmp_path):
@@ -73,6 +75,34 @@ def test_tokenizer_directory_and_reference_model(tmp_path):
                                          "not a Hugging Face model directory"]
 
 
+def test_model_path_without_a_tokenizer_needs_a_tokenizer_directory(tmp_path):
+    bare = hf_dir(tmp_path / "bare", tokenizer=False)  # e.g. model.save_pretrained without the tokenizer
+    for builtin in ("char", "bpe"):  # what load_tokenizer would fall back to: ids the model never saw
+        assert pf.check_models(model_cfg(path=str(bare), tokenizer=builtin)) == [
+            f"model.path={str(bare)!r} has no tokenizer files (tokenizer.json or tokenizer_config.json): "
+            "give model.tokenizer=<a tokenizer directory>"]
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer_config.json").write_text("{}")
+    assert pf.check_models(model_cfg(path=str(bare), tokenizer=str(tok))) == []
+    with_config_only = hf_dir(tmp_path / "cfg_only", tokenizer=False)
+    (with_config_only / "tokenizer_config.json").write_text("{}")
+    assert pf.check_models(model_cfg(path=str(with_config_only))) == []
+
+
+def test_a_warm_start_output_carries_its_tokenizer_and_passes(tmp_path, monkeypatch):
+    from launch import warmstart
+
+    monkeypatch.setattr(warmstart, "EVAL_PROMPTS", 1)  # the before/after accuracy line: one prompt is enough
+    cfg = load_config([f"run_dir={tmp_path / 'run'}", "warm_start.steps=1", "warm_start.batch_size=2",
+                       "task.max_new_tokens=2"])
+    warmed = warmstart.ensure_warm_start(cfg, log=lambda m: None)
+    assert warmed.model.tokenizer == "char" and (Path(warmed.model.path) / "tokenizer.json").is_file()
+    assert pf.checked(warmed) == warmed  # refined further: warm_start.steps still 1
+    again = dataclasses.replace(warmed, warm_start=dataclasses.replace(warmed.warm_start, steps=0))
+    assert pf.checked(again) == again
+
+
 def test_warm_start_only_for_a_tiny_model_or_its_own_output(tmp_path):
     model = hf_dir(tmp_path / "qwen")
     cfg = model_cfg(path=str(model))  # model.path=... alone keeps model=tiny and its 150-step warm start
@@ -98,6 +128,52 @@ def test_dataset_and_eval_files_must_exist(tmp_path, monkeypatch):
         f"task.eval_path='test.jsonl' does not exist (relative paths start at {tmp_path})"]
     # a synthetic task ignores dataset_path: nothing to check
     assert pf.check_task_files(cfg_with(dataset_path="ignored.jsonl")) == []
+
+
+def test_dataset_columns_named_by_the_task_keys_must_exist(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.jsonl").write_text('{"question": "1+1=", "answer": "2", "level": 1}\n')
+    (tmp_path / "eval.jsonl").write_text('{"question": "2+2=", "solution": "4"}\n')
+    ok = dict(name="dataset", dataset_path="train.jsonl", prompt_key="question")
+    assert pf.check_dataset_columns(cfg_with(**ok)) == []
+    assert pf.check_dataset_columns(cfg_with(name="dataset", dataset_path="train.jsonl")) == [
+        "task.prompt_key='prompt': no such column in train.jsonl; columns found: question, answer, level"]
+    assert pf.check_dataset_columns(cfg_with(**ok, messages_key="messages")) == [
+        "task.messages_key='messages': no such column in train.jsonl; columns found: question, answer, level"]
+    assert pf.check_dataset_columns(cfg_with(**ok, answer_key="solution")) == [
+        "task.answer_key='solution': no such column in train.jsonl; columns found: question, answer, level"]
+    assert pf.check_dataset_columns(cfg_with(**ok, metadata_keys=["level", "source"])) == [
+        "task.metadata_keys='source': no such column in train.jsonl; columns found: question, answer, level"]
+    assert pf.check_dataset_columns(cfg_with(**ok, eval_path="eval.jsonl")) == [
+        "task.answer_key='answer': no such column in eval.jsonl; columns found: question, solution"]
+    (tmp_path / "broken.jsonl").write_text('{"question": "1+1=", "answer": \n')
+    [line] = pf.check_dataset_columns(cfg_with(**{**ok, "dataset_path": "broken.jsonl"}))
+    assert line.startswith("task.dataset_path='broken.jsonl' cannot be read: ") and "\n" not in line
+    # a missing file is check_task_files' line, not a second one here; a synthetic task reads no columns
+    assert pf.check_dataset_columns(cfg_with(**{**ok, "dataset_path": "nope.jsonl"})) == []
+    assert pf.check_dataset_columns(cfg_with(eval_path="eval.jsonl")) == []
+
+
+def test_chat_template_is_auto_none_a_file_or_a_template_that_compiles(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for value in ("auto", "none", "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"):
+        assert pf.check_chat_template(cfg_with(chat_template=value)) == [], value
+    # what transformers' apply_chat_template accepts: loop controls and {% generation %} blocks
+    (tmp_path / "chat.jinja").write_text("{% for m in messages %}{% generation %}{{ m['content'] }}"
+                                         "{% endgeneration %}{% if loop.index > 2 %}{% break %}{% endif %}"
+                                         "{% endfor %}")
+    assert pf.check_chat_template(cfg_with(chat_template="chat.jinja")) == []
+    (tmp_path / "bad.jinja").write_text("{% for m in messages %}\n{{ m['content'] }}\n")
+    assert pf.check_chat_template(cfg_with(chat_template="bad.jinja")) == [
+        "task.chat_template='bad.jinja' is not a valid Jinja template: Unexpected end of template. Jinja was "
+        "looking for the following tags: 'endfor' or 'else'. The innermost block that needs to be closed is "
+        "'for'. (line 2)"]
+    assert pf.check_chat_template(cfg_with(chat_template="{{ messages[0]['content'] ")) == [
+        "task.chat_template=\"{{ messages[0]['content'] \" is not a valid Jinja template: unexpected end of "
+        "template, expected 'end of print statement'. (line 1)"]
+    assert pf.check_chat_template(cfg_with(chat_template="templates/chatml.jinja")) == [
+        "task.chat_template='templates/chatml.jinja' is not 'auto', 'none', an existing file or a Jinja template "
+        "(a template contains '{{' or '{%')"]
 
 
 def test_reward_fn_is_imported_from_the_working_directory_like_the_rollout_servers_do(tmp_path, monkeypatch):
@@ -142,21 +218,13 @@ def test_reward_fn_is_loaded_under_the_workers_memory_limit_and_environment(tmp_
         "task.reward_fn='secret_rewards:score' cannot be loaded in a reward worker: KeyError: 'AREAL_TEST_API_TOKEN'"]
 
 
-def test_trackers_are_checked_by_the_tracking_module_when_it_exists(tmp_path, monkeypatch):
+def test_trackers_packages_are_checked(monkeypatch):
     cfg = dataclasses.replace(base(), tracker=["jsonl", "wandb"])
-    monkeypatch.setitem(sys.modules, "areal_like.tracking", None)  # an installation without the module
-    assert importlib.util.find_spec("areal_like.tracking") is None
-    assert pf.check_trackers(cfg) == []
-    src = tmp_path / "tracking.py"
-    src.write_text("from areal_like.config import ConfigError\n"
-                   "def check_trackers(cfg):\n"
-                   "    if 'wandb' in cfg.tracker:\n"
-                   "        raise ConfigError(\"tracker=wandb needs the wandb package: pip install wandb\")\n")
-    spec = importlib.util.spec_from_file_location("areal_like.tracking", src)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    monkeypatch.setitem(sys.modules, "areal_like.tracking", module)
-    assert pf.check_trackers(cfg) == ["tracker=wandb needs the wandb package: pip install wandb"]
+    assert pf.check_trackers(cfg) == []  # the test extra installs every tracker
+    monkeypatch.setitem(sys.modules, "wandb", None)  # find_spec answers None: as if not installed
+    assert pf.check_trackers(cfg) == [
+        "tracker='wandb' needs the 'wandb' package, which is not installed: pip install 'areal-like[wandb]' "
+        "(or drop 'wandb' from tracker)"]
     assert pf.check_trackers(dataclasses.replace(cfg, tracker=["jsonl"])) == []
 
 
@@ -171,13 +239,15 @@ def test_sglang_engine_needs_its_package_and_a_model_directory(tmp_path):
 
 def test_preflight_lists_every_problem_and_checked_resolves_first(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = dataclasses.replace(cfg_with(name="dataset", dataset_path="nope.jsonl", eval_path="nope_eval.jsonl"),
+    (tmp_path / "eval.jsonl").write_text('{"question": "2+2=", "answer": "4"}\n')
+    cfg = dataclasses.replace(cfg_with(name="dataset", dataset_path="nope.jsonl", eval_path="eval.jsonl",
+                                       chat_template="{% for %}"),
                               model=model_cfg(path=str(tmp_path / "no_model")).model)
     with pytest.raises(pf.PreflightError) as info:
         pf.checked(cfg)
     assert isinstance(info.value, ConfigError)
     keys = [p.split("=", 1)[0] for p in info.value.problems]
-    assert keys == ["model.path", "warm_start.steps", "task.dataset_path", "task.eval_path"]
+    assert keys == ["model.path", "warm_start.steps", "task.dataset_path", "task.prompt_key", "task.chat_template"]
     assert str(info.value).splitlines() == info.value.problems
     model = hf_dir(tmp_path / "model")
     good = dataclasses.replace(model_cfg(path=str(model)), warm_start=dataclasses.replace(base().warm_start, steps=0))
