@@ -2,7 +2,7 @@
 
 ``torch.distributed.new_group`` cannot build it (every rank of the caller's default world would
 have to take part, and the engines are not in the trainer's world). We use the recipe SGLang,
-verl and slime use (specs/cpu_notes.md 3b): a TCP rendezvous, a PrefixStore named after the
+verl and slime use (their ``init_custom_process_group``): a TCP rendezvous, a PrefixStore named after the
 group, and ``_new_process_group_helper``; the result works with ``dist.broadcast(..., group=pg)``
 with or without a default group in the process. Every wait is bounded by ``timeout_s``.
 """

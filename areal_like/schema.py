@@ -249,7 +249,7 @@ ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 
 @dataclass(kw_only=True)
 class LossConfig:
-    """Which kernel and its hyper-parameters (defaults from specs/kernels.md)."""
+    """Which kernel and its hyper-parameters (formulas, sources and defaults: trainer/LOSSES.md)."""
 
     kind: str = "decoupled_ppo"
     agg: str = "token-mean"

@@ -1,4 +1,4 @@
-"""The buffer daemon: data plane and control plane of one job (DESIGN.md sections 1-4).
+"""The buffer daemon: data plane and control plane of one job (areal_like/DESIGN.md sections 1-4).
 
 Owns: the prompt cursor and leases (``CreditLedger``), the replay store (``ReplayBuffer``), the
 write-ahead log, the trainer version, the roster of rollout servers and the latest weight-sync

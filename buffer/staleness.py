@@ -1,6 +1,6 @@
 """Staleness policy: how far generation may run ahead of training (pure, no I/O, no clock).
 
-Definitions (DESIGN.md section 2). ``v`` is the trainer's policy_version (the batch it takes
+Definitions (areal_like/DESIGN.md section 2). ``v`` is the trainer's policy_version (the batch it takes
 next trains the step v -> v+1), ``eta`` = ``max_staleness``, ``B`` = ``groups_per_step``. A
 group's head version ``h`` is the minimum version over its tokens; its staleness when consumed
 at ``v`` is ``v - h``.

@@ -1,6 +1,7 @@
 """Launch and stop a real SGLang server (``python -m sglang.launch_server``) for one rollout server.
 
-Pass-through, not a wrapper (STYLE R9): every key of ``rollout.engine.sglang`` becomes
+Pass-through, not a wrapper, so every SGLang option works under its own name and nothing here has
+to change when SGLang adds one: every key of ``rollout.engine.sglang`` becomes
 ``--key-with-dashes value`` verbatim (``true`` -> a bare flag, ``false``/``null`` -> omitted,
 a list -> several values). The rollout server adds only what it must own: model path, host,
 port, and ``--weight-version 0`` unless configured (our versions are integers, SGLang's

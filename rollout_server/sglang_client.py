@@ -1,8 +1,26 @@
 """The one async HTTP client for SGLang's server protocol (pinned: SGLang 0.5.23).
 
-This is the only module that knows SGLang's request and response shapes
-(``specs/sglang.md`` section 2). It drives a real ``sglang.launch_server`` and the embedded
-engine alike. One method per endpoint; every call has a timeout.
+This is the only module that knows SGLang's request and response shapes (listed below; SGLang
+defines them in ``entrypoints/http_server.py`` and ``managers/io_struct.py``). It drives a real
+``sglang.launch_server`` and the embedded engine alike. One method per endpoint; every call has a
+timeout.
+
+Shapes it relies on:
+
+* ``POST /generate`` with ``input_ids``, ``sampling_params`` and ``return_logprob: true`` answers
+  ``{"text", "output_ids", "meta_info"}``, or a JSON array of them when ``sampling_params.n > 1``.
+  ``meta_info`` holds ``id`` (the rid), ``finish_reason`` (``{"type": "stop", "matched"}``,
+  ``{"type": "length", "length"}`` or ``{"type": "abort", "message", "status_code"}``),
+  ``weight_version`` (a string), ``weight_versions`` (``[{"version", "start", "end"}]`` spans over
+  output tokens, when a request lived through an update) and ``output_token_logprobs``: one
+  ``[logprob, token_id, text or null]`` per generated token, in order. While the server is
+  paused, a new ``/generate`` blocks until ``/continue_generation``.
+* Control and weight-update endpoints answer ``{"success": bool, "message"}`` (200, or 400 on
+  failure); ``/pause_generation`` and ``/continue_generation`` answer ``{"message", "status"}``;
+  ``/abort_request`` answers 200 with an empty body. ``/init_weights_update_group`` blocks until
+  every rank joined the rendezvous; ``/update_weights_from_distributed`` returns once the bucket
+  was received and loaded. The served version is read from ``/model_info`` (0.5.23 has no
+  ``/weight_version`` route).
 
 Retries (bounded, exponential backoff) and why they are safe:
 

@@ -1,4 +1,4 @@
-"""A rollout server's side of a weight sync (step 2 of the contract in DESIGN.md section 4).
+"""A rollout server's side of a weight sync (phases 2-5 of areal_like/DESIGN.md section 4).
 
 ``apply_weight_sync(client, plan, server_id, drain=..., inflight_drained=...)`` drives this
 server's engine through one ``WeightSyncPlan`` over SGLang's HTTP endpoints:
@@ -18,7 +18,7 @@ server's engine through one ``WeightSyncPlan`` over SGLang's HTTP endpoints:
    to back, ``trainer.weight_buckets``; SGLang 0.5.23 and the embedded engine both receive it so),
    each returning once its tensors are received and loaded (the embedded engine answers a bucket
    that is not the last one earlier, and fails the rest of the sync if it then fails:
-   engine/ENGINE.md) (``weight_version`` and flush_cache only on the last bucket, so an engine
+   rollout_server/engine/ENGINE.md) (``weight_version`` and flush_cache only on the last bucket, so an engine
    whose sync fails half-way keeps its old label: tokens from mixed weights are never labelled
    newer than they are), ``/end_weight_update``;
 4. ``/continue_generation`` -- **always**, also after a failure: an engine is never left paused

@@ -1,6 +1,6 @@
 """Advantage estimators and the per-minibatch baselines of VCPO and OAPL: pure tensor functions.
 
-Formulas and test vectors: ``specs/kernels.md`` sections 1 (estimators), 8 (VCPO) and 9 (OAPL).
+Formulas: ``trainer/LOSSES.md`` sections 1 (estimators), 8 (VCPO) and 9 (OAPL).
 Everything here runs once per minibatch on the WHOLE minibatch (groups must be complete and the
 REINFORCE++ whitening is global), before it is split into micro-batches; the results are
 constants for the loss (no gradient). No torch.distributed, no logging.
@@ -89,7 +89,7 @@ def compute_advantages(estimator: str, rewards: Tensor, group_ids: Tensor | Sequ
     return adv.float()
 
 
-# ---------------------------------------------------------------- VCPO (spec 8)
+# ---------------------------------------------------------------- VCPO (LOSSES.md section 8)
 def vcpo_advantages(
     rewards: Tensor,
     is_weights: Tensor,
@@ -106,7 +106,7 @@ def vcpo_advantages(
     group's rewards; no division when sigma_g <= 1e-8 or ``norm_by_std`` is False), with
     - ``weight_mode="readme"`` (paper/README, default): c_i = w_i^2 ||g_i||^2;
     - ``weight_mode="code"`` (released code): c_i = min(w_i, is_cap)^2 w_i^2 ||g_i||^2, because the
-      code measures the gradient norm of the already IS-weighted loss (spec 8, flagged UNCERTAIN).
+      code measures the gradient norm of the already IS-weighted loss (LOSSES.md section 8: UNCERTAIN).
     ``is_weights`` are the unclipped sequence weights w_i (``losses.vcpo_is_weights``) and
     ``grad_sq_norms`` the squared norm of g_i = grad_theta sum_t logp_it, the UNweighted sequence
     score (exact: one backward per trajectory; see ``trainer/LOSSES.md`` for how to get it).
@@ -158,7 +158,7 @@ def vcpo_two_buffer_gradient(
     ``seq_grads`` [N, D] holds each trajectory's token-mean score gradient gbar_i = grad (1/L_i)
     sum_t logp_it. Per group, buffer_R accumulates (R_i/sigma) w~_i gbar_i and buffer_1
     accumulates (1/sigma) w~_i gbar_i; closing the group adds buffer_R - b*_g buffer_1. The result
-    equals (1/B) sum_i A_i w~_i gbar_i (the ascent direction of spec 8 step 5) without knowing b*
+    equals (1/B) sum_i A_i w~_i gbar_i (the ascent direction of LOSSES.md section 8, step 5) without knowing b*
     before the backward passes; a trainer can run the same algebra on parameter gradients.
     """
     idx = group_index(group_ids).to(seq_grads.device)
@@ -182,11 +182,11 @@ def vcpo_two_buffer_gradient(
     return total / n
 
 
-# ---------------------------------------------------------------- OAPL (spec 9, reconstruction)
+# ---------------------------------------------------------------- OAPL (LOSSES.md section 9, reconstruction)
 def oapl_targets(rewards: Tensor, group_ids: Tensor | Sequence, *, beta_v: float = 1.0) -> Tensor:
     """Regression targets A*_i = R_i - V_hat(x_g) [N], V_hat = beta_v (logsumexp_j(R_j/beta_v) - log G).
 
-    RECONSTRUCTION (spec 9, UNCERTAIN): the soft value of the lagged inference policy's samples.
+    RECONSTRUCTION (LOSSES.md section 9, UNCERTAIN): the soft value of the lagged inference policy's samples.
     """
     r = rewards.detach().double()
     idx = group_index(group_ids).to(r.device)

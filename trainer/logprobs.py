@@ -1,13 +1,13 @@
 """Per-token log-probabilities and entropies from logits: pure, fp32, memory-conscious.
 
-Convention shared with the engines (DESIGN, brief): logp[t] = log_softmax(logits_t / temperature)
+Convention shared with the engines (areal_like/DESIGN.md section 2): logp[t] = log_softmax(logits_t / temperature)
 [token_t], the temperature-scaled distribution WITHOUT top-p/top-k truncation, so ``logp``,
 ``prox_logp`` and the engine's ``behav_logp`` are comparable.
 
 Why fp32: bf16 keeps 8 mantissa bits; a log-softmax taken in bf16 on logits of scale ~5 is off
 by ~0.03 nats per token on average (0.1 at worst, measured), the same order as the
 trainer/engine mismatch the off-policy kernels correct for. Every step here upcasts the logits
-chunk to fp32 first (specs/kernels.md 0.4 rule 2; https://fengyao.notion.site/off-policy-rl
+chunk to fp32 first (trainer/LOSSES.md section 0, rule 2; https://fengyao.notion.site/off-policy-rl
 shows how such numeric mismatch alone biases RL).
 
 Memory: an fp32 copy of [B, T, V] logits is large (V ~ 150k). ``token_logprobs`` works on row

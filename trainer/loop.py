@@ -1,4 +1,4 @@
-"""The trainer daemon: ``train(cfg)`` and the one-screen loop ``Trainer.run`` (DESIGN section 5).
+"""The trainer daemon: ``train(cfg)`` and the one-screen loop ``Trainer.run`` (areal_like/DESIGN.md section 5).
 
 Run on 1 process: ``python -m trainer --config-file run/config.yaml``; on K processes:
 ``torchrun --nproc-per-node K -m trainer --config-file run/config.yaml``. Rank 0 talks to the
@@ -52,8 +52,9 @@ class StaleDataError(RuntimeError):
 
 
 def assert_fresh(batch: TrainBatch, version: int, max_staleness: int) -> None:
-    """Consume-time guarantee (STYLE R4): admission control in the buffer is the saver, this is the
-    check. Training step ``version -> version + 1`` may only use groups with ``version - head <= eta``."""
+    """Consume-time guarantee (areal_like/DESIGN.md section 2): admission control in the buffer only
+    saves work; the buffer's hand-out check and this one guarantee the bound. Training step
+    ``version -> version + 1`` may only use groups with ``version - head <= eta``."""
     staleness = version - batch.head_versions
     if int(staleness.max()) > max_staleness:
         raise StaleDataError(f"admitted stale training data: staleness {int(staleness.max())} > "

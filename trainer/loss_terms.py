@@ -1,7 +1,7 @@
 """Shared terms of the policy-loss kernels: aggregation, log-ratios, IS-weight and KL stats.
 
 Pure tensor functions used by ``trainer/losses.py`` (the kernels and their dispatcher); formulas in
-``specs/kernels.md`` section 0. Invariants (the kernels rely on them):
+``trainer/LOSSES.md`` section 0. Invariants (the kernels rely on them):
 - Log-ratios are clamped to +-LOG_RATIO_BOUND before anything exponentiates them; padding gives 0.
 - Every stat is a sum over valid entries divided by a normaliser passed in, so stats of micro-batch
   calls sum to the whole-minibatch stat; keys ending in ``_max`` combine by max instead.
@@ -38,7 +38,7 @@ def aggregate(
     loss_mat: Tensor, mask: Tensor, mode: str, *, n_tokens_global: float | None = None,
     n_seqs_global: float | None = None, scale_factor: float | None = None,
 ) -> Tensor:
-    """Reduce a per-token loss ``[B, T]`` to a scalar (spec 0.4, verl ``agg_loss``).
+    """Reduce a per-token loss ``[B, T]`` to a scalar (LOSSES.md section 0, verl ``agg_loss``).
 
     token-mean: sum(m*l) / n_tokens; seq-mean-token-mean: sum_i(sum_t m*l / L_i) / n_seqs;
     seq-mean-token-sum: sum(m*l) / n_seqs; seq-mean-token-sum-norm: sum(m*l) / C with

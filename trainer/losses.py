@@ -1,7 +1,6 @@
 """Policy-loss kernels: pure functions, tensors in, ``(loss, stats)`` out.
 
-Formulas, defaults and test vectors: ``specs/kernels.md`` (section numbers below refer to it);
-a per-kernel summary is in ``trainer/LOSSES.md``.
+Formulas, sources and defaults: ``trainer/LOSSES.md`` (the section numbers below refer to it).
 
 The three log-probability streams (all ``[B, T]``, per response token, fp32 math):
 - ``logp``: current policy pi_theta, the only input that carries gradient;
@@ -60,12 +59,12 @@ VESPO_LAMBDA_MIN = 1e-4
 HPARAM_DEFAULTS = {f.name: f.default for f in fields(LossConfig) if f.name not in ("kind", "agg")}
 
 
-# ---------------------------------------------------------------- PPO family (spec 2, 4, 5, 6)
+# ---------------------------------------------------------------- PPO family (sections 2, 4, 5, 6)
 def ppo_token_loss(
     logp: Tensor, prox_logp: Tensor, advantages: Tensor, mask: Tensor, *,
     eps_clip: float, eps_clip_high: float | None = None, dual_clip: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """PPO-clip per-token loss ``[B, T]`` (spec 2), plus float masks of clipped / dual-clipped tokens.
+    """PPO-clip per-token loss ``[B, T]`` (section 2), plus float masks of clipped / dual-clipped tokens.
 
     r = exp(clamp(logp - sg prox)); l = max(-A r, -A clip(r, 1-eps, 1+eps_high)); where A < 0 and
     ``dual_clip`` = c is set: l = min(l, -A c). Gradient -A r where unclipped, 0 where clipped.
@@ -107,7 +106,7 @@ def ppo_clip_loss(
     agg: str = "token-mean", n_tokens_global: float | None = None, n_seqs_global: float | None = None,
     scale_factor: float | None = None,
 ) -> tuple[Tensor, Stats]:
-    """PPO-clip with optional dual clip (spec 2); GRPO is this with group-relative advantages."""
+    """PPO-clip with optional dual clip (section 2); GRPO is this with group-relative advantages."""
     mat, clipped, dual = ppo_token_loss(logp, prox_logp, advantages, mask, eps_clip=eps_clip,
                                         eps_clip_high=eps_clip_high, dual_clip=dual_clip)
     loss = aggregate(mat, mask, agg, n_tokens_global=n_tokens_global, n_seqs_global=n_seqs_global,
@@ -127,9 +126,9 @@ def weighted_ppo_loss(
 
     ``weight`` picks the weight (every rejected token or sequence keeps its place in the
     denominator with weight 0, so the caller's global counts stay valid):
-    - ``"decoupled"`` (AReaL, spec 4): rho where rho <= ``cap`` (None: no cap), else 0 (dropped, not truncated).
-    - ``"truncate"`` (TIS, spec 5): min(rho, ``cap``), truncated from above only.
-    - ``"band"`` (Seq-MIS / IcePop, spec 6): rho where ``low`` <= rho <= ``high``, else 0.
+    - ``"decoupled"`` (AReaL, section 4): rho where rho <= ``cap`` (None: no cap), else 0 (dropped, not truncated).
+    - ``"truncate"`` (TIS, section 5): min(rho, ``cap``), truncated from above only.
+    - ``"band"`` (Seq-MIS / IcePop, section 6): rho where ``low`` <= rho <= ``high``, else 0.
     ``level``: token rho, or the sequence product rho_i broadcast over the sequence's tokens.
     Stats ``is_weight_*`` describe the raw rho (before cap or mask) at that level.
     """
@@ -162,7 +161,7 @@ def gspo_loss(
     eps_clip: float = 3e-4, eps_clip_high: float | None = 4e-4,
     n_tokens_global: float | None = None, n_seqs_global: float | None = None,
 ) -> tuple[Tensor, Stats]:
-    """GSPO (spec 3): clipped geometric-mean sequence ratio s_i, token view with per-token gradient.
+    """GSPO (section 3): clipped geometric-mean sequence ratio s_i, token view with per-token gradient.
 
     log s_it = sg[log s_i] + logp_t - sg[logp_t]: value log s_i, gradient 1 per token, so each
     token's gradient is -A s_i and the sequence gets the exact gradient of its objective.
@@ -205,7 +204,7 @@ def vespo_loss(
     agg: str = "token-mean", n_tokens_global: float | None = None, n_seqs_global: float | None = None,
     scale_factor: float | None = None,
 ) -> tuple[Tensor, Stats]:
-    """VESPO (spec 7): REINFORCE with the sequence weight reshaped by phi(W), W = pi_theta/pi_behav.
+    """VESPO (section 7): REINFORCE with the sequence weight reshaped by phi(W), W = pi_theta/pi_behav.
 
     log W_i = clamp(sum_t clamp(sg logp - old)) with old = behav (fully async), or old = prox plus
     the folded sum_t clamp(prox - behav) when ``prox_logp`` is given (verl's sync path): both give
@@ -233,7 +232,7 @@ def vespo_loss(
 
 
 def vcpo_is_weights(old_logp: Tensor, behav_logp: Tensor, mask: Tensor, *, cap: float = 8.0) -> tuple[Tensor, Tensor]:
-    """VCPO sequence IS weights (spec 8 step 1): w_i = exp(clamp(sum_t (old - behav))), w~ = min(w, cap).
+    """VCPO sequence IS weights (section 8, step 1): w_i = exp(clamp(sum_t (old - behav))), w~ = min(w, cap).
 
     ``old`` is the current policy detached (``prox_logp`` when the trainer has it). Constants, [B].
     """
@@ -245,7 +244,7 @@ def vcpo_loss(
     logp: Tensor, behav_logp: Tensor, advantages: Tensor, mask: Tensor, *, prox_logp: Tensor | None = None,
     is_cap: float = 8.0, n_tokens_global: float | None = None, n_seqs_global: float | None = None,
 ) -> tuple[Tensor, Stats]:
-    """VCPO policy loss (spec 8 steps 2, 5): -(1/B) sum_i A_i w~_i (1/L_i) sum_t logp_it.
+    """VCPO policy loss (section 8, steps 2 and 5): -(1/B) sum_i A_i w~_i (1/L_i) sum_t logp_it.
 
     ``advantages`` must be the OPOB advantages (R_i - b*_g)/sigma_g from
     ``advantages.vcpo_advantages`` (computed on the whole minibatch). Plain REINFORCE (no ratio,
@@ -268,7 +267,7 @@ def oapl_loss(
     logp: Tensor, behav_logp: Tensor, targets: Tensor, mask: Tensor, *, beta: float = 1.0,
     n_seqs_global: float | None = None,
 ) -> tuple[Tensor, Stats]:
-    """OAPL, RECONSTRUCTION (spec 9, UNCERTAIN: check against arXiv 2602.19362 before relying on it).
+    """OAPL, RECONSTRUCTION (section 9, UNCERTAIN: check against arXiv 2602.19362 before relying on it).
 
     L = (1/B) sum_i (beta * Delta_i - A*_i)^2, Delta_i = sum_t (logp - behav) (sequence log-ratio
     to the lagged inference policy, no IS, no clamp: the regression pulls large ratios back) and

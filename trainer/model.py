@@ -8,8 +8,9 @@ bundle (model, optimizer, scheduler), and the frozen reference policy of the KL 
 
 Invariants:
 - FSDP2 only (``fully_shard`` per decoder block, then the root). FSDP1 does not run on CPU
-  (specs/cpu_notes.md 3a). A single process (plain ``python -m trainer``) joins a world-size-1
-  gloo group so exactly the same code path (DTensor parameters, collectives) runs everywhere.
+  (torch 2.13 refuses: "FSDP needs a non-CPU accelerator device"). A single process (plain
+  ``python -m trainer``) joins a world-size-1 gloo group so exactly the same code path (DTensor
+  parameters, collectives) runs everywhere.
 - Parameter names are the unwrapped Hugging Face names (``fully_shard`` does not rename), so the
   weight-sync plan names match what an engine's ``load_weights`` expects.
 - The reference is the run's INITIAL weights (``trainer.ref_path``, else ``model.path`` or the

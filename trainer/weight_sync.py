@@ -1,4 +1,4 @@
-"""Trainer side of weight synchronisation (DESIGN section 4; the protocol is in WEIGHT_SYNC.md).
+"""Trainer side of weight synchronisation (areal_like/DESIGN.md section 4; the protocol: WEIGHT_SYNC.md).
 
 Owns: the weight-update process group on trainer rank 0 (``WeightBroadcaster``), the broadcast
 of every bucket (planned and packed by ``trainer.weight_buckets``: one flattened uint8 broadcast

@@ -2,7 +2,7 @@
 
 It plays the part of SGLang's tokenizer manager: it validates and tokenizes requests, fans out
 ``n`` samples, gates generation for pauses and weight updates, and shapes responses and errors
-exactly like SGLang (status codes and bodies: specs/sglang.md section 2, ``api.py``).
+exactly like SGLang (status codes and bodies: ``api.py``, and the list in ``rollout_server/sglang_client.py``).
 
 Gate semantics (``Gate``), as in SGLang: while paused, new ``/generate`` calls wait (they are not
 rejected) until ``/continue_generation``; ``/pause_generation`` mode ``abort`` returns only after

@@ -1,9 +1,10 @@
 """Preallocated per-slot KV cache that a Hugging Face decoder writes into through ``update()``.
 
 A model in transformers 5.x only calls ``past_key_values.update(k, v, layer_idx)`` and reads its
-result, so this plain object is a complete cache (specs/engine_notes.md section 6). Layout per
-layer: ``K, V = [slots, kv_heads, capacity, head_dim]``. The scheduler keeps its running requests
-packed in slots ``[0, B)``, so attention reads the views ``K[rows, :, :kv_len]`` without a gather.
+result, so this plain object is a complete cache (why not one of transformers' own caches:
+rollout_server/engine/ENGINE.md, Scheduling). Layout per layer: ``K, V = [slots, kv_heads,
+capacity, head_dim]``. The scheduler keeps its running requests packed in slots ``[0, B)``, so
+attention reads the views ``K[rows, :, :kv_len]`` without a gather.
 
 Invariants: a slot holds exactly one request's KV for positions ``[0, cached)``; positions past
 that are garbage and always masked. ``capacity`` only grows (doubling, copy) until ``flush``.

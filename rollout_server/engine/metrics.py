@@ -1,4 +1,4 @@
-"""Prometheus series of the embedded engine under SGLang's names (specs/sglang.md section 5).
+"""Prometheus series of the embedded engine under SGLang's names (``sglang:`` prefix; ENGINE.md, Metrics).
 
 The core subset an aggregator scrapes from real SGLang servers, with the same names, types and
 label keys (SGLang's common labels ``model_name``, ``engine_type``, ``tp_rank``, ``pp_rank``,

@@ -1,6 +1,6 @@
 """Per-request sampling parameters and the batched sampler with its logprob convention.
 
-Logprob convention (the contract with the trainer, DESIGN section 2 and the brief):
+Logprob convention (the contract with the trainer, areal_like/DESIGN.md section 2):
 ``logprob[t] = log_softmax(logits_t / temperature)[token_t]`` computed in fp32, i.e. the
 temperature-scaled policy distribution *before* top-p / top-k truncation. This is what the
 trainer recomputes from a plain forward pass (it never applies top-p/top-k), and it is also what

@@ -1,6 +1,6 @@
 """Receive side of weight updates: the update group, the begin/end session, and loading.
 
-Flow (SGLang 0.5.23 semantics, specs/sglang.md 2.4): ``init_group`` joins the TCP-rendezvous
+Flow (SGLang 0.5.23 semantics; ENGINE.md, Pause and weight updates): ``init_group`` joins the TCP-rendezvous
 group as rank ``rank_offset`` (blocks until the trainer joins; callers run it off the event
 loop); ``begin`` opens a session; each ``update_from_distributed`` receives one bucket, then hands
 it to the scheduler thread, which loads it between two forward passes (``Scheduler.call``), so no

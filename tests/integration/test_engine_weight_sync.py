@@ -2,7 +2,7 @@
 
 The sender is a separate Python process that joins the weight group as rank 0 with
 ``areal_like.distributed.init_weight_group`` and broadcasts a model built with a different init
-seed, in two buckets, exactly like trainer rank 0 does (DESIGN section 4); the test drives the
+seed, in two buckets, exactly like trainer rank 0 does (areal_like/DESIGN.md section 4); the test drives the
 engine through the SGLang endpoints (init group, pause, begin, update x2, end, continue): once
 with one broadcast per tensor (SGLang's default format), once with several consecutive syncs in
 the flattened-bucket format the trainer uses (received into spare buffers and swapped in).

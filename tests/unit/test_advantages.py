@@ -1,4 +1,6 @@
-"""Advantage estimators (specs/kernels.md section 1), VCPO OPOB / ESS (8f) and OAPL targets (9f)."""
+"""Advantage estimators, VCPO OPOB / ESS and OAPL targets (trainer/LOSSES.md sections 1, 8, 9).
+
+The expected numbers are hand-computed from those formulas."""
 
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ EXPECTED = {
     "grpo": [0.499999, -1.499997, 0.499999, 0.499999, -0.499999, -0.499999, -0.499999, 1.499997],
     "drgrpo": [0.25, -0.75, 0.25, 0.25, -0.25, -0.25, -0.25, 0.75],
     "rloo": [1 / 3, -1.0, 1 / 3, 1 / 3, -1 / 3, -1 / 3, -1 / 3, 1.0],
-    # token mean of a = -0.0357143, unbiased token var = 0.2582418 (the spec's "16 tokens" is 14)
+    # token mean of a = -0.0357143, unbiased token var = 0.2582418 (over the 14 valid tokens)
     "reinforce_pp_baseline": [0.562236, -1.405590, 0.562236, 0.562236, -0.421677, -0.421677, -0.421677, 1.546149],
     # token mean 0.5, var 0.2692308 -> +-0.963624
     "reinforce_pp": [0.963624, -0.963624, 0.963624, 0.963624, -0.963624, -0.963624, -0.963624, 0.963624],
@@ -70,7 +72,7 @@ def test_unknown_estimator():
         compute_advantages("ppo", REWARDS, GROUPS, MASK)
 
 
-# ---------------------------------------------------------------- VCPO (spec 8 f)
+# ---------------------------------------------------------------- VCPO (LOSSES.md section 8)
 @pytest.mark.parametrize("w,ess,ratio,scale", [
     ([1.0, 1.0, 2.0, 0.5], 3.24, 0.81, 0.9),
     ([10.0, 0.1, 0.1, 0.1], 1.060582, 0.265145, 0.514923),
@@ -130,7 +132,7 @@ def test_vcpo_two_buffer_accumulation_matches_direct_estimator():
         close(buffered, direct, rtol=1e-6, atol=1e-9)  # advantages come back in fp32
 
 
-# ---------------------------------------------------------------- OAPL (spec 9 f, reconstruction)
+# ---------------------------------------------------------------- OAPL (LOSSES.md section 9, reconstruction)
 def test_oapl_targets_vector_and_stability():
     r = torch.tensor([1.0, 0.0, 1.0, 1.0])
     close(oapl_targets(r, [0] * 4, beta_v=1.0), r - 0.8279889)

@@ -1,5 +1,5 @@
-"""Policy-loss kernels: every test vector of specs/kernels.md section (f) (loss and gradient w.r.t.
-logp, rtol 1e-5), aggregation vectors, gradient flow, stability and micro-batch invariance."""
+"""Policy-loss kernels: hand-computed vectors for every kernel of trainer/LOSSES.md (loss and gradient
+w.r.t. logp, rtol 1e-5), aggregation vectors, gradient flow, stability and micro-batch invariance."""
 
 from __future__ import annotations
 
@@ -32,14 +32,14 @@ def run(kind, *, logp, prox=None, behav=None, adv, mask=None, agg="token-mean", 
     return loss.detach(), lp.grad, stats
 
 
-# spec 2 tokens: A = [+1, +1, -1, -1, -1], r = [1.1, 1.5, 0.5, 4.0, 1.5]
+# the test tokens of LOSSES.md section 2: A = [+1, +1, -1, -1, -1], r = [1.1, 1.5, 0.5, 4.0, 1.5]
 A5 = torch.tensor([[1.0, 1.0, -1.0, -1.0, -1.0]])
 PROX5 = torch.log(torch.tensor([[0.5, 0.4, 0.6, 0.1, 0.3]]))
 LOGP5 = PROX5 + torch.log(torch.tensor([[1.1, 1.5, 0.5, 4.0, 1.5]]))
 RHO5 = torch.tensor([[1.0, 3.0, 0.5, 2.5, 1.2]])
 
 
-# ---------------------------------------------------------------- aggregation (spec 0.4)
+# ---------------------------------------------------------------- aggregation (LOSSES.md section 0)
 @pytest.mark.parametrize("mode,expected", [("token-mean", 2.0), ("seq-mean-token-mean", 2.25),
                                            ("seq-mean-token-sum", 3.0), ("seq-mean-token-sum-norm", 2.0)])
 def test_aggregation_vector(mode, expected):
@@ -56,7 +56,7 @@ def test_aggregation_ignores_nan_padding_and_empty_rows():
     close(aggregate(lmat, m, "seq-mean-token-mean"), 1.0)  # the empty row is not a sequence
 
 
-# ---------------------------------------------------------------- PPO / GRPO (spec 2)
+# ---------------------------------------------------------------- PPO / GRPO (section 2)
 @pytest.mark.parametrize("eps_high,expected", [(0.2, 0.6), (0.28, 0.584)])
 def test_ppo_vector(eps_high, expected):
     loss, grad, stats = run("ppo", logp=LOGP5, prox=PROX5, adv=A5, eps_clip=0.2, eps_clip_high=eps_high,
@@ -76,7 +76,7 @@ def test_ppo_accepts_per_sequence_advantages():
     close(g1, g2)
 
 
-# ---------------------------------------------------------------- GSPO (spec 3)
+# ---------------------------------------------------------------- GSPO (section 3)
 def test_gspo_vector():
     lr = torch.tensor([[1e-4, 3e-4, 0.0], [1e-3] * 3, [1e-3] * 3], dtype=torch.float64)
     m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
@@ -85,12 +85,12 @@ def test_gspo_vector():
                         mask=m, agg="token-mean", eps_clip=3e-4, eps_clip_high=4e-4)
     close(loss, -0.33319984, rtol=1e-5)
     expected = [[-0.16670, -0.16670, 0.0], [0.0, 0.0, 0.0], [0.111222] * 3]
-    close(grad, expected, rtol=1e-4, atol=1e-6)  # the spec prints 5-6 digits
+    close(grad, expected, rtol=1e-4, atol=1e-6)  # the expected values have 5-6 digits
     s1, s3 = math.exp(2e-4), math.exp(1e-3)
     close(grad, [[-s1 / 6, -s1 / 6, 0.0], [0.0] * 3, [s3 / 9] * 3])  # exact: -A s_i / (L_i B)
 
 
-# ---------------------------------------------------------------- AReaL decoupled PPO (spec 4)
+# ---------------------------------------------------------------- AReaL decoupled PPO (section 4)
 @pytest.mark.parametrize("cap,expected,grad", [
     (2.0, 0.22, [[-0.22, 0.0, 0.0, 0.0, 0.36]]),
     (None, 1.5, [[-0.22, 0.0, 0.0, 2.0, 0.36]]),
@@ -105,7 +105,7 @@ def test_decoupled_ppo_vector(cap, expected, grad):
     close(stats["is_weight_max"], 3.0)
 
 
-# ---------------------------------------------------------------- TIS (spec 5)
+# ---------------------------------------------------------------- TIS (section 5)
 def test_tis_token_vector():
     behav = PROX5 - torch.log(RHO5)
     loss, g, stats = run("tis", logp=LOGP5, prox=PROX5, behav=behav, adv=A5, eps_clip=0.2, dual_clip=3.0,
@@ -129,7 +129,7 @@ def test_tis_sequence_weights_and_loss():
     close(g, (-adv * w)[:, None] * m / 5)
 
 
-# ---------------------------------------------------------------- MIS / IcePop (spec 6)
+# ---------------------------------------------------------------- MIS / IcePop (section 6)
 @pytest.mark.parametrize("low,weights", [(0.0, [1.5, 0.0, 0.4]), (0.5, [1.5, 0.0, 0.0])])
 def test_seq_mis_weights(low, weights):
     rho_seq = torch.tensor([1.5, 3.0, 0.4])
@@ -153,7 +153,7 @@ def test_icepop_vector():
     close(stats["masked_frac"], 0.4)
 
 
-# ---------------------------------------------------------------- VESPO (spec 7)
+# ---------------------------------------------------------------- VESPO (section 7)
 @pytest.mark.parametrize("w,positive,phi", [
     (1.0, True, 1.0), (1.0, False, 1.0), (1.5, True, 0.502043), (0.8, False, 0.763814), (1.5, False, 1.241593),
     (0.5, True, 1.120422), (3.0, True, 0.022309), (3.0, False, 0.494522),
@@ -184,7 +184,7 @@ def test_vespo_prox_folded_gives_same_weight():
     close(g, [[-0.100409, -0.100409, 0.0], [0.152763] * 3], rtol=1e-5, atol=1e-6)
 
 
-# ---------------------------------------------------------------- VCPO loss (spec 8 steps 2, 5)
+# ---------------------------------------------------------------- VCPO loss (section 8, steps 2 and 5)
 def test_vcpo_loss_is_weighted_reinforce():
     # w = [exp(0.3), exp(2.5)] -> w~ = [1.349859, 8] with cap 8; seq-mean-token-mean over B = 2.
     lp = torch.log(torch.tensor([[0.5, 0.25, 1.0], [0.4, 0.5, 0.2]]))
@@ -202,7 +202,7 @@ def test_vcpo_loss_is_weighted_reinforce():
     close(losses.finalize_stats(stats)["ess_ratio"], w.sum() ** 2 / (w * w).sum() / 2)
 
 
-# ---------------------------------------------------------------- OAPL (spec 9, reconstruction)
+# ---------------------------------------------------------------- OAPL (section 9, reconstruction)
 def test_oapl_vector():
     rewards = torch.tensor([1.0, 0.0, 1.0, 1.0])
     targets = oapl_targets(rewards, [7, 7, 7, 7], beta_v=1.0)
@@ -214,13 +214,13 @@ def test_oapl_vector():
     loss, g, _ = run("oapl", logp=lp, behav=behav, adv=targets, mask=m, oapl_beta=1.0)
     close(loss, 0.1441801, rtol=1e-5)
     dl_ddelta = torch.tensor([0.013994, 0.363994, -0.086006, 0.063994])
-    close(g, dl_ddelta[:, None] * m, rtol=1e-4, atol=1e-6)  # the spec prints 6 decimals
+    close(g, dl_ddelta[:, None] * m, rtol=1e-4, atol=1e-6)  # the expected values have 6 decimals
     close(g, (2 / 4 * (delta - targets))[:, None] * m)  # exact: (2 beta / B)(beta Delta_i - target_i)
     close(oapl_targets(rewards, [0] * 4, beta_v=0.5), rewards - 0.8782209, rtol=1e-5, atol=1e-6)
 
 
 def test_sequence_log_ratio_is_clamped_after_summing():
-    # token log-ratios [+30, -25]: the sequence ratio is exp(5), not exp(20 - 20) (spec 0.4 rule 1)
+    # token log-ratios [+30, -25]: the sequence ratio is exp(5), not exp(20 - 20) (LOSSES.md section 0, rule 1)
     old = torch.tensor([[30.0, -25.0, float("nan")]])
     behav = torch.zeros(1, 3)
     m = torch.tensor([[1.0, 1.0, 0.0]])

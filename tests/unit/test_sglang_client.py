@@ -1,6 +1,6 @@
 """SGLangClient behaviour against a scripted in-process HTTP server on 127.0.0.1.
 
-The scripted server answers with SGLang 0.5.23's documented shapes (specs/sglang.md section 2);
+The scripted server answers with SGLang 0.5.23's shapes (listed in rollout_server/sglang_client.py);
 the real shapes are checked against SGLang's own contract in
 tests/integration/test_sglang_contract.py. Here: retries only where safe, timeouts, error
 bodies, version detection, and interruptible generation (resubmit after abort).
