@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_handout import _FakeServer, _step  # the buffer service with fake sockets
 
 from areal_like import protocol as P
 from areal_like.config import BufferConfig, EvalConfig, RunConfig, TaskConfig
@@ -65,29 +66,6 @@ def test_done_versions_survive_a_torn_line(tmp_path):
     path.write_text(json.dumps({"policy_version": 0}) + "\n" + json.dumps({"policy_version": 5}) + "\n{\"policy_ver")
     assert read_done_versions(path) == {0, 5}
     assert read_done_versions(tmp_path / "missing.jsonl") == set()
-
-
-class _FakeServer:
-    def __init__(self):
-        self.sent: list[P.Message] = []
-
-    def send(self, peer, req_id, msg):
-        self.sent.append(msg)
-
-    def publish(self, msg):
-        self.sent.append(msg)
-
-    def close(self):
-        pass
-
-
-def _step(svc: BufferService, msg: P.Message) -> P.Message:
-    frame = P.encode(msg)
-    svc.handle(b"peer", b"req", P.decode(frame), frame)
-    svc._persist_and_reply()
-    svc.wal.wait_durable()
-    svc._send_durable_replies()
-    return svc.server.sent[-1]
 
 
 def test_an_evaluating_server_is_out_of_the_roster_until_it_says_it_is_done(tmp_path):
