@@ -31,9 +31,7 @@ def _check(key: str, ok: bool, rule: str, value: Any) -> None:
 class ModelConfig:
     """A local HF model (``path``) or a tiny Qwen2 built from the fields below."""
 
-    # a local directory with config.json + weights (+ tokenizer), or a hub id (org/name) that
-    # `areal-like run` resolves to a local directory once, before any daemon starts
-    path: str | None = None
+    path: str | None = None  # a local HF directory, or a hub id (org/name) resolved once before any start
     tokenizer: str = "char"  # model built from config: char | bpe (built from shipped text) | a local directory
     vocab_size: int = 104  # must cover the tokenizer; the char tokenizer has 104 tokens
     hidden_size: int = 128
@@ -107,14 +105,13 @@ class TaskConfig:
         _check("task.reward_workers", self.reward_workers >= 1, ">= 1", self.reward_workers)
         _check("task.reward_memory_mb", self.reward_memory_mb >= 0, ">= 0", self.reward_memory_mb)
         _check("task.reward_retries", self.reward_retries >= 0, ">= 0", self.reward_retries)
-        if self.reward_url:
-            _check("task.reward_url", self.reward_url.startswith(("http://", "https://")), "an http(s) URL",
-                   self.reward_url)
+        _check("task.reward_url", not self.reward_url or self.reward_url.startswith(("http://", "https://")),
+               "empty or an http(s) URL", self.reward_url)
 
 
 @dataclass(kw_only=True)
 class EvalConfig:
-    """Evaluation on the eval split, through a rollout server's engine at a known policy version."""
+    """Evaluation on the eval split by a rollout server's engine at a known version; correct = reward 1."""
 
     every: int = 0  # evaluate each time the policy version reaches a multiple of this; 0 = never during the run
     at_start: bool = True  # with every > 0: also the initial weights (version 0), the baseline
@@ -129,10 +126,10 @@ class EvalConfig:
         _check("eval.every", self.every >= 0, ">= 0", self.every)
         _check("eval.max_examples", self.max_examples >= 0, ">= 0", self.max_examples)
         _check("eval.k", self.k >= 0, ">= 0", self.k)
-        if self.temperature is not None:
-            _check("eval.temperature", self.temperature > 0, "> 0 (greedy is always measured)", self.temperature)
-        if self.max_new_tokens is not None:
-            _check("eval.max_new_tokens", self.max_new_tokens >= 1, ">= 1", self.max_new_tokens)
+        _check("eval.temperature", self.temperature is None or self.temperature > 0,
+               "null or > 0 (greedy is always measured)", self.temperature)
+        _check("eval.max_new_tokens", self.max_new_tokens is None or self.max_new_tokens >= 1, "null or >= 1",
+               self.max_new_tokens)
 
 
 @dataclass(kw_only=True)
