@@ -6,6 +6,8 @@
     areal-like train    [torchrun flags] [overrides...]   the trainer under torchrun
     areal-like top      [RUN_DIR]             live terminal view scraped from every /metrics
     areal-like status   [RUN_DIR]             one-shot health of every daemon of a run
+    areal-like plan     [overrides...]        print where `run` would put every process (node, GPUs,
+                                              ports, addresses); starts nothing, writes nothing
     areal-like config   [overrides...]        print the resolved config (one file for every node):
                                               hub ids resolved, inputs checked as `run` does
     areal-like eval     MODEL [overrides...]  evaluate an HF directory or a checkpoint on the eval split
@@ -62,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
                                     "generation config into OUT (which must not exist). The run's config defaults to "
                                     "<run_dir>/config.yaml; --shard-mb and --dtype to export.shard_mb and model.dtype.")
     ex.add_argument("args", nargs=argparse.REMAINDER, help="CHECKPOINT OUT [options]")
+    pl = sub.add_parser("plan", help="print where `run` would put every process (GPUs, ports); starts nothing",
+                        description="One line per process of `areal-like run` with the same overrides: node, "
+                                    "name, GPUs (its CUDA_VISIBLE_DEVICES) and ports and addresses; a port the "
+                                    "config leaves at 0 shows as 'auto' (run picks it when it starts). A layout "
+                                    "that does not fit the GPUs is refused (exit 2). Inputs are not checked "
+                                    "(`areal-like config` does that).")
+    pl.add_argument("overrides", nargs="*", help="Hydra overrides")
     cf = sub.add_parser("config", help="print the resolved config as YAML (for --config-file on every node)")
     cf.add_argument("overrides", nargs="*", help="Hydra overrides")
     tk = sub.add_parser("track", help="feed a run's metrics, evals and samples to its trackers (cfg.tracker)",
@@ -100,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args.overrides, quiet=args.quiet)
     if args.command == "config":
         return _print_config(args.overrides)
+    if args.command == "plan":
+        return _plan(args.overrides)
     if args.command == "track":
         return _track(args.run_dir, args.overrides, once=args.once)
     from areal_like import top
@@ -202,6 +213,23 @@ def _run(overrides: list[str], quiet: bool) -> int:
         return job.run_job(cfg, quiet=quiet)
     except ConfigError as e:  # preflight, a finished run_dir, a port clash: before anything started
         return _errors(e)
+
+
+def _plan(overrides: list[str]) -> int:
+    """``run``'s planning step (``launch.job.plan_job``) without writing or starting anything."""
+    import importlib
+
+    from areal_like.config import ConfigError
+
+    cfg = _load(overrides)
+    if cfg is None:
+        return 2
+    try:
+        _, topo = importlib.import_module("launch.job").plan_job(cfg)
+    except ConfigError as e:  # a layout that does not fit the GPUs, a port clash
+        return _errors(e)
+    print("\n".join(importlib.import_module("launch.topology").plan_lines(cfg, topo)))
+    return 0
 
 
 def _track(run_dir: str, overrides: list[str], once: bool) -> int:

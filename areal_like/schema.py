@@ -61,8 +61,7 @@ class TaskConfig:
     """What to train on: a shipped synthetic task or a dataset (``name=dataset``), and how it is scored."""
 
     name: str = "addition"  # addition | sort | reverse | countdown | dataset
-    # name=dataset: a local .jsonl / .json / .parquet / .csv file, a directory of such files, or a
-    # directory written by datasets' save_to_disk (areal_like/datasets.py)
+    # name=dataset: a .jsonl/.json/.parquet/.csv file, a directory of them, or of save_to_disk (areal_like/datasets.py)
     dataset_path: str | None = None
     eval_path: str | None = None  # the eval split; unset = eval_fraction of dataset_path held out
     eval_fraction: float = 0.0  # held-out share of dataset_path when eval_path is unset (fixed seed)
@@ -181,13 +180,11 @@ class BufferConfig:
     heartbeat_timeout_s: float = 15.0  # a rollout server silent this long leaves the roster
     wal_dir: str = "wal"  # relative to run_dir unless absolute
     fsync: str = "always"  # always (ack after fsync; group commit) | batch (fsync every 50 ms; acks may precede it) | never
-    # WAL segment size: a rotation stalls the loop for a few ms and writes a checkpoint (up to 200k
-    # remembered group ids), so segments are big (at 700 MB/s of 4k-token groups, one every ~0.4 s);
-    # a segment's disk space returns once every group in it is consumed
+    # WAL segment size: big, since a rotation stalls the loop for a few ms and writes a checkpoint (up to 200k
+    # group ids; at 700 MB/s of 4k-token groups, one every ~0.4 s); its disk returns once all its groups are consumed
     segment_bytes: int = 256 * 1024 * 1024
-    # fsync=always writes and reads the WAL with O_DIRECT (no page-cache copy of every group; it
-    # falls back by itself where the file system refuses). false: through the page cache, e.g. on a
-    # network file system where direct I/O is slow
+    # fsync=always writes and reads the WAL with O_DIRECT (no page-cache copy of every group; it falls back by
+    # itself where the file system refuses). false: through the page cache, e.g. where direct I/O is slow (NFS)
     direct_io: bool = True
     metrics_port: int = 0  # 0 = ephemeral
     max_epochs: int = 0  # 0 = unbounded passes over the dataset
@@ -214,10 +211,15 @@ class EngineConfig:
     max_total_tokens: int = 65536  # KV slots budget of the embedded engine
     startup_timeout_s: float = 600.0
     request_timeout_s: float = 600.0
+    tp_size: int = 1  # GPUs per engine (SGLang's --tp-size); `run` places each rollout server on this many
     sglang: dict = field(default_factory=dict)  # passed verbatim to `python -m sglang.launch_server`
 
     def __post_init__(self):
         _choice("rollout.engine.kind", self.kind, ("embedded", "sglang", "url"))
+        _check("rollout.engine.tp_size", self.tp_size == 1 or (self.tp_size > 1 and self.kind == "sglang"),
+               "1, or > 1 with rollout.engine.kind=sglang", self.tp_size)
+        for key in sorted(set(self.sglang) & {"tp_size", "tp", "tensor_parallel_size"}):  # one source of truth
+            raise ConfigError(f"rollout.engine.sglang.{key} is not passed through: set rollout.engine.tp_size")
         if self.kind == "url":
             _check("rollout.engine.url", self.url.startswith("http"), "an http(s) URL when kind=url", self.url)
 
@@ -278,10 +280,8 @@ class LossConfig:
         _choice("trainer.loss.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
         _choice("trainer.loss.vcpo_baseline_weight", self.vcpo_baseline_weight, ("readme", "code"))
         _check("trainer.loss.eps_clip", 0 < self.eps_clip < 1, "in (0, 1)", self.eps_clip)
-        if self.dual_clip is not None:
-            _check("trainer.loss.dual_clip", self.dual_clip > 1, "> 1", self.dual_clip)
-        if self.behav_cap is not None:
-            _check("trainer.loss.behav_cap", self.behav_cap > 1, "> 1", self.behav_cap)
+        _check("trainer.loss.dual_clip", self.dual_clip is None or self.dual_clip > 1, "null or > 1", self.dual_clip)
+        _check("trainer.loss.behav_cap", self.behav_cap is None or self.behav_cap > 1, "null or > 1", self.behav_cap)
         _check("trainer.loss.tis_cap", self.tis_cap > 0, "> 0", self.tis_cap)
         _check("trainer.loss.mis_low", 0 <= self.mis_low < self.mis_high, "< trainer.loss.mis_high", self.mis_low)
         _check("trainer.loss.oapl_beta", self.oapl_beta > 0, "> 0", self.oapl_beta)
@@ -339,9 +339,8 @@ class TrainerConfig:
         _check("trainer.num_minibatches", self.num_minibatches >= 1, ">= 1", self.num_minibatches)
         _check("trainer.grad_clip", self.grad_clip > 0, "> 0", self.grad_clip)
         _check("trainer.betas", len(self.betas) == 2, "two numbers", self.betas)
-        if self.loss.kind == "vcpo":
-            _check("trainer.loss.agg", self.loss.agg.startswith("seq-mean"), "a seq-mean-* mode for vcpo",
-                   self.loss.agg)
+        _check("trainer.loss.agg", self.loss.kind != "vcpo" or self.loss.agg.startswith("seq-mean"),
+               "a seq-mean-* mode for vcpo", self.loss.agg)
 
 
 @dataclass(kw_only=True)
@@ -365,8 +364,10 @@ class LaunchConfig:
     health_timeout_s: float = 300.0
     pin_cpus: bool = False  # give the rollout pool and the trainer pool disjoint cores (taskset)
     omp_threads: int = 1
+    gpus_per_node: int = 0  # GPUs `run` places processes on (launch/placement.py); 0 = torch's count on cuda
 
     def __post_init__(self):
+        _check("launch.gpus_per_node", self.gpus_per_node >= 0, ">= 0", self.gpus_per_node)
         _check("launch.num_rollout_servers", self.num_rollout_servers >= 1, ">= 1", self.num_rollout_servers)
         _check("launch.trainer_ranks", self.trainer_ranks >= 1, ">= 1", self.trainer_ranks)
         _check("launch.restarts", self.restarts >= 0, ">= 0", self.restarts)

@@ -7,7 +7,8 @@
    unfinished one resumes from its latest checkpoint; a ``ConfigError`` from here reaches the CLI,
    which prints it as one line per problem and exits 2;
 1. warm start (``launch/warmstart.py``) when ``warm_start.steps > 0`` (cached across runs);
-2. plan ports and CPU pools (``launch/topology.py``), write ``<run_dir>/config.yaml`` (the only
+2. plan ports, CPU pools and GPUs (``launch/topology.py``, ``launch/placement.py``; ``plan_job``,
+   which ``areal-like plan`` prints without starting anything), write ``<run_dir>/config.yaml`` (the only
    config every daemon reads), ``ports.json`` (for ``areal-like top|status``) and
    ``prometheus_targets.json`` (Prometheus file_sd);
 3. run the supervisor over the buffer, K rollout servers and ``torchrun -m trainer``, with a live
@@ -37,6 +38,7 @@ from areal_like.config import RunConfig, to_yaml
 from areal_like.distributed import free_port
 from areal_like.track_sink import TrackerSink
 from launch.local import ProcSpec, Supervisor, error_tail, write_json_atomic
+from launch.placement import needs_gpus, visible_devices
 from launch.preflight import checked
 from launch.rundir import check_existing_run
 from launch.topology import Topology, apply_topology, plan_topology, wants_eval
@@ -55,22 +57,39 @@ def free_ports():
         yield free_port()
 
 
-def prepare(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, Topology, Path]:
-    """Resolve ports, write config.yaml; returns (config the daemons read, topology, its path)."""
-    run_dir = Path(cfg.run_dir).resolve()
-    (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
-    cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
+def with_gpu_count(cfg: RunConfig) -> RunConfig:
+    """``launch.gpus_per_node`` from ``torch.cuda.device_count()`` when the config leaves it 0 and a
+    process of the job runs on a GPU; otherwise ``cfg`` as it is (CPU jobs never import torch here)."""
+    if cfg.launch.gpus_per_node or not needs_gpus(cfg):
+        return cfg
+    import torch
+
+    return dataclasses.replace(cfg, launch=dataclasses.replace(cfg.launch, gpus_per_node=torch.cuda.device_count()))
+
+
+def plan_job(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, Topology]:
+    """Ports, CPU pools and GPUs of every daemon (nothing written, nothing started); returns (the
+    config the daemons read, the topology). Raises ConfigError for a layout that does not fit."""
+    cfg = with_gpu_count(cfg)
     if cpus is None and cfg.launch.pin_cpus:
         cpus = sorted(os.sched_getaffinity(0))
     topo = plan_topology(cfg, free_ports(), cpus)
-    cfg = apply_topology(cfg, topo)
+    return apply_topology(cfg, topo), topo
+
+
+def prepare(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, Topology, Path]:
+    """Plan the job, write config.yaml; returns (config the daemons read, topology, its path)."""
+    run_dir = Path(cfg.run_dir).resolve()
+    cfg, topo = plan_job(dataclasses.replace(cfg, run_dir=str(run_dir)), cpus)
+    (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
     path.write_text(to_yaml(cfg))
     return cfg, topo, path
 
 
 def job_specs(cfg: RunConfig, topo: Topology, config_path: Path, python: str = sys.executable) -> list[ProcSpec]:
-    """The buffer (stage 0), then every rollout server and the trainer (stage 1)."""
+    """The buffer (stage 0), then every rollout server and the trainer (stage 1); on a GPU topology
+    each gets ``CUDA_VISIBLE_DEVICES`` from its slot (the trainer's lists one GPU per torchrun rank)."""
     env = {"OMP_NUM_THREADS": str(cfg.launch.omp_threads), "MKL_NUM_THREADS": str(cfg.launch.omp_threads),
            "AREAL_LIKE_RUN_DIR": cfg.run_dir}
     base = ["--config-file", str(config_path)]
@@ -83,7 +102,8 @@ def job_specs(cfg: RunConfig, topo: Topology, config_path: Path, python: str = s
             argv = [python, "-m", "rollout_server", *base, *slot.overrides]
         else:
             argv = _trainer_argv(python, cfg.launch.trainer_ranks, topo.host, base)
-        specs.append(ProcSpec(name=slot.name, argv=argv, env=env, health_url=health,
+        gpus = {} if slot.gpus is None else {"CUDA_VISIBLE_DEVICES": visible_devices(slot.gpus)}
+        specs.append(ProcSpec(name=slot.name, argv=argv, env={**env, **gpus}, health_url=health,
                               stage=0 if slot.kind == "buffer" else 1, main=slot.kind == "trainer", cpus=slot.cpus))
     return specs
 

@@ -4,8 +4,10 @@
 and the usable core ids, and returns a ``Topology``: the buffer's request/reply and publish
 addresses, a ``/metrics`` port per daemon, the torchrun rendezvous port and, when
 ``launch.pin_cpus`` is set, two disjoint core sets: the *rollout pool* (rollout servers and the
-buffer, which only moves bytes) and the *trainer pool* (every trainer rank). No I/O happens here;
-``launch/local.py`` feeds it ``free_ports()`` and ``os.sched_getaffinity(0)``.
+buffer, which only moves bytes) and the *trainer pool* (every trainer rank); on a GPU topology,
+the GPUs of every daemon (``launch/placement.py``; the buffer gets none). No I/O happens here;
+``launch/job.py`` feeds it ``free_ports()``, ``os.sched_getaffinity(0)`` and the GPU count.
+``plan_lines`` renders a topology as ``areal-like plan`` prints it.
 
 Invariants (tested in tests/unit/test_topology.py):
 * every port in a topology is distinct, and a port fixed in the config (non-zero) is kept;
@@ -20,17 +22,19 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from areal_like.config import ConfigError, RunConfig
+from launch.placement import place_job, visible_devices
 
 
 @dataclass(frozen=True, kw_only=True)
 class DaemonSlot:
-    """One process the launcher starts: its name, kind, metrics port and pinned cores."""
+    """One process the launcher starts: its name, kind, metrics port, pinned cores and GPUs."""
 
     name: str  # "buffer", "rollout-0", ..., "trainer"
     kind: str  # "buffer" | "rollout" | "trainer"
     metrics_port: int
     cpus: tuple[int, ...] | None  # None = not pinned
     overrides: tuple[str, ...] = ()  # extra `key=value` for this daemon's command line
+    gpus: tuple[int, ...] | None = None  # its CUDA_VISIBLE_DEVICES; None = left as inherited (CPU topologies)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,6 +69,7 @@ class Topology:
             "trainer_cpus": list(self.trainer_cpus) if self.trainer_cpus is not None else None,
             "daemons": [{"name": s.name, "kind": s.kind, "metrics_port": s.metrics_port,
                          "cpus": list(s.cpus) if s.cpus is not None else None,
+                         "gpus": list(s.gpus) if s.gpus is not None else None,
                          "metrics_url": f"http://{self.host}:{s.metrics_port}/metrics"} for s in self.slots],
         }
 
@@ -101,7 +106,8 @@ def _unique(ports: Iterable[int], taken: set[int]) -> Iterator[int]:
 
 
 def plan_topology(cfg: RunConfig, ports: Iterable[int], cpus: Iterable[int] | None = None) -> Topology:
-    """Assign every port left at 0 from ``ports`` (skipping duplicates and fixed ports).
+    """Assign every port left at 0 from ``ports`` (skipping duplicates and fixed ports), and the
+    GPUs of ``launch/placement.py`` when a process runs on one (``launch.gpus_per_node`` resolved).
 
     Rollout server i gets ``rollout.metrics_port + i`` when that is fixed, so a Prometheus
     static config can list them; the trainer's port is rank 0's.
@@ -116,6 +122,8 @@ def plan_topology(cfg: RunConfig, ports: Iterable[int], cpus: Iterable[int] | No
     n_fixed += n_roll if cfg.rollout.metrics_port else 0
     if len(fixed) != n_fixed:
         raise ConfigError("two daemons are configured with the same fixed port")
+    placed = place_job(cfg)  # before any port is taken: a refused layout costs nothing
+    no_gpu = () if placed is not None else None  # a GPU topology hides the GPUs from CPU-only daemons
     source = _unique(ports, set(fixed))
 
     def pick(p: int) -> int:
@@ -125,15 +133,17 @@ def plan_topology(cfg: RunConfig, ports: Iterable[int], cpus: Iterable[int] | No
     rollout_cpus = trainer_cpus = None
     if cfg.launch.pin_cpus:
         rollout_cpus, trainer_cpus = split_cpus(cpus if cpus is not None else ())
-    slots = [DaemonSlot(name="buffer", kind="buffer", metrics_port=pick(cfg.buffer.metrics_port), cpus=rollout_cpus)]
+    slots = [DaemonSlot(name="buffer", kind="buffer", metrics_port=pick(cfg.buffer.metrics_port), cpus=rollout_cpus,
+                        gpus=no_gpu)]
     for i in range(n_roll):
         port = cfg.rollout.metrics_port + i if cfg.rollout.metrics_port else next(source)
         evaluates = ("rollout.eval=true",) if i == 0 and wants_eval(cfg) else ()  # the first server evaluates
         slots.append(DaemonSlot(name=f"rollout-{i}", kind="rollout", metrics_port=port, cpus=rollout_cpus,
                                 overrides=(f"rollout.server_id=rollout-{i}", f"rollout.metrics_port={port}",
-                                           *evaluates)))
+                                           *evaluates),
+                                gpus=placed.rollout[i] if placed is not None and placed.rollout else no_gpu))
     slots.append(DaemonSlot(name="trainer", kind="trainer", metrics_port=pick(cfg.trainer.metrics_port),
-                            cpus=trainer_cpus))
+                            cpus=trainer_cpus, gpus=placed.trainer if placed is not None else None))
     return Topology(host=host, buffer_address=f"tcp://{host}:{router}", pub_address=f"tcp://{pub_host}:{pub}",
                     master_port=next(source), slots=tuple(slots), rollout_cpus=rollout_cpus,
                     trainer_cpus=trainer_cpus)
@@ -154,3 +164,46 @@ def apply_topology(cfg: RunConfig, topo: Topology) -> RunConfig:
     trainer = dataclasses.replace(cfg.trainer, buffer_address=topo.buffer_address,
                                   metrics_port=topo.slot("trainer").metrics_port)
     return dataclasses.replace(cfg, buffer=buffer, rollout=rollout, trainer=trainer)
+
+
+def plan_lines(cfg: RunConfig, topo: Topology) -> list[str]:
+    """``areal-like plan``: a header, then one line per process of ``topo`` (planned from ``cfg``):
+    node, name, GPUs (its CUDA_VISIBLE_DEVICES; ``-`` = inherited, ``none`` = hidden) and where it
+    listens or connects. A port ``cfg`` leaves at 0 shows as ``auto``: ``run`` picks it when it starts
+    (the torchrun rendezvous port: at each start), so a number picked now would not be the one used."""
+    ws = cfg.trainer.weight_sync
+    backend = ws.backend if ws.backend != "auto" else ("nccl" if cfg.trainer.device.startswith("cuda") else "gloo")
+    fixed_metrics = {"buffer": cfg.buffer.metrics_port, "rollout": cfg.rollout.metrics_port,
+                     "trainer": cfg.trainer.metrics_port}
+    rows = [("node", "process", "gpus", "ports and addresses")]
+    for s in topo.slots:
+        metrics = f"metrics {topo.host}:{_port(fixed_metrics[s.kind], s.metrics_port)}"
+        if s.kind == "buffer":
+            where = f"router {_addr(cfg.buffer.address)}  pub {_addr(cfg.buffer.pub_address)}  {metrics}"
+        elif s.kind == "rollout":
+            where = f"{metrics}  {_engine(cfg)}"
+        else:
+            ranks = f"{cfg.launch.trainer_ranks} ranks" + (" (LOCAL_RANK i: the i-th GPU)" if s.gpus else "")
+            where = (f"{metrics} (rank 0)  torchrun {ranks} rendezvous {topo.host}:auto  "
+                     f"weight sync {backend} {ws.master_addr}:{_port(ws.master_port)}")
+        rows.append(("0", s.name, "-" if s.gpus is None else (visible_devices(s.gpus) or "none"), where))
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    return [f"{a:<{width[0]}}  {b:<{width[1]}}  {c:<{width[2]}}  {d}" for a, b, c, d in rows]
+
+
+def _port(configured: int, planned: int | None = None) -> str:
+    return "auto" if not configured else str(planned if planned is not None else configured)
+
+
+def _addr(address: str) -> str:
+    host, port = split_address(address)
+    return f"tcp://{host}:{_port(port)}"
+
+
+def _engine(cfg: RunConfig) -> str:
+    ec = cfg.rollout.engine
+    if ec.kind == "url":
+        return f"engine {ec.url}"
+    if ec.kind == "embedded":
+        return f"engine embedded on {ec.device}"
+    return f"engine sglang tp={ec.tp_size} http://{ec.host}:{_port(ec.port)}"

@@ -4,8 +4,10 @@ Pass-through, not a wrapper, so every SGLang option works under its own name and
 to change when SGLang adds one: every key of ``rollout.engine.sglang`` becomes
 ``--key-with-dashes value`` verbatim (``true`` -> a bare flag, ``false``/``null`` -> omitted,
 a list -> several values). The rollout server adds only what it must own: model path, host,
-port, and ``--weight-version 0`` unless configured (our versions are integers, SGLang's
-default ``"default"`` is not).
+port, ``--tp-size`` from ``rollout.engine.tp_size`` (the one source of truth: the launcher gives
+the server that many GPUs, so ``rollout.engine.sglang.tp_size`` is refused by the schema) and
+``--weight-version 0`` unless configured (our versions are integers, SGLang's default
+``"default"`` is not).
 
 The server runs in its own session (process group) because SGLang forks scheduler and
 detokenizer processes; ``stop()`` signals that group through the PID we started (SIGTERM,
@@ -35,7 +37,8 @@ def sglang_command(model: ModelConfig, engine: EngineConfig, port: int) -> list[
     """The argv that starts SGLang for ``model`` with ``engine.sglang`` passed through."""
     if not model.path:
         raise ValueError("rollout.engine.kind=sglang needs model.path (a local HF model directory)")
-    opts = {"model_path": model.path, "host": engine.host, "port": port, "weight_version": "0"}
+    opts = {"model_path": model.path, "host": engine.host, "port": port, "weight_version": "0",
+            "tp_size": engine.tp_size}
     opts.update(engine.sglang)
     argv = [sys.executable, "-m", "sglang.launch_server"]
     for key, value in opts.items():
@@ -63,8 +66,7 @@ class SGLangProcess:
 
     @property
     def engine_ranks(self) -> int:
-        sg = self.engine.sglang
-        return int(sg.get("tp_size", sg.get("tp", 1)))
+        return self.engine.tp_size
 
     def start(self) -> SGLangProcess:
         argv = sglang_command(self.model, self.engine, self.port)

@@ -14,10 +14,10 @@ import json
 import pytest
 from aiohttp import web
 
-from areal_like.config import EngineConfig, ModelConfig
+from areal_like.config import ConfigError, EngineConfig, ModelConfig
 from areal_like.distributed import free_port
 from rollout_server.episode import generate_sample, segment_versions
-from rollout_server.launch_sglang import sglang_command
+from rollout_server.launch_sglang import SGLangProcess, sglang_command
 from rollout_server.sglang_client import GenerateOutput, SGLangClient, SGLangError
 
 
@@ -229,12 +229,19 @@ def test_segment_versions_use_spans_and_fall_back_for_non_integer_versions():
 
 
 def test_sglang_command_passes_every_option_through():
-    argv = sglang_command(ModelConfig(path="/m"), EngineConfig(kind="sglang", sglang={
-        "tp_size": 2, "skip_server_warmup": True, "enable_metrics": False, "cuda_graph_max_bs": 8,
-        "weight_version": "7"}), 30001)
+    argv = sglang_command(ModelConfig(path="/m"), EngineConfig(kind="sglang", tp_size=2, sglang={
+        "skip_server_warmup": True, "enable_metrics": False, "cuda_graph_max_bs": 8, "weight_version": "7"}), 30001)
     assert argv[1:3] == ["-m", "sglang.launch_server"]
     assert argv[3:] == ["--model-path", "/m", "--host", "127.0.0.1", "--port", "30001", "--weight-version", "7",
                         "--tp-size", "2", "--skip-server-warmup", "--cuda-graph-max-bs", "8"]
+
+
+def test_tp_size_has_one_source_of_truth():
+    with pytest.raises(ConfigError, match=r"rollout.engine.sglang.tp_size is not passed through"):
+        EngineConfig(kind="sglang", sglang={"tp_size": 2})
+    with pytest.raises(ConfigError, match=r"rollout.engine.tp_size=2 is invalid"):
+        EngineConfig(kind="embedded", tp_size=2)
+    assert SGLangProcess(ModelConfig(path="/m"), EngineConfig(kind="sglang", tp_size=4)).engine_ranks == 4
 
 
 def _plan(reform: bool, buckets: int = 2, deadline_s: float = 10.0):

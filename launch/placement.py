@@ -1,0 +1,108 @@
+"""Pure GPU placement: which GPUs each process of a node sees (its ``CUDA_VISIBLE_DEVICES``).
+
+``place_node`` lays out one node of a job: its trainer ranks get GPUs ``[0, T)`` (rank ``i`` of
+the node on GPU ``i``, which is what torchrun's ``LOCAL_RANK`` indexes in a list of those GPUs),
+then rollout server ``i`` the ``tp_size`` GPUs ``[T + i*tp, T + (i+1)*tp)``. ``place_job`` is the
+one-node job of ``areal-like run``: the counts come from ``launch.trainer_ranks``,
+``launch.num_rollout_servers``, ``rollout.engine.tp_size`` and ``launch.gpus_per_node``.
+
+Invariants (tested in tests/unit/test_placement.py):
+* one process per GPU: no two processes of a node share a GPU. NCCL refuses two ranks of one
+  group on one GPU ("Duplicate GPU detected") and an SGLang engine takes most of its GPU's
+  memory, so a layout needing more GPUs than the node has is refused with a ``ConfigError``
+  naming the keys and the numbers; sharing one GPU between the trainer and an engine is not
+  supported yet and is refused the same way;
+* the GPUs given out are ``[0, used)``, in the order trainer ranks, then rollout servers;
+* a process that runs on CPU takes no GPU, and an engine attached by URL runs elsewhere.
+
+Several nodes: ``launch/slurm/areal_like.sbatch`` puts only trainer ranks on its first
+``TRAIN_NODES`` nodes and only rollout servers on the others, i.e. node ``k`` of ``N`` is
+``place_node(gpus_per_node=G, trainer_ranks=G, rollout_servers=0, tp_size=1, nodes=N, node=k)``
+for ``k < TRAIN_NODES`` and ``place_node(gpus_per_node=G, trainer_ranks=0, rollout_servers=G // tp,
+tp_size=tp, nodes=N, node=k)`` for the rest (launch/MULTINODE.md, section 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from areal_like.config import ConfigError, RunConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeGpus:
+    """The GPUs of one node's processes."""
+
+    node: int
+    trainer: tuple[int, ...]  # GPU of each trainer rank on this node (local rank i -> trainer[i])
+    ranks: tuple[int, ...]  # their global ranks: torchrun's node_rank * nproc_per_node + local rank
+    rollout: tuple[tuple[int, ...], ...]  # the GPUs of each rollout server on this node
+
+    @property
+    def used(self) -> int:
+        return len(self.trainer) + sum(len(g) for g in self.rollout)
+
+
+def visible_devices(gpus: tuple[int, ...]) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` value for ``gpus`` (empty: the process sees no GPU)."""
+    return ",".join(map(str, gpus))
+
+
+def place_node(*, gpus_per_node: int, trainer_ranks: int, rollout_servers: int, tp_size: int,
+               nodes: int = 1, node: int = 0) -> NodeGpus:
+    """Node ``node`` of ``nodes``: ``trainer_ranks`` ranks and ``rollout_servers`` engines of
+    ``tp_size`` GPUs each on ``gpus_per_node`` GPUs, one process per GPU; ConfigError otherwise."""
+    if not 0 <= node < nodes:
+        raise ConfigError(f"node {node} is not one of the job's {nodes} nodes")
+    if trainer_ranks < 0 or rollout_servers < 0 or tp_size < 1:
+        raise ConfigError(f"trainer_ranks={trainer_ranks}, rollout_servers={rollout_servers} and "
+                          f"tp_size={tp_size} must be >= 0, >= 0 and >= 1")
+    need = trainer_ranks + rollout_servers * tp_size
+    if need > gpus_per_node:
+        terms = [f"launch.trainer_ranks={trainer_ranks}"] if trainer_ranks else []
+        if rollout_servers:
+            terms.append(f"launch.num_rollout_servers={rollout_servers} x rollout.engine.tp_size={tp_size}")
+        where = f" (node {node} of {nodes})" if nodes > 1 else ""
+        raise ConfigError(
+            f"{' + '.join(terms)} needs {need} GPUs per node{where}; launch.gpus_per_node={gpus_per_node}: "
+            "one process per GPU (NCCL refuses two ranks of one group on one GPU, and sharing a GPU "
+            "between the trainer and an engine is not supported yet)")
+    rollout = tuple(tuple(range(trainer_ranks + i * tp_size, trainer_ranks + (i + 1) * tp_size))
+                    for i in range(rollout_servers))
+    return NodeGpus(node=node, trainer=tuple(range(trainer_ranks)),
+                    ranks=tuple(node * trainer_ranks + i for i in range(trainer_ranks)), rollout=rollout)
+
+
+def trainer_on_gpu(cfg: RunConfig) -> bool:
+    return cfg.trainer.device.startswith("cuda")
+
+
+def engine_on_gpu(cfg: RunConfig) -> bool:
+    """Whether each rollout server's engine runs on this node's GPUs (SGLang always does)."""
+    ec = cfg.rollout.engine
+    return ec.kind == "sglang" or (ec.kind == "embedded" and ec.device.startswith("cuda"))
+
+
+def needs_gpus(cfg: RunConfig) -> bool:
+    """Whether the job places processes on GPUs at all (a GPU topology)."""
+    return trainer_on_gpu(cfg) or engine_on_gpu(cfg)
+
+
+def place_job(cfg: RunConfig) -> NodeGpus | None:
+    """The one node of ``areal-like run``; None when nothing runs on a GPU (CPU topologies).
+
+    ``launch.gpus_per_node`` must be resolved already (``launch/job.py`` reads
+    ``torch.cuda.device_count()`` when the config leaves it 0)."""
+    if not needs_gpus(cfg):
+        return None
+    gpus = cfg.launch.gpus_per_node
+    if gpus < 1:
+        raise ConfigError(f"trainer.device={cfg.trainer.device!r}, rollout.engine.kind={cfg.rollout.engine.kind!r} "
+                          f"and rollout.engine.device={cfg.rollout.engine.device!r} need GPUs; "
+                          "launch.gpus_per_node=0 and torch sees no GPU on this machine")
+    if cfg.rollout.engine.kind == "embedded" and engine_on_gpu(cfg) and cfg.rollout.engine.device != "cuda":
+        raise ConfigError(f"rollout.engine.device={cfg.rollout.engine.device!r}: each rollout server sees only "
+                          "its own GPUs (CUDA_VISIBLE_DEVICES), so the engine device is 'cuda'")
+    return place_node(gpus_per_node=gpus, trainer_ranks=cfg.launch.trainer_ranks if trainer_on_gpu(cfg) else 0,
+                      rollout_servers=cfg.launch.num_rollout_servers if engine_on_gpu(cfg) else 0,
+                      tp_size=cfg.rollout.engine.tp_size)

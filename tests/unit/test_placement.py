@@ -1,0 +1,145 @@
+"""launch/placement.py: one process per GPU, trainer ranks first, refusals naming keys and numbers;
+the launcher's CUDA_VISIBLE_DEVICES and `areal-like plan` follow the placement."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from areal_like.config import ConfigError, load_config
+from launch.job import job_specs
+from launch.placement import place_job, place_node
+from launch.topology import apply_topology, plan_topology
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("gpus,trainer,servers,tp,want_trainer,want_rollout", [
+    (2, 1, 1, 1, (0,), ((1,),)),
+    (4, 2, 2, 1, (0, 1), ((2,), (3,))),
+    (4, 2, 1, 2, (0, 1), ((2, 3),)),
+    (8, 4, 2, 2, (0, 1, 2, 3), ((4, 5), (6, 7))),
+    (8, 2, 3, 2, (0, 1), ((2, 3), (4, 5), (6, 7))),
+    (8, 1, 1, 4, (0,), ((1, 2, 3, 4),)),  # GPUs 5-7 stay idle
+])
+def test_one_node_layouts(gpus, trainer, servers, tp, want_trainer, want_rollout):
+    p = place_node(gpus_per_node=gpus, trainer_ranks=trainer, rollout_servers=servers, tp_size=tp)
+    assert (p.trainer, p.rollout, p.ranks) == (want_trainer, want_rollout, tuple(range(trainer)))
+    assert p.used == trainer + servers * tp
+
+
+@pytest.mark.parametrize("gpus,trainer,servers,tp,need", [
+    (1, 1, 1, 1, 2),  # one-GPU sharing: not supported yet
+    (2, 2, 1, 1, 3),
+    (4, 2, 2, 2, 6),
+    (8, 2, 4, 2, 10),
+])
+def test_a_layout_over_the_gpus_is_refused_with_the_keys_and_numbers(gpus, trainer, servers, tp, need):
+    with pytest.raises(ConfigError) as e:
+        place_node(gpus_per_node=gpus, trainer_ranks=trainer, rollout_servers=servers, tp_size=tp)
+    assert str(e.value).startswith(f"launch.trainer_ranks={trainer} + launch.num_rollout_servers={servers} x "
+                                   f"rollout.engine.tp_size={tp} needs {need} GPUs per node; "
+                                   f"launch.gpus_per_node={gpus}: one process per GPU")
+    assert "not supported yet" in str(e.value) and "NCCL" in str(e.value)
+
+
+@pytest.mark.parametrize("nodes,train_nodes,tp", [(2, 1, 1), (3, 1, 2), (3, 2, 4)])
+def test_the_sbatch_layout_node_by_node(nodes, train_nodes, tp):
+    """Training nodes carry only trainer ranks, the others only rollout servers (the sbatch's split)."""
+    plans = [place_node(gpus_per_node=8, trainer_ranks=8, rollout_servers=0, tp_size=1, nodes=nodes, node=k)
+             if k < train_nodes else
+             place_node(gpus_per_node=8, trainer_ranks=0, rollout_servers=8 // tp, tp_size=tp, nodes=nodes, node=k)
+             for k in range(nodes)]
+    for k, p in enumerate(plans):
+        assert p.node == k and p.used == 8
+        if k < train_nodes:
+            assert p.trainer == tuple(range(8)) and p.ranks == tuple(range(8 * k, 8 * k + 8)) and p.rollout == ()
+        else:
+            assert p.trainer == () and p.rollout == tuple(tuple(range(i, i + tp)) for i in range(0, 8, tp))
+    all_ranks = [r for p in plans for r in p.ranks]
+    assert all_ranks == list(range(8 * train_nodes))  # torchrun's global ranks, each once
+
+
+def test_a_node_outside_the_job_and_too_many_servers_on_a_later_node_are_refused():
+    with pytest.raises(ConfigError, match="node 3 is not one of the job's 3 nodes"):
+        place_node(gpus_per_node=8, trainer_ranks=0, rollout_servers=1, tp_size=1, nodes=3, node=3)
+    with pytest.raises(ConfigError, match=r"^launch.num_rollout_servers=3 x rollout.engine.tp_size=2 needs 6 GPUs "
+                                          r"per node \(node 2 of 3\); launch.gpus_per_node=4"):
+        place_node(gpus_per_node=4, trainer_ranks=0, rollout_servers=3, tp_size=2, nodes=3, node=2)
+
+
+def test_place_job_reads_the_config_and_cpu_topologies_take_no_gpu():
+    assert place_job(load_config(["launch.gpus_per_node=8"])) is None  # the default topology is CPU
+    sg = place_job(load_config(["topology=gpu_sglang", "launch.gpus_per_node=4", "launch.trainer_ranks=2",
+                                "launch.num_rollout_servers=1", "rollout.engine.tp_size=2"]))
+    assert (sg.trainer, sg.rollout) == ((0, 1), ((2, 3),))
+    # the trainer on CPU, the embedded engines on the GPUs: only the engines take one
+    mixed = place_job(load_config(["topology=gpu_embedded", "trainer.device=cpu", "launch.gpus_per_node=2",
+                                   "launch.num_rollout_servers=2"]))
+    assert (mixed.trainer, mixed.rollout) == ((), ((0,), (1,)))
+    with pytest.raises(ConfigError, match="launch.gpus_per_node=0 and torch sees no GPU"):
+        place_job(load_config(["topology=gpu_embedded"]))
+    with pytest.raises(ConfigError, match="rollout.engine.device='cuda:1'"):
+        place_job(load_config(["topology=gpu_embedded", "rollout.engine.device=cuda:1", "launch.gpus_per_node=4"]))
+
+
+def test_tp_size_is_one_key():
+    with pytest.raises(ConfigError, match="rollout.engine.tp_size=2 is invalid"):
+        load_config(["rollout.engine.tp_size=2"])  # the embedded engine is one device
+    with pytest.raises(ConfigError, match="launch.gpus_per_node=-1"):
+        load_config(["launch.gpus_per_node=-1"])
+
+
+def _specs(*overrides: str):
+    cfg = load_config(list(overrides))
+    topo = plan_topology(cfg, itertools.count(31000))
+    return {s.name: s for s in job_specs(apply_topology(cfg, topo), topo, Path("/x/config.yaml"), python="py")}
+
+
+def test_every_process_gets_its_own_cuda_visible_devices():
+    specs = _specs("topology=gpu_sglang", "launch.gpus_per_node=8", "launch.trainer_ranks=4",
+                   "launch.num_rollout_servers=2", "rollout.engine.tp_size=2")
+    got = {name: s.env["CUDA_VISIBLE_DEVICES"] for name, s in specs.items()}
+    assert got == {"buffer": "", "rollout-0": "4,5", "rollout-1": "6,7", "trainer": "0,1,2,3"}
+    assert "--nproc-per-node" in specs["trainer"].argv() and specs["trainer"].argv()[6] == "4"
+    assert specs["rollout-0"].env["OMP_NUM_THREADS"] == "1"  # the common environment is kept
+
+
+def test_cpu_topology_processes_inherit_cuda_visible_devices():
+    specs = _specs("launch.gpus_per_node=8")
+    assert all("CUDA_VISIBLE_DEVICES" not in s.env for s in specs.values())
+
+
+def _plan(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "areal_like.cli", "plan", *overrides], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+
+
+def test_plan_prints_one_line_per_process_and_starts_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    r = _plan("topology=gpu_sglang", "launch.gpus_per_node=8", "launch.trainer_ranks=4",
+              "launch.num_rollout_servers=2", "rollout.engine.tp_size=2", "buffer.address=tcp://10.0.0.5:7000",
+              "rollout.metrics_port=9101", f"run_dir={run_dir}")
+    assert r.returncode == 0, r.stderr
+    rows = [line.split(None, 3) for line in r.stdout.splitlines()]
+    assert rows[0] == ["node", "process", "gpus", "ports and addresses"]
+    assert [row[:3] for row in rows[1:]] == [["0", "buffer", "none"], ["0", "rollout-0", "4,5"],
+                                             ["0", "rollout-1", "6,7"], ["0", "trainer", "0,1,2,3"]]
+    buffer, roll0, roll1, trainer = (row[3] for row in rows[1:])
+    assert buffer.startswith("router tcp://10.0.0.5:7000  pub tcp://127.0.0.1:auto  metrics 10.0.0.5:auto")
+    assert roll0 == "metrics 10.0.0.5:9101  engine sglang tp=2 http://127.0.0.1:auto"
+    assert roll1.startswith("metrics 10.0.0.5:9102")
+    assert "torchrun 4 ranks" in trainer and "weight sync nccl 127.0.0.1:auto" in trainer
+    assert not run_dir.exists()  # nothing written
+
+
+def test_plan_refuses_a_layout_that_does_not_fit():
+    r = _plan("topology=gpu_sglang", "launch.gpus_per_node=8", "launch.trainer_ranks=2",
+              "launch.num_rollout_servers=4", "rollout.engine.tp_size=2")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("error: launch.trainer_ranks=2 + launch.num_rollout_servers=4 x "
+                               "rollout.engine.tp_size=2 needs 10 GPUs per node; launch.gpus_per_node=8")
