@@ -70,8 +70,7 @@ class TaskConfig:
     answer_key: str = "answer"  # the reference answer the reward grades against
     metadata_keys: list[str] | None = None  # extra columns passed to the reward; None = all the others
     system_prompt: str = ""  # prepended as a system message (chat) or text (plain)
-    # auto: the tokenizer's chat template when it has one | none: plain text (base models) |
-    # anything else: a Jinja template, or a path to a file holding one
+    # auto: the tokenizer's template if any | none: plain text (base models) | else Jinja text or a file of it
     chat_template: str = "auto"
     max_prompt_tokens: int = 0  # longer prompts are filtered out (and counted); 0 = no limit
     num_prompts: int = 100_000  # size of a synthetic dataset (an epoch)
@@ -326,9 +325,10 @@ class TrainerConfig:
     buffer_timeout_s: float = 120.0  # the buffer silent this long is an error, not a wait
     metrics_port: int = 0
     gloo_timeout_s: float = 300.0
-    # the frozen reference policy of the KL term (trainer.loss.kl_coef > 0): a local HF directory;
-    # None = the run's initial weights (model.path, or the model built from config)
+    # the KL term's frozen reference (loss.kl_coef > 0): a local HF dir; None = the initial weights
     ref_path: str | None = None
+    # engines' log-probs vs the trainer's, mean |diff| per token allowed at start; <= 0: off (logprob_guard.py)
+    logprob_guard_tol: float = 0.05
 
     def __post_init__(self):
         _check("trainer.steps", self.steps >= 1, ">= 1", self.steps)

@@ -19,7 +19,9 @@ and ``areal-like config`` call it. It resolves hub ids to local directories
 * ``task.reward_fn``: loads as in a reward worker (same loader, ``task.reward_memory_mb`` address
   space, environment without secrets), in a child Python (see ``check_reward_fn``);
 * the trackers' packages (``areal_like.tracking.check_trackers``);
-* the engine: ``rollout.engine.kind=sglang`` needs the sglang package and ``model.path``.
+* the engine: ``rollout.engine.kind=sglang`` needs the sglang package and ``model.path``;
+* the environment: no inherited ``SGLANG_RETURN_ORIGINAL_LOGPROB`` (SGLang would return log-probs
+  without the temperature, off the trainer's convention; see trainer/logprob_guard.py).
 
 Paths are checked as the daemons will open them: relative to the working directory, which the
 daemons inherit from the launcher.
@@ -213,6 +215,15 @@ def check_engine(cfg: RunConfig) -> list[str]:
     return out
 
 
+def check_environment(cfg: RunConfig) -> list[str]:
+    """Variables the daemons inherit that would break the log-prob convention the ratios rely on."""
+    value = os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "")
+    if value.strip().lower() in ("", "0", "false", "no", "off"):
+        return []
+    return [f"SGLANG_RETURN_ORIGINAL_LOGPROB={value!r} is set: SGLang would return log-probs before the temperature "
+            "is applied, which biases every importance ratio; unset it"]
+
+
 # every check but check_models, which checked() runs on the resolved model keys
 OTHER_CHECKS = (check_warm_start, check_task_files, check_dataset_columns, check_chat_template, check_reward_fn,
-                check_trackers, check_engine)
+                check_trackers, check_engine, check_environment)

@@ -7,7 +7,8 @@ step) and, every ``tracking.sample_every`` steps, a few decoded samples to ``<ru
 
 Each phase runs in a named timing scope whose name is also its metric label
 (``trainer/phase_seconds{phase="fetch_batch"}``): fetch_batch (time waiting for data),
-recompute_prox, ref_logp (the frozen reference's log-probs; no work unless
+logprob_guard (once, after the initial push: the engines' log-probs follow the trainer's
+convention, trainer/logprob_guard.py), recompute_prox, ref_logp (the frozen reference's log-probs; no work unless
 ``trainer.loss.kl_coef`` > 0), advantages, train_step, weight_sync, checkpoint, export (a Hugging
 Face directory ``<run_dir>/<export.dir>/v<version>`` at multiples of ``export.every`` and when
 training reaches ``trainer.steps``; trainer/export.py), metrics.
@@ -41,6 +42,7 @@ from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from trainer.data import BatchSource, TrainBatch
 from trainer.export import TMP_PREFIX as EXPORT_TMP_PREFIX
 from trainer.export import export_hf, export_tokenizer
+from trainer.logprob_guard import PROBE_TEXT, run_guard
 from trainer.model import build_policy, build_reference, init_distributed
 from trainer.samples import sample_rows
 from trainer.step import StepSettings, compute_batch_advantages, recompute_prox_logp, reference_logp, train_step
@@ -100,12 +102,34 @@ class Trainer(Daemon):
             # The buffer keeps the last batch "in transit" until it is acked: acking the batch this
             # checkpoint includes consumes it; a later, lost batch does not match and goes back.
             self.data.last_batch_id = meta.get("extra", {}).get("last_batch_id", "")
+        self.warn_truncation()
         checkpoint_version = self.version
         self.version = self.monotonic_version(self.version)
         if ckpt is not None:
             self.record({"event": "resume", "policy_version": self.version, "checkpoint_version": checkpoint_version,
                          "checkpoint": str(ckpt), "saved_checksums": meta["checksums"],
                          "checksums": state_checksums(self.policy)})
+
+    def warn_truncation(self) -> None:
+        """top-p/top-k sampling biases the ratios: the trainer scores with the untruncated distribution,
+        the engine samples from the truncated one (whatever log-probs it returns)."""
+        task = self.cfg.task
+        if self.rank == 0 and (task.top_p < 1 or task.top_k > 0):
+            self.log.warning("task.top_p=%g / task.top_k=%d truncate the sampler: the tokens come from the truncated "
+                             "distribution while the trainer scores them with the untruncated one, so the "
+                             "importance ratios are biased; use top_p=1, top_k=-1 for unbiased RL",
+                             task.top_p, task.top_k)
+
+    def guard_logprobs(self, sync: SyncReport) -> None:
+        """Refuse to train (LogprobGuardError) when an engine that took the initial push returns
+        log-probs off the trainer's convention; a collective (trainer/logprob_guard.py)."""
+        tol = self.cfg.trainer.logprob_guard_tol
+        if tol <= 0:
+            return
+        prompt = list(self.tokenizer.encode(PROBE_TEXT)) if self.rank == 0 else []
+        passed = run_guard(self.policy.model, self.policy.device, rank=self.rank, buffer=self.broadcaster.client,
+                           served=sync.done, prompt_ids=prompt, temperature=self.cfg.task.temperature, tol=tol)
+        self.record({"event": "logprob_guard", "policy_version": self.version, "passed": passed, "tol": tol})
 
     def checkpoint_extra(self) -> dict:
         return {"last_batch_id": self.data.last_batch_id}
@@ -133,6 +157,8 @@ class Trainer(Daemon):
         with self.phase("weight_sync"):
             sync = self.broadcaster.push(model, self.version)
         self.log.info("serving policy_version %d to %s", self.version, sync.done or "no engines yet")
+        with self.phase("logprob_guard"):
+            self.guard_logprobs(sync)
         while self.version < t.steps:
             t_step = time.monotonic()
             with self.phase("fetch_batch"):

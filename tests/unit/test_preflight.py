@@ -266,3 +266,22 @@ def test_areal_like_run_refuses_bad_inputs_in_one_line_each_before_starting_anyt
                                                      "error: task.eval_path", "error: task.reward_fn"], lines
     assert "Traceback" not in r.stderr and r.stdout == ""
     assert not run_dir.exists()  # no warm start, no daemon, not even the run directory
+
+
+@pytest.mark.parametrize("value", ["1", "true", "True", "yes"])
+def test_inherited_return_original_logprob_is_refused(monkeypatch, value):
+    monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", value)
+    problems = pf.check_environment(base())
+    assert len(problems) == 1 and problems[0].startswith(f"SGLANG_RETURN_ORIGINAL_LOGPROB={value!r} is set")
+    with pytest.raises(pf.PreflightError) as e:
+        pf.checked(base())
+    assert e.value.problems == problems
+
+
+@pytest.mark.parametrize("value", [None, "", "0", "false"])
+def test_unset_or_false_return_original_logprob_passes(monkeypatch, value):
+    if value is None:
+        monkeypatch.delenv("SGLANG_RETURN_ORIGINAL_LOGPROB", raising=False)
+    else:
+        monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", value)
+    assert pf.check_environment(base()) == []

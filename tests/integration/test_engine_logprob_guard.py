@@ -1,0 +1,100 @@
+"""The log-prob guard against real engines: a correct one passes, a mis-configured one is refused.
+
+Processes and sockets: the real buffer daemon (a subprocess: the guard reads the roster from it),
+a real embedded engine (in this process), and a proxy engine that forwards ``/generate`` to it
+with the temperature replaced by 1: its tokens and log-probs are those of an engine that ignores
+the run's temperature (0.5 here), the mistake the guard exists for. The trainer side scores with a
+model holding the engine's weights, with ``trainer.logprobs.token_logprobs`` at temperature 0.5.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+TEMPERATURE = 0.5
+
+
+def start_proxy(target: str, port: int) -> tuple[asyncio.AbstractEventLoop, threading.Thread, web.AppRunner]:
+    """An SGLang-shaped engine whose log-probs ignore the temperature (it samples and scores at T=1)."""
+
+    async def generate(request: web.Request) -> web.Response:
+        body = await request.json()
+        body["sampling_params"] = {**body["sampling_params"], "temperature": 1.0}
+        async with aiohttp.ClientSession() as s, s.post(target + "/generate", json=body) as r:
+            return web.json_response(await r.json(), status=r.status)
+
+    loop = asyncio.new_event_loop()
+    app = web.Application()
+    app.router.add_post("/generate", generate)
+    runner = web.AppRunner(app)
+
+    async def up() -> None:
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(up(), loop).result(timeout=30)
+    return loop, thread, runner
+
+
+def test_guard_passes_a_correct_engine_and_refuses_one_that_ignores_the_temperature(
+        tmp_path, spawn_python, free_port):
+    import torch
+
+    from areal_like.config import load_config, to_yaml
+    from areal_like.hf import build_model
+    from areal_like.protocol import Register
+    from areal_like.tokenizer import load_tokenizer
+    from areal_like.transport import Client
+    from rollout_server.engine.embedded import EmbeddedEngine
+    from trainer.logprob_guard import PROBE_TEXT, LogprobGuardError, run_guard
+
+    torch.manual_seed(0)
+    cfg = load_config([f"run_dir={tmp_path}", f"buffer.address=tcp://127.0.0.1:{free_port()}",
+                       f"buffer.pub_address=tcp://127.0.0.1:{free_port()}", "buffer.heartbeat_timeout_s=120",
+                       f"task.temperature={TEMPERATURE}", "rollout.engine.max_running_requests=2",
+                       "rollout.engine.max_total_tokens=1024"])
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(to_yaml(cfg))
+    spawn_python("buffer", ["--config-file", cfg_path], capture=False)
+    engine = EmbeddedEngine(cfg.model, cfg.rollout.engine).start()
+    proxy_port, proxy = free_port(), None
+    client = Client(cfg.buffer.address, timeout_s=60)
+    try:
+        proxy = start_proxy(engine.url, proxy_port)
+        trainer_model = build_model(cfg.model, device="cpu", dtype="float32").eval()
+        trainer_model.load_state_dict(engine.model.state_dict())  # the weights the initial push delivers
+        prompt = list(load_tokenizer(cfg.model).encode(PROBE_TEXT))
+        client.request(Register(server_id="good", engine_url=engine.url, engine_ranks=1, policy_version=0))
+        client.request(Register(server_id="no-temperature", engine_url=f"http://127.0.0.1:{proxy_port}",
+                                engine_ranks=1, policy_version=0))
+
+        def guard(served: list[str], tol: float = 0.05) -> list[str]:
+            return run_guard(trainer_model, torch.device("cpu"), rank=0, buffer=client, served=served,
+                             prompt_ids=prompt, temperature=TEMPERATURE, tol=tol)
+
+        assert guard(["good"]) == ["good"]  # the mis-configured engine did not take the push: not probed
+        with pytest.raises(LogprobGuardError) as e:
+            guard(["good", "no-temperature"])
+        msg = str(e.value)
+        assert "engine no-temperature" in msg and f"127.0.0.1:{proxy_port}" in msg
+        assert "trainer.logprob_guard_tol=0.05" in msg and "SGLANG_RETURN_ORIGINAL_LOGPROB" in msg
+        assert "temperature 0.5" in msg and "Refusing to train" in msg
+        mean = float(msg.split(" by ")[1].split(" nats")[0])
+        assert mean > 0.05
+        assert guard(["good", "no-temperature"], tol=mean + 1.0) == ["good", "no-temperature"]
+    finally:
+        client.close()
+        if proxy is not None:
+            loop, thread, runner = proxy
+            asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=30)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=30)
+            loop.close()
+        engine.stop()

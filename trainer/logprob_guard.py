@@ -1,0 +1,156 @@
+"""The log-prob guard: before the first batch, check that every engine's log-probs follow the trainer's convention.
+
+The importance ratios (behaviour vs proximal vs current policy) are only right if the engines'
+``output_token_logprobs`` are ``log_softmax(logits / temperature)[token]`` before top-p/top-k
+truncation, as ``trainer.logprobs.token_logprobs`` computes them. An engine that returns them at
+temperature 1 (SGLang with ``SGLANG_RETURN_ORIGINAL_LOGPROB`` set), after truncation, or from other
+weights biases every step silently. ``run_guard`` catches that once, at start:
+
+1. rank 0 asks the buffer for the roster and sends each engine that acknowledged the initial push
+   one short ``/generate`` (``PROBE_TEXT``'s token ids, ``PROBE_TOKENS`` new tokens, the run's
+   ``task.temperature``, top_p=1, top_k=-1, ``return_logprob``; the body the rollout servers' SGLang
+   client sends), over plain HTTP;
+2. the probes are broadcast and every rank scores them with the trainer's weights (the forward of
+   a sharded model is a collective);
+3. rank 0 compares (``compare_logprobs``) and broadcasts its verdict, so every rank stops or goes on
+   together. A mismatch raises ``LogprobGuardError`` naming the engine, the difference, the
+   tolerance and the likely causes: the trainer refuses to train.
+
+The statistic is the MEAN absolute per-token difference over the probe (the max is reported too):
+a convention error moves every token, while bf16 kernels on a GPU leave rare single tokens off by
+a few tenths of a nat, which a max would turn into a false refusal.
+
+Not covered: engines that join the roster after the initial push are not probed; an engine that
+cannot be reached is skipped with a warning (the weight sync handles dead engines).
+``trainer.logprob_guard_tol <= 0`` turns the guard off.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from areal_like.protocol import Roster, RosterRequest
+from areal_like.transport import Client
+from trainer.logprobs import token_logprobs
+
+log = logging.getLogger("trainer.logprob_guard")
+
+PROBE_TEXT = "the answer is"  # any short text: only its token ids matter
+PROBE_TOKENS = 16  # new tokens per probe; enough that the mean is not one token's noise
+PROBE_TIMEOUT_S = 60.0  # one short generation on a busy engine
+CAUSES = ("the engine does not apply the sampling temperature to the log-probs it returns, or returns "
+          "them after top-p/top-k truncation, or runs with SGLANG_RETURN_ORIGINAL_LOGPROB set; "
+          "or it does not serve the trainer's weights")
+
+
+class LogprobGuardError(RuntimeError):
+    """An engine's log-probs do not follow the trainer's convention: training would be biased."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    server_id: str
+    engine_url: str
+    prompt_ids: list[int]
+    output_ids: list[int]
+    engine_logp: list[float]
+
+
+def compare_logprobs(engine_logp: Sequence[float], trainer_logp: Sequence[float]) -> tuple[float, float]:
+    """(mean, max) absolute per-token difference of two aligned log-prob sequences."""
+    if len(engine_logp) != len(trainer_logp) or not engine_logp:
+        raise ValueError(f"log-prob sequences must be non-empty and aligned, got {len(engine_logp)} "
+                         f"and {len(trainer_logp)} tokens")
+    diffs = [abs(float(a) - float(b)) for a, b in zip(engine_logp, trainer_logp)]
+    return sum(diffs) / len(diffs), max(diffs)
+
+
+def mismatch_message(p: Probe, mean: float, worst: float, tol: float, temperature: float) -> str:
+    return (f"log-prob guard: engine {p.server_id} ({p.engine_url}) returns log-probs that differ from the "
+            f"trainer's by {mean:.4f} nats per token on average (max {worst:.4f}) over {len(p.output_ids)} "
+            f"tokens at temperature {temperature:g}, above trainer.logprob_guard_tol={tol:g}. Likely causes: "
+            f"{CAUSES}. Refusing to train: the importance ratios would be wrong.")
+
+
+def generate_body(prompt_ids: list[int], temperature: float) -> dict:
+    """SGLang's ``/generate`` request, as the rollout servers' client sends it."""
+    return {"input_ids": [int(t) for t in prompt_ids], "return_logprob": True, "stream": False,
+            "sampling_params": {"max_new_tokens": PROBE_TOKENS, "temperature": temperature, "top_p": 1.0,
+                                "top_k": -1, "ignore_eos": True}}
+
+
+def probe_engine(server_id: str, url: str, prompt_ids: list[int], temperature: float,
+                 timeout_s: float = PROBE_TIMEOUT_S) -> Probe:
+    """One ``/generate`` on ``url``; its output tokens and their log-probs (``meta_info.output_token_logprobs``:
+    ``[logprob, token_id, text]`` per token)."""
+    req = urllib.request.Request(url.rstrip("/") + "/generate", method="POST",
+                                 data=json.dumps(generate_body(prompt_ids, temperature)).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        body = json.loads(resp.read())
+    entries = body["meta_info"]["output_token_logprobs"]
+    return Probe(server_id=server_id, engine_url=url, prompt_ids=list(prompt_ids),
+                 output_ids=[int(e[1]) for e in entries], engine_logp=[float(e[0]) for e in entries])
+
+
+@torch.no_grad()
+def trainer_logprobs(model: torch.nn.Module, prompt_ids: list[int], output_ids: list[int], temperature: float,
+                     device: torch.device) -> list[float]:
+    """log pi(output token t | prompt, earlier outputs) under ``model`` with the trainer's convention."""
+    ids = torch.tensor([list(prompt_ids) + list(output_ids)], device=device)
+    logits = model(input_ids=ids).logits
+    n_prompt = len(prompt_ids)
+    picked = logits[:, n_prompt - 1:ids.shape[1] - 1]  # the logits that predicted each output token
+    return token_logprobs(picked, ids[:, n_prompt:], temperature)[0].tolist()
+
+
+def collect_probes(buffer: Client, served: Sequence[str], prompt_ids: list[int], temperature: float) -> list[Probe]:
+    """Rank 0: probe every roster engine in ``served`` (those that acknowledged the pushed weights)."""
+    reply = buffer.request(RosterRequest())
+    if not isinstance(reply, Roster):
+        raise RuntimeError(f"buffer answered RosterRequest with {reply.TYPE}")
+    probes = []
+    for m in sorted(reply.members, key=lambda m: m.server_id):
+        if m.server_id not in served:
+            log.warning("log-prob guard: %s does not serve the pushed weights yet; not probed", m.server_id)
+            continue
+        try:
+            probes.append(probe_engine(m.server_id, m.engine_url, prompt_ids, temperature))
+        except (OSError, urllib.error.URLError, KeyError, ValueError, TypeError, IndexError) as e:
+            log.warning("log-prob guard: could not probe %s at %s (%s: %s); not probed", m.server_id,
+                        m.engine_url, type(e).__name__, e)
+    return [p for p in probes if p.output_ids]
+
+
+def _broadcast(obj):
+    box = [obj]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def run_guard(model: torch.nn.Module, device: torch.device, *, rank: int, buffer: Client | None,
+              served: Sequence[str], prompt_ids: list[int], temperature: float, tol: float) -> list[str]:
+    """All ranks: probe (rank 0), score (all), compare (rank 0), agree. Returns the engines that passed;
+    raises ``LogprobGuardError`` on every rank when one does not."""
+    probes = _broadcast(collect_probes(buffer, served, prompt_ids, temperature) if rank == 0 else None)
+    verdict: str | None = None
+    for p in probes:  # every rank runs every forward: same count, same order
+        mine = trainer_logprobs(model, p.prompt_ids, p.output_ids, temperature, device)
+        mean, worst = compare_logprobs(p.engine_logp, mine)
+        if rank == 0:
+            log.info("log-prob guard: %s differs by %.2e per token (max %.2e)", p.server_id, mean, worst)
+            if mean > tol and verdict is None:
+                verdict = mismatch_message(p, mean, worst, tol, temperature)
+    verdict = _broadcast(verdict)
+    if verdict is not None:
+        raise LogprobGuardError(verdict)
+    return [p.server_id for p in probes]
