@@ -45,7 +45,8 @@ def local_versions() -> RuntimeVersions:
     if torch.cuda.is_available():
         v = torch.cuda.nccl.version()  # a tuple (2, 30, 7); an int (23007) in old releases
         nccl = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
-    return RuntimeVersions(torch=torch.__version__, cuda=torch.version.cuda or "", nccl=nccl)
+    # str(): torch.__version__ is a TorchVersion, which the wire codec does not take as a str
+    return RuntimeVersions(torch=str(torch.__version__), cuda=str(torch.version.cuda or ""), nccl=nccl)
 
 
 def from_server_info(info: dict[str, Any]) -> RuntimeVersions:

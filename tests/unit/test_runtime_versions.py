@@ -67,7 +67,10 @@ def test_local_versions_are_this_process_torch():
     v = local_versions()
     assert v.torch == torch.__version__ and v.cuda == (torch.version.cuda or "")
     assert (v.nccl != "") == torch.cuda.is_available()
-    assert v.known()
+    assert v.known() and type(v.torch) is str  # torch.__version__ is a str subclass the codec refuses
+    reg = P.decode(P.encode(P.Register(server_id="r", engine_url="u", torch_version=v.torch, cuda_version=v.cuda,
+                                       nccl_version=v.nccl)))
+    assert (reg.torch_version, reg.cuda_version, reg.nccl_version) == (v.torch, v.cuda, v.nccl)
 
 
 def test_versions_from_server_info():
