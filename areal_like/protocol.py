@@ -18,7 +18,8 @@ Compatibility: a field added with a default keeps the protocol version, since fr
 (older senders, groups already in a buffer's WAL) still decode. A component built before the
 field rejects frames that carry it ("unknown field"), so upgrade the buffer before the rollout
 servers and the trainer, and do not downgrade a buffer over a WAL written by a newer one.
-Added since version 1 first shipped: ``TrajectoryGroup.want_credits``, ``Ack.credits``.
+Added since version 1 first shipped: ``TrajectoryGroup.want_credits``, ``Ack.credits``,
+``Register.torch_version`` / ``cuda_version`` / ``nccl_version`` and the same three on ``RosterEntry``.
 
 Message flow (areal_like/DESIGN.md section 3):
     rollout -> buffer : Register, Heartbeat, CreditRequest, TrajectoryGroup, SyncDone
@@ -293,6 +294,11 @@ class Register(Message):
     engine_url: str  # HTTP base URL of the engine this server owns (weight-sync peer)
     engine_ranks: int = 1  # ranks the engine contributes to the weight-update group (its TP size)
     policy_version: int = -1  # version the engine serves now (-1: unknown)
+    # The engine's runtime, checked by the trainer before it joins a weight-sync group ("": unknown,
+    # an older sender); see areal_like/versions.py.
+    torch_version: str = ""
+    cuda_version: str = ""
+    nccl_version: str = ""
 
 
 @message
@@ -424,6 +430,9 @@ class RosterEntry(Message):
     engine_url: str
     engine_ranks: int
     policy_version: int
+    torch_version: str = ""  # from the member's Register ("": not reported)
+    cuda_version: str = ""
+    nccl_version: str = ""
 
 
 @message

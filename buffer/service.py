@@ -248,10 +248,10 @@ class BufferService(BatchHandout, BufferMetrics, Daemon):
 
     # ------------------------------------------------------------------ rollout servers
     def _on_register(self, m: P.Register) -> P.RegisterAck:
-        entry = P.RosterEntry(server_id=m.server_id, engine_url=m.engine_url, engine_ranks=m.engine_ranks,
-                              policy_version=m.policy_version)
+        entry = P.RosterEntry(**{k: getattr(m, k) for k in P.field_names(P.RosterEntry)})  # Register has them all
         if m.server_id not in self.roster:
-            self.log.info("server %s registered (engine %s, version %d)", m.server_id, m.engine_url, m.policy_version)
+            self.log.info("server %s registered (engine %s, version %d, torch %r, CUDA %r, NCCL %r)", m.server_id,
+                          m.engine_url, m.policy_version, m.torch_version, m.cuda_version, m.nccl_version)
         self.roster[m.server_id] = Member(entry, self.clock())
         return P.RegisterAck(server_id=m.server_id, policy_version=self.version, pub_address=self.cfg.pub_address)
 

@@ -208,7 +208,7 @@ def check_engine(cfg: RunConfig) -> list[str]:
     out, engine = [], cfg.rollout.engine
     if engine.kind == "sglang":
         if importlib.util.find_spec("sglang") is None:
-            out.append("rollout.engine.kind=sglang needs the sglang package: pip install -e '.[sglang]' "
+            out.append("rollout.engine.kind=sglang needs the sglang package: pip install -e '.[gpu]' "
                        "(or topology=gpu_embedded)")
         if not cfg.model.path and cfg.warm_start.steps == 0:  # the warm start writes one
             out.append("rollout.engine.kind=sglang needs model.path (SGLang serves a Hugging Face model directory)")

@@ -51,10 +51,11 @@ from areal_like.protocol import (
 from areal_like.tasks import make_task
 from areal_like.tokenizer import load_tokenizer
 from areal_like.transport import AsyncClient, Subscriber, TransportTimeout
+from areal_like.versions import RuntimeVersions
 from rollout_server.episode import EpisodeContext, run_episode
 from rollout_server.reward_pool import RewardPool, RewardPoolError
 from rollout_server.sglang_client import SGLangClient
-from rollout_server.weight_update import apply_weight_sync
+from rollout_server.weight_update import apply_weight_sync, engine_versions
 
 LOOP_TICK_S = 0.2  # the main loop also wakes on events; the tick only bounds reaction to stop requests
 CREDIT_RETRY_S = 0.25  # after an empty Credits answer (admission closed), ask again this much later
@@ -83,6 +84,7 @@ class RolloutServer(Daemon):
         self.engine = None
         self.rewards: RewardPool | None = None
         self.engine_url, self.engine_ranks = "", 1
+        self.versions = RuntimeVersions()  # the engine's torch/CUDA/NCCL, for Register
         self.unacked: dict[str, _Unacked] = {}
         self.episodes: set[asyncio.Task] = set()
         self.plans: dict[tuple, WeightSyncPlan] = {}
@@ -164,8 +166,10 @@ class RolloutServer(Daemon):
         try:
             await self.client.wait_healthy(self.rcfg.engine.startup_timeout_s)
             self.policy_version = await self.engine_version()
+            info = {} if self.rcfg.engine.kind == "embedded" else await self.client.server_info()
             if self.rcfg.engine.kind == "url":  # its TP size decides how many group ranks it takes
-                self.engine_ranks = int((await self.client.server_info()).get("tp_size") or 1)
+                self.engine_ranks = int(info.get("tp_size") or 1)
+            self.versions = await engine_versions(self.rcfg.engine.kind, info)  # told in Register
             self.metrics.gauge("rollout/policy_version", "version the engine serves").set(self.policy_version)
             await self.register()
             background = [asyncio.create_task(c, name=c.__name__) for c in
@@ -197,7 +201,8 @@ class RolloutServer(Daemon):
     async def register(self) -> None:
         """Register (retrying until the buffer answers or we are asked to stop)."""
         msg = Register(server_id=self.server_id, engine_url=self.engine_url, engine_ranks=self.engine_ranks,
-                       policy_version=self.policy_version)
+                       policy_version=self.policy_version, torch_version=self.versions.torch,
+                       cuda_version=self.versions.cuda, nccl_version=self.versions.nccl)
         while not self.stop_requested.is_set():
             try:
                 ack = await self.control.request(msg)

@@ -25,6 +25,9 @@ server's engine through one ``WeightSyncPlan`` over SGLang's HTTP endpoints:
    (and a session left open by a failed bucket is closed first, or every later sync is refused);
 5. the result is a ``SyncDone`` (ok, reason, pause_s) for the buffer.
 
+``engine_versions(kind, server_info)`` gives the engine's torch/CUDA/NCCL versions, which
+the server reports in ``Register`` so the trainer can refuse a peer that cannot share its group.
+
 Every call is bounded by what is left of ``plan.deadline_s`` (measured from when this server
 starts applying the plan; the trainer's own deadline is the authority and drops members that
 are late). Failures never raise: they become ``SyncDone(ok=False, reason=...)``.
@@ -38,6 +41,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from areal_like.protocol import SyncDone, WeightSyncPlan
+from areal_like.versions import RuntimeVersions, from_server_info, local_versions
 from rollout_server.sglang_client import SGLangClient, SGLangError
 
 log = logging.getLogger(__name__)
@@ -137,3 +141,19 @@ async def _continue(client: SGLangClient, reason: str) -> str:
         log.error("could not continue generation after a weight sync: %s", e)
         reason = "; ".join(r for r in (reason, f"continue failed: {e}") if r)
     return reason
+
+
+async def engine_versions(kind: str, server_info: dict) -> RuntimeVersions:
+    """The torch, CUDA and NCCL an engine of ``rollout.engine.kind`` runs on. The embedded engine
+    runs on this process's torch. An SGLang server is asked (``server_info``, its ``/server_info``
+    answer); SGLang 0.5.23 does not say, so this process's are assumed: exact for a launched one
+    (it runs on this interpreter, ``sys.executable``), a guess for one attached by URL."""
+    local = await asyncio.to_thread(local_versions)  # the first torch import takes seconds
+    if kind == "embedded":
+        return local
+    reported = from_server_info(server_info)
+    if reported.known():
+        return reported
+    log.log(logging.INFO if kind == "sglang" else logging.WARNING,
+            "the engine reports no torch/CUDA/NCCL versions: assuming this process's (%s)", local)
+    return local

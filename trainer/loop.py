@@ -94,7 +94,8 @@ class Trainer(Daemon):
                                 buffer_timeout_s=t.buffer_timeout_s, rank=self.rank,
                                 should_stop=self.stop_requested.is_set)
         self.broadcaster = WeightBroadcaster(t.weight_sync, buffer_address=t.buffer_address, rank=self.rank,
-                                             device=self.policy.device, send_dtype=self.cfg.model.dtype)
+                                             device=self.policy.device, send_dtype=self.cfg.model.dtype,
+                                             metrics=self.metrics)
         self.data.on_stall = lambda: self.broadcaster.push(self.policy.model, self.version)
         ckpt = latest_checkpoint(self.ckpt_root) if t.resume else None
         if ckpt is not None:

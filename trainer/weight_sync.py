@@ -18,6 +18,8 @@ Invariants:
   torn down and re-formed on the next push; a broken group is never reused.
 - The version is announced to the buffer after every push, with or without members, so the
   buffer's admission clock always follows the trainer.
+- A member whose torch/CUDA/NCCL cannot share the group with rank 0's (``areal_like.versions``) is
+  left out of the plan, logged and counted; one reporting no versions (an older server) is accepted.
 """
 
 from __future__ import annotations
@@ -34,10 +36,12 @@ import torch.distributed as dist
 
 from areal_like.config import WeightSyncConfig
 from areal_like.distributed import destroy_weight_group, free_port, init_weight_group
+from areal_like.metrics import Metrics
 from areal_like.protocol import (
     Ack,
     BucketSpec,
     Roster,
+    RosterEntry,
     RosterRequest,
     SyncMember,
     SyncStatus,
@@ -46,6 +50,7 @@ from areal_like.protocol import (
     WeightSyncPlan,
 )
 from areal_like.transport import Client, TransportTimeout
+from areal_like.versions import RuntimeVersions, local_versions, mismatch
 from trainer.weight_buckets import BucketPipeline, bucket_nbytes, dtype_name, plan_buckets  # noqa: F401 (re-exported)
 
 log = logging.getLogger("trainer.weight_sync")
@@ -69,6 +74,7 @@ class SyncReport:
     members: list[str] = field(default_factory=list)
     done: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # left out: versions that cannot share the group
     reform: bool = False
     pause_s: dict = field(default_factory=dict)  # server_id -> seconds not generating (when reported)
     error: str = ""
@@ -78,8 +84,8 @@ class WeightBroadcaster:
     """Pushes the model's weights to every engine in the buffer's roster. ``push`` on all ranks."""
 
     def __init__(self, cfg: WeightSyncConfig, *, buffer_address: str, rank: int, device: torch.device,
-                 send_dtype: str = "float32"):
-        self.cfg = cfg
+                 send_dtype: str = "float32", metrics: Metrics | None = None):
+        self.cfg, self.metrics = cfg, metrics  # metrics: trainer/weight_sync_refused is counted there
         self.rank = rank
         self.device = device
         self.send_dtype = send_dtype
@@ -90,6 +96,9 @@ class WeightBroadcaster:
         self._group_key: tuple | None = None  # ((server_id, engine_ranks), ...) of the formed group
         self._port = 0
         self._pipeline = BucketPipeline()  # its staging buffers are reused by every push
+        self.versions = local_versions()  # what each member's versions are checked against
+        self._refused: set[str] = set()  # left out of the last plan: catch_up does not wait for them
+        self._unversioned: set[str] = set()  # members reporting no versions, warned about once
 
     # ------------------------------------------------------------------ rank 0 phases
     def announced_version(self, timeout_s: float) -> int | None:
@@ -100,11 +109,30 @@ class WeightBroadcaster:
             return None
         return reply.policy_version if isinstance(reply, Roster) else None
 
-    def _roster(self, deadline: float | None = None) -> list[tuple[str, int]]:
+    def _roster(self, deadline: float | None = None) -> list[RosterEntry]:
         reply = self.client.request(RosterRequest(), timeout_s=_bounded(deadline))
         if not isinstance(reply, Roster):
             raise RuntimeError(f"buffer answered RosterRequest with {reply.TYPE}")
-        return sorted((m.server_id, m.engine_ranks) for m in reply.members)
+        return reply.members
+
+    def _admit(self, entries: list[RosterEntry], report: SyncReport) -> list[tuple[str, int]]:
+        """The members whose versions may share the group; the others are refused for this version."""
+        admitted = []
+        for m in entries:
+            peer = RuntimeVersions(m.torch_version, m.cuda_version, m.nccl_version)
+            if why := mismatch(self.versions, peer, self.backend):
+                report.refused.append(m.server_id)
+                log.error("weight sync v%d: server %s left out: %s", report.version, m.server_id, why)
+                if self.metrics is not None:
+                    self.metrics.counter("trainer/weight_sync_refused", "members refused for their versions").inc()
+                continue
+            if not peer.known() and m.server_id not in self._unversioned:
+                self._unversioned.add(m.server_id)
+                log.warning("server %s reports no torch/CUDA/NCCL versions (an older rollout server): accepted "
+                            "unchecked; the trainer has %s", m.server_id, self.versions)
+            admitted.append((m.server_id, m.engine_ranks))
+        self._refused = set(report.refused)
+        return sorted(admitted)
 
     def _make_plan(self, version: int, roster: list[tuple[str, int]], buckets: list[BucketSpec]) -> WeightSyncPlan:
         key = tuple(roster)
@@ -142,7 +170,7 @@ class WeightBroadcaster:
 
     def _prepare(self, version: int, buckets: list[BucketSpec], report: SyncReport, deadline: float) -> bool:
         """Rank 0: roster, plan, publish, (re)form. Returns whether tensors should be broadcast."""
-        roster = self._roster(deadline)
+        roster = self._admit(self._roster(deadline), report)
         report.members = [s for s, _ in roster]
         if not roster:
             self._teardown()
@@ -206,7 +234,7 @@ class WeightBroadcaster:
             try:
                 st = self.client.request(SyncStatusRequest(policy_version=version), timeout_s=_bounded(deadline))
                 if time.monotonic() > next_roster:
-                    gone = pending - {s for s, _ in self._roster(deadline)}
+                    gone = pending - {m.server_id for m in self._roster(deadline)}
                     next_roster = time.monotonic() + ROSTER_POLL_S
             except TransportTimeout:
                 continue
@@ -291,7 +319,8 @@ class WeightBroadcaster:
             return "done"
         if not isinstance(reply, Roster):
             return "done"
-        behind = sorted(m.server_id for m in reply.members if m.policy_version < version)
+        behind = sorted(m.server_id for m in reply.members if m.policy_version < version
+                        and m.server_id not in self._refused)  # a refused one would never catch up
         if time.monotonic() > deadline or pushes >= CATCH_UP_PUSHES:
             if reply.evaluating or behind:
                 log.warning("final version %d: %s still behind after %d pushes", version,

@@ -1,0 +1,80 @@
+"""Torch, CUDA and NCCL versions of a weight-sync peer, and whether two peers may share a group.
+
+The weight-update group joins trainer rank 0 and every engine rank in one communicator (NCCL on
+GPU, gloo on CPU). Peers built against different NCCL releases or CUDA versions can fail at the
+rendezvous or, worse, stall in the first broadcast until the sync deadline. So every rollout server
+reports its engine's versions in ``Register``, the buffer keeps them in the roster, and the trainer
+leaves a member whose versions differ from its own out of the plan (``trainer/weight_sync.py``).
+
+Rules (``mismatch``), applied only to what both sides know ("" is unknown: an older peer, or no GPU):
+
+- nccl: the torch release (the part before ``+``: the build tag is covered by the CUDA version),
+  the CUDA version and the NCCL version must be equal.
+- gloo: only torch's major.minor must be equal. gloo moves CPU tensors, so CUDA and NCCL play no
+  part; but the group is formed with torch's own TCPStore rendezvous and gloo pairing, and torch
+  promises no compatibility of those between releases. Patch releases only fix bugs, so 2.13.0 and
+  2.13.1 may meet; a refusal costs one engine's updates, a stalled group the whole sync deadline.
+
+Invariant: a peer reporting nothing at all is never refused (the caller warns about it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RuntimeVersions:
+    torch: str = ""  # torch.__version__, e.g. "2.14.1+cu130"
+    cuda: str = ""  # torch.version.cuda: the CUDA torch was built with ("" on a CPU build)
+    nccl: str = ""  # torch.cuda.nccl.version() as "2.30.7" ("" where CUDA is not available)
+
+    def known(self) -> bool:
+        return bool(self.torch or self.cuda or self.nccl)
+
+    def __str__(self) -> str:
+        return f"torch {self.torch or '?'}, CUDA {self.cuda or '?'}, NCCL {self.nccl or '?'}"
+
+
+def local_versions() -> RuntimeVersions:
+    """This process's torch, the CUDA it was built with and, where CUDA is available, its NCCL."""
+    import torch
+
+    nccl = ""
+    if torch.cuda.is_available():
+        v = torch.cuda.nccl.version()  # a tuple (2, 30, 7); an int (23007) in old releases
+        nccl = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    # str(): torch.__version__ is a TorchVersion, which the wire codec does not take as a str
+    return RuntimeVersions(torch=str(torch.__version__), cuda=str(torch.version.cuda or ""), nccl=nccl)
+
+
+def from_server_info(info: dict[str, Any]) -> RuntimeVersions:
+    """The versions an engine's ``/server_info`` reports (``torch_version``, ``cuda_version``,
+    ``nccl_version``); empty where it reports none (SGLang 0.5.23 does not)."""
+    return RuntimeVersions(*(str(info.get(f"{k}_version") or "") for k in ("torch", "cuda", "nccl")))
+
+
+def _release(torch_version: str) -> str:
+    return torch_version.split("+", 1)[0]
+
+
+def _major_minor(torch_version: str) -> str:
+    return ".".join(_release(torch_version).split(".")[:2])
+
+
+def mismatch(own: RuntimeVersions, peer: RuntimeVersions, backend: str) -> str | None:
+    """Why ``peer`` may not join a weight-sync group with ``own`` on ``backend``, naming both
+    versions; None when it may (also when what differs is unknown on one side)."""
+    if backend == "nccl":
+        checks = [("torch", _release(own.torch), _release(peer.torch)), ("CUDA", own.cuda, peer.cuda),
+                  ("NCCL", own.nccl, peer.nccl)]
+    elif backend == "gloo":
+        checks = [("torch major.minor", _major_minor(own.torch), _major_minor(peer.torch))]
+    else:
+        raise ValueError(f"weight-sync backend {backend!r}: expected 'nccl' or 'gloo'")
+    diffs = [f"{what} {mine} here, {theirs} there"
+             for what, mine, theirs in checks if mine and theirs and mine != theirs]
+    if not diffs:
+        return None
+    return f"{backend} group refused: {'; '.join(diffs)} (trainer: {own}; engine: {peer})"
