@@ -232,7 +232,7 @@ def load_checkpoint_model(checkpoint: Path, cfg: RunConfig) -> torch.nn.Module:
     return model
 
 
-def export_tokenizer(cfg: RunConfig):
+def export_tokenizer(cfg: RunConfig, tokenizer=None):
     """The run's tokenizer carrying the chat template the rollout servers prompt with
     (``task.chat_template`` may name one of its own), so an exported model is served as it was trained.
     Both exports use it: the trainer's in-run export and ``areal-like export``."""
@@ -241,7 +241,7 @@ def export_tokenizer(cfg: RunConfig):
     from areal_like.tasks import chat_template_of
     from areal_like.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(cfg.model)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)  # the caller's, when it has one
     template = chat_template_of(tok, cfg.task)
     if template and template != getattr(tok, "chat_template", None):
         tok = copy.deepcopy(tok)  # the built-in tokenizers are cached and shared: never change them

@@ -213,7 +213,8 @@ class Trainer(Daemon):
                 for stale in root.glob(f"{EXPORT_TMP_PREFIX}*"):
                     shutil.rmtree(stale, ignore_errors=True)
             out = export_hf(self.policy.model, root / f"v{self.version:08d}", model_cfg=self.cfg.model,
-                            tokenizer=export_tokenizer(self.cfg), shard_mb=e.shard_mb, dtype=self.cfg.model.dtype)
+                            tokenizer=export_tokenizer(self.cfg, self.tokenizer), shard_mb=e.shard_mb,
+                            dtype=self.cfg.model.dtype)
         self.exported_version = self.version
         self.record({"event": "export", "policy_version": self.version, "path": str(out)})
 

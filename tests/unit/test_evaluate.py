@@ -10,12 +10,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_handout import _FakeServer, _step  # the buffer service with fake sockets
+from test_handout import _start, _step  # the buffer service with fake sockets
 
 from areal_like import protocol as P
-from areal_like.config import BufferConfig, EvalConfig, RunConfig, TaskConfig
-from buffer.recovery import recover
-from buffer.service import BufferService
+from areal_like.config import EvalConfig
 from rollout_server.evaluate import EvalSchedule, read_done_versions, summarize
 
 
@@ -69,10 +67,7 @@ def test_done_versions_survive_a_torn_line(tmp_path):
 
 
 def test_an_evaluating_server_is_out_of_the_roster_until_it_says_it_is_done(tmp_path):
-    cfg = RunConfig(run_dir=str(tmp_path), task=TaskConfig(num_prompts=10), buffer=BufferConfig(groups_per_step=2))
-    svc = BufferService(cfg)
-    recover(svc)
-    svc.server, svc.publisher = _FakeServer(), _FakeServer()
+    svc = _start(tmp_path)  # the real buffer service with fake sockets (test_handout.py)
     try:
         for sid in ("a", "b"):
             _step(svc, P.Register(server_id=sid, engine_url=f"http://{sid}", policy_version=0))

@@ -14,14 +14,12 @@ import logging
 import msgpack
 import pytest
 import torch
-from test_handout import _FakeServer, _step  # the buffer service with fake sockets
+from test_handout import _start, _step  # the buffer service with fake sockets
 
 from areal_like import protocol as P
-from areal_like.config import BufferConfig, RunConfig, TaskConfig, WeightSyncConfig
+from areal_like.config import WeightSyncConfig
 from areal_like.metrics import Metrics
 from areal_like.versions import RuntimeVersions, from_server_info, local_versions, mismatch
-from buffer.recovery import recover
-from buffer.service import BufferService
 from rollout_server.weight_update import engine_versions
 from trainer.weight_sync import SyncReport, WeightBroadcaster
 
@@ -135,10 +133,7 @@ def test_version_fields_must_be_strings():
 # ---------------------------------------------------------------- the buffer
 
 def test_the_buffer_keeps_the_versions_from_register_in_the_roster(tmp_path):
-    cfg = RunConfig(run_dir=str(tmp_path), task=TaskConfig(num_prompts=10), buffer=BufferConfig(groups_per_step=2))
-    svc = BufferService(cfg)
-    recover(svc)
-    svc.server, svc.publisher = _FakeServer(), _FakeServer()
+    svc = _start(tmp_path)  # the real buffer service with fake sockets (test_handout.py)
     try:
         _step(svc, P.Register(server_id="new", engine_url="http://n", engine_ranks=2, policy_version=0, **VERSIONS))
         old = _without(P.Register(server_id="old", engine_url="http://o"), *FIELDS)  # an older server's frame
