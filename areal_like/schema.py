@@ -365,9 +365,17 @@ class LaunchConfig:
     pin_cpus: bool = False  # give the rollout pool and the trainer pool disjoint cores (taskset)
     omp_threads: int = 1
     gpus_per_node: int = 0  # GPUs `run` places processes on (launch/placement.py); 0 = torch's count on cuda
+    # Several nodes (Slurm or by hand; `run` is one node): the first train_nodes carry trainer_ranks
+    # ranks each, the others num_rollout_servers servers each (launch/placement.py, `areal-like plan`).
+    nodes: int = 1
+    train_nodes: int = 1
 
     def __post_init__(self):
         _check("launch.gpus_per_node", self.gpus_per_node >= 0, ">= 0", self.gpus_per_node)
+        _check("launch.nodes", self.nodes >= 1, ">= 1", self.nodes)
+        _check("launch.train_nodes", 1 <= self.train_nodes < max(self.nodes, 2),
+               f">= 1 and < launch.nodes={self.nodes} (the other nodes run the rollout servers)" if self.nodes > 1
+               else "1 on one node (launch.nodes=1)", self.train_nodes)
         _check("launch.num_rollout_servers", self.num_rollout_servers >= 1, ">= 1", self.num_rollout_servers)
         _check("launch.trainer_ranks", self.trainer_ranks >= 1, ">= 1", self.trainer_ranks)
         _check("launch.restarts", self.restarts >= 0, ">= 0", self.restarts)

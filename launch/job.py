@@ -38,7 +38,7 @@ from areal_like.config import RunConfig, to_yaml
 from areal_like.distributed import free_port
 from areal_like.track_sink import TrackerSink
 from launch.local import ProcSpec, Supervisor, error_tail, write_json_atomic
-from launch.placement import needs_gpus, visible_devices
+from launch.placement import check_one_node, needs_gpus, visible_devices
 from launch.preflight import checked
 from launch.rundir import check_existing_run
 from launch.topology import Topology, apply_topology, plan_topology, wants_eval
@@ -344,6 +344,7 @@ def run_job(cfg: RunConfig, quiet: bool = False) -> int:
     from launch.warmstart import ensure_warm_start
 
     t0 = time.monotonic()
+    check_one_node(cfg)  # several nodes: launch/slurm or launch/MULTINODE.md (`areal-like plan` shows them)
     cfg = checked(cfg)  # hub ids resolved, inputs and tracker packages checked: before anything starts
     resumed_from = check_existing_run(cfg)
     if resumed_from:

@@ -15,11 +15,13 @@ Invariants (tested in tests/unit/test_placement.py):
 * the GPUs given out are ``[0, used)``, in the order trainer ranks, then rollout servers;
 * a process that runs on CPU takes no GPU, and an engine attached by URL runs elsewhere.
 
-Several nodes: ``launch/slurm/areal_like.sbatch`` puts only trainer ranks on its first
-``TRAIN_NODES`` nodes and only rollout servers on the others, i.e. node ``k`` of ``N`` is
-``place_node(gpus_per_node=G, trainer_ranks=G, rollout_servers=0, tp_size=1, nodes=N, node=k)``
-for ``k < TRAIN_NODES`` and ``place_node(gpus_per_node=G, trainer_ranks=0, rollout_servers=G // tp,
-tp_size=tp, nodes=N, node=k)`` for the rest (launch/MULTINODE.md, section 2).
+Several nodes (``launch.nodes`` = N > 1, for ``launch/slurm/areal_like.sbatch`` and the manual
+recipe of launch/MULTINODE.md; ``areal-like run`` is one node): ``place_nodes`` puts only trainer
+ranks on the first ``launch.train_nodes`` nodes and only rollout servers on the others, i.e. node
+``k`` is ``place_node(gpus_per_node=G, trainer_ranks=launch.trainer_ranks, rollout_servers=0, ...)``
+for ``k < train_nodes`` and ``place_node(gpus_per_node=G, trainer_ranks=0,
+rollout_servers=launch.num_rollout_servers, tp_size=rollout.engine.tp_size, ...)`` for the rest:
+on several nodes both counts are per node (torchrun's ``--nproc-per-node``; servers per node).
 """
 
 from __future__ import annotations
@@ -88,21 +90,54 @@ def needs_gpus(cfg: RunConfig) -> bool:
     return trainer_on_gpu(cfg) or engine_on_gpu(cfg)
 
 
-def place_job(cfg: RunConfig) -> NodeGpus | None:
-    """The one node of ``areal-like run``; None when nothing runs on a GPU (CPU topologies).
+def node_roles(nodes: int, train_nodes: int, node: int) -> tuple[bool, bool]:
+    """(runs trainer ranks, runs rollout servers) for node ``node``: both on a one-node job."""
+    if nodes == 1:
+        return True, True
+    return node < train_nodes, node >= train_nodes
+
+
+def place_nodes(cfg: RunConfig) -> tuple[NodeGpus, ...] | None:
+    """Every node of the job (``launch.nodes``), node 0 first; None when nothing runs on a GPU.
 
     ``launch.gpus_per_node`` must be resolved already (``launch/job.py`` reads
     ``torch.cuda.device_count()`` when the config leaves it 0)."""
-    if not needs_gpus(cfg):
+    if not _gpu_checks(cfg):
         return None
-    gpus = cfg.launch.gpus_per_node
-    if gpus < 1:
+    la = cfg.launch
+    out = []
+    for k in range(la.nodes):
+        trains, serves = node_roles(la.nodes, la.train_nodes, k)
+        out.append(place_node(gpus_per_node=la.gpus_per_node,
+                              trainer_ranks=la.trainer_ranks if trains and trainer_on_gpu(cfg) else 0,
+                              rollout_servers=la.num_rollout_servers if serves and engine_on_gpu(cfg) else 0,
+                              tp_size=cfg.rollout.engine.tp_size, nodes=la.nodes, node=k))
+    return tuple(out)
+
+
+def place_job(cfg: RunConfig) -> NodeGpus | None:
+    """The one node of ``areal-like run`` (``launch.nodes=1``); None when nothing runs on a GPU."""
+    check_one_node(cfg)
+    placed = place_nodes(cfg)
+    return None if placed is None else placed[0]
+
+
+def check_one_node(cfg: RunConfig) -> None:
+    """ConfigError unless the job is one node (``areal-like run`` starts processes on this machine only)."""
+    if cfg.launch.nodes != 1:
+        raise ConfigError(f"launch.nodes={cfg.launch.nodes}: `areal-like run` starts one node; start several with "
+                          "launch/slurm/areal_like.sbatch or by hand (launch/MULTINODE.md)")
+
+
+def _gpu_checks(cfg: RunConfig) -> bool:
+    """Whether the job places processes on GPUs; ConfigError when it cannot."""
+    if not needs_gpus(cfg):
+        return False
+    if cfg.launch.gpus_per_node < 1:
         raise ConfigError(f"trainer.device={cfg.trainer.device!r}, rollout.engine.kind={cfg.rollout.engine.kind!r} "
                           f"and rollout.engine.device={cfg.rollout.engine.device!r} need GPUs; "
                           "launch.gpus_per_node=0 and torch sees no GPU on this machine")
     if cfg.rollout.engine.kind == "embedded" and engine_on_gpu(cfg) and cfg.rollout.engine.device != "cuda":
         raise ConfigError(f"rollout.engine.device={cfg.rollout.engine.device!r}: each rollout server sees only "
                           "its own GPUs (CUDA_VISIBLE_DEVICES), so the engine device is 'cuda'")
-    return place_node(gpus_per_node=gpus, trainer_ranks=cfg.launch.trainer_ranks if trainer_on_gpu(cfg) else 0,
-                      rollout_servers=cfg.launch.num_rollout_servers if engine_on_gpu(cfg) else 0,
-                      tp_size=cfg.rollout.engine.tp_size)
+    return True
