@@ -39,7 +39,7 @@ WHEELS = {  # name -> version: the project's non-torch needs the GPU image lacks
     "latex2sympy2-extended": "1.11.0",
 }
 SDIST_ONLY = {"antlr4-python3-runtime"}  # pure Python, no wheel on PyPI: built here with `pip wheel`
-IMAGE_HAS = {  # in the GPU image (the device tool's KINDS.md package list), used as they are
+IMAGE_HAS = {  # in the GPU image (the device tool's list of its packages), used as they are
     "torch", "transformers", "tokenizers", "jinja2", "pyarrow", "numpy", "aiohttp", "psutil", "matplotlib",
     "rich", "safetensors", "pytest", "pytest-timeout", "hypothesis", "huggingface-hub", "pandas", "pyyaml",
     "xxhash", "fsspec", "requests", "tqdm", "filelock", "packaging", "sympy",
