@@ -6,7 +6,10 @@ buffer, serves ``/metrics`` and ``/health`` and writes ``<run_dir>/metrics/train
 step) and, every ``tracking.sample_every`` steps, a few decoded samples to ``<run_dir>/samples.jsonl``.
 
 Each phase runs in a named timing scope whose name is also its metric label
-(``trainer/phase_seconds{phase="fetch_batch"}``): fetch_batch (time waiting for data),
+(``trainer/phase_seconds{phase="fetch_batch"}``, the last run of each phase); a step's record
+holds the seconds of the phases that ran in that step, summed per phase, and nothing else (not
+the setup's push and guard, not an earlier step's checkpoint, not the metrics phase that writes
+the record): fetch_batch (time waiting for data),
 logprob_guard (once, after the initial push: the engines' log-probs follow the trainer's
 convention, trainer/logprob_guard.py), recompute_prox, ref_logp (the frozen reference's log-probs; no work unless
 ``trainer.loss.kl_coef`` > 0), advantages, train_step, weight_sync, checkpoint, export (a Hugging
@@ -162,6 +165,7 @@ class Trainer(Daemon):
             self.guard_logprobs(sync)
         while self.version < t.steps:
             t_step = time.monotonic()
+            self.phase_times = {}  # this step's phases only (the setup pushes and the last checkpoint are not)
             with self.phase("fetch_batch"):
                 batch = self.data.next_batch(self.version)
             if batch is None:
@@ -233,7 +237,7 @@ class Trainer(Daemon):
             yield
         finally:
             dt = time.monotonic() - t0
-            self.phase_times[name] = dt
+            self.phase_times[name] = self.phase_times.get(name, 0.0) + dt
             self.metrics.gauge("trainer/phase_seconds", "seconds of the last run of each phase",
                                ("phase",)).labels(phase=name).set(dt)
 
