@@ -38,7 +38,7 @@ def worker(out_dir: Path) -> None:
     from trainer.data import groups_to_batch
     from trainer.export import export_hf
     from trainer.model import build_policy, full_state_dict, init_distributed
-    from trainer.step import StepSettings, compute_batch_advantages, recompute_prox_logp, train_step
+    from trainer.step import StepSettings, recompute_prox_logp, train_step
 
     results = {}
     for tied in (False, True):
@@ -49,7 +49,7 @@ def worker(out_dir: Path) -> None:
         policy = build_policy(cfg.model, cfg.trainer)
         s = StepSettings.from_config(cfg)
         batch = groups_to_batch(synthetic_groups())
-        train_step(policy, batch, s, recompute_prox_logp(policy, batch, s), compute_batch_advantages(batch, s))
+        train_step(policy, batch, s, recompute_prox_logp(policy, batch, s))
         with torch.no_grad():
             logits = policy.model(input_ids=torch.tensor(PROBE)).logits  # all ranks: FSDP2 all-gathers
         tok = load_tokenizer(cfg.model)
