@@ -175,7 +175,7 @@ def test_in_run_export_and_cli_export_of_the_checkpoint_agree(tmp_path, spawn_py
     assert "ref_logp" in steps[1]["phase_seconds"]
 
     ckpt, out = tmp_path / "checkpoints" / "v00000002", tmp_path / "offline_v2"
-    cli = spawn_python("areal_like.cli", ["export", ckpt, out])  # config: <run_dir>/config.yaml by default
+    cli = spawn_python("launch.cli", ["export", ckpt, out])  # config: <run_dir>/config.yaml by default
     stdout, stderr = cli.communicate(timeout=TIMEOUT_S)
     assert cli.returncode == 0, stderr
     assert json.loads(stdout.strip().splitlines()[-1])["out"] == str(out.resolve())
@@ -192,11 +192,11 @@ def test_in_run_export_and_cli_export_of_the_checkpoint_agree(tmp_path, spawn_py
     final = _tensors(exports / "v00000003")  # and the update between them shows: v3 differs from v2
     assert any(not torch.equal(final[f][n], t) for f, ts in online.items() for n, t in ts.items())
 
-    again = spawn_python("areal_like.cli", ["export", ckpt, out])
+    again = spawn_python("launch.cli", ["export", ckpt, out])
     assert again.communicate(timeout=TIMEOUT_S)[1].strip().endswith("choose a new directory (an export never "
                                                                     "overwrites one)")
     assert again.returncode == 2
-    wrong = spawn_python("areal_like.cli", ["export", tmp_path / "metrics", tmp_path / "x"])
+    wrong = spawn_python("launch.cli", ["export", tmp_path / "metrics", tmp_path / "x"])
     assert "neither a trainer checkpoint nor a directory of them" in wrong.communicate(timeout=TIMEOUT_S)[1]
     assert wrong.returncode == 2 and not (tmp_path / "x").exists()
 

@@ -19,7 +19,7 @@ from areal_like.tasks import (
     make_task,
 )
 from areal_like.tokenizer import BOS_ID, EOS_ID, char_tokenizer, load_tokenizer
-from rollout_server.rewards import math_reward
+from areal_like.rewards import math_reward
 
 
 @pytest.mark.parametrize("name", ["addition", "sort", "reverse", "countdown"])
