@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from areal_like.tasks import Example
 from areal_like.rewards import math_reward
+from areal_like.tasks import Example
 
 
 def known_limit(response: str, reference: str, expected: float, why: str):
