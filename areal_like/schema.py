@@ -1,8 +1,8 @@
 """The configuration schema: typed dataclasses, one per component, each validating itself.
 
 ``areal_like.config`` composes ``configs/`` with Hydra and converts the result into ``RunConfig``;
-``OmegaConf.to_object`` runs every ``__post_init__`` below, so code past an entry point only sees
-values that passed these checks. Every check raises ``ConfigError`` with a message that starts
+``OmegaConf.to_object`` runs every ``__post_init__`` below (``trainer.loss``'s are in
+``areal_like/loss_schema.py``), so code past an entry point only sees values that passed these checks. Every check raises ``ConfigError`` with a message that starts
 with the full key and says what is allowed. Importing this module imports neither Hydra nor torch.
 """
 
@@ -10,21 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the key and what is allowed."""
-
-
-def _choice(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
-
-
-def _check(key: str, ok: bool, rule: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is invalid: must be {rule}")
+from areal_like.config_checks import ConfigError  # noqa: F401  (re-exported: every config error is one)
+from areal_like.config_checks import check as _check
+from areal_like.config_checks import choice as _choice
+from areal_like.loss_schema import AGG_MODES, ESTIMATORS, LOSS_KINDS, LossConfig  # noqa: F401  (re-exported)
 
 
 @dataclass(kw_only=True)
@@ -240,52 +230,6 @@ class RolloutConfig:
         _check("rollout.heartbeat_s", self.heartbeat_s > 0, "> 0", self.heartbeat_s)
 
 
-LOSS_KINDS = ("ppo", "decoupled_ppo", "tis", "mis", "icepop", "gspo", "vespo", "vcpo", "oapl")
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
-
-
-@dataclass(kw_only=True)
-class LossConfig:
-    """Which kernel and its hyper-parameters (formulas, sources and defaults: trainer/LOSSES.md)."""
-
-    kind: str = "decoupled_ppo"
-    agg: str = "token-mean"
-    loss_scale_factor: float | None = None  # seq-mean-token-sum-norm constant C (None = padded width)
-    eps_clip: float = 0.2
-    eps_clip_high: float | None = None  # None = eps_clip
-    dual_clip: float | None = None  # c > 1, binds where A < 0
-    behav_cap: float | None = 5.0  # decoupled_ppo: drop tokens with pi_prox/pi_behav over this
-    tis_cap: float = 2.0  # tis: truncate the IS weight at C
-    tis_level: str = "token"  # tis: token | sequence (mis is always sequence-level; icepop is the token band)
-    mis_low: float = 0.5  # mis / icepop acceptance band [low, high]
-    mis_high: float = 2.0
-    vespo_k_pos: float = 2.0
-    vespo_lambda_pos: float = 3.0
-    vespo_k_neg: float = 3.0
-    vespo_lambda_neg: float = 2.0
-    vcpo_is_cap: float = 8.0
-    vcpo_baseline_weight: str = "readme"  # readme: w^2 |g|^2 (paper) | code: wclip^2 w^2 |g|^2 (released code)
-    vcpo_ess_base: float = 1.0
-    oapl_beta: float = 1.0
-    oapl_beta_v: float | None = None  # beta for the value estimate; None = oapl_beta
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
-
-    def __post_init__(self):
-        _choice("trainer.loss.kind", self.kind, LOSS_KINDS)
-        _choice("trainer.loss.agg", self.agg, AGG_MODES)
-        _choice("trainer.loss.tis_level", self.tis_level, ("token", "sequence"))
-        _choice("trainer.loss.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
-        _choice("trainer.loss.vcpo_baseline_weight", self.vcpo_baseline_weight, ("readme", "code"))
-        _check("trainer.loss.eps_clip", 0 < self.eps_clip < 1, "in (0, 1)", self.eps_clip)
-        _check("trainer.loss.dual_clip", self.dual_clip is None or self.dual_clip > 1, "null or > 1", self.dual_clip)
-        _check("trainer.loss.behav_cap", self.behav_cap is None or self.behav_cap > 1, "null or > 1", self.behav_cap)
-        _check("trainer.loss.tis_cap", self.tis_cap > 0, "> 0", self.tis_cap)
-        _check("trainer.loss.mis_low", 0 <= self.mis_low < self.mis_high, "< trainer.loss.mis_high", self.mis_low)
-        _check("trainer.loss.oapl_beta", self.oapl_beta > 0, "> 0", self.oapl_beta)
-
-
 @dataclass(kw_only=True)
 class WeightSyncConfig:
     bucket_mb: float = 64.0
@@ -339,8 +283,7 @@ class TrainerConfig:
         _check("trainer.num_minibatches", self.num_minibatches >= 1, ">= 1", self.num_minibatches)
         _check("trainer.grad_clip", self.grad_clip > 0, "> 0", self.grad_clip)
         _check("trainer.betas", len(self.betas) == 2, "two numbers", self.betas)
-        _check("trainer.loss.agg", self.loss.kind != "vcpo" or self.loss.agg.startswith("seq-mean"),
-               "a seq-mean-* mode for vcpo", self.loss.agg)
+        self.loss.check_agg()
 
 
 @dataclass(kw_only=True)

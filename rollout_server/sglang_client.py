@@ -86,7 +86,6 @@ class GenerateOutput:
     abort_status: int | None  # an abort that carries an HTTP status is an error, not a pause
     weight_version: str | None  # the version that produced the segment (last span if several)
     weight_spans: list[tuple[str, int, int]] = field(default_factory=list)  # (version, start, end)
-    text: str | None = None
 
 
 def _error_message(body: Any, raw: str) -> str:
@@ -123,7 +122,7 @@ def parse_generate_output(body: Any) -> GenerateOutput:
         return GenerateOutput(
             rid=str(meta.get("id", "")), output_ids=ids, logprobs=logprobs, finish_reason=kind,
             finish_message=message, abort_status=fr.get("status_code") if isinstance(fr, dict) else None,
-            weight_version=None if version is None else str(version), weight_spans=spans, text=body.get("text"))
+            weight_version=None if version is None else str(version), weight_spans=spans)
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise SGLangError("/generate", 200, f"unexpected response shape: {type(e).__name__}: {e}") from None
 

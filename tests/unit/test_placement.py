@@ -142,7 +142,7 @@ def test_cpu_topology_processes_inherit_cuda_visible_devices():
 
 
 def _plan(*overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "areal_like.cli", "plan", *overrides], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "launch.cli", "plan", *overrides], capture_output=True,
                           text=True, timeout=120, cwd=ROOT)
 
 

@@ -86,7 +86,7 @@ def test_generate_parses_tokens_logprobs_finish_and_version():
         out = await client.generate([1, 7, 8], {"max_new_tokens": 4, "temperature": 1.0})
         assert out == GenerateOutput(rid="r", output_ids=[5, 6, 2], logprobs=[-0.5, -1.25, -0.125],
                                      finish_reason="stop", finish_message="2", abort_status=None,
-                                     weight_version="3", weight_spans=[], text="")
+                                     weight_version="3", weight_spans=[])
         assert server.calls == [("/generate", {"input_ids": [1, 7, 8], "return_logprob": True, "stream": False,
                                                "sampling_params": {"max_new_tokens": 4, "temperature": 1.0}})]
     run(body)
