@@ -1,7 +1,8 @@
 """A world-size-1 trainer for weight-sync tests: the real ``WeightBroadcaster`` pushing a tiny model.
 
 Run as ``python weight_pusher.py <config.yaml> <out_dir> '<json pushes>'``; each push is
-``{"version": int, "members": int, "path": str (optional)}``. Per push: wait until the buffer's
+``{"version": int, "members": int, "path": str (optional), "after": str (optional)}``. Per push:
+wait until ``<out_dir>/<after>`` exists (the test has checked the engines), until the buffer's
 roster has ``members`` members, change every weight (``+= 0.01 * version``, so each version differs),
 push with ``trainer.weight_sync.path`` set to ``path`` (default: the config's), and write
 ``<out_dir>/v<version>.json``: the ``SyncReport`` fields plus ``sha``, the SHA-256 of the weights
@@ -34,6 +35,8 @@ wb = WeightBroadcaster(cfg.trainer.weight_sync, buffer_address=cfg.buffer.addres
                        device=torch.device("cpu"), send_dtype=cfg.model.dtype)
 roster = Client(cfg.buffer.address, timeout_s=10)
 for push in json.loads(pushes):
+    while push.get("after") and not (out / push["after"]).exists():
+        time.sleep(0.05)
     while len(roster.request(RosterRequest()).members) != push["members"]:
         time.sleep(0.1)
     if "path" in push and push["path"] != wb.path:  # as `run` would resolve it for a one-GPU placement
