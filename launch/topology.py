@@ -173,6 +173,9 @@ def plan_lines(cfg: RunConfig, topo: Topology) -> list[str]:
     (the torchrun rendezvous port: at each start), so a number picked now would not be the one used."""
     ws = cfg.trainer.weight_sync
     backend = ws.backend if ws.backend != "auto" else ("nccl" if cfg.trainer.device.startswith("cuda") else "gloo")
+    gpus = {s.kind: set(s.gpus or ()) for s in topo.slots if s.kind != "rollout"}
+    shared = any(gpus["trainer"] & set(s.gpus or ()) for s in topo.slots if s.kind == "rollout")
+    path = ws.path if ws.path != "auto" else ("tensor" if shared else "distributed")  # as with_weight_path
     fixed_metrics = {"buffer": cfg.buffer.metrics_port, "rollout": cfg.rollout.metrics_port,
                      "trainer": cfg.trainer.metrics_port}
     rows = [("node", "process", "gpus", "ports and addresses")]
@@ -185,7 +188,8 @@ def plan_lines(cfg: RunConfig, topo: Topology) -> list[str]:
         else:
             ranks = f"{cfg.launch.trainer_ranks} ranks" + (" (LOCAL_RANK i: the i-th GPU)" if s.gpus else "")
             where = (f"{metrics} (rank 0)  torchrun {ranks} rendezvous {topo.host}:auto  "
-                     f"weight sync {backend} {ws.master_addr}:{_port(ws.master_port)}")
+                     + (f"weight sync {backend} {ws.master_addr}:{_port(ws.master_port)}" if path == "distributed"
+                        else f"weight sync {path} (no group)"))
         rows.append(("0", s.name, "-" if s.gpus is None else (visible_devices(s.gpus) or "none"), where))
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     return [f"{a:<{width[0]}}  {b:<{width[1]}}  {c:<{width[2]}}  {d}" for a, b, c, d in rows]
