@@ -53,8 +53,9 @@ WEIGHTS_FILE = "model.safetensors"
 def tensor_payload(named: list[tuple[str, torch.Tensor]]) -> str:
     """SGLang's ``serialized_named_tensors`` entry for ``named`` (one TP rank): base64 of the
     ForkingPickler dump. CPU storages are shared by file name for the time of the dump."""
-    import torch.multiprocessing as mp
     from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing as mp
 
     old = mp.get_sharing_strategy()
     mp.set_sharing_strategy("file_system")
