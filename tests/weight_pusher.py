@@ -30,9 +30,9 @@ from trainer.weight_sync import WeightBroadcaster  # noqa: E402
 cfg_path, out_dir, pushes = sys.argv[-3:]  # run directly, or through runpy (which leaves its own argv first)
 cfg = load_daemon_config(["--config-file", cfg_path])
 out = Path(out_dir)
-model = build_model(cfg.model)
+model = build_model(cfg.model, device=cfg.trainer.device)  # cuda: the tensor path's payloads are CUDA IPC handles
 wb = WeightBroadcaster(cfg.trainer.weight_sync, buffer_address=cfg.buffer.address, rank=0,
-                       device=torch.device("cpu"), send_dtype=cfg.model.dtype)
+                       device=torch.device(cfg.trainer.device), send_dtype=cfg.model.dtype)
 roster = Client(cfg.buffer.address, timeout_s=10)
 for push in json.loads(pushes):
     while push.get("after") and not (out / push["after"]).exists():
