@@ -480,6 +480,9 @@ class WeightSyncPlan(Message):
     buckets: list[BucketSpec]
     deadline_s: float  # the whole sync, from publication
     plan_id: str = ""  # unique per push attempt: a re-push of the same version is a new plan
+    # how the weights travel: "distributed" (the group above) | "tensor" | "disk" (trainer and engine on one GPU)
+    path: str = "distributed"
+    payloads: list[str] = field(default_factory=list)  # tensor: one SGLang payload per bucket; disk: [directory]
 
 
 @message

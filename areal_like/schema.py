@@ -1,9 +1,8 @@
 """The configuration schema: typed dataclasses, one per component, each validating itself.
 
-``areal_like.config`` composes ``configs/`` with Hydra and converts the result into ``RunConfig``;
-``OmegaConf.to_object`` runs every ``__post_init__`` below (``trainer.loss``'s are in
-``areal_like/loss_schema.py``), so code past an entry point only sees values that passed these checks. Every check raises ``ConfigError`` with a message that starts
-with the full key and says what is allowed. Importing this module imports neither Hydra nor torch.
+``areal_like.config`` composes ``configs/`` with Hydra into ``RunConfig``, running every ``__post_init__`` below (``trainer.loss``'s:
+``loss_schema.py``): code past an entry point sees only checked values.
+A check raises ``ConfigError`` naming the key; no Hydra or torch here.
 """
 
 from __future__ import annotations
@@ -238,9 +237,11 @@ class WeightSyncConfig:
     master_addr: str = "127.0.0.1"  # address engines use to reach trainer rank 0
     master_port: int = 0  # 0 = pick a free port per group formation
     group_name: str = "areal_like_weights"
+    path: str = "auto"  # auto (tensor where `run` puts trainer and engine on one GPU) | distributed | tensor | disk
 
     def __post_init__(self):
         _choice("trainer.weight_sync.backend", self.backend, ("auto", "gloo", "nccl"))
+        _choice("trainer.weight_sync.path", self.path, ("auto", "distributed", "tensor", "disk"))
         _check("trainer.weight_sync.bucket_mb", self.bucket_mb > 0, "> 0", self.bucket_mb)
         _check("trainer.weight_sync.deadline_s", self.deadline_s > 0, "> 0", self.deadline_s)
 

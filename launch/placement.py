@@ -10,8 +10,12 @@ Invariants (tested in tests/unit/test_placement.py):
 * one process per GPU: no two processes of a node share a GPU. NCCL refuses two ranks of one
   group on one GPU ("Duplicate GPU detected") and an SGLang engine takes most of its GPU's
   memory, so a layout needing more GPUs than the node has is refused with a ``ConfigError``
-  naming the keys and the numbers; sharing one GPU between the trainer and an engine is not
-  supported yet and is refused the same way;
+  naming the keys and the numbers;
+* except on a one-GPU node running one trainer rank and one rollout server of ``tp_size`` 1: both
+  get GPU 0 (``NodeGpus.shared``). Then the weights go without a group (``with_weight_path``:
+  ``trainer.weight_sync.path=auto`` becomes ``tensor``; an explicit ``distributed`` over NCCL is
+  refused), and an SGLang engine must leave the trainer room: ``rollout.engine.sglang.
+  mem_fraction_static`` set, at most ``SHARED_MEM_FRACTION_MAX``;
 * the GPUs given out are ``[0, used)``, in the order trainer ranks, then rollout servers;
 * a process that runs on CPU takes no GPU, and an engine attached by URL runs elsewhere.
 
@@ -26,9 +30,11 @@ on several nodes both counts are per node (torchrun's ``--nproc-per-node``; serv
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from areal_like.config import ConfigError, RunConfig
+
+SHARED_MEM_FRACTION_MAX = 0.6  # one shared GPU: SGLang's static share; the trainer's weights, grads, Adam need the rest
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,7 +48,12 @@ class NodeGpus:
 
     @property
     def used(self) -> int:
-        return len(self.trainer) + sum(len(g) for g in self.rollout)
+        return len(set(self.trainer).union(*self.rollout))
+
+    @property
+    def shared(self) -> bool:
+        """Whether a trainer rank and an engine share a GPU (the one-GPU layout)."""
+        return bool(set(self.trainer).intersection(*self.rollout)) if self.rollout else False
 
 
 def visible_devices(gpus: tuple[int, ...]) -> str:
@@ -60,6 +71,8 @@ def place_node(*, gpus_per_node: int, trainer_ranks: int, rollout_servers: int, 
         raise ConfigError(f"trainer_ranks={trainer_ranks}, rollout_servers={rollout_servers} and "
                           f"tp_size={tp_size} must be >= 0, >= 0 and >= 1")
     need = trainer_ranks + rollout_servers * tp_size
+    if gpus_per_node == 1 and (trainer_ranks, rollout_servers, tp_size) == (1, 1, 1):  # the one-GPU machine
+        return NodeGpus(node=node, trainer=(0,), ranks=(node,), rollout=((0,),))
     if need > gpus_per_node:
         terms = [f"launch.trainer_ranks={trainer_ranks}"] if trainer_ranks else []
         if rollout_servers:
@@ -67,8 +80,8 @@ def place_node(*, gpus_per_node: int, trainer_ranks: int, rollout_servers: int, 
         where = f" (node {node} of {nodes})" if nodes > 1 else ""
         raise ConfigError(
             f"{' + '.join(terms)} needs {need} GPUs per node{where}; launch.gpus_per_node={gpus_per_node}: "
-            "one process per GPU (NCCL refuses two ranks of one group on one GPU, and sharing a GPU "
-            "between the trainer and an engine is not supported yet)")
+            "one process per GPU (NCCL refuses two ranks of one group on one GPU; only a one-GPU node with "
+            "one trainer rank and one rollout server of tp_size 1 shares its GPU)")
     rollout = tuple(tuple(range(trainer_ranks + i * tp_size, trainer_ranks + (i + 1) * tp_size))
                     for i in range(rollout_servers))
     return NodeGpus(node=node, trainer=tuple(range(trainer_ranks)),
@@ -112,6 +125,8 @@ def place_nodes(cfg: RunConfig) -> tuple[NodeGpus, ...] | None:
                               trainer_ranks=la.trainer_ranks if trains and trainer_on_gpu(cfg) else 0,
                               rollout_servers=la.num_rollout_servers if serves and engine_on_gpu(cfg) else 0,
                               tp_size=cfg.rollout.engine.tp_size, nodes=la.nodes, node=k))
+    if any(n.shared for n in out):
+        _check_shared(cfg)
     return tuple(out)
 
 
@@ -141,3 +156,26 @@ def _gpu_checks(cfg: RunConfig) -> bool:
         raise ConfigError(f"rollout.engine.device={cfg.rollout.engine.device!r}: each rollout server sees only "
                           "its own GPUs (CUDA_VISIBLE_DEVICES), so the engine device is 'cuda'")
     return True
+
+
+def _check_shared(cfg: RunConfig) -> None:
+    """Trainer and engine on one GPU: refuse what cannot work there, naming the key."""
+    ws, ec = cfg.trainer.weight_sync, cfg.rollout.engine
+    if ws.path == "distributed" and ws.backend != "gloo":
+        raise ConfigError("trainer.weight_sync.path=distributed with the trainer and the engine on one GPU: NCCL "
+                          "refuses two ranks on one GPU; use path=auto (tensor), tensor or disk, or backend=gloo")
+    frac = ec.sglang.get("mem_fraction_static")
+    if ec.kind == "sglang" and not (isinstance(frac, (int, float)) and 0 < frac <= SHARED_MEM_FRACTION_MAX):
+        raise ConfigError(f"rollout.engine.sglang.mem_fraction_static={frac!r}: with the trainer on the same GPU "
+                          f"SGLang must leave it room; set it in (0, {SHARED_MEM_FRACTION_MAX}] (e.g. 0.4)")
+
+
+def with_weight_path(cfg: RunConfig) -> RunConfig:
+    """``trainer.weight_sync.path=auto`` resolved for the daemons: ``tensor`` when the placement puts the
+    trainer and an engine on one GPU, else ``distributed``. ``launch.gpus_per_node`` must be resolved."""
+    ws = cfg.trainer.weight_sync
+    if ws.path != "auto":
+        return cfg
+    placed = place_nodes(cfg)
+    path = "tensor" if placed is not None and any(n.shared for n in placed) else "distributed"
+    return replace(cfg, trainer=replace(cfg.trainer, weight_sync=replace(ws, path=path)))

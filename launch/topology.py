@@ -193,6 +193,9 @@ def plan_lines(cfg: RunConfig, topo: Topology) -> list[str]:
     (the torchrun rendezvous port: at each start), so a number picked now would not be the one used."""
     ws = cfg.trainer.weight_sync
     backend = ws.backend if ws.backend != "auto" else ("nccl" if cfg.trainer.device.startswith("cuda") else "gloo")
+    trainer_gpus = {s.node: set(s.gpus or ()) for s in topo.slots if s.kind == "trainer"}
+    shared = any(trainer_gpus.get(s.node, set()) & set(s.gpus or ()) for s in topo.slots if s.kind == "rollout")
+    path = ws.path if ws.path != "auto" else ("tensor" if shared else "distributed")  # as with_weight_path
     fixed_metrics = {"buffer": cfg.buffer.metrics_port, "rollout": cfg.rollout.metrics_port,
                      "trainer": cfg.trainer.metrics_port}
     rows = [("node", "process", "gpus", "ports and addresses")]
@@ -204,13 +207,13 @@ def plan_lines(cfg: RunConfig, topo: Topology) -> list[str]:
         elif s.kind == "rollout":
             where = f"{metrics}  {_engine(cfg)}"
         else:
-            where = _trainer_where(cfg, topo, s, metrics if s.node == 0 else "", backend)
+            where = _trainer_where(cfg, topo, s, metrics if s.node == 0 else "", backend, path)
         rows.append((str(s.node), s.name, "-" if s.gpus is None else (visible_devices(s.gpus) or "none"), where))
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     return [f"{a:<{width[0]}}  {b:<{width[1]}}  {c:<{width[2]}}  {d}".rstrip() for a, b, c, d in rows]
 
 
-def _trainer_where(cfg: RunConfig, topo: Topology, s: DaemonSlot, metrics: str, backend: str) -> str:
+def _trainer_where(cfg: RunConfig, topo: Topology, s: DaemonSlot, metrics: str, backend: str, path: str) -> str:
     """One torchrun: on several nodes, its ``--node-rank`` and the global ranks it runs."""
     la, ws = cfg.launch, cfg.trainer.weight_sync
     ranks = f"{la.trainer_ranks} ranks" + (" (LOCAL_RANK i: the i-th GPU)" if s.gpus else "")
@@ -219,8 +222,9 @@ def _trainer_where(cfg: RunConfig, topo: Topology, s: DaemonSlot, metrics: str, 
         ranks = f"node-rank {s.node} of {la.train_nodes}, {ranks}, global {first}..{first + la.trainer_ranks - 1}"
     if not metrics:  # another training node: its ranks reach rank 0 through the rendezvous
         return f"torchrun {ranks} rendezvous {topo.host}:auto"
-    return (f"{metrics} (rank 0)  torchrun {ranks} rendezvous {topo.host}:auto  "
-            f"weight sync {backend} {ws.master_addr}:{_port(ws.master_port)}")
+    sync = f"weight sync {backend} {ws.master_addr}:{_port(ws.master_port)}" if path == "distributed" \
+        else f"weight sync {path} (no group)"
+    return f"{metrics} (rank 0)  torchrun {ranks} rendezvous {topo.host}:auto  {sync}"
 
 
 def _port(configured: int, planned: int | None = None) -> str:

@@ -19,7 +19,8 @@ Shapes it relies on:
   failure); ``/pause_generation`` and ``/continue_generation`` answer ``{"message", "status"}``;
   ``/abort_request`` answers 200 with an empty body. ``/init_weights_update_group`` blocks until
   every rank joined the rendezvous; ``/update_weights_from_distributed`` returns once the bucket
-  was received and loaded. The served version is read from ``/model_info`` (0.5.23 has no
+  was received and loaded; so does ``/update_weights_from_tensor`` (``serialized_named_tensors``:
+  one base64 ForkingPickler payload per TP rank, ``load_format``, ``flush_cache``, ``weight_version``). The served version is read from ``/model_info`` (0.5.23 has no
   ``/weight_version`` route).
 
 Retries (bounded, exponential backoff) and why they are safe:
@@ -338,6 +339,17 @@ class SGLangClient:
         if load_format is not None:
             body["load_format"] = load_format
         await self._call("POST", "/update_weights_from_distributed", body, timeout_s=timeout_s, idempotent=False)
+
+    async def update_weights_from_tensor(self, serialized_named_tensors: list[str], *, load_format: str | None = None,
+                                         flush_cache: bool = True, weight_version: str | None = None,
+                                         timeout_s: float | None = None) -> None:
+        """Load tensors the caller shares with the engine's device: one entry per TP rank, each the base64
+        text of a ForkingPickler dump of ``[(name, tensor), ...]`` (CUDA IPC handles on a GPU)."""
+        body = {"serialized_named_tensors": list(serialized_named_tensors), "load_format": load_format,
+                "flush_cache": flush_cache}
+        if weight_version is not None:
+            body["weight_version"] = weight_version
+        await self._call("POST", "/update_weights_from_tensor", body, timeout_s=timeout_s, idempotent=False)
 
     async def update_weights_from_disk(self, model_path: str, *, weight_version: str | None = None,
                                        abort_all_requests: bool = False, timeout_s: float | None = None) -> None:

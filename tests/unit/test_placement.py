@@ -33,7 +33,7 @@ def test_one_node_layouts(gpus, trainer, servers, tp, want_trainer, want_rollout
 
 
 @pytest.mark.parametrize("gpus,trainer,servers,tp,need", [
-    (1, 1, 1, 1, 2),  # one-GPU sharing: not supported yet
+    (1, 1, 2, 1, 3),  # one GPU is shared by one trainer rank and one rollout server only
     (2, 2, 1, 1, 3),
     (4, 2, 2, 2, 6),
     (8, 2, 4, 2, 10),
@@ -44,7 +44,7 @@ def test_a_layout_over_the_gpus_is_refused_with_the_keys_and_numbers(gpus, train
     assert str(e.value).startswith(f"launch.trainer_ranks={trainer} + launch.num_rollout_servers={servers} x "
                                    f"rollout.engine.tp_size={tp} needs {need} GPUs per node; "
                                    f"launch.gpus_per_node={gpus}: one process per GPU")
-    assert "not supported yet" in str(e.value) and "NCCL" in str(e.value)
+    assert "only a one-GPU node with one trainer rank and one rollout server" in str(e.value) and "NCCL" in str(e.value)
 
 
 @pytest.mark.parametrize("gpus", [1, 2, 4, 8])
