@@ -1,9 +1,8 @@
-"""The control plane: the trainer version, the roster of rollout servers and the weight-sync plan.
+"""The control plane: trainer version, roster of rollout servers, weight-sync plan and results.
 
-Only ``version`` is durable (the service logs it with the control state). The roster is soft state
-rebuilt from heartbeats within a second of a restart, and a plan is the trainer's to re-send. A
-server evaluating (its engine holds one version) is kept out of weight syncs until it is done.
-Handlers take a request and return its reply; publishing a plan is the caller's (``publish``).
+Only ``version`` is durable (the service logs it). The roster is soft state rebuilt from heartbeats
+within a second of a restart; a plan is the trainer's to re-send. A server that is evaluating (its
+engine holds one version) stays out of weight syncs until done. Handlers return the reply.
 """
 
 from __future__ import annotations

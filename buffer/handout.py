@@ -1,21 +1,13 @@
 """Batch hand-out to the trainer: held BatchRequests and the one batch in transit.
 
-At-least-once into training, exactly once while nobody crashes:
-
-* a batch handed out is *in transit*, not consumed: its groups leave the store, the next control
-  record notes ``in_transit = [batch_id, version, group ids]`` (their WAL records stay live), and
-  the ``Batch`` reply, carrying ``batch_id``, is sent once that record is durable;
-* the trainer's next ``BatchRequest`` carries ``ack_batch``, the id of the last batch it received.
-  A match consumes the batch (WAL ``consumed`` marks, ``groups_consumed``, the staleness histogram
-  at the version it was handed out for); any other value (empty after a trainer restart, an older
-  id when a reply was lost) means it never arrived: its groups go back to the store and are checked
-  for staleness at the next hand-out like any other (``batches_redelivered``);
-* a restarted buffer restores the batch in transit from the WAL (``restore``) and lets the next
-  request decide the same way, so a trainer that did receive it does not train on it twice.
-
-There is one trainer (rank 0 asks for every rank); two consumers would take each other's batches
-for lost ones. The service gives this part the store, a reader of WAL records, and what to call
-to drop groups (their slots go back to the ledger) and to mark groups consumed.
+At least once into training, exactly once while nobody crashes. A batch handed out is *in
+transit*: its groups leave the store, the next control record holds ``record()`` (their WAL records
+stay live) and the ``Batch`` reply carries ``batch_id``. The trainer's next ``BatchRequest`` carries
+``ack_batch``: a match consumes the batch (consumed marks, ``groups_consumed``, the staleness
+histogram); anything else (empty after a trainer restart, an older id after a lost reply) means it
+never arrived, and its groups go back to the store to be checked for staleness again
+(``batches_redelivered``). A restarted buffer restores the batch in transit (``restore``) and lets
+the next request decide the same way. One trainer: two would take each other's batches for lost.
 """
 
 from __future__ import annotations
@@ -29,7 +21,6 @@ from dataclasses import dataclass
 from areal_like import protocol as P
 from buffer.instruments import BufferMetrics
 from buffer.replay_buffer import ReplayBuffer, StoredGroup
-from buffer.wal import WalFailed
 
 MAX_BATCH_BYTES = P.MAX_FRAME_BYTES * 9 // 10  # a Batch is one frame; leave room for its envelope
 # Out of a resource while reading a record back: the record is intact, so the error stops the
@@ -90,16 +81,15 @@ class Handout:
         return out
 
     def _load_all(self, taken: list[StoredGroup]) -> list[P.TrajectoryGroup] | None:
-        """The taken groups read back, or None when one cannot be: a record damaged on disk after its
-        CRC was written is dropped as ``unreadable`` (its prompt re-issued) and the readable ones go
-        back to the store. Running out of a resource (``TRANSIENT_ERRNOS``) or a failed WAL
-        (``WalFailed``, fatal) is no damage: it propagates, so an intact group is never dropped."""
+        """The taken groups read back, or None when one cannot be: a record damaged on disk is dropped
+        as ``unreadable`` (its prompt re-issued), the readable ones go back to the store. Running out
+        of a resource (``TRANSIENT_ERRNOS``) is no damage: it propagates, never dropping a group."""
         groups, bad = [], []
         for stored in taken:
             try:
                 groups.append(self._load(stored))
             except (OSError, P.ProtocolError) as e:
-                if isinstance(e, WalFailed) or (isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS):
+                if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
                     raise
                 self.log.error("group %s cannot be read back from the WAL (%s): dropped, its prompt goes out again",
                                stored.group_id, e)

@@ -1,8 +1,5 @@
-"""The buffer daemon's metrics: counters, histograms and gauges over ``areal_like.metrics.Metrics``.
-
-Every counter also lands in ``counts`` (what ``StatsRequest`` returns). The ingest path counts per
-group, so metric children are looked up once and cached; gauges are read when scraped, so the loop
-spends nothing on them.
+"""The buffer daemon's metrics. Every counter also lands in ``counts`` (``StatsRequest``); metric
+children are cached (the ingest path counts per group); gauges are read when scraped.
 """
 
 from __future__ import annotations

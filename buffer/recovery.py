@@ -1,24 +1,14 @@
 """Rebuild the buffer's durable state from its write-ahead log at start (``replay``).
 
-Records are applied in the order they were written:
-
-* ``G`` (an accepted group): remembered for dedupe, its lease closed, stored (by its WAL reference);
-* ``C`` (control): ``seen`` ids (checkpoints) remembered, ``consumed`` groups removed from the
-  store; a checkpoint's ``state`` (cursor, started, leases, re-issue queue, trainer version, batch
-  in transit) replaces the control state, and every later record's ``changes`` (what its loop
-  iteration changed, ``CreditLedger.take_changes``) apply on top. A control record is written after
-  the records of its loop iteration, so it already reflects them; if the process died between a
-  group record and the next control record, the group record alone closes its lease, which is
-  exactly what had happened.
-
-The ledger and the store are filled in place; the rest comes back in ``Replayed`` for the service
-to take: the trainer version, the ids seen, the batch in transit (it leaves the store again, and
-the trainer's next request says whether it arrived), the groups the filters now refuse, and the
-group records that no longer decode (written by another protocol version). Those are dropped as
-``unreadable`` by the service, as a damaged record is at hand-out: marked consumed (so they stop
-pinning their segment against compaction) and, where the replayed state still holds their lease
-(``group_id = f"{server_id}-{lease_id}"``), their prompt re-issued. A later start finds the mark
-and does not drop them twice.
+Records apply in the order written. A group record: remembered (dedupe), its lease closed, stored by
+its WAL reference. A control record: ``seen`` ids remembered, ``consumed`` groups removed; a
+checkpoint's ``state`` replaces the control state and each later record's ``changes`` apply on top.
+A control record follows the records of its loop iteration, so if the process died in between, the
+group record alone closes its lease, which is what had happened. The ledger and the store are filled
+in place; the rest (trainer version, ids seen, batch in transit, groups the filters now refuse,
+group records that no longer decode) comes back in ``Replayed`` for the service to take. A record
+that no longer decodes (another protocol version) is dropped as ``unreadable``: marked consumed, so
+it stops pinning its segment, and its prompt re-issued if the replayed state still holds its lease.
 """
 
 from __future__ import annotations

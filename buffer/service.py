@@ -1,28 +1,18 @@
 """The buffer daemon: one loop wiring the parts of one job's data and control plane.
 
-The parts each own their state: the prompt cursor and leases (``credits.CreditLedger``), the group
-store (``replay_buffer.ReplayBuffer``), the write-ahead log (``wal.WriteAheadLog``), the batch
-hand-out (``handout.Handout``), the trainer version, roster and weight-sync plan
-(``control.ControlPlane``) and the metrics (``instruments.BufferMetrics``). ``recovery.replay``
-rebuilds the durable ones from the WAL at start. This module owns what ties them together: the
-ids seen (dedupe), dropping a group (its slot back to the ledger, a consumed mark in the WAL), and
-the rule that a reply leaves only once what it depends on is durable.
-
-One thread, one loop (``run_once``): receive a batch of requests, answer what can be answered,
-expire leases and silent servers, hand out batches, then log one control record with what changed
-and send every reply whose WAL sync ticket is durable. The WAL's fsync thread syncs whatever has
-been written so far (group commit) while the loop keeps receiving. So:
-
-* a group is acked only after its record is durable; credits only after their lease is (a restart
-  neither repeats nor skips prompts); a batch only after it is durably in transit (``handout.py``);
-* bad input (undecodable frame, unknown lease, versions newer than any published, NaN reward) gets
-  ``Ack(status="rejected", reason=...)``, is counted, and the loop keeps serving; a duplicate
-  group id gets ``Ack(status="duplicate")`` and is stored once;
-* a group may ask for the sender's next leases (``want_credits``): its Ack carries them, granted by
-  the same rules as a CreditRequest (none for a rejected group): one round trip per group.
-
-Deliberately ignored: who generates what (any registered server may take any credit) and what a
-trajectory contains beyond versions, lengths and rewards.
+Parts, each owning its state: ``CreditLedger`` (prompt cursor, leases), ``ReplayBuffer`` (the
+store), ``WriteAheadLog``, ``Handout`` (batches to the trainer), ``ControlPlane`` (trainer version,
+roster, weight-sync plan) and ``BufferMetrics``; ``recovery.replay`` rebuilds the durable ones at
+start. This module ties them together: dedupe by group id, dropping a group (slot back to the
+ledger, a consumed mark in the WAL), and the rule that a reply leaves only once what it depends on
+is durable. One thread, one loop (``run_once``): receive a batch of requests, answer them, expire
+leases and silent servers, hand out batches, log one control record with what changed, and send
+every reply whose WAL ticket is durable (the fsync thread syncs meanwhile: group commit). So a group
+is acked only once its record is durable, credits only once their lease is (a restart neither
+repeats nor skips prompts), a batch only once it is durably in transit. Bad input gets
+``Ack(status="rejected", reason=...)`` and is counted; a duplicate group id gets
+``Ack(status="duplicate")``; a group's ``want_credits`` are granted in its Ack by the rules of a
+CreditRequest (none for a rejected group): one round trip per group.
 """
 
 from __future__ import annotations
@@ -67,16 +57,17 @@ class BufferService(Daemon):
                                   filter_equal_rewards=b.filter_equal_rewards,
                                   max_tokens_per_trajectory=b.max_tokens_per_trajectory)
         self.wal = WriteAheadLog(cfg.resolve_path(b.wal_dir), fsync=b.fsync, segment_bytes=b.segment_bytes)
-        self.control = ControlPlane(b.pub_address, b.heartbeat_timeout_s, clock, self._publish_now, self.log)
+        self.control = ControlPlane(b.pub_address, b.heartbeat_timeout_s, clock, lambda m: self.publisher.publish(m),
+                                    self.log)
         self.instruments = BufferMetrics(self.metrics, self._gauges())
-        self.handout = Handout(self.store, self.wal.read_group, self._drop, self._mark_consumed, self.instruments,
+        self._consumed: list[str] = []  # group ids consumed or dropped in this iteration (one list, extended
+        # by the hand-out too)
+        self.handout = Handout(self.store, self.wal.read_group, self._drop, self._consumed.extend, self.instruments,
                                self.log)
         self.seen: dict[str, None] = {}  # accepted group ids (ordered: oldest are forgotten first)
-        self._waiting: deque[tuple] = deque()  # (wal ticket, peer, req_id, reply, type, t), sent once durable;
-        # peer None: a message to publish once durable (a VersionUpdate a restart must not forget)
+        self._waiting: deque[tuple] = deque()  # (ticket, peer, req_id, reply, type, t); peer None: publish
         self._publish: list[P.Message] = []  # to publish once this iteration's control record is durable
         self._after_control: list[tuple] = []  # (peer, req_id, reply, type, t) waiting for that record
-        self._consumed: list[str] = []  # group ids consumed or dropped in this iteration
         self._dirty = False  # control state changed in this iteration
         self._next_sweep = 0.0
         self._handlers = {
@@ -269,8 +260,7 @@ class BufferService(Daemon):
 
     # ------------------------------------------------------------------ what ties the parts together
     def _drop(self, groups: list, reason: str, *, slots: bool = True) -> None:
-        """Groups (anything with ``group_id``, ``prompt_index``, ``epoch``) never to be trained on:
-        marked consumed in the WAL, counted, and (``slots``) their admission slots returned."""
+        """Groups never to be trained on: marked consumed in the WAL, counted, slots returned."""
         reissue = reason == "unreadable" or (reason == "stale" and self.cfg.stale_policy == "reissue")
         for g in groups:
             self._consumed.append(g.group_id)
@@ -279,20 +269,15 @@ class BufferService(Daemon):
             self.instruments.count("groups_dropped", reason=reason)
         self._dirty = self._dirty or bool(groups)
 
-    def _mark_consumed(self, group_ids: list[str]) -> None:
-        self._consumed.extend(group_ids)
-
     def _remember(self, group_id: str) -> None:
         self.seen[group_id] = None
         if len(self.seen) > 2 * SEEN_KEEP:
             self.seen = dict.fromkeys(list(self.seen)[-SEEN_KEEP:])
 
     def _queue_reply(self, peer: bytes, req_id: bytes, reply: P.Message, kind: str, received: float) -> None:
-        """Send this reply once what it depends on is durable. One that changed no control state (so
-        far in this iteration) takes its own ticket at once, so replies already durable go out while
-        the rest of a burst is handled; one that did waits for the iteration's single control record
-        (a record per reply cost more than the rest of a group's handling). The ticket is taken in
-        both cases so that the fsync thread starts on the first record of a burst."""
+        """Send once what the reply depends on is durable: its own ticket if no control state changed
+        yet in this iteration, else the iteration's one control record (one per reply cost more than
+        the rest of a group's handling). A ticket either way: the fsync thread starts at once."""
         ticket = self.wal.request_sync()
         if self._dirty or self._consumed or self._publish or self.handout.changed:
             self._after_control.append((peer, req_id, reply, kind, received))
@@ -305,7 +290,8 @@ class BufferService(Daemon):
         if self.handout.take_changed() or self._dirty or self._consumed:
             record = {"changes": self._control(self.ledger.take_changes()), "consumed": self._consumed}
             self.instruments.count("wal_bytes_written", self.wal.append_control(record))
-            self._dirty, self._consumed = False, []
+            self._dirty = False
+            self._consumed.clear()  # after encoding; the hand-out extends this same list
         if self._after_control or self._publish:
             ticket, now = self.wal.request_sync(), self.clock()
             self._waiting.extend((ticket, None, b"", m, "", now) for m in self._publish)
@@ -314,7 +300,6 @@ class BufferService(Daemon):
             self._after_control.clear()
 
     def send_durable(self) -> None:
-        """Send (or publish) every waiting reply whose WAL ticket is durable."""
         durable = self.wal.durable()
         if not self._waiting or self._waiting[0][0] > durable:
             return
@@ -328,12 +313,8 @@ class BufferService(Daemon):
             self.instruments.latency(kind, now - received)
         self.instruments.fsync(self.wal.fsync_seconds())
 
-    def _publish_now(self, msg: P.Message) -> None:
-        self.publisher.publish(msg)
-
     # ------------------------------------------------------------------ state, metrics
     def _control(self, ledger: dict) -> dict:
-        """A ledger's state or changes with the trainer version and the batch in transit (always whole)."""
         return {**ledger, "version": self.control.version, "in_transit": self.handout.record()}
 
     def state(self) -> dict:
@@ -345,7 +326,6 @@ class BufferService(Daemon):
         return {"state": self._control(self.ledger.snapshot()), "seen": list(self.seen)[-SEEN_KEEP:]}
 
     def _gauges(self) -> dict[str, tuple[str, Callable[[], float]]]:
-        """Read when scraped (reads of ints, safe from the metrics thread)."""
         return {"buffer/groups{state=in_flight}": ("", lambda: self.ledger.in_flight),
                 "buffer/groups{state=stored}": ("", lambda: len(self.store)),
                 "buffer/groups{state=in_transit}": ("", lambda: self.handout.in_transit_groups()),

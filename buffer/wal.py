@@ -23,14 +23,11 @@ references, the frames stay on disk or in the page cache, not in the daemon's me
 segment than its group. A torn or corrupt record ends the replay of its segment with a warning
 naming file and offset, never fatal, never accepted; the newest segment's torn tail is truncated,
 and zeros up to a 4 KiB boundary (the crash padding of versions that wrote with O_DIRECT) are cut
-as the clean end. One writer per directory: ``flock`` on ``<wal_dir>/LOCK`` until ``close`` (the
-kernel drops it when the process dies); a second log fails with ``WalInUse`` naming the holder.
+as the clean end. One writer per directory (``dirlock.py``).
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
 import os
 import struct
@@ -45,12 +42,13 @@ from pathlib import Path
 import crc32c
 import msgspec
 
+from buffer.dirlock import DirectoryLock
+
 HEADER = struct.Struct("<II")
 GID_LEN = struct.Struct("<H")
 MAX_RECORD_BYTES = 1 << 30  # a length above this is corruption, not a record (frames are <= 256 MiB)
 OLD_PAD_BLOCK = 4096  # O_DIRECT block of older versions: their crash padding ends on this boundary
 BATCH_FSYNC_S = 0.05  # fsync=batch: a power loss takes at most the last 50 ms of acks
-LOCK_FILE = "LOCK"
 _ENCODER = msgspec.msgpack.Encoder()  # the bytes msgpack.packb(use_bin_type=True) writes, ~4x faster
 
 log = logging.getLogger("buffer.wal")
@@ -61,13 +59,8 @@ class WalFailed(OSError):
     daemon, never to be mistaken for one damaged record."""
 
 
-class WalInUse(RuntimeError):
-    """Another log (in this or another process) holds the WAL directory."""
-
-
 @dataclass(frozen=True, slots=True)
 class WalRef:
-    """Where a group record lives: ``read_group`` returns its frame while the group is live."""
     segment: int
     offset: int  # of the record header in the segment file
     length: int  # header + payload bytes
@@ -110,41 +103,6 @@ def _problem(data: bytes, pos: int) -> tuple[int, str | None]:
     return end, None
 
 
-class _DirectoryLock:
-    """The exclusive ``flock`` on ``<directory>/LOCK`` while ``fd`` is open; the file names the holder."""
-
-    def __init__(self, directory: Path):
-        self.fd: int | None = None
-        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise WalInUse(f"WAL directory {directory} is in use by another buffer (pid {holder}): one buffer "
-                           f"per wal_dir; stop that one or give this one its own run_dir") from None
-        except OSError as e:
-            os.close(fd)
-            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-            log.warning("wal: %s cannot be locked (%s): nothing stops a second buffer on it", directory, e)
-            return
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
-        _HELD.add(self)
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-_HELD: weakref.WeakSet[_DirectoryLock] = weakref.WeakSet()
-# a forked child's copies of the lock descriptors would keep the directories locked after the parent let go
-os.register_at_fork(after_in_child=lambda: [lock.release() for lock in list(_HELD)])
-
-
 def _sync_data(fd: int) -> None:
     getattr(os, "fdatasync", os.fsync)(fd)  # macOS has no fdatasync
 
@@ -155,7 +113,7 @@ class WriteAheadLog:
             raise ValueError(f"fsync={fsync!r}")
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock = _DirectoryLock(self.dir)
+        self._lock = DirectoryLock(self.dir)
         self._unlock = weakref.finalize(self, self._lock.release)  # also for a log never closed
         self.fsync_policy = fsync
         self.segment_bytes = segment_bytes

@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from buffer.wal import WalFailed, WalInUse, WriteAheadLog, segment_path
+from buffer.dirlock import WalInUse
+from buffer.wal import WriteAheadLog, segment_path
 
 
 def replay(path, **kw) -> tuple[WriteAheadLog, list]:
@@ -318,7 +319,7 @@ def test_a_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, mon
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr("buffer.wal.fcntl.flock", no_locks)
+    monkeypatch.setattr("buffer.dirlock.fcntl.flock", no_locks)
     with caplog.at_level(logging.WARNING, logger="buffer.wal"):
         wal = WriteAheadLog(tmp_path)
     assert "nothing stops a second buffer" in caplog.text
