@@ -141,13 +141,10 @@ class CreditLedger:
         return self.state()
 
     def load_state(self, state: dict) -> None:
-        self.next_index, self.epoch = state["cursor"]
-        self.started = state["started"]
-        self.next_lease = state["next_lease"]
-        deadline = self.clock() + self.lease_timeout_s
-        self.leases = {lid: Lease(lid, i, e, sid, deadline) for lid, i, e, sid in state["leases"]}
-        self.reissue = deque((i, e) for i, e in state["reissue"])
-        self._forget_changes()
+        """Replace the state with a ``state()`` (as the changes that build it from nothing)."""
+        self.leases, self.reissue = {}, deque()
+        self.apply_changes({**state, "granted": state["leases"], "closed": [], "requeued": state["reissue"],
+                            "dequeued": 0})
 
     def take_changes(self) -> dict:
         """What changed since the last ``snapshot``, ``take_changes`` or ``load_state``: the counters

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from areal_like import protocol as P
 from buffer.instruments import BufferMetrics
 from buffer.replay_buffer import ReplayBuffer, StoredGroup
+from buffer.wal import WalFailed
 
 MAX_BATCH_BYTES = P.MAX_FRAME_BYTES * 9 // 10  # a Batch is one frame; leave room for its envelope
 # Out of a resource while reading a record back: the record is intact, so the error stops the
@@ -83,13 +84,14 @@ class Handout:
     def _load_all(self, taken: list[StoredGroup]) -> list[P.TrajectoryGroup] | None:
         """The taken groups read back, or None when one cannot be: a record damaged on disk is dropped
         as ``unreadable`` (its prompt re-issued), the readable ones go back to the store. Running out
-        of a resource (``TRANSIENT_ERRNOS``) is no damage: it propagates, never dropping a group."""
+        of a resource (``TRANSIENT_ERRNOS``) or a failed WAL (``WalFailed``: a read of a record still
+        queued waits for the fsync thread) is no damage: it propagates, never dropping a group."""
         groups, bad = [], []
         for stored in taken:
             try:
                 groups.append(self._load(stored))
             except (OSError, P.ProtocolError) as e:
-                if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
+                if isinstance(e, WalFailed) or (isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS):
                     raise
                 self.log.error("group %s cannot be read back from the WAL (%s): dropped, its prompt goes out again",
                                stored.group_id, e)

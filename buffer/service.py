@@ -32,7 +32,7 @@ from buffer.instruments import BufferMetrics
 from buffer.recovery import replay
 from buffer.replay_buffer import ReplayBuffer
 from buffer.staleness import StalenessPolicy
-from buffer.wal import WriteAheadLog
+from buffer.wal import WriteAheadLog, segment_path
 
 POLL_S = 0.02  # wait for the first request of a batch; bounds how late a held BatchRequest is answered
 POLL_BUSY_S = 0.001  # ...while replies wait for an fsync, where the WAL has no wake-up descriptor
@@ -139,7 +139,7 @@ class BufferService(Daemon):
         self._drop(self.store.drop_stale(self.control.version), "stale")
         for u in got.unreadable.values():
             self.log.error("wal %s: group %s at offset %d no longer decodes: dropped as unreadable%s",
-                           u.ref.segment_name, u.group_id, u.ref.offset,
+                           segment_path(self.wal.dir, u.ref.segment).name, u.group_id, u.ref.offset,
                            "" if u.lease_id else "; its lease is unknown, so its prompt is not re-issued")
             if u.lease_id is not None:
                 self.ledger.fulfil(u.lease_id)  # still open if the process died before its control record

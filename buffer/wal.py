@@ -7,14 +7,16 @@ with a checkpoint (the control state), superseding older control records. Record
 "changes", "consumed", "seen"). Segments from before CRC-32C carry zlib CRC-32 and are still read.
 ``replay`` yields every intact record in order; the caller applies them (``recovery.py``).
 
-One write path: ``os.writev`` straight to the file descriptor, so a record is in the kernel when the
-call returns and survives the process dying (``kill -9``); ``fsync`` decides what survives the
-machine dying. ``always``: ``request_sync()`` returns a ticket, a background thread fdatasyncs all
-written so far, and the service replies once ``durable() >= ticket``: one fsync covers every record
-written meanwhile (group commit) while the loop keeps receiving; ``wakeup_fd`` (Linux) turns
-readable when a ticket is durable. ``batch``: inline fsync at most every ``BATCH_FSYNC_S``, replies
-may precede it. ``never``: the OS flushes when it likes. A failed write or fsync is fatal:
-``durable()`` raises ``WalFailed`` from then on.
+One write path: ``os.writev`` of a record straight to the file descriptor (the page cache; no
+user-space buffer); ``fsync`` decides what survives the machine dying. ``always``: records are
+queued, and ``request_sync()`` returns a ticket for them; a background thread writes what is
+queued and fdatasyncs it, and the service replies once ``durable() >= ticket``. One fsync covers
+every record appended meanwhile (group commit), and the copy into the page cache (as much CPU as
+the rest of a 400 KB group's handling) runs beside the loop, which keeps receiving; ``wakeup_fd``
+(Linux) turns readable when a ticket is durable. A queued record lost with the process was never
+acknowledged. ``batch`` and ``never`` write inline, so an acknowledged record survives ``kill -9``;
+``batch`` fsyncs at most every ``BATCH_FSYNC_S`` (replies may precede it), ``never`` leaves it to
+the OS. A failed write or fsync is fatal: ``durable()`` raises ``WalFailed`` from then on.
 
 ``append_group`` returns a ``WalRef`` that ``read_group`` reads (CRC-checked): the store keeps
 references, the frames stay on disk or in the page cache, not in the daemon's memory. Compaction
@@ -65,10 +67,6 @@ class WalRef:
     offset: int  # of the record header in the segment file
     length: int  # header + payload bytes
 
-    @property
-    def segment_name(self) -> str:
-        return segment_path(Path(), self.segment).name
-
 
 @dataclass(slots=True)
 class Record:
@@ -103,6 +101,13 @@ def _problem(data: bytes, pos: int) -> tuple[int, str | None]:
     return end, None
 
 
+def _writev(fd: int, record: list[bytes | memoryview]) -> int:
+    n = sum(len(p) for p in record)
+    if (written := os.writev(fd, record)) != n:
+        raise OSError(f"short write to the WAL ({written} of {n} bytes)")  # a full disk
+    return n
+
+
 def _sync_data(fd: int) -> None:
     getattr(os, "fdatasync", os.fsync)(fd)  # macOS has no fdatasync
 
@@ -115,11 +120,9 @@ class WriteAheadLog:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock = DirectoryLock(self.dir)
         self._unlock = weakref.finalize(self, self._lock.release)  # also for a log never closed
-        self.fsync_policy = fsync
-        self.segment_bytes = segment_bytes
+        self.fsync_policy, self.segment_bytes = fsync, segment_bytes
         self._fd: int | None = None
-        self.segment = 0  # current segment number
-        self._segment_size = 0
+        self.segment = self._segment_size = 0  # current segment number, its size
         self._live: dict[int, set[str]] = {}  # segment -> unconsumed group ids recorded in it
         self._where: dict[str, int] = {}  # group id -> segment
         self._readers: dict[int, int] = {}  # segment -> read-only fd for read_group
@@ -131,6 +134,8 @@ class WriteAheadLog:
         self._fsync_times: list[float] = []
         self._syncer: threading.Thread | None = None
         self._closing = False
+        self._queue: list[list] = []  # fsync=always: records for the fsync thread to write, in order
+        self._written = 0  # bytes of the current segment written to the file
         self.wakeup_fd: int | None = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
                                       if fsync == "always" and hasattr(os, "eventfd") else None)
         self.corrupt_records = 0
@@ -190,7 +195,7 @@ class WriteAheadLog:
         self.segment += 1
         self._fd = os.open(segment_path(self.dir, self.segment), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND,
                            0o644)
-        self._segment_size = 0
+        self._segment_size = self._written = 0
         self._live[self.segment] = set()
         self.append_control({**checkpoint, "checkpoint": True})
         self._fsync_dir()
@@ -206,8 +211,11 @@ class WriteAheadLog:
             crc = crc32c.crc32c(p, crc, 0)
             length += len(p)
         n = HEADER.size + length
-        if (written := os.writev(self._fd, [HEADER.pack(length, crc), *parts])) != n:
-            raise OSError(f"short write to the WAL ({written} of {n} bytes)")  # a full disk
+        if self._syncer is not None:  # fsync=always: the fsync thread writes it, off this thread's CPU
+            with self._cv:
+                self._queue.append([HEADER.pack(length, crc), *parts])
+        else:
+            self._written += _writev(self._fd, [HEADER.pack(length, crc), *parts])
         self._segment_size += n
         self.disk_bytes += n
         self._dirty = True
@@ -228,6 +236,9 @@ class WriteAheadLog:
 
     def read_group(self, ref: WalRef) -> memoryview:
         """The frame of a live group record, checked against its CRC."""
+        if ref.segment == self.segment and ref.offset + ref.length > self._written:
+            self.request_sync()  # still queued for the fsync thread: written out first
+            self.wait_durable()
         fd = self._readers.get(ref.segment)
         if fd is None:
             fd = self._readers[ref.segment] = os.open(segment_path(self.dir, ref.segment), os.O_RDONLY)
@@ -235,7 +246,7 @@ class WriteAheadLog:
         length, crc = HEADER.unpack_from(view, 0) if len(view) >= HEADER.size else (0, 0)
         if length != len(view) - HEADER.size or length < 3 or view[HEADER.size] != ord("G") \
                 or not _crc_ok(view[HEADER.size:], crc):
-            raise OSError(f"WAL record at {ref.segment_name}:{ref.offset} is damaged")
+            raise OSError(f"WAL record at {segment_path(self.dir, ref.segment).name}:{ref.offset} is damaged")
         (n,) = GID_LEN.unpack_from(view, HEADER.size + 1)
         return view[HEADER.size + 3 + n:]
 
@@ -290,6 +301,7 @@ class WriteAheadLog:
                 target, fd = self._requested, self._fd
             t0 = time.monotonic()
             try:
+                self._write_queued(fd)  # every record of ticket `target` (and maybe more)
                 _sync_data(fd)  # covers every write made before this call, so all of ticket `target`
             except Exception as e:  # fatal (durable() raises), never a silent hang
                 self._sync_error = e.with_traceback(None)
@@ -301,6 +313,12 @@ class WriteAheadLog:
             if self.wakeup_fd is not None:
                 os.eventfd_write(self.wakeup_fd, 1)
 
+    def _write_queued(self, fd: int) -> None:
+        with self._cv:
+            queue, self._queue = self._queue, []
+        for record in queue:  # os.writev releases the GIL while it copies into the page cache
+            self._written += _writev(fd, record)
+
     def commit(self, force: bool = False) -> float | None:
         """Inline fsync per the policy (the syncer must be idle); returns its seconds if one ran."""
         if not self._dirty or self._fd is None:
@@ -309,6 +327,7 @@ class WriteAheadLog:
         if not force and (self.fsync_policy == "never" or
                           (self.fsync_policy == "batch" and now - self._last_fsync < BATCH_FSYNC_S)):
             return None
+        self._write_queued(self._fd)
         _sync_data(self._fd)
         self._dirty = False
         self._last_fsync = time.monotonic()

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from buffer.dirlock import WalInUse
-from buffer.wal import WriteAheadLog, segment_path
+from buffer.wal import WalFailed, WriteAheadLog, segment_path
 
 
 def replay(path, **kw) -> tuple[WriteAheadLog, list]:
@@ -153,6 +153,21 @@ def test_group_commit_tickets_become_durable_in_order(tmp_path):
     wal.close()
 
 
+def test_fsync_always_reads_back_what_is_still_queued_for_the_fsync_thread(tmp_path):
+    wal = WriteAheadLog(tmp_path)
+    list(wal.replay())
+    wal.open({})
+    frame = os.urandom(300_000)
+    ref = wal.append_group("a", frame)  # queued: the fsync thread writes it
+    assert bytes(wal.read_group(ref)) == frame  # written out first, then read
+    refs = [wal.append_group(f"g{i}", frame[:i * 1000 + 1]) for i in range(20)]
+    assert bytes(wal.read_group(refs[-1])) == frame[:19_001]
+    assert [bytes(wal.read_group(r)) for r in refs] == [frame[:i * 1000 + 1] for i in range(20)]
+    wal.close()
+    _, recs = replay(tmp_path)
+    assert [r[1] for r in recs if r[0] == "G"] == ["a", *(f"g{i}" for i in range(20))]
+
+
 def test_a_failing_fsync_is_fatal_not_silent(tmp_path, monkeypatch):
     wal = WriteAheadLog(tmp_path)
     list(wal.replay())
@@ -245,6 +260,68 @@ def test_a_zeroed_tail_off_a_block_boundary_is_corruption_not_padding(tmp_path, 
     assert [r[1] for r in recs if r[0] == "G"] == ["good"]
     assert wal2.corrupt_records == 1  # not taken for a direct append's padding
     assert any("offset" in m for m in caplog.messages)
+
+
+def test_a_failed_write_is_not_taken_for_a_damaged_record_at_hand_out(tmp_path, monkeypatch):
+    """fsync=always: the fsync thread writes queued records, so a hand-out of a group still queued
+    makes read_group wait for it. When that write fails (EIO), the WAL's fatal WalFailed must stop
+    the daemon: the hand-out must not take it for a damaged record and drop the intact, accepted
+    group as 'unreadable'."""
+    import numpy as np
+
+    from areal_like import protocol as P
+    from areal_like.config import BufferConfig, RunConfig, TaskConfig
+    from buffer.service import BufferService
+
+    class FakeServer:
+        def __init__(self):
+            self.sent = []
+
+        def send(self, peer, req_id, msg):
+            self.sent.append(msg)
+
+        publish = send
+
+        def close(self):
+            pass
+
+    cfg = RunConfig(run_dir=str(tmp_path), task=TaskConfig(num_prompts=100), buffer=BufferConfig(
+        max_staleness=1, groups_per_step=2, max_inflight=16, capacity=64))
+    svc = BufferService(cfg)
+    svc.recover()
+    svc.server, svc.publisher = FakeServer(), FakeServer()
+
+    def handle(msg):
+        frame = P.encode(msg)
+        svc.handle(b"peer", b"req", P.decode(frame), frame)
+
+    handle(P.Register(server_id="s", engine_url="http://x", policy_version=0))
+    handle(P.CreditRequest(server_id="s", max_credits=2))
+    svc.settle()
+    svc.wal.wait_durable()
+    svc.send_durable()
+    groups = []
+    for c in svc.server.sent[-1].credits:
+        t = P.Trajectory(prompt_ids=P.as_i32([1]), output_ids=P.as_i32([2, 3]), behav_logp=P.as_f32([-1, -1]),
+                         versions=P.as_i32(np.zeros(2)), reward=1.0, finish_reason="stop")
+        groups.append(P.TrajectoryGroup(group_id=f"s-{c.lease_id}", server_id="s", lease_id=c.lease_id,
+                                        prompt_index=c.prompt_index, epoch=c.epoch, trajectories=[t]))
+    handle(groups[0])
+    svc.wal.wait_durable()  # the first group is on disk
+
+    def broken_writev(*args):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("buffer.wal.os.writev", broken_writev)
+    try:
+        with pytest.raises(WalFailed):
+            handle(groups[1])  # queued for the fsync thread, whose write fails (maybe already here)
+            handle(P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0.0, ack_batch=""))
+            svc.settle()
+        assert svc.instruments.counts["groups_dropped_unreadable"] == 0
+    finally:
+        monkeypatch.undo()
+        svc.wal.close()
 
 
 WAL_READER_ON_FD_0 = """
