@@ -13,6 +13,7 @@ the group itself. Memory is bounded through admission (``free_slots`` counts gro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import islice
 
 from areal_like.protocol import TrajectoryGroup
 from buffer.staleness import StalenessPolicy
@@ -37,11 +38,8 @@ class ReplayBuffer:
                  filter_equal_rewards: bool = False, max_tokens_per_trajectory: int = 0):
         if selection not in SELECTIONS:
             raise ValueError(f"selection={selection!r}; choose one of {SELECTIONS}")
-        self.policy = policy
-        self.capacity = capacity
-        self.selection = selection
-        self.filter_equal_rewards = filter_equal_rewards
-        self.max_tokens_per_trajectory = max_tokens_per_trajectory
+        self.policy, self.capacity, self.selection = policy, capacity, selection
+        self.filter_equal_rewards, self.max_tokens_per_trajectory = filter_equal_rewards, max_tokens_per_trajectory
         self._groups: dict[str, StoredGroup] = {}  # insertion order = arrival order (fifo)
         self._by_version: dict[int, dict[str, None]] = {}  # head version -> ids (ordered sets)
         self.nbytes = 0
@@ -128,11 +126,7 @@ class ReplayBuffer:
         else:
             versions = sorted((v for v in self._by_version if v >= oldest), reverse=self.selection == "newest")
             order = (gid for v in versions for gid in self._by_version[v])
-        chosen = []
-        for gid in order:
-            chosen.append(gid)
-            if len(chosen) == n_groups:
-                break
+        chosen = list(islice(order, n_groups))
         if max_bytes and sum(self._groups[gid].nbytes for gid in chosen) > max_bytes:
             return None
         self.policy.check_batch((self._groups[gid].head_version for gid in chosen), trainer_version)

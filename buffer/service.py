@@ -1,4 +1,5 @@
-"""The buffer daemon: one loop wiring the parts of one job's data and control plane.
+"""The buffer daemon: one loop wiring the parts of one job's data and control plane (its place in
+the system: areal_like/DESIGN.md).
 
 Parts, each owning its state: ``CreditLedger`` (prompt cursor, leases), ``ReplayBuffer`` (the
 store), ``WriteAheadLog``, ``Handout`` (batches to the trainer), ``ControlPlane`` (trainer version,
