@@ -9,14 +9,13 @@ with a checkpoint (the control state), superseding older control records. Record
 
 One write path: ``os.writev`` of a record straight to the file descriptor (the page cache; no
 user-space buffer); ``fsync`` decides what survives the machine dying. ``always``: records are
-queued, and ``request_sync()`` returns a ticket for them; a background thread writes what is
-queued and fdatasyncs it, and the service replies once ``durable() >= ticket``. One fsync covers
+queued and ``request_sync()`` returns a ticket; a background thread checksums, writes and
+fdatasyncs what is queued, and the service replies once ``durable() >= ticket``. One fsync covers
 every record appended meanwhile (group commit), and the copy into the page cache (as much CPU as
-the rest of a 400 KB group's handling) runs beside the loop, which keeps receiving; ``wakeup_fd``
-(Linux) turns readable when a ticket is durable. A queued record lost with the process was never
-acknowledged. ``batch`` and ``never`` write inline, so an acknowledged record survives ``kill -9``;
-``batch`` fsyncs at most every ``BATCH_FSYNC_S`` (replies may precede it), ``never`` leaves it to
-the OS. A failed write or fsync is fatal: ``durable()`` raises ``WalFailed`` from then on.
+the rest of a 400 KB group's handling) runs beside the loop; ``wakeup_fd`` (Linux) turns readable
+when a ticket is durable. A queued record lost with the process was never acknowledged. ``batch``
+and ``never`` write inline, so an acknowledged record survives ``kill -9``; ``batch`` fsyncs at most
+every ``BATCH_FSYNC_S`` (replies may precede it). A failed write or fsync is fatal (``WalFailed``).
 
 ``append_group`` returns a ``WalRef`` that ``read_group`` reads (CRC-checked): the store keeps
 references, the frames stay on disk or in the page cache, not in the daemon's memory. Compaction
@@ -57,8 +56,7 @@ log = logging.getLogger("buffer.wal")
 
 
 class WalFailed(OSError):
-    """The WAL cannot make anything durable any more (a failed write or fsync): fatal for the
-    daemon, never to be mistaken for one damaged record."""
+    """A write or fsync failed: nothing is made durable any more. Fatal, never one damaged record."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +131,7 @@ class WriteAheadLog:
         self._live: dict[int, set[str]] = {}  # segment -> unconsumed group ids recorded in it
         self._where: dict[str, int] = {}  # group id -> segment
         self._readers: dict[int, int] = {}  # segment -> read-only fd for read_group
-        self._dirty = False  # written since the last sync ticket
-        self._last_fsync = 0.0
+        self._dirty, self._last_fsync = False, 0.0  # written since the last sync ticket; time of the last fsync
         self._cv = threading.Condition()  # group commit (fsync=always): tickets <= _synced are durable
         self._requested = self._synced = 0
         self._sync_error: BaseException | None = None
@@ -145,8 +142,7 @@ class WriteAheadLog:
         self._written = 0  # bytes of the current segment written to the file
         self.wakeup_fd: int | None = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
                                       if fsync == "always" and hasattr(os, "eventfd") else None)
-        self.corrupt_records = 0
-        self.disk_bytes = 0  # size of all segment files, kept current without stat calls
+        self.corrupt_records = self.disk_bytes = 0  # disk_bytes: all segment files, kept without stat calls
 
     # ---- recovery
     def segments(self) -> list[int]:
@@ -213,7 +209,7 @@ class WriteAheadLog:
             self._syncer.start()
 
     def _write(self, parts: list[bytes | memoryview]) -> int:
-        n = HEADER.size + sum(len(p) for p in parts)
+        n = HEADER.size + sum(map(len, parts))
         if self._syncer is not None:  # fsync=always: the fsync thread checksums and writes it, beside the loop
             with self._cv:
                 self._queue.append(parts)
