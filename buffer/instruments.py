@@ -16,8 +16,9 @@ LABELLED = {"groups_dropped": ("stale", "equal_rewards", "max_tokens", "unreadab
 
 
 class BufferMetrics:
-    def __init__(self, metrics: Metrics, gauges: dict[str, tuple[str, Callable[[], float]]]):
-        """``gauges``: name -> (doc, read); a name ``"buffer/groups{state=...}"`` is a labelled child.
+    def __init__(self, metrics: Metrics, groups: dict[str, Callable[[], float]],
+                 gauges: dict[str, tuple[str, Callable[[], float]]]):
+        """``groups``: state -> read (the ``buffer/groups`` gauge); ``gauges``: name -> (doc, read).
         Every counter is created up front so dashboards see zeros, not missing series."""
         self.metrics = metrics
         self.counts: Counter[str] = Counter()
@@ -29,12 +30,11 @@ class BufferMetrics:
             counter = metrics.counter(f"buffer/{name}", name.replace("_", " "), ("reason",))
             for reason in reasons:
                 counter.labels(reason=reason)
-        groups = metrics.gauge("buffer/groups", "groups by state", labels=("state",))
+        by_state = metrics.gauge("buffer/groups", "groups by state", labels=("state",))
+        for state, read in groups.items():
+            by_state.labels(state=state).set_function(read)
         for name, (doc, read) in gauges.items():
-            if name.startswith("buffer/groups{"):
-                groups.labels(state=name.split("=")[1].rstrip("}")).set_function(read)
-            else:
-                metrics.gauge(name, doc).set_function(read)
+            metrics.gauge(name, doc).set_function(read)
 
     def count(self, name: str, n: int = 1, **labels: str) -> None:
         if not n:

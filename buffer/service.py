@@ -60,7 +60,10 @@ class BufferService(Daemon):
         self.wal = WriteAheadLog(cfg.resolve_path(b.wal_dir), fsync=b.fsync, segment_bytes=b.segment_bytes)
         self.control = ControlPlane(b.pub_address, b.heartbeat_timeout_s, clock, lambda m: self.publisher.publish(m),
                                     self.log)
-        self.instruments = BufferMetrics(self.metrics, self._gauges())
+        self.instruments = BufferMetrics(self.metrics, {"in_flight": lambda: self.ledger.in_flight,
+                                                        "stored": lambda: len(self.store),
+                                                        "in_transit": lambda: self.handout.in_transit_groups()},
+                                         self._gauges())
         self._consumed: list[str] = []  # group ids consumed or dropped in this iteration (one list, extended
         # by the hand-out too)
         self.handout = Handout(self.store, self.wal.read_group, self._drop, self._consumed.extend, self.instruments,
@@ -327,10 +330,7 @@ class BufferService(Daemon):
         return {"state": self._control(self.ledger.snapshot()), "seen": list(self.seen)[-SEEN_KEEP:]}
 
     def _gauges(self) -> dict[str, tuple[str, Callable[[], float]]]:
-        return {"buffer/groups{state=in_flight}": ("", lambda: self.ledger.in_flight),
-                "buffer/groups{state=stored}": ("", lambda: len(self.store)),
-                "buffer/groups{state=in_transit}": ("", lambda: self.handout.in_transit_groups()),
-                "buffer/trainer_version": ("", lambda: self.control.version),
+        return {"buffer/trainer_version": ("", lambda: self.control.version),
                 "buffer/max_staleness": ("the staleness bound eta (for alerts)", lambda: self.cfg.max_staleness),
                 "buffer/roster_size": ("", lambda: len(self.control.roster)),
                 "buffer/started": ("admission counter (groups holding a slot)", lambda: self.ledger.started),
