@@ -173,7 +173,6 @@ class BufferConfig:
     segment_bytes: int = 256 * 1024 * 1024
     # fsync=always writes and reads the WAL with O_DIRECT (no page-cache copy of every group; it falls back by
     # itself where the file system refuses). false: through the page cache, e.g. where direct I/O is slow (NFS)
-    direct_io: bool = True
     metrics_port: int = 0  # 0 = ephemeral
     max_epochs: int = 0  # 0 = unbounded passes over the dataset
 
