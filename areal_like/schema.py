@@ -171,8 +171,6 @@ class BufferConfig:
     # WAL segment size: big, since a rotation stalls the loop for a few ms and writes a checkpoint (up to 200k
     # group ids; at 700 MB/s of 4k-token groups, one every ~0.4 s); its disk returns once all its groups are consumed
     segment_bytes: int = 256 * 1024 * 1024
-    # fsync=always writes and reads the WAL with O_DIRECT (no page-cache copy of every group; it falls back by
-    # itself where the file system refuses). false: through the page cache, e.g. where direct I/O is slow (NFS)
     metrics_port: int = 0  # 0 = ephemeral
     max_epochs: int = 0  # 0 = unbounded passes over the dataset
 
