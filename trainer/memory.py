@@ -18,13 +18,61 @@ that existed before it started are not counted, so it measures what a computatio
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from areal_like.config import ModelConfig
+
 GIB = 2**30
+
+# Qwen2 shapes of the published checkpoints (config.json), for the table in trainer/MEMORY.md.
+QWEN2_SHAPES: dict[str, dict] = {
+    "0.5B": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
+    "1.5B": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                 num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
+    "7B": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+               num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+}
+
+
+def qwen2_shape(name: str, **overrides) -> ModelConfig:
+    """A ``ModelConfig`` of one of ``QWEN2_SHAPES`` (built from config: random weights)."""
+    return ModelConfig(**{"max_position_embeddings": 32768, **QWEN2_SHAPES[name], **overrides})
+
+
+def block_params(cfg: ModelConfig) -> int:
+    """Parameters of one Qwen2 decoder block: q/k/v (with bias), o, gate/up/down, two RMSNorms."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    return (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * i + 2 * h
+
+
+def root_params(cfg: ModelConfig) -> int:
+    """Parameters outside the blocks (FSDP2's root group): embeddings, final norm, untied lm_head."""
+    return cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2) + cfg.hidden_size
+
+
+def total_params(cfg: ModelConfig) -> int:
+    return cfg.num_hidden_layers * block_params(cfg) + root_params(cfg)
+
+
+def block_activation_bytes(cfg: ModelConfig, c: int) -> int:
+    """Bytes one decoder block keeps for backward per token, its input included, in compute dtype
+    of ``c`` bytes: the tensors Hugging Face's Qwen2 layer (SDPA attention) saves, counted with
+    ``saved_tensors_hooks`` (tests/unit/test_memory.py checks the count): in units of ``c`` bytes,
+    8H + 4I + 2 kv_dim + 2 head_dim + heads + 2 in fp32; in bf16 the RMSNorms' fp32 upcasts and
+    the attention's fp32 log-sum-exp add 3H + heads + 2."""
+    h, i, heads = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
+    hd = h // heads
+    kv = cfg.num_key_value_heads * hd
+    units = 8 * h + 4 * i + 2 * kv + 2 * hd + heads + 2
+    if c != 4:
+        units += 3 * h + heads + 2
+    return units * c
 
 
 class PeakTensorBytes(TorchDispatchMode):
@@ -58,3 +106,41 @@ class PeakTensorBytes(TorchDispatchMode):
             weakref.finalize(s, self._free, n)
         self.peak = max(self.peak, self.current)
         return out
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak bytes of one trainer rank, by term (see the module docstring)."""
+
+    weights: int  # this rank's shard of the fp32 master weights
+    grads: int  # ... of the fp32 gradients
+    adam: int  # ... of AdamW's two fp32 moments
+    gathered: int  # unsharded compute-dtype parameters: the root group, the current and the next block
+    block_grads: int  # one block's unsharded gradient (compute dtype, plus its fp32 copy for reduction)
+    activations: int  # what the forward keeps for backward
+    logprobs: int  # one [chunk, V] block (and its compute-dtype twin) + lm_head's gradient accumulator
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, f.name) for f in fields(self))
+
+
+def estimate_peak_bytes(model_cfg: ModelConfig, world: int, micro_batch_tokens: int, dtype: str = "bfloat16",
+                        checkpointing: bool = False, logprob_chunk: int = 512) -> MemoryEstimate:
+    """Peak memory of one trainer rank in a step: FSDP2 over ``world`` ranks, ``micro_batch_tokens``
+    tokens per forward/backward, compute in ``dtype`` (fp32 master weights), the peak being the
+    start of the backward pass (every activation alive, the lm_head backward running)."""
+    c = 4 if dtype == "float32" else 2
+    p, blk, root = total_params(model_cfg), block_params(model_cfg), root_params(model_cfg)
+    t, h, v = micro_batch_tokens, model_cfg.hidden_size, model_cfg.vocab_size
+    per_block = block_activation_bytes(model_cfg, c)
+    if checkpointing:  # the block inputs, plus one block's full set while it is recomputed
+        acts = model_cfg.num_hidden_layers * t * h * c + t * per_block
+    else:
+        acts = model_cfg.num_hidden_layers * t * per_block
+    acts += t * h * (4 * c if c == 4 else 4 * c + 8) + 32 * t  # final norm, gathered hidden, token ids
+    chunk = min(logprob_chunk, t)
+    logprobs = chunk * v * (4 + (c if c != 4 else 0)) + v * h * (4 + (c if c != 4 else 0))
+    shard = -(-p // world)
+    return MemoryEstimate(weights=4 * shard, grads=4 * shard, adam=8 * shard, gathered=(root + 2 * blk) * c,
+                          block_grads=blk * (c + (4 if c != 4 else 0)), activations=acts, logprobs=logprobs)
