@@ -127,9 +127,11 @@ class _HiddenTokenLogprob(torch.autograd.Function):
     the matmul to h (``g W``) and W (``g^T h``). Saves only its inputs."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, tokens: Tensor, temperature: float, chunk: int) -> Tensor:
+    def forward(ctx, hidden: Tensor, weight: Tensor, tokens: Tensor, temperature: float, chunk: int,
+                shape: tuple[int, ...]) -> Tensor:
         wd = _work_dtype(hidden)
-        out = torch.empty(hidden.shape[0], dtype=wd, device=hidden.device)
+        result = torch.empty(shape, dtype=wd, device=hidden.device)  # returned as is: not a view (FSDP2 hooks)
+        out = result.view(-1)
         for s in range(0, hidden.shape[0], chunk):
             x = _chunk_logits(hidden[s : s + chunk], weight, temperature, wd)
             picked = x.gather(-1, tokens[s : s + chunk, None]).squeeze(-1)
@@ -139,12 +141,13 @@ class _HiddenTokenLogprob(torch.autograd.Function):
             del x
         ctx.save_for_backward(hidden, weight, tokens)
         ctx.temperature, ctx.chunk = temperature, chunk
-        return out
+        return result
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         hidden, weight, tokens = ctx.saved_tensors
         wd, chunk = _work_dtype(hidden), ctx.chunk
+        grad_out = grad_out.reshape(-1)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
         # the weight gradient sums over every chunk: accumulate in fp32 (or the fp64 of gradcheck)
@@ -164,7 +167,7 @@ class _HiddenTokenLogprob(torch.autograd.Function):
             if need_w:
                 _accumulate(grad_w, gx, h)
             del gx
-        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
 
 
 def hidden_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, temperature: float = 1.0, *,
@@ -184,5 +187,5 @@ def hidden_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, temper
         raise ValueError(f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and tokens "
                          f"{tuple(tokens.shape)} do not match ([..., H], [V, H], [...])")
     flat = hidden.reshape(-1, hidden.shape[-1])
-    out = _HiddenTokenLogprob.apply(flat, weight, tokens.reshape(-1).long(), float(temperature), int(chunk_tokens))
-    return out.view(tokens.shape)
+    return _HiddenTokenLogprob.apply(flat, weight, tokens.reshape(-1).long(), float(temperature), int(chunk_tokens),
+                                     tuple(tokens.shape))

@@ -48,8 +48,10 @@ def _grads_after_one_microbatch(policy, cfg) -> dict:
     rows = torch.arange(policy.rank, 8, policy.world_size)  # the same 8 sequences whatever the world
     mb = batch.select(rows)
     n_tokens, n_seqs = float(batch.mask[:8].sum()), 8.0
-    calls = []  # the MLP runs inside the checkpointed block forward: twice per pass when recomputed
-    hook = policy.model.model.layers[0].mlp.register_forward_hook(lambda *a: calls.append(1))
+    # the MLP runs inside the checkpointed block forward: twice per pass when recomputed (a PRE-hook:
+    # the recompute stops early, inside down_proj, once it has every tensor backward needs)
+    calls = []
+    hook = policy.model.model.layers[0].mlp.register_forward_pre_hook(lambda *a: calls.append(1))
     stats = forward_backward(policy, mb, adv[rows, :mb.mask.shape[1]], prox[rows, :mb.mask.shape[1]], s,
                              s.hparams(batch), n_tokens, n_seqs)
     hook.remove()
