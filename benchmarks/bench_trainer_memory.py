@@ -1,21 +1,22 @@
 """Trainer memory: measured peak of one real training step vs ``trainer.memory.estimate_peak_bytes``.
 
 One process, the trainer's own code path (world-size-1 gloo group, FSDP2, CPU, fp32): the policy is
-built (``trainer.model.build_policy``: meta device, sharded, materialised) and one
-``trainer.step.train_step`` runs on a batch of ``--seqs`` sequences of ``--len`` tokens, in one
-micro-batch. Measured: the peak of the bytes held by tensors allocated from the start of the build
+built (``trainer.model.build_policy``: meta device, sharded, materialised) and ``--steps``
+``trainer.step.train_step`` calls run on a batch of ``--seqs`` sequences of ``--len`` tokens, ``--mbs``
+sequences per micro-batch (gradients accumulate over the micro-batches, as in a real step; from the
+second step on the AdamW moments exist during the forward/backward). Measured: the peak of the bytes held by tensors allocated from the start of the build
 to the end of the step (``trainer.memory.PeakTensorBytes``: parameters, gradients, AdamW states,
 all-gathered parameters, activations, log-prob chunks), and the process's peak RSS for reference
 (which adds torch/transformers themselves and allocator slack). The estimate is the accounting that
 ``trainer/MEMORY.md``'s table is computed with, for the same shape, tokens and settings.
 
 Default shape: Qwen2-0.5B's hidden size, MLP, heads and full 151936-token vocabulary, cut to
-``--layers 4`` so that the whole step (~6 GB) fits a shared CPU machine. The loss kernel is plain
+``--layers 4`` so that the whole step (~5 GB) fits a shared CPU machine. The loss kernel is plain
 PPO with the behaviour log-probs as the proximal ones (no recompute pass), so the step is one
 forward/backward and one optimizer step.
 
-    .venv/bin/python benchmarks/bench_trainer_memory.py                       # ~6 GB, a few minutes
-    .venv/bin/python benchmarks/bench_trainer_memory.py --layers 2 --len 512 --checkpointing
+    .venv/bin/python benchmarks/bench_trainer_memory.py                       # ~5 GB, a few minutes
+    .venv/bin/python benchmarks/bench_trainer_memory.py --layers 2 --len 256 --checkpointing
 
 Prints one JSON line: figure = measured GiB, baseline = estimated GiB, ratio = measured / estimate
 (goal 0.85 .. 1.15), plus each term of the estimate and the peak RSS.
@@ -53,7 +54,9 @@ def main() -> None:
     p.add_argument("--shape", default="0.5B", choices=("0.5B", "1.5B", "7B"))
     p.add_argument("--layers", type=int, default=4, help="decoder blocks (the shape's own count: 0)")
     p.add_argument("--seqs", type=int, default=2)
-    p.add_argument("--len", type=int, default=1024, help="tokens per sequence (32 prompt + the rest output)")
+    p.add_argument("--mbs", type=int, default=1, help="trainer.micro_batch_size (sequences)")
+    p.add_argument("--len", type=int, default=512, help="tokens per sequence (32 prompt + the rest output)")
+    p.add_argument("--steps", type=int, default=2)
     p.add_argument("--chunk", type=int, default=512, help="trainer.logprob_chunk_tokens")
     p.add_argument("--checkpointing", action="store_true", help="trainer.activation_checkpointing=true")
     args = p.parse_args()
@@ -71,7 +74,7 @@ def main() -> None:
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "tie_word_embeddings")]
     cfg = load_config([*overrides, "model.max_position_embeddings=4096", "trainer.loss.kind=ppo",
-                       "trainer.loss.agg=token-mean", f"trainer.micro_batch_size={args.seqs}",
+                       "trainer.loss.agg=token-mean", f"trainer.micro_batch_size={args.mbs}",
                        f"trainer.logprob_chunk_tokens={args.chunk}",
                        f"trainer.activation_checkpointing={str(args.checkpointing).lower()}"])
     batch = synthetic_batch(args.seqs, args.len)
@@ -81,16 +84,19 @@ def main() -> None:
     with PeakTensorBytes() as m:
         policy = build_policy(cfg.model, cfg.trainer)
         s = StepSettings.from_config(cfg)
-        stats = train_step(policy, batch, s, batch.behav_logp, compute_batch_advantages(batch, s))
+        for _ in range(args.steps):
+            stats = train_step(policy, batch, s, batch.behav_logp, compute_batch_advantages(batch, s))
     wall = time.monotonic() - t0
-    est = estimate_peak_bytes(cfg.model, 1, args.seqs * args.len, "float32", args.checkpointing, args.chunk)
+    est = estimate_peak_bytes(cfg.model, 1, args.mbs * args.len, "float32", args.checkpointing, args.chunk)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({
         "name": "trainer_memory", "figure": round(m.peak / GIB, 3), "unit": "GiB (measured tensor peak)",
         "baseline": round(est.total / GIB, 3), "ratio": round(m.peak / est.total, 3), "goal": "0.85 .. 1.15",
-        "shape": args.shape, "layers": cfg.model.num_hidden_layers, "tokens": args.seqs * args.len,
+        "shape": args.shape, "layers": cfg.model.num_hidden_layers, "micro_batch_tokens": args.mbs * args.len,
+        "micro_batches": -(-args.seqs // args.mbs), "steps": args.steps,
         "chunk": args.chunk, "checkpointing": args.checkpointing, "dtype": "float32", "world": 1,
         "terms_gib": {k: round(v / GIB, 3) for k, v in vars(est).items()},
+        "moments_gib": {k: round(v / GIB, 3) for k, v in est.moments.items()},
         "rss_peak_gib": round(rss / GIB, 3), "rss_before_gib": round(rss0 / GIB, 3),
         "loss": stats["loss"], "wall_s": round(wall, 1)}))
     torch.distributed.destroy_process_group()

@@ -3,11 +3,12 @@ the tensor bytes a piece of code allocates.
 
 ``estimate_peak_bytes`` is the accounting behind ``trainer/MEMORY.md``: what one trainer rank holds
 at the peak of a step under FSDP2 (``trainer/model.py``): its 1/world share of the fp32 master
-weights, gradients and two AdamW moments, plus the transient terms of the largest moment of the
-backward pass -- one all-gathered decoder block (in compute dtype) with its gradient, the
-activations kept for backward (every block's, or only the block inputs with activation
-checkpointing plus one block recomputed), and one ``[chunk, vocab]`` log-prob block
-(``trainer/logprobs.py``). It leaves out the CUDA context, the allocator's fragmentation and
+weights, gradients and two AdamW moments, plus the transient terms of the largest of three
+moments: the start of backward (the root group and two decoder blocks all-gathered in compute
+dtype, the activations kept for backward -- every block's, or only the block inputs with
+activation checkpointing plus one block recomputed -- and the log-prob working set: one
+``[chunk, vocab]`` block, ``trainer/logprobs.py``, and lm_head's gradient), the end of backward
+(the root group's gradients being reduced) and the optimizer step (foreach AdamW's temporaries). It leaves out the CUDA context, the allocator's fragmentation and
 NCCL buffers (a few GiB in practice: leave headroom).
 
 ``PeakTensorBytes`` measures, on any device, the peak of the bytes held by tensors created while
@@ -21,7 +22,7 @@ import weakref
 from dataclasses import dataclass, fields
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
 from areal_like.config import ModelConfig
@@ -75,12 +76,24 @@ def block_activation_bytes(cfg: ModelConfig, c: int) -> int:
     return units * c
 
 
+def _plain_tensors(leaves) -> list[torch.Tensor]:
+    """The plain tensors among ``leaves``, a wrapper subclass (DTensor) replaced by its inner tensors:
+    its own op runs below this mode, so its local allocation is only visible through its output."""
+    out = []
+    for t in leaves:
+        if is_traceable_wrapper_subclass(t):
+            out += _plain_tensors([getattr(t, name) for name in t.__tensor_flatten__()[0]])
+        elif type(t) is torch.Tensor and t.device.type != "meta":
+            out.append(t)
+    return out
+
+
 class PeakTensorBytes(TorchDispatchMode):
     """``with PeakTensorBytes() as m: ...``; then ``m.peak`` (bytes) and ``m.current`` (still alive).
 
     Counts each output storage once, from its creation until its Python object is collected
     (storages keep their Python object alive as long as any tensor views them). Tensor
-    subclasses (DTensor) are counted through the plain tensors their ops produce.
+    subclasses (DTensor) are counted through the local tensors they wrap.
     """
 
     def __init__(self) -> None:
@@ -94,9 +107,7 @@ class PeakTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if type(t) is not torch.Tensor or t.device.type == "meta":
-                continue
+        for t in _plain_tensors(tree_leaves(out)):
             s = t.untyped_storage()
             if s in self._seen:
                 continue
@@ -110,7 +121,7 @@ class PeakTensorBytes(TorchDispatchMode):
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Peak bytes of one trainer rank, by term (see the module docstring)."""
+    """Peak bytes of one trainer rank, by term (see ``estimate_peak_bytes``)."""
 
     weights: int  # this rank's shard of the fp32 master weights
     grads: int  # ... of the fp32 gradients
@@ -119,18 +130,30 @@ class MemoryEstimate:
     block_grads: int  # one block's unsharded gradient (compute dtype, plus its fp32 copy for reduction)
     activations: int  # what the forward keeps for backward
     logprobs: int  # one [chunk, V] block (and its compute-dtype twin) + lm_head's gradient accumulator
+    root_grads: int  # the root group's unsharded gradients at the end of backward (+ the embedding's)
+    optimizer_temps: int  # the foreach AdamW step's temporaries (two lists of shard-sized fp32 tensors)
+
+    @property
+    def moments(self) -> dict[str, int]:
+        """The three candidate peaks: the start of backward (every activation and the log-prob
+        working set alive; gradients of earlier micro-batches held), its end (the root group's
+        gradients being reduced) and the optimizer step."""
+        held = self.weights + self.grads + self.adam
+        return {"backward_start": held + self.gathered + self.activations + self.logprobs,
+                "backward_end": held + self.gathered + self.block_grads + self.root_grads,
+                "optimizer_step": held + self.optimizer_temps}
 
     @property
     def total(self) -> int:
-        return sum(getattr(self, f.name) for f in fields(self))
+        return max(self.moments.values())
 
 
 def estimate_peak_bytes(model_cfg: ModelConfig, world: int, micro_batch_tokens: int, dtype: str = "bfloat16",
                         checkpointing: bool = False, logprob_chunk: int = 512) -> MemoryEstimate:
     """Peak memory of one trainer rank in a step: FSDP2 over ``world`` ranks, ``micro_batch_tokens``
-    tokens per forward/backward, compute in ``dtype`` (fp32 master weights), the peak being the
-    start of the backward pass (every activation alive, the lm_head backward running)."""
+    tokens per forward/backward, compute in ``dtype`` (fp32 master weights)."""
     c = 4 if dtype == "float32" else 2
+    mp = 4 if c != 4 else 0  # mixed precision: the fp32 copy a bf16 gradient is reduced in / upcast to
     p, blk, root = total_params(model_cfg), block_params(model_cfg), root_params(model_cfg)
     t, h, v = micro_batch_tokens, model_cfg.hidden_size, model_cfg.vocab_size
     per_block = block_activation_bytes(model_cfg, c)
@@ -140,7 +163,10 @@ def estimate_peak_bytes(model_cfg: ModelConfig, world: int, micro_batch_tokens: 
         acts = model_cfg.num_hidden_layers * t * per_block
     acts += t * h * (4 * c if c == 4 else 4 * c + 8) + 32 * t  # final norm, gathered hidden, token ids
     chunk = min(logprob_chunk, t)
-    logprobs = chunk * v * (4 + (c if c != 4 else 0)) + v * h * (4 + (c if c != 4 else 0))
+    logprobs = chunk * v * (4 + c * (mp > 0)) + v * h * (4 + c * (mp > 0))
+    # the embedding's dense gradient exists beside lm_head's until they are summed (tied weights)
+    root_grads = root * (c + mp) + (v * h * c if model_cfg.tie_word_embeddings else 0)
     shard = -(-p // world)
     return MemoryEstimate(weights=4 * shard, grads=4 * shard, adam=8 * shard, gathered=(root + 2 * blk) * c,
-                          block_grads=blk * (c + (4 if c != 4 else 0)), activations=acts, logprobs=logprobs)
+                          block_grads=blk * (c + mp), activations=acts, logprobs=logprobs, root_grads=root_grads,
+                          optimizer_temps=8 * shard)
