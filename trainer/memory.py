@@ -170,3 +170,27 @@ def estimate_peak_bytes(model_cfg: ModelConfig, world: int, micro_batch_tokens: 
     return MemoryEstimate(weights=4 * shard, grads=4 * shard, adam=8 * shard, gathered=(root + 2 * blk) * c,
                           block_grads=blk * (c + mp), activations=acts, logprobs=logprobs, root_grads=root_grads,
                           optimizer_temps=8 * shard)
+
+
+def markdown_table(seqs: int = 8, seq_len: int = 2048, micro_batch_size: int = 8, worlds: tuple[int, ...] = (1, 2, 8),
+                   dtype: str = "bfloat16", chunk: int = 512) -> str:
+    """The table of trainer/MEMORY.md: peak GiB per GPU for each Qwen2 shape and world size, with
+    and without activation checkpointing. A rank trains ceil(seqs / world) sequences, at most
+    ``micro_batch_size`` per forward/backward (``trainer/step.py``)."""
+    lines = ["| model | params | GPUs | tokens per micro-batch | peak GiB/GPU | with activation checkpointing "
+             "| largest term |", "|---|---|---|---|---|---|---|"]
+    for name in QWEN2_SHAPES:
+        cfg = qwen2_shape(name)
+        for world in worlds:
+            tokens = min(micro_batch_size, -(-seqs // world)) * seq_len
+            plain = estimate_peak_bytes(cfg, world, tokens, dtype, False, chunk)
+            ckpt = estimate_peak_bytes(cfg, world, tokens, dtype, True, chunk)
+            terms = {k: v for k, v in vars(plain).items()}
+            top = max(terms, key=terms.get)
+            lines.append(f"| {name} | {total_params(cfg) / 1e9:.2f} B | {world} | {tokens} | "
+                         f"{plain.total / GIB:.1f} | {ckpt.total / GIB:.1f} | {top} ({terms[top] / GIB:.1f}) |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -85,12 +85,17 @@ def test_estimate_terms():
     one = estimate_peak_bytes(cfg, world=1, micro_batch_tokens=4096, dtype="bfloat16")
     eight = estimate_peak_bytes(cfg, world=8, micro_batch_tokens=4096, dtype="bfloat16")
     assert one.weights == 4 * 7_615_616_512 and eight.weights == 4 * 951_952_064
-    assert eight.adam == 2 * eight.weights and eight.grads == eight.weights
-    assert one.activations == eight.activations and one.total - eight.total == 16 * (7_615_616_512 - 951_952_064)
+    assert eight.adam == 2 * eight.weights and eight.grads == eight.weights == eight.optimizer_temps / 2
+    assert one.activations == eight.activations and one.gathered == eight.gathered
     ckpt = estimate_peak_bytes(cfg, world=8, micro_batch_tokens=4096, dtype="bfloat16", checkpointing=True)
     assert ckpt.activations < eight.activations / 10
     # the log-prob working set: one [512, V] fp32 block and its bf16 twin, lm_head's fp32 accumulator and bf16 grad
     assert eight.logprobs == 512 * 152064 * 6 + 152064 * 3584 * 6
+    assert eight.total == max(eight.moments.values()) == eight.moments["backward_start"]
+    # 16 bytes per parameter alone put a 7B model past one 80 GB GPU; 8-way sharding brings it under
+    assert one.total > 80e9 and eight.total < 80e9 and ckpt.total < eight.total
+    fp32 = estimate_peak_bytes(qwen2_shape("0.5B"), world=1, micro_batch_tokens=512, dtype="float32")
+    assert fp32.block_grads == block_params(qwen2_shape("0.5B")) * 4  # no fp32 copy without mixed precision
 
 
 WORKER = r"""
