@@ -53,6 +53,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="0.5B", choices=("0.5B", "1.5B", "7B"))
     p.add_argument("--layers", type=int, default=4, help="decoder blocks (the shape's own count: 0)")
+    p.add_argument("--vocab", type=int, default=0, help="vocabulary (the shape's own: 0); smaller makes the "
+                                                         "activations, not the embeddings, the peak")
     p.add_argument("--seqs", type=int, default=2)
     p.add_argument("--mbs", type=int, default=1, help="trainer.micro_batch_size (sequences)")
     p.add_argument("--len", type=int, default=512, help="tokens per sequence (32 prompt + the rest output)")
@@ -69,7 +71,8 @@ def main() -> None:
     from trainer.model import build_policy, init_distributed
     from trainer.step import StepSettings, compute_batch_advantages, train_step
 
-    model_cfg = qwen2_shape(args.shape, **({"num_hidden_layers": args.layers} if args.layers else {}))
+    model_cfg = qwen2_shape(args.shape, **({"num_hidden_layers": args.layers} if args.layers else {}),
+                            **({"vocab_size": args.vocab} if args.vocab else {}))
     overrides = [f"model.{k}={v}" for k, v in vars(model_cfg).items() if k in (
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "tie_word_embeddings")]
@@ -92,7 +95,7 @@ def main() -> None:
     print(json.dumps({
         "name": "trainer_memory", "figure": round(m.peak / GIB, 3), "unit": "GiB (measured tensor peak)",
         "baseline": round(est.total / GIB, 3), "ratio": round(m.peak / est.total, 3), "goal": "0.85 .. 1.15",
-        "shape": args.shape, "layers": cfg.model.num_hidden_layers, "micro_batch_tokens": args.mbs * args.len,
+        "shape": args.shape, "layers": cfg.model.num_hidden_layers, "vocab": cfg.model.vocab_size, "micro_batch_tokens": args.mbs * args.len,
         "micro_batches": -(-args.seqs // args.mbs), "steps": args.steps,
         "chunk": args.chunk, "checkpointing": args.checkpointing, "dtype": "float32", "world": 1,
         "terms_gib": {k: round(v / GIB, 3) for k, v in vars(est).items()},

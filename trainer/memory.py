@@ -130,7 +130,7 @@ class MemoryEstimate:
     block_grads: int  # one block's unsharded gradient (compute dtype, plus its fp32 copy for reduction)
     activations: int  # what the forward keeps for backward
     logprobs: int  # one [chunk, V] block (and its compute-dtype twin) + lm_head's gradient accumulator
-    root_grads: int  # the root group's unsharded gradients at the end of backward (+ the embedding's)
+    root_grads: int  # the root group's unsharded gradients at the end of backward (+ the embedding's, + the new shard)
     optimizer_temps: int  # the foreach AdamW step's temporaries (two lists of shard-sized fp32 tensors)
 
     @property
@@ -164,9 +164,11 @@ def estimate_peak_bytes(model_cfg: ModelConfig, world: int, micro_batch_tokens: 
     acts += t * h * (4 * c if c == 4 else 4 * c + 8) + 32 * t  # final norm, gathered hidden, token ids
     chunk = min(logprob_chunk, t)
     logprobs = chunk * v * (4 + c * (mp > 0)) + v * h * (4 + c * (mp > 0))
-    # the embedding's dense gradient exists beside lm_head's until they are summed (tied weights)
-    root_grads = root * (c + mp) + (v * h * c if model_cfg.tie_word_embeddings else 0)
     shard = -(-p // world)
+    # the embedding's dense gradient exists beside lm_head's until they are summed (tied weights);
+    # from the second micro-batch on, the reduce-scatter's output is a new shard added to the held one
+    root_grads = (root * (c + mp) + (v * h * c if model_cfg.tie_word_embeddings else 0)
+                  + 4 * -(-root // world))
     return MemoryEstimate(weights=4 * shard, grads=4 * shard, adam=8 * shard, gathered=(root + 2 * blk) * c,
                           block_grads=blk * (c + mp), activations=acts, logprobs=logprobs, root_grads=root_grads,
                           optimizer_temps=8 * shard)
