@@ -4,7 +4,8 @@ One process, the trainer's own code path (world-size-1 gloo group, FSDP2, CPU, f
 built (``trainer.model.build_policy``: meta device, sharded, materialised) and ``--steps``
 ``trainer.step.train_step`` calls run on a batch of ``--seqs`` sequences of ``--len`` tokens, ``--mbs``
 sequences per micro-batch (gradients accumulate over the micro-batches, as in a real step; from the
-second step on the AdamW moments exist during the forward/backward). Measured: the peak of the bytes held by tensors allocated from the start of the build
+second step on the AdamW moments exist during the forward/backward). Measured: the peak of the
+bytes held by tensors allocated from the start of the build
 to the end of the step (``trainer.memory.PeakTensorBytes``: parameters, gradients, AdamW states,
 all-gathered parameters, activations, log-prob chunks), and the process's peak RSS for reference
 (which adds torch/transformers themselves and allocator slack). The estimate is the accounting that
@@ -95,7 +96,8 @@ def main() -> None:
     print(json.dumps({
         "name": "trainer_memory", "figure": round(m.peak / GIB, 3), "unit": "GiB (measured tensor peak)",
         "baseline": round(est.total / GIB, 3), "ratio": round(m.peak / est.total, 3), "goal": "0.85 .. 1.15",
-        "shape": args.shape, "layers": cfg.model.num_hidden_layers, "vocab": cfg.model.vocab_size, "micro_batch_tokens": args.mbs * args.len,
+        "shape": args.shape, "layers": cfg.model.num_hidden_layers, "vocab": cfg.model.vocab_size,
+        "micro_batch_tokens": args.mbs * args.len,
         "micro_batches": -(-args.seqs // args.mbs), "steps": args.steps,
         "chunk": args.chunk, "checkpointing": args.checkpointing, "dtype": "float32", "world": 1,
         "terms_gib": {k: round(v / GIB, 3) for k, v in vars(est).items()},

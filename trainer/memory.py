@@ -5,11 +5,13 @@ the tensor bytes a piece of code allocates.
 at the peak of a step under FSDP2 (``trainer/model.py``): its 1/world share of the fp32 master
 weights, gradients and two AdamW moments, plus the transient terms of the largest of three
 moments: the start of backward (the root group and two decoder blocks all-gathered in compute
-dtype, the activations kept for backward -- every block's, or only the block inputs with
-activation checkpointing plus one block recomputed -- and the log-prob working set: one
-``[chunk, vocab]`` block, ``trainer/logprobs.py``, and lm_head's gradient), the end of backward
-(the root group's gradients being reduced) and the optimizer step (foreach AdamW's temporaries). It leaves out the CUDA context, the allocator's fragmentation and
-NCCL buffers (a few GiB in practice: leave headroom).
+dtype, twice, as FSDP2 frees an all-gather's flat output only at the next all-gather; the
+activations kept for backward -- every block's, or only the block inputs with activation
+checkpointing plus one block recomputed -- and the log-prob working set: one ``[chunk, vocab]``
+block, ``trainer/logprobs.py``, and lm_head's gradient), the end of backward (the root group's
+gradients being reduced) and the optimizer step (foreach AdamW's temporaries). It leaves out the
+CUDA context, the allocator's fragmentation and NCCL buffers (a few GiB in practice: leave
+headroom). ``benchmarks/bench_trainer_memory.py`` checks it against a measured step.
 
 ``PeakTensorBytes`` measures, on any device, the peak of the bytes held by tensors created while
 it is active (a dispatch mode: every op's output storage is counted until it is freed). Tensors
@@ -127,6 +129,7 @@ class MemoryEstimate:
     grads: int  # ... of the fp32 gradients
     adam: int  # ... of AdamW's two fp32 moments
     gathered: int  # unsharded compute-dtype parameters: the root group, the current and the next block
+    gather_buffers: int  # FSDP2's flat all-gather outputs of the same, held until the next all-gather
     block_grads: int  # one block's unsharded gradient (compute dtype, plus its fp32 copy for reduction)
     activations: int  # what the forward keeps for backward
     logprobs: int  # one [chunk, V] block (and its compute-dtype twin) + lm_head's gradient accumulator
@@ -139,7 +142,7 @@ class MemoryEstimate:
         working set alive; gradients of earlier micro-batches held), its end (the root group's
         gradients being reduced) and the optimizer step."""
         held = self.weights + self.grads + self.adam
-        return {"backward_start": held + self.gathered + self.activations + self.logprobs,
+        return {"backward_start": held + self.gathered + self.gather_buffers + self.activations + self.logprobs,
                 "backward_end": held + self.gathered + self.block_grads + self.root_grads,
                 "optimizer_step": held + self.optimizer_temps}
 
@@ -170,6 +173,7 @@ def estimate_peak_bytes(model_cfg: ModelConfig, world: int, micro_batch_tokens: 
     root_grads = (root * (c + mp) + (v * h * c if model_cfg.tie_word_embeddings else 0)
                   + 4 * -(-root // world))
     return MemoryEstimate(weights=4 * shard, grads=4 * shard, adam=8 * shard, gathered=(root + 2 * blk) * c,
+                          gather_buffers=(root + 2 * blk) * c,
                           block_grads=blk * (c + mp), activations=acts, logprobs=logprobs, root_grads=root_grads,
                           optimizer_temps=8 * shard)
 

@@ -152,7 +152,8 @@ def test_safetensors_load_equals_from_pretrained(results, world):
     model = AutoModelForCausalLM.from_pretrained(str(results["model_dir"]), dtype=torch.float32)
     _assert_bit_equal(results[world]["loaded"], dict(model.named_parameters()))
     _assert_bit_equal(results[world]["reference"], dict(model.named_parameters()))  # fp32 on CPU
-    assert not torch.equal(results[world]["loaded"]["lm_head.weight"], results[world]["init_tie=False"]["lm_head.weight"])
+    loaded, built = results[world]["loaded"], results[world]["init_tie=False"]
+    assert not torch.equal(loaded["lm_head.weight"], built["lm_head.weight"])  # another seed: not vacuous
 
 
 @pytest.mark.parametrize("world", [1, 2])
