@@ -30,7 +30,7 @@ class ModelConfig:
     num_key_value_heads: int = 2
     max_position_embeddings: int = 256
     tie_word_embeddings: bool = False
-    dtype: str = "float32"  # parameter dtype for inference / mixed-precision compute dtype on GPU
+    dtype: str = "float32"  # engines' weights; trainer on cuda: compute dtype (fp32 master weights, fp32 grad reduce)
     attn_implementation: str = "sdpa"
     init_seed: int = 0
 
@@ -271,6 +271,8 @@ class TrainerConfig:
     ref_path: str | None = None
     # engines' log-probs vs the trainer's, mean |diff| per token allowed at start; <= 0: off (logprob_guard.py)
     logprob_guard_tol: float = 0.05
+    activation_checkpointing: bool = False  # recompute each decoder block in backward (trainer/MEMORY.md)
+    logprob_chunk_tokens: int = 512  # tokens per lm_head chunk of the log-probs: one [chunk, vocab] fp32 block
 
     def __post_init__(self):
         _check("trainer.steps", self.steps >= 1, ">= 1", self.steps)
@@ -279,6 +281,7 @@ class TrainerConfig:
         _choice("trainer.estimator", self.estimator, ESTIMATORS)
         _check("trainer.micro_batch_size", self.micro_batch_size >= 1, ">= 1", self.micro_batch_size)
         _check("trainer.num_minibatches", self.num_minibatches >= 1, ">= 1", self.num_minibatches)
+        _check("trainer.logprob_chunk_tokens", self.logprob_chunk_tokens >= 1, ">= 1", self.logprob_chunk_tokens)
         _check("trainer.grad_clip", self.grad_clip > 0, "> 0", self.grad_clip)
         _check("trainer.betas", len(self.betas) == 2, "two numbers", self.betas)
         self.loss.check_agg()

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from areal_like.config import LossConfig, RunConfig
 from trainer.advantages import AdvantageInputs, Advantages
 from trainer.data import TrainBatch
-from trainer.logprobs import token_logprobs
+from trainer.logprobs import CHUNK_TOKENS
 from trainer.losses import KERNELS, Kernel, accumulate_stats, compute_policy_loss, finalize_stats, vcpo_is_weights
 from trainer.model import Policy, clip_gradients
 
@@ -48,12 +48,14 @@ class StepSettings:
     num_minibatches: int
     grad_clip: float
     temperature: float
+    chunk_tokens: int = CHUNK_TOKENS  # trainer.logprob_chunk_tokens
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> StepSettings:
         t = cfg.trainer
         return cls(loss=t.loss, estimator=t.estimator, micro_batch_size=t.micro_batch_size,
-                   num_minibatches=t.num_minibatches, grad_clip=t.grad_clip, temperature=cfg.task.temperature)
+                   num_minibatches=t.num_minibatches, grad_clip=t.grad_clip, temperature=cfg.task.temperature,
+                   chunk_tokens=t.logprob_chunk_tokens)
 
     @property
     def kernel(self) -> Kernel:
@@ -73,14 +75,16 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def output_logp(model: torch.nn.Module, mb: TrainBatch, temperature: float) -> torch.Tensor:
-    """log pi(output token t) [n, T] under ``model`` (fp32, logits / temperature); garbage on padding."""
-    logits = model(input_ids=mb.input_ids).logits  # right padding + causal attention: no mask needed
+def output_logp(model: torch.nn.Module, mb: TrainBatch, temperature: float,
+                chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+    """log pi(output token t) [n, T] under ``model`` (fp32, logits / temperature); garbage on padding.
+
+    ``model`` is a policy from ``trainer/model.py`` (``policy_logprobs`` attached): the logits of
+    output token t are the ones at position P - 1 + t, taken ``chunk_tokens`` tokens at a time.
+    """
     s, t_max = mb.input_ids.shape[1], mb.mask.shape[1]
-    pos = (mb.prompt_lens[:, None] - 1 + torch.arange(t_max, device=logits.device)).clamp(max=s - 2)
-    targets = mb.input_ids.gather(1, pos + 1)
-    picked = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
-    return token_logprobs(picked, targets, temperature)
+    pos = (mb.prompt_lens[:, None] - 1 + torch.arange(t_max, device=mb.input_ids.device)).clamp(max=s - 2)
+    return model.policy_logprobs(mb.input_ids, pos, temperature, chunk_tokens)
 
 
 def minibatches(batch: TrainBatch, n: int) -> list[torch.Tensor]:
@@ -112,7 +116,7 @@ def batch_logp(model: torch.nn.Module, batch: TrainBatch, s: StepSettings, devic
     for rows in minibatches(batch, s.num_minibatches):
         for mb_rows in local_microbatches(rows, s.micro_batch_size):
             idx = mb_rows if mb_rows is not None else rows[:1]  # a dummy pass keeps the collectives aligned
-            lp = output_logp(model, batch.select(idx).to(device), s.temperature)
+            lp = output_logp(model, batch.select(idx).to(device), s.temperature, s.chunk_tokens)
             if mb_rows is not None:
                 out[mb_rows, :lp.shape[1]] = lp.float().cpu()
     return out
@@ -144,7 +148,7 @@ def forward_backward(policy: Policy, mb: TrainBatch, advantages: torch.Tensor, p
                      s: StepSettings, loss_cfg: LossConfig, n_tokens: float, n_seqs: float,
                      ref_logp: torch.Tensor | None = None) -> dict:
     """Loss and gradient of one micro-batch (already on the device). Returns the kernel's stats."""
-    logp = output_logp(policy.model, mb, s.temperature)
+    logp = output_logp(policy.model, mb, s.temperature, s.chunk_tokens)
     loss, stats = compute_policy_loss(
         loss_cfg, logp=logp, prox_logp=prox_logp, behav_logp=mb.behav_logp, advantages=advantages, mask=mb.mask,
         n_tokens_global=n_tokens, n_seqs_global=n_seqs, ref_logp=ref_logp)
@@ -182,7 +186,7 @@ def sequence_score_terms(policy: Policy, batch: TrainBatch, rows: torch.Tensor,
         mine = k % world == rank
         mb = batch.select([j]).to(policy.device)
         policy.optimizer.zero_grad(set_to_none=True)
-        logp = output_logp(policy.model, mb, s.temperature)
+        logp = output_logp(policy.model, mb, s.temperature, s.chunk_tokens)
         score = torch.where(mb.mask > 0, logp.float(), torch.zeros_like(mb.mask)).sum()
         (score * (world if mine else 0.0)).backward()
         g2[k] = sum(float(_local(p.grad).double().pow(2).sum()) for p in params if p.grad is not None)
