@@ -14,8 +14,9 @@ Invariants (tested in tests/unit/test_placement.py):
 * except on a one-GPU node running one trainer rank and one rollout server of ``tp_size`` 1: both
   get GPU 0 (``NodeGpus.shared``). Then the weights go without a group (``with_weight_path``:
   ``trainer.weight_sync.path=auto`` becomes ``tensor``; an explicit ``distributed`` over NCCL is
-  refused), and an SGLang engine must leave the trainer room: ``rollout.engine.sglang.
-  mem_fraction_static`` set, at most ``SHARED_MEM_FRACTION_MAX``;
+  refused), and an SGLang engine leaves the trainer room: ``rollout.engine.sglang.
+  mem_fraction_static`` defaults to ``SHARED_MEM_FRACTION_DEFAULT`` there and may not exceed
+  ``SHARED_MEM_FRACTION_MAX`` (on a GPU of its own SGLang picks its own fraction);
 * the GPUs given out are ``[0, used)``, in the order trainer ranks, then rollout servers;
 * a process that runs on CPU takes no GPU, and an engine attached by URL runs elsewhere.
 
@@ -34,6 +35,7 @@ from dataclasses import dataclass, replace
 
 from areal_like.config import ConfigError, RunConfig
 
+SHARED_MEM_FRACTION_DEFAULT = 0.4  # one shared GPU, fraction unset: what SGLang gets
 SHARED_MEM_FRACTION_MAX = 0.6  # one shared GPU: SGLang's static share; the trainer's weights, grads, Adam need the rest
 
 
@@ -165,17 +167,23 @@ def _check_shared(cfg: RunConfig) -> None:
         raise ConfigError("trainer.weight_sync.path=distributed with the trainer and the engine on one GPU: NCCL "
                           "refuses two ranks on one GPU; use path=auto (tensor), tensor or disk, or backend=gloo")
     frac = ec.sglang.get("mem_fraction_static")
-    if ec.kind == "sglang" and not (isinstance(frac, (int, float)) and 0 < frac <= SHARED_MEM_FRACTION_MAX):
+    if ec.kind == "sglang" and frac is not None and not (isinstance(frac, (int, float))
+                                                        and 0 < frac <= SHARED_MEM_FRACTION_MAX):
         raise ConfigError(f"rollout.engine.sglang.mem_fraction_static={frac!r}: with the trainer on the same GPU "
                           f"SGLang must leave it room; set it in (0, {SHARED_MEM_FRACTION_MAX}] (e.g. 0.4)")
 
 
 def with_weight_path(cfg: RunConfig) -> RunConfig:
-    """``trainer.weight_sync.path=auto`` resolved for the daemons: ``tensor`` when the placement puts the
-    trainer and an engine on one GPU, else ``distributed``. ``launch.gpus_per_node`` must be resolved."""
-    ws = cfg.trainer.weight_sync
-    if ws.path != "auto":
-        return cfg
+    """The config the daemons get on this placement: ``trainer.weight_sync.path=auto`` becomes ``tensor``
+    when the trainer and an engine share a GPU, else ``distributed``; there an SGLang engine without
+    ``mem_fraction_static`` gets ``SHARED_MEM_FRACTION_DEFAULT``. ``launch.gpus_per_node`` must be resolved."""
     placed = place_nodes(cfg)
-    path = "tensor" if placed is not None and any(n.shared for n in placed) else "distributed"
-    return replace(cfg, trainer=replace(cfg.trainer, weight_sync=replace(ws, path=path)))
+    shared = placed is not None and any(n.shared for n in placed)
+    ws, ec = cfg.trainer.weight_sync, cfg.rollout.engine
+    if ws.path == "auto":
+        path = "tensor" if shared else "distributed"
+        cfg = replace(cfg, trainer=replace(cfg.trainer, weight_sync=replace(ws, path=path)))
+    if shared and ec.kind == "sglang" and ec.sglang.get("mem_fraction_static") is None:
+        sglang = {**ec.sglang, "mem_fraction_static": SHARED_MEM_FRACTION_DEFAULT}
+        cfg = replace(cfg, rollout=replace(cfg.rollout, engine=replace(ec, sglang=sglang)))
+    return cfg

@@ -242,4 +242,6 @@ def _engine(cfg: RunConfig) -> str:
         return f"engine {ec.url}"
     if ec.kind == "embedded":
         return f"engine embedded on {ec.device}"
-    return f"engine sglang tp={ec.tp_size} http://{ec.host}:{_port(ec.port)}"
+    frac = ec.sglang.get("mem_fraction_static")
+    mem = "" if frac is None else f" mem_fraction_static={frac}"
+    return f"engine sglang tp={ec.tp_size}{mem} http://{ec.host}:{_port(ec.port)}"

@@ -12,7 +12,7 @@ import pytest
 
 from areal_like.config import ConfigError, load_config
 from launch.job import job_specs, plan_job
-from launch.placement import SHARED_MEM_FRACTION_MAX, place_job, place_node, with_weight_path
+from launch.placement import SHARED_MEM_FRACTION_DEFAULT, SHARED_MEM_FRACTION_MAX, place_job, place_node, with_weight_path
 from launch.topology import apply_topology, plan_topology
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,12 +48,24 @@ def test_shared_gpu_refusals_name_the_key():
         place_job(load_config([*ONE_GPU_SGLANG, "trainer.weight_sync.path=distributed"]))
     place_job(load_config([*ONE_GPU_SGLANG, "trainer.weight_sync.path=distributed",
                            "trainer.weight_sync.backend=gloo"]))  # gloo on CUDA tensors shares a GPU fine
-    for frac in ("0.8", "null"):
+    for frac in ("0.8", "0", "'lots'"):
         with pytest.raises(ConfigError, match=r"^rollout\.engine\.sglang\.mem_fraction_static="):
             place_job(load_config(["topology=gpu_sglang", "launch.gpus_per_node=1",
                                    f"rollout.engine.sglang.mem_fraction_static={frac}"]))
     place_job(load_config(["topology=gpu_sglang", "launch.gpus_per_node=1",
                            f"rollout.engine.sglang.mem_fraction_static={SHARED_MEM_FRACTION_MAX}"]))
+
+
+def test_a_shared_gpu_gives_sglang_a_fraction_that_leaves_the_trainer_room():
+    """The one-GPU first start needs no memory key: unset, SGLang gets the shared default there, and
+    keeps its own choice (no key) on a GPU of its own; a value the user set is kept."""
+    shared = with_weight_path(load_config(["topology=gpu_sglang", "launch.gpus_per_node=1"]))
+    assert shared.rollout.engine.sglang["mem_fraction_static"] == SHARED_MEM_FRACTION_DEFAULT
+    apart = with_weight_path(load_config(["topology=gpu_sglang", "launch.gpus_per_node=2"]))
+    assert apart.rollout.engine.sglang["mem_fraction_static"] is None  # omitted from the argv
+    mine = with_weight_path(load_config(["topology=gpu_sglang", "launch.gpus_per_node=1",
+                                         "rollout.engine.sglang.mem_fraction_static=0.3"]))
+    assert mine.rollout.engine.sglang["mem_fraction_static"] == 0.3
 
 
 def test_both_processes_see_gpu_0_and_the_daemons_read_the_tensor_path():
