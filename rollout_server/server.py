@@ -99,6 +99,7 @@ class RolloutServer(Daemon):
         self.eval_version: int | None = None  # the version under evaluation: plans are declined meanwhile
         self.eval_task: asyncio.Task | None = None
         self.pub_address = self.rcfg.pub_address
+        self.started = False  # start() finished: the engine is up
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -127,6 +128,7 @@ class RolloutServer(Daemon):
             self.log.info("evaluating %d eval prompts (eval.every=%d)", len(self.evaluator.examples),
                           self.cfg.eval.every)
         self.log.info("server %s, engine %s (%s)", self.server_id, self.engine_url, ecfg.kind)
+        self.started = True
 
     def stop(self) -> None:
         if self.rewards is not None:
@@ -152,7 +154,9 @@ class RolloutServer(Daemon):
             pass
 
     def health(self) -> tuple[bool, dict]:
-        return self.failure is None, {"name": self.name, "server_id": self.server_id,
+        """Healthy once ``start`` has its engine up (a launched SGLang answered its own health check):
+        the launcher starts a trainer that shares the GPU only after that."""
+        return self.failure is None and self.started, {"name": self.name, "server_id": self.server_id,
                                       "policy_version": self.policy_version, "unacked": len(self.unacked)}
 
     # ------------------------------------------------------------------ the loop
