@@ -139,8 +139,11 @@ class SGLangClient:
     def __init__(self, base_url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  generate_timeout_s: float = GENERATE_TIMEOUT_S, max_attempts: int = MAX_ATTEMPTS,
                  on_request: Callable[[str, str, Any], None] | None = None,
-                 on_response: Callable[[str, str, int, Any, str], None] | None = None):
+                 on_response: Callable[[str, str, int, Any, str], None] | None = None,
+                 api_key: str | None = None):
         self.base_url = base_url.rstrip("/")
+        # sent as SGLang's --api-key expects it; never logged (SGLangError carries the answer, not the request)
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout_s = timeout_s
         self.generate_timeout_s = generate_timeout_s
         self.max_attempts = max_attempts
@@ -163,7 +166,7 @@ class SGLangClient:
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             # no connection limit: a rollout server keeps many generate calls open at once
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=self._headers)
         return self._session
 
     async def _call(self, method: str, path: str, body: Any = None, *, timeout_s: float | None = None,
@@ -196,7 +199,7 @@ class SGLangClient:
                     if resp.status < 300 and not (isinstance(parsed, dict) and parsed.get("success") is False):
                         return resp.status, parsed, raw
                     last = SGLangError(path, resp.status, _error_message(parsed, raw))
-                    if not (idempotent and resp.status >= 500):
+                    if not ((idempotent and resp.status >= 500) or resp.status == 429):  # 429: refused unread
                         raise last
             except aiohttp.ClientConnectorError as e:  # nothing was sent: safe to retry any call
                 last = SGLangError(path, None, f"connection failed: {e}")
