@@ -77,6 +77,7 @@ class GuardStats:
     """Refusals so far (read by a daemon's metrics); plain ints, touched only on the server's loop."""
 
     connections: int = 0
+    peak_connections: int = 0
     connections_refused: int = 0
     requests_refused: int = 0  # 429: over max_inflight
     unauthorized: int = 0  # 401
@@ -121,6 +122,7 @@ class _GuardedHandler(RequestHandler):
             transport.close()
             return
         stats.connections += 1
+        stats.peak_connections = max(stats.peak_connections, stats.connections)
         super().connection_made(transport)
         self._arm()
 
