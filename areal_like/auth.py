@@ -34,8 +34,12 @@ BIND_HOST_ENV = "AREAL_LIKE_BIND_HOST"
 LOOPBACK = "127.0.0.1"
 KEY_FILE = Path("secrets") / "engine_api_key"  # under the run directory
 REDACTED = "<redacted>"
-# names whose values are credentials: WANDB_API_KEY, HF_TOKEN, api_key, password, ...
+# environment variables whose values may be credentials (WANDB_API_KEY, HF_TOKEN, ...): broad on purpose
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH", re.IGNORECASE)
+# config keys that hold credentials (api_key, admin_api_key, hf_token, password); whole words, so
+# max_new_tokens, tokenizer and prompt_key are not among them
+SECRET_FIELD = re.compile(r"(^|[_-])(api[_-]?key|token|secret|passw(or)?d|credentials?)($|[_-])", re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"(://[^/@:\s]+:)[^/@\s]+@")
 
 
 def engine_api_key(environ: Mapping[str, str] = os.environ) -> str | None:
@@ -72,13 +76,16 @@ def ensure_key_file(run_dir: str | Path) -> str:
 
 
 def redact(value: Any) -> Any:
-    """``value`` with the value of every mapping key that looks like a secret replaced by
-    ``<redacted>``, recursively through dicts and lists (a copy; the input is not changed)."""
+    """``value`` with the value of every mapping key that names a credential (``SECRET_FIELD``)
+    and the password of every ``scheme://user:password@host`` URL replaced by ``<redacted>``,
+    recursively through dicts and lists (a copy; the input is not changed)."""
     if isinstance(value, Mapping):
-        return {k: REDACTED if isinstance(k, str) and SECRET_NAME.search(k) and v not in (None, "")
+        return {k: REDACTED if isinstance(k, str) and SECRET_FIELD.search(k) and v not in (None, "")
                 else redact(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [redact(v) for v in value]
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(rf"\1{REDACTED}@", value)
     return value
 
 
@@ -90,7 +97,7 @@ def redact_argv(argv: list[str]) -> list[str]:
         if hide:
             out.append(REDACTED)
             hide = False
-        elif word.startswith("--") and SECRET_NAME.search(word.split("=", 1)[0]):
+        elif word.startswith("--") and SECRET_FIELD.search(word.split("=", 1)[0][2:]):
             flag, eq, _ = word.partition("=")
             out.append(f"{flag}={REDACTED}" if eq else word)
             hide = not eq

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from areal_like.auth import ENGINE_KEY_ENV, engine_api_key, ensure_key_file
 from areal_like.config import RunConfig, to_yaml
 from areal_like.distributed import free_port
 from areal_like.track_sink import TrackerSink
@@ -91,7 +92,9 @@ def job_specs(cfg: RunConfig, topo: Topology, config_path: Path, python: str = s
     """The buffer (stage 0), then every rollout server and the trainer (stage 1); on a GPU topology
     each gets ``CUDA_VISIBLE_DEVICES`` from its slot (the trainer's lists one GPU per torchrun rank)."""
     env = {"OMP_NUM_THREADS": str(cfg.launch.omp_threads), "MKL_NUM_THREADS": str(cfg.launch.omp_threads),
-           "AREAL_LIKE_RUN_DIR": cfg.run_dir}
+           "AREAL_LIKE_RUN_DIR": cfg.run_dir,
+           # the job's engine API key: one exported by the user (an attached engine's), else the run's own
+           ENGINE_KEY_ENV: engine_api_key() or ensure_key_file(cfg.run_dir)}
     base = ["--config-file", str(config_path)]
     specs = []
     for slot in topo.slots:
