@@ -4,9 +4,13 @@ Every HTTP port a daemon opens (an embedded engine's SGLang API, each daemon's `
 ``/health``) is served through ``serve(app, host, port, limits, token=...)``, so a client that
 can reach the port cannot hold the server's memory, connections or event loop:
 
-* ``HttpLimits.max_connections`` open connections; the next one is answered ``503`` and closed
-  at once, before its request is read (``connections_refused``);
-* ``max_inflight`` requests being handled; the next one gets ``429`` (``requests_refused``);
+* ``HttpLimits.max_connections`` open connections; the next one is answered ``503`` and closed,
+  its request never parsed (``connections_refused``; the socket lingers up to
+  ``REFUSED_LINGER_S`` for the client to read the answer, as a reset would lose it);
+* ``max_inflight`` requests being handled; the next one gets ``429`` (``requests_refused``).
+  Requests to ``capped_paths`` count (all paths when it is None): an engine caps ``/generate``,
+  whose calls may wait for long, so that its pause, continue and weight-update calls always
+  get through;
 * a request line or header field longer than ``max_header_bytes`` -> ``431``; more than
   ``max_headers`` header fields -> ``431``;
 * a body over ``max_body_bytes`` -> ``413`` (from ``Content-Length`` before anything is read,
@@ -41,6 +45,7 @@ from areal_like.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 _client_errors = RateLimitedLog(log, every_s=60.0)  # a peer can send bad requests at will: no line per request
+REFUSED_LINGER_S = 2.0
 TOO_MANY_CONNECTIONS = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                         b"Content-Length: 38\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
                         b'{"error": "too many open connections"}')
@@ -79,6 +84,7 @@ class GuardStats:
     connections: int = 0
     peak_connections: int = 0
     connections_refused: int = 0
+    lingering: int = 0  # refused connections waiting for their client to close
     requests_refused: int = 0  # 429: over max_inflight
     unauthorized: int = 0  # 401
     timed_out: int = 0  # header or body deadline missed
@@ -90,6 +96,7 @@ class _Guard:  # noqa: D101 - the limits, token and counters of one server
     limits: HttpLimits
     token: str | None
     open_paths: frozenset[str]
+    capped_paths: frozenset[str] | None
     stats: GuardStats = field(default_factory=GuardStats)
 
 
@@ -111,29 +118,48 @@ class _GuardedHandler(RequestHandler):
         super().__init__(manager, max_line_size=lim.max_header_bytes, max_field_size=lim.max_header_bytes,
                          max_headers=lim.max_headers, keepalive_timeout=lim.keepalive_s, auto_decompress=False,
                          access_log=None, **kwargs)
-        self._guard, self._deadline, self._refused = guard, None, False
+        self._guard, self._deadline, self._refused, self._lingering = guard, None, False, False
 
     def connection_made(self, transport) -> None:
-        stats = self._guard.stats
-        if stats.connections >= self._guard.limits.max_connections:
-            self._refused = True
-            stats.connections_refused += 1
-            transport.write(TOO_MANY_CONNECTIONS)
-            transport.close()
+        stats, lim = self._guard.stats, self._guard.limits
+        if stats.connections >= lim.max_connections:
+            self._refuse(transport)
             return
         stats.connections += 1
         stats.peak_connections = max(stats.peak_connections, stats.connections)
         super().connection_made(transport)
         self._arm()
 
+    def _refuse(self, transport) -> None:
+        """Answer 503 and close without reading a request. Closing a socket with the client's request
+        unread would reset it (and lose the 503), so the socket lingers (reads discarded) until the
+        client closes or ``REFUSED_LINGER_S``, as long as fewer than max_connections do."""
+        stats = self._guard.stats
+        self._refused = True
+        stats.connections_refused += 1
+        transport.write(TOO_MANY_CONNECTIONS)
+        if stats.lingering >= self._guard.limits.max_connections or not transport.can_write_eof():
+            transport.close()
+            return
+        stats.lingering += 1
+        self._lingering = True
+        transport.write_eof()
+        self._deadline = self._loop.call_later(REFUSED_LINGER_S, transport.abort)
+
     def connection_lost(self, exc) -> None:
         if self._refused:
+            if self._lingering:
+                self._guard.stats.lingering -= 1
+                self._lingering = False
+                self._disarm()
             return
         self._guard.stats.connections -= 1
         self._disarm()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # a refused connection's request is read and dropped
         before = self._request_count  # incremented by the parser for each request whose head is complete
         super().data_received(data)
         if self._request_count != before:
@@ -175,11 +201,12 @@ def _guard_middleware(guard: _Guard):
             stats.unauthorized += 1
             return web.json_response({"error": "missing or wrong bearer token"}, status=401,
                                      headers={"WWW-Authenticate": "Bearer"})
-        if stats.inflight >= lim.max_inflight:
+        capped = guard.capped_paths is None or request.path in guard.capped_paths
+        if capped and stats.inflight >= lim.max_inflight:
             stats.requests_refused += 1
             return web.json_response({"error": f"over {lim.max_inflight} requests in flight; retry later"},
                                      status=429, headers={"Retry-After": "1"})
-        stats.inflight += 1
+        stats.inflight += capped
         try:
             if request.content_length is not None and request.content_length > lim.max_body_bytes:
                 return _too_large(request, lim)
@@ -194,7 +221,7 @@ def _guard_middleware(guard: _Guard):
                     return _too_large(request, lim)
             return await handler(request)
         finally:
-            stats.inflight -= 1
+            stats.inflight -= capped
     return guard_mw
 
 
@@ -204,10 +231,11 @@ def _too_large(request: web.Request, lim: HttpLimits) -> web.Response:
 
 
 def guarded_app(*, limits: HttpLimits, token: str | None = None, open_paths: tuple[str, ...] = (),
-                middlewares: tuple = ()) -> web.Application:
-    """An ``aiohttp`` application whose first middleware enforces ``limits`` and ``token``;
+                capped_paths: tuple[str, ...] | None = None, middlewares: tuple = ()) -> web.Application:
+    """An ``aiohttp`` application whose first middleware enforces ``limits`` and ``token``
+    (``open_paths`` need none; only ``capped_paths`` count against ``max_inflight``, None = all);
     ``serve`` it to get the connection-level limits too."""
-    guard = _Guard(limits, token, frozenset(open_paths))
+    guard = _Guard(limits, token, frozenset(open_paths), None if capped_paths is None else frozenset(capped_paths))
     app = web.Application(middlewares=[_guard_middleware(guard), *middlewares], client_max_size=limits.max_body_bytes)
     app[GUARD_KEY] = guard
     return app

@@ -139,8 +139,10 @@ class EngineHttp:
         self.hold_posted = False  # an in_place/retract pause posted a hold that no continue released yet
 
     def app(self) -> web.Application:
-        # every endpoint needs the API key (SGLang's --api-key: /health too), within the limits (http_guard.py)
-        app = guarded_app(limits=self.limits, token=self.api_key, middlewares=(self._errors,))
+        # every endpoint needs the API key (SGLang's --api-key: /health too), within the limits (http_guard.py);
+        # generate calls (which wait while paused) count against max_inflight, control calls always get in
+        app = guarded_app(limits=self.limits, token=self.api_key, capped_paths=("/generate",),
+                          middlewares=(self._errors,))
         app.on_startup.append(self._startup)
         r = app.router
         for path, handler in [("/generate", self.generate), ("/flush_cache", self.flush_cache),

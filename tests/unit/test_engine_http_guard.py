@@ -154,3 +154,23 @@ def test_bad_input_gets_400_naming_the_problem(engine, body, why):
 def test_bad_control_numbers_get_400(engine):
     status, text = call(engine, "/get_weights_by_name", b'{"name": "x", "truncate_size": 1e400}')  # int(inf)
     assert status == 400 and "truncate_size" in text, text
+
+
+def test_control_calls_get_through_while_generate_calls_fill_the_in_flight_cap(engine, wait_until):
+    """While paused, /generate calls wait (holding their in-flight slots); the cap refuses more with
+    429, and /continue_generation still gets in and releases them."""
+    assert call(engine, "/pause_generation", b'{"mode": "abort"}')[0] == 200
+    body = json.dumps({"input_ids": [1, 5], "sampling_params": {"max_new_tokens": 1, "temperature": 0}}).encode()
+    statuses: list[int] = []
+    waiting = [threading.Thread(target=lambda: statuses.append(call(engine, "/generate", body)[0]))
+               for _ in range(LIMITS.max_inflight)]
+    for t in waiting:
+        t.start()
+    stats = engine._server.stats
+    wait_until(lambda: stats.inflight == LIMITS.max_inflight, timeout_s=HTTP_TIMEOUT_S,
+               what="every waiting /generate call to hold its in-flight slot")
+    assert call(engine, "/generate", body)[0] == 429
+    assert call(engine, "/continue_generation", b"{}")[0] == 200
+    for t in waiting:
+        t.join(HTTP_TIMEOUT_S)
+    assert statuses == [200] * LIMITS.max_inflight
