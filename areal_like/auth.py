@@ -58,14 +58,22 @@ def http_bind_host(environ: Mapping[str, str] = os.environ) -> str:
     return "0.0.0.0" if host == "*" else host
 
 
+def read_key_file(run_dir: str | Path) -> str | None:
+    """The engine API key written by ``ensure_key_file`` in ``run_dir``, or None."""
+    path = Path(run_dir) / KEY_FILE
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
 def ensure_key_file(run_dir: str | Path) -> str:
     """The engine API key of the job in ``run_dir``: read from ``<run_dir>/secrets/engine_api_key``,
     or made (32 random bytes, URL-safe) and written there readable by the owner only."""
     path = Path(run_dir) / KEY_FILE
-    if path.exists():
-        key = path.read_text().strip()
-        if key:
-            return key
+    key = read_key_file(run_dir)
+    if key:
+        return key
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
     key = secrets.token_urlsafe(32)
