@@ -29,8 +29,11 @@ Retries (bounded, exponential backoff) and why they are safe:
   retried on connection errors, timeouts and 5xx answers;
 * non-idempotent calls (``generate``, ``init_weights_update_group``, the weight update calls)
   are retried **only** when the connection was refused before anything was sent
-  (``aiohttp.ClientConnectorError``): a generate that may have run is never blindly repeated,
-  and a bucket whose broadcast may have started is never re-posted;
+  (``aiohttp.ClientConnectorError``) or was answered 429 (refused before it was read: the
+  engine's in-flight cap): a generate that may have run is never blindly repeated, and a bucket
+  whose broadcast may have started is never re-posted;
+* ``api_key``: sent as ``Authorization: Bearer`` on every call (SGLang's ``--api-key``, the
+  embedded engine's key); never logged;
 * ``flush_cache`` answers 400 while requests are running (SGLang refuses to flush then); it is
   polled until ``timeout_s``, as slime does.
 
