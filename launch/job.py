@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from areal_like.auth import ENGINE_KEY_ENV, engine_api_key, ensure_key_file, read_key_file
+from areal_like.auth import BIND_HOST_ENV, ENGINE_KEY_ENV, engine_api_key, ensure_key_file, read_key_file
 from areal_like.config import RunConfig, to_yaml
 from areal_like.distributed import free_port
 from areal_like.track_sink import TrackerSink
@@ -94,7 +94,9 @@ def job_specs(cfg: RunConfig, topo: Topology, config_path: Path, python: str = s
     """The buffer (stage 0), then every rollout server and the trainer (stage 1); on a GPU topology
     each gets ``CUDA_VISIBLE_DEVICES`` from its slot (the trainer's lists one GPU per torchrun rank)."""
     env = {"OMP_NUM_THREADS": str(cfg.launch.omp_threads), "MKL_NUM_THREADS": str(cfg.launch.omp_threads),
-           "AREAL_LIKE_RUN_DIR": cfg.run_dir}
+           "AREAL_LIKE_RUN_DIR": cfg.run_dir,
+           # /metrics binds where the supervisor probes it: the job's host (loopback unless configured)
+           BIND_HOST_ENV: os.environ.get(BIND_HOST_ENV) or topo.host}
     key = engine_api_key() or read_key_file(cfg.run_dir)  # one exported by the user, else the run's own (prepare)
     if key:
         env[ENGINE_KEY_ENV] = key

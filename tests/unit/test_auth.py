@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from areal_like.auth import ENGINE_KEY_ENV, KEY_FILE, ensure_key_file, redact, redact_argv
+from areal_like.auth import BIND_HOST_ENV, ENGINE_KEY_ENV, KEY_FILE, ensure_key_file, redact, redact_argv
 from areal_like.config import ConfigError, load_config
 from areal_like.schema import EngineConfig
 from launch.job import job_specs, prepare
@@ -32,11 +32,13 @@ def test_the_key_file_is_made_once_and_readable_by_its_owner_only(tmp_path):
 
 def test_a_local_job_hands_its_key_to_every_daemon_and_never_writes_it_into_config(tmp_path, monkeypatch):
     monkeypatch.delenv(ENGINE_KEY_ENV, raising=False)
+    monkeypatch.delenv(BIND_HOST_ENV, raising=False)
     cfg = load_config([f"run_dir={tmp_path / 'run'}", "launch.num_rollout_servers=2", "launch.trainer_ranks=1"])
     cfg, topo, config_path = prepare(cfg)
     key = (tmp_path / "run" / KEY_FILE).read_text().strip()
     specs = job_specs(cfg, topo, config_path, python="py")
     assert {s.env[ENGINE_KEY_ENV] for s in specs} == {key} and len(specs) == 4
+    assert {s.env[BIND_HOST_ENV] for s in specs} == {"127.0.0.1"}  # /metrics on loopback for a local job
     assert key not in config_path.read_text() and key not in " ".join(str(a) for s in specs
                                                                       for a in (s.argv if isinstance(s.argv, list)
                                                                                 else s.argv()))
