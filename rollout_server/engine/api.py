@@ -21,7 +21,6 @@ from typing import Any
 
 from rollout_server.engine.sampling import TOP_K_ALL, SamplingParams
 
-
 MAX_FANOUT = 4096  # prompts x n of one /generate call
 MAX_INT = 2**63  # sampling integers are int64 in torch
 
