@@ -25,7 +25,9 @@ can reach the port cannot hold the server's memory, connections or event loop:
   never logged or echoed.
 
 The per-connection deadlines live in ``_GuardedHandler``, a subclass of aiohttp's
-``RequestHandler`` that watches when its parser completes a request (its request counter).
+``RequestHandler`` that watches when its parser completes a request: it reads the handler's
+``_request_count``, ``_request_in_progress`` and ``_messages`` (aiohttp has no public hook for a
+request head's arrival; checked with aiohttp 3.14 by tests/unit/test_engine_http_guard.py).
 A request's body is read by the guard middleware (within its deadline); handlers then get it
 from aiohttp's cache through ``request.read()``.
 """
