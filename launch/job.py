@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from areal_like.auth import BIND_HOST_ENV, ENGINE_KEY_ENV, engine_api_key, ensure_key_file, read_key_file
 from areal_like.config import RunConfig, to_yaml
 from areal_like.distributed import free_port
 from areal_like.track_sink import TrackerSink
@@ -83,7 +84,9 @@ def prepare(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, T
     cfg, topo = plan_job(dataclasses.replace(cfg, run_dir=str(run_dir)), cpus)
     (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
-    path.write_text(to_yaml(cfg))
+    path.write_text(to_yaml(cfg))  # no credential in it: they travel in the environment (areal_like/auth.py)
+    if engine_api_key() is None:
+        ensure_key_file(run_dir)  # the job's engine API key (kept on resume), which job_specs hands out
     return cfg, topo, path
 
 
@@ -92,7 +95,12 @@ def job_specs(cfg: RunConfig, topo: Topology, config_path: Path, python: str = s
     GPU topology each gets ``CUDA_VISIBLE_DEVICES`` from its slot (the trainer's lists one GPU per
     torchrun rank), translated through the launcher's own when it has one."""
     env = {"OMP_NUM_THREADS": str(cfg.launch.omp_threads), "MKL_NUM_THREADS": str(cfg.launch.omp_threads),
-           "AREAL_LIKE_RUN_DIR": cfg.run_dir}
+           "AREAL_LIKE_RUN_DIR": cfg.run_dir,
+           # /metrics binds where the supervisor probes it: the job's host (loopback unless configured)
+           BIND_HOST_ENV: os.environ.get(BIND_HOST_ENV) or topo.host}
+    key = engine_api_key() or read_key_file(cfg.run_dir)  # one exported by the user, else the run's own (prepare)
+    if key:
+        env[ENGINE_KEY_ENV] = key
     base = ["--config-file", str(config_path)]
     inherited = os.environ.get("CUDA_VISIBLE_DEVICES")  # plan index i is the launcher's i-th GPU
     shared = any(n.shared for n in place_nodes(cfg) or ())

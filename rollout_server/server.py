@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import socket
 import time
 from dataclasses import dataclass, replace
 
+from areal_like.auth import engine_api_key
 from areal_like.config import RunConfig
 from areal_like.daemon import ComponentStopped, Daemon
 from areal_like.protocol import (
@@ -104,17 +106,20 @@ class RolloutServer(Daemon):
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         ecfg = self.rcfg.engine
+        # the job's key (areal-like run sets it); an engine we start gets a key of its own without one:
+        # never an unauthenticated engine. An attached one (kind=url) takes what the environment says.
+        self.api_key = engine_api_key() or (None if ecfg.kind == "url" else secrets.token_urlsafe(32))
         if ecfg.kind == "embedded":
             from rollout_server.engine import EmbeddedEngine
 
-            self.engine = EmbeddedEngine(self.cfg.model, ecfg).start()
+            self.engine = EmbeddedEngine(self.cfg.model, ecfg, api_key=self.api_key).start()
             self.engine_url = self.engine.url
         elif ecfg.kind == "sglang":
             from rollout_server.launch_sglang import SGLangProcess
 
             log_path = str(self.cfg.resolve_path(f"logs/sglang-{self.server_id}.log"))
             os.makedirs(os.path.dirname(log_path), exist_ok=True)
-            self.engine = SGLangProcess(self.cfg.model, ecfg, log_path).start()
+            self.engine = SGLangProcess(self.cfg.model, ecfg, log_path, api_key=self.api_key).start()
             self.engine_url, self.engine_ranks = self.engine.url, self.engine.engine_ranks
         else:
             self.engine_url = ecfg.url
@@ -163,7 +168,8 @@ class RolloutServer(Daemon):
     async def main(self) -> None:
         self.wake = asyncio.Event()
         self.group_ready = asyncio.Event()  # a finished episode's group waits for the sender
-        self.client = SGLangClient(self.engine_url, generate_timeout_s=self.rcfg.engine.request_timeout_s)
+        self.client = SGLangClient(self.engine_url, generate_timeout_s=self.rcfg.engine.request_timeout_s,
+                                   api_key=self.api_key)
         self.control = AsyncClient(self.rcfg.buffer_address, timeout_s=BUFFER_TIMEOUT_S, identity=self.server_id)
         self.data = AsyncClient(self.rcfg.buffer_address, timeout_s=BUFFER_TIMEOUT_S, identity=self.server_id)
         background = []

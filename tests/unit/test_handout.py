@@ -266,3 +266,17 @@ def test_an_undecodable_group_logged_before_its_lease_closed_returns_the_lease(t
     assert list(restarted.ledger.reissue) == [(credit.prompt_index, credit.epoch)]
     assert restarted.ledger.started == started - 1
     restarted.wal.close()
+
+
+def test_a_flood_of_undecodable_frames_costs_one_log_line_and_is_counted_in_full(tmp_path, caplog):
+    svc = _start(tmp_path)
+    try:
+        with caplog.at_level("WARNING", logger=svc.log.name):
+            for _ in range(1000):  # what the transport hands over for a frame that does not decode
+                svc.handle(b"peer", b"req", P.ProtocolError("not a msgpack frame (ExtraData)", "frame"), b"\x93x")
+                svc.settle()
+        lines = [r for r in caplog.records if "undecodable" in r.getMessage()]
+        assert len(lines) == 1
+        assert svc.metrics.registry.get_sample_value("areal_buffer_rejected_total", {"reason": "decode"}) == 1000
+    finally:
+        svc.stop()
