@@ -22,17 +22,13 @@ Patterns and why:
   the guarantee.
 * Trajectories never go over PUB/SUB: a group is kept by its sender until the buffer's Ack says
   it is in the write-ahead log.
-* **Copies and allocations.** A message is encoded into a buffer its sender keeps
-  (``FrameWriter``) and libzmq copies it into its own message while sending. Why not hand
-  fresh bytes over without a copy: pyzmq releases such frames through a garbage-collector
-  thread (a message to it and a wake-up per frame), which for a 400 KB group costs about what
-  the copy from a cache-hot buffer costs, and a fresh buffer per frame is regrown and faulted
-  in every time. Frames above ``SCRATCH_KEEP_BYTES`` (a big Batch) hand their buffer over
-  without a copy instead, so an idle process does not pin it. Received frames are decoded in
-  place: the arrays of a decoded message are read-only views of ZMQ's receive buffer, which
-  they keep alive. glibc is told to keep freed frame-sized blocks (``tune_allocator``): by
-  default it returns them to the kernel and every message faults its pages in again.
-  benchmarks/bench_transport.py measures the path.
+* **Copies.** A message is encoded into a buffer its sender keeps (``FrameWriter``) and libzmq
+  copies it into its own message while sending: a fresh buffer per frame would be regrown and
+  faulted in every time, and pyzmq releases a frame sent without a copy through a garbage-collector
+  thread, which costs about what the copy costs. Frames above ``SCRATCH_KEEP_BYTES`` (a big Batch)
+  hand their buffer over without a copy instead, so an idle process does not pin it. Received
+  frames are decoded in place: the arrays of a decoded message are read-only views of ZMQ's
+  receive buffer, which they keep alive. benchmarks/bench_transport.py measures the path.
 * **Incoming size bound.** Every socket sets ``MAXMSGSIZE`` to ``INCOMING_LIMIT_FACTOR`` x
   ``protocol.MAX_FRAME_BYTES`` (read when the socket is made), so a peer cannot make a daemon
   allocate an arbitrarily large frame before decode refuses it. A frame above the frame limit but
@@ -47,7 +43,6 @@ bind (``tcp://*:port`` or a concrete interface), clients connect.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import time
 import uuid
@@ -55,7 +50,6 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
-from zmq.backend import Socket as _BackendSocket
 
 from areal_like import protocol
 from areal_like.protocol import Message, ProtocolError, decode, encode_into
@@ -65,19 +59,8 @@ SNDHWM = 1000  # frames queued per peer before sends fail fast
 # Receive bound (MAXMSGSIZE) = this x protocol.MAX_FRAME_BYTES: a frame a little over the limit still
 # reaches decode and gets a rejection naming its size; a giant one is cut before it is allocated.
 INCOMING_LIMIT_FACTOR = 2
-ZERO_COPY_BYTES = 64 * 1024  # pyzmq's own threshold for zero-copy frames (benchmarks use it for raw bytes)
 SCRATCH_KEEP_BYTES = 4 * 1024 * 1024  # bigger frames hand their buffer over instead of being copied and kept
-# glibc serves blocks below MMAP from the heap and keeps up to TRIM free bytes at a heap's top
-# instead of giving them back: the next frame reuses a warm block instead of faulting one in.
-MALLOC_MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024  # glibc's own ceiling for its dynamic threshold: no block
-# is mmapped that glibc would not also mmap once warmed up (a trainer's tensors included)
-MALLOC_TRIM_THRESHOLD_BYTES = 32 * 1024 * 1024  # room for a window of frames in flight; at most this is kept
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
-_allocator_tuned = False
-# Per-frame calls use pyzmq's C socket methods with int flags: send_multipart/recv_multipart add Python
-# layers and OR-ing zmq's IntFlag enums runs enum.py (measured ~3 us per 3-part message each way).
-_SEND, _RECV = _BackendSocket.send, _BackendSocket.recv
-_SNDMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)
+_SNDMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)  # ints: OR-ing zmq's IntFlag enums runs enum.py per frame
 
 
 class TransportError(RuntimeError):
@@ -96,34 +79,6 @@ def bind_address(address: str) -> str:
         _, port = host_port.rsplit(":", 1)
         return f"tcp://{os.environ.get('AREAL_LIKE_BIND_HOST', '*')}:{port}"
     return address
-
-
-def tune_allocator() -> bool:
-    """Keep freed frame-sized blocks in the heap (glibc; once per process; True if applied).
-
-    Frames of hundreds of KB are allocated and freed for every message (by libzmq on receipt,
-    by encoders). glibc's defaults give such blocks back to the kernel (munmap, or trimming the
-    heap top once more than twice the last freed block is free), so the next message faults its
-    pages in again: measured 40+ minor faults and ~140 us of kernel time per 400 KB group on
-    the sending side, none with these thresholds. The cost: up to MALLOC_TRIM_THRESHOLD_BYTES
-    of freed memory per malloc arena stays resident. Left alone when the user set
-    MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ (their choice wins) or
-    AREAL_LIKE_TUNE_MALLOC=0.
-    """
-    global _allocator_tuned
-    if _allocator_tuned:
-        return False
-    _allocator_tuned = True
-    if os.environ.get("AREAL_LIKE_TUNE_MALLOC", "1") == "0" or any(
-            k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
-    except (OSError, AttributeError):  # no mallopt (macOS): nothing to tune
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD_BYTES)
-                and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD_BYTES))
 
 
 class FrameWriter:
@@ -147,27 +102,27 @@ class FrameWriter:
                 self._buf = bytearray()
             raise
         if len(frame) <= SCRATCH_KEEP_BYTES:
-            if type(sock) is zmq.Socket:  # a plain socket: C sends (an asyncio socket needs its own send)
+            if type(sock) is zmq.Socket:  # a plain socket: parts one by one (an asyncio socket needs its own send)
                 flags = int(flags)
                 for part in head:  # a multipart message is queued whole or not at all: only the first send can fail
-                    _SEND(sock, part, flags | _SNDMORE)
-                return _SEND(sock, frame, flags)  # copied before send returns
+                    sock.send(part, flags | _SNDMORE)
+                return sock.send(frame, flags)  # copied before send returns
             return sock.send_multipart([*head, frame], flags=flags, copy=True)
         self._buf = bytearray()  # libzmq owns this one until it is sent; never written again
         return sock.send_multipart([*head, frame], flags=flags, copy=False)
 
 
-def _recv_parts(sock: zmq.Socket, flags: int) -> list[zmq.Frame]:
-    """``sock.recv_multipart(flags, copy=False)`` through the C methods (sync sockets; only the first
-    part can raise zmq.Again: a multipart message arrives whole)."""
-    parts = [_RECV(sock, flags, False)]
-    while parts[-1].more:  # set by recv(copy=False); Socket.get(RCVMORE) would look the option up in enum.py
-        parts.append(_RECV(sock, flags, False))
+def recv_parts(sock: zmq.Socket, flags: int) -> list[zmq.Frame]:
+    """``sock.recv_multipart(flags, copy=False)`` without asking the socket for RCVMORE per part
+    (a synchronous socket; only the first part can raise zmq.Again: a message arrives whole)."""
+    parts = [sock.recv(flags, copy=False)]
+    while parts[-1].more:
+        parts.append(sock.recv(flags, copy=False))
     return parts
 
 
-def _new_socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
-    tune_allocator()
+def new_socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
+    """A socket with this module's options (linger, high-water marks, incoming size bound)."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, SNDHWM)
@@ -189,7 +144,7 @@ class Client:
         self._connect()
 
     def _connect(self) -> None:
-        self._sock = _new_socket(self._ctx, zmq.DEALER)
+        self._sock = new_socket(self._ctx, zmq.DEALER)
         if self.identity:
             self._sock.setsockopt(zmq.IDENTITY, f"{self.identity}-{uuid.uuid4().hex[:6]}".encode())
         self._sock.connect(self.address)
@@ -216,7 +171,7 @@ class Client:
         while (remaining := deadline - time.monotonic()) > 0:
             if not self._poller.poll(max(1, int(remaining * 1000))):
                 break
-            frames = _recv_parts(self._sock, 0)
+            frames = recv_parts(self._sock, 0)
             if len(frames) == 2 and frames[0].bytes == req_id:
                 return decode(frames[1].buffer)
             # a late reply to an earlier, abandoned request: drop it and keep waiting
@@ -249,7 +204,7 @@ class AsyncClient:
         self._connect()
 
     def _connect(self) -> None:
-        self._sock = _new_socket(self._ctx, zmq.DEALER)
+        self._sock = new_socket(self._ctx, zmq.DEALER)
         if self.identity:
             self._sock.setsockopt(zmq.IDENTITY, f"{self.identity}-{uuid.uuid4().hex[:6]}".encode())
         self._sock.connect(self.address)
@@ -299,7 +254,7 @@ class Server:
     def __init__(self, address: str):
         self.address = address
         self._ctx = zmq.Context.instance()
-        self._sock = _new_socket(self._ctx, zmq.ROUTER)
+        self._sock = new_socket(self._ctx, zmq.ROUTER)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished peers are dropped
         self._sock.bind(bind_address(address))
         self._poller = zmq.Poller()
@@ -334,13 +289,13 @@ class Server:
         """The next request's frames (zero copy). A request already queued is taken without polling
         first (a busy server saves a poll per request); otherwise wait up to ``timeout_s``."""
         try:
-            return _recv_parts(self._sock, _NOBLOCK)
+            return recv_parts(self._sock, _NOBLOCK)
         except zmq.Again:
             pass
         if timeout_s <= 0 or not self._poller.poll(int(timeout_s * 1000)):
             return None
         try:  # NOBLOCK: the poll may have returned for a ``wake_on`` descriptor instead
-            return _recv_parts(self._sock, _NOBLOCK)
+            return recv_parts(self._sock, _NOBLOCK)
         except zmq.Again:
             return None
 
@@ -366,7 +321,7 @@ class Publisher:
 
     def __init__(self, address: str):
         self.address = address
-        self._sock = _new_socket(zmq.Context.instance(), zmq.PUB)
+        self._sock = new_socket(zmq.Context.instance(), zmq.PUB)
         self._sock.bind(bind_address(address))
         self._writer = FrameWriter()
 
@@ -386,7 +341,7 @@ class Subscriber:
     def __init__(self, address: str, *, asyncio_ctx: bool = False):
         self.address = address
         ctx = zmq.asyncio.Context.instance() if asyncio_ctx else zmq.Context.instance()
-        self._sock = _new_socket(ctx, zmq.SUB)
+        self._sock = new_socket(ctx, zmq.SUB)
         self._sock.setsockopt(zmq.SUBSCRIBE, b"")
         self._sock.connect(address)
 

@@ -20,8 +20,7 @@ ROUTER that answers a prebuilt reply of the same size without decoding anything.
   2-core box this ratio is much lower than the streaming one.
 
 Both processes create sockets through ``transport`` (the sender its DEALERs, the receiver our
-``Server``), so ``transport.tune_allocator``, a per-process setting, applies to the raw path as
-much as to ours: the raw receiver's libzmq buffers are reused warm too. Modes are interleaved
+``Server``), so per-process settings apply to the raw path as much as to ours. Modes are interleaved
 round by round so machine load hits both alike; figures are medians over rounds. One JSON line
 per (pattern, T) and one for the built stream per T: ``figure`` (our groups/s), ``baseline`` (raw
 groups/s), ``ratio`` (goal >= 0.8 for stream at T = 4096), MB/s for both, and the in-process
@@ -47,13 +46,14 @@ import zmq  # noqa: E402
 
 from areal_like import protocol as P  # noqa: E402
 from areal_like.distributed import free_port  # noqa: E402
-from areal_like.transport import ZERO_COPY_BYTES, Client, FrameWriter, _new_socket  # noqa: E402
+from areal_like.transport import Client, FrameWriter, new_socket  # noqa: E402
 
 GROUP_SIZE = 8
 PROMPT_TOKENS = 256
 GOAL_RATIO_AT_4096 = 0.8
 READY_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 30.0
+ZERO_COPY_BYTES = 64 * 1024  # pyzmq's own threshold for zero-copy frames
 WINDOW = 8  # requests in flight in the stream pattern (a few rollout servers' worth)
 
 # The receiving process: our Server on argv[1], a raw ROUTER on argv[2], served from one poll loop.
@@ -181,7 +181,7 @@ def round_stream(sock: zmq.Socket, send, check_reply, seconds: float) -> float:
 
 
 def dealer(address: str) -> zmq.Socket:
-    sock = _new_socket(zmq.Context.instance(), zmq.DEALER)  # Client's socket options (HWM, LINGER 0)
+    sock = new_socket(zmq.Context.instance(), zmq.DEALER)  # Client's socket options (HWM, LINGER 0)
     sock.connect(address)
     return sock
 

@@ -31,11 +31,12 @@ trajectory contains beyond versions, lengths and rewards.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import msgspec
 
 from areal_like import protocol as P
 from areal_like.config import RunConfig, dataset_size
@@ -260,7 +261,7 @@ class BufferService(BatchHandout, BufferMetrics, Daemon):
         if member is not None:
             member.last_seen = self.clock()
             if engine_version is not None:
-                member.entry = dataclasses.replace(member.entry, policy_version=engine_version)
+                member.entry = msgspec.structs.replace(member.entry, policy_version=engine_version)
         return member
 
     def _on_heartbeat(self, m: P.Heartbeat) -> P.HeartbeatAck:
