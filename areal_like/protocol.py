@@ -26,13 +26,7 @@ Added since version 1 first shipped: ``TrajectoryGroup.want_credits``, ``Ack.cre
 ``Register.torch_version`` / ``cuda_version`` / ``nccl_version`` and the same three on ``RosterEntry``.
 Frames written before the messages became Structs are kept as fixtures (``tests/fixtures/wire``).
 
-Message flow (areal_like/DESIGN.md section 3):
-    rollout -> buffer : Register, Heartbeat, CreditRequest, TrajectoryGroup, SyncDone
-    buffer -> rollout : RegisterAck, HeartbeatAck, Credits, Ack
-    trainer -> buffer : BatchRequest, VersionUpdate, RosterRequest, WeightSyncPlan, SyncStatusRequest
-    buffer -> trainer : Batch, Ack, Roster, SyncStatus
-    buffer -> rollout (PUB): VersionUpdate, WeightSyncPlan
-    anyone -> buffer  : StatsRequest -> Stats
+Who sends which message: areal_like/DESIGN.md section 3.
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ bind (``tcp://*:port`` or a concrete interface), clients connect.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 import uuid
@@ -131,14 +132,11 @@ def new_socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
     return sock
 
 
-class Client:
-    """Synchronous request/reply client (one outstanding request at a time; not thread safe)."""
+class _Dealer:
+    """A DEALER to ``address`` that is replaced by a fresh one after a timeout ("lazy pirate")."""
 
-    def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, identity: str | None = None):
-        self.address = address
-        self.timeout_s = timeout_s
-        self.identity = identity
-        self._ctx = zmq.Context.instance()
+    def __init__(self, address: str, ctx: zmq.Context, timeout_s: float, identity: str | None):
+        self.address, self.timeout_s, self.identity, self._ctx = address, timeout_s, identity, ctx
         self._sock: zmq.Socket | None = None
         self._writer = FrameWriter()
         self._connect()
@@ -148,25 +146,49 @@ class Client:
         if self.identity:
             self._sock.setsockopt(zmq.IDENTITY, f"{self.identity}-{uuid.uuid4().hex[:6]}".encode())
         self._sock.connect(self.address)
-        self._poller = zmq.Poller()  # kept: Socket.poll builds a new Poller on every call
-        self._poller.register(self._sock, zmq.POLLIN)
 
     def reconnect(self) -> None:
         if self._sock is not None:
             self._sock.close(linger=0)
         self._connect()
 
-    def request(self, msg: Message, timeout_s: float | None = None) -> Message:
-        """Send ``msg`` and return the decoded reply. Raises TransportTimeout or ProtocolError."""
+    def _send(self, msg: Message) -> bytes:
+        """Send ``msg`` under a fresh req_id (returned). A ProtocolError leaves the socket untouched."""
         if self._sock is None:
             raise TransportError(f"client for {self.address} is closed")
-        timeout = self.timeout_s if timeout_s is None else timeout_s
         req_id = uuid.uuid4().bytes
         try:
-            self._writer.send(self._sock, [req_id], msg, zmq.NOBLOCK)  # a ProtocolError leaves the socket untouched
+            self._writer.send(self._sock, [req_id], msg, zmq.NOBLOCK)  # asyncio: sent at once or Again
         except zmq.Again:
             self.reconnect()
             raise TransportTimeout(f"send queue to {self.address} is full") from None
+        return req_id
+
+    def _timed_out(self, msg: Message, timeout: float) -> TransportTimeout:
+        self.reconnect()  # fresh socket: queued requests and late replies to this one are discarded
+        return TransportTimeout(f"no reply from {self.address} within {timeout:.1f}s to {msg.TYPE}")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+
+class Client(_Dealer):
+    """Synchronous request/reply client (one outstanding request at a time; not thread safe)."""
+
+    def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, identity: str | None = None):
+        super().__init__(address, zmq.Context.instance(), timeout_s, identity)
+
+    def _connect(self) -> None:
+        super()._connect()
+        self._poller = zmq.Poller()  # kept: Socket.poll builds a new Poller on every call
+        self._poller.register(self._sock, zmq.POLLIN)
+
+    def request(self, msg: Message, timeout_s: float | None = None) -> Message:
+        """Send ``msg`` and return the decoded reply. Raises TransportTimeout or ProtocolError."""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        req_id = self._send(msg)
         deadline = time.monotonic() + timeout
         while (remaining := deadline - time.monotonic()) > 0:
             if not self._poller.poll(max(1, int(remaining * 1000))):
@@ -175,16 +197,10 @@ class Client:
             if len(frames) == 2 and frames[0].bytes == req_id:
                 return decode(frames[1].buffer)
             # a late reply to an earlier, abandoned request: drop it and keep waiting
-        self.reconnect()  # fresh socket: queued requests and late replies to this one are discarded
-        raise TransportTimeout(f"no reply from {self.address} within {timeout:.1f}s to {msg.TYPE}")
-
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
+        raise self._timed_out(msg, timeout)
 
 
-class AsyncClient:
+class AsyncClient(_Dealer):
     """asyncio twin of Client for daemons built on an event loop (rollout servers).
 
     Requests are serialised with a lock: one outstanding request per socket keeps req_id
@@ -192,41 +208,13 @@ class AsyncClient:
     """
 
     def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, identity: str | None = None):
-        import asyncio
-
-        self.address = address
-        self.timeout_s = timeout_s
-        self.identity = identity
-        self._ctx = zmq.asyncio.Context.instance()
         self._lock = asyncio.Lock()
-        self._sock: zmq.asyncio.Socket | None = None
-        self._writer = FrameWriter()
-        self._connect()
-
-    def _connect(self) -> None:
-        self._sock = new_socket(self._ctx, zmq.DEALER)
-        if self.identity:
-            self._sock.setsockopt(zmq.IDENTITY, f"{self.identity}-{uuid.uuid4().hex[:6]}".encode())
-        self._sock.connect(self.address)
-
-    def reconnect(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
-        self._connect()
+        super().__init__(address, zmq.asyncio.Context.instance(), timeout_s, identity)
 
     async def request(self, msg: Message, timeout_s: float | None = None) -> Message:
-        import asyncio
-
         timeout = self.timeout_s if timeout_s is None else timeout_s
         async with self._lock:
-            if self._sock is None:
-                raise TransportError(f"client for {self.address} is closed")
-            req_id = uuid.uuid4().bytes
-            try:
-                await self._writer.send(self._sock, [req_id], msg, zmq.NOBLOCK)
-            except zmq.Again:
-                self.reconnect()
-                raise TransportTimeout(f"send queue to {self.address} is full") from None
+            req_id = self._send(msg)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
             while (remaining := deadline - loop.time()) > 0:
@@ -235,13 +223,7 @@ class AsyncClient:
                 frames = await self._sock.recv_multipart(copy=False)
                 if len(frames) == 2 and frames[0].bytes == req_id:
                     return decode(frames[1].buffer)
-            self.reconnect()
-            raise TransportTimeout(f"no reply from {self.address} within {timeout:.1f}s to {msg.TYPE}")
-
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
+            raise self._timed_out(msg, timeout)
 
 
 class Server:
@@ -348,25 +330,24 @@ class Subscriber:
     def recv(self, timeout_s: float) -> Message | None:
         """The next valid announcement within ``timeout_s``, or None (undecodable frames are skipped)."""
         deadline = time.monotonic() + timeout_s
-        while True:
-            remaining = deadline - time.monotonic()
-            if not self._sock.poll(max(0, int(remaining * 1000)), zmq.POLLIN):
-                return None
-            try:
-                return decode(self._sock.recv())
-            except ProtocolError:
-                continue
+        while self._sock.poll(max(0, int((deadline - time.monotonic()) * 1000)), zmq.POLLIN):
+            if (msg := _decoded_or_none(self._sock.recv())) is not None:
+                return msg
+        return None
 
     async def arecv(self, timeout_s: float) -> Message | None:
         deadline = time.monotonic() + timeout_s
-        while True:
-            remaining = deadline - time.monotonic()
-            if not await self._sock.poll(max(0, int(remaining * 1000)), zmq.POLLIN):
-                return None
-            try:
-                return decode(await self._sock.recv())
-            except ProtocolError:
-                continue
+        while await self._sock.poll(max(0, int((deadline - time.monotonic()) * 1000)), zmq.POLLIN):
+            if (msg := _decoded_or_none(await self._sock.recv())) is not None:
+                return msg
+        return None
 
     def close(self) -> None:
         self._sock.close(linger=0)
+
+
+def _decoded_or_none(frame: bytes) -> Message | None:
+    try:
+        return decode(frame)
+    except ProtocolError:
+        return None
