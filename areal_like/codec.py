@@ -4,9 +4,8 @@
   and on decode. A value of the exact wire type passes as it is (what msgspec decodes always is);
   an unambiguous other form (numpy scalars, tuples, a ``torch.Size``) is converted to it; anything
   else raises ``ProtocolError`` naming the field.
-* ``array_of``: a trajectory's array field as a 1-D numpy array of the wire dtype: a view of the
-  frame's bytes when decoded, the caller's array when it already has that dtype, else a converted
-  copy. ``wire_array`` is the encoder's hook that writes it back as ``(dtype, length, bytes)``.
+* ``wire_array``: a 1-D array-like as the wire triple ``(dtype, length, memoryview)`` that a
+  ``Trajectory`` stores, so msgspec encodes and decodes it in C with no Python per array.
 * ``error_from``: a msgspec decode error as a ``ProtocolError`` whose ``field`` is the path msgspec
   reports (``trajectories[3].reward``).
 """
@@ -35,9 +34,6 @@ class ProtocolError(ValueError):
 
 def _name(value: Any) -> str:
     return type(value).__name__
-
-
-# --------------------------------------------------------------------------- scalars and containers
 
 
 def _int(value: Any, name: str) -> int:
@@ -71,8 +67,11 @@ def _str(value: Any, name: str) -> str:
     raise ProtocolError(f"expected str, got {_name(value)}", name)  # str subclasses do not encode
 
 
+_ONLY_STR = frozenset((str,))
+
+
 def _dict(value: Any, name: str) -> dict:
-    if type(value) is dict and all(type(k) is str for k in value):
+    if type(value) is dict and _ONLY_STR.issuperset(map(type, value)):  # no Python frame per key
         return value
     raise ProtocolError("expected a map with string keys", name)
 
@@ -106,27 +105,22 @@ def _one_of(choices: tuple) -> Check:
     return check
 
 
-def _optional(inner: Check) -> Check:
-    return lambda value, name: None if value is None else inner(value, name)
-
-
 _SCALARS: dict[Any, Check] = {int: _int, float: _float, bool: _bool, str: _str, dict: _dict}
 
 
 def checker(tp: Any) -> Check:
     """The check for a field annotated ``tp`` (see the module docstring)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp in _SCALARS:
-        return _SCALARS[tp]
-    if origin is dict:
-        return _dict
+    if tp in _SCALARS or origin is dict:
+        return _SCALARS[origin or tp]
     if origin is list:
         exact = args[0] if args[0] in (int, float, bool, str) or _is_struct(args[0]) else None
         return _list_of(checker(args[0]), exact)
     if origin is Literal:
         return _one_of(args)
     if origin in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
-        return _optional(checker(next(a for a in args if a is not type(None))))
+        inner = checker(next(a for a in args if a is not type(None)))
+        return lambda value, name: None if value is None else inner(value, name)
     if _is_struct(tp):
         return _instance_of(tp)
     raise TypeError(f"unsupported field type {tp}")  # a schema bug, found at import
@@ -136,25 +130,18 @@ def _is_struct(tp: Any) -> bool:
     return isinstance(tp, type) and issubclass(tp, msgspec.Struct)
 
 
-# --------------------------------------------------------------------------- arrays
+_DTYPES = {"<i4": np.dtype("<i4"), "<f4": np.dtype("<f4")}  # the array dtypes on the wire, by tag
 
 
-_WIRE_DTYPES = {"<i4": np.dtype("<i4"), "<f4": np.dtype("<f4")}  # the array dtypes on the wire, by tag
-
-
-def array_of(value: Any, tag: str, name: str) -> np.ndarray:
-    """A 1-D array-like as a contiguous array of the wire dtype ``tag`` (see the module docstring).
-    Lists, other dtypes (int64 ids, float64 logprobs) and strided views are converted; an int32
-    field takes only whole numbers that fit. Scalars, other shapes and raw bytes are refused."""
-    dtype = _WIRE_DTYPES[tag]
-    if type(value) is tuple and len(value) == 3 and type(value[2]) is memoryview:  # as decoded
-        if value[0] != tag or value[2].nbytes != value[1] * 4:  # both dtypes are 4 bytes an item
-            raise ProtocolError("array length does not match its bytes", name)
-        return np.frombuffer(value[2], dtype)
-    if type(value) is np.ndarray and value.dtype == dtype and value.ndim == 1 and value.flags.c_contiguous:
-        return value
+def wire_array(value: Any, tag: str, name: str) -> tuple[str, int, memoryview]:
+    """A 1-D array-like as ``(tag, length, bytes)``. A contiguous array of that dtype is taken as it
+    is (no copy); lists, other dtypes (int64 ids, float64 logprobs) and strided views are converted;
+    an int32 field takes only whole numbers that fit. Scalars, other shapes and raw bytes are refused."""
+    dtype = _DTYPES[tag]
+    if type(value) is np.ndarray and value.dtype == dtype and (data := value.data).ndim == 1 and data.c_contiguous:
+        return tag, len(data), data
     if isinstance(value, (bytes, bytearray, memoryview)):
-        raise ProtocolError(f"raw bytes are ambiguous here; pass an array of {dtype.str}", name)
+        raise ProtocolError(f"raw bytes are ambiguous here; pass an array of {tag}", name)
     try:
         src = np.asarray(value)
     except (TypeError, ValueError) as e:
@@ -169,34 +156,16 @@ def array_of(value: Any, tag: str, name: str) -> np.ndarray:
             raise ProtocolError(f"expected integers, got {src.dtype}", name)
         info = np.iinfo(dtype)
         if src.min() < info.min or src.max() > info.max:
-            raise ProtocolError(f"values outside {dtype.str}", name)
+            raise ProtocolError(f"values outside {tag}", name)
     try:
-        return np.ascontiguousarray(src, dtype=dtype)
+        arr = np.ascontiguousarray(src, dtype=dtype)
     except (TypeError, ValueError, OverflowError) as e:
-        raise ProtocolError(f"cannot convert to {dtype.str}: {e}", name) from None
+        raise ProtocolError(f"cannot convert to {tag}: {e}", name) from None
+    return tag, len(arr), arr.data
 
-
-_WIRE_TAGS = {v: k for k, v in _WIRE_DTYPES.items()}  # a dict lookup: dtype.str builds a new str each time
-
-
-def wire_array(obj: Any) -> tuple[str, int, memoryview]:
-    """Encoder hook: an array ``array_of`` made as ``(dtype, length, bytes)``; msgspec writes the
-    bytes in C. It runs for every array sent, so it checks no more than its type and dtype."""
-    if type(obj) is np.ndarray and (tag := _WIRE_TAGS.get(obj.dtype)) is not None:
-        return tag, len(obj), obj.data
-    raise TypeError(f"cannot encode {_name(obj)}")
-
-
-# --------------------------------------------------------------------------- decode errors
 
 _FIELD_IN_TEXT = re.compile(r"^Object (?:missing required|contains unknown) field `(.+)`$")
 _INSIDE_ARRAY = re.compile(r"^(.*\.(?:prompt_ids|output_ids|behav_logp|versions))\[\d+\]$")
-
-
-def _join(path: str, field: str | None) -> str:
-    if not field:
-        return path
-    return f"{path}.{field}" if path else field
 
 
 def error_from(e: Exception, version: int) -> ProtocolError:
@@ -206,12 +175,12 @@ def error_from(e: Exception, version: int) -> ProtocolError:
     reason, _, where = str(e).partition(" - at `")
     where = where.removesuffix("`").removeprefix("key` in `")  # a bad map key is reported at its map
     path = where.removeprefix("$").removeprefix(".")
+    field = None
     if isinstance(e.__cause__, ProtocolError):  # raised by a message's __post_init__
-        field, reason = _join(path, e.__cause__.field), e.__cause__.reason
+        field, reason = e.__cause__.field, e.__cause__.reason
     elif match := _FIELD_IN_TEXT.match(reason):
-        field = _join(path, match.group(1))
-    else:
-        field = path or "frame"
+        field = match.group(1)
+    field = (f"{path}.{field}" if path else field) if field else path or "frame"
     if match := _INSIDE_ARRAY.match(field):  # [dtype, length, bytes]: name the array, not its item
         field = match.group(1)
     if field == "protocol":

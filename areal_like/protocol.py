@@ -5,18 +5,18 @@ msgpack map ``{"type": str, **fields, "protocol": int}``. One encoder writes eve
 one decoder reads the union of the top-level ones, both in C.
 
 Token ids, logprobs and per-token versions travel as raw little-endian bytes, the 3-element
-array ``[dtype: str, length: int, data: bytes]``, decoded by msgspec as a zero-copy
-``memoryview`` of the frame and turned into a read-only ``numpy.frombuffer`` view. Python lists
-are never used for arrays: they are 20-100x slower to encode and decode (msgpack, one trajectory
-of 512 / 4096 tokens: ~100 / ~830 us as lists, ~5 / ~8 us as bytes, measured on a 2-core CPU).
+array ``[dtype: str, length: int, data: bytes]``, never as Python lists (20-100x slower to encode
+and decode). A ``Trajectory`` stores that triple itself, so msgspec encodes it and decodes it (a
+zero-copy ``memoryview`` of the frame) without calling Python per array; its array attributes
+are ``numpy.frombuffer`` views made on access. Build one with ``Trajectory.of(...)``.
 
 Checks: msgspec checks types, unknown and missing fields, tags and the protocol version while it
 decodes. What it cannot express (arrays whose lengths disagree, a non-finite reward, a group
 without trajectories, ...) is one ``validate()`` per message, run from ``__post_init__``, so on
 construction and on decode alike: no invalid message exists on either side. Construction also
-takes what is unambiguous (numpy scalars, tuples, int64 ids, float64 logprobs) and stores the
-canonical type. Any problem raises ``ProtocolError`` naming the field (``trajectories[3].reward``);
-no other exception escapes ``decode`` for any input bytes.
+takes what is unambiguous (numpy scalars, tuples) and stores the canonical type. Any problem
+raises ``ProtocolError`` naming the field (``trajectories[3].reward``); no other exception
+escapes ``decode`` for any input bytes.
 
 Compatibility: a field added with a default keeps the protocol version, since frames without it
 (older senders, groups already in a buffer's WAL) still decode. A component built before the
@@ -24,8 +24,7 @@ field rejects frames that carry it ("unknown field"), so upgrade the buffer befo
 servers and the trainer, and do not downgrade a buffer over a WAL written by a newer one.
 Added since version 1 first shipped: ``TrajectoryGroup.want_credits``, ``Ack.credits``,
 ``Register.torch_version`` / ``cuda_version`` / ``nccl_version`` and the same three on ``RosterEntry``.
-Frames written before the messages became Structs are kept as fixtures (``tests/fixtures/wire``).
-
+Frames written by earlier builds are kept as fixtures (``tests/fixtures/wire``).
 Who sends which message: areal_like/DESIGN.md section 3.
 """
 
@@ -37,7 +36,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 import msgspec
 import numpy as np
 
-from areal_like.codec import ProtocolError, array_of, checker, error_from, wire_array
+from areal_like.codec import ProtocolError, checker, error_from, wire_array
 
 __all__ = ["PROTOCOL_VERSION", "MAX_FRAME_BYTES", "ProtocolError", "Message", "encode", "encode_into", "decode",
            "TOP_LEVEL_TYPES", "field_names", "as_i32", "as_f32"]
@@ -46,12 +45,11 @@ PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 256 * 1024 * 1024  # one batch of many long groups stays far below this
 MAX_CREDITS_PER_REQUEST = 4096  # leases one TrajectoryGroup may ask for with its ack
 
-_I4, _F4 = np.dtype("<i4"), np.dtype("<f4")
-_set = msgspec.structs.force_setattr  # __post_init__ stores the canonical value of a field it converted
-# An array on the wire: [dtype, length, little-endian bytes]; msgspec checks the tag and length >= 0 in C.
-# The attribute holds the numpy view (``Trajectory.__post_init__``), the annotation says what decodes.
-I32 = tuple[Literal["<i4"], Annotated[int, msgspec.Meta(ge=0)], memoryview]
-F32 = tuple[Literal["<f4"], Annotated[int, msgspec.Meta(ge=0)], memoryview]
+_I4, _F4 = np.dtype("<i4"), np.dtype("<f4")  # both 4 bytes an item (Trajectory's checks rely on it)
+_N = Annotated[int, msgspec.Meta(ge=0)]
+I32 = tuple[Literal["<i4"], _N, memoryview]  # an array on the wire: [dtype, length, little-endian bytes]
+F32 = tuple[Literal["<f4"], _N, memoryview]
+_float, _str, _dict = checker(float), checker(str), checker(dict)
 
 
 def as_i32(x: Any) -> np.ndarray:
@@ -72,7 +70,7 @@ class Message(msgspec.Struct, frozen=True, eq=False, tag_field="type", forbid_un
         for name, check in self._checks:
             value = getattr(self, name)
             if (canonical := check(value, name)) is not value:
-                _set(self, name, canonical)
+                msgspec.structs.force_setattr(self, name, canonical)
         self.validate()
 
     def validate(self) -> None:
@@ -91,48 +89,92 @@ class Trajectory(Message, tag="trajectory"):
     output token t. ``versions[t]`` is the policy_version of the weights that produced
     token t (a trajectory interrupted by a weight update spans several versions).
 
-    Built from 1-D array-likes, converted to the wire dtype (an array of that dtype is taken
-    without a copy); decoded, the arrays are read-only views of the frame.
+    Holds each array in its wire form (``*_wire``, see the module docstring); ``Trajectory.of``
+    builds one from arrays. To change a field, build a new one (``msgspec.structs.replace`` is
+    fine for ``reward``, ``finish_reason`` and ``metadata``).
     """
 
-    prompt_ids: I32  # [P] prompt token ids
-    output_ids: I32  # [T] generated token ids
-    behav_logp: F32  # [T] log pi_behav(token) as the engine sampled it (fp32, temperature-scaled policy)
-    versions: I32  # [T] policy_version that produced each token
+    prompt_ids_wire: I32 = msgspec.field(name="prompt_ids")  # [P] prompt token ids
+    output_ids_wire: I32 = msgspec.field(name="output_ids")  # [T] generated token ids
+    # [T] log pi_behav(token) as the engine sampled it (fp32, temperature-scaled policy)
+    behav_logp_wire: F32 = msgspec.field(name="behav_logp")
+    versions_wire: I32 = msgspec.field(name="versions")  # [T] policy_version that produced each token
     reward: float  # scalar outcome reward; finite
     finish_reason: str  # "stop" | "length" | "abort" | "error"
     metadata: dict[str, Any] = {}  # free-form, msgpack-able
 
-    def __post_init__(self) -> None:  # the generic checks, unrolled: this runs for every trajectory received
-        _set(self, "prompt_ids", array_of(self.prompt_ids, "<i4", "prompt_ids"))
-        _set(self, "output_ids", array_of(self.output_ids, "<i4", "output_ids"))
-        _set(self, "behav_logp", array_of(self.behav_logp, "<f4", "behav_logp"))
-        _set(self, "versions", array_of(self.versions, "<i4", "versions"))
-        if type(self.reward) is not float:
-            _set(self, "reward", checker(float)(self.reward, "reward"))
-        if type(self.finish_reason) is not str:
-            checker(str)(self.finish_reason, "finish_reason")
-        if self.metadata is None:
-            _set(self, "metadata", {})
-        elif type(self.metadata) is not dict or (self.metadata and not all(type(k) is str for k in self.metadata)):
-            checker(dict)(self.metadata, "metadata")
-        self.validate()
+    @classmethod
+    def of(cls, *, prompt_ids: Any, output_ids: Any, behav_logp: Any, versions: Any, reward: Any,
+           finish_reason: str, metadata: dict | None = None) -> Trajectory:
+        """Build from 1-D array-likes, converted to the wire dtype (an array of that dtype is taken
+        without a copy). Raises ProtocolError naming the field."""
+        return cls(wire_array(prompt_ids, "<i4", "prompt_ids"), wire_array(output_ids, "<i4", "output_ids"),
+                   wire_array(behav_logp, "<f4", "behav_logp"), wire_array(versions, "<i4", "versions"),
+                   _float(reward, "reward"), _str(finish_reason, "finish_reason"),
+                   {} if metadata is None else _dict(metadata, "metadata"))
+
+    def __post_init__(self) -> None:  # runs for every trajectory received: one expression while all is well
+        try:
+            p, o, b, v, t = self.prompt_ids_wire, self.output_ids_wire, self.behav_logp_wire, self.versions_wire, \
+                self.output_ids_wire[1]
+            if (b[1] == t == v[1] and o[2].nbytes == b[2].nbytes == v[2].nbytes == 4 * t
+                    and p[2].nbytes == 4 * p[1] and type(self.reward) is float and math.isfinite(self.reward)
+                    and type(self.finish_reason) is str and type(self.metadata) is dict):
+                return
+        except (TypeError, IndexError, AttributeError):
+            pass
+        self.validate()  # names the field
 
     def validate(self) -> None:
-        t = len(self.output_ids)
-        for name in ("behav_logp", "versions"):
-            if (n := len(getattr(self, name))) != t:
-                raise ProtocolError(f"length {n} != len(output_ids) {t}", name)
-        if not math.isfinite(self.reward):
+        for name, tag in (("prompt_ids", "<i4"), ("output_ids", "<i4"), ("behav_logp", "<f4"), ("versions", "<i4")):
+            wire = getattr(self, f"{name}_wire")
+            if not (type(wire) is tuple and len(wire) == 3 and wire[0] == tag and type(wire[2]) is memoryview):
+                raise ProtocolError(f"expected a ({tag!r}, length, memoryview) triple", name)
+            if wire[2].nbytes != 4 * wire[1]:
+                raise ProtocolError("array length does not match its bytes", name)
+            if name != "prompt_ids" and wire[1] != self.output_ids_wire[1]:
+                raise ProtocolError(f"length {wire[1]} != len(output_ids) {self.output_ids_wire[1]}", name)
+        if not math.isfinite(_float(self.reward, "reward")):
             raise ProtocolError(f"must be finite, got {self.reward}", "reward")
+        _str(self.finish_reason, "finish_reason")
+        _dict(self.metadata, "metadata")
+
+    @property
+    def prompt_ids(self) -> np.ndarray:
+        return np.frombuffer(self.prompt_ids_wire[2], _I4)
+
+    @property
+    def output_ids(self) -> np.ndarray:
+        return np.frombuffer(self.output_ids_wire[2], _I4)
+
+    @property
+    def behav_logp(self) -> np.ndarray:
+        return np.frombuffer(self.behav_logp_wire[2], _F4)
+
+    @property
+    def versions(self) -> np.ndarray:
+        return np.frombuffer(self.versions_wire[2], _I4)
 
     @property
     def n_tokens(self) -> int:
-        return len(self.output_ids)
+        return self.output_ids_wire[1]
 
     @property
     def head_version(self) -> int:
-        return int(self.versions.min()) if len(self.versions) else 0
+        return int(self.versions.min()) if self.versions_wire[1] else 0
+
+    def _public(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in field_names(Trajectory)}
+
+    def __reduce__(self) -> tuple:  # memoryviews do not pickle; arrays do (and deepcopy copies them)
+        return _trajectory_of, (self._public(),)
+
+    def __repr__(self) -> str:
+        return f"Trajectory({', '.join(f'{k}={v!r}' for k, v in self._public().items())})"
+
+
+def _trajectory_of(fields: dict[str, Any]) -> Trajectory:
+    return Trajectory.of(**fields)
 
 
 class Register(_TopLevel, tag="register"):
@@ -328,7 +370,7 @@ for _cls in _ALL:
     if _cls is not Trajectory:  # which checks its fields itself
         _cls._checks = tuple((f.name, checker(f.type)) for f in msgspec.structs.fields(_cls))
 TOP_LEVEL_TYPES: dict[str, type[Message]] = {c.TYPE: c for c in _ALL if issubclass(c, _TopLevel)}
-_ENCODER = msgspec.msgpack.Encoder(enc_hook=wire_array)  # numpy arrays -> (dtype, length, bytes)
+_ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(Union[tuple(TOP_LEVEL_TYPES.values())])
 
 
@@ -385,4 +427,4 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
 def field_names(cls: type[Message]) -> tuple[str, ...]:
     """The fields of a message class by their public (and wire) names, in wire order; the
     frame's ``type`` and ``protocol`` are not fields."""
-    return tuple(f.name for f in msgspec.structs.fields(cls) if f.name != "protocol")
+    return tuple(f.encode_name for f in msgspec.structs.fields(cls) if f.name != "protocol")

@@ -12,7 +12,7 @@ ROUTER that answers a prebuilt reply of the same size without decoding anything.
   replies undecoded. Sender encode and receiver decode overlap, as they do when
   several rollout servers feed one buffer: this is the throughput the protocol allows.
 * **stream, built** (``transport_stream_8xT_built``, for reference): the stream pattern with each
-  group built from its arrays right before it is sent (``Trajectory(...)`` x 8 and the group),
+  group built from its arrays right before it is sent (``Trajectory.of(...)`` x 8 and the group),
   as a rollout server does. A Trajectory checks itself and takes its wire form when it is built,
   so part of what encoding once cost is paid here; this line keeps that cost in view.
 * **reqrep** (for reference): ``Client.request`` with one request in flight, as a single
@@ -88,7 +88,7 @@ while True:
 
 def make_group(tokens: int, seed: int) -> P.TrajectoryGroup:
     rng = np.random.default_rng(seed)
-    trajs = [P.Trajectory(prompt_ids=rng.integers(0, 32000, PROMPT_TOKENS, dtype=np.int32),
+    trajs = [P.Trajectory.of(prompt_ids=rng.integers(0, 32000, PROMPT_TOKENS, dtype=np.int32),
                           output_ids=rng.integers(0, 32000, tokens, dtype=np.int32),
                           behav_logp=-rng.random(tokens, dtype=np.float32),
                           versions=np.full(tokens, 3, dtype=np.int32), reward=float(i % 2), finish_reason="length",
@@ -159,7 +159,7 @@ def trajectory_parts(group: P.TrajectoryGroup) -> list[dict]:
 def build_group(like: P.TrajectoryGroup, trajectories: list[dict]) -> P.TrajectoryGroup:
     return P.TrajectoryGroup(group_id=like.group_id, server_id=like.server_id, lease_id=like.lease_id,
                              prompt_index=like.prompt_index, epoch=like.epoch,
-                             trajectories=[P.Trajectory(**t) for t in trajectories])
+                             trajectories=[P.Trajectory.of(**t) for t in trajectories])
 
 
 def round_stream(sock: zmq.Socket, send, check_reply, seconds: float) -> float:

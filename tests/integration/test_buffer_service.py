@@ -51,7 +51,7 @@ def running(cfg: RunConfig, clock=time.monotonic):
 
 
 def make_group(credit: P.Credit, server_id="s0", version=0, rewards=(0.0, 1.0), tokens=4) -> P.TrajectoryGroup:
-    trajs = [P.Trajectory(prompt_ids=P.as_i32([7, 8]), output_ids=P.as_i32(np.arange(tokens)),
+    trajs = [P.Trajectory.of(prompt_ids=P.as_i32([7, 8]), output_ids=P.as_i32(np.arange(tokens)),
                           behav_logp=P.as_f32(np.full(tokens, -1.0)), versions=P.as_i32(np.full(tokens, version)),
                           reward=float(r), finish_reason="stop") for r in rewards]
     return P.TrajectoryGroup(group_id=f"{server_id}-{credit.lease_id}", server_id=server_id, lease_id=credit.lease_id,

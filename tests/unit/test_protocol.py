@@ -40,7 +40,7 @@ def _f32(n: int) -> st.SearchStrategy:
 @st.composite
 def _trajectory(draw) -> P.Trajectory:
     t = draw(st.integers(0, MAX_TOKENS))
-    return P.Trajectory(prompt_ids=draw(_i32(draw(st.integers(0, MAX_TOKENS)))), output_ids=draw(_i32(t)),
+    return P.Trajectory.of(prompt_ids=draw(_i32(draw(st.integers(0, MAX_TOKENS)))), output_ids=draw(_i32(t)),
                         behav_logp=draw(_f32(t)), versions=draw(_i32(t)), reward=draw(FLOAT),
                         finish_reason=draw(st.sampled_from(["stop", "length", "abort", "error"])),
                         metadata=draw(FREE_DICT))
@@ -133,7 +133,7 @@ def test_top_level_types_cover_design_messages():
 def make_traj(t: int = 5, reward: float = 1.0, **kw) -> P.Trajectory:
     args = dict(prompt_ids=np.arange(3), output_ids=np.arange(t) + 10, behav_logp=-np.arange(t) / 10.0,
                 versions=np.full(t, 7), reward=reward, finish_reason="stop", metadata={"k": [1, "x"]})
-    return P.Trajectory(**{**args, **kw})
+    return P.Trajectory.of(**{**args, **kw})
 
 
 def make_group(n: int = 2, t: int = 5) -> P.TrajectoryGroup:

@@ -22,7 +22,7 @@ REQUEST_TIMEOUT_S = 20.0  # loopback on a loaded 2-core box: generous, answers t
 
 def group(seed: int, tokens: int = 4096, n: int = 4) -> P.TrajectoryGroup:
     rng = np.random.default_rng(seed)
-    trajs = [P.Trajectory(prompt_ids=rng.integers(0, 1000, 16, dtype=np.int32),
+    trajs = [P.Trajectory.of(prompt_ids=rng.integers(0, 1000, 16, dtype=np.int32),
                           output_ids=rng.integers(0, 1000, tokens, dtype=np.int32),
                           behav_logp=-rng.random(tokens, dtype=np.float32),
                           versions=np.full(tokens, seed, dtype=np.int32), reward=float(seed), finish_reason="stop")

@@ -343,7 +343,7 @@ def test_a_failed_direct_write_is_not_taken_for_a_damaged_record_at_hand_out(tmp
     credits = svc.server.sent[-1].credits
     groups = []
     for c in credits:
-        t = P.Trajectory(prompt_ids=P.as_i32([1]), output_ids=P.as_i32([2, 3]), behav_logp=P.as_f32([-1, -1]),
+        t = P.Trajectory.of(prompt_ids=P.as_i32([1]), output_ids=P.as_i32([2, 3]), behav_logp=P.as_f32([-1, -1]),
                          versions=P.as_i32(np.zeros(2)), reward=1.0, finish_reason="stop")
         groups.append(P.TrajectoryGroup(group_id=f"s-{c.lease_id}", server_id="s", lease_id=c.lease_id,
                                         prompt_index=c.prompt_index, epoch=c.epoch, trajectories=[t]))
