@@ -77,8 +77,10 @@ def _dict(value: Any, name: str) -> dict:
 
 
 def _list_of(item: Check, exact: type | None) -> Check:
+    only = frozenset((exact,))
+
     def check(value: Any, name: str) -> list:
-        if type(value) is list and exact is not None and all(type(x) is exact for x in value):
+        if type(value) is list and only.issuperset(map(type, value)):
             return value  # the common case, and every decoded list
         if not isinstance(value, (list, tuple, np.ndarray)):
             raise ProtocolError(f"expected list, got {_name(value)}", name)
