@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from areal_like.loss_schema import MOVED_LOSS_KEYS
 from areal_like.schema import (
     AGG_MODES,
     ESTIMATORS,
@@ -189,10 +190,14 @@ def load_config(overrides: list[str] | None = None, config_name: str = "config")
 
 
 def _known_keys(full_key: str) -> str:
-    """``trainer.nope`` -> "known keys in trainer: betas, buffer_address, ..." from the schema."""
+    """``trainer.nope`` -> "known keys in trainer: betas, buffer_address, ..." from the schema; a key of
+    the flat ``trainer.loss`` of earlier versions -> the key that replaced it."""
     import dataclasses
     import typing
 
+    section, _, name = full_key.rpartition(".")
+    if section == "trainer.loss" and name in MOVED_LOSS_KEYS:
+        return f"moved: use trainer.loss.{MOVED_LOSS_KEYS[name]}"
     cls: Any = RunConfig
     parts = full_key.split(".")
     for part in parts[:-1]:

@@ -42,7 +42,7 @@ class DatasetTask(Task):
     """Rows of local files (module docstring); the default reward grades the final math answer."""
 
     name = "dataset"
-    reward_path = "rollout_server.rewards:math_reward"
+    reward_path = "areal_like.rewards:math_reward"
 
     def __init__(self, cfg: TaskConfig, tokenizer: Any = None, split: str = "train"):
         super().__init__(cfg, split)

@@ -4,13 +4,24 @@
 have to take part, and the engines are not in the trainer's world). We use the recipe SGLang,
 verl and slime use (their ``init_custom_process_group``): a TCP rendezvous, a PrefixStore named after the
 group, and ``_new_process_group_helper``; the result works with ``dist.broadcast(..., group=pg)``
-with or without a default group in the process. Every wait is bounded by ``timeout_s``.
+with or without a default group in the process. Every wait is bounded: the rendezvous and the
+connection of the ranks by ``connect_timeout_s``, every later op by ``timeout_s``.
+
+NCCL (checked against torch's ProcessGroupNCCL; no GPU on the machines that wrote this): a
+communicator is created lazily by the first op, and a blocking ``ncclCommInitRank`` waits forever
+for a peer that died after the rendezvous. The weight group is therefore made non-blocking
+(``Options.config.blocking = 0``: init and every op return at once and are waited on with the
+group's timeout), and ``TORCH_NCCL_ASYNC_ERROR_HANDLING=2`` (CleanUpOnly) is in force while the
+group is constructed, which is when ProcessGroupNCCL reads it: a timed-out op then aborts this
+group's communicator and raises, instead of ending the whole process (the default, 3, would end
+a trainer whose only fault is a dead engine).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 from datetime import timedelta
 
 
@@ -21,7 +32,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def init_weight_group(backend: str, master_addr: str, master_port: int, world_size: int, rank: int,
-                      group_name: str, timeout_s: float):
+                      group_name: str, timeout_s: float, connect_timeout_s: float | None = None):
     """Join (rank 0: host) the named group. Raises on timeout (a missing peer never hangs us)."""
     from torch.distributed.distributed_c10d import (
         Backend,
@@ -32,24 +43,47 @@ def init_weight_group(backend: str, master_addr: str, master_port: int, world_si
     )
 
     timeout = timedelta(seconds=timeout_s)
+    connect = timedelta(seconds=connect_timeout_s if connect_timeout_s is not None else timeout_s)
     # Under torchrun TORCHELASTIC_USE_AGENT_STORE=True makes a tcp:// rendezvous connect to the elastic
     # agent's store instead of hosting its own, and the weight group would never form.
-    old = os.environ.get("TORCHELASTIC_USE_AGENT_STORE")
-    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
-    try:
-        store, rank, world_size = next(rendezvous(f"tcp://{master_addr}:{master_port}", rank, world_size,
-                                                  timeout=timeout))
-    finally:
-        if old is None:
-            os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
-        else:
-            os.environ["TORCHELASTIC_USE_AGENT_STORE"] = old
-    store.set_timeout(timeout)
-    store = PrefixStore(group_name, store)
-    pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store, group_name=group_name,
-                                      timeout=timeout)
+    with _env({"TORCHELASTIC_USE_AGENT_STORE": "False"}):
+        raw, rank, world_size = next(rendezvous(f"tcp://{master_addr}:{master_port}", rank, world_size,
+                                                timeout=connect))
+    raw.set_timeout(connect)  # gloo connects the ranks through the store now
+    store = PrefixStore(group_name, raw)
+    nccl = Backend(backend) == Backend.NCCL
+    with _env({"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"} if nccl else {}):
+        pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store, group_name=group_name,
+                                          backend_options=_nccl_options(timeout) if nccl else None,
+                                          timeout=timeout)
+    raw.set_timeout(timeout)  # NCCL exchanges its unique id through the store at the first op
     _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
     return pg
+
+
+def _nccl_options(timeout: timedelta):
+    from torch.distributed import ProcessGroupNCCL
+
+    opts = ProcessGroupNCCL.Options()
+    opts._timeout = timeout
+    if hasattr(opts, "config") and hasattr(opts.config, "blocking"):  # NCCL >= 2.14
+        opts.config.blocking = 0
+    return opts
+
+
+@contextmanager
+def _env(values: dict[str, str]):
+    """Set environment variables for the block, then restore what was there."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def destroy_weight_group(pg) -> None:

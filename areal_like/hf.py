@@ -9,7 +9,8 @@ tokenizer or a config caches just those files, and such a snapshot is completed 
 ``resolve_models(cfg)`` applies it to every model-valued key. The daemons then read directories only: ``build_model(cfg)`` loads
 ``cfg.path`` (hub ids are refused there: nothing is downloaded by a daemon) or builds a Qwen2 from
 the config fields with a fixed init seed, so every process that builds "the same" tiny model gets
-bit-identical weights. Imports torch and huggingface_hub lazily.
+bit-identical weights. ``build_meta_model(cfg)`` is the same architecture on the meta device (the
+trainer shards it before any weight exists). Imports torch and huggingface_hub lazily.
 """
 
 from __future__ import annotations
@@ -133,6 +134,35 @@ def qwen2_config(cfg: ModelConfig, tokenizer=None):
     )
 
 
+def _local_model_dir(cfg: ModelConfig) -> Path:
+    path = Path(cfg.path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.path={cfg.path!r} is not a local model directory (no config.json); "
+                          "a daemon never downloads: `areal-like run` resolves hub ids before it starts")
+    return path
+
+
+def hf_config(cfg: ModelConfig):
+    """The Hugging Face config of ``cfg``: ``model.path``'s config.json, else the Qwen2 of the fields."""
+    from transformers import AutoConfig
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return AutoConfig.from_pretrained(str(_local_model_dir(cfg))) if cfg.path else qwen2_config(cfg)
+
+
+def build_meta_model(cfg: ModelConfig, dtype: str = "float32"):
+    """The architecture of ``cfg`` on the meta device: shapes only, no memory, no initialisation
+    (Hugging Face skips weight init on meta). Its weights are written later, shard by shard
+    (``trainer/sharded_init.py``); its buffers (rotary tables) are recomputed there too."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = hf_config(cfg)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype),
+                                                attn_implementation=cfg.attn_implementation)
+
+
 def build_model(cfg: ModelConfig, device: str = "cpu", dtype: str | None = None):
     """The model in eval mode on ``device`` with parameters in ``dtype`` (default cfg.dtype)."""
     import torch
@@ -141,10 +171,7 @@ def build_model(cfg: ModelConfig, device: str = "cpu", dtype: str | None = None)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     dt = torch_dtype(dtype or cfg.dtype)
     if cfg.path:
-        path = Path(cfg.path)
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"model.path={cfg.path!r} is not a local model directory (no config.json); "
-                              "a daemon never downloads: `areal-like run` resolves hub ids before it starts")
+        path = _local_model_dir(cfg)
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt, attn_implementation=cfg.attn_implementation)
     else:
         rng_state = torch.random.get_rng_state()

@@ -23,7 +23,8 @@ Compatibility: a field added with a default keeps the protocol version, since fr
 field rejects frames that carry it ("unknown field"), so upgrade the buffer before the rollout
 servers and the trainer, and do not downgrade a buffer over a WAL written by a newer one.
 Added since version 1 first shipped: ``TrajectoryGroup.want_credits``, ``Ack.credits``,
-``Register.torch_version`` / ``cuda_version`` / ``nccl_version`` and the same three on ``RosterEntry``.
+``Register.torch_version`` / ``cuda_version`` / ``nccl_version`` and the same three on ``RosterEntry``,
+``WeightSyncPlan.path`` / ``payloads``.
 Frames written by earlier builds are kept as fixtures (``tests/fixtures/wire``).
 Who sends which message: areal_like/DESIGN.md section 3.
 """
@@ -325,6 +326,15 @@ class WeightSyncPlan(_TopLevel, tag="weight_sync_plan"):
     buckets: list[BucketSpec]
     deadline_s: float  # the whole sync, from publication
     plan_id: str = ""  # unique per push attempt: a re-push of the same version is a new plan
+    # how the weights travel: "distributed" (the group above) | "tensor" | "disk" (trainer and engine on one GPU).
+    # A str, not a Literal: a server that does not know a path answers SyncDone(ok=False) naming it.
+    path: str = "distributed"
+    payloads: list[str] = []  # tensor: one SGLang payload per bucket; disk: [directory]; distributed: none
+
+    def validate(self) -> None:
+        want = {"distributed": 0, "tensor": len(self.buckets), "disk": 1}.get(self.path)
+        if want is not None and len(self.payloads) != want:
+            raise ProtocolError(f"path {self.path} needs {want} payload(s), got {len(self.payloads)}", "payloads")
 
 
 class HeartbeatAck(_TopLevel, tag="heartbeat_ack"):

@@ -1,30 +1,19 @@
 """The configuration schema: typed dataclasses, one per component, each validating itself.
 
-``areal_like.config`` composes ``configs/`` with Hydra and converts the result into ``RunConfig``;
-``OmegaConf.to_object`` runs every ``__post_init__`` below, so code past an entry point only sees
-values that passed these checks. Every check raises ``ConfigError`` with a message that starts
-with the full key and says what is allowed. Importing this module imports neither Hydra nor torch.
+``areal_like.config`` composes ``configs/`` with Hydra into ``RunConfig``, running every ``__post_init__`` below (``trainer.loss``'s:
+``loss_schema.py``): code past an entry point sees only checked values.
+A check raises ``ConfigError`` naming the key; no Hydra or torch here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the key and what is allowed."""
-
-
-def _choice(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
-
-
-def _check(key: str, ok: bool, rule: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is invalid: must be {rule}")
+from areal_like.config_checks import ConfigError  # noqa: F401  (re-exported: every config error is one)
+from areal_like.config_checks import check as _check
+from areal_like.config_checks import choice as _choice
+from areal_like.loss_schema import AGG_MODES, ESTIMATORS, LOSS_KINDS, LossConfig  # noqa: F401  (re-exported)
 
 
 @dataclass(kw_only=True)
@@ -41,7 +30,7 @@ class ModelConfig:
     num_key_value_heads: int = 2
     max_position_embeddings: int = 256
     tie_word_embeddings: bool = False
-    dtype: str = "float32"  # parameter dtype for inference / mixed-precision compute dtype on GPU
+    dtype: str = "float32"  # engines' weights; trainer on cuda: compute dtype (fp32 master weights, fp32 grad reduce)
     attn_implementation: str = "sdpa"
     init_seed: int = 0
 
@@ -182,9 +171,6 @@ class BufferConfig:
     # WAL segment size: big, since a rotation stalls the loop for a few ms and writes a checkpoint (up to 200k
     # group ids; at 700 MB/s of 4k-token groups, one every ~0.4 s); its disk returns once all its groups are consumed
     segment_bytes: int = 256 * 1024 * 1024
-    # fsync=always writes and reads the WAL with O_DIRECT (no page-cache copy of every group; it falls back by
-    # itself where the file system refuses). false: through the page cache, e.g. where direct I/O is slow (NFS)
-    direct_io: bool = True
     metrics_port: int = 0  # 0 = ephemeral
     max_epochs: int = 0  # 0 = unbounded passes over the dataset
 
@@ -240,52 +226,6 @@ class RolloutConfig:
         _check("rollout.heartbeat_s", self.heartbeat_s > 0, "> 0", self.heartbeat_s)
 
 
-LOSS_KINDS = ("ppo", "decoupled_ppo", "tis", "mis", "icepop", "gspo", "vespo", "vcpo", "oapl")
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
-
-
-@dataclass(kw_only=True)
-class LossConfig:
-    """Which kernel and its hyper-parameters (formulas, sources and defaults: trainer/LOSSES.md)."""
-
-    kind: str = "decoupled_ppo"
-    agg: str = "token-mean"
-    loss_scale_factor: float | None = None  # seq-mean-token-sum-norm constant C (None = padded width)
-    eps_clip: float = 0.2
-    eps_clip_high: float | None = None  # None = eps_clip
-    dual_clip: float | None = None  # c > 1, binds where A < 0
-    behav_cap: float | None = 5.0  # decoupled_ppo: drop tokens with pi_prox/pi_behav over this
-    tis_cap: float = 2.0  # tis: truncate the IS weight at C
-    tis_level: str = "token"  # tis: token | sequence (mis is always sequence-level; icepop is the token band)
-    mis_low: float = 0.5  # mis / icepop acceptance band [low, high]
-    mis_high: float = 2.0
-    vespo_k_pos: float = 2.0
-    vespo_lambda_pos: float = 3.0
-    vespo_k_neg: float = 3.0
-    vespo_lambda_neg: float = 2.0
-    vcpo_is_cap: float = 8.0
-    vcpo_baseline_weight: str = "readme"  # readme: w^2 |g|^2 (paper) | code: wclip^2 w^2 |g|^2 (released code)
-    vcpo_ess_base: float = 1.0
-    oapl_beta: float = 1.0
-    oapl_beta_v: float | None = None  # beta for the value estimate; None = oapl_beta
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
-
-    def __post_init__(self):
-        _choice("trainer.loss.kind", self.kind, LOSS_KINDS)
-        _choice("trainer.loss.agg", self.agg, AGG_MODES)
-        _choice("trainer.loss.tis_level", self.tis_level, ("token", "sequence"))
-        _choice("trainer.loss.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
-        _choice("trainer.loss.vcpo_baseline_weight", self.vcpo_baseline_weight, ("readme", "code"))
-        _check("trainer.loss.eps_clip", 0 < self.eps_clip < 1, "in (0, 1)", self.eps_clip)
-        _check("trainer.loss.dual_clip", self.dual_clip is None or self.dual_clip > 1, "null or > 1", self.dual_clip)
-        _check("trainer.loss.behav_cap", self.behav_cap is None or self.behav_cap > 1, "null or > 1", self.behav_cap)
-        _check("trainer.loss.tis_cap", self.tis_cap > 0, "> 0", self.tis_cap)
-        _check("trainer.loss.mis_low", 0 <= self.mis_low < self.mis_high, "< trainer.loss.mis_high", self.mis_low)
-        _check("trainer.loss.oapl_beta", self.oapl_beta > 0, "> 0", self.oapl_beta)
-
-
 @dataclass(kw_only=True)
 class WeightSyncConfig:
     bucket_mb: float = 64.0
@@ -294,9 +234,11 @@ class WeightSyncConfig:
     master_addr: str = "127.0.0.1"  # address engines use to reach trainer rank 0
     master_port: int = 0  # 0 = pick a free port per group formation
     group_name: str = "areal_like_weights"
+    path: str = "auto"  # auto (tensor where `run` puts trainer and engine on one GPU) | distributed | tensor | disk
 
     def __post_init__(self):
         _choice("trainer.weight_sync.backend", self.backend, ("auto", "gloo", "nccl"))
+        _choice("trainer.weight_sync.path", self.path, ("auto", "distributed", "tensor", "disk"))
         _check("trainer.weight_sync.bucket_mb", self.bucket_mb > 0, "> 0", self.bucket_mb)
         _check("trainer.weight_sync.deadline_s", self.deadline_s > 0, "> 0", self.deadline_s)
 
@@ -329,6 +271,8 @@ class TrainerConfig:
     ref_path: str | None = None
     # engines' log-probs vs the trainer's, mean |diff| per token allowed at start; <= 0: off (logprob_guard.py)
     logprob_guard_tol: float = 0.05
+    activation_checkpointing: bool = False  # recompute each decoder block in backward (trainer/MEMORY.md)
+    logprob_chunk_tokens: int = 512  # tokens per lm_head chunk of the log-probs: one [chunk, vocab] fp32 block
 
     def __post_init__(self):
         _check("trainer.steps", self.steps >= 1, ">= 1", self.steps)
@@ -337,10 +281,10 @@ class TrainerConfig:
         _choice("trainer.estimator", self.estimator, ESTIMATORS)
         _check("trainer.micro_batch_size", self.micro_batch_size >= 1, ">= 1", self.micro_batch_size)
         _check("trainer.num_minibatches", self.num_minibatches >= 1, ">= 1", self.num_minibatches)
+        _check("trainer.logprob_chunk_tokens", self.logprob_chunk_tokens >= 1, ">= 1", self.logprob_chunk_tokens)
         _check("trainer.grad_clip", self.grad_clip > 0, "> 0", self.grad_clip)
         _check("trainer.betas", len(self.betas) == 2, "two numbers", self.betas)
-        _check("trainer.loss.agg", self.loss.kind != "vcpo" or self.loss.agg.startswith("seq-mean"),
-               "a seq-mean-* mode for vcpo", self.loss.agg)
+        self.loss.check_agg()
 
 
 @dataclass(kw_only=True)
@@ -365,9 +309,17 @@ class LaunchConfig:
     pin_cpus: bool = False  # give the rollout pool and the trainer pool disjoint cores (taskset)
     omp_threads: int = 1
     gpus_per_node: int = 0  # GPUs `run` places processes on (launch/placement.py); 0 = torch's count on cuda
+    # Several nodes (Slurm or by hand; `run` is one node): the first train_nodes carry trainer_ranks
+    # ranks each, the others num_rollout_servers servers each (launch/placement.py, `areal-like plan`).
+    nodes: int = 1
+    train_nodes: int = 1
 
     def __post_init__(self):
         _check("launch.gpus_per_node", self.gpus_per_node >= 0, ">= 0", self.gpus_per_node)
+        _check("launch.nodes", self.nodes >= 1, ">= 1", self.nodes)
+        _check("launch.train_nodes", 1 <= self.train_nodes < max(self.nodes, 2),
+               f">= 1 and < launch.nodes={self.nodes} (the other nodes run the rollout servers)" if self.nodes > 1
+               else "1 on one node (launch.nodes=1)", self.train_nodes)
         _check("launch.num_rollout_servers", self.num_rollout_servers >= 1, ">= 1", self.num_rollout_servers)
         _check("launch.trainer_ranks", self.trainer_ranks >= 1, ">= 1", self.trainer_ranks)
         _check("launch.restarts", self.restarts >= 0, ">= 0", self.restarts)

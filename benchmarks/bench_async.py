@@ -10,7 +10,9 @@ Measured from the trainer's per-step records (after ``--skip`` warm-up steps):
 * trained samples per second for each run;
 * from the synchronous run, the generation phase G (the trainer waiting for its batch, which is
   the generation of a whole batch at the new version) and the training phase T (everything else
-  in a step: recompute, advantages, update, weight sync, checkpoint);
+  in a step: recompute, advantages and update, weight sync, checkpoint; a record's phase_seconds
+  holds only its own step's phases, so the setup's log-prob guard and an earlier checkpoint are
+  not counted again, and the metrics phase that writes the record is not in it);
 * achieved speedup = samples/s(eta=4) / samples/s(eta=0) and the ideal (G + T) / max(G, T).
 
 One JSON line: figure = achieved speedup, baseline = ideal speedup, ratio = achieved / ideal

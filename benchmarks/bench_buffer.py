@@ -11,7 +11,7 @@ Cases (one JSON line each):
   fsync=always buffer, whatever the transport does; ``disk_ceiling_sequential``: write
   ``producers`` frames, fsync, repeat (no overlap; the figure this benchmark used to call the
   ceiling, which a pipelined log is not bound by); ``wal_ceiling``: the buffer's own
-  ``WriteAheadLog`` (fsync=always: direct I/O and group commit, as the daemon runs it) fed the same
+  ``WriteAheadLog`` (fsync=always: group commit, as the daemon runs it) fed the same
   frames in one process with ``producers`` sync tickets outstanding, no network: what the log
   itself allows;
 * ``raw_transport_keeping_frames`` (``--raw-keep``): the raw server also keeps every frame in
@@ -24,9 +24,8 @@ Cases (one JSON line each):
   every iteration used to log (and what a checkpoint still holds); bytes of both. In process, no I/O;
 * ``buffer_memory``: resident memory of the daemon per 100,000 stored trajectories (RSS growth
   over the ingest / stored trajectories); baseline = their frame bytes; ratio = frame bytes / RSS.
-  The daemon keeps only an index in its own memory: the frames stay in the WAL, on disk (with
-  fsync=always the WAL writes and reads them with direct I/O, bypassing the page cache) or in the
-  page cache (other policies), which RSS does not count; ``wal_mib_per_100k`` reports what the WAL
+  The daemon keeps only an index in its own memory: the frames stay in the WAL, on disk or in the
+  page cache, which RSS does not count; ``wal_mib_per_100k`` reports what the WAL
   holds.
 
 The raw and buffer cases run in ``--rounds`` interleaved rounds (raw, buffer always, buffer
@@ -86,7 +85,7 @@ from areal_like.distributed import free_port  # noqa: E402
 from areal_like.transport import Client  # noqa: E402
 from buffer.credits import CreditLedger  # noqa: E402
 from buffer.staleness import StalenessPolicy  # noqa: E402
-from buffer.wal import WriteAheadLog, reserve_blocks  # noqa: E402
+from buffer.wal import WriteAheadLog  # noqa: E402
 
 DISK_SECONDS = 3.0  # per disk ceiling: the disk alone varies less than the network cases
 REPLY_TIMEOUT_MS = 20_000  # a producer waiting this long means the server is gone: abort the case
@@ -320,8 +319,8 @@ def disk_ceiling(directory: Path, args, kind: str) -> tuple[float, float]:
 
     ``sequential``: write ``producers`` frames, fsync, repeat (the disk idles while frames are
     written, the writer idles during the fsync). ``group_commit``: what the WAL does, so what
-    bounds an fsync=always buffer: one thread appends continuously to a segment with reserved
-    blocks while another fdatasyncs whatever was written so far."""
+    bounds an fsync=always buffer: one thread appends continuously to a segment while another
+    fdatasyncs whatever was written so far."""
     frame = group_frame(trajectories_blob(args.tokens, args.group_size), "disk", "L0", 0, 0)
     path = directory / "disk_ceiling.bin"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
@@ -340,7 +339,6 @@ def disk_ceiling(directory: Path, args, kind: str) -> tuple[float, float]:
     t0 = time.perf_counter()
     try:
         if kind == "group_commit":
-            reserve_blocks(fd, 4 << 30)
             syncer.start()
         while time.perf_counter() - t0 < seconds:
             for _ in range(args.producers):

@@ -1,7 +1,7 @@
 """The buffer daemon: staleness-aware replay buffer, prompt cursor and control plane of a job.
 
-``staleness.StalenessPolicy`` (admission and consumption rules, see STALENESS.md),
-``credits.CreditLedger`` (prompt cursor, leases), ``replay_buffer.ReplayBuffer`` (the group store),
-``wal.WriteAheadLog`` (durability), ``recovery.recover`` (restart) and ``service.BufferService``
-(the loop). Run it with ``python -m buffer [--config-file PATH] [key=value ...]``.
+Parts: ``staleness`` (admission and consumption rules, STALENESS.md), ``credits`` (cursor, leases),
+``replay_buffer`` (the store), ``wal`` (durability), ``handout`` (batches), ``control`` (version,
+roster, plans), ``instruments`` (metrics), ``recovery`` (restart); ``service`` is the loop that wires
+them. Run it with ``python -m buffer [--config-file PATH] [key=value ...]``.
 """

@@ -15,8 +15,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 def main(argv: list[str] | None = None) -> int:
     from areal_like.config import ConfigError, load_daemon_config
     from areal_like.daemon import setup_logging
+    from buffer.dirlock import WalInUse
     from buffer.service import BufferService
-    from buffer.wal import WalInUse
 
     log = setup_logging("buffer")
     try:

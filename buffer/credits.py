@@ -1,28 +1,17 @@
 """Prompt cursor, leases and the admission counter: which prompt goes out next, to whom, until when.
 
-The ledger owns the only state that decides *what* gets generated:
+State: the cursor ``(next_index, epoch)`` over ``dataset_size`` prompts (``max_epochs`` = 0:
+unbounded); outstanding leases (one prompt, one server, one deadline); the re-issue queue (prompts
+whose lease expired or whose group was rejected or dropped, served before the cursor moves on);
+``started`` (``staleness.py``) and ``next_lease`` (lease ids are never reused, across restarts too,
+so ``group_id = f"{server_id}-{lease_id}"`` is unique for the life of the job). Invariant: every
+prompt below the cursor is exactly one of: covered by an accepted group, leased, or queued.
 
-* the cursor ``(next_index, epoch)`` over ``dataset_size`` prompts (``max_epochs`` = 0: unbounded);
-* outstanding leases ``lease_id -> Lease`` (one prompt, one server, one deadline);
-* the re-issue queue: prompts whose lease expired, whose group was rejected or dropped as stale
-  (with ``stale_policy=reissue``); they go out again before the cursor moves on;
-* ``started`` (see ``staleness.py``) and ``next_lease`` (lease ids are never reused, also across
-  restarts, so ``group_id = f"{server_id}-{lease_id}"`` is unique for the life of the job).
-
-``invalid_group`` checks a delivered group against its lease (and its token versions against
-the newest version any engine can serve).
-
-Invariants: every prompt index below the cursor is, at any time, exactly one of: covered by an
-accepted group, held by an outstanding lease, or waiting in the re-issue queue. Nothing here does
-I/O. What the WAL persists: ``snapshot()`` (the whole state, ``load_state`` restores it) in the
-checkpoint that starts every segment, and after that ``take_changes()`` (what changed since the
-last snapshot or change record, ``apply_changes`` replays it) in the control record the buffer
-writes after a loop iteration that changed its state (a lease closed by an accepted group alone
-waits for the next one: the group's own record closes it on replay). A change record costs what
-changed, not the number of leases outstanding: with 4,096 leases out, a whole state is ~117 KB of
-msgpack and ~1 ms of CPU to build and encode, which the buffer used to pay in every iteration.
-Deadlines are monotonic-clock values and are not persisted: a restored lease gets a fresh full
-timeout (its holder may still deliver after the buffer restarts).
+No I/O. The WAL holds ``snapshot()`` (whole state; ``load_state``) in each segment's checkpoint and
+then ``take_changes()`` (what changed since; ``apply_changes``) in the control record of each loop
+iteration that changed it: a change record costs what changed, where the whole state with 4,096
+leases out is ~117 KB and ~1 ms to encode. Deadlines are not persisted: a restored lease gets a
+fresh full timeout (its holder may still deliver). ``invalid_group`` checks a group against its lease.
 """
 
 from __future__ import annotations
@@ -53,21 +42,14 @@ class CreditLedger:
                  max_epochs: int = 0, clock: Callable[[], float]):
         if dataset_size < 1:
             raise ValueError("dataset_size must be >= 1")
-        self.policy = policy
-        self.dataset_size = dataset_size
-        self.lease_timeout_s = lease_timeout_s
-        self.max_epochs = max_epochs
-        self.clock = clock
-        self.next_index = 0
-        self.epoch = 0
-        self.started = 0
-        self.next_lease = 0
+        self.policy, self.dataset_size, self.lease_timeout_s = policy, dataset_size, lease_timeout_s
+        self.max_epochs, self.clock = max_epochs, clock
+        self.next_index = self.epoch = self.started = self.next_lease = 0
         self.leases: dict[str, Lease] = {}
         self.reissue: deque[tuple[int, int]] = deque()
         self._forget_changes()
 
     def _forget_changes(self) -> None:
-        """Start a new change record (see ``take_changes``)."""
         self._granted: list[Lease] = []  # in grant order
         self._closed: list[str] = []  # lease ids fulfilled, cancelled or expired
         self._requeued: list[tuple[int, int]] = []  # pushed onto the re-issue queue, in order
@@ -159,19 +141,15 @@ class CreditLedger:
         return self.state()
 
     def load_state(self, state: dict) -> None:
-        self.next_index, self.epoch = state["cursor"]
-        self.started = state["started"]
-        self.next_lease = state["next_lease"]
-        deadline = self.clock() + self.lease_timeout_s
-        self.leases = {lid: Lease(lid, i, e, sid, deadline) for lid, i, e, sid in state["leases"]}
-        self.reissue = deque((i, e) for i, e in state["reissue"])
-        self._forget_changes()
+        """Replace the state with a ``state()`` (as the changes that build it from nothing)."""
+        self.leases, self.reissue = {}, deque()
+        self.apply_changes({**state, "granted": state["leases"], "closed": [], "requeued": state["reissue"],
+                            "dequeued": 0})
 
     def take_changes(self) -> dict:
         """What changed since the last ``snapshot``, ``take_changes`` or ``load_state``: the counters
-        (whole: three numbers), the leases granted and closed (a lease may be both), and the
-        re-issue queue's pushes and pops. The queue is FIFO, so it becomes ``(old + requeued)``
-        without its first ``dequeued`` entries, whatever the interleaving was."""
+        (whole), the leases granted and closed, and the re-issue queue's pushes and pops (it is FIFO:
+        it becomes ``old + requeued`` without its first ``dequeued``, whatever the interleaving)."""
         changes = {"cursor": [self.next_index, self.epoch], "started": self.started, "next_lease": self.next_lease,
                    "granted": [[x.lease_id, x.prompt_index, x.epoch, x.server_id] for x in self._granted],
                    "closed": self._closed, "requeued": [list(p) for p in self._requeued],

@@ -1,32 +1,26 @@
 """Batch hand-out to the trainer: held BatchRequests and the one batch in transit.
 
-At-least-once into training, and exactly once while nobody crashes:
-
-* a batch handed out is *in transit*, not consumed: its groups leave the store, the WAL's
-  control record notes ``in_transit = [batch_id, version, group ids]`` (the group records stay live),
-  and the ``Batch`` reply carries ``batch_id``; it is sent once that record is durable;
-* the trainer's next ``BatchRequest`` carries ``ack_batch`` = the id of the last batch it received.
-  A match marks the batch consumed (WAL ``consumed`` marks, ``groups_consumed``, the staleness
-  histogram at the version it was handed out for);
-* any other ``ack_batch`` (empty after a trainer restart, or an older id when the reply was lost)
-  means the batch never arrived: its groups go back to the store and are re-checked for staleness
-  at the next hand-out like any other group (``batches_redelivered``);
-* a restarted buffer restores the batch in transit from the WAL and lets the next request decide
-  the same way, so a trainer that did receive it does not train on it twice.
-
-There is one trainer (rank 0 asks for every rank); two consumers would take each other's batches
-for lost ones. Mixed into ``BufferService`` (it uses the store, the policy, the WAL marks and the
-reply queue).
+At least once into training, exactly once while nobody crashes. A batch handed out is *in
+transit*: its groups leave the store, the next control record holds ``record()`` (their WAL records
+stay live) and the ``Batch`` reply carries ``batch_id``. The trainer's next ``BatchRequest`` carries
+``ack_batch``: a match consumes the batch (consumed marks, ``groups_consumed``, the staleness
+histogram); anything else (empty after a trainer restart, an older id after a lost reply) means it
+never arrived, and its groups go back to the store to be checked for staleness again
+(``batches_redelivered``). A restarted buffer restores the batch in transit (``restore``) and lets
+the next request decide the same way. One trainer: two would take each other's batches for lost.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from areal_like import protocol as P
-from buffer.replay_buffer import StoredGroup
+from buffer.instruments import BufferMetrics
+from buffer.replay_buffer import ReplayBuffer, StoredGroup
 from buffer.wal import WalFailed
 
 MAX_BATCH_BYTES = P.MAX_FRAME_BYTES * 9 // 10  # a Batch is one frame; leave room for its envelope
@@ -50,47 +44,48 @@ class InTransit:
     version: int  # the trainer version it was handed out for
     groups: list[StoredGroup]
 
-    def record(self) -> list:
-        return [self.batch_id, self.version, [s.group_id for s in self.groups]]
 
+class Handout:
+    def __init__(self, store: ReplayBuffer, read: Callable[[object], bytes | memoryview],
+                 drop: Callable[[list, str], None], consume: Callable[[list[str]], None],
+                 metrics: BufferMetrics, log: logging.Logger):
+        self.store, self.read, self.drop, self.consume, self.metrics, self.log = store, read, drop, consume, metrics, log
+        self.pending: list[PendingBatch] = []
+        self.in_transit: InTransit | None = None  # the last batch handed out, until the trainer acks it
+        self._changed = False  # in_transit changed since take_changed()
 
-class BatchHandout:
-    """The trainer side of ``BufferService`` (see the module docstring)."""
+    def hold(self, peer: bytes, req_id: bytes, request: P.BatchRequest, received: float) -> None:
+        self.pending.append(PendingBatch(peer, req_id, request, received + max(0.0, request.wait_s), received))
 
-    pending: list[PendingBatch]
-    in_transit: InTransit | None
-
-    def _serve_batches(self) -> None:
-        now = self.clock()
+    def serve(self, now: float) -> list[tuple[PendingBatch, P.Batch]]:
+        """Answer the held requests that have enough fresh groups now, or whose wait is over."""
+        out = []
         for p in list(self.pending):
             self._settle(p.request.ack_batch)
-            v = p.request.trainer_version
-            self._drop(self.store.drop_stale(v), "stale")
-            taken = self.store.take_stored(p.request.n_groups, v, max_bytes=MAX_BATCH_BYTES)
+            v, n = p.request.trainer_version, p.request.n_groups
+            self.drop(self.store.drop_stale(v), "stale")
+            taken = self.store.take_stored(n, v, max_bytes=MAX_BATCH_BYTES)
             groups = None if taken is None else self._load_all(taken)
             if taken is not None and groups is None:
                 continue  # an unreadable group was dropped; the next pass takes fresh ones instead
-            too_large = taken is None and self.store.n_fresh(v) >= p.request.n_groups
+            too_large = taken is None and self.store.n_fresh(v) >= n
             if taken is None and now < p.deadline and not too_large:
                 continue
             self.pending.remove(p)
             if taken is None:
-                n = p.request.n_groups
                 why = (f"too_large: {n} groups exceed {MAX_BATCH_BYTES} bytes in one frame; ask for fewer" if too_large
                        else f"{self.store.n_fresh(v)} of {n} fresh groups after {p.request.wait_s:.1f}s")
-                reply = P.Batch(groups=[], trainer_version=v, reason=why)
+                out.append((p, P.Batch(groups=[], trainer_version=v, reason=why)))
             else:
-                self.in_transit = InTransit(uuid.uuid4().hex, v, taken)
-                self._dirty = True  # the next control record carries the batch in transit
-                reply = P.Batch(groups=groups, trainer_version=v, batch_id=self.in_transit.batch_id)
-            self._queue_reply(p.peer, p.req_id, reply, p.request.TYPE, p.received)
+                self.in_transit, self._changed = InTransit(uuid.uuid4().hex, v, taken), True
+                out.append((p, P.Batch(groups=groups, trainer_version=v, batch_id=self.in_transit.batch_id)))
+        return out
 
     def _load_all(self, taken: list[StoredGroup]) -> list[P.TrajectoryGroup] | None:
-        """The taken groups read back, or None when one cannot be: a record damaged on disk after its
-        CRC was written (bad sector, an operator's edit) is never handed out. It is dropped as
-        ``unreadable`` (counted, logged, its prompt re-issued) and the readable ones go back to the
-        store; the daemon keeps serving. Running out of a resource (``TRANSIENT_ERRNOS``) or a failed WAL
-        (``WalFailed``, fatal) is no damage: it propagates, so an intact group is never dropped."""
+        """The taken groups read back, or None when one cannot be: a record damaged on disk is dropped
+        as ``unreadable`` (its prompt re-issued), the readable ones go back to the store. Running out
+        of a resource (``TRANSIENT_ERRNOS``) or a failed WAL (``WalFailed``: a read of a record still
+        queued waits for the fsync thread) is no damage: it propagates, never dropping a group."""
         groups, bad = [], []
         for stored in taken:
             try:
@@ -103,52 +98,59 @@ class BatchHandout:
                 bad.append(stored)
         if not bad:
             return groups
-        self._drop(bad, "unreadable")
-        bad_ids = {stored.group_id for stored in bad}
+        self.drop(bad, "unreadable")
         for stored in taken:
-            if stored.group_id not in bad_ids:
+            if stored not in bad:
                 self.store.put(stored)
         return None
 
     def _load(self, stored: StoredGroup) -> P.TrajectoryGroup:
-        """A stored group, read back from the WAL (CRC-checked) unless the store holds it."""
         if stored.group is not None:
             return stored.group
-        group = P.decode(self.wal.read_group(stored.ref))
+        group = P.decode(self.read(stored.ref))
         if not isinstance(group, P.TrajectoryGroup) or group.group_id != stored.group_id:
             raise P.ProtocolError(f"WAL record for {stored.group_id} holds {type(group).__name__} "
                                   f"{getattr(group, 'group_id', '')!r}")
         return group
 
     def _settle(self, ack_batch: str) -> None:
-        """A BatchRequest tells what became of the batch in transit: received (acked) or lost."""
+        """What became of the batch in transit: received (acked) or lost."""
         batch, self.in_transit = self.in_transit, None
         if batch is None:
             return
-        self._dirty = True
+        self._changed = True
         if ack_batch == batch.batch_id:
-            staleness = self._metric_child("histogram", "buffer/staleness", "staleness of consumed groups (versions)",
-                                           buckets=range(0, 17))
-            for s in batch.groups:
-                self._consumed.append(s.group_id)
-                staleness.observe(self.policy.staleness(s.head_version, batch.version))
-            self._count("groups_consumed", len(batch.groups))
+            self.consume([s.group_id for s in batch.groups])
+            self.metrics.staleness(batch.version - s.head_version for s in batch.groups)
+            self.metrics.count("groups_consumed", len(batch.groups))
             return
         for s in batch.groups:
             self.store.put(s)
-        self._count("batches_redelivered")
-        self._count("groups_redelivered", len(batch.groups))
+        self.metrics.count("batches_redelivered")
+        self.metrics.count("groups_redelivered", len(batch.groups))
         self.log.warning("batch %s (%d groups) was not acknowledged (ack_batch=%r): its groups are back in the "
                          "store", batch.batch_id, len(batch.groups), ack_batch)
 
-    def _restore_in_transit(self, record: list | None) -> None:
-        """Recovery: the batch in transit when the buffer stopped leaves the store again."""
-        if not record:
-            return
-        batch_id, version, group_ids = record
-        taken = [s for gid in group_ids if (s := self.store.pop(gid)) is not None]
-        if taken:
-            self.in_transit = InTransit(batch_id, version, taken)
+    @property
+    def changed(self) -> bool:
+        return self._changed
 
-    def _in_transit_groups(self) -> int:
+    def take_changed(self) -> bool:
+        """Whether the batch in transit changed since the last call (the control record holds it)."""
+        changed, self._changed = self._changed, False
+        return changed
+
+    def record(self) -> list | None:
+        """The batch in transit as the WAL's control state holds it."""
+        batch = self.in_transit
+        return None if batch is None else [batch.batch_id, batch.version, [s.group_id for s in batch.groups]]
+
+    def restore(self, record: list | None) -> None:
+        """Recovery: the batch in transit when the buffer stopped leaves the store again."""
+        if record:
+            batch_id, version, group_ids = record
+            taken = [s for gid in group_ids if (s := self.store.pop(gid)) is not None]
+            self.in_transit = InTransit(batch_id, version, taken) if taken else None
+
+    def in_transit_groups(self) -> int:
         return len(batch.groups) if (batch := self.in_transit) is not None else 0  # one read: metrics thread

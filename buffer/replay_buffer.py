@@ -1,25 +1,19 @@
 """The group store: what has been generated and not yet handed to the trainer. No I/O.
 
-A ``TrajectoryGroup`` (all samples of one prompt) is the unit of storage and of hand-out.
-Groups are indexed by head version so that selection and the stale sweep touch only what they
-return: ``oldest`` (default: lowest head version first, then arrival), ``newest`` (highest head
-version first) or ``fifo`` (arrival order).
-
-Invariants:
-* ``take_batch(n, v)`` returns exactly ``n`` groups, all fresh at ``v`` (checked again by
-  ``StalenessPolicy.check_batch`` right before returning), or ``None`` and changes nothing.
-* Nothing is dropped silently: ``filter_reason`` says why a group should not be stored and
-  ``drop_stale`` returns what it removed; the caller counts both and returns their admission slots.
-* The buffer daemon stores only bookkeeping and a WAL reference per group (``ref``; the frame is
-  read back at hand-out), tests and tools may store the decoded group itself (``group``).
-* Memory is bounded by ``capacity`` through admission (``free_slots`` counts groups in flight as
-  taken, so credits stop while the store could overflow); ``add`` itself never refuses a group
-  whose credit was granted.
+A ``TrajectoryGroup`` (all samples of one prompt) is the unit of storage and hand-out. Groups are
+indexed by head version, so selection and the stale sweep touch only what they return: ``oldest``
+(default: lowest head version first, then arrival), ``newest`` or ``fifo`` (arrival order).
+``take_stored(n, v)`` returns exactly ``n`` groups, all fresh at ``v`` (checked again by
+``StalenessPolicy.check_batch``), or None and changes nothing. Nothing is dropped silently:
+``filter_reason`` says why a group should not be stored and ``drop_stale`` returns what it removed.
+The daemon stores bookkeeping and a WAL reference per group (``ref``); tests and tools may store
+the group itself. Memory is bounded through admission (``free_slots`` counts groups in flight).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import islice
 
 from areal_like.protocol import TrajectoryGroup
 from buffer.staleness import StalenessPolicy
@@ -44,11 +38,8 @@ class ReplayBuffer:
                  filter_equal_rewards: bool = False, max_tokens_per_trajectory: int = 0):
         if selection not in SELECTIONS:
             raise ValueError(f"selection={selection!r}; choose one of {SELECTIONS}")
-        self.policy = policy
-        self.capacity = capacity
-        self.selection = selection
-        self.filter_equal_rewards = filter_equal_rewards
-        self.max_tokens_per_trajectory = max_tokens_per_trajectory
+        self.policy, self.capacity, self.selection = policy, capacity, selection
+        self.filter_equal_rewards, self.max_tokens_per_trajectory = filter_equal_rewards, max_tokens_per_trajectory
         self._groups: dict[str, StoredGroup] = {}  # insertion order = arrival order (fifo)
         self._by_version: dict[int, dict[str, None]] = {}  # head version -> ids (ordered sets)
         self.nbytes = 0
@@ -108,9 +99,6 @@ class ReplayBuffer:
         self.nbytes -= stored.nbytes
         return stored
 
-    def remove(self, group_id: str) -> StoredGroup | None:
-        return self.pop(group_id)
-
     def n_fresh(self, trainer_version: int) -> int:
         oldest = self.policy.min_fresh_version(trainer_version)
         return sum(len(ids) for v, ids in self._by_version.items() if v >= oldest)
@@ -119,7 +107,7 @@ class ReplayBuffer:
         """Remove and return every group too old to ever be trained on at ``trainer_version``."""
         oldest = self.policy.min_fresh_version(trainer_version)
         stale_ids = [gid for v, ids in self._by_version.items() if v < oldest for gid in ids]
-        return [self.remove(gid) for gid in stale_ids]
+        return [self.pop(gid) for gid in stale_ids]
 
     def take_batch(self, n_groups: int, trainer_version: int, max_bytes: int = 0) -> list[TrajectoryGroup] | None:
         """Exactly ``n_groups`` fresh groups in selection order, or None (nothing removed). With
@@ -138,11 +126,7 @@ class ReplayBuffer:
         else:
             versions = sorted((v for v in self._by_version if v >= oldest), reverse=self.selection == "newest")
             order = (gid for v in versions for gid in self._by_version[v])
-        chosen = []
-        for gid in order:
-            chosen.append(gid)
-            if len(chosen) == n_groups:
-                break
+        chosen = list(islice(order, n_groups))
         if max_bytes and sum(self._groups[gid].nbytes for gid in chosen) > max_bytes:
             return None
         self.policy.check_batch((self._groups[gid].head_version for gid in chosen), trainer_version)

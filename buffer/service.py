@@ -1,32 +1,19 @@
-"""The buffer daemon: data plane and control plane of one job (areal_like/DESIGN.md sections 1-4).
+"""The buffer daemon: one loop wiring the parts of one job's data and control plane (its place in
+the system: areal_like/DESIGN.md).
 
-Owns: the prompt cursor and leases (``CreditLedger``), the replay store (``ReplayBuffer``), the
-write-ahead log, the trainer version, the roster of rollout servers and the latest weight-sync
-plan. Everything but the roster and the plan is durable: the roster is soft state rebuilt from
-heartbeats within a second of a restart, and a plan is the trainer's to re-send.
-
-One thread, one loop (``run_once``): receive a batch of requests, answer what can be answered,
-expire leases and silent servers, hand out batches. Every reply first logs what it depends on (a
-group record, or one control record with the changed state), takes a WAL sync ticket, and is sent
-only once that ticket is durable: the WAL's fsync thread syncs whatever has been written so far
-(group commit) while this loop keeps receiving. So:
-
-* a group is acked only after its record is durable; credits are granted only after the lease
-  is durable (a restart neither repeats nor skips prompts); a batch is handed out only after it
-  is durably recorded as in transit, and its groups are consumed once the trainer acknowledges it
-  (``handout.py``: at least once into training, exactly once while nothing crashes);
-* bad input (undecodable frame, unknown lease, versions newer than any published, NaN reward)
-  gets ``Ack(status="rejected", reason=...)``, is counted, and the loop keeps serving;
-* a duplicate group id gets ``Ack(status="duplicate")`` and is stored once;
-* a group may ask for the sender's next leases (``want_credits``): its Ack carries them, granted by
-  the same rules as a CreditRequest (none for a rejected group), so a rollout server needs one
-  round trip per group, not two.
-
-The store holds each group's bookkeeping and a reference to its WAL record, not the group: the
-received frame is freed once written, and a hand-out reads the frames back (``wal.py``).
-
-Deliberately ignored: who generates what (any registered server may take any credit) and what a
-trajectory contains beyond versions, lengths and rewards.
+Parts, each owning its state: ``CreditLedger`` (prompt cursor, leases), ``ReplayBuffer`` (the
+store), ``WriteAheadLog``, ``Handout`` (batches to the trainer), ``ControlPlane`` (trainer version,
+roster, weight-sync plan) and ``BufferMetrics``; ``recovery.replay`` rebuilds the durable ones at
+start. This module ties them together: dedupe by group id, dropping a group (slot back to the
+ledger, a consumed mark in the WAL), and the rule that a reply leaves only once what it depends on
+is durable. One thread, one loop (``run_once``): receive a batch of requests, answer them, expire
+leases and silent servers, hand out batches, log one control record with what changed, and send
+every reply whose WAL ticket is durable (the fsync thread syncs meanwhile: group commit). So a group
+is acked only once its record is durable, credits only once their lease is (a restart neither
+repeats nor skips prompts), a batch only once it is durably in transit. Bad input gets
+``Ack(status="rejected", reason=...)`` and is counted; a duplicate group id gets
+``Ack(status="duplicate")``; a group's ``want_credits`` are granted in its Ack by the rules of a
+CreditRequest (none for a rejected group): one round trip per group.
 """
 
 from __future__ import annotations
@@ -34,120 +21,146 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-
-import msgspec
 
 from areal_like import protocol as P
 from areal_like.config import RunConfig, dataset_size
 from areal_like.daemon import Daemon
 from areal_like.transport import Publisher, Server
+from buffer.control import ControlPlane
 from buffer.credits import CreditLedger, invalid_group, version_range
-from buffer.handout import BatchHandout, InTransit, PendingBatch
+from buffer.handout import Handout
 from buffer.instruments import BufferMetrics
-from buffer.replay_buffer import ReplayBuffer, StoredGroup
+from buffer.recovery import replay
+from buffer.replay_buffer import ReplayBuffer
 from buffer.staleness import StalenessPolicy
-from buffer.wal import WriteAheadLog
+from buffer.wal import WriteAheadLog, segment_path
 
 POLL_S = 0.02  # wait for the first request of a batch; bounds how late a held BatchRequest is answered
 POLL_BUSY_S = 0.001  # ...while replies wait for an fsync, where the WAL has no wake-up descriptor
 MAX_POLL_BATCH = 512  # requests handled per loop iteration (one fsync for all of them)
 MAX_POLL_BYTES = 4 << 20  # ...or this many bytes: smaller fsyncs start sooner and overlap receiving
-SWEEP_S = 0.05  # lease expiry and roster timeouts at most this often: their deadlines are
-# seconds, and a scan of every lease per loop iteration cost several % of the ingest CPU
-SEEN_KEEP = 200_000  # group ids remembered for dedupe after consumption: hours of generation,
-# while a sender re-sends an unacked group within seconds to minutes; ~20 MB
-SYNC_RESULTS_KEEP = 8  # versions of SyncDone results kept for SyncStatusRequest
+SWEEP_S = 0.05  # lease expiry and roster timeouts at most this often (a scan of every lease per
+# iteration cost several % of the ingest CPU; their deadlines are seconds)
+SEEN_KEEP = 200_000  # group ids remembered for dedupe after consumption: hours of generation, ~20 MB
 
 
-@dataclass(slots=True)
-class Member:
-    entry: P.RosterEntry
-    last_seen: float
-    in_flight: int = 0
-    evaluating: bool = False  # out of weight syncs while its engine holds one version for an evaluation
-
-
-class BufferService(BatchHandout, BufferMetrics, Daemon):
+class BufferService(Daemon):
     name = "buffer"
 
     def __init__(self, cfg: RunConfig, *, clock: Callable[[], float] = time.monotonic):
         b = cfg.buffer
         super().__init__(metrics_port=b.metrics_port)
-        self.cfg = b
-        self.clock = clock
+        self.cfg, self.clock = b, clock
         self.policy = StalenessPolicy(b.max_staleness, b.groups_per_step, b.max_inflight)
         self.ledger = CreditLedger(self.policy, dataset_size(cfg.task, cfg.model), lease_timeout_s=b.lease_timeout_s,
                                    max_epochs=b.max_epochs, clock=clock)
         self.store = ReplayBuffer(self.policy, capacity=b.capacity, selection=b.selection,
                                   filter_equal_rewards=b.filter_equal_rewards,
                                   max_tokens_per_trajectory=b.max_tokens_per_trajectory)
-        self.wal = WriteAheadLog(cfg.resolve_path(b.wal_dir), fsync=b.fsync, segment_bytes=b.segment_bytes,
-                                 direct=b.direct_io)
-        self.version = 0
+        self.wal = WriteAheadLog(cfg.resolve_path(b.wal_dir), fsync=b.fsync, segment_bytes=b.segment_bytes)
+        self.control = ControlPlane(b.pub_address, b.heartbeat_timeout_s, clock, lambda m: self.publisher.publish(m),
+                                    self.log)
+        self.instruments = BufferMetrics(self.metrics, {"in_flight": lambda: self.ledger.in_flight,
+                                                        "stored": lambda: len(self.store),
+                                                        "in_transit": lambda: self.handout.in_transit_groups()},
+                                         self._gauges())
+        self._consumed: list[str] = []  # group ids consumed or dropped in this iteration (one list, extended
+        # by the hand-out too)
+        self.handout = Handout(self.store, self.wal.read_group, self._drop, self._consumed.extend, self.instruments,
+                               self.log)
         self.seen: dict[str, None] = {}  # accepted group ids (ordered: oldest are forgotten first)
-        self.roster: dict[str, Member] = {}
-        self.plan: P.WeightSyncPlan | None = None
-        self.plan_deadline = 0.0
-        self.sync_results: dict[int, dict[str, bool]] = {}
-        self.sync_pauses: dict[int, dict[str, float]] = {}  # version -> server -> seconds not generating
-        self.pending: list[PendingBatch] = []
-        self.in_transit: InTransit | None = None  # the last batch handed out, until the trainer acks it
-        self._waiting: deque[tuple] = deque()  # (wal ticket, peer, req_id, reply, type, t): sent once durable;
-        # peer None: a message to publish once durable (a VersionUpdate a restart must not forget)
+        self._waiting: deque[tuple] = deque()  # (ticket, peer, req_id, reply, type, t); peer None: publish
         self._publish: list[P.Message] = []  # to publish once this iteration's control record is durable
-        self._after_control: list[tuple] = []  # (peer, req_id, reply, type, t): replies waiting for it
-        self._consumed: list[str] = []  # group ids marked consumed/dropped in this iteration
+        self._after_control: list[tuple] = []  # (peer, req_id, reply, type, t) waiting for that record
         self._dirty = False  # control state changed in this iteration
-        self._next_sweep = 0.0  # time.monotonic() of the next expiry sweep
+        self._next_sweep = 0.0
         self._handlers = {
-            P.Register: self._on_register, P.Heartbeat: self._on_heartbeat, P.CreditRequest: self._on_credits,
-            P.VersionUpdate: self._on_version, P.RosterRequest: self._on_roster,
-            P.WeightSyncPlan: self._on_plan, P.SyncDone: self._on_sync_done,
-            P.SyncStatusRequest: self._on_sync_status, P.StatsRequest: lambda m: P.Stats(values=self.stats()),
+            P.Register: self.control.register, P.Heartbeat: self.control.heartbeat,
+            P.RosterRequest: self.control.roster_reply, P.WeightSyncPlan: self.control.take_plan,
+            P.SyncDone: self.control.sync_done, P.SyncStatusRequest: self.control.sync_status,
+            P.CreditRequest: self._on_credits, P.VersionUpdate: self._on_version,
+            P.StatsRequest: lambda m: P.Stats(values=self.stats()),
         }
         self.server: Server | None = None
         self.publisher: Publisher | None = None
-        self._declare_metrics()  # BufferMetrics
 
-    # ------------------------------------------------------------------ lifecycle
+    # ------------------------------------------------------------------ lifecycle and the loop
     def start(self) -> None:
-        from buffer.recovery import recover
-
-        recover(self)
+        self.recover()
         self.server = Server(self.cfg.address)
         if self.wal.wakeup_fd is not None:
             self.server.wake_on(self.wal.wakeup_fd)  # a finished fsync ends the wait for requests
         self.publisher = Publisher(self.cfg.pub_address)
         self.log.info("serving on %s (pub %s): version %d, %d groups stored, %d leases, cursor %s",
-                      self.cfg.address, self.cfg.pub_address, self.version, len(self.store),
+                      self.cfg.address, self.cfg.pub_address, self.control.version, len(self.store),
                       self.ledger.in_flight, (self.ledger.next_index, self.ledger.epoch))
 
     def run_once(self) -> None:
         busy = self._waiting and self.wal.wakeup_fd is None  # else the fsync thread ends the wait itself
         self._receive(POLL_BUSY_S if busy else POLL_S)  # handle a batch of requests
-        if (now := time.monotonic()) >= self._next_sweep:  # real time: self.clock may be a test's
+        if sweep := (now := time.monotonic()) >= self._next_sweep:  # real time: self.clock may be a test's
             self._next_sweep = now + SWEEP_S
-            self._expire()  # leases past their deadline, servers past their heartbeat timeout
-        self._serve_batches()  # held BatchRequests: enough fresh groups now, or their wait is over
-        self._persist_and_reply()  # log what changed, send the replies that are durable now
+        self.settle(sweep=sweep)
+
+    def settle(self, *, sweep: bool = True) -> None:
+        """The rest of a loop iteration: expire leases and silent servers (``sweep``), answer held
+        BatchRequests, log what changed, send the replies that are durable now."""
+        if sweep:
+            self._expire()
+        for p, reply in self.handout.serve(self.clock()):
+            self._queue_reply(p.peer, p.req_id, reply, p.request.TYPE, p.received)
+        self._log_control()
+        self.wal.request_sync()
+        self.wal.clear_wakeup()  # before reading durable(): a later fsync wakes the next wait
+        self.send_durable()
+        if self.wal.maybe_rotate(self.checkpoint):
+            self.send_durable()
 
     def stop(self) -> None:
         if self.server is not None:
             self._log_control()
-        if self.server is not None and self._waiting:
-            self.wal.wait_durable()
-            self._send_durable_replies()
+            if self._waiting:
+                self.wal.wait_durable()
+                self.send_durable()
         for closable in (self.server, self.publisher):
             if closable is not None:
                 closable.close()
         self.wal.close()
 
     def health(self) -> tuple[bool, dict]:
-        return self.failure is None, {"name": self.name, "policy_version": self.version,
+        return self.failure is None, {"name": self.name, "policy_version": self.control.version,
                                       "stored": len(self.store), "in_flight": self.ledger.in_flight}
 
-    # ------------------------------------------------------------------ the loop's steps
+    def recover(self) -> None:
+        """Take the state the WAL holds, open a fresh segment with its checkpoint, then drop what is
+        stale at the recovered version, refused by the filters, or no longer decodes."""
+        got = replay(self.wal, self.ledger, self.store, self.log)
+        self.control.version, self.seen = got.version, got.seen
+        self.handout.restore(got.in_transit)
+        # Drops land after the checkpoint, in the same record as their returned slots (a checkpoint
+        # that counted them while their groups were still unconsumed would return the slots twice).
+        self.wal.open(self.checkpoint())
+        self._drop(self.store.drop_stale(self.control.version), "stale")
+        for u in got.unreadable.values():
+            self.log.error("wal %s: group %s at offset %d no longer decodes: dropped as unreadable%s",
+                           segment_path(self.wal.dir, u.ref.segment).name, u.group_id, u.ref.offset,
+                           "" if u.lease_id else "; its lease is unknown, so its prompt is not re-issued")
+            if u.lease_id is not None:
+                self.ledger.fulfil(u.lease_id)  # still open if the process died before its control record
+            self._drop([u], "unreadable", slots=u.lease_id is not None)
+        for gid, why in got.filtered.items():  # filtered, but died before its drop was logged (or config changed)
+            if (stored := self.store.pop(gid)) is not None:
+                self._drop([stored], why)
+        self.settle(sweep=False)
+        if got.unreadable:  # their consumed marks are written: their segments may go now
+            self.wal.wait_durable()
+            self.wal.compact()
+        if got.records:
+            self.log.info("recovered %d WAL records (%d group records, %d stored now, %d of them in transit, "
+                          "%d corrupt skipped)", got.records, got.groups, len(self.store) +
+                          self.handout.in_transit_groups(), self.handout.in_transit_groups(), self.wal.corrupt_records)
+
+    # ------------------------------------------------------------------ requests
     def _receive(self, timeout_s: float) -> None:
         n_bytes = 0
         for i in range(MAX_POLL_BATCH):
@@ -162,77 +175,135 @@ class BufferService(BatchHandout, BufferMetrics, Daemon):
 
     def handle(self, peer: bytes, req_id: bytes, msg: P.Message | P.ProtocolError, frame: bytes) -> None:
         received = self.clock()
+        if isinstance(msg, P.BatchRequest):
+            self.handout.hold(peer, req_id, msg, received)  # answered by settle(), now or when its wait is over
+            return
         if isinstance(msg, P.ProtocolError):
-            self._count("rejected", reason="decode")
+            self.instruments.count("rejected", reason="decode")
             self.log.warning("rejected an undecodable frame: %s", msg)
             reply, kind = P.Ack(ref="", status="rejected", reason=f"decode: {msg}"), "invalid"
         elif isinstance(msg, P.TrajectoryGroup):
             reply, kind = self._on_group(msg, frame), msg.TYPE
-        elif isinstance(msg, P.BatchRequest):
-            wait = max(0.0, msg.wait_s)
-            self.pending.append(PendingBatch(peer, req_id, msg, received + wait, received))
-            return
         elif type(msg) in self._handlers:
             reply, kind = self._handlers[type(msg)](msg), msg.TYPE
         else:  # a valid message the buffer does not serve (e.g. a reply type sent by mistake)
-            self._count("rejected", reason="unexpected_type")
+            self.instruments.count("rejected", reason="unexpected_type")
             reply, kind = P.Ack(ref="", status="rejected", reason=f"type: {msg.TYPE} is not a request"), "invalid"
         self._queue_reply(peer, req_id, reply, kind, received)
 
+    def _on_group(self, g: P.TrajectoryGroup, frame: bytes) -> P.Ack:
+        if g.group_id in self.seen or g.group_id in self.store:
+            self.instruments.count("groups_duplicate")
+            return self._ack_with_leases(g, "duplicate")
+        lease = self.ledger.leases.get(g.lease_id)
+        versions = version_range(g)  # one pass over the token versions, for every check below
+        reason = invalid_group(g, lease, self.control.newest_version(), versions)
+        if reason is not None:
+            self.instruments.count("rejected", reason=reason.split(":")[0])
+            self.log.warning("rejected group %s from %s: %s", g.group_id, g.server_id, reason)
+            if lease is not None and not reason.startswith("lease"):
+                self.ledger.cancel(lease.lease_id)  # the sender drops a rejected group: generate it again
+                self._dirty = True
+            return P.Ack(ref=g.group_id, status="rejected", reason=reason)
+        ref = self.wal.append_group(g.group_id, frame)
+        self.instruments.count("wal_bytes_written", ref.length)
+        self.ledger.fulfil(g.lease_id)
+        self._remember(g.group_id)
+        self.instruments.count("groups_accepted")
+        head = versions[2]
+        why = "stale" if not self.policy.is_fresh(head, self.control.version) else self.store.filter_reason(g)
+        if why is not None:  # acked (the sender is done with it), never stored
+            self._drop([g], why)
+        else:
+            self.store.add(g, len(frame), head, ref=ref)  # the frame's memory is freed: the WAL holds it
+        return self._ack_with_leases(g, "accepted")
+
+    def _ack_with_leases(self, g: P.TrajectoryGroup, status: str) -> P.Ack:
+        credits = self._grant(g.server_id, g.want_credits)[0] if g.want_credits else []
+        return P.Ack(ref=g.group_id, status=status, credits=credits)
+
+    def _on_credits(self, m: P.CreditRequest) -> P.Credits:
+        credits, reason = self._grant(m.server_id, m.max_credits)
+        return P.Credits(credits=credits, policy_version=self.control.version, reason=reason)
+
+    def _grant(self, server_id: str, n: int) -> tuple[list[P.Credit], str]:
+        """Up to ``n`` leases for a server, and why fewer when fewer."""
+        member, version, reason = self.control.touch(server_id), self.control.version, ""
+        if member is None:
+            reason, n = "unknown_server", 0
+        elif not self.policy.engine_can_start(member.entry.policy_version, version):
+            reason, n = "stale_engine", 0  # it gets the new weights at the next sync
+        elif self.store.free_slots(self.ledger.in_flight) < n:
+            reason, n = "capacity", self.store.free_slots(self.ledger.in_flight)
+        queued = len(self.ledger.reissue)
+        leases = self.ledger.grant(server_id, n, version)
+        if len(leases) < n:
+            reason = self.ledger.shortfall_reason(version)
+        if leases:
+            self._dirty = True
+            self.instruments.count("credits_granted", len(leases))
+            self.instruments.count("credits_reissued", queued - len(self.ledger.reissue))
+        return [P.Credit(lease_id=x.lease_id, prompt_index=x.prompt_index, epoch=x.epoch,
+                         deadline_s=self.cfg.lease_timeout_s) for x in leases], reason
+
+    def _on_version(self, m: P.VersionUpdate) -> P.Ack:
+        if m.policy_version > self.control.version:
+            self.control.version = m.policy_version
+            self._dirty = True
+            self._drop(self.store.drop_stale(m.policy_version), "stale")
+            self._publish.append(m)  # once the new version is durable: a restart never goes back on it
+        return P.Ack(ref=str(m.policy_version), status="ok")
+
+    def _expire(self) -> None:
+        if expired := self.ledger.expire():
+            self._dirty = True
+            self.instruments.count("credits_expired", len(expired))
+            self.log.warning("re-issuing %d expired leases (e.g. %s of %s)", len(expired),
+                             expired[0].lease_id, expired[0].server_id)
+        self.control.expire()
+
+    # ------------------------------------------------------------------ what ties the parts together
+    def _drop(self, groups: list, reason: str, *, slots: bool = True) -> None:
+        """Groups never to be trained on: marked consumed in the WAL, counted, slots returned."""
+        reissue = reason == "unreadable" or (reason == "stale" and self.cfg.stale_policy == "reissue")
+        for g in groups:
+            self._consumed.append(g.group_id)
+            if slots:
+                self.ledger.give_back(g.prompt_index, g.epoch, reissue=reissue)
+            self.instruments.count("groups_dropped", reason=reason)
+        self._dirty = self._dirty or bool(groups)
+
+    def _remember(self, group_id: str) -> None:
+        self.seen[group_id] = None
+        if len(self.seen) > 2 * SEEN_KEEP:
+            self.seen = dict.fromkeys(list(self.seen)[-SEEN_KEEP:])
+
     def _queue_reply(self, peer: bytes, req_id: bytes, reply: P.Message, kind: str, received: float) -> None:
-        """Send this reply as soon as what it depends on is durable. A reply that changed no control
-        state (so far in this loop iteration) takes its own ticket at once: every reply already
-        durable goes out while the rest of the burst is being handled (in benchmarks/bench_buffer.py
-        this beats one ticket per loop iteration). One that did waits for the iteration's single
-        control record (``_log_control``): with leases granted in group acks, a control record per
-        reply cost more than the rest of the group's handling. The ticket is taken in both cases so
-        that the fsync thread starts on the first record of a burst."""
+        """Send once what the reply depends on is durable: its own ticket if no control state changed
+        yet in this iteration, else the iteration's one control record (one per reply cost more than
+        the rest of a group's handling). A ticket either way: the fsync thread starts at once."""
         ticket = self.wal.request_sync()
-        if self._dirty or self._consumed or self._publish:
+        if self._dirty or self._consumed or self._publish or self.handout.changed:
             self._after_control.append((peer, req_id, reply, kind, received))
             return
         self._waiting.append((ticket, peer, req_id, reply, kind, received))
-        self._send_durable_replies()
+        self.send_durable()
 
     def _log_control(self) -> None:
-        """Log the control state changed in this iteration (one record), then queue the replies and
-        announcements that wait for it."""
-        self._write_control()
+        """One control record with what changed in this iteration, then queue what waits for it."""
+        if self.handout.take_changed() or self._dirty or self._consumed:
+            record = {"changes": self._control(self.ledger.take_changes()), "consumed": self._consumed}
+            self.instruments.count("wal_bytes_written", self.wal.append_control(record))
+            self._dirty = False
+            self._consumed.clear()  # after encoding; the hand-out extends this same list
         if self._after_control or self._publish:
-            ticket = self.wal.request_sync()
-            now = self.clock()
+            ticket, now = self.wal.request_sync(), self.clock()
             self._waiting.extend((ticket, None, b"", m, "", now) for m in self._publish)
             self._waiting.extend((ticket, *entry) for entry in self._after_control)
             self._publish.clear()
             self._after_control.clear()
 
-    def _expire(self) -> None:
-        expired = self.ledger.expire()
-        if expired:
-            self._dirty = True
-            self._count("credits_expired", len(expired))
-            self.log.warning("re-issuing %d expired leases (e.g. %s of %s)", len(expired),
-                             expired[0].lease_id, expired[0].server_id)
-        now = self.clock()
-        for sid in [s for s, m in self.roster.items() if now - m.last_seen > self.cfg.heartbeat_timeout_s]:
-            silent = now - self.roster.pop(sid).last_seen
-            self.log.warning("server %s silent for %.0fs: removed from the roster", sid, silent)
-
-    def _write_control(self) -> None:
-        if self._dirty or self._consumed:  # what changed, not the whole state (see credits.py)
-            self._count("wal_bytes_written", self.wal.append_control({"changes": self._control(self.ledger.take_changes()),
-                                                                      "consumed": self._consumed}))
-            self._dirty, self._consumed = False, []
-
-    def _persist_and_reply(self) -> None:
-        self._log_control()  # the replies that wait for it, and e.g. expired leases or stale drops
-        self.wal.request_sync()
-        self.wal.clear_wakeup()  # before reading durable(): a later fsync wakes the next wait
-        self._send_durable_replies()
-        if self.wal.maybe_rotate(self.checkpoint):
-            self._send_durable_replies()
-
-    def _send_durable_replies(self) -> None:
+    def send_durable(self) -> None:
         durable = self.wal.durable()
         if not self._waiting or self._waiting[0][0] > durable:
             return
@@ -243,182 +314,34 @@ class BufferService(BatchHandout, BufferMetrics, Daemon):
                 self.publisher.publish(reply)
                 continue
             self.server.send(peer, req_id, reply)
-            self._observe_latency(kind, now - received)
-        for seconds in self.wal.fsync_seconds():
-            self._metric_child("histogram", "buffer/fsync_seconds", "WAL group commit latency (write if direct, fsync)").observe(seconds)
-
-    # ------------------------------------------------------------------ rollout servers
-    def _on_register(self, m: P.Register) -> P.RegisterAck:
-        entry = P.RosterEntry(**{k: getattr(m, k) for k in P.field_names(P.RosterEntry)})  # Register has them all
-        if m.server_id not in self.roster:
-            self.log.info("server %s registered (engine %s, version %d, torch %r, CUDA %r, NCCL %r)", m.server_id,
-                          m.engine_url, m.policy_version, m.torch_version, m.cuda_version, m.nccl_version)
-        self.roster[m.server_id] = Member(entry, self.clock())
-        return P.RegisterAck(server_id=m.server_id, policy_version=self.version, pub_address=self.cfg.pub_address)
-
-    def _touch(self, server_id: str, engine_version: int | None = None) -> Member | None:
-        member = self.roster.get(server_id)
-        if member is not None:
-            member.last_seen = self.clock()
-            if engine_version is not None:
-                member.entry = msgspec.structs.replace(member.entry, policy_version=engine_version)
-        return member
-
-    def _on_heartbeat(self, m: P.Heartbeat) -> P.HeartbeatAck:
-        member = self._touch(m.server_id, m.policy_version)
-        if member is None:
-            return P.HeartbeatAck(policy_version=self.version, known=False)
-        member.in_flight = m.in_flight
-        if member.evaluating != m.evaluating:
-            self.log.info("server %s %s", m.server_id, "evaluating: out of weight syncs" if m.evaluating
-                          else "done evaluating: back in weight syncs")
-            member.evaluating = m.evaluating
-        return P.HeartbeatAck(policy_version=self.version, known=True, pending_plan=self._pending_plan(m.server_id))
-
-    def _on_credits(self, m: P.CreditRequest) -> P.Credits:
-        credits, reason = self._grant(m.server_id, m.max_credits)
-        return P.Credits(credits=credits, policy_version=self.version, reason=reason)
-
-    def _grant(self, server_id: str, n: int) -> tuple[list[P.Credit], str]:
-        """Up to ``n`` leases for a server (a CreditRequest, or a group's ``want_credits``), and why
-        fewer when fewer. They are durable before the reply that carries them is sent."""
-        member = self._touch(server_id)
-        reason = ""
-        if member is None:
-            reason, n = "unknown_server", 0
-        elif not self.policy.engine_can_start(member.entry.policy_version, self.version):
-            reason, n = "stale_engine", 0  # it gets the new weights at the next sync
-        elif self.store.free_slots(self.ledger.in_flight) < n:
-            reason, n = "capacity", self.store.free_slots(self.ledger.in_flight)
-        queued = len(self.ledger.reissue)
-        leases = self.ledger.grant(server_id, n, self.version)
-        if len(leases) < n:
-            reason = self.ledger.shortfall_reason(self.version)
-        if leases:
-            self._dirty = True
-            self._count("credits_granted", len(leases))
-            self._count("credits_reissued", queued - len(self.ledger.reissue))
-        return [P.Credit(lease_id=x.lease_id, prompt_index=x.prompt_index, epoch=x.epoch,
-                         deadline_s=self.cfg.lease_timeout_s) for x in leases], reason
-
-    def _on_group(self, g: P.TrajectoryGroup, frame: bytes) -> P.Ack:
-        if g.group_id in self.seen or g.group_id in self.store:
-            self._count("groups_duplicate")
-            return self._ack_with_leases(g, "duplicate")
-        lease = self.ledger.leases.get(g.lease_id)
-        versions = version_range(g)  # one pass over the token versions, for every check below
-        reason = invalid_group(g, lease, max(self.version, self.plan.policy_version if self.plan else 0), versions)
-        if reason is not None:
-            self._count("rejected", reason=reason.split(":")[0])
-            self.log.warning("rejected group %s from %s: %s", g.group_id, g.server_id, reason)
-            if lease is not None and not reason.startswith("lease"):
-                self.ledger.cancel(lease.lease_id)  # the sender drops a rejected group: generate it again
-                self._dirty = True
-            return P.Ack(ref=g.group_id, status="rejected", reason=reason)
-        ref = self.wal.append_group(g.group_id, frame)
-        self._count("wal_bytes_written", ref.length)
-        self.ledger.fulfil(g.lease_id)
-        self._remember(g.group_id)
-        self._count("groups_accepted")
-        head = versions[2]
-        why = "stale" if not self.policy.is_fresh(head, self.version) else self.store.filter_reason(g)
-        if why is not None:  # acked (the sender is done with it), never stored
-            self._drop([g], why)
-        else:
-            self.store.add(g, len(frame), head, ref=ref)  # the frame's memory is freed: the WAL holds it
-        return self._ack_with_leases(g, "accepted")
-
-    def _ack_with_leases(self, g: P.TrajectoryGroup, status: str) -> P.Ack:
-        """The Ack of a group taken (accepted or duplicate), with the leases it asked for."""
-        credits = self._grant(g.server_id, g.want_credits)[0] if g.want_credits else []
-        return P.Ack(ref=g.group_id, status=status, credits=credits)
-
-    def _drop(self, groups: list[P.TrajectoryGroup] | list[StoredGroup], reason: str) -> None:
-        """Groups that will never be trained on: marked in the WAL, counted, their slots returned."""
-        reissue = reason == "unreadable" or (reason == "stale" and self.cfg.stale_policy == "reissue")
-        for g in groups:
-            self._consumed.append(g.group_id)
-            self.ledger.give_back(g.prompt_index, g.epoch, reissue=reissue)
-            self._count("groups_dropped", reason=reason)
-        if groups:
-            self._dirty = True
-
-    # ------------------------------------------------------------------ trainer
-    def _on_version(self, m: P.VersionUpdate) -> P.Ack:
-        if m.policy_version > self.version:
-            self.version = m.policy_version
-            self._dirty = True
-            self._drop(self.store.drop_stale(self.version), "stale")
-            self._publish.append(m)  # once the new version is durable: a restart never goes back on it
-            self.log.debug("trainer version %d", self.version)
-        return P.Ack(ref=str(m.policy_version), status="ok")
-
-    def _on_roster(self, _m: P.RosterRequest) -> P.Roster:
-        """Weight-sync members: every live server but those evaluating (their engines hold one version)."""
-        return P.Roster(members=[m.entry for m in self.roster.values() if not m.evaluating],
-                        policy_version=self.version,
-                        evaluating=sorted(s for s, m in self.roster.items() if m.evaluating))
-
-    def _on_plan(self, plan: P.WeightSyncPlan) -> P.Ack:
-        old = self.plan
-        if old is not None and old.policy_version == plan.policy_version and old.plan_id != plan.plan_id:
-            self.sync_results.pop(plan.policy_version, None)  # a re-push: every member must load it again
-            self.sync_pauses.pop(plan.policy_version, None)
-        self.plan, self.plan_deadline = plan, self.clock() + plan.deadline_s
-        self.sync_results.setdefault(plan.policy_version, {})
-        for old in sorted(self.sync_results)[:-SYNC_RESULTS_KEEP]:
-            del self.sync_results[old]
-            self.sync_pauses.pop(old, None)
-        self.publisher.publish(plan)
-        return P.Ack(ref=str(plan.policy_version), status="ok")
-
-    def _pending_plan(self, server_id: str) -> P.WeightSyncPlan | None:
-        plan = self.plan
-        if plan is None or self.clock() > self.plan_deadline:
-            return None
-        if server_id in self.sync_results.get(plan.policy_version, {}):
-            return None
-        return plan if any(m.server_id == server_id for m in plan.members) else None
-
-    def _on_sync_done(self, m: P.SyncDone) -> P.Ack:
-        self.sync_results.setdefault(m.policy_version, {})[m.server_id] = m.ok
-        self.sync_pauses.setdefault(m.policy_version, {})[m.server_id] = m.pause_s
-        if m.ok:
-            self._touch(m.server_id, m.policy_version)
-        else:
-            self.log.warning("server %s failed to load version %d: %s", m.server_id, m.policy_version, m.reason)
-        return P.Ack(ref=str(m.policy_version), status="ok")
-
-    def _on_sync_status(self, m: P.SyncStatusRequest) -> P.SyncStatus:
-        results = self.sync_results.get(m.policy_version, {})
-        return P.SyncStatus(policy_version=m.policy_version, done=sorted(s for s, ok in results.items() if ok),
-                            failed=sorted(s for s, ok in results.items() if not ok),
-                            pause_s=dict(self.sync_pauses.get(m.policy_version, {})))
+            self.instruments.latency(kind, now - received)
+        self.instruments.fsync(self.wal.fsync_seconds())
 
     # ------------------------------------------------------------------ state, metrics
+    def _control(self, ledger: dict) -> dict:
+        return {**ledger, "version": self.control.version, "in_transit": self.handout.record()}
+
     def state(self) -> dict:
         """The whole control state (a checkpoint holds it; every iteration logs what changed)."""
         return self._control(self.ledger.state())
-
-    def _control(self, ledger: dict) -> dict:
-        """A ledger's state or changes with the service's own control state (trainer version, batch in
-        transit), both always whole."""
-        return {**ledger, "version": self.version,
-                "in_transit": self.in_transit.record() if self.in_transit is not None else None}
 
     def checkpoint(self) -> dict:
         """First record of every WAL segment: supersedes every older control record."""
         return {"state": self._control(self.ledger.snapshot()), "seen": list(self.seen)[-SEEN_KEEP:]}
 
-    def _remember(self, group_id: str) -> None:
-        self.seen[group_id] = None
-        if len(self.seen) > 2 * SEEN_KEEP:
-            self.seen = dict.fromkeys(list(self.seen)[-SEEN_KEEP:])
+    def _gauges(self) -> dict[str, tuple[str, Callable[[], float]]]:
+        return {"buffer/trainer_version": ("", lambda: self.control.version),
+                "buffer/max_staleness": ("the staleness bound eta (for alerts)", lambda: self.cfg.max_staleness),
+                "buffer/roster_size": ("", lambda: len(self.control.roster)),
+                "buffer/started": ("admission counter (groups holding a slot)", lambda: self.ledger.started),
+                "buffer/stored_bytes": ("frame bytes of stored groups", lambda: self.store.nbytes),
+                "buffer/wal_bytes": ("bytes of WAL segments on disk", lambda: self.wal.disk_bytes)}
 
     def stats(self) -> dict:
-        return {**self.counts, "policy_version": self.version, "stored": len(self.store),
-                "in_transit": self._in_transit_groups(), "stored_bytes": self.store.nbytes, "in_flight": self.ledger.in_flight, "started": self.ledger.started,
+        return {**self.instruments.counts, "policy_version": self.control.version, "stored": len(self.store),
+                "in_transit": self.handout.in_transit_groups(), "stored_bytes": self.store.nbytes,
+                "in_flight": self.ledger.in_flight, "started": self.ledger.started,
                 "cursor_index": self.ledger.next_index, "cursor_epoch": self.ledger.epoch,
-                "reissue_queue": len(self.ledger.reissue), "roster_size": len(self.roster),
-                "pending_batches": len(self.pending), "wal_bytes": self.wal.disk_bytes,
+                "reissue_queue": len(self.ledger.reissue), "roster_size": len(self.control.roster),
+                "pending_batches": len(self.handout.pending), "wal_bytes": self.wal.disk_bytes,
                 "wal_corrupt_records": self.wal.corrupt_records}

@@ -1,184 +1,148 @@
 """Write-ahead log: append-only segment files, so that an acknowledged group survives a crash.
 
-Layout: ``<wal_dir>/seg-<n>.wal``, n increasing. Every start and every rotation opens a new
-segment whose first record is a checkpoint (the small control state, see ``BufferService``), so a
-segment never continues after a crash and older segments' control records are superseded.
+``<wal_dir>/seg-<n>.wal``, n increasing; every start and rotation opens a new segment that begins
+with a checkpoint (the control state), superseding older control records. Records (little-endian):
+``u32 length | u32 crc32c(payload) | payload``, payload ``b"G" + u16 len(id) + group id + frame``
+(a TrajectoryGroup's wire frame as received) or ``b"C" + msgpack map`` (control: "state" or
+"changes", "consumed", "seen"). Segments from before CRC-32C carry zlib CRC-32 and are still read.
+``replay`` yields every intact record in order; the caller applies them (``recovery.py``).
 
-Records (framing and checksums: ``wal_format.py``) are group records (a TrajectoryGroup's wire
-frame as received) and control records (a msgpack map: "state" or "changes", "consumed", "seen",
-...). A control record's ``consumed`` list marks groups handed to the trainer or dropped; replay yields
-everything in order and the caller applies it, so restart rebuilds exactly the unconsumed groups.
+One write path: ``os.writev`` of a record straight to the file descriptor (the page cache; no
+user-space buffer); ``fsync`` decides what survives the machine dying. ``always``: records are
+queued and ``request_sync()`` returns a ticket; a background thread checksums, writes and
+fdatasyncs what is queued, and the service replies once ``durable() >= ticket``. One fsync covers
+every record appended meanwhile (group commit), and the copy into the page cache (as much CPU as
+the rest of a 400 KB group's handling) runs beside the loop; ``wakeup_fd`` (Linux) turns readable
+when a ticket is durable. A queued record lost with the process was never acknowledged. ``batch``
+and ``never`` write inline, so an acknowledged record survives ``kill -9``; ``batch`` fsyncs at most
+every ``BATCH_FSYNC_S`` (replies may precede it). A failed write or fsync is fatal (``WalFailed``).
 
-Durability (``fsync``):
-* ``always`` (default): ``request_sync()`` returns a ticket and a background thread writes and
-  syncs (``fdatasync``: the data and the file size, not the timestamps, which replay never reads)
-  everything appended so far; the service sends a reply only once ``durable() >= ticket``. One
-  fsync covers a whole poll batch (group commit), and the loop keeps receiving and appending the
-  next batch while the disk flushes the previous one (pipelining), which is how the safe policy
-  keeps up with the network. Appends are queued and that thread writes them with direct I/O
-  (``segment_io.DirectAppender``: no page cache) where the file system allows it (``direct``);
-  a record lost with the process before its fsync was never acknowledged.
-* ``batch``: fsync at most every ``BATCH_FSYNC_S``, inline; replies may precede the fsync.
-* ``never``: the OS flushes when it likes.
-With ``batch`` and ``never`` (and ``always`` where direct I/O is refused, e.g. older tmpfs) records
-are written with ``os.writev`` straight to the file descriptor (no user-space buffer), so anything
-acknowledged survives the *process* dying (``kill -9``); fsync decides what survives the
-*machine* dying.
-
-Reading back: ``append_group`` returns a ``WalRef`` and ``read_group`` returns that record's frame
-(CRC checked), so the store keeps only references and the frames live on disk (direct I/O) or in
-the page cache (clean once synced, reclaimable), never in the daemon's own memory. A referenced
-record is live, so its segment is never compacted while the reference is in use.
-
-A new segment's blocks are reserved up front (``reserve_blocks``); rotation and close free what no
-record used, and after a crash (no close) the next start's replay frees it in every old segment.
-
-Compaction (at every start and rotation): a segment is deleted once it is not the current one,
-every group record in it has been consumed, and so has every older segment. Only a prefix is
-deleted: a consumed mark may live in a later segment than its group, so deleting from the
-middle could resurrect a group.
-
-A failed fsync is fatal: ``durable()`` raises from then on and the daemon exits.
-
-One writer per directory: the log holds an exclusive ``flock`` on ``<wal_dir>/LOCK`` from the moment
-it is made until ``close`` (the kernel drops it when the process dies, ``kill -9`` included), and a
-second log on the same directory, in any process, fails at once with ``WalInUse`` naming the
-holder's PID. Two buffers appending to, truncating and compacting the same segments would lose
-acknowledged groups without either noticing (two jobs given one ``run_dir``, a buffer started by
-hand beside a running job).
-
-A torn or corrupt record (short header or payload, CRC mismatch, absurd length) ends the replay of
-its segment with a warning naming file and offset; the rest of that segment is skipped and a
-torn tail of the newest segment is truncated. It is never fatal and never accepted. The zero
-padding a direct append leaves up to a block boundary is the clean end of a segment, and is cut.
+``append_group`` returns a ``WalRef`` that ``read_group`` reads (CRC-checked): the store keeps
+references, the frames stay on disk or in the page cache, not in the daemon's memory. Compaction
+(every start and rotation) deletes a prefix of segments whose group records are all consumed
+(``consumed`` marks in control records), never one from the middle: a mark may live in a later
+segment than its group. A torn or corrupt record ends the replay of its segment with a warning
+naming file and offset, never fatal, never accepted; the newest segment's torn tail is truncated,
+and zeros up to a 4 KiB boundary (the crash padding of versions that wrote with O_DIRECT) are cut
+as the clean end. One writer per directory (``dirlock.py``).
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
 import os
+import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import crc32c
 import msgspec
 
-from buffer.segment_io import DirectAppender, DirectReader, is_zero_tail, open_direct, release_reserved, reserve_blocks
-from buffer.wal_format import HEADER, Record, WalRef, group_frame, group_record, parse_record, record_at, record_header
-from buffer.wal_format import segment_path as _segment_path
+from buffer.dirlock import DirectoryLock
 
-_CONTROL_ENCODER = msgspec.msgpack.Encoder()  # the bytes msgpack.packb(use_bin_type=True) writes, ~4x faster
-BATCH_FSYNC_S = 0.05  # fsync=batch: bounds what a power loss can take to the last 50 ms of acks
-LOCK_FILE = "LOCK"  # in the WAL directory: flocked by the one log that may write there
+HEADER = struct.Struct("<II")
+GID_LEN = struct.Struct("<H")
+MAX_RECORD_BYTES = 1 << 30  # a length above this is corruption, not a record (frames are <= 256 MiB)
+OLD_PAD_BLOCK = 4096  # O_DIRECT block of older versions: their crash padding ends on this boundary
+BATCH_FSYNC_S = 0.05  # fsync=batch: a power loss takes at most the last 50 ms of acks
+_ENCODER = msgspec.msgpack.Encoder()  # the bytes msgpack.packb(use_bin_type=True) writes, ~4x faster
 
 log = logging.getLogger("buffer.wal")
 
 
 class WalFailed(OSError):
-    """The WAL cannot make anything durable any more (a failed write or fsync): fatal for the
-    daemon, never to be mistaken for one damaged record."""
+    """A write or fsync failed: nothing is made durable any more. Fatal, never one damaged record."""
 
 
-class WalInUse(RuntimeError):
-    """Another log (in this or another process) holds the WAL directory."""
+@dataclass(frozen=True, slots=True)
+class WalRef:
+    segment: int
+    offset: int  # of the record header in the segment file
+    length: int  # header + payload bytes
 
 
-class _DirectoryLock:
-    """The exclusive ``flock`` on ``<directory>/LOCK``, held while ``fd`` is open. The holder's PID is
-    written into the file for the error message of the next one to try."""
-
-    def __init__(self, directory: Path):
-        self.fd: int | None = None
-        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise WalInUse(f"WAL directory {directory} is in use by another buffer (pid {holder}): one buffer "
-                           f"per wal_dir; stop that one or give this one its own run_dir") from None
-        except OSError as e:
-            os.close(fd)
-            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-            log.warning("wal: %s cannot be locked (%s): nothing stops a second buffer on it", directory, e)
-            return
-        except BaseException:
-            os.close(fd)
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
-        _HELD.add(self)
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+@dataclass(slots=True)
+class Record:
+    kind: str  # "G" (group) | "C" (control)
+    segment: int
+    group_id: str = ""  # kind G
+    frame: bytes = b""  # kind G: the TrajectoryGroup wire frame
+    control: dict | None = None  # kind C
+    ref: WalRef | None = None  # kind G
 
 
-_HELD: weakref.WeakSet[_DirectoryLock] = weakref.WeakSet()
+def segment_path(directory: Path, n: int) -> Path:
+    return Path(directory) / f"seg-{n:012d}.wal"
 
 
-def _release_inherited_locks() -> None:
-    """In a forked child (multiprocessing): its copies of the lock descriptors share the parent's
-    open file and would keep the directories locked after the parent let go or died."""
-    for lock in list(_HELD):
-        lock.release()
+def _crc_ok(payload: memoryview, crc: int) -> bool:
+    return crc32c.crc32c(payload) == crc or zlib.crc32(payload) == crc  # the second: older segments
 
 
-os.register_at_fork(after_in_child=_release_inherited_locks)
+def _problem(data: bytes, pos: int) -> tuple[int, str | None]:
+    """``(end, None)`` if an intact record starts at ``pos``, else ``(pos, what is wrong)``."""
+    if len(data) - pos < HEADER.size:
+        return pos, "truncated header"
+    length, crc = HEADER.unpack_from(data, pos)
+    end = pos + HEADER.size + length
+    if length < 1 or length > MAX_RECORD_BYTES:
+        return pos, f"invalid length {length}"
+    if end > len(data):
+        return pos, f"truncated payload ({len(data) - pos - HEADER.size} of {length} bytes)"
+    if not _crc_ok(memoryview(data)[pos + HEADER.size:end], crc):
+        return pos, "checksum mismatch"
+    return end, None
+
+
+def _header(parts: list[bytes | memoryview], gil_release: int) -> bytes:
+    crc = 0
+    for p in parts:
+        crc = crc32c.crc32c(p, crc, gil_release)
+    return HEADER.pack(sum(len(p) for p in parts), crc)
+
+
+def _writev(fd: int, record: list[bytes | memoryview]) -> int:
+    n = sum(len(p) for p in record)
+    if (written := os.writev(fd, record)) != n:
+        raise OSError(f"short write to the WAL ({written} of {n} bytes)")  # a full disk
+    return n
 
 
 def _sync_data(fd: int) -> None:
-    """fdatasync (data and size, not timestamps); fsync where the OS has none (macOS). Looked up per
-    call: one per group commit."""
-    getattr(os, "fdatasync", os.fsync)(fd)
+    getattr(os, "fdatasync", os.fsync)(fd)  # macOS has no fdatasync
 
 
 class WriteAheadLog:
-    def __init__(self, directory: str | Path, *, fsync: str = "always", segment_bytes: int = 256 << 20,
-                 direct: bool = True):
+    def __init__(self, directory: str | Path, *, fsync: str = "always", segment_bytes: int = 256 << 20):
         if fsync not in ("always", "batch", "never"):
             raise ValueError(f"fsync={fsync!r}")
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        # released by close(), or when a log that was never closed is collected
-        self._lock = _DirectoryLock(self.dir)
-        self._unlock = weakref.finalize(self, self._lock.release)
-        self.fsync_policy = fsync
-        self.segment_bytes = segment_bytes
-        self.direct = direct and fsync == "always"  # direct I/O wanted; each segment falls back if refused
+        self._lock = DirectoryLock(self.dir)
+        self._unlock = weakref.finalize(self, self._lock.release)  # also for a log never closed
+        self.fsync_policy, self.segment_bytes = fsync, segment_bytes
         self._fd: int | None = None
-        self._appender: DirectAppender | None = None  # the current segment's, when it is written directly
-        self._direct_reader = DirectReader()
-        self.segment = 0  # current segment number
-        self._segment_size = 0
+        self.segment = self._segment_size = 0  # current segment number, its size
         self._live: dict[int, set[str]] = {}  # segment -> unconsumed group ids recorded in it
         self._where: dict[str, int] = {}  # group id -> segment
-        self._dirty = False
-        self._last_fsync = 0.0
-        # group commit in the background (fsync=always): tickets <= _synced are durable
-        self._cv = threading.Condition()
-        self._requested = 0
-        self._synced = 0
+        self._readers: dict[int, int] = {}  # segment -> read-only fd for read_group
+        self._dirty, self._last_fsync = False, 0.0  # written since the last sync ticket; time of the last fsync
+        self._cv = threading.Condition()  # group commit (fsync=always): tickets <= _synced are durable
+        self._requested = self._synced = 0
         self._sync_error: BaseException | None = None
         self._fsync_times: list[float] = []
         self._syncer: threading.Thread | None = None
-        self._syncer_idle = False  # waiting on _cv for a request (under _cv)
-        # readable once the fsync thread made a ticket durable: a loop waiting for requests wakes up
-        # to send the replies at once instead of at its next poll timeout (fsync=always, the only
-        # policy with that thread; Linux, None elsewhere)
+        self._closing = False
+        self._queue: list[list] = []  # fsync=always: records for the fsync thread to write, in order
+        self._written = 0  # bytes of the current segment written to the file
         self.wakeup_fd: int | None = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
                                       if fsync == "always" and hasattr(os, "eventfd") else None)
-        self._closing = False
-        self._readers: dict[int, int] = {}  # segment -> read-only fd for read_group (O_DIRECT if self.direct)
-        self.corrupt_records = 0
-        self.disk_bytes = 0  # size of all segment files, kept current without stat calls
+        self.corrupt_records = self.disk_bytes = 0  # disk_bytes: all segment files, kept without stat calls
 
     # ---- recovery
     def segments(self) -> list[int]:
@@ -193,51 +157,48 @@ class WriteAheadLog:
         self.segment = segments[-1] if segments else 0
 
     def _read_segment(self, n: int, newest: bool) -> Iterator[Record]:
-        path = _segment_path(self.dir, n)
+        path = segment_path(self.dir, n)
         data = path.read_bytes()
         self.disk_bytes += len(data)
-        release_reserved(path, len(data))  # replay runs before ``open``: no segment read here is written again
         pos = 0
         while pos < len(data):
-            end, problem = record_at(data, pos)
-            if problem is not None and is_zero_tail(data, pos):  # a direct append's padding: the end
+            end, problem = _problem(data, pos)
+            if problem is None:
+                yield self._parse(data, pos, end, n)
+                pos = end
+                continue
+            cut = 0 < len(data) - pos < OLD_PAD_BLOCK and len(data) % OLD_PAD_BLOCK == 0 and not any(data[pos:])
+            if cut:  # an older version's direct-I/O padding: the clean end
                 log.info("wal %s: cut %d bytes of padding at offset %d", path.name, len(data) - pos, pos)
-                os.truncate(path, pos)
-                self.disk_bytes -= len(data) - pos
-                return
-            if problem is not None:
+            else:
                 self.corrupt_records += 1
                 log.warning("wal %s: %s at offset %d; skipping the last %d bytes of this segment",
                             path.name, problem, pos, len(data) - pos)
-                if newest:  # a torn write of the crash that ended the last run: cut it off
-                    with path.open("r+b") as f:
-                        f.truncate(pos)
-                        os.fsync(f.fileno())
-                    self.disk_bytes -= len(data) - pos
-                return
-            record = parse_record(data, pos, end, n)
-            if record.kind == "G":
-                self._track(record.group_id, n)
-            else:
-                self._untrack(record.control.get("consumed", ()))
-            yield record
-            pos = end
+            if cut or newest:  # a torn write of the crash that ended the last run: cut it off
+                with path.open("r+b") as f:
+                    f.truncate(pos)
+                    os.fsync(f.fileno())
+                self.disk_bytes -= len(data) - pos
+            return
+
+    def _parse(self, data: bytes, pos: int, end: int, segment: int) -> Record:
+        start = pos + HEADER.size
+        if data[start:start + 1] == b"G":
+            (n,) = GID_LEN.unpack_from(data, start + 1)
+            gid = data[start + 3:start + 3 + n].decode()
+            self._track(gid, segment)
+            return Record("G", segment, group_id=gid, frame=data[start + 3 + n:end], ref=WalRef(segment, pos, end - pos))
+        control = msgspec.msgpack.decode(data[start + 1:end])
+        self._untrack(control.get("consumed", ()))
+        return Record("C", segment, control=control)
 
     # ---- writing
     def open(self, checkpoint: dict) -> None:
         """Start a fresh segment beginning with ``checkpoint``, then compact."""
         self.segment += 1
-        path = _segment_path(self.dir, self.segment)
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-        fd = open_direct(path, os.O_WRONLY) if self.direct else None
-        if fd is not None:
-            self._appender = DirectAppender(fd, record_header)
-        elif self.direct:
-            log.info("wal: %s refuses direct I/O; appending through the page cache", self.dir)
-            self.direct = False
-        self._fd = fd if fd is not None else os.open(path, os.O_WRONLY | os.O_APPEND)
-        reserve_blocks(self._fd, self.segment_bytes)
-        self._segment_size = 0
+        self._fd = os.open(segment_path(self.dir, self.segment), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND,
+                           0o644)
+        self._segment_size = self._written = 0
         self._live[self.segment] = set()
         self.append_control({**checkpoint, "checkpoint": True})
         self._fsync_dir()
@@ -248,51 +209,47 @@ class WriteAheadLog:
             self._syncer.start()
 
     def _write(self, parts: list[bytes | memoryview]) -> int:
-        n = HEADER.size + sum(len(p) for p in parts)
-        if self._appender is not None:  # checksummed and written by the fsync thread (request_sync)
-            self._appender.add(parts)
-        elif (written := os.writev(self._fd, [record_header(parts, gil_release=0), *parts])) != n:
-            raise OSError(f"short write to the WAL ({written} of {n} bytes)")  # a full disk
+        n = HEADER.size + sum(map(len, parts))
+        if self._syncer is not None:  # fsync=always: the fsync thread checksums and writes it, beside the loop
+            with self._cv:
+                self._queue.append(parts)
+        else:  # keeps the GIL for the checksum: 30 us on a 400 KB group, a GIL round trip can cost more
+            self._written += _writev(self._fd, [_header(parts, 0), *parts])
         self._segment_size += n
         self.disk_bytes += n
         self._dirty = True
         return n
 
-    def append_group(self, group_id: str, frame: bytes) -> WalRef:
-        """Log a group; the returned reference reads its frame back (``read_group``) until the
-        group is consumed: its segment is not compacted before that."""
+    def append_group(self, group_id: str, frame: bytes | memoryview) -> WalRef:
+        """Log a group; the reference reads its frame back until the group is consumed."""
+        gid = group_id.encode()
         offset = self._segment_size
-        n = self._write(group_record(group_id, frame))
+        n = self._write([b"G", GID_LEN.pack(len(gid)), gid, frame])
         self._track(group_id, self.segment)
         return WalRef(self.segment, offset, n)
 
-    def read_group(self, ref: WalRef) -> memoryview:
-        """The frame of a live group record, checked against its CRC: read with direct I/O, or from
-        the page cache (fsync batch/never) unless the kernel evicted it."""
-        if ref.segment == self.segment and self._appender is not None \
-                and ref.offset + ref.length > self._appender.written:
-            self.request_sync()  # still queued in memory: write it out first
-            self.wait_durable()
-        fd = self._readers.get(ref.segment)
-        if fd is None:
-            path = _segment_path(self.dir, ref.segment)
-            fd = open_direct(path, os.O_RDONLY) if self.direct else None
-            fd = os.open(path, os.O_RDONLY) if fd is None else fd
-            self._readers[ref.segment] = fd
-        if self.direct:
-            data = self._direct_reader.read(fd, ref.offset, ref.length)
-        else:
-            data = os.pread(fd, ref.length, ref.offset)
-        try:
-            return group_frame(data)
-        except ValueError:
-            raise OSError(f"WAL record at {ref.segment_name}:{ref.offset} is damaged") from None
-
     def append_control(self, control: dict) -> int:
-        n = self._write([b"C", _CONTROL_ENCODER.encode(control)])
+        n = self._write([b"C", _ENCODER.encode(control)])
         self._untrack(control.get("consumed", ()))
         return n
 
+    def read_group(self, ref: WalRef) -> memoryview:
+        """The frame of a live group record, checked against its CRC."""
+        if ref.segment == self.segment and ref.offset + ref.length > self._written:
+            self.request_sync()  # still queued for the fsync thread: written out first
+            self.wait_durable()
+        fd = self._readers.get(ref.segment)
+        if fd is None:
+            fd = self._readers[ref.segment] = os.open(segment_path(self.dir, ref.segment), os.O_RDONLY)
+        view = memoryview(os.pread(fd, ref.length, ref.offset))
+        length, crc = HEADER.unpack_from(view, 0) if len(view) >= HEADER.size else (0, 0)
+        if length != len(view) - HEADER.size or length < 3 or view[HEADER.size] != ord("G") \
+                or not _crc_ok(view[HEADER.size:], crc):
+            raise OSError(f"WAL record at {segment_path(self.dir, ref.segment).name}:{ref.offset} is damaged")
+        (n,) = GID_LEN.unpack_from(view, HEADER.size + 1)
+        return view[HEADER.size + 3 + n:]
+
+    # ---- durability
     def request_sync(self) -> int:
         """Ticket for everything appended so far: durable once ``durable() >= ticket``."""
         if self.fsync_policy != "always":
@@ -304,8 +261,7 @@ class WriteAheadLog:
             if self._dirty:
                 self._dirty = False
                 self._requested += 1
-                if self._syncer_idle:  # else it re-checks _requested before it waits (notify is slow Python)
-                    self._cv.notify_all()
+                self._cv.notify()
             return self._requested
 
     def durable(self) -> int:
@@ -329,7 +285,7 @@ class WriteAheadLog:
         self.durable()
 
     def fsync_seconds(self) -> list[float]:
-        """Group commit durations since the last call (the direct write, if any, and the fsync)."""
+        """Group commit durations since the last call."""
         with self._cv:
             out, self._fsync_times = self._fsync_times, []
         return out
@@ -338,19 +294,16 @@ class WriteAheadLog:
         while True:
             with self._cv:
                 while self._synced >= self._requested and not self._closing:
-                    self._syncer_idle = True
                     self._cv.wait()
-                    self._syncer_idle = False
                 if self._synced >= self._requested:
                     return
-                target, fd, appender = self._requested, self._fd, self._appender
+                target, fd = self._requested, self._fd
             t0 = time.monotonic()
             try:
-                if appender is not None:
-                    appender.flush()  # every record queued so far, so all of ticket `target`
+                self._write_queued(fd)  # every record of ticket `target` (and maybe more)
                 _sync_data(fd)  # covers every write made before this call, so all of ticket `target`
-            except Exception as e:  # any failure is fatal (durable() raises), never a silent hang
-                self._sync_error = e.with_traceback(None)  # its frames would pin the staging buffers
+            except Exception as e:  # fatal (durable() raises), never a silent hang
+                self._sync_error = e.with_traceback(None)
                 return
             with self._cv:
                 self._synced = target
@@ -358,6 +311,12 @@ class WriteAheadLog:
                 self._cv.notify_all()
             if self.wakeup_fd is not None:
                 os.eventfd_write(self.wakeup_fd, 1)
+
+    def _write_queued(self, fd: int) -> None:
+        with self._cv:
+            queue, self._queue = self._queue, []
+        for parts in queue:  # crc32c and os.writev release the GIL while they read the parts
+            self._written += _writev(fd, [_header(parts, -1), *parts])
 
     def commit(self, force: bool = False) -> float | None:
         """Inline fsync per the policy (the syncer must be idle); returns its seconds if one ran."""
@@ -367,37 +326,29 @@ class WriteAheadLog:
         if not force and (self.fsync_policy == "never" or
                           (self.fsync_policy == "batch" and now - self._last_fsync < BATCH_FSYNC_S)):
             return None
-        if self._appender is not None:
-            self._appender.flush()
+        self._write_queued(self._fd)
         _sync_data(self._fd)
         self._dirty = False
         self._last_fsync = time.monotonic()
         return self._last_fsync - now
 
+    # ---- segments
     def maybe_rotate(self, checkpoint: Callable[[], dict]) -> bool:
-        """Open a new segment when the current one is full (call after commit)."""
+        """Open a new segment when the current one is full."""
         if self._segment_size < self.segment_bytes:
             return False
         self.wait_durable()
         self.commit(force=True)
-        self._close_segment()
+        os.close(self._fd)
         self.open(checkpoint())
         return True
-
-    def _close_segment(self) -> None:
-        if self._appender is not None:  # everything is written (commit): drop the staging buffer
-            self._appender.close()
-            self._appender = None
-        os.ftruncate(self._fd, self._segment_size)  # frees the blocks reserve_blocks allocated and no record used
-        os.close(self._fd)
-        self._fd = None
 
     def compact(self) -> list[int]:
         removed = []
         for n in sorted(self._live):
             if n == self.segment or self._live[n]:
                 break
-            path = _segment_path(self.dir, n)
+            path = segment_path(self.dir, n)
             self.disk_bytes -= path.stat().st_size if path.exists() else 0
             path.unlink(missing_ok=True)
             del self._live[n]
@@ -416,19 +367,14 @@ class WriteAheadLog:
                 self._cv.notify_all()
             self._syncer.join(timeout=60)
             self._syncer = None
-        if self._fd is not None and self._sync_error is None:
-            self.commit(force=self.fsync_policy != "never")
-            self._close_segment()
-        elif self._fd is not None:  # the disk failed: release everything, write nothing more
-            if self._appender is not None:
-                self._appender.close()
-                self._appender = None
+        if self._fd is not None:
+            if self._sync_error is None:  # after a failure: release everything, write nothing more
+                self.commit(force=self.fsync_policy != "never")
             os.close(self._fd)
             self._fd = None
         for fd in self._readers.values():
             os.close(fd)
         self._readers.clear()
-        self._direct_reader.close()
         if self.wakeup_fd is not None:
             os.close(self.wakeup_fd)
             self.wakeup_fd = None
@@ -439,17 +385,15 @@ class WriteAheadLog:
         self._where[group_id] = segment
         self._live.setdefault(segment, set()).add(group_id)
 
-    def _untrack(self, group_ids) -> None:
+    def _untrack(self, group_ids: Iterable[str]) -> None:
         for gid in group_ids:
-            seg = self._where.pop(gid, None)
-            if seg is not None:
+            if (seg := self._where.pop(gid, None)) is not None:
                 self._live[seg].discard(gid)
 
     def _fsync_dir(self) -> None:
-        if self.fsync_policy == "never":
-            return
-        fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if self.fsync_policy != "never":
+            fd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)

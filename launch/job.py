@@ -38,7 +38,7 @@ from areal_like.config import RunConfig, to_yaml
 from areal_like.distributed import free_port
 from areal_like.track_sink import TrackerSink
 from launch.local import ProcSpec, Supervisor, error_tail, write_json_atomic
-from launch.placement import needs_gpus, visible_devices
+from launch.placement import check_one_node, needs_gpus, visible_devices, with_weight_path
 from launch.preflight import checked
 from launch.rundir import check_existing_run
 from launch.topology import Topology, apply_topology, plan_topology, wants_eval
@@ -70,7 +70,7 @@ def with_gpu_count(cfg: RunConfig) -> RunConfig:
 def plan_job(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, Topology]:
     """Ports, CPU pools and GPUs of every daemon (nothing written, nothing started); returns (the
     config the daemons read, the topology). Raises ConfigError for a layout that does not fit."""
-    cfg = with_gpu_count(cfg)
+    cfg = with_weight_path(with_gpu_count(cfg))
     if cpus is None and cfg.launch.pin_cpus:
         cpus = sorted(os.sched_getaffinity(0))
     topo = plan_topology(cfg, free_ports(), cpus)
@@ -344,6 +344,7 @@ def run_job(cfg: RunConfig, quiet: bool = False) -> int:
     from launch.warmstart import ensure_warm_start
 
     t0 = time.monotonic()
+    check_one_node(cfg)  # several nodes: launch/slurm or launch/MULTINODE.md (`areal-like plan` shows them)
     cfg = checked(cfg)  # hub ids resolved, inputs and tracker packages checked: before anything starts
     resumed_from = check_existing_run(cfg)
     if resumed_from:

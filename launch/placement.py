@@ -10,23 +10,33 @@ Invariants (tested in tests/unit/test_placement.py):
 * one process per GPU: no two processes of a node share a GPU. NCCL refuses two ranks of one
   group on one GPU ("Duplicate GPU detected") and an SGLang engine takes most of its GPU's
   memory, so a layout needing more GPUs than the node has is refused with a ``ConfigError``
-  naming the keys and the numbers; sharing one GPU between the trainer and an engine is not
-  supported yet and is refused the same way;
+  naming the keys and the numbers;
+* except on a one-GPU node running one trainer rank and one rollout server of ``tp_size`` 1: both
+  get GPU 0 (``NodeGpus.shared``). Then the weights go without a group (``with_weight_path``:
+  ``trainer.weight_sync.path=auto`` becomes ``tensor``; an explicit ``distributed`` over NCCL is
+  refused), and an SGLang engine leaves the trainer room: ``rollout.engine.sglang.
+  mem_fraction_static`` defaults to ``SHARED_MEM_FRACTION_DEFAULT`` there and may not exceed
+  ``SHARED_MEM_FRACTION_MAX`` (on a GPU of its own SGLang picks its own fraction);
 * the GPUs given out are ``[0, used)``, in the order trainer ranks, then rollout servers;
 * a process that runs on CPU takes no GPU, and an engine attached by URL runs elsewhere.
 
-Several nodes: ``launch/slurm/areal_like.sbatch`` puts only trainer ranks on its first
-``TRAIN_NODES`` nodes and only rollout servers on the others, i.e. node ``k`` of ``N`` is
-``place_node(gpus_per_node=G, trainer_ranks=G, rollout_servers=0, tp_size=1, nodes=N, node=k)``
-for ``k < TRAIN_NODES`` and ``place_node(gpus_per_node=G, trainer_ranks=0, rollout_servers=G // tp,
-tp_size=tp, nodes=N, node=k)`` for the rest (launch/MULTINODE.md, section 2).
+Several nodes (``launch.nodes`` = N > 1, for ``launch/slurm/areal_like.sbatch`` and the manual
+recipe of launch/MULTINODE.md; ``areal-like run`` is one node): ``place_nodes`` puts only trainer
+ranks on the first ``launch.train_nodes`` nodes and only rollout servers on the others, i.e. node
+``k`` is ``place_node(gpus_per_node=G, trainer_ranks=launch.trainer_ranks, rollout_servers=0, ...)``
+for ``k < train_nodes`` and ``place_node(gpus_per_node=G, trainer_ranks=0,
+rollout_servers=launch.num_rollout_servers, tp_size=rollout.engine.tp_size, ...)`` for the rest:
+on several nodes both counts are per node (torchrun's ``--nproc-per-node``; servers per node).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from areal_like.config import ConfigError, RunConfig
+
+SHARED_MEM_FRACTION_DEFAULT = 0.4  # one shared GPU, fraction unset: what SGLang gets
+SHARED_MEM_FRACTION_MAX = 0.6  # one shared GPU: SGLang's static share; the trainer's weights, grads, Adam need the rest
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,7 +50,12 @@ class NodeGpus:
 
     @property
     def used(self) -> int:
-        return len(self.trainer) + sum(len(g) for g in self.rollout)
+        return len(set(self.trainer).union(*self.rollout))
+
+    @property
+    def shared(self) -> bool:
+        """Whether a trainer rank and an engine share a GPU (the one-GPU layout)."""
+        return bool(set(self.trainer).intersection(*self.rollout)) if self.rollout else False
 
 
 def visible_devices(gpus: tuple[int, ...]) -> str:
@@ -58,6 +73,8 @@ def place_node(*, gpus_per_node: int, trainer_ranks: int, rollout_servers: int, 
         raise ConfigError(f"trainer_ranks={trainer_ranks}, rollout_servers={rollout_servers} and "
                           f"tp_size={tp_size} must be >= 0, >= 0 and >= 1")
     need = trainer_ranks + rollout_servers * tp_size
+    if gpus_per_node == 1 and (trainer_ranks, rollout_servers, tp_size) == (1, 1, 1):  # the one-GPU machine
+        return NodeGpus(node=node, trainer=(0,), ranks=(node,), rollout=((0,),))
     if need > gpus_per_node:
         terms = [f"launch.trainer_ranks={trainer_ranks}"] if trainer_ranks else []
         if rollout_servers:
@@ -65,8 +82,8 @@ def place_node(*, gpus_per_node: int, trainer_ranks: int, rollout_servers: int, 
         where = f" (node {node} of {nodes})" if nodes > 1 else ""
         raise ConfigError(
             f"{' + '.join(terms)} needs {need} GPUs per node{where}; launch.gpus_per_node={gpus_per_node}: "
-            "one process per GPU (NCCL refuses two ranks of one group on one GPU, and sharing a GPU "
-            "between the trainer and an engine is not supported yet)")
+            "one process per GPU (NCCL refuses two ranks of one group on one GPU; only a one-GPU node with "
+            "one trainer rank and one rollout server of tp_size 1 shares its GPU)")
     rollout = tuple(tuple(range(trainer_ranks + i * tp_size, trainer_ranks + (i + 1) * tp_size))
                     for i in range(rollout_servers))
     return NodeGpus(node=node, trainer=tuple(range(trainer_ranks)),
@@ -88,21 +105,85 @@ def needs_gpus(cfg: RunConfig) -> bool:
     return trainer_on_gpu(cfg) or engine_on_gpu(cfg)
 
 
-def place_job(cfg: RunConfig) -> NodeGpus | None:
-    """The one node of ``areal-like run``; None when nothing runs on a GPU (CPU topologies).
+def node_roles(nodes: int, train_nodes: int, node: int) -> tuple[bool, bool]:
+    """(runs trainer ranks, runs rollout servers) for node ``node``: both on a one-node job."""
+    if nodes == 1:
+        return True, True
+    return node < train_nodes, node >= train_nodes
+
+
+def place_nodes(cfg: RunConfig) -> tuple[NodeGpus, ...] | None:
+    """Every node of the job (``launch.nodes``), node 0 first; None when nothing runs on a GPU.
 
     ``launch.gpus_per_node`` must be resolved already (``launch/job.py`` reads
     ``torch.cuda.device_count()`` when the config leaves it 0)."""
-    if not needs_gpus(cfg):
+    if not _gpu_checks(cfg):
         return None
-    gpus = cfg.launch.gpus_per_node
-    if gpus < 1:
+    la = cfg.launch
+    out = []
+    for k in range(la.nodes):
+        trains, serves = node_roles(la.nodes, la.train_nodes, k)
+        out.append(place_node(gpus_per_node=la.gpus_per_node,
+                              trainer_ranks=la.trainer_ranks if trains and trainer_on_gpu(cfg) else 0,
+                              rollout_servers=la.num_rollout_servers if serves and engine_on_gpu(cfg) else 0,
+                              tp_size=cfg.rollout.engine.tp_size, nodes=la.nodes, node=k))
+    if any(n.shared for n in out):
+        _check_shared(cfg)
+    return tuple(out)
+
+
+def place_job(cfg: RunConfig) -> NodeGpus | None:
+    """The one node of ``areal-like run`` (``launch.nodes=1``); None when nothing runs on a GPU."""
+    check_one_node(cfg)
+    placed = place_nodes(cfg)
+    return None if placed is None else placed[0]
+
+
+def check_one_node(cfg: RunConfig) -> None:
+    """ConfigError unless the job is one node (``areal-like run`` starts processes on this machine only)."""
+    if cfg.launch.nodes != 1:
+        raise ConfigError(f"launch.nodes={cfg.launch.nodes}: `areal-like run` starts one node; start several with "
+                          "launch/slurm/areal_like.sbatch or by hand (launch/MULTINODE.md)")
+
+
+def _gpu_checks(cfg: RunConfig) -> bool:
+    """Whether the job places processes on GPUs; ConfigError when it cannot."""
+    if not needs_gpus(cfg):
+        return False
+    if cfg.launch.gpus_per_node < 1:
         raise ConfigError(f"trainer.device={cfg.trainer.device!r}, rollout.engine.kind={cfg.rollout.engine.kind!r} "
                           f"and rollout.engine.device={cfg.rollout.engine.device!r} need GPUs; "
                           "launch.gpus_per_node=0 and torch sees no GPU on this machine")
     if cfg.rollout.engine.kind == "embedded" and engine_on_gpu(cfg) and cfg.rollout.engine.device != "cuda":
         raise ConfigError(f"rollout.engine.device={cfg.rollout.engine.device!r}: each rollout server sees only "
                           "its own GPUs (CUDA_VISIBLE_DEVICES), so the engine device is 'cuda'")
-    return place_node(gpus_per_node=gpus, trainer_ranks=cfg.launch.trainer_ranks if trainer_on_gpu(cfg) else 0,
-                      rollout_servers=cfg.launch.num_rollout_servers if engine_on_gpu(cfg) else 0,
-                      tp_size=cfg.rollout.engine.tp_size)
+    return True
+
+
+def _check_shared(cfg: RunConfig) -> None:
+    """Trainer and engine on one GPU: refuse what cannot work there, naming the key."""
+    ws, ec = cfg.trainer.weight_sync, cfg.rollout.engine
+    if ws.path == "distributed" and ws.backend != "gloo":
+        raise ConfigError("trainer.weight_sync.path=distributed with the trainer and the engine on one GPU: NCCL "
+                          "refuses two ranks on one GPU; use path=auto (tensor), tensor or disk, or backend=gloo")
+    frac = ec.sglang.get("mem_fraction_static")
+    if ec.kind == "sglang" and frac is not None and not (isinstance(frac, (int, float))
+                                                        and 0 < frac <= SHARED_MEM_FRACTION_MAX):
+        raise ConfigError(f"rollout.engine.sglang.mem_fraction_static={frac!r}: with the trainer on the same GPU "
+                          f"SGLang must leave it room; set it in (0, {SHARED_MEM_FRACTION_MAX}] (e.g. 0.4)")
+
+
+def with_weight_path(cfg: RunConfig) -> RunConfig:
+    """The config the daemons get on this placement: ``trainer.weight_sync.path=auto`` becomes ``tensor``
+    when the trainer and an engine share a GPU, else ``distributed``; there an SGLang engine without
+    ``mem_fraction_static`` gets ``SHARED_MEM_FRACTION_DEFAULT``. ``launch.gpus_per_node`` must be resolved."""
+    placed = place_nodes(cfg)
+    shared = placed is not None and any(n.shared for n in placed)
+    ws, ec = cfg.trainer.weight_sync, cfg.rollout.engine
+    if ws.path == "auto":
+        path = "tensor" if shared else "distributed"
+        cfg = replace(cfg, trainer=replace(cfg.trainer, weight_sync=replace(ws, path=path)))
+    if shared and ec.kind == "sglang" and ec.sglang.get("mem_fraction_static") is None:
+        sglang = {**ec.sglang, "mem_fraction_static": SHARED_MEM_FRACTION_DEFAULT}
+        cfg = replace(cfg, rollout=replace(cfg.rollout, engine=replace(ec, sglang=sglang)))
+    return cfg

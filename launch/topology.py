@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from areal_like.config import ConfigError, RunConfig
-from launch.placement import place_job, visible_devices
+from launch.placement import node_roles, place_nodes, visible_devices
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,6 +35,7 @@ class DaemonSlot:
     cpus: tuple[int, ...] | None  # None = not pinned
     overrides: tuple[str, ...] = ()  # extra `key=value` for this daemon's command line
     gpus: tuple[int, ...] | None = None  # its CUDA_VISIBLE_DEVICES; None = left as inherited (CPU topologies)
+    node: int = 0  # launch.nodes > 1: the node it runs on (the buffer and trainer rank 0 on node 0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,22 +110,17 @@ def plan_topology(cfg: RunConfig, ports: Iterable[int], cpus: Iterable[int] | No
     """Assign every port left at 0 from ``ports`` (skipping duplicates and fixed ports), and the
     GPUs of ``launch/placement.py`` when a process runs on one (``launch.gpus_per_node`` resolved).
 
-    Rollout server i gets ``rollout.metrics_port + i`` when that is fixed, so a Prometheus
-    static config can list them; the trainer's port is rank 0's.
+    Rollout server i of a node gets ``rollout.metrics_port + i`` when that is fixed, so a
+    Prometheus static config can list them; the trainer's port is rank 0's. On several nodes
+    (``launch.nodes``) the slots follow ``place_nodes``: the buffer and trainer rank 0 on node 0,
+    one ``trainer-n<k>`` slot (its torchrun) per other training node, servers ``rollout-<j>``
+    numbered across the rollout nodes.
     """
     host, router = split_address(cfg.buffer.address)
     pub_host, pub = split_address(cfg.buffer.pub_address)
-    n_roll = cfg.launch.num_rollout_servers
-    fixed = {p for p in (router, pub, cfg.buffer.metrics_port, cfg.trainer.metrics_port) if p}
-    if cfg.rollout.metrics_port:
-        fixed |= {cfg.rollout.metrics_port + i for i in range(n_roll)}
-    n_fixed = sum(1 for p in (router, pub, cfg.buffer.metrics_port, cfg.trainer.metrics_port) if p)
-    n_fixed += n_roll if cfg.rollout.metrics_port else 0
-    if len(fixed) != n_fixed:
-        raise ConfigError("two daemons are configured with the same fixed port")
-    placed = place_job(cfg)  # before any port is taken: a refused layout costs nothing
-    no_gpu = () if placed is not None else None  # a GPU topology hides the GPUs from CPU-only daemons
-    source = _unique(ports, set(fixed))
+    fixed = _fixed_ports(cfg, router, pub)
+    placed = place_nodes(cfg)  # before any port is taken: a refused layout costs nothing
+    source = _unique(ports, fixed)
 
     def pick(p: int) -> int:
         return p if p else next(source)
@@ -133,20 +129,44 @@ def plan_topology(cfg: RunConfig, ports: Iterable[int], cpus: Iterable[int] | No
     rollout_cpus = trainer_cpus = None
     if cfg.launch.pin_cpus:
         rollout_cpus, trainer_cpus = split_cpus(cpus if cpus is not None else ())
+    no_gpu = () if placed is not None else None  # a GPU topology hides the GPUs from CPU-only daemons
     slots = [DaemonSlot(name="buffer", kind="buffer", metrics_port=pick(cfg.buffer.metrics_port), cpus=rollout_cpus,
                         gpus=no_gpu)]
-    for i in range(n_roll):
-        port = cfg.rollout.metrics_port + i if cfg.rollout.metrics_port else next(source)
-        evaluates = ("rollout.eval=true",) if i == 0 and wants_eval(cfg) else ()  # the first server evaluates
-        slots.append(DaemonSlot(name=f"rollout-{i}", kind="rollout", metrics_port=port, cpus=rollout_cpus,
-                                overrides=(f"rollout.server_id=rollout-{i}", f"rollout.metrics_port={port}",
-                                           *evaluates),
-                                gpus=placed.rollout[i] if placed is not None and placed.rollout else no_gpu))
-    slots.append(DaemonSlot(name="trainer", kind="trainer", metrics_port=pick(cfg.trainer.metrics_port),
-                            cpus=trainer_cpus, gpus=placed.trainer if placed is not None else None))
+    trainers = []
+    for k in range(cfg.launch.nodes):
+        gpus = placed[k] if placed is not None else None
+        trains, serves = node_roles(cfg.launch.nodes, cfg.launch.train_nodes, k)
+        for i in range(cfg.launch.num_rollout_servers if serves else 0):
+            j = sum(1 for s in slots if s.kind == "rollout")  # server ids run across nodes
+            slots.append(_rollout_slot(cfg, j, cfg.rollout.metrics_port + i if cfg.rollout.metrics_port
+                                       else next(source), rollout_cpus,
+                                       gpus.rollout[i] if gpus is not None and gpus.rollout else no_gpu, k))
+        if trains:  # trainer rank 0's node serves its metrics; the other nodes' ranks report through it
+            trainers.append(DaemonSlot(name="trainer" if k == 0 else f"trainer-n{k}", kind="trainer",
+                                       metrics_port=pick(cfg.trainer.metrics_port) if k == 0 else 0,
+                                       cpus=trainer_cpus, gpus=gpus.trainer if gpus is not None else None, node=k))
     return Topology(host=host, buffer_address=f"tcp://{host}:{router}", pub_address=f"tcp://{pub_host}:{pub}",
-                    master_port=next(source), slots=tuple(slots), rollout_cpus=rollout_cpus,
+                    master_port=next(source), slots=(*slots, *trainers), rollout_cpus=rollout_cpus,
                     trainer_cpus=trainer_cpus)
+
+
+def _fixed_ports(cfg: RunConfig, router: int, pub: int) -> set[int]:
+    """The ports the config fixes (non-zero) on node 0; ConfigError when two daemons share one."""
+    n_roll = cfg.launch.num_rollout_servers if cfg.launch.nodes == 1 else 0  # other nodes: other hosts
+    own = [p for p in (router, pub, cfg.buffer.metrics_port, cfg.trainer.metrics_port) if p]
+    if cfg.rollout.metrics_port:
+        own += [cfg.rollout.metrics_port + i for i in range(n_roll)]
+    if len(set(own)) != len(own):
+        raise ConfigError("two daemons are configured with the same fixed port")
+    return set(own)
+
+
+def _rollout_slot(cfg: RunConfig, j: int, port: int, cpus: tuple[int, ...] | None, gpus: tuple[int, ...] | None,
+                  node: int) -> DaemonSlot:
+    evaluates = ("rollout.eval=true",) if j == 0 and wants_eval(cfg) else ()  # the first server evaluates
+    return DaemonSlot(name=f"rollout-{j}", kind="rollout", metrics_port=port, cpus=cpus,
+                      overrides=(f"rollout.server_id=rollout-{j}", f"rollout.metrics_port={port}", *evaluates),
+                      gpus=gpus, node=node)
 
 
 def wants_eval(cfg: RunConfig) -> bool:
@@ -173,22 +193,38 @@ def plan_lines(cfg: RunConfig, topo: Topology) -> list[str]:
     (the torchrun rendezvous port: at each start), so a number picked now would not be the one used."""
     ws = cfg.trainer.weight_sync
     backend = ws.backend if ws.backend != "auto" else ("nccl" if cfg.trainer.device.startswith("cuda") else "gloo")
+    trainer_gpus = {s.node: set(s.gpus or ()) for s in topo.slots if s.kind == "trainer"}
+    shared = any(trainer_gpus.get(s.node, set()) & set(s.gpus or ()) for s in topo.slots if s.kind == "rollout")
+    path = ws.path if ws.path != "auto" else ("tensor" if shared else "distributed")  # as with_weight_path
     fixed_metrics = {"buffer": cfg.buffer.metrics_port, "rollout": cfg.rollout.metrics_port,
                      "trainer": cfg.trainer.metrics_port}
     rows = [("node", "process", "gpus", "ports and addresses")]
-    for s in topo.slots:
-        metrics = f"metrics {topo.host}:{_port(fixed_metrics[s.kind], s.metrics_port)}"
+    for s in sorted(topo.slots, key=lambda s: s.node):
+        host = topo.host if s.node == 0 else f"node{s.node}"
+        metrics = f"metrics {host}:{_port(fixed_metrics[s.kind], s.metrics_port)}"
         if s.kind == "buffer":
             where = f"router {_addr(cfg.buffer.address)}  pub {_addr(cfg.buffer.pub_address)}  {metrics}"
         elif s.kind == "rollout":
             where = f"{metrics}  {_engine(cfg)}"
         else:
-            ranks = f"{cfg.launch.trainer_ranks} ranks" + (" (LOCAL_RANK i: the i-th GPU)" if s.gpus else "")
-            where = (f"{metrics} (rank 0)  torchrun {ranks} rendezvous {topo.host}:auto  "
-                     f"weight sync {backend} {ws.master_addr}:{_port(ws.master_port)}")
-        rows.append(("0", s.name, "-" if s.gpus is None else (visible_devices(s.gpus) or "none"), where))
+            where = _trainer_where(cfg, topo, s, metrics if s.node == 0 else "", backend, path)
+        rows.append((str(s.node), s.name, "-" if s.gpus is None else (visible_devices(s.gpus) or "none"), where))
     width = [max(len(r[i]) for r in rows) for i in range(3)]
-    return [f"{a:<{width[0]}}  {b:<{width[1]}}  {c:<{width[2]}}  {d}" for a, b, c, d in rows]
+    return [f"{a:<{width[0]}}  {b:<{width[1]}}  {c:<{width[2]}}  {d}".rstrip() for a, b, c, d in rows]
+
+
+def _trainer_where(cfg: RunConfig, topo: Topology, s: DaemonSlot, metrics: str, backend: str, path: str) -> str:
+    """One torchrun: on several nodes, its ``--node-rank`` and the global ranks it runs."""
+    la, ws = cfg.launch, cfg.trainer.weight_sync
+    ranks = f"{la.trainer_ranks} ranks" + (" (LOCAL_RANK i: the i-th GPU)" if s.gpus else "")
+    if la.nodes > 1:
+        first = s.node * la.trainer_ranks
+        ranks = f"node-rank {s.node} of {la.train_nodes}, {ranks}, global {first}..{first + la.trainer_ranks - 1}"
+    if not metrics:  # another training node: its ranks reach rank 0 through the rendezvous
+        return f"torchrun {ranks} rendezvous {topo.host}:auto"
+    sync = f"weight sync {backend} {ws.master_addr}:{_port(ws.master_port)}" if path == "distributed" \
+        else f"weight sync {path} (no group)"
+    return f"{metrics} (rank 0)  torchrun {ranks} rendezvous {topo.host}:auto  {sync}"
 
 
 def _port(configured: int, planned: int | None = None) -> str:
@@ -206,4 +242,6 @@ def _engine(cfg: RunConfig) -> str:
         return f"engine {ec.url}"
     if ec.kind == "embedded":
         return f"engine embedded on {ec.device}"
-    return f"engine sglang tp={ec.tp_size} http://{ec.host}:{_port(ec.port)}"
+    frac = ec.sglang.get("mem_fraction_static")
+    mem = "" if frac is None else f" mem_fraction_static={frac}"
+    return f"engine sglang tp={ec.tp_size}{mem} http://{ec.host}:{_port(ec.port)}"

@@ -12,10 +12,20 @@ the server that many GPUs, so ``rollout.engine.sglang.tp_size`` is refused by th
 The server runs in its own session (process group) because SGLang forks scheduler and
 detokenizer processes; ``stop()`` signals that group through the PID we started (SIGTERM,
 then SIGKILL after ``STOP_GRACE_S``). Nothing is killed by name.
+
+Invariant: the engine never outlives the rollout server, also when the rollout server is killed
+with SIGKILL and ``stop()`` never runs (an OOM kill, ``scancel``, a ``kill -9``): ``spawn_tied``
+asks the kernel to SIGKILL the child when its parent dies (``PR_SET_PDEATHSIG``, Linux). SGLang's
+own scheduler and detokenizer processes do the same towards the SGLang main process, so the
+whole tree goes, with its GPU memory and its port. The signal follows the *thread* that forked
+the child: ``start()`` must run on a thread that lives as long as the engine (the rollout
+server calls it from its main thread).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
 import signal
@@ -31,6 +41,49 @@ log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 30.0  # SGLang frees GPU memory and joins its subprocesses on SIGTERM; give it time
 HEALTH_POLL_S = 1.0
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent(parent: int) -> None:  # runs in the forked child, before exec
+    """In the child between fork and exec: SIGKILL me when my parent dies; exit if it already has."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # reparented: the parent died before prctl, nobody sends the signal
+        os._exit(1)
+
+
+def spawn_tied(argv: list[str], stdout=None, stderr=None, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``argv`` in a session (process group) of its own, killed by the kernel when this
+    process dies. ``stop_group`` is the graceful way; this is the guarantee behind it."""
+    if not sys.platform.startswith("linux"):
+        raise RuntimeError("spawn_tied needs Linux (prctl PR_SET_PDEATHSIG)")
+    return subprocess.Popen(argv, stdout=stdout, stderr=stderr, env=env, start_new_session=True,
+                            preexec_fn=functools.partial(_die_with_parent, os.getpid()))
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM the process group ``proc`` leads, SIGKILL it after ``grace_s``; then every member
+    that outlived the leader. By the PID we started, never by name."""
+    if proc.poll() is not None:
+        return
+    pgid = proc.pid  # start_new_session: the group id is the PID we started
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    try:  # children that outlived their parent in the group
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def sglang_command(model: ModelConfig, engine: EngineConfig, port: int) -> list[str]:
@@ -72,8 +125,7 @@ class SGLangProcess:
         argv = sglang_command(self.model, self.engine, self.port)
         log.info("starting SGLang: %s", " ".join(argv))
         out = open(self.log_path, "ab") if self.log_path else None
-        self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                     start_new_session=True)
+        self.proc = spawn_tied(argv, stdout=out, stderr=subprocess.STDOUT if out else None)
         deadline = time.monotonic() + self.engine.startup_timeout_s
         while not self._healthy():
             if self.proc.poll() is not None:
@@ -93,20 +145,5 @@ class SGLangProcess:
             return False
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        pgid = self.proc.pid  # start_new_session: the group id is the PID we started
-        for sig, wait_s in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.proc.wait(timeout=wait_s)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        try:  # children that outlived their parent in the group
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        if self.proc is not None:
+            stop_group(self.proc)

@@ -19,7 +19,8 @@ Shapes it relies on:
   failure); ``/pause_generation`` and ``/continue_generation`` answer ``{"message", "status"}``;
   ``/abort_request`` answers 200 with an empty body. ``/init_weights_update_group`` blocks until
   every rank joined the rendezvous; ``/update_weights_from_distributed`` returns once the bucket
-  was received and loaded. The served version is read from ``/model_info`` (0.5.23 has no
+  was received and loaded; so does ``/update_weights_from_tensor`` (``serialized_named_tensors``:
+  one base64 ForkingPickler payload per TP rank, ``load_format``, ``flush_cache``, ``weight_version``). The served version is read from ``/model_info`` (0.5.23 has no
   ``/weight_version`` route).
 
 Retries (bounded, exponential backoff) and why they are safe:
@@ -86,7 +87,6 @@ class GenerateOutput:
     abort_status: int | None  # an abort that carries an HTTP status is an error, not a pause
     weight_version: str | None  # the version that produced the segment (last span if several)
     weight_spans: list[tuple[str, int, int]] = field(default_factory=list)  # (version, start, end)
-    text: str | None = None
 
 
 def _error_message(body: Any, raw: str) -> str:
@@ -123,7 +123,7 @@ def parse_generate_output(body: Any) -> GenerateOutput:
         return GenerateOutput(
             rid=str(meta.get("id", "")), output_ids=ids, logprobs=logprobs, finish_reason=kind,
             finish_message=message, abort_status=fr.get("status_code") if isinstance(fr, dict) else None,
-            weight_version=None if version is None else str(version), weight_spans=spans, text=body.get("text"))
+            weight_version=None if version is None else str(version), weight_spans=spans)
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise SGLangError("/generate", 200, f"unexpected response shape: {type(e).__name__}: {e}") from None
 
@@ -339,6 +339,17 @@ class SGLangClient:
         if load_format is not None:
             body["load_format"] = load_format
         await self._call("POST", "/update_weights_from_distributed", body, timeout_s=timeout_s, idempotent=False)
+
+    async def update_weights_from_tensor(self, serialized_named_tensors: list[str], *, load_format: str | None = None,
+                                         flush_cache: bool = True, weight_version: str | None = None,
+                                         timeout_s: float | None = None) -> None:
+        """Load tensors the caller shares with the engine's device: one entry per TP rank, each the base64
+        text of a ForkingPickler dump of ``[(name, tensor), ...]`` (CUDA IPC handles on a GPU)."""
+        body = {"serialized_named_tensors": list(serialized_named_tensors), "load_format": load_format,
+                "flush_cache": flush_cache}
+        if weight_version is not None:
+            body["weight_version"] = weight_version
+        await self._call("POST", "/update_weights_from_tensor", body, timeout_s=timeout_s, idempotent=False)
 
     async def update_weights_from_disk(self, model_path: str, *, weight_version: str | None = None,
                                        abort_all_requests: bool = False, timeout_s: float | None = None) -> None:

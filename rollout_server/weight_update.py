@@ -25,6 +25,13 @@ server's engine through one ``WeightSyncPlan`` over SGLang's HTTP endpoints:
    (and a session left open by a failed bucket is closed first, or every later sync is refused);
 5. the result is a ``SyncDone`` (ok, reason, pause_s) for the buffer.
 
+Trainer and engine on one GPU (``plan.path``, ``trainer/weight_local.py``): no group is joined.
+``tensor``: step 3 posts one ``/update_weights_from_tensor`` per bucket with that bucket's payload
+(``plan.payloads[i]``, the trainer's memory shared by handle) instead of a broadcast, in the same
+session and with the same version/flush rule; ``disk``: step 3 is one ``/update_weights_from_disk``
+of the directory ``plan.payloads[0]`` with the version label (no session: SGLang loads a whole
+checkpoint through its own path).
+
 ``engine_versions(kind, server_info)`` gives the engine's torch/CUDA/NCCL versions, which
 the server reports in ``Register`` so the trainer can refuse a peer that cannot share its group.
 
@@ -50,6 +57,7 @@ DESTROY_TIMEOUT_S = 10.0  # tearing down an old group is local work; a hang here
 CONTINUE_TIMEOUT_S = 30.0  # continue runs even after the deadline passed; it must not wait forever either
 DRAIN_SHARE = 0.5  # at most this share of the deadline is spent letting in-flight requests finish
 FLATTENED = "flattened_bucket"  # must match what trainer rank 0 broadcasts (trainer.weight_buckets.FLATTENED)
+PATHS = ("distributed", "tensor", "disk")  # WeightSyncPlan.path
 
 
 class _Deadline:
@@ -69,16 +77,16 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
     """Apply ``plan`` to this server's engine; never raises, never leaves the engine paused.
     ``load_format=None`` (one broadcast per tensor) is for senders that do not pack buckets."""
     member = next((m for m in plan.members if m.server_id == server_id), None)
-    if member is None:
-        return SyncDone(server_id=server_id, policy_version=plan.policy_version, ok=False,
-                        reason="this server is not a member of the plan")
+    refusal = "this server is not a member of the plan" if member is None else _bad_path(plan)
+    if refusal:
+        return SyncDone(server_id=server_id, policy_version=plan.policy_version, ok=False, reason=refusal)
     deadline = _Deadline(plan.deadline_s)
     init_task: asyncio.Task | None = None
     paused_at: float | None = None
     session_open = False
     pause_s, ok, reason = 0.0, False, ""
     try:
-        if plan.reform:
+        if plan.reform and plan.path == "distributed":
             init_task = await _start_group_join(client, plan, member.rank_offset, deadline)
         if drain and inflight_drained is not None:
             await _drain(inflight_drained, plan.deadline_s * DRAIN_SHARE, deadline)
@@ -86,17 +94,16 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
             await asyncio.wait_for(asyncio.shield(init_task), deadline.left())
         paused_at = time.monotonic()
         await client.pause_generation("abort", timeout_s=deadline.left())
-        begin_timeout_s = deadline.left()
-        session_open = True  # before the call: a begin whose answer is late or lost may still have opened it
-        await client.begin_weight_update(timeout_s=begin_timeout_s)
-        for i, bucket in enumerate(plan.buckets):
-            last = i == len(plan.buckets) - 1
-            await client.update_weights_from_distributed(
-                names=bucket.names, dtypes=bucket.dtypes, shapes=bucket.shapes, group_name=plan.group_name,
-                weight_version=str(plan.policy_version) if last else None, flush_cache=last,
-                load_format=load_format, timeout_s=deadline.left())
-        await client.end_weight_update(timeout_s=deadline.left())
-        session_open = False
+        if plan.path == "disk":
+            await client.update_weights_from_disk(plan.payloads[0], weight_version=str(plan.policy_version),
+                                                  timeout_s=deadline.left())
+        else:
+            begin_timeout_s = deadline.left()
+            session_open = True  # before the call: a begin whose answer is late or lost may still have opened it
+            await client.begin_weight_update(timeout_s=begin_timeout_s)
+            await _load_buckets(client, plan, load_format, deadline)
+            await client.end_weight_update(timeout_s=deadline.left())
+            session_open = False
         ok = True
     except (SGLangError, TimeoutError, asyncio.TimeoutError) as e:
         reason = f"{type(e).__name__}: {e}" if not isinstance(e, SGLangError) else str(e)
@@ -114,6 +121,29 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
             ok = ok and not reason
             pause_s = time.monotonic() - paused_at
     return SyncDone(server_id=server_id, policy_version=plan.policy_version, ok=ok, reason=reason, pause_s=pause_s)
+
+
+def _bad_path(plan: WeightSyncPlan) -> str:
+    """Why this server cannot apply ``plan``'s path ('' if it can). The payload count of a known
+    path is checked when the plan is built or decoded (``WeightSyncPlan.validate``)."""
+    if plan.path not in PATHS:
+        return f"unknown weight-sync path {plan.path!r} (this server knows {', '.join(PATHS)})"
+    return ""
+
+
+async def _load_buckets(client: SGLangClient, plan: WeightSyncPlan, load_format: str | None,
+                        deadline: _Deadline) -> None:
+    """Step 3's buckets, in plan order: received by broadcast, or (path tensor) mapped from the payload."""
+    for i, bucket in enumerate(plan.buckets):
+        last = i == len(plan.buckets) - 1
+        version = str(plan.policy_version) if last else None
+        if plan.path == "tensor":
+            await client.update_weights_from_tensor([plan.payloads[i]], flush_cache=last, weight_version=version,
+                                                    timeout_s=deadline.left())
+        else:
+            await client.update_weights_from_distributed(
+                names=bucket.names, dtypes=bucket.dtypes, shapes=bucket.shapes, group_name=plan.group_name,
+                weight_version=version, flush_cache=last, load_format=load_format, timeout_s=deadline.left())
 
 
 async def _start_group_join(client: SGLangClient, plan: WeightSyncPlan, rank_offset: int,

@@ -1,6 +1,7 @@
 """Advantage estimators and the per-minibatch baselines of VCPO and OAPL: pure tensor functions.
 
-Formulas: ``trainer/LOSSES.md`` sections 1 (estimators), 8 (VCPO) and 9 (OAPL).
+Formulas: ``trainer/LOSSES.md`` sections 1 (estimators), 8 (VCPO) and 9 (OAPL). The last three
+functions are the ``advantages`` rules of the kernel table (``trainer/losses.py`` ``KERNELS``).
 Everything here runs once per minibatch on the WHOLE minibatch (groups must be complete and the
 REINFORCE++ whitening is global), before it is split into micro-batches; the results are
 constants for the loss (no gradient). No torch.distributed, no logging.
@@ -12,12 +13,14 @@ or any sequence of hashable ids, e.g. the trajectory groups' string ``group_id``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from areal_like.config import ESTIMATORS
+from areal_like.loss_schema import ESTIMATORS, OAPLConfig, VCPOConfig
 
 GRPO_EPS = 1e-6  # verl: added to the unbiased group std
 WHITEN_EPS = 1e-8  # verl masked_whiten: added to the variance
@@ -91,14 +94,8 @@ def compute_advantages(estimator: str, rewards: Tensor, group_ids: Tensor | Sequ
 
 # ---------------------------------------------------------------- VCPO (LOSSES.md section 8)
 def vcpo_advantages(
-    rewards: Tensor,
-    is_weights: Tensor,
-    grad_sq_norms: Tensor,
-    group_ids: Tensor | Sequence,
-    *,
-    weight_mode: str = "readme",
-    is_cap: float = 8.0,
-    norm_by_std: bool = True,
+    rewards: Tensor, is_weights: Tensor, grad_sq_norms: Tensor, group_ids: Tensor | Sequence, *,
+    weight_mode: str = "readme", is_cap: float = 8.0, norm_by_std: bool = True,
 ) -> Tensor:
     """VCPO advantages [N] with the off-policy optimal baseline (OPOB) per prompt group.
 
@@ -143,15 +140,8 @@ def vcpo_ess_lr_scale(is_weights: Tensor, *, base: float = 1.0) -> tuple[Tensor,
 
 
 def vcpo_two_buffer_gradient(
-    seq_grads: Tensor,
-    rewards: Tensor,
-    is_weights: Tensor,
-    grad_sq_norms: Tensor,
-    group_ids: Tensor | Sequence,
-    *,
-    weight_mode: str = "readme",
-    is_cap: float = 8.0,
-    n_seqs_global: float | None = None,
+    seq_grads: Tensor, rewards: Tensor, is_weights: Tensor, grad_sq_norms: Tensor, group_ids: Tensor | Sequence, *,
+    weight_mode: str = "readme", is_cap: float = 8.0, n_seqs_global: float | None = None,
 ) -> Tensor:
     """The released code's one-backward-per-trajectory accumulation, over explicit vectors.
 
@@ -199,34 +189,48 @@ def oapl_targets(rewards: Tensor, group_ids: Tensor | Sequence, *, beta_v: float
     return (r - v[idx]).float()
 
 
-def kernel_advantages(
-    kind: str,
-    estimator: str,
-    rewards: Tensor,
-    group_ids: Tensor | Sequence,
-    mask: Tensor,
-    *,
-    oapl_beta: float = 1.0,
-    oapl_beta_v: float | None = None,
-    vcpo_is_weights: Tensor | None = None,
-    grad_sq_norms: Tensor | None = None,
-    vcpo_baseline_weight: str = "readme",
-    vcpo_is_cap: float = 8.0,
-) -> Tensor:
-    """The ``advantages`` argument of ``losses.compute_policy_loss`` for one minibatch, [N, T].
+# ---------------------------------------------------------------- a kernel's advantages for one minibatch
+@dataclass(frozen=True)
+class AdvantageInputs:
+    """One minibatch (whole groups) as a kernel's ``advantages`` rule sees it."""
 
-    oapl: the regression targets (``oapl_targets`` with beta_v = oapl_beta_v or oapl_beta);
-    vcpo: the OPOB advantages (needs ``vcpo_is_weights`` and ``grad_sq_norms``); every other
-    kind: ``compute_advantages(estimator, ...)``.
-    """
-    m = mask.detach().float()
-    if kind == "oapl":
-        adv = oapl_targets(rewards, group_ids, beta_v=oapl_beta if oapl_beta_v is None else oapl_beta_v)
-    elif kind == "vcpo":
-        if vcpo_is_weights is None or grad_sq_norms is None:
-            raise ValueError("vcpo advantages need vcpo_is_weights and grad_sq_norms (see trainer/LOSSES.md)")
-        adv = vcpo_advantages(rewards, vcpo_is_weights, grad_sq_norms, group_ids,
-                              weight_mode=vcpo_baseline_weight, is_cap=vcpo_is_cap)
-    else:
-        return compute_advantages(estimator, rewards, group_ids, m)
-    return adv.to(m.device)[:, None] * m
+    rewards: Tensor  # [N]
+    group_ids: Tensor | Sequence  # [N]
+    mask: Tensor  # [N, T]
+    estimator: str  # trainer.estimator, for the kernels that use one
+    # VCPO: (w_i, ||grad sum_t logp_it||^2) [N] at the weights this minibatch starts from
+    score_terms: Callable[[], tuple[Tensor, Tensor]] | None = None
+
+
+class Advantages(NamedTuple):
+    """Advantages [N, T] of a minibatch, the factor on this optimizer step's LR, and stats to log."""
+
+    values: Tensor
+    lr_scale: float = 1.0
+    stats: dict[str, float] = {}
+
+
+def estimator_advantages(a: AdvantageInputs, _params: object = None) -> Advantages:
+    """``trainer.estimator``'s advantages (section 1): the rule of every kernel but vcpo and oapl."""
+    return Advantages(compute_advantages(a.estimator, a.rewards, a.group_ids, a.mask))
+
+
+def oapl_advantages(a: AdvantageInputs, params: OAPLConfig) -> Advantages:
+    """OAPL's regression targets R - V_hat on every token (section 9; beta_v None = beta)."""
+    beta_v = params.beta if params.beta_v is None else params.beta_v
+    m = a.mask.detach().float()
+    return Advantages(oapl_targets(a.rewards, a.group_ids, beta_v=beta_v).to(m.device)[:, None] * m)
+
+
+def vcpo_step_advantages(a: AdvantageInputs, params: VCPOConfig) -> Advantages:
+    """VCPO's OPOB advantages on every token and its ESS learning-rate scale (section 8, steps 3, 4 and 6).
+
+    Needs ``a.score_terms`` (one backward per trajectory at this minibatch's starting weights)."""
+    if a.score_terms is None:
+        raise ValueError("vcpo advantages need the per-trajectory score terms (see trainer/LOSSES.md section 8)")
+    w, g2 = a.score_terms()
+    adv = vcpo_advantages(a.rewards, w, g2, a.group_ids, weight_mode=params.baseline_weight, is_cap=params.cap)
+    scale, ess, _ = vcpo_ess_lr_scale(w, base=params.ess_base)
+    m = a.mask.detach().float()
+    stats = {"vcpo_lr_scale": float(scale), "vcpo_ess": float(ess), "vcpo_grad_sq_norm_mean": float(g2.mean())}
+    return Advantages(adv.to(m.device)[:, None] * m, float(scale), stats)

@@ -46,7 +46,6 @@ class TrainBatch:
     prompt_lens: torch.Tensor  # [N] int64, >= 1
     output_lens: torch.Tensor  # [N] int64
     behav_logp: torch.Tensor  # [N, T] float32, engine logprobs of output tokens (0 on padding)
-    versions: torch.Tensor  # [N, T] int64, policy_version that produced each output token
     mask: torch.Tensor  # [N, T] float32, 1 on output tokens
     rewards: torch.Tensor  # [N] float32
     group_ids: torch.Tensor  # [N] int64, index of the sequence's group in this batch
@@ -93,19 +92,17 @@ def groups_to_batch(groups: list[TrajectoryGroup]) -> TrainBatch:
     s, t_max = int((p_lens + o_lens).max()), max(1, int(o_lens.max()))
     input_ids = np.full((n, s), PAD_ID, dtype=np.int64)
     behav = np.zeros((n, t_max), dtype=np.float32)
-    versions = np.zeros((n, t_max), dtype=np.int64)
     mask = np.zeros((n, t_max), dtype=np.float32)
     for i, (_, t) in enumerate(trajs):
         p, o = p_lens[i], o_lens[i]
         input_ids[i, :p] = t.prompt_ids
         input_ids[i, p:p + o] = t.output_ids
         behav[i, :o] = t.behav_logp
-        versions[i, :o] = t.versions
         mask[i, :o] = 1.0
     return TrainBatch(
         input_ids=torch.from_numpy(input_ids), prompt_lens=torch.from_numpy(p_lens),
         output_lens=torch.from_numpy(o_lens), behav_logp=torch.from_numpy(behav),
-        versions=torch.from_numpy(versions), mask=torch.from_numpy(mask),
+        mask=torch.from_numpy(mask),
         rewards=torch.tensor([t.reward for _, t in trajs], dtype=torch.float32),
         group_ids=torch.tensor([gi for gi, _ in trajs], dtype=torch.long),
         head_versions=torch.tensor([g.head_version for g in groups], dtype=torch.long),

@@ -10,9 +10,15 @@ trainer/engine mismatch the off-policy kernels correct for. Every step here upca
 chunk to fp32 first (trainer/LOSSES.md section 0, rule 2; https://fengyao.notion.site/off-policy-rl
 shows how such numeric mismatch alone biases RL).
 
-Memory: an fp32 copy of [B, T, V] logits is large (V ~ 150k). ``token_logprobs`` works on row
-chunks of at most CHUNK_BYTES of fp32 and its custom backward recomputes the softmax chunk by
-chunk, so neither pass holds more than one fp32 chunk beyond the logits themselves.
+Memory: an fp32 copy of [B, T, V] logits is large (V ~ 150k). Two entry points:
+- ``hidden_token_logprobs`` (the trainer's path) starts from the final hidden states and the
+  output-embedding matrix and never materialises the logits: it applies ``lm_head`` to
+  ``chunk_tokens`` tokens at a time, and its custom backward recomputes each chunk's logits, so
+  neither pass holds more than one ``[chunk, V]`` fp32 block (plus, for bf16 compute, that block's
+  bf16 logits), and nothing vocabulary-sized is saved for backward (only the hidden states,
+  which the model's backward keeps anyway).
+- ``token_logprobs`` takes logits that already exist (the log-prob guard's short probes) and
+  works on row chunks of at most CHUNK_BYTES of fp32 the same way.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# tokens per lm_head chunk (trainer.logprob_chunk_tokens): 512 x 152k vocab is a 300 MiB fp32 block
+CHUNK_TOKENS = 512
 # fp32 working set per chunk: big enough that per-chunk overhead is negligible, small next to
 # the logits of any real batch.
 CHUNK_BYTES = 256 * 2**20
@@ -96,3 +104,88 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0, *, chunk_bytes
         logp = torch.log_softmax(x, dim=-1)
         parts.append(-(logp.exp() * logp).sum(-1))
     return torch.cat(parts).view(logits.shape[:-1])
+
+
+def _chunk_logits(h: Tensor, weight: Tensor, temperature: float, wd: torch.dtype) -> Tensor:
+    """logits(h) / temperature as ONE fresh [chunk, V] block in ``wd`` (the compute-dtype product is
+    upcast in place of a second copy when it already is ``wd``)."""
+    logits = h @ weight.t()
+    return (logits if logits.dtype == wd else logits.to(wd)).div_(temperature)
+
+
+def _accumulate(acc: Tensor, gx: Tensor, h: Tensor) -> None:
+    """acc += gx^T @ h: in place when dtypes agree, else the compute-dtype product added in fp32."""
+    if acc.dtype == gx.dtype:
+        acc.addmm_(gx.t(), h)
+    else:
+        acc.add_(gx.t() @ h)
+
+
+class _HiddenTokenLogprob(torch.autograd.Function):
+    """log_softmax((h W^T) / temperature)[token] per row of h, ``chunk`` rows at a time, with a
+    recomputing backward: d logp / d logits = (1[v = token] - softmax) / temperature, then through
+    the matmul to h (``g W``) and W (``g^T h``). Saves only its inputs."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, tokens: Tensor, temperature: float, chunk: int,
+                shape: tuple[int, ...]) -> Tensor:
+        wd = _work_dtype(hidden)
+        result = torch.empty(shape, dtype=wd, device=hidden.device)  # returned as is: not a view (FSDP2 hooks)
+        out = result.view(-1)
+        for s in range(0, hidden.shape[0], chunk):
+            x = _chunk_logits(hidden[s : s + chunk], weight, temperature, wd)
+            picked = x.gather(-1, tokens[s : s + chunk, None]).squeeze(-1)
+            m = x.amax(-1, keepdim=True)
+            lse = x.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))  # in place: one block alive
+            out[s : s + chunk] = picked - lse
+            del x
+        ctx.save_for_backward(hidden, weight, tokens)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return result
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        hidden, weight, tokens = ctx.saved_tensors
+        wd, chunk = _work_dtype(hidden), ctx.chunk
+        grad_out = grad_out.reshape(-1)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        # the weight gradient sums over every chunk: accumulate in fp32 (or the fp64 of gradcheck)
+        grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
+                             device=weight.device) if need_w else None
+        g_all = grad_out.to(wd)
+        for s in range(0, hidden.shape[0], chunk):
+            h, g = hidden[s : s + chunk], g_all[s : s + chunk, None]
+            x = _chunk_logits(h, weight, ctx.temperature, wd)
+            x.sub_(x.amax(-1, keepdim=True)).exp_()
+            x.div_(x.sum(-1, keepdim=True)).mul_(-g)  # -g * softmax, in place
+            x.scatter_add_(-1, tokens[s : s + chunk, None], g).div_(ctx.temperature)
+            gx = x.to(weight.dtype)  # the logits' gradient in the compute dtype, as autograd would give it
+            del x
+            if need_h:
+                grad_h[s : s + chunk] = gx @ weight
+            if need_w:
+                _accumulate(grad_w, gx, h)
+            del gx
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
+
+
+def hidden_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, temperature: float = 1.0, *,
+                          chunk_tokens: int = CHUNK_TOKENS) -> Tensor:
+    """log pi(token | prefix) [...] in fp32 from final hidden states ``hidden`` [..., H], the output
+    embedding ``weight`` [V, H] (``lm_head.weight``) and ``tokens`` [...]; never more than
+    ``chunk_tokens`` rows of logits at a time, forward or backward.
+
+    Equal to ``token_logprobs(hidden @ weight.T, tokens, temperature)`` up to matmul rounding;
+    differentiable w.r.t. ``hidden`` and ``weight`` (gradients in their dtype).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    if hidden.shape[:-1] != tokens.shape or weight.shape[-1] != hidden.shape[-1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and tokens "
+                         f"{tuple(tokens.shape)} do not match ([..., H], [V, H], [...])")
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    return _HiddenTokenLogprob.apply(flat, weight, tokens.reshape(-1).long(), float(temperature), int(chunk_tokens),
+                                     tuple(tokens.shape))

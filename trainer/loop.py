@@ -6,11 +6,14 @@ buffer, serves ``/metrics`` and ``/health`` and writes ``<run_dir>/metrics/train
 step) and, every ``tracking.sample_every`` steps, a few decoded samples to ``<run_dir>/samples.jsonl``.
 
 Each phase runs in a named timing scope whose name is also its metric label
-(``trainer/phase_seconds{phase="fetch_batch"}``): fetch_batch (time waiting for data),
-logprob_guard (once, after the initial push: the engines' log-probs follow the trainer's
-convention, trainer/logprob_guard.py), recompute_prox, ref_logp (the frozen reference's log-probs; no work unless
-``trainer.loss.kl_coef`` > 0), advantages, train_step, weight_sync, checkpoint, export (a Hugging
-Face directory ``<run_dir>/<export.dir>/v<version>`` at multiples of ``export.every`` and when
+(``trainer/phase_seconds{phase="fetch_batch"}``, the last run of each phase); a step's record
+holds the seconds of the phases that ran in that step, summed per phase, and nothing else (not
+the setup's push and guard, not an earlier step's checkpoint, not the metrics phase that writes
+the record): fetch_batch (time waiting for data), logprob_guard (once, after the initial push:
+the engines' log-probs follow the trainer's convention, trainer/logprob_guard.py),
+recompute_prox, ref_logp (the frozen reference's log-probs; no work unless
+``trainer.loss.kl_coef`` > 0), train_step (each minibatch's advantages, then its optimizer
+step), weight_sync, checkpoint, export (a Hugging Face directory ``<run_dir>/<export.dir>/v<version>`` at multiples of ``export.every`` and when
 training reaches ``trainer.steps``; trainer/export.py), metrics.
 
 Invariants:
@@ -45,7 +48,7 @@ from trainer.export import export_hf, export_tokenizer
 from trainer.logprob_guard import PROBE_TEXT, run_guard
 from trainer.model import build_policy, build_reference, init_distributed
 from trainer.samples import sample_rows
-from trainer.step import StepSettings, compute_batch_advantages, recompute_prox_logp, reference_logp, train_step
+from trainer.step import StepSettings, recompute_prox_logp, reference_logp, train_step
 from trainer.weight_sync import SyncReport, WeightBroadcaster
 
 
@@ -152,7 +155,7 @@ class Trainer(Daemon):
         return version
 
     def run(self) -> None:
-        """fetch batch -> recompute prox -> reference logp -> advantages -> train step -> v += 1 -> push ->
+        """fetch batch -> recompute prox -> reference logp -> advantages + train step -> v += 1 -> push ->
         checkpoint -> export -> metrics."""
         t, model = self.cfg.trainer, self.policy.model
         with self.phase("weight_sync"):
@@ -162,6 +165,7 @@ class Trainer(Daemon):
             self.guard_logprobs(sync)
         while self.version < t.steps:
             t_step = time.monotonic()
+            self.phase_times = {}  # this step's phases only (the setup pushes and the last checkpoint are not)
             with self.phase("fetch_batch"):
                 batch = self.data.next_batch(self.version)
             if batch is None:
@@ -171,10 +175,8 @@ class Trainer(Daemon):
                 prox_logp = recompute_prox_logp(self.policy, batch, self.settings)
             with self.phase("ref_logp"):
                 ref_logp = reference_logp(self.reference, batch, self.settings, self.policy.device)
-            with self.phase("advantages"):
-                advantages = compute_batch_advantages(batch, self.settings)
-            with self.phase("train_step"):
-                stats = train_step(self.policy, batch, self.settings, prox_logp, advantages, ref_logp)
+            with self.phase("train_step"):  # the kernel's advantages, per minibatch, then its optimizer steps
+                stats = train_step(self.policy, batch, self.settings, prox_logp, ref_logp)
             self.version += 1
             with self.phase("weight_sync"):
                 sync = self.broadcaster.push(model, self.version)
@@ -233,7 +235,7 @@ class Trainer(Daemon):
             yield
         finally:
             dt = time.monotonic() - t0
-            self.phase_times[name] = dt
+            self.phase_times[name] = self.phase_times.get(name, 0.0) + dt
             self.metrics.gauge("trainer/phase_seconds", "seconds of the last run of each phase",
                                ("phase",)).labels(phase=name).set(dt)
 

@@ -2,17 +2,33 @@
 
 Owns: the default process group of the trainer world (``init_distributed``) and the ``Policy``
 bundle (model, optimizer, scheduler), and the frozen reference policy of the KL term
-(``build_reference``). Master weights are always fp32; on CUDA with
-``model.dtype=bfloat16`` the forward/backward runs in bf16 through FSDP2's
-``MixedPrecisionPolicy`` and gradients are reduced in fp32.
+(``build_reference``).
+
+Building (``shard_model``): the model is built on the meta device, each decoder block is
+(optionally) set to recompute its activations in backward (``trainer.activation_checkpointing``)
+and ``fully_shard``-ed, then the root; only then are the parameters allocated, each rank holding
+its own shards, and filled from ``model.path`` or with ``model.init_seed``'s initialisation
+(``trainer/sharded_init.py``). No rank ever holds a full copy of the model.
+
+Precision (one switch, ``model.dtype``): master weights, gradients and AdamW states are always
+fp32. On CUDA with ``model.dtype=bfloat16`` (or float16) FSDP2's ``MixedPrecisionPolicy`` casts the
+all-gathered parameters to that dtype for forward/backward (``param_dtype``) and reduces gradients
+in fp32 (``reduce_dtype``); log-probs are always taken in fp32 (``trainer/logprobs.py``). On CPU
+everything is fp32.
+
+Log-probs: ``policy_logprobs(model, ...)`` runs the decoder and then the chunked lm_head of
+``trainer/logprobs.py``; it is registered as an FSDP forward method on the root, so the root's
+parameters (embeddings, final norm, lm_head) are all-gathered around it as for ``forward``.
 
 Invariants:
 - FSDP2 only (``fully_shard`` per decoder block, then the root). FSDP1 does not run on CPU
   (torch 2.13 refuses: "FSDP needs a non-CPU accelerator device"). A single process (plain
   ``python -m trainer``) joins a world-size-1 gloo group so exactly the same code path (DTensor
   parameters, collectives) runs everywhere.
-- Parameter names are the unwrapped Hugging Face names (``fully_shard`` does not rename), so the
-  weight-sync plan names match what an engine's ``load_weights`` expects.
+- Parameter names are the unwrapped Hugging Face names (neither ``fully_shard`` nor Hugging
+  Face's activation checkpointing renames), so the weight-sync plan names match what an engine's
+  ``load_weights`` expects.
+- The initial weights equal ``areal_like.hf.build_model``'s bit for bit, for any world size.
 - The reference is the run's INITIAL weights (``trainer.ref_path``, else ``model.path`` or the
   config-built model with its init seed), never the policy's: resuming does not move it. It is
   sharded like the policy, frozen (no optimizer, no gradients, eval mode) and only built when
@@ -25,6 +41,7 @@ from __future__ import annotations
 
 import math
 import os
+import types
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
@@ -33,7 +50,9 @@ import torch.distributed as dist
 
 from areal_like.config import ModelConfig, TrainerConfig
 from areal_like.distributed import free_port
-from areal_like.hf import build_model, torch_dtype
+from areal_like.hf import build_meta_model, torch_dtype
+from trainer.logprobs import hidden_token_logprobs
+from trainer.sharded_init import materialize
 
 
 @dataclass
@@ -73,19 +92,63 @@ def trainer_device(trainer_cfg: TrainerConfig) -> torch.device:
     return torch.device(trainer_cfg.device)
 
 
+def mixed_precision(model_cfg: ModelConfig, device: torch.device):
+    """FSDP2's policy: compute in ``model.dtype`` with fp32 gradient reduction on CUDA; None (all
+    fp32) on CPU or when ``model.dtype`` is float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if device.type != "cuda" or model_cfg.dtype == "float32":
+        return None
+    # bf16 compute, fp32 gradient reduction: the usual recipe (torchtitan, verl).
+    return MixedPrecisionPolicy(param_dtype=torch_dtype(model_cfg.dtype), reduce_dtype=torch.float32)
+
+
 def apply_fsdp(model: torch.nn.Module, model_cfg: ModelConfig, device: torch.device) -> torch.nn.Module:
     """``fully_shard`` each decoder block, then the root (embeddings, final norm, lm_head)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-    kwargs = {}
-    if device.type == "cuda" and model_cfg.dtype != "float32":
-        # bf16 compute, fp32 gradient reduction: the usual recipe (torchtitan, verl).
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch_dtype(model_cfg.dtype),
-                                                   reduce_dtype=torch.float32)
+    mp = mixed_precision(model_cfg, device)
+    kwargs = {"mp_policy": mp} if mp is not None else {}
     for block in model.model.layers:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def policy_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
+                    temperature: float, chunk_tokens: int) -> torch.Tensor:
+    """log pi(input_ids[:, p + 1] | input_ids[:, :p + 1]) [n, T] (fp32) for each position p in
+    ``positions`` [n, T]: the final hidden states at those positions through the chunked lm_head.
+    Right padding + causal attention: no attention mask needed."""
+    hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state
+    picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+    targets = input_ids.gather(1, positions + 1)
+    weight = model.get_output_embeddings().weight
+    return hidden_token_logprobs(picked, weight, targets, temperature, chunk_tokens=chunk_tokens)
+
+
+def attach_logprobs(model: torch.nn.Module) -> torch.nn.Module:
+    """``model.policy_logprobs(input_ids, positions, temperature, chunk_tokens)``, run under FSDP's
+    pre/post-forward hooks of the root (a no-op registration on a model that is not sharded)."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    model.policy_logprobs = types.MethodType(policy_logprobs, model)
+    register_fsdp_forward_method(model, "policy_logprobs")
+    return model
+
+
+def shard_model(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, dtype: str = "float32",
+                checkpointing: bool = False) -> torch.nn.Module:
+    """The model of ``model_cfg`` sharded over the default process group, built on the meta device
+    and materialised shard by shard on the trainer device, parameters in ``dtype``."""
+    device = trainer_device(trainer_cfg)
+    model = build_meta_model(model_cfg, dtype)
+    model.config.use_cache = False
+    if checkpointing:  # per decoder block, before sharding; FSDP2's hooks stay outside the recompute
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    apply_fsdp(model, model_cfg, device)
+    materialize(model, model_cfg, device)
+    return attach_logprobs(model)
 
 
 def build_reference(model_cfg: ModelConfig, trainer_cfg: TrainerConfig) -> torch.nn.Module:
@@ -93,17 +156,13 @@ def build_reference(model_cfg: ModelConfig, trainer_cfg: TrainerConfig) -> torch
 
     On CUDA its parameters are stored in ``model.dtype``: the policy's forward casts its fp32
     master weights to that dtype anyway (FSDP2 mixed precision), so the reference computes the
-    same numbers with half the memory. It is built in fp32 and cast, as the policy's weights are
-    (a model initialised directly in bf16 draws different values). On CPU both are fp32.
+    same numbers with half the memory. Its values are the fp32 initial weights cast, as the
+    policy's are (a model initialised directly in bf16 draws different values). On CPU both are fp32.
     """
-    device = trainer_device(trainer_cfg)
     cfg = replace(model_cfg, path=trainer_cfg.ref_path) if trainer_cfg.ref_path else model_cfg
-    model = build_model(cfg, device=str(device), dtype="float32")
-    if device.type == "cuda":
-        model.to(torch_dtype(model_cfg.dtype))
+    dtype = model_cfg.dtype if trainer_device(trainer_cfg).type == "cuda" else "float32"
+    model = shard_model(cfg, trainer_cfg, dtype=dtype)
     model.requires_grad_(False)
-    model.config.use_cache = False
-    apply_fsdp(model, model_cfg, device)
     return model.eval()
 
 
@@ -125,17 +184,15 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
 
 
 def build_policy(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, adam_eps: float = 1e-8) -> Policy:
-    """Build (or load) the model in fp32 on the trainer device, shard it and make its optimizer.
+    """Build (or load) the sharded fp32 model on the trainer device and make its optimizer.
 
     Requires the default process group (``init_distributed``). ``adam_eps`` is exposed for tests
     that compare updated weights across shardings (a larger eps makes Adam's first step linear in
     the gradient instead of a sign function that amplifies float rounding near zero).
     """
     device = trainer_device(trainer_cfg)
-    model = build_model(model_cfg, device=str(device), dtype="float32")
+    model = shard_model(model_cfg, trainer_cfg, checkpointing=trainer_cfg.activation_checkpointing)
     model.train()
-    model.config.use_cache = False
-    apply_fsdp(model, model_cfg, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=trainer_cfg.lr, betas=tuple(trainer_cfg.betas),
                                   weight_decay=trainer_cfg.weight_decay, eps=adam_eps)
     # The optimizer step count is the number of AdamW steps (num_minibatches per policy version).

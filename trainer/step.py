@@ -27,16 +27,16 @@ Invariants (the invariance tests check them):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 
 from areal_like.config import LossConfig, RunConfig
-from trainer.advantages import kernel_advantages, vcpo_ess_lr_scale
+from trainer.advantages import AdvantageInputs, Advantages
 from trainer.data import TrainBatch
-from trainer.logprobs import token_logprobs
-from trainer.losses import accumulate_stats, compute_policy_loss, finalize_stats, kernel_needs_prox, vcpo_is_weights
+from trainer.logprobs import CHUNK_TOKENS
+from trainer.losses import KERNELS, Kernel, accumulate_stats, compute_policy_loss, finalize_stats, vcpo_is_weights
 from trainer.model import Policy, clip_gradients
 
 
@@ -48,18 +48,25 @@ class StepSettings:
     num_minibatches: int
     grad_clip: float
     temperature: float
+    chunk_tokens: int = CHUNK_TOKENS  # trainer.logprob_chunk_tokens
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> StepSettings:
         t = cfg.trainer
         return cls(loss=t.loss, estimator=t.estimator, micro_batch_size=t.micro_batch_size,
-                   num_minibatches=t.num_minibatches, grad_clip=t.grad_clip, temperature=cfg.task.temperature)
+                   num_minibatches=t.num_minibatches, grad_clip=t.grad_clip, temperature=cfg.task.temperature,
+                   chunk_tokens=t.logprob_chunk_tokens)
 
-    def hparams(self, batch: TrainBatch) -> dict:
-        hp = {f.name: getattr(self.loss, f.name) for f in fields(LossConfig) if f.name not in ("kind", "agg")}
-        if hp["loss_scale_factor"] is None:  # Dr.GRPO's C: the batch's padded width, fixed across micro-batches
-            hp["loss_scale_factor"] = float(batch.mask.shape[1])
-        return hp
+    @property
+    def kernel(self) -> Kernel:
+        return KERNELS[self.loss.kernel]
+
+    def loss_config(self, batch: TrainBatch) -> LossConfig:
+        """``trainer.loss`` as every call of this batch gets it."""
+        if self.loss.loss_scale_factor is not None:
+            return self.loss
+        # Dr.GRPO's C: the batch's padded width, fixed across micro-batches
+        return replace(self.loss, loss_scale_factor=float(batch.mask.shape[1]))
 
 
 def _world() -> tuple[int, int]:
@@ -68,14 +75,16 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def output_logp(model: torch.nn.Module, mb: TrainBatch, temperature: float) -> torch.Tensor:
-    """log pi(output token t) [n, T] under ``model`` (fp32, logits / temperature); garbage on padding."""
-    logits = model(input_ids=mb.input_ids).logits  # right padding + causal attention: no mask needed
+def output_logp(model: torch.nn.Module, mb: TrainBatch, temperature: float,
+                chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+    """log pi(output token t) [n, T] under ``model`` (fp32, logits / temperature); garbage on padding.
+
+    ``model`` is a policy from ``trainer/model.py`` (``policy_logprobs`` attached): the logits of
+    output token t are the ones at position P - 1 + t, taken ``chunk_tokens`` tokens at a time.
+    """
     s, t_max = mb.input_ids.shape[1], mb.mask.shape[1]
-    pos = (mb.prompt_lens[:, None] - 1 + torch.arange(t_max, device=logits.device)).clamp(max=s - 2)
-    targets = mb.input_ids.gather(1, pos + 1)
-    picked = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
-    return token_logprobs(picked, targets, temperature)
+    pos = (mb.prompt_lens[:, None] - 1 + torch.arange(t_max, device=mb.input_ids.device)).clamp(max=s - 2)
+    return model.policy_logprobs(mb.input_ids, pos, temperature, chunk_tokens)
 
 
 def minibatches(batch: TrainBatch, n: int) -> list[torch.Tensor]:
@@ -107,7 +116,7 @@ def batch_logp(model: torch.nn.Module, batch: TrainBatch, s: StepSettings, devic
     for rows in minibatches(batch, s.num_minibatches):
         for mb_rows in local_microbatches(rows, s.micro_batch_size):
             idx = mb_rows if mb_rows is not None else rows[:1]  # a dummy pass keeps the collectives aligned
-            lp = output_logp(model, batch.select(idx).to(device), s.temperature)
+            lp = output_logp(model, batch.select(idx).to(device), s.temperature, s.chunk_tokens)
             if mb_rows is not None:
                 out[mb_rows, :lp.shape[1]] = lp.float().cpu()
     return out
@@ -115,7 +124,7 @@ def batch_logp(model: torch.nn.Module, batch: TrainBatch, s: StepSettings, devic
 
 def recompute_prox_logp(policy: Policy, batch: TrainBatch, s: StepSettings) -> torch.Tensor | None:
     """pi_prox for every row this rank will train on, with the weights held at the start of the step."""
-    if not kernel_needs_prox(s.loss.kind):
+    if not s.kernel.needs_prox:
         return None
     return batch_logp(policy.model, batch, s, policy.device)
 
@@ -128,26 +137,21 @@ def reference_logp(reference: torch.nn.Module | None, batch: TrainBatch, s: Step
     return batch_logp(reference, batch, s, device)
 
 
-def compute_batch_advantages(batch: TrainBatch, s: StepSettings) -> torch.Tensor:
-    """Advantages [N, T] per minibatch (whole groups). VCPO's depend on the weights: see train_step."""
-    adv = torch.zeros_like(batch.mask)
-    if s.loss.kind == "vcpo":
-        return adv
-    for rows in minibatches(batch, s.num_minibatches):
-        adv[rows] = kernel_advantages(s.loss.kind, s.estimator, batch.rewards[rows], batch.group_ids[rows],
-                                      batch.mask[rows], oapl_beta=s.loss.oapl_beta, oapl_beta_v=s.loss.oapl_beta_v)
-    return adv
+def minibatch_advantages(policy: Policy, batch: TrainBatch, rows: torch.Tensor, s: StepSettings) -> Advantages:
+    """The kernel's advantages for one minibatch (whole groups), at the weights it starts from."""
+    a = AdvantageInputs(batch.rewards[rows], batch.group_ids[rows], batch.mask[rows], s.estimator,
+                        score_terms=lambda: sequence_score_terms(policy, batch, rows, s))
+    return s.kernel.advantages(a, s.loss.params)
 
 
 def forward_backward(policy: Policy, mb: TrainBatch, advantages: torch.Tensor, prox_logp: torch.Tensor | None,
-                     s: StepSettings, hparams: dict, n_tokens: float, n_seqs: float,
+                     s: StepSettings, loss_cfg: LossConfig, n_tokens: float, n_seqs: float,
                      ref_logp: torch.Tensor | None = None) -> dict:
     """Loss and gradient of one micro-batch (already on the device). Returns the kernel's stats."""
-    logp = output_logp(policy.model, mb, s.temperature)
+    logp = output_logp(policy.model, mb, s.temperature, s.chunk_tokens)
     loss, stats = compute_policy_loss(
-        s.loss.kind, logp=logp, prox_logp=prox_logp, behav_logp=mb.behav_logp, advantages=advantages,
-        mask=mb.mask, agg=s.loss.agg, n_tokens_global=n_tokens, n_seqs_global=n_seqs, ref_logp=ref_logp,
-        **hparams)
+        loss_cfg, logp=logp, prox_logp=prox_logp, behav_logp=mb.behav_logp, advantages=advantages, mask=mb.mask,
+        n_tokens_global=n_tokens, n_seqs_global=n_seqs, ref_logp=ref_logp)
     (loss * policy.world_size).backward()  # FSDP2 averages over ranks; see the module docstring
     return stats
 
@@ -166,8 +170,8 @@ def _reduce_stats(stats: dict) -> dict[str, float]:
     return {k: float(v) for k, v in finalize_stats(out).items()}
 
 
-def vcpo_sequence_terms(policy: Policy, batch: TrainBatch, rows: torch.Tensor,
-                        s: StepSettings) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_score_terms(policy: Policy, batch: TrainBatch, rows: torch.Tensor,
+                         s: StepSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-trajectory (w_i, ||grad sum_t logp_it||^2) for VCPO's baseline, exact, one backward each.
 
     Trajectory k is owned by rank k % world; the others run the same sequence with weight 0, so
@@ -182,12 +186,12 @@ def vcpo_sequence_terms(policy: Policy, batch: TrainBatch, rows: torch.Tensor,
         mine = k % world == rank
         mb = batch.select([j]).to(policy.device)
         policy.optimizer.zero_grad(set_to_none=True)
-        logp = output_logp(policy.model, mb, s.temperature)
+        logp = output_logp(policy.model, mb, s.temperature, s.chunk_tokens)
         score = torch.where(mb.mask > 0, logp.float(), torch.zeros_like(mb.mask)).sum()
         (score * (world if mine else 0.0)).backward()
         g2[k] = sum(float(_local(p.grad).double().pow(2).sum()) for p in params if p.grad is not None)
         if mine:
-            w[k] = float(vcpo_is_weights(logp.detach(), mb.behav_logp, mb.mask, cap=s.loss.vcpo_is_cap)[0][0])
+            w[k] = float(vcpo_is_weights(logp.detach(), mb.behav_logp, mb.mask)[0][0])  # unclipped w
     policy.optimizer.zero_grad(set_to_none=True)
     if world > 1:
         dist.all_reduce(g2)
@@ -200,25 +204,17 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def train_step(policy: Policy, batch: TrainBatch, s: StepSettings, prox_logp: torch.Tensor | None,
-               advantages: torch.Tensor, ref_logp: torch.Tensor | None = None) -> dict[str, float]:
+               ref_logp: torch.Tensor | None = None) -> dict[str, float]:
     """``num_minibatches`` optimizer steps on ``batch``; returns stats averaged over them.
     ``ref_logp`` (from ``reference_logp``) is required when ``kl_coef`` > 0."""
-    hparams = s.hparams(batch)
+    loss_cfg = s.loss_config(batch)
+    advantages = torch.zeros_like(batch.mask)
     per_step: list[dict[str, float]] = []
     for rows in minibatches(batch, s.num_minibatches):
         n_tokens = float(batch.mask[rows].sum())
         n_seqs = float((batch.mask[rows].sum(-1) > 0).sum())
-        lr_scale, extra = 1.0, {}
-        if s.loss.kind == "vcpo":
-            w, g2 = vcpo_sequence_terms(policy, batch, rows, s)
-            advantages = advantages.clone()
-            advantages[rows] = kernel_advantages(
-                "vcpo", s.estimator, batch.rewards[rows], batch.group_ids[rows], batch.mask[rows],
-                vcpo_is_weights=w, grad_sq_norms=g2, vcpo_baseline_weight=s.loss.vcpo_baseline_weight,
-                vcpo_is_cap=s.loss.vcpo_is_cap)
-            scale, ess, _ = vcpo_ess_lr_scale(w, base=s.loss.vcpo_ess_base)
-            lr_scale, extra = float(scale), {"vcpo_lr_scale": float(scale), "vcpo_ess": float(ess),
-                                             "vcpo_grad_sq_norm_mean": float(g2.mean())}
+        adv = minibatch_advantages(policy, batch, rows, s)
+        advantages[rows] = adv.values.to(advantages.device)
         policy.optimizer.zero_grad(set_to_none=True)
         stats: dict = {}
         for mb_rows in local_microbatches(rows, s.micro_batch_size):
@@ -230,19 +226,19 @@ def train_step(policy: Policy, batch: TrainBatch, s: StepSettings, prox_logp: to
             prox = None if prox_logp is None else prox_logp[idx, :t].to(policy.device)
             ref = None if ref_logp is None else ref_logp[idx, :t].to(policy.device)
             mbs = forward_backward(policy, mb.to(policy.device), advantages[idx, :t].to(policy.device), prox, s,
-                                   hparams, n_tokens, n_seqs, ref)
+                                   loss_cfg, n_tokens, n_seqs, ref)
             stats = accumulate_stats(stats, mbs)
         out = _reduce_stats(stats)
         out["grad_norm"] = clip_gradients(policy.model, s.grad_clip)
         base_lrs = [g["lr"] for g in policy.optimizer.param_groups]
         for g in policy.optimizer.param_groups:
-            g["lr"] *= lr_scale
+            g["lr"] *= adv.lr_scale
         out["lr"] = policy.optimizer.param_groups[0]["lr"]
         policy.optimizer.step()
         for g, lr in zip(policy.optimizer.param_groups, base_lrs):
             g["lr"] = lr
         policy.scheduler.step()
-        per_step.append(out | extra | {"tokens": n_tokens, "seqs": n_seqs})
+        per_step.append(out | adv.stats | {"tokens": n_tokens, "seqs": n_seqs})
     return _combine(per_step)
 
 

@@ -20,6 +20,9 @@ Invariants:
   buffer's admission clock always follows the trainer.
 - A member whose torch/CUDA/NCCL cannot share the group with rank 0's (``areal_like.versions``) is
   left out of the plan, logged and counted; one reporting no versions (an older server) is accepted.
+- ``weight_sync.path`` tensor or disk (trainer and engine on one GPU) never forms a group: ``push``
+  hands over to ``trainer.weight_local.push_local``; ``auto`` left unresolved (no ``areal-like run``)
+  is the group path.
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -52,13 +54,13 @@ from areal_like.protocol import (
 from areal_like.transport import Client, TransportTimeout
 from areal_like.versions import RuntimeVersions, local_versions, mismatch
 from trainer.weight_buckets import BucketPipeline, bucket_nbytes, dtype_name, plan_buckets  # noqa: F401 (re-exported)
+from trainer.weight_guard import BROADCAST_SLICE_S, Watchdog, wait_work
+from trainer.weight_local import LocalSender, push_local
 
 log = logging.getLogger("trainer.weight_sync")
 
 STATUS_POLL_S = 0.05  # SyncStatus poll period: a cheap buffer query; sync itself takes far longer
 ROSTER_POLL_S = 0.5  # while waiting for reports: how often to check that pending members are still alive
-BROADCAST_SLICE_S = 1.0  # a stalled broadcast checks every slice whether a member already reported failure
-NCCL_POLL_S = 0.0005  # NCCL completion poll; small next to any bucket's transfer time
 CATCH_UP_POLL_S = 0.5  # after the last step: how often to look whether an evaluating server came back
 CATCH_UP_PUSHES = 3  # after the last step: re-pushes of the final version before giving up on a member
 BUFFER_REQUEST_TIMEOUT_S = 10.0  # the buffer answers control requests in milliseconds when alive
@@ -99,6 +101,10 @@ class WeightBroadcaster:
         self.versions = local_versions()  # what each member's versions are checked against
         self._refused: set[str] = set()  # left out of the last plan: catch_up does not wait for them
         self._unversioned: set[str] = set()  # members reporting no versions, warned about once
+        self.path = cfg.path if cfg.path != "auto" else "distributed"  # `run` resolves auto (launch/placement.py)
+        self._local = LocalSender(self.path) if self.path != "distributed" and rank == 0 else None
+        self._watchdog = Watchdog(self._abort)  # NCCL: bounds a launch that blocks (communicator init)
+        self._deadline = 0.0  # the running push's, for the watchdog
 
     # ------------------------------------------------------------------ rank 0 phases
     def announced_version(self, timeout_s: float) -> int | None:
@@ -150,21 +156,25 @@ class WeightBroadcaster:
 
     def _form_group(self, plan: WeightSyncPlan, key: tuple, deadline: float) -> None:
         self._teardown()
-        # The timeout bounds the rendezvous and every later op of this group (the pg keeps it), so
-        # it is the whole sync budget, not what is left of this one. NCCL gets twice that so our
-        # own deadline (then abort) always fires before NCCL's watchdog, which would end the process.
-        timeout = self.cfg.deadline_s * (2 if plan.backend == "nccl" else 1)
+        # The rendezvous and the connection of the ranks get what is left of this sync's deadline;
+        # every later op of the group (the pg keeps its timeout) gets a whole sync's budget.
         self._pg = init_weight_group(plan.backend, plan.master_addr, plan.master_port, plan.world_size, 0,
-                                     plan.group_name, timeout_s=timeout)
+                                     plan.group_name, timeout_s=self.cfg.deadline_s,
+                                     connect_timeout_s=max(0.5, deadline - time.monotonic()))
         self._group_key = key
+
+    def _abort(self) -> None:
+        """Abort the group's communicator (NCCL: unblocks a call stuck on a dead peer; any thread)."""
+        pg = self._pg
+        if pg is not None and self.backend == "nccl" and hasattr(pg, "abort"):
+            pg.abort()
 
     def _teardown(self) -> None:
         if self._pg is not None:
-            if self.backend == "nccl" and hasattr(self._pg, "abort"):
-                try:  # a communicator with a hung op would block a plain destroy
-                    self._pg.abort()
-                except Exception as e:  # already broken or aborted: destroy below still cleans up
-                    log.debug("abort of the weight group failed: %s", e)
+            try:  # a communicator with a hung op would block a plain destroy
+                self._abort()
+            except Exception as e:  # already broken or aborted: destroy below still cleans up
+                log.debug("abort of the weight group failed: %s", e)
             destroy_weight_group(self._pg)
         self._pg, self._group_key = None, None
 
@@ -185,34 +195,6 @@ class WeightBroadcaster:
             self._form_group(plan, tuple(roster), deadline)
             report.rendezvous_s = time.monotonic() - t0
         return True
-
-    def _wait_in_slices(self, w, deadline: float, version: int) -> None:
-        """gloo: a wait with a timeout raises "timed out" and leaves the op pending (checked on torch 2.13)."""
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("weight-sync deadline passed during the broadcast")
-            try:
-                w.wait(timedelta(seconds=min(BROADCAST_SLICE_S, remaining)))
-                return
-            except RuntimeError as e:
-                if "timed out" not in str(e).lower():
-                    raise  # a peer died: gloo reports the closed connection at once
-            self._raise_if_failed(version)
-
-    def _poll_until_done(self, w, deadline: float, version: int) -> None:
-        """NCCL: a timed-out wait can make the NCCL watchdog tear the process down, so poll instead;
-        on the deadline the caller aborts the communicator (``_teardown``)."""
-        next_check = time.monotonic() + BROADCAST_SLICE_S
-        while not w.is_completed():
-            now = time.monotonic()
-            if now > deadline:
-                raise TimeoutError("weight-sync deadline passed during the broadcast")
-            if now > next_check:
-                self._raise_if_failed(version)
-                next_check = now + BROADCAST_SLICE_S
-            time.sleep(NCCL_POLL_S)
-        w.wait()
 
     def _raise_if_failed(self, version: int) -> None:
         failed = self._failed_members(version)
@@ -248,6 +230,8 @@ class WeightBroadcaster:
     # ------------------------------------------------------------------ the collective
     def push(self, model: torch.nn.Module, version: int) -> SyncReport:
         """Broadcast every parameter to the roster and announce ``version``. Call on all ranks."""
+        if self.path != "distributed":  # trainer and engine share a device: no group (trainer/weight_local.py)
+            return push_local(self, model, version, SyncReport(version=version))
         t_start = time.monotonic()
         deadline = t_start + self.cfg.deadline_s
         report = SyncReport(version=version)
@@ -271,6 +255,7 @@ class WeightBroadcaster:
                 report.error = f"{type(e).__name__}: {e}"
                 log.warning("weight sync v%d: setup failed: %s", version, report.error)
                 self._teardown()
+                report.dropped = list(report.members)  # nobody got this version; the next push re-forms
         flag = [send]
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast_object_list(flag, src=0)
@@ -333,7 +318,9 @@ class WeightBroadcaster:
         """Broadcast the staged buckets, then gather (all ranks) and broadcast (rank 0) the others, each
         as one flattened buffer; bucket i+2 is gathered and packed while bucket i+1 is on the wire."""
         healthy = self.rank == 0 and self._pg is not None
-        self._pipeline.wait = lambda work: self._wait(work, deadline, report.version)
+        self._pipeline.wait = lambda work: wait_work(work, deadline, self.backend,
+                                                     lambda: self._raise_if_failed(report.version))
+        self._deadline = deadline  # the watchdog's, for every step on the group
         t0 = time.monotonic()
         while healthy and self._pipeline.staged:
             healthy = self._guarded(report, lambda: self._pipeline.launch(self._pg))
@@ -355,7 +342,11 @@ class WeightBroadcaster:
     def _guarded(self, report: SyncReport, step) -> bool:
         """Run one broadcast step; on failure (a member died or stalled) the group is unusable: tear it down."""
         try:
-            report.bytes += step() or 0
+            if self.backend == "nccl":  # a launch may block (communicator init): abort it at the deadline
+                with self._watchdog.armed(self._deadline):
+                    report.bytes += step() or 0
+            else:
+                report.bytes += step() or 0
             return True
         except Exception as e:
             self._pipeline.abandon()
@@ -363,14 +354,6 @@ class WeightBroadcaster:
             log.warning("weight sync v%d: broadcast failed: %s", report.version, report.error)
             self._teardown()
             return False
-
-    def _wait(self, work, deadline: float, version: int) -> None:
-        """A receiver that failed (it reported SyncDone(ok=False)) will never post its receive, so while
-        waiting we ask the buffer once per slice and give up early."""
-        if self.backend == "nccl":
-            self._poll_until_done(work, deadline, version)
-        else:
-            self._wait_in_slices(work, deadline, version)
 
     def _announce(self, version: int, report: SyncReport) -> None:
         try:
@@ -384,6 +367,8 @@ class WeightBroadcaster:
 
     def close(self) -> None:
         self._teardown()
+        if self._local is not None:
+            self._local.close()
         self._pipeline.release()
         if self.client is not None:
             self.client.close()

@@ -26,6 +26,7 @@ from aiohttp import web
 from rollout_server.engine.api import ApiError, build_output, parse_generate, validation_error
 from rollout_server.engine.metrics import CONTENT_TYPE
 from rollout_server.engine.scheduler import Request
+from rollout_server.engine.weights_tensor import update_from_tensor
 
 PAUSE_ABORT_POLL_S = 1.0  # re-send abort-all while requests are still in flight (SGLang does the same)
 HEALTH_TIMEOUT_S = 20.0  # SGLang's HEALTH_CHECK_TIMEOUT: a 1-token generation must finish by then
@@ -149,7 +150,8 @@ class EngineHttp:
                               ("/destroy_weights_update_group", self.destroy_group),
                               ("/begin_weight_update", self.begin_update), ("/end_weight_update", self.end_update),
                               ("/update_weights_from_distributed", self.update_distributed),
-                              ("/update_weights_from_disk", self.update_disk)]:
+                              ("/update_weights_from_disk", self.update_disk),
+                              ("/update_weights_from_tensor", self.update_tensor)]:
             r.add_post(path, handler)
         return app
 
@@ -355,6 +357,13 @@ class EngineHttp:
         args = (f["model_path"], f["weight_version"], f["flush_cache"])
         ok, msg = await self._weight_load("disk", self.e.weights.update_from_disk, args, f)
         return _ok_or_400(ok, msg, num_paused_requests=0)
+
+    async def update_tensor(self, request: web.Request) -> web.Response:
+        f = _fields(await _body(request), {
+            "serialized_named_tensors": (list, REQUIRED), "load_format": (str, None), "flush_cache": (bool, True),
+            "abort_all_requests": (bool, False), "weight_version": (str, None), "torch_empty_cache": (bool, False)})
+        args = (self.e.weights, f["serialized_named_tensors"], f["load_format"], f["weight_version"], f["flush_cache"])
+        return _ok_or_400(*await self._weight_load("tensor", update_from_tensor, args, f))
 
     async def _weight_load(self, source: str, fn, args: tuple, f: dict) -> tuple[bool, str]:
         if f["abort_all_requests"]:

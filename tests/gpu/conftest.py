@@ -2,13 +2,20 @@
 
 The default run deselects them (``-m 'not gpu'`` in pyproject); ``pytest -m gpu`` runs them
 where a GPU exists and reports them as skipped (not failed, not errored) where none does.
+
+``figure(name, value, unit)``: a measured figure of a test (tokens/s, seconds), printed and
+recorded as the junit property ``figure:<name>`` = ``"<value> <unit>"``, which
+``tests/gpu/kit.py`` collects into ``tests/gpu/RESULTS.md``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+FIGURE_PREFIX = "figure:"  # tests/gpu/kit.py reads the junit properties with this prefix
 
 _HERE = Path(__file__).resolve().parent
 
@@ -32,3 +39,12 @@ def pytest_collection_modifyitems(config, items):
             has_cuda = _cuda_available()
         if not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is false)"))
+
+
+@pytest.fixture
+def figure(record_property) -> Callable[[str, float, str], None]:
+    def record(name: str, value: float, unit: str) -> None:
+        print(f"FIGURE {name} = {value:.4g} {unit}", flush=True)
+        record_property(FIGURE_PREFIX + name, f"{value:.4g} {unit}")
+
+    return record

@@ -23,7 +23,7 @@ from test_trainer_invariance import synthetic_groups
 from areal_like.config import load_config
 from trainer.data import groups_to_batch
 from trainer.model import build_policy, full_state_dict, init_distributed
-from trainer.step import StepSettings, compute_batch_advantages, recompute_prox_logp, train_step
+from trainer.step import StepSettings, recompute_prox_logp, train_step
 
 batch = groups_to_batch(synthetic_groups())
 out = {}
@@ -33,7 +33,7 @@ for dtype in ("float32", "bfloat16"):
     policy = build_policy(cfg.model, cfg.trainer)
     before = full_state_dict(policy.model)
     s = StepSettings.from_config(cfg)
-    stats = train_step(policy, batch, s, recompute_prox_logp(policy, batch, s), compute_batch_advantages(batch, s))
+    stats = train_step(policy, batch, s, recompute_prox_logp(policy, batch, s))
     after = full_state_dict(policy.model)
     out[dtype] = {"loss": stats["loss"], "grad_norm": stats["grad_norm"],
                   "param_dtypes": sorted({str(p.dtype) for p in policy.model.parameters()}),

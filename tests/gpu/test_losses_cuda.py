@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from areal_like.config import LOSS_KINDS
+from areal_like.config import LOSS_KINDS, LossConfig
+from areal_like.loss_schema import MISConfig
 from trainer.logprobs import CHUNK_BYTES, token_logprobs
 from trainer.losses import compute_policy_loss
 
@@ -31,9 +32,9 @@ def test_cuda_matches_cpu(kind):
     for device in ("cpu", "cuda"):
         b = _batch(device)
         lp = b["logp"].clone().requires_grad_(True)
-        loss, stats = compute_policy_loss(kind, logp=lp, prox_logp=b["prox"], behav_logp=b["behav"],
-                                          advantages=b["adv"], mask=b["mask"], agg="seq-mean-token-mean",
-                                          dual_clip=3.0, mis_high=5.0)
+        cfg = LossConfig(kernel=kind, agg="seq-mean-token-mean", dual_clip=3.0, mis=MISConfig(high=5.0))
+        loss, stats = compute_policy_loss(cfg, logp=lp, prox_logp=b["prox"], behav_logp=b["behav"],
+                                          advantages=b["adv"], mask=b["mask"])
         loss.backward()
         assert all(v.device.type == device for v in stats.values())
         results.append((loss.detach().cpu(), lp.grad.cpu(), {k: v.cpu() for k, v in stats.items()}))

@@ -131,11 +131,10 @@ def test_kill9_mid_stream_loses_and_duplicates_nothing(tmp_run_dir, spawn_python
             np.testing.assert_array_equal(got.behav_logp, want.behav_logp)
 
     assert spawn_python.cleanup() is None  # SIGTERM: graceful stop, WAL closed
-    from buffer.recovery import recover
     from buffer.service import BufferService
 
     svc = BufferService(cfg)
-    recover(svc)
+    svc.recover()
     ledger = svc.ledger
     assert ledger.epoch == 0
     prompts = [g.prompt_index for g in batch.groups] + [x.prompt_index for x in ledger.leases.values()] \
@@ -149,7 +148,7 @@ def test_kill9_mid_stream_loses_and_duplicates_nothing(tmp_run_dir, spawn_python
     with open(newest, "ab") as f:
         f.write((1000).to_bytes(4, "little") + b"\x00\x00\x00\x00" + b"torn")
     svc = BufferService(cfg)
-    recover(svc)
+    svc.recover()
     assert svc.wal.corrupt_records == 1 and svc.ledger.next_index == ledger.next_index
     svc.wal.close()
 

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 
 
 def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "areal_like.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 

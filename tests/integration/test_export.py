@@ -38,7 +38,7 @@ def worker(out_dir: Path) -> None:
     from trainer.data import groups_to_batch
     from trainer.export import export_hf
     from trainer.model import build_policy, full_state_dict, init_distributed
-    from trainer.step import StepSettings, compute_batch_advantages, recompute_prox_logp, train_step
+    from trainer.step import StepSettings, recompute_prox_logp, train_step
 
     results = {}
     for tied in (False, True):
@@ -49,7 +49,7 @@ def worker(out_dir: Path) -> None:
         policy = build_policy(cfg.model, cfg.trainer)
         s = StepSettings.from_config(cfg)
         batch = groups_to_batch(synthetic_groups())
-        train_step(policy, batch, s, recompute_prox_logp(policy, batch, s), compute_batch_advantages(batch, s))
+        train_step(policy, batch, s, recompute_prox_logp(policy, batch, s))
         with torch.no_grad():
             logits = policy.model(input_ids=torch.tensor(PROBE)).logits  # all ranks: FSDP2 all-gathers
         tok = load_tokenizer(cfg.model)
@@ -152,7 +152,7 @@ def test_in_run_export_and_cli_export_of_the_checkpoint_agree(tmp_path, spawn_py
 
     address = f"tcp://127.0.0.1:{free_port()}"
     cfg = load_config([f"run_dir={tmp_path}", f"buffer.address={address}", "trainer.steps=3",
-                       "trainer.checkpoint_every=1", "export.every=2", f"export.shard_mb={SHARD_MB}",
+                       "trainer.checkpoint_every=2", "export.every=2", f"export.shard_mb={SHARD_MB}",
                        "trainer.loss.kl_coef=0.05", "trainer.lr=1e-3", "trainer.micro_batch_size=4",
                        "trainer.batch_wait_s=1"])
     (tmp_path / "config.yaml").write_text(to_yaml(cfg))
@@ -171,11 +171,15 @@ def test_in_run_export_and_cli_export_of_the_checkpoint_agree(tmp_path, spawn_py
         (2, str(exports / "v00000002")), (3, str(exports / "v00000003"))]
     steps = {r["step"]: r for r in rows if "step" in r}
     assert steps[1]["stats"]["kl_ref"] == 0.0 and steps[3]["stats"]["kl_ref"] > 0  # reference = initial weights
-    assert "export" in steps[2]["phase_seconds"] and "export" not in steps[1]["phase_seconds"]
-    assert "ref_logp" in steps[1]["phase_seconds"]
+    # a step's record holds that step's phases only: step 2 checkpoints and exports, 1 and 3 do neither
+    # (3's export and checkpoint come after its record, at the end), and the setup's guard is no step's
+    assert {"checkpoint", "export", "ref_logp", "train_step"} <= set(steps[2]["phase_seconds"])
+    for k in (1, 3):
+        assert not {"checkpoint", "export", "logprob_guard"} & set(steps[k]["phase_seconds"]), steps[k]
+        assert steps[k]["phase_seconds"]["fetch_batch"] == steps[k]["data_wait_seconds"]
 
     ckpt, out = tmp_path / "checkpoints" / "v00000002", tmp_path / "offline_v2"
-    cli = spawn_python("areal_like.cli", ["export", ckpt, out])  # config: <run_dir>/config.yaml by default
+    cli = spawn_python("launch.cli", ["export", ckpt, out])  # config: <run_dir>/config.yaml by default
     stdout, stderr = cli.communicate(timeout=TIMEOUT_S)
     assert cli.returncode == 0, stderr
     assert json.loads(stdout.strip().splitlines()[-1])["out"] == str(out.resolve())
@@ -192,11 +196,11 @@ def test_in_run_export_and_cli_export_of_the_checkpoint_agree(tmp_path, spawn_py
     final = _tensors(exports / "v00000003")  # and the update between them shows: v3 differs from v2
     assert any(not torch.equal(final[f][n], t) for f, ts in online.items() for n, t in ts.items())
 
-    again = spawn_python("areal_like.cli", ["export", ckpt, out])
+    again = spawn_python("launch.cli", ["export", ckpt, out])
     assert again.communicate(timeout=TIMEOUT_S)[1].strip().endswith("choose a new directory (an export never "
                                                                     "overwrites one)")
     assert again.returncode == 2
-    wrong = spawn_python("areal_like.cli", ["export", tmp_path / "metrics", tmp_path / "x"])
+    wrong = spawn_python("launch.cli", ["export", tmp_path / "metrics", tmp_path / "x"])
     assert "neither a trainer checkpoint nor a directory of them" in wrong.communicate(timeout=TIMEOUT_S)[1]
     assert wrong.returncode == 2 and not (tmp_path / "x").exists()
 

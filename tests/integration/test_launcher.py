@@ -215,7 +215,7 @@ def test_quiet_run_prints_why_the_job_failed(tmp_path):
     """`areal-like run -q` with a buffer that cannot create its WAL (a file where its directory
     should be): the job fails at start, and stderr says why, although -q hides daemon logs."""
     (tmp_path / "afile").write_text("")
-    r = subprocess.run([sys.executable, "-m", "areal_like.cli", "run", "-q", f"run_dir={tmp_path / 'run'}",
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "run", "-q", f"run_dir={tmp_path / 'run'}",
                         "warm_start.steps=0", f"buffer.wal_dir={tmp_path / 'afile' / 'wal'}", "launch.restarts=0"],
                        capture_output=True, text=True, timeout=180, cwd=tmp_path, env={**os.environ,
                                                                                       "PYTHONPATH": str(ROOT)})

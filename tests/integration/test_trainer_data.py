@@ -2,7 +2,7 @@
 
 - ``groups_to_batch`` right-pads prompt + output and aligns the output-token arrays;
 - ``output_logp`` reads the logits at position P - 1 + t for output token t (checked against a
-  fake model whose logits are a known function of the input token);
+  stand-in model whose logits are a known function of the input token, through the chunked lm_head);
 - ``BatchSource`` retries empty batches, returns a batch, stops on request, and raises a clear
   ``BufferUnavailable`` when nothing answers for ``buffer_timeout_s``.
 """
@@ -18,6 +18,7 @@ import torch
 
 from areal_like import protocol as P
 from trainer.data import BatchSource, BufferUnavailable, groups_to_batch
+from trainer.model import attach_logprobs
 from trainer.step import output_logp
 
 
@@ -45,11 +46,21 @@ def test_output_logp_reads_the_logits_that_predict_each_output_token():
     vocab = 11
     table = torch.randn(vocab, vocab)  # logits at a position = table[token at that position]
 
-    def fake_model(input_ids):
-        return SimpleNamespace(logits=table[input_ids])
+    class TableModel(torch.nn.Module):  # hidden state = one-hot of the token; lm_head = table^T
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(vocab, vocab, bias=False)
+            self.head.weight.data = table.t().contiguous()
+
+        def get_decoder(self):
+            return lambda input_ids: SimpleNamespace(
+                last_hidden_state=torch.nn.functional.one_hot(input_ids, vocab).float())
+
+        def get_output_embeddings(self):
+            return self.head
 
     b = groups_to_batch([_group(0, [([1, 5], [7, 8, 9]), ([3], [6, 2])])])
-    got = output_logp(fake_model, b, temperature=0.7)
+    got = output_logp(attach_logprobs(TableModel()), b, temperature=0.7, chunk_tokens=2)
     for i, (p, o) in enumerate([([1, 5], [7, 8, 9]), ([3], [6, 2])]):
         seq = p + o
         for t, tok in enumerate(o):

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 
 CASES = [  # (name, overrides); every case runs with micro-batch sizes 1, 2, 4 on 1 rank and 2 on 2 ranks
-    ("decoupled_ppo", ["trainer.loss.kind=decoupled_ppo", "trainer.loss.agg=token-mean"]),
-    ("grpo_seqmean_2mb", ["trainer.loss.kind=ppo", "trainer.loss.agg=seq-mean-token-mean",
+    ("decoupled_ppo", ["trainer.loss.kernel=decoupled_ppo", "trainer.loss.agg=token-mean"]),
+    ("grpo_seqmean_2mb", ["trainer.loss.kernel=ppo", "trainer.loss.agg=seq-mean-token-mean",
                           "trainer.num_minibatches=2"]),
-    ("drgrpo_tokensum_norm", ["trainer.loss.kind=ppo", "trainer.estimator=drgrpo",
+    ("drgrpo_tokensum_norm", ["trainer.loss.kernel=ppo", "trainer.estimator=drgrpo",
                               "trainer.loss.agg=seq-mean-token-sum-norm"]),  # C = the batch's padded width
-    ("vcpo", ["trainer.loss.kind=vcpo", "trainer.loss.agg=seq-mean-token-mean"]),
+    ("vcpo", ["trainer.loss.kernel=vcpo", "trainer.loss.agg=seq-mean-token-mean"]),
 ]
 MICRO_BATCH_SIZES = (1, 2, 4)
 WORKER_TIMEOUT_S = 240  # two cold torch+transformers imports on a loaded 2-core machine, plus the steps
@@ -55,7 +55,7 @@ def worker(out: str, mbs_list: list[int]) -> None:
     from areal_like.config import load_config
     from trainer.data import groups_to_batch
     from trainer.model import build_policy, full_state_dict, init_distributed
-    from trainer.step import StepSettings, compute_batch_advantages, recompute_prox_logp, train_step
+    from trainer.step import StepSettings, recompute_prox_logp, train_step
 
     batch = groups_to_batch(synthetic_groups())
     results = {}
@@ -67,8 +67,7 @@ def worker(out: str, mbs_list: list[int]) -> None:
             policy = build_policy(cfg.model, cfg.trainer, adam_eps=1e-3)
             results.setdefault("init", full_state_dict(policy.model))
             s = StepSettings.from_config(cfg)
-            stats = train_step(policy, batch, s, recompute_prox_logp(policy, batch, s),
-                               compute_batch_advantages(batch, s))
+            stats = train_step(policy, batch, s, recompute_prox_logp(policy, batch, s))
             results[(name, mbs)] = {"loss": stats["loss"], "grad_norm": stats["grad_norm"],
                                     "state": full_state_dict(policy.model)}
     if rank == 0:

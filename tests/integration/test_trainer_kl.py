@@ -36,7 +36,7 @@ def worker(out_dir: Path) -> None:
     from trainer.data import groups_to_batch
     from trainer.export import export_hf
     from trainer.model import build_policy, build_reference, full_state_dict, init_distributed
-    from trainer.step import StepSettings, compute_batch_advantages, recompute_prox_logp, reference_logp, train_step
+    from trainer.step import StepSettings, recompute_prox_logp, reference_logp, train_step
 
     if not out_dir.is_dir():
         raise SystemExit(f"{out_dir} is not a directory")
@@ -50,7 +50,7 @@ def worker(out_dir: Path) -> None:
     batch = groups_to_batch(synthetic_groups())
 
     def step(ref_model):
-        return train_step(policy, batch, s, recompute_prox_logp(policy, batch, s), compute_batch_advantages(batch, s),
+        return train_step(policy, batch, s, recompute_prox_logp(policy, batch, s),
                           reference_logp(ref_model, batch, s, policy.device))
 
     res = {"step0": step(reference), "step1": step(reference),

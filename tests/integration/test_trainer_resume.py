@@ -127,7 +127,7 @@ def test_kill9_and_resume_restores_version_weights_and_optimizer(tmp_path, spawn
         from areal_like.metrics import scrape
 
         series = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
-        for phase in ("fetch_batch", "recompute_prox", "advantages", "train_step", "weight_sync", "checkpoint"):
+        for phase in ("fetch_batch", "recompute_prox", "train_step", "weight_sync", "checkpoint"):
             assert f'areal_trainer_phase_seconds{{phase="{phase}"}}' in series, sorted(series)
         assert series["areal_trainer_policy_version"] >= version + 1
         assert "areal_trainer_grad_norm" in series and "areal_trainer_weight_sync_seconds" in series

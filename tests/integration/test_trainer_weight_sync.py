@@ -76,7 +76,7 @@ def trainer_role(cfg_path: str, out_dir: str) -> None:
     from areal_like.transport import Client
     from trainer.data import groups_to_batch
     from trainer.model import build_policy, full_state_dict, init_distributed
-    from trainer.step import StepSettings, compute_batch_advantages, output_logp, recompute_prox_logp, train_step
+    from trainer.step import StepSettings, output_logp, recompute_prox_logp, train_step
     from trainer.weight_sync import WeightBroadcaster
 
     cfg = load_daemon_config(["--config-file", cfg_path])
@@ -96,7 +96,7 @@ def trainer_role(cfg_path: str, out_dir: str) -> None:
 
     for version, members in ((1, 2), (2, 2), (3, 1)):
         wait_roster(members)
-        train_step(policy, batch, s, recompute_prox_logp(policy, batch, s), compute_batch_advantages(batch, s))
+        train_step(policy, batch, s, recompute_prox_logp(policy, batch, s))
         rep = wb.push(policy.model, version)
         sha = weights_sha(full_state_dict(policy.model).items())
         if rank == 0:

@@ -10,13 +10,17 @@ import pytest
 import torch
 
 from areal_like.config import ESTIMATORS
+from areal_like.loss_schema import OAPLConfig, VCPOConfig
 from trainer.advantages import (
+    AdvantageInputs,
     compute_advantages,
+    estimator_advantages,
     group_index,
-    kernel_advantages,
+    oapl_advantages,
     oapl_targets,
     vcpo_advantages,
     vcpo_ess_lr_scale,
+    vcpo_step_advantages,
     vcpo_two_buffer_gradient,
 )
 
@@ -142,12 +146,16 @@ def test_oapl_targets_vector_and_stability():
     close(big[2], 0.0)  # a singleton group's soft value is its own reward
 
 
-def test_kernel_advantages_dispatch():
-    oapl = kernel_advantages("oapl", "grpo", REWARDS, GROUPS, MASK, oapl_beta=2.0, oapl_beta_v=None)
-    close(oapl, oapl_targets(REWARDS, GROUPS, beta_v=2.0)[:, None] * MASK)
-    close(kernel_advantages("ppo", "rloo", REWARDS, GROUPS, MASK), compute_advantages("rloo", REWARDS, GROUPS, MASK))
-    w, g2 = torch.ones(8), torch.ones(8)
-    vcpo = kernel_advantages("vcpo", "grpo", REWARDS, GROUPS, MASK, vcpo_is_weights=w, grad_sq_norms=g2)
-    close(vcpo, vcpo_advantages(REWARDS, w, g2, GROUPS)[:, None] * MASK)
-    with pytest.raises(ValueError, match="grad_sq_norms"):
-        kernel_advantages("vcpo", "grpo", REWARDS, GROUPS, MASK)
+def test_kernel_advantage_rules():
+    inputs = AdvantageInputs(REWARDS, GROUPS, MASK, "rloo")
+    oapl = oapl_advantages(inputs, OAPLConfig(beta=2.0, beta_v=None))
+    close(oapl.values, oapl_targets(REWARDS, GROUPS, beta_v=2.0)[:, None] * MASK)
+    close(estimator_advantages(inputs).values, compute_advantages("rloo", REWARDS, GROUPS, MASK))
+    w, g2 = torch.full((8,), 0.5), torch.ones(8)
+    vcpo = vcpo_step_advantages(AdvantageInputs(REWARDS, GROUPS, MASK, "grpo", score_terms=lambda: (w, g2)),
+                                VCPOConfig())
+    close(vcpo.values, vcpo_advantages(REWARDS, w, g2, GROUPS)[:, None] * MASK)
+    # uniform weights: ESS = B, so the step keeps its learning rate
+    assert vcpo.lr_scale == 1.0 and vcpo.stats["vcpo_ess"] == pytest.approx(8.0)
+    with pytest.raises(ValueError, match="score terms"):
+        vcpo_step_advantages(inputs, VCPOConfig())

@@ -8,19 +8,19 @@ import sys
 
 import pytest
 
-from areal_like.cli import main, split_torchrun_args
 from areal_like.distributed import free_port
 from areal_like.metrics import Metrics, MetricsServer
 from areal_like.top import figure, render, status
+from launch.cli import main, split_torchrun_args
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "areal_like.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 
 def test_help_is_fast_and_imports_nothing_heavy():
-    code = ("import sys\nfrom areal_like.cli import main\n"
+    code = ("import sys\nfrom launch.cli import main\n"
             "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
             "heavy = [m for m in ('torch', 'transformers', 'hydra', 'buffer', 'trainer', 'rollout_server') "
             "if m in sys.modules]\nassert not heavy, heavy\n")
@@ -108,7 +108,7 @@ def test_top_figures_values_rates_and_histogram_means():
 
 def test_daemon_commands_pass_every_argument_through(monkeypatch):
     calls = []
-    monkeypatch.setattr("areal_like.cli.os.execv", lambda exe, argv: calls.append(argv))
+    monkeypatch.setattr("launch.cli.os.execv", lambda exe, argv: calls.append(argv))
     main(["rollout", "--config-file", "run/config.yaml", "rollout.server_id=a"])
     main(["buffer", "buffer.metrics_port=9100"])
     main(["train", "--nproc-per-node", "2", "--config-file", "run/config.yaml", "trainer.steps=3"])
@@ -120,11 +120,11 @@ def test_daemon_commands_pass_every_argument_through(monkeypatch):
 
 def test_export_runs_trainer_export_by_module_name_and_its_help_is_light(monkeypatch):
     calls = []
-    monkeypatch.setattr("areal_like.cli.os.execv", lambda exe, argv: calls.append(argv))
+    monkeypatch.setattr("launch.cli.os.execv", lambda exe, argv: calls.append(argv))
     main(["export", "runs/x/checkpoints/v00000012", "out", "--config-file", "runs/x/config.yaml", "--shard-mb", "5"])
     assert calls == [[sys.executable, "-m", "trainer.export", "runs/x/checkpoints/v00000012", "out", "--config-file",
                       "runs/x/config.yaml", "--shard-mb", "5"]]
-    code = ("import sys\nfrom areal_like.cli import main\n"
+    code = ("import sys\nfrom launch.cli import main\n"
             "try:\n    main(['export', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
             "assert not [m for m in ('torch', 'trainer') if m in sys.modules]\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

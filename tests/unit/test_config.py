@@ -46,8 +46,9 @@ def test_every_yaml_composes_and_validates(group, option, tmp_path, monkeypatch)
 
 def test_group_files_feed_the_typed_config():
     cfg = load_config(["model=small", "loss=tis", "task=sort"])
-    assert cfg.model.hidden_size == 384 and cfg.trainer.loss.kind == "tis" and cfg.task.name == "sort"
-    assert cfg.trainer.loss.tis_cap == 2.0
+    assert cfg.model.hidden_size == 384 and cfg.trainer.loss.kernel == "tis" and cfg.task.name == "sort"
+    assert cfg.trainer.loss.tis.cap == 2.0 and cfg.trainer.loss.params is cfg.trainer.loss.tis
+    assert load_config(["trainer.loss.kernel=ppo"]).trainer.loss.params is None  # ppo has only the shared knobs
     assert cfg.rollout.buffer_address == cfg.buffer.address  # interpolation resolved
     assert cfg.trainer.groups_per_step == cfg.buffer.groups_per_step
 
@@ -73,8 +74,10 @@ def test_type_error_names_key_and_reason():
 
 
 def test_bad_choice_lists_allowed_values():
-    msg = error_of(["trainer.loss.kind=xyz"])
-    assert "trainer.loss.kind" in msg and all(repr(k) in msg for k in C.LOSS_KINDS)
+    msg = error_of(["trainer.loss.kernel=xyz"])
+    assert "trainer.loss.kernel" in msg and all(repr(k) in msg for k in C.LOSS_KINDS)
+    assert "trainer.loss.tis.level" in error_of(["loss=tis", "trainer.loss.tis.level=word"])
+    assert "trainer.loss.icepop.low" in error_of(["trainer.loss.icepop.low=6"])  # above icepop.high (5)
     msg = error_of(["buffer.fsync=sometimes"])
     assert "buffer.fsync" in msg and "'always'" in msg and "'never'" in msg
 
@@ -96,8 +99,21 @@ def test_range_and_cross_field_rules():
     assert "buffer.max_staleness" in error_of(["buffer.max_staleness=-1"])
     assert "buffer.capacity" in error_of(["buffer.capacity=2", "buffer.groups_per_step=4"])
     assert "trainer.loss.agg" in error_of(["loss=vcpo", "trainer.loss.agg=token-mean"])
+    assert "trainer.loss.agg" in error_of(["loss=gspo", "trainer.loss.agg=seq-mean-token-sum"])
     assert "model.num_attention_heads" in error_of(["model.num_key_value_heads=3"])
     assert "task.top_p" in error_of(["task.top_p=0"])
+
+
+def test_flat_loss_keys_of_earlier_versions_name_their_new_key(tmp_path, monkeypatch):
+    assert "use trainer.loss.kernel" in error_of(["trainer.loss.kind=tis"])
+    assert "use trainer.loss.decoupled_ppo.cap" in error_of(["trainer.loss.behav_cap=3"])
+    old = tmp_path / "configs"  # a config tree of its own with an old-style loss file
+    (old / "loss").mkdir(parents=True)
+    (old / "config.yaml").write_text("defaults:\n  - areal_like_schema\n  - loss: mine\n  - _self_\n")
+    (old / "loss" / "mine.yaml").write_text("# @package trainer.loss\nkernel: vcpo\nvcpo_is_cap: 4.0\n")
+    monkeypatch.setenv("AREAL_LIKE_CONFIG_DIR", str(old))
+    msg = error_of([])
+    assert "trainer.loss.vcpo_is_cap" in msg and "use trainer.loss.vcpo.cap" in msg
 
 
 def test_mandatory_values_must_be_supplied(tmp_path):
@@ -118,7 +134,7 @@ def test_daemon_config_round_trip(tmp_path):
     extra = ["rollout.server_id=rollout-0", "rollout.metrics_port=9101", "buffer.max_staleness=2"]
     daemon_cfg = load_daemon_config(["--config-file", str(path), *extra])
     assert daemon_cfg.rollout.server_id == "rollout-0" and daemon_cfg.rollout.metrics_port == 9101
-    assert daemon_cfg.trainer.lr == 3e-4 and daemon_cfg.trainer.loss.kind == "gspo"
+    assert daemon_cfg.trainer.lr == 3e-4 and daemon_cfg.trainer.loss.kernel == "gspo"
     same = load_config(["trainer.lr=3e-4", "loss=gspo", f"run_dir={tmp_path}", *extra])
     assert to_yaml(daemon_cfg) == to_yaml(same)
     assert to_yaml(load_daemon_config(["--config-file", str(path)])) == path.read_text()
@@ -130,7 +146,8 @@ def test_daemon_config_errors_name_the_key(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(to_yaml(load_config([])))
     for override, key in (("trainer.lr=abc", "trainer.lr"), ("trainer.nope=1", "trainer.nope"),
-                          ("trainer.loss.kind=xyz", "trainer.loss.kind")):
+                          ("trainer.loss.kernel=xyz", "trainer.loss.kernel"),
+                          ("trainer.loss.tis_cap=3", "trainer.loss.tis.cap")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_daemon_config(["--config-file", str(path), override])
     with pytest.raises(ConfigError, match="does not exist"):

@@ -11,7 +11,6 @@ import numpy as np
 
 from areal_like import protocol as P
 from areal_like.config import BufferConfig, RunConfig, TaskConfig
-from buffer.recovery import recover
 from buffer.service import BufferService
 
 
@@ -33,7 +32,7 @@ def _start(tmp_path) -> BufferService:
     cfg = RunConfig(run_dir=str(tmp_path), task=TaskConfig(num_prompts=100), buffer=BufferConfig(
         max_staleness=1, groups_per_step=2, max_inflight=16, capacity=64))
     svc = BufferService(cfg)
-    recover(svc)
+    svc.recover()
     svc.server, svc.publisher = _FakeServer(), _FakeServer()
     return svc
 
@@ -41,11 +40,9 @@ def _start(tmp_path) -> BufferService:
 def _step(svc: BufferService, msg: P.Message) -> P.Message:
     frame = P.encode(msg)
     svc.handle(b"peer", b"req", P.decode(frame), frame)
-    svc._expire()
-    svc._serve_batches()
-    svc._persist_and_reply()
+    svc.settle()
     svc.wal.wait_durable()
-    svc._send_durable_replies()
+    svc.send_durable()
     return svc.server.sent[-1]
 
 
@@ -71,17 +68,17 @@ def test_in_transit_then_ack_marks_consumed(tmp_path):
     ids = _fill(svc, 4)
     first = _ask(svc)
     assert first.batch_id and [g.group_id for g in first.groups] == ids[:2]
-    assert (len(svc.store), svc._in_transit_groups(), svc.counts["groups_consumed"]) == (2, 2, 0)
+    assert (len(svc.store), svc.handout.in_transit_groups(), svc.instruments.counts["groups_consumed"]) == (2, 2, 0)
     second = _ask(svc, ack=first.batch_id)  # acks the first, takes the next two
     assert [g.group_id for g in second.groups] == ids[2:] and second.batch_id != first.batch_id
-    assert (len(svc.store), svc._in_transit_groups(), svc.counts["groups_consumed"]) == (0, 2, 2)
-    assert svc.counts["batches_redelivered"] == 0
+    assert (len(svc.store), svc.handout.in_transit_groups(), svc.instruments.counts["groups_consumed"]) == (0, 2, 2)
+    assert svc.instruments.counts["batches_redelivered"] == 0
     empty = _ask(svc, ack=second.batch_id)
-    assert empty.groups == [] and empty.batch_id == "" and svc.counts["groups_consumed"] == 4
-    assert svc.in_transit is None and svc.state()["in_transit"] is None
+    assert empty.groups == [] and empty.batch_id == "" and svc.instruments.counts["groups_consumed"] == 4
+    assert svc.handout.in_transit is None and svc.state()["in_transit"] is None
     svc.wal.close()
     restarted = _start(tmp_path)  # the WAL agrees: everything consumed
-    assert len(restarted.store) == 0 and restarted.in_transit is None
+    assert len(restarted.store) == 0 and restarted.handout.in_transit is None
     restarted.wal.close()
 
 
@@ -92,12 +89,12 @@ def test_a_request_without_the_ack_puts_the_batch_back(tmp_path):
     assert len(lost.groups) == 2 and len(svc.store) == 0
     again = _ask(svc)  # a restarted trainer acks nothing: the batch never arrived
     assert sorted(g.group_id for g in again.groups) == sorted(ids) and again.batch_id != lost.batch_id
-    assert svc.counts["batches_redelivered"] == 1 and svc.counts["groups_redelivered"] == 2
+    assert svc.instruments.counts["batches_redelivered"] == 1 and svc.instruments.counts["groups_redelivered"] == 2
     stale_ack = _ask(svc, ack=lost.batch_id)  # an older id: the reply to `again` was lost too
     assert sorted(g.group_id for g in stale_ack.groups) == sorted(ids)
-    assert svc.counts["batches_redelivered"] == 2 and svc.counts["groups_consumed"] == 0
+    assert svc.instruments.counts["batches_redelivered"] == 2 and svc.instruments.counts["groups_consumed"] == 0
     _ask(svc, ack=stale_ack.batch_id)
-    assert svc.counts["groups_consumed"] == 2 and len(svc.store) == 0
+    assert svc.instruments.counts["groups_consumed"] == 2 and len(svc.store) == 0
     svc.wal.close()
 
 
@@ -107,7 +104,7 @@ def test_returned_groups_are_checked_for_staleness_again(tmp_path):
     assert len(_ask(svc).groups) == 2
     _step(svc, P.VersionUpdate(policy_version=2))  # eta = 1: head version 0 is stale at 2
     batch = _step(svc, P.BatchRequest(n_groups=2, trainer_version=2, wait_s=0.0))
-    assert batch.groups == [] and svc.counts["groups_dropped_stale"] == 2 and svc.counts["groups_redelivered"] == 2
+    assert batch.groups == [] and svc.instruments.counts["groups_dropped_stale"] == 2 and svc.instruments.counts["groups_redelivered"] == 2
     svc.wal.close()
 
 
@@ -118,17 +115,17 @@ def test_wal_replay_restores_the_batch_in_transit(tmp_path):
     svc.wal.close()  # a crash after the hand-out: the WAL alone survives
 
     received = _start(tmp_path)  # the trainer got it: its ack consumes it, no double training
-    assert received.in_transit is not None and received.in_transit.batch_id == first.batch_id
-    assert (len(received.store), received._in_transit_groups()) == (2, 2)
+    assert received.handout.in_transit is not None and received.handout.in_transit.batch_id == first.batch_id
+    assert (len(received.store), received.handout.in_transit_groups()) == (2, 2)
     nxt = _ask(received, ack=first.batch_id)
-    assert [g.group_id for g in nxt.groups] == ids[2:] and received.counts["groups_consumed"] == 2
+    assert [g.group_id for g in nxt.groups] == ids[2:] and received.instruments.counts["groups_consumed"] == 2
     received.wal.close()
 
     svc = _start(tmp_path)  # restart again with `nxt` in transit; this time the trainer never got it
-    assert svc.in_transit.batch_id == nxt.batch_id
+    assert svc.handout.in_transit.batch_id == nxt.batch_id
     again = _ask(svc)
     assert sorted(g.group_id for g in again.groups) == sorted(ids[2:])
-    assert svc.counts["batches_redelivered"] == 1
+    assert svc.instruments.counts["batches_redelivered"] == 1
     svc.wal.close()
 
 
@@ -164,14 +161,13 @@ def test_a_record_damaged_on_disk_is_dropped_and_the_daemon_keeps_serving(tmp_pa
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0xFF]))
     _ask(svc)  # this pass drops the damaged group; the request stays held for the next pass of the loop
-    svc._serve_batches()
-    svc._persist_and_reply()
+    svc.settle()
     svc.wal.wait_durable()
-    svc._send_durable_replies()
+    svc.send_durable()
     batch = svc.server.sent[-1]
     first = [g.group_id for g in batch.groups]
     assert len(first) == 2 and set(first) < set(ids[1:])  # the damaged group is never handed out
-    assert svc.counts["groups_dropped_unreadable"] == 1
+    assert svc.instruments.counts["groups_dropped_unreadable"] == 1
     assert len(svc.ledger.reissue) == 1 and len(svc.store) == 1  # its prompt goes out again; one group stays
     last = _ask(svc, ack=batch.batch_id, n=1).groups[0].group_id
     assert sorted([*first, last]) == sorted(ids[1:])  # every readable group exactly once
@@ -202,7 +198,7 @@ def test_a_transient_read_error_never_drops_an_intact_group(tmp_path, monkeypatc
     with pytest.raises(OSError) as raised:
         _ask(svc)
     assert raised.value.errno == errno.EMFILE
-    assert svc.counts["groups_dropped_unreadable"] == 0 and not svc.ledger.reissue
+    assert svc.instruments.counts["groups_dropped_unreadable"] == 0 and not svc.ledger.reissue
     monkeypatch.setattr(buffer.wal.os, "open", real_open)
     svc.wal.close()
     restarted = _start(tmp_path)
@@ -239,7 +235,7 @@ def test_a_group_that_no_longer_decodes_at_replay_is_dropped_and_stops_pinning_i
 
     restarted = _start(tmp_path)
     assert [s.group_id for s in restarted.store.groups()] == ids[1:]
-    assert restarted.counts["groups_dropped_unreadable"] == 1
+    assert restarted.instruments.counts["groups_dropped_unreadable"] == 1
     assert list(restarted.ledger.reissue) == [(victim.prompt_index, victim.epoch)]
     assert restarted.ledger.started == started - 1
     assert f"seg-{victim.ref.segment:012d}.wal" in caplog.text and f"offset {victim.ref.offset}" in caplog.text
@@ -249,7 +245,7 @@ def test_a_group_that_no_longer_decodes_at_replay_is_dropped_and_stops_pinning_i
     restarted.wal.close()
 
     again = _start(tmp_path)  # dropped once only; its segment is gone, with its read-only fd
-    assert again.counts["groups_dropped_unreadable"] == 0
+    assert again.instruments.counts["groups_dropped_unreadable"] == 0
     assert list(again.ledger.reissue) == [(victim.prompt_index, victim.epoch)] and again.ledger.started == started - 1
     assert victim.ref.segment not in again.wal.segments()
     again.wal.close()
@@ -266,7 +262,7 @@ def test_an_undecodable_group_logged_before_its_lease_closed_returns_the_lease(t
     svc.wal.close()
 
     restarted = _start(tmp_path)
-    assert restarted.counts["groups_dropped_unreadable"] == 1 and restarted.ledger.in_flight == 0
+    assert restarted.instruments.counts["groups_dropped_unreadable"] == 1 and restarted.ledger.in_flight == 0
     assert list(restarted.ledger.reissue) == [(credit.prompt_index, credit.epoch)]
     assert restarted.ledger.started == started - 1
     restarted.wal.close()

@@ -113,7 +113,7 @@ def test_a_cache_without_weights_is_completed_by_a_download(tmp_path):
 
 def test_areal_like_config_prints_the_resolved_directory(tmp_path):
     snap = fake_cache(tmp_path / "hf", tokenizer=True)
-    code = "import sys; from areal_like.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from launch.cli import main; sys.exit(main(sys.argv[1:]))"
     r = run_py(code, tmp_path / "hf", True, "config", "model=local_hf", f"model.path={REPO}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert f"path: {snap}\n" in r.stdout

@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from areal_like.config import LossConfig
 from trainer.losses import compute_policy_loss
 
 NAN = float("nan")
@@ -34,8 +35,8 @@ def _loss(kl_coef: float, estimator: str = "k3", agg: str = "token-mean"):
     logp = torch.tensor(LOGP, requires_grad=True)
     prox = torch.nan_to_num(torch.tensor(LOGP)) - 0.1  # ratio e^0.1: inside the clip, so the PPO term is smooth
     loss, stats = compute_policy_loss(
-        "ppo", logp=logp, prox_logp=prox, behav_logp=prox, advantages=torch.tensor(ADV), mask=torch.tensor(MASK),
-        agg=agg, ref_logp=torch.tensor(REF), kl_coef=kl_coef, kl_estimator=estimator)
+        LossConfig(kernel="ppo", agg=agg, kl_coef=kl_coef, kl_estimator=estimator), logp=logp, prox_logp=prox,
+        behav_logp=prox, advantages=torch.tensor(ADV), mask=torch.tensor(MASK), ref_logp=torch.tensor(REF))
     loss.backward()
     return loss.detach(), logp.grad, stats
 
@@ -66,9 +67,9 @@ def test_kl_follows_the_aggregation_mode():
 def test_kl_is_zero_when_policy_equals_reference():
     logp = torch.tensor([[-0.3, -2.5, -7.0]])
     for est in ("k1", "k2", "k3"):
-        _, stats = compute_policy_loss("ppo", logp=logp, prox_logp=logp, behav_logp=logp,
-                                       advantages=torch.ones(1, 3), mask=torch.ones(1, 3), agg="token-mean",
-                                       ref_logp=logp.clone(), kl_coef=1.0, kl_estimator=est)
+        _, stats = compute_policy_loss(LossConfig(kernel="ppo", kl_coef=1.0, kl_estimator=est), logp=logp,
+                                       prox_logp=logp, behav_logp=logp, advantages=torch.ones(1, 3),
+                                       mask=torch.ones(1, 3), ref_logp=logp.clone())
         assert float(stats["kl_ref"]) == 0.0 and float(stats["loss"]) == float(stats["policy_loss"])
 
 
@@ -79,8 +80,8 @@ def test_step_settings_pass_kl_to_the_loss_and_it_needs_a_reference():
     from trainer.step import StepSettings
 
     s = StepSettings.from_config(load_config(["trainer.loss.kl_coef=0.05", "trainer.loss.kl_estimator=k2"]))
-    hp = s.hparams(SimpleNamespace(mask=torch.ones(2, 6)))  # what train_step hands every call
-    assert hp["kl_coef"] == 0.05 and hp["kl_estimator"] == "k2"
+    cfg = s.loss_config(SimpleNamespace(mask=torch.ones(2, 6)))  # what train_step hands every call
+    assert cfg.kl_coef == 0.05 and cfg.kl_estimator == "k2" and cfg.loss_scale_factor == 6.0
     with pytest.raises(ValueError, match="kl_coef > 0 needs ref_logp"):
-        compute_policy_loss("ppo", logp=torch.zeros(1, 2), prox_logp=torch.zeros(1, 2), behav_logp=torch.zeros(1, 2),
-                            advantages=torch.ones(1, 2), mask=torch.ones(1, 2), agg="token-mean", **hp)
+        compute_policy_loss(cfg, logp=torch.zeros(1, 2), prox_logp=torch.zeros(1, 2), behav_logp=torch.zeros(1, 2),
+                            advantages=torch.ones(1, 2), mask=torch.ones(1, 2))

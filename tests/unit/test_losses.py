@@ -3,15 +3,26 @@ w.r.t. logp, rtol 1e-5), aggregation vectors, gradient flow, stability and micro
 
 from __future__ import annotations
 
+import ast
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from areal_like.config import AGG_MODES, LOSS_KINDS, LossConfig
+from areal_like.config import AGG_MODES, LOSS_KINDS, ConfigError, LossConfig
+from areal_like.loss_schema import (
+    DecoupledPPOConfig,
+    GSPOConfig,
+    IcePopConfig,
+    MISConfig,
+    OAPLConfig,
+    TISConfig,
+    VCPOConfig,
+)
 from trainer import losses
 from trainer.advantages import oapl_targets
-from trainer.losses import aggregate, compute_policy_loss, kernel_needs_prox
+from trainer.losses import aggregate, compute_policy_loss
 
 RTOL, ATOL = 1e-5, 1e-7
 
@@ -21,13 +32,13 @@ def close(actual, expected, rtol=RTOL, atol=ATOL):
                                torch.as_tensor(expected, dtype=torch.float64), rtol=rtol, atol=atol)
 
 
-def run(kind, *, logp, prox=None, behav=None, adv, mask=None, agg="token-mean", **hp):
+def run(kind, *, logp, prox=None, behav=None, adv, mask=None, agg="token-mean", ref_logp=None, **hp):
     """Call the dispatcher with logp as a fresh leaf; return (loss, grad wrt logp, stats)."""
     lp = logp.clone().detach().requires_grad_(True)
     mask = torch.ones_like(lp) if mask is None else mask
     behav = prox if behav is None else behav
-    loss, stats = compute_policy_loss(kind, logp=lp, prox_logp=prox, behav_logp=behav, advantages=adv,
-                                      mask=mask, agg=agg, **hp)
+    loss, stats = compute_policy_loss(LossConfig(kernel=kind, agg=agg, **hp), logp=lp, prox_logp=prox,
+                                      behav_logp=behav, advantages=adv, mask=mask, ref_logp=ref_logp)
     loss.backward()
     return loss.detach(), lp.grad, stats
 
@@ -82,7 +93,7 @@ def test_gspo_vector():
     m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
     prox = torch.log(torch.full((3, 3), 0.5, dtype=torch.float64))
     loss, grad, _ = run("gspo", logp=(prox + lr).float(), prox=prox.float(), adv=torch.tensor([1.0, 1.0, -1.0]),
-                        mask=m, agg="token-mean", eps_clip=3e-4, eps_clip_high=4e-4)
+                        mask=m, agg="token-mean", gspo=GSPOConfig(eps_clip=3e-4, eps_clip_high=4e-4))
     close(loss, -0.33319984, rtol=1e-5)
     expected = [[-0.16670, -0.16670, 0.0], [0.0, 0.0, 0.0], [0.111222] * 3]
     close(grad, expected, rtol=1e-4, atol=1e-6)  # the expected values have 5-6 digits
@@ -98,7 +109,7 @@ def test_gspo_vector():
 def test_decoupled_ppo_vector(cap, expected, grad):
     behav = PROX5 - torch.log(RHO5)
     loss, g, stats = run("decoupled_ppo", logp=LOGP5, prox=PROX5, behav=behav, adv=A5, eps_clip=0.2,
-                         behav_cap=cap)
+                         decoupled_ppo=DecoupledPPOConfig(cap=cap))
     close(loss, expected)
     close(g, grad)
     close(stats["masked_frac"], 0.4 if cap else 0.0)  # rho 3.0 and 2.5 dropped, still in the denominator
@@ -109,7 +120,7 @@ def test_decoupled_ppo_vector(cap, expected, grad):
 def test_tis_token_vector():
     behav = PROX5 - torch.log(RHO5)
     loss, g, stats = run("tis", logp=LOGP5, prox=PROX5, behav=behav, adv=A5, eps_clip=0.2, dual_clip=3.0,
-                         tis_cap=2.0, tis_level="token")
+                         tis=TISConfig(cap=2.0, level="token"))
     close(loss, 0.94)
     close(g, [[-0.22, 0.0, 0.0, 0.0, 0.36]])
     close(stats["truncated_frac"], 0.4)
@@ -122,7 +133,7 @@ def test_tis_sequence_weights_and_loss():
     prox = torch.log(torch.full((3, 2), 0.5))
     behav = prox - torch.log(rho_seq)[:, None] * m / m.sum(-1, keepdim=True)  # log rho spread over tokens
     adv = torch.tensor([1.0, -1.0, 1.0])
-    loss, g, _ = run("tis", logp=prox, prox=prox, behav=behav, adv=adv, mask=m, tis_cap=2.0, tis_level="sequence")
+    loss, g, _ = run("tis", logp=prox, prox=prox, behav=behav, adv=adv, mask=m, tis=TISConfig(cap=2.0, level="sequence"))
     w = torch.tensor([1.5, 2.0, 0.4])
     # on-policy (r = 1, unclipped): per-token loss -A w, gradient -A w / n_tokens
     close(loss, (-adv * w * m.sum(-1)).sum() / 5)
@@ -137,7 +148,7 @@ def test_seq_mis_weights(low, weights):
     prox = torch.log(torch.full((3, 2), 0.5))
     behav = prox - torch.log(rho_seq)[:, None] / 2
     adv = torch.tensor([1.0, 1.0, 1.0])
-    loss, g, stats = run("mis", logp=prox, prox=prox, behav=behav, adv=adv, mask=m, mis_low=low, mis_high=2.0)
+    loss, g, stats = run("mis", logp=prox, prox=prox, behav=behav, adv=adv, mask=m, mis=MISConfig(low=low, high=2.0))
     w = torch.tensor(weights)
     close(g, -w[:, None].expand(3, 2) / 6)  # rejected sequences keep their place in the denominator
     close(loss, -(w * 2).sum() / 6)
@@ -147,7 +158,7 @@ def test_seq_mis_weights(low, weights):
 def test_icepop_vector():
     behav = PROX5 - torch.log(torch.tensor([[1.0, 6.0, 0.3, 2.5, 1.2]]))
     loss, g, stats = run("icepop", logp=LOGP5, prox=PROX5, behav=behav, adv=A5, eps_clip=0.2, dual_clip=3.0,
-                         mis_low=0.5, mis_high=5.0)
+                         icepop=IcePopConfig(low=0.5, high=5.0))
     close(loss, 1.64)
     close(g, [[-0.22, 0.0, 0.0, 0.0, 0.36]])
     close(stats["masked_frac"], 0.4)
@@ -191,7 +202,7 @@ def test_vcpo_loss_is_weighted_reinforce():
     m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     behav = lp - torch.tensor([[0.1, 0.2, 0.0], [1.0, 1.0, 0.5]])
     adv = torch.tensor([0.5, -1.5])
-    loss, g, stats = run("vcpo", logp=lp, behav=behav, adv=adv, mask=m, agg="token-mean", vcpo_is_cap=8.0)
+    loss, g, stats = run("vcpo", logp=lp, behav=behav, adv=adv, mask=m, agg="token-mean", vcpo=VCPOConfig(cap=8.0))
     wt = torch.tensor([math.exp(0.3), 8.0])
     L = m.sum(-1)
     expected = (-(adv * wt) * ((lp * m).sum(-1) / L)).sum() / 2
@@ -211,7 +222,7 @@ def test_oapl_vector():
     m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     behav = torch.log(torch.full((4, 3), 0.3))
     lp = behav + (delta / m.sum(-1))[:, None] * m
-    loss, g, _ = run("oapl", logp=lp, behav=behav, adv=targets, mask=m, oapl_beta=1.0)
+    loss, g, _ = run("oapl", logp=lp, behav=behav, adv=targets, mask=m, oapl=OAPLConfig(beta=1.0))
     close(loss, 0.1441801, rtol=1e-5)
     dl_ddelta = torch.tensor([0.013994, 0.363994, -0.086006, 0.063994])
     close(g, dl_ddelta[:, None] * m, rtol=1e-4, atol=1e-6)  # the expected values have 6 decimals
@@ -227,7 +238,7 @@ def test_sequence_log_ratio_is_clamped_after_summing():
     w, w_clip = losses.vcpo_is_weights(old, behav, m, cap=8.0)
     close(w, [math.exp(5.0)])
     close(w_clip, [8.0])
-    _, _, stats = run("mis", logp=old, prox=old, behav=behav, adv=torch.ones(1), mask=m, mis_low=0.0, mis_high=1e9)
+    _, _, stats = run("mis", logp=old, prox=old, behav=behav, adv=torch.ones(1), mask=m, mis=MISConfig(low=0.0, high=1e9))
     close(stats["is_weight_max"], math.exp(5.0), rtol=1e-5)
 
 
@@ -257,23 +268,40 @@ def test_kl_term_adds_to_loss():
 
 
 # ---------------------------------------------------------------- dispatcher contract
-def test_dispatcher_contract():
-    assert set(losses.KERNEL_NEEDS_PROX) == set(LOSS_KINDS)
-    assert {k for k in LOSS_KINDS if not kernel_needs_prox(k)} == {"vespo", "vcpo", "oapl"}
-    assert set(losses.HPARAM_DEFAULTS) == {f for f in LossConfig.__dataclass_fields__} - {"kind", "agg"}
+def test_kernel_table():
+    assert tuple(losses.KERNELS) == LOSS_KINDS
+    assert {k for k in LOSS_KINDS if not losses.KERNELS[k].needs_prox} == {"vespo", "vcpo", "oapl"}
+    cfg = LossConfig()
+    for name, k in losses.KERNELS.items():  # a kernel's own knobs are the section trainer.loss.<name>
+        assert k.name == name
+        assert type(getattr(cfg, name, None)) is (type(None) if k.config is None else k.config), name
     with pytest.raises(TypeError, match="eps_clp"):
-        run("ppo", logp=LOGP5, prox=PROX5, adv=A5, eps_clp=0.2)
+        LossConfig(kernel="ppo", eps_clp=0.2)
+    with pytest.raises(ConfigError, match="trainer.loss.kernel"):
+        LossConfig(kernel="reinforce")
     with pytest.raises(ValueError, match="needs prox_logp"):
         run("tis", logp=LOGP5, prox=None, behav=PROX5, adv=A5)
-    with pytest.raises(ValueError, match="unknown loss kind"):
-        kernel_needs_prox("reinforce")
-    # the trainer passes every LossConfig field but kind/agg
-    cfg = LossConfig(kind="tis", dual_clip=3.0)
-    hp = {f: getattr(cfg, f) for f in losses.HPARAM_DEFAULTS}
-    loss, _, stats = run(cfg.kind, logp=LOGP5, prox=PROX5, behav=PROX5 - torch.log(RHO5), adv=A5, **hp)
+    # a kernel reads its own section and the shared knobs, nothing else
+    loss, _, stats = run("tis", logp=LOGP5, prox=PROX5, behav=PROX5 - torch.log(RHO5), adv=A5, dual_clip=3.0,
+                         mis=MISConfig(low=0.9, high=1.0), decoupled_ppo=DecoupledPPOConfig(cap=1.5))
     close(loss, 0.94)
     for k in ("loss", "policy_loss", "mismatch_kl", "mismatch_kl_k1", "is_weight_mean", "is_weight_max"):
         assert k in stats and not stats[k].requires_grad
+
+
+def test_kernel_names_are_tested_only_in_the_table():
+    """No code but the kernel table and the config schema names a kernel: one entry, one place."""
+    root = Path(__file__).resolve().parents[2]
+    owners = {root / "trainer" / "losses.py", root / "areal_like" / "loss_schema.py"}
+    found = []
+    for pkg in ("areal_like", "buffer", "launch", "rollout_server", "trainer"):
+        for path in sorted((root / pkg).rglob("*.py")):
+            if path in owners:
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Constant) and node.value in LOSS_KINDS:
+                    found.append(f"{path.relative_to(root)}:{node.lineno} {node.value!r}")
+    assert not found, found
 
 
 def test_mismatch_kl_is_k3_of_behav_vs_prox():
@@ -283,8 +311,8 @@ def test_mismatch_kl_is_k3_of_behav_vs_prox():
     close(stats["mismatch_kl_k1"], (-torch.log(RHO5)).mean())
     ent = torch.full((1, 5), 0.7)
     lp = LOGP5.clone().requires_grad_(True)
-    _, s = compute_policy_loss("ppo", logp=lp, prox_logp=PROX5, behav_logp=PROX5, advantages=A5,
-                               mask=torch.ones(1, 5), agg="token-mean", entropy=ent)
+    _, s = compute_policy_loss(LossConfig(kernel="ppo"), logp=lp, prox_logp=PROX5, behav_logp=PROX5, advantages=A5,
+                               mask=torch.ones(1, 5), entropy=ent)
     close(s["entropy"], 0.7)
 
 
@@ -306,18 +334,19 @@ def make_batch(seed=0, b=6, t=7, spread=0.3):
     return dict(logp=logp, prox=prox, behav=behav, adv=adv, mask=mask, ref=ref)
 
 
-KIND_HP = {"ppo": dict(dual_clip=3.0), "decoupled_ppo": dict(behav_cap=1.5), "tis": dict(tis_level="sequence"),
-           "mis": dict(mis_low=0.2, mis_high=5.0), "icepop": dict(mis_high=5.0), "gspo": dict(eps_clip=0.1),
-           "vespo": {}, "vcpo": {}, "oapl": dict(oapl_beta=0.5)}
+KIND_HP = {"ppo": dict(dual_clip=3.0), "decoupled_ppo": dict(decoupled_ppo=DecoupledPPOConfig(cap=1.5)),
+           "tis": dict(tis=TISConfig(level="sequence")), "mis": dict(mis=MISConfig(low=0.2, high=5.0)),
+           "icepop": dict(icepop=IcePopConfig(high=5.0)), "gspo": dict(gspo=GSPOConfig(eps_clip=0.1, eps_clip_high=None)),
+           "vespo": {}, "vcpo": {}, "oapl": dict(oapl=OAPLConfig(beta=0.5))}
 
 
 @pytest.mark.parametrize("kind", LOSS_KINDS)
 def test_gradient_flows_only_to_logp(kind):
     b = make_batch(1)
     leaves = {k: b[k].clone().requires_grad_(True) for k in ("logp", "prox", "behav", "adv", "ref")}
-    loss, stats = compute_policy_loss(kind, logp=leaves["logp"], prox_logp=leaves["prox"],
-                                      behav_logp=leaves["behav"], advantages=leaves["adv"], mask=b["mask"],
-                                      agg="token-mean", ref_logp=leaves["ref"], kl_coef=0.1, **KIND_HP[kind])
+    loss, stats = compute_policy_loss(LossConfig(kernel=kind, kl_coef=0.1, **KIND_HP[kind]), logp=leaves["logp"],
+                                      prox_logp=leaves["prox"], behav_logp=leaves["behav"], advantages=leaves["adv"],
+                                      mask=b["mask"], ref_logp=leaves["ref"])
     loss.backward()
     grad = leaves["logp"].grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
@@ -340,7 +369,7 @@ def test_extreme_log_ratios_and_lengths_are_finite(kind, sign):
     adv = torch.tensor([1.0, -1.0, 2.0, -3.0])
     for agg in AGG_MODES:
         loss, g, stats = run(kind, logp=logp, prox=prox, behav=behav, adv=adv, mask=mask, agg=agg,
-                             ref_logp=prox, kl_coef=0.1, **{**KIND_HP[kind], "behav_cap": None})
+                             ref_logp=prox, kl_coef=0.1, **{**KIND_HP[kind], "decoupled_ppo": DecoupledPPOConfig(cap=None)})
         assert torch.isfinite(loss), (kind, agg)
         assert torch.isfinite(g).all(), (kind, agg)
         assert all(torch.isfinite(v).all() for v in stats.values()), (kind, agg, stats)
@@ -357,9 +386,9 @@ def _split_losses(kind, agg, b, sizes, trim):
         m = b["mask"][sl]
         width = int(m.sum(-1).max()) if trim else m.shape[1]
         cut = (slice(None), slice(0, width))
-        loss, stats = compute_policy_loss(kind, logp=lp[cut], prox_logp=b["prox"][sl][cut],
-                                          behav_logp=b["behav"][sl][cut], advantages=b["adv"][sl][cut],
-                                          mask=m[cut], agg=agg, ref_logp=b["ref"][sl][cut], kl_coef=0.05, **hp,
+        loss, stats = compute_policy_loss(LossConfig(kernel=kind, agg=agg, kl_coef=0.05, **hp), logp=lp[cut],
+                                          prox_logp=b["prox"][sl][cut], behav_logp=b["behav"][sl][cut],
+                                          advantages=b["adv"][sl][cut], mask=m[cut], ref_logp=b["ref"][sl][cut],
                                           **norms)
         loss.backward()
         return loss.detach(), lp.grad, stats

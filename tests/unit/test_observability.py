@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from areal_like.metrics import prom_name
+from buffer.instruments import COUNTERS, LABELLED
 
 ROOT = Path(__file__).resolve().parents[2]
 OBS = ROOT / "launch" / "observability"
@@ -23,9 +24,8 @@ def _exported() -> set[str]:
     for pkg in ("buffer", "rollout_server", "trainer"):
         for path in (ROOT / pkg).rglob("*.py"):
             names |= {prom_name(n) for n in literal.findall(path.read_text())}
-    # buffer counters go through one helper: self._count("groups_consumed") -> buffer/groups_consumed
-    for path in (ROOT / "buffer").rglob("*.py"):
-        names |= {prom_name(f"buffer/{n}") for n in re.findall(r'_count\("([a-z_]+)"', path.read_text())}
+    # buffer counters are created up front from one table (buffer/instruments.py)
+    names |= {prom_name(f"buffer/{n}") for n in (*COUNTERS, *LABELLED)}
     # trainer gauges named by a loop over row keys: m.gauge(f"trainer/{key}")
     loop = (ROOT / "trainer" / "loop.py").read_text()
     block = re.search(r'for key in \(([^)]*)\):\s*\n\s*m\.gauge\(f"trainer/\{key\}"\)', loop)

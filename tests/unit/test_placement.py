@@ -12,7 +12,7 @@ import pytest
 
 from areal_like.config import ConfigError, load_config
 from launch.job import job_specs
-from launch.placement import place_job, place_node
+from launch.placement import place_job, place_node, place_nodes
 from launch.topology import apply_topology, plan_topology
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,7 +33,7 @@ def test_one_node_layouts(gpus, trainer, servers, tp, want_trainer, want_rollout
 
 
 @pytest.mark.parametrize("gpus,trainer,servers,tp,need", [
-    (1, 1, 1, 1, 2),  # one-GPU sharing: not supported yet
+    (1, 1, 2, 1, 3),  # one GPU is shared by one trainer rank and one rollout server only
     (2, 2, 1, 1, 3),
     (4, 2, 2, 2, 6),
     (8, 2, 4, 2, 10),
@@ -44,24 +44,51 @@ def test_a_layout_over_the_gpus_is_refused_with_the_keys_and_numbers(gpus, train
     assert str(e.value).startswith(f"launch.trainer_ranks={trainer} + launch.num_rollout_servers={servers} x "
                                    f"rollout.engine.tp_size={tp} needs {need} GPUs per node; "
                                    f"launch.gpus_per_node={gpus}: one process per GPU")
-    assert "not supported yet" in str(e.value) and "NCCL" in str(e.value)
+    assert "only a one-GPU node with one trainer rank and one rollout server" in str(e.value) and "NCCL" in str(e.value)
 
 
-@pytest.mark.parametrize("nodes,train_nodes,tp", [(2, 1, 1), (3, 1, 2), (3, 2, 4)])
-def test_the_sbatch_layout_node_by_node(nodes, train_nodes, tp):
-    """Training nodes carry only trainer ranks, the others only rollout servers (the sbatch's split)."""
-    plans = [place_node(gpus_per_node=8, trainer_ranks=8, rollout_servers=0, tp_size=1, nodes=nodes, node=k)
-             if k < train_nodes else
-             place_node(gpus_per_node=8, trainer_ranks=0, rollout_servers=8 // tp, tp_size=tp, nodes=nodes, node=k)
-             for k in range(nodes)]
+@pytest.mark.parametrize("gpus", [1, 2, 4, 8])
+@pytest.mark.parametrize("nodes,train_nodes,tp", [(2, 1, 1), (3, 1, 2), (3, 2, 1), (3, 2, 4)])
+def test_several_nodes_node_by_node(gpus, nodes, train_nodes, tp):
+    """Training nodes carry only trainer ranks, the others only rollout servers (what the sbatch starts)."""
+    if tp > gpus:
+        pytest.skip("an engine wider than the node")
+    plans = place_nodes(load_config([
+        "topology=gpu_sglang", f"launch.gpus_per_node={gpus}", f"launch.nodes={nodes}",
+        f"launch.train_nodes={train_nodes}", f"launch.trainer_ranks={gpus}",
+        f"launch.num_rollout_servers={gpus // tp}", f"rollout.engine.tp_size={tp}"]))
+    assert len(plans) == nodes
     for k, p in enumerate(plans):
-        assert p.node == k and p.used == 8
+        assert p.node == k and p.used == gpus
         if k < train_nodes:
-            assert p.trainer == tuple(range(8)) and p.ranks == tuple(range(8 * k, 8 * k + 8)) and p.rollout == ()
+            assert p.trainer == tuple(range(gpus)) and p.ranks == tuple(range(gpus * k, gpus * (k + 1)))
+            assert p.rollout == ()
         else:
-            assert p.trainer == () and p.rollout == tuple(tuple(range(i, i + tp)) for i in range(0, 8, tp))
+            assert p.trainer == () and p.rollout == tuple(tuple(range(i, i + tp)) for i in range(0, gpus, tp))
     all_ranks = [r for p in plans for r in p.ranks]
-    assert all_ranks == list(range(8 * train_nodes))  # torchrun's global ranks, each once
+    assert all_ranks == list(range(gpus * train_nodes))  # torchrun's global ranks, each once
+
+
+def test_one_node_of_place_nodes_is_the_run_layout():
+    cfg = load_config(["topology=gpu_sglang", "launch.gpus_per_node=4", "launch.trainer_ranks=2",
+                       "launch.num_rollout_servers=1", "rollout.engine.tp_size=2"])
+    assert place_nodes(cfg) == (place_job(cfg),)
+    assert place_job(cfg).trainer == (0, 1) and place_job(cfg).rollout == ((2, 3),)
+
+
+def test_several_nodes_refusals():
+    base = ["topology=gpu_sglang", "launch.gpus_per_node=8", "launch.nodes=3", "launch.train_nodes=1"]
+    with pytest.raises(ConfigError, match=r"^launch.num_rollout_servers=5 x rollout.engine.tp_size=2 needs 10 GPUs "
+                                          r"per node \(node 1 of 3\); launch.gpus_per_node=8"):
+        place_nodes(load_config([*base, "launch.num_rollout_servers=5", "rollout.engine.tp_size=2"]))
+    with pytest.raises(ConfigError, match=r"^launch.trainer_ranks=9 needs 9 GPUs per node \(node 0 of 3\)"):
+        place_nodes(load_config([*base, "launch.trainer_ranks=9"]))
+    with pytest.raises(ConfigError, match="launch.train_nodes=3 is invalid: must be >= 1 and < launch.nodes=3"):
+        load_config(["launch.nodes=3", "launch.train_nodes=3"])
+    with pytest.raises(ConfigError, match="launch.train_nodes=2 is invalid: must be 1 on one node"):
+        load_config(["launch.train_nodes=2"])
+    with pytest.raises(ConfigError, match="launch.nodes=3: `areal-like run` starts one node"):
+        place_job(load_config(base))
 
 
 def test_a_node_outside_the_job_and_too_many_servers_on_a_later_node_are_refused():
@@ -115,7 +142,7 @@ def test_cpu_topology_processes_inherit_cuda_visible_devices():
 
 
 def _plan(*overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "areal_like.cli", "plan", *overrides], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "launch.cli", "plan", *overrides], capture_output=True,
                           text=True, timeout=120, cwd=ROOT)
 
 
@@ -143,3 +170,19 @@ def test_plan_refuses_a_layout_that_does_not_fit():
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("error: launch.trainer_ranks=2 + launch.num_rollout_servers=4 x "
                                "rollout.engine.tp_size=2 needs 10 GPUs per node; launch.gpus_per_node=8")
+
+
+def test_plan_prints_every_node_of_a_multi_node_job():
+    r = _plan("topology=gpu_sglang", "launch.gpus_per_node=4", "launch.nodes=3", "launch.train_nodes=2",
+              "launch.trainer_ranks=4", "launch.num_rollout_servers=2", "rollout.engine.tp_size=2",
+              "buffer.address=tcp://10.0.0.1:5555", "rollout.metrics_port=9101", "trainer.metrics_port=9200")
+    assert r.returncode == 0, r.stderr
+    rows = [line.split(None, 3) for line in r.stdout.splitlines()[1:]]
+    assert [row[:3] for row in rows] == [["0", "buffer", "none"], ["0", "trainer", "0,1,2,3"],
+                                         ["1", "trainer-n1", "0,1,2,3"], ["2", "rollout-0", "0,1"],
+                                         ["2", "rollout-1", "2,3"]]
+    assert "torchrun node-rank 0 of 2, 4 ranks (LOCAL_RANK i: the i-th GPU), global 0..3" in rows[1][3]
+    assert "metrics 10.0.0.1:9200 (rank 0)" in rows[1][3]
+    assert rows[2][3] == ("torchrun node-rank 1 of 2, 4 ranks (LOCAL_RANK i: the i-th GPU), global 4..7 "
+                          "rendezvous 10.0.0.1:auto")
+    assert rows[3][3].startswith("metrics node2:9101  engine sglang tp=2") and rows[4][3].startswith("metrics node2:9102")

@@ -256,7 +256,7 @@ def test_preflight_lists_every_problem_and_checked_resolves_first(tmp_path, monk
 
 def test_areal_like_run_refuses_bad_inputs_in_one_line_each_before_starting_anything(tmp_path):
     run_dir = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "areal_like.cli", "run", "-q", f"run_dir={run_dir}",
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "run", "-q", f"run_dir={run_dir}",
                         f"model.path={tmp_path / 'no_model'}", "task.eval_path=no_eval.jsonl",
                         "task.reward_fn=no_such_module_areal:score"],
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)

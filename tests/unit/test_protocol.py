@@ -54,9 +54,22 @@ def _bucket_spec(draw) -> P.BucketSpec:
                         shapes=draw(st.lists(st.lists(SMALL_INT, max_size=3), min_size=n, max_size=n)))
 
 
+@st.composite
+def _weight_sync_plan(draw) -> P.WeightSyncPlan:
+    """Payloads that fit the path (none, one per bucket, one directory), or a path only a newer server knows."""
+    path = draw(st.sampled_from(["distributed", "tensor", "disk", "shm"]))
+    buckets = draw(st.lists(_bucket_spec(), max_size=3))
+    n = {"distributed": 0, "tensor": len(buckets), "disk": 1}.get(path)
+    payloads = draw(st.lists(TEXT, min_size=n or 0, max_size=3 if n is None else n))
+    rest = {f.name: draw(strategy_for(f.type)) for f in msgspec.structs.fields(P.WeightSyncPlan)
+            if f.name not in ("protocol", "path", "buckets", "payloads")}
+    return P.WeightSyncPlan(**rest, path=path, buckets=buckets, payloads=payloads)
+
+
 # Classes whose validate() constrains several fields together get a hand-written strategy;
 # single fields with a rule get an override; everything else is derived from the annotations.
-CLASS_STRATEGIES: dict[type, st.SearchStrategy] = {P.Trajectory: _trajectory(), P.BucketSpec: _bucket_spec()}
+CLASS_STRATEGIES: dict[type, st.SearchStrategy] = {P.Trajectory: _trajectory(), P.BucketSpec: _bucket_spec(),
+                                                   P.WeightSyncPlan: _weight_sync_plan()}
 FIELD_STRATEGIES = {
     (P.Ack, "status"): st.sampled_from(["accepted", "duplicate", "rejected", "ok"]),
     (P.TrajectoryGroup, "trajectories"): st.lists(_trajectory(), min_size=1, max_size=3),
@@ -406,6 +419,28 @@ def test_want_credits_is_optional_and_bounded():
     with pytest.raises(P.ProtocolError) as info:
         msgspec.structs.replace(make_group(), want_credits=-2)  # refused when built
     assert info.value.field == "want_credits"
+
+
+def test_weight_sync_plan_payloads_fit_its_path():
+    """``path`` and ``payloads`` came after version 1 shipped: a plan without them is a distributed
+    one. A known path takes exactly its payloads (one per bucket, one directory, none); an unknown
+    path decodes, so the server can refuse it with a SyncDone that names it."""
+    bucket = P.BucketSpec(names=["w"], dtypes=["float32"], shapes=[[2]])
+    plan = P.WeightSyncPlan(policy_version=1, group_name="g", master_addr="h", master_port=1, world_size=2,
+                            backend="gloo", reform=False, members=[], buckets=[bucket, bucket], deadline_s=5.0)
+    wire = wire_of(plan)
+    del wire["path"], wire["payloads"]
+    old = P.decode(msgpack.packb(wire, use_bin_type=True))
+    assert (old.path, old.payloads) == ("distributed", [])
+    for path, payloads in (("tensor", ["a", "b"]), ("disk", ["/d"]), ("shm", ["x"])):
+        back = P.decode(P.encode(msgspec.structs.replace(plan, path=path, payloads=payloads)))
+        assert (back.path, back.payloads) == (path, payloads)
+    for path, payloads in (("tensor", ["a"]), ("disk", []), ("disk", ["/d", "/e"]), ("distributed", ["x"])):
+        with pytest.raises(P.ProtocolError) as info:
+            msgspec.structs.replace(plan, path=path, payloads=payloads)  # refused when built
+        assert info.value.field == "payloads" and f"path {path} needs" in str(info.value)
+        assert reject({**wire, "path": path, "payloads": payloads}).field == "payloads"  # and when decoded
+    assert reject({**wire, "payloads": [1]}).field == "payloads[0]"
 
 
 def test_rejects_oversized_frame(monkeypatch):

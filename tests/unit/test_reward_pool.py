@@ -141,14 +141,14 @@ def test_workers_do_not_see_secrets(make_pool, monkeypatch):
 
 
 def test_the_math_reward_runs_in_workers(make_pool):
-    pool = make_pool("rollout_server.rewards:math_reward", reward_timeout_s=30.0)
+    pool = make_pool("areal_like.rewards:math_reward", reward_timeout_s=30.0)
     example = Example("Simplify sqrt(8).", r"2\sqrt{2}")
     assert score(pool, r"so \boxed{2\sqrt{2}}", r"\boxed{\sqrt{8}}", "3", example=example) == [
         (1.0, None), (1.0, None), (0.0, None)]
 
 
 def test_task_reward_fn_overrides_the_default_path(make_pool):
-    pool = make_pool("rollout_server.rewards:math_reward", reward_fn=PATH)
+    pool = make_pool("areal_like.rewards:math_reward", reward_fn=PATH)
     assert pool.path == PATH and score(pool, "0.25") == [(0.25, None)]
 
 

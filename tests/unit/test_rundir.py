@@ -75,7 +75,7 @@ def test_a_run_dir_in_use_by_a_live_job_is_refused(tmp_path):
 
 def test_running_a_finished_run_again_exits_2_with_one_line(tmp_path):
     checkpoint(tmp_path / "run" / "checkpoints", 200)
-    r = subprocess.run([sys.executable, "-m", "areal_like.cli", "run", "-q", f"run_dir={tmp_path / 'run'}",
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "run", "-q", f"run_dir={tmp_path / 'run'}",
                         "trainer.steps=200"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 2 and r.stdout == ""  # no summary line claiming "ok": true
     assert r.stderr == (f"error: run_dir {tmp_path / 'run'} already finished at step 200 (trainer.steps=200): "

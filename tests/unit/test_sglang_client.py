@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import msgspec
 import pytest
 from aiohttp import web
 
@@ -86,7 +87,7 @@ def test_generate_parses_tokens_logprobs_finish_and_version():
         out = await client.generate([1, 7, 8], {"max_new_tokens": 4, "temperature": 1.0})
         assert out == GenerateOutput(rid="r", output_ids=[5, 6, 2], logprobs=[-0.5, -1.25, -0.125],
                                      finish_reason="stop", finish_message="2", abort_status=None,
-                                     weight_version="3", weight_spans=[], text="")
+                                     weight_version="3", weight_spans=[])
         assert server.calls == [("/generate", {"input_ids": [1, 7, 8], "return_logprob": True, "stream": False,
                                                "sampling_params": {"max_new_tokens": 4, "temperature": 1.0}})]
     run(body)
@@ -290,6 +291,11 @@ def test_weight_sync_follows_the_contract_in_order():
         n = len(server.calls)
         done = await apply_weight_sync(client, _plan(reform=False), "s9", drain=False)
         assert not done.ok and "not a member" in done.reason and len(server.calls) == n
+
+        # a path this server does not know (a newer trainer): refused, naming it, and nothing is called
+        done = await apply_weight_sync(client, msgspec.structs.replace(_plan(reform=False), path="shm"), "s1",
+                                       drain=False)
+        assert not done.ok and "unknown weight-sync path 'shm'" in done.reason and len(server.calls) == n
     run(body)
 
 

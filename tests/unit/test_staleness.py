@@ -231,7 +231,6 @@ def test_books_balance_under_random_traffic(seed, tmp_path):
     from areal_like import protocol as P
     from areal_like.config import BufferConfig, RunConfig, TaskConfig
     from areal_like.protocol import encode
-    from buffer.recovery import recover
     from buffer.service import BufferService
 
     rng = random.Random(seed)
@@ -241,7 +240,7 @@ def test_books_balance_under_random_traffic(seed, tmp_path):
         lease_timeout_s=10.0, heartbeat_timeout_s=1000.0, filter_equal_rewards=rng.random() < 0.5,
         stale_policy="reissue"))
     svc = BufferService(cfg, clock=clock)
-    recover(svc)
+    svc.recover()
     svc.server, svc.publisher = _FakeServer(), _FakePublisher()
     consumed: list = []
     in_transit: list = []  # the last batch received, not yet acked
@@ -252,11 +251,9 @@ def test_books_balance_under_random_traffic(seed, tmp_path):
 
     def step(msg, frame=b""):
         svc.handle(b"peer", b"req", msg, frame)
-        svc._expire()
-        svc._serve_batches()
-        svc._persist_and_reply()
+        svc.settle()
         svc.wal.wait_durable()
-        svc._send_durable_replies()
+        svc.send_durable()
 
     for sid in ("a", "b"):
         step(P.Register(server_id=sid, engine_url="http://x", policy_version=0))
@@ -295,17 +292,17 @@ def test_books_balance_under_random_traffic(seed, tmp_path):
         elif op == "heartbeat":
             step(P.Heartbeat(server_id=sid, policy_version=v))
         elif op == "restart":  # a clean crash: what the WAL holds is all that survives
-            before = (svc.state(), {g.group_id for g in svc.store.groups()}, svc.version)
+            before = (svc.state(), {g.group_id for g in svc.store.groups()}, svc.control.version)
             svc.wal.close()
             svc = BufferService(cfg, clock=clock)
-            recover(svc)
+            svc.recover()
             svc.server, svc.publisher = _FakeServer(), _FakePublisher()
-            assert (svc.state(), {g.group_id for g in svc.store.groups()}, svc.version) == before
+            assert (svc.state(), {g.group_id for g in svc.store.groups()}, svc.control.version) == before
             for server_id in ("a", "b"):  # the roster is soft state: servers re-register
                 step(P.Register(server_id=server_id, engine_url="http://x", policy_version=v))
         ledger = svc.ledger
         assert ledger.started == ledger.in_flight + len(svc.store) + len(in_transit) + len(consumed)
-        assert svc._in_transit_groups() == len(in_transit)
+        assert svc.handout.in_transit_groups() == len(in_transit)
         if not cfg.buffer.filter_equal_rewards:  # filtered prompts are deliberately not re-issued
             below = [(i, e) for e in range(ledger.epoch + 1)
                      for i in range(ledger.next_index if e == ledger.epoch else cfg.task.num_prompts)]
@@ -314,8 +311,8 @@ def test_books_balance_under_random_traffic(seed, tmp_path):
             assert sorted(places) == sorted(below)
     svc.wal.close()
     restarted = BufferService(cfg, clock=clock)  # the WAL alone rebuilds the same state
-    recover(restarted)
-    assert restarted.state() == svc.state() and restarted.version == svc.version
+    restarted.recover()
+    assert restarted.state() == svc.state() and restarted.control.version == svc.control.version
     assert {g.group_id for g in restarted.store.groups()} == {g.group_id for g in svc.store.groups()}
     assert set(restarted.seen) == set(svc.seen)
     restarted.wal.close()

@@ -8,6 +8,7 @@ import pytest
 from areal_like.callables import import_function, split_function_path
 from areal_like.config import ConfigError, ModelConfig, TaskConfig
 from areal_like.datasets import DatasetTask
+from areal_like.rewards import math_reward
 from areal_like.tasks import (
     SYNTHETIC_EVAL_SIZE,
     Example,
@@ -19,7 +20,6 @@ from areal_like.tasks import (
     make_task,
 )
 from areal_like.tokenizer import BOS_ID, EOS_ID, char_tokenizer, load_tokenizer
-from rollout_server.rewards import math_reward
 
 
 @pytest.mark.parametrize("name", ["addition", "sort", "reverse", "countdown"])

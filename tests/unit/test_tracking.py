@@ -19,12 +19,12 @@ import pytest
 
 from areal_like import protocol as P
 from areal_like import tracking
-from areal_like.cli import main
 from areal_like.config import to_yaml
 from areal_like.schema import ConfigError, RunConfig, TrackingConfig
 from areal_like.tokenizer import EOS_ID, char_tokenizer
 from areal_like.track_sink import JsonlTail, TrackerSink, follow, scalars
 from areal_like.tracking import JsonlTracker, MlflowTracker, TensorBoardTracker, Tracker, WandbTracker
+from launch.cli import main
 from launch.job import Monitor, curve_figure, eval_records, plot_curve
 from launch.topology import Topology
 from trainer.data import BatchSource

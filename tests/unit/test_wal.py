@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from buffer.wal import WalFailed, WalInUse, WriteAheadLog, _segment_path
+from buffer.dirlock import WalInUse
+from buffer.wal import WalFailed, WriteAheadLog, segment_path
 
 
 def replay(path, **kw) -> tuple[WriteAheadLog, list]:
@@ -59,7 +60,7 @@ def test_torn_or_corrupt_tail_is_skipped_and_logged(tmp_path, damage, caplog):
     wal.append_group("good", b"x" * 100)
     wal.append_group("last", b"y" * 100)
     wal.close()
-    path = _segment_path(tmp_path, 1)
+    path = segment_path(tmp_path, 1)
     data = bytearray(path.read_bytes())
     size_good = len(data) - (8 + 1 + 2 + 4 + 100)  # everything before the last record
     if damage == "truncate_payload":
@@ -93,7 +94,7 @@ def test_corruption_in_an_older_segment_skips_only_its_rest(tmp_path):
         wal.commit()
         wal.maybe_rotate(lambda: {})
     wal.close()
-    first = _segment_path(tmp_path, 1)
+    first = segment_path(tmp_path, 1)
     data = bytearray(first.read_bytes())
     data[-1] ^= 1
     first.write_bytes(bytes(data))
@@ -124,8 +125,7 @@ def test_compaction_deletes_fully_consumed_prefix_only(tmp_path):
 
 @pytest.mark.parametrize("policy", ["always", "batch", "never"])
 def test_records_survive_the_process_without_close(tmp_path, policy):
-    """What was committed is readable without close/fsync: writev goes straight to the kernel
-    (batch, never), the direct appender writes at commit (always)."""
+    """What was committed is readable without close/fsync: writev goes straight to the kernel."""
     wal = WriteAheadLog(tmp_path, fsync=policy)
     list(wal.replay())
     wal.open({})
@@ -153,6 +153,21 @@ def test_group_commit_tickets_become_durable_in_order(tmp_path):
     wal.close()
 
 
+def test_fsync_always_reads_back_what_is_still_queued_for_the_fsync_thread(tmp_path):
+    wal = WriteAheadLog(tmp_path)
+    list(wal.replay())
+    wal.open({})
+    frame = os.urandom(300_000)
+    ref = wal.append_group("a", frame)  # queued: the fsync thread writes it
+    assert bytes(wal.read_group(ref)) == frame  # written out first, then read
+    refs = [wal.append_group(f"g{i}", frame[:i * 1000 + 1]) for i in range(20)]
+    assert bytes(wal.read_group(refs[-1])) == frame[:19_001]
+    assert [bytes(wal.read_group(r)) for r in refs] == [frame[:i * 1000 + 1] for i in range(20)]
+    wal.close()
+    _, recs = replay(tmp_path)
+    assert [r[1] for r in recs if r[0] == "G"] == ["a", *(f"g{i}" for i in range(20))]
+
+
 def test_a_failing_fsync_is_fatal_not_silent(tmp_path, monkeypatch):
     wal = WriteAheadLog(tmp_path)
     list(wal.replay())
@@ -169,9 +184,10 @@ def test_a_failing_fsync_is_fatal_not_silent(tmp_path, monkeypatch):
         wal.wait_durable()
     assert wal._synced < ticket  # never reported durable
     monkeypatch.undo()
-    wal._syncer = None  # the syncer thread ended with the error
-    os.close(wal._fd)
-    wal._fd = None
+    fd = wal._fd
+    wal.close()  # after the failure: releases the segment, writes nothing more, does not raise
+    with pytest.raises(OSError):
+        os.fstat(fd)
 
 
 def test_group_frames_are_read_back_from_the_log_and_checked(tmp_path):
@@ -186,7 +202,7 @@ def test_group_frames_are_read_back_from_the_log_and_checked(tmp_path):
     replayed = {r.group_id: r.ref for r in wal2.replay() if r.kind == "G"}
     assert replayed == refs  # replay finds them where the writer put them
     assert bytes(wal2.read_group(replayed["bb"])) == b"bb" * 1000
-    with _segment_path(tmp_path, 1).open("r+b") as f:  # one flipped bit in the last byte of "a"'s frame
+    with segment_path(tmp_path, 1).open("r+b") as f:  # one flipped bit in the last byte of "a"'s frame
         f.seek(refs["a"].offset + refs["a"].length - 1)
         byte = f.read(1)[0]
         f.seek(-1, os.SEEK_CUR)
@@ -223,71 +239,18 @@ def test_the_log_syncs_where_the_os_has_no_fdatasync(tmp_path):
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
-WAL_KILLED_MID_SEGMENT = """
-import sys, time
-from buffer.wal import WriteAheadLog
-wal = WriteAheadLog(sys.argv[1], segment_bytes=int(sys.argv[2]))
-list(wal.replay())
-wal.open({})
-wal.append_group("a", b"frame" * 100)
-wal.request_sync()
-wal.wait_durable()
-print("ready", flush=True)
-time.sleep(600)  # killed -9 here: the active segment keeps its block reservation
-"""
-
-
-def _allocated(path) -> int:
-    return os.stat(path).st_blocks * 512
-
-
-def test_a_restart_releases_the_reservation_a_crash_left_behind(tmp_path):
-    """After kill -9 the segment that was active keeps its fallocate reservation (KEEP_SIZE: blocks
-    past the end of the data). Replay frees it in every old segment; the new active segment gets its
-    own reservation, which close frees as before."""
-    import signal
-    import subprocess
-    import sys
-
-    reserve = 8 << 20
-    child = subprocess.Popen([sys.executable, "-c", WAL_KILLED_MID_SEGMENT, str(tmp_path), str(reserve)],
-                             stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout.readline().strip() == "ready"
-    finally:
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait(timeout=60)
-    crashed = _segment_path(tmp_path, 1)
-    if _allocated(crashed) < reserve:
-        pytest.skip("this file system does not keep fallocate(KEEP_SIZE) reservations")
-    wal = WriteAheadLog(tmp_path, segment_bytes=reserve)
-    assert [r.group_id for r in wal.replay() if r.kind == "G"] == ["a"]
-    assert _allocated(crashed) < 1 << 20  # the data only (a few KB), the reservation is gone
-    wal.open({})
-    assert wal.segment == 2 and _allocated(_segment_path(tmp_path, 2)) >= reserve  # the new active segment
-    wal.append_group("b", b"frame")
-    wal.close()
-    assert _allocated(_segment_path(tmp_path, 2)) < 1 << 20
-    _, recs = replay(tmp_path)
-    assert [r[1] for r in recs if r[0] == "G"] == ["a", "b"]
-
-
-# ---- direct appends (fsync=always): what a review found
-
-
 def test_a_zeroed_tail_off_a_block_boundary_is_corruption_not_padding(tmp_path, caplog):
-    """A direct append pads only up to a block boundary, so its zero tail always ends the file at a
-    multiple of BLOCK. A buffered segment (fsync=batch/never, older versions, file systems refusing
-    O_DIRECT) never has padding: a zeroed last record there (a lost write after a power failure,
-    whose ack fsync=batch may already have sent) must be counted and warned about as corruption,
-    not cut silently at INFO as 'padding'."""
+    """Versions that appended with O_DIRECT padded only up to a 4 KiB boundary, so their zero tail
+    always ends the file at a multiple of 4096. Any other zeroed last record (a lost write after a
+    power failure, whose ack fsync=batch may already have sent) is counted and warned about as
+    corruption, not cut silently at INFO as padding."""
     wal = WriteAheadLog(tmp_path, fsync="batch")
     list(wal.replay())
     wal.open({})
     wal.append_group("good", b"x" * 100)
     last = wal.append_group("last", b"y" * 100)
     wal.close()
-    path = _segment_path(tmp_path, 1)
+    path = segment_path(tmp_path, 1)
     data = bytearray(path.read_bytes())
     assert len(data) % 4096 != 0  # a buffered segment: its size is not block aligned
     data[last.offset:] = bytes(len(data) - last.offset)  # the last record reads back as zeros
@@ -299,16 +262,15 @@ def test_a_zeroed_tail_off_a_block_boundary_is_corruption_not_padding(tmp_path, 
     assert any("offset" in m for m in caplog.messages)
 
 
-def test_a_failed_direct_write_is_not_taken_for_a_damaged_record_at_hand_out(tmp_path, monkeypatch):
-    """fsync=always, direct: a hand-out of a group still queued in the appender makes read_group
-    wait for the fsync thread. When that thread's write fails (EIO), read_group raises the WAL's
-    fatal WalFailed, which must stop the daemon: handout._load_all must not take it for a damaged
-    record and drop the intact, accepted group as 'unreadable'."""
+def test_a_failed_write_is_not_taken_for_a_damaged_record_at_hand_out(tmp_path, monkeypatch):
+    """fsync=always: the fsync thread writes queued records, so a hand-out of a group still queued
+    makes read_group wait for it. When that write fails (EIO), the WAL's fatal WalFailed must stop
+    the daemon: the hand-out must not take it for a damaged record and drop the intact, accepted
+    group as 'unreadable'."""
     import numpy as np
 
     from areal_like import protocol as P
     from areal_like.config import BufferConfig, RunConfig, TaskConfig
-    from buffer.recovery import recover
     from buffer.service import BufferService
 
     class FakeServer:
@@ -326,9 +288,7 @@ def test_a_failed_direct_write_is_not_taken_for_a_damaged_record_at_hand_out(tmp
     cfg = RunConfig(run_dir=str(tmp_path), task=TaskConfig(num_prompts=100), buffer=BufferConfig(
         max_staleness=1, groups_per_step=2, max_inflight=16, capacity=64))
     svc = BufferService(cfg)
-    recover(svc)
-    if not svc.wal.direct:
-        pytest.skip("this file system refuses O_DIRECT")
+    svc.recover()
     svc.server, svc.publisher = FakeServer(), FakeServer()
 
     def handle(msg):
@@ -337,35 +297,31 @@ def test_a_failed_direct_write_is_not_taken_for_a_damaged_record_at_hand_out(tmp
 
     handle(P.Register(server_id="s", engine_url="http://x", policy_version=0))
     handle(P.CreditRequest(server_id="s", max_credits=2))
-    svc._persist_and_reply()  # as the loop does: the credits' control record, then their reply
+    svc.settle()
     svc.wal.wait_durable()
-    svc._send_durable_replies()
-    credits = svc.server.sent[-1].credits
+    svc.send_durable()
     groups = []
-    for c in credits:
+    for c in svc.server.sent[-1].credits:
         t = P.Trajectory.of(prompt_ids=P.as_i32([1]), output_ids=P.as_i32([2, 3]), behav_logp=P.as_f32([-1, -1]),
-                         versions=P.as_i32(np.zeros(2)), reward=1.0, finish_reason="stop")
+                            versions=P.as_i32(np.zeros(2)), reward=1.0, finish_reason="stop")
         groups.append(P.TrajectoryGroup(group_id=f"s-{c.lease_id}", server_id="s", lease_id=c.lease_id,
                                         prompt_index=c.prompt_index, epoch=c.epoch, trajectories=[t]))
     handle(groups[0])
     svc.wal.wait_durable()  # the first group is on disk
 
-    def broken_pwrite(*args):
+    def broken_writev(*args):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr("buffer.segment_io.os.pwrite", broken_pwrite)
-    frame = P.encode(groups[1])
-    assert svc._on_group(P.decode(frame), frame).status == "accepted"  # queued for the fsync thread
-    handle(P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0.0, ack_batch=""))
+    monkeypatch.setattr("buffer.wal.os.writev", broken_writev)
     try:
         with pytest.raises(WalFailed):
-            svc._serve_batches()
-        assert svc.counts["groups_dropped_unreadable"] == 0
+            handle(groups[1])  # queued for the fsync thread, whose write fails (maybe already here)
+            handle(P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0.0, ack_batch=""))
+            svc.settle()
+        assert svc.instruments.counts["groups_dropped_unreadable"] == 0
     finally:
         monkeypatch.undo()
-        svc.wal._syncer = None  # the syncer thread ended with the error
-        os.close(svc.wal._fd)
-        svc.wal._fd = None
+        svc.wal.close()
 
 
 WAL_READER_ON_FD_0 = """
@@ -374,7 +330,6 @@ from buffer.wal import WriteAheadLog
 wal = WriteAheadLog(sys.argv[1])
 list(wal.replay())
 wal.open({})
-assert wal.direct
 ref = wal.append_group("a", b"frame")
 wal.request_sync()
 wal.wait_durable()
@@ -391,7 +346,7 @@ else:
 
 
 def test_a_reader_descriptor_numbered_0_is_kept_and_closed(tmp_path):
-    """An O_DIRECT reader descriptor numbered 0 (a daemon without stdin) is used and closed like any
+    """A reader descriptor numbered 0 (a daemon without stdin) is used and closed like any
     other, not taken for 'none' (a leaked one would keep a compacted segment's blocks allocated)."""
     import subprocess
     import sys
@@ -400,6 +355,25 @@ def test_a_reader_descriptor_numbered_0_is_kept_and_closed(tmp_path):
                          text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "closed"
+
+
+def test_the_crash_padding_of_older_direct_appends_is_the_clean_end(tmp_path, caplog):
+    """A segment written with O_DIRECT by an earlier version and killed ends in zeros up to a 4 KiB
+    boundary: every record before them is replayed, nothing is counted corrupt, the zeros are cut."""
+    wal = WriteAheadLog(tmp_path)
+    list(wal.replay())
+    wal.open({})
+    wal.append_group("a", b"x" * 5000)
+    wal.close()
+    path = segment_path(tmp_path, 1)
+    size = path.stat().st_size
+    with path.open("ab") as f:
+        f.write(bytes(-size % 4096))
+    with caplog.at_level(logging.INFO, logger="buffer.wal"):
+        wal2, recs = replay(tmp_path)
+    assert [r[1] for r in recs if r[0] == "G"] == ["a"] and wal2.corrupt_records == 0 and "padding" in caplog.text
+    assert path.stat().st_size == size
+    wal2.close()
 
 
 def test_one_log_per_directory(tmp_path):
@@ -422,7 +396,7 @@ def test_a_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, mon
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr("buffer.wal.fcntl.flock", no_locks)
+    monkeypatch.setattr("buffer.dirlock.fcntl.flock", no_locks)
     with caplog.at_level(logging.WARNING, logger="buffer.wal"):
         wal = WriteAheadLog(tmp_path)
     assert "nothing stops a second buffer" in caplog.text

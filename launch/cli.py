@@ -17,9 +17,9 @@
 Overrides are Hydra's: ``experiment=quickstart trainer.lr=1e-4 buffer.max_staleness=0``. A bad
 configuration, an unusable input (preflight) or a finished ``run_dir`` prints ``error:`` lines and
 exits 2 before anything starts.
-``--help`` is fast: nothing heavy (torch, transformers, hydra) is imported before a command runs,
-and the process packages are reached by module name (``python -m buffer``, ``python -m trainer.export``),
-never imported here, so ``areal_like`` keeps pointing one way in the import graph.
+``--help`` is fast: nothing heavy (torch, transformers, hydra) is imported before a command runs
+(each command imports what it needs), and the daemons and one-shot tools run as their own
+processes (``python -m buffer``, ``python -m trainer.export``), never imported here.
 """
 
 from __future__ import annotations
@@ -184,15 +184,14 @@ def _errors(e: Exception) -> int:
 
 def _print_config(overrides: list[str]) -> int:
     """The config the daemons would read: hub ids resolved to local directories, inputs checked."""
-    import importlib
-
     from areal_like.config import ConfigError, to_yaml
+    from launch.preflight import checked
 
     cfg = _load(overrides)
     if cfg is None:
         return 2
     try:
-        cfg = importlib.import_module("launch.preflight").checked(cfg)
+        cfg = checked(cfg)
     except ConfigError as e:
         return _errors(e)
     sys.stdout.write(to_yaml(cfg))
@@ -200,35 +199,34 @@ def _print_config(overrides: list[str]) -> int:
 
 
 def _run(overrides: list[str], quiet: bool) -> int:
-    import importlib
-
     from areal_like.config import ConfigError
+    from launch.job import run_job
 
     cfg = _load(overrides)
     if cfg is None:
         return 2
-    # launch/ imports the process-independent pieces; reached by name like the daemons are.
-    job = importlib.import_module("launch.job")
     try:
-        return job.run_job(cfg, quiet=quiet)
+        return run_job(cfg, quiet=quiet)
     except ConfigError as e:  # preflight, a finished run_dir, a port clash: before anything started
         return _errors(e)
 
 
 def _plan(overrides: list[str]) -> int:
     """``run``'s planning step (``launch.job.plan_job``) without writing or starting anything."""
-    import importlib
-
     from areal_like.config import ConfigError
+    from launch.job import plan_job, with_gpu_count
+    from launch.placement import with_weight_path
+    from launch.topology import plan_lines
 
     cfg = _load(overrides)
     if cfg is None:
         return 2
     try:
-        _, topo = importlib.import_module("launch.job").plan_job(cfg)
+        _, topo = plan_job(cfg)
     except ConfigError as e:  # a layout that does not fit the GPUs, a port clash
         return _errors(e)
-    print("\n".join(importlib.import_module("launch.topology").plan_lines(cfg, topo)))
+    # the daemons' GPU settings, but the ports as configured (``auto`` where run picks them at start)
+    print("\n".join(plan_lines(with_weight_path(with_gpu_count(cfg)), topo)))
     return 0
 
 

@@ -1,0 +1,160 @@
+"""The ``trainer.loss`` section of the configuration: which policy-loss kernel, and its knobs.
+
+``trainer.loss.kernel`` names one kernel of ``LOSS_KINDS``. The knobs every kernel shares sit at
+``trainer.loss.*`` (aggregation, the KL term, and the PPO trust region, which ppo, decoupled_ppo,
+tis, mis and icepop share); each kernel's own knobs at ``trainer.loss.<kernel>.*``, one small
+dataclass per kernel (ppo has none of its own). Only the chosen kernel's section is read.
+Formulas, sources and defaults: ``trainer/LOSSES.md``; the trainer's table of kernels
+(``trainer/losses.py`` ``KERNELS``) has one entry per name here, with these classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from areal_like.config_checks import check, choice
+
+LOSS_KINDS = ("ppo", "decoupled_ppo", "tis", "mis", "icepop", "gspo", "vespo", "vcpo", "oapl")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+
+# Keys of the flat trainer.loss of earlier versions: one still in a config fails naming its new key.
+MOVED_LOSS_KEYS = {
+    "kind": "kernel", "behav_cap": "decoupled_ppo.cap", "tis_cap": "tis.cap", "tis_level": "tis.level",
+    "mis_low": "mis.low (icepop: icepop.low)", "mis_high": "mis.high (icepop: icepop.high)",
+    "vespo_k_pos": "vespo.k_pos", "vespo_lambda_pos": "vespo.lambda_pos", "vespo_k_neg": "vespo.k_neg",
+    "vespo_lambda_neg": "vespo.lambda_neg", "vcpo_is_cap": "vcpo.cap", "vcpo_baseline_weight": "vcpo.baseline_weight",
+    "vcpo_ess_base": "vcpo.ess_base", "oapl_beta": "oapl.beta", "oapl_beta_v": "oapl.beta_v",
+}
+K = "trainer.loss."
+
+
+@dataclass(kw_only=True)
+class DecoupledPPOConfig:
+    """AReaL (LOSSES.md section 4): tokens whose pi_prox/pi_behav is over ``cap`` get weight 0."""
+
+    cap: float | None = 5.0  # None = no cap
+
+    def __post_init__(self):
+        check(K + "decoupled_ppo.cap", self.cap is None or self.cap > 1, "null or > 1", self.cap)
+
+
+@dataclass(kw_only=True)
+class TISConfig:
+    """TIS (section 5): the IS weight truncated from above at ``cap``, per token or per sequence."""
+
+    cap: float = 2.0
+    level: str = "token"  # token | sequence (rho_i = the product over the sequence)
+
+    def __post_init__(self):
+        check(K + "tis.cap", self.cap > 0, "> 0", self.cap)
+        choice(K + "tis.level", self.level, ("token", "sequence"))
+
+
+@dataclass(kw_only=True)
+class MISConfig:
+    """Seq-MIS (section 6): sequences whose IS weight is outside [low, high] get weight 0."""
+
+    key: ClassVar[str] = K + "mis"
+    low: float = 0.5
+    high: float = 2.0
+
+    def __post_init__(self):
+        check(f"{self.key}.low", 0 <= self.low < self.high, f"in [0, {self.key}.high)", self.low)
+
+
+@dataclass(kw_only=True)
+class IcePopConfig(MISConfig):
+    """IcePop (section 6): the same band on each token's IS weight; the paper's beta = 5."""
+
+    key: ClassVar[str] = K + "icepop"
+    high: float = 5.0
+
+
+@dataclass(kw_only=True)
+class GSPOConfig:
+    """GSPO (section 3): a trust region of its own on the sequence ratio (the paper's eps)."""
+
+    fixed_agg: ClassVar[str] = "seq-mean-token-mean"
+    eps_clip: float = 3e-4
+    eps_clip_high: float | None = 4e-4  # None = eps_clip
+
+    def __post_init__(self):
+        check(K + "gspo.eps_clip", 0 < self.eps_clip < 1, "in (0, 1)", self.eps_clip)
+
+
+@dataclass(kw_only=True)
+class VESPOConfig:
+    """VESPO (section 7): phi(W) = W^k exp(lambda (1 - W)), (k, lambda) by the sign of the advantage."""
+
+    k_pos: float = 2.0
+    lambda_pos: float = 3.0
+    k_neg: float = 3.0
+    lambda_neg: float = 2.0
+
+
+@dataclass(kw_only=True)
+class VCPOConfig:
+    """VCPO (section 8): capped sequence IS weight, the off-policy optimal baseline, an ESS-scaled LR."""
+
+    fixed_agg: ClassVar[str] = "seq-mean-token-mean"
+    cap: float = 8.0
+    baseline_weight: str = "readme"  # readme: w^2 |g|^2 (paper) | code: wclip^2 w^2 |g|^2 (released code)
+    ess_base: float = 1.0
+
+    def __post_init__(self):
+        check(K + "vcpo.cap", self.cap > 0, "> 0", self.cap)
+        choice(K + "vcpo.baseline_weight", self.baseline_weight, ("readme", "code"))
+
+
+@dataclass(kw_only=True)
+class OAPLConfig:
+    """OAPL, a reconstruction (section 9): regression scale ``beta``, value temperature ``beta_v``."""
+
+    beta: float = 1.0
+    beta_v: float | None = None  # None = beta
+
+    def __post_init__(self):
+        check(K + "oapl.beta", self.beta > 0, "> 0", self.beta)
+        check(K + "oapl.beta_v", self.beta_v is None or self.beta_v > 0, "null or > 0", self.beta_v)
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """The kernel, the knobs all kernels share, and one section per kernel (``params``: the chosen one's)."""
+
+    kernel: str = "decoupled_ppo"
+    agg: str = "token-mean"  # gspo and vcpo always seq-mean-token-mean, oapl a mean over sequences
+    loss_scale_factor: float | None = None  # seq-mean-token-sum-norm constant C (None = padded width)
+    eps_clip: float = 0.2  # the PPO trust region (ppo, decoupled_ppo, tis, mis, icepop)
+    eps_clip_high: float | None = None  # None = eps_clip
+    dual_clip: float | None = None  # c > 1, binds where A < 0
+    kl_coef: float = 0.0  # KL to a frozen reference, any kernel; 0 = no reference is built
+    kl_estimator: str = "k3"
+    decoupled_ppo: DecoupledPPOConfig = field(default_factory=DecoupledPPOConfig)
+    tis: TISConfig = field(default_factory=TISConfig)
+    mis: MISConfig = field(default_factory=MISConfig)
+    icepop: IcePopConfig = field(default_factory=IcePopConfig)
+    gspo: GSPOConfig = field(default_factory=GSPOConfig)
+    vespo: VESPOConfig = field(default_factory=VESPOConfig)
+    vcpo: VCPOConfig = field(default_factory=VCPOConfig)
+    oapl: OAPLConfig = field(default_factory=OAPLConfig)
+
+    def __post_init__(self):
+        choice(K + "kernel", self.kernel, LOSS_KINDS)
+        choice(K + "agg", self.agg, AGG_MODES)
+        choice(K + "kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
+        check(K + "eps_clip", 0 < self.eps_clip < 1, "in (0, 1)", self.eps_clip)
+        check(K + "dual_clip", self.dual_clip is None or self.dual_clip > 1, "null or > 1", self.dual_clip)
+        check(K + "kl_coef", self.kl_coef >= 0, ">= 0", self.kl_coef)
+
+    @property
+    def params(self) -> Any:
+        """The chosen kernel's own knobs (its section of this config), or None when it has none."""
+        return getattr(self, self.kernel, None)
+
+    def check_agg(self) -> None:
+        """A run config may not name an aggregation its kernel does not use (the kernel functions accept any)."""
+        fixed = getattr(self.params, "fixed_agg", None)
+        check(K + "agg", fixed is None or self.agg == fixed, f"{fixed!r} with {K}kernel={self.kernel}", self.agg)

@@ -1,0 +1,111 @@
+"""Trainer memory: measured peak of one real training step vs ``trainer.memory.estimate_peak_bytes``.
+
+One process, the trainer's own code path (world-size-1 gloo group, FSDP2, CPU, fp32): the policy is
+built (``trainer.model.build_policy``: meta device, sharded, materialised) and ``--steps``
+``trainer.step.train_step`` calls run on a batch of ``--seqs`` sequences of ``--len`` tokens, ``--mbs``
+sequences per micro-batch (gradients accumulate over the micro-batches, as in a real step; from the
+second step on the AdamW moments exist during the forward/backward). Measured: the peak of the
+bytes held by tensors allocated from the start of the build
+to the end of the step (``trainer.memory.PeakTensorBytes``: parameters, gradients, AdamW states,
+all-gathered parameters, activations, log-prob chunks), and the process's peak RSS for reference
+(which adds torch/transformers themselves and allocator slack). The estimate is the accounting that
+``trainer/MEMORY.md``'s table is computed with, for the same shape, tokens and settings.
+
+Default shape: Qwen2-0.5B's hidden size, MLP, heads and full 151936-token vocabulary, cut to
+``--layers 4`` so that the whole step (~5 GB) fits a shared CPU machine. The loss kernel is plain
+PPO with the behaviour log-probs as the proximal ones (no recompute pass), so the step is one
+forward/backward and one optimizer step.
+
+    .venv/bin/python benchmarks/bench_trainer_memory.py                       # ~5 GB, a few minutes
+    .venv/bin/python benchmarks/bench_trainer_memory.py --layers 2 --len 256 --checkpointing
+
+Prints one JSON line: figure = measured GiB, baseline = estimated GiB, ratio = measured / estimate
+(goal 0.85 .. 1.15), plus each term of the estimate and the peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def synthetic_batch(seqs: int, length: int, prompt: int = 32):
+    import numpy as np
+
+    from areal_like.protocol import Trajectory, TrajectoryGroup
+    from trainer.data import groups_to_batch
+
+    rng = np.random.default_rng(0)
+    trajs = [Trajectory.of(prompt_ids=rng.integers(4, 100, prompt), output_ids=rng.integers(4, 100, length - prompt),
+                           behav_logp=-rng.random(length - prompt) * 3, versions=np.zeros(length - prompt, np.int32),
+                           reward=float(i % 2), finish_reason="stop") for i in range(seqs)]
+    return groups_to_batch([TrajectoryGroup(group_id="g0", server_id="s", lease_id="0", prompt_index=0, epoch=0,
+                                            trajectories=trajs)])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="0.5B", choices=("0.5B", "1.5B", "7B"))
+    p.add_argument("--layers", type=int, default=4, help="decoder blocks (the shape's own count: 0)")
+    p.add_argument("--vocab", type=int, default=0, help="vocabulary (the shape's own: 0); smaller makes the "
+                                                         "activations, not the embeddings, the peak")
+    p.add_argument("--seqs", type=int, default=2)
+    p.add_argument("--mbs", type=int, default=1, help="trainer.micro_batch_size (sequences)")
+    p.add_argument("--len", type=int, default=512, help="tokens per sequence (32 prompt + the rest output)")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--chunk", type=int, default=512, help="trainer.logprob_chunk_tokens")
+    p.add_argument("--checkpointing", action="store_true", help="trainer.activation_checkpointing=true")
+    args = p.parse_args()
+
+    import torch
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    from areal_like.config import load_config
+    from trainer.memory import GIB, PeakTensorBytes, estimate_peak_bytes, qwen2_shape
+    from trainer.model import build_policy, init_distributed
+    from trainer.step import StepSettings, train_step
+
+    model_cfg = qwen2_shape(args.shape, **({"num_hidden_layers": args.layers} if args.layers else {}),
+                            **({"vocab_size": args.vocab} if args.vocab else {}))
+    overrides = [f"model.{k}={v}" for k, v in vars(model_cfg).items() if k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "tie_word_embeddings")]
+    cfg = load_config([*overrides, "model.max_position_embeddings=4096", "trainer.loss.kernel=ppo",
+                       "trainer.loss.agg=token-mean", f"trainer.micro_batch_size={args.mbs}",
+                       f"trainer.logprob_chunk_tokens={args.chunk}",
+                       f"trainer.activation_checkpointing={str(args.checkpointing).lower()}"])
+    batch = synthetic_batch(args.seqs, args.len)
+    init_distributed(cfg.trainer)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.monotonic()
+    with PeakTensorBytes() as m:
+        policy = build_policy(cfg.model, cfg.trainer)
+        s = StepSettings.from_config(cfg)
+        for _ in range(args.steps):
+            stats = train_step(policy, batch, s, batch.behav_logp)
+    wall = time.monotonic() - t0
+    est = estimate_peak_bytes(cfg.model, 1, args.mbs * args.len, "float32", args.checkpointing, args.chunk)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({
+        "name": "trainer_memory", "figure": round(m.peak / GIB, 3), "unit": "GiB (measured tensor peak)",
+        "baseline": round(est.total / GIB, 3), "ratio": round(m.peak / est.total, 3), "goal": "0.85 .. 1.15",
+        "shape": args.shape, "layers": cfg.model.num_hidden_layers, "vocab": cfg.model.vocab_size,
+        "micro_batch_tokens": args.mbs * args.len,
+        "micro_batches": -(-args.seqs // args.mbs), "steps": args.steps,
+        "chunk": args.chunk, "checkpointing": args.checkpointing, "dtype": "float32", "world": 1,
+        "terms_gib": {k: round(v / GIB, 3) for k, v in vars(est).items()},
+        "moments_gib": {k: round(v / GIB, 3) for k, v in est.moments.items()},
+        "rss_peak_gib": round(rss / GIB, 3), "rss_before_gib": round(rss0 / GIB, 3),
+        "loss": stats["loss"], "wall_s": round(wall, 1)}))
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

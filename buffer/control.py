@@ -1,0 +1,118 @@
+"""The control plane: trainer version, roster of rollout servers, weight-sync plan and results.
+
+Only ``version`` is durable (the service logs it). The roster is soft state rebuilt from heartbeats
+within a second of a restart; a plan is the trainer's to re-send. A server that is evaluating (its
+engine holds one version) stays out of weight syncs until done. Handlers return the reply.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+
+from areal_like import protocol as P
+
+SYNC_RESULTS_KEEP = 8  # versions of SyncDone results kept for SyncStatusRequest
+
+
+@dataclass(slots=True)
+class Member:
+    entry: P.RosterEntry
+    last_seen: float
+    in_flight: int = 0
+    evaluating: bool = False  # out of weight syncs while its engine holds one version for an evaluation
+
+
+class ControlPlane:
+    def __init__(self, pub_address: str, heartbeat_timeout_s: float, clock: Callable[[], float],
+                 publish: Callable[[P.Message], None], log: logging.Logger):
+        self.pub_address, self.heartbeat_timeout_s = pub_address, heartbeat_timeout_s
+        self.clock, self.publish, self.log = clock, publish, log
+        self.version = 0
+        self.roster: dict[str, Member] = {}
+        self.plan: P.WeightSyncPlan | None = None
+        self.plan_deadline = 0.0
+        self.sync_results: dict[int, dict[str, bool]] = {}
+        self.sync_pauses: dict[int, dict[str, float]] = {}  # version -> server -> seconds not generating
+
+    def newest_version(self) -> int:
+        """The newest version any engine may serve: the trainer's, or that of a sync in progress."""
+        return max(self.version, self.plan.policy_version if self.plan else 0)
+
+    def touch(self, server_id: str, engine_version: int | None = None) -> Member | None:
+        member = self.roster.get(server_id)
+        if member is not None:
+            member.last_seen = self.clock()
+            if engine_version is not None:
+                member.entry = msgspec.structs.replace(member.entry, policy_version=engine_version)
+        return member
+
+    def expire(self) -> None:
+        now = self.clock()
+        for sid in [s for s, m in self.roster.items() if now - m.last_seen > self.heartbeat_timeout_s]:
+            silent = now - self.roster.pop(sid).last_seen
+            self.log.warning("server %s silent for %.0fs: removed from the roster", sid, silent)
+
+    def register(self, m: P.Register) -> P.RegisterAck:
+        entry = P.RosterEntry(**{k: getattr(m, k) for k in P.field_names(P.RosterEntry)})  # Register has them all
+        if m.server_id not in self.roster:
+            self.log.info("server %s registered (engine %s, version %d, torch %r, CUDA %r, NCCL %r)", m.server_id,
+                          m.engine_url, m.policy_version, m.torch_version, m.cuda_version, m.nccl_version)
+        self.roster[m.server_id] = Member(entry, self.clock())
+        return P.RegisterAck(server_id=m.server_id, policy_version=self.version, pub_address=self.pub_address)
+
+    def heartbeat(self, m: P.Heartbeat) -> P.HeartbeatAck:
+        member = self.touch(m.server_id, m.policy_version)
+        if member is None:
+            return P.HeartbeatAck(policy_version=self.version, known=False)
+        member.in_flight = m.in_flight
+        if member.evaluating != m.evaluating:
+            self.log.info("server %s %s", m.server_id, "evaluating: out of weight syncs" if m.evaluating
+                          else "done evaluating: back in weight syncs")
+            member.evaluating = m.evaluating
+        return P.HeartbeatAck(policy_version=self.version, known=True, pending_plan=self._pending_plan(m.server_id))
+
+    def roster_reply(self, _m: P.RosterRequest) -> P.Roster:
+        """Weight-sync members: every live server but those evaluating."""
+        return P.Roster(members=[m.entry for m in self.roster.values() if not m.evaluating],
+                        policy_version=self.version,
+                        evaluating=sorted(s for s, m in self.roster.items() if m.evaluating))
+
+    def take_plan(self, plan: P.WeightSyncPlan) -> P.Ack:
+        old = self.plan
+        if old is not None and old.policy_version == plan.policy_version and old.plan_id != plan.plan_id:
+            self.sync_results.pop(plan.policy_version, None)  # a re-push: every member must load it again
+            self.sync_pauses.pop(plan.policy_version, None)
+        self.plan, self.plan_deadline = plan, self.clock() + plan.deadline_s
+        self.sync_results.setdefault(plan.policy_version, {})
+        for version in sorted(self.sync_results)[:-SYNC_RESULTS_KEEP]:
+            del self.sync_results[version]
+            self.sync_pauses.pop(version, None)
+        self.publish(plan)
+        return P.Ack(ref=str(plan.policy_version), status="ok")
+
+    def _pending_plan(self, server_id: str) -> P.WeightSyncPlan | None:
+        plan = self.plan
+        if plan is None or self.clock() > self.plan_deadline:
+            return None
+        if server_id in self.sync_results.get(plan.policy_version, {}):
+            return None
+        return plan if any(m.server_id == server_id for m in plan.members) else None
+
+    def sync_done(self, m: P.SyncDone) -> P.Ack:
+        self.sync_results.setdefault(m.policy_version, {})[m.server_id] = m.ok
+        self.sync_pauses.setdefault(m.policy_version, {})[m.server_id] = m.pause_s
+        if m.ok:
+            self.touch(m.server_id, m.policy_version)
+        else:
+            self.log.warning("server %s failed to load version %d: %s", m.server_id, m.policy_version, m.reason)
+        return P.Ack(ref=str(m.policy_version), status="ok")
+
+    def sync_status(self, m: P.SyncStatusRequest) -> P.SyncStatus:
+        results = self.sync_results.get(m.policy_version, {})
+        return P.SyncStatus(policy_version=m.policy_version, done=sorted(s for s, ok in results.items() if ok),
+                            failed=sorted(s for s, ok in results.items() if not ok),
+                            pause_s=dict(self.sync_pauses.get(m.policy_version, {})))

@@ -1,0 +1,18 @@
+#!/bin/bash
+# Run a command, restarting it when it exits non-zero, at most RESTARTS times (a rollout server
+# that dies comes back, as under the local supervisor). SIGTERM/SIGINT stop it for good: the
+# command gets SIGTERM and this script exits when it has.
+#   with_restarts.sh RESTARTS COMMAND [ARGS...]
+set -uo pipefail
+RESTARTS=$1; shift
+child=0
+trap 'kill -TERM "$child" 2>/dev/null; wait "$child"; exit 143' TERM INT
+for ((tries = 0; ; tries++)); do
+  "$@" &
+  child=$!
+  wait "$child"; code=$?
+  (( code == 0 )) && exit 0
+  (( tries >= RESTARTS )) && { echo "$1 exited with $code; no restarts left ($RESTARTS)" >&2; exit "$code"; }
+  echo "$1 exited with $code; restart $((tries + 1))/$RESTARTS" >&2
+  sleep "${RESTART_BACKOFF_S:-5}"
+done

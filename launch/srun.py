@@ -1,0 +1,201 @@
+"""The Slurm job's processes as ``srun`` steps, from the same plan ``areal-like plan`` prints.
+
+``launch/slurm/areal_like.sbatch`` calls ``python -m launch.srun``:
+
+* ``head-ip IFACE`` prints the IPv4 address of interface ``IFACE`` on this node
+  (``ip -o -4 addr show dev IFACE``): the address every other node reaches the buffer and trainer
+  rank 0 on. Not the first ``hostname -I`` address, which on a cluster is often a management or
+  container network the other nodes cannot route to; a missing or address-less interface is an
+  error naming it and the interfaces that do have one;
+* ``steps`` prints one line per process, ``name<TAB>kind<TAB>command`` (``command`` shell-quoted):
+  the buffer, every rollout server and one torchrun per training node, placed by
+  ``launch/topology.py`` (GPUs from ``launch/placement.py``), and writes ``ports.json``.
+
+Each step is ``srun --overlap -N1 -n1 -w NODE -c CORES --cpu-bind=mask_cpu:MASK env
+CUDA_VISIBLE_DEVICES=... COMMAND``. The cores come from the plan too (``node_cores``): a node's
+cores, less one for the buffer on node 0, are cut into ``launch.gpus_per_node`` equal blocks in
+GPU order (block ``g`` for GPU ``g``, which on the usual two-socket GPU node keeps a process on the
+socket of its GPUs), and each process is bound to the blocks of its GPUs, so no two processes
+of a node share a core. ``CUDA_VISIBLE_DEVICES`` is set by ``env`` inside the step, after Slurm's
+own GPU binding, so it is the plan's and not Slurm's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from areal_like.config import ConfigError, RunConfig
+from launch.placement import NodeGpus, place_nodes, visible_devices
+from launch.topology import DaemonSlot, Topology, plan_topology, split_address
+
+BUFFER_CORES = 1  # the buffer moves bytes between sockets: one core is plenty
+
+
+def head_ip(iface: str) -> str:
+    """The first IPv4 address of ``iface`` on this node; ConfigError saying what is missing."""
+    if not iface:
+        raise ConfigError("HEAD_IFACE is not set: name the network interface the other nodes reach this node on "
+                          f"(e.g. HEAD_IFACE=ib0); this node has: {', '.join(_ipv4_interfaces()) or 'none'}")
+    try:
+        r = subprocess.run(["ip", "-o", "-4", "addr", "show", "dev", iface], capture_output=True, text=True,
+                           timeout=30)
+    except FileNotFoundError:
+        raise ConfigError("`ip` (iproute2) is not installed on this node: cannot read HEAD_IFACE's address") from None
+    if r.returncode != 0:
+        raise ConfigError(f"HEAD_IFACE={iface}: {r.stderr.strip() or 'ip failed'}; interfaces with an IPv4 "
+                          f"address here: {', '.join(_ipv4_interfaces()) or 'none'}")
+    for line in r.stdout.splitlines():
+        fields = line.split()
+        if "inet" in fields:
+            return fields[fields.index("inet") + 1].split("/")[0]
+    raise ConfigError(f"HEAD_IFACE={iface} has no IPv4 address; interfaces with one: "
+                      f"{', '.join(_ipv4_interfaces()) or 'none'}")
+
+
+def _ipv4_interfaces() -> list[str]:
+    """``name=address`` of every interface with an IPv4 address (for the error messages)."""
+    try:
+        out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, timeout=30).stdout
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return []
+    rows = [line.split() for line in out.splitlines()]
+    return [f"{f[1]}={f[f.index('inet') + 1].split('/')[0]}" for f in rows if "inet" in f and len(f) > 3]
+
+
+def node_cores(placed: NodeGpus, cpus: int, gpus_per_node: int, has_buffer: bool) -> dict[str, tuple[int, ...]]:
+    """The cores of each process of one node: ``trainer`` (its torchrun), ``rollout-<i>`` (i-th server
+    of the node) and ``buffer``; ConfigError when the node has fewer cores than GPUs."""
+    usable = cpus - (BUFFER_CORES if has_buffer else 0)
+    per_gpu = usable // gpus_per_node
+    if per_gpu < 1:
+        raise ConfigError(f"{cpus} cores per node cannot give each of launch.gpus_per_node={gpus_per_node} GPUs a core"
+                          + (" beside the buffer's" if has_buffer else ""))
+
+    def block(gpus: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(c for g in gpus for c in range(g * per_gpu, (g + 1) * per_gpu))
+
+    out = {f"rollout-{i}": block(g) for i, g in enumerate(placed.rollout)}
+    if placed.trainer:
+        out["trainer"] = block(placed.trainer)
+    if has_buffer:
+        out["buffer"] = tuple(range(cpus - BUFFER_CORES, cpus))
+    return out
+
+
+def cpu_mask(cores: tuple[int, ...]) -> str:
+    """Slurm's ``mask_cpu`` value for ``cores`` (bit i = core i)."""
+    return hex(sum(1 << c for c in cores))
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str  # the plan's process name (its log is <name>.log)
+    kind: str  # buffer | rollout | trainer
+    argv: tuple[str, ...]
+
+    def line(self) -> str:
+        return f"{self.name}\t{self.kind}\t{shlex.join(self.argv)}"
+
+
+def slurm_steps(cfg: RunConfig, hosts: list[str], *, config: str, cpus: int, master_port: int, restarts: int,
+                repo: str) -> tuple[Topology, list[Step]]:
+    """The plan of ``cfg`` on ``hosts`` (node k = ``hosts[k]``) as srun steps, buffer first."""
+    la = cfg.launch
+    if len(hosts) != la.nodes:
+        raise ConfigError(f"launch.nodes={la.nodes} but the allocation has {len(hosts)} nodes ({', '.join(hosts)})")
+    for key, port in (("buffer.address", split_address(cfg.buffer.address)[1]),
+                      ("buffer.pub_address", split_address(cfg.buffer.pub_address)[1]),
+                      ("buffer.metrics_port", cfg.buffer.metrics_port), ("trainer.metrics_port", cfg.trainer.metrics_port),
+                      ("rollout.metrics_port", cfg.rollout.metrics_port)):
+        if not port:
+            raise ConfigError(f"{key} has port 0: every port of a Slurm job is fixed in its config (ports.json lists "
+                              "them for `areal-like top` and Prometheus)")
+    placed = place_nodes(cfg)
+    if placed is None:
+        raise ConfigError(f"trainer.device={cfg.trainer.device!r} and rollout.engine.kind={cfg.rollout.engine.kind!r}: "
+                          "the Slurm recipe places GPU jobs (topology=gpu_sglang or gpu_embedded)")
+    topo = plan_topology(cfg, _from(master_port))
+    cores = [node_cores(placed[k], cpus, la.gpus_per_node, has_buffer=k == 0) for k in range(la.nodes)]
+    seen = [0] * la.nodes  # rollout servers placed so far on each node
+    steps = []
+    for slot in sorted(topo.slots, key=lambda s: (s.kind != "buffer", s.node)):
+        key = slot.kind if slot.kind != "rollout" else f"rollout-{seen[slot.node]}"
+        seen[slot.node] += slot.kind == "rollout"
+        srun = ["srun", "--overlap", "--nodes=1", "--ntasks=1", f"--nodelist={hosts[slot.node]}",
+                f"--cpus-per-task={len(cores[slot.node][key])}", f"--cpu-bind=mask_cpu:{cpu_mask(cores[slot.node][key])}",
+                "env", f"CUDA_VISIBLE_DEVICES={visible_devices(slot.gpus or ())}"]
+        steps.append(Step(slot.name, slot.kind, (*srun, *_command(cfg, topo, slot, config, restarts, repo))))
+    return topo, steps
+
+
+def _from(first: int):
+    port = first
+    while True:
+        yield port
+        port += 1
+
+
+def _command(cfg: RunConfig, topo: Topology, slot: DaemonSlot, config: str, restarts: int, repo: str) -> list[str]:
+    if slot.kind == "buffer":
+        return ["areal-like", "buffer", "--config-file", config]
+    if slot.kind == "rollout":  # restarted in place when it dies, like the local supervisor does
+        return ["bash", f"{repo}/launch/slurm/with_restarts.sh", str(restarts), "areal-like", "rollout",
+                "--config-file", config, *slot.overrides]
+    return ["areal-like", "train", "--nnodes", str(cfg.launch.train_nodes), "--node-rank", str(slot.node),
+            "--nproc-per-node", str(cfg.launch.trainer_ranks), "--master-addr", topo.host,
+            "--master-port", str(topo.master_port), "--config-file", config]
+
+
+def ports_json(topo: Topology, hosts: list[str]) -> dict:
+    """``run_dir/ports.json`` for ``areal-like top|status`` and Prometheus: every daemon that serves
+    ``/metrics`` (the trainer's other nodes report through rank 0), at its node's address."""
+    daemons = []
+    for s in topo.slots:
+        if s.metrics_port:
+            host = topo.host if s.node == 0 else hosts[s.node]
+            daemons.append({"name": s.name, "kind": s.kind, "metrics_url": f"http://{host}:{s.metrics_port}/metrics",
+                            "health_url": f"http://{host}:{s.metrics_port}/health"})
+    return {"daemons": daemons}
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m launch.srun", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    hp = sub.add_parser("head-ip", help="the IPv4 address of an interface of this node")
+    hp.add_argument("iface", nargs="?", default="")
+    sp = sub.add_parser("steps", help="one srun step per process of the plan (name, kind, command)")
+    sp.add_argument("--config-file", required=True)
+    sp.add_argument("--hosts", required=True, help="comma-separated, node 0 first (scontrol show hostnames)")
+    sp.add_argument("--cpus-per-node", type=int, required=True)
+    sp.add_argument("--master-port", type=int, required=True, help="torchrun's rendezvous on node 0")
+    sp.add_argument("--restarts", type=int, default=3, help="per rollout server, before its step fails")
+    sp.add_argument("--repo", required=True, help="this checkout on the shared filesystem")
+    sp.add_argument("--ports-json", help="write ports.json here")
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "head-ip":
+            print(head_ip(args.iface))
+            return 0
+        from areal_like.config import load_daemon_config
+
+        cfg = load_daemon_config(["--config-file", args.config_file])
+        hosts = args.hosts.split(",")
+        topo, steps = slurm_steps(cfg, hosts, config=args.config_file, cpus=args.cpus_per_node,
+                                  master_port=args.master_port, restarts=args.restarts, repo=args.repo)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.ports_json:
+        Path(args.ports_json).write_text(json.dumps(ports_json(topo, hosts), indent=2))
+    print("\n".join(step.line() for step in steps))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

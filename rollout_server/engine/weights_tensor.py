@@ -1,0 +1,69 @@
+"""Decoding SGLang's ``/update_weights_from_tensor`` payload for the embedded engine.
+
+A payload (one entry of ``serialized_named_tensors``, the one for TP rank 0) is the base64 text
+of ``ForkingPickler.dump([(name, tensor), ...])``: torch's reducers turn each CUDA tensor into a
+CUDA IPC handle and each CPU tensor into a shared-memory name, so loading it maps the sender's
+memory instead of copying bytes through HTTP. The sender keeps that memory alive until the
+engine answered (trainer/weight_local.py); the engine copies out of it while loading and keeps
+no view of it.
+
+Unpickling runs code named by the payload, so it goes through ``_TensorUnpickler``, which only
+resolves the torch rebuild functions and types such a payload names (as SGLang's safe unpickler
+does); anything else is refused with the name it asked for.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import pickle
+
+import torch
+
+LOAD_FORMATS = (None, "auto")  # a list of (name, tensor); SGLang's "flattened_bucket" needs its own classes
+_MODULES = ("torch", "torch.storage", "torch._utils", "torch.multiprocessing.reductions")
+_BUILTINS = ("list", "tuple", "dict", "int", "float", "bool", "str", "slice", "getattr", "bytearray", "complex")
+
+
+class _TensorUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module in _MODULES or (module == "builtins" and name in _BUILTINS):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a weight payload")
+
+
+def decode_named_tensors(payload: str | bytes) -> dict[str, torch.Tensor]:
+    """``{name: tensor}`` of one payload, in its order. Raises ValueError saying what is wrong."""
+    import torch.multiprocessing  # noqa: F401 (registers torch's rebuild functions)
+
+    try:
+        data = base64.b64decode(payload, validate=True) if isinstance(payload, str) else payload
+        named = _TensorUnpickler(io.BytesIO(data)).load()
+    except (binascii.Error, pickle.UnpicklingError, EOFError, RuntimeError, OSError) as e:
+        raise ValueError(f"cannot decode serialized_named_tensors: {type(e).__name__}: {e}") from None
+    if not isinstance(named, list) or not all(
+            isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) and isinstance(x[1], torch.Tensor)
+            for x in named):
+        raise ValueError("serialized_named_tensors must hold a list of (name, tensor) pairs")
+    out = dict(named)
+    if len(out) != len(named):
+        raise ValueError("serialized_named_tensors names a tensor twice")
+    return out
+
+
+def update_from_tensor(updater, payloads: list, load_format: str | None, weight_version: str | None,
+                       flush_cache: bool) -> tuple[bool, str]:
+    """``/update_weights_from_tensor`` on a ``WeightUpdater`` (blocking; an executor thread): decode
+    this rank's payload and load it like any bucket (``_apply``: between two forward passes,
+    all-or-nothing, a copy out of the sender's memory)."""
+    if load_format not in LOAD_FORMATS:
+        return False, f"load_format={load_format!r} is not supported by the embedded engine (use null)"
+    if not payloads:
+        return False, "serialized_named_tensors is empty"
+    try:
+        tensors = decode_named_tensors(payloads[0])
+    except ValueError as e:
+        return False, f"Failed to update weights from tensor: {e}"
+    with updater._recv_lock:  # one load at a time, in request order, as the other sources
+        return updater._apply(tensors, weight_version, flush_cache)

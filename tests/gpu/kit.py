@@ -1,0 +1,250 @@
+"""The GPU validation kit: run ``tests/gpu`` on a lent GPU machine that has torch but no network.
+
+Two steps, standard library only (it runs before anything is installed):
+
+* here, with network: ``python tests/gpu/kit.py wheelhouse`` downloads the wheels the GPU
+  image lacks (``WHEELS``, pinned, for CPython 3.12 on manylinux x86-64) into ``.whl/`` (ignored
+  by git): binary wheels with ``pip download --only-binary=:all:``, and the one pure-Python
+  package published only as an sdist (``antlr4-python3-runtime`` 4.9.3, which hydra/omegaconf pin)
+  built into a wheel with ``pip wheel``;
+* there: ``python3 tests/gpu/kit.py run`` installs them with ``--no-index --no-deps --target``
+  into a folder put on ``PYTHONPATH`` (the image's torch stays the one used), runs
+  ``pytest -m gpu tests/gpu`` with a junit report, and writes ``tests/gpu/RESULTS.md`` (also into
+  ``$OUT`` when set, which is how the device tool returns files): date, GPU, torch/CUDA/NCCL,
+  pass/fail/skip per test and the figures tests record (``figure`` fixture, tests/gpu/conftest.py).
+
+``IMAGE_HAS`` lists what the GPU image already provides; ``missing_requirements`` checks that every
+dependency in pyproject.toml is in one of the two lists (tests/unit/test_gpu_kit.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+FIGURE_PREFIX = "figure:"  # as tests/gpu/conftest.py records them
+WHEELS = {  # name -> version: the project's non-torch needs the GPU image lacks (or has too old)
+    "hydra-core": "1.3.8", "omegaconf": "2.3.1", "antlr4-python3-runtime": "4.9.3", "pyzmq": "27.3.0",
+    "msgspec": "0.22.0", "crc32c": "2.9.post0", "msgpack": "1.2.4", "prometheus-client": "0.26.0",
+    "datasets": "5.2.0", "dill": "0.4.1", "multiprocess": "0.70.19", "math-verify": "0.9.0",
+    "latex2sympy2-extended": "1.11.0",
+}
+SDIST_ONLY = {"antlr4-python3-runtime"}  # pure Python, no wheel on PyPI: built here with `pip wheel`
+IMAGE_HAS = {  # in the GPU image (the device tool's list of its packages), used as they are
+    "torch", "transformers", "tokenizers", "jinja2", "pyarrow", "numpy", "aiohttp", "psutil", "matplotlib",
+    "rich", "safetensors", "pytest", "pytest-timeout", "hypothesis", "huggingface-hub", "pandas", "pyyaml",
+    "xxhash", "fsspec", "requests", "tqdm", "filelock", "packaging", "sympy",
+}
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
+
+
+def norm(name: str) -> str:
+    """PEP 503 name: ``Foo_Bar.baz`` -> ``foo-bar-baz``."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def requirement_names(pyproject: Path, extras: tuple[str, ...] = ("test",)) -> list[str]:
+    """Normalised names of pyproject's dependencies and ``extras`` (self-references left out)."""
+    import tomllib
+
+    project = tomllib.loads(pyproject.read_text())["project"]
+    reqs = list(project["dependencies"])
+    for extra in extras:
+        reqs += project["optional-dependencies"][extra]
+    names = [norm(re.match(r"[A-Za-z0-9_.-]+", r).group(0)) for r in reqs]
+    return sorted({n for n in names if n != norm(project["name"])})
+
+
+def missing_requirements(pyproject: Path) -> list[str]:
+    """Dependencies neither carried as wheels nor in the GPU image: the kit would fail on them."""
+    have = {norm(n) for n in WHEELS} | {norm(n) for n in IMAGE_HAS}
+    return [n for n in requirement_names(pyproject) if n not in have]
+
+
+def wheelhouse_commands(dest: Path, python: str = sys.executable) -> list[list[str]]:
+    """The pip commands that fill ``dest`` with ``WHEELS``: one download, one wheel build."""
+    binary = [f"{n}=={v}" for n, v in WHEELS.items() if n not in SDIST_ONLY]
+    plat = [a for p in PLATFORMS for a in ("--platform", p)]
+    download = [python, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
+                "--implementation", "cp", *plat, "-d", str(dest), *binary]
+    build = [python, "-m", "pip", "wheel", "--no-deps", "-w", str(dest),
+             *[f"{n}=={WHEELS[n]}" for n in sorted(SDIST_ONLY)]]
+    return [download, build]
+
+
+def wheel_files(dest: Path) -> dict[str, Path]:
+    """The wheels in ``dest`` by normalised name; ValueError when a name has two versions
+    (``pip install --no-index`` of both would stop the whole install)."""
+    out: dict[str, Path] = {}
+    for f in sorted(dest.glob("*.whl")):
+        name = norm(f.name.split("-")[0])
+        if name in out:
+            raise ValueError(f"two wheels of {name} in {dest}: {out[name].name} and {f.name}; keep one")
+        out[name] = f
+    return out
+
+
+def check_wheelhouse(dest: Path) -> list[str]:
+    """What ``dest`` lacks or holds in another version than ``WHEELS`` pins (empty: complete)."""
+    files = wheel_files(dest)
+    problems = []
+    for name, version in WHEELS.items():
+        f = files.get(norm(name))
+        if f is None:
+            problems.append(f"{name}=={version}: missing")
+        elif f.name.split("-")[1] != version:
+            problems.append(f"{name}=={version}: found {f.name}")
+    return problems
+
+
+@dataclass
+class TestResult:
+    name: str  # file::test, as pytest names it
+    outcome: str  # passed | failed | error | skipped
+    seconds: float
+    message: str = ""  # why it failed or was skipped (first line)
+    figures: dict[str, str] = field(default_factory=dict)  # figure name -> "value unit"
+
+
+def parse_junit(path: Path) -> list[TestResult]:
+    """Every testcase of a pytest junit xml report, with its outcome and recorded figures."""
+    results = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        outcome, message = "passed", ""
+        for tag in ("failure", "error", "skipped"):
+            node = case.find(tag)
+            if node is not None:
+                outcome = {"failure": "failed"}.get(tag, tag)
+                message = (node.get("message") or node.text or "").strip().splitlines()[0:1]
+                message = message[0] if message else ""
+                break
+        figures = {p.get("name")[len(FIGURE_PREFIX):]: p.get("value") for p in case.iter("property")
+                   if p.get("name", "").startswith(FIGURE_PREFIX)}
+        module = case.get("classname", "").replace(".", "/")
+        results.append(TestResult(name=f"{module}.py::{case.get('name')}", outcome=outcome,
+                                  seconds=float(case.get("time") or 0), message=message, figures=figures))
+    return results
+
+
+def render_results(env: dict, results: list[TestResult]) -> str:
+    """``tests/gpu/RESULTS.md``: the machine, the totals, one row per test, the figures."""
+    counts = {k: sum(r.outcome == k for r in results) for k in ("passed", "failed", "error", "skipped")}
+    totals = ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "no tests ran"
+    lines = ["# GPU validation results", "",
+             "Written by `python3 tests/gpu/kit.py run` (tests/gpu/README.md); replace it with a newer run's.", "",
+             "| | |", "|---|---|"]
+    for key in ("date", "gpu", "driver", "torch", "cuda", "nccl", "python", "commit"):
+        lines.append(f"| {key} | {env.get(key, 'unknown')} |")
+    lines += [f"| result | {totals} ({sum(r.seconds for r in results):.0f} s) |", "", "## Tests", "",
+              "| test | outcome | seconds | note |", "|---|---|---|---|"]
+    for r in results:
+        note = r.message.replace("|", "\\|")[:160]
+        lines.append(f"| `{r.name}` | {r.outcome} | {r.seconds:.1f} | {note} |")
+    figures = [(r.name, k, v) for r in results for k, v in r.figures.items()]
+    if figures:
+        lines += ["", "## Figures", "", "| test | figure | value |", "|---|---|---|"]
+        lines += [f"| `{name}` | {key} | {value} |" for name, key, value in figures]
+    return "\n".join(lines) + "\n"
+
+
+ENV_PROBE = r"""
+import json, platform, torch
+out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": str(torch.version.cuda)}
+try:
+    out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+except Exception as e:  # a CPU build has no NCCL
+    out["nccl"] = f"none ({type(e).__name__})"
+out["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (torch sees no GPU)"
+print(json.dumps(out))
+"""
+
+
+def probe_env(python: str = sys.executable) -> dict:
+    """Date, GPU, driver, torch/CUDA/NCCL, Python and commit of this machine and checkout."""
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    r = subprocess.run([python, "-c", ENV_PROBE], capture_output=True, text=True, timeout=300)
+    env.update(json.loads(r.stdout) if r.returncode == 0 else {"torch": f"import failed: {r.stderr.strip()[-200:]}"})
+    for key, argv in (("driver", ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
+                      ("commit", ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])):
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+            env[key] = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown"
+        except (FileNotFoundError, subprocess.TimeoutExpired):
+            env[key] = "unknown"
+    return env
+
+
+def run_kit(wheelhouse: Path, site: Path, out: Path, pytest_args: list[str]) -> int:
+    """Install the wheelhouse, run the GPU tests, write RESULTS.md; pytest's exit code."""
+    problems = check_wheelhouse(wheelhouse) if wheelhouse.is_dir() else [f"{wheelhouse}: no such folder"]
+    if problems:
+        print("the wheelhouse is incomplete (build it with `python tests/gpu/kit.py wheelhouse` where pip "
+              "has network):\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 2
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                    "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, wheel_files(wheelhouse).values())],
+                   check=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "PYTHONUNBUFFERED": "1"}
+    out.mkdir(parents=True, exist_ok=True)
+    junit = out / "junit.xml"
+    code = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "tests/gpu", "-rA", "-v",
+                           f"--junitxml={junit}", "-o", "junit_family=xunit1", *pytest_args],
+                          cwd=REPO, env=env).returncode
+    write_results(probe_env(), parse_junit(junit) if junit.is_file() else [], out)
+    return code
+
+
+RESULTS = REPO / "tests" / "gpu" / "RESULTS.md"
+
+
+def write_results(env: dict, results: list[TestResult], out: Path | None, results_md: Path = RESULTS) -> None:
+    text = render_results(env, results)
+    results_md.write_text(text)
+    if out is not None:
+        (out / "RESULTS.md").write_text(text)
+        (out / "env.json").write_text(json.dumps(env, indent=2))
+    print(text)
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python tests/gpu/kit.py", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    wh = sub.add_parser("wheelhouse", help="download the wheels the GPU image lacks (needs network)")
+    wh.add_argument("--dest", type=Path, default=REPO / ".whl")
+    run = sub.add_parser("run", help="on the GPU machine: install the wheelhouse, run tests/gpu, write RESULTS.md")
+    run.add_argument("--wheelhouse", type=Path, default=REPO / ".whl")
+    run.add_argument("--site", type=Path, default=Path("/tmp/areal-like-site"))
+    run.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / "outputs"
+                     / "gpu-kit", help="junit.xml, env.json and a copy of RESULTS.md (default: $OUT when set)")
+    run.add_argument("pytest_args", nargs="*", help="more pytest arguments, after `--` (e.g. -- -k throughput)")
+    rep = sub.add_parser("report", help="render RESULTS.md from a junit xml (and an env.json)")
+    rep.add_argument("junit", type=Path)
+    rep.add_argument("--env", type=Path)
+    rep.add_argument("--results", type=Path, default=RESULTS, help="where to write (default tests/gpu/RESULTS.md)")
+    args = ap.parse_args(argv)
+    if args.command == "wheelhouse":
+        args.dest.mkdir(parents=True, exist_ok=True)
+        for cmd in wheelhouse_commands(args.dest):
+            subprocess.run(cmd, check=True)
+        problems = check_wheelhouse(args.dest)
+        print("\n".join(problems) or f"{len(WHEELS)} wheels in {args.dest}")
+        return 1 if problems else 0
+    if args.command == "run":
+        return run_kit(args.wheelhouse, args.site, args.out, args.pytest_args)
+    env = json.loads(args.env.read_text()) if args.env else {}
+    write_results(env, parse_junit(args.junit), None, args.results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

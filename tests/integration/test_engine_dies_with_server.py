@@ -1,0 +1,119 @@
+"""A rollout server killed with SIGKILL leaves no engine process behind, nor its port.
+
+``rollout_server/launch_sglang.py`` starts SGLang with ``spawn_tied`` (its own process group, and
+``PR_SET_PDEATHSIG``: the kernel kills it when its parent dies). SGLang itself needs a GPU, so the
+stand-in child here is the embedded engine's HTTP server (``python -m rollout_server.engine``)
+started the same way by a stand-in rollout server process; the test kill -9s that process and
+waits, with a deadline, for the engine to be gone and its port to be bindable again. The control
+case (a plain ``start_new_session`` child) shows the test would fail without the tie.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from areal_like.distributed import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+GONE_DEADLINE_S = 30.0  # SIGKILL delivery is immediate; the slack is for a loaded CI machine
+HEALTH_DEADLINE_S = 180.0
+
+PARENT = r"""
+import subprocess, sys, threading
+sys.path.insert(0, sys.argv[1])
+from rollout_server.launch_sglang import spawn_tied
+argv = [sys.executable, *sys.argv[3:]]
+if sys.argv[2] == "tied":
+    child = spawn_tied(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+else:
+    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+print(f"CHILD {child.pid}", flush=True)
+threading.Event().wait()
+"""
+
+
+def _start_parent(mode: str, *child_argv: str) -> tuple[subprocess.Popen, psutil.Process]:
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(REPO), mode, *child_argv], stdout=subprocess.PIPE,
+                              text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    line = parent.stdout.readline()
+    assert line.startswith("CHILD "), f"stand-in rollout server printed {line!r} (exit {parent.poll()})"
+    return parent, psutil.Process(int(line.split()[1]))
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not a listener
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _kill(*procs) -> None:
+    for p in procs:
+        try:
+            p.kill()
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+
+
+def test_engine_and_its_port_go_when_the_rollout_server_is_killed():
+    port = free_port()
+    parent, child = _start_parent("tied", "-m", "rollout_server.engine", "--host", "127.0.0.1", "--port", str(port))
+    try:
+        deadline = time.monotonic() + HEALTH_DEADLINE_S
+        while time.monotonic() < deadline and child.is_running() and not _healthy(f"http://127.0.0.1:{port}/health"):
+            psutil.wait_procs([child], timeout=0.5)  # returns early if the engine died
+        assert child.is_running() and _healthy(f"http://127.0.0.1:{port}/health"), "the engine never came up"
+        assert os.getpgid(child.pid) == child.pid != os.getpgid(parent.pid)  # a process group of its own
+        assert not _port_free(port)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        gone, alive = psutil.wait_procs([child], timeout=GONE_DEADLINE_S)
+        assert not alive, f"engine pid {child.pid} outlived its killed parent by {GONE_DEADLINE_S}s"
+        assert _port_free(port)
+    finally:
+        _kill(parent, child)
+        parent.stdout.close()
+
+
+def test_control_an_untied_child_survives_its_parent():
+    parent, child = _start_parent("plain", "-c", "import threading; threading.Event().wait()")
+    try:
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        _, alive = psutil.wait_procs([child], timeout=2.0)
+        assert alive == [child]  # nothing else would have stopped it
+    finally:
+        _kill(parent, child)
+        psutil.wait_procs([child], timeout=10)
+        parent.stdout.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux")
+def test_a_child_whose_parent_is_already_gone_exits_at_once():
+    """The race fork -> prctl: a child reparented before prctl exits instead of running untied."""
+    code = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                           "from rollout_server.launch_sglang import _die_with_parent; "
+                           "_die_with_parent(1); print('untied')", str(REPO)],
+                          capture_output=True, text=True, timeout=60)
+    assert code.returncode == 1 and "untied" not in code.stdout

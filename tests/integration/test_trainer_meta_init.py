@@ -1,0 +1,190 @@
+"""The policy is built on the meta device and materialised shard by shard (trainer/sharded_init.py).
+
+On 1 rank and on 2 FSDP2 ranks (gloo, real processes):
+- built from config, its weights equal ``build_model``'s for the same init seed BIT FOR BIT
+  (untied and tied embeddings), rotary tables included;
+- loaded from a local safetensors directory (three files and an index), they equal
+  ``from_pretrained``'s bit for bit, and so does the KL reference built from it;
+- the tensor bytes allocated while building never reach a full copy of the model: the rank's
+  shards plus about one full parameter (``PeakTensorBytes``);
+- activation checkpointing (``trainer.activation_checkpointing``) leaves the loss and every
+  gradient of a forward/backward unchanged, and keeps the Hugging Face parameter names.
+
+The worker half runs as ``python test_trainer_meta_init.py OUT MODEL_DIR`` (torchrun env for 2 ranks).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER_TIMEOUT_S = 300
+SEED = 3
+
+
+def _cfg(*overrides: str):
+    from areal_like.config import load_config
+
+    return load_config(["trainer.micro_batch_size=4", f"model.init_seed={SEED}", *overrides])
+
+
+def _grads_after_one_microbatch(policy, cfg) -> dict:
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_trainer_invariance import synthetic_groups
+
+    from trainer.data import groups_to_batch
+    from trainer.step import StepSettings, forward_backward, minibatch_advantages, recompute_prox_logp
+
+    batch = groups_to_batch(synthetic_groups())
+    s = StepSettings.from_config(cfg)
+    prox = recompute_prox_logp(policy, batch, s)
+    adv = minibatch_advantages(policy, batch, torch.arange(batch.mask.shape[0]), s).values
+    assert prox is not None  # the default kernel (decoupled PPO) uses it
+    rows = torch.arange(policy.rank, 8, policy.world_size)  # the same 8 sequences whatever the world
+    mb = batch.select(rows)
+    n_tokens, n_seqs = float(batch.mask[:8].sum()), 8.0
+    # the MLP runs inside the checkpointed block forward: twice per pass when recomputed (a PRE-hook:
+    # the recompute stops early, inside down_proj, once it has every tensor backward needs)
+    calls = []
+    hook = policy.model.model.layers[0].mlp.register_forward_pre_hook(lambda *a: calls.append(1))
+    stats = forward_backward(policy, mb, adv[rows, :mb.mask.shape[1]], prox[rows, :mb.mask.shape[1]], s,
+                             s.loss_config(batch), n_tokens, n_seqs)
+    hook.remove()
+    grads = {n: p.grad.full_tensor().clone() for n, p in policy.model.named_parameters()}
+    return {"grads": grads, "stats": {k: float(v) for k, v in stats.items() if v.numel() == 1}, "mlp_calls": len(calls)}
+
+
+def worker(out: str, model_dir: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from trainer.memory import PeakTensorBytes
+    from trainer.model import build_policy, build_reference, full_state_dict, init_distributed
+
+    res: dict = {}
+    rank, world = init_distributed(_cfg().trainer)
+    for tie in (False, True):
+        cfg = _cfg(f"model.tie_word_embeddings={tie}")
+        with PeakTensorBytes() as m:
+            policy = build_policy(cfg.model, cfg.trainer)
+        local = sum(p.to_local().numel() * 4 for p in policy.model.parameters())
+        res[f"init_tie={tie}"] = full_state_dict(policy.model)
+        res[f"rotary_tie={tie}"] = policy.model.model.rotary_emb.inv_freq.clone()
+        res[f"peak_tie={tie}"] = {"peak": m.peak, "local": local}
+    cfg = _cfg(f"model.path={model_dir}")
+    res["loaded"] = full_state_dict(build_policy(cfg.model, cfg.trainer).model)
+    ref = build_reference(cfg.model, cfg.trainer)
+    res["reference"] = full_state_dict(ref)
+    for ac in (False, True):
+        cfg = _cfg(f"trainer.activation_checkpointing={ac}")
+        policy = build_policy(cfg.model, cfg.trainer)
+        res[f"ac={ac}"] = _grads_after_one_microbatch(policy, cfg)
+    if rank == 0:
+        torch.save(res, out)
+    torch.distributed.destroy_process_group()
+
+
+def _spawn(out: Path, model_dir: Path, rank: int | None = None, world: int = 1, port: int = 0):
+    from tests.conftest import child_env
+
+    env = child_env()
+    if rank is not None:
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
+    return subprocess.Popen([sys.executable, __file__, str(out), str(model_dir)], env=env,
+                            cwd=Path(__file__).resolve().parents[2])
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    from areal_like.distributed import free_port
+    from areal_like.hf import build_model
+
+    tmp = tmp_path_factory.mktemp("meta_init")
+    model_dir = tmp / "hf"
+    # another seed than the config-built runs, in three safetensors files and an index
+    build_model(_cfg("model.init_seed=11").model, dtype="float32").save_pretrained(model_dir, max_shard_size="500KB")
+    port = free_port()
+    procs = [_spawn(tmp / "one.pt", model_dir), _spawn(tmp / "two.pt", model_dir, 0, 2, port),
+             _spawn(tmp / "unused.pt", model_dir, 1, 2, port)]
+    try:
+        for p in procs:
+            assert p.wait(timeout=WORKER_TIMEOUT_S) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    import torch
+
+    return {"model_dir": model_dir, 1: torch.load(tmp / "one.pt"), 2: torch.load(tmp / "two.pt")}
+
+
+def _assert_bit_equal(got: dict, want: dict) -> None:
+    import torch
+
+    assert set(got) == set(want)
+    for k, w in want.items():
+        assert torch.equal(got[k], w.detach().float()), k
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("tie", [False, True])
+def test_config_init_equals_build_model_bit_for_bit(results, world, tie):
+    from areal_like.hf import build_model
+
+    model = build_model(_cfg(f"model.tie_word_embeddings={tie}").model, dtype="float32")
+    _assert_bit_equal(results[world][f"init_tie={tie}"], dict(model.named_parameters()))
+    assert results[world][f"rotary_tie={tie}"].equal(model.model.rotary_emb.inv_freq)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_safetensors_load_equals_from_pretrained(results, world):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    assert len(list(results["model_dir"].glob("*.safetensors"))) == 3
+    model = AutoModelForCausalLM.from_pretrained(str(results["model_dir"]), dtype=torch.float32)
+    _assert_bit_equal(results[world]["loaded"], dict(model.named_parameters()))
+    _assert_bit_equal(results[world]["reference"], dict(model.named_parameters()))  # fp32 on CPU
+    loaded, built = results[world]["loaded"], results[world]["init_tie=False"]
+    assert not torch.equal(loaded["lm_head.weight"], built["lm_head.weight"])  # another seed: not vacuous
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_building_never_holds_a_full_copy(results, world):
+    from areal_like.hf import build_model
+
+    params = list(build_model(_cfg().model, dtype="float32").parameters())
+    full = sum(p.numel() * 4 for p in params)
+    largest = max(p.numel() * 4 for p in params)
+    got = results[world]["peak_tie=False"]
+    assert got["local"] * world == pytest.approx(full, rel=0.01)  # the shards of this rank
+    # the shards, one full parameter being written and one scratch tensor of the same size
+    assert got["peak"] <= got["local"] + 2 * largest + 64 * 1024
+    if world == 2:
+        assert got["peak"] < 0.8 * full
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_activation_checkpointing_keeps_loss_and_gradients(results, world):
+    import torch
+
+    off, on = results[world]["ac=False"], results[world]["ac=True"]
+    assert (off["mlp_calls"], on["mlp_calls"]) == (1, 2)  # on: the block's forward ran again in backward
+    assert off["stats"] == on["stats"]
+    assert set(off["grads"]) == set(on["grads"]) and "model.layers.0.self_attn.q_proj.weight" in on["grads"]
+    for k, g in off["grads"].items():
+        torch.testing.assert_close(on["grads"][k], g, rtol=0, atol=1e-7, msg=k)
+    assert max(float(g.abs().max()) for g in off["grads"].values()) > 1e-3
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    worker(sys.argv[1], sys.argv[2])

@@ -1,0 +1,88 @@
+"""The one-GPU weight paths end to end on CPU: ``trainer.weight_sync.path`` tensor and disk.
+
+Real processes: the buffer daemon, one embedded engine, a world-size-1 trainer
+(``tests/weight_pusher.py``, the real ``WeightBroadcaster``) and a rollout-server stand-in in this
+process applying plans with the real applier. v1 goes by ``tensor`` (SGLang's
+``/update_weights_from_tensor``; on CPU the payload names shared-memory files, on a GPU CUDA IPC
+handles), v2 from ``disk`` (an HF directory the trainer wrote, ``/update_weights_from_disk``),
+v3 by ``tensor`` again. After each, the engine serves that version and its weights are
+bit-identical to the trainer's (SHA-256 of every parameter's bytes). No group is formed.
+
+Also: the engine refuses a payload that names anything but torch's rebuild functions, and a
+load_format it cannot read, with a clear 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import pickle
+
+import pytest
+from test_trainer_weight_sync import STARTUP_S, _read_json
+from weight_sync_harness import Driver, engine_at, start_pusher, start_system, write_config
+
+REPORT_WAIT_S = 120.0
+
+
+def test_tensor_and_disk_paths_load_the_trainers_exact_weights(tmp_path, spawn_python, free_port, wait_until):
+    cfg, cfg_path = write_config(tmp_path, free_port, ["trainer.weight_sync.deadline_s=30",
+                                                       "trainer.weight_sync.bucket_mb=0.25"])
+    engines, urls = start_system(tmp_path, spawn_python, wait_until, cfg_path, ["rollout-a"])
+    driver = Driver("rollout-a", urls["rollout-a"], cfg.buffer.address)
+    driver.start()
+    pushes = [{"version": 1, "members": 1, "path": "tensor"},  # each after the test read the engine's weights
+              {"version": 2, "members": 1, "path": "disk", "after": "checked-1"},
+              {"version": 3, "members": 1, "path": "tensor", "after": "checked-2"}]
+    pusher = start_pusher(spawn_python, cfg_path, tmp_path, pushes)
+    try:
+        for push in pushes:
+            v = push["version"]
+
+            def report(v=v):
+                assert pusher.poll() in (None, 0), f"the trainer died (exit {pusher.returncode})"
+                assert driver.error is None, driver.error
+                return _read_json(tmp_path / f"v{v}.json")
+
+            rep = wait_until(report, STARTUP_S + REPORT_WAIT_S, 0.2, f"trainer push v{v}")
+            assert rep["done"] == ["rollout-a"] and not rep["dropped"] and not rep["error"], rep
+            assert not rep["reform"] and rep["rendezvous_s"] == 0.0, rep  # no group
+            got = wait_until(lambda v=v: engine_at(tmp_path, "rollout-a", v), 30, 0.1, f"engine at v{v}")
+            assert got["sha"] == rep["sha"], (push, got, rep)
+            assert driver.results[v][0]
+            (tmp_path / f"checked-{v}").write_text("")
+        assert engines["rollout-a"].poll() is None
+    finally:
+        driver.stop.set()
+        driver.join(timeout=15)
+
+
+@pytest.fixture
+def engine_url(tmp_path, spawn_python, free_port, wait_until):
+    _, cfg_path = write_config(tmp_path, free_port, [])
+    _, urls = start_system(tmp_path, spawn_python, wait_until, cfg_path, ["rollout-a"])
+    return urls["rollout-a"]
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_engine_refuses_payloads_it_must_not_unpickle(engine_url):
+    from rollout_server.sglang_client import SGLangClient, SGLangError
+
+    evil = base64.b64encode(pickle.dumps([("model.norm.weight", _Evil())])).decode()
+
+    async def post(payloads, load_format=None) -> str:
+        async with SGLangClient(engine_url, timeout_s=30) as sg:
+            with pytest.raises(SGLangError) as e:
+                await sg.update_weights_from_tensor(payloads, load_format=load_format, weight_version="9")
+            assert e.value.status == 400, e.value
+            assert await sg.weight_version() == "0"  # nothing was loaded
+            return e.value.message
+
+    assert "builtins.print is not allowed" in asyncio.run(post([evil]))
+    assert "load_format='flattened_bucket' is not supported" in asyncio.run(post([evil], "flattened_bucket"))
+    assert "serialized_named_tensors is empty" in asyncio.run(post([]))
+    assert "cannot decode" in asyncio.run(post(["not base64!"]))

@@ -1,0 +1,141 @@
+"""Pieces shared by the weight-sync fault and one-GPU-path tests (not a test module).
+
+``start_system`` starts the real buffer daemon, the given embedded engines (each its own process,
+``test_trainer_weight_sync.engine_role``: it writes the SHA-256 of its weights whenever its
+served version changes) and returns their URLs; ``Driver`` plays a rollout server in a thread of
+the test process (Register, Heartbeat, and each plan applied with the real
+``rollout_server.weight_update.apply_weight_sync``); ``start_pusher`` starts a world-size-1
+trainer (``tests/weight_pusher.py``) that pushes the given versions.
+
+A ``Driver`` with ``fault`` kills its engine with SIGKILL, by PID, at one point of the first plan
+it applies, then stops as a dead rollout server does (no ``SyncDone``, no more heartbeats, so the
+buffer expires it after ``buffer.heartbeat_timeout_s``):
+
+* ``"rendezvous"``: while its ``/init_weights_update_group`` is in flight (before any bucket);
+* ``"bucket"``: once its first bucket was answered (later buckets still to come);
+* ``"done"``: after ``/end_weight_update`` answered, i.e. after every bucket, before ``SyncDone``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from test_trainer_weight_sync import RUNNER, STARTUP_S, _read_json
+
+HERE = Path(__file__).resolve().parent
+PUSHER = HERE.parent / "weight_pusher.py"
+RENDEZVOUS_KILL_AFTER_S = 0.5  # let /init_weights_update_group reach the engine before it is killed
+FAULTS = ("rendezvous", "bucket", "done")
+
+
+def write_config(tmp_path: Path, free_port, overrides: list[str]) -> tuple[object, Path]:
+    from areal_like.config import load_config, to_yaml
+
+    cfg = load_config([f"run_dir={tmp_path}", f"buffer.address=tcp://127.0.0.1:{free_port()}",
+                       f"buffer.pub_address=tcp://127.0.0.1:{free_port()}", "rollout.engine.max_running_requests=4",
+                       "rollout.engine.max_total_tokens=2048", *overrides])
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(cfg))
+    return cfg, path
+
+
+def start_system(tmp_path: Path, spawn_python, wait_until, cfg_path: Path, server_ids: list[str]):
+    """The buffer and one engine per server id; returns ({id: engine Popen}, {id: url})."""
+    spawn_python("buffer", ["--config-file", cfg_path], capture=False)
+    engines = {sid: spawn_python(RUNNER, [HERE / "test_trainer_weight_sync.py", "engine", cfg_path, tmp_path / sid],
+                                 capture=False) for sid in server_ids}
+    urls = {sid: wait_until(lambda sid=sid: _read_json(tmp_path / sid) and (tmp_path / f"{sid}.url").read_text(),
+                            STARTUP_S, 0.2, f"engine {sid}") for sid in engines}
+    return engines, urls
+
+
+def start_pusher(spawn_python, cfg_path: Path, out: Path, pushes: list[dict]):
+    return spawn_python(RUNNER, [PUSHER, cfg_path, out, json.dumps(pushes)], capture=False)
+
+
+def _faulty_client(url: str, fault: str | None, pid: int | None, killed: threading.Event):
+    from rollout_server.sglang_client import SGLangClient
+
+    def kill() -> None:
+        if not killed.is_set():
+            killed.set()
+            os.kill(pid, signal.SIGKILL)
+
+    class FaultyClient(SGLangClient):
+        async def init_weights_update_group(self, **kw) -> None:
+            if fault != "rendezvous":
+                return await super().init_weights_update_group(**kw)
+            joining = asyncio.create_task(super().init_weights_update_group(**kw))
+            await asyncio.sleep(RENDEZVOUS_KILL_AFTER_S)
+            kill()
+            await joining
+
+        async def update_weights_from_distributed(self, **kw) -> None:
+            await super().update_weights_from_distributed(**kw)
+            if fault == "bucket":
+                kill()
+
+        async def end_weight_update(self, **kw) -> bool:
+            ok = await super().end_weight_update(**kw)
+            if fault == "done":
+                kill()
+            return ok
+
+    return FaultyClient(url, timeout_s=60)
+
+
+class Driver(threading.Thread):
+    """A rollout server stand-in. ``results[version] = (ok, seconds applying)`` for each plan it reported."""
+
+    def __init__(self, server_id: str, url: str, address: str, *, fault: str | None = None,
+                 engine_pid: int | None = None):
+        super().__init__(daemon=True, name=f"driver-{server_id}")
+        self.server_id, self.url, self.address, self.fault, self.pid = server_id, url, address, fault, engine_pid
+        self.stop = threading.Event()
+        self.killed = threading.Event()
+        self.results: dict[int, tuple[bool, float]] = {}
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as e:  # surfaced by the test (a thread's exception is otherwise only printed)
+            self.error = e
+
+    async def _main(self) -> None:
+        from areal_like.protocol import Heartbeat, Register
+        from areal_like.transport import Client
+        from rollout_server.weight_update import apply_weight_sync
+
+        client = Client(self.address, timeout_s=10)
+        sg = _faulty_client(self.url, self.fault, self.pid, self.killed)
+        client.request(Register(server_id=self.server_id, engine_url=self.url, engine_ranks=1, policy_version=0))
+        served, attempted = 0, 0
+        try:
+            while not self.stop.is_set():
+                plan = client.request(Heartbeat(server_id=self.server_id, policy_version=served)).pending_plan
+                if plan is not None and plan.policy_version > attempted:
+                    attempted, t0 = plan.policy_version, time.monotonic()
+                    done = await apply_weight_sync(sg, plan, self.server_id, drain=False)
+                    if self.killed.is_set():
+                        return  # a dead rollout server reports nothing and stops heartbeating
+                    self.results[plan.policy_version] = (done.ok, time.monotonic() - t0)
+                    client.request(done)
+                    served = plan.policy_version if done.ok else served
+                await asyncio.sleep(0.1)
+        finally:
+            await sg.close()
+            client.close()
+
+
+def engine_at(tmp_path: Path, sid: str, version: int):
+    """The engine's last weights report if it serves ``version`` (else None)."""
+    r = _read_json(tmp_path / sid)
+    return r if r and r["version"] == str(version) else None
+

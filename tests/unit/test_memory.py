@@ -1,0 +1,135 @@
+"""trainer/memory.py: the accounting behind trainer/MEMORY.md, and a 7B-shaped model sharded on meta.
+
+- ``PeakTensorBytes`` counts what a computation allocates (hand-checkable sizes);
+- the parameter counts equal the meta-built Hugging Face models' and Qwen2's published sizes;
+- the activation bytes per token per block equal what the Hugging Face Qwen2 layer really saves
+  for backward (``saved_tensors_hooks``), fp32 and bf16;
+- a Qwen2-7B-shaped model is built on the meta device and FSDP2-sharded 8 ways (rank 3 of a fake
+  process group): every parameter is a meta DTensor holding 1/8 of the rows, and the process's
+  peak RSS stays far below even one rank's shard (3.8 GB), let alone the model (30 GB in fp32).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from areal_like.config import ModelConfig
+from trainer.memory import (PeakTensorBytes, block_activation_bytes, block_params, estimate_peak_bytes,
+                            qwen2_shape, root_params, total_params)
+
+
+def test_peak_tensor_bytes_counts_allocations_until_freed():
+    before = torch.ones(1000)  # existed before: not counted
+    with PeakTensorBytes() as m:
+        a = torch.zeros(1000)  # 4000 bytes
+        b = a[10:]  # a view: no new storage
+        c = torch.zeros(500, dtype=torch.float64)  # 4000 bytes
+        del a, b, c
+        d = before + 1  # 4000 bytes, after the others were freed
+    assert m.peak == 8000
+    assert m.current == 4000
+    del d
+
+
+@pytest.mark.parametrize("name,published", [("0.5B", 494_032_768), ("1.5B", 1_543_714_304),
+                                            ("7B", 7_615_616_512)])
+def test_parameter_counts_match_the_model(name, published):
+    from areal_like.hf import build_meta_model
+
+    cfg = qwen2_shape(name)
+    model = build_meta_model(cfg)
+    assert total_params(cfg) == sum(p.numel() for p in model.parameters()) == published
+    assert block_params(cfg) == sum(p.numel() for p in model.model.layers[0].parameters())
+    assert root_params(cfg) == published - cfg.num_hidden_layers * block_params(cfg)
+
+
+def _saved_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, tokens: int = 48) -> float:
+    from areal_like.hf import build_model
+
+    model = build_model(cfg, dtype="float32").to(dtype).train()
+    layer = model.model.layers[0]
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    x = torch.randn(1, tokens, cfg.hidden_size, dtype=dtype, requires_grad=True)
+    pos = torch.arange(tokens)[None]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x, attention_mask=None, position_ids=pos, position_embeddings=model.model.rotary_emb(x, pos))
+    # the block's input is saved by the block itself only through its RMSNorm; the formula counts
+    # it once per block in any case (the previous block's output is held for this one)
+    seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+    return sum(n for ptr, n in seen.items() if ptr not in params) / tokens
+
+
+@pytest.mark.parametrize("dtype,c", [(torch.float32, 4), (torch.bfloat16, 2)])
+@pytest.mark.parametrize("shape", [(128, 256, 4, 2), (192, 320, 6, 3)])
+def test_block_activation_bytes_match_what_the_layer_saves(dtype, c, shape):
+    h, i, heads, kv = shape
+    cfg = ModelConfig(vocab_size=104, hidden_size=h, intermediate_size=i, num_hidden_layers=1,
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=64)
+    assert _saved_bytes_per_token(cfg, dtype) == block_activation_bytes(cfg, c)
+
+
+def test_estimate_terms():
+    cfg = qwen2_shape("7B")
+    one = estimate_peak_bytes(cfg, world=1, micro_batch_tokens=4096, dtype="bfloat16")
+    eight = estimate_peak_bytes(cfg, world=8, micro_batch_tokens=4096, dtype="bfloat16")
+    assert one.weights == 4 * 7_615_616_512 and eight.weights == 4 * 951_952_064
+    assert eight.adam == 2 * eight.weights and eight.grads == eight.weights == eight.optimizer_temps / 2
+    assert one.activations == eight.activations and one.gathered == eight.gathered
+    ckpt = estimate_peak_bytes(cfg, world=8, micro_batch_tokens=4096, dtype="bfloat16", checkpointing=True)
+    assert ckpt.activations < eight.activations / 10
+    # the log-prob working set: one [512, V] fp32 block and its bf16 twin, lm_head's fp32 accumulator and bf16 grad
+    assert eight.logprobs == 512 * 152064 * 6 + 152064 * 3584 * 6
+    assert eight.total == max(eight.moments.values()) == eight.moments["backward_start"]
+    # 16 bytes per parameter alone put a 7B model past one 80 GB GPU; 8-way sharding brings it under
+    assert one.total > 80e9 and eight.total < 80e9 and ckpt.total < eight.total
+    fp32 = estimate_peak_bytes(qwen2_shape("0.5B"), world=1, micro_batch_tokens=512, dtype="float32")
+    assert fp32.block_grads == block_params(qwen2_shape("0.5B")) * 4  # no fp32 copy without mixed precision
+
+
+WORKER = r"""
+import json, resource, sys
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.testing._internal.distributed.fake_pg import FakeStore
+dist.init_process_group("fake", store=FakeStore(), rank=3, world_size=8)
+from areal_like.hf import build_meta_model
+from trainer.memory import qwen2_shape
+from trainer.model import apply_fsdp
+cfg = qwen2_shape("7B")
+model = apply_fsdp(build_meta_model(cfg), cfg, torch.device("cpu"))
+params = dict(model.named_parameters())
+print(json.dumps({
+    "n": len(params), "devices": sorted({p.device.type for p in params.values()}),
+    "dtensor": all(isinstance(p, DTensor) for p in params.values()),
+    "numel": sum(p.numel() for p in params.values()),
+    "local": sum(p.to_local().numel() for p in params.values()),
+    "embed_local": list(params["model.embed_tokens.weight"].to_local().shape),
+    "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+}))
+"""
+
+
+def test_7b_shaped_model_is_sharded_on_meta_without_allocating_it():
+    from tests.conftest import child_env
+
+    proc = subprocess.run([sys.executable, "-c", WORKER], capture_output=True, text=True, timeout=300,
+                          env=child_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["n"] == 339 and got["dtensor"] and got["devices"] == ["meta"]
+    assert got["numel"] == 7_615_616_512 and got["local"] == 951_952_064  # 1/8 of the rows, padded
+    assert got["embed_local"] == [152064 // 8, 3584]
+    assert got["rss"] < 1.5 * 2**30  # the rank's shard alone would be 3.8 GB in fp32

@@ -1,0 +1,86 @@
+"""launch/placement.py on a one-GPU machine: the trainer and one engine share GPU 0, the weight path
+resolves to ``tensor``, and what cannot work there (NCCL group, SGLang taking the whole GPU) is refused."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from areal_like.config import ConfigError, load_config
+from launch.job import job_specs, plan_job
+from launch.placement import SHARED_MEM_FRACTION_DEFAULT, SHARED_MEM_FRACTION_MAX, place_job, place_node, with_weight_path
+from launch.topology import apply_topology, plan_topology
+
+ROOT = Path(__file__).resolve().parents[2]
+ONE_GPU_SGLANG = ("topology=gpu_sglang", "launch.gpus_per_node=1", "rollout.engine.sglang.mem_fraction_static=0.4")
+
+
+def test_one_gpu_one_trainer_rank_one_server_share_gpu_0():
+    p = place_node(gpus_per_node=1, trainer_ranks=1, rollout_servers=1, tp_size=1)
+    assert (p.trainer, p.rollout, p.ranks, p.used, p.shared) == ((0,), ((0,),), (0,), 1, True)
+    assert not place_node(gpus_per_node=2, trainer_ranks=1, rollout_servers=1, tp_size=1).shared
+
+
+@pytest.mark.parametrize("trainer,servers", [(2, 1), (1, 2)])
+def test_one_gpu_shares_only_one_trainer_rank_and_one_server(trainer, servers):
+    with pytest.raises(ConfigError, match="only a one-GPU node with one trainer rank and one rollout server"):
+        place_node(gpus_per_node=1, trainer_ranks=trainer, rollout_servers=servers, tp_size=1)
+
+
+def test_auto_weight_path_is_tensor_only_when_the_gpu_is_shared():
+    shared = with_weight_path(load_config(list(ONE_GPU_SGLANG)))
+    assert shared.trainer.weight_sync.path == "tensor"
+    apart = with_weight_path(load_config(["topology=gpu_sglang", "launch.gpus_per_node=2"]))
+    assert apart.trainer.weight_sync.path == "distributed"
+    assert with_weight_path(load_config([])).trainer.weight_sync.path == "distributed"  # CPU
+    disk = with_weight_path(load_config([*ONE_GPU_SGLANG, "trainer.weight_sync.path=disk"]))
+    assert disk.trainer.weight_sync.path == "disk"  # an explicit choice is kept
+    embedded = with_weight_path(load_config(["topology=gpu_embedded", "launch.gpus_per_node=1"]))
+    assert embedded.trainer.weight_sync.path == "tensor"
+
+
+def test_shared_gpu_refusals_name_the_key():
+    with pytest.raises(ConfigError, match=r"^trainer\.weight_sync\.path=distributed with the trainer and the engine"):
+        place_job(load_config([*ONE_GPU_SGLANG, "trainer.weight_sync.path=distributed"]))
+    place_job(load_config([*ONE_GPU_SGLANG, "trainer.weight_sync.path=distributed",
+                           "trainer.weight_sync.backend=gloo"]))  # gloo on CUDA tensors shares a GPU fine
+    for frac in ("0.8", "0", "'lots'"):
+        with pytest.raises(ConfigError, match=r"^rollout\.engine\.sglang\.mem_fraction_static="):
+            place_job(load_config(["topology=gpu_sglang", "launch.gpus_per_node=1",
+                                   f"rollout.engine.sglang.mem_fraction_static={frac}"]))
+    place_job(load_config(["topology=gpu_sglang", "launch.gpus_per_node=1",
+                           f"rollout.engine.sglang.mem_fraction_static={SHARED_MEM_FRACTION_MAX}"]))
+
+
+def test_a_shared_gpu_gives_sglang_a_fraction_that_leaves_the_trainer_room():
+    """The one-GPU first start needs no memory key: unset, SGLang gets the shared default there, and
+    keeps its own choice (no key) on a GPU of its own; a value the user set is kept."""
+    shared = with_weight_path(load_config(["topology=gpu_sglang", "launch.gpus_per_node=1"]))
+    assert shared.rollout.engine.sglang["mem_fraction_static"] == SHARED_MEM_FRACTION_DEFAULT
+    apart = with_weight_path(load_config(["topology=gpu_sglang", "launch.gpus_per_node=2"]))
+    assert apart.rollout.engine.sglang["mem_fraction_static"] is None  # omitted from the argv
+    mine = with_weight_path(load_config(["topology=gpu_sglang", "launch.gpus_per_node=1",
+                                         "rollout.engine.sglang.mem_fraction_static=0.3"]))
+    assert mine.rollout.engine.sglang["mem_fraction_static"] == 0.3
+
+
+def test_both_processes_see_gpu_0_and_the_daemons_read_the_tensor_path():
+    cfg, topo = plan_job(load_config(list(ONE_GPU_SGLANG)))
+    specs = {s.name: s for s in job_specs(cfg, topo, Path("/x/config.yaml"), python="py")}
+    assert specs["trainer"].env["CUDA_VISIBLE_DEVICES"] == "0" == specs["rollout-0"].env["CUDA_VISIBLE_DEVICES"]
+    assert cfg.trainer.weight_sync.path == "tensor"
+    topo2 = plan_topology(cfg, itertools.count(31000))
+    assert apply_topology(cfg, topo2).trainer.weight_sync.path == "tensor"
+
+
+def test_plan_prints_the_shared_gpu_and_the_path():
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "plan", *ONE_GPU_SGLANG], capture_output=True,
+                       text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    rows = {row.split(None, 3)[1]: row.split(None, 3) for row in r.stdout.splitlines()[1:]}
+    assert rows["rollout-0"][2] == "0" and rows["trainer"][2] == "0"
+    assert "weight sync tensor (no group)" in rows["trainer"][3]

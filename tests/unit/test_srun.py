@@ -1,0 +1,189 @@
+"""launch/srun.py: the Slurm job's srun steps come from the plan (GPUs, cores, node ranks), HEAD_IP
+from a named interface (a fake `ip` on PATH, and the real one on `lo`), and the restart wrapper."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from areal_like.config import ConfigError, load_config
+from launch.placement import place_node
+from launch.srun import cpu_mask, head_ip, node_cores, ports_json, slurm_steps
+
+ROOT = Path(__file__).resolve().parents[2]
+FAKE_IP = """#!/bin/sh
+# ip -o -4 addr show [dev IFACE], as iproute2 prints it on a node with eth0 (10.1.2.3), ib0 and docker0
+all='1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever preferred_lft forever
+2: eth0    inet 172.17.0.9/16 brd 172.17.255.255 scope global eth0\\       valid_lft forever preferred_lft forever
+3: ib0    inet 10.1.2.3/24 brd 10.1.2.255 scope global ib0\\       valid_lft forever preferred_lft forever'
+case "$*" in
+  "-o -4 addr show") echo "$all" ;;
+  "-o -4 addr show dev ib0") echo "$all" | grep ' ib0 ' ;;
+  "-o -4 addr show dev eth0") echo "$all" | grep ' eth0 ' ;;
+  "-o -4 addr show dev ib1") ;;  # an interface with only IPv6
+  *) echo "Device \\"$6\\" does not exist." >&2; exit 1 ;;
+esac
+"""
+
+
+@pytest.fixture
+def fake_ip(tmp_path, monkeypatch):
+    (tmp_path / "ip").write_text(FAKE_IP)
+    (tmp_path / "ip").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    return tmp_path
+
+
+def test_head_ip_is_the_named_interfaces_address(fake_ip):
+    assert head_ip("ib0") == "10.1.2.3"  # not the first address `hostname -I` would give (172.17.0.9)
+    assert head_ip("eth0") == "172.17.0.9"
+
+
+@pytest.mark.parametrize("iface,message", [
+    ("", "HEAD_IFACE is not set: name the network interface the other nodes reach this node on (e.g. HEAD_IFACE=ib0); "
+         "this node has: lo=127.0.0.1, eth0=172.17.0.9, ib0=10.1.2.3"),
+    ("eth7", 'HEAD_IFACE=eth7: Device "eth7" does not exist.; interfaces with an IPv4 address here: lo=127.0.0.1, '
+             "eth0=172.17.0.9, ib0=10.1.2.3"),
+    ("ib1", "HEAD_IFACE=ib1 has no IPv4 address; interfaces with one: lo=127.0.0.1, eth0=172.17.0.9, ib0=10.1.2.3"),
+])
+def test_head_ip_errors_name_the_interface_and_the_ones_there_are(fake_ip, iface, message):
+    with pytest.raises(ConfigError) as e:
+        head_ip(iface)
+    assert str(e.value) == message
+
+
+def test_head_ip_without_iproute2(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no `ip` anywhere
+    with pytest.raises(ConfigError, match=r"^`ip` \(iproute2\) is not installed on this node"):
+        head_ip("ib0")
+
+
+@pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 not installed")
+def test_head_ip_with_the_real_ip_on_loopback():
+    assert head_ip("lo") == "127.0.0.1"
+
+
+def test_the_sbatch_command_line_prints_the_address_or_one_error_line(fake_ip):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    ok = subprocess.run([sys.executable, "-m", "launch.srun", "head-ip", "ib0"], capture_output=True, text=True,
+                        env=env, timeout=120, cwd=ROOT)
+    assert (ok.returncode, ok.stdout) == (0, "10.1.2.3\n")
+    bad = subprocess.run([sys.executable, "-m", "launch.srun", "head-ip"], capture_output=True, text=True,
+                         env=env, timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.startswith("error: HEAD_IFACE is not set")
+
+
+def test_cores_follow_the_gpus_and_never_overlap():
+    placed = place_node(gpus_per_node=8, trainer_ranks=4, rollout_servers=2, tp_size=2)
+    cores = node_cores(placed, cpus=33, gpus_per_node=8, has_buffer=True)  # 32 for GPUs (4 each), 1 for the buffer
+    assert cores == {"trainer": tuple(range(16)), "rollout-0": tuple(range(16, 24)), "rollout-1": tuple(range(24, 32)),
+                     "buffer": (32,)}
+    assert cpu_mask(cores["rollout-0"]) == "0xff0000" and cpu_mask((0, 1)) == "0x3"
+    with pytest.raises(ConfigError, match="^8 cores per node cannot give each of launch.gpus_per_node=8 GPUs a core "
+                                          "beside the buffer's"):
+        node_cores(placed, cpus=8, gpus_per_node=8, has_buffer=True)
+
+
+def _cfg(nodes: int, tp: int, *extra: str):
+    gpus = 4
+    trainer, servers = (2, (gpus - 2) // tp) if nodes == 1 else (gpus, gpus // tp)
+    return load_config(["topology=gpu_sglang", f"launch.nodes={nodes}", f"launch.train_nodes={max(1, nodes - 1)}",
+                        f"launch.gpus_per_node={gpus}", f"launch.trainer_ranks={trainer}",
+                        f"launch.num_rollout_servers={servers}", f"rollout.engine.tp_size={tp}",
+                        "buffer.address=tcp://10.1.2.3:5555", "buffer.pub_address=tcp://10.1.2.3:5556",
+                        "buffer.metrics_port=9100", "rollout.metrics_port=9101", "trainer.metrics_port=9200", *extra])
+
+
+def _steps(nodes: int, tp: int):
+    hosts = [f"gpu{k}" for k in range(nodes)]
+    return slurm_steps(_cfg(nodes, tp), hosts, config="/shared/run/config.yaml", cpus=17, master_port=29500,
+                       restarts=3, repo="/shared/repo")
+
+
+def _opts(argv) -> dict[str, str]:
+    return dict(a[2:].split("=", 1) for a in argv[:argv.index("env")] if a.startswith("--") and "=" in a)
+
+
+@pytest.mark.parametrize("nodes", [1, 2, 3])
+@pytest.mark.parametrize("tp", [1, 2])
+def test_steps_place_every_process_of_the_plan(nodes, tp):
+    topo, steps = _steps(nodes, tp)
+    assert steps[0].kind == "buffer" and steps[0].argv[-4:] == ("areal-like", "buffer", "--config-file",
+                                                                 "/shared/run/config.yaml")
+    per_node: dict[str, list[int]] = {}
+    for step in steps:
+        opts = _opts(step.argv)
+        assert step.argv[:2] == ("srun", "--overlap") and opts["nodes"] == opts["ntasks"] == "1"
+        mask = int(opts["cpu-bind"].removeprefix("mask_cpu:"), 16)
+        assert bin(mask).count("1") == int(opts["cpus-per-task"])
+        per_node.setdefault(opts["nodelist"], []).append(mask)
+        slot = topo.slot(step.name)
+        assert opts["nodelist"] == f"gpu{slot.node}"
+        assert step.argv[step.argv.index("env") + 1] == f"CUDA_VISIBLE_DEVICES={','.join(map(str, slot.gpus))}"
+    for masks in per_node.values():  # no two processes of a node share a core
+        assert sum(masks) == sum(set(masks)) and all(a & b == 0 for i, a in enumerate(masks) for b in masks[i + 1:])
+    rollouts = [s for s in steps if s.kind == "rollout"]
+    servers = (2 // tp) if nodes == 1 else (nodes - max(1, nodes - 1)) * (4 // tp)
+    assert [s.name for s in rollouts] == [f"rollout-{j}" for j in range(servers)]
+    assert all(f"rollout.server_id={s.name}" in s.argv and s.argv[s.argv.index("env") + 2:][:3] ==
+               ("bash", "/shared/repo/launch/slurm/with_restarts.sh", "3") for s in rollouts)
+    trainers = [s for s in steps if s.kind == "trainer"]
+    assert len(trainers) == max(1, nodes - 1)
+    for k, t in enumerate(trainers):
+        tail = list(t.argv[t.argv.index("train") - 1:])
+        assert tail == ["areal-like", "train", "--nnodes", str(max(1, nodes - 1)), "--node-rank", str(k),
+                        "--nproc-per-node", "2" if nodes == 1 else "4", "--master-addr", "10.1.2.3",
+                        "--master-port", "29500", "--config-file", "/shared/run/config.yaml"]
+
+
+def test_two_nodes_tp2_exact_command_lines():
+    _, steps = _steps(2, 2)
+    assert [s.line() for s in steps] == [
+        "buffer\tbuffer\tsrun --overlap --nodes=1 --ntasks=1 --nodelist=gpu0 --cpus-per-task=1 --cpu-bind=mask_cpu:0x10000 "
+        "env CUDA_VISIBLE_DEVICES= areal-like buffer --config-file /shared/run/config.yaml",
+        "trainer\ttrainer\tsrun --overlap --nodes=1 --ntasks=1 --nodelist=gpu0 --cpus-per-task=16 "
+        "--cpu-bind=mask_cpu:0xffff env CUDA_VISIBLE_DEVICES=0,1,2,3 areal-like train --nnodes 1 --node-rank 0 "
+        "--nproc-per-node 4 --master-addr 10.1.2.3 --master-port 29500 --config-file /shared/run/config.yaml",
+        "rollout-0\trollout\tsrun --overlap --nodes=1 --ntasks=1 --nodelist=gpu1 --cpus-per-task=8 "
+        "--cpu-bind=mask_cpu:0xff env CUDA_VISIBLE_DEVICES=0,1 bash /shared/repo/launch/slurm/with_restarts.sh 3 "
+        "areal-like rollout --config-file /shared/run/config.yaml rollout.server_id=rollout-0 rollout.metrics_port=9101 "
+        "rollout.eval=true",  # the first server runs the job's evaluations
+        "rollout-1\trollout\tsrun --overlap --nodes=1 --ntasks=1 --nodelist=gpu1 --cpus-per-task=8 "
+        "--cpu-bind=mask_cpu:0xff00 env CUDA_VISIBLE_DEVICES=2,3 bash /shared/repo/launch/slurm/with_restarts.sh 3 "
+        "areal-like rollout --config-file /shared/run/config.yaml rollout.server_id=rollout-1 rollout.metrics_port=9102",
+    ]
+
+
+def test_ports_json_lists_each_daemon_at_its_nodes_address():
+    topo, _ = _steps(3, 2)
+    got = {d["name"]: d["metrics_url"] for d in ports_json(topo, ["gpu0", "gpu1", "gpu2"])["daemons"]}
+    assert got == {"buffer": "http://10.1.2.3:9100/metrics", "rollout-0": "http://gpu2:9101/metrics",
+                   "rollout-1": "http://gpu2:9102/metrics", "trainer": "http://10.1.2.3:9200/metrics"}
+
+
+def test_steps_refuse_what_a_slurm_job_cannot_run():
+    with pytest.raises(ConfigError, match=r"^launch.nodes=2 but the allocation has 3 nodes \(a, b, c\)"):
+        slurm_steps(_cfg(2, 1), ["a", "b", "c"], config="c", cpus=16, master_port=1, restarts=0, repo="r")
+    with pytest.raises(ConfigError, match="^rollout.metrics_port has port 0: every port of a Slurm job is fixed"):
+        slurm_steps(_cfg(2, 1, "rollout.metrics_port=0"), ["a", "b"], config="c", cpus=16, master_port=1,
+                    restarts=0, repo="r")
+    with pytest.raises(ConfigError, match="the Slurm recipe places GPU jobs"):
+        slurm_steps(load_config(["launch.nodes=2", "buffer.address=tcp://h:1", "buffer.pub_address=tcp://h:2",
+                                 "buffer.metrics_port=3", "rollout.metrics_port=4", "trainer.metrics_port=5"]),
+                    ["a", "b"], config="c", cpus=16, master_port=1, restarts=0, repo="r")
+
+
+def test_with_restarts_restarts_a_failing_command_then_gives_up(tmp_path):
+    count = tmp_path / "count"
+    r = subprocess.run(["bash", str(ROOT / "launch/slurm/with_restarts.sh"), "2", "bash", "-c",
+                        f"echo run >> {count}; exit 3"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "RESTART_BACKOFF_S": "0"})
+    assert r.returncode == 3 and count.read_text() == "run\n" * 3
+    assert "restart 2/2" in r.stderr and "no restarts left (2)" in r.stderr
+    ok = subprocess.run(["bash", str(ROOT / "launch/slurm/with_restarts.sh"), "2", "true"], timeout=60)
+    assert ok.returncode == 0

@@ -1,0 +1,57 @@
+"""A world-size-1 trainer for weight-sync tests: the real ``WeightBroadcaster`` pushing a tiny model.
+
+Run as ``python weight_pusher.py <config.yaml> <out_dir> '<json pushes>'``; each push is
+``{"version": int, "members": int, "path": str (optional), "after": str (optional)}``. Per push:
+wait until ``<out_dir>/<after>`` exists (the test has checked the engines), until the buffer's
+roster has ``members`` members, change every weight (``+= 0.01 * version``, so each version differs),
+push with ``trainer.weight_sync.path`` set to ``path`` (default: the config's), and write
+``<out_dir>/v<version>.json``: the ``SyncReport`` fields plus ``sha``, the SHA-256 of the weights
+pushed (``test_trainer_weight_sync.weights_sha``). Ends with ``done`` in ``<out_dir>/pusher.done``.
+"""
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+torch.set_num_threads(1)
+sys.path.insert(0, str(Path(__file__).resolve().parent / "integration"))
+from test_trainer_weight_sync import weights_sha  # noqa: E402
+
+from areal_like.config import load_daemon_config  # noqa: E402
+from areal_like.hf import build_model  # noqa: E402
+from areal_like.protocol import RosterRequest  # noqa: E402
+from areal_like.transport import Client  # noqa: E402
+from trainer.weight_local import LocalSender  # noqa: E402
+from trainer.weight_sync import WeightBroadcaster  # noqa: E402
+
+cfg_path, out_dir, pushes = sys.argv[-3:]  # run directly, or through runpy (which leaves its own argv first)
+cfg = load_daemon_config(["--config-file", cfg_path])
+out = Path(out_dir)
+model = build_model(cfg.model, device=cfg.trainer.device)  # cuda: the tensor path's payloads are CUDA IPC handles
+wb = WeightBroadcaster(cfg.trainer.weight_sync, buffer_address=cfg.buffer.address, rank=0,
+                       device=torch.device(cfg.trainer.device), send_dtype=cfg.model.dtype)
+roster = Client(cfg.buffer.address, timeout_s=10)
+for push in json.loads(pushes):
+    while push.get("after") and not (out / push["after"]).exists():
+        time.sleep(0.05)
+    while len(roster.request(RosterRequest()).members) != push["members"]:
+        time.sleep(0.1)
+    if "path" in push and push["path"] != wb.path:  # as `run` would resolve it for a one-GPU placement
+        if wb._local is not None:
+            wb._local.close()
+        wb.path = push["path"]
+        wb._local = LocalSender(wb.path) if wb.path != "distributed" else None
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * push["version"])
+    rep = wb.push(model, push["version"])
+    sha = weights_sha(model.named_parameters())
+    (out / f"v{push['version']}.tmp").write_text(json.dumps({**rep.__dict__, "sha": sha}))
+    os.replace(out / f"v{push['version']}.tmp", out / f"v{push['version']}.json")
+(out / "pusher.done").write_text("done")
+wb.close()
+roster.close()
+os._exit(0)  # skip interpreter teardown: destroying a gloo group at exit can abort the process

@@ -1,0 +1,202 @@
+"""Trainer memory: an estimate of peak bytes per GPU from the model's shape, and a measurement of
+the tensor bytes a piece of code allocates.
+
+``estimate_peak_bytes`` is the accounting behind ``trainer/MEMORY.md``: what one trainer rank holds
+at the peak of a step under FSDP2 (``trainer/model.py``): its 1/world share of the fp32 master
+weights, gradients and two AdamW moments, plus the transient terms of the largest of three
+moments: the start of backward (the root group and two decoder blocks all-gathered in compute
+dtype, twice, as FSDP2 frees an all-gather's flat output only at the next all-gather; the
+activations kept for backward -- every block's, or only the block inputs with activation
+checkpointing plus one block recomputed -- and the log-prob working set: one ``[chunk, vocab]``
+block, ``trainer/logprobs.py``, and lm_head's gradient), the end of backward (the root group's
+gradients being reduced) and the optimizer step (foreach AdamW's temporaries). It leaves out the
+CUDA context, the allocator's fragmentation and NCCL buffers (a few GiB in practice: leave
+headroom). ``benchmarks/bench_trainer_memory.py`` checks it against a measured step.
+
+``PeakTensorBytes`` measures, on any device, the peak of the bytes held by tensors created while
+it is active (a dispatch mode: every op's output storage is counted until it is freed). Tensors
+that existed before it started are not counted, so it measures what a computation ADDS.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, fields
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch.utils._pytree import tree_leaves
+
+from areal_like.config import ModelConfig
+
+GIB = 2**30
+
+# Qwen2 shapes of the published checkpoints (config.json), for the table in trainer/MEMORY.md.
+QWEN2_SHAPES: dict[str, dict] = {
+    "0.5B": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
+    "1.5B": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                 num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
+    "7B": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+               num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+}
+
+
+def qwen2_shape(name: str, **overrides) -> ModelConfig:
+    """A ``ModelConfig`` of one of ``QWEN2_SHAPES`` (built from config: random weights)."""
+    return ModelConfig(**{"max_position_embeddings": 32768, **QWEN2_SHAPES[name], **overrides})
+
+
+def block_params(cfg: ModelConfig) -> int:
+    """Parameters of one Qwen2 decoder block: q/k/v (with bias), o, gate/up/down, two RMSNorms."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    return (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * i + 2 * h
+
+
+def root_params(cfg: ModelConfig) -> int:
+    """Parameters outside the blocks (FSDP2's root group): embeddings, final norm, untied lm_head."""
+    return cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2) + cfg.hidden_size
+
+
+def total_params(cfg: ModelConfig) -> int:
+    return cfg.num_hidden_layers * block_params(cfg) + root_params(cfg)
+
+
+def block_activation_bytes(cfg: ModelConfig, c: int) -> int:
+    """Bytes one decoder block keeps for backward per token, its input included, in compute dtype
+    of ``c`` bytes: the tensors Hugging Face's Qwen2 layer (SDPA attention) saves, counted with
+    ``saved_tensors_hooks`` (tests/unit/test_memory.py checks the count): in units of ``c`` bytes,
+    8H + 4I + 2 kv_dim + 2 head_dim + heads + 2 in fp32; in bf16 the RMSNorms' fp32 upcasts and
+    the attention's fp32 log-sum-exp add 3H + heads + 2."""
+    h, i, heads = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
+    hd = h // heads
+    kv = cfg.num_key_value_heads * hd
+    units = 8 * h + 4 * i + 2 * kv + 2 * hd + heads + 2
+    if c != 4:
+        units += 3 * h + heads + 2
+    return units * c
+
+
+def _plain_tensors(leaves) -> list[torch.Tensor]:
+    """The plain tensors among ``leaves``, a wrapper subclass (DTensor) replaced by its inner tensors:
+    its own op runs below this mode, so its local allocation is only visible through its output."""
+    out = []
+    for t in leaves:
+        if is_traceable_wrapper_subclass(t):
+            out += _plain_tensors([getattr(t, name) for name in t.__tensor_flatten__()[0]])
+        elif type(t) is torch.Tensor and t.device.type != "meta":
+            out.append(t)
+    return out
+
+
+class PeakTensorBytes(TorchDispatchMode):
+    """``with PeakTensorBytes() as m: ...``; then ``m.peak`` (bytes) and ``m.current`` (still alive).
+
+    Counts each output storage once, from its creation until its Python object is collected
+    (storages keep their Python object alive as long as any tensor views them). Tensor
+    subclasses (DTensor) are counted through the local tensors they wrap.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._seen: weakref.WeakSet = weakref.WeakSet()
+
+    def _free(self, nbytes: int) -> None:
+        self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in _plain_tensors(tree_leaves(out)):
+            s = t.untyped_storage()
+            if s in self._seen:
+                continue
+            self._seen.add(s)
+            n = s.nbytes()
+            self.current += n
+            weakref.finalize(s, self._free, n)
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak bytes of one trainer rank, by term (see ``estimate_peak_bytes``)."""
+
+    weights: int  # this rank's shard of the fp32 master weights
+    grads: int  # ... of the fp32 gradients
+    adam: int  # ... of AdamW's two fp32 moments
+    gathered: int  # unsharded compute-dtype parameters: the root group, the current and the next block
+    gather_buffers: int  # FSDP2's flat all-gather outputs of the same, held until the next all-gather
+    block_grads: int  # one block's unsharded gradient (compute dtype, plus its fp32 copy for reduction)
+    activations: int  # what the forward keeps for backward
+    logprobs: int  # one [chunk, V] block (and its compute-dtype twin) + lm_head's gradient accumulator
+    root_grads: int  # the root group's unsharded gradients at the end of backward (+ the embedding's, + the new shard)
+    optimizer_temps: int  # the foreach AdamW step's temporaries (two lists of shard-sized fp32 tensors)
+
+    @property
+    def moments(self) -> dict[str, int]:
+        """The three candidate peaks: the start of backward (every activation and the log-prob
+        working set alive; gradients of earlier micro-batches held), its end (the root group's
+        gradients being reduced) and the optimizer step."""
+        held = self.weights + self.grads + self.adam
+        return {"backward_start": held + self.gathered + self.gather_buffers + self.activations + self.logprobs,
+                "backward_end": held + self.gathered + self.block_grads + self.root_grads,
+                "optimizer_step": held + self.optimizer_temps}
+
+    @property
+    def total(self) -> int:
+        return max(self.moments.values())
+
+
+def estimate_peak_bytes(model_cfg: ModelConfig, world: int, micro_batch_tokens: int, dtype: str = "bfloat16",
+                        checkpointing: bool = False, logprob_chunk: int = 512) -> MemoryEstimate:
+    """Peak memory of one trainer rank in a step: FSDP2 over ``world`` ranks, ``micro_batch_tokens``
+    tokens per forward/backward, compute in ``dtype`` (fp32 master weights)."""
+    c = 4 if dtype == "float32" else 2
+    mp = 4 if c != 4 else 0  # mixed precision: the fp32 copy a bf16 gradient is reduced in / upcast to
+    p, blk, root = total_params(model_cfg), block_params(model_cfg), root_params(model_cfg)
+    t, h, v = micro_batch_tokens, model_cfg.hidden_size, model_cfg.vocab_size
+    per_block = block_activation_bytes(model_cfg, c)
+    if checkpointing:  # the block inputs, plus one block's full set while it is recomputed
+        acts = model_cfg.num_hidden_layers * t * h * c + t * per_block
+    else:
+        acts = model_cfg.num_hidden_layers * t * per_block
+    acts += t * h * (4 * c if c == 4 else 4 * c + 8) + 32 * t  # final norm, gathered hidden, token ids
+    chunk = min(logprob_chunk, t)
+    logprobs = chunk * v * (4 + c * (mp > 0)) + v * h * (4 + c * (mp > 0))
+    shard = -(-p // world)
+    # the embedding's dense gradient exists beside lm_head's until they are summed (tied weights);
+    # from the second micro-batch on, the reduce-scatter's output is a new shard added to the held one
+    root_grads = (root * (c + mp) + (v * h * c if model_cfg.tie_word_embeddings else 0)
+                  + 4 * -(-root // world))
+    return MemoryEstimate(weights=4 * shard, grads=4 * shard, adam=8 * shard, gathered=(root + 2 * blk) * c,
+                          gather_buffers=(root + 2 * blk) * c,
+                          block_grads=blk * (c + mp), activations=acts, logprobs=logprobs, root_grads=root_grads,
+                          optimizer_temps=8 * shard)
+
+
+def markdown_table(seqs: int = 8, seq_len: int = 2048, micro_batch_size: int = 8, worlds: tuple[int, ...] = (1, 2, 8),
+                   dtype: str = "bfloat16", chunk: int = 512) -> str:
+    """The table of trainer/MEMORY.md: peak GiB per GPU for each Qwen2 shape and world size, with
+    and without activation checkpointing. A rank trains ceil(seqs / world) sequences, at most
+    ``micro_batch_size`` per forward/backward (``trainer/step.py``)."""
+    lines = ["| model | params | GPUs | tokens per micro-batch | peak GiB/GPU | with activation checkpointing "
+             "| largest term |", "|---|---|---|---|---|---|---|"]
+    for name in QWEN2_SHAPES:
+        cfg = qwen2_shape(name)
+        for world in worlds:
+            tokens = min(micro_batch_size, -(-seqs // world)) * seq_len
+            plain = estimate_peak_bytes(cfg, world, tokens, dtype, False, chunk)
+            ckpt = estimate_peak_bytes(cfg, world, tokens, dtype, True, chunk)
+            terms = {k: v for k, v in vars(plain).items()}
+            top = max(terms, key=terms.get)
+            lines.append(f"| {name} | {total_params(cfg) / 1e9:.2f} B | {world} | {tokens} | "
+                         f"{plain.total / GIB:.1f} | {ckpt.total / GIB:.1f} | {top} ({terms[top] / GIB:.1f}) |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

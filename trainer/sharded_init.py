@@ -1,0 +1,212 @@
+"""Weights straight into each rank's shards: a meta-device model, sharded, then materialised.
+
+``materialize(model, cfg, device)`` takes a model built on the meta device
+(``areal_like.hf.build_meta_model``) and already sharded by ``fully_shard``, allocates each rank's
+shards on ``device`` and writes them:
+
+- from ``model.path``: every ``*.safetensors`` file is opened with ``safe_open`` and each rank
+  reads only the slice of each tensor that its shard holds (``get_slice``), cast to the
+  parameter's dtype. (torch 2.13's DCP ``HuggingFaceStorageReader`` reads whole tensors per file
+  into a sharded state dict; slicing ourselves keeps the read to the rank's rows.)
+- from the config (no ``model.path``): the SAME values ``areal_like.hf.build_model`` draws for
+  ``model.init_seed``, bit for bit, on any number of ranks. ``record_init`` runs Hugging Face's
+  own construction and initialisation under ``FakeTensorMode`` (no memory, no random numbers)
+  and records every in-place op that writes a tensor, in order; ``replay_init`` seeds the CPU
+  generator as ``build_model`` does and replays the ops: draws that a later write overwrites
+  (``nn.Linear``'s own init before Hugging Face's) run on a scratch tensor only to advance the
+  generator; from a parameter's last whole-tensor write on, they run on a full CPU copy of that
+  ONE parameter, whose rank-local slice is copied into the shard as soon as no later op touches
+  it.
+
+Invariant: peak host memory during either path is one full parameter (the largest is the
+embedding), never a full unsharded copy of the model. Non-persistent buffers (rotary frequency
+tables) are recomputed on ``device``; a model with any other buffer is refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from areal_like.config import ModelConfig
+
+log = logging.getLogger("trainer.sharded_init")
+
+
+@dataclass(frozen=True)
+class InitOp:
+    """One recorded in-place write: ``func(target, *args)``; ``target`` is parameter ``name`` (None:
+    not a parameter) or a view of it (``view`` = size, stride, storage offset)."""
+
+    func: torch._ops.OpOverload
+    args: tuple
+    name: str | None
+    base_shape: tuple[int, ...]
+    dtype: torch.dtype
+    view: tuple | None
+    reads_tensor: bool  # a tensor argument besides the target (copy_): its value cannot be replayed
+
+    @property
+    def random(self) -> bool:
+        return self.func._schema.name in ("aten::normal_", "aten::uniform_", "aten::bernoulli_",
+                                          "aten::random_", "aten::exponential_", "aten::log_normal_",
+                                          "aten::cauchy_", "aten::geometric_")
+
+
+def record_init(cfg: ModelConfig) -> list[InitOp]:
+    """The in-place writes ``build_model(cfg)`` (no ``path``) performs, in order, without running it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import AutoModelForCausalLM
+
+    from areal_like.hf import qwen2_config
+
+    raw: list[tuple] = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            schema = func._schema.arguments
+            if args and schema and schema[0].alias_info is not None and schema[0].alias_info.is_write:
+                raw.append((func, args[0], args[1:], kwargs or {}))
+            return func(*args, **(kwargs or {}))
+
+    config = qwen2_config(cfg)
+    with FakeTensorMode(), Recorder():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                 attn_implementation=cfg.attn_implementation)
+    names = {id(p): n for n, p in model.named_parameters()}
+    ops = []
+    for func, target, args, kwargs in raw:
+        if kwargs:
+            raise ValueError(f"cannot replay the initialisation: {func} was called with keyword arguments")
+        base = target._base if target._is_view() else target
+        whole = not target._is_view() and target.is_contiguous()
+        view = None if whole else (tuple(target.shape), target.stride(), target.storage_offset())
+        ops.append(InitOp(func, tuple(args), names.get(id(base)), tuple(base.shape), base.dtype, view,
+                          any(isinstance(a, torch.Tensor) for a in args)))
+    return ops
+
+
+def _target(op: InitOp, full: torch.Tensor) -> torch.Tensor:
+    return full if op.view is None else full.as_strided(*op.view)
+
+
+def _last_writes(ops: list[InitOp]) -> tuple[dict[str, int], dict[str, int]]:
+    """Per parameter: the index of its last whole-tensor write, and of the last op touching it."""
+    last_full, last_touch = {}, {}
+    for i, op in enumerate(ops):
+        if op.name is None:
+            continue
+        last_touch[op.name] = i
+        if op.view is None:
+            last_full[op.name] = i
+    return last_full, last_touch
+
+
+def replay_init(ops: list[InitOp], params: dict[str, torch.Tensor], seed: int) -> None:
+    """Write ``build_model``'s values for ``seed`` into ``params`` (name -> sharded parameter)."""
+    last_full, last_touch = _last_writes(ops)
+    missing = sorted(set(params) - set(last_full))
+    if missing:
+        raise ValueError(f"no recorded initialisation writes all of {missing}")
+    rng = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # as build_model: the global CPU generator
+    try:
+        full: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for i, op in enumerate(ops):
+                if op.name is None or op.name not in params or i < last_full[op.name]:
+                    if op.random:  # overwritten later: run only for the random numbers it consumes
+                        op.func(_target(op, torch.empty(op.base_shape, dtype=op.dtype)), *op.args)
+                    continue
+                if op.reads_tensor:
+                    raise ValueError(f"cannot replay the initialisation of {op.name}: {op.func} reads a tensor")
+                if i == last_full[op.name]:
+                    full[op.name] = torch.empty(op.base_shape, dtype=op.dtype)
+                op.func(_target(op, full[op.name]), *op.args)
+                if i == last_touch[op.name]:
+                    write_shard(params[op.name], full.pop(op.name))
+    finally:
+        torch.random.set_rng_state(rng)
+
+
+def local_slices(param: torch.Tensor) -> tuple[slice, ...]:
+    """The index of this rank's shard of ``param`` in the full tensor (all of it if not a DTensor)."""
+    if not isinstance(param, DTensor):
+        return tuple(slice(0, n) for n in param.shape)
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
+def write_shard(param: torch.Tensor, full_or_slice: torch.Tensor, already_sliced: bool = False) -> None:
+    """Copy this rank's rows of a full CPU tensor (or the rows already read) into ``param``'s shard."""
+    local = param.to_local() if isinstance(param, DTensor) else param
+    src = full_or_slice if already_sliced else full_or_slice[local_slices(param)]
+    if tuple(src.shape) != tuple(local.shape):
+        raise ValueError(f"shard shape {tuple(local.shape)} != source slice {tuple(src.shape)}")
+    with torch.no_grad():
+        local.copy_(src)
+
+
+def load_safetensors(params: dict[str, torch.Tensor], directory: Path) -> None:
+    """Each parameter's rank-local rows from the ``*.safetensors`` files of ``directory``."""
+    from safetensors import safe_open
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model.path={str(directory)!r} has no *.safetensors files: the trainer loads "
+                         "safetensors only (save the model with save_pretrained(safe_serialization=True))")
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():  # a sharded checkpoint: read only the files the index names
+        names = set(json.loads(index.read_text())["weight_map"].values())
+        files = [f for f in files if f.name in names]
+    done, unexpected = set(), []
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for key in sf.keys():
+                if key not in params:
+                    unexpected.append(key)
+                    continue
+                write_shard(params[key], sf.get_slice(key)[local_slices(params[key])], already_sliced=True)
+                done.add(key)
+    missing = sorted(set(params) - done)
+    if missing:
+        raise ValueError(f"model.path={str(directory)!r} lacks {len(missing)} weight(s): {missing[:8]}")
+    if unexpected:
+        log.warning("model.path=%s: %d tensor(s) not in the model ignored: %s", directory, len(unexpected),
+                    unexpected[:8])
+
+
+def restore_buffers(model: torch.nn.Module) -> None:
+    """Recompute the rotary tables that ``to_empty`` left uninitialised; refuse any other buffer."""
+    for mod_name, module in model.named_modules():
+        own = dict(module.named_buffers(recurse=False))
+        if not own:
+            continue
+        if "RotaryEmbedding" not in type(module).__name__:
+            raise ValueError(f"cannot materialise buffers {sorted(own)} of {mod_name} ({type(module).__name__}) "
+                             "from the meta device")
+        with torch.device("cpu"):  # computed as build_model computes it, then moved
+            fresh = type(module)(config=module.config)
+        for name, buf in own.items():
+            buf.copy_(getattr(fresh, name))
+
+
+def materialize(model: torch.nn.Module, cfg: ModelConfig, device: torch.device) -> torch.nn.Module:
+    """Allocate ``model``'s (sharded) parameters on ``device`` and fill them from ``cfg.path`` or
+    with ``cfg.init_seed``'s initialisation; returns ``model``."""
+    model.to_empty(device=device)
+    params = dict(model.named_parameters())  # a tied parameter appears once, under its first name
+    if cfg.path:
+        load_safetensors(params, Path(cfg.path))
+    else:
+        replay_init(record_init(cfg), params, cfg.init_seed)
+    with torch.no_grad():
+        restore_buffers(model)
+    return model
