@@ -30,7 +30,9 @@ import os
 import secrets
 import socket
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+
+import msgspec
 
 from areal_like.auth import engine_api_key
 from areal_like.config import RunConfig
@@ -360,7 +362,7 @@ class RolloutServer(Daemon):
         want = self.credits_wanted() if u.sends == 1 else 0  # a re-send may be a duplicate: its leases came
         self.credits_asked += want  # with the lost ack (they expire and are re-issued); do not take more
         try:
-            ack = await self.data.request(replace(u.group, want_credits=want) if want else u.group)
+            ack = await self.data.request(msgspec.structs.replace(u.group, want_credits=want) if want else u.group)
         except TransportTimeout:
             u.due = time.monotonic() + RESEND_BACKOFF_S
             return False
