@@ -30,6 +30,14 @@ from areal_like.metrics import Metrics, MetricsServer
 GRACEFUL_STOP_S = 10.0  # after SIGTERM, how long stop() may take before the launcher's kill
 
 
+# Set in every daemon's environment by the launchers (glibc reads it at process start). glibc's
+# defaults hand freed blocks over 128 KiB back to the kernel, so each trajectory group's frames
+# (hundreds of KB, allocated and freed per message by libzmq and the encoder) fault their pages in
+# again: measured ~100 us more kernel time per 400 KB group on each side (benchmarks/bench_transport.py).
+# The cost: up to 32 MiB of freed memory per malloc arena stays resident. A user's own value wins.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(32 << 20)}
+
+
 def setup_logging(name: str, level: str | None = None) -> logging.Logger:
     """Structured, single-line logs tagged with the daemon name and PID."""
     level = level or os.environ.get("AREAL_LIKE_LOG_LEVEL", "INFO")

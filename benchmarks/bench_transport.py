@@ -40,6 +40,10 @@ import sys
 import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+from areal_like.daemon import MALLOC_ENV  # noqa: E402
+
+if any(k not in os.environ for k in MALLOC_ENV):  # what every daemon starts with (launch/job.py)
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**MALLOC_ENV, **os.environ})
 
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from areal_like.auth import BIND_HOST_ENV, ENGINE_KEY_ENV, engine_api_key, ensure_key_file, read_key_file
 from areal_like.config import RunConfig, to_yaml
+from areal_like.daemon import MALLOC_ENV
 from areal_like.distributed import free_port
 from areal_like.track_sink import TrackerSink
 from launch.local import ProcSpec, Supervisor, error_tail, write_json_atomic
@@ -94,7 +95,8 @@ def job_specs(cfg: RunConfig, topo: Topology, config_path: Path, python: str = s
     """The buffer (stage 0), then every rollout server and the trainer (stage 1, see ``_stage``); on a
     GPU topology each gets ``CUDA_VISIBLE_DEVICES`` from its slot (the trainer's lists one GPU per
     torchrun rank), translated through the launcher's own when it has one."""
-    env = {"OMP_NUM_THREADS": str(cfg.launch.omp_threads), "MKL_NUM_THREADS": str(cfg.launch.omp_threads),
+    env = {**{k: v for k, v in MALLOC_ENV.items() if k not in os.environ},
+           "OMP_NUM_THREADS": str(cfg.launch.omp_threads), "MKL_NUM_THREADS": str(cfg.launch.omp_threads),
            "AREAL_LIKE_RUN_DIR": cfg.run_dir,
            # /metrics binds where the supervisor probes it: the job's host (loopback unless configured)
            BIND_HOST_ENV: os.environ.get(BIND_HOST_ENV) or topo.host}
