@@ -174,7 +174,7 @@ def apply(sock: zmq.Socket) -> None:
     keys = _active
     if keys is None:
         return
-    kind = sock.socket_type
+    kind = sock.type
     if kind in _SERVER_KINDS:
         if keys.allow_dir is None:
             raise SecurityError(f"a {keys.role} process cannot serve CURVE: it holds no server key")
