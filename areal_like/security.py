@@ -1,4 +1,4 @@
-"""Who may talk to the buffer: CURVE keys, the allow-list and the refusal count (threat model: SECURITY.md).
+"""Who may talk to the buffer: CURVE keys, the allow-list and the refusal count (threat model: areal_like/SECURITY.md).
 
 A job's keys live in one directory (``security.keys_dir``, ``<run_dir>/keys`` by default), made by
 ``make_keys`` (``areal-like keys RUN_DIR``; ``areal-like run`` makes them itself):
