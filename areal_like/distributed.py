@@ -67,7 +67,8 @@ def init_weight_group(backend: str, master_addr: str, master_port: int, world_si
     store = PrefixStore(group_name, raw)
     nccl = Backend(backend) == Backend.NCCL
     env = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"} if nccl else {}
-    if rank == 0 and not nccl and (iface := interface_of(master_addr)) is not None:
+    if rank == 0 and not nccl and "GLOO_SOCKET_IFNAME" not in os.environ and \
+            (iface := interface_of(master_addr)) is not None:  # a GLOO_SOCKET_IFNAME the user set wins
         env["GLOO_SOCKET_IFNAME"] = iface  # read when the gloo group is built: its pairs listen there only
     with _env(env):
         pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store, group_name=group_name,

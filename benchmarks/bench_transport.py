@@ -229,9 +229,22 @@ def child_cpu_s(pid: int) -> float:
     return sum(cpu_split_s(pid))
 
 
-def cpu_split_s(pid: int) -> tuple[float, float]:
+def thread_cpu_s(pids: tuple[int, ...]) -> dict[tuple[int, int], float]:
+    """CPU seconds of every thread of ``pids``, by (pid, thread id), from /proc. libzmq encrypts and
+    decrypts CURVE frames in its I/O thread, beside the Python thread that encodes and decodes."""
+    out = {}
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                out[(pid, int(tid))] = sum(cpu_split_s(pid, f"/task/{tid}"))
+            except OSError:  # the thread ended
+                pass
+    return out
+
+
+def cpu_split_s(pid: int, task: str = "") -> tuple[float, float]:
     """(user, system) CPU seconds, all threads, of a process, from /proc (clock-tick resolution)."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    fields = open(f"/proc/{pid}{task}/stat").read().rsplit(")", 1)[1].split()
     return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
@@ -261,6 +274,8 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, curve_addr: str, keys
     rates: dict[tuple[str, str], list[float]] = {k: [] for k in modes}
     cpu_s = {k: 0.0 for k in modes}  # both processes, all threads
     split_s = {k: [0.0] * 4 for k in modes}  # diagnostics: sender user/sys, receiver user/sys
+    threads_s: dict[tuple, dict] = {k: {} for k in modes}  # (pid, tid) -> CPU seconds, by mode
+    pids = (os.getpid(), receiver_pid)
     n_groups = {k: 0.0 for k in modes}
     try:
         for fn in modes.values():  # warm up connections, caches and codec plans
@@ -268,12 +283,15 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, curve_addr: str, keys
         for _ in range(rounds):  # interleaved, so load spikes hit every mode alike
             for key, fn in modes.items():
                 s0 = (*cpu_split_s(os.getpid()), *cpu_split_s(receiver_pid))
+                t0 = thread_cpu_s(pids)
                 c0, w0 = time.process_time() + child_cpu_s(receiver_pid), time.perf_counter()
                 rate = fn(seconds)
                 cpu_s[key] += time.process_time() + child_cpu_s(receiver_pid) - c0
                 n_groups[key] += rate * (time.perf_counter() - w0)
                 for i, (a, b) in enumerate(zip(s0, (*cpu_split_s(os.getpid()), *cpu_split_s(receiver_pid)))):
                     split_s[key][i] += b - a
+                for thread, cpu in thread_cpu_s(pids).items():
+                    threads_s[key][thread] = threads_s[key].get(thread, 0.0) + cpu - t0.get(thread, cpu)
                 rates[key].append(rate)
     finally:
         client.close()
@@ -320,15 +338,19 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, curve_addr: str, keys
     busiest = {m: 1e6 * max(split_s[("stream", m)][0] + split_s[("stream", m)][1],
                             split_s[("stream", m)][2] + split_s[("stream", m)][3]) / n_groups[("stream", m)]
                for m in ("curve", "ours")}
-    lines.append(curve_line(tokens, rates, cpu_us, busiest, frame_bytes, rounds, seconds))
+    busiest_thread = {m: 1e6 * max(threads_s[("stream", m)].values()) / n_groups[("stream", m)]
+                      for m in ("curve", "ours")}
+    lines.append(curve_line(tokens, rates, cpu_us, busiest, busiest_thread, frame_bytes, rounds, seconds))
     return lines
 
 
-def curve_line(tokens: int, rates: dict, cpu_us, busiest: dict[str, float], frame_bytes: int, rounds: int,
-               seconds: float) -> dict:
+def curve_line(tokens: int, rates: dict, cpu_us, busiest: dict[str, float], busiest_thread: dict[str, float],
+               frame_bytes: int, rounds: int, seconds: float) -> dict:
     """The stream of ours with CURVE against the same stream without it (and both against raw ZMQ).
-    ``busiest``: CPU us per group of the busier process, by mode; with a core per process (an idle
-    machine) throughput is bounded by it, so ``cpu_bound_ratio`` is the load-robust twin of ``ratio``."""
+    Load-robust twins of ``ratio``, from CPU per group by mode: ``cpu_bound_ratio`` (the busier
+    process: the throughput bound with one core per process) and ``thread_bound_ratio`` (the busiest
+    thread of either process: the bound where every thread has a core, as on an idle many-core node;
+    libzmq runs CURVE in its I/O thread, beside the Python thread)."""
     curve, plain, raw = (statistics.median(rates[("stream", m)]) for m in ("curve", "ours", "raw"))
     goal = GOAL_CURVE_RATIO_AT_4096 if tokens == 4096 else None
     return {"name": f"transport_stream_{GROUP_SIZE}x{tokens}_curve", "figure": round(curve, 1), "unit": "groups/s",
@@ -340,7 +362,11 @@ def curve_line(tokens: int, rates: dict, cpu_us, busiest: dict[str, float], fram
             "unencrypted_cpu_us_per_group": round(cpu_us(("stream", "ours")), 1),
             "busiest_process_cpu_us": round(busiest["curve"], 1),
             "unencrypted_busiest_process_cpu_us": round(busiest["ours"], 1),
-            "cpu_bound_ratio": round(busiest["ours"] / busiest["curve"], 3), "rounds": rounds, "round_s": seconds,
+            "cpu_bound_ratio": round(busiest["ours"] / busiest["curve"], 3),
+            "busiest_thread_cpu_us": round(busiest_thread["curve"], 1),
+            "unencrypted_busiest_thread_cpu_us": round(busiest_thread["ours"], 1),
+            "thread_bound_ratio": round(busiest_thread["ours"] / busiest_thread["curve"], 3),
+            "rounds": rounds, "round_s": seconds,
             "curve_rounds": [round(x) for x in rates[("stream", "curve")]],
             "unencrypted_rounds": [round(x) for x in rates[("stream", "ours")]],
             "load_avg_1m": round(os.getloadavg()[0], 2)}
