@@ -32,7 +32,7 @@ import json, sys, time
 from pathlib import Path
 import numpy as np
 from areal_like import protocol as P, security
-from areal_like.transport import Client, Subscriber
+from areal_like.transport import Client, Subscriber, TransportTimeout
 
 address, pub_address, mode, keys_dir, stop_file, wait_s = sys.argv[1:7]
 if mode != "none":  # a CURVE client: its own key pair (never on the allow-list), and the server's key or not
