@@ -34,6 +34,7 @@ from areal_like.schema import (
     ModelConfig,
     RolloutConfig,
     RunConfig,
+    SecurityConfig,
     TaskConfig,
     TrackingConfig,
     TrainerConfig,
@@ -43,7 +44,7 @@ from areal_like.schema import (
 
 __all__ = [
     "AGG_MODES", "ESTIMATORS", "LOSS_KINDS", "BufferConfig", "ConfigError", "EngineConfig", "EvalConfig", "ExportConfig", "LaunchConfig",
-    "LossConfig", "ModelConfig", "RolloutConfig", "RunConfig", "TaskConfig", "TrackingConfig", "TrainerConfig", "WarmStartConfig",
+    "LossConfig", "ModelConfig", "RolloutConfig", "RunConfig", "SecurityConfig", "TaskConfig", "TrackingConfig", "TrainerConfig", "WarmStartConfig",
     "WeightSyncConfig", "compose", "config_dir", "dataset_size", "from_yaml", "group_options", "load_config",
     "load_daemon_config", "to_yaml",
 ]

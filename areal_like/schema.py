@@ -305,6 +305,17 @@ class WarmStartConfig:
 
 
 @dataclass(kw_only=True)
+class SecurityConfig:
+    """Who may join the job's ZeroMQ traffic (areal_like/security.py, areal_like/SECURITY.md)."""
+
+    curve: bool = True  # CURVE-encrypt and authenticate every ZeroMQ socket; false only on a trusted network
+    keys_dir: str = "keys"  # the job's keys (`areal-like keys RUN_DIR`); relative to run_dir unless absolute
+
+    def __post_init__(self):
+        _check("security.keys_dir", bool(self.keys_dir), "a directory", self.keys_dir)
+
+
+@dataclass(kw_only=True)
 class LaunchConfig:
     num_rollout_servers: int = 2
     trainer_ranks: int = 2
@@ -345,6 +356,7 @@ class RunConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     tracker: list[str] = field(default_factory=lambda: ["jsonl"])  # any of TRACKERS, e.g. [jsonl,tensorboard]
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self):
         for name in self.tracker:

@@ -37,6 +37,10 @@ Patterns and why:
   reading its header: the frame never reaches the application, that peer's connection is dropped
   (its DEALER reconnects; the request times out) and every other peer is served as before.
 
+* **Authentication.** Every socket is made by ``_new_socket``, which hands it to
+  ``security.apply``: with the process's CURVE keys active, ROUTER/PUB sockets are CURVE servers
+  behind a ZAP allow-list and DEALER/SUB sockets CURVE clients (``areal_like/security.py``).
+
 Addresses are configuration (``tcp://host:port``); nothing here assumes localhost. Servers
 bind (``tcp://*:port`` or a concrete interface), clients connect.
 """
@@ -52,7 +56,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from areal_like import protocol
+from areal_like import protocol, security
 from areal_like.protocol import Message, ProtocolError, decode, encode_into
 
 DEFAULT_TIMEOUT_S = 10.0  # a healthy buffer answers in milliseconds; 10 s means it is gone or wedged
@@ -129,6 +133,7 @@ def new_socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
     sock.setsockopt(zmq.SNDHWM, SNDHWM)
     sock.setsockopt(zmq.RCVHWM, SNDHWM)
     sock.setsockopt(zmq.MAXMSGSIZE, INCOMING_LIMIT_FACTOR * protocol.MAX_FRAME_BYTES)  # see "Incoming size bound"
+    security.apply(sock)  # CURVE server or client with this process's keys (none: plain); before bind/connect
     return sock
 
 

@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable
 
 from areal_like import protocol as P
+from areal_like import security
 from areal_like.config import RunConfig, dataset_size
 from areal_like.daemon import Daemon
 from areal_like.ratelog import RateLimitedLog
@@ -86,6 +87,7 @@ class BufferService(Daemon):
         }
         self.server: Server | None = None
         self.publisher: Publisher | None = None
+        security.on_refused(self.instruments.refused)  # peers refused by CURVE never reach handle()
 
     # ------------------------------------------------------------------ lifecycle and the loop
     def start(self) -> None:

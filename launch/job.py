@@ -8,7 +8,8 @@
    which prints it as one line per problem and exits 2;
 1. warm start (``launch/warmstart.py``) when ``warm_start.steps > 0`` (cached across runs);
 2. plan ports, CPU pools and GPUs (``launch/topology.py``, ``launch/placement.py``; ``plan_job``,
-   which ``areal-like plan`` prints without starting anything), write ``<run_dir>/config.yaml`` (the only
+   which ``areal-like plan`` prints without starting anything), make the job's CURVE keys in
+   ``<run_dir>/keys`` (``areal_like/security.py``; unless ``security.curve=false``), write ``<run_dir>/config.yaml`` (the only
    config every daemon reads), ``ports.json`` (for ``areal-like top|status``) and
    ``prometheus_targets.json`` (Prometheus file_sd);
 3. run the supervisor over the buffer, K rollout servers and ``torchrun -m trainer``, with a live
@@ -38,6 +39,7 @@ from areal_like.auth import BIND_HOST_ENV, ENGINE_KEY_ENV, engine_api_key, ensur
 from areal_like.config import RunConfig, to_yaml
 from areal_like.daemon import MALLOC_ENV
 from areal_like.distributed import free_port
+from areal_like.security import make_keys
 from areal_like.track_sink import TrackerSink
 from launch.local import ProcSpec, Supervisor, error_tail, write_json_atomic
 from launch.placement import check_one_node, needs_gpus, place_nodes, visible_devices, with_weight_path
@@ -84,6 +86,8 @@ def prepare(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, T
     run_dir = Path(cfg.run_dir).resolve()
     cfg, topo = plan_job(dataclasses.replace(cfg, run_dir=str(run_dir)), cpus)
     (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
+    if cfg.security.curve:  # the job's CURVE keys, no user step (kept when the run resumes)
+        make_keys(cfg.resolve_path(cfg.security.keys_dir))
     path = run_dir / "config.yaml"
     path.write_text(to_yaml(cfg))  # no credential in it: they travel in the environment (areal_like/auth.py)
     if engine_api_key() is None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 
 from areal_like import protocol as P
+from areal_like import security
 from areal_like.auth import read_key_file
 from areal_like.config import RunConfig, load_config
 from areal_like.metrics import scrape
@@ -147,12 +148,20 @@ class RunningSystem:
     def pid(self, name: str) -> int:
         return self.sup.proc(name).popen.pid
 
+    def client_keys(self) -> security.Keys | None:
+        """The trainer's CURVE keys of this job (None with security.curve=false): what this test's own
+        requests to the buffer present."""
+        if not self.cfg.security.curve:
+            return None
+        return security.load(self.cfg.resolve_path(self.cfg.security.keys_dir), "trainer")
+
     def buffer_request(self, msg: P.Message, timeout_s: float = 10.0) -> P.Message:
-        client = Client(self.topo.buffer_address, timeout_s=timeout_s)
-        try:
-            return client.request(msg)
-        finally:
-            client.close()
+        with security.using(self.client_keys()):  # a reconnect inside request() makes a socket too
+            client = Client(self.topo.buffer_address, timeout_s=timeout_s)
+            try:
+                return client.request(msg)
+            finally:
+                client.close()
 
     def roster(self) -> dict[str, P.RosterEntry]:
         return {m.server_id: m for m in self.buffer_request(P.RosterRequest()).members}

@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from areal_like import protocol as P
-from areal_like.config import BufferConfig, RunConfig, TaskConfig, to_yaml
+from areal_like.config import BufferConfig, RunConfig, SecurityConfig, TaskConfig, to_yaml
 from areal_like.distributed import free_port
 from areal_like.transport import Client
+
+PLAIN = SecurityConfig(curve=False)  # the daemons here talk to this test's plain sockets (CURVE: test_security)
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "wal_old"
 TIMEOUT_S = 60.0
@@ -34,7 +36,7 @@ def _group(lease_id: str, k: int) -> P.TrajectoryGroup:
 
 def test_a_wal_written_by_the_old_buffer_recovers(tmp_run_dir, spawn_python):
     shutil.copytree(FIXTURE, tmp_run_dir / "wal")
-    cfg = RunConfig(run_dir=str(tmp_run_dir), task=TaskConfig(num_prompts=100), buffer=BufferConfig(
+    cfg = RunConfig(run_dir=str(tmp_run_dir), security=PLAIN, task=TaskConfig(num_prompts=100), buffer=BufferConfig(
         address=f"tcp://127.0.0.1:{free_port()}", pub_address=f"tcp://127.0.0.1:{free_port()}",
         max_staleness=4, groups_per_step=2, segment_bytes=1024))
     (tmp_run_dir / "config.yaml").write_text(to_yaml(cfg))

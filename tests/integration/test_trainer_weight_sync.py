@@ -180,7 +180,7 @@ def test_two_rank_trainer_pushes_to_two_engines_and_survives_a_kill(tmp_path, sp
     from areal_like.config import load_config, to_yaml
 
     cfg = load_config([
-        f"run_dir={tmp_path}", f"buffer.address=tcp://127.0.0.1:{free_port()}",
+        f"run_dir={tmp_path}", "security.curve=false", f"buffer.address=tcp://127.0.0.1:{free_port()}",
         f"buffer.pub_address=tcp://127.0.0.1:{free_port()}", "buffer.heartbeat_timeout_s=3", "task.temperature=1.0",
         f"trainer.weight_sync.deadline_s={DEADLINE_S}", "trainer.weight_sync.bucket_mb=0.25", "trainer.lr=1e-2",
         "rollout.engine.max_running_requests=4", "rollout.engine.max_total_tokens=2048"])
