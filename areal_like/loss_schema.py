@@ -126,7 +126,7 @@ class LossConfig:
 
     kernel: str = "decoupled_ppo"
     agg: str = "token-mean"  # gspo and vcpo always seq-mean-token-mean, oapl a mean over sequences
-    loss_scale_factor: float | None = None  # seq-mean-token-sum-norm constant C (None = padded width)
+    loss_scale_factor: float | None = None  # seq-mean-token-sum-norm constant C (None = task.max_new_tokens)
     eps_clip: float = 0.2  # the PPO trust region (ppo, decoupled_ppo, tis, mis, icepop)
     eps_clip_high: float | None = None  # None = eps_clip
     dual_clip: float | None = None  # c > 1, binds where A < 0

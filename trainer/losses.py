@@ -304,6 +304,9 @@ class Kernel:
     advantages: Callable[[AdvantageInputs, Any], Advantages]  # per minibatch (whole groups), before its loss
     loss: Callable[[LossInputs, Any], tuple[Tensor, Stats]]  # per micro-batch call
     config: type | None  # its own knobs: the section trainer.loss.<name> (None: only the shared ones)
+    # advantages depend on the weights each minibatch starts from (vcpo's score norms): computed per
+    # minibatch; otherwise once on the whole batch (REINFORCE++ whitens over the whole batch)
+    per_minibatch: bool = False
 
 
 # The others than the PPO family and GSPO take pi_behav as their anchor (vespo, vcpo's old = the
@@ -316,7 +319,7 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     Kernel("icepop", True, estimator_advantages, icepop_loss, IcePopConfig),
     Kernel("gspo", True, estimator_advantages, gspo_loss, GSPOConfig),
     Kernel("vespo", False, estimator_advantages, vespo_loss, VESPOConfig),
-    Kernel("vcpo", False, vcpo_step_advantages, vcpo_loss, VCPOConfig),
+    Kernel("vcpo", False, vcpo_step_advantages, vcpo_loss, VCPOConfig, per_minibatch=True),
     Kernel("oapl", False, oapl_advantages, oapl_loss, OAPLConfig),
 )}
 
