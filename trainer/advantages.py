@@ -223,10 +223,9 @@ def estimator_advantages(a: AdvantageInputs, _params: object = None) -> Advantag
 
 
 def oapl_advantages(a: AdvantageInputs, params: OAPLConfig) -> Advantages:
-    """OAPL's regression targets R - V_hat on every token (section 9; beta_v None = beta)."""
-    beta_v = params.beta if params.beta_v is None else params.beta_v
+    """OAPL's regression targets R - V_hat on every token (section 9), V_hat at temperature ``beta1``."""
     m = a.mask.detach().float()
-    return Advantages(oapl_targets(a.rewards, a.group_ids, beta_v=beta_v).to(m.device)[:, None] * m)
+    return Advantages(oapl_targets(a.rewards, a.group_ids, beta_v=params.beta1).to(m.device)[:, None] * m)
 
 
 def vcpo_step_advantages(a: AdvantageInputs, params: VCPOConfig) -> Advantages:

@@ -279,15 +279,15 @@ def vcpo_loss(x: LossInputs, p: VCPOConfig) -> tuple[Tensor, Stats]:
 
 
 def oapl_loss(x: LossInputs, p: OAPLConfig) -> tuple[Tensor, Stats]:
-    """OAPL, RECONSTRUCTION (section 9, UNCERTAIN: check against arXiv 2602.19362 before relying on it).
+    """OAPL (section 9; the form is a reconstruction, the defaults are the published ones).
 
-    L = (1/B) sum_i (beta * Delta_i - A*_i)^2, Delta_i = sum_t (logp - behav) (sequence log-ratio
+    L = (1/B) sum_i (beta2 * Delta_i - A*_i)^2, Delta_i = sum_t (logp - behav) (sequence log-ratio
     to the lagged inference policy, no IS, no clamp: the regression pulls large ratios back) and
     A*_i = R_i - V_hat(x_g), the ``advantages`` (``oapl_advantages``, whole minibatch). Mean over sequences.
     """
     delta = masked_diff(x.logp, x.behav_logp.detach(), x.mask).sum(-1)
     valid = x.valid()
-    resid = p.beta * delta - seq_adv(x.advantages, x.mask)
+    resid = p.beta2 * delta - seq_adv(x.advantages, x.mask)
     _, n_seq = norms(x.mask, None, x.n_seqs_global)
     stats = {"oapl_delta_mean": (delta.detach() * valid).sum() / n_seq,
              "oapl_residual_sq_mean": (resid.detach() ** 2 * valid).sum() / n_seq}

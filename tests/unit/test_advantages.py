@@ -148,7 +148,7 @@ def test_oapl_targets_vector_and_stability():
 
 def test_kernel_advantage_rules():
     inputs = AdvantageInputs(REWARDS, GROUPS, MASK, "rloo")
-    oapl = oapl_advantages(inputs, OAPLConfig(beta=2.0, beta_v=None))
+    oapl = oapl_advantages(inputs, OAPLConfig(beta1=2.0, beta2=1e-3))
     close(oapl.values, oapl_targets(REWARDS, GROUPS, beta_v=2.0)[:, None] * MASK)
     close(estimator_advantages(inputs).values, compute_advantages("rloo", REWARDS, GROUPS, MASK))
     w, g2 = torch.full((8,), 0.5), torch.ones(8)
