@@ -190,10 +190,11 @@ def plot(lines: list[dict], png: Path) -> Path:
             (p,) = ax.plot(xs, _rolling(ln["reward_curve"], WINDOW), label=ln["kernel"], lw=1.3)
             ax.fill_between(xs, _rolling(ln["reward_curve_lo"], WINDOW), _rolling(ln["reward_curve_hi"], WINDOW),
                             color=p.get_color(), alpha=0.15, lw=0)
-        ax.set_title(f"eta = {eta} (every group {eta} versions old)")
+        ax.set_title(f"eta = {eta}" + (f" (groups {eta} versions old from step {eta + 1})" if eta else " (on-policy)"),
+                     fontsize=9)
         ax.set_xlabel("trainer step")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"batch reward ({WINDOW}-step mean)")
+    axes[0][0].set_ylabel(f"batch reward ({WINDOW}-step mean)\nof samples from version v - eta")
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
