@@ -196,9 +196,9 @@ def _known_keys(full_key: str) -> str:
     import dataclasses
     import typing
 
-    section, _, name = full_key.rpartition(".")
-    if section == "trainer.loss" and name in MOVED_LOSS_KEYS:
-        return f"moved: use trainer.loss.{MOVED_LOSS_KEYS[name]}"
+    rel = full_key.removeprefix("trainer.loss.")
+    if full_key.startswith("trainer.loss.") and rel in MOVED_LOSS_KEYS:
+        return f"moved: use trainer.loss.{MOVED_LOSS_KEYS[rel]}"
     cls: Any = RunConfig
     parts = full_key.split(".")
     for part in parts[:-1]:

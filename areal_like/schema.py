@@ -239,8 +239,22 @@ class WeightSyncConfig:
     master_port: int = 0  # 0 = pick a free port per group formation
     group_name: str = "areal_like_weights"
     path: str = "auto"  # auto (tensor where `run` puts trainer and engine on one GPU) | distributed | tensor | disk
+    # Which weights the engines serve (trainer/engine_lag.py). Each mode lets the engines fall behind
+    # the trainer by design; the buffer's admission subtracts that lag from its slack and
+    # buffer.max_staleness must cover it (RunConfig checks it; buffer/STALENESS.md "Engine lag").
+    every: int = 1  # L: push only every L versions (OAPL's lagged inference); the engines lag up to L - 1
+    delay: int = 0  # D: the engines always serve version v - D (a controlled-staleness experiment)
+
+    @property
+    def engine_lag(self) -> int:
+        """The most versions the engines may lag behind the trainer by design (0: every version pushed)."""
+        return max(self.every - 1, self.delay)
 
     def __post_init__(self):
+        _check("trainer.weight_sync.every", self.every >= 1, ">= 1", self.every)
+        _check("trainer.weight_sync.delay", self.delay >= 0, ">= 0", self.delay)
+        _check("trainer.weight_sync.delay", self.delay == 0 or self.every == 1,
+               "0 with trainer.weight_sync.every > 1 (one lag mode at a time)", self.delay)
         _choice("trainer.weight_sync.backend", self.backend, ("auto", "gloo", "nccl"))
         _choice("trainer.weight_sync.path", self.path, ("auto", "distributed", "tensor", "disk"))
         _check("trainer.weight_sync.bucket_mb", self.bucket_mb > 0, "> 0", self.bucket_mb)
@@ -361,6 +375,11 @@ class RunConfig:
     def __post_init__(self):
         for name in self.tracker:
             _choice("tracker", name, TRACKERS)
+        # engines that lag by design must still be admitted, and their groups consumed (buffer/STALENESS.md)
+        lag = self.trainer.weight_sync.engine_lag
+        _check("buffer.max_staleness", self.buffer.max_staleness >= lag,
+               f">= {lag}, the engines' lag (trainer.weight_sync.every - 1, or trainer.weight_sync.delay)",
+               self.buffer.max_staleness)
 
     def resolve_path(self, p: str) -> Path:
         """A path from the config, relative to run_dir unless absolute."""

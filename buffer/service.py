@@ -55,7 +55,8 @@ class BufferService(Daemon):
         super().__init__(metrics_port=b.metrics_port)
         self.cfg, self.clock = b, clock
         self.rejections = RateLimitedLog(self.log, REJECT_LOG_EVERY_S)  # counted in full in buffer/rejected
-        self.policy = StalenessPolicy(b.max_staleness, b.groups_per_step, b.max_inflight)
+        self.policy = StalenessPolicy(b.max_staleness, b.groups_per_step, b.max_inflight,
+                                      engine_lag=cfg.trainer.weight_sync.engine_lag)
         self.ledger = CreditLedger(self.policy, dataset_size(cfg.task, cfg.model), lease_timeout_s=b.lease_timeout_s,
                                    max_epochs=b.max_epochs, clock=clock)
         self.store = ReplayBuffer(self.policy, capacity=b.capacity, selection=b.selection,

@@ -237,10 +237,11 @@ class WeightBroadcaster:
         report.dropped = sorted(set(report.members) - set(report.done))
 
     # ------------------------------------------------------------------ the collective
-    def push(self, model: torch.nn.Module, version: int) -> SyncReport:
-        """Broadcast every parameter to the roster and announce ``version``. Call on all ranks."""
+    def push(self, model: torch.nn.Module, version: int, announce: int | None = None) -> SyncReport:
+        """Broadcast every parameter to the roster as ``version`` and announce ``announce`` (default:
+        ``version``; larger when the engines lag by design, trainer/engine_lag.py). Call on all ranks."""
         if self.path != "distributed":  # trainer and engine share a device: no group (trainer/weight_local.py)
-            return push_local(self, model, version, SyncReport(version=version))
+            return push_local(self, model, version, SyncReport(version=version), announce)
         t_start = time.monotonic()
         deadline = t_start + self.cfg.deadline_s
         report = SyncReport(version=version)
@@ -280,8 +281,18 @@ class WeightBroadcaster:
                     log.warning("weight sync v%d: dropped %s (missed the %.0fs deadline or failed)", version,
                                 report.dropped, self.cfg.deadline_s)
                     self._group_key = None  # re-form without them next time
-            self._announce(version, report)
+            self._announce(version if announce is None else announce, report)
         report.seconds = time.monotonic() - t_start
+        return report
+
+    def announce(self, version: int) -> SyncReport:
+        """Announce ``version`` to the buffer without pushing (the engines keep their weights: a lag
+        mode, trainer/engine_lag.py). Call on all ranks; only rank 0 talks."""
+        report = SyncReport(version=version)
+        if self.rank == 0:
+            t_start = time.monotonic()
+            self._announce(version, report)
+            report.seconds = time.monotonic() - t_start
         return report
 
     def catch_up(self, model: torch.nn.Module, version: int, timeout_s: float,

@@ -22,7 +22,7 @@ CASES = [  # (name, overrides); every case runs with micro-batch sizes 1, 2, 4 o
     ("grpo_seqmean_2mb", ["trainer.loss.kernel=ppo", "trainer.loss.agg=seq-mean-token-mean",
                           "trainer.num_minibatches=2"]),
     ("drgrpo_tokensum_norm", ["trainer.loss.kernel=ppo", "trainer.estimator=drgrpo",
-                              "trainer.loss.agg=seq-mean-token-sum-norm"]),  # C = the batch's padded width
+                              "trainer.loss.agg=seq-mean-token-sum-norm"]),  # C = task.max_new_tokens
     ("vcpo", ["trainer.loss.kernel=vcpo", "trainer.loss.agg=seq-mean-token-mean"]),
 ]
 MICRO_BATCH_SIZES = (1, 2, 4)
