@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from areal_like import protocol as P
-from areal_like.config import BufferConfig, RunConfig, TaskConfig, to_yaml
+from areal_like.config import BufferConfig, RunConfig, SecurityConfig, TaskConfig, to_yaml
 from areal_like.transport import Client
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -86,7 +86,8 @@ def test_old_frames_decode_to_the_same_messages(name):
 
 def _start_buffer(run_dir: Path, spawn_python, free_port) -> tuple[RunConfig, object]:
     shutil.copytree(WAL / "wal", run_dir / "wal")
-    cfg = RunConfig(run_dir=str(run_dir), task=TaskConfig(num_prompts=1000), buffer=BufferConfig(
+    cfg = RunConfig(run_dir=str(run_dir), task=TaskConfig(num_prompts=1000),
+                    security=SecurityConfig(curve=False), buffer=BufferConfig(  # the WAL is the subject here
         address=f"tcp://127.0.0.1:{free_port()}", pub_address=f"tcp://127.0.0.1:{free_port()}",
         max_staleness=10, groups_per_step=2, capacity=64, lease_timeout_s=3600.0))
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
