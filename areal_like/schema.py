@@ -235,6 +235,10 @@ class WeightSyncConfig:
     master_port: int = 0  # 0 = pick a free port per group formation
     group_name: str = "areal_like_weights"
     path: str = "auto"  # auto (tensor where `run` puts trainer and engine on one GPU) | distributed | tensor | disk
+    # A model that fits in the two staging buffers (<= 2 buckets of bucket_mb): the trainer returns
+    # once it is packed and the broadcast, the engines' reports and the announcement finish in the
+    # background while the next step trains (trainer/WEIGHT_SYNC.md). false: every push blocks to the end.
+    overlap: bool = True
 
     def __post_init__(self):
         _choice("trainer.weight_sync.backend", self.backend, ("auto", "gloo", "nccl"))
