@@ -90,7 +90,8 @@ class Trainer(Daemon):
         self.jsonl = Path(cfg.run_dir) / "metrics" / "trainer.jsonl"
 
     def start(self) -> None:
-        torch.set_num_threads(1)
+        # the launcher's OMP_NUM_THREADS (1 unless launch.auto_layout gives the trainer a pool of cores)
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         torch.manual_seed(self.cfg.seed)
         t = self.cfg.trainer
         self.rank, self.world_size = init_distributed(t)
