@@ -59,9 +59,10 @@ from areal_like.protocol import (
 )
 from areal_like.transport import Client, TransportTimeout
 from areal_like.versions import RuntimeVersions, local_versions, mismatch
-from trainer.weight_catch_up import catch_up, decide
 from trainer.weight_buckets import BucketPipeline, bucket_nbytes, dtype_name, plan_buckets  # noqa: F401 (re-exported)
-from trainer.weight_guard import BROADCAST_SLICE_S, BUFFER_REQUEST_TIMEOUT_S, Watchdog, bounded as _bounded, wait_work
+from trainer.weight_catch_up import catch_up, decide
+from trainer.weight_guard import BROADCAST_SLICE_S, BUFFER_REQUEST_TIMEOUT_S, Watchdog, wait_work
+from trainer.weight_guard import bounded as _bounded
 from trainer.weight_local import LocalSender, push_local
 
 log = logging.getLogger("trainer.weight_sync")
