@@ -249,6 +249,10 @@ class WeightSyncConfig:
     def engine_lag(self) -> int:
         """The most versions the engines may lag behind the trainer by design (0: every version pushed)."""
         return max(self.every - 1, self.delay)
+    # A model that fits in the two staging buffers (<= 2 buckets of bucket_mb): the trainer returns
+    # once it is packed and the broadcast, the engines' reports and the announcement finish in the
+    # background while the next step trains (trainer/WEIGHT_SYNC.md). false: every push blocks to the end.
+    overlap: bool = True
 
     def __post_init__(self):
         _check("trainer.weight_sync.every", self.every >= 1, ">= 1", self.every)
@@ -342,8 +346,14 @@ class LaunchConfig:
     # ranks each, the others num_rollout_servers servers each (launch/placement.py, `areal-like plan`).
     nodes: int = 1
     train_nodes: int = 1
+    # One CPU machine with few cores (topology=laptop): `run` sets num_rollout_servers, trainer_ranks,
+    # pin_cpus and each process's threads from the cores it may use (launch/topology.py, laptop_layout),
+    # overriding those keys; no core runs more threads than one.
+    auto_layout: bool = False
 
     def __post_init__(self):
+        _check("launch.auto_layout", not (self.auto_layout and self.nodes > 1), "false with launch.nodes > 1",
+               self.auto_layout)
         _check("launch.gpus_per_node", self.gpus_per_node >= 0, ">= 0", self.gpus_per_node)
         _check("launch.nodes", self.nodes >= 1, ">= 1", self.nodes)
         _check("launch.train_nodes", 1 <= self.train_nodes < max(self.nodes, 2),

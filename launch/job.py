@@ -45,7 +45,7 @@ from launch.local import ProcSpec, Supervisor, error_tail, write_json_atomic
 from launch.placement import check_one_node, needs_gpus, place_nodes, visible_devices, with_weight_path
 from launch.preflight import checked
 from launch.rundir import check_existing_run
-from launch.topology import Topology, apply_topology, plan_topology, wants_eval
+from launch.topology import Topology, apply_topology, laptop_layout, plan_topology, wants_eval
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -75,8 +75,10 @@ def plan_job(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, 
     """Ports, CPU pools and GPUs of every daemon (nothing written, nothing started); returns (the
     config the daemons read, the topology). Raises ConfigError for a layout that does not fit."""
     cfg = with_weight_path(with_gpu_count(cfg))
-    if cpus is None and cfg.launch.pin_cpus:
+    if cpus is None and (cfg.launch.pin_cpus or cfg.launch.auto_layout):
         cpus = sorted(os.sched_getaffinity(0))
+    if cfg.launch.auto_layout:  # servers, ranks, pinning and threads from the cores present
+        cfg = laptop_layout(cfg, cpus)
     topo = plan_topology(cfg, free_ports(), cpus)
     return apply_topology(cfg, topo), topo
 
@@ -121,7 +123,9 @@ def job_specs(cfg: RunConfig, topo: Topology, config_path: Path, python: str = s
         else:
             argv = _trainer_argv(python, cfg.launch.trainer_ranks, topo.host, base)
         gpus = {} if slot.gpus is None else {"CUDA_VISIBLE_DEVICES": visible_devices(slot.gpus, inherited)}
-        specs.append(ProcSpec(name=slot.name, argv=argv, env={**env, **gpus}, health_url=health,
+        threads = {} if slot.threads is None else {"OMP_NUM_THREADS": str(slot.threads),
+                                                   "MKL_NUM_THREADS": str(slot.threads)}
+        specs.append(ProcSpec(name=slot.name, argv=argv, env={**env, **gpus, **threads}, health_url=health,
                               stage=_stage(slot.kind, shared), main=slot.kind == "trainer", cpus=slot.cpus,
                               health_timeout_s=engine_start_s if slot.kind == "rollout" else None))
     return specs

@@ -17,11 +17,14 @@ step), weight_sync, checkpoint, export (a Hugging Face directory ``<run_dir>/<ex
 training reaches ``trainer.steps``; trainer/export.py), metrics.
 
 Invariants:
-- Order at a version boundary: optimizer step(s) -> v += 1 -> weights broadcast -> version
-  announced (inside ``push``) -> next batch. With ``trainer.weight_sync.every`` > 1 or ``delay`` > 0
-  the engines get older weights or none at some boundaries (``trainer/engine_lag.py``); the
-  version is announced at every one. The initial (or resumed) weights are pushed and their
-  version announced before the first batch is requested.
+- Order at a version boundary: optimizer step(s) -> v += 1 -> weights packed -> broadcast ->
+  version announced (inside ``push``) -> next batch. For a model that fits in the weight sync's
+  staging buffers the broadcast and the announcement run in the background on rank 0 while the
+  next step trains (``push(wait=False)``; the next push waits for it): the next batch request
+  names its own ``trainer_version``, so the buffer's staleness check does not depend on the
+  announcement having landed; the step's record then carries the previous version's sync
+  report (``weight_sync.version``) and this step's ``blocked_s``. The initial (or resumed)
+  weights are pushed and their version announced before the first batch is requested.
 - Rank 0 decides when to stop (SIGTERM, or the buffer's end of data) and the decision reaches the
   other ranks through the batch broadcast, so the ranks never diverge. A graceful stop saves a
   checkpoint; a kill -9 loses at most the steps since the last periodic checkpoint.
@@ -88,7 +91,8 @@ class Trainer(Daemon):
         self.jsonl = Path(cfg.run_dir) / "metrics" / "trainer.jsonl"
 
     def start(self) -> None:
-        torch.set_num_threads(1)
+        # the launcher's OMP_NUM_THREADS (1 unless launch.auto_layout gives the trainer a pool of cores)
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         torch.manual_seed(self.cfg.seed)
         t = self.cfg.trainer
         self.rank, self.world_size = init_distributed(t)
@@ -183,8 +187,8 @@ class Trainer(Daemon):
             with self.phase("train_step"):  # the kernel's advantages, per minibatch, then its optimizer steps
                 stats = train_step(self.policy, batch, self.settings, prox_logp, ref_logp)
             self.version += 1
-            with self.phase("weight_sync"):  # a push, or only the announcement while the engines lag by design
-                sync = self.engines.after_step(self.version)
+            with self.phase("weight_sync"):  # a push (a small model's finishes in the background), or only the announcement
+                sync = self.engines.after_step(self.version, wait=not t.weight_sync.overlap)
             if self.version % t.checkpoint_every == 0:
                 with self.phase("checkpoint"):
                     save_checkpoint(self.ckpt_root, self.policy, self.version, self.checkpoint_extra())
@@ -254,7 +258,8 @@ class Trainer(Daemon):
             "staleness_max": int(staleness.max()), "tokens": batch.n_tokens, "seqs": batch.n_seqs,
             "tokens_per_s": batch.n_tokens / max(step_s, 1e-9), "step_seconds": step_s,
             "phase_seconds": dict(self.phase_times), "data_wait_seconds": self.phase_times.get("fetch_batch", 0.0),
-            "weight_sync": {"seconds": sync.seconds, "bytes": sync.bytes, "transfer_s": sync.transfer_s,
+            "weight_sync": {"version": sync.version, "seconds": sync.seconds, "blocked_s": sync.blocked_s,
+                            "overlapped": sync.overlapped, "bytes": sync.bytes, "transfer_s": sync.transfer_s,
                             "done": sync.done, "dropped": sync.dropped, "pause_s": sync.pause_s,
                             "error": sync.error},
             "stats": stats,
@@ -271,6 +276,7 @@ class Trainer(Daemon):
         m.gauge("trainer/grad_norm").set(stats.get("grad_norm", 0.0))
         m.counter("trainer/tokens").inc(batch.n_tokens)
         m.gauge("trainer/weight_sync_seconds").set(sync.seconds)
+        m.gauge("trainer/weight_sync_blocked_seconds", "the trainer's time inside the last push").set(sync.blocked_s)
         m.gauge("trainer/weight_sync_deadline_seconds").set(self.cfg.trainer.weight_sync.deadline_s)
         m.counter("trainer/weight_sync_bytes").inc(sync.bytes)
         m.counter("trainer/weight_sync_dropped").inc(len(sync.dropped))
