@@ -112,12 +112,13 @@ class CreditLedger:
             self.reissue.append((prompt_index, epoch))
             self._requeued.append((prompt_index, epoch))
 
-    def cancel(self, lease_id: str) -> Lease | None:
-        """The lease's group was rejected: the prompt goes out again, the slot is returned."""
+    def cancel(self, lease_id: str, *, reissue: bool = True) -> Lease | None:
+        """The lease's group was rejected: the slot is returned, the prompt goes out again (unless
+        ``reissue`` is False: a group refused for its content would come back the same)."""
         lease = self.leases.pop(lease_id, None)
         if lease is not None:
             self._closed.append(lease_id)
-            self.give_back(lease.prompt_index, lease.epoch, reissue=True)
+            self.give_back(lease.prompt_index, lease.epoch, reissue=reissue)
         return lease
 
     def expire(self) -> list[Lease]:

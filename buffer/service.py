@@ -23,8 +23,11 @@ from collections import deque
 from collections.abc import Callable
 
 from areal_like import protocol as P
-from areal_like.config import RunConfig, dataset_size
+from areal_like.config import RunConfig, dataset_size, model_vocab_size
 from areal_like.daemon import Daemon
+from areal_like.group_checks import REASONS as CONTENT_REASONS
+from areal_like.group_checks import content_problem
+from areal_like.peers import is_trainer_peer, takes_trainer_prefix
 from areal_like.transport import Publisher, Server
 from buffer.control import ControlPlane
 from buffer.credits import CreditLedger, invalid_group, version_range
@@ -51,6 +54,7 @@ class BufferService(Daemon):
         b = cfg.buffer
         super().__init__(metrics_port=b.metrics_port)
         self.cfg, self.clock = b, clock
+        self.vocab_size = model_vocab_size(cfg.model)  # token ids outside [0, vocab_size) are refused
         self.policy = StalenessPolicy(b.max_staleness, b.groups_per_step, b.max_inflight)
         self.ledger = CreditLedger(self.policy, dataset_size(cfg.task, cfg.model), lease_timeout_s=b.lease_timeout_s,
                                    max_epochs=b.max_epochs, clock=clock)
@@ -78,7 +82,7 @@ class BufferService(Daemon):
             P.Register: self.control.register, P.Heartbeat: self.control.heartbeat,
             P.RosterRequest: self.control.roster_reply, P.WeightSyncPlan: self.control.take_plan,
             P.SyncDone: self.control.sync_done, P.SyncStatusRequest: self.control.sync_status,
-            P.CreditRequest: self._on_credits, P.VersionUpdate: self._on_version,
+            P.CreditRequest: self._on_credits,
             P.StatsRequest: lambda m: P.Stats(values=self.stats()),
         }
         self.server: Server | None = None
@@ -184,6 +188,10 @@ class BufferService(Daemon):
             reply, kind = P.Ack(ref="", status="rejected", reason=f"decode: {msg}"), "invalid"
         elif isinstance(msg, P.TrajectoryGroup):
             reply, kind = self._on_group(msg, frame), msg.TYPE
+        elif isinstance(msg, P.VersionUpdate):
+            reply, kind = self._on_version(msg, peer), msg.TYPE
+        elif isinstance(msg, P.Register) and takes_trainer_prefix(msg.server_id):
+            reply, kind = self._refuse("reserved_id", f"server id {msg.server_id!r} takes the trainer's prefix"), msg.TYPE
         elif type(msg) in self._handlers:
             reply, kind = self._handlers[type(msg)](msg), msg.TYPE
         else:  # a valid message the buffer does not serve (e.g. a reply type sent by mistake)
@@ -197,12 +205,15 @@ class BufferService(Daemon):
             return self._ack_with_leases(g, "duplicate")
         lease = self.ledger.leases.get(g.lease_id)
         versions = version_range(g)  # one pass over the token versions, for every check below
-        reason = invalid_group(g, lease, self.control.newest_version(), versions)
+        reason = invalid_group(g, lease, self.control.newest_version(), versions) or content_problem(g, self.vocab_size)
         if reason is not None:
-            self.instruments.count("rejected", reason=reason.split(":")[0])
+            label = reason.split(":")[0]
+            self.instruments.count("rejected", reason=label)
             self.log.warning("rejected group %s from %s: %s", g.group_id, g.server_id, reason)
             if lease is not None and not reason.startswith("lease"):
-                self.ledger.cancel(lease.lease_id)  # the sender drops a rejected group: generate it again
+                # the sender drops a rejected group: generate it again, unless its content is what is
+                # wrong (the same prompt would come back the same way): then it is skipped this epoch
+                self.ledger.cancel(lease.lease_id, reissue=label not in CONTENT_REASONS)
                 self._dirty = True
             return P.Ack(ref=g.group_id, status="rejected", reason=reason)
         ref = self.wal.append_group(g.group_id, frame)
@@ -246,7 +257,19 @@ class BufferService(Daemon):
         return [P.Credit(lease_id=x.lease_id, prompt_index=x.prompt_index, epoch=x.epoch,
                          deadline_s=self.cfg.lease_timeout_s) for x in leases], reason
 
-    def _on_version(self, m: P.VersionUpdate) -> P.Ack:
+    def _refuse(self, reason: str, detail: str) -> P.Ack:
+        self.instruments.count("rejected", reason=reason)
+        self.log.warning("refused: %s: %s", reason, detail)
+        return P.Ack(ref=str(self.control.version), status="rejected", reason=f"{reason}: {detail}")
+
+    def _on_version(self, m: P.VersionUpdate, peer: bytes) -> P.Ack:
+        """Versions come only from the trainer and move one at a time: a jump would open the admission
+        window to groups that can never be trained on, and a restarted trainer would take the label
+        as steps it trained. A refusal's ``ref`` is the buffer's version (the trainer walks up from it)."""
+        if not is_trainer_peer(peer):
+            return self._refuse("not_trainer", f"VersionUpdate({m.policy_version}) from {peer[:64]!r}")
+        if m.policy_version > self.control.version + 1:
+            return self._refuse("version_jump", f"VersionUpdate({m.policy_version}) at version {self.control.version}")
         if m.policy_version > self.control.version:
             self.control.version = m.policy_version
             self._dirty = True

@@ -20,6 +20,7 @@ from areal_like import protocol as P
 from areal_like.config import BufferConfig, RunConfig, TaskConfig
 from areal_like.distributed import free_port
 from areal_like.metrics import scrape
+from areal_like.peers import TRAINER_PEER
 from areal_like.transport import Client, Subscriber
 from buffer.service import BufferService
 from buffer.wal import WriteAheadLog
@@ -38,7 +39,7 @@ def running(cfg: RunConfig, clock=time.monotonic):
     svc = BufferService(cfg, clock=clock)
     thread = threading.Thread(target=svc.serve, kwargs={"install_signals": False}, daemon=True)
     thread.start()
-    client = Client(cfg.buffer.address, timeout_s=TIMEOUT_S)
+    client = Client(cfg.buffer.address, timeout_s=TIMEOUT_S, identity=TRAINER_PEER)  # also announces versions
     try:
         client.request(P.StatsRequest())  # ready
         yield svc, client
@@ -208,6 +209,7 @@ def test_engine_behind_the_bound_gets_no_credits(tmp_path):
     cfg = make_cfg(tmp_path, max_staleness=1)
     with running(cfg) as (svc, c):
         register(c, version=0)
+        c.request(P.VersionUpdate(policy_version=1))
         c.request(P.VersionUpdate(policy_version=2))
         assert c.request(P.CreditRequest(server_id="s0", max_credits=1)).reason == "stale_engine"
         c.request(P.Heartbeat(server_id="s0", policy_version=1))  # 2 - 1 <= eta

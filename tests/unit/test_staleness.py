@@ -250,7 +250,7 @@ def test_books_balance_under_random_traffic(seed, tmp_path):
     v = 0
 
     def step(msg, frame=b""):
-        svc.handle(b"peer", b"req", msg, frame)
+        svc.handle(b"trainer-ws-test", b"req", msg, frame)
         svc.settle()
         svc.wal.wait_durable()
         svc.send_durable()
