@@ -70,7 +70,7 @@ class BufferService(Daemon):
                                          self._gauges())
         self._consumed: list[str] = []  # group ids consumed or dropped in this iteration (one list, extended
         # by the hand-out too)
-        self.handout = Handout(self.store, self.wal.read_group, self._drop, self._consumed.extend, self.instruments,
+        self.handout = Handout(self.store, self.wal.read_group, self._drop, self._on_consumed, self.instruments,
                                self.log)
         self.seen: dict[str, None] = {}  # accepted group ids (ordered: oldest are forgotten first)
         self._waiting: deque[tuple] = deque()  # (ticket, peer, req_id, reply, type, t); peer None: publish
@@ -141,6 +141,10 @@ class BufferService(Daemon):
         got = replay(self.wal, self.ledger, self.store, self.log)
         self.control.version, self.seen = got.version, got.seen
         self.handout.restore(got.in_transit)
+        if self.ledger.consumed < 0:  # a WAL written before consumption was counted: every started group
+            # not in flight, stored or in transit was consumed
+            self.ledger.consumed = max(0, self.ledger.started - self.ledger.in_flight - len(self.store)
+                                       - self.handout.in_transit_groups())
         # Drops land after the checkpoint, in the same record as their returned slots (a checkpoint
         # that counted them while their groups were still unconsumed would return the slots twice).
         self.wal.open(self.checkpoint())
@@ -247,9 +251,9 @@ class BufferService(Daemon):
         elif self.store.free_slots(self.ledger.in_flight) < n:
             reason, n = "capacity", self.store.free_slots(self.ledger.in_flight)
         queued = len(self.ledger.reissue)
-        leases = self.ledger.grant(server_id, n, version)
+        leases = self.ledger.grant(server_id, n)
         if len(leases) < n:
-            reason = self.ledger.shortfall_reason(version)
+            reason = self.ledger.shortfall_reason()
         if leases:
             self._dirty = True
             self.instruments.count("credits_granted", len(leases))
@@ -295,6 +299,12 @@ class BufferService(Daemon):
                 self.ledger.give_back(g.prompt_index, g.epoch, reissue=reissue)
             self.instruments.count("groups_dropped", reason=reason)
         self._dirty = self._dirty or bool(groups)
+
+    def _on_consumed(self, group_ids: list[str]) -> None:
+        """The trainer acknowledged a batch: WAL marks, and the admission window moves on."""
+        self._consumed.extend(group_ids)
+        self.ledger.consume(len(group_ids))
+        self._dirty = True
 
     def _remember(self, group_id: str) -> None:
         self.seen[group_id] = None
