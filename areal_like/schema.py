@@ -304,7 +304,12 @@ class WarmStartConfig:
 class LaunchConfig:
     num_rollout_servers: int = 2
     trainer_ranks: int = 2
-    restarts: int = 3  # per daemon, before the job gives up
+    restarts: int = 3  # per daemon within restart_window_s, before the job gives up
+    # Restart budget over time: crashes older than the window no longer count (a chaos run's restarts
+    # do not end the job hours later), and each restart within it waits twice as long as the last.
+    restart_window_s: float = 3600.0
+    restart_backoff_s: float = 1.0  # wait before the first restart in the window; doubles per restart
+    restart_backoff_max_s: float = 60.0
     health_timeout_s: float = 300.0
     pin_cpus: bool = False  # give the rollout pool and the trainer pool disjoint cores (taskset)
     omp_threads: int = 1
@@ -323,6 +328,10 @@ class LaunchConfig:
         _check("launch.num_rollout_servers", self.num_rollout_servers >= 1, ">= 1", self.num_rollout_servers)
         _check("launch.trainer_ranks", self.trainer_ranks >= 1, ">= 1", self.trainer_ranks)
         _check("launch.restarts", self.restarts >= 0, ">= 0", self.restarts)
+        _check("launch.restart_window_s", self.restart_window_s > 0, "> 0", self.restart_window_s)
+        _check("launch.restart_backoff_s", self.restart_backoff_s >= 0, ">= 0", self.restart_backoff_s)
+        _check("launch.restart_backoff_max_s", self.restart_backoff_max_s >= self.restart_backoff_s,
+               f">= launch.restart_backoff_s={self.restart_backoff_s}", self.restart_backoff_max_s)
 
 
 @dataclass(kw_only=True)

@@ -372,6 +372,8 @@ def run_job(cfg: RunConfig, quiet: bool = False) -> int:
     sink = TrackerSink.from_config(cfg)
     try:
         sup = Supervisor(job_specs(cfg, topo, config_path), run_dir, restarts=cfg.launch.restarts,
+                         restart_window_s=cfg.launch.restart_window_s, restart_backoff_s=cfg.launch.restart_backoff_s,
+                         restart_backoff_max_s=cfg.launch.restart_backoff_max_s,
                          health_timeout_s=cfg.launch.health_timeout_s, echo=echo,
                          on_tick=Monitor(cfg, topo, run_dir, since=since, sink=sink),
                          on_change=lambda s: write_ports(run_dir, topo, s))
