@@ -126,6 +126,13 @@ class CreditLedger:
             self.give_back(lease.prompt_index, lease.epoch, reissue=reissue)
         return lease
 
+    def release(self, keep: Callable[[str], bool]) -> list[Lease]:
+        """Re-issue every lease whose holder ``keep`` rejects (it left the roster: it will not deliver)."""
+        gone = [lease for lease in self.leases.values() if not keep(lease.server_id)]
+        for lease in gone:
+            self.cancel(lease.lease_id)
+        return gone
+
     def expire(self) -> list[Lease]:
         """Re-issue every lease past its deadline (the holder died or stalled)."""
         now = self.clock()

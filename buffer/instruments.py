@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from areal_like.metrics import Metrics
 
 COUNTERS = ("groups_accepted", "groups_duplicate", "groups_consumed", "credits_granted", "credits_expired",
-            "credits_reissued", "wal_bytes_written", "batches_redelivered", "groups_redelivered")
+            "credits_reissued", "credits_released", "wal_bytes_written", "batches_redelivered", "groups_redelivered")
 LABELLED = {"groups_dropped": ("stale", "equal_rewards", "max_tokens", "unreadable"),
             "rejected": ("decode", "unknown_lease", "lease_mismatch", "future_version", "not_trainer", "version_jump",
                          "reserved_id", "empty_prompt", "token_out_of_vocab")}

@@ -78,6 +78,8 @@ class BufferService(Daemon):
         self._after_control: list[tuple] = []  # (peer, req_id, reply, type, t) waiting for that record
         self._dirty = False  # control state changed in this iteration
         self._next_sweep = 0.0
+        self._started_at = clock()
+        self._orphans_checked = False  # leases of servers that did not come back after a restart: released once
         self._handlers = {
             P.Register: self.control.register, P.Heartbeat: self.control.heartbeat,
             P.RosterRequest: self.control.roster_reply, P.WeightSyncPlan: self.control.take_plan,
@@ -287,7 +289,19 @@ class BufferService(Daemon):
             self.instruments.count("credits_expired", len(expired))
             self.log.warning("re-issuing %d expired leases (e.g. %s of %s)", len(expired),
                              expired[0].lease_id, expired[0].server_id)
-        self.control.expire()
+        gone = set(self.control.expire())
+        if not self._orphans_checked and self.clock() - self._started_at > self.control.heartbeat_timeout_s:
+            # after a restart: leases restored for servers that never came back (a server heartbeats
+            # far more often than the timeout, so every live one has registered again by now)
+            self._orphans_checked = True
+            released = self.ledger.release(lambda sid: sid in self.control.roster)
+        else:
+            released = self.ledger.release(lambda sid: sid not in gone) if gone else []
+        if released:
+            self._dirty = True
+            self.instruments.count("credits_released", len(released))
+            self.log.warning("re-issuing %d leases of servers no longer in the roster (%s)", len(released),
+                             ", ".join(sorted({x.server_id for x in released})))
 
     # ------------------------------------------------------------------ what ties the parts together
     def _drop(self, groups: list, reason: str, *, slots: bool = True) -> None:
