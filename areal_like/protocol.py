@@ -384,12 +384,12 @@ class TrajectoryGroup(Message):
 class Ack(Message):
     TYPE: ClassVar[str] = "ack"
     ref: str  # id of what is acknowledged (group id, version, ...)
-    status: str  # "accepted" | "duplicate" | "rejected" | "ok"
+    status: str  # "accepted" | "duplicate" | "rejected" | "ok" | "unavailable" (not stored now: send it again later)
     reason: str = ""
     credits: list[Credit] = field(default_factory=list)  # leases asked for by TrajectoryGroup.want_credits
 
     def validate(self) -> None:
-        if self.status not in ("accepted", "duplicate", "rejected", "ok"):
+        if self.status not in ("accepted", "duplicate", "rejected", "ok", "unavailable"):
             raise ProtocolError(f"unknown status {self.status!r}", "status")
 
 

@@ -170,7 +170,10 @@ class BufferConfig:
     fsync: str = "always"  # always (ack after fsync; group commit) | batch (fsync every 50 ms; acks may precede it) | never
     # WAL segment size: big, since a rotation stalls the loop for a few ms and writes a checkpoint (up to 200k
     # group ids; at 700 MB/s of 4k-token groups, one every ~0.4 s); its disk returns once all its groups are consumed
-    segment_bytes: int = 256 * 1024 * 1024
+    segment_bytes: int = 256 * 1024 * 1024  # at most 1/8 of the free disk at start (compaction frees space sooner)
+    # Disk full is a degraded mode: group records stop this many bytes before the WAL's disk is full
+    # (refused as "unavailable", the senders keep them; batches are still handed out) and resume at twice it.
+    wal_reserve_bytes: int = 64 * 1024 * 1024
     metrics_port: int = 0  # 0 = ephemeral
     max_epochs: int = 0  # 0 = unbounded passes over the dataset
 
@@ -182,6 +185,7 @@ class BufferConfig:
         _choice("buffer.stale_policy", self.stale_policy, ("drop", "reissue"))
         _choice("buffer.selection", self.selection, ("oldest", "newest", "fifo"))
         _choice("buffer.fsync", self.fsync, ("always", "batch", "never"))
+        _check("buffer.wal_reserve_bytes", self.wal_reserve_bytes >= 0, ">= 0", self.wal_reserve_bytes)
         _check("buffer.lease_timeout_s", self.lease_timeout_s > 0, "> 0", self.lease_timeout_s)
 
 

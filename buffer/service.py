@@ -31,12 +31,13 @@ from areal_like.peers import is_trainer_peer, takes_trainer_prefix
 from areal_like.transport import Publisher, Server
 from buffer.control import ControlPlane
 from buffer.credits import CreditLedger, invalid_group, version_range
+from buffer.diskspace import MIN_SEGMENT_BYTES, DiskGuard
 from buffer.handout import Handout
-from buffer.instruments import BufferMetrics
+from buffer.instruments import BufferMetrics, service_gauges, service_stats
 from buffer.recovery import replay
 from buffer.replay_buffer import ReplayBuffer
 from buffer.staleness import StalenessPolicy
-from buffer.wal import WriteAheadLog, segment_path
+from buffer.wal import DiskFull, WriteAheadLog, segment_path
 
 POLL_S = 0.02  # wait for the first request of a batch; bounds how late a held BatchRequest is answered
 POLL_BUSY_S = 0.001  # ...while replies wait for an fsync, where the WAL has no wake-up descriptor
@@ -61,13 +62,17 @@ class BufferService(Daemon):
         self.store = ReplayBuffer(self.policy, capacity=b.capacity, selection=b.selection,
                                   filter_equal_rewards=b.filter_equal_rewards,
                                   max_tokens_per_trajectory=b.max_tokens_per_trajectory)
-        self.wal = WriteAheadLog(cfg.resolve_path(b.wal_dir), fsync=b.fsync, segment_bytes=b.segment_bytes)
+        wal_dir = cfg.resolve_path(b.wal_dir)
+        wal_dir.mkdir(parents=True, exist_ok=True)
+        self.disk = DiskGuard(wal_dir, b.wal_reserve_bytes, log=self.log)
+        segment_bytes = min(b.segment_bytes, max(MIN_SEGMENT_BYTES, self.disk.free // 8))
+        self.wal = WriteAheadLog(wal_dir, fsync=b.fsync, segment_bytes=segment_bytes)
         self.control = ControlPlane(b.pub_address, b.heartbeat_timeout_s, clock, lambda m: self.publisher.publish(m),
                                     self.log)
         self.instruments = BufferMetrics(self.metrics, {"in_flight": lambda: self.ledger.in_flight,
                                                         "stored": lambda: len(self.store),
                                                         "in_transit": lambda: self.handout.in_transit_groups()},
-                                         self._gauges())
+                                         service_gauges(self))
         self._consumed: list[str] = []  # group ids consumed or dropped in this iteration (one list, extended
         # by the hand-out too)
         self.handout = Handout(self.store, self.wal.read_group, self._drop, self._on_consumed, self.instruments,
@@ -113,6 +118,7 @@ class BufferService(Daemon):
         BatchRequests, log what changed, send the replies that are durable now."""
         if sweep:
             self._expire()
+            self.disk.sweep(self.wal, self.checkpoint)
         for p, reply in self.handout.serve(self.clock()):
             self._queue_reply(p.peer, p.req_id, reply, p.request.TYPE, p.received)
         self._log_control()
@@ -135,7 +141,8 @@ class BufferService(Daemon):
 
     def health(self) -> tuple[bool, dict]:
         return self.failure is None, {"name": self.name, "policy_version": self.control.version,
-                                      "stored": len(self.store), "in_flight": self.ledger.in_flight}
+                                      "stored": len(self.store), "in_flight": self.ledger.in_flight,
+                                      **({"degraded": self.disk.reason()} if self.disk.degraded else {})}
 
     def recover(self) -> None:
         """Take the state the WAL holds, open a fresh segment with its checkpoint, then drop what is
@@ -222,7 +229,15 @@ class BufferService(Daemon):
                 self.ledger.cancel(lease.lease_id, reissue=label not in CONTENT_REASONS)
                 self._dirty = True
             return P.Ack(ref=g.group_id, status="rejected", reason=reason)
-        ref = self.wal.append_group(g.group_id, frame)
+        try:
+            ref = self.wal.append_group(g.group_id, frame) if self.disk.room(len(frame)) else None
+        except DiskFull:  # fsync=batch|never: written inline, and the estimate had room for it
+            self.disk.full()
+            ref = None
+        if ref is None:  # disk full: not stored, not acknowledged; the sender keeps it and sends it again
+            self.instruments.count("groups_deferred")
+            return P.Ack(ref=g.group_id, status="unavailable", reason=self.disk.reason())
+        self.disk.wrote(ref.length)
         self.instruments.count("wal_bytes_written", ref.length)
         self.ledger.fulfil(g.lease_id)
         self._remember(g.group_id)
@@ -248,6 +263,8 @@ class BufferService(Daemon):
         member, version, reason = self.control.touch(server_id), self.control.version, ""
         if member is None:
             reason, n = "unknown_server", 0
+        elif self.disk.degraded:
+            reason, n = "disk_full", 0  # what would be generated could not be stored
         elif not self.policy.engine_can_start(member.entry.policy_version, version):
             reason, n = "stale_engine", 0  # it gets the new weights at the next sync
         elif self.store.free_slots(self.ledger.in_flight) < n:
@@ -340,7 +357,9 @@ class BufferService(Daemon):
         """One control record with what changed in this iteration, then queue what waits for it."""
         if self.handout.take_changed() or self._dirty or self._consumed:
             record = {"changes": self._control(self.ledger.take_changes()), "consumed": self._consumed}
-            self.instruments.count("wal_bytes_written", self.wal.append_control(record))
+            written = self.wal.append_control(record)
+            self.disk.wrote(written)
+            self.instruments.count("wal_bytes_written", written)
             self._dirty = False
             self._consumed.clear()  # after encoding; the hand-out extends this same list
         if self._after_control or self._publish:
@@ -376,19 +395,5 @@ class BufferService(Daemon):
         """First record of every WAL segment: supersedes every older control record."""
         return {"state": self._control(self.ledger.snapshot()), "seen": list(self.seen)[-SEEN_KEEP:]}
 
-    def _gauges(self) -> dict[str, tuple[str, Callable[[], float]]]:
-        return {"buffer/trainer_version": ("", lambda: self.control.version),
-                "buffer/max_staleness": ("the staleness bound eta (for alerts)", lambda: self.cfg.max_staleness),
-                "buffer/roster_size": ("", lambda: len(self.control.roster)),
-                "buffer/started": ("admission counter (groups holding a slot)", lambda: self.ledger.started),
-                "buffer/stored_bytes": ("frame bytes of stored groups", lambda: self.store.nbytes),
-                "buffer/wal_bytes": ("bytes of WAL segments on disk", lambda: self.wal.disk_bytes)}
-
     def stats(self) -> dict:
-        return {**self.instruments.counts, "policy_version": self.control.version, "stored": len(self.store),
-                "in_transit": self.handout.in_transit_groups(), "stored_bytes": self.store.nbytes,
-                "in_flight": self.ledger.in_flight, "started": self.ledger.started,
-                "cursor_index": self.ledger.next_index, "cursor_epoch": self.ledger.epoch,
-                "reissue_queue": len(self.ledger.reissue), "roster_size": len(self.control.roster),
-                "pending_batches": len(self.handout.pending), "wal_bytes": self.wal.disk_bytes,
-                "wal_corrupt_records": self.wal.corrupt_records}
+        return service_stats(self)
