@@ -264,6 +264,11 @@ class TrainerConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     checkpoint_every: int = 20
+    # A crash rolls back up to checkpoint_every - 1 steps. Async: a save only stages the state in memory
+    # (DCP async_save on a gloo group of its own) and writes it while the next step trains; the checkpoint
+    # appears (renamed into place) once every rank's write is done, at the next save. Cheap enough for
+    # checkpoint_every=1 on small models (benchmarks/bench_chaos.py measures it).
+    checkpoint_async: bool = False
     checkpoint_dir: str = "checkpoints"  # relative to run_dir unless absolute
     resume: bool = True
     device: str = "cpu"

@@ -11,7 +11,10 @@ rolled_back_steps) and the largest staleness any step consumed against eta.
 One JSON line: figure = chaos run's wasted share, baseline = clean run's, ratio = figure / baseline
 (goal <= 2).
 
-    python benchmarks/bench_chaos.py [--steps 200] [--checkpoint-every 50]
+    python benchmarks/bench_chaos.py [--steps 200] [--checkpoint-every 50] [--checkpoint-async]
+
+Both runs use the same checkpoint settings; each run also reports its mean checkpoint phase per
+step (``checkpoint_s_per_step``), what taking checkpoints that often costs.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -49,14 +54,17 @@ class Chaos:
         at, name = self.plan[0]
         pid = sup.pids().get(name)
         if recs and recs[-1]["step"] >= at and pid is not None:
-            os.kill(pid, signal.SIGKILL)
+            # the ranks too: torchrun alone would leave them to the supervisor's SIGTERM (they would save)
+            for proc in [*psutil.Process(pid).children(recursive=True), psutil.Process(pid)]:
+                os.kill(proc.pid, signal.SIGKILL)
             self.killed.append({"daemon": name, "step": recs[-1]["step"], "pid": pid})
             self.plan.pop(0)
 
 
 def run(run_dir: Path, args, chaos: bool) -> dict:
     cfg = load_config(["experiment=quickstart", f"run_dir={run_dir}", f"trainer.steps={args.steps}",
-                       f"trainer.checkpoint_every={args.checkpoint_every}", "eval.at_end=false"])
+                       f"trainer.checkpoint_every={args.checkpoint_every}",
+                       f"trainer.checkpoint_async={args.checkpoint_async}", "eval.at_end=false"])
     cfg = ensure_warm_start(cfg, log=lambda m: print(f"[warm-start] {m}", file=sys.stderr))
     cfg, topo, path = prepare(cfg)
     acked: list[int] = []
@@ -75,10 +83,13 @@ def run(run_dir: Path, args, chaos: bool) -> dict:
     if not result["ok"] or not acked:
         raise SystemExit(f"{'chaos' if chaos else 'clean'} run failed: {sup.outcome}; logs in {run_dir / 'logs'}")
     trained = result["steps_trained"] * cfg.buffer.groups_per_step
-    return {"wall_s": round(time.monotonic() - t0, 1), "acked": acked[0], "trained": trained,
+    recs = step_records(run_dir)
+    ckpt_s = sum(r.get("phase_seconds", {}).get("checkpoint", 0.0) for r in recs) / len(recs)
+    return {"checkpoint_s_per_step": round(ckpt_s, 4),
+            "step_s": round(sum(r["step_seconds"] for r in recs) / len(recs), 4),"wall_s": round(time.monotonic() - t0, 1), "acked": acked[0], "trained": trained,
             "wasted": acked[0] - trained, "wasted_share": round((acked[0] - trained) / acked[0], 4),
             "steps_trained": result["steps_trained"], "rolled_back_steps": result["rolled_back_steps"],
-            "staleness_max": max(r["staleness_max"] for r in step_records(run_dir)),
+            "staleness_max": max(r["staleness_max"] for r in recs),
             "eta": cfg.buffer.max_staleness, "faults": faults.killed if faults else []}
 
 
@@ -86,6 +97,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--checkpoint-every", type=int, default=50)
+    ap.add_argument("--checkpoint-async", action="store_true", help="trainer.checkpoint_async=true")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-chaos-"))
     clean = run(root / "clean", args, chaos=False)
@@ -93,7 +105,8 @@ def main() -> None:
     print(json.dumps({"bench": "chaos", "figure": chaos["wasted_share"], "baseline": clean["wasted_share"],
                       "ratio": round(chaos["wasted_share"] / max(clean["wasted_share"], 1e-9), 2),
                       "clean": clean, "chaos": chaos, "steps": args.steps,
-                      "checkpoint_every": args.checkpoint_every, "run_dir": str(root)}))
+                      "checkpoint_every": args.checkpoint_every, "checkpoint_async": args.checkpoint_async,
+                      "run_dir": str(root)}))
 
 
 if __name__ == "__main__":

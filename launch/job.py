@@ -283,7 +283,8 @@ def summarize(run_dir: Path, wall_s: float, code: int, since: int = 0, resumed_f
 def outcome(run_dir: Path, code: int, since: int = 0) -> dict:
     """``ok`` is true only when the job exited cleanly and the trainer's last record of this invocation
     says it finished (``event: done``) at ``trainer.steps`` or beyond; with what crashes cost:
-    ``rolled_back_steps`` (steps lost and re-trained, the run's total) and ``steps_trained``."""
+    ``rolled_back_steps`` (steps lost and trained again, the run's total), ``steps_trained`` (optimizer
+    steps the final weights hold: the final version less the labels resumes skipped)."""
     done = [r for r in read_jsonl(trainer_jsonl(run_dir), since) if r.get("event") in ("done", "resume")]
     last = next((r for r in reversed(done) if r["event"] == "done"), None)
     out = {"ok": code == 0 and last is not None and last["policy_version"] >= last["steps"]}

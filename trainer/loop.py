@@ -41,7 +41,7 @@ import torch.distributed as dist
 from areal_like.config import RunConfig, model_vocab_size
 from areal_like.daemon import Daemon
 from areal_like.tokenizer import load_tokenizer
-from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, state_checksums
+from trainer.checkpoint import AsyncSaver, latest_checkpoint, load_checkpoint, save_checkpoint, state_checksums
 from trainer.data import BatchSource, TrainBatch
 from trainer.export import TMP_PREFIX as EXPORT_TMP_PREFIX
 from trainer.export import export_hf, export_tokenizer
@@ -79,8 +79,9 @@ class Trainer(Daemon):
         super().__init__(metrics_port=cfg.trainer.metrics_port if self.rank == 0 else None)
         self.cfg = cfg
         self.version = 0
-        # version == steps_trained + rolled_back_steps: optimizer steps the weights hold, and labels
-        # announced by weights a crash lost (a resume skips them: no label names two sets of weights)
+        # steps_trained: optimizer steps the weights hold; rolled_back_steps: steps a crash lost (trained
+        # again). A resume skips their labels and takes a new one for the checkpoint's weights (no label
+        # names two sets of weights), so version = steps_trained + rolled_back_steps + such resumes.
         self.steps_trained = self.rolled_back_steps = 0
         self.phase_times: dict[str, float] = {}
         self.ckpt_root = cfg.resolve_path(cfg.trainer.checkpoint_dir)
@@ -103,6 +104,7 @@ class Trainer(Daemon):
                                              device=self.policy.device, send_dtype=self.cfg.model.dtype,
                                              metrics=self.metrics)
         self.data.on_stall = lambda: self.broadcaster.push(self.policy.model, self.version)
+        self.saver = AsyncSaver(self.ckpt_root) if t.checkpoint_async else None
         ckpt = latest_checkpoint(self.ckpt_root) if t.resume else None
         if ckpt is not None:
             self.version, meta = load_checkpoint(ckpt, self.policy)
@@ -111,7 +113,7 @@ class Trainer(Daemon):
             extra = meta.get("extra", {})
             self.data.last_batch_id = extra.get("last_batch_id", "")
             self.rolled_back_steps = int(extra.get("rolled_back_steps", 0))
-            self.steps_trained = int(extra.get("steps_trained", self.version - self.rolled_back_steps))
+            self.steps_trained = int(extra.get("steps_trained", self.version))
         self.warn_truncation()
         checkpoint_version = self.version
         self.version = self.monotonic_version(self.version)
@@ -162,12 +164,13 @@ class Trainer(Daemon):
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast_object_list(announced, src=0)
         if announced[0] is not None and announced[0] > version:
-            limit = version + self.cfg.trainer.checkpoint_every
-            if self.cfg.trainer.resume and announced[0] > limit:
+            t = self.cfg.trainer
+            most = t.checkpoint_every * (2 if t.checkpoint_async else 1)  # async: the last save may be unfinished
+            if t.resume and announced[0] > version + most:
                 raise RuntimeError(f"buffer announced policy_version {announced[0]} but our weights are version "
-                                   f"{version}: a crash loses at most trainer.checkpoint_every="
-                                   f"{self.cfg.trainer.checkpoint_every} steps, so that version is not ours; "
-                                   "refusing to take it as trained")
+                                   f"{version}: a crash loses at most {most} steps (trainer.checkpoint_every="
+                                   f"{t.checkpoint_every}), so that version is not ours; refusing to take it as "
+                                   "trained")
             self.log.warning("buffer announced policy_version %d but our weights are version %d: "
                              "continuing as version %d (%d steps rolled back)", announced[0], version, announced[0] + 1,
                              announced[0] - version)
@@ -202,11 +205,16 @@ class Trainer(Daemon):
             with self.phase("weight_sync"):
                 sync = self.broadcaster.push(model, self.version)
             if self.version % t.checkpoint_every == 0:
-                with self.phase("checkpoint"):
-                    save_checkpoint(self.ckpt_root, self.policy, self.version, self.checkpoint_extra())
+                with self.phase("checkpoint"):  # async: staging the state, and committing the previous save
+                    if self.saver is not None:
+                        self.saver.save(self.policy, self.version, self.checkpoint_extra())
+                    else:
+                        save_checkpoint(self.ckpt_root, self.policy, self.version, self.checkpoint_extra())
             self.export_if_due()
             with self.phase("metrics"):
                 self.report(batch, stats, sync, time.monotonic() - t_step)
+        if self.saver is not None:
+            self.saver.finish()
         if self.version % t.checkpoint_every != 0:  # graceful end or stop: keep what was trained
             with self.phase("checkpoint"):
                 save_checkpoint(self.ckpt_root, self.policy, self.version, self.checkpoint_extra())
@@ -216,7 +224,8 @@ class Trainer(Daemon):
                 self.broadcaster.catch_up(model, self.version, self.cfg.eval.final_timeout_s,
                                           should_stop=self.stop_requested.is_set)
         self.record({"event": "done", "policy_version": self.version, "steps": t.steps,
-                     "steps_trained": self.steps_trained, "rolled_back_steps": self.rolled_back_steps})
+                     "steps_trained": self.steps_trained, "rolled_back_steps": self.rolled_back_steps,
+                     "labels_skipped": self.version - self.steps_trained})
         self.log.info("done at policy_version %d (%d steps trained, %d rolled back by crashes)", self.version,
                       self.steps_trained, self.rolled_back_steps)
 
