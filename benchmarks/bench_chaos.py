@@ -98,10 +98,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--checkpoint-every", type=int, default=50)
     ap.add_argument("--checkpoint-async", action="store_true", help="trainer.checkpoint_async=true")
+    ap.add_argument("--root", type=Path, default=None, help="directory for both runs (a warm start there is reused)")
     args = ap.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="bench-chaos-"))
-    clean = run(root / "clean", args, chaos=False)
-    chaos = run(root / "chaos", args, chaos=True)
+    root = args.root or Path(tempfile.mkdtemp(prefix="bench-chaos-"))
+    stamp = time.strftime("%H%M%S")
+    clean = run(root / f"clean-{stamp}", args, chaos=False)
+    chaos = run(root / f"chaos-{stamp}", args, chaos=True)
     print(json.dumps({"bench": "chaos", "figure": chaos["wasted_share"], "baseline": clean["wasted_share"],
                       "ratio": round(chaos["wasted_share"] / max(clean["wasted_share"], 1e-9), 2),
                       "clean": clean, "chaos": chaos, "steps": args.steps,

@@ -14,7 +14,8 @@ Invariants:
   (kill -9) at any moment leaves the previous checkpoint usable. The last ``KEEP`` are kept.
 - ``AsyncSaver`` (``trainer.checkpoint_async``) keeps that invariant: DCP writes the shards in the
   background into the temporary directory, and the rename happens only after every rank's write
-  finished (``finish``, at the next save or at the end); a crash meanwhile loses that save only.
+  finished (``poll`` after each step, ``finish`` at the next save or at the end); a crash meanwhile
+  loses that save only.
 - Resume restores model, optimizer, scheduler, policy_version and RNG states; the caller then
   re-pushes the weights and announces the version (trainer/loop.py).
 - Every rank writes its own DCP shard and RNG file into the same directory, so on several nodes
@@ -168,6 +169,17 @@ class AsyncSaver:
                                 process_group=self._pg)
         _write_rest(tmp, policy, version, extra)
         self._pending = (future, tmp, final, version)
+
+    def poll(self) -> None:
+        """Commit the save in progress as soon as every rank's write is done (a collective: every rank
+        calls it after each step), so that a crash loses only the steps since it, not a save interval more."""
+        if self._pending is None:
+            return
+        done = torch.tensor([int(self._pending[0].done())])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        if int(done):
+            self.finish()
 
     def finish(self) -> Path | None:
         """Wait for the save in progress and commit it; returns its directory (None if none)."""

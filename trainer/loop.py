@@ -210,6 +210,9 @@ class Trainer(Daemon):
                         self.saver.save(self.policy, self.version, self.checkpoint_extra())
                     else:
                         save_checkpoint(self.ckpt_root, self.policy, self.version, self.checkpoint_extra())
+            elif self.saver is not None:
+                with self.phase("checkpoint"):
+                    self.saver.poll()
             self.export_if_due()
             with self.phase("metrics"):
                 self.report(batch, stats, sync, time.monotonic() - t_step)
