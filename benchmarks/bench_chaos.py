@@ -1,5 +1,5 @@
 """Wasted generation under faults: the quickstart run clean, then with ``kill -9`` of the trainer
-twice and of the buffer once (by PID, at 30%, 50% and 70% of the steps), on the same machine.
+twice and of the buffer once (by PID, at 33%, 50% and 71% of the steps), on the same machine.
 
 Wasted generation = groups the buffer acknowledged (the rollout servers' ``groups_acked``
 counters, read while every daemon is still up at the end; the rollout servers are never killed)
@@ -38,7 +38,8 @@ from launch.job import job_specs, outcome, prepare, step_records  # noqa: E402
 from launch.local import Supervisor  # noqa: E402
 from launch.warmstart import ensure_warm_start  # noqa: E402
 
-FAULTS = ((0.3, "trainer"), (0.5, "buffer"), (0.7, "trainer"))  # (share of trainer.steps, daemon)
+FAULTS = ((0.33, "trainer"), (0.5, "buffer"), (0.71, "trainer"))  # (share of trainer.steps, daemon); off
+# multiples of a round checkpoint_every, where a kill would find the newest save just started
 
 
 class Chaos:
