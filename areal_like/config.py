@@ -242,9 +242,14 @@ def _explain(e: BaseException) -> str:
     return ": ".join(unique) if unique else type(e).__name__
 
 
-def to_yaml(cfg: Any) -> str:
+def to_yaml(cfg: Any, *, redacted: bool = False) -> str:
+    """``cfg`` as YAML; ``redacted``: credentials blanked (``areal_like.auth.redact``), for display only."""
     from omegaconf import OmegaConf
 
+    if redacted:
+        from areal_like.auth import redact
+
+        return OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(OmegaConf.structured(cfg)))))
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from areal_like.auth import ENGINE_KEY_ENV, SECRET_FIELD
 from areal_like.config_checks import ConfigError  # noqa: F401  (re-exported: every config error is one)
 from areal_like.config_checks import check as _check
 from areal_like.config_checks import choice as _choice
@@ -209,6 +210,9 @@ class EngineConfig:
                "1, or > 1 with rollout.engine.kind=sglang", self.tp_size)
         for key in sorted(set(self.sglang) & {"tp_size", "tp", "tensor_parallel_size"}):  # one source of truth
             raise ConfigError(f"rollout.engine.sglang.{key} is not passed through: set rollout.engine.tp_size")
+        for key in sorted(k for k in self.sglang if SECRET_FIELD.search(str(k))):  # never in config.yaml or logs
+            raise ConfigError(f"rollout.engine.sglang.{key}: credentials are not configuration; the engine API key "
+                              f"comes from the environment ({ENGINE_KEY_ENV}; `areal-like run` makes one per job)")
         if self.kind == "url":
             _check("rollout.engine.url", self.url.startswith("http"), "an http(s) URL when kind=url", self.url)
 

@@ -106,7 +106,7 @@ while True:
 def trajectories_blob(tokens: int, group_size: int, prompt_tokens: int = 256) -> bytes:
     """The msgpack bytes of a group's ``trajectories`` field, packed once and reused."""
     rng = np.random.default_rng(0)
-    trajs = [P.Trajectory(prompt_ids=P.as_i32(rng.integers(0, 100, prompt_tokens)),
+    trajs = [P.Trajectory.of(prompt_ids=P.as_i32(rng.integers(0, 100, prompt_tokens)),
                           output_ids=P.as_i32(rng.integers(0, 100, tokens)),
                           behav_logp=P.as_f32(-rng.random(tokens)), versions=P.as_i32(np.zeros(tokens)),
                           reward=float(i % 2), finish_reason="length") for i in range(group_size)]

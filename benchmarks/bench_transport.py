@@ -12,7 +12,7 @@ ROUTER that answers a prebuilt reply of the same size without decoding anything.
   replies undecoded. Sender encode and receiver decode overlap, as they do when
   several rollout servers feed one buffer: this is the throughput the protocol allows.
 * **stream, built** (``transport_stream_8xT_built``, for reference): the stream pattern with each
-  group built from its arrays right before it is sent (``Trajectory(...)`` x 8 and the group),
+  group built from its arrays right before it is sent (``Trajectory.of(...)`` x 8 and the group),
   as a rollout server does. A Trajectory checks itself and takes its wire form when it is built,
   so part of what encoding once cost is paid here; this line keeps that cost in view.
 * **reqrep** (for reference): ``Client.request`` with one request in flight, as a single
@@ -20,8 +20,7 @@ ROUTER that answers a prebuilt reply of the same size without decoding anything.
   2-core box this ratio is much lower than the streaming one.
 
 Both processes create sockets through ``transport`` (the sender its DEALERs, the receiver our
-``Server``), so ``transport.tune_allocator``, a per-process setting, applies to the raw path as
-much as to ours: the raw receiver's libzmq buffers are reused warm too. Modes are interleaved
+``Server``), so per-process settings apply to the raw path as much as to ours. Modes are interleaved
 round by round so machine load hits both alike; figures are medians over rounds. One JSON line
 per (pattern, T) and one for the built stream per T: ``figure`` (our groups/s), ``baseline`` (raw
 groups/s), ``ratio`` (goal >= 0.8 for stream at T = 4096), MB/s for both, and the in-process
@@ -41,19 +40,24 @@ import sys
 import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+from areal_like.daemon import MALLOC_ENV  # noqa: E402
+
+if any(k not in os.environ for k in MALLOC_ENV):  # what every daemon starts with (launch/job.py)
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**MALLOC_ENV, **os.environ})
 
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
 from areal_like import protocol as P  # noqa: E402
 from areal_like.distributed import free_port  # noqa: E402
-from areal_like.transport import ZERO_COPY_BYTES, Client, FrameWriter, _new_socket  # noqa: E402
+from areal_like.transport import Client, FrameWriter, new_socket  # noqa: E402
 
 GROUP_SIZE = 8
 PROMPT_TOKENS = 256
 GOAL_RATIO_AT_4096 = 0.8
 READY_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 30.0
+ZERO_COPY_BYTES = 64 * 1024  # pyzmq's own threshold for zero-copy frames
 WINDOW = 8  # requests in flight in the stream pattern (a few rollout servers' worth)
 
 # The receiving process: our Server on argv[1], a raw ROUTER on argv[2], served from one poll loop.
@@ -88,7 +92,7 @@ while True:
 
 def make_group(tokens: int, seed: int) -> P.TrajectoryGroup:
     rng = np.random.default_rng(seed)
-    trajs = [P.Trajectory(prompt_ids=rng.integers(0, 32000, PROMPT_TOKENS, dtype=np.int32),
+    trajs = [P.Trajectory.of(prompt_ids=rng.integers(0, 32000, PROMPT_TOKENS, dtype=np.int32),
                           output_ids=rng.integers(0, 32000, tokens, dtype=np.int32),
                           behav_logp=-rng.random(tokens, dtype=np.float32),
                           versions=np.full(tokens, 3, dtype=np.int32), reward=float(i % 2), finish_reason="length",
@@ -159,7 +163,7 @@ def trajectory_parts(group: P.TrajectoryGroup) -> list[dict]:
 def build_group(like: P.TrajectoryGroup, trajectories: list[dict]) -> P.TrajectoryGroup:
     return P.TrajectoryGroup(group_id=like.group_id, server_id=like.server_id, lease_id=like.lease_id,
                              prompt_index=like.prompt_index, epoch=like.epoch,
-                             trajectories=[P.Trajectory(**t) for t in trajectories])
+                             trajectories=[P.Trajectory.of(**t) for t in trajectories])
 
 
 def round_stream(sock: zmq.Socket, send, check_reply, seconds: float) -> float:
@@ -181,7 +185,7 @@ def round_stream(sock: zmq.Socket, send, check_reply, seconds: float) -> float:
 
 
 def dealer(address: str) -> zmq.Socket:
-    sock = _new_socket(zmq.Context.instance(), zmq.DEALER)  # Client's socket options (HWM, LINGER 0)
+    sock = new_socket(zmq.Context.instance(), zmq.DEALER)  # Client's socket options (HWM, LINGER 0)
     sock.connect(address)
     return sock
 

@@ -22,12 +22,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from areal_like import group_checks
 from areal_like import protocol as P
 from areal_like.config import RunConfig, dataset_size, model_vocab_size
 from areal_like.daemon import Daemon
-from areal_like.group_checks import REASONS as CONTENT_REASONS
-from areal_like.group_checks import content_problem
 from areal_like.peers import is_trainer_peer, takes_trainer_prefix
+from areal_like.ratelog import RateLimitedLog
 from areal_like.transport import Publisher, Server
 from buffer.control import ControlPlane
 from buffer.credits import CreditLedger, invalid_group, version_range
@@ -41,6 +41,7 @@ from buffer.wal import DiskFull, WriteAheadLog, segment_path
 
 POLL_S = 0.02  # wait for the first request of a batch; bounds how late a held BatchRequest is answered
 POLL_BUSY_S = 0.001  # ...while replies wait for an fsync, where the WAL has no wake-up descriptor
+REJECT_LOG_EVERY_S = 60.0  # a kind of rejection is logged at most this often (a peer can send them at will)
 MAX_POLL_BATCH = 512  # requests handled per loop iteration (one fsync for all of them)
 MAX_POLL_BYTES = 4 << 20  # ...or this many bytes: smaller fsyncs start sooner and overlap receiving
 SWEEP_S = 0.05  # lease expiry and roster timeouts at most this often (a scan of every lease per
@@ -56,6 +57,7 @@ class BufferService(Daemon):
         super().__init__(metrics_port=b.metrics_port)
         self.cfg, self.clock = b, clock
         self.vocab_size = model_vocab_size(cfg.model)  # token ids outside [0, vocab_size) are refused
+        self.rejections = RateLimitedLog(self.log, REJECT_LOG_EVERY_S)  # counted in full in buffer/rejected
         self.policy = StalenessPolicy(b.max_staleness, b.groups_per_step, b.max_inflight)
         self.ledger = CreditLedger(self.policy, dataset_size(cfg.task, cfg.model), lease_timeout_s=b.lease_timeout_s,
                                    max_epochs=b.max_epochs, clock=clock)
@@ -197,7 +199,7 @@ class BufferService(Daemon):
             return
         if isinstance(msg, P.ProtocolError):
             self.instruments.count("rejected", reason="decode")
-            self.log.warning("rejected an undecodable frame: %s", msg)
+            self.rejections.warning("decode", "rejected an undecodable frame: %s", msg)
             reply, kind = P.Ack(ref="", status="rejected", reason=f"decode: {msg}"), "invalid"
         elif isinstance(msg, P.TrajectoryGroup):
             reply, kind = self._on_group(msg, frame), msg.TYPE
@@ -218,15 +220,15 @@ class BufferService(Daemon):
             return self._ack_with_leases(g, "duplicate")
         lease = self.ledger.leases.get(g.lease_id)
         versions = version_range(g)  # one pass over the token versions, for every check below
-        reason = invalid_group(g, lease, self.control.newest_version(), versions) or content_problem(g, self.vocab_size)
+        reason = (invalid_group(g, lease, self.control.newest_version(), versions)
+                  or group_checks.content_problem(g, self.vocab_size))
         if reason is not None:
-            label = reason.split(":")[0]
-            self.instruments.count("rejected", reason=label)
-            self.log.warning("rejected group %s from %s: %s", g.group_id, g.server_id, reason)
+            self.instruments.count("rejected", reason=(label := reason.split(":")[0]))
+            self.rejections.warning(f"group:{label}", "rejected group %s from %s: %s", g.group_id, g.server_id, reason)
             if lease is not None and not reason.startswith("lease"):
                 # the sender drops a rejected group: generate it again, unless its content is what is
                 # wrong (the same prompt would come back the same way): then it is skipped this epoch
-                self.ledger.cancel(lease.lease_id, reissue=label not in CONTENT_REASONS)
+                self.ledger.cancel(lease.lease_id, reissue=label not in group_checks.REASONS)
                 self._dirty = True
             return P.Ack(ref=g.group_id, status="rejected", reason=reason)
         try:
@@ -282,13 +284,12 @@ class BufferService(Daemon):
 
     def _refuse(self, reason: str, detail: str) -> P.Ack:
         self.instruments.count("rejected", reason=reason)
-        self.log.warning("refused: %s: %s", reason, detail)
+        self.rejections.warning(reason, "refused: %s: %s", reason, detail)
         return P.Ack(ref=str(self.control.version), status="rejected", reason=f"{reason}: {detail}")
 
     def _on_version(self, m: P.VersionUpdate, peer: bytes) -> P.Ack:
-        """Versions come only from the trainer and move one at a time: a jump would open the admission
-        window to groups that can never be trained on, and a restarted trainer would take the label
-        as steps it trained. A refusal's ``ref`` is the buffer's version (the trainer walks up from it)."""
+        """Versions come only from the trainer, one at a time (buffer/STALENESS.md, Versions). A refusal's
+        ``ref`` is the buffer's version: the trainer walks up from it."""
         if not is_trainer_peer(peer):
             return self._refuse("not_trainer", f"VersionUpdate({m.policy_version}) from {peer[:64]!r}")
         if m.policy_version > self.control.version + 1:
@@ -317,7 +318,7 @@ class BufferService(Daemon):
         if released:
             self._dirty = True
             self.instruments.count("credits_released", len(released))
-            self.log.warning("re-issuing %d leases of servers no longer in the roster (%s)", len(released),
+            self.log.warning("re-issuing %d leases of servers gone from the roster (%s)", len(released),
                              ", ".join(sorted({x.server_id for x in released})))
 
     # ------------------------------------------------------------------ what ties the parts together

@@ -194,7 +194,7 @@ def _print_config(overrides: list[str]) -> int:
         cfg = checked(cfg)
     except ConfigError as e:
         return _errors(e)
-    sys.stdout.write(to_yaml(cfg))
+    sys.stdout.write(to_yaml(cfg, redacted=True))  # a credential in a URL is shown as <redacted>
     return 0
 
 

@@ -30,6 +30,7 @@ daemons inherit from the launcher.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -212,7 +213,28 @@ def check_engine(cfg: RunConfig) -> list[str]:
                        "(or topology=gpu_embedded)")
         if not cfg.model.path and cfg.warm_start.steps == 0:  # the warm start writes one
             out.append("rollout.engine.kind=sglang needs model.path (SGLang serves a Hugging Face model directory)")
+        out += check_tp_size(cfg)
     return out
+
+
+def check_tp_size(cfg: RunConfig) -> list[str]:
+    """SGLang splits attention heads over ``tp_size`` GPUs: query heads evenly, key/value heads
+    evenly or replicated (``tp_size`` a multiple of them). Caught here, not after loading the model."""
+    tp = cfg.rollout.engine.tp_size
+    if tp == 1:
+        return []
+    heads, kv, where = cfg.model.num_attention_heads, cfg.model.num_key_value_heads, "model"
+    config = Path(cfg.model.path or "").expanduser() / "config.json"
+    if cfg.model.path and config.is_file():
+        hf = json.loads(config.read_text())
+        hf = hf.get("text_config", hf)  # multimodal configs nest the language model's
+        heads = hf.get("num_attention_heads", heads)
+        kv, where = hf.get("num_key_value_heads", heads), str(config)
+    if heads % tp or (kv % tp if kv >= tp else tp % kv):
+        return [f"rollout.engine.tp_size={tp} does not divide the model's {heads} attention heads and "
+                f"{kv} key/value heads ({where}): SGLang would fail after loading the model; pick a tp_size "
+                "that divides the heads"]
+    return []
 
 
 def check_environment(cfg: RunConfig) -> list[str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 
 from areal_like import protocol as P
+from areal_like.auth import read_key_file
 from areal_like.config import RunConfig, load_config
 from areal_like.metrics import scrape
 from areal_like.transport import Client
@@ -138,6 +139,11 @@ class RunningSystem:
     def metrics(self, name: str) -> dict[str, float]:
         return scrape(f"http://{self.topo.host}:{self.topo.slot(name).metrics_port}/metrics")
 
+    @property
+    def engine_key(self) -> str | None:
+        """The job's engine API key (``areal-like run`` made it in the run directory)."""
+        return read_key_file(self.run_dir)
+
     def pid(self, name: str) -> int:
         return self.sup.proc(name).popen.pid
 
@@ -155,11 +161,15 @@ class RunningSystem:
         return self.buffer_request(P.StatsRequest()).values
 
 
-def engine_weights(engine_url: str, names: list[str]) -> tuple[int, dict[str, list]] | None:
+def _auth(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def engine_weights(engine_url: str, names: list[str], key: str | None = None) -> tuple[int, dict[str, list]] | None:
     """(weight_version, full parameters) read between two equal version reads, else None."""
     def get(path: str, body: dict | None = None):
         req = urllib.request.Request(engine_url + path, data=json.dumps(body).encode() if body else None,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **_auth(key)})
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.loads(r.read())
 
@@ -169,7 +179,8 @@ def engine_weights(engine_url: str, names: list[str]) -> tuple[int, dict[str, li
     return (int(before), params) if before == after else None
 
 
-def engine_prefix(engine_url: str, names: list[str], rows: int) -> tuple[int, dict[str, list]] | None:
+def engine_prefix(engine_url: str, names: list[str], rows: int,
+                  key: str | None = None) -> tuple[int, dict[str, list]] | None:
     """(weight_version, the first ``rows`` rows of every parameter) at one stable version, else None.
 
     A small read (SGLang's ``truncate_size``) fits between two weight syncs, so intermediate
@@ -177,7 +188,7 @@ def engine_prefix(engine_url: str, names: list[str], rows: int) -> tuple[int, di
     """
     def get(path: str, body: dict | None = None):
         req = urllib.request.Request(engine_url + path, data=json.dumps(body).encode() if body else None,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **_auth(key)})
         with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read())
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 
+import msgspec
 import numpy as np
 from test_buffer_service import make_cfg, make_group, register, running
 
@@ -21,11 +22,10 @@ VOCAB = 104  # ModelConfig's default vocab_size (the char tokenizer)
 
 def _with_tokens(group: P.TrajectoryGroup, prompt: list[int], output: list[int]) -> P.TrajectoryGroup:
     t = group.trajectories[0]
-    bad = P.Trajectory(prompt_ids=P.as_i32(prompt), output_ids=P.as_i32(output),
+    bad = P.Trajectory.of(prompt_ids=P.as_i32(prompt), output_ids=P.as_i32(output),
                        behav_logp=P.as_f32(np.full(len(output), -1.0)), versions=P.as_i32(np.zeros(len(output))),
                        reward=t.reward, finish_reason="stop")
-    return P.TrajectoryGroup(**{**{k: getattr(group, k) for k in P.field_names(P.TrajectoryGroup)},
-                                "trajectories": [bad, *group.trajectories[1:]]})
+    return msgspec.structs.replace(group, trajectories=[bad, *group.trajectories[1:]])
 
 
 def test_buffer_refuses_out_of_vocab_tokens_and_empty_prompts_with_a_reason(tmp_path):

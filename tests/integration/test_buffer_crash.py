@@ -43,7 +43,7 @@ produce(*sys.argv[1:])
 def group_for(credit: P.Credit, server_id: str) -> P.TrajectoryGroup:
     """Content derived from the prompt index, so the test can verify it after the crashes."""
     k = credit.prompt_index
-    trajs = [P.Trajectory(prompt_ids=P.as_i32([k, k + 1]), output_ids=P.as_i32(np.arange(k, k + 6 + i)),
+    trajs = [P.Trajectory.of(prompt_ids=P.as_i32([k, k + 1]), output_ids=P.as_i32(np.arange(k, k + 6 + i)),
                           behav_logp=P.as_f32(np.full(6 + i, -0.25 * i)), versions=P.as_i32(np.zeros(6 + i)),
                           reward=float(i), finish_reason="stop") for i in range(2)]
     return P.TrajectoryGroup(group_id=f"{server_id}-{credit.lease_id}", server_id=server_id,

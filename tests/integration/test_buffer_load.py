@@ -28,7 +28,7 @@ RSS_LIMIT_MB = 400  # interpreter + zmq + prometheus ~60 MB; 128 small groups ar
 
 
 def make_group(credit: P.Credit, server_id: str, version: int) -> P.TrajectoryGroup:
-    trajs = [P.Trajectory(prompt_ids=P.as_i32([1, 2, 3]), output_ids=P.as_i32(np.arange(16)),
+    trajs = [P.Trajectory.of(prompt_ids=P.as_i32([1, 2, 3]), output_ids=P.as_i32(np.arange(16)),
                           behav_logp=P.as_f32(np.full(16, -1.0)), versions=P.as_i32(np.full(16, version)),
                           reward=float(i % 2), finish_reason="stop") for i in range(4)]
     return P.TrajectoryGroup(group_id=f"{server_id}-{credit.lease_id}", server_id=server_id, lease_id=credit.lease_id,

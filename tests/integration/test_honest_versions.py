@@ -46,7 +46,7 @@ def test_a_version_from_another_peer_or_a_jump_is_refused_logged_and_counted(tmp
             assert (s["rejected_not_trainer"], s["rejected_version_jump"], s["rejected_reserved_id"]) == (2, 2, 1)
         finally:
             stranger.close()
-    assert sum("version_jump" in r.getMessage() for r in caplog.records) == 2
+    assert any("version_jump" in r.getMessage() for r in caplog.records)  # rate-limited: once a minute
     with running(cfg) as (svc, trainer):  # the refused versions were never made durable
         assert _stats(trainer)["policy_version"] == 1
 

@@ -110,7 +110,7 @@ def trainer_role(cfg_path: str, out_dir: str) -> None:
             dist.broadcast_object_list(probe, src=0)
             mb = groups_to_batch([TrajectoryGroup(
                 group_id="probe", server_id="probe", lease_id="probe", prompt_index=0, epoch=0,
-                trajectories=[Trajectory(prompt_ids=as_i32(p), output_ids=as_i32(o), behav_logp=as_f32([0.0] * len(o)),
+                trajectories=[Trajectory.of(prompt_ids=as_i32(p), output_ids=as_i32(o), behav_logp=as_f32([0.0] * len(o)),
                                          versions=as_i32([0] * len(o)),
                                          reward=0.0, finish_reason="length") for p, o in probe[0]])])
             with torch.no_grad():

@@ -53,7 +53,7 @@ def _step(svc: BufferService, msg: P.Message, peer: bytes = TRAINER) -> P.Messag
 
 def _deliver(svc: BufferService, n: int, version: int) -> None:
     for c in _step(svc, P.CreditRequest(server_id="s", max_credits=n)).credits:
-        t = P.Trajectory(prompt_ids=P.as_i32([1]), output_ids=P.as_i32([2, 3]), behav_logp=P.as_f32([-1, -1]),
+        t = P.Trajectory.of(prompt_ids=P.as_i32([1]), output_ids=P.as_i32([2, 3]), behav_logp=P.as_f32([-1, -1]),
                          versions=P.as_i32(np.full(2, version)), reward=1.0, finish_reason="stop")
         g = P.TrajectoryGroup(group_id=f"s-{c.lease_id}", server_id="s", lease_id=c.lease_id,
                               prompt_index=c.prompt_index, epoch=c.epoch, trajectories=[t])

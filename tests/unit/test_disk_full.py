@@ -68,7 +68,7 @@ def _step(svc: BufferService, msg: P.Message) -> P.Message:
 
 
 def _group(c: P.Credit) -> P.TrajectoryGroup:
-    t = P.Trajectory(prompt_ids=P.as_i32([1]), output_ids=P.as_i32([2, 3]), behav_logp=P.as_f32([-1, -1]),
+    t = P.Trajectory.of(prompt_ids=P.as_i32([1]), output_ids=P.as_i32([2, 3]), behav_logp=P.as_f32([-1, -1]),
                      versions=P.as_i32(np.zeros(2)), reward=1.0, finish_reason="stop")
     return P.TrajectoryGroup(group_id=f"s-{c.lease_id}", server_id="s", lease_id=c.lease_id,
                              prompt_index=c.prompt_index, epoch=c.epoch, trajectories=[t])
