@@ -298,7 +298,7 @@ def summarize(run_dir: Path, wall_s: float, code: int, since: int = 0, resumed_f
     summary = {
         "reward_first": round(sum(first) / len(first), 4) if first else None,
         "reward_last": round(sum(last) / len(last), 4) if last else None,
-        "steps": len(recs), "wall_s": round(wall_s, 1), "run_dir": str(run_dir), "ok": code == 0,
+        "steps": len(recs), "wall_s": round(wall_s, 1), "run_dir": str(run_dir), **outcome(run_dir, code, since),
     }
     summary.update(eval_summary(run_dir))
     if resumed_from:
@@ -308,6 +308,21 @@ def summarize(run_dir: Path, wall_s: float, code: int, since: int = 0, resumed_f
         summary["learning_curve"] = str(plot_curve(run_dir, history))
     write_json_atomic(run_dir / "summary.json", summary)
     return summary
+
+
+def outcome(run_dir: Path, code: int, since: int = 0) -> dict:
+    """``ok`` is true only when the job exited cleanly and the trainer's last record of this invocation
+    says it finished (``event: done``) at ``trainer.steps`` or beyond; with what crashes cost:
+    ``rolled_back_steps`` (steps lost and trained again, the run's total), ``steps_trained`` (optimizer
+    steps the final weights hold: the final version less the labels resumes skipped)."""
+    done = [r for r in read_jsonl(trainer_jsonl(run_dir), since) if r.get("event") in ("done", "resume")]
+    last = next((r for r in reversed(done) if r["event"] == "done"), None)
+    out = {"ok": code == 0 and last is not None and last["policy_version"] >= last["steps"]}
+    if last is not None:
+        out.update(steps_trained=last["steps_trained"], rolled_back_steps=last["rolled_back_steps"])
+    elif done:
+        out["rolled_back_steps"] = done[-1].get("rolled_back_total", 0)
+    return out
 
 
 def eval_records(run_dir: Path) -> list[dict]:
@@ -389,6 +404,8 @@ def run_job(cfg: RunConfig, quiet: bool = False) -> int:
     sink = TrackerSink.from_config(cfg)
     try:
         sup = Supervisor(job_specs(cfg, topo, config_path), run_dir, restarts=cfg.launch.restarts,
+                         restart_window_s=cfg.launch.restart_window_s, restart_backoff_s=cfg.launch.restart_backoff_s,
+                         restart_backoff_max_s=cfg.launch.restart_backoff_max_s,
                          health_timeout_s=cfg.launch.health_timeout_s, echo=echo,
                          on_tick=Monitor(cfg, topo, run_dir, since=since, sink=sink),
                          on_change=lambda s: write_ports(run_dir, topo, s))

@@ -49,6 +49,7 @@ import torch.distributed as dist
 from areal_like.config import WeightSyncConfig
 from areal_like.distributed import destroy_weight_group, free_port, init_weight_group
 from areal_like.metrics import Metrics
+from areal_like.peers import TRAINER_PEER
 from areal_like.protocol import (
     Ack,
     BucketSpec,
@@ -104,7 +105,7 @@ class WeightBroadcaster:
         self.device = device
         self.send_dtype = send_dtype
         self.backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-        self.client = Client(buffer_address, timeout_s=BUFFER_REQUEST_TIMEOUT_S, identity="trainer-ws") \
+        self.client = Client(buffer_address, timeout_s=BUFFER_REQUEST_TIMEOUT_S, identity=TRAINER_PEER) \
             if rank == 0 else None
         self._pg = None
         self._group_key: tuple | None = None  # ((server_id, engine_ranks), ...) of the formed group
@@ -403,13 +404,26 @@ class WeightBroadcaster:
 
     def _announce(self, version: int, report: SyncReport) -> None:
         try:
-            ack = self.client.request(VersionUpdate(policy_version=version),
-                                      timeout_s=min(BUFFER_REQUEST_TIMEOUT_S, self.cfg.deadline_s))
-            if not isinstance(ack, Ack):
-                raise RuntimeError(f"buffer answered VersionUpdate with {ack.TYPE}")
+            ack = self._version_update(version)
+            if ack.status == "rejected" and ack.reason.startswith("version_jump"):
+                # The buffer restarted before our last announcements were durable: walk it up one
+                # version at a time (it refuses jumps; every label in between was ours).
+                log.warning("buffer is at version %s, behind our %d: announcing the versions in between",
+                            ack.ref, version)
+                for v in range(int(ack.ref) + 1, version + 1):
+                    ack = self._version_update(v)
+            if ack.status != "ok":
+                raise RuntimeError(f"buffer refused VersionUpdate({version}): {ack.reason}")
         except Exception as e:
             report.error = report.error or f"announce failed: {type(e).__name__}: {e}"
             log.error("could not announce version %d to the buffer: %s", version, e)
+
+    def _version_update(self, version: int) -> Ack:
+        ack = self.client.request(VersionUpdate(policy_version=version),
+                                  timeout_s=min(BUFFER_REQUEST_TIMEOUT_S, self.cfg.deadline_s))
+        if not isinstance(ack, Ack):
+            raise RuntimeError(f"buffer answered VersionUpdate with {ack.TYPE}")
+        return ack
 
     def close(self) -> None:
         self.join()

@@ -39,7 +39,7 @@ def _start(tmp_path) -> BufferService:
 
 def _step(svc: BufferService, msg: P.Message) -> P.Message:
     frame = P.encode(msg)
-    svc.handle(b"peer", b"req", P.decode(frame), frame)
+    svc.handle(b"trainer-ws-test", b"req", P.decode(frame), frame)
     svc.settle()
     svc.wal.wait_durable()
     svc.send_durable()
