@@ -10,45 +10,23 @@ buffer counts consumed groups instead, so neither moves the bound.
 from __future__ import annotations
 
 import numpy as np
+from service_harness import start, step
 
 from areal_like import protocol as P
-from areal_like.config import BufferConfig, RunConfig, TaskConfig
+from areal_like.config import BufferConfig
 from buffer.service import BufferService
 
 ETA, B = 1, 2
 TRAINER, STRAY = b"trainer-ws-t0", b"stray-c0ffee"
 
 
-class _Sink:
-    def __init__(self):
-        self.sent: list[P.Message] = []
-
-    def send(self, peer, req_id, msg):
-        self.sent.append(msg)
-
-    def publish(self, msg):
-        self.sent.append(msg)
-
-    def close(self):
-        pass
-
-
 def _start(tmp_path) -> BufferService:
-    cfg = RunConfig(run_dir=str(tmp_path), task=TaskConfig(num_prompts=100), buffer=BufferConfig(
-        max_staleness=ETA, groups_per_step=B, max_inflight=16, capacity=64, stale_policy="reissue"))
-    svc = BufferService(cfg)
-    svc.recover()
-    svc.server, svc.publisher = _Sink(), _Sink()
-    return svc
+    return start(tmp_path, BufferConfig(max_staleness=ETA, groups_per_step=B, max_inflight=16, capacity=64,
+                                        stale_policy="reissue"))
 
 
 def _step(svc: BufferService, msg: P.Message, peer: bytes = TRAINER) -> P.Message:
-    frame = P.encode(msg)
-    svc.handle(peer, b"req", P.decode(frame), frame)
-    svc.settle()
-    svc.wal.wait_durable()
-    svc.send_durable()
-    return svc.server.sent[-1]
+    return step(svc, msg, peer)
 
 
 def _deliver(svc: BufferService, n: int, version: int) -> None:

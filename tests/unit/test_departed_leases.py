@@ -5,8 +5,10 @@ handling with fake sockets, a real WAL and a fake clock."""
 
 from __future__ import annotations
 
+from service_harness import start, step
+
 from areal_like import protocol as P
-from areal_like.config import BufferConfig, RunConfig, TaskConfig
+from areal_like.config import BufferConfig
 from buffer.service import BufferService
 
 HEARTBEAT_S, LEASE_S = 15.0, 120.0
@@ -20,37 +22,13 @@ class _Clock:
         return self.t
 
 
-class _Sink:
-    def __init__(self):
-        self.sent: list[P.Message] = []
-
-    def send(self, peer, req_id, msg):
-        self.sent.append(msg)
-
-    def publish(self, msg):
-        self.sent.append(msg)
-
-    def close(self):
-        pass
-
-
 def _start(tmp_path, clock) -> BufferService:
-    cfg = RunConfig(run_dir=str(tmp_path), task=TaskConfig(num_prompts=100), buffer=BufferConfig(
-        max_staleness=4, groups_per_step=2, max_inflight=32, capacity=64, lease_timeout_s=LEASE_S,
-        heartbeat_timeout_s=HEARTBEAT_S))
-    svc = BufferService(cfg, clock=clock)
-    svc.recover()
-    svc.server, svc.publisher = _Sink(), _Sink()
-    return svc
+    return start(tmp_path, BufferConfig(max_staleness=4, groups_per_step=2, max_inflight=32, capacity=64,
+                                        lease_timeout_s=LEASE_S, heartbeat_timeout_s=HEARTBEAT_S), clock=clock)
 
 
 def _step(svc: BufferService, msg: P.Message) -> P.Message:
-    frame = P.encode(msg)
-    svc.handle(b"rollout", b"req", P.decode(frame), frame)
-    svc.settle()
-    svc.wal.wait_durable()
-    svc.send_durable()
-    return svc.server.sent[-1]
+    return step(svc, msg, peer=b"rollout")
 
 
 def _join(svc: BufferService, sid: str, credits: int) -> list[int]:

@@ -13,29 +13,16 @@ import time
 
 import numpy as np
 import pytest
+from service_harness import start, step
 
 import buffer.diskspace
 from areal_like import protocol as P
-from areal_like.config import BufferConfig, RunConfig, TaskConfig
+from areal_like.config import BufferConfig
 from buffer.diskspace import DiskGuard
 from buffer.service import BufferService
 from buffer.wal import DiskFull, WriteAheadLog
 
 RESERVE = 1 << 20
-
-
-class _Sink:
-    def __init__(self):
-        self.sent: list[P.Message] = []
-
-    def send(self, peer, req_id, msg):
-        self.sent.append(msg)
-
-    def publish(self, msg):
-        self.sent.append(msg)
-
-    def close(self):
-        pass
 
 
 class _Disk:
@@ -49,22 +36,14 @@ class _Disk:
 
 
 def _start(tmp_path, disk: _Disk, fsync: str = "always") -> BufferService:
-    cfg = RunConfig(run_dir=str(tmp_path), task=TaskConfig(num_prompts=100), buffer=BufferConfig(
-        max_staleness=4, groups_per_step=2, max_inflight=16, capacity=64, fsync=fsync, wal_reserve_bytes=RESERVE))
-    svc = BufferService(cfg)
-    svc.disk = DiskGuard(svc.wal.dir, RESERVE, free_bytes=disk, log=svc.log)
-    svc.recover()
-    svc.server, svc.publisher = _Sink(), _Sink()
-    return svc
+    def guard(svc: BufferService) -> None:
+        svc.disk = DiskGuard(svc.wal.dir, RESERVE, free_bytes=disk, log=svc.log)
+    return start(tmp_path, BufferConfig(max_staleness=4, groups_per_step=2, max_inflight=16, capacity=64,
+                                        fsync=fsync, wal_reserve_bytes=RESERVE), before_recover=guard)
 
 
 def _step(svc: BufferService, msg: P.Message) -> P.Message:
-    frame = P.encode(msg)
-    svc.handle(b"trainer-ws-t", b"req", P.decode(frame), frame)
-    svc.settle()
-    svc.wal.wait_durable()
-    svc.send_durable()
-    return svc.server.sent[-1]
+    return step(svc, msg, peer=b"trainer-ws-t")
 
 
 def _group(c: P.Credit) -> P.TrajectoryGroup:
