@@ -47,7 +47,7 @@ def workload_batch(n_groups: int, group_size: int, max_new: int, seed: int = 0):
     groups = []
     for g in range(n_groups):
         prompt = rng.integers(4, 100, 7)
-        trajs = [Trajectory(prompt_ids=prompt, output_ids=rng.integers(4, 100, t),
+        trajs = [Trajectory.of(prompt_ids=prompt, output_ids=rng.integers(4, 100, t),
                             behav_logp=-rng.random(t) * 3, versions=np.zeros(t, np.int32),
                             reward=float(rng.integers(0, 2)), finish_reason="stop")
                  for t in rng.integers(2, max_new + 1, group_size)]

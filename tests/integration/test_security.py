@@ -41,7 +41,7 @@ if mode != "none":  # a CURVE client: its own key pair (never on the allow-list)
     security.activate(security.Keys("trainer", own.public, own.secret, server))
 sub = Subscriber(pub_address)
 client = Client(address, timeout_s=float(wait_s))
-traj = P.Trajectory(prompt_ids=P.as_i32([1]), output_ids=P.as_i32([2, 3]), behav_logp=P.as_f32([-1.0, -1.0]),
+traj = P.Trajectory.of(prompt_ids=P.as_i32([1]), output_ids=P.as_i32([2, 3]), behav_logp=P.as_f32([-1.0, -1.0]),
                     versions=P.as_i32([0, 0]), reward=1.0, finish_reason="stop")
 requests = [P.Register(server_id="stranger", engine_url="http://127.0.0.1:1", policy_version=0),
             P.TrajectoryGroup(group_id="stranger-g", server_id="stranger", lease_id="x", prompt_index=0, epoch=0,
@@ -64,7 +64,7 @@ print(json.dumps(out), flush=True)
 
 
 def group(credit: P.Credit, server_id: str) -> P.TrajectoryGroup:
-    trajs = [P.Trajectory(prompt_ids=P.as_i32([5, 6]), output_ids=P.as_i32(np.arange(4)),
+    trajs = [P.Trajectory.of(prompt_ids=P.as_i32([5, 6]), output_ids=P.as_i32(np.arange(4)),
                           behav_logp=P.as_f32(np.full(4, -1.0)), versions=P.as_i32(np.zeros(4)),
                           reward=float(r), finish_reason="stop") for r in (0.0, 1.0)]
     return P.TrajectoryGroup(group_id=f"{server_id}-{credit.lease_id}", server_id=server_id, lease_id=credit.lease_id,

@@ -22,7 +22,7 @@ from trainer.step import StepSettings, batch_advantages, batch_logp, minibatches
 def _groups(rewards: list[list[float]], lengths: list[list[int]]) -> list[TrajectoryGroup]:
     groups = []
     for g, (rs, ls) in enumerate(zip(rewards, lengths)):
-        trajs = [Trajectory(prompt_ids=np.array([5, 6, 7]), output_ids=np.arange(10, 10 + n),
+        trajs = [Trajectory.of(prompt_ids=np.array([5, 6, 7]), output_ids=np.arange(10, 10 + n),
                             behav_logp=np.full(n, -1.0), versions=np.zeros(n, np.int32), reward=r,
                             finish_reason="stop") for r, n in zip(rs, ls)]
         groups.append(TrajectoryGroup(group_id=f"g{g}", server_id="s", lease_id=str(g), prompt_index=g, epoch=0,
