@@ -18,8 +18,11 @@ Compatibility: a field added with a default keeps the protocol version, since fr
 (older senders, groups already in a buffer's WAL) still decode. A component built before the
 field rejects frames that carry it ("unknown field"), so upgrade the buffer before the rollout
 servers and the trainer, and do not downgrade a buffer over a WAL written by a newer one.
-Added since version 1 first shipped: ``TrajectoryGroup.want_credits``, ``Ack.credits``,
-``Register.torch_version`` / ``cuda_version`` / ``nccl_version`` and the same three on ``RosterEntry``.
+Version 2 (multi-turn episodes): ``Trajectory.loss_mask``, required, so a version-1 frame is refused
+("unsupported protocol version 1") rather than read as if every token were generated; a WAL written
+by a version-1 buffer does not carry over. Added in version 1 with defaults: ``TrajectoryGroup.want_credits``,
+``Ack.credits``, ``Register.torch_version`` / ``cuda_version`` / ``nccl_version`` and the same three
+on ``RosterEntry``.
 
 Message flow (areal_like/DESIGN.md section 3):
     rollout -> buffer : Register, Heartbeat, CreditRequest, TrajectoryGroup, SyncDone
@@ -44,7 +47,7 @@ from areal_like.codec import Codec, ProtocolError
 
 __all__ = ["PROTOCOL_VERSION", "MAX_FRAME_BYTES", "ProtocolError", "Message", "encode", "encode_into", "decode", "TOP_LEVEL_TYPES"]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: Trajectory.loss_mask (module docstring)
 MAX_FRAME_BYTES = 256 * 1024 * 1024  # one batch of many long groups stays far below this
 MAX_CREDITS_PER_REQUEST = 4096  # leases one TrajectoryGroup may ask for with its ack
 
@@ -156,29 +159,35 @@ class _TrajectoryMeta(type(msgspec.Struct)):
     wire form (msgspec Structs cannot define ``__init__``; decoding does not pass through here)."""
 
     def __call__(cls, *, prompt_ids: Any, output_ids: Any, behav_logp: Any, versions: Any, reward: Any,
-                 finish_reason: str, metadata: dict | None = None) -> Trajectory:
+                 finish_reason: str, metadata: dict | None = None, loss_mask: Any = None) -> Trajectory:
         if metadata is None:
             metadata = {}
+        if loss_mask is None and type(output_ids) is np.ndarray and output_ids.ndim == 1:
+            loss_mask = np.ones(len(output_ids), _I4)  # single-turn: every output token was generated
         # The common case (contiguous 1-D arrays of the wire dtypes, exact scalar types) in one test;
         # it is most of what building a trajectory costs. Metadata keys are checked here and not in
         # __post_init__, which also runs on decode, where msgspec checks them.
         if (type(prompt_ids) is np.ndarray and type(output_ids) is np.ndarray and type(behav_logp) is np.ndarray
-                and type(versions) is np.ndarray and prompt_ids.dtype is _I4 and output_ids.dtype is _I4
-                and behav_logp.dtype is _F4 and versions.dtype is _I4):
-            p, o, b, v = prompt_ids.data, output_ids.data, behav_logp.data, versions.data
-            if (p.c_contiguous and o.c_contiguous and b.c_contiguous and v.c_contiguous
-                    and p.ndim == o.ndim == b.ndim == v.ndim == 1 and type(reward) is float
+                and type(versions) is np.ndarray and type(loss_mask) is np.ndarray and prompt_ids.dtype is _I4
+                and output_ids.dtype is _I4 and behav_logp.dtype is _F4 and versions.dtype is _I4
+                and loss_mask.dtype is _I4):
+            p, o, b, v, m = prompt_ids.data, output_ids.data, behav_logp.data, versions.data, loss_mask.data
+            if (p.c_contiguous and o.c_contiguous and b.c_contiguous and v.c_contiguous and m.c_contiguous
+                    and p.ndim == o.ndim == b.ndim == v.ndim == m.ndim == 1 and type(reward) is float
                     and type(finish_reason) is str and type(metadata) is dict and (not metadata or _str_keys(metadata))):
                 return _new_struct(cls, "trajectory", ("<i4", len(p), p), ("<i4", len(o), o), ("<f4", len(b), b),
-                                   ("<i4", len(v), v), reward, finish_reason, metadata)  # positional: fields' order
+                                   ("<i4", len(v), v), ("<i4", len(m), m), reward, finish_reason,
+                                   metadata)  # positional: fields' order
         reward = _as_float(reward, "reward")
         if type(finish_reason) is not str:
             raise ProtocolError(f"expected str, got {type(finish_reason).__name__}", "finish_reason")
         if type(metadata) is not dict or not _str_keys(metadata):
             raise ProtocolError("expected a map with string keys", "metadata")
-        return _new_struct(cls, "trajectory", _wire_array(prompt_ids, _I4, "prompt_ids"),
-                           _wire_array(output_ids, _I4, "output_ids"), _wire_array(behav_logp, _F4, "behav_logp"),
-                           _wire_array(versions, _I4, "versions"), reward, finish_reason, metadata)
+        out = _wire_array(output_ids, _I4, "output_ids")
+        mask = _wire_array(np.ones(out[1], _I4) if loss_mask is None else loss_mask, _I4, "loss_mask")
+        return _new_struct(cls, "trajectory", _wire_array(prompt_ids, _I4, "prompt_ids"), out,
+                           _wire_array(behav_logp, _F4, "behav_logp"), _wire_array(versions, _I4, "versions"), mask,
+                           reward, finish_reason, metadata)
 
 
 class Trajectory(msgspec.Struct, Message, metaclass=_TrajectoryMeta, frozen=True, eq=False,
@@ -188,9 +197,14 @@ class Trajectory(msgspec.Struct, Message, metaclass=_TrajectoryMeta, frozen=True
     ``output_ids``, ``behav_logp`` and ``versions`` are aligned: entry t belongs to
     output token t. ``versions[t]`` is the policy_version of the weights that produced
     token t (a trajectory interrupted by a weight update spans several versions).
+    ``loss_mask[t]`` is 1 when the policy generated token t (it is trained on) and 0 when it is
+    context: an environment's or a tool's message, or chat-template markup, in a multi-turn
+    episode. A context token's ``behav_logp`` is 0 (meaningless; nothing reads it) and its version
+    is that of the generated token before it, so the oldest version of a trajectory is always
+    that of a generated token (``head_version``: staleness). Omitted at construction: all ones.
 
     Built with ``Trajectory(prompt_ids=..., output_ids=..., behav_logp=..., versions=..., reward=...,
-    finish_reason=..., metadata=...)`` from 1-D array-likes (converted to the wire dtype);
+    finish_reason=..., metadata=..., loss_mask=...)`` from 1-D array-likes (converted to the wire dtype);
     invalid values raise ProtocolError naming the field, at construction. To change a field, build
     a new one the same way (``msgspec.structs.replace`` re-runs only ``__post_init__``'s checks,
     not those of metadata keys).
@@ -204,7 +218,7 @@ class Trajectory(msgspec.Struct, Message, metaclass=_TrajectoryMeta, frozen=True
     TYPE: ClassVar[str] = "trajectory"
     # the wire layout (reference decoder and docs): field -> type, and which fields may be absent
     FIELDS: ClassVar[dict[str, Any]] = {"prompt_ids": I32, "output_ids": I32, "behav_logp": F32, "versions": I32,
-                                        "reward": float, "finish_reason": str, "metadata": dict}
+                                        "loss_mask": I32, "reward": float, "finish_reason": str, "metadata": dict}
     OPTIONAL: ClassVar[frozenset[str]] = frozenset({"metadata"})
 
     type: Literal["trajectory"]  # a field, not a msgspec tag: required in every frame, as for the other messages
@@ -213,20 +227,22 @@ class Trajectory(msgspec.Struct, Message, metaclass=_TrajectoryMeta, frozen=True
     # [T] log pi_behav(token) as the engine sampled it (fp32, temperature-scaled policy)
     behav_logp_wire: _F32Wire = msgspec.field(name="behav_logp")
     versions_wire: _I32Wire = msgspec.field(name="versions")  # [T] policy_version that produced each token
+    loss_mask_wire: _I32Wire = msgspec.field(name="loss_mask")  # [T] 1 generated (trained on), 0 context
     reward: float  # scalar outcome reward; finite
     finish_reason: str  # "stop" | "length" | "abort" | "error"
     metadata: dict[str, Any] = {}  # free-form, msgpack-able
 
     def __post_init__(self) -> None:  # on construction and on decode: one expression while all is well
-        t, b, v = self.output_ids_wire[1], self.behav_logp_wire, self.versions_wire
-        if not (b[1] == t == v[1] and self.output_ids_wire[2].nbytes == b[2].nbytes == v[2].nbytes == 4 * t
+        t, b, v, m = self.output_ids_wire[1], self.behav_logp_wire, self.versions_wire, self.loss_mask_wire
+        if not (b[1] == t == v[1] == m[1] and self.output_ids_wire[2].nbytes == b[2].nbytes == v[2].nbytes
+                == m[2].nbytes == 4 * t and not (np.frombuffer(m[2], _I4) & -2).any()
                 and self.prompt_ids_wire[2].nbytes == 4 * self.prompt_ids_wire[1] and type(self.reward) is float
                 and _isfinite(self.reward) and type(self.finish_reason) is str and type(self.metadata) is dict):
             self.validate()  # names the field
             raise AssertionError("validate() accepted what __post_init__ refused")  # unreachable
 
     def validate(self) -> None:
-        for name in ("prompt_ids", "output_ids", "behav_logp", "versions"):
+        for name in ("prompt_ids", "output_ids", "behav_logp", "versions", "loss_mask"):
             wire = getattr(self, f"{name}_wire")
             if type(wire) is not tuple or len(wire) != 3 or type(wire[2]) is not memoryview:
                 raise ProtocolError("expected a (dtype, length, memoryview) triple", name)
@@ -237,6 +253,10 @@ class Trajectory(msgspec.Struct, Message, metaclass=_TrajectoryMeta, frozen=True
             raise ProtocolError(f"length {n} != len(output_ids) {t}", "behav_logp")
         if (n := self.versions_wire[1]) != t:
             raise ProtocolError(f"length {n} != len(output_ids) {t}", "versions")
+        if (n := self.loss_mask_wire[1]) != t:
+            raise ProtocolError(f"length {n} != len(output_ids) {t}", "loss_mask")
+        if (np.frombuffer(self.loss_mask_wire[2], _I4) & -2).any():
+            raise ProtocolError("values must be 0 (context) or 1 (generated)", "loss_mask")
         if type(self.reward) is not float:
             raise ProtocolError(f"expected float, got {type(self.reward).__name__}", "reward")
         if not math.isfinite(self.reward):
@@ -261,6 +281,10 @@ class Trajectory(msgspec.Struct, Message, metaclass=_TrajectoryMeta, frozen=True
     @property
     def versions(self) -> np.ndarray:
         return np.frombuffer(self.versions_wire[2], _I4)
+
+    @property
+    def loss_mask(self) -> np.ndarray:
+        return np.frombuffer(self.loss_mask_wire[2], _I4)
 
     @property
     def n_tokens(self) -> int:
