@@ -33,6 +33,10 @@ class ToolOutcome:
     seconds: float
 
 
+def _ready() -> None:
+    """In a worker: nothing; submitted to start the workers before the first call is timed."""
+
+
 def _invoke(function: str, arguments: dict) -> str:
     """In a worker: import and call the tool; its result as text."""
     from areal_like.callables import import_function
@@ -54,7 +58,16 @@ class ToolPool:
         self.pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.workers, mp_context=self.ctx)
+        """A pool whose workers are starting (spawning takes a second or more: no call's timeout
+        should pay for it)."""
+        pool = ProcessPoolExecutor(self.workers, mp_context=self.ctx)
+        self.warming = [pool.submit(_ready) for _ in range(self.workers)]
+        return pool
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Block until the workers of the current pool have started."""
+        for f in self.warming:
+            f.result(timeout_s)
 
     def _replace(self, broken: ProcessPoolExecutor) -> None:
         """Kill ``broken``'s workers (a call in one of them is past its timeout) and start afresh."""
@@ -67,6 +80,7 @@ class ToolPool:
         broken.shutdown(wait=False, cancel_futures=True)
 
     async def call(self, spec: ToolSpec, arguments: dict) -> ToolOutcome:
+        await asyncio.gather(*(asyncio.wrap_future(f) for f in self.warming), return_exceptions=True)
         t0 = time.monotonic()
         for attempt in range(2):
             pool = self.pool
