@@ -189,3 +189,19 @@ def test_a_weight_sync_mid_episode_keeps_every_tokens_version():
     assert list(versions[mask == 1]) == want
     assert list(versions[mask == 0]) == [0] * (starts[1] - len(g[0])) + [1] * (starts[2] - starts[1] - len(g[1]))
     assert traj.head_version == 0 and list(traj.output_ids[mask == 1]) == sum(g, [])
+
+
+def test_a_logged_sample_shows_each_tokens_source_and_version():
+    from areal_like.protocol import TrajectoryGroup
+    from trainer.samples import sample_rows
+
+    engine = ScriptedEngine(["first turn", "second turn is long", "third"], pause_after={1: 3})
+    _, traj = episode(engine)
+    group = TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0, trajectories=[traj])
+    row = sample_rows([group], version=2, k=1, decode=lambda ids: TOK.decode(ids, skip_special_tokens=False))[0]
+    assert row["turns"] == 3 and row["staleness"] == 2 and 0 < row["masked_share"] < 1
+    assert [(s["source"], s["version"]) for s in row["segments"]] == [
+        ("generated", 0), ("context", 0), ("generated", 0), ("generated", 1), ("context", 1), ("generated", 1)]
+    assert "".join(s["text"] for s in row["segments"]) == row["response"]
+    assert row["segments"][0]["text"] == "first turn<|im_end|>"
+    assert row["segments"][1]["text"] == "\n<|im_start|>user\nread 10<|im_end|>\n<|im_start|>assistant\n"
