@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from areal_like.callables import import_function
+from areal_like.tasks import chat_template_of
 
 
 class TemplateError(ValueError):
@@ -80,6 +81,20 @@ def load_environment(path: str) -> Any:
         if not callable(getattr(env, method, None)):
             raise TypeError(f"task.env={path!r} built a {type(env).__name__} without a {method}() method")
     return env
+
+
+def env_template(tokenizer: Any, task_cfg: Any) -> str:
+    """The chat template of a multi-turn task: ``task.chat_template`` when it names one, else the
+    tokenizer's own (``auto``, for synthetic tasks too: an environment always talks in chat)."""
+    value = task_cfg.chat_template
+    if value == "none":
+        raise ValueError("task.env needs a chat template; task.chat_template=none gives none")
+    if value == "auto":
+        template = getattr(tokenizer, "chat_template", None)
+        if not template:
+            raise ValueError("task.env needs a chat template: the tokenizer has none; set task.chat_template")
+        return template
+    return chat_template_of(tokenizer, task_cfg)
 
 
 class ChatRenderer:

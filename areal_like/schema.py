@@ -49,7 +49,7 @@ class ModelConfig:
 class TaskConfig:
     """What to train on: a shipped synthetic task or a dataset (``name=dataset``), and how it is scored."""
 
-    name: str = "addition"  # addition | sort | reverse | countdown | dataset
+    name: str = "addition"  # addition | sort | reverse | countdown | calc, guess (with task.env) | dataset
     # name=dataset: a .jsonl/.json/.parquet/.csv file, a directory of them, or of save_to_disk (areal_like/datasets.py)
     dataset_path: str | None = None
     eval_path: str | None = None  # the eval split; unset = eval_fraction of dataset_path held out
@@ -88,7 +88,7 @@ class TaskConfig:
     tool_workers: int = 2  # processes that run tool calls (per rollout server)
 
     def __post_init__(self):
-        _choice("task.name", self.name, ("addition", "sort", "reverse", "countdown", "dataset"))
+        _choice("task.name", self.name, ("addition", "sort", "reverse", "countdown", "calc", "guess", "dataset"))
         if self.name == "dataset":
             _check("task.dataset_path", bool(self.dataset_path), "set when task.name=dataset", self.dataset_path)
         _check("task.eval_fraction", 0 <= self.eval_fraction < 1, "in [0, 1)", self.eval_fraction)

@@ -31,12 +31,18 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass, field
 
-from areal_like.environment import ChatRenderer, StepResult, as_step_result, check_messages, load_environment, maybe_await
+from areal_like.environment import (
+    ChatRenderer,
+    StepResult,
+    as_step_result,
+    check_messages,
+    env_template,
+    load_environment,
+    maybe_await,
+)
 from areal_like.protocol import Credit, Trajectory, TrajectoryGroup, as_f32, as_i32
-from areal_like.tasks import chat_template_of
 from areal_like.tools import ToolRegistry, parse_tool_calls, tool_message
 from rollout_server.episode import EpisodeContext, Sample, generate_sample
 
@@ -79,20 +85,6 @@ class Conversation:
         self.logprobs += [0.0] * len(ids)
         self.versions += [self.versions[-1] if self.versions else version] * len(ids)
         self.loss_mask += [0] * len(ids)
-
-
-def env_template(tokenizer, task_cfg) -> str:
-    """The chat template of a multi-turn task: ``task.chat_template`` when it names one, else the
-    tokenizer's own (``auto``, for synthetic tasks too: an environment always talks in chat)."""
-    value = task_cfg.chat_template
-    if value == "none":
-        raise ValueError("task.env needs a chat template; task.chat_template=none gives none")
-    if value == "auto":
-        template = getattr(tokenizer, "chat_template", None)
-        if not template:
-            raise ValueError("task.env needs a chat template: the tokenizer has none; set task.chat_template")
-        return template
-    return chat_template_of(tokenizer, task_cfg)
 
 
 class EpisodeRunner:
