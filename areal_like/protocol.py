@@ -580,3 +580,27 @@ def field_names(cls: type[Message]) -> tuple[str, ...]:
 def decode_reference(data: bytes) -> Message:
     """The slower reference decoder ``decode`` falls back to for refused frames (for tests)."""
     return _CODEC.decode_reference(data)
+
+
+def decode_stored(data: bytes | bytearray | memoryview) -> Message:
+    """``decode`` for frames a buffer stored in its WAL. A ``TrajectoryGroup`` written at version 1,
+    before loss masks, is read as version 1 meant it: every output token generated (mask all ones).
+    Anything else of another version is refused as ``decode`` refuses it."""
+    try:
+        return decode(data)
+    except ProtocolError as e:
+        if e.field != "protocol":
+            raise
+        try:
+            wire = msgspec.msgpack.decode(data)
+        except msgspec.DecodeError:
+            raise e from None
+        if not (type(wire) is dict and wire.get("protocol") == 1 and wire.get("type") == TrajectoryGroup.TYPE
+                and type(wire.get("trajectories")) is list):
+            raise
+        for t in wire["trajectories"]:
+            if type(t) is dict and "loss_mask" not in t and type(t.get("output_ids")) is list and len(t["output_ids"]) == 3:
+                n = t["output_ids"][1]
+                t["loss_mask"] = ["<i4", n, np.ones(n if type(n) is int and n >= 0 else 0, _I4).tobytes()]
+        wire["protocol"] = PROTOCOL_VERSION
+        return decode(msgspec.msgpack.encode(wire))
