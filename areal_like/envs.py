@@ -108,3 +108,23 @@ class GuessNumber:
             else:
                 hi = guess - 1
             messages.append({"role": "user", "content": "higher" if guess < target else "lower"})
+
+
+class LongTail:
+    """``benchmarks/bench_agentic.py``: episodes whose turn counts follow a heavy tail (Pareto,
+    ``TAIL_ALPHA``, at most ``TAIL_MAX_TURNS``), drawn from the prompt, so the same prompt has the same
+    length in every run. Every turn is answered ``go on`` until the last; the reward (the last
+    turn's length is even) only gives the estimator something to compare."""
+
+    TAIL_ALPHA = 1.2
+    TAIL_MAX_TURNS = 16
+
+    def reset(self, example) -> list[dict]:
+        self.turns, self.left = 0, min(self.TAIL_MAX_TURNS, int(random.Random(example.prompt).paretovariate(self.TAIL_ALPHA)))
+        return [{"role": "user", "content": example.prompt}]
+
+    def step(self, text: str):
+        self.turns += 1
+        if self.turns >= self.left:
+            return [], float(len(text) % 2 == 0), True, {"turns": self.turns}
+        return [{"role": "user", "content": "go on"}], 0.0, False, {}
