@@ -120,7 +120,8 @@ class LongTail:
     TAIL_MAX_TURNS = 16
 
     def reset(self, example) -> list[dict]:
-        self.turns, self.left = 0, min(self.TAIL_MAX_TURNS, int(random.Random(example.prompt).paretovariate(self.TAIL_ALPHA)))
+        drawn = int(random.Random(example.prompt).paretovariate(self.TAIL_ALPHA))
+        self.turns, self.left = 0, min(self.TAIL_MAX_TURNS, drawn)
         return [{"role": "user", "content": example.prompt}]
 
     def step(self, text: str):

@@ -599,8 +599,9 @@ def decode_stored(data: bytes | bytearray | memoryview) -> Message:
                 and type(wire.get("trajectories")) is list):
             raise
         for t in wire["trajectories"]:
-            if type(t) is dict and "loss_mask" not in t and type(t.get("output_ids")) is list and len(t["output_ids"]) == 3:
-                n = t["output_ids"][1]
+            out = t.get("output_ids") if type(t) is dict else None
+            if type(out) is list and len(out) == 3 and "loss_mask" not in t:
+                n = out[1]
                 t["loss_mask"] = ["<i4", n, np.ones(n if type(n) is int and n >= 0 else 0, _I4).tobytes()]
         wire["protocol"] = PROTOCOL_VERSION
         return decode(msgspec.msgpack.encode(wire))

@@ -96,7 +96,8 @@ def test_ids_are_the_templates_rendering_of_the_final_conversation(tools):
     # environment message (not sent: the episode is over)
     rendered = ChatRenderer(TOK, CHATML).render(conv.messages[:-1], add_generation_prompt=False)
     ids = list(traj.prompt_ids) + list(traj.output_ids)
-    assert ids + TOK("\n", add_special_tokens=False)["input_ids"] == TOK(rendered, add_special_tokens=False)["input_ids"]
+    newline = TOK("\n", add_special_tokens=False)["input_ids"]
+    assert ids + newline == TOK(rendered, add_special_tokens=False)["input_ids"]
     # every request was the whole conversation so far, and only generated tokens are trained on
     gen = [TOK(r, add_special_tokens=False)["input_ids"] + [EOS] for r in ["hello there", CALL_ADD, "it is 5", "bye"]]
     mask = traj.loss_mask
@@ -147,7 +148,8 @@ def test_a_tool_past_its_timeout_is_killed_and_reported():
 def test_tool_calls_are_parsed_from_qwen_format():
     calls = parse_tool_calls('x <tool_call>\n{"name": "add", "arguments": "{\\"a\\": 1, \\"b\\": 2}"}\n</tool_call>'
                              '<tool_call>{"name": "add", "arguments": {"a": 3, "b": 4}}</tool_call>')
-    assert [(c.name, c.arguments, c.error) for c in calls] == [("add", {"a": 1, "b": 2}, ""), ("add", {"a": 3, "b": 4}, "")]
+    assert [(c.name, c.arguments, c.error) for c in calls] == [("add", {"a": 1, "b": 2}, ""),
+                                                              ("add", {"a": 3, "b": 4}, "")]
     with pytest.raises(Exception, match="is not valid under any of the given schemas|is not of type"):
         ToolRegistry([{"name": "t", "function": "m:f", "parameters": {"type": 7}}])
 
