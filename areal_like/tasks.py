@@ -192,7 +192,7 @@ class Guess(Task):
     name = "guess"
 
     def example(self, index: int, epoch: int = 0) -> Example:
-        return Example("guess 1-32", str(self._rng(index).randint(1, 32)))
+        return Example("guess1-32", str(self._rng(index).randint(1, 32)))
 
 
 SYNTHETIC: dict[str, type[Task]] = {t.name: t for t in (Addition, Sort, Reverse, Countdown, Multiply, Guess)}
