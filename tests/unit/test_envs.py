@@ -63,3 +63,23 @@ def test_demos_replay_through_their_environment(env_cls, task):
         assert done
         rewards.append(reward)
     assert 0 < sum(rewards) / len(rewards) < 1  # some demos are imperfect: RL has something to improve
+
+
+def test_the_warm_start_sees_a_demo_laid_out_as_the_episode_would_be():
+    from areal_like.config import load_config
+    from areal_like.environment import ChatRenderer
+    from areal_like.tokenizer import char_tokenizer
+    from launch.warmstart import _demo_pairs
+
+    cfg = load_config(["experiment=calc_env"])
+    tok, task = char_tokenizer(), make_task(cfg.task)
+    index = next(i for i in range(50) if len(Calculator.demo(task.example(i), random.Random(i))) == 4)
+    demo = Calculator.demo(task.example(index), random.Random(index))
+    pairs = _demo_pairs(cfg, task, [index], tok, random.Random(index))
+    assert len(pairs) == 2  # one per assistant turn
+    # the episode: prompt, the generated call + EOS, the template's continuation, the generated answer + EOS
+    r = ChatRenderer(tok, cfg.task.chat_template, [{"type": "function", "function": Calculator.tools[0]}])
+    call = r.encode(demo[1]["content"]) + [tok.eos_token_id]
+    episode = r.prompt_ids(demo[:1]) + call + r.continuation_ids(demo[:1], demo[1]["content"], call, demo[2:3])
+    assert pairs[0] == (r.prompt_ids(demo[:1]), call)
+    assert pairs[1] == (episode, r.encode(demo[3]["content"]) + [tok.eos_token_id])
