@@ -83,3 +83,15 @@ def test_the_warm_start_sees_a_demo_laid_out_as_the_episode_would_be():
     episode = r.prompt_ids(demo[:1]) + call + r.continuation_ids(demo[:1], demo[1]["content"], call, demo[2:3])
     assert pairs[0] == (r.prompt_ids(demo[:1]), call)
     assert pairs[1] == (episode, r.encode(demo[3]["content"]) + [tok.eos_token_id])
+
+
+def test_the_preflight_names_an_environment_that_cannot_load():
+    from areal_like.config import load_config
+    from launch.preflight import check_env
+
+    assert check_env(load_config(["experiment=calc_env"])) == []
+    assert check_env(load_config(["experiment=calc_env", "task.env=areal_like.envs:Nope"])) == [
+        "task.env='areal_like.envs:Nope' cannot be loaded: AttributeError: module 'areal_like.envs' has no attribute 'Nope'"]
+    bad = check_env(load_config(["experiment=calc_env", "task.env=areal_like.envs:calc"]))  # a function, not a class
+    assert bad == ["task.env='areal_like.envs:calc' cannot be loaded: TypeError: calc() missing 1 required "
+                   "positional argument: 'e'"]
