@@ -34,6 +34,7 @@ from areal_like.schema import (
     ModelConfig,
     RolloutConfig,
     RunConfig,
+    SecurityConfig,
     TaskConfig,
     TrackingConfig,
     TrainerConfig,
@@ -43,7 +44,7 @@ from areal_like.schema import (
 
 __all__ = [
     "AGG_MODES", "ESTIMATORS", "LOSS_KINDS", "BufferConfig", "ConfigError", "EngineConfig", "EvalConfig", "ExportConfig", "LaunchConfig",
-    "LossConfig", "ModelConfig", "RolloutConfig", "RunConfig", "TaskConfig", "TrackingConfig", "TrainerConfig", "WarmStartConfig",
+    "LossConfig", "ModelConfig", "RolloutConfig", "RunConfig", "SecurityConfig", "TaskConfig", "TrackingConfig", "TrainerConfig", "WarmStartConfig",
     "WeightSyncConfig", "compose", "config_dir", "dataset_size", "from_yaml", "group_options", "load_config",
     "load_daemon_config", "to_yaml",
 ]
@@ -195,9 +196,9 @@ def _known_keys(full_key: str) -> str:
     import dataclasses
     import typing
 
-    section, _, name = full_key.rpartition(".")
-    if section == "trainer.loss" and name in MOVED_LOSS_KEYS:
-        return f"moved: use trainer.loss.{MOVED_LOSS_KEYS[name]}"
+    rel = full_key.removeprefix("trainer.loss.")
+    if full_key.startswith("trainer.loss.") and rel in MOVED_LOSS_KEYS:
+        return f"moved: use trainer.loss.{MOVED_LOSS_KEYS[rel]}"
     cls: Any = RunConfig
     parts = full_key.split(".")
     for part in parts[:-1]:
@@ -241,9 +242,14 @@ def _explain(e: BaseException) -> str:
     return ": ".join(unique) if unique else type(e).__name__
 
 
-def to_yaml(cfg: Any) -> str:
+def to_yaml(cfg: Any, *, redacted: bool = False) -> str:
+    """``cfg`` as YAML; ``redacted``: credentials blanked (``areal_like.auth.redact``), for display only."""
     from omegaconf import OmegaConf
 
+    if redacted:
+        from areal_like.auth import redact
+
+        return OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(OmegaConf.structured(cfg)))))
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 

@@ -24,9 +24,18 @@ import threading
 import time
 from collections.abc import Callable
 
+from areal_like.auth import http_bind_host, metrics_token
 from areal_like.metrics import Metrics, MetricsServer
 
 GRACEFUL_STOP_S = 10.0  # after SIGTERM, how long stop() may take before the launcher's kill
+
+
+# Set in every daemon's environment by the launchers (glibc reads it at process start). glibc's
+# defaults hand freed blocks over 128 KiB back to the kernel, so each trajectory group's frames
+# (hundreds of KB, allocated and freed per message by libzmq and the encoder) fault their pages in
+# again: measured ~100 us more kernel time per 400 KB group on each side (benchmarks/bench_transport.py).
+# The cost: up to 32 MiB of freed memory per malloc arena stays resident. A user's own value wins.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(32 << 20)}
 
 
 def setup_logging(name: str, level: str | None = None) -> logging.Logger:
@@ -50,11 +59,12 @@ class ComponentStopped(RuntimeError):
 class Daemon:
     name = "daemon"
 
-    def __init__(self, metrics_port: int = 0, metrics_host: str = "0.0.0.0"):
+    def __init__(self, metrics_port: int = 0, metrics_host: str | None = None):
         self.log = logging.getLogger(self.name)
         self.metrics = Metrics()
         self.metrics_port = metrics_port
-        self.metrics_host = metrics_host
+        # loopback unless AREAL_LIKE_BIND_HOST names an interface (multi-node: Prometheus on another host)
+        self.metrics_host = metrics_host or http_bind_host()
         self.metrics_server: MetricsServer | None = None
         self.stop_requested = threading.Event()
         self.failure: BaseException | None = None
@@ -119,9 +129,12 @@ class Daemon:
     # ---- lifecycle
     def start_metrics(self) -> None:
         if self.metrics_server is None and self.metrics_port is not None and self.metrics_port >= 0:
+            token = metrics_token()
             self.metrics_server = MetricsServer(self.metrics, self.metrics_port, self.metrics_host,
-                                                health=self.health, extra_text=self.metrics_text).start()
-            self.log.info("metrics on http://%s:%d/metrics", self.metrics_host, self.metrics_server.port)
+                                                health=self.health, extra_text=self.metrics_text,
+                                                token=token).start()
+            self.log.info("metrics on http://%s:%d/metrics (%s)", self.metrics_host, self.metrics_server.port,
+                          "bearer token required" if token else "no token")
 
     def serve(self, install_signals: bool = True) -> int:
         """Run the daemon to completion; returns the process exit code."""

@@ -7,6 +7,15 @@ group, and ``_new_process_group_helper``; the result works with ``dist.broadcast
 with or without a default group in the process. Every wait is bounded: the rendezvous and the
 connection of the ranks by ``connect_timeout_s``, every later op by ``timeout_s``.
 
+Who can join (threat model: areal_like/SECURITY.md). Rank 0 hosts the rendezvous store on a socket
+bound to ``master_addr`` only (torch's own store server listens on every interface), and its gloo
+pairs listen on that address's interface too. Every key of the group lives under the PrefixStore
+named ``group_name``, which the trainer makes unguessable per group (a random token: it reaches the
+engines only in the WeightSyncPlan, over the authenticated buffer channel): a process that connects
+to the port without the name cannot read or write the group's keys, so it cannot take a rank; an idle
+or garbage connection holds nothing up (the store serves each connection on its own), and every wait
+is bounded by the timeouts above.
+
 NCCL (checked against torch's ProcessGroupNCCL; no GPU on the machines that wrote this): a
 communicator is created lazily by the first op, and a blocking ``ncclCommInitRank`` waits forever
 for a peer that died after the rendezvous. The weight group is therefore made non-blocking
@@ -23,6 +32,8 @@ import os
 import socket
 from contextlib import contextmanager
 from datetime import timedelta
+
+LISTEN_BACKLOG = 128  # pending connections to the rendezvous port (engines' TP ranks join at once)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -44,21 +55,62 @@ def init_weight_group(backend: str, master_addr: str, master_port: int, world_si
 
     timeout = timedelta(seconds=timeout_s)
     connect = timedelta(seconds=connect_timeout_s if connect_timeout_s is not None else timeout_s)
-    # Under torchrun TORCHELASTIC_USE_AGENT_STORE=True makes a tcp:// rendezvous connect to the elastic
-    # agent's store instead of hosting its own, and the weight group would never form.
-    with _env({"TORCHELASTIC_USE_AGENT_STORE": "False"}):
-        raw, rank, world_size = next(rendezvous(f"tcp://{master_addr}:{master_port}", rank, world_size,
-                                                timeout=connect))
+    if rank == 0:
+        raw = host_store(master_addr, master_port, world_size, connect)
+    else:
+        # Under torchrun TORCHELASTIC_USE_AGENT_STORE=True makes a tcp:// rendezvous connect to the elastic
+        # agent's store instead of hosting its own, and the weight group would never form.
+        with _env({"TORCHELASTIC_USE_AGENT_STORE": "False"}):
+            raw, rank, world_size = next(rendezvous(f"tcp://{master_addr}:{master_port}", rank, world_size,
+                                                    timeout=connect))
     raw.set_timeout(connect)  # gloo connects the ranks through the store now
     store = PrefixStore(group_name, raw)
     nccl = Backend(backend) == Backend.NCCL
-    with _env({"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"} if nccl else {}):
+    env = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"} if nccl else {}
+    if rank == 0 and not nccl and "GLOO_SOCKET_IFNAME" not in os.environ and \
+            (iface := interface_of(master_addr)) is not None:  # a GLOO_SOCKET_IFNAME the user set wins
+        env["GLOO_SOCKET_IFNAME"] = iface  # read when the gloo group is built: its pairs listen there only
+    with _env(env):
         pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store, group_name=group_name,
                                           backend_options=_nccl_options(timeout) if nccl else None,
                                           timeout=timeout)
     raw.set_timeout(timeout)  # NCCL exchanges its unique id through the store at the first op
     _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
     return pg
+
+
+def host_store(master_addr: str, master_port: int, world_size: int, timeout: timedelta):
+    """Rank 0's rendezvous TCPStore, listening on ``master_addr`` only; waits (up to ``timeout``) until
+    ``world_size`` ranks connected, as torch's ``tcp://`` rendezvous does (SGLang's engines join it that way)."""
+    from torch.distributed import TCPStore
+
+    family, kind, proto, _, address = socket.getaddrinfo(master_addr, master_port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port of an earlier group in TIME_WAIT
+        sock.bind(address)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    # the store's server takes the descriptor over (and closes it with the store)
+    return TCPStore(master_addr, master_port, world_size, True, timeout, master_listen_fd=sock.detach(),
+                    use_libuv=True)
+
+
+def interface_of(address: str) -> str | None:
+    """The name of the local interface that holds ``address`` (None: not a local address, e.g. a name
+    that resolves elsewhere; gloo then picks its default as before)."""
+    import psutil
+
+    try:
+        wanted = {info[4][0] for info in socket.getaddrinfo(address, None)}
+    except OSError:
+        return None
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] in wanted for a in addrs):
+            return name
+    return None
 
 
 def _nccl_options(timeout: timedelta):

@@ -25,7 +25,9 @@ MOVED_LOSS_KEYS = {
     "mis_low": "mis.low (icepop: icepop.low)", "mis_high": "mis.high (icepop: icepop.high)",
     "vespo_k_pos": "vespo.k_pos", "vespo_lambda_pos": "vespo.lambda_pos", "vespo_k_neg": "vespo.k_neg",
     "vespo_lambda_neg": "vespo.lambda_neg", "vcpo_is_cap": "vcpo.cap", "vcpo_baseline_weight": "vcpo.baseline_weight",
-    "vcpo_ess_base": "vcpo.ess_base", "oapl_beta": "oapl.beta", "oapl_beta_v": "oapl.beta_v",
+    "vcpo_ess_base": "vcpo.ess_base", "oapl_beta": "oapl.beta2", "oapl_beta_v": "oapl.beta1",
+    # OAPL's two betas were named by role before they followed the paper's implementations
+    "oapl.beta": "oapl.beta2 (the regression's; oapl.beta1 is the value estimate's)", "oapl.beta_v": "oapl.beta1",
 }
 K = "trainer.loss."
 
@@ -110,14 +112,19 @@ class VCPOConfig:
 
 @dataclass(kw_only=True)
 class OAPLConfig:
-    """OAPL, a reconstruction (section 9): regression scale ``beta``, value temperature ``beta_v``."""
+    """OAPL (section 9): two betas, as the implementations citing the paper use them.
 
-    beta: float = 1.0
-    beta_v: float | None = None  # None = beta
+    ``beta1`` is the temperature of the value estimate V_hat = beta1 log mean exp(R / beta1) (1: a
+    soft max over the group's rewards); ``beta2`` scales the policy's log-ratio in the regression
+    (beta2 Delta - (R - V_hat))^2, i.e. the KL strength to the lagged policy (1e-3: weak). The
+    lagged-inference mode itself is ``trainer.weight_sync.every`` (trainer/engine_lag.py)."""
+
+    beta1: float = 1.0
+    beta2: float = 1e-3
 
     def __post_init__(self):
-        check(K + "oapl.beta", self.beta > 0, "> 0", self.beta)
-        check(K + "oapl.beta_v", self.beta_v is None or self.beta_v > 0, "null or > 0", self.beta_v)
+        check(K + "oapl.beta1", self.beta1 > 0, "> 0", self.beta1)
+        check(K + "oapl.beta2", self.beta2 > 0, "> 0", self.beta2)
 
 
 @dataclass(kw_only=True)
@@ -126,7 +133,7 @@ class LossConfig:
 
     kernel: str = "decoupled_ppo"
     agg: str = "token-mean"  # gspo and vcpo always seq-mean-token-mean, oapl a mean over sequences
-    loss_scale_factor: float | None = None  # seq-mean-token-sum-norm constant C (None = padded width)
+    loss_scale_factor: float | None = None  # seq-mean-token-sum-norm constant C (None = task.max_new_tokens)
     eps_clip: float = 0.2  # the PPO trust region (ppo, decoupled_ppo, tis, mis, icepop)
     eps_clip_high: float | None = None  # None = eps_clip
     dual_clip: float | None = None  # c > 1, binds where A < 0

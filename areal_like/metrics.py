@@ -8,16 +8,22 @@ daemons in one process and nothing collides.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import ThreadPoolExecutor
 
+from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from areal_like.auth import metrics_token
+from areal_like.http_guard import METRICS_LIMITS, HttpLimits, guarded_app, serve
+
 PREFIX = "areal_"
+RENDER_THREADS = 2  # /metrics renders and /health probes run here, at most this many at once
 
 
 def prom_name(name: str) -> str:
@@ -62,69 +68,91 @@ class MetricsServer:
 
     ``health`` returns ``(ok, details)``; it is called on every probe, so keep it cheap.
     ``extra_text`` (optional) lets a daemon append more exposition text (e.g. SGLang-named series).
+    ``token``: ``/metrics`` then needs ``Authorization: Bearer <token>`` (``/health`` stays open).
+
+    It is an ``http_guard`` server on an event loop of its own thread: connections, requests,
+    header and body sizes and read deadlines are capped by ``limits`` (idle or slow clients are
+    cut off, never one thread each), and ``/metrics`` and ``/health`` run on a pool of
+    ``RENDER_THREADS`` threads, so a slow render or probe holds no more than those.
     """
 
-    def __init__(self, metrics: Metrics, port: int, host: str = "0.0.0.0",
+    def __init__(self, metrics: Metrics, port: int, host: str = "127.0.0.1",
                  health: Callable[[], tuple[bool, dict]] | None = None,
-                 extra_text: Callable[[], str] | None = None):
+                 extra_text: Callable[[], str] | None = None, token: str | None = None,
+                 limits: HttpLimits = METRICS_LIMITS):
         self.metrics = metrics
         self.health = health or (lambda: (True, {}))
         self.extra_text = extra_text
         self.started = time.time()
-        outer = self
+        self.host, self.requested_port = host, port
+        self.app = guarded_app(limits=limits, token=token, open_paths=("/health",))
+        self.app.router.add_get("/metrics", self._metrics)
+        self.app.router.add_get("/health", self._health)
+        self._pool = ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="metrics-render")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="metrics-http", daemon=True)
+        self._thread.start()  # the port is bound here, so that it is known (and a bind error raised) now
+        try:
+            self._server = asyncio.run_coroutine_threadsafe(serve(self.app, host, port), self._loop).result()
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            raise
+        self.port = self._server.port
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server API)
-                path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    body = outer.metrics.render()
-                    if outer.extra_text is not None:
-                        try:
-                            body += outer.extra_text().encode()
-                        except Exception as e:  # keep our own series scrapeable
-                            body += f"# extra_text failed: {type(e).__name__}\n".encode()
-                    self._reply(200, body, CONTENT_TYPE_LATEST)
-                elif path == "/health":
-                    try:
-                        ok, details = outer.health()
-                    except Exception as e:  # a broken probe is an unhealthy daemon, not a crash
-                        ok, details = False, {"error": f"{type(e).__name__}: {e}"}
-                    body = json.dumps({"ok": ok, "uptime_s": round(time.time() - outer.started, 1), **details})
-                    self._reply(200 if ok else 503, body.encode(), "application/json")
-                else:
-                    self._reply(404, b'{"error": "not found"}', "application/json")
-
-            def _reply(self, code: int, body: bytes, ctype: str) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):  # keep daemon logs for daemon events
-                pass
-
-        self._httpd = ThreadingHTTPServer((host, port), Handler)
-        self._httpd.daemon_threads = True
-        self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="metrics-http", daemon=True)
+    @property
+    def stats(self):
+        """The guard's counters (connections open and refused, timeouts, 401s, 429s)."""
+        return self._server.stats
 
     def start(self) -> MetricsServer:
-        self._thread.start()
+        """Kept for callers: the server answers from construction on."""
         return self
 
     def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._server.close(), self._loop).result(timeout=5)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _render(self) -> bytes:
+        body = self.metrics.render()
+        if self.extra_text is not None:
+            try:
+                body += self.extra_text().encode()
+            except Exception as e:  # keep our own series scrapeable
+                body += f"# extra_text failed: {type(e).__name__}\n".encode()
+        return body
+
+    def _probe(self) -> tuple[int, bytes]:
+        try:
+            ok, details = self.health()
+        except Exception as e:  # a broken probe is an unhealthy daemon, not a crash
+            ok, details = False, {"error": f"{type(e).__name__}: {e}"}
+        body = json.dumps({"ok": ok, "uptime_s": round(time.time() - self.started, 1), **details}, default=str)
+        return (200 if ok else 503), body.encode()
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = await asyncio.get_running_loop().run_in_executor(self._pool, self._render)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _health(self, request: web.Request) -> web.Response:
+        status, body = await asyncio.get_running_loop().run_in_executor(self._pool, self._probe)
+        return web.Response(body=body, status=status, content_type="application/json")
 
 
-def scrape(url: str, timeout_s: float = 2.0) -> dict[str, float]:
-    """Fetch a ``/metrics`` URL and return ``{series: value}`` (labels kept in the key)."""
+def scrape(url: str, timeout_s: float = 2.0, token: str | None = None) -> dict[str, float]:
+    """Fetch a ``/metrics`` URL and return ``{series: value}`` (labels kept in the key); sends
+    ``token`` (default: the job's ``AREAL_LIKE_METRICS_TOKEN``) as a bearer token."""
     import urllib.request
 
-    return parse_exposition(urllib.request.urlopen(url, timeout=timeout_s).read().decode())
+    token = token or metrics_token()
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    return parse_exposition(urllib.request.urlopen(req, timeout=timeout_s).read().decode())
 
 
 def parse_exposition(text: str) -> dict[str, float]:

@@ -1,72 +1,61 @@
 """Wire protocol: small, typed, immutable messages encoded with msgpack.
 
-Every frame is a msgpack map ``{"type": str, "protocol": int, **fields}``. Token ids,
-logprobs and per-token versions travel as raw little-endian bytes, encoded as the
-3-element array ``[dtype: str, length: int, data: bytes]`` and decoded with
-``numpy.frombuffer`` (zero copy, read-only views). Python lists are never used for
-arrays: they are 20-100x slower to encode and decode (msgpack, one trajectory of 512 / 4096
-tokens: ~100 / ~830 us as lists, ~5 / ~8 us as bytes, measured on a 2-core CPU).
+Every message is a frozen ``msgspec.Struct`` tagged by its ``type`` string; a frame is the
+msgpack map ``{"type": str, **fields, "protocol": int}``. One encoder writes every message and
+one decoder reads the union of the top-level ones, both in C.
 
-``decode`` validates everything: unknown type, other protocol version, missing,
-extra or wrongly typed fields, non-finite rewards, arrays whose lengths disagree,
-oversized frames. Any problem raises ``ProtocolError`` naming the field; no other
-exception escapes ``decode`` for any input bytes. ``encode`` runs the same checks (a
-Trajectory runs them when it is built), so an invalid message fails at its sender. The
-machinery (and why it is fast) is in ``areal_like/codec.py``; this module is the schema.
+Token ids, logprobs and per-token versions travel as raw little-endian bytes, the 3-element
+array ``[dtype: str, length: int, data: bytes]``, never as Python lists (20-100x slower to encode
+and decode). A ``Trajectory`` stores that triple itself, so msgspec encodes it and decodes it (a
+zero-copy ``memoryview`` of the frame) without calling Python per array; its array attributes
+are ``numpy.frombuffer`` views made on access. Build one with ``Trajectory.of(...)``.
+
+Checks: msgspec checks types, unknown and missing fields, tags and the protocol version while it
+decodes. What it cannot express (arrays whose lengths disagree, a non-finite reward, a group
+without trajectories, ...) is one ``validate()`` per message, run from ``__post_init__``, so on
+construction and on decode alike: no invalid message exists on either side. Construction also
+takes what is unambiguous (numpy scalars, tuples) and stores the canonical type. Any problem
+raises ``ProtocolError`` naming the field (``trajectories[3].reward``); no other exception
+escapes ``decode`` for any input bytes.
 
 Compatibility: a field added with a default keeps the protocol version, since frames without it
 (older senders, groups already in a buffer's WAL) still decode. A component built before the
 field rejects frames that carry it ("unknown field"), so upgrade the buffer before the rollout
 servers and the trainer, and do not downgrade a buffer over a WAL written by a newer one.
-Version 2 (multi-turn episodes): ``Trajectory.loss_mask``, required, so a version-1 frame is refused
-("unsupported protocol version 1") rather than read as if every token were generated; a WAL written
-by a version-1 buffer does not carry over. Added in version 1 with defaults: ``TrajectoryGroup.want_credits``,
-``Ack.credits``, ``Register.torch_version`` / ``cuda_version`` / ``nccl_version`` and the same three
-on ``RosterEntry``.
-
-Message flow (areal_like/DESIGN.md section 3):
-    rollout -> buffer : Register, Heartbeat, CreditRequest, TrajectoryGroup, SyncDone
-    buffer -> rollout : RegisterAck, HeartbeatAck, Credits, Ack
-    trainer -> buffer : BatchRequest, VersionUpdate, RosterRequest, WeightSyncPlan, SyncStatusRequest
-    buffer -> trainer : Batch, Ack, Roster, SyncStatus
-    buffer -> rollout (PUB): VersionUpdate, WeightSyncPlan
-    anyone -> buffer  : StatsRequest -> Stats
+Version 2 (multi-turn episodes) adds ``Trajectory.loss_mask``, required: a live frame of another
+version is refused ("unsupported protocol version 1 (this side speaks 2)") rather than read as if
+every token were generated. A buffer's WAL outlives its build, so ``decode_stored`` reads a
+``TrajectoryGroup`` stored at version 1 as version 1 meant it (every output token generated).
+Added in version 1 with defaults: ``TrajectoryGroup.want_credits``, ``Ack.credits``,
+``Register.torch_version`` / ``cuda_version`` / ``nccl_version`` and the same three on ``RosterEntry``,
+``WeightSyncPlan.path`` / ``payloads``.
+Frames written by earlier builds are kept as fixtures (``tests/fixtures/wire``, version 1).
+Who sends which message: areal_like/DESIGN.md section 3.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import msgspec
 import numpy as np
 
-from areal_like.codec import Codec, ProtocolError
+from areal_like.codec import ProtocolError, checker, error_from, wire_array
 
-__all__ = ["PROTOCOL_VERSION", "MAX_FRAME_BYTES", "ProtocolError", "Message", "encode", "encode_into", "decode", "TOP_LEVEL_TYPES"]
+__all__ = ["PROTOCOL_VERSION", "MAX_FRAME_BYTES", "ProtocolError", "Message", "encode", "encode_into", "decode",
+           "TOP_LEVEL_TYPES", "field_names", "as_i32", "as_f32", "decode_stored"]
 
 PROTOCOL_VERSION = 2  # 2: Trajectory.loss_mask (module docstring)
 MAX_FRAME_BYTES = 256 * 1024 * 1024  # one batch of many long groups stays far below this
 MAX_CREDITS_PER_REQUEST = 4096  # leases one TrajectoryGroup may ask for with its ack
 
-
-# Array dtypes on the wire, by field-annotation marker.
-class I32(np.ndarray):
-    """Annotation marker: little-endian int32 array."""
-
-
-class F32(np.ndarray):
-    """Annotation marker: little-endian float32 array."""
-
-
 _I4, _F4 = np.dtype("<i4"), np.dtype("<f4")  # both 4 bytes an item (Trajectory's checks rely on it)
-_isfinite = math.isfinite
-_ARRAY_DTYPES = {I32: _I4, F32: _F4}
-# An array on the wire: [dtype, length, little-endian bytes]; on decode msgspec checks the tag and length >= 0
-_I32Wire = tuple[Literal["<i4"], Annotated[int, msgspec.Meta(ge=0)], memoryview]
-_F32Wire = tuple[Literal["<f4"], Annotated[int, msgspec.Meta(ge=0)], memoryview]
+_U4 = np.dtype("<u4")  # a loss mask read unsigned: every value is 0 or 1 iff its max is <= 1
+_N = Annotated[int, msgspec.Meta(ge=0)]
+I32 = tuple[Literal["<i4"], _N, memoryview]  # an array on the wire: [dtype, length, little-endian bytes]
+F32 = tuple[Literal["<f4"], _N, memoryview]
+_float, _str, _dict = checker(float), checker(str), checker(dict)
 
 
 def as_i32(x: Any) -> np.ndarray:
@@ -77,121 +66,29 @@ def as_f32(x: Any) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x, dtype="<f4"))
 
 
-def _wire_array(value: Any, dtype: np.dtype, name: str) -> tuple[str, int, memoryview]:
-    """A 1-D array-like as ``(dtype, length, bytes)``. An array of the exact dtype, contiguous, is
-    taken as it is (no copy); lists, other dtypes (int64 ids, float64 logprobs) and strided views
-    are converted; an int32 field takes only whole numbers that fit. Scalars, other shapes and
-    raw bytes are refused."""
-    if type(value) is np.ndarray and value.dtype == dtype and value.ndim == 1 and value.flags.c_contiguous:
-        return dtype.str, len(value), value.data
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        raise ProtocolError(f"raw bytes are ambiguous here; pass an array of {dtype.str}", name)
-    try:
-        src = np.asarray(value)
-    except (TypeError, ValueError) as e:
-        raise ProtocolError(f"not an array: {e}", name) from None
-    if src.ndim != 1:
-        raise ProtocolError(f"expected a 1-D array, got shape {src.shape}", name)
-    if dtype.kind == "i" and len(src) and src.dtype != dtype:
-        if src.dtype.kind == "f":  # np.zeros(n) and the like: whole numbers are taken
-            if not np.all(np.isfinite(src)) or not np.all(src == np.trunc(src)):
-                raise ProtocolError(f"expected whole numbers, got {src.dtype} with fractions or non-finite values", name)
-        elif src.dtype.kind not in "iu":
-            raise ProtocolError(f"expected integers, got {src.dtype}", name)
-        info = np.iinfo(dtype)
-        if src.min() < info.min or src.max() > info.max:
-            raise ProtocolError(f"values outside {dtype.str}", name)
-    try:
-        arr = np.ascontiguousarray(src, dtype=dtype)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise ProtocolError(f"cannot convert to {dtype.str}: {e}", name) from None
-    return dtype.str, len(arr), arr.data
+class Message(msgspec.Struct, frozen=True, eq=False, tag_field="type", forbid_unknown_fields=True):
+    """Base of every message (``eq=False``: arrays compare elementwise, messages by identity)."""
 
+    TYPE: ClassVar[str] = ""  # the tag, set below for every class
+    _checks: ClassVar[tuple] = ()  # (field, checker) pairs, built below from the annotations
 
-_ONLY_STR = frozenset((str,))
-
-
-def _str_keys(d: dict) -> bool:
-    return _ONLY_STR.issuperset(map(type, d))  # no Python frame per key
-
-
-def _as_float(value: Any, name: str) -> float:
-    if type(value) is float:
-        return value
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ProtocolError(f"expected float, got {type(value).__name__}", name)
-    try:
-        return float(value)
-    except OverflowError:
-        raise ProtocolError(f"must be finite, got {value}", name) from None
-
-
-class Message:
-    """Base of every message. Subclasses are frozen slotted dataclasses (Trajectory: a frozen msgspec
-    Struct, see there)."""
-
-    __slots__ = ()
-    TYPE: ClassVar[str] = ""
+    def __post_init__(self) -> None:  # on construction and on decode
+        for name, check in self._checks:
+            value = getattr(self, name)
+            if (canonical := check(value, name)) is not value:
+                msgspec.structs.force_setattr(self, name, canonical)
+        self.validate()
 
     def validate(self) -> None:
         """Cross-field checks; raise ProtocolError naming the field."""
 
 
-_REGISTRY: dict[str, type[Message]] = {}
+class _TopLevel(Message, frozen=True, kw_only=True):
+    # kw_only: ordered after every subclass's fields, so the frame ends with it, as it always has
+    protocol: Literal[2] = PROTOCOL_VERSION
 
 
-def message(cls: type) -> type:
-    """Class decorator: frozen, slotted, keyword-only dataclass registered by TYPE."""
-    cls = dataclass(frozen=True, slots=True, kw_only=True, eq=False)(cls)  # eq: arrays compare elementwise
-    assert cls.TYPE and cls.TYPE not in _REGISTRY, cls
-    _REGISTRY[cls.TYPE] = cls
-    return cls
-
-
-# --------------------------------------------------------------------------- messages
-
-
-_new_struct = type(msgspec.Struct).__call__  # what super().__call__ reaches, without building a super object
-
-
-class _TrajectoryMeta(type(msgspec.Struct)):
-    """``Trajectory(prompt_ids=..., ...)`` takes arrays by their public names and stores each in its
-    wire form (msgspec Structs cannot define ``__init__``; decoding does not pass through here)."""
-
-    def __call__(cls, *, prompt_ids: Any, output_ids: Any, behav_logp: Any, versions: Any, reward: Any,
-                 finish_reason: str, metadata: dict | None = None, loss_mask: Any = None) -> Trajectory:
-        if metadata is None:
-            metadata = {}
-        if loss_mask is None and type(output_ids) is np.ndarray and output_ids.ndim == 1:
-            loss_mask = np.ones(len(output_ids), _I4)  # single-turn: every output token was generated
-        # The common case (contiguous 1-D arrays of the wire dtypes, exact scalar types) in one test;
-        # it is most of what building a trajectory costs. Metadata keys are checked here and not in
-        # __post_init__, which also runs on decode, where msgspec checks them.
-        if (type(prompt_ids) is np.ndarray and type(output_ids) is np.ndarray and type(behav_logp) is np.ndarray
-                and type(versions) is np.ndarray and type(loss_mask) is np.ndarray and prompt_ids.dtype is _I4
-                and output_ids.dtype is _I4 and behav_logp.dtype is _F4 and versions.dtype is _I4
-                and loss_mask.dtype is _I4):
-            p, o, b, v, m = prompt_ids.data, output_ids.data, behav_logp.data, versions.data, loss_mask.data
-            if (p.c_contiguous and o.c_contiguous and b.c_contiguous and v.c_contiguous and m.c_contiguous
-                    and p.ndim == o.ndim == b.ndim == v.ndim == m.ndim == 1 and type(reward) is float
-                    and type(finish_reason) is str and type(metadata) is dict and (not metadata or _str_keys(metadata))):
-                return _new_struct(cls, "trajectory", ("<i4", len(p), p), ("<i4", len(o), o), ("<f4", len(b), b),
-                                   ("<i4", len(v), v), ("<i4", len(m), m), reward, finish_reason,
-                                   metadata)  # positional: fields' order
-        reward = _as_float(reward, "reward")
-        if type(finish_reason) is not str:
-            raise ProtocolError(f"expected str, got {type(finish_reason).__name__}", "finish_reason")
-        if type(metadata) is not dict or not _str_keys(metadata):
-            raise ProtocolError("expected a map with string keys", "metadata")
-        out = _wire_array(output_ids, _I4, "output_ids")
-        mask = _wire_array(np.ones(out[1], _I4) if loss_mask is None else loss_mask, _I4, "loss_mask")
-        return _new_struct(cls, "trajectory", _wire_array(prompt_ids, _I4, "prompt_ids"), out,
-                           _wire_array(behav_logp, _F4, "behav_logp"), _wire_array(versions, _I4, "versions"), mask,
-                           reward, finish_reason, metadata)
-
-
-class Trajectory(msgspec.Struct, Message, metaclass=_TrajectoryMeta, frozen=True, eq=False,
-                 forbid_unknown_fields=True):
+class Trajectory(Message, tag="trajectory"):
     """One sampled response. Not a top-level message; travels inside TrajectoryGroup.
 
     ``output_ids``, ``behav_logp`` and ``versions`` are aligned: entry t belongs to
@@ -201,70 +98,65 @@ class Trajectory(msgspec.Struct, Message, metaclass=_TrajectoryMeta, frozen=True
     context: an environment's or a tool's message, or chat-template markup, in a multi-turn
     episode. A context token's ``behav_logp`` is 0 (meaningless; nothing reads it) and its version
     is that of the generated token before it, so the oldest version of a trajectory is always
-    that of a generated token (``head_version``: staleness). Omitted at construction: all ones.
+    that of a generated token (``head_version``: staleness).
 
-    Built with ``Trajectory(prompt_ids=..., output_ids=..., behav_logp=..., versions=..., reward=...,
-    finish_reason=..., metadata=..., loss_mask=...)`` from 1-D array-likes (converted to the wire dtype);
-    invalid values raise ProtocolError naming the field, at construction. To change a field, build
-    a new one the same way (``msgspec.structs.replace`` re-runs only ``__post_init__``'s checks,
-    not those of metadata keys).
-
-    Unlike the other messages this one is a msgspec Struct that holds each array in its wire form
-    ``(dtype, length, bytes)``: msgspec encodes and decodes it in C, with no Python per array,
-    which is most of what a group costs on the wire (benchmarks/bench_transport.py). The array
-    attributes are numpy views of those bytes (read-only when decoded), made on each access.
+    Holds each array in its wire form (``*_wire``, see the module docstring); ``Trajectory.of``
+    builds one from arrays. To change a field, build a new one (``msgspec.structs.replace`` is
+    fine for ``reward``, ``finish_reason`` and ``metadata``).
     """
 
-    TYPE: ClassVar[str] = "trajectory"
-    # the wire layout (reference decoder and docs): field -> type, and which fields may be absent
-    FIELDS: ClassVar[dict[str, Any]] = {"prompt_ids": I32, "output_ids": I32, "behav_logp": F32, "versions": I32,
-                                        "loss_mask": I32, "reward": float, "finish_reason": str, "metadata": dict}
-    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"metadata"})
-
-    type: Literal["trajectory"]  # a field, not a msgspec tag: required in every frame, as for the other messages
-    prompt_ids_wire: _I32Wire = msgspec.field(name="prompt_ids")  # [P] prompt token ids
-    output_ids_wire: _I32Wire = msgspec.field(name="output_ids")  # [T] generated token ids
+    prompt_ids_wire: I32 = msgspec.field(name="prompt_ids")  # [P] prompt token ids
+    output_ids_wire: I32 = msgspec.field(name="output_ids")  # [T] generated token ids
     # [T] log pi_behav(token) as the engine sampled it (fp32, temperature-scaled policy)
-    behav_logp_wire: _F32Wire = msgspec.field(name="behav_logp")
-    versions_wire: _I32Wire = msgspec.field(name="versions")  # [T] policy_version that produced each token
-    loss_mask_wire: _I32Wire = msgspec.field(name="loss_mask")  # [T] 1 generated (trained on), 0 context
+    behav_logp_wire: F32 = msgspec.field(name="behav_logp")
+    versions_wire: I32 = msgspec.field(name="versions")  # [T] policy_version that produced each token
+    loss_mask_wire: I32 = msgspec.field(name="loss_mask")  # [T] 1 generated (trained on), 0 context
     reward: float  # scalar outcome reward; finite
     finish_reason: str  # "stop" | "length" | "abort" | "error"
     metadata: dict[str, Any] = {}  # free-form, msgpack-able
 
-    def __post_init__(self) -> None:  # on construction and on decode: one expression while all is well
-        t, b, v, m = self.output_ids_wire[1], self.behav_logp_wire, self.versions_wire, self.loss_mask_wire
-        if not (b[1] == t == v[1] == m[1] and self.output_ids_wire[2].nbytes == b[2].nbytes == v[2].nbytes
-                == m[2].nbytes == 4 * t and not (np.frombuffer(m[2], _I4) & -2).any()
-                and self.prompt_ids_wire[2].nbytes == 4 * self.prompt_ids_wire[1] and type(self.reward) is float
-                and _isfinite(self.reward) and type(self.finish_reason) is str and type(self.metadata) is dict):
-            self.validate()  # names the field
-            raise AssertionError("validate() accepted what __post_init__ refused")  # unreachable
+    @classmethod
+    def of(cls, *, prompt_ids: Any, output_ids: Any, behav_logp: Any, versions: Any, reward: Any,
+           finish_reason: str, metadata: dict | None = None, loss_mask: Any = None) -> Trajectory:
+        """Build from 1-D array-likes, converted to the wire dtype (an array of that dtype is taken
+        without a copy); ``loss_mask`` omitted: every output token generated (single-turn).
+        Raises ProtocolError naming the field."""
+        out = wire_array(output_ids, "<i4", "output_ids")
+        mask = wire_array(np.ones(out[1], _I4) if loss_mask is None else loss_mask, "<i4", "loss_mask")
+        return cls(wire_array(prompt_ids, "<i4", "prompt_ids"), out,
+                   wire_array(behav_logp, "<f4", "behav_logp"), wire_array(versions, "<i4", "versions"), mask,
+                   _float(reward, "reward"), _str(finish_reason, "finish_reason"),
+                   {} if metadata is None else _dict(metadata, "metadata"))
+
+    def __post_init__(self) -> None:  # runs for every trajectory received: one expression while all is well
+        try:
+            p, o, b, v, m, t = self.prompt_ids_wire, self.output_ids_wire, self.behav_logp_wire, self.versions_wire, \
+                self.loss_mask_wire, self.output_ids_wire[1]
+            if (b[1] == t == v[1] == m[1] and o[2].nbytes == b[2].nbytes == v[2].nbytes == m[2].nbytes == 4 * t
+                    and p[2].nbytes == 4 * p[1] and type(self.reward) is float and math.isfinite(self.reward)
+                    and type(self.finish_reason) is str and type(self.metadata) is dict
+                    and (not t or np.frombuffer(m[2], _U4).max() <= 1)):
+                return
+        except (TypeError, IndexError, AttributeError):
+            pass
+        self.validate()  # names the field
 
     def validate(self) -> None:
-        for name in ("prompt_ids", "output_ids", "behav_logp", "versions", "loss_mask"):
+        for name, tag in (("prompt_ids", "<i4"), ("output_ids", "<i4"), ("behav_logp", "<f4"), ("versions", "<i4"),
+                          ("loss_mask", "<i4")):
             wire = getattr(self, f"{name}_wire")
-            if type(wire) is not tuple or len(wire) != 3 or type(wire[2]) is not memoryview:
-                raise ProtocolError("expected a (dtype, length, memoryview) triple", name)
+            if not (type(wire) is tuple and len(wire) == 3 and wire[0] == tag and type(wire[2]) is memoryview):
+                raise ProtocolError(f"expected a ({tag!r}, length, memoryview) triple", name)
             if wire[2].nbytes != 4 * wire[1]:
                 raise ProtocolError("array length does not match its bytes", name)
-        t = self.output_ids_wire[1]
-        if (n := self.behav_logp_wire[1]) != t:
-            raise ProtocolError(f"length {n} != len(output_ids) {t}", "behav_logp")
-        if (n := self.versions_wire[1]) != t:
-            raise ProtocolError(f"length {n} != len(output_ids) {t}", "versions")
-        if (n := self.loss_mask_wire[1]) != t:
-            raise ProtocolError(f"length {n} != len(output_ids) {t}", "loss_mask")
-        if (np.frombuffer(self.loss_mask_wire[2], _I4) & -2).any():
+            if name != "prompt_ids" and wire[1] != self.output_ids_wire[1]:
+                raise ProtocolError(f"length {wire[1]} != len(output_ids) {self.output_ids_wire[1]}", name)
+        if self.loss_mask_wire[1] and np.frombuffer(self.loss_mask_wire[2], _U4).max() > 1:
             raise ProtocolError("values must be 0 (context) or 1 (generated)", "loss_mask")
-        if type(self.reward) is not float:
-            raise ProtocolError(f"expected float, got {type(self.reward).__name__}", "reward")
-        if not math.isfinite(self.reward):
+        if not math.isfinite(_float(self.reward, "reward")):
             raise ProtocolError(f"must be finite, got {self.reward}", "reward")
-        if type(self.finish_reason) is not str:
-            raise ProtocolError(f"expected str, got {type(self.finish_reason).__name__}", "finish_reason")
-        if type(self.metadata) is not dict or not _str_keys(self.metadata):
-            raise ProtocolError("expected a map with string keys", "metadata")
+        _str(self.finish_reason, "finish_reason")
+        _dict(self.metadata, "metadata")
 
     @property
     def prompt_ids(self) -> np.ndarray:
@@ -295,25 +187,20 @@ class Trajectory(msgspec.Struct, Message, metaclass=_TrajectoryMeta, frozen=True
         return int(self.versions.min()) if self.versions_wire[1] else 0
 
     def _public(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.FIELDS}
+        return {name: getattr(self, name) for name in field_names(Trajectory)}
 
     def __reduce__(self) -> tuple:  # memoryviews do not pickle; arrays do (and deepcopy copies them)
-        return _trajectory_from_fields, (self._public(),)
+        return _trajectory_of, (self._public(),)
 
     def __repr__(self) -> str:
         return f"Trajectory({', '.join(f'{k}={v!r}' for k, v in self._public().items())})"
 
 
-def _trajectory_from_fields(fields: dict[str, Any]) -> Trajectory:
-    return Trajectory(**fields)
+def _trajectory_of(fields: dict[str, Any]) -> Trajectory:
+    return Trajectory.of(**fields)
 
 
-_REGISTRY[Trajectory.TYPE] = Trajectory
-
-
-@message
-class Register(Message):
-    TYPE: ClassVar[str] = "register"
+class Register(_TopLevel, tag="register"):
     server_id: str
     engine_url: str  # HTTP base URL of the engine this server owns (weight-sync peer)
     engine_ranks: int = 1  # ranks the engine contributes to the weight-update group (its TP size)
@@ -325,62 +212,42 @@ class Register(Message):
     nccl_version: str = ""
 
 
-@message
-class RegisterAck(Message):
-    TYPE: ClassVar[str] = "register_ack"
+class RegisterAck(_TopLevel, tag="register_ack"):
     server_id: str
     policy_version: int  # the trainer version the buffer knows
     pub_address: str  # where VersionUpdate / WeightSyncPlan announcements are published
 
 
-@message
-class Heartbeat(Message):
-    TYPE: ClassVar[str] = "heartbeat"
+class Heartbeat(_TopLevel, tag="heartbeat"):
     server_id: str
     policy_version: int  # version the engine serves
     in_flight: int = 0  # groups being generated
     evaluating: bool = False  # running an evaluation: leave it out of weight syncs until it says False
 
 
-@message
-class HeartbeatAck(Message):
-    TYPE: ClassVar[str] = "heartbeat_ack"
-    policy_version: int
-    known: bool  # False: the buffer lost this server (restart/expiry); it must Register again
-    pending_plan: WeightSyncPlan | None = None  # a sync this server must join (covers missed PUBs)
-
-
-@message
-class CreditRequest(Message):
-    TYPE: ClassVar[str] = "credit_request"
+class CreditRequest(_TopLevel, tag="credit_request"):
     server_id: str
     max_credits: int
 
 
-@message
-class Credit(Message):
+class Credit(Message, tag="credit"):
     """A lease on one prompt: generate one group for dataset index ``prompt_index``."""
 
-    TYPE: ClassVar[str] = "credit"
     lease_id: str
     prompt_index: int  # position in the dataset
     epoch: int  # pass over the dataset
     deadline_s: float  # seconds from grant after which the lease is re-issued elsewhere
 
 
-@message
-class Credits(Message):
-    TYPE: ClassVar[str] = "credits"
+class Credits(_TopLevel, tag="credits"):
     credits: list[Credit]
     policy_version: int
     reason: str = ""  # why fewer than asked (e.g. "staleness", "capacity", "unknown_server")
 
 
-@message
-class TrajectoryGroup(Message):
+class TrajectoryGroup(_TopLevel, tag="trajectory_group"):
     """All samples for one prompt: the unit of storage and of hand-out."""
 
-    TYPE: ClassVar[str] = "trajectory_group"
     group_id: str  # globally unique; dedupe key
     server_id: str
     lease_id: str
@@ -401,25 +268,17 @@ class TrajectoryGroup(Message):
 
     @property
     def n_tokens(self) -> int:
-        return sum(t.n_tokens for t in self.trajectories)
+        return sum(len(t.output_ids) for t in self.trajectories)
 
 
-@message
-class Ack(Message):
-    TYPE: ClassVar[str] = "ack"
+class Ack(_TopLevel, tag="ack"):
     ref: str  # id of what is acknowledged (group id, version, ...)
-    status: str  # "accepted" | "duplicate" | "rejected" | "ok"
+    status: Literal["accepted", "duplicate", "rejected", "ok"]
     reason: str = ""
-    credits: list[Credit] = field(default_factory=list)  # leases asked for by TrajectoryGroup.want_credits
-
-    def validate(self) -> None:
-        if self.status not in ("accepted", "duplicate", "rejected", "ok"):
-            raise ProtocolError(f"unknown status {self.status!r}", "status")
+    credits: list[Credit] = []  # leases asked for by TrajectoryGroup.want_credits
 
 
-@message
-class BatchRequest(Message):
-    TYPE: ClassVar[str] = "batch_request"
+class BatchRequest(_TopLevel, tag="batch_request"):
     n_groups: int
     trainer_version: int  # the version the batch will train (step v -> v+1)
     wait_s: float = 5.0  # how long the buffer may hold the request before answering empty
@@ -427,29 +286,22 @@ class BatchRequest(Message):
     # a batch still in transit that is not acked here was lost on the way and goes back to the store
 
 
-@message
-class Batch(Message):
-    TYPE: ClassVar[str] = "batch"
+class Batch(_TopLevel, tag="batch"):
     groups: list[TrajectoryGroup]  # exactly n_groups fresh groups, or empty
     trainer_version: int
     reason: str = ""  # why empty
     batch_id: str = ""  # unique id of a non-empty batch; the next BatchRequest acks it with ack_batch
 
 
-@message
-class VersionUpdate(Message):
-    TYPE: ClassVar[str] = "version_update"
+class VersionUpdate(_TopLevel, tag="version_update"):
     policy_version: int
 
 
-@message
-class RosterRequest(Message):
-    TYPE: ClassVar[str] = "roster_request"
+class RosterRequest(_TopLevel, tag="roster_request"):
+    pass
 
 
-@message
-class RosterEntry(Message):
-    TYPE: ClassVar[str] = "roster_entry"
+class RosterEntry(Message, tag="roster_entry"):
     server_id: str
     engine_url: str
     engine_ranks: int
@@ -459,26 +311,20 @@ class RosterEntry(Message):
     nccl_version: str = ""
 
 
-@message
-class Roster(Message):
-    TYPE: ClassVar[str] = "roster"
+class Roster(_TopLevel, tag="roster"):
     members: list[RosterEntry]
     policy_version: int
-    evaluating: list[str] = field(default_factory=list)  # servers out of the roster while they evaluate
+    evaluating: list[str] = []  # servers out of the roster while they evaluate
 
 
-@message
-class SyncMember(Message):
-    TYPE: ClassVar[str] = "sync_member"
+class SyncMember(Message, tag="sync_member"):
     server_id: str
     rank_offset: int  # engine TP rank t is group rank rank_offset + t
 
 
-@message
-class BucketSpec(Message):
+class BucketSpec(Message, tag="bucket_spec"):
     """Tensors broadcast together, in this order (SGLang update_weights_from_distributed)."""
 
-    TYPE: ClassVar[str] = "bucket_spec"
     names: list[str]
     dtypes: list[str]  # torch dtype names without "torch." (e.g. "float32")
     shapes: list[list[int]]
@@ -488,11 +334,9 @@ class BucketSpec(Message):
             raise ProtocolError("names, dtypes and shapes differ in length", "names")
 
 
-@message
-class WeightSyncPlan(Message):
+class WeightSyncPlan(_TopLevel, tag="weight_sync_plan"):
     """Trainer -> buffer -> rollout servers: how version ``policy_version`` is pushed."""
 
-    TYPE: ClassVar[str] = "weight_sync_plan"
     policy_version: int
     group_name: str
     master_addr: str
@@ -504,14 +348,24 @@ class WeightSyncPlan(Message):
     buckets: list[BucketSpec]
     deadline_s: float  # the whole sync, from publication
     plan_id: str = ""  # unique per push attempt: a re-push of the same version is a new plan
-    # how the weights travel: "distributed" (the group above) | "tensor" | "disk" (trainer and engine on one GPU)
+    # how the weights travel: "distributed" (the group above) | "tensor" | "disk" (trainer and engine on one GPU).
+    # A str, not a Literal: a server that does not know a path answers SyncDone(ok=False) naming it.
     path: str = "distributed"
-    payloads: list[str] = field(default_factory=list)  # tensor: one SGLang payload per bucket; disk: [directory]
+    payloads: list[str] = []  # tensor: one SGLang payload per bucket; disk: [directory]; distributed: none
+
+    def validate(self) -> None:
+        want = {"distributed": 0, "tensor": len(self.buckets), "disk": 1}.get(self.path)
+        if want is not None and len(self.payloads) != want:
+            raise ProtocolError(f"path {self.path} needs {want} payload(s), got {len(self.payloads)}", "payloads")
 
 
-@message
-class SyncDone(Message):
-    TYPE: ClassVar[str] = "sync_done"
+class HeartbeatAck(_TopLevel, tag="heartbeat_ack"):
+    policy_version: int
+    known: bool  # False: the buffer lost this server (restart/expiry); it must Register again
+    pending_plan: WeightSyncPlan | None = None  # a sync this server must join (covers missed PUBs)
+
+
+class SyncDone(_TopLevel, tag="sync_done"):
     server_id: str
     policy_version: int
     ok: bool
@@ -519,67 +373,107 @@ class SyncDone(Message):
     pause_s: float = 0.0  # how long the engine was not generating
 
 
-@message
-class SyncStatusRequest(Message):
-    TYPE: ClassVar[str] = "sync_status_request"
+class SyncStatusRequest(_TopLevel, tag="sync_status_request"):
     policy_version: int
 
 
-@message
-class SyncStatus(Message):
-    TYPE: ClassVar[str] = "sync_status"
+class SyncStatus(_TopLevel, tag="sync_status"):
     policy_version: int
     done: list[str]  # server ids that loaded the version
     failed: list[str]
-    pause_s: dict = field(default_factory=dict)  # server id -> seconds its engine was not generating
+    pause_s: dict[str, Any] = {}  # server id -> seconds its engine was not generating
 
 
-@message
-class StatsRequest(Message):
-    TYPE: ClassVar[str] = "stats_request"
+class StatsRequest(_TopLevel, tag="stats_request"):
+    pass
 
 
-@message
-class Stats(Message):
-    TYPE: ClassVar[str] = "stats"
-    values: dict  # flat str -> number
+class Stats(_TopLevel, tag="stats"):
+    values: dict[str, Any]  # flat str -> number
 
 
 # --------------------------------------------------------------------------- codec
 
-_NESTED_ONLY = {Trajectory, Credit, RosterEntry, SyncMember, BucketSpec}
-TOP_LEVEL_TYPES = {name: cls for name, cls in _REGISTRY.items() if cls not in _NESTED_ONLY}
-_CODEC = Codec(base=Message, top_level=TOP_LEVEL_TYPES, array_dtypes=_ARRAY_DTYPES, version=PROTOCOL_VERSION)
+_ALL = (Trajectory, Register, RegisterAck, Heartbeat, HeartbeatAck, CreditRequest, Credit, Credits, TrajectoryGroup,
+        Ack, BatchRequest, Batch, VersionUpdate, RosterRequest, RosterEntry, Roster, SyncMember, BucketSpec,
+        WeightSyncPlan, SyncDone, SyncStatusRequest, SyncStatus, StatsRequest, Stats)
+for _cls in _ALL:
+    _cls.TYPE = _cls.__struct_config__.tag
+    if _cls is not Trajectory:  # which checks its fields itself
+        _cls._checks = tuple((f.name, checker(f.type)) for f in msgspec.structs.fields(_cls))
+TOP_LEVEL_TYPES: dict[str, type[Message]] = {c.TYPE: c for c in _ALL if issubclass(c, _TopLevel)}
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(Union[tuple(TOP_LEVEL_TYPES.values())])
+
+
+def _top_level(msg: Message) -> None:
+    if type(msg) not in _TOP_CLASSES:
+        raise ProtocolError(f"not a top-level message: {type(msg).__name__}")
+
+
+_TOP_CLASSES = frozenset(TOP_LEVEL_TYPES.values())
+_ENCODE_ERRORS = (TypeError, ValueError, OverflowError, msgspec.EncodeError)
 
 
 def encode(msg: Message) -> bytes:
-    """Serialise a top-level message. Raises ProtocolError naming the field if the message is
-    invalid (the sender finds out, not the receiver)."""
-    return _CODEC.encode(msg, MAX_FRAME_BYTES)
+    """Serialise a top-level message (checked when it was built). Raises ProtocolError naming the field."""
+    _top_level(msg)
+    try:
+        data = _ENCODER.encode(msg)
+    except _ENCODE_ERRORS as e:  # e.g. a set in a free-form dict
+        raise ProtocolError(f"cannot encode: {e}", "frame") from None
+    if len(data) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"{len(data)} bytes exceeds the limit of {MAX_FRAME_BYTES}", "frame")
+    return data
 
 
 def encode_into(msg: Message, buffer: bytearray) -> None:
     """``encode`` into a caller-owned buffer (resized to the frame, allocation kept): the
     transport reuses one buffer per socket instead of allocating every frame."""
-    _CODEC.encode_into(msg, buffer, MAX_FRAME_BYTES)
+    _top_level(msg)
+    try:
+        _ENCODER.encode_into(msg, buffer)
+    except _ENCODE_ERRORS as e:
+        raise ProtocolError(f"cannot encode: {e}", "frame") from None
+    if len(buffer) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"{len(buffer)} bytes exceeds the limit of {MAX_FRAME_BYTES}", "frame")
 
 
 def decode(data: bytes | bytearray | memoryview) -> Message:
     """Parse and validate one frame. Raises only ProtocolError, for any input. Arrays are
-    read-only numpy views of the frame."""
-    return _CODEC.decode(data, MAX_FRAME_BYTES)
+    read-only numpy views of the frame, which they keep alive."""
+    if isinstance(data, memoryview):
+        data = data.toreadonly() if data.c_contiguous else data.tobytes()
+    elif isinstance(data, bytearray):
+        data = bytes(data)  # decoded arrays must not alias a buffer the caller may reuse
+    elif not isinstance(data, bytes):
+        raise ProtocolError(f"frame must be bytes, got {type(data).__name__}", "frame")
+    if (n := memoryview(data).nbytes) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"{n} bytes exceeds the limit of {MAX_FRAME_BYTES}", "frame")
+    try:
+        return _DECODER.decode(data)
+    except (msgspec.MsgspecError, UnicodeDecodeError) as e:  # msgspec reports bad UTF-8 in a key like this
+        if (version := _version_of(data)) is not None and version != PROTOCOL_VERSION:
+            # named before whatever else is wrong: a version-1 group also lacks loss_mask, which
+            # msgspec meets first (the version ends the frame)
+            raise ProtocolError(f"unsupported protocol version {version!r} (this side speaks {PROTOCOL_VERSION})",
+                                "protocol") from None
+        raise error_from(e, PROTOCOL_VERSION) from None
 
 
-def field_names(cls: type[Message]) -> tuple[str, ...]:
-    """The fields of a message class by their public (and wire) names, in wire order."""
-    if hasattr(cls, "FIELDS"):  # Trajectory: its attributes hold the arrays in wire form
-        return tuple(cls.FIELDS)
-    return tuple(f.name for f in dataclasses.fields(cls))
+class _Versioned(msgspec.Struct):
+    protocol: Any = None  # of any frame that is a map; the rest is skipped in C
 
 
-def decode_reference(data: bytes) -> Message:
-    """The slower reference decoder ``decode`` falls back to for refused frames (for tests)."""
-    return _CODEC.decode_reference(data)
+_VERSION_DECODER = msgspec.msgpack.Decoder(_Versioned)
+
+
+def _version_of(data: bytes | memoryview) -> Any:
+    """The ``protocol`` of a refused frame (None: absent, or not a map): read only on the error path."""
+    try:
+        return _VERSION_DECODER.decode(data).protocol
+    except (msgspec.MsgspecError, UnicodeDecodeError):
+        return None
 
 
 def decode_stored(data: bytes | bytearray | memoryview) -> Message:
@@ -593,15 +487,20 @@ def decode_stored(data: bytes | bytearray | memoryview) -> Message:
             raise
         try:
             wire = msgspec.msgpack.decode(data)
-        except msgspec.DecodeError:
+        except (msgspec.MsgspecError, UnicodeDecodeError):
             raise e from None
         if not (type(wire) is dict and wire.get("protocol") == 1 and wire.get("type") == TrajectoryGroup.TYPE
                 and type(wire.get("trajectories")) is list):
             raise
         for t in wire["trajectories"]:
             out = t.get("output_ids") if type(t) is dict else None
-            if type(out) is list and len(out) == 3 and "loss_mask" not in t:
-                n = out[1]
-                t["loss_mask"] = ["<i4", n, np.ones(n if type(n) is int and n >= 0 else 0, _I4).tobytes()]
+            if type(out) is list and len(out) == 3 and type(out[1]) is int and out[1] >= 0 and "loss_mask" not in t:
+                t["loss_mask"] = ["<i4", out[1], np.ones(out[1], _I4).tobytes()]
         wire["protocol"] = PROTOCOL_VERSION
-        return decode(msgspec.msgpack.encode(wire))
+        return decode(msgspec.msgpack.encode(wire))  # checked as any frame is
+
+
+def field_names(cls: type[Message]) -> tuple[str, ...]:
+    """The fields of a message class by their public (and wire) names, in wire order; the
+    frame's ``type`` and ``protocol`` are not fields."""
+    return tuple(f.encode_name for f in msgspec.structs.fields(cls) if f.name != "protocol")

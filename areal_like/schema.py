@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from areal_like.auth import ENGINE_KEY_ENV, SECRET_FIELD
 from areal_like.config_checks import ConfigError  # noqa: F401  (re-exported: every config error is one)
 from areal_like.config_checks import check as _check
 from areal_like.config_checks import choice as _choice
@@ -220,6 +221,9 @@ class EngineConfig:
                "1, or > 1 with rollout.engine.kind=sglang", self.tp_size)
         for key in sorted(set(self.sglang) & {"tp_size", "tp", "tensor_parallel_size"}):  # one source of truth
             raise ConfigError(f"rollout.engine.sglang.{key} is not passed through: set rollout.engine.tp_size")
+        for key in sorted(k for k in self.sglang if SECRET_FIELD.search(str(k))):  # never in config.yaml or logs
+            raise ConfigError(f"rollout.engine.sglang.{key}: credentials are not configuration; the engine API key "
+                              f"comes from the environment ({ENGINE_KEY_ENV}; `areal-like run` makes one per job)")
         if self.kind == "url":
             _check("rollout.engine.url", self.url.startswith("http"), "an http(s) URL when kind=url", self.url)
 
@@ -250,8 +254,22 @@ class WeightSyncConfig:
     master_port: int = 0  # 0 = pick a free port per group formation
     group_name: str = "areal_like_weights"
     path: str = "auto"  # auto (tensor where `run` puts trainer and engine on one GPU) | distributed | tensor | disk
+    # Which weights the engines serve (trainer/engine_lag.py). Each mode lets the engines fall behind
+    # the trainer by design; the buffer's admission subtracts that lag from its slack and
+    # buffer.max_staleness must cover it (RunConfig checks it; buffer/STALENESS.md "Engine lag").
+    every: int = 1  # L: push only every L versions (OAPL's lagged inference); the engines lag up to L - 1
+    delay: int = 0  # D: the engines always serve version v - D (a controlled-staleness experiment)
+
+    @property
+    def engine_lag(self) -> int:
+        """The most versions the engines may lag behind the trainer by design (0: every version pushed)."""
+        return max(self.every - 1, self.delay)
 
     def __post_init__(self):
+        _check("trainer.weight_sync.every", self.every >= 1, ">= 1", self.every)
+        _check("trainer.weight_sync.delay", self.delay >= 0, ">= 0", self.delay)
+        _check("trainer.weight_sync.delay", self.delay == 0 or self.every == 1,
+               "0 with trainer.weight_sync.every > 1 (one lag mode at a time)", self.delay)
         _choice("trainer.weight_sync.backend", self.backend, ("auto", "gloo", "nccl"))
         _choice("trainer.weight_sync.path", self.path, ("auto", "distributed", "tensor", "disk"))
         _check("trainer.weight_sync.bucket_mb", self.bucket_mb > 0, "> 0", self.bucket_mb)
@@ -316,6 +334,17 @@ class WarmStartConfig:
 
 
 @dataclass(kw_only=True)
+class SecurityConfig:
+    """Who may join the job's ZeroMQ traffic (areal_like/security.py, areal_like/SECURITY.md)."""
+
+    curve: bool = True  # CURVE-encrypt and authenticate every ZeroMQ socket; false only on a trusted network
+    keys_dir: str = "keys"  # the job's keys (`areal-like keys RUN_DIR`); relative to run_dir unless absolute
+
+    def __post_init__(self):
+        _check("security.keys_dir", bool(self.keys_dir), "a directory", self.keys_dir)
+
+
+@dataclass(kw_only=True)
 class LaunchConfig:
     num_rollout_servers: int = 2
     trainer_ranks: int = 2
@@ -356,10 +385,16 @@ class RunConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     tracker: list[str] = field(default_factory=lambda: ["jsonl"])  # any of TRACKERS, e.g. [jsonl,tensorboard]
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self):
         for name in self.tracker:
             _choice("tracker", name, TRACKERS)
+        # engines that lag by design must still be admitted, and their groups consumed (buffer/STALENESS.md)
+        lag = self.trainer.weight_sync.engine_lag
+        _check("buffer.max_staleness", self.buffer.max_staleness >= lag,
+               f">= {lag}, the engines' lag (trainer.weight_sync.every - 1, or trainer.weight_sync.delay)",
+               self.buffer.max_staleness)
 
     def resolve_path(self, p: str) -> Path:
         """A path from the config, relative to run_dir unless absolute."""

@@ -24,6 +24,7 @@ import ast
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -53,28 +54,33 @@ def exact_match(response: str, example: Example) -> float:
     return 1.0 if response.strip() == example.answer else 0.0
 
 
-_COUNTDOWN_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b}
+_COUNTDOWN_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+                  ast.Div: lambda a, b: a / b}  # exact: Fraction / Fraction (x/0 raises ZeroDivisionError)
+MAX_LITERAL = 10**9  # task.digits <= 9: every offered number is below this
 
 
-def _arith(node: ast.AST) -> int:
-    """Value of an expression of + - * and parentheses over integer literals; anything else raises."""
-    if isinstance(node, ast.Constant) and type(node.value) is int:
-        return node.value
+def _arith(node: ast.AST) -> Fraction:
+    """Exact value of an expression of + - * / and parentheses over integer literals below
+    MAX_LITERAL; anything else (``**``, names, calls, unary minus, floats) raises ValueError. With
+    MAX_EXPRESSION_CHARS, every value stays a few dozen digits."""
+    if isinstance(node, ast.Constant) and type(node.value) is int and 0 <= node.value < MAX_LITERAL:
+        return Fraction(node.value)
     if isinstance(node, ast.BinOp) and type(node.op) in _COUNTDOWN_OPS:
         return _COUNTDOWN_OPS[type(node.op)](_arith(node.left), _arith(node.right))
-    raise ValueError(f"not allowed in a countdown expression: {type(node).__name__}")
+    raise ValueError(f"not allowed in a countdown expression: {ast.dump(node)[:60]}")
 
 
 def countdown_reward(response: str, example: Example) -> float:
     """1.0 when the response is an expression over the offered numbers (each at most once) that
-    equals the target. Parsed with ``ast`` (no ``eval``): ``**``, names and calls score 0.0; the
-    length bound and the literal-only grammar keep every value small."""
+    equals the target, with + - * / (exact division) and parentheses. Parsed with ``ast``, never
+    evaluated: ``9**8**7``, names and calls score 0.0 before any arithmetic; the length bound and
+    the literal-only grammar keep every value small."""
     expr = response.strip()
-    if not expr or len(expr) > MAX_EXPRESSION_CHARS or any(c not in "0123456789+-*() " for c in expr):
+    if not expr or len(expr) > MAX_EXPRESSION_CHARS or any(c not in "0123456789+-*/() " for c in expr):
         return 0.0
     try:
         value = _arith(ast.parse(expr, mode="eval").body)
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
         return 0.0
     head, _, target = example.prompt[3:].rstrip(":").rpartition(" to ")
     pool = head.split()

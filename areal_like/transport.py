@@ -22,17 +22,13 @@ Patterns and why:
   the guarantee.
 * Trajectories never go over PUB/SUB: a group is kept by its sender until the buffer's Ack says
   it is in the write-ahead log.
-* **Copies and allocations.** A message is encoded into a buffer its sender keeps
-  (``FrameWriter``) and libzmq copies it into its own message while sending. Why not hand
-  fresh bytes over without a copy: pyzmq releases such frames through a garbage-collector
-  thread (a message to it and a wake-up per frame), which for a 400 KB group costs about what
-  the copy from a cache-hot buffer costs, and a fresh buffer per frame is regrown and faulted
-  in every time. Frames above ``SCRATCH_KEEP_BYTES`` (a big Batch) hand their buffer over
-  without a copy instead, so an idle process does not pin it. Received frames are decoded in
-  place: the arrays of a decoded message are read-only views of ZMQ's receive buffer, which
-  they keep alive. glibc is told to keep freed frame-sized blocks (``tune_allocator``): by
-  default it returns them to the kernel and every message faults its pages in again.
-  benchmarks/bench_transport.py measures the path.
+* **Copies.** A message is encoded into a buffer its sender keeps (``FrameWriter``) and libzmq
+  copies it into its own message while sending: a fresh buffer per frame would be regrown and
+  faulted in every time, and pyzmq releases a frame sent without a copy through a garbage-collector
+  thread, which costs about what the copy costs. Frames above ``SCRATCH_KEEP_BYTES`` (a big Batch)
+  hand their buffer over without a copy instead, so an idle process does not pin it. Received
+  frames are decoded in place: the arrays of a decoded message are read-only views of ZMQ's
+  receive buffer, which they keep alive. benchmarks/bench_transport.py measures the path.
 * **Incoming size bound.** Every socket sets ``MAXMSGSIZE`` to ``INCOMING_LIMIT_FACTOR`` x
   ``protocol.MAX_FRAME_BYTES`` (read when the socket is made), so a peer cannot make a daemon
   allocate an arbitrarily large frame before decode refuses it. A frame above the frame limit but
@@ -41,13 +37,17 @@ Patterns and why:
   reading its header: the frame never reaches the application, that peer's connection is dropped
   (its DEALER reconnects; the request times out) and every other peer is served as before.
 
+* **Authentication.** Every socket is made by ``_new_socket``, which hands it to
+  ``security.apply``: with the process's CURVE keys active, ROUTER/PUB sockets are CURVE servers
+  behind a ZAP allow-list and DEALER/SUB sockets CURVE clients (``areal_like/security.py``).
+
 Addresses are configuration (``tcp://host:port``); nothing here assumes localhost. Servers
 bind (``tcp://*:port`` or a concrete interface), clients connect.
 """
 
 from __future__ import annotations
 
-import ctypes
+import asyncio
 import os
 import time
 import uuid
@@ -55,9 +55,8 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
-from zmq.backend import Socket as _BackendSocket
 
-from areal_like import protocol
+from areal_like import protocol, security
 from areal_like.protocol import Message, ProtocolError, decode, encode_into
 
 DEFAULT_TIMEOUT_S = 10.0  # a healthy buffer answers in milliseconds; 10 s means it is gone or wedged
@@ -65,19 +64,8 @@ SNDHWM = 1000  # frames queued per peer before sends fail fast
 # Receive bound (MAXMSGSIZE) = this x protocol.MAX_FRAME_BYTES: a frame a little over the limit still
 # reaches decode and gets a rejection naming its size; a giant one is cut before it is allocated.
 INCOMING_LIMIT_FACTOR = 2
-ZERO_COPY_BYTES = 64 * 1024  # pyzmq's own threshold for zero-copy frames (benchmarks use it for raw bytes)
 SCRATCH_KEEP_BYTES = 4 * 1024 * 1024  # bigger frames hand their buffer over instead of being copied and kept
-# glibc serves blocks below MMAP from the heap and keeps up to TRIM free bytes at a heap's top
-# instead of giving them back: the next frame reuses a warm block instead of faulting one in.
-MALLOC_MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024  # glibc's own ceiling for its dynamic threshold: no block
-# is mmapped that glibc would not also mmap once warmed up (a trainer's tensors included)
-MALLOC_TRIM_THRESHOLD_BYTES = 32 * 1024 * 1024  # room for a window of frames in flight; at most this is kept
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
-_allocator_tuned = False
-# Per-frame calls use pyzmq's C socket methods with int flags: send_multipart/recv_multipart add Python
-# layers and OR-ing zmq's IntFlag enums runs enum.py (measured ~3 us per 3-part message each way).
-_SEND, _RECV = _BackendSocket.send, _BackendSocket.recv
-_SNDMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)
+_SNDMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)  # ints: OR-ing zmq's IntFlag enums runs enum.py per frame
 
 
 class TransportError(RuntimeError):
@@ -96,34 +84,6 @@ def bind_address(address: str) -> str:
         _, port = host_port.rsplit(":", 1)
         return f"tcp://{os.environ.get('AREAL_LIKE_BIND_HOST', '*')}:{port}"
     return address
-
-
-def tune_allocator() -> bool:
-    """Keep freed frame-sized blocks in the heap (glibc; once per process; True if applied).
-
-    Frames of hundreds of KB are allocated and freed for every message (by libzmq on receipt,
-    by encoders). glibc's defaults give such blocks back to the kernel (munmap, or trimming the
-    heap top once more than twice the last freed block is free), so the next message faults its
-    pages in again: measured 40+ minor faults and ~140 us of kernel time per 400 KB group on
-    the sending side, none with these thresholds. The cost: up to MALLOC_TRIM_THRESHOLD_BYTES
-    of freed memory per malloc arena stays resident. Left alone when the user set
-    MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ (their choice wins) or
-    AREAL_LIKE_TUNE_MALLOC=0.
-    """
-    global _allocator_tuned
-    if _allocator_tuned:
-        return False
-    _allocator_tuned = True
-    if os.environ.get("AREAL_LIKE_TUNE_MALLOC", "1") == "0" or any(
-            k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
-    except (OSError, AttributeError):  # no mallopt (macOS): nothing to tune
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD_BYTES)
-                and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD_BYTES))
 
 
 class FrameWriter:
@@ -147,81 +107,71 @@ class FrameWriter:
                 self._buf = bytearray()
             raise
         if len(frame) <= SCRATCH_KEEP_BYTES:
-            if type(sock) is zmq.Socket:  # a plain socket: C sends (an asyncio socket needs its own send)
+            if type(sock) is zmq.Socket:  # a plain socket: parts one by one (an asyncio socket needs its own send)
                 flags = int(flags)
                 for part in head:  # a multipart message is queued whole or not at all: only the first send can fail
-                    _SEND(sock, part, flags | _SNDMORE)
-                return _SEND(sock, frame, flags)  # copied before send returns
+                    sock.send(part, flags | _SNDMORE)
+                return sock.send(frame, flags)  # copied before send returns
             return sock.send_multipart([*head, frame], flags=flags, copy=True)
         self._buf = bytearray()  # libzmq owns this one until it is sent; never written again
         return sock.send_multipart([*head, frame], flags=flags, copy=False)
 
 
-def _recv_parts(sock: zmq.Socket, flags: int) -> list[zmq.Frame]:
-    """``sock.recv_multipart(flags, copy=False)`` through the C methods (sync sockets; only the first
-    part can raise zmq.Again: a multipart message arrives whole)."""
-    parts = [_RECV(sock, flags, False)]
-    while parts[-1].more:  # set by recv(copy=False); Socket.get(RCVMORE) would look the option up in enum.py
-        parts.append(_RECV(sock, flags, False))
+def recv_parts(sock: zmq.Socket, flags: int) -> list[zmq.Frame]:
+    """``sock.recv_multipart(flags, copy=False)`` without asking the socket for RCVMORE per part
+    (a synchronous socket; only the first part can raise zmq.Again: a message arrives whole)."""
+    parts = [sock.recv(flags, copy=False)]
+    while parts[-1].more:
+        parts.append(sock.recv(flags, copy=False))
     return parts
 
 
-def _new_socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
-    tune_allocator()
+def new_socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
+    """A socket with this module's options (linger, high-water marks, incoming size bound)."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, SNDHWM)
     sock.setsockopt(zmq.RCVHWM, SNDHWM)
     sock.setsockopt(zmq.MAXMSGSIZE, INCOMING_LIMIT_FACTOR * protocol.MAX_FRAME_BYTES)  # see "Incoming size bound"
+    security.apply(sock)  # CURVE server or client with this process's keys (none: plain); before bind/connect
     return sock
 
 
-class Client:
-    """Synchronous request/reply client (one outstanding request at a time; not thread safe)."""
+class _Dealer:
+    """A DEALER to ``address`` that is replaced by a fresh one after a timeout ("lazy pirate")."""
 
-    def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, identity: str | None = None):
-        self.address = address
-        self.timeout_s = timeout_s
-        self.identity = identity
-        self._ctx = zmq.Context.instance()
+    def __init__(self, address: str, ctx: zmq.Context, timeout_s: float, identity: str | None):
+        self.address, self.timeout_s, self.identity, self._ctx = address, timeout_s, identity, ctx
         self._sock: zmq.Socket | None = None
         self._writer = FrameWriter()
         self._connect()
 
     def _connect(self) -> None:
-        self._sock = _new_socket(self._ctx, zmq.DEALER)
+        self._sock = new_socket(self._ctx, zmq.DEALER)
         if self.identity:
             self._sock.setsockopt(zmq.IDENTITY, f"{self.identity}-{uuid.uuid4().hex[:6]}".encode())
         self._sock.connect(self.address)
-        self._poller = zmq.Poller()  # kept: Socket.poll builds a new Poller on every call
-        self._poller.register(self._sock, zmq.POLLIN)
 
     def reconnect(self) -> None:
         if self._sock is not None:
             self._sock.close(linger=0)
         self._connect()
 
-    def request(self, msg: Message, timeout_s: float | None = None) -> Message:
-        """Send ``msg`` and return the decoded reply. Raises TransportTimeout or ProtocolError."""
+    def _send(self, msg: Message) -> bytes:
+        """Send ``msg`` under a fresh req_id (returned). A ProtocolError leaves the socket untouched."""
         if self._sock is None:
             raise TransportError(f"client for {self.address} is closed")
-        timeout = self.timeout_s if timeout_s is None else timeout_s
         req_id = uuid.uuid4().bytes
         try:
-            self._writer.send(self._sock, [req_id], msg, zmq.NOBLOCK)  # a ProtocolError leaves the socket untouched
+            self._writer.send(self._sock, [req_id], msg, zmq.NOBLOCK)  # asyncio: sent at once or Again
         except zmq.Again:
             self.reconnect()
             raise TransportTimeout(f"send queue to {self.address} is full") from None
-        deadline = time.monotonic() + timeout
-        while (remaining := deadline - time.monotonic()) > 0:
-            if not self._poller.poll(max(1, int(remaining * 1000))):
-                break
-            frames = _recv_parts(self._sock, 0)
-            if len(frames) == 2 and frames[0].bytes == req_id:
-                return decode(frames[1].buffer)
-            # a late reply to an earlier, abandoned request: drop it and keep waiting
+        return req_id
+
+    def _timed_out(self, msg: Message, timeout: float) -> TransportTimeout:
         self.reconnect()  # fresh socket: queued requests and late replies to this one are discarded
-        raise TransportTimeout(f"no reply from {self.address} within {timeout:.1f}s to {msg.TYPE}")
+        return TransportTimeout(f"no reply from {self.address} within {timeout:.1f}s to {msg.TYPE}")
 
     def close(self) -> None:
         if self._sock is not None:
@@ -229,7 +179,33 @@ class Client:
             self._sock = None
 
 
-class AsyncClient:
+class Client(_Dealer):
+    """Synchronous request/reply client (one outstanding request at a time; not thread safe)."""
+
+    def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, identity: str | None = None):
+        super().__init__(address, zmq.Context.instance(), timeout_s, identity)
+
+    def _connect(self) -> None:
+        super()._connect()
+        self._poller = zmq.Poller()  # kept: Socket.poll builds a new Poller on every call
+        self._poller.register(self._sock, zmq.POLLIN)
+
+    def request(self, msg: Message, timeout_s: float | None = None) -> Message:
+        """Send ``msg`` and return the decoded reply. Raises TransportTimeout or ProtocolError."""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        req_id = self._send(msg)
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            if not self._poller.poll(max(1, int(remaining * 1000))):
+                break
+            frames = recv_parts(self._sock, 0)
+            if len(frames) == 2 and frames[0].bytes == req_id:
+                return decode(frames[1].buffer)
+            # a late reply to an earlier, abandoned request: drop it and keep waiting
+        raise self._timed_out(msg, timeout)
+
+
+class AsyncClient(_Dealer):
     """asyncio twin of Client for daemons built on an event loop (rollout servers).
 
     Requests are serialised with a lock: one outstanding request per socket keeps req_id
@@ -237,41 +213,13 @@ class AsyncClient:
     """
 
     def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, identity: str | None = None):
-        import asyncio
-
-        self.address = address
-        self.timeout_s = timeout_s
-        self.identity = identity
-        self._ctx = zmq.asyncio.Context.instance()
         self._lock = asyncio.Lock()
-        self._sock: zmq.asyncio.Socket | None = None
-        self._writer = FrameWriter()
-        self._connect()
-
-    def _connect(self) -> None:
-        self._sock = _new_socket(self._ctx, zmq.DEALER)
-        if self.identity:
-            self._sock.setsockopt(zmq.IDENTITY, f"{self.identity}-{uuid.uuid4().hex[:6]}".encode())
-        self._sock.connect(self.address)
-
-    def reconnect(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
-        self._connect()
+        super().__init__(address, zmq.asyncio.Context.instance(), timeout_s, identity)
 
     async def request(self, msg: Message, timeout_s: float | None = None) -> Message:
-        import asyncio
-
         timeout = self.timeout_s if timeout_s is None else timeout_s
         async with self._lock:
-            if self._sock is None:
-                raise TransportError(f"client for {self.address} is closed")
-            req_id = uuid.uuid4().bytes
-            try:
-                await self._writer.send(self._sock, [req_id], msg, zmq.NOBLOCK)
-            except zmq.Again:
-                self.reconnect()
-                raise TransportTimeout(f"send queue to {self.address} is full") from None
+            req_id = self._send(msg)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
             while (remaining := deadline - loop.time()) > 0:
@@ -280,13 +228,7 @@ class AsyncClient:
                 frames = await self._sock.recv_multipart(copy=False)
                 if len(frames) == 2 and frames[0].bytes == req_id:
                     return decode(frames[1].buffer)
-            self.reconnect()
-            raise TransportTimeout(f"no reply from {self.address} within {timeout:.1f}s to {msg.TYPE}")
-
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
+            raise self._timed_out(msg, timeout)
 
 
 class Server:
@@ -299,7 +241,7 @@ class Server:
     def __init__(self, address: str):
         self.address = address
         self._ctx = zmq.Context.instance()
-        self._sock = _new_socket(self._ctx, zmq.ROUTER)
+        self._sock = new_socket(self._ctx, zmq.ROUTER)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished peers are dropped
         self._sock.bind(bind_address(address))
         self._poller = zmq.Poller()
@@ -334,13 +276,13 @@ class Server:
         """The next request's frames (zero copy). A request already queued is taken without polling
         first (a busy server saves a poll per request); otherwise wait up to ``timeout_s``."""
         try:
-            return _recv_parts(self._sock, _NOBLOCK)
+            return recv_parts(self._sock, _NOBLOCK)
         except zmq.Again:
             pass
         if timeout_s <= 0 or not self._poller.poll(int(timeout_s * 1000)):
             return None
         try:  # NOBLOCK: the poll may have returned for a ``wake_on`` descriptor instead
-            return _recv_parts(self._sock, _NOBLOCK)
+            return recv_parts(self._sock, _NOBLOCK)
         except zmq.Again:
             return None
 
@@ -366,7 +308,7 @@ class Publisher:
 
     def __init__(self, address: str):
         self.address = address
-        self._sock = _new_socket(zmq.Context.instance(), zmq.PUB)
+        self._sock = new_socket(zmq.Context.instance(), zmq.PUB)
         self._sock.bind(bind_address(address))
         self._writer = FrameWriter()
 
@@ -386,32 +328,31 @@ class Subscriber:
     def __init__(self, address: str, *, asyncio_ctx: bool = False):
         self.address = address
         ctx = zmq.asyncio.Context.instance() if asyncio_ctx else zmq.Context.instance()
-        self._sock = _new_socket(ctx, zmq.SUB)
+        self._sock = new_socket(ctx, zmq.SUB)
         self._sock.setsockopt(zmq.SUBSCRIBE, b"")
         self._sock.connect(address)
 
     def recv(self, timeout_s: float) -> Message | None:
         """The next valid announcement within ``timeout_s``, or None (undecodable frames are skipped)."""
         deadline = time.monotonic() + timeout_s
-        while True:
-            remaining = deadline - time.monotonic()
-            if not self._sock.poll(max(0, int(remaining * 1000)), zmq.POLLIN):
-                return None
-            try:
-                return decode(self._sock.recv())
-            except ProtocolError:
-                continue
+        while self._sock.poll(max(0, int((deadline - time.monotonic()) * 1000)), zmq.POLLIN):
+            if (msg := _decoded_or_none(self._sock.recv())) is not None:
+                return msg
+        return None
 
     async def arecv(self, timeout_s: float) -> Message | None:
         deadline = time.monotonic() + timeout_s
-        while True:
-            remaining = deadline - time.monotonic()
-            if not await self._sock.poll(max(0, int(remaining * 1000)), zmq.POLLIN):
-                return None
-            try:
-                return decode(await self._sock.recv())
-            except ProtocolError:
-                continue
+        while await self._sock.poll(max(0, int((deadline - time.monotonic()) * 1000)), zmq.POLLIN):
+            if (msg := _decoded_or_none(await self._sock.recv())) is not None:
+                return msg
+        return None
 
     def close(self) -> None:
         self._sock.close(linger=0)
+
+
+def _decoded_or_none(frame: bytes) -> Message | None:
+    try:
+        return decode(frame)
+    except ProtocolError:
+        return None

@@ -80,7 +80,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from areal_like import protocol as P  # noqa: E402
-from areal_like.config import BufferConfig, RunConfig, TaskConfig, to_yaml  # noqa: E402
+from areal_like.config import BufferConfig, RunConfig, SecurityConfig, TaskConfig, to_yaml  # noqa: E402
 from areal_like.distributed import free_port  # noqa: E402
 from areal_like.transport import Client  # noqa: E402
 from buffer.credits import CreditLedger  # noqa: E402
@@ -106,7 +106,7 @@ while True:
 def trajectories_blob(tokens: int, group_size: int, prompt_tokens: int = 256) -> bytes:
     """The msgpack bytes of a group's ``trajectories`` field, packed once and reused."""
     rng = np.random.default_rng(0)
-    trajs = [P.Trajectory(prompt_ids=P.as_i32(rng.integers(0, 100, prompt_tokens)),
+    trajs = [P.Trajectory.of(prompt_ids=P.as_i32(rng.integers(0, 100, prompt_tokens)),
                           output_ids=P.as_i32(rng.integers(0, 100, tokens)),
                           behav_logp=P.as_f32(-rng.random(tokens)), versions=P.as_i32(np.zeros(tokens)),
                           reward=float(i % 2), finish_reason="length") for i in range(group_size)]
@@ -289,9 +289,12 @@ def run_producers(mode: str, address: str, args, server_pid: int) -> tuple[float
 
 
 def start_buffer(run_dir: Path, fsync: str, env: dict) -> tuple[subprocess.Popen, RunConfig]:
-    cfg = RunConfig(run_dir=str(run_dir), task=TaskConfig(num_prompts=10_000_000), buffer=BufferConfig(
-        address=f"tcp://127.0.0.1:{free_port()}", pub_address=f"tcp://127.0.0.1:{free_port()}",
-        max_staleness=1_000_000, groups_per_step=8, max_inflight=4096, capacity=10_000_000, fsync=fsync))
+    # plain sockets on both sides: this measures the buffer's work against the raw transport; what CURVE
+    # costs on the wire is bench_transport.py's transport_stream_8xT_curve
+    buf = BufferConfig(address=f"tcp://127.0.0.1:{free_port()}", pub_address=f"tcp://127.0.0.1:{free_port()}",
+                       max_staleness=1_000_000, groups_per_step=8, max_inflight=4096, capacity=10_000_000, fsync=fsync)
+    cfg = RunConfig(run_dir=str(run_dir), security=SecurityConfig(curve=False), task=TaskConfig(num_prompts=10_000_000),
+                    buffer=buf)
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     proc = subprocess.Popen([sys.executable, "-m", "buffer", "--config-file", str(run_dir / "config.yaml")],

@@ -43,9 +43,9 @@ def synthetic_batch(seqs: int, length: int, prompt: int = 32):
     from trainer.data import groups_to_batch
 
     rng = np.random.default_rng(0)
-    trajs = [Trajectory(prompt_ids=rng.integers(4, 100, prompt), output_ids=rng.integers(4, 100, length - prompt),
-                        behav_logp=-rng.random(length - prompt) * 3, versions=np.zeros(length - prompt, np.int32),
-                        reward=float(i % 2), finish_reason="stop") for i in range(seqs)]
+    trajs = [Trajectory.of(prompt_ids=rng.integers(4, 100, prompt), output_ids=rng.integers(4, 100, length - prompt),
+                           behav_logp=-rng.random(length - prompt) * 3, versions=np.zeros(length - prompt, np.int32),
+                           reward=float(i % 2), finish_reason="stop") for i in range(seqs)]
     return groups_to_batch([TrajectoryGroup(group_id="g0", server_id="s", lease_id="0", prompt_index=0, epoch=0,
                                             trajectories=trajs)])
 

@@ -12,16 +12,22 @@ ROUTER that answers a prebuilt reply of the same size without decoding anything.
   replies undecoded. Sender encode and receiver decode overlap, as they do when
   several rollout servers feed one buffer: this is the throughput the protocol allows.
 * **stream, built** (``transport_stream_8xT_built``, for reference): the stream pattern with each
-  group built from its arrays right before it is sent (``Trajectory(...)`` x 8 and the group),
+  group built from its arrays right before it is sent (``Trajectory.of(...)`` x 8 and the group),
   as a rollout server does. A Trajectory checks itself and takes its wire form when it is built,
   so part of what encoding once cost is paid here; this line keeps that cost in view.
+* **stream, CURVE** (``transport_stream_8xT_curve``: the cost of security): the stream pattern of
+  ours on a third endpoint of the receiver, a ``Server`` made with the job's CURVE keys active
+  (``areal_like/security.py``: encrypted, client key checked by the ZAP handler at connect), from a
+  DEALER holding a client key. ``figure`` is its groups/s, ``baseline`` the unencrypted stream of
+  ours in the same rounds, ``ratio`` CURVE over unencrypted (goal >= 0.75 at T = 4096: CURVE costs
+  at most a quarter of the throughput); ``ratio_to_raw`` and ``unencrypted_ratio_to_raw`` put both
+  beside raw ZMQ.
 * **reqrep** (for reference): ``Client.request`` with one request in flight, as a single
   rollout server's sender does; encode, decode and both wake-ups add up serially, so on a busy
   2-core box this ratio is much lower than the streaming one.
 
 Both processes create sockets through ``transport`` (the sender its DEALERs, the receiver our
-``Server``), so ``transport.tune_allocator``, a per-process setting, applies to the raw path as
-much as to ours: the raw receiver's libzmq buffers are reused warm too. Modes are interleaved
+``Server``), so per-process settings apply to the raw path as much as to ours. Modes are interleaved
 round by round so machine load hits both alike; figures are medians over rounds. One JSON line
 per (pattern, T) and one for the built stream per T: ``figure`` (our groups/s), ``baseline`` (raw
 groups/s), ``ratio`` (goal >= 0.8 for stream at T = 4096), MB/s for both, and the in-process
@@ -41,35 +47,49 @@ import sys
 import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+from areal_like.daemon import MALLOC_ENV  # noqa: E402
+
+if any(k not in os.environ for k in MALLOC_ENV):  # what every daemon starts with (launch/job.py)
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**MALLOC_ENV, **os.environ})
+
+import tempfile  # noqa: E402
 
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
 from areal_like import protocol as P  # noqa: E402
+from areal_like import security  # noqa: E402
 from areal_like.distributed import free_port  # noqa: E402
-from areal_like.transport import ZERO_COPY_BYTES, Client, FrameWriter, _new_socket  # noqa: E402
+from areal_like.transport import Client, FrameWriter, new_socket  # noqa: E402
 
 GROUP_SIZE = 8
 PROMPT_TOKENS = 256
 GOAL_RATIO_AT_4096 = 0.8
+GOAL_CURVE_RATIO_AT_4096 = 0.75  # CURVE over unencrypted: security may cost at most a quarter of the throughput
 READY_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 30.0
+ZERO_COPY_BYTES = 64 * 1024  # pyzmq's own threshold for zero-copy frames
 WINDOW = 8  # requests in flight in the stream pattern (a few rollout servers' worth)
 
-# The receiving process: our Server on argv[1], a raw ROUTER on argv[2], served from one poll loop.
+# The receiving process: our Server on argv[1], a raw ROUTER on argv[2], our Server with CURVE (keys
+# in argv[4]) on argv[3], served from one poll loop.
 RECEIVER = """
 import sys, zmq
-from areal_like import protocol as P
+from areal_like import protocol as P, security
 from areal_like.transport import Server
 
 server = Server(sys.argv[1])
+with security.using(security.load(sys.argv[4], security.SERVER)):
+    curve = Server(sys.argv[3])
 raw = zmq.Context.instance().socket(zmq.ROUTER)
 raw.setsockopt(zmq.LINGER, 0)
 raw.bind(sys.argv[2])
 raw_ack = P.encode(P.Ack(ref="x" * 16, status="accepted", reason="4096"))
 poller = zmq.Poller()
 poller.register(server._sock, zmq.POLLIN)
+poller.register(curve._sock, zmq.POLLIN)
 poller.register(raw, zmq.POLLIN)
+ours = {server._sock: server, curve._sock: curve}
 print("READY", flush=True)
 while True:
     for sock, _ in poller.poll(1000):
@@ -77,18 +97,18 @@ while True:
             peer, req_id, payload = raw.recv_multipart(copy=False)
             raw.send_multipart([peer, req_id, raw_ack])
         else:
-            peer, req_id, msg = server.recv(0)
+            peer, req_id, msg = ours[sock].recv(0)
             if isinstance(msg, P.TrajectoryGroup):
                 reply = P.Ack(ref=msg.group_id, status="accepted", reason=str(msg.n_tokens))
             else:
                 reply = P.Ack(ref="", status="rejected", reason=str(msg))
-            server.send(peer, req_id, reply)
+            ours[sock].send(peer, req_id, reply)
 """
 
 
 def make_group(tokens: int, seed: int) -> P.TrajectoryGroup:
     rng = np.random.default_rng(seed)
-    trajs = [P.Trajectory(prompt_ids=rng.integers(0, 32000, PROMPT_TOKENS, dtype=np.int32),
+    trajs = [P.Trajectory.of(prompt_ids=rng.integers(0, 32000, PROMPT_TOKENS, dtype=np.int32),
                           output_ids=rng.integers(0, 32000, tokens, dtype=np.int32),
                           behav_logp=-rng.random(tokens, dtype=np.float32),
                           versions=np.full(tokens, 3, dtype=np.int32), reward=float(i % 2), finish_reason="length",
@@ -159,7 +179,7 @@ def trajectory_parts(group: P.TrajectoryGroup) -> list[dict]:
 def build_group(like: P.TrajectoryGroup, trajectories: list[dict]) -> P.TrajectoryGroup:
     return P.TrajectoryGroup(group_id=like.group_id, server_id=like.server_id, lease_id=like.lease_id,
                              prompt_index=like.prompt_index, epoch=like.epoch,
-                             trajectories=[P.Trajectory(**t) for t in trajectories])
+                             trajectories=[P.Trajectory.of(**t) for t in trajectories])
 
 
 def round_stream(sock: zmq.Socket, send, check_reply, seconds: float) -> float:
@@ -181,7 +201,7 @@ def round_stream(sock: zmq.Socket, send, check_reply, seconds: float) -> float:
 
 
 def dealer(address: str) -> zmq.Socket:
-    sock = _new_socket(zmq.Context.instance(), zmq.DEALER)  # Client's socket options (HWM, LINGER 0)
+    sock = new_socket(zmq.Context.instance(), zmq.DEALER)  # Client's socket options (HWM, LINGER 0)
     sock.connect(address)
     return sock
 
@@ -213,14 +233,27 @@ def child_cpu_s(pid: int) -> float:
     return sum(cpu_split_s(pid))
 
 
-def cpu_split_s(pid: int) -> tuple[float, float]:
+def thread_cpu_s(pids: tuple[int, ...]) -> dict[tuple[int, int], float]:
+    """CPU seconds of every thread of ``pids``, by (pid, thread id), from /proc. libzmq encrypts and
+    decrypts CURVE frames in its I/O thread, beside the Python thread that encodes and decodes."""
+    out = {}
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                out[(pid, int(tid))] = sum(cpu_split_s(pid, f"/task/{tid}"))
+            except OSError:  # the thread ended
+                pass
+    return out
+
+
+def cpu_split_s(pid: int, task: str = "") -> tuple[float, float]:
     """(user, system) CPU seconds, all threads, of a process, from /proc (clock-tick resolution)."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    fields = open(f"/proc/{pid}{task}/stat").read().rsplit(")", 1)[1].split()
     return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
-def bench_size(tokens: int, ours_addr: str, raw_addr: str, receiver_pid: int, rounds: int,
-               seconds: float) -> list[dict]:
+def bench_size(tokens: int, ours_addr: str, raw_addr: str, curve_addr: str, keys: security.Keys, receiver_pid: int,
+               rounds: int, seconds: float) -> list[dict]:
     groups = [make_group(tokens, seed) for seed in range(4)]
     frame_bytes = len(P.encode(groups[0]))
     payload = os.urandom(frame_bytes)
@@ -232,9 +265,12 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, receiver_pid: int, ro
             raise RuntimeError(f"receiver rejected the group: {ack}")
 
     client, ours_sock, raw_sock = Client(ours_addr, timeout_s=REQUEST_TIMEOUT_S), dealer(ours_addr), dealer(raw_addr)
+    with security.using(keys):
+        curve_sock = dealer(curve_addr)
     modes = {
         ("stream", "ours"): lambda s: round_stream(ours_sock, send_ours(groups), check_ack, s),
         ("stream", "raw"): lambda s: round_stream(raw_sock, send_raw(payload), lambda reply: None, s),
+        ("stream", "curve"): lambda s: round_stream(curve_sock, send_ours(groups), check_ack, s),
         ("stream", "built"): lambda s: round_stream(ours_sock, send_built(groups), check_ack, s),
         ("reqrep", "ours"): lambda s: round_reqrep_ours(client, groups, s),
         ("reqrep", "raw"): lambda s: round_reqrep_raw(raw_sock, payload, s),
@@ -242,6 +278,8 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, receiver_pid: int, ro
     rates: dict[tuple[str, str], list[float]] = {k: [] for k in modes}
     cpu_s = {k: 0.0 for k in modes}  # both processes, all threads
     split_s = {k: [0.0] * 4 for k in modes}  # diagnostics: sender user/sys, receiver user/sys
+    threads_s: dict[tuple, dict] = {k: {} for k in modes}  # (pid, tid) -> CPU seconds, by mode
+    pids = (os.getpid(), receiver_pid)
     n_groups = {k: 0.0 for k in modes}
     try:
         for fn in modes.values():  # warm up connections, caches and codec plans
@@ -249,17 +287,21 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, receiver_pid: int, ro
         for _ in range(rounds):  # interleaved, so load spikes hit every mode alike
             for key, fn in modes.items():
                 s0 = (*cpu_split_s(os.getpid()), *cpu_split_s(receiver_pid))
+                t0 = thread_cpu_s(pids)
                 c0, w0 = time.process_time() + child_cpu_s(receiver_pid), time.perf_counter()
                 rate = fn(seconds)
                 cpu_s[key] += time.process_time() + child_cpu_s(receiver_pid) - c0
                 n_groups[key] += rate * (time.perf_counter() - w0)
                 for i, (a, b) in enumerate(zip(s0, (*cpu_split_s(os.getpid()), *cpu_split_s(receiver_pid)))):
                     split_s[key][i] += b - a
+                for thread, cpu in thread_cpu_s(pids).items():
+                    threads_s[key][thread] = threads_s[key].get(thread, 0.0) + cpu - t0.get(thread, cpu)
                 rates[key].append(rate)
     finally:
         client.close()
         ours_sock.close(linger=0)
         raw_sock.close(linger=0)
+        curve_sock.close(linger=0)
     enc_us, dec_us = codec_cost_us(groups[0])
 
     def cpu_us(key: tuple[str, str]) -> float:
@@ -297,7 +339,41 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, receiver_pid: int, ro
                   "cpu_ratio": round(cpu_us(("stream", "raw")) / cpu_us(("stream", "built")), 3),
                   "build_us": round(build_cost_us(groups[0]), 1), "rounds": rounds, "round_s": seconds,
                   "built_rounds": [round(x) for x in built], "raw_rounds": [round(x) for x in base]})
+    busiest = {m: 1e6 * max(split_s[("stream", m)][0] + split_s[("stream", m)][1],
+                            split_s[("stream", m)][2] + split_s[("stream", m)][3]) / n_groups[("stream", m)]
+               for m in ("curve", "ours")}
+    busiest_thread = {m: 1e6 * max(threads_s[("stream", m)].values()) / n_groups[("stream", m)]
+                      for m in ("curve", "ours")}
+    lines.append(curve_line(tokens, rates, cpu_us, busiest, busiest_thread, frame_bytes, rounds, seconds))
     return lines
+
+
+def curve_line(tokens: int, rates: dict, cpu_us, busiest: dict[str, float], busiest_thread: dict[str, float],
+               frame_bytes: int, rounds: int, seconds: float) -> dict:
+    """The stream of ours with CURVE against the same stream without it (and both against raw ZMQ).
+    Load-robust twins of ``ratio``, from CPU per group by mode: ``cpu_bound_ratio`` (the busier
+    process: the throughput bound with one core per process) and ``thread_bound_ratio`` (the busiest
+    thread of either process: the bound where every thread has a core, as on an idle many-core node;
+    libzmq runs CURVE in its I/O thread, beside the Python thread)."""
+    curve, plain, raw = (statistics.median(rates[("stream", m)]) for m in ("curve", "ours", "raw"))
+    goal = GOAL_CURVE_RATIO_AT_4096 if tokens == 4096 else None
+    return {"name": f"transport_stream_{GROUP_SIZE}x{tokens}_curve", "figure": round(curve, 1), "unit": "groups/s",
+            "baseline": round(plain, 1), "ratio": round(curve / plain, 3), "goal": goal,
+            "goal_met": None if goal is None else curve / plain >= goal,
+            "ratio_to_raw": round(curve / raw, 3), "unencrypted_ratio_to_raw": round(plain / raw, 3),
+            "raw": round(raw, 1), "mb_s": round(curve * frame_bytes / 1e6, 1),
+            "cpu_us_per_group": round(cpu_us(("stream", "curve")), 1),
+            "unencrypted_cpu_us_per_group": round(cpu_us(("stream", "ours")), 1),
+            "busiest_process_cpu_us": round(busiest["curve"], 1),
+            "unencrypted_busiest_process_cpu_us": round(busiest["ours"], 1),
+            "cpu_bound_ratio": round(busiest["ours"] / busiest["curve"], 3),
+            "busiest_thread_cpu_us": round(busiest_thread["curve"], 1),
+            "unencrypted_busiest_thread_cpu_us": round(busiest_thread["ours"], 1),
+            "thread_bound_ratio": round(busiest_thread["ours"] / busiest_thread["curve"], 3),
+            "rounds": rounds, "round_s": seconds,
+            "curve_rounds": [round(x) for x in rates[("stream", "curve")]],
+            "unencrypted_rounds": [round(x) for x in rates[("stream", "ours")]],
+            "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
 def main() -> int:
@@ -306,10 +382,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=0.35, help="duration of one round of one mode")
     args = parser.parse_args()
-    ours_addr, raw_addr = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
+    ours_addr, raw_addr, curve_addr = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
+    keys_dir = tempfile.TemporaryDirectory(prefix="bench-keys-")
+    security.make_keys(keys_dir.name)
+    keys = security.load(keys_dir.name, "rollout")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, ours_addr, raw_addr], stdout=subprocess.PIPE,
-                                text=True, env=env)
+    receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, ours_addr, raw_addr, curve_addr, keys_dir.name],
+                                stdout=subprocess.PIPE, text=True, env=env)
     try:
         import select
 
@@ -317,7 +396,8 @@ def main() -> int:
         if not ready or receiver.stdout.readline().strip() != "READY":
             raise RuntimeError("receiver did not start")
         for tokens in (int(t) for t in args.tokens.split(",")):
-            for line in bench_size(tokens, ours_addr, raw_addr, receiver.pid, args.rounds, args.seconds):
+            for line in bench_size(tokens, ours_addr, raw_addr, curve_addr, keys, receiver.pid, args.rounds,
+                                   args.seconds):
                 print(json.dumps(line), flush=True)
     finally:
         receiver.terminate()
@@ -326,6 +406,7 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             receiver.kill()
             receiver.wait()
+        keys_dir.cleanup()
     return 0
 
 

@@ -2,7 +2,7 @@
 
 The launcher passes the resolved run config (``<run_dir>/config.yaml``); overrides such as
 ``buffer.metrics_port=9100`` apply on top. The WAL lives in ``buffer.wal_dir`` (relative to
-``run_dir``); restarting with the same run_dir resumes from it. Exit status 2: invalid configuration;
+``run_dir``); restarting with the same run_dir resumes from it. Exit status 2: invalid configuration or missing keys;
 3: another buffer holds that WAL directory (one buffer per ``wal_dir``).
 """
 
@@ -13,6 +13,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from areal_like import security
     from areal_like.config import ConfigError, load_daemon_config
     from areal_like.daemon import setup_logging
     from buffer.dirlock import WalInUse
@@ -24,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
                                  addresses=("buffer.address", "buffer.pub_address"))
     except ConfigError as e:
         log.error("invalid configuration: %s", e)
+        return 2
+    try:
+        security.setup(cfg, security.SERVER, log)
+    except security.SecurityError as e:
+        log.error("%s", e)
         return 2
     try:
         service = BufferService(cfg)

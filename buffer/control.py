@@ -7,10 +7,11 @@ engine holds one version) stays out of weight syncs until done. Handlers return 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import msgspec
 
 from areal_like import protocol as P
 
@@ -46,7 +47,7 @@ class ControlPlane:
         if member is not None:
             member.last_seen = self.clock()
             if engine_version is not None:
-                member.entry = dataclasses.replace(member.entry, policy_version=engine_version)
+                member.entry = msgspec.structs.replace(member.entry, policy_version=engine_version)
         return member
 
     def expire(self) -> None:

@@ -1,13 +1,16 @@
 """The buffer daemon's metrics. Every counter also lands in ``counts`` (``StatsRequest``); metric
-children are cached (the ingest path counts per group); gauges are read when scraped.
+children are cached (the ingest path counts per group); gauges are read when scraped. All counting
+happens on the service's loop thread except ``refused`` (the security monitor's threads).
 """
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
 
 from areal_like.metrics import Metrics
+from areal_like.security import REFUSAL_REASONS
 
 COUNTERS = ("groups_accepted", "groups_duplicate", "groups_consumed", "credits_granted", "credits_expired",
             "credits_reissued", "wal_bytes_written", "batches_redelivered", "groups_redelivered")
@@ -35,6 +38,17 @@ class BufferMetrics:
             by_state.labels(state=state).set_function(read)
         for name, (doc, read) in gauges.items():
             metrics.gauge(name, doc).set_function(read)
+        self._refused_lock = threading.Lock()
+        self._refused = {r: self.child("counter", "buffer/auth_refused", "peers refused at the CURVE handshake",
+                                       reason=r) for r in REFUSAL_REASONS}
+        for reason in REFUSAL_REASONS:  # keys exist up front: the monitor thread never inserts into counts
+            self.counts[f"auth_refused_{reason}"] = 0
+
+    def refused(self, reason: str) -> None:
+        """One refused handshake (``security.on_refused``; called from a monitor thread)."""
+        with self._refused_lock:
+            self.counts[f"auth_refused_{reason}"] += 1
+        self._refused[reason].inc()
 
     def count(self, name: str, n: int = 1, **labels: str) -> None:
         if not n:

@@ -23,8 +23,10 @@ from collections import deque
 from collections.abc import Callable
 
 from areal_like import protocol as P
+from areal_like import security
 from areal_like.config import RunConfig, dataset_size
 from areal_like.daemon import Daemon
+from areal_like.ratelog import RateLimitedLog
 from areal_like.transport import Publisher, Server
 from buffer.control import ControlPlane
 from buffer.credits import CreditLedger, invalid_group, version_range
@@ -37,6 +39,7 @@ from buffer.wal import WriteAheadLog, segment_path
 
 POLL_S = 0.02  # wait for the first request of a batch; bounds how late a held BatchRequest is answered
 POLL_BUSY_S = 0.001  # ...while replies wait for an fsync, where the WAL has no wake-up descriptor
+REJECT_LOG_EVERY_S = 60.0  # a kind of rejection is logged at most this often (a peer can send them at will)
 MAX_POLL_BATCH = 512  # requests handled per loop iteration (one fsync for all of them)
 MAX_POLL_BYTES = 4 << 20  # ...or this many bytes: smaller fsyncs start sooner and overlap receiving
 SWEEP_S = 0.05  # lease expiry and roster timeouts at most this often (a scan of every lease per
@@ -51,7 +54,9 @@ class BufferService(Daemon):
         b = cfg.buffer
         super().__init__(metrics_port=b.metrics_port)
         self.cfg, self.clock = b, clock
-        self.policy = StalenessPolicy(b.max_staleness, b.groups_per_step, b.max_inflight)
+        self.rejections = RateLimitedLog(self.log, REJECT_LOG_EVERY_S)  # counted in full in buffer/rejected
+        self.policy = StalenessPolicy(b.max_staleness, b.groups_per_step, b.max_inflight,
+                                      engine_lag=cfg.trainer.weight_sync.engine_lag)
         self.ledger = CreditLedger(self.policy, dataset_size(cfg.task, cfg.model), lease_timeout_s=b.lease_timeout_s,
                                    max_epochs=b.max_epochs, clock=clock)
         self.store = ReplayBuffer(self.policy, capacity=b.capacity, selection=b.selection,
@@ -83,6 +88,7 @@ class BufferService(Daemon):
         }
         self.server: Server | None = None
         self.publisher: Publisher | None = None
+        security.on_refused(self.instruments.refused)  # peers refused by CURVE never reach handle()
 
     # ------------------------------------------------------------------ lifecycle and the loop
     def start(self) -> None:
@@ -180,7 +186,7 @@ class BufferService(Daemon):
             return
         if isinstance(msg, P.ProtocolError):
             self.instruments.count("rejected", reason="decode")
-            self.log.warning("rejected an undecodable frame: %s", msg)
+            self.rejections.warning("decode", "rejected an undecodable frame: %s", msg)
             reply, kind = P.Ack(ref="", status="rejected", reason=f"decode: {msg}"), "invalid"
         elif isinstance(msg, P.TrajectoryGroup):
             reply, kind = self._on_group(msg, frame), msg.TYPE
@@ -200,7 +206,8 @@ class BufferService(Daemon):
         reason = invalid_group(g, lease, self.control.newest_version(), versions)
         if reason is not None:
             self.instruments.count("rejected", reason=reason.split(":")[0])
-            self.log.warning("rejected group %s from %s: %s", g.group_id, g.server_id, reason)
+            self.rejections.warning(f"group:{reason.split(':')[0]}", "rejected group %s from %s: %s", g.group_id,
+                                    g.server_id, reason)
             if lease is not None and not reason.startswith("lease"):
                 self.ledger.cancel(lease.lease_id)  # the sender drops a rejected group: generate it again
                 self._dirty = True

@@ -30,14 +30,20 @@ class StalenessPolicy:
     max_staleness: int  # eta
     groups_per_step: int  # B
     max_inflight: int  # cap on groups being generated at once
+    engine_lag: int = 0  # lambda: versions the engines may lag behind the trainer by design (<= eta)
 
     def __post_init__(self) -> None:
         if self.max_staleness < 0 or self.groups_per_step < 1 or self.max_inflight < 1:
             raise ValueError(f"invalid staleness policy {self}")
+        if not 0 <= self.engine_lag <= self.max_staleness:
+            raise ValueError(f"engine_lag {self.engine_lag} must be in [0, max_staleness={self.max_staleness}]")
 
     def admission_limit(self, version: int) -> int:
-        """``(eta + v + 1) * B``: how many groups may have been started by trainer version v."""
-        return (self.max_staleness + version + 1) * self.groups_per_step
+        """``(eta - lambda + v + 1) * B``: how many groups may have been started by trainer version v.
+
+        A group starts on weights up to lambda versions old, so only the rest of the bound is slack
+        for the pipeline; with lambda = eta exactly B groups are admitted per version."""
+        return (self.max_staleness - self.engine_lag + version + 1) * self.groups_per_step
 
     def capacity(self, version: int, started: int, in_flight: int) -> int:
         """How many new credits may be granted now (>= 0)."""

@@ -13,6 +13,7 @@
     areal-like eval     MODEL [overrides...]  evaluate an HF directory or a checkpoint on the eval split
     areal-like track    RUN_DIR [--once] [overrides...]   feed a run's metrics and samples to cfg.tracker
     areal-like export   CHECKPOINT OUT [--config-file FILE]   a trainer checkpoint -> a Hugging Face directory
+    areal-like keys     RUN_DIR [--keys-dir DIR]   make the job's CURVE keys (RUN_DIR/keys; kept if there)
 
 Overrides are Hydra's: ``experiment=quickstart trainer.lr=1e-4 buffer.max_staleness=0``. A bad
 configuration, an unusable input (preflight) or a finished ``run_dir`` prints ``error:`` lines and
@@ -81,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
     tk.add_argument("run_dir", help="run directory (holds config.yaml)")
     tk.add_argument("--once", action="store_true", help="forward what is there now, then exit")
     tk.add_argument("overrides", nargs="*", help="Hydra overrides on top of RUN_DIR/config.yaml")
+    ky = sub.add_parser("keys", help="make a job's CURVE keys (buffer keypair, client keypairs, allow-list)",
+                        description="Writes the buffer's keypair and one keypair per kind of client (rollout, "
+                                    "trainer) into RUN_DIR/keys (mode 0600 files in a 0700 directory); keys that "
+                                    "exist are kept. Every node of the job needs this directory "
+                                    "(security.keys_dir; launch/MULTINODE.md). `areal-like run` makes them itself.")
+    ky.add_argument("run_dir", help="run directory (the keys go to RUN_DIR/keys unless --keys-dir)")
+    ky.add_argument("--keys-dir", help="where to write the keys instead (pass it as security.keys_dir)")
     for name, help_ in (("top", "live terminal view of a running job"), ("status", "health of every daemon")):
         t = sub.add_parser(name, help=help_)
         t.add_argument("run_dir", nargs="?", help="run directory (default: the newest under ./runs)")
@@ -113,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         return _plan(args.overrides)
     if args.command == "track":
         return _track(args.run_dir, args.overrides, once=args.once)
+    if args.command == "keys":
+        return _keys(args.run_dir, args.keys_dir)
     from areal_like import top
 
     run_dir = args.run_dir or top.newest_run_dir()
@@ -194,7 +204,7 @@ def _print_config(overrides: list[str]) -> int:
         cfg = checked(cfg)
     except ConfigError as e:
         return _errors(e)
-    sys.stdout.write(to_yaml(cfg))
+    sys.stdout.write(to_yaml(cfg, redacted=True))  # a credential in a URL is shown as <redacted>
     return 0
 
 
@@ -227,6 +237,17 @@ def _plan(overrides: list[str]) -> int:
         return _errors(e)
     # the daemons' GPU settings, but the ports as configured (``auto`` where run picks them at start)
     print("\n".join(plan_lines(with_weight_path(with_gpu_count(cfg)), topo)))
+    return 0
+
+
+def _keys(run_dir: str, keys_dir: str | None) -> int:
+    from pathlib import Path
+
+    from areal_like.security import make_keys
+
+    target = Path(keys_dir) if keys_dir else Path(run_dir) / "keys"
+    written = make_keys(target)
+    print(f"{len(written)} key files written to {target}" if written else f"keys already in {target}: kept")
     return 0
 
 

@@ -8,7 +8,8 @@
    which prints it as one line per problem and exits 2;
 1. warm start (``launch/warmstart.py``) when ``warm_start.steps > 0`` (cached across runs);
 2. plan ports, CPU pools and GPUs (``launch/topology.py``, ``launch/placement.py``; ``plan_job``,
-   which ``areal-like plan`` prints without starting anything), write ``<run_dir>/config.yaml`` (the only
+   which ``areal-like plan`` prints without starting anything), make the job's CURVE keys in
+   ``<run_dir>/keys`` (``areal_like/security.py``; unless ``security.curve=false``), write ``<run_dir>/config.yaml`` (the only
    config every daemon reads), ``ports.json`` (for ``areal-like top|status``) and
    ``prometheus_targets.json`` (Prometheus file_sd);
 3. run the supervisor over the buffer, K rollout servers and ``torchrun -m trainer``, with a live
@@ -34,11 +35,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from areal_like.auth import BIND_HOST_ENV, ENGINE_KEY_ENV, engine_api_key, ensure_key_file, read_key_file
 from areal_like.config import RunConfig, to_yaml
+from areal_like.daemon import MALLOC_ENV
 from areal_like.distributed import free_port
+from areal_like.security import make_keys
 from areal_like.track_sink import TrackerSink
 from launch.local import ProcSpec, Supervisor, error_tail, write_json_atomic
-from launch.placement import check_one_node, needs_gpus, visible_devices, with_weight_path
+from launch.placement import check_one_node, needs_gpus, place_nodes, visible_devices, with_weight_path
 from launch.preflight import checked
 from launch.rundir import check_existing_run
 from launch.topology import Topology, apply_topology, plan_topology, wants_eval
@@ -82,17 +86,31 @@ def prepare(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, T
     run_dir = Path(cfg.run_dir).resolve()
     cfg, topo = plan_job(dataclasses.replace(cfg, run_dir=str(run_dir)), cpus)
     (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
+    if cfg.security.curve:  # the job's CURVE keys, no user step (kept when the run resumes)
+        make_keys(cfg.resolve_path(cfg.security.keys_dir))
     path = run_dir / "config.yaml"
-    path.write_text(to_yaml(cfg))
+    path.write_text(to_yaml(cfg))  # no credential in it: they travel in the environment (areal_like/auth.py)
+    if engine_api_key() is None:
+        ensure_key_file(run_dir)  # the job's engine API key (kept on resume), which job_specs hands out
     return cfg, topo, path
 
 
 def job_specs(cfg: RunConfig, topo: Topology, config_path: Path, python: str = sys.executable) -> list[ProcSpec]:
-    """The buffer (stage 0), then every rollout server and the trainer (stage 1); on a GPU topology
-    each gets ``CUDA_VISIBLE_DEVICES`` from its slot (the trainer's lists one GPU per torchrun rank)."""
-    env = {"OMP_NUM_THREADS": str(cfg.launch.omp_threads), "MKL_NUM_THREADS": str(cfg.launch.omp_threads),
-           "AREAL_LIKE_RUN_DIR": cfg.run_dir}
+    """The buffer (stage 0), then every rollout server and the trainer (stage 1, see ``_stage``); on a
+    GPU topology each gets ``CUDA_VISIBLE_DEVICES`` from its slot (the trainer's lists one GPU per
+    torchrun rank), translated through the launcher's own when it has one."""
+    env = {**{k: v for k, v in MALLOC_ENV.items() if k not in os.environ},
+           "OMP_NUM_THREADS": str(cfg.launch.omp_threads), "MKL_NUM_THREADS": str(cfg.launch.omp_threads),
+           "AREAL_LIKE_RUN_DIR": cfg.run_dir,
+           # /metrics binds where the supervisor probes it: the job's host (loopback unless configured)
+           BIND_HOST_ENV: os.environ.get(BIND_HOST_ENV) or topo.host}
+    key = engine_api_key() or read_key_file(cfg.run_dir)  # one exported by the user, else the run's own (prepare)
+    if key:
+        env[ENGINE_KEY_ENV] = key
     base = ["--config-file", str(config_path)]
+    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")  # plan index i is the launcher's i-th GPU
+    shared = any(n.shared for n in place_nodes(cfg) or ())
+    engine_start_s = cfg.rollout.engine.startup_timeout_s + 60  # healthy once its engine answers
     specs = []
     for slot in topo.slots:
         health = f"http://{topo.host}:{slot.metrics_port}/health"
@@ -102,10 +120,18 @@ def job_specs(cfg: RunConfig, topo: Topology, config_path: Path, python: str = s
             argv = [python, "-m", "rollout_server", *base, *slot.overrides]
         else:
             argv = _trainer_argv(python, cfg.launch.trainer_ranks, topo.host, base)
-        gpus = {} if slot.gpus is None else {"CUDA_VISIBLE_DEVICES": visible_devices(slot.gpus)}
+        gpus = {} if slot.gpus is None else {"CUDA_VISIBLE_DEVICES": visible_devices(slot.gpus, inherited)}
         specs.append(ProcSpec(name=slot.name, argv=argv, env={**env, **gpus}, health_url=health,
-                              stage=0 if slot.kind == "buffer" else 1, main=slot.kind == "trainer", cpus=slot.cpus))
+                              stage=_stage(slot.kind, shared), main=slot.kind == "trainer", cpus=slot.cpus,
+                              health_timeout_s=engine_start_s if slot.kind == "rollout" else None))
     return specs
+
+
+def _stage(kind: str, shared: bool) -> int:
+    """The buffer first, then the rollout servers and the trainer together; on one shared GPU the
+    trainer only once every engine is up: SGLang sizes its KV cache from the memory free after it
+    loads the model, which a trainer allocating at the same time would take."""
+    return 0 if kind == "buffer" else 2 if kind == "trainer" and shared else 1
 
 
 def _trainer_argv(python: str, ranks: int, host: str, base: list[str]):
@@ -349,6 +375,7 @@ def run_job(cfg: RunConfig, quiet: bool = False) -> int:
     resumed_from = check_existing_run(cfg)
     if resumed_from:
         print(f"[run] resuming at step {resumed_from} of {cfg.trainer.steps}", file=sys.stderr, flush=True)
+    plan_job(cfg)  # a layout that does not fit is refused now, not after the warm start
     cfg = ensure_warm_start(cfg, log=lambda m: print(f"[warm-start] {m}", file=sys.stderr, flush=True))
     cfg, topo, config_path = prepare(cfg)
     run_dir = Path(cfg.run_dir)

@@ -51,6 +51,7 @@ class ProcSpec:
     env: dict[str, str] = field(default_factory=dict)  # added to the supervisor's environment
     health_url: str | None = None  # GET -> 200 when ready; None = ready once started
     stage: int = 0  # lower stages start (and become healthy) first
+    health_timeout_s: float | None = None  # its own start-up allowance, when longer than the supervisor's
     main: bool = False  # exiting 0 completes the job (the trainer)
     cpus: tuple[int, ...] | None = None  # pinned cores (taskset)
 
@@ -190,7 +191,8 @@ class Supervisor:
             popen.stdout.close()
 
     def _wait_healthy(self, p: _Proc) -> None:
-        deadline = time.monotonic() + self.health_timeout_s
+        timeout_s = max(self.health_timeout_s, p.spec.health_timeout_s or 0.0)
+        deadline = time.monotonic() + timeout_s
         while p.spec.health_url and not self.stop_event.is_set():
             if p.popen.poll() is not None:
                 raise JobFailed(f"{p.spec.name} exited with {p.popen.returncode} before it was healthy "
@@ -198,7 +200,7 @@ class Supervisor:
             if probe(p.spec.health_url):
                 return
             if time.monotonic() > deadline:
-                raise JobFailed(f"{p.spec.name} not healthy at {p.spec.health_url} after {self.health_timeout_s:.0f}s",
+                raise JobFailed(f"{p.spec.name} not healthy at {p.spec.health_url} after {timeout_s:.0f}s",
                                 p.spec.name)
             time.sleep(0.2)
 

@@ -39,6 +39,17 @@ SHARED_MEM_FRACTION_DEFAULT = 0.4  # one shared GPU, fraction unset: what SGLang
 SHARED_MEM_FRACTION_MAX = 0.6  # one shared GPU: SGLang's static share; the trainer's weights, grads, Adam need the rest
 
 
+def split_address(address: str) -> tuple[str, int]:
+    """``tcp://host:port`` -> (host, port). Raises ConfigError on anything else."""
+    if not address.startswith("tcp://") or ":" not in address[len("tcp://"):]:
+        raise ConfigError(f"{address!r} is not a tcp://host:port address")
+    host, port = address[len("tcp://"):].rsplit(":", 1)
+    try:
+        return host, int(port)
+    except ValueError:
+        raise ConfigError(f"{address!r}: port {port!r} is not a number") from None
+
+
 @dataclass(frozen=True, kw_only=True)
 class NodeGpus:
     """The GPUs of one node's processes."""
@@ -58,9 +69,20 @@ class NodeGpus:
         return bool(set(self.trainer).intersection(*self.rollout)) if self.rollout else False
 
 
-def visible_devices(gpus: tuple[int, ...]) -> str:
-    """The ``CUDA_VISIBLE_DEVICES`` value for ``gpus`` (empty: the process sees no GPU)."""
-    return ",".join(map(str, gpus))
+def visible_devices(gpus: tuple[int, ...], inherited: str | None = None) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` value for ``gpus`` (empty: the process sees no GPU).
+
+    ``inherited``: the launcher's own ``CUDA_VISIBLE_DEVICES`` when it has one. The plan numbers
+    the GPUs torch sees (``torch.cuda.device_count()``), and torch's GPU ``i`` is the ``i``-th entry
+    of that list, so each planned index is translated through it: a job given GPUs ``4,5,6,7``
+    never touches GPUs 0-3."""
+    if inherited is None:
+        return ",".join(map(str, gpus))
+    have = [d.strip() for d in inherited.split(",") if d.strip()]
+    if gpus and max(gpus) >= len(have):
+        raise ConfigError(f"the plan needs GPU index {max(gpus)} but CUDA_VISIBLE_DEVICES={inherited!r} gives "
+                          f"this launcher {len(have)} GPUs; unset it or lower launch.gpus_per_node")
+    return ",".join(have[g] for g in gpus)
 
 
 def place_node(*, gpus_per_node: int, trainer_ranks: int, rollout_servers: int, tp_size: int,
@@ -127,8 +149,7 @@ def place_nodes(cfg: RunConfig) -> tuple[NodeGpus, ...] | None:
                               trainer_ranks=la.trainer_ranks if trains and trainer_on_gpu(cfg) else 0,
                               rollout_servers=la.num_rollout_servers if serves and engine_on_gpu(cfg) else 0,
                               tp_size=cfg.rollout.engine.tp_size, nodes=la.nodes, node=k))
-    if any(n.shared for n in out):
-        _check_shared(cfg)
+    _check_weight_path(cfg, shared=any(n.shared for n in out))
     return tuple(out)
 
 
@@ -148,16 +169,54 @@ def check_one_node(cfg: RunConfig) -> None:
 
 def _gpu_checks(cfg: RunConfig) -> bool:
     """Whether the job places processes on GPUs; ConfigError when it cannot."""
+    if cfg.launch.nodes > 1:
+        _check_reachable(cfg)
+    ws = cfg.trainer.weight_sync
+    if ws.backend == "nccl" and not trainer_on_gpu(cfg):
+        raise ConfigError(f"trainer.weight_sync.backend=nccl with trainer.device={cfg.trainer.device!r}: NCCL "
+                          "broadcasts from GPU memory; use backend=gloo (or auto) for a CPU trainer")
     if not needs_gpus(cfg):
         return False
     if cfg.launch.gpus_per_node < 1:
-        raise ConfigError(f"trainer.device={cfg.trainer.device!r}, rollout.engine.kind={cfg.rollout.engine.kind!r} "
-                          f"and rollout.engine.device={cfg.rollout.engine.device!r} need GPUs; "
-                          "launch.gpus_per_node=0 and torch sees no GPU on this machine")
+        engine = ("rollout.engine.kind=sglang" if cfg.rollout.engine.kind == "sglang"
+                  else f"rollout.engine.device={cfg.rollout.engine.device!r}")
+        raise ConfigError(f"trainer.device={cfg.trainer.device!r} and {engine} need GPUs, and torch sees none "
+                          "here (launch.gpus_per_node=0 asks it): check the driver (nvidia-smi) and the torch "
+                          "build, or set launch.gpus_per_node=N to plan for a machine with N GPUs")
     if cfg.rollout.engine.kind == "embedded" and engine_on_gpu(cfg) and cfg.rollout.engine.device != "cuda":
         raise ConfigError(f"rollout.engine.device={cfg.rollout.engine.device!r}: each rollout server sees only "
                           "its own GPUs (CUDA_VISIBLE_DEVICES), so the engine device is 'cuda'")
     return True
+
+
+LOOPBACK = ("127.", "localhost", "::1", "[::1]")
+
+
+def _check_reachable(cfg: RunConfig) -> None:
+    """Several nodes: every address a process of another node dials must not be loopback."""
+    keys = [("buffer.address", split_address(cfg.buffer.address)[0]),
+            ("buffer.pub_address", split_address(cfg.buffer.pub_address)[0])]
+    if cfg.trainer.weight_sync.path in ("auto", "distributed"):
+        keys.append(("trainer.weight_sync.master_addr", cfg.trainer.weight_sync.master_addr))
+    for key, host in keys:
+        if host.startswith(LOOPBACK) or host in ("0.0.0.0", "*"):
+            raise ConfigError(f"{key} host {host!r} with launch.nodes={cfg.launch.nodes}: processes on the other "
+                              "nodes cannot reach it; set it to node 0's address on the cluster network "
+                              "(launch/MULTINODE.md: python -m launch.srun head-ip IFACE)")
+
+
+def _check_weight_path(cfg: RunConfig, shared: bool) -> None:
+    """The weight path fits the layout: ``tensor`` passes CUDA IPC handles, which only a process on the
+    same GPU can open; ``disk`` writes to the trainer node's temporary directory."""
+    path = cfg.trainer.weight_sync.path
+    if path == "tensor" and not shared:
+        raise ConfigError("trainer.weight_sync.path=tensor with the trainer and the engines on different GPUs: "
+                          "a CUDA IPC handle opens only on the GPU it came from; use path=auto (distributed)")
+    if path == "disk" and cfg.launch.nodes > 1:
+        raise ConfigError(f"trainer.weight_sync.path=disk with launch.nodes={cfg.launch.nodes}: the trainer "
+                          "writes to its own node's temporary directory; use path=auto (distributed)")
+    if shared:
+        _check_shared(cfg)
 
 
 def _check_shared(cfg: RunConfig) -> None:

@@ -32,6 +32,7 @@ daemons inherit from the launcher.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -214,6 +215,7 @@ def check_engine(cfg: RunConfig) -> list[str]:
                        "(or topology=gpu_embedded)")
         if not cfg.model.path and cfg.warm_start.steps == 0:  # the warm start writes one
             out.append("rollout.engine.kind=sglang needs model.path (SGLang serves a Hugging Face model directory)")
+        out += check_tp_size(cfg)
     return out
 
 
@@ -228,6 +230,26 @@ def check_env(cfg: RunConfig) -> list[str]:
         ToolRegistry(getattr(load_environment(cfg.task.env), "tools", None))
     except Exception as e:  # anything an import, a constructor or a schema check raises
         return [f"task.env={cfg.task.env!r} cannot be loaded: {type(e).__name__}: {e}"]
+    return []
+
+
+def check_tp_size(cfg: RunConfig) -> list[str]:
+    """SGLang splits attention heads over ``tp_size`` GPUs: query heads evenly, key/value heads
+    evenly or replicated (``tp_size`` a multiple of them). Caught here, not after loading the model."""
+    tp = cfg.rollout.engine.tp_size
+    if tp == 1:
+        return []
+    heads, kv, where = cfg.model.num_attention_heads, cfg.model.num_key_value_heads, "model"
+    config = Path(cfg.model.path or "").expanduser() / "config.json"
+    if cfg.model.path and config.is_file():
+        hf = json.loads(config.read_text())
+        hf = hf.get("text_config", hf)  # multimodal configs nest the language model's
+        heads = hf.get("num_attention_heads", heads)
+        kv, where = hf.get("num_key_value_heads", heads), str(config)
+    if heads % tp or (kv % tp if kv >= tp else tp % kv):
+        return [f"rollout.engine.tp_size={tp} does not divide the model's {heads} attention heads and "
+                f"{kv} key/value heads ({where}): SGLang would fail after loading the model; pick a tp_size "
+                "that divides the heads"]
     return []
 
 

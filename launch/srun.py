@@ -13,10 +13,11 @@
 
 Each step is ``srun --overlap -N1 -n1 -w NODE -c CORES --cpu-bind=mask_cpu:MASK env
 CUDA_VISIBLE_DEVICES=... COMMAND``. The cores come from the plan too (``node_cores``): a node's
-cores, less one for the buffer on node 0, are cut into ``launch.gpus_per_node`` equal blocks in
-GPU order (block ``g`` for GPU ``g``, which on the usual two-socket GPU node keeps a process on the
-socket of its GPUs), and each process is bound to the blocks of its GPUs, so no two processes
-of a node share a core. ``CUDA_VISIBLE_DEVICES`` is set by ``env`` inside the step, after Slurm's
+physical cores (``physical_cores``: from ``lscpu``, hyperthreads kept with their core), less one
+for the buffer on node 0, are cut into ``launch.gpus_per_node`` equal blocks in socket and GPU order
+(block ``g`` for GPU ``g``, which on the usual two-socket GPU node keeps a process on the socket of
+its GPUs), and each process is bound to the blocks of its GPUs, so no two processes of a node
+share a core. ``CUDA_VISIBLE_DEVICES`` is set by ``env`` inside the step, after Slurm's
 own GPU binding, so it is the plan's and not Slurm's.
 """
 
@@ -68,23 +69,47 @@ def _ipv4_interfaces() -> list[str]:
     return [f"{f[1]}={f[f.index('inet') + 1].split('/')[0]}" for f in rows if "inet" in f and len(f) > 3]
 
 
-def node_cores(placed: NodeGpus, cpus: int, gpus_per_node: int, has_buffer: bool) -> dict[str, tuple[int, ...]]:
-    """The cores of each process of one node: ``trainer`` (its torchrun), ``rollout-<i>`` (i-th server
-    of the node) and ``buffer``; ConfigError when the node has fewer cores than GPUs."""
-    usable = cpus - (BUFFER_CORES if has_buffer else 0)
-    per_gpu = usable // gpus_per_node
+def physical_cores(cpus: int, lscpu: str | None = None) -> list[tuple[int, ...]]:
+    """The node's physical cores, each as its logical CPUs, ordered by (socket, core).
+
+    ``lscpu``: the output of ``lscpu -p=CPU,CORE,SOCKET`` on a node of the job (nodes are alike).
+    With SMT the kernel numbers a core's hyperthreads apart (often ``c`` and ``c + N/2``), so cutting
+    logical CPU numbers into blocks would give two processes the two threads of one core; cutting
+    physical cores in socket order keeps each block on whole cores of one socket. Without it every
+    one of ``cpus`` logical CPUs counts as a core of its own."""
+    if not lscpu:
+        return [(c,) for c in range(cpus)]
+    by_core: dict[tuple[int, int], list[int]] = {}
+    for line in lscpu.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        try:
+            cpu, core, socket = (int(x or 0) for x in line.split(",")[:3])
+        except ValueError:
+            raise ConfigError(f"--cpu-topology: {line!r} is not a `lscpu -p=CPU,CORE,SOCKET` line") from None
+        by_core.setdefault((socket, core), []).append(cpu)
+    return [tuple(sorted(by_core[k])) for k in sorted(by_core)]
+
+
+def node_cores(placed: NodeGpus, cores: list[tuple[int, ...]], gpus_per_node: int,
+               has_buffer: bool) -> dict[str, tuple[int, ...]]:
+    """The logical CPUs of each process of one node: ``trainer`` (its torchrun), ``rollout-<i>``
+    (i-th server of the node) and ``buffer`` (the last physical core); ``cores`` from
+    ``physical_cores``. ConfigError when the node has fewer cores than GPUs."""
+    usable = cores[:len(cores) - BUFFER_CORES] if has_buffer else cores
+    per_gpu = len(usable) // gpus_per_node
     if per_gpu < 1:
-        raise ConfigError(f"{cpus} cores per node cannot give each of launch.gpus_per_node={gpus_per_node} GPUs a core"
-                          + (" beside the buffer's" if has_buffer else ""))
+        raise ConfigError(f"{len(cores)} cores per node cannot give each of launch.gpus_per_node={gpus_per_node} "
+                          "GPUs a core" + (" beside the buffer's" if has_buffer else ""))
 
     def block(gpus: tuple[int, ...]) -> tuple[int, ...]:
-        return tuple(c for g in gpus for c in range(g * per_gpu, (g + 1) * per_gpu))
+        return tuple(c for g in gpus for core in usable[g * per_gpu:(g + 1) * per_gpu] for c in core)
 
     out = {f"rollout-{i}": block(g) for i, g in enumerate(placed.rollout)}
     if placed.trainer:
         out["trainer"] = block(placed.trainer)
     if has_buffer:
-        out["buffer"] = tuple(range(cpus - BUFFER_CORES, cpus))
+        out["buffer"] = tuple(c for core in cores[len(cores) - BUFFER_CORES:] for c in core)
     return out
 
 
@@ -104,8 +129,9 @@ class Step:
 
 
 def slurm_steps(cfg: RunConfig, hosts: list[str], *, config: str, cpus: int, master_port: int, restarts: int,
-                repo: str) -> tuple[Topology, list[Step]]:
-    """The plan of ``cfg`` on ``hosts`` (node k = ``hosts[k]``) as srun steps, buffer first."""
+                repo: str, lscpu: str | None = None) -> tuple[Topology, list[Step]]:
+    """The plan of ``cfg`` on ``hosts`` (node k = ``hosts[k]``) as srun steps, buffer first;
+    ``cpus`` logical CPUs per node, ``lscpu`` their cores and sockets (``physical_cores``)."""
     la = cfg.launch
     if len(hosts) != la.nodes:
         raise ConfigError(f"launch.nodes={la.nodes} but the allocation has {len(hosts)} nodes ({', '.join(hosts)})")
@@ -121,7 +147,8 @@ def slurm_steps(cfg: RunConfig, hosts: list[str], *, config: str, cpus: int, mas
         raise ConfigError(f"trainer.device={cfg.trainer.device!r} and rollout.engine.kind={cfg.rollout.engine.kind!r}: "
                           "the Slurm recipe places GPU jobs (topology=gpu_sglang or gpu_embedded)")
     topo = plan_topology(cfg, _from(master_port))
-    cores = [node_cores(placed[k], cpus, la.gpus_per_node, has_buffer=k == 0) for k in range(la.nodes)]
+    node = physical_cores(cpus, lscpu)
+    cores = [node_cores(placed[k], node, la.gpus_per_node, has_buffer=k == 0) for k in range(la.nodes)]
     seen = [0] * la.nodes  # rollout servers placed so far on each node
     steps = []
     for slot in sorted(topo.slots, key=lambda s: (s.kind != "buffer", s.node)):
@@ -173,6 +200,7 @@ def main(argv: list[str]) -> int:
     sp.add_argument("--config-file", required=True)
     sp.add_argument("--hosts", required=True, help="comma-separated, node 0 first (scontrol show hostnames)")
     sp.add_argument("--cpus-per-node", type=int, required=True)
+    sp.add_argument("--cpu-topology", help="a file with `lscpu -p=CPU,CORE,SOCKET` of a node (SMT and sockets)")
     sp.add_argument("--master-port", type=int, required=True, help="torchrun's rendezvous on node 0")
     sp.add_argument("--restarts", type=int, default=3, help="per rollout server, before its step fails")
     sp.add_argument("--repo", required=True, help="this checkout on the shared filesystem")
@@ -187,7 +215,8 @@ def main(argv: list[str]) -> int:
         cfg = load_daemon_config(["--config-file", args.config_file])
         hosts = args.hosts.split(",")
         topo, steps = slurm_steps(cfg, hosts, config=args.config_file, cpus=args.cpus_per_node,
-                                  master_port=args.master_port, restarts=args.restarts, repo=args.repo)
+                                  master_port=args.master_port, restarts=args.restarts, repo=args.repo,
+                                  lscpu=Path(args.cpu_topology).read_text() if args.cpu_topology else None)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -18,11 +18,12 @@ Invariants (tested in tests/unit/test_topology.py):
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from areal_like.config import ConfigError, RunConfig
-from launch.placement import node_roles, place_nodes, visible_devices
+from launch.placement import node_roles, place_nodes, split_address, visible_devices
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,17 +74,6 @@ class Topology:
                          "gpus": list(s.gpus) if s.gpus is not None else None,
                          "metrics_url": f"http://{self.host}:{s.metrics_port}/metrics"} for s in self.slots],
         }
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """``tcp://host:port`` -> (host, port). Raises ConfigError on anything else."""
-    if not address.startswith("tcp://") or ":" not in address[len("tcp://"):]:
-        raise ConfigError(f"{address!r} is not a tcp://host:port address")
-    host, port = address[len("tcp://"):].rsplit(":", 1)
-    try:
-        return host, int(port)
-    except ValueError:
-        raise ConfigError(f"{address!r}: port {port!r} is not a number") from None
 
 
 def split_cpus(cpus: Iterable[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -208,15 +198,28 @@ def plan_lines(cfg: RunConfig, topo: Topology) -> list[str]:
             where = f"{metrics}  {_engine(cfg)}"
         else:
             where = _trainer_where(cfg, topo, s, metrics if s.node == 0 else "", backend, path)
-        rows.append((str(s.node), s.name, "-" if s.gpus is None else (visible_devices(s.gpus) or "none"), where))
+        rows.append((str(s.node), s.name, _gpus(s.gpus), where))
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     return [f"{a:<{width[0]}}  {b:<{width[1]}}  {c:<{width[2]}}  {d}".rstrip() for a, b, c, d in rows]
+
+
+def _gpus(gpus: tuple[int, ...] | None) -> str:
+    """A process's GPUs for ``plan``: the launcher's GPU indices, and the physical ones its
+    ``CUDA_VISIBLE_DEVICES`` maps them to when it has one."""
+    if gpus is None:
+        return "-"
+    if not gpus:
+        return "none"
+    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
+    planned = visible_devices(gpus)
+    return planned if inherited is None else f"{planned} (={visible_devices(gpus, inherited)})"
 
 
 def _trainer_where(cfg: RunConfig, topo: Topology, s: DaemonSlot, metrics: str, backend: str, path: str) -> str:
     """One torchrun: on several nodes, its ``--node-rank`` and the global ranks it runs."""
     la, ws = cfg.launch, cfg.trainer.weight_sync
-    ranks = f"{la.trainer_ranks} ranks" + (" (LOCAL_RANK i: the i-th GPU)" if s.gpus else "")
+    ranks = f"{la.trainer_ranks} rank{'s' if la.trainer_ranks != 1 else ''}" \
+        + (" (LOCAL_RANK i: the i-th GPU)" if s.gpus else "")
     if la.nodes > 1:
         first = s.node * la.trainer_ranks
         ranks = f"node-rank {s.node} of {la.train_nodes}, {ranks}, global {first}..{first + la.trainer_ranks - 1}"

@@ -22,7 +22,14 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         setup_logging("rollout").error("invalid configuration: %s", e)
         return 2
-    setup_logging(f"rollout:{cfg.rollout.server_id or 'rollout'}")
+    log = setup_logging(f"rollout:{cfg.rollout.server_id or 'rollout'}")
+    from areal_like import security
+
+    try:
+        security.setup(cfg, "rollout", log)
+    except security.SecurityError as e:
+        log.error("%s", e)
+        return 2
     from rollout_server.server import RolloutServer
 
     return RolloutServer(cfg).serve()

@@ -146,7 +146,7 @@ async def run_episode(ctx: EpisodeContext, credit: Credit) -> TrajectoryGroup:
         meta = {"text": text, "resumed": s.resumed}
         if error is not None:
             meta["reward_error"] = error
-        trajectories.append(Trajectory(
+        trajectories.append(Trajectory.of(
             prompt_ids=as_i32(prompt_ids), output_ids=as_i32(s.output_ids), behav_logp=as_f32(s.logprobs),
             versions=as_i32(s.versions), reward=reward, finish_reason=s.finish_reason, metadata=meta))
     if ctx.metrics is not None and trajectories:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -229,8 +230,9 @@ async def _evaluate_model(cfg: RunConfig, version: int | None) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     evaluator = ServerEvaluator(cfg, tokenizer, rewards=None)  # a missing eval split fails here, before any start
     rewards = evaluator.rewards = RewardPool(cfg.task, evaluator.reward_path)
-    engine = EmbeddedEngine(cfg.model, cfg.rollout.engine).start()
-    client = SGLangClient(engine.url, generate_timeout_s=cfg.rollout.engine.request_timeout_s)
+    key = secrets.token_urlsafe(32)  # this engine serves this call only
+    engine = EmbeddedEngine(cfg.model, cfg.rollout.engine, api_key=key).start()
+    client = SGLangClient(engine.url, generate_timeout_s=cfg.rollout.engine.request_timeout_s, api_key=key)
     eos = tokenizer.eos_token_id
     try:
         t0 = time.monotonic()

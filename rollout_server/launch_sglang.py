@@ -34,6 +34,7 @@ import sys
 import time
 import urllib.request
 
+from areal_like.auth import redact_argv
 from areal_like.config import EngineConfig, ModelConfig
 from areal_like.distributed import free_port
 
@@ -86,13 +87,17 @@ def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
         pass
 
 
-def sglang_command(model: ModelConfig, engine: EngineConfig, port: int) -> list[str]:
-    """The argv that starts SGLang for ``model`` with ``engine.sglang`` passed through."""
+def sglang_command(model: ModelConfig, engine: EngineConfig, port: int, api_key: str | None = None) -> list[str]:
+    """The argv that starts SGLang for ``model`` with ``engine.sglang`` passed through; with
+    ``api_key``, SGLang requires it on every request (``--api-key``: only on argv, which SGLang
+    offers; the log shows the argv redacted)."""
     if not model.path:
         raise ValueError("rollout.engine.kind=sglang needs model.path (a local HF model directory)")
     opts = {"model_path": model.path, "host": engine.host, "port": port, "weight_version": "0",
             "tp_size": engine.tp_size}
     opts.update(engine.sglang)
+    if api_key:
+        opts["api_key"] = api_key
     argv = [sys.executable, "-m", "sglang.launch_server"]
     for key, value in opts.items():
         flag = "--" + str(key).replace("_", "-")
@@ -110,8 +115,9 @@ def sglang_command(model: ModelConfig, engine: EngineConfig, port: int) -> list[
 class SGLangProcess:
     """One SGLang server subprocess: ``start()`` -> base URL once ``/health`` answers 200."""
 
-    def __init__(self, model: ModelConfig, engine: EngineConfig, log_path: str | None = None):
-        self.model, self.engine = model, engine
+    def __init__(self, model: ModelConfig, engine: EngineConfig, log_path: str | None = None,
+                 api_key: str | None = None):
+        self.model, self.engine, self.api_key = model, engine, api_key
         self.port = engine.port or free_port(engine.host if engine.host != "0.0.0.0" else "127.0.0.1")
         self.url = f"http://{engine.host}:{self.port}"
         self.log_path = log_path
@@ -122,8 +128,8 @@ class SGLangProcess:
         return self.engine.tp_size
 
     def start(self) -> SGLangProcess:
-        argv = sglang_command(self.model, self.engine, self.port)
-        log.info("starting SGLang: %s", " ".join(argv))
+        argv = sglang_command(self.model, self.engine, self.port, self.api_key)
+        log.info("starting SGLang: %s", " ".join(redact_argv(argv)))
         out = open(self.log_path, "ab") if self.log_path else None
         self.proc = spawn_tied(argv, stdout=out, stderr=subprocess.STDOUT if out else None)
         deadline = time.monotonic() + self.engine.startup_timeout_s
@@ -139,7 +145,8 @@ class SGLangProcess:
 
     def _healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(self.url + "/health", timeout=10) as r:
+            auth = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            with urllib.request.urlopen(urllib.request.Request(self.url + "/health", headers=auth), timeout=10) as r:
                 return r.status == 200
         except OSError:
             return False

@@ -199,6 +199,6 @@ class EpisodeRunner:
                 "messages": conv.messages, "text": said[-1] if said else ""}
         if conv.info:
             meta["info"] = conv.info
-        return Trajectory(prompt_ids=as_i32(conv.prompt_ids), output_ids=as_i32(conv.output_ids),
-                          behav_logp=as_f32(conv.logprobs), versions=as_i32(conv.versions), reward=float(conv.reward),
-                          finish_reason=conv.finish_reason, metadata=meta, loss_mask=as_i32(conv.loss_mask))
+        return Trajectory.of(prompt_ids=as_i32(conv.prompt_ids), output_ids=as_i32(conv.output_ids),
+                             behav_logp=as_f32(conv.logprobs), versions=as_i32(conv.versions), reward=float(conv.reward),
+                             finish_reason=conv.finish_reason, metadata=meta, loss_mask=as_i32(conv.loss_mask))

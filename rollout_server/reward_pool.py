@@ -5,14 +5,14 @@
 (``rollout_server/reward_worker.py``); a group's samples are scored in parallel across them. Or,
 with ``task.reward_url`` set, it POSTs each group to that URL as one JSON batch.
 
-What a worker is: a fresh interpreter (not a fork: the rollout server runs asyncio and threads)
-under resource limits (address space ``task.reward_memory_mb``, CPU time, and the wall clock
-``task.reward_timeout_s`` per sample, enforced by SIGKILL), with an environment scrubbed of every
-variable that looks like a secret (``SECRET_NAME``; not even ``/proc/<pid>/environ`` shows them,
-where multiprocessing's spawn would pass them on), in a process group of its own. It is NOT a
-security sandbox: it runs as the same user with the same files and network, so files such as
-``~/.netrc`` or the Hugging Face token file stay readable. It contains accidents (a hang, a leak,
-a crash, an ``exit``), not malice. The rollout server never imports the reward itself: a
+What a worker is: a sandbox worker (``rollout_server/sandbox.py``): a fresh interpreter in a
+process group of its own, under an address-space limit (``task.reward_memory_mb``), a CPU-time
+backstop, a process limit (a sample may start no process or thread: a fork bomb's first fork
+fails) and the wall clock ``task.reward_timeout_s`` per sample (enforced by SIGKILL), with an
+environment scrubbed of every variable that looks like a secret; started by root, it drops to a
+uid of its own once the reward is imported. It contains accidents and runaway code (a hang, a
+leak, a crash, an ``exit``, a fork bomb), not a determined attacker: the network and
+world-readable files stay reachable. The rollout server never imports the reward itself: a
 worker's ready reply is the check that it loads.
 
 Invariants:
@@ -56,34 +56,26 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import pickle
 import queue
 import reprlib
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import aiohttp
 
 from areal_like.config import TaskConfig
 from areal_like.metrics import Metrics
-from rollout_server import reward_worker
-from rollout_server.reward_worker import SECRET_NAME, as_reward, recv_frame, scrubbed_env, send_frame
+from rollout_server.reward_worker import SECRET_NAME, as_reward, scrubbed_env
+from rollout_server.sandbox import STARTUP_TIMEOUT_S, SandboxLimits, StartFailed, Worker, WorkerLost
 
-__all__ = ["SECRET_NAME", "RewardPool", "RewardPoolError", "Score", "scrubbed_env"]
+__all__ = ["SECRET_NAME", "STARTUP_TIMEOUT_S", "RewardPool", "RewardPoolError", "Score", "scrubbed_env"]
 
 Score = tuple[float, str | None]
 
 log = logging.getLogger(__name__)
-WORKER_SCRIPT = str(Path(reward_worker.__file__).resolve())
-STARTUP_TIMEOUT_S = 120.0  # a fresh worker imports the reward's module (sympy, torch, ...) on a busy machine
 WARN_EVERY_S = 60.0  # a kind of reward failure is logged at most this often
 REMOTE_BACKOFF_S = 0.2  # before the first retry; doubled each time, at most REMOTE_BACKOFF_MAX_S
 REMOTE_BACKOFF_MAX_S = 2.0
@@ -94,105 +86,21 @@ class RewardPoolError(RuntimeError):
     """The pool cannot score at all: its reward cannot be loaded in a worker, or no worker starts."""
 
 
-class _StartFailed(Exception):
-    """A worker never became ready; ``reason`` says why."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-class _WorkerLost(Exception):
-    """A ready worker cannot answer any more (timeout, death); ``kind`` and ``reason`` as scored."""
-
-    def __init__(self, kind: str, reason: str):
-        super().__init__(reason)
-        self.kind, self.reason = kind, reason
-
-
 class _RemoteError(Exception):
     def __init__(self, message: str, retry: bool):
         super().__init__(message)
         self.retry = retry
 
 
-class _Worker:
-    """One worker process and the pool's end of its socket; used by one thread at a time."""
-
-    def __init__(self, path: str, memory_mb: int):
-        ours, theirs = socket.socketpair()
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-I", WORKER_SCRIPT, str(theirs.fileno())], pass_fds=(theirs.fileno(),),
-                env=scrubbed_env(), stdin=subprocess.DEVNULL, start_new_session=True)
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        self.sock, self.ready = ours, False
-        try:
-            send_frame(ours, pickle.dumps({"path": path, "sys_path": list(sys.path), "memory_mb": memory_mb}))
-        except OSError:  # it died at once: its first call says how
-            pass
-
-    def call(self, request: bytes, timeout_s: float) -> dict:
-        """The worker's reply to one pickled request; raises _StartFailed (before it was ready) or _WorkerLost."""
-        if not self.ready:
-            self._wait_ready()
-        try:
-            send_frame(self.sock, request)
-        except OSError:
-            raise _WorkerLost("died", self._death()) from None
-        return self._reply(timeout_s, f"timeout after {timeout_s}s")
-
-    def _wait_ready(self) -> None:
-        try:
-            reply = self._reply(STARTUP_TIMEOUT_S, f"not ready after {STARTUP_TIMEOUT_S}s")
-        except _WorkerLost as lost:
-            self.kill()
-            raise _StartFailed(lost.reason) from None
-        if reply.get("ready") is not True:
-            self.kill()  # it exits after saying why; reaped here
-            raise _StartFailed(reply.get("reason", f"bad hello: {reprlib.repr(reply)}"))
-        self.ready = True
-
-    def _reply(self, timeout_s: float, timeout_reason: str) -> dict:
-        try:
-            frame = recv_frame(self.sock, time.monotonic() + timeout_s)
-        except TimeoutError:
-            raise _WorkerLost("timeout", timeout_reason) from None
-        except (EOFError, OSError):
-            frame = None
-        if frame is None:
-            raise _WorkerLost("died", self._death())
-        try:
-            return json.loads(frame)
-        except ValueError:
-            raise _WorkerLost("error", f"unreadable reply from the worker: {frame[:100]!r}") from None
-
-    def _death(self) -> str:
-        self.kill()
-        code = self.proc.returncode
-        return f"worker died: signal {-code}" if code < 0 else f"worker died: exit code {code}"
-
-    def kill(self) -> None:
-        """SIGKILL the worker's process group and reap the worker (idempotent)."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:  # the group is gone (the worker died, and nothing it started lives)
-            pass
-        self.proc.wait()
-        self.sock.close()
-
-
 class RewardPool:
     """Reward workers (or a remote reward) for one rollout server (module docstring)."""
 
-    def __init__(self, cfg: TaskConfig, default_path: str, metrics: Metrics | None = None):
+    def __init__(self, cfg: TaskConfig, default_path: str, metrics: Metrics | None = None, processes: int = 0):
+        """``processes``: what one sample may start (``sandbox.SandboxLimits.processes``; a reward needs none)."""
         self.path = cfg.reward_fn or default_path
         self.name = f"task.reward_fn={self.path!r}" if cfg.reward_fn else f"the task's reward {self.path!r}"
         self.timeout_s, self.memory_mb = cfg.reward_timeout_s, cfg.reward_memory_mb
+        self.limits = SandboxLimits(timeout_s=cfg.reward_timeout_s, memory_mb=cfg.reward_memory_mb, processes=processes)
         self.url, self.retries = cfg.reward_url, cfg.reward_retries
         self.metrics = metrics
         self.clock: Callable[[], float] = time.monotonic  # paces the failure warnings
@@ -200,7 +108,7 @@ class RewardPool:
         self._closed = False
         self._error: str | None = None  # set once: why the pool cannot score (RewardPoolError)
         self._warned: dict[str, tuple[float, int]] = {}  # kind -> (when last logged, failures unlogged since)
-        self._workers: list[_Worker] = []
+        self._workers: list[Worker] = []
         self._idle: queue.SimpleQueue[int] = queue.SimpleQueue()  # indices of workers no thread is using
         self._threads = ThreadPoolExecutor(max_workers=cfg.reward_workers, thread_name_prefix="reward")
         if not self.url:  # the workers import the reward: their ready replies are the check, not an import here
@@ -265,29 +173,30 @@ class RewardPool:
         if self._error is not None:
             raise RewardPoolError(self._error)
         try:
-            request = pickle.dumps((response, example, self.timeout_s))
+            request = pickle.dumps(((response, example), self.timeout_s))
         except Exception as e:
             return "error", f"cannot send the example to a reward worker: {type(e).__name__}: {e}"
         try:
             reply = self._workers[i].call(request, self.timeout_s)
-        except _StartFailed as failed:
+        except StartFailed as failed:
             if self._closed:  # close() killed it while it started
                 return "died", failed.reason
             raise self._break(f"{self.name} cannot be loaded in a reward worker: {failed.reason}") from None
-        except _WorkerLost as lost:
+        except WorkerLost as lost:
             if self._error is not None:
                 raise RewardPoolError(self._error) from None
             self._replace(i)
             return lost.kind, lost.reason
-        if "reward" in reply:
-            return None, reply["reward"]
+        if "result" in reply:
+            reward, why = as_reward(reply["result"])
+            return (None, reward) if why is None else ("error", why)
         if reply["kind"] == "memory":  # what failed to allocate may have left the process half-done
             self._replace(i)
         return reply["kind"], reply["reason"]
 
-    def _new_worker(self) -> _Worker:
+    def _new_worker(self) -> Worker:
         try:
-            return _Worker(self.path, self.memory_mb)
+            return Worker(self.path, self.limits)
         except OSError as e:  # no process can be started (EAGAIN, out of file descriptors, ...)
             raise RewardPoolError(f"cannot start a reward worker for {self.name}: {type(e).__name__}: {e}") from None
 

@@ -1,16 +1,17 @@
-"""A reward worker: one process that imports one reward function and scores samples, one at a time.
+"""A sandbox worker: one process that imports one function (a reward, a tool) and calls it, one call at a time.
 
-``rollout_server/reward_pool.py`` starts it as ``python -I reward_worker.py FD`` (a fresh
+``rollout_server/sandbox.py`` starts it as ``python -I reward_worker.py FD`` (a fresh
 interpreter, run as a script: its module level needs only the standard library) with the
 secrets scrubbed from its environment (``scrubbed_env``), in a session of its own, and talks to
 it over the socket ``FD``. Frames are an 8-byte big-endian length and a body:
 
-* pool -> worker, pickled: first ``{"path", "sys_path", "memory_mb"}``, then one
-  ``(response, example, timeout_s)`` per sample;
-* worker -> pool, JSON (the pool never unpickles what a reward produced): first
-  ``{"ready": true}`` or ``{"kind": "error" | "memory", "reason": str}`` when the reward cannot
-  be loaded (the worker then exits), then one ``{"reward": float}`` or
-  ``{"kind": "error" | "memory", "reason": str}`` per sample.
+* pool -> worker, pickled: first ``{"path", "sys_path", "memory_mb", "processes"}``, then one
+  ``(args, timeout_s)`` per call of ``fn(*args)`` (a reward's args: ``(response, example)``);
+* worker -> pool, JSON (the pool never unpickles what user code produced): first
+  ``{"ready": true}`` or ``{"kind": "error" | "memory", "reason": str}`` when the function cannot
+  be loaded (the worker then exits), then one ``{"result": value}`` (a real number that JSON
+  cannot carry, such as numpy's, as a float) or ``{"kind": "error" | "memory", "reason": str}``
+  per call.
 
 Loading (``load_reward``): the worker takes the pool's ``sys_path``, sets ``RLIMIT_AS``
 (``memory_mb``), then resolves the path with ``areal_like.callables.import_function`` (standard
@@ -23,11 +24,14 @@ Limits, set by the worker itself: ``RLIMIT_AS`` from the start, before the rewar
 imported, so an allocation past it raises MemoryError; ``RLIMIT_CPU`` before each sample, past
 what the sample could burn until its timeout, as a backstop should the pool fail to kill a
 runaway (the kernel then ends the worker with SIGXCPU). The pool enforces the timeout by
-killing the process. The worker exits when the pool's end of the socket closes.
+killing the process. ``RLIMIT_NPROC`` once the function is loaded (its imports may start thread
+pools), after dropping to a uid of its own when started by root (``confine``; sandbox.py says
+why). The worker exits when the pool's end of the socket closes.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import numbers
@@ -43,6 +47,10 @@ import time
 from collections.abc import Callable, Mapping
 
 HEADER = struct.Struct("!Q")
+ISOLATED_UID_BASE = 1_000_000_000  # + pid: a uid no other process has (pids stay below 2**22)
+PR_CAPBSET_DROP, PR_SET_SECUREBITS = 24, 28  # <linux/prctl.h>
+SECUREBITS_LOCKED_NOROOT = 0x2F  # NOROOT, NO_SETUID_FIXUP and KEEP_CAPS off, each locked (<linux/securebits.h>)
+CAPABILITY_VERSION_3 = 0x20080522
 CPU_GRACE_S = 3  # RLIMIT_CPU: CPU seconds past the most a sample could use before its timeout
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH", re.IGNORECASE)  # WANDB_API_KEY, HF_TOKEN, ...
 
@@ -146,17 +154,83 @@ def _limit_cpu(timeout_s: float) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
 
 
-def score_one(fn: Callable, frame: bytes) -> dict:
-    """The reply for one pickled ``(response, example, timeout_s)``; never raises."""
+def call_one(fn: Callable, frame: bytes) -> dict:
+    """The reply for one pickled ``(args, timeout_s)``; never raises."""
     try:
-        response, example, timeout_s = pickle.loads(frame)
+        args, timeout_s = pickle.loads(frame)
         _limit_cpu(timeout_s)
-        reward, why = as_reward(fn(response, example))
+        result = fn(*args)
+        try:
+            json.dumps(result)
+        except (TypeError, ValueError):
+            if not isinstance(result, numbers.Real):
+                return {"kind": "error", "reason": f"result is not JSON: {reprlib.repr(result)}"}
+            result = float(result)
     except MemoryError:
         return {"kind": "memory", "reason": "MemoryError"}
-    except BaseException as e:  # noqa: BLE001 - SystemExit too: a reward's failure is its sample's, not the worker's
+    except BaseException as e:  # noqa: BLE001 - SystemExit too: a call's failure is its own, not the worker's
         return {"kind": "error", "reason": f"{type(e).__name__}: {e}"}
-    return {"reward": reward} if why is None else {"kind": "error", "reason": why}
+    return {"result": result}
+
+
+def confine(processes: int) -> None:
+    """Allow ``processes`` more processes (threads count too) from now on.
+
+    RLIMIT_NPROC counts the processes of the *real* uid and never binds the root user or a
+    process holding CAP_SYS_RESOURCE or CAP_SYS_ADMIN. So as root the worker gives up every
+    capability for good (bounding set emptied, securebits locked so an exec regains none), then
+    takes a real uid no other process has: the limit then counts this worker alone. Its effective
+    uid stays 0 without capabilities, so files are read as their owner would (the interpreter
+    and packages may live in a root-only home) but nothing else is allowed. Otherwise: the
+    user's current count plus the allowance (a backstop: that count moves with the user's other
+    processes)."""
+    if os.geteuid() == 0:
+        libc = ctypes.CDLL(None, use_errno=True)
+        _lock_capabilities(libc)
+        os.setresuid(ISOLATED_UID_BASE + os.getpid(), 0, 0)  # needs CAP_SETUID: before the capset below
+        _libc_call(libc, "capset", ctypes.byref(_CapHeader(CAPABILITY_VERSION_3, 0)), (_CapData * 2)())
+        limit = 1 + processes
+    else:
+        limit = _tasks_of(os.getuid()) + processes
+        hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+        limit = limit if hard == resource.RLIM_INFINITY else min(limit, hard)  # a hard limit cannot be raised
+    resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def _lock_capabilities(libc) -> None:
+    """Empty the bounding set and lock securebits: no capabilities from uid 0 or an exec, ever."""
+    cap = 0
+    while libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:  # EINVAL past the kernel's last capability
+        cap += 1
+    _libc_call(libc, "prctl", PR_SET_SECUREBITS, SECUREBITS_LOCKED_NOROOT, 0, 0, 0)
+
+
+def _libc_call(libc, name: str, *args) -> None:
+    if getattr(libc, name)(*args) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{name}: {os.strerror(err)}")
+
+
+def _tasks_of(uid: int) -> int:
+    """Processes and threads of ``uid`` now (what RLIMIT_NPROC counts)."""
+    count = 0
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            if int(fields["Uid"].split()[0]) == uid:
+                count += int(fields["Threads"])
+        except (OSError, ValueError, KeyError):  # not a process, or it just ended
+            continue
+    return count
 
 
 def main(fd: int) -> int:
@@ -172,9 +246,14 @@ def main(fd: int) -> int:
         _send_json(sock, load_failure(e, config["memory_mb"]))
         return 1
     try:
+        confine(config["processes"])
+    except OSError as e:  # a worker that cannot be confined does not run user code
+        _send_json(sock, {"kind": "error", "reason": f"cannot confine the worker: {type(e).__name__}: {e}"})
+        return 1
+    try:
         _send_json(sock, {"ready": True})
         while (frame := recv_frame(sock)) is not None:
-            _send_json(sock, score_one(fn, frame))
+            _send_json(sock, call_one(fn, frame))
     except (ConnectionError, EOFError):  # the pool's process is gone (or reset the socket): so are we
         pass
     return 0

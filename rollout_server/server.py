@@ -27,10 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import socket
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
+import msgspec
+
+from areal_like.auth import engine_api_key
 from areal_like.config import RunConfig
 from areal_like.daemon import ComponentStopped, Daemon
 from areal_like.protocol import (
@@ -101,21 +105,25 @@ class RolloutServer(Daemon):
         self.eval_version: int | None = None  # the version under evaluation: plans are declined meanwhile
         self.eval_task: asyncio.Task | None = None
         self.pub_address = self.rcfg.pub_address
+        self.started = False  # start() finished: the engine is up
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         ecfg = self.rcfg.engine
+        # the job's key (areal-like run sets it); an engine we start gets a key of its own without one:
+        # never an unauthenticated engine. An attached one (kind=url) takes what the environment says.
+        self.api_key = engine_api_key() or (None if ecfg.kind == "url" else secrets.token_urlsafe(32))
         if ecfg.kind == "embedded":
             from rollout_server.engine import EmbeddedEngine
 
-            self.engine = EmbeddedEngine(self.cfg.model, ecfg).start()
+            self.engine = EmbeddedEngine(self.cfg.model, ecfg, api_key=self.api_key).start()
             self.engine_url = self.engine.url
         elif ecfg.kind == "sglang":
             from rollout_server.launch_sglang import SGLangProcess
 
             log_path = str(self.cfg.resolve_path(f"logs/sglang-{self.server_id}.log"))
             os.makedirs(os.path.dirname(log_path), exist_ok=True)
-            self.engine = SGLangProcess(self.cfg.model, ecfg, log_path).start()
+            self.engine = SGLangProcess(self.cfg.model, ecfg, log_path, api_key=self.api_key).start()
             self.engine_url, self.engine_ranks = self.engine.url, self.engine.engine_ranks
         else:
             self.engine_url = ecfg.url
@@ -133,6 +141,7 @@ class RolloutServer(Daemon):
             self.log.info("evaluating %d eval prompts (eval.every=%d)", len(self.evaluator.examples),
                           self.cfg.eval.every)
         self.log.info("server %s, engine %s (%s)", self.server_id, self.engine_url, ecfg.kind)
+        self.started = True
 
     def stop(self) -> None:
         if self.tools is not None:
@@ -161,14 +170,17 @@ class RolloutServer(Daemon):
             pass
 
     def health(self) -> tuple[bool, dict]:
-        return self.failure is None, {"name": self.name, "server_id": self.server_id,
+        """Healthy once ``start`` has its engine up (a launched SGLang answered its own health check):
+        the launcher starts a trainer that shares the GPU only after that."""
+        return self.failure is None and self.started, {"name": self.name, "server_id": self.server_id,
                                       "policy_version": self.policy_version, "unacked": len(self.unacked)}
 
     # ------------------------------------------------------------------ the loop
     async def main(self) -> None:
         self.wake = asyncio.Event()
         self.group_ready = asyncio.Event()  # a finished episode's group waits for the sender
-        self.client = SGLangClient(self.engine_url, generate_timeout_s=self.rcfg.engine.request_timeout_s)
+        self.client = SGLangClient(self.engine_url, generate_timeout_s=self.rcfg.engine.request_timeout_s,
+                                   api_key=self.api_key)
         self.control = AsyncClient(self.rcfg.buffer_address, timeout_s=BUFFER_TIMEOUT_S, identity=self.server_id)
         self.data = AsyncClient(self.rcfg.buffer_address, timeout_s=BUFFER_TIMEOUT_S, identity=self.server_id)
         background = []
@@ -360,7 +372,7 @@ class RolloutServer(Daemon):
         want = self.credits_wanted() if u.sends == 1 else 0  # a re-send may be a duplicate: its leases came
         self.credits_asked += want  # with the lost ack (they expire and are re-issued); do not take more
         try:
-            ack = await self.data.request(replace(u.group, want_credits=want) if want else u.group)
+            ack = await self.data.request(msgspec.structs.replace(u.group, want_credits=want) if want else u.group)
         except TransportTimeout:
             u.due = time.monotonic() + RESEND_BACKOFF_S
             return False

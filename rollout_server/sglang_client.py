@@ -29,8 +29,11 @@ Retries (bounded, exponential backoff) and why they are safe:
   retried on connection errors, timeouts and 5xx answers;
 * non-idempotent calls (``generate``, ``init_weights_update_group``, the weight update calls)
   are retried **only** when the connection was refused before anything was sent
-  (``aiohttp.ClientConnectorError``): a generate that may have run is never blindly repeated,
-  and a bucket whose broadcast may have started is never re-posted;
+  (``aiohttp.ClientConnectorError``) or was answered 429 (refused before it was read: the
+  engine's in-flight cap): a generate that may have run is never blindly repeated, and a bucket
+  whose broadcast may have started is never re-posted;
+* ``api_key``: sent as ``Authorization: Bearer`` on every call (SGLang's ``--api-key``, the
+  embedded engine's key); never logged;
 * ``flush_cache`` answers 400 while requests are running (SGLang refuses to flush then); it is
   polled until ``timeout_s``, as slime does.
 
@@ -139,8 +142,11 @@ class SGLangClient:
     def __init__(self, base_url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  generate_timeout_s: float = GENERATE_TIMEOUT_S, max_attempts: int = MAX_ATTEMPTS,
                  on_request: Callable[[str, str, Any], None] | None = None,
-                 on_response: Callable[[str, str, int, Any, str], None] | None = None):
+                 on_response: Callable[[str, str, int, Any, str], None] | None = None,
+                 api_key: str | None = None):
         self.base_url = base_url.rstrip("/")
+        # sent as SGLang's --api-key expects it; never logged (SGLangError carries the answer, not the request)
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout_s = timeout_s
         self.generate_timeout_s = generate_timeout_s
         self.max_attempts = max_attempts
@@ -163,7 +169,7 @@ class SGLangClient:
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             # no connection limit: a rollout server keeps many generate calls open at once
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=self._headers)
         return self._session
 
     async def _call(self, method: str, path: str, body: Any = None, *, timeout_s: float | None = None,
@@ -196,7 +202,7 @@ class SGLangClient:
                     if resp.status < 300 and not (isinstance(parsed, dict) and parsed.get("success") is False):
                         return resp.status, parsed, raw
                     last = SGLangError(path, resp.status, _error_message(parsed, raw))
-                    if not (idempotent and resp.status >= 500):
+                    if not ((idempotent and resp.status >= 500) or resp.status == 429):  # 429: refused unread
                         raise last
             except aiohttp.ClientConnectorError as e:  # nothing was sent: safe to retry any call
                 last = SGLangError(path, None, f"connection failed: {e}")

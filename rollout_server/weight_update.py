@@ -124,12 +124,10 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
 
 
 def _bad_path(plan: WeightSyncPlan) -> str:
-    """Why this server cannot apply ``plan``'s path ('' if it can)."""
+    """Why this server cannot apply ``plan``'s path ('' if it can). The payload count of a known
+    path is checked when the plan is built or decoded (``WeightSyncPlan.validate``)."""
     if plan.path not in PATHS:
         return f"unknown weight-sync path {plan.path!r} (this server knows {', '.join(PATHS)})"
-    want = {"tensor": len(plan.buckets), "disk": 1}.get(plan.path)
-    if want is not None and len(plan.payloads) != want:
-        return f"path {plan.path} needs {want} payload(s), the plan has {len(plan.payloads)}"
     return ""
 
 

@@ -21,6 +21,13 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         log.error("invalid configuration: %s", e)
         return 2
+    from areal_like import security
+
+    try:
+        security.setup(cfg, "trainer", log)  # rank 0 talks to the buffer (the other ranks open no ZeroMQ socket)
+    except security.SecurityError as e:
+        log.error("%s", e)
+        return 2
     from trainer.loop import train
 
     return train(cfg)

@@ -2,8 +2,9 @@
 
 Formulas: ``trainer/LOSSES.md`` sections 1 (estimators), 8 (VCPO) and 9 (OAPL). The last three
 functions are the ``advantages`` rules of the kernel table (``trainer/losses.py`` ``KERNELS``).
-Everything here runs once per minibatch on the WHOLE minibatch (groups must be complete and the
-REINFORCE++ whitening is global), before it is split into micro-batches; the results are
+The trainer runs the estimators and OAPL's targets once on the WHOLE batch and VCPO's once per
+minibatch (groups must be complete; the REINFORCE++ whitening is batch-global), before any split
+into micro-batches; the results are
 constants for the loss (no gradient). No torch.distributed, no logging.
 
 Shapes: ``rewards`` [N] (one outcome reward per response), ``group_ids`` [N] (an integer tensor
@@ -100,7 +101,8 @@ def vcpo_advantages(
     """VCPO advantages [N] with the off-policy optimal baseline (OPOB) per prompt group.
 
     b*_g = sum_i c_i R_i / (sum_i c_i + 1e-8), A_i = (R_i - b*_g) / sigma_g (population std of the
-    group's rewards; no division when sigma_g <= 1e-8 or ``norm_by_std`` is False), with
+    group's rewards; no division when sigma_g <= 1e-8 or ``norm_by_std`` is False), the c_i divided
+    by their group's largest before the eps (scale-free: only the ratios of the weights matter), with
     - ``weight_mode="readme"`` (paper/README, default): c_i = w_i^2 ||g_i||^2;
     - ``weight_mode="code"`` (released code): c_i = min(w_i, is_cap)^2 w_i^2 ||g_i||^2, because the
       code measures the gradient norm of the already IS-weighted loss (LOSSES.md section 8: UNCERTAIN).
@@ -118,6 +120,10 @@ def vcpo_advantages(
     else:
         raise ValueError(f"unknown vcpo baseline weight {weight_mode!r}; choose readme or code")
     idx = group_index(group_ids).to(r.device)
+    # Scale-free: b*_g is a weighted mean, so the weights are divided by their group's max before
+    # the eps (else weights of e^-10 each would be swamped by it and the baseline pulled to 0)
+    c_max = torch.zeros(int(idx.max()) + 1, dtype=c.dtype, device=c.device).scatter_reduce(0, idx, c, "amax")
+    c = c / c_max.clamp(min=torch.finfo(c.dtype).tiny)[idx]
     b = _group_sums(c * r, idx) / (_group_sums(c, idx) + VCPO_EPS)
     adv = r - b[idx]
     if norm_by_std:
@@ -166,7 +172,8 @@ def vcpo_two_buffer_gradient(
         for i in rows.tolist():  # one "backward" per trajectory
             buf_r += (r[i] / sigma[i]) * w_clip[i] * seq_grads[i].double()
             buf_1 += (1.0 / sigma[i]) * w_clip[i] * seq_grads[i].double()
-        b_star = (c[rows] * r[rows]).sum() / (c[rows].sum() + VCPO_EPS)
+        c_g = c[rows] / c[rows].max().clamp(min=torch.finfo(c.dtype).tiny)  # scale-free, as vcpo_advantages
+        b_star = (c_g * r[rows]).sum() / (c_g.sum() + VCPO_EPS)
         total += buf_r - b_star * buf_1
     n = float(n_seqs_global) if n_seqs_global is not None else float(len(r))
     return total / n
@@ -216,10 +223,9 @@ def estimator_advantages(a: AdvantageInputs, _params: object = None) -> Advantag
 
 
 def oapl_advantages(a: AdvantageInputs, params: OAPLConfig) -> Advantages:
-    """OAPL's regression targets R - V_hat on every token (section 9; beta_v None = beta)."""
-    beta_v = params.beta if params.beta_v is None else params.beta_v
+    """OAPL's regression targets R - V_hat on every token (section 9), V_hat at temperature ``beta1``."""
     m = a.mask.detach().float()
-    return Advantages(oapl_targets(a.rewards, a.group_ids, beta_v=beta_v).to(m.device)[:, None] * m)
+    return Advantages(oapl_targets(a.rewards, a.group_ids, beta_v=params.beta1).to(m.device)[:, None] * m)
 
 
 def vcpo_step_advantages(a: AdvantageInputs, params: VCPOConfig) -> Advantages:

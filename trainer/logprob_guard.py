@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from areal_like.auth import engine_api_key
 from areal_like.protocol import Roster, RosterRequest
 from areal_like.transport import Client
 from trainer.logprobs import token_logprobs
@@ -87,13 +88,18 @@ def generate_body(prompt_ids: list[int], temperature: float) -> dict:
                                 "top_k": -1, "ignore_eos": True}}
 
 
+def _auth() -> dict[str, str]:
+    key = engine_api_key()  # the job's engines require it (areal_like/auth.py)
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def probe_engine(server_id: str, url: str, prompt_ids: list[int], temperature: float,
                  timeout_s: float = PROBE_TIMEOUT_S) -> Probe:
     """One ``/generate`` on ``url``; its output tokens and their log-probs (``meta_info.output_token_logprobs``:
     ``[logprob, token_id, text]`` per token)."""
     req = urllib.request.Request(url.rstrip("/") + "/generate", method="POST",
                                  data=json.dumps(generate_body(prompt_ids, temperature)).encode(),
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", **_auth()})
     with urllib.request.urlopen(req, timeout=timeout_s) as resp:
         body = json.loads(resp.read())
     entries = body["meta_info"]["output_token_logprobs"]

@@ -18,7 +18,9 @@ training reaches ``trainer.steps``; trainer/export.py), metrics.
 
 Invariants:
 - Order at a version boundary: optimizer step(s) -> v += 1 -> weights broadcast -> version
-  announced (inside ``push``) -> next batch. The initial (or resumed) weights are pushed and their
+  announced (inside ``push``) -> next batch. With ``trainer.weight_sync.every`` > 1 or ``delay`` > 0
+  the engines get older weights or none at some boundaries (``trainer/engine_lag.py``); the
+  version is announced at every one. The initial (or resumed) weights are pushed and their
   version announced before the first batch is requested.
 - Rank 0 decides when to stop (SIGTERM, or the buffer's end of data) and the decision reaches the
   other ranks through the batch broadcast, so the ranks never diverge. A graceful stop saves a
@@ -43,6 +45,7 @@ from areal_like.daemon import Daemon
 from areal_like.tokenizer import load_tokenizer
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, state_checksums
 from trainer.data import BatchSource, TrainBatch
+from trainer.engine_lag import EngineSchedule
 from trainer.export import TMP_PREFIX as EXPORT_TMP_PREFIX
 from trainer.export import export_hf, export_tokenizer
 from trainer.logprob_guard import PROBE_TEXT, run_guard
@@ -99,7 +102,9 @@ class Trainer(Daemon):
         self.broadcaster = WeightBroadcaster(t.weight_sync, buffer_address=t.buffer_address, rank=self.rank,
                                              device=self.policy.device, send_dtype=self.cfg.model.dtype,
                                              metrics=self.metrics)
-        self.data.on_stall = lambda: self.broadcaster.push(self.policy.model, self.version)
+        # which weights the engines serve after each step (every version, lagged, or a fixed delay)
+        self.engines = EngineSchedule(t.weight_sync, self.broadcaster, self.policy.model, t.steps)
+        self.data.on_stall = lambda: self.engines.repush(self.version)
         ckpt = latest_checkpoint(self.ckpt_root) if t.resume else None
         if ckpt is not None:
             self.version, meta = load_checkpoint(ckpt, self.policy)
@@ -159,8 +164,8 @@ class Trainer(Daemon):
         checkpoint -> export -> metrics."""
         t, model = self.cfg.trainer, self.policy.model
         with self.phase("weight_sync"):
-            sync = self.broadcaster.push(model, self.version)
-        self.log.info("serving policy_version %d to %s", self.version, sync.done or "no engines yet")
+            sync = self.engines.after_step(self.version)
+        self.log.info("serving policy_version %d to %s", sync.version, sync.done or "no engines yet")
         with self.phase("logprob_guard"):
             self.guard_logprobs(sync)
         while self.version < t.steps:
@@ -178,8 +183,8 @@ class Trainer(Daemon):
             with self.phase("train_step"):  # the kernel's advantages, per minibatch, then its optimizer steps
                 stats = train_step(self.policy, batch, self.settings, prox_logp, ref_logp)
             self.version += 1
-            with self.phase("weight_sync"):
-                sync = self.broadcaster.push(model, self.version)
+            with self.phase("weight_sync"):  # a push, or only the announcement while the engines lag by design
+                sync = self.engines.after_step(self.version)
             if self.version % t.checkpoint_every == 0:
                 with self.phase("checkpoint"):
                     save_checkpoint(self.ckpt_root, self.policy, self.version, self.checkpoint_extra())

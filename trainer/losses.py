@@ -279,15 +279,15 @@ def vcpo_loss(x: LossInputs, p: VCPOConfig) -> tuple[Tensor, Stats]:
 
 
 def oapl_loss(x: LossInputs, p: OAPLConfig) -> tuple[Tensor, Stats]:
-    """OAPL, RECONSTRUCTION (section 9, UNCERTAIN: check against arXiv 2602.19362 before relying on it).
+    """OAPL (section 9; the form is a reconstruction, the defaults are the published ones).
 
-    L = (1/B) sum_i (beta * Delta_i - A*_i)^2, Delta_i = sum_t (logp - behav) (sequence log-ratio
+    L = (1/B) sum_i (beta2 * Delta_i - A*_i)^2, Delta_i = sum_t (logp - behav) (sequence log-ratio
     to the lagged inference policy, no IS, no clamp: the regression pulls large ratios back) and
     A*_i = R_i - V_hat(x_g), the ``advantages`` (``oapl_advantages``, whole minibatch). Mean over sequences.
     """
     delta = masked_diff(x.logp, x.behav_logp.detach(), x.mask).sum(-1)
     valid = x.valid()
-    resid = p.beta * delta - seq_adv(x.advantages, x.mask)
+    resid = p.beta2 * delta - seq_adv(x.advantages, x.mask)
     _, n_seq = norms(x.mask, None, x.n_seqs_global)
     stats = {"oapl_delta_mean": (delta.detach() * valid).sum() / n_seq,
              "oapl_residual_sq_mean": (resid.detach() ** 2 * valid).sum() / n_seq}
@@ -304,6 +304,9 @@ class Kernel:
     advantages: Callable[[AdvantageInputs, Any], Advantages]  # per minibatch (whole groups), before its loss
     loss: Callable[[LossInputs, Any], tuple[Tensor, Stats]]  # per micro-batch call
     config: type | None  # its own knobs: the section trainer.loss.<name> (None: only the shared ones)
+    # advantages depend on the weights each minibatch starts from (vcpo's score norms): computed per
+    # minibatch; otherwise once on the whole batch (REINFORCE++ whitens over the whole batch)
+    per_minibatch: bool = False
 
 
 # The others than the PPO family and GSPO take pi_behav as their anchor (vespo, vcpo's old = the
@@ -316,7 +319,7 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     Kernel("icepop", True, estimator_advantages, icepop_loss, IcePopConfig),
     Kernel("gspo", True, estimator_advantages, gspo_loss, GSPOConfig),
     Kernel("vespo", False, estimator_advantages, vespo_loss, VESPOConfig),
-    Kernel("vcpo", False, vcpo_step_advantages, vcpo_loss, VCPOConfig),
+    Kernel("vcpo", False, vcpo_step_advantages, vcpo_loss, VCPOConfig, per_minibatch=True),
     Kernel("oapl", False, oapl_advantages, oapl_loss, OAPLConfig),
 )}
 

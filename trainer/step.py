@@ -19,6 +19,9 @@ Invariants (the invariance tests check them):
 - KL to a frozen reference (``trainer.loss.kl_coef`` > 0): ``reference_logp`` runs the reference
   over exactly the micro-batches the step will train on, so with reference == policy the KL term
   is exactly 0; ``train_step`` hands each call its rows as ``ref_logp`` and reports ``kl_ref``.
+- Advantages are computed once on the whole batch before its first optimizer step (REINFORCE++
+  whitens over every token of the batch), except for a kernel whose advantages depend on the
+  weights a minibatch starts from (``Kernel.per_minibatch``: vcpo), computed per minibatch.
 - VCPO: one extra backward per trajectory gives the per-trajectory score-gradient norms its
   baseline needs (exact, as in the paper's code); the learning rate is ESS-scaled for that
   optimizer step only and restored right after.
@@ -49,13 +52,14 @@ class StepSettings:
     grad_clip: float
     temperature: float
     chunk_tokens: int = CHUNK_TOKENS  # trainer.logprob_chunk_tokens
+    max_new_tokens: int | None = None  # task.max_new_tokens: Dr.GRPO's constant C when none is configured
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> StepSettings:
         t = cfg.trainer
         return cls(loss=t.loss, estimator=t.estimator, micro_batch_size=t.micro_batch_size,
                    num_minibatches=t.num_minibatches, grad_clip=t.grad_clip, temperature=cfg.task.temperature,
-                   chunk_tokens=t.logprob_chunk_tokens)
+                   chunk_tokens=t.logprob_chunk_tokens, max_new_tokens=cfg.task.max_new_tokens)
 
     @property
     def kernel(self) -> Kernel:
@@ -65,8 +69,10 @@ class StepSettings:
         """``trainer.loss`` as every call of this batch gets it."""
         if self.loss.loss_scale_factor is not None:
             return self.loss
-        # Dr.GRPO's C: the batch's padded width, fixed across micro-batches
-        return replace(self.loss, loss_scale_factor=float(batch.mask.shape[1]))
+        # Dr.GRPO's C: a constant of the task (the longest response it allows), so the loss scale does
+        # not move with the longest response of each batch; the padded width only without a task
+        c = self.max_new_tokens if self.max_new_tokens is not None else batch.mask.shape[1]
+        return replace(self.loss, loss_scale_factor=float(c))
 
 
 def _world() -> tuple[int, int]:
@@ -144,6 +150,18 @@ def minibatch_advantages(policy: Policy, batch: TrainBatch, rows: torch.Tensor, 
     return s.kernel.advantages(a, s.loss.params)
 
 
+def batch_advantages(batch: TrainBatch, s: StepSettings) -> Advantages | None:
+    """The kernel's advantages over the WHOLE batch, when they do not depend on the weights.
+
+    Computed once before the first optimizer step, so REINFORCE++'s whitening uses every token of
+    the batch whatever ``num_minibatches`` is (group-local estimators give the same values either
+    way). None for a kernel whose advantages need each minibatch's starting weights (vcpo)."""
+    if s.kernel.per_minibatch:
+        return None
+    a = AdvantageInputs(batch.rewards, batch.group_ids, batch.mask, s.estimator)
+    return s.kernel.advantages(a, s.loss.params)
+
+
 def forward_backward(policy: Policy, mb: TrainBatch, advantages: torch.Tensor, prox_logp: torch.Tensor | None,
                      s: StepSettings, loss_cfg: LossConfig, n_tokens: float, n_seqs: float,
                      ref_logp: torch.Tensor | None = None) -> dict:
@@ -181,7 +199,6 @@ def sequence_score_terms(policy: Policy, batch: TrainBatch, rows: torch.Tensor,
     rank, world = _world()
     w = torch.zeros(len(rows), dtype=torch.float64)
     g2 = torch.zeros(len(rows), dtype=torch.float64)
-    params = [p for p in policy.model.parameters() if p.requires_grad]
     for k, j in enumerate(rows.tolist()):
         mine = k % world == rank
         mb = batch.select([j]).to(policy.device)
@@ -189,6 +206,10 @@ def sequence_score_terms(policy: Policy, batch: TrainBatch, rows: torch.Tensor,
         logp = output_logp(policy.model, mb, s.temperature, s.chunk_tokens)
         score = torch.where(mb.mask > 0, logp.float(), torch.zeros_like(mb.mask)).sum()
         (score * (world if mine else 0.0)).backward()
+        # The parameters are read after this backward, never before the loop: FSDP2 swaps a module's
+        # registered parameters between sharded and unsharded, and a no-grad pass can leave some
+        # unsharded (the root's), so a list taken earlier would hold tensors that get no gradient.
+        params = [p for p in policy.model.parameters() if p.requires_grad]
         g2[k] = sum(float(_local(p.grad).double().pow(2).sum()) for p in params if p.grad is not None)
         if mine:
             w[k] = float(vcpo_is_weights(logp.detach(), mb.behav_logp, mb.mask)[0][0])  # unclipped w
@@ -210,10 +231,14 @@ def train_step(policy: Policy, batch: TrainBatch, s: StepSettings, prox_logp: to
     loss_cfg = s.loss_config(batch)
     advantages = torch.zeros_like(batch.mask)
     per_step: list[dict[str, float]] = []
+    whole = batch_advantages(batch, s)
     for rows in minibatches(batch, s.num_minibatches):
         n_tokens = float(batch.mask[rows].sum())
         n_seqs = float((batch.mask[rows].sum(-1) > 0).sum())
-        adv = minibatch_advantages(policy, batch, rows, s)
+        if whole is None:
+            adv = minibatch_advantages(policy, batch, rows, s)
+        else:
+            adv = whole._replace(values=whole.values[rows])
         advantages[rows] = adv.values.to(advantages.device)
         policy.optimizer.zero_grad(set_to_none=True)
         stats: dict = {}

@@ -138,9 +138,9 @@ class LocalSender:
             self._root = None
 
 
-def push_local(wb, model: torch.nn.Module, version: int, report):
+def push_local(wb, model: torch.nn.Module, version: int, report, announce: int | None = None):
     """``WeightBroadcaster.push`` for ``path`` tensor/disk (a collective on all trainer ranks; ``wb``
-    the broadcaster, ``report`` its fresh ``SyncReport``)."""
+    the broadcaster, ``report`` its fresh ``SyncReport``, ``announce`` the version told the buffer)."""
     t_start = time.monotonic()
     deadline = t_start + wb.cfg.deadline_s
     params = list(model.named_parameters())
@@ -174,7 +174,7 @@ def push_local(wb, model: torch.nn.Module, version: int, report):
     elif report.dropped:
         log.warning("weight sync v%d: dropped %s (missed the %.0fs deadline or failed)", version, report.dropped,
                     wb.cfg.deadline_s)
-    wb._announce(version, report)
+    wb._announce(version if announce is None else announce, report)
     report.seconds = time.monotonic() - t_start
     return report
 

@@ -16,6 +16,9 @@ Invariants:
   the roster then, and every push is a full push, so a dropped engine catches up on its next sync.
 - After any failure on the group (a peer died mid-broadcast, rendezvous timeout) the group is
   torn down and re-formed on the next push; a broken group is never reused.
+- Each formed group has a name of its own, ``weight_sync.group_name`` plus a random token, that only
+  the plan carries: the rendezvous store's keys live under it, so only the plan's members can join
+  (rank 0 hosts the store on ``master_addr`` only; areal_like/distributed.py).
 - The version is announced to the buffer after every push, with or without members, so the
   buffer's admission clock always follows the trainer.
 - A member whose torch/CUDA/NCCL cannot share the group with rank 0's (``areal_like.versions``) is
@@ -28,6 +31,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -63,6 +67,7 @@ STATUS_POLL_S = 0.05  # SyncStatus poll period: a cheap buffer query; sync itsel
 ROSTER_POLL_S = 0.5  # while waiting for reports: how often to check that pending members are still alive
 CATCH_UP_POLL_S = 0.5  # after the last step: how often to look whether an evaluating server came back
 CATCH_UP_PUSHES = 3  # after the last step: re-pushes of the final version before giving up on a member
+GROUP_TOKEN_BYTES = 16  # random bytes in each weight group's name, the key space of its rendezvous store
 BUFFER_REQUEST_TIMEOUT_S = 10.0  # the buffer answers control requests in milliseconds when alive
 
 
@@ -97,6 +102,7 @@ class WeightBroadcaster:
         self._pg = None
         self._group_key: tuple | None = None  # ((server_id, engine_ranks), ...) of the formed group
         self._port = 0
+        self._group_name = cfg.group_name  # + a fresh token at each group formation (_make_plan)
         self._pipeline = BucketPipeline()  # its staging buffers are reused by every push
         self.versions = local_versions()  # what each member's versions are checked against
         self._refused: set[str] = set()  # left out of the last plan: catch_up does not wait for them
@@ -144,12 +150,15 @@ class WeightBroadcaster:
         key = tuple(roster)
         reform = self._pg is None or key != self._group_key
         if reform:
-            self._port = self.cfg.master_port or free_port()
+            self._port = self.cfg.master_port or free_port(self.cfg.master_addr)
+            # the group's store keys live under this name: unguessable, it reaches only the plan's members
+            # (the plan travels over the authenticated buffer channel; areal_like/distributed.py)
+            self._group_name = f"{self.cfg.group_name}-{secrets.token_hex(GROUP_TOKEN_BYTES)}"
         members, offset = [], 1  # trainer rank 0 is group rank 0
         for server_id, ranks in roster:
             members.append(SyncMember(server_id=server_id, rank_offset=offset))
             offset += ranks
-        return WeightSyncPlan(policy_version=version, group_name=self.cfg.group_name, master_addr=self.cfg.master_addr,
+        return WeightSyncPlan(policy_version=version, group_name=self._group_name, master_addr=self.cfg.master_addr,
                               master_port=self._port, world_size=offset, backend=self.backend, reform=reform,
                               members=members, buckets=buckets, deadline_s=self.cfg.deadline_s,
                               plan_id=uuid.uuid4().hex[:12])
@@ -228,10 +237,11 @@ class WeightBroadcaster:
         report.dropped = sorted(set(report.members) - set(report.done))
 
     # ------------------------------------------------------------------ the collective
-    def push(self, model: torch.nn.Module, version: int) -> SyncReport:
-        """Broadcast every parameter to the roster and announce ``version``. Call on all ranks."""
+    def push(self, model: torch.nn.Module, version: int, announce: int | None = None) -> SyncReport:
+        """Broadcast every parameter to the roster as ``version`` and announce ``announce`` (default:
+        ``version``; larger when the engines lag by design, trainer/engine_lag.py). Call on all ranks."""
         if self.path != "distributed":  # trainer and engine share a device: no group (trainer/weight_local.py)
-            return push_local(self, model, version, SyncReport(version=version))
+            return push_local(self, model, version, SyncReport(version=version), announce)
         t_start = time.monotonic()
         deadline = t_start + self.cfg.deadline_s
         report = SyncReport(version=version)
@@ -271,8 +281,18 @@ class WeightBroadcaster:
                     log.warning("weight sync v%d: dropped %s (missed the %.0fs deadline or failed)", version,
                                 report.dropped, self.cfg.deadline_s)
                     self._group_key = None  # re-form without them next time
-            self._announce(version, report)
+            self._announce(version if announce is None else announce, report)
         report.seconds = time.monotonic() - t_start
+        return report
+
+    def announce(self, version: int) -> SyncReport:
+        """Announce ``version`` to the buffer without pushing (the engines keep their weights: a lag
+        mode, trainer/engine_lag.py). Call on all ranks; only rank 0 talks."""
+        report = SyncReport(version=version)
+        if self.rank == 0:
+            t_start = time.monotonic()
+            self._announce(version, report)
+            report.seconds = time.monotonic() - t_start
         return report
 
     def catch_up(self, model: torch.nn.Module, version: int, timeout_s: float,

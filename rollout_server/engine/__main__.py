@@ -3,6 +3,8 @@
 Runs one embedded engine as its own process (model from ``model.*``, sizing from
 ``rollout.engine.*``), prints ``ENGINE_URL http://host:port`` on stdout once ``/health`` would
 answer 200, and serves until SIGTERM/SIGINT. ``--port 0`` (the default) picks a free port.
+Every request needs ``Authorization: Bearer $AREAL_LIKE_ENGINE_API_KEY``; without that variable
+the engine is unauthenticated (said in the log), on ``rollout.engine.host`` (loopback by default).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
+    from areal_like.auth import ENGINE_KEY_ENV, engine_api_key
     from areal_like.config import load_daemon_config
     from areal_like.daemon import setup_logging
     from rollout_server.engine.embedded import EmbeddedEngine
@@ -40,7 +43,11 @@ def main(argv: list[str]) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    engine = EmbeddedEngine(cfg.model, engine_cfg, seed=cfg.seed).start()
+    key = engine_api_key()
+    if key is None:
+        log.warning("%s is not set: the engine's endpoints need no API key (it listens on %s)", ENGINE_KEY_ENV,
+                    engine_cfg.host)
+    engine = EmbeddedEngine(cfg.model, engine_cfg, seed=cfg.seed, api_key=key).start()
     print(f"ENGINE_URL {engine.url}", flush=True)
     try:
         while not stop.wait(0.5):

@@ -21,6 +21,9 @@ from typing import Any
 
 from rollout_server.engine.sampling import TOP_K_ALL, SamplingParams
 
+MAX_FANOUT = 4096  # prompts x n of one /generate call
+MAX_INT = 2**63  # sampling integers are int64 in torch
+
 
 class ApiError(Exception):
     def __init__(self, status: int, body: dict):
@@ -156,6 +159,8 @@ def parse_generate(body: Any, tokenizer, vocab_size: int, context_len: int) -> G
     n = ns.pop()
     if n < 1:
         raise value_error(f"n must be at least 1, got {n}.")
+    if n * len(prompts) > MAX_FANOUT:  # each (prompt, sample) is a Request held in memory until answered
+        raise value_error(f"{len(prompts)} prompts x n={n} is over {MAX_FANOUT} sequences in one request.")
     rid = body.get("rid")
     rids = rid if isinstance(rid, list) else [rid or uuid.uuid4().hex] if not is_batch else \
         [uuid.uuid4().hex for _ in prompts]
@@ -240,6 +245,16 @@ def _to_params(sp: dict, vocab_size: int) -> SamplingParams:
         if sp.get(key) not in defaults:
             raise value_error(f"sampling_params.{key}={sp[key]!r} is not supported by the embedded engine")
     get = lambda k, d: d if sp.get(k) is None else sp[k]  # noqa: E731 (JSON null = the default, as in SGLang)
+    for key in ("max_new_tokens", "top_k", "sampling_seed", *("temperature", "top_p")):
+        v = sp.get(key)  # JSON ints are unbounded: refuse what no tensor or float can hold
+        if v is not None and not -MAX_INT < v < MAX_INT:
+            raise value_error(f"sampling_params.{key}={v} is out of range (|value| < 2**63).")
+    for t in sp.get("stop_token_ids") or ():
+        if not 0 <= t < vocab_size:
+            raise value_error(f"sampling_params.stop_token_ids: {t} is out of vocabulary (vocab size {vocab_size}).")
+    seed = sp.get("sampling_seed")
+    if seed is not None and seed < 0:
+        raise value_error(f"sampling_params.sampling_seed must be >= 0, got {seed}.")
     temperature, top_p, top_k = float(get("temperature", 1.0)), float(get("top_p", 1.0)), int(get("top_k", TOP_K_ALL))
     max_new = int(get("max_new_tokens", 128))
     if not (temperature >= 0.0 and temperature != float("inf")):

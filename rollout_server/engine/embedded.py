@@ -22,6 +22,8 @@ import time
 import uuid
 
 from areal_like.config import EngineConfig, ModelConfig
+from areal_like.http_guard import HttpLimits
+from areal_like.http_guard import serve as guarded_serve
 from rollout_server.engine.http_server import EngineHttp
 from rollout_server.engine.metrics import EngineMetrics
 from rollout_server.engine.sampling import SamplingParams
@@ -39,8 +41,10 @@ PROTOCOL_VERSION = "0.5.23"  # the SGLang release whose protocol this engine spe
 
 class EmbeddedEngine:
     def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, *, tokenizer=None,
-                 weight_version: str = "0", seed: int = 0):
+                 weight_version: str = "0", seed: int = 0, api_key: str | None = None,
+                 limits: HttpLimits = HttpLimits()):
         self.model_cfg, self.engine_cfg = model_cfg, engine_cfg
+        self.api_key, self.limits = api_key, limits  # api_key None: no authentication (in-process tests)
         self.tokenizer = tokenizer
         self.initial_weight_version, self.seed = weight_version, seed
         self.log = logging.getLogger("engine")
@@ -49,7 +53,7 @@ class EmbeddedEngine:
         self.started_at = time.time()
         self.model = self.scheduler = self.weights = self.metrics = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner = None
+        self._server = None
         self._http_thread: threading.Thread | None = None
 
     @property
@@ -101,7 +105,8 @@ class EmbeddedEngine:
             self.scheduler.abort(abort_all=True, message="engine shutting down")
         if self._loop is not None and self._loop.is_running():
             async def shutdown():
-                await self._runner.cleanup()
+                if self._server is not None:
+                    await self._server.close()
             try:
                 asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=STOP_TIMEOUT_S)
             except Exception:  # a stuck handler must not block shutdown; the loop is stopped below anyway
@@ -115,22 +120,18 @@ class EmbeddedEngine:
             self.weights.close()
 
     def _start_http(self) -> None:
-        from aiohttp import web
-
         ready = threading.Event()
         errors: list[BaseException] = []
-        self.http = EngineHttp(self)
+        self.http = EngineHttp(self, api_key=self.api_key, limits=self.limits)
 
         def serve():
             loop = asyncio.new_event_loop()
             asyncio.set_event_loop(loop)
-            try:
-                self._runner = web.AppRunner(self.http.app(), access_log=None, shutdown_timeout=HTTP_SHUTDOWN_S,
-                                             handler_cancellation=True)  # a client that hangs up frees its slot
-                loop.run_until_complete(self._runner.setup())
-                site = web.TCPSite(self._runner, self.engine_cfg.host, self.engine_cfg.port)
-                loop.run_until_complete(site.start())
-                self.port = site._server.sockets[0].getsockname()[1]
+            try:  # handler_cancellation: a client that hangs up frees its slot
+                self._server = loop.run_until_complete(guarded_serve(
+                    self.http.app(), self.engine_cfg.host, self.engine_cfg.port, shutdown_timeout_s=HTTP_SHUTDOWN_S,
+                    handler_cancellation=True))
+                self.port = self._server.port
                 self._loop = loop
             except BaseException as e:
                 errors.append(e)

@@ -23,6 +23,7 @@ from dataclasses import replace
 
 from aiohttp import web
 
+from areal_like.http_guard import HttpLimits, guarded_app
 from rollout_server.engine.api import ApiError, build_output, parse_generate, validation_error
 from rollout_server.engine.metrics import CONTENT_TYPE
 from rollout_server.engine.scheduler import Request
@@ -98,7 +99,7 @@ def _fields(body: dict, spec: dict) -> dict:
                 v = kind(v)
             elif not isinstance(v, kind):
                 raise ValueError(f"Input should be a valid {kind.__name__}")
-        except ValueError as e:
+        except (ValueError, OverflowError) as e:  # int(inf) overflows
             raise validation_error(f"[{{'type': 'value_error', 'loc': ('body', '{key}'), 'msg': '{e}', "
                                    f"'input': {v!r}}}]") from None
         out[key] = v
@@ -111,9 +112,13 @@ async def _body(request: web.Request) -> dict:
         return {}
     try:
         body = json.loads(raw)
-    except ValueError as e:
+    except json.JSONDecodeError as e:
         raise validation_error(f"[{{'type': 'json_invalid', 'loc': ('body', {e.pos}), 'msg': 'JSON decode error', "
                                f"'input': {{}}, 'ctx': {{'error': {e.msg!r}}}}}]") from None
+    except (ValueError, RecursionError) as e:  # invalid UTF-8, an int of > 4300 digits, nesting past the stack
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:200]
+        raise validation_error(f"[{{'type': 'json_invalid', 'loc': ('body',), 'msg': 'JSON decode error', "
+                               f"'input': {{}}, 'ctx': {{'error': {why!r}}}}}]") from None
     if not isinstance(body, dict):
         raise validation_error(f"[{{'type': 'model_attributes_type', 'loc': ('body',), 'msg': 'Input should be a "
                                f"valid dictionary or object to extract fields from', 'input': {body!r}}}]")
@@ -127,13 +132,17 @@ def _ok_or_400(ok: bool, msg: str, **extra) -> web.Response:
 class EngineHttp:
     """Routes bound to one engine (``engine``: an ``EmbeddedEngine`` that has started its scheduler)."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, *, api_key: str | None = None, limits: HttpLimits = HttpLimits()):
         self.e = engine
+        self.api_key, self.limits = api_key, limits
         self.gate: Gate | None = None  # created on the server's event loop
         self.hold_posted = False  # an in_place/retract pause posted a hold that no continue released yet
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors], client_max_size=64 * 1024 * 1024)
+        # every endpoint needs the API key (SGLang's --api-key: /health too), within the limits (http_guard.py);
+        # generate calls (which wait while paused) count against max_inflight, control calls always get in
+        app = guarded_app(limits=self.limits, token=self.api_key, capped_paths=("/generate",),
+                          middlewares=(self._errors,))
         app.on_startup.append(self._startup)
         r = app.router
         for path, handler in [("/generate", self.generate), ("/flush_cache", self.flush_cache),

@@ -54,9 +54,9 @@ from trainer.step import StepSettings, compute_batch_advantages, recompute_prox_
 spec = json.loads(sys.argv[2])
 rng = np.random.default_rng(0)
 groups = [TrajectoryGroup(group_id=f"g{g}", server_id="s", lease_id=str(g), prompt_index=g, epoch=0, trajectories=[
-    Trajectory(prompt_ids=rng.integers(4, 100, spec["prompt"]), output_ids=rng.integers(4, 100, spec["new"]),
-               behav_logp=-rng.random(spec["new"]) * 5, versions=np.zeros(spec["new"], np.int32),
-               reward=float(i % 2), finish_reason="length") for i in range(spec["group_size"])])
+    Trajectory.of(prompt_ids=rng.integers(4, 100, spec["prompt"]), output_ids=rng.integers(4, 100, spec["new"]),
+                  behav_logp=-rng.random(spec["new"]) * 5, versions=np.zeros(spec["new"], np.int32),
+                  reward=float(i % 2), finish_reason="length") for i in range(spec["group_size"])])
           for g in range(spec["groups"])]
 batch = groups_to_batch(groups)
 cfg = load_config(["trainer.device=cuda", "model.dtype=bfloat16", "trainer.micro_batch_size=8",

@@ -20,6 +20,8 @@ from pathlib import Path
 import psutil
 
 from areal_like import protocol as P
+from areal_like import security
+from areal_like.auth import read_key_file
 from areal_like.config import RunConfig, load_config
 from areal_like.metrics import scrape
 from areal_like.transport import Client
@@ -138,15 +140,28 @@ class RunningSystem:
     def metrics(self, name: str) -> dict[str, float]:
         return scrape(f"http://{self.topo.host}:{self.topo.slot(name).metrics_port}/metrics")
 
+    @property
+    def engine_key(self) -> str | None:
+        """The job's engine API key (``areal-like run`` made it in the run directory)."""
+        return read_key_file(self.run_dir)
+
     def pid(self, name: str) -> int:
         return self.sup.proc(name).popen.pid
 
+    def client_keys(self) -> security.Keys | None:
+        """The trainer's CURVE keys of this job (None with security.curve=false): what this test's own
+        requests to the buffer present."""
+        if not self.cfg.security.curve:
+            return None
+        return security.load(self.cfg.resolve_path(self.cfg.security.keys_dir), "trainer")
+
     def buffer_request(self, msg: P.Message, timeout_s: float = 10.0) -> P.Message:
-        client = Client(self.topo.buffer_address, timeout_s=timeout_s)
-        try:
-            return client.request(msg)
-        finally:
-            client.close()
+        with security.using(self.client_keys()):  # a reconnect inside request() makes a socket too
+            client = Client(self.topo.buffer_address, timeout_s=timeout_s)
+            try:
+                return client.request(msg)
+            finally:
+                client.close()
 
     def roster(self) -> dict[str, P.RosterEntry]:
         return {m.server_id: m for m in self.buffer_request(P.RosterRequest()).members}
@@ -155,11 +170,15 @@ class RunningSystem:
         return self.buffer_request(P.StatsRequest()).values
 
 
-def engine_weights(engine_url: str, names: list[str]) -> tuple[int, dict[str, list]] | None:
+def _auth(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def engine_weights(engine_url: str, names: list[str], key: str | None = None) -> tuple[int, dict[str, list]] | None:
     """(weight_version, full parameters) read between two equal version reads, else None."""
     def get(path: str, body: dict | None = None):
         req = urllib.request.Request(engine_url + path, data=json.dumps(body).encode() if body else None,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **_auth(key)})
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.loads(r.read())
 
@@ -169,7 +188,8 @@ def engine_weights(engine_url: str, names: list[str]) -> tuple[int, dict[str, li
     return (int(before), params) if before == after else None
 
 
-def engine_prefix(engine_url: str, names: list[str], rows: int) -> tuple[int, dict[str, list]] | None:
+def engine_prefix(engine_url: str, names: list[str], rows: int,
+                  key: str | None = None) -> tuple[int, dict[str, list]] | None:
     """(weight_version, the first ``rows`` rows of every parameter) at one stable version, else None.
 
     A small read (SGLang's ``truncate_size``) fits between two weight syncs, so intermediate
@@ -177,7 +197,7 @@ def engine_prefix(engine_url: str, names: list[str], rows: int) -> tuple[int, di
     """
     def get(path: str, body: dict | None = None):
         req = urllib.request.Request(engine_url + path, data=json.dumps(body).encode() if body else None,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **_auth(key)})
         with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read())
 

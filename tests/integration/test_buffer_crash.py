@@ -22,9 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from areal_like import protocol as P
-from areal_like.config import BufferConfig, RunConfig, TaskConfig, to_yaml
+from areal_like.config import BufferConfig, RunConfig, SecurityConfig, TaskConfig, to_yaml
 from areal_like.distributed import free_port
 from areal_like.transport import Client, TransportTimeout
+
+PLAIN = SecurityConfig(curve=False)  # the daemons here talk to this test's plain sockets (CURVE: test_security)
 
 N_PRODUCERS = 3
 GROUPS_PER_PRODUCER = 50
@@ -43,7 +45,7 @@ produce(*sys.argv[1:])
 def group_for(credit: P.Credit, server_id: str) -> P.TrajectoryGroup:
     """Content derived from the prompt index, so the test can verify it after the crashes."""
     k = credit.prompt_index
-    trajs = [P.Trajectory(prompt_ids=P.as_i32([k, k + 1]), output_ids=P.as_i32(np.arange(k, k + 6 + i)),
+    trajs = [P.Trajectory.of(prompt_ids=P.as_i32([k, k + 1]), output_ids=P.as_i32(np.arange(k, k + 6 + i)),
                           behav_logp=P.as_f32(np.full(6 + i, -0.25 * i)), versions=P.as_i32(np.zeros(6 + i)),
                           reward=float(i), finish_reason="stop") for i in range(2)]
     return P.TrajectoryGroup(group_id=f"{server_id}-{credit.lease_id}", server_id=server_id,
@@ -88,7 +90,7 @@ def read_acks(paths: list[Path]) -> list[dict]:
 
 
 def test_kill9_mid_stream_loses_and_duplicates_nothing(tmp_run_dir, spawn_python, wait_until):
-    cfg = RunConfig(run_dir=str(tmp_run_dir), task=TaskConfig(num_prompts=100_000), buffer=BufferConfig(
+    cfg = RunConfig(run_dir=str(tmp_run_dir), security=PLAIN, task=TaskConfig(num_prompts=100_000), buffer=BufferConfig(
         address=f"tcp://127.0.0.1:{free_port()}", pub_address=f"tcp://127.0.0.1:{free_port()}",
         max_staleness=10_000, groups_per_step=1, capacity=10_000, lease_timeout_s=3.0, segment_bytes=16_384))
     config_file = tmp_run_dir / "config.yaml"
@@ -158,7 +160,7 @@ def test_a_second_buffer_on_the_same_wal_is_refused_until_the_first_is_gone(tmp_
     second refuses to start (exit 3, naming the holder's PID) and the first serves on untouched; once
     the first is killed (kill -9: no close), the kernel has dropped its lock and a new one starts."""
     def config(name: str) -> tuple[Path, str]:
-        cfg = RunConfig(run_dir=str(tmp_run_dir), task=TaskConfig(num_prompts=1000), buffer=BufferConfig(
+        cfg = RunConfig(run_dir=str(tmp_run_dir), security=PLAIN, task=TaskConfig(num_prompts=1000), buffer=BufferConfig(
             address=f"tcp://127.0.0.1:{free_port()}", pub_address=f"tcp://127.0.0.1:{free_port()}"))
         path = tmp_run_dir / f"{name}.yaml"  # the same run_dir, so the same wal_dir
         path.write_text(to_yaml(cfg))

@@ -15,9 +15,11 @@ import numpy as np
 import psutil
 
 from areal_like import protocol as P
-from areal_like.config import BufferConfig, RunConfig, TaskConfig, to_yaml
+from areal_like.config import BufferConfig, RunConfig, SecurityConfig, TaskConfig, to_yaml
 from areal_like.distributed import free_port
 from areal_like.transport import Client, TransportTimeout
+
+PLAIN = SecurityConfig(curve=False)  # the daemons here talk to this test's plain sockets (CURVE: test_security)
 
 N_PRODUCERS = 32
 RUN_S = 4.0  # streaming time; bounded on purpose
@@ -27,7 +29,7 @@ RSS_LIMIT_MB = 400  # interpreter + zmq + prometheus ~60 MB; 128 small groups ar
 
 
 def make_group(credit: P.Credit, server_id: str, version: int) -> P.TrajectoryGroup:
-    trajs = [P.Trajectory(prompt_ids=P.as_i32([1, 2, 3]), output_ids=P.as_i32(np.arange(16)),
+    trajs = [P.Trajectory.of(prompt_ids=P.as_i32([1, 2, 3]), output_ids=P.as_i32(np.arange(16)),
                           behav_logp=P.as_f32(np.full(16, -1.0)), versions=P.as_i32(np.full(16, version)),
                           reward=float(i % 2), finish_reason="stop") for i in range(4)]
     return P.TrajectoryGroup(group_id=f"{server_id}-{credit.lease_id}", server_id=server_id, lease_id=credit.lease_id,
@@ -72,7 +74,7 @@ def trainer(address: str, stop: threading.Event, delivered: list[str], versions:
 
 
 def test_32_producers_zero_lost_zero_duplicated_memory_bounded(tmp_run_dir, spawn_python):
-    cfg = RunConfig(run_dir=str(tmp_run_dir), task=TaskConfig(num_prompts=1_000_000), buffer=BufferConfig(
+    cfg = RunConfig(run_dir=str(tmp_run_dir), security=PLAIN, task=TaskConfig(num_prompts=1_000_000), buffer=BufferConfig(
         address=f"tcp://127.0.0.1:{free_port()}", pub_address=f"tcp://127.0.0.1:{free_port()}",
         max_staleness=4, groups_per_step=8, max_inflight=64, capacity=CAPACITY, segment_bytes=1 << 20))
     (tmp_run_dir / "config.yaml").write_text(to_yaml(cfg))

@@ -13,6 +13,7 @@ import time
 from contextlib import contextmanager
 
 import msgpack
+import msgspec
 import numpy as np
 import zmq
 
@@ -50,7 +51,7 @@ def running(cfg: RunConfig, clock=time.monotonic):
 
 
 def make_group(credit: P.Credit, server_id="s0", version=0, rewards=(0.0, 1.0), tokens=4) -> P.TrajectoryGroup:
-    trajs = [P.Trajectory(prompt_ids=P.as_i32([7, 8]), output_ids=P.as_i32(np.arange(tokens)),
+    trajs = [P.Trajectory.of(prompt_ids=P.as_i32([7, 8]), output_ids=P.as_i32(np.arange(tokens)),
                           behav_logp=P.as_f32(np.full(tokens, -1.0)), versions=P.as_i32(np.full(tokens, version)),
                           reward=float(r), finish_reason="stop") for r in rewards]
     return P.TrajectoryGroup(group_id=f"{server_id}-{credit.lease_id}", server_id=server_id, lease_id=credit.lease_id,
@@ -117,7 +118,7 @@ def test_bad_input_is_rejected_with_a_reason_and_the_daemon_keeps_serving(tmp_pa
         fake = P.Credit(lease_id="L99", prompt_index=0, epoch=0, deadline_s=1.0)
         ack = c.request(make_group(fake))
         assert ack.status == "rejected" and ack.reason.startswith("unknown_lease")
-        huge = dataclasses.replace(make_group(credits[3]), group_id="x" * 5000)
+        huge = msgspec.structs.replace(make_group(credits[3]), group_id="x" * 5000)
         assert c.request(huge).reason.startswith("invalid_group_id")
         wrong = P.Credit(lease_id=credits[1].lease_id, prompt_index=42, epoch=0, deadline_s=1.0)
         assert c.request(make_group(wrong)).reason.startswith("lease_mismatch")
@@ -235,12 +236,12 @@ def test_weight_sync_flow_and_roster_liveness(tmp_path):
         assert (status.done, status.failed) == (["a"], ["b"])
         assert c.request(P.Heartbeat(server_id="a", policy_version=1)).pending_plan is None
         assert c.request(P.Heartbeat(server_id="b", policy_version=0)).pending_plan is None  # reported (failed)
-        assert c.request(dataclasses.replace(plan, plan_id="same")).status == "ok"  # the trainer's re-push
+        assert c.request(msgspec.structs.replace(plan, plan_id="same")).status == "ok"  # the trainer's re-push
         assert c.request(P.Heartbeat(server_id="a", policy_version=1)).pending_plan.plan_id == "same"
         assert c.request(P.SyncStatusRequest(policy_version=1)).done == []  # earlier results do not count
-        assert c.request(dataclasses.replace(plan, plan_id="same")).status == "ok"  # re-sent, not re-pushed
+        assert c.request(msgspec.structs.replace(plan, plan_id="same")).status == "ok"  # re-sent, not re-pushed
         c.request(P.SyncDone(server_id="a", policy_version=1, ok=True))
-        c.request(dataclasses.replace(plan, plan_id="same"))
+        c.request(msgspec.structs.replace(plan, plan_id="same"))
         c.request(P.SyncDone(server_id="b", policy_version=1, ok=False, reason="timeout"))
         status = c.request(P.SyncStatusRequest(policy_version=1))
         assert (status.done, status.failed) == (["a"], ["b"])
@@ -323,16 +324,16 @@ def test_a_group_asks_for_leases_with_its_ack_and_they_survive_a_restart(tmp_pat
     with running(cfg) as (svc, c):
         register(c)
         (first,) = c.request(P.CreditRequest(server_id="s0", max_credits=1)).credits
-        ack = c.request(dataclasses.replace(make_group(first), want_credits=2))
+        ack = c.request(msgspec.structs.replace(make_group(first), want_credits=2))
         assert ack.status == "accepted" and [x.prompt_index for x in ack.credits] == [1, 2]
-        again = c.request(dataclasses.replace(make_group(ack.credits[0]), want_credits=5))
+        again = c.request(msgspec.structs.replace(make_group(ack.credits[0]), want_credits=5))
         assert again.status == "accepted" and [x.prompt_index for x in again.credits] == [3]  # the bound: 4
         # durable before the Ack was sent: a copy of the WAL taken now (nothing else was asked since)
         # ends in a control record that grants that lease
         shutil.copytree(svc.wal.dir, tmp_path / "wal-copy")
         controls = [r.control for r in WriteAheadLog(tmp_path / "wal-copy").replay() if r.kind == "C"]
         assert again.credits[0].lease_id in [x[0] for x in controls[-1]["changes"]["granted"]]
-        bad = dataclasses.replace(make_group(ack.credits[1], version=9), want_credits=1)  # a future version
+        bad = msgspec.structs.replace(make_group(ack.credits[1], version=9), want_credits=1)  # a future version
         rejected = c.request(bad)
         assert rejected.status == "rejected" and rejected.credits == []
         assert stats(c)["credits_granted"] == 4

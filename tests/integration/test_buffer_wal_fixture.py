@@ -3,7 +3,8 @@
 The fixture was written by the buffer as it was before its WAL was rewritten: four groups accepted
 for prompts 0-3 of six leased (L0-L5), the batch of prompts 0 and 1 handed out and acknowledged,
 version 1 published, a clean stop; 1 KiB segments, so the log rotated and holds checkpoints and
-change records. A ``python -m buffer`` started on a copy must serve what that state implies, over
+change records; its groups are of protocol version 1, before loss masks, and read back as every
+token generated. A ``python -m buffer`` started on a copy must serve what that state implies, over
 the wire only (this test must not depend on the buffer's internals).
 """
 
@@ -15,9 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from areal_like import protocol as P
-from areal_like.config import BufferConfig, RunConfig, TaskConfig, to_yaml
+from areal_like.config import BufferConfig, RunConfig, SecurityConfig, TaskConfig, to_yaml
 from areal_like.distributed import free_port
 from areal_like.transport import Client
+
+PLAIN = SecurityConfig(curve=False)  # the daemons here talk to this test's plain sockets (CURVE: test_security)
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "wal_old"
 TIMEOUT_S = 60.0
@@ -25,16 +28,16 @@ TIMEOUT_S = 60.0
 
 def _group(lease_id: str, k: int) -> P.TrajectoryGroup:
     """The content the fixture's groups were written with (derived from the prompt index)."""
-    trajs = [P.Trajectory(prompt_ids=P.as_i32([k, k + 1]), output_ids=P.as_i32(np.arange(k, k + 5 + i)),
-                          behav_logp=P.as_f32(np.full(5 + i, -0.5 * (i + 1))), versions=P.as_i32(np.zeros(5 + i)),
-                          reward=float(i), finish_reason="stop") for i in range(2)]
+    trajs = [P.Trajectory.of(prompt_ids=P.as_i32([k, k + 1]), output_ids=P.as_i32(np.arange(k, k + 5 + i)),
+                             behav_logp=P.as_f32(np.full(5 + i, -0.5 * (i + 1))), versions=P.as_i32(np.zeros(5 + i)),
+                             reward=float(i), finish_reason="stop") for i in range(2)]
     return P.TrajectoryGroup(group_id=f"s0-{lease_id}", server_id="s0", lease_id=lease_id, prompt_index=k, epoch=0,
                              trajectories=trajs)
 
 
 def test_a_wal_written_by_the_old_buffer_recovers(tmp_run_dir, spawn_python):
     shutil.copytree(FIXTURE, tmp_run_dir / "wal")
-    cfg = RunConfig(run_dir=str(tmp_run_dir), task=TaskConfig(num_prompts=100), buffer=BufferConfig(
+    cfg = RunConfig(run_dir=str(tmp_run_dir), security=PLAIN, task=TaskConfig(num_prompts=100), buffer=BufferConfig(
         address=f"tcp://127.0.0.1:{free_port()}", pub_address=f"tcp://127.0.0.1:{free_port()}",
         max_staleness=4, groups_per_step=2, segment_bytes=1024))
     (tmp_run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -56,6 +59,7 @@ def test_a_wal_written_by_the_old_buffer_recovers(tmp_run_dir, spawn_python):
             for a, b in zip(got.trajectories, want.trajectories, strict=True):
                 np.testing.assert_array_equal(a.output_ids, b.output_ids)
                 np.testing.assert_array_equal(a.behav_logp, b.behav_logp)
+                assert a.loss_mask.tolist() == [1] * len(b.output_ids)  # stored at version 1: all generated
                 assert (a.reward, a.finish_reason) == (b.reward, b.finish_reason)
         assert client.request(P.CreditRequest(server_id="s0", max_credits=1)).credits[0].prompt_index == 6
     finally:

@@ -60,7 +60,7 @@ class WeightWatcher(threading.Thread):
         while not self.stop.is_set():
             for server, url in self.engines.items():
                 try:
-                    got = engine_prefix(url, self.names, ROWS)
+                    got = engine_prefix(url, self.names, ROWS, self.system.engine_key)
                     self.buffer_metrics = self.system.metrics("buffer")
                 except Exception:
                     continue  # the job is shutting down
@@ -111,7 +111,7 @@ def test_async_system_learns_with_bounded_staleness_and_synced_weights(tmp_path)
         # the job is complete and its daemons still up: every engine serves the last version, exactly
         final_sum = checkpoint_checksum(system.run_dir, STEPS)
         for server, entry in roster.items():
-            got = engine_weights(entry.engine_url, watcher.names)
+            got = engine_weights(entry.engine_url, watcher.names, system.engine_key)
             assert got is not None and got[0] == STEPS, (server, got and got[0])
             assert checksum(got[1]) == pytest.approx(final_sum, rel=1e-9), server
         system.release.set()

@@ -56,7 +56,7 @@ def test_guard_passes_a_correct_engine_and_refuses_one_that_ignores_the_temperat
     from trainer.logprob_guard import PROBE_TEXT, LogprobGuardError, run_guard
 
     torch.manual_seed(0)
-    cfg = load_config([f"run_dir={tmp_path}", f"buffer.address=tcp://127.0.0.1:{free_port()}",
+    cfg = load_config([f"run_dir={tmp_path}", "security.curve=false", f"buffer.address=tcp://127.0.0.1:{free_port()}",
                        f"buffer.pub_address=tcp://127.0.0.1:{free_port()}", "buffer.heartbeat_timeout_s=120",
                        f"task.temperature={TEMPERATURE}", "rollout.engine.max_running_requests=2",
                        "rollout.engine.max_total_tokens=1024"])

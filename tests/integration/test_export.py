@@ -151,7 +151,7 @@ def test_in_run_export_and_cli_export_of_the_checkpoint_agree(tmp_path, spawn_py
     from areal_like.config import load_config, to_yaml
 
     address = f"tcp://127.0.0.1:{free_port()}"
-    cfg = load_config([f"run_dir={tmp_path}", f"buffer.address={address}", "trainer.steps=3",
+    cfg = load_config([f"run_dir={tmp_path}", "security.curve=false", f"buffer.address={address}", "trainer.steps=3",
                        "trainer.checkpoint_every=2", "export.every=2", f"export.shard_mb={SHARD_MB}",
                        "trainer.loss.kl_coef=0.05", "trainer.lr=1e-3", "trainer.micro_batch_size=4",
                        "trainer.batch_wait_s=1"])

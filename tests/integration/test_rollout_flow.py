@@ -53,7 +53,7 @@ def write_config(run_dir: Path) -> tuple[Path, object]:
     # short leases so a dead server's prompts come back quickly, yet long enough that a group of
     # 2 x 32 tokens finishes well within one on a loaded machine (or its lease is re-issued too)
     cfg = load_config([
-        f"run_dir={run_dir}", f"buffer.address=tcp://127.0.0.1:{free_port()}",
+        f"run_dir={run_dir}", "security.curve=false", f"buffer.address=tcp://127.0.0.1:{free_port()}",
         f"buffer.pub_address=tcp://127.0.0.1:{free_port()}", "buffer.max_staleness=1000",
         "buffer.groups_per_step=2", "buffer.lease_timeout_s=6", "buffer.heartbeat_timeout_s=6", "buffer.fsync=never",
         "task.group_size=2", "task.max_new_tokens=32", "rollout.max_concurrent_groups=2", "rollout.heartbeat_s=0.5",

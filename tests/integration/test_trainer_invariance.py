@@ -22,7 +22,7 @@ CASES = [  # (name, overrides); every case runs with micro-batch sizes 1, 2, 4 o
     ("grpo_seqmean_2mb", ["trainer.loss.kernel=ppo", "trainer.loss.agg=seq-mean-token-mean",
                           "trainer.num_minibatches=2"]),
     ("drgrpo_tokensum_norm", ["trainer.loss.kernel=ppo", "trainer.estimator=drgrpo",
-                              "trainer.loss.agg=seq-mean-token-sum-norm"]),  # C = the batch's padded width
+                              "trainer.loss.agg=seq-mean-token-sum-norm"]),  # C = task.max_new_tokens
     ("vcpo", ["trainer.loss.kernel=vcpo", "trainer.loss.agg=seq-mean-token-mean"]),
 ]
 MICRO_BATCH_SIZES = (1, 2, 4)
@@ -40,7 +40,7 @@ def synthetic_groups(n_groups: int = 4, group_size: int = 4, seed: int = 0, vers
         trajs = []
         for _ in range(group_size):
             p, t = int(rng.integers(2, 7)), int(rng.integers(1, 9))
-            trajs.append(Trajectory(prompt_ids=rng.integers(4, 100, p), output_ids=rng.integers(4, 100, t),
+            trajs.append(Trajectory.of(prompt_ids=rng.integers(4, 100, p), output_ids=rng.integers(4, 100, t),
                                     behav_logp=-rng.random(t) * 5, versions=np.full(t, version, np.int32),
                                     reward=float(rng.integers(0, 2)), finish_reason="stop"))
         groups.append(TrajectoryGroup(group_id=f"g{g}", server_id="s", lease_id=str(g), prompt_index=g, epoch=0,

@@ -15,7 +15,6 @@ The worker half runs as ``python test_trainer_meta_init.py OUT MODEL_DIR`` (torc
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -73,7 +73,7 @@ def test_kill9_and_resume_restores_version_weights_and_optimizer(tmp_path, spawn
     from areal_like.config import load_config, to_yaml
 
     address, metrics_port = f"tcp://127.0.0.1:{free_port()}", free_port()
-    cfg = load_config([f"run_dir={tmp_path}", f"buffer.address={address}", "trainer.checkpoint_every=1",
+    cfg = load_config([f"run_dir={tmp_path}", "security.curve=false", f"buffer.address={address}", "trainer.checkpoint_every=1",
                        f"trainer.metrics_port={metrics_port}",
                        "trainer.steps=1000", "trainer.lr=1e-3", "trainer.micro_batch_size=4",
                        "trainer.batch_wait_s=1"])

@@ -110,7 +110,7 @@ def trainer_role(cfg_path: str, out_dir: str) -> None:
             dist.broadcast_object_list(probe, src=0)
             mb = groups_to_batch([TrajectoryGroup(
                 group_id="probe", server_id="probe", lease_id="probe", prompt_index=0, epoch=0,
-                trajectories=[Trajectory(prompt_ids=as_i32(p), output_ids=as_i32(o), behav_logp=as_f32([0.0] * len(o)),
+                trajectories=[Trajectory.of(prompt_ids=as_i32(p), output_ids=as_i32(o), behav_logp=as_f32([0.0] * len(o)),
                                          versions=as_i32([0] * len(o)),
                                          reward=0.0, finish_reason="length") for p, o in probe[0]])])
             with torch.no_grad():
@@ -180,7 +180,7 @@ def test_two_rank_trainer_pushes_to_two_engines_and_survives_a_kill(tmp_path, sp
     from areal_like.config import load_config, to_yaml
 
     cfg = load_config([
-        f"run_dir={tmp_path}", f"buffer.address=tcp://127.0.0.1:{free_port()}",
+        f"run_dir={tmp_path}", "security.curve=false", f"buffer.address=tcp://127.0.0.1:{free_port()}",
         f"buffer.pub_address=tcp://127.0.0.1:{free_port()}", "buffer.heartbeat_timeout_s=3", "task.temperature=1.0",
         f"trainer.weight_sync.deadline_s={DEADLINE_S}", "trainer.weight_sync.bucket_mb=0.25", "trainer.lr=1e-2",
         "rollout.engine.max_running_requests=4", "rollout.engine.max_total_tokens=2048"])

@@ -77,7 +77,7 @@ def start_server(spawn_python, address: str, pub_address: str | None = None):
 
 
 def group(n_tokens: int = 64) -> P.TrajectoryGroup:
-    t = P.Trajectory(prompt_ids=np.arange(8), output_ids=np.arange(n_tokens), behav_logp=np.zeros(n_tokens),
+    t = P.Trajectory.of(prompt_ids=np.arange(8), output_ids=np.arange(n_tokens), behav_logp=np.zeros(n_tokens),
                      versions=np.zeros(n_tokens), reward=1.0, finish_reason="stop")
     return P.TrajectoryGroup(group_id="s-1", server_id="s", lease_id="1", prompt_index=0, epoch=0,
                              trajectories=[t] * 4)
@@ -161,7 +161,7 @@ def test_server_answers_garbage_with_a_rejection(spawn_python, endpoint):
         req_id, payload = dealer.recv_multipart()
         reply = P.decode(payload)
         assert req_id == b"rid" and isinstance(reply, P.Ack) and reply.status == "rejected"
-        assert "protocol" in reply.reason  # the ProtocolError names the field
+        assert reply.reason.startswith("type: ") and "'bad'" in reply.reason  # the ProtocolError names the field
     finally:
         dealer.close(linger=0)
 

@@ -37,7 +37,7 @@ FAULTS = ("rendezvous", "bucket", "done")
 def write_config(tmp_path: Path, free_port, overrides: list[str]) -> tuple[object, Path]:
     from areal_like.config import load_config, to_yaml
 
-    cfg = load_config([f"run_dir={tmp_path}", f"buffer.address=tcp://127.0.0.1:{free_port()}",
+    cfg = load_config([f"run_dir={tmp_path}", "security.curve=false", f"buffer.address=tcp://127.0.0.1:{free_port()}",
                        f"buffer.pub_address=tcp://127.0.0.1:{free_port()}", "rollout.engine.max_running_requests=4",
                        "rollout.engine.max_total_tokens=2048", *overrides])
     path = tmp_path / "config.yaml"

@@ -55,4 +55,46 @@ def behave(response: str, example) -> object:
     return float(response)
 
 
+def fork_bomb(limit: int) -> int:
+    """Fork until refused (at most ``limit`` times, so that a test cannot take the machine down
+    should the process limit fail); each child sleeps, then exits. Returns how many forks worked."""
+    forked = 0
+    for _ in range(limit):
+        if os.fork() == 0:
+            time.sleep(30)
+            os._exit(0)
+        forked += 1
+    return forked
+
+
+def spin_forks() -> None:
+    """A fork bomb that ignores the refusals: it never returns."""
+    while True:
+        try:
+            if os.fork() == 0:
+                os._exit(0)
+        except OSError:
+            pass
+
+
+def segfault() -> None:
+    import ctypes
+
+    ctypes.string_at(0)  # reads address 0: SIGSEGV
+
+
+def identity() -> dict:
+    """What the sandbox lets the call see about itself."""
+    return {"uid": os.getuid(), "env": sorted(os.environ), "nproc": resource.getrlimit(resource.RLIMIT_NPROC)[0],
+            "memory": resource.getrlimit(resource.RLIMIT_AS)[0]}
+
+
+def add(a: int, b: int) -> dict:
+    return {"sum": a + b, "args": [a, b]}
+
+
 NOT_CALLABLE = 3
+
+
+def behave_or_bomb(response: str, example) -> object:
+    return fork_bomb(64) if response == "bomb" else behave(response, example)

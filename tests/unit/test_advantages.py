@@ -148,7 +148,7 @@ def test_oapl_targets_vector_and_stability():
 
 def test_kernel_advantage_rules():
     inputs = AdvantageInputs(REWARDS, GROUPS, MASK, "rloo")
-    oapl = oapl_advantages(inputs, OAPLConfig(beta=2.0, beta_v=None))
+    oapl = oapl_advantages(inputs, OAPLConfig(beta1=2.0, beta2=1e-3))
     close(oapl.values, oapl_targets(REWARDS, GROUPS, beta_v=2.0)[:, None] * MASK)
     close(estimator_advantages(inputs).values, compute_advantages("rloo", REWARDS, GROUPS, MASK))
     w, g2 = torch.full((8,), 0.5), torch.ones(8)
@@ -159,3 +159,18 @@ def test_kernel_advantage_rules():
     assert vcpo.lr_scale == 1.0 and vcpo.stats["vcpo_ess"] == pytest.approx(8.0)
     with pytest.raises(ValueError, match="score terms"):
         vcpo_step_advantages(inputs, VCPOConfig())
+
+
+def test_vcpo_baseline_is_scale_free():
+    # Both sequence weights e^-10 (a policy far from the one that sampled): the baseline is a weighted
+    # mean, so equal weights must give the plain mean 0.5 and A = [1, -1] (it was [1.71, -0.29] when
+    # the 1e-8 eps was added to weights of e^-20 each)
+    r = torch.tensor([1.0, 0.0])
+    w = torch.full((2,), math.exp(-10.0))
+    g2 = torch.ones(2)
+    for mode in ("readme", "code"):
+        close(vcpo_advantages(r, w, g2, [0, 0], weight_mode=mode), [1.0, -1.0])
+    # scaling every weight of a group by the same factor leaves the advantages unchanged
+    w2, g22 = torch.tensor([1.0, 1.0, 2.0, 0.5]), torch.tensor([1.0, 4.0, 1.0, 1.0])
+    r2 = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    close(vcpo_advantages(r2, w2 * math.exp(-12.0), g22, [0] * 4), vcpo_advantages(r2, w2, g22, [0] * 4))

@@ -50,7 +50,7 @@ def _fill(svc: BufferService, n: int) -> list[str]:
     _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
     ids = []
     for c in _step(svc, P.CreditRequest(server_id="s", max_credits=n)).credits:
-        t = P.Trajectory(prompt_ids=P.as_i32([1]), output_ids=P.as_i32([2, 3]), behav_logp=P.as_f32([-1, -1]),
+        t = P.Trajectory.of(prompt_ids=P.as_i32([1]), output_ids=P.as_i32([2, 3]), behav_logp=P.as_f32([-1, -1]),
                          versions=P.as_i32(np.zeros(2)), reward=1.0, finish_reason="stop")
         g = P.TrajectoryGroup(group_id=f"s-{c.lease_id}", server_id="s", lease_id=c.lease_id,
                               prompt_index=c.prompt_index, epoch=c.epoch, trajectories=[t])
@@ -134,7 +134,7 @@ def test_stored_groups_live_in_the_wal_and_come_back_whole(tmp_path):
     _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
     sent = []
     for k, c in enumerate(_step(svc, P.CreditRequest(server_id="s", max_credits=2)).credits):
-        t = P.Trajectory(prompt_ids=P.as_i32([k, 5]), output_ids=P.as_i32(np.arange(k, k + 7)),
+        t = P.Trajectory.of(prompt_ids=P.as_i32([k, 5]), output_ids=P.as_i32(np.arange(k, k + 7)),
                          behav_logp=P.as_f32(np.linspace(-1, -0.5, 7)), versions=P.as_i32(np.zeros(7)),
                          reward=float(k), finish_reason="stop")
         sent.append(P.TrajectoryGroup(group_id=f"s-{c.lease_id}", server_id="s", lease_id=c.lease_id,
@@ -266,3 +266,17 @@ def test_an_undecodable_group_logged_before_its_lease_closed_returns_the_lease(t
     assert list(restarted.ledger.reissue) == [(credit.prompt_index, credit.epoch)]
     assert restarted.ledger.started == started - 1
     restarted.wal.close()
+
+
+def test_a_flood_of_undecodable_frames_costs_one_log_line_and_is_counted_in_full(tmp_path, caplog):
+    svc = _start(tmp_path)
+    try:
+        with caplog.at_level("WARNING", logger=svc.log.name):
+            for _ in range(1000):  # what the transport hands over for a frame that does not decode
+                svc.handle(b"peer", b"req", P.ProtocolError("not a msgpack frame (ExtraData)", "frame"), b"\x93x")
+                svc.settle()
+        lines = [r for r in caplog.records if "undecodable" in r.getMessage()]
+        assert len(lines) == 1
+        assert svc.metrics.registry.get_sample_value("areal_buffer_rejected_total", {"reason": "decode"}) == 1000
+    finally:
+        svc.stop()

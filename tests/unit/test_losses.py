@@ -222,7 +222,7 @@ def test_oapl_vector():
     m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     behav = torch.log(torch.full((4, 3), 0.3))
     lp = behav + (delta / m.sum(-1))[:, None] * m
-    loss, g, _ = run("oapl", logp=lp, behav=behav, adv=targets, mask=m, oapl=OAPLConfig(beta=1.0))
+    loss, g, _ = run("oapl", logp=lp, behav=behav, adv=targets, mask=m, oapl=OAPLConfig(beta2=1.0))
     close(loss, 0.1441801, rtol=1e-5)
     dl_ddelta = torch.tensor([0.013994, 0.363994, -0.086006, 0.063994])
     close(g, dl_ddelta[:, None] * m, rtol=1e-4, atol=1e-6)  # the expected values have 6 decimals
@@ -337,7 +337,7 @@ def make_batch(seed=0, b=6, t=7, spread=0.3):
 KIND_HP = {"ppo": dict(dual_clip=3.0), "decoupled_ppo": dict(decoupled_ppo=DecoupledPPOConfig(cap=1.5)),
            "tis": dict(tis=TISConfig(level="sequence")), "mis": dict(mis=MISConfig(low=0.2, high=5.0)),
            "icepop": dict(icepop=IcePopConfig(high=5.0)), "gspo": dict(gspo=GSPOConfig(eps_clip=0.1, eps_clip_high=None)),
-           "vespo": {}, "vcpo": {}, "oapl": dict(oapl=OAPLConfig(beta=0.5))}
+           "vespo": {}, "vcpo": {}, "oapl": dict(oapl=OAPLConfig(beta2=0.5))}
 
 
 @pytest.mark.parametrize("kind", LOSS_KINDS)

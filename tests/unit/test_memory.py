@@ -19,8 +19,15 @@ import pytest
 import torch
 
 from areal_like.config import ModelConfig
-from trainer.memory import (PeakTensorBytes, block_activation_bytes, block_params, estimate_peak_bytes,
-                            qwen2_shape, root_params, total_params)
+from trainer.memory import (
+    PeakTensorBytes,
+    block_activation_bytes,
+    block_params,
+    estimate_peak_bytes,
+    qwen2_shape,
+    root_params,
+    total_params,
+)
 
 
 def test_peak_tensor_bytes_counts_allocations_until_freed():

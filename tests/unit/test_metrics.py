@@ -74,3 +74,54 @@ def test_server_endpoints_and_scrape():
         assert get(base + "/other")[0] == 404
     finally:
         server.stop()
+
+
+def test_metrics_token_guards_metrics_not_health():
+    m = Metrics()
+    m.counter("t/requests").inc()
+    server = MetricsServer(m, 0, "127.0.0.1", token="s3cret-token")
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        status, _, body = get(base + "/metrics")
+        assert status == 401 and "s3cret" not in body
+        req = urllib.request.Request(base + "/metrics", headers={"Authorization": "Bearer wrong"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        assert e.value.code == 401
+        assert scrape(base + "/metrics", token="s3cret-token")["areal_t_requests_total"] == 1.0
+        assert get(base + "/health")[0] == 200  # liveness probes need no token
+        assert server.stats.unauthorized == 2
+    finally:
+        server.stop()
+
+
+def test_many_idle_connections_cost_no_threads_and_are_cut_off():
+    """300 clients connect and send nothing: the server holds at most max_connections of them at
+    once (the others get 503 as soon as they are accepted), starts no thread per connection,
+    closes each idle one at the header deadline, and answers a probe afterwards."""
+    import socket
+    import threading
+
+    from areal_like.http_guard import HttpLimits
+
+    limits = HttpLimits(max_connections=32, header_timeout_s=1.0, max_inflight=4, max_body_bytes=1024)
+    before = threading.active_count()
+    server = MetricsServer(Metrics(), 0, "127.0.0.1", limits=limits)
+    socks = []
+    try:
+        for _ in range(300):
+            socks.append(socket.create_connection(("127.0.0.1", server.port), timeout=30))
+        # every socket ends: refused ones with a 503 head, the others closed at the deadline (b"")
+        answers = [s.recv(64) for s in socks]
+        refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+        assert all(a == b"" or a.startswith(b"HTTP/1.1 503") for a in answers) and refused
+        assert server.stats.connections_refused == len(refused)
+        assert server.stats.timed_out == 300 - len(refused)
+        assert server.stats.peak_connections == 32 and server.stats.connections == 0
+        # the server's threads: its loop and at most its render pool, whatever the connections
+        assert threading.active_count() - before <= 1 + 2
+        assert get(f"http://127.0.0.1:{server.port}/health")[0] == 200
+    finally:
+        for s in socks:
+            s.close()
+        server.stop()

@@ -4,6 +4,7 @@ the launcher's CUDA_VISIBLE_DEVICES and `areal-like plan` follow the placement."
 from __future__ import annotations
 
 import itertools
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,8 @@ from launch.placement import place_job, place_node, place_nodes
 from launch.topology import apply_topology, plan_topology
 
 ROOT = Path(__file__).resolve().parents[2]
+CLUSTER = ("buffer.address=tcp://10.0.0.1:5555", "buffer.pub_address=tcp://10.0.0.1:5556",
+           "trainer.weight_sync.master_addr=10.0.0.1")  # what other nodes dial: node 0 on the cluster network
 
 
 @pytest.mark.parametrize("gpus,trainer,servers,tp,want_trainer,want_rollout", [
@@ -56,7 +59,7 @@ def test_several_nodes_node_by_node(gpus, nodes, train_nodes, tp):
     plans = place_nodes(load_config([
         "topology=gpu_sglang", f"launch.gpus_per_node={gpus}", f"launch.nodes={nodes}",
         f"launch.train_nodes={train_nodes}", f"launch.trainer_ranks={gpus}",
-        f"launch.num_rollout_servers={gpus // tp}", f"rollout.engine.tp_size={tp}"]))
+        f"launch.num_rollout_servers={gpus // tp}", f"rollout.engine.tp_size={tp}", *CLUSTER]))
     assert len(plans) == nodes
     for k, p in enumerate(plans):
         assert p.node == k and p.used == gpus
@@ -77,7 +80,7 @@ def test_one_node_of_place_nodes_is_the_run_layout():
 
 
 def test_several_nodes_refusals():
-    base = ["topology=gpu_sglang", "launch.gpus_per_node=8", "launch.nodes=3", "launch.train_nodes=1"]
+    base = ["topology=gpu_sglang", "launch.gpus_per_node=8", "launch.nodes=3", "launch.train_nodes=1", *CLUSTER]
     with pytest.raises(ConfigError, match=r"^launch.num_rollout_servers=5 x rollout.engine.tp_size=2 needs 10 GPUs "
                                           r"per node \(node 1 of 3\); launch.gpus_per_node=8"):
         place_nodes(load_config([*base, "launch.num_rollout_servers=5", "rollout.engine.tp_size=2"]))
@@ -108,7 +111,7 @@ def test_place_job_reads_the_config_and_cpu_topologies_take_no_gpu():
     mixed = place_job(load_config(["topology=gpu_embedded", "trainer.device=cpu", "launch.gpus_per_node=2",
                                    "launch.num_rollout_servers=2"]))
     assert (mixed.trainer, mixed.rollout) == ((), ((0,), (1,)))
-    with pytest.raises(ConfigError, match="launch.gpus_per_node=0 and torch sees no GPU"):
+    with pytest.raises(ConfigError, match="need GPUs, and torch sees none here"):
         place_job(load_config(["topology=gpu_embedded"]))
     with pytest.raises(ConfigError, match="rollout.engine.device='cuda:1'"):
         place_job(load_config(["topology=gpu_embedded", "rollout.engine.device=cuda:1", "launch.gpus_per_node=4"]))
@@ -134,6 +137,54 @@ def test_every_process_gets_its_own_cuda_visible_devices():
     assert got == {"buffer": "", "rollout-0": "4,5", "rollout-1": "6,7", "trainer": "0,1,2,3"}
     assert "--nproc-per-node" in specs["trainer"].argv() and specs["trainer"].argv()[6] == "4"
     assert specs["rollout-0"].env["OMP_NUM_THREADS"] == "1"  # the common environment is kept
+
+
+def test_an_inherited_cuda_visible_devices_is_translated_not_overwritten(monkeypatch):
+    """A launcher given GPUs 4-7 plans indices 0-3 (what torch counts) and hands out 4-7."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    specs = _specs("topology=gpu_sglang", "launch.gpus_per_node=4", "launch.trainer_ranks=2",
+                   "launch.num_rollout_servers=1", "rollout.engine.tp_size=2")
+    assert {name: s.env["CUDA_VISIBLE_DEVICES"] for name, s in specs.items()} == \
+        {"buffer": "", "rollout-0": "6,7", "trainer": "4,5"}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a,GPU-b")  # UUIDs are entries like any other
+    assert _specs("topology=gpu_sglang", "launch.gpus_per_node=2")["rollout-0"].env["CUDA_VISIBLE_DEVICES"] == "GPU-b"
+    with pytest.raises(ConfigError, match=r"needs GPU index 3 but CUDA_VISIBLE_DEVICES='GPU-a,GPU-b' gives this "
+                                          r"launcher 2 GPUs"):
+        _specs("topology=gpu_sglang", "launch.gpus_per_node=4", "launch.trainer_ranks=2",
+               "launch.num_rollout_servers=1", "rollout.engine.tp_size=2")
+
+
+def test_one_shared_gpu_starts_the_trainer_after_the_engine():
+    """SGLang sizes its KV cache from the memory free after loading: the trainer waits for it."""
+    specs = _specs("topology=gpu_sglang", "launch.gpus_per_node=1")
+    assert (specs["buffer"].stage, specs["rollout-0"].stage, specs["trainer"].stage) == (0, 1, 2)
+    assert specs["rollout-0"].health_timeout_s > 600  # SGLang's own start-up allowance, plus margin
+    two = _specs("topology=gpu_sglang", "launch.gpus_per_node=2")
+    assert (two["rollout-0"].stage, two["trainer"].stage) == (1, 1)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (("launch.gpus_per_node=8", "trainer.weight_sync.path=tensor"),
+     "trainer.weight_sync.path=tensor with the trainer and the engines on different GPUs"),
+    (("launch.gpus_per_node=8", "launch.nodes=2", "trainer.weight_sync.path=disk", *CLUSTER),
+     "trainer.weight_sync.path=disk with launch.nodes=2: the trainer writes to its own node's"),
+    (("launch.gpus_per_node=8", "launch.nodes=2"), "buffer.address host '127.0.0.1' with launch.nodes=2"),
+    (("launch.gpus_per_node=8", "launch.nodes=2", *CLUSTER[:2]),
+     "trainer.weight_sync.master_addr host '127.0.0.1' with launch.nodes=2"),
+    (("launch.gpus_per_node=8", "launch.nodes=2", *CLUSTER[:1], "buffer.pub_address=tcp://localhost:5556"),
+     "buffer.pub_address host 'localhost'"),
+])
+def test_layouts_a_gpu_run_would_hang_or_crash_on_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        place_nodes(load_config(["topology=gpu_sglang", *overrides]))
+
+
+def test_nccl_with_a_cpu_trainer_is_refused():
+    with pytest.raises(ConfigError, match=r"^trainer.weight_sync.backend=nccl with trainer.device='cpu'"):
+        place_nodes(load_config(["topology=gpu_embedded", "trainer.device=cpu", "launch.gpus_per_node=2",
+                                 "trainer.weight_sync.backend=nccl"]))
+    cpu_trainer = load_config(["topology=gpu_embedded", "trainer.device=cpu", "launch.gpus_per_node=2"])
+    assert place_nodes(cpu_trainer)[0].trainer == ()  # the topology's backend=auto is gloo for it
 
 
 def test_cpu_topology_processes_inherit_cuda_visible_devices():
@@ -175,7 +226,7 @@ def test_plan_refuses_a_layout_that_does_not_fit():
 def test_plan_prints_every_node_of_a_multi_node_job():
     r = _plan("topology=gpu_sglang", "launch.gpus_per_node=4", "launch.nodes=3", "launch.train_nodes=2",
               "launch.trainer_ranks=4", "launch.num_rollout_servers=2", "rollout.engine.tp_size=2",
-              "buffer.address=tcp://10.0.0.1:5555", "rollout.metrics_port=9101", "trainer.metrics_port=9200")
+              *CLUSTER, "rollout.metrics_port=9101", "trainer.metrics_port=9200")
     assert r.returncode == 0, r.stderr
     rows = [line.split(None, 3) for line in r.stdout.splitlines()[1:]]
     assert [row[:3] for row in rows] == [["0", "buffer", "none"], ["0", "trainer", "0,1,2,3"],

@@ -12,7 +12,13 @@ import pytest
 
 from areal_like.config import ConfigError, load_config
 from launch.job import job_specs, plan_job
-from launch.placement import SHARED_MEM_FRACTION_DEFAULT, SHARED_MEM_FRACTION_MAX, place_job, place_node, with_weight_path
+from launch.placement import (
+    SHARED_MEM_FRACTION_DEFAULT,
+    SHARED_MEM_FRACTION_MAX,
+    place_job,
+    place_node,
+    with_weight_path,
+)
 from launch.topology import apply_topology, plan_topology
 
 ROOT = Path(__file__).resolve().parents[2]

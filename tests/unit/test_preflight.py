@@ -237,6 +237,21 @@ def test_sglang_engine_needs_its_package_and_a_model_directory(tmp_path):
     assert pf.check_engine(base()) == []  # embedded
 
 
+@pytest.mark.parametrize("heads,kv,tp,ok", [(14, 2, 2, True), (14, 2, 4, False), (28, 4, 8, False),
+                                              (32, 8, 8, True), (32, 4, 8, True), (12, 12, 3, True), (12, 12, 8, False)])
+def test_tp_size_must_split_the_heads(tmp_path, heads, kv, tp, ok):
+    """Query heads split evenly; key/value heads split evenly or are replicated (tp a multiple)."""
+    (tmp_path / "config.json").write_text(f'{{"num_attention_heads": {heads}, "num_key_value_heads": {kv}}}')
+    cfg = load_config(["rollout.engine.kind=sglang", f"rollout.engine.tp_size={tp}", f"model.path={tmp_path}"])
+    problems = pf.check_tp_size(cfg)
+    assert (problems == []) == ok
+    if not ok:
+        assert problems[0].startswith(f"rollout.engine.tp_size={tp} does not divide the model's {heads} attention "
+                                      f"heads and {kv} key/value heads ({tmp_path / 'config.json'})")
+    tiny = load_config(["rollout.engine.kind=sglang", "rollout.engine.tp_size=3"])  # 4 heads, 2 kv from config
+    assert pf.check_tp_size(tiny)[0].startswith("rollout.engine.tp_size=3 does not divide the model's 4 attention")
+
+
 def test_preflight_lists_every_problem_and_checked_resolves_first(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "eval.jsonl").write_text('{"question": "2+2=", "answer": "4"}\n')

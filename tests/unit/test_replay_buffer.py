@@ -13,7 +13,7 @@ from buffer.staleness import StalenessPolicy
 
 
 def make_group(gid: str, head: int, rewards=(0.0, 1.0), tokens: int = 4) -> TrajectoryGroup:
-    trajs = [Trajectory(prompt_ids=as_i32([5, 6]), output_ids=as_i32(np.arange(tokens)),
+    trajs = [Trajectory.of(prompt_ids=as_i32([5, 6]), output_ids=as_i32(np.arange(tokens)),
                         behav_logp=as_f32(np.full(tokens, -0.5)), versions=as_i32(np.full(tokens, head + 1)).copy(),
                         reward=float(r), finish_reason="stop") for r in rewards]
     trajs[0].versions[0] = head  # head version = min over tokens

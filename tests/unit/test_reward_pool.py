@@ -34,9 +34,9 @@ PATH = "reward_fns:behave"
 def make_pool():
     pools = []
 
-    def make(default_path: str = PATH, metrics: Metrics | None = None, **task) -> RewardPool:
+    def make(default_path: str = PATH, metrics: Metrics | None = None, processes: int = 0, **task) -> RewardPool:
         task = {"reward_timeout_s": 2.0, "reward_workers": 2, **task}
-        pools.append(RewardPool(TaskConfig(**task), default_path, metrics=metrics))
+        pools.append(RewardPool(TaskConfig(**task), default_path, metrics=metrics, processes=processes))
         return pools[-1]
 
     yield make
@@ -153,7 +153,7 @@ def test_task_reward_fn_overrides_the_default_path(make_pool):
 
 
 def test_close_leaves_no_process_behind(make_pool, wait_until):
-    pool = make_pool(reward_timeout_s=30.0)
+    pool = make_pool(reward_timeout_s=30.0, processes=1)  # a reward may start one process here
     grandchild = psutil.Process(int(score(pool, "child")[0][0]))  # a worker's own child, still running
     workers = [psutil.Process(pid) for pid in pool.worker_pids]
 

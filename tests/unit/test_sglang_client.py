@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import msgspec
 import pytest
 from aiohttp import web
 
@@ -290,6 +291,11 @@ def test_weight_sync_follows_the_contract_in_order():
         n = len(server.calls)
         done = await apply_weight_sync(client, _plan(reform=False), "s9", drain=False)
         assert not done.ok and "not a member" in done.reason and len(server.calls) == n
+
+        # a path this server does not know (a newer trainer): refused, naming it, and nothing is called
+        done = await apply_weight_sync(client, msgspec.structs.replace(_plan(reform=False), path="shm"), "s1",
+                                       drain=False)
+        assert not done.ok and "unknown weight-sync path 'shm'" in done.reason and len(server.calls) == n
     run(body)
 
 

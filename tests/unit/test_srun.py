@@ -13,7 +13,7 @@ import pytest
 
 from areal_like.config import ConfigError, load_config
 from launch.placement import place_node
-from launch.srun import cpu_mask, head_ip, node_cores, ports_json, slurm_steps
+from launch.srun import cpu_mask, head_ip, node_cores, physical_cores, ports_json, slurm_steps
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE_IP = """#!/bin/sh
@@ -80,13 +80,28 @@ def test_the_sbatch_command_line_prints_the_address_or_one_error_line(fake_ip):
 
 def test_cores_follow_the_gpus_and_never_overlap():
     placed = place_node(gpus_per_node=8, trainer_ranks=4, rollout_servers=2, tp_size=2)
-    cores = node_cores(placed, cpus=33, gpus_per_node=8, has_buffer=True)  # 32 for GPUs (4 each), 1 for the buffer
+    cores = node_cores(placed, physical_cores(33), gpus_per_node=8, has_buffer=True)  # 32 for GPUs (4 each), 1 buffer
     assert cores == {"trainer": tuple(range(16)), "rollout-0": tuple(range(16, 24)), "rollout-1": tuple(range(24, 32)),
                      "buffer": (32,)}
     assert cpu_mask(cores["rollout-0"]) == "0xff0000" and cpu_mask((0, 1)) == "0x3"
     with pytest.raises(ConfigError, match="^8 cores per node cannot give each of launch.gpus_per_node=8 GPUs a core "
                                           "beside the buffer's"):
-        node_cores(placed, cpus=8, gpus_per_node=8, has_buffer=True)
+        node_cores(placed, physical_cores(8), gpus_per_node=8, has_buffer=True)
+
+
+def test_hyperthreads_stay_with_their_core_and_blocks_follow_sockets():
+    """2 sockets x 4 cores x 2 threads, numbered as Linux does: core c's siblings are c and c + 8,
+    socket 0 has cores 0-3. Two GPUs: each gets the four cores of one socket, both threads of each."""
+    lscpu = "# CPU,Core,Socket\n" + "".join(f"{cpu},{cpu % 8},{(cpu % 8) // 4}\n" for cpu in range(16))
+    cores = physical_cores(16, lscpu)
+    assert cores[:2] == [(0, 8), (1, 9)] and len(cores) == 8
+    placed = place_node(gpus_per_node=2, trainer_ranks=1, rollout_servers=1, tp_size=1)
+    got = node_cores(placed, cores, gpus_per_node=2, has_buffer=False)
+    assert got == {"trainer": (0, 8, 1, 9, 2, 10, 3, 11), "rollout-0": (4, 12, 5, 13, 6, 14, 7, 15)}
+    with_buffer = node_cores(placed, cores, gpus_per_node=2, has_buffer=True)  # 7 cores left: 3 per GPU
+    assert with_buffer["buffer"] == (7, 15) and with_buffer["rollout-0"] == (3, 11, 4, 12, 5, 13)
+    with pytest.raises(ConfigError, match="--cpu-topology: 'x,y' is not a"):
+        physical_cores(4, "x,y\n")
 
 
 def _cfg(nodes: int, tp: int, *extra: str):
@@ -96,7 +111,7 @@ def _cfg(nodes: int, tp: int, *extra: str):
                         f"launch.gpus_per_node={gpus}", f"launch.trainer_ranks={trainer}",
                         f"launch.num_rollout_servers={servers}", f"rollout.engine.tp_size={tp}",
                         "buffer.address=tcp://10.1.2.3:5555", "buffer.pub_address=tcp://10.1.2.3:5556",
-                        "buffer.metrics_port=9100", "rollout.metrics_port=9101", "trainer.metrics_port=9200", *extra])
+                        "trainer.weight_sync.master_addr=10.1.2.3", "buffer.metrics_port=9100", "rollout.metrics_port=9101", "trainer.metrics_port=9200", *extra])
 
 
 def _steps(nodes: int, tp: int):
@@ -174,6 +189,7 @@ def test_steps_refuse_what_a_slurm_job_cannot_run():
                     restarts=0, repo="r")
     with pytest.raises(ConfigError, match="the Slurm recipe places GPU jobs"):
         slurm_steps(load_config(["launch.nodes=2", "buffer.address=tcp://h:1", "buffer.pub_address=tcp://h:2",
+                                 "trainer.weight_sync.master_addr=h",
                                  "buffer.metrics_port=3", "rollout.metrics_port=4", "trainer.metrics_port=5"]),
                     ["a", "b"], config="c", cpus=16, master_port=1, restarts=0, repo="r")
 

@@ -105,6 +105,17 @@ def test_countdown_parses_instead_of_evaluating():
     assert countdown_reward("3" * 41, Example("cd 3 to 3:", "3")) == 0.0  # over the length bound
 
 
+def test_countdown_divides_exactly_and_refuses_what_is_not_arithmetic():
+    ex = Example("cd 8 2 3 to 12:", "8+2*2")
+    assert countdown_reward("8/2*3", ex) == 1.0  # (8/2)*3
+    assert countdown_reward("(8+2)/3", Example("cd 8 2 3 to 3:", "")) == 0.0  # 10/3 is not 3: exact, no rounding
+    assert countdown_reward("(3-3)", Example("cd 3 3 to 0:", "")) == 1.0
+    assert countdown_reward("8/(3-3)", Example("cd 8 3 3 to 0:", "")) == 0.0  # division by zero scores 0
+    assert countdown_reward("8//2", Example("cd 8 2 to 4:", "")) == 0.0  # floor division is not offered
+    assert countdown_reward("9**8**7", Example("cd 9 8 7 to 15:", "9+8-2")) == 0.0
+    assert countdown_reward("1000000000*2", Example("cd 1000000000 2 to 2000000000:", "")) == 0.0  # not small
+
+
 def test_dataset_task_and_math_reward(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text(json.dumps({"prompt": "1/2+1/4?", "answer": "3/4"}) + "\n\n"

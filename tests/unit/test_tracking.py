@@ -320,7 +320,7 @@ def test_check_trackers_names_the_missing_package_and_its_extra(monkeypatch, tmp
 
 def _traj(prompt: str, out: list[int], versions: list[int], reward: float, finish: str = "stop",
           metadata: dict | None = None) -> P.Trajectory:
-    return P.Trajectory(prompt_ids=P.as_i32(char_tokenizer()(prompt)["input_ids"]), output_ids=P.as_i32(out),
+    return P.Trajectory.of(prompt_ids=P.as_i32(char_tokenizer()(prompt)["input_ids"]), output_ids=P.as_i32(out),
                         behav_logp=P.as_f32([-1.0] * len(out)), versions=P.as_i32(versions), reward=reward,
                         finish_reason=finish, metadata=metadata or {})
 

@@ -1,4 +1,4 @@
-"""The transport's per-frame fast paths (C socket methods, plain-int flags) behave exactly like
+"""The transport's per-frame send and receive (``FrameWriter``, ``recv_parts``) behave exactly like
 pyzmq's send_multipart / recv_multipart: same framing, a failed NOBLOCK send queues nothing,
 IntFlag and int flags alike, asyncio sockets keep their own path; the Client's kept poller
 survives a reconnect. In one process over loopback TCP."""
@@ -14,13 +14,13 @@ import zmq
 import zmq.asyncio
 
 from areal_like import protocol as P
-from areal_like.transport import Client, FrameWriter, Server, _new_socket, _recv_parts
+from areal_like.transport import Client, FrameWriter, Server, new_socket, recv_parts
 
 TIMEOUT_MS = 20_000  # loopback on a loaded 2-core box: generous, frames take milliseconds
 
 
 def small_group(seed: int) -> P.TrajectoryGroup:
-    traj = P.Trajectory(prompt_ids=np.arange(3, dtype=np.int32), output_ids=np.arange(5, dtype=np.int32) + seed,
+    traj = P.Trajectory.of(prompt_ids=np.arange(3, dtype=np.int32), output_ids=np.arange(5, dtype=np.int32) + seed,
                         behav_logp=-np.ones(5, dtype=np.float32), versions=np.zeros(5, dtype=np.int32),
                         reward=1.0, finish_reason="stop")
     return P.TrajectoryGroup(group_id=f"g-{seed}", server_id="s", lease_id="l", prompt_index=seed, epoch=0,
@@ -29,7 +29,7 @@ def small_group(seed: int) -> P.TrajectoryGroup:
 
 @pytest.fixture
 def router(free_port):
-    sock = _new_socket(zmq.Context.instance(), zmq.ROUTER)
+    sock = new_socket(zmq.Context.instance(), zmq.ROUTER)
     port = free_port()
     sock.bind(f"tcp://127.0.0.1:{port}")
     try:
@@ -46,7 +46,7 @@ def recv_all(sock: zmq.Socket) -> list[bytes]:
 @pytest.mark.parametrize("flags", [0, zmq.NOBLOCK, int(zmq.NOBLOCK)])
 def test_frame_writer_sends_the_same_parts_as_send_multipart(router, flags):
     sock, address = router
-    dealer = _new_socket(zmq.Context.instance(), zmq.DEALER)
+    dealer = new_socket(zmq.Context.instance(), zmq.DEALER)
     dealer.connect(address)
     try:
         writer, msg = FrameWriter(), small_group(1)
@@ -64,7 +64,7 @@ def test_a_refused_noblock_send_queues_no_partial_message(router):
     """A DEALER with no peer refuses at once (zmq.Again on the first part); nothing of that message
     may be left queued to prefix the next one."""
     sock, address = router
-    dealer = _new_socket(zmq.Context.instance(), zmq.DEALER)
+    dealer = new_socket(zmq.Context.instance(), zmq.DEALER)
     try:
         writer = FrameWriter()
         with pytest.raises(zmq.Again):
@@ -78,17 +78,17 @@ def test_a_refused_noblock_send_queues_no_partial_message(router):
         dealer.close(linger=0)
 
 
-def test_recv_parts_matches_recv_multipart(router):
+def testrecv_parts_matches_recv_multipart(router):
     sock, address = router
-    dealer = _new_socket(zmq.Context.instance(), zmq.DEALER)
+    dealer = new_socket(zmq.Context.instance(), zmq.DEALER)
     dealer.connect(address)
     try:
         with pytest.raises(zmq.Again):
-            _recv_parts(sock, int(zmq.NOBLOCK))  # nothing queued
+            recv_parts(sock, int(zmq.NOBLOCK))  # nothing queued
         for parts in ([b"a"], [b"a", b"", b"c" * 100_000]):
             dealer.send_multipart(parts)
             assert sock.poll(TIMEOUT_MS)
-            frames = _recv_parts(sock, 0)
+            frames = recv_parts(sock, 0)
             assert all(isinstance(f, zmq.Frame) for f in frames)
             assert [f.bytes for f in frames[1:]] == parts
     finally:
@@ -102,7 +102,7 @@ def test_asyncio_sockets_keep_their_own_send(free_port):
     ctx = zmq.asyncio.Context.instance()
 
     async def go() -> None:
-        dealer = _new_socket(ctx, zmq.DEALER)
+        dealer = new_socket(ctx, zmq.DEALER)
         dealer.connect(address)
         try:
             await FrameWriter().send(dealer, [b"rid"], small_group(4), zmq.NOBLOCK)

@@ -1,0 +1,114 @@
+"""A job's HTTP credentials: the engines' API key and the ``/metrics`` bearer token, and redaction.
+
+Credentials are never configuration: they travel in the environment, so they are never written
+to ``config.yaml``, printed by ``areal-like config`` or logged with a config.
+
+* ``ENGINE_KEY_ENV`` (``AREAL_LIKE_ENGINE_API_KEY``): every engine of the job (embedded or SGLang,
+  ``--api-key``) requires ``Authorization: Bearer <key>``; the rollout servers and the trainer's
+  log-prob guard send it. ``areal-like run`` makes one per job (``ensure_key_file``:
+  ``<run_dir>/secrets/engine_api_key``, mode 0600 in a 0700 directory, reused on resume) and
+  passes it to its daemons in their environment. A multi-node job exports the same value on
+  every node (the file lives in the shared run directory).
+* ``METRICS_TOKEN_ENV`` (``AREAL_LIKE_METRICS_TOKEN``): when set, every daemon's ``/metrics``
+  requires it as a bearer token (``/health`` stays open for liveness probes); Prometheus sends it
+  from a file (``authorization: credentials_file`` in ``launch/observability/prometheus.yml``).
+* ``BIND_HOST_ENV`` (``AREAL_LIKE_BIND_HOST``): the interface the daemons' HTTP ports bind;
+  unset = loopback, which is what a one-node job needs. Multi-node recipes set it.
+
+Reward and tool workers never see any of these (their names match ``SECRET_NAME``).
+``redact(text_or_mapping)`` blanks values of keys that look like secrets.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+ENGINE_KEY_ENV = "AREAL_LIKE_ENGINE_API_KEY"
+METRICS_TOKEN_ENV = "AREAL_LIKE_METRICS_TOKEN"
+BIND_HOST_ENV = "AREAL_LIKE_BIND_HOST"
+LOOPBACK = "127.0.0.1"
+KEY_FILE = Path("secrets") / "engine_api_key"  # under the run directory
+REDACTED = "<redacted>"
+# environment variables whose values may be credentials (WANDB_API_KEY, HF_TOKEN, ...): broad on purpose
+SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH", re.IGNORECASE)
+# config keys that hold credentials (api_key, admin_api_key, hf_token, password); whole words, so
+# max_new_tokens, tokenizer and prompt_key are not among them
+SECRET_FIELD = re.compile(r"(^|[_-])(api[_-]?key|token|secret|passw(or)?d|credentials?)($|[_-])", re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"(://[^/@:\s]+:)[^/@\s]+@")
+
+
+def engine_api_key(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The job's engine API key from the environment, or None (no authentication)."""
+    return environ.get(ENGINE_KEY_ENV) or None
+
+
+def metrics_token(environ: Mapping[str, str] = os.environ) -> str | None:
+    return environ.get(METRICS_TOKEN_ENV) or None
+
+
+def http_bind_host(environ: Mapping[str, str] = os.environ) -> str:
+    """Where a daemon's HTTP ports (``/metrics``) bind: ``AREAL_LIKE_BIND_HOST``, else loopback
+    (``*`` in it, as ZeroMQ spells "every interface", is ``0.0.0.0`` here)."""
+    host = environ.get(BIND_HOST_ENV) or LOOPBACK
+    return "0.0.0.0" if host == "*" else host
+
+
+def read_key_file(run_dir: str | Path) -> str | None:
+    """The engine API key written by ``ensure_key_file`` in ``run_dir``, or None."""
+    path = Path(run_dir) / KEY_FILE
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def ensure_key_file(run_dir: str | Path) -> str:
+    """The engine API key of the job in ``run_dir``: read from ``<run_dir>/secrets/engine_api_key``,
+    or made (32 random bytes, URL-safe) and written there readable by the owner only."""
+    path = Path(run_dir) / KEY_FILE
+    key = read_key_file(run_dir)
+    if key:
+        return key
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    key = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # never world-readable, not even briefly
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
+
+
+def redact(value: Any) -> Any:
+    """``value`` with the value of every mapping key that names a credential (``SECRET_FIELD``)
+    and the password of every ``scheme://user:password@host`` URL replaced by ``<redacted>``,
+    recursively through dicts and lists (a copy; the input is not changed)."""
+    if isinstance(value, Mapping):
+        return {k: REDACTED if isinstance(k, str) and SECRET_FIELD.search(k) and v not in (None, "")
+                else redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(rf"\1{REDACTED}@", value)
+    return value
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """A command line for the log: the word after a flag that looks like a secret (``--api-key``)
+    and the value of ``--flag=value`` forms of them are ``<redacted>``."""
+    out, hide = [], False
+    for word in argv:
+        if hide:
+            out.append(REDACTED)
+            hide = False
+        elif word.startswith("--") and SECRET_FIELD.search(word.split("=", 1)[0][2:]):
+            flag, eq, _ = word.partition("=")
+            out.append(f"{flag}={REDACTED}" if eq else word)
+            hide = not eq
+        else:
+            out.append(word)
+    return out

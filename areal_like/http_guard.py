@@ -1,0 +1,276 @@
+"""A hardened aiohttp server: bearer tokens, size limits, read deadlines, connection and request caps.
+
+Every HTTP port a daemon opens (an embedded engine's SGLang API, each daemon's ``/metrics`` and
+``/health``) is served through ``serve(app, host, port, limits, token=...)``, so a client that
+can reach the port cannot hold the server's memory, connections or event loop:
+
+* ``HttpLimits.max_connections`` open connections; the next one is answered ``503`` and closed,
+  its request never parsed (``connections_refused``; the socket lingers up to
+  ``REFUSED_LINGER_S`` for the client to read the answer, as a reset would lose it);
+* ``max_inflight`` requests being handled; the next one gets ``429`` (``requests_refused``).
+  Requests to ``capped_paths`` count (all paths when it is None): an engine caps ``/generate``,
+  whose calls may wait for long, so that its pause, continue and weight-update calls always
+  get through;
+* a request line or header field longer than ``max_header_bytes`` -> ``431``; more than
+  ``max_headers`` header fields -> ``431``;
+* a body over ``max_body_bytes`` -> ``413`` (from ``Content-Length`` before anything is read,
+  else as the bytes arrive); compressed bodies are not inflated (no decompression bombs);
+* the request line and headers must arrive within ``header_timeout_s`` of the first byte of
+  the request (or of the connection, for its first request), and the whole body within
+  ``body_timeout_s`` of the headers: a client sending one byte a second is cut off (the
+  connection closed, ``408`` for a late body), whatever each byte's spacing;
+* an idle keep-alive connection is closed after ``keepalive_s``;
+* with ``token``, every path outside ``open_paths`` needs ``Authorization: Bearer <token>``;
+  otherwise ``401`` (compared in constant time with ``hmac.compare_digest``). The token is
+  never logged or echoed.
+
+The per-connection deadlines live in ``_GuardedHandler``, a subclass of aiohttp's
+``RequestHandler`` that watches when its parser completes a request: it reads the handler's
+``_request_count``, ``_request_in_progress`` and ``_messages`` (aiohttp has no public hook for a
+request head's arrival; checked with aiohttp 3.14 by tests/unit/test_engine_http_guard.py).
+A request's body is read by the guard middleware (within its deadline); handlers then get it
+from aiohttp's cache through ``request.read()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from areal_like.ratelog import RateLimitedLog
+
+log = logging.getLogger(__name__)
+_client_errors = RateLimitedLog(log, every_s=60.0)  # a peer can send bad requests at will: no line per request
+REFUSED_LINGER_S = 2.0
+TOO_MANY_CONNECTIONS = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 38\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
+                        b'{"error": "too many open connections"}')
+
+
+@dataclass(frozen=True, kw_only=True)
+class HttpLimits:
+    """What one client may cost a server (module docstring); the defaults suit an engine's API."""
+
+    max_body_bytes: int = 64 * 2**20  # a weight bucket sent as /update_weights_from_tensor fits
+    max_header_bytes: int = 8190  # one request line or header field (aiohttp's default)
+    max_headers: int = 64
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    keepalive_s: float = 75.0
+    max_connections: int = 512
+    max_inflight: int = 256
+
+    def __post_init__(self):
+        for name in ("max_body_bytes", "max_header_bytes", "max_headers", "max_connections", "max_inflight"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"HttpLimits.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("header_timeout_s", "body_timeout_s", "keepalive_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"HttpLimits.{name} must be > 0, got {getattr(self, name)}")
+
+
+METRICS_LIMITS = HttpLimits(max_body_bytes=4096, header_timeout_s=5.0, body_timeout_s=5.0, keepalive_s=30.0,
+                            max_connections=64, max_inflight=16)
+
+
+@dataclass
+class GuardStats:
+    """Refusals so far (read by a daemon's metrics); plain ints, touched only on the server's loop."""
+
+    connections: int = 0
+    peak_connections: int = 0
+    connections_refused: int = 0
+    lingering: int = 0  # refused connections waiting for their client to close
+    requests_refused: int = 0  # 429: over max_inflight
+    unauthorized: int = 0  # 401
+    timed_out: int = 0  # header or body deadline missed
+    inflight: int = 0
+
+
+@dataclass
+class _Guard:  # noqa: D101 - the limits, token and counters of one server
+    limits: HttpLimits
+    token: str | None
+    open_paths: frozenset[str]
+    capped_paths: frozenset[str] | None
+    stats: GuardStats = field(default_factory=GuardStats)
+
+
+GUARD_KEY = web.AppKey("http_guard", _Guard)
+
+
+def bearer_ok(header: str | None, token: str) -> bool:
+    """``header`` is ``Bearer <token>`` (constant-time comparison; any other scheme is refused)."""
+    if not header or not header.startswith("Bearer "):
+        return False
+    return hmac.compare_digest(header[len("Bearer "):].strip().encode(), token.encode())
+
+
+class _GuardedHandler(RequestHandler):
+    """aiohttp's connection protocol with a connection cap and a deadline on each request's head."""
+
+    def __init__(self, manager, guard: _Guard, **kwargs):
+        lim = guard.limits
+        super().__init__(manager, max_line_size=lim.max_header_bytes, max_field_size=lim.max_header_bytes,
+                         max_headers=lim.max_headers, keepalive_timeout=lim.keepalive_s, auto_decompress=False,
+                         access_log=None, **kwargs)
+        self._guard, self._deadline, self._refused, self._lingering = guard, None, False, False
+
+    def connection_made(self, transport) -> None:
+        stats, lim = self._guard.stats, self._guard.limits
+        if stats.connections >= lim.max_connections:
+            self._refuse(transport)
+            return
+        stats.connections += 1
+        stats.peak_connections = max(stats.peak_connections, stats.connections)
+        super().connection_made(transport)
+        self._arm()
+
+    def _refuse(self, transport) -> None:
+        """Answer 503 and close without reading a request. Closing a socket with the client's request
+        unread would reset it (and lose the 503), so the socket lingers (reads discarded) until the
+        client closes or ``REFUSED_LINGER_S``, as long as fewer than max_connections do."""
+        stats = self._guard.stats
+        self._refused = True
+        stats.connections_refused += 1
+        transport.write(TOO_MANY_CONNECTIONS)
+        if stats.lingering >= self._guard.limits.max_connections or not transport.can_write_eof():
+            transport.close()
+            return
+        stats.lingering += 1
+        self._lingering = True
+        transport.write_eof()
+        self._deadline = self._loop.call_later(REFUSED_LINGER_S, transport.abort)
+
+    def connection_lost(self, exc) -> None:
+        if self._refused:
+            if self._lingering:
+                self._guard.stats.lingering -= 1
+                self._lingering = False
+                self._disarm()
+            return
+        self._guard.stats.connections -= 1
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # a refused connection's request is read and dropped
+        before = self._request_count  # incremented by the parser for each request whose head is complete
+        super().data_received(data)
+        if self._request_count != before:
+            self._disarm()
+        elif self._deadline is None and not self._request_in_progress and not self._messages:
+            self._arm()  # the first bytes of the next request's head on a kept-alive connection
+
+    def _arm(self) -> None:
+        self._deadline = self._loop.call_later(self._guard.limits.header_timeout_s, self._head_too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _head_too_slow(self) -> None:
+        self._deadline = None
+        self._guard.stats.timed_out += 1
+        if self.transport is not None:
+            self.transport.abort()  # nothing was read as a request: no answer, the socket just closes
+
+    def log_exception(self, msg: str, *args, exc_info=None, **kw) -> None:
+        why = f"{type(exc_info).__name__}: {exc_info}".splitlines()[0] if isinstance(exc_info, BaseException) else ""
+        _client_errors.warning(f"{msg}:{type(exc_info).__name__}", "HTTP: " + msg + " (%s)", *args, why)
+
+    def handle_error(self, request, status: int = 500, exc=None, message=None):
+        if isinstance(exc, LineTooLong) or (isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc)):
+            status, message = 431, "Request Header Fields Too Large"  # aiohttp says 400
+        return super().handle_error(request, status, exc, message)
+
+
+def _guard_middleware(guard: _Guard):
+    lim, stats = guard.limits, guard.stats
+
+    @web.middleware
+    async def guard_mw(request: web.Request, handler):
+        if guard.token is not None and request.path not in guard.open_paths \
+                and not bearer_ok(request.headers.get("Authorization"), guard.token):
+            stats.unauthorized += 1
+            return web.json_response({"error": "missing or wrong bearer token"}, status=401,
+                                     headers={"WWW-Authenticate": "Bearer"})
+        capped = guard.capped_paths is None or request.path in guard.capped_paths
+        if capped and stats.inflight >= lim.max_inflight:
+            stats.requests_refused += 1
+            return web.json_response({"error": f"over {lim.max_inflight} requests in flight; retry later"},
+                                     status=429, headers={"Retry-After": "1"})
+        stats.inflight += capped
+        try:
+            if request.content_length is not None and request.content_length > lim.max_body_bytes:
+                return _too_large(request, lim)
+            if request.can_read_body:
+                try:
+                    await asyncio.wait_for(request.read(), lim.body_timeout_s)
+                except asyncio.TimeoutError:
+                    stats.timed_out += 1
+                    return web.json_response({"error": f"body not received within {lim.body_timeout_s}s"},
+                                             status=408, headers={"Connection": "close"})
+                except web.HTTPRequestEntityTooLarge:
+                    return _too_large(request, lim)
+            return await handler(request)
+        finally:
+            stats.inflight -= capped
+    return guard_mw
+
+
+def _too_large(request: web.Request, lim: HttpLimits) -> web.Response:
+    return web.json_response({"error": f"request body over {lim.max_body_bytes} bytes"}, status=413,
+                             headers={"Connection": "close"})
+
+
+def guarded_app(*, limits: HttpLimits, token: str | None = None, open_paths: tuple[str, ...] = (),
+                capped_paths: tuple[str, ...] | None = None, middlewares: tuple = ()) -> web.Application:
+    """An ``aiohttp`` application whose first middleware enforces ``limits`` and ``token``
+    (``open_paths`` need none; only ``capped_paths`` count against ``max_inflight``, None = all);
+    ``serve`` it to get the connection-level limits too."""
+    guard = _Guard(limits, token, frozenset(open_paths), None if capped_paths is None else frozenset(capped_paths))
+    app = web.Application(middlewares=[_guard_middleware(guard), *middlewares], client_max_size=limits.max_body_bytes)
+    app[GUARD_KEY] = guard
+    return app
+
+
+class GuardedServer:
+    """A started server for a ``guarded_app``: ``.port``, ``.stats``, ``await .close()``."""
+
+    def __init__(self, runner: web.AppRunner, server: asyncio.AbstractServer, guard: _Guard):
+        self.runner, self._server, self._guard = runner, server, guard
+        self.port: int = server.sockets[0].getsockname()[1]
+
+    @property
+    def stats(self) -> GuardStats:
+        return self._guard.stats
+
+    async def close(self) -> None:
+        self._server.close()
+        await self.runner.cleanup()
+
+
+async def serve(app: web.Application, host: str, port: int, *, shutdown_timeout_s: float = 2.0,
+                handler_cancellation: bool = True) -> GuardedServer:
+    """Bind ``host:port`` (0 = a free port) and serve ``app`` (made by ``guarded_app``) on the running loop."""
+    guard: _Guard = app[GUARD_KEY]
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout_s,
+                           handler_cancellation=handler_cancellation)
+    await runner.setup()
+    manager, loop = runner.server, asyncio.get_running_loop()
+    try:
+        server = await loop.create_server(lambda: _GuardedHandler(manager, guard, loop=loop), host, port,
+                                          backlog=min(guard.limits.max_connections, 1024), reuse_address=True)
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return GuardedServer(runner, server, guard)

@@ -1,0 +1,186 @@
+"""Sandboxed calls: user code (reward functions, and the tools an agent calls) in worker processes.
+
+``run_sandboxed(fn_path, args, limits) -> SandboxResult`` calls ``fn(*args)`` for the function at
+``fn_path`` (``"pkg.module:function"``) in a fresh worker process and returns its JSON-able result,
+or why there is none. ``Worker`` is that process and the caller's end of its socket; the reward
+pool (``reward_pool.py``) keeps several alive and scores every sample through one.
+
+What a worker is (``reward_worker.py`` runs in it): a fresh interpreter (``python -I``, not a fork:
+the rollout server runs asyncio and threads) in a session of its own, with
+
+* an environment without anything that looks like a secret (``SECRET_NAME``: API keys, tokens,
+  passwords, the job's engine API key and metrics token), not even in ``/proc/<pid>/environ``;
+* ``RLIMIT_AS`` = ``limits.memory_mb`` from the start (an allocation past it raises MemoryError);
+* ``RLIMIT_CPU`` per call, a backstop past what the call could burn before its deadline;
+* ``RLIMIT_NPROC``: the call may start ``limits.processes`` processes or threads (0 by default: a
+  fork bomb's first ``fork`` fails). The kernel ignores this limit for root and for holders of
+  CAP_SYS_RESOURCE/CAP_SYS_ADMIN, so a worker started by root, once its function is imported,
+  drops every capability for good and takes a real uid of its own (``ISOLATED_UID_BASE`` + its
+  pid): the limit then counts that worker alone (``reward_worker.confine``). For any other user
+  the limit counts all that user's processes, so it is set to what the user runs now plus the
+  allowance (a backstop);
+* a wall-clock deadline per call, ``limits.timeout_s``, enforced by the caller: SIGKILL to the
+  worker's process group (it and whatever it started), by PID, then reaped.
+
+It contains accidents and runaway code (a hang, a leak, a crash, an ``exit``, a fork bomb), not a
+determined attacker: the network and world-readable files stay reachable.
+
+Failure kinds (``SandboxResult.kind``): ``timeout`` | ``memory`` | ``died`` | ``error`` (the call
+raised, or its result is not JSON) | ``start`` (the function could not be loaded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import reprlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rollout_server import reward_worker
+from rollout_server.reward_worker import recv_frame, scrubbed_env, send_frame
+
+WORKER_SCRIPT = str(Path(reward_worker.__file__).resolve())
+STARTUP_TIMEOUT_S = 120.0  # a fresh worker imports the function's module (sympy, torch, ...) on a busy machine
+
+
+@dataclass(frozen=True, kw_only=True)
+class SandboxLimits:
+    timeout_s: float = 5.0  # wall clock of one call; the worker is killed past it
+    memory_mb: int = 2048  # address space of the worker; 0 = none
+    processes: int = 0  # processes or threads one call may start (RLIMIT_NPROC above the worker itself)
+    startup_timeout_s: float = STARTUP_TIMEOUT_S  # a new worker's import of the function (not counted above)
+
+    def __post_init__(self):
+        if not self.timeout_s > 0 or self.memory_mb < 0 or self.processes < 0 or not self.startup_timeout_s > 0:
+            raise ValueError(f"bad SandboxLimits: {self}")
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    """``ok``: ``value`` is what the function returned (through JSON); else ``kind`` and ``reason``."""
+
+    ok: bool
+    value: Any = None
+    kind: str | None = None
+    reason: str | None = None
+
+
+def run_sandboxed(fn_path: str, args: tuple | list, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
+    """``fn(*args)`` in a fresh sandboxed worker (module docstring), which is gone when this returns.
+    Blocks the calling thread (use ``asyncio.to_thread`` from a loop); never raises for what the
+    function does."""
+    try:
+        request = pickle.dumps((tuple(args), limits.timeout_s))
+    except Exception as e:
+        return SandboxResult(False, kind="error", reason=f"cannot send the arguments: {type(e).__name__}: {e}")
+    try:
+        worker = Worker(fn_path, limits)
+    except OSError as e:
+        return SandboxResult(False, kind="start", reason=f"cannot start a worker: {type(e).__name__}: {e}")
+    try:
+        reply = worker.call(request, limits.timeout_s)
+    except StartFailed as failed:
+        return SandboxResult(False, kind="start", reason=failed.reason)
+    except WorkerLost as lost:
+        return SandboxResult(False, kind=lost.kind, reason=lost.reason)
+    finally:
+        worker.kill()
+    if "result" in reply:
+        return SandboxResult(True, value=reply["result"])
+    return SandboxResult(False, kind=reply["kind"], reason=reply["reason"])
+
+
+class StartFailed(Exception):
+    """A worker never became ready; ``reason`` says why."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class WorkerLost(Exception):
+    """A ready worker cannot answer any more (timeout, death); ``kind`` and ``reason`` as reported."""
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind, self.reason = kind, reason
+
+
+class Worker:
+    """One worker process and the caller's end of its socket; used by one thread at a time."""
+
+    def __init__(self, path: str, limits: SandboxLimits):
+        ours, theirs = socket.socketpair()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", WORKER_SCRIPT, str(theirs.fileno())], pass_fds=(theirs.fileno(),),
+                env=scrubbed_env(), stdin=subprocess.DEVNULL, start_new_session=True)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.sock, self.ready, self.startup_timeout_s = ours, False, limits.startup_timeout_s
+        try:
+            send_frame(ours, pickle.dumps({"path": path, "sys_path": list(sys.path), "memory_mb": limits.memory_mb,
+                                           "processes": limits.processes}))
+        except OSError:  # it died at once: its first call says how
+            pass
+
+    def call(self, request: bytes, timeout_s: float) -> dict:
+        """The worker's reply to one pickled ``(args, timeout_s)``; raises StartFailed (before it was
+        ready) or WorkerLost."""
+        if not self.ready:
+            self._wait_ready()
+        try:
+            send_frame(self.sock, request)
+        except OSError:
+            raise WorkerLost("died", self._death()) from None
+        return self._reply(timeout_s, f"timeout after {timeout_s}s")
+
+    def _wait_ready(self) -> None:
+        try:
+            reply = self._reply(self.startup_timeout_s, f"not ready after {self.startup_timeout_s}s")
+        except WorkerLost as lost:
+            self.kill()
+            raise StartFailed(lost.reason) from None
+        if reply.get("ready") is not True:
+            self.kill()  # it exits after saying why; reaped here
+            raise StartFailed(reply.get("reason", f"bad hello: {reprlib.repr(reply)}"))
+        self.ready = True
+
+    def _reply(self, timeout_s: float, timeout_reason: str) -> dict:
+        try:
+            frame = recv_frame(self.sock, time.monotonic() + timeout_s)
+        except TimeoutError:
+            raise WorkerLost("timeout", timeout_reason) from None
+        except (EOFError, OSError):
+            frame = None
+        if frame is None:
+            raise WorkerLost("died", self._death())
+        try:
+            return json.loads(frame)
+        except ValueError:
+            raise WorkerLost("error", f"unreadable reply from the worker: {frame[:100]!r}") from None
+
+    def _death(self) -> str:
+        self.kill()
+        code = self.proc.returncode
+        return f"worker died: signal {-code}" if code < 0 else f"worker died: exit code {code}"
+
+    def kill(self) -> None:
+        """SIGKILL the worker's process group and reap the worker (idempotent)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the group is gone (the worker died, and nothing it started lives)
+            pass
+        self.proc.wait()
+        self.sock.close()

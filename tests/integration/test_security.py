@@ -1,0 +1,164 @@
+"""CURVE on the buffer's sockets, over real processes and sockets: strangers get nothing and are counted.
+
+A real buffer daemon (``python -m buffer``, CURVE on, keys from ``areal-like keys``) serves a real
+rollout-server client and a real trainer client (this process, holding the job's keys). Beside them,
+stranger processes, one with no CURVE at all, one with a CURVE key that is not on the allow-list, one
+that does not know the server's key, each try to register, send a group, ask for a Batch and listen for
+the WeightSyncPlan the job publishes meanwhile. Every stranger request must time out cleanly with
+nothing received; the buffer's ``auth_refused`` counter on /metrics must count them by reason; the
+job's own traffic must go on unaffected (its group trained on, its plan received).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import numpy as np
+
+from areal_like import protocol as P
+from areal_like import security
+from areal_like.config import BufferConfig, RunConfig, TaskConfig, to_yaml
+from areal_like.distributed import free_port
+from areal_like.metrics import scrape
+from areal_like.transport import Client, Subscriber
+
+REQUEST_S = 30.0  # the job's own requests: a live buffer answers in milliseconds on a loaded machine too
+STRANGER_REQUEST_S = 3.0  # each stranger request waits this long for an answer that must never come
+
+STRANGER = r"""
+import json, sys, time
+from pathlib import Path
+import numpy as np
+from areal_like import protocol as P, security
+from areal_like.transport import Client, Subscriber, TransportTimeout
+
+address, pub_address, mode, keys_dir, stop_file, wait_s = sys.argv[1:7]
+if mode != "none":  # a CURVE client: its own key pair (never on the allow-list), and the server's key or not
+    own = security.load(keys_dir, "trainer")
+    server = own.server_public if mode == "wrong_server" else security.load(sys.argv[7], "trainer").server_public
+    security.activate(security.Keys("trainer", own.public, own.secret, server))
+sub = Subscriber(pub_address)
+client = Client(address, timeout_s=float(wait_s))
+traj = P.Trajectory(prompt_ids=P.as_i32([1]), output_ids=P.as_i32([2, 3]), behav_logp=P.as_f32([-1.0, -1.0]),
+                    versions=P.as_i32([0, 0]), reward=1.0, finish_reason="stop")
+requests = [P.Register(server_id="stranger", engine_url="http://127.0.0.1:1", policy_version=0),
+            P.TrajectoryGroup(group_id="stranger-g", server_id="stranger", lease_id="x", prompt_index=0, epoch=0,
+                              trajectories=[traj, traj]),
+            P.BatchRequest(n_groups=1, trainer_version=0, wait_s=0.0),
+            P.RosterRequest()]
+out = {"requests": {}, "announcements": []}
+for msg in requests:
+    try:
+        out["requests"][msg.TYPE] = type(client.request(msg)).__name__
+    except TransportTimeout:
+        out["requests"][msg.TYPE] = "timeout"
+print("listening", flush=True)
+while not Path(stop_file).exists():  # the test publishes plans until every stranger listened through some
+    got = sub.recv(0.2)
+    if got is not None:
+        out["announcements"].append(got.TYPE)
+print(json.dumps(out), flush=True)
+"""
+
+
+def group(credit: P.Credit, server_id: str) -> P.TrajectoryGroup:
+    trajs = [P.Trajectory(prompt_ids=P.as_i32([5, 6]), output_ids=P.as_i32(np.arange(4)),
+                          behav_logp=P.as_f32(np.full(4, -1.0)), versions=P.as_i32(np.zeros(4)),
+                          reward=float(r), finish_reason="stop") for r in (0.0, 1.0)]
+    return P.TrajectoryGroup(group_id=f"{server_id}-{credit.lease_id}", server_id=server_id, lease_id=credit.lease_id,
+                             prompt_index=credit.prompt_index, epoch=credit.epoch, trajectories=trajs)
+
+
+def plan(version: int) -> P.WeightSyncPlan:
+    return P.WeightSyncPlan(policy_version=version, group_name="g", master_addr="127.0.0.1", master_port=1,
+                            world_size=2, backend="gloo", reform=True, members=[P.SyncMember(server_id="real",
+                            rank_offset=1)], buckets=[], deadline_s=60.0, plan_id=f"p{version}")
+
+
+def areal_like(spawn_python, *args) -> tuple[int, str, str]:
+    proc = spawn_python("launch.cli", list(args))
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+
+def test_keys_command_writes_private_files(tmp_path, spawn_python):
+    code, _, err = areal_like(spawn_python, "keys", tmp_path)
+    assert code == 0, err
+    keys = tmp_path / "keys"
+    names = sorted(str(p.relative_to(keys)) for p in keys.rglob("*") if p.is_file())
+    assert names == ["clients/rollout.key", "clients/rollout.key_secret", "clients/trainer.key",
+                     "clients/trainer.key_secret", "server.key", "server.key_secret"]
+    for p in [keys, keys / "clients", *keys.rglob("*")]:
+        mode = stat.S_IMODE(os.stat(p).st_mode)
+        assert mode == (0o700 if p.is_dir() else 0o600), (p, oct(mode))
+    before = (keys / "server.key_secret").read_bytes()
+    code, out, _ = areal_like(spawn_python, "keys", tmp_path)
+    assert code == 0 and "kept" in out and (keys / "server.key_secret").read_bytes() == before  # a restart keeps them
+    assert security.load(keys, "rollout").server_public == security.load(keys, security.SERVER).public
+
+
+def test_buffer_without_keys_refuses_to_start(tmp_run_dir, spawn_python):
+    cfg = RunConfig(run_dir=str(tmp_run_dir), buffer=BufferConfig(address=f"tcp://127.0.0.1:{free_port()}",
+                                                                  pub_address=f"tcp://127.0.0.1:{free_port()}"))
+    (tmp_run_dir / "config.yaml").write_text(to_yaml(cfg))
+    proc = spawn_python("buffer", ["--config-file", tmp_run_dir / "config.yaml"])
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "server.key is missing" in err and "areal-like keys RUN_DIR" in err
+
+
+def test_strangers_get_nothing_are_counted_and_the_job_goes_on(tmp_run_dir, tmp_path, spawn_python, wait_until):
+    metrics_port = free_port()
+    cfg = RunConfig(run_dir=str(tmp_run_dir), task=TaskConfig(num_prompts=100), buffer=BufferConfig(
+        address=f"tcp://127.0.0.1:{free_port()}", pub_address=f"tcp://127.0.0.1:{free_port()}",
+        groups_per_step=1, metrics_port=metrics_port, heartbeat_timeout_s=600))
+    (tmp_run_dir / "config.yaml").write_text(to_yaml(cfg))
+    keys, other = tmp_run_dir / "keys", tmp_path / "other"  # other: another job's keys (valid CURVE, not ours)
+    security.make_keys(keys)
+    security.make_keys(other)
+    spawn_python("buffer", ["--config-file", tmp_run_dir / "config.yaml"], capture=False)
+    stop_file = tmp_path / "stop"
+    with security.using(security.load(keys, "rollout")):
+        rollout = Client(cfg.buffer.address, timeout_s=REQUEST_S, identity="real")
+        real_sub = Subscriber(cfg.buffer.pub_address)
+    with security.using(security.load(keys, "trainer")):
+        trainer = Client(cfg.buffer.address, timeout_s=REQUEST_S, identity="trainer")
+        assert isinstance(trainer.request(P.StatsRequest()), P.Stats)  # up, and our keys are accepted
+        strangers = {mode: spawn_python(STRANGER, [cfg.buffer.address, cfg.buffer.pub_address, mode, other, stop_file,
+                                                   STRANGER_REQUEST_S, keys])
+                     for mode in ("none", "wrong_client", "wrong_server")}
+        # the real job: register, take a credit, send its group, train on it
+        ack = rollout.request(P.Register(server_id="real", engine_url="http://127.0.0.1:1", policy_version=0))
+        assert isinstance(ack, P.RegisterAck)
+        credit = rollout.request(P.CreditRequest(server_id="real", max_credits=1)).credits[0]
+        assert rollout.request(group(credit, "real")).status == "accepted"
+        batch = trainer.request(P.BatchRequest(n_groups=1, trainer_version=0, wait_s=10.0))
+        assert [g.group_id for g in batch.groups] == [f"real-{credit.lease_id}"]
+        # plans are published while every stranger listens; the real subscriber gets them
+        for proc in strangers.values():
+            assert proc.stdout.readline().strip() == "listening", proc.stderr.read()
+        received, version = [], 1
+        while len(received) < 3:
+            assert trainer.request(plan(version)).status == "ok"
+            version += 1
+            if (got := real_sub.recv(1.0)) is not None and got.TYPE == "weight_sync_plan":
+                received.append(got.policy_version)
+        stop_file.touch()
+        roster = trainer.request(P.RosterRequest())
+        stats = trainer.request(P.StatsRequest()).values
+    for mode, proc in strangers.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, (mode, err)
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result == {"requests": {"register": "timeout", "trajectory_group": "timeout",
+                                       "batch_request": "timeout", "roster_request": "timeout"},
+                          "announcements": []}, mode
+    assert [m.server_id for m in roster.members] == ["real"]  # no stranger registered
+    assert stats["groups_accepted"] == 1 and stats.get("rejected_decode", 0) == 0
+    assert stats["auth_refused_unknown_key"] >= 1 and stats["auth_refused_handshake"] >= 2
+    exported = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
+    assert exported['areal_buffer_auth_refused_total{reason="unknown_key"}'] >= 1
+    assert exported['areal_buffer_auth_refused_total{reason="handshake"}'] >= 2
+    rollout.close(), trainer.close(), real_sub.close()

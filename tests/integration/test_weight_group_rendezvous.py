@@ -1,0 +1,89 @@
+"""Who can join a weight-update group: only the ranks that know the group's name (real processes, gloo).
+
+Trainer rank 0 hosts the rendezvous (``init_weight_group`` rank 0, a thread of this test) on
+127.0.0.1 with a name carrying a secret token, as the trainer's plans do. Before the real engine
+rank joins, strangers connect to the store's port: one holds an idle connection, one sends garbage,
+one is a torch TCPStore client that tries to take rank 1 under the name it can guess (the configured
+``weight_sync.group_name`` without the token). The group must form with the real rank within its
+deadline and carry a broadcast; the guessing stranger must get no rank (its rendezvous times out);
+and the port must not answer on any other interface of this machine.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import psutil
+import pytest
+import torch
+
+from areal_like.distributed import destroy_weight_group, free_port, init_weight_group
+
+CONNECT_S = 60.0  # the group's rendezvous deadline (a loaded machine starts Python processes slowly)
+STRANGER_S = 15.0  # the guessing stranger's own rendezvous deadline
+SECRET_NAME = "areal_like_weights-5f0c1d2e3a4b59687a8b9cadbecf0011"
+
+MEMBER = r"""
+import sys, torch, torch.distributed as dist
+from areal_like.distributed import init_weight_group
+port, name, timeout_s = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+try:
+    pg = init_weight_group("gloo", "127.0.0.1", port, 2, 1, name, timeout_s=timeout_s)
+except Exception as e:
+    print("refused", type(e).__name__, flush=True)
+    sys.exit(0)
+t = torch.zeros(4)
+dist.broadcast(t, src=0, group=pg)
+print("joined", t.tolist(), flush=True)
+"""
+
+RAW = r"""
+import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=60)
+if sys.argv[2] == "garbage":
+    s.sendall(b"\xff" * 4096)
+print("connected", flush=True)
+time.sleep(3600)  # hold the connection until the test stops this process
+"""
+
+
+def other_ipv4() -> str | None:
+    """A non-loopback IPv4 address of this machine, if it has one."""
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family == socket.AF_INET and not a.address.startswith("127."):
+                return a.address
+    return None
+
+
+def test_only_the_named_members_join_and_strangers_cannot_stall_it(spawn_python):
+    port = free_port()
+    result: dict = {}
+
+    def rank0() -> None:
+        try:
+            pg = init_weight_group("gloo", "127.0.0.1", port, 2, 0, SECRET_NAME, timeout_s=CONNECT_S,
+                                   connect_timeout_s=CONNECT_S)
+            torch.distributed.broadcast(torch.arange(4, dtype=torch.float32), src=0, group=pg)
+            result["pg"] = pg
+        except Exception as e:  # reported by the assertion below
+            result["error"] = e
+
+    host = threading.Thread(target=rank0, daemon=True)
+    host.start()
+    strangers = [spawn_python(RAW, [port, kind]) for kind in ("idle", "garbage")]
+    for proc in strangers:  # the store is up (they connected) before anyone real joins
+        assert proc.stdout.readline().strip() == "connected", proc.stderr.read()
+    guesser = spawn_python(MEMBER, [port, "areal_like_weights", STRANGER_S])
+    if (address := other_ipv4()) is not None:
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((address, port), timeout=10).close()
+    member = spawn_python(MEMBER, [port, SECRET_NAME, CONNECT_S])
+    out, err = member.communicate(timeout=CONNECT_S + 60)
+    assert out.strip() == "joined [0.0, 1.0, 2.0, 3.0]", err[-2000:]
+    host.join(timeout=CONNECT_S)
+    assert "error" not in result and "pg" in result, result
+    out, err = guesser.communicate(timeout=STRANGER_S + 60)
+    assert out.strip().startswith("refused"), (out, err[-2000:])
+    destroy_weight_group(result["pg"])

@@ -1,0 +1,80 @@
+"""Job credentials: the per-job engine API key (made once, owner-only, handed to the daemons by
+environment, never in config.yaml), redaction of config output and logged command lines, and the
+refusal of credentials in config."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from areal_like.auth import BIND_HOST_ENV, ENGINE_KEY_ENV, KEY_FILE, ensure_key_file, redact, redact_argv
+from areal_like.config import ConfigError, load_config
+from areal_like.schema import EngineConfig
+from launch.job import job_specs, prepare
+from rollout_server.launch_sglang import sglang_command
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_key_file_is_made_once_and_readable_by_its_owner_only(tmp_path):
+    key = ensure_key_file(tmp_path)
+    path = tmp_path / KEY_FILE
+    assert len(key) >= 40 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert ensure_key_file(tmp_path) == key  # a resumed run keeps its key
+    assert ensure_key_file(tmp_path / "other") != key  # another job, another key
+
+
+def test_a_local_job_hands_its_key_to_every_daemon_and_never_writes_it_into_config(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENGINE_KEY_ENV, raising=False)
+    monkeypatch.delenv(BIND_HOST_ENV, raising=False)
+    cfg = load_config([f"run_dir={tmp_path / 'run'}", "launch.num_rollout_servers=2", "launch.trainer_ranks=1"])
+    cfg, topo, config_path = prepare(cfg)
+    key = (tmp_path / "run" / KEY_FILE).read_text().strip()
+    specs = job_specs(cfg, topo, config_path, python="py")
+    assert {s.env[ENGINE_KEY_ENV] for s in specs} == {key} and len(specs) == 4
+    assert {s.env[BIND_HOST_ENV] for s in specs} == {"127.0.0.1"}  # /metrics on loopback for a local job
+    assert key not in config_path.read_text() and key not in " ".join(str(a) for s in specs
+                                                                      for a in (s.argv if isinstance(s.argv, list)
+                                                                                else s.argv()))
+    monkeypatch.setenv(ENGINE_KEY_ENV, "exported-by-the-user")  # e.g. an attached SGLang's key wins
+    assert {s.env[ENGINE_KEY_ENV] for s in job_specs(cfg, topo, config_path, python="py")} == {"exported-by-the-user"}
+
+
+def test_credentials_are_refused_in_config():
+    with pytest.raises(ConfigError, match=f"rollout.engine.sglang.api_key: credentials are not configuration.*"
+                                          f"{ENGINE_KEY_ENV}"):
+        EngineConfig(kind="sglang", sglang={"api_key": "x"})
+    EngineConfig(kind="sglang", sglang={"max_prefill_tokens": 4096, "kv_cache_dtype": "auto"})  # not credentials
+
+
+def test_redaction_keeps_what_is_not_a_credential():
+    got = redact({"task": {"reward_url": "https://bot:hunter2@rewards.example/score", "prompt_key": "q",
+                           "max_new_tokens": 16}, "hf_token": "hf_x", "x": [{"api_key": "k"}], "empty_token": ""})
+    assert got == {"task": {"reward_url": "https://bot:<redacted>@rewards.example/score", "prompt_key": "q",
+                            "max_new_tokens": 16}, "hf_token": "<redacted>", "x": [{"api_key": "<redacted>"}],
+                   "empty_token": ""}
+    assert redact_argv(["sglang", "--api-key", "K", "--port", "1", "--admin-api-key=Z"]) == [
+        "sglang", "--api-key", "<redacted>", "--port", "1", "--admin-api-key=<redacted>"]
+
+
+def test_sglang_gets_the_key_on_its_command_line():
+    from areal_like.config import ModelConfig
+
+    argv = sglang_command(ModelConfig(path="/m"), EngineConfig(kind="sglang"), 30000, api_key="K")
+    assert argv[argv.index("--api-key") + 1] == "K"
+    assert "--api-key" not in sglang_command(ModelConfig(path="/m"), EngineConfig(kind="sglang"), 30000)
+
+
+def test_areal_like_config_redacts_credentials(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "config", f"run_dir={tmp_path}",
+                        "task.reward_url=https://bot:hunter2@rewards.example/score"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "hunter2" not in r.stdout and "https://bot:<redacted>@rewards.example/score" in r.stdout

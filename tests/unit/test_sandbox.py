@@ -1,0 +1,110 @@
+"""run_sandboxed: one call of user code in a worker process, per failure kind (crash, hang, fork
+bomb, memory hog), its limits and its environment; and the reward pool scoring a fork bomb.
+
+The functions live in tests/unit/reward_fns.py, imported by path inside the workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import psutil
+
+from areal_like.auth import ENGINE_KEY_ENV, METRICS_TOKEN_ENV
+from areal_like.config import TaskConfig
+from areal_like.metrics import Metrics
+from areal_like.tasks import Example
+from rollout_server.reward_pool import RewardPool
+from rollout_server.sandbox import SandboxLimits, SandboxResult, run_sandboxed
+
+LIMITS = SandboxLimits(timeout_s=5.0, memory_mb=512)
+
+
+def my_children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def test_a_call_returns_its_json_result_and_leaves_no_process():
+    before = my_children()
+    assert run_sandboxed("reward_fns:add", (2, 3), LIMITS) == SandboxResult(True, {"sum": 5, "args": [2, 3]})
+    assert my_children() == before
+
+
+def test_crash_is_reported_with_the_signal():
+    got = run_sandboxed("reward_fns:segfault", (), LIMITS)
+    assert (got.ok, got.kind, got.reason) == (False, "died", "worker died: signal 11")
+
+
+def test_an_exception_is_an_error_with_its_reason():
+    got = run_sandboxed("reward_fns:behave", ("crash", None), LIMITS)
+    assert (got.kind, got.reason) == ("error", "ZeroDivisionError: division by zero on purpose")
+
+
+def test_hang_is_killed_at_the_deadline():
+    before = my_children()
+    got = run_sandboxed("reward_fns:behave", ("hang", None), SandboxLimits(timeout_s=1.0, memory_mb=512))
+    assert (got.kind, got.reason) == ("timeout", "timeout after 1.0s")
+    assert my_children() == before  # killed by PID and reaped
+
+
+def test_fork_bomb_cannot_fork():
+    got = run_sandboxed("reward_fns:fork_bomb", (64,), LIMITS)
+    assert got.kind == "error" and got.reason.startswith("BlockingIOError"), got  # the very first fork is refused
+
+
+def test_fork_bomb_that_ignores_refusals_is_killed_at_the_deadline():
+    before = my_children()
+    got = run_sandboxed("reward_fns:spin_forks", (), SandboxLimits(timeout_s=1.0, memory_mb=512))
+    assert got.kind == "timeout"
+    assert my_children() == before
+
+
+def test_allowed_processes_are_allowed():
+    assert run_sandboxed("reward_fns:fork_bomb", (2,), SandboxLimits(timeout_s=5.0, memory_mb=512,
+                                                                     processes=2)).value == 2
+
+
+def test_memory_hog_gets_memory_error():
+    got = run_sandboxed("reward_fns:behave", ("hog", None), SandboxLimits(timeout_s=5.0, memory_mb=256))
+    assert (got.kind, got.reason) == ("memory", "MemoryError")
+
+
+def test_the_call_runs_confined_and_without_secrets(monkeypatch):
+    for name in (ENGINE_KEY_ENV, METRICS_TOKEN_ENV, "WANDB_API_KEY", "HF_TOKEN", "DB_PASSWORD", "MY_SECRET"):
+        monkeypatch.setenv(name, "s3cret")
+    got = run_sandboxed("reward_fns:identity", (), LIMITS)
+    assert got.ok, got
+    assert not {ENGINE_KEY_ENV, METRICS_TOKEN_ENV, "WANDB_API_KEY", "HF_TOKEN", "DB_PASSWORD", "MY_SECRET"} \
+        & set(got.value["env"])
+    assert got.value["memory"] == 512 * 2**20
+    if os.geteuid() == 0:  # root drops to a uid of its own, where RLIMIT_NPROC binds: itself and nothing else
+        assert got.value["uid"] != 0 and got.value["nproc"] == 1
+    else:
+        assert got.value["nproc"] >= 1
+
+
+def test_a_function_that_cannot_be_loaded_is_a_start_failure():
+    got = run_sandboxed("reward_fns:no_such_function", (), LIMITS)
+    assert got.kind == "start" and "no_such_function" in got.reason
+
+
+def test_reward_pool_scores_a_fork_bomb_as_failed_and_counts_it():
+    metrics = Metrics()
+    pool = RewardPool(TaskConfig(reward_timeout_s=5.0, reward_workers=1, reward_memory_mb=512),
+                      "reward_fns:behave_or_bomb", metrics=metrics)
+    try:
+        example = Example("q", "a")
+        got = asyncio.run(pool.score_group("q", ["bomb", "1.5"], example))
+        assert got[0][0] == 0.0 and got[0][1].startswith("BlockingIOError") and got[1] == (1.5, None)
+        value = metrics.registry.get_sample_value("areal_rollout_reward_failures_total", {"kind": "error"})
+        assert value == 1.0
+    finally:
+        pool.close()
+
+
+def test_the_worker_scrubs_what_the_job_calls_secret():
+    from areal_like.auth import SECRET_NAME
+    from rollout_server.reward_worker import SECRET_NAME as WORKER_SECRET_NAME  # a stdlib-only copy
+
+    assert WORKER_SECRET_NAME.pattern == SECRET_NAME.pattern and WORKER_SECRET_NAME.flags == SECRET_NAME.flags

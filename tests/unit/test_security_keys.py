@@ -1,0 +1,54 @@
+"""security.py in-process: what setup says and does, and the errors that name the missing file."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import zmq
+
+from areal_like import security
+from areal_like.config import RunConfig, SecurityConfig
+
+
+def test_curve_off_warns_and_leaves_sockets_plain(tmp_path, caplog):
+    cfg = RunConfig(run_dir=str(tmp_path), security=SecurityConfig(curve=False))
+    with caplog.at_level(logging.WARNING), security.using(None):
+        assert security.setup(cfg, "rollout") is None
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        security.apply(sock)
+        assert sock.getsockopt(zmq.MECHANISM) == zmq.NULL
+        sock.close(linger=0)
+    assert any(r.levelno == logging.WARNING and "NOT authenticated" in r.getMessage() for r in caplog.records)
+
+
+def test_curve_on_loads_the_role_keys_and_makes_curve_clients(tmp_path):
+    security.make_keys(tmp_path / "keys")
+    cfg = RunConfig(run_dir=str(tmp_path))  # security.curve is on by default, keys in run_dir/keys
+    with security.using(None):
+        keys = security.setup(cfg, "trainer")
+        assert security.active() is keys and keys.server_public == security.load(tmp_path / "keys", "server").public
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        security.apply(sock)
+        assert sock.getsockopt(zmq.MECHANISM) == zmq.CURVE and sock.getsockopt(zmq.CURVE_SERVER) == 0
+        sock.close(linger=0)
+        router = zmq.Context.instance().socket(zmq.ROUTER)
+        with pytest.raises(security.SecurityError, match="cannot serve CURVE"):  # a client holds no server key
+            security.apply(router)
+        router.close(linger=0)
+    assert security.active() is None
+
+
+def test_missing_keys_are_named(tmp_path):
+    with pytest.raises(security.SecurityError, match=r"server\.key is missing.*areal-like keys RUN_DIR"):
+        security.load(tmp_path / "nowhere", "rollout")
+    security.make_keys(tmp_path / "keys", clients=("rollout",))
+    with pytest.raises(security.SecurityError, match=r"clients/trainer\.key_secret is missing"):
+        security.load(tmp_path / "keys", "trainer")
+    for public in (tmp_path / "keys" / "clients").glob("*.key"):
+        public.unlink()
+    with pytest.raises(security.SecurityError, match="no client keys"):  # an empty allow-list admits nobody
+        security.load(tmp_path / "keys", security.SERVER)
+    (tmp_path / "keys" / "server.key").write_text("not a certificate")
+    with pytest.raises(security.SecurityError, match="not a ZeroMQ certificate"):
+        security.load(tmp_path / "keys", "rollout")

@@ -1,0 +1,90 @@
+"""What each optimizer step of ``trainer/step.py`` hands the kernels: Dr.GRPO's constant C, advantages
+over the whole batch (REINFORCE++ whitening) and VCPO's per-trajectory score norms under FSDP2.
+
+The last test runs the real FSDP2 model in a world-size-1 gloo group (this process, a loopback port),
+destroyed at the end."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from areal_like.config import load_config
+from areal_like.protocol import Trajectory, TrajectoryGroup
+from trainer.data import groups_to_batch
+from trainer.step import StepSettings, batch_advantages, batch_logp, minibatches, output_logp, sequence_score_terms
+
+
+def _groups(rewards: list[list[float]], lengths: list[list[int]]) -> list[TrajectoryGroup]:
+    groups = []
+    for g, (rs, ls) in enumerate(zip(rewards, lengths)):
+        trajs = [Trajectory(prompt_ids=np.array([5, 6, 7]), output_ids=np.arange(10, 10 + n),
+                            behav_logp=np.full(n, -1.0), versions=np.zeros(n, np.int32), reward=r,
+                            finish_reason="stop") for r, n in zip(rs, ls)]
+        groups.append(TrajectoryGroup(group_id=f"g{g}", server_id="s", lease_id=str(g), prompt_index=g, epoch=0,
+                                      trajectories=trajs))
+    return groups
+
+
+def test_drgrpo_constant_is_the_task_max_new_tokens():
+    cfg = load_config(["trainer.loss.kernel=ppo", "trainer.estimator=drgrpo",
+                       "trainer.loss.agg=seq-mean-token-sum-norm", "task.max_new_tokens=16"])
+    s = StepSettings.from_config(cfg)
+    short = groups_to_batch(_groups([[1.0, 0.0]], [[2, 3]]))  # padded width 3
+    long = groups_to_batch(_groups([[1.0, 0.0]], [[2, 7]]))  # padded width 7
+    assert s.loss_config(short).loss_scale_factor == 16.0
+    assert s.loss_config(long).loss_scale_factor == 16.0  # not the batch's width: the scale no longer moves
+    pinned = StepSettings.from_config(load_config(["trainer.loss.loss_scale_factor=4"]))
+    assert pinned.loss_config(long).loss_scale_factor == 4.0  # a configured C wins
+
+
+def test_reinforce_pp_whitens_over_the_whole_batch():
+    # Two minibatches of one group each; each group's rewards are constant ([1, 1] and [0, 0]), so
+    # whitening each minibatch alone would give 0 everywhere. Over the whole batch (4 one-token
+    # responses): mean 0.5, Bessel variance (4 * 0.25) / 3 = 1/3, so A = +-0.5 * sqrt(3) = +-0.866025.
+    cfg = load_config(["trainer.loss.kernel=ppo", "trainer.estimator=reinforce_pp", "trainer.num_minibatches=2"])
+    s = StepSettings.from_config(cfg)
+    batch = groups_to_batch(_groups([[1.0, 1.0], [0.0, 0.0]], [[1, 1], [1, 1]]))
+    assert len(minibatches(batch, s.num_minibatches)) == 2
+    adv = batch_advantages(batch, s)
+    h = 0.5 * math.sqrt(3.0)
+    torch.testing.assert_close(adv.values[:, 0], torch.tensor([h, h, -h, -h]), rtol=1e-5, atol=1e-6)
+    vcpo = StepSettings.from_config(load_config(["trainer.loss.kernel=vcpo", "trainer.loss.agg=seq-mean-token-mean"]))
+    assert batch_advantages(batch, vcpo) is None  # VCPO's depend on each minibatch's starting weights
+
+
+@pytest.fixture
+def world_of_one():
+    from trainer.model import init_distributed
+
+    torch.set_num_threads(1)
+    cfg = load_config(["trainer.loss.kernel=vcpo", "trainer.loss.agg=seq-mean-token-mean"])
+    init_distributed(cfg.trainer)
+    yield cfg
+    dist.destroy_process_group()
+
+
+def test_vcpo_score_norms_after_a_no_grad_pass(world_of_one):
+    from trainer.model import build_policy
+
+    cfg = world_of_one
+    policy = build_policy(cfg.model, cfg.trainer)
+    s = StepSettings.from_config(cfg)
+    batch = groups_to_batch(_groups([[1.0, 0.0]], [[3, 5]]))
+    rows = torch.arange(2)
+    # Reference: each trajectory's squared score norm from a plain backward, every parameter read after it
+    expected = []
+    for j in range(2):
+        mb = batch.select([j])
+        policy.optimizer.zero_grad(set_to_none=True)
+        (output_logp(policy.model, mb, s.temperature) * mb.mask).sum().backward()
+        expected.append(sum(float(p.grad.to_local().double().pow(2).sum()) for p in policy.model.parameters()))
+    policy.optimizer.zero_grad(set_to_none=True)
+    batch_logp(policy.model, batch, s, policy.device)  # a no-grad pass leaves the root's parameters unsharded
+    assert not all(hasattr(p, "to_local") for p in policy.model.parameters())  # the state this test is about
+    _, g2 = sequence_score_terms(policy, batch, rows, s)
+    torch.testing.assert_close(g2, torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=0.0)
