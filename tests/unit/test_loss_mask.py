@@ -126,6 +126,17 @@ def test_a_bad_mask_or_an_old_version_frame_is_refused():
                         finish_reason="stop", loss_mask=[1])
     group = P.TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0,
                               trajectories=[trajectory(3, [1])])
+    for bad in ([1, 0, 2], [1, -1, 1], [1, 256, 1]):  # on the wire, as a sender not built on Trajectory.of might
+        wire = msgpack.unpackb(P.encode(group))
+        wire["trajectories"][0]["loss_mask"][2] = np.asarray(bad, "<i4").tobytes()
+        with pytest.raises(P.ProtocolError, match="0 \\(context\\) or 1") as info:
+            P.decode(msgpack.packb(wire))
+        assert info.value.field == "trajectories[0].loss_mask", bad
+    wire = msgpack.unpackb(P.encode(group))
+    del wire["trajectories"][0]["loss_mask"]  # a version-2 frame without its mask: named as such
+    with pytest.raises(P.ProtocolError, match="missing required field") as info:
+        P.decode(msgpack.packb(wire))
+    assert info.value.field == "trajectories[0].loss_mask"
     wire = msgpack.unpackb(P.encode(group))
     wire["protocol"] = 1
     del wire["trajectories"][0]["loss_mask"]  # as a version-1 sender wrote it
