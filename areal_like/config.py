@@ -15,6 +15,7 @@ that the schema does not know lists the known keys; type errors give OmegaConf's
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -259,6 +260,19 @@ def from_yaml(text: str) -> RunConfig:
 
     merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(text))
     return OmegaConf.to_object(merged)
+
+
+def model_vocab_size(model: ModelConfig) -> int:
+    """Entries in the model's embedding: ``model.path``'s config.json (``vocab_size``, or its
+    ``text_config``'s), else ``model.vocab_size`` for a model built from config. Read as JSON: the
+    buffer checks token ids against it without importing torch or transformers."""
+    if not model.path:
+        return model.vocab_size
+    cfg = json.loads((Path(model.path) / "config.json").read_text())
+    size = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+    if not isinstance(size, int) or size < 1:
+        raise ConfigError(f"model.path={model.path!r}: config.json has no vocab_size")
+    return size
 
 
 def dataset_size(task: TaskConfig, model: ModelConfig) -> int:

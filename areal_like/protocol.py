@@ -273,7 +273,8 @@ class TrajectoryGroup(_TopLevel, tag="trajectory_group"):
 
 class Ack(_TopLevel, tag="ack"):
     ref: str  # id of what is acknowledged (group id, version, ...)
-    status: Literal["accepted", "duplicate", "rejected", "ok"]
+    # "unavailable": not stored now (the buffer's disk is full): keep it and send it again later
+    status: Literal["accepted", "duplicate", "rejected", "ok", "unavailable"]
     reason: str = ""
     credits: list[Credit] = []  # leases asked for by TrajectoryGroup.want_credits
 

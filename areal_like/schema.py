@@ -186,7 +186,10 @@ class BufferConfig:
     fsync: str = "always"  # always (ack after fsync; group commit) | batch (fsync every 50 ms; acks may precede it) | never
     # WAL segment size: big, since a rotation stalls the loop for a few ms and writes a checkpoint (up to 200k
     # group ids; at 700 MB/s of 4k-token groups, one every ~0.4 s); its disk returns once all its groups are consumed
-    segment_bytes: int = 256 * 1024 * 1024
+    segment_bytes: int = 256 * 1024 * 1024  # at most 1/8 of the free disk at start (compaction frees space sooner)
+    # Disk full is a degraded mode: group records stop this many bytes before the WAL's disk is full
+    # (refused as "unavailable", the senders keep them; batches are still handed out) and resume at twice it.
+    wal_reserve_bytes: int = 64 * 1024 * 1024
     metrics_port: int = 0  # 0 = ephemeral
     max_epochs: int = 0  # 0 = unbounded passes over the dataset
 
@@ -198,6 +201,7 @@ class BufferConfig:
         _choice("buffer.stale_policy", self.stale_policy, ("drop", "reissue"))
         _choice("buffer.selection", self.selection, ("oldest", "newest", "fifo"))
         _choice("buffer.fsync", self.fsync, ("always", "batch", "never"))
+        _check("buffer.wal_reserve_bytes", self.wal_reserve_bytes >= 0, ">= 0", self.wal_reserve_bytes)
         _check("buffer.lease_timeout_s", self.lease_timeout_s > 0, "> 0", self.lease_timeout_s)
 
 
@@ -264,6 +268,10 @@ class WeightSyncConfig:
     def engine_lag(self) -> int:
         """The most versions the engines may lag behind the trainer by design (0: every version pushed)."""
         return max(self.every - 1, self.delay)
+    # A model that fits in the two staging buffers (<= 2 buckets of bucket_mb): the trainer returns
+    # once it is packed and the broadcast, the engines' reports and the announcement finish in the
+    # background while the next step trains (trainer/WEIGHT_SYNC.md). false: every push blocks to the end.
+    overlap: bool = True
 
     def __post_init__(self):
         _check("trainer.weight_sync.every", self.every >= 1, ">= 1", self.every)
@@ -293,6 +301,11 @@ class TrainerConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     checkpoint_every: int = 20
+    # A crash rolls back up to checkpoint_every - 1 steps. Async: a save only stages the state in memory
+    # (DCP async_save on a gloo group of its own) and writes it while the next step trains; the checkpoint
+    # appears (renamed into place) once every rank's write is done, at the next save. Cheap enough for
+    # checkpoint_every=1 on small models (benchmarks/bench_chaos.py measures it).
+    checkpoint_async: bool = False
     checkpoint_dir: str = "checkpoints"  # relative to run_dir unless absolute
     resume: bool = True
     device: str = "cpu"
@@ -348,7 +361,12 @@ class SecurityConfig:
 class LaunchConfig:
     num_rollout_servers: int = 2
     trainer_ranks: int = 2
-    restarts: int = 3  # per daemon, before the job gives up
+    restarts: int = 3  # per daemon within restart_window_s, before the job gives up
+    # Restart budget over time: crashes older than the window no longer count (a chaos run's restarts
+    # do not end the job hours later), and each restart within it waits twice as long as the last.
+    restart_window_s: float = 3600.0
+    restart_backoff_s: float = 1.0  # wait before the first restart in the window; doubles per restart
+    restart_backoff_max_s: float = 60.0
     health_timeout_s: float = 300.0
     pin_cpus: bool = False  # give the rollout pool and the trainer pool disjoint cores (taskset)
     omp_threads: int = 1
@@ -357,8 +375,14 @@ class LaunchConfig:
     # ranks each, the others num_rollout_servers servers each (launch/placement.py, `areal-like plan`).
     nodes: int = 1
     train_nodes: int = 1
+    # One CPU machine with few cores (topology=laptop): `run` sets num_rollout_servers, trainer_ranks,
+    # pin_cpus and each process's threads from the cores it may use (launch/topology.py, laptop_layout),
+    # overriding those keys; no core runs more threads than one.
+    auto_layout: bool = False
 
     def __post_init__(self):
+        _check("launch.auto_layout", not (self.auto_layout and self.nodes > 1), "false with launch.nodes > 1",
+               self.auto_layout)
         _check("launch.gpus_per_node", self.gpus_per_node >= 0, ">= 0", self.gpus_per_node)
         _check("launch.nodes", self.nodes >= 1, ">= 1", self.nodes)
         _check("launch.train_nodes", 1 <= self.train_nodes < max(self.nodes, 2),
@@ -367,6 +391,10 @@ class LaunchConfig:
         _check("launch.num_rollout_servers", self.num_rollout_servers >= 1, ">= 1", self.num_rollout_servers)
         _check("launch.trainer_ranks", self.trainer_ranks >= 1, ">= 1", self.trainer_ranks)
         _check("launch.restarts", self.restarts >= 0, ">= 0", self.restarts)
+        _check("launch.restart_window_s", self.restart_window_s > 0, "> 0", self.restart_window_s)
+        _check("launch.restart_backoff_s", self.restart_backoff_s >= 0, ">= 0", self.restart_backoff_s)
+        _check("launch.restart_backoff_max_s", self.restart_backoff_max_s >= self.restart_backoff_s,
+               f">= launch.restart_backoff_s={self.restart_backoff_s}", self.restart_backoff_max_s)
 
 
 @dataclass(kw_only=True)

@@ -481,14 +481,14 @@ def control_record_cost(leases: int, iterations: int = 300) -> None:
     encoder = msgspec.msgpack.Encoder()  # the WAL's control encoder
     ledger = CreditLedger(StalenessPolicy(10**9, 8, 10**9), 10**9, lease_timeout_s=60.0, clock=time.monotonic)
     servers = [f"rollout-server-{i:02d}" for i in range(64)]
-    ledger.grant(servers[0], leases, 0)
+    ledger.grant(servers[0], leases)
     ledger.take_changes()
     cost, size = {}, {}
     for how, build in (("whole", ledger.state), ("changes", ledger.take_changes)):
         t0 = time.process_time()
         for i in range(iterations):  # one group delivered (its lease closes), one lease granted with the ack
             ledger.fulfil(next(iter(ledger.leases)))
-            ledger.grant(servers[i % 64], 1, 0)
+            ledger.grant(servers[i % 64], 1)
             record = encoder.encode({"changes" if how == "changes" else "state": {**build(), "version": 0,
                                                                                    "in_transit": None}})
         cost[how], size[how] = 1e6 * (time.process_time() - t0) / iterations, len(record)

@@ -39,6 +39,14 @@ drives the real sender and real engines, so the same goals are measured on a har
 
     .venv/bin/python benchmarks/bench_weight_sync.py                      # ~96 MB, < 60 s
     .venv/bin/python benchmarks/bench_weight_sync.py --hidden 1024 --layers 8 --bucket-mb 64
+
+``--system`` (a small model, < 10 MB): the real system twice (buffer, 1 rollout server with the
+embedded engine generating, a 1-rank trainer; tiny Qwen2, 1.3 MB, 2-digit addition, 8 x 8
+samples, 8 new tokens, eta 4, pinned cores), with ``trainer.weight_sync.overlap`` false and true;
+figure = median time the trainer spends in ``push`` per version (its ``weight_sync`` phase) with
+overlap, baseline = without, goal <= 20 ms:
+
+    .venv/bin/python benchmarks/bench_weight_sync.py --system [--steps 25]
 """
 
 from __future__ import annotations
@@ -223,6 +231,46 @@ def report(results: dict, nbytes: int, n_buckets: int, n_tensors: int, args: arg
         }), flush=True)
 
 
+def system_run(run_dir: Path, overlap: bool, args: argparse.Namespace) -> list[dict]:
+    """One run of the real system on the small-model workload; the trainer's per-step records."""
+    from areal_like.config import load_config
+    from launch.job import job_specs, prepare, step_records
+    from launch.local import Supervisor
+
+    cfg = load_config(["experiment=bench_async", "task=addition", "task.max_new_tokens=8", "task.temperature=1.0",
+                       "buffer.groups_per_step=8", f"buffer.max_staleness={args.eta}", f"trainer.steps={args.steps}",
+                       "trainer.lr=3e-5", f"trainer.weight_sync.overlap={str(overlap).lower()}", f"run_dir={run_dir}"])
+    cfg, topo, path = prepare(cfg, cpus=sorted(os.sched_getaffinity(0))[:2])
+    sup = Supervisor(job_specs(cfg, topo, path), run_dir, restarts=0, health_timeout_s=300, echo=lambda _: None)
+    if sup.run() != 0:
+        raise SystemExit(f"overlap={overlap} run failed: {sup.outcome}; logs in {run_dir / 'logs'}")
+    return step_records(run_dir)
+
+
+def system_blocked(args: argparse.Namespace) -> None:
+    """``--system``: the trainer's blocked time per version in the real system (tiny model, 1.3 MB),
+    with ``trainer.weight_sync.overlap`` false (baseline: every push blocks to the end) and true."""
+    import tempfile
+
+    sys.path.insert(0, str(REPO))
+    med: dict[bool, float] = {}
+    extra: dict[str, object] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_ws_system_") as tmp:
+        for overlap in (False, True):
+            recs = system_run(Path(tmp) / f"overlap_{overlap}", overlap, args)[args.skip:]
+            blocked = [r["phase_seconds"]["weight_sync"] for r in recs]
+            med[overlap] = statistics.median(blocked)
+            extra[f"sync_s_overlap_{overlap}"] = round(statistics.median(r["weight_sync"]["seconds"] for r in recs), 4)
+            extra[f"step_s_overlap_{overlap}"] = round(statistics.median(r["step_seconds"] for r in recs), 4)
+            extra["bytes"] = recs[-1]["weight_sync"]["bytes"]
+    print(json.dumps({
+        "name": "weight_sync_trainer_blocked_small_model", "figure": round(med[True] * 1e3, 2),
+        "unit": "ms trainer blocked per version (median)", "baseline": round(med[False] * 1e3, 2),
+        "ratio": round(med[True] / med[False], 4), "goal": "figure <= 20 ms", **extra,
+        "steps": args.steps, "skip": args.skip, "eta": args.eta, "load": os.getloadavg()[0],
+    }), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=512)
@@ -230,9 +278,16 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--bucket-mb", type=float, default=64.0)
     ap.add_argument("--trials", type=int, default=25)  # the machine is shared: medians need the rounds
+    ap.add_argument("--system", action="store_true", help="trainer-blocked time per version in the real system")
+    ap.add_argument("--steps", type=int, default=25, help="--system: steps per run")
+    ap.add_argument("--skip", type=int, default=5, help="--system: warm-up steps left out")
+    ap.add_argument("--eta", type=int, default=4, help="--system: buffer.max_staleness")
     ap.add_argument("--rank", type=int, default=-1, help=argparse.SUPPRESS)
     ap.add_argument("--ports", type=str, default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.system:
+        system_blocked(args)
+        return
     if args.rank >= 0:
         cport, wport = map(int, args.ports.split(","))
         worker(args.rank, cport, wport, args)

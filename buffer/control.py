@@ -50,11 +50,14 @@ class ControlPlane:
                 member.entry = msgspec.structs.replace(member.entry, policy_version=engine_version)
         return member
 
-    def expire(self) -> None:
+    def expire(self) -> list[str]:
+        """Remove the servers silent for longer than the heartbeat timeout; returns their ids."""
         now = self.clock()
-        for sid in [s for s, m in self.roster.items() if now - m.last_seen > self.heartbeat_timeout_s]:
+        gone = [s for s, m in self.roster.items() if now - m.last_seen > self.heartbeat_timeout_s]
+        for sid in gone:
             silent = now - self.roster.pop(sid).last_seen
             self.log.warning("server %s silent for %.0fs: removed from the roster", sid, silent)
+        return gone
 
     def register(self, m: P.Register) -> P.RegisterAck:
         entry = P.RosterEntry(**{k: getattr(m, k) for k in P.field_names(P.RosterEntry)})  # Register has them all

@@ -3,7 +3,7 @@
 State: the cursor ``(next_index, epoch)`` over ``dataset_size`` prompts (``max_epochs`` = 0:
 unbounded); outstanding leases (one prompt, one server, one deadline); the re-issue queue (prompts
 whose lease expired or whose group was rejected or dropped, served before the cursor moves on);
-``started`` (``staleness.py``) and ``next_lease`` (lease ids are never reused, across restarts too,
+``started`` and ``consumed`` (admission, ``staleness.py``) and ``next_lease`` (lease ids are never reused, across restarts too,
 so ``group_id = f"{server_id}-{lease_id}"`` is unique for the life of the job). Invariant: every
 prompt below the cursor is exactly one of: covered by an accepted group, leased, or queued.
 
@@ -44,7 +44,7 @@ class CreditLedger:
             raise ValueError("dataset_size must be >= 1")
         self.policy, self.dataset_size, self.lease_timeout_s = policy, dataset_size, lease_timeout_s
         self.max_epochs, self.clock = max_epochs, clock
-        self.next_index = self.epoch = self.started = self.next_lease = 0
+        self.next_index = self.epoch = self.started = self.consumed = self.next_lease = 0
         self.leases: dict[str, Lease] = {}
         self.reissue: deque[tuple[int, int]] = deque()
         self._forget_changes()
@@ -63,14 +63,19 @@ class CreditLedger:
     def exhausted(self) -> bool:
         return self.max_epochs > 0 and self.epoch >= self.max_epochs and not self.reissue
 
-    def available(self, version: int) -> int:
+    def available(self) -> int:
         """Credits admission allows now (before per-request and storage limits)."""
-        return self.policy.capacity(version, self.started, self.in_flight)
+        return self.policy.capacity(self.consumed, self.started, self.in_flight)
 
-    def grant(self, server_id: str, n: int, version: int) -> list[Lease]:
+    def consume(self, n: int) -> None:
+        """``n`` groups were trained on (the trainer acknowledged their batch): their slots stay
+        taken for good and the admission window moves on by as many."""
+        self.consumed += n
+
+    def grant(self, server_id: str, n: int) -> list[Lease]:
         """Lease up to ``n`` prompts (re-issues first) within the admission limit."""
         out: list[Lease] = []
-        n = min(n, self.available(version))
+        n = min(n, self.available())
         while len(out) < n:
             if self.reissue:
                 index, epoch = self.reissue.popleft()
@@ -90,11 +95,11 @@ class CreditLedger:
             out.append(lease)
         return out
 
-    def shortfall_reason(self, version: int) -> str:
+    def shortfall_reason(self) -> str:
         """Why ``grant`` gave fewer credits than allowed by the caller's limits."""
         if self.in_flight >= self.policy.max_inflight:
             return "inflight"
-        if self.started >= self.policy.admission_limit(version):
+        if self.started >= self.policy.admission_limit(self.consumed):
             return "staleness"
         return "exhausted"
 
@@ -112,13 +117,21 @@ class CreditLedger:
             self.reissue.append((prompt_index, epoch))
             self._requeued.append((prompt_index, epoch))
 
-    def cancel(self, lease_id: str) -> Lease | None:
-        """The lease's group was rejected: the prompt goes out again, the slot is returned."""
+    def cancel(self, lease_id: str, *, reissue: bool = True) -> Lease | None:
+        """The lease's group was rejected: the slot is returned, the prompt goes out again (unless
+        ``reissue`` is False: a group refused for its content would come back the same)."""
         lease = self.leases.pop(lease_id, None)
         if lease is not None:
             self._closed.append(lease_id)
-            self.give_back(lease.prompt_index, lease.epoch, reissue=True)
+            self.give_back(lease.prompt_index, lease.epoch, reissue=reissue)
         return lease
+
+    def release(self, keep: Callable[[str], bool]) -> list[Lease]:
+        """Re-issue every lease whose holder ``keep`` rejects (it left the roster: it will not deliver)."""
+        gone = [lease for lease in self.leases.values() if not keep(lease.server_id)]
+        for lease in gone:
+            self.cancel(lease.lease_id)
+        return gone
 
     def expire(self) -> list[Lease]:
         """Re-issue every lease past its deadline (the holder died or stalled)."""
@@ -131,8 +144,8 @@ class CreditLedger:
     # ---- persistence
     def state(self) -> dict:
         """The whole state (what ``load_state`` restores)."""
-        return {"cursor": [self.next_index, self.epoch], "started": self.started, "next_lease": self.next_lease,
-                "leases": [[x.lease_id, x.prompt_index, x.epoch, x.server_id] for x in self.leases.values()],
+        return {"cursor": [self.next_index, self.epoch], "started": self.started, "consumed": self.consumed,
+                "next_lease": self.next_lease, "leases": [[x.lease_id, x.prompt_index, x.epoch, x.server_id] for x in self.leases.values()],
                 "reissue": [list(p) for p in self.reissue]}
 
     def snapshot(self) -> dict:
@@ -150,7 +163,8 @@ class CreditLedger:
         """What changed since the last ``snapshot``, ``take_changes`` or ``load_state``: the counters
         (whole), the leases granted and closed, and the re-issue queue's pushes and pops (it is FIFO:
         it becomes ``old + requeued`` without its first ``dequeued``, whatever the interleaving)."""
-        changes = {"cursor": [self.next_index, self.epoch], "started": self.started, "next_lease": self.next_lease,
+        changes = {"cursor": [self.next_index, self.epoch], "started": self.started, "consumed": self.consumed,
+                   "next_lease": self.next_lease,
                    "granted": [[x.lease_id, x.prompt_index, x.epoch, x.server_id] for x in self._granted],
                    "closed": self._closed, "requeued": [list(p) for p in self._requeued],
                    "dequeued": self._dequeued}
@@ -161,6 +175,7 @@ class CreditLedger:
         """Replay a ``take_changes`` record on the state it was taken from."""
         self.next_index, self.epoch = changes["cursor"]
         self.started = changes["started"]
+        self.consumed = changes.get("consumed", -1)  # -1: a WAL from before it was counted (recovery derives it)
         self.next_lease = changes["next_lease"]
         deadline = self.clock() + self.lease_timeout_s
         for lid, i, e, sid in changes["granted"]:

@@ -13,9 +13,11 @@ from areal_like.metrics import Metrics
 from areal_like.security import REFUSAL_REASONS
 
 COUNTERS = ("groups_accepted", "groups_duplicate", "groups_consumed", "credits_granted", "credits_expired",
-            "credits_reissued", "wal_bytes_written", "batches_redelivered", "groups_redelivered")
+            "credits_reissued", "credits_released", "wal_bytes_written", "batches_redelivered", "groups_redelivered",
+            "groups_deferred")
 LABELLED = {"groups_dropped": ("stale", "equal_rewards", "max_tokens", "unreadable"),
-            "rejected": ("decode", "unknown_lease", "lease_mismatch", "future_version")}
+            "rejected": ("decode", "unknown_lease", "lease_mismatch", "future_version", "not_trainer", "version_jump",
+                         "reserved_id", "empty_prompt", "token_out_of_vocab")}
 
 
 class BufferMetrics:
@@ -81,3 +83,30 @@ class BufferMetrics:
                           buckets=range(0, 17))
         for v in versions:
             hist.observe(v)
+
+
+def service_gauges(svc) -> dict[str, tuple[str, Callable[[], float]]]:
+    """The buffer service's gauges: name -> (doc, read when scraped)."""
+    return {"buffer/trainer_version": ("", lambda: svc.control.version),
+            "buffer/max_staleness": ("the staleness bound eta (for alerts)", lambda: svc.cfg.max_staleness),
+            "buffer/roster_size": ("", lambda: len(svc.control.roster)),
+            "buffer/started": ("admission counter (groups holding a slot)", lambda: svc.ledger.started),
+            "buffer/consumed": ("groups the trainer consumed (admission counts against them)",
+                                lambda: svc.ledger.consumed),
+            "buffer/stored_bytes": ("frame bytes of stored groups", lambda: svc.store.nbytes),
+            "buffer/wal_bytes": ("bytes of WAL segments on disk", lambda: svc.wal.disk_bytes),
+            "buffer/disk_full": ("1 while new groups are refused for lack of disk space (degraded)",
+                                 lambda: float(svc.disk.degraded)),
+            "buffer/disk_free_bytes": ("free bytes on the WAL's disk (estimated between sweeps)",
+                                       lambda: svc.disk.free)}
+
+
+def service_stats(svc) -> dict:
+    """What a ``StatsRequest`` answers: every counter and the state's sizes."""
+    return {**svc.instruments.counts, "policy_version": svc.control.version, "stored": len(svc.store),
+            "in_transit": svc.handout.in_transit_groups(), "stored_bytes": svc.store.nbytes,
+            "in_flight": svc.ledger.in_flight, "started": svc.ledger.started, "consumed": svc.ledger.consumed,
+            "cursor_index": svc.ledger.next_index, "cursor_epoch": svc.ledger.epoch,
+            "reissue_queue": len(svc.ledger.reissue), "roster_size": len(svc.control.roster),
+            "pending_batches": len(svc.handout.pending), "wal_bytes": svc.wal.disk_bytes,
+            "wal_corrupt_records": svc.wal.corrupt_records, "disk_full": int(svc.disk.degraded)}

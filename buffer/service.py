@@ -22,20 +22,22 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from areal_like import group_checks, security
 from areal_like import protocol as P
-from areal_like import security
-from areal_like.config import RunConfig, dataset_size
+from areal_like.config import RunConfig, dataset_size, model_vocab_size
 from areal_like.daemon import Daemon
+from areal_like.peers import is_trainer_peer, takes_trainer_prefix
 from areal_like.ratelog import RateLimitedLog
 from areal_like.transport import Publisher, Server
 from buffer.control import ControlPlane
 from buffer.credits import CreditLedger, invalid_group, version_range
+from buffer.diskspace import MIN_SEGMENT_BYTES, DiskGuard
 from buffer.handout import Handout
-from buffer.instruments import BufferMetrics
+from buffer.instruments import BufferMetrics, service_gauges, service_stats
 from buffer.recovery import replay
 from buffer.replay_buffer import ReplayBuffer
 from buffer.staleness import StalenessPolicy
-from buffer.wal import WriteAheadLog, segment_path
+from buffer.wal import DiskFull, WriteAheadLog, segment_path
 
 POLL_S = 0.02  # wait for the first request of a batch; bounds how late a held BatchRequest is answered
 POLL_BUSY_S = 0.001  # ...while replies wait for an fsync, where the WAL has no wake-up descriptor
@@ -54,6 +56,7 @@ class BufferService(Daemon):
         b = cfg.buffer
         super().__init__(metrics_port=b.metrics_port)
         self.cfg, self.clock = b, clock
+        self.vocab_size = model_vocab_size(cfg.model)  # token ids outside [0, vocab_size) are refused
         self.rejections = RateLimitedLog(self.log, REJECT_LOG_EVERY_S)  # counted in full in buffer/rejected
         self.policy = StalenessPolicy(b.max_staleness, b.groups_per_step, b.max_inflight,
                                       engine_lag=cfg.trainer.weight_sync.engine_lag)
@@ -62,16 +65,20 @@ class BufferService(Daemon):
         self.store = ReplayBuffer(self.policy, capacity=b.capacity, selection=b.selection,
                                   filter_equal_rewards=b.filter_equal_rewards,
                                   max_tokens_per_trajectory=b.max_tokens_per_trajectory)
-        self.wal = WriteAheadLog(cfg.resolve_path(b.wal_dir), fsync=b.fsync, segment_bytes=b.segment_bytes)
+        wal_dir = cfg.resolve_path(b.wal_dir)
+        wal_dir.mkdir(parents=True, exist_ok=True)
+        self.disk = DiskGuard(wal_dir, b.wal_reserve_bytes, log=self.log)
+        segment_bytes = min(b.segment_bytes, max(MIN_SEGMENT_BYTES, self.disk.free // 8))
+        self.wal = WriteAheadLog(wal_dir, fsync=b.fsync, segment_bytes=segment_bytes)
         self.control = ControlPlane(b.pub_address, b.heartbeat_timeout_s, clock, lambda m: self.publisher.publish(m),
                                     self.log)
         self.instruments = BufferMetrics(self.metrics, {"in_flight": lambda: self.ledger.in_flight,
                                                         "stored": lambda: len(self.store),
                                                         "in_transit": lambda: self.handout.in_transit_groups()},
-                                         self._gauges())
+                                         service_gauges(self))
         self._consumed: list[str] = []  # group ids consumed or dropped in this iteration (one list, extended
         # by the hand-out too)
-        self.handout = Handout(self.store, self.wal.read_group, self._drop, self._consumed.extend, self.instruments,
+        self.handout = Handout(self.store, self.wal.read_group, self._drop, self._on_consumed, self.instruments,
                                self.log)
         self.seen: dict[str, None] = {}  # accepted group ids (ordered: oldest are forgotten first)
         self._waiting: deque[tuple] = deque()  # (ticket, peer, req_id, reply, type, t); peer None: publish
@@ -79,11 +86,13 @@ class BufferService(Daemon):
         self._after_control: list[tuple] = []  # (peer, req_id, reply, type, t) waiting for that record
         self._dirty = False  # control state changed in this iteration
         self._next_sweep = 0.0
+        self._started_at = clock()
+        self._orphans_checked = False  # leases of servers that did not come back after a restart: released once
         self._handlers = {
             P.Register: self.control.register, P.Heartbeat: self.control.heartbeat,
             P.RosterRequest: self.control.roster_reply, P.WeightSyncPlan: self.control.take_plan,
             P.SyncDone: self.control.sync_done, P.SyncStatusRequest: self.control.sync_status,
-            P.CreditRequest: self._on_credits, P.VersionUpdate: self._on_version,
+            P.CreditRequest: self._on_credits,
             P.StatsRequest: lambda m: P.Stats(values=self.stats()),
         }
         self.server: Server | None = None
@@ -113,6 +122,7 @@ class BufferService(Daemon):
         BatchRequests, log what changed, send the replies that are durable now."""
         if sweep:
             self._expire()
+            self.disk.sweep(self.wal, self.checkpoint)
         for p, reply in self.handout.serve(self.clock()):
             self._queue_reply(p.peer, p.req_id, reply, p.request.TYPE, p.received)
         self._log_control()
@@ -135,7 +145,8 @@ class BufferService(Daemon):
 
     def health(self) -> tuple[bool, dict]:
         return self.failure is None, {"name": self.name, "policy_version": self.control.version,
-                                      "stored": len(self.store), "in_flight": self.ledger.in_flight}
+                                      "stored": len(self.store), "in_flight": self.ledger.in_flight,
+                                      **({"degraded": self.disk.reason()} if self.disk.degraded else {})}
 
     def recover(self) -> None:
         """Take the state the WAL holds, open a fresh segment with its checkpoint, then drop what is
@@ -143,6 +154,10 @@ class BufferService(Daemon):
         got = replay(self.wal, self.ledger, self.store, self.log)
         self.control.version, self.seen = got.version, got.seen
         self.handout.restore(got.in_transit)
+        if self.ledger.consumed < 0:  # a WAL written before consumption was counted: every started group
+            # not in flight, stored or in transit was consumed
+            self.ledger.consumed = max(0, self.ledger.started - self.ledger.in_flight - len(self.store)
+                                       - self.handout.in_transit_groups())
         # Drops land after the checkpoint, in the same record as their returned slots (a checkpoint
         # that counted them while their groups were still unconsumed would return the slots twice).
         self.wal.open(self.checkpoint())
@@ -190,6 +205,10 @@ class BufferService(Daemon):
             reply, kind = P.Ack(ref="", status="rejected", reason=f"decode: {msg}"), "invalid"
         elif isinstance(msg, P.TrajectoryGroup):
             reply, kind = self._on_group(msg, frame), msg.TYPE
+        elif isinstance(msg, P.VersionUpdate):
+            reply, kind = self._on_version(msg, peer), msg.TYPE
+        elif isinstance(msg, P.Register) and takes_trainer_prefix(msg.server_id):
+            reply, kind = self._refuse("reserved_id", f"server id {msg.server_id!r} takes the trainer's prefix"), msg.TYPE
         elif type(msg) in self._handlers:
             reply, kind = self._handlers[type(msg)](msg), msg.TYPE
         else:  # a valid message the buffer does not serve (e.g. a reply type sent by mistake)
@@ -203,16 +222,26 @@ class BufferService(Daemon):
             return self._ack_with_leases(g, "duplicate")
         lease = self.ledger.leases.get(g.lease_id)
         versions = version_range(g)  # one pass over the token versions, for every check below
-        reason = invalid_group(g, lease, self.control.newest_version(), versions)
+        reason = (invalid_group(g, lease, self.control.newest_version(), versions)
+                  or group_checks.content_problem(g, self.vocab_size))
         if reason is not None:
-            self.instruments.count("rejected", reason=reason.split(":")[0])
-            self.rejections.warning(f"group:{reason.split(':')[0]}", "rejected group %s from %s: %s", g.group_id,
-                                    g.server_id, reason)
+            self.instruments.count("rejected", reason=(label := reason.split(":")[0]))
+            self.rejections.warning(f"group:{label}", "rejected group %s from %s: %s", g.group_id, g.server_id, reason)
             if lease is not None and not reason.startswith("lease"):
-                self.ledger.cancel(lease.lease_id)  # the sender drops a rejected group: generate it again
+                # the sender drops a rejected group: generate it again, unless its content is what is
+                # wrong (the same prompt would come back the same way): then it is skipped this epoch
+                self.ledger.cancel(lease.lease_id, reissue=label not in group_checks.REASONS)
                 self._dirty = True
             return P.Ack(ref=g.group_id, status="rejected", reason=reason)
-        ref = self.wal.append_group(g.group_id, frame)
+        try:
+            ref = self.wal.append_group(g.group_id, frame) if self.disk.room(len(frame)) else None
+        except DiskFull:  # fsync=batch|never: written inline, and the estimate had room for it
+            self.disk.full()
+            ref = None
+        if ref is None:  # disk full: not stored, not acknowledged; the sender keeps it and sends it again
+            self.instruments.count("groups_deferred")
+            return P.Ack(ref=g.group_id, status="unavailable", reason=self.disk.reason())
+        self.disk.wrote(ref.length)
         self.instruments.count("wal_bytes_written", ref.length)
         self.ledger.fulfil(g.lease_id)
         self._remember(g.group_id)
@@ -238,14 +267,16 @@ class BufferService(Daemon):
         member, version, reason = self.control.touch(server_id), self.control.version, ""
         if member is None:
             reason, n = "unknown_server", 0
+        elif self.disk.degraded:
+            reason, n = "disk_full", 0  # what would be generated could not be stored
         elif not self.policy.engine_can_start(member.entry.policy_version, version):
             reason, n = "stale_engine", 0  # it gets the new weights at the next sync
         elif self.store.free_slots(self.ledger.in_flight) < n:
             reason, n = "capacity", self.store.free_slots(self.ledger.in_flight)
         queued = len(self.ledger.reissue)
-        leases = self.ledger.grant(server_id, n, version)
+        leases = self.ledger.grant(server_id, n)
         if len(leases) < n:
-            reason = self.ledger.shortfall_reason(version)
+            reason = self.ledger.shortfall_reason()
         if leases:
             self._dirty = True
             self.instruments.count("credits_granted", len(leases))
@@ -253,7 +284,18 @@ class BufferService(Daemon):
         return [P.Credit(lease_id=x.lease_id, prompt_index=x.prompt_index, epoch=x.epoch,
                          deadline_s=self.cfg.lease_timeout_s) for x in leases], reason
 
-    def _on_version(self, m: P.VersionUpdate) -> P.Ack:
+    def _refuse(self, reason: str, detail: str) -> P.Ack:
+        self.instruments.count("rejected", reason=reason)
+        self.rejections.warning(reason, "refused: %s: %s", reason, detail)
+        return P.Ack(ref=str(self.control.version), status="rejected", reason=f"{reason}: {detail}")
+
+    def _on_version(self, m: P.VersionUpdate, peer: bytes) -> P.Ack:
+        """Versions come only from the trainer, one at a time (buffer/STALENESS.md, Versions). A refusal's
+        ``ref`` is the buffer's version: the trainer walks up from it."""
+        if not is_trainer_peer(peer):
+            return self._refuse("not_trainer", f"VersionUpdate({m.policy_version}) from {peer[:64]!r}")
+        if m.policy_version > self.control.version + 1:
+            return self._refuse("version_jump", f"VersionUpdate({m.policy_version}) at version {self.control.version}")
         if m.policy_version > self.control.version:
             self.control.version = m.policy_version
             self._dirty = True
@@ -267,7 +309,19 @@ class BufferService(Daemon):
             self.instruments.count("credits_expired", len(expired))
             self.log.warning("re-issuing %d expired leases (e.g. %s of %s)", len(expired),
                              expired[0].lease_id, expired[0].server_id)
-        self.control.expire()
+        gone = set(self.control.expire())
+        if not self._orphans_checked and self.clock() - self._started_at > self.control.heartbeat_timeout_s:
+            # after a restart: leases restored for servers that never came back (a server heartbeats
+            # far more often than the timeout, so every live one has registered again by now)
+            self._orphans_checked = True
+            released = self.ledger.release(lambda sid: sid in self.control.roster)
+        else:
+            released = self.ledger.release(lambda sid: sid not in gone) if gone else []
+        if released:
+            self._dirty = True
+            self.instruments.count("credits_released", len(released))
+            self.log.warning("re-issuing %d leases of servers gone from the roster (%s)", len(released),
+                             ", ".join(sorted({x.server_id for x in released})))
 
     # ------------------------------------------------------------------ what ties the parts together
     def _drop(self, groups: list, reason: str, *, slots: bool = True) -> None:
@@ -279,6 +333,12 @@ class BufferService(Daemon):
                 self.ledger.give_back(g.prompt_index, g.epoch, reissue=reissue)
             self.instruments.count("groups_dropped", reason=reason)
         self._dirty = self._dirty or bool(groups)
+
+    def _on_consumed(self, group_ids: list[str]) -> None:
+        """The trainer acknowledged a batch: WAL marks, and the admission window moves on."""
+        self._consumed.extend(group_ids)
+        self.ledger.consume(len(group_ids))
+        self._dirty = True
 
     def _remember(self, group_id: str) -> None:
         self.seen[group_id] = None
@@ -300,7 +360,9 @@ class BufferService(Daemon):
         """One control record with what changed in this iteration, then queue what waits for it."""
         if self.handout.take_changed() or self._dirty or self._consumed:
             record = {"changes": self._control(self.ledger.take_changes()), "consumed": self._consumed}
-            self.instruments.count("wal_bytes_written", self.wal.append_control(record))
+            written = self.wal.append_control(record)
+            self.disk.wrote(written)
+            self.instruments.count("wal_bytes_written", written)
             self._dirty = False
             self._consumed.clear()  # after encoding; the hand-out extends this same list
         if self._after_control or self._publish:
@@ -336,19 +398,5 @@ class BufferService(Daemon):
         """First record of every WAL segment: supersedes every older control record."""
         return {"state": self._control(self.ledger.snapshot()), "seen": list(self.seen)[-SEEN_KEEP:]}
 
-    def _gauges(self) -> dict[str, tuple[str, Callable[[], float]]]:
-        return {"buffer/trainer_version": ("", lambda: self.control.version),
-                "buffer/max_staleness": ("the staleness bound eta (for alerts)", lambda: self.cfg.max_staleness),
-                "buffer/roster_size": ("", lambda: len(self.control.roster)),
-                "buffer/started": ("admission counter (groups holding a slot)", lambda: self.ledger.started),
-                "buffer/stored_bytes": ("frame bytes of stored groups", lambda: self.store.nbytes),
-                "buffer/wal_bytes": ("bytes of WAL segments on disk", lambda: self.wal.disk_bytes)}
-
     def stats(self) -> dict:
-        return {**self.instruments.counts, "policy_version": self.control.version, "stored": len(self.store),
-                "in_transit": self.handout.in_transit_groups(), "stored_bytes": self.store.nbytes,
-                "in_flight": self.ledger.in_flight, "started": self.ledger.started,
-                "cursor_index": self.ledger.next_index, "cursor_epoch": self.ledger.epoch,
-                "reissue_queue": len(self.ledger.reissue), "roster_size": len(self.control.roster),
-                "pending_batches": len(self.handout.pending), "wal_bytes": self.wal.disk_bytes,
-                "wal_corrupt_records": self.wal.corrupt_records}
+        return service_stats(self)

@@ -6,9 +6,13 @@ over its tokens and its staleness when consumed at ``v`` is ``v - h``. Two rules
 the argument and a worked example):
 
 * **Admission** keeps the pipeline from producing stale data: a credit is granted only while
-  ``started < (eta + v + 1) * B`` and ``in_flight < max_inflight``. ``started`` counts every group
-  that holds a slot (in flight, stored or consumed); a dropped group or an expired lease gives its
-  slot back, so filtering can never starve the trainer.
+  ``started < consumed + (eta - lambda + 1) * B`` and ``in_flight < max_inflight`` (lambda, the
+  engines' designed lag, is 0 unless ``trainer.weight_sync.every``/``delay`` is set). ``started`` counts every
+  group that holds a slot (in flight, stored, in transit or consumed), ``consumed`` the groups the
+  trainer acknowledged; a dropped group or an expired lease gives its slot back, so filtering can
+  never starve the trainer. AReaL's ``(eta + v + 1) * B`` is the same rule while ``consumed == v *
+  B``; counting what was consumed keeps it exact when that fails (a restarted trainer skips a
+  version label without consuming a batch; a stray consumer takes one without a version).
 * **Consumption** is the guarantee: ``is_fresh(h, v)`` is ``v - h <= eta``; a stale group is never
   handed out, and ``check_batch`` raises ``StaleBatchError`` if a batch would hold one.
 
@@ -38,19 +42,20 @@ class StalenessPolicy:
         if not 0 <= self.engine_lag <= self.max_staleness:
             raise ValueError(f"engine_lag {self.engine_lag} must be in [0, max_staleness={self.max_staleness}]")
 
-    def admission_limit(self, version: int) -> int:
-        """``(eta - lambda + v + 1) * B``: how many groups may have been started by trainer version v.
+    def admission_limit(self, consumed: int) -> int:
+        """``consumed + (eta - lambda + 1) * B``: how many groups may have been started once
+        ``consumed`` of them were trained on (``(eta - lambda + v + 1) * B`` when the trainer took B
+        per version). A group starts on weights up to lambda versions old (``engine_lag``), so only
+        the rest of the bound is slack for the pipeline; with lambda = eta exactly B groups are
+        admitted per consumed batch."""
+        return consumed + (self.max_staleness - self.engine_lag + 1) * self.groups_per_step
 
-        A group starts on weights up to lambda versions old, so only the rest of the bound is slack
-        for the pipeline; with lambda = eta exactly B groups are admitted per version."""
-        return (self.max_staleness - self.engine_lag + version + 1) * self.groups_per_step
-
-    def capacity(self, version: int, started: int, in_flight: int) -> int:
+    def capacity(self, consumed: int, started: int, in_flight: int) -> int:
         """How many new credits may be granted now (>= 0)."""
-        return max(0, min(self.max_inflight - in_flight, self.admission_limit(version) - started))
+        return max(0, min(self.max_inflight - in_flight, self.admission_limit(consumed) - started))
 
-    def admits(self, version: int, started: int, in_flight: int) -> bool:
-        return self.capacity(version, started, in_flight) > 0
+    def admits(self, consumed: int, started: int, in_flight: int) -> bool:
+        return self.capacity(consumed, started, in_flight) > 0
 
     def staleness(self, head_version: int, trainer_version: int) -> int:
         return trainer_version - head_version

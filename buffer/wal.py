@@ -15,7 +15,11 @@ every record appended meanwhile (group commit), and the copy into the page cache
 the rest of a 400 KB group's handling) runs beside the loop; ``wakeup_fd`` (Linux) turns readable
 when a ticket is durable. A queued record lost with the process was never acknowledged. ``batch``
 and ``never`` write inline, so an acknowledged record survives ``kill -9``; ``batch`` fsyncs at most
-every ``BATCH_FSYNC_S`` (replies may precede it). A failed write or fsync is fatal (``WalFailed``).
+every ``BATCH_FSYNC_S`` (replies may precede it). A failed write or fsync is fatal (``WalFailed``),
+except a full disk (ENOSPC, ``DiskFull``): the partial record is cut off (the file ends on a whole
+record), the fsync thread keeps what it could not write and tries again every ``DISK_RETRY_S``
+(its tickets are not durable meanwhile, so nothing is acknowledged that is not on disk), and an
+inline write raises ``DiskFull`` for the caller to refuse the record (``buffer/diskspace.py``).
 
 ``append_group`` returns a ``WalRef`` that ``read_group`` reads (CRC-checked): the store keeps
 references, the frames stay on disk or in the page cache, not in the daemon's memory. Compaction
@@ -31,90 +35,37 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import threading
 import time
 import weakref
-import zlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import crc32c
 import msgspec
 
 from buffer.dirlock import DirectoryLock
+from buffer.wal_format import (  # noqa: F401 (re-exported: the WAL's public names)
+    GID_LEN,
+    HEADER,
+    MAX_RECORD_BYTES,
+    OLD_PAD_BLOCK,
+    DiskFull,
+    Record,
+    WalFailed,
+    WalRef,
+    _crc_ok,
+    _header,
+    _problem,
+    _sync_data,
+    _writev,
+    segment_path,
+)
 
-HEADER = struct.Struct("<II")
-GID_LEN = struct.Struct("<H")
-MAX_RECORD_BYTES = 1 << 30  # a length above this is corruption, not a record (frames are <= 256 MiB)
-OLD_PAD_BLOCK = 4096  # O_DIRECT block of older versions: their crash padding ends on this boundary
 BATCH_FSYNC_S = 0.05  # fsync=batch: a power loss takes at most the last 50 ms of acks
+DISK_RETRY_S = 0.5  # fsync=always on a full disk: how often the fsync thread tries the queued records again
 _ENCODER = msgspec.msgpack.Encoder()  # the bytes msgpack.packb(use_bin_type=True) writes, ~4x faster
 
 log = logging.getLogger("buffer.wal")
-
-
-class WalFailed(OSError):
-    """A write or fsync failed: nothing is made durable any more. Fatal, never one damaged record."""
-
-
-@dataclass(frozen=True, slots=True)
-class WalRef:
-    segment: int
-    offset: int  # of the record header in the segment file
-    length: int  # header + payload bytes
-
-
-@dataclass(slots=True)
-class Record:
-    kind: str  # "G" (group) | "C" (control)
-    segment: int
-    group_id: str = ""  # kind G
-    frame: bytes = b""  # kind G: the TrajectoryGroup wire frame
-    control: dict | None = None  # kind C
-    ref: WalRef | None = None  # kind G
-
-
-def segment_path(directory: Path, n: int) -> Path:
-    return Path(directory) / f"seg-{n:012d}.wal"
-
-
-def _crc_ok(payload: memoryview, crc: int) -> bool:
-    return crc32c.crc32c(payload) == crc or zlib.crc32(payload) == crc  # the second: older segments
-
-
-def _problem(data: bytes, pos: int) -> tuple[int, str | None]:
-    """``(end, None)`` if an intact record starts at ``pos``, else ``(pos, what is wrong)``."""
-    if len(data) - pos < HEADER.size:
-        return pos, "truncated header"
-    length, crc = HEADER.unpack_from(data, pos)
-    end = pos + HEADER.size + length
-    if length < 1 or length > MAX_RECORD_BYTES:
-        return pos, f"invalid length {length}"
-    if end > len(data):
-        return pos, f"truncated payload ({len(data) - pos - HEADER.size} of {length} bytes)"
-    if not _crc_ok(memoryview(data)[pos + HEADER.size:end], crc):
-        return pos, "checksum mismatch"
-    return end, None
-
-
-def _header(parts: list[bytes | memoryview], gil_release: int) -> bytes:
-    crc = 0
-    for p in parts:
-        crc = crc32c.crc32c(p, crc, gil_release)
-    return HEADER.pack(sum(len(p) for p in parts), crc)
-
-
-def _writev(fd: int, record: list[bytes | memoryview]) -> int:
-    n = sum(len(p) for p in record)
-    if (written := os.writev(fd, record)) != n:
-        raise OSError(f"short write to the WAL ({written} of {n} bytes)")  # a full disk
-    return n
-
-
-def _sync_data(fd: int) -> None:
-    getattr(os, "fdatasync", os.fsync)(fd)  # macOS has no fdatasync
 
 
 class WriteAheadLog:
@@ -143,6 +94,7 @@ class WriteAheadLog:
         self.wakeup_fd: int | None = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
                                       if fsync == "always" and hasattr(os, "eventfd") else None)
         self.corrupt_records = self.disk_bytes = 0  # disk_bytes: all segment files, kept without stat calls
+        self.disk_full = False  # fsync=always: the fsync thread is waiting for space (set and cleared there)
 
     # ---- recovery
     def segments(self) -> list[int]:
@@ -214,7 +166,7 @@ class WriteAheadLog:
             with self._cv:
                 self._queue.append(parts)
         else:  # keeps the GIL for the checksum: 30 us on a 400 KB group, a GIL round trip can cost more
-            self._written += _writev(self._fd, [_header(parts, 0), *parts])
+            self._written += _writev(self._fd, [_header(parts, 0), *parts], self._written)
         self._segment_size += n
         self.disk_bytes += n
         self._dirty = True
@@ -302,9 +254,19 @@ class WriteAheadLog:
             try:
                 self._write_queued(fd)  # every record of ticket `target` (and maybe more)
                 _sync_data(fd)  # covers every write made before this call, so all of ticket `target`
+            except DiskFull as e:  # kept in the queue: written once there is space; nothing acked meanwhile
+                if self._closing:
+                    self._sync_error = e.with_traceback(None)
+                    return
+                if not self.disk_full:
+                    log.warning("wal: disk full; %s (the records wait and are written when space returns)", e)
+                self.disk_full = True
+                time.sleep(DISK_RETRY_S)
+                continue
             except Exception as e:  # fatal (durable() raises), never a silent hang
                 self._sync_error = e.with_traceback(None)
                 return
+            self.disk_full = False
             with self._cv:
                 self._synced = target
                 self._fsync_times.append(time.monotonic() - t0)
@@ -315,8 +277,13 @@ class WriteAheadLog:
     def _write_queued(self, fd: int) -> None:
         with self._cv:
             queue, self._queue = self._queue, []
-        for parts in queue:  # crc32c and os.writev release the GIL while they read the parts
-            self._written += _writev(fd, [_header(parts, -1), *parts])
+        for i, parts in enumerate(queue):  # crc32c and os.writev release the GIL while they read the parts
+            try:
+                self._written += _writev(fd, [_header(parts, -1), *parts], self._written)
+            except DiskFull:
+                with self._cv:
+                    self._queue[:0] = queue[i:]  # in order, before what was appended meanwhile
+                raise
 
     def commit(self, force: bool = False) -> float | None:
         """Inline fsync per the policy (the syncer must be idle); returns its seconds if one ran."""
@@ -333,9 +300,15 @@ class WriteAheadLog:
         return self._last_fsync - now
 
     # ---- segments
-    def maybe_rotate(self, checkpoint: Callable[[], dict]) -> bool:
-        """Open a new segment when the current one is full."""
-        if self._segment_size < self.segment_bytes:
+    @property
+    def segment_size(self) -> int:
+        """Bytes appended to the current segment."""
+        return self._segment_size
+
+    def maybe_rotate(self, checkpoint: Callable[[], dict], *, force: bool = False) -> bool:
+        """Open a new segment when the current one is full (or now, with ``force``: a full disk
+        compacts what was consumed without waiting for the segment to fill)."""
+        if self._segment_size < self.segment_bytes and not force:
             return False
         self.wait_durable()
         self.commit(force=True)

@@ -45,7 +45,7 @@ from launch.local import ProcSpec, Supervisor, error_tail, write_json_atomic
 from launch.placement import check_one_node, needs_gpus, place_nodes, visible_devices, with_weight_path
 from launch.preflight import checked
 from launch.rundir import check_existing_run
-from launch.topology import Topology, apply_topology, plan_topology, wants_eval
+from launch.topology import Topology, apply_topology, laptop_layout, plan_topology, wants_eval
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -75,8 +75,10 @@ def plan_job(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, 
     """Ports, CPU pools and GPUs of every daemon (nothing written, nothing started); returns (the
     config the daemons read, the topology). Raises ConfigError for a layout that does not fit."""
     cfg = with_weight_path(with_gpu_count(cfg))
-    if cpus is None and cfg.launch.pin_cpus:
+    if cpus is None and (cfg.launch.pin_cpus or cfg.launch.auto_layout):
         cpus = sorted(os.sched_getaffinity(0))
+    if cfg.launch.auto_layout:  # servers, ranks, pinning and threads from the cores present
+        cfg = laptop_layout(cfg, cpus)
     topo = plan_topology(cfg, free_ports(), cpus)
     return apply_topology(cfg, topo), topo
 
@@ -121,7 +123,9 @@ def job_specs(cfg: RunConfig, topo: Topology, config_path: Path, python: str = s
         else:
             argv = _trainer_argv(python, cfg.launch.trainer_ranks, topo.host, base)
         gpus = {} if slot.gpus is None else {"CUDA_VISIBLE_DEVICES": visible_devices(slot.gpus, inherited)}
-        specs.append(ProcSpec(name=slot.name, argv=argv, env={**env, **gpus}, health_url=health,
+        threads = {} if slot.threads is None else {"OMP_NUM_THREADS": str(slot.threads),
+                                                   "MKL_NUM_THREADS": str(slot.threads)}
+        specs.append(ProcSpec(name=slot.name, argv=argv, env={**env, **gpus, **threads}, health_url=health,
                               stage=_stage(slot.kind, shared), main=slot.kind == "trainer", cpus=slot.cpus,
                               health_timeout_s=engine_start_s if slot.kind == "rollout" else None))
     return specs
@@ -294,7 +298,7 @@ def summarize(run_dir: Path, wall_s: float, code: int, since: int = 0, resumed_f
     summary = {
         "reward_first": round(sum(first) / len(first), 4) if first else None,
         "reward_last": round(sum(last) / len(last), 4) if last else None,
-        "steps": len(recs), "wall_s": round(wall_s, 1), "run_dir": str(run_dir), "ok": code == 0,
+        "steps": len(recs), "wall_s": round(wall_s, 1), "run_dir": str(run_dir), **outcome(run_dir, code, since),
     }
     summary.update(eval_summary(run_dir))
     if resumed_from:
@@ -304,6 +308,21 @@ def summarize(run_dir: Path, wall_s: float, code: int, since: int = 0, resumed_f
         summary["learning_curve"] = str(plot_curve(run_dir, history))
     write_json_atomic(run_dir / "summary.json", summary)
     return summary
+
+
+def outcome(run_dir: Path, code: int, since: int = 0) -> dict:
+    """``ok`` is true only when the job exited cleanly and the trainer's last record of this invocation
+    says it finished (``event: done``) at ``trainer.steps`` or beyond; with what crashes cost:
+    ``rolled_back_steps`` (steps lost and trained again, the run's total), ``steps_trained`` (optimizer
+    steps the final weights hold: the final version less the labels resumes skipped)."""
+    done = [r for r in read_jsonl(trainer_jsonl(run_dir), since) if r.get("event") in ("done", "resume")]
+    last = next((r for r in reversed(done) if r["event"] == "done"), None)
+    out = {"ok": code == 0 and last is not None and last["policy_version"] >= last["steps"]}
+    if last is not None:
+        out.update(steps_trained=last["steps_trained"], rolled_back_steps=last["rolled_back_steps"])
+    elif done:
+        out["rolled_back_steps"] = done[-1].get("rolled_back_total", 0)
+    return out
 
 
 def eval_records(run_dir: Path) -> list[dict]:
@@ -385,6 +404,8 @@ def run_job(cfg: RunConfig, quiet: bool = False) -> int:
     sink = TrackerSink.from_config(cfg)
     try:
         sup = Supervisor(job_specs(cfg, topo, config_path), run_dir, restarts=cfg.launch.restarts,
+                         restart_window_s=cfg.launch.restart_window_s, restart_backoff_s=cfg.launch.restart_backoff_s,
+                         restart_backoff_max_s=cfg.launch.restart_backoff_max_s,
                          health_timeout_s=cfg.launch.health_timeout_s, echo=echo,
                          on_tick=Monitor(cfg, topo, run_dir, since=since, sink=sink),
                          on_change=lambda s: write_ports(run_dir, topo, s))

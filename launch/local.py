@@ -8,8 +8,10 @@ trainer under torchrun; or any commands in tests). ``run()``:
    for every ``/health`` to answer 200;
 2. streams each process's output line by line, prefixed with its name, to the console and to
    ``<run_dir>/logs/<name>.log``;
-3. polls: a process that exits is restarted (at most ``restarts`` times each); the *main*
-   process (the trainer) exiting 0 is job completion; any process out of restarts fails the job;
+3. polls: a process that exits is restarted after a back-off that doubles with each restart
+   (``RestartBudget``: at most ``restarts`` within a sliding ``restart_window_s``, so crashes long
+   ago do not count); the *main* process (the trainer) exiting 0 is job completion; a process out
+   of restarts fails the job;
 4. on completion, failure, Ctrl-C or SIGTERM stops everything in reverse start order: SIGTERM to
    the process group, wait, SIGKILL, by PID.
 
@@ -30,6 +32,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +42,32 @@ import psutil
 POLL_S = 0.5  # how often exits are noticed; a restart within a second is plenty for daemons
 STOP_GRACE_S = 15.0  # SIGTERM -> SIGKILL; above daemon.GRACEFUL_STOP_S so a clean stop can finish
 HEALTH_PROBE_S = 2.0  # one /health request; a daemon answering slower than this is not healthy
-RESTART_BACKOFF_S = 1.0  # between a crash and its restart, so a crash loop does not spin the CPU
+RESTART_BACKOFF_S = 1.0  # first wait between a crash and its restart, so a crash loop does not spin the CPU
+
+
+class RestartBudget:
+    """Restarts of one process in a sliding window: ``allow(now)`` records one if fewer than ``limit``
+    happened in the last ``window_s`` seconds; ``backoff(now)`` is the wait before it, ``base_s``
+    doubled for each restart already in the window, at most ``max_s``."""
+
+    def __init__(self, limit: int, window_s: float = 3600.0, base_s: float = RESTART_BACKOFF_S,
+                 max_s: float = 60.0):
+        self.limit, self.window_s, self.base_s, self.max_s = limit, window_s, base_s, max_s
+        self.times: deque[float] = deque()
+
+    def recent(self, now: float) -> int:
+        while self.times and now - self.times[0] >= self.window_s:
+            self.times.popleft()
+        return len(self.times)
+
+    def backoff(self, now: float) -> float:
+        return min(self.max_s, self.base_s * 2 ** self.recent(now))
+
+    def allow(self, now: float) -> bool:
+        if self.recent(now) >= self.limit:
+            return False
+        self.times.append(now)
+        return True
 
 
 @dataclass(kw_only=True)
@@ -60,7 +88,9 @@ class ProcSpec:
 class _Proc:
     spec: ProcSpec
     popen: subprocess.Popen | None = None
-    restarts: int = 0
+    restarts: int = 0  # in the whole job (the budget counts those in its window)
+    budget: RestartBudget | None = None
+    restart_at: float | None = None  # exited: started again at this monotonic time
     descendants: dict[int, float] = field(default_factory=dict)  # pid -> create_time
     pump: threading.Thread | None = None
 
@@ -76,12 +106,16 @@ class JobFailed(RuntimeError):
 class Supervisor:
     def __init__(self, specs: list[ProcSpec], run_dir: str | Path, restarts: int = 3,
                  health_timeout_s: float = 300.0, stop_grace_s: float = STOP_GRACE_S,
+                 restart_window_s: float = 3600.0, restart_backoff_s: float = RESTART_BACKOFF_S,
+                 restart_backoff_max_s: float = 60.0,
                  echo: Callable[[str], None] | None = None, on_tick: Callable[[Supervisor], None] | None = None,
                  on_change: Callable[[Supervisor], None] | None = None):
         self.procs = [_Proc(s) for s in sorted(specs, key=lambda s: s.stage)]
         self.run_dir = Path(run_dir)
         self.log_dir = self.run_dir / "logs"
         self.restarts = restarts
+        for p in self.procs:
+            p.budget = RestartBudget(restarts, restart_window_s, restart_backoff_s, restart_backoff_max_s)
         self.health_timeout_s = health_timeout_s
         self.stop_grace_s = stop_grace_s
         self.echo = echo if echo is not None else _stderr_echo
@@ -138,6 +172,11 @@ class Supervisor:
     def watch(self) -> int:
         while not self.stop_event.is_set():
             for p in self.procs:
+                if p.restart_at is not None:  # waiting out its back-off; the others are still watched
+                    if time.monotonic() >= p.restart_at:
+                        p.restart_at = None
+                        self._start(p)
+                    continue
                 self._record_descendants(p)
                 rc = p.popen.poll() if p.popen else None
                 if rc is None:
@@ -146,18 +185,23 @@ class Supervisor:
                     self.outcome = f"{p.spec.name} completed"
                     return 0
                 self._kill_leftovers(p)
-                if p.restarts >= self.restarts:
-                    raise JobFailed(f"{p.spec.name} exited with {rc} and has no restarts left ({self.restarts})",
-                                    p.spec.name)
-                p.restarts += 1
-                self.echo(f"[supervisor] {p.spec.name} exited with {rc}; restart {p.restarts}/{self.restarts}")
-                time.sleep(RESTART_BACKOFF_S)
-                self._start(p)
+                self._schedule_restart(p, rc)
             if self.on_tick is not None:
                 self.on_tick(self)
             self.stop_event.wait(POLL_S)
         self.outcome = "stopped on request"
         return 1
+
+    def _schedule_restart(self, p: _Proc, rc: int) -> None:
+        now = time.monotonic()
+        wait = p.budget.backoff(now)
+        if not p.budget.allow(now):
+            raise JobFailed(f"{p.spec.name} exited with {rc} and has no restarts left ({self.restarts} within "
+                            f"{p.budget.window_s:.0f}s)", p.spec.name)
+        p.restarts += 1
+        p.restart_at = now + wait
+        self.echo(f"[supervisor] {p.spec.name} exited with {rc}; restart {p.budget.recent(now)}/{self.restarts} "
+                  f"in the last {p.budget.window_s:.0f}s ({p.restarts} in all) after {wait:.1f}s")
 
     def stop_all(self) -> None:
         """Reverse start order: SIGTERM the group, wait, SIGKILL; then every recorded descendant."""

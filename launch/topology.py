@@ -4,7 +4,9 @@
 and the usable core ids, and returns a ``Topology``: the buffer's request/reply and publish
 addresses, a ``/metrics`` port per daemon, the torchrun rendezvous port and, when
 ``launch.pin_cpus`` is set, two disjoint core sets: the *rollout pool* (rollout servers and the
-buffer, which only moves bytes) and the *trainer pool* (every trainer rank); on a GPU topology,
+buffer, which only moves bytes) and the *trainer pool* (every trainer rank); with
+``launch.auto_layout`` (``laptop_layout``, applied first) also how many servers, ranks and threads
+the cores present take; on a GPU topology,
 the GPUs of every daemon (``launch/placement.py``; the buffer gets none). No I/O happens here;
 ``launch/job.py`` feeds it ``free_ports()``, ``os.sched_getaffinity(0)`` and the GPU count.
 ``plan_lines`` renders a topology as ``areal-like plan`` prints it.
@@ -12,6 +14,8 @@ the GPUs of every daemon (``launch/placement.py``; the buffer gets none). No I/O
 Invariants (tested in tests/unit/test_topology.py):
 * every port in a topology is distinct, and a port fixed in the config (non-zero) is kept;
 * with ``pin_cpus`` the two pools are non-empty and disjoint and together cover the cores given;
+* with ``auto_layout`` no core gets more than one thread: one single-threaded server per core of
+  the rollout pool, one trainer rank with one thread per core of the trainer pool;
 * nothing assumes localhost: the host part of ``buffer.address`` is kept as configured.
 """
 
@@ -36,6 +40,7 @@ class DaemonSlot:
     cpus: tuple[int, ...] | None  # None = not pinned
     overrides: tuple[str, ...] = ()  # extra `key=value` for this daemon's command line
     gpus: tuple[int, ...] | None = None  # its CUDA_VISIBLE_DEVICES; None = left as inherited (CPU topologies)
+    threads: int | None = None  # its OMP_NUM_THREADS; None = launch.omp_threads (launch.auto_layout sets the trainer's)
     node: int = 0  # launch.nodes > 1: the node it runs on (the buffer and trainer rank 0 on node 0)
 
 
@@ -89,6 +94,31 @@ def split_cpus(cpus: Iterable[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return cores[:k], cores[k:]
 
 
+def laptop_layout(cfg: RunConfig, cpus: Iterable[int]) -> RunConfig:
+    """``launch.auto_layout``: the processes of a CPU job on ONE machine for the cores it may use.
+
+    Measured on the small-model workload (benchmarks/README.md): on CPU one trainer rank with
+    several threads beats several FSDP ranks (a world of one does no collective work), and an
+    embedded engine runs best single-threaded, so: the cores split as ``split_cpus`` does (rollout
+    pool = the first half, trainer pool = the rest), one single-threaded rollout server per core of
+    the rollout pool (the buffer, which only moves bytes, shares that pool), ONE trainer rank with
+    one thread per core of the trainer pool, everything pinned. Threads never exceed cores. One
+    core: one server, one rank, one thread each, unpinned (nothing to split).
+    """
+    if cfg.trainer.device != "cpu" or cfg.rollout.engine.device != "cpu" or cfg.launch.nodes > 1:
+        raise ConfigError("launch.auto_layout=true lays out a CPU job on one machine: it needs trainer.device=cpu, "
+                          "rollout.engine.device=cpu and launch.nodes=1")
+    cores = tuple(sorted(set(cpus)))
+    if len(cores) < 2:
+        launch = dataclasses.replace(cfg.launch, num_rollout_servers=1, trainer_ranks=1, pin_cpus=False,
+                                     omp_threads=1)
+    else:
+        rollout, _ = split_cpus(cores)
+        launch = dataclasses.replace(cfg.launch, num_rollout_servers=len(rollout), trainer_ranks=1, pin_cpus=True,
+                                     omp_threads=1)
+    return dataclasses.replace(cfg, launch=launch)
+
+
 def _unique(ports: Iterable[int], taken: set[int]) -> Iterator[int]:
     for p in ports:
         if p not in taken:
@@ -134,7 +164,8 @@ def plan_topology(cfg: RunConfig, ports: Iterable[int], cpus: Iterable[int] | No
         if trains:  # trainer rank 0's node serves its metrics; the other nodes' ranks report through it
             trainers.append(DaemonSlot(name="trainer" if k == 0 else f"trainer-n{k}", kind="trainer",
                                        metrics_port=pick(cfg.trainer.metrics_port) if k == 0 else 0,
-                                       cpus=trainer_cpus, gpus=gpus.trainer if gpus is not None else None, node=k))
+                                       cpus=trainer_cpus, gpus=gpus.trainer if gpus is not None else None, node=k,
+                                       threads=len(trainer_cpus) if cfg.launch.auto_layout and trainer_cpus else None))
     return Topology(host=host, buffer_address=f"tcp://{host}:{router}", pub_address=f"tcp://{pub_host}:{pub}",
                     master_port=next(source), slots=(*slots, *trainers), rollout_cpus=rollout_cpus,
                     trainer_cpus=trainer_cpus)

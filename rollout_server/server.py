@@ -389,7 +389,9 @@ class RolloutServer(Daemon):
                 self.metrics.counter("rollout/groups_rejected", "groups the buffer refused").inc()
             else:
                 self.metrics.counter("rollout/groups_acked", "groups acknowledged by the buffer").inc()
-        else:
+        else:  # no answer, or "unavailable" (the buffer's disk is full): keep it, send it again later
+            if isinstance(ack, Ack) and ack.status == "unavailable":
+                self.metrics.counter("rollout/groups_deferred", "sends the buffer could not store (disk full)").inc()
             u.due = time.monotonic() + RESEND_BACKOFF_S
         return True
 

@@ -1,12 +1,16 @@
 """A world-size-1 trainer for weight-sync tests: the real ``WeightBroadcaster`` pushing a tiny model.
 
 Run as ``python weight_pusher.py <config.yaml> <out_dir> '<json pushes>'``; each push is
-``{"version": int, "members": int, "path": str (optional), "after": str (optional)}``. Per push:
+``{"version": int, "members": int, "path": str (optional), "after": str (optional), "overlap": bool
+(optional: ``push(wait=False)``, then every weight += 1000 at once, as an optimizer step would
+move them while the push finishes)}``. Per push:
 wait until ``<out_dir>/<after>`` exists (the test has checked the engines), until the buffer's
 roster has ``members`` members, change every weight (``+= 0.01 * version``, so each version differs),
 push with ``trainer.weight_sync.path`` set to ``path`` (default: the config's), and write
 ``<out_dir>/v<version>.json``: the ``SyncReport`` fields plus ``sha``, the SHA-256 of the weights
-pushed (``test_trainer_weight_sync.weights_sha``). Ends with ``done`` in ``<out_dir>/pusher.done``.
+pushed (``test_trainer_weight_sync.weights_sha``); an overlapped push returns the PREVIOUS push's
+report. Ends with the last push's report in ``<out_dir>/last.json`` and ``done`` in
+``<out_dir>/pusher.done``.
 """
 import json
 import os
@@ -47,10 +51,16 @@ for push in json.loads(pushes):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * push["version"])
-    rep = wb.push(model, push["version"])
+    rep = wb.push(model, push["version"], wait=not push.get("overlap", False))
     sha = weights_sha(model.named_parameters())
+    if push.get("overlap"):  # the optimizer moves the weights while the push finishes in the background
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1000.0)
     (out / f"v{push['version']}.tmp").write_text(json.dumps({**rep.__dict__, "sha": sha}))
     os.replace(out / f"v{push['version']}.tmp", out / f"v{push['version']}.json")
+last = wb.join()  # an overlapped last push: its report
+(out / "last.json").write_text(json.dumps(last.__dict__ if last is not None else {}))
 (out / "pusher.done").write_text("done")
 wb.close()
 roster.close()

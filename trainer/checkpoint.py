@@ -12,6 +12,10 @@ Invariants:
 - Atomic: every rank writes into a temporary directory; after a barrier, rank 0 renames it to
   its final name. A checkpoint directory either is complete or does not exist, so a crash
   (kill -9) at any moment leaves the previous checkpoint usable. The last ``KEEP`` are kept.
+- ``AsyncSaver`` (``trainer.checkpoint_async``) keeps that invariant: DCP writes the shards in the
+  background into the temporary directory, and the rename happens only after every rank's write
+  finished (``poll`` after each step, ``finish`` at the next save or at the end); a crash meanwhile
+  loses that save only.
 - Resume restores model, optimizer, scheduler, policy_version and RNG states; the caller then
   re-pushes the weights and announces the version (trainer/loop.py).
 - Every rank writes its own DCP shard and RNG file into the same directory, so on several nodes
@@ -94,30 +98,35 @@ def state_checksums(policy: Policy) -> dict[str, float]:
     return {"model": float(vals[0]), "optim": float(vals[1])}
 
 
-def save_checkpoint(root: Path, policy: Policy, version: int, extra: dict | None = None) -> Path:
-    """Save on all ranks (a collective); returns the final directory. ``extra`` (rank 0's) is kept
-    in the metadata (the trainer stores the id of the last batch the checkpoint includes)."""
-    rank = _rank()
+def _open_tmp(root: Path, version: int) -> tuple[Path, Path]:
+    """(temporary, final) directories of a save; the temporary one made empty (rank 0), then a barrier."""
     final = root / f"{PREFIX}{version:08d}"
     tmp = root / f"{TMP_PREFIX}{final.name}"
-    if rank == 0:
+    if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    model_sd, optim_sd = get_state_dict(policy.model, policy.optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    return tmp, final
+
+
+def _write_rest(tmp: Path, policy: Policy, version: int, extra: dict | None) -> None:
+    """RNG states (every rank) and meta.pt with the checksums (rank 0; the checksums are a collective)."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, tmp / f"rng_rank{rank}.pt")
+    torch.save(rng, tmp / f"rng_rank{_rank()}.pt")
     sums = state_checksums(policy)
-    if rank == 0:
+    if _rank() == 0:
         torch.save({"policy_version": version, "scheduler": policy.scheduler.state_dict(),
                     "world_size": policy.world_size, "checksums": sums, "extra": dict(extra or {})},
                    tmp / "meta.pt")
+
+
+def _commit(root: Path, tmp: Path, final: Path, version: int) -> None:
+    """After every rank wrote: rank 0 renames the save into place and prunes old ones."""
     _barrier()
-    if rank == 0:
+    if _rank() == 0:
         if final.exists():  # a re-save of the same version (e.g. shutdown right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -125,10 +134,62 @@ def save_checkpoint(root: Path, policy: Policy, version: int, extra: dict | None
         for old in list_checkpoints(root)[:-KEEP]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in root.glob(f"{TMP_PREFIX}*"):
-            shutil.rmtree(stale, ignore_errors=True)
+            if stale != tmp:
+                shutil.rmtree(stale, ignore_errors=True)
         log.info("checkpoint v%d saved to %s", version, final)
     _barrier()
+
+
+def save_checkpoint(root: Path, policy: Policy, version: int, extra: dict | None = None) -> Path:
+    """Save on all ranks (a collective); returns the final directory. ``extra`` (rank 0's) is kept
+    in the metadata (the trainer stores the id of the last batch the checkpoint includes)."""
+    tmp, final = _open_tmp(root, version)
+    model_sd, optim_sd = get_state_dict(policy.model, policy.optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    _write_rest(tmp, policy, version, extra)
+    _commit(root, tmp, final, version)
     return final
+
+
+class AsyncSaver:
+    """Checkpoints written in the background (all ranks call ``save`` and ``finish``: collectives)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        # DCP's background write runs collectives; a group of its own keeps them apart from training's
+        self._pg = dist.new_group(backend="gloo") if dist.is_initialized() and dist.get_world_size() > 1 else None
+        self._pending: tuple | None = None  # (future, tmp, final, version)
+
+    def save(self, policy: Policy, version: int, extra: dict | None = None) -> None:
+        """Stage the state and start writing it; the previous save is committed first."""
+        self.finish()
+        tmp, final = _open_tmp(self.root, version)
+        model_sd, optim_sd = get_state_dict(policy.model, policy.optimizer)
+        future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp),
+                                process_group=self._pg)
+        _write_rest(tmp, policy, version, extra)
+        self._pending = (future, tmp, final, version)
+
+    def poll(self) -> None:
+        """Commit the save in progress as soon as every rank's write is done (a collective: every rank
+        calls it after each step), so that a crash loses only the steps since it, not a save interval more."""
+        if self._pending is None:
+            return
+        done = torch.tensor([int(self._pending[0].done())])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        if int(done):
+            self.finish()
+
+    def finish(self) -> Path | None:
+        """Wait for the save in progress and commit it; returns its directory (None if none)."""
+        if self._pending is None:
+            return None
+        future, tmp, final, version = self._pending
+        self._pending = None
+        future.result()
+        _commit(self.root, tmp, final, version)
+        return final
 
 
 def _fsync_dir(path: Path) -> None:

@@ -9,6 +9,9 @@ Invariants:
   the ranks never disagree about whether a step happens. Rank 0 broadcasts one status per attempt
   on the default group; each attempt is bounded by ``wait_s`` + a reply margin, far below the
   process-group timeout, so the other ranks never time out while rank 0 waits for data.
+- The trainer never dies on data: a group with an empty prompt or a token id outside the
+  vocabulary (the buffer refuses those; one may still come from an older WAL) is dropped from its
+  batch and logged (``dropped_groups``); a batch left with no group counts as empty.
 - An empty batch (not enough fresh groups yet) is retried forever; a buffer that does not answer
   at all for ``buffer_timeout_s`` is an error (``BufferUnavailable``), not a wait.
 - Layout (right padding, pad id 0): ``input_ids[i] = prompt_i + output_i``; output-aligned arrays
@@ -31,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from areal_like.group_checks import content_problem
 from areal_like.protocol import Batch, BatchRequest, Roster, RosterRequest, TrajectoryGroup
 from areal_like.transport import Client, TransportTimeout
 
@@ -127,12 +131,14 @@ class BatchSource:
     """
 
     def __init__(self, address: str, n_groups: int, *, wait_s: float, buffer_timeout_s: float, rank: int,
-                 should_stop: Callable[[], bool] = lambda: False):
+                 should_stop: Callable[[], bool] = lambda: False, vocab_size: int = 0):
         self.n_groups = n_groups
         self.wait_s = wait_s
         self.buffer_timeout_s = buffer_timeout_s
         self.rank = rank
         self.should_stop = should_stop
+        self.vocab_size = vocab_size  # token ids must lie in [0, vocab_size) (0: unchecked)
+        self.dropped_groups = 0  # groups dropped from batches for their content (never trained on)
         self.client = Client(address, timeout_s=wait_s + REPLY_MARGIN_S, identity="trainer") if rank == 0 else None
         self.empty_polls = 0  # metric: answers with no batch (waiting for data)
         self.last_batch_id = ""  # acked in the next request: the buffer then marks that batch consumed
@@ -163,9 +169,23 @@ class BatchSource:
                 if behind:
                     return "resync", behind
             return "empty", reply.reason
-        self.last_batch_id = reply.batch_id
-        self.last_groups = reply.groups
-        return "batch", groups_to_batch(reply.groups)
+        self.last_batch_id = reply.batch_id  # acked even if nothing in it is usable: it must not come back
+        groups = self.usable(reply.groups)
+        if not groups:
+            return "empty", "every group of the batch was dropped"
+        self.last_groups = groups
+        return "batch", groups_to_batch(groups)
+
+    def usable(self, groups: list[TrajectoryGroup]) -> list[TrajectoryGroup]:
+        """The groups a step can train on; the others are logged and counted, never raised on."""
+        out = []
+        for g in groups:
+            if (why := content_problem(g, self.vocab_size)) is None:
+                out.append(g)
+                continue
+            self.dropped_groups += 1
+            log.error("dropped group %s from the batch: %s", g.group_id, why)
+        return out
 
     def _engines_behind(self, version: int) -> list[str]:
         try:

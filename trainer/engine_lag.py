@@ -58,23 +58,24 @@ class EngineSchedule:
             return self.served
         return version
 
-    def after_step(self, version: int) -> SyncReport:
-        """Called on every rank once the trainer's version is ``version`` (also for the initial one)."""
+    def after_step(self, version: int, wait: bool = True) -> SyncReport:
+        """Called on every rank once the trainer's version is ``version`` (also for the initial one);
+        ``wait=False``: a push of the current weights may finish in the background (``push``)."""
         if self.lagging and (self.delay or not self.snapshots or version % self.every == 0
                              or version >= self.final_version):
             self._snapshot(version)
         target = self.target(version)
         if target == self.served:
             return self.wb.announce(version)
-        return self._push(target, version)
+        return self._push(target, version, wait)
 
     def repush(self, version: int) -> SyncReport:
         """Push again what the engines should be serving (a stall: one may have missed a push)."""
         return self._push(self.target(version) if self.served is not None else version, version)
 
-    def _push(self, target: int, version: int) -> SyncReport:
+    def _push(self, target: int, version: int, wait: bool = True) -> SyncReport:
         if target == version:
-            report = self.wb.push(self.model, version)
+            report = self.wb.push(self.model, version, wait=wait)
         else:
             with self._swapped(target):
                 report = self.wb.push(self.model, target, announce=version)

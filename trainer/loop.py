@@ -17,11 +17,14 @@ step), weight_sync, checkpoint, export (a Hugging Face directory ``<run_dir>/<ex
 training reaches ``trainer.steps``; trainer/export.py), metrics.
 
 Invariants:
-- Order at a version boundary: optimizer step(s) -> v += 1 -> weights broadcast -> version
-  announced (inside ``push``) -> next batch. With ``trainer.weight_sync.every`` > 1 or ``delay`` > 0
-  the engines get older weights or none at some boundaries (``trainer/engine_lag.py``); the
-  version is announced at every one. The initial (or resumed) weights are pushed and their
-  version announced before the first batch is requested.
+- Order at a version boundary: optimizer step(s) -> v += 1 -> weights packed -> broadcast ->
+  version announced (inside ``push``) -> next batch. For a model that fits in the weight sync's
+  staging buffers the broadcast and the announcement run in the background on rank 0 while the
+  next step trains (``push(wait=False)``; the next push waits for it): the next batch request
+  names its own ``trainer_version``, so the buffer's staleness check does not depend on the
+  announcement having landed; the step's record then carries the previous version's sync
+  report (``weight_sync.version``) and this step's ``blocked_s``. The initial (or resumed)
+  weights are pushed and their version announced before the first batch is requested.
 - Rank 0 decides when to stop (SIGTERM, or the buffer's end of data) and the decision reaches the
   other ranks through the batch broadcast, so the ranks never diverge. A graceful stop saves a
   checkpoint; a kill -9 loses at most the steps since the last periodic checkpoint.
@@ -40,10 +43,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from areal_like.config import RunConfig
+from areal_like.config import RunConfig, model_vocab_size
 from areal_like.daemon import Daemon
 from areal_like.tokenizer import load_tokenizer
-from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, state_checksums
+from trainer.checkpoint import AsyncSaver, latest_checkpoint, load_checkpoint, save_checkpoint, state_checksums
 from trainer.data import BatchSource, TrainBatch
 from trainer.engine_lag import EngineSchedule
 from trainer.export import TMP_PREFIX as EXPORT_TMP_PREFIX
@@ -82,13 +85,18 @@ class Trainer(Daemon):
         super().__init__(metrics_port=cfg.trainer.metrics_port if self.rank == 0 else None)
         self.cfg = cfg
         self.version = 0
+        # steps_trained: optimizer steps the weights hold; rolled_back_steps: steps a crash lost (trained
+        # again). A resume skips their labels and takes a new one for the checkpoint's weights (no label
+        # names two sets of weights), so version = steps_trained + rolled_back_steps + such resumes.
+        self.steps_trained = self.rolled_back_steps = 0
         self.phase_times: dict[str, float] = {}
         self.ckpt_root = cfg.resolve_path(cfg.trainer.checkpoint_dir)
         self.exported_version: int | None = None
         self.jsonl = Path(cfg.run_dir) / "metrics" / "trainer.jsonl"
 
     def start(self) -> None:
-        torch.set_num_threads(1)
+        # the launcher's OMP_NUM_THREADS (1 unless launch.auto_layout gives the trainer a pool of cores)
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         torch.manual_seed(self.cfg.seed)
         t = self.cfg.trainer
         self.rank, self.world_size = init_distributed(t)
@@ -98,26 +106,36 @@ class Trainer(Daemon):
         self.settings = StepSettings.from_config(self.cfg)
         self.data = BatchSource(t.buffer_address, t.groups_per_step, wait_s=t.batch_wait_s,
                                 buffer_timeout_s=t.buffer_timeout_s, rank=self.rank,
-                                should_stop=self.stop_requested.is_set)
+                                should_stop=self.stop_requested.is_set, vocab_size=model_vocab_size(self.cfg.model))
         self.broadcaster = WeightBroadcaster(t.weight_sync, buffer_address=t.buffer_address, rank=self.rank,
                                              device=self.policy.device, send_dtype=self.cfg.model.dtype,
                                              metrics=self.metrics)
         # which weights the engines serve after each step (every version, lagged, or a fixed delay)
         self.engines = EngineSchedule(t.weight_sync, self.broadcaster, self.policy.model, t.steps)
         self.data.on_stall = lambda: self.engines.repush(self.version)
+        self.saver = AsyncSaver(self.ckpt_root) if t.checkpoint_async else None
         ckpt = latest_checkpoint(self.ckpt_root) if t.resume else None
         if ckpt is not None:
             self.version, meta = load_checkpoint(ckpt, self.policy)
             # The buffer keeps the last batch "in transit" until it is acked: acking the batch this
             # checkpoint includes consumes it; a later, lost batch does not match and goes back.
-            self.data.last_batch_id = meta.get("extra", {}).get("last_batch_id", "")
+            extra = meta.get("extra", {})
+            self.data.last_batch_id = extra.get("last_batch_id", "")
+            self.rolled_back_steps = int(extra.get("rolled_back_steps", 0))
+            self.steps_trained = int(extra.get("steps_trained", self.version))
         self.warn_truncation()
         checkpoint_version = self.version
         self.version = self.monotonic_version(self.version)
-        if ckpt is not None:
+        lost = max(0, self.version - 1 - checkpoint_version)  # labels announced by weights the crash lost
+        self.rolled_back_steps += lost
+        if ckpt is not None or lost:
             self.record({"event": "resume", "policy_version": self.version, "checkpoint_version": checkpoint_version,
-                         "checkpoint": str(ckpt), "saved_checksums": meta["checksums"],
-                         "checksums": state_checksums(self.policy)})
+                         "checkpoint": str(ckpt) if ckpt else None, "rolled_back_steps": lost,
+                         "rolled_back_total": self.rolled_back_steps, "steps_trained": self.steps_trained,
+                         **({"saved_checksums": meta["checksums"], "checksums": state_checksums(self.policy)}
+                            if ckpt is not None else {})})
+        if lost:  # a second crash before the next periodic checkpoint must not roll these labels back again
+            save_checkpoint(self.ckpt_root, self.policy, self.version, self.checkpoint_extra())
 
     def warn_truncation(self) -> None:
         """top-p/top-k sampling biases the ratios: the trainer scores with the untruncated distribution,
@@ -141,7 +159,8 @@ class Trainer(Daemon):
         self.record({"event": "logprob_guard", "policy_version": self.version, "passed": passed, "tol": tol})
 
     def checkpoint_extra(self) -> dict:
-        return {"last_batch_id": self.data.last_batch_id}
+        return {"last_batch_id": self.data.last_batch_id, "steps_trained": self.steps_trained,
+                "rolled_back_steps": self.rolled_back_steps}
 
     def monotonic_version(self, version: int) -> int:
         """Versions never go backwards. If the buffer already announced a version past ours (the steps
@@ -154,8 +173,16 @@ class Trainer(Daemon):
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast_object_list(announced, src=0)
         if announced[0] is not None and announced[0] > version:
+            t = self.cfg.trainer
+            most = t.checkpoint_every * (2 if t.checkpoint_async else 1)  # async: the last save may be unfinished
+            if t.resume and announced[0] > version + most:
+                raise RuntimeError(f"buffer announced policy_version {announced[0]} but our weights are version "
+                                   f"{version}: a crash loses at most {most} steps (trainer.checkpoint_every="
+                                   f"{t.checkpoint_every}), so that version is not ours; refusing to take it as "
+                                   "trained")
             self.log.warning("buffer announced policy_version %d but our weights are version %d: "
-                             "continuing as version %d", announced[0], version, announced[0] + 1)
+                             "continuing as version %d (%d steps rolled back)", announced[0], version, announced[0] + 1,
+                             announced[0] - version)
             return announced[0] + 1
         return version
 
@@ -183,14 +210,23 @@ class Trainer(Daemon):
             with self.phase("train_step"):  # the kernel's advantages, per minibatch, then its optimizer steps
                 stats = train_step(self.policy, batch, self.settings, prox_logp, ref_logp)
             self.version += 1
-            with self.phase("weight_sync"):  # a push, or only the announcement while the engines lag by design
-                sync = self.engines.after_step(self.version)
+            self.steps_trained += 1
+            with self.phase("weight_sync"):  # a push (a small model's finishes in the background), or only the announcement
+                sync = self.engines.after_step(self.version, wait=not t.weight_sync.overlap)
             if self.version % t.checkpoint_every == 0:
+                with self.phase("checkpoint"):  # async: staging the state, and committing the previous save
+                    if self.saver is not None:
+                        self.saver.save(self.policy, self.version, self.checkpoint_extra())
+                    else:
+                        save_checkpoint(self.ckpt_root, self.policy, self.version, self.checkpoint_extra())
+            elif self.saver is not None:
                 with self.phase("checkpoint"):
-                    save_checkpoint(self.ckpt_root, self.policy, self.version, self.checkpoint_extra())
+                    self.saver.poll()
             self.export_if_due()
             with self.phase("metrics"):
                 self.report(batch, stats, sync, time.monotonic() - t_step)
+        if self.saver is not None:
+            self.saver.finish()
         if self.version % t.checkpoint_every != 0:  # graceful end or stop: keep what was trained
             with self.phase("checkpoint"):
                 save_checkpoint(self.ckpt_root, self.policy, self.version, self.checkpoint_extra())
@@ -199,7 +235,11 @@ class Trainer(Daemon):
             with self.phase("catch_up"):
                 self.broadcaster.catch_up(model, self.version, self.cfg.eval.final_timeout_s,
                                           should_stop=self.stop_requested.is_set)
-        self.log.info("done at policy_version %d", self.version)
+        self.record({"event": "done", "policy_version": self.version, "steps": t.steps,
+                     "steps_trained": self.steps_trained, "rolled_back_steps": self.rolled_back_steps,
+                     "labels_skipped": self.version - self.steps_trained})
+        self.log.info("done at policy_version %d (%d steps trained, %d rolled back by crashes)", self.version,
+                      self.steps_trained, self.rolled_back_steps)
 
     def export_if_due(self, final: bool = False) -> None:
         """Export (all ranks; a collective) at multiples of ``export.every``, and once training reached
@@ -254,10 +294,12 @@ class Trainer(Daemon):
             "staleness_max": int(staleness.max()), "tokens": batch.n_tokens, "seqs": batch.n_seqs,
             "tokens_per_s": batch.n_tokens / max(step_s, 1e-9), "step_seconds": step_s,
             "phase_seconds": dict(self.phase_times), "data_wait_seconds": self.phase_times.get("fetch_batch", 0.0),
-            "weight_sync": {"seconds": sync.seconds, "bytes": sync.bytes, "transfer_s": sync.transfer_s,
+            "weight_sync": {"version": sync.version, "seconds": sync.seconds, "blocked_s": sync.blocked_s,
+                            "overlapped": sync.overlapped, "bytes": sync.bytes, "transfer_s": sync.transfer_s,
                             "done": sync.done, "dropped": sync.dropped, "pause_s": sync.pause_s,
                             "error": sync.error},
-            "stats": stats,
+            "stats": stats, "steps_trained": self.steps_trained, "rolled_back_steps": self.rolled_back_steps,
+            "groups_dropped_bad_data": self.data.dropped_groups,
         }
         self.record(row)
         m = self.metrics
@@ -267,10 +309,15 @@ class Trainer(Daemon):
         for key, value in stats.items():
             m.gauge(f"trainer/stat/{key}", f"kernel/step stat {key}").set(value)
         m.gauge("trainer/policy_version").set(self.version)
+        m.gauge("trainer/groups_dropped_bad_data", "groups dropped from batches: empty prompt or token out of "
+                "the vocabulary").set(self.data.dropped_groups)
+        m.gauge("trainer/rolled_back_steps", "steps lost to crashes (labels skipped at resume)").set(
+            self.rolled_back_steps)
         m.gauge("trainer/mismatch_kl").set(stats.get("mismatch_kl", 0.0))
         m.gauge("trainer/grad_norm").set(stats.get("grad_norm", 0.0))
         m.counter("trainer/tokens").inc(batch.n_tokens)
         m.gauge("trainer/weight_sync_seconds").set(sync.seconds)
+        m.gauge("trainer/weight_sync_blocked_seconds", "the trainer's time inside the last push").set(sync.blocked_s)
         m.gauge("trainer/weight_sync_deadline_seconds").set(self.cfg.trainer.weight_sync.deadline_s)
         m.counter("trainer/weight_sync_bytes").inc(sync.bytes)
         m.counter("trainer/weight_sync_dropped").inc(len(sync.dropped))

@@ -23,8 +23,15 @@ parameters (embeddings, final norm, lm_head) are all-gathered around it as for `
 Invariants:
 - FSDP2 only (``fully_shard`` per decoder block, then the root). FSDP1 does not run on CPU
   (torch 2.13 refuses: "FSDP needs a non-CPU accelerator device"). A single process (plain
-  ``python -m trainer``) joins a world-size-1 gloo group so exactly the same code path (DTensor
-  parameters, collectives) runs everywhere.
+  ``python -m trainer``, or torchrun with one rank) joins a world-size-1 gloo group but its model
+  is NOT sharded: plain parameters, no FSDP hooks, no DTensor dispatch. On a world of one FSDP2
+  has nothing to shard or reduce and its per-op bookkeeping cost ~20 ms of a ~100 ms small-model
+  step (benchmarks/README.md); every consumer of the parameters (``full_tensor``, ``to_local``,
+  DCP, the forward method) accepts both plain tensors and DTensors, and the loss and weights
+  equal the sharded run's (tests/integration/test_trainer_invariance.py).
+- AdamW runs its multi-tensor (``foreach``) implementation also on CPU (torch picks it only for
+  CUDA by default): one kernel per op over all parameters instead of one per parameter; same
+  arithmetic.
 - Parameter names are the unwrapped Hugging Face names (neither ``fully_shard`` nor Hugging
   Face's activation checkpointing renames), so the weight-sync plan names match what an engine's
   ``load_weights`` expects.
@@ -139,14 +146,16 @@ def attach_logprobs(model: torch.nn.Module) -> torch.nn.Module:
 
 def shard_model(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, dtype: str = "float32",
                 checkpointing: bool = False) -> torch.nn.Module:
-    """The model of ``model_cfg`` sharded over the default process group, built on the meta device
-    and materialised shard by shard on the trainer device, parameters in ``dtype``."""
+    """The model of ``model_cfg`` sharded over the default process group (not sharded on a world of
+    one), built on the meta device and materialised shard by shard on the trainer device,
+    parameters in ``dtype``."""
     device = trainer_device(trainer_cfg)
     model = build_meta_model(model_cfg, dtype)
     model.config.use_cache = False
     if checkpointing:  # per decoder block, before sharding; FSDP2's hooks stay outside the recompute
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    apply_fsdp(model, model_cfg, device)
+    if dist.get_world_size() > 1:  # one rank: nothing to shard, gather or reduce (module docstring)
+        apply_fsdp(model, model_cfg, device)
     materialize(model, model_cfg, device)
     return attach_logprobs(model)
 
@@ -194,7 +203,7 @@ def build_policy(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, adam_eps
     model = shard_model(model_cfg, trainer_cfg, checkpointing=trainer_cfg.activation_checkpointing)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=trainer_cfg.lr, betas=tuple(trainer_cfg.betas),
-                                  weight_decay=trainer_cfg.weight_decay, eps=adam_eps)
+                                  weight_decay=trainer_cfg.weight_decay, eps=adam_eps, foreach=True)
     # The optimizer step count is the number of AdamW steps (num_minibatches per policy version).
     total = trainer_cfg.steps * trainer_cfg.num_minibatches
     scheduler = torch.optim.lr_scheduler.LambdaLR(

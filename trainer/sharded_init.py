@@ -1,7 +1,8 @@
 """Weights straight into each rank's shards: a meta-device model, sharded, then materialised.
 
 ``materialize(model, cfg, device)`` takes a model built on the meta device
-(``areal_like.hf.build_meta_model``) and already sharded by ``fully_shard``, allocates each rank's
+(``areal_like.hf.build_meta_model``) and already sharded by ``fully_shard`` (or, on one rank, not
+sharded: its tied weights are tied again after allocation), allocates each rank's
 shards on ``device`` and writes them:
 
 - from ``model.path``: every ``*.safetensors`` file is opened with ``safe_open`` and each rank
@@ -202,6 +203,8 @@ def materialize(model: torch.nn.Module, cfg: ModelConfig, device: torch.device) 
     """Allocate ``model``'s (sharded) parameters on ``device`` and fill them from ``cfg.path`` or
     with ``cfg.init_seed``'s initialisation; returns ``model``."""
     model.to_empty(device=device)
+    if not any(isinstance(p, DTensor) for p in model.parameters()) and hasattr(model, "tie_weights"):
+        model.tie_weights()  # not sharded (one rank): to_empty gave each module its own meta -> device copy
     params = dict(model.named_parameters())  # a tied parameter appears once, under its first name
     if cfg.path:
         load_safetensors(params, Path(cfg.path))

@@ -22,6 +22,12 @@ Invariants (the invariance tests check them):
 - Advantages are computed once on the whole batch before its first optimizer step (REINFORCE++
   whitens over every token of the batch), except for a kernel whose advantages depend on the
   weights a minibatch starts from (``Kernel.per_minibatch``: vcpo), computed per minibatch.
+- Proximal log-probs (decoupled PPO and the other ``needs_prox`` kernels): pi_prox is the policy
+  at the start of the step. With ``num_minibatches`` == 1 no optimizer step happens before the
+  last forward of the step, so each micro-batch's own forward gives them (its log-probs,
+  detached: ``StepSettings.fuse_prox``) and the separate no-grad pass over the batch is skipped;
+  with several minibatches the later ones train on moved weights, so ``recompute_prox_logp`` runs
+  that pass first. Both give the same numbers (the same forward at the same weights).
 - VCPO: one extra backward per trajectory gives the per-trajectory score-gradient norms its
   baseline needs (exact, as in the paper's code); the learning rate is ESS-scaled for that
   optimizer step only and restored right after.
@@ -64,6 +70,13 @@ class StepSettings:
     @property
     def kernel(self) -> Kernel:
         return KERNELS[self.loss.kernel]
+
+    @property
+    def fuse_prox(self) -> bool:
+        """pi_prox is taken from the training forward itself (no separate recompute pass): with one
+        minibatch every forward of the step runs at the weights the step starts from, so the
+        policy's log-probs detached there ARE the proximal log-probs (module docstring)."""
+        return self.kernel.needs_prox and self.num_minibatches == 1
 
     def loss_config(self, batch: TrainBatch) -> LossConfig:
         """``trainer.loss`` as every call of this batch gets it."""
@@ -129,8 +142,10 @@ def batch_logp(model: torch.nn.Module, batch: TrainBatch, s: StepSettings, devic
 
 
 def recompute_prox_logp(policy: Policy, batch: TrainBatch, s: StepSettings) -> torch.Tensor | None:
-    """pi_prox for every row this rank will train on, with the weights held at the start of the step."""
-    if not s.kernel.needs_prox:
+    """pi_prox for every row this rank will train on, with the weights held at the start of the step;
+    None when the kernel needs none, or when ``train_step`` takes it from its own forward
+    (``StepSettings.fuse_prox``)."""
+    if not s.kernel.needs_prox or s.fuse_prox:
         return None
     return batch_logp(policy.model, batch, s, policy.device)
 
@@ -165,8 +180,11 @@ def batch_advantages(batch: TrainBatch, s: StepSettings) -> Advantages | None:
 def forward_backward(policy: Policy, mb: TrainBatch, advantages: torch.Tensor, prox_logp: torch.Tensor | None,
                      s: StepSettings, loss_cfg: LossConfig, n_tokens: float, n_seqs: float,
                      ref_logp: torch.Tensor | None = None) -> dict:
-    """Loss and gradient of one micro-batch (already on the device). Returns the kernel's stats."""
+    """Loss and gradient of one micro-batch (already on the device). Returns the kernel's stats.
+    ``prox_logp`` None for a kernel that needs it: this forward's log-probs, detached (fused)."""
     logp = output_logp(policy.model, mb, s.temperature, s.chunk_tokens)
+    if prox_logp is None and s.kernel.needs_prox:
+        prox_logp = logp.detach()
     loss, stats = compute_policy_loss(
         loss_cfg, logp=logp, prox_logp=prox_logp, behav_logp=mb.behav_logp, advantages=advantages, mask=mb.mask,
         n_tokens_global=n_tokens, n_seqs_global=n_seqs, ref_logp=ref_logp)
@@ -227,7 +245,11 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def train_step(policy: Policy, batch: TrainBatch, s: StepSettings, prox_logp: torch.Tensor | None,
                ref_logp: torch.Tensor | None = None) -> dict[str, float]:
     """``num_minibatches`` optimizer steps on ``batch``; returns stats averaged over them.
-    ``ref_logp`` (from ``reference_logp``) is required when ``kl_coef`` > 0."""
+    ``ref_logp`` (from ``reference_logp``) is required when ``kl_coef`` > 0; ``prox_logp`` (from
+    ``recompute_prox_logp``) when the kernel needs it, unless ``s.fuse_prox``."""
+    if prox_logp is None and s.kernel.needs_prox and not s.fuse_prox:
+        raise ValueError(f"trainer.loss.kernel={s.loss.kernel} with trainer.num_minibatches={s.num_minibatches} "
+                         "needs the proximal log-probs recomputed before the step (recompute_prox_logp)")
     loss_cfg = s.loss_config(batch)
     advantages = torch.zeros_like(batch.mask)
     per_step: list[dict[str, float]] = []

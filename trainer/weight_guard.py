@@ -29,6 +29,7 @@ from datetime import timedelta
 
 log = logging.getLogger("trainer.weight_sync")
 
+BUFFER_REQUEST_TIMEOUT_S = 10.0  # the buffer answers control requests in milliseconds when alive
 BROADCAST_SLICE_S = 1.0  # a stalled broadcast checks every slice whether a member already reported failure
 NCCL_POLL_S = 0.0005  # NCCL completion poll; small next to any bucket's transfer time
 
@@ -95,3 +96,10 @@ class Watchdog:
             timer.cancel()
         if fired.is_set():
             raise TimeoutError("weight-sync deadline passed inside a call on the group (aborted by the watchdog)")
+
+
+def bounded(deadline: float | None) -> float:
+    """A buffer request's timeout: the usual one, but never past the sync deadline (at least 0.5 s)."""
+    if deadline is None:
+        return BUFFER_REQUEST_TIMEOUT_S
+    return max(0.5, min(BUFFER_REQUEST_TIMEOUT_S, deadline - time.monotonic()))

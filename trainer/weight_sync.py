@@ -2,14 +2,19 @@
 
 Owns: the weight-update process group on trainer rank 0 (``WeightBroadcaster``), the broadcast
 of every bucket (planned and packed by ``trainer.weight_buckets``: one flattened uint8 broadcast
-per bucket, the next bucket packed while the previous one is on the wire), the wait for the members' ``SyncDone``
-reports (through the buffer's ``SyncStatus``) and the ``VersionUpdate`` announcement. The engines'
-HTTP side (pause, per-bucket receive, continue) is driven by each rollout server, not here.
+per bucket, the next bucket packed while the previous one is on the wire), the wait for the
+members' ``SyncDone`` reports (the buffer's ``SyncStatus``) and the ``VersionUpdate``
+announcement; for a model that fits in the two staging buffers, ``push(wait=False)`` does all
+of that after the packing in a background thread on rank 0 (the trainer trains the next step
+meanwhile). The engines' HTTP side (pause, receive, continue) is driven by each rollout server.
 
 Invariants:
 - ``push`` is a collective over all trainer ranks: gathering a full tensor from FSDP shards
   (``full_tensor()``) is an all-gather, so every rank walks the same buckets in the same order;
-  only rank 0 broadcasts on the weight group.
+  only rank 0 broadcasts on the weight group. At most one push is in flight: every push (and
+  ``catch_up``, ``close``) first joins the background one; the background thread reads only
+  the staging buffers (packed copies), never the parameters the optimizer is updating, and it
+  is the only user of the buffer client while it runs.
 - Every wait is bounded by ``weight_sync.deadline_s`` measured from the plan's publication:
   the rendezvous, each bucket's broadcast and the status poll. A member that misses it is
   dropped for this version; the next plan re-forms the group (``reform=True``) with whoever is in
@@ -32,10 +37,11 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -43,6 +49,7 @@ import torch.distributed as dist
 from areal_like.config import WeightSyncConfig
 from areal_like.distributed import destroy_weight_group, free_port, init_weight_group
 from areal_like.metrics import Metrics
+from areal_like.peers import TRAINER_PEER
 from areal_like.protocol import (
     Ack,
     BucketSpec,
@@ -58,17 +65,16 @@ from areal_like.protocol import (
 from areal_like.transport import Client, TransportTimeout
 from areal_like.versions import RuntimeVersions, local_versions, mismatch
 from trainer.weight_buckets import BucketPipeline, bucket_nbytes, dtype_name, plan_buckets  # noqa: F401 (re-exported)
-from trainer.weight_guard import BROADCAST_SLICE_S, Watchdog, wait_work
+from trainer.weight_catch_up import catch_up, decide
+from trainer.weight_guard import BROADCAST_SLICE_S, BUFFER_REQUEST_TIMEOUT_S, Watchdog, wait_work
+from trainer.weight_guard import bounded as _bounded
 from trainer.weight_local import LocalSender, push_local
 
 log = logging.getLogger("trainer.weight_sync")
 
 STATUS_POLL_S = 0.05  # SyncStatus poll period: a cheap buffer query; sync itself takes far longer
 ROSTER_POLL_S = 0.5  # while waiting for reports: how often to check that pending members are still alive
-CATCH_UP_POLL_S = 0.5  # after the last step: how often to look whether an evaluating server came back
-CATCH_UP_PUSHES = 3  # after the last step: re-pushes of the final version before giving up on a member
 GROUP_TOKEN_BYTES = 16  # random bytes in each weight group's name, the key space of its rendezvous store
-BUFFER_REQUEST_TIMEOUT_S = 10.0  # the buffer answers control requests in milliseconds when alive
 
 
 @dataclass
@@ -85,6 +91,8 @@ class SyncReport:
     reform: bool = False
     pause_s: dict = field(default_factory=dict)  # server_id -> seconds not generating (when reported)
     error: str = ""
+    blocked_s: float = 0.0  # the trainer's time inside the push call that returned this report
+    overlapped: bool = False  # rank 0 finished this push in the background (``push(wait=False)``)
 
 
 class WeightBroadcaster:
@@ -97,7 +105,7 @@ class WeightBroadcaster:
         self.device = device
         self.send_dtype = send_dtype
         self.backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-        self.client = Client(buffer_address, timeout_s=BUFFER_REQUEST_TIMEOUT_S, identity="trainer-ws") \
+        self.client = Client(buffer_address, timeout_s=BUFFER_REQUEST_TIMEOUT_S, identity=TRAINER_PEER) \
             if rank == 0 else None
         self._pg = None
         self._group_key: tuple | None = None  # ((server_id, engine_ranks), ...) of the formed group
@@ -105,12 +113,14 @@ class WeightBroadcaster:
         self._group_name = cfg.group_name  # + a fresh token at each group formation (_make_plan)
         self._pipeline = BucketPipeline()  # its staging buffers are reused by every push
         self.versions = local_versions()  # what each member's versions are checked against
-        self._refused: set[str] = set()  # left out of the last plan: catch_up does not wait for them
+        self.refused: set[str] = set()  # left out of the last plan: catch_up does not wait for them
         self._unversioned: set[str] = set()  # members reporting no versions, warned about once
         self.path = cfg.path if cfg.path != "auto" else "distributed"  # `run` resolves auto (launch/placement.py)
         self._local = LocalSender(self.path) if self.path != "distributed" and rank == 0 else None
         self._watchdog = Watchdog(self._abort)  # NCCL: bounds a launch that blocks (communicator init)
         self._deadline = 0.0  # the running push's, for the watchdog
+        self._inflight: threading.Thread | None = None  # rank 0: an overlapped push still running
+        self._done_report: SyncReport | None = None  # what the last overlapped push reported
 
     # ------------------------------------------------------------------ rank 0 phases
     def announced_version(self, timeout_s: float) -> int | None:
@@ -143,7 +153,7 @@ class WeightBroadcaster:
                 log.warning("server %s reports no torch/CUDA/NCCL versions (an older rollout server): accepted "
                             "unchecked; the trainer has %s", m.server_id, self.versions)
             admitted.append((m.server_id, m.engine_ranks))
-        self._refused = set(report.refused)
+        self.refused = set(report.refused)
         return sorted(admitted)
 
     def _make_plan(self, version: int, roster: list[tuple[str, int]], buckets: list[BucketSpec]) -> WeightSyncPlan:
@@ -237,12 +247,21 @@ class WeightBroadcaster:
         report.dropped = sorted(set(report.members) - set(report.done))
 
     # ------------------------------------------------------------------ the collective
-    def push(self, model: torch.nn.Module, version: int, announce: int | None = None) -> SyncReport:
+    def push(self, model: torch.nn.Module, version: int, *, announce: int | None = None,
+             wait: bool = True) -> SyncReport:
         """Broadcast every parameter to the roster as ``version`` and announce ``announce`` (default:
-        ``version``; larger when the engines lag by design, trainer/engine_lag.py). Call on all ranks."""
+        ``version``; larger when the engines lag by design, trainer/engine_lag.py). Call on all ranks.
+
+        ``wait=False`` on a model that fits in the staging buffers (at most ``BucketPipeline.SLOTS``
+        buckets): once every bucket is gathered and packed, rank 0 hands the rest (plan, broadcast,
+        members' reports, announcement) to a background thread and returns; the next call (or
+        ``join``) waits for it. The report returned is then the one of the PREVIOUS push,
+        complete, with this call's ``blocked_s``."""
+        t_start = time.monotonic()
+        previous = self.join()
+        announce = version if announce is None else announce
         if self.path != "distributed":  # trainer and engine share a device: no group (trainer/weight_local.py)
             return push_local(self, model, version, SyncReport(version=version), announce)
-        t_start = time.monotonic()
         deadline = t_start + self.cfg.deadline_s
         report = SyncReport(version=version)
         params = list(model.named_parameters())
@@ -257,81 +276,88 @@ class WeightBroadcaster:
             if self.rank == 0:
                 report.bytes += self._pipeline.stage(tensors)
         report.transfer_s = time.monotonic() - t_gather
-        send = False
-        if self.rank == 0:
-            try:
-                send = self._prepare(version, buckets, report, deadline)
-            except Exception as e:  # rendezvous timeout, refused plan, buffer gone: drop this version's sync
-                report.error = f"{type(e).__name__}: {e}"
-                log.warning("weight sync v%d: setup failed: %s", version, report.error)
-                self._teardown()
-                report.dropped = list(report.members)  # nobody got this version; the next push re-forms
+        if not wait and len(buckets) <= BucketPipeline.SLOTS:  # every rank decides alike: nothing left to gather
+            report.overlapped = True
+            if self.rank == 0:
+                self._inflight = threading.Thread(target=self._rank0_rest, name="weight-sync", daemon=True,
+                                                  args=(report, buckets, params, deadline, t_start, announce))
+                self._inflight.start()
+            return replace(previous or SyncReport(version=version - 1), blocked_s=time.monotonic() - t_start)
+        send = self.rank == 0 and self._setup(version, buckets, report, deadline)
         flag = [send]
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast_object_list(flag, src=0)
-        if flag[0]:
-            self._transfer(params, buckets, report, deadline)
-        else:
-            self._pipeline.abandon()  # nobody to send to: drop the staged buckets
-            report.bytes = 0
+        self._send_or_drop(flag[0], params, buckets, report, deadline)
         if self.rank == 0:
-            if send:
-                self._await_members(version, report, deadline)
-                if report.dropped:
-                    log.warning("weight sync v%d: dropped %s (missed the %.0fs deadline or failed)", version,
-                                report.dropped, self.cfg.deadline_s)
-                    self._group_key = None  # re-form without them next time
-            self._announce(version if announce is None else announce, report)
-        report.seconds = time.monotonic() - t_start
+            self._conclude(report, send, deadline, announce)
+        report.seconds = report.blocked_s = time.monotonic() - t_start
+        self._done_report = report
         return report
+
+    def join(self) -> SyncReport | None:
+        """Wait for a push running in the background (rank 0); the last finished push's report."""
+        thread, self._inflight = self._inflight, None
+        if thread is not None:
+            thread.join()
+        return self._done_report
 
     def announce(self, version: int) -> SyncReport:
         """Announce ``version`` to the buffer without pushing (the engines keep their weights: a lag
-        mode, trainer/engine_lag.py). Call on all ranks; only rank 0 talks."""
+        mode, trainer/engine_lag.py), after any push still in flight. Call on all ranks; only rank 0 talks."""
+        self.join()
         report = SyncReport(version=version)
         if self.rank == 0:
             t_start = time.monotonic()
             self._announce(version, report)
-            report.seconds = time.monotonic() - t_start
+            report.seconds = report.blocked_s = time.monotonic() - t_start
         return report
+
+    def _rank0_rest(self, report: SyncReport, buckets: list[BucketSpec], params, deadline: float,
+                    t_start: float, announce: int) -> None:
+        """Rank 0, background thread of an overlapped push: everything after the packing."""
+        send = self._setup(report.version, buckets, report, deadline)
+        self._send_or_drop(send, params, buckets, report, deadline)  # only launches: every bucket is staged
+        self._conclude(report, send, deadline, announce)
+        report.seconds = time.monotonic() - t_start
+        self._done_report = report
+
+    def _send_or_drop(self, send: bool, params, buckets: list[BucketSpec], report: SyncReport, deadline: float) -> None:
+        if send:
+            self._transfer(params, buckets, report, deadline)
+        else:  # nobody to send to: drop the staged buckets
+            self._pipeline.abandon()
+            report.bytes = 0
+
+    def _setup(self, version: int, buckets: list[BucketSpec], report: SyncReport, deadline: float) -> bool:
+        """Rank 0: ``_prepare``; a failure drops this version's sync (the next push re-forms)."""
+        try:
+            return self._prepare(version, buckets, report, deadline)
+        except Exception as e:  # rendezvous timeout, refused plan, buffer gone: drop this version's sync
+            report.error = f"{type(e).__name__}: {e}"
+            log.warning("weight sync v%d: setup failed: %s", version, report.error)
+            self._teardown()
+            report.dropped = list(report.members)  # nobody got this version; the next push re-forms
+            return False
+
+    def _conclude(self, report: SyncReport, send: bool, deadline: float, announce: int) -> None:
+        """Rank 0: wait for the members' reports (when anything was sent), then announce ``announce``."""
+        if send:
+            self._await_members(report.version, report, deadline)
+            if report.dropped:
+                log.warning("weight sync v%d: dropped %s (missed the %.0fs deadline or failed)", report.version,
+                            report.dropped, self.cfg.deadline_s)
+                self._group_key = None  # re-form without them next time
+        self._announce(announce, report)
 
     def catch_up(self, model: torch.nn.Module, version: int, timeout_s: float,
                  should_stop: Callable[[], bool] = lambda: False) -> int:
-        """After the last step (a collective): wait, at most ``timeout_s`` and until a stop is asked
-        for, until no rollout server is out of the roster evaluating, and push ``version`` again while
-        a member does not serve it (a server that evaluated through the last pushes missed them).
-        Returns the pushes made."""
-        deadline, pushes = time.monotonic() + timeout_s, 0
-        while True:
-            stopping = should_stop() and self.rank == 0
-            decision = [("done" if stopping else self._catch_up_decision(version, deadline, pushes))
-                        if self.rank == 0 else None]
-            if dist.is_initialized() and dist.get_world_size() > 1:
-                dist.broadcast_object_list(decision, src=0)
-            if decision[0] == "done":
-                return pushes
-            if decision[0] == "push":
-                self.push(model, version)
-                pushes += 1
-            else:
-                time.sleep(CATCH_UP_POLL_S)
+        """After the last step (a collective): re-push ``version`` to members that missed it
+        (``trainer.weight_catch_up``); returns the pushes made."""
+        self.join()
+        return catch_up(self, model, version, timeout_s, should_stop)
 
     def _catch_up_decision(self, version: int, deadline: float, pushes: int) -> str:
-        """"wait" (a server is evaluating), "push" (a member is behind) or "done" (rank 0)."""
-        try:
-            reply = self.client.request(RosterRequest(), timeout_s=_bounded(deadline))
-        except TransportTimeout:
-            return "done"
-        if not isinstance(reply, Roster):
-            return "done"
-        behind = sorted(m.server_id for m in reply.members if m.policy_version < version
-                        and m.server_id not in self._refused)  # a refused one would never catch up
-        if time.monotonic() > deadline or pushes >= CATCH_UP_PUSHES:
-            if reply.evaluating or behind:
-                log.warning("final version %d: %s still behind after %d pushes", version,
-                            behind or reply.evaluating, pushes)
-            return "done"
-        return "wait" if reply.evaluating else "push" if behind else "done"
+        return decide(self, version, deadline, pushes)
 
     def _transfer(self, params: list[tuple[str, torch.nn.Parameter]], buckets: list[BucketSpec],
                   report: SyncReport, deadline: float) -> None:
@@ -357,7 +383,8 @@ class WeightBroadcaster:
     def _gather(self, params: list[tuple[str, torch.nn.Parameter]], b: BucketSpec) -> list[torch.Tensor]:
         by_name = dict(params)
         dtype = getattr(torch, self.send_dtype)
-        return [_full(by_name[n]).to(dtype) for n in b.names]
+        return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().to(dtype)
+                for p in (by_name[n] for n in b.names)]
 
     def _guarded(self, report: SyncReport, step) -> bool:
         """Run one broadcast step; on failure (a member died or stalled) the group is unusable: tear it down."""
@@ -377,15 +404,29 @@ class WeightBroadcaster:
 
     def _announce(self, version: int, report: SyncReport) -> None:
         try:
-            ack = self.client.request(VersionUpdate(policy_version=version),
-                                      timeout_s=min(BUFFER_REQUEST_TIMEOUT_S, self.cfg.deadline_s))
-            if not isinstance(ack, Ack):
-                raise RuntimeError(f"buffer answered VersionUpdate with {ack.TYPE}")
+            ack = self._version_update(version)
+            if ack.status == "rejected" and ack.reason.startswith("version_jump"):
+                # The buffer restarted before our last announcements were durable: walk it up one
+                # version at a time (it refuses jumps; every label in between was ours).
+                log.warning("buffer is at version %s, behind our %d: announcing the versions in between",
+                            ack.ref, version)
+                for v in range(int(ack.ref) + 1, version + 1):
+                    ack = self._version_update(v)
+            if ack.status != "ok":
+                raise RuntimeError(f"buffer refused VersionUpdate({version}): {ack.reason}")
         except Exception as e:
             report.error = report.error or f"announce failed: {type(e).__name__}: {e}"
             log.error("could not announce version %d to the buffer: %s", version, e)
 
+    def _version_update(self, version: int) -> Ack:
+        ack = self.client.request(VersionUpdate(policy_version=version),
+                                  timeout_s=min(BUFFER_REQUEST_TIMEOUT_S, self.cfg.deadline_s))
+        if not isinstance(ack, Ack):
+            raise RuntimeError(f"buffer answered VersionUpdate with {ack.TYPE}")
+        return ack
+
     def close(self) -> None:
+        self.join()
         self._teardown()
         if self._local is not None:
             self._local.close()
@@ -393,13 +434,3 @@ class WeightBroadcaster:
         if self.client is not None:
             self.client.close()
 
-
-def _bounded(deadline: float | None) -> float:
-    """A buffer request's timeout: the usual one, but never past the sync deadline (at least 0.5 s)."""
-    if deadline is None:
-        return BUFFER_REQUEST_TIMEOUT_S
-    return max(0.5, min(BUFFER_REQUEST_TIMEOUT_S, deadline - time.monotonic()))
-
-
-def _full(p: torch.Tensor) -> torch.Tensor:
-    return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from areal_like import protocol as P
-from areal_like.config import BufferConfig, RunConfig, SecurityConfig, TaskConfig, to_yaml
+from areal_like.config import BufferConfig, ModelConfig, RunConfig, SecurityConfig, TaskConfig, to_yaml
 from areal_like.distributed import free_port
 from areal_like.transport import Client, TransportTimeout
 
@@ -90,7 +90,9 @@ def read_acks(paths: list[Path]) -> list[dict]:
 
 
 def test_kill9_mid_stream_loses_and_duplicates_nothing(tmp_run_dir, spawn_python, wait_until):
-    cfg = RunConfig(run_dir=str(tmp_run_dir), security=PLAIN, task=TaskConfig(num_prompts=100_000), buffer=BufferConfig(
+    # token ids are derived from prompt indices up to ~150: a vocabulary that covers them
+    cfg = RunConfig(run_dir=str(tmp_run_dir), security=PLAIN, task=TaskConfig(num_prompts=100_000),
+                    model=ModelConfig(vocab_size=1024), buffer=BufferConfig(
         address=f"tcp://127.0.0.1:{free_port()}", pub_address=f"tcp://127.0.0.1:{free_port()}",
         max_staleness=10_000, groups_per_step=1, capacity=10_000, lease_timeout_s=3.0, segment_bytes=16_384))
     config_file = tmp_run_dir / "config.yaml"

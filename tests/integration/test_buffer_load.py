@@ -17,6 +17,7 @@ import psutil
 from areal_like import protocol as P
 from areal_like.config import BufferConfig, RunConfig, SecurityConfig, TaskConfig, to_yaml
 from areal_like.distributed import free_port
+from areal_like.peers import TRAINER_PEER
 from areal_like.transport import Client, TransportTimeout
 
 PLAIN = SecurityConfig(curve=False)  # the daemons here talk to this test's plain sockets (CURVE: test_security)
@@ -59,7 +60,7 @@ def producer(address: str, server_id: str, stop: threading.Event, acked: list[st
 
 
 def trainer(address: str, stop: threading.Event, delivered: list[str], versions: list[tuple[int, str]]) -> None:
-    client = Client(address, timeout_s=REQUEST_S)
+    client = Client(address, timeout_s=REQUEST_S, identity=TRAINER_PEER)
     v, last = 0, ""
     try:
         while not stop.is_set():

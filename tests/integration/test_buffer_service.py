@@ -21,6 +21,7 @@ from areal_like import protocol as P
 from areal_like.config import BufferConfig, RunConfig, TaskConfig
 from areal_like.distributed import free_port
 from areal_like.metrics import scrape
+from areal_like.peers import TRAINER_PEER
 from areal_like.transport import Client, Subscriber
 from buffer.service import BufferService
 from buffer.wal import WriteAheadLog
@@ -39,7 +40,7 @@ def running(cfg: RunConfig, clock=time.monotonic):
     svc = BufferService(cfg, clock=clock)
     thread = threading.Thread(target=svc.serve, kwargs={"install_signals": False}, daemon=True)
     thread.start()
-    client = Client(cfg.buffer.address, timeout_s=TIMEOUT_S)
+    client = Client(cfg.buffer.address, timeout_s=TIMEOUT_S, identity=TRAINER_PEER)  # also announces versions
     try:
         client.request(P.StatsRequest())  # ready
         yield svc, client
@@ -92,11 +93,13 @@ def test_credits_groups_dedupe_and_batches(tmp_path):
         finally:
             sub.close()
         more = c.request(P.CreditRequest(server_id="s0", max_credits=10))
-        assert [x.prompt_index for x in more.credits] == [4, 5]  # (1+1+1)*2 = 6 started
+        assert more.credits == [] and more.reason == "staleness"  # nothing consumed yet: 4 ahead, full
         s = stats(c)  # the batch is in transit until the next request acks it
         assert (s["groups_accepted"], s.get("groups_consumed", 0), s["stored"], s["in_transit"]) == (4, 0, 2, 2)
         ack = c.request(P.BatchRequest(n_groups=3, trainer_version=1, wait_s=0, ack_batch=batch.batch_id))
         assert ack.groups == [] and batch.batch_id
+        more = c.request(P.CreditRequest(server_id="s0", max_credits=10))
+        assert [x.prompt_index for x in more.credits] == [4, 5]  # 2 consumed + (1+1)*2 = 6 started
         s = stats(c)
         assert (s["groups_accepted"], s["groups_duplicate"], s["groups_consumed"], s["stored"]) == (4, 2, 2, 2)
         assert s["in_transit"] == 0
@@ -201,14 +204,16 @@ def test_stale_groups_are_dropped_and_their_prompts_reissued(tmp_path):
         assert stats(c)["groups_dropped_stale"] == 2
         c.request(P.Heartbeat(server_id="s0", policy_version=1))
         again = c.request(P.CreditRequest(server_id="s0", max_credits=4)).credits
-        # (0+1+1)*2 = 4 limit, 2 started - 2 dropped = 0 -> 4 credits: the 2 re-issued prompts first
-        assert [x.prompt_index for x in again] == [0, 1, 2, 3]
+        # nothing consumed: 0 + (0+1)*2 = 2 limit, 2 started - 2 dropped = 0 -> the 2 re-issued prompts
+        # ((eta + v + 1) * B would admit 2 more at v = 1, as if a batch had been consumed at v = 0)
+        assert [x.prompt_index for x in again] == [0, 1]
 
 
 def test_engine_behind_the_bound_gets_no_credits(tmp_path):
     cfg = make_cfg(tmp_path, max_staleness=1)
     with running(cfg) as (svc, c):
         register(c, version=0)
+        c.request(P.VersionUpdate(policy_version=1))
         c.request(P.VersionUpdate(policy_version=2))
         assert c.request(P.CreditRequest(server_id="s0", max_credits=1)).reason == "stale_engine"
         c.request(P.Heartbeat(server_id="s0", policy_version=1))  # 2 - 1 <= eta

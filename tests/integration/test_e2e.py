@@ -123,8 +123,11 @@ def test_async_system_learns_with_bounded_staleness_and_synced_weights(tmp_path)
     assert [r["policy_version"] for r in steps] == list(range(1, STEPS + 1))
     assert all(r["staleness_max"] <= ETA for r in steps), [r["staleness_max"] for r in steps]
     assert max(r["staleness_max"] for r in steps) >= 1  # the run really was asynchronous
-    assert all(not r["weight_sync"]["dropped"] and sorted(r["weight_sync"]["done"]) == ["rollout-0", "rollout-1"]
-               for r in steps), [r["weight_sync"] for r in steps]
+    # a small model's push finishes in the background: step v's record carries version v-1's sync
+    # (step 1's: the setup push, which may precede the servers' registration)
+    syncs = [r["weight_sync"] for r in steps if r["weight_sync"]["version"] >= 1]
+    assert [s["version"] for s in syncs] == list(range(1, STEPS)), syncs
+    assert all(not s["dropped"] and sorted(s["done"]) == ["rollout-0", "rollout-1"] for s in syncs), syncs
 
     hist = watcher.buffer_metrics
     total = hist.get("areal_buffer_staleness_count", 0)

@@ -177,7 +177,7 @@ def test_sigterm_ignored_gets_sigkill_and_restarts_are_bounded(dummy, tmp_path):
         assert _wait(lambda: not run.thread.is_alive(), 90)
         run.track()
     assert run.code == 1
-    assert "crasher exited with 3 and has no restarts left (2)" in sup.outcome
+    assert "crasher exited with 3 and has no restarts left (2 within 3600s)" in sup.outcome
     assert sup.proc("crasher").restarts == 2
     assert not _alive(sup.proc("stubborn").popen.pid)
 
@@ -225,3 +225,19 @@ def test_quiet_run_prints_why_the_job_failed(tmp_path):
     assert "    Traceback (most recent call last):" in r.stderr
     assert r.stderr.rstrip().endswith(f"NotADirectoryError: [Errno 20] Not a directory: '{tmp_path / 'afile' / 'wal'}'")
     assert " | " not in r.stderr  # quiet: no streamed daemon lines, only the failure report
+
+
+@pytest.mark.slow
+def test_restarts_spread_over_time_do_not_use_up_the_budget(dummy, tmp_path):
+    """A crash every back-off (>= 0.4 s apart) against a 0.3 s window: each restart finds none in its
+    window, so six crashes with restarts=2 still do not fail the job; the back-off stays at its base."""
+    crasher = _spec(dummy, "crasher", mode="crash", health=False)
+    lines: list[str] = []
+    sup = Supervisor([crasher], tmp_path / "run", restarts=2, health_timeout_s=60, echo=lines.append,
+                     restart_window_s=0.3, restart_backoff_s=0.4, restart_backoff_max_s=0.4)
+    with _Run(sup) as run:
+        assert _wait(lambda: sup.proc("crasher").restarts >= 6, 90)
+        run.track()
+    assert run.code == 1 and sup.outcome == "stopped on request" and sup.failed is None
+    restarts = [ln for ln in lines if "crasher exited with 3; restart" in ln]
+    assert len(restarts) >= 6 and all("restart 1/2 in the last 0s" in ln and "after 0.4s" in ln for ln in restarts)

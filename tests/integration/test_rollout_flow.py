@@ -27,6 +27,7 @@ from areal_like.config import ModelConfig, load_config, to_yaml
 from areal_like.distributed import destroy_weight_group, free_port, init_weight_group
 from areal_like.hf import build_model
 from areal_like.metrics import scrape
+from areal_like.peers import TRAINER_PEER
 from areal_like.protocol import (
     Ack,
     Batch,
@@ -74,7 +75,7 @@ class Consumer:
     """The trainer's data side: batches, version announcements, stats."""
 
     def __init__(self, address: str):
-        self.client = Client(address, timeout_s=30)
+        self.client = Client(address, timeout_s=30, identity=TRAINER_PEER)
         self.consumed: list = []
         self.version = 0
         self.last_batch = ""  # acked with the next request, as the trainer does (else it is handed out again)

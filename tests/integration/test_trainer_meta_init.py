@@ -38,13 +38,12 @@ def _grads_after_one_microbatch(policy, cfg) -> dict:
     from test_trainer_invariance import synthetic_groups
 
     from trainer.data import groups_to_batch
-    from trainer.step import StepSettings, forward_backward, minibatch_advantages, recompute_prox_logp
+    from trainer.step import StepSettings, batch_logp, forward_backward, minibatch_advantages
 
     batch = groups_to_batch(synthetic_groups())
     s = StepSettings.from_config(cfg)
-    prox = recompute_prox_logp(policy, batch, s)
+    prox = batch_logp(policy.model, batch, s, policy.device)  # the default kernel (decoupled PPO) uses it
     adv = minibatch_advantages(policy, batch, torch.arange(batch.mask.shape[0]), s).values
-    assert prox is not None  # the default kernel (decoupled PPO) uses it
     rows = torch.arange(policy.rank, 8, policy.world_size)  # the same 8 sequences whatever the world
     mb = batch.select(rows)
     n_tokens, n_seqs = float(batch.mask[:8].sum()), 8.0
@@ -55,7 +54,8 @@ def _grads_after_one_microbatch(policy, cfg) -> dict:
     stats = forward_backward(policy, mb, adv[rows, :mb.mask.shape[1]], prox[rows, :mb.mask.shape[1]], s,
                              s.loss_config(batch), n_tokens, n_seqs)
     hook.remove()
-    grads = {n: p.grad.full_tensor().clone() for n, p in policy.model.named_parameters()}
+    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+             for n, p in policy.model.named_parameters()}
     return {"grads": grads, "stats": {k: float(v) for k, v in stats.items() if v.numel() == 1}, "mlp_calls": len(calls)}
 
 
@@ -72,7 +72,8 @@ def worker(out: str, model_dir: str) -> None:
         cfg = _cfg(f"model.tie_word_embeddings={tie}")
         with PeakTensorBytes() as m:
             policy = build_policy(cfg.model, cfg.trainer)
-        local = sum(p.to_local().numel() * 4 for p in policy.model.parameters())
+        # 1 rank: plain parameters (not sharded); 2 ranks: DTensors, their local shards
+        local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * 4 for p in policy.model.parameters())
         res[f"init_tie={tie}"] = full_state_dict(policy.model)
         res[f"rotary_tie={tie}"] = policy.model.model.rotary_emb.inv_freq.clone()
         res[f"peak_tie={tie}"] = {"peak": m.peak, "local": local}

@@ -16,6 +16,8 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
 from test_trainer_invariance import synthetic_groups  # noqa: E402
 
@@ -67,13 +69,16 @@ def _lines(path: Path) -> list[dict]:
         return []
 
 
-def test_kill9_and_resume_restores_version_weights_and_optimizer(tmp_path, spawn_python, free_port, wait_until):
+@pytest.mark.parametrize("async_save", [False, True])
+def test_kill9_and_resume_restores_version_weights_and_optimizer(tmp_path, spawn_python, free_port, wait_until,
+                                                                 async_save):
     import torch
 
     from areal_like.config import load_config, to_yaml
 
     address, metrics_port = f"tcp://127.0.0.1:{free_port()}", free_port()
-    cfg = load_config([f"run_dir={tmp_path}", "security.curve=false", f"buffer.address={address}", "trainer.checkpoint_every=1",
+    cfg = load_config([f"run_dir={tmp_path}", "security.curve=false", f"buffer.address={address}",
+                       "trainer.checkpoint_every=1", f"trainer.checkpoint_async={async_save}",
                        f"trainer.metrics_port={metrics_port}",
                        "trainer.steps=1000", "trainer.lr=1e-3", "trainer.micro_batch_size=4",
                        "trainer.batch_wait_s=1"])

@@ -8,42 +8,19 @@ restores the batch in transit from the WAL and the next request decides.
 from __future__ import annotations
 
 import numpy as np
+from service_harness import start, step
 
 from areal_like import protocol as P
-from areal_like.config import BufferConfig, RunConfig, TaskConfig
+from areal_like.config import BufferConfig
 from buffer.service import BufferService
 
 
-class _FakeServer:
-    def __init__(self):
-        self.sent: list[P.Message] = []
-
-    def send(self, peer, req_id, msg):
-        self.sent.append(msg)
-
-    def publish(self, msg):
-        self.sent.append(msg)
-
-    def close(self):
-        pass
-
-
 def _start(tmp_path) -> BufferService:
-    cfg = RunConfig(run_dir=str(tmp_path), task=TaskConfig(num_prompts=100), buffer=BufferConfig(
-        max_staleness=1, groups_per_step=2, max_inflight=16, capacity=64))
-    svc = BufferService(cfg)
-    svc.recover()
-    svc.server, svc.publisher = _FakeServer(), _FakeServer()
-    return svc
+    return start(tmp_path, BufferConfig(max_staleness=1, groups_per_step=2, max_inflight=16, capacity=64))
 
 
 def _step(svc: BufferService, msg: P.Message) -> P.Message:
-    frame = P.encode(msg)
-    svc.handle(b"peer", b"req", P.decode(frame), frame)
-    svc.settle()
-    svc.wal.wait_durable()
-    svc.send_durable()
-    return svc.server.sent[-1]
+    return step(svc, msg)
 
 
 def _fill(svc: BufferService, n: int) -> list[str]:

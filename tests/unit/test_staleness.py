@@ -20,7 +20,7 @@ class FakeClock:
         return self.t
 
 
-# eta, B, v, started, in_flight, max_inflight, expected capacity
+# eta, B, v, started, in_flight, max_inflight, expected capacity (the trainer consumed B per version: v * B)
 ADMISSION = [
     (0, 4, 0, 0, 0, 64, 4),  # (0+0+1)*4 = 4 - 0
     (0, 4, 0, 4, 4, 64, 0),  # synchronous: the 5th group waits for v = 1
@@ -39,8 +39,8 @@ ADMISSION = [
 @pytest.mark.parametrize("eta,B,v,started,in_flight,cap,expected", ADMISSION)
 def test_admission_table(eta, B, v, started, in_flight, cap, expected):
     policy = StalenessPolicy(max_staleness=eta, groups_per_step=B, max_inflight=cap)
-    assert policy.capacity(v, started, in_flight) == expected
-    assert policy.admits(v, started, in_flight) == (expected > 0)
+    assert policy.capacity(v * B, started, in_flight) == expected
+    assert policy.admits(v * B, started, in_flight) == (expected > 0)
 
 
 @pytest.mark.parametrize("eta,head,v,fresh", [(0, 3, 3, True), (0, 2, 3, False), (2, 1, 3, True),
@@ -69,14 +69,15 @@ def test_eta_zero_is_synchronous():
     B = 3
     ledger = CreditLedger(StalenessPolicy(0, B, 64), 1000, lease_timeout_s=60, clock=FakeClock())
     for v in range(5):
-        leases = ledger.grant("s", 100, v)
+        leases = ledger.grant("s", 100)
         assert len(leases) == B  # exactly one step's worth per version
-        assert ledger.grant("s", 100, v) == []
+        assert ledger.grant("s", 100) == []
         heads = []
         for lease in leases:
             ledger.fulfil(lease.lease_id)
             heads.append(v)  # generated entirely by the weights of version v
         ledger.policy.check_batch(heads, v)  # staleness 0 everywhere
+        ledger.consume(B)  # the trainer trained on them
 
 
 def test_admission_bounds_in_flight_plus_stored():
@@ -84,17 +85,18 @@ def test_admission_bounds_in_flight_plus_stored():
     eta, B = 2, 4
     ledger = CreditLedger(StalenessPolicy(eta, B, 1000), 10_000, lease_timeout_s=60, clock=FakeClock())
     consumed = 0
-    for v in range(6):
-        for lease in ledger.grant("s", 1000, v):
+    for _v in range(6):
+        for lease in ledger.grant("s", 1000):
             ledger.fulfil(lease.lease_id)
         assert ledger.started - consumed == (eta + 1) * B
         consumed += B  # the trainer takes one batch, publishes v + 1
+        ledger.consume(B)
 
 
 def test_lease_expiry_and_reissue_with_a_fake_clock():
     clock = FakeClock(100.0)
     ledger = CreditLedger(StalenessPolicy(1, 4, 8), 50, lease_timeout_s=10.0, clock=clock)
-    a = ledger.grant("server-a", 3, 0)
+    a = ledger.grant("server-a", 3)
     assert [(x.lease_id, x.prompt_index) for x in a] == [("L0", 0), ("L1", 1), ("L2", 2)]
     assert ledger.fulfil("L1") is not None  # delivered: not subject to expiry
     clock.t = 109.9
@@ -102,7 +104,7 @@ def test_lease_expiry_and_reissue_with_a_fake_clock():
     clock.t = 110.0
     assert sorted(x.lease_id for x in ledger.expire()) == ["L0", "L2"]
     assert ledger.started == 1 and ledger.in_flight == 0  # the two slots came back
-    b = ledger.grant("server-b", 3, 0)
+    b = ledger.grant("server-b", 3)
     # same prompts again first, new lease ids, then the cursor moves on (no repeat, no skip)
     assert [(x.lease_id, x.prompt_index, x.server_id) for x in b] == [
         ("L3", 0, "server-b"), ("L4", 2, "server-b"), ("L5", 3, "server-b")]
@@ -112,15 +114,15 @@ def test_lease_expiry_and_reissue_with_a_fake_clock():
 
 def test_cursor_wraps_into_epochs_and_stops_at_max_epochs():
     ledger = CreditLedger(StalenessPolicy(10, 10, 100), 3, lease_timeout_s=1, max_epochs=2, clock=FakeClock())
-    got = [(x.prompt_index, x.epoch) for x in ledger.grant("s", 10, 0)]
+    got = [(x.prompt_index, x.epoch) for x in ledger.grant("s", 10)]
     assert got == [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]
-    assert ledger.exhausted and ledger.grant("s", 10, 0) == []
+    assert ledger.exhausted and ledger.grant("s", 10) == []
 
 
 def test_state_round_trip_neither_repeats_nor_skips():
     clock = FakeClock(0.0)
     ledger = CreditLedger(StalenessPolicy(1, 2, 8), 10, lease_timeout_s=5.0, clock=clock)
-    first = ledger.grant("s", 3, 0)
+    first = ledger.grant("s", 3)
     ledger.fulfil(first[0].lease_id)
     ledger.cancel(first[1].lease_id)  # rejected: prompt 1 queued for re-issue
     state = ledger.state()
@@ -129,7 +131,7 @@ def test_state_round_trip_neither_repeats_nor_skips():
     restored.load_state(state)
     assert restored.state() == state
     assert restored.expire() == [] and restored.leases["L2"].deadline == 1005.0
-    again = restored.grant("t", 2, 0)
+    again = restored.grant("t", 2)
     assert [(x.lease_id, x.prompt_index) for x in again] == [("L3", 1), ("L4", 3)]
 
 
@@ -184,7 +186,9 @@ def test_change_records_rebuild_the_state(seed):
         op = rng.choice(["grant", "grant", "fulfil", "cancel", "drop", "expire", "tick", "record", "snapshot"])
         leases = list(ledger.leases)
         if op == "grant":
-            ledger.grant(rng.choice("ab"), rng.randint(1, 4), version=rng.randint(0, 3))
+            ledger.grant(rng.choice("ab"), rng.randint(1, 4))
+            if rng.random() < 0.3:
+                ledger.consume(rng.randint(0, 3))
         elif op in ("fulfil", "cancel") and leases:
             getattr(ledger, op)(rng.choice(leases))
         elif op == "drop" and ledger.started > len(ledger.leases) + given_back:  # a stored group is dropped
@@ -210,10 +214,10 @@ def test_a_change_record_costs_what_changed_not_what_is_outstanding():
 
     ledger = CreditLedger(StalenessPolicy(10_000, 8, 100_000), 10**6, lease_timeout_s=60.0, clock=FakeClock())
     for s in range(64):
-        ledger.grant(f"rollout-server-{s:02d}", 64, 0)
+        ledger.grant(f"rollout-server-{s:02d}", 64)
     ledger.take_changes()
     ledger.fulfil("L17")
-    ledger.grant("rollout-server-99", 1, 0)
+    ledger.grant("rollout-server-99", 1)
     changes = ledger.take_changes()
     assert (changes["granted"], changes["closed"]) == ([["L4096", 4096, 0, "rollout-server-99"]], ["L17"])
     assert len(msgspec.msgpack.encode(changes)) < 150 < 100_000 < len(msgspec.msgpack.encode(ledger.state()))
@@ -250,7 +254,7 @@ def test_books_balance_under_random_traffic(seed, tmp_path):
     v = 0
 
     def step(msg, frame=b""):
-        svc.handle(b"peer", b"req", msg, frame)
+        svc.handle(b"trainer-ws-test", b"req", msg, frame)
         svc.settle()
         svc.wal.wait_durable()
         svc.send_durable()

@@ -84,3 +84,40 @@ def test_split_address_rejects_non_tcp():
     assert split_address("tcp://node-3:5555") == ("node-3", 5555)
     with pytest.raises(ConfigError):
         split_address("ipc:///tmp/x")
+
+
+@pytest.mark.parametrize("cores,servers,rollout,trainer", [
+    ([0, 1], 1, (0,), (1,)),
+    ([0, 1, 2, 3], 2, (0, 1), (2, 3)),
+    ([5, 4, 7, 6, 1, 0, 3, 2], 4, (0, 1, 2, 3), (4, 5, 6, 7)),
+    ([0, 1, 2], 1, (0,), (1, 2)),
+])
+def test_laptop_layout_fills_the_cores_without_oversubscribing(cores, servers, rollout, trainer):
+    from launch.job import job_specs
+    from launch.topology import laptop_layout
+
+    cfg = laptop_layout(_cfg("topology=laptop", "launch.num_rollout_servers=7", "launch.trainer_ranks=3"), cores)
+    assert (cfg.launch.num_rollout_servers, cfg.launch.trainer_ranks, cfg.launch.pin_cpus) == (servers, 1, True)
+    topo = plan_topology(cfg, itertools.count(31000), cores)
+    assert topo.rollout_cpus == rollout and topo.trainer_cpus == trainer
+    trainer_slot = topo.slot("trainer")
+    assert trainer_slot.cpus == trainer and trainer_slot.threads == len(trainer)
+    rollouts = [s for s in topo.slots if s.kind == "rollout"]
+    assert len(rollouts) == servers and all(s.cpus == rollout and s.threads is None for s in rollouts)
+    # threads per pool never exceed its cores: one per single-threaded server, the trainer's pool size
+    assert len(rollouts) * cfg.launch.omp_threads <= len(rollout) and trainer_slot.threads <= len(trainer)
+    envs = {s.name: s.env for s in job_specs(cfg, topo, "config.yaml")}
+    assert envs["trainer"]["OMP_NUM_THREADS"] == str(len(trainer))
+    assert envs["rollout-0"]["OMP_NUM_THREADS"] == "1"
+
+
+def test_laptop_layout_on_one_core_runs_unpinned_and_refuses_a_gpu_job():
+    from launch.topology import laptop_layout
+
+    cfg = laptop_layout(_cfg("topology=laptop"), [3])
+    assert (cfg.launch.num_rollout_servers, cfg.launch.trainer_ranks, cfg.launch.pin_cpus) == (1, 1, False)
+    assert plan_topology(cfg, itertools.count(32000), [3]).slot("trainer").threads is None
+    with pytest.raises(ConfigError, match="launch.auto_layout"):
+        laptop_layout(_cfg("topology=laptop", "trainer.device=cuda"), [0, 1])
+    with pytest.raises(ConfigError, match="launch.auto_layout"):
+        _cfg("topology=laptop", "launch.nodes=2")

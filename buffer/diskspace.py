@@ -1,0 +1,90 @@
+"""Free space under the WAL, and the buffer's degraded mode when it runs out.
+
+The buffer must never fill its disk with group records: a full disk would leave it unable to write
+the control records that hand out batches, or to open a segment at its next start. So group
+records stop ``reserve_bytes`` before the disk is full: ``DiskGuard.room(n)`` says whether an
+``n``-byte record still leaves the reserve free. While it does not, the buffer is *degraded*: it
+refuses new groups with ``Ack(status="unavailable", reason="disk_full: ...")`` (senders keep them
+and send them again), grants no credits, and goes on handing out stored batches (control records
+are small and live in the reserve). It leaves the mode by itself once the free space is back above
+twice the reserve (hysteresis: one compaction must not flap it).
+
+The free space is read with ``statvfs`` at most once per sweep (``refresh``) and estimated in
+between from what was written (``wrote``), so the ingest path makes no system call for it.
+``free_bytes`` is injectable: tests and a fault-injecting file layer give their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from buffer.wal import WriteAheadLog
+
+DEGRADED_ROTATE_S = 1.0  # disk full: rotate (so that compaction can free consumed records) at most this often
+MIN_SEGMENT_BYTES = 1 << 20  # a segment sized to the disk (1/8 of its free space at start) is never smaller
+
+
+def statvfs_free(path: Path) -> int:
+    """Bytes an unprivileged writer may still write on ``path``'s filesystem."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+class DiskGuard:
+    def __init__(self, path: Path, reserve_bytes: int, free_bytes: Callable[[Path], int] = statvfs_free,
+                 log: logging.Logger | None = None):
+        self.path, self.reserve, self._read = Path(path), reserve_bytes, free_bytes
+        self.log = log or logging.getLogger("buffer.diskspace")
+        self.free = self._read(self.path)
+        self.degraded = False
+        self._next_rotate = 0.0
+
+    def sweep(self, wal: WriteAheadLog, checkpoint: Callable[[], dict]) -> None:
+        """Each sweep of the loop: enter or leave the degraded mode; while in it, rotate the WAL now
+        and then so that compaction frees consumed records without waiting for a full segment."""
+        if self.refresh():
+            if self.degraded:
+                self.log.error("degraded: %s; new groups are refused as unavailable (their senders keep them), "
+                               "stored batches are still handed out", self.reason())
+            else:
+                self.log.warning("disk space is back (%d bytes free): accepting groups again", self.free)
+        if wal.disk_full and not self.degraded:  # the fsync thread hit ENOSPC anyway
+            self.full()
+            self.log.error("degraded: the WAL's disk is full; new groups are refused until space returns")
+        now = time.monotonic()
+        if self.degraded and not wal.disk_full and now >= self._next_rotate:
+            self._next_rotate = now + DEGRADED_ROTATE_S
+            if wal.segment_size >= MIN_SEGMENT_BYTES:  # a new segment lets compaction free this one
+                wal.maybe_rotate(checkpoint, force=True)
+
+    def refresh(self) -> bool:
+        """Read the free space again; returns whether the degraded mode changed."""
+        self.free = self._read(self.path)
+        was = self.degraded
+        if self.degraded and self.free >= 2 * self.reserve:
+            self.degraded = False
+        elif not self.degraded and self.free < self.reserve:
+            self.degraded = True
+        return was != self.degraded
+
+    def room(self, nbytes: int) -> bool:
+        """Whether a group record of ``nbytes`` may be written now (it leaves the reserve free)."""
+        if self.degraded or self.free - nbytes < self.reserve:
+            self.degraded = True
+            return False
+        return True
+
+    def wrote(self, nbytes: int) -> None:
+        self.free -= nbytes
+
+    def full(self) -> None:
+        """A write failed with ENOSPC although the estimate had room (another writer filled the disk)."""
+        self.free, self.degraded = 0, True
+
+    def reason(self) -> str:
+        return (f"disk_full: {self.free} bytes free under {self.path}, below the reserve of {self.reserve} "
+                f"(buffer.wal_reserve_bytes); send it again later")

@@ -1,0 +1,95 @@
+"""The WAL's record format and its lowest layer: segment names, record headers and checks, one
+record's write (cut back to the last whole record on a full disk), and the exceptions. The log
+itself, its group commit and compaction are ``wal.py``'s; the layout is described there.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import crc32c
+
+HEADER = struct.Struct("<II")
+GID_LEN = struct.Struct("<H")
+MAX_RECORD_BYTES = 1 << 30  # a length above this is corruption, not a record (frames are <= 256 MiB)
+OLD_PAD_BLOCK = 4096  # O_DIRECT block of older versions: their crash padding ends on this boundary
+
+
+class WalFailed(OSError):
+    """A write or fsync failed: nothing is made durable any more. Fatal, never one damaged record."""
+
+
+class DiskFull(OSError):
+    """A record did not fit on the disk (ENOSPC); the file was cut back to its last whole record."""
+
+
+@dataclass(frozen=True, slots=True)
+class WalRef:
+    segment: int
+    offset: int  # of the record header in the segment file
+    length: int  # header + payload bytes
+
+
+@dataclass(slots=True)
+class Record:
+    kind: str  # "G" (group) | "C" (control)
+    segment: int
+    group_id: str = ""  # kind G
+    frame: bytes = b""  # kind G: the TrajectoryGroup wire frame
+    control: dict | None = None  # kind C
+    ref: WalRef | None = None  # kind G
+
+
+def segment_path(directory: Path, n: int) -> Path:
+    return Path(directory) / f"seg-{n:012d}.wal"
+
+
+def _crc_ok(payload: memoryview, crc: int) -> bool:
+    return crc32c.crc32c(payload) == crc or zlib.crc32(payload) == crc  # the second: older segments
+
+
+def _problem(data: bytes, pos: int) -> tuple[int, str | None]:
+    """``(end, None)`` if an intact record starts at ``pos``, else ``(pos, what is wrong)``."""
+    if len(data) - pos < HEADER.size:
+        return pos, "truncated header"
+    length, crc = HEADER.unpack_from(data, pos)
+    end = pos + HEADER.size + length
+    if length < 1 or length > MAX_RECORD_BYTES:
+        return pos, f"invalid length {length}"
+    if end > len(data):
+        return pos, f"truncated payload ({len(data) - pos - HEADER.size} of {length} bytes)"
+    if not _crc_ok(memoryview(data)[pos + HEADER.size:end], crc):
+        return pos, "checksum mismatch"
+    return end, None
+
+
+def _header(parts: list[bytes | memoryview], gil_release: int) -> bytes:
+    crc = 0
+    for p in parts:
+        crc = crc32c.crc32c(p, crc, gil_release)
+    return HEADER.pack(sum(len(p) for p in parts), crc)
+
+
+def _writev(fd: int, record: list[bytes | memoryview], end: int) -> int:
+    """Write one record at the end of the file, which is ``end`` bytes long; on a full disk, cut what
+    was written of it and raise ``DiskFull``."""
+    n = sum(len(p) for p in record)
+    try:
+        written = os.writev(fd, record)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        written = -1
+    if written != n:  # a short write is a full disk too
+        os.ftruncate(fd, end)
+        raise DiskFull(errno.ENOSPC, f"no space left for a {n}-byte WAL record")
+    return n
+
+
+def _sync_data(fd: int) -> None:
+    getattr(os, "fdatasync", os.fsync)(fd)  # macOS has no fdatasync

@@ -1,0 +1,84 @@
+"""Chaos on a short job: ``kill -9`` of the trainer twice and of the buffer once, by PID, while it
+trains (buffer + 2 rollout servers + 2-rank trainer under the real supervisor). The job must
+complete on its own, and its outcome must say what the faults cost:
+
+- the summary is ok and says what the crashes rolled back (``rolled_back_steps`` > 0 with
+  checkpoint_every=4) and how many steps the final weights hold (``steps_trained``: trainer.steps
+  less the labels the resumes skipped);
+- no consumed group was ever staler than eta (every step record and the buffer's histogram);
+- wasted generation (groups the buffer acknowledged that the final weights never trained on) is
+  measured and bounded: at most the rolled-back steps' batches plus what the staleness window
+  holds at each fault and at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+from pathlib import Path
+
+import psutil
+import pytest
+from system_harness import RunningSystem, system_config, warm_model
+
+from launch.job import outcome
+
+WARM_CACHE = Path(tempfile.gettempdir()) / "areal-like-test-warmstart"
+STEPS, ETA, B, CKPT = 30, 2, 4, 4
+
+
+def _last_step(system: RunningSystem) -> int:
+    steps = system.steps()
+    return steps[-1]["step"] if steps else 0
+
+
+def _acked(system: RunningSystem) -> int:
+    return sum(int(system.metrics(f"rollout-{i}").get("areal_rollout_groups_acked_total", 0)) for i in range(2))
+
+
+def _kill_trainer(system: RunningSystem, n_resumes: int) -> None:
+    """kill -9 of torchrun and of its ranks, by PID, as a machine fault would (torchrun alone would leave
+    the ranks to the supervisor's SIGTERM, on which they save a checkpoint and nothing is lost)."""
+    torchrun = psutil.Process(system.pid("trainer"))
+    for proc in [*torchrun.children(recursive=True), torchrun]:
+        os.kill(proc.pid, signal.SIGKILL)
+    system.wait_for(lambda: len([r for r in system.records() if r.get("event") == "resume"]) > n_resumes, 240,
+                    "the trainer to resume")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_kill9_trainer_twice_and_buffer_once_the_run_completes_and_says_what_it_cost(tmp_path):
+    model = warm_model(WARM_CACHE)
+    cfg = system_config(tmp_path / "run", model, f"trainer.steps={STEPS}", f"buffer.max_staleness={ETA}",
+                        f"buffer.groups_per_step={B}", f"trainer.checkpoint_every={CKPT}", "launch.restarts=3")
+    with RunningSystem(cfg) as system:
+        system.wait_step(CKPT + 2, timeout_s=300)  # past a checkpoint: the kill rolls steps back
+        _kill_trainer(system, 0)
+        system.wait_for(lambda: _last_step(system) >= 13, 300, "steps after the first trainer restart")
+        os.kill(system.pid("buffer"), signal.SIGKILL)
+        system.wait_for(lambda: system.sup.proc("buffer").restarts == 1, 60, "the buffer restart")
+        system.wait_for(lambda: _last_step(system) >= 19, 300, "steps after the buffer restart")
+        _kill_trainer(system, 1)
+        system.wait_for(system.completed.is_set, 400, "the job to complete")
+        acked = _acked(system)  # rollout servers were never killed: their counters cover the run
+        stale_hist = system.metrics("buffer")
+    assert system.code == 0, system.tail()
+    result = outcome(system.run_dir, system.code)
+    resumes = [r for r in system.records() if r.get("event") == "resume"]
+    assert len(resumes) == 2 and all(0 < r["rolled_back_steps"] <= CKPT for r in resumes), resumes
+    # each resume skipped the lost steps' labels and took one more for the checkpoint's weights
+    assert result["ok"] and result["steps_trained"] + result["rolled_back_steps"] + len(resumes) == STEPS, result
+    assert result["rolled_back_steps"] == sum(r["rolled_back_steps"] for r in resumes) > 0, result
+    steps = system.steps()
+    assert max(r["staleness_max"] for r in steps) <= ETA
+    over = [v for k, v in stale_hist.items() if k.startswith("areal_buffer_staleness_bucket") and
+            f'le="{float(ETA)}"' in k]
+    assert over and over[0] == stale_hist["areal_buffer_staleness_count"]  # every consumed group <= eta
+    trained = result["steps_trained"] * B
+    wasted = acked - trained
+    # rolled-back batches, plus at most the staleness window, (eta + 1) * B, at each of 3 faults and at the end
+    assert 0 <= wasted <= result["rolled_back_steps"] * B + 4 * (ETA + 1) * B, (acked, trained)
+    print(f"chaos: acked {acked}, trained {trained}, wasted {wasted} ({wasted / acked:.1%}), "
+          f"rolled back {result['rolled_back_steps']}")

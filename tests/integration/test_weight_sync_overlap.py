@@ -1,0 +1,63 @@
+"""Overlapped weight sync (``push(wait=False)``, trainer/WEIGHT_SYNC.md "Overlap") on CPU (gloo).
+
+Real processes and sockets: the buffer daemon, one embedded engine, a world-size-1 trainer
+(``tests/weight_pusher.py``, the real ``WeightBroadcaster``) and a rollout-server stand-in in this
+process (``weight_sync_harness.Driver``). The trainer pushes v1, v2, v3 overlapped; right after
+each push returns it moves every weight by +1000, as the next optimizer step would while the
+push finishes in the background. Checks:
+
+- each overlapped push returns the PREVIOUS push's complete report (v2's call returns v1's:
+  the engine reported it done, nothing dropped) marked ``overlapped``, and the last one's report
+  comes from ``join``;
+- the engine serves, at each version, exactly the weights the trainer had when it called
+  ``push`` (SHA-256), not the weights moved afterwards: the background thread sends the packed
+  copies only;
+- the group stays warm: only the first push forms it (``reform``).
+"""
+
+from __future__ import annotations
+
+from weight_sync_harness import Driver, engine_at, start_pusher, start_system, write_config
+
+REPORT_WAIT_S = 120.0  # an upper bound for a loaded 2-core machine, not a timing assert
+STARTUP_S = 180.0
+
+
+def test_overlapped_pushes_deliver_the_packed_weights_and_report_one_version_late(
+        tmp_path, spawn_python, free_port, wait_until):
+    from test_trainer_weight_sync import _read_json
+
+    cfg, cfg_path = write_config(tmp_path, free_port, ["trainer.weight_sync.deadline_s=60"])
+    engines, urls = start_system(tmp_path, spawn_python, wait_until, cfg_path, ["rollout-a"])
+    a = Driver("rollout-a", urls["rollout-a"], cfg.buffer.address)
+    a.start()
+    pusher = start_pusher(spawn_python, cfg_path, tmp_path, [
+        {"version": 1, "members": 1, "overlap": True},
+        {"version": 2, "members": 1, "overlap": True, "after": "checked1"},
+        {"version": 3, "members": 1, "overlap": True, "after": "checked2"}])
+
+    def report(name: str):
+        assert pusher.poll() in (None, 0), f"the trainer died (exit {pusher.returncode}); see its log above"
+        assert a.error is None, a.error
+        return _read_json(tmp_path / name)
+
+    try:
+        shas = {}
+        for v in (1, 2, 3):
+            rep = wait_until(lambda v=v: report(f"v{v}.json"), STARTUP_S + REPORT_WAIT_S, 0.2, f"push v{v}")
+            shas[v] = rep["sha"]
+            if v > 1:  # the previous version's report, complete
+                assert rep["version"] == v - 1 and rep["overlapped"], rep
+                assert rep["done"] == ["rollout-a"] and not rep["dropped"] and not rep["error"], rep
+                assert rep["reform"] == (v - 1 == 1), rep  # formed once, then kept warm
+            got = wait_until(lambda v=v: engine_at(tmp_path, "rollout-a", v), REPORT_WAIT_S, 0.1, f"engine at v{v}")
+            assert got["sha"] == shas[v]  # the weights at push time, not the ones moved by +1000 after it
+            (tmp_path / f"checked{v}").write_text("ok")
+        last = wait_until(lambda: report("last.json"), REPORT_WAIT_S, 0.2, "the last push's report")
+        assert last["version"] == 3 and last["done"] == ["rollout-a"] and not last["reform"], last
+        assert len(set(shas.values())) == 3
+        wait_until(lambda: pusher.poll() is not None, REPORT_WAIT_S, 0.2, "the pusher to exit")
+        assert pusher.returncode == 0
+    finally:
+        a.stop.set()
+        a.join(timeout=15)

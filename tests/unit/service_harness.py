@@ -1,0 +1,49 @@
+"""The buffer service's real request handling, driven in-process: fake sockets that record what
+the service sends, a real WAL in ``tmp_path``, an optional fake clock. Shared by the unit tests
+of the hand-out, admission, leases and disk-full behaviour."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from areal_like import protocol as P
+from areal_like.config import BufferConfig, RunConfig, TaskConfig
+from buffer.service import BufferService
+
+
+class Sink:
+    """Stands for the ROUTER and the PUB socket: keeps every message sent or published."""
+
+    def __init__(self):
+        self.sent: list[P.Message] = []
+
+    def send(self, peer, req_id, msg):
+        self.sent.append(msg)
+
+    def publish(self, msg):
+        self.sent.append(msg)
+
+    def close(self):
+        pass
+
+
+def start(tmp_path, buffer: BufferConfig, *, clock: Callable[[], float] | None = None,
+          before_recover: Callable[[BufferService], None] | None = None) -> BufferService:
+    """A recovered service over 100 prompts with ``buffer``'s settings, its sockets replaced by sinks."""
+    cfg = RunConfig(run_dir=str(tmp_path), task=TaskConfig(num_prompts=100), buffer=buffer)
+    svc = BufferService(cfg) if clock is None else BufferService(cfg, clock=clock)
+    if before_recover is not None:
+        before_recover(svc)
+    svc.recover()
+    svc.server, svc.publisher = Sink(), Sink()
+    return svc
+
+
+def step(svc: BufferService, msg: P.Message, peer: bytes = b"trainer-ws-test") -> P.Message:
+    """Handle ``msg`` from ``peer`` as the loop would (settle, wait until durable, send); the reply."""
+    frame = P.encode(msg)
+    svc.handle(peer, b"req", P.decode(frame), frame)
+    svc.settle()
+    svc.wal.wait_durable()
+    svc.send_durable()
+    return svc.server.sent[-1]

@@ -1,0 +1,70 @@
+"""A rollout server that leaves the roster gives its leases back at once, not after
+``buffer.lease_timeout_s``; after a buffer restart, leases restored for a server that never comes
+back are given back once every live server had the time to register again. The real request
+handling with fake sockets, a real WAL and a fake clock."""
+
+from __future__ import annotations
+
+from service_harness import start, step
+
+from areal_like import protocol as P
+from areal_like.config import BufferConfig
+from buffer.service import BufferService
+
+HEARTBEAT_S, LEASE_S = 15.0, 120.0
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _start(tmp_path, clock) -> BufferService:
+    return start(tmp_path, BufferConfig(max_staleness=4, groups_per_step=2, max_inflight=32, capacity=64,
+                                        lease_timeout_s=LEASE_S, heartbeat_timeout_s=HEARTBEAT_S), clock=clock)
+
+
+def _step(svc: BufferService, msg: P.Message) -> P.Message:
+    return step(svc, msg, peer=b"rollout")
+
+
+def _join(svc: BufferService, sid: str, credits: int) -> list[int]:
+    _step(svc, P.Register(server_id=sid, engine_url="http://x", policy_version=0))
+    return [c.prompt_index for c in _step(svc, P.CreditRequest(server_id=sid, max_credits=credits)).credits]
+
+
+def test_a_server_that_leaves_the_roster_releases_its_leases_at_once(tmp_path):
+    clock = _Clock()
+    svc = _start(tmp_path, clock)
+    dead = _join(svc, "dead", 3)
+    _join(svc, "live", 2)
+    clock.t += HEARTBEAT_S + 1  # "dead" went silent; "live" heartbeats
+    _step(svc, P.Heartbeat(server_id="live", policy_version=0))
+    assert sorted(svc.control.roster) == ["live"] and svc.ledger.in_flight == 2
+    assert svc.instruments.counts["credits_released"] == 3 and svc.ledger.started == 2
+    # long before lease_timeout_s, the dead server's prompts go out again, first
+    assert [c.prompt_index for c in _step(svc, P.CreditRequest(server_id="live", max_credits=3)).credits] == dead
+    svc.wal.close()
+
+
+def test_after_a_restart_leases_of_a_server_that_never_returns_are_released(tmp_path):
+    clock = _Clock()
+    svc = _start(tmp_path, clock)
+    dead = _join(svc, "dead", 3)
+    _join(svc, "live", 2)
+    svc.wal.close()
+    svc = _start(tmp_path, clock)  # the restart restores all 5 leases with a fresh timeout
+    assert svc.ledger.in_flight == 5 and not svc.control.roster
+    _step(svc, P.Register(server_id="live", engine_url="http://x", policy_version=0))
+    clock.t += HEARTBEAT_S / 2
+    _step(svc, P.Heartbeat(server_id="live", policy_version=0))
+    assert svc.ledger.in_flight == 5  # within the heartbeat timeout: "dead" may still come back
+    clock.t += HEARTBEAT_S / 2 + 1
+    _step(svc, P.Heartbeat(server_id="live", policy_version=0))
+    assert svc.ledger.in_flight == 2 and {x.server_id for x in svc.ledger.leases.values()} == {"live"}
+    assert svc.instruments.counts["credits_released"] == 3
+    assert [c.prompt_index for c in _step(svc, P.CreditRequest(server_id="live", max_credits=3)).credits] == dead
+    svc.wal.close()

@@ -1,0 +1,143 @@
+"""Disk full is a degraded mode (buffer/diskspace.py, buffer/wal.py).
+
+The free space is a fault-injecting stand-in for ``statvfs`` (the real request handling, a real WAL
+in tmp_path); ENOSPC itself comes from a fault-injecting ``os.writev`` that writes part of a record
+and fails, as a full disk does.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+import numpy as np
+import pytest
+from service_harness import start, step
+
+import buffer.diskspace
+from areal_like import protocol as P
+from areal_like.config import BufferConfig
+from buffer.diskspace import DiskGuard
+from buffer.service import BufferService
+from buffer.wal import DiskFull, WriteAheadLog
+
+RESERVE = 1 << 20
+
+
+class _Disk:
+    """The free space statvfs would report."""
+
+    def __init__(self, free: int):
+        self.free = free
+
+    def __call__(self, _path) -> int:
+        return self.free
+
+
+def _start(tmp_path, disk: _Disk, fsync: str = "always") -> BufferService:
+    def guard(svc: BufferService) -> None:
+        svc.disk = DiskGuard(svc.wal.dir, RESERVE, free_bytes=disk, log=svc.log)
+    return start(tmp_path, BufferConfig(max_staleness=4, groups_per_step=2, max_inflight=16, capacity=64,
+                                        fsync=fsync, wal_reserve_bytes=RESERVE), before_recover=guard)
+
+
+def _step(svc: BufferService, msg: P.Message) -> P.Message:
+    return step(svc, msg, peer=b"trainer-ws-t")
+
+
+def _group(c: P.Credit) -> P.TrajectoryGroup:
+    t = P.Trajectory.of(prompt_ids=P.as_i32([1]), output_ids=P.as_i32([2, 3]), behav_logp=P.as_f32([-1, -1]),
+                     versions=P.as_i32(np.zeros(2)), reward=1.0, finish_reason="stop")
+    return P.TrajectoryGroup(group_id=f"s-{c.lease_id}", server_id="s", lease_id=c.lease_id,
+                             prompt_index=c.prompt_index, epoch=c.epoch, trajectories=[t])
+
+
+def test_a_full_disk_refuses_groups_keeps_handing_out_batches_and_resumes(tmp_path):
+    disk = _Disk(100 * RESERVE)
+    svc = _start(tmp_path, disk)
+    _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
+    credits = _step(svc, P.CreditRequest(server_id="s", max_credits=3)).credits
+    groups = [_group(c) for c in credits]
+    assert [_step(svc, g).status for g in groups[:2]] == ["accepted", "accepted"]
+    disk.free = RESERVE - 1  # another writer filled the disk
+    svc.settle()  # a sweep reads the free space
+    ack = _step(svc, groups[2])
+    assert ack.status == "unavailable" and ack.reason.startswith("disk_full") and "wal_reserve_bytes" in ack.reason
+    assert svc.health()[1]["degraded"].startswith("disk_full")
+    more = _step(svc, P.CreditRequest(server_id="s", max_credits=3))
+    assert more.credits == [] and more.reason == "disk_full"
+    batch = _step(svc, P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0))  # hand-out goes on
+    assert sorted(g.group_id for g in batch.groups) == sorted(g.group_id for g in groups[:2])
+    disk.free = int(1.5 * RESERVE)  # above the reserve, below twice it: still degraded (no flapping)
+    svc.settle()
+    assert _step(svc, groups[2]).status == "unavailable"
+    disk.free = 2 * RESERVE
+    svc.settle()
+    assert _step(svc, groups[2]).status == "accepted"  # the sender kept it; its lease is still open
+    s = svc.stats()
+    assert (s["groups_deferred"], s["groups_accepted"], s["disk_full"]) == (2, 3, 0)
+    svc.wal.close()
+
+
+def test_degraded_mode_compacts_consumed_records_without_waiting_for_a_full_segment(tmp_path, monkeypatch):
+    monkeypatch.setattr(buffer.diskspace, "MIN_SEGMENT_BYTES", 1)
+    disk = _Disk(100 * RESERVE)
+    svc = _start(tmp_path, disk, fsync="batch")
+    _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
+    for c in _step(svc, P.CreditRequest(server_id="s", max_credits=2)).credits:
+        assert _step(svc, _group(c)).status == "accepted"
+    batch = _step(svc, P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0))
+    _step(svc, P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0, ack_batch=batch.batch_id))
+    first = svc.wal.segments()
+    disk.free = 0
+    svc.settle()  # degraded: rotate now; the old segment's groups are all consumed, so it goes
+    assert svc.disk.degraded and svc.wal.segments() and min(svc.wal.segments()) > max(first)
+    svc.wal.close()
+
+
+def _partial_writev(real, fails: list[int]):
+    """os.writev that, while ``fails[0] > 0``, writes half of the record and reports ENOSPC."""
+    def writev(fd, parts):
+        if fails[0] <= 0:
+            return real(fd, parts)
+        fails[0] -= 1
+        data = b"".join(bytes(p) for p in parts)
+        os.write(fd, data[:len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return writev
+
+
+@pytest.mark.parametrize("fsync", ["always", "batch"])
+def test_enospc_mid_record_cuts_it_off_and_nothing_is_acknowledged_that_is_not_on_disk(tmp_path, monkeypatch,
+                                                                                      fsync):
+    wal = WriteAheadLog(tmp_path / "wal", fsync=fsync)
+    wal.open({"state": {}})
+    wal.append_group("g0", b"frame-0")
+    wal.wait_durable() if fsync == "always" else wal.request_sync()
+    size = os.path.getsize(wal.dir / sorted(os.listdir(wal.dir))[-1])
+    fails = [3]
+    monkeypatch.setattr(os, "writev", _partial_writev(os.writev, fails))
+    if fsync == "batch":  # written inline: the caller is told and refuses the record
+        with pytest.raises(DiskFull):
+            wal.append_group("g1", b"frame-1" * 100)
+        fails[0] = 0
+    else:  # the fsync thread keeps it and tries again; its ticket is not durable meanwhile
+        wal.append_group("g1", b"frame-1" * 100)
+        ticket, seen_full = wal.request_sync(), False
+        while fails[0] > 0:
+            assert wal.durable() < ticket
+            seen_full = seen_full or wal.disk_full
+            time.sleep(0.01)
+        wal.wait_durable()
+        assert seen_full or fails[0] == 0
+        assert wal.durable() >= ticket and not wal.disk_full
+    wal.append_group("g2", b"frame-2")
+    wal.request_sync()
+    wal.wait_durable()
+    wal.close()
+    again = WriteAheadLog(tmp_path / "wal", fsync=fsync)
+    records = [r.group_id for r in again.replay() if r.kind == "G"]
+    assert records == (["g0", "g1", "g2"] if fsync == "always" else ["g0", "g2"])
+    assert again.corrupt_records == 0 and size > 0  # the partial writes were cut off: no torn record
+    again.close()
