@@ -8,7 +8,8 @@ group record alone closes its lease, which is what had happened. The ledger and 
 in place; the rest (trainer version, ids seen, batch in transit, groups the filters now refuse,
 group records that no longer decode) comes back in ``Replayed`` for the service to take. A record
 that no longer decodes (another protocol version; a version-1 group is upgraded by
-``protocol.decode_stored``) is dropped as ``unreadable``: marked consumed, so it stops pinning its segment, and its prompt re-issued if the replayed state still holds its lease.
+``protocol.decode_stored``) is dropped as ``unreadable``: marked consumed, so it stops pinning its
+segment, and its prompt re-issued if the replayed state still holds its lease.
 """
 
 from __future__ import annotations
