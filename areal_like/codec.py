@@ -167,7 +167,7 @@ def wire_array(value: Any, tag: str, name: str) -> tuple[str, int, memoryview]:
 
 
 _FIELD_IN_TEXT = re.compile(r"^Object (?:missing required|contains unknown) field `(.+)`$")
-_INSIDE_ARRAY = re.compile(r"^(.*\.(?:prompt_ids|output_ids|behav_logp|versions))\[\d+\]$")
+_INSIDE_ARRAY = re.compile(r"^(.*\.(?:prompt_ids|output_ids|behav_logp|versions|loss_mask))\[\d+\]$")
 
 
 def error_from(e: Exception, version: int) -> ProtocolError:

@@ -22,10 +22,14 @@ Compatibility: a field added with a default keeps the protocol version, since fr
 (older senders, groups already in a buffer's WAL) still decode. A component built before the
 field rejects frames that carry it ("unknown field"), so upgrade the buffer before the rollout
 servers and the trainer, and do not downgrade a buffer over a WAL written by a newer one.
-Added since version 1 first shipped: ``TrajectoryGroup.want_credits``, ``Ack.credits``,
+Version 2 (multi-turn episodes) adds ``Trajectory.loss_mask``, required: a live frame of another
+version is refused ("unsupported protocol version 1 (this side speaks 2)") rather than read as if
+every token were generated. A buffer's WAL outlives its build, so ``decode_stored`` reads a
+``TrajectoryGroup`` stored at version 1 as version 1 meant it (every output token generated).
+Added in version 1 with defaults: ``TrajectoryGroup.want_credits``, ``Ack.credits``,
 ``Register.torch_version`` / ``cuda_version`` / ``nccl_version`` and the same three on ``RosterEntry``,
 ``WeightSyncPlan.path`` / ``payloads``.
-Frames written by earlier builds are kept as fixtures (``tests/fixtures/wire``).
+Frames written by earlier builds are kept as fixtures (``tests/fixtures/wire``, version 1).
 Who sends which message: areal_like/DESIGN.md section 3.
 """
 
@@ -40,13 +44,14 @@ import numpy as np
 from areal_like.codec import ProtocolError, checker, error_from, wire_array
 
 __all__ = ["PROTOCOL_VERSION", "MAX_FRAME_BYTES", "ProtocolError", "Message", "encode", "encode_into", "decode",
-           "TOP_LEVEL_TYPES", "field_names", "as_i32", "as_f32"]
+           "TOP_LEVEL_TYPES", "field_names", "as_i32", "as_f32", "decode_stored"]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: Trajectory.loss_mask (module docstring)
 MAX_FRAME_BYTES = 256 * 1024 * 1024  # one batch of many long groups stays far below this
 MAX_CREDITS_PER_REQUEST = 4096  # leases one TrajectoryGroup may ask for with its ack
 
 _I4, _F4 = np.dtype("<i4"), np.dtype("<f4")  # both 4 bytes an item (Trajectory's checks rely on it)
+_U4 = np.dtype("<u4")  # a loss mask read unsigned: every value is 0 or 1 iff its max is <= 1
 _N = Annotated[int, msgspec.Meta(ge=0)]
 I32 = tuple[Literal["<i4"], _N, memoryview]  # an array on the wire: [dtype, length, little-endian bytes]
 F32 = tuple[Literal["<f4"], _N, memoryview]
@@ -80,7 +85,7 @@ class Message(msgspec.Struct, frozen=True, eq=False, tag_field="type", forbid_un
 
 class _TopLevel(Message, frozen=True, kw_only=True):
     # kw_only: ordered after every subclass's fields, so the frame ends with it, as it always has
-    protocol: Literal[1] = PROTOCOL_VERSION
+    protocol: Literal[2] = PROTOCOL_VERSION
 
 
 class Trajectory(Message, tag="trajectory"):
@@ -89,6 +94,11 @@ class Trajectory(Message, tag="trajectory"):
     ``output_ids``, ``behav_logp`` and ``versions`` are aligned: entry t belongs to
     output token t. ``versions[t]`` is the policy_version of the weights that produced
     token t (a trajectory interrupted by a weight update spans several versions).
+    ``loss_mask[t]`` is 1 when the policy generated token t (it is trained on) and 0 when it is
+    context: an environment's or a tool's message, or chat-template markup, in a multi-turn
+    episode. A context token's ``behav_logp`` is 0 (meaningless; nothing reads it) and its version
+    is that of the generated token before it, so the oldest version of a trajectory is always
+    that of a generated token (``head_version``: staleness).
 
     Holds each array in its wire form (``*_wire``, see the module docstring); ``Trajectory.of``
     builds one from arrays. To change a field, build a new one (``msgspec.structs.replace`` is
@@ -100,34 +110,40 @@ class Trajectory(Message, tag="trajectory"):
     # [T] log pi_behav(token) as the engine sampled it (fp32, temperature-scaled policy)
     behav_logp_wire: F32 = msgspec.field(name="behav_logp")
     versions_wire: I32 = msgspec.field(name="versions")  # [T] policy_version that produced each token
+    loss_mask_wire: I32 = msgspec.field(name="loss_mask")  # [T] 1 generated (trained on), 0 context
     reward: float  # scalar outcome reward; finite
     finish_reason: str  # "stop" | "length" | "abort" | "error"
     metadata: dict[str, Any] = {}  # free-form, msgpack-able
 
     @classmethod
     def of(cls, *, prompt_ids: Any, output_ids: Any, behav_logp: Any, versions: Any, reward: Any,
-           finish_reason: str, metadata: dict | None = None) -> Trajectory:
+           finish_reason: str, metadata: dict | None = None, loss_mask: Any = None) -> Trajectory:
         """Build from 1-D array-likes, converted to the wire dtype (an array of that dtype is taken
-        without a copy). Raises ProtocolError naming the field."""
-        return cls(wire_array(prompt_ids, "<i4", "prompt_ids"), wire_array(output_ids, "<i4", "output_ids"),
-                   wire_array(behav_logp, "<f4", "behav_logp"), wire_array(versions, "<i4", "versions"),
+        without a copy); ``loss_mask`` omitted: every output token generated (single-turn).
+        Raises ProtocolError naming the field."""
+        out = wire_array(output_ids, "<i4", "output_ids")
+        mask = wire_array(np.ones(out[1], _I4) if loss_mask is None else loss_mask, "<i4", "loss_mask")
+        return cls(wire_array(prompt_ids, "<i4", "prompt_ids"), out,
+                   wire_array(behav_logp, "<f4", "behav_logp"), wire_array(versions, "<i4", "versions"), mask,
                    _float(reward, "reward"), _str(finish_reason, "finish_reason"),
                    {} if metadata is None else _dict(metadata, "metadata"))
 
     def __post_init__(self) -> None:  # runs for every trajectory received: one expression while all is well
         try:
-            p, o, b, v, t = self.prompt_ids_wire, self.output_ids_wire, self.behav_logp_wire, self.versions_wire, \
-                self.output_ids_wire[1]
-            if (b[1] == t == v[1] and o[2].nbytes == b[2].nbytes == v[2].nbytes == 4 * t
+            p, o, b, v, m, t = self.prompt_ids_wire, self.output_ids_wire, self.behav_logp_wire, self.versions_wire, \
+                self.loss_mask_wire, self.output_ids_wire[1]
+            if (b[1] == t == v[1] == m[1] and o[2].nbytes == b[2].nbytes == v[2].nbytes == m[2].nbytes == 4 * t
                     and p[2].nbytes == 4 * p[1] and type(self.reward) is float and math.isfinite(self.reward)
-                    and type(self.finish_reason) is str and type(self.metadata) is dict):
+                    and type(self.finish_reason) is str and type(self.metadata) is dict
+                    and (not t or np.frombuffer(m[2], _U4).max() <= 1)):
                 return
         except (TypeError, IndexError, AttributeError):
             pass
         self.validate()  # names the field
 
     def validate(self) -> None:
-        for name, tag in (("prompt_ids", "<i4"), ("output_ids", "<i4"), ("behav_logp", "<f4"), ("versions", "<i4")):
+        for name, tag in (("prompt_ids", "<i4"), ("output_ids", "<i4"), ("behav_logp", "<f4"), ("versions", "<i4"),
+                          ("loss_mask", "<i4")):
             wire = getattr(self, f"{name}_wire")
             if not (type(wire) is tuple and len(wire) == 3 and wire[0] == tag and type(wire[2]) is memoryview):
                 raise ProtocolError(f"expected a ({tag!r}, length, memoryview) triple", name)
@@ -135,6 +151,8 @@ class Trajectory(Message, tag="trajectory"):
                 raise ProtocolError("array length does not match its bytes", name)
             if name != "prompt_ids" and wire[1] != self.output_ids_wire[1]:
                 raise ProtocolError(f"length {wire[1]} != len(output_ids) {self.output_ids_wire[1]}", name)
+        if self.loss_mask_wire[1] and np.frombuffer(self.loss_mask_wire[2], _U4).max() > 1:
+            raise ProtocolError("values must be 0 (context) or 1 (generated)", "loss_mask")
         if not math.isfinite(_float(self.reward, "reward")):
             raise ProtocolError(f"must be finite, got {self.reward}", "reward")
         _str(self.finish_reason, "finish_reason")
@@ -155,6 +173,10 @@ class Trajectory(Message, tag="trajectory"):
     @property
     def versions(self) -> np.ndarray:
         return np.frombuffer(self.versions_wire[2], _I4)
+
+    @property
+    def loss_mask(self) -> np.ndarray:
+        return np.frombuffer(self.loss_mask_wire[2], _I4)
 
     @property
     def n_tokens(self) -> int:
@@ -432,7 +454,51 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     try:
         return _DECODER.decode(data)
     except (msgspec.MsgspecError, UnicodeDecodeError) as e:  # msgspec reports bad UTF-8 in a key like this
+        if (version := _version_of(data)) is not None and version != PROTOCOL_VERSION:
+            # named before whatever else is wrong: a version-1 group also lacks loss_mask, which
+            # msgspec meets first (the version ends the frame)
+            raise ProtocolError(f"unsupported protocol version {version!r} (this side speaks {PROTOCOL_VERSION})",
+                                "protocol") from None
         raise error_from(e, PROTOCOL_VERSION) from None
+
+
+class _Versioned(msgspec.Struct):
+    protocol: Any = None  # of any frame that is a map; the rest is skipped in C
+
+
+_VERSION_DECODER = msgspec.msgpack.Decoder(_Versioned)
+
+
+def _version_of(data: bytes | memoryview) -> Any:
+    """The ``protocol`` of a refused frame (None: absent, or not a map): read only on the error path."""
+    try:
+        return _VERSION_DECODER.decode(data).protocol
+    except (msgspec.MsgspecError, UnicodeDecodeError):
+        return None
+
+
+def decode_stored(data: bytes | bytearray | memoryview) -> Message:
+    """``decode`` for frames a buffer stored in its WAL. A ``TrajectoryGroup`` written at version 1,
+    before loss masks, is read as version 1 meant it: every output token generated (mask all ones).
+    Anything else of another version is refused as ``decode`` refuses it."""
+    try:
+        return decode(data)
+    except ProtocolError as e:
+        if e.field != "protocol":
+            raise
+        try:
+            wire = msgspec.msgpack.decode(data)
+        except (msgspec.MsgspecError, UnicodeDecodeError):
+            raise e from None
+        if not (type(wire) is dict and wire.get("protocol") == 1 and wire.get("type") == TrajectoryGroup.TYPE
+                and type(wire.get("trajectories")) is list):
+            raise
+        for t in wire["trajectories"]:
+            out = t.get("output_ids") if type(t) is dict else None
+            if type(out) is list and len(out) == 3 and type(out[1]) is int and out[1] >= 0 and "loss_mask" not in t:
+                t["loss_mask"] = ["<i4", out[1], np.ones(out[1], _I4).tobytes()]
+        wire["protocol"] = PROTOCOL_VERSION
+        return decode(msgspec.msgpack.encode(wire))  # checked as any frame is
 
 
 def field_names(cls: type[Message]) -> tuple[str, ...]:

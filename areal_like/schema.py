@@ -50,7 +50,7 @@ class ModelConfig:
 class TaskConfig:
     """What to train on: a shipped synthetic task or a dataset (``name=dataset``), and how it is scored."""
 
-    name: str = "addition"  # addition | sort | reverse | countdown | dataset
+    name: str = "addition"  # addition | sort | reverse | countdown | calc, guess (with task.env) | dataset
     # name=dataset: a .jsonl/.json/.parquet/.csv file, a directory of them, or of save_to_disk (areal_like/datasets.py)
     dataset_path: str | None = None
     eval_path: str | None = None  # the eval split; unset = eval_fraction of dataset_path held out
@@ -77,9 +77,19 @@ class TaskConfig:
     reward_memory_mb: int = 2048  # address-space limit of a reward worker; 0 = none
     reward_url: str = ""  # remote reward: POST a batch of (prompt, response, metadata) here
     reward_retries: int = 2  # remote reward: retries after a failed or timed-out call
+    # Multi-turn episodes (rollout_server/multiturn.py): an environment class named by a dotted path
+    # ("pkg.module:Class", built with no arguments, one per sample) turns each sample into a conversation
+    # the model continues turn by turn; its step rewards replace the task's reward. Empty = single-turn.
+    env: str = ""
+    max_turns: int = 8  # assistant turns per episode; then it ends with finish_reason "max_turns"
+    max_episode_tokens: int = 1024  # prompt + every turn's tokens; past it the episode ends ("max_tokens")
+    turn_timeout_s: float = 120.0  # one assistant turn's generation (across weight-sync pauses): "turn_timeout"
+    episode_timeout_s: float = 600.0  # the whole episode, tools and environment included: "episode_timeout"
+    tool_timeout_s: float = 5.0  # one tool call; past it the tool's worker is killed and the model sees an error
+    tool_workers: int = 2  # processes that run tool calls (per rollout server)
 
     def __post_init__(self):
-        _choice("task.name", self.name, ("addition", "sort", "reverse", "countdown", "dataset"))
+        _choice("task.name", self.name, ("addition", "sort", "reverse", "countdown", "calc", "guess", "dataset"))
         if self.name == "dataset":
             _check("task.dataset_path", bool(self.dataset_path), "set when task.name=dataset", self.dataset_path)
         _check("task.eval_fraction", 0 <= self.eval_fraction < 1, "in [0, 1)", self.eval_fraction)
@@ -93,6 +103,11 @@ class TaskConfig:
         _check("task.reward_workers", self.reward_workers >= 1, ">= 1", self.reward_workers)
         _check("task.reward_memory_mb", self.reward_memory_mb >= 0, ">= 0", self.reward_memory_mb)
         _check("task.reward_retries", self.reward_retries >= 0, ">= 0", self.reward_retries)
+        _check("task.max_turns", self.max_turns >= 1, ">= 1", self.max_turns)
+        _check("task.max_episode_tokens", self.max_episode_tokens >= 2, ">= 2", self.max_episode_tokens)
+        for key in ("turn_timeout_s", "episode_timeout_s", "tool_timeout_s"):
+            _check(f"task.{key}", getattr(self, key) > 0, "> 0", getattr(self, key))
+        _check("task.tool_workers", self.tool_workers >= 1, ">= 1", self.tool_workers)
         _check("task.reward_url", not self.reward_url or self.reward_url.startswith(("http://", "https://")),
                "empty or an http(s) URL", self.reward_url)
 

@@ -180,7 +180,28 @@ class Countdown(Task):
         return Example(f"cd {' '.join(map(str, nums))} to {target}:", f"{a}{op}{b}")
 
 
-SYNTHETIC: dict[str, type[Task]] = {t.name: t for t in (Addition, Sort, Reverse, Countdown)}
+class Multiply(Task):
+    """``347*29``: a 3-digit times a 2-digit number (the ``calc`` environment's questions,
+    ``areal_like/envs.py``; too hard for a tiny model without its calculator tool)."""
+
+    name = "calc"
+
+    def example(self, index: int, epoch: int = 0) -> Example:
+        rng = self._rng(index)
+        a, b = rng.randrange(100, 1000), rng.randrange(10, 100)
+        return Example(f"{a}*{b}", str(a * b))
+
+
+class Guess(Task):
+    """A hidden number in 1..32 (the ``guess`` environment's games, ``areal_like/envs.py``)."""
+
+    name = "guess"
+
+    def example(self, index: int, epoch: int = 0) -> Example:
+        return Example("guess1-32", str(self._rng(index).randint(1, 32)))
+
+
+SYNTHETIC: dict[str, type[Task]] = {t.name: t for t in (Addition, Sort, Reverse, Countdown, Multiply, Guess)}
 
 
 def has_eval_split(cfg: TaskConfig) -> bool:

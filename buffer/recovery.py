@@ -7,8 +7,9 @@ A control record follows the records of its loop iteration, so if the process di
 group record alone closes its lease, which is what had happened. The ledger and the store are filled
 in place; the rest (trainer version, ids seen, batch in transit, groups the filters now refuse,
 group records that no longer decode) comes back in ``Replayed`` for the service to take. A record
-that no longer decodes (another protocol version) is dropped as ``unreadable``: marked consumed, so
-it stops pinning its segment, and its prompt re-issued if the replayed state still holds its lease.
+that no longer decodes (another protocol version; a version-1 group is upgraded by
+``protocol.decode_stored``) is dropped as ``unreadable``: marked consumed, so it stops pinning its
+segment, and its prompt re-issued if the replayed state still holds its lease.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from areal_like.protocol import ProtocolError, TrajectoryGroup, decode
+from areal_like.protocol import ProtocolError, TrajectoryGroup, decode_stored
 from buffer.credits import CreditLedger
 from buffer.replay_buffer import ReplayBuffer
 from buffer.wal import Record, WalRef, WriteAheadLog
@@ -66,7 +67,7 @@ def replay(wal: WriteAheadLog, ledger: CreditLedger, store: ReplayBuffer, log: l
 
 def _group(rec: Record, ledger: CreditLedger, store: ReplayBuffer, out: Replayed, log: logging.Logger) -> None:
     try:
-        group = decode(rec.frame)
+        group = decode_stored(rec.frame)  # a version-1 group reads as all-generated (protocol.py)
     except ProtocolError as e:  # written by another protocol version: cannot be served
         log.warning("wal: group %s no longer decodes (%s)", rec.group_id, e)
         _, _, lease_id = rec.group_id.rpartition("-")

@@ -18,6 +18,8 @@ and ``areal-like config`` call it. It resolves hub ids to local directories
 * ``task.chat_template`` (other than auto/none): a file or a template that compiles;
 * ``task.reward_fn``: loads as in a reward worker (same loader, ``task.reward_memory_mb`` address
   space, environment without secrets), in a child Python (see ``check_reward_fn``);
+* ``task.env``: the class imports, builds with no arguments and has ``reset`` and ``step``; its tools'
+  schemas are valid JSON schemas (``check_env``);
 * the trackers' packages (``areal_like.tracking.check_trackers``);
 * the engine: ``rollout.engine.kind=sglang`` needs the sglang package and ``model.path``;
 * the environment: no inherited ``SGLANG_RETURN_ORIGINAL_LOGPROB`` (SGLang would return log-probs
@@ -217,6 +219,20 @@ def check_engine(cfg: RunConfig) -> list[str]:
     return out
 
 
+def check_env(cfg: RunConfig) -> list[str]:
+    """``task.env`` (multi-turn episodes) loads as a rollout server will load it."""
+    if not cfg.task.env:
+        return []
+    from areal_like.environment import load_environment
+    from areal_like.tools import ToolRegistry
+
+    try:
+        ToolRegistry(getattr(load_environment(cfg.task.env), "tools", None))
+    except Exception as e:  # anything an import, a constructor or a schema check raises
+        return [f"task.env={cfg.task.env!r} cannot be loaded: {type(e).__name__}: {e}"]
+    return []
+
+
 def check_tp_size(cfg: RunConfig) -> list[str]:
     """SGLang splits attention heads over ``tp_size`` GPUs: query heads evenly, key/value heads
     evenly or replicated (``tp_size`` a multiple of them). Caught here, not after loading the model."""
@@ -248,4 +264,4 @@ def check_environment(cfg: RunConfig) -> list[str]:
 
 # every check but check_models, which checked() runs on the resolved model keys
 OTHER_CHECKS = (check_warm_start, check_task_files, check_dataset_columns, check_chat_template, check_reward_fn,
-                check_trackers, check_engine, check_environment)
+                check_env, check_trackers, check_engine, check_environment)

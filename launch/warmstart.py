@@ -83,6 +83,29 @@ def _pairs(task, indices: list[int], tok) -> list[tuple[list[int], list[int]]]:
     return out
 
 
+def _demo_pairs(cfg: RunConfig, task, indices: list[int], tok, rng: random.Random) -> list[tuple[list[int], list[int]]]:
+    """Multi-turn tasks (``task.env``): one (context ids, turn ids + EOS) pair per assistant turn of
+    the environment's ``demo`` conversations, laid out as the rollout server's episodes are
+    (``areal_like.environment.ChatRenderer``)."""
+    from areal_like.callables import import_function
+    from areal_like.environment import ChatRenderer, env_template
+
+    env_cls = import_function(cfg.task.env)
+    if not callable(getattr(env_cls, "demo", None)):
+        raise ValueError(f"warm_start.steps > 0 with task.env={cfg.task.env!r}: the environment has no "
+                         "demo(example, rng) to learn from; set warm_start.steps=0")
+    tools = [{"type": "function", "function": {k: t.get(k) for k in ("name", "description", "parameters")}}
+             for t in getattr(env_cls, "tools", None) or []]
+    renderer = ChatRenderer(tok, env_template(tok, cfg.task), tools or None)
+    out = []
+    for i in indices:
+        demo = env_cls.demo(task.example(i, 0), rng)
+        for k, m in enumerate(demo):
+            if m["role"] == "assistant":
+                out.append((renderer.prompt_ids(demo[:k]), renderer.encode(m["content"]) + [int(tok.eos_token_id)]))
+    return out
+
+
 def _batch(pairs: list[tuple[list[int], list[int]]]):
     """Right-padded input ids, labels (-100 outside the answer) and attention mask."""
     import torch
@@ -116,7 +139,9 @@ def train_warm_start(cfg: RunConfig, out: Path, log: Callable[[str], None] = pri
     n, bs = len(task), cfg.warm_start.batch_size
     eval_idx = [rng.randrange(n) for _ in range(EVAL_PROMPTS)]
     for step in range(1, cfg.warm_start.steps + 1):
-        ids, labels, mask = _batch(_pairs(task, [rng.randrange(n) for _ in range(bs)], tok))
+        picks = [rng.randrange(n) for _ in range(bs)]
+        pairs = _demo_pairs(cfg, task, picks, tok, rng) if cfg.task.env else _pairs(task, picks, tok)
+        ids, labels, mask = _batch(pairs)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -124,8 +149,11 @@ def train_warm_start(cfg: RunConfig, out: Path, log: Callable[[str], None] = pri
         opt.step()
         if step % LOG_EVERY == 0 or step == cfg.warm_start.steps:
             log(f"step {step}/{cfg.warm_start.steps} loss {loss.item():.3f}")
-    greedy, sampled = evaluate(model.eval(), tok, task, eval_idx, cfg.task.max_new_tokens, cfg.task.temperature)
-    log(f"accuracy after warm start: greedy {greedy:.2f}, sampled at T={cfg.task.temperature} {sampled:.2f}")
+    if cfg.task.env:  # episodes, not single answers: the RL run's first steps measure the warm start
+        greedy = sampled = None
+    else:
+        greedy, sampled = evaluate(model.eval(), tok, task, eval_idx, cfg.task.max_new_tokens, cfg.task.temperature)
+        log(f"accuracy after warm start: greedy {greedy:.2f}, sampled at T={cfg.task.temperature} {sampled:.2f}")
     out.mkdir(parents=True, exist_ok=True)
     from transformers.utils import logging as hf_logging
 

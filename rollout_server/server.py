@@ -57,6 +57,7 @@ from areal_like.tokenizer import load_tokenizer
 from areal_like.transport import AsyncClient, Subscriber, TransportTimeout
 from areal_like.versions import RuntimeVersions
 from rollout_server.episode import EpisodeContext, run_episode
+from rollout_server.multiturn import EpisodeRunner
 from rollout_server.reward_pool import RewardPool, RewardPoolError
 from rollout_server.sglang_client import SGLangClient
 from rollout_server.weight_update import apply_weight_sync, engine_versions
@@ -87,6 +88,7 @@ class RolloutServer(Daemon):
         self.policy_version = 0
         self.engine = None
         self.rewards: RewardPool | None = None
+        self.tools = None  # ToolPool of multi-turn episodes (task.env)
         self.engine_url, self.engine_ranks = "", 1
         self.versions = RuntimeVersions()  # the engine's torch/CUDA/NCCL, for Register
         self.unacked: dict[str, _Unacked] = {}
@@ -128,6 +130,10 @@ class RolloutServer(Daemon):
         self.tokenizer = load_tokenizer(self.cfg.model)
         self.task = make_task(self.cfg.task, self.tokenizer)
         self.rewards = RewardPool(self.cfg.task, self.task.reward_path, metrics=self.metrics)
+        if self.cfg.task.env:  # multi-turn episodes (rollout_server/multiturn.py): their tools run here
+            from rollout_server.tool_pool import ToolPool
+
+            self.tools = ToolPool(self.cfg.task.tool_workers, self.cfg.task.tool_timeout_s)
         if self.rcfg.eval:
             from rollout_server.evaluate import ServerEvaluator
 
@@ -138,6 +144,9 @@ class RolloutServer(Daemon):
         self.started = True
 
     def stop(self) -> None:
+        if self.tools is not None:
+            self.tools.close()
+            self.tools = None
         if self.rewards is not None:
             self.rewards.close()
             self.rewards = None
@@ -312,7 +321,8 @@ class RolloutServer(Daemon):
         ctx = EpisodeContext(client=self.client, task=self.task, tokenizer=self.tokenizer, rewards=self.rewards,
                              task_cfg=self.cfg.task, server_id=self.server_id,
                              current_version_fn=lambda: self.policy_version, metrics=self.metrics)
-        task = asyncio.create_task(run_episode(ctx, credit), name=f"episode-{credit.lease_id}")
+        episode = EpisodeRunner(ctx, self.tools).run_group(credit) if self.cfg.task.env else run_episode(ctx, credit)
+        task = asyncio.create_task(episode, name=f"episode-{credit.lease_id}")
         self.episodes.add(task)
         task.add_done_callback(self._episode_done)
 

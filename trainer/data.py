@@ -17,6 +17,10 @@ Invariants:
 - Layout (right padding, pad id 0): ``input_ids[i] = prompt_i + output_i``; output-aligned arrays
   ``[N, T]`` hold entry t of output token t. Output token t sits at input position ``P_i + t`` and
   is predicted by the logits at position ``P_i - 1 + t``.
+- ``mask`` is the loss mask every kernel, aggregation and estimator reads: 1 on the tokens the
+  policy generated, 0 on padding and on a multi-turn episode's context tokens (environment and
+  tool messages, template markup; ``Trajectory.loss_mask``), which stay in ``input_ids`` as
+  conditioning but add nothing to any loss, count or advantage.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ class TrainBatch:
     prompt_lens: torch.Tensor  # [N] int64, >= 1
     output_lens: torch.Tensor  # [N] int64
     behav_logp: torch.Tensor  # [N, T] float32, engine logprobs of output tokens (0 on padding)
-    mask: torch.Tensor  # [N, T] float32, 1 on output tokens
+    mask: torch.Tensor  # [N, T] float32, 1 on generated output tokens (Trajectory.loss_mask), 0 on context/padding
     rewards: torch.Tensor  # [N] float32
     group_ids: torch.Tensor  # [N] int64, index of the sequence's group in this batch
     head_versions: torch.Tensor  # [G] int64, min token version per group
@@ -102,7 +106,7 @@ def groups_to_batch(groups: list[TrajectoryGroup]) -> TrainBatch:
         input_ids[i, :p] = t.prompt_ids
         input_ids[i, p:p + o] = t.output_ids
         behav[i, :o] = t.behav_logp
-        mask[i, :o] = 1.0
+        mask[i, :o] = t.loss_mask  # 0 on context tokens (multi-turn): no loss, no token count
     return TrainBatch(
         input_ids=torch.from_numpy(input_ids), prompt_lens=torch.from_numpy(p_lens),
         output_lens=torch.from_numpy(o_lens), behav_logp=torch.from_numpy(behav),

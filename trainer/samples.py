@@ -8,7 +8,11 @@ Row keys: ``step`` (the trainer step the batch produced, as in ``metrics/trainer
 ``policy_version`` (the trainer's version when it consumed the batch), ``prompt``, ``response``
 (the engine's text when the trajectory carries ``metadata["text"]``, else the decoded output ids),
 ``reward``, ``versions`` (``[min, max]`` of the token versions; ``[]`` for an empty response),
-``staleness`` (``policy_version`` - the group's head version) and ``finish_reason``.
+``staleness`` (``policy_version`` - the group's head version) and ``finish_reason``. A multi-turn
+trajectory (context tokens in its output: ``Trajectory.loss_mask``) adds ``turns``,
+``masked_share`` (its context tokens' share of the output) and ``segments``: the whole
+conversation after the prompt as runs of tokens of one source (``generated`` or ``context``) and
+one version, ``{"source", "version", "text"}``; its ``response`` is then the whole output.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ def sample_rows(groups: Sequence[TrajectoryGroup], version: int, k: int,
         t = group.trajectories[j]
         text = t.metadata.get("text")
         versions = t.versions
+        mask = t.loss_mask
+        multiturn = bool(len(mask)) and not mask.all()
+        if multiturn:
+            text = decode(t.output_ids.tolist())
         rows.append({
             "step": version + 1, "policy_version": version,
             "prompt": decode(t.prompt_ids.tolist()),
@@ -41,4 +49,19 @@ def sample_rows(groups: Sequence[TrajectoryGroup], version: int, k: int,
             "staleness": version - group.head_version,
             "finish_reason": t.finish_reason,
         })
+        if multiturn:
+            rows[-1].update(turns=t.metadata.get("turns"), masked_share=float(1.0 - mask.mean()),
+                            segments=segments(t.output_ids.tolist(), mask.tolist(), versions.tolist(), decode))
     return rows
+
+
+def segments(ids: list[int], mask: list[int], versions: list[int], decode: Callable[[list[int]], str]) -> list[dict]:
+    """Runs of consecutive tokens with the same source and version, decoded."""
+    out: list[dict] = []
+    start = 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or (mask[i], versions[i]) != (mask[start], versions[start]):
+            out.append({"source": "generated" if mask[start] else "context", "version": versions[start],
+                        "text": decode(ids[start:i])})
+            start = i
+    return out

@@ -3,7 +3,8 @@
 The fixture was written by the buffer as it was before its WAL was rewritten: four groups accepted
 for prompts 0-3 of six leased (L0-L5), the batch of prompts 0 and 1 handed out and acknowledged,
 version 1 published, a clean stop; 1 KiB segments, so the log rotated and holds checkpoints and
-change records. A ``python -m buffer`` started on a copy must serve what that state implies, over
+change records; its groups are of protocol version 1, before loss masks, and read back as every
+token generated. A ``python -m buffer`` started on a copy must serve what that state implies, over
 the wire only (this test must not depend on the buffer's internals).
 """
 
@@ -58,6 +59,7 @@ def test_a_wal_written_by_the_old_buffer_recovers(tmp_run_dir, spawn_python):
             for a, b in zip(got.trajectories, want.trajectories, strict=True):
                 np.testing.assert_array_equal(a.output_ids, b.output_ids)
                 np.testing.assert_array_equal(a.behav_logp, b.behav_logp)
+                assert a.loss_mask.tolist() == [1] * len(b.output_ids)  # stored at version 1: all generated
                 assert (a.reward, a.finish_reason) == (b.reward, b.finish_reason)
         assert client.request(P.CreditRequest(server_id="s0", max_credits=1)).credits[0].prompt_index == 6
     finally:

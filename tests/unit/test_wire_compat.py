@@ -1,13 +1,20 @@
-"""Frames and a write-ahead log written by an earlier build still read back as the same messages.
+"""Frames and a write-ahead log written by an earlier build: refused live, read back when stored.
 
 The fixtures under ``tests/fixtures/`` were written once by ``tests/fixtures/make_wire_fixtures.py``
-with the protocol as it stood before its rewrite (and are never regenerated in passing):
+with the protocol as it stood before its rewrite, at protocol version 1 (and are never regenerated
+in passing). Version 2 added ``Trajectory.loss_mask``, required, so:
 
-* every stored frame decodes to the message recorded beside it, field by field, arrays by dtype
-  and values, and encodes again to a frame that decodes to the same message;
+* every stored frame, received live, is refused with an error naming the protocol version;
+* the same frame with only what version 2 changed done by hand (the version number, and a loss
+  mask of ones on every trajectory) decodes to the message recorded beside it, field by field,
+  arrays by dtype and values, and encodes again to a frame that decodes to the same message: the
+  layout of every message is otherwise unchanged;
+* ``decode_stored`` (what a buffer reads its WAL with) reads a version-1 trajectory group as that
+  message, and refuses every other version-1 frame (nothing else is stored);
 * a real buffer daemon started on a copy of the stored WAL directory recovers it: the groups not
-  consumed are stored with their content intact, the consumed ones (and the stored ones) are
-  known as duplicates, the version and the prompt cursor are where the old buffer left them.
+  consumed are stored with their content intact (every token generated), the consumed ones (and the
+  stored ones) are known as duplicates, the version and the prompt cursor are where the old buffer
+  left them.
 """
 
 from __future__ import annotations
@@ -50,6 +57,31 @@ def plain(value):
 ADDED_SINCE = {"weight_sync_plan": {"path": "distributed", "payloads": []}}
 
 
+def with_masks(value):
+    """``value`` (plain) with the loss mask version 2 reads a version-1 trajectory with: all ones."""
+    if isinstance(value, list):
+        return [with_masks(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out = {k: with_masks(v) for k, v in value.items()}
+    if value.get("type") == "trajectory":
+        out["loss_mask"] = {"$array": "<i4", "values": [1] * len(value["output_ids"]["values"])}
+    return out
+
+
+def as_version_2(frame: bytes) -> bytes:
+    """What version 2 changed, done by hand on the raw msgpack: the number, and a mask of ones."""
+    import msgspec
+
+    wire = msgspec.msgpack.decode(frame)
+    assert wire["protocol"] == 1
+    wire["protocol"] = 2
+    for group in [wire] if wire["type"] == "trajectory_group" else wire.get("groups", []):
+        for t in group["trajectories"]:
+            t["loss_mask"] = ["<i4", t["output_ids"][1], b"\x01\x00\x00\x00" * t["output_ids"][1]]
+    return msgspec.msgpack.encode(wire)
+
+
 def assert_plain_equal(got, want, path: str = "") -> None:
     """Equal values of equal types (True is not 1, 1 is not 1.0)."""
     assert type(got) is type(want), f"{path}: {type(got).__name__} != {type(want).__name__}"
@@ -77,11 +109,25 @@ def test_every_message_type_is_in_the_fixtures():
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_old_frames_decode_to_the_same_messages(name):
+def test_old_frames_are_refused_live_and_keep_their_layout(name):
     frame = (WIRE / f"{name}.msgpack").read_bytes()
-    msg = P.decode(frame)
-    assert_plain_equal(plain(msg), EXPECTED[name])
-    assert_plain_equal(plain(P.decode(P.encode(msg))), EXPECTED[name])  # and this code writes them the same
+    with pytest.raises(P.ProtocolError, match=r"unsupported protocol version 1 \(this side speaks 2\)") as info:
+        P.decode(frame)
+    assert info.value.field == "protocol"
+    want = with_masks(EXPECTED[name])
+    msg = P.decode(as_version_2(frame))
+    assert_plain_equal(plain(msg), want)
+    assert_plain_equal(plain(P.decode(P.encode(msg))), want)  # and this code writes them the same
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_a_stored_version_1_group_reads_as_all_generated(name):
+    frame = (WIRE / f"{name}.msgpack").read_bytes()
+    if EXPECTED[name]["type"] != "trajectory_group":  # only groups are stored
+        with pytest.raises(P.ProtocolError, match="unsupported protocol version 1"):
+            P.decode_stored(frame)
+        return
+    assert_plain_equal(plain(P.decode_stored(frame)), with_masks(EXPECTED[name]))
 
 
 def _start_buffer(run_dir: Path, spawn_python, free_port) -> tuple[RunConfig, object]:
@@ -107,7 +153,7 @@ def test_a_buffer_recovers_an_old_write_ahead_log(tmp_run_dir, spawn_python, fre
         batch = client.request(P.BatchRequest(n_groups=len(want["stored"]), trainer_version=want["policy_version"],
                                               wait_s=5.0))
         got = sorted((plain(g) for g in batch.groups), key=lambda g: g["group_id"])
-        assert_plain_equal(got, sorted(want["stored"], key=lambda g: g["group_id"]))
+        assert_plain_equal(got, sorted(with_masks(want["stored"]), key=lambda g: g["group_id"]))
         # every group the old buffer accepted (stored or consumed) is still known: re-sent, it is a duplicate
         client.request(P.Register(server_id="s0", engine_url="http://x", policy_version=1))
         for g in batch.groups[:1]:

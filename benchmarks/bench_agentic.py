@@ -1,0 +1,90 @@
+"""Asynchronous versus synchronous RL on long-tail multi-turn episodes, on the same machine in one run.
+
+As ``bench_async.py`` (same measurement, same JSON convention), but every group is a set of
+multi-turn conversations whose turn counts follow a heavy tail (``areal_like/envs.py``: LongTail;
+``configs/experiment/bench_agentic.yaml``): most episodes take a turn or two, a few take up to 16,
+and a synchronous step waits for its slowest group. The system runs twice, with eta = 0 and eta
+= 4, the rollout pool and the trainer pool pinned to disjoint cores (launch.pin_cpus).
+
+One JSON line: figure = achieved speedup (trained samples/s at eta 4 over eta 0), baseline = the
+ideal speedup (G + T) / max(G, T) from the synchronous run's measured phases, ratio = achieved /
+ideal (goal >= 0.8), and the turn distribution the episodes had.
+
+    python benchmarks/bench_agentic.py [--steps 20] [--groups 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_async import phase_means, phases, throughput  # noqa: E402
+
+from areal_like.config import load_config  # noqa: E402
+from areal_like.envs import LongTail  # noqa: E402
+from areal_like.tasks import make_task  # noqa: E402
+from launch.job import job_specs, prepare, step_records  # noqa: E402
+from launch.local import Supervisor  # noqa: E402
+
+
+def run_once(run_dir: Path, eta: int, args) -> list[dict]:
+    cfg = load_config(["experiment=bench_agentic", f"buffer.groups_per_step={args.groups}",
+                       f"buffer.max_staleness={eta}", f"trainer.steps={args.steps}",
+                       f"trainer.micro_batch_size={8 * args.groups}", f"run_dir={run_dir}"])
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    cfg, topo, path = prepare(cfg, cpus=cpus)
+    sup = Supervisor(job_specs(cfg, topo, path), run_dir, restarts=0, health_timeout_s=300, echo=lambda _: None)
+    code = sup.run()
+    if code != 0:
+        raise SystemExit(f"eta={eta} run failed: {sup.outcome}; logs in {run_dir / 'logs'}")
+    return step_records(run_dir)
+
+
+def turn_distribution(n: int = 2000) -> dict[str, float]:
+    """Turn counts of the first ``n`` training prompts (what the episodes draw)."""
+    task = make_task(load_config(["experiment=bench_agentic"]).task)
+    turns = sorted(min(LongTail.TAIL_MAX_TURNS, int(random.Random(task.example(i).prompt).paretovariate(
+        LongTail.TAIL_ALPHA))) for i in range(n))
+    return {"mean": round(sum(turns) / n, 2), "p50": turns[n // 2], "p90": turns[int(n * 0.9)], "max": turns[-1]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--skip", type=int, default=4, help="warm-up steps left out of every figure")
+    ap.add_argument("--groups", type=int, default=8, help="groups per step (x8 samples)")
+    ap.add_argument("--keep", default=None, help="keep both run directories under this path")
+    args = ap.parse_args()
+    if len(os.sched_getaffinity(0)) < 2:
+        raise SystemExit("needs 2 cores: one for the rollout pool, one for the trainer pool")
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bench_agentic_") as tmp:
+        root = Path(args.keep) if args.keep else Path(tmp)
+        sync = run_once(root / "eta0", 0, args)
+        asyn = run_once(root / "eta4", 4, args)
+    sps_sync, sps_async = throughput(sync, args.skip), throughput(asyn, args.skip)
+    g, t = phases(sync, args.skip)
+    achieved, ideal = sps_async / sps_sync, (g + t) / max(g, t)
+    print(json.dumps({
+        "name": "agentic_async_vs_sync_speedup", "figure": round(achieved, 3),
+        "unit": "x (trained samples/s, eta=4 / eta=0)", "baseline": round(ideal, 3),
+        "ratio": round(achieved / ideal, 3), "goal": 0.8,
+        "samples_per_s_eta0": round(sps_sync, 2), "samples_per_s_eta4": round(sps_async, 2),
+        "generation_s": round(g, 3), "training_s": round(t, 3), "turns": turn_distribution(),
+        "staleness_mean_eta4": round(sum(r["staleness_mean"] for r in asyn) / len(asyn), 2),
+        "phases_eta0": phase_means(sync, args.skip), "phases_eta4": phase_means(asyn, args.skip),
+        "steps": args.steps, "wall_s": round(time.monotonic() - t0, 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Multi-turn episodes: the model talks, calls tools, reads the environment's answers, talks again.
+
+``run_multiturn_episode(ctx, credit)`` replaces ``episode.run_episode`` when ``task.env`` names an
+environment (``areal_like/environment.py``). Each of the group's ``task.group_size`` samples is one
+conversation with its own environment instance, all run concurrently. One turn:
+
+```
+ids = prompt + everything so far           (token ids; nothing is re-tokenized)
+generated = generate_sample(ids)            (interruptible: a weight sync pauses and resumes it)
+text = decode(generated)
+tool calls in text?  -> run them (ToolPool) -> tool messages     (a bad call: an error message)
+else                 -> env.step(text) -> messages, reward, done
+ids += generated (loss_mask 1, their versions) + the template's continuation (loss_mask 0)
+```
+
+Invariants:
+* ``output_ids``, ``behav_logp``, ``versions`` and ``loss_mask`` are aligned; generated tokens keep
+  the logprob and version the engine reported (across pauses, as in single-turn); a context token
+  has logprob 0, mask 0 and the version of the last generated token before it, so the
+  trajectory's oldest version is that of a generated token (the group's staleness);
+* the context ids are ``ChatRenderer.continuation_ids``: the ids equal the chat template's
+  rendering of the conversation (see there);
+* an episode ends, with its ``finish_reason``, when the environment says done (``stop``), after
+  ``task.max_turns`` assistant turns (``max_turns``; the last turn is still stepped and rewarded),
+  when the next turn would have no room in ``task.max_episode_tokens`` (``max_tokens``), when one
+  turn's generation takes longer than ``task.turn_timeout_s`` (``turn_timeout``) or the whole
+  episode longer than ``task.episode_timeout_s`` (``episode_timeout``); a turn cut by a timeout is
+  dropped whole. The reward is the sum of the environment's step rewards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from areal_like.environment import (
+    ChatRenderer,
+    StepResult,
+    as_step_result,
+    check_messages,
+    env_template,
+    load_environment,
+    maybe_await,
+)
+from areal_like.protocol import Credit, Trajectory, TrajectoryGroup, as_f32, as_i32
+from areal_like.tools import ToolRegistry, parse_tool_calls, tool_message
+from rollout_server.episode import EpisodeContext, Sample, generate_sample
+
+TURN_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+TOOL_SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30)
+
+
+@dataclass
+class Conversation:
+    """One sample's episode as it grows (aligned per-token arrays; module docstring)."""
+
+    prompt_ids: list[int]
+    messages: list[dict]
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    loss_mask: list[int] = field(default_factory=list)
+    turns: int = 0
+    reward: float = 0.0
+    finish_reason: str = ""
+    resumed: int = 0
+    tool_calls: list[dict] = field(default_factory=list)  # {"name", "outcome", "seconds"} in call order
+    info: dict = field(default_factory=dict)
+
+    @property
+    def total_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def add_generated(self, s: Sample) -> None:
+        self.output_ids += s.output_ids
+        self.logprobs += s.logprobs
+        self.versions += s.versions
+        self.loss_mask += [1] * len(s.output_ids)
+        self.resumed += s.resumed
+        self.turns += 1
+
+    def add_context(self, ids: list[int], version: int) -> None:
+        self.output_ids += ids
+        self.logprobs += [0.0] * len(ids)
+        self.versions += [self.versions[-1] if self.versions else version] * len(ids)
+        self.loss_mask += [0] * len(ids)
+
+
+class EpisodeRunner:
+    """Runs conversations for one rollout server (shared: tool pool, renderer settings, metrics)."""
+
+    def __init__(self, ctx: EpisodeContext, tools=None):
+        self.ctx, self.cfg, self.tools = ctx, ctx.task_cfg, tools  # tools: a ToolPool (or None: no tool runs)
+        self.template = env_template(ctx.tokenizer, ctx.task_cfg)
+
+    async def run_group(self, credit: Credit) -> TrajectoryGroup:
+        example = self.ctx.task.example(credit.prompt_index, credit.epoch)
+        convs = await asyncio.gather(*(self.run(example) for _ in range(self.cfg.group_size)))
+        trajectories = [self.trajectory(c) for c in convs]
+        ctx = self.ctx
+        return TrajectoryGroup(group_id=f"{ctx.server_id}-{credit.lease_id}", server_id=ctx.server_id,
+                               lease_id=credit.lease_id, prompt_index=credit.prompt_index, epoch=credit.epoch,
+                               trajectories=trajectories)
+
+    async def run(self, example) -> Conversation:
+        """One conversation to its end (module docstring: the limits)."""
+        env = load_environment(self.cfg.env)
+        registry = ToolRegistry(getattr(env, "tools", None))
+        renderer = ChatRenderer(self.ctx.tokenizer, self.template, registry.openai() if registry else None)
+        messages = check_messages(await maybe_await(env.reset(example)), "reset")
+        conv = Conversation(prompt_ids=renderer.prompt_ids(messages), messages=messages)
+        try:
+            await asyncio.wait_for(self._turns(conv, env, registry, renderer), self.cfg.episode_timeout_s)
+        except (TimeoutError, asyncio.TimeoutError):
+            conv.finish_reason = "episode_timeout"
+        self.observe(conv)
+        return conv
+
+    async def _turns(self, conv: Conversation, env, registry: ToolRegistry, renderer: ChatRenderer) -> None:
+        ctx, cfg = self.ctx, self.cfg
+        while True:
+            budget = min(cfg.max_new_tokens, cfg.max_episode_tokens - conv.total_tokens)
+            if budget <= 0:
+                conv.finish_reason = "max_tokens"
+                return
+            try:
+                sample = await asyncio.wait_for(generate_sample(
+                    ctx.client, conv.prompt_ids + conv.output_ids, ctx.sampling_params(), budget,
+                    ctx.current_version_fn, ctx.metrics), cfg.turn_timeout_s)
+            except (TimeoutError, asyncio.TimeoutError):
+                conv.finish_reason = "turn_timeout"
+                return
+            conv.add_generated(sample)
+            text = ctx.tokenizer.decode(sample.output_ids, skip_special_tokens=True)
+            calls = parse_tool_calls(text) if registry else []
+            if calls:
+                result = StepResult([await self.call_tool(conv, registry, c) for c in calls])
+            else:
+                result = as_step_result(await maybe_await(env.step(text)))
+                conv.reward += result.reward
+                conv.info.update(result.info)
+            before = conv.messages
+            conv.messages = before + [{"role": "assistant", "content": text}] + result.messages
+            if result.done:
+                conv.finish_reason = "stop"
+                return
+            if conv.turns >= cfg.max_turns:
+                conv.finish_reason = "max_turns"
+                return
+            cont = renderer.continuation_ids(before, text, sample.output_ids, result.messages)
+            if conv.total_tokens + len(cont) >= cfg.max_episode_tokens:  # no room left to generate
+                conv.finish_reason = "max_tokens"
+                return
+            conv.add_context(cont, ctx.current_version_fn())
+
+    async def call_tool(self, conv: Conversation, registry: ToolRegistry, call) -> dict:
+        """Run one call; every failure becomes an error message the model reads."""
+        problem = registry.check(call)
+        if problem:
+            outcome, content, seconds = "invalid", problem, 0.0
+        elif self.tools is None:
+            outcome, content, seconds = "error", "tools are not available on this server", 0.0
+        else:
+            r = await self.tools.call(registry.specs[call.name], call.arguments)
+            outcome, content, seconds = r.outcome, r.content, r.seconds
+        name = call.name if call.name in registry.specs else "unknown"
+        conv.tool_calls.append({"name": name, "outcome": outcome, "seconds": round(seconds, 4)})
+        m = self.ctx.metrics
+        if m is not None:
+            m.counter("rollout/tool_calls", "tool calls by tool and outcome (ok, error, timeout, invalid)",
+                      ("tool", "outcome")).labels(tool=name, outcome=outcome).inc()
+            if outcome != "invalid":
+                m.histogram("rollout/tool_seconds", "wall time of one tool call", ("tool",),
+                            buckets=TOOL_SECONDS_BUCKETS).labels(tool=name).observe(seconds)
+        return tool_message(name, content, error=outcome != "ok")
+
+    def observe(self, conv: Conversation) -> None:
+        m = self.ctx.metrics
+        if m is None:
+            return
+        m.histogram("rollout/episode_turns", "assistant turns per multi-turn episode", buckets=TURN_BUCKETS
+                    ).observe(conv.turns)
+        m.histogram("rollout/episode_tokens", "prompt + output tokens per multi-turn episode",
+                    buckets=TOKEN_BUCKETS).observe(conv.total_tokens)
+        m.counter("rollout/episodes_finished", "multi-turn episodes by finish reason", ("reason",)).labels(
+            reason=conv.finish_reason).inc()
+        generated, total = sum(conv.loss_mask), len(conv.loss_mask)
+        m.counter("rollout/output_tokens_generated", "output tokens the policy generated (loss_mask 1)").inc(generated)
+        m.counter("rollout/output_tokens_context", "output tokens of environment, tools and markup (loss_mask 0)"
+                  ).inc(total - generated)
+        if total:
+            m.gauge("rollout/masked_token_share", "share of the last episode's output tokens that are context"
+                    ).set((total - generated) / total)
+
+    def trajectory(self, conv: Conversation) -> Trajectory:
+        said = [m["content"] for m in conv.messages if m["role"] == "assistant"]
+        meta = {"turns": conv.turns, "resumed": conv.resumed, "tool_calls": conv.tool_calls,
+                "messages": conv.messages, "text": said[-1] if said else ""}
+        if conv.info:
+            meta["info"] = conv.info
+        return Trajectory.of(prompt_ids=as_i32(conv.prompt_ids), output_ids=as_i32(conv.output_ids),
+                             behav_logp=as_f32(conv.logprobs), versions=as_i32(conv.versions), reward=float(conv.reward),
+                             finish_reason=conv.finish_reason, metadata=meta, loss_mask=as_i32(conv.loss_mask))

@@ -1,0 +1,97 @@
+"""The shipped environments (areal_like/envs.py): their rewards by hand, the calculator tool's
+grammar, and demos that replay through the environment they were written for."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from areal_like.config import TaskConfig
+from areal_like.envs import GUESS_TURN_COST, Calculator, GuessNumber, calc
+from areal_like.tasks import Example, make_task
+from areal_like.tools import ToolRegistry, parse_tool_calls
+
+
+def test_calc_evaluates_integer_arithmetic_only():
+    assert calc("347*29") == "10063" and calc(" 7 - 10 // 3 ") == "4" and calc("-2*3") == "-6"
+    for bad in ("__import__('os')", "2**100", "1.5*2", "x+1", "1" * 65):
+        with pytest.raises(ValueError):
+            calc(bad)
+
+
+def test_calculator_rewards_the_right_product_once():
+    env = Calculator()
+    assert env.reset(Example("347*29", "10063")) == [{"role": "user", "content": "347*29"}]
+    assert env.step(" 10063 ") == ([], 1.0, True, {"correct": True})
+    assert env.step("10064") == ([], 0.0, True, {"correct": False})
+
+
+def test_guessing_scores_fewer_turns_higher():
+    env = GuessNumber()
+    env.reset(Example("guess1-32", "20"))
+    assert env.step("16") == ([{"role": "user", "content": "higher"}], 0.0, False, {})
+    assert env.step("24") == ([{"role": "user", "content": "lower"}], 0.0, False, {})
+    assert env.step("20") == ([], 1.0 - 2 * GUESS_TURN_COST, True, {"found": True, "guesses": 3})
+    env.reset(Example("guess1-32", "20"))
+    assert env.step("twenty") == ([], 0.0, True, {"found": False, "guesses": 1})
+
+
+@pytest.mark.parametrize("env_cls,task", [(Calculator, "calc"), (GuessNumber, "guess")])
+def test_demos_replay_through_their_environment(env_cls, task):
+    examples = make_task(TaskConfig(name=task))
+    rng = random.Random(0)
+    registry = ToolRegistry(getattr(env_cls, "tools", None))
+    rewards = []
+    for i in range(40):
+        ex = examples.example(i)
+        demo, env = env_cls.demo(ex, rng), env_cls()
+        assert env.reset(ex) == demo[:1]
+        k, reward, done = 1, 0.0, False
+        while k < len(demo):
+            text = demo[k]["content"]
+            calls = parse_tool_calls(text)
+            if calls:  # the demo's tool message is what the tool answers
+                assert registry.check(calls[0]) == ""
+                assert demo[k + 1]["content"] == calc(**calls[0].arguments)
+                k += 2
+                continue
+            new, r, done, _ = env.step(text)
+            reward += r
+            assert demo[k + 1:k + 1 + len(new)] == new
+            k += 1 + len(new)
+        assert done
+        rewards.append(reward)
+    assert 0 < sum(rewards) / len(rewards) < 1  # some demos are imperfect: RL has something to improve
+
+
+def test_the_warm_start_sees_a_demo_laid_out_as_the_episode_would_be():
+    from areal_like.config import load_config
+    from areal_like.environment import ChatRenderer
+    from areal_like.tokenizer import char_tokenizer
+    from launch.warmstart import _demo_pairs
+
+    cfg = load_config(["experiment=calc_env"])
+    tok, task = char_tokenizer(), make_task(cfg.task)
+    index = next(i for i in range(50) if len(Calculator.demo(task.example(i), random.Random(i))) == 4)
+    demo = Calculator.demo(task.example(index), random.Random(index))
+    pairs = _demo_pairs(cfg, task, [index], tok, random.Random(index))
+    assert len(pairs) == 2  # one per assistant turn
+    # the episode: prompt, the generated call + EOS, the template's continuation, the generated answer + EOS
+    r = ChatRenderer(tok, cfg.task.chat_template, [{"type": "function", "function": Calculator.tools[0]}])
+    call = r.encode(demo[1]["content"]) + [tok.eos_token_id]
+    episode = r.prompt_ids(demo[:1]) + call + r.continuation_ids(demo[:1], demo[1]["content"], call, demo[2:3])
+    assert pairs[0] == (r.prompt_ids(demo[:1]), call)
+    assert pairs[1] == (episode, r.encode(demo[3]["content"]) + [tok.eos_token_id])
+
+
+def test_the_preflight_names_an_environment_that_cannot_load():
+    from areal_like.config import load_config
+    from launch.preflight import check_env
+
+    assert check_env(load_config(["experiment=calc_env"])) == []
+    assert check_env(load_config(["experiment=calc_env", "task.env=areal_like.envs:Nope"])) == [
+        "task.env='areal_like.envs:Nope' cannot be loaded: AttributeError: module 'areal_like.envs' has no attribute 'Nope'"]
+    bad = check_env(load_config(["experiment=calc_env", "task.env=areal_like.envs:calc"]))  # a function, not a class
+    assert bad == ["task.env='areal_like.envs:calc' cannot be loaded: TypeError: calc() missing 1 required "
+                   "positional argument: 'e'"]
