@@ -1,5 +1,6 @@
 """What a trajectory group must hold before anyone trains on it: a non-empty prompt in every
-trajectory, and token ids inside the model's vocabulary ``[0, vocab_size)``.
+trajectory, a loss mask of 0s and 1s (decode checks only its length: this is the one pass over its
+values), and token ids inside the model's vocabulary ``[0, vocab_size)``.
 
 One check for two places: the buffer refuses such a group at admission (``Ack`` rejected with the
 reason, counted in ``buffer/rejected``), and the trainer drops one that reaches it anyway (a WAL
@@ -11,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from areal_like.protocol import TrajectoryGroup
+from areal_like.protocol import TrajectoryGroup, mask_values_ok
 
-REASONS = ("empty_prompt", "token_out_of_vocab")
+REASONS = ("empty_prompt", "bad_loss_mask", "token_out_of_vocab")
 
 
 def content_problem(group: TrajectoryGroup, vocab_size: int) -> str | None:
@@ -23,6 +24,8 @@ def content_problem(group: TrajectoryGroup, vocab_size: int) -> str | None:
     for i, t in enumerate(group.trajectories):
         if len(t.prompt_ids) == 0:
             return f"empty_prompt: trajectory {i} has no prompt tokens (its first output token has nothing to follow)"
+        if not mask_values_ok(t.loss_mask_wire):
+            return f"bad_loss_mask: trajectory {i} has loss_mask values other than 0 (context) and 1 (generated)"
         arrays += [t.prompt_ids, t.output_ids]
     if vocab_size <= 0 or not arrays:
         return None

@@ -17,7 +17,7 @@ COUNTERS = ("groups_accepted", "groups_duplicate", "groups_consumed", "credits_g
             "groups_deferred")
 LABELLED = {"groups_dropped": ("stale", "equal_rewards", "max_tokens", "unreadable"),
             "rejected": ("decode", "unknown_lease", "lease_mismatch", "future_version", "not_trainer", "version_jump",
-                         "reserved_id", "empty_prompt", "token_out_of_vocab")}
+                         "reserved_id", "empty_prompt", "bad_loss_mask", "token_out_of_vocab")}
 
 
 class BufferMetrics:
