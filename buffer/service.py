@@ -29,6 +29,7 @@ from areal_like.daemon import Daemon
 from areal_like.peers import is_trainer_peer, takes_trainer_prefix
 from areal_like.ratelog import RateLimitedLog
 from areal_like.transport import Publisher, Server
+from buffer import peer_caps
 from buffer.control import ControlPlane
 from buffer.credits import CreditLedger, invalid_group, version_range
 from buffer.diskspace import MIN_SEGMENT_BYTES, DiskGuard
@@ -82,6 +83,7 @@ class BufferService(Daemon):
         # by the hand-out too)
         self.handout = Handout(self.store, self.wal.read_group, self._drop, self._on_consumed, self.instruments,
                                self.log)
+        self.caps = peer_caps.PeerCaps()  # what one peer may hold: held BatchRequests, server ids
         self.seen: dict[str, None] = {}  # accepted group ids (ordered: oldest are forgotten first)
         self._waiting: deque[tuple] = deque()  # (ticket, peer, req_id, reply, type, t); peer None: publish
         self._publish: list[P.Message] = []  # to publish once this iteration's control record is durable
@@ -198,12 +200,20 @@ class BufferService(Daemon):
 
     def handle(self, peer: bytes, req_id: bytes, msg: P.Message | P.ProtocolError, frame: bytes) -> None:
         received = self.clock()
-        if isinstance(msg, P.BatchRequest):
+        if (over := self.caps.refusal(peer, msg, self.handout.pending, self.control.roster)):
+            refused = self._refuse(peer_caps.REASON, over)
+            reply = P.Batch(groups=[], trainer_version=msg.trainer_version, reason=refused.reason) \
+                if isinstance(msg, P.BatchRequest) else refused
+            kind = msg.TYPE
+        elif isinstance(msg, P.BatchRequest):
             self.handout.hold(peer, req_id, msg, received)  # answered by settle(), now or when its wait is over
             return
         elif isinstance(msg, P.ProtocolError):  # frame_too_large: refused from its length, never decoded
             label = "frame_too_large" if len(frame) > self.frame_limit else "decode"
-            reply, kind = self._refuse(label, f"a frame from {peer[:64]!r}: {msg}", ref=""), "invalid"
+            self.instruments.count("rejected", reason=label)
+            self.rejections.warning(label, "rejected %s frame from %r: %s", "an oversized" if label != "decode"
+                                    else "an undecodable", peer[:64], msg)
+            reply, kind = P.Ack(ref="", status="rejected", reason=f"{label}: {msg}"), "invalid"
         elif isinstance(msg, P.TrajectoryGroup):
             reply, kind = self._on_group(msg, frame), msg.TYPE
         elif isinstance(msg, P.VersionUpdate):
