@@ -275,6 +275,39 @@ def model_vocab_size(model: ModelConfig) -> int:
     return size
 
 
+# A group's frame: per trajectory its prompt ids (4 bytes a token), output ids, behaviour log-probs and
+# versions and loss mask (16 bytes an output token) and free-form metadata (reward details, errors).
+PROMPT_TOKEN_BYTES, OUTPUT_TOKEN_BYTES, TRAJECTORY_METADATA_BYTES = 4, 16, 64 * 1024
+FRAME_MARGIN = 2  # envelope, msgpack headers and what the estimate misses
+MIN_FRAME_BYTES = 4 * 1024 * 1024  # control messages too: a weight-sync plan lists every tensor (~65 bytes each)
+
+
+def request_frame_limit(cfg: RunConfig) -> int:
+    """The largest frame the buffer accepts: ``buffer.max_frame_bytes`` when set, else the biggest
+    group the job can produce, ``FRAME_MARGIN`` x ``task.group_size`` x (prompt tokens x 4 + output
+    tokens x 16 + metadata), at least ``MIN_FRAME_BYTES``. Prompts are bounded by
+    ``task.max_prompt_tokens`` or, when that is 0, by the model's context (``model_context``); output
+    tokens by ``task.max_new_tokens``, or for multi-turn episodes (``task.env``) ``task.max_episode_tokens``."""
+    if cfg.buffer.max_frame_bytes:
+        return cfg.buffer.max_frame_bytes
+    task = cfg.task
+    prompt = task.max_prompt_tokens or model_context(cfg.model)
+    # a multi-turn episode's output holds every turn and every environment message after the prompt
+    output = max(task.max_new_tokens, task.max_episode_tokens) if task.env else task.max_new_tokens
+    per_trajectory = prompt * PROMPT_TOKEN_BYTES + output * OUTPUT_TOKEN_BYTES + TRAJECTORY_METADATA_BYTES
+    return max(MIN_FRAME_BYTES, FRAME_MARGIN * task.group_size * per_trajectory)
+
+
+def model_context(model: ModelConfig) -> int:
+    """The model's context length: ``model.path``'s config.json (``max_position_embeddings``, or its
+    ``text_config``'s; 128k when it names none), else ``model.max_position_embeddings``. Read as JSON."""
+    if not model.path:
+        return model.max_position_embeddings
+    cfg = json.loads((Path(model.path) / "config.json").read_text())
+    size = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
+    return size if isinstance(size, int) and size > 0 else 128 * 1024
+
+
 def dataset_size(task: TaskConfig, model: ModelConfig) -> int:
     """Prompts in one epoch of the task's train split (the buffer's cursor range): after the
     ``task.max_prompt_tokens`` filter, counted with ``model``'s tokenizer as the rollout servers do."""

@@ -446,17 +446,21 @@ def encode_into(msg: Message, buffer: bytearray) -> None:
         raise ProtocolError(f"{len(buffer)} bytes exceeds the limit of {MAX_FRAME_BYTES}", "frame")
 
 
-def decode(data: bytes | bytearray | memoryview) -> Message:
+def decode(data: bytes | bytearray | memoryview, max_bytes: int | None = None) -> Message:
     """Parse and validate one frame. Raises only ProtocolError, for any input. Arrays are
-    read-only numpy views of the frame, which they keep alive."""
+    read-only numpy views of the frame, which they keep alive. A frame over ``max_bytes`` (default
+    ``MAX_FRAME_BYTES``) is refused from its length alone, before anything is decoded: decoding can
+    take ~73x the frame's size (a msgpack list of empty maps is one byte per 72-byte dict), so the
+    size bound is the memory bound."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"frame must be bytes, got {type(data).__name__}", "frame")
+    limit = MAX_FRAME_BYTES if max_bytes is None else max_bytes
+    if (n := memoryview(data).nbytes) > limit:  # before any copy below
+        raise ProtocolError(f"{n} bytes exceeds the limit of {limit}", "frame")
     if isinstance(data, memoryview):
         data = data.toreadonly() if data.c_contiguous else data.tobytes()
     elif isinstance(data, bytearray):
         data = bytes(data)  # decoded arrays must not alias a buffer the caller may reuse
-    elif not isinstance(data, bytes):
-        raise ProtocolError(f"frame must be bytes, got {type(data).__name__}", "frame")
-    if (n := memoryview(data).nbytes) > MAX_FRAME_BYTES:
-        raise ProtocolError(f"{n} bytes exceeds the limit of {MAX_FRAME_BYTES}", "frame")
     try:
         return _DECODER.decode(data)
     except (msgspec.MsgspecError, UnicodeDecodeError) as e:  # msgspec reports bad UTF-8 in a key like this

@@ -192,8 +192,14 @@ class BufferConfig:
     wal_reserve_bytes: int = 64 * 1024 * 1024
     metrics_port: int = 0  # 0 = ephemeral
     max_epochs: int = 0  # 0 = unbounded passes over the dataset
+    # Largest request frame the buffer decodes (bigger ones are refused from their length, counted as
+    # rejected{frame_too_large}); decoding may take ~73x a frame's size, so this bounds its memory.
+    # 0 = sized to the job (areal_like.config.request_frame_limit: the biggest group it can produce).
+    max_frame_bytes: int = 0
 
     def __post_init__(self):
+        _check("buffer.max_frame_bytes", self.max_frame_bytes >= 0, ">= 0 (0 = sized to the job)",
+               self.max_frame_bytes)
         _check("buffer.max_staleness", self.max_staleness >= 0, ">= 0", self.max_staleness)
         _check("buffer.groups_per_step", self.groups_per_step >= 1, ">= 1", self.groups_per_step)
         _check("buffer.max_inflight", self.max_inflight >= 1, ">= 1", self.max_inflight)

@@ -36,6 +36,11 @@ Patterns and why:
   the size, to the daemon, which answers with a rejection); a bigger one is cut by libzmq while
   reading its header: the frame never reaches the application, that peer's connection is dropped
   (its DEALER reconnects; the request times out) and every other peer is served as before.
+  A ``Server`` may take a tighter limit (``max_frame_bytes``: the buffer's is sized to the job,
+  areal_like/config.py ``request_frame_limit``): frames above it are refused from their length,
+  never decoded, and its receive bound is ``INCOMING_LIMIT_FACTOR`` x that limit but at least
+  ``REFUSE_WINDOW_BYTES``, so a sender that is merely misconfigured still gets a rejection naming
+  the size (and the daemon counts it) instead of a silent cut; a frame there costs its size, briefly.
 
 * **Authentication.** Every socket is made by ``_new_socket``, which hands it to
   ``security.apply``: with the process's CURVE keys active, ROUTER/PUB sockets are CURVE servers
@@ -64,6 +69,7 @@ SNDHWM = 1000  # frames queued per peer before sends fail fast
 # Receive bound (MAXMSGSIZE) = this x protocol.MAX_FRAME_BYTES: a frame a little over the limit still
 # reaches decode and gets a rejection naming its size; a giant one is cut before it is allocated.
 INCOMING_LIMIT_FACTOR = 2
+REFUSE_WINDOW_BYTES = 64 * 1024 * 1024  # a Server with a tighter frame limit still receives and refuses up to this
 SCRATCH_KEEP_BYTES = 4 * 1024 * 1024  # bigger frames hand their buffer over instead of being copied and kept
 _SNDMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)  # ints: OR-ing zmq's IntFlag enums runs enum.py per frame
 
@@ -126,13 +132,15 @@ def recv_parts(sock: zmq.Socket, flags: int) -> list[zmq.Frame]:
     return parts
 
 
-def new_socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
-    """A socket with this module's options (linger, high-water marks, incoming size bound)."""
+def new_socket(ctx: zmq.Context, kind: int, receive_bound: int | None = None) -> zmq.Socket:
+    """A socket with this module's options (linger, high-water marks, incoming size bound: by default
+    ``INCOMING_LIMIT_FACTOR`` x the frame limit)."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, SNDHWM)
     sock.setsockopt(zmq.RCVHWM, SNDHWM)
-    sock.setsockopt(zmq.MAXMSGSIZE, INCOMING_LIMIT_FACTOR * protocol.MAX_FRAME_BYTES)  # see "Incoming size bound"
+    bound = INCOMING_LIMIT_FACTOR * protocol.MAX_FRAME_BYTES if receive_bound is None else receive_bound
+    sock.setsockopt(zmq.MAXMSGSIZE, bound)  # see "Incoming size bound"
     security.apply(sock)  # CURVE server or client with this process's keys (none: plain); before bind/connect
     return sock
 
@@ -235,13 +243,21 @@ class Server:
     """ROUTER side of request/reply. ``recv`` yields (peer, req_id, message-or-error).
 
     A frame that fails to decode is returned as a ProtocolError instead of a message, so the
-    daemon can answer with a rejection naming the field and keep serving.
+    daemon can answer with a rejection naming the field and keep serving. ``max_frame_bytes``
+    (default ``protocol.MAX_FRAME_BYTES``) is the largest frame decoded; see "Incoming size bound".
     """
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, *, max_frame_bytes: int | None = None):
         self.address = address
+        self.max_frame_bytes = max_frame_bytes
+        bound = None
+        if max_frame_bytes is not None:
+            if max_frame_bytes < 1:
+                raise ValueError(f"max_frame_bytes must be >= 1, got {max_frame_bytes}")
+            bound = min(INCOMING_LIMIT_FACTOR * protocol.MAX_FRAME_BYTES,
+                        max(INCOMING_LIMIT_FACTOR * max_frame_bytes, REFUSE_WINDOW_BYTES))
         self._ctx = zmq.Context.instance()
-        self._sock = new_socket(self._ctx, zmq.ROUTER)
+        self._sock = new_socket(self._ctx, zmq.ROUTER, bound)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished peers are dropped
         self._sock.bind(bind_address(address))
         self._poller = zmq.Poller()
@@ -268,7 +284,7 @@ class Server:
             return frames[0].bytes, frames[1].bytes if len(frames) > 1 else b"", error, b""
         peer, req_id, payload = frames[0].bytes, frames[1].bytes, frames[2].buffer
         try:
-            return peer, req_id, decode(payload), payload
+            return peer, req_id, decode(payload, self.max_frame_bytes), payload
         except ProtocolError as e:
             return peer, req_id, e, payload
 

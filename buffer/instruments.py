@@ -16,8 +16,9 @@ COUNTERS = ("groups_accepted", "groups_duplicate", "groups_consumed", "credits_g
             "credits_reissued", "credits_released", "wal_bytes_written", "batches_redelivered", "groups_redelivered",
             "groups_deferred")
 LABELLED = {"groups_dropped": ("stale", "equal_rewards", "max_tokens", "unreadable"),
-            "rejected": ("decode", "unknown_lease", "lease_mismatch", "future_version", "not_trainer", "version_jump",
-                         "reserved_id", "empty_prompt", "bad_loss_mask", "token_out_of_vocab")}
+            "rejected": ("decode", "frame_too_large", "unknown_lease", "lease_mismatch", "future_version", "not_trainer",
+                         "version_jump", "reserved_id", "empty_prompt", "bad_loss_mask", "token_out_of_vocab",
+                         "peer_limit")}
 
 
 class BufferMetrics:

@@ -24,14 +24,16 @@ from collections.abc import Callable
 
 from areal_like import group_checks, security
 from areal_like import protocol as P
-from areal_like.config import RunConfig, dataset_size, model_vocab_size
+from areal_like.config import RunConfig, dataset_size, model_vocab_size, request_frame_limit
 from areal_like.daemon import Daemon
 from areal_like.peers import is_trainer_peer, takes_trainer_prefix
 from areal_like.ratelog import RateLimitedLog
 from areal_like.transport import Publisher, Server
+from buffer import peer_caps
 from buffer.control import ControlPlane
 from buffer.credits import CreditLedger, invalid_group, version_range
 from buffer.diskspace import MIN_SEGMENT_BYTES, DiskGuard
+from buffer.expiry import expire
 from buffer.handout import Handout
 from buffer.instruments import BufferMetrics, service_gauges, service_stats
 from buffer.recovery import replay
@@ -57,6 +59,7 @@ class BufferService(Daemon):
         super().__init__(metrics_port=b.metrics_port)
         self.cfg, self.clock = b, clock
         self.vocab_size = model_vocab_size(cfg.model)  # token ids outside [0, vocab_size) are refused
+        self.frame_limit = request_frame_limit(cfg)  # bigger request frames are refused undecoded
         self.rejections = RateLimitedLog(self.log, REJECT_LOG_EVERY_S)  # counted in full in buffer/rejected
         self.policy = StalenessPolicy(b.max_staleness, b.groups_per_step, b.max_inflight,
                                       engine_lag=cfg.trainer.weight_sync.engine_lag)
@@ -80,6 +83,7 @@ class BufferService(Daemon):
         # by the hand-out too)
         self.handout = Handout(self.store, self.wal.read_group, self._drop, self._on_consumed, self.instruments,
                                self.log)
+        self.caps = peer_caps.PeerCaps()  # what one peer may hold: held BatchRequests, server ids
         self.seen: dict[str, None] = {}  # accepted group ids (ordered: oldest are forgotten first)
         self._waiting: deque[tuple] = deque()  # (ticket, peer, req_id, reply, type, t); peer None: publish
         self._publish: list[P.Message] = []  # to publish once this iteration's control record is durable
@@ -102,13 +106,13 @@ class BufferService(Daemon):
     # ------------------------------------------------------------------ lifecycle and the loop
     def start(self) -> None:
         self.recover()
-        self.server = Server(self.cfg.address)
+        self.server = Server(self.cfg.address, max_frame_bytes=self.frame_limit)
         if self.wal.wakeup_fd is not None:
             self.server.wake_on(self.wal.wakeup_fd)  # a finished fsync ends the wait for requests
         self.publisher = Publisher(self.cfg.pub_address)
-        self.log.info("serving on %s (pub %s): version %d, %d groups stored, %d leases, cursor %s",
-                      self.cfg.address, self.cfg.pub_address, self.control.version, len(self.store),
-                      self.ledger.in_flight, (self.ledger.next_index, self.ledger.epoch))
+        self.log.info("serving on %s (pub %s): version %d, %d groups stored, %d leases, cursor %s, frames up to %d "
+                      "bytes", self.cfg.address, self.cfg.pub_address, self.control.version, len(self.store),
+                      self.ledger.in_flight, (self.ledger.next_index, self.ledger.epoch), self.frame_limit)
 
     def run_once(self) -> None:
         busy = self._waiting and self.wal.wakeup_fd is None  # else the fsync thread ends the wait itself
@@ -121,7 +125,7 @@ class BufferService(Daemon):
         """The rest of a loop iteration: expire leases and silent servers (``sweep``), answer held
         BatchRequests, log what changed, send the replies that are durable now."""
         if sweep:
-            self._expire()
+            expire(self)
             self.disk.sweep(self.wal, self.checkpoint)
         for p, reply in self.handout.serve(self.clock()):
             self._queue_reply(p.peer, p.req_id, reply, p.request.TYPE, p.received)
@@ -196,13 +200,20 @@ class BufferService(Daemon):
 
     def handle(self, peer: bytes, req_id: bytes, msg: P.Message | P.ProtocolError, frame: bytes) -> None:
         received = self.clock()
-        if isinstance(msg, P.BatchRequest):
+        if (over := self.caps.refusal(peer, msg, self.handout.pending, self.control.roster)):
+            refused = self._refuse(peer_caps.REASON, over)
+            reply = P.Batch(groups=[], trainer_version=msg.trainer_version, reason=refused.reason) \
+                if isinstance(msg, P.BatchRequest) else refused
+            kind = msg.TYPE
+        elif isinstance(msg, P.BatchRequest):
             self.handout.hold(peer, req_id, msg, received)  # answered by settle(), now or when its wait is over
             return
-        if isinstance(msg, P.ProtocolError):
-            self.instruments.count("rejected", reason="decode")
-            self.rejections.warning("decode", "rejected an undecodable frame: %s", msg)
-            reply, kind = P.Ack(ref="", status="rejected", reason=f"decode: {msg}"), "invalid"
+        elif isinstance(msg, P.ProtocolError):  # frame_too_large: refused from its length, never decoded
+            label = "frame_too_large" if len(frame) > self.frame_limit else "decode"
+            self.instruments.count("rejected", reason=label)
+            self.rejections.warning(label, "rejected %s frame from %r: %s", "an oversized" if label != "decode"
+                                    else "an undecodable", peer[:64], msg)
+            reply, kind = P.Ack(ref="", status="rejected", reason=f"{label}: {msg}"), "invalid"
         elif isinstance(msg, P.TrajectoryGroup):
             reply, kind = self._on_group(msg, frame), msg.TYPE
         elif isinstance(msg, P.VersionUpdate):
@@ -212,8 +223,7 @@ class BufferService(Daemon):
         elif type(msg) in self._handlers:
             reply, kind = self._handlers[type(msg)](msg), msg.TYPE
         else:  # a valid message the buffer does not serve (e.g. a reply type sent by mistake)
-            self.instruments.count("rejected", reason="unexpected_type")
-            reply, kind = P.Ack(ref="", status="rejected", reason=f"type: {msg.TYPE} is not a request"), "invalid"
+            reply, kind = self._refuse("unexpected_type", f"{msg.TYPE} is not a request", ref=""), "invalid"
         self._queue_reply(peer, req_id, reply, kind, received)
 
     def _on_group(self, g: P.TrajectoryGroup, frame: bytes) -> P.Ack:
@@ -284,10 +294,12 @@ class BufferService(Daemon):
         return [P.Credit(lease_id=x.lease_id, prompt_index=x.prompt_index, epoch=x.epoch,
                          deadline_s=self.cfg.lease_timeout_s) for x in leases], reason
 
-    def _refuse(self, reason: str, detail: str) -> P.Ack:
+    def _refuse(self, reason: str, detail: str, ref: str | None = None) -> P.Ack:
+        """Count and log (rate-limited) a refusal; its Ack's ``ref`` is the buffer's version by default."""
         self.instruments.count("rejected", reason=reason)
         self.rejections.warning(reason, "refused: %s: %s", reason, detail)
-        return P.Ack(ref=str(self.control.version), status="rejected", reason=f"{reason}: {detail}")
+        return P.Ack(ref=str(self.control.version) if ref is None else ref, status="rejected",
+                     reason=f"{reason}: {detail}")
 
     def _on_version(self, m: P.VersionUpdate, peer: bytes) -> P.Ack:
         """Versions come only from the trainer, one at a time (buffer/STALENESS.md, Versions). A refusal's
@@ -302,26 +314,6 @@ class BufferService(Daemon):
             self._drop(self.store.drop_stale(m.policy_version), "stale")
             self._publish.append(m)  # once the new version is durable: a restart never goes back on it
         return P.Ack(ref=str(m.policy_version), status="ok")
-
-    def _expire(self) -> None:
-        if expired := self.ledger.expire():
-            self._dirty = True
-            self.instruments.count("credits_expired", len(expired))
-            self.log.warning("re-issuing %d expired leases (e.g. %s of %s)", len(expired),
-                             expired[0].lease_id, expired[0].server_id)
-        gone = set(self.control.expire())
-        if not self._orphans_checked and self.clock() - self._started_at > self.control.heartbeat_timeout_s:
-            # after a restart: leases restored for servers that never came back (a server heartbeats
-            # far more often than the timeout, so every live one has registered again by now)
-            self._orphans_checked = True
-            released = self.ledger.release(lambda sid: sid in self.control.roster)
-        else:
-            released = self.ledger.release(lambda sid: sid not in gone) if gone else []
-        if released:
-            self._dirty = True
-            self.instruments.count("credits_released", len(released))
-            self.log.warning("re-issuing %d leases of servers gone from the roster (%s)", len(released),
-                             ", ".join(sorted({x.server_id for x in released})))
 
     # ------------------------------------------------------------------ what ties the parts together
     def _drop(self, groups: list, reason: str, *, slots: bool = True) -> None:

@@ -133,8 +133,18 @@ class GenerateInput:
     prompt_ids_out: bool = False  # return_prompt_token_ids: echo the (tokenized) prompt
 
 
-def parse_generate(body: Any, tokenizer, vocab_size: int, context_len: int) -> GenerateInput:
-    """Validate a decoded ``/generate`` body; raises ApiError with SGLang's status and body."""
+def max_text_chars(tokenizer, context_len: int) -> int:
+    """The longest ``text`` that could still fit the context: no token covers more characters than
+    its longest vocabulary entry (byte-level BPE spells a byte as one character, SentencePiece a
+    character as one), so a longer text cannot be under ``context_len`` tokens. It is refused before
+    tokenizing: a 10 MB text held the event loop for seconds to end in the context-length error."""
+    return context_len * max(1, max((len(t) for t in tokenizer.get_vocab()), default=1))
+
+
+def parse_generate(body: Any, tokenizer, vocab_size: int, context_len: int,
+                   max_chars: int | None = None) -> GenerateInput:
+    """Validate a decoded ``/generate`` body; raises ApiError with SGLang's status and body. A
+    ``text`` longer than ``max_chars`` (``max_text_chars``) is refused with 400 without tokenizing."""
     if not isinstance(body, dict):
         raise validation_error(f"[{{'type': 'dataclass_type', 'loc': ('body',), 'msg': 'Input should be a "
                                f"dictionary or an instance of GenerateReqInput', 'input': {body!r}}}]")
@@ -145,6 +155,10 @@ def parse_generate(body: Any, tokenizer, vocab_size: int, context_len: int) -> G
         raise value_error("Either text, input_ids or input_embeds should be provided.")
     if text is not None:
         is_batch = isinstance(text, list)
+        for t in text if is_batch else [text]:
+            if max_chars is not None and len(t) > max_chars:
+                raise value_error(f"The input text ({len(t)} characters) is longer than the model's context length "
+                                  f"({context_len} tokens) can hold (at most {max_chars} characters).")
         prompts = [tokenizer.encode(t) for t in (text if is_batch else [text])]
     else:
         is_batch = bool(input_ids) and isinstance(input_ids[0], list)

@@ -24,7 +24,7 @@ from dataclasses import replace
 from aiohttp import web
 
 from areal_like.http_guard import HttpLimits, guarded_app
-from rollout_server.engine.api import ApiError, build_output, parse_generate, validation_error
+from rollout_server.engine.api import ApiError, build_output, max_text_chars, parse_generate, validation_error
 from rollout_server.engine.metrics import CONTENT_TYPE
 from rollout_server.engine.scheduler import Request
 from rollout_server.engine.weights_tensor import update_from_tensor
@@ -136,6 +136,7 @@ class EngineHttp:
         self.e = engine
         self.api_key, self.limits = api_key, limits
         self.gate: Gate | None = None  # created on the server's event loop
+        self.max_text_chars: int | None = None  # longest text worth tokenizing (api.max_text_chars), at startup
         self.hold_posted = False  # an in_place/retract pause posted a hold that no continue released yet
 
     def app(self) -> web.Application:
@@ -166,6 +167,7 @@ class EngineHttp:
 
     async def _startup(self, app) -> None:
         self.gate = Gate()
+        self.max_text_chars = max_text_chars(self.e.tokenizer, self.e.context_len)  # checked before tokenizing
 
     @web.middleware
     async def _errors(self, request: web.Request, handler):
@@ -186,7 +188,7 @@ class EngineHttp:
     # ---- generation
     async def generate(self, request: web.Request) -> web.StreamResponse:
         e = self.e
-        inp = parse_generate(await _body(request), e.tokenizer, e.vocab_size, e.context_len)
+        inp = parse_generate(await _body(request), e.tokenizer, e.vocab_size, e.context_len, self.max_text_chars)
         await self.gate.enter()
         try:
             if inp.stream:
