@@ -33,7 +33,7 @@ class RecordingBroadcaster:
         self.pushed: list[tuple[int, torch.Tensor]] = []
         self.announced: list[int] = []
 
-    def push(self, model, version, announce=None):
+    def push(self, model, version, announce=None, wait=True):
         self.pushed.append((version, model.weight.detach().clone()))
         self.announced.append(version if announce is None else announce)
         return SyncReport(version=version)
@@ -103,7 +103,7 @@ def test_admission_admits_exactly_the_lag(every):
     for v in range(4 * every + 3):
         engine = every * (v // every)
         assert policy.engine_can_start(engine, v)
-        grant = policy.capacity(v, started, in_flight=0)
+        grant = policy.capacity(v * B, started, in_flight=0)  # consumed: one batch per version so far
         assert grant == B  # exactly one batch per version: nothing is generated to go stale
         store += [engine] * grant
         started += grant

@@ -68,6 +68,8 @@ def world_of_one():
     dist.destroy_process_group()
 
 
+@pytest.mark.skip(reason="a one-rank trainer is no longer FSDP-sharded (trainer/model.py), so one process cannot "
+                         "reach the unsharded-after-no-grad state; needs a two-rank rewrite (open, issue 22 note)")
 def test_vcpo_score_norms_after_a_no_grad_pass(world_of_one):
     from trainer.model import build_policy
 
