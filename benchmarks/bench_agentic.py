@@ -20,14 +20,12 @@ import json
 import os
 import random
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_async import phase_means, phases, throughput  # noqa: E402
+from bench_async import speedup_line  # noqa: E402
 
 from areal_like.config import load_config  # noqa: E402
 from areal_like.envs import LongTail  # noqa: E402
@@ -64,27 +62,8 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=8, help="groups per step (x8 samples)")
     ap.add_argument("--keep", default=None, help="keep both run directories under this path")
     args = ap.parse_args()
-    if len(os.sched_getaffinity(0)) < 2:
-        raise SystemExit("needs 2 cores: one for the rollout pool, one for the trainer pool")
-    t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="bench_agentic_") as tmp:
-        root = Path(args.keep) if args.keep else Path(tmp)
-        sync = run_once(root / "eta0", 0, args)
-        asyn = run_once(root / "eta4", 4, args)
-    sps_sync, sps_async = throughput(sync, args.skip), throughput(asyn, args.skip)
-    g, t = phases(sync, args.skip)
-    achieved, ideal = sps_async / sps_sync, (g + t) / max(g, t)
-    print(json.dumps({
-        "name": "agentic_async_vs_sync_speedup", "figure": round(achieved, 3),
-        "unit": "x (trained samples/s, eta=4 / eta=0)", "baseline": round(ideal, 3),
-        "ratio": round(achieved / ideal, 3), "goal": 0.8,
-        "samples_per_s_eta0": round(sps_sync, 2), "samples_per_s_eta4": round(sps_async, 2),
-        "generation_s": round(g, 3), "training_s": round(t, 3), "turns": turn_distribution(),
-        "staleness_mean_eta4": round(sum(r["staleness_mean"] for r in asyn) / len(asyn), 2),
-        "phases_eta0": phase_means(sync, args.skip), "phases_eta4": phase_means(asyn, args.skip),
-        "steps": args.steps, "wall_s": round(time.monotonic() - t0, 1),
-    }))
-
+    line = speedup_line("agentic_async_vs_sync_speedup", "bench_agentic_", run_once, args)
+    print(json.dumps({**line, "turns": turn_distribution()}))
 
 if __name__ == "__main__":
     main()

@@ -82,27 +82,33 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--keep", default=None, help="keep both run directories under this path")
     args = ap.parse_args()
+    line = speedup_line("async_vs_sync_speedup", "bench_async_", run_once, args)
+    print(json.dumps({**line, "model": args.model, "max_new_tokens": args.max_new_tokens}))
+
+
+def speedup_line(name: str, prefix: str, run_once, args) -> dict:
+    """Run the workload at eta = 0 and eta = 4 (``run_once(run_dir, eta, args)``, one after the other)
+    and compare: figure = trained samples/s at eta 4 over eta 0, baseline = the ideal speedup from
+    eta 0's measured generation and training phases, ratio = achieved / ideal."""
     if len(os.sched_getaffinity(0)) < 2:
         raise SystemExit("needs 2 cores: one for the rollout pool, one for the trainer pool")
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="bench_async_") as tmp:
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         root = Path(args.keep) if args.keep else Path(tmp)
         sync = run_once(root / "eta0", 0, args)
         asyn = run_once(root / "eta4", 4, args)
     sps_sync, sps_async = throughput(sync, args.skip), throughput(asyn, args.skip)
     g, t = phases(sync, args.skip)
     achieved, ideal = sps_async / sps_sync, (g + t) / max(g, t)
-    print(json.dumps({
-        "name": "async_vs_sync_speedup", "figure": round(achieved, 3), "unit": "x (trained samples/s, eta=4 / eta=0)",
+    return {
+        "name": name, "figure": round(achieved, 3), "unit": "x (trained samples/s, eta=4 / eta=0)",
         "baseline": round(ideal, 3), "ratio": round(achieved / ideal, 3), "goal": 0.8,
         "samples_per_s_eta0": round(sps_sync, 2), "samples_per_s_eta4": round(sps_async, 2),
         "generation_s": round(g, 3), "training_s": round(t, 3),
         "staleness_mean_eta4": round(sum(r["staleness_mean"] for r in asyn) / len(asyn), 2),
         "phases_eta0": phase_means(sync, args.skip), "phases_eta4": phase_means(asyn, args.skip),
-        "steps": args.steps, "model": args.model, "max_new_tokens": args.max_new_tokens,
-        "wall_s": round(time.monotonic() - t0, 1),
-    }))
-
+        "steps": args.steps, "wall_s": round(time.monotonic() - t0, 1),
+    }
 
 if __name__ == "__main__":
     main()
