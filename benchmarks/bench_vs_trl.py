@@ -33,6 +33,7 @@ above the cores) the lines carry a warning.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -171,7 +172,8 @@ def run_trl(root: Path, warm: str, cpus: list[int], budget_s: float, eval_n: int
     trainer = GRPOTrainer(model=load_hf(cfg, warm), reward_funcs=exact_match_rewards, args=args,
                           train_dataset=data, processing_class=load_tokenizer(cfg.model),
                           callbacks=[Budget()])
-    trainer.train()
+    with contextlib.redirect_stdout(sys.stderr):  # its end-of-training dict would break the JSON lines
+        trainer.train()
     steps = len(ends) - 1
     seconds = ends[-1] - ends[0]
     samples = steps * prompts_per_step * t.group_size
