@@ -209,6 +209,10 @@ def main() -> None:
         print(f"[bench_vs_trl] {TRL_MISSING}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_vs_trl_") as tmp:
         root = Path(args.keep).resolve() if args.keep else Path(tmp)
+        taken = [str(root / d) for d in (*(f"ours_eta{e}" for e in ETAS), "trl") if (root / d).exists()]
+        if taken:  # a trainer would resume the old checkpoint and the export refuses an existing directory
+            raise SystemExit(f"--keep {root}: {', '.join(taken)} exist from an earlier run; choose a new directory "
+                             "(copy its warmstart/ there to reuse the warm start)")
         # the warm start is cached beside the runs (warm_start.cache_dir): a rerun with --keep reuses it
         warm_cfg = ensure_warm_start(workload(root / "warm"), log=lambda m: print(f"[warm-start] {m}", file=sys.stderr))
         warm = warm_cfg.model.path
