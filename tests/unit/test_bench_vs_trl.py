@@ -1,0 +1,46 @@
+"""The pure pieces of benchmarks/bench_vs_trl.py: TRL's reward wrapper and our throughput window."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_vs_trl.py"
+_spec = importlib.util.spec_from_file_location("bench_vs_trl", _PATH)
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def test_reward_is_the_tasks_exact_match_per_completion():
+    # TRL passes the dataset's `answer` column by name, one entry per completion
+    got = bench.exact_match_rewards(["82", " 82 ", "8", "820", ""], answer=["82", "82", "82", "82", "0"],
+                                    prompts=["37+45="] * 5, completion_ids=[[]] * 5)
+    assert got == [1.0, 1.0, 0.0, 0.0, 0.0]
+
+
+def test_reward_refuses_mismatched_columns():
+    with pytest.raises(ValueError):
+        bench.exact_match_rewards(["1", "2"], answer=["1"])
+
+
+def test_throughput_from_budget_start_to_last_step_end():
+    recs = [{"time": 102.0, "seqs": 64}, {"time": 103.0, "seqs": 64}, {"time": 106.0, "seqs": 32}]
+    sps, samples, seconds = bench.rl_throughput(recs, start=100.0)
+    assert (samples, seconds) == (160, 6.0)
+    assert sps == pytest.approx(160 / 6.0)
+
+
+def test_throughput_refuses_no_steps_and_a_bad_window():
+    with pytest.raises(ValueError, match="no trainer step"):
+        bench.rl_throughput([], start=0.0)
+    with pytest.raises(ValueError, match="after the start"):
+        bench.rl_throughput([{"time": 5.0, "seqs": 64}], start=5.0)
+
+
+def test_budget_starts_at_the_guard_record():
+    rows = [{"time": 1.0, "event": "resume"}, {"time": 2.5, "event": "logprob_guard", "passed": True},
+            {"time": 3.0, "step": 1, "seqs": 64}]
+    assert bench.rl_start(rows) == 2.5
+    assert bench.rl_start([{"time": 3.0, "step": 1}]) is None
