@@ -3,8 +3,9 @@
 Owns: the weight-update process group on trainer rank 0 (``WeightBroadcaster``), the broadcast
 of every bucket (planned and packed by ``trainer.weight_buckets``: one flattened uint8 broadcast
 per bucket, the next bucket packed while the previous one is on the wire), the wait for the
-members' ``SyncDone`` reports (the buffer's ``SyncStatus``) and the ``VersionUpdate``
-announcement; for a model that fits in the two staging buffers, ``push(wait=False)`` does all
+members' ``SyncDone`` reports (the buffer's ``SyncStatus``; ``trainer.weight_members``, which
+also runs each push's attempts and its re-push to the survivors of a lost member) and the
+``VersionUpdate`` announcement; for a model that fits in the two staging buffers, ``push(wait=False)`` does all
 of that after the packing in a background thread on rank 0 (the trainer trains the next step
 meanwhile). The engines' HTTP side (pause, receive, continue) is driven by each rollout server.
 
@@ -48,7 +49,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
-import torch.distributed as dist
 
 from areal_like.config import WeightSyncConfig
 from areal_like.distributed import destroy_weight_group, free_port, init_weight_group
@@ -71,15 +71,7 @@ from trainer.weight_catch_up import catch_up, decide
 from trainer.weight_guard import BUFFER_REQUEST_TIMEOUT_S, Watchdog, wait_work
 from trainer.weight_guard import bounded as _bounded
 from trainer.weight_local import LocalSender, push_local
-from trainer.weight_members import (
-    ROSTER_POLL_S,
-    MembersLost,
-    RendezvousWatch,
-    await_members,
-    failed_members,
-    merge_repush,
-    repush_targets,
-)
+from trainer.weight_members import ROSTER_POLL_S, RendezvousWatch, await_members, failed_members, sync
 
 log = logging.getLogger("trainer.weight_sync")
 
@@ -272,7 +264,7 @@ class WeightBroadcaster:
                                                   args=(report, buckets, params, deadline, t_start, announce))
                 self._inflight.start()
             return replace(previous or SyncReport(version=version - 1), blocked_s=time.monotonic() - t_start)
-        self._sync(params, buckets, report, deadline, alone=False)
+        sync(self, params, buckets, report, deadline, alone=False)
         if self.rank == 0:
             self._announce(announce, report)
         report.seconds = report.blocked_s = time.monotonic() - t_start
@@ -300,7 +292,7 @@ class WeightBroadcaster:
     def _rank0_rest(self, report: SyncReport, buckets: list[BucketSpec], params, deadline: float,
                     t_start: float, announce: int) -> None:
         """Rank 0, background thread of an overlapped push: everything after the packing."""
-        self._sync(params, buckets, report, deadline, alone=True)  # only launches: every bucket is staged
+        sync(self, params, buckets, report, deadline, alone=True)  # only launches: every bucket is staged
         self._announce(announce, report)
         report.seconds = time.monotonic() - t_start
         self._done_report = report
@@ -313,71 +305,6 @@ class WeightBroadcaster:
             tensors = self._gather(params, b)
             if self.rank == 0:
                 report.bytes += self._pipeline.stage(tensors)
-
-    def _sync(self, params, buckets: list[BucketSpec], report: SyncReport, deadline: float, *, alone: bool) -> None:
-        """One attempt and, when a member was lost and others missed the version with it, one
-        re-push to those survivors within the same deadline (``trainer.weight_members``). ``alone``:
-        rank 0 only (an overlapped push). A model in the staging buffers is re-sent from them by
-        rank 0 alone; a larger one is gathered again by every rank, so rank 0 tells them."""
-        staged = self._pipeline.staged_buckets()
-        lost = self._attempt(params, buckets, report, deadline, alone=alone)
-        in_staging = len(buckets) <= BucketPipeline.SLOTS
-        targets = repush_targets(self.client, report, lost, deadline) if self.rank == 0 else []
-        if not (alone or in_staging) and dist.is_initialized() and dist.get_world_size() > 1:
-            shared = [targets]
-            dist.broadcast_object_list(shared, src=0)
-            targets = shared[0]
-        if not targets:
-            return
-        if self.rank == 0:
-            log.warning("weight sync v%d: lost %s; pushing it again to %s", report.version,
-                        sorted(set(report.members) - set(targets) - set(report.done)), targets)
-        again = SyncReport(version=report.version)
-        if in_staging:
-            self._pipeline.restage(staged)
-        else:
-            self._stage_first(params, buckets, again)
-        self._attempt(params, buckets, again, deadline, alone=alone or in_staging, only=targets)
-        if self.rank == 0:
-            merge_repush(report, again)
-
-    def _attempt(self, params, buckets: list[BucketSpec], report: SyncReport, deadline: float, *, alone: bool,
-                 only: list[str] | None = None) -> set[str]:
-        """One plan: set up (rank 0), broadcast (every rank gathers the unstaged buckets, unless
-        ``alone``), the members' reports (rank 0). Returns the members lost at the rendezvous."""
-        lost: set[str] = set()
-        send = self.rank == 0 and self._setup(report.version, buckets, report, deadline, only, lost)
-        if not alone and dist.is_initialized() and dist.get_world_size() > 1:
-            flag = [send]
-            dist.broadcast_object_list(flag, src=0)
-            send = flag[0]
-        if send:
-            self._transfer(params, buckets, report, deadline)
-        else:  # nobody to send to: drop the staged buckets
-            self._pipeline.abandon()
-            report.bytes = 0
-        if self.rank == 0 and (send or lost):  # after a lost member: the survivors' reports, before a re-push
-            self._await_members(report.version, report, deadline)
-            if report.dropped:
-                log.warning("weight sync v%d: dropped %s (lost, missed the %.0fs deadline or failed)",
-                            report.version, report.dropped, self.cfg.deadline_s)
-                self._group_key = None  # re-form without them next time
-        return lost
-
-    def _setup(self, version: int, buckets: list[BucketSpec], report: SyncReport, deadline: float,
-               only: list[str] | None = None, lost: set[str] | None = None) -> bool:
-        """Rank 0: ``_prepare``; a failure drops this version's sync (the next push re-forms). Members
-        lost at the rendezvous are added to ``lost``."""
-        try:
-            return self._prepare(version, buckets, report, deadline, only)
-        except Exception as e:  # rendezvous timeout, member lost, refused plan, buffer gone: drop this attempt
-            report.error = f"{type(e).__name__}: {e}"
-            log.warning("weight sync v%d: setup failed: %s", version, report.error)
-            if isinstance(e, MembersLost) and lost is not None:
-                lost.update(e.lost)
-            self._teardown()
-            report.dropped = list(report.members)  # nobody got this version from this plan
-            return False
 
     def catch_up(self, model: torch.nn.Module, version: int, timeout_s: float,
                  should_stop: Callable[[], bool] = lambda: False) -> int:

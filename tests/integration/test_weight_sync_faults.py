@@ -13,6 +13,10 @@ killed by PID during the first push (v1), at one of:
 * ``done``: after every bucket, before its ``SyncDone``: the trainer stops waiting for it when the
   buffer expires it, or at the deadline.
 
+``rendezvous`` runs twice: with six buckets of 0.25 MB (the re-push gathers every bucket again) and
+with two of 1 MB (``rendezvous-staged``: the whole model is in the staging buffers, which rank 0
+sends again as they are). ``bucket`` has six: A dies after the first, so B cannot have them all.
+
 In the first two, B survives A but misses v1 with it: the same push re-forms the group for B alone
 and pushes v1 again, within the same deadline. Each test checks that the v1 push returned (waited
 on with a generous bound) having blocked the trainer no longer than the deadline, that A is dropped
@@ -34,11 +38,12 @@ REPORT_WAIT_S = DEADLINE_S + 60.0  # how long the test waits for a report at mos
 STARTUP_S = 180.0
 
 
-@pytest.mark.parametrize("fault", ["rendezvous", "bucket", "done"])
+@pytest.mark.parametrize("fault", ["rendezvous", "rendezvous-staged", "bucket", "done"])
 def test_engine_killed_during_a_push_is_dropped_and_the_survivor_serves_this_version(
         fault, tmp_path, spawn_python, free_port, wait_until):
+    fault, bucket_mb = ("rendezvous", 1.0) if fault == "rendezvous-staged" else (fault, 0.25)  # the model: 1.3 MB
     cfg, cfg_path = write_config(tmp_path, free_port, [
-        f"trainer.weight_sync.deadline_s={DEADLINE_S}", "trainer.weight_sync.bucket_mb=0.25",
+        f"trainer.weight_sync.deadline_s={DEADLINE_S}", f"trainer.weight_sync.bucket_mb={bucket_mb}",
         f"buffer.heartbeat_timeout_s={HEARTBEAT_TIMEOUT_S}"])
     engines, urls = start_system(tmp_path, spawn_python, wait_until, cfg_path, ["rollout-a", "rollout-b"])
     a = Driver("rollout-a", urls["rollout-a"], cfg.buffer.address, fault=fault, engine_pid=engines["rollout-a"].pid)
