@@ -7,6 +7,14 @@ group, and ``_new_process_group_helper``; the result works with ``dist.broadcast
 with or without a default group in the process. Every wait is bounded: the rendezvous and the
 connection of the ranks by ``connect_timeout_s``, every later op by ``timeout_s``.
 
+Rank 0 can give up on a rendezvous early (``check``, called every ``check_every_s`` while the
+other ranks join, raises): its store server is kept apart from the client the group uses, and
+closing the server fails every join in progress at once, its own included, so the members that
+are alive learn within a moment that this group will not form (a peer that died before joining
+would otherwise hold every one of them until the connect timeout). The server lives as long as
+the group (``destroy_weight_group`` closes it): NCCL exchanges its unique id through it at the
+first op.
+
 Who can join (threat model: areal_like/SECURITY.md). Rank 0 hosts the rendezvous store on a socket
 bound to ``master_addr`` only (torch's own store server listens on every interface), and its gloo
 pairs listen on that address's interface too. Every key of the group lives under the PrefixStore
@@ -30,10 +38,14 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import timedelta
 
 LISTEN_BACKLOG = 128  # pending connections to the rendezvous port (engines' TP ranks join at once)
+ABANDON_JOIN_S = 5.0  # after an abort: how long rank 0 waits for its own join to fail (it does at once)
+_HOSTED: dict = {}  # rank 0: group -> the store server its rendezvous ran on (closed with the group)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -43,26 +55,69 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def init_weight_group(backend: str, master_addr: str, master_port: int, world_size: int, rank: int,
-                      group_name: str, timeout_s: float, connect_timeout_s: float | None = None):
-    """Join (rank 0: host) the named group. Raises on timeout (a missing peer never hangs us)."""
-    from torch.distributed.distributed_c10d import (
-        Backend,
-        PrefixStore,
-        _new_process_group_helper,
-        _world,
-        rendezvous,
-    )
-
+                      group_name: str, timeout_s: float, connect_timeout_s: float | None = None,
+                      check: Callable[[], None] | None = None, check_every_s: float = 0.5):
+    """Join (rank 0: host) the named group. Raises on timeout (a missing peer never hangs us), and
+    on rank 0 whatever ``check`` raised (the rendezvous is then abandoned and its store closed)."""
     timeout = timedelta(seconds=timeout_s)
     connect = timedelta(seconds=connect_timeout_s if connect_timeout_s is not None else timeout_s)
     if rank == 0:
-        raw = host_store(master_addr, master_port, world_size, connect)
-    else:
-        # Under torchrun TORCHELASTIC_USE_AGENT_STORE=True makes a tcp:// rendezvous connect to the elastic
-        # agent's store instead of hosting its own, and the weight group would never form.
-        with _env({"TORCHELASTIC_USE_AGENT_STORE": "False"}):
-            raw, rank, world_size = next(rendezvous(f"tcp://{master_addr}:{master_port}", rank, world_size,
-                                                    timeout=connect))
+        return _host_group(backend, master_addr, master_port, world_size, group_name, timeout, connect,
+                           check, check_every_s)
+    from torch.distributed.distributed_c10d import rendezvous
+
+    # Under torchrun TORCHELASTIC_USE_AGENT_STORE=True makes a tcp:// rendezvous connect to the elastic
+    # agent's store instead of hosting its own, and the weight group would never form.
+    with _env({"TORCHELASTIC_USE_AGENT_STORE": "False"}):
+        raw, rank, world_size = next(rendezvous(f"tcp://{master_addr}:{master_port}", rank, world_size,
+                                                timeout=connect))
+    return _build_group(backend, raw, master_addr, world_size, rank, group_name, timeout, connect)
+
+
+def _host_group(backend: str, master_addr: str, master_port: int, world_size: int, group_name: str,
+                timeout: timedelta, connect: timedelta, check: Callable[[], None] | None, check_every_s: float):
+    """Rank 0: serve the store, join the group through a client of it in a helper thread, and run
+    ``check`` meanwhile; on an exception from ``check`` close the server (every join fails) and re-raise."""
+    from torch.distributed import TCPStore
+
+    server = host_store(master_addr, master_port, world_size, connect)
+    result: dict = {}
+    abandoned = threading.Event()
+
+    def join() -> None:
+        try:
+            raw = TCPStore(master_addr, master_port, world_size, False, connect, use_libuv=True)
+            pg = _build_group(backend, raw, master_addr, world_size, 0, group_name, timeout, connect)
+        except Exception as e:
+            result["error"] = e
+            return
+        if abandoned.is_set():  # formed after all (an abort raced the last join): nobody will use it
+            _destroy(pg)
+        result["pg"] = pg
+
+    helper = threading.Thread(target=join, name=f"weight-group-{group_name[-8:]}", daemon=True)
+    helper.start()
+    try:
+        while helper.is_alive():
+            helper.join(check_every_s)
+            if helper.is_alive() and check is not None:
+                check()
+    except BaseException:
+        abandoned.set()
+        del server  # closes the store: every join in progress (the members', our own) fails now
+        helper.join(ABANDON_JOIN_S)
+        raise
+    if "error" in result:
+        raise result["error"]
+    _HOSTED[result["pg"]] = server
+    return result["pg"]
+
+
+def _build_group(backend: str, raw, master_addr: str, world_size: int, rank: int, group_name: str,
+                 timeout: timedelta, connect: timedelta):
+    """The group over a connected store client ``raw``: gloo connects the ranks now, NCCL at its first op."""
+    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
+
     raw.set_timeout(connect)  # gloo connects the ranks through the store now
     store = PrefixStore(group_name, raw)
     nccl = Backend(backend) == Backend.NCCL
@@ -80,8 +135,9 @@ def init_weight_group(backend: str, master_addr: str, master_port: int, world_si
 
 
 def host_store(master_addr: str, master_port: int, world_size: int, timeout: timedelta):
-    """Rank 0's rendezvous TCPStore, listening on ``master_addr`` only; waits (up to ``timeout``) until
-    ``world_size`` ranks connected, as torch's ``tcp://`` rendezvous does (SGLang's engines join it that way)."""
+    """Rank 0's rendezvous TCPStore server, listening on ``master_addr`` only (SGLang's engines join it
+    with torch's ``tcp://`` rendezvous). It does not wait for the ranks: their joins wait on each other
+    (``_build_group``), and rank 0 can close it while they do."""
     from torch.distributed import TCPStore
 
     family, kind, proto, _, address = socket.getaddrinfo(master_addr, master_port, type=socket.SOCK_STREAM)[0]
@@ -94,8 +150,8 @@ def host_store(master_addr: str, master_port: int, world_size: int, timeout: tim
         sock.close()
         raise
     # the store's server takes the descriptor over (and closes it with the store)
-    return TCPStore(master_addr, master_port, world_size, True, timeout, master_listen_fd=sock.detach(),
-                    use_libuv=True)
+    return TCPStore(master_addr, master_port, world_size, True, timeout, wait_for_workers=False,
+                    master_listen_fd=sock.detach(), use_libuv=True)
 
 
 def interface_of(address: str) -> str | None:
@@ -139,10 +195,15 @@ def _env(values: dict[str, str]):
 
 
 def destroy_weight_group(pg) -> None:
+    if pg is not None:
+        _destroy(pg)
+        _HOSTED.pop(pg, None)  # rank 0: the store server goes with its group
+
+
+def _destroy(pg) -> None:
     import torch.distributed as dist
 
-    if pg is not None:
-        try:
-            dist.destroy_process_group(pg)
-        except Exception:  # a group broken by a dead peer may refuse a clean teardown
-            pass
+    try:
+        dist.destroy_process_group(pg)
+    except Exception:  # a group broken by a dead peer may refuse a clean teardown
+        pass

@@ -420,10 +420,11 @@ class RolloutServer(Daemon):
         self.wake.set()
 
     def next_plan(self) -> WeightSyncPlan | None:
-        """The newest pending plan; older ones are superseded (their trainer has moved on)."""
+        """The newest pending plan; older ones are superseded (their trainer has moved on). Of two
+        plans of one version the later wins: a re-push replaces the attempt before it."""
         if not self.plans:
             return None
-        key = max(self.plans, key=lambda k: k[0])
+        key = max(reversed(list(self.plans)), key=lambda k: k[0])  # max keeps the first of equals
         self.plans_handled.update(self.plans)
         plan = self.plans[key]
         self.plans.clear()

@@ -296,8 +296,8 @@ class Trainer(Daemon):
             "phase_seconds": dict(self.phase_times), "data_wait_seconds": self.phase_times.get("fetch_batch", 0.0),
             "weight_sync": {"version": sync.version, "seconds": sync.seconds, "blocked_s": sync.blocked_s,
                             "overlapped": sync.overlapped, "bytes": sync.bytes, "transfer_s": sync.transfer_s,
-                            "done": sync.done, "dropped": sync.dropped, "pause_s": sync.pause_s,
-                            "error": sync.error},
+                            "done": sync.done, "dropped": sync.dropped, "repushed": sync.repushed,
+                            "pause_s": sync.pause_s, "error": sync.error},
             "stats": stats, "steps_trained": self.steps_trained, "rolled_back_steps": self.rolled_back_steps,
             "groups_dropped_bad_data": self.data.dropped_groups,
         }
@@ -321,6 +321,8 @@ class Trainer(Daemon):
         m.gauge("trainer/weight_sync_deadline_seconds").set(self.cfg.trainer.weight_sync.deadline_s)
         m.counter("trainer/weight_sync_bytes").inc(sync.bytes)
         m.counter("trainer/weight_sync_dropped").inc(len(sync.dropped))
+        m.counter("trainer/weight_sync_repushed", "members pushed a version again after another member was lost"
+                  ).inc(len(sync.repushed))
         if sync.pause_s:
             m.gauge("trainer/weight_sync_pause_max_seconds").set(max(sync.pause_s.values()))
         self.log.info("v%d loss=%.4f reward=%.3f staleness=%.2f grad_norm=%.3f step=%.2fs sync=%.2fs",

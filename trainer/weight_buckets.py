@@ -16,7 +16,8 @@ Invariants:
 - One bucket is on the wire at a time: bucket i+1 is gathered and packed into the other staging
   buffer while bucket i is broadcast, and a staging buffer is refilled only after the broadcast
   that read it completed. The staging buffers live as long as the pipeline (reused by every
-  push): 2x the largest bucket of extra memory on the trainer's device.
+  push): 2x the largest bucket of extra memory on the trainer's device. Their bytes stay as packed
+  until the next ``stage``, so a push can send them twice (``staged_buckets``, ``restage``).
 """
 
 from __future__ import annotations
@@ -143,6 +144,16 @@ class BucketPipeline:
         work, self._works[slot] = self._works[slot], None
         if work is not None:
             self.wait(work)
+
+    def staged_buckets(self) -> list[tuple[int, torch.Tensor]]:
+        """The packed buckets not launched yet, oldest first (``restage`` puts them back)."""
+        return list(self._staged)
+
+    def restage(self, staged: list[tuple[int, torch.Tensor]]) -> None:
+        """Stage again what ``staged_buckets`` returned, to send the same bytes once more (a re-push of
+        a model that fits in the staging buffers: nothing packs into them between the two sends)."""
+        self.abandon()
+        self._staged = list(staged)
 
     def abandon(self) -> None:
         """After a failure or a push without members: forget the staged and the in-flight buckets."""

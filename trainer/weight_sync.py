@@ -3,8 +3,9 @@
 Owns: the weight-update process group on trainer rank 0 (``WeightBroadcaster``), the broadcast
 of every bucket (planned and packed by ``trainer.weight_buckets``: one flattened uint8 broadcast
 per bucket, the next bucket packed while the previous one is on the wire), the wait for the
-members' ``SyncDone`` reports (the buffer's ``SyncStatus``) and the ``VersionUpdate``
-announcement; for a model that fits in the two staging buffers, ``push(wait=False)`` does all
+members' ``SyncDone`` reports (the buffer's ``SyncStatus``; ``trainer.weight_members``, which
+also runs each push's attempts and its re-push to the survivors of a lost member) and the
+``VersionUpdate`` announcement; for a model that fits in the two staging buffers, ``push(wait=False)`` does all
 of that after the packing in a background thread on rank 0 (the trainer trains the next step
 meanwhile). The engines' HTTP side (pause, receive, continue) is driven by each rollout server.
 
@@ -15,10 +16,14 @@ Invariants:
   ``catch_up``, ``close``) first joins the background one; the background thread reads only
   the staging buffers (packed copies), never the parameters the optimizer is updating, and it
   is the only user of the buffer client while it runs.
-- Every wait is bounded by ``weight_sync.deadline_s`` measured from the plan's publication:
-  the rendezvous, each bucket's broadcast and the status poll. A member that misses it is
+- Every wait is bounded by ``weight_sync.deadline_s`` measured from the start of the push: the
+  rendezvous, each bucket's broadcast, the status poll, and a re-push. A member that misses it is
   dropped for this version; the next plan re-forms the group (``reform=True``) with whoever is in
   the roster then, and every push is a full push, so a dropped engine catches up on its next sync.
+- One lost member (it left the roster, or failed before the group formed) costs the others
+  nothing but the time to notice it: the rendezvous gives up as soon as the buffer shows it, and
+  the members that survived without the version get it again, once, from a group re-formed for
+  them alone within the same deadline (``trainer.weight_members``).
 - After any failure on the group (a peer died mid-broadcast, rendezvous timeout) the group is
   torn down and re-formed on the next push; a broken group is never reused.
 - Each formed group has a name of its own, ``weight_sync.group_name`` plus a random token, that only
@@ -44,7 +49,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
-import torch.distributed as dist
 
 from areal_like.config import WeightSyncConfig
 from areal_like.distributed import destroy_weight_group, free_port, init_weight_group
@@ -57,8 +61,6 @@ from areal_like.protocol import (
     RosterEntry,
     RosterRequest,
     SyncMember,
-    SyncStatus,
-    SyncStatusRequest,
     VersionUpdate,
     WeightSyncPlan,
 )
@@ -66,14 +68,13 @@ from areal_like.transport import Client, TransportTimeout
 from areal_like.versions import RuntimeVersions, local_versions, mismatch
 from trainer.weight_buckets import BucketPipeline, bucket_nbytes, dtype_name, plan_buckets  # noqa: F401 (re-exported)
 from trainer.weight_catch_up import catch_up, decide
-from trainer.weight_guard import BROADCAST_SLICE_S, BUFFER_REQUEST_TIMEOUT_S, Watchdog, wait_work
+from trainer.weight_guard import BUFFER_REQUEST_TIMEOUT_S, Watchdog, wait_work
 from trainer.weight_guard import bounded as _bounded
 from trainer.weight_local import LocalSender, push_local
+from trainer.weight_members import ROSTER_POLL_S, RendezvousWatch, await_members, failed_members, sync
 
 log = logging.getLogger("trainer.weight_sync")
 
-STATUS_POLL_S = 0.05  # SyncStatus poll period: a cheap buffer query; sync itself takes far longer
-ROSTER_POLL_S = 0.5  # while waiting for reports: how often to check that pending members are still alive
 GROUP_TOKEN_BYTES = 16  # random bytes in each weight group's name, the key space of its rendezvous store
 
 
@@ -93,6 +94,7 @@ class SyncReport:
     error: str = ""
     blocked_s: float = 0.0  # the trainer's time inside the push call that returned this report
     overlapped: bool = False  # rank 0 finished this push in the background (``push(wait=False)``)
+    repushed: list[str] = field(default_factory=list)  # survivors of a lost member, pushed this version again
 
 
 class WeightBroadcaster:
@@ -156,7 +158,8 @@ class WeightBroadcaster:
         self.refused = set(report.refused)
         return sorted(admitted)
 
-    def _make_plan(self, version: int, roster: list[tuple[str, int]], buckets: list[BucketSpec]) -> WeightSyncPlan:
+    def _make_plan(self, version: int, roster: list[tuple[str, int]], buckets: list[BucketSpec],
+                   deadline: float) -> WeightSyncPlan:
         key = tuple(roster)
         reform = self._pg is None or key != self._group_key
         if reform:
@@ -170,16 +173,20 @@ class WeightBroadcaster:
             offset += ranks
         return WeightSyncPlan(policy_version=version, group_name=self._group_name, master_addr=self.cfg.master_addr,
                               master_port=self._port, world_size=offset, backend=self.backend, reform=reform,
-                              members=members, buckets=buckets, deadline_s=self.cfg.deadline_s,
-                              plan_id=uuid.uuid4().hex[:12])
+                              members=members, buckets=buckets, plan_id=uuid.uuid4().hex[:12],
+                              # the members wait no longer than the trainer does (a re-push gets what is left)
+                              deadline_s=max(0.5, min(self.cfg.deadline_s, deadline - time.monotonic())))
 
     def _form_group(self, plan: WeightSyncPlan, key: tuple, deadline: float) -> None:
         self._teardown()
         # The rendezvous and the connection of the ranks get what is left of this sync's deadline;
         # every later op of the group (the pg keeps its timeout) gets a whole sync's budget.
+        # A member lost meanwhile (left the roster, reported failure) ends the rendezvous at once.
+        watch = RendezvousWatch(self.client, plan.policy_version, [m.server_id for m in plan.members], deadline)
         self._pg = init_weight_group(plan.backend, plan.master_addr, plan.master_port, plan.world_size, 0,
                                      plan.group_name, timeout_s=self.cfg.deadline_s,
-                                     connect_timeout_s=max(0.5, deadline - time.monotonic()))
+                                     connect_timeout_s=max(0.5, deadline - time.monotonic()),
+                                     check=watch, check_every_s=ROSTER_POLL_S)
         self._group_key = key
 
     def _abort(self) -> None:
@@ -197,14 +204,17 @@ class WeightBroadcaster:
             destroy_weight_group(self._pg)
         self._pg, self._group_key = None, None
 
-    def _prepare(self, version: int, buckets: list[BucketSpec], report: SyncReport, deadline: float) -> bool:
-        """Rank 0: roster, plan, publish, (re)form. Returns whether tensors should be broadcast."""
+    def _prepare(self, version: int, buckets: list[BucketSpec], report: SyncReport, deadline: float,
+                 only: list[str] | None = None) -> bool:
+        """Rank 0: roster (``only`` these members, for a re-push), plan, publish, (re)form. Returns
+        whether tensors should be broadcast."""
         roster = self._admit(self._roster(deadline), report)
+        roster = roster if only is None else [(s, r) for s, r in roster if s in only]
         report.members = [s for s, _ in roster]
         if not roster:
             self._teardown()
             return False
-        plan = self._make_plan(version, roster, buckets)
+        plan = self._make_plan(version, roster, buckets, deadline)
         report.reform = plan.reform
         ack = self.client.request(plan, timeout_s=_bounded(deadline))
         if not (isinstance(ack, Ack) and ack.status in ("ok", "accepted")):
@@ -216,35 +226,12 @@ class WeightBroadcaster:
         return True
 
     def _raise_if_failed(self, version: int) -> None:
-        failed = self._failed_members(version)
+        failed = failed_members(self.client, version)
         if failed:
             raise RuntimeError(f"member(s) {failed} failed during the broadcast")
 
-    def _failed_members(self, version: int) -> list[str]:
-        try:
-            st = self.client.request(SyncStatusRequest(policy_version=version), timeout_s=BROADCAST_SLICE_S)
-        except TransportTimeout:
-            return []
-        return list(st.failed) if isinstance(st, SyncStatus) else []
-
     def _await_members(self, version: int, report: SyncReport, deadline: float) -> None:
-        """Poll SyncStatus until every member reported, or left the roster (the buffer expired it:
-        it is dead, no report will come), or the deadline passes."""
-        pending, gone, next_roster = set(report.members), set(), time.monotonic() + ROSTER_POLL_S
-        while pending - gone and time.monotonic() < deadline:
-            try:
-                st = self.client.request(SyncStatusRequest(policy_version=version), timeout_s=_bounded(deadline))
-                if time.monotonic() > next_roster:
-                    gone = pending - {m.server_id for m in self._roster(deadline)}
-                    next_roster = time.monotonic() + ROSTER_POLL_S
-            except TransportTimeout:
-                continue
-            if isinstance(st, SyncStatus):
-                report.done = sorted(set(st.done) & set(report.members))
-                report.pause_s.update(st.pause_s)
-                pending = set(report.members) - set(st.done) - set(st.failed)
-            time.sleep(STATUS_POLL_S)
-        report.dropped = sorted(set(report.members) - set(report.done))
+        await_members(self.client, version, report, deadline)
 
     # ------------------------------------------------------------------ the collective
     def push(self, model: torch.nn.Module, version: int, *, announce: int | None = None,
@@ -268,13 +255,7 @@ class WeightBroadcaster:
         buckets = plan_buckets([(n, list(p.shape), self.send_dtype) for n, p in params],
                                int(self.cfg.bucket_mb * 1024 * 1024))
         t_gather = time.monotonic()
-        # The first buckets (one per staging buffer) are gathered (all ranks) and packed (rank 0)
-        # before the plan goes out: that work is then outside the engines' pause window, which
-        # starts only when they receive the plan.
-        for b in buckets[:BucketPipeline.SLOTS]:
-            tensors = self._gather(params, b)
-            if self.rank == 0:
-                report.bytes += self._pipeline.stage(tensors)
+        self._stage_first(params, buckets, report)
         report.transfer_s = time.monotonic() - t_gather
         if not wait and len(buckets) <= BucketPipeline.SLOTS:  # every rank decides alike: nothing left to gather
             report.overlapped = True
@@ -283,13 +264,9 @@ class WeightBroadcaster:
                                                   args=(report, buckets, params, deadline, t_start, announce))
                 self._inflight.start()
             return replace(previous or SyncReport(version=version - 1), blocked_s=time.monotonic() - t_start)
-        send = self.rank == 0 and self._setup(version, buckets, report, deadline)
-        flag = [send]
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.broadcast_object_list(flag, src=0)
-        self._send_or_drop(flag[0], params, buckets, report, deadline)
+        sync(self, params, buckets, report, deadline, alone=False)
         if self.rank == 0:
-            self._conclude(report, send, deadline, announce)
+            self._announce(announce, report)
         report.seconds = report.blocked_s = time.monotonic() - t_start
         self._done_report = report
         return report
@@ -315,39 +292,19 @@ class WeightBroadcaster:
     def _rank0_rest(self, report: SyncReport, buckets: list[BucketSpec], params, deadline: float,
                     t_start: float, announce: int) -> None:
         """Rank 0, background thread of an overlapped push: everything after the packing."""
-        send = self._setup(report.version, buckets, report, deadline)
-        self._send_or_drop(send, params, buckets, report, deadline)  # only launches: every bucket is staged
-        self._conclude(report, send, deadline, announce)
+        sync(self, params, buckets, report, deadline, alone=True)  # only launches: every bucket is staged
+        self._announce(announce, report)
         report.seconds = time.monotonic() - t_start
         self._done_report = report
 
-    def _send_or_drop(self, send: bool, params, buckets: list[BucketSpec], report: SyncReport, deadline: float) -> None:
-        if send:
-            self._transfer(params, buckets, report, deadline)
-        else:  # nobody to send to: drop the staged buckets
-            self._pipeline.abandon()
-            report.bytes = 0
-
-    def _setup(self, version: int, buckets: list[BucketSpec], report: SyncReport, deadline: float) -> bool:
-        """Rank 0: ``_prepare``; a failure drops this version's sync (the next push re-forms)."""
-        try:
-            return self._prepare(version, buckets, report, deadline)
-        except Exception as e:  # rendezvous timeout, refused plan, buffer gone: drop this version's sync
-            report.error = f"{type(e).__name__}: {e}"
-            log.warning("weight sync v%d: setup failed: %s", version, report.error)
-            self._teardown()
-            report.dropped = list(report.members)  # nobody got this version; the next push re-forms
-            return False
-
-    def _conclude(self, report: SyncReport, send: bool, deadline: float, announce: int) -> None:
-        """Rank 0: wait for the members' reports (when anything was sent), then announce ``announce``."""
-        if send:
-            self._await_members(report.version, report, deadline)
-            if report.dropped:
-                log.warning("weight sync v%d: dropped %s (missed the %.0fs deadline or failed)", report.version,
-                            report.dropped, self.cfg.deadline_s)
-                self._group_key = None  # re-form without them next time
-        self._announce(announce, report)
+    def _stage_first(self, params, buckets: list[BucketSpec], report: SyncReport) -> None:
+        """The first buckets (one per staging buffer) are gathered (all ranks) and packed (rank 0)
+        before the plan goes out: that work is then outside the engines' pause window, which
+        starts only when they receive the plan."""
+        for b in buckets[:BucketPipeline.SLOTS]:
+            tensors = self._gather(params, b)
+            if self.rank == 0:
+                report.bytes += self._pipeline.stage(tensors)
 
     def catch_up(self, model: torch.nn.Module, version: int, timeout_s: float,
                  should_stop: Callable[[], bool] = lambda: False) -> int:

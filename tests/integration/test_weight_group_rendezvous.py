@@ -87,3 +87,50 @@ def test_only_the_named_members_join_and_strangers_cannot_stall_it(spawn_python)
     out, err = guesser.communicate(timeout=STRANGER_S + 60)
     assert out.strip().startswith("refused"), (out, err[-2000:])
     destroy_weight_group(result["pg"])
+
+
+MEMBER_OF_3 = r"""
+import sys
+from areal_like.distributed import init_weight_group
+port, name, timeout_s = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+try:
+    init_weight_group("gloo", "127.0.0.1", port, 3, 1, name, timeout_s=timeout_s)
+except Exception as e:
+    print("refused", type(e).__name__, flush=True)
+    sys.exit(0)
+print("joined", flush=True)
+"""
+
+
+class _Lost(RuntimeError):
+    pass
+
+
+def test_rank0_gives_up_on_a_rendezvous_when_its_check_raises_and_the_joined_member_fails_at_once(spawn_python):
+    """A group of three where rank 2 never comes (an engine that died before joining). Rank 0's
+    ``check`` raises once rank 1 is connected to the store (seen on rank 1's sockets): rank 0's
+    call raises that error, and rank 1's join, whose own timeout is far away, fails now because
+    rank 0 closed the store."""
+    port = free_port()
+    member = spawn_python(MEMBER_OF_3, [port, SECRET_NAME, CONNECT_S])
+    result: dict = {}
+
+    def check() -> None:
+        if any(c.raddr and c.raddr.port == port for c in psutil.Process(member.pid).net_connections("tcp")):
+            raise _Lost("rank 2 lost")
+
+    def rank0() -> None:
+        try:
+            result["pg"] = init_weight_group("gloo", "127.0.0.1", port, 3, 0, SECRET_NAME, timeout_s=CONNECT_S,
+                                             connect_timeout_s=CONNECT_S, check=check, check_every_s=0.2)
+        except Exception as e:
+            result["error"] = e
+
+    host = threading.Thread(target=rank0, daemon=True)
+    host.start()
+    out, err = member.communicate(timeout=CONNECT_S / 2)  # well before its own join would time out
+    host.join(timeout=CONNECT_S / 2)
+    assert not host.is_alive() and isinstance(result.get("error"), _Lost), result
+    assert out.strip().startswith("refused"), (out, err[-2000:])
+    with pytest.raises(ConnectionRefusedError):  # the store is closed
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()

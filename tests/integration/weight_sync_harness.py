@@ -7,11 +7,13 @@ the test process (Register, Heartbeat, and each plan applied with the real
 ``rollout_server.weight_update.apply_weight_sync``); ``start_pusher`` starts a world-size-1
 trainer (``tests/weight_pusher.py``) that pushes the given versions.
 
-A ``Driver`` with ``fault`` kills its engine with SIGKILL, by PID, at one point of the first plan
+A ``Driver`` applies each plan once, told apart by ``plan_id`` (a re-push of the same version is
+a new plan), and keeps every attempt in ``attempts``. A ``Driver`` with ``fault`` kills its engine with SIGKILL, by PID, at one point of the first plan
 it applies, then stops as a dead rollout server does (no ``SyncDone``, no more heartbeats, so the
 buffer expires it after ``buffer.heartbeat_timeout_s``):
 
-* ``"rendezvous"``: while its ``/init_weights_update_group`` is in flight (before any bucket);
+* ``"rendezvous"``: as it is about to join the group: the engine dies before its
+  ``/init_weights_update_group`` reaches it, so it never joins and the group cannot form;
 * ``"bucket"``: once its first bucket was answered (later buckets still to come);
 * ``"done"``: after ``/end_weight_update`` answered, i.e. after every bucket, before ``SyncDone``.
 """
@@ -30,7 +32,6 @@ from test_trainer_weight_sync import RUNNER, STARTUP_S, _read_json
 
 HERE = Path(__file__).resolve().parent
 PUSHER = HERE.parent / "weight_pusher.py"
-RENDEZVOUS_KILL_AFTER_S = 0.5  # let /init_weights_update_group reach the engine before it is killed
 FAULTS = ("rendezvous", "bucket", "done")
 
 
@@ -69,12 +70,9 @@ def _faulty_client(url: str, fault: str | None, pid: int | None, killed: threadi
 
     class FaultyClient(SGLangClient):
         async def init_weights_update_group(self, **kw) -> None:
-            if fault != "rendezvous":
-                return await super().init_weights_update_group(**kw)
-            joining = asyncio.create_task(super().init_weights_update_group(**kw))
-            await asyncio.sleep(RENDEZVOUS_KILL_AFTER_S)
-            kill()
-            await joining
+            if fault == "rendezvous":
+                kill()  # the join below then finds no engine: this member never reaches the rendezvous
+            return await super().init_weights_update_group(**kw)
 
         async def update_weights_from_distributed(self, **kw) -> None:
             await super().update_weights_from_distributed(**kw)
@@ -91,7 +89,8 @@ def _faulty_client(url: str, fault: str | None, pid: int | None, killed: threadi
 
 
 class Driver(threading.Thread):
-    """A rollout server stand-in. ``results[version] = (ok, seconds applying)`` for each plan it reported."""
+    """A rollout server stand-in. ``attempts``: ``(version, plan_id, ok, seconds applying)`` for each plan
+    it reported, in order; ``results[version]``: ``(ok, seconds)`` of the last plan of that version."""
 
     def __init__(self, server_id: str, url: str, address: str, *, fault: str | None = None,
                  engine_pid: int | None = None):
@@ -100,6 +99,7 @@ class Driver(threading.Thread):
         self.stop = threading.Event()
         self.killed = threading.Event()
         self.results: dict[int, tuple[bool, float]] = {}
+        self.attempts: list[tuple[int, str, bool, float]] = []
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -116,20 +116,28 @@ class Driver(threading.Thread):
         client = Client(self.address, timeout_s=10)
         sg = _faulty_client(self.url, self.fault, self.pid, self.killed)
         client.request(Register(server_id=self.server_id, engine_url=self.url, engine_ranks=1, policy_version=0))
-        served, attempted = 0, 0
+        served, handled, applying, applying_plan = 0, set(), None, (0, "", 0.0)
         try:
-            while not self.stop.is_set():
+            # Heartbeats go on while a plan is applied (as a rollout server's do): a member busy in a
+            # long join must not look dead to the buffer.
+            while not self.stop.is_set() and not self.killed.is_set():  # a dead server stops heartbeating
                 plan = client.request(Heartbeat(server_id=self.server_id, policy_version=served)).pending_plan
-                if plan is not None and plan.policy_version > attempted:
-                    attempted, t0 = plan.policy_version, time.monotonic()
-                    done = await apply_weight_sync(sg, plan, self.server_id, drain=False)
-                    if self.killed.is_set():
-                        return  # a dead rollout server reports nothing and stops heartbeating
-                    self.results[plan.policy_version] = (done.ok, time.monotonic() - t0)
+                if applying is not None and applying.done():
+                    version, plan_id, t0 = applying_plan
+                    done = applying.result()
+                    self.results[version] = (done.ok, time.monotonic() - t0)
+                    self.attempts.append((version, plan_id, done.ok, self.results[version][1]))
                     client.request(done)
-                    served = plan.policy_version if done.ok else served
+                    served, applying = version if done.ok else served, None
+                if applying is None and plan is not None and plan.plan_id not in handled:
+                    handled.add(plan.plan_id)
+                    applying = asyncio.create_task(apply_weight_sync(sg, plan, self.server_id, drain=False))
+                    applying_plan = (plan.policy_version, plan.plan_id, time.monotonic())
                 await asyncio.sleep(0.1)
         finally:
+            if applying is not None and not applying.done():  # killed mid-apply: it reports nothing
+                applying.cancel()
+                await asyncio.gather(applying, return_exceptions=True)
             await sg.close()
             client.close()
 

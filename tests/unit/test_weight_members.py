@@ -1,0 +1,80 @@
+"""The re-push decision and the rendezvous watch (trainer/weight_members.py), against scripted buffer replies."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from areal_like import protocol as P
+from trainer.weight_members import REPUSH_MIN_S, MembersLost, RendezvousWatch, merge_repush, repush_targets
+from trainer.weight_sync import SyncReport
+
+
+class _Buffer:
+    """Answers every request with the next reply; records what it was sent."""
+
+    def __init__(self, *replies: P.Message):
+        self.replies, self.sent = list(replies), []
+
+    def request(self, msg, timeout_s=None):
+        self.sent.append(msg)
+        return self.replies.pop(0)
+
+
+def _roster(*ids: str) -> P.Roster:
+    return P.Roster(members=[P.RosterEntry(server_id=s, engine_url="", engine_ranks=1, policy_version=0)
+                             for s in ids], policy_version=3)
+
+
+def _report(members, done=()) -> SyncReport:
+    r = SyncReport(version=4, members=list(members), done=list(done))
+    r.dropped = sorted(set(members) - set(done))
+    return r
+
+
+def _later(seconds: float = 30.0) -> float:
+    return time.monotonic() + seconds
+
+
+def test_survivors_of_a_member_gone_from_the_roster_get_the_version_again():
+    report = _report(["a", "b", "c"], done=["c"])  # a died, b failed with it, c had it already
+    assert repush_targets(_Buffer(_roster("b", "c")), report, set(), _later()) == ["b"]
+
+
+def test_a_member_lost_at_the_rendezvous_is_never_pushed_to_even_when_still_in_the_roster():
+    report = _report(["a", "b"])  # a declined (it reported failure) before the group formed; both still listed
+    assert repush_targets(_Buffer(_roster("a", "b")), report, {"a"}, _later()) == ["b"]
+
+
+@pytest.mark.parametrize("case", ["nobody_lost", "nobody_dropped", "no_time_left", "no_survivor"])
+def test_no_re_push(case):
+    report = _report(["a", "b"], done=["a", "b"] if case == "nobody_dropped" else [])
+    roster = _roster() if case == "no_survivor" else _roster("a", "b")
+    deadline = _later(REPUSH_MIN_S / 2) if case == "no_time_left" else _later()
+    buffer = _Buffer(roster)
+    assert repush_targets(buffer, report, set(), deadline) == []
+    if case in ("nobody_dropped", "no_time_left"):
+        assert buffer.sent == []  # decided without asking the buffer
+
+
+def test_merge_keeps_one_report_per_version():
+    report = _report(["a", "b", "c"], done=["c"])
+    report.error, report.bytes = "broadcast failed", 100
+    again = SyncReport(version=4, members=["b"], done=["b"], bytes=100, pause_s={"b": 0.2}, error="")
+    merge_repush(report, again)
+    assert (report.done, report.dropped, report.repushed) == (["b", "c"], ["a"], ["b"])
+    assert report.bytes == 200 and report.pause_s == {"b": 0.2} and report.error == "broadcast failed"
+
+
+def test_the_watch_raises_for_a_failure_report_or_a_departure():
+    status = P.SyncStatus(policy_version=4, done=[], failed=["x", "b"])  # x: not a member of this plan
+    with pytest.raises(MembersLost) as lost:
+        RendezvousWatch(_Buffer(status, _roster("a", "b")), 4, ["a", "b"], _later())()
+    assert lost.value.lost == ["b"]
+    with pytest.raises(MembersLost) as lost:
+        RendezvousWatch(_Buffer(P.SyncStatus(policy_version=4, done=[], failed=[]), _roster("b")), 4, ["a", "b"],
+                        _later())()
+    assert lost.value.lost == ["a"]
+    RendezvousWatch(_Buffer(P.SyncStatus(policy_version=4, done=[], failed=[]), _roster("a", "b")), 4, ["a", "b"],
+                    _later())()  # everyone there: no error

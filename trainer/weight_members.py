@@ -1,0 +1,194 @@
+"""What the members of one weight push did, as trainer rank 0 learns it from the buffer (trainer/WEIGHT_SYNC.md).
+
+Owns: the wait for the members' reports (``await_members``), the watch that gives up on a
+rendezvous as soon as a member is lost (``RendezvousWatch``), the decision to re-push a version
+to the members that survived a lost one (``repush_targets``, ``merge_repush``), and the group
+path's attempts (``sync(wb, ...)``: one plan and at most one re-push, for ``WeightBroadcaster.push``).
+
+A member is *lost* when it left the roster (the buffer expired it: dead, or gone to evaluate) or,
+before the group formed, reported failure (it will never join). One lost member breaks the whole
+group: every other member's receive (or join) fails with it. Those others are *survivors*: still
+in the roster, without the version. The push then re-forms the group for them alone and pushes
+the same version again, once, within the same deadline, so one death costs the others nothing
+but the time it took to notice it.
+
+Invariants: every call is bounded by the push's deadline; only rank 0 talks to the buffer (it is
+the only user of the buffer client; ``sync`` is a collective when the other ranks must gather the
+buckets again, and tells them so with one ``broadcast_object_list``); a re-push goes only to survivors (never to a lost member, whose join
+could only time out), and only when a member was lost (a group of the same members would fail
+the same way).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch.distributed as dist
+
+from areal_like.protocol import Roster, RosterRequest, SyncStatus, SyncStatusRequest
+from areal_like.transport import TransportTimeout
+from trainer.weight_buckets import BucketPipeline
+from trainer.weight_guard import BROADCAST_SLICE_S
+from trainer.weight_guard import bounded as _bounded
+
+log = logging.getLogger("trainer.weight_sync")
+
+STATUS_POLL_S = 0.05  # SyncStatus poll period: a cheap buffer query; sync itself takes far longer
+ROSTER_POLL_S = 0.5  # while waiting for members: how often to check that they are still in the roster
+REPUSH_MIN_S = 1.0  # a re-push needs at least this much of the deadline left (a rendezvous and the buckets)
+
+
+class MembersLost(RuntimeError):
+    """Members left the roster or failed before the group formed: the rendezvous cannot complete."""
+
+    def __init__(self, lost: list[str]):
+        super().__init__(f"member(s) {lost} lost before the group formed")
+        self.lost = lost
+
+
+def roster_ids(client, deadline: float | None) -> set[str]:
+    reply = client.request(RosterRequest(), timeout_s=_bounded(deadline))
+    if not isinstance(reply, Roster):
+        raise RuntimeError(f"buffer answered RosterRequest with {reply.TYPE}")
+    return {m.server_id for m in reply.members}
+
+
+def failed_members(client, version: int) -> list[str]:
+    """The members that reported failure for ``version`` ([] when the buffer does not answer in a slice)."""
+    try:
+        st = client.request(SyncStatusRequest(policy_version=version), timeout_s=BROADCAST_SLICE_S)
+    except TransportTimeout:
+        return []
+    return list(st.failed) if isinstance(st, SyncStatus) else []
+
+
+class RendezvousWatch:
+    """``check`` for ``init_weight_group`` on rank 0: raises ``MembersLost`` once a member reported
+    failure for ``version`` or left the roster (polled every ``ROSTER_POLL_S``)."""
+
+    def __init__(self, client, version: int, members: list[str], deadline: float):
+        self.client, self.version, self.members, self.deadline = client, version, set(members), deadline
+
+    def __call__(self) -> None:
+        lost = set(failed_members(self.client, self.version)) & self.members
+        try:
+            lost |= self.members - roster_ids(self.client, self.deadline)
+        except TransportTimeout:
+            pass  # the buffer is slow: the deadline still bounds the rendezvous
+        if lost:
+            raise MembersLost(sorted(lost))
+
+
+def await_members(client, version: int, report, deadline: float) -> None:
+    """Poll SyncStatus until every member of ``report`` reported, or left the roster (the buffer
+    expired it: no report will come), or the deadline passes; fills ``done``, ``pause_s``, ``dropped``."""
+    pending, gone, next_roster = set(report.members), set(), time.monotonic() + ROSTER_POLL_S
+    while pending - gone and time.monotonic() < deadline:
+        try:
+            st = client.request(SyncStatusRequest(policy_version=version), timeout_s=_bounded(deadline))
+            if time.monotonic() > next_roster:
+                gone = pending - roster_ids(client, deadline)
+                next_roster = time.monotonic() + ROSTER_POLL_S
+        except TransportTimeout:
+            continue
+        if isinstance(st, SyncStatus):
+            report.done = sorted(set(st.done) & set(report.members))
+            report.pause_s.update(st.pause_s)
+            pending = set(report.members) - set(st.done) - set(st.failed)
+        time.sleep(STATUS_POLL_S)
+    report.dropped = sorted(set(report.members) - set(report.done))
+
+
+def repush_targets(client, report, lost: set[str], deadline: float) -> list[str]:
+    """The survivors to push ``report.version`` to again: members still in the roster that did not
+    get it, when a member was lost (``lost``, or gone from the roster now) and time is left; else []."""
+    if not report.dropped or deadline - time.monotonic() < REPUSH_MIN_S:
+        return []
+    try:
+        alive = roster_ids(client, deadline)
+    except (TransportTimeout, RuntimeError):
+        return []
+    lost = lost | (set(report.members) - alive)
+    return sorted((set(report.dropped) & alive) - lost) if lost else []
+
+
+def merge_repush(report, again) -> None:
+    """Fold the re-push's report ``again`` into the push's ``report``: one version, one report."""
+    report.done = sorted(set(report.done) | set(again.done))
+    report.dropped = sorted(set(report.members) - set(report.done))
+    report.repushed = list(again.members)
+    report.pause_s.update(again.pause_s)
+    report.bytes += again.bytes
+    report.transfer_s += again.transfer_s
+    report.rendezvous_s += again.rendezvous_s
+    if again.error:
+        report.error = "; ".join(e for e in (report.error, f"re-push: {again.error}") if e)
+
+
+def sync(wb, params, buckets: list, report, deadline: float, *, alone: bool) -> None:
+    """One attempt and, when a member was lost and others missed the version with it, one
+    re-push to those survivors within the same deadline (``trainer.weight_members``). ``alone``:
+    rank 0 only (an overlapped push). A model in the staging buffers is re-sent from them by
+    rank 0 alone; a larger one is gathered again by every rank, so rank 0 tells them."""
+    staged = wb._pipeline.staged_buckets()
+    lost = _attempt(wb, params, buckets, report, deadline, alone=alone)
+    in_staging = len(buckets) <= BucketPipeline.SLOTS
+    targets = repush_targets(wb.client, report, lost, deadline) if wb.rank == 0 else []
+    if not (alone or in_staging) and dist.is_initialized() and dist.get_world_size() > 1:
+        shared = [targets]
+        dist.broadcast_object_list(shared, src=0)
+        targets = shared[0]
+    if not targets:
+        return
+    if wb.rank == 0:
+        log.warning("weight sync v%d: lost %s; pushing it again to %s", report.version,
+                    sorted(set(report.members) - set(targets) - set(report.done)), targets)
+    again = type(report)(version=report.version)
+    if in_staging:
+        wb._pipeline.restage(staged)
+    else:
+        wb._stage_first(params, buckets, again)
+    _attempt(wb, params, buckets, again, deadline, alone=alone or in_staging, only=targets)
+    if wb.rank == 0:
+        merge_repush(report, again)
+
+
+def _attempt(wb, params, buckets: list, report, deadline: float, *, alone: bool,
+             only: list[str] | None = None) -> set[str]:
+    """One plan: set up (rank 0), broadcast (every rank gathers the unstaged buckets, unless
+    ``alone``), the members' reports (rank 0). Returns the members lost at the rendezvous."""
+    lost: set[str] = set()
+    send = wb.rank == 0 and _setup(wb, report.version, buckets, report, deadline, only, lost)
+    if not alone and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = [send]
+        dist.broadcast_object_list(flag, src=0)
+        send = flag[0]
+    if send:
+        wb._transfer(params, buckets, report, deadline)
+    else:  # nobody to send to: drop the staged buckets
+        wb._pipeline.abandon()
+        report.bytes = 0
+    if wb.rank == 0 and (send or lost):  # after a lost member: the survivors' reports, before a re-push
+        wb._await_members(report.version, report, deadline)
+        if report.dropped:
+            log.warning("weight sync v%d: dropped %s (lost, missed the %.0fs deadline or failed)",
+                        report.version, report.dropped, wb.cfg.deadline_s)
+            wb._group_key = None  # re-form without them next time
+    return lost
+
+
+def _setup(wb, version: int, buckets: list, report, deadline: float,
+           only: list[str] | None = None, lost: set[str] | None = None) -> bool:
+    """Rank 0: ``_prepare``; a failure drops this version's sync (the next push re-forms). Members
+    lost at the rendezvous are added to ``lost``."""
+    try:
+        return wb._prepare(version, buckets, report, deadline, only)
+    except Exception as e:  # rendezvous timeout, member lost, refused plan, buffer gone: drop this attempt
+        report.error = f"{type(e).__name__}: {e}"
+        log.warning("weight sync v%d: setup failed: %s", version, report.error)
+        if isinstance(e, MembersLost) and lost is not None:
+            lost.update(e.lost)
+        wb._teardown()
+        report.dropped = list(report.members)  # nobody got this version from this plan
+        return False
