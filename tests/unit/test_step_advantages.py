@@ -1,8 +1,8 @@
 """What each optimizer step of ``trainer/step.py`` hands the kernels: Dr.GRPO's constant C, advantages
 over the whole batch (REINFORCE++ whitening) and VCPO's per-trajectory score norms under FSDP2.
 
-The last test runs the real FSDP2 model in a world-size-1 gloo group (this process, a loopback port),
-destroyed at the end."""
+The last test runs the real FSDP2 model sharded over two gloo ranks (spawned processes, a loopback
+port)."""
 
 from __future__ import annotations
 
@@ -57,36 +57,45 @@ def test_reinforce_pp_whitens_over_the_whole_batch():
     assert batch_advantages(batch, vcpo) is None  # VCPO's depend on each minibatch's starting weights
 
 
-@pytest.fixture
-def world_of_one():
-    from trainer.model import init_distributed
+def _vcpo_norms_rank(rank: int, port: int) -> None:
+    """One rank of the two-rank check below (run by ``torch.multiprocessing.spawn``)."""
+    from datetime import timedelta
 
-    torch.set_num_threads(1)
-    cfg = load_config(["trainer.loss.kernel=vcpo", "trainer.loss.agg=seq-mean-token-mean"])
-    init_distributed(cfg.trainer)
-    yield cfg
-    dist.destroy_process_group()
-
-
-@pytest.mark.skip(reason="a one-rank trainer is no longer FSDP-sharded (trainer/model.py), so one process cannot "
-                         "reach the unsharded-after-no-grad state; needs a two-rank rewrite (open, issue 22 note)")
-def test_vcpo_score_norms_after_a_no_grad_pass(world_of_one):
     from trainer.model import build_policy
 
-    cfg = world_of_one
-    policy = build_policy(cfg.model, cfg.trainer)
-    s = StepSettings.from_config(cfg)
-    batch = groups_to_batch(_groups([[1.0, 0.0]], [[3, 5]]))
-    rows = torch.arange(2)
-    # Reference: each trajectory's squared score norm from a plain backward, every parameter read after it
-    expected = []
-    for j in range(2):
-        mb = batch.select([j])
+    torch.set_num_threads(1)
+    torch.manual_seed(0)  # both ranks build the same model
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=120))
+    try:
+        cfg = load_config(["trainer.loss.kernel=vcpo", "trainer.loss.agg=seq-mean-token-mean"])
+        policy = build_policy(cfg.model, cfg.trainer)
+        s = StepSettings.from_config(cfg)
+        batch = groups_to_batch(_groups([[1.0, 0.0]], [[3, 5]]))
+        # Reference: each trajectory's squared score norm from a plain backward on both ranks (FSDP
+        # averages the identical gradients), every local shard read after it, summed over ranks.
+        expected = torch.zeros(2, dtype=torch.float64)
+        for j in range(2):
+            mb = batch.select([j])
+            policy.optimizer.zero_grad(set_to_none=True)
+            (output_logp(policy.model, mb, s.temperature) * mb.mask).sum().backward()
+            expected[j] = sum(float(p.grad.to_local().double().pow(2).sum()) for p in policy.model.parameters())
+        dist.all_reduce(expected)
         policy.optimizer.zero_grad(set_to_none=True)
-        (output_logp(policy.model, mb, s.temperature) * mb.mask).sum().backward()
-        expected.append(sum(float(p.grad.to_local().double().pow(2).sum()) for p in policy.model.parameters()))
-    policy.optimizer.zero_grad(set_to_none=True)
-    batch_logp(policy.model, batch, s, policy.device)  # a no-grad pass leaves the root's parameters unsharded
-    assert not all(hasattr(p, "to_local") for p in policy.model.parameters())  # the state this test is about
-    _, g2 = sequence_score_terms(policy, batch, rows, s)
-    torch.testing.assert_close(g2, torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=0.0)
+        batch_logp(policy.model, batch, s, policy.device)  # a no-grad pass leaves the root's parameters unsharded
+        assert not all(hasattr(p, "to_local") for p in policy.model.parameters())  # the state this test is about
+        _, g2 = sequence_score_terms(policy, batch, torch.arange(2), s)
+        torch.testing.assert_close(g2, expected, rtol=1e-6, atol=0.0)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vcpo_score_norms_after_a_no_grad_pass():
+    """Two FSDP2 ranks (gloo, loopback): after a no-grad pass leaves some parameters unsharded, VCPO's
+    per-trajectory squared score norms still equal a plain backward's. An exception on either rank
+    fails the test (``spawn`` re-raises it here)."""
+    import torch.multiprocessing as mp
+
+    from areal_like.distributed import free_port
+
+    mp.spawn(_vcpo_norms_rank, args=(free_port(),), nprocs=2, join=True)
