@@ -154,6 +154,18 @@ def new_socket(ctx: zmq.Context, kind: int, receive_bound: int | None = None) ->
     return sock
 
 
+def _bind_both(sock: zmq.Socket, address: str, local_address: str | None) -> None:
+    """Bind ``address`` and, for same-node peers, ``local_address`` (ipc://, no CURVE: see "Same-node
+    endpoints"); on any error the socket is closed, so no port stays bound behind a refused directory."""
+    try:
+        security.bind(sock, bind_address(address))
+        if local_address:
+            security.bind(sock, local_address)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+
+
 class _Dealer:
     """A DEALER to ``address`` that is replaced by a fresh one after a timeout ("lazy pirate")."""
 
@@ -268,9 +280,7 @@ class Server:
         self._ctx = zmq.Context.instance()
         self._sock = new_socket(self._ctx, zmq.ROUTER, bound)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished peers are dropped
-        security.bind(self._sock, bind_address(address))
-        if local_address:  # same-node peers: ipc://, no CURVE (see "Same-node endpoints")
-            security.bind(self._sock, local_address)
+        _bind_both(self._sock, address, local_address)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
         self._writer = FrameWriter()
@@ -336,9 +346,7 @@ class Publisher:
     def __init__(self, address: str, *, local_address: str | None = None):
         self.address, self.local_address = address, local_address
         self._sock = new_socket(zmq.Context.instance(), zmq.PUB)
-        security.bind(self._sock, bind_address(address))
-        if local_address:
-            security.bind(self._sock, local_address)
+        _bind_both(self._sock, address, local_address)
         self._writer = FrameWriter()
 
     def publish(self, msg: Message) -> None:
