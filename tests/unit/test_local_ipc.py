@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -129,8 +130,16 @@ def test_a_socket_directory_others_can_enter_is_refused_before_anything_binds(tm
     with security.using(security.load(keys, security.SERVER)), \
             pytest.raises(security.SecurityError, match="mode 0755"):
         Server(f"tcp://127.0.0.1:{port}", local_address=local_addresses(tmp_path / "sock")[0])
-    probe = zmq.Context.instance().socket(zmq.ROUTER)  # the tcp port was released with the socket
-    probe.bind(f"tcp://127.0.0.1:{port}")
+    probe = zmq.Context.instance().socket(zmq.ROUTER)  # the tcp port is released with the socket
+    deadline = time.monotonic() + ANSWER_S  # libzmq closes a socket in its I/O thread, after close() returns
+    while True:
+        try:
+            probe.bind(f"tcp://127.0.0.1:{port}")
+            break
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
     probe.close(linger=0)
     with pytest.raises(security.SecurityError, match="mode 0755"):  # and a client will not connect there
         Client(local_addresses(tmp_path / "sock")[0])
