@@ -21,7 +21,13 @@ ROUTER that answers a prebuilt reply of the same size without decoding anything.
   DEALER holding a client key. ``figure`` is its groups/s, ``baseline`` the unencrypted stream of
   ours in the same rounds, ``ratio`` CURVE over unencrypted (goal >= 0.75 at T = 4096: CURVE costs
   at most a quarter of the throughput); ``ratio_to_raw`` and ``unencrypted_ratio_to_raw`` put both
-  beside raw ZMQ.
+  beside raw ZMQ. ``busiest_thread_cpu_us`` and ``thread_bound_ratio`` show where it goes: libzmq
+  runs the cipher in the one I/O thread of a connection, beside the TCP copies.
+* **stream, same node** (``transport_stream_8xT_local``): the stream of ours into the same CURVE
+  socket through the ``ipc://`` endpoint it also binds (as the buffer does for a one-node run:
+  no CURVE there, peers of this user only; ``areal_like/security.py``), from a DEALER holding the
+  client key as a same-node rollout server does. ``baseline`` is the unencrypted tcp stream,
+  ``ratio_to_curve`` the gain over CURVE.
 * **reqrep** (for reference): ``Client.request`` with one request in flight, as a single
   rollout server's sender does; encode, decode and both wake-ups add up serially, so on a busy
   2-core box this ratio is much lower than the streaming one.
@@ -60,7 +66,7 @@ import zmq  # noqa: E402
 from areal_like import protocol as P  # noqa: E402
 from areal_like import security  # noqa: E402
 from areal_like.distributed import free_port  # noqa: E402
-from areal_like.transport import Client, FrameWriter, new_socket  # noqa: E402
+from areal_like.transport import Client, FrameWriter, local_addresses, new_socket  # noqa: E402
 
 GROUP_SIZE = 8
 PROMPT_TOKENS = 256
@@ -72,7 +78,7 @@ ZERO_COPY_BYTES = 64 * 1024  # pyzmq's own threshold for zero-copy frames
 WINDOW = 8  # requests in flight in the stream pattern (a few rollout servers' worth)
 
 # The receiving process: our Server on argv[1], a raw ROUTER on argv[2], our Server with CURVE (keys
-# in argv[4]) on argv[3], served from one poll loop.
+# in argv[4]) on argv[3] and, like the buffer's, on the same-node endpoint argv[5]; one poll loop.
 RECEIVER = """
 import sys, zmq
 from areal_like import protocol as P, security
@@ -80,7 +86,7 @@ from areal_like.transport import Server
 
 server = Server(sys.argv[1])
 with security.using(security.load(sys.argv[4], security.SERVER)):
-    curve = Server(sys.argv[3])
+    curve = Server(sys.argv[3], local_address=sys.argv[5])
 raw = zmq.Context.instance().socket(zmq.ROUTER)
 raw.setsockopt(zmq.LINGER, 0)
 raw.bind(sys.argv[2])
@@ -202,7 +208,7 @@ def round_stream(sock: zmq.Socket, send, check_reply, seconds: float) -> float:
 
 def dealer(address: str) -> zmq.Socket:
     sock = new_socket(zmq.Context.instance(), zmq.DEALER)  # Client's socket options (HWM, LINGER 0)
-    sock.connect(address)
+    security.connect(sock, address)  # as Client does: CURVE on tcp:// when keys are active, none on ipc://
     return sock
 
 
@@ -252,8 +258,8 @@ def cpu_split_s(pid: int, task: str = "") -> tuple[float, float]:
     return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
-def bench_size(tokens: int, ours_addr: str, raw_addr: str, curve_addr: str, keys: security.Keys, receiver_pid: int,
-               rounds: int, seconds: float) -> list[dict]:
+def bench_size(tokens: int, ours_addr: str, raw_addr: str, curve_addr: str, local_addr: str, keys: security.Keys,
+               receiver_pid: int, rounds: int, seconds: float) -> list[dict]:
     groups = [make_group(tokens, seed) for seed in range(4)]
     frame_bytes = len(P.encode(groups[0]))
     payload = os.urandom(frame_bytes)
@@ -266,11 +272,12 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, curve_addr: str, keys
 
     client, ours_sock, raw_sock = Client(ours_addr, timeout_s=REQUEST_TIMEOUT_S), dealer(ours_addr), dealer(raw_addr)
     with security.using(keys):
-        curve_sock = dealer(curve_addr)
+        curve_sock, local_sock = dealer(curve_addr), dealer(local_addr)
     modes = {
         ("stream", "ours"): lambda s: round_stream(ours_sock, send_ours(groups), check_ack, s),
         ("stream", "raw"): lambda s: round_stream(raw_sock, send_raw(payload), lambda reply: None, s),
         ("stream", "curve"): lambda s: round_stream(curve_sock, send_ours(groups), check_ack, s),
+        ("stream", "local"): lambda s: round_stream(local_sock, send_ours(groups), check_ack, s),
         ("stream", "built"): lambda s: round_stream(ours_sock, send_built(groups), check_ack, s),
         ("reqrep", "ours"): lambda s: round_reqrep_ours(client, groups, s),
         ("reqrep", "raw"): lambda s: round_reqrep_raw(raw_sock, payload, s),
@@ -302,6 +309,7 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, curve_addr: str, keys
         ours_sock.close(linger=0)
         raw_sock.close(linger=0)
         curve_sock.close(linger=0)
+        local_sock.close(linger=0)
     enc_us, dec_us = codec_cost_us(groups[0])
 
     def cpu_us(key: tuple[str, str]) -> float:
@@ -345,7 +353,18 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, curve_addr: str, keys
     busiest_thread = {m: 1e6 * max(threads_s[("stream", m)].values()) / n_groups[("stream", m)]
                       for m in ("curve", "ours")}
     lines.append(curve_line(tokens, rates, cpu_us, busiest, busiest_thread, frame_bytes, rounds, seconds))
+    lines.append(local_line(tokens, rates, cpu_us, rounds, seconds))
     return lines
+
+
+def local_line(tokens: int, rates: dict, cpu_us, rounds: int, seconds: float) -> dict:
+    """The stream of ours over the same-node endpoint of the CURVE socket, against unencrypted tcp and CURVE."""
+    local, plain, curve = (statistics.median(rates[("stream", m)]) for m in ("local", "ours", "curve"))
+    return {"name": f"transport_stream_{GROUP_SIZE}x{tokens}_local", "figure": round(local, 1), "unit": "groups/s",
+            "baseline": round(plain, 1), "ratio": round(local / plain, 3), "ratio_to_curve": round(local / curve, 3),
+            "cpu_us_per_group": round(cpu_us(("stream", "local")), 1),
+            "unencrypted_cpu_us_per_group": round(cpu_us(("stream", "ours")), 1), "rounds": rounds, "round_s": seconds,
+            "local_rounds": [round(x) for x in rates[("stream", "local")]], "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
 def curve_line(tokens: int, rates: dict, cpu_us, busiest: dict[str, float], busiest_thread: dict[str, float],
@@ -384,10 +403,11 @@ def main() -> int:
     args = parser.parse_args()
     ours_addr, raw_addr, curve_addr = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
     keys_dir = tempfile.TemporaryDirectory(prefix="bench-keys-")
+    local_addr = local_addresses(os.path.join(keys_dir.name, "sock"))[0]
     security.make_keys(keys_dir.name)
     keys = security.load(keys_dir.name, "rollout")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, ours_addr, raw_addr, curve_addr, keys_dir.name],
+    receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, ours_addr, raw_addr, curve_addr, keys_dir.name, local_addr],
                                 stdout=subprocess.PIPE, text=True, env=env)
     try:
         import select
@@ -396,8 +416,8 @@ def main() -> int:
         if not ready or receiver.stdout.readline().strip() != "READY":
             raise RuntimeError("receiver did not start")
         for tokens in (int(t) for t in args.tokens.split(",")):
-            for line in bench_size(tokens, ours_addr, raw_addr, curve_addr, keys, receiver.pid, args.rounds,
-                                   args.seconds):
+            for line in bench_size(tokens, ours_addr, raw_addr, curve_addr, local_addr, keys, receiver.pid,
+                                   args.rounds, args.seconds):
                 print(json.dumps(line), flush=True)
     finally:
         receiver.terminate()
