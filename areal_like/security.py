@@ -287,31 +287,32 @@ def bind(sock: zmq.Socket, address: str) -> None:
         return
     private_dir(path.parent)
     _authenticator(sock.context, None)
+    was_curve = sock.getsockopt(zmq.MECHANISM) == zmq.CURVE
+    domain = sock.getsockopt(zmq.ZAP_DOMAIN) or ZAP_DOMAIN.encode()  # libzmq takes no empty domain back
+    if not was_curve:
+        _watch(sock)  # ``apply`` watches CURVE servers; refused ipc peers are counted either way
     sock.setsockopt(zmq.CURVE_SERVER, 0)  # NULL mechanism for this endpoint only (options apply at bind)
     sock.setsockopt(zmq.ZAP_DOMAIN, LOCAL_ZAP_DOMAIN.encode())
     try:
         sock.bind(address)  # libzmq removes a socket file left by an earlier run first
         os.chmod(path, 0o600)
-    finally:  # later binds: CURVE again if active; the CURVE domain (libzmq takes no empty one; a NULL
-        sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())  # peer there passes pyzmq's handler)
-        if _active is not None and sock.type in _SERVER_KINDS:
-            _set_curve(sock, _active)
+    finally:  # later binds as before (a NULL peer under the CURVE domain passes pyzmq's handler)
+        sock.setsockopt(zmq.ZAP_DOMAIN, domain)
+        if was_curve:
+            sock.setsockopt(zmq.CURVE_SERVER, 1)  # its keys are still set
 
 
 def connect(sock: zmq.Socket, address: str) -> None:
     """Connect ``sock`` to ``address``: tcp:// with its CURVE settings, ipc:// without CURVE once the
-    socket's directory is checked to be this user's alone (so the server is this user's too)."""
+    socket's directory is checked to be this user's alone (so the server is this user's too). The
+    socket stays without CURVE: a tcp endpoint connected later would be refused, never sent in clear."""
     path = ipc_path(address)
     if path is None:
         sock.connect(address)
         return
     private_dir(path.parent)
-    sock.setsockopt(zmq.CURVE_SERVER, 0)  # NULL mechanism for this endpoint only (options apply at connect)
-    try:
-        sock.connect(address)
-    finally:
-        if _active is not None and sock.type in _CLIENT_KINDS:
-            _set_curve(sock, _active)
+    sock.setsockopt(zmq.CURVE_SERVER, 0)  # NULL mechanism (options apply at connect)
+    sock.connect(address)
 
 
 def _watch(sock: zmq.Socket) -> None:
@@ -337,4 +338,3 @@ def _monitor_loop(monitor: zmq.Socket) -> None:
         return
     finally:
         monitor.close(linger=0)
-

@@ -166,12 +166,14 @@ def knock_as(uid: int, address: str, wait_s: float) -> int:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a process of another user needs root to start")
-def test_a_process_of_another_user_is_refused_even_when_the_kernel_lets_it_in(keys, refusals):
+@pytest.mark.parametrize("curve", [True, False], ids=["curve_on", "curve_off"])
+def test_a_process_of_another_user_is_refused_even_when_the_kernel_lets_it_in(keys, refusals, curve):
     """Defence in depth: the directory and socket are opened to everyone after binding (what a wrong
-    umask or chmod would do); the uid check in the ZAP handler still refuses the other user."""
+    umask or chmod would do); the uid check in the ZAP handler still refuses the other user, and the
+    refusal is counted, with CURVE on tcp or without (security.curve=false)."""
     sock_dir = Path(tempfile.mkdtemp(prefix="ipc-"))  # not under pytest's 0700 tmp root: nobody must reach it
     tcp, (router, _pub) = f"tcp://127.0.0.1:{free_port()}", local_addresses(sock_dir)
-    with security.using(security.load(keys, security.SERVER)):
+    with security.using(security.load(keys, security.SERVER) if curve else None):
         server = Server(tcp, local_address=router)
     got: list = []
     stop, arrived = threading.Event(), threading.Event()
