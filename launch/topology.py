@@ -209,7 +209,7 @@ def apply_topology(cfg: RunConfig, topo: Topology) -> RunConfig:
 
 def with_local_ipc(cfg: RunConfig) -> RunConfig:
     """A one-node job (``launch.nodes == 1``, ``security.local_ipc``): the buffer also serves ipc://
-    sockets in ``<run_dir>/sock`` and every daemon reaches it there, without CURVE (same user only:
+    sockets in ``<run_dir>/sock`` (or ``buffer.local_dir`` when set) and every daemon reaches it there, without CURVE (same user only:
     areal_like/security.py); its tcp:// addresses stay for tools and other nodes. Unchanged when the
     socket paths would not fit AF_UNIX's limit (a very deep run_dir): tcp with CURVE then."""
     from areal_like.security import IPC_PATH_MAX
@@ -217,7 +217,7 @@ def with_local_ipc(cfg: RunConfig) -> RunConfig:
 
     if cfg.launch.nodes != 1 or not cfg.security.local_ipc:
         return cfg
-    local_dir = cfg.resolve_path("sock").resolve()
+    local_dir = cfg.resolve_path(cfg.buffer.local_dir or "sock").resolve()  # a configured one is kept
     router, pub = local_addresses(local_dir)
     if max(len(os.fsencode(a[len("ipc://"):])) for a in (router, pub)) > IPC_PATH_MAX:
         return cfg

@@ -215,5 +215,7 @@ def test_a_one_node_run_points_every_daemon_at_the_same_node_sockets(tmp_path):
     assert local.buffer.address == cfg.buffer.address  # tcp stays (tools, other nodes), with CURVE
     assert with_local_ipc(_cfg(f"run_dir={tmp_path}", "security.local_ipc=false")) == _cfg(
         f"run_dir={tmp_path}", "security.local_ipc=false")
+    chosen = with_local_ipc(_cfg(f"run_dir={tmp_path}", f"buffer.local_dir={tmp_path / 'mine'}"))
+    assert chosen.rollout.buffer_address == local_addresses(tmp_path / "mine")[0]
     deep = tmp_path / ("d" * 100)
     assert with_local_ipc(_cfg(f"run_dir={deep}")).buffer.local_dir == ""  # would not fit AF_UNIX: tcp + CURVE
