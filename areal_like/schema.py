@@ -196,6 +196,10 @@ class BufferConfig:
     # rejected{frame_too_large}); decoding may take ~73x a frame's size, so this bounds its memory.
     # 0 = sized to the job (areal_like.config.request_frame_limit: the biggest group it can produce).
     max_frame_bytes: int = 0
+    # Same-node members: also serve ipc:// sockets (router, pub) in this directory, relative to run_dir
+    # unless absolute; "" = tcp only. No CURVE there: the directory is 0700 and each peer's uid is checked
+    # (areal_like/SECURITY.md). A one-node `areal-like run` sets it (security.local_ipc).
+    local_dir: str = ""
 
     def __post_init__(self):
         _check("buffer.max_frame_bytes", self.max_frame_bytes >= 0, ">= 0 (0 = sized to the job)",
@@ -358,6 +362,9 @@ class SecurityConfig:
 
     curve: bool = True  # CURVE-encrypt and authenticate every ZeroMQ socket; false only on a trusted network
     keys_dir: str = "keys"  # the job's keys (`areal-like keys RUN_DIR`); relative to run_dir unless absolute
+    # A one-node `run`: daemons reach the buffer over ipc:// sockets in <run_dir>/sock (this user only, no
+    # CURVE, which is the transport's biggest cost); false = tcp with CURVE on one node too.
+    local_ipc: bool = True
 
     def __post_init__(self):
         _check("security.keys_dir", bool(self.keys_dir), "a directory", self.keys_dir)

@@ -24,12 +24,23 @@ reaches it; its requests time out. The buffer counts each failed handshake (a so
 every server socket; ``on_refused`` callbacks), by reason: ``unknown_key`` (a valid CURVE client
 whose key is not allowed) or ``handshake`` (no CURVE, the wrong server key, garbage). A refused
 client reconnects every ~100 ms (ZeroMQ's reconnect interval), so one stranger counts many times.
+
+Same-node endpoints (``bind``/``connect`` with an ``ipc://`` address): no CURVE, because nothing
+leaves the kernel and the cipher is the transport's biggest cost (benchmarks/bench_transport.py).
+What stands in for the keys, checked on both sides: the socket lives in a directory owned by this
+user with mode 0700 (``private_dir``; the socket file itself 0600), so only this user (and root)
+can reach it, and the ZAP handler admits a peer only if the kernel's credentials for the
+connection (SO_PEERCRED, which libzmq puts in the ZAP address as ``host:uid:gid:pid``) name this
+process's user; a peer of another user is refused and counted as ``unknown_key``. ZeroMQ applies
+security options when an endpoint is bound or connected, so one socket can serve CURVE on tcp://
+and this on ipc://; every tcp:// endpoint keeps CURVE.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -47,6 +58,8 @@ log = logging.getLogger("security")
 SERVER = "server"
 CLIENT_NAMES = ("rollout", "trainer")  # rollout servers; trainer rank 0 (and tools that act for it)
 ZAP_DOMAIN = "areal-like"
+LOCAL_ZAP_DOMAIN = "areal-like-local"  # ipc:// endpoints: peers of this user only, no CURVE
+IPC_PATH_MAX = 107  # bytes of an AF_UNIX socket path (sun_path holds 108 with its NUL)
 _SERVER_KINDS = (zmq.ROUTER, zmq.PUB)
 _CLIENT_KINDS = (zmq.DEALER, zmq.SUB)
 # Monitor events that mean a peer was refused, by reason (HANDSHAKE_FAILED_AUTH: the ZAP handler said no)
@@ -174,31 +187,132 @@ def apply(sock: zmq.Socket) -> None:
     keys = _active
     if keys is None:
         return
-    kind = sock.type
-    if kind in _SERVER_KINDS:
+    if sock.type in _SERVER_KINDS:
         if keys.allow_dir is None:
             raise SecurityError(f"a {keys.role} process cannot serve CURVE: it holds no server key")
         _authenticator(sock.context, keys)
+        _set_curve(sock, keys)
+        _watch(sock)
+    elif sock.type in _CLIENT_KINDS:
+        _set_curve(sock, keys)
+
+
+def _set_curve(sock: zmq.Socket, keys: Keys) -> None:
+    """CURVE options for endpoints bound or connected from now on (server or client by socket kind)."""
+    if sock.type in _SERVER_KINDS:
         sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
         sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
         sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
         sock.setsockopt(zmq.CURVE_SERVER, 1)
-        _watch(sock)
-    elif kind in _CLIENT_KINDS:
+    elif sock.type in _CLIENT_KINDS:
         sock.setsockopt(zmq.CURVE_SERVERKEY, keys.server_public)
         sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
         sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
 
 
-def _authenticator(ctx: zmq.Context, keys: Keys) -> None:
-    """One running ZAP handler per context (ZAP is per context), allowing exactly the keys in allow_dir."""
+def _authenticator(ctx: zmq.Context, keys: Keys | None) -> None:
+    """One running ZAP handler per context (ZAP is per context): CURVE clients with exactly the keys in
+    allow_dir (server keys), ipc:// peers of this user."""
     with _lock:
-        if id(ctx) in _auths:
+        auth = _auths.get(id(ctx))
+        if auth is None:
+            auth = _auths[id(ctx)] = _Authenticator(ctx, log=logging.getLogger("security.zap"))
+            auth.start()
+        if keys is not None and keys.allow_dir is not None and ZAP_DOMAIN not in auth.certs:
+            auth.configure_curve(domain=ZAP_DOMAIN, location=str(keys.allow_dir))
+
+
+class _Authenticator(ThreadAuthenticator):
+    """pyzmq's ZAP handler (the CURVE allow-list) plus the rule of same-node endpoints."""
+
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        if len(msg) >= 6 and msg[2] == LOCAL_ZAP_DOMAIN.encode():
+            uid = peer_uid(msg[3])
+            ok = msg[5] == b"NULL" and uid == os.geteuid()
+            if not ok:
+                self.log.warning("refused an ipc peer: uid %s, mechanism %s (this job runs as uid %d)", uid,
+                                 msg[5].decode(errors="replace"), os.geteuid())
+            self._send_zap_reply(msg[1], b"200" if ok else b"400", b"OK" if ok else b"not this job's user")
             return
-        auth = ThreadAuthenticator(ctx, log=logging.getLogger("security.zap"))
-        auth.start()
-        auth.configure_curve(domain=ZAP_DOMAIN, location=str(keys.allow_dir))
-        _auths[id(ctx)] = auth
+        await super().handle_zap_message(msg)
+
+
+def peer_uid(zap_address: bytes) -> int | None:
+    """The uid in the ZAP address libzmq gives an ipc:// peer (``host:uid:gid:pid``, from SO_PEERCRED);
+    None when it holds none (a libzmq built without SO_PEERCRED: such peers are refused)."""
+    parts = zap_address.decode("ascii", "replace").rsplit(":", 3)
+    return int(parts[1]) if len(parts) == 4 and parts[1].isdigit() else None
+
+
+def private_dir(path: str | Path, create: bool = True) -> Path:
+    """``path`` as a directory only this user can enter: not a symlink, owned by this user, no group or
+    other permission bits; made so (0700) when missing and ``create``. SecurityError naming what is wrong."""
+    path = Path(path)
+    if create and not path.exists():
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise SecurityError(f"{path} does not exist (the buffer makes it when it starts)") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise SecurityError(f"{path} must be a directory (not a symlink or a file) to hold the job's sockets")
+    if st.st_uid != os.geteuid():
+        raise SecurityError(f"{path} is owned by uid {st.st_uid}, not by this process's user (uid {os.geteuid()}): "
+                            "its sockets could be someone else's")
+    if st.st_mode & 0o077:
+        raise SecurityError(f"{path} has mode {stat.S_IMODE(st.st_mode):04o}: other users could reach the job's "
+                            "sockets in it; it must be 0700 (chmod 700)")
+    return path
+
+
+def ipc_path(address: str) -> Path | None:
+    """The socket path of an ``ipc://`` address (absolute, short enough for AF_UNIX); None for any other."""
+    if not address.startswith("ipc://"):
+        return None
+    path = Path(address[len("ipc://"):])
+    if not path.is_absolute():
+        raise SecurityError(f"{address}: a same-node socket path must be absolute")
+    if len(os.fsencode(path)) > IPC_PATH_MAX:
+        raise SecurityError(f"{address}: the path is {len(os.fsencode(path))} bytes, over AF_UNIX's "
+                            f"{IPC_PATH_MAX}; use a shorter directory")
+    return path
+
+
+def bind(sock: zmq.Socket, address: str) -> None:
+    """Bind ``sock`` on ``address``: tcp:// with its CURVE settings (``apply``), ipc:// as a same-node
+    endpoint (module docstring: private directory, socket 0600, peers of this user only, no CURVE)."""
+    path = ipc_path(address)
+    if path is None:
+        sock.bind(address)
+        return
+    private_dir(path.parent)
+    _authenticator(sock.context, None)
+    was_curve = sock.getsockopt(zmq.MECHANISM) == zmq.CURVE
+    domain = sock.getsockopt(zmq.ZAP_DOMAIN) or ZAP_DOMAIN.encode()  # libzmq takes no empty domain back
+    if not was_curve:
+        _watch(sock)  # ``apply`` watches CURVE servers; refused ipc peers are counted either way
+    sock.setsockopt(zmq.CURVE_SERVER, 0)  # NULL mechanism for this endpoint only (options apply at bind)
+    sock.setsockopt(zmq.ZAP_DOMAIN, LOCAL_ZAP_DOMAIN.encode())
+    try:
+        sock.bind(address)  # libzmq removes a socket file left by an earlier run first
+        os.chmod(path, 0o600)
+    finally:  # later binds as before (a NULL peer under the CURVE domain passes pyzmq's handler)
+        sock.setsockopt(zmq.ZAP_DOMAIN, domain)
+        if was_curve:
+            sock.setsockopt(zmq.CURVE_SERVER, 1)  # its keys are still set
+
+
+def connect(sock: zmq.Socket, address: str) -> None:
+    """Connect ``sock`` to ``address``: tcp:// with its CURVE settings, ipc:// without CURVE once the
+    socket's directory is checked to be this user's alone (so the server is this user's too). The
+    socket stays without CURVE: a tcp endpoint connected later would be refused, never sent in clear."""
+    path = ipc_path(address)
+    if path is None:
+        sock.connect(address)
+        return
+    private_dir(path.parent)
+    sock.setsockopt(zmq.CURVE_SERVER, 0)  # NULL mechanism (options apply at connect)
+    sock.connect(address)
 
 
 def _watch(sock: zmq.Socket) -> None:
@@ -224,4 +338,3 @@ def _monitor_loop(monitor: zmq.Socket) -> None:
         return
     finally:
         monitor.close(linger=0)
-

@@ -45,9 +45,13 @@ Patterns and why:
 * **Authentication.** Every socket is made by ``_new_socket``, which hands it to
   ``security.apply``: with the process's CURVE keys active, ROUTER/PUB sockets are CURVE servers
   behind a ZAP allow-list and DEALER/SUB sockets CURVE clients (``areal_like/security.py``).
+* **Same-node endpoints.** An ``ipc://`` address (a Unix socket; ``local_addresses``) is bound and
+  connected through ``security.bind``/``security.connect``: no CURVE there, only peers of the job's
+  own user, in a 0700 directory. ``Server`` and ``Publisher`` take one beside their tcp:// address
+  (``local_address``), so same-node daemons skip the cipher and remote ones keep it.
 
-Addresses are configuration (``tcp://host:port``); nothing here assumes localhost. Servers
-bind (``tcp://*:port`` or a concrete interface), clients connect.
+Addresses are configuration (``tcp://host:port``, or ``ipc:///abs/path`` on one node); nothing here
+assumes localhost. Servers bind (``tcp://*:port`` or a concrete interface), clients connect.
 """
 
 from __future__ import annotations
@@ -123,6 +127,11 @@ class FrameWriter:
         return sock.send_multipart([*head, frame], flags=flags, copy=False)
 
 
+def local_addresses(directory: str | os.PathLike) -> tuple[str, str]:
+    """The buffer's same-node (request/reply, publish) ``ipc://`` addresses in ``directory``."""
+    return f"ipc://{os.path.abspath(directory)}/router", f"ipc://{os.path.abspath(directory)}/pub"
+
+
 def recv_parts(sock: zmq.Socket, flags: int) -> list[zmq.Frame]:
     """``sock.recv_multipart(flags, copy=False)`` without asking the socket for RCVMORE per part
     (a synchronous socket; only the first part can raise zmq.Again: a message arrives whole)."""
@@ -145,6 +154,18 @@ def new_socket(ctx: zmq.Context, kind: int, receive_bound: int | None = None) ->
     return sock
 
 
+def _bind_both(sock: zmq.Socket, address: str, local_address: str | None) -> None:
+    """Bind ``address`` and, for same-node peers, ``local_address`` (ipc://, no CURVE: see "Same-node
+    endpoints"); on any error the socket is closed, so no port stays bound behind a refused directory."""
+    try:
+        security.bind(sock, bind_address(address))
+        if local_address:
+            security.bind(sock, local_address)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+
+
 class _Dealer:
     """A DEALER to ``address`` that is replaced by a fresh one after a timeout ("lazy pirate")."""
 
@@ -158,7 +179,7 @@ class _Dealer:
         self._sock = new_socket(self._ctx, zmq.DEALER)
         if self.identity:
             self._sock.setsockopt(zmq.IDENTITY, f"{self.identity}-{uuid.uuid4().hex[:6]}".encode())
-        self._sock.connect(self.address)
+        security.connect(self._sock, self.address)
 
     def reconnect(self) -> None:
         if self._sock is not None:
@@ -247,8 +268,8 @@ class Server:
     (default ``protocol.MAX_FRAME_BYTES``) is the largest frame decoded; see "Incoming size bound".
     """
 
-    def __init__(self, address: str, *, max_frame_bytes: int | None = None):
-        self.address = address
+    def __init__(self, address: str, *, max_frame_bytes: int | None = None, local_address: str | None = None):
+        self.address, self.local_address = address, local_address
         self.max_frame_bytes = max_frame_bytes
         bound = None
         if max_frame_bytes is not None:
@@ -259,7 +280,7 @@ class Server:
         self._ctx = zmq.Context.instance()
         self._sock = new_socket(self._ctx, zmq.ROUTER, bound)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished peers are dropped
-        self._sock.bind(bind_address(address))
+        _bind_both(self._sock, address, local_address)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
         self._writer = FrameWriter()
@@ -322,10 +343,10 @@ class Server:
 class Publisher:
     """PUB side of announcements (lossy by design; see module docstring)."""
 
-    def __init__(self, address: str):
-        self.address = address
+    def __init__(self, address: str, *, local_address: str | None = None):
+        self.address, self.local_address = address, local_address
         self._sock = new_socket(zmq.Context.instance(), zmq.PUB)
-        self._sock.bind(bind_address(address))
+        _bind_both(self._sock, address, local_address)
         self._writer = FrameWriter()
 
     def publish(self, msg: Message) -> None:
@@ -346,7 +367,7 @@ class Subscriber:
         ctx = zmq.asyncio.Context.instance() if asyncio_ctx else zmq.Context.instance()
         self._sock = new_socket(ctx, zmq.SUB)
         self._sock.setsockopt(zmq.SUBSCRIBE, b"")
-        self._sock.connect(address)
+        security.connect(self._sock, address)
 
     def recv(self, timeout_s: float) -> Message | None:
         """The next valid announcement within ``timeout_s``, or None (undecodable frames are skipped)."""

@@ -21,7 +21,13 @@ ROUTER that answers a prebuilt reply of the same size without decoding anything.
   DEALER holding a client key. ``figure`` is its groups/s, ``baseline`` the unencrypted stream of
   ours in the same rounds, ``ratio`` CURVE over unencrypted (goal >= 0.75 at T = 4096: CURVE costs
   at most a quarter of the throughput); ``ratio_to_raw`` and ``unencrypted_ratio_to_raw`` put both
-  beside raw ZMQ.
+  beside raw ZMQ. ``busiest_thread_cpu_us`` and ``thread_bound_ratio`` show where it goes: libzmq
+  runs the cipher in the one I/O thread of a connection, beside the TCP copies.
+* **stream, same node** (``transport_stream_8xT_local``): the stream of ours into the same CURVE
+  socket through the ``ipc://`` endpoint it also binds (as the buffer does for a one-node run:
+  no CURVE there, peers of this user only; ``areal_like/security.py``), from a DEALER holding the
+  client key as a same-node rollout server does. ``baseline`` is the unencrypted tcp stream,
+  ``ratio_to_curve`` the gain over CURVE.
 * **reqrep** (for reference): ``Client.request`` with one request in flight, as a single
   rollout server's sender does; encode, decode and both wake-ups add up serially, so on a busy
   2-core box this ratio is much lower than the streaming one.
@@ -60,19 +66,20 @@ import zmq  # noqa: E402
 from areal_like import protocol as P  # noqa: E402
 from areal_like import security  # noqa: E402
 from areal_like.distributed import free_port  # noqa: E402
-from areal_like.transport import Client, FrameWriter, new_socket  # noqa: E402
+from areal_like.transport import Client, FrameWriter, local_addresses, new_socket  # noqa: E402
 
-GROUP_SIZE = 8
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from transport_report import GROUP_SIZE, child_cpu_s, cpu_split_s, curve_line, local_line, thread_cpu_s  # noqa: E402
+
 PROMPT_TOKENS = 256
 GOAL_RATIO_AT_4096 = 0.8
-GOAL_CURVE_RATIO_AT_4096 = 0.75  # CURVE over unencrypted: security may cost at most a quarter of the throughput
 READY_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 30.0
 ZERO_COPY_BYTES = 64 * 1024  # pyzmq's own threshold for zero-copy frames
 WINDOW = 8  # requests in flight in the stream pattern (a few rollout servers' worth)
 
 # The receiving process: our Server on argv[1], a raw ROUTER on argv[2], our Server with CURVE (keys
-# in argv[4]) on argv[3], served from one poll loop.
+# in argv[4]) on argv[3] and, like the buffer's, on the same-node endpoint argv[5]; one poll loop.
 RECEIVER = """
 import sys, zmq
 from areal_like import protocol as P, security
@@ -80,7 +87,7 @@ from areal_like.transport import Server
 
 server = Server(sys.argv[1])
 with security.using(security.load(sys.argv[4], security.SERVER)):
-    curve = Server(sys.argv[3])
+    curve = Server(sys.argv[3], local_address=sys.argv[5])
 raw = zmq.Context.instance().socket(zmq.ROUTER)
 raw.setsockopt(zmq.LINGER, 0)
 raw.bind(sys.argv[2])
@@ -202,7 +209,7 @@ def round_stream(sock: zmq.Socket, send, check_reply, seconds: float) -> float:
 
 def dealer(address: str) -> zmq.Socket:
     sock = new_socket(zmq.Context.instance(), zmq.DEALER)  # Client's socket options (HWM, LINGER 0)
-    sock.connect(address)
+    security.connect(sock, address)  # as Client does: CURVE on tcp:// when keys are active, none on ipc://
     return sock
 
 
@@ -228,32 +235,8 @@ def build_cost_us(group: P.TrajectoryGroup, repeats: int = 200) -> float:
     return 1e6 * (time.process_time() - t0) / repeats
 
 
-def child_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system, all threads) of another process, from /proc."""
-    return sum(cpu_split_s(pid))
-
-
-def thread_cpu_s(pids: tuple[int, ...]) -> dict[tuple[int, int], float]:
-    """CPU seconds of every thread of ``pids``, by (pid, thread id), from /proc. libzmq encrypts and
-    decrypts CURVE frames in its I/O thread, beside the Python thread that encodes and decodes."""
-    out = {}
-    for pid in pids:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            try:
-                out[(pid, int(tid))] = sum(cpu_split_s(pid, f"/task/{tid}"))
-            except OSError:  # the thread ended
-                pass
-    return out
-
-
-def cpu_split_s(pid: int, task: str = "") -> tuple[float, float]:
-    """(user, system) CPU seconds, all threads, of a process, from /proc (clock-tick resolution)."""
-    fields = open(f"/proc/{pid}{task}/stat").read().rsplit(")", 1)[1].split()
-    return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
-
-
-def bench_size(tokens: int, ours_addr: str, raw_addr: str, curve_addr: str, keys: security.Keys, receiver_pid: int,
-               rounds: int, seconds: float) -> list[dict]:
+def bench_size(tokens: int, ours_addr: str, raw_addr: str, curve_addr: str, local_addr: str, keys: security.Keys,
+               receiver_pid: int, rounds: int, seconds: float) -> list[dict]:
     groups = [make_group(tokens, seed) for seed in range(4)]
     frame_bytes = len(P.encode(groups[0]))
     payload = os.urandom(frame_bytes)
@@ -266,11 +249,12 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, curve_addr: str, keys
 
     client, ours_sock, raw_sock = Client(ours_addr, timeout_s=REQUEST_TIMEOUT_S), dealer(ours_addr), dealer(raw_addr)
     with security.using(keys):
-        curve_sock = dealer(curve_addr)
+        curve_sock, local_sock = dealer(curve_addr), dealer(local_addr)
     modes = {
         ("stream", "ours"): lambda s: round_stream(ours_sock, send_ours(groups), check_ack, s),
         ("stream", "raw"): lambda s: round_stream(raw_sock, send_raw(payload), lambda reply: None, s),
         ("stream", "curve"): lambda s: round_stream(curve_sock, send_ours(groups), check_ack, s),
+        ("stream", "local"): lambda s: round_stream(local_sock, send_ours(groups), check_ack, s),
         ("stream", "built"): lambda s: round_stream(ours_sock, send_built(groups), check_ack, s),
         ("reqrep", "ours"): lambda s: round_reqrep_ours(client, groups, s),
         ("reqrep", "raw"): lambda s: round_reqrep_raw(raw_sock, payload, s),
@@ -302,6 +286,7 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, curve_addr: str, keys
         ours_sock.close(linger=0)
         raw_sock.close(linger=0)
         curve_sock.close(linger=0)
+        local_sock.close(linger=0)
     enc_us, dec_us = codec_cost_us(groups[0])
 
     def cpu_us(key: tuple[str, str]) -> float:
@@ -345,35 +330,8 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, curve_addr: str, keys
     busiest_thread = {m: 1e6 * max(threads_s[("stream", m)].values()) / n_groups[("stream", m)]
                       for m in ("curve", "ours")}
     lines.append(curve_line(tokens, rates, cpu_us, busiest, busiest_thread, frame_bytes, rounds, seconds))
+    lines.append(local_line(tokens, rates, cpu_us, rounds, seconds))
     return lines
-
-
-def curve_line(tokens: int, rates: dict, cpu_us, busiest: dict[str, float], busiest_thread: dict[str, float],
-               frame_bytes: int, rounds: int, seconds: float) -> dict:
-    """The stream of ours with CURVE against the same stream without it (and both against raw ZMQ).
-    Load-robust twins of ``ratio``, from CPU per group by mode: ``cpu_bound_ratio`` (the busier
-    process: the throughput bound with one core per process) and ``thread_bound_ratio`` (the busiest
-    thread of either process: the bound where every thread has a core, as on an idle many-core node;
-    libzmq runs CURVE in its I/O thread, beside the Python thread)."""
-    curve, plain, raw = (statistics.median(rates[("stream", m)]) for m in ("curve", "ours", "raw"))
-    goal = GOAL_CURVE_RATIO_AT_4096 if tokens == 4096 else None
-    return {"name": f"transport_stream_{GROUP_SIZE}x{tokens}_curve", "figure": round(curve, 1), "unit": "groups/s",
-            "baseline": round(plain, 1), "ratio": round(curve / plain, 3), "goal": goal,
-            "goal_met": None if goal is None else curve / plain >= goal,
-            "ratio_to_raw": round(curve / raw, 3), "unencrypted_ratio_to_raw": round(plain / raw, 3),
-            "raw": round(raw, 1), "mb_s": round(curve * frame_bytes / 1e6, 1),
-            "cpu_us_per_group": round(cpu_us(("stream", "curve")), 1),
-            "unencrypted_cpu_us_per_group": round(cpu_us(("stream", "ours")), 1),
-            "busiest_process_cpu_us": round(busiest["curve"], 1),
-            "unencrypted_busiest_process_cpu_us": round(busiest["ours"], 1),
-            "cpu_bound_ratio": round(busiest["ours"] / busiest["curve"], 3),
-            "busiest_thread_cpu_us": round(busiest_thread["curve"], 1),
-            "unencrypted_busiest_thread_cpu_us": round(busiest_thread["ours"], 1),
-            "thread_bound_ratio": round(busiest_thread["ours"] / busiest_thread["curve"], 3),
-            "rounds": rounds, "round_s": seconds,
-            "curve_rounds": [round(x) for x in rates[("stream", "curve")]],
-            "unencrypted_rounds": [round(x) for x in rates[("stream", "ours")]],
-            "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
 def main() -> int:
@@ -384,10 +342,11 @@ def main() -> int:
     args = parser.parse_args()
     ours_addr, raw_addr, curve_addr = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
     keys_dir = tempfile.TemporaryDirectory(prefix="bench-keys-")
+    local_addr = local_addresses(os.path.join(keys_dir.name, "sock"))[0]
     security.make_keys(keys_dir.name)
     keys = security.load(keys_dir.name, "rollout")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, ours_addr, raw_addr, curve_addr, keys_dir.name],
+    receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, ours_addr, raw_addr, curve_addr, keys_dir.name, local_addr],
                                 stdout=subprocess.PIPE, text=True, env=env)
     try:
         import select
@@ -396,8 +355,8 @@ def main() -> int:
         if not ready or receiver.stdout.readline().strip() != "READY":
             raise RuntimeError("receiver did not start")
         for tokens in (int(t) for t in args.tokens.split(",")):
-            for line in bench_size(tokens, ours_addr, raw_addr, curve_addr, keys, receiver.pid, args.rounds,
-                                   args.seconds):
+            for line in bench_size(tokens, ours_addr, raw_addr, curve_addr, local_addr, keys, receiver.pid,
+                                   args.rounds, args.seconds):
                 print(json.dumps(line), flush=True)
     finally:
         receiver.terminate()

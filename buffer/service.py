@@ -28,7 +28,7 @@ from areal_like.config import RunConfig, dataset_size, model_vocab_size, request
 from areal_like.daemon import Daemon
 from areal_like.peers import is_trainer_peer, takes_trainer_prefix
 from areal_like.ratelog import RateLimitedLog
-from areal_like.transport import Publisher, Server
+from areal_like.transport import Publisher, Server, local_addresses
 from buffer import peer_caps
 from buffer.control import ControlPlane
 from buffer.credits import CreditLedger, invalid_group, version_range
@@ -69,6 +69,7 @@ class BufferService(Daemon):
                                   filter_equal_rewards=b.filter_equal_rewards,
                                   max_tokens_per_trajectory=b.max_tokens_per_trajectory)
         wal_dir = cfg.resolve_path(b.wal_dir)
+        self.local_dir = cfg.resolve_path(b.local_dir) if b.local_dir else None  # same-node ipc:// sockets
         wal_dir.mkdir(parents=True, exist_ok=True)
         self.disk = DiskGuard(wal_dir, b.wal_reserve_bytes, log=self.log)
         segment_bytes = min(b.segment_bytes, max(MIN_SEGMENT_BYTES, self.disk.free // 8))
@@ -106,12 +107,13 @@ class BufferService(Daemon):
     # ------------------------------------------------------------------ lifecycle and the loop
     def start(self) -> None:
         self.recover()
-        self.server = Server(self.cfg.address, max_frame_bytes=self.frame_limit)
+        local = local_addresses(self.local_dir) if self.local_dir else (None, None)
+        self.server = Server(self.cfg.address, max_frame_bytes=self.frame_limit, local_address=local[0])
         if self.wal.wakeup_fd is not None:
             self.server.wake_on(self.wal.wakeup_fd)  # a finished fsync ends the wait for requests
-        self.publisher = Publisher(self.cfg.pub_address)
-        self.log.info("serving on %s (pub %s): version %d, %d groups stored, %d leases, cursor %s, frames up to %d "
-                      "bytes", self.cfg.address, self.cfg.pub_address, self.control.version, len(self.store),
+        self.publisher = Publisher(self.cfg.pub_address, local_address=local[1])
+        self.log.info("serving on %s (pub %s; same-node %s): version %d, %d groups stored, %d leases, cursor %s, "
+                      "frames up to %d bytes", self.cfg.address, self.cfg.pub_address, self.local_dir or "none", self.control.version, len(self.store),
                       self.ledger.in_flight, (self.ledger.next_index, self.ledger.epoch), self.frame_limit)
 
     def run_once(self) -> None:

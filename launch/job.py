@@ -45,7 +45,7 @@ from launch.local import ProcSpec, Supervisor, error_tail, write_json_atomic
 from launch.placement import check_one_node, needs_gpus, place_nodes, visible_devices, with_weight_path
 from launch.preflight import checked
 from launch.rundir import check_existing_run
-from launch.topology import Topology, apply_topology, laptop_layout, plan_topology, wants_eval
+from launch.topology import Topology, apply_topology, laptop_layout, plan_topology, wants_eval, with_local_ipc
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -80,7 +80,7 @@ def plan_job(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, 
     if cfg.launch.auto_layout:  # servers, ranks, pinning and threads from the cores present
         cfg = laptop_layout(cfg, cpus)
     topo = plan_topology(cfg, free_ports(), cpus)
-    return apply_topology(cfg, topo), topo
+    return with_local_ipc(apply_topology(cfg, topo)), topo  # one node: same-node sockets, no CURVE
 
 
 def prepare(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, Topology, Path]:

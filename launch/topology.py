@@ -207,6 +207,25 @@ def apply_topology(cfg: RunConfig, topo: Topology) -> RunConfig:
     return dataclasses.replace(cfg, buffer=buffer, rollout=rollout, trainer=trainer)
 
 
+def with_local_ipc(cfg: RunConfig) -> RunConfig:
+    """A one-node job (``launch.nodes == 1``, ``security.local_ipc``): the buffer also serves ipc://
+    sockets in ``<run_dir>/sock`` (or ``buffer.local_dir`` when set) and every daemon reaches it there, without CURVE (same user only:
+    areal_like/security.py); its tcp:// addresses stay for tools and other nodes. Unchanged when the
+    socket paths would not fit AF_UNIX's limit (a very deep run_dir): tcp with CURVE then."""
+    from areal_like.security import IPC_PATH_MAX
+    from areal_like.transport import local_addresses
+
+    if cfg.launch.nodes != 1 or not cfg.security.local_ipc:
+        return cfg
+    local_dir = cfg.resolve_path(cfg.buffer.local_dir or "sock").resolve()  # a configured one is kept
+    router, pub = local_addresses(local_dir)
+    if max(len(os.fsencode(a[len("ipc://"):])) for a in (router, pub)) > IPC_PATH_MAX:
+        return cfg
+    return dataclasses.replace(cfg, buffer=dataclasses.replace(cfg.buffer, local_dir=str(local_dir)),
+                               rollout=dataclasses.replace(cfg.rollout, buffer_address=router, pub_address=pub),
+                               trainer=dataclasses.replace(cfg.trainer, buffer_address=router))
+
+
 def plan_lines(cfg: RunConfig, topo: Topology) -> list[str]:
     """``areal-like plan``: a header, then one line per process of ``topo`` (planned from ``cfg``):
     node, name, GPUs (its CUDA_VISIBLE_DEVICES; ``-`` = inherited, ``none`` = hidden) and where it

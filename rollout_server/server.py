@@ -231,7 +231,8 @@ class RolloutServer(Daemon):
                 self.log.warning("buffer at %s not answering; retrying registration", self.rcfg.buffer_address)
                 continue
             if isinstance(ack, RegisterAck):
-                self.pub_address = ack.pub_address or self.pub_address
+                if not self.pub_address.startswith("ipc://"):  # a same-node server keeps its own ipc:// one
+                    self.pub_address = ack.pub_address or self.pub_address
                 self.log.info("registered with the buffer (trainer version %d)", ack.policy_version)
                 return
             raise RuntimeError(f"unexpected answer to Register: {ack!r}")
