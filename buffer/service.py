@@ -284,9 +284,11 @@ class BufferService(Daemon):
         elif self.store.free_slots(self.ledger.in_flight) < n:
             reason, n = "capacity", self.store.free_slots(self.ledger.in_flight)
         queued = len(self.ledger.reissue)
-        leases = self.ledger.grant(server_id, n)
+        # an engine that missed a sync generates groups older than admission assumes: a smaller window
+        lag = self.policy.engine_lag_of(member.entry.policy_version, version) if member is not None else 0
+        leases = self.ledger.grant(server_id, n, lag)
         if len(leases) < n:
-            reason = self.ledger.shortfall_reason()
+            reason = self.ledger.shortfall_reason(lag)
         if leases:
             self._dirty = True
             self.instruments.count("credits_granted", len(leases))
