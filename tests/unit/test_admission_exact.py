@@ -142,3 +142,20 @@ def test_an_engine_that_missed_a_sync_starts_no_group_that_would_go_stale(tmp_pa
     third = _step(svc, P.BatchRequest(n_groups=B, trainer_version=2, wait_s=0, ack_batch=second.batch_id))
     assert len(third.groups) == B and svc.instruments.counts.get("groups_dropped_stale", 0) == 0
     svc.wal.close()
+
+
+def test_the_lag_counts_from_a_batch_asked_for_before_its_version_was_announced(tmp_path):
+    """An overlapped sync: the trainer asks for the batch of version 1 (acking version 0's, which opens
+    the window) while version 1's weights are still on their way and not yet announced."""
+    svc = _start(tmp_path)
+    _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
+    _deliver(svc, 10, 0)
+    first = _step(svc, P.BatchRequest(n_groups=B, trainer_version=0, wait_s=0))
+    second = _step(svc, P.BatchRequest(n_groups=B, trainer_version=1, wait_s=0, ack_batch=first.batch_id))
+    assert len(second.groups) == B and svc.control.version == 0 and svc.ledger.consumed == B
+    # what the engine (still version 0) starts now is trained at version 2 at the earliest: 2 > eta
+    refused = _step(svc, P.CreditRequest(server_id="s", max_credits=10))
+    assert refused.credits == [] and refused.reason == "staleness"
+    _step(svc, P.Heartbeat(server_id="s", policy_version=1))  # the sync landed
+    assert len(_step(svc, P.CreditRequest(server_id="s", max_credits=10)).credits) == B
+    svc.wal.close()
