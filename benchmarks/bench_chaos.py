@@ -12,7 +12,10 @@ rolled_back_steps) and the largest staleness any step consumed against eta.
 rolled_back_steps x B), ``dropped_<reason>`` (the buffer's ``groups_dropped`` counters, read just
 before its kill and at the end, so a restart's reset loses nothing), ``left_in_store`` (stored, not
 yet trained, when the run ends) and ``other`` (the rest: groups lost at a fault, or dropped between
-the last read and the kill; 0 when everything is accounted for).
+the last read and the kill; 0 when everything is accounted for). One known source of ``other``: with
+an overlapped sync the trainer acks the batch of step v -> v+1 when it asks for the next one, before
+v+1 is announced; killed in between, it resumes at v, so that step is lost without being counted in
+``rolled_back_steps``.
 
 One JSON line: figure = chaos run's wasted share, baseline = clean run's, ratio = figure / baseline
 (goal <= 2).
