@@ -8,6 +8,15 @@ was generated and never trained on, as stale, filtered, rolled back with a crash
 left in the pipeline at the end. Also reported: the run's outcome (ok, steps_trained,
 rolled_back_steps) and the largest staleness any step consumed against eta.
 
+``waste`` splits it per cause: ``rolled_back`` (batches trained by weights a crash lost:
+rolled_back_steps x B), ``dropped_<reason>`` (the buffer's ``groups_dropped`` counters, read just
+before its kill and at the end, so a restart's reset loses nothing), ``left_in_store`` (stored, not
+yet trained, when the run ends) and ``other`` (the rest: groups lost at a fault, or dropped between
+the last read and the kill; 0 when everything is accounted for). One known source of ``other``: with
+an overlapped sync the trainer acks the batch of step v -> v+1 when it asks for the next one, before
+v+1 is announced; killed in between, it resumes at v, so that step is lost without being counted in
+``rolled_back_steps``.
+
 One JSON line: figure = chaos run's wasted share, baseline = clean run's, ratio = figure / baseline
 (goal <= 2).
 
@@ -26,6 +35,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -42,11 +52,26 @@ FAULTS = ((0.33, "trainer"), (0.5, "buffer"), (0.71, "trainer"))  # (share of tr
 # multiples of a round checkpoint_every, where a kill would find the newest save just started
 
 
-class Chaos:
-    """on_tick: ``kill -9`` each daemon of ``FAULTS`` by PID once training passed its step."""
+DROPPED = "areal_buffer_groups_dropped_total"
 
-    def __init__(self, run_dir: Path, steps: int):
+
+def buffer_counts(url: str) -> Counter:
+    """The buffer's dropped groups per reason (``dropped_<reason>``) and its stored groups (``stored``)."""
+    values, out = scrape(url), Counter()
+    for series, value in values.items():
+        if series.startswith(DROPPED + "{") and 'reason="' in series:
+            out["dropped_" + series.split('reason="', 1)[1].split('"', 1)[0]] += int(value)
+    out["stored"] = int(values.get('areal_buffer_groups{state="stored"}', 0))
+    return out
+
+
+class Chaos:
+    """on_tick: ``kill -9`` each daemon of ``FAULTS`` by PID once training passed its step; the
+    buffer's counters are read just before its kill (a restart resets them)."""
+
+    def __init__(self, run_dir: Path, steps: int, buffer_url: str):
         self.run_dir, self.plan, self.killed = run_dir, [(int(f * steps), d) for f, d in FAULTS], []
+        self.buffer_url, self.before_kills = buffer_url, Counter()
 
     def __call__(self, sup: Supervisor) -> None:
         if not self.plan:
@@ -55,6 +80,10 @@ class Chaos:
         at, name = self.plan[0]
         pid = sup.pids().get(name)
         if recs and recs[-1]["step"] >= at and pid is not None:
+            if name == "buffer":
+                counts = buffer_counts(self.buffer_url)
+                del counts["stored"]  # the store survives the restart (the WAL): counted at the end
+                self.before_kills.update(counts)
             # the ranks too: torchrun alone would leave them to the supervisor's SIGTERM (they would save)
             for proc in [*psutil.Process(pid).children(recursive=True), psutil.Process(pid)]:
                 os.kill(proc.pid, signal.SIGKILL)
@@ -69,12 +98,15 @@ def run(run_dir: Path, args, chaos: bool) -> dict:
     cfg = ensure_warm_start(cfg, log=lambda m: print(f"[warm-start] {m}", file=sys.stderr))
     cfg, topo, path = prepare(cfg)
     acked: list[int] = []
+    buffer_url = next(f"http://{topo.host}:{s.metrics_port}/metrics" for s in topo.slots if s.kind == "buffer")
+    at_end: Counter = Counter()
 
     def read_acked(_sup: Supervisor) -> None:
         acked.append(sum(int(scrape(f"http://{topo.host}:{s.metrics_port}/metrics")
                              .get("areal_rollout_groups_acked_total", 0)) for s in topo.slots if s.kind == "rollout"))
+        at_end.update(buffer_counts(buffer_url))
 
-    faults = Chaos(run_dir, args.steps) if chaos else None
+    faults = Chaos(run_dir, args.steps, buffer_url) if chaos else None
     sup = Supervisor(job_specs(cfg, topo, path), run_dir, restarts=cfg.launch.restarts,
                      health_timeout_s=cfg.launch.health_timeout_s, echo=lambda _: None, on_tick=faults)
     sup.on_complete = read_acked
@@ -84,14 +116,24 @@ def run(run_dir: Path, args, chaos: bool) -> dict:
     if not result["ok"] or not acked:
         raise SystemExit(f"{'chaos' if chaos else 'clean'} run failed: {sup.outcome}; logs in {run_dir / 'logs'}")
     trained = result["steps_trained"] * cfg.buffer.groups_per_step
+    waste = waste_by_cause(acked[0] - trained, result["rolled_back_steps"] * cfg.buffer.groups_per_step,
+                           at_end + (faults.before_kills if faults else Counter()))
     recs = step_records(run_dir)
     ckpt_s = sum(r.get("phase_seconds", {}).get("checkpoint", 0.0) for r in recs) / len(recs)
     return {"checkpoint_s_per_step": round(ckpt_s, 4),
             "step_s": round(sum(r["step_seconds"] for r in recs) / len(recs), 4),"wall_s": round(time.monotonic() - t0, 1), "acked": acked[0], "trained": trained,
-            "wasted": acked[0] - trained, "wasted_share": round((acked[0] - trained) / acked[0], 4),
+            "wasted": acked[0] - trained, "wasted_share": round((acked[0] - trained) / acked[0], 4), "waste": waste,
             "steps_trained": result["steps_trained"], "rolled_back_steps": result["rolled_back_steps"],
             "staleness_max": max(r["staleness_max"] for r in recs),
             "eta": cfg.buffer.max_staleness, "faults": faults.killed if faults else []}
+
+
+def waste_by_cause(wasted: int, rolled_back: int, counts: Counter) -> dict[str, int]:
+    """``wasted`` split per cause (module docstring); ``other`` is what no counter accounts for."""
+    out = {"rolled_back": rolled_back, **{k: v for k, v in sorted(counts.items()) if k.startswith("dropped_") and v},
+           "left_in_store": counts["stored"]}
+    out["other"] = wasted - sum(out.values())
+    return out
 
 
 def main() -> None:

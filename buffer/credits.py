@@ -63,19 +63,21 @@ class CreditLedger:
     def exhausted(self) -> bool:
         return self.max_epochs > 0 and self.epoch >= self.max_epochs and not self.reissue
 
-    def available(self) -> int:
-        """Credits admission allows now (before per-request and storage limits)."""
-        return self.policy.capacity(self.consumed, self.started, self.in_flight)
+    def available(self, lag: int = 0) -> int:
+        """Credits admission allows now (before per-request and storage limits) to a server whose
+        engine is ``lag`` versions behind the trainer (``StalenessPolicy.admission_limit``)."""
+        return self.policy.capacity(self.consumed, self.started, self.in_flight, lag)
 
     def consume(self, n: int) -> None:
         """``n`` groups were trained on (the trainer acknowledged their batch): their slots stay
         taken for good and the admission window moves on by as many."""
         self.consumed += n
 
-    def grant(self, server_id: str, n: int) -> list[Lease]:
-        """Lease up to ``n`` prompts (re-issues first) within the admission limit."""
+    def grant(self, server_id: str, n: int, lag: int = 0) -> list[Lease]:
+        """Lease up to ``n`` prompts (re-issues first) within the admission limit for an engine ``lag``
+        versions behind the trainer."""
         out: list[Lease] = []
-        n = min(n, self.available())
+        n = min(n, self.available(lag))
         while len(out) < n:
             if self.reissue:
                 index, epoch = self.reissue.popleft()
@@ -95,11 +97,11 @@ class CreditLedger:
             out.append(lease)
         return out
 
-    def shortfall_reason(self) -> str:
+    def shortfall_reason(self, lag: int = 0) -> str:
         """Why ``grant`` gave fewer credits than allowed by the caller's limits."""
         if self.in_flight >= self.policy.max_inflight:
             return "inflight"
-        if self.started >= self.policy.admission_limit(self.consumed):
+        if self.started >= self.policy.admission_limit(self.consumed, lag):
             return "staleness"
         return "exhausted"
 

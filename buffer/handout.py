@@ -152,5 +152,9 @@ class Handout:
             taken = [s for gid in group_ids if (s := self.store.pop(gid)) is not None]
             self.in_transit = InTransit(batch_id, version, taken) if taken else None
 
+    def trainer_version(self) -> int:
+        """The trainer version the batch in transit was handed out for (-1: none in transit)."""
+        return batch.version if (batch := self.in_transit) is not None else -1
+
     def in_transit_groups(self) -> int:
         return len(batch.groups) if (batch := self.in_transit) is not None else 0  # one read: metrics thread

@@ -286,9 +286,14 @@ class BufferService(Daemon):
         elif self.store.free_slots(self.ledger.in_flight) < n:
             reason, n = "capacity", self.store.free_slots(self.ledger.in_flight)
         queued = len(self.ledger.reissue)
-        leases = self.ledger.grant(server_id, n)
+        # an engine that missed a sync generates groups older than admission assumes: a smaller window.
+        # Its lag counts from the trainer's newest version: with an overlapped sync the trainer asks for
+        # the batch of v + 1 (and so opens the window) before it announces v + 1; never more than one ahead.
+        newest = version + 1 if self.handout.trainer_version() > version else version
+        lag = self.policy.engine_lag_of(member.entry.policy_version, newest) if member is not None else 0
+        leases = self.ledger.grant(server_id, n, lag)
         if len(leases) < n:
-            reason = self.ledger.shortfall_reason()
+            reason = self.ledger.shortfall_reason(lag)
         if leases:
             self._dirty = True
             self.instruments.count("credits_granted", len(leases))

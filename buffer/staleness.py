@@ -7,7 +7,8 @@ the argument and a worked example):
 
 * **Admission** keeps the pipeline from producing stale data: a credit is granted only while
   ``started < consumed + (eta - lambda + 1) * B`` and ``in_flight < max_inflight`` (lambda, the
-  engines' designed lag, is 0 unless ``trainer.weight_sync.every``/``delay`` is set). ``started`` counts every
+  engines' designed lag, is 0 unless ``trainer.weight_sync.every``/``delay`` is set; a server whose
+  engine is further behind now, having missed a sync, gets a window shrunk by its own lag). ``started`` counts every
   group that holds a slot (in flight, stored, in transit or consumed), ``consumed`` the groups the
   trainer acknowledged; a dropped group or an expired lease gives its slot back, so filtering can
   never starve the trainer. AReaL's ``(eta + v + 1) * B`` is the same rule while ``consumed == v *
@@ -42,20 +43,26 @@ class StalenessPolicy:
         if not 0 <= self.engine_lag <= self.max_staleness:
             raise ValueError(f"engine_lag {self.engine_lag} must be in [0, max_staleness={self.max_staleness}]")
 
-    def admission_limit(self, consumed: int) -> int:
-        """``consumed + (eta - lambda + 1) * B``: how many groups may have been started once
+    def admission_limit(self, consumed: int, lag: int = 0) -> int:
+        """``consumed + (eta - max(lambda, lag) + 1) * B``: how many groups may have been started once
         ``consumed`` of them were trained on (``(eta - lambda + v + 1) * B`` when the trainer took B
         per version). A group starts on weights up to lambda versions old (``engine_lag``), so only
         the rest of the bound is slack for the pipeline; with lambda = eta exactly B groups are
-        admitted per consumed batch."""
-        return consumed + (self.max_staleness - self.engine_lag + 1) * self.groups_per_step
+        admitted per consumed batch. ``lag``: how many versions the requesting server's engine is
+        behind the trainer now (a sync it missed, e.g. while the buffer restarted). Its groups start
+        that much older, and a full window would hand them out stale, so they get only the rest."""
+        return consumed + (self.max_staleness - max(self.engine_lag, lag) + 1) * self.groups_per_step
 
-    def capacity(self, consumed: int, started: int, in_flight: int) -> int:
-        """How many new credits may be granted now (>= 0)."""
-        return max(0, min(self.max_inflight - in_flight, self.admission_limit(consumed) - started))
+    def capacity(self, consumed: int, started: int, in_flight: int, lag: int = 0) -> int:
+        """How many new credits may be granted now (>= 0) to a server whose engine is ``lag`` behind."""
+        return max(0, min(self.max_inflight - in_flight, self.admission_limit(consumed, lag) - started))
 
     def admits(self, consumed: int, started: int, in_flight: int) -> bool:
         return self.capacity(consumed, started, in_flight) > 0
+
+    def engine_lag_of(self, engine_version: int, trainer_version: int) -> int:
+        """How many versions an engine is behind the trainer (0 when ahead or unknown, ``-1``)."""
+        return 0 if engine_version < 0 else max(0, trainer_version - engine_version)
 
     def staleness(self, head_version: int, trainer_version: int) -> int:
         return trainer_version - head_version

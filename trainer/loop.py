@@ -86,8 +86,8 @@ class Trainer(Daemon):
         self.cfg = cfg
         self.version = 0
         # steps_trained: optimizer steps the weights hold; rolled_back_steps: steps a crash lost (trained
-        # again). A resume skips their labels and takes a new one for the checkpoint's weights (no label
-        # names two sets of weights), so version = steps_trained + rolled_back_steps + such resumes.
+        # again). A resume keeps the buffer's last label for the checkpoint's weights (monotonic_version),
+        # so version = steps_trained + rolled_back_steps.
         self.steps_trained = self.rolled_back_steps = 0
         self.phase_times: dict[str, float] = {}
         self.ckpt_root = cfg.resolve_path(cfg.trainer.checkpoint_dir)
@@ -126,7 +126,7 @@ class Trainer(Daemon):
         self.warn_truncation()
         checkpoint_version = self.version
         self.version = self.monotonic_version(self.version)
-        lost = max(0, self.version - 1 - checkpoint_version)  # labels announced by weights the crash lost
+        lost = self.version - checkpoint_version  # labels announced by weights the crash lost
         self.rolled_back_steps += lost
         if ckpt is not None or lost:
             self.record({"event": "resume", "policy_version": self.version, "checkpoint_version": checkpoint_version,
@@ -164,9 +164,13 @@ class Trainer(Daemon):
 
     def monotonic_version(self, version: int) -> int:
         """Versions never go backwards. If the buffer already announced a version past ours (the steps
-        since the last checkpoint were lost with a crash), our weights get the next fresh label: the
-        buffer's admission counters and every stored token's version stay valid, nothing waits for
-        versions that were already counted, and no label ever names two different sets of weights."""
+        since the last checkpoint were lost with a crash), our weights take that label: the buffer's
+        admission counters and every stored token's version stay valid, and nothing waits for versions
+        that were already counted. The label then names the checkpoint's weights instead of the lost
+        ones: the resume pushes them to every engine under it (a re-push replaces a version), and the
+        groups the lost weights generated carry their own behaviour log-probs. Taking the next label
+        instead would age every stored group by one version without a step trained: the batch handed
+        to the dead trainer (and, in a full pipeline, every batch after it) would go stale."""
         announced = [None]
         if self.rank == 0:
             announced[0] = self.broadcaster.announced_version(timeout_s=self.cfg.trainer.buffer_timeout_s)
@@ -181,9 +185,9 @@ class Trainer(Daemon):
                                    f"{t.checkpoint_every}), so that version is not ours; refusing to take it as "
                                    "trained")
             self.log.warning("buffer announced policy_version %d but our weights are version %d: "
-                             "continuing as version %d (%d steps rolled back)", announced[0], version, announced[0] + 1,
+                             "continuing as version %d (%d steps rolled back)", announced[0], version, announced[0],
                              announced[0] - version)
-            return announced[0] + 1
+            return announced[0]
         return version
 
     def run(self) -> None:

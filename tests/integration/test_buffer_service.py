@@ -98,6 +98,7 @@ def test_credits_groups_dedupe_and_batches(tmp_path):
         assert (s["groups_accepted"], s.get("groups_consumed", 0), s["stored"], s["in_transit"]) == (4, 0, 2, 2)
         ack = c.request(P.BatchRequest(n_groups=3, trainer_version=1, wait_s=0, ack_batch=batch.batch_id))
         assert ack.groups == [] and batch.batch_id
+        c.request(P.Heartbeat(server_id="s0", policy_version=1))  # its engine got version 1 (else it waits for it)
         more = c.request(P.CreditRequest(server_id="s0", max_credits=10))
         assert [x.prompt_index for x in more.credits] == [4, 5]  # 2 consumed + (1+1)*2 = 6 started
         s = stats(c)

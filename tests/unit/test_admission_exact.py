@@ -5,16 +5,21 @@ eta = 1, B = 2: at most (eta + 1) * B = 4 groups may be ahead of the trainer (in
 in transit). AReaL's ``started < (eta + v + 1) * B`` lets a trainer restart that skips a version
 label open the window by B, and a consumer other than the trainer close it by what it took; the
 buffer counts consumed groups instead, so neither moves the bound.
+
+A server whose engine missed a sync (it serves v - d while the trainer is at v) starts groups d
+versions older than admission assumes: it gets a window shrunk by d, so they are consumed fresh.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from service_harness import start, step
 
 from areal_like import protocol as P
 from areal_like.config import BufferConfig
 from buffer.service import BufferService
+from buffer.staleness import StalenessPolicy
 
 ETA, B = 1, 2
 TRAINER, STRAY = b"trainer-ws-t0", b"stray-c0ffee"
@@ -54,8 +59,8 @@ def test_a_restart_that_skips_a_version_label_does_not_open_the_window(tmp_path)
     _step(svc, P.Heartbeat(server_id="s", policy_version=1))
     _deliver(svc, 10, 1)
     assert _ahead(svc) == 4 and svc.ledger.available() == 0
-    # the trainer dies after announcing 2 with the second batch's step; it restarts from the checkpoint
-    # that holds the first batch, skips label 2 (it named the lost weights) and announces 3
+    # a trainer that announces 2 and then 3 without consuming a batch in between (as a resumed trainer
+    # did when it took a fresh label for its checkpoint's weights)
     _step(svc, P.VersionUpdate(policy_version=2))
     _step(svc, P.VersionUpdate(policy_version=3))
     # at version 3 the stored head-0 groups are stale (dropped, slots back); what is ahead plus what
@@ -97,3 +102,60 @@ def test_consumption_is_durable(tmp_path):
     again = _start(tmp_path)
     assert (again.ledger.consumed, again.ledger.available()) == state == (B, B)
     again.wal.close()
+
+
+# eta, B, lambda (designed lag), lag (this engine's now), consumed -> admission limit, by hand
+LIMITS = [
+    (4, 8, 0, 0, 400, 440),  # 400 + (4 - 0 + 1) * 8
+    (4, 8, 0, 1, 400, 432),  # missed one sync: 400 + (4 - 1 + 1) * 8
+    (4, 8, 0, 4, 400, 408),  # eta behind: one batch, consumed at once to stay within eta
+    (4, 8, 2, 1, 400, 424),  # behind by less than designed: lambda's window, 400 + (4 - 2 + 1) * 8
+    (4, 8, 2, 3, 400, 416),  # behind by more: 400 + (4 - 3 + 1) * 8
+    (1, 2, 0, 1, 2, 4),  # the sequence below: 2 + (1 - 1 + 1) * 2
+]
+
+
+@pytest.mark.parametrize("eta,b,lam,lag,consumed,limit", LIMITS)
+def test_admission_limit_shrinks_by_an_engines_lag(eta, b, lam, lag, consumed, limit):
+    policy = StalenessPolicy(max_staleness=eta, groups_per_step=b, max_inflight=64, engine_lag=lam)
+    assert policy.admission_limit(consumed, lag) == limit
+    assert policy.engine_lag_of(eta - lag, eta) == lag and policy.engine_lag_of(-1, eta) == 0
+
+
+def test_an_engine_that_missed_a_sync_starts_no_group_that_would_go_stale(tmp_path):
+    svc = _start(tmp_path)
+    _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
+    _deliver(svc, 10, 0)
+    first = _step(svc, P.BatchRequest(n_groups=B, trainer_version=0, wait_s=0))
+    _step(svc, P.VersionUpdate(policy_version=1))  # the engine missed this sync: it still serves 0
+    second = _step(svc, P.BatchRequest(n_groups=B, trainer_version=1, wait_s=0, ack_batch=first.batch_id))
+    assert len(second.groups) == B and svc.ledger.consumed == B and svc.ledger.started == 2 * B
+    # B slots are free, but what the engine starts now has head 0 and is trained at version 2 at the
+    # earliest (second is in transit): staleness 2 > eta. Under the full window it got B credits, and
+    # both groups were dropped as stale at version 2.
+    refused = _step(svc, P.CreditRequest(server_id="s", max_credits=10))
+    assert refused.credits == [] and refused.reason == "staleness"
+    _step(svc, P.Heartbeat(server_id="s", policy_version=1))  # the next sync reached it
+    _deliver(svc, 10, 1)
+    assert svc.ledger.started == 3 * B
+    _step(svc, P.VersionUpdate(policy_version=2))
+    third = _step(svc, P.BatchRequest(n_groups=B, trainer_version=2, wait_s=0, ack_batch=second.batch_id))
+    assert len(third.groups) == B and svc.instruments.counts.get("groups_dropped_stale", 0) == 0
+    svc.wal.close()
+
+
+def test_the_lag_counts_from_a_batch_asked_for_before_its_version_was_announced(tmp_path):
+    """An overlapped sync: the trainer asks for the batch of version 1 (acking version 0's, which opens
+    the window) while version 1's weights are still on their way and not yet announced."""
+    svc = _start(tmp_path)
+    _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
+    _deliver(svc, 10, 0)
+    first = _step(svc, P.BatchRequest(n_groups=B, trainer_version=0, wait_s=0))
+    second = _step(svc, P.BatchRequest(n_groups=B, trainer_version=1, wait_s=0, ack_batch=first.batch_id))
+    assert len(second.groups) == B and svc.control.version == 0 and svc.ledger.consumed == B
+    # what the engine (still version 0) starts now is trained at version 2 at the earliest: 2 > eta
+    refused = _step(svc, P.CreditRequest(server_id="s", max_credits=10))
+    assert refused.credits == [] and refused.reason == "staleness"
+    _step(svc, P.Heartbeat(server_id="s", policy_version=1))  # the sync landed
+    assert len(_step(svc, P.CreditRequest(server_id="s", max_credits=10)).credits) == B
+    svc.wal.close()
