@@ -25,7 +25,8 @@ from areal_like.tokenizer import EOS_ID, char_tokenizer
 from areal_like.track_sink import JsonlTail, TrackerSink, follow, scalars
 from areal_like.tracking import JsonlTracker, MlflowTracker, TensorBoardTracker, Tracker, WandbTracker
 from launch.cli import main
-from launch.job import Monitor, curve_figure, eval_records, plot_curve
+from launch.job import Monitor
+from launch.records import curve_figure, eval_records, plot_curve
 from launch.topology import Topology
 from trainer.data import BatchSource
 from trainer.loop import Trainer
