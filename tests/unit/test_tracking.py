@@ -20,7 +20,8 @@ import pytest
 from areal_like import protocol as P
 from areal_like import tracking
 from areal_like.config import to_yaml
-from areal_like.schema import ConfigError, RunConfig, TrackingConfig
+from areal_like.report_schema import TrackingConfig
+from areal_like.schema import ConfigError, RunConfig
 from areal_like.tokenizer import EOS_ID, char_tokenizer
 from areal_like.track_sink import JsonlTail, TrackerSink, follow, scalars
 from areal_like.tracking import JsonlTracker, MlflowTracker, TensorBoardTracker, Tracker, WandbTracker
