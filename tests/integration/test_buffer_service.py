@@ -22,6 +22,7 @@ from areal_like.config import BufferConfig, RunConfig, TaskConfig
 from areal_like.distributed import free_port
 from areal_like.metrics import scrape
 from areal_like.peers import TRAINER_PEER
+from areal_like.trajectory import Trajectory, as_f32, as_i32
 from areal_like.transport import Client, Subscriber
 from buffer.service import BufferService
 from buffer.wal import WriteAheadLog
@@ -52,8 +53,8 @@ def running(cfg: RunConfig, clock=time.monotonic):
 
 
 def make_group(credit: P.Credit, server_id="s0", version=0, rewards=(0.0, 1.0), tokens=4) -> P.TrajectoryGroup:
-    trajs = [P.Trajectory.of(prompt_ids=P.as_i32([7, 8]), output_ids=P.as_i32(np.arange(tokens)),
-                          behav_logp=P.as_f32(np.full(tokens, -1.0)), versions=P.as_i32(np.full(tokens, version)),
+    trajs = [Trajectory.of(prompt_ids=as_i32([7, 8]), output_ids=as_i32(np.arange(tokens)),
+                          behav_logp=as_f32(np.full(tokens, -1.0)), versions=as_i32(np.full(tokens, version)),
                           reward=float(r), finish_reason="stop") for r in rewards]
     return P.TrajectoryGroup(group_id=f"{server_id}-{credit.lease_id}", server_id=server_id, lease_id=credit.lease_id,
                              prompt_index=credit.prompt_index, epoch=credit.epoch, trajectories=trajs)

@@ -17,6 +17,7 @@ import torch
 from test_handout import _start, _step  # the buffer service with fake sockets
 
 from areal_like import protocol as P
+from areal_like.codec import field_names
 from areal_like.config import WeightSyncConfig
 from areal_like.metrics import Metrics
 from areal_like.versions import RuntimeVersions, from_server_info, local_versions, mismatch
@@ -99,7 +100,7 @@ FIELDS = ("torch_version", "cuda_version", "nccl_version")
 
 
 def _values(msg: P.Message) -> dict:
-    return {name: getattr(msg, name) for name in P.field_names(type(msg))}
+    return {name: getattr(msg, name) for name in field_names(type(msg))}
 
 
 def test_register_and_roster_entry_round_trip_with_and_without_versions():

@@ -157,9 +157,10 @@ def _group(credit, server_id: str, version: int, rewards):
     import numpy as np
 
     from areal_like import protocol as P
+    from areal_like.trajectory import Trajectory, as_f32, as_i32
 
-    trajs = [P.Trajectory.of(prompt_ids=P.as_i32([1]), output_ids=P.as_i32([2, 3]), behav_logp=P.as_f32([-1, -1]),
-                          versions=P.as_i32([version, version]), reward=float(r), finish_reason="stop") for r in rewards]
+    trajs = [Trajectory.of(prompt_ids=as_i32([1]), output_ids=as_i32([2, 3]), behav_logp=as_f32([-1, -1]),
+                          versions=as_i32([version, version]), reward=float(r), finish_reason="stop") for r in rewards]
     return P.TrajectoryGroup(group_id=f"{server_id}-{credit.lease_id}", server_id=server_id, lease_id=credit.lease_id,
                              prompt_index=credit.prompt_index, epoch=credit.epoch, trajectories=trajs), np
 
