@@ -54,9 +54,7 @@ def split_address(address: str) -> tuple[str, int]:
 class NodeGpus:
     """The GPUs of one node's processes."""
 
-    node: int
     trainer: tuple[int, ...]  # GPU of each trainer rank on this node (local rank i -> trainer[i])
-    ranks: tuple[int, ...]  # their global ranks: torchrun's node_rank * nproc_per_node + local rank
     rollout: tuple[tuple[int, ...], ...]  # the GPUs of each rollout server on this node
 
     @property
@@ -96,7 +94,7 @@ def place_node(*, gpus_per_node: int, trainer_ranks: int, rollout_servers: int, 
                           f"tp_size={tp_size} must be >= 0, >= 0 and >= 1")
     need = trainer_ranks + rollout_servers * tp_size
     if gpus_per_node == 1 and (trainer_ranks, rollout_servers, tp_size) == (1, 1, 1):  # the one-GPU machine
-        return NodeGpus(node=node, trainer=(0,), ranks=(node,), rollout=((0,),))
+        return NodeGpus(trainer=(0,), rollout=((0,),))
     if need > gpus_per_node:
         terms = [f"launch.trainer_ranks={trainer_ranks}"] if trainer_ranks else []
         if rollout_servers:
@@ -108,8 +106,7 @@ def place_node(*, gpus_per_node: int, trainer_ranks: int, rollout_servers: int, 
             "one trainer rank and one rollout server of tp_size 1 shares its GPU)")
     rollout = tuple(tuple(range(trainer_ranks + i * tp_size, trainer_ranks + (i + 1) * tp_size))
                     for i in range(rollout_servers))
-    return NodeGpus(node=node, trainer=tuple(range(trainer_ranks)),
-                    ranks=tuple(node * trainer_ranks + i for i in range(trainer_ranks)), rollout=rollout)
+    return NodeGpus(trainer=tuple(range(trainer_ranks)), rollout=rollout)
 
 
 def trainer_on_gpu(cfg: RunConfig) -> bool:

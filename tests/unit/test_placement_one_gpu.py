@@ -27,7 +27,7 @@ ONE_GPU_SGLANG = ("topology=gpu_sglang", "launch.gpus_per_node=1", "rollout.engi
 
 def test_one_gpu_one_trainer_rank_one_server_share_gpu_0():
     p = place_node(gpus_per_node=1, trainer_ranks=1, rollout_servers=1, tp_size=1)
-    assert (p.trainer, p.rollout, p.ranks, p.used, p.shared) == ((0,), ((0,),), (0,), 1, True)
+    assert (p.trainer, p.rollout, p.used, p.shared) == ((0,), ((0,),), 1, True)
     assert not place_node(gpus_per_node=2, trainer_ranks=1, rollout_servers=1, tp_size=1).shared
 
 
