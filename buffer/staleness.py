@@ -54,9 +54,6 @@ class StalenessPolicy:
         """How many new credits may be granted now (>= 0)."""
         return max(0, min(self.max_inflight - in_flight, self.admission_limit(consumed) - started))
 
-    def admits(self, consumed: int, started: int, in_flight: int) -> bool:
-        return self.capacity(consumed, started, in_flight) > 0
-
     def staleness(self, head_version: int, trainer_version: int) -> int:
         return trainer_version - head_version
 

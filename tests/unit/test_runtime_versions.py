@@ -22,6 +22,7 @@ from areal_like.config import WeightSyncConfig
 from areal_like.metrics import Metrics
 from areal_like.versions import RuntimeVersions, from_server_info, local_versions, mismatch
 from rollout_server.weight_update import engine_versions
+from trainer.weight_catch_up import decide
 from trainer.weight_sync import SyncReport, WeightBroadcaster
 
 GPU = RuntimeVersions("2.14.1+cu130", "13.0", "2.30.7")
@@ -222,4 +223,4 @@ def test_catch_up_does_not_wait_for_a_refused_member(broadcaster):
                                                                 policy_version=10),
                                                  P.RosterEntry(server_id="b", engine_url="", engine_ranks=1,
                                                                policy_version=3)], policy_version=10))
-    assert b._catch_up_decision(10, time.monotonic() + 60, 0) == "done"
+    assert decide(b, 10, time.monotonic() + 60, 0) == "done"
