@@ -2,8 +2,8 @@
 
 ``place_node`` lays out one node of a job: its trainer ranks get GPUs ``[0, T)`` (rank ``i`` of
 the node on GPU ``i``, which is what torchrun's ``LOCAL_RANK`` indexes in a list of those GPUs),
-then rollout server ``i`` the ``tp_size`` GPUs ``[T + i*tp, T + (i+1)*tp)``. ``place_job`` is the
-one-node job of ``areal-like run``: the counts come from ``launch.trainer_ranks``,
+then rollout server ``i`` the ``tp_size`` GPUs ``[T + i*tp, T + (i+1)*tp)``. ``place_nodes``
+lays out every node of a job from the config: the counts come from ``launch.trainer_ranks``,
 ``launch.num_rollout_servers``, ``rollout.engine.tp_size`` and ``launch.gpus_per_node``.
 
 Invariants (tested in tests/unit/test_placement.py):
@@ -148,13 +148,6 @@ def place_nodes(cfg: RunConfig) -> tuple[NodeGpus, ...] | None:
                               tp_size=cfg.rollout.engine.tp_size, nodes=la.nodes, node=k))
     _check_weight_path(cfg, shared=any(n.shared for n in out))
     return tuple(out)
-
-
-def place_job(cfg: RunConfig) -> NodeGpus | None:
-    """The one node of ``areal-like run`` (``launch.nodes=1``); None when nothing runs on a GPU."""
-    check_one_node(cfg)
-    placed = place_nodes(cfg)
-    return None if placed is None else placed[0]
 
 
 def check_one_node(cfg: RunConfig) -> None:
