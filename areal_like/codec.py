@@ -8,6 +8,8 @@
   ``Trajectory`` stores, so msgspec encodes and decodes it in C with no Python per array.
 * ``error_from``: a msgspec decode error as a ``ProtocolError`` whose ``field`` is the path msgspec
   reports (``trajectories[3].reward``).
+* ``Message``: the base of every message, which runs those checks and its ``validate()`` on
+  construction and on decode; ``field_names``: a message's public (wire) field names.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import re
 import types
 import typing
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import msgspec
 import numpy as np
@@ -188,3 +190,26 @@ def error_from(e: Exception, version: int) -> ProtocolError:
     if field == "protocol":
         reason = f"unsupported protocol version ({reason}; this side speaks {version})"
     return ProtocolError(reason, field)
+
+
+class Message(msgspec.Struct, frozen=True, eq=False, tag_field="type", forbid_unknown_fields=True):
+    """Base of every message (``eq=False``: arrays compare elementwise, messages by identity)."""
+
+    TYPE: ClassVar[str] = ""  # the tag (areal_like/protocol.py sets it for every class)
+    _checks: ClassVar[tuple] = ()  # (field, checker) pairs, from the annotations (protocol.py)
+
+    def __post_init__(self) -> None:  # on construction and on decode
+        for name, check in self._checks:
+            value = getattr(self, name)
+            if (canonical := check(value, name)) is not value:
+                msgspec.structs.force_setattr(self, name, canonical)
+        self.validate()
+
+    def validate(self) -> None:
+        """Cross-field checks; raise ProtocolError naming the field."""
+
+
+def field_names(cls: type[Message]) -> tuple[str, ...]:
+    """The fields of a message class by their public (and wire) names, in wire order; the
+    frame's ``type`` and ``protocol`` are not fields."""
+    return tuple(f.encode_name for f in msgspec.structs.fields(cls) if f.name != "protocol")

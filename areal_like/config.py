@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from areal_like.loss_schema import MOVED_LOSS_KEYS
+from areal_like.report_schema import EvalConfig, ExportConfig, TrackingConfig
 from areal_like.schema import (
     AGG_MODES,
     ESTIMATORS,
@@ -28,8 +29,6 @@ from areal_like.schema import (
     BufferConfig,
     ConfigError,
     EngineConfig,
-    EvalConfig,
-    ExportConfig,
     LaunchConfig,
     LossConfig,
     ModelConfig,
@@ -37,7 +36,6 @@ from areal_like.schema import (
     RunConfig,
     SecurityConfig,
     TaskConfig,
-    TrackingConfig,
     TrainerConfig,
     WarmStartConfig,
     WeightSyncConfig,

@@ -1,4 +1,4 @@
-"""Lifecycle skeleton shared by every daemon: start / run / stop, signals, supervised tasks.
+"""Lifecycle skeleton shared by every daemon: start / run / stop, signals, recorded failures.
 
 A daemon subclasses ``Daemon`` and implements ``run_once()`` (one iteration of its loop) or
 overrides ``run()``. ``serve()`` then:
@@ -8,10 +8,10 @@ overrides ``run()``. ``serve()`` then:
 3. calls ``start()``, then ``run()`` until ``stop_requested``;
 4. always calls ``stop()`` and shuts the metrics server down.
 
-Background threads are started with ``spawn(name, fn)``. A supervised thread that returns or
-raises while the daemon is still running sets ``failure``; the main loop checks it every
-iteration (``raise_if_component_stopped``) and the daemon exits non-zero with one clear log
-line. A daemon is never left half alive.
+A part of the daemon that fails while the daemon is still running (the rollout server's
+episodes, its evaluation) sets ``failure``; the main loop checks it every iteration
+(``raise_if_component_stopped``) and the daemon exits non-zero with one clear log line. A
+daemon is never left half alive.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ import os
 import signal
 import sys
 import threading
-import time
-from collections.abc import Callable
 
 from areal_like.auth import http_bind_host, metrics_token
 from areal_like.metrics import Metrics, MetricsServer
@@ -68,9 +66,6 @@ class Daemon:
         self.metrics_server: MetricsServer | None = None
         self.stop_requested = threading.Event()
         self.failure: BaseException | None = None
-        self.failed_task: str | None = None  # name of the background task that took the daemon down
-        self._threads: list[threading.Thread] = []
-        self._failure_lock = threading.Lock()
 
     # ---- to override
     def start(self) -> None:
@@ -96,30 +91,10 @@ class Daemon:
         return ""
 
     # ---- supervision
-    def spawn(self, name: str, fn: Callable[[], None]) -> threading.Thread:
-        def wrapper():
-            try:
-                fn()
-                if not self.stop_requested.is_set():
-                    raise ComponentStopped(f"background task {name!r} returned while the daemon was running")
-            except BaseException as e:  # noqa: BLE001 - recorded and re-raised in the main loop
-                if not self.stop_requested.is_set():
-                    with self._failure_lock:
-                        if self.failure is None:
-                            self.failure, self.failed_task = e, name
-                    self.log.error("background task %r died: %s: %s", name, type(e).__name__, e,
-                                   exc_info=not isinstance(e, ComponentStopped))
-                    self.stop_requested.set()
-
-        t = threading.Thread(target=wrapper, name=name, daemon=True)
-        t.start()
-        self._threads.append(t)
-        return t
-
     def raise_if_component_stopped(self) -> None:
+        """Raise the failure a part of the daemon recorded in ``failure`` (the daemon exits 1)."""
         if self.failure is not None:
-            raise ComponentStopped(f"{self.name}: background task {self.failed_task!r} died: "
-                                   f"{type(self.failure).__name__}: {self.failure}")
+            raise ComponentStopped(f"{self.name}: {type(self.failure).__name__}: {self.failure}")
 
     def request_stop(self, *_args) -> None:
         if not self.stop_requested.is_set():
@@ -159,14 +134,11 @@ class Daemon:
             code = 1
         finally:
             self.stop_requested.set()
-            t0 = time.monotonic()
             try:
                 self.stop()
             except Exception:
                 self.log.exception("error while stopping")
                 code = code or 1
-            for t in self._threads:
-                t.join(timeout=max(0.1, GRACEFUL_STOP_S - (time.monotonic() - t0)))
             if self.metrics_server is not None:
                 self.metrics_server.stop()
             self.log.info("stopped (exit %d)", code)

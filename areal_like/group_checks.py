@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from areal_like.protocol import TrajectoryGroup, mask_values_ok
+from areal_like.protocol import TrajectoryGroup
+from areal_like.trajectory import mask_values_ok
 
 REASONS = ("empty_prompt", "bad_loss_mask", "token_out_of_vocab")
 

@@ -84,7 +84,7 @@ class MetricsServer:
         self.health = health or (lambda: (True, {}))
         self.extra_text = extra_text
         self.started = time.time()
-        self.host, self.requested_port = host, port
+        self.host = host
         self.app = guarded_app(limits=limits, token=token, open_paths=("/health",))
         self.app.router.add_get("/metrics", self._metrics)
         self.app.router.add_get("/health", self._health)

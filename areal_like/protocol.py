@@ -4,11 +4,9 @@ Every message is a frozen ``msgspec.Struct`` tagged by its ``type`` string; a fr
 msgpack map ``{"type": str, **fields, "protocol": int}``. One encoder writes every message and
 one decoder reads the union of the top-level ones, both in C.
 
-Token ids, logprobs and per-token versions travel as raw little-endian bytes, the 3-element
-array ``[dtype: str, length: int, data: bytes]``, never as Python lists (20-100x slower to encode
-and decode). A ``Trajectory`` stores that triple itself, so msgspec encodes it and decodes it (a
-zero-copy ``memoryview`` of the frame) without calling Python per array; its array attributes
-are ``numpy.frombuffer`` views made on access. Build one with ``Trajectory.of(...)``.
+Arrays (token ids, logprobs, per-token versions) travel as raw little-endian bytes inside a
+``Trajectory`` (``areal_like/trajectory.py``). The message base and the per-field checks are
+``areal_like/codec.py``'s.
 
 Checks: msgspec checks types, unknown and missing fields, tags and the protocol version while it
 decodes. What it cannot express (arrays whose lengths disagree, a non-finite reward, a group
@@ -35,175 +33,26 @@ Who sends which message: areal_like/DESIGN.md section 3.
 
 from __future__ import annotations
 
-import math
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Any, Literal, Union
 
 import msgspec
 import numpy as np
 
-from areal_like.codec import ProtocolError, checker, error_from, wire_array
+from areal_like.codec import Message, ProtocolError, checker, error_from
+from areal_like.trajectory import Trajectory
 
-__all__ = ["PROTOCOL_VERSION", "MAX_FRAME_BYTES", "ProtocolError", "Message", "encode", "encode_into", "decode",
-           "TOP_LEVEL_TYPES", "field_names", "as_i32", "as_f32", "decode_stored"]
+__all__ = ["PROTOCOL_VERSION", "MAX_FRAME_BYTES", "MAX_CREDITS_PER_REQUEST", "Message", "encode", "encode_into",
+           "decode", "decode_stored", "TOP_LEVEL_TYPES"]
 
 PROTOCOL_VERSION = 2  # 2: Trajectory.loss_mask (module docstring)
 MAX_FRAME_BYTES = 256 * 1024 * 1024  # one batch of many long groups stays far below this
 MAX_CREDITS_PER_REQUEST = 4096  # leases one TrajectoryGroup may ask for with its ack
 
-_I4, _F4 = np.dtype("<i4"), np.dtype("<f4")  # both 4 bytes an item (Trajectory's checks rely on it)
-_U4 = np.dtype("<u4")  # a loss mask read unsigned: every value is 0 or 1 iff its max is <= 1
-_N = Annotated[int, msgspec.Meta(ge=0)]
-I32 = tuple[Literal["<i4"], _N, memoryview]  # an array on the wire: [dtype, length, little-endian bytes]
-F32 = tuple[Literal["<f4"], _N, memoryview]
-_float, _str, _dict = checker(float), checker(str), checker(dict)
-
-
-def as_i32(x: Any) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(x, dtype="<i4"))
-
-
-def as_f32(x: Any) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(x, dtype="<f4"))
-
-
-class Message(msgspec.Struct, frozen=True, eq=False, tag_field="type", forbid_unknown_fields=True):
-    """Base of every message (``eq=False``: arrays compare elementwise, messages by identity)."""
-
-    TYPE: ClassVar[str] = ""  # the tag, set below for every class
-    _checks: ClassVar[tuple] = ()  # (field, checker) pairs, built below from the annotations
-
-    def __post_init__(self) -> None:  # on construction and on decode
-        for name, check in self._checks:
-            value = getattr(self, name)
-            if (canonical := check(value, name)) is not value:
-                msgspec.structs.force_setattr(self, name, canonical)
-        self.validate()
-
-    def validate(self) -> None:
-        """Cross-field checks; raise ProtocolError naming the field."""
 
 
 class _TopLevel(Message, frozen=True, kw_only=True):
     # kw_only: ordered after every subclass's fields, so the frame ends with it, as it always has
     protocol: Literal[2] = PROTOCOL_VERSION
-
-
-def mask_values_ok(mask_wire: tuple) -> bool:
-    """Every value of a wire-form loss mask is 0 or 1. Not run on decode (it reads every byte of
-    the mask, 3-7 us per 4k-token trajectory): ``Trajectory.of``, the buffer's admission
-    (``areal_like/group_checks.py``) and the trainer's data source check it instead."""
-    return not mask_wire[1] or int(np.frombuffer(mask_wire[2], _U4).max()) <= 1
-
-
-class Trajectory(Message, tag="trajectory"):
-    """One sampled response. Not a top-level message; travels inside TrajectoryGroup.
-
-    ``output_ids``, ``behav_logp`` and ``versions`` are aligned: entry t belongs to
-    output token t. ``versions[t]`` is the policy_version of the weights that produced
-    token t (a trajectory interrupted by a weight update spans several versions).
-    ``loss_mask[t]`` is 1 when the policy generated token t (it is trained on) and 0 when it is
-    context: an environment's or a tool's message, or chat-template markup, in a multi-turn
-    episode. A context token's ``behav_logp`` is 0 (meaningless; nothing reads it) and its version
-    is that of the generated token before it, so the oldest version of a trajectory is always
-    that of a generated token (``head_version``: staleness).
-
-    Holds each array in its wire form (``*_wire``, see the module docstring); ``Trajectory.of``
-    builds one from arrays. To change a field, build a new one (``msgspec.structs.replace`` is
-    fine for ``reward``, ``finish_reason`` and ``metadata``).
-    """
-
-    prompt_ids_wire: I32 = msgspec.field(name="prompt_ids")  # [P] prompt token ids
-    output_ids_wire: I32 = msgspec.field(name="output_ids")  # [T] generated token ids
-    # [T] log pi_behav(token) as the engine sampled it (fp32, temperature-scaled policy)
-    behav_logp_wire: F32 = msgspec.field(name="behav_logp")
-    versions_wire: I32 = msgspec.field(name="versions")  # [T] policy_version that produced each token
-    loss_mask_wire: I32 = msgspec.field(name="loss_mask")  # [T] 1 generated (trained on), 0 context
-    reward: float  # scalar outcome reward; finite
-    finish_reason: str  # "stop" | "length" | "abort" | "error"
-    metadata: dict[str, Any] = {}  # free-form, msgpack-able
-
-    @classmethod
-    def of(cls, *, prompt_ids: Any, output_ids: Any, behav_logp: Any, versions: Any, reward: Any,
-           finish_reason: str, metadata: dict | None = None, loss_mask: Any = None) -> Trajectory:
-        """Build from 1-D array-likes, converted to the wire dtype (an array of that dtype is taken
-        without a copy); ``loss_mask`` omitted: every output token generated (single-turn).
-        Raises ProtocolError naming the field."""
-        out = wire_array(output_ids, "<i4", "output_ids")
-        mask = wire_array(np.ones(out[1], _I4) if loss_mask is None else loss_mask, "<i4", "loss_mask")
-        if loss_mask is not None and not mask_values_ok(mask):
-            raise ProtocolError("values must be 0 (context) or 1 (generated)", "loss_mask")
-        return cls(wire_array(prompt_ids, "<i4", "prompt_ids"), out,
-                   wire_array(behav_logp, "<f4", "behav_logp"), wire_array(versions, "<i4", "versions"), mask,
-                   _float(reward, "reward"), _str(finish_reason, "finish_reason"),
-                   {} if metadata is None else _dict(metadata, "metadata"))
-
-    def __post_init__(self) -> None:  # runs for every trajectory received: one expression while all is well
-        try:
-            p, o, b, v, m, t = self.prompt_ids_wire, self.output_ids_wire, self.behav_logp_wire, self.versions_wire, \
-                self.loss_mask_wire, self.output_ids_wire[1]
-            if (b[1] == t == v[1] == m[1] and o[2].nbytes == b[2].nbytes == v[2].nbytes == m[2].nbytes == 4 * t
-                    and p[2].nbytes == 4 * p[1] and type(self.reward) is float and math.isfinite(self.reward)
-                    and type(self.finish_reason) is str and type(self.metadata) is dict):
-                return
-        except (TypeError, IndexError, AttributeError):
-            pass
-        self.validate()  # names the field
-
-    def validate(self) -> None:
-        for name, tag in (("prompt_ids", "<i4"), ("output_ids", "<i4"), ("behav_logp", "<f4"), ("versions", "<i4"),
-                          ("loss_mask", "<i4")):
-            wire = getattr(self, f"{name}_wire")
-            if not (type(wire) is tuple and len(wire) == 3 and wire[0] == tag and type(wire[2]) is memoryview):
-                raise ProtocolError(f"expected a ({tag!r}, length, memoryview) triple", name)
-            if wire[2].nbytes != 4 * wire[1]:
-                raise ProtocolError("array length does not match its bytes", name)
-            if name != "prompt_ids" and wire[1] != self.output_ids_wire[1]:
-                raise ProtocolError(f"length {wire[1]} != len(output_ids) {self.output_ids_wire[1]}", name)
-        if not math.isfinite(_float(self.reward, "reward")):
-            raise ProtocolError(f"must be finite, got {self.reward}", "reward")
-        _str(self.finish_reason, "finish_reason")
-        _dict(self.metadata, "metadata")
-
-    @property
-    def prompt_ids(self) -> np.ndarray:
-        return np.frombuffer(self.prompt_ids_wire[2], _I4)
-
-    @property
-    def output_ids(self) -> np.ndarray:
-        return np.frombuffer(self.output_ids_wire[2], _I4)
-
-    @property
-    def behav_logp(self) -> np.ndarray:
-        return np.frombuffer(self.behav_logp_wire[2], _F4)
-
-    @property
-    def versions(self) -> np.ndarray:
-        return np.frombuffer(self.versions_wire[2], _I4)
-
-    @property
-    def loss_mask(self) -> np.ndarray:
-        return np.frombuffer(self.loss_mask_wire[2], _I4)
-
-    @property
-    def n_tokens(self) -> int:
-        return self.output_ids_wire[1]
-
-    @property
-    def head_version(self) -> int:
-        return int(self.versions.min()) if self.versions_wire[1] else 0
-
-    def _public(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in field_names(Trajectory)}
-
-    def __reduce__(self) -> tuple:  # memoryviews do not pickle; arrays do (and deepcopy copies them)
-        return _trajectory_of, (self._public(),)
-
-    def __repr__(self) -> str:
-        return f"Trajectory({', '.join(f'{k}={v!r}' for k, v in self._public().items())})"
-
-
-def _trajectory_of(fields: dict[str, Any]) -> Trajectory:
-    return Trajectory.of(**fields)
 
 
 class Register(_TopLevel, tag="register"):
@@ -406,7 +255,7 @@ _ALL = (Trajectory, Register, RegisterAck, Heartbeat, HeartbeatAck, CreditReques
         WeightSyncPlan, SyncDone, SyncStatusRequest, SyncStatus, StatsRequest, Stats)
 for _cls in _ALL:
     _cls.TYPE = _cls.__struct_config__.tag
-    if _cls is not Trajectory:  # which checks its fields itself
+    if _cls is not Trajectory:  # which checks its fields itself (trajectory.py)
         _cls._checks = tuple((f.name, checker(f.type)) for f in msgspec.structs.fields(_cls))
 TOP_LEVEL_TYPES: dict[str, type[Message]] = {c.TYPE: c for c in _ALL if issubclass(c, _TopLevel)}
 _ENCODER = msgspec.msgpack.Encoder()
@@ -506,12 +355,6 @@ def decode_stored(data: bytes | bytearray | memoryview) -> Message:
         for t in wire["trajectories"]:
             out = t.get("output_ids") if type(t) is dict else None
             if type(out) is list and len(out) == 3 and type(out[1]) is int and out[1] >= 0 and "loss_mask" not in t:
-                t["loss_mask"] = ["<i4", out[1], np.ones(out[1], _I4).tobytes()]
+                t["loss_mask"] = ["<i4", out[1], np.ones(out[1], "<i4").tobytes()]
         wire["protocol"] = PROTOCOL_VERSION
         return decode(msgspec.msgpack.encode(wire))  # checked as any frame is
-
-
-def field_names(cls: type[Message]) -> tuple[str, ...]:
-    """The fields of a message class by their public (and wire) names, in wire order; the
-    frame's ``type`` and ``protocol`` are not fields."""
-    return tuple(f.encode_name for f in msgspec.structs.fields(cls) if f.name != "protocol")

@@ -1,7 +1,8 @@
 """The configuration schema: typed dataclasses, one per component, each validating itself.
 
-``areal_like.config`` composes ``configs/`` with Hydra into ``RunConfig``, running every ``__post_init__`` below (``trainer.loss``'s:
-``loss_schema.py``): code past an entry point sees only checked values.
+``areal_like.config`` composes ``configs/`` with Hydra into ``RunConfig``, running every
+``__post_init__`` below (``trainer.loss``'s: ``loss_schema.py``; ``eval``, ``export`` and
+``tracking``'s: ``report_schema.py``): code past an entry point sees only checked values.
 A check raises ``ConfigError`` naming the key; no Hydra or torch here.
 """
 
@@ -15,6 +16,7 @@ from areal_like.config_checks import ConfigError  # noqa: F401  (re-exported: ev
 from areal_like.config_checks import check as _check
 from areal_like.config_checks import choice as _choice
 from areal_like.loss_schema import AGG_MODES, ESTIMATORS, LOSS_KINDS, LossConfig  # noqa: F401  (re-exported)
+from areal_like.report_schema import TRACKERS, EvalConfig, ExportConfig, TrackingConfig
 
 
 @dataclass(kw_only=True)
@@ -110,62 +112,6 @@ class TaskConfig:
         _check("task.tool_workers", self.tool_workers >= 1, ">= 1", self.tool_workers)
         _check("task.reward_url", not self.reward_url or self.reward_url.startswith(("http://", "https://")),
                "empty or an http(s) URL", self.reward_url)
-
-
-@dataclass(kw_only=True)
-class EvalConfig:
-    """Evaluation on the eval split by a rollout server's engine at a known version; correct = reward 1."""
-
-    every: int = 0  # evaluate each time the policy version reaches a multiple of this; 0 = never during the run
-    at_start: bool = True  # with every > 0: also the initial weights (version 0), the baseline
-    at_end: bool = True  # and once at trainer.steps
-    max_examples: int = 0  # eval prompts used (first N of the split); 0 = all
-    k: int = 4  # samples per prompt at the sampling temperature, for pass@k and mean@k; 0 = greedy only
-    temperature: float | None = None  # None = task.temperature
-    max_new_tokens: int | None = None  # None = task.max_new_tokens
-    final_timeout_s: float = 600.0  # how long `areal-like run` waits for the final eval after training
-
-    def __post_init__(self):
-        _check("eval.every", self.every >= 0, ">= 0", self.every)
-        _check("eval.max_examples", self.max_examples >= 0, ">= 0", self.max_examples)
-        _check("eval.k", self.k >= 0, ">= 0", self.k)
-        _check("eval.temperature", self.temperature is None or self.temperature > 0,
-               "null or > 0 (greedy is always measured)", self.temperature)
-        _check("eval.max_new_tokens", self.max_new_tokens is None or self.max_new_tokens >= 1, "null or >= 1",
-               self.max_new_tokens)
-
-
-@dataclass(kw_only=True)
-class ExportConfig:
-    """Hugging Face model directories written by the trainer (``areal-like export`` does the same offline)."""
-
-    every: int = 0  # export each time the policy version reaches a multiple of this; 0 = never during the run
-    at_end: bool = True  # and once when training ends
-    dir: str = "export"  # relative to run_dir unless absolute; one v<version> directory per export
-    shard_mb: int = 2048  # largest model.safetensors shard
-
-    def __post_init__(self):
-        _check("export.every", self.every >= 0, ">= 0", self.every)
-        _check("export.shard_mb", self.shard_mb >= 1, ">= 1", self.shard_mb)
-
-
-TRACKERS = ("jsonl", "tensorboard", "wandb", "mlflow", "trackio")
-
-
-@dataclass(kw_only=True)
-class TrackingConfig:
-    """Where metrics, eval results and sample tables go besides the run directory's JSONL files."""
-
-    project: str = "areal-like"
-    run_name: str = ""  # empty = the run directory's name
-    wandb_mode: str = "offline"  # online | offline (offline needs no network; `wandb sync` uploads later)
-    sample_every: int = 10  # every N trainer steps, a table of samples; 0 = never
-    sample_k: int = 8  # samples per table
-
-    def __post_init__(self):
-        _choice("tracking.wandb_mode", self.wandb_mode, ("online", "offline"))
-        _check("tracking.sample_every", self.sample_every >= 0, ">= 0", self.sample_every)
-        _check("tracking.sample_k", self.sample_k >= 1, ">= 1", self.sample_k)
 
 
 @dataclass(kw_only=True)

@@ -30,8 +30,9 @@ from bench_async import speedup_line  # noqa: E402
 from areal_like.config import load_config  # noqa: E402
 from areal_like.envs import LongTail  # noqa: E402
 from areal_like.tasks import make_task  # noqa: E402
-from launch.job import job_specs, prepare, step_records  # noqa: E402
+from launch.job import job_specs, prepare  # noqa: E402
 from launch.local import Supervisor  # noqa: E402
+from launch.records import step_records  # noqa: E402
 
 
 def run_once(run_dir: Path, eta: int, args) -> list[dict]:

@@ -34,8 +34,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from areal_like.config import load_config  # noqa: E402
-from launch.job import job_specs, prepare, step_records  # noqa: E402
+from launch.job import job_specs, prepare  # noqa: E402
 from launch.local import Supervisor  # noqa: E402
+from launch.records import step_records  # noqa: E402
 
 
 def run_once(run_dir: Path, eta: int, args) -> list[dict]:

@@ -82,6 +82,7 @@ sys.path.insert(0, str(REPO))
 from areal_like import protocol as P  # noqa: E402
 from areal_like.config import BufferConfig, RunConfig, SecurityConfig, TaskConfig, to_yaml  # noqa: E402
 from areal_like.distributed import free_port  # noqa: E402
+from areal_like.trajectory import Trajectory, as_f32, as_i32  # noqa: E402
 from areal_like.transport import Client  # noqa: E402
 from buffer.credits import CreditLedger  # noqa: E402
 from buffer.staleness import StalenessPolicy  # noqa: E402
@@ -106,9 +107,9 @@ while True:
 def trajectories_blob(tokens: int, group_size: int, prompt_tokens: int = 256) -> bytes:
     """The msgpack bytes of a group's ``trajectories`` field, packed once and reused."""
     rng = np.random.default_rng(0)
-    trajs = [P.Trajectory.of(prompt_ids=P.as_i32(rng.integers(0, 100, prompt_tokens)),
-                          output_ids=P.as_i32(rng.integers(0, 100, tokens)),
-                          behav_logp=P.as_f32(-rng.random(tokens)), versions=P.as_i32(np.zeros(tokens)),
+    trajs = [Trajectory.of(prompt_ids=as_i32(rng.integers(0, 100, prompt_tokens)),
+                          output_ids=as_i32(rng.integers(0, 100, tokens)),
+                          behav_logp=as_f32(-rng.random(tokens)), versions=as_i32(np.zeros(tokens)),
                           reward=float(i % 2), finish_reason="length") for i in range(group_size)]
     group = P.TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0, trajectories=trajs)
     return msgpack.packb(msgpack.unpackb(P.encode(group), raw=False)["trajectories"], use_bin_type=True)

@@ -44,8 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from areal_like.config import load_config  # noqa: E402
 from areal_like.metrics import scrape  # noqa: E402
-from launch.job import job_specs, outcome, prepare, step_records  # noqa: E402
+from launch.job import job_specs, prepare  # noqa: E402
 from launch.local import Supervisor  # noqa: E402
+from launch.records import outcome, step_records  # noqa: E402
 from launch.warmstart import ensure_warm_start  # noqa: E402
 
 FAULTS = ((0.33, "trainer"), (0.5, "buffer"), (0.71, "trainer"))  # (share of trainer.steps, daemon); off

@@ -50,7 +50,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from areal_like.config import load_config  # noqa: E402
-from launch.job import eval_records, run_job, step_records  # noqa: E402
+from launch.job import run_job  # noqa: E402
+from launch.records import eval_records, step_records  # noqa: E402
 
 KERNELS = ("ppo", "decoupled_ppo", "tis", "icepop", "vespo", "vcpo", "oapl")
 ETAS = (0, 2, 8, 32)

@@ -40,7 +40,8 @@ import torch  # noqa: E402
 def workload_batch(n_groups: int, group_size: int, max_new: int, seed: int = 0):
     """A batch shaped like the addition task's: prompts ``"ab+cd="`` (7 char tokens with BOS-less
     char tokenizer ids), outputs of 2..max_new tokens, random behaviour log-probs and 0/1 rewards."""
-    from areal_like.protocol import Trajectory, TrajectoryGroup
+    from areal_like.protocol import TrajectoryGroup
+    from areal_like.trajectory import Trajectory
     from trainer.data import groups_to_batch
 
     rng = np.random.default_rng(seed)

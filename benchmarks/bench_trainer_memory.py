@@ -39,7 +39,8 @@ sys.path.insert(0, str(REPO))
 def synthetic_batch(seqs: int, length: int, prompt: int = 32):
     import numpy as np
 
-    from areal_like.protocol import Trajectory, TrajectoryGroup
+    from areal_like.protocol import TrajectoryGroup
+    from areal_like.trajectory import Trajectory
     from trainer.data import groups_to_batch
 
     rng = np.random.default_rng(0)

@@ -66,6 +66,7 @@ import zmq  # noqa: E402
 from areal_like import protocol as P  # noqa: E402
 from areal_like import security  # noqa: E402
 from areal_like.distributed import free_port  # noqa: E402
+from areal_like.trajectory import Trajectory  # noqa: E402
 from areal_like.transport import Client, FrameWriter, local_addresses, new_socket  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -115,7 +116,7 @@ while True:
 
 def make_group(tokens: int, seed: int) -> P.TrajectoryGroup:
     rng = np.random.default_rng(seed)
-    trajs = [P.Trajectory.of(prompt_ids=rng.integers(0, 32000, PROMPT_TOKENS, dtype=np.int32),
+    trajs = [Trajectory.of(prompt_ids=rng.integers(0, 32000, PROMPT_TOKENS, dtype=np.int32),
                           output_ids=rng.integers(0, 32000, tokens, dtype=np.int32),
                           behav_logp=-rng.random(tokens, dtype=np.float32),
                           versions=np.full(tokens, 3, dtype=np.int32), reward=float(i % 2), finish_reason="length",
@@ -186,7 +187,7 @@ def trajectory_parts(group: P.TrajectoryGroup) -> list[dict]:
 def build_group(like: P.TrajectoryGroup, trajectories: list[dict]) -> P.TrajectoryGroup:
     return P.TrajectoryGroup(group_id=like.group_id, server_id=like.server_id, lease_id=like.lease_id,
                              prompt_index=like.prompt_index, epoch=like.epoch,
-                             trajectories=[P.Trajectory.of(**t) for t in trajectories])
+                             trajectories=[Trajectory.of(**t) for t in trajectories])
 
 
 def round_stream(sock: zmq.Socket, send, check_reply, seconds: float) -> float:

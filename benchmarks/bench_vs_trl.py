@@ -47,8 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from areal_like.config import RunConfig, load_config  # noqa: E402
 from areal_like.tasks import Example, exact_match, make_task  # noqa: E402
-from launch.job import job_specs, prepare, read_jsonl, step_records, trainer_jsonl  # noqa: E402
+from launch.job import job_specs, prepare  # noqa: E402
 from launch.local import Supervisor  # noqa: E402
+from launch.records import read_jsonl, step_records, trainer_jsonl  # noqa: E402
 from launch.warmstart import ensure_warm_start, evaluate  # noqa: E402
 
 ETAS = (0, 4)

@@ -234,8 +234,9 @@ def report(results: dict, nbytes: int, n_buckets: int, n_tensors: int, args: arg
 def system_run(run_dir: Path, overlap: bool, args: argparse.Namespace) -> list[dict]:
     """One run of the real system on the small-model workload; the trainer's per-step records."""
     from areal_like.config import load_config
-    from launch.job import job_specs, prepare, step_records
+    from launch.job import job_specs, prepare
     from launch.local import Supervisor
+    from launch.records import step_records
 
     cfg = load_config(["experiment=bench_async", "task=addition", "task.max_new_tokens=8", "task.temperature=1.0",
                        "buffer.groups_per_step=8", f"buffer.max_staleness={args.eta}", f"trainer.steps={args.steps}",

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import msgspec
 
 from areal_like import protocol as P
+from areal_like.codec import field_names
 
 SYNC_RESULTS_KEEP = 8  # versions of SyncDone results kept for SyncStatusRequest
 
@@ -60,7 +61,7 @@ class ControlPlane:
         return gone
 
     def register(self, m: P.Register) -> P.RegisterAck:
-        entry = P.RosterEntry(**{k: getattr(m, k) for k in P.field_names(P.RosterEntry)})  # Register has them all
+        entry = P.RosterEntry(**{k: getattr(m, k) for k in field_names(P.RosterEntry)})  # Register has them all
         if m.server_id not in self.roster:
             self.log.info("server %s registered (engine %s, version %d, torch %r, CUDA %r, NCCL %r)", m.server_id,
                           m.engine_url, m.policy_version, m.torch_version, m.cuda_version, m.nccl_version)

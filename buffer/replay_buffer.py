@@ -109,15 +109,10 @@ class ReplayBuffer:
         stale_ids = [gid for v, ids in self._by_version.items() if v < oldest for gid in ids]
         return [self.pop(gid) for gid in stale_ids]
 
-    def take_batch(self, n_groups: int, trainer_version: int, max_bytes: int = 0) -> list[TrajectoryGroup] | None:
-        """Exactly ``n_groups`` fresh groups in selection order, or None (nothing removed). With
-        ``max_bytes``, also None when their frames add up to more (a reply must fit in one frame).
-        For groups stored in memory (no ``ref``); ``take_stored`` serves both kinds."""
-        taken = self.take_stored(n_groups, trainer_version, max_bytes)
-        return None if taken is None else [s.group for s in taken]
-
     def take_stored(self, n_groups: int, trainer_version: int, max_bytes: int = 0) -> list[StoredGroup] | None:
-        """``take_batch`` with each group's bookkeeping (to ``put`` it back if need be)."""
+        """Exactly ``n_groups`` fresh groups in selection order, each with its bookkeeping (to
+        ``put`` it back if need be), or None (nothing removed). With ``max_bytes``, also None when
+        their frames add up to more (a reply must fit in one frame)."""
         if n_groups < 1 or self.n_fresh(trainer_version) < n_groups:
             return None
         oldest = self.policy.min_fresh_version(trainer_version)

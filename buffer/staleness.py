@@ -57,9 +57,6 @@ class StalenessPolicy:
         """How many new credits may be granted now (>= 0) to a server whose engine is ``lag`` behind."""
         return max(0, min(self.max_inflight - in_flight, self.admission_limit(consumed, lag) - started))
 
-    def admits(self, consumed: int, started: int, in_flight: int) -> bool:
-        return self.capacity(consumed, started, in_flight) > 0
-
     def engine_lag_of(self, engine_version: int, trainer_version: int) -> int:
         """How many versions an engine is behind the trainer (0 when ahead or unknown, ``-1``)."""
         return 0 if engine_version < 0 else max(0, trainer_version - engine_version)

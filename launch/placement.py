@@ -2,8 +2,8 @@
 
 ``place_node`` lays out one node of a job: its trainer ranks get GPUs ``[0, T)`` (rank ``i`` of
 the node on GPU ``i``, which is what torchrun's ``LOCAL_RANK`` indexes in a list of those GPUs),
-then rollout server ``i`` the ``tp_size`` GPUs ``[T + i*tp, T + (i+1)*tp)``. ``place_job`` is the
-one-node job of ``areal-like run``: the counts come from ``launch.trainer_ranks``,
+then rollout server ``i`` the ``tp_size`` GPUs ``[T + i*tp, T + (i+1)*tp)``. ``place_nodes``
+lays out every node of a job from the config: the counts come from ``launch.trainer_ranks``,
 ``launch.num_rollout_servers``, ``rollout.engine.tp_size`` and ``launch.gpus_per_node``.
 
 Invariants (tested in tests/unit/test_placement.py):
@@ -54,9 +54,7 @@ def split_address(address: str) -> tuple[str, int]:
 class NodeGpus:
     """The GPUs of one node's processes."""
 
-    node: int
     trainer: tuple[int, ...]  # GPU of each trainer rank on this node (local rank i -> trainer[i])
-    ranks: tuple[int, ...]  # their global ranks: torchrun's node_rank * nproc_per_node + local rank
     rollout: tuple[tuple[int, ...], ...]  # the GPUs of each rollout server on this node
 
     @property
@@ -96,7 +94,7 @@ def place_node(*, gpus_per_node: int, trainer_ranks: int, rollout_servers: int, 
                           f"tp_size={tp_size} must be >= 0, >= 0 and >= 1")
     need = trainer_ranks + rollout_servers * tp_size
     if gpus_per_node == 1 and (trainer_ranks, rollout_servers, tp_size) == (1, 1, 1):  # the one-GPU machine
-        return NodeGpus(node=node, trainer=(0,), ranks=(node,), rollout=((0,),))
+        return NodeGpus(trainer=(0,), rollout=((0,),))
     if need > gpus_per_node:
         terms = [f"launch.trainer_ranks={trainer_ranks}"] if trainer_ranks else []
         if rollout_servers:
@@ -108,8 +106,7 @@ def place_node(*, gpus_per_node: int, trainer_ranks: int, rollout_servers: int, 
             "one trainer rank and one rollout server of tp_size 1 shares its GPU)")
     rollout = tuple(tuple(range(trainer_ranks + i * tp_size, trainer_ranks + (i + 1) * tp_size))
                     for i in range(rollout_servers))
-    return NodeGpus(node=node, trainer=tuple(range(trainer_ranks)),
-                    ranks=tuple(node * trainer_ranks + i for i in range(trainer_ranks)), rollout=rollout)
+    return NodeGpus(trainer=tuple(range(trainer_ranks)), rollout=rollout)
 
 
 def trainer_on_gpu(cfg: RunConfig) -> bool:
@@ -151,13 +148,6 @@ def place_nodes(cfg: RunConfig) -> tuple[NodeGpus, ...] | None:
                               tp_size=cfg.rollout.engine.tp_size, nodes=la.nodes, node=k))
     _check_weight_path(cfg, shared=any(n.shared for n in out))
     return tuple(out)
-
-
-def place_job(cfg: RunConfig) -> NodeGpus | None:
-    """The one node of ``areal-like run`` (``launch.nodes=1``); None when nothing runs on a GPU."""
-    check_one_node(cfg)
-    placed = place_nodes(cfg)
-    return None if placed is None else placed[0]
 
 
 def check_one_node(cfg: RunConfig) -> None:

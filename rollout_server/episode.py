@@ -30,8 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from areal_like.metrics import Metrics
-from areal_like.protocol import Credit, Trajectory, TrajectoryGroup, as_f32, as_i32
+from areal_like.protocol import Credit, TrajectoryGroup
 from areal_like.tasks import encode_prompt
+from areal_like.trajectory import Trajectory, as_f32, as_i32
 from rollout_server.reward_pool import RewardPool
 from rollout_server.sglang_client import GenerateOutput, SGLangClient, SGLangError
 

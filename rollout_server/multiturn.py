@@ -42,8 +42,9 @@ from areal_like.environment import (
     load_environment,
     maybe_await,
 )
-from areal_like.protocol import Credit, Trajectory, TrajectoryGroup, as_f32, as_i32
+from areal_like.protocol import Credit, TrajectoryGroup
 from areal_like.tools import ToolRegistry, parse_tool_calls, tool_message
+from areal_like.trajectory import Trajectory, as_f32, as_i32
 from rollout_server.episode import EpisodeContext, Sample, generate_sample
 
 TURN_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)

@@ -1,26 +1,22 @@
 """The rollout server daemon: keeps one engine busy and streams scored groups to the buffer.
 
 Owns: its engine (started in-process, launched as an SGLang subprocess, or attached by URL),
-the episodes it runs, the groups it generated until the buffer acknowledges them, and its side
-of every weight sync. Holds no durable state: a crash loses only unacknowledged work, whose
+the episodes it runs, and its side of every weight sync and evaluation. Its groups and leases
+go through ``rollout_server/buffer_link.py``, which keeps each group until the buffer acks it. Holds no durable state: a crash loses only unacknowledged work, whose
 leases the buffer re-issues after ``buffer.lease_timeout_s``.
 
 Invariants:
-* a group is kept (``unacked``) and re-sent until an Ack says ``accepted`` or ``duplicate``
-  (the buffer dedupes by ``group_id``), also across buffer restarts: a heartbeat answered with
+* a group is re-sent until acked also across buffer restarts: a heartbeat answered with
   ``known=False`` means the buffer lost us; we register again and re-send everything unacked;
 * at most ``rollout.max_concurrent_groups`` episodes run at once (counting leases asked for and
-  not yet answered); no credit is requested while a weight sync is pending or being applied;
-* leases for free slots are asked for with each group's first send (``want_credits``: the Ack
-  carries them, no extra round trip; a finished episode wakes the sender at once), and by a
-  CreditRequest only when no group is due; leases an Ack brings after a weight sync began are
-  held and started once it is over;
+  not yet answered); no lease is asked for or started while a weight sync is pending or being
+  applied (the link holds those that arrive meanwhile);
 * weight-sync plans arrive by PUB (fast hint) and in ``HeartbeatAck.pending_plan`` (the
   guarantee); each plan is applied once and answered with exactly one ``SyncDone``;
 * ``policy_version`` is the version the engine serves: updated only by a successful sync.
 
-Concurrency: one asyncio loop. Background tasks: heartbeats, announcements, the group sender,
-and one task per episode. A background task that dies takes the daemon down (exit 1).
+Concurrency: one asyncio loop. Background tasks: heartbeats, announcements, the link's group
+sender, and one task per episode. A background task that dies takes the daemon down (exit 1).
 """
 
 from __future__ import annotations
@@ -29,26 +25,17 @@ import asyncio
 import os
 import secrets
 import socket
-import time
-from dataclasses import dataclass
-
-import msgspec
 
 from areal_like.auth import engine_api_key
 from areal_like.config import RunConfig
 from areal_like.daemon import ComponentStopped, Daemon
 from areal_like.protocol import (
-    MAX_CREDITS_PER_REQUEST,
-    Ack,
     Credit,
-    CreditRequest,
-    Credits,
     Heartbeat,
     HeartbeatAck,
     Register,
     RegisterAck,
     SyncDone,
-    TrajectoryGroup,
     VersionUpdate,
     WeightSyncPlan,
 )
@@ -56,6 +43,7 @@ from areal_like.tasks import make_task
 from areal_like.tokenizer import load_tokenizer
 from areal_like.transport import AsyncClient, Subscriber, TransportTimeout
 from areal_like.versions import RuntimeVersions
+from rollout_server.buffer_link import BufferLink
 from rollout_server.episode import EpisodeContext, run_episode
 from rollout_server.multiturn import EpisodeRunner
 from rollout_server.reward_pool import RewardPool, RewardPoolError
@@ -63,19 +51,10 @@ from rollout_server.sglang_client import SGLangClient
 from rollout_server.weight_update import apply_weight_sync, engine_versions
 
 LOOP_TICK_S = 0.2  # the main loop also wakes on events; the tick only bounds reaction to stop requests
-CREDIT_RETRY_S = 0.25  # after an empty Credits answer (admission closed), ask again this much later
 BUFFER_TIMEOUT_S = 5.0  # a healthy buffer answers in ms (one fsync per batch); 5 s means gone or wedged
-RESEND_BACKOFF_S = 2.0  # after a send timed out, wait this long before re-sending unacked groups
 SYNC_DONE_ATTEMPTS = 5  # SyncDone is idempotent; retry it through a short buffer outage
 FLUSH_ON_STOP_S = 3.0  # last sends on stop; well inside the launcher's grace period (GRACEFUL_STOP_S)
 MAX_EPISODE_FAILURES = 5  # consecutive failed episodes (engine errors): the engine is broken; exit
-
-
-@dataclass(slots=True)
-class _Unacked:
-    group: TrajectoryGroup
-    due: float = 0.0  # monotonic time of the next send
-    sends: int = 0
 
 
 class RolloutServer(Daemon):
@@ -91,14 +70,11 @@ class RolloutServer(Daemon):
         self.tools = None  # ToolPool of multi-turn episodes (task.env)
         self.engine_url, self.engine_ranks = "", 1
         self.versions = RuntimeVersions()  # the engine's torch/CUDA/NCCL, for Register
-        self.unacked: dict[str, _Unacked] = {}
+        self.link: BufferLink | None = None  # made with the buffer connections (main)
         self.episodes: set[asyncio.Task] = set()
         self.plans: dict[tuple, WeightSyncPlan] = {}
         self.plans_handled: set[tuple] = set()
         self.episode_failures = 0
-        self.next_credit_at = 0.0  # monotonic; credit requests back off while admission is closed
-        self.credits_asked = 0  # leases asked for by requests still in flight (CreditRequest or a group's ack)
-        self.held_credits: list[Credit] = []  # leases an Ack brought while a weight sync was pending or applied
         self.syncing = False  # a weight sync is being applied: no lease is asked for
         self.evaluator = None  # rollout.eval: runs the job's evaluations (rollout_server/evaluate.py)
         self.evaluating = False  # told to the buffer in heartbeats: it leaves us out of weight syncs
@@ -173,16 +149,19 @@ class RolloutServer(Daemon):
         """Healthy once ``start`` has its engine up (a launched SGLang answered its own health check):
         the launcher starts a trainer that shares the GPU only after that."""
         return self.failure is None and self.started, {"name": self.name, "server_id": self.server_id,
-                                      "policy_version": self.policy_version, "unacked": len(self.unacked)}
+                                      "policy_version": self.policy_version,
+                                      "unacked": len(self.link.unacked) if self.link else 0}
 
     # ------------------------------------------------------------------ the loop
     async def main(self) -> None:
         self.wake = asyncio.Event()
-        self.group_ready = asyncio.Event()  # a finished episode's group waits for the sender
         self.client = SGLangClient(self.engine_url, generate_timeout_s=self.rcfg.engine.request_timeout_s,
                                    api_key=self.api_key)
         self.control = AsyncClient(self.rcfg.buffer_address, timeout_s=BUFFER_TIMEOUT_S, identity=self.server_id)
         self.data = AsyncClient(self.rcfg.buffer_address, timeout_s=BUFFER_TIMEOUT_S, identity=self.server_id)
+        self.link = BufferLink(self.control, self.data, self.server_id, self.metrics,
+                               free_slots=lambda: self.rcfg.max_concurrent_groups - len(self.episodes),
+                               blocked=lambda: self.syncing or bool(self.plans), start=self.start_episode)
         background = []
         try:
             await self.client.wait_healthy(self.rcfg.engine.startup_timeout_s)
@@ -194,15 +173,16 @@ class RolloutServer(Daemon):
             self.metrics.gauge("rollout/policy_version", "version the engine serves").set(self.policy_version)
             await self.register()
             background = [asyncio.create_task(c, name=c.__name__) for c in
-                          (self.heartbeats(), self.announcements(), self.sender())]
+                          (self.heartbeats(), self.announcements(), self.link.sender())]
             while not self.stop_requested.is_set():
                 self.raise_if_component_stopped()
                 _raise_if_done(background)
                 if plan := self.next_plan():
                     await (self.decline_plan(plan) if self.eval_version is not None else self.sync_weights(plan))
                 self.maybe_evaluate()
-                self.start_held_credits()
-                await self.request_credits()
+                self.link.start_held()
+                if not await self.link.request_credits():
+                    await self.register()  # the buffer does not know us
                 self.wake.clear()
                 try:
                     await asyncio.wait_for(self.wake.wait(), LOOP_TICK_S)
@@ -213,7 +193,7 @@ class RolloutServer(Daemon):
             for t in others:
                 t.cancel()
             await asyncio.gather(*others, return_exceptions=True)
-            await self.flush_unacked()
+            await self.link.flush(FLUSH_ON_STOP_S)
             await self.client.close()
             self.control.close()
             self.data.close()
@@ -253,10 +233,10 @@ class RolloutServer(Daemon):
         if not isinstance(ack, HeartbeatAck):
             return
         if not ack.known:  # the buffer restarted or expired us: join again, re-send all unacked
-            self.log.info("buffer does not know us: registering again, re-sending %d groups", len(self.unacked))
+            self.log.info("buffer does not know us: registering again, re-sending %d groups",
+                          len(self.link.unacked))
             await self.register()
-            for u in self.unacked.values():
-                u.due = 0.0
+            self.link.resend_all()
         if ack.pending_plan is not None:
             self.offer_plan(ack.pending_plan)
 
@@ -272,50 +252,6 @@ class RolloutServer(Daemon):
                         msg.policy_version)
         finally:
             sub.close()
-
-    def credits_wanted(self) -> int:
-        """Free episode slots not already asked for; 0 while a weight sync is pending or applied, or
-        while credit requests back off."""
-        if self.syncing or self.plans or time.monotonic() < self.next_credit_at:
-            return 0
-        free = self.rcfg.max_concurrent_groups - len(self.episodes) - self.credits_asked - len(self.held_credits)
-        return max(0, min(free, MAX_CREDITS_PER_REQUEST))
-
-    def _count_leases(self, via: str, n: int) -> None:
-        self.metrics.counter("rollout/leases_received", "leases received, by how they were asked for",
-                             ("via",)).labels(via=via).inc(n)
-
-    def start_held_credits(self) -> None:
-        """Start the episodes of leases that arrived during a weight sync, now that it is over."""
-        if self.held_credits and not (self.syncing or self.plans):
-            held, self.held_credits = self.held_credits, []
-            for credit in held:
-                self.start_episode(credit)
-
-    async def request_credits(self) -> None:
-        """Ask for the free slots' leases, unless a group is about to be sent: it asks with its ack."""
-        now = time.monotonic()
-        if any(u.due <= now for u in self.unacked.values()):
-            return
-        want = self.credits_wanted()
-        if want <= 0:
-            return
-        self.credits_asked += want
-        try:
-            reply = await self.control.request(CreditRequest(server_id=self.server_id, max_credits=want))
-        except TransportTimeout:
-            self.next_credit_at = time.monotonic() + RESEND_BACKOFF_S
-            return
-        finally:
-            self.credits_asked -= want
-        credits = reply.credits if isinstance(reply, Credits) else []
-        self._count_leases("credit_request", len(credits))
-        for credit in credits:
-            self.start_episode(credit)
-        if not credits:
-            self.next_credit_at = time.monotonic() + CREDIT_RETRY_S
-            if isinstance(reply, Credits) and reply.reason == "unknown_server":
-                await self.register()
 
     # ------------------------------------------------------------------ episodes and groups
     def start_episode(self, credit: Credit) -> None:
@@ -341,76 +277,7 @@ class RolloutServer(Daemon):
                 self.failure = self.failure or ComponentStopped(f"{self.episode_failures} episodes failed in a row: {e}")
             return
         self.episode_failures = 0
-        group = task.result()
-        self.unacked[group.group_id] = _Unacked(group)
-        self.group_ready.set()
-
-    async def sender(self) -> None:
-        """Send every due unacked group; keep it until the buffer acks it (module docstring)."""
-        while True:
-            self.group_ready.clear()
-            now = time.monotonic()
-            due = [u for u in self.unacked.values() if u.due <= now]
-            for u in due:
-                if not await self.send_group(u):
-                    for other in self.unacked.values():  # the buffer is not answering: back off all
-                        other.due = max(other.due, time.monotonic() + RESEND_BACKOFF_S)
-                    break
-            if due:
-                await asyncio.sleep(0)
-                continue
-            try:  # a finished episode wakes it at once: its group is sent with the next lease asked for
-                await asyncio.wait_for(self.group_ready.wait(), 0.05)
-            except asyncio.TimeoutError:
-                pass
-
-    async def send_group(self, u: _Unacked) -> bool:
-        """Send one group, asking for the leases of free slots with its ack (one round trip for
-        both); False when the buffer did not answer."""
-        u.sends += 1
-        self.metrics.counter("rollout/groups_resent" if u.sends > 1 else "rollout/groups_sent",
-                             "TrajectoryGroup sends").inc()
-        want = self.credits_wanted() if u.sends == 1 else 0  # a re-send may be a duplicate: its leases came
-        self.credits_asked += want  # with the lost ack (they expire and are re-issued); do not take more
-        try:
-            ack = await self.data.request(msgspec.structs.replace(u.group, want_credits=want) if want else u.group)
-        except TransportTimeout:
-            u.due = time.monotonic() + RESEND_BACKOFF_S
-            return False
-        finally:
-            self.credits_asked -= want
-        if isinstance(ack, Ack) and ack.credits:
-            self._count_leases("ack", len(ack.credits))
-            self.held_credits.extend(ack.credits)
-            self.start_held_credits()  # at once, unless a weight sync began meanwhile
-        if isinstance(ack, Ack) and ack.status in ("accepted", "duplicate", "rejected"):
-            self.unacked.pop(u.group.group_id, None)
-            if ack.status == "rejected":  # e.g. too stale or malformed: re-sending cannot help
-                self.log.warning("group %s rejected: %s", u.group.group_id, ack.reason)
-                self.metrics.counter("rollout/groups_rejected", "groups the buffer refused").inc()
-            else:
-                self.metrics.counter("rollout/groups_acked", "groups acknowledged by the buffer").inc()
-        else:  # no answer, or "unavailable" (the buffer's disk is full): keep it, send it again later
-            if isinstance(ack, Ack) and ack.status == "unavailable":
-                self.metrics.counter("rollout/groups_deferred", "sends the buffer could not store (disk full)").inc()
-            u.due = time.monotonic() + RESEND_BACKOFF_S
-        return True
-
-    async def flush_unacked(self) -> None:
-        """On stop: one last best-effort send of what is unacked (the leases cover the rest)."""
-        end = time.monotonic() + FLUSH_ON_STOP_S
-        for u in list(self.unacked.values()):
-            if (left := end - time.monotonic()) <= 0:
-                break
-            try:
-                ack = await self.data.request(u.group, timeout_s=left)
-            except TransportTimeout:
-                break
-            if isinstance(ack, Ack) and ack.status in ("accepted", "duplicate"):
-                self.unacked.pop(u.group.group_id, None)
-        if self.unacked:
-            self.log.warning("stopping with %d unacknowledged groups (their leases will be re-issued)",
-                             len(self.unacked))
+        self.link.add(task.result())
 
     # ------------------------------------------------------------------ weight sync
     def offer_plan(self, plan: WeightSyncPlan) -> None:

@@ -215,21 +215,14 @@ class SGLangClient:
     # ------------------------------------------------------------------ generation
     async def generate(self, input_ids: list[int], sampling_params: dict, *, rid: str | None = None,
                        return_logprob: bool = True, timeout_s: float | None = None) -> GenerateOutput:
-        """``POST /generate`` for one prompt and one sample (``n`` must be 1; see generate_n)."""
+        """``POST /generate`` for one prompt and one sample (``n`` must be 1: a group's samples are
+        requests of their own)."""
         body = self._generate_body(input_ids, sampling_params, rid, return_logprob)
         _, out, _ = await self._call("POST", "/generate", body, timeout_s=timeout_s or self.generate_timeout_s,
                                      idempotent=False)
         if isinstance(out, list):
             raise SGLangError("/generate", 200, "got a batch answer to a single request (n > 1?)")
         return parse_generate_output(out)
-
-    async def generate_n(self, input_ids: list[int], sampling_params: dict, *, rid: str | None = None,
-                         timeout_s: float | None = None) -> list[GenerateOutput]:
-        """One request with ``sampling_params["n"]`` samples; SGLang answers a JSON array."""
-        body = self._generate_body(input_ids, sampling_params, rid, True)
-        _, out, _ = await self._call("POST", "/generate", body, timeout_s=timeout_s or self.generate_timeout_s,
-                                     idempotent=False)
-        return [parse_generate_output(o) for o in (out if isinstance(out, list) else [out])]
 
     @staticmethod
     def _generate_body(input_ids: list[int], sampling_params: dict, rid: str | None, return_logprob: bool) -> dict:

@@ -145,40 +145,6 @@ def vcpo_ess_lr_scale(is_weights: Tensor, *, base: float = 1.0) -> tuple[Tensor,
     return torch.sqrt(torch.clamp(ratio / base, max=1.0)), ess, ratio
 
 
-def vcpo_two_buffer_gradient(
-    seq_grads: Tensor, rewards: Tensor, is_weights: Tensor, grad_sq_norms: Tensor, group_ids: Tensor | Sequence, *,
-    weight_mode: str = "readme", is_cap: float = 8.0, n_seqs_global: float | None = None,
-) -> Tensor:
-    """The released code's one-backward-per-trajectory accumulation, over explicit vectors.
-
-    ``seq_grads`` [N, D] holds each trajectory's token-mean score gradient gbar_i = grad (1/L_i)
-    sum_t logp_it. Per group, buffer_R accumulates (R_i/sigma) w~_i gbar_i and buffer_1
-    accumulates (1/sigma) w~_i gbar_i; closing the group adds buffer_R - b*_g buffer_1. The result
-    equals (1/B) sum_i A_i w~_i gbar_i (the ascent direction of LOSSES.md section 8, step 5) without knowing b*
-    before the backward passes; a trainer can run the same algebra on parameter gradients.
-    """
-    idx = group_index(group_ids).to(seq_grads.device)
-    r = rewards.detach().double()
-    w = is_weights.detach().double()
-    w_clip = w.clamp(max=is_cap)
-    c = w * w * grad_sq_norms.double() * (w_clip**2 if weight_mode == "code" else 1.0)
-    _, std, _ = group_stats(r, idx, unbiased=False)
-    sigma = torch.where(std > VCPO_EPS, std, torch.ones_like(std))
-    total = torch.zeros(seq_grads.shape[1], dtype=torch.float64, device=seq_grads.device)
-    for g in range(int(idx.max()) + 1):
-        rows = (idx == g).nonzero().flatten()
-        buf_r = torch.zeros_like(total)
-        buf_1 = torch.zeros_like(total)
-        for i in rows.tolist():  # one "backward" per trajectory
-            buf_r += (r[i] / sigma[i]) * w_clip[i] * seq_grads[i].double()
-            buf_1 += (1.0 / sigma[i]) * w_clip[i] * seq_grads[i].double()
-        c_g = c[rows] / c[rows].max().clamp(min=torch.finfo(c.dtype).tiny)  # scale-free, as vcpo_advantages
-        b_star = (c_g * r[rows]).sum() / (c_g.sum() + VCPO_EPS)
-        total += buf_r - b_star * buf_1
-    n = float(n_seqs_global) if n_seqs_global is not None else float(len(r))
-    return total / n
-
-
 # ---------------------------------------------------------------- OAPL (LOSSES.md section 9, reconstruction)
 def oapl_targets(rewards: Tensor, group_ids: Tensor | Sequence, *, beta_v: float = 1.0) -> Tensor:
     """Regression targets A*_i = R_i - V_hat(x_g) [N], V_hat = beta_v (logsumexp_j(R_j/beta_v) - log G).

@@ -270,7 +270,7 @@ def _resolve_checkpoint(path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """``python -m trainer.export CHECKPOINT OUT [--config-file FILE] [--shard-mb N] [--dtype D]``."""
     from areal_like.config import ConfigError, load_daemon_config
-    from areal_like.schema import ExportConfig
+    from areal_like.report_schema import ExportConfig
 
     p = argparse.ArgumentParser(prog="areal-like export",
                                 description="Convert a trainer checkpoint into a Hugging Face model directory.")

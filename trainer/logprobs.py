@@ -1,4 +1,4 @@
-"""Per-token log-probabilities and entropies from logits: pure, fp32, memory-conscious.
+"""Per-token log-probabilities from logits: pure, fp32, memory-conscious.
 
 Convention shared with the engines (areal_like/DESIGN.md section 2): logp[t] = log_softmax(logits_t / temperature)
 [token_t], the temperature-scaled distribution WITHOUT top-p/top-k truncation, so ``logp``,
@@ -88,22 +88,6 @@ def token_logprobs(
         raise ValueError(f"logits {tuple(logits.shape)} do not match tokens {tuple(tokens.shape)}")
     rows = _rows_per_chunk(logits.shape[-1], chunk_bytes)
     return _TokenLogprob.apply(logits, tokens.long(), float(temperature), rows)
-
-
-def entropy_from_logits(logits: Tensor, temperature: float = 1.0, *, chunk_bytes: int = CHUNK_BYTES) -> Tensor:
-    """Entropy [B, T] (fp32, nats) of softmax(logits / temperature), chunked over rows.
-
-    Differentiable through plain autograd (each chunk's fp32 softmax is kept for backward); for
-    a stat only, call it under ``torch.no_grad()``.
-    """
-    flat = logits.reshape(-1, logits.shape[-1])
-    rows = _rows_per_chunk(logits.shape[-1], chunk_bytes)
-    parts = []
-    for s in range(0, flat.shape[0], rows):
-        x = flat[s : s + rows].to(_work_dtype(logits)) / temperature
-        logp = torch.log_softmax(x, dim=-1)
-        parts.append(-(logp.exp() * logp).sum(-1))
-    return torch.cat(parts).view(logits.shape[:-1])
 
 
 def _chunk_logits(h: Tensor, weight: Tensor, temperature: float, wd: torch.dtype) -> Tensor:

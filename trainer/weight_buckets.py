@@ -35,11 +35,6 @@ _ITEMSIZE = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "int64": 8
              "int8": 1, "uint8": 1, "bool": 1}
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"`` (the SGLang wire form)."""
-    return str(dtype).removeprefix("torch.")
-
-
 def plan_buckets(named_shapes_dtypes: list[tuple[str, list[int], str]], bucket_bytes: int) -> list[BucketSpec]:
     """Group tensors into broadcast buckets of at most ``bucket_bytes`` each.
 
@@ -70,10 +65,6 @@ def plan_buckets(named_shapes_dtypes: list[tuple[str, list[int], str]], bucket_b
 
 def _spec(items: list[tuple[str, list[int]]], dt: str) -> BucketSpec:
     return BucketSpec(names=[n for n, _ in items], dtypes=[dt] * len(items), shapes=[s for _, s in items])
-
-
-def bucket_nbytes(b: BucketSpec) -> int:
-    return sum(_ITEMSIZE[d] * math.prod(s) for d, s in zip(b.dtypes, b.shapes))
 
 
 def pack_bucket(tensors: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:

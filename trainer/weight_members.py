@@ -121,7 +121,6 @@ def merge_repush(report, again) -> None:
     report.pause_s.update(again.pause_s)
     report.bytes += again.bytes
     report.transfer_s += again.transfer_s
-    report.rendezvous_s += again.rendezvous_s
     if again.error:
         report.error = "; ".join(e for e in (report.error, f"re-push: {again.error}") if e)
 

@@ -66,8 +66,8 @@ from areal_like.protocol import (
 )
 from areal_like.transport import Client, TransportTimeout
 from areal_like.versions import RuntimeVersions, local_versions, mismatch
-from trainer.weight_buckets import BucketPipeline, bucket_nbytes, dtype_name, plan_buckets  # noqa: F401 (re-exported)
-from trainer.weight_catch_up import catch_up, decide
+from trainer.weight_buckets import BucketPipeline, plan_buckets
+from trainer.weight_catch_up import catch_up
 from trainer.weight_guard import BUFFER_REQUEST_TIMEOUT_S, Watchdog, wait_work
 from trainer.weight_guard import bounded as _bounded
 from trainer.weight_local import LocalSender, push_local
@@ -84,7 +84,6 @@ class SyncReport:
     seconds: float = 0.0  # whole push on rank 0
     bytes: int = 0  # broadcast payload
     transfer_s: float = 0.0  # gather + broadcast of all buckets
-    rendezvous_s: float = 0.0
     members: list[str] = field(default_factory=list)
     done: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
@@ -220,9 +219,7 @@ class WeightBroadcaster:
         if not (isinstance(ack, Ack) and ack.status in ("ok", "accepted")):
             raise RuntimeError(f"buffer refused the plan for version {version}: {ack}")
         if plan.reform:
-            t0 = time.monotonic()
             self._form_group(plan, tuple(roster), deadline)
-            report.rendezvous_s = time.monotonic() - t0
         return True
 
     def _raise_if_failed(self, version: int) -> None:
@@ -312,9 +309,6 @@ class WeightBroadcaster:
         (``trainer.weight_catch_up``); returns the pushes made."""
         self.join()
         return catch_up(self, model, version, timeout_s, should_stop)
-
-    def _catch_up_decision(self, version: int, deadline: float, pushes: int) -> str:
-        return decide(self, version, deadline, pushes)
 
     def _transfer(self, params: list[tuple[str, torch.nn.Parameter]], buckets: list[BucketSpec],
                   report: SyncReport, deadline: float) -> None:

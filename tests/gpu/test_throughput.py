@@ -46,7 +46,8 @@ import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import numpy as np, torch
 from areal_like.config import load_config
-from areal_like.protocol import Trajectory, TrajectoryGroup
+from areal_like.protocol import TrajectoryGroup
+from areal_like.trajectory import Trajectory
 from trainer.data import groups_to_batch
 from trainer.model import build_policy, init_distributed
 from trainer.step import StepSettings, compute_batch_advantages, recompute_prox_logp, train_step

@@ -25,8 +25,9 @@ from areal_like.auth import read_key_file
 from areal_like.config import RunConfig, load_config
 from areal_like.metrics import scrape
 from areal_like.transport import Client
-from launch.job import job_specs, prepare, read_jsonl
+from launch.job import job_specs, prepare
 from launch.local import Supervisor
+from launch.records import read_jsonl
 from launch.warmstart import ensure_warm_start
 
 HOLD_S = 120.0  # longest a finished job waits for the test to look at it before stopping

@@ -14,6 +14,7 @@ import numpy as np
 from test_buffer_service import make_cfg, make_group, register, running
 
 from areal_like import protocol as P
+from areal_like.trajectory import Trajectory, as_f32, as_i32
 from areal_like.transport import Server
 from trainer.data import BatchSource
 
@@ -22,8 +23,8 @@ VOCAB = 104  # ModelConfig's default vocab_size (the char tokenizer)
 
 def _with_tokens(group: P.TrajectoryGroup, prompt: list[int], output: list[int]) -> P.TrajectoryGroup:
     t = group.trajectories[0]
-    bad = P.Trajectory.of(prompt_ids=P.as_i32(prompt), output_ids=P.as_i32(output),
-                       behav_logp=P.as_f32(np.full(len(output), -1.0)), versions=P.as_i32(np.zeros(len(output))),
+    bad = Trajectory.of(prompt_ids=as_i32(prompt), output_ids=as_i32(output),
+                       behav_logp=as_f32(np.full(len(output), -1.0)), versions=as_i32(np.zeros(len(output))),
                        reward=t.reward, finish_reason="stop")
     return msgspec.structs.replace(group, trajectories=[bad, *group.trajectories[1:]])
 

@@ -24,6 +24,7 @@ import numpy as np
 from areal_like import protocol as P
 from areal_like.config import BufferConfig, ModelConfig, RunConfig, SecurityConfig, TaskConfig, to_yaml
 from areal_like.distributed import free_port
+from areal_like.trajectory import Trajectory, as_f32, as_i32
 from areal_like.transport import Client, TransportTimeout
 
 PLAIN = SecurityConfig(curve=False)  # the daemons here talk to this test's plain sockets (CURVE: test_security)
@@ -45,8 +46,8 @@ produce(*sys.argv[1:])
 def group_for(credit: P.Credit, server_id: str) -> P.TrajectoryGroup:
     """Content derived from the prompt index, so the test can verify it after the crashes."""
     k = credit.prompt_index
-    trajs = [P.Trajectory.of(prompt_ids=P.as_i32([k, k + 1]), output_ids=P.as_i32(np.arange(k, k + 6 + i)),
-                          behav_logp=P.as_f32(np.full(6 + i, -0.25 * i)), versions=P.as_i32(np.zeros(6 + i)),
+    trajs = [Trajectory.of(prompt_ids=as_i32([k, k + 1]), output_ids=as_i32(np.arange(k, k + 6 + i)),
+                          behav_logp=as_f32(np.full(6 + i, -0.25 * i)), versions=as_i32(np.zeros(6 + i)),
                           reward=float(i), finish_reason="stop") for i in range(2)]
     return P.TrajectoryGroup(group_id=f"{server_id}-{credit.lease_id}", server_id=server_id,
                              lease_id=credit.lease_id, prompt_index=k, epoch=credit.epoch, trajectories=trajs)

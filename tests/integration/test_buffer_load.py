@@ -18,6 +18,7 @@ from areal_like import protocol as P
 from areal_like.config import BufferConfig, RunConfig, SecurityConfig, TaskConfig, to_yaml
 from areal_like.distributed import free_port
 from areal_like.peers import TRAINER_PEER
+from areal_like.trajectory import Trajectory, as_f32, as_i32
 from areal_like.transport import Client, TransportTimeout
 
 PLAIN = SecurityConfig(curve=False)  # the daemons here talk to this test's plain sockets (CURVE: test_security)
@@ -30,8 +31,8 @@ RSS_LIMIT_MB = 400  # interpreter + zmq + prometheus ~60 MB; 128 small groups ar
 
 
 def make_group(credit: P.Credit, server_id: str, version: int) -> P.TrajectoryGroup:
-    trajs = [P.Trajectory.of(prompt_ids=P.as_i32([1, 2, 3]), output_ids=P.as_i32(np.arange(16)),
-                          behav_logp=P.as_f32(np.full(16, -1.0)), versions=P.as_i32(np.full(16, version)),
+    trajs = [Trajectory.of(prompt_ids=as_i32([1, 2, 3]), output_ids=as_i32(np.arange(16)),
+                          behav_logp=as_f32(np.full(16, -1.0)), versions=as_i32(np.full(16, version)),
                           reward=float(i % 2), finish_reason="stop") for i in range(4)]
     return P.TrajectoryGroup(group_id=f"{server_id}-{credit.lease_id}", server_id=server_id, lease_id=credit.lease_id,
                              prompt_index=credit.prompt_index, epoch=credit.epoch, trajectories=trajs)

@@ -5,7 +5,6 @@ A fake rollout server and a fake trainer are plain ``Client``s speaking the prot
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import shutil
 import threading
@@ -22,6 +21,7 @@ from areal_like.config import BufferConfig, RunConfig, TaskConfig
 from areal_like.distributed import free_port
 from areal_like.metrics import scrape
 from areal_like.peers import TRAINER_PEER
+from areal_like.trajectory import Trajectory, as_f32, as_i32
 from areal_like.transport import Client, Subscriber
 from buffer.service import BufferService
 from buffer.wal import WriteAheadLog
@@ -52,8 +52,8 @@ def running(cfg: RunConfig, clock=time.monotonic):
 
 
 def make_group(credit: P.Credit, server_id="s0", version=0, rewards=(0.0, 1.0), tokens=4) -> P.TrajectoryGroup:
-    trajs = [P.Trajectory.of(prompt_ids=P.as_i32([7, 8]), output_ids=P.as_i32(np.arange(tokens)),
-                          behav_logp=P.as_f32(np.full(tokens, -1.0)), versions=P.as_i32(np.full(tokens, version)),
+    trajs = [Trajectory.of(prompt_ids=as_i32([7, 8]), output_ids=as_i32(np.arange(tokens)),
+                          behav_logp=as_f32(np.full(tokens, -1.0)), versions=as_i32(np.full(tokens, version)),
                           reward=float(r), finish_reason="stop") for r in rewards]
     return P.TrajectoryGroup(group_id=f"{server_id}-{credit.lease_id}", server_id=server_id, lease_id=credit.lease_id,
                              prompt_index=credit.prompt_index, epoch=credit.epoch, trajectories=trajs)
@@ -355,59 +355,56 @@ def test_a_group_asks_for_leases_with_its_ack_and_they_survive_a_restart(tmp_pat
 
 
 def test_a_rollout_server_gets_its_next_leases_with_each_ack(tmp_path):
-    """RolloutServer.send_group asks for the leases of its free slots with a group's first send (not
-    while a weight sync is pending or applied, not for slots already asked for, not on a re-send,
-    which may be a duplicate whose lost ack had them) and starts an episode for each lease the Ack
-    carries; leases arriving after a sync began are held until it is over. request_credits leaves a
-    due group to ask: one round trip per group instead of two."""
+    """BufferLink.send asks for the leases of its free slots with a group's first send (not while a
+    weight sync blocks, not for slots already asked for, not on a re-send, which may be a duplicate
+    whose lost ack had them) and starts an episode for each lease the Ack carries; leases arriving
+    after a sync began are held until it is over. request_credits leaves a due group to ask: one
+    round trip per group instead of two."""
     import asyncio
 
-    from areal_like.config import RolloutConfig
+    from areal_like.metrics import Metrics
     from areal_like.transport import AsyncClient
-    from rollout_server.server import RolloutServer, _Unacked
+    from rollout_server.buffer_link import BufferLink, Unacked
 
     cfg = make_cfg(tmp_path, max_staleness=100, groups_per_step=2)
-    cfg = dataclasses.replace(cfg, rollout=RolloutConfig(server_id="s0", buffer_address=cfg.buffer.address,
-                                                         max_concurrent_groups=3))
     with running(cfg) as (svc, c):
         register(c)
         first, second, third = c.request(P.CreditRequest(server_id="s0", max_credits=3)).credits
-        server = RolloutServer(cfg)
-        started: list[P.Credit] = []
-        server.start_episode = started.append  # no engine here: record the episodes it would start
+        started: list[P.Credit] = []  # no engine here: record the episodes it would start
+        syncing = [False]
 
         async def scenario() -> None:
-            server.data = server.control = AsyncClient(cfg.buffer.address, timeout_s=TIMEOUT_S, identity="s0")
+            client = AsyncClient(cfg.buffer.address, timeout_s=TIMEOUT_S, identity="s0")
+            link = BufferLink(client, client, "s0", Metrics(), free_slots=lambda: 2,  # 3 slots, one busy
+                              blocked=lambda: syncing[0], start=started.append)
             try:
-                server.episodes = {"still running"}  # 3 slots, one busy: two free
-                assert server.credits_wanted() == 2
-                server.credits_asked = 2  # e.g. a CreditRequest for them is in flight
-                assert server.credits_wanted() == 0
-                server.credits_asked = 0
+                assert link.wanted() == 2
+                link.asked = 2  # e.g. a CreditRequest for them is in flight
+                assert link.wanted() == 0
+                link.asked = 0
                 group = make_group(first)
-                server.unacked[group.group_id] = _Unacked(group)  # due: request_credits leaves it to the group
-                await server.request_credits()
-                assert started == []
-                assert await server.send_group(server.unacked[group.group_id])
-                assert [x.prompt_index for x in started] == [3, 4] and server.credits_asked == 0
-                assert not server.unacked
+                link.add(group)  # due: request_credits leaves it to the group
+                assert await link.request_credits() and started == []
+                assert await link.send(link.unacked[group.group_id])
+                assert [x.prompt_index for x in started] == [3, 4] and link.asked == 0
+                assert not link.unacked
                 started.clear()
-                resend = _Unacked(make_group(first), sends=1)  # a re-send: answered as a duplicate, no lease
-                assert await server.send_group(resend) and started == []
-                task = asyncio.ensure_future(server.send_group(_Unacked(make_group(second))))
+                resend = Unacked(make_group(first), sends=1)  # a re-send: answered as a duplicate, no lease
+                assert await link.send(resend) and started == []
+                task = asyncio.ensure_future(link.send(Unacked(make_group(second))))
                 await asyncio.sleep(0)
-                assert server.credits_asked == 2  # asked for, the ack not back yet: a sync begins now
-                server.syncing = True
+                assert link.asked == 2  # asked for, the ack not back yet: a sync begins now
+                syncing[0] = True
                 assert await task
-                assert started == [] and len(server.held_credits) == 2  # held, not started
-                assert server.credits_wanted() == 0
-                server.syncing = False
-                server.start_held_credits()  # the main loop, once the sync is over
-                assert [x.prompt_index for x in started] == [5, 6] and server.held_credits == []
-                server.syncing = True  # during a sync nothing is asked for
-                assert await server.send_group(_Unacked(make_group(third))) and len(started) == 2
+                assert started == [] and len(link.held) == 2  # held, not started
+                assert link.wanted() == 0
+                syncing[0] = False
+                link.start_held()  # the main loop, once the sync is over
+                assert [x.prompt_index for x in started] == [5, 6] and link.held == []
+                syncing[0] = True  # during a sync nothing is asked for
+                assert await link.send(Unacked(make_group(third))) and len(started) == 2
             finally:
-                server.data.close()
+                client.close()
 
         asyncio.run(scenario())
         s = stats(c)

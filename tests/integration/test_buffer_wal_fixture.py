@@ -18,6 +18,7 @@ import numpy as np
 from areal_like import protocol as P
 from areal_like.config import BufferConfig, RunConfig, SecurityConfig, TaskConfig, to_yaml
 from areal_like.distributed import free_port
+from areal_like.trajectory import Trajectory, as_f32, as_i32
 from areal_like.transport import Client
 
 PLAIN = SecurityConfig(curve=False)  # the daemons here talk to this test's plain sockets (CURVE: test_security)
@@ -28,8 +29,8 @@ TIMEOUT_S = 60.0
 
 def _group(lease_id: str, k: int) -> P.TrajectoryGroup:
     """The content the fixture's groups were written with (derived from the prompt index)."""
-    trajs = [P.Trajectory.of(prompt_ids=P.as_i32([k, k + 1]), output_ids=P.as_i32(np.arange(k, k + 5 + i)),
-                             behav_logp=P.as_f32(np.full(5 + i, -0.5 * (i + 1))), versions=P.as_i32(np.zeros(5 + i)),
+    trajs = [Trajectory.of(prompt_ids=as_i32([k, k + 1]), output_ids=as_i32(np.arange(k, k + 5 + i)),
+                             behav_logp=as_f32(np.full(5 + i, -0.5 * (i + 1))), versions=as_i32(np.zeros(5 + i)),
                              reward=float(i), finish_reason="stop") for i in range(2)]
     return P.TrajectoryGroup(group_id=f"s0-{lease_id}", server_id="s0", lease_id=lease_id, prompt_index=k, epoch=0,
                              trajectories=trajs)

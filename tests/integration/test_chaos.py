@@ -22,7 +22,7 @@ import psutil
 import pytest
 from system_harness import RunningSystem, system_config, warm_model
 
-from launch.job import outcome
+from launch.records import outcome
 
 WARM_CACHE = Path(tempfile.gettempdir()) / "areal-like-test-warmstart"
 STEPS, ETA, B, CKPT = 30, 2, 4, 4

@@ -22,6 +22,7 @@ from areal_like import security
 from areal_like.config import BufferConfig, RunConfig, TaskConfig, to_yaml
 from areal_like.distributed import free_port
 from areal_like.metrics import scrape
+from areal_like.trajectory import Trajectory, as_f32, as_i32
 from areal_like.transport import Client, Subscriber
 
 REQUEST_S = 30.0  # the job's own requests: a live buffer answers in milliseconds on a loaded machine too
@@ -41,8 +42,8 @@ if mode != "none":  # a CURVE client: its own key pair (never on the allow-list)
     security.activate(security.Keys("trainer", own.public, own.secret, server))
 sub = Subscriber(pub_address)
 client = Client(address, timeout_s=float(wait_s))
-traj = P.Trajectory.of(prompt_ids=P.as_i32([1]), output_ids=P.as_i32([2, 3]), behav_logp=P.as_f32([-1.0, -1.0]),
-                    versions=P.as_i32([0, 0]), reward=1.0, finish_reason="stop")
+traj = Trajectory.of(prompt_ids=as_i32([1]), output_ids=as_i32([2, 3]), behav_logp=as_f32([-1.0, -1.0]),
+                    versions=as_i32([0, 0]), reward=1.0, finish_reason="stop")
 requests = [P.Register(server_id="stranger", engine_url="http://127.0.0.1:1", policy_version=0),
             P.TrajectoryGroup(group_id="stranger-g", server_id="stranger", lease_id="x", prompt_index=0, epoch=0,
                               trajectories=[traj, traj]),
@@ -64,8 +65,8 @@ print(json.dumps(out), flush=True)
 
 
 def group(credit: P.Credit, server_id: str) -> P.TrajectoryGroup:
-    trajs = [P.Trajectory.of(prompt_ids=P.as_i32([5, 6]), output_ids=P.as_i32(np.arange(4)),
-                          behav_logp=P.as_f32(np.full(4, -1.0)), versions=P.as_i32(np.zeros(4)),
+    trajs = [Trajectory.of(prompt_ids=as_i32([5, 6]), output_ids=as_i32(np.arange(4)),
+                          behav_logp=as_f32(np.full(4, -1.0)), versions=as_i32(np.zeros(4)),
                           reward=float(r), finish_reason="stop") for r in (0.0, 1.0)]
     return P.TrajectoryGroup(group_id=f"{server_id}-{credit.lease_id}", server_id=server_id, lease_id=credit.lease_id,
                              prompt_index=credit.prompt_index, epoch=credit.epoch, trajectories=trajs)

@@ -154,7 +154,6 @@ async def drive_engine(url: str, tmp: Path, seen_requests: list, seen_responses:
         facts["version0"] = info.get("weight_version")
         sp = {"max_new_tokens": 6, "temperature": 1.0, "top_p": 0.9, "top_k": 20, "stop_token_ids": [2]}
         facts["single"] = await client.generate([1, 20, 21, 22], sp, rid="contract-1")
-        facts["n"] = await client.generate_n([1, 20, 21], {**sp, "n": 2})
         facts["greedy_length"] = await client.generate([1, 30], {"max_new_tokens": 3, "temperature": 0.0,
                                                                  "ignore_eos": True})
         facts["stopped"] = await client.generate([1, 31], {"max_new_tokens": 3, "stop_token_ids": list(range(104))})
@@ -333,7 +332,6 @@ def test_engine_behaves_as_the_protocol_says(engine_run):
     _, _, f = engine_run
     assert f["health_generate"] is True
     assert f["single"].finish_reason in ("stop", "length") and 1 <= len(f["single"].output_ids) <= 6
-    assert len(f["n"]) == 2 and all(1 <= len(o.output_ids) <= 6 for o in f["n"])
     assert f["greedy_length"].finish_reason == "length" and len(f["greedy_length"].output_ids) == 3
     assert f["stopped"].finish_reason == "stop" and len(f["stopped"].output_ids) == 1
     group = f["episode"]

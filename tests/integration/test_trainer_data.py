@@ -17,14 +17,15 @@ import pytest
 import torch
 
 from areal_like import protocol as P
+from areal_like.trajectory import Trajectory, as_f32, as_i32
 from trainer.data import BatchSource, BufferUnavailable, groups_to_batch
 from trainer.model import attach_logprobs
 from trainer.step import output_logp
 
 
 def _group(gid: int, prompts_outputs: list[tuple[list[int], list[int]]], versions: int = 0) -> P.TrajectoryGroup:
-    trajs = [P.Trajectory.of(prompt_ids=P.as_i32(p), output_ids=P.as_i32(o), behav_logp=P.as_f32([-0.5] * len(o)),
-                          versions=P.as_i32([versions] * len(o)), reward=float(len(o)), finish_reason="stop")
+    trajs = [Trajectory.of(prompt_ids=as_i32(p), output_ids=as_i32(o), behav_logp=as_f32([-0.5] * len(o)),
+                          versions=as_i32([versions] * len(o)), reward=float(len(o)), finish_reason="stop")
              for p, o in prompts_outputs]
     return P.TrajectoryGroup(group_id=f"g{gid}", server_id="s", lease_id=str(gid), prompt_index=gid, epoch=0,
                              trajectories=trajs)

@@ -32,7 +32,8 @@ WORKER_TIMEOUT_S = 240  # two cold torch+transformers imports on a loaded 2-core
 def synthetic_groups(n_groups: int = 4, group_size: int = 4, seed: int = 0, version: int = 0):
     import numpy as np
 
-    from areal_like.protocol import Trajectory, TrajectoryGroup
+    from areal_like.protocol import TrajectoryGroup
+    from areal_like.trajectory import Trajectory
 
     rng = np.random.default_rng(seed)
     groups = []

@@ -72,7 +72,8 @@ def trainer_role(cfg_path: str, out_dir: str) -> None:
     from test_trainer_invariance import synthetic_groups
 
     from areal_like.config import load_daemon_config
-    from areal_like.protocol import RosterRequest, Trajectory, TrajectoryGroup, as_f32, as_i32
+    from areal_like.protocol import RosterRequest, TrajectoryGroup
+    from areal_like.trajectory import Trajectory, as_f32, as_i32
     from areal_like.transport import Client
     from trainer.data import groups_to_batch
     from trainer.model import build_policy, full_state_dict, init_distributed

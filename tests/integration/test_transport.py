@@ -13,6 +13,7 @@ import pytest
 import zmq
 
 from areal_like import protocol as P
+from areal_like.trajectory import Trajectory
 from areal_like.transport import AsyncClient, Client, Publisher, Server, Subscriber, TransportTimeout
 
 pytestmark = pytest.mark.slow
@@ -77,7 +78,7 @@ def start_server(spawn_python, address: str, pub_address: str | None = None):
 
 
 def group(n_tokens: int = 64) -> P.TrajectoryGroup:
-    t = P.Trajectory.of(prompt_ids=np.arange(8), output_ids=np.arange(n_tokens), behav_logp=np.zeros(n_tokens),
+    t = Trajectory.of(prompt_ids=np.arange(8), output_ids=np.arange(n_tokens), behav_logp=np.zeros(n_tokens),
                      versions=np.zeros(n_tokens), reward=1.0, finish_reason="stop")
     return P.TrajectoryGroup(group_id="s-1", server_id="s", lease_id="1", prompt_index=0, epoch=0,
                              trajectories=[t] * 4)

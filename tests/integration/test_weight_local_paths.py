@@ -46,7 +46,7 @@ def test_tensor_and_disk_paths_load_the_trainers_exact_weights(tmp_path, spawn_p
 
             rep = wait_until(report, STARTUP_S + REPORT_WAIT_S, 0.2, f"trainer push v{v}")
             assert rep["done"] == ["rollout-a"] and not rep["dropped"] and not rep["error"], rep
-            assert not rep["reform"] and rep["rendezvous_s"] == 0.0, rep  # no group
+            assert not rep["reform"], rep  # no group
             got = wait_until(lambda v=v: engine_at(tmp_path, "rollout-a", v), 30, 0.1, f"engine at v{v}")
             assert got["sha"] == rep["sha"], (push, got, rep)
             assert driver.results[v][0]

@@ -12,16 +12,17 @@ import torch
 from areal_like.config import ESTIMATORS
 from areal_like.loss_schema import OAPLConfig, VCPOConfig
 from trainer.advantages import (
+    VCPO_EPS,
     AdvantageInputs,
     compute_advantages,
     estimator_advantages,
     group_index,
+    group_stats,
     oapl_advantages,
     oapl_targets,
     vcpo_advantages,
     vcpo_ess_lr_scale,
     vcpo_step_advantages,
-    vcpo_two_buffer_gradient,
 )
 
 
@@ -119,6 +120,39 @@ def test_vcpo_opob_code_mode_and_groups():
     close(adv[4:], [0.0, 0.0])  # constant rewards: b* = R, sigma = 0 -> no division
     with pytest.raises(ValueError, match="baseline weight"):
         vcpo_advantages(r, w, g2, groups, weight_mode="paper")
+
+
+def vcpo_two_buffer_gradient(
+    seq_grads: torch.Tensor, rewards: torch.Tensor, is_weights: torch.Tensor, grad_sq_norms: torch.Tensor,
+    group_ids: list, *, weight_mode: str = "readme", is_cap: float = 8.0,
+) -> torch.Tensor:
+    """The released code's one-backward-per-trajectory accumulation, over explicit vectors.
+
+    ``seq_grads`` [N, D] holds each trajectory's token-mean score gradient gbar_i = grad (1/L_i)
+    sum_t logp_it. Per group, buffer_R accumulates (R_i/sigma) w~_i gbar_i and buffer_1
+    accumulates (1/sigma) w~_i gbar_i; closing the group adds buffer_R - b*_g buffer_1. The result
+    equals (1/B) sum_i A_i w~_i gbar_i (the ascent direction of trainer/LOSSES.md section 8, step 5) without knowing b*
+    before the backward passes; a trainer can run the same algebra on parameter gradients.
+    """
+    idx = group_index(group_ids).to(seq_grads.device)
+    r = rewards.detach().double()
+    w = is_weights.detach().double()
+    w_clip = w.clamp(max=is_cap)
+    c = w * w * grad_sq_norms.double() * (w_clip**2 if weight_mode == "code" else 1.0)
+    _, std, _ = group_stats(r, idx, unbiased=False)
+    sigma = torch.where(std > VCPO_EPS, std, torch.ones_like(std))
+    total = torch.zeros(seq_grads.shape[1], dtype=torch.float64, device=seq_grads.device)
+    for g in range(int(idx.max()) + 1):
+        rows = (idx == g).nonzero().flatten()
+        buf_r = torch.zeros_like(total)
+        buf_1 = torch.zeros_like(total)
+        for i in rows.tolist():  # one "backward" per trajectory
+            buf_r += (r[i] / sigma[i]) * w_clip[i] * seq_grads[i].double()
+            buf_1 += (1.0 / sigma[i]) * w_clip[i] * seq_grads[i].double()
+        c_g = c[rows] / c[rows].max().clamp(min=torch.finfo(c.dtype).tiny)  # scale-free, as vcpo_advantages
+        b_star = (c_g * r[rows]).sum() / (c_g.sum() + VCPO_EPS)
+        total += buf_r - b_star * buf_1
+    return total / len(r)
 
 
 def test_vcpo_two_buffer_accumulation_matches_direct_estimator():

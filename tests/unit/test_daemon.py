@@ -1,19 +1,18 @@
-"""Daemon lifecycle: graceful SIGTERM/SIGINT, a dying background task takes the daemon down
-with a log line naming it, and /metrics + /health served from the daemon's own registry."""
+"""Daemon lifecycle: graceful SIGTERM/SIGINT, a failure a part of the daemon records takes the
+daemon down with a log line naming it, and /metrics + /health served from the daemon's own registry."""
 
 from __future__ import annotations
 
 import json
 import select
 import signal
-import threading
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from areal_like.daemon import ComponentStopped, Daemon
+from areal_like.daemon import Daemon
 
 STARTUP_TIMEOUT_S = 60.0  # a cold interpreter importing prometheus/zmq on a loaded 2-core box
 EXIT_TIMEOUT_S = 30.0
@@ -30,18 +29,13 @@ class Probe(Daemon):
     def start(self):
         self.metrics.counter("probe/ticks", "loop iterations")
         self.metrics.gauge("probe/mode_crash").set(1 if sys.argv[1] == "crash" else 0)
-        if sys.argv[1] == "crash":
-            self.spawn("exploder", self.explode)
-        else:
-            self.spawn("idler", lambda: self.stop_requested.wait())
+        self.crash_at = time.monotonic() + 0.5 if sys.argv[1] == "crash" else None
         print("PORT", self.metrics_server.port, flush=True)
-
-    def explode(self):
-        time.sleep(0.5)
-        raise RuntimeError("boom in the background")
 
     def run_once(self):
         self.metrics.counter("probe/ticks").inc()
+        if self.crash_at is not None and time.monotonic() >= self.crash_at:  # e.g. an episode's error
+            self.failure = self.failure or RuntimeError("boom in a component")
         time.sleep(0.02)
 
     def health(self):
@@ -93,12 +87,12 @@ def test_signal_stops_gracefully(spawn_python, tmp_path, sig):
     assert "[probe pid=" in err and "stopped (exit 0)" in err  # structured log lines tagged with the name
 
 
-def test_dying_background_task_takes_the_daemon_down(spawn_python, tmp_path):
+def test_a_recorded_failure_takes_the_daemon_down(spawn_python, tmp_path):
     proc, _, _ = start_probe(spawn_python, tmp_path, "crash")
     out, err = proc.communicate(timeout=EXIT_TIMEOUT_S)
     assert proc.returncode != 0
     assert "STOP_RAN" in out  # stop() still runs
-    assert "background task 'exploder' died: RuntimeError: boom in the background" in err
+    assert "probe: RuntimeError: boom in a component" in err
 
 
 def test_metrics_and_health_endpoints(spawn_python, tmp_path, wait_until):
@@ -153,15 +147,6 @@ def test_serve_runs_until_stop_requested():
 def test_crash_in_loop_exits_non_zero_and_still_stops():
     d = Counting(iterations=10, fail_at=3)
     assert d.serve() == 1 and d.calls == 3 and d.stopped
-
-
-def test_background_task_that_returns_is_a_failure():
-    d = Counting(iterations=10**9)
-    returned = threading.Event()
-    d.start = lambda: (d.spawn("short-lived", returned.set), returned.wait(5), time.sleep(0.05))
-    assert d.serve() == 1 and d.failed_task == "short-lived" and isinstance(d.failure, ComponentStopped)
-    with pytest.raises(ComponentStopped, match="short-lived"):
-        d.raise_if_component_stopped()
 
 
 def test_serve_restores_signal_handlers():

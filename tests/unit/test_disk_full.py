@@ -18,6 +18,7 @@ from service_harness import start, step
 import buffer.diskspace
 from areal_like import protocol as P
 from areal_like.config import BufferConfig
+from areal_like.trajectory import Trajectory, as_f32, as_i32
 from buffer.diskspace import DiskGuard
 from buffer.service import BufferService
 from buffer.wal import DiskFull, WriteAheadLog
@@ -47,8 +48,8 @@ def _step(svc: BufferService, msg: P.Message) -> P.Message:
 
 
 def _group(c: P.Credit) -> P.TrajectoryGroup:
-    t = P.Trajectory.of(prompt_ids=P.as_i32([1]), output_ids=P.as_i32([2, 3]), behav_logp=P.as_f32([-1, -1]),
-                     versions=P.as_i32(np.zeros(2)), reward=1.0, finish_reason="stop")
+    t = Trajectory.of(prompt_ids=as_i32([1]), output_ids=as_i32([2, 3]), behav_logp=as_f32([-1, -1]),
+                     versions=as_i32(np.zeros(2)), reward=1.0, finish_reason="stop")
     return P.TrajectoryGroup(group_id=f"s-{c.lease_id}", server_id="s", lease_id=c.lease_id,
                              prompt_index=c.prompt_index, epoch=c.epoch, trajectories=[t])
 

@@ -106,6 +106,7 @@ def test_final_catch_up_waits_for_the_evaluator_then_pushes_the_final_version_on
     import torch
 
     from areal_like.config import WeightSyncConfig
+    from trainer.weight_catch_up import decide
     from trainer.weight_sync import WeightBroadcaster
 
     b = WeightBroadcaster(WeightSyncConfig(), buffer_address="tcp://127.0.0.1:1", rank=0, device=torch.device("cpu"))
@@ -114,13 +115,13 @@ def test_final_catch_up_waits_for_the_evaluator_then_pushes_the_final_version_on
         b.client = _ScriptedBuffer([_roster({"b": 10}, evaluating=["a"]), _roster({"a": 7, "b": 10}),
                                     _roster({"a": 10, "b": 10})])
         deadline = time.monotonic() + 60
-        assert b._catch_up_decision(10, deadline, 0) == "wait"
-        assert b._catch_up_decision(10, deadline, 0) == "push"
-        assert b._catch_up_decision(10, deadline, 1) == "done"
+        assert decide(b, 10, deadline, 0) == "wait"
+        assert decide(b, 10, deadline, 0) == "push"
+        assert decide(b, 10, deadline, 1) == "done"
         # bounded: past the deadline, or after CATCH_UP_PUSHES, it gives up even if a member is behind
         b.client = _ScriptedBuffer([_roster({"a": 7})])
-        assert b._catch_up_decision(10, time.monotonic() - 1, 0) == "done"
-        assert b._catch_up_decision(10, deadline, 3) == "done"
+        assert decide(b, 10, time.monotonic() - 1, 0) == "done"
+        assert decide(b, 10, deadline, 3) == "done"
     finally:
         b.close()
 

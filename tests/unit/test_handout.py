@@ -12,6 +12,7 @@ from service_harness import start, step
 
 from areal_like import protocol as P
 from areal_like.config import BufferConfig
+from areal_like.trajectory import Trajectory, as_f32, as_i32
 from buffer.service import BufferService
 
 
@@ -27,8 +28,8 @@ def _fill(svc: BufferService, n: int) -> list[str]:
     _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
     ids = []
     for c in _step(svc, P.CreditRequest(server_id="s", max_credits=n)).credits:
-        t = P.Trajectory.of(prompt_ids=P.as_i32([1]), output_ids=P.as_i32([2, 3]), behav_logp=P.as_f32([-1, -1]),
-                         versions=P.as_i32(np.zeros(2)), reward=1.0, finish_reason="stop")
+        t = Trajectory.of(prompt_ids=as_i32([1]), output_ids=as_i32([2, 3]), behav_logp=as_f32([-1, -1]),
+                         versions=as_i32(np.zeros(2)), reward=1.0, finish_reason="stop")
         g = P.TrajectoryGroup(group_id=f"s-{c.lease_id}", server_id="s", lease_id=c.lease_id,
                               prompt_index=c.prompt_index, epoch=c.epoch, trajectories=[t])
         assert _step(svc, g).status == "accepted"
@@ -111,8 +112,8 @@ def test_stored_groups_live_in_the_wal_and_come_back_whole(tmp_path):
     _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
     sent = []
     for k, c in enumerate(_step(svc, P.CreditRequest(server_id="s", max_credits=2)).credits):
-        t = P.Trajectory.of(prompt_ids=P.as_i32([k, 5]), output_ids=P.as_i32(np.arange(k, k + 7)),
-                         behav_logp=P.as_f32(np.linspace(-1, -0.5, 7)), versions=P.as_i32(np.zeros(7)),
+        t = Trajectory.of(prompt_ids=as_i32([k, 5]), output_ids=as_i32(np.arange(k, k + 7)),
+                         behav_logp=as_f32(np.linspace(-1, -0.5, 7)), versions=as_i32(np.zeros(7)),
                          reward=float(k), finish_reason="stop")
         sent.append(P.TrajectoryGroup(group_id=f"s-{c.lease_id}", server_id="s", lease_id=c.lease_id,
                                       prompt_index=c.prompt_index, epoch=c.epoch, trajectories=[t]))

@@ -19,6 +19,7 @@ import torch
 from areal_like import protocol as P
 from areal_like.config import AGG_MODES, ESTIMATORS, LossConfig
 from areal_like.group_checks import content_problem
+from areal_like.trajectory import Trajectory, as_f32, as_i32
 from trainer.advantages import AdvantageInputs, compute_advantages
 from trainer.data import groups_to_batch
 from trainer.losses import KERNELS, compute_policy_loss
@@ -97,12 +98,12 @@ def test_every_estimator_ignores_context_tokens(estimator):
     assert torch.all(adv_full[full == 0] == 0)
 
 
-def trajectory(n: int, context: list[int], loss_mask: bool = True) -> P.Trajectory:
+def trajectory(n: int, context: list[int], loss_mask: bool = True) -> Trajectory:
     mask = np.ones(n, np.int32)
     mask[context] = 0
-    return P.Trajectory.of(prompt_ids=P.as_i32([5, 6]), output_ids=P.as_i32(np.arange(10, 10 + n)),
-                           behav_logp=P.as_f32(np.where(mask == 1, -0.5, 0.0)), versions=P.as_i32(np.zeros(n)),
-                           reward=1.0, finish_reason="stop", loss_mask=P.as_i32(mask) if loss_mask else None)
+    return Trajectory.of(prompt_ids=as_i32([5, 6]), output_ids=as_i32(np.arange(10, 10 + n)),
+                           behav_logp=as_f32(np.where(mask == 1, -0.5, 0.0)), versions=as_i32(np.zeros(n)),
+                           reward=1.0, finish_reason="stop", loss_mask=as_i32(mask) if loss_mask else None)
 
 
 def test_the_trainers_loss_mask_is_the_trajectorys_across_the_wire():
@@ -119,11 +120,11 @@ def test_the_trainers_loss_mask_is_the_trajectorys_across_the_wire():
 
 def test_a_bad_mask_or_an_old_version_frame_is_refused():
     with pytest.raises(P.ProtocolError, match="0 \\(context\\) or 1") as info:
-        P.Trajectory.of(prompt_ids=[1], output_ids=[2, 3], behav_logp=[0.0, 0.0], versions=[0, 0], reward=0.0,
+        Trajectory.of(prompt_ids=[1], output_ids=[2, 3], behav_logp=[0.0, 0.0], versions=[0, 0], reward=0.0,
                         finish_reason="stop", loss_mask=[1, 2])
     assert info.value.field == "loss_mask"
     with pytest.raises(P.ProtocolError, match="length 1 != len"):
-        P.Trajectory.of(prompt_ids=[1], output_ids=[2, 3], behav_logp=[0.0, 0.0], versions=[0, 0], reward=0.0,
+        Trajectory.of(prompt_ids=[1], output_ids=[2, 3], behav_logp=[0.0, 0.0], versions=[0, 0], reward=0.0,
                         finish_reason="stop", loss_mask=[1])
     group = P.TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0,
                               trajectories=[trajectory(3, [1])])

@@ -13,7 +13,7 @@ import pytest
 
 from areal_like.config import ConfigError, load_config
 from launch.job import job_specs
-from launch.placement import place_job, place_node, place_nodes
+from launch.placement import check_one_node, place_node, place_nodes
 from launch.topology import apply_topology, plan_topology
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +31,7 @@ CLUSTER = ("buffer.address=tcp://10.0.0.1:5555", "buffer.pub_address=tcp://10.0.
 ])
 def test_one_node_layouts(gpus, trainer, servers, tp, want_trainer, want_rollout):
     p = place_node(gpus_per_node=gpus, trainer_ranks=trainer, rollout_servers=servers, tp_size=tp)
-    assert (p.trainer, p.rollout, p.ranks) == (want_trainer, want_rollout, tuple(range(trainer)))
+    assert (p.trainer, p.rollout) == (want_trainer, want_rollout)
     assert p.used == trainer + servers * tp
 
 
@@ -62,21 +62,18 @@ def test_several_nodes_node_by_node(gpus, nodes, train_nodes, tp):
         f"launch.num_rollout_servers={gpus // tp}", f"rollout.engine.tp_size={tp}", *CLUSTER]))
     assert len(plans) == nodes
     for k, p in enumerate(plans):
-        assert p.node == k and p.used == gpus
+        assert p.used == gpus
         if k < train_nodes:
-            assert p.trainer == tuple(range(gpus)) and p.ranks == tuple(range(gpus * k, gpus * (k + 1)))
-            assert p.rollout == ()
+            assert p.trainer == tuple(range(gpus)) and p.rollout == ()
         else:
             assert p.trainer == () and p.rollout == tuple(tuple(range(i, i + tp)) for i in range(0, gpus, tp))
-    all_ranks = [r for p in plans for r in p.ranks]
-    assert all_ranks == list(range(gpus * train_nodes))  # torchrun's global ranks, each once
 
 
 def test_one_node_of_place_nodes_is_the_run_layout():
     cfg = load_config(["topology=gpu_sglang", "launch.gpus_per_node=4", "launch.trainer_ranks=2",
                        "launch.num_rollout_servers=1", "rollout.engine.tp_size=2"])
-    assert place_nodes(cfg) == (place_job(cfg),)
-    assert place_job(cfg).trainer == (0, 1) and place_job(cfg).rollout == ((2, 3),)
+    (p,) = place_nodes(cfg)
+    assert p.trainer == (0, 1) and p.rollout == ((2, 3),)
 
 
 def test_several_nodes_refusals():
@@ -91,7 +88,7 @@ def test_several_nodes_refusals():
     with pytest.raises(ConfigError, match="launch.train_nodes=2 is invalid: must be 1 on one node"):
         load_config(["launch.train_nodes=2"])
     with pytest.raises(ConfigError, match="launch.nodes=3: `areal-like run` starts one node"):
-        place_job(load_config(base))
+        check_one_node(load_config(base))
 
 
 def test_a_node_outside_the_job_and_too_many_servers_on_a_later_node_are_refused():
@@ -102,19 +99,19 @@ def test_a_node_outside_the_job_and_too_many_servers_on_a_later_node_are_refused
         place_node(gpus_per_node=4, trainer_ranks=0, rollout_servers=3, tp_size=2, nodes=3, node=2)
 
 
-def test_place_job_reads_the_config_and_cpu_topologies_take_no_gpu():
-    assert place_job(load_config(["launch.gpus_per_node=8"])) is None  # the default topology is CPU
-    sg = place_job(load_config(["topology=gpu_sglang", "launch.gpus_per_node=4", "launch.trainer_ranks=2",
+def test_place_nodes_reads_the_config_and_cpu_topologies_take_no_gpu():
+    assert place_nodes(load_config(["launch.gpus_per_node=8"])) is None  # the default topology is CPU
+    (sg,) = place_nodes(load_config(["topology=gpu_sglang", "launch.gpus_per_node=4", "launch.trainer_ranks=2",
                                 "launch.num_rollout_servers=1", "rollout.engine.tp_size=2"]))
     assert (sg.trainer, sg.rollout) == ((0, 1), ((2, 3),))
     # the trainer on CPU, the embedded engines on the GPUs: only the engines take one
-    mixed = place_job(load_config(["topology=gpu_embedded", "trainer.device=cpu", "launch.gpus_per_node=2",
-                                   "launch.num_rollout_servers=2"]))
+    (mixed,) = place_nodes(load_config(["topology=gpu_embedded", "trainer.device=cpu", "launch.gpus_per_node=2",
+                                        "launch.num_rollout_servers=2"]))
     assert (mixed.trainer, mixed.rollout) == ((), ((0,), (1,)))
     with pytest.raises(ConfigError, match="need GPUs, and torch sees none here"):
-        place_job(load_config(["topology=gpu_embedded"]))
+        place_nodes(load_config(["topology=gpu_embedded"]))
     with pytest.raises(ConfigError, match="rollout.engine.device='cuda:1'"):
-        place_job(load_config(["topology=gpu_embedded", "rollout.engine.device=cuda:1", "launch.gpus_per_node=4"]))
+        place_nodes(load_config(["topology=gpu_embedded", "rollout.engine.device=cuda:1", "launch.gpus_per_node=4"]))
 
 
 def test_tp_size_is_one_key():

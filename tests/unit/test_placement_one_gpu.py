@@ -15,8 +15,8 @@ from launch.job import job_specs, plan_job
 from launch.placement import (
     SHARED_MEM_FRACTION_DEFAULT,
     SHARED_MEM_FRACTION_MAX,
-    place_job,
     place_node,
+    place_nodes,
     with_weight_path,
 )
 from launch.topology import apply_topology, plan_topology
@@ -27,7 +27,7 @@ ONE_GPU_SGLANG = ("topology=gpu_sglang", "launch.gpus_per_node=1", "rollout.engi
 
 def test_one_gpu_one_trainer_rank_one_server_share_gpu_0():
     p = place_node(gpus_per_node=1, trainer_ranks=1, rollout_servers=1, tp_size=1)
-    assert (p.trainer, p.rollout, p.ranks, p.used, p.shared) == ((0,), ((0,),), (0,), 1, True)
+    assert (p.trainer, p.rollout, p.used, p.shared) == ((0,), ((0,),), 1, True)
     assert not place_node(gpus_per_node=2, trainer_ranks=1, rollout_servers=1, tp_size=1).shared
 
 
@@ -51,14 +51,14 @@ def test_auto_weight_path_is_tensor_only_when_the_gpu_is_shared():
 
 def test_shared_gpu_refusals_name_the_key():
     with pytest.raises(ConfigError, match=r"^trainer\.weight_sync\.path=distributed with the trainer and the engine"):
-        place_job(load_config([*ONE_GPU_SGLANG, "trainer.weight_sync.path=distributed"]))
-    place_job(load_config([*ONE_GPU_SGLANG, "trainer.weight_sync.path=distributed",
+        place_nodes(load_config([*ONE_GPU_SGLANG, "trainer.weight_sync.path=distributed"]))
+    place_nodes(load_config([*ONE_GPU_SGLANG, "trainer.weight_sync.path=distributed",
                            "trainer.weight_sync.backend=gloo"]))  # gloo on CUDA tensors shares a GPU fine
     for frac in ("0.8", "0", "'lots'"):
         with pytest.raises(ConfigError, match=r"^rollout\.engine\.sglang\.mem_fraction_static="):
-            place_job(load_config(["topology=gpu_sglang", "launch.gpus_per_node=1",
+            place_nodes(load_config(["topology=gpu_sglang", "launch.gpus_per_node=1",
                                    f"rollout.engine.sglang.mem_fraction_static={frac}"]))
-    place_job(load_config(["topology=gpu_sglang", "launch.gpus_per_node=1",
+    place_nodes(load_config(["topology=gpu_sglang", "launch.gpus_per_node=1",
                            f"rollout.engine.sglang.mem_fraction_static={SHARED_MEM_FRACTION_MAX}"]))
 
 

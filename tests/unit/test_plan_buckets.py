@@ -1,12 +1,20 @@
-"""``plan_buckets``: pure bucket planning for the weight broadcast (trainer/weight_sync.py)."""
+"""``plan_buckets``: pure bucket planning for the weight broadcast (trainer/weight_buckets.py)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from trainer.weight_sync import bucket_nbytes, plan_buckets
+from trainer.weight_buckets import plan_buckets
 
 MB = 1024 * 1024
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}  # the dtypes these tests plan
+
+
+def bucket_nbytes(b) -> int:
+    """The payload of a planned bucket, computed here independently of the planner."""
+    return sum(ITEMSIZE[d] * math.prod(s) for d, s in zip(b.dtypes, b.shapes))
 
 
 def _names(buckets):

@@ -15,6 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from areal_like import protocol as P
+from areal_like.codec import field_names
+from areal_like.trajectory import Trajectory, as_f32, as_i32
 
 # ---------------------------------------------------------------- strategies from the schema
 
@@ -29,18 +31,18 @@ MAX_TOKENS = 24
 
 
 def _i32(n: int) -> st.SearchStrategy:
-    return st.lists(st.integers(-(2**31), 2**31 - 1), min_size=n, max_size=n).map(P.as_i32)
+    return st.lists(st.integers(-(2**31), 2**31 - 1), min_size=n, max_size=n).map(as_i32)
 
 
 def _f32(n: int) -> st.SearchStrategy:
     # any float32 bit pattern, NaNs included: logprob bytes are carried verbatim
-    return st.lists(st.floats(width=32), min_size=n, max_size=n).map(P.as_f32)
+    return st.lists(st.floats(width=32), min_size=n, max_size=n).map(as_f32)
 
 
 @st.composite
-def _trajectory(draw) -> P.Trajectory:
+def _trajectory(draw) -> Trajectory:
     t = draw(st.integers(0, MAX_TOKENS))
-    return P.Trajectory.of(prompt_ids=draw(_i32(draw(st.integers(0, MAX_TOKENS)))), output_ids=draw(_i32(t)),
+    return Trajectory.of(prompt_ids=draw(_i32(draw(st.integers(0, MAX_TOKENS)))), output_ids=draw(_i32(t)),
                         behav_logp=draw(_f32(t)), versions=draw(_i32(t)), reward=draw(FLOAT),
                         finish_reason=draw(st.sampled_from(["stop", "length", "abort", "error"])),
                         metadata=draw(FREE_DICT))
@@ -68,7 +70,7 @@ def _weight_sync_plan(draw) -> P.WeightSyncPlan:
 
 # Classes whose validate() constrains several fields together get a hand-written strategy;
 # single fields with a rule get an override; everything else is derived from the annotations.
-CLASS_STRATEGIES: dict[type, st.SearchStrategy] = {P.Trajectory: _trajectory(), P.BucketSpec: _bucket_spec(),
+CLASS_STRATEGIES: dict[type, st.SearchStrategy] = {Trajectory: _trajectory(), P.BucketSpec: _bucket_spec(),
                                                    P.WeightSyncPlan: _weight_sync_plan()}
 FIELD_STRATEGIES = {
     (P.Ack, "status"): st.sampled_from(["accepted", "duplicate", "rejected", "ok"]),
@@ -106,7 +108,7 @@ def assert_same(a, b, path: str = "") -> None:
     """Field-by-field equality; arrays by dtype and bytes (NaN payloads included)."""
     if isinstance(a, P.Message):
         assert type(a) is type(b), path
-        for name in P.field_names(type(a)):
+        for name in field_names(type(a)):
             assert_same(getattr(a, name), getattr(b, name), f"{path}.{name}")
     elif isinstance(a, np.ndarray):
         assert isinstance(b, np.ndarray) and b.dtype == a.dtype and b.tobytes() == a.tobytes(), path
@@ -143,10 +145,10 @@ def test_top_level_types_cover_design_messages():
     assert not {"trajectory", "credit", "bucket_spec", "sync_member", "roster_entry"} & set(P.TOP_LEVEL_TYPES)
 
 
-def make_traj(t: int = 5, reward: float = 1.0, **kw) -> P.Trajectory:
+def make_traj(t: int = 5, reward: float = 1.0, **kw) -> Trajectory:
     args = dict(prompt_ids=np.arange(3), output_ids=np.arange(t) + 10, behav_logp=-np.arange(t) / 10.0,
                 versions=np.full(t, 7), reward=reward, finish_reason="stop", metadata={"k": [1, "x"]})
-    return P.Trajectory.of(**{**args, **kw})
+    return Trajectory.of(**{**args, **kw})
 
 
 def make_group(n: int = 2, t: int = 5) -> P.TrajectoryGroup:
@@ -223,8 +225,8 @@ def test_equal_dtypes_are_taken_without_a_copy_and_2d_arrays_are_refused():
     import pickle
 
     equal_dtype = np.arange(5, dtype=pickle.loads(pickle.dumps(np.dtype("<i4"))))  # equal, not the same object
-    traj = make_traj(prompt_ids=P.as_i32([1]), output_ids=equal_dtype, behav_logp=P.as_f32(np.zeros(5)),
-                     versions=P.as_i32(np.zeros(5)))
+    traj = make_traj(prompt_ids=as_i32([1]), output_ids=equal_dtype, behav_logp=as_f32(np.zeros(5)),
+                     versions=as_i32(np.zeros(5)))
     assert len(traj.output_ids) == 5 and np.shares_memory(traj.output_ids, equal_dtype)  # no copy
     with pytest.raises(P.ProtocolError) as info:  # refused when built: no invalid Trajectory exists
         make_traj(prompt_ids=np.zeros((2, 3), dtype=np.int32))

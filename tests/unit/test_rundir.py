@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from areal_like.config import ConfigError, load_config
-from launch.job import summarize
+from launch.records import summarize
 from launch.rundir import check_existing_run, latest_checkpoint_step, live_supervisor
 
 

@@ -17,10 +17,12 @@ import torch
 from test_handout import _start, _step  # the buffer service with fake sockets
 
 from areal_like import protocol as P
+from areal_like.codec import field_names
 from areal_like.config import WeightSyncConfig
 from areal_like.metrics import Metrics
 from areal_like.versions import RuntimeVersions, from_server_info, local_versions, mismatch
 from rollout_server.weight_update import engine_versions
+from trainer.weight_catch_up import decide
 from trainer.weight_sync import SyncReport, WeightBroadcaster
 
 GPU = RuntimeVersions("2.14.1+cu130", "13.0", "2.30.7")
@@ -99,7 +101,7 @@ FIELDS = ("torch_version", "cuda_version", "nccl_version")
 
 
 def _values(msg: P.Message) -> dict:
-    return {name: getattr(msg, name) for name in P.field_names(type(msg))}
+    return {name: getattr(msg, name) for name in field_names(type(msg))}
 
 
 def test_register_and_roster_entry_round_trip_with_and_without_versions():
@@ -221,4 +223,4 @@ def test_catch_up_does_not_wait_for_a_refused_member(broadcaster):
                                                                 policy_version=10),
                                                  P.RosterEntry(server_id="b", engine_url="", engine_ranks=1,
                                                                policy_version=3)], policy_version=10))
-    assert b._catch_up_decision(10, time.monotonic() + 60, 0) == "done"
+    assert decide(b, 10, time.monotonic() + 60, 0) == "done"

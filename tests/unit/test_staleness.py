@@ -40,7 +40,6 @@ ADMISSION = [
 def test_admission_table(eta, B, v, started, in_flight, cap, expected):
     policy = StalenessPolicy(max_staleness=eta, groups_per_step=B, max_inflight=cap)
     assert policy.capacity(v * B, started, in_flight) == expected
-    assert policy.admits(v * B, started, in_flight) == (expected > 0)
 
 
 @pytest.mark.parametrize("eta,head,v,fresh", [(0, 3, 3, True), (0, 2, 3, False), (2, 1, 3, True),
@@ -157,9 +156,10 @@ def _group(credit, server_id: str, version: int, rewards):
     import numpy as np
 
     from areal_like import protocol as P
+    from areal_like.trajectory import Trajectory, as_f32, as_i32
 
-    trajs = [P.Trajectory.of(prompt_ids=P.as_i32([1]), output_ids=P.as_i32([2, 3]), behav_logp=P.as_f32([-1, -1]),
-                          versions=P.as_i32([version, version]), reward=float(r), finish_reason="stop") for r in rewards]
+    trajs = [Trajectory.of(prompt_ids=as_i32([1]), output_ids=as_i32([2, 3]), behav_logp=as_f32([-1, -1]),
+                          versions=as_i32([version, version]), reward=float(r), finish_reason="stop") for r in rewards]
     return P.TrajectoryGroup(group_id=f"{server_id}-{credit.lease_id}", server_id=server_id, lease_id=credit.lease_id,
                              prompt_index=credit.prompt_index, epoch=credit.epoch, trajectories=trajs), np
 

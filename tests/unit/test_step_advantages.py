@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 from areal_like.config import load_config
-from areal_like.protocol import Trajectory, TrajectoryGroup
+from areal_like.protocol import TrajectoryGroup
+from areal_like.trajectory import Trajectory
 from trainer.data import groups_to_batch
 from trainer.step import StepSettings, batch_advantages, batch_logp, minibatches, output_logp, sequence_score_terms
 

@@ -20,12 +20,15 @@ import pytest
 from areal_like import protocol as P
 from areal_like import tracking
 from areal_like.config import to_yaml
-from areal_like.schema import ConfigError, RunConfig, TrackingConfig
+from areal_like.report_schema import TrackingConfig
+from areal_like.schema import ConfigError, RunConfig
 from areal_like.tokenizer import EOS_ID, char_tokenizer
 from areal_like.track_sink import JsonlTail, TrackerSink, follow, scalars
 from areal_like.tracking import JsonlTracker, MlflowTracker, TensorBoardTracker, Tracker, WandbTracker
+from areal_like.trajectory import Trajectory, as_f32, as_i32
 from launch.cli import main
-from launch.job import Monitor, curve_figure, eval_records, plot_curve
+from launch.job import Monitor
+from launch.records import curve_figure, eval_records, plot_curve
 from launch.topology import Topology
 from trainer.data import BatchSource
 from trainer.loop import Trainer
@@ -319,9 +322,9 @@ def test_check_trackers_names_the_missing_package_and_its_extra(monkeypatch, tmp
 
 
 def _traj(prompt: str, out: list[int], versions: list[int], reward: float, finish: str = "stop",
-          metadata: dict | None = None) -> P.Trajectory:
-    return P.Trajectory.of(prompt_ids=P.as_i32(char_tokenizer()(prompt)["input_ids"]), output_ids=P.as_i32(out),
-                        behav_logp=P.as_f32([-1.0] * len(out)), versions=P.as_i32(versions), reward=reward,
+          metadata: dict | None = None) -> Trajectory:
+    return Trajectory.of(prompt_ids=as_i32(char_tokenizer()(prompt)["input_ids"]), output_ids=as_i32(out),
+                        behav_logp=as_f32([-1.0] * len(out)), versions=as_i32(versions), reward=reward,
                         finish_reason=finish, metadata=metadata or {})
 
 

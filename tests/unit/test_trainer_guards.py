@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from areal_like import protocol as P
+from areal_like.trajectory import Trajectory
 from areal_like.transport import Server
 
 
 def _group(version: int, gid: str = "g0") -> P.TrajectoryGroup:
-    traj = P.Trajectory.of(prompt_ids=np.array([1, 5, 6], np.int32), output_ids=np.array([7, 2], np.int32),
+    traj = Trajectory.of(prompt_ids=np.array([1, 5, 6], np.int32), output_ids=np.array([7, 2], np.int32),
                         behav_logp=np.array([-1.0, -0.5], np.float32), versions=np.full(2, version, np.int32),
                         reward=1.0, finish_reason="stop")
     return P.TrajectoryGroup(group_id=gid, server_id="s", lease_id="l", prompt_index=0, epoch=0,

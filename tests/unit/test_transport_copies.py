@@ -15,6 +15,7 @@ import zmq
 
 from areal_like import protocol as P
 from areal_like import transport
+from areal_like.trajectory import Trajectory
 from areal_like.transport import Client, FrameWriter, Server, new_socket
 
 REQUEST_TIMEOUT_S = 20.0  # loopback on a loaded 2-core box: generous, answers take milliseconds
@@ -22,7 +23,7 @@ REQUEST_TIMEOUT_S = 20.0  # loopback on a loaded 2-core box: generous, answers t
 
 def group(seed: int, tokens: int = 4096, n: int = 4) -> P.TrajectoryGroup:
     rng = np.random.default_rng(seed)
-    trajs = [P.Trajectory.of(prompt_ids=rng.integers(0, 1000, 16, dtype=np.int32),
+    trajs = [Trajectory.of(prompt_ids=rng.integers(0, 1000, 16, dtype=np.int32),
                           output_ids=rng.integers(0, 1000, tokens, dtype=np.int32),
                           behav_logp=-rng.random(tokens, dtype=np.float32),
                           versions=np.full(tokens, seed, dtype=np.int32), reward=float(seed), finish_reason="stop")

@@ -14,13 +14,14 @@ import zmq
 import zmq.asyncio
 
 from areal_like import protocol as P
+from areal_like.trajectory import Trajectory
 from areal_like.transport import Client, FrameWriter, Server, new_socket, recv_parts
 
 TIMEOUT_MS = 20_000  # loopback on a loaded 2-core box: generous, frames take milliseconds
 
 
 def small_group(seed: int) -> P.TrajectoryGroup:
-    traj = P.Trajectory.of(prompt_ids=np.arange(3, dtype=np.int32), output_ids=np.arange(5, dtype=np.int32) + seed,
+    traj = Trajectory.of(prompt_ids=np.arange(3, dtype=np.int32), output_ids=np.arange(5, dtype=np.int32) + seed,
                         behav_logp=-np.ones(5, dtype=np.float32), versions=np.zeros(5, dtype=np.int32),
                         reward=1.0, finish_reason="stop")
     return P.TrajectoryGroup(group_id=f"g-{seed}", server_id="s", lease_id="l", prompt_index=seed, epoch=0,

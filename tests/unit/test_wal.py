@@ -271,6 +271,7 @@ def test_a_failed_write_is_not_taken_for_a_damaged_record_at_hand_out(tmp_path, 
 
     from areal_like import protocol as P
     from areal_like.config import BufferConfig, RunConfig, TaskConfig
+    from areal_like.trajectory import Trajectory, as_f32, as_i32
     from buffer.service import BufferService
 
     class FakeServer:
@@ -302,8 +303,8 @@ def test_a_failed_write_is_not_taken_for_a_damaged_record_at_hand_out(tmp_path, 
     svc.send_durable()
     groups = []
     for c in svc.server.sent[-1].credits:
-        t = P.Trajectory.of(prompt_ids=P.as_i32([1]), output_ids=P.as_i32([2, 3]), behav_logp=P.as_f32([-1, -1]),
-                            versions=P.as_i32(np.zeros(2)), reward=1.0, finish_reason="stop")
+        t = Trajectory.of(prompt_ids=as_i32([1]), output_ids=as_i32([2, 3]), behav_logp=as_f32([-1, -1]),
+                            versions=as_i32(np.zeros(2)), reward=1.0, finish_reason="stop")
         groups.append(P.TrajectoryGroup(group_id=f"s-{c.lease_id}", server_id="s", lease_id=c.lease_id,
                                         prompt_index=c.prompt_index, epoch=c.epoch, trajectories=[t]))
     handle(groups[0])

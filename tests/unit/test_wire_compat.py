@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from areal_like import protocol as P
+from areal_like.codec import field_names
 from areal_like.config import BufferConfig, RunConfig, SecurityConfig, TaskConfig, to_yaml
 from areal_like.transport import Client
 
@@ -50,7 +51,7 @@ def plain(value):
         return {k: plain(v) for k, v in value.items()}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    return {"type": value.TYPE, **{name: plain(getattr(value, name)) for name in P.field_names(type(value))}}
+    return {"type": value.TYPE, **{name: plain(getattr(value, name)) for name in field_names(type(value))}}
 
 
 # Fields added with a default after the fixtures were written: an old frame decodes with the default.

@@ -1,0 +1,151 @@
+"""What a run leaves in its directory, read back: the trainer's step records
+(``metrics/trainer.jsonl``), the evaluations (``eval.jsonl``), the job's outcome, and what is made
+of them at the end: ``summary.json`` and ``learning_curve.png``.
+
+Readers only: nothing here starts or watches a process (``launch/job.py`` does). A JSONL line
+being written while it is read is skipped, so these can run during the job; a step or a version
+that appears twice (a resume replays a step) counts once, the last record winning.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from launch.local import write_json_atomic
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+SUMMARY_WINDOW = 5  # "first / last few steps" for reward_first / reward_last
+
+
+def read_jsonl(path: Path, since: int = 0) -> list[dict]:
+    """The records of a JSONL file from byte offset ``since`` on."""
+    out = []
+    if path.is_file():
+        with path.open("rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+        for line in text.splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line being written right now
+    return out
+
+
+def reward_of(rec: dict) -> float | None:
+    """The mean task reward of one trainer step record."""
+    for key in ("reward_mean", "reward/mean", "trainer/reward_mean", "rewards/mean", "reward"):
+        if isinstance(rec.get(key), (int, float)):
+            return float(rec[key])
+    return None
+
+
+def trainer_jsonl(run_dir: Path) -> Path:
+    return run_dir / "metrics" / "trainer.jsonl"
+
+
+def step_records(run_dir: Path, since: int = 0) -> list[dict]:
+    """One record per trainer step written from byte ``since`` of trainer.jsonl on (0: the whole run;
+    the size at start: this invocation's steps); the last one wins after a resume replays a step."""
+    by_step: dict[int, dict] = {}
+    for rec in read_jsonl(trainer_jsonl(run_dir), since):
+        step = rec.get("step", rec.get("policy_version"))
+        if isinstance(step, int) and reward_of(rec) is not None:
+            by_step[step] = rec
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def eval_summary(run_dir: Path) -> dict:
+    """The first and last evaluation of the run, for the summary line."""
+    evals = read_jsonl(run_dir / "eval.jsonl")
+    if not evals:
+        return {}
+    first, last = evals[0], evals[-1]
+    out = {"eval_first": {"policy_version": first["policy_version"], "greedy_accuracy": first["greedy_accuracy"]},
+           "eval_last": {k: v for k, v in last.items() if k != "time"}}
+    return out
+
+
+def summarize(run_dir: Path, wall_s: float, code: int, since: int = 0, resumed_from: int = 0) -> dict:
+    """The run's summary: rewards and steps of this invocation (trainer.jsonl from byte ``since``),
+    ``resumed_from`` when it continued a checkpoint; the learning curve shows the whole run."""
+    recs = step_records(run_dir, since)
+    rewards = [reward_of(r) for r in recs]
+    first, last = rewards[:SUMMARY_WINDOW], rewards[-SUMMARY_WINDOW:]
+    summary = {
+        "reward_first": round(sum(first) / len(first), 4) if first else None,
+        "reward_last": round(sum(last) / len(last), 4) if last else None,
+        "steps": len(recs), "wall_s": round(wall_s, 1), "run_dir": str(run_dir), **outcome(run_dir, code, since),
+    }
+    summary.update(eval_summary(run_dir))
+    if resumed_from:
+        summary["resumed_from"] = resumed_from
+    history = step_records(run_dir)
+    if history:
+        summary["learning_curve"] = str(plot_curve(run_dir, history))
+    write_json_atomic(run_dir / "summary.json", summary)
+    return summary
+
+
+def outcome(run_dir: Path, code: int, since: int = 0) -> dict:
+    """``ok`` is true only when the job exited cleanly and the trainer's last record of this invocation
+    says it finished (``event: done``) at ``trainer.steps`` or beyond; with what crashes cost:
+    ``rolled_back_steps`` (steps lost and trained again, the run's total), ``steps_trained`` (optimizer
+    steps the final weights hold: the final version less the labels resumes skipped)."""
+    done = [r for r in read_jsonl(trainer_jsonl(run_dir), since) if r.get("event") in ("done", "resume")]
+    last = next((r for r in reversed(done) if r["event"] == "done"), None)
+    out = {"ok": code == 0 and last is not None and last["policy_version"] >= last["steps"]}
+    if last is not None:
+        out.update(steps_trained=last["steps_trained"], rolled_back_steps=last["rolled_back_steps"])
+    elif done:
+        out["rolled_back_steps"] = done[-1].get("rolled_back_total", 0)
+    return out
+
+
+def eval_records(run_dir: Path) -> list[dict]:
+    """One ``eval.jsonl`` record per evaluated policy version (the last one wins)."""
+    by_version = {rec["policy_version"]: rec for rec in read_jsonl(run_dir / "eval.jsonl")
+                  if isinstance(rec.get("policy_version"), int)}
+    return [by_version[v] for v in sorted(by_version)]
+
+
+def curve_figure(run_dir: Path, recs: list[dict], evals: list[dict]) -> Figure:
+    """Reward per step and its running mean; eval accuracies (greedy, mean@k) as points at their
+    policy version, which is the trainer step that produced those weights."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure registry, no GUI backend
+
+    steps = [r.get("step", r.get("policy_version")) for r in recs]
+    rewards = [reward_of(r) for r in recs]
+    k = max(1, min(SUMMARY_WINDOW, len(rewards)))
+    windows = [rewards[max(0, i - k + 1):i + 1] for i in range(len(rewards))]
+    smooth = [sum(w) / len(w) for w in windows]
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    ax = fig.subplots()
+    ax.plot(steps, rewards, alpha=0.35, label="reward (per step)")
+    ax.plot(steps, smooth, label=f"reward ({k}-step mean)")
+    samples_k = next((e["k"] for e in reversed(evals) if isinstance(e.get("k"), int)), "k")
+    for key, label, marker in (("greedy_accuracy", "eval accuracy (greedy)", "o"),
+                               (f"mean@{samples_k}", f"eval mean@{samples_k}", "s")):
+        points = [(e["policy_version"], float(e[key])) for e in evals
+                  if isinstance(e.get(key), (int, float)) and not isinstance(e.get(key), bool)]
+        if points:
+            ax.plot(*zip(*points), marker=marker, linestyle=":", label=label)
+    ax.set_xlabel("trainer step (policy version)")
+    ax.set_ylabel("mean task reward / eval accuracy" if evals else "mean task reward")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title(run_dir.name)
+    fig.tight_layout()
+    return fig
+
+
+def plot_curve(run_dir: Path, recs: list[dict]) -> Path:
+    """``<run_dir>/learning_curve.png`` from the step records and ``eval.jsonl`` (when present)."""
+    path = run_dir / "learning_curve.png"
+    curve_figure(run_dir, recs, eval_records(run_dir)).savefig(path)
+    return path

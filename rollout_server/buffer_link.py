@@ -1,0 +1,181 @@
+"""A rollout server's data exchange with the buffer: its groups go out, its leases come in.
+
+Owns the groups generated and not yet acknowledged, and the lease accounting (leases asked for,
+leases held, the back-off of credit requests). The server (``rollout_server/server.py``) adds a
+group when an episode finishes, says how many episode slots are free and whether a weight sync
+blocks new episodes, and starts an episode for each lease handed to it.
+
+Invariants:
+* a group is kept and re-sent until an Ack says ``accepted``, ``duplicate`` (the buffer dedupes by
+  ``group_id``) or ``rejected`` (re-sending cannot help); "unavailable" (the buffer's disk is full)
+  or no answer keeps it, due again ``RESEND_BACKOFF_S`` later; a send that timed out backs off
+  every group, since the buffer is not answering;
+* leases for free slots are asked for with each group's first send (``want_credits``: the Ack
+  carries them, no extra round trip), and by a ``CreditRequest`` only when no group is due. A
+  re-send asks for none: it may be a duplicate whose lost ack carried them (they expire and are
+  re-issued). A slot is never asked for twice: ``asked`` counts the leases of requests in flight;
+* no lease is asked for while a weight sync blocks; leases that arrive meanwhile are held and
+  handed out once it is over;
+* on stop, ``flush`` makes one last best-effort send of each group; what is left is covered by
+  its lease, which the buffer re-issues after ``buffer.lease_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import msgspec
+
+from areal_like.metrics import Metrics
+from areal_like.protocol import MAX_CREDITS_PER_REQUEST, Ack, Credit, CreditRequest, Credits, TrajectoryGroup
+from areal_like.transport import AsyncClient, TransportTimeout
+
+RESEND_BACKOFF_S = 2.0  # after a send timed out, wait this long before re-sending unacked groups
+CREDIT_RETRY_S = 0.25  # after an empty Credits answer (admission closed), ask again this much later
+SENDER_IDLE_S = 0.05  # the sender's longest wait when nothing is due; a new group wakes it at once
+
+log = logging.getLogger("rollout")
+
+
+@dataclass(slots=True)
+class Unacked:
+    group: TrajectoryGroup
+    due: float = 0.0  # monotonic time of the next send
+    sends: int = 0
+
+
+class BufferLink:
+    """Groups out, leases in, for one server (module docstring)."""
+
+    def __init__(self, control: AsyncClient, data: AsyncClient, server_id: str, metrics: Metrics,
+                 free_slots: Callable[[], int], blocked: Callable[[], bool], start: Callable[[Credit], None]):
+        # two connections: a CreditRequest does not queue behind a group the buffer is storing
+        self.control, self.data, self.server_id, self.metrics = control, data, server_id, metrics
+        self.free_slots = free_slots  # episode slots not running an episode
+        self.blocked = blocked  # a weight sync is pending or applied: no lease is asked for or started
+        self.start = start  # starts the episode of one lease
+        self.unacked: dict[str, Unacked] = {}
+        self.ready = asyncio.Event()  # a group was added: the sender sends it at once
+        self.asked = 0  # leases asked for by requests still in flight (CreditRequest or a group's send)
+        self.held: list[Credit] = []  # leases that arrived while a weight sync blocked
+        self.next_request_at = 0.0  # monotonic; credit requests back off while admission is closed
+
+    # ------------------------------------------------------------------ leases
+    def wanted(self) -> int:
+        """Free slots not already asked for; 0 while blocked or while credit requests back off."""
+        if self.blocked() or time.monotonic() < self.next_request_at:
+            return 0
+        return max(0, min(self.free_slots() - self.asked - len(self.held), MAX_CREDITS_PER_REQUEST))
+
+    def take(self, credits: list[Credit], via: str) -> None:
+        """Leases received: started now, or held while a weight sync blocks."""
+        self.metrics.counter("rollout/leases_received", "leases received, by how they were asked for",
+                             ("via",)).labels(via=via).inc(len(credits))
+        self.held.extend(credits)
+        self.start_held()
+
+    def start_held(self) -> None:
+        """Start the episodes of held leases, unless a weight sync blocks."""
+        if self.held and not self.blocked():
+            held, self.held = self.held, []
+            for credit in held:
+                self.start(credit)
+
+    async def request_credits(self) -> bool:
+        """Ask for the free slots' leases, unless a group is due: it asks with its send. False when
+        the buffer answered that it does not know this server (it must register again)."""
+        now = time.monotonic()
+        if any(u.due <= now for u in self.unacked.values()) or (want := self.wanted()) <= 0:
+            return True
+        self.asked += want
+        try:
+            reply = await self.control.request(CreditRequest(server_id=self.server_id, max_credits=want))
+        except TransportTimeout:
+            self.next_request_at = time.monotonic() + RESEND_BACKOFF_S
+            return True
+        finally:
+            self.asked -= want
+        credits = reply.credits if isinstance(reply, Credits) else []
+        self.take(credits, "credit_request")
+        if not credits:
+            self.next_request_at = time.monotonic() + CREDIT_RETRY_S
+            return not (isinstance(reply, Credits) and reply.reason == "unknown_server")
+        return True
+
+    # ------------------------------------------------------------------ groups
+    def add(self, group: TrajectoryGroup) -> None:
+        self.unacked[group.group_id] = Unacked(group)
+        self.ready.set()
+
+    def resend_all(self) -> None:
+        """Make every group due now (the buffer lost us: it may have lost them too)."""
+        for u in self.unacked.values():
+            u.due = 0.0
+
+    async def sender(self) -> None:
+        """Send every due group, forever; keep each until the buffer acks it."""
+        while True:
+            self.ready.clear()
+            now = time.monotonic()
+            due = [u for u in self.unacked.values() if u.due <= now]
+            for u in due:
+                if not await self.send(u):
+                    for other in self.unacked.values():  # the buffer is not answering: back off all
+                        other.due = max(other.due, time.monotonic() + RESEND_BACKOFF_S)
+                    break
+            if due:
+                await asyncio.sleep(0)
+                continue
+            try:
+                await asyncio.wait_for(self.ready.wait(), SENDER_IDLE_S)
+            except asyncio.TimeoutError:
+                pass
+
+    async def send(self, u: Unacked) -> bool:
+        """Send one group, asking for the leases of free slots with its ack (one round trip for
+        both); False when the buffer did not answer."""
+        u.sends += 1
+        self.metrics.counter("rollout/groups_resent" if u.sends > 1 else "rollout/groups_sent",
+                             "TrajectoryGroup sends").inc()
+        want = self.wanted() if u.sends == 1 else 0  # a re-send may be a duplicate (module docstring)
+        self.asked += want
+        try:
+            ack = await self.data.request(msgspec.structs.replace(u.group, want_credits=want) if want else u.group)
+        except TransportTimeout:
+            u.due = time.monotonic() + RESEND_BACKOFF_S
+            return False
+        finally:
+            self.asked -= want
+        if isinstance(ack, Ack) and ack.credits:
+            self.take(ack.credits, "ack")
+        if isinstance(ack, Ack) and ack.status in ("accepted", "duplicate", "rejected"):
+            self.unacked.pop(u.group.group_id, None)
+            if ack.status == "rejected":  # e.g. too stale or malformed: re-sending cannot help
+                log.warning("group %s rejected: %s", u.group.group_id, ack.reason)
+                self.metrics.counter("rollout/groups_rejected", "groups the buffer refused").inc()
+            else:
+                self.metrics.counter("rollout/groups_acked", "groups acknowledged by the buffer").inc()
+        else:  # no answer, or "unavailable" (the buffer's disk is full): keep it, send it again later
+            if isinstance(ack, Ack) and ack.status == "unavailable":
+                self.metrics.counter("rollout/groups_deferred", "sends the buffer could not store (disk full)").inc()
+            u.due = time.monotonic() + RESEND_BACKOFF_S
+        return True
+
+    async def flush(self, seconds: float) -> None:
+        """On stop: one last best-effort send of each group, within ``seconds`` in all."""
+        end = time.monotonic() + seconds
+        for u in list(self.unacked.values()):
+            if (left := end - time.monotonic()) <= 0:
+                break
+            try:
+                ack = await self.data.request(u.group, timeout_s=left)
+            except TransportTimeout:
+                break
+            if isinstance(ack, Ack) and ack.status in ("accepted", "duplicate"):
+                self.unacked.pop(u.group.group_id, None)
+        if self.unacked:
+            log.warning("stopping with %d unacknowledged groups (their leases will be re-issued)", len(self.unacked))
