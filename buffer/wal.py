@@ -19,7 +19,9 @@ every ``BATCH_FSYNC_S`` (replies may precede it). A failed write or fsync is fat
 except a full disk (ENOSPC, ``DiskFull``): the partial record is cut off (the file ends on a whole
 record), the fsync thread keeps what it could not write and tries again every ``DISK_RETRY_S``
 (its tickets are not durable meanwhile, so nothing is acknowledged that is not on disk), and an
-inline write raises ``DiskFull`` for the caller to refuse the record (``buffer/diskspace.py``).
+inline group write raises ``DiskFull`` for the caller to refuse the group (``buffer/diskspace.py``),
+while an inline control record (the buffer already acted on it) waits in order for space, groups
+refused meanwhile; lost only if the process dies first, which costs what a crash then would.
 
 ``append_group`` returns a ``WalRef`` that ``read_group`` reads (CRC-checked): the store keeps
 references, the frames stay on disk or in the page cache, not in the daemon's memory. Compaction
@@ -33,6 +35,7 @@ as the clean end. One writer per directory (``dirlock.py``).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -89,12 +92,13 @@ class WriteAheadLog:
         self._fsync_times: list[float] = []
         self._syncer: threading.Thread | None = None
         self._closing = False
-        self._queue: list[list] = []  # fsync=always: records for the fsync thread to write, in order
+        self._queue: list[list] = []  # records not yet written, in order: the fsync thread's (fsync=always), or
+        # control records waiting for disk space (fsync=batch|never, ``_write_inline``)
         self._written = 0  # bytes of the current segment written to the file
         self.wakeup_fd: int | None = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
                                       if fsync == "always" and hasattr(os, "eventfd") else None)
         self.corrupt_records = self.disk_bytes = 0  # disk_bytes: all segment files, kept without stat calls
-        self.disk_full = False  # fsync=always: the fsync thread is waiting for space (set and cleared there)
+        self.disk_full = False  # records are waiting for disk space (the fsync thread's, or inline control records)
 
     # ---- recovery
     def segments(self) -> list[int]:
@@ -166,11 +170,27 @@ class WriteAheadLog:
             with self._cv:
                 self._queue.append(parts)
         else:  # keeps the GIL for the checksum: 30 us on a 400 KB group, a GIL round trip can cost more
-            self._written += _writev(self._fd, [_header(parts, 0), *parts], self._written)
+            self._write_inline(parts)
         self._segment_size += n
         self.disk_bytes += n
         self._dirty = True
         return n
+
+    def _write_inline(self, parts: list[bytes | memoryview]) -> None:
+        """fsync=batch|never: a group that does not fit raises ``DiskFull``; a control record waits in
+        ``_queue`` for ``commit`` (module docstring)."""
+        if not self._queue:
+            try:
+                self._written += _writev(self._fd, [_header(parts, 0), *parts], self._written)
+                return
+            except DiskFull as e:
+                if parts[0] != b"C":
+                    raise
+                log.warning("wal: disk full; %s (control records wait and are written when space returns)", e)
+        elif parts[0] != b"C":
+            raise DiskFull(errno.ENOSPC, "control records are waiting for disk space")
+        self._queue.append(parts)
+        self.disk_full = True
 
     def append_group(self, group_id: str, frame: bytes | memoryview) -> WalRef:
         """Log a group; the reference reads its frame back until the group is consumed."""
@@ -286,14 +306,20 @@ class WriteAheadLog:
                 raise
 
     def commit(self, force: bool = False) -> float | None:
-        """Inline fsync per the policy (the syncer must be idle); returns its seconds if one ran."""
+        """Inline fsync per the policy (the syncer must be idle); returns its seconds if one ran. Records
+        not yet written (control records waiting for space) are written first, whatever the policy."""
         if not self._dirty or self._fd is None:
             return None
+        try:
+            self._write_queued(self._fd)
+        except DiskFull:
+            self.disk_full = True
+            return None  # still full: they wait, in order, for the next try
+        self.disk_full = False
         now = time.monotonic()
         if not force and (self.fsync_policy == "never" or
                           (self.fsync_policy == "batch" and now - self._last_fsync < BATCH_FSYNC_S)):
             return None
-        self._write_queued(self._fd)
         _sync_data(self._fd)
         self._dirty = False
         self._last_fsync = time.monotonic()
@@ -309,6 +335,8 @@ class WriteAheadLog:
         """Open a new segment when the current one is full (or now, with ``force``: a full disk
         compacts what was consumed without waiting for the segment to fill)."""
         if self._segment_size < self.segment_bytes and not force:
+            return False
+        if self._queue and self._syncer is None:  # records waiting for space belong to this segment
             return False
         self.wait_durable()
         self.commit(force=True)

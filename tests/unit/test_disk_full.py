@@ -142,3 +142,50 @@ def test_enospc_mid_record_cuts_it_off_and_nothing_is_acknowledged_that_is_not_o
     assert records == (["g0", "g1", "g2"] if fsync == "always" else ["g0", "g2"])
     assert again.corrupt_records == 0 and size > 0  # the partial writes were cut off: no torn record
     again.close()
+
+
+def test_inline_control_records_wait_for_space_in_order_and_groups_are_refused_meanwhile(tmp_path, monkeypatch):
+    wal = WriteAheadLog(tmp_path / "wal", fsync="batch")
+    wal.open({"state": {}})
+    wal.append_group("g0", b"frame-0")
+    wal.request_sync()
+    fails = [2]
+    monkeypatch.setattr(os, "writev", _partial_writev(os.writev, fails))
+    wal.append_control({"consumed": ["g0"]})  # the buffer acted on it: kept, not raised
+    assert wal.disk_full and fails[0] == 1
+    with pytest.raises(DiskFull):  # behind a waiting control record a group would break the order
+        wal.append_group("g1", b"frame-1")
+    assert wal.commit(force=True) is None and wal.disk_full and fails[0] == 0  # still full: it waits
+    assert not wal.maybe_rotate(lambda: {"state": {}}, force=True)  # it belongs to this segment
+    wal.request_sync()  # space is back: written first, whatever the fsync policy's timing
+    assert not wal.disk_full
+    wal.append_group("g2", b"frame-2")
+    wal.close()
+    again = WriteAheadLog(tmp_path / "wal", fsync="batch")
+    records = [(r.kind, r.group_id or r.control.get("consumed")) for r in again.replay()
+               if r.kind == "G" or "consumed" in r.control]
+    assert records == [("G", "g0"), ("C", ["g0"]), ("G", "g2")] and again.corrupt_records == 0
+    again.close()
+
+
+def test_a_full_disk_under_a_consumed_mark_degrades_the_buffer_instead_of_stopping_it(tmp_path, monkeypatch):
+    disk = _Disk(100 * RESERVE)
+    svc = _start(tmp_path, disk, fsync="batch")
+    _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
+    credits = _step(svc, P.CreditRequest(server_id="s", max_credits=3)).credits
+    groups = [_group(c) for c in credits]
+    assert [_step(svc, g).status for g in groups[:2]] == ["accepted", "accepted"]
+    batch = _step(svc, P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0))
+    fails = [10 ** 6]
+    monkeypatch.setattr(os, "writev", _partial_writev(os.writev, fails))  # full although the estimate had room
+    _step(svc, P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0, ack_batch=batch.batch_id))
+    svc.settle()
+    assert svc.disk.degraded and _step(svc, groups[2]).status == "unavailable"
+    fails[0] = 0
+    svc.settle()
+    assert not svc.wal.disk_full
+    svc.wal.close()
+    again = WriteAheadLog(tmp_path / "wal", fsync="batch")
+    consumed = [g for r in again.replay() if r.kind == "C" for g in r.control.get("consumed", ())]
+    assert sorted(consumed) == sorted(g.group_id for g in groups[:2])  # the mark reached the disk
+    again.close()
