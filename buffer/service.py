@@ -46,8 +46,7 @@ POLL_BUSY_S = 0.001  # ...while replies wait for an fsync, where the WAL has no 
 REJECT_LOG_EVERY_S = 60.0  # a kind of rejection is logged at most this often (a peer can send them at will)
 MAX_POLL_BATCH = 512  # requests handled per loop iteration (one fsync for all of them)
 MAX_POLL_BYTES = 4 << 20  # ...or this many bytes: smaller fsyncs start sooner and overlap receiving
-SWEEP_S = 0.05  # lease expiry and roster timeouts at most this often (a scan of every lease per
-# iteration cost several % of the ingest CPU; their deadlines are seconds)
+SWEEP_S = 0.05  # lease expiry and roster timeouts at most this often (a scan per iteration cost % of ingest)
 SEEN_KEEP = 200_000  # group ids remembered for dedupe after consumption: hours of generation, ~20 MB
 
 
