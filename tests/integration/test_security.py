@@ -33,6 +33,7 @@ import json, sys, time
 from pathlib import Path
 import numpy as np
 from areal_like import protocol as P, security
+from areal_like.trajectory import Trajectory, as_f32, as_i32
 from areal_like.transport import Client, Subscriber, TransportTimeout
 
 address, pub_address, mode, keys_dir, stop_file, wait_s = sys.argv[1:7]
