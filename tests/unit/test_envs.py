@@ -30,9 +30,10 @@ def test_calculator_rewards_the_right_product_once():
 def test_guessing_scores_fewer_turns_higher():
     env = GuessNumber()
     env.reset(Example("guess1-32", "20"))
-    assert env.step("16") == ([{"role": "user", "content": "higher"}], 0.0, False, {})
-    assert env.step("24") == ([{"role": "user", "content": "lower"}], 0.0, False, {})
-    assert env.step("20") == ([], 1.0 - 2 * GUESS_TURN_COST, True, {"found": True, "guesses": 3})
+    assert env.step("16") == ([{"role": "user", "content": "higher:17-32"}], 0.0, False, {})
+    assert env.step("24") == ([{"role": "user", "content": "lower:17-23"}], 0.0, False, {})
+    assert env.step("3") == ([{"role": "user", "content": "higher:17-23"}], 0.0, False, {})  # ruled out already
+    assert env.step("20") == ([], 1.0 - 3 * GUESS_TURN_COST, True, {"found": True, "guesses": 4})
     env.reset(Example("guess1-32", "20"))
     assert env.step("twenty") == ([], 0.0, True, {"found": False, "guesses": 1})
 
