@@ -9,8 +9,11 @@
   ``lower`` replies. Each reply also names the range still open (``higher:17-32``), as the prompt
   names the first (``guess1-32``): a 2-layer model cannot keep that range in mind over several
   turns, so without it it repeated guesses the replies had already ruled out. Finding the number
-  at turn k scores ``1 - GUESS_TURN_COST * (k - 1)``; a reply that is not a number, or running out
-  of turns, scores 0. Fewer turns, more reward: guessing the middle of the open range wins.
+  at turn k scores ``1 - GUESS_TURN_COST * (k - 1)``; a reply that is not a number scores 0 and
+  ends the game. Each wrong guess also earns ``GUESS_CUT_CREDIT`` times the share of 1..GUESS_MAX
+  it rules out (0 for a guess outside the open range), so a game that runs out of turns still
+  tells a good search from a bad one; a guess in the middle of the open range rules out the most
+  on average, the same move that finds the number in fewer turns.
 
 Each environment also writes a ``demo(example)``: a conversation that solves the example, used by the
 supervised warm start (``launch/warmstart.py``) so the tiny model knows the format before RL. The
@@ -29,6 +32,7 @@ import re
 
 GUESS_MAX = 32
 GUESS_TURN_COST = 0.15
+GUESS_CUT_CREDIT = 0.2
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
 MAX_EXPR_CHARS = 64
 
@@ -101,11 +105,13 @@ class GuessNumber:
         guess = int(m.group(1))
         if guess == self.target:
             return [], max(0.0, 1.0 - GUESS_TURN_COST * (self.turns - 1)), True, {"found": True, "guesses": self.turns}
+        before = self.hi - self.lo
         if guess < self.target:
             self.lo = max(self.lo, guess + 1)
         else:
             self.hi = min(self.hi, guess - 1)
-        return [{"role": "user", "content": reply(guess, self.target, self.lo, self.hi)}], 0.0, False, {}
+        cut = GUESS_CUT_CREDIT * (before - (self.hi - self.lo)) / GUESS_MAX
+        return [{"role": "user", "content": reply(guess, self.target, self.lo, self.hi)}], cut, False, {}
 
     @staticmethod
     def demo(example, rng: random.Random) -> list[dict]:
