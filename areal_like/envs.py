@@ -6,8 +6,14 @@
   the answer: reward 1 when it is the product, else 0; the episode ends. The tool's result comes
   back as a tool message, and the model must then copy it as its answer.
 * ``GuessNumber`` (task ``guess``): find a hidden number in 1..``GUESS_MAX`` from ``higher`` /
-  ``lower`` replies. Finding it at turn k scores ``1 - GUESS_TURN_COST * (k - 1)``; a reply that is
-  not a number, or running out of turns, scores 0. Fewer turns, more reward: binary search wins.
+  ``lower`` replies. Each reply also names the range still open (``higher:17-32``), as the prompt
+  names the first (``guess1-32``): a 2-layer model cannot keep that range in mind over several
+  turns, so without it it repeated guesses the replies had already ruled out. Finding the number
+  at turn k scores ``1 - GUESS_TURN_COST * (k - 1)``; a reply that is not a number scores 0 and
+  ends the game. Each wrong guess also earns ``GUESS_CUT_CREDIT`` times the share of 1..GUESS_MAX
+  it rules out (0 for a guess outside the open range), so a game that runs out of turns still
+  tells a good search from a bad one; a guess in the middle of the open range rules out the most
+  on average, the same move that finds the number in fewer turns.
 
 Each environment also writes a ``demo(example)``: a conversation that solves the example, used by the
 supervised warm start (``launch/warmstart.py``) so the tiny model knows the format before RL. The
@@ -26,6 +32,7 @@ import re
 
 GUESS_MAX = 32
 GUESS_TURN_COST = 0.15
+GUESS_CUT_CREDIT = 0.2
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
 MAX_EXPR_CHARS = 64
 
@@ -79,9 +86,15 @@ class Calculator:
                 {"role": "assistant", "content": example.answer}]
 
 
+def reply(guess: int, target: int, lo: int, hi: int) -> str:
+    """The guessing game's answer to a wrong guess: the direction and the range still open, written
+    without spaces like the shipped chat templates (fewer tokens for the char tokenizer)."""
+    return f"{'higher' if guess < target else 'lower'}:{lo}-{hi}"
+
+
 class GuessNumber:
     def reset(self, example) -> list[dict]:
-        self.target, self.turns = int(example.answer), 0
+        self.target, self.turns, self.lo, self.hi = int(example.answer), 0, 1, GUESS_MAX
         return [{"role": "user", "content": example.prompt}]
 
     def step(self, text: str):
@@ -92,7 +105,13 @@ class GuessNumber:
         guess = int(m.group(1))
         if guess == self.target:
             return [], max(0.0, 1.0 - GUESS_TURN_COST * (self.turns - 1)), True, {"found": True, "guesses": self.turns}
-        return [{"role": "user", "content": "higher" if guess < self.target else "lower"}], 0.0, False, {}
+        before = self.hi - self.lo
+        if guess < self.target:
+            self.lo = max(self.lo, guess + 1)
+        else:
+            self.hi = min(self.hi, guess - 1)
+        cut = GUESS_CUT_CREDIT * (before - (self.hi - self.lo)) / GUESS_MAX
+        return [{"role": "user", "content": reply(guess, self.target, self.lo, self.hi)}], cut, False, {}
 
     @staticmethod
     def demo(example, rng: random.Random) -> list[dict]:
@@ -107,7 +126,7 @@ class GuessNumber:
                 lo = guess + 1
             else:
                 hi = guess - 1
-            messages.append({"role": "user", "content": "higher" if guess < target else "lower"})
+            messages.append({"role": "user", "content": reply(guess, target, lo, hi)})
 
 
 class LongTail:

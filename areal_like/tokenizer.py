@@ -4,7 +4,9 @@
 
 * ``char`` (tiny models, tests, quickstart): 104 tokens, ``<pad>=0 <bos>=1 <eos>=2 <unk>=3`` then
   ``string.printable``, one token per character, so token count == character count and decoding
-  is exact. Encoding adds ``<bos>`` in front. Its chat template (``role: content`` lines) is
+  is exact (a character outside ``string.printable`` is one ``<unk>``). Whitespace
+  is stored in its byte-level spelling so that a reload by ``AutoTokenizer`` from a Qwen2 model
+  directory (which picks transformers' ``Qwen2Tokenizer``) keeps spaces and newlines. Encoding adds ``<bos>`` in front. Its chat template (``role: content`` lines) is
   used only by dataset tasks; synthetic tasks prompt it with plain text (``areal_like.tasks``).
 * ``bpe``: byte-level BPE trained at load time on the shipped ``data/corpus.txt`` (English and
   arithmetic) with ``model.vocab_size`` entries; digits are single tokens (Qwen2's
@@ -48,10 +50,17 @@ def char_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(CHAR_VOCAB)}
+    # Each character is stored in its byte-level spelling (" " as "Ġ", "\n" as "Ċ"; the other
+    # printable characters spell themselves). A Qwen2 model directory reloaded with AutoTokenizer
+    # gets transformers' Qwen2Tokenizer, which keeps this vocab but puts its own byte-level
+    # pre-tokenizer in front: with plain " " and "\n" entries it dropped every space and newline.
+    # Spelled this way, both pipelines give the same ids.
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    vocab = {(t if t in SPECIAL else byte_level.pre_tokenize_str(t)[0][0]): i for i, t in enumerate(CHAR_VOCAB)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
-    tok.decoder = decoders.Fuse()  # decode without inserting spaces
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex("."), behavior="isolated"),
+                                                 byte_level])  # one token per (ASCII) character
+    tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS_ID)])
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
                                  unk_token="<unk>")

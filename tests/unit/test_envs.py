@@ -8,7 +8,7 @@ import random
 import pytest
 
 from areal_like.config import TaskConfig
-from areal_like.envs import GUESS_TURN_COST, Calculator, GuessNumber, calc
+from areal_like.envs import GUESS_CUT_CREDIT, GUESS_TURN_COST, Calculator, GuessNumber, calc
 from areal_like.tasks import Example, make_task
 from areal_like.tools import ToolRegistry, parse_tool_calls
 
@@ -30,9 +30,11 @@ def test_calculator_rewards_the_right_product_once():
 def test_guessing_scores_fewer_turns_higher():
     env = GuessNumber()
     env.reset(Example("guess1-32", "20"))
-    assert env.step("16") == ([{"role": "user", "content": "higher"}], 0.0, False, {})
-    assert env.step("24") == ([{"role": "user", "content": "lower"}], 0.0, False, {})
-    assert env.step("20") == ([], 1.0 - 2 * GUESS_TURN_COST, True, {"found": True, "guesses": 3})
+    # a wrong guess earns GUESS_CUT_CREDIT x the share of 1..32 it rules out: 1-16, then 24-32, then nothing
+    assert env.step("16") == ([{"role": "user", "content": "higher:17-32"}], GUESS_CUT_CREDIT * 16 / 32, False, {})
+    assert env.step("24") == ([{"role": "user", "content": "lower:17-23"}], GUESS_CUT_CREDIT * 9 / 32, False, {})
+    assert env.step("3") == ([{"role": "user", "content": "higher:17-23"}], 0.0, False, {})  # ruled out already
+    assert env.step("20") == ([], 1.0 - 3 * GUESS_TURN_COST, True, {"found": True, "guesses": 4})
     env.reset(Example("guess1-32", "20"))
     assert env.step("twenty") == ([], 0.0, True, {"found": False, "guesses": 1})
 

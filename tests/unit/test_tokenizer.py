@@ -90,3 +90,20 @@ def test_built_model_config_carries_the_tokenizer_ids():
     bpe = qwen2_config(ModelConfig(tokenizer="bpe", vocab_size=512))
     assert (bpe.bos_token_id, bpe.eos_token_id, bpe.pad_token_id) == (None, 2, 0)
     assert bpe.vocab_size == 512
+
+
+def test_char_tokenizer_reloaded_from_a_qwen2_model_directory_keeps_whitespace(tmp_path):
+    """A warm-started model directory (config.json says qwen2) makes AutoTokenizer pick transformers'
+    Qwen2Tokenizer, which rebuilds the pre-tokenizer; it once dropped every space and newline."""
+    tok = char_tokenizer()
+    tok.save_pretrained(tmp_path)
+    qwen2_config(ModelConfig()).save_pretrained(tmp_path)
+    again = load_tokenizer(ModelConfig(path=str(tmp_path)))
+    assert type(again).__name__ == "Qwen2Tokenizer"  # the class that dropped whitespace
+    text = "a b\n\tc\r\x0b\x0c"
+    ids = [1, 14, 98, 15, 100, 99, 16, 101, 102, 103]  # <bos>, then string.printable's index + 4 per character
+    assert tok(text)["input_ids"] == again(text)["input_ids"] == ids
+    assert tok.decode(ids, skip_special_tokens=True) == again.decode(ids, skip_special_tokens=True) == text
+    assert again("347 * 29 = x")["input_ids"] == tok("347 * 29 = x")["input_ids"]
+    chat = [{"role": "user", "content": "a b"}]
+    assert again.apply_chat_template(chat, return_dict=False) == tok.apply_chat_template(chat, return_dict=False)
