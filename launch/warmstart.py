@@ -31,12 +31,15 @@ from areal_like.config import RunConfig
 
 LOG_EVERY = 100  # warm-start steps between progress lines
 EVAL_PROMPTS = 128  # prompts for the before/after accuracy line (greedy and sampled)
+# In the cache key: bumped when what a warm start saves changes, so older caches are not reused.
+# 2: the char tokenizer spells whitespace byte-level (older ones lose it when AutoTokenizer reloads them).
+CACHE_FORMAT = 2
 
 
 def cache_key(cfg: RunConfig) -> str:
     ws = {k: v for k, v in dataclasses.asdict(cfg.warm_start).items() if k != "cache_dir"}
-    blob = json.dumps({"model": dataclasses.asdict(cfg.model), "task": dataclasses.asdict(cfg.task), "ws": ws},
-                      sort_keys=True)
+    blob = json.dumps({"model": dataclasses.asdict(cfg.model), "task": dataclasses.asdict(cfg.task), "ws": ws,
+                       "format": CACHE_FORMAT}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

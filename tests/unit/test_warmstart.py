@@ -18,6 +18,15 @@ def test_cache_key_covers_model_task_and_warm_start_but_not_the_run_dir(tmp_path
         assert cache_key(load_config(["experiment=quickstart", override])) != cache_key(a), override
 
 
+def test_cache_key_covers_the_saved_format(monkeypatch):
+    import launch.warmstart
+
+    cfg = load_config(["experiment=quickstart"])
+    before = cache_key(cfg)
+    monkeypatch.setattr(launch.warmstart, "CACHE_FORMAT", launch.warmstart.CACHE_FORMAT + 1)
+    assert cache_key(cfg) != before  # a cache written before a format change is not reused
+
+
 def test_batch_puts_loss_on_the_answer_and_eos_only():
     # prompt [1, 10, 11] (bos + 2 chars), answer [20, 2] (1 char + eos); second row shorter and padded
     ids, labels, mask = _batch([([1, 10, 11], [20, 2]), ([1, 10], [21, 2])])
