@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 from pathlib import Path
@@ -25,27 +24,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_async import speedup_line  # noqa: E402
+from bench_async import run_job, speedup_line  # noqa: E402
 
 from areal_like.config import load_config  # noqa: E402
 from areal_like.envs import LongTail  # noqa: E402
 from areal_like.tasks import make_task  # noqa: E402
-from launch.job import job_specs, prepare  # noqa: E402
-from launch.local import Supervisor  # noqa: E402
-from launch.records import step_records  # noqa: E402
 
 
 def run_once(run_dir: Path, eta: int, args) -> list[dict]:
     cfg = load_config(["experiment=bench_agentic", f"buffer.groups_per_step={args.groups}",
                        f"buffer.max_staleness={eta}", f"trainer.steps={args.steps}",
                        f"trainer.micro_batch_size={8 * args.groups}", f"run_dir={run_dir}"])
-    cpus = sorted(os.sched_getaffinity(0))[:2]
-    cfg, topo, path = prepare(cfg, cpus=cpus)
-    sup = Supervisor(job_specs(cfg, topo, path), run_dir, restarts=0, health_timeout_s=300, echo=lambda _: None)
-    code = sup.run()
-    if code != 0:
-        raise SystemExit(f"eta={eta} run failed: {sup.outcome}; logs in {run_dir / 'logs'}")
-    return step_records(run_dir)
+    return run_job(cfg, run_dir, eta)
 
 
 def turn_distribution(n: int = 2000) -> dict[str, float]:

@@ -45,6 +45,11 @@ def run_once(run_dir: Path, eta: int, args) -> list[dict]:
         f"buffer.groups_per_step={args.groups}", f"buffer.max_staleness={eta}", f"trainer.steps={args.steps}",
         f"trainer.micro_batch_size={8 * args.groups}", f"run_dir={run_dir}",
     ])
+    return run_job(cfg, run_dir, eta)
+
+
+def run_job(cfg, run_dir: Path, eta: int) -> list[dict]:
+    """Run ``cfg`` on the first two cores (rollout pool and trainer pool); its trainer's step records."""
     cpus = sorted(os.sched_getaffinity(0))[:2]
     cfg, topo, path = prepare(cfg, cpus=cpus)
     sup = Supervisor(job_specs(cfg, topo, path), run_dir, restarts=0, health_timeout_s=300, echo=lambda _: None)
