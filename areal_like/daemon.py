@@ -50,6 +50,17 @@ def setup_logging(name: str, level: str | None = None) -> logging.Logger:
     return logging.getLogger(name)
 
 
+def exit_process(code: int) -> None:
+    """End a daemon process whose ``main`` returned: everything is stopped and written, so flush the
+    logs and streams and skip the interpreter's teardown, whose last garbage collection over the
+    objects torch and transformers made at import spends seconds (4.4 s measured on the loaded
+    2-core machine, 0.4 s with the objects frozen) before the launcher sees the exit."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 class ComponentStopped(RuntimeError):
     """A supervised background task ended while the daemon was running."""
 

@@ -37,6 +37,7 @@ a trainer whose only fault is a dead engine).
 from __future__ import annotations
 
 import os
+import random
 import socket
 import threading
 from collections.abc import Callable
@@ -48,7 +49,39 @@ ABANDON_JOIN_S = 5.0  # after an abort: how long rank 0 waits for its own join t
 _HOSTED: dict = {}  # rank 0: group -> the store server its rendezvous ran on (closed with the group)
 
 
+_RANDOM = random.SystemRandom()  # not the global generator: seeded alike, two ranks would pick alike
+_HANDED: set[int] = set()  # ports this process has handed out: never the same one twice
+_FIXED_LOW = 10000  # free_port's ports come from [_FIXED_LOW, the kernel's ephemeral range)
+
+
+def _ephemeral_low() -> int | None:
+    """The lowest port the kernel hands to a bind on port 0 (Linux), else None."""
+    try:
+        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now, for a process to bind later.
+
+    Chosen at random BELOW the kernel's ephemeral range (where it is on Linux), so a socket bound to
+    port 0 in between, in any process (the buffer's publisher, a torch store), cannot take it; a
+    port picked from the ephemeral range itself was taken that way on a loaded machine. Checked
+    free by binding it, and never handed out twice by one process."""
+    low = _ephemeral_low()
+    if low is not None and low - _FIXED_LOW >= 1000:
+        for _ in range(200):
+            port = _RANDOM.randrange(_FIXED_LOW, low)
+            if port in _HANDED:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+            _HANDED.add(port)
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]

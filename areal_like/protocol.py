@@ -65,6 +65,11 @@ class Register(_TopLevel, tag="register"):
     torch_version: str = ""
     cuda_version: str = ""
     nccl_version: str = ""
+    evaluates: bool = False  # it runs the job's evaluations (rollout.eval): the final one needs the last weights
+    # The sender's first registration since its process started: it holds no lease, so the leases the
+    # buffer has under this id belong to a process before it (killed and restarted faster than the
+    # heartbeat timeout) and are re-issued at once instead of at their deadline.
+    fresh: bool = False
 
 
 class RegisterAck(_TopLevel, tag="register_ack"):
@@ -165,6 +170,7 @@ class RosterEntry(Message, tag="roster_entry"):
     torch_version: str = ""  # from the member's Register ("": not reported)
     cuda_version: str = ""
     nccl_version: str = ""
+    evaluates: bool = False  # from the member's Register
 
 
 class Roster(_TopLevel, tag="roster"):
@@ -283,16 +289,17 @@ def encode(msg: Message) -> bytes:
     return data
 
 
-def encode_into(msg: Message, buffer: bytearray) -> None:
-    """``encode`` into a caller-owned buffer (resized to the frame, allocation kept): the
-    transport reuses one buffer per socket instead of allocating every frame."""
+def encode_into(msg: Message, buffer: bytearray, offset: int = 0) -> None:
+    """``encode`` into a caller-owned buffer from ``offset`` on (resized to the frame, allocation
+    kept): the transport reuses one buffer per socket instead of allocating every frame, and a sealed
+    frame keeps room for its header in front."""
     _top_level(msg)
     try:
-        _ENCODER.encode_into(msg, buffer)
+        _ENCODER.encode_into(msg, buffer, offset)
     except _ENCODE_ERRORS as e:
         raise ProtocolError(f"cannot encode: {e}", "frame") from None
-    if len(buffer) > MAX_FRAME_BYTES:
-        raise ProtocolError(f"{len(buffer)} bytes exceeds the limit of {MAX_FRAME_BYTES}", "frame")
+    if (n := len(buffer) - offset) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"{n} bytes exceeds the limit of {MAX_FRAME_BYTES}", "frame")
 
 
 def decode(data: bytes | bytearray | memoryview, max_bytes: int | None = None) -> Message:

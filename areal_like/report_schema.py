@@ -25,6 +25,10 @@ class EvalConfig:
     temperature: float | None = None  # None = task.temperature
     max_new_tokens: int | None = None  # None = task.max_new_tokens
     final_timeout_s: float = 600.0  # how long `areal-like run` waits for the final eval after training
+    # The trainer's last push also waits (final_timeout_s at most) for a server that evaluates to
+    # register, so one that started late still gets the final weights; `areal-like run` sets it on the
+    # trainer's command line when it starts such a server (launch/job.py).
+    await_server: bool = False
 
     def __post_init__(self):
         _check("eval.every", self.every >= 0, ">= 0", self.every)

@@ -273,6 +273,7 @@ class TrainerConfig:
     ref_path: str | None = None
     # engines' log-probs vs the trainer's, mean |diff| per token allowed at start; <= 0: off (logprob_guard.py)
     logprob_guard_tol: float = 0.05
+    first_engine_wait_s: float = 0.0  # wait for a rollout server before the first push (0: at once; `run` sets it)
     activation_checkpointing: bool = False  # recompute each decoder block in backward (trainer/MEMORY.md)
     logprob_chunk_tokens: int = 512  # tokens per lm_head chunk of the log-probs: one [chunk, vocab] fp32 block
 
@@ -285,6 +286,7 @@ class TrainerConfig:
         _check("trainer.num_minibatches", self.num_minibatches >= 1, ">= 1", self.num_minibatches)
         _check("trainer.logprob_chunk_tokens", self.logprob_chunk_tokens >= 1, ">= 1", self.logprob_chunk_tokens)
         _check("trainer.grad_clip", self.grad_clip > 0, "> 0", self.grad_clip)
+        _check("trainer.first_engine_wait_s", self.first_engine_wait_s >= 0, ">= 0", self.first_engine_wait_s)
         _check("trainer.betas", len(self.betas) == 2, "two numbers", self.betas)
         self.loss.check_agg()
 
@@ -311,9 +313,14 @@ class SecurityConfig:
     # A one-node `run`: daemons reach the buffer over ipc:// sockets in <run_dir>/sock (this user only, no
     # CURVE, which is the transport's biggest cost); false = tcp with CURVE on one node too.
     local_ipc: bool = True
+    # With curve, tcp request/reply: CURVE authenticates and hands out a session key, bulk frames go AES-GCM sealed
+    # on a second buffer port (areal_like/sealed.py; far cheaper than CURVE's cipher). false: CURVE for all.
+    sealed_bulk: bool = True
+    bulk_port: int = 0  # the buffer's sealed bulk port (told to clients in the handshake); 0 = any free port
 
     def __post_init__(self):
         _check("security.keys_dir", bool(self.keys_dir), "a directory", self.keys_dir)
+        _check("security.bulk_port", 0 <= self.bulk_port <= 65535, "0..65535", self.bulk_port)
 
 
 @dataclass(kw_only=True)
@@ -338,10 +345,14 @@ class LaunchConfig:
     # pin_cpus and each process's threads from the cores it may use (launch/topology.py, laptop_layout),
     # overriding those keys; no core runs more threads than one.
     auto_layout: bool = False
+    auto_max_servers: int = 8  # auto_layout's ceiling on rollout servers (each a process with a model copy)
+    auto_max_threads: int = 8  # and on trainer threads
 
     def __post_init__(self):
         _check("launch.auto_layout", not (self.auto_layout and self.nodes > 1), "false with launch.nodes > 1",
                self.auto_layout)
+        _check("launch.auto_max_servers", self.auto_max_servers >= 1, ">= 1", self.auto_max_servers)
+        _check("launch.auto_max_threads", self.auto_max_threads >= 1, ">= 1", self.auto_max_threads)
         _check("launch.gpus_per_node", self.gpus_per_node >= 0, ">= 0", self.gpus_per_node)
         _check("launch.nodes", self.nodes >= 1, ">= 1", self.nodes)
         _check("launch.train_nodes", 1 <= self.train_nodes < max(self.nodes, 2),

@@ -34,6 +34,12 @@ connection (SO_PEERCRED, which libzmq puts in the ZAP address as ``host:uid:gid:
 process's user; a peer of another user is refused and counted as ``unknown_key``. ZeroMQ applies
 security options when an endpoint is bound or connected, so one socket can serve CURVE on tcp://
 and this on ipc://; every tcp:// endpoint keeps CURVE.
+
+Sealed bulk frames (``security.sealed_bulk``, on by default with CURVE; ``areal_like/sealed.py``):
+CURVE then only authenticates. The ZAP handler names an admitted client by its key's file name
+(the ZAP User-Id: ``rollout`` or ``trainer``), the server hands that client a session key over the
+CURVE connection, and the bulk traffic goes AES-GCM sealed on a second tcp port with no ZeroMQ
+security. A frame refused there (no session, bad tag, replay) is counted as ``sealed``.
 """
 
 from __future__ import annotations
@@ -45,11 +51,12 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
 import zmq.auth
+import zmq.utils.z85
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
@@ -65,7 +72,7 @@ _CLIENT_KINDS = (zmq.DEALER, zmq.SUB)
 # Monitor events that mean a peer was refused, by reason (HANDSHAKE_FAILED_AUTH: the ZAP handler said no)
 _REFUSAL_EVENTS = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "unknown_key", zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake",
                    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake"}
-REFUSAL_REASONS = ("unknown_key", "handshake")
+REFUSAL_REASONS = ("unknown_key", "handshake", "sealed", "role")  # sealed: bulk.py; role: transport.Server
 
 
 class SecurityError(RuntimeError):
@@ -79,7 +86,7 @@ class Keys:
 
     role: str  # SERVER or a client name
     public: bytes
-    secret: bytes
+    secret: bytes = field(repr=False)  # never in a log line or a traceback's locals
     server_public: bytes
     allow_dir: Path | None = None  # server only: the public client keys
 
@@ -88,6 +95,8 @@ _active: Keys | None = None
 _auths: dict[int, ThreadAuthenticator] = {}  # id(context) -> its running authenticator
 _refused_callbacks: list[Callable[[str], None]] = []
 _lock = threading.Lock()
+_sealed_bulk = True  # tcp request/reply: CURVE-authenticated sessions, AES-GCM bulk frames (sealed.py)
+_bulk_port = 0  # where a Server binds its sealed bulk endpoint (0: any free port)
 
 
 def make_keys(keys_dir: str | Path, clients: tuple[str, ...] = CLIENT_NAMES) -> list[Path]:
@@ -150,6 +159,23 @@ def active() -> Keys | None:
     return _active
 
 
+def set_sealed_bulk(on: bool, port: int = 0) -> None:
+    """Whether tcp request/reply sockets made from now on use sealed bulk frames when CURVE is on, and
+    the port a Server binds for them (0: any free port; clients learn it in the handshake)."""
+    global _sealed_bulk, _bulk_port
+    _sealed_bulk, _bulk_port = bool(on), int(port)
+
+
+def bulk_port() -> int:
+    return _bulk_port
+
+
+def seals(address: str) -> bool:
+    """Whether a request/reply socket on ``address`` made now uses sealed bulk frames: CURVE keys
+    active, ``sealed_bulk`` on, and a tcp:// address (ipc:// endpoints keep their own rule)."""
+    return _active is not None and _sealed_bulk and address.startswith("tcp://")
+
+
 @contextmanager
 def using(keys: Keys | None) -> Iterator[None]:
     """``activate(keys)`` for the block, then back to what was active (sockets made in it keep the keys)."""
@@ -173,6 +199,7 @@ def setup(cfg, role: str, logger: logging.Logger | None = None) -> Keys | None:
         return None
     keys = load(cfg.resolve_path(sec.keys_dir), role)
     activate(keys)
+    set_sealed_bulk(sec.sealed_bulk, sec.bulk_port)
     logger.info("CURVE on: %s keys from %s", role, cfg.resolve_path(sec.keys_dir))
     return keys
 
@@ -180,6 +207,21 @@ def setup(cfg, role: str, logger: logging.Logger | None = None) -> Keys | None:
 def on_refused(callback: Callable[[str], None]) -> None:
     """Call ``callback(reason)`` (from a monitor thread) for every refused handshake on a server socket."""
     _refused_callbacks.append(callback)
+
+
+def role_of(frame: zmq.Frame) -> str | None:
+    """The role of the CURVE client that sent ``frame`` (its key's name, the ZAP User-Id); None when
+    it came without CURVE (a same-node ``ipc://`` peer, or security off)."""
+    try:
+        return frame.get("User-Id") or None
+    except zmq.ZMQError:
+        return None
+
+
+def refused(reason: str) -> None:
+    """Count one refused peer (``on_refused`` callbacks): the monitor threads' path, and sealed.py's."""
+    for callback in list(_refused_callbacks):
+        callback(reason)
 
 
 def apply(sock: zmq.Socket) -> None:
@@ -212,18 +254,36 @@ def _set_curve(sock: zmq.Socket, keys: Keys) -> None:
 
 def _authenticator(ctx: zmq.Context, keys: Keys | None) -> None:
     """One running ZAP handler per context (ZAP is per context): CURVE clients with exactly the keys in
-    allow_dir (server keys), ipc:// peers of this user."""
+    allow_dir (server keys), ipc:// peers of this user. A daemon serves one job's keys; a process that
+    serves another keys directory later (one test after another) gets that directory's allow-list."""
     with _lock:
         auth = _auths.get(id(ctx))
         if auth is None:
             auth = _auths[id(ctx)] = _Authenticator(ctx, log=logging.getLogger("security.zap"))
             auth.start()
-        if keys is not None and keys.allow_dir is not None and ZAP_DOMAIN not in auth.certs:
+        if keys is not None and keys.allow_dir is not None and auth.allow_dir != keys.allow_dir:
             auth.configure_curve(domain=ZAP_DOMAIN, location=str(keys.allow_dir))
+            auth.roles, auth.allow_dir = client_roles(keys.allow_dir), keys.allow_dir
+
+
+def client_roles(allow_dir: Path) -> dict[bytes, str]:
+    """Public key -> client name (``clients/<name>.key``): the role the ZAP handler names a client by."""
+    roles = {}
+    for path in sorted(Path(allow_dir).glob("*.key")):
+        public, _ = zmq.auth.load_certificate(path)
+        roles[zmq.utils.z85.decode(public)] = path.stem
+    return roles
 
 
 class _Authenticator(ThreadAuthenticator):
-    """pyzmq's ZAP handler (the CURVE allow-list) plus the rule of same-node endpoints."""
+    """pyzmq's ZAP handler (the CURVE allow-list) plus the rule of same-node endpoints; an admitted
+    CURVE client's User-Id is its key's name (``client_roles``), the role a sealed session keeps."""
+
+    roles: dict[bytes, str] = {}
+    allow_dir: Path | None = None  # whose allow-list (and roles) it holds
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self.roles.get(bytes(client_public_key), "")
 
     async def handle_zap_message(self, msg: list[bytes]) -> None:
         if len(msg) >= 6 and msg[2] == LOCAL_ZAP_DOMAIN.encode():
@@ -232,7 +292,8 @@ class _Authenticator(ThreadAuthenticator):
             if not ok:
                 self.log.warning("refused an ipc peer: uid %s, mechanism %s (this job runs as uid %d)", uid,
                                  msg[5].decode(errors="replace"), os.geteuid())
-            self._send_zap_reply(msg[1], b"200" if ok else b"400", b"OK" if ok else b"not this job's user")
+            # User-Id "": no role (role_of gives None); a CURVE client's is its key's name
+            self._send_zap_reply(msg[1], b"200" if ok else b"400", b"OK" if ok else b"not this job's user", "")
             return
         await super().handle_zap_message(msg)
 
@@ -332,8 +393,7 @@ def _monitor_loop(monitor: zmq.Socket) -> None:
                 return
             reason = _REFUSAL_EVENTS.get(event)
             if reason is not None:
-                for callback in list(_refused_callbacks):
-                    callback(reason)
+                refused(reason)
     except zmq.ZMQError:  # the context is being terminated
         return
     finally:

@@ -42,9 +42,16 @@ Patterns and why:
   ``REFUSE_WINDOW_BYTES``, so a sender that is merely misconfigured still gets a rejection naming
   the size (and the daemon counts it) instead of a silent cut; a frame there costs its size, briefly.
 
-* **Authentication.** Every socket is made by ``_new_socket``, which hands it to
+* **Authentication.** Every socket is made by ``new_socket``, which hands it to
   ``security.apply``: with the process's CURVE keys active, ROUTER/PUB sockets are CURVE servers
   behind a ZAP allow-list and DEALER/SUB sockets CURVE clients (``areal_like/security.py``).
+* **Sealed bulk frames** (``security.sealed_bulk``, on with CURVE; ``security.seals``): on tcp,
+  CURVE only authenticates. A ``Server`` also binds a plain bulk ROUTER (``areal_like/bulk.py``); a
+  client (``areal_like/dealer.py``) asks for a session over CURVE, then sends every request on a
+  plain DEALER to that port, AES-GCM sealed, and gets its replies sealed there
+  (``areal_like/sealed.py``). ``Server.recv`` answers handshakes and drops (and counts) refused
+  bulk frames itself; the daemon sees a sealed request as coming from the client's CURVE peer id.
+  CURVE's cipher is the transport's biggest cost; AES-GCM's is a fraction of it (areal_like/SECURITY.md, "Cost").
 * **Same-node endpoints.** An ``ipc://`` address (a Unix socket; ``local_addresses``) is bound and
   connected through ``security.bind``/``security.connect``: no CURVE there, only peers of the job's
   own user, in a 0700 directory. ``Server`` and ``Publisher`` take one beside their tcp:// address
@@ -56,16 +63,15 @@ assumes localhost. Servers bind (``tcp://*:port`` or a concrete interface), clie
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
-import uuid
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
-from areal_like import protocol, security
+from areal_like import protocol, sealed, security
+from areal_like.bulk import BulkEndpoint
+from areal_like.peers import is_trainer_peer
 from areal_like.protocol import Message, ProtocolError, decode, encode_into
 
 DEFAULT_TIMEOUT_S = 10.0  # a healthy buffer answers in milliseconds; 10 s means it is gone or wedged
@@ -75,6 +81,7 @@ SNDHWM = 1000  # frames queued per peer before sends fail fast
 INCOMING_LIMIT_FACTOR = 2
 REFUSE_WINDOW_BYTES = 64 * 1024 * 1024  # a Server with a tighter frame limit still receives and refuses up to this
 SCRATCH_KEEP_BYTES = 4 * 1024 * 1024  # bigger frames hand their buffer over instead of being copied and kept
+MAX_HANDLED_PER_RECV = 64  # handshakes and refused frames one recv handles before it returns None
 _SNDMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)  # ints: OR-ing zmq's IntFlag enums runs enum.py per frame
 
 
@@ -107,15 +114,31 @@ class FrameWriter:
     def __init__(self) -> None:
         self._buf = bytearray()
 
-    def send(self, sock: zmq.Socket, head: list[bytes], msg: Message, flags: int = 0) -> Any:
-        """Send ``[*head, encode(msg)]``; an invalid message raises ProtocolError before anything is sent."""
+    def encode(self, msg: Message, offset: int = 0) -> bytearray:
+        """``msg`` encoded into the kept buffer from ``offset`` on (valid until the next call);
+        ProtocolError if invalid."""
         frame = self._buf
         try:
-            encode_into(msg, frame)
+            encode_into(msg, frame, offset)
         except ProtocolError:
             if len(frame) > SCRATCH_KEEP_BYTES:  # grown to an oversized frame: do not keep that allocation
                 self._buf = bytearray()
             raise
+        return frame
+
+    def send_sealed(self, sock: zmq.Socket, head: list[bytes], channel: sealed.Channel, msg: Message) -> Any:
+        """Send ``[*head, seal(encode(msg))]`` (NOBLOCK; the req_id, ``head[-1]``, is in the seal's AAD):
+        encoded behind room for the seal's header and sealed in place in the kept buffer, then copied
+        by libzmq as a plain frame is (see "Copies")."""
+        out = channel.seal_in_place(head[-1], self.encode(msg, sealed.HEAD_BYTES))
+        if len(out) > SCRATCH_KEEP_BYTES:
+            self._buf = bytearray()  # ``out`` is libzmq's until it is sent
+            return sock.send_multipart([*head, out], flags=_NOBLOCK, copy=False)
+        return sock.send_multipart([*head, out], flags=_NOBLOCK, copy=True)
+
+    def send(self, sock: zmq.Socket, head: list[bytes], msg: Message, flags: int = 0) -> Any:
+        """Send ``[*head, encode(msg)]``; an invalid message raises ProtocolError before anything is sent."""
+        frame = self.encode(msg)
         if len(frame) <= SCRATCH_KEEP_BYTES:
             if type(sock) is zmq.Socket:  # a plain socket: parts one by one (an asyncio socket needs its own send)
                 flags = int(flags)
@@ -141,20 +164,21 @@ def recv_parts(sock: zmq.Socket, flags: int) -> list[zmq.Frame]:
     return parts
 
 
-def new_socket(ctx: zmq.Context, kind: int, receive_bound: int | None = None) -> zmq.Socket:
+def new_socket(ctx: zmq.Context, kind: int, receive_bound: int | None = None, secure: bool = True) -> zmq.Socket:
     """A socket with this module's options (linger, high-water marks, incoming size bound: by default
-    ``INCOMING_LIMIT_FACTOR`` x the frame limit)."""
+    ``INCOMING_LIMIT_FACTOR`` x the frame limit); ``secure=False``: no CURVE (a sealed bulk socket)."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, SNDHWM)
     sock.setsockopt(zmq.RCVHWM, SNDHWM)
     bound = INCOMING_LIMIT_FACTOR * protocol.MAX_FRAME_BYTES if receive_bound is None else receive_bound
     sock.setsockopt(zmq.MAXMSGSIZE, bound)  # see "Incoming size bound"
-    security.apply(sock)  # CURVE server or client with this process's keys (none: plain); before bind/connect
+    if secure:
+        security.apply(sock)  # CURVE server or client with this process's keys (none: plain); before bind/connect
     return sock
 
 
-def _bind_both(sock: zmq.Socket, address: str, local_address: str | None) -> None:
+def bind_both(sock: zmq.Socket, address: str, local_address: str | None) -> None:
     """Bind ``address`` and, for same-node peers, ``local_address`` (ipc://, no CURVE: see "Same-node
     endpoints"); on any error the socket is closed, so no port stays bound behind a refused directory."""
     try:
@@ -164,100 +188,6 @@ def _bind_both(sock: zmq.Socket, address: str, local_address: str | None) -> Non
     except BaseException:
         sock.close(linger=0)
         raise
-
-
-class _Dealer:
-    """A DEALER to ``address`` that is replaced by a fresh one after a timeout ("lazy pirate")."""
-
-    def __init__(self, address: str, ctx: zmq.Context, timeout_s: float, identity: str | None):
-        self.address, self.timeout_s, self.identity, self._ctx = address, timeout_s, identity, ctx
-        self._sock: zmq.Socket | None = None
-        self._writer = FrameWriter()
-        self._connect()
-
-    def _connect(self) -> None:
-        self._sock = new_socket(self._ctx, zmq.DEALER)
-        if self.identity:
-            self._sock.setsockopt(zmq.IDENTITY, f"{self.identity}-{uuid.uuid4().hex[:6]}".encode())
-        security.connect(self._sock, self.address)
-
-    def reconnect(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
-        self._connect()
-
-    def _send(self, msg: Message) -> bytes:
-        """Send ``msg`` under a fresh req_id (returned). A ProtocolError leaves the socket untouched."""
-        if self._sock is None:
-            raise TransportError(f"client for {self.address} is closed")
-        req_id = uuid.uuid4().bytes
-        try:
-            self._writer.send(self._sock, [req_id], msg, zmq.NOBLOCK)  # asyncio: sent at once or Again
-        except zmq.Again:
-            self.reconnect()
-            raise TransportTimeout(f"send queue to {self.address} is full") from None
-        return req_id
-
-    def _timed_out(self, msg: Message, timeout: float) -> TransportTimeout:
-        self.reconnect()  # fresh socket: queued requests and late replies to this one are discarded
-        return TransportTimeout(f"no reply from {self.address} within {timeout:.1f}s to {msg.TYPE}")
-
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
-
-
-class Client(_Dealer):
-    """Synchronous request/reply client (one outstanding request at a time; not thread safe)."""
-
-    def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, identity: str | None = None):
-        super().__init__(address, zmq.Context.instance(), timeout_s, identity)
-
-    def _connect(self) -> None:
-        super()._connect()
-        self._poller = zmq.Poller()  # kept: Socket.poll builds a new Poller on every call
-        self._poller.register(self._sock, zmq.POLLIN)
-
-    def request(self, msg: Message, timeout_s: float | None = None) -> Message:
-        """Send ``msg`` and return the decoded reply. Raises TransportTimeout or ProtocolError."""
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        req_id = self._send(msg)
-        deadline = time.monotonic() + timeout
-        while (remaining := deadline - time.monotonic()) > 0:
-            if not self._poller.poll(max(1, int(remaining * 1000))):
-                break
-            frames = recv_parts(self._sock, 0)
-            if len(frames) == 2 and frames[0].bytes == req_id:
-                return decode(frames[1].buffer)
-            # a late reply to an earlier, abandoned request: drop it and keep waiting
-        raise self._timed_out(msg, timeout)
-
-
-class AsyncClient(_Dealer):
-    """asyncio twin of Client for daemons built on an event loop (rollout servers).
-
-    Requests are serialised with a lock: one outstanding request per socket keeps req_id
-    matching trivial, and the buffer answers in milliseconds.
-    """
-
-    def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, identity: str | None = None):
-        self._lock = asyncio.Lock()
-        super().__init__(address, zmq.asyncio.Context.instance(), timeout_s, identity)
-
-    async def request(self, msg: Message, timeout_s: float | None = None) -> Message:
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        async with self._lock:
-            req_id = self._send(msg)
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + timeout
-            while (remaining := deadline - loop.time()) > 0:
-                if not await self._sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
-                    break
-                frames = await self._sock.recv_multipart(copy=False)
-                if len(frames) == 2 and frames[0].bytes == req_id:
-                    return decode(frames[1].buffer)
-            raise self._timed_out(msg, timeout)
 
 
 class Server:
@@ -280,10 +210,38 @@ class Server:
         self._ctx = zmq.Context.instance()
         self._sock = new_socket(self._ctx, zmq.ROUTER, bound)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished peers are dropped
-        _bind_both(self._sock, address, local_address)
+        bind_both(self._sock, address, local_address)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
         self._writer = FrameWriter()
+        self._bulk = self._bulk_endpoint(bound)
+
+    def _bulk_endpoint(self, bound: int | None) -> BulkEndpoint | None:
+        """The sealed bulk endpoint when this process serves CURVE with sealed bulk frames on, else None."""
+        keys = security.active()
+        if not security.seals(self.address) or keys is None or keys.allow_dir is None:
+            return None
+        host = bind_address(self.address)[len("tcp://"):].rsplit(":", 1)[0]
+        try:
+            # keyless peers reach this port: their frames are cut at the largest sealed frame a member may send
+            limit = INCOMING_LIMIT_FACTOR * (self.max_frame_bytes or protocol.MAX_FRAME_BYTES) + sealed.OVERHEAD_BYTES
+            bulk = BulkEndpoint(new_socket(self._ctx, zmq.ROUTER, min(limit, bound or limit), secure=False), host,
+                                security.bulk_port(),
+                                set(security.client_roles(keys.allow_dir).values()))
+        except BaseException:
+            self._sock.close(linger=0)
+            raise
+        self._poller.register(bulk.sock, zmq.POLLIN)
+        return bulk
+
+    def _flip(self) -> int:
+        self._turn = -getattr(self, "_turn", 1)
+        return self._turn
+
+    @property
+    def bulk_port(self) -> int | None:
+        """The sealed bulk endpoint's port (None: this server has none)."""
+        return None if self._bulk is None else self._bulk.port
 
     def recv(self, timeout_s: float) -> tuple[bytes, bytes, Message | ProtocolError] | None:
         """Wait up to ``timeout_s`` for one request; None on timeout."""
@@ -297,31 +255,59 @@ class Server:
         """Like ``recv`` but also returns the undecoded payload (the buffer logs it verbatim in
         its write-ahead log instead of re-encoding the message). The payload is received without
         a copy (a read-only view of ZMQ's buffer; decoded arrays keep it alive)."""
-        frames = self._recv_frames(timeout_s)
-        if frames is None:
-            return None
+        deadline = time.monotonic() + timeout_s
+        for _ in range(MAX_HANDLED_PER_RECV):  # a handshake or a refused frame is handled here; wait on
+            got = self._recv_frames(max(0.0, deadline - time.monotonic()))
+            if got is None:
+                return None
+            if (request := self._request(*got)) is not None:
+                return request
+            if time.monotonic() >= deadline:  # a stranger's flood never holds the caller past its deadline
+                return None
+        return None
+
+    def _request(self, sock: zmq.Socket, frames: list[zmq.Frame]):
+        """(peer, req_id, message-or-error, payload) of a request; None for what this layer handles."""
+        if self._bulk is not None:
+            if sock is self._bulk.sock:
+                if (opened := self._bulk.open(frames)) is None:
+                    return None
+                peer, req_id, payload = opened
+                return peer, req_id, self._decoded(payload), payload
+            if BulkEndpoint.is_hello(frames):
+                self._bulk.hello(self._sock, frames)
+                return None
         if len(frames) != 3:
             error = ProtocolError("expected [req_id, payload]", "frame")
             return frames[0].bytes, frames[1].bytes if len(frames) > 1 else b"", error, b""
         peer, req_id, payload = frames[0].bytes, frames[1].bytes, frames[2].buffer
-        try:
-            return peer, req_id, decode(payload, self.max_frame_bytes), payload
-        except ProtocolError as e:
-            return peer, req_id, e, payload
+        if is_trainer_peer(peer) and security.role_of(frames[2]) not in (None, "trainer"):
+            security.refused("role")  # another role's key under the trainer's peer id: dropped unanswered
+            return None
+        return peer, req_id, self._decoded(payload), payload
 
-    def _recv_frames(self, timeout_s: float) -> list[zmq.Frame] | None:
-        """The next request's frames (zero copy). A request already queued is taken without polling
-        first (a busy server saves a poll per request); otherwise wait up to ``timeout_s``."""
+    def _decoded(self, payload) -> Message | ProtocolError:
         try:
-            return recv_parts(self._sock, _NOBLOCK)
-        except zmq.Again:
-            pass
-        if timeout_s <= 0 or not self._poller.poll(int(timeout_s * 1000)):
-            return None
-        try:  # NOBLOCK: the poll may have returned for a ``wake_on`` descriptor instead
-            return recv_parts(self._sock, _NOBLOCK)
-        except zmq.Again:
-            return None
+            return decode(payload, self.max_frame_bytes)
+        except ProtocolError as e:
+            return e
+
+    def _recv_frames(self, timeout_s: float) -> tuple[zmq.Socket, list[zmq.Frame]] | None:
+        """The next frames (zero copy) and their socket. A request already queued is taken without
+        polling first (a busy server saves a poll per request); otherwise wait up to ``timeout_s``."""
+        if (got := self._take()) is not None or timeout_s <= 0 or not self._poller.poll(int(timeout_s * 1000)):
+            return got
+        return self._take()  # NOBLOCK: the poll may have returned for a ``wake_on`` descriptor instead
+
+    def _take(self) -> tuple[zmq.Socket, list[zmq.Frame]] | None:
+        """One queued message, NOBLOCK; with a bulk endpoint the two sockets take turns going first."""
+        socks = (self._sock,) if self._bulk is None else (self._bulk.sock, self._sock)[::self._flip()]
+        for sock in socks:
+            try:
+                return sock, recv_parts(sock, _NOBLOCK)
+            except zmq.Again:
+                pass
+        return None
 
     def wake_on(self, fd: int) -> None:
         """A wait in ``recv`` also ends (returning None) as soon as ``fd`` is readable: how a
@@ -331,6 +317,8 @@ class Server:
     def send(self, peer: bytes, req_id: bytes, msg: Message) -> None:
         """Reply to ``peer``'s request ``req_id``. Never blocks: a reply to a peer that is gone or
         whose queue is full is dropped (it times out and re-sends)."""
+        if self._bulk is not None and self._bulk.reply(peer, req_id, self._writer, msg):
+            return
         try:
             self._writer.send(self._sock, [peer, req_id], msg, zmq.NOBLOCK)
         except zmq.Again:
@@ -338,58 +326,6 @@ class Server:
 
     def close(self) -> None:
         self._sock.close(linger=0)
+        if self._bulk is not None:
+            self._bulk.sock.close(linger=0)
 
-
-class Publisher:
-    """PUB side of announcements (lossy by design; see module docstring)."""
-
-    def __init__(self, address: str, *, local_address: str | None = None):
-        self.address, self.local_address = address, local_address
-        self._sock = new_socket(zmq.Context.instance(), zmq.PUB)
-        _bind_both(self._sock, address, local_address)
-        self._writer = FrameWriter()
-
-    def publish(self, msg: Message) -> None:
-        try:
-            self._writer.send(self._sock, [], msg, zmq.NOBLOCK)
-        except zmq.Again:
-            pass
-
-    def close(self) -> None:
-        self._sock.close(linger=0)
-
-
-class Subscriber:
-    """SUB side; ``recv(timeout_s)`` returns a message or None. Undecodable frames are skipped."""
-
-    def __init__(self, address: str, *, asyncio_ctx: bool = False):
-        self.address = address
-        ctx = zmq.asyncio.Context.instance() if asyncio_ctx else zmq.Context.instance()
-        self._sock = new_socket(ctx, zmq.SUB)
-        self._sock.setsockopt(zmq.SUBSCRIBE, b"")
-        security.connect(self._sock, address)
-
-    def recv(self, timeout_s: float) -> Message | None:
-        """The next valid announcement within ``timeout_s``, or None (undecodable frames are skipped)."""
-        deadline = time.monotonic() + timeout_s
-        while self._sock.poll(max(0, int((deadline - time.monotonic()) * 1000)), zmq.POLLIN):
-            if (msg := _decoded_or_none(self._sock.recv())) is not None:
-                return msg
-        return None
-
-    async def arecv(self, timeout_s: float) -> Message | None:
-        deadline = time.monotonic() + timeout_s
-        while await self._sock.poll(max(0, int((deadline - time.monotonic()) * 1000)), zmq.POLLIN):
-            if (msg := _decoded_or_none(await self._sock.recv())) is not None:
-                return msg
-        return None
-
-    def close(self) -> None:
-        self._sock.close(linger=0)
-
-
-def _decoded_or_none(frame: bytes) -> Message | None:
-    try:
-        return decode(frame)
-    except ProtocolError:
-        return None

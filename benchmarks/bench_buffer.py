@@ -81,9 +81,9 @@ sys.path.insert(0, str(REPO))
 
 from areal_like import protocol as P  # noqa: E402
 from areal_like.config import BufferConfig, RunConfig, SecurityConfig, TaskConfig, to_yaml  # noqa: E402
+from areal_like.dealer import Client  # noqa: E402
 from areal_like.distributed import free_port  # noqa: E402
 from areal_like.trajectory import Trajectory, as_f32, as_i32  # noqa: E402
-from areal_like.transport import Client  # noqa: E402
 from buffer.credits import CreditLedger  # noqa: E402
 from buffer.staleness import StalenessPolicy  # noqa: E402
 from buffer.wal import WriteAheadLog  # noqa: E402

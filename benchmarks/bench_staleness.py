@@ -2,7 +2,7 @@
 
 Runs the real system (``areal-like run``'s ``launch.job.run_job``: warm start, buffer, rollout
 server with the embedded engine, FSDP2 trainer, final evaluation) on the quickstart's shipped task
-(reverse four letters, tiny Qwen2 warm-started, sampled at temperature 2), once per
+(reverse six letters, tiny Qwen2 warm-started, sampled at temperature 2), once per
 (kernel, eta, seed) cell, with the staleness FORCED to eta: ``trainer.weight_sync.delay = eta``
 makes the engines serve exactly the weights of version v - eta while the trainer trains the step
 v -> v + 1 (``trainer/engine_lag.py``), and ``buffer.max_staleness = eta`` makes the buffer's
@@ -14,12 +14,15 @@ checked, not assumed.
 Per cell (one JSON line; seeds pooled: mean, and spread = min..max over seeds):
 * ``figure``: the final held-out accuracy of SAMPLED answers, mean@4 at the task temperature (the
   rollout server's evaluation at ``trainer.steps`` on ``eval.max_examples`` held-out prompts): the
-  warm-started model is already right when greedy (``greedy_accuracy``, ~1.0 everywhere), and what
-  RL improves on this task is its sampled policy; ``accuracy_start``: the same at version 0;
+  warm-started model is already right when greedy (``greedy_start``: ~1.0 at version 0; the final
+  ``greedy_accuracy`` falls only where a run collapsed), and what RL improves on this task is its
+  sampled policy; ``accuracy_start``: the same at version 0;
   ``baseline``: the same kernel at eta = 0; ``ratio`` = figure / baseline; ``goal``: 0.95;
 * ``reward_at``: the batch reward (mean over 5 steps) at fixed steps;
-* ``divergence_events``: steps with a non-finite loss or gradient norm, plus runs whose last
-  10-step reward is more than 0.3 below their best 10-step reward (a collapse);
+* ``divergence_events``: steps with a non-finite loss or gradient norm, plus runs that collapsed:
+  their last 10-step batch reward more than 0.3 below their best 10-step reward, or their final
+  held-out accuracy below their version-0 accuracy (RL left them worse than the warm start; this
+  also catches runs that never rose, whose batch reward has nothing to fall from);
 * ``is_weight_mean`` / ``is_weight_max`` / ``ess_ratio`` / ``mismatch_kl``: the kernel's IS-weight
   statistics averaged over steps (ESS / n = mean(w)^2 / mean(w^2); ``ppo`` reports none);
 * ``staleness_mean`` / ``staleness_max``: measured from the trainer's records; ``lag_exact_frac``:
@@ -33,6 +36,12 @@ Per cell (one JSON line; seeds pooled: mean, and spread = min..max over seeds):
 
 Defaults (the full run): 7 kernels x eta {0, 2, 8, 32} x 2 seeds, 80 steps each, one rollout
 server and a one-rank trainer per run. ``--quick``: 1 seed, 24 steps, eta {0, 8}, 128 eval prompts.
+
+The learning rate is ``LR`` = 1e-3, 3.3x the quickstart's: the lag only matters when the policy
+moves far enough per version. Probed with ``--quick`` on ppo and decoupled_ppo: at the quickstart's
+3e-4, data 8 versions old was still nearly on-policy (mean IS weight 1.00, ESS/n 0.92) and no
+kernel lost much; at 3e-3 every run collapsed to accuracy 0, on-policy ones too; at 1e-3 the
+on-policy runs reach 0.57-0.62 in 24 steps and the eta = 8 runs 0.25-0.31.
 """
 
 from __future__ import annotations
@@ -55,6 +64,7 @@ from launch.records import eval_records, step_records  # noqa: E402
 
 KERNELS = ("ppo", "decoupled_ppo", "tis", "icepop", "vespo", "vcpo", "oapl")
 ETAS = (0, 2, 8, 32)
+LR = 1e-3  # see the module docstring: the lag must matter for the comparison to mean anything
 GOAL = 0.95  # a correction "holds" when it keeps the final accuracy within 5% of its eta = 0 run
 COLLAPSE_DROP = 0.3  # last 10-step reward this far below the best 10-step reward = a collapse
 WINDOW = 5  # steps averaged for reward_at
@@ -64,18 +74,23 @@ STAT_KEYS = ("is_weight_mean", "is_weight_max", "ess_ratio", "mismatch_kl")
 def cell_config(kernel: str, eta: int, seed: int, steps: int, args, run_dir: Path):
     """The quickstart recipe, one rollout server and one trainer rank, the lag forced to ``eta``."""
     return load_config([
-        "experiment=quickstart", f"loss={kernel}", f"run_dir={run_dir}", f"seed={seed}",
+        "experiment=quickstart", "topology=local_cpu", f"loss={kernel}", f"run_dir={run_dir}", f"seed={seed}",
+        f"trainer.lr={LR}",
         f"buffer.max_staleness={eta}", f"trainer.weight_sync.delay={eta}", f"trainer.steps={steps}",
         f"buffer.groups_per_step={args.groups}", f"trainer.micro_batch_size={8 * args.groups}",
         "launch.num_rollout_servers=1", "launch.trainer_ranks=1", "launch.restarts=0",
         f"eval.max_examples={args.eval_examples}", "eval.k=4", f"eval.every={steps}", "eval.at_start=true",
         f"trainer.checkpoint_every={steps}", "tracking.sample_every=0", "export.at_end=false",
+        *args.overrides,
     ])
 
 
 def run_cell_seed(kernel: str, eta: int, seed: int, steps: int, args, root: Path) -> dict:
     """One run of the real system; its per-step records and final evaluation."""
     run_dir = root / f"{kernel}-eta{eta}-s{seed}"
+    summary = run_dir / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("ok"):
+        return read_run(run_dir, steps)  # finished by an earlier invocation with the same --keep
     cfg = cell_config(kernel, eta, seed, steps, args, run_dir)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -108,12 +123,15 @@ def _rolling(xs: list[float], n: int) -> list[float]:
     return [sum(xs[max(0, i - n + 1):i + 1]) / len(xs[max(0, i - n + 1):i + 1]) for i in range(len(xs))]
 
 
-def divergence_events(recs: list[dict]) -> int:
+def divergence_events(run: dict) -> int:
     """Non-finite loss/grad-norm steps, plus 1 if the run collapsed (see the module docstring)."""
+    recs = run["recs"]
     bad = sum(1 for r in recs if not all(math.isfinite(float(x)) for x in
                                          (r.get("loss") or 0.0, r["stats"].get("grad_norm", 0.0))))
     smooth = _rolling([r["reward_mean"] for r in recs], 10)
-    return bad + int(bool(smooth) and smooth[-1] < max(smooth) - COLLAPSE_DROP)
+    fell = bool(smooth) and smooth[-1] < max(smooth) - COLLAPSE_DROP
+    worse = bool(run["eval"] and run["eval_start"]) and run["eval"]["mean@4"] < run["eval_start"]["mean@4"]
+    return bad + int(fell or worse)
 
 
 def summarize_cell(kernel: str, eta: int, runs: list[dict], steps: int, wall_s: float) -> dict:
@@ -130,8 +148,9 @@ def summarize_cell(kernel: str, eta: int, runs: list[dict], steps: int, wall_s: 
         "accuracy_per_seed": accs, "accuracy_min": min(accs) if accs else None,
         "accuracy_start": _mean([run["eval_start"]["mean@4"] for run in runs if run["eval_start"]]),
         "greedy_accuracy": _mean([run["eval"]["greedy_accuracy"] for run in runs if run["eval"]]),
+        "greedy_start": _mean([run["eval_start"]["greedy_accuracy"] for run in runs if run["eval_start"]]),
         "reward_at": {str(s): round(_mean([_mean(c[s - WINDOW:s]) for c in curves]), 4) for s in at if s <= n},
-        "divergence_events": sum(divergence_events(run["recs"]) for run in runs),
+        "divergence_events": sum(divergence_events(run) for run in runs),
         "staleness_mean": round(_mean([r["staleness_mean"] for run in runs for r in run["recs"]]), 3),
         "staleness_max": max(r["staleness_max"] for run in runs for r in run["recs"]),
         "lag_exact_frac": round(_mean([lag_exact_fraction(run["recs"], eta) for run in runs]), 4),
@@ -157,49 +176,79 @@ def with_baselines(lines: list[dict]) -> list[dict]:
 
 
 def markdown_table(lines: list[dict]) -> str:
-    """Kernel rows, one column per eta: final accuracy (min over seeds) and the last reward_at."""
+    """The table of ``benchmarks/README.md``: per kernel and eta, the final accuracy (mean [per
+    seed]) and its ratio to the kernel's eta = 0 cell."""
     etas = sorted({ln["eta"] for ln in lines})
     by = {(ln["kernel"], ln["eta"]): ln for ln in lines}
-    head = "| kernel | " + " | ".join(f"eta={e}: mean@4 (min) / reward / div / ESS" for e in etas) + " |"
-    rows = [head, "|---|" + "---|" * len(etas)]
+    rows = ["| kernel | " + " | ".join(f"eta = {e}" for e in etas) + " |", "|---|" + "---|" * len(etas)]
     for k in [k for k in KERNELS if any((k, e) in by for e in etas)]:
         cells = []
         for e in etas:
             ln = by.get((k, e))
-            if ln is None:
+            if ln is None or ln["figure"] is None:
                 cells.append("-")
                 continue
-            last = ln["reward_at"][max(ln["reward_at"], key=int)] if ln["reward_at"] else None
-            ess = "-" if ln["ess_ratio"] is None else f"{ln['ess_ratio']:.2f}"
-            cells.append(f"{ln['figure']:.3f} ({ln['accuracy_min']:.3f}) / {last:.3f} / {ln['divergence_events']} / {ess}")
+            seeds = " ".join(f"{a:.2f}" for a in ln["accuracy_per_seed"])
+            ratio = "" if e == 0 or ln["ratio"] is None else f", {ln['ratio']:.2f}"
+            cells.append(f"{ln['figure']:.3f} [{seeds}]{ratio} ({ln['divergence_events']} div)")
         rows.append(f"| {k} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
 def plot(lines: list[dict], png: Path) -> Path:
-    """Reward curves per kernel, one panel per eta; line = mean over seeds, band = min..max."""
+    """One panel per eta: reward curves per kernel (line = mean over seeds, band = min..max); a last
+    panel: each kernel's final held-out accuracy against eta (mean over seeds, bar = min..max)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     etas = sorted({ln["eta"] for ln in lines})
-    fig, axes = plt.subplots(1, len(etas), figsize=(4.2 * len(etas), 3.6), sharey=True, squeeze=False)
-    for ax, eta in zip(axes[0], etas):
+    cols = min(3, len(etas) + 1)
+    rows = -(-(len(etas) + 1) // cols)
+    fig = plt.figure(figsize=(4.4 * cols, 3.6 * rows))
+    grid = fig.add_gridspec(rows, cols)
+    axes = [fig.add_subplot(grid[i // cols, i % cols]) for i in range(len(etas))]
+    last = len(etas)  # the accuracy panel takes the rest of the last row
+    acc_ax = fig.add_subplot(grid[last // cols, last % cols:])
+    colors = {k: f"C{i}" for i, k in enumerate(KERNELS)}
+    for ax, eta in zip(axes, etas):
         for ln in [ln for ln in lines if ln["eta"] == eta]:
-            xs = range(1, len(ln["reward_curve"]) + 1)
-            (p,) = ax.plot(xs, _rolling(ln["reward_curve"], WINDOW), label=ln["kernel"], lw=1.3)
+            xs, c = range(1, len(ln["reward_curve"]) + 1), colors.get(ln["kernel"])
+            ax.plot(xs, _rolling(ln["reward_curve"], WINDOW), label=ln["kernel"], lw=1.3, color=c)
             ax.fill_between(xs, _rolling(ln["reward_curve_lo"], WINDOW), _rolling(ln["reward_curve_hi"], WINDOW),
-                            color=p.get_color(), alpha=0.15, lw=0)
+                            color=c, alpha=0.15, lw=0)
         ax.set_title(f"eta = {eta}" + (f" (groups {eta} versions old from step {eta + 1})" if eta else " (on-policy)"),
                      fontsize=9)
         ax.set_xlabel("trainer step")
+        ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"batch reward ({WINDOW}-step mean)\nof samples from version v - eta")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    for ax in axes[::cols]:
+        ax.set_ylabel(f"batch reward ({WINDOW}-step mean)\nof samples from version v - eta")
+    axes[0].legend(fontsize=7, loc="upper left")
+    accuracy_panel(acc_ax, lines, etas, colors)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     return png
+
+
+def accuracy_panel(ax, lines: list[dict], etas: list[int], colors: dict) -> None:
+    """Final held-out accuracy (the benchmark's figure) per kernel at each eta, etas evenly spaced."""
+    kernels = [k for k in KERNELS if any(ln["kernel"] == k for ln in lines)]
+    for j, k in enumerate(kernels):
+        cells = sorted((ln for ln in lines if ln["kernel"] == k and ln["figure"] is not None), key=lambda ln: ln["eta"])
+        xs = [etas.index(ln["eta"]) + (j - (len(kernels) - 1) / 2) * 0.06 for ln in cells]
+        ys = [ln["figure"] for ln in cells]
+        lo = [max(0.0, y - min(ln["accuracy_per_seed"])) for y, ln in zip(ys, cells)]
+        hi = [max(0.0, max(ln["accuracy_per_seed"]) - y) for y, ln in zip(ys, cells)]
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", ms=3.5, lw=1.1, capsize=2, color=colors.get(k), label=k)
+    ax.set_xticks(range(len(etas)), [str(e) for e in etas])
+    ax.set_xlabel("eta (every group exactly eta versions old)")
+    ax.set_ylabel("final held-out mean@4 (sampled)")
+    ax.set_title("final accuracy vs lag (bar: min..max over seeds)", fontsize=9)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left", ncol=2)
 
 
 def parse_args():
@@ -209,11 +258,15 @@ def parse_args():
     ap.add_argument("--etas", default=None, help="comma-separated (default 0,2,8,32; --quick 0,8)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 2; --quick 1)")
     ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
-    ap.add_argument("--steps", type=int, default=None, help="trainer steps per run (default 80; --quick 30)")
+    ap.add_argument("--steps", type=int, default=None, help="trainer steps per run (default 80; --quick 24)")
     ap.add_argument("--groups", type=int, default=4, help="groups per step (x8 samples)")
     ap.add_argument("--eval-examples", type=int, default=None, help="held-out prompts (default 256; --quick 128)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="an extra config override for every run (repeatable), e.g. --set trainer.lr=3e-3")
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
-    ap.add_argument("--keep", default=None, help="keep every run directory under this path")
+    ap.add_argument("--keep", default=None, help="keep every run directory under this path; a run already "
+                    "finished there (summary.json says ok) is read back instead of run again, so an "
+                    "interrupted benchmark resumes where it stopped")
     ap.add_argument("--plot", default=None, help="only plot (and --table) an earlier run's JSON lines")
     ap.add_argument("--from-runs", default=None, help="summarise the run directories kept under this path "
                     "(--keep) instead of running; the cells' wall_s is then the runs' own")

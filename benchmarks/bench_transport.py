@@ -6,7 +6,7 @@ our ``Server`` (``recv`` decodes and validates the group, ``send`` answers an ``
 ROUTER that answers a prebuilt reply of the same size without decoding anything.
 
 * **stream** (the goal's figure): the sender keeps ``WINDOW`` requests in flight on a DEALER
-  configured like ``transport.Client``'s, sending each group the way ``Client.request`` does
+  configured like ``dealer.Client``'s, sending each group the way ``Client.request`` does
   (``FrameWriter``: encoded, ``[req_id, frame]`` framing) and decoding each Ack; the raw twin
   sends prebuilt bytes of the same size (without a copy, above pyzmq's threshold) and reads
   replies undecoded. Sender encode and receiver decode overlap, as they do when
@@ -23,6 +23,12 @@ ROUTER that answers a prebuilt reply of the same size without decoding anything.
   at most a quarter of the throughput); ``ratio_to_raw`` and ``unencrypted_ratio_to_raw`` put both
   beside raw ZMQ. ``busiest_thread_cpu_us`` and ``thread_bound_ratio`` show where it goes: libzmq
   runs the cipher in the one I/O thread of a connection, beside the TCP copies.
+* **stream, sealed** (``transport_stream_8xT_sealed``: the cost of security as the job pays it on
+  tcp, ``security.sealed_bulk``): a ``Client`` holding a client key shakes hands with the CURVE
+  ``Server`` (over CURVE: session key and bulk port; areal_like/sealed.py), then the stream of ours
+  runs on its bulk connection, every request and reply AES-GCM sealed. ``baseline`` is the
+  unencrypted stream of the same rounds, ``ratio`` sealed over unencrypted (goal >= 0.75 at
+  T = 4096), ``ratio_to_curve`` the gain over CURVE.
 * **stream, same node** (``transport_stream_8xT_local``): the stream of ours into the same CURVE
   socket through the ``ipc://`` endpoint it also binds (as the buffer does for a one-node run:
   no CURVE there, peers of this user only; ``areal_like/security.py``), from a DEALER holding the
@@ -38,6 +44,8 @@ round by round so machine load hits both alike; figures are medians over rounds.
 per (pattern, T) and one for the built stream per T: ``figure`` (our groups/s), ``baseline`` (raw
 groups/s), ``ratio`` (goal >= 0.8 for stream at T = 4096), MB/s for both, and the in-process
 encode/decode (and build) cost of one group.
+
+Every line carries a ``warning`` when the machine is loaded (1-minute load above the CPU count).
 
 Run: ``python benchmarks/bench_transport.py [--tokens 512,4096] [--rounds 7] [--seconds 0.35]``
 """
@@ -65,12 +73,22 @@ import zmq  # noqa: E402
 
 from areal_like import protocol as P  # noqa: E402
 from areal_like import security  # noqa: E402
+from areal_like.dealer import Client  # noqa: E402
 from areal_like.distributed import free_port  # noqa: E402
 from areal_like.trajectory import Trajectory  # noqa: E402
-from areal_like.transport import Client, FrameWriter, local_addresses, new_socket  # noqa: E402
+from areal_like.transport import FrameWriter, local_addresses, new_socket  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from transport_report import GROUP_SIZE, child_cpu_s, cpu_split_s, curve_line, local_line, thread_cpu_s  # noqa: E402
+from transport_report import (  # noqa: E402
+    GROUP_SIZE,
+    child_cpu_s,
+    cpu_split_s,
+    curve_line,
+    load_warning,
+    local_line,
+    sealed_line,
+    thread_cpu_s,
+)
 
 PROMPT_TOKENS = 256
 GOAL_RATIO_AT_4096 = 0.8
@@ -80,7 +98,8 @@ ZERO_COPY_BYTES = 64 * 1024  # pyzmq's own threshold for zero-copy frames
 WINDOW = 8  # requests in flight in the stream pattern (a few rollout servers' worth)
 
 # The receiving process: our Server on argv[1], a raw ROUTER on argv[2], our Server with CURVE (keys
-# in argv[4]) on argv[3] and, like the buffer's, on the same-node endpoint argv[5]; one poll loop.
+# in argv[4]) on argv[3] with its sealed bulk endpoint and, like the buffer's, on the same-node
+# endpoint argv[5]; one poll loop. recv answers a handshake itself and then returns None.
 RECEIVER = """
 import sys, zmq
 from areal_like import protocol as P, security
@@ -97,7 +116,8 @@ poller = zmq.Poller()
 poller.register(server._sock, zmq.POLLIN)
 poller.register(curve._sock, zmq.POLLIN)
 poller.register(raw, zmq.POLLIN)
-ours = {server._sock: server, curve._sock: curve}
+poller.register(curve._bulk.sock, zmq.POLLIN)
+ours = {server._sock: server, curve._sock: curve, curve._bulk.sock: curve}
 print("READY", flush=True)
 while True:
     for sock, _ in poller.poll(1000):
@@ -105,7 +125,9 @@ while True:
             peer, req_id, payload = raw.recv_multipart(copy=False)
             raw.send_multipart([peer, req_id, raw_ack])
         else:
-            peer, req_id, msg = ours[sock].recv(0)
+            if (got := ours[sock].recv(0)) is None:
+                continue
+            peer, req_id, msg = got
             if isinstance(msg, P.TrajectoryGroup):
                 reply = P.Ack(ref=msg.group_id, status="accepted", reason=str(msg.n_tokens))
             else:
@@ -166,6 +188,26 @@ def send_ours(groups: list[P.TrajectoryGroup]):
     return send
 
 
+def send_sealed(client: Client, groups: list[P.TrajectoryGroup]):
+    """Like ``send_ours`` on ``client``'s sealed bulk connection (after its handshake), as Client sends."""
+    writer = FrameWriter()
+
+    def send(sock: zmq.Socket, req_id: bytes, i: int) -> None:
+        writer.send_sealed(sock, [req_id], client._channel, groups[i % len(groups)])
+
+    return send
+
+
+def sealed_client(address: str, keys: security.Keys) -> Client:
+    """A Client that has shaken hands (its socket is now the bulk connection, its channel the session's)."""
+    with security.using(keys):
+        client = Client(address, timeout_s=REQUEST_TIMEOUT_S)
+    client.request(P.StatsRequest())  # the receiver rejects it; what counts is the session it set up
+    if client._channel is None:
+        raise RuntimeError("no sealed session: is security.sealed_bulk off?")
+    return client
+
+
 def send_built(groups: list[P.TrajectoryGroup]):
     """Like ``send_ours``, building each group from its own copies of the arrays just before it is sent."""
     writer = FrameWriter()
@@ -203,8 +245,8 @@ def round_stream(sock: zmq.Socket, send, check_reply, seconds: float) -> float:
             return done / elapsed
         if not sock.poll(int(REQUEST_TIMEOUT_S * 1000)):
             raise RuntimeError("receiver did not answer")
-        _rid, reply = sock.recv_multipart(copy=False)
-        check_reply(reply)
+        rid, reply = sock.recv_multipart(copy=False)
+        check_reply(rid.bytes, reply.buffer)
         done += 1
 
 
@@ -243,18 +285,23 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, curve_addr: str, loca
     payload = os.urandom(frame_bytes)
     expected = str(groups[0].n_tokens)
 
-    def check_ack(reply: zmq.Frame) -> None:
-        ack = P.decode(reply.buffer)
+    def check_ack(_rid: bytes, reply) -> None:
+        ack = P.decode(reply)
         if not (isinstance(ack, P.Ack) and ack.status == "accepted" and ack.reason == expected):
             raise RuntimeError(f"receiver rejected the group: {ack}")
 
     client, ours_sock, raw_sock = Client(ours_addr, timeout_s=REQUEST_TIMEOUT_S), dealer(ours_addr), dealer(raw_addr)
     with security.using(keys):
         curve_sock, local_sock = dealer(curve_addr), dealer(local_addr)
+    sealed = sealed_client(curve_addr, keys)
+
+    def check_sealed(rid: bytes, reply) -> None:
+        check_ack(rid, sealed._channel.open(rid, reply))
     modes = {
         ("stream", "ours"): lambda s: round_stream(ours_sock, send_ours(groups), check_ack, s),
-        ("stream", "raw"): lambda s: round_stream(raw_sock, send_raw(payload), lambda reply: None, s),
+        ("stream", "raw"): lambda s: round_stream(raw_sock, send_raw(payload), lambda rid, reply: None, s),
         ("stream", "curve"): lambda s: round_stream(curve_sock, send_ours(groups), check_ack, s),
+        ("stream", "sealed"): lambda s: round_stream(sealed._sock, send_sealed(sealed, groups), check_sealed, s),
         ("stream", "local"): lambda s: round_stream(local_sock, send_ours(groups), check_ack, s),
         ("stream", "built"): lambda s: round_stream(ours_sock, send_built(groups), check_ack, s),
         ("reqrep", "ours"): lambda s: round_reqrep_ours(client, groups, s),
@@ -288,6 +335,13 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, curve_addr: str, loca
         raw_sock.close(linger=0)
         curve_sock.close(linger=0)
         local_sock.close(linger=0)
+        sealed.close()
+    return summary_lines(tokens, groups, frame_bytes, rates, cpu_s, split_s, threads_s, n_groups, rounds, seconds)
+
+
+def summary_lines(tokens: int, groups: list[P.TrajectoryGroup], frame_bytes: int, rates: dict, cpu_s: dict,
+                  split_s: dict, threads_s: dict, n_groups: dict, rounds: int, seconds: float) -> list[dict]:
+    """The JSON lines of one T from what the rounds measured (medians over rounds; CPU per group)."""
     enc_us, dec_us = codec_cost_us(groups[0])
 
     def cpu_us(key: tuple[str, str]) -> float:
@@ -331,8 +385,12 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, curve_addr: str, loca
     busiest_thread = {m: 1e6 * max(threads_s[("stream", m)].values()) / n_groups[("stream", m)]
                       for m in ("curve", "ours")}
     lines.append(curve_line(tokens, rates, cpu_us, busiest, busiest_thread, frame_bytes, rounds, seconds))
+    split = {m: dict(zip(("sender_user", "sender_sys", "receiver_user", "receiver_sys"),
+                         (round(1e6 * x / n_groups[("stream", m)]) for x in split_s[("stream", m)])))
+             for m in ("sealed", "ours")}
+    lines.append(sealed_line(tokens, rates, cpu_us, split, frame_bytes, rounds, seconds))
     lines.append(local_line(tokens, rates, cpu_us, rounds, seconds))
-    return lines
+    return [{**line, **load_warning()} for line in lines]
 
 
 def main() -> int:

@@ -35,6 +35,31 @@ def cpu_split_s(pid: int, task: str = "") -> tuple[float, float]:
     return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
+def sealed_line(tokens: int, rates: dict, cpu_us, split: dict, frame_bytes: int, rounds: int, seconds: float) -> dict:
+    """The stream of ours over sealed bulk frames (CURVE handshake, AES-GCM frames) against the same
+    stream unencrypted, and against CURVE for every frame; ``split``: CPU us per group by process and
+    user/system, sealed and unencrypted."""
+    sealed, plain, curve = (statistics.median(rates[("stream", m)]) for m in ("sealed", "ours", "curve"))
+    goal = GOAL_CURVE_RATIO_AT_4096 if tokens == 4096 else None
+    return {"name": f"transport_stream_{GROUP_SIZE}x{tokens}_sealed", "figure": round(sealed, 1), "unit": "groups/s",
+            "baseline": round(plain, 1), "ratio": round(sealed / plain, 3), "goal": goal,
+            "goal_met": None if goal is None else sealed / plain >= goal, "ratio_to_curve": round(sealed / curve, 3),
+            "mb_s": round(sealed * frame_bytes / 1e6, 1), "cpu_us_per_group": round(cpu_us(("stream", "sealed")), 1),
+            "unencrypted_cpu_us_per_group": round(cpu_us(("stream", "ours")), 1), "cpu_split_us": split,
+            "rounds": rounds, "round_s": seconds, "sealed_rounds": [round(x) for x in rates[("stream", "sealed")]],
+            "unencrypted_rounds": [round(x) for x in rates[("stream", "ours")]],
+            "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
+def load_warning() -> dict:
+    """A ``warning`` field when other work keeps the machine busy (1-minute load above its CPU count):
+    absolute figures are then low and noisy; ratios of one run (modes interleaved) still compare."""
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if load <= cpus:
+        return {}
+    return {"warning": f"loaded machine (1-minute load {load:.1f} on {cpus} CPUs): compare ratios of one run only"}
+
+
 def local_line(tokens: int, rates: dict, cpu_us, rounds: int, seconds: float) -> dict:
     """The stream of ours over the same-node endpoint of the CURVE socket, against unencrypted tcp and CURVE."""
     local, plain, curve = (statistics.median(rates[("stream", m)]) for m in ("local", "ours", "curve"))

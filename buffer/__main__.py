@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return 2
     try:
-        service = BufferService(cfg)
+        service = BufferService.from_run(cfg)
     except WalInUse as e:
         log.error("%s", e)
         return 3

@@ -103,11 +103,12 @@ def service_gauges(svc) -> dict[str, tuple[str, Callable[[], float]]]:
 
 
 def service_stats(svc) -> dict:
-    """What a ``StatsRequest`` answers: every counter and the state's sizes."""
+    """What a ``StatsRequest`` answers: every counter, the state's sizes and the leases each server holds."""
     return {**svc.instruments.counts, "policy_version": svc.control.version, "stored": len(svc.store),
             "in_transit": svc.handout.in_transit_groups(), "stored_bytes": svc.store.nbytes,
             "in_flight": svc.ledger.in_flight, "started": svc.ledger.started, "consumed": svc.ledger.consumed,
             "cursor_index": svc.ledger.next_index, "cursor_epoch": svc.ledger.epoch,
             "reissue_queue": len(svc.ledger.reissue), "roster_size": len(svc.control.roster),
             "pending_batches": len(svc.handout.pending), "wal_bytes": svc.wal.disk_bytes,
-            "wal_corrupt_records": svc.wal.corrupt_records, "disk_full": int(svc.disk.degraded)}
+            "wal_corrupt_records": svc.wal.corrupt_records, "disk_full": int(svc.disk.degraded),
+            **{f"leases_of_{sid}": n for sid, n in Counter(x.server_id for x in svc.ledger.leases.values()).items()}}

@@ -1,6 +1,6 @@
 """Per-peer caps: how much of the buffer's state one ZeroMQ peer may hold.
 
-A peer is one client socket, named by its routing id (``transport.Client`` gives each socket a
+A peer is one client socket, named by its routing id (``dealer.Client`` gives each socket a
 fresh one, so a client that timed out and reconnected is a new peer; what the old one held expires
 on its own). Two kinds of state outlive the request that made them, so a misbehaving peer could
 pile them up:

@@ -11,9 +11,8 @@ leases and silent servers, hand out batches, log one control record with what ch
 every reply whose WAL ticket is durable (the fsync thread syncs meanwhile: group commit). So a group
 is acked only once its record is durable, credits only once their lease is (a restart neither
 repeats nor skips prompts), a batch only once it is durably in transit. Bad input gets
-``Ack(status="rejected", reason=...)`` and is counted; a duplicate group id gets
-``Ack(status="duplicate")``; a group's ``want_credits`` are granted in its Ack by the rules of a
-CreditRequest (none for a rejected group): one round trip per group.
+``Ack(status="rejected", reason=...)`` and is counted; a duplicate group id ``Ack(status="duplicate")``;
+a group's ``want_credits`` come in its Ack as a CreditRequest's would (none if rejected): one round trip.
 """
 
 from __future__ import annotations
@@ -24,16 +23,17 @@ from collections.abc import Callable
 
 from areal_like import group_checks, security
 from areal_like import protocol as P
-from areal_like.config import RunConfig, dataset_size, model_vocab_size, request_frame_limit
+from areal_like.config import BufferConfig, RunConfig
 from areal_like.daemon import Daemon
 from areal_like.peers import is_trainer_peer, takes_trainer_prefix
+from areal_like.pubsub import Publisher
 from areal_like.ratelog import RateLimitedLog
-from areal_like.transport import Publisher, Server, local_addresses
-from buffer import peer_caps
+from areal_like.transport import Server, local_addresses
+from buffer import expiry, peer_caps
 from buffer.control import ControlPlane
 from buffer.credits import CreditLedger, invalid_group, version_range
 from buffer.diskspace import MIN_SEGMENT_BYTES, DiskGuard
-from buffer.expiry import expire
+from buffer.facts import BufferFacts
 from buffer.handout import Handout
 from buffer.instruments import BufferMetrics, service_gauges, service_stats
 from buffer.recovery import replay
@@ -53,22 +53,18 @@ SEEN_KEEP = 200_000  # group ids remembered for dedupe after consumption: hours 
 class BufferService(Daemon):
     name = "buffer"
 
-    def __init__(self, cfg: RunConfig, *, clock: Callable[[], float] = time.monotonic):
-        b = cfg.buffer
+    def __init__(self, b: BufferConfig, facts: BufferFacts, *, clock: Callable[[], float] = time.monotonic):
         super().__init__(metrics_port=b.metrics_port)
         self.cfg, self.clock = b, clock
-        self.vocab_size = model_vocab_size(cfg.model)  # token ids outside [0, vocab_size) are refused
-        self.frame_limit = request_frame_limit(cfg)  # bigger request frames are refused undecoded
+        self.vocab_size, self.frame_limit = facts.vocab_size, facts.frame_limit  # bigger ids/frames are refused
         self.rejections = RateLimitedLog(self.log, REJECT_LOG_EVERY_S)  # counted in full in buffer/rejected
-        self.policy = StalenessPolicy(b.max_staleness, b.groups_per_step, b.max_inflight,
-                                      engine_lag=cfg.trainer.weight_sync.engine_lag)
-        self.ledger = CreditLedger(self.policy, dataset_size(cfg.task, cfg.model), lease_timeout_s=b.lease_timeout_s,
+        self.policy = StalenessPolicy(b.max_staleness, b.groups_per_step, b.max_inflight, engine_lag=facts.engine_lag)
+        self.ledger = CreditLedger(self.policy, facts.dataset_size, lease_timeout_s=b.lease_timeout_s,
                                    max_epochs=b.max_epochs, clock=clock)
         self.store = ReplayBuffer(self.policy, capacity=b.capacity, selection=b.selection,
                                   filter_equal_rewards=b.filter_equal_rewards,
                                   max_tokens_per_trajectory=b.max_tokens_per_trajectory)
-        wal_dir = cfg.resolve_path(b.wal_dir)
-        self.local_dir = cfg.resolve_path(b.local_dir) if b.local_dir else None  # same-node ipc:// sockets
+        wal_dir, self.local_dir = facts.wal_dir, facts.local_dir  # local_dir: same-node ipc:// sockets (or None)
         wal_dir.mkdir(parents=True, exist_ok=True)
         self.disk = DiskGuard(wal_dir, b.wal_reserve_bytes, log=self.log)
         segment_bytes = min(b.segment_bytes, max(MIN_SEGMENT_BYTES, self.disk.free // 8))
@@ -79,8 +75,7 @@ class BufferService(Daemon):
                                                         "stored": lambda: len(self.store),
                                                         "in_transit": lambda: self.handout.in_transit_groups()},
                                          service_gauges(self))
-        self._consumed: list[str] = []  # group ids consumed or dropped in this iteration (one list, extended
-        # by the hand-out too)
+        self._consumed: list[str] = []  # group ids consumed or dropped this iteration (the hand-out extends it)
         self.handout = Handout(self.store, self.wal.read_group, self._drop, self._on_consumed, self.instruments,
                                self.log)
         self.caps = peer_caps.PeerCaps()  # what one peer may hold: held BatchRequests, server ids
@@ -89,11 +84,10 @@ class BufferService(Daemon):
         self._publish: list[P.Message] = []  # to publish once this iteration's control record is durable
         self._after_control: list[tuple] = []  # (peer, req_id, reply, type, t) waiting for that record
         self._dirty = False  # control state changed in this iteration
-        self._next_sweep = 0.0
-        self._started_at = clock()
+        self._next_sweep, self._started_at = 0.0, clock()
         self._orphans_checked = False  # leases of servers that did not come back after a restart: released once
         self._handlers = {
-            P.Register: self.control.register, P.Heartbeat: self.control.heartbeat,
+            P.Register: lambda m: expiry.register(self, m), P.Heartbeat: self.control.heartbeat,
             P.RosterRequest: self.control.roster_reply, P.WeightSyncPlan: self.control.take_plan,
             P.SyncDone: self.control.sync_done, P.SyncStatusRequest: self.control.sync_status,
             P.CreditRequest: self._on_credits,
@@ -102,6 +96,11 @@ class BufferService(Daemon):
         self.server: Server | None = None
         self.publisher: Publisher | None = None
         security.on_refused(self.instruments.refused)  # peers refused by CURVE never reach handle()
+
+    @classmethod
+    def from_run(cls, cfg: RunConfig, *, clock: Callable[[], float] = time.monotonic) -> BufferService:
+        """The buffer of the job ``cfg`` describes: its ``buffer`` section plus ``BufferFacts`` of the rest."""
+        return cls(cfg.buffer, BufferFacts.from_run(cfg), clock=clock)
 
     # ------------------------------------------------------------------ lifecycle and the loop
     def start(self) -> None:
@@ -126,7 +125,7 @@ class BufferService(Daemon):
         """The rest of a loop iteration: expire leases and silent servers (``sweep``), answer held
         BatchRequests, log what changed, send the replies that are durable now."""
         if sweep:
-            expire(self)
+            expiry.expire(self)
             self.disk.sweep(self.wal, self.checkpoint)
         for p, reply in self.handout.serve(self.clock()):
             self._queue_reply(p.peer, p.req_id, reply, p.request.TYPE, p.received)

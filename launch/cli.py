@@ -224,8 +224,7 @@ def _run(overrides: list[str], quiet: bool) -> int:
 def _plan(overrides: list[str]) -> int:
     """``run``'s planning step (``launch.job.plan_job``) without writing or starting anything."""
     from areal_like.config import ConfigError
-    from launch.job import plan_job, with_gpu_count
-    from launch.placement import with_weight_path
+    from launch.job import laid_out, plan_job
     from launch.topology import plan_lines
 
     cfg = _load(overrides)
@@ -235,8 +234,8 @@ def _plan(overrides: list[str]) -> int:
         _, topo = plan_job(cfg)
     except ConfigError as e:  # a layout that does not fit the GPUs, a port clash
         return _errors(e)
-    # the daemons' GPU settings, but the ports as configured (``auto`` where run picks them at start)
-    print("\n".join(plan_lines(with_weight_path(with_gpu_count(cfg)), topo)))
+    # the daemons' GPU settings and layout, but the ports as configured (``auto`` where run picks them at start)
+    print("\n".join(plan_lines(laid_out(cfg)[0], topo)))
     return 0
 
 

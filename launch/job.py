@@ -12,7 +12,8 @@
    ``<run_dir>/keys`` (``areal_like/security.py``; unless ``security.curve=false``), write ``<run_dir>/config.yaml`` (the only
    config every daemon reads), ``ports.json`` (for ``areal-like top|status``) and
    ``prometheus_targets.json`` (Prometheus file_sd);
-3. run the supervisor over the buffer, K rollout servers and ``torchrun -m trainer``, with a live
+3. run the supervisor over the buffer, K rollout servers and ``torchrun -m trainer`` (one rank:
+   ``python -m trainer`` itself), with a live
    progress line read from ``<run_dir>/metrics/trainer.jsonl``, a periodic scrape of every
    ``/metrics`` into ``<run_dir>/metrics/scrape.jsonl`` and the tracker sink
    (``areal_like/track_sink.py``) feeding ``cfg.tracker`` from the run's JSONL files; when an eval
@@ -30,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -43,7 +45,7 @@ from areal_like.track_sink import TrackerSink
 from launch.local import ProcSpec, Supervisor, error_tail, write_json_atomic
 from launch.placement import check_one_node, needs_gpus, place_nodes, visible_devices, with_weight_path
 from launch.preflight import checked
-from launch.records import SUMMARY_WINDOW, read_jsonl, reward_of, step_records, summarize, trainer_jsonl
+from launch.records import SUMMARY_WINDOW, read_jsonl, reward_of, step_records, summarize, trainer_jsonl, warm_plotting
 from launch.rundir import check_existing_run
 from launch.topology import Topology, apply_topology, laptop_layout, plan_topology, wants_eval, with_local_ipc
 
@@ -67,14 +69,28 @@ def with_gpu_count(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, launch=dataclasses.replace(cfg.launch, gpus_per_node=torch.cuda.device_count()))
 
 
+def usable_cpus() -> list[int]:
+    """The cores this process may run on (its affinity; every core where the OS has no affinity call)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def laid_out(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, list[int] | None]:
+    """``cfg`` with its GPU count, weight path and, with ``launch.auto_layout``, the servers, ranks,
+    pinning and threads the cores present take; and those cores (when pinning or laying out)."""
+    cfg = with_weight_path(with_gpu_count(cfg))
+    if cpus is None and (cfg.launch.pin_cpus or cfg.launch.auto_layout):
+        cpus = usable_cpus()
+    if cfg.launch.auto_layout:
+        cfg = laptop_layout(cfg, cpus, can_pin=shutil.which("taskset") is not None)
+    return cfg, cpus
+
+
 def plan_job(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, Topology]:
     """Ports, CPU pools and GPUs of every daemon (nothing written, nothing started); returns (the
     config the daemons read, the topology). Raises ConfigError for a layout that does not fit."""
-    cfg = with_weight_path(with_gpu_count(cfg))
-    if cpus is None and (cfg.launch.pin_cpus or cfg.launch.auto_layout):
-        cpus = sorted(os.sched_getaffinity(0))
-    if cfg.launch.auto_layout:  # servers, ranks, pinning and threads from the cores present
-        cfg = laptop_layout(cfg, cpus)
+    cfg, cpus = laid_out(cfg, cpus)
     topo = plan_topology(cfg, free_ports(), cpus)
     return with_local_ipc(apply_topology(cfg, topo)), topo  # one node: same-node sockets, no CURVE
 
@@ -116,8 +132,9 @@ def job_specs(cfg: RunConfig, topo: Topology, config_path: Path, python: str = s
             argv = [python, "-m", "buffer", *base]
         elif slot.kind == "rollout":
             argv = [python, "-m", "rollout_server", *base, *slot.overrides]
-        else:
-            argv = _trainer_argv(python, cfg.launch.trainer_ranks, topo.host, base)
+        else:  # the final evaluation's server may register after the last push: the trainer waits for it
+            final_eval = ["eval.await_server=true"] if wants_eval(cfg) and cfg.eval.at_end else []
+            argv = _trainer_argv(python, cfg.launch.trainer_ranks, topo.host, [*base, *final_eval])
         gpus = {} if slot.gpus is None else {"CUDA_VISIBLE_DEVICES": visible_devices(slot.gpus, inherited)}
         threads = {} if slot.threads is None else {"OMP_NUM_THREADS": str(slot.threads),
                                                    "MKL_NUM_THREADS": str(slot.threads)}
@@ -135,6 +152,12 @@ def _stage(kind: str, shared: bool) -> int:
 
 
 def _trainer_argv(python: str, ranks: int, host: str, base: list[str]):
+    """``torchrun -m trainer`` for several ranks; one rank runs ``python -m trainer`` itself (a world of
+    one, trainer/model.py's ``init_distributed``): no agent process importing torch beside it at
+    start-up (~1.5 s of CPU on a 2-core machine where every daemon starts at once)."""
+    if ranks == 1:
+        return [python, "-m", "trainer", *base]
+
     def argv() -> list[str]:  # a fresh rendezvous port per (re)start: the old one may linger in TIME_WAIT
         return [python, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(ranks),
                 "--master-addr", host, "--master-port", str(free_port()), "--max-restarts", "0",
@@ -232,6 +255,14 @@ def wait_for_final_eval(cfg: RunConfig, run_dir: Path, sup: Supervisor) -> bool:
     return False
 
 
+def on_trainer_done(cfg: RunConfig, run_dir: Path, sup: Supervisor) -> None:
+    """The trainer completed: load the plotting code in the background, and keep the job up for the
+    final evaluation when one is scheduled (``wait_for_final_eval``)."""
+    warm_plotting()
+    if wants_eval(cfg) and cfg.eval.at_end:
+        wait_for_final_eval(cfg, run_dir, sup)
+
+
 def _has_final_eval(run_dir: Path, steps: int) -> bool:
     return any(r.get("final") and r.get("policy_version") == steps for r in read_jsonl(run_dir / "eval.jsonl"))
 
@@ -276,8 +307,7 @@ def run_job(cfg: RunConfig, quiet: bool = False) -> int:
                          on_tick=Monitor(cfg, topo, run_dir, since=since, sink=sink),
                          on_change=lambda s: write_ports(run_dir, topo, s))
         sup.install_signals()
-        if wants_eval(cfg) and cfg.eval.at_end:
-            sup.on_complete = lambda s: wait_for_final_eval(cfg, run_dir, s)
+        sup.on_complete = lambda s: on_trainer_done(cfg, run_dir, s)
         print(f"[run] run_dir {run_dir}  (logs in {run_dir / 'logs'}; `areal-like top {run_dir}` for a live view)",
               file=sys.stderr, flush=True)
         code = sup.run()

@@ -239,6 +239,8 @@ class Supervisor:
         deadline = time.monotonic() + timeout_s
         while p.spec.health_url and not self.stop_event.is_set():
             if p.popen.poll() is not None:
+                if p.spec.main and p.popen.returncode == 0:
+                    return  # it completed before it was seen healthy (a short job): watch() says so
                 raise JobFailed(f"{p.spec.name} exited with {p.popen.returncode} before it was healthy "
                                 f"(see {self.log_dir / (p.spec.name + '.log')})", p.spec.name)
             if probe(p.spec.health_url):

@@ -15,7 +15,8 @@ Invariants (tested in tests/unit/test_topology.py):
 * every port in a topology is distinct, and a port fixed in the config (non-zero) is kept;
 * with ``pin_cpus`` the two pools are non-empty and disjoint and together cover the cores given;
 * with ``auto_layout`` no core gets more than one thread: one single-threaded server per core of
-  the rollout pool, one trainer rank with one thread per core of the trainer pool;
+  the rollout pool, one trainer rank with one thread per core of the trainer pool, each count at
+  most its ceiling (``launch.auto_max_servers``, ``launch.auto_max_threads``);
 * nothing assumes localhost: the host part of ``buffer.address`` is kept as configured.
 """
 
@@ -94,7 +95,7 @@ def split_cpus(cpus: Iterable[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return cores[:k], cores[k:]
 
 
-def laptop_layout(cfg: RunConfig, cpus: Iterable[int]) -> RunConfig:
+def laptop_layout(cfg: RunConfig, cpus: Iterable[int], can_pin: bool = True) -> RunConfig:
     """``launch.auto_layout``: the processes of a CPU job on ONE machine for the cores it may use.
 
     Measured on the small-model workload (benchmarks/README.md): on CPU one trainer rank with
@@ -103,18 +104,23 @@ def laptop_layout(cfg: RunConfig, cpus: Iterable[int]) -> RunConfig:
     pool = the first half, trainer pool = the rest), one single-threaded rollout server per core of
     the rollout pool (the buffer, which only moves bytes, shares that pool), ONE trainer rank with
     one thread per core of the trainer pool, everything pinned. Threads never exceed cores. One
-    core: one server, one rank, one thread each, unpinned (nothing to split).
+    core: one server, one rank, one thread each, unpinned (nothing to split). Many cores: at most
+    ``launch.auto_max_servers`` servers and ``launch.auto_max_threads`` trainer threads (default 8
+    each: every server is a process with its own model copy, and a small model's step gains nothing
+    from dozens of threads); the pools keep their cores, which the OS schedules those on. Without a
+    way to pin (``can_pin=False``: no ``taskset``) as on one core.
     """
     if cfg.trainer.device != "cpu" or cfg.rollout.engine.device != "cpu" or cfg.launch.nodes > 1:
         raise ConfigError("launch.auto_layout=true lays out a CPU job on one machine: it needs trainer.device=cpu, "
                           "rollout.engine.device=cpu and launch.nodes=1")
     cores = tuple(sorted(set(cpus)))
-    if len(cores) < 2:
+    if len(cores) < 2 or not can_pin:
         launch = dataclasses.replace(cfg.launch, num_rollout_servers=1, trainer_ranks=1, pin_cpus=False,
                                      omp_threads=1)
     else:
         rollout, _ = split_cpus(cores)
-        launch = dataclasses.replace(cfg.launch, num_rollout_servers=len(rollout), trainer_ranks=1, pin_cpus=True,
+        servers = min(len(rollout), cfg.launch.auto_max_servers)
+        launch = dataclasses.replace(cfg.launch, num_rollout_servers=servers, trainer_ranks=1, pin_cpus=True,
                                      omp_threads=1)
     return dataclasses.replace(cfg, launch=launch)
 
@@ -165,10 +171,18 @@ def plan_topology(cfg: RunConfig, ports: Iterable[int], cpus: Iterable[int] | No
             trainers.append(DaemonSlot(name="trainer" if k == 0 else f"trainer-n{k}", kind="trainer",
                                        metrics_port=pick(cfg.trainer.metrics_port) if k == 0 else 0,
                                        cpus=trainer_cpus, gpus=gpus.trainer if gpus is not None else None, node=k,
-                                       threads=len(trainer_cpus) if cfg.launch.auto_layout and trainer_cpus else None))
+                                       threads=auto_threads(cfg, trainer_cpus)))
     return Topology(host=host, buffer_address=f"tcp://{host}:{router}", pub_address=f"tcp://{pub_host}:{pub}",
                     master_port=next(source), slots=(*slots, *trainers), rollout_cpus=rollout_cpus,
                     trainer_cpus=trainer_cpus)
+
+
+def auto_threads(cfg: RunConfig, trainer_cpus: tuple[int, ...] | None) -> int | None:
+    """``launch.auto_layout``: the trainer's threads, one per core of its pool up to
+    ``launch.auto_max_threads``; None (``launch.omp_threads``) otherwise or when unpinned."""
+    if not (cfg.launch.auto_layout and trainer_cpus):
+        return None
+    return min(len(trainer_cpus), cfg.launch.auto_max_threads)
 
 
 def _fixed_ports(cfg: RunConfig, router: int, pub: int) -> set[int]:
@@ -198,12 +212,18 @@ def wants_eval(cfg: RunConfig) -> bool:
 
 
 def apply_topology(cfg: RunConfig, topo: Topology) -> RunConfig:
-    """The config every daemon reads: addresses and metrics ports filled in (a new object)."""
+    """The config every daemon reads: addresses and metrics ports filled in (a new object); with rollout
+    servers in the job, a trainer left to push at once (``trainer.first_engine_wait_s`` 0) waits for the
+    first of them as long as the launcher waits for its health (less than half the trainer's gloo
+    timeout: its other ranks wait in the push's collective meanwhile)."""
     buffer = dataclasses.replace(cfg.buffer, address=topo.buffer_address, pub_address=topo.pub_address,
                                  metrics_port=topo.slot("buffer").metrics_port)
     rollout = dataclasses.replace(cfg.rollout, buffer_address=topo.buffer_address, pub_address=topo.pub_address)
+    wait = cfg.trainer.first_engine_wait_s
+    if not wait and any(s.kind == "rollout" for s in topo.slots):
+        wait = min(cfg.launch.health_timeout_s, cfg.trainer.gloo_timeout_s / 2)
     trainer = dataclasses.replace(cfg.trainer, buffer_address=topo.buffer_address,
-                                  metrics_port=topo.slot("trainer").metrics_port)
+                                  metrics_port=topo.slot("trainer").metrics_port, first_engine_wait_s=wait)
     return dataclasses.replace(cfg, buffer=buffer, rollout=rollout, trainer=trainer)
 
 
@@ -266,7 +286,8 @@ def _gpus(gpus: tuple[int, ...] | None) -> str:
 
 
 def _trainer_where(cfg: RunConfig, topo: Topology, s: DaemonSlot, metrics: str, backend: str, path: str) -> str:
-    """One torchrun: on several nodes, its ``--node-rank`` and the global ranks it runs."""
+    """One torchrun: on several nodes, its ``--node-rank`` and the global ranks it runs; one rank on one
+    node is the trainer process itself (``launch/job.py`` starts no torchrun for it)."""
     la, ws = cfg.launch, cfg.trainer.weight_sync
     ranks = f"{la.trainer_ranks} rank{'s' if la.trainer_ranks != 1 else ''}" \
         + (" (LOCAL_RANK i: the i-th GPU)" if s.gpus else "")
@@ -277,6 +298,8 @@ def _trainer_where(cfg: RunConfig, topo: Topology, s: DaemonSlot, metrics: str, 
         return f"torchrun {ranks} rendezvous {topo.host}:auto"
     sync = f"weight sync {backend} {ws.master_addr}:{_port(ws.master_port)}" if path == "distributed" \
         else f"weight sync {path} (no group)"
+    if la.nodes == 1 and la.trainer_ranks == 1:
+        return f"{metrics}  python -m trainer (1 rank, no torchrun)  {sync}"
     return f"{metrics} (rank 0)  torchrun {ranks} rendezvous {topo.host}:auto  {sync}"
 
 

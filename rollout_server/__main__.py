@@ -7,12 +7,11 @@ server with ``rollout.engine.kind=sglang`` (launch it) or ``kind=url`` (attach t
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
 from areal_like.config import ConfigError, load_daemon_config
-from areal_like.daemon import setup_logging
+from areal_like.daemon import exit_process, setup_logging
 
 
 def main(argv: list[str]) -> int:
@@ -32,14 +31,10 @@ def main(argv: list[str]) -> int:
         return 2
     from rollout_server.server import RolloutServer
 
-    return RolloutServer(cfg).serve()
+    return RolloutServer.from_run(cfg).serve()
 
 
 if __name__ == "__main__":
-    code = main(sys.argv[1:])
     # Everything is stopped and flushed; skip interpreter teardown, which spends seconds
     # finalising torch/transformers on a loaded machine and would eat the launcher's stop grace.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_process(main(sys.argv[1:]))

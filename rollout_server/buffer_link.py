@@ -30,9 +30,10 @@ from typing import Callable
 
 import msgspec
 
+from areal_like.dealer import AsyncClient
 from areal_like.metrics import Metrics
 from areal_like.protocol import MAX_CREDITS_PER_REQUEST, Ack, Credit, CreditRequest, Credits, TrajectoryGroup
-from areal_like.transport import AsyncClient, TransportTimeout
+from areal_like.transport import TransportTimeout
 
 RESEND_BACKOFF_S = 2.0  # after a send timed out, wait this long before re-sending unacked groups
 CREDIT_RETRY_S = 0.25  # after an empty Credits answer (admission closed), ask again this much later

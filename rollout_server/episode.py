@@ -17,14 +17,14 @@ the tokens produced so far. The sample is resubmitted as ``prompt + tokens so fa
   finishes as ``length``.
 
 An abort that carries an HTTP status (the engine rejected the request, e.g. too long) is an
-error, not a pause: it raises ``SGLangError`` instead of looping. ``generate_group`` runs the
-n samples as n concurrent requests (each resumes on its own); ``run_episode`` detokenises them and
-scores the group in the reward pool (``rollout_server/reward_pool.py``).
+error, not a pause: it raises ``SGLangError`` instead of looping. ``generate_group`` sends the n
+samples as one batched request (each resumes on its own, the unfinished ones batched again);
+``run_episode`` detokenises them and scores the group in the reward pool
+(``rollout_server/reward_pool.py``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,47 +66,53 @@ def segment_versions(out: GenerateOutput, fallback: int) -> list[int]:
 async def generate_sample(client: SGLangClient, prompt_ids: list[int], sampling: dict, max_new_tokens: int,
                           current_version_fn: Callable[[], int], metrics: Metrics | None = None) -> Sample:
     """Generate one sample to completion, resubmitting across pauses (module docstring)."""
-    sample, empty = Sample(), 0
-    while True:
-        params = dict(sampling, max_new_tokens=max_new_tokens - len(sample.output_ids))
-        _gauge(metrics, "rollout/requests_in_flight", +1)
-        try:
-            out = await client.generate(prompt_ids + sample.output_ids, params)
-        finally:
-            _gauge(metrics, "rollout/requests_in_flight", -1)
-        sample.output_ids += out.output_ids
-        sample.logprobs += out.logprobs
-        sample.versions += segment_versions(out, current_version_fn())
-        if metrics is not None:
-            metrics.counter("rollout/tokens_generated", "output tokens received").inc(len(out.output_ids))
-        if out.finish_reason != "abort":
-            sample.finish_reason = out.finish_reason
-            return sample
-        if out.abort_status is not None and out.abort_status >= 400:
-            raise SGLangError("/generate", out.abort_status, f"request aborted by the engine: {out.finish_message}")
-        if len(sample.output_ids) >= max_new_tokens:
-            sample.finish_reason = "length"
-            return sample
-        empty = 0 if out.output_ids else empty + 1
-        if empty > MAX_EMPTY_RESUMES:
-            raise SGLangError("/generate", None, f"aborted {empty} times in a row without progress")
-        sample.resumed += 1
-        if metrics is not None:
-            metrics.counter("rollout/aborted_resumed_requests", "aborted requests resubmitted").inc()
+    return (await generate_group(client, prompt_ids, 1, sampling, max_new_tokens, current_version_fn, metrics))[0]
 
 
 async def generate_group(client: SGLangClient, prompt_ids: list[int], n: int, sampling: dict, max_new_tokens: int,
                          current_version_fn: Callable[[], int], metrics: Metrics | None = None) -> list[Sample]:
-    """n samples for one prompt, as n concurrent interruptible requests (all cancelled if one fails)."""
-    tasks = [asyncio.ensure_future(generate_sample(client, prompt_ids, sampling, max_new_tokens,
-                                                   current_version_fn, metrics)) for _ in range(n)]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
+    """n samples for one prompt, each resubmitted across pauses on its own (module docstring). The
+    samples not finished yet go to the engine as ONE batched ``/generate`` (a list of prompts, one
+    per sample): one HTTP round trip per group and pause instead of one per sample."""
+    samples, empty = [Sample() for _ in range(n)], [0] * n
+    pending = list(range(n))
+    while pending:
+        inputs = [prompt_ids + samples[i].output_ids for i in pending]
+        params = [dict(sampling, max_new_tokens=max_new_tokens - len(samples[i].output_ids)) for i in pending]
+        _gauge(metrics, "rollout/requests_in_flight", +len(pending))
+        try:
+            outs = await client.generate_batch(inputs, params) if len(pending) > 1 else \
+                [await client.generate(inputs[0], params[0])]
+        finally:
+            _gauge(metrics, "rollout/requests_in_flight", -len(pending))
+        pending = [i for i, out in zip(pending, outs, strict=True)
+                   if not _absorb(samples[i], out, i, empty, max_new_tokens, current_version_fn(), metrics)]
+    return samples
+
+
+def _absorb(sample: Sample, out: GenerateOutput, i: int, empty: list[int], max_new_tokens: int, version: int,
+            metrics: Metrics | None) -> bool:
+    """Append one segment to ``sample``; True when the sample is finished, False to resubmit it."""
+    sample.output_ids += out.output_ids
+    sample.logprobs += out.logprobs
+    sample.versions += segment_versions(out, version)
+    if metrics is not None:
+        metrics.counter("rollout/tokens_generated", "output tokens received").inc(len(out.output_ids))
+    if out.finish_reason != "abort":
+        sample.finish_reason = out.finish_reason
+        return True
+    if out.abort_status is not None and out.abort_status >= 400:
+        raise SGLangError("/generate", out.abort_status, f"request aborted by the engine: {out.finish_message}")
+    if len(sample.output_ids) >= max_new_tokens:
+        sample.finish_reason = "length"
+        return True
+    empty[i] = 0 if out.output_ids else empty[i] + 1
+    if empty[i] > MAX_EMPTY_RESUMES:
+        raise SGLangError("/generate", None, f"aborted {empty[i]} times in a row without progress")
+    sample.resumed += 1
+    if metrics is not None:
+        metrics.counter("rollout/aborted_resumed_requests", "aborted requests resubmitted").inc()
+    return False
 
 
 @dataclass(kw_only=True)

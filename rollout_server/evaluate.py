@@ -39,6 +39,7 @@ from pathlib import Path
 
 from areal_like.config import EvalConfig, RunConfig, TaskConfig
 from rollout_server.episode import generate_sample
+from rollout_server.facts import RolloutFacts
 from rollout_server.sglang_client import SGLangClient, SGLangError
 
 FULL_CREDIT = 1.0 - 1e-6  # a response "is correct" when its reward reaches 1 (verifiable rewards are 0/1)
@@ -160,18 +161,18 @@ async def evaluate(client: SGLangClient, examples: Sequence, encode: Callable[[o
 class ServerEvaluator:
     """The rollout server's side: the eval split, the schedule, and where records go."""
 
-    def __init__(self, cfg: RunConfig, tokenizer, rewards, metrics=None):
+    def __init__(self, facts: RolloutFacts, tokenizer, rewards, metrics=None):
         from areal_like.tasks import encode_prompt, make_task
 
-        self.cfg, self.tokenizer, self.rewards, self.metrics = cfg, tokenizer, rewards, metrics
-        task = make_task(cfg.task, tokenizer=tokenizer, split="eval")
+        self.facts, self.tokenizer, self.rewards, self.metrics = facts, tokenizer, rewards, metrics
+        task = make_task(facts.task, tokenizer=tokenizer, split="eval")
         self.reward_path = task.reward_path
-        n = len(task) if not cfg.eval.max_examples else min(len(task), cfg.eval.max_examples)
+        n = len(task) if not facts.eval.max_examples else min(len(task), facts.eval.max_examples)
         self.examples = [task.example(i, 0) for i in range(n)]
-        self.encode = lambda ex: encode_prompt(tokenizer, ex, cfg.task)
-        self.settings = EvalSettings.from_config(cfg.eval, cfg.task)
-        self.path = Path(cfg.run_dir) / EVAL_FILE
-        self.schedule = EvalSchedule(cfg.eval, cfg.trainer.steps, read_done_versions(self.path))
+        self.encode = lambda ex: encode_prompt(tokenizer, ex, facts.task)
+        self.settings = EvalSettings.from_config(facts.eval, facts.task)
+        self.path = facts.run_dir / EVAL_FILE
+        self.schedule = EvalSchedule(facts.eval, facts.steps, read_done_versions(self.path))
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -228,7 +229,8 @@ async def _evaluate_model(cfg: RunConfig, version: int | None) -> dict:
     from rollout_server.reward_pool import RewardPool
 
     tokenizer = load_tokenizer(cfg.model)
-    evaluator = ServerEvaluator(cfg, tokenizer, rewards=None)  # a missing eval split fails here, before any start
+    # a missing eval split fails here, before any engine starts
+    evaluator = ServerEvaluator(RolloutFacts.from_run(cfg), tokenizer, rewards=None)
     rewards = evaluator.rewards = RewardPool(cfg.task, evaluator.reward_path)
     key = secrets.token_urlsafe(32)  # this engine serves this call only
     engine = EmbeddedEngine(cfg.model, cfg.rollout.engine, api_key=key).start()

@@ -135,8 +135,7 @@ class RewardPool:
         Raises RewardPoolError when the reward cannot be loaded, RuntimeError once closed."""
         if self._closed:
             raise RuntimeError("the reward pool is closed")
-        if self._error is not None:
-            raise RewardPoolError(self._error)
+        self._raise_if_broken()
         if self.url:
             return await self._score_remote(prompt, responses, example)
         loop = asyncio.get_running_loop()
@@ -170,8 +169,7 @@ class RewardPool:
     def _call(self, i: int, response: str, example) -> tuple[str | None, float | str]:
         """``(None, reward)`` or ``(kind, reason)``; replaces worker ``i`` when it is lost; raises
         RewardPoolError when it could not start (or the pool broke meanwhile: that killed it)."""
-        if self._error is not None:
-            raise RewardPoolError(self._error)
+        self._raise_if_broken()
         try:
             request = pickle.dumps(((response, example), self.timeout_s))
         except Exception as e:
@@ -183,8 +181,7 @@ class RewardPool:
                 return "died", failed.reason
             raise self._break(f"{self.name} cannot be loaded in a reward worker: {failed.reason}") from None
         except WorkerLost as lost:
-            if self._error is not None:
-                raise RewardPoolError(self._error) from None
+            self._raise_if_broken()
             self._replace(i)
             return lost.kind, lost.reason
         if "result" in reply:
@@ -215,16 +212,23 @@ class RewardPool:
     def _break(self, why: str) -> RewardPoolError:
         """Make every scoring call raise RewardPoolError(why) from now on and kill every worker
         (the first reason stays); returns the error to raise."""
-        with self._lock:
+        with self._lock:  # held until every worker is reaped: _raise_if_broken waits for that
             first = self._error is None
             if first:
                 self._error = why
-            workers = list(self._workers)
-        for w in workers:  # a thread blocked on one wakes with EOF and raises the same error
-            w.kill()
+            for w in self._workers:  # a thread blocked on one wakes with EOF and raises the same error
+                w.kill()
         if first:
             log.error("%s", why)
         return RewardPoolError(self._error)
+
+    def _raise_if_broken(self) -> None:
+        """Raise the pool's error, if it broke, once _break has killed and reaped every worker (so a
+        caller that sees the error never finds a worker of this pool still alive)."""
+        if self._error is not None:
+            with self._lock:
+                pass
+            raise RewardPoolError(self._error)
 
     def _observe(self, seconds: float) -> None:
         if self.metrics is not None:

@@ -27,8 +27,9 @@ import secrets
 import socket
 
 from areal_like.auth import engine_api_key
-from areal_like.config import RunConfig
+from areal_like.config import RolloutConfig, RunConfig
 from areal_like.daemon import ComponentStopped, Daemon
+from areal_like.dealer import AsyncClient
 from areal_like.protocol import (
     Credit,
     Heartbeat,
@@ -39,12 +40,14 @@ from areal_like.protocol import (
     VersionUpdate,
     WeightSyncPlan,
 )
+from areal_like.pubsub import Subscriber
 from areal_like.tasks import make_task
 from areal_like.tokenizer import load_tokenizer
-from areal_like.transport import AsyncClient, Subscriber, TransportTimeout
+from areal_like.transport import TransportTimeout
 from areal_like.versions import RuntimeVersions
 from rollout_server.buffer_link import BufferLink
 from rollout_server.episode import EpisodeContext, run_episode
+from rollout_server.facts import RolloutFacts
 from rollout_server.multiturn import EpisodeRunner
 from rollout_server.reward_pool import RewardPool, RewardPoolError
 from rollout_server.sglang_client import SGLangClient
@@ -60,9 +63,9 @@ MAX_EPISODE_FAILURES = 5  # consecutive failed episodes (engine errors): the eng
 class RolloutServer(Daemon):
     name = "rollout"
 
-    def __init__(self, cfg: RunConfig):
-        super().__init__(metrics_port=cfg.rollout.metrics_port)
-        self.cfg, self.rcfg = cfg, cfg.rollout
+    def __init__(self, rcfg: RolloutConfig, facts: RolloutFacts):
+        super().__init__(metrics_port=rcfg.metrics_port)
+        self.rcfg, self.facts = rcfg, facts
         self.server_id = self.rcfg.server_id or f"{socket.gethostname()}-{os.getpid()}"
         self.policy_version = 0
         self.engine = None
@@ -83,6 +86,11 @@ class RolloutServer(Daemon):
         self.pub_address = self.rcfg.pub_address
         self.started = False  # start() finished: the engine is up
 
+    @classmethod
+    def from_run(cls, cfg: RunConfig) -> RolloutServer:
+        """The server of the job ``cfg`` describes: its ``rollout`` section plus ``RolloutFacts`` of the rest."""
+        return cls(cfg.rollout, RolloutFacts.from_run(cfg))
+
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         ecfg = self.rcfg.engine
@@ -92,30 +100,30 @@ class RolloutServer(Daemon):
         if ecfg.kind == "embedded":
             from rollout_server.engine import EmbeddedEngine
 
-            self.engine = EmbeddedEngine(self.cfg.model, ecfg, api_key=self.api_key).start()
+            self.engine = EmbeddedEngine(self.facts.model, ecfg, api_key=self.api_key).start()
             self.engine_url = self.engine.url
         elif ecfg.kind == "sglang":
             from rollout_server.launch_sglang import SGLangProcess
 
-            log_path = str(self.cfg.resolve_path(f"logs/sglang-{self.server_id}.log"))
+            log_path = str(self.facts.run_dir / f"logs/sglang-{self.server_id}.log")
             os.makedirs(os.path.dirname(log_path), exist_ok=True)
-            self.engine = SGLangProcess(self.cfg.model, ecfg, log_path, api_key=self.api_key).start()
+            self.engine = SGLangProcess(self.facts.model, ecfg, log_path, api_key=self.api_key).start()
             self.engine_url, self.engine_ranks = self.engine.url, self.engine.engine_ranks
         else:
             self.engine_url = ecfg.url
-        self.tokenizer = load_tokenizer(self.cfg.model)
-        self.task = make_task(self.cfg.task, self.tokenizer)
-        self.rewards = RewardPool(self.cfg.task, self.task.reward_path, metrics=self.metrics)
-        if self.cfg.task.env:  # multi-turn episodes (rollout_server/multiturn.py): their tools run here
+        self.tokenizer = load_tokenizer(self.facts.model)
+        self.task = make_task(self.facts.task, self.tokenizer)
+        self.rewards = RewardPool(self.facts.task, self.task.reward_path, metrics=self.metrics)
+        if self.facts.task.env:  # multi-turn episodes (rollout_server/multiturn.py): their tools run here
             from rollout_server.tool_pool import ToolPool
 
-            self.tools = ToolPool(self.cfg.task.tool_workers, self.cfg.task.tool_timeout_s)
+            self.tools = ToolPool(self.facts.task.tool_workers, self.facts.task.tool_timeout_s)
         if self.rcfg.eval:
             from rollout_server.evaluate import ServerEvaluator
 
-            self.evaluator = ServerEvaluator(self.cfg, self.tokenizer, self.rewards, self.metrics)
+            self.evaluator = ServerEvaluator(self.facts, self.tokenizer, self.rewards, self.metrics)
             self.log.info("evaluating %d eval prompts (eval.every=%d)", len(self.evaluator.examples),
-                          self.cfg.eval.every)
+                          self.facts.eval.every)
         self.log.info("server %s, engine %s (%s)", self.server_id, self.engine_url, ecfg.kind)
         self.started = True
 
@@ -171,7 +179,7 @@ class RolloutServer(Daemon):
                 self.engine_ranks = int(info.get("tp_size") or 1)
             self.versions = await engine_versions(self.rcfg.engine.kind, info)  # told in Register
             self.metrics.gauge("rollout/policy_version", "version the engine serves").set(self.policy_version)
-            await self.register()
+            await self.register(fresh=True)
             background = [asyncio.create_task(c, name=c.__name__) for c in
                           (self.heartbeats(), self.announcements(), self.link.sender())]
             while not self.stop_requested.is_set():
@@ -199,11 +207,13 @@ class RolloutServer(Daemon):
             self.data.close()
 
     # ------------------------------------------------------------------ buffer control
-    async def register(self) -> None:
-        """Register (retrying until the buffer answers or we are asked to stop)."""
+    async def register(self, fresh: bool = False) -> None:
+        """Register (retrying until the buffer answers or we are asked to stop). ``fresh``: the first
+        time since this process started (the buffer re-issues leases an earlier process left)."""
         msg = Register(server_id=self.server_id, engine_url=self.engine_url, engine_ranks=self.engine_ranks,
                        policy_version=self.policy_version, torch_version=self.versions.torch,
-                       cuda_version=self.versions.cuda, nccl_version=self.versions.nccl)
+                       cuda_version=self.versions.cuda, nccl_version=self.versions.nccl,
+                       evaluates=self.evaluator is not None, fresh=fresh)
         while not self.stop_requested.is_set():
             try:
                 ack = await self.control.request(msg)
@@ -256,9 +266,9 @@ class RolloutServer(Daemon):
     # ------------------------------------------------------------------ episodes and groups
     def start_episode(self, credit: Credit) -> None:
         ctx = EpisodeContext(client=self.client, task=self.task, tokenizer=self.tokenizer, rewards=self.rewards,
-                             task_cfg=self.cfg.task, server_id=self.server_id,
+                             task_cfg=self.facts.task, server_id=self.server_id,
                              current_version_fn=lambda: self.policy_version, metrics=self.metrics)
-        episode = EpisodeRunner(ctx, self.tools).run_group(credit) if self.cfg.task.env else run_episode(ctx, credit)
+        episode = EpisodeRunner(ctx, self.tools).run_group(credit) if self.facts.task.env else run_episode(ctx, credit)
         task = asyncio.create_task(episode, name=f"episode-{credit.lease_id}")
         self.episodes.add(task)
         task.add_done_callback(self._episode_done)
@@ -347,8 +357,9 @@ class RolloutServer(Daemon):
         self.evaluating = True
         try:
             await self.heartbeat()  # from its answer on, no new plan includes us
-            await asyncio.sleep(self.rcfg.heartbeat_s)  # a plan published just before reaches us by PUB ...
-            await self.heartbeat()  # ... or in this answer's pending_plan; the main loop applies it
+            if not self.evaluator.schedule.is_final(self.policy_version):  # no plan follows the final version
+                await asyncio.sleep(self.rcfg.heartbeat_s)  # a plan published just before reaches us by PUB ...
+                await self.heartbeat()  # ... or in this answer's pending_plan; the main loop applies it
             while self.syncing or self.plans:
                 await asyncio.sleep(LOOP_TICK_S)
             self.eval_version = self.policy_version

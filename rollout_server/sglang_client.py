@@ -8,7 +8,9 @@ timeout.
 Shapes it relies on:
 
 * ``POST /generate`` with ``input_ids``, ``sampling_params`` and ``return_logprob: true`` answers
-  ``{"text", "output_ids", "meta_info"}``, or a JSON array of them when ``sampling_params.n > 1``.
+  ``{"text", "output_ids", "meta_info"}``, or a JSON array of them when ``sampling_params.n > 1``
+  or ``input_ids`` is a batch (a list of prompts, with a list of ``sampling_params``, one each:
+  ``generate_batch``, how a group's samples are sent), in the batch's order.
   ``meta_info`` holds ``id`` (the rid), ``finish_reason`` (``{"type": "stop", "matched"}``,
   ``{"type": "length", "length"}`` or ``{"type": "abort", "message", "status_code"}``),
   ``weight_version`` (a string), ``weight_versions`` (``[{"version", "start", "end"}]`` spans over
@@ -223,6 +225,19 @@ class SGLangClient:
         if isinstance(out, list):
             raise SGLangError("/generate", 200, "got a batch answer to a single request (n > 1?)")
         return parse_generate_output(out)
+
+    async def generate_batch(self, inputs: list[list[int]], sampling_params: list[dict], *,
+                             timeout_s: float | None = None) -> list[GenerateOutput]:
+        """``POST /generate`` with a batch: one sample per prompt of ``inputs`` (their own sampling
+        params, ``n`` 1), answered in order in one response."""
+        body = {"input_ids": [[int(t) for t in p] for p in inputs],
+                "sampling_params": [dict(p) for p in sampling_params], "return_logprob": True, "stream": False}
+        _, out, _ = await self._call("POST", "/generate", body, timeout_s=timeout_s or self.generate_timeout_s,
+                                     idempotent=False)
+        if not isinstance(out, list) or len(out) != len(inputs):
+            got = len(out) if isinstance(out, list) else 1
+            raise SGLangError("/generate", 200, f"a batch of {len(inputs)} prompts got {got} answers")
+        return [parse_generate_output(o) for o in out]
 
     @staticmethod
     def _generate_body(input_ids: list[int], sampling_params: dict, rid: str | None, return_logprob: bool) -> dict:

@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "integration"))
 from test_trainer_weight_sync import weights_sha  # noqa: E402
 
 from areal_like.config import load_daemon_config  # noqa: E402
+from areal_like.dealer import Client  # noqa: E402
 from areal_like.hf import build_model  # noqa: E402
 from areal_like.protocol import RosterRequest  # noqa: E402
-from areal_like.transport import Client  # noqa: E402
 from trainer.weight_local import LocalSender  # noqa: E402
 from trainer.weight_sync import WeightBroadcaster  # noqa: E402
 

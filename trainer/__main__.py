@@ -10,7 +10,7 @@ import sys
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported: intra-op threads only oversubscribe
 
 from areal_like.config import ConfigError, load_daemon_config  # noqa: E402
-from areal_like.daemon import setup_logging  # noqa: E402
+from areal_like.daemon import exit_process, setup_logging  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -34,4 +34,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # The trainer is stopped and its records written: the launcher (torchrun's agent, or `run` itself
+    # for one rank) sees the exit at once instead of after the interpreter's teardown.
+    exit_process(main(sys.argv[1:]))

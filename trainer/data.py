@@ -34,9 +34,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from areal_like.dealer import Client
 from areal_like.group_checks import content_problem
 from areal_like.protocol import Batch, BatchRequest, Roster, RosterRequest, TrajectoryGroup
-from areal_like.transport import Client, TransportTimeout
+from areal_like.transport import TransportTimeout
 
 log = logging.getLogger("trainer.data")
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from areal_like.config import ModelConfig, RunConfig
+from areal_like.config import ModelConfig, RunConfig, TaskConfig
 from areal_like.hf import torch_dtype
 
 log = logging.getLogger("trainer.export")
@@ -211,8 +211,8 @@ def export_hf(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelConfig, 
 
 
 # ------------------------------------------------------------------ offline: DCP checkpoint -> HF
-def load_checkpoint_model(checkpoint: Path, cfg: RunConfig) -> torch.nn.Module:
-    """A fresh fp32 CPU model (``cfg.model``) holding the model state of a trainer DCP checkpoint.
+def load_checkpoint_model(checkpoint: Path, model_cfg: ModelConfig) -> torch.nn.Module:
+    """A fresh fp32 CPU model (``model_cfg``) holding the model state of a trainer DCP checkpoint.
 
     One process, no process group: DCP reads every rank's shards and reassembles full tensors.
     """
@@ -223,7 +223,7 @@ def load_checkpoint_model(checkpoint: Path, cfg: RunConfig) -> torch.nn.Module:
     if not (checkpoint / ".metadata").is_file():
         raise FileNotFoundError(f"{checkpoint} is not a trainer checkpoint (no .metadata: expected "
                                 "<run_dir>/checkpoints/v<version>)")
-    model = build_model(cfg.model, device="cpu", dtype="float32")
+    model = build_model(model_cfg, device="cpu", dtype="float32")
     state = {"model": model.state_dict()}
     with warnings.catch_warnings():  # DCP warns that it loads in a single process: that is the point
         warnings.simplefilter("ignore", UserWarning)
@@ -232,7 +232,7 @@ def load_checkpoint_model(checkpoint: Path, cfg: RunConfig) -> torch.nn.Module:
     return model
 
 
-def export_tokenizer(cfg: RunConfig, tokenizer=None):
+def export_tokenizer(model_cfg: ModelConfig, task: TaskConfig, tokenizer=None):
     """The run's tokenizer carrying the chat template the rollout servers prompt with
     (``task.chat_template`` may name one of its own), so an exported model is served as it was trained.
     Both exports use it: the trainer's in-run export and ``areal-like export``."""
@@ -241,8 +241,8 @@ def export_tokenizer(cfg: RunConfig, tokenizer=None):
     from areal_like.tasks import chat_template_of
     from areal_like.tokenizer import load_tokenizer
 
-    tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)  # the caller's, when it has one
-    template = chat_template_of(tok, cfg.task)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(model_cfg)  # the caller's, when it has one
+    template = chat_template_of(tok, task)
     if template and template != getattr(tok, "chat_template", None):
         tok = copy.deepcopy(tok)  # the built-in tokenizers are cached and shared: never change them
         tok.chat_template = template
@@ -252,8 +252,8 @@ def export_tokenizer(cfg: RunConfig, tokenizer=None):
 def export_checkpoint(checkpoint: Path, out_dir: Path, cfg: RunConfig, *, shard_mb: int | None = None,
                       dtype: str | None = None) -> Path:
     """``areal-like export``: a trainer DCP checkpoint directory -> an HF directory at ``out_dir``."""
-    model = load_checkpoint_model(Path(checkpoint), cfg)
-    return export_hf(model, Path(out_dir), model_cfg=cfg.model, tokenizer=export_tokenizer(cfg),
+    model = load_checkpoint_model(Path(checkpoint), cfg.model)
+    return export_hf(model, Path(out_dir), model_cfg=cfg.model, tokenizer=export_tokenizer(cfg.model, cfg.task),
                      shard_mb=shard_mb or cfg.export.shard_mb, dtype=dtype or cfg.model.dtype)
 
 

@@ -38,8 +38,8 @@ import torch
 import torch.distributed as dist
 
 from areal_like.auth import engine_api_key
+from areal_like.dealer import Client
 from areal_like.protocol import Roster, RosterRequest
-from areal_like.transport import Client
 from trainer.logprobs import token_logprobs
 
 log = logging.getLogger("trainer.logprob_guard")

@@ -38,12 +38,11 @@ import shutil
 import time
 from contextlib import contextmanager
 from functools import cached_property
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from areal_like.config import RunConfig, model_vocab_size
+from areal_like.config import RunConfig, TrainerConfig, model_vocab_size
 from areal_like.daemon import Daemon
 from areal_like.tokenizer import load_tokenizer
 from trainer.checkpoint import AsyncSaver, latest_checkpoint, load_checkpoint, save_checkpoint, state_checksums
@@ -51,10 +50,12 @@ from trainer.data import BatchSource, TrainBatch
 from trainer.engine_lag import EngineSchedule
 from trainer.export import TMP_PREFIX as EXPORT_TMP_PREFIX
 from trainer.export import export_hf, export_tokenizer
+from trainer.facts import TrainerFacts
 from trainer.logprob_guard import PROBE_TEXT, run_guard
 from trainer.model import build_policy, build_reference, init_distributed
 from trainer.samples import sample_rows
 from trainer.step import StepSettings, recompute_prox_logp, reference_logp, train_step
+from trainer.weight_members import await_first_member
 from trainer.weight_sync import SyncReport, WeightBroadcaster
 
 
@@ -74,41 +75,46 @@ def assert_fresh(batch: TrainBatch, version: int, max_staleness: int) -> None:
 
 def train(cfg: RunConfig) -> int:
     """Run the trainer to completion (cfg.trainer.steps policy versions); returns the exit code."""
-    return Trainer(cfg).serve()
+    return Trainer.from_run(cfg).serve()
 
 
 class Trainer(Daemon):
     name = "trainer"
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, t: TrainerConfig, facts: TrainerFacts):
         self.rank = int(os.environ.get("RANK", "0"))
-        super().__init__(metrics_port=cfg.trainer.metrics_port if self.rank == 0 else None)
-        self.cfg = cfg
+        super().__init__(metrics_port=t.metrics_port if self.rank == 0 else None)
+        self.cfg, self.facts = t, facts
         self.version = 0
         # steps_trained: optimizer steps the weights hold; rolled_back_steps: steps a crash lost (trained
         # again). A resume keeps the buffer's last label for the checkpoint's weights (monotonic_version),
         # so version = steps_trained + rolled_back_steps.
         self.steps_trained = self.rolled_back_steps = 0
         self.phase_times: dict[str, float] = {}
-        self.ckpt_root = cfg.resolve_path(cfg.trainer.checkpoint_dir)
+        self.ckpt_root = facts.checkpoint_dir
         self.exported_version: int | None = None
-        self.jsonl = Path(cfg.run_dir) / "metrics" / "trainer.jsonl"
+        self.jsonl = facts.run_dir / "metrics" / "trainer.jsonl"
+
+    @classmethod
+    def from_run(cls, cfg: RunConfig) -> Trainer:
+        """The trainer of the job ``cfg`` describes: its ``trainer`` section plus ``TrainerFacts`` of the rest."""
+        return cls(cfg.trainer, TrainerFacts.from_run(cfg))
 
     def start(self) -> None:
         # the launcher's OMP_NUM_THREADS (1 unless launch.auto_layout gives the trainer a pool of cores)
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        torch.manual_seed(self.cfg.seed)
-        t = self.cfg.trainer
+        torch.manual_seed(self.facts.seed)
+        t, model_cfg = self.cfg, self.facts.model
         self.rank, self.world_size = init_distributed(t)
-        self.policy = build_policy(self.cfg.model, t)
+        self.policy = build_policy(model_cfg, t)
         # the run's initial weights, built apart from the policy, so a resume below does not move them
-        self.reference = build_reference(self.cfg.model, t) if t.loss.kl_coef > 0 else None
-        self.settings = StepSettings.from_config(self.cfg)
+        self.reference = build_reference(model_cfg, t) if t.loss.kl_coef > 0 else None
+        self.settings = StepSettings.of(t, self.facts.task)
         self.data = BatchSource(t.buffer_address, t.groups_per_step, wait_s=t.batch_wait_s,
                                 buffer_timeout_s=t.buffer_timeout_s, rank=self.rank,
-                                should_stop=self.stop_requested.is_set, vocab_size=model_vocab_size(self.cfg.model))
+                                should_stop=self.stop_requested.is_set, vocab_size=model_vocab_size(model_cfg))
         self.broadcaster = WeightBroadcaster(t.weight_sync, buffer_address=t.buffer_address, rank=self.rank,
-                                             device=self.policy.device, send_dtype=self.cfg.model.dtype,
+                                             device=self.policy.device, send_dtype=model_cfg.dtype,
                                              metrics=self.metrics)
         # which weights the engines serve after each step (every version, lagged, or a fixed delay)
         self.engines = EngineSchedule(t.weight_sync, self.broadcaster, self.policy.model, t.steps)
@@ -140,7 +146,7 @@ class Trainer(Daemon):
     def warn_truncation(self) -> None:
         """top-p/top-k sampling biases the ratios: the trainer scores with the untruncated distribution,
         the engine samples from the truncated one (whatever log-probs it returns)."""
-        task = self.cfg.task
+        task = self.facts.task
         if self.rank == 0 and (task.top_p < 1 or task.top_k > 0):
             self.log.warning("task.top_p=%g / task.top_k=%d truncate the sampler: the tokens come from the truncated "
                              "distribution while the trainer scores them with the untruncated one, so the "
@@ -150,12 +156,12 @@ class Trainer(Daemon):
     def guard_logprobs(self, sync: SyncReport) -> None:
         """Refuse to train (LogprobGuardError) when an engine that took the initial push returns
         log-probs off the trainer's convention; a collective (trainer/logprob_guard.py)."""
-        tol = self.cfg.trainer.logprob_guard_tol
+        tol = self.cfg.logprob_guard_tol
         if tol <= 0:
             return
         prompt = list(self.tokenizer.encode(PROBE_TEXT)) if self.rank == 0 else []
         passed = run_guard(self.policy.model, self.policy.device, rank=self.rank, buffer=self.broadcaster.client,
-                           served=sync.done, prompt_ids=prompt, temperature=self.cfg.task.temperature, tol=tol)
+                           served=sync.done, prompt_ids=prompt, temperature=self.facts.task.temperature, tol=tol)
         self.record({"event": "logprob_guard", "policy_version": self.version, "passed": passed, "tol": tol})
 
     def checkpoint_extra(self) -> dict:
@@ -173,11 +179,11 @@ class Trainer(Daemon):
         to the dead trainer (and, in a full pipeline, every batch after it) would go stale."""
         announced = [None]
         if self.rank == 0:
-            announced[0] = self.broadcaster.announced_version(timeout_s=self.cfg.trainer.buffer_timeout_s)
+            announced[0] = self.broadcaster.announced_version(timeout_s=self.cfg.buffer_timeout_s)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast_object_list(announced, src=0)
         if announced[0] is not None and announced[0] > version:
-            t = self.cfg.trainer
+            t = self.cfg
             most = t.checkpoint_every * (2 if t.checkpoint_async else 1)  # async: the last save may be unfinished
             if t.resume and announced[0] > version + most:
                 raise RuntimeError(f"buffer announced policy_version {announced[0]} but our weights are version "
@@ -193,8 +199,12 @@ class Trainer(Daemon):
     def run(self) -> None:
         """fetch batch -> recompute prox -> reference logp -> advantages + train step -> v += 1 -> push ->
         checkpoint -> export -> metrics."""
-        t, model = self.cfg.trainer, self.policy.model
-        with self.phase("weight_sync"):
+        t, model = self.cfg, self.policy.model
+        if self.rank == 0 and t.first_engine_wait_s > 0 and not await_first_member(
+                self.broadcaster.client, t.first_engine_wait_s, self.stop_requested.is_set):
+            self.log.warning("no rollout server in the roster after %.0fs: the initial push (and the log-prob "
+                             "guard) goes to none", t.first_engine_wait_s)
+        with self.phase("weight_sync"):  # the other ranks wait in this collective
             sync = self.engines.after_step(self.version)
         self.log.info("serving policy_version %d to %s", sync.version, sync.done or "no engines yet")
         with self.phase("logprob_guard"):
@@ -206,7 +216,7 @@ class Trainer(Daemon):
                 batch = self.data.next_batch(self.version)
             if batch is None:
                 break
-            assert_fresh(batch, self.version, self.cfg.buffer.max_staleness)
+            assert_fresh(batch, self.version, self.facts.max_staleness)
             with self.phase("recompute_prox"):
                 prox_logp = recompute_prox_logp(self.policy, batch, self.settings)
             with self.phase("ref_logp"):
@@ -237,8 +247,8 @@ class Trainer(Daemon):
         self.export_if_due(final=True)
         if self.version >= t.steps:  # an evaluating server may have missed the last pushes
             with self.phase("catch_up"):
-                self.broadcaster.catch_up(model, self.version, self.cfg.eval.final_timeout_s,
-                                          should_stop=self.stop_requested.is_set)
+                self.broadcaster.catch_up(model, self.version, self.facts.final_eval_timeout_s,
+                                          should_stop=self.stop_requested.is_set, final_eval=self.facts.final_eval)
         self.record({"event": "done", "policy_version": self.version, "steps": t.steps,
                      "steps_trained": self.steps_trained, "rolled_back_steps": self.rolled_back_steps,
                      "labels_skipped": self.version - self.steps_trained})
@@ -251,21 +261,21 @@ class Trainer(Daemon):
         version, which every rank holds, so the ranks agree. A stop (SIGTERM) does not export: the
         launcher allows a stop seconds and a large model takes longer; the checkpoint the stop
         saves converts offline (``areal-like export``)."""
-        e = self.cfg.export
+        e = self.facts.export
         if final:
-            due = e.at_end and self.version >= self.cfg.trainer.steps
+            due = e.at_end and self.version >= self.cfg.steps
         else:
             due = e.every > 0 and self.version % e.every == 0
         if not due or self.exported_version == self.version:
             return
-        root = self.cfg.resolve_path(e.dir)
+        root = self.facts.export_dir
         with self.phase("export"):
             if self.rank == 0:  # an export a crash interrupted (kill -9) left its temporary directory
                 for stale in root.glob(f"{EXPORT_TMP_PREFIX}*"):
                     shutil.rmtree(stale, ignore_errors=True)
-            out = export_hf(self.policy.model, root / f"v{self.version:08d}", model_cfg=self.cfg.model,
-                            tokenizer=export_tokenizer(self.cfg, self.tokenizer), shard_mb=e.shard_mb,
-                            dtype=self.cfg.model.dtype)
+            out = export_hf(self.policy.model, root / f"v{self.version:08d}", model_cfg=self.facts.model,
+                            tokenizer=export_tokenizer(self.facts.model, self.facts.task, self.tokenizer),
+                            shard_mb=e.shard_mb, dtype=self.facts.model.dtype)
         self.exported_version = self.version
         self.record({"event": "export", "policy_version": self.version, "path": str(out)})
 
@@ -322,7 +332,7 @@ class Trainer(Daemon):
         m.counter("trainer/tokens").inc(batch.n_tokens)
         m.gauge("trainer/weight_sync_seconds").set(sync.seconds)
         m.gauge("trainer/weight_sync_blocked_seconds", "the trainer's time inside the last push").set(sync.blocked_s)
-        m.gauge("trainer/weight_sync_deadline_seconds").set(self.cfg.trainer.weight_sync.deadline_s)
+        m.gauge("trainer/weight_sync_deadline_seconds").set(self.cfg.weight_sync.deadline_s)
         m.counter("trainer/weight_sync_bytes").inc(sync.bytes)
         m.counter("trainer/weight_sync_dropped").inc(len(sync.dropped))
         m.counter("trainer/weight_sync_repushed", "members pushed a version again after another member was lost"
@@ -337,18 +347,18 @@ class Trainer(Daemon):
     def record_samples(self) -> None:
         """Every ``tracking.sample_every`` steps (rank 0): a few decoded trajectories of the batch just
         trained, appended to ``<run_dir>/samples.jsonl`` in one write (the tracker sink tails it)."""
-        every = self.cfg.tracking.sample_every
+        every = self.facts.sample_every
         if self.rank != 0 or every == 0 or self.version % every != 0:
             return
-        rows = sample_rows(self.data.last_groups, self.version - 1, self.cfg.tracking.sample_k,
+        rows = sample_rows(self.data.last_groups, self.version - 1, self.facts.sample_k,
                            lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
-        with (Path(self.cfg.run_dir) / "samples.jsonl").open("a") as f:
+        with (self.facts.run_dir / "samples.jsonl").open("a") as f:
             f.write("".join(json.dumps(r) + "\n" for r in rows))
 
     @cached_property
     def tokenizer(self):
         """Loaded on the first sample table (the engines decode with the same tokenizer)."""
-        return load_tokenizer(self.cfg.model)
+        return load_tokenizer(self.facts.model)
 
     def record(self, row: dict) -> None:
         """Append one JSON line to ``<run_dir>/metrics/trainer.jsonl`` (rank 0)."""

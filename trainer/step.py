@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
-from areal_like.config import LossConfig, RunConfig
+from areal_like.config import LossConfig, RunConfig, TaskConfig, TrainerConfig
 from trainer.advantages import AdvantageInputs, Advantages
 from trainer.data import TrainBatch
 from trainer.logprobs import CHUNK_TOKENS
@@ -61,11 +61,16 @@ class StepSettings:
     max_new_tokens: int | None = None  # task.max_new_tokens: Dr.GRPO's constant C when none is configured
 
     @classmethod
-    def from_config(cls, cfg: RunConfig) -> StepSettings:
-        t = cfg.trainer
+    def of(cls, t: TrainerConfig, task: TaskConfig) -> StepSettings:
+        """The trainer's step settings; of the task, the engines' temperature and ``max_new_tokens``."""
         return cls(loss=t.loss, estimator=t.estimator, micro_batch_size=t.micro_batch_size,
-                   num_minibatches=t.num_minibatches, grad_clip=t.grad_clip, temperature=cfg.task.temperature,
-                   chunk_tokens=t.logprob_chunk_tokens, max_new_tokens=cfg.task.max_new_tokens)
+                   num_minibatches=t.num_minibatches, grad_clip=t.grad_clip, temperature=task.temperature,
+                   chunk_tokens=t.logprob_chunk_tokens, max_new_tokens=task.max_new_tokens)
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> StepSettings:
+        """``of`` for the job ``cfg`` describes (the tests' and benchmarks' one-line form)."""
+        return cls.of(cfg.trainer, cfg.task)
 
     @property
     def kernel(self) -> Kernel:

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from areal_like.config import WeightSyncConfig
+from areal_like.dealer import Client
 from areal_like.distributed import destroy_weight_group, free_port, init_weight_group
 from areal_like.metrics import Metrics
 from areal_like.peers import TRAINER_PEER
@@ -64,7 +65,7 @@ from areal_like.protocol import (
     VersionUpdate,
     WeightSyncPlan,
 )
-from areal_like.transport import Client, TransportTimeout
+from areal_like.transport import TransportTimeout
 from areal_like.versions import RuntimeVersions, local_versions, mismatch
 from trainer.weight_buckets import BucketPipeline, plan_buckets
 from trainer.weight_catch_up import catch_up
@@ -304,11 +305,11 @@ class WeightBroadcaster:
                 report.bytes += self._pipeline.stage(tensors)
 
     def catch_up(self, model: torch.nn.Module, version: int, timeout_s: float,
-                 should_stop: Callable[[], bool] = lambda: False) -> int:
+                 should_stop: Callable[[], bool] = lambda: False, final_eval: bool = False) -> int:
         """After the last step (a collective): re-push ``version`` to members that missed it
         (``trainer.weight_catch_up``); returns the pushes made."""
         self.join()
-        return catch_up(self, model, version, timeout_s, should_stop)
+        return catch_up(self, model, version, timeout_s, should_stop, final_eval)
 
     def _transfer(self, params: list[tuple[str, torch.nn.Parameter]], buckets: list[BucketSpec],
                   report: SyncReport, deadline: float) -> None:

@@ -26,7 +26,7 @@ torch.set_num_threads(1)
 from test_trainer_weight_sync import weights_sha
 from areal_like.config import load_daemon_config
 from areal_like.protocol import RosterRequest
-from areal_like.transport import Client
+from areal_like.dealer import Client
 from trainer.model import build_policy, full_state_dict, init_distributed
 from trainer.weight_sync import WeightBroadcaster
 

@@ -23,8 +23,8 @@ from areal_like import protocol as P
 from areal_like import security
 from areal_like.auth import read_key_file
 from areal_like.config import RunConfig, load_config
+from areal_like.dealer import Client
 from areal_like.metrics import scrape
-from areal_like.transport import Client
 from launch.job import job_specs, prepare
 from launch.local import Supervisor
 from launch.records import read_jsonl
@@ -34,6 +34,7 @@ HOLD_S = 120.0  # longest a finished job waits for the test to look at it before
 
 BASE_OVERRIDES = [
     "experiment=quickstart",
+    "topology=local_cpu",  # the layout set by launch.* (the quickstart's lays itself out from the cores)
     "task.group_size=4", "buffer.groups_per_step=4",
     "buffer.lease_timeout_s=15", "buffer.heartbeat_timeout_s=8",
     "trainer.checkpoint_every=1", "trainer.micro_batch_size=16", "trainer.weight_sync.deadline_s=30",

@@ -23,9 +23,10 @@ import numpy as np
 
 from areal_like import protocol as P
 from areal_like.config import BufferConfig, ModelConfig, RunConfig, SecurityConfig, TaskConfig, to_yaml
+from areal_like.dealer import Client
 from areal_like.distributed import free_port
 from areal_like.trajectory import Trajectory, as_f32, as_i32
-from areal_like.transport import Client, TransportTimeout
+from areal_like.transport import TransportTimeout
 
 PLAIN = SecurityConfig(curve=False)  # the daemons here talk to this test's plain sockets (CURVE: test_security)
 
@@ -138,7 +139,7 @@ def test_kill9_mid_stream_loses_and_duplicates_nothing(tmp_run_dir, spawn_python
     assert spawn_python.cleanup() is None  # SIGTERM: graceful stop, WAL closed
     from buffer.service import BufferService
 
-    svc = BufferService(cfg)
+    svc = BufferService.from_run(cfg)
     svc.recover()
     ledger = svc.ledger
     assert ledger.epoch == 0
@@ -152,7 +153,7 @@ def test_kill9_mid_stream_loses_and_duplicates_nothing(tmp_run_dir, spawn_python
     newest = max(Path(cfg.resolve_path(cfg.buffer.wal_dir)).glob("seg-*.wal"))
     with open(newest, "ab") as f:
         f.write((1000).to_bytes(4, "little") + b"\x00\x00\x00\x00" + b"torn")
-    svc = BufferService(cfg)
+    svc = BufferService.from_run(cfg)
     svc.recover()
     assert svc.wal.corrupt_records == 1 and svc.ledger.next_index == ledger.next_index
     svc.wal.close()

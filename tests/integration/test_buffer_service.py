@@ -18,11 +18,12 @@ import zmq
 
 from areal_like import protocol as P
 from areal_like.config import BufferConfig, RunConfig, TaskConfig
+from areal_like.dealer import Client
 from areal_like.distributed import free_port
 from areal_like.metrics import scrape
 from areal_like.peers import TRAINER_PEER
+from areal_like.pubsub import Subscriber
 from areal_like.trajectory import Trajectory, as_f32, as_i32
-from areal_like.transport import Client, Subscriber
 from buffer.service import BufferService
 from buffer.wal import WriteAheadLog
 
@@ -37,7 +38,7 @@ def make_cfg(run_dir, num_prompts=1000, **buffer_kw) -> RunConfig:
 
 @contextmanager
 def running(cfg: RunConfig, clock=time.monotonic):
-    svc = BufferService(cfg, clock=clock)
+    svc = BufferService.from_run(cfg, clock=clock)
     thread = threading.Thread(target=svc.serve, kwargs={"install_signals": False}, daemon=True)
     thread.start()
     client = Client(cfg.buffer.address, timeout_s=TIMEOUT_S, identity=TRAINER_PEER)  # also announces versions
@@ -362,8 +363,8 @@ def test_a_rollout_server_gets_its_next_leases_with_each_ack(tmp_path):
     round trip per group instead of two."""
     import asyncio
 
+    from areal_like.dealer import AsyncClient
     from areal_like.metrics import Metrics
-    from areal_like.transport import AsyncClient
     from rollout_server.buffer_link import BufferLink, Unacked
 
     cfg = make_cfg(tmp_path, max_staleness=100, groups_per_step=2)

@@ -17,9 +17,9 @@ import numpy as np
 
 from areal_like import protocol as P
 from areal_like.config import BufferConfig, RunConfig, SecurityConfig, TaskConfig, to_yaml
+from areal_like.dealer import Client
 from areal_like.distributed import free_port
 from areal_like.trajectory import Trajectory, as_f32, as_i32
-from areal_like.transport import Client
 
 PLAIN = SecurityConfig(curve=False)  # the daemons here talk to this test's plain sockets (CURVE: test_security)
 

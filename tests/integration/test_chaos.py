@@ -37,9 +37,16 @@ def _acked(system: RunningSystem) -> int:
     return sum(int(system.metrics(f"rollout-{i}").get("areal_rollout_groups_acked_total", 0)) for i in range(2))
 
 
-def _kill_trainer(system: RunningSystem, n_resumes: int) -> None:
+def _kill_trainer(system: RunningSystem, n_resumes: int, at_least: int) -> None:
     """kill -9 of torchrun and of its ranks, by PID, as a machine fault would (torchrun alone would leave
-    the ranks to the supervisor's SIGTERM, on which they save a checkpoint and nothing is lost)."""
+    the ranks to the supervisor's SIGTERM, on which they save a checkpoint and nothing is lost).
+
+    The kill waits for step ``at_least`` and for a step two or three past a checkpoint, so that it
+    rolls steps back: a step takes well under a second, and a kill just after a checkpoint rolls back
+    nothing (nor does one just after the next step's record, before that step's version is announced:
+    the rolled-back steps count announced labels)."""
+    system.wait_for(lambda: (s := _last_step(system)) >= at_least and s % CKPT in (2, 3), 300,
+                    f"a step >= {at_least} just past a checkpoint", poll_s=0.02)
     torchrun = psutil.Process(system.pid("trainer"))
     for proc in [*torchrun.children(recursive=True), torchrun]:
         os.kill(proc.pid, signal.SIGKILL)
@@ -54,13 +61,11 @@ def test_kill9_trainer_twice_and_buffer_once_the_run_completes_and_says_what_it_
     cfg = system_config(tmp_path / "run", model, f"trainer.steps={STEPS}", f"buffer.max_staleness={ETA}",
                         f"buffer.groups_per_step={B}", f"trainer.checkpoint_every={CKPT}", "launch.restarts=3")
     with RunningSystem(cfg) as system:
-        system.wait_step(CKPT + 2, timeout_s=300)  # past a checkpoint: the kill rolls steps back
-        _kill_trainer(system, 0)
+        _kill_trainer(system, 0, at_least=CKPT + 1)
         system.wait_for(lambda: _last_step(system) >= 13, 300, "steps after the first trainer restart")
         os.kill(system.pid("buffer"), signal.SIGKILL)
         system.wait_for(lambda: system.sup.proc("buffer").restarts == 1, 60, "the buffer restart")
-        system.wait_for(lambda: _last_step(system) >= 19, 300, "steps after the buffer restart")
-        _kill_trainer(system, 1)
+        _kill_trainer(system, 1, at_least=19)  # steps after the buffer restart
         system.wait_for(system.completed.is_set, 400, "the job to complete")
         acked = _acked(system)  # rollout servers were never killed: their counters cover the run
         stale_hist = system.metrics("buffer")

@@ -48,10 +48,10 @@ def test_guard_passes_a_correct_engine_and_refuses_one_that_ignores_the_temperat
     import torch
 
     from areal_like.config import load_config, to_yaml
+    from areal_like.dealer import Client
     from areal_like.hf import build_model
     from areal_like.protocol import Register
     from areal_like.tokenizer import load_tokenizer
-    from areal_like.transport import Client
     from rollout_server.engine.embedded import EmbeddedEngine
     from trainer.logprob_guard import PROBE_TEXT, LogprobGuardError, run_guard
 

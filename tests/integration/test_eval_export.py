@@ -31,14 +31,30 @@ pytestmark = pytest.mark.slow
 
 
 def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    """``areal-like`` in a subprocess; past ``timeout`` the launcher AND the daemons it started are
+    killed (by PID) before the timeout is raised, so a hung job leaves no process behind."""
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def _children() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
+# a job, then three CLI evaluations each starting an engine: 80 s alone, past the 300 s default on 2
+# cores shared with 3 other xdist workers and other jobs (a safety net, not a performance bound)
+@pytest.mark.timeout(900)
 def test_in_run_evaluation_matches_the_exported_model(tmp_path):
     model = warm_model(WARM_CACHE)
     run_dir = tmp_path / "run"

@@ -1,7 +1,8 @@
 """Faults on the running system, each a ``kill -9`` by PID, one after the other on one job
 (buffer + 2 rollout servers + 2-rank trainer under the real supervisor):
 
-1. a rollout server: training goes on with the other one, the dead server's leases expire and
+1. a rollout server (stopped while it holds leases, then killed): training goes on with the other
+   one, the dead server's leases are given back (at once, when its next process registers) and
    their prompts are re-issued, the restarted server re-registers and serves the current version;
 2. the trainer (the torchrun leader; its ranks are orphaned and killed by the supervisor): the
    restart resumes from the last checkpoint with identical weights and optimizer state and goes on
@@ -51,17 +52,15 @@ def test_kill9_rollout_trainer_and_buffer_and_the_job_goes_on(tmp_path):
         system.wait_step(3, timeout_s=240)
 
         # ---- 1. rollout server
-        before = system.buffer_stats()
-        assert _books_balance(before)
-        # kill it while it generates, i.e. while it holds leases (otherwise there is nothing to re-issue)
-        system.wait_for(lambda: system.metrics("rollout-0").get("areal_rollout_requests_in_flight", 0) > 0,
-                        60, "rollout-0 to be generating", poll_s=0.02)
+        assert _books_balance(system.buffer_stats())
+        # kill it while it holds leases (otherwise there is nothing to re-issue): stopped, it holds them
         old_pid, step0 = system.pid("rollout-0"), _last_step(system)
+        before = system.wait_for(lambda: _stopped_holding_leases(system, old_pid), 60, "rollout-0 to hold leases")
         os.kill(old_pid, signal.SIGKILL)
         system.wait_step(step0 + 3, timeout_s=90)  # rollout-1 alone keeps the trainer fed
-        def given_back(stats: dict) -> int:  # released when it leaves the roster, or expired by the lease timeout
-            return _count(stats, "credits_expired") + _count(stats, "credits_released")
-        system.wait_for(lambda: given_back(system.buffer_stats()) > given_back(before),
+        def given_back(stats: dict) -> int:  # released when its next process registers or it leaves the
+            return _count(stats, "credits_expired") + _count(stats, "credits_released")  # roster, or expired
+        system.wait_for(lambda: given_back(system.buffer_stats()) >= given_back(before) + before["leases_of_rollout-0"],
                         90, "the dead server's leases to be given back")
         system.wait_for(lambda: _count(system.buffer_stats(), "credits_reissued")
                         > _count(before, "credits_reissued"), 90, "its prompts to be re-issued")
@@ -102,6 +101,16 @@ def test_kill9_rollout_trainer_and_buffer_and_the_job_goes_on(tmp_path):
         system.wait_step(step2 + 3, timeout_s=150)  # nobody hangs: generation and training go on
         assert _books_balance(system.buffer_stats(), recovered=recovered[-1])
     assert system.sup.outcome == "stopped on request"
+
+
+def _stopped_holding_leases(system: RunningSystem, pid: int) -> dict | None:
+    """SIGSTOP ``pid`` (rollout-0); the buffer's stats if it holds leases then, else SIGCONT and None."""
+    os.kill(pid, signal.SIGSTOP)
+    stats = system.buffer_stats()
+    if stats.get("leases_of_rollout-0", 0) > 0:
+        return stats
+    os.kill(pid, signal.SIGCONT)
+    return None
 
 
 def _stats_or_none(system: RunningSystem) -> dict | None:

@@ -15,7 +15,7 @@ from test_buffer_service import TIMEOUT_S, make_cfg, running
 
 from areal_like import protocol as P
 from areal_like.config import WeightSyncConfig
-from areal_like.transport import Client
+from areal_like.dealer import Client
 from launch.records import outcome
 from trainer.weight_sync import SyncReport, WeightBroadcaster
 

@@ -168,6 +168,20 @@ def test_main_exit_zero_completes_the_job_and_stops_the_rest(dummy, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_main_process_that_completes_before_it_is_seen_healthy_completes_the_job(dummy, tmp_path):
+    # A short trainer (one rank, a few steps) can finish while the supervisor still waits on its
+    # health: its exit 0 is the job's completion, not a failure. Its health URL here answers never.
+    trainer = _spec(dummy, "trainer", mode="exit_after_0.2", main=True)
+    trainer.health_url = f"http://127.0.0.1:{free_port()}/health"
+    sup = Supervisor([_spec(dummy, "buffer", stage=0), trainer], tmp_path / "run", restarts=0,
+                     health_timeout_s=60, echo=lambda _: None)
+    with _Run(sup) as run:
+        assert _wait(lambda: not run.thread.is_alive(), 90)
+        run.track()
+    assert run.code == 0 and sup.outcome == "trainer completed"
+
+
+@pytest.mark.slow
 def test_sigterm_ignored_gets_sigkill_and_restarts_are_bounded(dummy, tmp_path):
     stubborn = _spec(dummy, "stubborn", mode="ignore_term", stage=0)
     crasher = _spec(dummy, "crasher", mode="crash", health=False)

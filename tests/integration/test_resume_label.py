@@ -31,7 +31,7 @@ def test_a_resume_takes_the_announced_label_and_the_dead_trainers_batch_stays_fr
         second = c.request(P.BatchRequest(n_groups=2, trainer_version=1, wait_s=0, ack_batch=first.batch_id))
         assert [g.group_id for g in second.groups] == ["s0-L2", "s0-L3"]  # staleness 1 at version 1: fresh
         # kill -9 while training `second`; the newest checkpoint holds version 0 (last batch: none)
-        trainer = Trainer(cfg)
+        trainer = Trainer.from_run(cfg)
         trainer.broadcaster = WeightBroadcaster(WeightSyncConfig(), buffer_address=cfg.buffer.address, rank=0,
                                                 device=torch.device("cpu"))
         try:

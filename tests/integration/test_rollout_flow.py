@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from areal_like.config import ModelConfig, load_config, to_yaml
+from areal_like.dealer import Client
 from areal_like.distributed import destroy_weight_group, free_port, init_weight_group
 from areal_like.hf import build_model
 from areal_like.metrics import scrape
@@ -43,7 +44,6 @@ from areal_like.protocol import (
     VersionUpdate,
     WeightSyncPlan,
 )
-from areal_like.transport import Client
 from rollout_server.server import BUFFER_TIMEOUT_S
 from trainer.weight_buckets import BucketPipeline
 

@@ -72,9 +72,9 @@ def trainer_role(cfg_path: str, out_dir: str) -> None:
     from test_trainer_invariance import synthetic_groups
 
     from areal_like.config import load_daemon_config
+    from areal_like.dealer import Client
     from areal_like.protocol import RosterRequest, TrajectoryGroup
     from areal_like.trajectory import Trajectory, as_f32, as_i32
-    from areal_like.transport import Client
     from trainer.data import groups_to_batch
     from trainer.model import build_policy, full_state_dict, init_distributed
     from trainer.step import StepSettings, output_logp, recompute_prox_logp, train_step
@@ -127,8 +127,8 @@ def trainer_role(cfg_path: str, out_dir: str) -> None:
 def drive(server_id: str, url: str, address: str, stop: threading.Event, kill_at: int | None = None,
           kill_pid: int | None = None) -> None:
     """Register, heartbeat, apply plans with the real applier; optionally kill the engine mid-sync."""
+    from areal_like.dealer import Client
     from areal_like.protocol import Heartbeat, Register
-    from areal_like.transport import Client
     from rollout_server.sglang_client import SGLangClient
     from rollout_server.weight_update import apply_weight_sync
 

@@ -13,8 +13,10 @@ import pytest
 import zmq
 
 from areal_like import protocol as P
+from areal_like.dealer import AsyncClient, Client
+from areal_like.pubsub import Publisher, Subscriber
 from areal_like.trajectory import Trajectory
-from areal_like.transport import AsyncClient, Client, Publisher, Server, Subscriber, TransportTimeout
+from areal_like.transport import Server, TransportTimeout
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +33,8 @@ HANG_SLACK_S = 15.0  # a timeout may overshoot by scheduling delays under load, 
 SERVER = """
 import os, sys, time
 from areal_like import protocol as P
-from areal_like.transport import Publisher, Server
+from areal_like.pubsub import Publisher
+from areal_like.transport import Server
 
 server = Server(sys.argv[1])
 pub = Publisher(sys.argv[2]) if len(sys.argv) > 2 else None

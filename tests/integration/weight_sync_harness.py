@@ -109,8 +109,8 @@ class Driver(threading.Thread):
             self.error = e
 
     async def _main(self) -> None:
+        from areal_like.dealer import Client
         from areal_like.protocol import Heartbeat, Register
-        from areal_like.transport import Client
         from rollout_server.weight_update import apply_weight_sync
 
         client = Client(self.address, timeout_s=10)

@@ -31,7 +31,7 @@ def start(tmp_path, buffer: BufferConfig, *, clock: Callable[[], float] | None =
           before_recover: Callable[[BufferService], None] | None = None) -> BufferService:
     """A recovered service over 100 prompts with ``buffer``'s settings, its sockets replaced by sinks."""
     cfg = RunConfig(run_dir=str(tmp_path), task=TaskConfig(num_prompts=100), buffer=buffer)
-    svc = BufferService(cfg) if clock is None else BufferService(cfg, clock=clock)
+    svc = BufferService.from_run(cfg) if clock is None else BufferService.from_run(cfg, clock=clock)
     if before_recover is not None:
         before_recover(svc)
     svc.recover()

@@ -44,3 +44,13 @@ def test_budget_starts_at_the_guard_record():
             {"time": 3.0, "step": 1, "seqs": 64}]
     assert bench.rl_start(rows) == 2.5
     assert bench.rl_start([{"time": 3.0, "step": 1}]) is None
+
+
+def test_the_workload_is_the_issues_and_starts_from_the_stronger_warm_start(tmp_path):
+    cfg = bench.workload(tmp_path / "run", eta=4)
+    t = cfg.task
+    assert (t.name, t.digits, t.group_size, t.max_new_tokens, t.temperature) == ("addition", 2, 8, 8, 1.0)
+    assert (cfg.buffer.groups_per_step, cfg.trainer.lr, cfg.buffer.max_staleness) == (8, 3e-5, 4)
+    # 350 supervised steps at lr 1e-3: greedy held-out ~0.27 (1500 at 3e-3 stalled at ~0.07)
+    assert (cfg.warm_start.steps, cfg.warm_start.lr, cfg.warm_start.batch_size) == (350, 1e-3, 64)
+    assert cfg.launch.auto_layout and cfg.model.hidden_size == 128

@@ -153,3 +153,18 @@ def test_serve_restores_signal_handlers():
     before = signal.getsignal(signal.SIGTERM)
     Counting(iterations=1).serve()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_exit_process_flushes_logs_and_output_and_keeps_the_code():
+    import subprocess
+    import sys
+
+    code = ("import logging, sys\n"
+            "from areal_like.daemon import exit_process, setup_logging\n"
+            "setup_logging('t').warning('last log line')\n"
+            "sys.stdout.write('no newline, still written')\n"
+            "exit_process(3)\n"
+            "print('never')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3
+    assert r.stdout == "no newline, still written" and "last log line" in r.stderr

@@ -1,6 +1,8 @@
 """A rollout server that leaves the roster gives its leases back at once, not after
 ``buffer.lease_timeout_s``; after a buffer restart, leases restored for a server that never comes
-back are given back once every live server had the time to register again. The real request
+back are given back once every live server had the time to register again; a server restarted
+faster than the heartbeat timeout registers as a new process (``fresh``) and its old leases are
+given back then. The real request
 handling with fake sockets, a real WAL and a fake clock."""
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from service_harness import start, step
 
 from areal_like import protocol as P
 from areal_like.config import BufferConfig
+from buffer.instruments import service_stats
 from buffer.service import BufferService
 
 HEARTBEAT_S, LEASE_S = 15.0, 120.0
@@ -67,4 +70,22 @@ def test_after_a_restart_leases_of_a_server_that_never_returns_are_released(tmp_
     assert svc.ledger.in_flight == 2 and {x.server_id for x in svc.ledger.leases.values()} == {"live"}
     assert svc.instruments.counts["credits_released"] == 3
     assert [c.prompt_index for c in _step(svc, P.CreditRequest(server_id="live", max_credits=3)).credits] == dead
+    svc.wal.close()
+
+
+def test_a_server_restarted_within_the_heartbeat_timeout_releases_its_old_leases(tmp_path):
+    clock = _Clock()
+    svc = _start(tmp_path, clock)
+    old = _join(svc, "r0", 3)
+    _join(svc, "r1", 2)
+    clock.t += 1.0  # kill -9 and a restart well inside the heartbeat timeout: r0 never left the roster
+    _step(svc, P.Register(server_id="r0", engine_url="http://x", policy_version=0))  # re-registration: kept
+    assert svc.ledger.in_flight == 5 and "credits_released" not in svc.instruments.counts
+    assert (service_stats(svc)["leases_of_r0"], service_stats(svc)["leases_of_r1"]) == (3, 2)
+    _step(svc, P.Register(server_id="r0", engine_url="http://x", policy_version=0, fresh=True))
+    assert sorted(svc.control.roster) == ["r0", "r1"] and svc.ledger.in_flight == 2
+    assert {x.server_id for x in svc.ledger.leases.values()} == {"r1"} and "leases_of_r0" not in service_stats(svc)
+    assert svc.instruments.counts["credits_released"] == 3
+    # the old process's prompts go out again at once, first, to the new process
+    assert [c.prompt_index for c in _step(svc, P.CreditRequest(server_id="r0", max_credits=3)).credits] == old
     svc.wal.close()

@@ -50,7 +50,7 @@ class _Evaluator:
 
 
 def _server() -> RolloutServer:
-    server = RolloutServer(RunConfig(run_dir="/nonexistent"))
+    server = RolloutServer.from_run(RunConfig(run_dir="/nonexistent"))
     server.server_id, server.policy_version, server.client = "me", 5, None
     server.rcfg = server.rcfg.__class__(heartbeat_s=0.05)
     server.evaluator = _Evaluator(server)
@@ -113,3 +113,22 @@ def test_the_schedule_starts_an_evaluation_only_when_due_and_idle():
 
     asyncio.run(scenario())
     assert server.evaluator.versions == [5]
+
+
+def test_the_final_evaluation_starts_at_once_no_plan_can_follow_the_final_version():
+    server = _server()
+    server.rcfg = server.rcfg.__class__(heartbeat_s=30.0)  # a wait for a plan on its way would show
+    server.policy_version = 20  # trainer.steps: the last push has landed
+    buffer = server.control = _Buffer(pending=None)
+
+    async def scenario():
+        server.wake, done = asyncio.Event(), asyncio.Event()
+        loop = asyncio.create_task(_main_loop(server, done))
+        await asyncio.wait_for(server.evaluate(), timeout=10)  # far less than heartbeat_s
+        done.set()
+        await loop
+
+    asyncio.run(scenario())
+    assert server.evaluator.versions == [20]
+    beats = [m.evaluating for m in buffer.sent if isinstance(m, P.Heartbeat)]
+    assert beats == [True, False]  # left the syncs, evaluated, came back: no second "evaluating" beat

@@ -93,9 +93,10 @@ class _ScriptedBuffer:
         pass
 
 
-def _roster(versions: dict[str, int], evaluating=()) -> P.Roster:
-    return P.Roster(members=[P.RosterEntry(server_id=s, engine_url="", engine_ranks=1, policy_version=v)
-                             for s, v in versions.items()], policy_version=10, evaluating=list(evaluating))
+def _roster(versions: dict[str, int], evaluating=(), evaluates=()) -> P.Roster:
+    return P.Roster(members=[P.RosterEntry(server_id=s, engine_url="", engine_ranks=1, policy_version=v,
+                                           evaluates=s in evaluates) for s, v in versions.items()],
+                    policy_version=10, evaluating=list(evaluating))
 
 
 def test_final_catch_up_waits_for_the_evaluator_then_pushes_the_final_version_once():
@@ -122,6 +123,34 @@ def test_final_catch_up_waits_for_the_evaluator_then_pushes_the_final_version_on
         b.client = _ScriptedBuffer([_roster({"a": 7})])
         assert decide(b, 10, time.monotonic() - 1, 0) == "done"
         assert decide(b, 10, deadline, 3) == "done"
+    finally:
+        b.close()
+
+
+def test_final_catch_up_waits_for_a_late_evaluator_to_register_and_pushes_to_it():
+    """The trainer finished before the server that evaluates registered (it started late): with a
+    final evaluation scheduled (``eval.await_server``) it waits for that server, then pushes the final
+    version to it; without one, a roster of up-to-date members is done at once."""
+    import time
+
+    import torch
+
+    from areal_like.config import WeightSyncConfig
+    from trainer.weight_catch_up import decide
+    from trainer.weight_sync import WeightBroadcaster
+
+    b = WeightBroadcaster(WeightSyncConfig(), buffer_address="tcp://127.0.0.1:1", rank=0, device=torch.device("cpu"))
+    try:
+        b.client.close()
+        b.client = _ScriptedBuffer([_roster({"r1": 10}), _roster({"r0": 0, "r1": 10}, evaluates=["r0"]),
+                                    _roster({"r0": 10, "r1": 10}, evaluates=["r0"])])
+        deadline = time.monotonic() + 60
+        assert decide(b, 10, deadline, 0, final_eval=True) == "wait"  # r0 (the evaluator) not registered yet
+        assert decide(b, 10, deadline, 0, final_eval=True) == "push"  # registered, serving version 0
+        assert decide(b, 10, deadline, 1, final_eval=True) == "done"
+        b.client = _ScriptedBuffer([_roster({"r1": 10})])
+        assert decide(b, 10, deadline, 0) == "done"  # no final evaluation: nothing to wait for
+        assert decide(b, 10, time.monotonic() - 1, 0, final_eval=True) == "done"  # bounded by the deadline
     finally:
         b.close()
 

@@ -27,7 +27,7 @@ from areal_like.config import (
     request_frame_limit,
     to_yaml,
 )
-from areal_like.transport import Client
+from areal_like.dealer import Client
 
 TIMEOUT_S = 60.0
 HUGE_MAPS = 32 * 1024 * 1024  # empty maps in the hostile frame: one byte each on the wire, ~72 decoded

@@ -16,8 +16,9 @@ import zmq
 from areal_like import protocol as P
 from areal_like import security
 from areal_like.config import RunConfig, load_config
+from areal_like.dealer import Client
 from areal_like.distributed import free_port
-from areal_like.transport import Client, Server, TransportTimeout, local_addresses
+from areal_like.transport import Server, TransportTimeout, local_addresses
 
 ANSWER_S = 20.0  # generous: the machine is shared; only refusals wait this long
 NOBODY = 65534

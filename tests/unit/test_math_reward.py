@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from areal_like import rewards
 from areal_like.rewards import math_reward
 from areal_like.tasks import Example
 
@@ -103,7 +104,11 @@ ROWS = [
 
 
 @pytest.mark.parametrize("response,reference,expected", ROWS)
-def test_math_reward_table(response, reference, expected):
+def test_math_reward_table(response, reference, expected, monkeypatch):
+    # which answers match, not how fast: the 2 s production bounds are wall-clock alarms, and a
+    # cold sympy parse went past them on 2 cores shared by 4 test workers and other jobs (3/4 scored 0)
+    monkeypatch.setattr(rewards, "PARSE_TIMEOUT_S", 60)
+    monkeypatch.setattr(rewards, "VERIFY_TIMEOUT_S", 60)
     assert math_reward(response, Example("", reference)) == expected
 
 

@@ -90,3 +90,4 @@ def test_plan_prints_the_shared_gpu_and_the_path():
     rows = {row.split(None, 3)[1]: row.split(None, 3) for row in r.stdout.splitlines()[1:]}
     assert rows["rollout-0"][2] == "0" and rows["trainer"][2] == "0"
     assert "weight sync tensor (no group)" in rows["trainer"][3]
+    assert "python -m trainer (1 rank, no torchrun)" in rows["trainer"][3]  # what job_specs starts for one rank

@@ -276,7 +276,7 @@ def test_failures_are_logged_at_most_once_a_minute_per_kind(make_pool, caplog):
 
 
 def test_a_reward_that_cannot_be_loaded_stops_the_rollout_server_at_once():
-    server = RolloutServer(load_config([]))
+    server = RolloutServer.from_run(load_config([]))
 
     async def episode(error: Exception) -> None:
         raise error

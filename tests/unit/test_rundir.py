@@ -99,3 +99,24 @@ def test_summary_counts_only_this_invocations_steps(tmp_path):
     assert Path(summary["learning_curve"]).is_file()  # the curve shows the whole run
     fresh = summarize(tmp_path, 1.0, 0)
     assert fresh["steps"] == 12 and "resumed_from" not in fresh
+
+
+def test_trainer_done_loads_the_plotting_code_and_waits_only_for_a_scheduled_eval(tmp_path, monkeypatch):
+    import launch.job as job
+
+    waited = []
+    monkeypatch.setattr(job, "wait_for_final_eval", lambda cfg, run_dir, sup: waited.append(run_dir))
+    started = []
+    monkeypatch.setattr(job, "warm_plotting", lambda: started.append(True))
+    cfg = load_config(["experiment=quickstart", "eval.at_end=false"])
+    job.on_trainer_done(cfg, tmp_path, sup=None)
+    assert started == [True] and waited == []
+    job.on_trainer_done(load_config(["experiment=quickstart"]), tmp_path, sup=None)
+    assert waited == [tmp_path]
+
+
+def test_warm_plotting_imports_what_the_learning_curve_needs():
+    from launch.records import warm_plotting
+
+    warm_plotting().join(timeout=120)
+    assert {"matplotlib.figure", "matplotlib.backends.backend_agg"} <= set(sys.modules)

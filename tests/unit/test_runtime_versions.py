@@ -135,12 +135,13 @@ def test_version_fields_must_be_strings():
 def test_the_buffer_keeps_the_versions_from_register_in_the_roster(tmp_path):
     svc = _start(tmp_path)  # the real buffer service with fake sockets (test_handout.py)
     try:
-        _step(svc, P.Register(server_id="new", engine_url="http://n", engine_ranks=2, policy_version=0, **VERSIONS))
+        _step(svc, P.Register(server_id="new", engine_url="http://n", engine_ranks=2, policy_version=0, evaluates=True,
+                              **VERSIONS))
         old = _without(P.Register(server_id="old", engine_url="http://o"), *FIELDS)  # an older server's frame
         svc.handle(b"peer", b"req", P.decode(old), old)
         members = {m.server_id: m for m in _step(svc, P.RosterRequest()).members}
         assert _values(members["new"]) == {"server_id": "new", "engine_url": "http://n", "engine_ranks": 2,
-                                           "policy_version": 0, **VERSIONS}
+                                           "policy_version": 0, "evaluates": True, **VERSIONS}
         assert (members["old"].torch_version, members["old"].cuda_version, members["old"].nccl_version) == ("",) * 3
         _step(svc, P.Heartbeat(server_id="new", policy_version=4))  # a version change keeps them
         members = {m.server_id: m for m in _step(svc, P.RosterRequest()).members}

@@ -52,3 +52,11 @@ def test_missing_keys_are_named(tmp_path):
     (tmp_path / "keys" / "server.key").write_text("not a certificate")
     with pytest.raises(security.SecurityError, match="not a ZeroMQ certificate"):
         security.load(tmp_path / "keys", "rollout")
+
+
+def test_a_secret_key_never_shows_in_a_repr(tmp_path):
+    security.make_keys(tmp_path / "keys")
+    for role in (security.SERVER, "rollout"):
+        keys = security.load(tmp_path / "keys", role)
+        assert keys.secret and keys.secret not in repr(keys).encode() and repr(keys.secret) not in repr(keys)
+        assert keys.public.decode() in repr(keys)  # the public half still identifies it

@@ -11,8 +11,9 @@ import time
 import pytest
 
 from areal_like import protocol as P
+from areal_like.dealer import Client
 from areal_like.distributed import free_port
-from areal_like.transport import Client, Server
+from areal_like.transport import Server
 from buffer.wal import WriteAheadLog
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "eventfd"), reason="eventfd is Linux-only")

@@ -243,7 +243,7 @@ def test_books_balance_under_random_traffic(seed, tmp_path):
         max_staleness=rng.choice([0, 1, 2]), groups_per_step=rng.choice([1, 2, 3]), max_inflight=6, capacity=8,
         lease_timeout_s=10.0, heartbeat_timeout_s=1000.0, filter_equal_rewards=rng.random() < 0.5,
         stale_policy="reissue"))
-    svc = BufferService(cfg, clock=clock)
+    svc = BufferService.from_run(cfg, clock=clock)
     svc.recover()
     svc.server, svc.publisher = _FakeServer(), _FakePublisher()
     consumed: list = []
@@ -298,7 +298,7 @@ def test_books_balance_under_random_traffic(seed, tmp_path):
         elif op == "restart":  # a clean crash: what the WAL holds is all that survives
             before = (svc.state(), {g.group_id for g in svc.store.groups()}, svc.control.version)
             svc.wal.close()
-            svc = BufferService(cfg, clock=clock)
+            svc = BufferService.from_run(cfg, clock=clock)
             svc.recover()
             svc.server, svc.publisher = _FakeServer(), _FakePublisher()
             assert (svc.state(), {g.group_id for g in svc.store.groups()}, svc.control.version) == before
@@ -314,7 +314,7 @@ def test_books_balance_under_random_traffic(seed, tmp_path):
                 + [(x.prompt_index, x.epoch) for x in ledger.leases.values()] + list(ledger.reissue)
             assert sorted(places) == sorted(below)
     svc.wal.close()
-    restarted = BufferService(cfg, clock=clock)  # the WAL alone rebuilds the same state
+    restarted = BufferService.from_run(cfg, clock=clock)  # the WAL alone rebuilds the same state
     restarted.recover()
     assert restarted.state() == svc.state() and restarted.control.version == svc.control.version
     assert {g.group_id for g in restarted.store.groups()} == {g.group_id for g in svc.store.groups()}

@@ -86,6 +86,7 @@ def _vcpo_norms_rank(rank: int, port: int) -> None:
         assert not all(hasattr(p, "to_local") for p in policy.model.parameters())  # the state this test is about
         _, g2 = sequence_score_terms(policy, batch, torch.arange(2), s)
         torch.testing.assert_close(g2, expected, rtol=1e-6, atol=0.0)
+        dist.barrier()  # neither rank tears its group down while the other still uses it (gloo aborts then)
     finally:
         dist.destroy_process_group()
 

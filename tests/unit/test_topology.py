@@ -121,3 +121,83 @@ def test_laptop_layout_on_one_core_runs_unpinned_and_refuses_a_gpu_job():
         laptop_layout(_cfg("topology=laptop", "trainer.device=cuda"), [0, 1])
     with pytest.raises(ConfigError, match="launch.auto_layout"):
         _cfg("topology=laptop", "launch.nodes=2")
+
+
+@pytest.mark.parametrize("cores,servers,trainer_threads", [
+    (2, 1, 1),  # the development machine: buffer + 1 server on core 0, the trainer on core 1
+    (8, 4, 4),
+    (64, 8, 8),  # many cores: at most launch.auto_max_servers servers, launch.auto_max_threads threads
+])
+def test_the_quickstart_lays_itself_out_from_the_cores(cores, servers, trainer_threads):
+    from launch.job import job_specs
+    from launch.topology import laptop_layout
+
+    base = _cfg("experiment=quickstart")
+    assert base.launch.auto_layout  # the README's first command picks its layout, no topology= needed
+    cpus = list(range(cores))
+    cfg = laptop_layout(base, cpus)
+    topo = plan_topology(cfg, itertools.count(33000), cpus)
+    rollouts = [s for s in topo.slots if s.kind == "rollout"]
+    assert len(rollouts) == servers and cfg.launch.trainer_ranks == 1
+    assert topo.slot("trainer").threads == trainer_threads
+    assert set(topo.rollout_cpus).isdisjoint(topo.trainer_cpus) and len(topo.rollout_cpus) == cores // 2
+    # one rank runs the trainer module itself: no torchrun process in between
+    trainer = next(s for s in job_specs(cfg, topo, "config.yaml") if s.name == "trainer")
+    assert trainer.argv[1:3] == ["-m", "trainer"] and trainer.env["OMP_NUM_THREADS"] == str(trainer_threads)
+
+
+def test_laptop_layout_ceilings_are_configurable_and_without_taskset_nothing_is_pinned():
+    from launch.topology import laptop_layout
+
+    cpus = list(range(16))
+    cfg = laptop_layout(_cfg("topology=laptop", "launch.auto_max_servers=3", "launch.auto_max_threads=2"), cpus)
+    topo = plan_topology(cfg, itertools.count(34000), cpus)
+    assert cfg.launch.num_rollout_servers == 3 and topo.slot("trainer").threads == 2
+    assert topo.slot("trainer").cpus == tuple(range(8, 16))  # the pool keeps its cores
+    unpinned = laptop_layout(_cfg("topology=laptop"), cpus, can_pin=False)
+    assert (unpinned.launch.num_rollout_servers, unpinned.launch.trainer_ranks, unpinned.launch.pin_cpus) == (1, 1, False)
+    with pytest.raises(ConfigError, match="auto_max_servers"):
+        _cfg("topology=laptop", "launch.auto_max_servers=0")
+
+
+def test_several_trainer_ranks_still_run_under_torchrun():
+    from launch.job import job_specs
+
+    cfg = _cfg("topology=local_cpu", "launch.trainer_ranks=2")
+    topo = plan_topology(cfg, itertools.count(35000))
+    argv = next(s for s in job_specs(cfg, topo, "config.yaml") if s.name == "trainer").argv()
+    assert argv[1:3] == ["-m", "torch.distributed.run"] and argv[argv.index("--nproc-per-node") + 1] == "2"
+
+
+def test_the_trainer_waits_for_the_evaluating_server_only_when_one_is_started_for_a_final_eval():
+    from launch.job import job_specs
+
+    def trainer_argv(*overrides: str) -> list[str]:
+        cfg = _cfg("experiment=quickstart", "topology=local_cpu", *overrides)
+        topo = plan_topology(cfg, itertools.count(37000))
+        return next(s for s in job_specs(cfg, topo, "config.yaml") if s.name == "trainer").argv()
+
+    assert "eval.await_server=true" in trainer_argv()  # rollout-0 evaluates, at the end too
+    assert "eval.await_server=true" in trainer_argv("launch.trainer_ranks=2")  # under torchrun as well
+    assert "eval.await_server=true" not in trainer_argv("eval.at_end=false")
+    assert "eval.await_server=true" not in trainer_argv("eval.at_end=false", "eval.every=0")  # no evaluator
+
+
+def test_plan_shows_the_laid_out_job_not_the_configured_counts():
+    from launch.job import laid_out, plan_job
+    from launch.topology import plan_lines
+
+    cfg = _cfg("experiment=quickstart", "launch.num_rollout_servers=5", "launch.trainer_ranks=3")
+    _, topo = plan_job(cfg, cpus=[0, 1])
+    rows = plan_lines(laid_out(cfg, [0, 1])[0], topo)[1:]
+    assert [r.split()[1] for r in rows] == ["buffer", "rollout-0", "trainer"]
+    assert "python -m trainer (1 rank, no torchrun)" in rows[-1] and "torchrun" not in rows[-1].split("no torchrun")[0]
+
+
+def test_run_makes_the_trainer_wait_for_its_first_server_only_when_it_starts_servers():
+    cfg = _cfg("topology=local_cpu")
+    applied = apply_topology(cfg, plan_topology(cfg, itertools.count(36000)))
+    assert cfg.trainer.first_engine_wait_s == 0  # the trainer alone (tests, by hand) pushes at once
+    assert applied.trainer.first_engine_wait_s == min(cfg.launch.health_timeout_s, cfg.trainer.gloo_timeout_s / 2)
+    kept = _cfg("topology=local_cpu", "trainer.first_engine_wait_s=7")
+    assert apply_topology(kept, plan_topology(kept, itertools.count(36100))).trainer.first_engine_wait_s == 7

@@ -360,7 +360,7 @@ def test_sample_rows_from_a_hand_made_batch():
 def test_trainer_appends_a_sample_table_every_sample_every_steps(tmp_path, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     cfg = RunConfig(run_dir=str(tmp_path), tracking=TrackingConfig(sample_every=10, sample_k=2))
-    trainer = Trainer(cfg)
+    trainer = Trainer.from_run(cfg)
     trainer.data = BatchSource("tcp://127.0.0.1:1", 2, wait_s=1, buffer_timeout_s=1, rank=1)  # no socket on rank 1
     trainer.data.last_groups = _batch_groups()
     for trainer.version in (9, 10, 11):

@@ -15,8 +15,9 @@ import zmq
 
 from areal_like import protocol as P
 from areal_like import transport
+from areal_like.dealer import Client
 from areal_like.trajectory import Trajectory
-from areal_like.transport import Client, FrameWriter, Server, new_socket
+from areal_like.transport import FrameWriter, Server, new_socket
 
 REQUEST_TIMEOUT_S = 20.0  # loopback on a loaded 2-core box: generous, answers take milliseconds
 

@@ -14,8 +14,9 @@ import zmq
 import zmq.asyncio
 
 from areal_like import protocol as P
+from areal_like.dealer import Client
 from areal_like.trajectory import Trajectory
-from areal_like.transport import Client, FrameWriter, Server, new_socket, recv_parts
+from areal_like.transport import FrameWriter, Server, new_socket, recv_parts
 
 TIMEOUT_MS = 20_000  # loopback on a loaded 2-core box: generous, frames take milliseconds
 

@@ -288,7 +288,7 @@ def test_a_failed_write_is_not_taken_for_a_damaged_record_at_hand_out(tmp_path, 
 
     cfg = RunConfig(run_dir=str(tmp_path), task=TaskConfig(num_prompts=100), buffer=BufferConfig(
         max_staleness=1, groups_per_step=2, max_inflight=16, capacity=64))
-    svc = BufferService(cfg)
+    svc = BufferService.from_run(cfg)
     svc.recover()
     svc.server, svc.publisher = FakeServer(), FakeServer()
 

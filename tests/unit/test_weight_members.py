@@ -78,3 +78,42 @@ def test_the_watch_raises_for_a_failure_report_or_a_departure():
     assert lost.value.lost == ["a"]
     RendezvousWatch(_Buffer(P.SyncStatus(policy_version=4, done=[], failed=[]), _roster("a", "b")), 4, ["a", "b"],
                     _later())()  # everyone there: no error
+
+
+def _status(done=(), failed=()) -> P.SyncStatus:
+    return P.SyncStatus(policy_version=4, done=list(done), failed=list(failed), pause_s={s: 0.01 for s in done})
+
+
+def test_await_members_polls_short_then_longer_and_never_sleeps_once_all_reported(monkeypatch):
+    from trainer import weight_members as wm
+
+    sleeps = []
+    monkeypatch.setattr(wm.time, "sleep", sleeps.append)
+    buffer = _Buffer(_status(), _status(), _status(done=["a"]), _status(done=["a", "b"]))
+    report = SyncReport(version=4, members=["a", "b"])
+    wm.await_members(buffer, 4, report, _later())
+    assert (report.done, report.dropped) == (["a", "b"], [])
+    assert len(buffer.sent) == 4  # stopped at the first status with every member in it
+    # one sleep between polls, none after the last: the push is reported done as soon as it is
+    assert sleeps == [wm.STATUS_POLL_MIN_S, 2 * wm.STATUS_POLL_MIN_S, 4 * wm.STATUS_POLL_MIN_S]
+
+
+def test_poll_periods_double_up_to_the_longest():
+    from itertools import islice
+
+    from trainer.weight_members import STATUS_POLL_MIN_S, STATUS_POLL_S, poll_periods
+
+    periods = list(islice(poll_periods(), 12))
+    assert periods[0] == STATUS_POLL_MIN_S and periods[-1] == STATUS_POLL_S
+    assert all(b == min(STATUS_POLL_S, 2 * a) for a, b in zip(periods, periods[1:]))
+
+
+def test_the_initial_push_waits_for_the_first_server_and_gives_up_at_its_timeout(monkeypatch):
+    from trainer import weight_members as wm
+
+    monkeypatch.setattr(wm.time, "sleep", lambda s: None)
+    buffer = _Buffer(_roster(), _roster(), _roster("rollout-0"))
+    assert wm.await_first_member(buffer, timeout_s=30.0) is True and len(buffer.sent) == 3
+    empty = _Buffer(*[_roster()] * 3)
+    assert wm.await_first_member(empty, timeout_s=0.0) is False and len(empty.sent) == 1
+    assert wm.await_first_member(_Buffer(), timeout_s=30.0, should_stop=lambda: True) is False

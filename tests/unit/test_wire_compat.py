@@ -28,7 +28,7 @@ import pytest
 from areal_like import protocol as P
 from areal_like.codec import field_names
 from areal_like.config import BufferConfig, RunConfig, SecurityConfig, TaskConfig, to_yaml
-from areal_like.transport import Client
+from areal_like.dealer import Client
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 WIRE = FIXTURES / "wire"
@@ -55,7 +55,8 @@ def plain(value):
 
 
 # Fields added with a default after the fixtures were written: an old frame decodes with the default.
-ADDED_SINCE = {"weight_sync_plan": {"path": "distributed", "payloads": []}}
+ADDED_SINCE = {"weight_sync_plan": {"path": "distributed", "payloads": []}, "register": {"fresh": False, "evaluates": False},
+               "roster_entry": {"evaluates": False}}
 
 
 def with_masks(value):

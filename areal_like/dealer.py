@@ -1,0 +1,188 @@
+"""The client side of request/reply (``Client``, ``AsyncClient``): see areal_like/transport.py's
+docstring for the patterns, and areal_like/sealed.py for the sealed bulk frames they switch to
+after a CURVE handshake."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import zmq
+import zmq.asyncio
+
+from areal_like import sealed, security
+from areal_like.protocol import Message, decode
+from areal_like.transport import (
+    _NOBLOCK,
+    DEFAULT_TIMEOUT_S,
+    FrameWriter,
+    TransportError,
+    TransportTimeout,
+    new_socket,
+    recv_parts,
+)
+
+
+class _Dealer:
+    """A DEALER to ``address`` that is replaced by a fresh one after a timeout ("lazy pirate").
+
+    With sealed bulk frames (``security.seals``) the first request of each socket is preceded by a
+    HELLO over CURVE; the WELCOME's key and port replace the socket by a plain DEALER to the bulk
+    port, on which every later frame is sealed (areal_like/sealed.py). A timeout drops the session
+    with the socket, so after a server restart the next request shakes hands again.
+    """
+
+    def __init__(self, address: str, ctx: zmq.Context, timeout_s: float, identity: str | None):
+        self.address, self.timeout_s, self.identity, self._ctx = address, timeout_s, identity, ctx
+        self._sock: zmq.Socket | None = None
+        self._writer = FrameWriter()
+        self._keys = security.active()  # a reconnect keeps the keys the client was made with
+        self._connect()
+
+    def _connect(self) -> None:
+        with security.using(self._keys):
+            self._channel: sealed.Channel | None = None
+            self._seals = security.seals(self.address)
+            self._sock = new_socket(self._ctx, zmq.DEALER)
+            self._routing_id = f"{self.identity}-{uuid.uuid4().hex[:6]}".encode() if self.identity else None
+            if self._routing_id:
+                self._sock.setsockopt(zmq.IDENTITY, self._routing_id)
+            security.connect(self._sock, self.address)
+        self._on_socket()
+
+    def _on_socket(self) -> None:
+        """A new socket is in ``_sock`` (Client keeps a poller on it)."""
+
+    def reconnect(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        self._connect()
+
+    def _needs_session(self) -> bool:
+        return self._seals and self._channel is None and self._sock is not None
+
+    def _send_hello(self) -> bytes:
+        req_id = uuid.uuid4().bytes
+        try:
+            self._sock.send_multipart([req_id, sealed.HELLO], flags=_NOBLOCK)
+        except zmq.Again:
+            self.reconnect()
+            raise TransportTimeout(f"send queue to {self.address} is full") from None
+        return req_id
+
+    def _start_session(self, welcome) -> None:
+        """Take the WELCOME: from now on a plain DEALER to the bulk port, every frame sealed."""
+        try:
+            channel, port = sealed.client_channel(bytes(welcome))
+        except sealed.SealError as e:
+            self.reconnect()
+            raise TransportError(f"{self.address}: {e}") from None
+        bulk = new_socket(self._ctx, zmq.DEALER, secure=False)
+        if self._routing_id:
+            bulk.setsockopt(zmq.IDENTITY, self._routing_id)
+        bulk.connect(sealed.bulk_address(self.address, port))
+        self._sock.close(linger=0)
+        self._sock, self._channel = bulk, channel
+        self._on_socket()
+
+    def _send(self, msg: Message) -> bytes:
+        """Send ``msg`` under a fresh req_id (returned). A ProtocolError leaves the socket untouched."""
+        if self._sock is None:
+            raise TransportError(f"client for {self.address} is closed")
+        req_id = uuid.uuid4().bytes
+        try:
+            if self._channel is not None:
+                self._writer.send_sealed(self._sock, [req_id], self._channel, msg)
+            else:
+                self._writer.send(self._sock, [req_id], msg, zmq.NOBLOCK)  # asyncio: sent at once or Again
+        except zmq.Again:
+            self.reconnect()
+            raise TransportTimeout(f"send queue to {self.address} is full") from None
+        return req_id
+
+    def _payload(self, req_id: bytes, frames: list[zmq.Frame]):
+        """The reply's payload if ``frames`` answer ``req_id`` (opened when sealed), else None: a late
+        reply to an abandoned request, or a frame that is not this session's, is dropped."""
+        if len(frames) != 2 or frames[0].bytes != req_id:
+            return None
+        if self._channel is None:
+            return frames[1].buffer
+        try:
+            return self._channel.open(req_id, frames[1].buffer)
+        except sealed.SealError:
+            return None
+
+    def _timed_out(self, msg: Message, timeout: float) -> TransportTimeout:
+        self.reconnect()  # fresh socket: queued requests and late replies to this one are discarded
+        return TransportTimeout(f"no reply from {self.address} within {timeout:.1f}s to {msg.TYPE}")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+
+class Client(_Dealer):
+    """Synchronous request/reply client (one outstanding request at a time; not thread safe)."""
+
+    def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, identity: str | None = None):
+        super().__init__(address, zmq.Context.instance(), timeout_s, identity)
+
+    def _on_socket(self) -> None:
+        self._poller = zmq.Poller()  # kept: Socket.poll builds a new Poller on every call
+        self._poller.register(self._sock, zmq.POLLIN)
+
+    def request(self, msg: Message, timeout_s: float | None = None) -> Message:
+        """Send ``msg`` and return the decoded reply. Raises TransportTimeout or ProtocolError."""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout
+        if self._needs_session():
+            if (welcome := self._wait(self._send_hello(), deadline)) is None:
+                raise self._timed_out(msg, timeout)
+            self._start_session(welcome)
+        if (payload := self._wait(self._send(msg), deadline)) is None:
+            raise self._timed_out(msg, timeout)
+        return decode(payload)
+
+    def _wait(self, req_id: bytes, deadline: float):
+        """The payload of the reply to ``req_id``, or None at ``deadline``."""
+        while (remaining := deadline - time.monotonic()) > 0:
+            if not self._poller.poll(max(1, int(remaining * 1000))):
+                return None
+            if (payload := self._payload(req_id, recv_parts(self._sock, 0))) is not None:
+                return payload
+        return None
+
+
+class AsyncClient(_Dealer):
+    """asyncio twin of Client for daemons built on an event loop (rollout servers).
+
+    Requests are serialised with a lock: one outstanding request per socket keeps req_id
+    matching trivial, and the buffer answers in milliseconds.
+    """
+
+    def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, identity: str | None = None):
+        self._lock = asyncio.Lock()
+        super().__init__(address, zmq.asyncio.Context.instance(), timeout_s, identity)
+
+    async def request(self, msg: Message, timeout_s: float | None = None) -> Message:
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        async with self._lock:
+            deadline = asyncio.get_running_loop().time() + timeout
+            if self._needs_session():
+                if (welcome := await self._wait(self._send_hello(), deadline)) is None:
+                    raise self._timed_out(msg, timeout)
+                self._start_session(welcome)
+            if (payload := await self._wait(self._send(msg), deadline)) is None:
+                raise self._timed_out(msg, timeout)
+            return decode(payload)
+
+    async def _wait(self, req_id: bytes, deadline: float):
+        loop, sock = asyncio.get_running_loop(), self._sock
+        while (remaining := deadline - loop.time()) > 0:
+            if not await sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
+                return None
+            if (payload := self._payload(req_id, await sock.recv_multipart(copy=False))) is not None:
+                return payload
+        return None

@@ -1,0 +1,33 @@
+"""What the buffer needs to know about the rest of the job, beyond its own ``buffer`` section.
+
+``BufferFacts.from_run(cfg)`` is the one place that reads other sections of the run config for the
+buffer (the model's vocabulary, the task's dataset, the trainer's engine lag, ``run_dir``); the
+service and its parts see only ``BufferConfig`` and these facts. Paths are resolved against
+``run_dir`` here, so nothing past this point resolves one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from areal_like.config import RunConfig, dataset_size, model_vocab_size, request_frame_limit
+
+
+@dataclass(frozen=True)
+class BufferFacts:
+    vocab_size: int  # model: token ids outside [0, vocab_size) are refused
+    dataset_size: int  # task + model: prompts in one epoch, the ledger's cursor range
+    engine_lag: int  # trainer.weight_sync.engine_lag: versions engines may lag by design
+    frame_limit: int  # task + model (or buffer.max_frame_bytes): bigger request frames are refused undecoded
+    wal_dir: Path  # buffer.wal_dir resolved against run_dir
+    local_dir: Path | None  # buffer.local_dir resolved against run_dir: same-node ipc:// sockets (None: none)
+
+    @classmethod
+    def from_run(cls, cfg: RunConfig) -> BufferFacts:
+        """The facts of the job ``cfg`` describes (reads the task's dataset to count its prompts)."""
+        b = cfg.buffer
+        return cls(vocab_size=model_vocab_size(cfg.model), frame_limit=request_frame_limit(cfg),
+                   engine_lag=cfg.trainer.weight_sync.engine_lag, dataset_size=dataset_size(cfg.task, cfg.model),
+                   wal_dir=cfg.resolve_path(b.wal_dir),
+                   local_dir=cfg.resolve_path(b.local_dir) if b.local_dir else None)

@@ -1,0 +1,86 @@
+"""Sealed bulk frames byte by byte (areal_like/sealed.py): the frame, nonce and AAD layout checked by
+hand against AESGCM itself, directions that never share a nonce, and what a channel refuses."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from areal_like import sealed
+
+SID = bytes(range(16))
+KEY = bytes(range(100, 132))
+REQ = b"r" * 16
+
+
+def test_frame_nonce_and_aad_layout_by_hand():
+    client = sealed.Channel(SID, KEY, sealed.TO_SERVER)
+    client.seal(REQ, b"first")
+    frame = client.seal(REQ, b"hello")  # counter 2
+    assert frame[:16] == SID
+    assert frame[16:24] == struct.pack(">Q", 2) == b"\x00" * 7 + b"\x02"
+    nonce = b"\x01\x00\x00\x00" + b"\x00" * 7 + b"\x02"  # direction 0x01, 3 zero bytes, counter
+    assert sealed.nonce(sealed.TO_SERVER, 2) == nonce and len(nonce) == 12
+    assert AESGCM(KEY).decrypt(nonce, frame[24:], SID + frame[16:24] + REQ) == b"hello"
+    assert len(frame) == 16 + 8 + len(b"hello") + 16  # ciphertext the plaintext's length, then the tag
+    server = sealed.Channel(SID, KEY, sealed.TO_CLIENT)
+    reply = server.seal(REQ, b"ack")
+    assert AESGCM(KEY).decrypt(b"\x02\x00\x00\x00" + struct.pack(">Q", 1), reply[24:], reply[:24] + REQ) == b"ack"
+
+
+def test_directions_never_share_a_nonce():
+    nonces = {sealed.nonce(d, c) for d in (sealed.TO_SERVER, sealed.TO_CLIENT) for c in range(1, 1000)}
+    assert len(nonces) == 2 * 999
+
+
+def test_channel_opens_in_order_and_refuses_replay_reflection_and_tampering():
+    client, server = sealed.Channel(SID, KEY, sealed.TO_SERVER), sealed.Channel(SID, KEY, sealed.TO_CLIENT)
+    first, second = client.seal(REQ, b"a"), client.seal(REQ, b"b")
+    assert server.open(REQ, second) == b"b"
+    with pytest.raises(sealed.SealError, match="replayed"):
+        server.open(REQ, first)  # older than the last accepted
+    with pytest.raises(sealed.SealError, match="replayed"):
+        server.open(REQ, second)
+    third = client.seal(REQ, b"c")
+    with pytest.raises(sealed.SealError, match="bad tag"):
+        server.open(b"x" * 16, third)  # another request's id: the AAD differs
+    with pytest.raises(sealed.SealError, match="bad tag"):
+        client.open(REQ, client.seal(REQ, b"d"))  # reflected back to its sender: the other direction's nonce
+    tampered = bytearray(third)
+    tampered[-20] ^= 1
+    with pytest.raises(sealed.SealError, match="bad tag"):
+        server.open(REQ, bytes(tampered))
+    assert server.open(REQ, third) == b"c"  # refusals changed nothing
+    wrong_key = sealed.Channel(SID, bytes(32), sealed.TO_SERVER, sent=10)
+    with pytest.raises(sealed.SealError, match="bad tag"):
+        server.open(REQ, wrong_key.seal(REQ, b"e"))
+    with pytest.raises(sealed.SealError, match="unknown session"):
+        server.open(REQ, sealed.Channel(bytes(16), KEY, sealed.TO_SERVER, sent=10).seal(REQ, b"f"))
+
+
+def test_welcome_round_trip_and_keys_never_in_repr():
+    table = sealed.SessionTable(max_sessions=2)
+    session = table.create("rollout", b"peer-1")
+    channel, port = sealed.client_channel(sealed.welcome(session, 4321))
+    assert (channel.sid, channel.key, port) == (session.channel.sid, session.channel.key, 4321)
+    assert session.channel.key.hex() not in repr(session) and repr(session.channel.key) not in repr(session)
+    assert repr(channel.key) not in repr(channel)
+    with pytest.raises(sealed.SealError, match="refused: no"):
+        sealed.client_channel(sealed.REFUSED + b"no")
+    table.create("rollout", b"peer-1")  # a new HELLO replaces the peer's session
+    assert len(table) == 1 and table.for_peer(b"peer-1") is not session
+    table.create("trainer", b"peer-2"), table.create("trainer", b"peer-3")
+    assert len(table) == 2 and table.for_peer(b"peer-1") is None  # the oldest is forgotten
+
+
+def test_the_session_table_forgets_the_least_recently_used_session_first():
+    table = sealed.SessionTable(max_sessions=2)
+    busy = table.create("trainer", b"t")
+    table.create("rollout", b"r1")
+    client = sealed.Channel(busy.channel.sid, busy.channel.key, sealed.TO_SERVER)
+    assert table.open(b"route", REQ, client.seal(REQ, b"x"))[0] is busy  # used after idle was made
+    table.create("rollout", b"r2")  # a third: the one not used since it was made goes
+    assert table.for_peer(b"t") is busy and table.for_peer(b"r1") is None and len(table) == 2
+    assert table.open(b"route", REQ, client.seal(REQ, b"y"))[1] == b"y"  # the busy session still opens frames

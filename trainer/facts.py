@@ -1,0 +1,41 @@
+"""What the trainer needs to know about the rest of the job, beyond its own ``trainer`` section.
+
+``TrainerFacts.from_run(cfg)`` is the one place that reads other sections of the run config for the
+trainer; the trainer loop sees only ``TrainerConfig`` and these facts. The model and the task are
+shared knowledge (the buffer and the rollout servers read the same ones), so they come whole, and so
+does the export section, which only the trainer acts on. Paths are resolved against ``run_dir``
+here, so nothing past this point resolves one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from areal_like.config import ExportConfig, ModelConfig, RunConfig, TaskConfig
+
+
+@dataclass(frozen=True)
+class TrainerFacts:
+    model: ModelConfig  # the policy's (and reference's) architecture or weights, and the tokenizer
+    task: TaskConfig  # the engines' sampling (temperature, top-p/k, max_new_tokens), the chat template exports carry
+    export: ExportConfig  # in-run exports: when and in what shards
+    seed: int  # torch's seed for this process
+    max_staleness: int  # buffer.max_staleness: the consume-time bound every batch is checked against
+    final_eval_timeout_s: float  # eval.final_timeout_s: how long the last push waits for an evaluating server
+    final_eval: bool  # eval.await_server: the last push waits for a server that evaluates to register
+    sample_every: int  # tracking.sample_every: a sample table every this many steps (0: never)
+    sample_k: int  # tracking.sample_k: trajectories in one sample table
+    run_dir: Path  # where metrics/trainer.jsonl and samples.jsonl go
+    checkpoint_dir: Path  # trainer.checkpoint_dir resolved against run_dir
+    export_dir: Path  # export.dir resolved against run_dir
+
+    @classmethod
+    def from_run(cls, cfg: RunConfig) -> TrainerFacts:
+        """The facts of the job ``cfg`` describes."""
+        return cls(model=cfg.model, task=cfg.task, export=cfg.export, seed=cfg.seed,
+                   max_staleness=cfg.buffer.max_staleness, final_eval_timeout_s=cfg.eval.final_timeout_s,
+                   final_eval=cfg.eval.await_server,
+                   sample_every=cfg.tracking.sample_every, sample_k=cfg.tracking.sample_k, run_dir=Path(cfg.run_dir),
+                   checkpoint_dir=cfg.resolve_path(cfg.trainer.checkpoint_dir),
+                   export_dir=cfg.resolve_path(cfg.export.dir))
