@@ -70,7 +70,7 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     from areal_like.config import load_config
     from trainer.memory import GIB, PeakTensorBytes, estimate_peak_bytes, qwen2_shape
-    from trainer.model import build_policy, init_distributed
+    from trainer.model import build_policy, init_distributed, leave_distributed
     from trainer.step import StepSettings, train_step
 
     model_cfg = qwen2_shape(args.shape, **({"num_hidden_layers": args.layers} if args.layers else {}),
@@ -105,7 +105,7 @@ def main() -> None:
         "moments_gib": {k: round(v / GIB, 3) for k, v in est.moments.items()},
         "rss_peak_gib": round(rss / GIB, 3), "rss_before_gib": round(rss0 / GIB, 3),
         "loss": stats["loss"], "wall_s": round(wall, 1)}))
-    torch.distributed.destroy_process_group()
+    leave_distributed()
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ from trainer.export import TMP_PREFIX as EXPORT_TMP_PREFIX
 from trainer.export import export_hf, export_tokenizer
 from trainer.facts import TrainerFacts
 from trainer.logprob_guard import PROBE_TEXT, run_guard
-from trainer.model import build_policy, build_reference, init_distributed
+from trainer.model import build_policy, build_reference, init_distributed, leave_distributed
 from trainer.samples import sample_rows
 from trainer.step import StepSettings, recompute_prox_logp, reference_logp, train_step
 from trainer.weight_members import await_first_member
@@ -93,6 +93,7 @@ class Trainer(Daemon):
         self.phase_times: dict[str, float] = {}
         self.ckpt_root = facts.checkpoint_dir
         self.exported_version: int | None = None
+        self.completed = False
         self.jsonl = facts.run_dir / "metrics" / "trainer.jsonl"
 
     @classmethod
@@ -254,6 +255,7 @@ class Trainer(Daemon):
                      "labels_skipped": self.version - self.steps_trained})
         self.log.info("done at policy_version %d (%d steps trained, %d rolled back by crashes)", self.version,
                       self.steps_trained, self.rolled_back_steps)
+        self.completed = True  # every rank got here: stop() may wait for the others before leaving the group
 
     def export_if_due(self, final: bool = False) -> None:
         """Export (all ranks; a collective) at multiples of ``export.every``, and once training reached
@@ -283,7 +285,9 @@ class Trainer(Daemon):
         for part in ("data", "broadcaster"):
             if hasattr(self, part):
                 getattr(self, part).close()
-        if dist.is_initialized():
+        if self.completed:
+            leave_distributed()
+        elif dist.is_initialized():  # after a failure a peer may be gone: a barrier would wait for its timeout
             dist.destroy_process_group()
 
     # ------------------------------------------------------------------ timing and metrics

@@ -93,6 +93,17 @@ def init_distributed(trainer_cfg: TrainerConfig) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def leave_distributed() -> None:
+    """Leave the default process group after the work every rank shares: a barrier first, so that no
+    rank tears its group down while another still uses it (gloo aborts the slower process then:
+    ``terminate called without an active exception``), then destroy it."""
+    if not dist.is_initialized():
+        return
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def trainer_device(trainer_cfg: TrainerConfig) -> torch.device:
     if trainer_cfg.device.startswith("cuda"):
         return torch.device("cuda", torch.cuda.current_device())

@@ -37,7 +37,7 @@ def worker(out_dir: Path) -> None:
     from areal_like.tokenizer import load_tokenizer
     from trainer.data import groups_to_batch
     from trainer.export import export_hf
-    from trainer.model import build_policy, full_state_dict, init_distributed
+    from trainer.model import build_policy, full_state_dict, init_distributed, leave_distributed
     from trainer.step import StepSettings, recompute_prox_logp, train_step
 
     results = {}
@@ -61,7 +61,7 @@ def worker(out_dir: Path) -> None:
         results[tied] = {"logits": logits.detach().clone(), "state": full_state_dict(policy.model)}
     if rank == 0:
         torch.save(results, out_dir / "trained.pt")
-    torch.distributed.destroy_process_group()
+    leave_distributed()
 
 
 def _tensors(directory: Path) -> dict[str, dict]:

@@ -30,7 +30,7 @@ def worker(out: str) -> None:
 
     from areal_like.config import load_config
     from trainer.data import groups_to_batch
-    from trainer.model import build_policy, full_state_dict, init_distributed
+    from trainer.model import build_policy, full_state_dict, init_distributed, leave_distributed
     from trainer.step import StepSettings, batch_logp, recompute_prox_logp, train_step
 
     batch = groups_to_batch(synthetic_groups())
@@ -64,7 +64,7 @@ def worker(out: str) -> None:
     except ValueError as e:
         res["two_mb_error"] = str(e)
     Path(out).write_text(json.dumps(res))
-    torch.distributed.destroy_process_group()
+    leave_distributed()
 
 
 def test_fused_prox_equals_recomputed_prox_and_one_rank_is_unsharded(tmp_path):

@@ -55,7 +55,7 @@ def worker(out: str, mbs_list: list[int]) -> None:
     torch.set_num_threads(1)
     from areal_like.config import load_config
     from trainer.data import groups_to_batch
-    from trainer.model import build_policy, full_state_dict, init_distributed
+    from trainer.model import build_policy, full_state_dict, init_distributed, leave_distributed
     from trainer.step import StepSettings, recompute_prox_logp, train_step
 
     batch = groups_to_batch(synthetic_groups())
@@ -73,7 +73,7 @@ def worker(out: str, mbs_list: list[int]) -> None:
                                     "state": full_state_dict(policy.model)}
     if rank == 0:
         torch.save(results, out)
-    torch.distributed.destroy_process_group()
+    leave_distributed()
 
 
 def _spawn(out: Path, mbs: list[int], rank: int | None = None, world: int = 1, port: int = 0) -> subprocess.Popen:

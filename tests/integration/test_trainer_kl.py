@@ -35,7 +35,7 @@ def worker(out_dir: Path) -> None:
     from trainer.checkpoint import load_checkpoint, save_checkpoint
     from trainer.data import groups_to_batch
     from trainer.export import export_hf
-    from trainer.model import build_policy, build_reference, full_state_dict, init_distributed
+    from trainer.model import build_policy, build_reference, full_state_dict, init_distributed, leave_distributed
     from trainer.step import StepSettings, recompute_prox_logp, reference_logp, train_step
 
     if not out_dir.is_dir():
@@ -69,7 +69,7 @@ def worker(out_dir: Path) -> None:
     res["ref_path_step"] = step(from_dir)  # policy == this reference at the start of the step
     if rank == 0:
         torch.save(res, out_dir / "res.pt")
-    torch.distributed.destroy_process_group()
+    leave_distributed()
 
 
 def test_kl_reference_step_on_one_and_two_ranks(tmp_path, spawn_python, free_port):

@@ -64,7 +64,7 @@ def worker(out: str, model_dir: str) -> None:
 
     torch.set_num_threads(1)
     from trainer.memory import PeakTensorBytes
-    from trainer.model import build_policy, build_reference, full_state_dict, init_distributed
+    from trainer.model import build_policy, build_reference, full_state_dict, init_distributed, leave_distributed
 
     res: dict = {}
     rank, world = init_distributed(_cfg().trainer)
@@ -87,7 +87,7 @@ def worker(out: str, model_dir: str) -> None:
         res[f"ac={ac}"] = _grads_after_one_microbatch(policy, cfg)
     if rank == 0:
         torch.save(res, out)
-    torch.distributed.destroy_process_group()
+    leave_distributed()
 
 
 def _spawn(out: Path, model_dir: Path, rank: int | None = None, world: int = 1, port: int = 0):

@@ -76,7 +76,7 @@ def trainer_role(cfg_path: str, out_dir: str) -> None:
     from areal_like.protocol import RosterRequest, TrajectoryGroup
     from areal_like.trajectory import Trajectory, as_f32, as_i32
     from trainer.data import groups_to_batch
-    from trainer.model import build_policy, full_state_dict, init_distributed
+    from trainer.model import build_policy, full_state_dict, init_distributed, leave_distributed
     from trainer.step import StepSettings, output_logp, recompute_prox_logp, train_step
     from trainer.weight_sync import WeightBroadcaster
 
@@ -120,7 +120,7 @@ def trainer_role(cfg_path: str, out_dir: str) -> None:
                 (out / "probe_logp.json").write_text(json.dumps([lp[i, :len(o)].tolist()
                                                                  for i, (_, o) in enumerate(probe[0])]))
     wb.close()
-    dist.destroy_process_group()
+    leave_distributed()
 
 
 # ---------------------------------------------------------------- rollout-server stand-ins
