@@ -17,9 +17,8 @@ the tokens produced so far. The sample is resubmitted as ``prompt + tokens so fa
   finishes as ``length``.
 
 An abort that carries an HTTP status (the engine rejected the request, e.g. too long) is an
-error, not a pause: it raises ``SGLangError`` instead of looping. ``generate_group`` asks for the
-n samples as one batch (each resumes on its own, the unfinished ones batched again), and the
-client sends the batches of every episode that asks in the same event-loop turn as one request;
+error, not a pause: it raises ``SGLangError`` instead of looping. ``generate_group`` sends the n
+samples as one batched request (each resumes on its own, the unfinished ones batched again);
 ``run_episode`` detokenises them and scores the group in the reward pool
 (``rollout_server/reward_pool.py``).
 """
@@ -73,9 +72,8 @@ async def generate_sample(client: SGLangClient, prompt_ids: list[int], sampling:
 async def generate_group(client: SGLangClient, prompt_ids: list[int], n: int, sampling: dict, max_new_tokens: int,
                          current_version_fn: Callable[[], int], metrics: Metrics | None = None) -> list[Sample]:
     """n samples for one prompt, each resubmitted across pauses on its own (module docstring). The
-    samples not finished yet go to the engine as one batch (a list of prompts, one per sample),
-    which the client sends together with the other groups that ask in the same event-loop turn
-    (rollout_server/sglang_client.py, Coalescing): one HTTP round trip per turn and pause."""
+    samples not finished yet go to the engine as ONE batched ``/generate`` (a list of prompts, one
+    per sample): one HTTP round trip per group and pause instead of one per sample."""
     samples, empty = [Sample() for _ in range(n)], [0] * n
     pending = list(range(n))
     while pending:
@@ -83,7 +81,8 @@ async def generate_group(client: SGLangClient, prompt_ids: list[int], n: int, sa
         params = [dict(sampling, max_new_tokens=max_new_tokens - len(samples[i].output_ids)) for i in pending]
         _gauge(metrics, "rollout/requests_in_flight", +len(pending))
         try:
-            outs = await client.generate_batch(inputs, params)
+            outs = await client.generate_batch(inputs, params) if len(pending) > 1 else \
+                [await client.generate(inputs[0], params[0])]
         finally:
             _gauge(metrics, "rollout/requests_in_flight", -len(pending))
         pending = [i for i, out in zip(pending, outs, strict=True)

@@ -25,9 +25,6 @@ Shapes it relies on:
   one base64 ForkingPickler payload per TP rank, ``load_format``, ``flush_cache``, ``weight_version``). The served version is read from ``/model_info`` (0.5.23 has no
   ``/weight_version`` route).
 
-Coalescing: ``generate_batch`` calls made in one turn of the event loop travel together as one
-batched ``/generate`` (rollout_server/coalesce.py says why, and what a failure does to each caller).
-
 Retries (bounded, exponential backoff) and why they are safe:
 
 * idempotent calls (health, info, metrics, pause, continue, flush, abort, destroy group) are
@@ -65,7 +62,6 @@ from typing import Any
 import aiohttp
 
 from areal_like.metrics import parse_exposition
-from rollout_server.coalesce import Coalescer
 
 DEFAULT_TIMEOUT_S = 30.0  # control calls on a healthy server take milliseconds; 30 s is a wedged server
 GENERATE_TIMEOUT_S = 600.0  # a long generation on a busy CPU engine can take minutes
@@ -108,13 +104,6 @@ def _error_message(body: Any, raw: str) -> str:
         if "message" in body:
             return str(body["message"])
     return raw.strip()[:500] or "(empty body)"
-
-
-def _refused_whole(error: Exception) -> bool:
-    """The engine refused the request as a whole before running it (a 4xx other than 429, which
-    says it is overloaded: sending the parts one by one would only add to its load)."""
-    return isinstance(error, SGLangError) and error.status is not None and 400 <= error.status < 500 \
-        and error.status != 429
 
 
 def parse_generate_output(body: Any) -> GenerateOutput:
@@ -167,8 +156,6 @@ class SGLangClient:
         self.on_response = on_response
         self.weight_session_supported: bool | None = None  # None: not probed yet
         self._session: aiohttp.ClientSession | None = None
-        self._coalescer = Coalescer(self._generate_batch, refused=_refused_whole,
-                                    closed_error=lambda: SGLangError("/generate", None, "client closed during the call"))
 
     async def __aenter__(self) -> SGLangClient:
         return self
@@ -177,7 +164,6 @@ class SGLangClient:
         await self.close()
 
     async def close(self) -> None:
-        self._coalescer.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -242,18 +228,12 @@ class SGLangClient:
 
     async def generate_batch(self, inputs: list[list[int]], sampling_params: list[dict], *,
                              timeout_s: float | None = None) -> list[GenerateOutput]:
-        """One sample per prompt of ``inputs`` (each with its own sampling params, ``n`` 1), in order;
-        sent with the other calls of this event-loop turn as one batched ``/generate`` (Coalescing)."""
-        if len(inputs) != len(sampling_params) or not inputs:
-            raise ValueError(f"generate_batch: {len(inputs)} prompts and {len(sampling_params)} sampling params")
-        return await self._coalescer.generate([[int(t) for t in p] for p in inputs],
-                                              [dict(p) for p in sampling_params], timeout_s or self.generate_timeout_s)
-
-    async def _generate_batch(self, inputs: list[list[int]], sampling_params: list[dict],
-                              timeout_s: float) -> list[GenerateOutput]:
-        """``POST /generate`` with a batch, answered in order in one response."""
-        body = {"input_ids": inputs, "sampling_params": sampling_params, "return_logprob": True, "stream": False}
-        _, out, _ = await self._call("POST", "/generate", body, timeout_s=timeout_s, idempotent=False)
+        """``POST /generate`` with a batch: one sample per prompt of ``inputs`` (their own sampling
+        params, ``n`` 1), answered in order in one response."""
+        body = {"input_ids": [[int(t) for t in p] for p in inputs],
+                "sampling_params": [dict(p) for p in sampling_params], "return_logprob": True, "stream": False}
+        _, out, _ = await self._call("POST", "/generate", body, timeout_s=timeout_s or self.generate_timeout_s,
+                                     idempotent=False)
         if not isinstance(out, list) or len(out) != len(inputs):
             got = len(out) if isinstance(out, list) else 1
             raise SGLangError("/generate", 200, f"a batch of {len(inputs)} prompts got {got} answers")

@@ -162,10 +162,6 @@ class _ScriptedEngine:
     def __init__(self):
         self.sampled: dict[int, int] = {}
 
-    async def generate_batch(self, inputs, params):  # evaluate asks for one sample at a time
-        assert len(inputs) == len(params) == 1
-        return [await self.generate(inputs[0], params[0])]
-
     async def generate(self, input_ids, params):
         from rollout_server.sglang_client import GenerateOutput, SGLangError
 

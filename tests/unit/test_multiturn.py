@@ -38,10 +38,6 @@ class ScriptedEngine:
         self.calls: list[tuple[list[int], dict]] = []
         self.version, self.turn, self.left = 0, 0, None
 
-    async def generate_batch(self, inputs, params):  # an episode asks for one sample at a time
-        assert len(inputs) == len(params) == 1
-        return [await self.generate(inputs[0], params[0])]
-
     async def generate(self, input_ids, params):
         self.calls.append((list(input_ids), dict(params)))
         if self.left is None:  # a new turn

@@ -197,23 +197,23 @@ def test_interrupted_sample_is_resumed_with_prompt_plus_tokens_and_remaining_bud
     abort = {"type": "abort", "message": "Abort by pause", "status_code": None, "err_type": None}
 
     async def body(server, client):
-        server.script["/generate"] = [  # a sample goes as a batch of one (the client coalesces batches)
-            (200, [gen_response([10, 11], [-0.1, -0.2], abort, version="4")]),
-            (200, [gen_response([], [], {"type": "abort", "message": "Abort in waiting queue"}, version="4")]),
-            (200, [gen_response([12, 2], [-0.3, -0.4], {"type": "stop", "matched": 2}, version="5")]),
+        server.script["/generate"] = [
+            (200, gen_response([10, 11], [-0.1, -0.2], abort, version="4")),
+            (200, gen_response([], [], {"type": "abort", "message": "Abort in waiting queue"}, version="4")),
+            (200, gen_response([12, 2], [-0.3, -0.4], {"type": "stop", "matched": 2}, version="5")),
         ]
         s = await generate_sample(client, [1, 7], {"temperature": 1.0}, 8, current_version_fn=lambda: 99)
         assert (s.output_ids, s.logprobs, s.versions) == ([10, 11, 12, 2], [-0.1, -0.2, -0.3, -0.4], [4, 4, 5, 5])
         assert s.finish_reason == "stop" and s.resumed == 2
         sent = [b for p, b in server.calls if p == "/generate"]
-        assert [b["input_ids"] for b in sent] == [[[1, 7]], [[1, 7, 10, 11]], [[1, 7, 10, 11]]]
-        assert [b["sampling_params"][0]["max_new_tokens"] for b in sent] == [8, 6, 6]
+        assert [b["input_ids"] for b in sent] == [[1, 7], [1, 7, 10, 11], [1, 7, 10, 11]]
+        assert [b["sampling_params"]["max_new_tokens"] for b in sent] == [8, 6, 6]
 
         # an abort that exhausts the budget finishes as length; an abort with an HTTP status is an error
-        server.script["/generate"] = [(200, [gen_response([3, 4], [-1.0, -1.0], abort, version="5")])]
+        server.script["/generate"] = [(200, gen_response([3, 4], [-1.0, -1.0], abort, version="5"))]
         s = await generate_sample(client, [1], {}, 2, current_version_fn=lambda: 0)
         assert s.finish_reason == "length" and s.output_ids == [3, 4]
-        server.script["/generate"] = [(200, [gen_response([], [], {**abort, "status_code": 400})])]
+        server.script["/generate"] = [(200, gen_response([], [], {**abort, "status_code": 400}))]
         with pytest.raises(SGLangError):
             await generate_sample(client, [1], {}, 2, current_version_fn=lambda: 0)
     run(body)
@@ -333,90 +333,4 @@ def test_timeout_bounds_the_whole_call_including_retries():
             await client.pause_generation(timeout_s=0.5)
         assert e.value.status == 503
         assert 1 <= server.count("/pause_generation") <= 2  # without the budget: 4 attempts (backoff 0.25, 0.5, 1.0)
-    run(body)
-
-
-# ---------------------------------------------------------------- coalescing (rollout_server/coalesce.py)
-async def echo_batch(body):
-    """A batched /generate's answer: each prompt's last token back as its one output token."""
-    return 200, [gen_response([p[-1]], [-0.5], {"type": "length", "length": 1}, rid=f"r{i}")
-                 for i, p in enumerate(body["input_ids"])]
-
-
-def test_batches_asked_for_in_one_event_loop_turn_go_as_one_generate_and_come_back_in_order():
-    async def body(server, client):
-        server.script["/generate"] = [echo_batch]
-        calls = [([[1, 10], [1, 11]], 2), ([[1, 20]], 1), ([[1, 30], [1, 31], [1, 32]], 3)]
-        outs = await asyncio.gather(*(client.generate_batch(p, [{"max_new_tokens": m}] * len(p)) for p, m in calls))
-        assert server.count("/generate") == 1
-        sent = server.calls[0][1]
-        assert sent["input_ids"] == [[1, 10], [1, 11], [1, 20], [1, 30], [1, 31], [1, 32]]
-        assert [s["max_new_tokens"] for s in sent["sampling_params"]] == [2, 2, 1, 3, 3, 3]
-        assert [[o.output_ids for o in out] for out in outs] == [[[10], [11]], [[20]], [[30], [31], [32]]]
-
-        # calls of different turns are not held back for each other
-        for prompt in ([1, 40], [1, 41]):
-            assert [o.output_ids for o in await client.generate_batch([prompt], [{}])] == [[prompt[-1]]]
-        assert server.count("/generate") == 3
-    run(body)
-
-
-def test_a_refused_prompt_fails_only_its_caller_and_a_failed_call_fails_every_caller():
-    async def refuse_nine(body):  # as SGLang: one refused prompt refuses the whole batch
-        if any(p[-1] == 9 for p in body["input_ids"]):
-            return 400, {"error": {"message": "prompt too long"}}
-        return await echo_batch(body)
-
-    async def body(server, client):
-        server.script["/generate"] = [refuse_nine]
-        results = await asyncio.gather(client.generate_batch([[1, 2]], [{}]), client.generate_batch([[1, 9]], [{}]),
-                                       client.generate_batch([[1, 3], [1, 4]], [{}, {}]), return_exceptions=True)
-        assert [o.output_ids for o in results[0]] == [[2]] and [o.output_ids for o in results[2]] == [[3], [4]]
-        assert isinstance(results[1], SGLangError) and results[1].status == 400 and "too long" in str(results[1])
-        assert [b["input_ids"] for p, b in server.calls] == [[[1, 2], [1, 9], [1, 3], [1, 4]],  # merged, refused
-                                                              [[1, 2]], [[1, 9]], [[1, 3], [1, 4]]]  # each alone
-
-        server.calls.clear()  # a failure that is not a refusal (the call may have run) is not sent again
-        server.script["/generate"] = [(500, {"error": {"message": "engine crashed"}})]
-        results = await asyncio.gather(client.generate_batch([[1, 2]], [{}]), client.generate_batch([[1, 3]], [{}]),
-                                       return_exceptions=True)
-        assert [type(r) for r in results] == [SGLangError, SGLangError] and server.count("/generate") == 1
-        assert all(r.status == 500 and "engine crashed" in str(r) for r in results)
-
-        release = asyncio.Event()
-
-        async def slow(b):
-            await release.wait()
-            return await echo_batch(b)
-
-        server.script["/generate"] = [slow]
-        gone = asyncio.create_task(client.generate_batch([[1, 5]], [{}]))
-        kept = asyncio.create_task(client.generate_batch([[1, 6], [1, 7]], [{}, {}]))
-        async def merged_call_arrived():
-            while server.count("/generate") < 2:
-                await asyncio.sleep(0.01)
-
-        await asyncio.wait_for(merged_call_arrived(), 30)
-        gone.cancel()
-        release.set()
-        assert [o.output_ids for o in await kept] == [[6], [7]]
-        with pytest.raises(asyncio.CancelledError):
-            await gone
-    run(body)
-
-
-def test_a_turn_larger_than_one_request_may_carry_is_cut_into_chunks_in_order(monkeypatch):
-    from rollout_server import coalesce
-
-    monkeypatch.setattr(coalesce, "MAX_BATCH_PROMPTS", 4)
-    monkeypatch.setattr(coalesce, "MAX_BATCH_TOKENS", 10)
-
-    async def body(server, client):
-        server.script["/generate"] = [echo_batch]
-        calls = [[[1, 2], [1, 3]], [[1, 4], [1, 5]], [[1, 6]], [[9] * 12], [[1, 7]]]
-        outs = await asyncio.gather(*(client.generate_batch(p, [{}] * len(p)) for p in calls))
-        # 4 prompts fill the first request; the 12-token prompt is over the token bound: alone
-        assert [b["input_ids"] for p, b in server.calls] == [[[1, 2], [1, 3], [1, 4], [1, 5]], [[1, 6]],
-                                                              [[9] * 12], [[1, 7]]]
-        assert [[o.output_ids[0] for o in out] for out in outs] == [[2, 3], [4, 5], [6], [9], [7]]
     run(body)
