@@ -61,7 +61,7 @@ def _vcpo_norms_rank(rank: int, port: int) -> None:
     """One rank of the two-rank check below (run by ``torch.multiprocessing.spawn``)."""
     from datetime import timedelta
 
-    from trainer.model import build_policy
+    from trainer.model import build_policy, leave_distributed
 
     torch.set_num_threads(1)
     torch.manual_seed(0)  # both ranks build the same model
@@ -86,9 +86,10 @@ def _vcpo_norms_rank(rank: int, port: int) -> None:
         assert not all(hasattr(p, "to_local") for p in policy.model.parameters())  # the state this test is about
         _, g2 = sequence_score_terms(policy, batch, torch.arange(2), s)
         torch.testing.assert_close(g2, expected, rtol=1e-6, atol=0.0)
-        dist.barrier()  # neither rank tears its group down while the other still uses it (gloo aborts then)
+        leave_distributed()
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # a failed assertion: leave at once (the other rank may never reach a barrier)
+            dist.destroy_process_group()
 
 
 def test_vcpo_score_norms_after_a_no_grad_pass():
