@@ -68,9 +68,11 @@ class Channel:
     sent: int = 0  # counter of the last frame sealed
     received: int = 0  # counter of the last frame accepted
     _aead: AESGCM = field(init=False, repr=False)
+    _recv_dir: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._aead = AESGCM(self.key)
+        self._recv_dir = TO_CLIENT if self.send_dir == TO_SERVER else TO_SERVER
 
     def seal(self, req_id: bytes, plaintext) -> bytes:
         return bytes(self.seal_in_place(req_id, bytearray(HEAD_BYTES) + plaintext))
@@ -84,7 +86,7 @@ class Channel:
         buf[:HEAD_BYTES] = head
         buf += _NO_TAG  # room for the tag (the kept buffer's allocation usually has it already)
         with memoryview(buf) as view:
-            self._aead.encrypt_into(nonce(self.send_dir, self.sent), view[HEAD_BYTES:end], head + req_id,
+            self._aead.encrypt_into(_NONCE.pack(self.send_dir, self.sent), view[HEAD_BYTES:end], head + req_id,
                                     view[HEAD_BYTES:])
         return buf
 
@@ -97,11 +99,10 @@ class Channel:
         counter = _COUNTER.unpack_from(view, SID_BYTES)[0]
         if counter <= self.received:
             raise SealError("replayed")
-        recv_dir = TO_CLIENT if self.send_dir == TO_SERVER else TO_SERVER
         plain = np.empty(len(view) - HEAD_BYTES - TAG_BYTES, np.uint8)  # not zeroed: decryption fills it
         try:
-            self._aead.decrypt_into(nonce(recv_dir, counter), view[HEAD_BYTES:], bytes(view[:HEAD_BYTES]) + req_id,
-                                    plain)
+            self._aead.decrypt_into(_NONCE.pack(self._recv_dir, counter), view[HEAD_BYTES:],
+                                    bytes(view[:HEAD_BYTES]) + req_id, plain)
         except InvalidTag:
             raise SealError("bad tag") from None
         self.received = counter

@@ -82,7 +82,8 @@ INCOMING_LIMIT_FACTOR = 2
 REFUSE_WINDOW_BYTES = 64 * 1024 * 1024  # a Server with a tighter frame limit still receives and refuses up to this
 SCRATCH_KEEP_BYTES = 4 * 1024 * 1024  # bigger frames hand their buffer over instead of being copied and kept
 MAX_HANDLED_PER_RECV = 64  # handshakes and refused frames one recv handles before it returns None
-_SNDMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)  # ints: OR-ing zmq's IntFlag enums runs enum.py per frame
+# ints: OR-ing zmq's IntFlag enums runs enum.py per frame
+_SNDMORE, _NOBLOCK, _EVENTS, _POLLIN = int(zmq.SNDMORE), int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 class TransportError(RuntimeError):
@@ -134,20 +135,24 @@ class FrameWriter:
         if len(out) > SCRATCH_KEEP_BYTES:
             self._buf = bytearray()  # ``out`` is libzmq's until it is sent
             return sock.send_multipart([*head, out], flags=_NOBLOCK, copy=False)
-        return sock.send_multipart([*head, out], flags=_NOBLOCK, copy=True)
+        return _send_copied(sock, head, out, _NOBLOCK)
 
     def send(self, sock: zmq.Socket, head: list[bytes], msg: Message, flags: int = 0) -> Any:
         """Send ``[*head, encode(msg)]``; an invalid message raises ProtocolError before anything is sent."""
         frame = self.encode(msg)
         if len(frame) <= SCRATCH_KEEP_BYTES:
-            if type(sock) is zmq.Socket:  # a plain socket: parts one by one (an asyncio socket needs its own send)
-                flags = int(flags)
-                for part in head:  # a multipart message is queued whole or not at all: only the first send can fail
-                    sock.send(part, flags | _SNDMORE)
-                return sock.send(frame, flags)  # copied before send returns
-            return sock.send_multipart([*head, frame], flags=flags, copy=True)
+            return _send_copied(sock, head, frame, int(flags))
         self._buf = bytearray()  # libzmq owns this one until it is sent; never written again
         return sock.send_multipart([*head, frame], flags=flags, copy=False)
+
+
+def _send_copied(sock: zmq.Socket, head: list[bytes], frame: bytearray, flags: int) -> Any:
+    """Send ``[*head, frame]``, ``frame`` copied before this returns (the writer keeps its buffer)."""
+    if type(sock) is zmq.Socket:  # a plain socket: parts one by one, cheaper than send_multipart's checks
+        for part in head:  # a multipart message is queued whole or not at all: only the first send can fail
+            sock.send(part, flags | _SNDMORE)
+        return sock.send(frame, flags)
+    return sock.send_multipart([*head, frame], flags=flags, copy=True)  # an asyncio socket needs its own send
 
 
 def local_addresses(directory: str | os.PathLike) -> tuple[str, str]:
@@ -215,6 +220,7 @@ class Server:
         self._poller.register(self._sock, zmq.POLLIN)
         self._writer = FrameWriter()
         self._bulk = self._bulk_endpoint(bound)
+        self._turn = 1  # with a bulk endpoint, which of the two sockets is read first (they take turns)
 
     def _bulk_endpoint(self, bound: int | None) -> BulkEndpoint | None:
         """The sealed bulk endpoint when this process serves CURVE with sealed bulk frames on, else None."""
@@ -235,7 +241,7 @@ class Server:
         return bulk
 
     def _flip(self) -> int:
-        self._turn = -getattr(self, "_turn", 1)
+        self._turn = -self._turn
         return self._turn
 
     @property
@@ -301,12 +307,14 @@ class Server:
 
     def _take(self) -> tuple[zmq.Socket, list[zmq.Frame]] | None:
         """One queued message, NOBLOCK; with a bulk endpoint the two sockets take turns going first."""
-        socks = (self._sock,) if self._bulk is None else (self._bulk.sock, self._sock)[::self._flip()]
-        for sock in socks:
+        if self._bulk is None:
             try:
-                return sock, recv_parts(sock, _NOBLOCK)
+                return self._sock, recv_parts(self._sock, _NOBLOCK)
             except zmq.Again:
-                pass
+                return None
+        for sock in (self._bulk.sock, self._sock)[::self._flip()]:
+            if sock.getsockopt(_EVENTS) & _POLLIN:  # asked, not tried: a raised zmq.Again costs ~3x more
+                return sock, recv_parts(sock, _NOBLOCK)
         return None
 
     def wake_on(self, fd: int) -> None:
