@@ -21,7 +21,7 @@ from areal_like.dealer import AsyncClient, Client
 from areal_like.distributed import free_port
 from areal_like.peers import TRAINER_PEER
 from areal_like.trajectory import Trajectory, as_f32, as_i32
-from areal_like.transport import MAX_HANDLED_PER_RECV, Server, TransportError, TransportTimeout
+from areal_like.transport import MAX_HANDLED_PER_RECV, Server, TransportError, TransportTimeout, new_socket
 
 REQUEST_S = 30.0  # a live server answers in milliseconds, on a loaded machine too
 STRANGER_WAIT_S = 1.0  # how long a stranger listens for an answer that must never come
@@ -240,6 +240,37 @@ def test_a_flood_on_the_bulk_port_never_holds_recv_past_its_share(keys_dir):
         big.close()
     finally:
         s.close()
+        server.close()
+        security._refused_callbacks.remove(refused.append)
+
+
+def test_a_flood_on_the_bulk_port_does_not_starve_the_curve_socket(keys_dir):
+    """The two sockets of a sealed Server take turns: a member's handshake on the CURVE socket is
+    answered while a keyless flood is still queued on the bulk port, not after it."""
+    refused: list[str] = []
+    security.on_refused(refused.append)
+    with security.using(security.load(keys_dir, security.SERVER)):
+        server = Server(f"tcp://127.0.0.1:{free_port()}")
+    s = stranger(f"tcp://127.0.0.1:{server.bulk_port}")
+    with security.using(security.load(keys_dir, "rollout")):
+        member = new_socket(zmq.Context.instance(), zmq.DEALER)
+        security.connect(member, server.address)
+    n = 200
+    try:
+        for _ in range(n):
+            s.send_multipart([os.urandom(16), os.urandom(64)])
+        member.send_multipart([b"req-1", sealed.HELLO])
+        assert server._bulk.sock.poll(int(REQUEST_S * 1000)) and server._sock.poll(int(REQUEST_S * 1000))
+        deadline = time.monotonic() + REQUEST_S
+        while not member.poll(0) and time.monotonic() < deadline:
+            server.recv(0)  # one frame per call: its deadline is over once a frame is handled
+            member.poll(10)
+        req_id, reply = member.recv_multipart()
+        assert req_id == b"req-1" and reply.startswith(sealed.WELCOME)
+        assert refused.count("sealed") <= 2 < n  # answered after at most a frame or two of the flood
+    finally:
+        s.close()
+        member.close(linger=0)
         server.close()
         security._refused_callbacks.remove(refused.append)
 
