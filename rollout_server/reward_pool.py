@@ -2,7 +2,9 @@
 
 ``RewardPool`` runs the reward ``fn(response, example) -> float`` named by a dotted path
 (``task.reward_fn``, else the task's own) in ``task.reward_workers`` worker processes
-(``rollout_server/reward_worker.py``); a group's samples are scored in parallel across them. Or,
+(``rollout_server/reward_worker.py``); a group's samples are split among them, each worker getting
+its share in one go and answering sample after sample (a round trip per sample cost the rollout
+server's core ~6 ms per 8 x 8 samples, benchmarks/README.md). Or,
 with ``task.reward_url`` set, it POSTs each group to that URL as one JSON batch.
 
 What a worker is: a sandbox worker (``rollout_server/sandbox.py``): a fresh interpreter in a
@@ -34,7 +36,7 @@ Invariants:
   it and anything it started) and reaped, and a fresh one takes its place; the others go on;
 * results come back in the order of the responses; ``close()`` leaves no worker behind.
 
-Each call blocks one of the pool's own threads (as many as workers) on its worker's socket, so
+Each share blocks one of the pool's own threads (as many as workers) on its worker's socket, so
 the pool works from any event loop and ``close()`` needs none. Startup (a fresh interpreter
 importing the reward's module) is not counted against the timeout: the first sample sent to a
 new worker waits up to ``STARTUP_TIMEOUT_S`` for it to be ready.
@@ -139,8 +141,11 @@ class RewardPool:
         if self.url:
             return await self._score_remote(prompt, responses, example)
         loop = asyncio.get_running_loop()
-        return list(await asyncio.gather(*(loop.run_in_executor(self._threads, self._score_local, r, example)
-                                           for r in responses)))
+        k = min(len(responses), len(self._workers)) or 1  # one call per worker: a thread handoff costs more than a sample
+        chunks = [responses[j * len(responses) // k:(j + 1) * len(responses) // k] for j in range(k)]
+        parts = await asyncio.gather(*(loop.run_in_executor(self._threads, self._score_local, c, example)
+                                       for c in chunks))
+        return [score for part in parts for score in part]
 
     def close(self) -> None:
         """Kill every worker, wait for the pool's threads; later scoring raises RuntimeError."""
@@ -153,43 +158,57 @@ class RewardPool:
         self._threads.shutdown(wait=True)
 
     # ------------------------------------------------------------------ local
-    def _score_local(self, response: str, example) -> Score:
+    def _score_local(self, responses: list[str], example) -> list[Score]:
+        """``responses`` scored by one worker, in this one pool thread."""
         i = self._idle.get()  # never waits long: there are as many threads as workers
-        t0 = time.monotonic()
         try:
-            kind, result = self._call(i, response, example)
+            results = self._call_all(i, responses, example)
         finally:
             self._idle.put(i)
-        self._observe(time.monotonic() - t0)
-        if kind is None:
-            return result, None
-        self._failed(kind, result)
-        return 0.0, result
+        for kind, result in results:
+            if kind is not None:
+                self._failed(kind, result)
+        return [(result, None) if kind is None else (0.0, result) for kind, result in results]
 
-    def _call(self, i: int, response: str, example) -> tuple[str | None, float | str]:
-        """``(None, reward)`` or ``(kind, reason)``; replaces worker ``i`` when it is lost; raises
-        RewardPoolError when it could not start (or the pool broke meanwhile: that killed it)."""
-        self._raise_if_broken()
+    def _call_all(self, i: int, responses: list[str], example) -> list[tuple[str | None, float | str]]:
+        """``(None, reward)`` or ``(kind, reason)`` per response. All are sent to worker ``i`` at once and
+        answered in order, each within the timeout from the answer before it (one round trip per
+        response would cost a wake-up of each side per sample). A lost worker costs the sample it was
+        on; it is replaced and the rest are sent to the new one. Raises RewardPoolError when a worker
+        could not start (or the pool broke meanwhile: that killed it)."""
         try:
-            request = pickle.dumps(((response, example), self.timeout_s))
+            requests = [pickle.dumps(((r, example), self.timeout_s)) for r in responses]
         except Exception as e:
-            return "error", f"cannot send the example to a reward worker: {type(e).__name__}: {e}"
-        try:
-            reply = self._workers[i].call(request, self.timeout_s)
-        except StartFailed as failed:
-            if self._closed:  # close() killed it while it started
-                return "died", failed.reason
-            raise self._break(f"{self.name} cannot be loaded in a reward worker: {failed.reason}") from None
-        except WorkerLost as lost:
+            return [("error", f"cannot send the example to a reward worker: {type(e).__name__}: {e}")] * len(responses)
+        results: list[tuple[str | None, float | str]] = []
+        while len(results) < len(requests):
             self._raise_if_broken()
-            self._replace(i)
-            return lost.kind, lost.reason
-        if "result" in reply:
-            reward, why = as_reward(reply["result"])
-            return (None, reward) if why is None else ("error", why)
-        if reply["kind"] == "memory":  # what failed to allocate may have left the process half-done
-            self._replace(i)
-        return reply["kind"], reply["reason"]
+            worker = self._workers[i]
+            try:
+                for request in requests[len(results):]:
+                    worker.send(request)
+                while len(results) < len(requests):
+                    t0 = time.monotonic()
+                    reply = worker.reply(self.timeout_s)
+                    self._observe(time.monotonic() - t0)
+                    if "result" in reply:
+                        reward, why = as_reward(reply["result"])
+                        results.append((None, reward) if why is None else ("error", why))
+                        continue
+                    results.append((reply["kind"], reply["reason"]))
+                    if reply["kind"] == "memory":  # what failed to allocate may have left the process half-done
+                        self._replace(i)
+                        break
+            except StartFailed as failed:
+                if self._closed:  # close() killed it while it started
+                    results.append(("died", failed.reason))
+                    continue
+                raise self._break(f"{self.name} cannot be loaded in a reward worker: {failed.reason}") from None
+            except WorkerLost as lost:
+                self._raise_if_broken()
+                self._replace(i)
+                results.append((lost.kind, lost.reason))
+        return results
 
     def _new_worker(self) -> Worker:
         try:

@@ -138,12 +138,21 @@ class Worker:
     def call(self, request: bytes, timeout_s: float) -> dict:
         """The worker's reply to one pickled ``(args, timeout_s)``; raises StartFailed (before it was
         ready) or WorkerLost."""
+        self.send(request)
+        return self.reply(timeout_s)
+
+    def send(self, request: bytes) -> None:
+        """Queue one call; the worker answers its calls one after another, in order (``reply``)."""
         if not self.ready:
             self._wait_ready()
         try:
             send_frame(self.sock, request)
         except OSError:
             raise WorkerLost("died", self._death()) from None
+
+    def reply(self, timeout_s: float) -> dict:
+        """The reply to the oldest unanswered call, within ``timeout_s`` from now: a queued call starts
+        when the one before it is answered, so each call has its own ``timeout_s``."""
         return self._reply(timeout_s, f"timeout after {timeout_s}s")
 
     def _wait_ready(self) -> None:

@@ -96,6 +96,25 @@ def test_a_hanging_reward_is_killed_at_the_timeout_and_replaced(make_pool):
     assert failures(metrics, "timeout") == 1
 
 
+def test_samples_after_a_lost_worker_are_scored_by_its_replacement(make_pool):
+    """One worker gets the whole group at once; a sample that hangs or kills it costs only itself:
+    the samples queued behind it go to the fresh worker, in order."""
+    metrics = Metrics()
+    pool = make_pool(metrics=metrics, reward_timeout_s=1.0, reward_workers=1)
+    first = pool.worker_pids
+    assert score(pool, "1", "hang", "3", "exit", "5") == [
+        (1.0, None), (0.0, "timeout after 1.0s"), (3.0, None), (0.0, "worker died: exit code 3"), (5.0, None)]
+    assert pool.worker_pids != first
+    assert failures(metrics, "timeout") == 1 and failures(metrics, "died") == 1
+
+
+def test_each_queued_sample_has_its_own_timeout(make_pool):
+    """Samples queued on one worker are timed from the answer before them, not from the send: two
+    2 s samples under a 3 s timeout both score, though together they take 4 s."""
+    pool = make_pool(reward_timeout_s=3.0, reward_workers=1)
+    assert score(pool, "sleep 2 1", "sleep 2 2") == [(1.0, None), (2.0, None)]
+
+
 def test_a_memory_hog_hits_the_limit_and_its_worker_is_replaced(make_pool):
     metrics = Metrics()
     pool = make_pool(metrics=metrics, reward_memory_mb=256, reward_workers=1)
