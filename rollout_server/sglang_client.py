@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,8 +145,10 @@ class SGLangClient:
                  generate_timeout_s: float = GENERATE_TIMEOUT_S, max_attempts: int = MAX_ATTEMPTS,
                  on_request: Callable[[str, str, Any], None] | None = None,
                  on_response: Callable[[str, str, int, Any, str], None] | None = None,
-                 api_key: str | None = None):
+                 api_key: str | None = None,
+                 local_generate: Callable[[dict], Awaitable[tuple[int, Any]]] | None = None):
         self.base_url = base_url.rstrip("/")
+        self.local_generate = local_generate  # an engine in this process: /generate without HTTP
         # sent as SGLang's --api-key expects it; never logged (SGLangError carries the answer, not the request)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout_s = timeout_s
@@ -183,6 +185,8 @@ class SGLangClient:
         deadline = loop.time() + (timeout_s or self.timeout_s)
         if self.on_request is not None:
             self.on_request(method, path, body)
+        if path == "/generate" and self.local_generate is not None:
+            return await self._call_local(path, body, deadline - loop.time())
         last = SGLangError(path, None, "no attempt fitted in the timeout")
         for attempt in range(self.max_attempts):
             if attempt:
@@ -213,6 +217,20 @@ class SGLangClient:
                 if not idempotent:
                     raise last from None
         raise last
+
+    async def _call_local(self, path: str, body: Any, timeout_s: float) -> tuple[int, Any, str]:
+        """``_call`` answered by ``local_generate`` (an engine in this process), errors mapped alike."""
+        try:
+            status, parsed = await asyncio.wait_for(self.local_generate(body), max(1e-3, timeout_s))
+        except asyncio.TimeoutError:
+            raise SGLangError(path, None, "TimeoutError: no answer in time") from None
+        except Exception as e:  # what the endpoint would answer 500 for
+            raise SGLangError(path, 500, f"{type(e).__name__}: {e}") from None
+        if self.on_response is not None:
+            self.on_response("POST", path, status, parsed, "")
+        if status >= 300:
+            raise SGLangError(path, status, _error_message(parsed, ""))
+        return status, parsed, ""
 
     # ------------------------------------------------------------------ generation
     async def generate(self, input_ids: list[int], sampling_params: dict, *, rid: str | None = None,

@@ -119,6 +119,15 @@ class EmbeddedEngine:
         if self.weights is not None:
             self.weights.close()
 
+    async def generate_local(self, body: dict) -> tuple[int, object]:
+        """``POST /generate`` (not streaming) for a caller in this process, without HTTP: the rollout
+        server that embeds this engine (``SGLangClient(local_generate=...)``). The endpoint's own
+        parsing, pause/update gate, scheduling and answer run on the engine's event loop; (status,
+        the JSON body the endpoint would send). Cancelling the caller aborts the requests, as a
+        client hanging up does. Skipping the loopback exchange (aiohttp on both ends, JSON both
+        ways, and the GIL they take from the scheduler) is what makes it worth having."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.http.answer(body), self._loop))
+
     def _start_http(self) -> None:
         ready = threading.Event()
         errors: list[BaseException] = []

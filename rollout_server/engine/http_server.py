@@ -187,25 +187,47 @@ class EngineHttp:
 
     # ---- generation
     async def generate(self, request: web.Request) -> web.StreamResponse:
-        e = self.e
-        inp = parse_generate(await _body(request), e.tokenizer, e.vocab_size, e.context_len, self.max_text_chars)
+        inp = self._parse(await _body(request))
+        if not inp.stream:
+            status, body = await self._answer(inp)
+            return web.json_response(body, status=status)
         await self.gate.enter()
         try:
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await resp.prepare(request)
+            await self._run(inp, resp)
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
+        finally:
+            await self.gate.leave()
+
+    async def answer(self, body) -> tuple[int, object]:
+        """``/generate``'s (status, JSON body) for the parsed JSON ``body``, without streaming: what a
+        caller in this process gets instead of an HTTP exchange (``EmbeddedEngine.generate_local``)."""
+        try:
+            inp = self._parse(body)
             if inp.stream:
-                resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-                await resp.prepare(request)
-                await self._run(inp, resp)
-                await resp.write(b"data: [DONE]\n\n")
-                return resp
+                raise validation_error("stream is not supported in-process")
+            return await self._answer(inp)
+        except ApiError as e:
+            return e.status, e.body
+
+    def _parse(self, body):
+        e = self.e
+        return parse_generate(body, e.tokenizer, e.vocab_size, e.context_len, self.max_text_chars)
+
+    async def _answer(self, inp) -> tuple[int, object]:
+        await self.gate.enter()
+        try:
             reqs = await self._run(inp)
         finally:
             await self.gate.leave()
         for r, _ in reqs:  # an abort carrying an HTTP status is an error response, as in SGLang
             code = (r.finish_reason or {}).get("status_code")
             if code and code >= 400:
-                return web.json_response({"error": {"message": r.finish_reason["message"]}}, status=code)
+                return code, {"error": {"message": r.finish_reason["message"]}}
         outs = [self._output(r, lp, inp) for r, lp in reqs]
-        return web.json_response(outs[0] if inp.is_single else outs)
+        return 200, outs[0] if inp.is_single else outs
 
     def _output(self, req: Request, return_logprob: bool, inp, finished: bool = True) -> dict:
         return build_output(req, self.e.tokenizer, return_logprob=return_logprob, text_in_logprobs=inp.text_in_logprobs,
