@@ -81,6 +81,7 @@ log = logging.getLogger(__name__)
 WARN_EVERY_S = 60.0  # a kind of reward failure is logged at most this often
 REMOTE_BACKOFF_S = 0.2  # before the first retry; doubled each time, at most REMOTE_BACKOFF_MAX_S
 REMOTE_BACKOFF_MAX_S = 2.0
+PIPELINE_BYTES = 32 * 1024  # requests queued on a worker ahead of its answers: far below a socket's buffer
 SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60)
 
 
@@ -166,31 +167,40 @@ class RewardPool:
         finally:
             self._idle.put(i)
         for kind, result in results:
-            if kind is not None:
+            if kind not in (None, "closed"):  # closing is not the reward's failure
                 self._failed(kind, result)
         return [(result, None) if kind is None else (0.0, result) for kind, result in results]
 
     def _call_all(self, i: int, responses: list[str], example) -> list[tuple[str | None, float | str]]:
-        """``(None, reward)`` or ``(kind, reason)`` per response. All are sent to worker ``i`` at once and
-        answered in order, each within the timeout from the answer before it (one round trip per
-        response would cost a wake-up of each side per sample). A lost worker costs the sample it was
-        on; it is replaced and the rest are sent to the new one. Raises RewardPoolError when a worker
-        could not start (or the pool broke meanwhile: that killed it)."""
+        """``(None, reward)`` or ``(kind, reason)`` per response, all by worker ``i``: requests are queued
+        on it ahead of its answers while their bytes stay within ``PIPELINE_BYTES`` (one at least), so
+        a send never waits on a busy worker, and answered in order, each within the timeout from the
+        answer before it (a round trip per response would cost a wake-up of each side per sample). A
+        lost worker costs the sample it was on; it is replaced and the rest go to the new one. Raises
+        RewardPoolError when a worker could not start (or the pool broke meanwhile: that killed it).
+        Samples left when the pool is closed meanwhile come back as ``("closed", reason)``."""
         try:
             requests = [pickle.dumps(((r, example), self.timeout_s)) for r in responses]
         except Exception as e:
             return [("error", f"cannot send the example to a reward worker: {type(e).__name__}: {e}")] * len(responses)
         results: list[tuple[str | None, float | str]] = []
         while len(results) < len(requests):
+            if self._closed:  # close() killed the worker mid-share: what is left is not scored (nor a failure)
+                return results + [("closed", "the reward pool was closed")] * (len(requests) - len(results))
             self._raise_if_broken()
-            worker = self._workers[i]
+            worker, sent, queued = self._workers[i], len(results), 0
+            t0 = time.monotonic()
             try:
-                for request in requests[len(results):]:
-                    worker.send(request)
                 while len(results) < len(requests):
-                    t0 = time.monotonic()
+                    while sent < len(requests) and (sent == len(results) or
+                                                    queued + len(requests[sent]) <= PIPELINE_BYTES):
+                        worker.send(requests[sent])
+                        queued, sent = queued + len(requests[sent]), sent + 1
                     reply = worker.reply(self.timeout_s)
-                    self._observe(time.monotonic() - t0)
+                    queued -= len(requests[len(results)])
+                    now = time.monotonic()  # a sample's time: from the answer before it (or the first send)
+                    self._observe(now - t0)
+                    t0 = now
                     if "result" in reply:
                         reward, why = as_reward(reply["result"])
                         results.append((None, reward) if why is None else ("error", why))
@@ -201,10 +211,12 @@ class RewardPool:
                         break
             except StartFailed as failed:
                 if self._closed:  # close() killed it while it started
-                    results.append(("died", failed.reason))
                     continue
                 raise self._break(f"{self.name} cannot be loaded in a reward worker: {failed.reason}") from None
             except WorkerLost as lost:
+                self._observe(time.monotonic() - t0)
+                if self._closed:  # close() killed it: not the sample's failure
+                    continue
                 self._raise_if_broken()
                 self._replace(i)
                 results.append((lost.kind, lost.reason))

@@ -142,13 +142,16 @@ class Worker:
         return self.reply(timeout_s)
 
     def send(self, request: bytes) -> None:
-        """Queue one call; the worker answers its calls one after another, in order (``reply``)."""
+        """Queue one call; the worker answers its calls one after another, in order (``reply``). A
+        blocking write: the caller queues no more than the socket holds, or writes to an idle worker.
+        A worker found gone here is reported by the next ``reply``, after the answers it did send."""
         if not self.ready:
             self._wait_ready()
         try:
+            self.sock.settimeout(None)  # not the last reply's leftover deadline
             send_frame(self.sock, request)
         except OSError:
-            raise WorkerLost("died", self._death()) from None
+            pass
 
     def reply(self, timeout_s: float) -> dict:
         """The reply to the oldest unanswered call, within ``timeout_s`` from now: a queued call starts
@@ -187,9 +190,10 @@ class Worker:
 
     def kill(self) -> None:
         """SIGKILL the worker's process group and reap the worker (idempotent)."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:  # the group is gone (the worker died, and nothing it started lives)
-            pass
-        self.proc.wait()
+        if self.proc.returncode is None:  # once reaped, its pid (the group's id) may belong to another process
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # the group is gone (the worker died, and nothing it started lives)
+                pass
+            self.proc.wait()
         self.sock.close()

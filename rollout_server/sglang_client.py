@@ -37,7 +37,11 @@ Retries (bounded, exponential backoff) and why they are safe:
 * ``api_key``: sent as ``Authorization: Bearer`` on every call (SGLang's ``--api-key``, the
   embedded engine's key); never logged;
 * ``flush_cache`` answers 400 while requests are running (SGLang refuses to flush then); it is
-  polled until ``timeout_s``, as slime does.
+  polled until ``timeout_s``, as slime does;
+* ``local_generate`` (an embedded engine in this process: ``EmbeddedEngine.generate_local``):
+  ``/generate`` goes to it instead of over HTTP and comes back as the same (status, JSON body),
+  mapped to errors as above; never retried (nothing is ever refused unread in-process); an engine
+  that is not up counts as unreachable (status None); ``on_response`` gets an empty raw text.
 
 Version differences: ``/begin_weight_update`` and ``/end_weight_update`` exist from 0.5.2x on
 and are *required* there (the scheduler refuses bucket updates outside a session). An older
@@ -224,8 +228,8 @@ class SGLangClient:
             status, parsed = await asyncio.wait_for(self.local_generate(body), max(1e-3, timeout_s))
         except asyncio.TimeoutError:
             raise SGLangError(path, None, "TimeoutError: no answer in time") from None
-        except Exception as e:  # what the endpoint would answer 500 for
-            raise SGLangError(path, 500, f"{type(e).__name__}: {e}") from None
+        except OSError as e:  # the engine is not up (or stopped meanwhile): as an unreachable server
+            raise SGLangError(path, None, f"connection failed: {e}") from None
         if self.on_response is not None:
             self.on_response("POST", path, status, parsed, "")
         if status >= 300:

@@ -16,6 +16,7 @@ rollout server reads token versions as ``int(weight_version)``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -55,6 +56,7 @@ class EmbeddedEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server = None
         self._http_thread: threading.Thread | None = None
+        self._local_calls: set[concurrent.futures.Future] = set()  # generate_local calls running on the loop
 
     @property
     def url(self) -> str:
@@ -111,6 +113,8 @@ class EmbeddedEngine:
                 asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=STOP_TIMEOUT_S)
             except Exception:  # a stuck handler must not block shutdown; the loop is stopped below anyway
                 self.log.warning("HTTP server cleanup timed out")
+            for call in list(self._local_calls):  # in-process /generate calls (one may wait at the gate) end too
+                call.cancel()
             self._loop.call_soon_threadsafe(self._loop.stop)
         if self._http_thread is not None:
             self._http_thread.join(timeout=STOP_TIMEOUT_S)
@@ -126,7 +130,18 @@ class EmbeddedEngine:
         the JSON body the endpoint would send). Cancelling the caller aborts the requests, as a
         client hanging up does. Skipping the loopback exchange (aiohttp on both ends, JSON both
         ways, and the GIL they take from the scheduler) is what makes it worth having."""
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.http.answer(body), self._loop))
+        loop = self._loop
+        if self.status != "up" or loop is None or not loop.is_running():
+            raise ConnectionRefusedError(f"the embedded engine is {self.status}")  # HTTP: connection refused
+        fut = asyncio.run_coroutine_threadsafe(self.http.answer(body), loop)
+        self._local_calls.add(fut)
+        fut.add_done_callback(self._local_calls.discard)
+        try:
+            return await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # the caller was cancelled (its requests are aborted)
+                raise
+            raise ConnectionAbortedError("the embedded engine stopped") from None  # stop() cancelled the call
 
     def _start_http(self) -> None:
         ready = threading.Event()

@@ -182,8 +182,11 @@ class EngineHttp:
         except web.HTTPException:
             raise
         except Exception as e:  # a bug answers 500 with SGLang's error body; the server stays up
-            self.e.log.exception("%s %s failed", request.method, request.path)
-            return web.json_response({"error": {"message": f"{type(e).__name__}: {e}"}}, status=500)
+            return web.json_response(self._internal_error(e, f"{request.method} {request.path}"), status=500)
+
+    def _internal_error(self, e: Exception, what: str) -> dict:
+        self.e.log.exception("%s failed", what)
+        return {"error": {"message": f"{type(e).__name__}: {e}"}}
 
     # ---- generation
     async def generate(self, request: web.Request) -> web.StreamResponse:
@@ -211,6 +214,8 @@ class EngineHttp:
             return await self._answer(inp)
         except ApiError as e:
             return e.status, e.body
+        except Exception as e:  # as the middleware answers a bug over HTTP: logged, 500
+            return 500, self._internal_error(e, "in-process /generate")
 
     def _parse(self, body):
         e = self.e

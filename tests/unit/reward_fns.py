@@ -48,6 +48,8 @@ def behave(response: str, example) -> object:
         while len(list(Path(folder).iterdir())) < int(n):
             time.sleep(0.01)
         return float(len(list(Path(folder).iterdir())))
+    if response.startswith("long "):  # a long response: its length
+        return float(len(response))
     if response.startswith("sleep "):  # "sleep S V": reward V after S seconds (to shuffle finishing order)
         _, seconds, value = response.split()
         time.sleep(float(seconds))

@@ -404,3 +404,32 @@ def test_the_client_maps_in_process_answers_like_http_ones(engine):
         assert e.value.status == 400
         await client.close()
     asyncio.run(main())
+
+
+def test_an_in_process_call_ends_when_its_engine_stops_and_later_ones_are_refused():
+    """A call held at the pause gate when the engine stops ends (as unreachable, like a dropped
+    connection) instead of waiting for its timeout; a call to a stopped engine is refused at once."""
+    from rollout_server.sglang_client import SGLangClient, SGLangError
+
+    e = EmbeddedEngine(MODEL, EngineConfig(max_running_requests=2)).start()
+
+    async def main():
+        client = SGLangClient("http://127.0.0.1:1", local_generate=e.generate_local, generate_timeout_s=HTTP_TIMEOUT_S)
+        try:
+            assert call(e, "/pause_generation", {"mode": "abort"})[0] == 200
+            held = asyncio.ensure_future(client.generate([1, 2], {"max_new_tokens": 2}))
+            done, _ = await asyncio.wait([held], timeout=0.3)
+            assert not done  # held back by the pause
+            await asyncio.to_thread(e.stop)
+            with pytest.raises(SGLangError) as ended:
+                await asyncio.wait_for(held, HTTP_TIMEOUT_S)
+            with pytest.raises(SGLangError) as refused:
+                await client.generate([1, 2], {"max_new_tokens": 2})
+            assert ended.value.status is None and refused.value.status is None
+        finally:
+            await client.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        e.stop()

@@ -108,6 +108,23 @@ def test_samples_after_a_lost_worker_are_scored_by_its_replacement(make_pool):
     assert failures(metrics, "timeout") == 1 and failures(metrics, "died") == 1
 
 
+def test_a_share_bigger_than_a_socket_buffer_is_scored_whole(make_pool):
+    """Eight 300 KB responses on one worker: more than a socket holds, so they cannot all be queued
+    at once; each is scored, in order."""
+    pool = make_pool(reward_workers=1)
+    responses = ["long " + "x" * (300_000 + k) for k in range(8)]
+    assert score(pool, *responses) == [(float(len(r)), None) for r in responses]
+
+
+def test_every_sample_is_timed_and_a_memory_failure_costs_only_its_own(make_pool):
+    metrics = Metrics()
+    pool = make_pool(metrics=metrics, reward_timeout_s=1.0, reward_memory_mb=256, reward_workers=1)
+    assert score(pool, "1", "hang", "hog", "4") == [
+        (1.0, None), (0.0, "timeout after 1.0s"), (0.0, "MemoryError"), (4.0, None)]
+    assert metrics.registry.get_sample_value("areal_rollout_reward_seconds_count") == 4  # the lost ones too
+    assert failures(metrics, "timeout") == 1 and failures(metrics, "memory") == 1
+
+
 def test_each_queued_sample_has_its_own_timeout(make_pool):
     """Samples queued on one worker are timed from the answer before them, not from the send: two
     2 s samples under a 3 s timeout both score, though together they take 4 s."""
