@@ -3,8 +3,9 @@
 ``RewardPool`` runs the reward ``fn(response, example) -> float`` named by a dotted path
 (``task.reward_fn``, else the task's own) in ``task.reward_workers`` worker processes
 (``rollout_server/reward_worker.py``); a group's samples are split among them, each worker getting
-its share in one go and answering sample after sample (a round trip per sample cost the rollout
-server's core ~6 ms per 8 x 8 samples, benchmarks/README.md). Or,
+its share in one go and answering sample after sample (a call and a round trip per sample cost
+the rollout server ~12 ms of CPU per step's 8 x 8 samples, shares ~4 ms:
+``benchmarks/bench_reward_pool.py``). Or,
 with ``task.reward_url`` set, it POSTs each group to that URL as one JSON batch.
 
 What a worker is: a sandbox worker (``rollout_server/sandbox.py``): a fresh interpreter in a
