@@ -165,8 +165,7 @@ class RolloutServer(Daemon):
         self.wake = asyncio.Event()
         self.client = SGLangClient(self.engine_url, generate_timeout_s=self.rcfg.engine.request_timeout_s,
                                    api_key=self.api_key,  # an embedded engine answers /generate in-process
-                                   local_generate=self.engine.generate_local if self.rcfg.engine.kind == "embedded"
-                                   else None)
+                                   local=self.engine if self.rcfg.engine.kind == "embedded" else None)
         self.control = AsyncClient(self.rcfg.buffer_address, timeout_s=BUFFER_TIMEOUT_S, identity=self.server_id)
         self.data = AsyncClient(self.rcfg.buffer_address, timeout_s=BUFFER_TIMEOUT_S, identity=self.server_id)
         self.link = BufferLink(self.control, self.data, self.server_id, self.metrics,

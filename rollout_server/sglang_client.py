@@ -38,10 +38,9 @@ Retries (bounded, exponential backoff) and why they are safe:
   embedded engine's key); never logged;
 * ``flush_cache`` answers 400 while requests are running (SGLang refuses to flush then); it is
   polled until ``timeout_s``, as slime does;
-* ``local_generate`` (an embedded engine in this process: ``EmbeddedEngine.generate_local``):
-  ``/generate`` goes to it instead of over HTTP and comes back as the same (status, JSON body),
-  mapped to errors as above; never retried (nothing is ever refused unread in-process); an engine
-  that is not up counts as unreachable (status None); ``on_response`` gets an empty raw text.
+* ``local`` (an ``EmbeddedEngine`` in this process): ``/generate`` goes to its ``generate_local``
+  instead (rollout_server/engine/local.py), mapped to errors as above, never retried; an engine
+  that is not up, or stops meanwhile, counts as unreachable (status None).
 
 Version differences: ``/begin_weight_update`` and ``/end_weight_update`` exist from 0.5.2x on
 and are *required* there (the scheduler refuses bucket updates outside a session). An older
@@ -59,7 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +95,11 @@ class GenerateOutput:
     abort_status: int | None  # an abort that carries an HTTP status is an error, not a pause
     weight_version: str | None  # the version that produced the segment (last span if several)
     weight_spans: list[tuple[str, int, int]] = field(default_factory=list)  # (version, start, end)
+
+
+def _ok(status: int, body: Any) -> bool:
+    """A 2xx that is not a control endpoint's ``{"success": false}``."""
+    return status < 300 and not (isinstance(body, dict) and body.get("success") is False)
 
 
 def _error_message(body: Any, raw: str) -> str:
@@ -150,9 +154,9 @@ class SGLangClient:
                  on_request: Callable[[str, str, Any], None] | None = None,
                  on_response: Callable[[str, str, int, Any, str], None] | None = None,
                  api_key: str | None = None,
-                 local_generate: Callable[[dict], Awaitable[tuple[int, Any]]] | None = None):
+                 local: Any = None):
         self.base_url = base_url.rstrip("/")
-        self.local_generate = local_generate  # an engine in this process: /generate without HTTP
+        self.local = local  # an engine in this process (``generate_local``): /generate without HTTP
         # sent as SGLang's --api-key expects it; never logged (SGLangError carries the answer, not the request)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout_s = timeout_s
@@ -189,7 +193,7 @@ class SGLangClient:
         deadline = loop.time() + (timeout_s or self.timeout_s)
         if self.on_request is not None:
             self.on_request(method, path, body)
-        if path == "/generate" and self.local_generate is not None:
+        if path == "/generate" and self.local is not None:
             return await self._call_local(path, body, deadline - loop.time())
         last = SGLangError(path, None, "no attempt fitted in the timeout")
         for attempt in range(self.max_attempts):
@@ -209,7 +213,7 @@ class SGLangClient:
                         parsed = None
                     if self.on_response is not None:
                         self.on_response(method, path, resp.status, parsed, raw)
-                    if resp.status < 300 and not (isinstance(parsed, dict) and parsed.get("success") is False):
+                    if _ok(resp.status, parsed):
                         return resp.status, parsed, raw
                     last = SGLangError(path, resp.status, _error_message(parsed, raw))
                     if not ((idempotent and resp.status >= 500) or resp.status == 429):  # 429: refused unread
@@ -223,16 +227,16 @@ class SGLangClient:
         raise last
 
     async def _call_local(self, path: str, body: Any, timeout_s: float) -> tuple[int, Any, str]:
-        """``_call`` answered by ``local_generate`` (an engine in this process), errors mapped alike."""
+        """``_call`` answered by ``local`` (an engine in this process), errors mapped alike."""
         try:
-            status, parsed = await asyncio.wait_for(self.local_generate(body), max(1e-3, timeout_s))
+            status, parsed = await asyncio.wait_for(self.local.generate_local(body), max(1e-3, timeout_s))
         except asyncio.TimeoutError:
             raise SGLangError(path, None, "TimeoutError: no answer in time") from None
         except OSError as e:  # the engine is not up (or stopped meanwhile): as an unreachable server
             raise SGLangError(path, None, f"connection failed: {e}") from None
         if self.on_response is not None:
             self.on_response("POST", path, status, parsed, "")
-        if status >= 300:
+        if not _ok(status, parsed):
             raise SGLangError(path, status, _error_message(parsed, ""))
         return status, parsed, ""
 

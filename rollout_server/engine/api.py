@@ -325,3 +325,36 @@ def _version_spans(versions: list[str]) -> list[dict]:
         else:
             spans.append({"version": v, "start": i, "end": i + 1})
     return spans
+
+
+REQUIRED = object()  # control_fields: a key the body must have
+
+
+def control_fields(body: dict, spec: dict) -> dict:
+    """Pydantic-lax parsing of a control body: defaults, required keys, int/float from numeric strings,
+    Literal choices (a tuple); unknown keys are dropped. Errors -> 400 ErrorResponse shape."""
+    out = {}
+    for key, (kind, default) in spec.items():
+        v = body.get(key, default)
+        if v is REQUIRED:
+            raise validation_error(f"[{{'type': 'missing', 'loc': ('body', '{key}'), 'msg': 'Field required'}}]")
+        try:
+            if v is None or kind is None:
+                pass
+            elif isinstance(kind, tuple):
+                if v not in kind:
+                    raise ValueError(f"Input should be {' or '.join(map(repr, kind))}")
+            elif kind is bool:
+                if not isinstance(v, bool):
+                    raise ValueError("Input should be a valid boolean")
+            elif kind in (int, float):
+                if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+                    raise ValueError(f"Input should be a valid {'integer' if kind is int else 'number'}")
+                v = kind(v)
+            elif not isinstance(v, kind):
+                raise ValueError(f"Input should be a valid {kind.__name__}")
+        except (ValueError, OverflowError) as e:  # int(inf) overflows
+            raise validation_error(f"[{{'type': 'value_error', 'loc': ('body', '{key}'), 'msg': '{e}', "
+                                   f"'input': {v!r}}}]") from None
+        out[key] = v
+    return out

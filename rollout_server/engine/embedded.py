@@ -16,7 +16,6 @@ rollout server reads token versions as ``int(weight_version)``.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import threading
 import time
@@ -26,6 +25,7 @@ from areal_like.config import EngineConfig, ModelConfig
 from areal_like.http_guard import HttpLimits
 from areal_like.http_guard import serve as guarded_serve
 from rollout_server.engine.http_server import EngineHttp
+from rollout_server.engine.local import LocalGenerate
 from rollout_server.engine.metrics import EngineMetrics
 from rollout_server.engine.sampling import SamplingParams
 from rollout_server.engine.scheduler import Request, Scheduler
@@ -56,7 +56,6 @@ class EmbeddedEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server = None
         self._http_thread: threading.Thread | None = None
-        self._local_calls: set[concurrent.futures.Future] = set()  # generate_local calls running on the loop
 
     @property
     def url(self) -> str:
@@ -113,8 +112,7 @@ class EmbeddedEngine:
                 asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=STOP_TIMEOUT_S)
             except Exception:  # a stuck handler must not block shutdown; the loop is stopped below anyway
                 self.log.warning("HTTP server cleanup timed out")
-            for call in list(self._local_calls):  # in-process /generate calls (one may wait at the gate) end too
-                call.cancel()
+            self.local.cancel_all()  # in-process calls (one may wait at the pause gate) end too
             self._loop.call_soon_threadsafe(self._loop.stop)
         if self._http_thread is not None:
             self._http_thread.join(timeout=STOP_TIMEOUT_S)
@@ -123,30 +121,20 @@ class EmbeddedEngine:
         if self.weights is not None:
             self.weights.close()
 
-    async def generate_local(self, body: dict) -> tuple[int, object]:
-        """``POST /generate`` (not streaming) for a caller in this process, without HTTP: the rollout
-        server that embeds this engine (``SGLangClient(local_generate=...)``). The endpoint's own
-        parsing, pause/update gate, scheduling and answer run on the engine's event loop; (status,
-        the JSON body the endpoint would send). Cancelling the caller aborts the requests, as a
-        client hanging up does. Skipping the loopback exchange (aiohttp on both ends, JSON both
-        ways, and the GIL they take from the scheduler) is what makes it worth having."""
+    async def generate_local(self, body) -> tuple[int, object]:
+        """``POST /generate`` (not streaming) for a caller in this process, without HTTP (``local.py``):
+        (status, JSON body). ConnectionRefusedError while the engine is not up, ConnectionAbortedError
+        when it stops meanwhile."""
         loop = self._loop
         if self.status != "up" or loop is None or not loop.is_running():
             raise ConnectionRefusedError(f"the embedded engine is {self.status}")  # HTTP: connection refused
-        fut = asyncio.run_coroutine_threadsafe(self.http.answer(body), loop)
-        self._local_calls.add(fut)
-        fut.add_done_callback(self._local_calls.discard)
-        try:
-            return await asyncio.wrap_future(fut)
-        except asyncio.CancelledError:
-            if asyncio.current_task().cancelling():  # the caller was cancelled (its requests are aborted)
-                raise
-            raise ConnectionAbortedError("the embedded engine stopped") from None  # stop() cancelled the call
+        return await self.local.call(loop, body)
 
     def _start_http(self) -> None:
         ready = threading.Event()
         errors: list[BaseException] = []
         self.http = EngineHttp(self, api_key=self.api_key, limits=self.limits)
+        self.local = LocalGenerate(self.http)
 
         def serve():
             loop = asyncio.new_event_loop()

@@ -24,7 +24,15 @@ from dataclasses import replace
 from aiohttp import web
 
 from areal_like.http_guard import HttpLimits, guarded_app
-from rollout_server.engine.api import ApiError, build_output, max_text_chars, parse_generate, validation_error
+from rollout_server.engine.api import (
+    REQUIRED,
+    ApiError,
+    build_output,
+    control_fields,
+    max_text_chars,
+    parse_generate,
+    validation_error,
+)
 from rollout_server.engine.metrics import CONTENT_TYPE
 from rollout_server.engine.scheduler import Request
 from rollout_server.engine.weights_tensor import update_from_tensor
@@ -33,7 +41,6 @@ PAUSE_ABORT_POLL_S = 1.0  # re-send abort-all while requests are still in flight
 HEALTH_TIMEOUT_S = 20.0  # SGLang's HEALTH_CHECK_TIMEOUT: a 1-token generation must finish by then
 FLUSHED = ("Cache flushed.\nPlease check backend logs for more details. (When there are running or waiting "
            "requests, the operation will not be performed.)\n")
-REQUIRED = object()
 
 
 class Gate:
@@ -74,36 +81,6 @@ class Gate:
                 async with self.cond:
                     self.writers -= 1
                     self.cond.notify_all()
-
-
-def _fields(body: dict, spec: dict) -> dict:
-    """Pydantic-lax parsing of a control body: defaults, required keys, int/float from numeric strings,
-    Literal choices (a tuple); unknown keys are dropped. Errors -> 400 ErrorResponse shape."""
-    out = {}
-    for key, (kind, default) in spec.items():
-        v = body.get(key, default)
-        if v is REQUIRED:
-            raise validation_error(f"[{{'type': 'missing', 'loc': ('body', '{key}'), 'msg': 'Field required'}}]")
-        try:
-            if v is None or kind is None:
-                pass
-            elif isinstance(kind, tuple):
-                if v not in kind:
-                    raise ValueError(f"Input should be {' or '.join(map(repr, kind))}")
-            elif kind is bool:
-                if not isinstance(v, bool):
-                    raise ValueError("Input should be a valid boolean")
-            elif kind in (int, float):
-                if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-                    raise ValueError(f"Input should be a valid {'integer' if kind is int else 'number'}")
-                v = kind(v)
-            elif not isinstance(v, kind):
-                raise ValueError(f"Input should be a valid {kind.__name__}")
-        except (ValueError, OverflowError) as e:  # int(inf) overflows
-            raise validation_error(f"[{{'type': 'value_error', 'loc': ('body', '{key}'), 'msg': '{e}', "
-                                   f"'input': {v!r}}}]") from None
-        out[key] = v
-    return out
 
 
 async def _body(request: web.Request) -> dict:
@@ -182,17 +159,14 @@ class EngineHttp:
         except web.HTTPException:
             raise
         except Exception as e:  # a bug answers 500 with SGLang's error body; the server stays up
-            return web.json_response(self._internal_error(e, f"{request.method} {request.path}"), status=500)
-
-    def _internal_error(self, e: Exception, what: str) -> dict:
-        self.e.log.exception("%s failed", what)
-        return {"error": {"message": f"{type(e).__name__}: {e}"}}
+            self.e.log.exception("%s %s failed", request.method, request.path)
+            return web.json_response({"error": {"message": f"{type(e).__name__}: {e}"}}, status=500)
 
     # ---- generation
     async def generate(self, request: web.Request) -> web.StreamResponse:
-        inp = self._parse(await _body(request))
+        inp = self.parse(await _body(request))
         if not inp.stream:
-            status, body = await self._answer(inp)
+            status, body = await self.answer(inp)
             return web.json_response(body, status=status)
         await self.gate.enter()
         try:
@@ -204,24 +178,12 @@ class EngineHttp:
         finally:
             await self.gate.leave()
 
-    async def answer(self, body) -> tuple[int, object]:
-        """``/generate``'s (status, JSON body) for the parsed JSON ``body``, without streaming: what a
-        caller in this process gets instead of an HTTP exchange (``EmbeddedEngine.generate_local``)."""
-        try:
-            inp = self._parse(body)
-            if inp.stream:
-                raise validation_error("stream is not supported in-process")
-            return await self._answer(inp)
-        except ApiError as e:
-            return e.status, e.body
-        except Exception as e:  # as the middleware answers a bug over HTTP: logged, 500
-            return 500, self._internal_error(e, "in-process /generate")
-
-    def _parse(self, body):
+    def parse(self, body):
         e = self.e
         return parse_generate(body, e.tokenizer, e.vocab_size, e.context_len, self.max_text_chars)
 
-    async def _answer(self, inp) -> tuple[int, object]:
+    async def answer(self, inp) -> tuple[int, object]:
+        """A parsed, not streaming ``/generate``'s (status, JSON body); also for in-process callers (local.py)."""
         await self.gate.enter()
         try:
             reqs = await self._run(inp)
@@ -308,14 +270,14 @@ class EngineHttp:
         return web.Response(text=FLUSHED if ok else "Flush cache failed.\n", status=200 if ok else 400)
 
     async def abort_request(self, request: web.Request) -> web.Response:
-        f = _fields(await _body(request), {"rid": (str, ""), "abort_all": (bool, False),
+        f = control_fields(await _body(request), {"rid": (str, ""), "abort_all": (bool, False),
                                            "abort_message": (str, None)})
         if f["abort_all"] or f["rid"]:  # an empty rid without abort_all is ignored (SGLang)
             self.e.scheduler.abort(f["rid"], abort_all=f["abort_all"], message=f["abort_message"] or "Aborted")
         return web.Response(status=200)
 
     async def pause(self, request: web.Request) -> web.Response:
-        f = _fields(await _body(request), {"mode": (("abort", "retract", "in_place"), "abort")})
+        f = control_fields(await _body(request), {"mode": (("abort", "retract", "in_place"), "abort")})
         await self.gate.set_paused(True)
         sched = self.e.scheduler
         if f["mode"] == "abort":
@@ -334,7 +296,7 @@ class EngineHttp:
         return web.json_response({"message": "Generation paused successfully.", "status": "ok"})
 
     async def continue_(self, request: web.Request) -> web.Response:
-        _fields(await _body(request), {"torch_empty_cache": (bool, True)})
+        control_fields(await _body(request), {"torch_empty_cache": (bool, True)})
         if self.hold_posted or self.e.scheduler.held:  # in_place / retract hold the steps; abort does not (no hop)
             self.hold_posted = False
             await asyncio.wrap_future(self.e.scheduler.release())  # queued behind the hold, so it wins
@@ -344,7 +306,7 @@ class EngineHttp:
 
     # ---- weights
     async def weights_by_name(self, request: web.Request) -> web.Response:
-        f = _fields(await _body(request), {"name": (str, REQUIRED), "truncate_size": (int, 100)})
+        f = control_fields(await _body(request), {"name": (str, REQUIRED), "truncate_size": (int, 100)})
 
         def read(sched):  # on the scheduler thread: never half-way through a weight load
             t = dict(sched.model.named_parameters()).get(f["name"])
@@ -355,7 +317,7 @@ class EngineHttp:
         return web.json_response(values)
 
     async def init_group(self, request: web.Request) -> web.Response:
-        f = _fields(await _body(request), {
+        f = control_fields(await _body(request), {
             "master_address": (str, REQUIRED), "master_port": (int, REQUIRED), "rank_offset": (int, REQUIRED),
             "world_size": (int, REQUIRED), "group_name": (str, "weight_update_group"), "backend": (str, "nccl")})
         ok, msg = await asyncio.to_thread(self.e.weights.init_group, f["master_address"], f["master_port"],
@@ -363,11 +325,11 @@ class EngineHttp:
         return _ok_or_400(ok, msg)
 
     async def destroy_group(self, request: web.Request) -> web.Response:
-        f = _fields(await _body(request), {"group_name": (str, "weight_update_group")})
+        f = control_fields(await _body(request), {"group_name": (str, "weight_update_group")})
         return _ok_or_400(*await asyncio.to_thread(self.e.weights.destroy_group, f["group_name"]))
 
     async def begin_update(self, request: web.Request) -> web.Response:
-        _fields(await _body(request), {"selector": (("target", "draft", "all"), "all")})
+        control_fields(await _body(request), {"selector": (("target", "draft", "all"), "all")})
         return _ok_or_400(*self.e.weights.begin())
 
     async def end_update(self, request: web.Request) -> web.Response:
@@ -376,7 +338,7 @@ class EngineHttp:
         return _ok_or_400(*(await asyncio.to_thread(w.end) if w.unsettled else w.end()))
 
     async def update_distributed(self, request: web.Request) -> web.Response:
-        f = _fields(await _body(request), {
+        f = control_fields(await _body(request), {
             "names": (list, REQUIRED), "dtypes": (list, REQUIRED), "shapes": (list, REQUIRED),
             "group_name": (str, "weight_update_group"), "flush_cache": (bool, True),
             "abort_all_requests": (bool, False), "weight_version": (str, None), "load_format": (str, None),
@@ -389,7 +351,7 @@ class EngineHttp:
         return _ok_or_400(*await self._weight_load("distributed", w.update_from_distributed, args, f))
 
     async def update_disk(self, request: web.Request) -> web.Response:
-        f = _fields(await _body(request), {
+        f = control_fields(await _body(request), {
             "model_path": (str, REQUIRED), "load_format": (str, None), "abort_all_requests": (bool, False),
             "weight_version": (str, None), "flush_cache": (bool, True)})
         args = (f["model_path"], f["weight_version"], f["flush_cache"])
@@ -397,7 +359,7 @@ class EngineHttp:
         return _ok_or_400(ok, msg, num_paused_requests=0)
 
     async def update_tensor(self, request: web.Request) -> web.Response:
-        f = _fields(await _body(request), {
+        f = control_fields(await _body(request), {
             "serialized_named_tensors": (list, REQUIRED), "load_format": (str, None), "flush_cache": (bool, True),
             "abort_all_requests": (bool, False), "weight_version": (str, None), "torch_empty_cache": (bool, False)})
         args = (self.e.weights, f["serialized_named_tensors"], f["load_format"], f["weight_version"], f["flush_cache"])

@@ -394,7 +394,7 @@ def test_the_client_maps_in_process_answers_like_http_ones(engine):
     from rollout_server.sglang_client import SGLangClient, SGLangError
 
     async def main():
-        client = SGLangClient("http://127.0.0.1:1", local_generate=engine.generate_local)  # no HTTP reachable
+        client = SGLangClient("http://127.0.0.1:1", local=engine)  # no HTTP reachable
         outs = await client.generate_batch([[1, 3], [1, 4, 5]],
                                            [{"max_new_tokens": 3, "temperature": 0, "ignore_eos": True}] * 2)
         assert [(len(o.output_ids), len(o.logprobs), o.finish_reason, o.weight_version) for o in outs] == [
@@ -414,7 +414,7 @@ def test_an_in_process_call_ends_when_its_engine_stops_and_later_ones_are_refuse
     e = EmbeddedEngine(MODEL, EngineConfig(max_running_requests=2)).start()
 
     async def main():
-        client = SGLangClient("http://127.0.0.1:1", local_generate=e.generate_local, generate_timeout_s=HTTP_TIMEOUT_S)
+        client = SGLangClient("http://127.0.0.1:1", local=e, generate_timeout_s=HTTP_TIMEOUT_S)
         try:
             assert call(e, "/pause_generation", {"mode": "abort"})[0] == 200
             held = asyncio.ensure_future(client.generate([1, 2], {"max_new_tokens": 2}))

@@ -1,0 +1,61 @@
+"""The embedded engine's ``/generate`` for a caller in its own process: the rollout server that
+embeds it (``SGLangClient(local=engine)``), without the loopback HTTP exchange.
+
+Each call runs the endpoint's own code on the engine's event loop (``asyncio.run_coroutine_threadsafe``):
+``EngineHttp.parse`` and ``EngineHttp.answer`` (pause/update gate, scheduling, answer), and hands
+back what it would have answered over HTTP as (status, JSON body), the body going in and the answer
+coming out as Python objects, with no JSON either way. What HTTP gave and this keeps: a call waits
+while the engine is paused, a weight update waits for it, cancelling the caller aborts its requests
+as a client hanging up does, and a bug is logged and answered 500. What it leaves out: the API key
+and the HTTP limits (``areal_like/http_guard.py``), which guard the port against other processes.
+Why: on a small model the exchange (aiohttp on both ends, JSON both ways, and the GIL they take from
+the scheduler thread) cost more than the engine's own work (benchmarks/README.md, "Session 17").
+The control and weight endpoints stay HTTP: five calls per weight version, and taking them
+in-process measured within the noise (same section).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+
+from rollout_server.engine.api import ApiError, validation_error
+
+
+class LocalGenerate:
+    """The in-process ``/generate`` calls to one engine (``http``: its ``EngineHttp``) still running."""
+
+    def __init__(self, http) -> None:
+        self.http = http
+        self._running: set[concurrent.futures.Future] = set()
+
+    async def call(self, loop: asyncio.AbstractEventLoop, body) -> tuple[int, object]:
+        """``POST /generate`` answered on the engine's ``loop``; ConnectionAbortedError when
+        ``cancel_all`` ended it (the engine stopped) rather than the caller's own cancellation."""
+        fut = asyncio.run_coroutine_threadsafe(self._answer(body), loop)
+        self._running.add(fut)
+        fut.add_done_callback(self._running.discard)
+        try:
+            return await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # the caller was cancelled
+                raise
+            raise ConnectionAbortedError("the embedded engine stopped") from None
+
+    def cancel_all(self) -> None:
+        """End every call still running (one may be waiting at the pause gate): the engine stops."""
+        for fut in list(self._running):
+            fut.cancel()
+
+    async def _answer(self, body) -> tuple[int, object]:
+        http = self.http
+        try:
+            inp = http.parse(body)
+            if inp.stream:
+                raise validation_error("stream is not supported in-process")
+            return await http.answer(inp)
+        except ApiError as e:
+            return e.status, e.body
+        except Exception as e:  # as the error middleware answers a bug over HTTP: logged, 500
+            http.e.log.exception("in-process POST /generate failed")
+            return 500, {"error": {"message": f"{type(e).__name__}: {e}"}}
