@@ -271,7 +271,7 @@ class EngineHttp:
 
     async def abort_request(self, request: web.Request) -> web.Response:
         f = control_fields(await _body(request), {"rid": (str, ""), "abort_all": (bool, False),
-                                           "abort_message": (str, None)})
+                                                  "abort_message": (str, None)})
         if f["abort_all"] or f["rid"]:  # an empty rid without abort_all is ignored (SGLang)
             self.e.scheduler.abort(f["rid"], abort_all=f["abort_all"], message=f["abort_message"] or "Aborted")
         return web.Response(status=200)
