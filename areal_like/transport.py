@@ -240,10 +240,6 @@ class Server:
         self._poller.register(bulk.sock, zmq.POLLIN)
         return bulk
 
-    def _flip(self) -> int:
-        self._turn = -self._turn
-        return self._turn
-
     @property
     def bulk_port(self) -> int | None:
         """The sealed bulk endpoint's port (None: this server has none)."""
@@ -312,7 +308,8 @@ class Server:
                 return self._sock, recv_parts(self._sock, _NOBLOCK)
             except zmq.Again:
                 return None
-        for sock in (self._bulk.sock, self._sock)[::self._flip()]:
+        self._turn = -self._turn
+        for sock in (self._bulk.sock, self._sock)[::self._turn]:
             if sock.getsockopt(_EVENTS) & _POLLIN:  # asked, not tried: a raised zmq.Again costs ~3x more
                 return sock, recv_parts(sock, _NOBLOCK)
         return None

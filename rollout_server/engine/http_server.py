@@ -52,15 +52,17 @@ class Gate:
         self.readers = 0
         self.writers = 0
 
-    async def enter(self) -> None:
+    @asynccontextmanager
+    async def reader(self):
         async with self.cond:
             await self.cond.wait_for(lambda: not self.paused and not self.writers)
             self.readers += 1
-
-    async def leave(self) -> None:
-        async with self.cond:
-            self.readers -= 1
-            self.cond.notify_all()
+        try:
+            yield
+        finally:
+            async with self.cond:
+                self.readers -= 1
+                self.cond.notify_all()
 
     async def set_paused(self, paused: bool) -> None:
         async with self.cond:
@@ -168,15 +170,12 @@ class EngineHttp:
         if not inp.stream:
             status, body = await self.answer(inp)
             return web.json_response(body, status=status)
-        await self.gate.enter()
-        try:
+        async with self.gate.reader():
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
             await resp.prepare(request)
             await self._run(inp, resp)
             await resp.write(b"data: [DONE]\n\n")
             return resp
-        finally:
-            await self.gate.leave()
 
     def parse(self, body):
         e = self.e
@@ -184,11 +183,8 @@ class EngineHttp:
 
     async def answer(self, inp) -> tuple[int, object]:
         """A parsed, not streaming ``/generate``'s (status, JSON body); also for in-process callers (local.py)."""
-        await self.gate.enter()
-        try:
+        async with self.gate.reader():
             reqs = await self._run(inp)
-        finally:
-            await self.gate.leave()
         for r, _ in reqs:  # an abort carrying an HTTP status is an error response, as in SGLang
             code = (r.finish_reason or {}).get("status_code")
             if code and code >= 400:
