@@ -30,7 +30,8 @@ class _Dealer:
     With sealed bulk frames (``security.seals``) the first request of each socket is preceded by a
     HELLO over CURVE; the WELCOME's key and port replace the socket by a plain DEALER to the bulk
     port, on which every later frame is sealed (areal_like/sealed.py). A timeout drops the session
-    with the socket, so after a server restart the next request shakes hands again.
+    with the socket, so after a server restart the next request shakes hands again; so does a request
+    after the session's key has carried its budget (``sealed.SESSION_BYTES``).
     """
 
     def __init__(self, address: str, ctx: zmq.Context, timeout_s: float, identity: str | None):
@@ -60,6 +61,10 @@ class _Dealer:
         self._connect()
 
     def _needs_session(self) -> bool:
+        """Whether the next request must first shake hands: on a fresh socket, and once the session's
+        key has carried ``sealed.SESSION_BYTES`` (the socket is then replaced, as after a timeout)."""
+        if self._channel is not None and self._channel.carried >= sealed.SESSION_BYTES:
+            self.reconnect()
         return self._seals and self._channel is None and self._sock is not None
 
     def _send_hello(self) -> bytes:

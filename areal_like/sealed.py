@@ -4,7 +4,7 @@ Why: CURVE (XSalsa20-Poly1305 inside libzmq's I/O thread) keeps about a fifth of
 throughput for a 4,096-token group (benchmarks/README.md); AES-GCM with AES-NI seals the same
 frame an order of magnitude faster. CURVE stays the authenticator: a client first asks for a
 session over its CURVE connection (``HELLO``), the server answers on that connection with a fresh
-random 256-bit key, a random session id and the port of its bulk endpoint (``WELCOME``), and
+random 128-bit AES key, a random session id and the port of its bulk endpoint (``WELCOME``), and
 records the role the ZAP handler gave the client's key (``security.py``: the ZAP User-Id is the
 client's name). From then on every request and reply travels on a second DEALER connected to that
 port with no ZeroMQ security, each payload sealed here. Threat model: areal_like/SECURITY.md.
@@ -20,6 +20,11 @@ Sealed frame (one ZeroMQ frame; the req_id frame before it stays as it is)::
 * The server accepts a client frame only if its session is known, its tag checks and its counter
   is strictly greater than the last one it accepted (a replayed or reordered frame is refused);
   the client does the same for replies. Everything refused is dropped without an answer.
+* Key size and lifetime: AES-128, the strength of the Curve25519 exchange that hands the key out
+  (~128 bits; a larger AES key would not make the session stronger than that). What bounds a GCM
+  key's use is its 128-bit block, whatever the key size: a client shakes hands again once a session
+  carried ``SESSION_BYTES`` (64 GiB, both directions), and a channel opens nothing more once it
+  carried twice that, which keeps an observer's advantage below 2^-63 (areal_like/SECURITY.md).
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -37,9 +41,10 @@ HELLO = b"\x00areal-like/session-hello/1"  # never the start of a protocol frame
 WELCOME = b"\x00areal-like/session/1"
 REFUSED = b"\x00areal-like/session-refused/1"
 TO_SERVER, TO_CLIENT = 0x01, 0x02
-SID_BYTES, KEY_BYTES, COUNTER_BYTES, TAG_BYTES = 16, 32, 8, 16
+SID_BYTES, KEY_BYTES, COUNTER_BYTES, TAG_BYTES = 16, 16, 8, 16
 HEAD_BYTES = SID_BYTES + COUNTER_BYTES
 OVERHEAD_BYTES = HEAD_BYTES + TAG_BYTES  # a sealed frame's size over its plaintext's
+SESSION_BYTES = 1 << 36  # a client shakes hands again once its session's key carried this much (see Key lifetime)
 MAX_SESSIONS = 4096  # the least recently used is forgotten beyond this (its client re-handshakes after a timeout)
 _COUNTER = struct.Struct(">Q")
 _NONCE = struct.Struct(">B3xQ")
@@ -67,6 +72,7 @@ class Channel:
     send_dir: int
     sent: int = 0  # counter of the last frame sealed
     received: int = 0  # counter of the last frame accepted
+    carried: int = 0  # plaintext bytes sealed and opened under the key, both directions
     _aead: AESGCM = field(init=False, repr=False)
     _recv_dir: int = field(init=False, repr=False)
 
@@ -83,6 +89,7 @@ class Channel:
         self.sent += 1
         head = self.sid + _COUNTER.pack(self.sent)
         end = len(buf)
+        self.carried += end - HEAD_BYTES
         buf[:HEAD_BYTES] = head
         buf += _NO_TAG  # room for the tag (the kept buffer's allocation usually has it already)
         with memoryview(buf) as view:
@@ -91,22 +98,29 @@ class Channel:
         return buf
 
     def open(self, req_id: bytes, frame) -> memoryview:
-        """The plaintext of ``frame`` (a read-only view of a buffer of its own, which decoded arrays
-        keep alive); SealError if it is not this session's, forged or not newer."""
+        """The plaintext of ``frame``, decrypted where it lies (a received ZeroMQ frame is writable; a
+        read-only buffer is copied first): a read-only view into the frame, which decoded arrays keep
+        alive. SealError if it is not this session's, forged or not newer; a frame refused for its tag
+        holds garbage after the call and is only fit to be dropped."""
         view = memoryview(frame)
         if len(view) < HEAD_BYTES + TAG_BYTES or view[:SID_BYTES] != self.sid:
             raise SealError("unknown session")
         counter = _COUNTER.unpack_from(view, SID_BYTES)[0]
         if counter <= self.received:
             raise SealError("replayed")
-        plain = np.empty(len(view) - HEAD_BYTES - TAG_BYTES, np.uint8)  # not zeroed: decryption fills it
+        if self.carried >= 2 * SESSION_BYTES:
+            raise SealError("key spent")
+        if view.readonly:
+            view = memoryview(bytearray(view))
+        plain = view[HEAD_BYTES:-TAG_BYTES]
         try:
             self._aead.decrypt_into(_NONCE.pack(self._recv_dir, counter), view[HEAD_BYTES:],
                                     bytes(view[:HEAD_BYTES]) + req_id, plain)
         except InvalidTag:
             raise SealError("bad tag") from None
         self.received = counter
-        return memoryview(plain).toreadonly()
+        self.carried += len(plain)
+        return plain.toreadonly()
 
 
 @dataclass(eq=False)

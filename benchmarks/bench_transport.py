@@ -5,7 +5,7 @@ T in --tokens, default 512 and 4096. A receiving process serves both paths from 
 our ``Server`` (``recv`` decodes and validates the group, ``send`` answers an ``Ack``) and a raw
 ROUTER that answers a prebuilt reply of the same size without decoding anything.
 
-* **stream** (the goal's figure): the sender keeps ``WINDOW`` requests in flight on a DEALER
+* **stream** (the goal's figure): the sender keeps ``WINDOW`` requests in flight (``--window``, 8) on a DEALER
   configured like ``dealer.Client``'s, sending each group the way ``Client.request`` does
   (``FrameWriter``: encoded, ``[req_id, frame]`` framing) and decoding each Ack; the raw twin
   sends prebuilt bytes of the same size (without a copy, above pyzmq's threshold) and reads
@@ -47,7 +47,7 @@ encode/decode (and build) cost of one group.
 
 Every line carries a ``warning`` when the machine is loaded (1-minute load above the CPU count).
 
-Run: ``python benchmarks/bench_transport.py [--tokens 512,4096] [--rounds 7] [--seconds 0.35]``
+Run: ``python benchmarks/bench_transport.py [--tokens 512,4096] [--rounds 7] [--seconds 0.35] [--window 8]``
 """
 
 from __future__ import annotations
@@ -390,15 +390,20 @@ def summary_lines(tokens: int, groups: list[P.TrajectoryGroup], frame_bytes: int
              for m in ("sealed", "ours")}
     lines.append(sealed_line(tokens, rates, cpu_us, split, frame_bytes, rounds, seconds))
     lines.append(local_line(tokens, rates, cpu_us, rounds, seconds))
-    return [{**line, **load_warning()} for line in lines]
+    return [{**line, **({"window": WINDOW} if "_stream_" in line["name"] else {}), **load_warning()} for line in lines]
 
 
 def main() -> int:
+    global WINDOW
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--tokens", default="512,4096", help="comma-separated output lengths")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=0.35, help="duration of one round of one mode")
+    parser.add_argument("--window", type=int, default=WINDOW, help="requests in flight in the stream pattern")
     args = parser.parse_args()
+    if args.window < 1:
+        parser.error(f"--window must be >= 1, got {args.window}")
+    WINDOW = args.window
     ours_addr, raw_addr, curve_addr = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
     keys_dir = tempfile.TemporaryDirectory(prefix="bench-keys-")
     local_addr = local_addresses(os.path.join(keys_dir.name, "sock"))[0]

@@ -158,6 +158,20 @@ def test_stranger_on_the_bulk_port_gets_nothing_and_is_counted(echo, keys_dir):
     s.close(), c.close()
 
 
+def test_a_client_shakes_hands_again_once_its_session_key_carried_its_budget(echo, keys_dir, monkeypatch):
+    group = big_group()
+    monkeypatch.setattr(sealed, "SESSION_BYTES", 2 * len(P.encode(group)))  # shared with the server's thread
+    c = client(keys_dir, echo.address)
+    sids = []
+    for _ in range(5):
+        assert c.request(group).ref == "trajectory_group"
+        sids.append(c._channel.sid)
+    # a key carries two groups (and their acks) before the budget is spent; the third request shakes hands first
+    assert sids[0] == sids[1] != sids[2] == sids[3] != sids[4]
+    assert [msg.TYPE for _, msg in echo.seen] == ["trajectory_group"] * 5 and echo.sealed_refusals() == 0
+    c.close()
+
+
 def test_a_replayed_frame_is_refused_and_counted(echo, keys_dir):
     c = client(keys_dir, echo.address)
     c.request(P.StatsRequest())

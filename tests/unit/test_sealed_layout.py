@@ -84,3 +84,16 @@ def test_the_session_table_forgets_the_least_recently_used_session_first():
     table.create("rollout", b"r2")  # a third: the one not used since it was made goes
     assert table.for_peer(b"t") is busy and table.for_peer(b"r1") is None and len(table) == 2
     assert table.open(b"route", REQ, client.seal(REQ, b"y"))[1] == b"y"  # the busy session still opens frames
+
+
+def test_a_channel_counts_the_bytes_its_key_carried_and_opens_nothing_past_twice_the_budget(monkeypatch):
+    monkeypatch.setattr(sealed, "SESSION_BYTES", 10)
+    client, server = sealed.Channel(SID, KEY, sealed.TO_SERVER), sealed.Channel(SID, KEY, sealed.TO_CLIENT)
+    assert server.open(REQ, client.seal(REQ, b"12345678")) == b"12345678"  # 8 bytes each way so far
+    assert client.open(REQ, server.seal(REQ, b"abcdefghijk")) == b"abcdefghijk"  # 8 + 11 = 19 < 20
+    assert client.carried == server.carried == 19
+    last = client.seal(REQ, b"z")  # sealing is never refused: the client shakes hands again first
+    assert server.open(REQ, last) == b"z" and server.carried == 20
+    with pytest.raises(sealed.SealError, match="key spent"):
+        server.open(REQ, client.seal(REQ, b"late"))  # 2 x SESSION_BYTES carried: nothing more opens
+    assert server.received == 2 and server.carried == 20  # the refused frame changed nothing
