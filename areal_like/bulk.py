@@ -69,4 +69,6 @@ class BulkEndpoint:
             writer.send_sealed(self.sock, [session.route, req_id], session.channel, msg)
         except zmq.Again:
             pass
+        if session.channel.carried >= sealed.SESSION_BYTES:  # its client shakes hands again before its next request
+            self.sessions.retire(session)
         return True

@@ -61,10 +61,10 @@ class _Dealer:
         self._connect()
 
     def _needs_session(self) -> bool:
-        """Whether the next request must first shake hands: on a fresh socket, and once the session's
-        key has carried ``sealed.SESSION_BYTES`` (the socket is then replaced, as after a timeout)."""
-        if self._channel is not None and self._channel.carried >= sealed.SESSION_BYTES:
-            self.reconnect()
+        """Whether the next request must first shake hands (on a fresh socket); before it, a session
+        whose key has carried ``sealed.SESSION_BYTES`` is dropped with its socket, as after a timeout."""
+        if self._sock is not None and self._channel is not None and self._channel.carried >= sealed.SESSION_BYTES:
+            self.reconnect()  # the server forgot the session when its reply spent the budget (bulk.py)
         return self._seals and self._channel is None and self._sock is not None
 
     def _send_hello(self) -> bytes:
@@ -125,7 +125,7 @@ class _Dealer:
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close(linger=0)
-            self._sock = None
+            self._sock, self._channel = None, None
 
 
 class Client(_Dealer):

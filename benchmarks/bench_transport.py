@@ -5,7 +5,8 @@ T in --tokens, default 512 and 4096. A receiving process serves both paths from 
 our ``Server`` (``recv`` decodes and validates the group, ``send`` answers an ``Ack``) and a raw
 ROUTER that answers a prebuilt reply of the same size without decoding anything.
 
-* **stream** (the goal's figure): the sender keeps ``WINDOW`` requests in flight (``--window``, 8) on a DEALER
+* **stream** (the goal's figure): the sender keeps ``WINDOW`` requests in flight (``--window``, 8; the
+  goals are set at 8, other windows print ``goal`` null) on a DEALER
   configured like ``dealer.Client``'s, sending each group the way ``Client.request`` does
   (``FrameWriter``: encoded, ``[req_id, frame]`` framing) and decoding each Ack; the raw twin
   sends prebuilt bytes of the same size (without a copy, above pyzmq's threshold) and reads
@@ -75,6 +76,7 @@ from areal_like import protocol as P  # noqa: E402
 from areal_like import security  # noqa: E402
 from areal_like.dealer import Client  # noqa: E402
 from areal_like.distributed import free_port  # noqa: E402
+from areal_like.sealed import SESSION_BYTES  # noqa: E402
 from areal_like.trajectory import Trajectory  # noqa: E402
 from areal_like.transport import FrameWriter, local_addresses, new_socket  # noqa: E402
 
@@ -95,7 +97,8 @@ GOAL_RATIO_AT_4096 = 0.8
 READY_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 30.0
 ZERO_COPY_BYTES = 64 * 1024  # pyzmq's own threshold for zero-copy frames
-WINDOW = 8  # requests in flight in the stream pattern (a few rollout servers' worth)
+GOAL_WINDOW = 8  # the goals are set at this many requests in flight (a few rollout servers' worth)
+WINDOW = GOAL_WINDOW  # requests in flight in the stream pattern (--window)
 
 # The receiving process: our Server on argv[1], a raw ROUTER on argv[2], our Server with CURVE (keys
 # in argv[4]) on argv[3] with its sealed bulk endpoint and, like the buffer's, on the same-node
@@ -193,6 +196,8 @@ def send_sealed(client: Client, groups: list[P.TrajectoryGroup]):
     writer = FrameWriter()
 
     def send(sock: zmq.Socket, req_id: bytes, i: int) -> None:
+        if client._channel.carried >= SESSION_BYTES:  # the stream bypasses Client, which would shake hands
+            raise RuntimeError("the sealed session's key carried its budget: use shorter rounds (--seconds)")
         writer.send_sealed(sock, [req_id], client._channel, groups[i % len(groups)])
 
     return send
@@ -390,7 +395,8 @@ def summary_lines(tokens: int, groups: list[P.TrajectoryGroup], frame_bytes: int
              for m in ("sealed", "ours")}
     lines.append(sealed_line(tokens, rates, cpu_us, split, frame_bytes, rounds, seconds))
     lines.append(local_line(tokens, rates, cpu_us, rounds, seconds))
-    return [{**line, **({"window": WINDOW} if "_stream_" in line["name"] else {}), **load_warning()} for line in lines]
+    stream = {"window": WINDOW, **({} if WINDOW == GOAL_WINDOW else {"goal": None, "goal_met": None})}
+    return [{**line, **(stream if "_stream_" in line["name"] else {}), **load_warning()} for line in lines]
 
 
 def main() -> int:

@@ -169,7 +169,10 @@ def test_a_client_shakes_hands_again_once_its_session_key_carried_its_budget(ech
     # a key carries two groups (and their acks) before the budget is spent; the third request shakes hands first
     assert sids[0] == sids[1] != sids[2] == sids[3] != sids[4]
     assert [msg.TYPE for _, msg in echo.seen] == ["trajectory_group"] * 5 and echo.sealed_refusals() == 0
+    assert len(echo.server._bulk.sessions) == 1  # the two spent sessions were forgotten, the live one kept
     c.close()
+    with pytest.raises(TransportError, match="closed"):
+        c.request(group)  # a closed client stays closed, spent session or not
 
 
 def test_a_replayed_frame_is_refused_and_counted(echo, keys_dir):
