@@ -75,7 +75,7 @@ class TaskConfig:
     top_k: int = -1
     reward_fn: str = ""  # dotted path "pkg.module:function"; empty = the task's own reward
     reward_timeout_s: float = 5.0  # per sample; a reward past it is killed and scored 0 with its reason
-    reward_workers: int = 2  # processes of the reward pool (per rollout server)
+    reward_workers: int = 2  # processes of the reward pool (per rollout server); 0: in-process, unsandboxed
     reward_memory_mb: int = 2048  # address-space limit of a reward worker; 0 = none
     reward_url: str = ""  # remote reward: POST a batch of (prompt, response, metadata) here
     reward_retries: int = 2  # remote reward: retries after a failed or timed-out call
@@ -102,7 +102,7 @@ class TaskConfig:
         _check("task.top_p", 0 < self.top_p <= 1, "in (0, 1]", self.top_p)
         _check("task.digits", 1 <= self.digits <= 9, "in [1, 9]", self.digits)
         _check("task.reward_timeout_s", self.reward_timeout_s > 0, "> 0", self.reward_timeout_s)
-        _check("task.reward_workers", self.reward_workers >= 1, ">= 1", self.reward_workers)
+        _check("task.reward_workers", self.reward_workers >= 0, ">= 0", self.reward_workers)
         _check("task.reward_memory_mb", self.reward_memory_mb >= 0, ">= 0", self.reward_memory_mb)
         _check("task.reward_retries", self.reward_retries >= 0, ">= 0", self.reward_retries)
         _check("task.max_turns", self.max_turns >= 1, ">= 1", self.max_turns)

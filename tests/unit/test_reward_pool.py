@@ -328,3 +328,17 @@ def test_a_reward_that_cannot_be_loaded_stops_the_rollout_server_at_once():
     asyncio.run(finish(RewardPoolError("task.reward_fn='x:y' cannot be loaded in a reward worker: ValueError: v")))
     assert isinstance(server.failure, ComponentStopped)
     assert str(server.failure) == "task.reward_fn='x:y' cannot be loaded in a reward worker: ValueError: v"
+
+
+def test_reward_workers_0_scores_in_this_process_by_the_same_rules(make_pool, caplog):
+    metrics = Metrics()
+    with caplog.at_level(logging.WARNING, logger="rollout_server.reward_pool"):
+        pool = make_pool(metrics=metrics, reward_workers=0)
+    assert pool.worker_pids == [] and "no sandbox" in caplog.text  # said once, at start
+    got = score(pool, "1.5", "crash", "nan", "text", "pid", "sleep 0.05 2")
+    assert got == [(1.5, None), (0.0, "ZeroDivisionError: division by zero on purpose"), (0.0, "reward is not finite: nan"),
+                   (0.0, "reward is not a number: '1.0'"), (float(os.getpid()), None), (2.0, None)]
+    assert failures(metrics, "error") == 3
+    assert metrics.registry.get_sample_value("areal_rollout_reward_seconds_count") == 6
+    with pytest.raises(RewardPoolError, match=r"^task.reward_fn='nope\.module:fn' cannot be loaded: ModuleNotFoundError"):
+        make_pool(reward_workers=0, reward_fn="nope.module:fn")  # at start, as a worker's failed import is
