@@ -32,7 +32,8 @@ Timeouts: math-verify bounds its own parse and verify calls with ``signal.alarm`
 only in a process's main thread. There they are on (``PARSE_TIMEOUT_S``, ``VERIFY_TIMEOUT_S``);
 in any other thread they are off and the caller bounds the time. The rollout server calls this
 in a reward worker's main thread (``rollout_server/reward_pool.py``), whose process is killed at
-``task.reward_timeout_s`` whatever happens inside.
+``task.reward_timeout_s`` whatever happens inside. Not a reward for ``task.reward_workers=0``
+(in the server's own process): a sample there could take both timeouts, 4 s, with nothing to stop it.
 """
 
 from __future__ import annotations

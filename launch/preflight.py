@@ -176,8 +176,11 @@ def check_reward_fn(cfg: RunConfig) -> list[str]:
     it then sees the sys.path the rollout servers will see (the ``areal-like`` console script does
     not put the working directory on sys.path, ``python -m`` and ``python -c`` do), the workers'
     address-space limit and scrubbed environment, and a module that does something at import time
-    (initialise CUDA, start threads, exit, hang) cannot harm the launcher."""
-    spec, memory_mb = cfg.task.reward_fn, cfg.task.reward_memory_mb
+    (initialise CUDA, start threads, exit, hang) cannot harm the launcher. With
+    ``task.reward_workers=0`` the reward is loaded in the rollout server itself: no limit, the
+    environment as it is."""
+    spec, inline = cfg.task.reward_fn, cfg.task.reward_workers == 0
+    memory_mb = 0 if inline else cfg.task.reward_memory_mb
     if not spec or cfg.task.reward_url:  # a remote reward replaces the function
         return []
     try:
@@ -186,14 +189,16 @@ def check_reward_fn(cfg: RunConfig) -> list[str]:
         return [f"task.reward_fn={spec!r} is not of the form package.module:function"]
     try:
         r = subprocess.run([sys.executable, "-c", REWARD_PROBE, spec, str(memory_mb)], capture_output=True,
-                           text=True, timeout=REWARD_IMPORT_TIMEOUT_S, stdin=subprocess.DEVNULL, env=scrubbed_env())
+                           text=True, timeout=REWARD_IMPORT_TIMEOUT_S, stdin=subprocess.DEVNULL,
+                           env=None if inline else scrubbed_env())
     except subprocess.TimeoutExpired:
         return [f"task.reward_fn={spec!r}: importing it took over {REWARD_IMPORT_TIMEOUT_S:.0f}s"]
     if r.returncode == 0:
         return []
     lines = r.stdout.strip().splitlines()
     reason = lines[-1] if lines else f"importing it ended the interpreter with status {r.returncode}"
-    return [f"task.reward_fn={spec!r} cannot be loaded in a reward worker: {reason}"]
+    where = "in the rollout server (task.reward_workers=0)" if inline else "in a reward worker"
+    return [f"task.reward_fn={spec!r} cannot be loaded {where}: {reason}"]
 
 
 def check_trackers(cfg: RunConfig) -> list[str]:

@@ -8,10 +8,15 @@ the rollout server ~12 ms of CPU per step's 8 x 8 samples, shares ~4 ms:
 ``benchmarks/bench_reward_pool.py``). Or,
 with ``task.reward_url`` set, it POSTs each group to that URL as one JSON batch. Or, with
 ``task.reward_workers=0``, it calls the reward in the rollout server's own process, on its event
-loop: no sandbox, no memory or time limit, nothing crosses a process (what TRL does; a step's
-64 trivial rewards then cost ~0.3 ms instead of ~4 ms of CPU and two process hops). That is for a
-reward you trust to be quick and safe on any model output; a hang there stalls the server. A
-warning says so at start; a raise or a non-number still scores 0 with its reason.
+loop: nothing crosses a process (what TRL does; a step's 64 trivial rewards then cost well under
+a millisecond instead of ~4 ms of CPU and two process hops), and nothing of the sandbox below
+holds: no memory or time limit (``task.reward_timeout_s`` and ``task.reward_memory_mb`` are not
+applied; a call past the timeout is only logged), the server's own environment and memory in
+reach, and the live ``example`` (a reward must not change it). While it runs, the server's loop
+waits, heartbeats to the buffer included, so a group's rewards must take well under
+``buffer.heartbeat_timeout_s``. It is for a reward you trust to be quick and safe on any model
+output (an exact match, not the math-verify reward); a warning says so at start. A raise (even
+``SystemExit``) or a non-number still scores 0 with its reason, as in a worker.
 
 What a worker is: a sandbox worker (``rollout_server/sandbox.py``): a fresh interpreter in a
 process group of its own, under an address-space limit (``task.reward_memory_mb``), a CPU-time
@@ -20,8 +25,8 @@ fails) and the wall clock ``task.reward_timeout_s`` per sample (enforced by SIGK
 environment scrubbed of every variable that looks like a secret; started by root, it drops to a
 uid of its own once the reward is imported. It contains accidents and runaway code (a hang, a
 leak, a crash, an ``exit``, a fork bomb), not a determined attacker: the network and
-world-readable files stay reachable. The rollout server never imports the reward itself: a
-worker's ready reply is the check that it loads.
+world-readable files stay reachable. The rollout server never imports the reward itself (but
+with ``task.reward_workers=0``): a worker's ready reply is the check that it loads.
 
 Invariants:
 
@@ -174,7 +179,7 @@ class RewardPool:
     def _load_inline(self) -> Callable:
         try:
             fn = import_function(self.path)
-        except Exception as e:
+        except BaseException as e:  # noqa: BLE001 - an exit() at import is the reward's failure, not the server's
             raise RewardPoolError(f"{self.name} cannot be loaded: {type(e).__name__}: {e}".splitlines()[0]) from None
         log.warning("%s is scored in the rollout server's own process (task.reward_workers=0): no sandbox, "
                     "no memory or time limit; only for a reward trusted to be quick and safe", self.name)
@@ -182,16 +187,31 @@ class RewardPool:
 
     def _call_inline(self, response: str, example) -> Score:
         t0 = time.monotonic()
+        kind = "error"
         try:
             reward, why = as_reward(self._inline(response, example))
-            kind = "error"
-        except Exception as e:  # the reward's own failure scores 0 with its reason, as in a worker
-            reward, why = 0.0, f"{type(e).__name__}: {e}".splitlines()[0]
-            kind = "memory" if isinstance(e, MemoryError) else "error"
-        self._observe(time.monotonic() - t0)
+        except MemoryError:
+            reward, why, kind = 0.0, "MemoryError", "memory"
+        except BaseException as e:  # noqa: BLE001 - SystemExit too, as in a worker (nothing is awaited here)
+            reward, why = 0.0, f"{type(e).__name__}: {e}"
+        self._observe(seconds := time.monotonic() - t0)
         if why is not None:
             self._failed(kind, why)
+        if seconds > self.timeout_s and self._due("slow"):
+            log.warning("%s took %.1fs in this process, past task.reward_timeout_s=%.1fs, which task.reward_workers=0 "
+                        "does not enforce: the server's loop (heartbeats included) waited meanwhile "
+                        "(logged at most every %.0fs)", self.name, seconds, self.timeout_s, WARN_EVERY_S)
         return reward, why
+
+    def _due(self, kind: str) -> bool:
+        """Whether a warning of ``kind`` may be logged now (at most once per WARN_EVERY_S)."""
+        now = self.clock()
+        with self._lock:
+            last = self._warned.get(kind, (None, 0))[0]
+            if last is not None and now - last < WARN_EVERY_S:
+                return False
+            self._warned[kind] = (now, 0)
+        return True
 
     # ------------------------------------------------------------------ local
     def _score_local(self, responses: list[str], example) -> list[Score]:
@@ -298,8 +318,8 @@ class RewardPool:
 
     def _observe(self, seconds: float) -> None:
         if self.metrics is not None:
-            self.metrics.histogram("rollout/reward_seconds", "wall time of one reward call (a sample in a worker, "
-                                   "or a batch POST)", buckets=SECONDS_BUCKETS).observe(seconds)
+            self.metrics.histogram("rollout/reward_seconds", "wall time of one reward call (a sample in a worker "
+                                   "or in process, or a batch POST)", buckets=SECONDS_BUCKETS).observe(seconds)
 
     def _failed(self, kind: str, reason: str, n: int = 1) -> None:
         """Count ``n`` samples scored 0 for ``kind``; warn at most once per WARN_EVERY_S for each kind."""

@@ -94,7 +94,10 @@ def as_reward(value: object) -> tuple[float, str | None]:
     """``(float(value), None)`` for a finite real number (bools count as 0/1), else ``(0.0, why)``."""
     if not isinstance(value, numbers.Real):
         return 0.0, f"reward is not a number: {reprlib.repr(value)}"
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int past a double's range
+        return 0.0, f"reward is not finite: {reprlib.repr(value)}"
     if not math.isfinite(value):
         return 0.0, f"reward is not finite: {value}"
     return value, None

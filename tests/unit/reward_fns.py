@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import resource
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,10 @@ def behave(response: str, example) -> object:
         return len(bytearray(4 * 2**30))  # 4 GiB, far past the worker's address-space limit
     if response == "exit":
         os._exit(3)
+    if response == "sys_exit":  # SystemExit, not os._exit: what a reward's exit() raises
+        sys.exit(3)
+    if response == "huge":
+        return 10**400  # an int past a double's range
     if response == "nan":
         return float("nan")
     if response == "text":

@@ -216,6 +216,12 @@ def test_reward_fn_is_loaded_under_the_workers_memory_limit_and_environment(tmp_
     monkeypatch.setenv("AREAL_TEST_API_TOKEN", "s3cret")
     assert pf.check_reward_fn(cfg_with(reward_fn="secret_rewards:score")) == [
         "task.reward_fn='secret_rewards:score' cannot be loaded in a reward worker: KeyError: 'AREAL_TEST_API_TOKEN'"]
+    # task.reward_workers=0 loads it in the rollout server itself: no limit, the environment as it is
+    for name in ("big_rewards", "secret_rewards"):
+        assert pf.check_reward_fn(cfg_with(reward_fn=f"{name}:score", reward_memory_mb=256, reward_workers=0)) == []
+    assert pf.check_reward_fn(cfg_with(reward_fn="big_rewards:nothing", reward_workers=0)) == [
+        "task.reward_fn='big_rewards:nothing' cannot be loaded in the rollout server (task.reward_workers=0): "
+        "AttributeError: module 'big_rewards' has no attribute 'nothing'"]
 
 
 def test_trackers_packages_are_checked(monkeypatch):

@@ -1,4 +1,4 @@
-"""RewardPool with real worker processes: failures of a running reward are contained, scored 0
+"""RewardPool with real worker processes (and, with ``reward_workers=0``, in this process): failures of a running reward are contained, scored 0
 with their reason (and logged at most once a minute per kind), and the lost worker is replaced;
 a reward that cannot be loaded in a worker is fatal; results keep their order; secrets stay out;
 close() leaves nothing.
@@ -333,12 +333,15 @@ def test_a_reward_that_cannot_be_loaded_stops_the_rollout_server_at_once():
 def test_reward_workers_0_scores_in_this_process_by_the_same_rules(make_pool, caplog):
     metrics = Metrics()
     with caplog.at_level(logging.WARNING, logger="rollout_server.reward_pool"):
-        pool = make_pool(metrics=metrics, reward_workers=0)
-    assert pool.worker_pids == [] and "no sandbox" in caplog.text  # said once, at start
-    got = score(pool, "1.5", "crash", "nan", "text", "pid", "sleep 0.05 2")
-    assert got == [(1.5, None), (0.0, "ZeroDivisionError: division by zero on purpose"), (0.0, "reward is not finite: nan"),
-                   (0.0, "reward is not a number: '1.0'"), (float(os.getpid()), None), (2.0, None)]
-    assert failures(metrics, "error") == 3
-    assert metrics.registry.get_sample_value("areal_rollout_reward_seconds_count") == 6
+        pool = make_pool(metrics=metrics, reward_workers=0, reward_timeout_s=0.01)
+    assert pool.worker_pids == [] and caplog.text.count("no sandbox") == 1  # said at start
+    got = score(pool, "1.5", "crash", "nan", "text", "pid", "sys_exit", "huge", "sleep 0.05 2")
+    assert got[:6] == [(1.5, None), (0.0, "ZeroDivisionError: division by zero on purpose"),
+                       (0.0, "reward is not finite: nan"), (0.0, "reward is not a number: '1.0'"),
+                       (float(os.getpid()), None), (0.0, "SystemExit: 3")]  # an exit() is the sample's, not the server's
+    assert got[6][0] == 0.0 and got[6][1].startswith("reward is not finite: 1000") and got[7] == (2.0, None)
+    assert failures(metrics, "error") == 5
+    assert metrics.registry.get_sample_value("areal_rollout_reward_seconds_count") == 8
+    assert "does not enforce" in caplog.text  # the slow sample is logged (its time is not bounded)
     with pytest.raises(RewardPoolError, match=r"^task.reward_fn='nope\.module:fn' cannot be loaded: ModuleNotFoundError"):
         make_pool(reward_workers=0, reward_fn="nope.module:fn")  # at start, as a worker's failed import is
