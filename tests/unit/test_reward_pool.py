@@ -163,6 +163,8 @@ def test_values_that_are_not_finite_numbers_score_zero(make_pool):
     pool = make_pool()
     assert score(pool, "nan", "text", "-2") == [
         (0.0, "reward is not finite: nan"), (0.0, "reward is not a number: '1.0'"), (-2.0, None)]
+    (reward, why), = score(pool, "huge")  # an int past a double's range crosses as JSON, then cannot be a float
+    assert reward == 0.0 and why.startswith("reward is not finite: 1000")
 
 
 def test_workers_do_not_see_secrets(make_pool, monkeypatch):
