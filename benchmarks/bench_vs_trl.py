@@ -7,7 +7,9 @@ cached), and the same RL wall budget (``--budget-s``, default 180 s; ``--quick``
 same cores (the first two this process may use), one after the other, never concurrently:
 
 * ours at eta = 0 and at eta = 4: the real system (buffer, rollout server with the embedded
-  engine, a one-rank trainer; the laptop topology lays them out on the cores and pins them),
+  engine, a one-rank trainer; the laptop topology lays them out on the cores and pins them;
+  the reward scored in the rollout server's own process, ``task.reward_workers=0``, as TRL scores
+  in its training process),
   stopped when the budget is spent; the trainer's graceful stop saves a checkpoint, which is
   exported to a Hugging Face directory and evaluated. The budget starts when the trainer is
   ready to train (its log-prob guard record, after the initial weight push): process start-up
