@@ -1,6 +1,7 @@
-"""What bench_transport.py reports beside its main lines: CPU read from /proc (per process and per
-thread) and the two security lines, CURVE on tcp and the same-node ipc:// path, each against the
-unencrypted tcp stream of the same rounds (medians over rounds; see bench_transport's docstring)."""
+"""What bench_transport.py reports: its JSON lines of one group size (``summary_lines``), CPU read
+from /proc (per process and per thread), and the security lines (CURVE and sealed frames on tcp,
+the same-node ipc:// path), each against the unencrypted tcp stream of the same rounds (medians
+over rounds; see bench_transport's docstring)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import statistics
 
 GROUP_SIZE = 8
+GOAL_RATIO_AT_4096 = 0.8  # ours over raw ZMQ, stream pattern
 GOAL_CURVE_RATIO_AT_4096 = 0.75  # CURVE over unencrypted: security may cost at most a quarter of the throughput
 
 
@@ -98,3 +100,59 @@ def curve_line(tokens: int, rates: dict, cpu_us, busiest: dict[str, float], busi
             "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
+def summary_lines(tokens: int, costs: dict, frame_bytes: int, rates: dict, cpu_s: dict, split_s: dict,
+                  threads_s: dict, n_groups: dict, rounds: int, seconds: float, window: int,
+                  goal_window: int) -> list[dict]:
+    """bench_transport's JSON lines of one T from what the rounds measured (medians over rounds; CPU
+    per group); ``costs``: the in-process encode, decode and build cost of one group. Goals are
+    printed only at ``goal_window`` requests in flight."""
+    enc_us, dec_us = costs["encode_us"], costs["decode_us"]
+
+    def cpu_us(key: tuple[str, str]) -> float:
+        """CPU microseconds (both processes) per group of one mode."""
+        return 1e6 * cpu_s[key] / n_groups[key]
+
+    lines = []
+    for pattern in ("stream", "reqrep"):
+        ours, base = rates[(pattern, "ours")], rates[(pattern, "raw")]
+        figure, baseline = statistics.median(ours), statistics.median(base)
+        cpu_ours, cpu_raw = cpu_us((pattern, "ours")), cpu_us((pattern, "raw"))
+        ratio = figure / baseline
+        goal = GOAL_RATIO_AT_4096 if (pattern == "stream" and tokens == 4096) else None
+        lines.append({"name": f"transport_{pattern}_{GROUP_SIZE}x{tokens}", "figure": round(figure, 1),
+                      "unit": "groups/s", "baseline": round(baseline, 1), "ratio": round(ratio, 3), "goal": goal,
+                      "goal_met": None if goal is None else ratio >= goal,
+                      "mb_s": round(figure * frame_bytes / 1e6, 1),
+                      "baseline_mb_s": round(baseline * frame_bytes / 1e6, 1), "bytes_per_group": frame_bytes,
+                      # load-robust companion: CPU (both processes) per group, raw over ours
+                      "cpu_us_per_group": round(cpu_ours, 1), "baseline_cpu_us_per_group": round(cpu_raw, 1),
+                      "cpu_ratio": round(cpu_raw / cpu_ours, 3),
+                      # diagnostics (clock-tick resolution): where the CPU per group goes, by process
+                      "cpu_split_us": {mode: dict(zip(("sender_user", "sender_sys", "receiver_user", "receiver_sys"),
+                                                      (round(1e6 * x / n_groups[(pattern, mode)]) for x in
+                                                       split_s[(pattern, mode)]))) for mode in ("ours", "raw")},
+                      "encode_us": round(enc_us, 1), "decode_us": round(dec_us, 1), "rounds": rounds,
+                      "round_s": seconds, "ours_rounds": [round(x) for x in ours], "raw_rounds": [round(x) for x in base],
+                      "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()})
+    built, base = rates[("stream", "built")], rates[("stream", "raw")]
+    lines.append({"name": f"transport_stream_{GROUP_SIZE}x{tokens}_built", "figure": round(statistics.median(built), 1),
+                  "unit": "groups/s", "baseline": round(statistics.median(base), 1),
+                  "ratio": round(statistics.median(built) / statistics.median(base), 3), "goal": None,
+                  "cpu_us_per_group": round(cpu_us(("stream", "built")), 1),
+                  "baseline_cpu_us_per_group": round(cpu_us(("stream", "raw")), 1),
+                  "cpu_ratio": round(cpu_us(("stream", "raw")) / cpu_us(("stream", "built")), 3),
+                  "build_us": round(costs["build_us"], 1), "rounds": rounds, "round_s": seconds,
+                  "built_rounds": [round(x) for x in built], "raw_rounds": [round(x) for x in base]})
+    busiest = {m: 1e6 * max(split_s[("stream", m)][0] + split_s[("stream", m)][1],
+                            split_s[("stream", m)][2] + split_s[("stream", m)][3]) / n_groups[("stream", m)]
+               for m in ("curve", "ours")}
+    busiest_thread = {m: 1e6 * max(threads_s[("stream", m)].values()) / n_groups[("stream", m)]
+                      for m in ("curve", "ours")}
+    lines.append(curve_line(tokens, rates, cpu_us, busiest, busiest_thread, frame_bytes, rounds, seconds))
+    split = {m: dict(zip(("sender_user", "sender_sys", "receiver_user", "receiver_sys"),
+                         (round(1e6 * x / n_groups[("stream", m)]) for x in split_s[("stream", m)])))
+             for m in ("sealed", "ours")}
+    lines.append(sealed_line(tokens, rates, cpu_us, split, frame_bytes, rounds, seconds))
+    lines.append(local_line(tokens, rates, cpu_us, rounds, seconds))
+    stream = {"window": window, **({} if window == goal_window else {"goal": None, "goal_met": None})}
+    return [{**line, **(stream if "_stream_" in line["name"] else {}), **load_warning()} for line in lines]
