@@ -197,21 +197,11 @@ class RewardPool:
         self._observe(seconds := time.monotonic() - t0)
         if why is not None:
             self._failed(kind, why)
-        if seconds > self.timeout_s and self._due("slow"):
+        if seconds > self.timeout_s and self._due("slow") is not None:
             log.warning("%s took %.1fs in this process, past task.reward_timeout_s=%.1fs, which task.reward_workers=0 "
                         "does not enforce: the server's loop (heartbeats included) waited meanwhile "
                         "(logged at most every %.0fs)", self.name, seconds, self.timeout_s, WARN_EVERY_S)
         return reward, why
-
-    def _due(self, kind: str) -> bool:
-        """Whether a warning of ``kind`` may be logged now (at most once per WARN_EVERY_S)."""
-        now = self.clock()
-        with self._lock:
-            last = self._warned.get(kind, (None, 0))[0]
-            if last is not None and now - last < WARN_EVERY_S:
-                return False
-            self._warned[kind] = (now, 0)
-        return True
 
     # ------------------------------------------------------------------ local
     def _score_local(self, responses: list[str], example) -> list[Score]:
@@ -328,16 +318,23 @@ class RewardPool:
         if self.metrics is not None:
             self.metrics.counter("rollout/reward_failures", "samples scored 0 because their reward failed",
                                  ("kind",)).labels(kind=kind).inc(n)
+        if (unlogged := self._due(kind, n)) is None:
+            return
+        since = f"; {unlogged} more since the last warning" if unlogged else ""
+        log.warning("%s: %d sample(s) scored 0, reward failure (%s): %s%s (logged at most every %.0fs per kind)",
+                    self.name, n, kind, reason, since, WARN_EVERY_S)
+
+    def _due(self, kind: str, n: int = 0) -> int | None:
+        """A warning of ``kind`` may be logged now (at most once per WARN_EVERY_S): how many events of
+        that kind went unlogged since the last one; None: not yet (these ``n`` are added to them)."""
         now = self.clock()
         with self._lock:
             last, unlogged = self._warned.get(kind, (None, 0))
             if last is not None and now - last < WARN_EVERY_S:
                 self._warned[kind] = (last, unlogged + n)
-                return
+                return None
             self._warned[kind] = (now, 0)
-        since = f"; {unlogged} more since the last warning" if unlogged else ""
-        log.warning("%s: %d sample(s) scored 0, reward failure (%s): %s%s (logged at most every %.0fs per kind)",
-                    self.name, n, kind, reason, since, WARN_EVERY_S)
+        return unlogged
 
     # ------------------------------------------------------------------ remote
     async def _score_remote(self, prompt: str, responses: list[str], example) -> list[Score]:
