@@ -17,7 +17,7 @@ strided view of the slot cache plus a 4D mask, and the generic decoder's per-lay
 Invariant: same math as the model's forward (tests compare greedy tokens with ``generate`` and
 logprobs with a separate forward, within fp32 rounding). ``supports`` accepts only transformers'
 own classes of these families, unmodified (no subclass, patched forward or hook on a module whose
-forward this file replaces); anything else uses the model's own forward (scheduler.py).
+forward this file replaces); anything else uses the model's own forward (padded.py).
 """
 
 from __future__ import annotations

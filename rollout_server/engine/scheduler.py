@@ -5,6 +5,12 @@ admit waiting requests into free slots and prefill them as one right-padded batc
 step over every running request -> retire finished requests (their slot is refilled by moving
 the last running row into it). Requests therefore join and leave the batch at every step.
 
+A burst of submits that wakes an idle scheduler is gathered first (``_gather``: until none came for
+``gather_gap_s``, ``gather_max_s`` at most), so the groups a rollout server starts together share one
+prefill instead of the first running alone, slowing the others' submits on a shared CPU, and the rest
+trailing a step behind (benchmarks/README.md, "eta 0"). A lone request at an idle engine waits
+``gather_gap_s`` more.
+
 Invariants:
 - Only the scheduler thread touches the model, the KV cache and the request lists; other threads
   talk to it through ``submit`` / ``abort`` / ``hold`` / ``release`` / ``call`` (a command inbox).
@@ -30,12 +36,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rollout_server.engine import fastpath
+from rollout_server.engine import fastpath, padded
 from rollout_server.engine.kv import SlotKV
 from rollout_server.engine.sampling import SamplingParams, sample
 
 log = logging.getLogger(__name__)
 
+GATHER_GAP_S, GATHER_MAX_S = 0.0005, 0.003  # an idle scheduler's wait for a burst's next submit, and in all
 IDLE_WAIT_S = 0.05  # idle loop wake-up; bounds command latency when nothing runs
 MAX_PREFILL_TOKENS = 8192  # padded tokens in one prefill batch (bounds activation memory)
 ADMIT_FRACTION = 8  # admissions wait for max_running / 8 free slots (see Scheduler.admit_batch)
@@ -69,7 +76,8 @@ class Request:
 
 class Scheduler:
     def __init__(self, model, *, max_running: int, max_total_tokens: int, context_len: int,
-                 weight_version: str, metrics=None, seed: int = 0):
+                 weight_version: str, metrics=None, seed: int = 0, gather_gap_s: float = GATHER_GAP_S,
+                 gather_max_s: float = GATHER_MAX_S):
         cfg = model.config
         self.model = model
         self.device = next(model.parameters()).device
@@ -77,6 +85,7 @@ class Scheduler:
         self.max_running, self.max_total_tokens, self.context_len = max_running, max_total_tokens, context_len
         self.weight_version = weight_version
         self.metrics = metrics
+        self.gather_gap_s, self.gather_max_s = gather_gap_s, gather_max_s
         self.shared_gen = torch.Generator().manual_seed(seed)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.kv = SlotKV(cfg.num_hidden_layers, max_running, cfg.num_key_value_heads, head_dim, context_len,
@@ -96,8 +105,10 @@ class Scheduler:
         self.failure: BaseException | None = None
         self.heartbeat = time.monotonic()
         self.steps = 0
+        self.prefills = 0  # prefill passes run
         self.prefill_tokens = 0  # tokens run through prefill passes (shared prompts count once)
         self._inbox: list[Callable[[], None]] = []
+        self._submits = 0  # submits among the inbox's commands
         self._cv = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop_guarded, name="engine-scheduler", daemon=True)
@@ -119,7 +130,7 @@ class Scheduler:
         return self._thread.is_alive() and self.failure is None
 
     def submit(self, req: Request) -> None:
-        self._post(lambda: self._enqueue(req))
+        self._post(lambda: self._enqueue(req), submit=True)
 
     def abort(self, rid: str = "", *, abort_all: bool = False, message: str = "Aborted") -> None:
         self._post(lambda: self._abort(rid, abort_all, message))
@@ -150,11 +161,12 @@ class Scheduler:
         return {"num_running_reqs": len(running), "num_waiting_reqs": len(self.waiting),
                 "num_used_tokens": used, "token_usage": used / self.max_total_tokens}
 
-    def _post(self, cmd: Callable[[], None]) -> None:
+    def _post(self, cmd: Callable[[], None], submit: bool = False) -> None:
         with self._cv:
             if self._stopping or self.failure is not None:
                 raise RuntimeError(f"engine scheduler is not running ({self.failure!r})")
             self._inbox.append(cmd)
+            self._submits += submit
             self._cv.notify_all()
 
     # ---- the loop (scheduler thread only below this line)
@@ -184,7 +196,9 @@ class Scheduler:
                     self._cv.wait(timeout=IDLE_WAIT_S)
                 if self._stopping:
                     break
-                inbox, self._inbox = self._inbox, []
+                if self._submits and not (self.held or self.running or self.waiting):
+                    self._gather()
+                inbox, self._inbox, self._submits = self._inbox, [], 0
             for cmd in inbox:
                 cmd()
             self.heartbeat = time.monotonic()
@@ -199,6 +213,16 @@ class Scheduler:
         for r in [*self.running, *self.waiting]:
             self._finish(r, {"type": "abort", "message": "engine shutting down", "status_code": 503,
                              "err_type": "ServiceUnavailable"})
+
+    def _gather(self) -> None:
+        """Wait (holding no lock: ``wait`` releases it) while submits keep coming (module docstring)."""
+        end = time.monotonic() + self.gather_max_s
+        seen = self._submits
+        while (left := end - time.monotonic()) > 0 and not self._stopping:
+            self._cv.wait(timeout=min(self.gather_gap_s, left))
+            if self._submits == seen:
+                return
+            seen = self._submits
 
     def _enqueue(self, req: Request) -> None:
         if self.metrics and req.log_metrics:
@@ -233,16 +257,15 @@ class Scheduler:
     def _reserve(self, r: Request) -> int:
         return min(self.context_len, len(r.input_ids) + r.params.max_new_tokens)
 
-    def _masks(self, allowed: torch.Tensor) -> torch.Tensor:
-        """Additive 4D mask [B, 1, Q, K] from a boolean ``allowed`` [B, Q, K]. A plain 4D tensor (every layer is
-        full attention, see __init__): transformers uses it as is, while a per-layer-type dict is only understood
-        by decoders with sliding layers in their family (Qwen2/Qwen3), not Llama's ``create_causal_mask``."""
-        neg = torch.finfo(self.dtype).min
-        return torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill(~allowed, neg)[:, None]
+    @property
+    def _path(self):
+        """The module that runs prefill and decode passes: ``fastpath`` for a model it knows, else ``padded``."""
+        return fastpath if self.use_fastpath else padded
 
     def _prefill(self, new: list[Request]) -> None:
         """Prefill ``new`` into slots ``[B, B + k)``. Identical sequences in one batch (the n samples of one
         prompt) are computed once and their KV copied: same weights, same pass, so nothing stale is shared."""
+        self.prefills += 1
         B = len(self.running)
         first: dict[tuple[int, ...], int] = {}
         src = [first.setdefault(tuple(r.input_ids + r.output_ids), i) for i, r in enumerate(new)]
@@ -252,10 +275,7 @@ class Scheduler:
         u = len(first)
         self.kv.ensure(max(map(len, seqs)) + 1)
         self.running.extend(new)  # before the forward: if it raises, these are answered with the rest
-        if self.use_fastpath:
-            logits = fastpath.prefill(self.model, self.kv, seqs[:u], B)
-        else:
-            logits = self._prefill_padded(seqs[:u], B)
+        logits = self._path.prefill(self.model, self.kv, seqs[:u], B)
         self.prefill_tokens += sum(map(len, seqs[:u]))
         row = {orig: j for j, orig in enumerate(order)}  # original index -> position in `new`
         rows = [row[src[i]] for i in order]  # each request's distinct twin (a row of `logits`)
@@ -265,36 +285,13 @@ class Scheduler:
             r.cached = len(s)
         self._sample_and_retire(logits[rows], list(range(B, B + len(new))))
 
-    def _prefill_padded(self, seqs: list[list[int]], first_slot: int) -> torch.Tensor:
-        """Any model: one right-padded batch through its forward (4D mask, explicit positions)."""
-        k = len(seqs)
-        lens = torch.tensor([len(s) for s in seqs], device=self.device)
-        L = int(lens.max())
-        ids = torch.zeros(k, L, dtype=torch.long, device=self.device)
-        for i, s in enumerate(seqs):
-            ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        pos = torch.arange(L, device=self.device)
-        allowed = (pos[None, None, :] <= pos[None, :, None]) & (pos[None, None, :] < lens[:, None, None])
-        self.kv.set_prefill(slice(first_slot, first_slot + k), L)
-        out = self.model(input_ids=ids, attention_mask=self._masks(allowed), position_ids=pos[None].expand(k, L),
-                         past_key_values=self.kv, use_cache=True, logits_to_keep=(lens - 1)[:, None])
-        return out.logits[:, -1]
-
     def _decode(self) -> None:
         B = len(self.running)
         start = torch.tensor([r.cached for r in self.running], device=self.device)
         kv_len = max(r.cached for r in self.running) + 1
         self.kv.ensure(kv_len)
         last = torch.tensor([r.output_ids[-1] for r in self.running], dtype=torch.long, device=self.device)
-        if self.use_fastpath:
-            logits = fastpath.decode(self.model, self.kv, last, start, kv_len)
-        else:
-            keys = torch.arange(kv_len, device=self.device)
-            allowed = (keys[None, None, :] <= start[:, None, None])
-            self.kv.set_decode(slice(0, B), start, kv_len)
-            logits = self.model(input_ids=last[:, None], attention_mask=self._masks(allowed),
-                                position_ids=start[:, None], past_key_values=self.kv, use_cache=True,
-                                logits_to_keep=1).logits[:, -1]
+        logits = self._path.decode(self.model, self.kv, last, start, kv_len)
         for r in self.running:
             r.cached += 1
         self.steps += 1

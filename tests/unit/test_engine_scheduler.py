@@ -4,6 +4,7 @@ continuous batching with refill, abort/retract, weight loads between steps, and 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -27,9 +28,9 @@ def model():
 def make_scheduler(model):
     made: list[Scheduler] = []
 
-    def make(max_running: int = 3, max_total_tokens: int = 4096, own_model=None) -> Scheduler:
+    def make(max_running: int = 3, max_total_tokens: int = 4096, own_model=None, **gather) -> Scheduler:
         s = Scheduler(own_model or model, max_running=max_running, max_total_tokens=max_total_tokens, context_len=192,
-                      weight_version="0").start()
+                      weight_version="0", **gather).start()
         made.append(s)
         return s
     yield make
@@ -197,3 +198,28 @@ def test_too_long_prompt_is_refused_not_fatal(model, make_scheduler):
     bad, ok = run_all(s, [[1] * 192, [1, 5]], [SamplingParams(max_new_tokens=3, temperature=0.0)] * 2, stop_eos=False)
     assert bad.finish_reason["type"] == "abort" and bad.finish_reason["status_code"] == 400
     assert ok.finish_reason == {"type": "length", "length": 3} and s.alive
+
+
+def test_a_burst_at_an_idle_scheduler_is_prefilled_as_one_batch(model, make_scheduler):
+    """Submits that trickle in (as a rollout server's groups do over HTTP) while an idle scheduler
+    gathers are admitted together: one prefill for all of them, not one for the first and one for the rest."""
+    s = make_scheduler(max_running=8, gather_gap_s=2.0, gather_max_s=60.0)  # gaps far wider than the test's
+    ps, finished, all_done = prompts(8, seed=3), [], threading.Event()
+
+    def fin(r):
+        finished.append(r)
+        if len(finished) == len(ps):
+            all_done.set()
+    for i, p in enumerate(ps):
+        if i:
+            time.sleep(0.2)  # spaced like separate HTTP requests; the first is alone at the engine for 0.2 s
+        s.submit(Request(rid=str(i), input_ids=p, params=SamplingParams(max_new_tokens=2, temperature=0.0),
+                         stop_ids=frozenset(), on_finish=fin))
+    assert all_done.wait(WAIT_S), "requests did not finish"
+    assert s.prefills == 1 and s.prefill_tokens == sum(map(len, ps))
+
+
+def test_only_submits_are_gathered(make_scheduler):
+    """A command that is not a submit (a weight load, a pause) reaches an idle scheduler at once."""
+    s = make_scheduler(gather_gap_s=30.0, gather_max_s=60.0)
+    assert s.call(lambda sched: sched.prefills).result(timeout=15.0) == 0

@@ -1,0 +1,49 @@
+"""Prefill and decode for any causal LM through its own forward (what ``fastpath`` does not cover).
+
+Same signatures as ``fastpath.prefill`` / ``fastpath.decode``; the scheduler (``scheduler.py``) uses
+this module for a model ``fastpath.supports`` refuses. Prefill runs one right-padded batch with a 4D
+mask and explicit positions; decode runs one token per row against the slot cache.
+
+Masks are plain additive 4D tensors ``[B, 1, Q, K]`` (every layer is full attention: the scheduler
+refuses sliding-window layers): transformers uses them as they are, while a per-layer-type dict is
+only understood by decoders with sliding layers in their family (Qwen2/Qwen3), not Llama's
+``create_causal_mask``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rollout_server.engine.kv import SlotKV
+
+
+def _mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4D mask [B, 1, Q, K] from a boolean ``allowed`` [B, Q, K]."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed,
+                                                                                    torch.finfo(dtype).min)[:, None]
+
+
+def prefill(model, kv: SlotKV, seqs: list[list[int]], first_slot: int) -> torch.Tensor:
+    """Last-position logits [k, vocab] of ``seqs``, their KV written into slots ``[first_slot, first_slot + k)``."""
+    device, dtype = kv.device, kv.dtype
+    k = len(seqs)
+    lens = torch.tensor([len(s) for s in seqs], device=device)
+    L = int(lens.max())
+    ids = torch.zeros(k, L, dtype=torch.long, device=device)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    pos = torch.arange(L, device=device)
+    allowed = (pos[None, None, :] <= pos[None, :, None]) & (pos[None, None, :] < lens[:, None, None])
+    kv.set_prefill(slice(first_slot, first_slot + k), L)
+    out = model(input_ids=ids, attention_mask=_mask(allowed, dtype), position_ids=pos[None].expand(k, L),
+                past_key_values=kv, use_cache=True, logits_to_keep=(lens - 1)[:, None])
+    return out.logits[:, -1]
+
+
+def decode(model, kv: SlotKV, ids: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """Logits [B, vocab] of one token per row (``ids`` [B]) at positions ``pos`` [B] of slots ``[0, B)``."""
+    keys = torch.arange(kv_len, device=kv.device)
+    allowed = keys[None, None, :] <= pos[:, None, None]
+    kv.set_decode(slice(0, len(ids)), pos, kv_len)
+    return model(input_ids=ids[:, None], attention_mask=_mask(allowed, kv.dtype), position_ids=pos[:, None],
+                 past_key_values=kv, use_cache=True, logits_to_keep=1).logits[:, -1]
