@@ -26,7 +26,7 @@ every token were generated. A buffer's WAL outlives its build, so ``decode_store
 ``TrajectoryGroup`` stored at version 1 as version 1 meant it (every output token generated).
 Added in version 1 with defaults: ``TrajectoryGroup.want_credits``, ``Ack.credits``,
 ``Register.torch_version`` / ``cuda_version`` / ``nccl_version`` and the same three on ``RosterEntry``,
-``WeightSyncPlan.path`` / ``payloads``.
+``WeightSyncPlan.path`` / ``payloads``. In version 2: ``SyncDone.want_credits``.
 Frames written by earlier builds are kept as fixtures (``tests/fixtures/wire``, version 1).
 Who sends which message: areal_like/DESIGN.md section 3.
 """
@@ -233,6 +233,11 @@ class SyncDone(_TopLevel, tag="sync_done"):
     ok: bool
     reason: str = ""
     pause_s: float = 0.0  # how long the engine was not generating
+    want_credits: int = 0  # leases the server wants with the Ack (saves a CreditRequest round trip after a sync)
+
+    def validate(self) -> None:
+        if not 0 <= self.want_credits <= MAX_CREDITS_PER_REQUEST:
+            raise ProtocolError(f"must be 0 to {MAX_CREDITS_PER_REQUEST}, got {self.want_credits}", "want_credits")
 
 
 class SyncStatusRequest(_TopLevel, tag="sync_status_request"):

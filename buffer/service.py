@@ -12,7 +12,8 @@ every reply whose WAL ticket is durable (the fsync thread syncs meanwhile: group
 is acked only once its record is durable, credits only once their lease is (a restart neither
 repeats nor skips prompts), a batch only once it is durably in transit. Bad input gets
 ``Ack(status="rejected", reason=...)`` and is counted; a duplicate group id ``Ack(status="duplicate")``;
-a group's ``want_credits`` come in its Ack as a CreditRequest's would (none if rejected): one round trip.
+a group's ``want_credits`` (and a SyncDone's) come in its Ack as a CreditRequest's would (none if
+rejected): one round trip.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ class BufferService(Daemon):
         self._handlers = {
             P.Register: lambda m: expiry.register(self, m), P.Heartbeat: self.control.heartbeat,
             P.RosterRequest: self.control.roster_reply, P.WeightSyncPlan: self.control.take_plan,
-            P.SyncDone: self.control.sync_done, P.SyncStatusRequest: self.control.sync_status,
+            P.SyncDone: lambda m: self._ack_with_leases(m, self.control.sync_done(m).ref, "ok"),  # the sync first
+            P.SyncStatusRequest: self.control.sync_status,
             P.CreditRequest: self._on_credits,
             P.StatsRequest: lambda m: P.Stats(values=self.stats()),
         }
@@ -229,7 +231,7 @@ class BufferService(Daemon):
     def _on_group(self, g: P.TrajectoryGroup, frame: bytes) -> P.Ack:
         if g.group_id in self.seen or g.group_id in self.store:
             self.instruments.count("groups_duplicate")
-            return self._ack_with_leases(g, "duplicate")
+            return self._ack_with_leases(g, g.group_id, "duplicate")
         lease = self.ledger.leases.get(g.lease_id)
         versions = version_range(g)  # one pass over the token versions, for every check below
         reason = (invalid_group(g, lease, self.control.newest_version(), versions)
@@ -262,11 +264,10 @@ class BufferService(Daemon):
             self._drop([g], why)
         else:
             self.store.add(g, len(frame), head, ref=ref)  # the frame's memory is freed: the WAL holds it
-        return self._ack_with_leases(g, "accepted")
+        return self._ack_with_leases(g, g.group_id, "accepted")
 
-    def _ack_with_leases(self, g: P.TrajectoryGroup, status: str) -> P.Ack:
-        credits = self._grant(g.server_id, g.want_credits)[0] if g.want_credits else []
-        return P.Ack(ref=g.group_id, status=status, credits=credits)
+    def _ack_with_leases(self, m: P.TrajectoryGroup | P.SyncDone, ref: str, status: str) -> P.Ack:
+        return P.Ack(ref=ref, status=status, credits=self._grant(m.server_id, m.want_credits)[0] if m.want_credits else [])
 
     def _on_credits(self, m: P.CreditRequest) -> P.Credits:
         credits, reason = self._grant(m.server_id, m.max_credits)

@@ -10,10 +10,11 @@ Invariants:
   ``group_id``) or ``rejected`` (re-sending cannot help); "unavailable" (the buffer's disk is full)
   or no answer keeps it, due again ``RESEND_BACKOFF_S`` later; a send that timed out backs off
   every group, since the buffer is not answering;
-* leases for free slots are asked for with each group's first send (``want_credits``: the Ack
-  carries them, no extra round trip), and by a ``CreditRequest`` only when no group is due. A
-  re-send asks for none: it may be a duplicate whose lost ack carried them (they expire and are
-  re-issued). A slot is never asked for twice: ``asked`` counts the leases of requests in flight;
+* leases for free slots are asked for with each group's first send and with the report of a
+  weight sync that loaded (``want_credits``: the Ack carries them, no extra round trip), and by a
+  ``CreditRequest`` only when no group is due. A re-send asks for none: it may be a duplicate whose
+  lost ack carried them (they expire and are re-issued). A slot is never asked for twice:
+  ``asked`` counts the leases of requests in flight;
 * no lease is asked for while a weight sync blocks; leases that arrive meanwhile are held and
   handed out once it is over;
 * on stop, ``flush`` makes one last best-effort send of each group; what is left is covered by
@@ -32,7 +33,7 @@ import msgspec
 
 from areal_like.dealer import AsyncClient
 from areal_like.metrics import Metrics
-from areal_like.protocol import MAX_CREDITS_PER_REQUEST, Ack, Credit, CreditRequest, Credits, TrajectoryGroup
+from areal_like.protocol import MAX_CREDITS_PER_REQUEST, Ack, Credit, CreditRequest, Credits, SyncDone, TrajectoryGroup
 from areal_like.transport import TransportTimeout
 
 RESEND_BACKOFF_S = 2.0  # after a send timed out, wait this long before re-sending unacked groups
@@ -106,6 +107,23 @@ class BufferLink:
             self.next_request_at = time.monotonic() + CREDIT_RETRY_S
             return not (isinstance(reply, Credits) and reply.reason == "unknown_server")
         return True
+
+    async def report_sync(self, done: SyncDone, attempts: int) -> bool:
+        """Tell the buffer a weight sync is over, asking for the free slots' leases with the report
+        when it loaded (a repeat asks for none, as a re-sent group does). False if no attempt was answered."""
+        for attempt in range(attempts):
+            want = self.wanted() if done.ok and attempt == 0 else 0
+            self.asked += want
+            try:
+                ack = await self.control.request(msgspec.structs.replace(done, want_credits=want) if want else done)
+            except TransportTimeout:
+                continue
+            finally:
+                self.asked -= want
+            if isinstance(ack, Ack) and ack.credits:
+                self.take(ack.credits, "sync_done")
+            return True
+        return False
 
     # ------------------------------------------------------------------ groups
     def add(self, group: TrajectoryGroup) -> None:

@@ -328,13 +328,8 @@ class RolloutServer(Daemon):
         await self.report_sync(done)
 
     async def report_sync(self, done: SyncDone) -> None:
-        for _ in range(SYNC_DONE_ATTEMPTS):
-            try:
-                await self.control.request(done)
-                return
-            except TransportTimeout:
-                continue
-        self.log.error("could not report SyncDone v%d to the buffer", done.policy_version)
+        if not await self.link.report_sync(done, SYNC_DONE_ATTEMPTS):
+            self.log.error("could not report SyncDone v%d to the buffer", done.policy_version)
 
     async def decline_plan(self, plan: WeightSyncPlan) -> None:
         """A plan that reached us after we left the roster to evaluate (published just before): say

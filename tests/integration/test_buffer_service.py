@@ -410,3 +410,43 @@ def test_a_rollout_server_gets_its_next_leases_with_each_ack(tmp_path):
         asyncio.run(scenario())
         s = stats(c)
         assert (s["groups_accepted"], s["groups_duplicate"], s["credits_granted"]) == (3, 1, 7)
+
+
+def test_a_weight_sync_report_brings_the_leases_of_the_new_version(tmp_path):
+    """At eta 0 every lease of version v + 1 waits for the engine to load v + 1. The SyncDone that says
+    it did asks for the free slots' leases (``BufferLink.report_sync``) and its Ack carries them: the
+    sync is recorded first, so they are granted against the version just loaded. A server whose sync
+    failed still serves v and gets none."""
+    import asyncio
+
+    from areal_like.dealer import AsyncClient
+    from areal_like.metrics import Metrics
+    from rollout_server.buffer_link import BufferLink
+
+    cfg = make_cfg(tmp_path, max_staleness=0, groups_per_step=2)
+    with running(cfg) as (svc, c):
+        register(c, "a")
+        register(c, "b")
+        for credit in c.request(P.CreditRequest(server_id="a", max_credits=2)).credits:
+            assert c.request(make_group(credit, server_id="a")).status == "accepted"
+        batch = c.request(P.BatchRequest(n_groups=2, trainer_version=0, wait_s=5))
+        assert len(batch.groups) == 2
+        c.request(P.BatchRequest(n_groups=2, trainer_version=1, wait_s=0.05, ack_batch=batch.batch_id))  # consumed
+        c.request(P.VersionUpdate(policy_version=1))
+        assert c.request(P.CreditRequest(server_id="a", max_credits=2)).reason == "stale_engine"
+        failed = c.request(P.SyncDone(server_id="b", policy_version=1, ok=False, reason="timeout", want_credits=2))
+        assert failed.status == "ok" and failed.credits == []
+        started: list[P.Credit] = []
+
+        async def scenario() -> None:
+            client = AsyncClient(cfg.buffer.address, timeout_s=TIMEOUT_S, identity="a")
+            link = BufferLink(client, client, "a", Metrics(), free_slots=lambda: 2 - len(started),
+                              blocked=lambda: False, start=started.append)
+            try:
+                assert await link.report_sync(P.SyncDone(server_id="a", policy_version=1, ok=True), attempts=1)
+                assert [x.prompt_index for x in started] == [2, 3] and link.asked == 0
+            finally:
+                client.close()
+
+        asyncio.run(scenario())
+        assert stats(c)["credits_granted"] == 4

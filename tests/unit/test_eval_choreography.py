@@ -12,6 +12,8 @@ import asyncio
 
 from areal_like import protocol as P
 from areal_like.config import EvalConfig, RunConfig
+from areal_like.metrics import Metrics
+from rollout_server.buffer_link import BufferLink
 from rollout_server.evaluate import EvalSchedule
 from rollout_server.server import RolloutServer
 
@@ -57,6 +59,14 @@ def _server() -> RolloutServer:
     return server
 
 
+def _attach(server: RolloutServer, buffer: _Buffer) -> _Buffer:
+    """``buffer`` as the server's control connection, also under its BufferLink (which reports syncs)."""
+    server.control = buffer
+    server.link = BufferLink(buffer, buffer, server.server_id, Metrics(), free_slots=lambda: 0, blocked=lambda: False,
+                             start=lambda credit: None)
+    return buffer
+
+
 async def _main_loop(server: RolloutServer, done: asyncio.Event) -> None:
     """What RolloutServer.main does with plans: apply one (here: take its version), or decline it."""
     while not done.is_set():
@@ -70,7 +80,7 @@ async def _main_loop(server: RolloutServer, done: asyncio.Event) -> None:
 
 def test_a_plan_on_its_way_lands_first_then_the_evaluation_holds_one_version_and_declines_the_rest():
     server = _server()
-    buffer = server.control = _Buffer(pending=_plan(6))
+    buffer = _attach(server, _Buffer(pending=_plan(6)))
 
     async def scenario():
         server.wake, done = asyncio.Event(), asyncio.Event()
@@ -91,7 +101,7 @@ def test_a_plan_on_its_way_lands_first_then_the_evaluation_holds_one_version_and
 
 def test_the_schedule_starts_an_evaluation_only_when_due_and_idle():
     server = _server()
-    server.control = _Buffer(pending=None)
+    _attach(server, _Buffer(pending=None))
 
     async def scenario():
         server.wake = asyncio.Event()
@@ -119,7 +129,7 @@ def test_the_final_evaluation_starts_at_once_no_plan_can_follow_the_final_versio
     server = _server()
     server.rcfg = server.rcfg.__class__(heartbeat_s=30.0)  # a wait for a plan on its way would show
     server.policy_version = 20  # trainer.steps: the last push has landed
-    buffer = server.control = _Buffer(pending=None)
+    buffer = _attach(server, _Buffer(pending=None))
 
     async def scenario():
         server.wake, done = asyncio.Event(), asyncio.Event()

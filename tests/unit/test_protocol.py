@@ -76,6 +76,7 @@ FIELD_STRATEGIES = {
     (P.Ack, "status"): st.sampled_from(["accepted", "duplicate", "rejected", "ok"]),
     (P.TrajectoryGroup, "trajectories"): st.lists(_trajectory(), min_size=1, max_size=3),
     (P.TrajectoryGroup, "want_credits"): st.integers(0, P.MAX_CREDITS_PER_REQUEST),
+    (P.SyncDone, "want_credits"): st.integers(0, P.MAX_CREDITS_PER_REQUEST),
 }
 
 
@@ -421,6 +422,12 @@ def test_want_credits_is_optional_and_bounded():
     with pytest.raises(P.ProtocolError) as info:
         msgspec.structs.replace(make_group(), want_credits=-2)  # refused when built
     assert info.value.field == "want_credits"
+    done = wire_of(P.SyncDone(server_id="s", policy_version=3, ok=True))  # the same field on a SyncDone
+    del done["want_credits"]
+    assert P.decode(msgpack.packb(done, use_bin_type=True)).want_credits == 0
+    for bad in (-1, P.MAX_CREDITS_PER_REQUEST + 1):
+        done["want_credits"] = bad
+        assert reject(done).field == "want_credits"
 
 
 def test_weight_sync_plan_payloads_fit_its_path():

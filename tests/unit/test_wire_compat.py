@@ -56,7 +56,7 @@ def plain(value):
 
 # Fields added with a default after the fixtures were written: an old frame decodes with the default.
 ADDED_SINCE = {"weight_sync_plan": {"path": "distributed", "payloads": []}, "register": {"fresh": False, "evaluates": False},
-               "roster_entry": {"evaluates": False}}
+               "roster_entry": {"evaluates": False}, "sync_done": {"want_credits": 0}}
 
 
 def with_masks(value):
