@@ -42,7 +42,7 @@ from rollout_server.engine.sampling import SamplingParams, sample
 
 log = logging.getLogger(__name__)
 
-GATHER_GAP_S, GATHER_MAX_S = 0.0005, 0.003  # an idle scheduler's wait for a burst's next submit, and in all
+GATHER_GAP_S, GATHER_MAX_S = 0.001, 0.004  # an idle scheduler's wait for a burst's next submit, and in all
 IDLE_WAIT_S = 0.05  # idle loop wake-up; bounds command latency when nothing runs
 MAX_PREFILL_TOKENS = 8192  # padded tokens in one prefill batch (bounds activation memory)
 ADMIT_FRACTION = 8  # admissions wait for max_running / 8 free slots (see Scheduler.admit_batch)
