@@ -111,10 +111,13 @@ class _Dealer:
         reply to an abandoned request, or a frame that is not this session's, is dropped."""
         if len(frames) != 2 or frames[0].bytes != req_id:
             return None
+        return self._open(req_id, frames[1])
+
+    def _open(self, req_id: bytes, frame: zmq.Frame):
         if self._channel is None:
-            return frames[1].buffer
+            return frame.buffer
         try:
-            return self._channel.open(req_id, frames[1].buffer)
+            return self._channel.open(req_id, frame.buffer)
         except sealed.SealError:
             return None
 
@@ -163,8 +166,8 @@ class Client(_Dealer):
 class AsyncClient(_Dealer):
     """asyncio twin of Client for daemons built on an event loop (rollout servers).
 
-    Requests are serialised with a lock: one outstanding request per socket keeps req_id
-    matching trivial, and the buffer answers in milliseconds.
+    Calls are serialised with a lock; one call may carry several requests (``request_many``: all
+    sent at once, pipelined on the socket, each reply matched to its request by req_id).
     """
 
     def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, identity: str | None = None):
@@ -172,22 +175,40 @@ class AsyncClient(_Dealer):
         super().__init__(address, zmq.asyncio.Context.instance(), timeout_s, identity)
 
     async def request(self, msg: Message, timeout_s: float | None = None) -> Message:
+        (reply,) = await self.request_many([msg], timeout_s)
+        if reply is None:
+            raise TransportTimeout(f"no reply from {self.address} within "
+                                   f"{self.timeout_s if timeout_s is None else timeout_s:.1f}s to {msg.TYPE}")
+        return reply
+
+    async def request_many(self, msgs: list[Message], timeout_s: float | None = None) -> list[Message | None]:
+        """Send ``msgs`` at once and return their replies in order, None for each one not answered
+        within ``timeout_s`` (the socket is then replaced, as after any timeout). Raises
+        TransportTimeout when the handshake or a send fails (the send queue is full), ProtocolError
+        for a reply that does not decode."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
         async with self._lock:
             deadline = asyncio.get_running_loop().time() + timeout
             if self._needs_session():
-                if (welcome := await self._wait(self._send_hello(), deadline)) is None:
-                    raise self._timed_out(msg, timeout)
+                if (welcome := (await self._wait([self._send_hello()], deadline))[0]) is None:
+                    raise self._timed_out(msgs[0], timeout)
                 self._start_session(welcome)
-            if (payload := await self._wait(self._send(msg), deadline)) is None:
-                raise self._timed_out(msg, timeout)
-            return decode(payload)
+            payloads = await self._wait([self._send(msg) for msg in msgs], deadline)
+            if None in payloads:
+                self.reconnect()  # fresh socket: late replies to the unanswered ones are discarded
+            return [None if p is None else decode(p) for p in payloads]
 
-    async def _wait(self, req_id: bytes, deadline: float):
+    async def _wait(self, req_ids: list[bytes], deadline: float) -> list:
+        """The payloads of the replies to ``req_ids`` (in any order on the wire), None where none came by ``deadline``."""
         loop, sock = asyncio.get_running_loop(), self._sock
-        while (remaining := deadline - loop.time()) > 0:
+        waiting = {req_id: i for i, req_id in enumerate(req_ids)}
+        out: list = [None] * len(req_ids)
+        while waiting and (remaining := deadline - loop.time()) > 0:
             if not await sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
-                return None
-            if (payload := self._payload(req_id, await sock.recv_multipart(copy=False))) is not None:
-                return payload
-        return None
+                break
+            frames = await sock.recv_multipart(copy=False)
+            if len(frames) == 2 and (i := waiting.get(req_id := frames[0].bytes)) is not None:
+                if (payload := self._open(req_id, frames[1])) is not None:  # else not this session's: dropped
+                    out[i] = payload
+                    del waiting[req_id]
+        return out

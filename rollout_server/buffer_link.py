@@ -10,6 +10,9 @@ Invariants:
   ``group_id``) or ``rejected`` (re-sending cannot help); "unavailable" (the buffer's disk is full)
   or no answer keeps it, due again ``RESEND_BACKOFF_S`` later; a send that timed out backs off
   every group, since the buffer is not answering;
+* due groups go out ``SEND_WINDOW`` at a time, all in flight at once on the data connection
+  (``AsyncClient.request_many``): the groups of a batch of leases finish together, and their
+  round trips overlap instead of queueing one behind the other;
 * leases for free slots are asked for with each group's first send and with the report of a
   weight sync that loaded (``want_credits``: the Ack carries them, no extra round trip), and by a
   ``CreditRequest`` only when no group is due. A re-send asks for none: it may be a duplicate whose
@@ -38,6 +41,7 @@ from areal_like.transport import TransportTimeout
 
 RESEND_BACKOFF_S = 2.0  # after a send timed out, wait this long before re-sending unacked groups
 CREDIT_RETRY_S = 0.25  # after an empty Credits answer (admission closed), ask again this much later
+SEND_WINDOW = 16  # groups one send puts in flight at once on the data connection
 SENDER_IDLE_S = 0.05  # the sender's longest wait when nothing is due; a new group wakes it at once
 
 log = logging.getLogger("rollout")
@@ -136,13 +140,13 @@ class BufferLink:
             u.due = 0.0
 
     async def sender(self) -> None:
-        """Send every due group, forever; keep each until the buffer acks it."""
+        """Send every due group, forever, ``SEND_WINDOW`` in flight at once; keep each until the buffer acks it."""
         while True:
             self.ready.clear()
             now = time.monotonic()
             due = [u for u in self.unacked.values() if u.due <= now]
-            for u in due:
-                if not await self.send(u):
+            for k in range(0, len(due), SEND_WINDOW):
+                if not await self.send(*due[k:k + SEND_WINDOW]):
                     for other in self.unacked.values():  # the buffer is not answering: back off all
                         other.due = max(other.due, time.monotonic() + RESEND_BACKOFF_S)
                     break
@@ -154,21 +158,29 @@ class BufferLink:
             except asyncio.TimeoutError:
                 pass
 
-    async def send(self, u: Unacked) -> bool:
-        """Send one group, asking for the leases of free slots with its ack (one round trip for
-        both); False when the buffer did not answer."""
-        u.sends += 1
-        self.metrics.counter("rollout/groups_resent" if u.sends > 1 else "rollout/groups_sent",
-                             "TrajectoryGroup sends").inc()
-        want = self.wanted() if u.sends == 1 else 0  # a re-send may be a duplicate (module docstring)
-        self.asked += want
+    async def send(self, *us: Unacked) -> bool:
+        """Send groups, all in flight at once, each first send asking for the leases of free slots
+        with its ack (one round trip for both); False when the buffer did not answer them all."""
+        msgs, wants = [], []
+        for u in us:
+            u.sends += 1
+            self.metrics.counter("rollout/groups_resent" if u.sends > 1 else "rollout/groups_sent",
+                                 "TrajectoryGroup sends").inc()
+            want = self.wanted() if u.sends == 1 else 0  # a re-send may be a duplicate (module docstring)
+            self.asked += want
+            wants.append(want)
+            msgs.append(msgspec.structs.replace(u.group, want_credits=want) if want else u.group)
         try:
-            ack = await self.data.request(msgspec.structs.replace(u.group, want_credits=want) if want else u.group)
+            acks = await self.data.request_many(msgs)
         except TransportTimeout:
-            u.due = time.monotonic() + RESEND_BACKOFF_S
-            return False
+            acks = [None] * len(us)
         finally:
-            self.asked -= want
+            self.asked -= sum(wants)
+        for u, ack in zip(us, acks):
+            self._settle(u, ack)
+        return None not in acks
+
+    def _settle(self, u: Unacked, ack) -> None:
         if isinstance(ack, Ack) and ack.credits:
             self.take(ack.credits, "ack")
         if isinstance(ack, Ack) and ack.status in ("accepted", "duplicate", "rejected"):
@@ -182,7 +194,6 @@ class BufferLink:
             if isinstance(ack, Ack) and ack.status == "unavailable":
                 self.metrics.counter("rollout/groups_deferred", "sends the buffer could not store (disk full)").inc()
             u.due = time.monotonic() + RESEND_BACKOFF_S
-        return True
 
     async def flush(self, seconds: float) -> None:
         """On stop: one last best-effort send of each group, within ``seconds`` in all."""

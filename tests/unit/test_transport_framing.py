@@ -14,7 +14,7 @@ import zmq
 import zmq.asyncio
 
 from areal_like import protocol as P
-from areal_like.dealer import Client
+from areal_like.dealer import AsyncClient, Client
 from areal_like.trajectory import Trajectory
 from areal_like.transport import FrameWriter, Server, new_socket, recv_parts
 
@@ -143,3 +143,37 @@ def test_client_kept_poller_follows_a_reconnect(free_port):
         client.close()
         if server is not None:
             server.close()
+
+
+def test_request_many_pipelines_and_matches_replies_by_request(free_port):
+    """AsyncClient.request_many puts every request on the wire before any reply, and returns the
+    replies in request order whatever order they come back in; an unanswered call gives None for
+    each request (and a fresh socket: a late reply to the old one is never taken for a new request's)."""
+    address = f"tcp://127.0.0.1:{free_port()}"
+    server = Server(address)
+
+    def answer_in_reverse() -> None:
+        got = [server.recv(TIMEOUT_MS / 1000) for _ in range(3)]  # all three before the first reply
+        for peer, req_id, msg in reversed(got):
+            server.send(peer, req_id, P.Ack(ref=msg.group_id, status="accepted"))
+
+    async def go() -> None:
+        client = AsyncClient(address, timeout_s=TIMEOUT_MS / 1000)
+        try:
+            thread = threading.Thread(target=answer_in_reverse, daemon=True)
+            thread.start()
+            replies = await client.request_many([small_group(i) for i in range(3)])
+            thread.join(TIMEOUT_MS / 1000)
+            assert [r.ref for r in replies] == ["g-0", "g-1", "g-2"]
+            old = client._sock
+            assert await client.request_many([small_group(7), small_group(8)], timeout_s=0.2) == [None, None]
+            assert client._sock is not old
+            with pytest.raises(TimeoutError):
+                await client.request(small_group(9), timeout_s=0.2)
+        finally:
+            client.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        server.close()
