@@ -26,7 +26,7 @@ every token were generated. A buffer's WAL outlives its build, so ``decode_store
 ``TrajectoryGroup`` stored at version 1 as version 1 meant it (every output token generated).
 Added in version 1 with defaults: ``TrajectoryGroup.want_credits``, ``Ack.credits``,
 ``Register.torch_version`` / ``cuda_version`` / ``nccl_version`` and the same three on ``RosterEntry``,
-``WeightSyncPlan.path`` / ``payloads``. In version 2: ``SyncDone.want_credits``.
+``WeightSyncPlan.path`` / ``payloads``. Added in version 2 with a default: ``SyncDone.want_credits``.
 Frames written by earlier builds are kept as fixtures (``tests/fixtures/wire``, version 1).
 Who sends which message: areal_like/DESIGN.md section 3.
 """

@@ -196,8 +196,10 @@ class Scheduler:
                     self._cv.wait(timeout=IDLE_WAIT_S)
                 if self._stopping:
                     break
-                if self._submits and not (self.held or self.running or self.waiting):
-                    self._gather()
+                if self._inbox and self._submits == len(self._inbox) and not (self.held or self.running or self.waiting):
+                    self._gather()  # only submits came: wait for the rest of their burst
+                    if self._stopping:
+                        break
                 inbox, self._inbox, self._submits = self._inbox, [], 0
             for cmd in inbox:
                 cmd()
@@ -220,7 +222,7 @@ class Scheduler:
         seen = self._submits
         while (left := end - time.monotonic()) > 0 and not self._stopping:
             self._cv.wait(timeout=min(self.gather_gap_s, left))
-            if self._submits == seen:
+            if self._submits == seen or self._submits != len(self._inbox):  # a pause, or another command: now
                 return
             seen = self._submits
 

@@ -416,7 +416,7 @@ def test_a_weight_sync_report_brings_the_leases_of_the_new_version(tmp_path):
     """At eta 0 every lease of version v + 1 waits for the engine to load v + 1. The SyncDone that says
     it did asks for the free slots' leases (``BufferLink.report_sync``) and its Ack carries them: the
     sync is recorded first, so they are granted against the version just loaded. A server whose sync
-    failed still serves v and gets none."""
+    failed still serves v and, at eta 0, gets none; a credit back-off left from before the sync is over."""
     import asyncio
 
     from areal_like.dealer import AsyncClient
@@ -442,6 +442,7 @@ def test_a_weight_sync_report_brings_the_leases_of_the_new_version(tmp_path):
             client = AsyncClient(cfg.buffer.address, timeout_s=TIMEOUT_S, identity="a")
             link = BufferLink(client, client, "a", Metrics(), free_slots=lambda: 2 - len(started),
                               blocked=lambda: False, start=started.append)
+            link.next_request_at = time.monotonic() + 3600  # a CreditRequest during the step was refused
             try:
                 assert await link.report_sync(P.SyncDone(server_id="a", policy_version=1, ok=True), attempts=1)
                 assert [x.prompt_index for x in started] == [2, 3] and link.asked == 0
@@ -450,3 +451,36 @@ def test_a_weight_sync_report_brings_the_leases_of_the_new_version(tmp_path):
 
         asyncio.run(scenario())
         assert stats(c)["credits_granted"] == 4
+
+
+def test_due_groups_go_out_together_and_ask_for_leases_once(tmp_path):
+    """BufferLink.send with several groups: all in flight at once, each acked, and the leases of the
+    free slots asked for once (by the first), not once per group."""
+    import asyncio
+
+    from areal_like.dealer import AsyncClient
+    from areal_like.metrics import Metrics
+    from rollout_server.buffer_link import BufferLink
+
+    cfg = make_cfg(tmp_path, max_staleness=100, groups_per_step=2)
+    with running(cfg) as (svc, c):
+        register(c)
+        credits = c.request(P.CreditRequest(server_id="s0", max_credits=3)).credits
+        started: list[P.Credit] = []
+
+        async def scenario() -> None:
+            client = AsyncClient(cfg.buffer.address, timeout_s=TIMEOUT_S, identity="s0")
+            link = BufferLink(client, client, "s0", Metrics(), free_slots=lambda: 2 - len(started),
+                              blocked=lambda: False, start=started.append)
+            try:
+                for credit in credits:
+                    link.add(make_group(credit))
+                assert await link.send(*link.unacked.values())
+                assert not link.unacked and link.asked == 0
+                assert [x.prompt_index for x in started] == [3, 4]
+            finally:
+                client.close()
+
+        asyncio.run(scenario())
+        s = stats(c)
+        assert (s["groups_accepted"], s["credits_granted"]) == (3, 5)

@@ -201,7 +201,7 @@ def test_too_long_prompt_is_refused_not_fatal(model, make_scheduler):
 
 
 def test_a_burst_at_an_idle_scheduler_is_prefilled_as_one_batch(model, make_scheduler):
-    """Submits that trickle in (as a rollout server's groups do over HTTP) while an idle scheduler
+    """Submits that trickle in (as a rollout server's groups do) while an idle scheduler
     gathers are admitted together: one prefill for all of them, not one for the first and one for the rest."""
     s = make_scheduler(max_running=8, gather_gap_s=2.0, gather_max_s=60.0)  # gaps far wider than the test's
     ps, finished, all_done = prompts(8, seed=3), [], threading.Event()
@@ -220,6 +220,12 @@ def test_a_burst_at_an_idle_scheduler_is_prefilled_as_one_batch(model, make_sche
 
 
 def test_only_submits_are_gathered(make_scheduler):
-    """A command that is not a submit (a weight load, a pause) reaches an idle scheduler at once."""
+    """A command that is not a submit (a weight load, a pause) reaches an idle scheduler at once, also
+    when it comes during a burst's gather (which then ends: the burst runs with what came)."""
     s = make_scheduler(gather_gap_s=30.0, gather_max_s=60.0)
     assert s.call(lambda sched: sched.prefills).result(timeout=15.0) == 0
+    finished = threading.Event()
+    s.submit(Request(rid="r", input_ids=[1, 5, 6], params=SamplingParams(max_new_tokens=1, temperature=0.0),
+                     stop_ids=frozenset(), on_finish=lambda r: finished.set()))  # the scheduler gathers for 30 s
+    assert s.call(lambda sched: len(sched.waiting)).result(timeout=15.0) == 1  # run before the prefill
+    assert finished.wait(15.0) and s.prefills == 1

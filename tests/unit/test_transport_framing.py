@@ -147,24 +147,30 @@ def test_client_kept_poller_follows_a_reconnect(free_port):
 
 def test_request_many_pipelines_and_matches_replies_by_request(free_port):
     """AsyncClient.request_many puts every request on the wire before any reply, and returns the
-    replies in request order whatever order they come back in; an unanswered call gives None for
-    each request (and a fresh socket: a late reply to the old one is never taken for a new request's)."""
+    replies in request order whatever order they come back in; a reply that does not decode is a
+    ProtocolError for its own request only; an unanswered call gives None for each request (and a
+    fresh socket: a late reply to the old one is never taken for a new request's)."""
     address = f"tcp://127.0.0.1:{free_port()}"
     server = Server(address)
+    received: list = []
 
     def answer_in_reverse() -> None:
-        got = [server.recv(TIMEOUT_MS / 1000) for _ in range(3)]  # all three before the first reply
-        for peer, req_id, msg in reversed(got):
-            server.send(peer, req_id, P.Ack(ref=msg.group_id, status="accepted"))
+        received.extend(server.recv(TIMEOUT_MS / 1000) for _ in range(3))  # all three before the first reply
+        for peer, req_id, msg in reversed(received):
+            if msg.group_id == "g-1":
+                server._sock.send_multipart([peer, req_id, b"\x00not a message"])
+            else:
+                server.send(peer, req_id, P.Ack(ref=msg.group_id, status="accepted"))
 
     async def go() -> None:
         client = AsyncClient(address, timeout_s=TIMEOUT_MS / 1000)
         try:
             thread = threading.Thread(target=answer_in_reverse, daemon=True)
             thread.start()
-            replies = await client.request_many([small_group(i) for i in range(3)])
+            first, bad, last = await client.request_many([small_group(i) for i in range(3)])
             thread.join(TIMEOUT_MS / 1000)
-            assert [r.ref for r in replies] == ["g-0", "g-1", "g-2"]
+            assert None not in received and (first.ref, last.ref) == ("g-0", "g-2")
+            assert isinstance(bad, P.ProtocolError)
             old = client._sock
             assert await client.request_many([small_group(7), small_group(8)], timeout_s=0.2) == [None, None]
             assert client._sock is not old
