@@ -8,7 +8,7 @@ the last running row into it). Requests therefore join and leave the batch at ev
 A burst of submits that wakes an idle scheduler is gathered first (``_gather``: until none came for
 ``gather_gap_s``, ``gather_max_s`` at most), so the groups a rollout server starts together share one
 prefill instead of the first running alone, slowing the others' submits on a shared CPU, and the rest
-trailing a step behind (benchmarks/README.md, "eta 0"). A lone request at an idle engine waits
+trailing a step behind (benchmarks/README.md, "Session 19"). A lone request at an idle engine waits
 ``gather_gap_s`` more.
 
 Invariants:
