@@ -176,10 +176,10 @@ class AsyncClient(_Dealer):
         super().__init__(address, zmq.asyncio.Context.instance(), timeout_s, identity)
 
     async def request(self, msg: Message, timeout_s: float | None = None) -> Message:
-        (reply,) = await self.request_many([msg], timeout_s)
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        (reply,) = await self.request_many([msg], timeout)
         if reply is None:
-            raise TransportTimeout(f"no reply from {self.address} within "
-                                   f"{self.timeout_s if timeout_s is None else timeout_s:.1f}s to {msg.TYPE}")
+            raise TransportTimeout(f"no reply from {self.address} within {timeout:.1f}s to {msg.TYPE}")
         if isinstance(reply, ProtocolError):
             raise reply
         return reply
@@ -195,8 +195,7 @@ class AsyncClient(_Dealer):
         budget (its last eighth, more than a window of groups carries) they go one at a time instead."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
         async with self._lock:
-            channel = self._channel
-            if len(msgs) > 1 and channel is not None and channel.carried >= sealed.SESSION_BYTES * 7 // 8:
+            if len(msgs) > 1 and self._channel is not None and self._channel.carried >= sealed.SESSION_BYTES * 7 // 8:
                 return [(await self._exchange([msg], timeout))[0] for msg in msgs]
             return await self._exchange(msgs, timeout)
 

@@ -163,21 +163,21 @@ class BufferLink:
     async def send(self, *us: Unacked) -> bool:
         """Send groups, all in flight at once, each first send asking for the leases of free slots
         with its ack (one round trip for both); False when the buffer did not answer them all."""
-        msgs, wants = [], []
+        msgs, asked = [], 0
         for u in us:
             u.sends += 1
             self.metrics.counter("rollout/groups_resent" if u.sends > 1 else "rollout/groups_sent",
                                  "TrajectoryGroup sends").inc()
             want = self.wanted() if u.sends == 1 else 0  # a re-send may be a duplicate (module docstring)
             self.asked += want
-            wants.append(want)
+            asked += want
             msgs.append(msgspec.structs.replace(u.group, want_credits=want) if want else u.group)
         try:
             acks = await self.data.request_many(msgs)
         except TransportTimeout:
             acks = [None] * len(us)
         finally:
-            self.asked -= sum(wants)
+            self.asked -= asked
         for u, ack in zip(us, acks):
             self._settle(u, ack)
         return None not in acks
