@@ -3,8 +3,11 @@
 ``plan_topology(cfg, ports, cpus)`` takes the resolved ``RunConfig``, a source of free ports
 and the usable core ids, and returns a ``Topology``: the buffer's request/reply and publish
 addresses, a ``/metrics`` port per daemon, the torchrun rendezvous port and, when
-``launch.pin_cpus`` is set, two disjoint core sets: the *rollout pool* (rollout servers and the
-buffer, which only moves bytes) and the *trainer pool* (every trainer rank); with
+``launch.pin_cpus`` is set, two disjoint core sets: the *rollout pool* (the rollout servers) and
+the *trainer pool* (every trainer rank), while the buffer, which only moves bytes, may run on any
+core of either (its work comes while the trainer waits for a batch or a server for its leases, so
+pinned to the rollout pool it took the rollout servers' core just when they had the most to do:
+benchmarks/README.md, "Session 20"); with
 ``launch.auto_layout`` (``laptop_layout``, applied first) also how many servers, ranks and threads
 the cores present take; on a GPU topology,
 the GPUs of every daemon (``launch/placement.py``; the buffer gets none). No I/O happens here;
@@ -102,7 +105,7 @@ def laptop_layout(cfg: RunConfig, cpus: Iterable[int], can_pin: bool = True) -> 
     several threads beats several FSDP ranks (a world of one does no collective work), and an
     embedded engine runs best single-threaded, so: the cores split as ``split_cpus`` does (rollout
     pool = the first half, trainer pool = the rest), one single-threaded rollout server per core of
-    the rollout pool (the buffer, which only moves bytes, shares that pool), ONE trainer rank with
+    the rollout pool (the buffer, which only moves bytes, floats over both pools), ONE trainer rank with
     one thread per core of the trainer pool, everything pinned. Threads never exceed cores. One
     core: one server, one rank, one thread each, unpinned (nothing to split). Many cores: at most
     ``launch.auto_max_servers`` servers and ``launch.auto_max_threads`` trainer threads (default 8
@@ -156,7 +159,8 @@ def plan_topology(cfg: RunConfig, ports: Iterable[int], cpus: Iterable[int] | No
     if cfg.launch.pin_cpus:
         rollout_cpus, trainer_cpus = split_cpus(cpus if cpus is not None else ())
     no_gpu = () if placed is not None else None  # a GPU topology hides the GPUs from CPU-only daemons
-    slots = [DaemonSlot(name="buffer", kind="buffer", metrics_port=pick(cfg.buffer.metrics_port), cpus=rollout_cpus,
+    buffer_cpus = rollout_cpus + trainer_cpus if cfg.launch.pin_cpus else None  # the job's cores, any of them
+    slots = [DaemonSlot(name="buffer", kind="buffer", metrics_port=pick(cfg.buffer.metrics_port), cpus=buffer_cpus,
                         gpus=no_gpu)]
     trainers = []
     for k in range(cfg.launch.nodes):

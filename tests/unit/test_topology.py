@@ -60,11 +60,12 @@ def test_pinning_needs_two_cores():
         split_cpus([0])
 
 
-def test_pinned_topology_puts_buffer_and_rollouts_on_one_pool_trainer_on_the_other():
+def test_pinned_topology_puts_rollouts_on_one_pool_trainer_on_the_other_buffer_on_both():
     cfg = _cfg("launch.pin_cpus=true", "buffer.address=tcp://127.0.0.1:0", "buffer.pub_address=tcp://127.0.0.1:0")
-    topo = plan_topology(cfg, itertools.count(40000), cpus=[0, 1])
-    assert topo.slot("trainer").cpus == (1,)
-    assert topo.slot("buffer").cpus == topo.slot("rollout-0").cpus == (0,)
+    topo = plan_topology(cfg, itertools.count(40000), cpus=[3, 0, 1, 2])
+    assert topo.slot("trainer").cpus == (2, 3)
+    assert topo.slot("rollout-0").cpus == (0, 1)
+    assert topo.slot("buffer").cpus == (0, 1, 2, 3)
     unpinned = plan_topology(_cfg(), itertools.count(40000), cpus=[0, 1])
     assert all(s.cpus is None for s in unpinned.slots)
 
