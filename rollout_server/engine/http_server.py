@@ -34,6 +34,7 @@ from rollout_server.engine.api import (
     validation_error,
 )
 from rollout_server.engine.metrics import CONTENT_TYPE
+from rollout_server.engine.mailbox import Mailbox
 from rollout_server.engine.scheduler import Request
 from rollout_server.engine.weights_tensor import update_from_tensor
 
@@ -199,7 +200,7 @@ class EngineHttp:
 
     async def _run(self, inp, stream: web.StreamResponse | None = None) -> list[tuple[Request, bool]]:
         """Submit every (prompt, sample) and wait for all; with ``stream``, write a chunk per update."""
-        loop = asyncio.get_running_loop()
+        mailbox = self.e.scheduler.mail.for_loop(asyncio.get_running_loop())
         events: asyncio.Queue[int] = asyncio.Queue()
         made: list[tuple[Request, bool]] = []
         for i, prompt in enumerate(inp.prompts):
@@ -207,7 +208,7 @@ class EngineHttp:
                 params = inp.params[i]
                 if params.sampling_seed is not None and j:  # distinct streams for the n samples of one seed
                     params = replace(params, sampling_seed=params.sampling_seed + j)
-                notify = _notifier(loop, events, len(made))
+                notify = _notifier(mailbox, events, len(made))
                 req = Request(rid=inp.rids[i] if inp.n == 1 else uuid.uuid4().hex, input_ids=prompt, params=params,
                               stop_ids=self.e.stop_ids(params), on_finish=notify,
                               on_token=notify if stream is not None else None)
@@ -373,8 +374,7 @@ class EngineHttp:
         return ok, msg
 
 
-def _notifier(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, idx: int):
-    def notify(req: Request) -> None:  # scheduler thread -> event loop
-        if not loop.is_closed():  # the server may be gone already when the scheduler shuts down
-            loop.call_soon_threadsafe(events.put_nowait, idx)
+def _notifier(mailbox: Mailbox, events: asyncio.Queue, idx: int):
+    def notify(req: Request) -> None:  # scheduler thread -> event loop, after the step (mailbox.py)
+        mailbox.post(events.put_nowait, idx)
     return notify

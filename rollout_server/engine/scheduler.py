@@ -38,6 +38,7 @@ import torch
 
 from rollout_server.engine import fastpath, padded
 from rollout_server.engine.kv import SlotKV
+from rollout_server.engine.mailbox import Mailboxes
 from rollout_server.engine.sampling import SamplingParams, sample
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ class Scheduler:
         self.steps = 0
         self.prefills = 0  # prefill passes run
         self.prefill_tokens = 0  # tokens run through prefill passes (shared prompts count once)
+        self.mail = Mailboxes()  # on_finish callbacks' calls to event loops, sent once per step (mailbox.py)
         self._inbox: list[Callable[[], None]] = []
         self._submits = 0  # submits among the inbox's commands
         self._cv = threading.Condition()
@@ -188,9 +190,12 @@ class Scheduler:
                 self._finish(r, {"type": "abort", "message": f"engine failure: {e!r}", "status_code": 500,
                                  "err_type": "InternalServerError"})
             self.running, self.waiting = [], deque()
+        finally:
+            self.mail.flush()
 
     def _loop(self) -> None:
         while True:
+            self.mail.flush()  # what the last step finished, one wake-up per waiting loop
             with self._cv:
                 if not self._inbox and (self.held or not (self.running or self.waiting)) and not self._stopping:
                     self._cv.wait(timeout=IDLE_WAIT_S)

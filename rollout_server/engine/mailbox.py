@@ -1,0 +1,76 @@
+"""Calls from the scheduler thread to asyncio event loops, one wake-up per loop per scheduler step.
+
+A request's ``on_finish`` runs on the scheduler thread; its waiter lives on an event loop (the
+engine's HTTP loop). Waking that loop per request (``call_soon_threadsafe``: a socket write, which
+releases the GIL) handed the GIL to the woken loop in the middle of a step, once for every request
+that finished, and the scheduler waited to get it back: a third of its time in a profile of a
+step's 64 samples (benchmarks/README.md, "Session 20"). Here a callback only queues its call
+(``Mailbox.post``); the scheduler's ``Mailboxes.flush()``, after each step and before it exits,
+wakes each loop that has mail once, and that loop runs the batch in posting order.
+
+Invariant: every posted call runs on its loop unless the loop is closed first (then there is
+nobody left to tell).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+
+class Mailbox:
+    """The queued calls for one loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._queued: list[tuple[Callable, tuple]] = []
+        self._lock = threading.Lock()
+
+    def post(self, fn: Callable, *args) -> None:
+        """Queue ``fn(*args)`` for the loop (any thread); it runs after the scheduler's next flush."""
+        with self._lock:
+            self._queued.append((fn, args))
+
+    def flush(self) -> None:
+        with self._lock:
+            batch, self._queued = self._queued, []
+        if batch and not self.loop.is_closed():
+            try:
+                self.loop.call_soon_threadsafe(_run, batch)
+            except RuntimeError:  # closed since the check: nobody is waiting any more
+                pass
+
+
+def _run(batch: list[tuple[Callable, tuple]]) -> None:
+    for fn, args in batch:
+        try:
+            fn(*args)
+        except Exception:  # one broken call must not keep the rest of the batch from their waiters
+            log.exception("a call from the engine scheduler failed")
+
+
+class Mailboxes:
+    """The scheduler's mailboxes, one per event loop that asked for one."""
+
+    def __init__(self) -> None:
+        self._boxes: dict[asyncio.AbstractEventLoop, Mailbox] = {}
+        self._lock = threading.Lock()
+
+    def for_loop(self, loop: asyncio.AbstractEventLoop) -> Mailbox:
+        with self._lock:
+            for old in [k for k in self._boxes if k.is_closed()]:  # a loop that ended has no mail to get
+                del self._boxes[old]
+            box = self._boxes.get(loop)
+            if box is None:
+                box = self._boxes[loop] = Mailbox(loop)
+            return box
+
+    def flush(self) -> None:
+        with self._lock:
+            boxes = list(self._boxes.values())
+        for box in boxes:
+            box.flush()
