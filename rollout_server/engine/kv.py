@@ -62,8 +62,15 @@ class SlotKV:
     def set_decode(self, rows: slice, write_pos: torch.Tensor, kv_len: int) -> None:
         self._rows, self._write_pos, self._kv_len = rows, write_pos, kv_len
 
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy slot ``src``'s first ``length`` positions into slot ``dst`` (compaction)."""
+    def move(self, srcs: list[int], dsts: list[int], length: int) -> None:
+        """Copy the first ``length`` positions of slot ``srcs[i]`` into slot ``dsts[i]`` for every i
+        (compaction, identical prompts), one indexed copy per tensor for all the pairs: a copy per pair
+        cost the scheduler more than a decode step when a step's 64 samples finished together. No slot
+        may be both a source and a destination."""
+        if not srcs:
+            return
+        src = torch.tensor(srcs, device=self.device)
+        dst = torch.tensor(dsts, device=self.device)
         for store in (self.K, self.V):
             for t in store:
                 t[dst, :, :length] = t[src, :, :length]

@@ -286,8 +286,9 @@ class Scheduler:
         self.prefill_tokens += sum(map(len, seqs[:u]))
         row = {orig: j for j, orig in enumerate(order)}  # original index -> position in `new`
         rows = [row[src[i]] for i in order]  # each request's distinct twin (a row of `logits`)
-        for j in range(u, len(new)):
-            self.kv.move(B + rows[j], B + j, len(seqs[j]))
+        if len(new) > u:
+            self.kv.move([B + rows[j] for j in range(u, len(new))], list(range(B + u, B + len(new))),
+                         max(map(len, seqs[u:])))
         for r, s in zip(new, seqs):
             r.cached = len(s)
         self._sample_and_retire(logits[rows], list(range(B, B + len(new))))
@@ -334,16 +335,24 @@ class Scheduler:
         return None
 
     def _retire(self, done: list[tuple[int, dict]]) -> None:
-        """Remove finished slots (highest first), refilling each hole with the last running row."""
+        """Remove finished slots (highest first), refilling each hole with the last running row; the
+        KV rows move once, from where they were to where they end up, in one copy (``SlotKV.move``)."""
+        running = self.running
+        held = list(range(len(running)))  # held[i]: the slot whose KV row slot i is to hold
+        finished = []
         for slot, reason in sorted(done, key=lambda x: -x[0]):
-            r = self.running[slot]
-            last = len(self.running) - 1
-            if slot != last:
-                moved = self.running[last]
-                self.kv.move(last, slot, moved.cached)
-                self.running[slot] = moved
-            self.running.pop()
-            self._finish(r, reason)
+            finished.append((running[slot], reason))
+            if slot != len(running) - 1:
+                running[slot], held[slot] = running[-1], held[-1]
+            running.pop()
+            held.pop()
+        moves = [(src, dst) for dst, src in enumerate(held) if src != dst]
+        try:
+            if moves:
+                self.kv.move([s for s, _ in moves], [d for _, d in moves], max(running[d].cached for _, d in moves))
+        finally:  # out of the running list: finished here or never (a failed copy ends the loop, not them)
+            for r, reason in finished:
+                self._finish(r, reason)
 
     def _finish(self, r: Request, reason: dict) -> None:
         r.finished_at = time.monotonic()  # before finish_reason: readers on other threads test finish_reason

@@ -44,7 +44,9 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
     return [[1] + torch.randint(4, 104, (k,), generator=g).tolist() for k in lens]
 
 
-def run_all(s: Scheduler, ps: list[list[int]], params: list[SamplingParams], stop_eos: bool = True) -> list[Request]:
+def run_all(s: Scheduler, ps: list[list[int]], params: list[SamplingParams], stop_eos: bool = True,
+            then=lambda: None) -> list[Request]:
+    """Submit every prompt, call ``then()``, wait for every answer."""
     done, finished = {}, threading.Event()
 
     def fin(r):
@@ -54,6 +56,7 @@ def run_all(s: Scheduler, ps: list[list[int]], params: list[SamplingParams], sto
     for i, (p, sp) in enumerate(zip(ps, params)):
         stop = frozenset(sp.stop_token_ids) | (frozenset([EOS]) if stop_eos else frozenset())
         s.submit(Request(rid=str(i), input_ids=p, params=sp, stop_ids=stop, on_finish=fin))
+    then()
     assert finished.wait(WAIT_S), "requests did not finish"
     return [done[str(i)] for i in range(len(ps))]
 
@@ -77,6 +80,22 @@ def test_greedy_equals_transformers_generate_with_refill(model, make_scheduler):
         expected = {"type": "stop", "matched": EOS} if ref[-1] == EOS else {"type": "length", "length": m}
         assert r.finish_reason == expected
         assert r.output_versions == ["0"] * len(ref)
+
+
+def test_many_rows_leaving_in_one_step_leave_the_others_their_own_kv(model, make_scheduler):
+    """Eight of twelve rows (in the middle and at the tail) finish in the same step, then two more:
+    the rows moved into the holes, in one copy (``SlotKV.move``), go on from their own KV."""
+    ps = prompts(12, seed=3)
+    limits = [4, 20, 4, 4, 13, 4, 20, 4, 4, 13, 4, 4]
+    s = make_scheduler(max_running=12)
+    s.hold().result(WAIT_S)  # all twelve are admitted together, however slowly they arrive
+    got = run_all(s, ps, [SamplingParams(max_new_tokens=m, temperature=0.0) for m in limits], then=s.release)
+    assert s.prefills == 1
+    for p, m, r in zip(ps, limits, got):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([p]), max_new_tokens=m, do_sample=False, eos_token_id=EOS,
+                                 pad_token_id=0)[0, len(p):].tolist()
+        assert r.output_ids == ref
 
 
 @pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 1 << 30), (0.7, 0.9, 20), (1.6, 1.0, 5)])
