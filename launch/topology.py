@@ -17,9 +17,14 @@ the GPUs of every daemon (``launch/placement.py``; the buffer gets none). No I/O
 Invariants (tested in tests/unit/test_topology.py):
 * every port in a topology is distinct, and a port fixed in the config (non-zero) is kept;
 * with ``pin_cpus`` the two pools are non-empty and disjoint and together cover the cores given;
-* with ``auto_layout`` no core gets more than one thread: one single-threaded server per core of
+* with ``auto_layout`` no core gets more than one busy thread: one single-threaded server per core of
   the rollout pool, one trainer rank with one thread per core of the trainer pool, each count at
-  most its ceiling (``launch.auto_max_servers``, ``launch.auto_max_threads``);
+  most its ceiling (``launch.auto_max_servers``, ``launch.auto_max_threads``). At eta 0
+  (``buffer.max_staleness=0``) generation and training take turns (the servers wait for the new
+  weights while the trainer steps, the trainer for its batch while they generate), so the trainer
+  gets a thread per core of both pools, and its idle threads stop spinning after
+  ``TURN_SPINCOUNT`` (``GOMP_SPINCOUNT``) instead of libgomp's default 300,000 so that they leave the
+  rollout cores to the servers between steps;
 * nothing assumes localhost: the host part of ``buffer.address`` is kept as configured.
 """
 
@@ -33,6 +38,12 @@ from dataclasses import dataclass
 from areal_like.config import ConfigError, RunConfig
 from launch.placement import node_roles, place_nodes, split_address, visible_devices
 
+# At eta 0 the trainer's idle OpenMP threads spin this many rounds (libgomp's default: 300,000), not
+# ~1 ms on the rollout cores after each step: a step with 2 threads on the 8 x 8 workload is as fast
+# with 10,000 as with the default (21 ms against 31 with one thread) and slow with 1,000 (31 ms)
+# (benchmarks/README.md, "Session 20")
+TURN_SPINCOUNT = 10_000
+
 
 @dataclass(frozen=True, kw_only=True)
 class DaemonSlot:
@@ -45,6 +56,7 @@ class DaemonSlot:
     overrides: tuple[str, ...] = ()  # extra `key=value` for this daemon's command line
     gpus: tuple[int, ...] | None = None  # its CUDA_VISIBLE_DEVICES; None = left as inherited (CPU topologies)
     threads: int | None = None  # its OMP_NUM_THREADS; None = launch.omp_threads (launch.auto_layout sets the trainer's)
+    env: tuple[tuple[str, str], ...] = ()  # more environment for it (launch.auto_layout at eta 0: the trainer's spin)
     node: int = 0  # launch.nodes > 1: the node it runs on (the buffer and trainer rank 0 on node 0)
 
 
@@ -106,7 +118,8 @@ def laptop_layout(cfg: RunConfig, cpus: Iterable[int], can_pin: bool = True) -> 
     embedded engine runs best single-threaded, so: the cores split as ``split_cpus`` does (rollout
     pool = the first half, trainer pool = the rest), one single-threaded rollout server per core of
     the rollout pool (the buffer, which only moves bytes, floats over both pools), ONE trainer rank with
-    one thread per core of the trainer pool, everything pinned. Threads never exceed cores. One
+    one thread per core of the trainer pool, everything pinned. Threads never exceed cores; at eta 0
+    the trainer's span both pools, as generation and training take turns (module docstring). One
     core: one server, one rank, one thread each, unpinned (nothing to split). Many cores: at most
     ``launch.auto_max_servers`` servers and ``launch.auto_max_threads`` trainer threads (default 8
     each: every server is a process with its own model copy, and a small model's step gains nothing
@@ -172,10 +185,12 @@ def plan_topology(cfg: RunConfig, ports: Iterable[int], cpus: Iterable[int] | No
                                        else next(source), rollout_cpus,
                                        gpus.rollout[i] if gpus is not None and gpus.rollout else no_gpu, k))
         if trains:  # trainer rank 0's node serves its metrics; the other nodes' ranks report through it
+            cores = buffer_cpus if takes_turns(cfg) else trainer_cpus
             trainers.append(DaemonSlot(name="trainer" if k == 0 else f"trainer-n{k}", kind="trainer",
                                        metrics_port=pick(cfg.trainer.metrics_port) if k == 0 else 0,
-                                       cpus=trainer_cpus, gpus=gpus.trainer if gpus is not None else None, node=k,
-                                       threads=auto_threads(cfg, trainer_cpus)))
+                                       cpus=cores, gpus=gpus.trainer if gpus is not None else None, node=k,
+                                       threads=auto_threads(cfg, cores),
+                                       env=(("GOMP_SPINCOUNT", str(TURN_SPINCOUNT)),) if takes_turns(cfg) else ()))
     return Topology(host=host, buffer_address=f"tcp://{host}:{router}", pub_address=f"tcp://{pub_host}:{pub}",
                     master_port=next(source), slots=(*slots, *trainers), rollout_cpus=rollout_cpus,
                     trainer_cpus=trainer_cpus)
@@ -187,6 +202,12 @@ def auto_threads(cfg: RunConfig, trainer_cpus: tuple[int, ...] | None) -> int | 
     if not (cfg.launch.auto_layout and trainer_cpus):
         return None
     return min(len(trainer_cpus), cfg.launch.auto_max_threads)
+
+
+def takes_turns(cfg: RunConfig) -> bool:
+    """Whether a laid-out CPU job's generation and training take turns (eta 0): then the trainer may use
+    the rollout pool's cores while the servers wait for its weights (module docstring)."""
+    return cfg.launch.auto_layout and cfg.launch.pin_cpus and cfg.buffer.max_staleness == 0
 
 
 def _fixed_ports(cfg: RunConfig, router: int, pub: int) -> set[int]:

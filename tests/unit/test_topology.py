@@ -112,6 +112,31 @@ def test_laptop_layout_fills_the_cores_without_oversubscribing(cores, servers, r
     assert envs["rollout-0"]["OMP_NUM_THREADS"] == "1"
 
 
+@pytest.mark.parametrize("cores", [(0, 1), (0, 1, 2, 3, 4)])
+def test_at_eta_0_the_trainer_takes_every_core_while_the_servers_wait(cores, monkeypatch):
+    """Generation and training take turns at eta 0: the trainer gets a thread per core of both pools,
+    and its idle threads spin briefly; the servers keep their pool, one thread each."""
+    from launch.job import job_specs
+    from launch.topology import TURN_SPINCOUNT, laptop_layout
+
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    cfg = laptop_layout(_cfg("topology=laptop", "buffer.max_staleness=0"), cores)
+    topo = plan_topology(cfg, itertools.count(31500), cores)
+    trainer = topo.slot("trainer")
+    assert trainer.cpus == cores and trainer.threads == len(cores)
+    rollouts = [s for s in topo.slots if s.kind == "rollout"]
+    assert all(s.cpus == topo.rollout_cpus and s.threads is None for s in rollouts)
+    envs = {s.name: s.env for s in job_specs(cfg, topo, "config.yaml")}
+    assert envs["trainer"]["OMP_NUM_THREADS"] == str(len(cores))
+    assert envs["trainer"]["GOMP_SPINCOUNT"] == str(TURN_SPINCOUNT)
+    assert "GOMP_SPINCOUNT" not in envs["rollout-0"]
+    monkeypatch.setenv("GOMP_SPINCOUNT", "5")  # the user's own setting is theirs
+    assert "GOMP_SPINCOUNT" not in {s.name: s.env for s in job_specs(cfg, topo, "config.yaml")}["trainer"]
+    eta1 = plan_topology(laptop_layout(_cfg("topology=laptop", "buffer.max_staleness=1"), cores),
+                         itertools.count(31600), cores)
+    assert eta1.slot("trainer").cpus == eta1.trainer_cpus and eta1.slot("trainer").env == ()
+
+
 def test_laptop_layout_on_one_core_runs_unpinned_and_refuses_a_gpu_job():
     from launch.topology import laptop_layout
 
