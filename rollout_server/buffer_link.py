@@ -77,6 +77,12 @@ class BufferLink:
             return 0
         return max(0, min(self.free_slots() - self.asked - len(self.held), MAX_CREDITS_PER_REQUEST))
 
+    def window_moved(self) -> None:
+        """The trainer announced a new version: the admission window moved with it, so a back-off from
+        an empty answer before is over (at eta 0 a server whose sync report beat the trainer's batch
+        request to the buffer was refused, and waited CREDIT_RETRY_S instead of ~2 ms)."""
+        self.next_request_at = 0.0
+
     def take(self, credits: list[Credit], via: str) -> None:
         """Leases received: started now, or held while a weight sync blocks."""
         self.metrics.counter("rollout/leases_received", "leases received, by how they were asked for",

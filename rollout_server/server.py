@@ -261,6 +261,8 @@ class RolloutServer(Daemon):
                 elif isinstance(msg, VersionUpdate):
                     self.metrics.gauge("rollout/trainer_version", "latest announced trainer version").set(
                         msg.policy_version)
+                    self.link.window_moved()  # ask for leases now, not after a back-off
+                    self.wake.set()
         finally:
             sub.close()
 
