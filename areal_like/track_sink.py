@@ -41,9 +41,9 @@ FOLLOW_POLL_S = 2.0  # `areal-like track`: how often the files are read
 class JsonlTail:
     """Incremental reader of one JSONL file that other processes append to."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, since: int = 0):
         self.path = Path(path)
-        self.offset = 0  # bytes consumed, partial line included
+        self.offset = since  # bytes consumed, partial line included (``since``: skipped, a line boundary)
         self.partial = b""  # the bytes after the last newline
 
     def read(self, final: bool = False) -> list[dict]:

@@ -41,11 +41,11 @@ from areal_like.config import RunConfig, to_yaml
 from areal_like.daemon import MALLOC_ENV
 from areal_like.distributed import free_port
 from areal_like.security import make_keys
-from areal_like.track_sink import TrackerSink
+from areal_like.track_sink import JsonlTail, TrackerSink
 from launch.local import ProcSpec, Supervisor, error_tail, write_json_atomic
 from launch.placement import check_one_node, needs_gpus, place_nodes, visible_devices, with_weight_path
 from launch.preflight import checked
-from launch.records import SUMMARY_WINDOW, read_jsonl, reward_of, step_records, summarize, trainer_jsonl, warm_plotting
+from launch.records import SUMMARY_WINDOW, read_jsonl, reward_of, summarize, trainer_jsonl, warm_plotting
 from launch.rundir import check_existing_run
 from launch.topology import Topology, apply_topology, laptop_layout, plan_topology, wants_eval, with_local_ipc
 
@@ -183,7 +183,9 @@ class Monitor:
 
     def __init__(self, cfg: RunConfig, topo: Topology, run_dir: Path, out=sys.stderr, since: int = 0,
                  sink: TrackerSink | None = None):
-        self.cfg, self.topo, self.run_dir, self.out, self.since, self.sink = cfg, topo, run_dir, out, since, sink
+        self.cfg, self.topo, self.run_dir, self.out, self.sink = cfg, topo, run_dir, out, sink
+        self.tail = JsonlTail(trainer_jsonl(run_dir), since)  # this invocation's steps, each line read once
+        self.recent: dict[int, dict] = {}  # the last SUMMARY_WINDOW steps' records (a replayed step: the last)
         self.t0 = time.monotonic()
         self.next_line = self.next_scrape = self.next_track = 0.0
 
@@ -201,7 +203,13 @@ class Monitor:
             self.sink.poll()
 
     def progress_line(self) -> str:
-        recs = step_records(self.run_dir, self.since)
+        for rec in self.tail.read():
+            step = rec.get("step", rec.get("policy_version"))
+            if isinstance(step, int) and reward_of(rec) is not None:
+                self.recent[step] = rec
+        for old in sorted(self.recent)[:-SUMMARY_WINDOW]:
+            del self.recent[old]
+        recs = [self.recent[k] for k in sorted(self.recent)]
         elapsed = time.monotonic() - self.t0
         if not recs:
             return f"[run] waiting for the first trainer step ... {elapsed:.0f}s"
