@@ -138,8 +138,9 @@ def job_specs(cfg: RunConfig, topo: Topology, config_path: Path, python: str = s
         gpus = {} if slot.gpus is None else {"CUDA_VISIBLE_DEVICES": visible_devices(slot.gpus, inherited)}
         threads = {} if slot.threads is None else {"OMP_NUM_THREADS": str(slot.threads),
                                                    "MKL_NUM_THREADS": str(slot.threads)}
-        specs.append(ProcSpec(name=slot.name, argv=argv, env={**env, **gpus, **threads, **{k: v for k, v in slot.env if k not in os.environ}},
-                              health_url=health,
+        own = {k: v for k, v in slot.env  # a user's own setting wins (a wait policy over a spin count too)
+               if k not in os.environ and not (k.startswith("GOMP_") and "OMP_WAIT_POLICY" in os.environ)}
+        specs.append(ProcSpec(name=slot.name, argv=argv, env={**env, **gpus, **threads, **own}, health_url=health,
                               stage=_stage(slot.kind, shared), main=slot.kind == "trainer", cpus=slot.cpus,
                               health_timeout_s=engine_start_s if slot.kind == "rollout" else None))
     return specs

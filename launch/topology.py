@@ -22,9 +22,11 @@ Invariants (tested in tests/unit/test_topology.py):
   most its ceiling (``launch.auto_max_servers``, ``launch.auto_max_threads``). At eta 0
   (``buffer.max_staleness=0``) generation and training take turns (the servers wait for the new
   weights while the trainer steps, the trainer for its batch while they generate), so the trainer
-  gets a thread per core of both pools, and its idle threads stop spinning after
-  ``TURN_SPINCOUNT`` (``GOMP_SPINCOUNT``) instead of libgomp's default 300,000 so that they leave the
-  rollout cores to the servers between steps;
+  gets a thread per core of both pools (up to ``launch.auto_max_threads``), and its idle threads stop
+  spinning after ``TURN_SPINCOUNT`` (``GOMP_SPINCOUNT``; not set when the user set it or
+  ``OMP_WAIT_POLICY``) instead of libgomp's default 300,000, so that they leave the rollout cores
+  to the servers between steps. An evaluation (``eval.every``) runs on a server's core while the
+  trainer steps: those steps share it;
 * nothing assumes localhost: the host part of ``buffer.address`` is kept as configured.
 """
 
@@ -172,8 +174,8 @@ def plan_topology(cfg: RunConfig, ports: Iterable[int], cpus: Iterable[int] | No
     if cfg.launch.pin_cpus:
         rollout_cpus, trainer_cpus = split_cpus(cpus if cpus is not None else ())
     no_gpu = () if placed is not None else None  # a GPU topology hides the GPUs from CPU-only daemons
-    buffer_cpus = rollout_cpus + trainer_cpus if cfg.launch.pin_cpus else None  # the job's cores, any of them
-    slots = [DaemonSlot(name="buffer", kind="buffer", metrics_port=pick(cfg.buffer.metrics_port), cpus=buffer_cpus,
+    job_cpus = rollout_cpus + trainer_cpus if cfg.launch.pin_cpus else None  # both pools
+    slots = [DaemonSlot(name="buffer", kind="buffer", metrics_port=pick(cfg.buffer.metrics_port), cpus=job_cpus,
                         gpus=no_gpu)]
     trainers = []
     for k in range(cfg.launch.nodes):
@@ -185,7 +187,7 @@ def plan_topology(cfg: RunConfig, ports: Iterable[int], cpus: Iterable[int] | No
                                        else next(source), rollout_cpus,
                                        gpus.rollout[i] if gpus is not None and gpus.rollout else no_gpu, k))
         if trains:  # trainer rank 0's node serves its metrics; the other nodes' ranks report through it
-            cores = buffer_cpus if takes_turns(cfg) else trainer_cpus
+            cores = job_cpus if takes_turns(cfg) else trainer_cpus
             trainers.append(DaemonSlot(name="trainer" if k == 0 else f"trainer-n{k}", kind="trainer",
                                        metrics_port=pick(cfg.trainer.metrics_port) if k == 0 else 0,
                                        cpus=cores, gpus=gpus.trainer if gpus is not None else None, node=k,
@@ -196,12 +198,12 @@ def plan_topology(cfg: RunConfig, ports: Iterable[int], cpus: Iterable[int] | No
                     trainer_cpus=trainer_cpus)
 
 
-def auto_threads(cfg: RunConfig, trainer_cpus: tuple[int, ...] | None) -> int | None:
-    """``launch.auto_layout``: the trainer's threads, one per core of its pool up to
-    ``launch.auto_max_threads``; None (``launch.omp_threads``) otherwise or when unpinned."""
-    if not (cfg.launch.auto_layout and trainer_cpus):
+def auto_threads(cfg: RunConfig, cores: tuple[int, ...] | None) -> int | None:
+    """``launch.auto_layout``: the trainer's threads, one per core it is pinned to (its pool; both pools
+    at eta 0) up to ``launch.auto_max_threads``; None (``launch.omp_threads``) otherwise or when unpinned."""
+    if not (cfg.launch.auto_layout and cores):
         return None
-    return min(len(trainer_cpus), cfg.launch.auto_max_threads)
+    return min(len(cores), cfg.launch.auto_max_threads)
 
 
 def takes_turns(cfg: RunConfig) -> bool:

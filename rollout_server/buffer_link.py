@@ -78,9 +78,12 @@ class BufferLink:
         return max(0, min(self.free_slots() - self.asked - len(self.held), MAX_CREDITS_PER_REQUEST))
 
     def window_moved(self) -> None:
-        """The trainer announced a new version: the admission window moved with it, so a back-off from
-        an empty answer before is over (at eta 0 a server whose sync report beat the trainer's batch
-        request to the buffer was refused, and waited CREDIT_RETRY_S instead of ~2 ms)."""
+        """The trainer announced a new version: a back-off from an empty answer before is over. At eta 0
+        a server's sync report can beat the trainer's next batch request (which consumes the last
+        batch, opening admission) to the buffer and be refused; with the overlapped push (the default
+        for a model that fits its staging buffers) that request precedes the announcement, so asking
+        on it gets the leases ~2 ms later instead of CREDIT_RETRY_S. A foreground push announces
+        before that request: a refused ask then still waits out the back-off."""
         self.next_request_at = 0.0
 
     def take(self, credits: list[Credit], via: str) -> None:

@@ -33,8 +33,8 @@ from rollout_server.engine.api import (
     parse_generate,
     validation_error,
 )
-from rollout_server.engine.metrics import CONTENT_TYPE
 from rollout_server.engine.mailbox import Mailbox
+from rollout_server.engine.metrics import CONTENT_TYPE
 from rollout_server.engine.scheduler import Request
 from rollout_server.engine.weights_tensor import update_from_tensor
 

@@ -286,9 +286,7 @@ class Scheduler:
         self.prefill_tokens += sum(map(len, seqs[:u]))
         row = {orig: j for j, orig in enumerate(order)}  # original index -> position in `new`
         rows = [row[src[i]] for i in order]  # each request's distinct twin (a row of `logits`)
-        if len(new) > u:
-            self.kv.move([B + rows[j] for j in range(u, len(new))], list(range(B + u, B + len(new))),
-                         max(map(len, seqs[u:])))
+        self.kv.move([B + rows[j] for j in range(u, len(new))], list(range(B + u, B + len(new))), max(map(len, seqs)))
         for r, s in zip(new, seqs):
             r.cached = len(s)
         self._sample_and_retire(logits[rows], list(range(B, B + len(new))))

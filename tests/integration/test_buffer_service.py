@@ -453,46 +453,6 @@ def test_a_weight_sync_report_brings_the_leases_of_the_new_version(tmp_path):
         assert stats(c)["credits_granted"] == 4
 
 
-def test_a_refused_credit_request_is_asked_again_as_soon_as_the_trainer_announces(tmp_path):
-    """At eta 0 a server's sync report can reach the buffer before the trainer's request for its next
-    batch, which is what consumes the last one: the report and the CreditRequest after it are refused
-    ("staleness") and the link backs off. The trainer's VersionUpdate ends the back-off
-    (``BufferLink.window_moved``; the server calls it on the PUB announcement): the next ask gets the leases."""
-    import asyncio
-
-    from areal_like.dealer import AsyncClient
-    from areal_like.metrics import Metrics
-    from rollout_server.buffer_link import BufferLink
-
-    cfg = make_cfg(tmp_path, max_staleness=0, groups_per_step=2)
-    with running(cfg) as (svc, c):
-        register(c, "a")
-        for credit in c.request(P.CreditRequest(server_id="a", max_credits=2)).credits:
-            assert c.request(make_group(credit, server_id="a")).status == "accepted"
-        batch = c.request(P.BatchRequest(n_groups=2, trainer_version=0, wait_s=5))
-        started: list[P.Credit] = []
-
-        async def scenario() -> None:
-            client = AsyncClient(cfg.buffer.address, timeout_s=TIMEOUT_S, identity="a")
-            link = BufferLink(client, client, "a", Metrics(), free_slots=lambda: 2 - len(started),
-                              blocked=lambda: False, start=started.append)
-            try:
-                assert await link.report_sync(P.SyncDone(server_id="a", policy_version=1, ok=True), attempts=1)
-                assert await link.request_credits()
-                assert started == [] and link.wanted() == 0  # refused, backing off
-                await asyncio.to_thread(c.request, P.BatchRequest(n_groups=2, trainer_version=1, wait_s=0.05,
-                                                                  ack_batch=batch.batch_id))
-                await asyncio.to_thread(c.request, P.VersionUpdate(policy_version=1))
-                assert link.wanted() == 0  # without the announcement it would wait out the back-off
-                link.window_moved()
-                assert await link.request_credits()
-                assert [x.prompt_index for x in started] == [2, 3]
-            finally:
-                client.close()
-
-        asyncio.run(scenario())
-
-
 def test_due_groups_go_out_together_and_ask_for_leases_once(tmp_path):
     """BufferLink.send with several groups: all in flight at once, each acked, and the leases of the
     free slots asked for once (by the first), not once per group."""

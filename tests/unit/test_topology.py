@@ -130,7 +130,10 @@ def test_at_eta_0_the_trainer_takes_every_core_while_the_servers_wait(cores, mon
     assert envs["trainer"]["OMP_NUM_THREADS"] == str(len(cores))
     assert envs["trainer"]["GOMP_SPINCOUNT"] == str(TURN_SPINCOUNT)
     assert "GOMP_SPINCOUNT" not in envs["rollout-0"]
-    monkeypatch.setenv("GOMP_SPINCOUNT", "5")  # the user's own setting is theirs
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")  # the user's own setting is theirs
+    assert "GOMP_SPINCOUNT" not in {s.name: s.env for s in job_specs(cfg, topo, "config.yaml")}["trainer"]
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "5")  # reaches the trainer from the supervisor's environment
     assert "GOMP_SPINCOUNT" not in {s.name: s.env for s in job_specs(cfg, topo, "config.yaml")}["trainer"]
     eta1 = plan_topology(laptop_layout(_cfg("topology=laptop", "buffer.max_staleness=1"), cores),
                          itertools.count(31600), cores)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
@@ -163,30 +162,6 @@ def test_monitor_tick_polls_the_sink(tmp_path):
     Monitor(cfg, topo, run, out=io.StringIO(), sink=sink)(None)
     sink.close()
     assert merged(run) == [{"step": 1, "metrics": {"train/reward_mean": 0.5}}]
-
-
-def test_monitor_progress_line_reads_each_record_once_and_keeps_the_last_steps(tmp_path):
-    run = tmp_path / "run"
-    cfg = RunConfig(run_dir=str(run))
-    cfg = RunConfig(run_dir=str(run), trainer=dataclasses.replace(cfg.trainer, steps=10))
-    topo = Topology(host="127.0.0.1", buffer_address="", pub_address="", master_port=0, slots=(),
-                    rollout_cpus=None, trainer_cpus=None)
-    path = run / "metrics" / "trainer.jsonl"
-    append(path, {"step": 1, "reward_mean": 9.0})  # an earlier invocation's step: before `since`
-    mon = Monitor(cfg, topo, run, out=io.StringIO(), since=path.stat().st_size)
-    assert "waiting for the first trainer step" in mon.progress_line()
-    for step in range(2, 9):
-        append(path, {"step": step, "policy_version": step, "reward_mean": step / 10})
-    with path.open("a") as f:
-        f.write('{"step": 9, "reward_mean"')  # being written right now
-    line = mon.progress_line()
-    assert "step 8/10" in line and "reward 0.600" in line  # mean of steps 4-8
-    with path.open("a") as f:
-        f.write(': 1.0}\n')
-    append(path, {"step": 7, "policy_version": 7, "reward_mean": 0.0})  # a resume replays step 7
-    line = mon.progress_line()
-    assert "step 9/10" in line and "reward 0.580" in line  # steps 5, 6, 7 (replayed: 0.0), 8, 9
-    assert mon.tail.offset == path.stat().st_size  # every line read once, none twice
 
 
 def test_track_command_forwards_a_finished_run_and_takes_overrides(tmp_path):

@@ -1,0 +1,83 @@
+"""A rollout server's credit back-off and the trainer's announcements (rollout_server/buffer_link.py,
+``window_moved``; rollout_server/server.py, ``announcements``), against the real buffer and a real PUB socket."""
+
+from __future__ import annotations
+
+import asyncio
+import types
+
+from test_buffer_service import TIMEOUT_S, make_cfg, make_group, register, running
+
+from areal_like import protocol as P
+from areal_like.dealer import AsyncClient
+from areal_like.distributed import free_port
+from areal_like.metrics import Metrics
+from areal_like.pubsub import Publisher
+from rollout_server import buffer_link
+from rollout_server.buffer_link import BufferLink
+from rollout_server.server import RolloutServer
+
+
+def test_a_refused_credit_request_is_asked_again_as_soon_as_the_trainer_announces(tmp_path, monkeypatch):
+    """At eta 0 a server's sync report can reach the buffer before the trainer's request for its next
+    batch, which is what consumes the last one: the report and the CreditRequest after it are refused
+    ("staleness") and the link backs off. With the default overlapped push the trainer's announcement
+    comes after that request (trainer/weight_sync.py, ``_rank0_rest``), and ends the back-off
+    (``BufferLink.window_moved``): the next ask gets the leases."""
+    monkeypatch.setattr(buffer_link, "CREDIT_RETRY_S", 3600.0)  # the back-off outlasts any slow machine
+    cfg = make_cfg(tmp_path, max_staleness=0, groups_per_step=2)
+    with running(cfg) as (svc, c):
+        register(c, "a")
+        for credit in c.request(P.CreditRequest(server_id="a", max_credits=2)).credits:
+            assert c.request(make_group(credit, server_id="a")).status == "accepted"
+        batch = c.request(P.BatchRequest(n_groups=2, trainer_version=0, wait_s=5))
+        started: list[P.Credit] = []
+
+        async def scenario() -> None:
+            client = AsyncClient(cfg.buffer.address, timeout_s=TIMEOUT_S, identity="a")
+            link = BufferLink(client, client, "a", Metrics(), free_slots=lambda: 2 - len(started),
+                              blocked=lambda: False, start=started.append)
+            try:
+                assert await link.report_sync(P.SyncDone(server_id="a", policy_version=1, ok=True), attempts=1)
+                assert await link.request_credits()
+                assert started == [] and link.wanted() == 0  # refused, backing off
+                await asyncio.to_thread(c.request, P.BatchRequest(n_groups=2, trainer_version=1, wait_s=0.05,
+                                                                  ack_batch=batch.batch_id))
+                await asyncio.to_thread(c.request, P.VersionUpdate(policy_version=1))
+                assert link.wanted() == 0  # without the announcement it would wait out the back-off
+                link.window_moved()
+                assert await link.request_credits()
+                assert [x.prompt_index for x in started] == [2, 3]
+            finally:
+                client.close()
+
+        asyncio.run(scenario())
+
+
+def test_the_servers_announcement_loop_ends_the_back_off_and_wakes_the_main_loop():
+    """``RolloutServer.announcements`` on a VersionUpdate: the trainer-version gauge, ``window_moved``,
+    and the main loop woken (it asks for leases at once)."""
+    address = f"tcp://127.0.0.1:{free_port()}"
+    pub = Publisher(address)
+    moved = []
+    server = types.SimpleNamespace(pub_address=address, metrics=Metrics(), wake=None, offer_plan=moved.append,
+                                   link=types.SimpleNamespace(window_moved=lambda: moved.append("moved")))
+
+    async def scenario() -> None:
+        server.wake = asyncio.Event()
+        listening = asyncio.create_task(RolloutServer.announcements(server))
+        try:
+            async with asyncio.timeout(TIMEOUT_S):
+                while not server.wake.is_set():  # PUB drops what it sends before the subscription lands
+                    pub.publish(P.VersionUpdate(policy_version=7))
+                    await asyncio.sleep(0.05)
+        finally:
+            listening.cancel()
+            await asyncio.gather(listening, return_exceptions=True)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        pub.close()
+    assert moved and set(moved) == {"moved"}
+    assert "areal_rollout_trainer_version 7.0" in server.metrics.render().decode().splitlines()
