@@ -65,6 +65,18 @@ def register(client, server_id="s0", version=0) -> None:
     assert isinstance(ack, P.RegisterAck)
 
 
+def link_to(cfg: RunConfig, server_id: str, started: list, slots: int = 2):
+    """A rollout server's BufferLink to the buffer of ``cfg`` (call it in the event loop; close
+    ``link.control`` after), starting each lease it gets into ``started``, ``slots`` episode slots."""
+    from areal_like.dealer import AsyncClient
+    from areal_like.metrics import Metrics
+    from rollout_server.buffer_link import BufferLink
+
+    client = AsyncClient(cfg.buffer.address, timeout_s=TIMEOUT_S, identity=server_id)
+    return BufferLink(client, client, server_id, Metrics(), free_slots=lambda: slots - len(started),
+                      blocked=lambda: False, start=started.append)
+
+
 def stats(client) -> dict:
     return client.request(P.StatsRequest()).values
 
@@ -419,10 +431,6 @@ def test_a_weight_sync_report_brings_the_leases_of_the_new_version(tmp_path):
     failed still serves v and, at eta 0, gets none; a credit back-off left from before the sync is over."""
     import asyncio
 
-    from areal_like.dealer import AsyncClient
-    from areal_like.metrics import Metrics
-    from rollout_server.buffer_link import BufferLink
-
     cfg = make_cfg(tmp_path, max_staleness=0, groups_per_step=2)
     with running(cfg) as (svc, c):
         register(c, "a")
@@ -439,15 +447,13 @@ def test_a_weight_sync_report_brings_the_leases_of_the_new_version(tmp_path):
         started: list[P.Credit] = []
 
         async def scenario() -> None:
-            client = AsyncClient(cfg.buffer.address, timeout_s=TIMEOUT_S, identity="a")
-            link = BufferLink(client, client, "a", Metrics(), free_slots=lambda: 2 - len(started),
-                              blocked=lambda: False, start=started.append)
+            link = link_to(cfg, "a", started)
             link.next_request_at = time.monotonic() + 3600  # a CreditRequest during the step was refused
             try:
                 assert await link.report_sync(P.SyncDone(server_id="a", policy_version=1, ok=True), attempts=1)
                 assert [x.prompt_index for x in started] == [2, 3] and link.asked == 0
             finally:
-                client.close()
+                link.control.close()
 
         asyncio.run(scenario())
         assert stats(c)["credits_granted"] == 4
@@ -458,10 +464,6 @@ def test_due_groups_go_out_together_and_ask_for_leases_once(tmp_path):
     free slots asked for once (by the first), not once per group."""
     import asyncio
 
-    from areal_like.dealer import AsyncClient
-    from areal_like.metrics import Metrics
-    from rollout_server.buffer_link import BufferLink
-
     cfg = make_cfg(tmp_path, max_staleness=100, groups_per_step=2)
     with running(cfg) as (svc, c):
         register(c)
@@ -469,9 +471,7 @@ def test_due_groups_go_out_together_and_ask_for_leases_once(tmp_path):
         started: list[P.Credit] = []
 
         async def scenario() -> None:
-            client = AsyncClient(cfg.buffer.address, timeout_s=TIMEOUT_S, identity="s0")
-            link = BufferLink(client, client, "s0", Metrics(), free_slots=lambda: 2 - len(started),
-                              blocked=lambda: False, start=started.append)
+            link = link_to(cfg, "s0", started)
             try:
                 for credit in credits:
                     link.add(make_group(credit))
@@ -479,7 +479,7 @@ def test_due_groups_go_out_together_and_ask_for_leases_once(tmp_path):
                 assert not link.unacked and link.asked == 0
                 assert [x.prompt_index for x in started] == [3, 4]
             finally:
-                client.close()
+                link.control.close()
 
         asyncio.run(scenario())
         s = stats(c)

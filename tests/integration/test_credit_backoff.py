@@ -6,15 +6,13 @@ from __future__ import annotations
 import asyncio
 import types
 
-from test_buffer_service import TIMEOUT_S, make_cfg, make_group, register, running
+from test_buffer_service import TIMEOUT_S, link_to, make_cfg, make_group, register, running
 
 from areal_like import protocol as P
-from areal_like.dealer import AsyncClient
 from areal_like.distributed import free_port
 from areal_like.metrics import Metrics
 from areal_like.pubsub import Publisher
 from rollout_server import buffer_link
-from rollout_server.buffer_link import BufferLink
 from rollout_server.server import RolloutServer
 
 
@@ -34,9 +32,7 @@ def test_a_refused_credit_request_is_asked_again_as_soon_as_the_trainer_announce
         started: list[P.Credit] = []
 
         async def scenario() -> None:
-            client = AsyncClient(cfg.buffer.address, timeout_s=TIMEOUT_S, identity="a")
-            link = BufferLink(client, client, "a", Metrics(), free_slots=lambda: 2 - len(started),
-                              blocked=lambda: False, start=started.append)
+            link = link_to(cfg, "a", started)
             try:
                 assert await link.report_sync(P.SyncDone(server_id="a", policy_version=1, ok=True), attempts=1)
                 assert await link.request_credits()
@@ -49,7 +45,7 @@ def test_a_refused_credit_request_is_asked_again_as_soon_as_the_trainer_announce
                 assert await link.request_credits()
                 assert [x.prompt_index for x in started] == [2, 3]
             finally:
-                client.close()
+                link.control.close()
 
         asyncio.run(scenario())
 
