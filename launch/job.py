@@ -45,7 +45,7 @@ from areal_like.track_sink import JsonlTail, TrackerSink
 from launch.local import ProcSpec, Supervisor, error_tail, write_json_atomic
 from launch.placement import check_one_node, needs_gpus, place_nodes, visible_devices, with_weight_path
 from launch.preflight import checked
-from launch.records import SUMMARY_WINDOW, read_jsonl, reward_of, summarize, trainer_jsonl, warm_plotting
+from launch.records import SUMMARY_WINDOW, read_jsonl, reward_of, step_of, summarize, trainer_jsonl, warm_plotting
 from launch.rundir import check_existing_run
 from launch.topology import Topology, apply_topology, laptop_layout, plan_topology, wants_eval, with_local_ipc
 
@@ -205,8 +205,7 @@ class Monitor:
 
     def progress_line(self) -> str:
         for rec in self.tail.read():
-            step = rec.get("step", rec.get("policy_version"))
-            if isinstance(step, int) and reward_of(rec) is not None:
+            if (step := step_of(rec)) is not None:
                 self.recent[step] = rec
         for old in sorted(self.recent)[:-SUMMARY_WINDOW]:
             del self.recent[old]

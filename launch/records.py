@@ -49,13 +49,18 @@ def trainer_jsonl(run_dir: Path) -> Path:
     return run_dir / "metrics" / "trainer.jsonl"
 
 
+def step_of(rec: dict) -> int | None:
+    """The step of a trainer step record (one with a reward); None for any other record."""
+    step = rec.get("step", rec.get("policy_version"))
+    return step if isinstance(step, int) and reward_of(rec) is not None else None
+
+
 def step_records(run_dir: Path, since: int = 0) -> list[dict]:
     """One record per trainer step written from byte ``since`` of trainer.jsonl on (0: the whole run;
     the size at start: this invocation's steps); the last one wins after a resume replays a step."""
     by_step: dict[int, dict] = {}
     for rec in read_jsonl(trainer_jsonl(run_dir), since):
-        step = rec.get("step", rec.get("policy_version"))
-        if isinstance(step, int) and reward_of(rec) is not None:
+        if (step := step_of(rec)) is not None:
             by_step[step] = rec
     return [by_step[k] for k in sorted(by_step)]
 

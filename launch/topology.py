@@ -175,6 +175,7 @@ def plan_topology(cfg: RunConfig, ports: Iterable[int], cpus: Iterable[int] | No
         rollout_cpus, trainer_cpus = split_cpus(cpus if cpus is not None else ())
     no_gpu = () if placed is not None else None  # a GPU topology hides the GPUs from CPU-only daemons
     job_cpus = rollout_cpus + trainer_cpus if cfg.launch.pin_cpus else None  # both pools
+    turns = takes_turns(cfg)
     slots = [DaemonSlot(name="buffer", kind="buffer", metrics_port=pick(cfg.buffer.metrics_port), cpus=job_cpus,
                         gpus=no_gpu)]
     trainers = []
@@ -187,12 +188,12 @@ def plan_topology(cfg: RunConfig, ports: Iterable[int], cpus: Iterable[int] | No
                                        else next(source), rollout_cpus,
                                        gpus.rollout[i] if gpus is not None and gpus.rollout else no_gpu, k))
         if trains:  # trainer rank 0's node serves its metrics; the other nodes' ranks report through it
-            cores = job_cpus if takes_turns(cfg) else trainer_cpus
+            cores = job_cpus if turns else trainer_cpus
             trainers.append(DaemonSlot(name="trainer" if k == 0 else f"trainer-n{k}", kind="trainer",
                                        metrics_port=pick(cfg.trainer.metrics_port) if k == 0 else 0,
                                        cpus=cores, gpus=gpus.trainer if gpus is not None else None, node=k,
                                        threads=auto_threads(cfg, cores),
-                                       env=(("GOMP_SPINCOUNT", str(TURN_SPINCOUNT)),) if takes_turns(cfg) else ()))
+                                       env=(("GOMP_SPINCOUNT", str(TURN_SPINCOUNT)),) if turns else ()))
     return Topology(host=host, buffer_address=f"tcp://{host}:{router}", pub_address=f"tcp://{pub_host}:{pub}",
                     master_port=next(source), slots=(*slots, *trainers), rollout_cpus=rollout_cpus,
                     trainer_cpus=trainer_cpus)

@@ -125,7 +125,7 @@ class BufferLink:
         """Tell the buffer a weight sync is over, asking for the free slots' leases with the report
         when it loaded (a repeat asks for none, as a re-sent group does). False if no attempt was answered."""
         if done.ok:  # a back-off from before is over: the version just loaded is what reopens admission
-            self.next_request_at = 0.0
+            self.window_moved()
         for attempt in range(attempts):
             want = self.wanted() if done.ok and attempt == 0 else 0
             self.asked += want

@@ -279,14 +279,14 @@ class Scheduler:
         order = [i for i in range(len(new)) if src[i] == i] + [i for i in range(len(new)) if src[i] != i]
         new = [new[i] for i in order]  # distinct sequences first, in slots [B, B + u)
         seqs = [r.input_ids + r.output_ids for r in new]  # a retracted request re-prefills its outputs
-        u = len(first)
-        self.kv.ensure(max(map(len, seqs)) + 1)
+        u, longest = len(first), max(map(len, seqs))
+        self.kv.ensure(longest + 1)
         self.running.extend(new)  # before the forward: if it raises, these are answered with the rest
         logits = self._path.prefill(self.model, self.kv, seqs[:u], B)
         self.prefill_tokens += sum(map(len, seqs[:u]))
         row = {orig: j for j, orig in enumerate(order)}  # original index -> position in `new`
         rows = [row[src[i]] for i in order]  # each request's distinct twin (a row of `logits`)
-        self.kv.move([B + rows[j] for j in range(u, len(new))], list(range(B + u, B + len(new))), max(map(len, seqs)))
+        self.kv.move([B + rows[j] for j in range(u, len(new))], list(range(B + u, B + len(new))), longest)
         for r, s in zip(new, seqs):
             r.cached = len(s)
         self._sample_and_retire(logits[rows], list(range(B, B + len(new))))
