@@ -24,12 +24,15 @@ ROUTER that answers a prebuilt reply of the same size without decoding anything.
   at most a quarter of the throughput); ``ratio_to_raw`` and ``unencrypted_ratio_to_raw`` put both
   beside raw ZMQ. ``busiest_thread_cpu_us`` and ``thread_bound_ratio`` show where it goes: libzmq
   runs the cipher in the one I/O thread of a connection, beside the TCP copies.
-* **stream, sealed** (``transport_stream_8xT_sealed``: the cost of security as the job pays it on
-  tcp, ``security.sealed_bulk``): a ``Client`` holding a client key shakes hands with the CURVE
-  ``Server`` (over CURVE: session key and bulk port; areal_like/sealed.py), then the stream of ours
-  runs on its bulk connection, every request and reply AES-GCM sealed. ``baseline`` is the
-  unencrypted stream of the same rounds, ``ratio`` sealed over unencrypted (goal >= 0.75 at
-  T = 4096), ``ratio_to_curve`` the gain over CURVE.
+* **stream, sealed** (the cost of security as the job pays it on tcp, ``security.sealed_bulk``): a
+  ``Client`` holding a client key shakes hands with the CURVE ``Server`` (session key and bulk port;
+  areal_like/sealed.py), then the stream of ours runs on its bulk connection, every request and
+  reply AES-GCM sealed; ``baseline`` the unencrypted stream. Twice: ``transport_stream_8xT_sealed``
+  with both ends on all the CPUs, and ``..._sealed_apart`` with the sender's threads on one half of
+  them and the receiver's on the other (both modes pinned so), as a job's two ends run: the sealed
+  (tcp) link joins daemons on different nodes or on a GPU node's many cores, never two ends on 2
+  cores. The goal (``ratio`` >= 0.75 at T = 4096) is judged apart; on shared cores both ciphers
+  compete. ``ratio_to_raw`` and ``unencrypted_ratio_to_raw`` put both beside raw ZMQ (also run apart).
 * **stream, same node** (``transport_stream_8xT_local``): the stream of ours into the same CURVE
   socket through the ``ipc://`` endpoint it also binds (as the buffer does for a one-node run:
   no CURVE there, peers of this user only; ``areal_like/security.py``), from a DEALER holding the
@@ -83,7 +86,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from transport_report import (  # noqa: E402
     GROUP_SIZE,
     child_cpu_s,
+    cpu_halves,
     cpu_split_s,
+    ends_apart,
     summary_lines,
     thread_cpu_s,
 )
@@ -297,6 +302,7 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, curve_addr: str, loca
 
     def check_sealed(rid: bytes, reply) -> None:
         check_ack(rid, sealed._channel.open(rid, reply))
+
     modes = {
         ("stream", "ours"): lambda s: round_stream(ours_sock, send_ours(groups), check_ack, s),
         ("stream", "raw"): lambda s: round_stream(raw_sock, send_raw(payload), lambda rid, reply: None, s),
@@ -307,6 +313,9 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, curve_addr: str, loca
         ("reqrep", "ours"): lambda s: round_reqrep_ours(client, groups, s),
         ("reqrep", "raw"): lambda s: round_reqrep_raw(raw_sock, payload, s),
     }
+    if (halves := cpu_halves()) is not None:  # the sealed line's goal: each end on cores of its own
+        for m in ("raw", "ours", "sealed"):
+            modes[("stream", f"{m}_apart")] = ends_apart(modes[("stream", m)], receiver_pid, halves)
     rates: dict[tuple[str, str], list[float]] = {k: [] for k in modes}
     cpu_s = {k: 0.0 for k in modes}  # both processes, all threads
     split_s = {k: [0.0] * 4 for k in modes}  # diagnostics: sender user/sys, receiver user/sys
@@ -339,7 +348,7 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, curve_addr: str, loca
     enc_us, dec_us = codec_cost_us(groups[0])
     costs = {"encode_us": enc_us, "decode_us": dec_us, "build_us": build_cost_us(groups[0])}
     return summary_lines(tokens, costs, frame_bytes, rates, cpu_s, split_s, threads_s, n_groups, rounds, seconds,
-                         WINDOW, GOAL_WINDOW)
+                         WINDOW, GOAL_WINDOW, halves)
 
 
 def main() -> int:

@@ -1,7 +1,7 @@
 """What bench_transport.py reports: its JSON lines of one group size (``summary_lines``), CPU read
-from /proc (per process and per thread), and the security lines (CURVE and sealed frames on tcp,
-the same-node ipc:// path), each against the unencrypted tcp stream of the same rounds (medians
-over rounds; see bench_transport's docstring)."""
+from /proc (per process and per thread), the two ends pinned apart (``ends_apart``), and the
+security lines (CURVE and sealed frames on tcp, the same-node ipc:// path), each against the
+unencrypted tcp stream of the same rounds (medians over rounds; see bench_transport's docstring)."""
 
 from __future__ import annotations
 
@@ -37,21 +37,74 @@ def cpu_split_s(pid: int, task: str = "") -> tuple[float, float]:
     return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
-def sealed_line(tokens: int, rates: dict, cpu_us, split: dict, frame_bytes: int, rounds: int, seconds: float) -> dict:
+def cpu_halves() -> tuple[set[int], set[int]] | None:
+    """The CPUs this process may run on, split into two disjoint halves (sender, receiver); None
+    with fewer than 2."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return None if len(cpus) < 2 else (set(cpus[:len(cpus) // 2]), set(cpus[len(cpus) // 2:]))
+
+
+def ends_apart(stream, receiver_pid: int, halves: tuple[set[int], set[int]]):
+    """``stream`` run with every thread of this process (the sender) on the first half of the CPUs
+    and every thread of the receiver on the second, as two nodes (or two daemons on cores of their
+    own) run; both processes go back to all the CPUs after it."""
+    def run(seconds: float) -> float:
+        pin(os.getpid(), halves[0])
+        pin(receiver_pid, halves[1])
+        try:
+            return stream(seconds)
+        finally:
+            pin(os.getpid(), halves[0] | halves[1])
+            pin(receiver_pid, halves[0] | halves[1])
+    return run
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` (libzmq's I/O threads too) onto ``cpus``."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except (ProcessLookupError, FileNotFoundError):  # the thread ended
+            pass
+
+
+def sealed_lines(tokens: int, rates: dict, cpu_us, split: dict, frame_bytes: int, rounds: int, seconds: float,
+                 halves: tuple[set[int], set[int]] | None) -> list[dict]:
     """The stream of ours over sealed bulk frames (CURVE handshake, AES-GCM frames) against the same
     stream unencrypted, and against CURVE for every frame; ``split``: CPU us per group by process and
-    user/system, sealed and unencrypted."""
-    sealed, plain, curve = (statistics.median(rates[("stream", m)]) for m in ("sealed", "ours", "curve"))
+    user/system, by mode. Two lines: both ends on all the CPUs (``_sealed``), and each end on a half
+    of its own (``_sealed_apart``, ``halves``; None: one CPU, no figure). The goal is judged apart: a
+    job seals only its tcp links (rollout servers and trainer to the buffer), which join daemons on
+    different nodes or on a GPU node's many cores, never two ends sharing two cores."""
+    sealed, plain, curve, raw = (statistics.median(rates[("stream", m)]) for m in ("sealed", "ours", "curve", "raw"))
     goal = GOAL_CURVE_RATIO_AT_4096 if tokens == 4096 else None
-    return {"name": f"transport_stream_{GROUP_SIZE}x{tokens}_sealed", "figure": round(sealed, 1), "unit": "groups/s",
-            "baseline": round(plain, 1), "ratio": round(sealed / plain, 3), "goal": goal,
-            "goal_met": None if goal is None else sealed / plain >= goal, "ratio_to_curve": round(sealed / curve, 3),
-            "mb_s": round(sealed * frame_bytes / 1e6, 1), "cpu_us_per_group": round(cpu_us(("stream", "sealed")), 1),
-            "unencrypted_cpu_us_per_group": round(cpu_us(("stream", "ours")), 1), "cpu_split_us": split,
-            "rounds": rounds, "round_s": seconds, "sealed_rounds": [round(x) for x in rates[("stream", "sealed")]],
-            "unencrypted_rounds": [round(x) for x in rates[("stream", "ours")]],
-            "load_avg_1m": round(os.getloadavg()[0], 2)}
-
+    name = f"transport_stream_{GROUP_SIZE}x{tokens}_sealed"
+    shared = {"name": name, "figure": round(sealed, 1), "unit": "groups/s",
+              "baseline": round(plain, 1), "ratio": round(sealed / plain, 3), "goal": None,
+              "goal_line": f"{name}_apart" if goal else None, "ratio_to_curve": round(sealed / curve, 3),
+              "ratio_to_raw": round(sealed / raw, 3), "unencrypted_ratio_to_raw": round(plain / raw, 3),
+              "mb_s": round(sealed * frame_bytes / 1e6, 1), "cpu_us_per_group": round(cpu_us(("stream", "sealed")), 1),
+              "unencrypted_cpu_us_per_group": round(cpu_us(("stream", "ours")), 1),
+              "cpu_split_us": {m: split[m] for m in ("sealed", "ours")}, "rounds": rounds, "round_s": seconds,
+              "sealed_rounds": [round(x) for x in rates[("stream", "sealed")]],
+              "unencrypted_rounds": [round(x) for x in rates[("stream", "ours")]],
+              "load_avg_1m": round(os.getloadavg()[0], 2)}
+    apart = {"name": f"{name}_apart", "figure": None, "unit": "groups/s", "baseline": None, "ratio": None,
+             "goal": goal, "goal_met": None, "warning": "one CPU: the two ends cannot run apart"}
+    if halves is not None:
+        sealed, plain, raw = (statistics.median(rates[("stream", m)]) for m in ("sealed_apart", "ours_apart", "raw_apart"))
+        apart = {"name": f"{name}_apart", "figure": round(sealed, 1), "unit": "groups/s", "baseline": round(plain, 1),
+                 "ratio": round(sealed / plain, 3), "goal": goal,
+                 "goal_met": None if goal is None else sealed / plain >= goal,
+                 "ratio_to_raw": round(sealed / raw, 3), "unencrypted_ratio_to_raw": round(plain / raw, 3),
+                 "ends_cpus": {"sender": sorted(halves[0]), "receiver": sorted(halves[1])},
+                 "cpu_us_per_group": round(cpu_us(("stream", "sealed_apart")), 1),
+                 "unencrypted_cpu_us_per_group": round(cpu_us(("stream", "ours_apart")), 1),
+                 "cpu_split_us": {m: split[m] for m in ("sealed_apart", "ours_apart")}, "rounds": rounds,
+                 "round_s": seconds, "sealed_rounds": [round(x) for x in rates[("stream", "sealed_apart")]],
+                 "unencrypted_rounds": [round(x) for x in rates[("stream", "ours_apart")]],
+                 "load_avg_1m": round(os.getloadavg()[0], 2)}
+    return [shared, apart]
 
 def load_warning() -> dict:
     """A ``warning`` field when other work keeps the machine busy (1-minute load above its CPU count):
@@ -102,7 +155,7 @@ def curve_line(tokens: int, rates: dict, cpu_us, busiest: dict[str, float], busi
 
 def summary_lines(tokens: int, costs: dict, frame_bytes: int, rates: dict, cpu_s: dict, split_s: dict,
                   threads_s: dict, n_groups: dict, rounds: int, seconds: float, window: int,
-                  goal_window: int) -> list[dict]:
+                  goal_window: int, halves: tuple[set[int], set[int]] | None) -> list[dict]:
     """bench_transport's JSON lines of one T from what the rounds measured (medians over rounds; CPU
     per group); ``costs``: the in-process encode, decode and build cost of one group. Goals are
     printed only at ``goal_window`` requests in flight."""
@@ -151,8 +204,8 @@ def summary_lines(tokens: int, costs: dict, frame_bytes: int, rates: dict, cpu_s
     lines.append(curve_line(tokens, rates, cpu_us, busiest, busiest_thread, frame_bytes, rounds, seconds))
     split = {m: dict(zip(("sender_user", "sender_sys", "receiver_user", "receiver_sys"),
                          (round(1e6 * x / n_groups[("stream", m)]) for x in split_s[("stream", m)])))
-             for m in ("sealed", "ours")}
-    lines.append(sealed_line(tokens, rates, cpu_us, split, frame_bytes, rounds, seconds))
+             for m in ("sealed", "ours", "sealed_apart", "ours_apart") if ("stream", m) in split_s}
+    lines.extend(sealed_lines(tokens, rates, cpu_us, split, frame_bytes, rounds, seconds, halves))
     lines.append(local_line(tokens, rates, cpu_us, rounds, seconds))
     stream = {"window": window, **({} if window == goal_window else {"goal": None, "goal_met": None})}
     return [{**line, **(stream if "_stream_" in line["name"] else {}), **load_warning()} for line in lines]
