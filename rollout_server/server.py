@@ -22,6 +22,7 @@ sender, and one task per episode. A background task that dies takes the daemon d
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import socket
@@ -312,8 +313,8 @@ class RolloutServer(Daemon):
         return plan
 
     async def sync_weights(self, plan: WeightSyncPlan) -> None:
-        self.log.info("applying weight sync v%d (reform=%s, %d buckets)", plan.policy_version, plan.reform,
-                      len(plan.buckets))
+        self.log.debug("applying weight sync v%d (reform=%s, %d buckets)", plan.policy_version, plan.reform,
+                       len(plan.buckets))
         self.syncing = True
         try:
             done = await apply_weight_sync(self.client, plan, self.server_id, drain=self.rcfg.drain_on_update,
@@ -325,8 +326,10 @@ class RolloutServer(Daemon):
             self.metrics.gauge("rollout/policy_version", "version the engine serves").set(self.policy_version)
         self.metrics.histogram("rollout/weight_sync_pause_seconds", "engine pause per weight update",
                                buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)).observe(done.pause_s)
-        self.log.info("weight sync v%d %s in %.2fs pause%s", plan.policy_version, "done" if done.ok else "FAILED",
-                      done.pause_s, f": {done.reason}" if done.reason else "")
+        # one line per version (the engine logs its own load at DEBUG); a failure is a warning
+        self.log.log(logging.INFO if done.ok else logging.WARNING, "weight sync v%d %s in %.2fs pause%s",
+                     plan.policy_version, "done" if done.ok else "FAILED", done.pause_s,
+                     f": {done.reason}" if done.reason else "")
         await self.report_sync(done)
 
     async def report_sync(self, done: SyncDone) -> None:

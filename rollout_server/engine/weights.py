@@ -228,9 +228,9 @@ class WeightUpdater:
                 session if early and not refusal else None, refusal))
             if early and not refusal:
                 return True, "Succeeded to update parameter online."
-            done.add_done_callback(lambda f: f.cancelled() or log.info(
-                "weights %s (%d tensors, version %s)", "loaded" if f.result()[0] else f"refused: {f.result()[1]}",
-                len(tensors), weight_version))
+            done.add_done_callback(lambda f: f.cancelled() or log.log(
+                logging.DEBUG if f.result()[0] else logging.WARNING, "weights %s (%d tensors, version %s)",
+                "loaded" if f.result()[0] else f"refused: {f.result()[1]}", len(tensors), weight_version))
             return done  # the caller awaits the load (one thread hop less than blocking this one)
         try:
             work.wait()
@@ -319,8 +319,8 @@ class WeightUpdater:
             return True, "Succeeded to update parameter online."
         ok, msg = self.scheduler.call(self._loader(tensors, weight_version, flush_cache, swap)).result(
             timeout=APPLY_TIMEOUT_S)
-        log.info("weights %s (%d tensors, version %s) in %.3fs", "loaded" if ok else f"refused: {msg}",
-                 len(tensors), weight_version, time.monotonic() - t0)
+        log.log(logging.DEBUG if ok else logging.WARNING, "weights %s (%d tensors, version %s) in %.3fs",
+                "loaded" if ok else f"refused: {msg}", len(tensors), weight_version, time.monotonic() - t0)
         return ok, msg
 
     def _note_deferred(self, fut, session: int, error: object = None) -> None:
