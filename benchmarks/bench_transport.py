@@ -27,12 +27,12 @@ ROUTER that answers a prebuilt reply of the same size without decoding anything.
 * **stream, sealed** (the cost of security as the job pays it on tcp, ``security.sealed_bulk``): a
   ``Client`` holding a client key shakes hands with the CURVE ``Server`` (session key and bulk port;
   areal_like/sealed.py), then the stream of ours runs on its bulk connection, every request and
-  reply AES-GCM sealed; ``baseline`` the unencrypted stream. Twice: ``transport_stream_8xT_sealed``
-  with both ends on all the CPUs, and ``..._sealed_apart`` with the sender's threads on one half of
-  them and the receiver's on the other (both modes pinned so), as a job's two ends run: the sealed
-  (tcp) link joins daemons on different nodes or on a GPU node's many cores, never two ends on 2
-  cores. The goal (``ratio`` >= 0.75 at T = 4096) is judged apart; on shared cores both ciphers
-  compete. ``ratio_to_raw`` and ``unencrypted_ratio_to_raw`` put both beside raw ZMQ (also run apart).
+  reply AES-GCM sealed; ``baseline`` the unencrypted stream. Twice, each against the goal
+  (``ratio`` >= 0.75 at T = 4096): ``transport_stream_8xT_sealed`` with both ends on all the CPUs
+  (both ciphers compete for them), and ``..._sealed_apart`` with the sender's threads on one half
+  of them and the receiver's on the other (both modes pinned so), as a sealed link between nodes
+  runs; there one sender fills its half first, and ``receiver_cpu_ratio`` gives the receiver's own
+  bound. ``ratio_to_raw`` and ``unencrypted_ratio_to_raw`` put both beside raw ZMQ (also run apart).
 * **stream, same node** (``transport_stream_8xT_local``): the stream of ours into the same CURVE
   socket through the ``ipc://`` endpoint it also binds (as the buffer does for a one-node run:
   no CURVE there, peers of this user only; ``areal_like/security.py``), from a DEALER holding the
