@@ -171,13 +171,14 @@ class Supervisor:
 
     def watch(self) -> int:
         while not self.stop_event.is_set():
+            tree = process_tree()  # one walk of the process table a tick, for every daemon
             for p in self.procs:
                 if p.restart_at is not None:  # waiting out its back-off; the others are still watched
                     if time.monotonic() >= p.restart_at:
                         p.restart_at = None
                         self._start(p)
                     continue
-                self._record_descendants(p)
+                self._record_descendants(p, tree)
                 rc = p.popen.poll() if p.popen else None
                 if rc is None:
                     continue
@@ -250,14 +251,21 @@ class Supervisor:
                                 p.spec.name)
             time.sleep(0.2)
 
-    def _record_descendants(self, p: _Proc) -> None:
+    def _record_descendants(self, p: _Proc, tree: dict[int, list[int]] | None = None) -> None:
+        """Record every descendant of ``p`` not yet recorded (PID and create time), from ``tree``
+        (``process_tree()``; walked now when None)."""
         if p.popen is None or p.popen.poll() is not None:
             return
-        try:
-            for c in psutil.Process(p.popen.pid).children(recursive=True):
-                p.descendants.setdefault(c.pid, c.create_time())
-        except psutil.Error:
-            pass  # exited between poll() and the walk: the next poll handles it
+        tree = process_tree() if tree is None else tree
+        stack = list(tree.get(p.popen.pid, ()))
+        while stack:
+            pid = stack.pop()
+            stack.extend(tree.get(pid, ()))
+            if pid not in p.descendants:
+                try:
+                    p.descendants[pid] = psutil.Process(pid).create_time()
+                except psutil.Error:
+                    pass  # exited since the walk: nothing to stop
 
     def _stop(self, p: _Proc) -> None:
         if p.popen is not None and p.popen.poll() is None:
@@ -342,6 +350,26 @@ def probe(url: str, timeout_s: float = HEALTH_PROBE_S) -> bool:
             return r.status == 200
     except Exception:  # refused, timeout, 503: all mean "not healthy yet"
         return False
+
+
+def process_tree() -> dict[int, list[int]]:
+    """Child PIDs by parent PID, from one walk of the process table: once a tick for every daemon
+    (``Process.children(recursive=True)`` walks all of it per call). Reads ``/proc/PID/stat``
+    directly where there is a /proc (psutil's ``process_iter`` costs 4x more a walk)."""
+    tree: dict[int, list[int]] = {}
+    if not os.path.isdir("/proc"):
+        for proc in psutil.process_iter(["ppid"]):
+            tree.setdefault(proc.info["ppid"], []).append(proc.pid)
+        return tree
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:  # "pid (comm) state ppid ...": comm may hold ")"
+                    ppid = int(f.read().rsplit(b")", 1)[1].split(None, 2)[1])
+            except (OSError, ValueError, IndexError):  # exited during the walk
+                continue
+            tree.setdefault(ppid, []).append(int(name))
+    return tree
 
 
 def _signal_group(pgid: int, sig: int) -> None:
