@@ -89,6 +89,7 @@ class TaskConfig:
     episode_timeout_s: float = 600.0  # the whole episode, tools and environment included: "episode_timeout"
     tool_timeout_s: float = 5.0  # one tool call; past it the tool's worker is killed and the model sees an error
     tool_workers: int = 2  # processes that run tool calls (per rollout server)
+    tool_memory_mb: int = 2048  # address-space limit of a tool worker (sandboxed like rewards); 0 = none
 
     def __post_init__(self):
         _choice("task.name", self.name, ("addition", "sort", "reverse", "countdown", "calc", "guess", "dataset"))
@@ -102,9 +103,8 @@ class TaskConfig:
         _check("task.top_p", 0 < self.top_p <= 1, "in (0, 1]", self.top_p)
         _check("task.digits", 1 <= self.digits <= 9, "in [1, 9]", self.digits)
         _check("task.reward_timeout_s", self.reward_timeout_s > 0, "> 0", self.reward_timeout_s)
-        _check("task.reward_workers", self.reward_workers >= 0, ">= 0", self.reward_workers)
-        _check("task.reward_memory_mb", self.reward_memory_mb >= 0, ">= 0", self.reward_memory_mb)
-        _check("task.reward_retries", self.reward_retries >= 0, ">= 0", self.reward_retries)
+        for key in ("reward_workers", "reward_memory_mb", "reward_retries", "tool_memory_mb"):
+            _check(f"task.{key}", getattr(self, key) >= 0, ">= 0", getattr(self, key))
         _check("task.max_turns", self.max_turns >= 1, ">= 1", self.max_turns)
         _check("task.max_episode_tokens", self.max_episode_tokens >= 2, ">= 2", self.max_episode_tokens)
         for key in ("turn_timeout_s", "episode_timeout_s", "tool_timeout_s"):

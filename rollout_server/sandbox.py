@@ -145,8 +145,7 @@ class Worker:
         """Queue one call; the worker answers its calls one after another, in order (``reply``). A
         blocking write: the caller queues no more than the socket holds, or writes to an idle worker.
         A worker found gone here is reported by the next ``reply``, after the answers it did send."""
-        if not self.ready:
-            self._wait_ready()
+        self.wait_ready()
         try:
             self.sock.settimeout(None)  # not the last reply's leftover deadline
             send_frame(self.sock, request)
@@ -158,7 +157,10 @@ class Worker:
         when the one before it is answered, so each call has its own ``timeout_s``."""
         return self._reply(timeout_s, f"timeout after {timeout_s}s")
 
-    def _wait_ready(self) -> None:
+    def wait_ready(self) -> None:
+        """Block until the worker has loaded its function (``limits.startup_timeout_s``); StartFailed if it did not."""
+        if self.ready:
+            return
         try:
             reply = self._reply(self.startup_timeout_s, f"not ready after {self.startup_timeout_s}s")
         except WorkerLost as lost:

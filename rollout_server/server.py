@@ -118,7 +118,8 @@ class RolloutServer(Daemon):
         if self.facts.task.env:  # multi-turn episodes (rollout_server/multiturn.py): their tools run here
             from rollout_server.tool_pool import ToolPool
 
-            self.tools = ToolPool(self.facts.task.tool_workers, self.facts.task.tool_timeout_s)
+            self.tools = ToolPool(self.facts.task.tool_workers, self.facts.task.tool_timeout_s,
+                                  self.facts.task.tool_memory_mb)
         if self.rcfg.eval:
             from rollout_server.evaluate import ServerEvaluator
 

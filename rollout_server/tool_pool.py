@@ -1,29 +1,33 @@
-"""Tool calls in worker processes, each bounded by a timeout.
+"""Tool calls in sandboxed worker processes, each bounded by a timeout.
 
-``ToolPool.call(spec, arguments)`` runs ``spec.function(**arguments)`` in a process of a
-``concurrent.futures.ProcessPoolExecutor`` (``task.tool_workers`` processes, spawned: the rollout
-server runs threads and an event loop, which fork would copy half-way) and returns a
-``ToolOutcome``: ``ok`` (the result as text), ``error`` (the tool raised, or returned something
-that is not JSON-able; the message says what) or ``timeout``. It never raises for what a tool
-does. ``run_in_pool`` is the one function that executes a call, so a stronger sandbox can take
-its place.
+``ToolPool.call(spec, arguments)`` runs ``spec.function(**arguments)`` in one of ``task.tool_workers``
+sandboxed workers (``sandbox.Worker``, as reward functions run: a fresh ``python -I`` in a session of
+its own, an environment without secrets, an address-space limit of ``task.tool_memory_mb``, no
+process it may start, a CPU-time backstop; ``rollout_server/sandbox.py``) and returns a
+``ToolOutcome``: ``ok`` (the result as text), ``error`` (the tool raised, returned something that is
+not JSON-able, ran out of memory or killed its worker; the message says what) or ``timeout``. It
+never raises for what a tool does.
 
-A call past ``task.tool_timeout_s`` cannot be cancelled inside a worker, so the pool is replaced:
-its workers are killed and the calls that were running in it alongside are run once more in the
-new pool (they did nothing wrong). Workers are limited, not sandboxed: like reward workers they
-run as the same user.
+Each worker belongs to one thread of the pool's own executor, so calls beyond ``tool_workers`` queue
+there and a waiting call holds no thread of the event loop's default executor. A call past
+``task.tool_timeout_s`` gets its worker killed (SIGKILL to its process group: it and whatever it
+started) and a fresh one started in its place; the next call on that thread waits for the new
+worker to be ready before its own timeout starts.
 """
 
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
+import pickle
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from areal_like.tools import ToolSpec, result_text
+from rollout_server.sandbox import SandboxLimits, StartFailed, Worker, WorkerLost
+
+INVOKE = "rollout_server.tool_pool:invoke"  # what every worker loads: it imports and calls the tool
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,74 +37,98 @@ class ToolOutcome:
     seconds: float
 
 
-def _ready() -> None:
-    """In a worker: nothing; submitted to start the workers before the first call is timed."""
-
-
-def _invoke(function: str, arguments: dict) -> str:
-    """In a worker: import and call the tool; its result as text."""
+def invoke(function: str, arguments: dict) -> str:
+    """In a worker: import the tool at ``function`` and call it with ``arguments``; its result as text."""
     from areal_like.callables import import_function
 
     return result_text(import_function(function)(**arguments))
 
 
-async def run_in_pool(pool: ProcessPoolExecutor, spec: ToolSpec, arguments: dict, timeout_s: float) -> str:
-    """The tool's result text; raises TimeoutError past ``timeout_s``, BrokenProcessPool when the
-    pool died, and what the tool raised otherwise."""
-    future = asyncio.wrap_future(pool.submit(_invoke, spec.function, arguments))
-    return await asyncio.wait_for(future, timeout_s)
-
-
 class ToolPool:
-    def __init__(self, workers: int, timeout_s: float):
+    def __init__(self, workers: int, timeout_s: float, memory_mb: int = 2048):
         self.workers, self.timeout_s = workers, timeout_s
-        self.ctx = multiprocessing.get_context("spawn")
-        self.pool = self._new_pool()
-
-    def _new_pool(self) -> ProcessPoolExecutor:
-        """A pool whose workers are starting (spawning takes a second or more: no call's timeout
-        should pay for it)."""
-        pool = ProcessPoolExecutor(self.workers, mp_context=self.ctx)
-        self.warming = [pool.submit(_ready) for _ in range(self.workers)]
-        return pool
+        self.limits = SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb)
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="tool")
+        self._local = threading.local()  # each executor thread's Worker
+        self._all: set[Worker] = set()  # every live worker (close kills them)
+        self._lock = threading.Lock()
+        self._closed = False
+        started = threading.Barrier(workers)  # one warm-up per thread: each thread starts its own worker
+        self.warming: list[Future] = [self.executor.submit(self._warm, started) for _ in range(workers)]
 
     def wait_ready(self, timeout_s: float | None = None) -> None:
-        """Block until the workers of the current pool have started."""
+        """Block until every worker has started (imported its tool module's loader)."""
         for f in self.warming:
             f.result(timeout_s)
 
-    def _replace(self, broken: ProcessPoolExecutor) -> None:
-        """Kill ``broken``'s workers (a call in one of them is past its timeout) and start afresh."""
-        if broken is not self.pool:
-            return  # another call replaced it already
-        self.pool = self._new_pool()
-        # ProcessPoolExecutor has no public way to stop a running call (Python 3.14 adds kill_workers)
-        for proc in list((broken._processes or {}).values()):
-            proc.kill()
-        broken.shutdown(wait=False, cancel_futures=True)
-
     async def call(self, spec: ToolSpec, arguments: dict) -> ToolOutcome:
-        await asyncio.gather(*(asyncio.wrap_future(f) for f in self.warming), return_exceptions=True)
-        t0 = time.monotonic()
-        for attempt in range(2):
-            pool = self.pool
-            try:
-                text = await run_in_pool(pool, spec, arguments, self.timeout_s)
-                return ToolOutcome("ok", text, time.monotonic() - t0)
-            except (TimeoutError, asyncio.TimeoutError):
-                self._replace(pool)
-                return ToolOutcome("timeout", f"{spec.name} did not finish within {self.timeout_s:g}s",
-                                   time.monotonic() - t0)
-            except BrokenProcessPool:
-                self._replace(pool)  # killed with a neighbour that timed out, or its worker died
-                if attempt == 0:
-                    continue
-                return ToolOutcome("error", f"{spec.name} crashed its worker process", time.monotonic() - t0)
-            except Exception as e:  # the tool raised: the model reads what
-                return ToolOutcome("error", f"{spec.name} raised {type(e).__name__}: {e}", time.monotonic() - t0)
-        raise AssertionError("unreachable")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self._call, spec, arguments)
 
     def close(self) -> None:
-        for proc in list((self.pool._processes or {}).values()):
-            proc.kill()
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._closed = True
+            workers, self._all = list(self._all), set()
+        for worker in workers:
+            worker.kill()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def _warm(self, started: threading.Barrier) -> None:
+        try:
+            started.wait(self.limits.startup_timeout_s)
+        except threading.BrokenBarrierError:
+            pass  # a slow thread: the worker still starts; wait_ready waits for each
+        try:
+            self._worker().wait_ready()
+        except StartFailed:
+            self._drop()  # the first call starts another and reports why if it fails again
+
+    def _worker(self) -> Worker:
+        worker = getattr(self._local, "worker", None)
+        if worker is None:
+            worker = Worker(INVOKE, self.limits)
+            with self._lock:
+                if self._closed:
+                    worker.kill()
+                    raise StartFailed("the tool pool is closed")
+                self._all.add(worker)
+            self._local.worker = worker
+        return worker
+
+    def _drop(self) -> None:
+        """Kill this thread's worker; the next call here starts a fresh one."""
+        worker = getattr(self._local, "worker", None)
+        self._local.worker = None
+        if worker is not None:
+            with self._lock:
+                self._all.discard(worker)
+            worker.kill()
+
+    def _call(self, spec: ToolSpec, arguments: dict) -> ToolOutcome:
+        """In an executor thread: one call on this thread's worker."""
+        try:
+            request = pickle.dumps(((spec.function, arguments), self.timeout_s))
+            worker = self._worker()
+            worker.wait_ready()
+        except StartFailed as e:
+            self._drop()
+            return ToolOutcome("error", f"{spec.name}: its worker could not start: {e.reason}", 0.0)
+        except Exception as e:  # arguments that do not pickle, a worker that cannot be spawned
+            return ToolOutcome("error", f"{spec.name} could not be called: {type(e).__name__}: {e}", 0.0)
+        t0 = time.monotonic()
+        try:
+            reply = worker.call(request, self.timeout_s)
+        except WorkerLost as lost:
+            self._drop()
+            if lost.kind == "timeout":
+                return ToolOutcome("timeout", f"{spec.name} did not finish within {self.timeout_s:g}s",
+                                   time.monotonic() - t0)
+            return ToolOutcome("error", f"{spec.name} crashed its worker process ({lost.reason})",
+                               time.monotonic() - t0)
+        seconds = time.monotonic() - t0
+        if "result" in reply:
+            return ToolOutcome("ok", reply["result"], seconds)
+        if reply["kind"] == "memory":
+            return ToolOutcome("error", f"{spec.name} ran out of memory ({reply['reason']}; the limit is "
+                                        f"task.tool_memory_mb={self.limits.memory_mb})", seconds)
+        return ToolOutcome("error", f"{spec.name} raised {reply['reason']}", seconds)

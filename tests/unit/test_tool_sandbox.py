@@ -1,0 +1,99 @@
+"""ToolPool: an agent's tool calls run in sandboxed workers, as rewards do. One test per failure
+kind (crash, hang, fork bomb, memory hog) and one for the worker's secrets and limits; after each,
+the pool answers the next call and leaves no process behind.
+
+The tools are the functions of tests/unit/reward_fns.py, imported by path inside the workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import psutil
+import pytest
+
+from areal_like.auth import ENGINE_KEY_ENV, METRICS_TOKEN_ENV
+from areal_like.tools import ToolSpec
+from rollout_server.tool_pool import ToolPool
+
+SECRETS = (ENGINE_KEY_ENV, METRICS_TOKEN_ENV, "WANDB_API_KEY", "HF_TOKEN", "MY_SECRET")
+
+
+def spec(function: str) -> ToolSpec:
+    return ToolSpec(function, f"reward_fns:{function}", "", {"type": "object"})
+
+
+def my_children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with pytest.MonkeyPatch.context() as mp:  # in the server's environment when the workers start
+        for name in SECRETS:
+            mp.setenv(name, "s3cret")
+        tools = ToolPool(workers=1, timeout_s=2.0, memory_mb=512)
+        tools.wait_ready()
+    yield tools
+    tools.close()
+
+
+def call(pool: ToolPool, function: str, **arguments):
+    return asyncio.run(pool.call(spec(function), arguments))
+
+
+def still_works(pool: ToolPool) -> None:
+    got = call(pool, "add", a=2, b=3)
+    assert (got.outcome, got.content) == ("ok", '{"sum": 5, "args": [2, 3]}')
+
+
+def test_a_call_returns_its_result_as_text(pool):
+    still_works(pool)
+
+
+def test_crash_is_an_error_naming_the_signal(pool):
+    got = call(pool, "segfault")
+    assert (got.outcome, got.content) == ("error", "segfault crashed its worker process (worker died: signal 11)")
+    still_works(pool)
+
+
+def test_hang_is_killed_at_the_timeout_with_what_it_started(pool):
+    before = my_children()
+    got = call(pool, "behave", response="child", example=None)  # leaves a `sleep 600` behind... if it may fork
+    assert got.outcome == "error" and "BlockingIOError" in got.content, got  # it may not: no process of its own
+    got = call(pool, "behave", response="hang", example=None)
+    assert (got.outcome, got.content) == ("timeout", "behave did not finish within 2s")
+    assert not my_children() - before - {w.proc.pid for w in pool._all}  # the killed worker is reaped
+    still_works(pool)
+
+
+def test_fork_bomb_cannot_fork(pool):
+    got = call(pool, "fork_bomb", limit=64)
+    assert got.outcome == "error" and got.content.startswith("fork_bomb raised BlockingIOError"), got
+    still_works(pool)
+
+
+def test_memory_hog_is_an_error_naming_the_limit(pool):
+    got = call(pool, "behave", response="hog", example=None)
+    assert (got.outcome, got.content) == (
+        "error", "behave ran out of memory (MemoryError; the limit is task.tool_memory_mb=512)")
+    still_works(pool)
+
+
+def test_the_tool_sees_no_secret_and_runs_under_the_limits(pool):
+    got = call(pool, "identity")
+    assert got.outcome == "ok", got
+    import json
+
+    seen = json.loads(got.content)
+    assert not set(SECRETS) & set(seen["env"])
+    assert seen["memory"] == 512 * 2**20
+
+
+def test_close_leaves_no_worker():
+    before = my_children()
+    tools = ToolPool(workers=2, timeout_s=2.0, memory_mb=512)
+    tools.wait_ready()
+    assert len(my_children() - before) == 2
+    tools.close()
+    assert my_children() == before
