@@ -15,14 +15,15 @@ would otherwise hold every one of them until the connect timeout). The server li
 the group (``destroy_weight_group`` closes it): NCCL exchanges its unique id through it at the
 first op.
 
-Who can join (threat model: areal_like/SECURITY.md). Rank 0 hosts the rendezvous store on a socket
-bound to ``master_addr`` only (torch's own store server listens on every interface), and its gloo
-pairs listen on that address's interface too. Every key of the group lives under the PrefixStore
-named ``group_name``, which the trainer makes unguessable per group (a random token: it reaches the
-engines only in the WeightSyncPlan, over the authenticated buffer channel): a process that connects
-to the port without the name cannot read or write the group's keys, so it cannot take a rank; an idle
-or garbage connection holds nothing up (the store serves each connection on its own), and every wait
-is bounded by the timeouts above.
+Who can join (threat model: areal_like/SECURITY.md). Rank 0 hosts the rendezvous store on loopback
+only, behind a gate bound to ``master_addr`` (areal_like/store_gate.py), and its gloo pairs listen on
+that address's interface too. Every key of the group lives under the PrefixStore named
+``group_name``, which the trainer makes unguessable per group (a random token: it reaches the
+engines only in the WeightSyncPlan, over the authenticated buffer channel), and the gate lets a
+connection reach the store only once it proved it knows that name; torch's store would otherwise
+list its keys, and with them the name, to whoever asked. A member joins through a door on its own
+loopback that answers the gate for it. An idle or garbage connection holds nothing up (the gate and
+the store serve each connection on its own), and every wait is bounded by the timeouts above.
 
 NCCL (checked against torch's ProcessGroupNCCL; no GPU on the machines that wrote this): a
 communicator is created lazily by the first op, and a blocking ``ncclCommInitRank`` waits forever
@@ -44,9 +45,11 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import timedelta
 
+from areal_like.store_gate import StoreDoor, StoreGate
+
 LISTEN_BACKLOG = 128  # pending connections to the rendezvous port (engines' TP ranks join at once)
 ABANDON_JOIN_S = 5.0  # after an abort: how long rank 0 waits for its own join to fail (it does at once)
-_HOSTED: dict = {}  # rank 0: group -> the store server its rendezvous ran on (closed with the group)
+_HOSTED: dict = {}  # group -> rank 0's store and gate, or a member's door (closed with the group)
 
 
 _RANDOM = random.SystemRandom()  # not the global generator: seeded alike, two ranks would pick alike
@@ -99,12 +102,19 @@ def init_weight_group(backend: str, master_addr: str, master_port: int, world_si
                            check, check_every_s)
     from torch.distributed.distributed_c10d import rendezvous
 
-    # Under torchrun TORCHELASTIC_USE_AGENT_STORE=True makes a tcp:// rendezvous connect to the elastic
-    # agent's store instead of hosting its own, and the weight group would never form.
-    with _env({"TORCHELASTIC_USE_AGENT_STORE": "False"}):
-        raw, rank, world_size = next(rendezvous(f"tcp://{master_addr}:{master_port}", rank, world_size,
-                                                timeout=connect))
-    return _build_group(backend, raw, master_addr, world_size, rank, group_name, timeout, connect)
+    door = StoreDoor(master_addr, master_port, group_name)  # answers rank 0's gate for our store client
+    try:
+        # Under torchrun TORCHELASTIC_USE_AGENT_STORE=True makes a tcp:// rendezvous connect to the elastic
+        # agent's store instead of hosting its own, and the weight group would never form.
+        with _env({"TORCHELASTIC_USE_AGENT_STORE": "False"}):
+            raw, rank, world_size = next(rendezvous(f"tcp://127.0.0.1:{door.port}", rank, world_size,
+                                                    timeout=connect))
+        pg = _build_group(backend, raw, master_addr, world_size, rank, group_name, timeout, connect)
+    except BaseException:
+        door.close()
+        raise
+    _HOSTED[pg] = door  # our store connection runs through it while the group lives
+    return pg
 
 
 def _host_group(backend: str, master_addr: str, master_port: int, world_size: int, group_name: str,
@@ -113,13 +123,18 @@ def _host_group(backend: str, master_addr: str, master_port: int, world_size: in
     ``check`` meanwhile; on an exception from ``check`` close the server (every join fails) and re-raise."""
     from torch.distributed import TCPStore
 
-    server = host_store(master_addr, master_port, world_size, connect)
+    server = host_store("127.0.0.1", 0, world_size, connect)  # loopback only: members come through the gate
+    try:
+        gate = StoreGate(master_addr, master_port, group_name, server.port)
+    except BaseException:
+        del server
+        raise
     result: dict = {}
     abandoned = threading.Event()
 
     def join() -> None:
         try:
-            raw = TCPStore(master_addr, master_port, world_size, False, connect, use_libuv=True)
+            raw = TCPStore("127.0.0.1", server.port, world_size, False, connect, use_libuv=True)
             pg = _build_group(backend, raw, master_addr, world_size, 0, group_name, timeout, connect)
         except Exception as e:
             result["error"] = e
@@ -137,13 +152,26 @@ def _host_group(backend: str, master_addr: str, master_port: int, world_size: in
                 check()
     except BaseException:
         abandoned.set()
+        gate.close()  # cuts the members' store connections
         del server  # closes the store: every join in progress (the members', our own) fails now
         helper.join(ABANDON_JOIN_S)
         raise
     if "error" in result:
+        gate.close()
         raise result["error"]
-    _HOSTED[result["pg"]] = server
+    _HOSTED[result["pg"]] = _Hosted(server, gate)
     return result["pg"]
+
+
+class _Hosted:
+    """Rank 0's store server and the gate in front of it, kept (and closed) with their group."""
+
+    def __init__(self, server, gate: StoreGate):
+        self.server, self.gate = server, gate
+
+    def close(self) -> None:
+        self.gate.close()
+        self.server = None  # the store server closes with its last reference
 
 
 def _build_group(backend: str, raw, master_addr: str, world_size: int, rank: int, group_name: str,
@@ -230,7 +258,8 @@ def _env(values: dict[str, str]):
 def destroy_weight_group(pg) -> None:
     if pg is not None:
         _destroy(pg)
-        _HOSTED.pop(pg, None)  # rank 0: the store server goes with its group
+        if (kept := _HOSTED.pop(pg, None)) is not None:  # rank 0: the store and its gate; a member: its door
+            kept.close()
 
 
 def _destroy(pg) -> None:

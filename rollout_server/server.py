@@ -319,6 +319,7 @@ class RolloutServer(Daemon):
         self.syncing = True
         try:
             done = await apply_weight_sync(self.client, plan, self.server_id, drain=self.rcfg.drain_on_update,
+                                           door=self.rcfg.engine.kind != "embedded",  # torch's own join: SGLang
                                            inflight_drained=self.episodes_idle)
         finally:
             self.syncing = False

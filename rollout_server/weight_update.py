@@ -4,7 +4,10 @@
 server's engine through one ``WeightSyncPlan`` over SGLang's HTTP endpoints:
 
 1. if ``plan.reform``: ``/destroy_weights_update_group`` (errors ignored: there may be no old
-   group), then ``/init_weights_update_group`` as rank ``rank_offset``. That call blocks in the
+   group), then ``/init_weights_update_group`` as rank ``rank_offset`` (``door=True``, an engine
+   that joins with torch's own rendezvous, SGLang: at the loopback address of a ``StoreDoor`` this
+   server opens, which answers the trainer's store gate for it, areal_like/store_gate.py; it stays
+   open while the group lives, so such an engine must run on this server's node). That call blocks in the
    TCP rendezvous until trainer rank 0 joins, so it is issued as a task and generation goes on
    while it waits (and while in-flight episodes drain, in drain mode);
 2. ``/pause_generation {mode: abort}``: SGLang answers once every running request has been
@@ -48,6 +51,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from areal_like.protocol import SyncDone, WeightSyncPlan
+from areal_like.store_gate import StoreDoor
 from areal_like.versions import RuntimeVersions, from_server_info, local_versions
 from rollout_server.sglang_client import SGLangClient, SGLangError
 
@@ -56,6 +60,7 @@ log = logging.getLogger(__name__)
 DESTROY_TIMEOUT_S = 10.0  # tearing down an old group is local work; a hang here means the group is broken
 CONTINUE_TIMEOUT_S = 30.0  # continue runs even after the deadline passed; it must not wait forever either
 DRAIN_SHARE = 0.5  # at most this share of the deadline is spent letting in-flight requests finish
+_DOORS: dict[str, StoreDoor] = {}  # group name -> the door its engine's store connection runs through
 FLATTENED = "flattened_bucket"  # must match what trainer rank 0 broadcasts (trainer.weight_buckets.FLATTENED)
 PATHS = ("distributed", "tensor", "disk")  # WeightSyncPlan.path
 
@@ -73,7 +78,7 @@ class _Deadline:
 
 async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_id: str, *, drain: bool,
                             inflight_drained: Callable[[], Awaitable[None]] | None = None,
-                            load_format: str | None = FLATTENED) -> SyncDone:
+                            load_format: str | None = FLATTENED, door: bool = False) -> SyncDone:
     """Apply ``plan`` to this server's engine; never raises, never leaves the engine paused.
     ``load_format=None`` (one broadcast per tensor) is for senders that do not pack buckets."""
     member = next((m for m in plan.members if m.server_id == server_id), None)
@@ -87,7 +92,7 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
     pause_s, ok, reason = 0.0, False, ""
     try:
         if plan.reform and plan.path == "distributed":
-            init_task = await _start_group_join(client, plan, member.rank_offset, deadline)
+            init_task = await _start_group_join(client, plan, member.rank_offset, deadline, door)
         if drain and inflight_drained is not None:
             await _drain(inflight_drained, plan.deadline_s * DRAIN_SHARE, deadline)
         if init_task is not None:
@@ -147,13 +152,20 @@ async def _load_buckets(client: SGLangClient, plan: WeightSyncPlan, load_format:
 
 
 async def _start_group_join(client: SGLangClient, plan: WeightSyncPlan, rank_offset: int,
-                            deadline: _Deadline) -> asyncio.Task:
+                            deadline: _Deadline, door: bool) -> asyncio.Task:
     try:
         await client.destroy_weights_update_group(plan.group_name, timeout_s=min(DESTROY_TIMEOUT_S, deadline.left()))
     except SGLangError:
         pass  # no group yet, or the old one is already gone
+    address, port = plan.master_addr, plan.master_port
+    if door:
+        for old in _DOORS.values():  # the engine's old group is gone
+            old.close()
+        _DOORS.clear()
+        _DOORS[plan.group_name] = opened = StoreDoor(plan.master_addr, plan.master_port, plan.group_name)
+        address, port = "127.0.0.1", opened.port
     return asyncio.create_task(client.init_weights_update_group(
-        master_address=plan.master_addr, master_port=plan.master_port, rank_offset=rank_offset,
+        master_address=address, master_port=port, rank_offset=rank_offset,
         world_size=plan.world_size, group_name=plan.group_name, backend=plan.backend, timeout_s=deadline.left()))
 
 

@@ -4,13 +4,17 @@ Trainer rank 0 hosts the rendezvous (``init_weight_group`` rank 0, a thread of t
 127.0.0.1 with a name carrying a secret token, as the trainer's plans do. Before the real engine
 rank joins, strangers connect to the store's port: one holds an idle connection, one sends garbage,
 one is a torch TCPStore client that tries to take rank 1 under the name it can guess (the configured
-``weight_sync.group_name`` without the token). The group must form with the real rank within its
-deadline and carry a broadcast; the guessing stranger must get no rank (its rendezvous times out);
-and the port must not answer on any other interface of this machine.
+``weight_sync.group_name`` without the token), and one a torch client that asks the store for its
+keys (whose prefix is the secret name). The group must form with the real rank within its
+deadline and carry a broadcast; the strangers must get no rank and no key (rank 0's store sits on
+loopback behind a gate that wants proof of the name: areal_like/store_gate.py); and the port must
+not answer on any other interface of this machine. An engine that joins with torch's own
+rendezvous (SGLang) does so through a door its rollout server opens; a door admits this user only.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 
@@ -19,6 +23,7 @@ import pytest
 import torch
 
 from areal_like.distributed import destroy_weight_group, free_port, init_weight_group
+from areal_like.store_gate import GATES, StoreDoor
 
 CONNECT_S = 60.0  # the group's rendezvous deadline (a loaded machine starts Python processes slowly)
 STRANGER_S = 15.0  # the guessing stranger's own rendezvous deadline
@@ -36,6 +41,17 @@ except Exception as e:
 t = torch.zeros(4)
 dist.broadcast(t, src=0, group=pg)
 print("joined", t.tolist(), flush=True)
+"""
+
+LISTER = r"""
+import sys
+from datetime import timedelta
+from torch.distributed import TCPStore
+try:  # what a stranger does first: list the store's keys, whose prefix is the group's secret name
+    store = TCPStore("127.0.0.1", int(sys.argv[1]), 2, False, timedelta(seconds=float(sys.argv[2])), use_libuv=True)
+    print("listed", store.list_keys(), flush=True)
+except Exception as e:
+    print("refused", type(e).__name__, flush=True)
 """
 
 RAW = r"""
@@ -76,6 +92,7 @@ def test_only_the_named_members_join_and_strangers_cannot_stall_it(spawn_python)
     for proc in strangers:  # the store is up (they connected) before anyone real joins
         assert proc.stdout.readline().strip() == "connected", proc.stderr.read()
     guesser = spawn_python(MEMBER, [port, "areal_like_weights", STRANGER_S])
+    lister = spawn_python(LISTER, [port, STRANGER_S])
     if (address := other_ipv4()) is not None:
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection((address, port), timeout=10).close()
@@ -86,6 +103,8 @@ def test_only_the_named_members_join_and_strangers_cannot_stall_it(spawn_python)
     assert "error" not in result and "pg" in result, result
     out, err = guesser.communicate(timeout=STRANGER_S + 60)
     assert out.strip().startswith("refused"), (out, err[-2000:])
+    out, err = lister.communicate(timeout=STRANGER_S + 60)
+    assert out.strip().startswith("refused") and SECRET_NAME not in out + err, (out, err[-2000:])
     destroy_weight_group(result["pg"])
 
 
@@ -108,7 +127,7 @@ class _Lost(RuntimeError):
 
 def test_rank0_gives_up_on_a_rendezvous_when_its_check_raises_and_the_joined_member_fails_at_once(spawn_python):
     """A group of three where rank 2 never comes (an engine that died before joining). Rank 0's
-    ``check`` raises once rank 1 is connected to the store (seen on rank 1's sockets): rank 0's
+    ``check`` raises once rank 1 is connected to the store (through rank 0's gate): rank 0's
     call raises that error, and rank 1's join, whose own timeout is far away, fails now because
     rank 0 closed the store."""
     port = free_port()
@@ -116,7 +135,7 @@ def test_rank0_gives_up_on_a_rendezvous_when_its_check_raises_and_the_joined_mem
     result: dict = {}
 
     def check() -> None:
-        if any(c.raddr and c.raddr.port == port for c in psutil.Process(member.pid).net_connections("tcp")):
+        if (gate := GATES.get(port)) is not None and gate.answered:  # the store has answered rank 1: it is in
             raise _Lost("rank 2 lost")
 
     def rank0() -> None:
@@ -134,3 +153,59 @@ def test_rank0_gives_up_on_a_rendezvous_when_its_check_raises_and_the_joined_mem
     assert out.strip().startswith("refused"), (out, err[-2000:])
     with pytest.raises(ConnectionRefusedError):  # the store is closed
         socket.create_connection(("127.0.0.1", port), timeout=10).close()
+
+
+SGLANG_STYLE = r"""
+import sys, torch, torch.distributed as dist
+from datetime import timedelta
+from torch.distributed.distributed_c10d import rendezvous
+from areal_like.distributed import _build_group
+door_port, name, timeout_s = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+t = timedelta(seconds=timeout_s)  # torch's own tcp:// rendezvous, as SGLang's init_custom_process_group does
+raw, rank, world = next(rendezvous(f"tcp://127.0.0.1:{door_port}", 1, 2, timeout=t))
+pg = _build_group("gloo", raw, "127.0.0.1", world, rank, name, t, t)
+x = torch.zeros(3)
+dist.broadcast(x, src=0, group=pg)
+print("joined", x.tolist(), flush=True)
+"""
+
+
+def test_an_engine_joins_through_its_servers_door_and_the_door_admits_this_user_only(spawn_python):
+    port = free_port()
+    result: dict = {}
+
+    def rank0() -> None:
+        try:
+            pg = init_weight_group("gloo", "127.0.0.1", port, 2, 0, SECRET_NAME, timeout_s=CONNECT_S,
+                                   connect_timeout_s=CONNECT_S)
+            torch.distributed.broadcast(torch.tensor([7.0, 8.0, 9.0]), src=0, group=pg)
+            result["pg"] = pg
+        except Exception as e:
+            result["error"] = e
+
+    door = StoreDoor("127.0.0.1", port, SECRET_NAME)  # what the rollout server opens for its SGLang engine
+    host = threading.Thread(target=rank0, daemon=True)
+    host.start()
+    try:
+        if os.geteuid() == 0:  # another user on the engine's node: the door closes on it unanswered
+            other = spawn_python(OTHER_USER, [door.port])
+            out, err = other.communicate(timeout=CONNECT_S)
+            assert out.strip() == "closed b''" and door.refused == 1, (out, err[-2000:])
+        engine = spawn_python(SGLANG_STYLE, [door.port, SECRET_NAME, CONNECT_S])
+        out, err = engine.communicate(timeout=CONNECT_S + 60)
+        assert out.strip() == "joined [7.0, 8.0, 9.0]", err[-2000:]
+        host.join(timeout=CONNECT_S)
+        assert "pg" in result, result
+        destroy_weight_group(result["pg"])
+    finally:
+        door.close()
+
+
+OTHER_USER = r"""
+import encodings.idna, os, socket, sys  # idna: imported while the files are still readable
+os.setgid(65534); os.setuid(65534)  # nobody
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=30)
+s.sendall(b"anything")
+print("closed", s.recv(100), flush=True)
+"""
+

@@ -1,0 +1,253 @@
+"""Who reaches a weight group's rendezvous store: a gate in front of it, a door beside each member.
+
+torch's TCPStore serves whoever connects, and answers a request to list every key: a stranger who
+can reach the port would read the group's keys (the group's secret name is their prefix) and could
+then take a rank and receive the weights. So rank 0 hosts the store on loopback only, and a
+``StoreGate`` listens on the group's address instead: a connection gets through only once it has
+proven it knows the group's name (HMAC-SHA256 of a fresh random challenge, keyed by the name, which
+reaches members only in the WeightSyncPlan over the authenticated buffer channel); then its bytes
+are piped to the store and back unchanged. Anything else (a torch client, garbage, a wrong proof,
+silence past ``HANDSHAKE_S``) is closed without a byte of the store.
+
+A member's torch client cannot answer the challenge: it connects to a ``StoreDoor`` on its own
+loopback, which answers for it and then pipes likewise (``distributed.init_weight_group`` opens
+one for itself; a rollout server opens one for an SGLang engine). A door admits only connections
+made by processes of its own user (the socket's owner in ``/proc/net/tcp``), so another user on
+the member's node cannot borrow it. Wire: door -> gate ``MAGIC``; gate -> door a 32-byte
+challenge; door -> gate the 32-byte proof; then the store's own protocol. A door whose client
+starts with ``MAGIC`` (an engine's own door behind its rollout server's) only carries the bytes,
+and the inner door answers the gate itself; a torch client speaks first too, with its own protocol,
+so a stranger's torch client is refused at its first byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import socket
+import threading
+
+log = logging.getLogger("store_gate")
+
+MAGIC = b"areal-like store gate/1\n"
+CHALLENGE_BYTES = PROOF_BYTES = 32
+HANDSHAKE_S = 10.0  # a connection that has not proven itself by then is closed
+LISTEN_BACKLOG = 128  # pending connections (engines' TP ranks join at once)
+GATES: dict[int, StoreGate] = {}  # this process's open gates by port (what they refused and answered)
+
+
+def proof(secret: str, challenge: bytes) -> bytes:
+    key = hashlib.sha256(b"areal-like store gate key\0" + secret.encode()).digest()
+    return hmac.new(key, MAGIC + challenge, hashlib.sha256).digest()
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """``n`` bytes from ``sock`` (its timeout applies to each read); ConnectionError if it closed first."""
+    out = bytearray()
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            raise ConnectionError("closed during the handshake")
+        out += chunk
+    return bytes(out)
+
+
+class _Relay:
+    """A listening socket whose accepted connections are handed to ``_admit`` in threads of their own,
+    each admitted one piped to an upstream socket; ``close`` ends the listener and every pipe."""
+
+    def __init__(self, listener: socket.socket, name: str):
+        self.listener, self.port = listener, listener.getsockname()[1]
+        self._open: set[socket.socket] = set()
+        self.answered = 0  # bytes carried back from upstream (the store's answers, for a gate)
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._accept, name=name, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            if not self._track(conn):
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(HANDSHAKE_S)
+            upstream = self._admit(conn)
+        except OSError:
+            upstream = None
+        if upstream is None or not self._track(upstream):
+            self._drop(conn)
+            return
+        conn.settimeout(None)
+        upstream.settimeout(None)
+        done = threading.Event()  # the first direction to end ends both
+        threading.Thread(target=self._copy, args=(upstream, conn, done, True), daemon=True).start()
+        self._copy(conn, upstream, done)
+
+    def _copy(self, src: socket.socket, dst: socket.socket, done: threading.Event, answers: bool = False) -> None:
+        try:
+            while chunk := src.recv(1 << 16):
+                dst.sendall(chunk)
+                if answers:
+                    self.answered += len(chunk)
+        except OSError:
+            pass
+        if done.is_set():
+            self._drop(src)
+            self._drop(dst)
+        else:
+            done.set()
+            try:
+                dst.shutdown(socket.SHUT_WR)  # pass the end on; the other direction may still carry a reply
+            except OSError:
+                pass
+
+    def _admit(self, conn: socket.socket) -> socket.socket | None:
+        raise NotImplementedError
+
+    def _track(self, sock: socket.socket) -> bool:
+        with self._lock:
+            if self._closed:
+                sock.close()
+                return False
+            self._open.add(sock)
+            return True
+
+    def _drop(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._open.discard(sock)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+
+    def close(self) -> None:
+        """Stop listening and cut every connection (a join in progress fails at once)."""
+        with self._lock:
+            self._closed = True
+            socks, self._open = list(self._open), set()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept (close alone leaves it listening)
+        except OSError:
+            pass
+        self.listener.close()
+        for sock in socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+
+class StoreGate(_Relay):
+    """On ``host:port``: admits connections that prove ``secret``, piped to the store on loopback ``store_port``."""
+
+    def __init__(self, host: str, port: int, secret: str, store_port: int):
+        self.secret, self.store_port, self.refused = secret, store_port, 0
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        listener = socket.socket(family, kind, proto)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # an earlier group's port in TIME_WAIT
+            listener.bind(address)
+            listener.listen(LISTEN_BACKLOG)
+        except OSError:
+            listener.close()
+            raise
+        super().__init__(listener, f"store-gate-{port}")
+        GATES[self.port] = self
+
+    def close(self) -> None:
+        if GATES.get(self.port) is self:
+            del GATES[self.port]
+        super().close()
+
+    def _admit(self, conn: socket.socket) -> socket.socket | None:
+        challenge = os.urandom(CHALLENGE_BYTES)
+        try:
+            ok = recv_exact(conn, 1) == MAGIC[:1] and recv_exact(conn, len(MAGIC) - 1) == MAGIC[1:]
+            if ok:  # a door: a fresh challenge, and its proof
+                conn.sendall(challenge)
+                ok = hmac.compare_digest(recv_exact(conn, PROOF_BYTES), proof(self.secret, challenge))
+        except (OSError, ConnectionError):
+            ok = False
+        if not ok:
+            self.refused += 1
+            log.warning("refused a connection to the weight group's store from %s (no valid proof)",
+                        _peer(conn))
+            return None
+        return socket.create_connection(("127.0.0.1", self.store_port), timeout=HANDSHAKE_S)
+
+
+class StoreDoor(_Relay):
+    """On loopback (``port``): this user's connections, carried through the gate at ``host:port``."""
+
+    def __init__(self, host: str, port: int, secret: str):
+        self.target, self.secret, self.refused = (host, port), secret, 0
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(LISTEN_BACKLOG)
+        super().__init__(listener, f"store-door-{port}")
+
+    def _admit(self, conn: socket.socket) -> socket.socket | None:
+        if (uid := peer_uid(conn)) != os.getuid():
+            self.refused += 1
+            log.warning("refused a connection to the weight-group door from %s (uid %s, not ours)", _peer(conn), uid)
+            return None
+        # A torch client speaks first, with its store protocol (never MAGIC's first byte); its bytes stay
+        # where they are (peeked): torch's store drops a client whose first message arrives split.
+        first = conn.recv(1, socket.MSG_PEEK)
+        inner = first == MAGIC[:1]  # another door (an engine's own, behind its server's): it answers the gate itself
+        if not first or inner and recv_exact(conn, len(MAGIC)) != MAGIC:
+            return None
+        upstream = socket.create_connection(self.target, timeout=HANDSHAKE_S)
+        try:
+            upstream.sendall(MAGIC)
+            if not inner:
+                upstream.sendall(proof(self.secret, recv_exact(upstream, CHALLENGE_BYTES)))
+        except (OSError, ConnectionError) as e:
+            log.warning("could not pass the weight group's store gate at %s:%s: %s", *self.target, e)
+            upstream.close()
+            return None
+        return upstream
+
+
+def peer_uid(conn: socket.socket) -> int | None:
+    """The uid that owns the other end of ``conn``, a loopback IPv4 connection (Linux: /proc/net/tcp,
+    or tcp6 for a dual-stack client socket, which shows the address IPv4-mapped); None when it
+    cannot be told."""
+    (peer_host, peer_port), (host, port) = conn.getpeername()[:2], conn.getsockname()[:2]
+    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        want = (_hex_endpoint(peer_host, peer_port, v6), _hex_endpoint(host, port, v6))
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if (fields[1], fields[2]) == want:
+                        return int(fields[7])
+        except (OSError, StopIteration, IndexError, ValueError):
+            continue
+    return None
+
+
+def _hex_endpoint(host: str, port: int, v6: bool) -> str:
+    """An IPv4 ``host:port`` as /proc/net/tcp (``v6``: tcp6, IPv4-mapped) writes it: the address in
+    32-bit words, each as a little-endian hex number, then the port."""
+    raw = (bytes(10) + b"\xff\xff" if v6 else b"") + socket.inet_aton(host)
+    words = "".join(f"{int.from_bytes(raw[i:i + 4], 'little'):08X}" for i in range(0, len(raw), 4))
+    return f"{words}:{port:04X}"
+
+
+def _peer(conn: socket.socket) -> str:
+    try:
+        return "%s:%s" % conn.getpeername()[:2]
+    except OSError:
+        return "?"
