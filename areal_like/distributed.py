@@ -22,8 +22,9 @@ that address's interface too. Every key of the group lives under the PrefixStore
 engines only in the WeightSyncPlan, over the authenticated buffer channel), and the gate lets a
 connection reach the store only once it proved it knows that name; torch's store would otherwise
 list its keys, and with them the name, to whoever asked. A member joins through a door on its own
-loopback that answers the gate for it. An idle or garbage connection holds nothing up (the gate and
-the store serve each connection on its own), and every wait is bounded by the timeouts above.
+loopback that answers the gate for it. An idle or garbage connection holds no join up (the gate
+serves each connection on its own and closes it within 10 s; a flood of them is denial of service
+by volume, out of scope), and every wait is bounded by the timeouts above.
 
 NCCL (checked against torch's ProcessGroupNCCL; no GPU on the machines that wrote this): a
 communicator is created lazily by the first op, and a blocking ``ncclCommInitRank`` waits forever

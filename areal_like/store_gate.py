@@ -11,13 +11,22 @@ silence past ``HANDSHAKE_S``) is closed without a byte of the store.
 
 A member's torch client cannot answer the challenge: it connects to a ``StoreDoor`` on its own
 loopback, which answers for it and then pipes likewise (``distributed.init_weight_group`` opens
-one for itself; a rollout server opens one for an SGLang engine). A door admits only connections
-made by processes of its own user (the socket's owner in ``/proc/net/tcp``), so another user on
-the member's node cannot borrow it. Wire: door -> gate ``MAGIC``; gate -> door a 32-byte
-challenge; door -> gate the 32-byte proof; then the store's own protocol. A door whose client
-starts with ``MAGIC`` (an engine's own door behind its rollout server's) only carries the bytes,
-and the inner door answers the gate itself; a torch client speaks first too, with its own protocol,
-so a stranger's torch client is refused at its first byte.
+one for itself; a rollout server opens one for an SGLang engine). A door admits only established
+connections owned by its own user (``/proc/net/tcp``), so another user on the member's node cannot
+borrow it; it needs Linux's /proc, and its client must be on its node.
+
+Wire: door -> gate ``MAGIC`` and a 32-byte nonce; gate -> door a 32-byte challenge and its proof
+(HMAC of b"gate" and both nonces); door -> gate its proof (of b"door" and both), sent only once the
+gate's checked out, so whatever else listens on the port learns nothing; then the store's own
+protocol. A door whose client starts with ``MAGIC`` (an engine's own door behind its rollout
+server's) only carries the bytes: the inner door does the handshake. A torch client speaks first
+too, with its own protocol, so a stranger's torch client is refused at its first byte. A connection
+gets ``HANDSHAKE_S`` in all to prove itself, at most ``MAX_UNPROVEN`` try at once.
+
+Not covered (areal_like/SECURITY.md): the store's own loopback port, open to other users of rank 0's
+node while the group lives (torch's store has no access control and cannot listen on a Unix socket:
+ENOTSUP), and a passive observer of the network, which sees the store's traffic, and the name in
+it, in clear, like the broadcast itself.
 """
 
 from __future__ import annotations
@@ -28,25 +37,34 @@ import logging
 import os
 import socket
 import threading
+import time
 
 log = logging.getLogger("store_gate")
 
 MAGIC = b"areal-like store gate/1\n"
-CHALLENGE_BYTES = PROOF_BYTES = 32
-HANDSHAKE_S = 10.0  # a connection that has not proven itself by then is closed
+NONCE_BYTES = PROOF_BYTES = 32
+HANDSHAKE_S = 10.0  # a connection that has not proven itself by then is closed (in all, however slow)
+MAX_UNPROVEN = 64  # connections proving themselves at once; more are closed at once
+ACCEPT_RETRY_S = 0.05  # after a failed accept (out of descriptors), before the next
+LOGGED_REFUSALS = 5  # refusals logged one by one; after that every 100th
 LISTEN_BACKLOG = 128  # pending connections (engines' TP ranks join at once)
 GATES: dict[int, StoreGate] = {}  # this process's open gates by port (what they refused and answered)
 
 
-def proof(secret: str, challenge: bytes) -> bytes:
+def proof(secret: str, who: bytes, *nonces: bytes) -> bytes:
+    """HMAC-SHA256, keyed by the group's name, of ``who`` (b"door" or b"gate") and the nonces."""
     key = hashlib.sha256(b"areal-like store gate key\0" + secret.encode()).digest()
-    return hmac.new(key, MAGIC + challenge, hashlib.sha256).digest()
+    return hmac.new(key, MAGIC + who + b"".join(nonces), hashlib.sha256).digest()
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    """``n`` bytes from ``sock`` (its timeout applies to each read); ConnectionError if it closed first."""
+def recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
+    """``n`` bytes from ``sock`` by ``deadline`` (time.monotonic()), however slowly they come;
+    ConnectionError if it closed first, TimeoutError past the deadline."""
     out = bytearray()
     while len(out) < n:
+        if (left := deadline - time.monotonic()) <= 0:
+            raise TimeoutError("the handshake took too long")
+        sock.settimeout(left)
         chunk = sock.recv(n - len(out))
         if not chunk:
             raise ConnectionError("closed during the handshake")
@@ -62,36 +80,49 @@ class _Relay:
         self.listener, self.port = listener, listener.getsockname()[1]
         self._open: set[socket.socket] = set()
         self.answered = 0  # bytes carried back from upstream (the store's answers, for a gate)
+        self.refused = 0
+        self._unproven = threading.BoundedSemaphore(MAX_UNPROVEN)
         self._lock = threading.Lock()
         self._closed = False
         threading.Thread(target=self._accept, name=name, daemon=True).start()
 
     def _accept(self) -> None:
-        while True:
+        while not self._closed:
             try:
                 conn, _ = self.listener.accept()
-            except OSError:  # closed
-                return
+            except OSError:  # closed, or out of descriptors for a moment (EMFILE): try again unless closed
+                time.sleep(ACCEPT_RETRY_S)
+                continue
+            if not self._unproven.acquire(blocking=False):  # a flood of handshakes: the newest waits for no one
+                self._refuse(conn, "too many connections proving themselves at once")
+                continue
             if not self._track(conn):
+                self._unproven.release()
                 return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            try:
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            except RuntimeError:  # no thread to spare
+                self._unproven.release()
+                self._drop(conn)
 
     def _serve(self, conn: socket.socket) -> None:
         try:
-            conn.settimeout(HANDSHAKE_S)
-            upstream = self._admit(conn)
+            upstream = self._admit(conn, time.monotonic() + HANDSHAKE_S)
         except OSError:
             upstream = None
+        finally:
+            self._unproven.release()
         if upstream is None or not self._track(upstream):
             self._drop(conn)
             return
-        conn.settimeout(None)
-        upstream.settimeout(None)
-        done = threading.Event()  # the first direction to end ends both
-        threading.Thread(target=self._copy, args=(upstream, conn, done, True), daemon=True).start()
-        self._copy(conn, upstream, done)
+        for sock in (conn, upstream):
+            sock.settimeout(None)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # store messages are small
+        ended = [0]  # directions that ended: the second one drops both sockets
+        threading.Thread(target=self._copy, args=(upstream, conn, ended, True), daemon=True).start()
+        self._copy(conn, upstream, ended)
 
-    def _copy(self, src: socket.socket, dst: socket.socket, done: threading.Event, answers: bool = False) -> None:
+    def _copy(self, src: socket.socket, dst: socket.socket, ended: list[int], answers: bool = False) -> None:
         try:
             while chunk := src.recv(1 << 16):
                 dst.sendall(chunk)
@@ -99,17 +130,30 @@ class _Relay:
                     self.answered += len(chunk)
         except OSError:
             pass
-        if done.is_set():
+        with self._lock:
+            ended[0] += 1
+            last = ended[0] == 2
+        if last:
             self._drop(src)
             self._drop(dst)
         else:
-            done.set()
             try:
                 dst.shutdown(socket.SHUT_WR)  # pass the end on; the other direction may still carry a reply
             except OSError:
                 pass
 
-    def _admit(self, conn: socket.socket) -> socket.socket | None:
+    def _refuse(self, conn: socket.socket, why: str) -> None:
+        """Close ``conn`` unanswered and count it; the log says so for the first few and then every 100th."""
+        self.refused += 1
+        if self.refused <= LOGGED_REFUSALS or self.refused % 100 == 0:
+            log.warning("%s refused a connection from %s (%s; %d refused so far)", type(self).__name__,
+                        _peer(conn), why, self.refused)
+        try:
+            conn.close()
+        except OSError:
+            pass
+
+    def _admit(self, conn: socket.socket, deadline: float) -> socket.socket | None:
         raise NotImplementedError
 
     def _track(self, sock: socket.socket) -> bool:
@@ -151,7 +195,7 @@ class StoreGate(_Relay):
     """On ``host:port``: admits connections that prove ``secret``, piped to the store on loopback ``store_port``."""
 
     def __init__(self, host: str, port: int, secret: str, store_port: int):
-        self.secret, self.store_port, self.refused = secret, store_port, 0
+        self.secret, self.store_port = secret, store_port
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         listener = socket.socket(family, kind, proto)
         try:
@@ -169,19 +213,19 @@ class StoreGate(_Relay):
             del GATES[self.port]
         super().close()
 
-    def _admit(self, conn: socket.socket) -> socket.socket | None:
-        challenge = os.urandom(CHALLENGE_BYTES)
+    def _admit(self, conn: socket.socket, deadline: float) -> socket.socket | None:
+        challenge = os.urandom(NONCE_BYTES)
         try:
-            ok = recv_exact(conn, 1) == MAGIC[:1] and recv_exact(conn, len(MAGIC) - 1) == MAGIC[1:]
-            if ok:  # a door: a fresh challenge, and its proof
-                conn.sendall(challenge)
-                ok = hmac.compare_digest(recv_exact(conn, PROOF_BYTES), proof(self.secret, challenge))
+            ok = recv_exact(conn, 1, deadline) == MAGIC[:1] and recv_exact(conn, len(MAGIC) - 1, deadline) == MAGIC[1:]
+            if ok:  # a door: its nonce, our challenge and our own proof; then its proof of both
+                theirs = recv_exact(conn, NONCE_BYTES, deadline)
+                conn.sendall(challenge + proof(self.secret, b"gate", theirs, challenge))
+                ok = hmac.compare_digest(recv_exact(conn, PROOF_BYTES, deadline),
+                                         proof(self.secret, b"door", theirs, challenge))
         except (OSError, ConnectionError):
             ok = False
         if not ok:
-            self.refused += 1
-            log.warning("refused a connection to the weight group's store from %s (no valid proof)",
-                        _peer(conn))
+            self._refuse(conn, "no valid proof of the group's name")
             return None
         return socket.create_connection(("127.0.0.1", self.store_port), timeout=HANDSHAKE_S)
 
@@ -190,28 +234,35 @@ class StoreDoor(_Relay):
     """On loopback (``port``): this user's connections, carried through the gate at ``host:port``."""
 
     def __init__(self, host: str, port: int, secret: str):
-        self.target, self.secret, self.refused = (host, port), secret, 0
+        self.target, self.secret = (host, port), secret
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.bind(("127.0.0.1", 0))
         listener.listen(LISTEN_BACKLOG)
         super().__init__(listener, f"store-door-{port}")
 
-    def _admit(self, conn: socket.socket) -> socket.socket | None:
+    def _admit(self, conn: socket.socket, deadline: float) -> socket.socket | None:
         if (uid := peer_uid(conn)) != os.getuid():
-            self.refused += 1
-            log.warning("refused a connection to the weight-group door from %s (uid %s, not ours)", _peer(conn), uid)
+            self._refuse(conn, f"uid {uid}, not ours")
             return None
         # A torch client speaks first, with its store protocol (never MAGIC's first byte); its bytes stay
         # where they are (peeked): torch's store drops a client whose first message arrives split.
+        conn.settimeout(max(deadline - time.monotonic(), 0.001))
         first = conn.recv(1, socket.MSG_PEEK)
         inner = first == MAGIC[:1]  # another door (an engine's own, behind its server's): it answers the gate itself
-        if not first or inner and recv_exact(conn, len(MAGIC)) != MAGIC:
+        if not first or inner and recv_exact(conn, len(MAGIC), deadline) != MAGIC:
             return None
         upstream = socket.create_connection(self.target, timeout=HANDSHAKE_S)
         try:
-            upstream.sendall(MAGIC)
-            if not inner:
-                upstream.sendall(proof(self.secret, recv_exact(upstream, CHALLENGE_BYTES)))
+            if inner:
+                upstream.sendall(MAGIC)
+            else:  # prove the name, and only after the gate proved it too (a squatter on the port learns nothing)
+                ours = os.urandom(NONCE_BYTES)
+                upstream.sendall(MAGIC + ours)
+                challenge = recv_exact(upstream, NONCE_BYTES, deadline)
+                if not hmac.compare_digest(recv_exact(upstream, PROOF_BYTES, deadline),
+                                           proof(self.secret, b"gate", ours, challenge)):
+                    raise ConnectionError("the other end is not this group's store gate")
+                upstream.sendall(proof(self.secret, b"door", ours, challenge))
         except (OSError, ConnectionError) as e:
             log.warning("could not pass the weight group's store gate at %s:%s: %s", *self.target, e)
             upstream.close()
@@ -231,7 +282,8 @@ def peer_uid(conn: socket.socket) -> int | None:
                 next(f)
                 for line in f:
                     fields = line.split()
-                    if (fields[1], fields[2]) == want:
+                    # established and still owned (a closed socket's TIME_WAIT entry says uid 0, inode 0)
+                    if (fields[1], fields[2]) == want and fields[3] == "01" and fields[9] != "0":
                         return int(fields[7])
         except (OSError, StopIteration, IndexError, ValueError):
             continue

@@ -52,7 +52,7 @@ from rollout_server.facts import RolloutFacts
 from rollout_server.multiturn import EpisodeRunner
 from rollout_server.reward_pool import RewardPool, RewardPoolError
 from rollout_server.sglang_client import SGLangClient
-from rollout_server.weight_update import apply_weight_sync, engine_versions
+from rollout_server.weight_update import apply_weight_sync, engine_versions, require_local_engine
 
 LOOP_TICK_S = 0.2  # the main loop also wakes on events; the tick only bounds reaction to stop requests
 BUFFER_TIMEOUT_S = 5.0  # a healthy buffer answers in ms (one fsync per batch); 5 s means gone or wedged
@@ -111,7 +111,7 @@ class RolloutServer(Daemon):
             self.engine = SGLangProcess(self.facts.model, ecfg, log_path, api_key=self.api_key).start()
             self.engine_url, self.engine_ranks = self.engine.url, self.engine.engine_ranks
         else:
-            self.engine_url = ecfg.url
+            self.engine_url = require_local_engine(ecfg.url)  # it joins weight groups through our loopback door
         self.tokenizer = load_tokenizer(self.facts.model)
         self.task = make_task(self.facts.task, self.tokenizer)
         self.rewards = RewardPool(self.facts.task, self.task.reward_path, metrics=self.metrics)

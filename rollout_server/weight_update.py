@@ -61,6 +61,7 @@ DESTROY_TIMEOUT_S = 10.0  # tearing down an old group is local work; a hang here
 CONTINUE_TIMEOUT_S = 30.0  # continue runs even after the deadline passed; it must not wait forever either
 DRAIN_SHARE = 0.5  # at most this share of the deadline is spent letting in-flight requests finish
 _DOORS: dict[str, StoreDoor] = {}  # group name -> the door its engine's store connection runs through
+_JOINED: dict[str, str] = {}  # engine URL -> the group its engine was last told to join
 FLATTENED = "flattened_bucket"  # must match what trainer rank 0 broadcasts (trainer.weight_buckets.FLATTENED)
 PATHS = ("distributed", "tensor", "disk")  # WeightSyncPlan.path
 
@@ -153,20 +154,41 @@ async def _load_buckets(client: SGLangClient, plan: WeightSyncPlan, load_format:
 
 async def _start_group_join(client: SGLangClient, plan: WeightSyncPlan, rank_offset: int,
                             deadline: _Deadline, door: bool) -> asyncio.Task:
-    try:
-        await client.destroy_weights_update_group(plan.group_name, timeout_s=min(DESTROY_TIMEOUT_S, deadline.left()))
-    except SGLangError:
-        pass  # no group yet, or the old one is already gone
+    # every formation has a name of its own: the engine's last group is the one to tear down
+    for name in dict.fromkeys(n for n in (_JOINED.get(client.base_url), plan.group_name) if n):
+        try:
+            await client.destroy_weights_update_group(name, timeout_s=min(DESTROY_TIMEOUT_S, deadline.left()))
+        except SGLangError:
+            pass  # no group yet, or the old one is already gone
+    _JOINED[client.base_url] = plan.group_name
     address, port = plan.master_addr, plan.master_port
     if door:
         for old in _DOORS.values():  # the engine's old group is gone
             old.close()
         _DOORS.clear()
-        _DOORS[plan.group_name] = opened = StoreDoor(plan.master_addr, plan.master_port, plan.group_name)
+        try:
+            _DOORS[plan.group_name] = opened = StoreDoor(plan.master_addr, plan.master_port, plan.group_name)
+        except OSError as e:
+            raise SGLangError("store door", None, f"cannot open a door to the weight group's store: {e}") from e
         address, port = "127.0.0.1", opened.port
     return asyncio.create_task(client.init_weights_update_group(
         master_address=address, master_port=port, rank_offset=rank_offset,
         world_size=plan.world_size, group_name=plan.group_name, backend=plan.backend, timeout_s=deadline.left()))
+
+
+def require_local_engine(url: str) -> str:
+    """``url`` (``rollout.engine.url``) if its host is this node's; else ValueError saying why: an
+    attached engine joins weight groups through a door on this server's loopback."""
+    from urllib.parse import urlparse
+
+    from areal_like.distributed import interface_of
+
+    host = urlparse(url).hostname or ""
+    if host != "localhost" and interface_of(host) is None:
+        raise ValueError(f"rollout.engine.url={url!r}: an attached engine must run on this rollout server's node "
+                         f"({host!r} is not an address of it): it joins the trainer's weight groups through a door "
+                         "on this node's loopback (areal_like/store_gate.py)")
+    return url
 
 
 async def _drain(inflight_drained: Callable[[], Awaitable[None]], budget_s: float, deadline: _Deadline) -> None:
