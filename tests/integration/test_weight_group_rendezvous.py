@@ -73,21 +73,26 @@ def other_ipv4() -> str | None:
     return None
 
 
-def test_only_the_named_members_join_and_strangers_cannot_stall_it(spawn_python):
-    port = free_port()
-    result: dict = {}
-
+def host_rank0(port: int, tensor: torch.Tensor, result: dict) -> threading.Thread:
+    """Rank 0 of a group of two in a thread: join, broadcast ``tensor``; ``result`` gets "pg" or "error"."""
     def rank0() -> None:
         try:
             pg = init_weight_group("gloo", "127.0.0.1", port, 2, 0, SECRET_NAME, timeout_s=CONNECT_S,
                                    connect_timeout_s=CONNECT_S)
-            torch.distributed.broadcast(torch.arange(4, dtype=torch.float32), src=0, group=pg)
+            torch.distributed.broadcast(tensor, src=0, group=pg)
             result["pg"] = pg
-        except Exception as e:  # reported by the assertion below
+        except Exception as e:  # reported by the caller's assertions
             result["error"] = e
 
     host = threading.Thread(target=rank0, daemon=True)
     host.start()
+    return host
+
+
+def test_only_the_named_members_join_and_strangers_cannot_stall_it(spawn_python):
+    port = free_port()
+    result: dict = {}
+    host = host_rank0(port, torch.arange(4, dtype=torch.float32), result)
     strangers = [spawn_python(RAW, [port, kind]) for kind in ("idle", "garbage")]
     for proc in strangers:  # the store is up (they connected) before anyone real joins
         assert proc.stdout.readline().strip() == "connected", proc.stderr.read()
@@ -173,19 +178,8 @@ print("joined", x.tolist(), flush=True)
 def test_an_engine_joins_through_its_servers_door_and_the_door_admits_this_user_only(spawn_python):
     port = free_port()
     result: dict = {}
-
-    def rank0() -> None:
-        try:
-            pg = init_weight_group("gloo", "127.0.0.1", port, 2, 0, SECRET_NAME, timeout_s=CONNECT_S,
-                                   connect_timeout_s=CONNECT_S)
-            torch.distributed.broadcast(torch.tensor([7.0, 8.0, 9.0]), src=0, group=pg)
-            result["pg"] = pg
-        except Exception as e:
-            result["error"] = e
-
     door = StoreDoor("127.0.0.1", port, SECRET_NAME)  # what the rollout server opens for its SGLang engine
-    host = threading.Thread(target=rank0, daemon=True)
-    host.start()
+    host = host_rank0(port, torch.tensor([7.0, 8.0, 9.0]), result)
     try:
         if os.geteuid() == 0:  # another user on the engine's node: the door closes on it unanswered
             other = spawn_python(OTHER_USER, [door.port])
