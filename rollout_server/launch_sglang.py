@@ -130,7 +130,11 @@ class SGLangProcess:
     def start(self) -> SGLangProcess:
         argv = sglang_command(self.model, self.engine, self.port, self.api_key)
         log.info("starting SGLang: %s", " ".join(redact_argv(argv)))
-        out = open(self.log_path, "ab") if self.log_path else None
+        # SGLang may print its server_args, the API key among them: its log is readable by this user only
+        out = os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") \
+            if self.log_path else None
+        if out is not None:
+            os.fchmod(out.fileno(), 0o600)  # also a log an earlier run left readable
         self.proc = spawn_tied(argv, stdout=out, stderr=subprocess.STDOUT if out else None)
         deadline = time.monotonic() + self.engine.startup_timeout_s
         while not self._healthy():

@@ -334,3 +334,15 @@ def test_timeout_bounds_the_whole_call_including_retries():
         assert e.value.status == 503
         assert 1 <= server.count("/pause_generation") <= 2  # without the budget: 4 attempts (backoff 0.25, 0.5, 1.0)
     run(body)
+
+
+def test_the_sglang_log_is_readable_by_this_user_only(tmp_path):
+    """SGLang may print its server_args, the API key among them: its log is 0600, also one left by an
+    earlier run. (No SGLang here: the server exits at once, after the log was opened.)"""
+    log = tmp_path / "sglang-s0.log"
+    log.write_text("an earlier run\n")
+    log.chmod(0o644)
+    proc = SGLangProcess(ModelConfig(path="/m"), EngineConfig(kind="sglang", startup_timeout_s=60), str(log))
+    with pytest.raises(RuntimeError, match="SGLang exited"):
+        proc.start()
+    assert log.stat().st_mode & 0o777 == 0o600 and log.read_text().startswith("an earlier run\n")
