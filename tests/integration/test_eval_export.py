@@ -48,6 +48,12 @@ def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def run_job(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``areal-like run -q`` at test size from the warm-started model (no warm start of its own)."""
+    return _cli("run", "-q", *BASE_OVERRIDES, f"model.path={warm_model(WARM_CACHE)}", "warm_start.steps=0",
+                f"run_dir={run_dir}", *overrides)
+
+
 def _children() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
 
@@ -56,12 +62,10 @@ def _children() -> set[int]:
 # cores shared with 3 other xdist workers and other jobs (a safety net, not a performance bound)
 @pytest.mark.timeout(900)
 def test_in_run_evaluation_matches_the_exported_model(tmp_path):
-    model = warm_model(WARM_CACHE)
     run_dir = tmp_path / "run"
     before = _children()
-    r = _cli("run", "-q", *BASE_OVERRIDES, f"model.path={model}", "warm_start.steps=0", f"run_dir={run_dir}",
-             "trainer.steps=6", "eval.every=3", "eval.max_examples=96", "eval.k=2", "export.at_end=true",
-             "launch.num_rollout_servers=2", "launch.trainer_ranks=1")
+    r = run_job(run_dir, "trainer.steps=6", "eval.every=3", "eval.max_examples=96", "eval.k=2",
+                "export.at_end=true", "launch.num_rollout_servers=2", "launch.trainer_ranks=1")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["ok"] and summary["steps"] == 6

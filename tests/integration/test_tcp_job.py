@@ -13,15 +13,11 @@ warm start's accuracy); nothing is left running.
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
 
 import pytest
 import yaml
-from system_harness import BASE_OVERRIDES, warm_model
-from test_eval_export import _children, _cli
+from test_eval_export import _children, run_job
 
-WARM_CACHE = Path(tempfile.gettempdir()) / "areal-like-test-warmstart"  # shared with test_e2e.py
 STEPS = 12
 
 pytestmark = pytest.mark.slow
@@ -29,12 +25,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.timeout(900)
 def test_a_job_over_tcp_with_curve_sealed_frames_and_gated_rendezvous(tmp_path):
-    model = warm_model(WARM_CACHE)
     run_dir = tmp_path / "run"
     before = _children()
-    r = _cli("run", "-q", *BASE_OVERRIDES, f"model.path={model}", "warm_start.steps=0", f"run_dir={run_dir}",
-             f"trainer.steps={STEPS}", "security.local_ipc=false", "launch.num_rollout_servers=2",
-             "launch.trainer_ranks=1", "eval.max_examples=64")
+    r = run_job(run_dir, f"trainer.steps={STEPS}", "security.local_ipc=false", "launch.num_rollout_servers=2",
+                "launch.trainer_ranks=1", "eval.max_examples=64")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["ok"] and summary["steps"] == STEPS, summary
