@@ -251,12 +251,10 @@ class Supervisor:
                                 p.spec.name)
             time.sleep(0.2)
 
-    def _record_descendants(self, p: _Proc, tree: dict[int, list[int]] | None = None) -> None:
-        """Record every descendant of ``p`` not yet recorded (PID and create time), from ``tree``
-        (``process_tree()``; walked now when None)."""
+    def _record_descendants(self, p: _Proc, tree: dict[int, list[int]]) -> None:
+        """Record every descendant of ``p`` in ``tree`` (``process_tree()``) not yet recorded (PID, create time)."""
         if p.popen is None or p.popen.poll() is not None:
             return
-        tree = process_tree() if tree is None else tree
         stack = list(tree.get(p.popen.pid, ()))
         while stack:
             pid = stack.pop()
@@ -269,7 +267,7 @@ class Supervisor:
 
     def _stop(self, p: _Proc) -> None:
         if p.popen is not None and p.popen.poll() is None:
-            self._record_descendants(p)
+            self._record_descendants(p, process_tree())
             _signal_group(p.popen.pid, signal.SIGTERM)
             try:
                 p.popen.wait(self.stop_grace_s)

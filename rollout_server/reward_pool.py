@@ -69,7 +69,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import pickle
 import queue
 import reprlib
 import threading
@@ -83,7 +82,7 @@ from areal_like.callables import import_function
 from areal_like.config import TaskConfig
 from areal_like.metrics import Metrics
 from rollout_server.reward_worker import SECRET_NAME, as_reward, scrubbed_env
-from rollout_server.sandbox import STARTUP_TIMEOUT_S, SandboxLimits, StartFailed, Worker, WorkerLost
+from rollout_server.sandbox import STARTUP_TIMEOUT_S, SandboxLimits, StartFailed, Worker, WorkerLost, call_request
 
 __all__ = ["SECRET_NAME", "STARTUP_TIMEOUT_S", "RewardPool", "RewardPoolError", "Score", "scrubbed_env"]
 
@@ -225,7 +224,7 @@ class RewardPool:
         RewardPoolError when a worker could not start (or the pool broke meanwhile: that killed it).
         Samples left when the pool is closed meanwhile come back as ``("closed", reason)``."""
         try:
-            requests = [pickle.dumps(((r, example), self.timeout_s)) for r in responses]
+            requests = [call_request((r, example), self.timeout_s) for r in responses]
         except Exception as e:
             return [("error", f"cannot send the example to a reward worker: {type(e).__name__}: {e}")] * len(responses)
         results: list[tuple[str | None, float | str]] = []

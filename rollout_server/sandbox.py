@@ -73,12 +73,18 @@ class SandboxResult:
     reason: str | None = None
 
 
+def call_request(args: tuple | list, timeout_s: float) -> bytes:
+    """One call of ``fn(*args)`` as a worker reads it (``reward_worker.call_one``); what pickle raises
+    for arguments that cannot be sent."""
+    return pickle.dumps((tuple(args), timeout_s))
+
+
 def run_sandboxed(fn_path: str, args: tuple | list, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
     """``fn(*args)`` in a fresh sandboxed worker (module docstring), which is gone when this returns.
     Blocks the calling thread (use ``asyncio.to_thread`` from a loop); never raises for what the
     function does."""
     try:
-        request = pickle.dumps((tuple(args), limits.timeout_s))
+        request = call_request(args, limits.timeout_s)
     except Exception as e:
         return SandboxResult(False, kind="error", reason=f"cannot send the arguments: {type(e).__name__}: {e}")
     try:

@@ -18,14 +18,13 @@ worker to be ready before its own timeout starts.
 from __future__ import annotations
 
 import asyncio
-import pickle
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from areal_like.tools import ToolSpec, result_text
-from rollout_server.sandbox import SandboxLimits, StartFailed, Worker, WorkerLost
+from rollout_server.sandbox import SandboxLimits, StartFailed, Worker, WorkerLost, call_request
 
 INVOKE = "rollout_server.tool_pool:invoke"  # what every worker loads: it imports and calls the tool
 
@@ -46,7 +45,7 @@ def invoke(function: str, arguments: dict) -> str:
 
 class ToolPool:
     def __init__(self, workers: int, timeout_s: float, memory_mb: int = 2048):
-        self.workers, self.timeout_s = workers, timeout_s
+        self.timeout_s = timeout_s
         self.limits = SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb)
         self.executor = ThreadPoolExecutor(workers, thread_name_prefix="tool")
         self._local = threading.local()  # each executor thread's Worker
@@ -107,7 +106,7 @@ class ToolPool:
     def _call(self, spec: ToolSpec, arguments: dict) -> ToolOutcome:
         """In an executor thread: one call on this thread's worker."""
         try:
-            request = pickle.dumps(((spec.function, arguments), self.timeout_s))
+            request = call_request((spec.function, arguments), self.timeout_s)
             worker = self._worker()
             worker.wait_ready()
         except StartFailed as e:
