@@ -31,8 +31,8 @@ from areal_like.config import BufferConfig, RunConfig, SecurityConfig, TaskConfi
 from areal_like.dealer import Client
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-WIRE = FIXTURES / "wire"
-WAL = FIXTURES / "wal"
+WIRE = FIXTURES / "wire_v1"
+WAL = FIXTURES / "wal_v1"
 EXPECTED = json.loads((WIRE / "expected.json").read_text())
 TIMEOUT_S = 60.0
 
