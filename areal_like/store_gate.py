@@ -125,9 +125,9 @@ class _Relay:
     def _copy(self, src: socket.socket, dst: socket.socket, ended: list[int], answers: bool = False) -> None:
         try:
             while chunk := src.recv(1 << 16):
-                dst.sendall(chunk)
-                if answers:
+                if answers:  # counted before it is passed on: whoever got the bytes sees them counted
                     self.answered += len(chunk)
+                dst.sendall(chunk)
         except OSError:
             pass
         with self._lock:
