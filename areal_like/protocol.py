@@ -4,8 +4,8 @@ Every message is a frozen ``msgspec.Struct`` tagged by its ``type`` string; a fr
 msgpack map ``{"type": str, **fields, "protocol": int}``. One encoder writes every message and
 one decoder reads the union of the top-level ones, both in C.
 
-Arrays (token ids, logprobs, per-token versions) travel as raw little-endian bytes inside a
-``Trajectory`` (``areal_like/trajectory.py``). The message base and the per-field checks are
+Arrays (token ids, logprobs; per-token versions and loss masks as runs) travel as raw
+little-endian bytes inside a ``Trajectory`` (``areal_like/trajectory.py``). The message base and the per-field checks are
 ``areal_like/codec.py``'s.
 
 Checks: msgspec checks types, unknown and missing fields, tags and the protocol version while it
@@ -27,7 +27,10 @@ every token were generated. A buffer's WAL outlives its build, so ``decode_store
 Added in version 1 with defaults: ``TrajectoryGroup.want_credits``, ``Ack.credits``,
 ``Register.torch_version`` / ``cuda_version`` / ``nccl_version`` and the same three on ``RosterEntry``,
 ``WeightSyncPlan.path`` / ``payloads``. Added in version 2 with a default: ``SyncDone.want_credits``.
-Frames written by earlier builds are kept as fixtures (``tests/fixtures/wire``, version 1).
+Version 3 sends per-token versions and loss masks as runs (``areal_like/trajectory.py``): half the
+bytes of a long response. A live frame of version 1 or 2 is refused; ``decode_stored`` reads a
+group stored at either as it meant. Frames and WALs written by earlier builds are kept as fixtures
+(``tests/fixtures/wire_v1``, ``wal_v1``, ``wire_v2``, ``wal_v2``).
 Who sends which message: areal_like/DESIGN.md section 3.
 """
 
@@ -39,12 +42,12 @@ import msgspec
 import numpy as np
 
 from areal_like.codec import Message, ProtocolError, checker, error_from
-from areal_like.trajectory import Trajectory
+from areal_like.trajectory import Trajectory, runs_of
 
 __all__ = ["PROTOCOL_VERSION", "MAX_FRAME_BYTES", "MAX_CREDITS_PER_REQUEST", "Message", "encode", "encode_into",
            "decode", "decode_stored", "TOP_LEVEL_TYPES"]
 
-PROTOCOL_VERSION = 2  # 2: Trajectory.loss_mask (module docstring)
+PROTOCOL_VERSION = 3  # 2: Trajectory.loss_mask; 3: versions and loss masks as runs (module docstring)
 MAX_FRAME_BYTES = 256 * 1024 * 1024  # one batch of many long groups stays far below this
 MAX_CREDITS_PER_REQUEST = 4096  # leases one TrajectoryGroup may ask for with its ack
 
@@ -52,7 +55,7 @@ MAX_CREDITS_PER_REQUEST = 4096  # leases one TrajectoryGroup may ask for with it
 
 class _TopLevel(Message, frozen=True, kw_only=True):
     # kw_only: ordered after every subclass's fields, so the frame ends with it, as it always has
-    protocol: Literal[2] = PROTOCOL_VERSION
+    protocol: Literal[3] = PROTOCOL_VERSION
 
 
 class Register(_TopLevel, tag="register"):
@@ -349,8 +352,9 @@ def _version_of(data: bytes | memoryview) -> Any:
 
 
 def decode_stored(data: bytes | bytearray | memoryview) -> Message:
-    """``decode`` for frames a buffer stored in its WAL. A ``TrajectoryGroup`` written at version 1,
-    before loss masks, is read as version 1 meant it: every output token generated (mask all ones).
+    """``decode`` for frames a buffer stored in its WAL. A ``TrajectoryGroup`` written at an earlier
+    version is read as it meant: at version 1 (before loss masks) every output token generated (a
+    mask of ones), at versions 1 and 2 versions and masks as full arrays (made into runs here).
     Anything else of another version is refused as ``decode`` refuses it."""
     try:
         return decode(data)
@@ -361,12 +365,19 @@ def decode_stored(data: bytes | bytearray | memoryview) -> Message:
             wire = msgspec.msgpack.decode(data)
         except (msgspec.MsgspecError, UnicodeDecodeError):
             raise e from None
-        if not (type(wire) is dict and wire.get("protocol") == 1 and wire.get("type") == TrajectoryGroup.TYPE
+        if not (type(wire) is dict and wire.get("protocol") in (1, 2) and wire.get("type") == TrajectoryGroup.TYPE
                 and type(wire.get("trajectories")) is list):
             raise
         for t in wire["trajectories"]:
             out = t.get("output_ids") if type(t) is dict else None
-            if type(out) is list and len(out) == 3 and type(out[1]) is int and out[1] >= 0 and "loss_mask" not in t:
+            if not (type(out) is list and len(out) == 3 and type(out[1]) is int and out[1] >= 0):
+                continue  # decode below names what is wrong
+            if wire["protocol"] == 1 and "loss_mask" not in t:
                 t["loss_mask"] = ["<i4", out[1], np.ones(out[1], "<i4").tobytes()]
+            for name in ("versions", "loss_mask"):
+                full = t.get(name)
+                if type(full) is list and len(full) == 3 and full[0] == "<i4" and type(full[2]) is bytes \
+                        and len(full[2]) == 4 * full[1]:
+                    t[name] = list(runs_of(np.frombuffer(full[2], "<i4"), name))
         wire["protocol"] = PROTOCOL_VERSION
         return decode(msgspec.msgpack.encode(wire))  # checked as any frame is

@@ -1,15 +1,20 @@
 """One sampled response, ``Trajectory``: token arrays that travel as raw bytes.
 
-Token ids, logprobs, per-token versions and the loss mask travel as raw little-endian bytes, the
-3-element array ``[dtype: str, length: int, data: bytes]``, never as Python lists (20-100x slower
-to encode and decode). A ``Trajectory`` stores that triple itself, so msgspec encodes it and
-decodes it (a zero-copy ``memoryview`` of the frame) without calling Python per array; its array
-attributes are ``numpy.frombuffer`` views made on access. Build one with ``Trajectory.of(...)``
-(``as_i32`` / ``as_f32`` give arrays of the wire dtypes).
+Token ids and logprobs travel as raw little-endian bytes, the 3-element array ``[dtype: str,
+length: int, data: bytes]``, never as Python lists (20-100x slower to encode and decode). Per-token
+versions and the loss mask travel as runs (protocol version 3): ``["runs<i4", length, data]``, data
+the little-endian int32 pairs ``(value, end)`` of each run of equal values, ``end`` the index after
+its last token (strictly increasing, the last one ``length``). A response sampled under one version
+with every token generated is 8 bytes of each where it was 4 per token: a 4,096-token trajectory
+travels, is sealed and is stored in about half the bytes. A ``Trajectory`` stores these triples
+itself, so msgspec encodes them and decodes them (a zero-copy ``memoryview`` of the frame) without
+calling Python per array; its array attributes are made on access (``numpy.frombuffer`` views for
+ids and logprobs, the runs expanded for versions and the mask; all read-only). Build one with
+``Trajectory.of(...)`` from full arrays (``as_i32`` / ``as_f32`` give arrays of the wire dtypes).
 
 Invariant: every ``Trajectory`` that exists has aligned arrays (one entry per output token), the
-wire dtypes, a finite float reward; its fast check runs for every trajectory decoded. Not a
-top-level message: it travels inside ``TrajectoryGroup`` (``areal_like/protocol.py``).
+wire dtypes, well-formed runs, a finite float reward; its fast check runs for every trajectory
+decoded. Not a top-level message: it travels inside ``TrajectoryGroup`` (``areal_like/protocol.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ _U4 = np.dtype("<u4")  # a loss mask read unsigned: every value is 0 or 1 iff it
 _N = Annotated[int, msgspec.Meta(ge=0)]
 I32 = tuple[Literal["<i4"], _N, memoryview]  # an array on the wire: [dtype, length, little-endian bytes]
 F32 = tuple[Literal["<f4"], _N, memoryview]
+RUNS = "runs<i4"
+R32 = tuple[Literal["runs<i4"], _N, memoryview]  # runs: [tag, length, (value, end) int32 pairs]
 _float, _str, _dict = checker(float), checker(str), checker(dict)
 
 
@@ -39,10 +46,44 @@ def as_f32(x: Any) -> np.ndarray:
 
 
 def mask_values_ok(mask_wire: tuple) -> bool:
-    """Every value of a wire-form loss mask is 0 or 1. Not run on decode (it reads every byte of
-    the mask, 3-7 us per 4k-token trajectory): ``Trajectory.of``, the buffer's admission
-    (``areal_like/group_checks.py``) and the trainer's data source check it instead."""
-    return not mask_wire[1] or int(np.frombuffer(mask_wire[2], _U4).max()) <= 1
+    """Every value of a wire-form loss mask (runs) is 0 or 1. Not run on decode: ``Trajectory.of``,
+    the buffer's admission (``areal_like/group_checks.py``) and the trainer's data source check it."""
+    return not mask_wire[1] or int(np.frombuffer(mask_wire[2], _U4)[0::2].max()) <= 1
+
+
+def runs_of(values: Any, name: str) -> tuple[str, int, memoryview]:
+    """A 1-D int32 array-like as its runs' wire form (``wire_array``'s conversions and errors)."""
+    _, n, data = wire_array(values, "<i4", name)
+    a = np.frombuffer(data, _I4)
+    changes = np.flatnonzero(a[1:] != a[:-1]) if n else None
+    if changes is None or not len(changes):  # no tokens, or one run (the common case)
+        pairs = np.array([a[0], n] if n else [], _I4)
+    else:
+        ends = np.append(changes + 1, n)
+        pairs = np.empty(2 * len(ends), _I4)
+        pairs[0::2], pairs[1::2] = a[ends - 1], ends
+    return RUNS, n, pairs.view(np.uint8).data  # bytes (a decoded frame's format): runs_ok slices bytes
+
+
+def runs_ok(wire: tuple) -> bool:
+    """``wire`` (tag, length, data) holds well-formed runs of ``length`` tokens (see the module docstring).
+    Cheap for one run (the common case); reads the pairs otherwise."""
+    n, data = wire[1], wire[2]
+    size = data.nbytes
+    if size == 8:
+        return int.from_bytes(data[4:], "little", signed=True) == n >= 1
+    if not n or not size or size % 8 or size > 8 * n:
+        return not n and not size
+    ends = np.frombuffer(data, _I4)[1::2]
+    return bool(ends[0] >= 1 and ends[-1] == n and np.all(ends[1:] > ends[:-1]))
+
+
+def runs_array(wire: tuple) -> np.ndarray:
+    """The full (read-only) array of a runs wire form."""
+    pairs = np.frombuffer(wire[2], _I4)
+    out = np.full(wire[1], pairs[0], _I4) if len(pairs) == 2 else np.repeat(pairs[0::2], np.diff(pairs[1::2], prepend=0))
+    out.flags.writeable = False
+    return out
 
 
 class Trajectory(Message, tag="trajectory"):
@@ -66,8 +107,8 @@ class Trajectory(Message, tag="trajectory"):
     output_ids_wire: I32 = msgspec.field(name="output_ids")  # [T] generated token ids
     # [T] log pi_behav(token) as the engine sampled it (fp32, temperature-scaled policy)
     behav_logp_wire: F32 = msgspec.field(name="behav_logp")
-    versions_wire: I32 = msgspec.field(name="versions")  # [T] policy_version that produced each token
-    loss_mask_wire: I32 = msgspec.field(name="loss_mask")  # [T] 1 generated (trained on), 0 context
+    versions_wire: R32 = msgspec.field(name="versions")  # runs of [T]: policy_version that produced each token
+    loss_mask_wire: R32 = msgspec.field(name="loss_mask")  # runs of [T]: 1 generated (trained on), 0 context
     reward: float  # scalar outcome reward; finite
     finish_reason: str  # "stop" | "length" | "abort" | "error"
     metadata: dict[str, Any] = {}  # free-form, msgpack-able
@@ -79,11 +120,12 @@ class Trajectory(Message, tag="trajectory"):
         without a copy); ``loss_mask`` omitted: every output token generated (single-turn).
         Raises ProtocolError naming the field."""
         out = wire_array(output_ids, "<i4", "output_ids")
-        mask = wire_array(np.ones(out[1], _I4) if loss_mask is None else loss_mask, "<i4", "loss_mask")
-        if loss_mask is not None and not mask_values_ok(mask):
+        if loss_mask is None:
+            mask = (RUNS, out[1], np.array([1, out[1]] if out[1] else [], _I4).view(np.uint8).data)
+        elif not mask_values_ok(mask := runs_of(loss_mask, "loss_mask")):
             raise ProtocolError("values must be 0 (context) or 1 (generated)", "loss_mask")
         return cls(wire_array(prompt_ids, "<i4", "prompt_ids"), out,
-                   wire_array(behav_logp, "<f4", "behav_logp"), wire_array(versions, "<i4", "versions"), mask,
+                   wire_array(behav_logp, "<f4", "behav_logp"), runs_of(versions, "versions"), mask,
                    _float(reward, "reward"), _str(finish_reason, "finish_reason"),
                    {} if metadata is None else _dict(metadata, "metadata"))
 
@@ -91,7 +133,7 @@ class Trajectory(Message, tag="trajectory"):
         try:
             p, o, b, v, m, t = self.prompt_ids_wire, self.output_ids_wire, self.behav_logp_wire, self.versions_wire, \
                 self.loss_mask_wire, self.output_ids_wire[1]
-            if (b[1] == t == v[1] == m[1] and o[2].nbytes == b[2].nbytes == v[2].nbytes == m[2].nbytes == 4 * t
+            if (b[1] == t == v[1] == m[1] and o[2].nbytes == b[2].nbytes == 4 * t and runs_ok(v) and runs_ok(m)
                     and p[2].nbytes == 4 * p[1] and type(self.reward) is float and math.isfinite(self.reward)
                     and type(self.finish_reason) is str and type(self.metadata) is dict):
                 return
@@ -100,12 +142,14 @@ class Trajectory(Message, tag="trajectory"):
         self.validate()  # names the field
 
     def validate(self) -> None:
-        for name, tag in (("prompt_ids", "<i4"), ("output_ids", "<i4"), ("behav_logp", "<f4"), ("versions", "<i4"),
-                          ("loss_mask", "<i4")):
+        for name, tag in (("prompt_ids", "<i4"), ("output_ids", "<i4"), ("behav_logp", "<f4"), ("versions", RUNS),
+                          ("loss_mask", RUNS)):
             wire = getattr(self, f"{name}_wire")
             if not (type(wire) is tuple and len(wire) == 3 and wire[0] == tag and type(wire[2]) is memoryview):
                 raise ProtocolError(f"expected a ({tag!r}, length, memoryview) triple", name)
-            if wire[2].nbytes != 4 * wire[1]:
+            if tag == RUNS and not runs_ok(wire):
+                raise ProtocolError("runs must be (value, end) int32 pairs, ends increasing to the length", name)
+            if tag != RUNS and wire[2].nbytes != 4 * wire[1]:
                 raise ProtocolError("array length does not match its bytes", name)
             if name != "prompt_ids" and wire[1] != self.output_ids_wire[1]:
                 raise ProtocolError(f"length {wire[1]} != len(output_ids) {self.output_ids_wire[1]}", name)
@@ -128,19 +172,25 @@ class Trajectory(Message, tag="trajectory"):
 
     @property
     def versions(self) -> np.ndarray:
-        return np.frombuffer(self.versions_wire[2], _I4)
+        return runs_array(self.versions_wire)
 
     @property
     def loss_mask(self) -> np.ndarray:
-        return np.frombuffer(self.loss_mask_wire[2], _I4)
+        return runs_array(self.loss_mask_wire)
 
     @property
     def n_tokens(self) -> int:
         return self.output_ids_wire[1]
 
     @property
+    def version_values(self) -> np.ndarray:
+        """The value of each run of ``versions``, in token order: what min and max over ``versions``
+        see, without expanding the runs."""
+        return np.frombuffer(self.versions_wire[2], _I4)[0::2]
+
+    @property
     def head_version(self) -> int:
-        return int(self.versions.min()) if self.versions_wire[1] else 0
+        return int(self.version_values.min()) if self.versions_wire[1] else 0
 
     def _public(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in field_names(Trajectory)}

@@ -193,10 +193,10 @@ class CreditLedger:
 
 
 def version_range(group: TrajectoryGroup) -> tuple[int, int, int]:
-    """``(lowest, highest, head_version)`` of the group's token versions in one pass over its
-    arrays (the ingest path must not walk a 32k-token group several times); ``lowest``/``highest``
-    cover non-empty trajectories (0, 0 if none); ``head_version`` is ``group.head_version``."""
-    arrays = [t.versions for t in group.trajectories if t.n_tokens]
+    """``(lowest, highest, head_version)`` of the group's token versions, read from their runs (a
+    value per run, never a value per token); ``lowest``/``highest`` cover non-empty trajectories
+    (0, 0 if none); ``head_version`` is ``group.head_version``."""
+    arrays = [t.version_values for t in group.trajectories if t.n_tokens]
     if not arrays:
         return 0, 0, 0
     joined = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)

@@ -19,7 +19,7 @@ import torch
 from areal_like import protocol as P
 from areal_like.config import AGG_MODES, ESTIMATORS, LossConfig
 from areal_like.group_checks import content_problem
-from areal_like.trajectory import Trajectory, as_f32, as_i32
+from areal_like.trajectory import Trajectory, as_f32, as_i32, runs_of
 from trainer.advantages import AdvantageInputs, compute_advantages
 from trainer.data import groups_to_batch
 from trainer.losses import KERNELS, compute_policy_loss
@@ -130,20 +130,20 @@ def test_a_bad_mask_or_an_old_version_frame_is_refused():
                               trajectories=[trajectory(3, [1])])
     for bad in ([1, 0, 2], [1, -1, 1], [1, 256, 1]):  # on the wire, as a sender not built on Trajectory.of might
         wire = msgpack.unpackb(P.encode(group))
-        wire["trajectories"][0]["loss_mask"][2] = np.asarray(bad, "<i4").tobytes()
+        wire["trajectories"][0]["loss_mask"][2] = runs_of(bad, "loss_mask")[2].tobytes()
         decoded = P.decode(msgpack.packb(wire))  # decode checks the mask's length, not its values (the hot path)
         # the buffer's admission and the trainer's data source read every value (areal_like/group_checks.py)
         assert content_problem(decoded, vocab_size=0).startswith("bad_loss_mask: trajectory 0 has loss_mask"), bad
     assert content_problem(group, vocab_size=0) is None
     wire = msgpack.unpackb(P.encode(group))
-    del wire["trajectories"][0]["loss_mask"]  # a version-2 frame without its mask: named as such
+    del wire["trajectories"][0]["loss_mask"]  # a frame without its mask: named as such
     with pytest.raises(P.ProtocolError, match="missing required field") as info:
         P.decode(msgpack.packb(wire))
     assert info.value.field == "trajectories[0].loss_mask"
     wire = msgpack.unpackb(P.encode(group))
     wire["protocol"] = 1
     del wire["trajectories"][0]["loss_mask"]  # as a version-1 sender wrote it
-    with pytest.raises(P.ProtocolError, match="unsupported protocol version 1 \\(this side speaks 2\\)"):
+    with pytest.raises(P.ProtocolError, match="unsupported protocol version 1 \\(this side speaks 3\\)"):
         P.decode(msgpack.packb(wire))
 
 

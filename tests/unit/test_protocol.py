@@ -163,14 +163,17 @@ def test_arrays_decode_as_readonly_zero_copy_views(as_input):
     frame = P.encode(make_group())
     back = P.decode(as_input(frame))
     traj = back.trajectories[0]
-    for name, dtype in (("prompt_ids", np.int32), ("output_ids", np.int32), ("versions", np.int32),
-                        ("behav_logp", np.float32)):
+    for name, dtype in (("prompt_ids", np.int32), ("output_ids", np.int32), ("behav_logp", np.float32)):
         arr = getattr(traj, name)
         assert type(arr) is np.ndarray and arr.dtype == np.dtype(dtype) and arr.dtype.byteorder in "<="
         assert not arr.flags.writeable and not arr.flags.owndata  # numpy.frombuffer over the frame
         assert isinstance(arr.base, memoryview) and arr.base.readonly
         if as_input is bytes:
             assert arr.base.obj is frame  # no copy of the array bytes at all
+    for name in ("versions", "loss_mask"):  # runs, expanded on access into a read-only array of their own
+        arr, runs = getattr(traj, name), getattr(traj, f"{name}_wire")[2]
+        assert arr.dtype == np.dtype(np.int32) and not arr.flags.writeable and len(arr) == 5
+        assert runs.readonly and (as_input is not bytes or runs.obj is frame)
     assert P.encode(back) == frame
 
 
@@ -187,6 +190,9 @@ def test_arrays_travel_as_raw_bytes_not_lists():
     wire = msgpack.unpackb(P.encode(make_group(1, 3)))
     assert wire["trajectories"][0]["output_ids"] == ["<i4", 3, np.arange(10, 13, dtype="<i4").tobytes()]
     assert wire["trajectories"][0]["behav_logp"][0] == "<f4"
+    # versions and the mask as runs, (value, end) pairs: one run each here
+    assert wire["trajectories"][0]["versions"] == ["runs<i4", 3, np.array([7, 3], "<i4").tobytes()]
+    assert wire["trajectories"][0]["loss_mask"] == ["runs<i4", 3, np.array([1, 3], "<i4").tobytes()]
     assert wire["protocol"] == P.PROTOCOL_VERSION and wire["type"] == "trajectory_group"
 
 

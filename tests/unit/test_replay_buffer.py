@@ -14,10 +14,11 @@ from buffer.staleness import StalenessPolicy
 
 
 def make_group(gid: str, head: int, rewards=(0.0, 1.0), tokens: int = 4) -> TrajectoryGroup:
+    first = np.full(tokens, head + 1)
+    first[0] = head  # head version = min over tokens
     trajs = [Trajectory.of(prompt_ids=as_i32([5, 6]), output_ids=as_i32(np.arange(tokens)),
-                        behav_logp=as_f32(np.full(tokens, -0.5)), versions=as_i32(np.full(tokens, head + 1)).copy(),
-                        reward=float(r), finish_reason="stop") for r in rewards]
-    trajs[0].versions[0] = head  # head version = min over tokens
+                        behav_logp=as_f32(np.full(tokens, -0.5)), versions=first if i == 0 else np.full(tokens, head + 1),
+                        reward=float(r), finish_reason="stop") for i, r in enumerate(rewards)]
     return TrajectoryGroup(group_id=gid, server_id="s", lease_id=gid, prompt_index=0, epoch=0, trajectories=trajs)
 
 
