@@ -20,6 +20,7 @@ decoded. Not a top-level message: it travels inside ``TrajectoryGroup`` (``areal
 from __future__ import annotations
 
 import math
+import struct
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -28,6 +29,7 @@ import numpy as np
 from areal_like.codec import Message, ProtocolError, checker, field_names, wire_array
 
 _I4, _F4 = np.dtype("<i4"), np.dtype("<f4")  # both 4 bytes an item (Trajectory's checks rely on it)
+_PAIR, _END = struct.Struct("<ii"), struct.Struct("<4xi")  # one run: (value, end); its end
 _U4 = np.dtype("<u4")  # a loss mask read unsigned: every value is 0 or 1 iff its max is <= 1
 _N = Annotated[int, msgspec.Meta(ge=0)]
 I32 = tuple[Literal["<i4"], _N, memoryview]  # an array on the wire: [dtype, length, little-endian bytes]
@@ -54,15 +56,16 @@ def mask_values_ok(mask_wire: tuple) -> bool:
 def runs_of(values: Any, name: str) -> tuple[str, int, memoryview]:
     """A 1-D int32 array-like as its runs' wire form (``wire_array``'s conversions and errors)."""
     _, n, data = wire_array(values, "<i4", name)
+    if not n:
+        return RUNS, 0, memoryview(b"")
     a = np.frombuffer(data, _I4)
-    changes = np.flatnonzero(a[1:] != a[:-1]) if n else None
-    if changes is None or not len(changes):  # no tokens, or one run (the common case)
-        pairs = np.array([a[0], n] if n else [], _I4)
-    else:
-        ends = np.append(changes + 1, n)
-        pairs = np.empty(2 * len(ends), _I4)
-        pairs[0::2], pairs[1::2] = a[ends - 1], ends
-    return RUNS, n, pairs.view(np.uint8).data  # bytes (a decoded frame's format): runs_ok slices bytes
+    changes = np.flatnonzero(a[1:] != a[:-1])
+    if not len(changes):  # one run: the common case
+        return RUNS, n, memoryview(_PAIR.pack(int(a[0]), n))
+    ends = np.append(changes + 1, n)
+    pairs = np.empty(2 * len(ends), _I4)
+    pairs[0::2], pairs[1::2] = a[ends - 1], ends
+    return RUNS, n, pairs.view(np.uint8).data  # plain bytes, as a decoded frame holds them
 
 
 def runs_ok(wire: tuple) -> bool:
@@ -71,7 +74,7 @@ def runs_ok(wire: tuple) -> bool:
     n, data = wire[1], wire[2]
     size = data.nbytes
     if size == 8:
-        return int.from_bytes(data[4:], "little", signed=True) == n >= 1
+        return _END.unpack(data)[0] == n >= 1
     if not n or not size or size % 8 or size > 8 * n:
         return not n and not size
     ends = np.frombuffer(data, _I4)[1::2]
@@ -121,7 +124,7 @@ class Trajectory(Message, tag="trajectory"):
         Raises ProtocolError naming the field."""
         out = wire_array(output_ids, "<i4", "output_ids")
         if loss_mask is None:
-            mask = (RUNS, out[1], np.array([1, out[1]] if out[1] else [], _I4).view(np.uint8).data)
+            mask = (RUNS, out[1], memoryview(_PAIR.pack(1, out[1]) if out[1] else b""))
         elif not mask_values_ok(mask := runs_of(loss_mask, "loss_mask")):
             raise ProtocolError("values must be 0 (context) or 1 (generated)", "loss_mask")
         return cls(wire_array(prompt_ids, "<i4", "prompt_ids"), out,
