@@ -21,7 +21,7 @@ Compatibility: a field added with a default keeps the protocol version, since fr
 field rejects frames that carry it ("unknown field"), so upgrade the buffer before the rollout
 servers and the trainer, and do not downgrade a buffer over a WAL written by a newer one.
 Version 2 (multi-turn episodes) adds ``Trajectory.loss_mask``, required: a live frame of another
-version is refused ("unsupported protocol version 1 (this side speaks 2)") rather than read as if
+version is refused ("unsupported protocol version 1 (this side speaks 2)", as that build put it) rather than read as if
 every token were generated. A buffer's WAL outlives its build, so ``decode_stored`` reads a
 ``TrajectoryGroup`` stored at version 1 as version 1 meant it (every output token generated).
 Added in version 1 with defaults: ``TrajectoryGroup.want_credits``, ``Ack.credits``,
@@ -42,7 +42,7 @@ import msgspec
 import numpy as np
 
 from areal_like.codec import Message, ProtocolError, checker, error_from
-from areal_like.trajectory import Trajectory, runs_of
+from areal_like.trajectory import Trajectory, one_run, runs_of
 
 __all__ = ["PROTOCOL_VERSION", "MAX_FRAME_BYTES", "MAX_CREDITS_PER_REQUEST", "Message", "encode", "encode_into",
            "decode", "decode_stored", "TOP_LEVEL_TYPES"]
@@ -311,8 +311,9 @@ def encode_into(msg: Message, buffer: bytearray, offset: int = 0) -> None:
 
 
 def decode(data: bytes | bytearray | memoryview, max_bytes: int | None = None) -> Message:
-    """Parse and validate one frame. Raises only ProtocolError, for any input. Arrays are
-    read-only numpy views of the frame, which they keep alive. A frame over ``max_bytes`` (default
+    """Parse and validate one frame. Raises only ProtocolError, for any input. Token ids and
+    logprobs are read-only numpy views of the frame, which they keep alive (versions and masks are
+    expanded from their runs on access). A frame over ``max_bytes`` (default
     ``MAX_FRAME_BYTES``) is refused from its length alone, before anything is decoded: decoding can
     take ~73x the frame's size (a msgpack list of empty maps is one byte per 72-byte dict), so the
     size bound is the memory bound."""
@@ -321,10 +322,7 @@ def decode(data: bytes | bytearray | memoryview, max_bytes: int | None = None) -
     limit = MAX_FRAME_BYTES if max_bytes is None else max_bytes
     if (n := memoryview(data).nbytes) > limit:  # before any copy below
         raise ProtocolError(f"{n} bytes exceeds the limit of {limit}", "frame")
-    if isinstance(data, memoryview):
-        data = data.toreadonly() if data.c_contiguous else data.tobytes()
-    elif isinstance(data, bytearray):
-        data = bytes(data)  # decoded arrays must not alias a buffer the caller may reuse
+    data = _frame(data)
     try:
         return _DECODER.decode(data)
     except (msgspec.MsgspecError, UnicodeDecodeError) as e:  # msgspec reports bad UTF-8 in a key like this
@@ -334,6 +332,15 @@ def decode(data: bytes | bytearray | memoryview, max_bytes: int | None = None) -
             raise ProtocolError(f"unsupported protocol version {version!r} (this side speaks {PROTOCOL_VERSION})",
                                 "protocol") from None
         raise error_from(e, PROTOCOL_VERSION) from None
+
+
+def _frame(data: bytes | bytearray | memoryview) -> bytes | memoryview:
+    """``data`` as bytes or a read-only 1-D byte view (what msgspec slices arrays from correctly)."""
+    if isinstance(data, memoryview):
+        return data.toreadonly().cast("B") if data.c_contiguous else data.tobytes()
+    if isinstance(data, bytearray):
+        return bytes(data)  # decoded arrays must not alias a buffer the caller may reuse
+    return data
 
 
 class _Versioned(msgspec.Struct):
@@ -355,29 +362,34 @@ def decode_stored(data: bytes | bytearray | memoryview) -> Message:
     """``decode`` for frames a buffer stored in its WAL. A ``TrajectoryGroup`` written at an earlier
     version is read as it meant: at version 1 (before loss masks) every output token generated (a
     mask of ones), at versions 1 and 2 versions and masks as full arrays (made into runs here).
-    Anything else of another version is refused as ``decode`` refuses it."""
+    Anything else of another version is refused as ``decode`` refuses it. Raises only ProtocolError."""
     try:
         return decode(data)
     except ProtocolError as e:
         if e.field != "protocol":
             raise
         try:
-            wire = msgspec.msgpack.decode(data)
+            wire = msgspec.msgpack.decode(_frame(data))
         except (msgspec.MsgspecError, UnicodeDecodeError):
             raise e from None
-        if not (type(wire) is dict and wire.get("protocol") in (1, 2) and wire.get("type") == TrajectoryGroup.TYPE
-                and type(wire.get("trajectories")) is list):
+        if not (type(wire) is dict and type(wire.get("protocol")) is int and wire["protocol"] in (1, 2)
+                and wire.get("type") == TrajectoryGroup.TYPE and type(wire.get("trajectories")) is list):
             raise
         for t in wire["trajectories"]:
-            out = t.get("output_ids") if type(t) is dict else None
-            if not (type(out) is list and len(out) == 3 and type(out[1]) is int and out[1] >= 0):
+            if type(t) is not dict:
                 continue  # decode below names what is wrong
-            if wire["protocol"] == 1 and "loss_mask" not in t:
-                t["loss_mask"] = ["<i4", out[1], np.ones(out[1], "<i4").tobytes()]
+            if wire["protocol"] == 1 and "loss_mask" not in t and (n := _full_length(t.get("output_ids"))) is not None:
+                t["loss_mask"] = list(one_run(1, n))
             for name in ("versions", "loss_mask"):
-                full = t.get(name)
-                if type(full) is list and len(full) == 3 and full[0] == "<i4" and type(full[2]) is bytes \
-                        and len(full[2]) == 4 * full[1]:
+                if _full_length(full := t.get(name)) is not None:
                     t[name] = list(runs_of(np.frombuffer(full[2], "<i4"), name))
         wire["protocol"] = PROTOCOL_VERSION
         return decode(msgspec.msgpack.encode(wire))  # checked as any frame is
+
+
+def _full_length(array: Any) -> int | None:
+    """The length of a stored full int32 array ``["<i4", n, bytes]`` whose bytes hold it; else None."""
+    if type(array) is list and len(array) == 3 and array[0] == "<i4" and type(array[1]) is int \
+            and type(array[2]) is bytes and len(array[2]) == 4 * array[1]:
+        return array[1]
+    return None

@@ -56,16 +56,19 @@ def mask_values_ok(mask_wire: tuple) -> bool:
 def runs_of(values: Any, name: str) -> tuple[str, int, memoryview]:
     """A 1-D int32 array-like as its runs' wire form (``wire_array``'s conversions and errors)."""
     _, n, data = wire_array(values, "<i4", name)
-    if not n:
-        return RUNS, 0, memoryview(b"")
     a = np.frombuffer(data, _I4)
     changes = np.flatnonzero(a[1:] != a[:-1])
-    if not len(changes):  # one run: the common case
-        return RUNS, n, memoryview(_PAIR.pack(int(a[0]), n))
+    if not len(changes):  # no token, or one run: the common case
+        return one_run(int(a[0]) if n else 0, n)
     ends = np.append(changes + 1, n)
     pairs = np.empty(2 * len(ends), _I4)
     pairs[0::2], pairs[1::2] = a[ends - 1], ends
-    return RUNS, n, pairs.view(np.uint8).data  # plain bytes, as a decoded frame holds them
+    return RUNS, n, pairs.view(np.uint8).data.toreadonly()  # plain bytes, read-only, as a decoded frame's
+
+
+def one_run(value: int, n: int) -> tuple[str, int, memoryview]:
+    """The runs of ``n`` tokens of one value (no run for no token)."""
+    return RUNS, n, memoryview(_PAIR.pack(value, n) if n else b"")
 
 
 def runs_ok(wire: tuple) -> bool:
@@ -119,12 +122,12 @@ class Trajectory(Message, tag="trajectory"):
     @classmethod
     def of(cls, *, prompt_ids: Any, output_ids: Any, behav_logp: Any, versions: Any, reward: Any,
            finish_reason: str, metadata: dict | None = None, loss_mask: Any = None) -> Trajectory:
-        """Build from 1-D array-likes, converted to the wire dtype (an array of that dtype is taken
-        without a copy); ``loss_mask`` omitted: every output token generated (single-turn).
+        """Build from 1-D array-likes, converted to the wire dtype (ids and logprobs of that dtype
+        are taken without a copy; versions and the mask become runs); ``loss_mask`` omitted: every output token generated (single-turn).
         Raises ProtocolError naming the field."""
         out = wire_array(output_ids, "<i4", "output_ids")
         if loss_mask is None:
-            mask = (RUNS, out[1], memoryview(_PAIR.pack(1, out[1]) if out[1] else b""))
+            mask = one_run(1, out[1])
         elif not mask_values_ok(mask := runs_of(loss_mask, "loss_mask")):
             raise ProtocolError("values must be 0 (context) or 1 (generated)", "loss_mask")
         return cls(wire_array(prompt_ids, "<i4", "prompt_ids"), out,

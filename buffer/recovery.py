@@ -7,8 +7,8 @@ A control record follows the records of its loop iteration, so if the process di
 group record alone closes its lease, which is what had happened. The ledger and the store are filled
 in place; the rest (trainer version, ids seen, batch in transit, groups the filters now refuse,
 group records that no longer decode) comes back in ``Replayed`` for the service to take. A record
-that no longer decodes (another protocol version; a version-1 group is upgraded by
-``protocol.decode_stored``) is dropped as ``unreadable``: marked consumed, so it stops pinning its
+that no longer decodes (another protocol version; a group stored at version 1 or 2 is
+upgraded by ``protocol.decode_stored``) is dropped as ``unreadable``: marked consumed, so it stops pinning its
 segment, and its prompt re-issued if the replayed state still holds its lease.
 """
 
@@ -67,7 +67,7 @@ def replay(wal: WriteAheadLog, ledger: CreditLedger, store: ReplayBuffer, log: l
 
 def _group(rec: Record, ledger: CreditLedger, store: ReplayBuffer, out: Replayed, log: logging.Logger) -> None:
     try:
-        group = decode_stored(rec.frame)  # a version-1 group reads as all-generated (protocol.py)
+        group = decode_stored(rec.frame)  # a version-1 or 2 group reads as it meant (protocol.py)
     except ProtocolError as e:  # written by another protocol version: cannot be served
         log.warning("wal: group %s no longer decodes (%s)", rec.group_id, e)
         _, _, lease_id = rec.group_id.rpartition("-")

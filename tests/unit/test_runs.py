@@ -62,9 +62,9 @@ def group_frame(**runs: bytes) -> dict:
 @pytest.mark.parametrize("name", ["versions", "loss_mask"])
 @pytest.mark.parametrize("data", [
     pairs(), pairs(1, 3), pairs(1, 5), pairs(1, 0, 1, 4), pairs(1, 2, 1, 2, 1, 4), pairs(1, 3, 2, 1, 3, 4),
-    pairs(1, 4, 0), pairs(1, 1, 1, 2, 1, 3, 1, 4, 1, 4), pairs(1, -4), b"\x01",
+    pairs(1, 4, 0), pairs(1, 1, 1, 2, 1, 3, 1, 4, 1, 4), pairs(1, -4), b"\x01", pairs(1, 1, 2, 3), pairs(1, 2, 2, 5),
 ], ids=["empty", "short", "long", "zero-end", "repeated-end", "decreasing", "odd-size", "too-many", "negative",
-        "one-byte"])
+        "one-byte", "runs-short", "runs-long"])
 def test_a_malformed_run_is_refused_naming_the_field(name, data):
     with pytest.raises(P.ProtocolError, match="runs must be") as info:
         P.decode(msgpack.packb(group_frame(**{name: data})))
@@ -97,3 +97,46 @@ def test_the_buffer_reads_version_ranges_from_the_runs():
     assert version_range(group(traj([2, 2, 3, 3]), traj([4]))) == (2, 4, 2)
     assert version_range(group(traj([5, 6]), traj([]))) == (5, 6, 0)  # an empty response counts as version 0
     assert version_range(group(traj([]))) == (0, 0, 0)
+
+
+def test_decoded_and_built_runs_are_read_only_and_odd_buffers_decode():
+    t = Trajectory.of(prompt_ids=[1], output_ids=[5, 6, 7], behav_logp=[0.0] * 3, versions=[1, 2, 2], reward=0.0,
+                      finish_reason="stop")
+    with pytest.raises(ValueError):
+        t.version_values[0] = 9  # a view of the runs: writing it would change versions
+    frame = P.encode(P.TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0,
+                                       trajectories=[t]))
+    square = memoryview(frame + bytes(-len(frame) % 8)).cast("B", (8, (len(frame) + 7) // 8))  # a 2-D view
+    with pytest.raises(P.ProtocolError):  # trailing zero bytes: not one frame, but refused as such
+        P.decode(square)
+    exact = memoryview(bytearray(frame)).cast("B", (1, len(frame)))
+    assert P.decode(exact).trajectories[0].versions.tolist() == [1, 2, 2]
+
+
+STORED_ODDITIES = {  # a stored version-2 trajectory's field -> a value no build wrote
+    "versions": [["<i4", None, b""], ["<i4", 1.5, bytes(6)], ["<i4", True, bytes(4)], ["<i4", 2**40, b""], "x"],
+    "output_ids": [["<i4", 2**64 - 1, b""], ["<i4", 2**40, b""]],
+}
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_odd_stored_record_is_refused_with_a_protocol_error_only(version):
+    wire = group_frame()
+    wire["protocol"] = version
+    for t in wire["trajectories"]:
+        for name in ("versions", "loss_mask"):
+            t[name] = ["<i4", t["output_ids"][1], runs_array(tuple(t[name][:2]) + (memoryview(t[name][2]),)).tobytes()]
+        if version == 1:
+            del t["loss_mask"]
+    assert P.decode_stored(msgpack.packb(wire)).trajectories[0].versions.tolist() == [2, 2, 3, 3]
+    for name, values in STORED_ODDITIES.items():
+        for value in values:
+            odd = msgpack.unpackb(msgpack.packb(wire))
+            odd["trajectories"][0][name] = value
+            with pytest.raises(P.ProtocolError):
+                P.decode_stored(msgpack.packb(odd))
+    for protocol in (True, 2.0):
+        odd = msgpack.unpackb(msgpack.packb(wire))
+        odd["protocol"] = protocol
+        with pytest.raises(P.ProtocolError, match="unsupported protocol version"):
+            P.decode_stored(msgpack.packb(odd))
