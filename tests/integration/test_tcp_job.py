@@ -18,7 +18,7 @@ import pytest
 import yaml
 from test_eval_export import _children, run_job
 
-STEPS = 12
+STEPS = 40  # long enough that an engine that starts seconds later under load still joins several syncs
 
 pytestmark = pytest.mark.slow
 
@@ -51,5 +51,7 @@ def test_a_job_over_tcp_with_curve_sealed_frames_and_gated_rendezvous(tmp_path):
     # a server that registers late (its engine slow to start) joins the roster at a later version; from
     # the first sync both did, both do every one
     both = [sorted(s["done"]) == ["rollout-0", "rollout-1"] for s in syncs]
-    assert True in both and all(both[both.index(True):]), [(s["version"], s["done"]) for s in syncs]
+    registered = [line.split("rollout: ", 1)[1] for d in ("rollout-0", "rollout-1")
+                  for line in logs[f"{d}.log"].splitlines() if "registered with the buffer" in line]
+    assert True in both and all(both[both.index(True):]), (registered, [(s["version"], s["done"]) for s in syncs])
     assert summary["eval_last"]["greedy_accuracy"] >= 0.5, summary["eval_last"]
