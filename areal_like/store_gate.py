@@ -39,14 +39,16 @@ import socket
 import threading
 import time
 
+from areal_like.ratelog import RateLimitedLog
+
 log = logging.getLogger("store_gate")
+_refusals = RateLimitedLog(log, every_s=60.0)  # a stranger can connect at will: not a line per connection
 
 MAGIC = b"areal-like store gate/1\n"
 NONCE_BYTES = PROOF_BYTES = 32
 HANDSHAKE_S = 10.0  # a connection that has not proven itself by then is closed (in all, however slow)
 MAX_UNPROVEN = 64  # connections proving themselves at once; more are closed at once
 ACCEPT_RETRY_S = 0.05  # after a failed accept (out of descriptors), before the next
-LOGGED_REFUSALS = 5  # refusals logged one by one; after that every 100th
 LISTEN_BACKLOG = 128  # pending connections (engines' TP ranks join at once)
 GATES: dict[int, StoreGate] = {}  # this process's open gates by port (what they refused and answered)
 
@@ -143,17 +145,17 @@ class _Relay:
                 pass
 
     def _refuse(self, conn: socket.socket, why: str) -> None:
-        """Close ``conn`` unanswered and count it; the log says so for the first few and then every 100th."""
+        """Close ``conn`` unanswered and count it; logged at most once a minute per gate or door kind."""
         self.refused += 1
-        if self.refused <= LOGGED_REFUSALS or self.refused % 100 == 0:
-            log.warning("%s refused a connection from %s (%s; %d refused so far)", type(self).__name__,
-                        _peer(conn), why, self.refused)
+        _refusals.warning(type(self).__name__, "%s refused a connection from %s (%s; %d refused so far)",
+                          type(self).__name__, _peer(conn), why, self.refused)
         try:
             conn.close()
         except OSError:
             pass
 
     def _admit(self, conn: socket.socket, deadline: float) -> socket.socket | None:
+        """The upstream socket to pipe ``conn`` to once it has proven itself; None: refused (each subclass)."""
         raise NotImplementedError
 
     def _track(self, sock: socket.socket) -> bool:
