@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 DESTROY_TIMEOUT_S = 10.0  # tearing down an old group is local work; a hang here means the group is broken
 CONTINUE_TIMEOUT_S = 30.0  # continue runs even after the deadline passed; it must not wait forever either
 DRAIN_SHARE = 0.5  # at most this share of the deadline is spent letting in-flight requests finish
-_DOORS: dict[str, StoreDoor] = {}  # group name -> the door its engine's store connection runs through
+_DOORS: dict[str, StoreDoor] = {}  # engine URL -> the door its store connection to its current group runs through
 _JOINED: dict[str, str] = {}  # engine URL -> the group its engine was last told to join
 FLATTENED = "flattened_bucket"  # must match what trainer rank 0 broadcasts (trainer.weight_buckets.FLATTENED)
 PATHS = ("distributed", "tensor", "disk")  # WeightSyncPlan.path
@@ -163,11 +163,10 @@ async def _start_group_join(client: SGLangClient, plan: WeightSyncPlan, rank_off
     _JOINED[client.base_url] = plan.group_name
     address, port = plan.master_addr, plan.master_port
     if door:
-        for old in _DOORS.values():  # the engine's old group is gone
+        if (old := _DOORS.pop(client.base_url, None)) is not None:  # the engine's old group is gone
             old.close()
-        _DOORS.clear()
         try:
-            _DOORS[plan.group_name] = opened = StoreDoor(plan.master_addr, plan.master_port, plan.group_name)
+            _DOORS[client.base_url] = opened = StoreDoor(plan.master_addr, plan.master_port, plan.group_name)
         except OSError as e:
             raise SGLangError("store door", None, f"cannot open a door to the weight group's store: {e}") from e
         address, port = "127.0.0.1", opened.port
