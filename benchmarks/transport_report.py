@@ -77,36 +77,33 @@ def sealed_lines(tokens: int, rates: dict, cpu_us, split: dict, frame_bytes: int
     ``halves``; None: one CPU, no figure), as a job's sealed tcp links run between nodes. One sender
     fills its half first there, so that ratio is the sender's; ``receiver_cpu_ratio`` (unencrypted
     over sealed CPU per group at the receiver) is the bound where many senders fill the buffer's."""
-    sealed, plain, curve, raw = (statistics.median(rates[("stream", m)]) for m in ("sealed", "ours", "curve", "raw"))
     goal = GOAL_CURVE_RATIO_AT_4096 if tokens == 4096 else None
     name = f"transport_stream_{GROUP_SIZE}x{tokens}_sealed"
-    shared = {"name": name, "figure": round(sealed, 1), "unit": "groups/s",
-              "baseline": round(plain, 1), "ratio": round(sealed / plain, 3), "goal": goal,
-              "goal_met": None if goal is None else sealed / plain >= goal, "ratio_to_curve": round(sealed / curve, 3),
-              "ratio_to_raw": round(sealed / raw, 3), "unencrypted_ratio_to_raw": round(plain / raw, 3),
-              "mb_s": round(sealed * frame_bytes / 1e6, 1), "cpu_us_per_group": round(cpu_us(("stream", "sealed")), 1),
-              "unencrypted_cpu_us_per_group": round(cpu_us(("stream", "ours")), 1),
-              "cpu_split_us": {m: split[m] for m in ("sealed", "ours")}, "rounds": rounds, "round_s": seconds,
-              "sealed_rounds": [round(x) for x in rates[("stream", "sealed")]],
-              "unencrypted_rounds": [round(x) for x in rates[("stream", "ours")]],
-              "load_avg_1m": round(os.getloadavg()[0], 2)}
-    apart = {"name": f"{name}_apart", "figure": None, "unit": "groups/s", "baseline": None, "ratio": None,
-             "goal": goal, "goal_met": None, "warning": "one CPU: the two ends cannot run apart"}
-    if halves is not None:
-        sealed, plain, raw = (statistics.median(rates[("stream", m)]) for m in ("sealed_apart", "ours_apart", "raw_apart"))
-        apart = {"name": f"{name}_apart", "figure": round(sealed, 1), "unit": "groups/s", "baseline": round(plain, 1),
-                 "ratio": round(sealed / plain, 3), "goal": goal,
-                 "goal_met": None if goal is None else sealed / plain >= goal,
-                 "ratio_to_raw": round(sealed / raw, 3), "unencrypted_ratio_to_raw": round(plain / raw, 3),
-                 "ends_cpus": {"sender": sorted(halves[0]), "receiver": sorted(halves[1])},
-                 **{f"{end}_cpu_ratio": round(end_us(split["ours_apart"], end) / end_us(split["sealed_apart"], end), 3)
-                    for end in ("sender", "receiver")},
-                 "cpu_us_per_group": round(cpu_us(("stream", "sealed_apart")), 1),
-                 "unencrypted_cpu_us_per_group": round(cpu_us(("stream", "ours_apart")), 1),
-                 "cpu_split_us": {m: split[m] for m in ("sealed_apart", "ours_apart")}, "rounds": rounds,
-                 "round_s": seconds, "sealed_rounds": [round(x) for x in rates[("stream", "sealed_apart")]],
-                 "unencrypted_rounds": [round(x) for x in rates[("stream", "ours_apart")]],
-                 "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+    def line(suffix: str) -> dict:  # the sealed stream ``sealed{suffix}`` against ``ours{suffix}`` and ``raw{suffix}``
+        sealed, plain, raw = (statistics.median(rates[("stream", m + suffix)]) for m in ("sealed", "ours", "raw"))
+        return {"name": name + suffix, "figure": round(sealed, 1), "unit": "groups/s", "baseline": round(plain, 1),
+                "ratio": round(sealed / plain, 3), "goal": goal,
+                "goal_met": None if goal is None else sealed / plain >= goal,
+                "ratio_to_raw": round(sealed / raw, 3), "unencrypted_ratio_to_raw": round(plain / raw, 3),
+                "mb_s": round(sealed * frame_bytes / 1e6, 1),
+                "cpu_us_per_group": round(cpu_us(("stream", "sealed" + suffix)), 1),
+                "unencrypted_cpu_us_per_group": round(cpu_us(("stream", "ours" + suffix)), 1),
+                "cpu_split_us": {m + suffix: split[m + suffix] for m in ("sealed", "ours")}, "rounds": rounds,
+                "round_s": seconds, "sealed_rounds": [round(x) for x in rates[("stream", "sealed" + suffix)]],
+                "unencrypted_rounds": [round(x) for x in rates[("stream", "ours" + suffix)]],
+                "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+    shared = line("")
+    shared["ratio_to_curve"] = round(statistics.median(rates[("stream", "sealed")])
+                                     / statistics.median(rates[("stream", "curve")]), 3)
+    if halves is None:
+        return [shared, {"name": f"{name}_apart", "figure": None, "unit": "groups/s", "baseline": None, "ratio": None,
+                         "goal": goal, "goal_met": None, "warning": "one CPU: the two ends cannot run apart"}]
+    apart = line("_apart")
+    apart["ends_cpus"] = {"sender": sorted(halves[0]), "receiver": sorted(halves[1])}
+    for end in ("sender", "receiver"):
+        apart[f"{end}_cpu_ratio"] = round(end_us(split["ours_apart"], end) / end_us(split["sealed_apart"], end), 3)
     return [shared, apart]
 
 
