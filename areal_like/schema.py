@@ -269,11 +269,10 @@ class TrainerConfig:
     buffer_timeout_s: float = 120.0  # the buffer silent this long is an error, not a wait
     metrics_port: int = 0
     gloo_timeout_s: float = 300.0
-    # the KL term's frozen reference (loss.kl_coef > 0): a local HF dir; None = the initial weights
-    ref_path: str | None = None
-    # engines' log-probs vs the trainer's, mean |diff| per token allowed at start; <= 0: off (logprob_guard.py)
-    logprob_guard_tol: float = 0.05
-    first_engine_wait_s: float = 0.0  # wait for a rollout server before the first push (0: at once; `run` sets it)
+    ref_path: str | None = None  # the KL term's frozen reference (loss.kl_coef > 0): a local HF dir; None = initial
+    logprob_guard_tol: float = 0.05  # mean |engine - trainer| log-prob per token at start; <= 0: off (logprob_guard.py)
+    first_engine_wait_s: float = 0.0  # wait for rollout servers before the first push (0: at once; `run` sets it)
+    first_engines: int = 1  # how many: the first push waits (first_engine_wait_s) until this many registered
     activation_checkpointing: bool = False  # recompute each decoder block in backward (trainer/MEMORY.md)
     logprob_chunk_tokens: int = 512  # tokens per lm_head chunk of the log-probs: one [chunk, vocab] fp32 block
 
@@ -287,6 +286,7 @@ class TrainerConfig:
         _check("trainer.logprob_chunk_tokens", self.logprob_chunk_tokens >= 1, ">= 1", self.logprob_chunk_tokens)
         _check("trainer.grad_clip", self.grad_clip > 0, "> 0", self.grad_clip)
         _check("trainer.first_engine_wait_s", self.first_engine_wait_s >= 0, ">= 0", self.first_engine_wait_s)
+        _check("trainer.first_engines", self.first_engines >= 1, ">= 1", self.first_engines)
         _check("trainer.betas", len(self.betas) == 2, "two numbers", self.betas)
         self.loss.check_agg()
 

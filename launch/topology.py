@@ -241,17 +241,19 @@ def wants_eval(cfg: RunConfig) -> bool:
 
 def apply_topology(cfg: RunConfig, topo: Topology) -> RunConfig:
     """The config every daemon reads: addresses and metrics ports filled in (a new object); with rollout
-    servers in the job, a trainer left to push at once (``trainer.first_engine_wait_s`` 0) waits for the
-    first of them as long as the launcher waits for its health (less than half the trainer's gloo
-    timeout: its other ranks wait in the push's collective meanwhile)."""
+    servers in the job, a trainer left to push at once (``trainer.first_engine_wait_s`` 0) waits for all
+    of them (``trainer.first_engines``: every one joins the first group, and the one that evaluates
+    registers in time to evaluate the initial weights) as long as the launcher waits for their health
+    (less than half the trainer's gloo timeout: its other ranks wait in the push's collective meanwhile)."""
     buffer = dataclasses.replace(cfg.buffer, address=topo.buffer_address, pub_address=topo.pub_address,
                                  metrics_port=topo.slot("buffer").metrics_port)
     rollout = dataclasses.replace(cfg.rollout, buffer_address=topo.buffer_address, pub_address=topo.pub_address)
-    wait = cfg.trainer.first_engine_wait_s
-    if not wait and any(s.kind == "rollout" for s in topo.slots):
+    wait, servers = cfg.trainer.first_engine_wait_s, sum(s.kind == "rollout" for s in topo.slots)
+    if not wait and servers:
         wait = min(cfg.launch.health_timeout_s, cfg.trainer.gloo_timeout_s / 2)
     trainer = dataclasses.replace(cfg.trainer, buffer_address=topo.buffer_address,
-                                  metrics_port=topo.slot("trainer").metrics_port, first_engine_wait_s=wait)
+                                  metrics_port=topo.slot("trainer").metrics_port, first_engine_wait_s=wait,
+                                  first_engines=max(cfg.trainer.first_engines, servers))
     return dataclasses.replace(cfg, buffer=buffer, rollout=rollout, trainer=trainer)
 
 

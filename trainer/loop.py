@@ -55,7 +55,7 @@ from trainer.logprob_guard import PROBE_TEXT, run_guard
 from trainer.model import build_policy, build_reference, init_distributed, leave_distributed
 from trainer.samples import sample_rows
 from trainer.step import StepSettings, recompute_prox_logp, reference_logp, train_step
-from trainer.weight_members import await_first_member
+from trainer.weight_members import await_registered
 from trainer.weight_sync import SyncReport, WeightBroadcaster
 
 
@@ -201,10 +201,10 @@ class Trainer(Daemon):
         """fetch batch -> recompute prox -> reference logp -> advantages + train step -> v += 1 -> push ->
         checkpoint -> export -> metrics."""
         t, model = self.cfg, self.policy.model
-        if self.rank == 0 and t.first_engine_wait_s > 0 and not await_first_member(
-                self.broadcaster.client, t.first_engine_wait_s, self.stop_requested.is_set):
-            self.log.warning("no rollout server in the roster after %.0fs: the initial push (and the log-prob "
-                             "guard) goes to none", t.first_engine_wait_s)
+        if self.rank == 0 and t.first_engine_wait_s > 0 and not await_registered(
+                self.broadcaster.client, t.first_engines, t.first_engine_wait_s, self.stop_requested.is_set):
+            self.log.warning("fewer than %d rollout servers registered after %.0fs: the initial push (and the "
+                             "log-prob guard) goes to those there are", t.first_engines, t.first_engine_wait_s)
         with self.phase("weight_sync"):  # the other ranks wait in this collective
             sync = self.engines.after_step(self.version)
         self.log.info("serving policy_version %d to %s", sync.version, sync.done or "no engines yet")

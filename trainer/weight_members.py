@@ -67,13 +67,15 @@ def failed_members(client, version: int) -> list[str]:
     return list(st.failed) if isinstance(st, SyncStatus) else []
 
 
-def await_first_member(client, timeout_s: float, should_stop=lambda: False, poll_s: float = 0.1) -> bool:
-    """Rank 0, before the initial push: poll the roster until a server is in it (True), or
-    ``timeout_s`` passed or a stop was requested (False: the push goes to whoever is there)."""
+def await_registered(client, want: int, timeout_s: float, should_stop=lambda: False, poll_s: float = 0.1) -> bool:
+    """Rank 0, before the initial push: poll the roster until ``want`` servers registered (members, or
+    evaluating out of the syncs) (True), or ``timeout_s`` passed or a stop was requested (False: the
+    push goes to whoever is there)."""
     deadline = time.monotonic() + timeout_s
     while not should_stop():
         try:
-            if roster_ids(client, deadline):
+            reply = client.request(RosterRequest(), timeout_s=_bounded(deadline))
+            if isinstance(reply, Roster) and len({m.server_id for m in reply.members} | set(reply.evaluating)) >= want:
                 return True
         except TransportTimeout:
             pass

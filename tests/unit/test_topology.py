@@ -223,10 +223,13 @@ def test_plan_shows_the_laid_out_job_not_the_configured_counts():
     assert "python -m trainer (1 rank, no torchrun)" in rows[-1] and "torchrun" not in rows[-1].split("no torchrun")[0]
 
 
-def test_run_makes_the_trainer_wait_for_its_first_server_only_when_it_starts_servers():
+def test_run_makes_the_trainer_wait_for_its_servers_only_when_it_starts_servers():
     cfg = _cfg("topology=local_cpu")
-    applied = apply_topology(cfg, plan_topology(cfg, itertools.count(36000)))
+    topo = plan_topology(cfg, itertools.count(36000))
+    applied = apply_topology(cfg, topo)
     assert cfg.trainer.first_engine_wait_s == 0  # the trainer alone (tests, by hand) pushes at once
     assert applied.trainer.first_engine_wait_s == min(cfg.launch.health_timeout_s, cfg.trainer.gloo_timeout_s / 2)
+    assert cfg.trainer.first_engines == 1
+    assert applied.trainer.first_engines == sum(slot.kind == "rollout" for slot in topo.slots) == 2
     kept = _cfg("topology=local_cpu", "trainer.first_engine_wait_s=7")
     assert apply_topology(kept, plan_topology(kept, itertools.count(36100))).trainer.first_engine_wait_s == 7

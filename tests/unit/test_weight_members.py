@@ -108,12 +108,17 @@ def test_poll_periods_double_up_to_the_longest():
     assert all(b == min(STATUS_POLL_S, 2 * a) for a, b in zip(periods, periods[1:]))
 
 
-def test_the_initial_push_waits_for_the_first_server_and_gives_up_at_its_timeout(monkeypatch):
+def test_the_initial_push_waits_for_the_servers_and_gives_up_at_its_timeout(monkeypatch):
     from trainer import weight_members as wm
 
     monkeypatch.setattr(wm.time, "sleep", lambda s: None)
     buffer = _Buffer(_roster(), _roster(), _roster("rollout-0"))
-    assert wm.await_first_member(buffer, timeout_s=30.0) is True and len(buffer.sent) == 3
+    assert wm.await_registered(buffer, 1, timeout_s=30.0) is True and len(buffer.sent) == 3
     empty = _Buffer(*[_roster()] * 3)
-    assert wm.await_first_member(empty, timeout_s=0.0) is False and len(empty.sent) == 1
-    assert wm.await_first_member(_Buffer(), timeout_s=30.0, should_stop=lambda: True) is False
+    assert wm.await_registered(empty, 1, timeout_s=0.0) is False and len(empty.sent) == 1
+    assert wm.await_registered(_Buffer(), 1, timeout_s=30.0, should_stop=lambda: True) is False
+    # two wanted: one evaluating out of the syncs counts, a member twice does not
+    evaluating = P.Roster(members=_roster("rollout-1").members, policy_version=0, evaluating=["rollout-0"])
+    both = _Buffer(_roster("rollout-1"), P.Roster(members=_roster("rollout-1").members, policy_version=0,
+                                                  evaluating=["rollout-1"]), evaluating)
+    assert wm.await_registered(both, 2, timeout_s=30.0) is True and len(both.sent) == 3
