@@ -5,9 +5,11 @@ to change when SGLang adds one: every key of ``rollout.engine.sglang`` becomes
 ``--key-with-dashes value`` verbatim (``true`` -> a bare flag, ``false``/``null`` -> omitted,
 a list -> several values). The rollout server adds only what it must own: model path, host,
 port, ``--tp-size`` from ``rollout.engine.tp_size`` (the one source of truth: the launcher gives
-the server that many GPUs, so ``rollout.engine.sglang.tp_size`` is refused by the schema) and
+the server that many GPUs, so ``rollout.engine.sglang.tp_size`` is refused by the schema),
 ``--weight-version 0`` unless configured (our versions are integers, SGLang's default
-``"default"`` is not).
+``"default"`` is not) and ``--dtype`` from ``model.dtype`` unless ``rollout.engine.sglang.dtype``
+is set (SGLang's own default follows the checkpoint's ``config.json``: an fp32 config is served in
+fp16, while the trainer sends ``model.dtype`` weights).
 
 The server runs in its own session (process group) because SGLang forks scheduler and
 detokenizer processes; ``stop()`` signals that group through the PID we started (SIGTERM,
@@ -94,8 +96,8 @@ def sglang_command(model: ModelConfig, engine: EngineConfig, port: int, api_key:
     if not model.path:
         raise ValueError("rollout.engine.kind=sglang needs model.path (a local HF model directory)")
     opts = {"model_path": model.path, "host": engine.host, "port": port, "weight_version": "0",
-            "tp_size": engine.tp_size}
-    opts.update(engine.sglang)
+            "tp_size": engine.tp_size, "dtype": model.dtype}
+    opts.update(engine.sglang)  # a pass-through value wins, ``dtype`` included
     if api_key:
         opts["api_key"] = api_key
     argv = [sys.executable, "-m", "sglang.launch_server"]

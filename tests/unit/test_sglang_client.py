@@ -234,7 +234,18 @@ def test_sglang_command_passes_every_option_through():
         "skip_server_warmup": True, "enable_metrics": False, "cuda_graph_max_bs": 8, "weight_version": "7"}), 30001)
     assert argv[1:3] == ["-m", "sglang.launch_server"]
     assert argv[3:] == ["--model-path", "/m", "--host", "127.0.0.1", "--port", "30001", "--weight-version", "7",
-                        "--tp-size", "2", "--skip-server-warmup", "--cuda-graph-max-bs", "8"]
+                        "--tp-size", "2", "--dtype", "float32", "--skip-server-warmup", "--cuda-graph-max-bs", "8"]
+
+
+@pytest.mark.parametrize("sglang,want", [
+    ({}, ["--dtype", "bfloat16"]),  # model.dtype: what the trainer sends, not config.json's choice
+    ({"dtype": "float16"}, ["--dtype", "float16"]),  # the user's pass-through flag wins
+    ({"dtype": None}, []),  # set to null: SGLang's own default (config.json)
+])
+def test_sglang_dtype_follows_model_dtype_unless_passed_through(sglang, want):
+    argv = sglang_command(ModelConfig(path="/m", dtype="bfloat16"), EngineConfig(kind="sglang", sglang=sglang), 1)
+    got = [a for i, a in enumerate(argv) if a == "--dtype" or (i and argv[i - 1] == "--dtype")]
+    assert got == want
 
 
 def test_tp_size_has_one_source_of_truth():
