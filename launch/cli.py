@@ -9,7 +9,8 @@
     areal-like plan     [overrides...]        print where `run` would put every process (node, GPUs,
                                               ports, addresses); starts nothing, writes nothing
     areal-like config   [overrides...]        print the resolved config (one file for every node):
-                                              hub ids resolved, inputs checked as `run` does
+                                              hub ids resolved, inputs checked and laid out as
+                                              `run` does (what `run` writes to config.yaml)
     areal-like eval     MODEL [overrides...]  evaluate an HF directory or a checkpoint on the eval split
     areal-like track    RUN_DIR [--once] [overrides...]   feed a run's metrics and samples to cfg.tracker
     areal-like export   CHECKPOINT OUT [--config-file FILE]   a trainer checkpoint -> a Hugging Face directory
@@ -193,15 +194,17 @@ def _errors(e: Exception) -> int:
 
 
 def _print_config(overrides: list[str]) -> int:
-    """The config the daemons would read: hub ids resolved to local directories, inputs checked."""
+    """The config the daemons would read: hub ids resolved to local directories, inputs checked,
+    and laid out as ``run`` lays it out (``launch.job.plan_job``: GPUs, weight path, addresses)."""
     from areal_like.config import ConfigError, to_yaml
+    from launch.job import plan_job
     from launch.preflight import checked
 
     cfg = _load(overrides)
     if cfg is None:
         return 2
     try:
-        cfg = checked(cfg)
+        cfg, _ = plan_job(checked(cfg))
     except ConfigError as e:
         return _errors(e)
     sys.stdout.write(to_yaml(cfg, redacted=True))  # a credential in a URL is shown as <redacted>

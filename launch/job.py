@@ -87,18 +87,27 @@ def laid_out(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, 
     return cfg, cpus
 
 
-def plan_job(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, Topology]:
+def plan_job(cfg: RunConfig, cpus: list[int] | None = None,
+             ports=None) -> tuple[RunConfig, Topology]:
     """Ports, CPU pools and GPUs of every daemon (nothing written, nothing started); returns (the
-    config the daemons read, the topology). Raises ConfigError for a layout that does not fit."""
+    config the daemons read, the topology). Raises ConfigError for a layout that does not fit.
+
+    The ONE place the layout-dependent config is made (GPU count, weight path, SGLang's memory share
+    on a shared GPU, addresses, ``trainer.first_engines``/``first_engine_wait_s``, same-node
+    sockets): ``run`` (``prepare``), ``plan``, ``config`` (what ``launch/slurm/areal_like.sbatch``
+    and the recipe of ``launch/MULTINODE.md`` give every daemon) and ``launch/srun.py`` (which
+    checks that its config is this one) all call it. Laying out a laid-out config changes nothing.
+    ``ports``: where the ports left at 0 come from (default: free ports of this machine)."""
+    cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()))
     cfg, cpus = laid_out(cfg, cpus)
-    topo = plan_topology(cfg, free_ports(), cpus)
+    topo = plan_topology(cfg, free_ports() if ports is None else ports, cpus)
     return with_local_ipc(apply_topology(cfg, topo)), topo  # one node: same-node sockets, no CURVE
 
 
 def prepare(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, Topology, Path]:
     """Plan the job, write config.yaml; returns (config the daemons read, topology, its path)."""
-    run_dir = Path(cfg.run_dir).resolve()
-    cfg, topo = plan_job(dataclasses.replace(cfg, run_dir=str(run_dir)), cpus)
+    cfg, topo = plan_job(cfg, cpus)
+    run_dir = Path(cfg.run_dir)
     (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
     if cfg.security.curve:  # the job's CURVE keys, no user step (kept when the run resumes)
         make_keys(cfg.resolve_path(cfg.security.keys_dir))
@@ -110,7 +119,7 @@ def prepare(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, T
 
 
 def job_specs(cfg: RunConfig, topo: Topology, config_path: Path, python: str = sys.executable) -> list[ProcSpec]:
-    """The buffer (stage 0), then every rollout server and the trainer (stage 1, see ``_stage``); on a
+    """The buffer (stage 0), then every rollout server and the trainer (``start_stage``); on a
     GPU topology each gets ``CUDA_VISIBLE_DEVICES`` from its slot (the trainer's lists one GPU per
     torchrun rank), translated through the launcher's own when it has one."""
     env = {**{k: v for k, v in MALLOC_ENV.items() if k not in os.environ},
@@ -123,8 +132,7 @@ def job_specs(cfg: RunConfig, topo: Topology, config_path: Path, python: str = s
         env[ENGINE_KEY_ENV] = key
     base = ["--config-file", str(config_path)]
     inherited = os.environ.get("CUDA_VISIBLE_DEVICES")  # plan index i is the launcher's i-th GPU
-    shared = any(n.shared for n in place_nodes(cfg) or ())
-    engine_start_s = cfg.rollout.engine.startup_timeout_s + 60  # healthy once its engine answers
+    shared = shares_gpu(cfg)
     specs = []
     for slot in topo.slots:
         health = f"http://{topo.host}:{slot.metrics_port}/health"
@@ -132,25 +140,44 @@ def job_specs(cfg: RunConfig, topo: Topology, config_path: Path, python: str = s
             argv = [python, "-m", "buffer", *base]
         elif slot.kind == "rollout":
             argv = [python, "-m", "rollout_server", *base, *slot.overrides]
-        else:  # the final evaluation's server may register after the last push: the trainer waits for it
-            final_eval = ["eval.await_server=true"] if wants_eval(cfg) and cfg.eval.at_end else []
-            argv = _trainer_argv(python, cfg.launch.trainer_ranks, topo.host, [*base, *final_eval])
+        else:
+            own = [*base, *trainer_overrides(cfg)]
+            argv = _trainer_argv(python, cfg.launch.trainer_ranks, topo.host, own)
         gpus = {} if slot.gpus is None else {"CUDA_VISIBLE_DEVICES": visible_devices(slot.gpus, inherited)}
         threads = {} if slot.threads is None else {"OMP_NUM_THREADS": str(slot.threads),
                                                    "MKL_NUM_THREADS": str(slot.threads)}
         own = {k: v for k, v in slot.env  # a user's own setting wins (a wait policy over a spin count too)
                if k not in os.environ and not (k.startswith("GOMP_") and "OMP_WAIT_POLICY" in os.environ)}
         specs.append(ProcSpec(name=slot.name, argv=argv, env={**env, **gpus, **threads, **own}, health_url=health,
-                              stage=_stage(slot.kind, shared), main=slot.kind == "trainer", cpus=slot.cpus,
-                              health_timeout_s=engine_start_s if slot.kind == "rollout" else None))
+                              stage=start_stage(slot.kind, shared), main=slot.kind == "trainer",
+                              cpus=slot.cpus,
+                              health_timeout_s=engine_start_s(cfg) if slot.kind == "rollout"
+                              else None))
     return specs
 
 
-def _stage(kind: str, shared: bool) -> int:
+def trainer_overrides(cfg: RunConfig) -> list[str]:
+    """The trainer's own ``key=value`` (``launch/srun.py`` passes the same): the final evaluation's
+    server may register after the last push, so the trainer waits for it."""
+    return ["eval.await_server=true"] if wants_eval(cfg) and cfg.eval.at_end else []
+
+
+def shares_gpu(cfg: RunConfig) -> bool:
+    """Whether a trainer rank and an engine share a GPU (the one-GPU layout of placement.py)."""
+    return any(n.shared for n in place_nodes(cfg) or ())
+
+
+def start_stage(kind: str, shared: bool) -> int:
     """The buffer first, then the rollout servers and the trainer together; on one shared GPU the
     trainer only once every engine is up: SGLang sizes its KV cache from the memory free after it
-    loads the model, which a trainer allocating at the same time would take."""
+    loads the model, which a trainer allocating at the same time would take. ``launch/srun.py``
+    starts the Slurm steps in the same order."""
     return 0 if kind == "buffer" else 2 if kind == "trainer" and shared else 1
+
+
+def engine_start_s(cfg: RunConfig) -> float:
+    """How long a rollout server may take to become healthy: its engine's start-up, plus margin."""
+    return cfg.rollout.engine.startup_timeout_s + 60
 
 
 def _trainer_argv(python: str, ranks: int, host: str, base: list[str]):

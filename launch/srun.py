@@ -9,7 +9,13 @@
   error naming it and the interfaces that do have one;
 * ``steps`` prints one line per process, ``name<TAB>kind<TAB>command`` (``command`` shell-quoted):
   the buffer, every rollout server and one torchrun per training node, placed by
-  ``launch/topology.py`` (GPUs from ``launch/placement.py``), and writes ``ports.json``.
+  ``launch/topology.py`` (GPUs from ``launch/placement.py``), and writes ``ports.json``. The
+  config must be the laid-out one ``areal-like config`` prints (``launch.job.plan_job``, what
+  ``run`` gives its daemons); one that is not is refused, naming the keys that differ. Steps start
+  in ``run``'s order (``launch.job.start_stage``): on one shared GPU the trainer's step first
+  waits for every rollout server's ``/health`` (its engine up), through ``after``;
+* ``after --timeout-s S URL... -- COMMAND`` waits until every ``URL`` answers 200, then becomes
+  ``COMMAND`` (exec); exit 1 naming the URL that did not answer within ``S`` seconds.
 
 Each step is ``srun --overlap -N1 -n1 -w NODE -c CORES --cpu-bind=mask_cpu:MASK env
 CUDA_VISIBLE_DEVICES=... COMMAND``. The cores come from the plan too (``node_cores``): a node's
@@ -24,16 +30,21 @@ own GPU binding, so it is the plan's and not Slurm's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import shlex
 import subprocess
 import sys
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from areal_like.config import ConfigError, RunConfig
+from launch.job import engine_start_s, plan_job, shares_gpu, start_stage, trainer_overrides
 from launch.placement import NodeGpus, place_nodes, visible_devices
-from launch.topology import DaemonSlot, Topology, plan_topology, split_address
+from launch.topology import DaemonSlot, Topology, split_address
 
 BUFFER_CORES = 1  # the buffer moves bytes between sockets: one core is plenty
 
@@ -146,7 +157,8 @@ def slurm_steps(cfg: RunConfig, hosts: list[str], *, config: str, cpus: int, mas
     if placed is None:
         raise ConfigError(f"trainer.device={cfg.trainer.device!r} and rollout.engine.kind={cfg.rollout.engine.kind!r}: "
                           "the Slurm recipe places GPU jobs (topology=gpu_sglang or gpu_embedded)")
-    topo = plan_topology(cfg, _from(master_port))
+    laid, topo = plan_job(cfg, ports=_from(master_port))
+    check_laid_out(cfg, laid)
     node = physical_cores(cpus, lscpu)
     cores = [node_cores(placed[k], node, la.gpus_per_node, has_buffer=k == 0) for k in range(la.nodes)]
     seen = [0] * la.nodes  # rollout servers placed so far on each node
@@ -157,8 +169,52 @@ def slurm_steps(cfg: RunConfig, hosts: list[str], *, config: str, cpus: int, mas
         srun = ["srun", "--overlap", "--nodes=1", "--ntasks=1", f"--nodelist={hosts[slot.node]}",
                 f"--cpus-per-task={len(cores[slot.node][key])}", f"--cpu-bind=mask_cpu:{cpu_mask(cores[slot.node][key])}",
                 "env", f"CUDA_VISIBLE_DEVICES={visible_devices(slot.gpus or ())}"]
-        steps.append(Step(slot.name, slot.kind, (*srun, *_command(cfg, topo, slot, config, restarts, repo))))
+        wait = _after(cfg, topo, slot, hosts)
+        command = _command(cfg, topo, slot, config, restarts, repo)
+        steps.append(Step(slot.name, slot.kind, (*srun, *wait, *command)))
     return topo, steps
+
+
+def check_laid_out(cfg: RunConfig, laid: RunConfig) -> None:
+    """ConfigError naming the keys where ``cfg`` is not the laid-out config ``laid``."""
+    if cfg == laid:
+        return
+    keys = ["run_dir"] if cfg.run_dir != laid.run_dir else []
+    keys += [f"{part}.{f.name}" for part in ("launch", "buffer", "rollout", "trainer", "security")
+             for f in dataclasses.fields(getattr(cfg, part))
+             if getattr(getattr(cfg, part), f.name) != getattr(getattr(laid, part), f.name)]
+    raise ConfigError(f"the config is not laid out for its launch.* layout ({', '.join(keys)} "
+                      "differ from what `areal-like run` gives its daemons): make it with "
+                      "`areal-like config`")
+
+
+def _after(cfg: RunConfig, topo: Topology, slot: DaemonSlot, hosts: list[str]) -> list[str]:
+    """A step started after the previous stage (``launch.job.start_stage``) waits for its health."""
+    shared = shares_gpu(cfg)
+    stage = start_stage(slot.kind, shared)
+    if stage < 2:  # the buffer's stage-0 wait is the sbatch script's
+        return []
+    urls = [f"http://{topo.host if s.node == 0 else hosts[s.node]}:{s.metrics_port}/health"
+            for s in topo.slots if start_stage(s.kind, shared) == stage - 1]
+    wait_s = str(int(engine_start_s(cfg)))
+    return ["python", "-m", "launch.srun", "after", "--timeout-s", wait_s, *urls, "--"]
+
+
+def wait_healthy(urls: list[str], timeout_s: float, poll_s: float = 2.0) -> str | None:
+    """Wait until every URL answers 200; the first that did not within ``timeout_s``, else None."""
+    deadline = time.monotonic() + timeout_s
+    for url in urls:
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() >= deadline:
+                return url
+            time.sleep(poll_s)
+    return None
 
 
 def _from(first: int):
@@ -176,7 +232,8 @@ def _command(cfg: RunConfig, topo: Topology, slot: DaemonSlot, config: str, rest
                 "--config-file", config, *slot.overrides]
     return ["areal-like", "train", "--nnodes", str(cfg.launch.train_nodes), "--node-rank", str(slot.node),
             "--nproc-per-node", str(cfg.launch.trainer_ranks), "--master-addr", topo.host,
-            "--master-port", str(topo.master_port), "--config-file", config]
+            "--master-port", str(topo.master_port), "--config-file", config,
+            *trainer_overrides(cfg)]
 
 
 def ports_json(topo: Topology, hosts: list[str]) -> dict:
@@ -191,7 +248,24 @@ def ports_json(topo: Topology, hosts: list[str]) -> dict:
     return {"daemons": daemons}
 
 
+def after(argv: list[str]) -> int:
+    """``after --timeout-s S URL... -- COMMAND...``: exec COMMAND once every URL is healthy."""
+    if len(argv) < 4 or argv[0] != "--timeout-s" or "--" not in argv or argv[-1] == "--":
+        print("usage: python -m launch.srun after --timeout-s S URL... -- COMMAND...",
+              file=sys.stderr)
+        return 2
+    cut = argv.index("--")
+    late = wait_healthy(argv[2:cut], float(argv[1]))
+    if late is not None:
+        print(f"error: {late} did not answer within {argv[1]} s; not starting {argv[cut + 1]}",
+              file=sys.stderr)
+        return 1
+    os.execvp(argv[cut + 1], argv[cut + 1:])
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["after"]:
+        return after(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m launch.srun", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     hp = sub.add_parser("head-ip", help="the IPv4 address of an interface of this node")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from areal_like.config import ConfigError, load_config
+from launch.job import plan_job
 from launch.placement import place_node
 from launch.srun import cpu_mask, head_ip, node_cores, physical_cores, ports_json, slurm_steps
 
@@ -105,9 +106,15 @@ def test_hyperthreads_stay_with_their_core_and_blocks_follow_sockets():
 
 
 def _cfg(nodes: int, tp: int, *extra: str):
+    """What `areal-like config` prints for the sbatch's overrides: laid out (plan_job)."""
+    return plan_job(_user_cfg(nodes, tp, *extra))[0]
+
+
+def _user_cfg(nodes: int, tp: int, *extra: str):
     gpus = 4
     trainer, servers = (2, (gpus - 2) // tp) if nodes == 1 else (gpus, gpus // tp)
-    return load_config(["topology=gpu_sglang", f"launch.nodes={nodes}", f"launch.train_nodes={max(1, nodes - 1)}",
+    return load_config(["topology=gpu_sglang", "run_dir=/shared/run",
+                        f"launch.nodes={nodes}", f"launch.train_nodes={max(1, nodes - 1)}",
                         f"launch.gpus_per_node={gpus}", f"launch.trainer_ranks={trainer}",
                         f"launch.num_rollout_servers={servers}", f"rollout.engine.tp_size={tp}",
                         "buffer.address=tcp://10.1.2.3:5555", "buffer.pub_address=tcp://10.1.2.3:5556",
@@ -153,7 +160,8 @@ def test_steps_place_every_process_of_the_plan(nodes, tp):
         tail = list(t.argv[t.argv.index("train") - 1:])
         assert tail == ["areal-like", "train", "--nnodes", str(max(1, nodes - 1)), "--node-rank", str(k),
                         "--nproc-per-node", "2" if nodes == 1 else "4", "--master-addr", "10.1.2.3",
-                        "--master-port", "29500", "--config-file", "/shared/run/config.yaml"]
+                        "--master-port", "29500", "--config-file", "/shared/run/config.yaml",
+                        "eval.await_server=true"]  # as run's trainer: the final eval's server may be late
 
 
 def test_two_nodes_tp2_exact_command_lines():
@@ -163,7 +171,8 @@ def test_two_nodes_tp2_exact_command_lines():
         "env CUDA_VISIBLE_DEVICES= areal-like buffer --config-file /shared/run/config.yaml",
         "trainer\ttrainer\tsrun --overlap --nodes=1 --ntasks=1 --nodelist=gpu0 --cpus-per-task=16 "
         "--cpu-bind=mask_cpu:0xffff env CUDA_VISIBLE_DEVICES=0,1,2,3 areal-like train --nnodes 1 --node-rank 0 "
-        "--nproc-per-node 4 --master-addr 10.1.2.3 --master-port 29500 --config-file /shared/run/config.yaml",
+        "--nproc-per-node 4 --master-addr 10.1.2.3 --master-port 29500 --config-file /shared/run/config.yaml "
+        "eval.await_server=true",
         "rollout-0\trollout\tsrun --overlap --nodes=1 --ntasks=1 --nodelist=gpu1 --cpus-per-task=8 "
         "--cpu-bind=mask_cpu:0xff env CUDA_VISIBLE_DEVICES=0,1 bash /shared/repo/launch/slurm/with_restarts.sh 3 "
         "areal-like rollout --config-file /shared/run/config.yaml rollout.server_id=rollout-0 rollout.metrics_port=9101 "

@@ -1,0 +1,161 @@
+"""The Slurm path gives every process the config `areal-like run` gives it (issue 36, item 3).
+
+For every GPU layout the placement tests cover (tests/unit/test_placement*.py, test_srun.py,
+test_topology.py), the sbatch script's own steps run here: `areal-like config` with its overrides
+(the preflight stubbed: sglang and model files are the preflight's tests), written to a file, then
+`python -m launch.srun steps` on it. Each step's daemon config, the file plus the overrides on its
+command line as the daemon loads them, must equal the config of the same process of `run`
+(`launch.job.plan_job` + `job_specs`, its config.yaml plus its argv); so must its GPUs, and its
+start order (on one shared GPU the trainer starts once the engine is up). On several nodes `run`
+refuses to start, and its plan (`areal-like plan`, the same function) is the reference.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+import launch.preflight
+from areal_like.config import load_config, load_daemon_config, to_yaml
+from launch import cli, srun
+from launch.job import job_specs, plan_job
+
+HEAD = ("buffer.address=tcp://10.1.2.3:5555", "buffer.pub_address=tcp://10.1.2.3:5556",
+        "trainer.weight_sync.master_addr=10.1.2.3", "buffer.metrics_port=9100", "rollout.metrics_port=9101",
+        "trainer.metrics_port=9200")  # what the sbatch script passes: HEAD_IP and fixed ports
+
+
+def _one(gpus, trainer, servers, tp, *extra):
+    return ("topology=gpu_sglang", f"launch.gpus_per_node={gpus}", f"launch.trainer_ranks={trainer}",
+            f"launch.num_rollout_servers={servers}", f"rollout.engine.tp_size={tp}", *extra)
+
+
+def _many(gpus, nodes, train_nodes, tp):
+    return ("topology=gpu_sglang", f"launch.gpus_per_node={gpus}", f"launch.nodes={nodes}",
+            f"launch.train_nodes={train_nodes}", f"launch.trainer_ranks={gpus}",
+            f"launch.num_rollout_servers={gpus // tp}", f"rollout.engine.tp_size={tp}")
+
+
+LAYOUTS = [
+    _one(1, 1, 1, 1),  # one shared GPU: tensor path, SGLang's share, the trainer after the engine
+    _one(1, 1, 1, 1, "rollout.engine.sglang.mem_fraction_static=0.3"),
+    ("topology=gpu_embedded", "launch.gpus_per_node=1"),
+    ("topology=gpu_embedded", "launch.gpus_per_node=2"),
+    *(_one(*layout) for layout in [(2, 1, 1, 1), (4, 2, 2, 1), (4, 2, 1, 2), (8, 4, 2, 2), (8, 2, 3, 2),
+                                   (8, 1, 1, 4)]),
+    *(_many(g, n, t, tp) for g in (1, 2, 4, 8) for n, t, tp in [(2, 1, 1), (3, 1, 2), (3, 2, 1), (3, 2, 4)]
+      if tp <= g),
+    _many(4, 2, 1, 2),  # test_srun.py's
+]
+
+
+def _daemon_config(argv: list[str]):
+    """The config a daemon started with ``argv`` reads: its --config-file plus the key=value after it."""
+    i = argv.index("--config-file")
+    return load_daemon_config(argv[i:i + 2] + [a for a in argv[i + 2:] if "=" in a and not a.startswith("-")])
+
+
+def _slurm(tmp_path: Path, overrides: tuple[str, ...], nodes: int, capsys) -> dict[str, tuple]:
+    """Per step: (daemon config, CUDA_VISIBLE_DEVICES, the health URLs it waits for first)."""
+    assert cli.main(["config", *overrides]) == 0
+    config = tmp_path / "config.yaml"
+    config.write_text(capsys.readouterr().out)
+    hosts = ",".join(f"gpu{k}" for k in range(nodes))
+    assert srun.main(["steps", "--config-file", str(config), "--hosts", hosts, "--cpus-per-node", "64",
+                      "--master-port", "29500", "--repo", "/repo"]) == 0
+    out = {}
+    for line in capsys.readouterr().out.splitlines():
+        name, _, cmd = line.split("\t")
+        argv = shlex.split(cmd)
+        rest = argv[argv.index("env") + 2:]
+        waits = rest[rest.index("--timeout-s") + 2:rest.index("--")] if rest[:4] == ["python", "-m", "launch.srun",
+                                                                                    "after"] else []
+        out[name] = (_daemon_config(rest), argv[argv.index("env") + 1], waits)
+    return out
+
+
+def _run(tmp_path: Path, overrides: tuple[str, ...]) -> dict[str, tuple]:
+    """Per process of `run` (launch/job.py): (daemon config, CUDA_VISIBLE_DEVICES, start stage)."""
+    cfg, topo = plan_job(load_config(list(overrides)))
+    path = tmp_path / "run_config.yaml"
+    path.write_text(to_yaml(cfg))
+    out = {}
+    for spec in job_specs(cfg, topo, path, python="py"):
+        argv = spec.argv() if callable(spec.argv) else spec.argv
+        out[spec.name] = (_daemon_config(list(argv)), f"CUDA_VISIBLE_DEVICES={spec.env['CUDA_VISIBLE_DEVICES']}",
+                          spec.stage)
+    return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: " ".join(a.split(".")[-1] for a in layout[1:]))
+def test_each_slurm_step_gets_the_config_run_gives_that_process(layout, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(launch.preflight, "checked", lambda cfg: cfg)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    nodes = int(next((a.split("=")[1] for a in layout if a.startswith("launch.nodes=")), 1))
+    overrides = (*layout, *HEAD, f"run_dir={tmp_path / 'run'}")
+    slurm, run = _slurm(tmp_path, overrides, nodes, capsys), _run(tmp_path, overrides)
+    assert sorted(slurm) == sorted(run)
+    for name, (cfg, gpus, stage) in run.items():
+        got, got_gpus, waits = slurm[name]
+        assert got == cfg, name
+        assert got_gpus == gpus, name
+        rollouts = [f"http://10.1.2.3:{s[0].rollout.metrics_port}/health" for n, s in slurm.items()
+                    if n.startswith("rollout-")]
+        assert waits == (rollouts if stage == 2 else []), name  # buffer first: the sbatch script's own wait
+
+
+def test_one_shared_gpu_is_laid_out_on_slurm_as_by_run(tmp_path, monkeypatch, capsys):
+    """What item 3 found missing on the Slurm path, spelled out for the one-GPU node."""
+    monkeypatch.setattr(launch.preflight, "checked", lambda cfg: cfg)
+    slurm = _slurm(tmp_path, (*_one(1, 1, 1, 1), *HEAD, f"run_dir={tmp_path / 'run'}"), 1, capsys)
+    trainer, _, waits = slurm["trainer"]
+    assert trainer.trainer.weight_sync.path == "tensor"  # not an NCCL group with two ranks on GPU 0
+    assert trainer.rollout.engine.sglang["mem_fraction_static"] == 0.4  # not SGLang's default share
+    assert trainer.trainer.first_engines == 1 and trainer.trainer.first_engine_wait_s > 0
+    assert waits == ["http://10.1.2.3:9101/health"]  # the trainer starts once the engine is up
+
+
+def test_steps_refuse_a_config_that_is_not_laid_out(tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text(to_yaml(load_config([*_one(1, 1, 1, 1), *HEAD, f"run_dir={tmp_path}"])))
+    assert srun.main(["steps", "--config-file", str(config), "--hosts", "gpu0", "--cpus-per-node", "8",
+                      "--master-port", "29500", "--repo", "/repo"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the config is not laid out for its launch.* layout (") and \
+        "trainer.weight_sync" in err and "make it with `areal-like config`" in err
+
+
+def test_after_starts_the_command_once_the_url_is_healthy_and_refuses_when_it_is_not():
+    """`python -m launch.srun after`, the trainer step's wait on one shared GPU, with a real server."""
+    import http.server
+    import subprocess
+    import sys
+    import threading
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    root = Path(__file__).resolve().parents[2]
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        ok = subprocess.run([sys.executable, "-m", "launch.srun", "after", "--timeout-s", "60", f"{url}/health",
+                             "--", sys.executable, "-c", "print('started')"], capture_output=True, text=True,
+                            timeout=120, cwd=root)
+        assert (ok.returncode, ok.stdout) == (0, "started\n"), ok.stderr
+        late = subprocess.run([sys.executable, "-m", "launch.srun", "after", "--timeout-s", "1", f"{url}/nope",
+                               "--", sys.executable, "-c", "print('started')"], capture_output=True, text=True,
+                              timeout=120, cwd=root)
+        assert late.returncode == 1 and late.stdout == ""
+        assert late.stderr.startswith(f"error: {url}/nope did not answer within 1 s; not starting")
+    finally:
+        server.shutdown()
+        server.server_close()
