@@ -170,7 +170,7 @@ def slurm_steps(cfg: RunConfig, hosts: list[str], *, config: str, cpus: int, mas
                 f"--cpus-per-task={len(cores[slot.node][key])}", f"--cpu-bind=mask_cpu:{cpu_mask(cores[slot.node][key])}",
                 "env", f"CUDA_VISIBLE_DEVICES={visible_devices(slot.gpus or ())}"]
         wait = _after(cfg, topo, slot, hosts)
-        command = _command(cfg, topo, slot, config, restarts, repo)
+        command = _command(cfg, topo, slot, config, restarts, repo, hosts[slot.node])
         steps.append(Step(slot.name, slot.kind, (*srun, *wait, *command)))
     return topo, steps
 
@@ -200,6 +200,14 @@ def _after(cfg: RunConfig, topo: Topology, slot: DaemonSlot, hosts: list[str]) -
     return ["python", "-m", "launch.srun", "after", "--timeout-s", wait_s, *urls, "--"]
 
 
+def engine_host(cfg: RunConfig, host: str) -> list[str]:
+    """On several nodes an engine listens on (and its server registers) its node's address, where
+    trainer rank 0's log-prob guard reaches it (trainer/logprob_guard.py); a configured one is kept."""
+    if cfg.launch.nodes == 1 or cfg.rollout.engine.kind == "url" or cfg.rollout.engine.host != "127.0.0.1":
+        return []
+    return [f"rollout.engine.host={host}"]
+
+
 def wait_healthy(urls: list[str], timeout_s: float, poll_s: float = 2.0) -> str | None:
     """Wait until every URL answers 200; the first that did not within ``timeout_s``, else None."""
     deadline = time.monotonic() + timeout_s
@@ -224,12 +232,13 @@ def _from(first: int):
         port += 1
 
 
-def _command(cfg: RunConfig, topo: Topology, slot: DaemonSlot, config: str, restarts: int, repo: str) -> list[str]:
+def _command(cfg: RunConfig, topo: Topology, slot: DaemonSlot, config: str, restarts: int, repo: str,
+             host: str) -> list[str]:
     if slot.kind == "buffer":
         return ["areal-like", "buffer", "--config-file", config]
     if slot.kind == "rollout":  # restarted in place when it dies, like the local supervisor does
         return ["bash", f"{repo}/launch/slurm/with_restarts.sh", str(restarts), "areal-like", "rollout",
-                "--config-file", config, *slot.overrides]
+                "--config-file", config, *slot.overrides, *engine_host(cfg, host)]
     return ["areal-like", "train", "--nnodes", str(cfg.launch.train_nodes), "--node-rank", str(slot.node),
             "--nproc-per-node", str(cfg.launch.trainer_ranks), "--master-addr", topo.host,
             "--master-port", str(topo.master_port), "--config-file", config,

@@ -29,6 +29,7 @@ class TrainerFacts:
     run_dir: Path  # where metrics/trainer.jsonl and samples.jsonl go
     checkpoint_dir: Path  # trainer.checkpoint_dir resolved against run_dir
     export_dir: Path  # export.dir resolved against run_dir
+    nodes: int = 1  # launch.nodes: > 1 puts the engines on other nodes than rank 0 (the log-prob guard)
 
     @classmethod
     def from_run(cls, cfg: RunConfig) -> TrainerFacts:
@@ -38,4 +39,4 @@ class TrainerFacts:
                    final_eval=cfg.eval.await_server,
                    sample_every=cfg.tracking.sample_every, sample_k=cfg.tracking.sample_k, run_dir=Path(cfg.run_dir),
                    checkpoint_dir=cfg.resolve_path(cfg.trainer.checkpoint_dir),
-                   export_dir=cfg.resolve_path(cfg.export.dir))
+                   export_dir=cfg.resolve_path(cfg.export.dir), nodes=cfg.launch.nodes)

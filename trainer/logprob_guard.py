@@ -21,7 +21,13 @@ a convention error moves every token, while bf16 kernels on a GPU leave rare sin
 a few tenths of a nat, which a max would turn into a false refusal.
 
 Not covered: engines that join the roster after the initial push are not probed; an engine that
-cannot be reached is skipped with a warning (the weight sync handles dead engines).
+cannot be reached is skipped with a warning (the weight sync handles dead engines). Rank 0 probes
+the URL an engine registered: on a job of several nodes (``launch.nodes > 1``) a loopback or
+any-address URL (the default ``rollout.engine.host``, 127.0.0.1) names rank 0's own machine, never
+the engine's, so such an engine is reported as NOT CHECKED (``not_checked`` in the trainer's
+record, a warning naming the fix: ``rollout.engine.host`` set to the engine node's address, which
+the engine then listens on and registers) instead of being probed on the wrong machine. Every
+engine not checked, for whatever reason, is listed with its reason; only probed ones pass.
 ``trainer.logprob_guard_tol <= 0`` turns the guard off.
 """
 
@@ -30,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -118,22 +125,41 @@ def trainer_logprobs(model: torch.nn.Module, prompt_ids: list[int], output_ids: 
     return token_logprobs(picked, ids[:, n_prompt:], temperature)[0].tolist()
 
 
-def collect_probes(buffer: Client, served: Sequence[str], prompt_ids: list[int], temperature: float) -> list[Probe]:
-    """Rank 0: probe every roster engine in ``served`` (those that acknowledged the pushed weights)."""
+def elsewhere(url: str, several_nodes: bool) -> str | None:
+    """Why rank 0 cannot check the engine at ``url`` from here, or None: on a job of several nodes
+    a loopback or any-address URL names this machine, not the engine's node."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if not several_nodes or not (host.startswith("127.") or host in ("localhost", "::1", "0.0.0.0", "::")):
+        return None
+    return (f"its URL {url} is a loopback address and launch.nodes > 1 puts the engines on other nodes "
+            "than trainer rank 0: set rollout.engine.host to the engine node's address")
+
+
+def collect_probes(buffer: Client, served: Sequence[str], prompt_ids: list[int], temperature: float,
+                   several_nodes: bool = False) -> tuple[list[Probe], dict[str, str]]:
+    """Rank 0: probe every roster engine in ``served`` (those that acknowledged the pushed weights);
+    returns the probes and, per engine in ``served`` not probed, why it was NOT CHECKED."""
     reply = buffer.request(RosterRequest())
     if not isinstance(reply, Roster):
         raise RuntimeError(f"buffer answered RosterRequest with {reply.TYPE}")
-    probes = []
+    probes, unchecked = [], {}
     for m in sorted(reply.members, key=lambda m: m.server_id):
         if m.server_id not in served:
             log.warning("log-prob guard: %s does not serve the pushed weights yet; not probed", m.server_id)
             continue
         try:
-            probes.append(probe_engine(m.server_id, m.engine_url, prompt_ids, temperature))
+            why = elsewhere(m.engine_url, several_nodes)
+            if why is None:
+                probe = probe_engine(m.server_id, m.engine_url, prompt_ids, temperature)
+                why = None if probe.output_ids else "it generated no token"
         except (OSError, urllib.error.URLError, KeyError, ValueError, TypeError, IndexError) as e:
-            log.warning("log-prob guard: could not probe %s at %s (%s: %s); not probed", m.server_id,
-                        m.engine_url, type(e).__name__, e)
-    return [p for p in probes if p.output_ids]
+            why = f"could not probe it at {m.engine_url} ({type(e).__name__}: {e})"
+        if why is None:
+            probes.append(probe)
+        else:
+            unchecked[m.server_id] = why
+            log.warning("log-prob guard: engine %s NOT CHECKED: %s", m.server_id, why)
+    return probes, unchecked
 
 
 def _broadcast(obj):
@@ -144,10 +170,13 @@ def _broadcast(obj):
 
 
 def run_guard(model: torch.nn.Module, device: torch.device, *, rank: int, buffer: Client | None,
-              served: Sequence[str], prompt_ids: list[int], temperature: float, tol: float) -> list[str]:
-    """All ranks: probe (rank 0), score (all), compare (rank 0), agree. Returns the engines that passed;
-    raises ``LogprobGuardError`` on every rank when one does not."""
-    probes = _broadcast(collect_probes(buffer, served, prompt_ids, temperature) if rank == 0 else None)
+              served: Sequence[str], prompt_ids: list[int], temperature: float, tol: float,
+              several_nodes: bool = False) -> tuple[list[str], dict[str, str]]:
+    """All ranks: probe (rank 0), score (all), compare (rank 0), agree. Returns the engines that passed
+    and those NOT CHECKED with the reason (``collect_probes``); raises ``LogprobGuardError`` on every
+    rank when one does not pass."""
+    probes, unchecked = _broadcast(collect_probes(buffer, served, prompt_ids, temperature, several_nodes)
+                                   if rank == 0 else None)
     verdict: str | None = None
     for p in probes:  # every rank runs every forward: same count, same order
         mine = trainer_logprobs(model, p.prompt_ids, p.output_ids, temperature, device)
@@ -159,4 +188,4 @@ def run_guard(model: torch.nn.Module, device: torch.device, *, rank: int, buffer
     verdict = _broadcast(verdict)
     if verdict is not None:
         raise LogprobGuardError(verdict)
-    return [p.server_id for p in probes]
+    return [p.server_id for p in probes], unchecked

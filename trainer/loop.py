@@ -161,9 +161,12 @@ class Trainer(Daemon):
         if tol <= 0:
             return
         prompt = list(self.tokenizer.encode(PROBE_TEXT)) if self.rank == 0 else []
-        passed = run_guard(self.policy.model, self.policy.device, rank=self.rank, buffer=self.broadcaster.client,
-                           served=sync.done, prompt_ids=prompt, temperature=self.facts.task.temperature, tol=tol)
-        self.record({"event": "logprob_guard", "policy_version": self.version, "passed": passed, "tol": tol})
+        passed, unchecked = run_guard(self.policy.model, self.policy.device, rank=self.rank,
+                                      buffer=self.broadcaster.client, served=sync.done, prompt_ids=prompt,
+                                      temperature=self.facts.task.temperature, tol=tol,
+                                      several_nodes=self.facts.nodes > 1)
+        self.record({"event": "logprob_guard", "policy_version": self.version, "passed": passed,
+                     "not_checked": unchecked, "tol": tol})
 
     def checkpoint_extra(self) -> dict:
         return {"last_batch_id": self.data.last_batch_id, "steps_trained": self.steps_trained,

@@ -76,8 +76,10 @@ def test_guard_passes_a_correct_engine_and_refuses_one_that_ignores_the_temperat
                                 engine_ranks=1, policy_version=0))
 
         def guard(served: list[str], tol: float = 0.05) -> list[str]:
-            return run_guard(trainer_model, torch.device("cpu"), rank=0, buffer=client, served=served,
-                             prompt_ids=prompt, temperature=TEMPERATURE, tol=tol)
+            passed, unchecked = run_guard(trainer_model, torch.device("cpu"), rank=0, buffer=client,
+                                          served=served, prompt_ids=prompt, temperature=TEMPERATURE, tol=tol)
+            assert unchecked == {}  # one node: the loopback URLs are the engines' own
+            return passed
 
         assert guard(["good"]) == ["good"]  # the mis-configured engine did not take the push: not probed
         with pytest.raises(LogprobGuardError) as e:
@@ -98,3 +100,65 @@ def test_guard_passes_a_correct_engine_and_refuses_one_that_ignores_the_temperat
             thread.join(timeout=30)
             loop.close()
         engine.stop()
+
+
+def routable_ipv4() -> str | None:
+    """This machine's address on its default route (no packet is sent), or None without one."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("198.51.100.1", 9))  # TEST-NET-2: only the route is looked up
+        except OSError:
+            return None
+        host = s.getsockname()[0]
+    return None if host.startswith("127.") or host == "0.0.0.0" else host
+
+
+def test_on_several_nodes_the_guard_probes_a_routable_engine_and_reports_a_loopback_one_unchecked(
+        tmp_path, spawn_python, free_port):
+    """Issue 36, item 6: rank 0 probes the URL an engine registered. An engine listening on its node's
+    address (rollout.engine.host) is probed there and passes; one that registered 127.0.0.1 on a job of
+    several nodes would be probed on rank 0's own machine: it is reported NOT CHECKED, not passed."""
+    import dataclasses
+
+    import torch
+
+    from areal_like.config import load_config, to_yaml
+    from areal_like.dealer import Client
+    from areal_like.hf import build_model
+    from areal_like.protocol import Register
+    from areal_like.tokenizer import load_tokenizer
+    from rollout_server.engine.embedded import EmbeddedEngine
+    from trainer.logprob_guard import PROBE_TEXT, run_guard
+
+    host = routable_ipv4()
+    if host is None:
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    cfg = load_config([f"run_dir={tmp_path}", "security.curve=false", f"buffer.address=tcp://127.0.0.1:{free_port()}",
+                       f"buffer.pub_address=tcp://127.0.0.1:{free_port()}", "buffer.heartbeat_timeout_s=120",
+                       f"task.temperature={TEMPERATURE}", "rollout.engine.max_running_requests=2",
+                       "rollout.engine.max_total_tokens=1024", f"rollout.engine.host={host}"])
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(to_yaml(cfg))
+    spawn_python("buffer", ["--config-file", cfg_path], capture=False)
+    engine = EmbeddedEngine(cfg.model, cfg.rollout.engine).start()
+    # the trap: an engine answering on rank 0's own loopback, as another job's (or node's) would
+    local = EmbeddedEngine(cfg.model, dataclasses.replace(cfg.rollout.engine, host="127.0.0.1")).start()
+    client = Client(cfg.buffer.address, timeout_s=60)
+    try:
+        assert engine.url.startswith(f"http://{host}:")  # what a rollout server registers for it
+        trainer_model = build_model(cfg.model, device="cpu", dtype="float32").eval()
+        trainer_model.load_state_dict(engine.model.state_dict())
+        client.request(Register(server_id="routable", engine_url=engine.url, engine_ranks=1, policy_version=0))
+        client.request(Register(server_id="loopback", engine_url=local.url, engine_ranks=1, policy_version=0))
+        passed, unchecked = run_guard(trainer_model, torch.device("cpu"), rank=0, buffer=client,
+                                      served=["routable", "loopback"], prompt_ids=list(
+                                          load_tokenizer(cfg.model).encode(PROBE_TEXT)),
+                                      temperature=TEMPERATURE, tol=0.05, several_nodes=True)
+        assert passed == ["routable"]
+        assert list(unchecked) == ["loopback"] and "set rollout.engine.host" in unchecked["loopback"]
+    finally:
+        client.close()
+        engine.stop()
+        local.stop()

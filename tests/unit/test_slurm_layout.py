@@ -7,7 +7,9 @@ test_topology.py), the sbatch script's own steps run here: `areal-like config` w
 command line as the daemon loads them, must equal the config of the same process of `run`
 (`launch.job.plan_job` + `job_specs`, its config.yaml plus its argv); so must its GPUs, and its
 start order (on one shared GPU the trainer starts once the engine is up). On several nodes `run`
-refuses to start, and its plan (`areal-like plan`, the same function) is the reference.
+refuses to start, and its plan (`areal-like plan`, the same function) is the reference, plus
+the one thing only the allocation knows: each engine listens on its node's address
+(`rollout.engine.host`), where trainer rank 0's log-prob guard reaches it (issue 36, item 6).
 """
 
 from __future__ import annotations
@@ -76,15 +78,17 @@ def _slurm(tmp_path: Path, overrides: tuple[str, ...], nodes: int, capsys) -> di
     return out
 
 
-def _run(tmp_path: Path, overrides: tuple[str, ...]) -> dict[str, tuple]:
+def _run(tmp_path: Path, overrides: tuple[str, ...], nodes: int) -> dict[str, tuple]:
     """Per process of `run` (launch/job.py): (daemon config, CUDA_VISIBLE_DEVICES, start stage)."""
     cfg, topo = plan_job(load_config(list(overrides)))
     path = tmp_path / "run_config.yaml"
     path.write_text(to_yaml(cfg))
     out = {}
     for spec in job_specs(cfg, topo, path, python="py"):
-        argv = spec.argv() if callable(spec.argv) else spec.argv
-        out[spec.name] = (_daemon_config(list(argv)), f"CUDA_VISIBLE_DEVICES={spec.env['CUDA_VISIBLE_DEVICES']}",
+        argv = list(spec.argv() if callable(spec.argv) else spec.argv)
+        if nodes > 1 and spec.name.startswith("rollout-"):  # node k of the allocation is gpu<k>
+            argv.append(f"rollout.engine.host=gpu{topo.slot(spec.name).node}")
+        out[spec.name] = (_daemon_config(argv), f"CUDA_VISIBLE_DEVICES={spec.env['CUDA_VISIBLE_DEVICES']}",
                           spec.stage)
     return out
 
@@ -95,7 +99,7 @@ def test_each_slurm_step_gets_the_config_run_gives_that_process(layout, tmp_path
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     nodes = int(next((a.split("=")[1] for a in layout if a.startswith("launch.nodes=")), 1))
     overrides = (*layout, *HEAD, f"run_dir={tmp_path / 'run'}")
-    slurm, run = _slurm(tmp_path, overrides, nodes, capsys), _run(tmp_path, overrides)
+    slurm, run = _slurm(tmp_path, overrides, nodes, capsys), _run(tmp_path, overrides, nodes)
     assert sorted(slurm) == sorted(run)
     for name, (cfg, gpus, stage) in run.items():
         got, got_gpus, waits = slurm[name]

@@ -176,10 +176,12 @@ def test_two_nodes_tp2_exact_command_lines():
         "rollout-0\trollout\tsrun --overlap --nodes=1 --ntasks=1 --nodelist=gpu1 --cpus-per-task=8 "
         "--cpu-bind=mask_cpu:0xff env CUDA_VISIBLE_DEVICES=0,1 bash /shared/repo/launch/slurm/with_restarts.sh 3 "
         "areal-like rollout --config-file /shared/run/config.yaml rollout.server_id=rollout-0 rollout.metrics_port=9101 "
-        "rollout.eval=true",  # the first server runs the job's evaluations
+        "rollout.eval=true "  # the first server runs the job's evaluations
+        "rollout.engine.host=gpu1",  # on its node's address, where trainer rank 0's log-prob guard reaches it
         "rollout-1\trollout\tsrun --overlap --nodes=1 --ntasks=1 --nodelist=gpu1 --cpus-per-task=8 "
         "--cpu-bind=mask_cpu:0xff00 env CUDA_VISIBLE_DEVICES=2,3 bash /shared/repo/launch/slurm/with_restarts.sh 3 "
-        "areal-like rollout --config-file /shared/run/config.yaml rollout.server_id=rollout-1 rollout.metrics_port=9102",
+        "areal-like rollout --config-file /shared/run/config.yaml rollout.server_id=rollout-1 rollout.metrics_port=9102 "
+        "rollout.engine.host=gpu1",
     ]
 
 
