@@ -13,7 +13,14 @@ Invariants:
   applied (the link holds those that arrive meanwhile);
 * weight-sync plans arrive by PUB (fast hint) and in ``HeartbeatAck.pending_plan`` (the
   guarantee); each plan is applied once and answered with exactly one ``SyncDone``;
-* ``policy_version`` is the version the engine serves: updated only by a successful sync.
+* ``policy_version`` is the version the engine serves: updated only by a successful sync;
+* after a failed sync the engine must answer ``/health_generate`` within ``ENGINE_PROBE_S``: a
+  survivor of an aborted NCCL group may never finish its receive (SGLang receives on its scheduler,
+  so it then generates nothing) or lose its scheduler to SGLang's watchdog. One that does not answer
+  stops this server (exit 1, the wedged engine killed with it, as it dies with us anyway); the
+  supervisor (``areal-like run``; ``launch/slurm/with_restarts.sh`` on Slurm) restarts the server,
+  which starts a fresh engine and joins the next sync, the path of an engine that died. An engine
+  attached by URL is only reported: this server cannot restart it.
 
 Concurrency: one asyncio loop. Background tasks: heartbeats, announcements, the link's group
 sender, and one task per episode. A background task that dies takes the daemon down (exit 1).
@@ -49,6 +56,7 @@ from areal_like.versions import RuntimeVersions
 from rollout_server.buffer_link import BufferLink
 from rollout_server.episode import EpisodeContext, run_episode
 from rollout_server.facts import RolloutFacts
+from rollout_server.launch_sglang import stop_group
 from rollout_server.multiturn import EpisodeRunner
 from rollout_server.reward_pool import RewardPool, RewardPoolError
 from rollout_server.sglang_client import SGLangClient
@@ -59,6 +67,7 @@ BUFFER_TIMEOUT_S = 5.0  # a healthy buffer answers in ms (one fsync per batch); 
 SYNC_DONE_ATTEMPTS = 5  # SyncDone is idempotent; retry it through a short buffer outage
 FLUSH_ON_STOP_S = 3.0  # last sends on stop; well inside the launcher's grace period (GRACEFUL_STOP_S)
 MAX_EPISODE_FAILURES = 5  # consecutive failed episodes (engine errors): the engine is broken; exit
+ENGINE_PROBE_S = 30.0  # after a failed sync: /health_generate (one token) must answer within this
 
 
 class RolloutServer(Daemon):
@@ -86,6 +95,7 @@ class RolloutServer(Daemon):
         self.eval_task: asyncio.Task | None = None
         self.pub_address = self.rcfg.pub_address
         self.started = False  # start() finished: the engine is up
+        self.wedged = False  # no answer after a failed sync: on exit the engine is killed
 
     @classmethod
     def from_run(cls, cfg: RunConfig) -> RolloutServer:
@@ -137,6 +147,9 @@ class RolloutServer(Daemon):
             self.rewards.close()
             self.rewards = None
         if self.engine is not None:
+            proc = getattr(self.engine, "proc", None)  # a launched SGLang: its process group
+            if self.wedged and proc is not None:
+                stop_group(proc, grace_s=0.0)  # a wedged engine does not act on SIGTERM in time
             self.engine.stop()
             self.engine = None
 
@@ -333,6 +346,22 @@ class RolloutServer(Daemon):
                      plan.policy_version, "done" if done.ok else "FAILED", done.pause_s,
                      f": {done.reason}" if done.reason else "")
         await self.report_sync(done)
+        if not done.ok:
+            await self.probe_engine(plan.policy_version)
+
+    async def probe_engine(self, version: int) -> None:
+        """After a failed sync: an engine that does not generate within ``ENGINE_PROBE_S`` is
+        wedged; stop (exit 1) so that the supervisor restarts this server with a fresh engine."""
+        if await self.client.health_generate(timeout_s=ENGINE_PROBE_S):
+            return
+        why = (f"engine {self.engine_url} did not answer /health_generate within "
+               f"{ENGINE_PROBE_S:.0f}s after the failed weight sync v{version}")
+        if self.rcfg.engine.kind == "url":
+            self.log.error("%s; attached by URL (rollout.engine.kind=url): restart it yourself", why)
+            return
+        self.log.error("%s: stopping so that this server restarts with a fresh engine", why)
+        self.wedged = True
+        self.failure = self.failure or ComponentStopped(why)
 
     async def report_sync(self, done: SyncDone) -> None:
         if not await self.link.report_sync(done, SYNC_DONE_ATTEMPTS):
