@@ -44,7 +44,7 @@ from pathlib import Path
 from areal_like.config import ConfigError, RunConfig
 from launch.job import engine_start_s, plan_job, shares_gpu, start_stage, trainer_overrides
 from launch.placement import NodeGpus, place_nodes, visible_devices
-from launch.topology import DaemonSlot, Topology, split_address
+from launch.topology import DaemonSlot, Topology, engine_address, split_address
 
 BUFFER_CORES = 1  # the buffer moves bytes between sockets: one core is plenty
 
@@ -200,12 +200,9 @@ def _after(cfg: RunConfig, topo: Topology, slot: DaemonSlot, hosts: list[str]) -
     return ["python", "-m", "launch.srun", "after", "--timeout-s", wait_s, *urls, "--"]
 
 
-def engine_host(cfg: RunConfig, host: str) -> list[str]:
-    """On several nodes an engine listens on (and its server registers) its node's address, where
-    trainer rank 0's log-prob guard reaches it (trainer/logprob_guard.py); a configured one is kept."""
-    if cfg.launch.nodes == 1 or cfg.rollout.engine.kind == "url" or cfg.rollout.engine.host != "127.0.0.1":
-        return []
-    return [f"rollout.engine.host={host}"]
+def _engine_host(cfg: RunConfig, host: str) -> list[str]:
+    address = engine_address(cfg, host)
+    return [] if address == cfg.rollout.engine.host else [f"rollout.engine.host={address}"]
 
 
 def wait_healthy(urls: list[str], timeout_s: float, poll_s: float = 2.0) -> str | None:
@@ -238,7 +235,7 @@ def _command(cfg: RunConfig, topo: Topology, slot: DaemonSlot, config: str, rest
         return ["areal-like", "buffer", "--config-file", config]
     if slot.kind == "rollout":  # restarted in place when it dies, like the local supervisor does
         return ["bash", f"{repo}/launch/slurm/with_restarts.sh", str(restarts), "areal-like", "rollout",
-                "--config-file", config, *slot.overrides, *engine_host(cfg, host)]
+                "--config-file", config, *slot.overrides, *_engine_host(cfg, host)]
     return ["areal-like", "train", "--nnodes", str(cfg.launch.train_nodes), "--node-rank", str(slot.node),
             "--nproc-per-node", str(cfg.launch.trainer_ranks), "--master-addr", topo.host,
             "--master-port", str(topo.master_port), "--config-file", config,

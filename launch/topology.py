@@ -295,7 +295,7 @@ def plan_lines(cfg: RunConfig, topo: Topology) -> list[str]:
         if s.kind == "buffer":
             where = f"router {_addr(cfg.buffer.address)}  pub {_addr(cfg.buffer.pub_address)}  {metrics}"
         elif s.kind == "rollout":
-            where = f"{metrics}  {_engine(cfg)}"
+            where = f"{metrics}  {_engine(cfg, host)}"
         else:
             where = _trainer_where(cfg, topo, s, metrics if s.node == 0 else "", backend, path)
         rows.append((str(s.node), s.name, _gpus(s.gpus), where))
@@ -342,7 +342,16 @@ def _addr(address: str) -> str:
     return f"tcp://{host}:{_port(port)}"
 
 
-def _engine(cfg: RunConfig) -> str:
+def engine_address(cfg: RunConfig, node_host: str) -> str:
+    """Where the engine of a rollout server on the node at ``node_host`` listens (what its server
+    registers): ``rollout.engine.host``; on several nodes, left at loopback, the node's address,
+    where trainer rank 0's log-prob guard reaches it (``launch/srun.py`` passes it)."""
+    ec = cfg.rollout.engine
+    spread = cfg.launch.nodes > 1 and ec.kind != "url" and ec.host == "127.0.0.1"
+    return node_host if spread else ec.host
+
+
+def _engine(cfg: RunConfig, node_host: str) -> str:
     ec = cfg.rollout.engine
     if ec.kind == "url":
         return f"engine {ec.url}"
@@ -350,4 +359,5 @@ def _engine(cfg: RunConfig) -> str:
         return f"engine embedded on {ec.device}"
     frac = ec.sglang.get("mem_fraction_static")
     mem = "" if frac is None else f" mem_fraction_static={frac}"
-    return f"engine sglang tp={ec.tp_size}{mem} http://{ec.host}:{_port(ec.port)}"
+    url = f"http://{engine_address(cfg, node_host)}:{_port(ec.port)}"
+    return f"engine sglang tp={ec.tp_size}{mem} {url}"
