@@ -275,7 +275,7 @@ def wait_for_final_eval(cfg: RunConfig, run_dir: Path, sup: Supervisor) -> bool:
     while not sup.stop_event.is_set():
         # liveness first, the file second: a server that wrote the record and then exited counts
         down = sup.pids().get("rollout-0") is None
-        if _has_final_eval(run_dir, cfg.trainer.steps):
+        if has_final_eval(run_dir, cfg.trainer.steps):
             return True
         if down:
             why = "the evaluating rollout server is down"
@@ -299,7 +299,8 @@ def on_trainer_done(cfg: RunConfig, run_dir: Path, sup: Supervisor) -> None:
         wait_for_final_eval(cfg, run_dir, sup)
 
 
-def _has_final_eval(run_dir: Path, steps: int) -> bool:
+def has_final_eval(run_dir: Path, steps: int) -> bool:
+    """Whether ``eval.jsonl`` holds the final evaluation of the version ``steps``."""
     return any(r.get("final") and r.get("policy_version") == steps for r in read_jsonl(run_dir / "eval.jsonl"))
 
 

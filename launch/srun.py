@@ -15,7 +15,10 @@
   in ``run``'s order (``launch.job.start_stage``): on one shared GPU the trainer's step first
   waits for every rollout server's ``/health`` (its engine up), through ``after``;
 * ``after --timeout-s S URL... -- COMMAND`` waits until every ``URL`` answers 200, then becomes
-  ``COMMAND`` (exec); exit 1 naming the URL that did not answer within ``S`` seconds.
+  ``COMMAND`` (exec); exit 1 naming the URL that did not answer within ``S`` seconds;
+* ``final-eval --config-file F --pid P``, once the trainer completed: as ``run`` does, waits for
+  the final evaluation (``eval.at_end``) while the evaluating server's step ``P`` lives, at most
+  ``eval.final_timeout_s`` (exit 0 when written or none is scheduled, 1 otherwise).
 
 Each step is ``srun --overlap -N1 -n1 -w NODE -c CORES --cpu-bind=mask_cpu:MASK env
 CUDA_VISIBLE_DEVICES=... COMMAND``. The cores come from the plan too (``node_cores``): a node's
@@ -42,9 +45,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from areal_like.config import ConfigError, RunConfig
-from launch.job import engine_start_s, plan_job, shares_gpu, start_stage, trainer_overrides
+from launch.job import (engine_start_s, has_final_eval, plan_job, shares_gpu, start_stage,
+                        trainer_overrides)
 from launch.placement import NodeGpus, place_nodes, visible_devices
-from launch.topology import DaemonSlot, Topology, engine_address, split_address
+from launch.topology import DaemonSlot, Topology, engine_address, split_address, wants_eval
 
 BUFFER_CORES = 1  # the buffer moves bytes between sockets: one core is plenty
 
@@ -269,9 +273,41 @@ def after(argv: list[str]) -> int:
     os.execvp(argv[cut + 1], argv[cut + 1:])
 
 
+def final_eval(cfg: RunConfig, pid: int, poll_s: float = 1.0) -> int:
+    """``run``'s wait for the final evaluation (``launch.job.wait_for_final_eval``) for a Slurm job:
+    until ``eval.jsonl`` has it, the step ``pid`` ended, or ``eval.final_timeout_s``."""
+    if not (wants_eval(cfg) and cfg.eval.at_end):
+        return 0
+    deadline = time.monotonic() + cfg.eval.final_timeout_s
+    while not has_final_eval(Path(cfg.run_dir), cfg.trainer.steps):
+        if not _alive(pid):
+            print("no final evaluation: the evaluating rollout server is down", file=sys.stderr)
+            return 1
+        if time.monotonic() >= deadline:
+            print(f"no final evaluation within eval.final_timeout_s={cfg.eval.final_timeout_s}",
+                  file=sys.stderr)
+            return 1
+        time.sleep(poll_s)
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only whether it exists
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["after"]:
         return after(argv[1:])
+    if argv[:1] == ["final-eval"] and len(argv) == 5 and argv[1::2] == ["--config-file", "--pid"]:
+        from areal_like.config import load_daemon_config
+
+        return final_eval(load_daemon_config(["--config-file", argv[2]]), int(argv[4]))
     ap = argparse.ArgumentParser(prog="python -m launch.srun", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     hp = sub.add_parser("head-ip", help="the IPv4 address of an interface of this node")

@@ -163,3 +163,29 @@ def test_after_starts_the_command_once_the_url_is_healthy_and_refuses_when_it_is
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_final_eval_waits_for_the_record_while_the_evaluating_step_lives(tmp_path):
+    """The sbatch script's wait for the final evaluation, as `run` waits (launch/job.py)."""
+    import subprocess
+    import sys
+    import threading
+
+    cfg = load_config([f"run_dir={tmp_path}", "experiment=quickstart", "trainer.steps=3", "eval.at_end=true",
+                       "eval.final_timeout_s=60"])
+    step = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # the rollout-0 step
+    try:
+        record = threading.Timer(1.0, lambda: (tmp_path / "eval.jsonl").write_text(
+            '{"final": true, "policy_version": 3}\n'))
+        record.start()
+        assert srun.final_eval(cfg, step.pid, poll_s=0.1) == 0  # returns once the record is there
+        record.join()
+        (tmp_path / "eval.jsonl").write_text('{"final": true, "policy_version": 2}\n')  # an earlier run's
+        step.kill()
+        step.wait(timeout=30)
+        assert srun.final_eval(cfg, step.pid, poll_s=0.1) == 1  # its server is gone: nothing comes
+    finally:
+        if step.poll() is None:
+            step.kill()
+            step.wait(timeout=30)
+    assert srun.final_eval(load_config([f"run_dir={tmp_path}", "eval.at_end=false"]), 0) == 0
