@@ -47,7 +47,7 @@ from pathlib import Path
 from areal_like.config import ConfigError, RunConfig
 from launch.job import (engine_start_s, has_final_eval, plan_job, shares_gpu, start_stage,
                         trainer_overrides)
-from launch.placement import NodeGpus, place_nodes, visible_devices
+from launch.placement import NodeGpus, node_roles, place_nodes, trainer_on_gpu, visible_devices
 from launch.topology import DaemonSlot, Topology, engine_address, split_address, wants_eval
 
 BUFFER_CORES = 1  # the buffer moves bytes between sockets: one core is plenty
@@ -107,10 +107,12 @@ def physical_cores(cpus: int, lscpu: str | None = None) -> list[tuple[int, ...]]
 
 
 def node_cores(placed: NodeGpus, cores: list[tuple[int, ...]], gpus_per_node: int,
-               has_buffer: bool) -> dict[str, tuple[int, ...]]:
+               has_buffer: bool, cpu_trainer: bool = False) -> dict[str, tuple[int, ...]]:
     """The logical CPUs of each process of one node: ``trainer`` (its torchrun), ``rollout-<i>``
     (i-th server of the node) and ``buffer`` (the last physical core); ``cores`` from
-    ``physical_cores``. ConfigError when the node has fewer cores than GPUs."""
+    ``physical_cores``. ``cpu_trainer``: a trainer on CPU (``trainer.device=cpu``) runs here and
+    takes the blocks of the GPUs no process uses. ConfigError when the node has fewer cores than
+    GPUs, or no block is left for a CPU trainer."""
     usable = cores[:len(cores) - BUFFER_CORES] if has_buffer else cores
     per_gpu = len(usable) // gpus_per_node
     if per_gpu < 1:
@@ -123,6 +125,12 @@ def node_cores(placed: NodeGpus, cores: list[tuple[int, ...]], gpus_per_node: in
     out = {f"rollout-{i}": block(g) for i, g in enumerate(placed.rollout)}
     if placed.trainer:
         out["trainer"] = block(placed.trainer)
+    elif cpu_trainer:
+        if placed.used >= gpus_per_node:
+            raise ConfigError(f"trainer.device=cpu on a node whose {gpus_per_node} GPUs all serve: "
+                              "the trainer takes the cores of a GPU no process uses; lower "
+                              "launch.num_rollout_servers")
+        out["trainer"] = block(tuple(range(placed.used, gpus_per_node)))
     if has_buffer:
         out["buffer"] = tuple(c for core in cores[len(cores) - BUFFER_CORES:] for c in core)
     return out
@@ -164,7 +172,10 @@ def slurm_steps(cfg: RunConfig, hosts: list[str], *, config: str, cpus: int, mas
     laid, topo = plan_job(cfg, ports=_from(master_port))
     check_laid_out(cfg, laid)
     node = physical_cores(cpus, lscpu)
-    cores = [node_cores(placed[k], node, la.gpus_per_node, has_buffer=k == 0) for k in range(la.nodes)]
+    cpu_trainer = [node_roles(la.nodes, la.train_nodes, k)[0] and not trainer_on_gpu(cfg)
+                   for k in range(la.nodes)]
+    cores = [node_cores(placed[k], node, la.gpus_per_node, has_buffer=k == 0,
+                        cpu_trainer=cpu_trainer[k]) for k in range(la.nodes)]
     seen = [0] * la.nodes  # rollout servers placed so far on each node
     steps = []
     for slot in sorted(topo.slots, key=lambda s: (s.kind != "buffer", s.node)):

@@ -45,6 +45,7 @@ LAYOUTS = [
     _one(1, 1, 1, 1, "rollout.engine.sglang.mem_fraction_static=0.3"),
     ("topology=gpu_embedded", "launch.gpus_per_node=1"),
     ("topology=gpu_embedded", "launch.gpus_per_node=2"),
+    ("topology=gpu_embedded", "trainer.device=cpu", "launch.gpus_per_node=2"),  # a CPU trainer beside GPU engines
     *(_one(*layout) for layout in [(2, 1, 1, 1), (4, 2, 2, 1), (4, 2, 1, 2), (8, 4, 2, 2), (8, 2, 3, 2),
                                    (8, 1, 1, 4)]),
     *(_many(g, n, t, tp) for g in (1, 2, 4, 8) for n, t, tp in [(2, 1, 1), (3, 1, 2), (3, 2, 1), (3, 2, 4)]

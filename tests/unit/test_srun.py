@@ -214,3 +214,13 @@ def test_with_restarts_restarts_a_failing_command_then_gives_up(tmp_path):
     assert "restart 2/2" in r.stderr and "no restarts left (2)" in r.stderr
     ok = subprocess.run(["bash", str(ROOT / "launch/slurm/with_restarts.sh"), "2", "true"], timeout=60)
     assert ok.returncode == 0
+
+
+def test_a_cpu_trainer_takes_the_cores_of_the_gpus_nothing_uses():
+    placed = place_node(gpus_per_node=4, trainer_ranks=0, rollout_servers=2, tp_size=1)  # trainer.device=cpu
+    cores = node_cores(placed, physical_cores(17), gpus_per_node=4, has_buffer=True, cpu_trainer=True)
+    assert cores == {"rollout-0": (0, 1, 2, 3), "rollout-1": (4, 5, 6, 7), "trainer": tuple(range(8, 16)),
+                     "buffer": (16,)}
+    full = place_node(gpus_per_node=2, trainer_ranks=0, rollout_servers=2, tp_size=1)
+    with pytest.raises(ConfigError, match="^trainer.device=cpu on a node whose 2 GPUs all serve"):
+        node_cores(full, physical_cores(9), gpus_per_node=2, has_buffer=True, cpu_trainer=True)
