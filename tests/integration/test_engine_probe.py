@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+import pytest
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -86,6 +87,7 @@ def _report(tmp_path: Path, version: int) -> dict | None:
     return json.loads(f.read_text()) if f.exists() else None
 
 
+@pytest.mark.timeout(720)  # ~90 s alone: a 6 s deadline, the 30 s probe, two engine starts
 def test_an_engine_that_stops_answering_during_a_failed_sync_is_restarted(
         tmp_path, spawn_python, free_port, wait_until):
     from weight_sync_harness import start_pusher
