@@ -1,0 +1,164 @@
+"""Finite numbers or no step (issue 42, item 1; trainer/finite_guard.py), with the real trainer code
+on 2 FSDP2 ranks (gloo, real processes).
+
+Under each of the 9 kernels a batch holding one group whose behaviour log-prob is NaN, then one
+whose is -inf (what the buffer now refuses, fed straight to ``train_step`` as a WAL written before
+the check or a buffer without it would), leaves every weight finite: a step whose loss or gradient
+norm is not finite is skipped on both ranks alike (no update at all, optimizer state untouched),
+and the clean batch after it trains (the job goes on). ``all_finite`` is a collective: a NaN on
+one rank only makes both ranks skip. A checkpoint of non-finite weights is refused on every rank
+and leaves the last good checkpoint the newest.
+
+The worker half runs as ``python test_trainer_nonfinite.py OUT RANK WORLD PORT``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+WORKER_TIMEOUT_S = 480  # 9 kernels x 4 steps on 2 ranks of a loaded 2-core machine
+KERNELS = ("ppo", "decoupled_ppo", "tis", "mis", "icepop", "gspo", "vespo", "vcpo", "oapl")
+BAD = {"nan": math.nan, "-inf": -math.inf}
+
+
+def poisoned(value: float, seed: int = 0):
+    """``synthetic_groups`` with ``value`` as the behaviour log-prob of one token of group 1."""
+    import msgspec
+    import numpy as np
+    from test_trainer_invariance import synthetic_groups
+
+    from areal_like.trajectory import Trajectory
+
+    groups = synthetic_groups(seed=seed)
+    t = groups[1].trajectories[0]
+    logp = np.array(t.behav_logp, dtype=np.float32)
+    logp[0] = value
+    bad = Trajectory.of(prompt_ids=t.prompt_ids, output_ids=t.output_ids, behav_logp=logp, versions=t.versions,
+                        reward=t.reward, finish_reason=t.finish_reason)
+    groups[1] = msgspec.structs.replace(groups[1], trajectories=[bad, *groups[1].trajectories[1:]])
+    return groups
+
+
+def _finite(state: dict) -> bool:
+    import torch
+
+    return all(bool(torch.isfinite(w).all()) for w in state.values())
+
+
+def _same(a: dict, b: dict) -> bool:
+    import torch
+
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def kernel_run(kernel: str) -> dict:
+    """One kernel: (NaN batch, clean batch, -inf batch, clean batch), each step's outcome."""
+    from test_trainer_invariance import synthetic_groups
+
+    from areal_like.config import load_config
+    from trainer.data import groups_to_batch
+    from trainer.model import build_policy, full_state_dict
+    from trainer.step import StepSettings, recompute_prox_logp, train_step
+
+    cfg = load_config(["trainer.lr=1e-2", "trainer.micro_batch_size=4", f"loss={kernel}"])
+    policy, s = build_policy(cfg.model, cfg.trainer, adam_eps=1e-3), StepSettings.from_config(cfg)
+    before, out = full_state_dict(policy.model), []
+    for name, value in BAD.items():
+        for label, groups in ((name, poisoned(value)), ("clean", synthetic_groups(seed=len(out) + 1))):
+            batch = groups_to_batch(groups)
+            stats = train_step(policy, batch, s, recompute_prox_logp(policy, batch, s))
+            after = full_state_dict(policy.model)
+            out.append({"batch": label, "skipped": stats["nonfinite_skipped"], "loss": stats["loss"],
+                        "grad_norm": stats["grad_norm"], "applied": stats["optimizer_steps"],
+                        "finite": _finite(after), "unchanged": _same(before, after),
+                        "adam_steps": sorted({int(v["step"]) for v in policy.optimizer.state.values()})})
+            before = after
+    return {"steps": out, "policy": policy}
+
+
+def worker(out: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from areal_like.config import load_config
+    from trainer.checkpoint import latest_checkpoint, save_checkpoint
+    from trainer.finite_guard import NonFiniteStateError, all_finite
+    from trainer.model import init_distributed, leave_distributed
+
+    rank, _ = init_distributed(load_config([]).trainer)
+    res: dict = {"one_rank_nan": all_finite(1.0, math.nan if rank == 1 else 2.0), "all_ok": all_finite(1.0, 2.0)}
+    for kernel in KERNELS:
+        run = kernel_run(kernel)
+        res[kernel] = run["steps"]
+    policy, root = run["policy"], Path(out).parent / "checkpoints"
+    save_checkpoint(root, policy, 1)
+    with torch.no_grad():  # a NaN in one rank's shard of one weight
+        p = next(policy.model.parameters())
+        local = p.to_local() if hasattr(p, "to_local") else p
+        if rank == 1 and local.numel():
+            local.view(-1)[0] = math.nan
+    try:
+        save_checkpoint(root, policy, 2)
+        res["nonfinite_save"] = "saved"
+    except NonFiniteStateError as e:
+        res["nonfinite_save"] = str(e)
+    res["latest"] = latest_checkpoint(root).name
+    res["tmp_dirs"] = sorted(x.name for x in root.iterdir() if x.name.startswith("."))
+    if rank == 0:
+        torch.save(res, out)
+    leave_distributed()
+
+
+def _spawn(out: Path, rank: int, world: int, port: int) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
+           "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    return subprocess.Popen([sys.executable, __file__, str(out)], env=env, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_a_nonfinite_group_leaves_the_weights_finite_under_every_kernel_on_two_ranks(tmp_path):
+    import torch
+
+    from areal_like.distributed import free_port
+
+    port = free_port()
+    procs = [_spawn(tmp_path / "out.pt", rank, 2, port) for rank in (0, 1)]
+    try:
+        for p in procs:
+            assert p.wait(timeout=WORKER_TIMEOUT_S) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    r = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert r["one_rank_nan"] is False and r["all_ok"] is True  # one rank's NaN: both ranks skip
+    skipped_kernels = set()
+    for kernel in KERNELS:
+        steps = r[kernel]
+        assert all(s["finite"] for s in steps), (kernel, steps)  # never a non-finite weight
+        for bad, clean in (steps[0], steps[1]), (steps[2], steps[3]):
+            nonfinite = not (math.isfinite(bad["loss"]) and math.isfinite(bad["grad_norm"]))
+            assert bad["skipped"] == float(nonfinite), (kernel, bad)  # skipped exactly when not finite
+            if nonfinite:
+                skipped_kernels.add(kernel)
+                assert bad["unchanged"] and bad["applied"] == 0, (kernel, bad)  # no update at all
+            # the job goes on: the clean batch after it trains and moves the weights
+            assert clean["skipped"] == 0 and clean["applied"] == 1 and not clean["unchanged"], (kernel, clean)
+            assert math.isfinite(clean["loss"]) and math.isfinite(clean["grad_norm"]), (kernel, clean)
+        # Adam's step counter counts the applied steps only: the skipped ones left its state untouched
+        applied = sum(int(s["applied"]) for s in steps)
+        assert steps[-1]["adam_steps"] == [applied], (kernel, steps[-1])
+    # the kernels the issue found broken by one such group are among those the guard caught
+    assert {"tis", "vcpo", "oapl"} <= skipped_kernels, skipped_kernels
+    assert r["nonfinite_save"].startswith("the model's state holds NaN or inf"), r["nonfinite_save"]
+    assert r["latest"] == "v00000001" and r["tmp_dirs"] == []  # nothing written; the good one is newest
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    worker(sys.argv[1])
