@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -37,12 +38,12 @@ class WalRef:
 
 @dataclass(slots=True)
 class Record:
-    kind: str  # "G" (group) | "C" (control)
+    kind: str  # "G" (group) | "C" (control) | "D" (a damaged region, intact records after it)
     segment: int
-    group_id: str = ""  # kind G
+    group_id: str = ""  # kind G; kind D: the group the damaged region held, when it still names one
     frame: bytes = b""  # kind G: the TrajectoryGroup wire frame
     control: dict | None = None  # kind C
-    ref: WalRef | None = None  # kind G
+    ref: WalRef | None = None  # kind G; kind D: the damaged bytes
 
 
 def segment_path(directory: Path, n: int) -> Path:
@@ -93,3 +94,47 @@ def _writev(fd: int, record: list[bytes | memoryview], end: int) -> int:
 
 def _sync_data(fd: int) -> None:
     getattr(os, "fdatasync", os.fsync)(fd)  # macOS has no fdatasync
+
+
+# A record could start at q if the byte after its header is a kind ("G" group, "C" control)
+_CANDIDATE = re.compile(rb"(?s)(?=.{8}[GC])")
+_SMALL_RECORD = 64 << 10  # a candidate this short is checked without its successor (cheap to checksum)
+MAX_GID_BYTES = 1024
+_MAP_HEADS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])  # a msgpack map starts with one of these
+
+
+def _chained(data: bytes, q: int) -> bool:
+    """A candidate record at ``q`` is worth its checksum: it ends at the end of the data, is short, or
+    is followed by what could be another record's header (random bytes rarely are, twice in a row)."""
+    length = HEADER.unpack_from(data, q)[0]
+    end = q + HEADER.size + length
+    if length < 1 or end > len(data):
+        return False
+    if end == len(data) or length <= _SMALL_RECORD:
+        return True
+    return (len(data) - end > HEADER.size and data[end + HEADER.size] in b"GC"
+            and 1 <= HEADER.unpack_from(data, end)[0] <= len(data) - end - HEADER.size)
+
+
+def next_intact(data: bytes, start: int) -> int | None:
+    """The offset of the first intact record after a damaged one at ``start`` (where to read on:
+    what lies between is the damage), or None when none follows (a torn or damaged tail)."""
+    for m in _CANDIDATE.finditer(data, start + 1, max(start + 1, len(data) - HEADER.size)):
+        q = m.start()
+        if _chained(data, q) and _problem(data, q)[1] is None:
+            return q
+    return None
+
+
+def damaged_group_id(data: bytes, start: int, end: int) -> str:
+    """The group id a damaged region ``[start, end)`` still names ("" if none): its payload starts
+    with ``b"G" + u16 length + id`` and the frame, a msgpack map, when only the header or the frame
+    was hit."""
+    at = start + HEADER.size
+    if end - at < 1 + GID_LEN.size or data[at:at + 1] != b"G":
+        return ""
+    (n,) = GID_LEN.unpack_from(data, at + 1)
+    gid = data[at + 3:at + 3 + n]
+    if not 0 < n <= MAX_GID_BYTES or at + 3 + n >= end or data[at + 3 + n] not in _MAP_HEADS:
+        return ""
+    return gid.decode() if gid.isascii() and gid.decode().isprintable() else ""
