@@ -7,7 +7,8 @@ the check or a buffer without it would), leaves every weight finite: a step whos
 norm is not finite is skipped on both ranks alike (no update at all, optimizer state untouched),
 and the clean batch after it trains (the job goes on). ``all_finite`` is a collective: a NaN on
 one rank only makes both ranks skip. A checkpoint of non-finite weights is refused on every rank
-and leaves the last good checkpoint the newest.
+and leaves the last good checkpoint the newest. And the trainer daemon itself, fed batches that make
+the loss infinite, skips those steps and stops after ``trainer.max_nonfinite_skips`` in a row.
 
 The worker half runs as ``python test_trainer_nonfinite.py OUT RANK WORLD PORT``.
 """
@@ -156,6 +157,95 @@ def test_a_nonfinite_group_leaves_the_weights_finite_under_every_kernel_on_two_r
     assert {"tis", "vcpo", "oapl"} <= skipped_kernels, skipped_kernels
     assert r["nonfinite_save"].startswith("the model's state holds NaN or inf"), r["nonfinite_save"]
     assert r["latest"] == "v00000001" and r["tmp_dirs"] == []  # nothing written; the good one is newest
+
+
+class PoisonedBuffer:
+    """A buffer stand-in whose every batch holds one group with a finite but absurd behaviour log-prob
+    (-1e30: it passes the buffer's and the data source's checks, and makes oapl's loss infinite) until
+    ``clean`` is set; it answers rosters (no engines) and version announcements."""
+
+    def __init__(self, address: str):
+        import threading
+
+        from areal_like.transport import Server
+
+        self.server, self.stop, self.clean = Server(address), threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _reply(self, m):
+        from test_trainer_invariance import synthetic_groups
+
+        from areal_like import protocol as P
+
+        if isinstance(m, P.BatchRequest):
+            v = m.trainer_version
+            groups = synthetic_groups(seed=v, version=v) if self.clean.is_set() else poisoned(-1e30, seed=v)
+            return P.Batch(groups=[at_version(g, version=v) for g in groups], trainer_version=v,
+                           batch_id=f"b{v}")
+        if isinstance(m, P.RosterRequest):
+            return P.Roster(members=[], policy_version=0)
+        return P.Ack(ref="", status="ok")
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            if (got := self.server.recv(0.1)) is not None:
+                peer, req_id, m = got
+                self.server.send(peer, req_id, self._reply(m))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        self.server.close()
+
+
+def at_version(group, version: int):
+    """``group`` with every token at ``version`` (fresh for the step that asks)."""
+    import msgspec
+    import numpy as np
+
+    from areal_like.trajectory import Trajectory
+
+    trajs = [Trajectory.of(prompt_ids=t.prompt_ids, output_ids=t.output_ids, behav_logp=t.behav_logp,
+                           versions=np.full(len(t.output_ids), version, np.int32), reward=t.reward,
+                           finish_reason=t.finish_reason) for t in group.trajectories]
+    return msgspec.structs.replace(group, trajectories=trajs)
+
+
+def test_the_trainer_skips_nonfinite_steps_and_stops_after_max_nonfinite_skips(tmp_path, spawn_python, free_port):
+    """The trainer daemon (1 rank) on batches that make oapl's loss infinite: each step is skipped,
+    counted in its record (``stats.nonfinite_skipped``), and the third in a row stops the job
+    (``trainer.max_nonfinite_skips=3``) with an error naming the setting; every checkpoint it saved
+    meanwhile holds the finite initial weights."""
+    import json
+
+    import torch
+
+    from areal_like.config import load_config, to_yaml
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    cfg = load_config([f"run_dir={tmp_path}", "security.curve=false", f"buffer.address={address}", "loss=oapl",
+                       "trainer.checkpoint_every=1", "trainer.steps=50", "trainer.micro_batch_size=4",
+                       "trainer.max_nonfinite_skips=3", "trainer.logprob_guard_tol=0", "trainer.batch_wait_s=1"])
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(to_yaml(cfg))
+    buffer = PoisonedBuffer(address)
+    try:
+        proc = spawn_python("trainer", ["--config-file", cfg_path])
+        _, err = proc.communicate(timeout=WORKER_TIMEOUT_S)
+    finally:
+        buffer.close()
+    assert proc.returncode != 0, err[-3000:]
+    assert "3 trainer steps in a row (up to version 3) had a non-finite loss" in err, err[-3000:]
+    assert "trainer.max_nonfinite_skips=3" in err and "skipped 1 optimizer step(s)" in err, err[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "metrics" / "trainer.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "step" in r]
+    assert [(r["step"], r["stats"]["nonfinite_skipped"], r["stats"]["optimizer_steps"]) for r in steps] == [
+        (1, 1.0, 0.0), (2, 1.0, 0.0)]  # the third raised before its record
+    ckpts = sorted((tmp_path / "checkpoints").glob("v*"))
+    assert [p.name for p in ckpts] == ["v00000001", "v00000002"]
+    meta = torch.load(ckpts[-1] / "meta.pt", weights_only=True)
+    assert all(map(math.isfinite, meta["checksums"].values()))
 
 
 if __name__ == "__main__":
