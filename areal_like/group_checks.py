@@ -25,7 +25,8 @@ import numpy as np
 from areal_like.protocol import TrajectoryGroup
 from areal_like.trajectory import mask_values_ok
 
-REASONS = ("empty_prompt", "bad_loss_mask", "token_out_of_vocab")  # the prompt: it would come back the same
+# the prompt is what is wrong: it would come back the same, so it is skipped this epoch
+REASONS = ("empty_prompt", "bad_loss_mask", "token_out_of_vocab")
 # the engine's numbers, not the prompt: the prompt is generated again (sampling differs each time)
 RESAMPLE_REASONS = ("nonfinite_logp",)
 
@@ -58,7 +59,7 @@ def nonfinite_problem(group: TrajectoryGroup) -> str | None:
     for i, t in enumerate(group.trajectories):
         logp = t.behav_logp
         if len(logp) and not np.isfinite(logp).all():
-            bad = logp[~np.isfinite(logp)]
-            return (f"nonfinite_logp: trajectory {i} has {len(bad)} behav_logp value(s) that are not "
-                    f"finite (first {float(bad[0])}, at token {int(np.flatnonzero(~np.isfinite(logp))[0])})")
+            at = np.flatnonzero(~np.isfinite(logp))
+            return (f"nonfinite_logp: trajectory {i} has {len(at)} behav_logp value(s) that are "
+                    f"not finite (first {float(logp[at[0]])}, at token {int(at[0])})")
     return None

@@ -96,8 +96,9 @@ def service_gauges(svc) -> dict[str, tuple[str, Callable[[], float]]]:
                                 lambda: svc.ledger.consumed),
             "buffer/stored_bytes": ("frame bytes of stored groups", lambda: svc.store.nbytes),
             "buffer/wal_bytes": ("bytes of WAL segments on disk", lambda: svc.wal.disk_bytes),
-            "buffer/wal_corrupt_records": ("damaged WAL records skipped at the last start (each logged with "
-                                           "its file and offset)", lambda: svc.wal.corrupt_records),
+            "buffer/wal_corrupt_records": ("damaged WAL records skipped at the last start (each "
+                                           "logged with its file and offset)",
+                                           lambda: svc.wal.corrupt_records),
             "buffer/disk_full": ("1 while new groups are refused for lack of disk space (degraded)",
                                  lambda: float(svc.disk.degraded)),
             "buffer/disk_free_bytes": ("free bytes on the WAL's disk (estimated between sweeps)",

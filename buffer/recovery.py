@@ -56,7 +56,7 @@ class Replayed:
 
 def replay(wal: WriteAheadLog, ledger: CreditLedger, store: ReplayBuffer, log: logging.Logger) -> Replayed:
     out = Replayed()
-    last_n, damaged = None, False  # the last control record's number in its segment; damage since it
+    last_n, damaged = None, False  # the last control record's number in its segment; damage since
     for rec in wal.replay():
         out.records += 1
         if rec.kind == "G":
@@ -71,8 +71,8 @@ def replay(wal: WriteAheadLog, ledger: CreditLedger, store: ReplayBuffer, log: l
         if damaged and last_n is not None and control.get("prev"):
             prev = msgspec.msgpack.decode(control["prev"])
             if prev.get("n") == last_n + 1 == control.get("n", 0) - 1:  # the record the damage took
-                log.warning("wal: control record %d of segment %d was damaged: restored from the copy in "
-                            "the next one", last_n + 1, rec.segment)
+                log.warning("wal: control record %d of segment %d was damaged: restored from the "
+                            "copy in the next one", last_n + 1, rec.segment)
                 _control(prev, ledger, store, out)
                 out.restored += 1
         damaged, last_n = False, control.get("n")
@@ -87,11 +87,13 @@ def _control(control: dict, ledger: CreditLedger, store: ReplayBuffer, out: Repl
         store.pop(gid)
         out.unreadable.pop(gid, None)  # dropped by an earlier start
     if "state" in control:  # a checkpoint
-        ledger.load_state(control["state"])
-        out.version, out.in_transit = control["state"]["version"], control["state"].get("in_transit")
+        state = control["state"]
+        ledger.load_state(state)
+        out.version, out.in_transit = state["version"], state.get("in_transit")
     elif "changes" in control:  # what the iteration that wrote it changed
-        ledger.apply_changes(control["changes"])
-        out.version, out.in_transit = control["changes"]["version"], control["changes"]["in_transit"]
+        changes = control["changes"]
+        ledger.apply_changes(changes)
+        out.version, out.in_transit = changes["version"], changes["in_transit"]
 
 
 def _group(rec: Record, ledger: CreditLedger, store: ReplayBuffer, out: Replayed, log: logging.Logger) -> None:
@@ -116,6 +118,7 @@ def _unreadable(group_id: str, ref: WalRef, ledger: CreditLedger, out: Replayed)
     _, _, lease_id = group_id.rpartition("-")
     lease = ledger.leases.get(lease_id)
     if lease is not None and f"{lease.server_id}-{lease_id}" == group_id:
-        out.unreadable[group_id] = Unreadable(group_id, ref, lease_id, lease.prompt_index, lease.epoch)
+        out.unreadable[group_id] = Unreadable(group_id, ref, lease_id, lease.prompt_index,
+                                              lease.epoch)
     else:
         out.unreadable[group_id] = Unreadable(group_id, ref, None)

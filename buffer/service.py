@@ -169,8 +169,8 @@ class BufferService(Daemon):
         self.wal.open(self.checkpoint())
         self._drop(self.store.drop_stale(self.control.version), "stale")
         for u in got.unreadable.values():
-            self.log.error("wal %s: group %s at offset %d is damaged or no longer decodes: dropped as "
-                           "unreadable%s",
+            self.log.error("wal %s: group %s at offset %d is damaged or no longer decodes: "
+                           "dropped as unreadable%s",
                            segment_path(self.wal.dir, u.ref.segment).name, u.group_id, u.ref.offset,
                            "" if u.lease_id else "; its lease is unknown, so its prompt is not re-issued")
             if u.lease_id is not None:

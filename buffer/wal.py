@@ -28,14 +28,14 @@ references, the frames stay on disk or in the page cache, not in the daemon's me
 (every start and rotation) deletes a prefix of segments whose group records are all consumed
 (``consumed`` marks in control records), never one from the middle: a mark may live in a later
 segment than its group. Damage is never fatal and never accepted. A damaged record followed by
-intact ones (flipped bytes, a zeroed header; ``wal_format.next_intact`` finds the next record whose
-checksum holds) is skipped alone: a warning naming file, offset and bytes skipped, counted in
-``corrupt_records`` (``buffer/wal_corrupt_records``), and a "D" record for recovery, naming the group
-it held when its payload still does. Each control record carries a copy of the one before it, so
-one damaged control record is restored from the next (recovery.py). Damage with no intact record
-after it (a torn or damaged tail) ends the replay of its segment; the newest segment's is
-truncated, and zeros up to a 4 KiB boundary (the crash padding of versions that wrote with
-O_DIRECT) are cut as the clean end. One writer per directory (``dirlock.py``).
+intact ones (flipped bytes, a zeroed header; ``wal_format.next_intact`` finds the next record
+whose checksum holds) is skipped alone: a warning naming file, offset and bytes skipped, counted
+in ``corrupt_records`` (``buffer/wal_corrupt_records``), and a "D" record for recovery, naming
+the group it held when its payload still does. Each control record carries a copy of the one
+before it, so one damaged control record is restored from the next (recovery.py). Damage with no
+intact record after it (a torn or damaged tail) ends the replay of its segment; the newest
+segment's is truncated, and zeros up to a 4 KiB boundary (the crash padding of versions that
+wrote with O_DIRECT) are cut as the clean end. One writer per directory (``dirlock.py``).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class WriteAheadLog:
                                       if fsync == "always" and hasattr(os, "eventfd") else None)
         self.corrupt_records = self.disk_bytes = 0  # disk_bytes: all segment files, kept without stat calls
         self.disk_full = False  # records are waiting for disk space (the fsync thread's, or inline control records)
-        self._control_n, self._last_control = 0, b""  # the last control record's number and bytes (append_control)
+        self._control_n, self._last_control = 0, b""  # the last control record's number, bytes
 
     # ---- recovery
     def segments(self) -> list[int]:
@@ -154,9 +154,9 @@ class WriteAheadLog:
         naming the group it held, when its payload still names one)."""
         self.corrupt_records += 1
         gid = damaged_group_id(data, pos, end)
-        log.warning("wal %s: %s at offset %d; skipped %d damaged bytes to the next intact record at offset "
-                    "%d%s", segment_path(self.dir, segment).name, problem, pos, end - pos, end,
-                    f" (it held group {gid})" if gid else "")
+        log.warning("wal %s: %s at offset %d; skipped %d damaged bytes to the next intact record "
+                    "at offset %d%s", segment_path(self.dir, segment).name, problem, pos, end - pos,
+                    end, f" (it held group {gid})" if gid else "")
         return Record("D", segment, group_id=gid, ref=WalRef(segment, pos, end - pos))
 
     def _parse(self, data: bytes, pos: int, end: int, segment: int) -> Record:
@@ -223,15 +223,16 @@ class WriteAheadLog:
         return WalRef(self.segment, offset, n)
 
     def append_control(self, control: dict) -> int:
-        """Log a control record. It carries its number in the segment (``n``, the checkpoint's 0) and
-        a copy of the record before it (``prev``, encoded; none after a checkpoint), so replay can
-        restore one control record that damage took from the record after it (recovery.py)."""
+        """Log a control record. It carries its number in the segment (``n``, the checkpoint's 0)
+        and a copy of the record before it (``prev``, encoded; none after a checkpoint), so replay
+        can restore one control record that damage took from the record after it (recovery.py)."""
         if control.get("checkpoint"):
             self._control_n, self._last_control = 0, b""
         else:
             self._control_n += 1
         numbered = {**control, "n": self._control_n}
-        payload = _ENCODER.encode({**numbered, "prev": self._last_control} if self._last_control else numbered)
+        prev = {"prev": self._last_control} if self._last_control else {}
+        payload = _ENCODER.encode({**numbered, **prev})
         self._last_control = b"" if control.get("checkpoint") else _ENCODER.encode(numbered)
         n = self._write([b"C", payload])
         self._untrack(control.get("consumed", ()))

@@ -98,14 +98,15 @@ def _sync_data(fd: int) -> None:
 
 # A record could start at q if the byte after its header is a kind ("G" group, "C" control)
 _CANDIDATE = re.compile(rb"(?s)(?=.{8}[GC])")
-_SMALL_RECORD = 64 << 10  # a candidate this short is checked without its successor (cheap to checksum)
+_SMALL_RECORD = 64 << 10  # a candidate this short is checked without its successor (cheap)
 MAX_GID_BYTES = 1024
 _MAP_HEADS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])  # a msgpack map starts with one of these
 
 
 def _chained(data: bytes, q: int) -> bool:
-    """A candidate record at ``q`` is worth its checksum: it ends at the end of the data, is short, or
-    is followed by what could be another record's header (random bytes rarely are, twice in a row)."""
+    """A candidate record at ``q`` is worth its checksum: it ends at the end of the data, is
+    short, or is followed by what could be another record's header (random bytes rarely are,
+    twice in a row)."""
     length = HEADER.unpack_from(data, q)[0]
     end = q + HEADER.size + length
     if length < 1 or end > len(data):

@@ -217,10 +217,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 class UnsafeCheckpointError(RuntimeError):
-    """A checkpoint file holds something other than tensors and plain data (planted, or not ours)."""
+    """A checkpoint file holds something other than tensors and plain data (planted, or not
+    ours)."""
 
 
-# What DCP's .metadata pickle may name (besides torch dtypes): its own metadata classes and their parts
+# What DCP's .metadata pickle may name (besides torch dtypes): its metadata classes and their parts
 _DCP_GLOBALS = {("torch.distributed.checkpoint.metadata", n) for n in (
     "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
     "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")} | {
@@ -231,15 +232,16 @@ _DCP_GLOBALS = {("torch.distributed.checkpoint.metadata", n) for n in (
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        if (module, name) in _DCP_GLOBALS or module == "torch" and isinstance(getattr(torch, name, None),
-                                                                               torch.dtype):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in _DCP_GLOBALS or dtype:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
 
 
 def _refused(path: Path, e: Exception) -> UnsafeCheckpointError:
-    return UnsafeCheckpointError(f"{path} holds objects other than tensors and plain data ({str(e)[:300]}): "
-                                 "refusing to load it (planted, or not written by this trainer)")
+    return UnsafeCheckpointError(f"{path} holds objects other than tensors and plain data "
+                                 f"({str(e)[:300]}): refusing to load it (planted, or not written "
+                                 "by this trainer)")
 
 
 def read_dcp_metadata(path: Path) -> Metadata:
@@ -256,7 +258,8 @@ def read_dcp_metadata(path: Path) -> Metadata:
 
 
 class _SafeReader(dcp.FileSystemReader):
-    """DCP's file reader with ``.metadata`` read by ``read_dcp_metadata`` (DCP unpickles it freely)."""
+    """DCP's file reader with ``.metadata`` read by ``read_dcp_metadata`` (DCP unpickles it
+    freely)."""
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         metadata = read_dcp_metadata(Path(self.path))
@@ -274,7 +277,8 @@ class _SafePlanner(DefaultLoadPlanner):
         try:
             torch.load(value, weights_only=True)
         except pickle.UnpicklingError as e:
-            raise UnsafeCheckpointError(f"checkpoint value {read_item.dest_index.fqn}: {str(e)[:300]}") from None
+            where = read_item.dest_index.fqn
+            raise UnsafeCheckpointError(f"checkpoint value {where}: {str(e)[:300]}") from None
         value.seek(0)
         super().load_bytes(read_item, value)
 
@@ -300,7 +304,8 @@ def _agree(error: Exception | None, path: Path) -> None:
     if error is not None:
         raise error
     if not ok.item():
-        raise UnsafeCheckpointError(f"{path}: another rank refused its checkpoint files (see its log)")
+        raise UnsafeCheckpointError(f"{path}: another rank refused its checkpoint files (see its "
+                                    "log)")
 
 
 def load_data(path: Path, numpy_arrays: bool = False):

@@ -226,7 +226,7 @@ def load_checkpoint_model(checkpoint: Path, model_cfg: ModelConfig) -> torch.nn.
     state = {"model": model.state_dict()}
     with warnings.catch_warnings():  # DCP warns that it loads in a single process: that is the point
         warnings.simplefilter("ignore", UserWarning)
-        dcp_load(state, checkpoint, no_dist=True)  # data only: a planted pickle is refused (checkpoint.py)
+        dcp_load(state, checkpoint, no_dist=True)  # data only (trainer/checkpoint.py)
     model.load_state_dict(state["model"])
     return model
 

@@ -25,6 +25,7 @@ import math
 
 import torch
 import torch.distributed as dist
+from torch.optim import Optimizer
 
 from areal_like.ratelog import RateLimitedLog
 
@@ -50,7 +51,8 @@ def _all_ranks_min(flag: float) -> bool:
 
 
 def all_finite(*values: float) -> bool:
-    """Whether every value is finite on EVERY rank (a collective with several ranks: all call it)."""
+    """Whether every value is finite on EVERY rank (a collective with several ranks: all call
+    it)."""
     return _all_ranks_min(float(all(math.isfinite(v) for v in values)))
 
 
@@ -58,9 +60,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def first_nonfinite(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> str | None:
-    """The name of this rank's first parameter (or optimizer state entry) shard holding a non-finite
-    value; None when all are finite. Local: no collective."""
+def first_nonfinite(model: torch.nn.Module, optimizer: Optimizer | None = None) -> str | None:
+    """The name of this rank's first parameter (or optimizer state entry) shard holding a
+    non-finite value; None when all are finite. Local: no collective."""
     for name, p in model.named_parameters():
         if not bool(torch.isfinite(_local(p.detach())).all()):
             return name
@@ -71,14 +73,15 @@ def first_nonfinite(model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
     return None
 
 
-def require_finite_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Raise ``NonFiniteStateError`` on every rank when any rank's weights or optimizer state hold a
-    non-finite value (a collective: all ranks call it)."""
+def require_finite_state(model: torch.nn.Module, optimizer: Optimizer | None = None) -> None:
+    """Raise ``NonFiniteStateError`` on every rank when any rank's weights or optimizer state hold
+    a non-finite value (a collective: all ranks call it)."""
     bad = first_nonfinite(model, optimizer)
     if not _all_ranks_min(float(bad is None)):
         where = f" (this rank: {bad})" if bad else " (on another rank)"
-        raise NonFiniteStateError(f"the model's state holds NaN or inf{where}: refusing to checkpoint it; "
-                                  "the newest checkpoint on disk is the last finite one")
+        raise NonFiniteStateError(f"the model's state holds NaN or inf{where}: refusing to "
+                                  "checkpoint it; the newest checkpoint on disk is the last "
+                                  "finite one")
 
 
 class SkipTracker:
@@ -98,20 +101,19 @@ class SkipTracker:
         self.total += skipped
         self.consecutive = self.consecutive + 1 if skipped else 0
         if self.metrics is not None:
-            self.metrics.counter("trainer/nonfinite_steps", "optimizer steps skipped: loss or gradient norm "
-                                 "not finite").inc(skipped)
-            self.metrics.gauge("trainer/nonfinite_consecutive", "trainer steps in a row that skipped an "
-                               "optimizer step").set(self.consecutive)
-        if not skipped:
-            return
-        if self.metrics is not None:
-            self.lines.warning("skip", "step to version %d skipped %d optimizer step(s): loss=%s grad_norm=%s "
-                               "(not finite; no update applied; %d skipped in all, %d steps in a row)",
-                               version, skipped, stats.get("loss"), stats.get("grad_norm"), self.total,
-                               self.consecutive)
-        if self.consecutive >= self.max_consecutive:
+            self.metrics.counter("trainer/nonfinite_steps", "optimizer steps skipped: loss or "
+                                 "gradient norm not finite").inc(skipped)
+            self.metrics.gauge("trainer/nonfinite_consecutive", "trainer steps in a row that "
+                               "skipped an optimizer step").set(self.consecutive)
+        if skipped and self.metrics is not None:
+            self.lines.warning("skip", "step to version %d skipped %d optimizer step(s): loss=%s "
+                               "grad_norm=%s (not finite; no update applied; %d skipped in all, %d "
+                               "steps in a row)", version, skipped, stats.get("loss"),
+                               stats.get("grad_norm"), self.total, self.consecutive)
+        if skipped and self.consecutive >= self.max_consecutive:
             raise NonFiniteStepError(
-                f"{self.consecutive} trainer steps in a row (up to version {version}) had a non-finite loss or "
-                f"gradient norm (trainer.max_nonfinite_skips={self.max_consecutive}): stopping. The weights "
-                "were never updated by those steps and the checkpoints hold finite weights; look for bad "
-                "data (areal_buffer_rejected_total) or a diverged model (lower trainer.lr)")
+                f"{self.consecutive} trainer steps in a row (up to version {version}) had a "
+                f"non-finite loss or gradient norm (trainer.max_nonfinite_skips="
+                f"{self.max_consecutive}): stopping. The weights were never updated by those steps "
+                "and the checkpoints hold finite weights; look for bad data "
+                "(areal_buffer_rejected_total) or a diverged model (lower trainer.lr)")

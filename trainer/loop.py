@@ -226,7 +226,7 @@ class Trainer(Daemon):
                 ref_logp = reference_logp(self.reference, batch, self.settings, self.policy.device)
             with self.phase("train_step"):  # the kernel's advantages, per minibatch, then its optimizer steps
                 stats = train_step(self.policy, batch, self.settings, prox_logp, ref_logp)
-            self.skips.observe(self.version + 1, stats)  # every rank alike: too many in a row stop the job
+            self.skips.observe(self.version + 1, stats)  # every rank alike: too many in a row stop
             self.version += 1
             self.steps_trained += 1
             with self.phase("weight_sync"):  # a push (a small model's finishes in the background), or only the announcement

@@ -287,7 +287,7 @@ def train_step(policy: Policy, batch: TrainBatch, s: StepSettings, prox_logp: to
         out = _reduce_stats(stats)
         out["grad_norm"] = clip_gradients(policy.model, s.grad_clip)
         out[SKIPPED] = 0.0 if all_finite(out["loss"], out["grad_norm"], adv.lr_scale) else 1.0
-        if out[SKIPPED]:  # never apply it; the same decision on every rank (trainer/finite_guard.py)
+        if out[SKIPPED]:  # never applied; the same decision on every rank (trainer/finite_guard.py)
             policy.optimizer.zero_grad(set_to_none=True)
             per_step.append(out | adv.stats | {"tokens": n_tokens, "seqs": n_seqs})
             continue

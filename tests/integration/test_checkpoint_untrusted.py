@@ -73,7 +73,8 @@ def worker(out: str) -> None:
         shutil.copytree(good, bad)
         marker = base / f"ran{name}"
         plant(bad, name, marker)
-        res[name] = _outcome(lambda: load_checkpoint(bad, build_policy(cfg.model, cfg.trainer)), marker)
+        fresh = build_policy(cfg.model, cfg.trainer)
+        res[name] = _outcome(lambda: load_checkpoint(bad, fresh), marker)
         res[f"export{name}"] = _outcome(lambda: load_checkpoint_model(bad, cfg.model), marker)
     version, meta = load_checkpoint(good, build_policy(cfg.model, cfg.trainer))
     res["good"] = [version, meta["extra"]["last_batch_id"]]
@@ -93,10 +94,12 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
     for name in PLANTED:
         got = r[name]
         assert not got["ran"], (name, got)  # the planted code never ran
-        assert got["error"].startswith("UnsafeCheckpointError: ") and name in got["error"], (name, got)
+        assert got["error"].startswith("UnsafeCheckpointError: "), (name, got)
+        assert name in got["error"], (name, got)
         assert "refusing to load it" in got["error"], got
     # the export reads meta.pt and rng files not at all, DCP's .metadata with the same allowlist
-    assert r["export.metadata"]["error"].startswith("UnsafeCheckpointError: ") and not r["export.metadata"]["ran"]
+    exported = r["export.metadata"]
+    assert exported["error"].startswith("UnsafeCheckpointError: ") and not exported["ran"]
     assert r["exportmeta.pt"] == {"error": "", "ran": False}
     assert r["good"] == [1, "b7"]  # a checkpoint of this trainer still resumes
 

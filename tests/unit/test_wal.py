@@ -27,10 +27,12 @@ def test_round_trip_in_order(tmp_path):
     assert wal.commit() is None  # nothing new: no second fsync
     wal.close()
     _, recs = replay(tmp_path)
-    # control records are numbered in their segment (the checkpoint 0); none follows another here, so
-    # none carries a copy of the one before it (test_a_damaged_control_record_is_restored_from_the_next)
-    assert recs == [("C", "", b"", {"state": {"v": 0}, "checkpoint": True, "n": 0}), ("G", "g1", b"frame-1", None),
-                    ("C", "", b"", {"consumed": ["g1"], "state": {"v": 1}, "n": 1}), ("G", "g2", b"\x00" * 1000, None)]
+    # control records are numbered in their segment (the checkpoint 0); the checkpoint is not copied
+    # into the next one (test_each_control_record_carries_the_one_before_it)
+    assert recs == [("C", "", b"", {"state": {"v": 0}, "checkpoint": True, "n": 0}),
+                    ("G", "g1", b"frame-1", None),
+                    ("C", "", b"", {"consumed": ["g1"], "state": {"v": 1}, "n": 1}),
+                    ("G", "g2", b"\x00" * 1000, None)]
 
 
 def test_every_start_opens_a_new_segment(tmp_path):
@@ -445,10 +447,12 @@ def _three_groups(tmp_path) -> tuple[bytearray, list[int]]:
     return bytearray(segment_path(tmp_path, 1).read_bytes()), offsets
 
 
-@pytest.mark.parametrize("damage", ["flip_frame_byte", "zero_header", "garbage_length", "flip_gid_len"])
+@pytest.mark.parametrize("damage", ["flip_frame_byte", "zero_header", "garbage_length",
+                                    "flip_gid_len"])
 def test_damage_mid_segment_loses_only_the_damaged_record(tmp_path, damage, caplog):
-    """Flipped bytes or a zeroed header in the middle of the newest segment: the records after it are
-    read (the file is not cut there), the damaged one is reported by offset, counted, and named."""
+    """Flipped bytes or a zeroed header in the middle of the newest segment: the records after it
+    are read (the file is not cut there), the damaged one is reported by offset, counted, and
+    named."""
     data, (_, at, after) = _three_groups(tmp_path)
     if damage == "flip_frame_byte":
         data[at + 8 + 150] ^= 0x10
@@ -465,7 +469,8 @@ def test_damage_mid_segment_loses_only_the_damaged_record(tmp_path, damage, capl
     assert [(r[0], r[1]) for r in recs if r[0] != "C"] == [
         ("G", "s0-La"), ("D", "" if damage == "flip_gid_len" else "s0-Lb"), ("G", "s0-Lc")]
     assert wal.corrupt_records == 1 and path.stat().st_size == len(data)  # nothing after it was cut
-    assert any(f"at offset {at}; skipped {after - at} damaged bytes" in m for m in caplog.messages), caplog.messages
+    said = f"at offset {at}; skipped {after - at} damaged bytes"
+    assert any(said in m for m in caplog.messages), caplog.messages
 
 
 def test_a_damaged_tail_after_damage_mid_segment_is_still_cut(tmp_path):
@@ -475,8 +480,8 @@ def test_a_damaged_tail_after_damage_mid_segment_is_still_cut(tmp_path):
     path = segment_path(tmp_path, 1)
     path.write_bytes(bytes(data))
     wal, recs = replay(tmp_path)
-    # b and c are damaged and nothing intact follows: a damaged tail, cut from b's offset (a torn last
-    # write was never acknowledged; its lease is re-issued at its deadline)
+    # b and c are damaged and nothing intact follows: a damaged tail, cut from b's offset (a torn
+    # last write was never acknowledged; its lease is re-issued at its deadline)
     assert [(r[0], r[1]) for r in recs if r[0] != "C"] == [("G", "s0-La")]
     assert wal.corrupt_records == 1 and path.stat().st_size == at
 
@@ -492,6 +497,7 @@ def test_each_control_record_carries_the_one_before_it(tmp_path):
     wal.close()
     _, recs = replay(tmp_path)
     controls = [r[3] for r in recs]
-    assert [c["n"] for c in controls] == [0, 1, 2, 3] and "prev" not in controls[1]  # the checkpoint is not copied
-    assert [msgspec.msgpack.decode(c["prev"]) for c in controls[2:]] == [{"consumed": ["g1"], "n": 1},
-                                                                         {"consumed": ["g2"], "n": 2}]
+    assert [c["n"] for c in controls] == [0, 1, 2, 3]
+    assert "prev" not in controls[1]  # the checkpoint is not copied
+    copies = [msgspec.msgpack.decode(c["prev"]) for c in controls[2:]]
+    assert copies == [{"consumed": ["g1"], "n": 1}, {"consumed": ["g2"], "n": 2}]
