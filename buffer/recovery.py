@@ -14,8 +14,10 @@ segment, and its prompt re-issued if the replayed state still holds its lease.
 Damage (wal.py): a damaged group record that still names its group is dropped the same way (its
 prompt generated again), so an acknowledged group is lost to damage alone, never one after it. A
 damaged control record is restored from the copy the next control record carries (``prev``, taken
-only when its number is the one missing), so its consumed marks hold and nothing is trained twice;
-``Replayed.damaged`` counts damaged regions, ``restored`` the control records brought back.
+only when its number is the one missing), so its consumed marks hold and nothing is trained twice.
+Two or more control records in a row taken by damage lose all but the last: counted in
+``lost_control`` and logged as an error (their consumed groups may be handed out again); the start
+goes on. ``Replayed.damaged`` counts damaged regions, ``restored`` the control records brought back.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class Replayed:
     groups: int = 0
     damaged: int = 0  # damaged regions skipped (wal.py)
     restored: int = 0  # damaged control records restored from the next one's copy
+    lost_control: int = 0  # damaged control records that could not be restored
 
 
 def replay(wal: WriteAheadLog, ledger: CreditLedger, store: ReplayBuffer, log: logging.Logger) -> Replayed:
@@ -67,21 +70,40 @@ def replay(wal: WriteAheadLog, ledger: CreditLedger, store: ReplayBuffer, log: l
             if rec.group_id:
                 _unreadable(rec.group_id, rec.ref, ledger, out)
             continue
-        control = rec.control
-        if damaged and last_n is not None and control.get("prev"):
-            prev = msgspec.msgpack.decode(control["prev"])
-            if prev.get("n") == last_n + 1 == control.get("n", 0) - 1:  # the record the damage took
-                log.warning("wal: control record %d of segment %d was damaged: restored from the "
-                            "copy in the next one", last_n + 1, rec.segment)
-                _control(prev, ledger, store, out)
-                out.restored += 1
-        damaged, last_n = False, control.get("n")
-        _control(control, ledger, store, out)
+        if damaged:
+            _after_damage(rec.control, last_n, rec.segment, ledger, store, out, log)
+        damaged, last_n = False, rec.control.get("n")
+        _control(rec.control, ledger, store, out)
     return out
 
 
+def _after_damage(control: dict, last_n: int | None, segment: int, ledger: CreditLedger,
+                  store: ReplayBuffer, out: Replayed, log: logging.Logger) -> None:
+    """The first control record after damage: the control records numbered after ``last_n`` and
+    before it were taken by the damage. The last of them is restored from its copy (``prev``);
+    any before that are lost, and counted."""
+    prev = msgspec.msgpack.decode(control["prev"]) if control.get("prev") else None
+    if prev is not None:
+        through = prev.get("n")
+    else:  # a checkpoint without a copy: how many the previous segment lost is not known
+        through = None if control.get("checkpoint") else control.get("n", 0) - 1
+    if last_n is None or through is None or through <= last_n:
+        return  # the damage took group records only (or the records are not numbered)
+    if prev is not None:
+        log.warning("wal: control record %d before segment %d's record %d was damaged: restored "
+                    "from the copy in the next one", through, segment, control.get("n", 0))
+        _control(prev, ledger, store, out)
+        out.restored, through = out.restored + 1, through - 1
+    if through > last_n:
+        out.lost_control += through - last_n
+        log.error("wal: %d control records after record %d were damaged beyond repair: the "
+                  "consumed marks, leases and re-issues they held are lost (groups they consumed "
+                  "may be handed out again)", through - last_n, last_n)
+
+
 def _control(control: dict, ledger: CreditLedger, store: ReplayBuffer, out: Replayed) -> None:
-    """Apply one control record."""
+    """Apply one control record (after control records were lost, a re-issue queue shorter than a
+    record takes is emptied instead of refused)."""
     out.seen.update(dict.fromkeys(control.get("seen", ())))
     for gid in control.get("consumed", ()):
         store.pop(gid)
@@ -92,6 +114,9 @@ def _control(control: dict, ledger: CreditLedger, store: ReplayBuffer, out: Repl
         out.version, out.in_transit = state["version"], state.get("in_transit")
     elif "changes" in control:  # what the iteration that wrote it changed
         changes = control["changes"]
+        if out.lost_control:
+            have = len(ledger.reissue) + len(changes["requeued"])
+            changes = {**changes, "dequeued": min(changes["dequeued"], have)}
         ledger.apply_changes(changes)
         out.version, out.in_transit = changes["version"], changes["in_transit"]
 

@@ -185,8 +185,10 @@ class BufferService(Daemon):
             self.wal.compact()
         if got.records:
             self.log.info("recovered %d WAL records (%d group records, %d stored now, %d of them in transit, "
-                          "%d corrupt skipped)", got.records, got.groups, len(self.store) +
-                          self.handout.in_transit_groups(), self.handout.in_transit_groups(), self.wal.corrupt_records)
+                          "%d corrupt skipped, %d damaged control records restored, %d lost)", got.records,
+                          got.groups, len(self.store) + self.handout.in_transit_groups(),
+                          self.handout.in_transit_groups(), self.wal.corrupt_records, got.restored,
+                          got.lost_control)
 
     # ------------------------------------------------------------------ requests
     def _receive(self, timeout_s: float) -> None:

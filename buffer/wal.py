@@ -138,10 +138,12 @@ class WriteAheadLog:
             cut = 0 < len(data) - pos < OLD_PAD_BLOCK and len(data) % OLD_PAD_BLOCK == 0 and not any(data[pos:])
             if cut:  # an older version's direct-I/O padding: the clean end
                 log.info("wal %s: cut %d bytes of padding at offset %d", path.name, len(data) - pos, pos)
-            else:
+            else:  # a "D" record without a group: what it held was never acknowledged, or is
+                # lost (an older segment's tail); recovery restores a control record it can
                 self.corrupt_records += 1
                 log.warning("wal %s: %s at offset %d; skipping the last %d bytes of this segment",
                             path.name, problem, pos, len(data) - pos)
+                yield Record("D", n, ref=WalRef(n, pos, len(data) - pos))
             if cut or newest:  # a torn write of the crash that ended the last run: cut it off
                 with path.open("r+b") as f:
                     f.truncate(pos)
@@ -224,12 +226,10 @@ class WriteAheadLog:
 
     def append_control(self, control: dict) -> int:
         """Log a control record. It carries its number in the segment (``n``, the checkpoint's 0)
-        and a copy of the record before it (``prev``, encoded; none after a checkpoint), so replay
-        can restore one control record that damage took from the record after it (recovery.py)."""
-        if control.get("checkpoint"):
-            self._control_n, self._last_control = 0, b""
-        else:
-            self._control_n += 1
+        and a copy of the control record before it (``prev``, encoded; a checkpoint carries the
+        previous segment's last one; none follows a checkpoint, which is not copied), so replay can
+        restore one control record that damage took from the record after it (recovery.py)."""
+        self._control_n = 0 if control.get("checkpoint") else self._control_n + 1
         numbered = {**control, "n": self._control_n}
         prev = {"prev": self._last_control} if self._last_control else {}
         payload = _ENCODER.encode({**numbered, **prev})
