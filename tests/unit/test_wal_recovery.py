@@ -82,3 +82,46 @@ def test_two_damaged_control_records_lose_the_first_and_the_start_goes_on(tmp_pa
     assert ledger.consumed == 2 and list(ledger.reissue) == []
     assert any("1 control records after record 0 were damaged beyond repair" in m
                for m in caplog.messages), caplog.messages
+
+
+def _frame(gid: str) -> bytes:
+    import numpy as np
+
+    from areal_like import protocol as P
+    from areal_like.trajectory import Trajectory
+
+    t = Trajectory.of(prompt_ids=[7, 8], output_ids=[1, 2], behav_logp=np.full(2, -1.0, np.float32),
+                      versions=[0, 0], reward=1.0, finish_reason="stop")
+    lease = gid.rpartition("-")[2]
+    return P.encode(P.TrajectoryGroup(group_id=gid, server_id="s0", lease_id=lease, prompt_index=0,
+                                      epoch=0, trajectories=[t, t]))
+
+
+def test_the_last_control_record_of_a_segment_is_restored_from_the_next_checkpoint(tmp_path):
+    """Segment 1 ends with the record that consumed g1 (g2 keeps the segment); a rotation opens
+    segment 2 with a checkpoint that carries it. Damage to that last record (a damaged tail of an
+    older segment) loses nothing: g1 is not served again."""
+    wal = WriteAheadLog(tmp_path, segment_bytes=1)
+    list(wal.replay())
+    state = {"cursor": [10, 0], "started": 10, "consumed": 0, "next_lease": 10, "leases": [],
+             "reissue": [], "version": 0, "in_transit": None}
+    wal.open({"state": state, "seen": []})
+    for gid in ("s0-g1", "s0-g2"):
+        wal.append_group(gid, _frame(gid))
+    wal.append_control({**_changes(consumed=1), "consumed": ["s0-g1"]})
+    wal.commit()
+    assert wal.maybe_rotate(lambda: {"state": state, "seen": []})
+    wal.close()
+    assert wal.segments() == [1, 2]
+    path = segment_path(tmp_path, 1)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40
+    path.write_bytes(bytes(data))
+    ledger = CreditLedger(StalenessPolicy(100, 2, 1000), 1000, lease_timeout_s=60,
+                          clock=time.monotonic)
+    store = ReplayBuffer(StalenessPolicy(100, 2, 1000), capacity=1000)
+    again = WriteAheadLog(tmp_path)
+    got = replay(again, ledger, store, LOG)
+    again.close()
+    assert (got.damaged, got.restored, got.lost_control) == (1, 1, 0)
+    assert "s0-g2" in store and "s0-g1" not in store  # g1 stays consumed
