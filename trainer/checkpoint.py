@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -238,7 +239,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
 
 
-def _refused(path: Path, e: Exception) -> UnsafeCheckpointError:
+def _refused(path: Path | str, e: Exception) -> UnsafeCheckpointError:
     return UnsafeCheckpointError(f"{path} holds objects other than tensors and plain data "
                                  f"({str(e)[:300]}): refusing to load it (planted, or not written "
                                  "by this trainer)")
@@ -277,8 +278,7 @@ class _SafePlanner(DefaultLoadPlanner):
         try:
             torch.load(value, weights_only=True)
         except pickle.UnpicklingError as e:
-            where = read_item.dest_index.fqn
-            raise UnsafeCheckpointError(f"checkpoint value {where}: {str(e)[:300]}") from None
+            raise _refused(f"checkpoint value {read_item.dest_index.fqn}", e) from None
         value.seek(0)
         super().load_bytes(read_item, value)
 
@@ -292,7 +292,14 @@ def _rng_globals() -> list:
 def dcp_load(state: dict, path: Path, no_dist: bool = False) -> None:
     """``dcp.load`` of checkpoint ``path`` into ``state``, reading data only (module docstring)."""
     read_dcp_metadata(path)  # a clear error here rather than DCP's wrapped one
-    dcp.load(state, storage_reader=_SafeReader(str(path)), planner=_SafePlanner(), no_dist=no_dist)
+    try:
+        dcp.load(state, storage_reader=_SafeReader(str(path)), planner=_SafePlanner(),
+                 no_dist=no_dist)
+    except CheckpointException as e:  # a BaseException: our refusal, wrapped by DCP per rank
+        refused = [exc for exc, _ in e.failures.values() if isinstance(exc, UnsafeCheckpointError)]
+        if refused:
+            raise refused[0] from None
+        raise
 
 
 def _agree(error: Exception | None, path: Path) -> None:

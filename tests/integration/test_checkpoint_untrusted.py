@@ -1,8 +1,9 @@
 """A checkpoint loads data, never code (issue 42, item 7; trainer/checkpoint.py).
 
 A real checkpoint is saved (1 rank), then one of its pickles is replaced by a planted one whose
-``__reduce__`` would write a marker file: ``meta.pt``, ``rng_rank0.pt`` (both ``torch.save``) or
-DCP's ``.metadata`` (a plain pickle). Resuming from it (``load_checkpoint``) and exporting it
+``__reduce__`` would write a marker file: ``meta.pt``, ``rng_rank0.pt`` (both ``torch.save``),
+DCP's ``.metadata`` (a plain pickle), or a value DCP stores as a pickle in its shard file (the
+optimizer's learning rate). Resuming from it (``load_checkpoint``) and exporting it
 (``load_checkpoint_model``, what ``areal-like export`` runs) refuse it with an error naming the
 file, and the marker is never written. The untouched checkpoint still resumes.
 
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 WORKER_TIMEOUT_S = 240
-PLANTED = ("meta.pt", "rng_rank0.pt", ".metadata")
+PLANTED = ("meta.pt", "rng_rank0.pt", ".metadata", "optim.param_groups.0.lr")
 
 
 class Planted:
@@ -32,6 +33,27 @@ class Planted:
         return exec, (f"open({self.marker!r}, 'w').write('code ran')",)
 
 
+def plant_value(directory: Path, fqn: str, marker: Path) -> None:
+    """Make DCP's stored value ``fqn`` (not a tensor: DCP ``torch.save``s it into a shard file) a
+    planted pickle: appended to its shard, and the (trusted, re-pickled) ``.metadata`` pointed at it."""
+    import dataclasses
+    import io
+    import pickle
+
+    import torch
+
+    meta = pickle.loads((directory / ".metadata").read_bytes())  # our own file: read freely
+    index, info = next((i, v) for i, v in meta.storage_data.items() if i.fqn == fqn)
+    blob = io.BytesIO()
+    torch.save(Planted(str(marker)), blob)
+    shard = directory / info.relative_path
+    offset = shard.stat().st_size
+    with shard.open("ab") as f:
+        f.write(blob.getvalue())
+    meta.storage_data[index] = dataclasses.replace(info, offset=offset, length=len(blob.getvalue()))
+    (directory / ".metadata").write_bytes(pickle.dumps(meta))
+
+
 def plant(directory: Path, name: str, marker: Path) -> None:
     import pickle
 
@@ -40,6 +62,8 @@ def plant(directory: Path, name: str, marker: Path) -> None:
     path = directory / name
     if name == ".metadata":
         path.write_bytes(pickle.dumps(Planted(str(marker))))
+    elif name.startswith("optim."):
+        plant_value(directory, name, marker)
     else:
         torch.save({"policy_version": 1, "evil": Planted(str(marker))}, path)
 
@@ -48,7 +72,7 @@ def _outcome(fn, marker: Path) -> dict:
     try:
         fn()
         error = ""
-    except Exception as e:  # noqa: BLE001 (the test reports what happened, whatever it was)
+    except BaseException as e:  # noqa: BLE001 (what happened, whatever it was; DCP's are BaseException)
         error = f"{type(e).__name__}: {e}"
     return {"error": error, "ran": marker.exists()}
 
@@ -97,10 +121,12 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
         assert got["error"].startswith("UnsafeCheckpointError: "), (name, got)
         assert name in got["error"], (name, got)
         assert "refusing to load it" in got["error"], got
-    # the export reads meta.pt and rng files not at all, DCP's .metadata with the same allowlist
+    # the export reads DCP's .metadata with the same allowlist, and not meta.pt, the rng files or
+    # the optimizer's values at all (only the model's tensors)
     exported = r["export.metadata"]
-    assert exported["error"].startswith("UnsafeCheckpointError: ") and not exported["ran"]
-    assert r["exportmeta.pt"] == {"error": "", "ran": False}
+    assert exported["error"].startswith("UnsafeCheckpointError: ") and not exported["ran"], exported
+    for name in ("meta.pt", "rng_rank0.pt", "optim.param_groups.0.lr"):
+        assert r[f"export{name}"] == {"error": "", "ran": False}, name
     assert r["good"] == [1, "b7"]  # a checkpoint of this trainer still resumes
 
 
