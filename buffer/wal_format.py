@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import crc32c
+import numpy as np
 
 HEADER = struct.Struct("<II")
 GID_LEN = struct.Struct("<H")
@@ -96,34 +96,33 @@ def _sync_data(fd: int) -> None:
     getattr(os, "fdatasync", os.fsync)(fd)  # macOS has no fdatasync
 
 
-# A record could start at q if the byte after its header is a kind ("G" group, "C" control)
-_CANDIDATE = re.compile(rb"(?s)(?=.{8}[GC])")
-_SMALL_RECORD = 64 << 10  # a candidate this short is checked without its successor (cheap)
+_KINDS = (ord("G"), ord("C"))  # a record could start at q if the byte after its header is a kind
+_SCAN_BYTES = 16 << 20  # searched for kind bytes this much at a time
 MAX_GID_BYTES = 1024
 _MAP_HEADS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])  # a msgpack map starts with one of these
 
 
 def _chained(data: bytes, q: int) -> bool:
-    """A candidate record at ``q`` is worth its checksum: it ends at the end of the data, is
-    short, or is followed by what could be another record's header (random bytes rarely are,
-    twice in a row)."""
+    """A candidate record at ``q`` is worth its checksum: it fits, and it ends at the end of the
+    data, or where too little is left for a record (a torn header), or where the next record's
+    kind byte could be (random bytes rarely pass both kind checks)."""
     length = HEADER.unpack_from(data, q)[0]
     end = q + HEADER.size + length
     if length < 1 or end > len(data):
         return False
-    if end == len(data) or length <= _SMALL_RECORD:
-        return True
-    return (len(data) - end > HEADER.size and data[end + HEADER.size] in b"GC"
-            and 1 <= HEADER.unpack_from(data, end)[0] <= len(data) - end - HEADER.size)
+    return len(data) - end <= HEADER.size or data[end + HEADER.size] in _KINDS
 
 
 def next_intact(data: bytes, start: int) -> int | None:
     """The offset of the first intact record after a damaged one at ``start`` (where to read on:
     what lies between is the damage), or None when none follows (a torn or damaged tail)."""
-    for m in _CANDIDATE.finditer(data, start + 1, max(start + 1, len(data) - HEADER.size)):
-        q = m.start()
-        if _chained(data, q) and _problem(data, q)[1] is None:
-            return q
+    view = np.frombuffer(data, np.uint8)
+    for chunk in range(start + 1 + HEADER.size, len(data), _SCAN_BYTES):
+        part = view[chunk:chunk + _SCAN_BYTES]
+        for k in np.flatnonzero((part == _KINDS[0]) | (part == _KINDS[1])).tolist():
+            q = chunk + k - HEADER.size
+            if _chained(data, q) and _problem(data, q)[1] is None:
+                return q
     return None
 
 

@@ -501,3 +501,17 @@ def test_each_control_record_carries_the_one_before_it(tmp_path):
     assert "prev" not in controls[1]  # the checkpoint is not copied
     copies = [msgspec.msgpack.decode(c["prev"]) for c in controls[2:]]
     assert copies == [{"consumed": ["g1"], "n": 1}, {"consumed": ["g2"], "n": 2}]
+
+
+def test_an_intact_record_between_damage_and_a_torn_tail_is_kept(tmp_path):
+    """The record after a damaged one is found even when a torn last write follows it."""
+    data, (_, at, _) = _three_groups(tmp_path)
+    intact_end = len(data)
+    data[at + 8 + 150] ^= 0x10
+    data += (1000).to_bytes(4, "little") + bytes(4) + b"G\x05\x00s0-Ld"  # a torn append
+    path = segment_path(tmp_path, 1)
+    path.write_bytes(bytes(data))
+    wal, recs = replay(tmp_path)
+    assert [(r[0], r[1]) for r in recs if r[0] != "C"] == [
+        ("G", "s0-La"), ("D", "s0-Lb"), ("G", "s0-Lc"), ("D", "")]
+    assert wal.corrupt_records == 2 and path.stat().st_size == intact_end  # the torn tail was cut
