@@ -25,10 +25,9 @@ import numpy as np
 from areal_like.protocol import TrajectoryGroup
 from areal_like.trajectory import mask_values_ok
 
-# the prompt is what is wrong: it would come back the same, so it is skipped this epoch
+# The prompt is what is wrong: it would come back the same, so it is skipped this epoch. Any other
+# reason ("nonfinite_logp": the engine's numbers, not the prompt) has the prompt generated again.
 REASONS = ("empty_prompt", "bad_loss_mask", "token_out_of_vocab")
-# the engine's numbers, not the prompt: the prompt is generated again (sampling differs each time)
-RESAMPLE_REASONS = ("nonfinite_logp",)
 
 
 def content_problem(group: TrajectoryGroup, vocab_size: int) -> str | None:
