@@ -11,10 +11,12 @@ its own shards, and filled from ``model.path`` or with ``model.init_seed``'s ini
 (``trainer/sharded_init.py``). No rank ever holds a full copy of the model.
 
 Precision (one switch, ``model.dtype``): master weights, gradients and AdamW states are always
-fp32. On CUDA with ``model.dtype=bfloat16`` (or float16) FSDP2's ``MixedPrecisionPolicy`` casts the
+fp32. With ``model.dtype=bfloat16`` (or float16) FSDP2's ``MixedPrecisionPolicy`` casts the
 all-gathered parameters to that dtype for forward/backward (``param_dtype``) and reduces gradients
-in fp32 (``reduce_dtype``); log-probs are always taken in fp32 (``trainer/logprobs.py``). On CPU
-everything is fp32.
+in fp32 (``reduce_dtype``), on any device and any world size, one rank included (a one-rank mesh:
+the cast is what FSDP2 is there for); log-probs are always taken in fp32 (``trainer/logprobs.py``).
+FSDP2 on one rank, not autocast: the same numbers as the sharded run's and, measured on CPU
+(trainer/MEMORY.md), no slower: it casts each parameter once per forward, autocast at every use.
 
 Log-probs: ``policy_logprobs(model, ...)`` runs the decoder and then the chunked lm_head of
 ``trainer/logprobs.py``; it is registered as an FSDP forward method on the root, so the root's
@@ -23,12 +25,13 @@ parameters (embeddings, final norm, lm_head) are all-gathered around it as for `
 Invariants:
 - FSDP2 only (``fully_shard`` per decoder block, then the root). FSDP1 does not run on CPU
   (torch 2.13 refuses: "FSDP needs a non-CPU accelerator device"). A single process (plain
-  ``python -m trainer``, or torchrun with one rank) joins a world-size-1 gloo group but its model
-  is NOT sharded: plain parameters, no FSDP hooks, no DTensor dispatch. On a world of one FSDP2
-  has nothing to shard or reduce and its per-op bookkeeping cost ~20 ms of a ~100 ms small-model
-  step (benchmarks/README.md); every consumer of the parameters (``full_tensor``, ``to_local``,
-  DCP, the forward method) accepts both plain tensors and DTensors, and the loss and weights
-  equal the sharded run's (tests/integration/test_trainer_invariance.py).
+  ``python -m trainer``, or torchrun with one rank) joins a world-size-1 gloo group; with
+  ``model.dtype=float32`` its model is NOT sharded: plain parameters, no FSDP hooks, no DTensor
+  dispatch. On a world of one FSDP2 then has nothing to shard, reduce or cast and its per-op
+  bookkeeping cost ~20 ms of a ~100 ms small-model step (benchmarks/README.md); every consumer
+  of the parameters (``full_tensor``, ``to_local``, DCP, the forward method) accepts both plain
+  tensors and DTensors, and the loss and weights equal the sharded run's
+  (tests/integration/test_trainer_invariance.py; bf16 on one rank: test_trainer_bf16.py).
 - AdamW runs its multi-tensor (``foreach``) implementation also on CPU (torch picks it only for
   CUDA by default): one kernel per op over all parameters instead of one per parameter; same
   arithmetic.
@@ -110,22 +113,23 @@ def trainer_device(trainer_cfg: TrainerConfig) -> torch.device:
     return torch.device(trainer_cfg.device)
 
 
-def mixed_precision(model_cfg: ModelConfig, device: torch.device):
-    """FSDP2's policy: compute in ``model.dtype`` with fp32 gradient reduction on CUDA; None (all
-    fp32) on CPU or when ``model.dtype`` is float32."""
+def mixed_precision(model_cfg: ModelConfig):
+    """FSDP2's policy: compute in ``model.dtype`` with fp32 gradient reduction; None (all fp32) when
+    ``model.dtype`` is float32. The same on every device and world size (module docstring)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    if device.type != "cuda" or model_cfg.dtype == "float32":
+    if model_cfg.dtype == "float32":
         return None
     # bf16 compute, fp32 gradient reduction: the usual recipe (torchtitan, verl).
-    return MixedPrecisionPolicy(param_dtype=torch_dtype(model_cfg.dtype), reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(param_dtype=torch_dtype(model_cfg.dtype),
+                                reduce_dtype=torch.float32)
 
 
-def apply_fsdp(model: torch.nn.Module, model_cfg: ModelConfig, device: torch.device) -> torch.nn.Module:
+def apply_fsdp(model: torch.nn.Module, model_cfg: ModelConfig) -> torch.nn.Module:
     """``fully_shard`` each decoder block, then the root (embeddings, final norm, lm_head)."""
     from torch.distributed.fsdp import fully_shard
 
-    mp = mixed_precision(model_cfg, device)
+    mp = mixed_precision(model_cfg)
     kwargs = {"mp_policy": mp} if mp is not None else {}
     for block in model.model.layers:
         fully_shard(block, **kwargs)
@@ -165,8 +169,9 @@ def shard_model(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, dtype: st
     model.config.use_cache = False
     if checkpointing:  # per decoder block, before sharding; FSDP2's hooks stay outside the recompute
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if dist.get_world_size() > 1:  # one rank: nothing to shard, gather or reduce (module docstring)
-        apply_fsdp(model, model_cfg, device)
+    # One fp32 rank: nothing to shard, gather, reduce or cast (module docstring).
+    if dist.get_world_size() > 1 or mixed_precision(model_cfg) is not None:
+        apply_fsdp(model, model_cfg)
     materialize(model, model_cfg, device)
     return attach_logprobs(model)
 
@@ -174,14 +179,13 @@ def shard_model(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, dtype: st
 def build_reference(model_cfg: ModelConfig, trainer_cfg: TrainerConfig) -> torch.nn.Module:
     """The frozen reference policy, sharded like the policy (requires the default process group).
 
-    On CUDA its parameters are stored in ``model.dtype``: the policy's forward casts its fp32
-    master weights to that dtype anyway (FSDP2 mixed precision), so the reference computes the
-    same numbers with half the memory. Its values are the fp32 initial weights cast, as the
-    policy's are (a model initialised directly in bf16 draws different values). On CPU both are fp32.
+    Its parameters are stored in ``model.dtype``: the policy's forward casts its fp32 master
+    weights to that dtype anyway (FSDP2 mixed precision), so the reference computes the same
+    numbers with half the memory. Its values are the fp32 initial weights cast, as the policy's
+    are (a model initialised directly in bf16 draws different values).
     """
     cfg = replace(model_cfg, path=trainer_cfg.ref_path) if trainer_cfg.ref_path else model_cfg
-    dtype = model_cfg.dtype if trainer_device(trainer_cfg).type == "cuda" else "float32"
-    model = shard_model(cfg, trainer_cfg, dtype=dtype)
+    model = shard_model(cfg, trainer_cfg, dtype=model_cfg.dtype)
     model.requires_grad_(False)
     return model.eval()
 
