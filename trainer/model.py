@@ -35,8 +35,8 @@ Invariants:
 - AdamW runs its multi-tensor (``foreach``) implementation also on CPU (torch picks it only for
   CUDA by default): one kernel per op over all parameters instead of one per parameter; same
   arithmetic.
-- Parameter names are the unwrapped Hugging Face names (neither ``fully_shard`` nor Hugging
-  Face's activation checkpointing renames), so the weight-sync plan names match what an engine's
+- Parameter names are the unwrapped Hugging Face names (neither ``fully_shard`` nor
+  ``checkpoint_blocks`` renames), so the weight-sync plan names match what an engine's
   ``load_weights`` expects.
 - The initial weights equal ``areal_like.hf.build_model``'s bit for bit, for any world size.
 - The reference is the run's INITIAL weights (``trainer.ref_path``, else ``model.path`` or the
@@ -49,6 +49,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import types
@@ -57,6 +58,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 
 from areal_like.config import ModelConfig, TrainerConfig
 from areal_like.distributed import free_port
@@ -159,6 +161,16 @@ def attach_logprobs(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def checkpoint_blocks(model: torch.nn.Module) -> None:
+    """Recompute each decoder block's activations in backward: torch's non-reentrant ``checkpoint``
+    around the block's ``forward`` (what torch's ``checkpoint_wrapper`` does, without the wrapper
+    module that would rename every parameter). Call before ``fully_shard``: FSDP2's hooks run in
+    the block's ``__call__``, outside the recompute. Not transformers' own switch: 5.23 renamed it
+    (``activation_checkpointing_enable``, which 5.19 lacks) and deprecated the old name."""
+    for block in model.model.layers:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
 def shard_model(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, dtype: str = "float32",
                 checkpointing: bool = False) -> torch.nn.Module:
     """The model of ``model_cfg`` sharded over the default process group (not sharded on a world of
@@ -167,8 +179,8 @@ def shard_model(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, dtype: st
     device = trainer_device(trainer_cfg)
     model = build_meta_model(model_cfg, dtype)
     model.config.use_cache = False
-    if checkpointing:  # per decoder block, before sharding; FSDP2's hooks stay outside the recompute
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing:
+        checkpoint_blocks(model)
     # One fp32 rank: nothing to shard, gather, reduce or cast (module docstring).
     if dist.get_world_size() > 1 or mixed_precision(model_cfg) is not None:
         apply_fsdp(model, model_cfg)
