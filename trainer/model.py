@@ -61,7 +61,7 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from areal_like.config import ModelConfig, TrainerConfig
-from areal_like.distributed import free_port
+from areal_like.distributed import free_port, set_nccl_nonblocking_timeout
 from areal_like.hf import build_meta_model, torch_dtype
 from trainer.logprobs import hidden_token_logprobs
 from trainer.sharded_init import materialize
@@ -82,10 +82,12 @@ def init_distributed(trainer_cfg: TrainerConfig) -> tuple[int, int]:
 
     Under torchrun the env:// rendezvous is used. Without it, a world-size-1 gloo group on a free
     loopback port. On CUDA the group has both backends (gloo for CPU objects such as the batch
-    broadcast, NCCL for tensors on the GPU).
+    broadcast, NCCL for tensors on the GPU). Before any group: NCCL's wait for a communicator is
+    bounded by the weight-sync deadline (areal_like/distributed.py, set_nccl_nonblocking_timeout).
     """
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
+    set_nccl_nonblocking_timeout(trainer_cfg.weight_sync.deadline_s)
     timeout = timedelta(seconds=trainer_cfg.gloo_timeout_s)
     backend = "cpu:gloo,cuda:nccl" if trainer_cfg.device.startswith("cuda") else "gloo"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
