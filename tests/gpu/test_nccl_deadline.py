@@ -72,7 +72,8 @@ def test_a_member_that_never_receives_cannot_hold_rank_0_past_its_deadline(figur
     port, name = free_port(), "deadline-test-group"
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "env": child_env()}
     args = [str(REPO), str(port), name]
-    rank0 = subprocess.Popen([sys.executable, "-c", RANK0, *args, str(DEADLINE_S)], stdin=subprocess.PIPE,
+    rank0 = subprocess.Popen([sys.executable, "-c", RANK0, *args, str(DEADLINE_S)],
+                             stdin=subprocess.PIPE,
                              **pipes)
     member = None
     try:
