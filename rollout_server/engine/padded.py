@@ -1,7 +1,7 @@
 """Prefill and decode for any causal LM through its own forward (what ``fastpath`` does not cover).
 
 Same signatures as ``fastpath.prefill`` / ``fastpath.decode``; the scheduler (``scheduler.py``) uses
-this module for a model ``fastpath.supports`` refuses. Prefill runs one right-padded batch with a 4D
+this module for a model ``fastpath.supports`` refuses (any causal LM with ``get_output_embeddings``). Prefill runs one right-padded batch with a 4D
 mask and explicit positions; decode runs one token per row against the slot cache.
 
 Masks are plain additive 4D tensors ``[B, 1, Q, K]`` (every layer is full attention: the scheduler
