@@ -177,9 +177,9 @@ def checkpoint_blocks(model: torch.nn.Module) -> None:
 
 def shard_model(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, dtype: str = "float32",
                 checkpointing: bool = False) -> torch.nn.Module:
-    """The model of ``model_cfg`` sharded over the default process group (not sharded on a world of
-    one), built on the meta device and materialised shard by shard on the trainer device,
-    parameters in ``dtype``."""
+    """The model of ``model_cfg`` sharded over the default process group (on a world of one only
+    for ``model.dtype``'s mixed precision), built on the meta device and materialised shard by
+    shard on the trainer device, parameters in ``dtype``."""
     device = trainer_device(trainer_cfg)
     model = build_meta_model(model_cfg, dtype)
     model.config.use_cache = False
