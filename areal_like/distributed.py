@@ -34,10 +34,20 @@ group's timeout), and ``TORCH_NCCL_ASYNC_ERROR_HANDLING=2`` (CleanUpOnly) is in 
 group is constructed, which is when ProcessGroupNCCL reads it: a timed-out op then aborts this
 group's communicator and raises, instead of ending the whole process (the default, 3, would end
 a trainer whose only fault is a dead engine).
+
+Non-blocking is not enough on its own: the first op waits for the lazily created communicator in
+torch's c10d (``C10D_NCCL_CHECK_TIMEOUT_SLEEP`` around ``ncclCommInitRankConfig``) while it holds
+the communicator's mutex, and ``abort()`` takes the same mutex, so an abort from a watchdog waits
+until every member is ready or that wait gives up. The wait gives up after
+``TORCH_NCCL_NONBLOCKING_TIMEOUT`` seconds (whole seconds, default 1800), which torch reads ONCE
+per process, at its first non-blocking NCCL call (a function-local static in NCCLUtils.cpp).
+``set_nccl_nonblocking_timeout`` sets it from the sync deadline; the trainer calls it before it
+creates any process group (trainer/model.py ``init_distributed``).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import socket
@@ -229,6 +239,18 @@ def interface_of(address: str) -> str | None:
         if any(a.address.split("%")[0] in wanted for a in addrs):
             return name
     return None
+
+
+NCCL_NONBLOCKING_TIMEOUT = "TORCH_NCCL_NONBLOCKING_TIMEOUT"
+
+
+def set_nccl_nonblocking_timeout(deadline_s: float) -> int:
+    """Bound torch's wait for a non-blocking NCCL communicator (module docstring) by ``deadline_s``,
+    rounded up to whole seconds; returns that. Call before this process's first NCCL call: torch
+    reads the variable only then, and never again."""
+    seconds = max(1, math.ceil(deadline_s))
+    os.environ[NCCL_NONBLOCKING_TIMEOUT] = str(seconds)
+    return seconds
 
 
 def _nccl_options(timeout: timedelta):

@@ -1,6 +1,16 @@
 """What a trajectory group must hold before anyone trains on it: a non-empty prompt in every
 trajectory, a loss mask of 0s and 1s (decode checks only its length: this is the one pass over its
-values), and token ids inside the model's vocabulary ``[0, vocab_size)``.
+values), token ids inside the model's vocabulary ``[0, vocab_size)``, and finite behaviour
+log-probs.
+
+Finite numbers: ``behav_logp`` is the one float array of a group, and every off-policy kernel
+divides by ``exp(behav_logp)`` (trainer/LOSSES.md), so a NaN or an infinity in it makes the loss
+or its gradient non-finite, and one such group can destroy the weights. NaN, +inf and -inf are all
+refused, -inf included: a real engine can report -inf for a token (a logit masked to -inf, or an
+underflow at a low temperature), but a token its own sampler gave probability 0 has an infinite
+importance ratio, which no kernel can train on. The reward, the only other float field that is
+trained on, is refused when not finite by ``decode`` already (``areal_like/trajectory.py``);
+``metadata`` is free-form and never trained on.
 
 One check for two places: the buffer refuses such a group at admission (``Ack`` rejected with the
 reason, counted in ``buffer/rejected``), and the trainer drops one that reaches it anyway (a WAL
@@ -15,6 +25,8 @@ import numpy as np
 from areal_like.protocol import TrajectoryGroup
 from areal_like.trajectory import mask_values_ok
 
+# The prompt is what is wrong: it would come back the same, so it is skipped this epoch. Any other
+# reason ("nonfinite_logp": the engine's numbers, not the prompt) has the prompt generated again.
 REASONS = ("empty_prompt", "bad_loss_mask", "token_out_of_vocab")
 
 
@@ -28,6 +40,8 @@ def content_problem(group: TrajectoryGroup, vocab_size: int) -> str | None:
         if not mask_values_ok(t.loss_mask_wire):
             return f"bad_loss_mask: trajectory {i} has loss_mask values other than 0 (context) and 1 (generated)"
         arrays += [t.prompt_ids, t.output_ids]
+    if (why := nonfinite_problem(group)) is not None:
+        return why
     if vocab_size <= 0 or not arrays:
         return None
     ids = np.concatenate(arrays)
@@ -35,4 +49,16 @@ def content_problem(group: TrajectoryGroup, vocab_size: int) -> str | None:
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi
         return f"token_out_of_vocab: token id {bad} is outside [0, {vocab_size}) (model.vocab_size)"
+    return None
+
+
+def nonfinite_problem(group: TrajectoryGroup) -> str | None:
+    """Why the group's behaviour log-probs cannot be trained on (None: all finite); see the module
+    docstring for why -inf is refused too. One pass over the log-prob arrays."""
+    for i, t in enumerate(group.trajectories):
+        logp = t.behav_logp
+        if len(logp) and not np.isfinite(logp).all():
+            at = np.flatnonzero(~np.isfinite(logp))
+            return (f"nonfinite_logp: trajectory {i} has {len(at)} behav_logp value(s) that are "
+                    f"not finite (first {float(logp[at[0]])}, at token {int(at[0])})")
     return None

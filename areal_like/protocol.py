@@ -325,6 +325,8 @@ def decode(data: bytes | bytearray | memoryview, max_bytes: int | None = None) -
     data = _frame(data)
     try:
         return _DECODER.decode(data)
+    except RecursionError:  # arrays or maps nested deeper than the interpreter's recursion limit
+        raise ProtocolError("nested too deeply", "frame") from None
     except (msgspec.MsgspecError, UnicodeDecodeError) as e:  # msgspec reports bad UTF-8 in a key like this
         if (version := _version_of(data)) is not None and version != PROTOCOL_VERSION:
             # named before whatever else is wrong: a version-1 group also lacks loss_mask, which
@@ -354,7 +356,7 @@ def _version_of(data: bytes | memoryview) -> Any:
     """The ``protocol`` of a refused frame (None: absent, or not a map): read only on the error path."""
     try:
         return _VERSION_DECODER.decode(data).protocol
-    except (msgspec.MsgspecError, UnicodeDecodeError):
+    except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
         return None
 
 
@@ -370,7 +372,7 @@ def decode_stored(data: bytes | bytearray | memoryview) -> Message:
             raise
         try:
             wire = msgspec.msgpack.decode(_frame(data))
-        except (msgspec.MsgspecError, UnicodeDecodeError):
+        except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
             raise e from None
         if not (type(wire) is dict and type(wire.get("protocol")) is int and wire["protocol"] in (1, 2)
                 and wire.get("type") == TrajectoryGroup.TYPE and type(wire.get("trajectories")) is list):

@@ -33,7 +33,7 @@ class ModelConfig:
     num_key_value_heads: int = 2
     max_position_embeddings: int = 256
     tie_word_embeddings: bool = False
-    dtype: str = "float32"  # engines' weights; trainer on cuda: compute dtype (fp32 master weights, fp32 grad reduce)
+    dtype: str = "float32"  # engines' weights; the trainer's compute dtype (fp32 master weights, fp32 grad reduce)
     attn_implementation: str = "sdpa"
     init_seed: int = 0
 
@@ -251,6 +251,9 @@ class TrainerConfig:
     lr_schedule: str = "constant"  # constant | linear | cosine (after warmup)
     warmup_steps: int = 0
     grad_clip: float = 1.0
+    # An optimizer step whose loss or gradient norm is not finite is skipped
+    # (trainer/finite_guard.py); this many trainer steps in a row that skipped one stop the job
+    max_nonfinite_skips: int = 10
     micro_batch_size: int = 8  # sequences per forward/backward
     num_minibatches: int = 1  # optimizer steps per batch (all but the first are off-policy by construction)
     estimator: str = "grpo"
@@ -285,6 +288,8 @@ class TrainerConfig:
         _check("trainer.num_minibatches", self.num_minibatches >= 1, ">= 1", self.num_minibatches)
         _check("trainer.logprob_chunk_tokens", self.logprob_chunk_tokens >= 1, ">= 1", self.logprob_chunk_tokens)
         _check("trainer.grad_clip", self.grad_clip > 0, "> 0", self.grad_clip)
+        _check("trainer.max_nonfinite_skips", self.max_nonfinite_skips >= 1, ">= 1",
+               self.max_nonfinite_skips)
         _check("trainer.first_engine_wait_s", self.first_engine_wait_s >= 0, ">= 0", self.first_engine_wait_s)
         _check("trainer.first_engines", self.first_engines >= 1, ">= 1", self.first_engines)
         _check("trainer.betas", len(self.betas) == 2, "two numbers", self.betas)

@@ -1,6 +1,7 @@
 """Trainer memory: measured peak of one real training step vs ``trainer.memory.estimate_peak_bytes``.
 
-One process, the trainer's own code path (world-size-1 gloo group, FSDP2, CPU, fp32): the policy is
+One process, the trainer's own code path (world-size-1 gloo group, CPU, ``--dtype``: fp32 (not
+sharded) or bf16 (FSDP2 on a one-rank mesh with the mixed-precision policy)): the policy is
 built (``trainer.model.build_policy``: meta device, sharded, materialised) and ``--steps``
 ``trainer.step.train_step`` calls run on a batch of ``--seqs`` sequences of ``--len`` tokens, ``--mbs``
 sequences per micro-batch (gradients accumulate over the micro-batches, as in a real step; from the
@@ -63,6 +64,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--chunk", type=int, default=512, help="trainer.logprob_chunk_tokens")
     p.add_argument("--checkpointing", action="store_true", help="trainer.activation_checkpointing=true")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="model.dtype")
     args = p.parse_args()
 
     import torch
@@ -78,7 +80,8 @@ def main() -> None:
     overrides = [f"model.{k}={v}" for k, v in vars(model_cfg).items() if k in (
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "tie_word_embeddings")]
-    cfg = load_config([*overrides, "model.max_position_embeddings=4096", "trainer.loss.kernel=ppo",
+    cfg = load_config([*overrides, "model.max_position_embeddings=4096", f"model.dtype={args.dtype}",
+                       "trainer.loss.kernel=ppo",
                        "trainer.loss.agg=token-mean", f"trainer.micro_batch_size={args.mbs}",
                        f"trainer.logprob_chunk_tokens={args.chunk}",
                        f"trainer.activation_checkpointing={str(args.checkpointing).lower()}"])
@@ -92,7 +95,7 @@ def main() -> None:
         for _ in range(args.steps):
             stats = train_step(policy, batch, s, batch.behav_logp)
     wall = time.monotonic() - t0
-    est = estimate_peak_bytes(cfg.model, 1, args.mbs * args.len, "float32", args.checkpointing, args.chunk)
+    est = estimate_peak_bytes(cfg.model, 1, args.mbs * args.len, args.dtype, args.checkpointing, args.chunk)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({
         "name": "trainer_memory", "figure": round(m.peak / GIB, 3), "unit": "GiB (measured tensor peak)",
@@ -100,7 +103,7 @@ def main() -> None:
         "shape": args.shape, "layers": cfg.model.num_hidden_layers, "vocab": cfg.model.vocab_size,
         "micro_batch_tokens": args.mbs * args.len,
         "micro_batches": -(-args.seqs // args.mbs), "steps": args.steps,
-        "chunk": args.chunk, "checkpointing": args.checkpointing, "dtype": "float32", "world": 1,
+        "chunk": args.chunk, "checkpointing": args.checkpointing, "dtype": args.dtype, "world": 1,
         "terms_gib": {k: round(v / GIB, 3) for k, v in vars(est).items()},
         "moments_gib": {k: round(v / GIB, 3) for k, v in est.moments.items()},
         "rss_peak_gib": round(rss / GIB, 3), "rss_before_gib": round(rss0 / GIB, 3),

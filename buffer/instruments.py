@@ -18,7 +18,7 @@ COUNTERS = ("groups_accepted", "groups_duplicate", "groups_consumed", "credits_g
 LABELLED = {"groups_dropped": ("stale", "equal_rewards", "max_tokens", "unreadable"),
             "rejected": ("decode", "frame_too_large", "unknown_lease", "lease_mismatch", "future_version", "not_trainer",
                          "version_jump", "reserved_id", "empty_prompt", "bad_loss_mask", "token_out_of_vocab",
-                         "peer_limit")}
+                         "nonfinite_logp", "peer_limit")}
 
 
 class BufferMetrics:
@@ -96,6 +96,9 @@ def service_gauges(svc) -> dict[str, tuple[str, Callable[[], float]]]:
                                 lambda: svc.ledger.consumed),
             "buffer/stored_bytes": ("frame bytes of stored groups", lambda: svc.store.nbytes),
             "buffer/wal_bytes": ("bytes of WAL segments on disk", lambda: svc.wal.disk_bytes),
+            "buffer/wal_corrupt_records": ("damaged WAL records skipped at the last start (each "
+                                           "logged with its file and offset)",
+                                           lambda: svc.wal.corrupt_records),
             "buffer/disk_full": ("1 while new groups are refused for lack of disk space (degraded)",
                                  lambda: float(svc.disk.degraded)),
             "buffer/disk_free_bytes": ("free bytes on the WAL's disk (estimated between sweeps)",

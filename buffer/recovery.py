@@ -10,12 +10,22 @@ group records that no longer decode) comes back in ``Replayed`` for the service 
 that no longer decodes (another protocol version; a group stored at version 1 or 2 is
 upgraded by ``protocol.decode_stored``) is dropped as ``unreadable``: marked consumed, so it stops pinning its
 segment, and its prompt re-issued if the replayed state still holds its lease.
+
+Damage (wal.py): a damaged group record that still names its group is dropped the same way (its
+prompt generated again), so an acknowledged group is lost to damage alone, never one after it. A
+damaged control record is restored from the copy the next control record carries (``prev``, taken
+only when its number is the one missing), so its consumed marks hold and nothing is trained twice.
+Two or more control records in a row taken by damage lose all but the last: counted in
+``lost_control`` and logged as an error (their consumed groups may be handed out again); the start
+goes on. ``Replayed.damaged`` counts damaged regions, ``restored`` the control records brought back.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+
+import msgspec
 
 from areal_like.protocol import ProtocolError, TrajectoryGroup, decode_stored
 from buffer.credits import CreditLedger
@@ -42,27 +52,73 @@ class Replayed:
     unreadable: dict[str, Unreadable] = field(default_factory=dict)
     records: int = 0
     groups: int = 0
+    damaged: int = 0  # damaged regions skipped (wal.py)
+    restored: int = 0  # damaged control records restored from the next one's copy
+    lost_control: int = 0  # damaged control records that could not be restored
 
 
 def replay(wal: WriteAheadLog, ledger: CreditLedger, store: ReplayBuffer, log: logging.Logger) -> Replayed:
     out = Replayed()
+    last_n, damaged = None, False  # the last control record's number in its segment; damage since
     for rec in wal.replay():
         out.records += 1
         if rec.kind == "G":
             _group(rec, ledger, store, out, log)
             continue
-        control = rec.control
-        out.seen.update(dict.fromkeys(control.get("seen", ())))
-        for gid in control.get("consumed", ()):
-            store.pop(gid)
-            out.unreadable.pop(gid, None)  # dropped by an earlier start
-        if "state" in control:  # a checkpoint
-            ledger.load_state(control["state"])
-            out.version, out.in_transit = control["state"]["version"], control["state"].get("in_transit")
-        elif "changes" in control:  # what the iteration that wrote it changed
-            ledger.apply_changes(control["changes"])
-            out.version, out.in_transit = control["changes"]["version"], control["changes"]["in_transit"]
+        if rec.kind == "D":
+            out.damaged, damaged = out.damaged + 1, True
+            if rec.group_id:
+                _unreadable(rec.group_id, rec.ref, ledger, out)
+            continue
+        if damaged:
+            _after_damage(rec.control, last_n, rec.segment, ledger, store, out, log)
+        damaged, last_n = False, rec.control.get("n")
+        _control(rec.control, ledger, store, out)
     return out
+
+
+def _after_damage(control: dict, last_n: int | None, segment: int, ledger: CreditLedger,
+                  store: ReplayBuffer, out: Replayed, log: logging.Logger) -> None:
+    """The first control record after damage: the control records numbered after ``last_n`` and
+    before it were taken by the damage. The last of them is restored from its copy (``prev``);
+    any before that are lost, and counted."""
+    prev = msgspec.msgpack.decode(control["prev"]) if control.get("prev") else None
+    if prev is not None:
+        through = prev.get("n")
+    else:  # a checkpoint without a copy: how many the previous segment lost is not known
+        through = None if control.get("checkpoint") else control.get("n", 0) - 1
+    if last_n is None or through is None or through <= last_n:
+        return  # the damage took group records only (or the records are not numbered)
+    if prev is not None:
+        log.warning("wal: control record %d before segment %d's record %d was damaged: restored "
+                    "from the copy in the next one", through, segment, control.get("n", 0))
+        _control(prev, ledger, store, out)
+        out.restored, through = out.restored + 1, through - 1
+    if through > last_n:
+        out.lost_control += through - last_n
+        log.error("wal: %d control records after record %d were damaged beyond repair: the "
+                  "consumed marks, leases and re-issues they held are lost (groups they consumed "
+                  "may be handed out again)", through - last_n, last_n)
+
+
+def _control(control: dict, ledger: CreditLedger, store: ReplayBuffer, out: Replayed) -> None:
+    """Apply one control record (after control records were lost, a re-issue queue shorter than a
+    record takes is emptied instead of refused)."""
+    out.seen.update(dict.fromkeys(control.get("seen", ())))
+    for gid in control.get("consumed", ()):
+        store.pop(gid)
+        out.unreadable.pop(gid, None)  # dropped by an earlier start
+    if "state" in control:  # a checkpoint
+        state = control["state"]
+        ledger.load_state(state)
+        out.version, out.in_transit = state["version"], state.get("in_transit")
+    elif "changes" in control:  # what the iteration that wrote it changed
+        changes = control["changes"]
+        if out.lost_control:
+            have = len(ledger.reissue) + len(changes["requeued"])
+            changes = {**changes, "dequeued": min(changes["dequeued"], have)}
+        ledger.apply_changes(changes)
+        out.version, out.in_transit = changes["version"], changes["in_transit"]
 
 
 def _group(rec: Record, ledger: CreditLedger, store: ReplayBuffer, out: Replayed, log: logging.Logger) -> None:
@@ -70,12 +126,7 @@ def _group(rec: Record, ledger: CreditLedger, store: ReplayBuffer, out: Replayed
         group = decode_stored(rec.frame)  # a version-1 or 2 group reads as it meant (protocol.py)
     except ProtocolError as e:  # written by another protocol version: cannot be served
         log.warning("wal: group %s no longer decodes (%s)", rec.group_id, e)
-        _, _, lease_id = rec.group_id.rpartition("-")
-        lease = ledger.leases.get(lease_id)
-        if lease is not None and f"{lease.server_id}-{lease_id}" == rec.group_id:
-            out.unreadable[rec.group_id] = Unreadable(rec.group_id, rec.ref, lease_id, lease.prompt_index, lease.epoch)
-        else:
-            out.unreadable[rec.group_id] = Unreadable(rec.group_id, rec.ref, None)
+        _unreadable(rec.group_id, rec.ref, ledger, out)
         return
     assert isinstance(group, TrajectoryGroup)
     out.seen[group.group_id] = None
@@ -84,3 +135,15 @@ def _group(rec: Record, ledger: CreditLedger, store: ReplayBuffer, out: Replayed
         out.filtered[group.group_id] = why
     store.add(group, len(rec.frame), ref=rec.ref)  # read back from the WAL at hand-out
     out.groups += 1
+
+
+def _unreadable(group_id: str, ref: WalRef, ledger: CreditLedger, out: Replayed) -> None:
+    """A group record that cannot be served (no longer decodes, or damaged): dropped at start, its
+    prompt re-issued if the replayed state still holds its lease."""
+    _, _, lease_id = group_id.rpartition("-")
+    lease = ledger.leases.get(lease_id)
+    if lease is not None and f"{lease.server_id}-{lease_id}" == group_id:
+        out.unreadable[group_id] = Unreadable(group_id, ref, lease_id, lease.prompt_index,
+                                              lease.epoch)
+    else:
+        out.unreadable[group_id] = Unreadable(group_id, ref, None)

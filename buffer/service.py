@@ -169,7 +169,8 @@ class BufferService(Daemon):
         self.wal.open(self.checkpoint())
         self._drop(self.store.drop_stale(self.control.version), "stale")
         for u in got.unreadable.values():
-            self.log.error("wal %s: group %s at offset %d no longer decodes: dropped as unreadable%s",
+            self.log.error("wal %s: group %s at offset %d is damaged or no longer decodes: "
+                           "dropped as unreadable%s",
                            segment_path(self.wal.dir, u.ref.segment).name, u.group_id, u.ref.offset,
                            "" if u.lease_id else "; its lease is unknown, so its prompt is not re-issued")
             if u.lease_id is not None:
@@ -184,8 +185,10 @@ class BufferService(Daemon):
             self.wal.compact()
         if got.records:
             self.log.info("recovered %d WAL records (%d group records, %d stored now, %d of them in transit, "
-                          "%d corrupt skipped)", got.records, got.groups, len(self.store) +
-                          self.handout.in_transit_groups(), self.handout.in_transit_groups(), self.wal.corrupt_records)
+                          "%d corrupt skipped, %d damaged control records restored, %d lost)", got.records,
+                          got.groups, len(self.store) + self.handout.in_transit_groups(),
+                          self.handout.in_transit_groups(), self.wal.corrupt_records, got.restored,
+                          got.lost_control)
 
     # ------------------------------------------------------------------ requests
     def _receive(self, timeout_s: float) -> None:

@@ -27,10 +27,15 @@ refused meanwhile; lost only if the process dies first, which costs what a crash
 references, the frames stay on disk or in the page cache, not in the daemon's memory. Compaction
 (every start and rotation) deletes a prefix of segments whose group records are all consumed
 (``consumed`` marks in control records), never one from the middle: a mark may live in a later
-segment than its group. A torn or corrupt record ends the replay of its segment with a warning
-naming file and offset, never fatal, never accepted; the newest segment's torn tail is truncated,
-and zeros up to a 4 KiB boundary (the crash padding of versions that wrote with O_DIRECT) are cut
-as the clean end. One writer per directory (``dirlock.py``).
+segment than its group. Damage is never fatal and never accepted. A damaged record followed by
+intact ones (flipped bytes, a zeroed header; ``wal_format.next_intact`` finds the next record
+whose checksum holds) is skipped alone: a warning naming file, offset and bytes skipped, counted
+in ``corrupt_records`` (``buffer/wal_corrupt_records``), and a "D" record for recovery, naming
+the group it held when its payload still does. Each control record carries a copy of the one
+before it, so one damaged control record is restored from the next (recovery.py). Damage with no
+intact record after it (a torn or damaged tail) ends the replay of its segment; the newest
+segment's is truncated, and zeros up to a 4 KiB boundary (the crash padding of versions that
+wrote with O_DIRECT) are cut as the clean end. One writer per directory (``dirlock.py``).
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ from buffer.wal_format import (  # noqa: F401 (re-exported: the WAL's public nam
     _problem,
     _sync_data,
     _writev,
+    damaged_group_id,
+    next_intact,
     segment_path,
 )
 
@@ -99,6 +106,7 @@ class WriteAheadLog:
                                       if fsync == "always" and hasattr(os, "eventfd") else None)
         self.corrupt_records = self.disk_bytes = 0  # disk_bytes: all segment files, kept without stat calls
         self.disk_full = False  # records are waiting for disk space (the fsync thread's, or inline control records)
+        self._control_n, self._last_control = 0, b""  # the last control record's number, bytes
 
     # ---- recovery
     def segments(self) -> list[int]:
@@ -123,19 +131,35 @@ class WriteAheadLog:
                 yield self._parse(data, pos, end, n)
                 pos = end
                 continue
+            if (nxt := next_intact(data, pos)) is not None:  # damage inside: only it is lost
+                yield self._damaged(data, pos, nxt, n, problem)
+                pos = nxt
+                continue
             cut = 0 < len(data) - pos < OLD_PAD_BLOCK and len(data) % OLD_PAD_BLOCK == 0 and not any(data[pos:])
             if cut:  # an older version's direct-I/O padding: the clean end
                 log.info("wal %s: cut %d bytes of padding at offset %d", path.name, len(data) - pos, pos)
-            else:
+            else:  # a "D" record without a group: what it held was never acknowledged, or is
+                # lost (an older segment's tail); recovery restores a control record it can
                 self.corrupt_records += 1
                 log.warning("wal %s: %s at offset %d; skipping the last %d bytes of this segment",
                             path.name, problem, pos, len(data) - pos)
+                yield Record("D", n, ref=WalRef(n, pos, len(data) - pos))
             if cut or newest:  # a torn write of the crash that ended the last run: cut it off
                 with path.open("r+b") as f:
                     f.truncate(pos)
                     os.fsync(f.fileno())
                 self.disk_bytes -= len(data) - pos
             return
+
+    def _damaged(self, data: bytes, pos: int, end: int, segment: int, problem: str) -> Record:
+        """A damaged region followed by intact records: reported, counted, skipped (a "D" record
+        naming the group it held, when its payload still names one)."""
+        self.corrupt_records += 1
+        gid = damaged_group_id(data, pos, end)
+        log.warning("wal %s: %s at offset %d; skipped %d damaged bytes to the next intact record "
+                    "at offset %d%s", segment_path(self.dir, segment).name, problem, pos, end - pos,
+                    end, f" (it held group {gid})" if gid else "")
+        return Record("D", segment, group_id=gid, ref=WalRef(segment, pos, end - pos))
 
     def _parse(self, data: bytes, pos: int, end: int, segment: int) -> Record:
         start = pos + HEADER.size
@@ -201,7 +225,16 @@ class WriteAheadLog:
         return WalRef(self.segment, offset, n)
 
     def append_control(self, control: dict) -> int:
-        n = self._write([b"C", _ENCODER.encode(control)])
+        """Log a control record. It carries its number in the segment (``n``, the checkpoint's 0)
+        and a copy of the control record before it (``prev``, encoded; a checkpoint carries the
+        previous segment's last one; none follows a checkpoint, which is not copied), so replay can
+        restore one control record that damage took from the record after it (recovery.py)."""
+        self._control_n = 0 if control.get("checkpoint") else self._control_n + 1
+        numbered = {**control, "n": self._control_n}
+        prev = {"prev": self._last_control} if self._last_control else {}
+        payload = _ENCODER.encode({**numbered, **prev})
+        self._last_control = b"" if control.get("checkpoint") else _ENCODER.encode(numbered)
+        n = self._write([b"C", payload])
         self._untrack(control.get("consumed", ()))
         return n
 

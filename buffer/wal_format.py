@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import crc32c
+import numpy as np
 
 HEADER = struct.Struct("<II")
 GID_LEN = struct.Struct("<H")
@@ -37,12 +38,12 @@ class WalRef:
 
 @dataclass(slots=True)
 class Record:
-    kind: str  # "G" (group) | "C" (control)
+    kind: str  # "G" (group) | "C" (control) | "D" (a damaged region, intact records after it)
     segment: int
-    group_id: str = ""  # kind G
+    group_id: str = ""  # kind G; kind D: the group the damaged region held, when it still names one
     frame: bytes = b""  # kind G: the TrajectoryGroup wire frame
     control: dict | None = None  # kind C
-    ref: WalRef | None = None  # kind G
+    ref: WalRef | None = None  # kind G; kind D: the damaged bytes
 
 
 def segment_path(directory: Path, n: int) -> Path:
@@ -93,3 +94,47 @@ def _writev(fd: int, record: list[bytes | memoryview], end: int) -> int:
 
 def _sync_data(fd: int) -> None:
     getattr(os, "fdatasync", os.fsync)(fd)  # macOS has no fdatasync
+
+
+_KINDS = (ord("G"), ord("C"))  # a record could start at q if the byte after its header is a kind
+_SCAN_BYTES = 16 << 20  # searched for kind bytes this much at a time
+MAX_GID_BYTES = 1024
+_MAP_HEADS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])  # a msgpack map starts with one of these
+
+
+def _chained(data: bytes, q: int) -> bool:
+    """A candidate record at ``q`` is worth its checksum: it fits, and it ends at the end of the
+    data, or where too little is left for a record (a torn header), or where the next record's
+    kind byte could be (random bytes rarely pass both kind checks)."""
+    length = HEADER.unpack_from(data, q)[0]
+    end = q + HEADER.size + length
+    if length < 1 or end > len(data):
+        return False
+    return len(data) - end <= HEADER.size or data[end + HEADER.size] in _KINDS
+
+
+def next_intact(data: bytes, start: int) -> int | None:
+    """The offset of the first intact record after a damaged one at ``start`` (where to read on:
+    what lies between is the damage), or None when none follows (a torn or damaged tail)."""
+    view = np.frombuffer(data, np.uint8)
+    for chunk in range(start + 1 + HEADER.size, len(data), _SCAN_BYTES):
+        part = view[chunk:chunk + _SCAN_BYTES]
+        for k in np.flatnonzero((part == _KINDS[0]) | (part == _KINDS[1])).tolist():
+            q = chunk + k - HEADER.size
+            if _chained(data, q) and _problem(data, q)[1] is None:
+                return q
+    return None
+
+
+def damaged_group_id(data: bytes, start: int, end: int) -> str:
+    """The group id a damaged region ``[start, end)`` still names ("" if none): its payload starts
+    with ``b"G" + u16 length + id`` and the frame, a msgpack map, when only the header or the frame
+    was hit."""
+    at = start + HEADER.size
+    if end - at < 1 + GID_LEN.size or data[at:at + 1] != b"G":
+        return ""
+    (n,) = GID_LEN.unpack_from(data, at + 1)
+    gid = data[at + 3:at + 3 + n]
+    if not 0 < n <= MAX_GID_BYTES or at + 3 + n >= end or data[at + 3 + n] not in _MAP_HEADS:
+        return ""
+    return gid.decode() if gid.isascii() and gid.decode().isprintable() else ""

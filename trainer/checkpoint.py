@@ -22,12 +22,22 @@ Invariants:
   ``checkpoint_dir`` must be on a shared filesystem (rank 0 does the rename).
 - The checksums in meta.pt (order-independent float64 sums over every tensor) let a resumed run
   prove it holds exactly the saved state (``state_checksums``).
+- A checkpoint never holds a non-finite weight or optimizer state: every save checks first
+  (``trainer/finite_guard.py``, ``NonFiniteStateError``), so the newest one is the last finite one.
+- Loading reads data, never code: every pickle a checkpoint holds is read with an allowlist
+  (``UnsafeCheckpointError`` naming the file otherwise): ``meta.pt`` and the DCP values that are
+  not tensors with ``torch.load(weights_only=True)``, ``rng_rank*.pt`` the same plus the numpy
+  array constructors of numpy's RNG state, DCP's ``.metadata`` with an unpickler that resolves
+  only DCP's metadata classes, ``torch.Size``, torch dtypes and paths. A planted ``__reduce__``
+  is refused before it can run.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -36,8 +46,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from trainer.finite_guard import require_finite_state
 from trainer.model import Policy
 
 log = logging.getLogger("trainer.checkpoint")
@@ -142,7 +156,9 @@ def _commit(root: Path, tmp: Path, final: Path, version: int) -> None:
 
 def save_checkpoint(root: Path, policy: Policy, version: int, extra: dict | None = None) -> Path:
     """Save on all ranks (a collective); returns the final directory. ``extra`` (rank 0's) is kept
-    in the metadata (the trainer stores the id of the last batch the checkpoint includes)."""
+    in the metadata (the trainer stores the id of the last batch the checkpoint includes).
+    Raises ``NonFiniteStateError`` (every rank, nothing written) when the state is not finite."""
+    require_finite_state(policy.model, policy.optimizer)
     tmp, final = _open_tmp(root, version)
     model_sd, optim_sd = get_state_dict(policy.model, policy.optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
@@ -163,6 +179,7 @@ class AsyncSaver:
     def save(self, policy: Policy, version: int, extra: dict | None = None) -> None:
         """Stage the state and start writing it; the previous save is committed first."""
         self.finish()
+        require_finite_state(policy.model, policy.optimizer)
         tmp, final = _open_tmp(self.root, version)
         model_sd, optim_sd = get_state_dict(policy.model, policy.optimizer)
         future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp),
@@ -200,17 +217,132 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file holds something other than tensors and plain data (planted, or not
+    ours)."""
+
+
+# What DCP's .metadata pickle may name (besides torch dtypes): its metadata classes and their parts
+_DCP_GLOBALS = {("torch.distributed.checkpoint.metadata", n) for n in (
+    "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+    "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in _DCP_GLOBALS or dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+
+
+def _refused(path: Path | str, e: Exception) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(f"{path} holds objects other than tensors and plain data "
+                                 f"({str(e)[:300]}): refusing to load it (planted, or not written "
+                                 "by this trainer)")
+
+
+def read_dcp_metadata(path: Path) -> Metadata:
+    """The DCP ``.metadata`` of checkpoint ``path``, unpickled with an allowlist."""
+    file = path / ".metadata"
+    try:
+        with file.open("rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except (pickle.UnpicklingError, AttributeError, TypeError, ValueError, EOFError) as e:
+        raise _refused(file, e) from None
+    if not isinstance(metadata, Metadata):
+        raise _refused(file, TypeError(f"a {type(metadata).__name__}, not DCP Metadata"))
+    return metadata
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """DCP's file reader with ``.metadata`` read by ``read_dcp_metadata`` (DCP unpickles it
+    freely)."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        metadata = read_dcp_metadata(Path(self.path))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    """DCP's values that are not tensors (optimizer hyper-parameters) are read only once a
+    ``weights_only`` load of the same bytes succeeded (DCP itself reads them with pickle)."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise _refused(f"checkpoint value {read_item.dest_index.fqn}", e) from None
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
+def _rng_globals() -> list:
+    """numpy's RNG state is (name, uint32 array, ints, float): the constructors of such an array."""
+    reconstruct = np.zeros(1, np.uint32).__reduce__()[0]
+    return [reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def dcp_load(state: dict, path: Path, no_dist: bool = False) -> None:
+    """``dcp.load`` of checkpoint ``path`` into ``state``, reading data only (module docstring)."""
+    read_dcp_metadata(path)  # a clear error here rather than DCP's wrapped one
+    try:
+        dcp.load(state, storage_reader=_SafeReader(str(path)), planner=_SafePlanner(),
+                 no_dist=no_dist)
+    except CheckpointException as e:  # a BaseException: our refusal, wrapped by DCP per rank
+        refused = [exc for exc, _ in e.failures.values() if isinstance(exc, UnsafeCheckpointError)]
+        if refused:
+            raise refused[0] from None
+        raise
+
+
+def _agree(error: Exception | None, path: Path) -> None:
+    """Raise on every rank when any rank's files were refused (a collective), so that no rank waits
+    in DCP's load for one that gave up."""
+    ok = torch.tensor([0.0 if error else 1.0])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if error is not None:
+        raise error
+    if not ok.item():
+        raise UnsafeCheckpointError(f"{path}: another rank refused its checkpoint files (see its "
+                                    "log)")
+
+
+def load_data(path: Path, numpy_arrays: bool = False):
+    """``torch.load`` of a checkpoint file, data only (``UnsafeCheckpointError`` otherwise)."""
+    try:
+        if numpy_arrays:
+            with torch.serialization.safe_globals(_rng_globals()):
+                return torch.load(path, weights_only=True)
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise _refused(path, e) from None
+
+
 def load_checkpoint(path: Path, policy: Policy) -> tuple[int, dict]:
     """Restore everything from ``path`` on all ranks; returns (policy_version, saved meta)."""
     model_sd, optim_sd = get_state_dict(policy.model, policy.optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
+    meta = rng = error = None
+    try:  # first: a planted file fails before anything is read
+        meta = load_data(path / "meta.pt")
+        rng_file = path / f"rng_rank{_rank()}.pt"
+        rng = load_data(rng_file, numpy_arrays=True) if rng_file.is_file() else None
+        read_dcp_metadata(path)
+    except UnsafeCheckpointError as e:
+        error = e
+    _agree(error, path)
+    dcp_load(state, path)
     set_state_dict(policy.model, policy.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    meta = torch.load(path / "meta.pt", weights_only=False)
     policy.scheduler.load_state_dict(meta["scheduler"])
-    rng_file = path / f"rng_rank{_rank()}.pt"
-    if rng_file.is_file():  # absent when resuming with more ranks than were saved: fresh RNG for those
-        rng = torch.load(rng_file, weights_only=False)
+    if rng is not None:  # absent when resuming with more ranks than were saved: fresh RNG for those
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])

@@ -216,9 +216,8 @@ def load_checkpoint_model(checkpoint: Path, model_cfg: ModelConfig) -> torch.nn.
 
     One process, no process group: DCP reads every rank's shards and reassembles full tensors.
     """
-    import torch.distributed.checkpoint as dcp
-
     from areal_like.hf import build_model
+    from trainer.checkpoint import dcp_load
 
     if not (checkpoint / ".metadata").is_file():
         raise FileNotFoundError(f"{checkpoint} is not a trainer checkpoint (no .metadata: expected "
@@ -227,7 +226,7 @@ def load_checkpoint_model(checkpoint: Path, model_cfg: ModelConfig) -> torch.nn.
     state = {"model": model.state_dict()}
     with warnings.catch_warnings():  # DCP warns that it loads in a single process: that is the point
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+        dcp_load(state, checkpoint, no_dist=True)  # data only (trainer/checkpoint.py)
     model.load_state_dict(state["model"])
     return model
 

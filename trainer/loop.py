@@ -51,6 +51,7 @@ from trainer.engine_lag import EngineSchedule
 from trainer.export import TMP_PREFIX as EXPORT_TMP_PREFIX
 from trainer.export import export_hf, export_tokenizer
 from trainer.facts import TrainerFacts
+from trainer.finite_guard import SkipTracker
 from trainer.logprob_guard import PROBE_TEXT, run_guard
 from trainer.model import build_policy, build_reference, init_distributed, leave_distributed
 from trainer.samples import sample_rows
@@ -121,6 +122,7 @@ class Trainer(Daemon):
         self.engines = EngineSchedule(t.weight_sync, self.broadcaster, self.policy.model, t.steps)
         self.data.on_stall = lambda: self.engines.repush(self.version)
         self.saver = AsyncSaver(self.ckpt_root) if t.checkpoint_async else None
+        self.skips = SkipTracker(t.max_nonfinite_skips, self.metrics if self.rank == 0 else None)
         ckpt = latest_checkpoint(self.ckpt_root) if t.resume else None
         if ckpt is not None:
             self.version, meta = load_checkpoint(ckpt, self.policy)
@@ -227,6 +229,7 @@ class Trainer(Daemon):
                 ref_logp = reference_logp(self.reference, batch, self.settings, self.policy.device)
             with self.phase("train_step"):  # the kernel's advantages, per minibatch, then its optimizer steps
                 stats = train_step(self.policy, batch, self.settings, prox_logp, ref_logp)
+            self.skips.observe(self.version + 1, stats)  # every rank alike: too many in a row stop
             self.version += 1
             self.steps_trained += 1
             with self.phase("weight_sync"):  # a push (a small model's finishes in the background), or only the announcement
@@ -330,8 +333,8 @@ class Trainer(Daemon):
         for key, value in stats.items():
             m.gauge(f"trainer/stat/{key}", f"kernel/step stat {key}").set(value)
         m.gauge("trainer/policy_version").set(self.version)
-        m.gauge("trainer/groups_dropped_bad_data", "groups dropped from batches: empty prompt or token out of "
-                "the vocabulary").set(self.data.dropped_groups)
+        m.gauge("trainer/groups_dropped_bad_data", "groups dropped from batches: what the buffer refuses "
+                "(areal_like/group_checks.py)").set(self.data.dropped_groups)
         m.gauge("trainer/rolled_back_steps", "steps lost to crashes (labels skipped at resume)").set(
             self.rolled_back_steps)
         m.gauge("trainer/mismatch_kl").set(stats.get("mismatch_kl", 0.0))

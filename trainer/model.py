@@ -11,10 +11,14 @@ its own shards, and filled from ``model.path`` or with ``model.init_seed``'s ini
 (``trainer/sharded_init.py``). No rank ever holds a full copy of the model.
 
 Precision (one switch, ``model.dtype``): master weights, gradients and AdamW states are always
-fp32. On CUDA with ``model.dtype=bfloat16`` (or float16) FSDP2's ``MixedPrecisionPolicy`` casts the
+fp32. With ``model.dtype=bfloat16`` (or float16) FSDP2's ``MixedPrecisionPolicy`` casts the
 all-gathered parameters to that dtype for forward/backward (``param_dtype``) and reduces gradients
-in fp32 (``reduce_dtype``); log-probs are always taken in fp32 (``trainer/logprobs.py``). On CPU
-everything is fp32.
+in fp32 (``reduce_dtype``), on any device and any world size, one rank included (a one-rank mesh:
+the cast is what FSDP2 is there for); log-probs are always taken in fp32 (``trainer/logprobs.py``).
+FSDP2 on one rank, not autocast: the arithmetic of the sharded run (autocast would keep norms and
+residual adds in fp32; one vs two CPU ranks in bf16: equal losses to 1e-7, weights to bf16
+rounding), and it casts each parameter once per forward where autocast casts at every use. A CPU
+step of ``model=small`` (6M): 0.41 s with FSDP2, 0.46 s with autocast (``model=tiny``: 62 vs 58 ms).
 
 Log-probs: ``policy_logprobs(model, ...)`` runs the decoder and then the chunked lm_head of
 ``trainer/logprobs.py``; it is registered as an FSDP forward method on the root, so the root's
@@ -23,17 +27,18 @@ parameters (embeddings, final norm, lm_head) are all-gathered around it as for `
 Invariants:
 - FSDP2 only (``fully_shard`` per decoder block, then the root). FSDP1 does not run on CPU
   (torch 2.13 refuses: "FSDP needs a non-CPU accelerator device"). A single process (plain
-  ``python -m trainer``, or torchrun with one rank) joins a world-size-1 gloo group but its model
-  is NOT sharded: plain parameters, no FSDP hooks, no DTensor dispatch. On a world of one FSDP2
-  has nothing to shard or reduce and its per-op bookkeeping cost ~20 ms of a ~100 ms small-model
-  step (benchmarks/README.md); every consumer of the parameters (``full_tensor``, ``to_local``,
-  DCP, the forward method) accepts both plain tensors and DTensors, and the loss and weights
-  equal the sharded run's (tests/integration/test_trainer_invariance.py).
+  ``python -m trainer``, or torchrun with one rank) joins a world-size-1 gloo group; with
+  ``model.dtype=float32`` its model is NOT sharded: plain parameters, no FSDP hooks, no DTensor
+  dispatch. On a world of one FSDP2 then has nothing to shard, reduce or cast and its per-op
+  bookkeeping cost ~20 ms of a ~100 ms small-model step (benchmarks/README.md); every consumer
+  of the parameters (``full_tensor``, ``to_local``, DCP, the forward method) accepts both plain
+  tensors and DTensors, and the loss and weights equal the sharded run's
+  (tests/integration/test_trainer_invariance.py; bf16 on one rank: test_trainer_bf16.py).
 - AdamW runs its multi-tensor (``foreach``) implementation also on CPU (torch picks it only for
   CUDA by default): one kernel per op over all parameters instead of one per parameter; same
   arithmetic.
-- Parameter names are the unwrapped Hugging Face names (neither ``fully_shard`` nor Hugging
-  Face's activation checkpointing renames), so the weight-sync plan names match what an engine's
+- Parameter names are the unwrapped Hugging Face names (neither ``fully_shard`` nor
+  ``checkpoint_blocks`` renames), so the weight-sync plan names match what an engine's
   ``load_weights`` expects.
 - The initial weights equal ``areal_like.hf.build_model``'s bit for bit, for any world size.
 - The reference is the run's INITIAL weights (``trainer.ref_path``, else ``model.path`` or the
@@ -46,6 +51,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import types
@@ -54,9 +60,10 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 
 from areal_like.config import ModelConfig, TrainerConfig
-from areal_like.distributed import free_port
+from areal_like.distributed import free_port, set_nccl_nonblocking_timeout
 from areal_like.hf import build_meta_model, torch_dtype
 from trainer.logprobs import hidden_token_logprobs
 from trainer.sharded_init import materialize
@@ -77,10 +84,12 @@ def init_distributed(trainer_cfg: TrainerConfig) -> tuple[int, int]:
 
     Under torchrun the env:// rendezvous is used. Without it, a world-size-1 gloo group on a free
     loopback port. On CUDA the group has both backends (gloo for CPU objects such as the batch
-    broadcast, NCCL for tensors on the GPU).
+    broadcast, NCCL for tensors on the GPU). Before any group: NCCL's wait for a communicator is
+    bounded by the weight-sync deadline (areal_like/distributed.py, set_nccl_nonblocking_timeout).
     """
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
+    set_nccl_nonblocking_timeout(trainer_cfg.weight_sync.deadline_s)
     timeout = timedelta(seconds=trainer_cfg.gloo_timeout_s)
     backend = "cpu:gloo,cuda:nccl" if trainer_cfg.device.startswith("cuda") else "gloo"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -110,22 +119,23 @@ def trainer_device(trainer_cfg: TrainerConfig) -> torch.device:
     return torch.device(trainer_cfg.device)
 
 
-def mixed_precision(model_cfg: ModelConfig, device: torch.device):
-    """FSDP2's policy: compute in ``model.dtype`` with fp32 gradient reduction on CUDA; None (all
-    fp32) on CPU or when ``model.dtype`` is float32."""
+def mixed_precision(model_cfg: ModelConfig):
+    """FSDP2's policy: compute in ``model.dtype`` with fp32 gradient reduction; None (all fp32) when
+    ``model.dtype`` is float32. The same on every device and world size (module docstring)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    if device.type != "cuda" or model_cfg.dtype == "float32":
+    if model_cfg.dtype == "float32":
         return None
     # bf16 compute, fp32 gradient reduction: the usual recipe (torchtitan, verl).
-    return MixedPrecisionPolicy(param_dtype=torch_dtype(model_cfg.dtype), reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(param_dtype=torch_dtype(model_cfg.dtype),
+                                reduce_dtype=torch.float32)
 
 
-def apply_fsdp(model: torch.nn.Module, model_cfg: ModelConfig, device: torch.device) -> torch.nn.Module:
+def apply_fsdp(model: torch.nn.Module, model_cfg: ModelConfig) -> torch.nn.Module:
     """``fully_shard`` each decoder block, then the root (embeddings, final norm, lm_head)."""
     from torch.distributed.fsdp import fully_shard
 
-    mp = mixed_precision(model_cfg, device)
+    mp = mixed_precision(model_cfg)
     kwargs = {"mp_policy": mp} if mp is not None else {}
     for block in model.model.layers:
         fully_shard(block, **kwargs)
@@ -155,18 +165,29 @@ def attach_logprobs(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def checkpoint_blocks(model: torch.nn.Module) -> None:
+    """Recompute each decoder block's activations in backward: torch's non-reentrant ``checkpoint``
+    around the block's ``forward`` (what torch's ``checkpoint_wrapper`` does, without the wrapper
+    module that would rename every parameter). Call before ``fully_shard``: FSDP2's hooks run in
+    the block's ``__call__``, outside the recompute. Not transformers' own switch: 5.23 renamed it
+    (``activation_checkpointing_enable``, which 5.19 lacks) and deprecated the old name."""
+    for block in model.model.layers:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
 def shard_model(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, dtype: str = "float32",
                 checkpointing: bool = False) -> torch.nn.Module:
-    """The model of ``model_cfg`` sharded over the default process group (not sharded on a world of
-    one), built on the meta device and materialised shard by shard on the trainer device,
-    parameters in ``dtype``."""
+    """The model of ``model_cfg`` sharded over the default process group (on a world of one only
+    for ``model.dtype``'s mixed precision), built on the meta device and materialised shard by
+    shard on the trainer device, parameters in ``dtype``."""
     device = trainer_device(trainer_cfg)
     model = build_meta_model(model_cfg, dtype)
     model.config.use_cache = False
-    if checkpointing:  # per decoder block, before sharding; FSDP2's hooks stay outside the recompute
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if dist.get_world_size() > 1:  # one rank: nothing to shard, gather or reduce (module docstring)
-        apply_fsdp(model, model_cfg, device)
+    if checkpointing:
+        checkpoint_blocks(model)
+    # One fp32 rank: nothing to shard, gather, reduce or cast (module docstring).
+    if dist.get_world_size() > 1 or mixed_precision(model_cfg) is not None:
+        apply_fsdp(model, model_cfg)
     materialize(model, model_cfg, device)
     return attach_logprobs(model)
 
@@ -174,14 +195,13 @@ def shard_model(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, dtype: st
 def build_reference(model_cfg: ModelConfig, trainer_cfg: TrainerConfig) -> torch.nn.Module:
     """The frozen reference policy, sharded like the policy (requires the default process group).
 
-    On CUDA its parameters are stored in ``model.dtype``: the policy's forward casts its fp32
-    master weights to that dtype anyway (FSDP2 mixed precision), so the reference computes the
-    same numbers with half the memory. Its values are the fp32 initial weights cast, as the
-    policy's are (a model initialised directly in bf16 draws different values). On CPU both are fp32.
+    Its parameters are stored in ``model.dtype``: the policy's forward casts its fp32 master
+    weights to that dtype anyway (FSDP2 mixed precision), so the reference computes the same
+    numbers with half the memory. Its values are the fp32 initial weights cast, as the policy's
+    are (a model initialised directly in bf16 draws different values).
     """
     cfg = replace(model_cfg, path=trainer_cfg.ref_path) if trainer_cfg.ref_path else model_cfg
-    dtype = model_cfg.dtype if trainer_device(trainer_cfg).type == "cuda" else "float32"
-    model = shard_model(cfg, trainer_cfg, dtype=dtype)
+    model = shard_model(cfg, trainer_cfg, dtype=model_cfg.dtype)
     model.requires_grad_(False)
     return model.eval()
 

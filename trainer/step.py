@@ -28,6 +28,9 @@ Invariants (the invariance tests check them):
   detached: ``StepSettings.fuse_prox``) and the separate no-grad pass over the batch is skipped;
   with several minibatches the later ones train on moved weights, so ``recompute_prox_logp`` runs
   that pass first. Both give the same numbers (the same forward at the same weights).
+- Finite numbers or no step: an optimizer step whose loss, gradient norm or learning-rate scale is
+  not finite is skipped on every rank alike (``trainer/finite_guard.py``): gradients zeroed, no
+  optimizer or scheduler step; the stats count it in ``nonfinite_skipped``.
 - VCPO: one extra backward per trajectory gives the per-trajectory score-gradient norms its
   baseline needs (exact, as in the paper's code); the learning rate is ESS-scaled for that
   optimizer step only and restored right after.
@@ -44,6 +47,7 @@ import torch.distributed as dist
 from areal_like.config import LossConfig, RunConfig, TaskConfig, TrainerConfig
 from trainer.advantages import AdvantageInputs, Advantages
 from trainer.data import TrainBatch
+from trainer.finite_guard import SKIPPED, all_finite
 from trainer.logprobs import CHUNK_TOKENS
 from trainer.losses import KERNELS, Kernel, accumulate_stats, compute_policy_loss, finalize_stats, vcpo_is_weights
 from trainer.model import Policy, clip_gradients
@@ -282,6 +286,11 @@ def train_step(policy: Policy, batch: TrainBatch, s: StepSettings, prox_logp: to
             stats = accumulate_stats(stats, mbs)
         out = _reduce_stats(stats)
         out["grad_norm"] = clip_gradients(policy.model, s.grad_clip)
+        out[SKIPPED] = 0.0 if all_finite(out["loss"], out["grad_norm"], adv.lr_scale) else 1.0
+        if out[SKIPPED]:  # never applied; the same decision on every rank (trainer/finite_guard.py)
+            policy.optimizer.zero_grad(set_to_none=True)
+            per_step.append(out | adv.stats | {"tokens": n_tokens, "seqs": n_seqs})
+            continue
         base_lrs = [g["lr"] for g in policy.optimizer.param_groups]
         for g in policy.optimizer.param_groups:
             g["lr"] *= adv.lr_scale
@@ -298,6 +307,7 @@ def _combine(per_step: list[dict[str, float]]) -> dict[str, float]:
     out: dict[str, float] = {}
     for k in per_step[0]:
         vals = [d[k] for d in per_step if k in d]
-        out[k] = max(vals) if k.endswith("_max") else (sum(vals) if k in ("tokens", "seqs") else sum(vals) / len(vals))
-    out["optimizer_steps"] = float(len(per_step))
+        out[k] = max(vals) if k.endswith("_max") else (sum(vals) if k in ("tokens", "seqs", SKIPPED)
+                                                       else sum(vals) / len(vals))
+    out["optimizer_steps"] = float(len(per_step)) - out.get(SKIPPED, 0.0)  # the ones applied
     return out

@@ -1,7 +1,7 @@
 """Prefill and decode for any causal LM through its own forward (what ``fastpath`` does not cover).
 
 Same signatures as ``fastpath.prefill`` / ``fastpath.decode``; the scheduler (``scheduler.py``) uses
-this module for a model ``fastpath.supports`` refuses. Prefill runs one right-padded batch with a 4D
+this module for a model ``fastpath.supports`` refuses (any causal LM with ``get_output_embeddings``). Prefill runs one right-padded batch with a 4D
 mask and explicit positions; decode runs one token per row against the slot cache.
 
 Masks are plain additive 4D tensors ``[B, 1, Q, K]`` (every layer is full attention: the scheduler
@@ -35,9 +35,24 @@ def prefill(model, kv: SlotKV, seqs: list[list[int]], first_slot: int) -> torch.
     pos = torch.arange(L, device=device)
     allowed = (pos[None, None, :] <= pos[None, :, None]) & (pos[None, None, :] < lens[:, None, None])
     kv.set_prefill(slice(first_slot, first_slot + k), L)
-    out = model(input_ids=ids, attention_mask=_mask(allowed, dtype), position_ids=pos[None].expand(k, L),
-                past_key_values=kv, use_cache=True, logits_to_keep=(lens - 1)[:, None])
+    head = model.get_output_embeddings().register_forward_pre_hook(_last_positions(lens - 1))
+    try:
+        out = model(input_ids=ids, attention_mask=_mask(allowed, dtype),
+                    position_ids=pos[None].expand(k, L), past_key_values=kv, use_cache=True)
+    finally:
+        head.remove()
     return out.logits[:, -1]
+
+
+def _last_positions(last: torch.Tensor):
+    """A pre-hook for the LM head: only row i's hidden state at ``last[i]`` reaches it ([k, 1, H]).
+
+    Per-row positions through the model's own forward on every transformers version (a 2-D
+    ``logits_to_keep`` means per-row positions only from transformers 5.23 on: 5.19 indexes the
+    sequence dimension with it), and only k rows of logits, whatever the padded length."""
+    def hook(_head, args):
+        return (args[0][torch.arange(len(last), device=last.device), last][:, None], *args[1:])
+    return hook
 
 
 def decode(model, kv: SlotKV, ids: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:

@@ -14,7 +14,9 @@ Two steps, standard library only (it runs before anything is installed):
   pass/fail/skip per test and the figures tests record (``figure`` fixture, tests/gpu/conftest.py).
 
 ``IMAGE_HAS`` lists what the GPU image already provides; ``missing_requirements`` checks that every
-dependency in pyproject.toml is in one of the two lists (tests/unit/test_gpu_kit.py).
+dependency in pyproject.toml is in one of the two lists, and ``pin_mismatches`` that what
+pyproject pins exactly (transformers, tokenizers: sglang's versions) is carried in that version,
+not taken from the image (tests/unit/test_gpu_kit.py).
 """
 
 from __future__ import annotations
@@ -39,10 +41,12 @@ WHEELS = {  # name -> version: the project's non-torch needs the GPU image lacks
     "latex2sympy2-extended": "1.11.0", "jsonschema": "4.26.0", "jsonschema-specifications": "2025.9.1",
     "referencing": "0.37.0", "rpds-py": "2026.9.1", "pytest-xdist": "3.8.0", "execnet": "2.1.2",
     "cryptography": "50.0.2", "cffi": "2.1.1", "pycparser": "3.12",
+    # pyproject.toml pins these (sglang's versions); the image's transformers is older (5.17)
+    "transformers": "5.19.0", "tokenizers": "0.23.2",
 }
 SDIST_ONLY = {"antlr4-python3-runtime"}  # pure Python, no wheel on PyPI: built here with `pip wheel`
 IMAGE_HAS = {  # in the GPU image (the device tool's list of its packages), used as they are
-    "torch", "transformers", "tokenizers", "jinja2", "pyarrow", "numpy", "aiohttp", "psutil", "matplotlib",
+    "torch", "jinja2", "pyarrow", "numpy", "aiohttp", "psutil", "matplotlib",
     "rich", "safetensors", "pytest", "pytest-timeout", "hypothesis", "huggingface-hub", "pandas", "pyyaml",
     "xxhash", "fsspec", "requests", "tqdm", "filelock", "packaging", "sympy",
 }
@@ -70,6 +74,20 @@ def missing_requirements(pyproject: Path) -> list[str]:
     """Dependencies neither carried as wheels nor in the GPU image: the kit would fail on them."""
     have = {norm(n) for n in WHEELS} | {norm(n) for n in IMAGE_HAS}
     return [n for n in requirement_names(pyproject) if n not in have]
+
+
+def pin_mismatches(pyproject: Path) -> list[str]:
+    """pyproject's exact pins (``name==version``) that the kit would not install as pinned: the GPU
+    run must test the library versions CI tests (torch, the GPU image's own, is left out)."""
+    import tomllib
+
+    out = []
+    for req in tomllib.loads(pyproject.read_text())["project"]["dependencies"]:
+        if (m := re.fullmatch(r"([A-Za-z0-9_.-]+)==([^;\s]+)", req.strip())) and norm(m[1]) != "torch":
+            carried = {norm(n): v for n, v in WHEELS.items()}.get(norm(m[1]))
+            if carried != m[2]:
+                out.append(f"{m[1]}=={m[2]}: the kit carries {carried or 'nothing'}")
+    return out
 
 
 def wheelhouse_commands(dest: Path, python: str = sys.executable) -> list[list[str]]:

@@ -6,8 +6,14 @@ with the ``figure`` fixture for tests/gpu/RESULTS.md:
 
 * ``generated_tokens_per_s``: the embedded engine on CUDA, ``BATCH`` concurrent requests of
   ``NEW_TOKENS`` tokens each (``ignore_eos``), after one warm-up request;
-* ``trained_tokens_per_s``: one FSDP2 bf16 ``train_step`` (world size 1) over ``GROUPS`` x
-  ``GROUP_SIZE`` sequences of ``PROMPT + NEW_TOKENS`` tokens, after a warm-up step;
+* ``trained_tokens_per_s`` and ``train_mfu``: one bf16 ``train_step`` on one rank (FSDP2 with the
+  mixed-precision policy; a pre-hook checks that a decoder Linear computes in bf16) over
+  ``TRAIN_SEQS`` sequences of ``TRAIN_SEQ_LEN`` tokens, after a warm-up step (one optimizer step;
+  the default kernel takes pi_prox from the training forward itself); MFU against the GPU's dense
+  bf16 peak;
+* ``train_peak_gib`` (with and without activation checkpointing): the same step's
+  ``torch.cuda.max_memory_allocated`` against ``trainer.memory.estimate_peak_bytes``, the
+  accounting of trainer/MEMORY.md (its 0.5B row on one GPU);
 * ``weight_sync_s``: one weight sync of the whole model in the trainer's wire format (flattened
   bf16 buckets, ``tests/weight_sender.py``) into that engine over gloo on CUDA tensors, the path a
   one-GPU machine uses when NCCL cannot put two ranks on one device.
@@ -38,7 +44,10 @@ REPO = Path(__file__).resolve().parents[2]
 SHAPE = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
              num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True)
 BATCH, PROMPT, NEW_TOKENS = 64, 64, 256
-GROUPS, GROUP_SIZE = 4, 8
+# the trainer step: trainer/MEMORY.md's 0.5B row on one GPU (8 x 2048 tokens, one micro-batch)
+TRAIN_SEQS, TRAIN_SEQ_LEN, TRAIN_MBS = 8, 2048, 8
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12),
+                   ("H200", 989.4e12), ("A100", 312e12))
 BUCKET_BYTES = 256 * 1024 * 1024
 
 TRAIN_WORKER = r"""
@@ -50,30 +59,36 @@ from areal_like.protocol import TrajectoryGroup
 from areal_like.trajectory import Trajectory
 from trainer.data import groups_to_batch
 from trainer.model import build_policy, init_distributed
-from trainer.step import StepSettings, compute_batch_advantages, recompute_prox_logp, train_step
+from trainer.step import StepSettings, recompute_prox_logp, train_step
 
 spec = json.loads(sys.argv[2])
 rng = np.random.default_rng(0)
-groups = [TrajectoryGroup(group_id=f"g{g}", server_id="s", lease_id=str(g), prompt_index=g, epoch=0, trajectories=[
-    Trajectory.of(prompt_ids=rng.integers(4, 100, spec["prompt"]), output_ids=rng.integers(4, 100, spec["new"]),
-                  behav_logp=-rng.random(spec["new"]) * 5, versions=np.zeros(spec["new"], np.int32),
-                  reward=float(i % 2), finish_reason="length") for i in range(spec["group_size"])])
-          for g in range(spec["groups"])]
-batch = groups_to_batch(groups)
-cfg = load_config(["trainer.device=cuda", "model.dtype=bfloat16", "trainer.micro_batch_size=8",
+new = spec["seq_len"] - spec["prompt"]
+trajs = [Trajectory.of(prompt_ids=rng.integers(4, 100, spec["prompt"]),
+                       output_ids=rng.integers(4, 100, new), behav_logp=-rng.random(new) * 5,
+                       versions=np.zeros(new, np.int32), reward=float(i % 2), finish_reason="length")
+         for i in range(spec["seqs"])]
+batch = groups_to_batch([TrajectoryGroup(group_id="g", server_id="s", lease_id="0", prompt_index=0,
+                                         epoch=0, trajectories=trajs)])
+cfg = load_config(["trainer.device=cuda", "model.dtype=bfloat16",
+                   f"trainer.micro_batch_size={spec['mbs']}",
+                   f"trainer.activation_checkpointing={str(spec['checkpointing']).lower()}",
                    *[f"model.{k}={v}" for k, v in spec["shape"].items()]])
 init_distributed(cfg.trainer)
 policy = build_policy(cfg.model, cfg.trainer)
+seen = set()
+policy.model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
+    lambda m, a: seen.add(str(a[0].dtype)) if torch.is_grad_enabled() else None)
 s = StepSettings.from_config(cfg)
-times = []
-for _ in range(2):  # the first step warms up kernels and the allocator
+for _ in range(2):  # the first step warms up kernels and the allocator; the second is measured
     torch.cuda.synchronize(); t0 = time.perf_counter()
-    stats = train_step(policy, batch, s, recompute_prox_logp(policy, batch, s), compute_batch_advantages(batch, s))
-    torch.cuda.synchronize(); times.append(time.perf_counter() - t0)
-tokens = sum(len(t.prompt_ids) + len(t.output_ids) for g in groups for t in g.trajectories)
-print("RESULT " + json.dumps({"tokens": tokens, "seconds": times[-1], "loss": stats["loss"]}), flush=True)
+    stats = train_step(policy, batch, s, recompute_prox_logp(policy, batch, s))
+    torch.cuda.synchronize(); t1 = time.perf_counter()
+print("RESULT " + json.dumps({
+    "tokens": int(batch.input_ids.numel()), "train_s": t1 - t0, "loss": stats["loss"],
+    "compute_dtypes": sorted(seen), "peak_bytes": torch.cuda.max_memory_allocated(),
+    "gpu": torch.cuda.get_device_name(0)}), flush=True)
 """
-
 
 def model_cfg(seed: int = 0) -> ModelConfig:
     return ModelConfig(**SHAPE, dtype="bfloat16", init_seed=seed)
@@ -107,14 +122,72 @@ def test_generated_tokens_per_second(engine, figure):
     figure("generated_tokens_per_s", tokens / seconds, "tokens/s")
 
 
-def test_trained_tokens_per_second(figure):
-    spec = {"shape": SHAPE, "prompt": PROMPT, "new": NEW_TOKENS, "groups": GROUPS, "group_size": GROUP_SIZE}
-    proc = subprocess.run([sys.executable, "-c", TRAIN_WORKER, str(REPO), json.dumps(spec)], capture_output=True,
-                          text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    assert res["tokens"] == GROUPS * GROUP_SIZE * (PROMPT + NEW_TOKENS) and res["loss"] == res["loss"]
-    figure("trained_tokens_per_s", res["tokens"] / res["seconds"], "tokens/s")
+def peak_bf16_flops(gpu: str) -> float | None:
+    """Dense bf16 tensor-core peak of ``gpu`` (vendor data sheets), None when not in the table."""
+    for key, flops in PEAK_BF16_FLOPS:
+        if key in gpu:
+            return flops
+    return None
+
+
+def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token, the usual MFU convention (PaLM, torchtitan): 6 N for the matmul
+    weights N (the blocks and one vocab x hidden projection, the input embedding being a lookup)
+    plus 12 L H T for attention over a T-token sequence (causal masking not discounted). A
+    checkpointed recompute is not counted (that would be hardware FLOPs utilisation)."""
+    from trainer.memory import block_params
+
+    n = cfg.num_hidden_layers * block_params(cfg) + cfg.vocab_size * cfg.hidden_size
+    return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """One bf16 0.5B-shaped trainer step per checkpointing setting (run on first use)."""
+    from tests.conftest import child_env
+
+    runs: dict[bool, dict] = {}
+
+    def run(checkpointing: bool) -> dict:
+        if checkpointing not in runs:
+            spec = {"shape": SHAPE, "seq_len": TRAIN_SEQ_LEN, "prompt": PROMPT, "seqs": TRAIN_SEQS,
+                    "mbs": TRAIN_MBS, "checkpointing": checkpointing}
+            proc = subprocess.run([sys.executable, "-c", TRAIN_WORKER, str(REPO), json.dumps(spec)],
+                                  capture_output=True, text=True, timeout=900, env=child_env())
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            runs[checkpointing] = json.loads(
+                next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+        return runs[checkpointing]
+
+    return run
+
+
+def test_trained_tokens_per_second_and_mfu(trained, figure):
+    res = trained(False)
+    assert res["compute_dtypes"] == ["torch.bfloat16"]  # bf16 compute, not fp32 recorded as bf16
+    assert res["tokens"] == TRAIN_SEQS * TRAIN_SEQ_LEN and res["loss"] == res["loss"]
+    figure("trained_tokens_per_s", res["tokens"] / res["train_s"], "tokens/s")
+    peak = peak_bf16_flops(res["gpu"])
+    if peak is not None:  # goal on one H100: >= 35 % (issue 36)
+        flops = model_flops_per_token(model_cfg(), TRAIN_SEQ_LEN) * res["tokens"]
+        mfu = flops / res["train_s"] / peak
+        figure("train_mfu", 100 * mfu, "%")
+        assert 0 < mfu < 1
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_peak_memory_against_the_estimate(trained, figure, checkpointing):
+    """torch.cuda.max_memory_allocated of the step against trainer/MEMORY.md's estimate for it
+    (its table's 0.5B row on one GPU: 8 sequences of 2048 tokens in one micro-batch)."""
+    from trainer.memory import GIB, estimate_peak_bytes, qwen2_shape
+
+    res = trained(checkpointing)
+    est = estimate_peak_bytes(qwen2_shape("0.5B"), 1, TRAIN_MBS * TRAIN_SEQ_LEN, "bfloat16",
+                              checkpointing, 512)
+    tag = "_checkpointing" if checkpointing else ""
+    figure(f"train_peak_gib{tag}", res["peak_bytes"] / GIB, "GiB")
+    figure(f"train_peak_estimate_gib{tag}", est.total / GIB, "GiB")
+    assert 0.85 <= res["peak_bytes"] / est.total <= 1.15, (res["peak_bytes"] / GIB, est.total / GIB)
 
 
 def test_weight_sync_seconds(engine, figure):

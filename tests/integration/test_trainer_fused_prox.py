@@ -6,7 +6,7 @@
   (``batch_logp``), and the step really moved the weights;
 - with two minibatches nothing is fused: the recompute runs, and ``train_step`` without it is
   refused with an error naming ``trainer.num_minibatches``;
-- on a world of one the model is not FSDP-sharded: its parameters are plain tensors.
+- on a world of one in fp32 the model is not FSDP-sharded: its parameters are plain tensors.
 
 The worker runs as ``python test_trainer_fused_prox.py OUT``.
 """

@@ -39,6 +39,15 @@ def test_every_dependency_is_carried_or_in_the_gpu_image(tmp_path):
     assert kit.missing_requirements(fake) == ["foo-bar"]
 
 
+def test_the_kit_installs_the_versions_pyproject_pins(tmp_path):
+    assert kit.pin_mismatches(ROOT / "pyproject.toml") == []
+    assert kit.WHEELS["transformers"] == "5.19.0" and "transformers" not in kit.IMAGE_HAS
+    fake = tmp_path / "pyproject.toml"
+    fake.write_text('[project]\nname = "x"\ndependencies = ["torch==9", "Foo_Bar==1.2", "hydra-core==1.3.8", '
+                    '"msgspec==0.1", "pyzmq>=1"]\n')
+    assert kit.pin_mismatches(fake) == ["Foo_Bar==1.2: the kit carries nothing", "msgspec==0.1: the kit carries 0.22.0"]
+
+
 def test_wheelhouse_commands(tmp_path):
     download, build = kit.wheelhouse_commands(tmp_path / "w", python="py")
     assert download[:10] == ["py", "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",

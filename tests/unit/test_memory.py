@@ -116,7 +116,7 @@ from areal_like.hf import build_meta_model
 from trainer.memory import qwen2_shape
 from trainer.model import apply_fsdp
 cfg = qwen2_shape("7B")
-model = apply_fsdp(build_meta_model(cfg), cfg, torch.device("cpu"))
+model = apply_fsdp(build_meta_model(cfg), cfg)
 params = dict(model.named_parameters())
 print(json.dumps({
     "n": len(params), "devices": sorted({p.device.type for p in params.values()}),

@@ -45,3 +45,17 @@ def test_an_installed_layout_finds_its_packaged_configs(tmp_path):
     assert Path(module).parent == site / "areal_like"
     assert Path(cdir) == site / "areal_like" / "configs"
     assert composed == "quickstart reverse"
+
+
+def test_the_installed_libraries_are_the_pinned_ones():
+    """pyproject pins transformers and tokenizers to sglang's versions (one set for CPU, CI and GPU):
+    the environment the tests run in must have exactly those, or a version skew passes unseen."""
+    import re
+    from importlib.metadata import version
+
+    tomllib = pytest.importorskip("tomllib")
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = dict(m.groups() for d in deps if (m := re.fullmatch(r"([A-Za-z0-9_.-]+)==(\S+)", d)))
+    assert {"transformers", "tokenizers"} <= set(pins)
+    installed = {name: version(name) for name in pins}
+    assert installed == pins, "reinstall: pip install -e '.[test]' (pyproject.toml's pins changed)"

@@ -584,3 +584,24 @@ def test_fuzz_only_protocol_error_escapes():
             outcomes["ok"] += 1
     assert sum(outcomes.values()) == FUZZ_FRAMES >= 10_000
     assert outcomes["rejected"] > FUZZ_FRAMES // 2
+
+
+def _nested_frame(depth: int, open_byte: bytes = b"\x91", key: bytes = b"\xa6values",
+                  protocol: int = 3) -> bytes:
+    """``{"type": "stats", <key>: {"a": [[[...]]]}, "protocol": protocol}`` with the value nested
+    ``depth`` deep (``open_byte``: a 1-element fixarray, or ``\\x81\\xa1a``, a 1-entry fixmap),
+    written by hand: no encoder builds it (they recurse too)."""
+    return (b"\x83\xa4type\xa5stats" + key + b"\x81\xa1a" + open_byte * depth + b"\x90"
+            + b"\xa8protocol" + bytes([protocol]))
+
+
+@pytest.mark.parametrize("open_byte", [b"\x91", b"\x81\xa1a"])
+@pytest.mark.parametrize("protocol", [3, 1])  # 1: the refused-version path reads the frame again
+@pytest.mark.parametrize("decoder", [P.decode, P.decode_stored])
+def test_deep_nesting_raises_only_protocol_error(decoder, protocol, open_byte):
+    """A map whose value nests lists (or maps) 50,000 deep (issue 42, item 8): msgspec raises
+    RecursionError; ``decode`` refuses it like any other bad frame, and the next frame decodes."""
+    with pytest.raises(P.ProtocolError) as e:
+        decoder(_nested_frame(50_000, open_byte, protocol=protocol))
+    assert e.value.field in ("frame", "protocol")
+    assert isinstance(P.decode(_nested_frame(3)), P.Stats)  # shallow nesting is fine, nothing broke

@@ -1,0 +1,135 @@
+"""A checkpoint loads data, never code (issue 42, item 7; trainer/checkpoint.py).
+
+A real checkpoint is saved (1 rank), then one of its pickles is replaced by a planted one whose
+``__reduce__`` would write a marker file: ``meta.pt``, ``rng_rank0.pt`` (both ``torch.save``),
+DCP's ``.metadata`` (a plain pickle), or a value DCP stores as a pickle in its shard file (the
+optimizer's learning rate). Resuming from it (``load_checkpoint``) and exporting it
+(``load_checkpoint_model``, what ``areal-like export`` runs) refuse it with an error naming the
+file, and the marker is never written. The untouched checkpoint still resumes.
+
+The worker half runs as ``python test_checkpoint_untrusted.py OUT`` (a process of its own: the
+trainer's process group).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+WORKER_TIMEOUT_S = 240
+PLANTED = ("meta.pt", "rng_rank0.pt", ".metadata", "optim.param_groups.0.lr")
+
+
+class Planted:
+    """Unpickling this runs ``exec``: it writes ``marker``."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('code ran')",)
+
+
+def plant_value(directory: Path, fqn: str, marker: Path) -> None:
+    """Make DCP's stored value ``fqn`` (not a tensor: DCP ``torch.save``s it into a shard file) a
+    planted pickle: appended to its shard, and the (trusted, re-pickled) ``.metadata`` pointed at it."""
+    import dataclasses
+    import io
+    import pickle
+
+    import torch
+
+    meta = pickle.loads((directory / ".metadata").read_bytes())  # our own file: read freely
+    index, info = next((i, v) for i, v in meta.storage_data.items() if i.fqn == fqn)
+    blob = io.BytesIO()
+    torch.save(Planted(str(marker)), blob)
+    shard = directory / info.relative_path
+    offset = shard.stat().st_size
+    with shard.open("ab") as f:
+        f.write(blob.getvalue())
+    meta.storage_data[index] = dataclasses.replace(info, offset=offset, length=len(blob.getvalue()))
+    (directory / ".metadata").write_bytes(pickle.dumps(meta))
+
+
+def plant(directory: Path, name: str, marker: Path) -> None:
+    import pickle
+
+    import torch
+
+    path = directory / name
+    if name == ".metadata":
+        path.write_bytes(pickle.dumps(Planted(str(marker))))
+    elif name.startswith("optim."):
+        plant_value(directory, name, marker)
+    else:
+        torch.save({"policy_version": 1, "evil": Planted(str(marker))}, path)
+
+
+def _outcome(fn, marker: Path) -> dict:
+    try:
+        fn()
+        error = ""
+    except BaseException as e:  # noqa: BLE001 (what happened, whatever it was; DCP's are BaseException)
+        error = f"{type(e).__name__}: {e}"
+    return {"error": error, "ran": marker.exists()}
+
+
+def worker(out: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from areal_like.config import load_config
+    from trainer.checkpoint import load_checkpoint, save_checkpoint
+    from trainer.export import load_checkpoint_model
+    from trainer.model import build_policy, init_distributed, leave_distributed
+
+    cfg = load_config([])
+    init_distributed(cfg.trainer)
+    policy = build_policy(cfg.model, cfg.trainer)
+    base = Path(out).parent
+    good = save_checkpoint(base / "good", policy, 1, {"last_batch_id": "b7"})
+    res: dict = {}
+    for name in PLANTED:
+        bad = base / f"bad{name}" / good.name
+        shutil.copytree(good, bad)
+        marker = base / f"ran{name}"
+        plant(bad, name, marker)
+        fresh = build_policy(cfg.model, cfg.trainer)
+        res[name] = _outcome(lambda: load_checkpoint(bad, fresh), marker)
+        res[f"export{name}"] = _outcome(lambda: load_checkpoint_model(bad, cfg.model), marker)
+    version, meta = load_checkpoint(good, build_policy(cfg.model, cfg.trainer))
+    res["good"] = [version, meta["extra"]["last_batch_id"]]
+    Path(out).write_text(json.dumps(res))
+    leave_distributed()
+
+
+def test_a_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
+    from tests.conftest import child_env
+
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, __file__, str(out)], capture_output=True, text=True,
+                          timeout=WORKER_TIMEOUT_S, env=child_env({"OMP_NUM_THREADS": "1"}),
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    for name in PLANTED:
+        got = r[name]
+        assert not got["ran"], (name, got)  # the planted code never ran
+        assert got["error"].startswith("UnsafeCheckpointError: "), (name, got)
+        assert name in got["error"], (name, got)
+        assert "refusing to load it" in got["error"], got
+    # the export reads DCP's .metadata with the same allowlist, and not meta.pt, the rng files or
+    # the optimizer's values at all (only the model's tensors)
+    exported = r["export.metadata"]
+    assert exported["error"].startswith("UnsafeCheckpointError: ") and not exported["ran"], exported
+    for name in ("meta.pt", "rng_rank0.pt", "optim.param_groups.0.lr"):
+        assert r[f"export{name}"] == {"error": "", "ran": False}, name
+    assert r["good"] == [1, "b7"]  # a checkpoint of this trainer still resumes
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    worker(sys.argv[1])

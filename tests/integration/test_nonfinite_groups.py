@@ -1,0 +1,80 @@
+"""Groups whose behaviour log-probs are not finite (NaN, +inf, -inf) are refused at the buffer's
+admission (issue 42, item 1; ``areal_like/group_checks.py``).
+
+A member sends them over a real ZMQ socket to a running BufferService; each is refused with the
+reason ``nonfinite_logp``, counted in ``buffer/rejected{reason="nonfinite_logp"}`` (StatsRequest and
+the Prometheus ``/metrics`` page), nothing of it is stored or handed out, and its prompt is
+re-queued: the next credits go out for the same prompts, and a finite group for them is accepted.
+The trainer's ``BatchSource`` drops such a group that reaches it anyway (a WAL written before the
+check).
+"""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+import numpy as np
+from test_bad_data import _OneBatch
+from test_buffer_service import make_cfg, make_group, register, running
+
+from areal_like import protocol as P
+from areal_like.metrics import scrape
+from areal_like.trajectory import Trajectory, as_f32
+from trainer.data import BatchSource
+
+BAD = (math.nan, math.inf, -math.inf)
+
+
+def _with_logp(group: P.TrajectoryGroup, value: float, at: int = 1) -> P.TrajectoryGroup:
+    """``group`` with ``value`` as the behaviour log-prob of token ``at`` of its last trajectory."""
+    t = group.trajectories[-1]
+    logp = np.array(t.behav_logp, dtype=np.float32)
+    logp[at] = value
+    bad = Trajectory.of(prompt_ids=t.prompt_ids, output_ids=t.output_ids, behav_logp=as_f32(logp),
+                        versions=t.versions, reward=t.reward, finish_reason=t.finish_reason)
+    return msgspec.structs.replace(group, trajectories=[*group.trajectories[:-1], bad])
+
+
+def test_buffer_refuses_nonfinite_logprobs_counts_them_and_requeues_their_prompts(tmp_path):
+    cfg = make_cfg(tmp_path, max_staleness=3)
+    with running(cfg) as (svc, c):
+        register(c)
+        credits = c.request(P.CreditRequest(server_id="s0", max_credits=4)).credits
+        for credit, value in zip(credits, BAD):
+            ack = c.request(_with_logp(make_group(credit), value))
+            assert ack.status == "rejected", ack
+            assert ack.reason.startswith("nonfinite_logp: trajectory 1"), ack.reason
+            assert f"first {value}" in ack.reason and "at token 1" in ack.reason, ack.reason
+        assert c.request(make_group(credits[3])).status == "accepted"  # a finite group goes in
+        s = c.request(P.StatsRequest()).values
+        assert s["rejected_nonfinite_logp"] == 3 and s["groups_accepted"] == 1 and s["stored"] == 1
+        assert (s["in_flight"], s["reissue_queue"]) == (0, 3)  # slots came back, prompts queued
+        page = scrape(f"http://127.0.0.1:{svc.metrics_server.port}/metrics")
+        assert page['areal_buffer_rejected_total{reason="nonfinite_logp"}'] == 3
+        # the prompts go out again, first, and a finite group for each is accepted
+        again = c.request(P.CreditRequest(server_id="s0", max_credits=3)).credits
+        assert [x.prompt_index for x in again] == [x.prompt_index for x in credits[:3]]
+        for credit in again:
+            assert c.request(make_group(credit, rewards=(1.0, 0.0))).status == "accepted"
+        batch = c.request(P.BatchRequest(n_groups=4, trainer_version=0, wait_s=5.0))
+        assert len(batch.groups) == 4
+        assert all(np.isfinite(t.behav_logp).all() for g in batch.groups for t in g.trajectories)
+
+
+def test_trainer_drops_a_nonfinite_group_that_reaches_it(free_port):
+    credits = [P.Credit(lease_id=f"L{i}", prompt_index=i, epoch=0, deadline_s=1.0)
+               for i in range(3)]
+    groups = [_with_logp(make_group(c), v) for c, v in zip(credits, BAD)]
+    good = make_group(P.Credit(lease_id="L9", prompt_index=9, epoch=0, deadline_s=1.0))
+    address = f"tcp://127.0.0.1:{free_port()}"
+    buffer = _OneBatch(address, [*groups, good])
+    source = BatchSource(address, 4, wait_s=0.05, buffer_timeout_s=30, rank=0, vocab_size=104)
+    try:
+        batch = source.next_batch(0)
+        assert batch is not None and source.dropped_groups == 3
+        assert [g.group_id for g in source.last_groups] == [good.group_id]
+        assert bool(np.isfinite(batch.behav_logp.numpy()).all())
+    finally:
+        source.close()
+        buffer.close()

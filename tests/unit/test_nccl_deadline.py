@@ -1,0 +1,50 @@
+"""The trainer bounds torch's wait for a non-blocking NCCL communicator by the weight-sync deadline.
+
+torch's c10d waits for a lazily created non-blocking communicator holding the mutex that
+``abort()`` needs, for ``TORCH_NCCL_NONBLOCKING_TIMEOUT`` seconds (default 30 minutes), read once
+per process at its first NCCL call (areal_like/distributed.py). So the trainer must carry the
+variable, derived from ``trainer.weight_sync.deadline_s``, before it makes its first process group.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from areal_like.config import load_config
+from areal_like.distributed import NCCL_NONBLOCKING_TIMEOUT, set_nccl_nonblocking_timeout
+
+
+class FirstGroup(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("deadline_s", "want"), [(60.0, "60"), (7.2, "8"), (0.3, "1")])
+def test_the_timeout_is_in_the_environment_before_the_first_group(monkeypatch, deadline_s, want):
+    import torch.distributed as dist
+
+    from trainer import model
+
+    monkeypatch.setenv(NCCL_NONBLOCKING_TIMEOUT, "1800")  # torch's default, as if a user had set it
+    seen = []
+
+    def first_group(*args, **kwargs):
+        seen.append(os.environ.get(NCCL_NONBLOCKING_TIMEOUT))
+        raise FirstGroup
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", first_group)
+    cfg = load_config([f"trainer.weight_sync.deadline_s={deadline_s}"])
+    for env in ({}, {"RANK": "0", "WORLD_SIZE": "1"}):  # plain `python -m trainer`, and torchrun
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        with pytest.raises(FirstGroup):
+            model.init_distributed(cfg.trainer)
+    assert seen == [want, want]
+
+
+def test_whole_seconds_rounded_up(monkeypatch):
+    monkeypatch.delenv(NCCL_NONBLOCKING_TIMEOUT, raising=False)  # restored after the test
+    assert set_nccl_nonblocking_timeout(90.0) == 90 and os.environ[NCCL_NONBLOCKING_TIMEOUT] == "90"
+    assert set_nccl_nonblocking_timeout(90.01) == 91

@@ -1,0 +1,127 @@
+"""buffer/recovery.py after WAL damage (real segment files): one damaged control record is
+restored from the copy the next one carries, so its consumed marks and ledger changes hold; two in
+a row lose the first, which is counted and logged, and the start goes on (a re-issue queue the
+lost records filled is not taken for a fatal inconsistency)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+
+from buffer.credits import CreditLedger
+from buffer.recovery import replay
+from buffer.replay_buffer import ReplayBuffer
+from buffer.staleness import StalenessPolicy
+from buffer.wal import HEADER, WriteAheadLog, segment_path
+
+LOG = logging.getLogger("test.recovery")
+
+
+def _changes(requeued=(), dequeued=0, consumed=0) -> dict:
+    return {"changes": {"cursor": [10, 0], "started": 10, "consumed": consumed, "next_lease": 10,
+                        "granted": [], "closed": [], "requeued": [list(p) for p in requeued],
+                        "dequeued": dequeued, "version": 0, "in_transit": None}}
+
+
+def _write(path) -> list[int]:
+    """A checkpoint, then control records: 1 re-queues prompt 5, 2 consumes g1, 3 takes prompt 5
+    from the re-issue queue, 4 consumes g2. Returns each control record's offset (0: checkpoint)."""
+    wal = WriteAheadLog(path)
+    list(wal.replay())
+    state = {"cursor": [10, 0], "started": 10, "consumed": 0, "next_lease": 10, "leases": [],
+             "reissue": [], "version": 0, "in_transit": None}
+    wal.open({"state": state, "seen": []})
+    for record in (_changes(requeued=[(5, 0)]), {**_changes(consumed=1), "consumed": ["g1"]},
+                   _changes(dequeued=1, consumed=1), {**_changes(consumed=2), "consumed": ["g2"]}):
+        wal.append_control(record)
+    wal.close()
+    data, offsets = segment_path(path, 1).read_bytes(), [0]
+    while (end := offsets[-1] + HEADER.size + HEADER.unpack_from(data, offsets[-1])[0]) < len(data):
+        offsets.append(end)
+    assert len(offsets) == 5
+    return offsets
+
+
+def _damage(path, offsets: list[int], *which: int) -> None:
+    data = bytearray(segment_path(path, 1).read_bytes())
+    for k in which:
+        data[offsets[k] + HEADER.size + 5] ^= 0x40  # one flipped byte inside record k's payload
+    segment_path(path, 1).write_bytes(bytes(data))
+
+
+def _recover(path):
+    ledger = CreditLedger(StalenessPolicy(100, 2, 1000), 1000, lease_timeout_s=60,
+                          clock=time.monotonic)
+    store = ReplayBuffer(StalenessPolicy(100, 2, 1000), capacity=1000)
+    wal = WriteAheadLog(path)
+    got = replay(wal, ledger, store, LOG)
+    wal.close()
+    return got, ledger
+
+
+@pytest.mark.parametrize("damaged", [1, 2, 3])
+def test_one_damaged_control_record_is_restored_from_the_next(tmp_path, damaged, caplog):
+    offsets = _write(tmp_path)
+    _damage(tmp_path, offsets, damaged)
+    with caplog.at_level(logging.WARNING, logger="test.recovery"):
+        got, ledger = _recover(tmp_path)
+    assert (got.damaged, got.restored, got.lost_control) == (1, 1, 0)
+    assert ledger.consumed == 2 and list(ledger.reissue) == []  # as if nothing had been damaged
+    assert any(f"control record {damaged} before segment 1's record {damaged + 1} was damaged: "
+               "restored" in m for m in caplog.messages), caplog.messages
+
+
+def test_two_damaged_control_records_lose_the_first_and_the_start_goes_on(tmp_path, caplog):
+    offsets = _write(tmp_path)
+    _damage(tmp_path, offsets, 1, 2)  # the re-queue of prompt 5 is lost; record 3 takes it
+    with caplog.at_level(logging.WARNING, logger="test.recovery"):
+        got, ledger = _recover(tmp_path)
+    assert (got.damaged, got.restored, got.lost_control) == (1, 1, 1)
+    assert ledger.consumed == 2 and list(ledger.reissue) == []
+    assert any("1 control records after record 0 were damaged beyond repair" in m
+               for m in caplog.messages), caplog.messages
+
+
+def _frame(gid: str) -> bytes:
+    import numpy as np
+
+    from areal_like import protocol as P
+    from areal_like.trajectory import Trajectory
+
+    t = Trajectory.of(prompt_ids=[7, 8], output_ids=[1, 2], behav_logp=np.full(2, -1.0, np.float32),
+                      versions=[0, 0], reward=1.0, finish_reason="stop")
+    lease = gid.rpartition("-")[2]
+    return P.encode(P.TrajectoryGroup(group_id=gid, server_id="s0", lease_id=lease, prompt_index=0,
+                                      epoch=0, trajectories=[t, t]))
+
+
+def test_the_last_control_record_of_a_segment_is_restored_from_the_next_checkpoint(tmp_path):
+    """Segment 1 ends with the record that consumed g1 (g2 keeps the segment); a rotation opens
+    segment 2 with a checkpoint that carries it. Damage to that last record (a damaged tail of an
+    older segment) loses nothing: g1 is not served again."""
+    wal = WriteAheadLog(tmp_path, segment_bytes=1)
+    list(wal.replay())
+    state = {"cursor": [10, 0], "started": 10, "consumed": 0, "next_lease": 10, "leases": [],
+             "reissue": [], "version": 0, "in_transit": None}
+    wal.open({"state": state, "seen": []})
+    for gid in ("s0-g1", "s0-g2"):
+        wal.append_group(gid, _frame(gid))
+    wal.append_control({**_changes(consumed=1), "consumed": ["s0-g1"]})
+    wal.commit()
+    assert wal.maybe_rotate(lambda: {"state": state, "seen": []})
+    wal.close()
+    assert wal.segments() == [1, 2]
+    path = segment_path(tmp_path, 1)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40
+    path.write_bytes(bytes(data))
+    ledger = CreditLedger(StalenessPolicy(100, 2, 1000), 1000, lease_timeout_s=60,
+                          clock=time.monotonic)
+    store = ReplayBuffer(StalenessPolicy(100, 2, 1000), capacity=1000)
+    again = WriteAheadLog(tmp_path)
+    got = replay(again, ledger, store, LOG)
+    again.close()
+    assert (got.damaged, got.restored, got.lost_control) == (1, 1, 0)
+    assert "s0-g2" in store and "s0-g1" not in store  # g1 stays consumed
