@@ -138,12 +138,14 @@ class WriteAheadLog:
             cut = 0 < len(data) - pos < OLD_PAD_BLOCK and len(data) % OLD_PAD_BLOCK == 0 and not any(data[pos:])
             if cut:  # an older version's direct-I/O padding: the clean end
                 log.info("wal %s: cut %d bytes of padding at offset %d", path.name, len(data) - pos, pos)
-            else:  # a "D" record without a group: what it held was never acknowledged, or is
-                # lost (an older segment's tail); recovery restores a control record it can
+            else:  # a "D" record: recovery restores a control record it can. The newest
+                # segment's tail was never acknowledged (a torn write: its sender sends it again);
+                # an older segment's was (a rotation came after it): it names its group if it can
                 self.corrupt_records += 1
                 log.warning("wal %s: %s at offset %d; skipping the last %d bytes of this segment",
                             path.name, problem, pos, len(data) - pos)
-                yield Record("D", n, ref=WalRef(n, pos, len(data) - pos))
+                gid = "" if newest else damaged_group_id(data, pos, len(data))
+                yield Record("D", n, group_id=gid, ref=WalRef(n, pos, len(data) - pos))
             if cut or newest:  # a torn write of the crash that ended the last run: cut it off
                 with path.open("r+b") as f:
                     f.truncate(pos)

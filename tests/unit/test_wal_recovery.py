@@ -125,3 +125,36 @@ def test_the_last_control_record_of_a_segment_is_restored_from_the_next_checkpoi
     again.close()
     assert (got.damaged, got.restored, got.lost_control) == (1, 1, 0)
     assert "s0-g2" in store and "s0-g1" not in store  # g1 stays consumed
+
+
+def test_a_damaged_group_at_the_tail_of_an_older_segment_is_dropped_and_its_prompt_reissued(
+        tmp_path):
+    """An older segment's last record is a group (acknowledged: its segment was rotated after it)
+    whose frame was damaged: like a damaged group mid-segment it is reported as unreadable with
+    its lease, so the start re-issues its prompt. Before, it vanished with nothing re-issued (its
+    lease, closed in the next segment's checkpoint, never came back): an accepted group lost."""
+    wal = WriteAheadLog(tmp_path, segment_bytes=1)
+    list(wal.replay())
+    lease = ["g2", 7, 0, "s0"]  # lease g2 (prompt 7, epoch 0) of server s0: group s0-g2
+    state = {"cursor": [10, 0], "started": 10, "consumed": 0, "next_lease": 10, "leases": [lease],
+             "reissue": [], "version": 0, "in_transit": None}
+    wal.open({"state": state, "seen": []})
+    wal.append_group("s0-g2", _frame("s0-g2"))
+    wal.commit()
+    closed = {**state, "leases": []}  # the group was accepted: its lease is closed
+    assert wal.maybe_rotate(lambda: {"state": closed, "seen": ["s0-g2"]})
+    wal.close()
+    path = segment_path(tmp_path, 1)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40  # inside s0-g2's frame: its id still reads
+    path.write_bytes(bytes(data))
+    ledger = CreditLedger(StalenessPolicy(100, 2, 1000), 1000, lease_timeout_s=60,
+                          clock=time.monotonic)
+    store = ReplayBuffer(StalenessPolicy(100, 2, 1000), capacity=1000)
+    again = WriteAheadLog(tmp_path)
+    got = replay(again, ledger, store, LOG)
+    again.close()
+    assert got.damaged == 1 and "s0-g2" not in store
+    assert "s0-g2" in got.unreadable, got.unreadable
+    u = got.unreadable["s0-g2"]
+    assert (u.lease_id, u.prompt_index, u.epoch) == ("g2", 7, 0)
