@@ -34,7 +34,8 @@ class ModelConfig:
     num_key_value_heads: int = 2
     max_position_embeddings: int = 256
     tie_word_embeddings: bool = False
-    dtype: str = "float32"  # engines' weights; the trainer's compute dtype (fp32 master weights, fp32 grad reduce)
+    # engines' weights; the trainer's compute dtype (fp32 master weights, fp32 grad reduce)
+    dtype: str = "float32"
     attn_implementation: str = "sdpa"
     init_seed: int = 0
 
