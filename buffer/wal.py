@@ -107,6 +107,7 @@ class WriteAheadLog:
         self.corrupt_records = self.disk_bytes = 0  # disk_bytes: all segment files, kept without stat calls
         self.disk_full = False  # records are waiting for disk space (the fsync thread's, or inline control records)
         self._control_n, self._last_control = 0, b""  # the last control record's number, bytes
+        self._replayed: dict | None = None  # the last control record replay read (not a checkpoint)
 
     # ---- recovery
     def segments(self) -> list[int]:
@@ -119,6 +120,10 @@ class WriteAheadLog:
             self._live.setdefault(n, set())
             yield from self._read_segment(n, newest=n == segments[-1])
         self.segment = segments[-1] if segments else 0
+        if self._replayed is not None:  # the checkpoint ``open`` writes carries it, as a rotation's
+            # does (append_control): damage to it in its older segment is restored from there
+            self._last_control = _ENCODER.encode({k: v for k, v in self._replayed.items()
+                                                  if k != "prev"})
 
     def _read_segment(self, n: int, newest: bool) -> Iterator[Record]:
         path = segment_path(self.dir, n)
@@ -172,6 +177,7 @@ class WriteAheadLog:
             return Record("G", segment, group_id=gid, frame=data[start + 3 + n:end], ref=WalRef(segment, pos, end - pos))
         control = msgspec.msgpack.decode(data[start + 1:end])
         self._untrack(control.get("consumed", ()))
+        self._replayed = None if control.get("checkpoint") else control
         return Record("C", segment, control=control)
 
     # ---- writing

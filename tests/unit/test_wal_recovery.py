@@ -218,3 +218,37 @@ def test_damage_taking_a_later_segments_checkpoint_and_next_record_restores_that
     again.close()
     assert (got.damaged, got.restored, got.lost_control) == (1, 1, 1)
     assert "s0-g2" in store and "s0-g1" not in store  # g1 stays consumed
+
+
+def test_the_last_control_record_before_a_restart_is_restored_from_the_restarts_checkpoint(
+        tmp_path):
+    """A restart replays the WAL and opens a fresh segment with a checkpoint; that checkpoint
+    carries the last control record it replayed, as a rotation's does. So damage to that record
+    (now the tail of an older segment) loses nothing: g1 stays consumed. Before, a restarted
+    process had no previous record to copy: the consumed mark was lost and g1 served again."""
+    wal = WriteAheadLog(tmp_path)
+    list(wal.replay())
+    state = {"cursor": [10, 0], "started": 10, "consumed": 0, "next_lease": 10, "leases": [],
+             "reissue": [], "version": 0, "in_transit": None}
+    wal.open({"state": state, "seen": []})
+    for gid in ("s0-g1", "s0-g2"):
+        wal.append_group(gid, _frame(gid))
+    wal.append_control({**_changes(consumed=1), "consumed": ["s0-g1"]})
+    wal.close()
+    restarted = WriteAheadLog(tmp_path)  # the restart: replay, then a fresh segment
+    list(restarted.replay())
+    restarted.open({"state": state, "seen": []})
+    restarted.close()
+    assert restarted.segments() == [1, 2]
+    path = segment_path(tmp_path, 1)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40  # inside the last record of segment 1: the control record
+    path.write_bytes(bytes(data))
+    ledger = CreditLedger(StalenessPolicy(100, 2, 1000), 1000, lease_timeout_s=60,
+                          clock=time.monotonic)
+    store = ReplayBuffer(StalenessPolicy(100, 2, 1000), capacity=1000)
+    again = WriteAheadLog(tmp_path)
+    got = replay(again, ledger, store, LOG)
+    again.close()
+    assert (got.damaged, got.restored, got.lost_control) == (1, 1, 0)
+    assert "s0-g2" in store and "s0-g1" not in store  # g1 stays consumed
