@@ -235,8 +235,9 @@ class WriteAheadLog:
     def append_control(self, control: dict) -> int:
         """Log a control record. It carries its number in the segment (``n``, the checkpoint's 0)
         and a copy of the control record before it (``prev``, encoded; a checkpoint carries the
-        previous segment's last one; none follows a checkpoint, which is not copied), so replay can
-        restore one control record that damage took from the record after it (recovery.py)."""
+        previous segment's last one, also the one replay read last after a restart; none follows a
+        checkpoint, which is not copied), so replay can restore one control record that damage
+        took from the record after it (recovery.py)."""
         self._control_n = 0 if control.get("checkpoint") else self._control_n + 1
         numbered = {**control, "n": self._control_n}
         prev = {"prev": self._last_control} if self._last_control else {}
