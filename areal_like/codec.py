@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import types
 import typing
@@ -47,14 +48,19 @@ def _int(value: Any, name: str) -> int:
 
 
 def _float(value: Any, name: str) -> float:
-    if type(value) is float:
+    """Every float field of every message is finite (a NaN or infinite wait or deadline is no
+    number a receiver can act on; areal_like/DESIGN.md)."""
+    if type(value) is float and math.isfinite(value):
         return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ProtocolError(f"expected float, got {_name(value)}", name)
     try:
-        return float(value)
+        out = float(value)
     except OverflowError:
-        raise ProtocolError(f"must be finite, got {value}", name) from None
+        out = math.inf
+    if not math.isfinite(out):
+        raise ProtocolError(f"must be finite, got {value}", name)
+    return out
 
 
 def _bool(value: Any, name: str) -> bool:

@@ -8,6 +8,7 @@ A check raises ``ConfigError`` naming the key; no Hydra or torch here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,8 @@ class ModelConfig:
     num_key_value_heads: int = 2
     max_position_embeddings: int = 256
     tie_word_embeddings: bool = False
-    dtype: str = "float32"  # engines' weights; the trainer's compute dtype (fp32 master weights, fp32 grad reduce)
+    # engines' weights; the trainer's compute dtype (fp32 master weights, fp32 grad reduce)
+    dtype: str = "float32"
     attn_implementation: str = "sdpa"
     init_seed: int = 0
 
@@ -158,7 +160,8 @@ class BufferConfig:
         _choice("buffer.selection", self.selection, ("oldest", "newest", "fifo"))
         _choice("buffer.fsync", self.fsync, ("always", "batch", "never"))
         _check("buffer.wal_reserve_bytes", self.wal_reserve_bytes >= 0, ">= 0", self.wal_reserve_bytes)
-        _check("buffer.lease_timeout_s", self.lease_timeout_s > 0, "> 0", self.lease_timeout_s)
+        _check("buffer.lease_timeout_s", 0 < self.lease_timeout_s < math.inf, "> 0 and finite (it "
+               "travels in every Credit)", self.lease_timeout_s)
 
 
 @dataclass(kw_only=True)
@@ -237,7 +240,8 @@ class WeightSyncConfig:
         _choice("trainer.weight_sync.backend", self.backend, ("auto", "gloo", "nccl"))
         _choice("trainer.weight_sync.path", self.path, ("auto", "distributed", "tensor", "disk"))
         _check("trainer.weight_sync.bucket_mb", self.bucket_mb > 0, "> 0", self.bucket_mb)
-        _check("trainer.weight_sync.deadline_s", self.deadline_s > 0, "> 0", self.deadline_s)
+        _check("trainer.weight_sync.deadline_s", 0 < self.deadline_s < math.inf, "> 0 and finite",
+               self.deadline_s)
 
 
 @dataclass(kw_only=True)
@@ -290,6 +294,8 @@ class TrainerConfig:
         _check("trainer.grad_clip", self.grad_clip > 0, "> 0", self.grad_clip)
         _check("trainer.max_nonfinite_skips", self.max_nonfinite_skips >= 1, ">= 1",
                self.max_nonfinite_skips)
+        _check("trainer.batch_wait_s", 0 <= self.batch_wait_s < math.inf, ">= 0 and finite",
+               self.batch_wait_s)
         _check("trainer.first_engine_wait_s", self.first_engine_wait_s >= 0, ">= 0", self.first_engine_wait_s)
         _check("trainer.first_engines", self.first_engines >= 1, ">= 1", self.first_engines)
         _check("trainer.betas", len(self.betas) == 2, "two numbers", self.betas)

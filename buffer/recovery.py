@@ -59,7 +59,8 @@ class Replayed:
 
 def replay(wal: WriteAheadLog, ledger: CreditLedger, store: ReplayBuffer, log: logging.Logger) -> Replayed:
     out = Replayed()
-    last_n, damaged = None, False  # the last control record's number in its segment; damage since
+    # the last control record's number and segment; damage since
+    last_n, last_segment, damaged = None, None, False
     for rec in wal.replay():
         out.records += 1
         if rec.kind == "G":
@@ -70,9 +71,11 @@ def replay(wal: WriteAheadLog, ledger: CreditLedger, store: ReplayBuffer, log: l
             if rec.group_id:
                 _unreadable(rec.group_id, rec.ref, ledger, out)
             continue
-        if damaged:
-            _after_damage(rec.control, last_n, rec.segment, ledger, store, out, log)
-        damaged, last_n = False, rec.control.get("n")
+        if damaged:  # numbers count within a segment: a record of a new one that is not its
+            # checkpoint follows damage that took the checkpoint (-1: nothing of it was read)
+            same = rec.segment == last_segment or rec.control.get("checkpoint")
+            _after_damage(rec.control, last_n if same else -1, rec.segment, ledger, store, out, log)
+        damaged, last_n, last_segment = False, rec.control.get("n"), rec.segment
         _control(rec.control, ledger, store, out)
     return out
 
@@ -87,7 +90,7 @@ def _after_damage(control: dict, last_n: int | None, segment: int, ledger: Credi
         through = prev.get("n")
     else:  # a checkpoint without a copy: how many the previous segment lost is not known
         through = None if control.get("checkpoint") else control.get("n", 0) - 1
-    if last_n is None or through is None or through <= last_n:
+    if last_n is None or through is None or through <= last_n or "n" not in control:
         return  # the damage took group records only (or the records are not numbered)
     if prev is not None:
         log.warning("wal: control record %d before segment %d's record %d was damaged: restored "
@@ -96,9 +99,10 @@ def _after_damage(control: dict, last_n: int | None, segment: int, ledger: Credi
         out.restored, through = out.restored + 1, through - 1
     if through > last_n:
         out.lost_control += through - last_n
-        log.error("wal: %d control records after record %d were damaged beyond repair: the "
-                  "consumed marks, leases and re-issues they held are lost (groups they consumed "
-                  "may be handed out again)", through - last_n, last_n)
+        where = f"after record {last_n}" if last_n >= 0 else f"of segment {segment}"
+        log.error("wal: %d control records %s were damaged beyond repair: the consumed marks, "
+                  "leases and re-issues they held are lost (groups they consumed may be handed "
+                  "out again)", through - last_n, where)
 
 
 def _control(control: dict, ledger: CreditLedger, store: ReplayBuffer, out: Replayed) -> None:

@@ -184,9 +184,10 @@ class BufferService(Daemon):
             self.wal.wait_durable()
             self.wal.compact()
         if got.records:
-            self.log.info("recovered %d WAL records (%d group records, %d stored now, %d of them in transit, "
-                          "%d corrupt skipped, %d damaged control records restored, %d lost)", got.records,
-                          got.groups, len(self.store) + self.handout.in_transit_groups(),
+            self.log.info("recovered %d WAL records (%d group records, %d stored now, %d of them "
+                          "in transit, %d corrupt skipped, %d damaged control records restored, "
+                          "%d lost)", got.records, got.groups,
+                          len(self.store) + self.handout.in_transit_groups(),
                           self.handout.in_transit_groups(), self.wal.corrupt_records, got.restored,
                           got.lost_control)
 

@@ -107,6 +107,7 @@ class WriteAheadLog:
         self.corrupt_records = self.disk_bytes = 0  # disk_bytes: all segment files, kept without stat calls
         self.disk_full = False  # records are waiting for disk space (the fsync thread's, or inline control records)
         self._control_n, self._last_control = 0, b""  # the last control record's number, bytes
+        self._replayed: dict | None = None  # the last control record replay read (not a checkpoint)
 
     # ---- recovery
     def segments(self) -> list[int]:
@@ -119,6 +120,10 @@ class WriteAheadLog:
             self._live.setdefault(n, set())
             yield from self._read_segment(n, newest=n == segments[-1])
         self.segment = segments[-1] if segments else 0
+        if self._replayed is not None:  # the checkpoint ``open`` writes carries it, as a rotation's
+            # does (append_control): damage to it in its older segment is restored from there
+            self._last_control = _ENCODER.encode({k: v for k, v in self._replayed.items()
+                                                  if k != "prev"})
 
     def _read_segment(self, n: int, newest: bool) -> Iterator[Record]:
         path = segment_path(self.dir, n)
@@ -138,12 +143,14 @@ class WriteAheadLog:
             cut = 0 < len(data) - pos < OLD_PAD_BLOCK and len(data) % OLD_PAD_BLOCK == 0 and not any(data[pos:])
             if cut:  # an older version's direct-I/O padding: the clean end
                 log.info("wal %s: cut %d bytes of padding at offset %d", path.name, len(data) - pos, pos)
-            else:  # a "D" record without a group: what it held was never acknowledged, or is
-                # lost (an older segment's tail); recovery restores a control record it can
+            else:  # a "D" record: recovery restores a control record it can. The newest
+                # segment's tail was never acknowledged (a torn write: its sender sends it again);
+                # an older segment's was (a rotation came after it): it names its group if it can
                 self.corrupt_records += 1
                 log.warning("wal %s: %s at offset %d; skipping the last %d bytes of this segment",
                             path.name, problem, pos, len(data) - pos)
-                yield Record("D", n, ref=WalRef(n, pos, len(data) - pos))
+                gid = "" if newest else damaged_group_id(data, pos, len(data))
+                yield Record("D", n, group_id=gid, ref=WalRef(n, pos, len(data) - pos))
             if cut or newest:  # a torn write of the crash that ended the last run: cut it off
                 with path.open("r+b") as f:
                     f.truncate(pos)
@@ -170,6 +177,7 @@ class WriteAheadLog:
             return Record("G", segment, group_id=gid, frame=data[start + 3 + n:end], ref=WalRef(segment, pos, end - pos))
         control = msgspec.msgpack.decode(data[start + 1:end])
         self._untrack(control.get("consumed", ()))
+        self._replayed = None if control.get("checkpoint") else control
         return Record("C", segment, control=control)
 
     # ---- writing
@@ -227,8 +235,9 @@ class WriteAheadLog:
     def append_control(self, control: dict) -> int:
         """Log a control record. It carries its number in the segment (``n``, the checkpoint's 0)
         and a copy of the control record before it (``prev``, encoded; a checkpoint carries the
-        previous segment's last one; none follows a checkpoint, which is not copied), so replay can
-        restore one control record that damage took from the record after it (recovery.py)."""
+        previous segment's last one, also the one replay read last after a restart; none follows a
+        checkpoint, which is not copied), so replay can restore one control record that damage
+        took from the record after it (recovery.py)."""
         self._control_n = 0 if control.get("checkpoint") else self._control_n + 1
         numbered = {**control, "n": self._control_n}
         prev = {"prev": self._last_control} if self._last_control else {}

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._traverse import set_element  # DefaultLoadPlanner.load_bytes's
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
@@ -271,16 +272,21 @@ class _SafeReader(dcp.FileSystemReader):
 
 
 class _SafePlanner(DefaultLoadPlanner):
-    """DCP's values that are not tensors (optimizer hyper-parameters) are read only once a
-    ``weights_only`` load of the same bytes succeeded (DCP itself reads them with pickle)."""
+    """DCP's values that are not tensors (optimizer hyper-parameters) read with ``weights_only``
+    (DCP's own ``load_bytes`` unpickles them freely). What it would do with the value, done with
+    the value read here: the checkpoint's bytes are never parsed by an unrestricted unpickler
+    (checking them first and letting DCP parse them again would trust two parsers to agree)."""
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
         try:
-            torch.load(value, weights_only=True)
+            obj = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as e:
-            raise _refused(f"checkpoint value {read_item.dest_index.fqn}", e) from None
-        value.seek(0)
-        super().load_bytes(read_item, value)
+            raise _refused(f"checkpoint value {fqn}", e) from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
 
 
 def _rng_globals() -> list:

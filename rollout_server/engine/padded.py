@@ -1,8 +1,9 @@
 """Prefill and decode for any causal LM through its own forward (what ``fastpath`` does not cover).
 
 Same signatures as ``fastpath.prefill`` / ``fastpath.decode``; the scheduler (``scheduler.py``) uses
-this module for a model ``fastpath.supports`` refuses (any causal LM with ``get_output_embeddings``). Prefill runs one right-padded batch with a 4D
-mask and explicit positions; decode runs one token per row against the slot cache.
+this module for a model ``fastpath.supports`` refuses (any causal LM with
+``get_output_embeddings``). Prefill runs one right-padded batch with a 4D mask and explicit
+positions; decode runs one token per row against the slot cache.
 
 Masks are plain additive 4D tensors ``[B, 1, Q, K]`` (every layer is full attention: the scheduler
 refuses sliding-window layers): transformers uses them as they are, while a per-layer-type dict is

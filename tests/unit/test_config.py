@@ -170,3 +170,14 @@ def test_dataset_size(tmp_path):
     cfg = load_config(["task=jsonl_math", f"task.dataset_path={tmp_path / 'no.jsonl'}"])
     with pytest.raises(ConfigError, match="task.dataset_path"):
         C.dataset_size(cfg.task, cfg.model)
+
+
+@pytest.mark.parametrize("override", ["buffer.lease_timeout_s=inf", "trainer.batch_wait_s=nan",
+                                      "trainer.weight_sync.deadline_s=inf",
+                                      "trainer.batch_wait_s=-1"])
+def test_durations_that_travel_in_messages_must_be_finite(override):
+    """They become float fields of messages (Credit.deadline_s, BatchRequest.wait_s,
+    WeightSyncPlan.deadline_s), which refuse a non-finite value (areal_like/codec.py): refused
+    at load, naming the key, not by the first message a daemon builds."""
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+        load_config([override])

@@ -45,6 +45,8 @@ def test_the_timeout_is_in_the_environment_before_the_first_group(monkeypatch, d
 
 
 def test_whole_seconds_rounded_up(monkeypatch):
-    monkeypatch.delenv(NCCL_NONBLOCKING_TIMEOUT, raising=False)  # restored after the test
+    # setenv, not delenv: delenv of an absent variable records nothing, so what the function sets
+    # would outlive the test; setenv records the old value (absent included) and restores it
+    monkeypatch.setenv(NCCL_NONBLOCKING_TIMEOUT, "1800")
     assert set_nccl_nonblocking_timeout(90.0) == 90 and os.environ[NCCL_NONBLOCKING_TIMEOUT] == "90"
     assert set_nccl_nonblocking_timeout(90.01) == 91

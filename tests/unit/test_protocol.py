@@ -605,3 +605,31 @@ def test_deep_nesting_raises_only_protocol_error(decoder, protocol, open_byte):
         decoder(_nested_frame(50_000, open_byte, protocol=protocol))
     assert e.value.field in ("frame", "protocol")
     assert isinstance(P.decode(_nested_frame(3)), P.Stats)  # shallow nesting is fine, nothing broke
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("make", [
+    lambda v: P.BatchRequest(n_groups=1, trainer_version=0, wait_s=v),
+    lambda v: P.SyncDone(server_id="s0", policy_version=1, ok=True, pause_s=v),
+    lambda v: P.Credit(lease_id="L1", prompt_index=0, epoch=0, deadline_s=v),
+], ids=["BatchRequest.wait_s", "SyncDone.pause_s", "Credit.deadline_s"])
+def test_every_float_field_must_be_finite(make, bad):
+    """Not the reward only: every float field of every message (areal_like/DESIGN.md), on
+    construction and on decode of a frame a member wrote by hand (before: NaN and inf decoded)."""
+    with pytest.raises(P.ProtocolError, match="finite"):
+        make(bad)
+    good = make(1.0)
+    if isinstance(good, P.Credit):  # not a frame of its own (it travels in Credits and Ack)
+        good = P.Credits(credits=[good], policy_version=0)
+    frame = _float_swapped(msgspec.msgpack.decode(P.encode(good)), bad)
+    with pytest.raises(P.ProtocolError, match="finite"):
+        P.decode(msgspec.msgpack.encode(frame))
+
+
+def _float_swapped(wire, bad: float):
+    """``wire`` (a decoded frame) with every float 1.0 in it replaced by ``bad``."""
+    if isinstance(wire, dict):
+        return {k: _float_swapped(v, bad) for k, v in wire.items()}
+    if isinstance(wire, list):
+        return [_float_swapped(v, bad) for v in wire]
+    return bad if type(wire) is float and wire == 1.0 else wire

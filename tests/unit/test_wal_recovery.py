@@ -125,3 +125,130 @@ def test_the_last_control_record_of_a_segment_is_restored_from_the_next_checkpoi
     again.close()
     assert (got.damaged, got.restored, got.lost_control) == (1, 1, 0)
     assert "s0-g2" in store and "s0-g1" not in store  # g1 stays consumed
+
+
+def test_a_damaged_group_at_the_tail_of_an_older_segment_is_dropped_and_its_prompt_reissued(
+        tmp_path):
+    """An older segment's last record is a group (acknowledged: its segment was rotated after it)
+    whose frame was damaged: like a damaged group mid-segment it is reported as unreadable with
+    its lease, so the start re-issues its prompt. Before, it vanished with nothing re-issued (its
+    lease, closed in the next segment's checkpoint, never came back): an accepted group lost."""
+    wal = WriteAheadLog(tmp_path, segment_bytes=1)
+    list(wal.replay())
+    lease = ["g2", 7, 0, "s0"]  # lease g2 (prompt 7, epoch 0) of server s0: group s0-g2
+    state = {"cursor": [10, 0], "started": 10, "consumed": 0, "next_lease": 10, "leases": [lease],
+             "reissue": [], "version": 0, "in_transit": None}
+    wal.open({"state": state, "seen": []})
+    wal.append_group("s0-g2", _frame("s0-g2"))
+    wal.commit()
+    closed = {**state, "leases": []}  # the group was accepted: its lease is closed
+    assert wal.maybe_rotate(lambda: {"state": closed, "seen": ["s0-g2"]})
+    wal.close()
+    path = segment_path(tmp_path, 1)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40  # inside s0-g2's frame: its id still reads
+    path.write_bytes(bytes(data))
+    ledger = CreditLedger(StalenessPolicy(100, 2, 1000), 1000, lease_timeout_s=60,
+                          clock=time.monotonic)
+    store = ReplayBuffer(StalenessPolicy(100, 2, 1000), capacity=1000)
+    again = WriteAheadLog(tmp_path)
+    got = replay(again, ledger, store, LOG)
+    again.close()
+    assert got.damaged == 1 and "s0-g2" not in store
+    assert "s0-g2" in got.unreadable, got.unreadable
+    u = got.unreadable["s0-g2"]
+    assert (u.lease_id, u.prompt_index, u.epoch) == ("g2", 7, 0)
+
+
+def test_a_damaged_checkpoint_opening_the_wal_is_counted_lost_and_the_start_goes_on(tmp_path,
+                                                                                  caplog):
+    """The oldest segment's checkpoint (the state every later record changes) is damaged: no
+    record carries a copy of it. Its loss is counted and logged as an error, and the records
+    after it apply (a re-issue they take from the lost state is not a fatal inconsistency),
+    as for two damaged control records in a row. Before, nothing was counted and the start failed
+    on the re-issue queue the checkpoint had filled."""
+    wal = WriteAheadLog(tmp_path)
+    list(wal.replay())
+    state = {"cursor": [10, 0], "started": 10, "consumed": 0, "next_lease": 10, "leases": [],
+             "reissue": [[5, 0]], "version": 0, "in_transit": None}
+    wal.open({"state": state, "seen": []})
+    wal.append_control(_changes(dequeued=1))
+    wal.close()
+    data = bytearray(segment_path(tmp_path, 1).read_bytes())
+    data[HEADER.size + 5] ^= 0x40  # inside the checkpoint's payload
+    segment_path(tmp_path, 1).write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="test.recovery"):
+        got, ledger = _recover(tmp_path)
+    assert (got.damaged, got.restored, got.lost_control) == (1, 0, 1)
+    assert list(ledger.reissue) == [] and ledger.next_index == 10
+    assert any("damaged beyond repair" in m for m in caplog.messages), caplog.messages
+
+
+def test_damage_taking_a_later_segments_checkpoint_and_next_record_restores_that_record(tmp_path):
+    """Record numbers count within a segment. Segment 1 ends at record 3; segment 2's checkpoint
+    and its record 1 (which consumed g1) are damaged together; record 2 carries record 1. Record 1
+    is restored (g1 stays consumed) and the checkpoint is counted lost. Before, record 2's copy
+    (number 1) was compared with segment 1's last number (3) and dropped: g1 served again."""
+    wal = WriteAheadLog(tmp_path, segment_bytes=1)
+    list(wal.replay())
+    state = {"cursor": [10, 0], "started": 10, "consumed": 0, "next_lease": 10, "leases": [],
+             "reissue": [], "version": 0, "in_transit": None}
+    wal.open({"state": state, "seen": []})
+    for gid in ("s0-g1", "s0-g2"):
+        wal.append_group(gid, _frame(gid))
+    for _ in range(3):
+        wal.append_control(_changes())
+    wal.commit()
+    assert wal.maybe_rotate(lambda: {"state": state, "seen": []})
+    wal.append_control({**_changes(consumed=1), "consumed": ["s0-g1"]})
+    wal.append_control(_changes(consumed=1))
+    wal.close()
+    assert wal.segments() == [1, 2]
+    path = segment_path(tmp_path, 2)
+    data = bytearray(path.read_bytes())
+    second = HEADER.size + HEADER.unpack_from(data, 0)[0]  # record 1's offset
+    for at in (HEADER.size + 5, second + HEADER.size + 5):
+        data[at] ^= 0x40
+    path.write_bytes(bytes(data))
+    ledger = CreditLedger(StalenessPolicy(100, 2, 1000), 1000, lease_timeout_s=60,
+                          clock=time.monotonic)
+    store = ReplayBuffer(StalenessPolicy(100, 2, 1000), capacity=1000)
+    again = WriteAheadLog(tmp_path)
+    got = replay(again, ledger, store, LOG)
+    again.close()
+    assert (got.damaged, got.restored, got.lost_control) == (1, 1, 1)
+    assert "s0-g2" in store and "s0-g1" not in store  # g1 stays consumed
+
+
+def test_the_last_control_record_before_a_restart_is_restored_from_the_restarts_checkpoint(
+        tmp_path):
+    """A restart replays the WAL and opens a fresh segment with a checkpoint; that checkpoint
+    carries the last control record it replayed, as a rotation's does. So damage to that record
+    (now the tail of an older segment) loses nothing: g1 stays consumed. Before, a restarted
+    process had no previous record to copy: the consumed mark was lost and g1 served again."""
+    wal = WriteAheadLog(tmp_path)
+    list(wal.replay())
+    state = {"cursor": [10, 0], "started": 10, "consumed": 0, "next_lease": 10, "leases": [],
+             "reissue": [], "version": 0, "in_transit": None}
+    wal.open({"state": state, "seen": []})
+    for gid in ("s0-g1", "s0-g2"):
+        wal.append_group(gid, _frame(gid))
+    wal.append_control({**_changes(consumed=1), "consumed": ["s0-g1"]})
+    wal.close()
+    restarted = WriteAheadLog(tmp_path)  # the restart: replay, then a fresh segment
+    list(restarted.replay())
+    restarted.open({"state": state, "seen": []})
+    restarted.close()
+    assert restarted.segments() == [1, 2]
+    path = segment_path(tmp_path, 1)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40  # inside the last record of segment 1: the control record
+    path.write_bytes(bytes(data))
+    ledger = CreditLedger(StalenessPolicy(100, 2, 1000), 1000, lease_timeout_s=60,
+                          clock=time.monotonic)
+    store = ReplayBuffer(StalenessPolicy(100, 2, 1000), capacity=1000)
+    again = WriteAheadLog(tmp_path)
+    got = replay(again, ledger, store, LOG)
+    again.close()
+    assert (got.damaged, got.restored, got.lost_control) == (1, 1, 0)
+    assert "s0-g2" in store and "s0-g1" not in store  # g1 stays consumed
