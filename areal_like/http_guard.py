@@ -4,9 +4,16 @@ Every HTTP port a daemon opens (an embedded engine's SGLang API, each daemon's `
 ``/health``) is served through ``serve(app, host, port, limits, token=...)``, so a client that
 can reach the port cannot hold the server's memory, connections or event loop:
 
-* ``HttpLimits.max_connections`` open connections; the next one is answered ``503`` and closed,
-  its request never parsed (``connections_refused``; the socket lingers up to
-  ``REFUSED_LINGER_S`` for the client to read the answer, as a reset would lose it);
+* ``HttpLimits.max_connections`` open connections. At the cap, a new connection first makes room
+  by closing the oldest *idle connection nobody vouched for* (``evicted``): one waiting for a
+  request head (its first or, kept alive, its next) that has not shown the bearer token on a
+  path that needs it. So strangers holding idle connections (issue 42: 64 on a ``/metrics``
+  port made ``/health`` answer 503; 511 on an engine locked new clients out) cannot keep a client,
+  a ``/health`` probe or a member out: each new connection displaces one of theirs. Only when
+  every slot is busy with a request or held idle by a connection that showed the token is the
+  next one answered ``503`` and closed, its request never parsed (``connections_refused``; the
+  socket lingers up to ``REFUSED_LINGER_S`` for the client to read the answer, as a reset would
+  lose it);
 * ``max_inflight`` requests being handled; the next one gets ``429`` (``requests_refused``).
   Requests to ``capped_paths`` count (all paths when it is None): an engine caps ``/generate``,
   whose calls may wait for long, so that its pause, continue and weight-update calls always
@@ -21,8 +28,9 @@ can reach the port cannot hold the server's memory, connections or event loop:
   connection closed, ``408`` for a late body), whatever each byte's spacing;
 * an idle keep-alive connection is closed after ``keepalive_s``;
 * with ``token``, every path outside ``open_paths`` needs ``Authorization: Bearer <token>``;
-  otherwise ``401`` (compared in constant time with ``hmac.compare_digest``). The token is
-  never logged or echoed.
+  otherwise ``401`` with ``Connection: close``: the connection ends with the answer, so it holds
+  no slot (compared in constant time with ``hmac.compare_digest``). The token is never logged or
+  echoed.
 
 The per-connection deadlines live in ``_GuardedHandler``, a subclass of aiohttp's
 ``RequestHandler`` that watches when its parser completes a request: it reads the handler's
@@ -89,6 +97,7 @@ class GuardStats:
     lingering: int = 0  # refused connections waiting for their client to close
     requests_refused: int = 0  # 429: over max_inflight
     unauthorized: int = 0  # 401
+    evicted: int = 0  # idle connections nobody vouched for, closed to make room for a new one
     timed_out: int = 0  # header or body deadline missed
     inflight: int = 0
 
@@ -100,6 +109,17 @@ class _Guard:  # noqa: D101 - the limits, token and counters of one server
     open_paths: frozenset[str]
     capped_paths: frozenset[str] | None
     stats: GuardStats = field(default_factory=GuardStats)
+    handlers: dict = field(default_factory=dict)  # open connections, oldest first (the eviction order)
+
+    def make_room(self) -> bool:
+        """Close the oldest idle connection that never showed the token; False when there is none."""
+        for handler in self.handlers:
+            if handler.evictable():
+                del self.handlers[handler]
+                self.stats.evicted += 1
+                handler.evict()
+                return True
+        return False
 
 
 GUARD_KEY = web.AppKey("http_guard", _Guard)
@@ -121,16 +141,31 @@ class _GuardedHandler(RequestHandler):
                          max_headers=lim.max_headers, keepalive_timeout=lim.keepalive_s, auto_decompress=False,
                          access_log=None, **kwargs)
         self._guard, self._deadline, self._refused, self._lingering = guard, None, False, False
+        self.vouched = False  # a request on it showed the bearer token (the guard middleware says so)
+        self._evicted = False
 
     def connection_made(self, transport) -> None:
         stats, lim = self._guard.stats, self._guard.limits
-        if stats.connections >= lim.max_connections:
+        if stats.connections >= lim.max_connections and not self._guard.make_room():
             self._refuse(transport)
             return
         stats.connections += 1
         stats.peak_connections = max(stats.peak_connections, stats.connections)
+        self._guard.handlers[self] = None
         super().connection_made(transport)
         self._arm()
+
+    def evictable(self) -> bool:
+        """Idle (no request being read or handled) and never vouched for by the token."""
+        return not self.vouched and not self._request_in_progress and not self._messages
+
+    def evict(self) -> None:
+        """Abort the connection; its slot is free at once (connection_lost comes later)."""
+        self._guard.stats.connections -= 1
+        self._evicted = True
+        self._disarm()
+        if self.transport is not None:
+            self.transport.abort()
 
     def _refuse(self, transport) -> None:
         """Answer 503 and close without reading a request. Closing a socket with the client's request
@@ -155,7 +190,9 @@ class _GuardedHandler(RequestHandler):
                 self._lingering = False
                 self._disarm()
             return
-        self._guard.stats.connections -= 1
+        if not self._evicted:
+            self._guard.stats.connections -= 1
+        self._guard.handlers.pop(self, None)
         self._disarm()
         super().connection_lost(exc)
 
@@ -198,11 +235,15 @@ def _guard_middleware(guard: _Guard):
 
     @web.middleware
     async def guard_mw(request: web.Request, handler):
-        if guard.token is not None and request.path not in guard.open_paths \
-                and not bearer_ok(request.headers.get("Authorization"), guard.token):
-            stats.unauthorized += 1
-            return web.json_response({"error": "missing or wrong bearer token"}, status=401,
-                                     headers={"WWW-Authenticate": "Bearer"})
+        if guard.token is not None and request.path not in guard.open_paths:
+            if not bearer_ok(request.headers.get("Authorization"), guard.token):
+                stats.unauthorized += 1
+                refused = web.json_response({"error": "missing or wrong bearer token"}, status=401,
+                                            headers={"WWW-Authenticate": "Bearer"})
+                refused.force_close()  # "Connection: close": the stranger's connection ends with the answer
+                return refused
+            if isinstance(request.protocol, _GuardedHandler):
+                request.protocol.vouched = True  # its idle time is a member's, not evicted for others
         capped = guard.capped_paths is None or request.path in guard.capped_paths
         if capped and stats.inflight >= lim.max_inflight:
             stats.requests_refused += 1

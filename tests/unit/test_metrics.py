@@ -97,8 +97,8 @@ def test_metrics_token_guards_metrics_not_health():
 
 def test_many_idle_connections_cost_no_threads_and_are_cut_off():
     """300 clients connect and send nothing: the server holds at most max_connections of them at
-    once (the others get 503 as soon as they are accepted), starts no thread per connection,
-    closes each idle one at the header deadline, and answers a probe afterwards."""
+    once (each new one closes the oldest idle one: none of them showed a token), starts no thread
+    per connection, closes each idle one at the header deadline, and answers a probe afterwards."""
     import socket
     import threading
 
@@ -111,12 +111,15 @@ def test_many_idle_connections_cost_no_threads_and_are_cut_off():
     try:
         for _ in range(300):
             socks.append(socket.create_connection(("127.0.0.1", server.port), timeout=30))
-        # every socket ends: refused ones with a 503 head, the others closed at the deadline (b"")
-        answers = [s.recv(64) for s in socks]
-        refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
-        assert all(a == b"" or a.startswith(b"HTTP/1.1 503") for a in answers) and refused
-        assert server.stats.connections_refused == len(refused)
-        assert server.stats.timed_out == 300 - len(refused)
+        # every socket ends without an answer: evicted for a newer one, or closed at the deadline
+        answers = []
+        for s in socks:
+            try:
+                answers.append(s.recv(64))
+            except ConnectionResetError:  # evicted: aborted
+                answers.append(b"")
+        assert answers == [b""] * 300 and server.stats.connections_refused == 0
+        assert server.stats.evicted + server.stats.timed_out == 300  # how many of each: the machine's pace
         assert server.stats.peak_connections == 32 and server.stats.connections == 0
         # the server's threads: its loop and at most its render pool, whatever the connections
         assert threading.active_count() - before <= 1 + 2
