@@ -47,8 +47,8 @@ class BulkEndpoint:
             pass
 
     def open(self, frames: list[zmq.Frame]) -> tuple[bytes, bytes, bytes, str] | None:
-        """(peer, req_id, plaintext, role) of a bulk frame, the peer being the session's CURVE peer id
-        and the role its key's (the ZAP User-Id the session was handed out under); None
+        """(peer, req_id, plaintext, role) of a bulk frame, the peer being the session's CURVE peer
+        id and the role its key's (the ZAP User-Id the session was handed out under); None
         (counted as refused) for anything not sealed under a live session, forged or replayed."""
         if len(frames) != 3:
             security.refused("sealed")

@@ -109,10 +109,10 @@ class _Guard:  # noqa: D101 - the limits, token and counters of one server
     open_paths: frozenset[str]
     capped_paths: frozenset[str] | None
     stats: GuardStats = field(default_factory=GuardStats)
-    handlers: dict = field(default_factory=dict)  # open connections, oldest first (the eviction order)
+    handlers: dict = field(default_factory=dict)  # open connections, oldest first (eviction order)
 
     def make_room(self) -> bool:
-        """Close the oldest idle connection that never showed the token; False when there is none."""
+        """Close the oldest idle connection that never showed the token; False if there is none."""
         for handler in self.handlers:
             if handler.evictable():
                 del self.handlers[handler]
@@ -141,7 +141,7 @@ class _GuardedHandler(RequestHandler):
                          max_headers=lim.max_headers, keepalive_timeout=lim.keepalive_s, auto_decompress=False,
                          access_log=None, **kwargs)
         self._guard, self._deadline, self._refused, self._lingering = guard, None, False, False
-        self.vouched = False  # a request on it showed the bearer token (the guard middleware says so)
+        self.vouched = False  # a request on it showed the bearer token (set by the middleware)
         self._evicted = False
 
     def connection_made(self, transport) -> None:
@@ -240,10 +240,10 @@ def _guard_middleware(guard: _Guard):
                 stats.unauthorized += 1
                 refused = web.json_response({"error": "missing or wrong bearer token"}, status=401,
                                             headers={"WWW-Authenticate": "Bearer"})
-                refused.force_close()  # "Connection: close": the stranger's connection ends with the answer
+                refused.force_close()  # "Connection: close": the connection ends with the answer
                 return refused
             if isinstance(request.protocol, _GuardedHandler):
-                request.protocol.vouched = True  # its idle time is a member's, not evicted for others
+                request.protocol.vouched = True  # its idle time is a member's: never evicted
         capped = guard.capped_paths is None or request.path in guard.capped_paths
         if capped and stats.inflight >= lim.max_inflight:
             stats.requests_refused += 1

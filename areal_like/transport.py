@@ -196,6 +196,8 @@ def bind_both(sock: zmq.Socket, address: str, local_address: str | None) -> None
 
 
 LOCAL_MEMBER = "local"  # the member name of a peer without a CURVE key (Server.recv_request)
+# what Server.recv_request returns: peer, req_id, message (or why not), payload, member
+Request = tuple[bytes, bytes, Message | ProtocolError, bytes, str]
 
 
 class Server:
@@ -263,10 +265,11 @@ class Server:
         got = self.recv_request(timeout_s)
         return None if got is None else got[:4]
 
-    def recv_request(self, timeout_s: float) -> tuple[bytes, bytes, Message | ProtocolError, bytes, str] | None:
-        """Like ``recv_with_payload`` plus the sender's member name: the role of its CURVE key (the ZAP
-        User-Id, ``rollout`` or ``trainer``; a sealed session keeps it), or ``LOCAL_MEMBER`` for a peer
-        without a key (same-node ``ipc://``, whose uid the ZAP handler checked, or ``security.curve=false``)."""
+    def recv_request(self, timeout_s: float) -> Request | None:
+        """Like ``recv_with_payload`` plus the sender's member name: the role of its CURVE key (the
+        ZAP User-Id, ``rollout`` or ``trainer``; a sealed session keeps it), or ``LOCAL_MEMBER`` for
+        a peer without a key (same-node ``ipc://``, whose uid the ZAP handler checked, or
+        ``security.curve=false``)."""
         deadline = time.monotonic() + timeout_s
         for _ in range(MAX_HANDLED_PER_RECV):  # a handshake or a refused frame is handled here; wait on
             got = self._recv_frames(max(0.0, deadline - time.monotonic()))
@@ -292,7 +295,8 @@ class Server:
         if len(frames) != 3:
             error = ProtocolError("expected [req_id, payload]", "frame")
             role = security.role_of(frames[-1])
-            return frames[0].bytes, frames[1].bytes if len(frames) > 1 else b"", error, b"", role or LOCAL_MEMBER
+            req_id = frames[1].bytes if len(frames) > 1 else b""
+            return frames[0].bytes, req_id, error, b"", role or LOCAL_MEMBER
         peer, req_id, payload = frames[0].bytes, frames[1].bytes, frames[2].buffer
         role = security.role_of(frames[2])
         if is_trainer_peer(peer) and role not in (None, "trainer"):

@@ -38,7 +38,7 @@ class PendingBatch:
     request: P.BatchRequest
     deadline: float
     received: float
-    member: str = "local"  # who sent it (buffer/peer_caps.py): caps count per member, not per socket
+    member: str = "local"  # who sent it (buffer/peer_caps.py): caps count per member, not socket
 
 
 @dataclass(slots=True)
@@ -59,8 +59,8 @@ class Handout:
 
     def hold(self, peer: bytes, req_id: bytes, request: P.BatchRequest, received: float,
              member: str = "local") -> None:
-        """Hold a BatchRequest of the trainer's role (buffer/peer_caps.py refuses any other: only the
-        trainer settles the batch in transit, so no other member can make it count as lost)."""
+        """Hold a BatchRequest of the trainer's role (buffer/peer_caps.py refuses any other: only
+        the trainer settles the batch in transit, so no other member can make it count as lost)."""
         deadline = received + max(0.0, request.wait_s)
         self.pending.append(PendingBatch(peer, req_id, request, deadline, received, member))
 

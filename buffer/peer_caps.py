@@ -10,12 +10,12 @@ counts per member:
 
 * **Roles.** Only the trainer takes batches and publishes weight-sync plans: a ``BatchRequest`` or a
   ``WeightSyncPlan`` from a key whose role is not ``trainer`` (a rollout server's key, a leaked one)
-  is refused with ``role``, never held, and settles nothing (so it cannot make the trainer's batch in
-  transit count as lost: ``buffer/handout.py``). ``local`` peers cannot be told apart by key (every
-  process of the job's user can read every key anyway) and keep every right.
-* **Held BatchRequests** (``Handout.pending``): a member may hold ``MAX_HELD_PER_MEMBER`` at once; the
-  trainer holds one at a time (a re-send after a timeout comes from a new socket of the same member,
-  after the old request's wait is over).
+  is refused with ``role``, never held, and settles nothing (so it cannot make the trainer's
+  batch in transit count as lost: ``buffer/handout.py``). ``local`` peers cannot be told apart
+  by key (every process of the job's user can read every key anyway) and keep every right.
+* **Held BatchRequests** (``Handout.pending``): a member may hold ``MAX_HELD_PER_MEMBER`` at once;
+  the trainer holds one at a time (a re-send after a timeout comes from a new socket of the same
+  member, after the old request's wait is over).
 * **Server ids on the roster**: a member may have ``max_servers`` ids on the roster at once
   (``BufferFacts.max_servers``: twice the rollout servers the job launches, at least
   ``MIN_SERVERS``; every rollout server shares the ``rollout`` key, so this is the whole job's
@@ -46,7 +46,9 @@ from buffer.facts import MIN_SERVERS
 from buffer.handout import PendingBatch
 
 MAX_HELD_PER_MEMBER = 4  # BatchRequests one member may have waiting at once
-NEW_IDS_PER_S = 1.0  # new server ids one member may register per second, after a burst of max_servers
+NEW_IDS_PER_S = (
+    1.0  # new server ids one member may register per second, after a burst of max_servers
+)
 REASON = "peer_limit"
 ROLE_REASON = "role"
 TRAINER_ROLE = "trainer"
@@ -59,21 +61,35 @@ def may_send(member: str, msg: P.Message | P.ProtocolError) -> bool:
 
 
 class PeerCaps:
-    def __init__(self, max_servers: int = MIN_SERVERS, max_held: int = MAX_HELD_PER_MEMBER,
-                 new_ids_per_s: float = NEW_IDS_PER_S, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        max_servers: int = MIN_SERVERS,
+        max_held: int = MAX_HELD_PER_MEMBER,
+        new_ids_per_s: float = NEW_IDS_PER_S,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.max_held, self.max_servers, self.new_ids_per_s = max_held, max_servers, new_ids_per_s
         self.clock = clock
         self.owner: dict[str, str] = {}  # server id -> the member that registered it last
-        self.tokens: dict[str, tuple[float, float]] = {}  # member -> (new ids it may register now, when)
+        self.tokens: dict[
+            str, tuple[float, float]
+        ] = {}  # member -> (new ids it may register now, when)
 
-    def refusal(self, member: str, msg: P.Message | P.ProtocolError, pending: Iterable[PendingBatch],
-                roster: Container[str]) -> str | None:
-        """Why ``msg`` from ``member`` is over its cap (None: within it; a Register is then recorded).
+    def refusal(
+        self,
+        member: str,
+        msg: P.Message | P.ProtocolError,
+        pending: Iterable[PendingBatch],
+        roster: Container[str],
+    ) -> str | None:
+        """Why ``msg`` from ``member`` is over its cap (None: within it; a Register is then
+        recorded).
         ``pending``: the held BatchRequests; ``roster``: the server ids on it."""
         if isinstance(msg, P.BatchRequest):
             held = sum(1 for p in pending if p.member == member)
             if held >= self.max_held:
-                return f"member {member!r} already holds {held} BatchRequests (at most {self.max_held} at once)"
+                return (f"member {member!r} already holds {held} BatchRequests "
+                        f"(at most {self.max_held} at once)")
         elif isinstance(msg, P.Register):
             return self._register(member, msg.server_id, roster)
         return None
@@ -82,14 +98,20 @@ class PeerCaps:
         if server_id in roster and server_id in self.owner:
             self.owner[server_id] = member
             return None
-        self.owner = {s: m for s, m in self.owner.items() if s in roster}  # ids gone from the roster are free
+        self.owner = {
+            s: m for s, m in self.owner.items() if s in roster
+        }  # ids gone from the roster are free
         mine = sum(1 for m in self.owner.values() if m == member)
         if mine >= self.max_servers:
-            return (f"member {member!r} already has {mine} server ids on the roster (at most "
-                    f"{self.max_servers}); refused {server_id[:64]!r}")
+            return (
+                f"member {member!r} already has {mine} server ids on the roster (at most "
+                f"{self.max_servers}); refused {server_id[:64]!r}"
+            )
         if not self._take_token(member):
-            return (f"member {member!r} registers new server ids faster than {self.new_ids_per_s:g}/s "
-                    f"(after a burst of {self.max_servers}); refused {server_id[:64]!r}")
+            return (
+                f"member {member!r} registers new server ids faster than {self.new_ids_per_s:g}/s "
+                f"(after a burst of {self.max_servers}); refused {server_id[:64]!r}"
+            )
         self.owner[server_id] = member
         return None
 

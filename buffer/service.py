@@ -203,7 +203,7 @@ class BufferService(Daemon):
 
     def handle(self, peer: bytes, req_id: bytes, msg: P.Message | P.ProtocolError, frame: bytes,
                member: str = LOCAL_MEMBER) -> None:
-        """One request from ``peer``, a socket of ``member`` (its key's role: buffer/peer_caps.py)."""
+        """One request from ``peer``, a socket of ``member`` (its key's role: peer_caps.py)."""
         received = self.clock()
         if (refused := self._member_refusal(member, msg)) is not None:
             reply = P.Batch(groups=[], trainer_version=msg.trainer_version, reason=refused.reason) \
@@ -231,7 +231,7 @@ class BufferService(Daemon):
         self._queue_reply(peer, req_id, reply, kind, received)
 
     def _member_refusal(self, member: str, msg: P.Message | P.ProtocolError) -> P.Ack | None:
-        """A refusal when ``member``'s role may not send ``msg`` or it is over a cap (peer_caps.py)."""
+        """A refusal when ``member``'s role may not send ``msg``, or it is over a cap."""
         if not peer_caps.may_send(member, msg):
             return self._refuse(peer_caps.ROLE_REASON, f"a {member!r} key may not send {msg.TYPE}")
         if (over := self.caps.refusal(member, msg, self.handout.pending, self.control.roster)):

@@ -26,7 +26,8 @@ what the sample could burn until its timeout, as a backstop should the pool fail
 runaway (the kernel then ends the worker with SIGXCPU). The pool enforces the timeout by
 killing the process. ``RLIMIT_NPROC`` once the function is loaded (its imports may start thread
 pools); a worker started by root gives up its capabilities and takes a uid of its own before it
-imports anything of the user's (``drop_privileges``; sandbox.py says why). The worker exits when the pool's end of the socket closes.
+imports anything of the user's (``drop_privileges``; sandbox.py says why). The worker exits
+when the pool's end of the socket closes.
 """
 
 from __future__ import annotations
@@ -177,17 +178,18 @@ def call_one(fn: Callable, frame: bytes) -> dict:
 
 
 def drop_privileges(uid: int | None = None) -> bool:
-    """As root, before any user code is imported: give up every capability for good (bounding set
-    emptied, securebits locked so an exec regains none) and take the real uid ``uid``, which no other
-    process has (default: from this pid). Without capabilities the worker cannot undo the mounts that
-    hide the job's keys (sandbox.py), and RLIMIT_NPROC (``confine``) binds it. Its effective uid stays
-    0, so files are read as their owner would (the interpreter and packages may live in a root-only
-    home) but nothing else is allowed. True when it dropped them; False (nothing to drop) otherwise."""
+    """As root, before any user code is imported: give up every capability for good (bounding
+    set emptied, securebits locked so an exec regains none) and take the real uid ``uid``, which no
+    other process has (default: from this pid). Without capabilities the worker cannot undo the
+    mounts that hide the job's keys (sandbox.py), and RLIMIT_NPROC (``confine``) binds it. Its
+    effective uid stays 0, so files are read as their owner would (the interpreter and packages
+    may live in a root-only home) but nothing else is allowed. True when it dropped them; False
+    (not root: nothing to drop) otherwise."""
     if os.geteuid() != 0:
         return False
     libc = ctypes.CDLL(None, use_errno=True)
     _lock_capabilities(libc)
-    os.setresuid(uid or ISOLATED_UID_BASE + os.getpid(), 0, 0)  # needs CAP_SETUID: before the capset below
+    os.setresuid(uid or ISOLATED_UID_BASE + os.getpid(), 0, 0)  # needs CAP_SETUID: before capset
     _libc_call(libc, "capset", ctypes.byref(_CapHeader(CAPABILITY_VERSION_3, 0)), (_CapData * 2)())
     return True
 
@@ -255,7 +257,8 @@ def main(fd: int) -> int:
     try:
         dropped = drop_privileges(config.get("uid"))
     except OSError as e:  # a worker that cannot be confined does not run user code
-        _send_json(sock, {"kind": "error", "reason": f"cannot confine the worker: {type(e).__name__}: {e}"})
+        why = f"cannot confine the worker: {type(e).__name__}: {e}"
+        _send_json(sock, {"kind": "error", "reason": why})
         return 1
     try:
         fn = load_reward(config["path"], config["memory_mb"])

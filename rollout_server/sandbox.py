@@ -89,11 +89,12 @@ def hide(paths) -> bool:
     dirs = tuple(str(Path(p).resolve()) for p in paths if Path(p).is_dir())
     unshare = shutil.which("unshare")
     ok = os.geteuid() == 0 and unshare is not None and subprocess.run(
-        [unshare, *NAMESPACES, "true"], stdin=subprocess.DEVNULL, capture_output=True).returncode == 0
+        [unshare, *NAMESPACES, "true"], stdin=subprocess.DEVNULL, capture_output=True
+    ).returncode == 0
     if not ok:
-        log.warning("reward and tool workers run as this job's user: they can read %s and signal its "
-                    "processes (hiding them needs root and util-linux unshare; areal_like/SECURITY.md)",
-                    ", ".join(dirs) or "its files")
+        log.warning("reward and tool workers run as this job's user: they can read %s and signal "
+                    "its processes (hiding them needs root and util-linux unshare; "
+                    "areal_like/SECURITY.md)", ", ".join(dirs) or "its files")
     _hidden = dirs if ok else None
     return ok
 
@@ -182,7 +183,8 @@ class Worker:
         ours, theirs = socket.socketpair()
         try:
             self.proc = subprocess.Popen(_argv(theirs.fileno()), pass_fds=(theirs.fileno(),),
-                                         env=scrubbed_env(), stdin=subprocess.DEVNULL, start_new_session=True)
+                                         env=scrubbed_env(), stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
             self.wrapped = _hidden is not None  # its exit status is the shell's (HIDE_SCRIPT)
         except BaseException:
             ours.close()
@@ -191,10 +193,11 @@ class Worker:
             theirs.close()
         self.sock, self.ready, self.startup_timeout_s = ours, False, limits.startup_timeout_s
         try:
-            # its own uid from its host pid (the worker's own pid may be 2 in a PID namespace of its own)
-            send_frame(ours, pickle.dumps({"path": path, "sys_path": [os.path.abspath(p) for p in sys.path],
-                                           "memory_mb": limits.memory_mb, "processes": limits.processes,
-                                           "uid": reward_worker.ISOLATED_UID_BASE + self.proc.pid}))
+            # its own uid from its host pid (its own pid may be 2, in a PID namespace of its own)
+            send_frame(ours, pickle.dumps({
+                "path": path, "sys_path": [os.path.abspath(p) for p in sys.path],
+                "memory_mb": limits.memory_mb, "processes": limits.processes,
+                "uid": reward_worker.ISOLATED_UID_BASE + self.proc.pid}))
         except OSError:  # it died at once: its first call says how
             pass
 

@@ -230,10 +230,12 @@ class RolloutServer(Daemon):
                     self.pub_address = ack.pub_address or self.pub_address
                 self.log.info("registered with the buffer (trainer version %d)", ack.policy_version)
                 return
-            if not (isinstance(ack, Ack) and ack.status == "rejected" and ack.reason.startswith("peer_limit")):
+            capped = isinstance(ack, Ack) and ack.reason.startswith("peer_limit")
+            if not capped:
                 raise RuntimeError(f"unexpected answer to Register: {ack!r}")
             # the buffer caps new server ids per key (buffer/peer_caps.py): try again shortly
-            self.log.warning("registration refused (%s); retrying in %.0fs", ack.reason, REGISTER_RETRY_S)
+            self.log.warning("registration refused (%s); retrying in %.0fs", ack.reason,
+                             REGISTER_RETRY_S)
             await asyncio.sleep(REGISTER_RETRY_S)
 
     async def heartbeats(self) -> None:

@@ -1,4 +1,4 @@
-"""Strangers on HTTP ports cannot fake a daemon's death or lock clients out (issue 42, items 4 and 5).
+"""Strangers on HTTP ports cannot fake a daemon's death or lock clients out (issue 42, items 4, 5).
 
 Over real processes and sockets:
 
@@ -58,15 +58,27 @@ def silent(port: int, n: int) -> list[socket.socket]:
     return [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(n)]
 
 
-def test_strangers_on_a_metrics_port_cannot_make_health_answer_503(tmp_run_dir, spawn_python, wait_until):
+def test_strangers_on_a_metrics_port_cannot_make_health_answer_503(
+    tmp_run_dir, spawn_python, wait_until
+):
     port = free_port()
-    cfg = RunConfig(run_dir=str(tmp_run_dir), task=TaskConfig(num_prompts=10), buffer=BufferConfig(
-        address=f"tcp://127.0.0.1:{free_port()}", pub_address=f"tcp://127.0.0.1:{free_port()}",
-        metrics_port=port))
+    cfg = RunConfig(
+        run_dir=str(tmp_run_dir),
+        task=TaskConfig(num_prompts=10),
+        buffer=BufferConfig(
+            address=f"tcp://127.0.0.1:{free_port()}",
+            pub_address=f"tcp://127.0.0.1:{free_port()}",
+            metrics_port=port,
+        ),
+    )
     (tmp_run_dir / "config.yaml").write_text(to_yaml(cfg))
     security.make_keys(tmp_run_dir / "keys")
-    spawn_python("buffer", ["--config-file", tmp_run_dir / "config.yaml"], env={METRICS_TOKEN_ENV: TOKEN},
-                 capture=False)
+    spawn_python(
+        "buffer",
+        ["--config-file", tmp_run_dir / "config.yaml"],
+        env={METRICS_TOKEN_ENV: TOKEN},
+        capture=False,
+    )
     health = f"http://127.0.0.1:{port}/health"
     wait_until(lambda: probe(health), 120, what="the buffer's /health")
     socks = []
@@ -78,15 +90,20 @@ def test_strangers_on_a_metrics_port_cannot_make_health_answer_503(tmp_run_dir, 
         body = json.loads(urllib.request.urlopen(health, timeout=5).read())
         assert body["ok"] is True and body["name"] == "buffer"  # the daemon's own state
         assert time.monotonic() - t0 < 4.0  # not after the strangers' header deadline (5 s)
-        assert all(closed_by_server(s, EOF_WITHIN_S) for s in socks[:64]), "a 401 kept its connection"
+        assert all(closed_by_server(s, EOF_WITHIN_S) for s in socks[:64]), (
+            "a 401 kept its connection"
+        )
     finally:
         for s in socks:
             s.close()
 
 
 def test_keyless_connections_cannot_lock_clients_out_of_an_engine(spawn_python):
-    proc = spawn_python("rollout_server.engine", ["--port", "0", "model.max_position_embeddings=128"],
-                        env={ENGINE_KEY_ENV: KEY})
+    proc = spawn_python(
+        "rollout_server.engine",
+        ["--port", "0", "model.max_position_embeddings=128"],
+        env={ENGINE_KEY_ENV: KEY},
+    )
     url = engine_url(proc)
     port = int(url.rsplit(":", 1)[1])
     socks = []
@@ -95,7 +112,9 @@ def test_keyless_connections_cannot_lock_clients_out_of_an_engine(spawn_python):
         socks += silent(port, 520)
         req = urllib.request.Request(url + "/health", headers={"Authorization": f"Bearer {KEY}"})
         assert urllib.request.urlopen(req, timeout=10).status == 200  # the key still gets in
-        assert all(closed_by_server(s, EOF_WITHIN_S) for s in socks[:520]), "a 401 kept its connection"
+        assert all(closed_by_server(s, EOF_WITHIN_S) for s in socks[:520]), (
+            "a 401 kept its connection"
+        )
     finally:
         for s in socks:
             s.close()

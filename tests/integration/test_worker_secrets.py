@@ -34,8 +34,8 @@ import json, os, signal
 def attack(run_dir, parent_pid):
     """Everything it reached, by name."""
     got = {}
-    for rel in ("secrets/engine_api_key", "keys/server.key_secret", "keys/clients/trainer.key_secret",
-                "keys/clients/rollout.key_secret"):
+    for rel in ("secrets/engine_api_key", "keys/server.key_secret",
+                "keys/clients/trainer.key_secret", "keys/clients/rollout.key_secret"):
         try:
             with open(os.path.join(run_dir, rel)) as f:
                 got[rel] = f.read()[:8]
@@ -84,18 +84,28 @@ def job(tmp_path, monkeypatch):
         sandbox.hide(None)
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or sys.platform != "linux", reason="hiding needs root on Linux")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or sys.platform != "linux", reason="hiding needs root on Linux"
+)
 def test_a_sandboxed_call_reaches_no_key_and_signals_no_process(job):
     run_dir, usr1 = job
-    before = run_sandboxed("attack_fns:attack", (str(run_dir), os.getpid()), SandboxLimits(timeout_s=30))
+    before = run_sandboxed(
+        "attack_fns:attack", (str(run_dir), os.getpid()), SandboxLimits(timeout_s=30)
+    )
     assert before.ok and "keys/clients/trainer.key_secret" in before.value  # what issue 42 found
-    assert sandbox.hide([run_dir / "keys", run_dir / "secrets"])  # what the rollout server does at start
-    got = run_sandboxed("attack_fns:attack", (str(run_dir), os.getpid()), SandboxLimits(timeout_s=30))
+    assert sandbox.hide(
+        [run_dir / "keys", run_dir / "secrets"]
+    )  # what the rollout server does at start
+    got = run_sandboxed(
+        "attack_fns:attack", (str(run_dir), os.getpid()), SandboxLimits(timeout_s=30)
+    )
     assert got.ok and got.value == {}, got
     assert usr1 == [1]  # only the unhidden call's signal came through
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or sys.platform != "linux", reason="hiding needs root on Linux")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or sys.platform != "linux", reason="hiding needs root on Linux"
+)
 def test_a_reward_in_the_pool_reaches_no_key(job):
     run_dir, usr1 = job
     assert sandbox.hide([run_dir / "keys", run_dir / "secrets"])

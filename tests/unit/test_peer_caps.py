@@ -2,7 +2,8 @@
 handling: a member (a key's role, whatever socket it uses) over its cap of held BatchRequests, of
 registered server ids or of new ids per second is refused at once with a ``peer_limit`` reason and
 counted in ``buffer/rejected{peer_limit}``; other members are unaffected. A rollout key's
-BatchRequest or plan is refused as ``role``. (Over real sockets: tests/integration/test_member_roles.py.)"""
+BatchRequest or plan is refused as ``role``. (Over real sockets:
+tests/integration/test_member_roles.py.)"""
 
 from __future__ import annotations
 
@@ -34,8 +35,9 @@ def serve(tmp_path, **buffer):
     return svc, now
 
 
-def send(svc, peer: bytes, req_id: bytes, msg: P.Message,
-         member: str = "trainer") -> list[tuple[bytes, bytes, P.Message]]:
+def send(
+    svc, peer: bytes, req_id: bytes, msg: P.Message, member: str = "trainer"
+) -> list[tuple[bytes, bytes, P.Message]]:
     """Handle one request as the loop does; the replies sent meanwhile (none for a held request)."""
     before = len(svc.server.to)
     frame = P.encode(msg)
@@ -48,10 +50,12 @@ def send(svc, peer: bytes, req_id: bytes, msg: P.Message,
 
 def test_a_member_holding_too_many_batch_requests_is_refused_on_any_socket(tmp_path):
     svc, _ = serve(tmp_path)
-    request = P.BatchRequest(n_groups=2, trainer_version=0, wait_s=600.0)  # nothing stored: every one is held
+    request = P.BatchRequest(
+        n_groups=2, trainer_version=0, wait_s=600.0
+    )  # nothing stored: every one is held
     for i in range(MAX_HELD_PER_MEMBER):
         assert send(svc, b"t%d" % i, b"a", request) == []  # a fresh socket each time: one member
-    (peer, req_id, reply), = send(svc, A, b"over", request)
+    ((peer, req_id, reply),) = send(svc, A, b"over", request)
     assert (peer, req_id) == (A, b"over") and isinstance(reply, P.Batch) and reply.groups == []
     assert reply.reason.startswith("peer_limit: member 'trainer' already holds 4 BatchRequests")
     assert send(svc, B, b"b0", request, member="local") == []  # another member is held as usual
@@ -61,11 +65,23 @@ def test_a_member_holding_too_many_batch_requests_is_refused_on_any_socket(tmp_p
 
 def test_a_rollout_key_takes_no_batch_and_publishes_no_plan(tmp_path):
     svc, _ = serve(tmp_path)
-    (_, _, reply), = send(svc, A, b"r", P.BatchRequest(n_groups=1, trainer_version=0, wait_s=600.0), "rollout")
+    ((_, _, reply),) = send(
+        svc, A, b"r", P.BatchRequest(n_groups=1, trainer_version=0, wait_s=600.0), "rollout"
+    )
     assert isinstance(reply, P.Batch) and reply.groups == [] and reply.reason.startswith("role: ")
-    plan = P.WeightSyncPlan(policy_version=1, group_name="g", master_addr="127.0.0.1", master_port=1,
-                            world_size=1, backend="gloo", reform=True, members=[], buckets=[], deadline_s=5.0)
-    (_, _, ack), = send(svc, A, b"p", plan, "rollout")
+    plan = P.WeightSyncPlan(
+        policy_version=1,
+        group_name="g",
+        master_addr="127.0.0.1",
+        master_port=1,
+        world_size=1,
+        backend="gloo",
+        reform=True,
+        members=[],
+        buckets=[],
+        deadline_s=5.0,
+    )
+    ((_, _, ack),) = send(svc, A, b"p", plan, "rollout")
     assert isinstance(ack, P.Ack) and ack.status == "rejected" and svc.control.plan is None
     assert svc.handout.pending == [] and svc.stats()["rejected_role"] == 2
 
@@ -74,18 +90,27 @@ def test_a_member_registering_too_many_server_ids_is_refused_and_others_are_not(
     svc, now = serve(tmp_path, heartbeat_timeout_s=15.0)
 
     def register(peer: bytes, server_id: str, member: str = "rollout") -> P.Message:
-        (_, _, reply), = send(svc, peer, server_id.encode(), P.Register(server_id=server_id, engine_url="http://e"),
-                              member)
+        ((_, _, reply),) = send(
+            svc,
+            peer,
+            server_id.encode(),
+            P.Register(server_id=server_id, engine_url="http://e"),
+            member,
+        )
         return reply
 
     for i in range(MIN_SERVERS):
         assert isinstance(register(b"s%d" % i, f"s{i}"), P.RegisterAck)  # each from its own socket
     refused = register(C, "s9")
     assert isinstance(refused, P.Ack) and refused.status == "rejected"
-    assert refused.reason == (f"peer_limit: member 'rollout' already has {MIN_SERVERS} server ids on "
-                              f"the roster (at most {MIN_SERVERS}); refused 's9'")
+    assert refused.reason == (
+        f"peer_limit: member 'rollout' already has {MIN_SERVERS} server ids on "
+        f"the roster (at most {MIN_SERVERS}); refused 's9'"
+    )
     assert "s9" not in svc.control.roster and svc.stats()["rejected_peer_limit"] == 1
-    assert isinstance(register(C, "s0"), P.RegisterAck)  # registering again is always fine, from any socket
+    assert isinstance(
+        register(C, "s0"), P.RegisterAck
+    )  # registering again is always fine, from any socket
     assert isinstance(register(B, "s9", "local"), P.RegisterAck)  # another member is unaffected
     # an id that left the roster no longer counts: s1 falls silent, the others heartbeat
     now[0] = 20.0
@@ -101,8 +126,9 @@ def test_a_member_registering_too_many_server_ids_is_refused_and_others_are_not(
 
 def test_new_server_ids_of_a_member_are_rate_limited_after_a_burst(tmp_path):
     svc, now = serve(tmp_path, heartbeat_timeout_s=1.0)
-    register = lambda sid: send(svc, A, sid.encode(), P.Register(server_id=sid, engine_url="http://e"),
-                                "rollout")[0][2]
+    register = lambda sid: send(
+        svc, A, sid.encode(), P.Register(server_id=sid, engine_url="http://e"), "rollout"
+    )[0][2]
     for i in range(MIN_SERVERS):  # the burst: every server of the job at once
         assert isinstance(register(f"a{i}"), P.RegisterAck)
     now[0] = 2.0  # all of them expire; the bucket refilled by 2 ids only
