@@ -128,3 +128,43 @@ def test_many_idle_connections_cost_no_threads_and_are_cut_off():
         for s in socks:
             s.close()
         server.stop()
+
+
+def test_at_the_cap_only_idle_connections_nobody_vouched_for_are_evicted():
+    """A connection that showed the token keeps its slot while idle; one that did not is closed
+    to make room for a newcomer; with every slot vouched for, the newcomer gets 503."""
+    import socket
+
+    from areal_like.http_guard import HttpLimits
+
+    limits = HttpLimits(max_connections=4, header_timeout_s=30.0, keepalive_s=30.0, max_inflight=4,
+                        max_body_bytes=1024)
+    server = MetricsServer(Metrics(), 0, "127.0.0.1", token="t0k", limits=limits)
+    ask = b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t0k\r\n\r\n"
+    socks = []
+    try:
+        for _ in range(4):  # four members, each idle after an authenticated scrape
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            s.sendall(ask)
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+            socks.append(s)
+        newcomer = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        assert newcomer.recv(64).startswith(b"HTTP/1.1 503")  # nobody to evict
+        newcomer.close()
+        for s in socks:  # the members are still served on their kept-alive connections
+            s.sendall(ask)
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        assert server.stats.evicted == 0 and server.stats.connections_refused == 1
+        socks.pop().close()
+        stranger = socket.create_connection(("127.0.0.1", server.port), timeout=10)  # idle, unvouched
+        socks.append(stranger)
+        assert get(f"http://127.0.0.1:{server.port}/health")[0] == 200  # evicts the stranger
+        try:
+            closed = stranger.recv(64) == b""
+        except ConnectionResetError:
+            closed = True
+        assert closed and server.stats.evicted == 1
+    finally:
+        for s in socks:
+            s.close()
+        server.stop()
