@@ -86,10 +86,10 @@ def _health(port: int, timeout_s: float = 5.0) -> int:
 
 def batch_theft(t: Target) -> tuple[bool, str]:
     """Issue 42 item 2: a rollout key asks for batches from 40 fresh sockets."""
-    before = t.stats()
-    replies = [
-        t.fresh(P.BatchRequest(n_groups=1, trainer_version=10**6, wait_s=0.0)) for _ in range(40)
-    ]
+    before, replies = t.stats(), []
+    for _ in range(40):  # at the trainer's version, as the trainer asks (a batch is never stale)
+        version = t.observer.request(P.RosterRequest()).policy_version
+        replies.append(t.fresh(P.BatchRequest(n_groups=1, trainer_version=version, wait_s=0.0)))
     got = sum(len(r.groups) for r in replies if isinstance(r, P.Batch))
     after = t.stats()
     redelivered = after.get("batches_redelivered", 0) - before.get("batches_redelivered", 0)
@@ -374,7 +374,10 @@ def slow_http(t: Target) -> tuple[bool, str]:
     header past the limit, a body that is not JSON, a body declared at 1 GiB, and a head trickled a
     byte every half second."""
     url = t.engines[0]
-    port, auth = int(url.rsplit(":", 1)[1]), f"Authorization: Bearer {t.engine_key}\r\n".encode()
+    port, auth = (
+        int(url.rsplit(":", 1)[1]),
+        f"Host: x\r\nAuthorization: Bearer {t.engine_key}\r\n".encode(),
+    )
     outcomes = [
         _ask_http(port, b"GARBAGE\r\n" + auth + b"\r\n"),
         _ask_http(port, b"GET /health HTTP/1.1\r\n" + auth + b"X: " + b"a" * 20000 + b"\r\n\r\n"),
