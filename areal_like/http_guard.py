@@ -5,15 +5,18 @@ Every HTTP port a daemon opens (an embedded engine's SGLang API, each daemon's `
 can reach the port cannot hold the server's memory, connections or event loop:
 
 * ``HttpLimits.max_connections`` open connections. At the cap, a new connection first makes room
-  by closing the oldest *idle connection nobody vouched for* (``evicted``): one waiting for a
-  request head (its first or, kept alive, its next) that has not shown the bearer token on a
-  path that needs it. So strangers holding idle connections (issue 42: 64 on a ``/metrics``
-  port made ``/health`` answer 503; 511 on an engine locked new clients out) cannot keep a client,
-  a ``/health`` probe or a member out: each new connection displaces one of theirs. Only when
-  every slot is busy with a request or held idle by a connection that showed the token is the
-  next one answered ``503`` and closed, its request never parsed (``connections_refused``; the
-  socket lingers up to ``REFUSED_LINGER_S`` for the client to read the answer, as a reset would
-  lose it);
+  by closing the oldest *kept-alive connection nobody vouched for* (``evicted``): one idle after
+  its last answer for ``EVICT_IDLE_S``, with nothing unread in its socket, that never showed the
+  bearer token on a path that needs it (a stranger after an open ``/health``, or any client of a
+  server without a token). A connection that has not sent a whole request yet is never evicted
+  (a real client may be slow to write it): it holds its slot until the header deadline. If no
+  slot can be freed the new connection is refused (``connections_refused``): on a server with a
+  ``health`` answer (each daemon's ``/metrics`` port) its request line is read first (at most
+  ``HEAD_PEEK_BYTES``, within ``REFUSED_LINGER_S``) and a ``GET /health`` is answered from the
+  daemon's own state, so the cap never starves liveness probes (issue 42: 64 idle strangers on a
+  ``/metrics`` port made ``/health`` answer 503 and ``areal-like status`` say DOWN); anything
+  else gets ``503`` and is closed, never parsed further (the socket lingers up to
+  ``REFUSED_LINGER_S`` for the client to read the answer, as a reset would lose it);
 * ``max_inflight`` requests being handled; the next one gets ``429`` (``requests_refused``).
   Requests to ``capped_paths`` count (all paths when it is None): an engine caps ``/generate``,
   whose calls may wait for long, so that its pause, continue and weight-update calls always
@@ -45,6 +48,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import select
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -56,6 +61,9 @@ from areal_like.ratelog import RateLimitedLog
 log = logging.getLogger(__name__)
 _client_errors = RateLimitedLog(log, every_s=60.0)  # a peer can send bad requests at will: no line per request
 REFUSED_LINGER_S = 2.0
+EVICT_IDLE_S = 1.0  # an unvouched kept-alive connection idle this long may go for a newcomer
+HEAD_PEEK_BYTES = 1024  # what a refused connection may send before it is answered
+HEALTH_LINES = (b"GET /health ", b"GET /health?")  # request lines answered past the cap
 TOO_MANY_CONNECTIONS = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                         b"Content-Length: 38\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
                         b'{"error": "too many open connections"}')
@@ -108,6 +116,7 @@ class _Guard:  # noqa: D101 - the limits, token and counters of one server
     token: str | None
     open_paths: frozenset[str]
     capped_paths: frozenset[str] | None
+    health: Callable[[], Awaitable[tuple[int, bytes]]] | None = None  # answered past the cap
     stats: GuardStats = field(default_factory=GuardStats)
     handlers: dict = field(default_factory=dict)  # open connections, oldest first (eviction order)
 
@@ -142,7 +151,8 @@ class _GuardedHandler(RequestHandler):
                          access_log=None, **kwargs)
         self._guard, self._deadline, self._refused, self._lingering = guard, None, False, False
         self.vouched = False  # a request on it showed the bearer token (set by the middleware)
-        self._evicted = False
+        self._evicted, self._heard_at = False, 0.0
+        self._sink, self._head = None, None  # refused: its transport, and its request line so far
 
     def connection_made(self, transport) -> None:
         stats, lim = self._guard.stats, self._guard.limits
@@ -152,12 +162,20 @@ class _GuardedHandler(RequestHandler):
         stats.connections += 1
         stats.peak_connections = max(stats.peak_connections, stats.connections)
         self._guard.handlers[self] = None
+        self._heard_at = self._loop.time()
         super().connection_made(transport)
         self._arm()
 
     def evictable(self) -> bool:
-        """Idle (no request being read or handled) and never vouched for by the token."""
-        return not self.vouched and not self._request_in_progress and not self._messages
+        """Kept alive after a request (never one still to send its first), never vouched for by
+        the token, idle (no request being read or handled), silent for ``EVICT_IDLE_S`` and with
+        nothing unread in its socket."""
+        if self.vouched or not self._request_count or self._request_in_progress or self._messages:
+            return False
+        if self._loop.time() - self._heard_at < EVICT_IDLE_S or self.transport is None:
+            return False
+        sock = self.transport.get_extra_info("socket")
+        return sock is not None and not select.select([sock.fileno()], [], [], 0)[0]
 
     def evict(self) -> None:
         """Abort the connection; its slot is free at once (connection_lost comes later)."""
@@ -168,20 +186,55 @@ class _GuardedHandler(RequestHandler):
             self.transport.abort()
 
     def _refuse(self, transport) -> None:
-        """Answer 503 and close without reading a request. Closing a socket with the client's request
-        unread would reset it (and lose the 503), so the socket lingers (reads discarded) until the
-        client closes or ``REFUSED_LINGER_S``, as long as fewer than max_connections do."""
+        """Answer 503 (or, with a ``health`` answer, a ``GET /health``: ``_peek``) and close without
+        parsing a request. Closing a socket with the client's request unread would reset it (and
+        lose the answer), so the socket lingers (reads discarded) until the client closes or
+        ``REFUSED_LINGER_S``, as long as fewer than max_connections do."""
         stats = self._guard.stats
-        self._refused = True
+        self._refused, self._sink = True, transport
         stats.connections_refused += 1
-        transport.write(TOO_MANY_CONNECTIONS)
         if stats.lingering >= self._guard.limits.max_connections or not transport.can_write_eof():
+            transport.write(TOO_MANY_CONNECTIONS)
             transport.close()
             return
         stats.lingering += 1
         self._lingering = True
-        transport.write_eof()
-        self._deadline = self._loop.call_later(REFUSED_LINGER_S, transport.abort)
+        if self._guard.health is None:
+            self._answer_refused(TOO_MANY_CONNECTIONS)
+        else:  # its request line first: silent past the deadline, it gets the 503
+            self._head = bytearray()
+            self._deadline = self._loop.call_later(REFUSED_LINGER_S, self._answer_refused,
+                                                   TOO_MANY_CONNECTIONS)
+
+    def _answer_refused(self, response: bytes) -> None:
+        """Write a refused connection's one answer, then linger until the client closes."""
+        self._disarm()
+        self._head = None
+        if self._sink.is_closing():
+            return
+        self._sink.write(response)
+        self._sink.write_eof()
+        self._deadline = self._loop.call_later(REFUSED_LINGER_S, self._sink.abort)
+
+    def _peek(self, data: bytes) -> None:
+        """A refused connection's first bytes: a ``GET /health`` is answered from the daemon's
+        state, anything else with 503, once its request line is in (or ``HEAD_PEEK_BYTES``)."""
+        self._head += data[:HEAD_PEEK_BYTES]
+        if b"\r\n" not in self._head and len(self._head) < HEAD_PEEK_BYTES:
+            return
+        line, self._head = bytes(self._head), None
+        self._disarm()
+        if line.startswith(HEALTH_LINES):
+            self._loop.create_task(self._answer_health())
+        else:
+            self._answer_refused(TOO_MANY_CONNECTIONS)
+
+    async def _answer_health(self) -> None:
+        status, body = await self._guard.health()
+        reason = "OK" if status == 200 else "Service Unavailable"
+        head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+        self._answer_refused(head.encode() + body)
 
     def connection_lost(self, exc) -> None:
         if self._refused:
@@ -198,8 +251,11 @@ class _GuardedHandler(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
+            if self._head is not None:
+                self._peek(data)
             return  # a refused connection's request is read and dropped
         before = self._request_count  # incremented by the parser for each request whose head is complete
+        self._heard_at = self._loop.time()
         super().data_received(data)
         if self._request_count != before:
             self._disarm()
@@ -274,11 +330,14 @@ def _too_large(request: web.Request, lim: HttpLimits) -> web.Response:
 
 
 def guarded_app(*, limits: HttpLimits, token: str | None = None, open_paths: tuple[str, ...] = (),
-                capped_paths: tuple[str, ...] | None = None, middlewares: tuple = ()) -> web.Application:
+                capped_paths: tuple[str, ...] | None = None, middlewares: tuple = (),
+                health: Callable[[], Awaitable[tuple[int, bytes]]] | None = None) -> web.Application:
     """An ``aiohttp`` application whose first middleware enforces ``limits`` and ``token``
     (``open_paths`` need none; only ``capped_paths`` count against ``max_inflight``, None = all);
-    ``serve`` it to get the connection-level limits too."""
-    guard = _Guard(limits, token, frozenset(open_paths), None if capped_paths is None else frozenset(capped_paths))
+    ``serve`` it to get the connection-level limits too. ``health``: (status, JSON body) for a
+    ``GET /health`` that comes past the connection cap (module docstring)."""
+    guard = _Guard(limits, token, frozenset(open_paths),
+                   None if capped_paths is None else frozenset(capped_paths), health)
     app = web.Application(middlewares=[_guard_middleware(guard), *middlewares], client_max_size=limits.max_body_bytes)
     app[GUARD_KEY] = guard
     return app
