@@ -119,6 +119,7 @@ class _Guard:  # noqa: D101 - the limits, token and counters of one server
     health: Callable[[], Awaitable[tuple[int, bytes]]] | None = None  # answered past the cap
     stats: GuardStats = field(default_factory=GuardStats)
     handlers: dict = field(default_factory=dict)  # open connections, oldest first (eviction order)
+    peekers: dict = field(default_factory=dict)  # refused, waiting for a request line, oldest first
 
     def make_room(self) -> bool:
         """Close the oldest idle connection that never showed the token; False if there is none."""
@@ -129,6 +130,13 @@ class _Guard:  # noqa: D101 - the limits, token and counters of one server
                 handler.evict()
                 return True
         return False
+
+    def drop_oldest_peeker(self) -> None:
+        """Close the refused connection that has waited longest without sending its request line."""
+        for handler in self.peekers:
+            del self.peekers[handler]
+            handler.drop_silent()
+            return
 
 
 GUARD_KEY = web.AppKey("http_guard", _Guard)
@@ -193,6 +201,8 @@ class _GuardedHandler(RequestHandler):
         stats = self._guard.stats
         self._refused, self._sink = True, transport
         stats.connections_refused += 1
+        if stats.lingering >= self._guard.limits.max_connections:
+            self._guard.drop_oldest_peeker()  # silent ones make way: a /health probe gets its turn
         if stats.lingering >= self._guard.limits.max_connections or not transport.can_write_eof():
             transport.write(TOO_MANY_CONNECTIONS)
             transport.close()
@@ -203,13 +213,24 @@ class _GuardedHandler(RequestHandler):
             self._answer_refused(TOO_MANY_CONNECTIONS)
         else:  # its request line first: silent past the deadline, it gets the 503
             self._head = bytearray()
+            self._guard.peekers[self] = None
             self._deadline = self._loop.call_later(REFUSED_LINGER_S, self._answer_refused,
                                                    TOO_MANY_CONNECTIONS)
+
+    def drop_silent(self) -> None:
+        """A refused connection that sent nothing: closed unanswered, its lingering slot free now."""
+        self._disarm()
+        self._head = None
+        if self._lingering:
+            self._guard.stats.lingering -= 1
+            self._lingering = False
+        self._sink.abort()
 
     def _answer_refused(self, response: bytes) -> None:
         """Write a refused connection's one answer, then linger until the client closes."""
         self._disarm()
         self._head = None
+        self._guard.peekers.pop(self, None)
         if self._sink.is_closing():
             return
         self._sink.write(response)
@@ -223,6 +244,7 @@ class _GuardedHandler(RequestHandler):
         if b"\r\n" not in self._head and len(self._head) < HEAD_PEEK_BYTES:
             return
         line, self._head = bytes(self._head), None
+        self._guard.peekers.pop(self, None)  # it spoke: no longer one to drop for a newcomer
         self._disarm()
         if line.startswith(HEALTH_LINES):
             self._loop.create_task(self._answer_health())
@@ -238,6 +260,7 @@ class _GuardedHandler(RequestHandler):
 
     def connection_lost(self, exc) -> None:
         if self._refused:
+            self._guard.peekers.pop(self, None)
             if self._lingering:
                 self._guard.stats.lingering -= 1
                 self._lingering = False

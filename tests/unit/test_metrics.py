@@ -111,12 +111,17 @@ def test_many_idle_connections_cost_no_threads_and_are_cut_off():
     try:
         for _ in range(300):
             socks.append(socket.create_connection(("127.0.0.1", server.port), timeout=30))
-        # every socket ends: refused ones with a 503 head, the others closed at the deadline (b"")
-        answers = [s.recv(64) for s in socks]
+        # every socket ends: refused ones with a 503 head (or, silent while newer ones came, closed
+        # unanswered to make way for them: b""), the others closed at the deadline (b"")
+        answers = []
+        for s in socks:
+            try:
+                answers.append(s.recv(64))
+            except ConnectionResetError:
+                answers.append(b"")
         refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
         assert all(a == b"" or a.startswith(b"HTTP/1.1 503") for a in answers) and refused
-        assert server.stats.connections_refused == len(refused)
-        assert server.stats.timed_out == 300 - len(refused)
+        assert server.stats.connections_refused + server.stats.timed_out == 300
         assert server.stats.peak_connections == 32 and server.stats.connections == 0
         # the server's threads: its loop and at most its render pool, whatever the connections
         assert threading.active_count() - before <= 1 + 2
