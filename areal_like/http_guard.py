@@ -64,6 +64,7 @@ REFUSED_LINGER_S = 2.0
 EVICT_IDLE_S = 1.0  # an unvouched kept-alive connection idle this long may go for a newcomer
 HEAD_PEEK_BYTES = 1024  # what a refused connection may send before it is answered
 HEALTH_LINES = (b"GET /health ", b"GET /health?")  # request lines answered past the cap
+HealthAnswer = Callable[[], Awaitable[tuple[int, bytes]]]  # (status, JSON body) of a GET /health
 TOO_MANY_CONNECTIONS = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                         b"Content-Length: 38\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
                         b'{"error": "too many open connections"}')
@@ -116,7 +117,7 @@ class _Guard:  # noqa: D101 - the limits, token and counters of one server
     token: str | None
     open_paths: frozenset[str]
     capped_paths: frozenset[str] | None
-    health: Callable[[], Awaitable[tuple[int, bytes]]] | None = None  # answered past the cap
+    health: HealthAnswer | None = None  # answered past the cap
     stats: GuardStats = field(default_factory=GuardStats)
     handlers: dict = field(default_factory=dict)  # open connections, oldest first (eviction order)
     peekers: dict = field(default_factory=dict)  # refused, waiting for a request line, oldest first
@@ -218,7 +219,7 @@ class _GuardedHandler(RequestHandler):
                                                    TOO_MANY_CONNECTIONS)
 
     def drop_silent(self) -> None:
-        """A refused connection that sent nothing: closed unanswered, its lingering slot free now."""
+        """A refused connection that sent nothing: closed unanswered, its lingering slot free."""
         self._disarm()
         self._head = None
         if self._lingering:
@@ -354,7 +355,7 @@ def _too_large(request: web.Request, lim: HttpLimits) -> web.Response:
 
 def guarded_app(*, limits: HttpLimits, token: str | None = None, open_paths: tuple[str, ...] = (),
                 capped_paths: tuple[str, ...] | None = None, middlewares: tuple = (),
-                health: Callable[[], Awaitable[tuple[int, bytes]]] | None = None) -> web.Application:
+                health: HealthAnswer | None = None) -> web.Application:
     """An ``aiohttp`` application whose first middleware enforces ``limits`` and ``token``
     (``open_paths`` need none; only ``capped_paths`` count against ``max_inflight``, None = all);
     ``serve`` it to get the connection-level limits too. ``health``: (status, JSON body) for a
