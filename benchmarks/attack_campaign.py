@@ -14,7 +14,8 @@ oversized frames on the buffer's CURVE and sealed bulk ports, replayed CURVE tra
 nested 50,000 deep, slow and malformed HTTP with the valid engine key, a NaN group, and a
 checkpoint whose ``meta.pt`` runs code when loaded. Every attack is bounded in count and time;
 everything goes to 127.0.0.1; the job is stopped at the end and every process it started is
-gone (checked by PID; any left is killed by PID). Exit status: 0 when all were contained.
+gone (checked by PID; any left is killed by PID), and its directory removed unless ``--root``
+named it. Exit status: 0 when all were contained.
 
     python benchmarks/attack_campaign.py [--root DIR]
 """
@@ -22,6 +23,7 @@ gone (checked by PID; any left is killed by PID). Exit status: 0 when all were c
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import threading
@@ -156,9 +158,11 @@ def main() -> int:
         target.close()
     finally:
         left = job.close()
+    if args.root is None:  # a directory of our own: nothing of the job stays behind
+        shutil.rmtree(root, ignore_errors=True)
     print(
         f"job: {job.sup.outcome} (exit {job.code}); processes left behind: {left or 'none'}; "
-        f"run dir {job.run_dir}"
+        f"run dir {job.run_dir if args.root else 'removed'}"
     )
     return 1 if failed or left else 0
 
