@@ -46,8 +46,9 @@ class BulkEndpoint:
         except zmq.Again:
             pass
 
-    def open(self, frames: list[zmq.Frame]) -> tuple[bytes, bytes, bytes] | None:
-        """(peer, req_id, plaintext) of a bulk frame, the peer being the session's CURVE peer id; None
+    def open(self, frames: list[zmq.Frame]) -> tuple[bytes, bytes, bytes, str] | None:
+        """(peer, req_id, plaintext, role) of a bulk frame, the peer being the session's CURVE peer
+        id and the role its key's (the ZAP User-Id the session was handed out under); None
         (counted as refused) for anything not sealed under a live session, forged or replayed."""
         if len(frames) != 3:
             security.refused("sealed")
@@ -58,7 +59,7 @@ class BulkEndpoint:
         except sealed.SealError:
             security.refused("sealed")
             return None
-        return session.peer, req_id, plain
+        return session.peer, req_id, plain, session.role
 
     def reply(self, peer: bytes, req_id: bytes, writer, msg: Message) -> bool:
         """Send ``msg`` sealed if ``peer`` holds a session that has spoken on the bulk port (False: it does not)."""

@@ -4,8 +4,18 @@ Every HTTP port a daemon opens (an embedded engine's SGLang API, each daemon's `
 ``/health``) is served through ``serve(app, host, port, limits, token=...)``, so a client that
 can reach the port cannot hold the server's memory, connections or event loop:
 
-* ``HttpLimits.max_connections`` open connections; the next one is answered ``503`` and closed,
-  its request never parsed (``connections_refused``; the socket lingers up to
+* ``HttpLimits.max_connections`` open connections. At the cap, a new connection first makes room
+  by closing the oldest *kept-alive connection nobody vouched for* (``evicted``): one idle after
+  its last answer for ``EVICT_IDLE_S``, with nothing unread in its socket, that never showed the
+  bearer token on a path that needs it (a stranger after an open ``/health``, or any client of a
+  server without a token). A connection that has not sent a whole request yet is never evicted
+  (a real client may be slow to write it): it holds its slot until the header deadline. If no
+  slot can be freed the new connection is refused (``connections_refused``): on a server with a
+  ``health`` answer (each daemon's ``/metrics`` port) its request line is read first (at most
+  ``HEAD_PEEK_BYTES``, within ``REFUSED_LINGER_S``) and a ``GET /health`` is answered from the
+  daemon's own state, so the cap never starves liveness probes (issue 42: 64 idle strangers on a
+  ``/metrics`` port made ``/health`` answer 503 and ``areal-like status`` say DOWN); anything
+  else gets ``503`` and is closed, never parsed further (the socket lingers up to
   ``REFUSED_LINGER_S`` for the client to read the answer, as a reset would lose it);
 * ``max_inflight`` requests being handled; the next one gets ``429`` (``requests_refused``).
   Requests to ``capped_paths`` count (all paths when it is None): an engine caps ``/generate``,
@@ -21,8 +31,9 @@ can reach the port cannot hold the server's memory, connections or event loop:
   connection closed, ``408`` for a late body), whatever each byte's spacing;
 * an idle keep-alive connection is closed after ``keepalive_s``;
 * with ``token``, every path outside ``open_paths`` needs ``Authorization: Bearer <token>``;
-  otherwise ``401`` (compared in constant time with ``hmac.compare_digest``). The token is
-  never logged or echoed.
+  otherwise ``401`` with ``Connection: close``: the connection ends with the answer, so it holds
+  no slot (compared in constant time with ``hmac.compare_digest``). The token is never logged or
+  echoed.
 
 The per-connection deadlines live in ``_GuardedHandler``, a subclass of aiohttp's
 ``RequestHandler`` that watches when its parser completes a request: it reads the handler's
@@ -37,6 +48,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import select
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -48,6 +61,10 @@ from areal_like.ratelog import RateLimitedLog
 log = logging.getLogger(__name__)
 _client_errors = RateLimitedLog(log, every_s=60.0)  # a peer can send bad requests at will: no line per request
 REFUSED_LINGER_S = 2.0
+EVICT_IDLE_S = 1.0  # an unvouched kept-alive connection idle this long may go for a newcomer
+HEAD_PEEK_BYTES = 1024  # what a refused connection may send before it is answered
+HEALTH_LINES = (b"GET /health ", b"GET /health?")  # request lines answered past the cap
+HealthAnswer = Callable[[], Awaitable[tuple[int, bytes]]]  # (status, JSON body) of a GET /health
 TOO_MANY_CONNECTIONS = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                         b"Content-Length: 38\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
                         b'{"error": "too many open connections"}')
@@ -89,6 +106,7 @@ class GuardStats:
     lingering: int = 0  # refused connections waiting for their client to close
     requests_refused: int = 0  # 429: over max_inflight
     unauthorized: int = 0  # 401
+    evicted: int = 0  # idle connections nobody vouched for, closed to make room for a new one
     timed_out: int = 0  # header or body deadline missed
     inflight: int = 0
 
@@ -99,7 +117,27 @@ class _Guard:  # noqa: D101 - the limits, token and counters of one server
     token: str | None
     open_paths: frozenset[str]
     capped_paths: frozenset[str] | None
+    health: HealthAnswer | None = None  # answered past the cap
     stats: GuardStats = field(default_factory=GuardStats)
+    handlers: dict = field(default_factory=dict)  # open connections, oldest first (eviction order)
+    peekers: dict = field(default_factory=dict)  # refused, waiting for a request line, oldest first
+
+    def make_room(self) -> bool:
+        """Close the oldest idle connection that never showed the token; False if there is none."""
+        for handler in self.handlers:
+            if handler.evictable():
+                del self.handlers[handler]
+                self.stats.evicted += 1
+                handler.evict()
+                return True
+        return False
+
+    def drop_oldest_peeker(self) -> None:
+        """Close the refused connection that has waited longest without sending its request line."""
+        for handler in self.peekers:
+            del self.peekers[handler]
+            handler.drop_silent()
+            return
 
 
 GUARD_KEY = web.AppKey("http_guard", _Guard)
@@ -121,48 +159,127 @@ class _GuardedHandler(RequestHandler):
                          max_headers=lim.max_headers, keepalive_timeout=lim.keepalive_s, auto_decompress=False,
                          access_log=None, **kwargs)
         self._guard, self._deadline, self._refused, self._lingering = guard, None, False, False
+        self.vouched = False  # a request on it showed the bearer token (set by the middleware)
+        self._evicted, self._heard_at = False, 0.0
+        self._sink, self._head = None, None  # refused: its transport, and its request line so far
 
     def connection_made(self, transport) -> None:
         stats, lim = self._guard.stats, self._guard.limits
-        if stats.connections >= lim.max_connections:
+        if stats.connections >= lim.max_connections and not self._guard.make_room():
             self._refuse(transport)
             return
         stats.connections += 1
         stats.peak_connections = max(stats.peak_connections, stats.connections)
+        self._guard.handlers[self] = None
+        self._heard_at = self._loop.time()
         super().connection_made(transport)
         self._arm()
 
+    def evictable(self) -> bool:
+        """Kept alive after a request (never one still to send its first), never vouched for by
+        the token, idle (no request being read or handled), silent for ``EVICT_IDLE_S`` and with
+        nothing unread in its socket."""
+        if self.vouched or not self._request_count or self._request_in_progress or self._messages:
+            return False
+        if self._loop.time() - self._heard_at < EVICT_IDLE_S or self.transport is None:
+            return False
+        sock = self.transport.get_extra_info("socket")
+        return sock is not None and not select.select([sock.fileno()], [], [], 0)[0]
+
+    def evict(self) -> None:
+        """Abort the connection; its slot is free at once (connection_lost comes later)."""
+        self._guard.stats.connections -= 1
+        self._evicted = True
+        self._disarm()
+        if self.transport is not None:
+            self.transport.abort()
+
     def _refuse(self, transport) -> None:
-        """Answer 503 and close without reading a request. Closing a socket with the client's request
-        unread would reset it (and lose the 503), so the socket lingers (reads discarded) until the
-        client closes or ``REFUSED_LINGER_S``, as long as fewer than max_connections do."""
+        """Answer 503 (or, with a ``health`` answer, a ``GET /health``: ``_peek``) and close without
+        parsing a request. Closing a socket with the client's request unread would reset it (and
+        lose the answer), so the socket lingers (reads discarded) until the client closes or
+        ``REFUSED_LINGER_S``, as long as fewer than max_connections do."""
         stats = self._guard.stats
-        self._refused = True
+        self._refused, self._sink = True, transport
         stats.connections_refused += 1
-        transport.write(TOO_MANY_CONNECTIONS)
+        if stats.lingering >= self._guard.limits.max_connections:
+            self._guard.drop_oldest_peeker()  # silent ones make way: a /health probe gets its turn
         if stats.lingering >= self._guard.limits.max_connections or not transport.can_write_eof():
+            transport.write(TOO_MANY_CONNECTIONS)
             transport.close()
             return
         stats.lingering += 1
         self._lingering = True
-        transport.write_eof()
-        self._deadline = self._loop.call_later(REFUSED_LINGER_S, transport.abort)
+        if self._guard.health is None:
+            self._answer_refused(TOO_MANY_CONNECTIONS)
+        else:  # its request line first: silent past the deadline, it gets the 503
+            self._head = bytearray()
+            self._guard.peekers[self] = None
+            self._deadline = self._loop.call_later(REFUSED_LINGER_S, self._answer_refused,
+                                                   TOO_MANY_CONNECTIONS)
+
+    def drop_silent(self) -> None:
+        """A refused connection that sent nothing: closed unanswered, its lingering slot free."""
+        self._disarm()
+        self._head = None
+        if self._lingering:
+            self._guard.stats.lingering -= 1
+            self._lingering = False
+        self._sink.abort()
+
+    def _answer_refused(self, response: bytes) -> None:
+        """Write a refused connection's one answer, then linger until the client closes."""
+        self._disarm()
+        self._head = None
+        self._guard.peekers.pop(self, None)
+        if self._sink.is_closing():
+            return
+        self._sink.write(response)
+        self._sink.write_eof()
+        self._deadline = self._loop.call_later(REFUSED_LINGER_S, self._sink.abort)
+
+    def _peek(self, data: bytes) -> None:
+        """A refused connection's first bytes: a ``GET /health`` is answered from the daemon's
+        state, anything else with 503, once its request line is in (or ``HEAD_PEEK_BYTES``)."""
+        self._head += data[:HEAD_PEEK_BYTES]
+        if b"\r\n" not in self._head and len(self._head) < HEAD_PEEK_BYTES:
+            return
+        line, self._head = bytes(self._head), None
+        self._guard.peekers.pop(self, None)  # it spoke: no longer one to drop for a newcomer
+        self._disarm()
+        if line.startswith(HEALTH_LINES):
+            self._loop.create_task(self._answer_health())
+        else:
+            self._answer_refused(TOO_MANY_CONNECTIONS)
+
+    async def _answer_health(self) -> None:
+        status, body = await self._guard.health()
+        reason = "OK" if status == 200 else "Service Unavailable"
+        head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+        self._answer_refused(head.encode() + body)
 
     def connection_lost(self, exc) -> None:
         if self._refused:
+            self._guard.peekers.pop(self, None)
             if self._lingering:
                 self._guard.stats.lingering -= 1
                 self._lingering = False
                 self._disarm()
             return
-        self._guard.stats.connections -= 1
+        if not self._evicted:
+            self._guard.stats.connections -= 1
+        self._guard.handlers.pop(self, None)
         self._disarm()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
+            if self._head is not None:
+                self._peek(data)
             return  # a refused connection's request is read and dropped
         before = self._request_count  # incremented by the parser for each request whose head is complete
+        self._heard_at = self._loop.time()
         super().data_received(data)
         if self._request_count != before:
             self._disarm()
@@ -198,11 +315,15 @@ def _guard_middleware(guard: _Guard):
 
     @web.middleware
     async def guard_mw(request: web.Request, handler):
-        if guard.token is not None and request.path not in guard.open_paths \
-                and not bearer_ok(request.headers.get("Authorization"), guard.token):
-            stats.unauthorized += 1
-            return web.json_response({"error": "missing or wrong bearer token"}, status=401,
-                                     headers={"WWW-Authenticate": "Bearer"})
+        if guard.token is not None and request.path not in guard.open_paths:
+            if not bearer_ok(request.headers.get("Authorization"), guard.token):
+                stats.unauthorized += 1
+                refused = web.json_response({"error": "missing or wrong bearer token"}, status=401,
+                                            headers={"WWW-Authenticate": "Bearer"})
+                refused.force_close()  # "Connection: close": the connection ends with the answer
+                return refused
+            if isinstance(request.protocol, _GuardedHandler):
+                request.protocol.vouched = True  # its idle time is a member's: never evicted
         capped = guard.capped_paths is None or request.path in guard.capped_paths
         if capped and stats.inflight >= lim.max_inflight:
             stats.requests_refused += 1
@@ -233,11 +354,14 @@ def _too_large(request: web.Request, lim: HttpLimits) -> web.Response:
 
 
 def guarded_app(*, limits: HttpLimits, token: str | None = None, open_paths: tuple[str, ...] = (),
-                capped_paths: tuple[str, ...] | None = None, middlewares: tuple = ()) -> web.Application:
+                capped_paths: tuple[str, ...] | None = None, middlewares: tuple = (),
+                health: HealthAnswer | None = None) -> web.Application:
     """An ``aiohttp`` application whose first middleware enforces ``limits`` and ``token``
     (``open_paths`` need none; only ``capped_paths`` count against ``max_inflight``, None = all);
-    ``serve`` it to get the connection-level limits too."""
-    guard = _Guard(limits, token, frozenset(open_paths), None if capped_paths is None else frozenset(capped_paths))
+    ``serve`` it to get the connection-level limits too. ``health``: (status, JSON body) for a
+    ``GET /health`` that comes past the connection cap (module docstring)."""
+    guard = _Guard(limits, token, frozenset(open_paths),
+                   None if capped_paths is None else frozenset(capped_paths), health)
     app = web.Application(middlewares=[_guard_middleware(guard), *middlewares], client_max_size=limits.max_body_bytes)
     app[GUARD_KEY] = guard
     return app

@@ -85,7 +85,8 @@ class MetricsServer:
         self.extra_text = extra_text
         self.started = time.time()
         self.host = host
-        self.app = guarded_app(limits=limits, token=token, open_paths=("/health",))
+        self.app = guarded_app(limits=limits, token=token, open_paths=("/health",),
+                               health=self._health_answer)  # also past the connection cap
         self.app.router.add_get("/metrics", self._metrics)
         self.app.router.add_get("/health", self._health)
         self._pool = ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="metrics-render")
@@ -141,8 +142,11 @@ class MetricsServer:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _health(self, request: web.Request) -> web.Response:
-        status, body = await asyncio.get_running_loop().run_in_executor(self._pool, self._probe)
+        status, body = await self._health_answer()
         return web.Response(body=body, status=status, content_type="application/json")
+
+    async def _health_answer(self) -> tuple[int, bytes]:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._probe)
 
 
 def scrape(url: str, timeout_s: float = 2.0, token: str | None = None) -> dict[str, float]:

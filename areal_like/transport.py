@@ -195,6 +195,11 @@ def bind_both(sock: zmq.Socket, address: str, local_address: str | None) -> None
         raise
 
 
+LOCAL_MEMBER = "local"  # the member name of a peer without a CURVE key (Server.recv_request)
+# what Server.recv_request returns: peer, req_id, message (or why not), payload, member
+Request = tuple[bytes, bytes, Message | ProtocolError, bytes, str]
+
+
 class Server:
     """ROUTER side of request/reply. ``recv`` yields (peer, req_id, message-or-error).
 
@@ -257,6 +262,14 @@ class Server:
         """Like ``recv`` but also returns the undecoded payload (the buffer logs it verbatim in
         its write-ahead log instead of re-encoding the message). The payload is received without
         a copy (a read-only view of ZMQ's buffer; decoded arrays keep it alive)."""
+        got = self.recv_request(timeout_s)
+        return None if got is None else got[:4]
+
+    def recv_request(self, timeout_s: float) -> Request | None:
+        """Like ``recv_with_payload`` plus the sender's member name: the role of its CURVE key (the
+        ZAP User-Id, ``rollout`` or ``trainer``; a sealed session keeps it), or ``LOCAL_MEMBER`` for
+        a peer without a key (same-node ``ipc://``, whose uid the ZAP handler checked, or
+        ``security.curve=false``)."""
         deadline = time.monotonic() + timeout_s
         for _ in range(MAX_HANDLED_PER_RECV):  # a handshake or a refused frame is handled here; wait on
             got = self._recv_frames(max(0.0, deadline - time.monotonic()))
@@ -274,19 +287,22 @@ class Server:
             if sock is self._bulk.sock:
                 if (opened := self._bulk.open(frames)) is None:
                     return None
-                peer, req_id, payload = opened
-                return peer, req_id, self._decoded(payload), payload
+                peer, req_id, payload, role = opened
+                return peer, req_id, self._decoded(payload), payload, role
             if BulkEndpoint.is_hello(frames):
                 self._bulk.hello(self._sock, frames)
                 return None
         if len(frames) != 3:
             error = ProtocolError("expected [req_id, payload]", "frame")
-            return frames[0].bytes, frames[1].bytes if len(frames) > 1 else b"", error, b""
+            role = security.role_of(frames[-1])
+            req_id = frames[1].bytes if len(frames) > 1 else b""
+            return frames[0].bytes, req_id, error, b"", role or LOCAL_MEMBER
         peer, req_id, payload = frames[0].bytes, frames[1].bytes, frames[2].buffer
-        if is_trainer_peer(peer) and security.role_of(frames[2]) not in (None, "trainer"):
+        role = security.role_of(frames[2])
+        if is_trainer_peer(peer) and role not in (None, "trainer"):
             security.refused("role")  # another role's key under the trainer's peer id: dropped unanswered
             return None
-        return peer, req_id, self._decoded(payload), payload
+        return peer, req_id, self._decoded(payload), payload, role or LOCAL_MEMBER
 
     def _decoded(self, payload) -> Message | ProtocolError:
         try:

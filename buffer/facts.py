@@ -13,6 +13,8 @@ from pathlib import Path
 
 from areal_like.config import RunConfig, dataset_size, model_vocab_size, request_frame_limit
 
+MIN_SERVERS = 8  # buffer/peer_caps.py: the roster allowance of one member key, at least
+
 
 @dataclass(frozen=True)
 class BufferFacts:
@@ -22,6 +24,7 @@ class BufferFacts:
     frame_limit: int  # task + model (or buffer.max_frame_bytes): bigger request frames are refused undecoded
     wal_dir: Path  # buffer.wal_dir resolved against run_dir
     local_dir: Path | None  # buffer.local_dir resolved against run_dir: same-node ipc:// sockets (None: none)
+    max_servers: int = 8  # server ids one member key may have on the roster (buffer/peer_caps.py)
 
     @classmethod
     def from_run(cls, cfg: RunConfig) -> BufferFacts:
@@ -30,4 +33,14 @@ class BufferFacts:
         return cls(vocab_size=model_vocab_size(cfg.model), frame_limit=request_frame_limit(cfg),
                    engine_lag=cfg.trainer.weight_sync.engine_lag, dataset_size=dataset_size(cfg.task, cfg.model),
                    wal_dir=cfg.resolve_path(b.wal_dir),
-                   local_dir=cfg.resolve_path(b.local_dir) if b.local_dir else None)
+                   local_dir=cfg.resolve_path(b.local_dir) if b.local_dir else None,
+                   max_servers=max_servers(cfg))
+
+
+def max_servers(cfg: RunConfig) -> int:
+    """Server ids one member key may hold on the roster: twice the rollout servers the job launches
+    (every rollout node's, auto_layout's ceiling when it picks the count), at least MIN_SERVERS."""
+    la = cfg.launch
+    per_node = max(la.num_rollout_servers, la.auto_max_servers if la.auto_layout else 0)
+    nodes = la.nodes - la.train_nodes if la.nodes > 1 else 1
+    return max(MIN_SERVERS, 2 * per_node * nodes)

@@ -8,6 +8,8 @@ histogram); anything else (empty after a trainer restart, an older id after a lo
 never arrived, and its groups go back to the store to be checked for staleness again
 (``batches_redelivered``). A restarted buffer restores the batch in transit (``restore``) and lets
 the next request decide the same way. One trainer: two would take each other's batches for lost.
+Only the trainer's role reaches here: the service refuses a BatchRequest from any other member key
+(``buffer/peer_caps.py``), so a rollout key cannot take a batch or settle the trainer's.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class PendingBatch:
     request: P.BatchRequest
     deadline: float
     received: float
+    member: str = "local"  # who sent it (buffer/peer_caps.py): caps count per member, not socket
 
 
 @dataclass(slots=True)
@@ -54,8 +57,12 @@ class Handout:
         self.in_transit: InTransit | None = None  # the last batch handed out, until the trainer acks it
         self._changed = False  # in_transit changed since take_changed()
 
-    def hold(self, peer: bytes, req_id: bytes, request: P.BatchRequest, received: float) -> None:
-        self.pending.append(PendingBatch(peer, req_id, request, received + max(0.0, request.wait_s), received))
+    def hold(self, peer: bytes, req_id: bytes, request: P.BatchRequest, received: float,
+             member: str = "local") -> None:
+        """Hold a BatchRequest of the trainer's role (buffer/peer_caps.py refuses any other: only
+        the trainer settles the batch in transit, so no other member can make it count as lost)."""
+        deadline = received + max(0.0, request.wait_s)
+        self.pending.append(PendingBatch(peer, req_id, request, deadline, received, member))
 
     def serve(self, now: float) -> list[tuple[PendingBatch, P.Batch]]:
         """Answer the held requests that have enough fresh groups now, or whose wait is over."""

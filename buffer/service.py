@@ -29,7 +29,7 @@ from areal_like.daemon import Daemon
 from areal_like.peers import is_trainer_peer, takes_trainer_prefix
 from areal_like.pubsub import Publisher
 from areal_like.ratelog import RateLimitedLog
-from areal_like.transport import Server, local_addresses
+from areal_like.transport import LOCAL_MEMBER, Server, local_addresses
 from buffer import expiry, peer_caps
 from buffer.control import ControlPlane
 from buffer.credits import CreditLedger, invalid_group, version_range
@@ -79,7 +79,8 @@ class BufferService(Daemon):
         self._consumed: list[str] = []  # group ids consumed or dropped this iteration (the hand-out extends it)
         self.handout = Handout(self.store, self.wal.read_group, self._drop, self._on_consumed, self.instruments,
                                self.log)
-        self.caps = peer_caps.PeerCaps()  # what one peer may hold: held BatchRequests, server ids
+        # what one member may hold: held BatchRequests, server ids, new ids per second
+        self.caps = peer_caps.PeerCaps(facts.max_servers, clock=clock)
         self.seen: dict[str, None] = {}  # accepted group ids (ordered: oldest are forgotten first)
         self._waiting: deque[tuple] = deque()  # (ticket, peer, req_id, reply, type, t); peer None: publish
         self._publish: list[P.Message] = []  # to publish once this iteration's control record is durable
@@ -195,24 +196,25 @@ class BufferService(Daemon):
     def _receive(self, timeout_s: float) -> None:
         n_bytes = 0
         for i in range(MAX_POLL_BATCH):
-            got = self.server.recv_with_payload(timeout_s if i == 0 else 0)
+            got = self.server.recv_request(timeout_s if i == 0 else 0)
             if got is None:
                 return
-            peer, req_id, msg, frame = got
+            peer, req_id, msg, frame, member = got
             n_bytes += len(frame)
-            self.handle(peer, req_id, msg, frame)
+            self.handle(peer, req_id, msg, frame, member)
             if n_bytes >= MAX_POLL_BYTES:
                 return
 
-    def handle(self, peer: bytes, req_id: bytes, msg: P.Message | P.ProtocolError, frame: bytes) -> None:
+    def handle(self, peer: bytes, req_id: bytes, msg: P.Message | P.ProtocolError, frame: bytes,
+               member: str = LOCAL_MEMBER) -> None:
+        """One request from ``peer``, a socket of ``member`` (its key's role: peer_caps.py)."""
         received = self.clock()
-        if (over := self.caps.refusal(peer, msg, self.handout.pending, self.control.roster)):
-            refused = self._refuse(peer_caps.REASON, over)
+        if (refused := self._member_refusal(member, msg)) is not None:
             reply = P.Batch(groups=[], trainer_version=msg.trainer_version, reason=refused.reason) \
                 if isinstance(msg, P.BatchRequest) else refused
             kind = msg.TYPE
         elif isinstance(msg, P.BatchRequest):
-            self.handout.hold(peer, req_id, msg, received)  # answered by settle(), now or when its wait is over
+            self.handout.hold(peer, req_id, msg, received, member)  # answered by settle()
             return
         elif isinstance(msg, P.ProtocolError):  # frame_too_large: refused from its length, never decoded
             label = "frame_too_large" if len(frame) > self.frame_limit else "decode"
@@ -231,6 +233,14 @@ class BufferService(Daemon):
         else:  # a valid message the buffer does not serve (e.g. a reply type sent by mistake)
             reply, kind = self._refuse("unexpected_type", f"{msg.TYPE} is not a request", ref=""), "invalid"
         self._queue_reply(peer, req_id, reply, kind, received)
+
+    def _member_refusal(self, member: str, msg: P.Message | P.ProtocolError) -> P.Ack | None:
+        """A refusal when ``member``'s role may not send ``msg``, or it is over a cap."""
+        if not peer_caps.may_send(member, msg):
+            return self._refuse(peer_caps.ROLE_REASON, f"a {member!r} key may not send {msg.TYPE}")
+        if (over := self.caps.refusal(member, msg, self.handout.pending, self.control.roster)):
+            return self._refuse(peer_caps.REASON, over)
+        return None
 
     def _on_group(self, g: P.TrajectoryGroup, frame: bytes) -> P.Ack:
         if g.group_id in self.seen or g.group_id in self.store:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from areal_like.config import ConfigError, load_daemon_config
 from areal_like.daemon import exit_process, setup_logging
@@ -29,9 +30,25 @@ def main(argv: list[str]) -> int:
     except security.SecurityError as e:
         log.error("%s", e)
         return 2
+    from rollout_server import sandbox
     from rollout_server.server import RolloutServer
 
+    sandbox.hide(private_dirs(cfg))  # before any reward or tool worker starts
     return RolloutServer.from_run(cfg).serve()
+
+
+def private_dirs(cfg) -> list:
+    """What reward and tool code must not read: the job's keys, its secrets (the engine API key) and
+    its same-node socket directory (a process of the job's user there is a member)."""
+    from areal_like.auth import KEY_FILE
+
+    dirs = [cfg.resolve_path(cfg.security.keys_dir), cfg.resolve_path(str(KEY_FILE.parent))]
+    if cfg.buffer.local_dir:
+        dirs.append(cfg.resolve_path(cfg.buffer.local_dir))
+    for address in (cfg.rollout.buffer_address, cfg.rollout.pub_address):
+        if address.startswith("ipc://"):
+            dirs.append(Path(address[len("ipc://"):]).parent)
+    return dirs
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ imported, so an allocation past it raises MemoryError; ``RLIMIT_CPU`` before eac
 what the sample could burn until its timeout, as a backstop should the pool fail to kill a
 runaway (the kernel then ends the worker with SIGXCPU). The pool enforces the timeout by
 killing the process. ``RLIMIT_NPROC`` once the function is loaded (its imports may start thread
-pools), after dropping to a uid of its own when started by root (``confine``; sandbox.py says
-why). The worker exits when the pool's end of the socket closes.
+pools); a worker started by root gives up its capabilities and takes a uid of its own before it
+imports anything of the user's (``drop_privileges``; sandbox.py says why). The worker exits
+when the pool's end of the socket closes.
 """
 
 from __future__ import annotations
@@ -176,22 +177,32 @@ def call_one(fn: Callable, frame: bytes) -> dict:
     return {"result": result}
 
 
-def confine(processes: int) -> None:
+def drop_privileges(uid: int | None = None) -> bool:
+    """As root, before any user code is imported: give up every capability for good (bounding
+    set emptied, securebits locked so an exec regains none) and take the real uid ``uid``, which no
+    other process has (default: from this pid). Without capabilities the worker cannot undo the
+    mounts that hide the job's keys (sandbox.py), and RLIMIT_NPROC (``confine``) binds it. Its
+    effective uid stays 0, so files are read as their owner would (the interpreter and packages
+    may live in a root-only home) but nothing else is allowed. True when it dropped them; False
+    (not root: nothing to drop) otherwise."""
+    if os.geteuid() != 0:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    _lock_capabilities(libc)
+    os.setresuid(uid or ISOLATED_UID_BASE + os.getpid(), 0, 0)  # needs CAP_SETUID: before capset
+    _libc_call(libc, "capset", ctypes.byref(_CapHeader(CAPABILITY_VERSION_3, 0)), (_CapData * 2)())
+    return True
+
+
+def confine(processes: int, dropped: bool) -> None:
     """Allow ``processes`` more processes (threads count too) from now on.
 
     RLIMIT_NPROC counts the processes of the *real* uid and never binds the root user or a
-    process holding CAP_SYS_RESOURCE or CAP_SYS_ADMIN. So as root the worker gives up every
-    capability for good (bounding set emptied, securebits locked so an exec regains none), then
-    takes a real uid no other process has: the limit then counts this worker alone. Its effective
-    uid stays 0 without capabilities, so files are read as their owner would (the interpreter
-    and packages may live in a root-only home) but nothing else is allowed. Otherwise: the
-    user's current count plus the allowance (a backstop: that count moves with the user's other
-    processes)."""
-    if os.geteuid() == 0:
-        libc = ctypes.CDLL(None, use_errno=True)
-        _lock_capabilities(libc)
-        os.setresuid(ISOLATED_UID_BASE + os.getpid(), 0, 0)  # needs CAP_SETUID: before the capset below
-        _libc_call(libc, "capset", ctypes.byref(_CapHeader(CAPABILITY_VERSION_3, 0)), (_CapData * 2)())
+    process holding CAP_SYS_RESOURCE or CAP_SYS_ADMIN. A root worker ``dropped`` its privileges
+    (``drop_privileges``) and has a uid of its own: the limit then counts this worker alone.
+    Otherwise: the user's current count plus the allowance (a backstop: that count moves with the
+    user's other processes)."""
+    if dropped:
         limit = 1 + processes
     else:
         limit = _tasks_of(os.getuid()) + processes
@@ -244,12 +255,18 @@ def main(fd: int) -> int:
     config = pickle.loads(init)
     sys.path[:] = config["sys_path"]  # what the pool's process can import, this one can
     try:
+        dropped = drop_privileges(config.get("uid"))
+    except OSError as e:  # a worker that cannot be confined does not run user code
+        why = f"cannot confine the worker: {type(e).__name__}: {e}"
+        _send_json(sock, {"kind": "error", "reason": why})
+        return 1
+    try:
         fn = load_reward(config["path"], config["memory_mb"])
     except BaseException as e:  # noqa: BLE001 - reported to the pool, which cannot go on without the reward
         _send_json(sock, load_failure(e, config["memory_mb"]))
         return 1
     try:
-        confine(config["processes"])
+        confine(config["processes"], dropped)
     except OSError as e:  # a worker that cannot be confined does not run user code
         _send_json(sock, {"kind": "error", "reason": f"cannot confine the worker: {type(e).__name__}: {e}"})
         return 1

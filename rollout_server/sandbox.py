@@ -22,6 +22,22 @@ the rollout server runs asyncio and threads) in a session of its own, with
 * a wall-clock deadline per call, ``limits.timeout_s``, enforced by the caller: SIGKILL to the
   worker's process group (it and whatever it started), by PID, then reaped.
 
+What else the job hides from it (``hide``, set by the rollout server at start: the job's keys
+directory, ``<run_dir>/secrets`` and the same-node socket directory). When the job runs as root,
+each worker starts in namespaces of its own (``unshare --pid --fork --mount-proc``, util-linux):
+
+* a PID namespace with its own ``/proc``: it sees and can signal only itself and what it starts,
+  not the rollout server, the engine or any other process of the job (whose command lines, such
+  as SGLang's ``--api-key``, it cannot read either);
+* a mount namespace in which each hidden directory is covered by an empty read-only tmpfs of mode
+  0000 before the worker starts (``HIDE_SCRIPT``); the worker drops every capability before it
+  imports user code (``reward_worker.drop_privileges``), so it cannot unmount them.
+
+Without root (or where ``unshare`` is refused: a container without CAP_SYS_ADMIN) a process
+cannot switch uid or make namespaces; workers then run as the job's user and can read what it
+reads and signal its processes, and the rollout server logs a warning saying so once
+(areal_like/SECURITY.md, "Reward and tool code").
+
 It contains accidents and runaway code (a hang, a leak, a crash, an ``exit``, a fork bomb), not a
 determined attacker: the network and world-readable files stay reachable.
 
@@ -32,9 +48,11 @@ raised, or its result is not JSON) | ``start`` (the function could not be loaded
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import reprlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -49,6 +67,44 @@ from rollout_server.reward_worker import recv_frame, scrubbed_env, send_frame
 
 WORKER_SCRIPT = str(Path(reward_worker.__file__).resolve())
 STARTUP_TIMEOUT_S = 120.0  # a fresh worker imports the function's module (sympy, torch, ...) on a busy machine
+# PID 1 of the worker's namespaces: cover each hidden directory ($2.. up to --) with an empty tmpfs
+# nobody may enter, go to the caller's directory ($1) and run the worker as a child (not exec: a
+# PID 1 ignores signals it has no handler for), exiting with its status (128 + N: killed by N).
+HIDE_SCRIPT = ('cwd=$1; shift; while [ "$1" != -- ]; do mount -t tmpfs -o ro,mode=000,size=4k '
+               'areal-hidden "$1" || exit 126; shift; done; shift; cd "$cwd" || cd /; "$@"')
+NAMESPACES = ("--pid", "--fork", "--kill-child", "--mount-proc")
+log = logging.getLogger(__name__)
+_hidden: tuple[str, ...] | None = None  # None: workers start as the job's own processes (hide())
+
+
+def hide(paths) -> bool:
+    """From now on, start workers where ``paths`` (directories; those missing are skipped) cannot be
+    read and no process of the job can be signalled (module docstring). False, with a warning, where
+    this process cannot do that (not root, or ``unshare`` missing or refused). ``None``: start them
+    as the job's own processes again."""
+    global _hidden
+    if paths is None:
+        _hidden = None
+        return False
+    dirs = tuple(str(Path(p).resolve()) for p in paths if Path(p).is_dir())
+    unshare = shutil.which("unshare")
+    ok = os.geteuid() == 0 and unshare is not None and subprocess.run(
+        [unshare, *NAMESPACES, "true"], stdin=subprocess.DEVNULL, capture_output=True
+    ).returncode == 0
+    if not ok:
+        log.warning("reward and tool workers run as this job's user: they can read %s and signal "
+                    "its processes (hiding them needs root and util-linux unshare; "
+                    "areal_like/SECURITY.md)", ", ".join(dirs) or "its files")
+    _hidden = dirs if ok else None
+    return ok
+
+
+def _argv(fd: int) -> list[str]:
+    worker = [sys.executable, "-I", WORKER_SCRIPT, str(fd)]
+    if _hidden is None:
+        return worker
+    return [shutil.which("unshare") or "unshare", *NAMESPACES, "/bin/sh", "-c", HIDE_SCRIPT, "sh",
+            os.getcwd(), *_hidden, "--", *worker]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,9 +182,10 @@ class Worker:
     def __init__(self, path: str, limits: SandboxLimits):
         ours, theirs = socket.socketpair()
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-I", WORKER_SCRIPT, str(theirs.fileno())], pass_fds=(theirs.fileno(),),
-                env=scrubbed_env(), stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(_argv(theirs.fileno()), pass_fds=(theirs.fileno(),),
+                                         env=scrubbed_env(), stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+            self.wrapped = _hidden is not None  # its exit status is the shell's (HIDE_SCRIPT)
         except BaseException:
             ours.close()
             raise
@@ -136,8 +193,11 @@ class Worker:
             theirs.close()
         self.sock, self.ready, self.startup_timeout_s = ours, False, limits.startup_timeout_s
         try:
-            send_frame(ours, pickle.dumps({"path": path, "sys_path": list(sys.path), "memory_mb": limits.memory_mb,
-                                           "processes": limits.processes}))
+            # its own uid from its host pid (its own pid may be 2, in a PID namespace of its own)
+            send_frame(ours, pickle.dumps({
+                "path": path, "sys_path": [os.path.abspath(p) for p in sys.path],
+                "memory_mb": limits.memory_mb, "processes": limits.processes,
+                "uid": reward_worker.ISOLATED_UID_BASE + self.proc.pid}))
         except OSError:  # it died at once: its first call says how
             pass
 
@@ -194,6 +254,8 @@ class Worker:
     def _death(self) -> str:
         self.kill()
         code = self.proc.returncode
+        if self.wrapped and code > 128:
+            code = 128 - code  # the shell's way of saying the worker was killed by a signal
         return f"worker died: signal {-code}" if code < 0 else f"worker died: exit code {code}"
 
     def kill(self) -> None:

@@ -39,6 +39,7 @@ from areal_like.config import RolloutConfig, RunConfig
 from areal_like.daemon import ComponentStopped, Daemon
 from areal_like.dealer import AsyncClient
 from areal_like.protocol import (
+    Ack,
     Credit,
     Heartbeat,
     HeartbeatAck,
@@ -65,6 +66,7 @@ from rollout_server.weight_update import apply_weight_sync, engine_versions, req
 LOOP_TICK_S = 0.2  # the main loop also wakes on events; the tick only bounds reaction to stop requests
 BUFFER_TIMEOUT_S = 5.0  # a healthy buffer answers in ms (one fsync per batch); 5 s means gone or wedged
 SYNC_DONE_ATTEMPTS = 5  # SyncDone is idempotent; retry it through a short buffer outage
+REGISTER_RETRY_S = 2.0  # a Register refused over the buffer's caps is sent again after this
 FLUSH_ON_STOP_S = 3.0  # last sends on stop; well inside the launcher's grace period (GRACEFUL_STOP_S)
 MAX_EPISODE_FAILURES = 5  # consecutive failed episodes (engine errors): the engine is broken; exit
 ENGINE_PROBE_S = 30.0  # after a failed sync: /health_generate (one token) must answer within this
@@ -241,7 +243,13 @@ class RolloutServer(Daemon):
                     self.pub_address = ack.pub_address or self.pub_address
                 self.log.info("registered with the buffer (trainer version %d)", ack.policy_version)
                 return
-            raise RuntimeError(f"unexpected answer to Register: {ack!r}")
+            capped = isinstance(ack, Ack) and ack.reason.startswith("peer_limit")
+            if not capped:
+                raise RuntimeError(f"unexpected answer to Register: {ack!r}")
+            # the buffer caps new server ids per key (buffer/peer_caps.py): try again shortly
+            self.log.warning("registration refused (%s); retrying in %.0fs", ack.reason,
+                             REGISTER_RETRY_S)
+            await asyncio.sleep(REGISTER_RETRY_S)
 
     async def heartbeats(self) -> None:
         while True:

@@ -1,16 +1,19 @@
-"""Per-peer caps at the buffer (buffer/peer_caps.py), through the service's real request handling:
-a peer over its cap of held BatchRequests or of registered server ids is refused at once with a
-``peer_limit`` reason and counted in ``buffer/rejected{peer_limit}``; other peers are unaffected."""
+"""Per-member caps and roles at the buffer (buffer/peer_caps.py), through the service's real request
+handling: a member (a key's role, whatever socket it uses) over its cap of held BatchRequests, of
+registered server ids or of new ids per second is refused at once with a ``peer_limit`` reason and
+counted in ``buffer/rejected{peer_limit}``; other members are unaffected. A rollout key's
+BatchRequest or plan is refused as ``role``. (Over real sockets:
+tests/integration/test_member_roles.py.)"""
 
 from __future__ import annotations
 
 from areal_like import protocol as P
 from areal_like.config import BufferConfig
 from buffer.expiry import expire
-from buffer.peer_caps import MAX_HELD_PER_PEER, MAX_SERVERS_PER_PEER
+from buffer.peer_caps import MAX_HELD_PER_MEMBER, MIN_SERVERS
 from tests.unit.service_harness import Sink, start
 
-A, B = b"peer-a", b"peer-b"
+A, B, C = b"peer-a", b"peer-b", b"peer-c"  # sockets
 
 
 class PeerSink(Sink):
@@ -32,52 +35,104 @@ def serve(tmp_path, **buffer):
     return svc, now
 
 
-def send(svc, peer: bytes, req_id: bytes, msg: P.Message) -> list[tuple[bytes, bytes, P.Message]]:
+def send(
+    svc, peer: bytes, req_id: bytes, msg: P.Message, member: str = "trainer"
+) -> list[tuple[bytes, bytes, P.Message]]:
     """Handle one request as the loop does; the replies sent meanwhile (none for a held request)."""
     before = len(svc.server.to)
     frame = P.encode(msg)
-    svc.handle(peer, req_id, P.decode(frame), frame)
+    svc.handle(peer, req_id, P.decode(frame), frame, member)
     svc.settle(sweep=False)
     svc.wal.wait_durable()
     svc.send_durable()
     return svc.server.to[before:]
 
 
-def test_a_peer_holding_too_many_batch_requests_is_refused_and_others_are_not(tmp_path):
+def test_a_member_holding_too_many_batch_requests_is_refused_on_any_socket(tmp_path):
     svc, _ = serve(tmp_path)
-    request = P.BatchRequest(n_groups=2, trainer_version=0, wait_s=600.0)  # nothing stored: every one is held
-    for i in range(MAX_HELD_PER_PEER):
-        assert send(svc, A, b"a%d" % i, request) == []
-    (peer, req_id, reply), = send(svc, A, b"over", request)
+    request = P.BatchRequest(
+        n_groups=2, trainer_version=0, wait_s=600.0
+    )  # nothing stored: every one is held
+    for i in range(MAX_HELD_PER_MEMBER):
+        assert send(svc, b"t%d" % i, b"a", request) == []  # a fresh socket each time: one member
+    ((peer, req_id, reply),) = send(svc, A, b"over", request)
     assert (peer, req_id) == (A, b"over") and isinstance(reply, P.Batch) and reply.groups == []
-    assert reply.reason.startswith("peer_limit: peer b'peer-a' already holds 4 BatchRequests")
-    assert send(svc, B, b"b0", request) == []  # another peer is held as usual
-    assert [p.peer for p in svc.handout.pending] == [A] * MAX_HELD_PER_PEER + [B]
+    assert reply.reason.startswith("peer_limit: member 'trainer' already holds 4 BatchRequests")
+    assert send(svc, B, b"b0", request, member="local") == []  # another member is held as usual
+    assert [p.member for p in svc.handout.pending] == ["trainer"] * MAX_HELD_PER_MEMBER + ["local"]
     assert svc.stats()["rejected_peer_limit"] == 1
 
 
-def test_a_peer_registering_too_many_server_ids_is_refused_and_others_are_not(tmp_path):
+def test_a_rollout_key_takes_no_batch_and_publishes_no_plan(tmp_path):
+    svc, _ = serve(tmp_path)
+    ((_, _, reply),) = send(
+        svc, A, b"r", P.BatchRequest(n_groups=1, trainer_version=0, wait_s=600.0), "rollout"
+    )
+    assert isinstance(reply, P.Batch) and reply.groups == [] and reply.reason.startswith("role: ")
+    plan = P.WeightSyncPlan(
+        policy_version=1,
+        group_name="g",
+        master_addr="127.0.0.1",
+        master_port=1,
+        world_size=1,
+        backend="gloo",
+        reform=True,
+        members=[],
+        buckets=[],
+        deadline_s=5.0,
+    )
+    ((_, _, ack),) = send(svc, A, b"p", plan, "rollout")
+    assert isinstance(ack, P.Ack) and ack.status == "rejected" and svc.control.plan is None
+    assert svc.handout.pending == [] and svc.stats()["rejected_role"] == 2
+
+
+def test_a_member_registering_too_many_server_ids_is_refused_and_others_are_not(tmp_path):
     svc, now = serve(tmp_path, heartbeat_timeout_s=15.0)
 
-    def register(peer: bytes, server_id: str) -> P.Message:
-        (_, _, reply), = send(svc, peer, server_id.encode(), P.Register(server_id=server_id, engine_url="http://e"))
+    def register(peer: bytes, server_id: str, member: str = "rollout") -> P.Message:
+        ((_, _, reply),) = send(
+            svc,
+            peer,
+            server_id.encode(),
+            P.Register(server_id=server_id, engine_url="http://e"),
+            member,
+        )
         return reply
 
-    for i in range(MAX_SERVERS_PER_PEER):
-        assert isinstance(register(A, f"s{i}"), P.RegisterAck)
-    refused = register(A, "s9")
+    for i in range(MIN_SERVERS):
+        assert isinstance(register(b"s%d" % i, f"s{i}"), P.RegisterAck)  # each from its own socket
+    refused = register(C, "s9")
     assert isinstance(refused, P.Ack) and refused.status == "rejected"
-    assert refused.reason == (f"peer_limit: peer b'peer-a' already registered {MAX_SERVERS_PER_PEER} server ids on "
-                              f"the roster (at most {MAX_SERVERS_PER_PEER}); refused 's9'")
+    assert refused.reason == (
+        f"peer_limit: member 'rollout' already has {MIN_SERVERS} server ids on "
+        f"the roster (at most {MIN_SERVERS}); refused 's9'"
+    )
     assert "s9" not in svc.control.roster and svc.stats()["rejected_peer_limit"] == 1
-    assert isinstance(register(A, "s0"), P.RegisterAck)  # registering again is always fine
-    assert isinstance(register(B, "s9"), P.RegisterAck)  # another peer is unaffected
+    assert isinstance(
+        register(C, "s0"), P.RegisterAck
+    )  # registering again is always fine, from any socket
+    assert isinstance(register(B, "s9", "local"), P.RegisterAck)  # another member is unaffected
     # an id that left the roster no longer counts: s1 falls silent, the others heartbeat
     now[0] = 20.0
-    for sid in ("s0", "s2", "s3"):
-        send(svc, A, b"hb", P.Heartbeat(server_id=sid, policy_version=0))
+    for i in range(MIN_SERVERS):
+        if i != 1:
+            send(svc, A, b"hb", P.Heartbeat(server_id=f"s{i}", policy_version=0), "rollout")
     expire(svc)
     assert "s1" not in svc.control.roster
-    assert isinstance(register(A, "s5"), P.RegisterAck)
-    assert isinstance(register(A, "s6"), P.Ack)  # and the cap holds again at four
+    assert isinstance(register(A, "s10"), P.RegisterAck)
+    assert isinstance(register(A, "s11"), P.Ack)  # and the cap holds again
     assert svc.stats()["rejected_peer_limit"] == 2
+
+
+def test_new_server_ids_of_a_member_are_rate_limited_after_a_burst(tmp_path):
+    svc, now = serve(tmp_path, heartbeat_timeout_s=1.0)
+    register = lambda sid: send(
+        svc, A, sid.encode(), P.Register(server_id=sid, engine_url="http://e"), "rollout"
+    )[0][2]
+    for i in range(MIN_SERVERS):  # the burst: every server of the job at once
+        assert isinstance(register(f"a{i}"), P.RegisterAck)
+    now[0] = 2.0  # all of them expire; the bucket refilled by 2 ids only
+    expire(svc)
+    assert not svc.control.roster
+    assert [type(register(f"b{i}")).__name__ for i in range(4)] == ["RegisterAck"] * 2 + ["Ack"] * 2
+    assert "faster than 1/s" in register("b9").reason

@@ -1,0 +1,561 @@
+"""The attacks of ``benchmarks/attack_campaign.py``, each against a running job (``Target``).
+
+Each attack is ``fn(target) -> (contained, what was seen)``, bounded in count and time, on
+127.0.0.1 only, and closes every socket and process it opened. ``ATTACKS`` lists them in the
+order the campaign runs them (the NaN group last among those against the live job: it may break
+the model if admission lets it through).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import psutil
+import zmq
+
+from areal_like import protocol as P
+from areal_like import security
+from areal_like.auth import read_key_file
+from areal_like.config import request_frame_limit
+from areal_like.dealer import Client
+from areal_like.trajectory import Trajectory, as_f32, as_i32
+from areal_like.transport import TransportTimeout
+
+REQUEST_S = 20.0
+NESTED_DEPTH = 50_000
+
+
+class Target:
+    """What an attacker with the job's rollout key, or a stranger on loopback, can address."""
+
+    def __init__(self, cfg, topo, run_dir: Path, sup):
+        self.cfg, self.topo, self.run_dir, self.sup = cfg, topo, Path(run_dir), sup
+        self.keys_dir = cfg.resolve_path(cfg.security.keys_dir)
+        self.rollout = security.load(self.keys_dir, "rollout")
+        self.trainer = security.load(self.keys_dir, "trainer")
+        self.address = cfg.buffer.address
+        with security.using(self.trainer):
+            self.observer = Client(
+                self.address, timeout_s=REQUEST_S, identity="campaign"
+            )  # reads stats
+        self.buffer_metrics = next(s.metrics_port for s in topo.slots if s.kind == "buffer")
+        self.engine_key = read_key_file(run_dir)
+        self.engines = [m.engine_url for m in self.roster()]  # before any attack restarts anything
+
+    def stats(self) -> dict:
+        return self.observer.request(P.StatsRequest()).values
+
+    def roster(self) -> list[P.RosterEntry]:
+        return self.observer.request(P.RosterRequest()).members
+
+    def buffer_pid(self) -> int | None:
+        return self.sup.pids().get("buffer")
+
+    def fresh(self, msg: P.Message, keys=None, timeout_s: float = REQUEST_S) -> P.Message | str:
+        """One request from a socket of its own (a member can open them at will)."""
+        with security.using(keys or self.rollout):
+            client = Client(self.address, timeout_s=timeout_s)
+        try:
+            return client.request(msg)
+        except TransportTimeout:
+            return "timeout"
+        finally:
+            client.close()
+
+    def close(self) -> None:
+        self.observer.close()
+
+
+def _health(port: int, timeout_s: float = 5.0) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=timeout_s) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return 0
+
+
+def batch_theft(t: Target) -> tuple[bool, str]:
+    """Issue 42 item 2: a rollout key asks for batches from 40 fresh sockets."""
+    before, replies = t.stats(), []
+    for _ in range(40):  # at the trainer's version, as the trainer asks (a batch is never stale)
+        version = t.observer.request(P.RosterRequest()).policy_version
+        replies.append(t.fresh(P.BatchRequest(n_groups=1, trainer_version=version, wait_s=0.0)))
+    got = sum(len(r.groups) for r in replies if isinstance(r, P.Batch))
+    after = t.stats()
+    redelivered = after.get("batches_redelivered", 0) - before.get("batches_redelivered", 0)
+    refused = sum(isinstance(r, P.Batch) and r.reason.startswith("role") for r in replies)
+    return (
+        got == 0 and redelivered == 0,
+        f"{refused}/40 refused for their role, {got} groups taken, "
+        f"{redelivered} trainer batches re-delivered",
+    )
+
+
+def register_flood(t: Target) -> tuple[bool, str]:
+    """Issue 42 item 3: 300 Registers of fresh ids, each from a fresh socket."""
+    t0 = time.monotonic()
+    replies = [
+        t.fresh(
+            P.Register(
+                server_id=f"flood-{os.getpid()}-{i}",
+                engine_url="http://127.0.0.1:9",
+                policy_version=0,
+            )
+        )
+        for i in range(300)
+    ]
+    accepted = sum(isinstance(r, P.RegisterAck) for r in replies)
+    fake = sum(m.server_id.startswith("flood-") for m in t.roster())
+    allowance = 2 * t.cfg.launch.num_rollout_servers
+    return (
+        fake <= max(8, allowance),
+        f"{accepted}/300 accepted in {time.monotonic() - t0:.1f}s, "
+        f"{fake} fake ids on the roster (each would join the next weight sync)",
+    )
+
+
+def _stranger_401(port: int, request: bytes) -> socket.socket | None:
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        s.sendall(request)
+        s.recv(4096)
+    except OSError:
+        pass
+    return s
+
+
+def metrics_strangers(t: Target) -> tuple[bool, str]:
+    """Issue 42 item 4: 64 keep-alive connections after a 401 (or a /health) and 64 silent ones."""
+    port, socks = t.buffer_metrics, []
+    ask = b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n\r\n"
+    try:
+        socks += [_stranger_401(port, ask) for _ in range(64)]
+        socks += [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(64)]
+        status = _health(port)
+    finally:
+        for s in socks:
+            s.close()
+    return status == 200, f"/health answered {status} beside 128 strangers"
+
+
+def engine_lockout(t: Target) -> tuple[bool, str]:
+    """Issue 42 item 5: 520 keyless connections on an engine, each kept open after its 401.
+    (Silent ones hold their slot until the 10 s header deadline: areal_like/SECURITY.md.)"""
+    url = t.engines[0] if t.engines else None
+    if url is None:
+        return False, "no engine on the roster"
+    port, socks = int(url.rsplit(":", 1)[1]), []
+    ask = b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    try:
+        socks += [_stranger_401(port, ask) for _ in range(520)]
+        req = urllib.request.Request(
+            url + "/health", headers={"Authorization": f"Bearer {t.engine_key}"}
+        )
+        try:
+            status = urllib.request.urlopen(req, timeout=10).status
+        except urllib.error.HTTPError as e:
+            status = e.code
+    finally:
+        for s in socks:
+            s.close()
+    return (
+        status == 200,
+        f"a client with the key got {status} beside 520 strangers kept after their 401",
+    )
+
+
+WORKER_ATTACK = """
+import os
+
+def attack(run_dir, parent_pid):
+    got = []
+    for rel in ("secrets/engine_api_key", "keys/server.key_secret",
+                "keys/clients/trainer.key_secret"):
+        try:
+            open(os.path.join(run_dir, rel)).read()
+            got.append("read " + rel)
+        except OSError:
+            pass
+    try:
+        os.kill(parent_pid, 0)
+        got.append("may signal the rollout server")
+    except OSError:
+        pass
+    return got
+"""
+
+
+def worker_secrets(t: Target) -> tuple[bool, str]:
+    """Issue 42 item 6: a reward worker, started as the rollout server starts it (its private
+    directories hidden), reads the job's keys and signals the process that started it."""
+    import sys
+
+    from rollout_server import __main__ as rollout_main
+    from rollout_server import sandbox
+
+    hide = getattr(sandbox, "hide", None)  # absent before issue 42: workers ran as the job's user
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "campaign_attack.py").write_text(WORKER_ATTACK)
+        sys.path.insert(0, tmp)
+        try:
+            hidden = hide(rollout_main.private_dirs(t.cfg)) if hide else False
+            got = sandbox.run_sandboxed(
+                "campaign_attack:attack",
+                (str(t.run_dir), os.getpid()),
+                sandbox.SandboxLimits(timeout_s=30),
+            )
+        finally:
+            sys.path.remove(tmp)
+            if hide:
+                hide(None)
+    reached = got.value if got.ok else [f"call failed: {got.reason}"]
+    return got.ok and not reached, f"hidden={hidden}; reached: {', '.join(reached) or 'nothing'}"
+
+
+def _raw_member(t: Target) -> zmq.Socket:
+    """A CURVE DEALER under the rollout key that skips the sealed handshake: frames as it likes."""
+    ctx = zmq.Context.instance()
+    with security.using(t.rollout):
+        sock = ctx.socket(zmq.DEALER)
+        security.apply(sock)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(t.address)
+    return sock
+
+
+def _ask_raw(sock: zmq.Socket, frames: list[bytes], timeout_s: float = 10.0) -> list[bytes] | None:
+    sock.send_multipart(frames)
+    if sock.poll(int(timeout_s * 1000)):
+        return sock.recv_multipart()
+    return None
+
+
+def _buffer_alive(t: Target, pid: int | None) -> bool:
+    return t.buffer_pid() == pid and isinstance(
+        t.fresh(P.StatsRequest(), keys=t.trainer, timeout_s=10), P.Stats
+    )
+
+
+def malformed_frames(t: Target) -> tuple[bool, str]:
+    """Garbage, a wrong frame count and a frame over the buffer's limit, from a member, on the CURVE
+    port; garbage on the sealed bulk port (no session)."""
+    pid, sock = t.buffer_pid(), _raw_member(t)
+    try:
+        answers = [
+            _ask_raw(sock, frames)
+            for frames in (
+                [b"r1", b"\xc1garbage"],
+                [b"r2"],
+                [b"r3", b"a", b"b", b"c"],
+                [b"r4", b"\x00" * (request_frame_limit(t.cfg) + 1)],
+            )
+        ]
+    finally:
+        sock.close()
+    rejected = sum(a is not None and P.decode(a[-1]).status == "rejected" for a in answers if a)
+    bulk = _bulk_garbage(t)
+    alive = _buffer_alive(t, pid)
+    return (
+        alive and rejected >= 3,
+        f"{rejected}/4 answered rejected, bulk port: {bulk}; buffer "
+        f"{'alive, same process' if alive else 'DOWN or restarted'}",
+    )
+
+
+def _bulk_garbage(t: Target) -> str:
+    before = t.stats().get("auth_refused_sealed", 0)
+    port = _bulk_port(t)
+    if port is None:
+        return "no bulk port found"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(os.urandom(4096))
+    time.sleep(0.5)  # the buffer reads it on its next loop iteration
+    return (
+        f"garbage dropped (auth_refused_sealed +{t.stats().get('auth_refused_sealed', 0) - before})"
+    )
+
+
+def _bulk_port(t: Target) -> int | None:
+    conns = psutil.Process(t.buffer_pid()).net_connections(kind="tcp")
+    buffer_port = int(t.address.rsplit(":", 1)[1])
+    ports = sorted(
+        {c.laddr.port for c in conns if c.status == "LISTEN"}
+        - {buffer_port, t.buffer_metrics, int(t.cfg.buffer.pub_address.rsplit(":", 1)[1])}
+    )
+    return ports[0] if ports else None
+
+
+def nested_frame(t: Target) -> tuple[bool, str]:
+    """Issue 42 item 8: a map whose value nests lists 50,000 deep, from a member."""
+    pid, sock = t.buffer_pid(), _raw_member(t)
+    try:
+        answer = _ask_raw(sock, [b"n1", b"\x81\xa4type" + b"\x91" * NESTED_DEPTH + b"\xc0"])
+    finally:
+        sock.close()
+    alive = _buffer_alive(t, pid)
+    said = P.decode(answer[-1]).reason[:40] if answer else "no answer"
+    return (
+        alive and answer is not None,
+        f"answer: {said!r}; buffer {'alive' if alive else 'DOWN or restarted'}",
+    )
+
+
+def curve_replay(t: Target) -> tuple[bool, str]:
+    """A member's CURVE session recorded on the wire (a relay on loopback) and sent again on a new
+    connection: the handshake cannot be replayed, so the recorded requests never run twice."""
+    relay = _Relay(int(t.address.rsplit(":", 1)[1]))
+    try:
+        with security.using(t.trainer):  # its session handshake and a request, through the relay
+            client = Client(f"tcp://127.0.0.1:{relay.port}", timeout_s=REQUEST_S)
+        answered = isinstance(client.request(P.RosterRequest()), P.Roster)
+        client.close()
+        before = t.stats()
+        relay.replay()
+        time.sleep(1.0)  # the buffer refuses the replayed handshake within its loop
+        after = t.stats()
+    finally:
+        relay.close()
+    refused = after.get("auth_refused_handshake", 0) - before.get("auth_refused_handshake", 0)
+    return (
+        answered and refused >= 1,
+        f"{len(relay.recorded)} bytes of a live session replayed; handshake refused {refused}x, "
+        "so no recorded request (its sealed-session HELLO) ran again",
+    )
+
+
+class _Relay:
+    """A TCP relay on loopback that records what the client sends, for ``replay``."""
+
+    def __init__(self, upstream: int):
+        self.upstream, self.recorded, self.socks = upstream, bytearray(), []
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        try:
+            down, _ = self.server.accept()
+        except OSError:
+            return
+        up = socket.create_connection(("127.0.0.1", self.upstream))
+        self.socks += [down, up]
+        threading.Thread(target=self._pipe, args=(down, up, True), daemon=True).start()
+        threading.Thread(target=self._pipe, args=(up, down, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, record: bool) -> None:
+        try:
+            while chunk := src.recv(65536):
+                if record:
+                    self.recorded += chunk
+                dst.sendall(chunk)
+        except OSError:
+            pass
+
+    def replay(self) -> None:
+        with socket.create_connection(("127.0.0.1", self.upstream), timeout=5) as s:
+            s.sendall(bytes(self.recorded))
+            time.sleep(0.5)
+
+    def close(self) -> None:
+        for s in [self.server, *self.socks]:
+            s.close()
+
+
+def slow_http(t: Target) -> tuple[bool, str]:
+    """Slow, malformed and oversized HTTP with the valid engine key: a request line of garbage, a
+    header past the limit, a body that is not JSON, a body declared at 1 GiB, and a head trickled a
+    byte every half second."""
+    url = t.engines[0]
+    port, auth = (
+        int(url.rsplit(":", 1)[1]),
+        f"Host: x\r\nAuthorization: Bearer {t.engine_key}\r\n".encode(),
+    )
+    outcomes = [
+        _ask_http(port, b"GARBAGE\r\n" + auth + b"\r\n"),
+        _ask_http(port, b"GET /health HTTP/1.1\r\n" + auth + b"X: " + b"a" * 20000 + b"\r\n\r\n"),
+        _ask_http(port, b"POST /generate HTTP/1.1\r\n" + auth + b"Content-Length: 5\r\n\r\n{{{{{"),
+        _ask_http(
+            port, b"POST /generate HTTP/1.1\r\n" + auth + b"Content-Length: 1073741824\r\n\r\n"
+        ),
+    ]
+    t0, cut = time.monotonic(), False
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        try:
+            for byte in b"GET /health HTTP/1.1\r\n" + auth:
+                s.sendall(bytes([byte]))
+                time.sleep(0.5)
+                if time.monotonic() - t0 > 30:
+                    break
+        except OSError:
+            cut = True
+        cut = cut or _closed(s)
+    req = urllib.request.Request(
+        url + "/health", headers={"Authorization": f"Bearer {t.engine_key}"}
+    )
+    after = urllib.request.urlopen(req, timeout=10).status
+    ok = all(o.startswith(("400", "413", "431")) for o in outcomes) and cut and after == 200
+    return (
+        ok,
+        f"answers {outcomes}; trickled head cut after {time.monotonic() - t0:.0f}s: {cut}; "
+        f"engine then answered {after}",
+    )
+
+
+def _ask_http(port: int, raw: bytes) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(raw)
+        try:
+            head = s.recv(4096)
+        except OSError:
+            return "reset"
+    return head.split(b" ", 2)[1].decode() if head.startswith(b"HTTP/") else f"{head[:20]!r}"
+
+
+def _closed(s: socket.socket) -> bool:
+    s.settimeout(1.0)
+    try:
+        return s.recv(1) == b""
+    except socket.timeout:
+        return False
+    except OSError:
+        return True
+
+
+def nan_group(t: Target) -> tuple[bool, str]:
+    """Issue 42 item 1: a group whose behaviour log-probs hold NaN and -inf, on a real lease (under
+    the trainer's key: the flood above spent the rollout key's allowance of server ids)."""
+    sid = f"nan-{os.getpid()}"
+    with security.using(t.trainer):
+        client = Client(t.address, timeout_s=REQUEST_S, identity=sid)
+    try:
+        client.request(P.Register(server_id=sid, engine_url="http://127.0.0.1:9"))
+        credit, version, why = _credit(client, sid)
+        if credit is None:
+            return False, f"no credit granted to send it on ({why})"
+        ack = client.request(_nan_group(sid, credit, version, t.cfg.task.group_size))
+    finally:
+        client.close()
+    return ack.status == "rejected", f"the buffer answered {ack.status} {ack.reason[:60]!r}"
+
+
+def _credit(client: Client, sid: str, within_s: float = 60.0) -> tuple[P.Credit | None, int, str]:
+    """A lease for ``sid`` and the version its engine claims: it claims the trainer's version each
+    time (credits go to current engines only) and asks as often as a round trip allows, since the
+    job's own servers take every slot the admission window opens."""
+    version, why, deadline = 0, "", time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        hb = client.request(P.Heartbeat(server_id=sid, policy_version=version))
+        version = hb.policy_version if isinstance(hb, P.HeartbeatAck) else version  # the next claim
+        reply = client.request(P.CreditRequest(server_id=sid, max_credits=1))
+        if reply.credits:
+            return reply.credits[0], version, ""
+        why = reply.reason
+    return None, version, why
+
+
+def _nan_group(sid: str, c: P.Credit, version: int, size: int) -> P.TrajectoryGroup:
+    logp = as_f32([np.nan, -np.inf, -1.0, -1.0])
+    trajs = [
+        Trajectory.of(
+            prompt_ids=as_i32([5, 6]),
+            output_ids=as_i32([1, 2, 3, 4]),
+            behav_logp=logp,
+            versions=as_i32(np.full(4, version)),
+            reward=float(i % 2),
+            finish_reason="stop",
+        )
+        for i in range(size)
+    ]
+    return P.TrajectoryGroup(
+        group_id=f"{sid}-g",
+        server_id=sid,
+        lease_id=c.lease_id,
+        prompt_index=c.prompt_index,
+        epoch=c.epoch,
+        trajectories=trajs,
+    )
+
+
+class _Planted:
+    """Unpickled, it leaves a file behind: proof that loading ran code."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def checkpoint_pickle(t: Target) -> tuple[bool, str]:
+    """Issue 42 item 7: a checkpoint of the job's model whose meta.pt runs code when loaded."""
+    import torch
+    import torch.distributed as dist
+
+    from areal_like.distributed import free_port
+    from trainer.checkpoint import load_checkpoint, save_checkpoint
+    from trainer.model import build_policy
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    try:
+        return _plant_and_load(t, torch, build_policy, save_checkpoint, load_checkpoint)
+    finally:
+        dist.destroy_process_group()
+
+
+def _plant_and_load(t: Target, torch, build_policy, save_checkpoint, load_checkpoint):
+    policy = build_policy(t.cfg.model, t.cfg.trainer)
+    with tempfile.TemporaryDirectory() as tmp:
+        path, marker = save_checkpoint(Path(tmp) / "ckpt", policy, 1), Path(tmp) / "code-ran"
+        meta = torch.load(path / "meta.pt", weights_only=False)  # our own file, just written
+        torch.save({**meta, "planted": _Planted(str(marker))}, path / "meta.pt")
+        try:
+            load_checkpoint(path, policy)
+            why = "loaded"
+        except (pickle.UnpicklingError, RuntimeError) as e:
+            why = f"refused ({type(e).__name__})"
+        ran = marker.exists()
+    return not ran, f"{why}; planted code {'RAN' if ran else 'did not run'}"
+
+
+def job_alive(t: Target) -> tuple[bool, str]:
+    """After everything: the job still trains (its step count moves) and every daemon is up."""
+    from launch.records import step_records
+
+    before = len(step_records(t.run_dir))
+    deadline = time.monotonic() + 90
+    while len(step_records(t.run_dir)) <= before and time.monotonic() < deadline:
+        time.sleep(1.0)
+    after = len(step_records(t.run_dir))
+    down = [name for name, pid in t.sup.pids().items() if pid is None]
+    return (
+        after > before and not down,
+        f"steps {before} -> {after} in the last check; down: {down or 'none'}",
+    )
+
+
+ATTACKS = [
+    ("batch_theft", batch_theft),
+    ("register_flood", register_flood),
+    ("metrics_strangers", metrics_strangers),
+    ("engine_lockout", engine_lockout),
+    ("worker_secrets", worker_secrets),
+    ("malformed_frames", malformed_frames),
+    ("curve_replay", curve_replay),
+    ("nested_frame", nested_frame),
+    ("slow_http_with_key", slow_http),
+    ("job_still_trains", job_alive),
+    ("nan_group", nan_group),
+    ("checkpoint_pickle", checkpoint_pickle),
+]

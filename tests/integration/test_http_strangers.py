@@ -1,0 +1,125 @@
+"""Strangers on HTTP ports cannot fake a daemon's death or lock clients out (issue 42, items 4, 5).
+
+Over real processes and sockets:
+
+* a real buffer daemon's ``/metrics`` port, with ``AREAL_LIKE_METRICS_TOKEN`` set or not: 64
+  strangers each ask ``/metrics`` without the token (401, or 200 with none set) and keep their
+  connection, 64 more connect and send nothing, together more than the port's connection cap
+  (64). The supervisor's own probe (``launch.local.probe``) must still find ``/health`` 200 with
+  the daemon's own state, and each 401 must end its connection (before: they stayed for the 30 s
+  keep-alive and ``/health`` answered 503, so ``areal-like status`` said DOWN);
+* a standalone embedded engine with its API key: more keyless connections than its cap (512) each
+  get a 401 and keep their socket; the engine closes each, and a client with the key is still
+  served (before: 511 stayed open 75 s after their 401 and new clients got 503). Connections that
+  send nothing at all hold a slot until the header deadline (10 s), as any client may be slow to
+  write its first request: areal_like/SECURITY.md.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+
+import pytest
+
+from areal_like import security
+from areal_like.auth import ENGINE_KEY_ENV, METRICS_TOKEN_ENV
+from areal_like.config import BufferConfig, RunConfig, TaskConfig, to_yaml
+from areal_like.distributed import free_port
+from launch.local import probe
+from tests.integration.test_engine_http_load import engine_url
+
+TOKEN = "metrics-token-for-the-test"
+KEY = "engine-key-for-the-test"
+EOF_WITHIN_S = 5.0  # a 401 ends its connection at once; this is the slack of a loaded machine
+
+
+def stranger_401(port: int, path: str, method: str = "GET", status: bytes = b"401"):
+    """A connection that asks ``path`` with no token, reads the answer (``status``: a 401 where
+    the path needs a token) and keeps the socket open."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode())
+    head = s.recv(4096)
+    assert head.startswith(b"HTTP/1.1 " + status), head[:64]
+    return s
+
+
+def closed_by_server(s: socket.socket, within_s: float) -> bool:
+    """Whether the server closes ``s`` (EOF or reset) within ``within_s``."""
+    s.settimeout(within_s)
+    try:
+        while s.recv(4096):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def silent(port: int, n: int) -> list[socket.socket]:
+    return [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(n)]
+
+
+@pytest.mark.parametrize("token", [TOKEN, None])
+def test_strangers_on_a_metrics_port_cannot_make_health_answer_503(
+    token, tmp_run_dir, spawn_python, wait_until
+):
+    port = free_port()
+    cfg = RunConfig(
+        run_dir=str(tmp_run_dir),
+        task=TaskConfig(num_prompts=10),
+        buffer=BufferConfig(
+            address=f"tcp://127.0.0.1:{free_port()}",
+            pub_address=f"tcp://127.0.0.1:{free_port()}",
+            metrics_port=port,
+        ),
+    )
+    (tmp_run_dir / "config.yaml").write_text(to_yaml(cfg))
+    security.make_keys(tmp_run_dir / "keys")
+    spawn_python(
+        "buffer",
+        ["--config-file", tmp_run_dir / "config.yaml"],
+        env={METRICS_TOKEN_ENV: token or ""},
+        capture=False,
+    )
+    health = f"http://127.0.0.1:{port}/health"
+    wait_until(lambda: probe(health), 120, what="the buffer's /health")
+    socks = []
+    try:
+        # without a token /metrics is open: those 64 stay kept alive after their answer
+        socks += [stranger_401(port, "/metrics", status=b"401" if token else b"200")
+                  for _ in range(64)]
+        socks += silent(port, 64)
+        assert probe(health), "a healthy buffer's /health did not answer 200 beside 128 strangers"
+        body = json.loads(urllib.request.urlopen(health, timeout=5).read())
+        assert body["ok"] is True and body["name"] == "buffer"  # the daemon's own state
+        if token:
+            assert all(closed_by_server(s, EOF_WITHIN_S) for s in socks[:64]), (
+                "a 401 kept its connection"
+            )
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_keyless_connections_cannot_lock_clients_out_of_an_engine(spawn_python):
+    proc = spawn_python(
+        "rollout_server.engine",
+        ["--port", "0", "model.max_position_embeddings=128"],
+        env={ENGINE_KEY_ENV: KEY},
+    )
+    url = engine_url(proc)
+    port = int(url.rsplit(":", 1)[1])
+    socks = []
+    try:
+        socks += [stranger_401(port, "/generate", "POST") for _ in range(520)]
+        req = urllib.request.Request(url + "/health", headers={"Authorization": f"Bearer {KEY}"})
+        assert urllib.request.urlopen(req, timeout=10).status == 200  # the key still gets in
+        assert all(closed_by_server(s, EOF_WITHIN_S) for s in socks[:520]), (
+            "a 401 kept its connection"
+        )
+    finally:
+        for s in socks:
+            s.close()

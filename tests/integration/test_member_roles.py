@@ -1,0 +1,154 @@
+"""Members by key, not by socket (issue 42, items 2 and 3), over a real CURVE buffer on tcp.
+
+A real buffer (``python -m buffer``, keys from ``security.make_keys``) serves the job's trainer
+(trainer key) and a rollout server (rollout key). An attacker holding the *rollout* key (a buggy
+rollout server, user code that read it) opens a fresh socket per request, as the attacks of issue 42
+did:
+
+* while the trainer's batch is in transit, it asks for batches: each must be refused for its role,
+  and the trainer's batch must still be consumed once, never re-delivered (before, any BatchRequest
+  settled the trainer's batch as lost and handed its groups to the attacker);
+* it registers a flood of fresh server ids: at most the key's roster allowance joins, the rest are
+  refused and counted, the buffer's log about them stays short, and the real server is unaffected
+  (before, every id joined the roster and so the next weight-sync plan).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from areal_like import protocol as P
+from areal_like import security
+from areal_like.config import BufferConfig, RunConfig, TaskConfig, to_yaml
+from areal_like.dealer import Client
+from areal_like.distributed import free_port
+from areal_like.trajectory import Trajectory, as_f32, as_i32
+from buffer.facts import MIN_SERVERS
+
+REQUEST_S = 30.0  # a live buffer answers in milliseconds, on a loaded machine too
+FLOOD = 120  # Registers in the flood, each from a fresh socket (issue 42 sent 1,000)
+
+
+def group(credit: P.Credit, server_id: str) -> P.TrajectoryGroup:
+    trajs = [
+        Trajectory.of(
+            prompt_ids=as_i32([5, 6]),
+            output_ids=as_i32(np.arange(4)),
+            behav_logp=as_f32(np.full(4, -1.0)),
+            versions=as_i32(np.zeros(4)),
+            reward=float(r),
+            finish_reason="stop",
+        )
+        for r in (0.0, 1.0)
+    ]
+    return P.TrajectoryGroup(
+        group_id=f"{server_id}-{credit.lease_id}",
+        server_id=server_id,
+        lease_id=credit.lease_id,
+        prompt_index=credit.prompt_index,
+        epoch=credit.epoch,
+        trajectories=trajs,
+    )
+
+
+def start_buffer(run_dir, spawn_python):
+    """A CURVE buffer daemon over tcp: (cfg, rollout client, trainer client, the process)."""
+    cfg = RunConfig(
+        run_dir=str(run_dir),
+        task=TaskConfig(num_prompts=100),
+        buffer=BufferConfig(
+            address=f"tcp://127.0.0.1:{free_port()}",
+            pub_address=f"tcp://127.0.0.1:{free_port()}",
+            groups_per_step=1,
+            heartbeat_timeout_s=600,
+        ),
+    )
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    security.make_keys(run_dir / "keys")
+    proc = spawn_python("buffer", ["--config-file", run_dir / "config.yaml"])
+    with security.using(security.load(run_dir / "keys", "rollout")):
+        rollout = Client(cfg.buffer.address, timeout_s=REQUEST_S, identity="real")
+    with security.using(security.load(run_dir / "keys", "trainer")):
+        trainer = Client(cfg.buffer.address, timeout_s=REQUEST_S, identity="trainer")
+    assert isinstance(trainer.request(P.StatsRequest()), P.Stats)  # up, and our keys are accepted
+    ack = rollout.request(
+        P.Register(server_id="real", engine_url="http://127.0.0.1:1", policy_version=0)
+    )
+    assert isinstance(ack, P.RegisterAck)
+    return cfg, rollout, trainer, proc
+
+
+def fresh_socket_request(cfg, keys: security.Keys, msg: P.Message) -> P.Message:
+    """One request from a socket of its own under ``keys`` (what a flood of fresh sockets sends)."""
+    with security.using(keys):
+        client = Client(cfg.buffer.address, timeout_s=REQUEST_S)
+    try:
+        return client.request(msg)
+    finally:
+        client.close()
+
+
+def test_a_rollout_key_cannot_take_or_settle_the_trainers_batch(tmp_run_dir, spawn_python):
+    cfg, rollout, trainer, _ = start_buffer(tmp_run_dir, spawn_python)
+    for _ in range(3):  # three groups stored: enough for the trainer's batch and for the attacker's
+        credit = rollout.request(P.CreditRequest(server_id="real", max_credits=1)).credits[0]
+        assert rollout.request(group(credit, "real")).status == "accepted"
+    batch = trainer.request(P.BatchRequest(n_groups=1, trainer_version=0, wait_s=10.0))
+    assert len(batch.groups) == 1 and batch.batch_id  # in transit until the trainer's next request
+    attacker = security.load(tmp_run_dir / "keys", "rollout")
+    replies = [
+        fresh_socket_request(
+            cfg, attacker, P.BatchRequest(n_groups=1, trainer_version=0, wait_s=0.0)
+        )
+        for _ in range(6)
+    ]
+    assert all(
+        isinstance(r, P.Batch) and not r.groups and r.reason.startswith("role: ") for r in replies
+    ), replies
+    nxt = trainer.request(
+        P.BatchRequest(n_groups=1, trainer_version=0, wait_s=10.0, ack_batch=batch.batch_id)
+    )
+    assert len(nxt.groups) == 1 and nxt.groups[0].group_id != batch.groups[0].group_id
+    stats = trainer.request(P.StatsRequest()).values
+    assert stats["groups_consumed"] == 1, stats  # the first batch was received, once
+    assert stats.get("batches_redelivered", 0) == 0 and stats["rejected_role"] == 6, stats
+    rollout.close(), trainer.close()
+
+
+def test_a_register_flood_from_fresh_sockets_is_capped_per_key(tmp_run_dir, spawn_python):
+    cfg, rollout, trainer, proc = start_buffer(tmp_run_dir, spawn_python)
+    attacker = security.load(tmp_run_dir / "keys", "rollout")
+    replies = [
+        fresh_socket_request(
+            cfg,
+            attacker,
+            P.Register(server_id=f"fake-{i}", engine_url="http://x", policy_version=0),
+        )
+        for i in range(FLOOD)
+    ]
+    accepted = [r for r in replies if isinstance(r, P.RegisterAck)]
+    refused = [r for r in replies if isinstance(r, P.Ack) and r.status == "rejected"]
+    assert len(accepted) <= MIN_SERVERS - 1 + 2, len(
+        accepted
+    )  # the key's allowance (the real server holds one)
+    assert len(refused) == FLOOD - len(accepted) and all(
+        r.reason.startswith("peer_limit") for r in refused
+    )
+    roster = [m.server_id for m in trainer.request(P.RosterRequest()).members]
+    assert "real" in roster and len(roster) <= MIN_SERVERS, roster
+    # the real server goes on: it heartbeats, re-registers and is granted credits as before
+    assert rollout.request(P.Heartbeat(server_id="real", policy_version=0)).known
+    assert isinstance(
+        rollout.request(P.Register(server_id="real", engine_url="http://127.0.0.1:1")),
+        P.RegisterAck,
+    )
+    assert rollout.request(P.CreditRequest(server_id="real", max_credits=1)).credits
+    stats = trainer.request(P.StatsRequest()).values
+    assert stats["rejected_peer_limit"] == len(refused), stats
+    rollout.close(), trainer.close()
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    about = [line for line in err.splitlines() if "fake-" in line]
+    assert len(about) <= 3 * MIN_SERVERS, about[
+        :20
+    ]  # the accepted ids, and a rate-limited refusal line

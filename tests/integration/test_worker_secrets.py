@@ -1,0 +1,117 @@
+"""Reward and tool code cannot read the job's keys or signal its processes (issue 42, item 6).
+
+Real sandbox workers (``rollout_server/sandbox.py``: the reward pool's and the tool pool's) run an
+attacker's function that tries what issue 42 found it could do: read ``secrets/engine_api_key`` and
+the CURVE secret keys in ``keys/``, list those directories, read the rollout server's command line
+and environment from ``/proc``, and signal the process that started it (signal 0: the permission
+check alone, and a real SIGUSR1 that this test would notice). The job's private directories are
+hidden as the rollout server hides them at start (``sandbox.hide``). Only as root: a job of another
+user cannot switch uid or make namespaces, which ``SECURITY.md`` states.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import textwrap
+
+import pytest
+
+from areal_like import security
+from areal_like.auth import ensure_key_file
+from areal_like.config import TaskConfig
+from areal_like.datasets import Example
+from rollout_server import sandbox
+from rollout_server.reward_pool import RewardPool
+from rollout_server.sandbox import SandboxLimits, run_sandboxed
+
+ATTACK = '''
+import json, os, signal
+
+
+def attack(run_dir, parent_pid):
+    """Everything it reached, by name."""
+    got = {}
+    for rel in ("secrets/engine_api_key", "keys/server.key_secret",
+                "keys/clients/trainer.key_secret", "keys/clients/rollout.key_secret"):
+        try:
+            with open(os.path.join(run_dir, rel)) as f:
+                got[rel] = f.read()[:8]
+        except OSError:
+            pass
+    for rel in ("secrets", "keys", "keys/clients"):
+        try:
+            if os.listdir(os.path.join(run_dir, rel)):
+                got["ls " + rel] = True
+        except OSError:
+            pass
+    for what in ("cmdline", "environ"):
+        try:
+            with open(f"/proc/{parent_pid}/{what}", "rb") as f:
+                got["/proc " + what] = len(f.read())
+        except OSError:
+            pass
+    for sig in (0, signal.SIGUSR1):
+        try:
+            os.kill(parent_pid, sig)
+            got[f"signal {int(sig)}"] = True
+        except OSError:
+            pass
+    return got
+
+
+def reward(response, example):
+    return float(len(attack(example.answer, int(response))))
+'''
+
+
+@pytest.fixture
+def job(tmp_path, monkeypatch):
+    """A run directory with the job's keys and engine API key, and the attack importable."""
+    run_dir = tmp_path / "run"
+    security.make_keys(run_dir / "keys")
+    ensure_key_file(run_dir)
+    (tmp_path / "attack_fns.py").write_text(textwrap.dedent(ATTACK))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    usr1 = []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: usr1.append(1))
+    try:
+        yield run_dir, usr1
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        sandbox.hide(None)
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or sys.platform != "linux", reason="hiding needs root on Linux"
+)
+def test_a_sandboxed_call_reaches_no_key_and_signals_no_process(job):
+    run_dir, usr1 = job
+    before = run_sandboxed(
+        "attack_fns:attack", (str(run_dir), os.getpid()), SandboxLimits(timeout_s=30)
+    )
+    assert before.ok and "keys/clients/trainer.key_secret" in before.value  # what issue 42 found
+    assert sandbox.hide(
+        [run_dir / "keys", run_dir / "secrets"]
+    )  # what the rollout server does at start
+    got = run_sandboxed(
+        "attack_fns:attack", (str(run_dir), os.getpid()), SandboxLimits(timeout_s=30)
+    )
+    assert got.ok and got.value == {}, got
+    assert usr1 == [1]  # only the unhidden call's signal came through
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or sys.platform != "linux", reason="hiding needs root on Linux"
+)
+def test_a_reward_in_the_pool_reaches_no_key(job):
+    run_dir, usr1 = job
+    assert sandbox.hide([run_dir / "keys", run_dir / "secrets"])
+    pool = RewardPool(TaskConfig(reward_timeout_s=30.0, reward_workers=1), "attack_fns:reward")
+    try:
+        got = asyncio.run(pool.score_group("q", [str(os.getpid())], Example("q", str(run_dir))))
+    finally:
+        pool.close()
+    assert got == [(0.0, None)] and usr1 == []  # nothing reached
