@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def _start(tmp_path: Path, spawn_python, free_port, wait_until):
     env = {"PYTHONPATH": f"{STANDIN}{os.pathsep}{REPO}", "AREAL_LIKE_STANDIN_CONFIG": str(path),
            "AREAL_LIKE_STANDIN_PIDS": str(tmp_path / "engine.pids"), "RESTART_BACKOFF_S": "0"}
     server = spawn_python(EXEC_BASH, [tmp_path / "server.log", REPO / "launch/slurm/with_restarts.sh", "1",
-                                      "python", "-m",
+                                      sys.executable, "-m",
                                       "rollout_server", "--config-file", path, "rollout.server_id=rollout-0",
                                       f"rollout.metrics_port={metrics}"], env=env, capture=False)
     wait_until(lambda: _healthy(metrics), STARTUP_S, 0.5, "the rollout server's /health")

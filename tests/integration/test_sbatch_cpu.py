@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import psutil
@@ -80,6 +81,7 @@ def test_the_sbatch_script_runs_a_job_whose_guard_checks_its_engine_and_waits_fo
            "SLURM_CPUS_ON_NODE": "8", "GPUS_PER_NODE": "2", "HEAD_IFACE": "lo", "RUN_DIR": str(run_dir),
            "BUFFER_PORT": str(free_port()), "PUB_PORT": str(free_port()), "TRAINER_PORT": str(free_port()),
            "METRICS_BASE": str(free_port()), "RESTARTS": "0",
+           "VENV": sys.prefix,  # the script's `python` is this test's interpreter, activated or not
            "AREAL_LIKE_STANDIN_CONFIG": str(run_dir / "config.yaml"),
            "AREAL_LIKE_STANDIN_PIDS": str(tmp_path / "engine.pids")}
     env.pop("AREAL_LIKE_ENGINE_API_KEY", None)
