@@ -140,6 +140,14 @@ class _Guard:  # noqa: D101 - the limits, token and counters of one server
             return
 
 
+def _readable(fd: int) -> bool:
+    """Whether ``fd`` has something unread (or is at EOF). ``poll``, not ``select``: a daemon
+    with many files open (an engine) has sockets numbered past FD_SETSIZE, which select refuses."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 GUARD_KEY = web.AppKey("http_guard", _Guard)
 
 
@@ -184,7 +192,7 @@ class _GuardedHandler(RequestHandler):
         if self._loop.time() - self._heard_at < EVICT_IDLE_S or self.transport is None:
             return False
         sock = self.transport.get_extra_info("socket")
-        return sock is not None and not select.select([sock.fileno()], [], [], 0)[0]
+        return sock is not None and not _readable(sock.fileno())
 
     def evict(self) -> None:
         """Abort the connection; its slot is free at once (connection_lost comes later)."""

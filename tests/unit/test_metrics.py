@@ -180,3 +180,44 @@ def test_at_the_cap_only_kept_alive_strangers_are_evicted_and_health_always_answ
         for s in socks:
             s.close()
         server.stop()
+
+
+def test_eviction_works_for_sockets_numbered_past_fd_setsize():
+    """A daemon with more than 1024 open files (an engine's process has many) still makes room at
+    the cap: the eviction check on a socket numbered past FD_SETSIZE used ``select.select``, which
+    raised in ``connection_made`` and left the newcomer hanging, neither served nor refused."""
+    import os
+    import resource
+    import socket
+    import time
+
+    from areal_like.http_guard import EVICT_IDLE_S, HttpLimits
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if max(soft, hard) < 1200:
+        pytest.skip("needs an open-file limit above 1200")
+    if soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    pad = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]  # later sockets: fd >= 1024
+    limits = HttpLimits(max_connections=1, header_timeout_s=30.0, keepalive_s=30.0, max_inflight=4,
+                        max_body_bytes=1024)
+    server = MetricsServer(Metrics(), 0, "127.0.0.1", token="t0k", limits=limits)
+    health_req = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    socks = []
+    try:
+        stranger = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        socks.append(stranger)
+        stranger.sendall(health_req)
+        assert stranger.recv(65536).startswith(b"HTTP/1.1 200")
+        time.sleep(EVICT_IDLE_S + 0.2)  # what makes it evictable: silence for this long
+        member = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        socks.append(member)
+        member.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t0k\r\n\r\n")
+        assert member.recv(65536).startswith(b"HTTP/1.1 200")
+        assert server.stats.evicted == 1
+    finally:
+        for s in socks:
+            s.close()
+        server.stop()
+        for fd in pad:
+            os.close(fd)
