@@ -244,8 +244,8 @@ def _from(first: int):
         port += 1
 
 
-def _command(cfg: RunConfig, topo: Topology, slot: DaemonSlot, config: str, restarts: int, repo: str,
-             host: str) -> list[str]:
+def _command(cfg: RunConfig, topo: Topology, slot: DaemonSlot, config: str, restarts: int,
+             repo: str, host: str) -> list[str]:
     if slot.kind == "buffer":
         return ["areal-like", "buffer", "--config-file", config]
     if slot.kind == "rollout":  # restarted in place when it dies, like the local supervisor does

@@ -365,7 +365,8 @@ class RolloutServer(Daemon):
         why = (f"engine {self.engine_url} did not answer /health_generate within "
                f"{ENGINE_PROBE_S:.0f}s after the failed weight sync v{version}")
         if self.rcfg.engine.kind == "url":
-            self.log.error("%s; attached by URL (rollout.engine.kind=url): restart it yourself", why)
+            self.log.error("%s; attached by URL (rollout.engine.kind=url): restart it yourself",
+                           why)
             return
         self.log.error("%s: stopping so that this server restarts with a fresh engine", why)
         self.wedged = True

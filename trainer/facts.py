@@ -29,7 +29,7 @@ class TrainerFacts:
     run_dir: Path  # where metrics/trainer.jsonl and samples.jsonl go
     checkpoint_dir: Path  # trainer.checkpoint_dir resolved against run_dir
     export_dir: Path  # export.dir resolved against run_dir
-    nodes: int = 1  # launch.nodes: > 1 puts the engines on other nodes than rank 0 (the log-prob guard)
+    nodes: int = 1  # launch.nodes: > 1 puts the engines on other nodes than rank 0 (log-prob guard)
 
     @classmethod
     def from_run(cls, cfg: RunConfig) -> TrainerFacts:

@@ -129,10 +129,11 @@ def elsewhere(url: str, several_nodes: bool) -> str | None:
     """Why rank 0 cannot check the engine at ``url`` from here, or None: on a job of several nodes
     a loopback or any-address URL names this machine, not the engine's node."""
     host = urllib.parse.urlsplit(url).hostname or ""
-    if not several_nodes or not (host.startswith("127.") or host in ("localhost", "::1", "0.0.0.0", "::")):
+    loopback = host.startswith("127.") or host in ("localhost", "::1", "0.0.0.0", "::")
+    if not several_nodes or not loopback:
         return None
-    return (f"its URL {url} is a loopback address and launch.nodes > 1 puts the engines on other nodes "
-            "than trainer rank 0: set rollout.engine.host to the engine node's address")
+    return (f"its URL {url} is a loopback address and launch.nodes > 1 puts the engines on other "
+            "nodes than trainer rank 0: set rollout.engine.host to the engine node's address")
 
 
 def collect_probes(buffer: Client, served: Sequence[str], prompt_ids: list[int], temperature: float,
@@ -172,11 +173,12 @@ def _broadcast(obj):
 def run_guard(model: torch.nn.Module, device: torch.device, *, rank: int, buffer: Client | None,
               served: Sequence[str], prompt_ids: list[int], temperature: float, tol: float,
               several_nodes: bool = False) -> tuple[list[str], dict[str, str]]:
-    """All ranks: probe (rank 0), score (all), compare (rank 0), agree. Returns the engines that passed
-    and those NOT CHECKED with the reason (``collect_probes``); raises ``LogprobGuardError`` on every
-    rank when one does not pass."""
-    probes, unchecked = _broadcast(collect_probes(buffer, served, prompt_ids, temperature, several_nodes)
-                                   if rank == 0 else None)
+    """All ranks: probe (rank 0), score (all), compare (rank 0), agree. Returns the engines that
+    passed and those NOT CHECKED with the reason (``collect_probes``); raises ``LogprobGuardError``
+    on every rank when one does not pass."""
+    collected = collect_probes(buffer, served, prompt_ids, temperature, several_nodes) if rank == 0 \
+        else None
+    probes, unchecked = _broadcast(collected)
     verdict: str | None = None
     for p in probes:  # every rank runs every forward: same count, same order
         mine = trainer_logprobs(model, p.prompt_ids, p.output_ids, temperature, device)

@@ -164,7 +164,8 @@ class Trainer(Daemon):
             return
         prompt = list(self.tokenizer.encode(PROBE_TEXT)) if self.rank == 0 else []
         passed, unchecked = run_guard(self.policy.model, self.policy.device, rank=self.rank,
-                                      buffer=self.broadcaster.client, served=sync.done, prompt_ids=prompt,
+                                      buffer=self.broadcaster.client, served=sync.done,
+                                      prompt_ids=prompt,
                                       temperature=self.facts.task.temperature, tol=tol,
                                       several_nodes=self.facts.nodes > 1)
         self.record({"event": "logprob_guard", "policy_version": self.version, "passed": passed,
