@@ -30,8 +30,10 @@ each worker starts in namespaces of its own (``unshare --pid --fork --mount-proc
   not the rollout server, the engine or any other process of the job (whose command lines, such
   as SGLang's ``--api-key``, it cannot read either);
 * a mount namespace in which each hidden directory is covered by an empty read-only tmpfs of mode
-  0000 before the worker starts (``HIDE_SCRIPT``); the worker drops every capability before it
-  imports user code (``reward_worker.drop_privileges``), so it cannot unmount them.
+  0000 before the worker starts (``HIDE_SCRIPT``), and every mount but ``/tmp``, ``/proc``,
+  ``/sys`` and ``/dev`` is read-only (the job's code, venv, config, WAL and checkpoints cannot be
+  changed from there); the worker drops every capability before it imports user code
+  (``reward_worker.drop_privileges``), so it cannot unmount or remount them.
 
 Without root (or where ``unshare`` is refused: a container without CAP_SYS_ADMIN) a process
 cannot switch uid or make namespaces; workers then run as the job's user and can read what it
@@ -70,8 +72,15 @@ STARTUP_TIMEOUT_S = 120.0  # a fresh worker imports the function's module (sympy
 # PID 1 of the worker's namespaces: cover each hidden directory ($2.. up to --) with an empty tmpfs
 # nobody may enter, go to the caller's directory ($1) and run the worker as a child (not exec: a
 # PID 1 ignores signals it has no handler for), exiting with its status (128 + N: killed by N).
-HIDE_SCRIPT = ('cwd=$1; shift; while [ "$1" != -- ]; do mount -t tmpfs -o ro,mode=000,size=4k '
-               'areal-hidden "$1" || exit 126; shift; done; shift; cd "$cwd" || cd /; "$@"')
+# /tmp stays writable (a mount of its own first, so the hiding tmpfs under it are kept); then
+# the hidden directories are covered; then every other mount but /proc, /sys and /dev is made
+# read-only: with its effective uid 0 (reward_worker.drop_privileges) a worker would otherwise
+# write root's files, the job's code and config among them, and run as full root at a restart.
+HIDE_SCRIPT = ('cwd=$1; shift; mount --bind /tmp /tmp || exit 126; while [ "$1" != -- ]; do '
+               'mount -t tmpfs -o ro,mode=000,size=4k areal-hidden "$1" || exit 126; shift; done; '
+               'shift; for m in $(awk \'{print $5}\' /proc/self/mountinfo); do case "$m" in '
+               '/tmp|/tmp/*|/proc|/proc/*|/sys|/sys/*|/dev|/dev/*) continue;; esac; '
+               'mount -o remount,bind,ro "$m" || exit 126; done; cd "$cwd" || cd /; "$@"')
 NAMESPACES = ("--pid", "--fork", "--kill-child", "--mount-proc")
 log = logging.getLogger(__name__)
 _hidden: tuple[str, ...] | None = None  # None: workers start as the job's own processes (hide())

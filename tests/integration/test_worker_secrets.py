@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -31,9 +32,16 @@ ATTACK = '''
 import json, os, signal
 
 
-def attack(run_dir, parent_pid):
+def attack(run_dir, parent_pid, plant=None):
     """Everything it reached, by name."""
     got = {}
+    if plant:  # a file beside the job's own code (outside /tmp): run as root at the next start
+        try:
+            with open(plant, "w") as f:
+                f.write("raise SystemExit('planted')")
+            got["wrote code"] = True
+        except OSError:
+            pass
     for rel in ("secrets/engine_api_key", "keys/server.key_secret",
                 "keys/clients/trainer.key_secret", "keys/clients/rollout.key_secret"):
         try:
@@ -89,17 +97,23 @@ def job(tmp_path, monkeypatch):
 )
 def test_a_sandboxed_call_reaches_no_key_and_signals_no_process(job):
     run_dir, usr1 = job
-    before = run_sandboxed(
-        "attack_fns:attack", (str(run_dir), os.getpid()), SandboxLimits(timeout_s=30)
-    )
-    assert before.ok and "keys/clients/trainer.key_secret" in before.value  # what issue 42 found
+    plant = Path(sandbox.__file__).with_name(f"_planted_{os.getpid()}.py")
+    try:
+        before = run_sandboxed("attack_fns:attack", (str(run_dir), os.getpid(), str(plant)),
+                               SandboxLimits(timeout_s=30))
+        assert before.ok and "keys/clients/trainer.key_secret" in before.value  # issue 42
+        assert before.value.get("wrote code") and plant.exists()  # a review found this
+    finally:
+        plant.unlink(missing_ok=True)
     assert sandbox.hide(
         [run_dir / "keys", run_dir / "secrets"]
     )  # what the rollout server does at start
-    got = run_sandboxed(
-        "attack_fns:attack", (str(run_dir), os.getpid()), SandboxLimits(timeout_s=30)
-    )
-    assert got.ok and got.value == {}, got
+    try:
+        got = run_sandboxed("attack_fns:attack", (str(run_dir), os.getpid(), str(plant)),
+                            SandboxLimits(timeout_s=30))
+        assert got.ok and got.value == {} and not plant.exists(), got
+    finally:
+        plant.unlink(missing_ok=True)
     assert usr1 == [1]  # only the unhidden call's signal came through
 
 
