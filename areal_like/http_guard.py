@@ -187,7 +187,11 @@ class _GuardedHandler(RequestHandler):
         """Kept alive after a request (never one still to send its first), never vouched for by
         the token, idle (no request being read or handled), silent for ``EVICT_IDLE_S`` and with
         nothing unread in its socket."""
-        if self.vouched or not self._request_count or self._request_in_progress or self._messages:
+        # aiohttp's RequestHandler state, read with defaults: should a release rename one, no
+        # connection is evicted (the cap then only refuses) rather than the check raising
+        served = getattr(self, "_request_count", 0)
+        busy = getattr(self, "_request_in_progress", True) or getattr(self, "_messages", True)
+        if self.vouched or not served or busy:
             return False
         if self._loop.time() - self._heard_at < EVICT_IDLE_S or self.transport is None:
             return False
