@@ -9,6 +9,12 @@ the server that many GPUs, so ``rollout.engine.sglang.tp_size`` is refused by th
 ``--weight-version 0`` unless configured (our versions are integers, SGLang's default
 ``"default"`` is not).
 
+CPU mode (``rollout.engine.sglang.device=cpu``, passed through as SGLang's ``--device cpu``;
+``topology=cpu_sglang``) adds, in the SGLang process's environment only, ``SGLANG_USE_CPU_ENGINE=1`` (SGLang picks its CPU paths
+only through it) with ``rollout_server/sglang_cpu`` first on ``PYTHONPATH`` (its pure-torch
+``sgl_kernel`` stand-in; the registry's is the CUDA build). The stand-in was checked against one
+SGLang release: ``start()`` refuses another before launching anything.
+
 The server runs in its own session (process group) because SGLang forks scheduler and
 detokenizer processes; ``stop()`` signals that group through the PID we started (SIGTERM,
 then SIGKILL after ``STOP_GRACE_S``). Nothing is killed by name.
@@ -112,6 +118,35 @@ def sglang_command(model: ModelConfig, engine: EngineConfig, port: int, api_key:
     return argv
 
 
+def cpu_mode(engine: EngineConfig) -> bool:
+    """SGLang on CPU: ``rollout.engine.sglang.device=cpu`` (its own ``--device`` flag)."""
+    return str(engine.sglang.get("device", "")).lower() == "cpu"
+
+
+def sglang_env(engine: EngineConfig, base: dict[str, str] | None = None) -> dict[str, str] | None:
+    """The SGLang process's environment: ``None`` (this one's) on a GPU; on CPU this one's plus
+    ``SGLANG_USE_CPU_ENGINE=1`` and the ``sgl_kernel`` stand-in first on ``PYTHONPATH`` (then the
+    directory this project is imported from, which the stand-in imports its version pin from)."""
+    if not cpu_mode(engine):
+        return None
+    from rollout_server.sglang_cpu import STANDIN_DIR
+
+    env = dict(os.environ if base is None else base)
+    paths = [str(STANDIN_DIR), str(STANDIN_DIR.parents[1]), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    env.update(SGLANG_USE_CPU_ENGINE="1", PYTHONPATH=os.pathsep.join(dict.fromkeys(paths)))
+    return env
+
+
+def installed_sglang() -> str | None:
+    """The sglang release this interpreter (the one SGLang is started with) has, or None."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("sglang")
+    except metadata.PackageNotFoundError:
+        return None
+
+
 class SGLangProcess:
     """One SGLang server subprocess: ``start()`` -> base URL once ``/health`` answers 200."""
 
@@ -128,6 +163,10 @@ class SGLangProcess:
         return self.engine.tp_size
 
     def start(self) -> SGLangProcess:
+        if cpu_mode(self.engine):
+            from rollout_server.sglang_cpu import check_sglang_version
+
+            check_sglang_version(installed_sglang())
         argv = sglang_command(self.model, self.engine, self.port, self.api_key)
         log.info("starting SGLang: %s", " ".join(redact_argv(argv)))
         # SGLang may print its server_args, the API key among them: its log is readable by this user only
@@ -135,7 +174,8 @@ class SGLangProcess:
             if self.log_path else None
         if out is not None:
             os.fchmod(out.fileno(), 0o600)  # also a log an earlier run left readable
-        self.proc = spawn_tied(argv, stdout=out, stderr=subprocess.STDOUT if out else None)
+        self.proc = spawn_tied(argv, stdout=out, stderr=subprocess.STDOUT if out else None,
+                               env=sglang_env(self.engine))
         deadline = time.monotonic() + self.engine.startup_timeout_s
         while not self._healthy():
             if self.proc.poll() is not None:
