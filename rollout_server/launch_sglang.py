@@ -26,6 +26,10 @@ own scheduler and detokenizer processes do the same towards the SGLang main proc
 whole tree goes, with its GPU memory and its port. The signal follows the *thread* that forked
 the child: ``start()`` must run on a thread that lives as long as the engine (the rollout
 server calls it from its main thread).
+
+What the tree leaves in ``/dev/shm`` (SGLang's load snapshot, semaphores) is removed by a reaper
+process started with it (``rollout_server/engine_reaper.py``), which outlives the rollout server
+on purpose: on ``stop()``, and also when the rollout server itself was killed.
 """
 
 from __future__ import annotations
@@ -39,10 +43,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 from areal_like.auth import redact_argv
 from areal_like.config import EngineConfig, ModelConfig
 from areal_like.distributed import free_port
+from rollout_server.engine_reaper import GONE_TIMEOUT_S, shm_files
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +163,8 @@ class SGLangProcess:
         self.url = f"http://{engine.host}:{self.port}"
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
+        self.reaper: subprocess.Popen | None = None  # rollout_server/engine_reaper.py: outlives us to clean up
+        self.shm: set[str] = set()  # the /dev/shm files SGLang made (told to the reaper)
 
     @property
     def engine_ranks(self) -> int:
@@ -176,16 +184,33 @@ class SGLangProcess:
             os.fchmod(out.fileno(), 0o600)  # also a log an earlier run left readable
         self.proc = spawn_tied(argv, stdout=out, stderr=subprocess.STDOUT if out else None,
                                env=sglang_env(self.engine))
+        self.reaper = subprocess.Popen([sys.executable, "-m", "rollout_server.engine_reaper", str(self.proc.pid)],
+                                       stdin=subprocess.PIPE, text=True, start_new_session=True,
+                                       env={**os.environ, "PYTHONPATH": _project_path()})
         deadline = time.monotonic() + self.engine.startup_timeout_s
         while not self._healthy():
             if self.proc.poll() is not None:
+                self.stop()
                 raise RuntimeError(f"SGLang exited with code {self.proc.returncode} during startup")
             if time.monotonic() > deadline:
                 self.stop()
                 raise TimeoutError(f"SGLang not healthy within {self.engine.startup_timeout_s:.0f}s")
             time.sleep(HEALTH_POLL_S)
         log.info("SGLang healthy at %s (pid %d)", self.url, self.proc.pid)
+        self.track_shm()
         return self
+
+    def track_shm(self) -> None:
+        """Tell the reaper the /dev/shm files SGLang's processes hold now (it unlinks them at the end)."""
+        new = shm_files(self.proc.pid) - self.shm
+        if new and self.reaper is not None and self.reaper.poll() is None:
+            self.reaper.stdin.write("".join(f + "\n" for f in sorted(new)))
+            self.reaper.stdin.flush()
+            self.shm |= new
+
+    def exit_code(self) -> int | None:
+        """None while SGLang's main process runs; its exit code (negative: the signal) once it ended."""
+        return None if self.proc is None else self.proc.poll()
 
     def _healthy(self) -> bool:
         try:
@@ -196,5 +221,20 @@ class SGLangProcess:
             return False
 
     def stop(self) -> None:
+        """Stop SGLang's group, then let the reaper remove its files (waiting for it, bounded)."""
         if self.proc is not None:
             stop_group(self.proc)
+        if self.reaper is not None:
+            self.reaper.stdin.close()  # end of file: the reaper kills what is left and unlinks
+            try:
+                self.reaper.wait(timeout=GONE_TIMEOUT_S + 5)
+            except subprocess.TimeoutExpired:
+                log.error("the engine reaper (pid %d) did not finish", self.reaper.pid)
+            self.reaper = None
+
+
+def _project_path() -> str:
+    """PYTHONPATH for a child that imports this project: where it is imported from, then the rest."""
+    here = str(Path(__file__).resolve().parents[1])
+    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != here]
+    return os.pathsep.join([here, *rest])

@@ -187,6 +187,7 @@ class RolloutServer(Daemon):
                           (self.heartbeats(), self.announcements(), self.link.sender())]
             while not self.stop_requested.is_set():
                 self.raise_if_component_stopped()
+                self.raise_if_engine_died()
                 _raise_if_done(background)
                 if plan := self.next_plan():
                     await (self.decline_plan(plan) if self.eval_version is not None else self.sync_weights(plan))
@@ -208,6 +209,15 @@ class RolloutServer(Daemon):
             await self.client.close()
             self.control.close()
             self.data.close()
+
+    def raise_if_engine_died(self) -> None:
+        """A launched SGLang that died (a crash, an OOM kill, a ``kill -9``) stops this server at the next
+        tick (exit 1) instead of failing episode after episode: the launcher starts the server again, and
+        with it a new engine (its files removed by the old one's reaper), which registers afresh and is
+        brought up to the trainer's weights (tests/sglang/test_faults.py)."""
+        code = self.engine.exit_code() if self.rcfg.engine.kind == "sglang" and self.engine is not None else None
+        if code is not None:
+            raise ComponentStopped(f"its SGLang engine (pid {self.engine.proc.pid}) exited with code {code}")
 
     # ------------------------------------------------------------------ buffer control
     async def register(self, fresh: bool = False) -> None:
@@ -320,7 +330,7 @@ class RolloutServer(Daemon):
         try:
             done = await apply_weight_sync(self.client, plan, self.server_id, drain=self.rcfg.drain_on_update,
                                            door=self.rcfg.engine.kind != "embedded",  # torch's own join: SGLang
-                                           inflight_drained=self.episodes_idle)
+                                           inflight_drained=self.episodes_idle, pause_mode=self.rcfg.pause_mode)
         finally:
             self.syncing = False
         if done.ok:
