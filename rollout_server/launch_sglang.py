@@ -43,6 +43,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from areal_like.auth import redact_argv
@@ -124,6 +125,10 @@ def sglang_command(model: ModelConfig, engine: EngineConfig, port: int, api_key:
     return argv
 
 
+class StartAborted(RuntimeError):
+    """``SGLangProcess.start`` gave up because a stop was requested (what it started is stopped)."""
+
+
 def cpu_mode(engine: EngineConfig) -> bool:
     """SGLang on CPU: ``rollout.engine.sglang.device=cpu`` (its own ``--device`` flag)."""
     return str(engine.sglang.get("device", "")).lower() == "cpu"
@@ -170,7 +175,9 @@ class SGLangProcess:
     def engine_ranks(self) -> int:
         return self.engine.tp_size
 
-    def start(self) -> SGLangProcess:
+    def start(self, stop_requested: Callable[[], bool] = lambda: False) -> SGLangProcess:
+        """Launch and wait until healthy; gives up (stopping what it started) at the startup timeout
+        or as soon as ``stop_requested()`` (a stop must not wait for SGLang's slow start)."""
         if cpu_mode(self.engine):
             from rollout_server.sglang_cpu import check_sglang_version
 
@@ -195,6 +202,9 @@ class SGLangProcess:
             if time.monotonic() > deadline:
                 self.stop()
                 raise TimeoutError(f"SGLang not healthy within {self.engine.startup_timeout_s:.0f}s")
+            if stop_requested():
+                self.stop()
+                raise StartAborted("stop requested while SGLang was starting")
             time.sleep(HEALTH_POLL_S)
         log.info("SGLang healthy at %s (pid %d)", self.url, self.proc.pid)
         self.track_shm()

@@ -104,11 +104,16 @@ class RolloutServer(Daemon):
             self.engine = EmbeddedEngine(self.facts.model, ecfg, api_key=self.api_key).start()
             self.engine_url = self.engine.url
         elif ecfg.kind == "sglang":
-            from rollout_server.launch_sglang import SGLangProcess
+            from rollout_server.launch_sglang import SGLangProcess, StartAborted
 
             log_path = str(self.facts.run_dir / f"logs/sglang-{self.server_id}.log")
             os.makedirs(os.path.dirname(log_path), exist_ok=True)
-            self.engine = SGLangProcess(self.facts.model, ecfg, log_path, api_key=self.api_key).start()
+            self.engine = SGLangProcess(self.facts.model, ecfg, log_path, api_key=self.api_key)
+            try:
+                self.engine.start(stop_requested=self.stop_requested.is_set)
+            except StartAborted:  # stopped while SGLang started (it is stopped too): nothing to run
+                self.engine = None
+                return
             self.engine_url, self.engine_ranks = self.engine.url, self.engine.engine_ranks
         else:
             self.engine_url = require_local_engine(ecfg.url)  # it joins weight groups through our loopback door
@@ -141,7 +146,8 @@ class RolloutServer(Daemon):
             self.engine = None
 
     def run(self) -> None:
-        asyncio.run(self.serve_until_stopped())
+        if self.started:  # else a stop came during start()
+            asyncio.run(self.serve_until_stopped())
 
     async def serve_until_stopped(self) -> None:
         """Run ``main`` until a stop is requested, then cancel it wherever it waits (a request to a
@@ -186,8 +192,8 @@ class RolloutServer(Daemon):
             background = [asyncio.create_task(c, name=c.__name__) for c in
                           (self.heartbeats(), self.announcements(), self.link.sender())]
             while not self.stop_requested.is_set():
+                self.raise_if_engine_died()  # first: a dead engine also fails every episode
                 self.raise_if_component_stopped()
-                self.raise_if_engine_died()
                 _raise_if_done(background)
                 if plan := self.next_plan():
                     await (self.decline_plan(plan) if self.eval_version is not None else self.sync_weights(plan))

@@ -25,6 +25,7 @@ from rollout_server.launch_sglang import installed_sglang
 from rollout_server.sglang_cpu import SGLANG_VERSION
 
 _HERE = Path(__file__).resolve().parent
+TIMEOUT_S = 900  # per test, fixtures included: one SGLang start takes 30-130 s on a loaded 2-core machine
 
 
 @pytest.hookimpl(tryfirst=True)  # mark before `-m 'not sglang'` deselects
@@ -32,6 +33,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if _HERE in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.sglang)
+            item.add_marker(pytest.mark.timeout(TIMEOUT_S))  # a test's own timeout mark comes first
 
 
 @pytest.fixture(scope="session", autouse=True)
