@@ -196,9 +196,9 @@ class RolloutConfig:
     max_concurrent_groups: int = 8
     heartbeat_s: float = 1.0
     drain_on_update: bool = False  # finish in-flight requests before a weight update instead of aborting
-    # /pause_generation mode of a weight update (trainer/WEIGHT_SYNC.md "Pause modes"): abort (requests
-    # end and are resubmitted), retract (held in the engine, KV rebuilt with the new weights); in_place
-    # keeps KV computed with the old weights, so tokens after the update would not be exactly any version's
+    # /pause_generation mode of a weight update (trainer/WEIGHT_SYNC.md "Pause modes"): abort
+    # (requests end and are resubmitted), retract (held in the engine, KV rebuilt with the new
+    # weights); not in_place: it keeps KV of the old weights, so no version would be exact
     pause_mode: str = "abort"
     eval: bool = False  # this server runs the job's evaluations (eval.*); `areal-like run` sets it on the first
     metrics_port: int = 0

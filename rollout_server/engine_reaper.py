@@ -24,7 +24,9 @@ import time
 from pathlib import Path
 
 SHM = "/dev/shm/"
-GONE_TIMEOUT_S = 30.0  # SIGKILL is immediate; the slack is for a loaded machine reaping a large tree
+GONE_TIMEOUT_S = (
+    30.0  # SIGKILL is immediate; the slack is for a loaded machine reaping a large tree
+)
 POLL_S = 0.05
 
 
@@ -38,7 +40,7 @@ def group_members(pgid: int) -> list[int]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ...
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp ...
         if int(fields[2]) == pgid and fields[0] != "Z":
             found.append(int(entry.name))
     return found
@@ -53,7 +55,9 @@ def shm_files(pgid: int) -> set[str]:
             fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
         except OSError:  # it exited meanwhile
             continue
-        paths = [line.split(None, 5)[5] for line in maps.splitlines() if len(line.split(None, 5)) == 6]
+        paths = [
+            line.split(None, 5)[5] for line in maps.splitlines() if len(line.split(None, 5)) == 6
+        ]
         files.update(p.removesuffix(" (deleted)") for p in [*paths, *fds] if p.startswith(SHM))
     return {f for f in files if not f.endswith(" (deleted)")}
 

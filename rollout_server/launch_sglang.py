@@ -10,9 +10,10 @@ the server that many GPUs, so ``rollout.engine.sglang.tp_size`` is refused by th
 ``"default"`` is not).
 
 CPU mode (``rollout.engine.sglang.device=cpu``, passed through as SGLang's ``--device cpu``;
-``topology=cpu_sglang``) adds, in the SGLang process's environment only, ``SGLANG_USE_CPU_ENGINE=1`` (SGLang picks its CPU paths
-only through it) with ``rollout_server/sglang_cpu`` first on ``PYTHONPATH`` (its pure-torch
-``sgl_kernel`` stand-in; the registry's is the CUDA build). The stand-in was checked against one
+``topology=cpu_sglang``) adds, in the SGLang process's environment only,
+``SGLANG_USE_CPU_ENGINE=1`` (SGLang picks its CPU paths only through it) with
+``rollout_server/sglang_cpu`` first on ``PYTHONPATH`` (its pure-torch ``sgl_kernel`` stand-in;
+the registry's is the CUDA build). The stand-in was checked against one
 SGLang release: ``start()`` refuses another before launching anything.
 
 The server runs in its own session (process group) because SGLang forks scheduler and
@@ -143,7 +144,8 @@ def sglang_env(engine: EngineConfig, base: dict[str, str] | None = None) -> dict
     from rollout_server.sglang_cpu import STANDIN_DIR
 
     env = dict(os.environ if base is None else base)
-    paths = [str(STANDIN_DIR), str(STANDIN_DIR.parents[1]), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    rest = filter(None, env.get("PYTHONPATH", "").split(os.pathsep))
+    paths = [str(STANDIN_DIR), str(STANDIN_DIR.parents[1]), *rest]
     env.update(SGLANG_USE_CPU_ENGINE="1", PYTHONPATH=os.pathsep.join(dict.fromkeys(paths)))
     return env
 
@@ -168,7 +170,7 @@ class SGLangProcess:
         self.url = f"http://{engine.host}:{self.port}"
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
-        self.reaper: subprocess.Popen | None = None  # rollout_server/engine_reaper.py: outlives us to clean up
+        self.reaper: subprocess.Popen | None = None  # engine_reaper.py: outlives us to clean up
         self.shm: set[str] = set()  # the /dev/shm files SGLang made (told to the reaper)
 
     @property
@@ -191,8 +193,9 @@ class SGLangProcess:
             os.fchmod(out.fileno(), 0o600)  # also a log an earlier run left readable
         self.proc = spawn_tied(argv, stdout=out, stderr=subprocess.STDOUT if out else None,
                                env=sglang_env(self.engine))
-        self.reaper = subprocess.Popen([sys.executable, "-m", "rollout_server.engine_reaper", str(self.proc.pid)],
-                                       stdin=subprocess.PIPE, text=True, start_new_session=True,
+        reaper = [sys.executable, "-m", "rollout_server.engine_reaper", str(self.proc.pid)]
+        self.reaper = subprocess.Popen(reaper, stdin=subprocess.PIPE, text=True,
+                                       start_new_session=True,
                                        env={**os.environ, "PYTHONPATH": _project_path()})
         deadline = time.monotonic() + self.engine.startup_timeout_s
         while not self._healthy():
@@ -211,7 +214,7 @@ class SGLangProcess:
         return self
 
     def track_shm(self) -> None:
-        """Tell the reaper the /dev/shm files SGLang's processes hold now (it unlinks them at the end)."""
+        """Tell the reaper the /dev/shm files SGLang's processes hold now (it unlinks them)."""
         new = shm_files(self.proc.pid) - self.shm
         if new and self.reaper is not None and self.reaper.poll() is None:
             self.reaper.stdin.write("".join(f + "\n" for f in sorted(new)))
@@ -219,7 +222,7 @@ class SGLangProcess:
             self.shm |= new
 
     def exit_code(self) -> int | None:
-        """None while SGLang's main process runs; its exit code (negative: the signal) once it ended."""
+        """None while SGLang's main process runs; then its exit code (negative: the signal)."""
         return None if self.proc is None else self.proc.poll()
 
     def _healthy(self) -> bool:
@@ -244,7 +247,7 @@ class SGLangProcess:
 
 
 def _project_path() -> str:
-    """PYTHONPATH for a child that imports this project: where it is imported from, then the rest."""
+    """PYTHONPATH for a child importing this project: where it is imported from, then the rest."""
     here = str(Path(__file__).resolve().parents[1])
     rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != here]
     return os.pathsep.join([here, *rest])

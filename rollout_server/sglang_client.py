@@ -305,8 +305,9 @@ class SGLangClient:
 
     async def loads(self) -> list[dict]:
         """``GET /v1/loads?include=core``: one entry per DP rank (``num_running_reqs``,
-        ``num_waiting_reqs``, ``num_used_tokens``, ...). SGLang only; the embedded engine has none."""
-        body = (await self._call("GET", "/v1/loads", idempotent=True, params={"include": "core"}))[1]
+        ``num_waiting_reqs``, ``num_used_tokens``, ...). SGLang only (not the embedded engine)."""
+        query = {"include": "core"}
+        body = (await self._call("GET", "/v1/loads", idempotent=True, params=query))[1]
         return list(body.get("loads") or []) if isinstance(body, dict) else []
 
     async def weight_version(self) -> str | None:

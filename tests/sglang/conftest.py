@@ -25,7 +25,9 @@ from rollout_server.launch_sglang import installed_sglang
 from rollout_server.sglang_cpu import SGLANG_VERSION
 
 _HERE = Path(__file__).resolve().parent
-TIMEOUT_S = 900  # per test, fixtures included: one SGLang start takes 30-130 s on a loaded 2-core machine
+TIMEOUT_S = (
+    900  # per test, fixtures included: one SGLang start takes 30-130 s on a loaded 2-core machine
+)
 
 
 @pytest.hookimpl(tryfirst=True)  # mark before `-m 'not sglang'` deselects
@@ -40,9 +42,13 @@ def pytest_collection_modifyitems(config, items):
 def pinned_sglang() -> str:
     found = installed_sglang()
     if found != SGLANG_VERSION:
-        pytest.fail(f"the sglang tier needs sglang=={SGLANG_VERSION} in this Python ({found or 'none'} found): "
-                    "make its environment with tests/sglang/setup_env.sh DIR and run DIR/bin/python -m pytest "
-                    "-m sglang tests/sglang", pytrace=False)
+        pytest.fail(
+            f"the sglang tier needs sglang=={SGLANG_VERSION} in this Python ({found or 'none'} "
+            "found): make its environment with tests/sglang/setup_env.sh DIR and run "
+            "DIR/bin/python -m pytest "
+            "-m sglang tests/sglang",
+            pytrace=False,
+        )
     return found
 
 

@@ -10,9 +10,17 @@ from pathlib import Path
 from areal_like.config import EngineConfig, ModelConfig, load_config
 from rollout_server.launch_sglang import SGLangProcess
 
-# The quickstart's tiny Qwen2 (configs/model/tiny.yaml, char tokenizer) with room for long generations.
-MODEL = dict(vocab_size=104, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=4096, dtype="float32")
+# The quickstart's tiny Qwen2 (configs/model/tiny.yaml, char tokenizer), room for long generations.
+MODEL = dict(
+    vocab_size=104,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    dtype="float32",
+)
 
 
 def cpu_engine(**sglang) -> EngineConfig:
@@ -26,7 +34,7 @@ def model_config(path: Path | str | None = None, **over) -> ModelConfig:
 
 
 def save_model(path: Path, init_seed: int = 0) -> Path:
-    """A Hugging Face directory of the tiny model built with ``init_seed`` and the char tokenizer."""
+    """A Hugging Face directory of the tiny model built with ``init_seed``, char tokenizer."""
     from areal_like.hf import build_model
     from areal_like.tokenizer import char_tokenizer
 
@@ -48,5 +56,7 @@ class Server:
 
 def start_server(model_dir: Path, log_path: Path, **sglang) -> Server:
     key = secrets.token_urlsafe(16)
-    proc = SGLangProcess(model_config(model_dir), cpu_engine(**sglang), log_path=str(log_path), api_key=key)
+    proc = SGLangProcess(
+        model_config(model_dir), cpu_engine(**sglang), log_path=str(log_path), api_key=key
+    )
     return Server(proc=proc.start(), model_dir=model_dir, api_key=key)

@@ -26,6 +26,7 @@ from rollout_server.engine_reaper import group_members, shm_files
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 from system_harness import RunningSystem  # noqa: E402
+
 GONE_DEADLINE_S = 60.0  # SIGKILL is immediate; the slack is for a loaded 2-core machine
 STANDIN = r"""
 import sys
@@ -56,13 +57,24 @@ def _wait(cond, timeout_s: float, what: str):
 
 
 def test_killing_the_rollout_server_takes_sglang_its_port_and_its_files(model_dir, tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(Path(__file__).parent)]),
-           "OMP_NUM_THREADS": "1"}
-    server = subprocess.Popen([sys.executable, "-c", STANDIN, str(model_dir), str(tmp_path / "sglang.log")],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(Path(__file__).parent)]),
+        "OMP_NUM_THREADS": "1",
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-c", STANDIN, str(model_dir), str(tmp_path / "sglang.log")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=env,
+    )
     try:
         line = server.stdout.readline()
-        assert line.startswith("READY"), f"the stand-in rollout server printed {line!r} (exit {server.poll()})"
+        assert line.startswith("READY"), (
+            f"the stand-in rollout server printed {line!r} (exit {server.poll()})"
+        )
         pgid, port = int(line.split()[1]), int(line.split()[2])
         files = shm_files(pgid)
         assert any("sglang_loads_" in f for f in files), files  # what SGLang leaves even on SIGTERM
@@ -71,7 +83,11 @@ def test_killing_the_rollout_server_takes_sglang_its_port_and_its_files(model_di
         server.wait(timeout=30)
         _wait(lambda: not group_members(pgid), GONE_DEADLINE_S, f"SGLang's group {pgid} gone")
         _wait(lambda: _port_free(port), GONE_DEADLINE_S, f"port {port} free")
-        _wait(lambda: not any(os.path.exists(f) for f in files), GONE_DEADLINE_S, f"{sorted(files)} removed")
+        _wait(
+            lambda: not any(os.path.exists(f) for f in files),
+            GONE_DEADLINE_S,
+            f"{sorted(files)} removed",
+        )
     finally:
         if server.poll() is None:
             server.kill()
@@ -79,7 +95,8 @@ def test_killing_the_rollout_server_takes_sglang_its_port_and_its_files(model_di
 
 
 def _engine_of(rs: RunningSystem, name: str) -> psutil.Process | None:
-    """The live SGLang main process of rollout server ``name`` (a killed one is a zombie until reaped)."""
+    """The live SGLang main process of rollout server ``name`` (a killed one is a zombie
+    until reaped)."""
     try:
         kids = psutil.Process(rs.pid(name)).children()
     except psutil.Error:
@@ -93,26 +110,51 @@ def _engine_of(rs: RunningSystem, name: str) -> psutil.Process | None:
     return None
 
 
-@pytest.mark.timeout(1800)  # a whole job with two SGLang start-ups (up to ~2 min each on a loaded machine)
+@pytest.mark.timeout(
+    1800
+)  # a whole job with two SGLang start-ups (up to ~2 min each on a loaded machine)
 def test_a_killed_sglang_is_noticed_relaunched_and_the_job_goes_on(tmp_path):
     from areal_like.config import load_config
     from launch.warmstart import ensure_warm_start
 
-    over = ["experiment=quickstart", "topology=cpu_sglang", "trainer.steps=30", "trainer.checkpoint_every=10",
-            "launch.restarts=2", "launch.health_timeout_s=300", "eval.at_end=false",
-            f"model.max_position_embeddings={MODEL['max_position_embeddings']}"]
-    warm = ensure_warm_start(load_config([*over, f"run_dir={tmp_path / 'warm' / 'run'}"]), log=lambda m: None)
-    cfg = load_config([*over, f"run_dir={tmp_path / 'run'}", f"model.path={warm.model.path}", "warm_start.steps=0"])
+    over = [
+        "experiment=quickstart",
+        "topology=cpu_sglang",
+        "trainer.steps=30",
+        "trainer.checkpoint_every=10",
+        "launch.restarts=2",
+        "launch.health_timeout_s=300",
+        "eval.at_end=false",
+        f"model.max_position_embeddings={MODEL['max_position_embeddings']}",
+    ]
+    warm = ensure_warm_start(
+        load_config([*over, f"run_dir={tmp_path / 'warm' / 'run'}"]), log=lambda m: None
+    )
+    cfg = load_config(
+        [
+            *over,
+            f"run_dir={tmp_path / 'run'}",
+            f"model.path={warm.model.path}",
+            "warm_start.steps=0",
+        ]
+    )
     with RunningSystem(cfg) as rs:
         rs.wait_step(5, timeout_s=300)
         first = _wait(lambda: _engine_of(rs, "rollout-0"), 60, "the first SGLang process")
         files = shm_files(first.pid)
         first.send_signal(signal.SIGKILL)
-        second = rs.wait_for(lambda: (e := _engine_of(rs, "rollout-0")) and e.pid != first.pid and e,
-                             300, "a new SGLang under a new rollout server")
+        second = rs.wait_for(
+            lambda: (e := _engine_of(rs, "rollout-0")) and e.pid != first.pid and e,
+            300,
+            "a new SGLang under a new rollout server",
+        )
         assert rs.sup.proc("rollout-0").restarts == 1
         log = (rs.run_dir / "logs" / "rollout-0.log").read_text()
         assert f"its SGLang engine (pid {first.pid}) exited with code -9" in log
-        _wait(lambda: not any(os.path.exists(f) for f in files), GONE_DEADLINE_S, f"{sorted(files)} removed")
+        _wait(
+            lambda: not any(os.path.exists(f) for f in files),
+            GONE_DEADLINE_S,
+            f"{sorted(files)} removed",
+        )
         rs.wait_for(rs.completed.is_set, 600, "the job's last step")
         assert rs.steps()[-1]["step"] == 30 and second.is_running()

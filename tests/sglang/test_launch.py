@@ -1,4 +1,4 @@
-"""Launch through the rollout server's path (``SGLangProcess``, topology=cpu_sglang's flags): health,
+"""Launch through the rollout server's path (``SGLangProcess``, cpu_sglang's flags): health,
 the API key, flags passed through, and the refusal of an SGLang release the stand-in was not
 checked against."""
 
@@ -9,9 +9,9 @@ import urllib.error
 import urllib.request
 
 import pytest
+from sglang_kit import cpu_engine, model_config
 
 from rollout_server.launch_sglang import SGLangProcess
-from sglang_kit import cpu_engine, model_config
 
 
 def _get(url: str, key: str | None = None) -> tuple[int, bytes]:
@@ -24,8 +24,13 @@ def _get(url: str, key: str | None = None) -> tuple[int, bytes]:
 
 
 def _post(url: str, body: dict, key: str | None = None) -> int:
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    headers = {
+        "Content-Type": "application/json",
+        **({"Authorization": f"Bearer {key}"} if key else {}),
+    }
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers=headers, method="POST"
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status
@@ -42,7 +47,8 @@ def test_every_call_but_health_needs_the_api_key(sglang_server):
     assert _get(url + "/model_info")[0] == 401
     assert _post(url + "/update_weights_from_disk", {"model_path": "/nonexistent"}) == 401
     assert _post(url + "/pause_generation", {"mode": "abort"}) == 401
-    # SGLang leaves health and readiness open on purpose (probes without secrets: sglang/srt/utils/auth.py)
+    # SGLang leaves health and readiness open on purpose (probes need no secret;
+    # sglang/srt/utils/auth.py)
     assert _get(url + "/health_generate")[0] == 200
 
 
@@ -51,13 +57,19 @@ def test_flags_reach_sglang(sglang_server):
     assert status == 200
     info = json.loads(body)
     engine = cpu_engine()
-    assert info["device"] == "cpu" and info["attention_backend"] == "torch_native" and info["dtype"] == "float32"
+    assert (
+        info["device"] == "cpu"
+        and info["attention_backend"] == "torch_native"
+        and info["dtype"] == "float32"
+    )
     assert info["max_total_tokens"] == engine.sglang["max_total_tokens"]
     assert info["skip_server_warmup"] is True and info["disable_overlap_schedule"] is True
     assert info["tp_size"] == 1 and info["model_path"] == str(sglang_server.model_dir)
     assert info["version"] == "0.5.23"
     _, body = _get(sglang_server.url + "/model_info", sglang_server.api_key)
-    assert json.loads(body)["weight_version"] == "0"  # --weight-version 0: our versions are integers
+    assert (
+        json.loads(body)["weight_version"] == "0"
+    )  # --weight-version 0: our versions are integers
 
 
 def test_another_sglang_release_is_refused_before_anything_starts(monkeypatch, tmp_path):

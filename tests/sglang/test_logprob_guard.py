@@ -30,8 +30,12 @@ class OneEngineBuffer:
         self.url = url
 
     def request(self, _msg):
-        return Roster(members=[RosterEntry(server_id="s", engine_url=self.url, engine_ranks=1, policy_version=0)],
-                      policy_version=0)
+        return Roster(
+            members=[
+                RosterEntry(server_id="s", engine_url=self.url, engine_ranks=1, policy_version=0)
+            ],
+            policy_version=0,
+        )
 
 
 def _serve_seed0(server) -> None:
@@ -44,9 +48,16 @@ def _serve_seed0(server) -> None:
 
 def _guard(server, monkeypatch) -> list[str]:
     monkeypatch.setenv(ENGINE_KEY_ENV, server.api_key)
-    return run_guard(build_model(model_config(init_seed=0)), torch.device("cpu"), rank=0,
-                     buffer=OneEngineBuffer(server.url), served=["s"], prompt_ids=PROMPT, temperature=TEMPERATURE,
-                     tol=0.05)
+    return run_guard(
+        build_model(model_config(init_seed=0)),
+        torch.device("cpu"),
+        rank=0,
+        buffer=OneEngineBuffer(server.url),
+        served=["s"],
+        prompt_ids=PROMPT,
+        temperature=TEMPERATURE,
+        tol=0.05,
+    )
 
 
 def test_the_guard_passes_sglang_serving_the_trainers_weights(sglang_server, monkeypatch):
@@ -54,8 +65,12 @@ def test_the_guard_passes_sglang_serving_the_trainers_weights(sglang_server, mon
     assert _guard(sglang_server, monkeypatch) == ["s"]
 
 
-def test_the_guard_refuses_sglang_returning_logprobs_before_the_temperature(model_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", "1")  # inherited by the SGLang process only here
+def test_the_guard_refuses_sglang_returning_logprobs_before_the_temperature(
+    model_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setenv(
+        "SGLANG_RETURN_ORIGINAL_LOGPROB", "1"
+    )  # inherited by the SGLang process only here
     server = start_server(model_dir, tmp_path / "sglang.log")
     try:
         with pytest.raises(LogprobGuardError, match="engine s .* differ from the trainer's"):

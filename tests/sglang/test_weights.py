@@ -42,43 +42,89 @@ def _client(server) -> SGLangClient:
 
 
 async def _engine_logprobs(client, temperature: float, tokens: int = 24) -> list:
-    return [await client.generate(p, {"max_new_tokens": tokens, "temperature": temperature, "top_p": 1.0,
-                                      "top_k": -1, "ignore_eos": True}) for p in PROMPTS]
+    return [
+        await client.generate(
+            p,
+            {
+                "max_new_tokens": tokens,
+                "temperature": temperature,
+                "top_p": 1.0,
+                "top_k": -1,
+                "ignore_eos": True,
+            },
+        )
+        for p in PROMPTS
+    ]
 
 
 def assert_served(outs, model, temperature: float) -> None:
-    """Every sampled token's engine log-prob equals the trainer's for ``model`` at ``temperature``."""
+    """Every sampled token's engine log-prob is the trainer's for ``model`` at ``temperature``."""
     for prompt, out in zip(PROMPTS, outs):
         mine = trainer_logprobs(model, prompt, out.output_ids, temperature, torch.device("cpu"))
         worst = max(abs(a - b) for a, b in zip(out.logprobs, mine))
         assert worst < TOL, f"engine and trainer differ by {worst:.2e} (prompt {prompt})"
 
 
-def _plan(version: int, state: dict, port: int, group: str, path: str = "distributed", payloads=()) -> WeightSyncPlan:
+def _plan(
+    version: int, state: dict, port: int, group: str, path: str = "distributed", payloads=()
+) -> WeightSyncPlan:
     names = list(state)
-    buckets = [names[: len(names) // 2], names[len(names) // 2:]]
+    buckets = [names[: len(names) // 2], names[len(names) // 2 :]]
     return WeightSyncPlan(
-        policy_version=version, group_name=group, master_addr="127.0.0.1", master_port=port, world_size=2,
-        backend="gloo", reform=True, members=[SyncMember(server_id="s", rank_offset=1)], path=path,
+        policy_version=version,
+        group_name=group,
+        master_addr="127.0.0.1",
+        master_port=port,
+        world_size=2,
+        backend="gloo",
+        reform=True,
+        members=[SyncMember(server_id="s", rank_offset=1)],
+        path=path,
         payloads=list(payloads),
-        buckets=[BucketSpec(names=b, dtypes=["float32"] * len(b), shapes=[list(state[n].shape) for n in b])
-                 for b in buckets], deadline_s=120)
+        buckets=[
+            BucketSpec(
+                names=b, dtypes=["float32"] * len(b), shapes=[list(state[n].shape) for n in b]
+            )
+            for b in buckets
+        ],
+        deadline_s=120,
+    )
 
 
-async def push(client, version: int, seed: int, load_format: str | None = FLATTENED,
-               pause_mode: str = "abort") -> None:
+async def push(
+    client, version: int, seed: int, load_format: str | None = FLATTENED, pause_mode: str = "abort"
+) -> None:
     """Broadcast the seed-``seed`` model as ``version`` from a sender process (group rank 0)."""
     state = _model(seed).state_dict()
     port, group = free_port(), f"sglang_tier_{version}_{seed}_{os.getpid()}"
     plan = _plan(version, state, port, group)
-    spec = {"model": {**MODEL, "init_seed": seed}, "port": port, "group": group, "load_format": load_format,
-            "buckets": [b.names for b in plan.buckets], "backend": "gloo", "timeout_s": 120}
+    spec = {
+        "model": {**MODEL, "init_seed": seed},
+        "port": port,
+        "group": group,
+        "load_format": load_format,
+        "buckets": [b.names for b in plan.buckets],
+        "backend": "gloo",
+        "timeout_s": 120,
+    }
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    sender = subprocess.Popen([sys.executable, "-c", SENDER, json.dumps(spec)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sender = subprocess.Popen(
+        [sys.executable, "-c", SENDER, json.dumps(spec)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        done = await apply_weight_sync(client, plan, "s", drain=False, load_format=load_format, door=True,
-                                       pause_mode=pause_mode)
+        done = await apply_weight_sync(
+            client,
+            plan,
+            "s",
+            drain=False,
+            load_format=load_format,
+            door=True,
+            pause_mode=pause_mode,
+        )
         _, err = await asyncio.to_thread(sender.communicate, timeout=120)
     finally:
         if sender.poll() is None:
@@ -97,14 +143,18 @@ async def load_from_disk(client, path: Path, version: int) -> None:
 
 
 @pytest.mark.parametrize("load_format", [FLATTENED, None], ids=["flattened", "plain"])
-def test_after_a_distributed_push_the_engine_samples_what_the_trainer_scores(sglang_server, load_format):
+def test_after_a_distributed_push_the_engine_samples_what_the_trainer_scores(
+    sglang_server, load_format
+):
     async def scenario():
         async with _client(sglang_server) as client:
             await push(client, 11, seed=3, load_format=load_format)
             for temperature in (1.0, 2.0):
                 assert_served(await _engine_logprobs(client, temperature), _model(3), temperature)
             greedy = await _engine_logprobs(client, 0.0)
-            assert_served(greedy, _model(3), 1.0)  # temperature 0 is greedy; its log-probs are at temperature 1
+            assert_served(
+                greedy, _model(3), 1.0
+            )  # temperature 0 is greedy; its log-probs are at temperature 1
 
     asyncio.run(scenario())
 
@@ -129,23 +179,43 @@ async def _until_decoding(client, tokens: int, timeout_s: float = 120) -> None:
 
 
 @pytest.mark.parametrize("pause_mode", ["abort", "retract"])
-def test_a_push_mid_generation_labels_every_token_with_the_weights_that_sampled_it(sglang_server, pause_mode):
+def test_a_push_mid_generation_labels_every_token_with_the_weights_that_sampled_it(
+    sglang_server, pause_mode
+):
     async def scenario():
         async with _client(sglang_server) as client:
             await push(client, 20, seed=0)
             version = 20
             prompt, temperature = PROMPTS[0], 1.0
-            job = asyncio.create_task(generate_sample(client, prompt, {"temperature": temperature, "ignore_eos": True},
-                                                      1500, lambda: version))
+            job = asyncio.create_task(
+                generate_sample(
+                    client,
+                    prompt,
+                    {"temperature": temperature, "ignore_eos": True},
+                    1500,
+                    lambda: version,
+                )
+            )
             await _until_decoding(client, 200)
             await push(client, 21, seed=1, pause_mode=pause_mode)
             version = 21
             sample = await job
-        assert len(sample.output_ids) == 1500 and sample.versions[0] == 20 and sample.versions[-1] == 21
+        assert (
+            len(sample.output_ids) == 1500
+            and sample.versions[0] == 20
+            and sample.versions[-1] == 21
+        )
         assert sample.versions == sorted(sample.versions)
-        scored = {v: trainer_logprobs(_model(seed), prompt, sample.output_ids, temperature, torch.device("cpu"))
-                  for v, seed in ((20, 0), (21, 1))}
-        worst = max(abs(lp - scored[v][i]) for i, (lp, v) in enumerate(zip(sample.logprobs, sample.versions)))
+        scored = {
+            v: trainer_logprobs(
+                _model(seed), prompt, sample.output_ids, temperature, torch.device("cpu")
+            )
+            for v, seed in ((20, 0), (21, 1))
+        }
+        worst = max(
+            abs(lp - scored[v][i])
+            for i, (lp, v) in enumerate(zip(sample.logprobs, sample.versions))
+        )
         assert worst < TOL, f"a token's log-prob differs by {worst:.2e} from its labelled version's"
 
     asyncio.run(scenario())
