@@ -217,13 +217,15 @@ class RolloutServer(Daemon):
             self.data.close()
 
     def raise_if_engine_died(self) -> None:
-        """A launched SGLang that died (a crash, an OOM kill, a ``kill -9``) stops this server at the next
-        tick (exit 1) instead of failing episode after episode: the launcher starts the server again, and
-        with it a new engine (its files removed by the old one's reaper), which registers afresh and is
-        brought up to the trainer's weights (tests/sglang/test_faults.py)."""
-        code = self.engine.exit_code() if self.rcfg.engine.kind == "sglang" and self.engine is not None else None
-        if code is not None:
-            raise ComponentStopped(f"its SGLang engine (pid {self.engine.proc.pid}) exited with code {code}")
+        """A launched SGLang that died (a crash, an OOM kill, a ``kill -9``) stops this server at
+        the next tick (exit 1) instead of failing episode after episode: the launcher starts the
+        server again, and with it a new engine (the old one's files removed by its reaper), which
+        registers afresh and is brought up to the trainer's weights (tests/sglang/test_faults.py)."""
+        if self.rcfg.engine.kind != "sglang" or self.engine is None:
+            return
+        if (code := self.engine.exit_code()) is not None:
+            pid = self.engine.proc.pid
+            raise ComponentStopped(f"its SGLang engine (pid {pid}) exited with code {code}")
 
     # ------------------------------------------------------------------ buffer control
     async def register(self, fresh: bool = False) -> None:
@@ -336,7 +338,8 @@ class RolloutServer(Daemon):
         try:
             done = await apply_weight_sync(self.client, plan, self.server_id, drain=self.rcfg.drain_on_update,
                                            door=self.rcfg.engine.kind != "embedded",  # torch's own join: SGLang
-                                           inflight_drained=self.episodes_idle, pause_mode=self.rcfg.pause_mode)
+                                           inflight_drained=self.episodes_idle,
+                                           pause_mode=self.rcfg.pause_mode)
         finally:
             self.syncing = False
         if done.ok:
