@@ -1,7 +1,7 @@
 """What a weight version costs with the real SGLang (0.5.23, CPU), per pause mode and bucket size.
 
 One SGLang server launched as ``topology=cpu_sglang`` launches it (``SGLangProcess``), serving a
-Qwen2 of ``--hidden``/``--layers`` (default 512 x 12: ~41M fp32 parameters, ~165 MB), kept busy by
+Qwen2 of ``--hidden``/``--layers`` (default 512 x 12: 181 MiB of float32), kept busy by
 ``--requests`` long generations that are resubmitted across every pause exactly as a rollout
 server's episodes are (``rollout_server.episode.generate_sample``). A sender process plays trainer
 rank 0: it joins the weight group once and, per version, broadcasts the model in the buckets of
@@ -247,7 +247,7 @@ def start_server(args, tmp: Path):
 
 
 def summarize(
-    mode: str, mb: float, runs: list[dict], baseline: float | None, warning: str | None
+    mode: str, mb: float, runs: list[dict], baseline: float | None, warning: str | None, model: str
 ) -> dict:
     med = {
         k: round(statistics.median(r[k] for r in runs), 4)
@@ -256,7 +256,7 @@ def summarize(
     figure = med["pause_s"]
     ratio = round(baseline / figure, 2) if baseline and figure else None
     return {
-        "name": f"sglang_sync_pause/{mode}/{int(mb)}MB",
+        "name": f"sglang_sync_pause/{mode}/{int(mb)}MB/{model}",
         "figure": figure,
         "unit": "s",
         "baseline": baseline,
@@ -288,6 +288,8 @@ def load_warning() -> str | None:
 async def bench(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         server = start_server(args, Path(tmp))
+        size = sum(f.stat().st_size for f in (Path(tmp) / "model").glob("*.safetensors"))
+        model = f"h{args.hidden}x{args.layers}_{size / 2**20:.0f}MB"
         try:
             version = 1
             for mb in args.bucket_mb:
@@ -297,7 +299,7 @@ async def bench(args) -> None:
                     version += args.versions + 1
                     if mode == "abort":
                         baseline = statistics.median(r["pause_s"] for r in runs)
-                    line = summarize(mode, mb, runs, baseline, load_warning())
+                    line = summarize(mode, mb, runs, baseline, load_warning(), model)
                     if line["warning"]:
                         print(f"[bench_sglang_sync] WARNING: {line['warning']}", file=sys.stderr)
                     print(json.dumps(line), flush=True)
