@@ -67,9 +67,8 @@ def test_flags_reach_sglang(sglang_server):
     assert info["tp_size"] == 1 and info["model_path"] == str(sglang_server.model_dir)
     assert info["version"] == "0.5.23"
     _, body = _get(sglang_server.url + "/model_info", sglang_server.api_key)
-    assert (
-        json.loads(body)["weight_version"] == "0"
-    )  # --weight-version 0: our versions are integers
+    # --weight-version 0 at launch, integers from then on (other tests push versions meanwhile)
+    assert json.loads(body)["weight_version"].isdigit()
 
 
 def test_another_sglang_release_is_refused_before_anything_starts(monkeypatch, tmp_path):

@@ -68,11 +68,15 @@ def test_the_guard_passes_sglang_serving_the_trainers_weights(sglang_server, mon
 def test_the_guard_refuses_sglang_returning_logprobs_before_the_temperature(
     model_dir, tmp_path, monkeypatch
 ):
-    monkeypatch.setenv(
-        "SGLANG_RETURN_ORIGINAL_LOGPROB", "1"
-    )  # inherited by the SGLang process only here
+    # inherited by the SGLang process only here
+    monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", "1")
     server = start_server(model_dir, tmp_path / "sglang.log")
     try:
+        async def served_version() -> str | None:
+            async with SGLangClient(server.url, api_key=server.api_key) as client:
+                return await client.weight_version()
+
+        assert asyncio.run(served_version()) == "0"  # a fresh server: --weight-version 0
         with pytest.raises(LogprobGuardError, match="engine s .* differ from the trainer's"):
             _guard(server, monkeypatch)
     finally:
