@@ -1,10 +1,13 @@
 """What a launched SGLang leaves behind, and the reaper that removes it even after a ``kill -9``.
 
 SGLang keeps files in ``/dev/shm`` while it runs: a 16 KB load snapshot
-(``sglang_loads_<name>_<hash>.shm``, left behind even by a clean SIGTERM stop) and Python
-multiprocessing semaphores (``sem.mp-*``). Their names hold random parts, so they are found, not
+(``sglang_loads_<name>_<hash>.shm``, left behind even by a clean SIGTERM stop) and semaphores
+(``sem.*``). Their names hold random parts, so they are found, not
 predicted: ``shm_files(pgid)`` lists the ``/dev/shm`` files the processes of SGLang's group map or
-hold open.
+hold open. Not covered: one named semaphore (``sem.mp-*``, 32 bytes) per SGLang run, which SGLang
+creates and closes at start-up and leaves to Python's resource tracker to unlink; SGLang's own
+shutdown SIGKILLs that tracker with its other children (also on a clean SIGTERM), and its random
+name is known to nobody else, so it stays.
 
 Killed processes remove nothing, and a rollout server killed with SIGKILL runs no cleanup. So
 ``SGLangProcess`` starts one reaper per engine, ``python -m rollout_server.engine_reaper PGID``,
@@ -24,9 +27,7 @@ import time
 from pathlib import Path
 
 SHM = "/dev/shm/"
-GONE_TIMEOUT_S = (
-    30.0  # SIGKILL is immediate; the slack is for a loaded machine reaping a large tree
-)
+GONE_TIMEOUT_S = 30.0  # SIGKILL is immediate; the slack: a loaded machine reaping a large tree
 POLL_S = 0.05
 
 
@@ -58,8 +59,10 @@ def shm_files(pgid: int) -> set[str]:
         paths = [
             line.split(None, 5)[5] for line in maps.splitlines() if len(line.split(None, 5)) == 6
         ]
-        files.update(p.removesuffix(" (deleted)") for p in [*paths, *fds] if p.startswith(SHM))
-    return {f for f in files if not f.endswith(" (deleted)")}
+        # an unlinked file shows as "... (deleted)": its name may be another's by now
+        found = [*paths, *fds]
+        files.update(p for p in found if p.startswith(SHM) and not p.endswith(" (deleted)"))
+    return files
 
 
 def reap(pgid: int, files: list[str], timeout_s: float = GONE_TIMEOUT_S) -> bool:
