@@ -40,6 +40,7 @@ sys.stdin.read()  # until the test kills us
 
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not a listener
         try:
             s.bind(("127.0.0.1", port))
             return True
