@@ -48,9 +48,8 @@ def test_kv_rows_move_in_every_layer_reading_all_before_writing():
     before = [t.clone() for t in layers]
     ptrs = torch.tensor([t.data_ptr() for t in layers], dtype=torch.int64)
     strides = torch.tensor([t.stride(0) * t.element_size() for t in layers], dtype=torch.int64)
-    copy_all_layer_kv_cache_cpu(
-        ptrs, strides, torch.tensor([1, 2]), torch.tensor([2, 5])
-    )  # 2 is read and written
+    # row 2 is written first and read second: a copy row by row would move old row 5 into row 1
+    copy_all_layer_kv_cache_cpu(ptrs, strides, torch.tensor([2, 1]), torch.tensor([5, 2]))
     for t, old in zip(layers, before):
         assert torch.equal(t[1], old[2]) and torch.equal(t[2], old[5])
         assert torch.equal(t[[0, 3, 4, 5, 6, 7]], old[[0, 3, 4, 5, 6, 7]])
