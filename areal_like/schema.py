@@ -199,6 +199,10 @@ class RolloutConfig:
     max_concurrent_groups: int = 8
     heartbeat_s: float = 1.0
     drain_on_update: bool = False  # finish in-flight requests before a weight update instead of aborting
+    # /pause_generation mode of a weight update (trainer/WEIGHT_SYNC.md "Pause modes"): abort
+    # (requests end and are resubmitted), retract (held in the engine, KV rebuilt with the new
+    # weights); not in_place: it keeps KV of the old weights, so no version would be exact
+    pause_mode: str = "abort"
     eval: bool = False  # this server runs the job's evaluations (eval.*); `areal-like run` sets it on the first
     metrics_port: int = 0
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -206,6 +210,7 @@ class RolloutConfig:
     def __post_init__(self):
         _check("rollout.max_concurrent_groups", self.max_concurrent_groups >= 1, ">= 1", self.max_concurrent_groups)
         _check("rollout.heartbeat_s", self.heartbeat_s > 0, "> 0", self.heartbeat_s)
+        _choice("rollout.pause_mode", self.pause_mode, ("abort", "retract"))
 
 
 @dataclass(kw_only=True)

@@ -114,9 +114,10 @@ def trainer_on_gpu(cfg: RunConfig) -> bool:
 
 
 def engine_on_gpu(cfg: RunConfig) -> bool:
-    """Whether each rollout server's engine runs on this node's GPUs (SGLang always does)."""
+    """Whether each rollout server's engine runs on this node's GPUs (SGLang does unless on CPU)."""
     ec = cfg.rollout.engine
-    return ec.kind == "sglang" or (ec.kind == "embedded" and ec.device.startswith("cuda"))
+    sglang_gpu = ec.kind == "sglang" and ec.sglang.get("device") != "cpu"
+    return sglang_gpu or (ec.kind == "embedded" and ec.device.startswith("cuda"))
 
 
 def needs_gpus(cfg: RunConfig) -> bool:

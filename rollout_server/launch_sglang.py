@@ -11,6 +11,13 @@ the server that many GPUs, so ``rollout.engine.sglang.tp_size`` is refused by th
 is set (SGLang's own default follows the checkpoint's ``config.json``: an fp32 config is served in
 fp16, while the trainer sends ``model.dtype`` weights).
 
+CPU mode (``rollout.engine.sglang.device=cpu``, passed through as SGLang's ``--device cpu``;
+``topology=cpu_sglang``) adds, in the SGLang process's environment only,
+``SGLANG_USE_CPU_ENGINE=1`` (SGLang picks its CPU paths only through it) with
+``rollout_server/sglang_cpu`` first on ``PYTHONPATH`` (its pure-torch ``sgl_kernel`` stand-in;
+the registry's is the CUDA build). The stand-in was checked against one
+SGLang release: ``start()`` refuses another before launching anything.
+
 The server runs in its own session (process group) because SGLang forks scheduler and
 detokenizer processes; ``stop()`` signals that group through the PID we started (SIGTERM,
 then SIGKILL after ``STOP_GRACE_S``). Nothing is killed by name.
@@ -22,6 +29,10 @@ own scheduler and detokenizer processes do the same towards the SGLang main proc
 whole tree goes, with its GPU memory and its port. The signal follows the *thread* that forked
 the child: ``start()`` must run on a thread that lives as long as the engine (the rollout
 server calls it from its main thread).
+
+What the tree leaves in ``/dev/shm`` (SGLang's load snapshot, semaphores) is removed by a reaper
+process started with it (``rollout_server/engine_reaper.py``), which outlives the rollout server
+on purpose: on ``stop()``, and also when the rollout server itself was killed.
 """
 
 from __future__ import annotations
@@ -35,10 +46,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
+from pathlib import Path
 
 from areal_like.auth import redact_argv
 from areal_like.config import EngineConfig, ModelConfig
 from areal_like.distributed import free_port
+from rollout_server.engine_reaper import GONE_TIMEOUT_S, shm_files
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +128,40 @@ def sglang_command(model: ModelConfig, engine: EngineConfig, port: int, api_key:
     return argv
 
 
+class StartAborted(RuntimeError):
+    """``SGLangProcess.start`` gave up because a stop was requested (what it started is stopped)."""
+
+
+def cpu_mode(engine: EngineConfig) -> bool:
+    """SGLang on CPU: ``rollout.engine.sglang.device=cpu`` (its own ``--device`` flag)."""
+    return str(engine.sglang.get("device", "")).lower() == "cpu"
+
+
+def sglang_env(engine: EngineConfig, base: dict[str, str] | None = None) -> dict[str, str] | None:
+    """The SGLang process's environment: ``None`` (this one's) on a GPU; on CPU this one's plus
+    ``SGLANG_USE_CPU_ENGINE=1`` and the ``sgl_kernel`` stand-in first on ``PYTHONPATH`` (then the
+    directory this project is imported from, which the stand-in imports its version pin from)."""
+    if not cpu_mode(engine):
+        return None
+    from rollout_server.sglang_cpu import STANDIN_DIR
+
+    env = dict(os.environ if base is None else base)
+    rest = filter(None, env.get("PYTHONPATH", "").split(os.pathsep))
+    paths = [str(STANDIN_DIR), str(STANDIN_DIR.parents[1]), *rest]
+    env.update(SGLANG_USE_CPU_ENGINE="1", PYTHONPATH=os.pathsep.join(dict.fromkeys(paths)))
+    return env
+
+
+def installed_sglang() -> str | None:
+    """The sglang release this interpreter (the one SGLang is started with) has, or None."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("sglang")
+    except metadata.PackageNotFoundError:
+        return None
+
+
 class SGLangProcess:
     """One SGLang server subprocess: ``start()`` -> base URL once ``/health`` answers 200."""
 
@@ -124,12 +172,20 @@ class SGLangProcess:
         self.url = f"http://{engine.host}:{self.port}"
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
+        self.reaper: subprocess.Popen | None = None  # engine_reaper.py: outlives us to clean up
+        self.shm: set[str] = set()  # the /dev/shm files SGLang made (told to the reaper)
 
     @property
     def engine_ranks(self) -> int:
         return self.engine.tp_size
 
-    def start(self) -> SGLangProcess:
+    def start(self, stop_requested: Callable[[], bool] = lambda: False) -> SGLangProcess:
+        """Launch and wait until healthy; gives up (stopping what it started) at the startup timeout
+        or as soon as ``stop_requested()`` (a stop must not wait for SGLang's slow start)."""
+        if cpu_mode(self.engine):
+            from rollout_server.sglang_cpu import check_sglang_version
+
+            check_sglang_version(installed_sglang())
         argv = sglang_command(self.model, self.engine, self.port, self.api_key)
         log.info("starting SGLang: %s", " ".join(redact_argv(argv)))
         # SGLang may print its server_args, the API key among them: its log is readable by this user only
@@ -137,17 +193,39 @@ class SGLangProcess:
             if self.log_path else None
         if out is not None:
             os.fchmod(out.fileno(), 0o600)  # also a log an earlier run left readable
-        self.proc = spawn_tied(argv, stdout=out, stderr=subprocess.STDOUT if out else None)
+        self.proc = spawn_tied(argv, stdout=out, stderr=subprocess.STDOUT if out else None,
+                               env=sglang_env(self.engine))
+        reaper = [sys.executable, "-m", "rollout_server.engine_reaper", str(self.proc.pid)]
+        self.reaper = subprocess.Popen(reaper, stdin=subprocess.PIPE, text=True,
+                                       start_new_session=True,
+                                       env={**os.environ, "PYTHONPATH": _project_path()})
         deadline = time.monotonic() + self.engine.startup_timeout_s
         while not self._healthy():
             if self.proc.poll() is not None:
+                self.stop()
                 raise RuntimeError(f"SGLang exited with code {self.proc.returncode} during startup")
             if time.monotonic() > deadline:
                 self.stop()
                 raise TimeoutError(f"SGLang not healthy within {self.engine.startup_timeout_s:.0f}s")
+            if stop_requested():
+                self.stop()
+                raise StartAborted("stop requested while SGLang was starting")
             time.sleep(HEALTH_POLL_S)
         log.info("SGLang healthy at %s (pid %d)", self.url, self.proc.pid)
+        self.track_shm()
         return self
+
+    def track_shm(self) -> None:
+        """Tell the reaper the /dev/shm files SGLang's processes hold now (it unlinks them)."""
+        new = shm_files(self.proc.pid) - self.shm
+        if new and self.reaper is not None and self.reaper.poll() is None:
+            self.reaper.stdin.write("".join(f + "\n" for f in sorted(new)))
+            self.reaper.stdin.flush()
+            self.shm |= new
+
+    def exit_code(self) -> int | None:
+        """None while SGLang's main process runs; then its exit code (negative: the signal)."""
+        return None if self.proc is None else self.proc.poll()
 
     def _healthy(self) -> bool:
         try:
@@ -158,5 +236,20 @@ class SGLangProcess:
             return False
 
     def stop(self) -> None:
+        """Stop SGLang's group, then let the reaper remove its files (waiting for it, bounded)."""
         if self.proc is not None:
             stop_group(self.proc)
+        if self.reaper is not None:
+            self.reaper.stdin.close()  # end of file: the reaper kills what is left and unlinks
+            try:
+                self.reaper.wait(timeout=GONE_TIMEOUT_S + 5)
+            except subprocess.TimeoutExpired:
+                log.error("the engine reaper (pid %d) did not finish", self.reaper.pid)
+            self.reaper = None
+
+
+def _project_path() -> str:
+    """PYTHONPATH for a child importing this project: where it is imported from, then the rest."""
+    here = str(Path(__file__).resolve().parents[1])
+    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != here]
+    return os.pathsep.join([here, *rest])

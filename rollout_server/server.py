@@ -116,11 +116,16 @@ class RolloutServer(Daemon):
             self.engine = EmbeddedEngine(self.facts.model, ecfg, api_key=self.api_key).start()
             self.engine_url = self.engine.url
         elif ecfg.kind == "sglang":
-            from rollout_server.launch_sglang import SGLangProcess
+            from rollout_server.launch_sglang import SGLangProcess, StartAborted
 
             log_path = str(self.facts.run_dir / f"logs/sglang-{self.server_id}.log")
             os.makedirs(os.path.dirname(log_path), exist_ok=True)
-            self.engine = SGLangProcess(self.facts.model, ecfg, log_path, api_key=self.api_key).start()
+            self.engine = SGLangProcess(self.facts.model, ecfg, log_path, api_key=self.api_key)
+            try:
+                self.engine.start(stop_requested=self.stop_requested.is_set)
+            except StartAborted:  # stopped while SGLang started (it is stopped too): nothing to run
+                self.engine = None
+                return
             self.engine_url, self.engine_ranks = self.engine.url, self.engine.engine_ranks
         else:
             self.engine_url = require_local_engine(ecfg.url)  # it joins weight groups through our loopback door
@@ -156,7 +161,8 @@ class RolloutServer(Daemon):
             self.engine = None
 
     def run(self) -> None:
-        asyncio.run(self.serve_until_stopped())
+        if self.started:  # else a stop came during start()
+            asyncio.run(self.serve_until_stopped())
 
     async def serve_until_stopped(self) -> None:
         """Run ``main`` until a stop is requested, then cancel it wherever it waits (a request to a
@@ -201,6 +207,7 @@ class RolloutServer(Daemon):
             background = [asyncio.create_task(c, name=c.__name__) for c in
                           (self.heartbeats(), self.announcements(), self.link.sender())]
             while not self.stop_requested.is_set():
+                self.raise_if_engine_died()  # first: a dead engine also fails every episode
                 self.raise_if_component_stopped()
                 _raise_if_done(background)
                 if plan := self.next_plan():
@@ -223,6 +230,17 @@ class RolloutServer(Daemon):
             await self.client.close()
             self.control.close()
             self.data.close()
+
+    def raise_if_engine_died(self) -> None:
+        """A launched SGLang that died (a crash, an OOM kill, a ``kill -9``) stops this server at
+        the next tick (exit 1) instead of failing episode after episode: the launcher starts the
+        server again, and with it a new engine (the old one's files removed by its reaper), which
+        registers afresh and is brought up to the trainer's weights (tests/sglang/test_faults.py)."""
+        if self.rcfg.engine.kind != "sglang" or self.engine is None:
+            return
+        if (code := self.engine.exit_code()) is not None:
+            pid = self.engine.proc.pid
+            raise ComponentStopped(f"its SGLang engine (pid {pid}) exited with code {code}")
 
     # ------------------------------------------------------------------ buffer control
     async def register(self, fresh: bool = False) -> None:
@@ -341,7 +359,8 @@ class RolloutServer(Daemon):
         try:
             done = await apply_weight_sync(self.client, plan, self.server_id, drain=self.rcfg.drain_on_update,
                                            door=self.rcfg.engine.kind != "embedded",  # torch's own join: SGLang
-                                           inflight_drained=self.episodes_idle)
+                                           inflight_drained=self.episodes_idle,
+                                           pause_mode=self.rcfg.pause_mode)
         finally:
             self.syncing = False
         if done.ok:

@@ -303,6 +303,13 @@ class SGLangClient:
     async def server_info(self) -> dict:
         return (await self._call("GET", "/server_info", idempotent=True))[1]
 
+    async def loads(self) -> list[dict]:
+        """``GET /v1/loads?include=core``: one entry per DP rank (``num_running_reqs``,
+        ``num_waiting_reqs``, ``num_used_tokens``, ...). SGLang only (not the embedded engine)."""
+        query = {"include": "core"}
+        body = (await self._call("GET", "/v1/loads", idempotent=True, params=query))[1]
+        return list(body.get("loads") or []) if isinstance(body, dict) else []
+
     async def weight_version(self) -> str | None:
         """The version the server serves, from ``/model_info`` (0.5.23 has no /weight_version)."""
         v = (await self.model_info()).get("weight_version")

@@ -79,9 +79,11 @@ class _Deadline:
 
 async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_id: str, *, drain: bool,
                             inflight_drained: Callable[[], Awaitable[None]] | None = None,
-                            load_format: str | None = FLATTENED, door: bool = False) -> SyncDone:
+                            load_format: str | None = FLATTENED, door: bool = False,
+                            pause_mode: str = "abort") -> SyncDone:
     """Apply ``plan`` to this server's engine; never raises, never leaves the engine paused.
-    ``load_format=None`` (one broadcast per tensor) is for senders that do not pack buckets."""
+    ``load_format=None`` (one broadcast per tensor) is for senders that do not pack buckets;
+    ``pause_mode``: SGLang's ``/pause_generation`` mode (``PAUSE_MODES``)."""
     member = next((m for m in plan.members if m.server_id == server_id), None)
     refusal = "this server is not a member of the plan" if member is None else _bad_path(plan)
     if refusal:
@@ -99,7 +101,7 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
         if init_task is not None:
             await asyncio.wait_for(asyncio.shield(init_task), deadline.left())
         paused_at = time.monotonic()
-        await client.pause_generation("abort", timeout_s=deadline.left())
+        await client.pause_generation(pause_mode, timeout_s=deadline.left())
         if plan.path == "disk":
             await client.update_weights_from_disk(plan.payloads[0], weight_version=str(plan.policy_version),
                                                   timeout_s=deadline.left())

@@ -1,0 +1,27 @@
+"""SGLang's CPU mode for this project: the directory put first on the SGLang process's PYTHONPATH.
+
+``STANDIN_DIR`` holds ``sgl_kernel/``, a pure-torch stand-in for the few CPU helpers SGLang
+imports from ``sgl_kernel`` in CPU mode (its docstring says which and why). Only the SGLang
+process sees it: ``rollout_server/launch_sglang.py`` adds it for
+``rollout.engine.sglang.device=cpu``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SGLANG_VERSION = (
+    "0.5.23"  # the release the stand-in was checked against (its CPU imports, their semantics)
+)
+STANDIN_DIR = Path(__file__).resolve().parent
+
+
+def check_sglang_version(found: str | None) -> None:
+    """Refuse, before SGLang is started, a release the stand-in was not checked against."""
+    if found != SGLANG_VERSION:
+        have = "is not installed" if found is None else f"{found} is installed"
+        raise RuntimeError(
+            f"SGLang on CPU (rollout.engine.sglang.device=cpu) needs sglang=={SGLANG_VERSION}, "
+            f"the release the sgl_kernel stand-in in rollout_server/sglang_cpu was checked "
+            f"against; sglang {have} (tests/sglang/setup_env.sh DIR makes an environment with it)"
+        )

@@ -1,0 +1,62 @@
+"""Helpers of the SGLang tier (tests/sglang): the model it serves, the engine flags a cpu_sglang
+job passes, and starting a server through the rollout server's launch path."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from areal_like.config import EngineConfig, ModelConfig, load_config
+from rollout_server.launch_sglang import SGLangProcess
+
+# The quickstart's tiny Qwen2 (configs/model/tiny.yaml, char tokenizer), room for long generations.
+MODEL = dict(
+    vocab_size=104,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    dtype="float32",
+)
+
+
+def cpu_engine(**sglang) -> EngineConfig:
+    """``topology=cpu_sglang``'s engine section (the flags a job passes), with ``sglang`` added."""
+    engine = load_config(["topology=cpu_sglang"]).rollout.engine
+    return replace(engine, sglang={**engine.sglang, **sglang})
+
+
+def model_config(path: Path | str | None = None, **over) -> ModelConfig:
+    return ModelConfig(**{**MODEL, **over}, path=str(path) if path else None)
+
+
+def save_model(path: Path, init_seed: int = 0) -> Path:
+    """A Hugging Face directory of the tiny model built with ``init_seed``, char tokenizer."""
+    from areal_like.hf import build_model
+    from areal_like.tokenizer import char_tokenizer
+
+    build_model(model_config(init_seed=init_seed)).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+@dataclass
+class Server:
+    proc: SGLangProcess
+    model_dir: Path
+    api_key: str
+
+    @property
+    def url(self) -> str:
+        return self.proc.url
+
+
+def start_server(model_dir: Path, log_path: Path, **sglang) -> Server:
+    key = secrets.token_urlsafe(16)
+    proc = SGLangProcess(
+        model_config(model_dir), cpu_engine(**sglang), log_path=str(log_path), api_key=key
+    )
+    return Server(proc=proc.start(), model_dir=model_dir, api_key=key)

@@ -1,0 +1,83 @@
+"""The trainer's log-prob guard (trainer/logprob_guard.py) against the real SGLang: it passes an
+engine that serves the trainer's weights with the trainer's convention, and refuses one started
+with ``SGLANG_RETURN_ORIGINAL_LOGPROB`` (log-probs before the temperature), naming it.
+
+Mutation checked: ``run_guard`` comparing at temperature 1 instead of the run's (the refusal
+test failed: the wrongly started engine passed)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from sglang_kit import model_config, start_server
+
+from areal_like.auth import ENGINE_KEY_ENV
+from areal_like.hf import build_model
+from areal_like.protocol import Roster, RosterEntry
+from rollout_server.sglang_client import SGLangClient
+from trainer.logprob_guard import LogprobGuardError, run_guard
+
+PROMPT = [1, 20, 21, 22]
+TEMPERATURE = 2.0  # the quickstart's; at 1 the two conventions agree
+
+
+class OneEngineBuffer:
+    """What ``run_guard`` asks the buffer: the roster (here one engine)."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def request(self, _msg):
+        return Roster(
+            members=[
+                RosterEntry(server_id="s", engine_url=self.url, engine_ranks=1, policy_version=0)
+            ],
+            policy_version=0,
+        )
+
+
+def _serve_seed0(server) -> None:
+    async def load():
+        async with SGLangClient(server.url, api_key=server.api_key, timeout_s=120) as client:
+            await client.update_weights_from_disk(str(server.model_dir), weight_version="0")
+
+    asyncio.run(load())
+
+
+def _guard(server, monkeypatch) -> list[str]:
+    monkeypatch.setenv(ENGINE_KEY_ENV, server.api_key)
+    return run_guard(
+        build_model(model_config(init_seed=0)),
+        torch.device("cpu"),
+        rank=0,
+        buffer=OneEngineBuffer(server.url),
+        served=["s"],
+        prompt_ids=PROMPT,
+        temperature=TEMPERATURE,
+        tol=0.05,
+    )
+
+
+def test_the_guard_passes_sglang_serving_the_trainers_weights(sglang_server, monkeypatch):
+    _serve_seed0(sglang_server)
+    assert _guard(sglang_server, monkeypatch) == ["s"]
+
+
+def test_the_guard_refuses_sglang_returning_logprobs_before_the_temperature(
+    model_dir, tmp_path, monkeypatch
+):
+    # inherited by the SGLang process only here
+    monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", "1")
+    server = start_server(model_dir, tmp_path / "sglang.log")
+    try:
+        async def served_version() -> str | None:
+            async with SGLangClient(server.url, api_key=server.api_key) as client:
+                return await client.weight_version()
+
+        assert asyncio.run(served_version()) == "0"  # a fresh server: --weight-version 0
+        with pytest.raises(LogprobGuardError, match="engine s .* differ from the trainer's"):
+            _guard(server, monkeypatch)
+    finally:
+        server.proc.stop()
