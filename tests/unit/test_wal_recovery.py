@@ -25,14 +25,31 @@ def _changes(requeued=(), dequeued=0, consumed=0) -> dict:
                         "dequeued": dequeued, "version": 0, "in_transit": None}}
 
 
+def _state(leases=(), reissue=()) -> dict:
+    return {"cursor": [10, 0], "started": 10, "consumed": 0, "next_lease": 10,
+            "leases": list(leases), "reissue": list(reissue), "version": 0, "in_transit": None}
+
+
+def _open(path, state: dict, **kw) -> WriteAheadLog:
+    """A WAL in `path` (replayed, as a start does) opened with a checkpoint of `state`."""
+    wal = WriteAheadLog(path, **kw)
+    list(wal.replay())
+    wal.open({"state": state, "seen": []})
+    return wal
+
+
+def _flip(path, segment: int, *at: int) -> None:
+    """Flips one bit of each byte `at` (an index into the segment file, negative from its end)."""
+    data = bytearray(segment_path(path, segment).read_bytes())
+    for i in at:
+        data[i] ^= 0x40
+    segment_path(path, segment).write_bytes(bytes(data))
+
+
 def _write(path) -> list[int]:
     """A checkpoint, then control records: 1 re-queues prompt 5, 2 consumes g1, 3 takes prompt 5
     from the re-issue queue, 4 consumes g2. Returns each control record's offset (0: checkpoint)."""
-    wal = WriteAheadLog(path)
-    list(wal.replay())
-    state = {"cursor": [10, 0], "started": 10, "consumed": 0, "next_lease": 10, "leases": [],
-             "reissue": [], "version": 0, "in_transit": None}
-    wal.open({"state": state, "seen": []})
+    wal = _open(path, _state())
     for record in (_changes(requeued=[(5, 0)]), {**_changes(consumed=1), "consumed": ["g1"]},
                    _changes(dequeued=1, consumed=1), {**_changes(consumed=2), "consumed": ["g2"]}):
         wal.append_control(record)
@@ -45,10 +62,7 @@ def _write(path) -> list[int]:
 
 
 def _damage(path, offsets: list[int], *which: int) -> None:
-    data = bytearray(segment_path(path, 1).read_bytes())
-    for k in which:
-        data[offsets[k] + HEADER.size + 5] ^= 0x40  # one flipped byte inside record k's payload
-    segment_path(path, 1).write_bytes(bytes(data))
+    _flip(path, 1, *(offsets[k] + HEADER.size + 5 for k in which))  # inside record k's payload
 
 
 def _recover(path):
@@ -58,7 +72,7 @@ def _recover(path):
     wal = WriteAheadLog(path)
     got = replay(wal, ledger, store, LOG)
     wal.close()
-    return got, ledger
+    return got, ledger, store
 
 
 @pytest.mark.parametrize("damaged", [1, 2, 3])
@@ -66,7 +80,7 @@ def test_one_damaged_control_record_is_restored_from_the_next(tmp_path, damaged,
     offsets = _write(tmp_path)
     _damage(tmp_path, offsets, damaged)
     with caplog.at_level(logging.WARNING, logger="test.recovery"):
-        got, ledger = _recover(tmp_path)
+        got, ledger, _ = _recover(tmp_path)
     assert (got.damaged, got.restored, got.lost_control) == (1, 1, 0)
     assert ledger.consumed == 2 and list(ledger.reissue) == []  # as if nothing had been damaged
     assert any(f"control record {damaged} before segment 1's record {damaged + 1} was damaged: "
@@ -77,7 +91,7 @@ def test_two_damaged_control_records_lose_the_first_and_the_start_goes_on(tmp_pa
     offsets = _write(tmp_path)
     _damage(tmp_path, offsets, 1, 2)  # the re-queue of prompt 5 is lost; record 3 takes it
     with caplog.at_level(logging.WARNING, logger="test.recovery"):
-        got, ledger = _recover(tmp_path)
+        got, ledger, _ = _recover(tmp_path)
     assert (got.damaged, got.restored, got.lost_control) == (1, 1, 1)
     assert ledger.consumed == 2 and list(ledger.reissue) == []
     assert any("1 control records after record 0 were damaged beyond repair" in m
@@ -101,11 +115,8 @@ def test_the_last_control_record_of_a_segment_is_restored_from_the_next_checkpoi
     """Segment 1 ends with the record that consumed g1 (g2 keeps the segment); a rotation opens
     segment 2 with a checkpoint that carries it. Damage to that last record (a damaged tail of an
     older segment) loses nothing: g1 is not served again."""
-    wal = WriteAheadLog(tmp_path, segment_bytes=1)
-    list(wal.replay())
-    state = {"cursor": [10, 0], "started": 10, "consumed": 0, "next_lease": 10, "leases": [],
-             "reissue": [], "version": 0, "in_transit": None}
-    wal.open({"state": state, "seen": []})
+    state = _state()
+    wal = _open(tmp_path, state, segment_bytes=1)
     for gid in ("s0-g1", "s0-g2"):
         wal.append_group(gid, _frame(gid))
     wal.append_control({**_changes(consumed=1), "consumed": ["s0-g1"]})
@@ -113,16 +124,8 @@ def test_the_last_control_record_of_a_segment_is_restored_from_the_next_checkpoi
     assert wal.maybe_rotate(lambda: {"state": state, "seen": []})
     wal.close()
     assert wal.segments() == [1, 2]
-    path = segment_path(tmp_path, 1)
-    data = bytearray(path.read_bytes())
-    data[-3] ^= 0x40
-    path.write_bytes(bytes(data))
-    ledger = CreditLedger(StalenessPolicy(100, 2, 1000), 1000, lease_timeout_s=60,
-                          clock=time.monotonic)
-    store = ReplayBuffer(StalenessPolicy(100, 2, 1000), capacity=1000)
-    again = WriteAheadLog(tmp_path)
-    got = replay(again, ledger, store, LOG)
-    again.close()
+    _flip(tmp_path, 1, -3)
+    got, _, store = _recover(tmp_path)
     assert (got.damaged, got.restored, got.lost_control) == (1, 1, 0)
     assert "s0-g2" in store and "s0-g1" not in store  # g1 stays consumed
 
@@ -133,27 +136,16 @@ def test_a_damaged_group_at_the_tail_of_an_older_segment_is_dropped_and_its_prom
     whose frame was damaged: like a damaged group mid-segment it is reported as unreadable with
     its lease, so the start re-issues its prompt. Before, it vanished with nothing re-issued (its
     lease, closed in the next segment's checkpoint, never came back): an accepted group lost."""
-    wal = WriteAheadLog(tmp_path, segment_bytes=1)
-    list(wal.replay())
-    lease = ["g2", 7, 0, "s0"]  # lease g2 (prompt 7, epoch 0) of server s0: group s0-g2
-    state = {"cursor": [10, 0], "started": 10, "consumed": 0, "next_lease": 10, "leases": [lease],
-             "reissue": [], "version": 0, "in_transit": None}
-    wal.open({"state": state, "seen": []})
+    # lease g2 (prompt 7, epoch 0) of server s0: group s0-g2
+    state = _state(leases=[["g2", 7, 0, "s0"]])
+    wal = _open(tmp_path, state, segment_bytes=1)
     wal.append_group("s0-g2", _frame("s0-g2"))
     wal.commit()
     closed = {**state, "leases": []}  # the group was accepted: its lease is closed
     assert wal.maybe_rotate(lambda: {"state": closed, "seen": ["s0-g2"]})
     wal.close()
-    path = segment_path(tmp_path, 1)
-    data = bytearray(path.read_bytes())
-    data[-3] ^= 0x40  # inside s0-g2's frame: its id still reads
-    path.write_bytes(bytes(data))
-    ledger = CreditLedger(StalenessPolicy(100, 2, 1000), 1000, lease_timeout_s=60,
-                          clock=time.monotonic)
-    store = ReplayBuffer(StalenessPolicy(100, 2, 1000), capacity=1000)
-    again = WriteAheadLog(tmp_path)
-    got = replay(again, ledger, store, LOG)
-    again.close()
+    _flip(tmp_path, 1, -3)  # inside s0-g2's frame: its id still reads
+    got, _, store = _recover(tmp_path)
     assert got.damaged == 1 and "s0-g2" not in store
     assert "s0-g2" in got.unreadable, got.unreadable
     u = got.unreadable["s0-g2"]
@@ -167,18 +159,12 @@ def test_a_damaged_checkpoint_opening_the_wal_is_counted_lost_and_the_start_goes
     after it apply (a re-issue they take from the lost state is not a fatal inconsistency),
     as for two damaged control records in a row. Before, nothing was counted and the start failed
     on the re-issue queue the checkpoint had filled."""
-    wal = WriteAheadLog(tmp_path)
-    list(wal.replay())
-    state = {"cursor": [10, 0], "started": 10, "consumed": 0, "next_lease": 10, "leases": [],
-             "reissue": [[5, 0]], "version": 0, "in_transit": None}
-    wal.open({"state": state, "seen": []})
+    wal = _open(tmp_path, _state(reissue=[[5, 0]]))
     wal.append_control(_changes(dequeued=1))
     wal.close()
-    data = bytearray(segment_path(tmp_path, 1).read_bytes())
-    data[HEADER.size + 5] ^= 0x40  # inside the checkpoint's payload
-    segment_path(tmp_path, 1).write_bytes(bytes(data))
+    _flip(tmp_path, 1, HEADER.size + 5)  # inside the checkpoint's payload
     with caplog.at_level(logging.WARNING, logger="test.recovery"):
-        got, ledger = _recover(tmp_path)
+        got, ledger, _ = _recover(tmp_path)
     assert (got.damaged, got.restored, got.lost_control) == (1, 0, 1)
     assert list(ledger.reissue) == [] and ledger.next_index == 10
     assert any("damaged beyond repair" in m for m in caplog.messages), caplog.messages
@@ -189,11 +175,8 @@ def test_damage_taking_a_later_segments_checkpoint_and_next_record_restores_that
     and its record 1 (which consumed g1) are damaged together; record 2 carries record 1. Record 1
     is restored (g1 stays consumed) and the checkpoint is counted lost. Before, record 2's copy
     (number 1) was compared with segment 1's last number (3) and dropped: g1 served again."""
-    wal = WriteAheadLog(tmp_path, segment_bytes=1)
-    list(wal.replay())
-    state = {"cursor": [10, 0], "started": 10, "consumed": 0, "next_lease": 10, "leases": [],
-             "reissue": [], "version": 0, "in_transit": None}
-    wal.open({"state": state, "seen": []})
+    state = _state()
+    wal = _open(tmp_path, state, segment_bytes=1)
     for gid in ("s0-g1", "s0-g2"):
         wal.append_group(gid, _frame(gid))
     for _ in range(3):
@@ -204,18 +187,9 @@ def test_damage_taking_a_later_segments_checkpoint_and_next_record_restores_that
     wal.append_control(_changes(consumed=1))
     wal.close()
     assert wal.segments() == [1, 2]
-    path = segment_path(tmp_path, 2)
-    data = bytearray(path.read_bytes())
-    second = HEADER.size + HEADER.unpack_from(data, 0)[0]  # record 1's offset
-    for at in (HEADER.size + 5, second + HEADER.size + 5):
-        data[at] ^= 0x40
-    path.write_bytes(bytes(data))
-    ledger = CreditLedger(StalenessPolicy(100, 2, 1000), 1000, lease_timeout_s=60,
-                          clock=time.monotonic)
-    store = ReplayBuffer(StalenessPolicy(100, 2, 1000), capacity=1000)
-    again = WriteAheadLog(tmp_path)
-    got = replay(again, ledger, store, LOG)
-    again.close()
+    second = HEADER.size + HEADER.unpack_from(segment_path(tmp_path, 2).read_bytes(), 0)[0]
+    _flip(tmp_path, 2, HEADER.size + 5, second + HEADER.size + 5)  # second: record 1's offset
+    got, _, store = _recover(tmp_path)
     assert (got.damaged, got.restored, got.lost_control) == (1, 1, 1)
     assert "s0-g2" in store and "s0-g1" not in store  # g1 stays consumed
 
@@ -226,29 +200,16 @@ def test_the_last_control_record_before_a_restart_is_restored_from_the_restarts_
     carries the last control record it replayed, as a rotation's does. So damage to that record
     (now the tail of an older segment) loses nothing: g1 stays consumed. Before, a restarted
     process had no previous record to copy: the consumed mark was lost and g1 served again."""
-    wal = WriteAheadLog(tmp_path)
-    list(wal.replay())
-    state = {"cursor": [10, 0], "started": 10, "consumed": 0, "next_lease": 10, "leases": [],
-             "reissue": [], "version": 0, "in_transit": None}
-    wal.open({"state": state, "seen": []})
+    state = _state()
+    wal = _open(tmp_path, state)
     for gid in ("s0-g1", "s0-g2"):
         wal.append_group(gid, _frame(gid))
     wal.append_control({**_changes(consumed=1), "consumed": ["s0-g1"]})
     wal.close()
-    restarted = WriteAheadLog(tmp_path)  # the restart: replay, then a fresh segment
-    list(restarted.replay())
-    restarted.open({"state": state, "seen": []})
+    restarted = _open(tmp_path, state)  # the restart: replay, then a fresh segment
     restarted.close()
     assert restarted.segments() == [1, 2]
-    path = segment_path(tmp_path, 1)
-    data = bytearray(path.read_bytes())
-    data[-3] ^= 0x40  # inside the last record of segment 1: the control record
-    path.write_bytes(bytes(data))
-    ledger = CreditLedger(StalenessPolicy(100, 2, 1000), 1000, lease_timeout_s=60,
-                          clock=time.monotonic)
-    store = ReplayBuffer(StalenessPolicy(100, 2, 1000), capacity=1000)
-    again = WriteAheadLog(tmp_path)
-    got = replay(again, ledger, store, LOG)
-    again.close()
+    _flip(tmp_path, 1, -3)  # inside the last record of segment 1: the control record
+    got, _, store = _recover(tmp_path)
     assert (got.damaged, got.restored, got.lost_control) == (1, 1, 0)
     assert "s0-g2" in store and "s0-g1" not in store  # g1 stays consumed
