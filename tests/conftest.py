@@ -7,6 +7,7 @@ well. Nothing here kills by name.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -35,6 +36,17 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env.update(extra or {})
     return env
+
+
+
+def run_json_worker(script: str, out: Path, timeout_s: float) -> dict:
+    """Runs ``python SCRIPT OUT`` (a test file's worker half, in a process of its own) from the
+    repository root with ``child_env()``; it must exit 0 (else its stderr's tail is shown). Returns
+    the JSON it wrote to OUT."""
+    proc = subprocess.run([sys.executable, script, str(out)], capture_output=True, text=True,
+                          timeout=timeout_s, env=child_env(), cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
 
 
 def _descendants(pid: int) -> list:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -107,14 +106,9 @@ def worker(out: str) -> None:
 
 
 def test_a_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
-    from tests.conftest import child_env
+    from tests.conftest import run_json_worker
 
-    out = tmp_path / "out.json"
-    proc = subprocess.run([sys.executable, __file__, str(out)], capture_output=True, text=True,
-                          timeout=WORKER_TIMEOUT_S, env=child_env({"OMP_NUM_THREADS": "1"}),
-                          cwd=Path(__file__).resolve().parents[2])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(out.read_text())
+    r = run_json_worker(__file__, tmp_path / "out.json", WORKER_TIMEOUT_S)
     for name in PLANTED:
         got = r[name]
         assert not got["ran"], (name, got)  # the planted code never ran

@@ -14,7 +14,6 @@ The worker runs as ``python test_trainer_fused_prox.py OUT``.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -68,14 +67,9 @@ def worker(out: str) -> None:
 
 
 def test_fused_prox_equals_recomputed_prox_and_one_rank_is_unsharded(tmp_path):
-    from tests.conftest import child_env
+    from tests.conftest import run_json_worker
 
-    out = tmp_path / "out.json"
-    proc = subprocess.run([sys.executable, __file__, str(out)], capture_output=True, text=True,
-                          timeout=WORKER_TIMEOUT_S, env=child_env({"OMP_NUM_THREADS": "1"}),
-                          cwd=Path(__file__).resolve().parents[2])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(out.read_text())
+    r = run_json_worker(__file__, tmp_path / "out.json", WORKER_TIMEOUT_S)
     assert r["fuse_prox"] and r["recompute_is_none"]
     assert r["loss"][0] == r["loss"][1]
     assert r["grad_norm"][0] == r["grad_norm"][1]
