@@ -49,6 +49,19 @@ def run_json_worker(script: str, out: Path, timeout_s: float) -> dict:
     return json.loads(out.read_text())
 
 
+def wait_all(procs: list[subprocess.Popen], timeout_s: float) -> None:
+    """Waits for each process to exit 0 (``timeout_s`` each); whatever the outcome, any of them
+    still running afterwards is killed, by its PID, and reaped."""
+    try:
+        for p in procs:
+            assert p.wait(timeout=timeout_s) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 def _descendants(pid: int) -> list:
     try:
         return psutil.Process(pid).children(recursive=True)

@@ -89,19 +89,13 @@ def test_loss_and_weights_invariant_to_microbatch_size_and_ranks(tmp_path):
     import torch
 
     from areal_like.distributed import free_port
+    from tests.conftest import wait_all
 
     port = free_port()
     procs = [_spawn(tmp_path / "one.pt", list(MICRO_BATCH_SIZES)),
              _spawn(tmp_path / "two.pt", [2], rank=0, world=2, port=port),
              _spawn(tmp_path / "unused.pt", [2], rank=1, world=2, port=port)]
-    try:
-        for p in procs:
-            assert p.wait(timeout=WORKER_TIMEOUT_S) == 0
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    wait_all(procs, WORKER_TIMEOUT_S)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     for name, _ in CASES:
         ref = one[(name, 1)]

@@ -105,6 +105,7 @@ def _spawn(out: Path, model_dir: Path, rank: int | None = None, world: int = 1, 
 def results(tmp_path_factory):
     from areal_like.distributed import free_port
     from areal_like.hf import build_model
+    from tests.conftest import wait_all
 
     tmp = tmp_path_factory.mktemp("meta_init")
     model_dir = tmp / "hf"
@@ -113,14 +114,7 @@ def results(tmp_path_factory):
     port = free_port()
     procs = [_spawn(tmp / "one.pt", model_dir), _spawn(tmp / "two.pt", model_dir, 0, 2, port),
              _spawn(tmp / "unused.pt", model_dir, 1, 2, port)]
-    try:
-        for p in procs:
-            assert p.wait(timeout=WORKER_TIMEOUT_S) == 0
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    wait_all(procs, WORKER_TIMEOUT_S)
     import torch
 
     return {"model_dir": model_dir, 1: torch.load(tmp / "one.pt"), 2: torch.load(tmp / "two.pt")}

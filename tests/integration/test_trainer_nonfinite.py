@@ -162,17 +162,11 @@ def test_a_nonfinite_group_leaves_the_weights_finite_under_every_kernel_on_two_r
     import torch
 
     from areal_like.distributed import free_port
+    from tests.conftest import wait_all
 
     port = free_port()
     procs = [_spawn(tmp_path / "out.pt", rank, 2, port) for rank in (0, 1)]
-    try:
-        for p in procs:
-            assert p.wait(timeout=WORKER_TIMEOUT_S) == 0
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    wait_all(procs, WORKER_TIMEOUT_S)
     r = torch.load(tmp_path / "out.pt", weights_only=True)
     assert r["one_rank_nan"] is False and r["all_ok"] is True  # one rank's NaN: both ranks skip
     skipped = {kernel for kernel in KERNELS if _check_kernel(kernel, r[kernel])}
