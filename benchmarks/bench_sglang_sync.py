@@ -262,7 +262,7 @@ def summarize(
         "baseline": baseline,
         "ratio": ratio,
         "goal": f"engine pause per version <= {GOAL_PAUSE_S} s and <= baseline/10 (ratio >= 10), "
-        "per-token versions exact (tests/sglang/test_weights.py)",
+        "per-token versions exact (tests/sglang/test_sglang_weights.py)",
         "ok": all(r["ok"] for r in runs),
         "errors": sorted({r["reason"] for r in runs if r["reason"]}),
         "pause_mode": mode,

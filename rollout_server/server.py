@@ -235,7 +235,7 @@ class RolloutServer(Daemon):
         """A launched SGLang that died (a crash, an OOM kill, a ``kill -9``) stops this server at
         the next tick (exit 1) instead of failing episode after episode: the launcher starts the
         server again, and with it a new engine (the old one's files removed by its reaper), which
-        registers afresh and is brought up to the trainer's weights (tests/sglang/test_faults.py)."""
+        registers afresh and is brought up to the trainer's weights (tests/sglang/test_sglang_faults.py)."""
         if self.rcfg.engine.kind != "sglang" or self.engine is None:
             return
         if (code := self.engine.exit_code()) is not None:
