@@ -18,7 +18,7 @@ COUNTERS = ("groups_accepted", "groups_duplicate", "groups_consumed", "credits_g
 LABELLED = {"groups_dropped": ("stale", "equal_rewards", "max_tokens", "unreadable"),
             "rejected": ("decode", "frame_too_large", "unknown_lease", "lease_mismatch", "future_version", "not_trainer",
                          "version_jump", "reserved_id", "empty_prompt", "bad_loss_mask", "token_out_of_vocab",
-                         "nonfinite_logp", "peer_limit", "role")}
+                         "nonfinite_logp", "implausible_logp", "peer_limit", "role")}
 
 
 class BufferMetrics:

@@ -6,7 +6,12 @@ reason ``nonfinite_logp``, counted in ``buffer/rejected{reason="nonfinite_logp"}
 the Prometheus ``/metrics`` page), nothing of it is stored or handed out, and its prompt is
 re-queued: the next credits go out for the same prompts, and a finite group for them is accepted.
 The trainer's ``BatchSource`` drops such a group that reaches it anyway (a WAL written before the
-check).
+check). Finite but absurd log-probs (-1e30, which overflows the importance ratio like a NaN; +5) are
+refused the same way with the reason ``implausible_logp``, while the most negative log-prob a real
+sampler gives in practice (-60) is accepted.
+
+Mutation checked: without the range check the -1e30 group was accepted (the implausible test
+failed).
 """
 
 from __future__ import annotations
@@ -60,6 +65,24 @@ def test_buffer_refuses_nonfinite_logprobs_counts_them_and_requeues_their_prompt
         batch = c.request(P.BatchRequest(n_groups=4, trainer_version=0, wait_s=5.0))
         assert len(batch.groups) == 4
         assert all(np.isfinite(t.behav_logp).all() for g in batch.groups for t in g.trajectories)
+
+
+def test_buffer_refuses_implausible_logprobs_and_takes_plausible_ones(tmp_path):
+    cfg = make_cfg(tmp_path, max_staleness=3)
+    with running(cfg) as (svc, c):
+        register(c)
+        credits = c.request(P.CreditRequest(server_id="s0", max_credits=3)).credits
+        for credit, value in zip(credits, (-1e30, 5.0)):
+            ack = c.request(_with_logp(make_group(credit), value))
+            assert ack.status == "rejected", ack
+            assert ack.reason.startswith("implausible_logp: trajectory 1"), ack.reason
+            assert "outside [-100.0, 0.1]" in ack.reason and "at token 1" in ack.reason, ack.reason
+        assert c.request(_with_logp(make_group(credits[2]), -60.0)).status == "accepted"
+        s = c.request(P.StatsRequest()).values
+        assert s["rejected_implausible_logp"] == 2 and s["groups_accepted"] == 1
+        assert (s["in_flight"], s["reissue_queue"]) == (0, 2)  # engine's numbers: prompts re-queued
+        page = scrape(f"http://127.0.0.1:{svc.metrics_server.port}/metrics")
+        assert page['areal_buffer_rejected_total{reason="implausible_logp"}'] == 2
 
 
 def test_trainer_drops_a_nonfinite_group_that_reaches_it(free_port):
