@@ -19,7 +19,7 @@ rejected): one round trip.
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 
 from areal_like import group_checks, security
@@ -32,7 +32,7 @@ from areal_like.ratelog import RateLimitedLog
 from areal_like.transport import LOCAL_MEMBER, Server, local_addresses
 from buffer import expiry, peer_caps
 from buffer.control import ControlPlane
-from buffer.credits import CreditLedger, invalid_group, version_range
+from buffer.credits import CreditLedger, Lease, invalid_group, version_range
 from buffer.diskspace import MIN_SEGMENT_BYTES, DiskGuard
 from buffer.facts import BufferFacts
 from buffer.handout import Handout
@@ -48,6 +48,7 @@ REJECT_LOG_EVERY_S = 60.0  # a kind of rejection is logged at most this often (a
 MAX_POLL_BATCH = 512  # requests handled per loop iteration (one fsync for all of them)
 MAX_POLL_BYTES = 4 << 20  # ...or this many bytes: smaller fsyncs start sooner and overlap receiving
 SWEEP_S = 0.05  # lease expiry and roster timeouts at most this often (a scan per iteration cost % of ingest)
+MAX_ENGINE_RETRIES = 3  # groups of one prompt refused for the engine's numbers before it is skipped
 SEEN_KEEP = 200_000  # group ids remembered for dedupe after consumption: hours of generation, ~20 MB
 
 
@@ -82,6 +83,9 @@ class BufferService(Daemon):
         # what one member may hold: held BatchRequests, server ids, new ids per second
         self.caps = peer_caps.PeerCaps(facts.max_servers, clock=clock)
         self.seen: dict[str, None] = {}  # accepted group ids (ordered: oldest are forgotten first)
+        # (prompt, epoch) -> groups refused for the engine's numbers; at MAX_ENGINE_RETRIES it is
+        # skipped this epoch like a bad prompt (in memory: a restart gives each prompt a fresh count)
+        self.engine_faults: Counter[tuple[int, int]] = Counter()
         self._waiting: deque[tuple] = deque()  # (ticket, peer, req_id, reply, type, t); peer None: publish
         self._publish: list[P.Message] = []  # to publish once this iteration's control record is durable
         self._after_control: list[tuple] = []  # (peer, req_id, reply, type, t) waiting for that record
@@ -242,6 +246,19 @@ class BufferService(Daemon):
             return self._refuse(peer_caps.REASON, over)
         return None
 
+    def _retry(self, label: str, lease: Lease) -> bool:
+        """Whether a prompt whose group was refused for ``label`` is generated again."""
+        if label in group_checks.REASONS:
+            return False
+        key = (lease.prompt_index, lease.epoch)
+        self.engine_faults[key] += 1
+        if self.engine_faults[key] < MAX_ENGINE_RETRIES:
+            return True
+        del self.engine_faults[key]
+        self.log.warning("prompt %d (epoch %d) skipped this epoch: %d of its groups were refused "
+                         "for the engine's numbers (%s)", *key, MAX_ENGINE_RETRIES, label)
+        return False
+
     def _on_group(self, g: P.TrajectoryGroup, frame: bytes) -> P.Ack:
         if g.group_id in self.seen or g.group_id in self.store:
             self.instruments.count("groups_duplicate")
@@ -255,8 +272,9 @@ class BufferService(Daemon):
             self.rejections.warning(f"group:{label}", "rejected group %s from %s: %s", g.group_id, g.server_id, reason)
             if lease is not None and not reason.startswith("lease"):
                 # the sender drops a rejected group: generate it again, unless its content is what is
-                # wrong (the same prompt would come back the same way): then it is skipped this epoch
-                self.ledger.cancel(lease.lease_id, reissue=label not in group_checks.REASONS)
+                # wrong (the same prompt would come back the same way) or the engine's numbers were
+                # wrong MAX_ENGINE_RETRIES times for it: then it is skipped this epoch
+                self.ledger.cancel(lease.lease_id, reissue=self._retry(label, lease))
                 self._dirty = True
             return P.Ack(ref=g.group_id, status="rejected", reason=reason)
         try:
@@ -270,6 +288,8 @@ class BufferService(Daemon):
         self.disk.wrote(ref.length)
         self.instruments.count("wal_bytes_written", ref.length)
         self.ledger.fulfil(g.lease_id)
+        if lease is not None:
+            self.engine_faults.pop((lease.prompt_index, lease.epoch), None)
         self._remember(g.group_id)
         self.instruments.count("groups_accepted")
         head = versions[2]

@@ -10,8 +10,11 @@ check). Finite but absurd log-probs (-1e30, which overflows the importance ratio
 refused the same way with the reason ``implausible_logp``, while the most negative log-prob a real
 sampler gives in practice (-60) is accepted.
 
-Mutation checked: without the range check the -1e30 group was accepted (the implausible test
-failed).
+A prompt whose groups come back non-finite every time is generated at most
+``MAX_ENGINE_RETRIES`` (3) times per epoch, then skipped like a bad prompt.
+
+Mutations checked: without the range check the -1e30 group was accepted (the implausible test
+failed); re-issuing without the cap made the cap test fail.
 """
 
 from __future__ import annotations
@@ -83,6 +86,22 @@ def test_buffer_refuses_implausible_logprobs_and_takes_plausible_ones(tmp_path):
         assert (s["in_flight"], s["reissue_queue"]) == (0, 2)  # engine's numbers: prompts re-queued
         page = scrape(f"http://127.0.0.1:{svc.metrics_server.port}/metrics")
         assert page['areal_buffer_rejected_total{reason="implausible_logp"}'] == 2
+
+
+def test_a_prompt_refused_for_its_numbers_every_time_is_skipped_after_three_tries(tmp_path):
+    cfg = make_cfg(tmp_path, max_staleness=3)
+    with running(cfg) as (svc, c):
+        register(c)
+        first = c.request(P.CreditRequest(server_id="s0", max_credits=1)).credits[0]
+        credit, tries = first, []
+        for _ in range(3):
+            tries.append(credit.prompt_index)
+            assert c.request(_with_logp(make_group(credit), math.nan)).status == "rejected"
+            credit = c.request(P.CreditRequest(server_id="s0", max_credits=1)).credits[0]
+        assert tries == [first.prompt_index] * 3  # re-issued twice, first
+        assert credit.prompt_index != first.prompt_index  # then skipped: the cursor moves on
+        s = c.request(P.StatsRequest()).values
+        assert s["rejected_nonfinite_logp"] == 3 and s["reissue_queue"] == 0
 
 
 def test_trainer_drops_a_nonfinite_group_that_reaches_it(free_port):
