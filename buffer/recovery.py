@@ -122,7 +122,8 @@ def _control(control: dict, ledger: CreditLedger, store: ReplayBuffer, out: Repl
             have = len(ledger.reissue) + len(changes["requeued"])
             changes = {**changes, "dequeued": min(changes["dequeued"], have)}
         ledger.apply_changes(changes)
-        out.version, out.in_transit = changes["version"], changes["in_transit"]
+        # a restored copy has no in_transit: the record that carried it sets it next
+        out.version, out.in_transit = changes["version"], changes.get("in_transit", out.in_transit)
 
 
 def _group(rec: Record, ledger: CreditLedger, store: ReplayBuffer, out: Replayed, log: logging.Logger) -> None:
