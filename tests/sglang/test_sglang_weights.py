@@ -1,6 +1,7 @@
 """Weights and log-probs with the real SGLang: what it samples is what the trainer scores, through
-every weight path (distributed over gloo, plain and flattened buckets; from disk), and across a
-pause in the middle of a generation (every token's recorded version exact).
+every weight path (distributed over gloo, plain and flattened buckets; tensor, the one-GPU path,
+whose payloads on CPU name shared-memory files; from disk), and across a pause in the middle of a
+generation (every token's recorded version exact).
 
 The session's server changes weights from test to test; each test first serves the weights it
 compares against."""
@@ -26,6 +27,7 @@ from rollout_server.episode import generate_sample
 from rollout_server.sglang_client import SGLangClient
 from rollout_server.weight_update import FLATTENED, apply_weight_sync
 from trainer.logprob_guard import trainer_logprobs
+from trainer.weight_local import LocalSender
 
 REPO = Path(__file__).resolve().parents[2]
 SENDER = (REPO / "tests" / "weight_sender.py").read_text()  # group rank 0, as the trainer
@@ -166,6 +168,27 @@ def test_the_disk_path_serves_an_exported_directory(sglang_server, tmp_path):
             assert_served(await _engine_logprobs(client, 1.0), _model(5), 1.0)
 
     asyncio.run(scenario())
+
+
+def test_the_tensor_path_serves_the_trainers_weights(sglang_server):
+    model = _model(7)
+    state = model.state_dict()
+    buckets = _plan(13, state, 0, "tensor").buckets
+    sender = LocalSender("tensor")  # rank 0's half of trainer.weight_sync.path=tensor
+    payloads = sender.payloads(model, 13, buckets, [[state[n] for n in b.names] for b in buckets])
+    plan = _plan(13, state, 0, "tensor", path="tensor", payloads=payloads)
+
+    async def scenario():
+        async with _client(sglang_server) as client:
+            done = await apply_weight_sync(client, plan, "s", drain=False)
+            assert done.ok, done.reason
+            assert await client.weight_version() == "13"
+            assert_served(await _engine_logprobs(client, 1.0), model, 1.0)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        sender.close()
 
 
 async def _until_decoding(client, tokens: int, timeout_s: float = 120) -> None:
