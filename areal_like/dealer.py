@@ -1,6 +1,5 @@
 """The client side of request/reply (``Client``, ``AsyncClient``): see areal_like/transport.py's
-docstring for the patterns, and areal_like/sealed.py for the sealed bulk frames they switch to
-after a CURVE handshake."""
+docstring for the patterns."""
 
 from __future__ import annotations
 
@@ -11,11 +10,10 @@ import uuid
 import zmq
 import zmq.asyncio
 
-from areal_like import sealed, security
+from areal_like import security
 from areal_like.codec import ProtocolError
 from areal_like.protocol import Message, decode
 from areal_like.transport import (
-    _NOBLOCK,
     DEFAULT_TIMEOUT_S,
     FrameWriter,
     TransportError,
@@ -26,14 +24,7 @@ from areal_like.transport import (
 
 
 class _Dealer:
-    """A DEALER to ``address`` that is replaced by a fresh one after a timeout ("lazy pirate").
-
-    With sealed bulk frames (``security.seals``) the first request of each socket is preceded by a
-    HELLO over CURVE; the WELCOME's key and port replace the socket by a plain DEALER to the bulk
-    port, on which every later frame is sealed (areal_like/sealed.py). A timeout drops the session
-    with the socket, so after a server restart the next request shakes hands again; so does a request
-    after the session's key has carried its budget (``sealed.SESSION_BYTES``).
-    """
+    """A DEALER to ``address`` that is replaced by a fresh one after a timeout ("lazy pirate")."""
 
     def __init__(self, address: str, ctx: zmq.Context, timeout_s: float, identity: str | None):
         self.address, self.timeout_s, self.identity, self._ctx = address, timeout_s, identity, ctx
@@ -44,12 +35,9 @@ class _Dealer:
 
     def _connect(self) -> None:
         with security.using(self._keys):
-            self._channel: sealed.Channel | None = None
-            self._seals = security.seals(self.address)
             self._sock = new_socket(self._ctx, zmq.DEALER)
-            self._routing_id = f"{self.identity}-{uuid.uuid4().hex[:6]}".encode() if self.identity else None
-            if self._routing_id:
-                self._sock.setsockopt(zmq.IDENTITY, self._routing_id)
+            if self.identity:
+                self._sock.setsockopt(zmq.IDENTITY, f"{self.identity}-{uuid.uuid4().hex[:6]}".encode())
             security.connect(self._sock, self.address)
         self._on_socket()
 
@@ -61,66 +49,25 @@ class _Dealer:
             self._sock.close(linger=0)
         self._connect()
 
-    def _needs_session(self) -> bool:
-        """Whether the next request must first shake hands (on a fresh socket); before it, a session
-        whose key has carried ``sealed.SESSION_BYTES`` is dropped with its socket, as after a timeout."""
-        if self._sock is not None and self._channel is not None and self._channel.carried >= sealed.SESSION_BYTES:
-            self.reconnect()  # the server forgot the session when its reply spent the budget (bulk.py)
-        return self._seals and self._channel is None and self._sock is not None
-
-    def _send_hello(self) -> bytes:
-        req_id = uuid.uuid4().bytes
-        try:
-            self._sock.send_multipart([req_id, sealed.HELLO], flags=_NOBLOCK)
-        except zmq.Again:
-            self.reconnect()
-            raise TransportTimeout(f"send queue to {self.address} is full") from None
-        return req_id
-
-    def _start_session(self, welcome) -> None:
-        """Take the WELCOME: from now on a plain DEALER to the bulk port, every frame sealed."""
-        try:
-            channel, port = sealed.client_channel(bytes(welcome))
-        except sealed.SealError as e:
-            self.reconnect()
-            raise TransportError(f"{self.address}: {e}") from None
-        bulk = new_socket(self._ctx, zmq.DEALER, secure=False)
-        if self._routing_id:
-            bulk.setsockopt(zmq.IDENTITY, self._routing_id)
-        bulk.connect(sealed.bulk_address(self.address, port))
-        self._sock.close(linger=0)
-        self._sock, self._channel = bulk, channel
-        self._on_socket()
-
     def _send(self, msg: Message) -> bytes:
         """Send ``msg`` under a fresh req_id (returned). A ProtocolError leaves the socket untouched."""
         if self._sock is None:
             raise TransportError(f"client for {self.address} is closed")
         req_id = uuid.uuid4().bytes
         try:
-            if self._channel is not None:
-                self._writer.send_sealed(self._sock, [req_id], self._channel, msg)
-            else:
-                self._writer.send(self._sock, [req_id], msg, zmq.NOBLOCK)  # asyncio: sent at once or Again
+            self._writer.send(self._sock, [req_id], msg, zmq.NOBLOCK)  # asyncio: sent at once or Again
         except zmq.Again:
             self.reconnect()
             raise TransportTimeout(f"send queue to {self.address} is full") from None
         return req_id
 
-    def _payload(self, req_id: bytes, frames: list[zmq.Frame]):
-        """The reply's payload if ``frames`` answer ``req_id`` (opened when sealed), else None: a late
-        reply to an abandoned request, or a frame that is not this session's, is dropped."""
+    @staticmethod
+    def _payload(req_id: bytes, frames: list[zmq.Frame]):
+        """The reply's payload if ``frames`` answer ``req_id``, else None: a late reply to an
+        abandoned request is dropped."""
         if len(frames) != 2 or frames[0].bytes != req_id:
             return None
-        return self._open(req_id, frames[1])
-
-    def _open(self, req_id: bytes, frame: zmq.Frame):
-        if self._channel is None:
-            return frame.buffer
-        try:
-            return self._channel.open(req_id, frame.buffer)
-        except sealed.SealError:
-            return None
+        return frames[1].buffer
 
     def _timed_out(self, msg: Message, timeout: float) -> TransportTimeout:
         self.reconnect()  # fresh socket: queued requests and late replies to this one are discarded
@@ -129,7 +76,7 @@ class _Dealer:
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close(linger=0)
-            self._sock, self._channel = None, None
+            self._sock = None
 
 
 class Client(_Dealer):
@@ -146,10 +93,6 @@ class Client(_Dealer):
         """Send ``msg`` and return the decoded reply. Raises TransportTimeout or ProtocolError."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
-        if self._needs_session():
-            if (welcome := self._wait(self._send_hello(), deadline)) is None:
-                raise self._timed_out(msg, timeout)
-            self._start_session(welcome)
         if (payload := self._wait(self._send(msg), deadline)) is None:
             raise self._timed_out(msg, timeout)
         return decode(payload)
@@ -188,24 +131,14 @@ class AsyncClient(_Dealer):
         """Send ``msgs`` at once and return their replies in order: each a Message, a ProtocolError
         (a reply that does not decode), or None when none came (the socket is then replaced, as after
         any timeout). ``timeout_s`` bounds the wait for the next reply, not for all of them. Raises
-        TransportTimeout when the handshake or a send fails (the send queue is full).
-
-        Sealed (areal_like/sealed.py): the server forgets a session with the reply that spends its key's
-        budget, so requests still in flight behind that one would go unanswered. Near the end of the
-        budget (its last eighth, more than a window of groups carries) they go one at a time instead."""
+        TransportTimeout when a send fails (the send queue is full)."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
         async with self._lock:
-            if len(msgs) > 1 and self._channel is not None and self._channel.carried >= sealed.SESSION_BYTES * 7 // 8:
-                return [(await self._exchange([msg], timeout))[0] for msg in msgs]
             return await self._exchange(msgs, timeout)
 
     async def _exchange(self, msgs: list[Message], timeout: float) -> list:
         if not msgs:
             return []
-        if self._needs_session():
-            if (welcome := (await self._wait([self._send_hello()], timeout))[0]) is None:
-                raise self._timed_out(msgs[0], timeout)
-            self._start_session(welcome)
         payloads = await self._wait([self._send(msg) for msg in msgs], timeout)
         if None in payloads:
             self.reconnect()  # fresh socket: late replies to the unanswered ones are discarded
@@ -222,11 +155,9 @@ class AsyncClient(_Dealer):
             if not await sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
                 break
             frames = await sock.recv_multipart(copy=False)
-            if len(frames) == 2 and (i := waiting.get(req_id := frames[0].bytes)) is not None:
-                if (payload := self._open(req_id, frames[1])) is not None:  # else not this session's: dropped
-                    out[i] = payload
-                    del waiting[req_id]
-                    deadline = loop.time() + timeout  # progress: the next reply gets the whole timeout
+            if len(frames) == 2 and (i := waiting.pop(frames[0].bytes, None)) is not None:
+                out[i] = frames[1].buffer
+                deadline = loop.time() + timeout  # progress: the next reply gets the whole timeout
         return out
 
 

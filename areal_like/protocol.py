@@ -297,16 +297,15 @@ def encode(msg: Message) -> bytes:
     return data
 
 
-def encode_into(msg: Message, buffer: bytearray, offset: int = 0) -> None:
-    """``encode`` into a caller-owned buffer from ``offset`` on (resized to the frame, allocation
-    kept): the transport reuses one buffer per socket instead of allocating every frame, and a sealed
-    frame keeps room for its header in front."""
+def encode_into(msg: Message, buffer: bytearray) -> None:
+    """``encode`` into a caller-owned buffer (resized to the frame, allocation kept): the transport
+    reuses one buffer per socket instead of allocating every frame."""
     _top_level(msg)
     try:
-        _ENCODER.encode_into(msg, buffer, offset)
+        _ENCODER.encode_into(msg, buffer)
     except _ENCODE_ERRORS as e:
         raise ProtocolError(f"cannot encode: {e}", "frame") from None
-    if (n := len(buffer) - offset) > MAX_FRAME_BYTES:
+    if (n := len(buffer)) > MAX_FRAME_BYTES:
         raise ProtocolError(f"{n} bytes exceeds the limit of {MAX_FRAME_BYTES}", "frame")
 
 

@@ -1,6 +1,5 @@
 """Announcements: PUB (buffer) -> SUB (rollout servers). Lossy by design ("Publish/subscribe" in
-areal_like/transport.py's docstring); small frames, so they stay on CURVE over tcp:// (sealed bulk
-frames are for request/reply: areal_like/sealed.py)."""
+areal_like/transport.py's docstring); small frames, on CURVE over tcp:// like request/reply."""
 
 from __future__ import annotations
 

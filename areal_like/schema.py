@@ -148,8 +148,13 @@ class BufferConfig:
     # unless absolute; "" = tcp only. No CURVE there: the directory is 0700 and each peer's uid is checked
     # (areal_like/SECURITY.md). A one-node `areal-like run` sets it (security.local_ipc).
     local_dir: str = ""
+    # ZeroMQ I/O threads of the request/reply socket: CURVE's cipher runs there, one connection on one
+    # thread, so more decrypt many senders' streams in parallel (benchmarks/bench_buffer.py, "CURVE
+    # capacity"). 0 = half the cores this process may use, 1 to 8.
+    io_threads: int = 0
 
     def __post_init__(self):
+        _check("buffer.io_threads", self.io_threads >= 0, ">= 0 (0 = from the cores)", self.io_threads)
         _check("buffer.max_frame_bytes", self.max_frame_bytes >= 0, ">= 0 (0 = sized to the job)",
                self.max_frame_bytes)
         _check("buffer.max_staleness", self.max_staleness >= 0, ">= 0", self.max_staleness)
@@ -329,14 +334,9 @@ class SecurityConfig:
     # A one-node `run`: daemons reach the buffer over ipc:// sockets in <run_dir>/sock (this user only, no
     # CURVE, which is the transport's biggest cost); false = tcp with CURVE on one node too.
     local_ipc: bool = True
-    # With curve, tcp request/reply: CURVE authenticates and hands out a session key, bulk frames go AES-GCM sealed
-    # on a second buffer port (areal_like/sealed.py; far cheaper than CURVE's cipher). false: CURVE for all.
-    sealed_bulk: bool = True
-    bulk_port: int = 0  # the buffer's sealed bulk port (told to clients in the handshake); 0 = any free port
 
     def __post_init__(self):
         _check("security.keys_dir", bool(self.keys_dir), "a directory", self.keys_dir)
-        _check("security.bulk_port", 0 <= self.bulk_port <= 65535, "0..65535", self.bulk_port)
 
 
 @dataclass(kw_only=True)

@@ -35,11 +35,8 @@ process's user; a peer of another user is refused and counted as ``unknown_key``
 security options when an endpoint is bound or connected, so one socket can serve CURVE on tcp://
 and this on ipc://; every tcp:// endpoint keeps CURVE.
 
-Sealed bulk frames (``security.sealed_bulk``, on by default with CURVE; ``areal_like/sealed.py``):
-CURVE then only authenticates. The ZAP handler names an admitted client by its key's file name
-(the ZAP User-Id: ``rollout`` or ``trainer``), the server hands that client a session key over the
-CURVE connection, and the bulk traffic goes AES-GCM sealed on a second tcp port with no ZeroMQ
-security. A frame refused there (no session, bad tag, replay) is counted as ``sealed``.
+The ZAP handler names an admitted client by its key's file name (the ZAP User-Id: ``rollout`` or
+``trainer``): the buffer acts on a request by the role of the key that sent it (``role_of``).
 """
 
 from __future__ import annotations
@@ -72,7 +69,7 @@ _CLIENT_KINDS = (zmq.DEALER, zmq.SUB)
 # Monitor events that mean a peer was refused, by reason (HANDSHAKE_FAILED_AUTH: the ZAP handler said no)
 _REFUSAL_EVENTS = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "unknown_key", zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake",
                    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake"}
-REFUSAL_REASONS = ("unknown_key", "handshake", "sealed", "role")  # sealed: bulk.py; role: transport.Server
+REFUSAL_REASONS = ("unknown_key", "handshake", "role")  # role: transport.Server
 
 
 class SecurityError(RuntimeError):
@@ -95,8 +92,6 @@ _active: Keys | None = None
 _auths: dict[int, ThreadAuthenticator] = {}  # id(context) -> its running authenticator
 _refused_callbacks: list[Callable[[str], None]] = []
 _lock = threading.Lock()
-_sealed_bulk = True  # tcp request/reply: CURVE-authenticated sessions, AES-GCM bulk frames (sealed.py)
-_bulk_port = 0  # where a Server binds its sealed bulk endpoint (0: any free port)
 
 
 def make_keys(keys_dir: str | Path, clients: tuple[str, ...] = CLIENT_NAMES) -> list[Path]:
@@ -159,23 +154,6 @@ def active() -> Keys | None:
     return _active
 
 
-def set_sealed_bulk(on: bool, port: int = 0) -> None:
-    """Whether tcp request/reply sockets made from now on use sealed bulk frames when CURVE is on, and
-    the port a Server binds for them (0: any free port; clients learn it in the handshake)."""
-    global _sealed_bulk, _bulk_port
-    _sealed_bulk, _bulk_port = bool(on), int(port)
-
-
-def bulk_port() -> int:
-    return _bulk_port
-
-
-def seals(address: str) -> bool:
-    """Whether a request/reply socket on ``address`` made now uses sealed bulk frames: CURVE keys
-    active, ``sealed_bulk`` on, and a tcp:// address (ipc:// endpoints keep their own rule)."""
-    return _active is not None and _sealed_bulk and address.startswith("tcp://")
-
-
 @contextmanager
 def using(keys: Keys | None) -> Iterator[None]:
     """``activate(keys)`` for the block, then back to what was active (sockets made in it keep the keys)."""
@@ -199,7 +177,6 @@ def setup(cfg, role: str, logger: logging.Logger | None = None) -> Keys | None:
         return None
     keys = load(cfg.resolve_path(sec.keys_dir), role)
     activate(keys)
-    set_sealed_bulk(sec.sealed_bulk, sec.bulk_port)
     logger.info("CURVE on: %s keys from %s", role, cfg.resolve_path(sec.keys_dir))
     return keys
 
@@ -219,7 +196,8 @@ def role_of(frame: zmq.Frame) -> str | None:
 
 
 def refused(reason: str) -> None:
-    """Count one refused peer (``on_refused`` callbacks): the monitor threads' path, and sealed.py's."""
+    """Count one refused peer (``on_refused`` callbacks): the monitor threads' path, and the
+    transport's (a request under another role's peer id)."""
     for callback in list(_refused_callbacks):
         callback(reason)
 
@@ -277,7 +255,7 @@ def client_roles(allow_dir: Path) -> dict[bytes, str]:
 
 class _Authenticator(ThreadAuthenticator):
     """pyzmq's ZAP handler (the CURVE allow-list) plus the rule of same-node endpoints; an admitted
-    CURVE client's User-Id is its key's name (``client_roles``), the role a sealed session keeps."""
+    CURVE client's User-Id is its key's name (``client_roles``)."""
 
     roles: dict[bytes, str] = {}
     allow_dir: Path | None = None  # whose allow-list (and roles) it holds

@@ -6,7 +6,7 @@ versions and the loss mask travel as runs (protocol version 3): ``["runs<i4", le
 the little-endian int32 pairs ``(value, end)`` of each run of equal values, ``end`` the index after
 its last token (strictly increasing, the last one ``length``). A response sampled under one version
 with every token generated is 8 bytes of each where it was 4 per token: a 4,096-token trajectory
-travels, is sealed and is stored in about half the bytes. A ``Trajectory`` stores these triples
+travels, is encrypted and is stored in about half the bytes. A ``Trajectory`` stores these triples
 itself, so msgspec encodes them and decodes them (a zero-copy ``memoryview`` of the frame) without
 calling Python per array; its array attributes are made on access (``numpy.frombuffer`` views for
 ids and logprobs, the runs expanded for versions and the mask; all read-only). Build one with

@@ -45,13 +45,11 @@ Patterns and why:
 * **Authentication.** Every socket is made by ``new_socket``, which hands it to
   ``security.apply``: with the process's CURVE keys active, ROUTER/PUB sockets are CURVE servers
   behind a ZAP allow-list and DEALER/SUB sockets CURVE clients (``areal_like/security.py``).
-* **Sealed bulk frames** (``security.sealed_bulk``, on with CURVE; ``security.seals``): on tcp,
-  CURVE only authenticates. A ``Server`` also binds a plain bulk ROUTER (``areal_like/bulk.py``); a
-  client (``areal_like/dealer.py``) asks for a session over CURVE, then sends every request on a
-  plain DEALER to that port, AES-GCM sealed, and gets its replies sealed there
-  (``areal_like/sealed.py``). ``Server.recv`` answers handshakes and drops (and counts) refused
-  bulk frames itself; the daemon sees a sealed request as coming from the client's CURVE peer id.
-  CURVE's cipher is the transport's biggest cost; AES-GCM's is a fraction of it (areal_like/SECURITY.md, "Cost").
+* **CURVE's cost, spread.** CURVE encrypts every frame on tcp:// and its cipher is the
+  transport's biggest cost. ZeroMQ runs it in the context's I/O threads, one connection on one
+  thread, so a ``Server`` made with ``io_threads`` > 1 (the buffer's: ``buffer.io_threads``, sized
+  from its cores) decrypts many senders' streams in parallel (benchmarks/bench_buffer.py, "CURVE
+  capacity").
 * **Same-node endpoints.** An ``ipc://`` address (a Unix socket; ``local_addresses``) is bound and
   connected through ``security.bind``/``security.connect``: no CURVE there, only peers of the job's
   own user, in a 0700 directory. ``Server`` and ``Publisher`` take one beside their tcp:// address
@@ -69,8 +67,7 @@ from typing import Any
 
 import zmq
 
-from areal_like import protocol, sealed, security
-from areal_like.bulk import BulkEndpoint
+from areal_like import protocol, security
 from areal_like.peers import is_trainer_peer
 from areal_like.protocol import Message, ProtocolError, decode, encode_into
 
@@ -81,9 +78,9 @@ SNDHWM = 1000  # frames queued per peer before sends fail fast
 INCOMING_LIMIT_FACTOR = 2
 REFUSE_WINDOW_BYTES = 64 * 1024 * 1024  # a Server with a tighter frame limit still receives and refuses up to this
 SCRATCH_KEEP_BYTES = 4 * 1024 * 1024  # bigger frames hand their buffer over instead of being copied and kept
-MAX_HANDLED_PER_RECV = 64  # handshakes and refused frames one recv handles before it returns None
+MAX_HANDLED_PER_RECV = 64  # refused frames one recv handles before it returns None
 # ints: OR-ing zmq's IntFlag enums runs enum.py per frame
-_SNDMORE, _NOBLOCK, _EVENTS, _POLLIN = int(zmq.SNDMORE), int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
+_SNDMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)
 
 
 class TransportError(RuntimeError):
@@ -115,27 +112,16 @@ class FrameWriter:
     def __init__(self) -> None:
         self._buf = bytearray()
 
-    def encode(self, msg: Message, offset: int = 0) -> bytearray:
-        """``msg`` encoded into the kept buffer from ``offset`` on (valid until the next call);
-        ProtocolError if invalid."""
+    def encode(self, msg: Message) -> bytearray:
+        """``msg`` encoded into the kept buffer (valid until the next call); ProtocolError if invalid."""
         frame = self._buf
         try:
-            encode_into(msg, frame, offset)
+            encode_into(msg, frame)
         except ProtocolError:
             if len(frame) > SCRATCH_KEEP_BYTES:  # grown to an oversized frame: do not keep that allocation
                 self._buf = bytearray()
             raise
         return frame
-
-    def send_sealed(self, sock: zmq.Socket, head: list[bytes], channel: sealed.Channel, msg: Message) -> Any:
-        """Send ``[*head, seal(encode(msg))]`` (NOBLOCK; the req_id, ``head[-1]``, is in the seal's AAD):
-        encoded behind room for the seal's header and sealed in place in the kept buffer, then copied
-        by libzmq as a plain frame is (see "Copies")."""
-        out = channel.seal_in_place(head[-1], self.encode(msg, sealed.HEAD_BYTES))
-        if len(out) > SCRATCH_KEEP_BYTES:
-            self._buf = bytearray()  # ``out`` is libzmq's until it is sent
-            return sock.send_multipart([*head, out], flags=_NOBLOCK, copy=False)
-        return _send_copied(sock, head, out, _NOBLOCK)
 
     def send(self, sock: zmq.Socket, head: list[bytes], msg: Message, flags: int = 0) -> Any:
         """Send ``[*head, encode(msg)]``; an invalid message raises ProtocolError before anything is sent."""
@@ -155,6 +141,21 @@ def _send_copied(sock: zmq.Socket, head: list[bytes], frame: bytearray, flags: i
     return sock.send_multipart([*head, frame], flags=flags, copy=True)  # an asyncio socket needs its own send
 
 
+_CONTEXTS: dict[int, zmq.Context] = {}
+
+
+def context(io_threads: int = 1) -> zmq.Context:
+    """The process's ZeroMQ context with ``io_threads`` I/O threads (1: ``zmq.Context.instance()``);
+    made once per count and kept, as ZAP handlers and sockets are per context."""
+    if io_threads < 1:
+        raise ValueError(f"io_threads must be >= 1, got {io_threads}")
+    if io_threads == 1:
+        return zmq.Context.instance()
+    if (ctx := _CONTEXTS.get(io_threads)) is None or ctx.closed:
+        ctx = _CONTEXTS[io_threads] = zmq.Context(io_threads=io_threads)
+    return ctx
+
+
 def local_addresses(directory: str | os.PathLike) -> tuple[str, str]:
     """The buffer's same-node (request/reply, publish) ``ipc://`` addresses in ``directory``."""
     return f"ipc://{os.path.abspath(directory)}/router", f"ipc://{os.path.abspath(directory)}/pub"
@@ -169,17 +170,16 @@ def recv_parts(sock: zmq.Socket, flags: int) -> list[zmq.Frame]:
     return parts
 
 
-def new_socket(ctx: zmq.Context, kind: int, receive_bound: int | None = None, secure: bool = True) -> zmq.Socket:
+def new_socket(ctx: zmq.Context, kind: int, receive_bound: int | None = None) -> zmq.Socket:
     """A socket with this module's options (linger, high-water marks, incoming size bound: by default
-    ``INCOMING_LIMIT_FACTOR`` x the frame limit); ``secure=False``: no CURVE (a sealed bulk socket)."""
+    ``INCOMING_LIMIT_FACTOR`` x the frame limit) and this process's CURVE keys, if any."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, SNDHWM)
     sock.setsockopt(zmq.RCVHWM, SNDHWM)
     bound = INCOMING_LIMIT_FACTOR * protocol.MAX_FRAME_BYTES if receive_bound is None else receive_bound
     sock.setsockopt(zmq.MAXMSGSIZE, bound)  # see "Incoming size bound"
-    if secure:
-        security.apply(sock)  # CURVE server or client with this process's keys (none: plain); before bind/connect
+    security.apply(sock)  # CURVE server or client with this process's keys (none: plain); before bind/connect
     return sock
 
 
@@ -206,9 +206,12 @@ class Server:
     A frame that fails to decode is returned as a ProtocolError instead of a message, so the
     daemon can answer with a rejection naming the field and keep serving. ``max_frame_bytes``
     (default ``protocol.MAX_FRAME_BYTES``) is the largest frame decoded; see "Incoming size bound".
+    ``io_threads`` > 1: the socket lives in a context with that many I/O threads (one per process
+    and count, like ``zmq.Context.instance()``; see "CURVE's cost, spread").
     """
 
-    def __init__(self, address: str, *, max_frame_bytes: int | None = None, local_address: str | None = None):
+    def __init__(self, address: str, *, max_frame_bytes: int | None = None, local_address: str | None = None,
+                 io_threads: int = 1):
         self.address, self.local_address = address, local_address
         self.max_frame_bytes = max_frame_bytes
         bound = None
@@ -217,38 +220,13 @@ class Server:
                 raise ValueError(f"max_frame_bytes must be >= 1, got {max_frame_bytes}")
             bound = min(INCOMING_LIMIT_FACTOR * protocol.MAX_FRAME_BYTES,
                         max(INCOMING_LIMIT_FACTOR * max_frame_bytes, REFUSE_WINDOW_BYTES))
-        self._ctx = zmq.Context.instance()
+        self._ctx = context(io_threads)
         self._sock = new_socket(self._ctx, zmq.ROUTER, bound)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished peers are dropped
         bind_both(self._sock, address, local_address)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
         self._writer = FrameWriter()
-        self._bulk = self._bulk_endpoint(bound)
-        self._turn = 1  # with a bulk endpoint, which of the two sockets is read first (they take turns)
-
-    def _bulk_endpoint(self, bound: int | None) -> BulkEndpoint | None:
-        """The sealed bulk endpoint when this process serves CURVE with sealed bulk frames on, else None."""
-        keys = security.active()
-        if not security.seals(self.address) or keys is None or keys.allow_dir is None:
-            return None
-        host = bind_address(self.address)[len("tcp://"):].rsplit(":", 1)[0]
-        try:
-            # keyless peers reach this port: their frames are cut at the largest sealed frame a member may send
-            limit = INCOMING_LIMIT_FACTOR * (self.max_frame_bytes or protocol.MAX_FRAME_BYTES) + sealed.OVERHEAD_BYTES
-            bulk = BulkEndpoint(new_socket(self._ctx, zmq.ROUTER, min(limit, bound or limit), secure=False), host,
-                                security.bulk_port(),
-                                set(security.client_roles(keys.allow_dir).values()))
-        except BaseException:
-            self._sock.close(linger=0)
-            raise
-        self._poller.register(bulk.sock, zmq.POLLIN)
-        return bulk
-
-    @property
-    def bulk_port(self) -> int | None:
-        """The sealed bulk endpoint's port (None: this server has none)."""
-        return None if self._bulk is None else self._bulk.port
 
     def recv(self, timeout_s: float) -> tuple[bytes, bytes, Message | ProtocolError] | None:
         """Wait up to ``timeout_s`` for one request; None on timeout."""
@@ -267,31 +245,22 @@ class Server:
 
     def recv_request(self, timeout_s: float) -> Request | None:
         """Like ``recv_with_payload`` plus the sender's member name: the role of its CURVE key (the
-        ZAP User-Id, ``rollout`` or ``trainer``; a sealed session keeps it), or ``LOCAL_MEMBER`` for
+        ZAP User-Id, ``rollout`` or ``trainer``), or ``LOCAL_MEMBER`` for
         a peer without a key (same-node ``ipc://``, whose uid the ZAP handler checked, or
         ``security.curve=false``)."""
         deadline = time.monotonic() + timeout_s
-        for _ in range(MAX_HANDLED_PER_RECV):  # a handshake or a refused frame is handled here; wait on
-            got = self._recv_frames(max(0.0, deadline - time.monotonic()))
-            if got is None:
+        for _ in range(MAX_HANDLED_PER_RECV):  # a refused frame is handled here; wait on
+            frames = self._recv_frames(max(0.0, deadline - time.monotonic()))
+            if frames is None:
                 return None
-            if (request := self._request(*got)) is not None:
+            if (request := self._request(frames)) is not None:
                 return request
             if time.monotonic() >= deadline:  # a stranger's flood never holds the caller past its deadline
                 return None
         return None
 
-    def _request(self, sock: zmq.Socket, frames: list[zmq.Frame]):
-        """(peer, req_id, message-or-error, payload) of a request; None for what this layer handles."""
-        if self._bulk is not None:
-            if sock is self._bulk.sock:
-                if (opened := self._bulk.open(frames)) is None:
-                    return None
-                peer, req_id, payload, role = opened
-                return peer, req_id, self._decoded(payload), payload, role
-            if BulkEndpoint.is_hello(frames):
-                self._bulk.hello(self._sock, frames)
-                return None
+    def _request(self, frames: list[zmq.Frame]):
+        """(peer, req_id, message-or-error, payload, member) of a request; None for a refused one."""
         if len(frames) != 3:
             error = ProtocolError("expected [req_id, payload]", "frame")
             role = security.role_of(frames[-1])
@@ -310,25 +279,19 @@ class Server:
         except ProtocolError as e:
             return e
 
-    def _recv_frames(self, timeout_s: float) -> tuple[zmq.Socket, list[zmq.Frame]] | None:
-        """The next frames (zero copy) and their socket. A request already queued is taken without
-        polling first (a busy server saves a poll per request); otherwise wait up to ``timeout_s``."""
+    def _recv_frames(self, timeout_s: float) -> list[zmq.Frame] | None:
+        """The next frames (zero copy). A request already queued is taken without polling first (a
+        busy server saves a poll per request); otherwise wait up to ``timeout_s``."""
         if (got := self._take()) is not None or timeout_s <= 0 or not self._poller.poll(int(timeout_s * 1000)):
             return got
         return self._take()  # NOBLOCK: the poll may have returned for a ``wake_on`` descriptor instead
 
-    def _take(self) -> tuple[zmq.Socket, list[zmq.Frame]] | None:
-        """One queued message, NOBLOCK; with a bulk endpoint the two sockets take turns going first."""
-        if self._bulk is None:
-            try:
-                return self._sock, recv_parts(self._sock, _NOBLOCK)
-            except zmq.Again:
-                return None
-        self._turn = -self._turn
-        for sock in (self._bulk.sock, self._sock)[::self._turn]:
-            if sock.getsockopt(_EVENTS) & _POLLIN:  # asked, not tried: a raised zmq.Again costs ~3x more
-                return sock, recv_parts(sock, _NOBLOCK)
-        return None
+    def _take(self) -> list[zmq.Frame] | None:
+        """One queued message, NOBLOCK."""
+        try:
+            return recv_parts(self._sock, _NOBLOCK)
+        except zmq.Again:
+            return None
 
     def wake_on(self, fd: int) -> None:
         """A wait in ``recv`` also ends (returning None) as soon as ``fd`` is readable: how a
@@ -338,8 +301,6 @@ class Server:
     def send(self, peer: bytes, req_id: bytes, msg: Message) -> None:
         """Reply to ``peer``'s request ``req_id``. Never blocks: a reply to a peer that is gone or
         whose queue is full is dropped (it times out and re-sends)."""
-        if self._bulk is not None and self._bulk.reply(peer, req_id, self._writer, msg):
-            return
         try:
             self._writer.send(self._sock, [peer, req_id], msg, zmq.NOBLOCK)
         except zmq.Again:
@@ -347,6 +308,4 @@ class Server:
 
     def close(self) -> None:
         self._sock.close(linger=0)
-        if self._bulk is not None:
-            self._bulk.sock.close(linger=0)
 

@@ -18,7 +18,6 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-import psutil
 import zmq
 
 from areal_like import protocol as P
@@ -223,7 +222,7 @@ def worker_secrets(t: Target) -> tuple[bool, str]:
 
 
 def _raw_member(t: Target) -> zmq.Socket:
-    """A CURVE DEALER under the rollout key that skips the sealed handshake: frames as it likes."""
+    """A CURVE DEALER under the rollout key that sends frames as it likes (not through Client)."""
     ctx = zmq.Context.instance()
     with security.using(t.rollout):
         sock = ctx.socket(zmq.DEALER)
@@ -248,7 +247,7 @@ def _buffer_alive(t: Target, pid: int | None) -> bool:
 
 def malformed_frames(t: Target) -> tuple[bool, str]:
     """Garbage, a wrong frame count and a frame over the buffer's limit, from a member, on the CURVE
-    port; garbage on the sealed bulk port (no session)."""
+    port."""
     pid, sock = t.buffer_pid(), _raw_member(t)
     try:
         answers = [
@@ -263,36 +262,12 @@ def malformed_frames(t: Target) -> tuple[bool, str]:
     finally:
         sock.close()
     rejected = sum(a is not None and P.decode(a[-1]).status == "rejected" for a in answers if a)
-    bulk = _bulk_garbage(t)
     alive = _buffer_alive(t, pid)
     return (
         alive and rejected >= 3,
-        f"{rejected}/4 answered rejected, bulk port: {bulk}; buffer "
+        f"{rejected}/4 answered rejected; buffer "
         f"{'alive, same process' if alive else 'DOWN or restarted'}",
     )
-
-
-def _bulk_garbage(t: Target) -> str:
-    before = t.stats().get("auth_refused_sealed", 0)
-    port = _bulk_port(t)
-    if port is None:
-        return "no bulk port found"
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(os.urandom(4096))
-    time.sleep(0.5)  # the buffer reads it on its next loop iteration
-    return (
-        f"garbage dropped (auth_refused_sealed +{t.stats().get('auth_refused_sealed', 0) - before})"
-    )
-
-
-def _bulk_port(t: Target) -> int | None:
-    conns = psutil.Process(t.buffer_pid()).net_connections(kind="tcp")
-    buffer_port = int(t.address.rsplit(":", 1)[1])
-    ports = sorted(
-        {c.laddr.port for c in conns if c.status == "LISTEN"}
-        - {buffer_port, t.buffer_metrics, int(t.cfg.buffer.pub_address.rsplit(":", 1)[1])}
-    )
-    return ports[0] if ports else None
 
 
 def nested_frame(t: Target) -> tuple[bool, str]:
@@ -315,7 +290,7 @@ def curve_replay(t: Target) -> tuple[bool, str]:
     connection: the handshake cannot be replayed, so the recorded requests never run twice."""
     relay = _Relay(int(t.address.rsplit(":", 1)[1]))
     try:
-        with security.using(t.trainer):  # its session handshake and a request, through the relay
+        with security.using(t.trainer):  # its CURVE handshake and a request, through the relay
             client = Client(f"tcp://127.0.0.1:{relay.port}", timeout_s=REQUEST_S)
         answered = isinstance(client.request(P.RosterRequest()), P.Roster)
         client.close()
@@ -329,7 +304,7 @@ def curve_replay(t: Target) -> tuple[bool, str]:
     return (
         answered and refused >= 1,
         f"{len(relay.recorded)} bytes of a live session replayed; handshake refused {refused}x, "
-        "so no recorded request (its sealed-session HELLO) ran again",
+        "so no recorded request ran again",
     )
 
 

@@ -22,6 +22,12 @@ Cases (one JSON line each):
   closed one lease and granted one, with ``n`` leases outstanding: CPU to build and encode it as
   logged now (what changed, ``CreditLedger.take_changes``) against the whole state, which is what
   every iteration used to log (and what a checkpoint still holds); bytes of both. In process, no I/O;
+* ``buffer_ingest_curve_capacity`` (``--curve-io-threads 1 N``): the same producers over tcp with
+  CURVE on (each holding the job's ``rollout`` key, as rollout servers on other nodes do), fsync
+  always, to a buffer with ``buffer.io_threads`` = N as ``figure`` and 1 as ``baseline``: what one
+  buffer ingests with every frame encrypted, and what spreading CURVE's cipher over I/O threads
+  (one connection on one thread) adds. ``cluster_need_groups_s`` is what a large cluster generates
+  (benchmarks/README.md, "CURVE capacity"), ``need_ratio`` the figure over it;
 * ``buffer_memory``: resident memory of the daemon per 100,000 stored trajectories (RSS growth
   over the ingest / stored trajectories); baseline = their frame bytes; ratio = frame bytes / RSS.
   The daemon keeps only an index in its own memory: the frames stay in the WAL, on disk or in the
@@ -80,7 +86,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from areal_like import protocol as P  # noqa: E402
-from areal_like.config import BufferConfig, RunConfig, SecurityConfig, TaskConfig, to_yaml  # noqa: E402
+from areal_like import security  # noqa: E402
+from areal_like.config import (  # noqa: E402
+    BufferConfig,
+    LaunchConfig,
+    RunConfig,
+    SecurityConfig,
+    TaskConfig,
+    to_yaml,
+)
 from areal_like.dealer import Client  # noqa: E402
 from areal_like.distributed import free_port  # noqa: E402
 from areal_like.trajectory import Trajectory, as_f32, as_i32  # noqa: E402
@@ -89,6 +103,9 @@ from buffer.staleness import StalenessPolicy  # noqa: E402
 from buffer.wal import WriteAheadLog  # noqa: E402
 
 DISK_SECONDS = 3.0  # per disk ceiling: the disk alone varies less than the network cases
+# 1,024 GPUs decoding a 7B model at ~15,000 output tokens/s each (the order SGLang and vLLM publish
+# for 7-8B models at large batch on one H100), in groups of 8 x 4,096 generated tokens
+CLUSTER_NEED_GROUPS_S = 1024 * 15_000 / (8 * 4096)
 REPLY_TIMEOUT_MS = 20_000  # a producer waiting this long means the server is gone: abort the case
 RAW_SERVER = """
 import sys, zmq
@@ -169,6 +186,7 @@ def _request(sock: zmq.Socket, payload: bytes | memoryview) -> bytes:
 
 def _producer_thread(mode, address, sid, blob, t_start, t_stop, counts, lock):
     sock = zmq.Context.instance().socket(zmq.DEALER)
+    security.apply(sock)  # a CURVE client with the rollout key when the case runs with CURVE
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(address)
     n = nbytes = 0
@@ -201,7 +219,9 @@ def _producer_thread(mode, address, sid, blob, t_start, t_stop, counts, lock):
         counts[1] += nbytes
 
 
-def _producer_process(mode, address, wid, threads, tokens, group_size, t_start, t_stop, out):
+def _producer_process(mode, address, wid, threads, tokens, group_size, t_start, t_stop, out, keys):
+    if keys is not None:
+        security.activate(security.load(keys, "rollout"))
     blob = trajectories_blob(tokens, group_size)
     counts, lock = [0, 0], threading.Lock()
     ts = [threading.Thread(target=_producer_thread, args=(mode, address, f"w{wid}-{i}", blob, t_start, t_stop,
@@ -244,7 +264,8 @@ def _machine_in_window(t_start: float, t_stop: float, out: dict) -> None:
     out["iowait"] = delta.get("iowait", 0.0) / total
 
 
-def run_producers(mode: str, address: str, args, server_pid: int) -> tuple[float, float, dict]:
+def run_producers(mode: str, address: str, args, server_pid: int, keys: str | None = None
+                  ) -> tuple[float, float, dict]:
     """Returns (groups/s, MB/s, CPU ms per group of the server and of the producers) over the
     measured window. CPU per group does not depend on how busy the shared machine is."""
     ctx = mp.get_context("spawn")
@@ -253,7 +274,8 @@ def run_producers(mode: str, address: str, args, server_pid: int) -> tuple[float
     t_stop = t_start + args.seconds
     per = args.producers // args.processes
     procs = [ctx.Process(target=_producer_process, args=(mode, address, w, per, args.tokens, args.group_size,
-                                                         t_start, t_stop, out)) for w in range(args.processes)]
+                                                         t_start, t_stop, out, keys))
+             for w in range(args.processes)]
     for p in procs:
         p.start()
     server_cpu, producer_cpu, machine = {}, {}, {}
@@ -289,18 +311,25 @@ def run_producers(mode: str, address: str, args, server_pid: int) -> tuple[float
     return n / args.seconds, sum(r[2] for r in results) / args.seconds / 1e6, cpu
 
 
-def start_buffer(run_dir: Path, fsync: str, env: dict) -> tuple[subprocess.Popen, RunConfig]:
-    # plain sockets on both sides: this measures the buffer's work against the raw transport; what CURVE
-    # costs on the wire is bench_transport.py's transport_stream_8xT_curve
+def start_buffer(run_dir: Path, fsync: str, env: dict, io_threads: int = 0, producers: int = 32
+                 ) -> tuple[subprocess.Popen, RunConfig]:
+    """The buffer daemon; ``io_threads`` > 0: with CURVE on (keys in run_dir/keys) and that many I/O
+    threads, else plain sockets on both sides (the buffer's work against the raw transport; what
+    CURVE costs one stream is bench_transport.py's transport_stream_8xT_curve)."""
     buf = BufferConfig(address=f"tcp://127.0.0.1:{free_port()}", pub_address=f"tcp://127.0.0.1:{free_port()}",
-                       max_staleness=1_000_000, groups_per_step=8, max_inflight=4096, capacity=10_000_000, fsync=fsync)
-    cfg = RunConfig(run_dir=str(run_dir), security=SecurityConfig(curve=False), task=TaskConfig(num_prompts=10_000_000),
-                    buffer=buf)
+                       max_staleness=1_000_000, groups_per_step=8, max_inflight=4096, capacity=10_000_000,
+                       fsync=fsync, io_threads=max(io_threads, 1))
+    cfg = RunConfig(run_dir=str(run_dir), security=SecurityConfig(curve=io_threads > 0, local_ipc=False),
+                    task=TaskConfig(num_prompts=10_000_000), buffer=buf,
+                    launch=LaunchConfig(num_rollout_servers=producers))  # every producer a server id
     run_dir.mkdir(parents=True)
+    if io_threads:
+        security.make_keys(run_dir / "keys")
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     proc = subprocess.Popen([sys.executable, "-m", "buffer", "--config-file", str(run_dir / "config.yaml")],
                             env=env, cwd=REPO, stderr=subprocess.DEVNULL)
-    Client(cfg.buffer.address, timeout_s=60).request(P.StatsRequest())  # ready
+    with security.using(security.load(run_dir / "keys", "trainer") if io_threads else None):
+        Client(cfg.buffer.address, timeout_s=60).request(P.StatsRequest())  # ready
     return proc, cfg
 
 
@@ -428,12 +457,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="raw and buffer runs alternate this many times")
     ap.add_argument("--fsync", nargs="+", default=["always", "never"])
     ap.add_argument("--handout-groups", type=int, default=8)
+    ap.add_argument("--curve-io-threads", type=int, nargs="*", default=[],
+                    help="CURVE capacity: buffer.io_threads values to ingest with CURVE on and fsync=always "
+                         "(the first is the baseline), e.g. 1 2")
     ap.add_argument("--raw-keep", action="store_true",
                     help="also run the raw server keeping every frame in memory (what storing them costs)")
     args = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "AREAL_LIKE_LOG_LEVEL": "WARNING"}
     common = {"tokens": args.tokens, "group_size": args.group_size, "producers": args.producers}
-    cases = ["raw", *(["raw_keep"] if args.raw_keep else []), *args.fsync]
+    cases = ["raw", *(["raw_keep"] if args.raw_keep else []), *args.fsync,
+             *(f"curve{n}" for n in args.curve_io_threads)]
     runs: dict[str, list[tuple[float, float, dict]]] = {case: [] for case in cases}
     with tempfile.TemporaryDirectory(prefix="bench_buffer_") as tmp:
         for r in range(args.rounds):  # interleaved: load from other work hits every case alike
@@ -441,10 +474,13 @@ def main() -> None:
                 if case.startswith("raw"):
                     runs[case].append(run_raw("keep" if case == "raw_keep" else "drop", args, env))
                     continue
-                proc, cfg = start_buffer(Path(tmp) / f"{case}-{r}", case, env)
+                threads = int(case[len("curve"):]) if case.startswith("curve") else 0
+                run_dir = Path(tmp) / f"{case}-{r}"
+                proc, cfg = start_buffer(run_dir, "always" if threads else case, env, threads, args.producers)
                 try:
                     rss0 = psutil.Process(proc.pid).memory_info().rss
-                    runs[case].append(run_producers("buffer", cfg.buffer.address, args, proc.pid))
+                    keys = str(run_dir / "keys") if threads else None
+                    runs[case].append(run_producers("buffer", cfg.buffer.address, args, proc.pid, keys))
                     if r == args.rounds - 1 and case == args.fsync[0]:
                         memory_and_handout(cfg.buffer.address, proc.pid, rss0, args, common)
                 finally:
@@ -456,7 +492,7 @@ def main() -> None:
         wal_gps, wal_mbps = wal_ceiling(Path(tmp), args)
     raw = runs["raw"]
     raw_gps = statistics.mean(x[0] for x in raw)
-    for case in cases:
+    for case in (c for c in cases if not c.startswith("curve")):
         gps = statistics.mean(x[0] for x in runs[case])
         ratios = [x[0] / base[0] for x, base in zip(runs[case], raw)]  # each run against the raw run of its round
         cpu = {k: round(statistics.mean(x[2][k] for x in runs[case]), 3) for k in runs[case][0][2]}
@@ -466,6 +502,8 @@ def main() -> None:
              ratio=round(statistics.median(ratios), 3), goal=0.5 if case == "always" else None,
              ratios=[round(x, 3) for x in ratios], mb_per_s=round(statistics.mean(x[1] for x in runs[case]), 1),
              **extra, **cpu, **common)
+    if len(args.curve_io_threads) >= 2:
+        curve_line(args, runs, common)
     for kind, (gps, mbps) in disk.items():
         emit(name=f"disk_ceiling_{kind}", figure=round(gps, 1), unit="groups/s", baseline=round(raw_gps, 1),
              ratio=round(gps / raw_gps, 3), goal=None, mb_per_s=round(mbps, 1), **common)
@@ -473,6 +511,26 @@ def main() -> None:
          ratio=round(wal_gps / raw_gps, 3), goal=None, mb_per_s=round(wal_mbps, 1), **common)
     for leases in (64, 4096):
         control_record_cost(leases)
+
+
+def curve_line(args, runs: dict, common: dict) -> None:
+    """The CURVE capacity line: ingest with the last ``--curve-io-threads`` value against the first."""
+    base_n, n = args.curve_io_threads[0], args.curve_io_threads[-1]
+    base, got = runs[f"curve{base_n}"], runs[f"curve{n}"]
+    gps, base_gps = statistics.median(x[0] for x in got), statistics.median(x[0] for x in base)
+    emit(name="buffer_ingest_curve_capacity", figure=round(gps, 1), unit="groups/s",
+         baseline=round(base_gps, 1), ratio=round(gps / base_gps, 3), goal=None, io_threads=n,
+         baseline_io_threads=base_n, fsync="always", mb_per_s=round(statistics.median(x[1] for x in got), 1),
+         cluster_need_groups_s=round(CLUSTER_NEED_GROUPS_S, 1), need_ratio=round(gps / CLUSTER_NEED_GROUPS_S, 3),
+         rounds=[round(x[0], 1) for x in got], baseline_rounds=[round(x[0], 1) for x in base],
+         cores=len(os.sched_getaffinity(0)), **{k: v for k, v in got[-1][2].items()}, **common,
+         **load_warning())
+
+
+def load_warning() -> dict:
+    """A ``warning`` when other work keeps the machine busy (1-minute load above its CPU count)."""
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    return {"warning": f"loaded machine (load {load:.1f} on {cpus} CPUs)"} if load > cpus else {}
 
 
 def control_record_cost(leases: int, iterations: int = 300) -> None:

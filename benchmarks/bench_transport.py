@@ -24,15 +24,6 @@ ROUTER that answers a prebuilt reply of the same size without decoding anything.
   at most a quarter of the throughput); ``ratio_to_raw`` and ``unencrypted_ratio_to_raw`` put both
   beside raw ZMQ. ``busiest_thread_cpu_us`` and ``thread_bound_ratio`` show where it goes: libzmq
   runs the cipher in the one I/O thread of a connection, beside the TCP copies.
-* **stream, sealed** (the cost of security as the job pays it on tcp, ``security.sealed_bulk``): a
-  ``Client`` holding a client key shakes hands with the CURVE ``Server`` (session key and bulk port;
-  areal_like/sealed.py), then the stream of ours runs on its bulk connection, every request and
-  reply AES-GCM sealed; ``baseline`` the unencrypted stream. Twice, each against the goal
-  (``ratio`` >= 0.75 at T = 4096): ``transport_stream_8xT_sealed`` with both ends on all the CPUs
-  (both ciphers compete for them), and ``..._sealed_apart`` with the sender's threads on one half
-  of them and the receiver's on the other (both modes pinned so), as a sealed link between nodes
-  runs; there one sender fills its half first, and ``receiver_cpu_ratio`` gives the receiver's own
-  bound. ``ratio_to_raw`` and ``unencrypted_ratio_to_raw`` put both beside raw ZMQ (also run apart).
 * **stream, same node** (``transport_stream_8xT_local``): the stream of ours into the same CURVE
   socket through the ``ipc://`` endpoint it also binds (as the buffer does for a one-node run:
   no CURVE there, peers of this user only; ``areal_like/security.py``), from a DEALER holding the
@@ -78,7 +69,6 @@ from areal_like import protocol as P  # noqa: E402
 from areal_like import security  # noqa: E402
 from areal_like.dealer import Client  # noqa: E402
 from areal_like.distributed import free_port  # noqa: E402
-from areal_like.sealed import SESSION_BYTES  # noqa: E402
 from areal_like.trajectory import Trajectory  # noqa: E402
 from areal_like.transport import FrameWriter, local_addresses, new_socket  # noqa: E402
 
@@ -86,9 +76,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from transport_report import (  # noqa: E402
     GROUP_SIZE,
     child_cpu_s,
-    cpu_halves,
     cpu_split_s,
-    ends_apart,
     summary_lines,
     thread_cpu_s,
 )
@@ -101,8 +89,7 @@ GOAL_WINDOW = 8  # the goals are set at this many requests in flight (a few roll
 WINDOW = GOAL_WINDOW  # requests in flight in the stream pattern (--window)
 
 # The receiving process: our Server on argv[1], a raw ROUTER on argv[2], our Server with CURVE (keys
-# in argv[4]) on argv[3] with its sealed bulk endpoint and, like the buffer's, on the same-node
-# endpoint argv[5]; one poll loop. recv answers a handshake itself and then returns None.
+# in argv[4]) on argv[3] and, like the buffer's, on the same-node endpoint argv[5]; one poll loop.
 RECEIVER = """
 import sys, zmq
 from areal_like import protocol as P, security
@@ -119,8 +106,7 @@ poller = zmq.Poller()
 poller.register(server._sock, zmq.POLLIN)
 poller.register(curve._sock, zmq.POLLIN)
 poller.register(raw, zmq.POLLIN)
-poller.register(curve._bulk.sock, zmq.POLLIN)
-ours = {server._sock: server, curve._sock: curve, curve._bulk.sock: curve}
+ours = {server._sock: server, curve._sock: curve}
 print("READY", flush=True)
 while True:
     for sock, _ in poller.poll(1000):
@@ -189,28 +175,6 @@ def send_ours(groups: list[P.TrajectoryGroup]):
         writer.send(sock, [req_id], groups[i % len(groups)])
 
     return send
-
-
-def send_sealed(client: Client, groups: list[P.TrajectoryGroup]):
-    """Like ``send_ours`` on ``client``'s sealed bulk connection (after its handshake), as Client sends."""
-    writer = FrameWriter()
-
-    def send(sock: zmq.Socket, req_id: bytes, i: int) -> None:
-        if client._channel.carried >= SESSION_BYTES:  # the stream bypasses Client, which would shake hands
-            raise RuntimeError("the sealed session's key carried its budget: use shorter rounds (--seconds)")
-        writer.send_sealed(sock, [req_id], client._channel, groups[i % len(groups)])
-
-    return send
-
-
-def sealed_client(address: str, keys: security.Keys) -> Client:
-    """A Client that has shaken hands (its socket is now the bulk connection, its channel the session's)."""
-    with security.using(keys):
-        client = Client(address, timeout_s=REQUEST_TIMEOUT_S)
-    client.request(P.StatsRequest())  # the receiver rejects it; what counts is the session it set up
-    if client._channel is None:
-        raise RuntimeError("no sealed session: is security.sealed_bulk off?")
-    return client
 
 
 def send_built(groups: list[P.TrajectoryGroup]):
@@ -298,24 +262,16 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, curve_addr: str, loca
     client, ours_sock, raw_sock = Client(ours_addr, timeout_s=REQUEST_TIMEOUT_S), dealer(ours_addr), dealer(raw_addr)
     with security.using(keys):
         curve_sock, local_sock = dealer(curve_addr), dealer(local_addr)
-    sealed = sealed_client(curve_addr, keys)
-
-    def check_sealed(rid: bytes, reply) -> None:
-        check_ack(rid, sealed._channel.open(rid, reply))
 
     modes = {
         ("stream", "ours"): lambda s: round_stream(ours_sock, send_ours(groups), check_ack, s),
         ("stream", "raw"): lambda s: round_stream(raw_sock, send_raw(payload), lambda rid, reply: None, s),
         ("stream", "curve"): lambda s: round_stream(curve_sock, send_ours(groups), check_ack, s),
-        ("stream", "sealed"): lambda s: round_stream(sealed._sock, send_sealed(sealed, groups), check_sealed, s),
         ("stream", "local"): lambda s: round_stream(local_sock, send_ours(groups), check_ack, s),
         ("stream", "built"): lambda s: round_stream(ours_sock, send_built(groups), check_ack, s),
         ("reqrep", "ours"): lambda s: round_reqrep_ours(client, groups, s),
         ("reqrep", "raw"): lambda s: round_reqrep_raw(raw_sock, payload, s),
     }
-    if (halves := cpu_halves()) is not None:  # the sealed line's goal: each end on cores of its own
-        for m in ("raw", "ours", "sealed"):
-            modes[("stream", f"{m}_apart")] = ends_apart(modes[("stream", m)], receiver_pid, halves)
     rates: dict[tuple[str, str], list[float]] = {k: [] for k in modes}
     cpu_s = {k: 0.0 for k in modes}  # both processes, all threads
     split_s = {k: [0.0] * 4 for k in modes}  # diagnostics: sender user/sys, receiver user/sys
@@ -344,11 +300,10 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, curve_addr: str, loca
         raw_sock.close(linger=0)
         curve_sock.close(linger=0)
         local_sock.close(linger=0)
-        sealed.close()
     enc_us, dec_us = codec_cost_us(groups[0])
     costs = {"encode_us": enc_us, "decode_us": dec_us, "build_us": build_cost_us(groups[0])}
     return summary_lines(tokens, costs, frame_bytes, rates, cpu_s, split_s, threads_s, n_groups, rounds, seconds,
-                         WINDOW, GOAL_WINDOW, halves)
+                         WINDOW, GOAL_WINDOW)
 
 
 def main() -> int:

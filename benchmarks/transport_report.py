@@ -1,7 +1,7 @@
 """What bench_transport.py reports: its JSON lines of one group size (``summary_lines``), CPU read
-from /proc (per process and per thread), the two ends pinned apart (``ends_apart``), and the
-security lines (CURVE and sealed frames on tcp, the same-node ipc:// path), each against the
-unencrypted tcp stream of the same rounds (medians over rounds; see bench_transport's docstring)."""
+from /proc (per process and per thread), and the security lines (CURVE on tcp, the same-node
+ipc:// path), each against the unencrypted tcp stream of the same rounds (medians over rounds; see
+bench_transport's docstring)."""
 
 from __future__ import annotations
 
@@ -35,81 +35,6 @@ def cpu_split_s(pid: int, task: str = "") -> tuple[float, float]:
     """(user, system) CPU seconds, all threads, of a process, from /proc (clock-tick resolution)."""
     fields = open(f"/proc/{pid}{task}/stat").read().rsplit(")", 1)[1].split()
     return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_halves() -> tuple[set[int], set[int]] | None:
-    """The CPUs this process may run on, split into two disjoint halves (sender, receiver); None
-    with fewer than 2."""
-    cpus = sorted(os.sched_getaffinity(0))
-    return None if len(cpus) < 2 else (set(cpus[:len(cpus) // 2]), set(cpus[len(cpus) // 2:]))
-
-
-def ends_apart(stream, receiver_pid: int, halves: tuple[set[int], set[int]]):
-    """``stream`` run with every thread of this process (the sender) on the first half of the CPUs
-    and every thread of the receiver on the second, as two nodes (or two daemons on cores of their
-    own) run; both processes go back to all the CPUs after it."""
-    def run(seconds: float) -> float:
-        pin(os.getpid(), halves[0])
-        pin(receiver_pid, halves[1])
-        try:
-            return stream(seconds)
-        finally:
-            pin(os.getpid(), halves[0] | halves[1])
-            pin(receiver_pid, halves[0] | halves[1])
-    return run
-
-
-def pin(pid: int, cpus: set[int]) -> None:
-    """Every thread of ``pid`` (libzmq's I/O threads too) onto ``cpus``."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            os.sched_setaffinity(int(tid), cpus)
-        except (ProcessLookupError, FileNotFoundError):  # the thread ended
-            pass
-
-
-def sealed_lines(tokens: int, rates: dict, cpu_us, split: dict, frame_bytes: int, rounds: int, seconds: float,
-                 halves: tuple[set[int], set[int]] | None) -> list[dict]:
-    """The stream of ours over sealed bulk frames (CURVE handshake, AES-GCM frames) against the same
-    stream unencrypted, and against CURVE for every frame; ``split``: CPU us per group by process and
-    user/system, by mode. Two lines, each against the goal: both ends on all the CPUs (``_sealed``:
-    the two ciphers compete for the same cores), and each end on a half of its own (``_sealed_apart``,
-    ``halves``; None: one CPU, no figure), as a job's sealed tcp links run between nodes. One sender
-    fills its half first there, so that ratio is the sender's; ``receiver_cpu_ratio`` (unencrypted
-    over sealed CPU per group at the receiver) is the bound where many senders fill the buffer's."""
-    goal = GOAL_CURVE_RATIO_AT_4096 if tokens == 4096 else None
-    name = f"transport_stream_{GROUP_SIZE}x{tokens}_sealed"
-
-    def line(suffix: str) -> dict:  # the sealed stream ``sealed{suffix}`` against ``ours{suffix}`` and ``raw{suffix}``
-        sealed, plain, raw = (statistics.median(rates[("stream", m + suffix)]) for m in ("sealed", "ours", "raw"))
-        return {"name": name + suffix, "figure": round(sealed, 1), "unit": "groups/s", "baseline": round(plain, 1),
-                "ratio": round(sealed / plain, 3), "goal": goal,
-                "goal_met": None if goal is None else sealed / plain >= goal,
-                "ratio_to_raw": round(sealed / raw, 3), "unencrypted_ratio_to_raw": round(plain / raw, 3),
-                "mb_s": round(sealed * frame_bytes / 1e6, 1),
-                "cpu_us_per_group": round(cpu_us(("stream", "sealed" + suffix)), 1),
-                "unencrypted_cpu_us_per_group": round(cpu_us(("stream", "ours" + suffix)), 1),
-                "cpu_split_us": {m + suffix: split[m + suffix] for m in ("sealed", "ours")}, "rounds": rounds,
-                "round_s": seconds, "sealed_rounds": [round(x) for x in rates[("stream", "sealed" + suffix)]],
-                "unencrypted_rounds": [round(x) for x in rates[("stream", "ours" + suffix)]],
-                "load_avg_1m": round(os.getloadavg()[0], 2)}
-
-    shared = line("")
-    shared["ratio_to_curve"] = round(statistics.median(rates[("stream", "sealed")])
-                                     / statistics.median(rates[("stream", "curve")]), 3)
-    if halves is None:
-        return [shared, {"name": f"{name}_apart", "figure": None, "unit": "groups/s", "baseline": None, "ratio": None,
-                         "goal": goal, "goal_met": None, "warning": "one CPU: the two ends cannot run apart"}]
-    apart = line("_apart")
-    apart["ends_cpus"] = {"sender": sorted(halves[0]), "receiver": sorted(halves[1])}
-    for end in ("sender", "receiver"):
-        apart[f"{end}_cpu_ratio"] = round(end_us(split["ours_apart"], end) / end_us(split["sealed_apart"], end), 3)
-    return [shared, apart]
-
-
-def end_us(split: dict, end: str) -> float:
-    """CPU us per group of one end (``sender`` or ``receiver``), user and system, from a ``cpu_split_us`` entry."""
-    return max(split[f"{end}_user"] + split[f"{end}_sys"], 1e-9)
 
 
 def load_warning() -> dict:
@@ -161,7 +86,7 @@ def curve_line(tokens: int, rates: dict, cpu_us, busiest: dict[str, float], busi
 
 def summary_lines(tokens: int, costs: dict, frame_bytes: int, rates: dict, cpu_s: dict, split_s: dict,
                   threads_s: dict, n_groups: dict, rounds: int, seconds: float, window: int,
-                  goal_window: int, halves: tuple[set[int], set[int]] | None) -> list[dict]:
+                  goal_window: int) -> list[dict]:
     """bench_transport's JSON lines of one T from what the rounds measured (medians over rounds; CPU
     per group); ``costs``: the in-process encode, decode and build cost of one group. Goals are
     printed only at ``goal_window`` requests in flight."""
@@ -208,10 +133,6 @@ def summary_lines(tokens: int, costs: dict, frame_bytes: int, rates: dict, cpu_s
     busiest_thread = {m: 1e6 * max(threads_s[("stream", m)].values()) / n_groups[("stream", m)]
                       for m in ("curve", "ours")}
     lines.append(curve_line(tokens, rates, cpu_us, busiest, busiest_thread, frame_bytes, rounds, seconds))
-    split = {m: dict(zip(("sender_user", "sender_sys", "receiver_user", "receiver_sys"),
-                         (round(1e6 * x / n_groups[("stream", m)]) for x in split_s[("stream", m)])))
-             for m in ("sealed", "ours", "sealed_apart", "ours_apart") if ("stream", m) in split_s}
-    lines.extend(sealed_lines(tokens, rates, cpu_us, split, frame_bytes, rounds, seconds, halves))
     lines.append(local_line(tokens, rates, cpu_us, rounds, seconds))
     stream = {"window": window, **({} if window == goal_window else {"goal": None, "goal_met": None})}
     return [{**line, **(stream if "_stream_" in line["name"] else {}), **load_warning()} for line in lines]

@@ -1,8 +1,7 @@
 """Per-member caps and roles: what one member of the job may hold at the buffer, and ask for.
 
 A *member* is who holds a key, not a socket: ``transport.Server.recv_request`` names each request's
-sender by the role of its CURVE key (the ZAP User-Id: ``rollout`` or ``trainer``; a sealed session
-keeps the role it was handed out under), or ``local`` for a peer without a key (a same-node
+sender by the role of its CURVE key (the ZAP User-Id: ``rollout`` or ``trainer``), or ``local`` for a peer without a key (a same-node
 ``ipc://`` peer, admitted because the kernel said it runs as the job's user, or any peer when
 ``security.curve=false``). A member can open as many sockets as it likes (``dealer.Client`` gives
 every socket a fresh routing id, and a flood of fresh sockets costs nothing), so every cap here

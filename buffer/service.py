@@ -18,6 +18,7 @@ rejected): one round trip.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -50,6 +51,11 @@ MAX_POLL_BYTES = 4 << 20  # ...or this many bytes: smaller fsyncs start sooner a
 SWEEP_S = 0.05  # lease expiry and roster timeouts at most this often (a scan per iteration cost % of ingest)
 MAX_ENGINE_RETRIES = 3  # groups of one prompt refused for the engine's numbers before it is skipped
 SEEN_KEEP = 200_000  # group ids remembered for dedupe after consumption: hours of generation, ~20 MB
+
+
+def io_threads(configured: int) -> int:
+    """``buffer.io_threads``, 0 resolved: half the cores this process may use, 1 to 8."""
+    return configured or min(8, max(1, len(os.sched_getaffinity(0)) // 2))
 
 
 class BufferService(Daemon):
@@ -113,7 +119,8 @@ class BufferService(Daemon):
     def start(self) -> None:
         self.recover()
         local = local_addresses(self.local_dir) if self.local_dir else (None, None)
-        self.server = Server(self.cfg.address, max_frame_bytes=self.frame_limit, local_address=local[0])
+        self.server = Server(self.cfg.address, max_frame_bytes=self.frame_limit, local_address=local[0],
+                             io_threads=io_threads(self.cfg.io_threads))
         if self.wal.wakeup_fd is not None:
             self.server.wake_on(self.wal.wakeup_fd)  # a finished fsync ends the wait for requests
         self.publisher = Publisher(self.cfg.pub_address, local_address=local[1])

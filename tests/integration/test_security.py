@@ -118,7 +118,8 @@ def test_strangers_get_nothing_are_counted_and_the_job_goes_on(tmp_run_dir, tmp_
     metrics_port = free_port()
     cfg = RunConfig(run_dir=str(tmp_run_dir), task=TaskConfig(num_prompts=100), buffer=BufferConfig(
         address=f"tcp://127.0.0.1:{free_port()}", pub_address=f"tcp://127.0.0.1:{free_port()}",
-        groups_per_step=1, metrics_port=metrics_port, heartbeat_timeout_s=600))
+        groups_per_step=1, metrics_port=metrics_port, heartbeat_timeout_s=600,
+        io_threads=2))  # CURVE decrypted on two I/O threads: still every stranger refused and counted
     (tmp_run_dir / "config.yaml").write_text(to_yaml(cfg))
     keys, other = tmp_run_dir / "keys", tmp_path / "other"  # other: another job's keys (valid CURVE, not ours)
     security.make_keys(keys)
