@@ -1,7 +1,7 @@
 """Issue 42's attack campaign: every attack replayed against a real running job, one line each.
 
 Starts a real job on loopback (the quickstart at test size through the real supervisor and
-daemons, ``security.local_ipc=false``: every daemon on tcp with CURVE and sealed bulk frames), waits
+daemons, ``security.local_ipc=false``: every daemon on tcp with CURVE), waits
 for its first trainer step, then runs each attack as a holder of a member key (the job's own
 ``rollout`` key: a buggy rollout server, user code that read it) or as a stranger on an HTTP port,
 and prints one line per attack::
@@ -10,7 +10,7 @@ and prints one line per attack::
 
 Attacks: the hand-out by socket (``batch_theft``), the register flood, strangers on a ``/metrics``
 port and on an engine, the reward worker reaching keys and signalling the job, malformed and
-oversized frames on the buffer's CURVE and sealed bulk ports, replayed CURVE traffic, a frame
+oversized frames on the buffer's CURVE port, replayed CURVE traffic, a frame
 nested 50,000 deep, slow and malformed HTTP with the valid engine key, a NaN group, and a
 checkpoint whose ``meta.pt`` runs code when loaded. Every attack is bounded in count and time;
 everything goes to 127.0.0.1; the job is stopped at the end and every process it started is
