@@ -20,7 +20,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from areal_like.loss_schema import MOVED_LOSS_KEYS
 from areal_like.report_schema import EvalConfig, ExportConfig, TrackingConfig
 from areal_like.schema import (
     AGG_MODES,
@@ -190,14 +189,10 @@ def load_config(overrides: list[str] | None = None, config_name: str = "config")
 
 
 def _known_keys(full_key: str) -> str:
-    """``trainer.nope`` -> "known keys in trainer: betas, buffer_address, ..." from the schema; a key of
-    the flat ``trainer.loss`` of earlier versions -> the key that replaced it."""
+    """``trainer.nope`` -> "known keys in trainer: betas, buffer_address, ..." from the schema."""
     import dataclasses
     import typing
 
-    rel = full_key.removeprefix("trainer.loss.")
-    if full_key.startswith("trainer.loss.") and rel in MOVED_LOSS_KEYS:
-        return f"moved: use trainer.loss.{MOVED_LOSS_KEYS[rel]}"
     cls: Any = RunConfig
     parts = full_key.split(".")
     for part in parts[:-1]:

@@ -65,6 +65,11 @@ class ComponentStopped(RuntimeError):
     """A supervised background task ended while the daemon was running."""
 
 
+class StartRefused(RuntimeError):
+    """What the daemon was given cannot be served by this build (its message says what to do):
+    one line and exit status 2, as for a bad configuration, so the supervisor does not retry."""
+
+
 class Daemon:
     name = "daemon"
 
@@ -140,6 +145,9 @@ class Daemon:
         except ComponentStopped as e:
             self.log.error("%s", e)
             code = 1
+        except StartRefused as e:
+            self.log.error("%s", e)
+            code = 2
         except Exception:
             self.log.exception("%s crashed", self.name)
             code = 1

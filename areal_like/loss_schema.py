@@ -19,16 +19,6 @@ LOSS_KINDS = ("ppo", "decoupled_ppo", "tis", "mis", "icepop", "gspo", "vespo", "
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 
-# Keys of the flat trainer.loss of earlier versions: one still in a config fails naming its new key.
-MOVED_LOSS_KEYS = {
-    "kind": "kernel", "behav_cap": "decoupled_ppo.cap", "tis_cap": "tis.cap", "tis_level": "tis.level",
-    "mis_low": "mis.low (icepop: icepop.low)", "mis_high": "mis.high (icepop: icepop.high)",
-    "vespo_k_pos": "vespo.k_pos", "vespo_lambda_pos": "vespo.lambda_pos", "vespo_k_neg": "vespo.k_neg",
-    "vespo_lambda_neg": "vespo.lambda_neg", "vcpo_is_cap": "vcpo.cap", "vcpo_baseline_weight": "vcpo.baseline_weight",
-    "vcpo_ess_base": "vcpo.ess_base", "oapl_beta": "oapl.beta2", "oapl_beta_v": "oapl.beta1",
-    # OAPL's two betas were named by role before they followed the paper's implementations
-    "oapl.beta": "oapl.beta2 (the regression's; oapl.beta1 is the value estimate's)", "oapl.beta_v": "oapl.beta1",
-}
 K = "trainer.loss."
 
 

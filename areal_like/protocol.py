@@ -16,21 +16,14 @@ takes what is unambiguous (numpy scalars, tuples) and stores the canonical type.
 raises ``ProtocolError`` naming the field (``trajectories[3].reward``); no other exception
 escapes ``decode`` for any input bytes.
 
-Compatibility: a field added with a default keeps the protocol version, since frames without it
-(older senders, groups already in a buffer's WAL) still decode. A component built before the
-field rejects frames that carry it ("unknown field"), so upgrade the buffer before the rollout
-servers and the trainer, and do not downgrade a buffer over a WAL written by a newer one.
-Version 2 (multi-turn episodes) adds ``Trajectory.loss_mask``, required: a live frame of another
-version is refused ("unsupported protocol version 1 (this side speaks 2)", as that build put it) rather than read as if
-every token were generated. A buffer's WAL outlives its build, so ``decode_stored`` reads a
-``TrajectoryGroup`` stored at version 1 as version 1 meant it (every output token generated).
-Added in version 1 with defaults: ``TrajectoryGroup.want_credits``, ``Ack.credits``,
-``Register.torch_version`` / ``cuda_version`` / ``nccl_version`` and the same three on ``RosterEntry``,
-``WeightSyncPlan.path`` / ``payloads``. Added in version 2 with a default: ``SyncDone.want_credits``.
-Version 3 sends per-token versions and loss masks as runs (``areal_like/trajectory.py``): half the
-bytes of a long response. A live frame of version 1 or 2 is refused; ``decode_stored`` reads a
-group stored at either as it meant. Frames and WALs written by earlier builds are kept as fixtures
-(``tests/fixtures/wire_v1``, ``wal_v1``, ``wire_v2``, ``wal_v2``).
+Compatibility: one protocol version at a time (``PROTOCOL_VERSION``; nothing has been released
+yet, so there are no readers of older formats). A frame of another version is refused naming both
+("unsupported protocol version 2 (this side speaks 3)"), and so is a buffer's WAL holding one
+(buffer/recovery.py): finish a run with the build that started it. A field added with a default
+keeps the version, since frames without it still decode; a component built before the field
+rejects frames that carry it ("unknown field"), so upgrade the buffer before the rollout servers
+and the trainer. Version 3 sends per-token versions and loss masks as runs
+(``areal_like/trajectory.py``): half the bytes of a long response.
 Who sends which message: areal_like/DESIGN.md section 3.
 """
 
@@ -39,13 +32,12 @@ from __future__ import annotations
 from typing import Any, Literal, Union
 
 import msgspec
-import numpy as np
 
 from areal_like.codec import Message, ProtocolError, checker, error_from
-from areal_like.trajectory import Trajectory, one_run, runs_of
+from areal_like.trajectory import Trajectory
 
 __all__ = ["PROTOCOL_VERSION", "MAX_FRAME_BYTES", "MAX_CREDITS_PER_REQUEST", "Message", "encode", "encode_into",
-           "decode", "decode_stored", "TOP_LEVEL_TYPES"]
+           "decode", "TOP_LEVEL_TYPES"]
 
 PROTOCOL_VERSION = 3  # 2: Trajectory.loss_mask; 3: versions and loss masks as runs (module docstring)
 MAX_FRAME_BYTES = 256 * 1024 * 1024  # one batch of many long groups stays far below this
@@ -357,40 +349,3 @@ def _version_of(data: bytes | memoryview) -> Any:
         return _VERSION_DECODER.decode(data).protocol
     except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
         return None
-
-
-def decode_stored(data: bytes | bytearray | memoryview) -> Message:
-    """``decode`` for frames a buffer stored in its WAL. A ``TrajectoryGroup`` written at an earlier
-    version is read as it meant: at version 1 (before loss masks) every output token generated (a
-    mask of ones), at versions 1 and 2 versions and masks as full arrays (made into runs here).
-    Anything else of another version is refused as ``decode`` refuses it. Raises only ProtocolError."""
-    try:
-        return decode(data)
-    except ProtocolError as e:
-        if e.field != "protocol":
-            raise
-        try:
-            wire = msgspec.msgpack.decode(_frame(data))
-        except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
-            raise e from None
-        if not (type(wire) is dict and type(wire.get("protocol")) is int and wire["protocol"] in (1, 2)
-                and wire.get("type") == TrajectoryGroup.TYPE and type(wire.get("trajectories")) is list):
-            raise
-        for t in wire["trajectories"]:
-            if type(t) is not dict:
-                continue  # decode below names what is wrong
-            if wire["protocol"] == 1 and "loss_mask" not in t and (n := _full_length(t.get("output_ids"))) is not None:
-                t["loss_mask"] = list(one_run(1, n))
-            for name in ("versions", "loss_mask"):
-                if _full_length(full := t.get(name)) is not None:
-                    t[name] = list(runs_of(np.frombuffer(full[2], "<i4"), name))
-        wire["protocol"] = PROTOCOL_VERSION
-        return decode(msgspec.msgpack.encode(wire))  # checked as any frame is
-
-
-def _full_length(array: Any) -> int | None:
-    """The length of a stored full int32 array ``["<i4", n, bytes]`` whose bytes hold it; else None."""
-    if type(array) is list and len(array) == 3 and array[0] == "<i4" and type(array[1]) is int \
-            and type(array[2]) is bytes and len(array[2]) == 4 * array[1]:
-        return array[1]
-    return None

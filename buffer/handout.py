@@ -114,7 +114,7 @@ class Handout:
     def _load(self, stored: StoredGroup) -> P.TrajectoryGroup:
         if stored.group is not None:
             return stored.group
-        group = P.decode_stored(self.read(stored.ref))  # a version-1 or 2 record reads as it meant
+        group = P.decode(self.read(stored.ref))
         if not isinstance(group, P.TrajectoryGroup) or group.group_id != stored.group_id:
             raise P.ProtocolError(f"WAL record for {stored.group_id} holds {type(group).__name__} "
                                   f"{getattr(group, 'group_id', '')!r}")

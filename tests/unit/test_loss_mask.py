@@ -145,21 +145,3 @@ def test_a_bad_mask_or_an_old_version_frame_is_refused():
     del wire["trajectories"][0]["loss_mask"]  # as a version-1 sender wrote it
     with pytest.raises(P.ProtocolError, match="unsupported protocol version 1 \\(this side speaks 3\\)"):
         P.decode(msgpack.packb(wire))
-
-
-def test_a_group_stored_at_version_1_reads_as_all_generated():
-    group = P.TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0,
-                              trajectories=[trajectory(3, []), trajectory(0, [])])
-    wire = msgpack.unpackb(P.encode(group))
-    wire["protocol"] = 1
-    for t in wire["trajectories"]:
-        del t["loss_mask"]
-    old = msgpack.packb(wire)
-    with pytest.raises(P.ProtocolError, match="unsupported protocol version 1"):
-        P.decode(old)
-    got = P.decode_stored(old)
-    assert [t.loss_mask.tolist() for t in got.trajectories] == [[1, 1, 1], []]
-    assert got.trajectories[0].output_ids.tolist() == [10, 11, 12]
-    wire["type"] = "stats"  # only trajectory groups are upgraded
-    with pytest.raises(P.ProtocolError, match="unsupported protocol version 1"):
-        P.decode_stored(msgpack.packb(wire))

@@ -111,32 +111,3 @@ def test_decoded_and_built_runs_are_read_only_and_odd_buffers_decode():
         P.decode(square)
     exact = memoryview(bytearray(frame)).cast("B", (1, len(frame)))
     assert P.decode(exact).trajectories[0].versions.tolist() == [1, 2, 2]
-
-
-STORED_ODDITIES = {  # a stored version-2 trajectory's field -> a value no build wrote
-    "versions": [["<i4", None, b""], ["<i4", 1.5, bytes(6)], ["<i4", True, bytes(4)], ["<i4", 2**40, b""], "x"],
-    "output_ids": [["<i4", 2**64 - 1, b""], ["<i4", 2**40, b""]],
-}
-
-
-@pytest.mark.parametrize("version", [1, 2])
-def test_an_odd_stored_record_is_refused_with_a_protocol_error_only(version):
-    wire = group_frame()
-    wire["protocol"] = version
-    for t in wire["trajectories"]:
-        for name in ("versions", "loss_mask"):
-            t[name] = ["<i4", t["output_ids"][1], runs_array(tuple(t[name][:2]) + (memoryview(t[name][2]),)).tobytes()]
-        if version == 1:
-            del t["loss_mask"]
-    assert P.decode_stored(msgpack.packb(wire)).trajectories[0].versions.tolist() == [2, 2, 3, 3]
-    for name, values in STORED_ODDITIES.items():
-        for value in values:
-            odd = msgpack.unpackb(msgpack.packb(wire))
-            odd["trajectories"][0][name] = value
-            with pytest.raises(P.ProtocolError):
-                P.decode_stored(msgpack.packb(odd))
-    for protocol in (True, 2.0):
-        odd = msgpack.unpackb(msgpack.packb(wire))
-        odd["protocol"] = protocol
-        with pytest.raises(P.ProtocolError, match="unsupported protocol version"):
-            P.decode_stored(msgpack.packb(odd))

@@ -362,25 +362,6 @@ def test_a_reader_descriptor_numbered_0_is_kept_and_closed(tmp_path):
     assert out.stdout.strip() == "closed"
 
 
-def test_the_crash_padding_of_older_direct_appends_is_the_clean_end(tmp_path, caplog):
-    """A segment written with O_DIRECT by an earlier version and killed ends in zeros up to a 4 KiB
-    boundary: every record before them is replayed, nothing is counted corrupt, the zeros are cut."""
-    wal = WriteAheadLog(tmp_path)
-    list(wal.replay())
-    wal.open({})
-    wal.append_group("a", b"x" * 5000)
-    wal.close()
-    path = segment_path(tmp_path, 1)
-    size = path.stat().st_size
-    with path.open("ab") as f:
-        f.write(bytes(-size % 4096))
-    with caplog.at_level(logging.INFO, logger="buffer.wal"):
-        wal2, recs = replay(tmp_path)
-    assert [r[1] for r in recs if r[0] == "G"] == ["a"] and wal2.corrupt_records == 0 and "padding" in caplog.text
-    assert path.stat().st_size == size
-    wal2.close()
-
-
 def test_one_log_per_directory(tmp_path):
     """A second log on a directory that a log holds fails at once, naming the holder; closing (or
     dropping) the first lets the next one in."""
