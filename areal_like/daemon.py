@@ -67,7 +67,7 @@ class ComponentStopped(RuntimeError):
 
 class StartRefused(RuntimeError):
     """What the daemon was given cannot be served by this build (its message says what to do):
-    one line and exit status 2, as for a bad configuration, so the supervisor does not retry."""
+    one line and exit status 2, as for a bad configuration (no traceback)."""
 
 
 class Daemon:

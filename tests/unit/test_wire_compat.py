@@ -8,8 +8,8 @@ WAL with stored, consumed and leased groups. So:
 * every one of those frames, received live, is refused with an error naming protocol version 2 and
   this side's version (and nothing else about it: the version is read before any field);
 * a real buffer daemon started on a copy of that WAL does not start: one line naming the group,
-  both versions and what to do, exit status 2 (a configuration-class error, not retried by the
-  supervisor), and the WAL directory is left as it was.
+  both versions and what to do, exit status 2 (as for a bad configuration), and the WAL directory
+  is left as it was.
 
 Mutation checked: recovery dropping such a group as unreadable (as it did for other decode errors)
 made the buffer start and the daemon test fail.
