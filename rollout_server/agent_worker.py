@@ -23,3 +23,17 @@ def run_agent(path: str, base_url: str, api_key: str, example: Any) -> Any:
 
 async def _wait(awaitable: Any) -> Any:
     return await awaitable
+
+
+def agent_problem(path: str) -> str:
+    """Why ``task.agent=path`` cannot be run ("" when it can): it must import and take
+    ``(client_base_url, api_key, example)``. The launcher's preflight and the rollout server's
+    start ask before anything runs."""
+    try:
+        fn = import_function(path)
+        inspect.signature(fn).bind("http://h/v1", "key", None)
+    except TypeError as e:
+        return f"task.agent={path!r} cannot be called as run(client_base_url, api_key, example): {e}"
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - whatever its import raises
+        return f"task.agent={path!r} cannot be loaded: {type(e).__name__}: {e}"
+    return ""

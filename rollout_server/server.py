@@ -35,7 +35,7 @@ import secrets
 import socket
 
 from areal_like.auth import engine_api_key
-from areal_like.config import RolloutConfig, RunConfig
+from areal_like.config import ConfigError, RolloutConfig, RunConfig
 from areal_like.daemon import ComponentStopped, Daemon
 from areal_like.dealer import AsyncClient
 from areal_like.protocol import (
@@ -139,10 +139,11 @@ class RolloutServer(Daemon):
             self.tools = ToolPool(self.facts.task.tool_workers, self.facts.task.tool_timeout_s,
                                   self.facts.task.tool_memory_mb)
         if self.facts.task.agent:  # agent episodes (rollout_server/agent_episode.py): a clear error now
-            from areal_like.tasks import load_function
             from rollout_server.agent_episode import agent_pool
+            from rollout_server.agent_worker import agent_problem
 
-            load_function(self.facts.task.agent)
+            if problem := agent_problem(self.facts.task.agent):
+                raise ConfigError(problem)
             self.tools = agent_pool(self.facts.task)
         if self.rcfg.eval:
             from rollout_server.evaluate import ServerEvaluator

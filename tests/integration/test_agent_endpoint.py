@@ -398,3 +398,18 @@ def test_an_agent_and_an_environment_together_are_refused():
         task_cfg(env="areal_like.envs:Calculator")
     with pytest.raises(ConfigError, match="agent_tool_format"):
         task_cfg(agent_tool_format="pythonic")
+
+
+def test_preflight_names_an_agent_that_cannot_run():
+    from types import SimpleNamespace
+
+    from launch.preflight import check_agent
+
+    def problems(path):
+        return check_agent(SimpleNamespace(task=SimpleNamespace(agent=path)))
+
+    assert problems("") == [] and problems("areal_like.agents:calc_agent") == []
+    assert "cannot be loaded: ModuleNotFoundError" in problems("no_such_pkg.mod:run")[0]
+    assert "not a callable" in problems("areal_like.envs:GUESS_MAX")[0]
+    assert "cannot be called as run(client_base_url, api_key, example)" in \
+        problems("areal_like.envs:calc")[0]
