@@ -39,7 +39,6 @@ from areal_like.config import load_config  # noqa: E402
 from areal_like.envs import LongTail  # noqa: E402
 from areal_like.tasks import make_task  # noqa: E402
 
-
 AGENT = ["task.env=", "task.agent=areal_like.agents:long_tail_agent", "task.agent_workers=8"]
 
 

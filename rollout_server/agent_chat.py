@@ -36,17 +36,17 @@ from transformers.utils.chat_parsing import parse_response
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 _CONTENT_END = r"\s*(?:<\|im_end\|>|<\|endoftext\|>|</s>|<eos>)"
+_HERMES_CALLS = {"open_pattern": r"\s*<tool_call>", "close": "</tool_call>", "repeats": True,
+                 "content": "json", "transform": {"type": "function", "function": "{content}"}}
+_MISTRAL_CALL = {"type": "function", "function": {"name": "{name}", "arguments": "{arguments}"}}
+_MISTRAL_CALLS = {"open": "[TOOL_CALLS]", "close_pattern": r"$|</s>", "content": "json",
+                  "transform_each": True, "transform": _MISTRAL_CALL}
+_CONTENT = {"close_pattern": _CONTENT_END, "content": "text"}
 TOOL_FORMATS = {  # transformers response templates (declarative; the library parses)
-    "hermes": {"defaults": {"role": "assistant"}, "start_anchor": "<|im_start|>assistant\n", "fields": {
-        "tool_calls": {"open_pattern": r"\s*<tool_call>", "close": "</tool_call>", "repeats": True,
-                       "content": "json", "transform": {"type": "function", "function": "{content}"}},
-        "content": {"close_pattern": _CONTENT_END, "content": "text"}}},
-    "mistral": {"defaults": {"role": "assistant"}, "start_anchor": "[/INST]", "fields": {
-        "tool_calls": {"open": "[TOOL_CALLS]", "close_pattern": r"$|</s>", "content": "json",
-                       "transform_each": True, "transform": {
-                           "type": "function",
-                           "function": {"name": "{name}", "arguments": "{arguments}"}}},
-        "content": {"close_pattern": _CONTENT_END, "content": "text"}}},
+    "hermes": {"defaults": {"role": "assistant"}, "start_anchor": "<|im_start|>assistant\n",
+               "fields": {"tool_calls": _HERMES_CALLS, "content": _CONTENT}},
+    "mistral": {"defaults": {"role": "assistant"}, "start_anchor": "[/INST]",
+                "fields": {"tool_calls": _MISTRAL_CALLS, "content": _CONTENT}},
 }
 
 
@@ -157,14 +157,15 @@ def completion(model: str, content: str, calls: list[dict], finish: str, prompt_
     """The answer in the OpenAI schema (the ``openai`` package's own types)."""
     tool_calls = [ChatCompletionMessageFunctionToolCall(
         id=c["id"], type="function", function=Function(**c["function"])) for c in calls]
-    message = ChatCompletionMessage(role="assistant", content=content if not calls else content or None,
+    message = ChatCompletionMessage(role="assistant", content=content or None if calls else content,
                                     tool_calls=tool_calls or None)
     reason = "tool_calls" if calls else ("length" if finish == "length" else "stop")
     return ChatCompletion(
         id=f"chatcmpl-{uuid.uuid4().hex}", object="chat.completion", created=int(time.time()),
         model=model, choices=[Choice(index=0, message=message, finish_reason=reason)],
         usage=CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                              total_tokens=prompt_tokens + completion_tokens)).model_dump(mode="json")
+                              total_tokens=prompt_tokens + completion_tokens),
+    ).model_dump(mode="json")
 
 
 def models(model: str) -> dict:

@@ -165,7 +165,8 @@ class AgentEndpoint:
         return web.json_response(agent_chat.models(self.model))
 
     async def chat(self, request: web.Request) -> web.Response:
-        session = self.sessions.get(_digest(request.headers["Authorization"][len("Bearer "):].strip()))
+        bearer = request.headers["Authorization"][len("Bearer "):].strip()  # the guard checked it
+        session = self.sessions.get(_digest(bearer))
         if session is None:
             return _error(410, "this episode has ended", "episode_ended")
         try:

@@ -33,7 +33,8 @@ def agent_problem(path: str) -> str:
         fn = import_function(path)
         inspect.signature(fn).bind("http://h/v1", "key", None)
     except TypeError as e:
-        return f"task.agent={path!r} cannot be called as run(client_base_url, api_key, example): {e}"
+        return (f"task.agent={path!r} cannot be called as run(client_base_url, api_key, example): "
+                f"{e}")
     except (Exception, SystemExit) as e:  # noqa: BLE001 - whatever its import raises
         return f"task.agent={path!r} cannot be loaded: {type(e).__name__}: {e}"
     return ""

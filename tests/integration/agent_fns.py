@@ -10,7 +10,8 @@ from openai import OpenAI
 
 def _ask(base_url: str, api_key: str, example) -> None:
     client = OpenAI(base_url=base_url, api_key=api_key, max_retries=0)
-    client.chat.completions.create(model="policy", messages=[{"role": "user", "content": example.prompt}])
+    user = {"role": "user", "content": example.prompt}
+    client.chat.completions.create(model="policy", messages=[user])
 
 
 def hangs(base_url: str, api_key: str, example) -> float:

@@ -18,7 +18,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
-from openai import AsyncOpenAI, AuthenticationError, BadRequestError, OpenAI
+from openai import AsyncOpenAI, AuthenticationError, BadRequestError
 
 from areal_like.agents import calc_agent
 from areal_like.config import EngineConfig, ModelConfig, TaskConfig
@@ -131,7 +131,8 @@ def test_the_openai_schema_round_trip_with_tool_calls():
             key, _ = ep.open_session(None)
             client = AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0)
             first = await client.chat.completions.create(
-                model="m", messages=[{"role": "user", "content": "6*7"}], tools=tools, max_tokens=500)
+                model="m", messages=[{"role": "user", "content": "6*7"}], tools=tools,
+                max_tokens=500)
             msgs = [{"role": "user", "content": "6*7"}, first.choices[0].message,
                     {"role": "tool", "tool_call_id": first.choices[0].message.tool_calls[0].id,
                      "content": "42"}]
@@ -160,7 +161,8 @@ def test_tool_calls_parse_in_two_model_families_formats():
     hermes = agent_chat.parse_assistant('ok <tool_call>{"name": "calc", "arguments": {"e": "2"}}'
                                         '</tool_call>', "hermes", tools)
     mistral = agent_chat.parse_assistant('[TOOL_CALLS][{"name": "calc", "arguments": {"e": "2"}}, '
-                                         '{"name": "calc", "arguments": {"e": "3"}}]', "mistral", tools)
+                                         '{"name": "calc", "arguments": {"e": "3"}}]', "mistral",
+                                         tools)
     assert hermes[0] == "ok" and [c["function"]["arguments"] for c in hermes[1]] == ['{"e": "2"}']
     assert [json.loads(c["function"]["arguments"]) for c in mistral[1]] == [{"e": "2"}, {"e": "3"}]
     broken = '<tool_call>{"name": "calc", "argu'
@@ -183,7 +185,8 @@ def test_a_history_rewrite_splits_the_episode_and_each_part_is_its_rendering():
             rewritten = [{"role": "user", "content": "summary: a b"}]  # drops its earlier turns
             r3 = (await client.chat.completions.create(model="m", messages=rewritten)).choices[0]
             await client.chat.completions.create(model="m", messages=rewritten + [
-                {"role": "assistant", "content": r3.message.content}, {"role": "user", "content": "c"}])
+                {"role": "assistant", "content": r3.message.content},
+                {"role": "user", "content": "c"}])
             await client.close()
             ep.close_session(key)
             return ep, session
@@ -195,7 +198,8 @@ def test_a_history_rewrite_splits_the_episode_and_each_part_is_its_rendering():
     assert (session.splits, first.metadata["calls"], second.metadata["calls"]) == (1, 2, 2)
     assert first.reward == second.reward == 0.5
     convs = [[("user", "a"), ("assistant", "hi"), ("user", "b"), ("assistant", "ok")],
-             [("user", "summary: a b"), ("assistant", "fine"), ("user", "c"), ("assistant", "done")]]
+             [("user", "summary: a b"), ("assistant", "fine"), ("user", "c"),
+              ("assistant", "done")]]
     for traj, conv in zip((first, second), convs):
         seq = list(traj.prompt_ids) + list(traj.output_ids)
         assert seq + ids("|") == rendering([{"role": r, "content": c} for r, c in conv])
@@ -214,13 +218,15 @@ def test_only_the_episodes_key_gets_in_and_late_calls_get_4xx():
             user = [{"role": "user", "content": "q"}]
             for stranger in ("wrong", key_a[:-1]):
                 with pytest.raises(AuthenticationError):
-                    await AsyncOpenAI(base_url=ep.base_url, api_key=stranger,
-                                      max_retries=0).chat.completions.create(model="m", messages=user)
+                    sdk = AsyncOpenAI(base_url=ep.base_url, api_key=stranger, max_retries=0)
+                    await sdk.chat.completions.create(model="m", messages=user)
             async with aiohttp.ClientSession() as http:  # no key at all
-                async with http.post(ep.base_url + "/chat/completions", json={"messages": user}) as r:
+                url = ep.base_url + "/chat/completions"
+                async with http.post(url, json={"messages": user}) as r:
                     assert r.status == 401
             with pytest.raises(AuthenticationError):
-                await AsyncOpenAI(base_url=ep.base_url, api_key="wrong", max_retries=0).models.list()
+                await AsyncOpenAI(base_url=ep.base_url, api_key="wrong",
+                                  max_retries=0).models.list()
             strangers = ep.unauthorized
             await AsyncOpenAI(base_url=ep.base_url, api_key=key_b,
                               max_retries=0).chat.completions.create(model="m", messages=user)
@@ -279,7 +285,8 @@ def test_calls_size_and_sampling_are_bounded():
 def engine():
     from rollout_server.engine import EmbeddedEngine
 
-    e = EmbeddedEngine(ModelConfig(max_position_embeddings=512), EngineConfig(max_running_requests=8)).start()
+    e = EmbeddedEngine(ModelConfig(max_position_embeddings=512),
+                       EngineConfig(max_running_requests=8)).start()
     yield e
     e.stop()
 
@@ -307,7 +314,8 @@ def test_recorded_ids_are_what_the_real_engine_generated(engine):
     assert list(traj.output_ids[mask]) == outs[0].output_ids + outs[1].output_ids
     assert list(traj.behav_logp[mask]) == pytest.approx(outs[0].logprobs + outs[1].logprobs, abs=0)
     assert set(traj.versions) == {0}
-    assert reply.choices[0].message.content == TOK.decode(outs[0].output_ids, skip_special_tokens=True)
+    said = TOK.decode(outs[0].output_ids, skip_special_tokens=True)
+    assert reply.choices[0].message.content == said
     assert list(traj.prompt_ids) == ids("user:12*34|assistant:")
 
 
@@ -374,7 +382,8 @@ def test_agents_that_hang_crash_or_say_no_number_are_scored_0_with_their_reason(
         ep = await endpoint(engine, agent=path, episode_timeout_s=10.0).start()
         try:
             runner = AgentRunner(ep.ctx, ep, pool)
-            return (await runner.run_group(Credit(lease_id="l1", prompt_index=0, epoch=0, deadline_s=60.0))).trajectories
+            credit = Credit(lease_id="l1", prompt_index=0, epoch=0, deadline_s=60.0)
+            return (await runner.run_group(credit)).trajectories
         finally:
             await ep.close()
 
@@ -413,3 +422,34 @@ def test_preflight_names_an_agent_that_cannot_run():
     assert "not a callable" in problems("areal_like.envs:GUESS_MAX")[0]
     assert "cannot be called as run(client_base_url, api_key, example)" in \
         problems("areal_like.envs:calc")[0]
+
+
+def test_a_call_still_generating_when_its_episode_ends_is_answered_and_not_recorded():
+    class Held(Scripted):
+        async def generate(self, input_ids, params):
+            started.set()
+            await release.wait()
+            return await super().generate(input_ids, params)
+
+    engine = Held(["late"])
+
+    async def scenario():
+        ep = await endpoint(engine).start()
+        try:
+            key, session = ep.open_session(None)
+            sdk = AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0)
+            call = asyncio.create_task(sdk.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "q"}]))
+            await asyncio.wait_for(started.wait(), 30)
+            ep.close_session(key)  # the episode ends while its call generates
+            release.set()
+            answer = await call
+            await sdk.close()
+            return answer, session
+        finally:
+            await ep.close()
+
+    started, release = asyncio.Event(), asyncio.Event()
+    answer, session = asyncio.run(scenario())
+    assert answer.choices[0].message.content == "late"
+    assert session.segments == [] and not session.generated
