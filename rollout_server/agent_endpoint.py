@@ -95,6 +95,7 @@ class EpisodeSession:
     generated: dict[str, str] = field(default_factory=dict)  # reply key -> generated text
     calls: int = 0
     open: bool = True
+    last: Segment | None = None  # the segment the latest recorded call extended
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one call at a time per episode
 
     @property
@@ -217,6 +218,7 @@ class AgentEndpoint:
         seg.keys, seg.reply, seg.render, seg.tools = keys, agent_chat.key(reply), render, tools_key
         seg.text, seg.generated = text, sample.output_ids
         session.generated[seg.reply] = text
+        session.last = seg
         return agent_chat.completion(self.model, content, calls, sample.finish_reason, len(ids),
                                      len(sample.output_ids))
 

@@ -10,7 +10,7 @@ run(base_url, api_key, example) in the agent pool                  a sandboxed w
    (task.agent_workers processes, as tools run: tool_pool.py / sandbox.py; killed with all it
     started past task.episode_timeout_s)
 close the session (a later call of that agent gets 410)
-its reward, or 0 with the reason (it raised, crashed, hung, returned no number) -> every
+its reward (None: the task's reward scores the last generated text), or 0 with the reason (it raised, crashed, hung, returned no number) -> every
 trajectory of its session (one per consistent prefix)
 ```
 
@@ -84,7 +84,10 @@ class AgentRunner:
                                                  "example": example})
         finally:
             self.endpoint.close_session(api_key)
-        reward, error, finish = score(outcome)
+        if outcome.outcome == "ok" and outcome.content == "null":  # it returned None
+            reward, error, finish = await self.score_conversation(session, example)
+        else:
+            reward, error, finish = score(outcome)
         meta = {"agent_seconds": round(outcome.seconds, 3), "splits": session.splits}
         if error:
             meta["agent_error"] = error
@@ -92,6 +95,15 @@ class AgentRunner:
             meta["finish_reason"] = finish
         self._count("no_call" if not session.segments else finish or "ok")
         return self.endpoint.trajectories(session, reward, meta)
+
+    async def score_conversation(self, session, example) -> tuple[float, str, str]:
+        """An agent that returns None leaves its score to the task's reward (``task.reward_fn``,
+        else the task's own), given the last text the model generated in the episode."""
+        if session.last is None:
+            return 0.0, "the agent returned None and made no call", "error"
+        [(reward, error)] = await self.ctx.rewards.score_group(example.prompt, [session.last.text],
+                                                               example)
+        return reward, error or "", ""
 
     def _count(self, outcome: str) -> None:
         if self.ctx.metrics is not None:

@@ -32,3 +32,8 @@ def says_words(base_url: str, api_key: str, example) -> str:
 
 async def never_calls(base_url: str, api_key: str, example) -> float:
     return 1.0
+
+
+def leaves_it_to_the_reward(base_url: str, api_key: str, example) -> None:
+    _ask(base_url, api_key, example)
+    return None

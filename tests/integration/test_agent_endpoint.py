@@ -30,6 +30,7 @@ from rollout_server import agent_chat
 from rollout_server.agent_endpoint import MAX_BODY_BYTES, AgentEndpoint
 from rollout_server.agent_episode import AgentRunner, agent_pool
 from rollout_server.episode import EpisodeContext
+from rollout_server.reward_pool import RewardPool
 from rollout_server.sglang_client import GenerateOutput, SGLangClient
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,9 +76,9 @@ def task_cfg(**over) -> TaskConfig:
     return TaskConfig(**{**fields, **over})
 
 
-def endpoint(client, version=lambda: 3, **over) -> AgentEndpoint:
+def endpoint(client, version=lambda: 3, rewards=None, **over) -> AgentEndpoint:
     cfg = task_cfg(**over)
-    ctx = EpisodeContext(client=client, task=make_task(cfg), tokenizer=TOK, rewards=None,
+    ctx = EpisodeContext(client=client, task=make_task(cfg), tokenizer=TOK, rewards=rewards,
                          task_cfg=cfg, server_id="s", current_version_fn=version)
     return AgentEndpoint(ctx)
 
@@ -375,11 +376,13 @@ def test_agents_that_hang_crash_or_say_no_number_are_scored_0_with_their_reason(
     example = make_task(task_cfg()).example(0)
     agents = {"areal_like.agents:calc_agent": (1.0, ""), "agent_fns:hangs": (0.0, "did not finish"),
               "agent_fns:crashes": (0.0, "agent raised RuntimeError: agent bug"),
-              "agent_fns:says_words": (0.0, "not a number")}
+              "agent_fns:says_words": (0.0, "not a number"),
+              "agent_fns:leaves_it_to_the_reward": (1.0, "")}  # the task's reward: exact match
 
     async def one(path: str, pool):
-        engine = Scripted([CALL % example.prompt, example.answer])
-        ep = await endpoint(engine, agent=path, episode_timeout_s=10.0).start()
+        replies = [CALL % example.prompt, example.answer]
+        engine = Scripted(replies[1:] if "reward" in path else replies)
+        ep = await endpoint(engine, agent=path, episode_timeout_s=10.0, rewards=rewards).start()
         try:
             runner = AgentRunner(ep.ctx, ep, pool)
             credit = Credit(lease_id="l1", prompt_index=0, epoch=0, deadline_s=60.0)
@@ -388,6 +391,7 @@ def test_agents_that_hang_crash_or_say_no_number_are_scored_0_with_their_reason(
             await ep.close()
 
     pool = agent_pool(task_cfg(agent_workers=2, episode_timeout_s=10.0))
+    rewards = RewardPool(task_cfg(reward_workers=0), make_task(task_cfg()).reward_path)
     try:
         pool.wait_ready(120)
         for path, (reward, why) in agents.items():
@@ -398,6 +402,7 @@ def test_agents_that_hang_crash_or_say_no_number_are_scored_0_with_their_reason(
             asyncio.run(one("agent_fns:never_calls", pool))
     finally:
         pool.close()
+        rewards.close()
 
 
 def test_an_agent_and_an_environment_together_are_refused():
