@@ -42,6 +42,7 @@ import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import jinja2
 from aiohttp import web
 
 from areal_like.environment import ChatRenderer, TemplateError, env_template
@@ -171,7 +172,11 @@ class AgentEndpoint:
         if session is None:
             return _error(410, "this episode has ended", "episode_ended")
         try:
-            req = agent_chat.check_request(json.loads(await request.read()))
+            body = json.loads(await request.read())
+        except (ValueError, RecursionError):
+            return self._refuse("the body is not valid JSON")
+        try:
+            req = agent_chat.check_request(body)
             if session.calls >= self.cfg.max_turns:
                 raise RequestError(f"this episode's {self.cfg.max_turns} calls are used up "
                                    "(task.max_turns)")
@@ -179,16 +184,18 @@ class AgentEndpoint:
             async with session.lock:
                 answer = await self.complete(session, req)
         except RequestError as e:
-            self._count("refused")
-            return _error(400, str(e), "invalid_request_error")
-        except (ValueError, RecursionError):
-            self._count("refused")
-            return _error(400, "the body is not valid JSON", "invalid_request_error")
+            return self._refuse(str(e))
+        except jinja2.TemplateError as e:  # the chat template refused the conversation
+            return self._refuse(f"the chat template cannot render these messages: {e}")
         except SGLangError as e:
             self._count("engine_error")
             return _error(400 if e.status and e.status < 500 else 502, str(e), "engine_error")
         self._count("ok")
         return web.json_response(answer)
+
+    def _refuse(self, why: str) -> web.Response:
+        self._count("refused")
+        return _error(400, why, "invalid_request_error")
 
     async def complete(self, session: EpisodeSession, req: dict) -> dict:
         """One call (module docstring): place it, generate, record, answer."""

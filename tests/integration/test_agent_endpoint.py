@@ -458,3 +458,26 @@ def test_a_call_still_generating_when_its_episode_ends_is_answered_and_not_recor
     answer, session = asyncio.run(scenario())
     assert answer.choices[0].message.content == "late"
     assert session.segments == [] and not session.generated
+
+
+def test_a_body_that_is_not_json_or_a_template_that_refuses_gets_400():
+    raising = "{{ raise_exception('no tools here') if messages[0]['role'] == 'tool' else 'x' }}"
+
+    async def scenario():
+        ep = await endpoint(Scripted([]), chat_template=raising).start()
+        try:
+            key, session = ep.open_session(None)
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
+                url = ep.base_url + "/chat/completions"
+                async with http.post(url, data=b"{not json") as r:
+                    bad_json = (r.status, (await r.json())["error"]["message"])
+                async with http.post(url, json={"messages": [{"role": "tool", "content": "1"}]}) as r:
+                    refused = (r.status, (await r.json())["error"]["message"])
+            return bad_json, refused, session
+        finally:
+            await ep.close()
+
+    bad_json, refused, session = asyncio.run(scenario())
+    assert bad_json == (400, "the body is not valid JSON")
+    assert refused[0] == 400 and "cannot render" in refused[1] and "no tools here" in refused[1]
+    assert session.segments == []
