@@ -10,8 +10,9 @@ run(base_url, api_key, example) in the agent pool                  a sandboxed w
    (task.agent_workers processes, as tools run: tool_pool.py / sandbox.py; killed with all it
     started past task.episode_timeout_s)
 close the session (a later call of that agent gets 410)
-its reward (None: the task's reward scores the last generated text), or 0 with the reason (it raised, crashed, hung, returned no number) -> every
-trajectory of its session (one per consistent prefix)
+its reward (None: the task's reward scores the last generated text), or 0 with the reason
+   (it raised, crashed, hung, returned no number) -> every trajectory of its session (one per
+   consistent prefix)
 ```
 
 An episode whose agent made no call leaves no trajectory (nothing was generated) and is counted

@@ -471,7 +471,8 @@ def test_a_body_that_is_not_json_or_a_template_that_refuses_gets_400():
                 url = ep.base_url + "/chat/completions"
                 async with http.post(url, data=b"{not json") as r:
                     bad_json = (r.status, (await r.json())["error"]["message"])
-                async with http.post(url, json={"messages": [{"role": "tool", "content": "1"}]}) as r:
+                tool_first = {"messages": [{"role": "tool", "content": "1"}]}
+                async with http.post(url, json=tool_first) as r:
                     refused = (r.status, (await r.json())["error"]["message"])
             return bad_json, refused, session
         finally:
