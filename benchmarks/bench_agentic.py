@@ -62,7 +62,7 @@ async def overhead(calls: int, tokens: int) -> dict:
     from rollout_server.sglang_client import SGLangClient
 
     cfg = load_config(["experiment=bench_agentic", *AGENT, f"task.max_new_tokens={tokens}",
-                       "task.top_k=1", f"task.max_turns={calls + 1}"]).task
+                       "task.top_k=1", f"task.max_turns={calls + 2}"]).task
     engine = EmbeddedEngine(ModelConfig(max_position_embeddings=1024), EngineConfig()).start()
     client = SGLangClient(engine.url, local=engine)
     ctx = EpisodeContext(client=client, task=make_task(cfg), tokenizer=char_tokenizer(), rewards=None,
