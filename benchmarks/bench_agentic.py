@@ -15,7 +15,8 @@ ideal (goal >= 0.8), and the turn distribution the episodes had.
 (``rollout_server/agent_endpoint.py``) instead of the environment. ``--overhead``: no job; the
 endpoint's cost per call against a direct engine call (embedded engine, greedy, the same prompt
 and token count both ways, calls one after another): one JSON line, figure = extra milliseconds
-per call through the endpoint, baseline = milliseconds of the direct call.
+per call through the endpoint with the SDK (its client's own cost included, as an agent pays
+it), baseline = milliseconds of the direct call; ``plain_http_extra_ms`` the same without the SDK.
 
     python benchmarks/bench_agentic.py [--steps 20] [--groups 8] [--agent] [--overhead]
 """
@@ -51,7 +52,9 @@ def run_once(run_dir: Path, eta: int, args) -> list[dict]:
 
 
 async def overhead(calls: int, tokens: int) -> dict:
-    """Milliseconds per call: a direct ``generate_sample`` and the same call through the endpoint."""
+    """Milliseconds per call: a direct ``generate_sample`` and the same call through the endpoint
+    (with the ``openai`` SDK, and as plain HTTP)."""
+    import aiohttp
     from openai import AsyncOpenAI
 
     from areal_like.config import EngineConfig, ModelConfig
@@ -62,17 +65,19 @@ async def overhead(calls: int, tokens: int) -> dict:
     from rollout_server.sglang_client import SGLangClient
 
     cfg = load_config(["experiment=bench_agentic", *AGENT, f"task.max_new_tokens={tokens}",
-                       "task.top_k=1", f"task.max_turns={calls + 2}"]).task
+                       "task.top_k=1", f"task.max_turns={2 * calls + 2}"]).task
     engine = EmbeddedEngine(ModelConfig(max_position_embeddings=1024), EngineConfig()).start()
     client = SGLangClient(engine.url, local=engine)
-    ctx = EpisodeContext(client=client, task=make_task(cfg), tokenizer=char_tokenizer(), rewards=None,
-                         task_cfg=cfg, server_id="bench", current_version_fn=lambda: 0)
+    ctx = EpisodeContext(client=client, task=make_task(cfg), tokenizer=char_tokenizer(),
+                         rewards=None, task_cfg=cfg, server_id="bench",
+                         current_version_fn=lambda: 0)
     ep = await AgentEndpoint(ctx).start()
     key, session = ep.open_session(None)
     sdk = AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0)
     messages = [{"role": "user", "content": "12345*67"}]
-    ids = ctx.tokenizer.apply_chat_template(messages, chat_template=cfg.chat_template, tokenize=True,
-                                            add_generation_prompt=True, return_dict=False)
+    ids = ctx.tokenizer.apply_chat_template(messages, chat_template=cfg.chat_template,
+                                            tokenize=True, add_generation_prompt=True,
+                                            return_dict=False)
     try:
         for _ in range(2):  # warm-up of both paths
             await sdk.chat.completions.create(model="m", messages=messages)
@@ -84,6 +89,12 @@ async def overhead(calls: int, tokens: int) -> dict:
         for _ in range(calls):
             answer = await sdk.chat.completions.create(model="m", messages=messages)
         t2 = time.perf_counter()
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
+            for _ in range(calls):  # the same call as plain HTTP: the SDK's own cost left out
+                async with http.post(ep.base_url + "/chat/completions",
+                                     json={"model": "m", "messages": messages}) as r:
+                    assert r.status == 200, await r.text()
+        t3 = time.perf_counter()
     finally:
         await sdk.close()
         await ep.close()
@@ -91,9 +102,11 @@ async def overhead(calls: int, tokens: int) -> dict:
         engine.stop()
     assert answer.usage.completion_tokens == len(direct.output_ids)  # the same work both ways
     direct_ms, endpoint_ms = 1000 * (t1 - t0) / calls, 1000 * (t2 - t1) / calls
+    raw_ms = 1000 * (t3 - t2) / calls
     return {"name": "agent_endpoint_overhead_per_call", "figure": round(endpoint_ms - direct_ms, 3),
             "unit": "ms per call (endpoint - direct)", "baseline": round(direct_ms, 3),
             "ratio": round(endpoint_ms / direct_ms, 3), "calls": calls,
+            "plain_http_extra_ms": round(raw_ms - direct_ms, 3),
             "tokens_per_call": len(direct.output_ids), "prompt_tokens": len(ids)}
 
 
