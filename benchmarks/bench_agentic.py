@@ -14,9 +14,10 @@ ideal (goal >= 0.8), and the turn distribution the episodes had.
 (``areal_like/agents.py``: long_tail_agent) through the rollout server's agent endpoint
 (``rollout_server/agent_endpoint.py``) instead of the environment. ``--overhead``: no job; the
 endpoint's cost per call against a direct engine call (embedded engine, greedy, the same prompt
-and token count both ways, calls one after another): one JSON line, figure = extra milliseconds
-per call through the endpoint with the SDK (its client's own cost included, as an agent pays
-it), baseline = milliseconds of the direct call; ``plain_http_extra_ms`` the same without the SDK.
+and token count every way, the ways interleaved call by call, medians): one JSON line, figure =
+extra milliseconds per call through the endpoint with the SDK (the client's own cost included,
+as an agent pays it), baseline = milliseconds of the direct call; ``plain_http_extra_ms`` the
+same as plain HTTP.
 
     python benchmarks/bench_agentic.py [--steps 20] [--groups 8] [--agent] [--overhead]
 """
@@ -27,6 +28,7 @@ import argparse
 import asyncio
 import json
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -65,7 +67,7 @@ async def overhead(calls: int, tokens: int) -> dict:
     from rollout_server.sglang_client import SGLangClient
 
     cfg = load_config(["experiment=bench_agentic", *AGENT, f"task.max_new_tokens={tokens}",
-                       "task.top_k=1", f"task.max_turns={2 * calls + 2}"]).task
+                       "task.top_k=1", f"task.max_turns={2 * calls + 4}"]).task
     engine = EmbeddedEngine(ModelConfig(max_position_embeddings=1024), EngineConfig()).start()
     client = SGLangClient(engine.url, local=engine)
     ctx = EpisodeContext(client=client, task=make_task(cfg), tokenizer=char_tokenizer(),
@@ -78,36 +80,45 @@ async def overhead(calls: int, tokens: int) -> dict:
     ids = ctx.tokenizer.apply_chat_template(messages, chat_template=cfg.chat_template,
                                             tokenize=True, add_generation_prompt=True,
                                             return_dict=False)
+    http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"})
+
+    async def direct():
+        return await generate_sample(client, ids, ctx.sampling_params(), tokens, lambda: 0)
+
+    async def plain():  # the same call as plain HTTP: the SDK's own cost left out
+        async with http.post(ep.base_url + "/chat/completions",
+                             json={"model": "m", "messages": messages}) as r:
+            assert r.status == 200, await r.text()
+
+    async def with_sdk():
+        return await sdk.chat.completions.create(model="m", messages=messages)
+
+    ways = {"direct": direct, "sdk": with_sdk, "plain": plain}
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    last: dict = {}
     try:
-        for _ in range(2):  # warm-up of both paths
-            await sdk.chat.completions.create(model="m", messages=messages)
-            await generate_sample(client, ids, ctx.sampling_params(), tokens, lambda: 0)
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            direct = await generate_sample(client, ids, ctx.sampling_params(), tokens, lambda: 0)
-        t1 = time.perf_counter()
-        for _ in range(calls):
-            answer = await sdk.chat.completions.create(model="m", messages=messages)
-        t2 = time.perf_counter()
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
-            for _ in range(calls):  # the same call as plain HTTP: the SDK's own cost left out
-                async with http.post(ep.base_url + "/chat/completions",
-                                     json={"model": "m", "messages": messages}) as r:
-                    assert r.status == 200, await r.text()
-        t3 = time.perf_counter()
+        for i in range(calls + 2):  # the ways interleaved: a load change hits all three alike
+            for name, way in ways.items():
+                t0 = time.perf_counter()
+                out = await way()
+                if i >= 2:  # two warm-up rounds
+                    times[name].append(1000 * (time.perf_counter() - t0))
+                last[name] = out
     finally:
+        await http.close()
         await sdk.close()
         await ep.close()
         await client.close()
         engine.stop()
-    assert answer.usage.completion_tokens == len(direct.output_ids)  # the same work both ways
-    direct_ms, endpoint_ms = 1000 * (t1 - t0) / calls, 1000 * (t2 - t1) / calls
-    raw_ms = 1000 * (t3 - t2) / calls
+    done = last["direct"]
+    assert last["sdk"].usage.completion_tokens == len(done.output_ids)  # the same work both ways
+    direct_ms, endpoint_ms, raw_ms = (statistics.median(times[k]) for k in ways)
     return {"name": "agent_endpoint_overhead_per_call", "figure": round(endpoint_ms - direct_ms, 3),
             "unit": "ms per call (endpoint - direct)", "baseline": round(direct_ms, 3),
             "ratio": round(endpoint_ms / direct_ms, 3), "calls": calls,
             "plain_http_extra_ms": round(raw_ms - direct_ms, 3),
-            "tokens_per_call": len(direct.output_ids), "prompt_tokens": len(ids)}
+            "tokens_per_call": len(done.output_ids), "statistic": "median per call",
+            "prompt_tokens": len(ids)}
 
 
 def turn_distribution(n: int = 2000) -> dict[str, float]:
