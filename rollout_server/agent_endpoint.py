@@ -170,6 +170,7 @@ class AgentEndpoint:
         bearer = request.headers["Authorization"][len("Bearer "):].strip()  # the guard checked it
         session = self.sessions.get(_digest(bearer))
         if session is None:
+            self._count("ended")
             return _error(410, "this episode has ended", "episode_ended")
         try:
             body = json.loads(await request.read())

@@ -3,6 +3,7 @@ agent worker process imports them as a rollout server's would."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 from openai import OpenAI
@@ -37,3 +38,17 @@ async def never_calls(base_url: str, api_key: str, example) -> float:
 def leaves_it_to_the_reward(base_url: str, api_key: str, example) -> None:
     _ask(base_url, api_key, example)
     return None
+
+
+def calls_after_its_end(base_url: str, api_key: str, example) -> float:
+    _ask(base_url, api_key, example)
+
+    def late() -> None:
+        time.sleep(1.0)  # the episode has ended by then
+        try:
+            _ask(base_url, api_key, example)
+        except Exception:  # noqa: BLE001 - refused, as it must be
+            pass
+
+    threading.Thread(target=late, daemon=True).start()
+    return 1.0

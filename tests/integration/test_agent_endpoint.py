@@ -23,6 +23,7 @@ from openai import AsyncOpenAI, AuthenticationError, BadRequestError
 from areal_like.agents import calc_agent
 from areal_like.config import EngineConfig, ModelConfig, TaskConfig
 from areal_like.environment import ChatRenderer
+from areal_like.metrics import Metrics
 from areal_like.protocol import Credit
 from areal_like.tasks import make_task
 from areal_like.tokenizer import EOS_ID, char_tokenizer
@@ -379,16 +380,28 @@ def test_agents_that_hang_crash_or_say_no_number_are_scored_0_with_their_reason(
               "agent_fns:says_words": (0.0, "not a number"),
               "agent_fns:leaves_it_to_the_reward": (1.0, "")}  # the task's reward: exact match
 
-    async def one(path: str, pool):
+    async def one(path: str, pool, late_calls: int = 0):
         replies = [CALL % example.prompt, example.answer]
-        engine = Scripted(replies[1:] if "reward" in path else replies)
+        engine = Scripted(replies[1:] if "reward" in path or late_calls else replies)
         ep = await endpoint(engine, agent=path, episode_timeout_s=10.0, rewards=rewards).start()
+        ep.ctx.metrics = metrics
         try:
             runner = AgentRunner(ep.ctx, ep, pool)
             credit = Credit(lease_id="l1", prompt_index=0, epoch=0, deadline_s=60.0)
-            return (await runner.run_group(credit)).trajectories
+            trajectories = (await runner.run_group(credit)).trajectories
+            deadline = asyncio.get_running_loop().time() + 30.0
+            while ended() < late_calls:  # the agent's stray thread calls after the episode
+                assert asyncio.get_running_loop().time() < deadline, "no late call arrived"
+                await asyncio.sleep(0.05)
+            return trajectories
         finally:
             await ep.close()
+
+    metrics = Metrics()
+
+    def ended() -> float:
+        return metrics.registry.get_sample_value("areal_rollout_agent_calls_total",
+                                                 {"outcome": "ended"}) or 0.0
 
     pool = agent_pool(task_cfg(agent_workers=2, episode_timeout_s=10.0))
     rewards = RewardPool(task_cfg(reward_workers=0), make_task(task_cfg()).reward_path)
@@ -400,6 +413,8 @@ def test_agents_that_hang_crash_or_say_no_number_are_scored_0_with_their_reason(
             assert why in traj.metadata.get("agent_error", ""), (path, traj.metadata)
         with pytest.raises(RuntimeError, match="called the model"):
             asyncio.run(one("agent_fns:never_calls", pool))
+        [traj] = asyncio.run(one("agent_fns:calls_after_its_end", pool, late_calls=1))
+        assert (traj.metadata["calls"], traj.reward, ended()) == (1, 1.0, 1.0)  # 410, not recorded
     finally:
         pool.close()
         rewards.close()
