@@ -115,6 +115,7 @@ class AgentEndpoint:
         self.sessions: dict[bytes, EpisodeSession] = {}
         self.ended: OrderedDict[bytes, None] = OrderedDict()
         self.server = None
+        self.stats = None  # the guard's counts (they outlive close)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> AgentEndpoint:
@@ -122,7 +123,11 @@ class AgentEndpoint:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.list_models)
         self.server = await serve(app, self.host, self.port)
-        self.port = self.server.port
+        self.port, self.stats = self.server.port, self.server.stats
+        if self.ctx.metrics is not None:  # read from the guard's count at each scrape
+            self.ctx.metrics.gauge("rollout/agent_unauthorized", "requests to the agent endpoint "
+                                   "refused 401 (no live episode's key)").set_function(
+                lambda: self.unauthorized)
         return self
 
     async def close(self) -> None:
@@ -137,7 +142,7 @@ class AgentEndpoint:
 
     @property
     def unauthorized(self) -> int:
-        return self.server.stats.unauthorized if self.server else 0
+        return self.stats.unauthorized if self.stats else 0
 
     # ------------------------------------------------------------------ sessions
     def open_session(self, example) -> tuple[str, EpisodeSession]:

@@ -212,8 +212,12 @@ def test_a_history_rewrite_splits_the_episode_and_each_part_is_its_rendering():
 def test_only_the_episodes_key_gets_in_and_late_calls_get_4xx():
     engine = Scripted(["x", "y"])
 
+    metrics = Metrics()
+
     async def scenario():
-        ep = await endpoint(engine).start()
+        ep = endpoint(engine)
+        ep.ctx.metrics = metrics
+        await ep.start()
         try:
             key_a, a = ep.open_session(None)
             key_b, b = ep.open_session(None)
@@ -242,6 +246,7 @@ def test_only_the_episodes_key_gets_in_and_late_calls_get_4xx():
 
     strangers, ended, a, b, unauthorized = asyncio.run(scenario())
     assert strangers == unauthorized == 4  # every stranger counted; members are not
+    assert metrics.registry.get_sample_value("areal_rollout_agent_unauthorized") == 4
     assert getattr(ended, "status_code", None) == 410
     assert (len(a.segments), len(b.segments), len(engine.calls)) == (0, 1, 1)
 
