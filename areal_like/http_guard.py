@@ -368,7 +368,8 @@ def _too_large(request: web.Request, lim: HttpLimits) -> web.Response:
 
 
 def guarded_app(*, limits: HttpLimits, token: str | TokenCheck | None = None,
-                open_paths: tuple[str, ...] = (), capped_paths: tuple[str, ...] | None = None, middlewares: tuple = (),
+                open_paths: tuple[str, ...] = (), capped_paths: tuple[str, ...] | None = None,
+                middlewares: tuple = (),
                 health: HealthAnswer | None = None) -> web.Application:
     """An ``aiohttp`` application whose first middleware enforces ``limits`` and ``token``
     (``open_paths`` need none; only ``capped_paths`` count against ``max_inflight``, None = all);

@@ -120,7 +120,8 @@ class TaskConfig:
         for key in ("turn_timeout_s", "episode_timeout_s", "tool_timeout_s"):
             _check(f"task.{key}", getattr(self, key) > 0, "> 0", getattr(self, key))
         _check("task.tool_workers", self.tool_workers >= 1, ">= 1", self.tool_workers)
-        _check("task.agent", not (self.agent and self.env), "empty when task.env is set", self.agent)
+        _check("task.agent", not (self.agent and self.env), "empty when task.env is set",
+               self.agent)
         _check("task.agent_workers", self.agent_workers >= 1, ">= 1", self.agent_workers)
         _check("task.agent_memory_mb", self.agent_memory_mb >= 0, ">= 0", self.agent_memory_mb)
         _choice("task.agent_tool_format", self.agent_tool_format, ("hermes", "mistral"))

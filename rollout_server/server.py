@@ -82,7 +82,7 @@ class RolloutServer(Daemon):
         self.policy_version = 0
         self.engine = None
         self.rewards: RewardPool | None = None
-        self.tools = None  # ToolPool of multi-turn episodes (task.env), or the agent pool (task.agent)
+        self.tools = None  # ToolPool of task.env's tools, or the agent pool (task.agent)
         self.agent_endpoint = None  # task.agent: the OpenAI-compatible endpoint of its episodes
         self.engine_url, self.engine_ranks = "", 1
         self.versions = RuntimeVersions()  # the engine's torch/CUDA/NCCL, for Register
@@ -138,7 +138,7 @@ class RolloutServer(Daemon):
 
             self.tools = ToolPool(self.facts.task.tool_workers, self.facts.task.tool_timeout_s,
                                   self.facts.task.tool_memory_mb)
-        if self.facts.task.agent:  # agent episodes (rollout_server/agent_episode.py): a clear error now
+        if self.facts.task.agent:  # agent episodes (agent_episode.py): a bad path fails here
             from rollout_server.agent_episode import agent_pool
             from rollout_server.agent_worker import agent_problem
 
@@ -321,16 +321,18 @@ class RolloutServer(Daemon):
 
     # ------------------------------------------------------------------ episodes and groups
     def episode_context(self) -> EpisodeContext:
-        return EpisodeContext(client=self.client, task=self.task, tokenizer=self.tokenizer, rewards=self.rewards,
-                              task_cfg=self.facts.task, server_id=self.server_id,
+        return EpisodeContext(client=self.client, task=self.task, tokenizer=self.tokenizer,
+                              rewards=self.rewards, task_cfg=self.facts.task,
+                              server_id=self.server_id,
                               current_version_fn=lambda: self.policy_version, metrics=self.metrics)
 
     async def start_agent_endpoint(self) -> None:
         """The agents' OpenAI-compatible endpoint, where the engine listens (agent_endpoint.py)."""
         from rollout_server.agent_endpoint import AgentEndpoint
 
-        self.agent_endpoint = await AgentEndpoint(self.episode_context(), host=self.rcfg.engine.host,
-                                                  tool_format=self.facts.task.agent_tool_format).start()
+        endpoint = AgentEndpoint(self.episode_context(), host=self.rcfg.engine.host,
+                                 tool_format=self.facts.task.agent_tool_format)
+        self.agent_endpoint = await endpoint.start()
         self.log.info("agent endpoint %s", self.agent_endpoint.base_url)
 
     def start_episode(self, credit: Credit) -> None:
