@@ -286,7 +286,8 @@ def request_frame_limit(cfg: RunConfig) -> int:
     task = cfg.task
     prompt = task.max_prompt_tokens or model_context(cfg.model)
     # a multi-turn episode's output holds every turn and every environment message after the prompt
-    output = max(task.max_new_tokens, task.max_episode_tokens) if task.env else task.max_new_tokens
+    output = max(task.max_new_tokens, task.max_episode_tokens) if task.env or task.agent else \
+        task.max_new_tokens
     per_trajectory = prompt * PROMPT_TOKEN_BYTES + output * OUTPUT_TOKEN_BYTES + TRAJECTORY_METADATA_BYTES
     return max(MIN_FRAME_BYTES, FRAME_MARGIN * task.group_size * per_trajectory)
 

@@ -65,6 +65,7 @@ EVICT_IDLE_S = 1.0  # an unvouched kept-alive connection idle this long may go f
 HEAD_PEEK_BYTES = 1024  # what a refused connection may send before it is answered
 HEALTH_LINES = (b"GET /health ", b"GET /health?")  # request lines answered past the cap
 HealthAnswer = Callable[[], Awaitable[tuple[int, bytes]]]  # (status, JSON body) of a GET /health
+TokenCheck = Callable[[str | None], bool]  # the Authorization header -> let in (several keys)
 TOO_MANY_CONNECTIONS = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                         b"Content-Length: 38\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
                         b'{"error": "too many open connections"}')
@@ -114,7 +115,7 @@ class GuardStats:
 @dataclass
 class _Guard:  # noqa: D101 - the limits, token and counters of one server
     limits: HttpLimits
-    token: str | None
+    token: str | TokenCheck | None
     open_paths: frozenset[str]
     capped_paths: frozenset[str] | None
     health: HealthAnswer | None = None  # answered past the cap
@@ -328,7 +329,8 @@ def _guard_middleware(guard: _Guard):
     @web.middleware
     async def guard_mw(request: web.Request, handler):
         if guard.token is not None and request.path not in guard.open_paths:
-            if not bearer_ok(request.headers.get("Authorization"), guard.token):
+            header, token = request.headers.get("Authorization"), guard.token
+            if not (token(header) if callable(token) else bearer_ok(header, token)):
                 stats.unauthorized += 1
                 refused = web.json_response({"error": "missing or wrong bearer token"}, status=401,
                                             headers={"WWW-Authenticate": "Bearer"})
@@ -365,13 +367,15 @@ def _too_large(request: web.Request, lim: HttpLimits) -> web.Response:
                              headers={"Connection": "close"})
 
 
-def guarded_app(*, limits: HttpLimits, token: str | None = None, open_paths: tuple[str, ...] = (),
-                capped_paths: tuple[str, ...] | None = None, middlewares: tuple = (),
+def guarded_app(*, limits: HttpLimits, token: str | TokenCheck | None = None,
+                open_paths: tuple[str, ...] = (), capped_paths: tuple[str, ...] | None = None,
+                middlewares: tuple = (),
                 health: HealthAnswer | None = None) -> web.Application:
     """An ``aiohttp`` application whose first middleware enforces ``limits`` and ``token``
     (``open_paths`` need none; only ``capped_paths`` count against ``max_inflight``, None = all);
-    ``serve`` it to get the connection-level limits too. ``health``: (status, JSON body) for a
-    ``GET /health`` that comes past the connection cap (module docstring)."""
+    ``serve`` it to get the connection-level limits too. ``token`` may be a check of the
+    ``Authorization`` header instead (a server with a key per client). ``health``: (status, JSON
+    body) for a ``GET /health`` that comes past the connection cap (module docstring)."""
     guard = _Guard(limits, token, frozenset(open_paths),
                    None if capped_paths is None else frozenset(capped_paths), health)
     app = web.Application(middlewares=[_guard_middleware(guard), *middlewares], client_max_size=limits.max_body_bytes)

@@ -92,6 +92,14 @@ class TaskConfig:
     tool_timeout_s: float = 5.0  # one tool call; past it the tool's worker is killed and the model sees an error
     tool_workers: int = 2  # processes that run tool calls (per rollout server)
     tool_memory_mb: int = 2048  # address-space limit of a tool worker (sandboxed like rewards); 0 = none
+    # Agent episodes (rollout_server/agent_episode.py): "pkg.module:run", a function
+    # run(client_base_url, api_key, example) -> float that talks to the model through the OpenAI API
+    # (rollout_server/agent_endpoint.py); max_turns bounds its calls, max_episode_tokens and
+    # episode_timeout_s the rest. Empty = no agent.
+    agent: str = ""
+    agent_workers: int = 4  # sandboxed processes that run agents (per rollout server)
+    agent_memory_mb: int = 4096  # address-space limit of an agent's worker; 0 = none
+    agent_tool_format: str = "hermes"  # the model's tool-call format: hermes (Qwen) | mistral
 
     def __post_init__(self):
         _choice("task.name", self.name, ("addition", "sort", "reverse", "countdown", "calc", "guess", "dataset"))
@@ -112,6 +120,11 @@ class TaskConfig:
         for key in ("turn_timeout_s", "episode_timeout_s", "tool_timeout_s"):
             _check(f"task.{key}", getattr(self, key) > 0, "> 0", getattr(self, key))
         _check("task.tool_workers", self.tool_workers >= 1, ">= 1", self.tool_workers)
+        _check("task.agent", not (self.agent and self.env), "empty when task.env is set",
+               self.agent)
+        _check("task.agent_workers", self.agent_workers >= 1, ">= 1", self.agent_workers)
+        _check("task.agent_memory_mb", self.agent_memory_mb >= 0, ">= 0", self.agent_memory_mb)
+        _choice("task.agent_tool_format", self.agent_tool_format, ("hermes", "mistral"))
         _check("task.reward_url", not self.reward_url or self.reward_url.startswith(("http://", "https://")),
                "empty or an http(s) URL", self.reward_url)
 

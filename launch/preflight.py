@@ -20,6 +20,8 @@ and ``areal-like config`` call it. It resolves hub ids to local directories
   space, environment without secrets), in a child Python (see ``check_reward_fn``);
 * ``task.env``: the class imports, builds with no arguments and has ``reset`` and ``step``; its tools'
   schemas are valid JSON schemas (``check_env``);
+* ``task.agent``: the function imports and takes ``(client_base_url, api_key, example)``
+  (``check_agent``);
 * the trackers' packages (``areal_like.tracking.check_trackers``);
 * the engine: ``rollout.engine.kind=sglang`` needs the sglang package and ``model.path``;
 * the environment: no inherited ``SGLANG_RETURN_ORIGINAL_LOGPROB`` (SGLang would return log-probs
@@ -238,6 +240,14 @@ def check_env(cfg: RunConfig) -> list[str]:
     return []
 
 
+def check_agent(cfg: RunConfig) -> list[str]:
+    """``task.agent`` (agent episodes) imports and takes (client_base_url, api_key, example)."""
+    from rollout_server.agent_worker import agent_problem
+
+    problem = agent_problem(cfg.task.agent) if cfg.task.agent else ""
+    return [problem] if problem else []
+
+
 def check_tp_size(cfg: RunConfig) -> list[str]:
     """SGLang splits attention heads over ``tp_size`` GPUs: query heads evenly, key/value heads
     evenly or replicated (``tp_size`` a multiple of them). Caught here, not after loading the model."""
@@ -269,4 +279,4 @@ def check_environment(cfg: RunConfig) -> list[str]:
 
 # every check but check_models, which checked() runs on the resolved model keys
 OTHER_CHECKS = (check_warm_start, check_task_files, check_dataset_columns, check_chat_template, check_reward_fn,
-                check_env, check_trackers, check_engine, check_environment)
+                check_env, check_agent, check_trackers, check_engine, check_environment)

@@ -87,15 +87,16 @@ def _pairs(task, indices: list[int], tok) -> list[tuple[list[int], list[int]]]:
 
 
 def _demo_pairs(cfg: RunConfig, task, indices: list[int], tok, rng: random.Random) -> list[tuple[list[int], list[int]]]:
-    """Multi-turn tasks (``task.env``): one (context ids, turn ids + EOS) pair per assistant turn of
-    the environment's ``demo`` conversations, laid out as the rollout server's episodes are
-    (``areal_like.environment.ChatRenderer``)."""
+    """Multi-turn tasks (``task.env``, or ``task.agent`` with a ``demo``): one (context ids,
+    turn ids + EOS) pair per assistant turn of the ``demo`` conversations, laid out as the
+    rollout server's episodes are (``areal_like.environment.ChatRenderer``)."""
     from areal_like.callables import import_function
     from areal_like.environment import ChatRenderer, env_template
 
-    env_cls = import_function(cfg.task.env)
+    env_cls = import_function(cfg.task.env or cfg.task.agent)  # an agent may carry a .demo too
     if not callable(getattr(env_cls, "demo", None)):
-        raise ValueError(f"warm_start.steps > 0 with task.env={cfg.task.env!r}: the environment has no "
+        raise ValueError(f"warm_start.steps > 0 with task.env={cfg.task.env!r} / task.agent="
+                         f"{cfg.task.agent!r}: it has no "
                          "demo(example, rng) to learn from; set warm_start.steps=0")
     tools = [{"type": "function", "function": {k: t.get(k) for k in ("name", "description", "parameters")}}
              for t in getattr(env_cls, "tools", None) or []]
@@ -143,7 +144,8 @@ def train_warm_start(cfg: RunConfig, out: Path, log: Callable[[str], None] = pri
     eval_idx = [rng.randrange(n) for _ in range(EVAL_PROMPTS)]
     for step in range(1, cfg.warm_start.steps + 1):
         picks = [rng.randrange(n) for _ in range(bs)]
-        pairs = _demo_pairs(cfg, task, picks, tok, rng) if cfg.task.env else _pairs(task, picks, tok)
+        episodes = cfg.task.env or cfg.task.agent
+        pairs = _demo_pairs(cfg, task, picks, tok, rng) if episodes else _pairs(task, picks, tok)
         ids, labels, mask = _batch(pairs)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
@@ -152,7 +154,7 @@ def train_warm_start(cfg: RunConfig, out: Path, log: Callable[[str], None] = pri
         opt.step()
         if step % LOG_EVERY == 0 or step == cfg.warm_start.steps:
             log(f"step {step}/{cfg.warm_start.steps} loss {loss.item():.3f}")
-    if cfg.task.env:  # episodes, not single answers: the RL run's first steps measure the warm start
+    if cfg.task.env or cfg.task.agent:  # episodes: the RL run's first steps measure the warm start
         greedy = sampled = None
     else:
         greedy, sampled = evaluate(model.eval(), tok, task, eval_idx, cfg.task.max_new_tokens, cfg.task.temperature)

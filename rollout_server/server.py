@@ -35,7 +35,7 @@ import secrets
 import socket
 
 from areal_like.auth import engine_api_key
-from areal_like.config import RolloutConfig, RunConfig
+from areal_like.config import ConfigError, RolloutConfig, RunConfig
 from areal_like.daemon import ComponentStopped, Daemon
 from areal_like.dealer import AsyncClient
 from areal_like.protocol import (
@@ -82,7 +82,8 @@ class RolloutServer(Daemon):
         self.policy_version = 0
         self.engine = None
         self.rewards: RewardPool | None = None
-        self.tools = None  # ToolPool of multi-turn episodes (task.env)
+        self.tools = None  # ToolPool of task.env's tools, or the agent pool (task.agent)
+        self.agent_endpoint = None  # task.agent: the OpenAI-compatible endpoint of its episodes
         self.engine_url, self.engine_ranks = "", 1
         self.versions = RuntimeVersions()  # the engine's torch/CUDA/NCCL, for Register
         self.link: BufferLink | None = None  # made with the buffer connections (main)
@@ -137,6 +138,13 @@ class RolloutServer(Daemon):
 
             self.tools = ToolPool(self.facts.task.tool_workers, self.facts.task.tool_timeout_s,
                                   self.facts.task.tool_memory_mb)
+        if self.facts.task.agent:  # agent episodes (agent_episode.py): a bad path fails here
+            from rollout_server.agent_episode import agent_pool
+            from rollout_server.agent_worker import agent_problem
+
+            if problem := agent_problem(self.facts.task.agent):
+                raise ConfigError(problem)
+            self.tools = agent_pool(self.facts.task)
         if self.rcfg.eval:
             from rollout_server.evaluate import ServerEvaluator
 
@@ -197,6 +205,8 @@ class RolloutServer(Daemon):
         background = []
         try:
             await self.client.wait_healthy(self.rcfg.engine.startup_timeout_s)
+            if self.facts.task.agent:
+                await self.start_agent_endpoint()
             self.policy_version = await self.engine_version()
             info = {} if self.rcfg.engine.kind == "embedded" else await self.client.server_info()
             if self.rcfg.engine.kind == "url":  # its TP size decides how many group ranks it takes
@@ -227,6 +237,8 @@ class RolloutServer(Daemon):
                 t.cancel()
             await asyncio.gather(*others, return_exceptions=True)
             await self.link.flush(FLUSH_ON_STOP_S)
+            if self.agent_endpoint is not None:
+                await self.agent_endpoint.close()
             await self.client.close()
             self.control.close()
             self.data.close()
@@ -308,11 +320,31 @@ class RolloutServer(Daemon):
             sub.close()
 
     # ------------------------------------------------------------------ episodes and groups
+    def episode_context(self) -> EpisodeContext:
+        return EpisodeContext(client=self.client, task=self.task, tokenizer=self.tokenizer,
+                              rewards=self.rewards, task_cfg=self.facts.task,
+                              server_id=self.server_id,
+                              current_version_fn=lambda: self.policy_version, metrics=self.metrics)
+
+    async def start_agent_endpoint(self) -> None:
+        """The agents' OpenAI-compatible endpoint, where the engine listens (agent_endpoint.py)."""
+        from rollout_server.agent_endpoint import AgentEndpoint
+
+        endpoint = AgentEndpoint(self.episode_context(), host=self.rcfg.engine.host,
+                                 tool_format=self.facts.task.agent_tool_format)
+        self.agent_endpoint = await endpoint.start()
+        self.log.info("agent endpoint %s", self.agent_endpoint.base_url)
+
     def start_episode(self, credit: Credit) -> None:
-        ctx = EpisodeContext(client=self.client, task=self.task, tokenizer=self.tokenizer, rewards=self.rewards,
-                             task_cfg=self.facts.task, server_id=self.server_id,
-                             current_version_fn=lambda: self.policy_version, metrics=self.metrics)
-        episode = EpisodeRunner(ctx, self.tools).run_group(credit) if self.facts.task.env else run_episode(ctx, credit)
+        ctx = self.episode_context()
+        if self.facts.task.agent:
+            from rollout_server.agent_episode import AgentRunner
+
+            episode = AgentRunner(ctx, self.agent_endpoint, self.tools).run_group(credit)
+        elif self.facts.task.env:
+            episode = EpisodeRunner(ctx, self.tools).run_group(credit)
+        else:
+            episode = run_episode(ctx, credit)
         task = asyncio.create_task(episode, name=f"episode-{credit.lease_id}")
         self.episodes.add(task)
         task.add_done_callback(self._episode_done)

@@ -44,9 +44,9 @@ def invoke(function: str, arguments: dict) -> str:
 
 
 class ToolPool:
-    def __init__(self, workers: int, timeout_s: float, memory_mb: int = 2048):
-        self.timeout_s = timeout_s
-        self.limits = SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb)
+    def __init__(self, workers: int, timeout_s: float, memory_mb: int = 2048, processes: int = 0):
+        self.timeout_s = timeout_s  # processes: threads a call may start (sandbox.SandboxLimits)
+        self.limits = SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb, processes=processes)
         self.executor = ThreadPoolExecutor(workers, thread_name_prefix="tool")
         self._local = threading.local()  # each executor thread's Worker
         self._all: set[Worker] = set()  # every live worker (close kills them)

@@ -1,0 +1,288 @@
+"""The agent endpoint: an OpenAI-compatible chat API on each rollout server whose every call is a
+generate call of the episode it belongs to, recorded token by token for training.
+
+An episode gets an ``EpisodeSession`` and its own API key (``open_session``); the agent talks to
+``http://<engine host>:<port>/v1`` with that key (the OpenAI SDK sends it as
+``Authorization: Bearer``). Routes: ``POST /v1/chat/completions``, ``GET /v1/models``. One call:
+
+```
+messages --(agent_chat: checked; template messages)--> prompt ids
+   extends a turn this session answered (its messages + its reply + new messages)?
+      yes: ids = that segment's ids + the template's continuation (context, loss_mask 0)
+      no:  ids = the template's rendering of the messages: a new segment (the split is counted)
+generate_sample(ids)   (the multi-turn path's call: a weight sync pauses and resumes it, every
+                        token keeps its logprob and version)
+text -> content and tool calls (agent_chat.parse_assistant) -> the OpenAI answer
+```
+
+Each segment becomes one ``Trajectory`` (``trajectories``) with the episode's reward: its ids are
+the prompt, then per call the generated ids as generated (loss_mask 1) and the template's
+continuation (loss_mask 0), exactly as ``rollout_server/multiturn.py`` lays out an environment's
+episode (``ChatRenderer.continuation_ids``). A call sampled at the task's ``temperature`` and
+``top_p``: the request's values are accepted and not used (the trainer corrects for the policy it
+trains, so every token is sampled from it).
+
+Limits and safety:
+* only a live session's key gets in; any other bearer gets 401 (counted by the guard:
+  ``http_guard.py``), a key of an episode that ended gets 410 (its agent may still run; the call
+  is not recorded);
+* ``task.max_turns`` calls per episode (then 400), a call's ``max_tokens`` at most
+  ``task.max_new_tokens`` and each segment's tokens at most ``task.max_episode_tokens`` (then
+  400: no room), bodies up to ``MAX_BODY_BYTES`` (413), the header and body deadlines and
+  connection caps of every guarded server;
+* it listens on the engine's host (``rollout.engine.host``, loopback by default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import jinja2
+from aiohttp import web
+
+from areal_like.environment import ChatRenderer, TemplateError, env_template
+from areal_like.http_guard import HttpLimits, guarded_app, serve
+from areal_like.trajectory import Trajectory, as_f32, as_i32
+from rollout_server import agent_chat
+from rollout_server.agent_chat import RequestError
+from rollout_server.episode import EpisodeContext, Sample, generate_sample
+from rollout_server.sglang_client import SGLangError
+
+MAX_BODY_BYTES = 1 << 20  # a long conversation is tens of kB; a MiB bounds what one call may cost
+ENDED_KEPT = 4096  # keys of ended episodes remembered (answered 410, not 401)
+LIMITS = HttpLimits(max_body_bytes=MAX_BODY_BYTES, body_timeout_s=30.0, max_connections=256,
+                    max_inflight=128)
+
+
+@dataclass(eq=False)
+class Segment:
+    """One consistent prefix: the ids of its trajectory and the last call that extended it."""
+
+    prompt_ids: list[int]
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    loss_mask: list[int] = field(default_factory=list)
+    calls: int = 0
+    finish_reason: str = ""
+    keys: list[str] = field(default_factory=list)  # the last call's messages (agent_chat.key)
+    reply: str = ""  # key of the assistant message it answered
+    render: list[dict] = field(default_factory=list)  # that call's template messages
+    text: str = ""  # and the text it generated
+    generated: list[int] = field(default_factory=list)  # and the ids
+    tools: str = ""  # that call's tools (JSON): other tools render another prefix
+
+    def add(self, context: list[int], sample: Sample) -> None:
+        version = self.versions[-1] if self.versions else (sample.versions or [0])[0]
+        self.output_ids += context + sample.output_ids
+        self.logprobs += [0.0] * len(context) + sample.logprobs
+        self.versions += [version] * len(context) + sample.versions
+        self.loss_mask += [0] * len(context) + [1] * len(sample.output_ids)
+        self.calls += 1
+        self.finish_reason = sample.finish_reason
+
+
+@dataclass(eq=False)
+class EpisodeSession:
+    """One episode's calls: its segments, the texts it generated, whether it is still open."""
+
+    example: object
+    segments: list[Segment] = field(default_factory=list)
+    generated: dict[str, str] = field(default_factory=dict)  # reply key -> generated text
+    calls: int = 0
+    open: bool = True
+    last: Segment | None = None  # the segment the latest recorded call extended
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one call at a time per episode
+
+    @property
+    def splits(self) -> int:
+        return max(0, len(self.segments) - 1)
+
+
+class AgentEndpoint:
+    """The HTTP side and the sessions of one rollout server (module docstring)."""
+
+    def __init__(self, ctx: EpisodeContext, host: str = "127.0.0.1", port: int = 0,
+                 tool_format: str = "hermes", model: str = "areal-like"):
+        self.ctx, self.cfg, self.host, self.port = ctx, ctx.task_cfg, host, port
+        self.tool_format, self.model = tool_format, model
+        self.template = env_template(ctx.tokenizer, ctx.task_cfg)
+        self.sessions: dict[bytes, EpisodeSession] = {}
+        self.ended: OrderedDict[bytes, None] = OrderedDict()
+        self.server = None
+        self.stats = None  # the guard's counts (they outlive close)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> AgentEndpoint:
+        app = guarded_app(limits=LIMITS, token=self.known_key)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/v1/models", self.list_models)
+        self.server = await serve(app, self.host, self.port)
+        self.port, self.stats = self.server.port, self.server.stats
+        if self.ctx.metrics is not None:  # read from the guard's count at each scrape
+            self.ctx.metrics.gauge("rollout/agent_unauthorized", "requests to the agent endpoint "
+                                   "refused 401 (no live episode's key)").set_function(
+                lambda: self.unauthorized)
+        return self
+
+    async def close(self) -> None:
+        if self.server is not None:
+            await self.server.close()
+            self.server = None
+
+    @property
+    def base_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}/v1"
+
+    @property
+    def unauthorized(self) -> int:
+        return self.stats.unauthorized if self.stats else 0
+
+    # ------------------------------------------------------------------ sessions
+    def open_session(self, example) -> tuple[str, EpisodeSession]:
+        api_key = secrets.token_urlsafe(32)
+        session = EpisodeSession(example)
+        self.sessions[_digest(api_key)] = session
+        return api_key, session
+
+    def close_session(self, api_key: str) -> None:
+        digest = _digest(api_key)
+        session = self.sessions.pop(digest, None)
+        if session is not None:
+            session.open = False
+            self.ended[digest] = None
+            while len(self.ended) > ENDED_KEPT:
+                self.ended.popitem(last=False)
+
+    def known_key(self, header: str | None) -> bool:
+        """The guard's check: a bearer of a live or recently ended session."""
+        if not header or not header.startswith("Bearer "):
+            return False
+        digest = _digest(header[len("Bearer "):].strip())  # a dict lookup by a hash: no timing hint
+        return digest in self.sessions or digest in self.ended
+
+    # ------------------------------------------------------------------ routes
+    async def list_models(self, request: web.Request) -> web.Response:
+        return web.json_response(agent_chat.models(self.model))
+
+    async def chat(self, request: web.Request) -> web.Response:
+        bearer = request.headers["Authorization"][len("Bearer "):].strip()  # the guard checked it
+        session = self.sessions.get(_digest(bearer))
+        if session is None:
+            self._count("ended")
+            return _error(410, "this episode has ended", "episode_ended")
+        try:
+            body = json.loads(await request.read())
+        except (ValueError, RecursionError):
+            return self._refuse("the body is not valid JSON")
+        try:
+            req = agent_chat.check_request(body)
+            if session.calls >= self.cfg.max_turns:
+                raise RequestError(f"this episode's {self.cfg.max_turns} calls are used up "
+                                   "(task.max_turns)")
+            session.calls += 1
+            async with session.lock:
+                answer = await self.complete(session, req)
+        except RequestError as e:
+            return self._refuse(str(e))
+        except jinja2.TemplateError as e:  # the chat template refused the conversation
+            return self._refuse(f"the chat template cannot render these messages: {e}")
+        except SGLangError as e:
+            self._count("engine_error")
+            return _error(400 if e.status and e.status < 500 else 502, str(e), "engine_error")
+        self._count("ok")
+        return web.json_response(answer)
+
+    def _refuse(self, why: str) -> web.Response:
+        self._count("refused")
+        return _error(400, why, "invalid_request_error")
+
+    async def complete(self, session: EpisodeSession, req: dict) -> dict:
+        """One call (module docstring): place it, generate, record, answer."""
+        messages, tools = req["messages"], req["tools"]
+        renderer = ChatRenderer(self.ctx.tokenizer, self.template, tools or None)
+        keys, tools_key = [agent_chat.key(m) for m in messages], json.dumps(tools, sort_keys=True)
+        seg, context, render = self.place(session, messages, keys, tools_key, renderer)
+        ids = seg.prompt_ids + seg.output_ids + context
+        budget = min(req["max_tokens"] or self.cfg.max_new_tokens, self.cfg.max_new_tokens,
+                     self.cfg.max_episode_tokens - len(ids))
+        if budget <= 0:
+            raise RequestError(f"no room left: the conversation has {len(ids)} tokens of "
+                               f"task.max_episode_tokens={self.cfg.max_episode_tokens}")
+        ctx = self.ctx
+        sample = await generate_sample(ctx.client, ids, ctx.sampling_params(), budget,
+                                       ctx.current_version_fn, ctx.metrics)
+        text = ctx.tokenizer.decode(sample.output_ids, skip_special_tokens=True)
+        content, calls = agent_chat.parse_assistant(text, self.tool_format, tools)
+        reply = {"role": "assistant", "content": content, "tool_calls": calls}
+        if not session.open:  # ended while it generated: answered, not recorded
+            return agent_chat.completion(self.model, content, calls, sample.finish_reason,
+                                         len(ids), len(sample.output_ids))
+        if seg not in session.segments:
+            session.segments.append(seg)
+            self._count_split(session)
+        seg.add(context, sample)
+        seg.keys, seg.reply, seg.render, seg.tools = keys, agent_chat.key(reply), render, tools_key
+        seg.text, seg.generated = text, sample.output_ids
+        session.generated[seg.reply] = text
+        session.last = seg
+        return agent_chat.completion(self.model, content, calls, sample.finish_reason, len(ids),
+                                     len(sample.output_ids))
+
+    def place(self, session: EpisodeSession, messages: list[dict], keys: list[str],
+              tools_key: str, renderer: ChatRenderer) -> tuple[Segment, list[int], list[dict]]:
+        """(segment, context ids before the generation, the call's template messages): the
+        newest segment this call extends, else a new one rendered from scratch."""
+        for seg in reversed(session.segments):
+            k = len(seg.keys)
+            if seg.tools != tools_key or keys[:k] != seg.keys or keys[k:k + 1] != [seg.reply]:
+                continue
+            new = agent_chat.template_messages(messages, session.generated)[k + 1:]
+            try:
+                context = renderer.continuation_ids(seg.render, seg.text, seg.generated, new)
+            except TemplateError:
+                continue
+            return seg, context, seg.render + [{"role": "assistant", "content": seg.text}] + new
+        render = agent_chat.template_messages(messages, session.generated)
+        return Segment(prompt_ids=renderer.prompt_ids(render)), [], render
+
+    # ------------------------------------------------------------------ results
+    def trajectories(self, session: EpisodeSession, reward: float, meta: dict) -> list[Trajectory]:
+        """One trajectory per segment, each with the episode's reward (module docstring)."""
+        out = []
+        for i, seg in enumerate(session.segments):
+            said = seg.render + [{"role": "assistant", "content": seg.text}]
+            out.append(Trajectory.of(
+                prompt_ids=as_i32(seg.prompt_ids), output_ids=as_i32(seg.output_ids),
+                behav_logp=as_f32(seg.logprobs), versions=as_i32(seg.versions),
+                loss_mask=as_i32(seg.loss_mask), reward=float(reward),
+                finish_reason=meta.get("finish_reason") or seg.finish_reason,
+                metadata={**meta, "calls": seg.calls, "segment": i,
+                          "segments": len(session.segments), "messages": said,
+                          "text": seg.text}))
+        return out
+
+    def _count(self, outcome: str) -> None:
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.counter("rollout/agent_calls", "agent endpoint calls by outcome",
+                                     ("outcome",)).labels(outcome=outcome).inc()
+
+    def _count_split(self, session: EpisodeSession) -> None:
+        if self.ctx.metrics is not None and session.splits:
+            self.ctx.metrics.counter("rollout/agent_splits", "agent episodes split where the agent "
+                                     "rewrote its history (an extra trajectory each)").inc()
+
+
+def _digest(api_key: str) -> bytes:
+    return hashlib.sha256(api_key.encode()).digest()
+
+
+def _error(status: int, message: str, kind: str) -> web.Response:
+    return web.json_response({"error": {"message": message, "type": kind, "code": kind}},
+                             status=status)

@@ -1,0 +1,112 @@
+"""Agent episodes: ``task.agent = "pkg.module:run"``, a plain function that talks to the model
+through the OpenAI API and returns a score.
+
+``async def run(client_base_url: str, api_key: str, example) -> float`` (a sync function too).
+One group: ``task.group_size`` episodes of the credit's example, run concurrently, each:
+
+```
+open a session on the agent endpoint (its own API key)            agent_endpoint.py
+run(base_url, api_key, example) in the agent pool                  a sandboxed worker
+   (task.agent_workers processes, as tools run: tool_pool.py / sandbox.py; killed with all it
+    started past task.episode_timeout_s)
+close the session (a later call of that agent gets 410)
+its reward (None: the task's reward scores the last generated text), or 0 with the reason
+   (it raised, crashed, hung, returned no number) -> every trajectory of its session (one per
+   consistent prefix)
+```
+
+An episode whose agent made no call leaves no trajectory (nothing was generated) and is counted
+(``rollout/agent_episodes{outcome}``); a group none of whose agents made a call fails like an
+engine error (the credit lapses and is re-issued).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+from areal_like.protocol import Credit, TrajectoryGroup
+from areal_like.tools import ToolSpec
+from areal_like.trajectory import Trajectory
+from rollout_server.agent_endpoint import AgentEndpoint
+from rollout_server.episode import EpisodeContext
+from rollout_server.tool_pool import ToolOutcome, ToolPool
+
+RUN = ToolSpec(name="agent", function="rollout_server.agent_worker:run_agent", description="",
+               parameters={})
+# threads an agent may start: asyncio's resolver and an HTTP client's pools take a few each
+AGENT_THREADS = 64
+
+
+def agent_pool(task_cfg) -> ToolPool:
+    """The sandboxed workers that run one rollout server's agents."""
+    return ToolPool(task_cfg.agent_workers, task_cfg.episode_timeout_s, task_cfg.agent_memory_mb,
+                    processes=AGENT_THREADS)
+
+
+def score(outcome: ToolOutcome) -> tuple[float, str, str]:
+    """(reward, error or "", finish reason or "") of one agent run."""
+    if outcome.outcome == "timeout":
+        return 0.0, outcome.content, "episode_timeout"
+    if outcome.outcome != "ok":
+        return 0.0, outcome.content, "error"
+    try:
+        reward = float(outcome.content)
+    except ValueError:
+        return 0.0, f"the agent returned {outcome.content[:80]!r}, not a number", "error"
+    if not math.isfinite(reward):
+        return 0.0, f"the agent returned {reward}, not a finite number", "error"
+    return reward, "", ""
+
+
+class AgentRunner:
+    def __init__(self, ctx: EpisodeContext, endpoint: AgentEndpoint, pool: ToolPool):
+        self.ctx, self.cfg, self.endpoint, self.pool = ctx, ctx.task_cfg, endpoint, pool
+
+    async def run_group(self, credit: Credit) -> TrajectoryGroup:
+        example = self.ctx.task.example(credit.prompt_index, credit.epoch)
+        runs = await asyncio.gather(*(self.run(example) for _ in range(self.cfg.group_size)))
+        trajectories = [t for run in runs for t in run]
+        if not trajectories:
+            raise RuntimeError(f"none of the {self.cfg.group_size} agents of prompt "
+                               f"{credit.prompt_index} called the model")
+        ctx = self.ctx
+        return TrajectoryGroup(group_id=f"{ctx.server_id}-{credit.lease_id}",
+                               server_id=ctx.server_id, lease_id=credit.lease_id,
+                               prompt_index=credit.prompt_index, epoch=credit.epoch,
+                               trajectories=trajectories)
+
+    async def run(self, example) -> list[Trajectory]:
+        """One episode to its end (module docstring)."""
+        api_key, session = self.endpoint.open_session(example)
+        try:
+            outcome = await self.pool.call(RUN, {"path": self.cfg.agent, "api_key": api_key,
+                                                 "base_url": self.endpoint.base_url,
+                                                 "example": example})
+        finally:
+            self.endpoint.close_session(api_key)
+        if outcome.outcome == "ok" and outcome.content == "null":  # it returned None
+            reward, error, finish = await self.score_conversation(session, example)
+        else:
+            reward, error, finish = score(outcome)
+        meta = {"agent_seconds": round(outcome.seconds, 3), "splits": session.splits}
+        if error:
+            meta["agent_error"] = error
+        if finish:
+            meta["finish_reason"] = finish
+        self._count("no_call" if not session.segments else finish or "ok")
+        return self.endpoint.trajectories(session, reward, meta)
+
+    async def score_conversation(self, session, example) -> tuple[float, str, str]:
+        """An agent that returns None leaves its score to the task's reward (``task.reward_fn``,
+        else the task's own), given the last text the model generated in the episode."""
+        if session.last is None:
+            return 0.0, "the agent returned None and made no call", "error"
+        [(reward, error)] = await self.ctx.rewards.score_group(example.prompt, [session.last.text],
+                                                               example)
+        return reward, error or "", ""
+
+    def _count(self, outcome: str) -> None:
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.counter("rollout/agent_episodes", "agent episodes by outcome",
+                                     ("outcome",)).labels(outcome=outcome).inc()

@@ -1,0 +1,504 @@
+"""The agent endpoint (rollout_server/agent_endpoint.py) with the real ``openai`` client over real
+sockets: the OpenAI schema round trip with tool calls, token-in/token-out capture (the recorded ids
+are the engine's, a trajectory's ids are the chat template's rendering of its conversation, only
+generated tokens are trained on), a history rewrite splits the episode, a weight sync in the middle
+of a call keeps every token's version, strangers get 401 and late calls 410, limits answer 4xx, and
+agents that hang, crash or return no number are contained and scored 0 with their reason.
+
+Two engines: ``Scripted`` answers scripted replies (so the model "calls tools"), with the char
+tokenizer's ids, as test_multiturn's stand-in does; the embedded engine (a random tiny model) for
+what the real engine generates and for the weight sync."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+from openai import AsyncOpenAI, AuthenticationError, BadRequestError
+
+from areal_like.agents import calc_agent
+from areal_like.config import EngineConfig, ModelConfig, TaskConfig
+from areal_like.environment import ChatRenderer
+from areal_like.metrics import Metrics
+from areal_like.protocol import Credit
+from areal_like.tasks import make_task
+from areal_like.tokenizer import EOS_ID, char_tokenizer
+from rollout_server import agent_chat
+from rollout_server.agent_endpoint import MAX_BODY_BYTES, AgentEndpoint
+from rollout_server.agent_episode import AgentRunner, agent_pool
+from rollout_server.episode import EpisodeContext
+from rollout_server.reward_pool import RewardPool
+from rollout_server.sglang_client import GenerateOutput, SGLangClient
+
+REPO = Path(__file__).resolve().parents[2]
+CALC = yaml.safe_load((REPO / "configs/task/calc.yaml").read_text())
+TOK = char_tokenizer()
+CALL = '<tool_call>{"name":"calc","arguments":{"e":"%s"}}</tool_call>'
+
+
+def ids(text: str) -> list[int]:
+    return [int(t) for t in TOK(text, add_special_tokens=False)["input_ids"]]
+
+
+class Scripted:
+    """``generate`` answers the scripted replies in order, each ended by EOS, cut to the request's
+    ``max_new_tokens``; records every request."""
+
+    def __init__(self, replies: list[str]):
+        self.replies, self.calls = list(replies), []
+
+    async def generate(self, input_ids, params):
+        self.calls.append((list(input_ids), dict(params)))
+        out = (ids(self.replies.pop(0)) + [EOS_ID])[:params["max_new_tokens"]]
+        return GenerateOutput(rid="r", output_ids=out, logprobs=[-0.5] * len(out),
+                              finish_reason="stop", finish_message="", abort_status=None,
+                              weight_version="3")
+
+
+class Recording:
+    """A real engine's client that keeps every ``/generate`` answer."""
+
+    def __init__(self, client: SGLangClient):
+        self.client, self.outs = client, []
+
+    async def generate(self, input_ids, params):
+        out = await self.client.generate(input_ids, params)
+        self.outs.append(out)
+        return out
+
+
+def task_cfg(**over) -> TaskConfig:
+    fields = dict(name="calc", chat_template=CALC["chat_template"], max_new_tokens=72, max_turns=3,
+                  max_episode_tokens=240, group_size=1, agent="areal_like.agents:calc_agent")
+    return TaskConfig(**{**fields, **over})
+
+
+def endpoint(client, version=lambda: 3, rewards=None, **over) -> AgentEndpoint:
+    cfg = task_cfg(**over)
+    ctx = EpisodeContext(client=client, task=make_task(cfg), tokenizer=TOK, rewards=rewards,
+                         task_cfg=cfg, server_id="s", current_version_fn=version)
+    return AgentEndpoint(ctx)
+
+
+def rendering(messages: list[dict]) -> list[int]:
+    return ChatRenderer(TOK, CALC["chat_template"]).encode(
+        ChatRenderer(TOK, CALC["chat_template"]).render(messages, add_generation_prompt=False))
+
+
+def test_calc_agent_round_trip_is_one_trajectory_of_the_templates_rendering():
+    example = make_task(task_cfg()).example(0)
+    a, b = example.prompt.split("*")
+    engine = Scripted([CALL % example.prompt, example.answer])
+
+    async def scenario():
+        ep = await endpoint(engine).start()
+        try:
+            key, session = ep.open_session(example)
+            reward = await calc_agent(ep.base_url, key, example)
+            ep.close_session(key)
+            return reward, session, ep
+        finally:
+            await ep.close()
+
+    reward, session, ep = asyncio.run(scenario())
+    assert reward == 1.0 and int(a) * int(b) == int(example.answer)
+    [traj] = ep.trajectories(session, reward, {})
+    final = [{"role": "user", "content": example.prompt},
+             {"role": "assistant", "content": CALL % example.prompt},
+             {"role": "tool", "content": example.answer},
+             {"role": "assistant", "content": example.answer}]
+    seq = list(traj.prompt_ids) + list(traj.output_ids)
+    assert seq + ids("|") == rendering(final)  # the template closes the last turn with "|"
+    generated = ids(CALL % example.prompt) + [EOS_ID] + ids(example.answer) + [EOS_ID]
+    assert list(traj.output_ids[traj.loss_mask == 1]) == generated
+    assert [c[0] for c in engine.calls] == [seq[:len(traj.prompt_ids)],
+                                            seq[:len(seq) - len(ids(example.answer)) - 1]]
+    assert set(traj.versions) == {3} and traj.reward == 1.0
+    assert set(traj.behav_logp[traj.loss_mask == 1]) == {-0.5}
+    assert set(traj.behav_logp[traj.loss_mask == 0]) == {0.0}
+    assert (traj.metadata["calls"], session.splits) == (2, 0)
+
+
+def test_the_openai_schema_round_trip_with_tool_calls():
+    engine = Scripted([CALL % "6*7" + CALL % "1+1", "42"])
+    tools = [{"type": "function", "function": {"name": "calc", "parameters": {"type": "object"}}}]
+
+    async def scenario():
+        ep = await endpoint(engine, max_new_tokens=128).start()
+        try:
+            key, _ = ep.open_session(None)
+            client = AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0)
+            first = await client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "6*7"}], tools=tools,
+                max_tokens=500)
+            msgs = [{"role": "user", "content": "6*7"}, first.choices[0].message,
+                    {"role": "tool", "tool_call_id": first.choices[0].message.tool_calls[0].id,
+                     "content": "42"}]
+            second = await client.chat.completions.create(model="m", messages=msgs, tools=tools)
+            models = await client.models.list()
+            await client.close()
+            return first, second, models
+        finally:
+            await ep.close()
+
+    first, second, models = asyncio.run(scenario())
+    msg = first.choices[0].message
+    assert first.choices[0].finish_reason == "tool_calls" and msg.content is None
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in msg.tool_calls] == [
+        ("calc", {"e": "6*7"}), ("calc", {"e": "1+1"})]
+    assert len({c.id for c in msg.tool_calls}) == 2
+    assert first.usage.completion_tokens == len(ids(CALL % "6*7" + CALL % "1+1")) + 1
+    assert engine.calls[0][1]["max_new_tokens"] == 128  # capped at task.max_new_tokens
+    assert (second.choices[0].message.content, second.choices[0].finish_reason) == ("42", "stop")
+    assert second.choices[0].message.tool_calls is None
+    assert [m.id for m in models.data] == ["areal-like"]
+
+
+def test_tool_calls_parse_in_two_model_families_formats():
+    tools = [{"type": "function", "function": {"name": "calc"}}]
+    hermes = agent_chat.parse_assistant('ok <tool_call>{"name": "calc", "arguments": {"e": "2"}}'
+                                        '</tool_call>', "hermes", tools)
+    mistral = agent_chat.parse_assistant('[TOOL_CALLS][{"name": "calc", "arguments": {"e": "2"}}, '
+                                         '{"name": "calc", "arguments": {"e": "3"}}]', "mistral",
+                                         tools)
+    assert hermes[0] == "ok" and [c["function"]["arguments"] for c in hermes[1]] == ['{"e": "2"}']
+    assert [json.loads(c["function"]["arguments"]) for c in mistral[1]] == [{"e": "2"}, {"e": "3"}]
+    broken = '<tool_call>{"name": "calc", "argu'
+    assert agent_chat.parse_assistant(broken, "hermes", tools) == (broken, [])  # plain content
+    assert agent_chat.parse_assistant(CALL % "1", "hermes", []) == (CALL % "1", [])  # no tools
+
+
+def test_a_history_rewrite_splits_the_episode_and_each_part_is_its_rendering():
+    engine = Scripted(["hi", "ok", "fine", "done"])
+
+    async def scenario():
+        ep = await endpoint(engine, max_turns=4).start()
+        try:
+            key, session = ep.open_session(None)
+            client = AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0)
+            history = [{"role": "user", "content": "a"}]
+            r1 = (await client.chat.completions.create(model="m", messages=history)).choices[0]
+            history += [r1.message, {"role": "user", "content": "b"}]
+            await client.chat.completions.create(model="m", messages=history)  # extends: same part
+            rewritten = [{"role": "user", "content": "summary: a b"}]  # drops its earlier turns
+            r3 = (await client.chat.completions.create(model="m", messages=rewritten)).choices[0]
+            await client.chat.completions.create(model="m", messages=rewritten + [
+                {"role": "assistant", "content": r3.message.content},
+                {"role": "user", "content": "c"}])
+            await client.close()
+            ep.close_session(key)
+            return ep, session
+        finally:
+            await ep.close()
+
+    ep, session = asyncio.run(scenario())
+    first, second = ep.trajectories(session, 0.5, {})
+    assert (session.splits, first.metadata["calls"], second.metadata["calls"]) == (1, 2, 2)
+    assert first.reward == second.reward == 0.5
+    convs = [[("user", "a"), ("assistant", "hi"), ("user", "b"), ("assistant", "ok")],
+             [("user", "summary: a b"), ("assistant", "fine"), ("user", "c"),
+              ("assistant", "done")]]
+    for traj, conv in zip((first, second), convs):
+        seq = list(traj.prompt_ids) + list(traj.output_ids)
+        assert seq + ids("|") == rendering([{"role": r, "content": c} for r, c in conv])
+        assert TOK.decode(list(traj.output_ids[traj.loss_mask == 1])) == \
+            "".join(c + "<eos>" for r, c in conv if r == "assistant")
+
+
+def test_only_the_episodes_key_gets_in_and_late_calls_get_4xx():
+    engine = Scripted(["x", "y"])
+
+    metrics = Metrics()
+
+    async def scenario():
+        ep = endpoint(engine)
+        ep.ctx.metrics = metrics
+        await ep.start()
+        try:
+            key_a, a = ep.open_session(None)
+            key_b, b = ep.open_session(None)
+            user = [{"role": "user", "content": "q"}]
+            for stranger in ("wrong", key_a[:-1]):
+                with pytest.raises(AuthenticationError):
+                    sdk = AsyncOpenAI(base_url=ep.base_url, api_key=stranger, max_retries=0)
+                    await sdk.chat.completions.create(model="m", messages=user)
+            async with aiohttp.ClientSession() as http:  # no key at all
+                url = ep.base_url + "/chat/completions"
+                async with http.post(url, json={"messages": user}) as r:
+                    assert r.status == 401
+            with pytest.raises(AuthenticationError):
+                await AsyncOpenAI(base_url=ep.base_url, api_key="wrong",
+                                  max_retries=0).models.list()
+            strangers = ep.unauthorized
+            await AsyncOpenAI(base_url=ep.base_url, api_key=key_b,
+                              max_retries=0).chat.completions.create(model="m", messages=user)
+            ep.close_session(key_a)
+            late = AsyncOpenAI(base_url=ep.base_url, api_key=key_a, max_retries=0)
+            with pytest.raises(Exception) as ended:
+                await late.chat.completions.create(model="m", messages=user)
+            return strangers, ended.value, a, b, ep.unauthorized
+        finally:
+            await ep.close()
+
+    strangers, ended, a, b, unauthorized = asyncio.run(scenario())
+    assert strangers == unauthorized == 4  # every stranger counted; members are not
+    assert metrics.registry.get_sample_value("areal_rollout_agent_unauthorized") == 4
+    assert getattr(ended, "status_code", None) == 410
+    assert (len(a.segments), len(b.segments), len(engine.calls)) == (0, 1, 1)
+
+
+def test_calls_size_and_sampling_are_bounded():
+    engine = Scripted(["1", "2", "3"])
+
+    async def scenario():
+        ep = await endpoint(engine, max_turns=2, max_episode_tokens=40).start()
+        try:
+            key, _ = ep.open_session(None)
+            client = AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0)
+            user = [{"role": "user", "content": "q"}]
+            refused = []
+            for extra in ({"n": 2}, {"stream": True}, {"max_tokens": 0}):
+                with pytest.raises(BadRequestError) as e:
+                    await client.chat.completions.create(model="m", messages=user, **extra)
+                refused.append(e.value.message)
+            with pytest.raises(BadRequestError) as room:  # the prompt leaves no room
+                await client.chat.completions.create(model="m", messages=[
+                    {"role": "user", "content": "q" * 40}])
+            await client.chat.completions.create(model="m", messages=user, max_tokens=1,
+                                                 temperature=0.1)
+            with pytest.raises(BadRequestError) as used_up:
+                await client.chat.completions.create(model="m", messages=user)
+            with pytest.raises(Exception) as big:
+                await client.chat.completions.create(model="m", messages=[
+                    {"role": "user", "content": "q" * MAX_BODY_BYTES}])
+            await client.close()
+            return refused, room.value, used_up.value, big.value
+        finally:
+            await ep.close()
+
+    refused, room, used_up, big = asyncio.run(scenario())
+    assert "n must be 1" in refused[0] and "stream" in refused[1] and "max_tokens" in refused[2]
+    assert "no room left" in room.message and "calls are used up" in used_up.message
+    assert getattr(big, "status_code", None) == 413
+    [(_, params)] = engine.calls  # only the one call in bounds reached the engine
+    assert params["max_new_tokens"] == 1 and params["temperature"] == 1.0  # the task's, not 0.1
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from rollout_server.engine import EmbeddedEngine
+
+    e = EmbeddedEngine(ModelConfig(max_position_embeddings=512),
+                       EngineConfig(max_running_requests=8)).start()
+    yield e
+    e.stop()
+
+
+def test_recorded_ids_are_what_the_real_engine_generated(engine):
+    async def scenario():
+        client = SGLangClient(engine.url, local=engine)
+        rec = Recording(client)
+        ep = await endpoint(rec, version=lambda: 0).start()
+        try:
+            key, session = ep.open_session(None)
+            sdk = AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0)
+            user = [{"role": "user", "content": "12*34"}]
+            reply = await sdk.chat.completions.create(model="m", messages=user)
+            await sdk.chat.completions.create(model="m", messages=user + [
+                reply.choices[0].message, {"role": "user", "content": "again"}])
+            await sdk.close()
+            return ep.trajectories(session, 0.0, {}), rec.outs, reply
+        finally:
+            await ep.close()
+            await client.close()
+
+    [traj], outs, reply = asyncio.run(scenario())
+    mask = traj.loss_mask == 1
+    assert list(traj.output_ids[mask]) == outs[0].output_ids + outs[1].output_ids
+    assert list(traj.behav_logp[mask]) == pytest.approx(outs[0].logprobs + outs[1].logprobs, abs=0)
+    assert set(traj.versions) == {0}
+    said = TOK.decode(outs[0].output_ids, skip_special_tokens=True)
+    assert reply.choices[0].message.content == said
+    assert list(traj.prompt_ids) == ids("user:12*34|assistant:")
+
+
+def test_a_weight_sync_in_the_middle_of_a_call_keeps_every_tokens_version(engine, tmp_path):
+    from areal_like.hf import build_model
+
+    build_model(ModelConfig(max_position_embeddings=512, init_seed=7)).save_pretrained(tmp_path)
+    TOK.save_pretrained(tmp_path)
+    served = {"v": 0}
+
+    async def scenario():
+        client = SGLangClient(engine.url, local=engine)
+        rec = Recording(client)
+        ep = await endpoint(rec, version=lambda: served["v"], top_k=1, max_new_tokens=400,
+                            max_episode_tokens=480).start()
+        try:
+            key, session = ep.open_session(None)
+            sdk = AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0)
+            call = asyncio.create_task(sdk.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "go"}]))
+            await _wait_for_tokens(client, 20)
+            await client.pause_generation("abort")
+            await client.update_weights_from_disk(str(tmp_path), weight_version="1")
+            served["v"] = 1
+            await client.continue_generation()
+            await call
+            await sdk.close()
+            return ep.trajectories(session, 0.0, {}), rec.outs
+        finally:
+            await ep.close()
+            await client.close()
+
+    [traj], outs = asyncio.run(scenario())
+    assert [o.finish_reason for o in outs][0] == "abort" and outs[-1].finish_reason != "abort"
+    assert list(traj.output_ids) == sum((o.output_ids for o in outs), [])
+    expected = sum(([int(o.weight_version)] * len(o.output_ids) for o in outs), [])
+    assert list(traj.versions) == expected and expected[0] == 0 and expected[-1] == 1
+    assert list(traj.behav_logp) == pytest.approx(sum((o.logprobs for o in outs), []), abs=0)
+
+
+async def _wait_for_tokens(client: SGLangClient, n: int, timeout_s: float = 60.0) -> None:
+    """Until the engine has generated ``n`` tokens (a deadline, not a sleep)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    start = await _generated(client)
+    while await _generated(client) - start < n:
+        assert loop.time() < deadline, f"the engine did not generate {n} tokens in {timeout_s}s"
+        await asyncio.sleep(0.01)
+
+
+async def _generated(client: SGLangClient) -> float:
+    return sum(v for k, v in (await client.metrics()).items()
+               if k.startswith("sglang:generation_tokens_total"))
+
+
+def test_agents_that_hang_crash_or_say_no_number_are_scored_0_with_their_reason():
+    example = make_task(task_cfg()).example(0)
+    agents = {"areal_like.agents:calc_agent": (1.0, ""), "agent_fns:hangs": (0.0, "did not finish"),
+              "agent_fns:crashes": (0.0, "agent raised RuntimeError: agent bug"),
+              "agent_fns:says_words": (0.0, "not a number"),
+              "agent_fns:leaves_it_to_the_reward": (1.0, "")}  # the task's reward: exact match
+
+    async def one(path: str, pool, late_calls: int = 0):
+        replies = [CALL % example.prompt, example.answer]
+        engine = Scripted(replies[1:] if "reward" in path or late_calls else replies)
+        ep = await endpoint(engine, agent=path, episode_timeout_s=10.0, rewards=rewards).start()
+        ep.ctx.metrics = metrics
+        try:
+            runner = AgentRunner(ep.ctx, ep, pool)
+            credit = Credit(lease_id="l1", prompt_index=0, epoch=0, deadline_s=60.0)
+            trajectories = (await runner.run_group(credit)).trajectories
+            deadline = asyncio.get_running_loop().time() + 30.0
+            while ended() < late_calls:  # the agent's stray thread calls after the episode
+                assert asyncio.get_running_loop().time() < deadline, "no late call arrived"
+                await asyncio.sleep(0.05)
+            return trajectories
+        finally:
+            await ep.close()
+
+    metrics = Metrics()
+
+    def ended() -> float:
+        return metrics.registry.get_sample_value("areal_rollout_agent_calls_total",
+                                                 {"outcome": "ended"}) or 0.0
+
+    pool = agent_pool(task_cfg(agent_workers=2, episode_timeout_s=10.0))
+    rewards = RewardPool(task_cfg(reward_workers=0), make_task(task_cfg()).reward_path)
+    try:
+        pool.wait_ready(120)
+        for path, (reward, why) in agents.items():
+            [traj] = asyncio.run(one(path, pool))
+            assert traj.reward == reward, (path, traj.metadata)
+            assert why in traj.metadata.get("agent_error", ""), (path, traj.metadata)
+        with pytest.raises(RuntimeError, match="called the model"):
+            asyncio.run(one("agent_fns:never_calls", pool))
+        [traj] = asyncio.run(one("agent_fns:calls_after_its_end", pool, late_calls=1))
+        assert (traj.metadata["calls"], traj.reward, ended()) == (1, 1.0, 1.0)  # 410, not recorded
+    finally:
+        pool.close()
+        rewards.close()
+
+
+def test_an_agent_and_an_environment_together_are_refused():
+    from areal_like.config import ConfigError
+
+    with pytest.raises(ConfigError, match="task.agent"):
+        task_cfg(env="areal_like.envs:Calculator")
+    with pytest.raises(ConfigError, match="agent_tool_format"):
+        task_cfg(agent_tool_format="pythonic")
+
+
+def test_preflight_names_an_agent_that_cannot_run():
+    from types import SimpleNamespace
+
+    from launch.preflight import check_agent
+
+    def problems(path):
+        return check_agent(SimpleNamespace(task=SimpleNamespace(agent=path)))
+
+    assert problems("") == [] and problems("areal_like.agents:calc_agent") == []
+    assert "cannot be loaded: ModuleNotFoundError" in problems("no_such_pkg.mod:run")[0]
+    assert "not a callable" in problems("areal_like.envs:GUESS_MAX")[0]
+    assert "cannot be called as run(client_base_url, api_key, example)" in \
+        problems("areal_like.envs:calc")[0]
+
+
+def test_a_call_still_generating_when_its_episode_ends_is_answered_and_not_recorded():
+    class Held(Scripted):
+        async def generate(self, input_ids, params):
+            started.set()
+            await release.wait()
+            return await super().generate(input_ids, params)
+
+    engine = Held(["late"])
+
+    async def scenario():
+        ep = await endpoint(engine).start()
+        try:
+            key, session = ep.open_session(None)
+            sdk = AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0)
+            call = asyncio.create_task(sdk.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "q"}]))
+            await asyncio.wait_for(started.wait(), 30)
+            ep.close_session(key)  # the episode ends while its call generates
+            release.set()
+            answer = await call
+            await sdk.close()
+            return answer, session
+        finally:
+            await ep.close()
+
+    started, release = asyncio.Event(), asyncio.Event()
+    answer, session = asyncio.run(scenario())
+    assert answer.choices[0].message.content == "late"
+    assert session.segments == [] and not session.generated
+
+
+def test_a_body_that_is_not_json_or_a_template_that_refuses_gets_400():
+    raising = "{{ raise_exception('no tools here') if messages[0]['role'] == 'tool' else 'x' }}"
+
+    async def scenario():
+        ep = await endpoint(Scripted([]), chat_template=raising).start()
+        try:
+            key, session = ep.open_session(None)
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
+                url = ep.base_url + "/chat/completions"
+                async with http.post(url, data=b"{not json") as r:
+                    bad_json = (r.status, (await r.json())["error"]["message"])
+                tool_first = {"messages": [{"role": "tool", "content": "1"}]}
+                async with http.post(url, json=tool_first) as r:
+                    refused = (r.status, (await r.json())["error"]["message"])
+            return bad_json, refused, session
+        finally:
+            await ep.close()
+
+    bad_json, refused, session = asyncio.run(scenario())
+    assert bad_json == (400, "the body is not valid JSON")
+    assert refused[0] == 400 and "cannot render" in refused[1] and "no tools here" in refused[1]
+    assert session.segments == []
