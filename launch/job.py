@@ -2,7 +2,8 @@
 
 ``run_job(cfg)`` is what ``areal-like run`` does:
 
-0. resolve hub ids to local directories and run the preflight (``launch/preflight.py``), then look
+0. resolve hub ids to local directories and run the preflight (``launch/preflight.py``), take the
+   run directory's job lock (a job still alive there is refused), then look
    at what ``run_dir`` already holds (``launch/rundir.py``): a finished run is refused, an
    unfinished one resumes from its latest checkpoint; a ``ConfigError`` from here reaches the CLI,
    which prints it as one line per problem and exits 2;
@@ -46,7 +47,7 @@ from launch.local import ProcSpec, Supervisor, error_tail, write_json_atomic
 from launch.placement import check_one_node, needs_gpus, place_nodes, visible_devices, with_weight_path
 from launch.preflight import checked
 from launch.records import SUMMARY_WINDOW, read_jsonl, reward_of, step_of, summarize, trainer_jsonl, warm_plotting
-from launch.rundir import check_existing_run
+from launch.rundir import check_existing_run, lock_run_dir
 from launch.topology import Topology, apply_topology, laptop_layout, plan_topology, wants_eval, with_local_ipc
 
 PROGRESS_EVERY_S = 5.0  # a live line this often keeps a terminal alive without flooding logs
@@ -325,6 +326,7 @@ def run_job(cfg: RunConfig, quiet: bool = False) -> int:
     t0 = time.monotonic()
     check_one_node(cfg)  # several nodes: launch/slurm or launch/MULTINODE.md (`areal-like plan` shows them)
     cfg = checked(cfg)  # hub ids resolved, inputs and tracker packages checked: before anything starts
+    lock = lock_run_dir(Path(cfg.run_dir))  # released by the kernel when this job's last process is gone
     resumed_from = check_existing_run(cfg)
     if resumed_from:
         print(f"[run] resuming at step {resumed_from} of {cfg.trainer.steps}", file=sys.stderr, flush=True)
@@ -342,7 +344,7 @@ def run_job(cfg: RunConfig, quiet: bool = False) -> int:
                          restart_backoff_max_s=cfg.launch.restart_backoff_max_s,
                          health_timeout_s=cfg.launch.health_timeout_s, echo=echo,
                          on_tick=Monitor(cfg, topo, run_dir, since=since, sink=sink),
-                         on_change=lambda s: write_ports(run_dir, topo, s))
+                         on_change=lambda s: write_ports(run_dir, topo, s), inherit_fds=(lock,))
         sup.install_signals()
         sup.on_complete = lambda s: on_trainer_done(cfg, run_dir, s)
         print(f"[run] run_dir {run_dir}  (logs in {run_dir / 'logs'}; `areal-like top {run_dir}` for a live view)",

@@ -12,8 +12,14 @@ trainer under torchrun; or any commands in tests). ``run()``:
    (``RestartBudget``: at most ``restarts`` within a sliding ``restart_window_s``, so crashes long
    ago do not count); the *main* process (the trainer) exiting 0 is job completion; a process out
    of restarts fails the job;
-4. on completion, failure, Ctrl-C or SIGTERM stops everything in reverse start order: SIGTERM to
-   the process group, wait, SIGKILL, by PID.
+4. on completion, failure, Ctrl-C, SIGTERM or SIGHUP (the terminal closed: its output then goes to
+   /dev/null) stops everything in reverse start order: SIGTERM to the process group, wait,
+   SIGKILL, by PID.
+
+Every process it starts gets SIGTERM from the kernel when the supervisor dies without stopping it
+(``kill -9``, an OOM kill: ``PR_SET_PDEATHSIG``, ``areal_like/daemon.py``), and inherits
+``inherit_fds`` (the run directory's job lock, ``launch/rundir.py``), so that the lock is held
+until the last daemon of the job is gone.
 
 Invariant: no process is left behind. torchrun puts every rank in a session of its own, so a
 ``kill -9`` of torchrun orphans its ranks outside our process group; the supervisor therefore
@@ -23,6 +29,7 @@ recycled PID is never hit) and kills the survivors by PID after the group is gon
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -38,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+
+from areal_like.daemon import die_with_parent
 
 POLL_S = 0.5  # how often exits are noticed; a restart within a second is plenty for daemons
 STOP_GRACE_S = 15.0  # SIGTERM -> SIGKILL; above daemon.GRACEFUL_STOP_S so a clean stop can finish
@@ -109,7 +118,8 @@ class Supervisor:
                  restart_window_s: float = 3600.0, restart_backoff_s: float = RESTART_BACKOFF_S,
                  restart_backoff_max_s: float = 60.0,
                  echo: Callable[[str], None] | None = None, on_tick: Callable[[Supervisor], None] | None = None,
-                 on_change: Callable[[Supervisor], None] | None = None):
+                 on_change: Callable[[Supervisor], None] | None = None,
+                 inherit_fds: tuple[int, ...] = ()):
         self.procs = [_Proc(s) for s in sorted(specs, key=lambda s: s.stage)]
         self.run_dir = Path(run_dir)
         self.log_dir = self.run_dir / "logs"
@@ -123,6 +133,7 @@ class Supervisor:
         self.on_change = on_change  # called after any (re)start: e.g. rewrite ports.json with the new PIDs
         self.on_complete: Callable[[Supervisor], None] | None = None  # after the main process completed,
         # before anything is stopped (tests inspect the finished job's live daemons here)
+        self.inherit_fds = inherit_fds  # open in every process it starts (the run_dir lock)
         self.stop_event = threading.Event()
         self.outcome = ""
         self.failed: str | None = None  # the process that failed the job (see error_tail for its log)
@@ -131,9 +142,20 @@ class Supervisor:
     def request_stop(self, *_args) -> None:
         self.stop_event.set()
 
+    def hang_up(self, *_args) -> None:
+        """SIGHUP: the terminal is gone. Output to it would fail (EIO) from now on, so it goes to
+        /dev/null; then the job stops as on Ctrl-C, every daemon with it."""
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            if os.isatty(fd):
+                os.dup2(devnull, fd)
+        os.close(devnull)
+        self.request_stop()
+
     def install_signals(self) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGHUP, self.hang_up)
 
     def pids(self) -> dict[str, int | None]:
         return {p.spec.name: (p.popen.pid if p.popen and p.popen.poll() is None else None) for p in self.procs}
@@ -218,7 +240,9 @@ class Supervisor:
         log = open(self.log_dir / f"{p.spec.name}.log", "ab")  # noqa: SIM115 - owned by the pump thread
         log.write(f"---- start {time.strftime('%H:%M:%S')}: {' '.join(argv)}\n".encode())
         p.popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                   pass_fds=self.inherit_fds,
+                                   preexec_fn=functools.partial(die_with_parent, os.getpid()))
         p.descendants = {}
         p.pump = threading.Thread(target=self._pump, args=(p.spec.name, p.popen, log), daemon=True,
                                   name=f"log-{p.spec.name}")

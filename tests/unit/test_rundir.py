@@ -16,7 +16,7 @@ import pytest
 
 from areal_like.config import ConfigError, load_config
 from launch.records import summarize
-from launch.rundir import check_existing_run, latest_checkpoint_step, live_supervisor
+from launch.rundir import check_existing_run, latest_checkpoint_step, lock_run_dir
 
 
 def checkpoint(root: Path, step: int, complete: bool = True) -> None:
@@ -62,15 +62,15 @@ def test_checkpoint_dir_outside_the_run_dir(tmp_path):
 
 
 def test_a_run_dir_in_use_by_a_live_job_is_refused(tmp_path):
-    cfg = load_config([f"run_dir={tmp_path}"])
-    (tmp_path / "ports.json").write_text(json.dumps({"supervisor_pid": os.getpid()}))
-    assert live_supervisor(tmp_path) == os.getpid()
-    with pytest.raises(ConfigError, match=rf"in use by a running job \(areal-like run pid {os.getpid()}\)"):
-        check_existing_run(cfg)
-    done = subprocess.Popen([sys.executable, "-c", "pass"])
-    done.wait()
-    (tmp_path / "ports.json").write_text(json.dumps({"supervisor_pid": done.pid}))
-    assert live_supervisor(tmp_path) is None and check_existing_run(cfg) == 0
+    """The job lock is an flock: a second holder is refused with the first one's PID; closing the
+    holder's descriptor (its process exiting) frees it."""
+    held = lock_run_dir(tmp_path / "run")
+    try:
+        with pytest.raises(ConfigError, match=rf"in use by a running job \(areal-like run pid {os.getpid()},"):
+            lock_run_dir(tmp_path / "run")
+    finally:
+        os.close(held)
+    os.close(lock_run_dir(tmp_path / "run"))
 
 
 def test_running_a_finished_run_again_exits_2_with_one_line(tmp_path):
