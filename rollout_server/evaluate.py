@@ -11,7 +11,10 @@ Two callers share ``evaluate``:
   spent; the trainer's only part is one more push at the end if the evaluating server missed the
   last version (``trainer/loop.py``).
 * ``areal-like eval MODEL`` (``main`` below): an HF directory or a trainer checkpoint, evaluated
-  on its own with an embedded engine.
+  on its own with an embedded engine. Which task it is scored on is never guessed (``_eval_config``):
+  ``--config-file``; else a task named on the command line (``task=NAME``); else the config.yaml
+  of the run the model sits in; else the task an export stores (``areal_like_task.yaml``); else
+  the ``task.*`` overrides given; else it refuses (exit 2).
 
 What one evaluation measures (one line of ``<run_dir>/eval.jsonl``), over ``n`` eval prompts:
 
@@ -245,7 +248,7 @@ async def _evaluate_model(cfg: RunConfig, version: int | None) -> dict:
         rewards.close()
         engine.stop()
     figures.pop("token_versions", None)  # the engine's own label; the model's version is the directory's
-    return {"time": time.time(), "model": cfg.model.path, "policy_version": version,
+    return {"time": time.time(), "model": cfg.model.path, "policy_version": version, "task": cfg.task.name,
             "seconds": round(time.monotonic() - t0, 3), **figures}
 
 
@@ -262,11 +265,38 @@ def _evaluate_path(model: Path, cfg: RunConfig, config_file: Path | None) -> dic
         return asyncio.run(_evaluate_model(cfg, _version_of(model)))
 
 
+def _eval_config(model: Path, config_file: Path | None, overrides: list[str]) -> tuple[RunConfig, Path | None]:
+    """The config evaluating ``model`` runs with, and the run config it came from (None: none);
+    the order of the module docstring. ConfigError when nothing says which task to score."""
+    import dataclasses
+
+    from areal_like.config import EXPORT_TASK_FILE, ConfigError, load_daemon_config, task_from_yaml
+
+    keys = {o.split("=", 1)[0] for o in overrides}
+    if "task.eval_path" in keys and "task.dataset_path" not in keys:  # evaluating needs no training file
+        overrides.append("task.dataset_path=" + next(o for o in overrides if o.startswith("task.eval_path=")
+                                                     ).split("=", 1)[1])
+    named = "task" in keys  # task=NAME: the user's task, whatever the model's run trained on
+    config_file = config_file or (None if named else _default_config(model))
+    if config_file is not None:
+        return load_daemon_config(["--config-file", str(config_file), *overrides]), config_file
+    stored = model / EXPORT_TASK_FILE
+    if not named and stored.is_file():
+        cfg = load_daemon_config([o for o in overrides if not o.startswith("task.")])
+        task = task_from_yaml(stored.read_text(), [o for o in overrides if o.startswith("task.")])
+        return dataclasses.replace(cfg, task=task), None
+    if not any(k == "task" or k.startswith("task.") for k in keys):
+        raise ConfigError(f"{model} does not say which task to score it on (no {EXPORT_TASK_FILE} in it, no "
+                          "run config.yaml beside it): name one (task=NAME and its task.* keys) or pass "
+                          "--config-file <run_dir>/config.yaml")
+    return load_daemon_config(overrides), None
+
+
 def main(argv: list[str] | None = None) -> int:
     """``areal-like eval MODEL [--config-file F] [--out FILE] [key=value ...]``: one JSON line."""
     import argparse
 
-    from areal_like.config import ConfigError, load_daemon_config
+    from areal_like.config import ConfigError
     from rollout_server.reward_pool import RewardPoolError
 
     p = argparse.ArgumentParser(prog="areal-like eval", description="Evaluate an HF model directory or a "
@@ -281,18 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model.is_dir():
         print(f"error: {args.model} is not a directory", file=sys.stderr)
         return 2
-    config_file = args.config_file or _default_config(args.model)
-    base = ["--config-file", str(config_file)] if config_file else []
-    overrides = list(args.overrides)
-    keys = {o.split("=", 1)[0] for o in overrides}
-    if "task.eval_path" in keys and "task.dataset_path" not in keys:  # evaluating needs no training file
-        overrides.append("task.dataset_path=" + next(o for o in overrides if o.startswith("task.eval_path=")
-                                                     ).split("=", 1)[1])
-    if config_file is None:
-        print(f"note: no run config.yaml beside {args.model}: the task and eval settings come from the "
-              "composed config and the overrides", file=sys.stderr)
     try:
-        cfg = load_daemon_config([*base, *overrides])
+        cfg, config_file = _eval_config(args.model, args.config_file, list(args.overrides))
         record = _evaluate_path(args.model, cfg, config_file)
     except (ConfigError, RewardPoolError, subprocess.CalledProcessError) as e:  # RewardPoolError: reward not loadable
         print(f"error: {e}", file=sys.stderr)

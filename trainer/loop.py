@@ -284,7 +284,7 @@ class Trainer(Daemon):
                     shutil.rmtree(stale, ignore_errors=True)
             out = export_hf(self.policy.model, root / f"v{self.version:08d}", model_cfg=self.facts.model,
                             tokenizer=export_tokenizer(self.facts.model, self.facts.task, self.tokenizer),
-                            shard_mb=e.shard_mb, dtype=self.facts.model.dtype)
+                            shard_mb=e.shard_mb, dtype=self.facts.model.dtype, task=self.facts.task)
         self.exported_version = self.version
         self.record({"event": "export", "policy_version": self.version, "path": str(out)})
 
