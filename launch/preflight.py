@@ -15,7 +15,9 @@ and ``areal-like config`` call it. It resolves hub ids to local directories
 * ``warm_start.steps > 0`` only with a model built from config or one a warm start wrote;
 * ``task.dataset_path`` (``task.name=dataset``) and ``task.eval_path``: exist, and hold the columns
   ``task.messages_key`` / ``task.prompt_key``, ``task.answer_key`` and ``task.metadata_keys`` name;
-* ``task.chat_template`` (other than auto/none): a file or a template that compiles;
+* ``task.chat_template`` (other than auto/none): a file or a template that compiles; with ``auto``
+  on a chat dataset (``task.messages_key``), the tokenizer has a template to lay the messages out
+  (else it would get their contents as plain text, which no chat model was trained on);
 * ``task.reward_fn``: loads as in a reward worker (same loader, ``task.reward_memory_mb`` address
   space, environment without secrets), in a child Python (see ``check_reward_fn``);
 * ``task.env``: the class imports, builds with no arguments and has ``reset`` and ``step``; its tools'
@@ -171,6 +173,26 @@ def check_chat_template(cfg: RunConfig) -> list[str]:
     return []
 
 
+def check_chat_format(cfg: RunConfig) -> list[str]:
+    """A chat dataset (``task.messages_key``) with ``task.chat_template=auto`` needs a tokenizer
+    that has a chat template; ``none`` (plain text) or a template of one's own says otherwise."""
+    t = cfg.task
+    if t.name != "dataset" or not t.messages_key or t.chat_template != "auto":
+        return []
+    from areal_like.tokenizer import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(cfg.model)
+    except Exception:  # noqa: BLE001 - an unusable model or tokenizer: check_models says why
+        return []
+    if getattr(tokenizer, "chat_template", None):
+        return []
+    source = f"model.path={cfg.model.path!r}" if cfg.model.path else f"model.tokenizer={cfg.model.tokenizer!r}"
+    return [f"task.messages_key={t.messages_key!r} is a chat dataset, but the tokenizer of {source} has no chat "
+            "template to lay its messages out: set task.chat_template to a Jinja template (or a file of one), "
+            "or task.chat_template=none to feed the messages' contents as plain text"]
+
+
 def check_reward_fn(cfg: RunConfig) -> list[str]:
     """Load ``task.reward_fn`` in a child Python as a reward worker would (``REWARD_PROBE``), not here:
     it then sees the sys.path the rollout servers will see (the ``areal-like`` console script does
@@ -268,5 +290,5 @@ def check_environment(cfg: RunConfig) -> list[str]:
 
 
 # every check but check_models, which checked() runs on the resolved model keys
-OTHER_CHECKS = (check_warm_start, check_task_files, check_dataset_columns, check_chat_template, check_reward_fn,
-                check_env, check_trackers, check_engine, check_environment)
+OTHER_CHECKS = (check_warm_start, check_task_files, check_dataset_columns, check_chat_template, check_chat_format,
+                check_reward_fn, check_env, check_trackers, check_engine, check_environment)

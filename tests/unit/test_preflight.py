@@ -306,3 +306,37 @@ def test_unset_or_false_return_original_logprob_passes(monkeypatch, value):
     else:
         monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", value)
     assert pf.check_environment(base()) == []
+
+
+def test_a_chat_dataset_needs_a_chat_template_unless_the_task_says_what_to_do(tmp_path):
+    """A tokenizer without a chat template on a dataset of chat messages: `areal-like config` (the
+    preflight `run` runs first) refuses in one line naming the keys, unless task.chat_template says
+    what to do (none: plain text; or a template of one's own)."""
+    import copy
+    import json
+
+    from areal_like.tokenizer import load_tokenizer
+
+    tok = copy.deepcopy(load_tokenizer(base().model))
+    tok.chat_template = None
+    tok.save_pretrained(str(tmp_path / "tok"))
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{i}+1?"}], "answer": str(i + 1)})
+                            + "\n" for i in range(4)))
+    common = ["task=dataset", f"task.dataset_path={data}", "task.messages_key=messages",
+              f"model.tokenizer={tmp_path / 'tok'}"]
+
+    def config(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "launch.cli", "config", *common, *extra],
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+    r = config()
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert r.stderr.splitlines() == [
+        f"error: task.messages_key='messages' is a chat dataset, but the tokenizer of model.tokenizer="
+        f"{str(tmp_path / 'tok')!r} has no chat template to lay its messages out: set task.chat_template to a "
+        "Jinja template (or a file of one), or task.chat_template=none to feed the messages' contents as plain text"]
+    (tmp_path / "chat.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    for says in ("task.chat_template=none", f"task.chat_template={tmp_path / 'chat.jinja'}"):
+        r = config(says)
+        assert r.returncode == 0, r.stderr
