@@ -13,8 +13,10 @@ and ``areal-like config`` call it. It resolves hub ids to local directories
   (when it is not a built-in tokenizer): a directory with a tokenizer; ``trainer.ref_path``: like
   model.path;
 * ``warm_start.steps > 0`` only with a model built from config or one a warm start wrote;
-* ``task.dataset_path`` (``task.name=dataset``) and ``task.eval_path``: exist, and hold the columns
-  ``task.messages_key`` / ``task.prompt_key``, ``task.answer_key`` and ``task.metadata_keys`` name;
+* ``task.dataset_path`` (``task.name=dataset``) and ``task.eval_path``: exist, hold the columns
+  ``task.messages_key`` / ``task.prompt_key``, ``task.answer_key`` and ``task.metadata_keys`` name,
+  and every row's contents make an example (an answer, a prompt, messages that are a list of
+  {role, content}); the rows are streamed a batch at a time, so memory stays bounded;
 * ``task.chat_template`` (other than auto/none): a file or a template that compiles; with ``auto``
   on a chat dataset (``task.messages_key``), the tokenizer has a template to lay the messages out
   (else it would get their contents as plain text, which no chat model was trained on);
@@ -130,18 +132,22 @@ def check_task_files(cfg: RunConfig) -> list[str]:
 
 
 def check_dataset_columns(cfg: RunConfig) -> list[str]:
-    """The columns the task keys name exist in ``task.dataset_path`` and ``task.eval_path``; reads
-    the files as the daemons will (``areal_like.datasets.load_table``), rows untouched."""
+    """The columns the task keys name exist in ``task.dataset_path`` and ``task.eval_path``, and
+    every row makes an example (``areal_like.datasets.check_rows``: one line for all the bad rows);
+    reads the files as the daemons will (``areal_like.datasets.load_table``)."""
     t, out = cfg.task, []
     if t.name != "dataset":
         return out
-    from areal_like.datasets import load_table, task_columns
+    from areal_like.datasets import check_rows, load_table, task_columns
 
     for key, value in (("task.dataset_path", t.dataset_path), ("task.eval_path", t.eval_path)):
         if not value or not Path(value).expanduser().exists():
             continue  # check_task_files says so
         try:
-            task_columns(t, list(load_table(key, value).column_names), value)
+            table = load_table(key, value)
+            task_columns(t, list(table.column_names), value)
+            if (rows := check_rows(t, key, value, table)) is not None:
+                out.append(rows)
         except ConfigError as e:
             out.append(str(e).splitlines()[0])
         except Exception as e:  # noqa: BLE001 - a malformed file: the reader's reason, in one line
