@@ -47,7 +47,7 @@ from launch.local import ProcSpec, Supervisor, error_tail, write_json_atomic
 from launch.placement import check_one_node, needs_gpus, place_nodes, visible_devices, with_weight_path
 from launch.preflight import checked
 from launch.records import SUMMARY_WINDOW, read_jsonl, reward_of, step_of, summarize, trainer_jsonl, warm_plotting
-from launch.rundir import check_existing_run, lock_run_dir
+from launch.rundir import check_existing_run, check_resume_settings, lock_run_dir, write_settings
 from launch.topology import Topology, apply_topology, laptop_layout, plan_topology, wants_eval, with_local_ipc
 
 PROGRESS_EVERY_S = 5.0  # a live line this often keeps a terminal alive without flooding logs
@@ -318,9 +318,10 @@ def report_failure(run_dir: Path, daemon: str, out=sys.stderr) -> None:
     out.flush()
 
 
-def run_job(cfg: RunConfig, quiet: bool = False) -> int:
+def run_job(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False) -> int:
     """``areal-like run``: returns the exit code; prints the summary as one JSON line on stdout.
-    Raises ConfigError (before anything started) when an input is unusable or run_dir refuses."""
+    Raises ConfigError (before anything started) when an input is unusable or run_dir refuses
+    (a resume with changed settings too, unless ``accept_changes``)."""
     from launch.warmstart import ensure_warm_start
 
     t0 = time.monotonic()
@@ -329,7 +330,10 @@ def run_job(cfg: RunConfig, quiet: bool = False) -> int:
     lock = lock_run_dir(Path(cfg.run_dir))  # released by the kernel when this job's last process is gone
     resumed_from = check_existing_run(cfg)
     if resumed_from:
+        for change in check_resume_settings(cfg, accept_changes):
+            print(f"[run] resuming with a changed setting: {change}", file=sys.stderr, flush=True)
         print(f"[run] resuming at step {resumed_from} of {cfg.trainer.steps}", file=sys.stderr, flush=True)
+    write_settings(cfg)
     plan_job(cfg)  # a layout that does not fit is refused now, not after the warm start
     cfg = ensure_warm_start(cfg, log=lambda m: print(f"[warm-start] {m}", file=sys.stderr, flush=True))
     cfg, topo, config_path = prepare(cfg)

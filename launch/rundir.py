@@ -10,6 +10,10 @@ decides, before the warm start and before any daemon, whether that makes sense:
   to continue (raise ``trainer.steps``) or start over (a new ``run_dir``);
 * checkpoints with ``trainer.resume=false``: refused, since a fresh trainer would mix its versions
   with the old run's WAL, metrics and checkpoints;
+* a resume whose settings differ from the run's (``settings.yaml``: the config as given, before
+  the layout fills in ports and paths): refused with one line per changed key, unless
+  ``areal-like run --accept-changes``; ``trainer.steps`` (raising it continues a run), the layout
+  (``launch.*``) and the trackers (``tracker``, ``tracking.*``) may change without asking;
 * a job still running in it: refused, two jobs would share one WAL. ``lock_run_dir`` takes an
   exclusive ``flock`` on ``<run_dir>/job.lock`` that ``areal-like run`` holds, and every daemon it
   starts inherits, for the job's whole life; the kernel releases it when the last of them is gone,
@@ -29,6 +33,8 @@ from pathlib import Path
 from areal_like.config import ConfigError, RunConfig
 
 LOCK_FILE = "job.lock"  # in run_dir; holds the PID of the areal-like run that took it
+SETTINGS_FILE = "settings.yaml"  # in run_dir: the config as given to the last areal-like run
+FREE_ON_RESUME = ("trainer.steps", "launch.", "tracker", "tracking.")  # keys (prefixes) a resume may change
 
 CHECKPOINT_PREFIX = "v"  # trainer/checkpoint.py PREFIX: v00000012 holds policy_version 12
 CHECKPOINT_DONE = "meta.pt"  # written last into a checkpoint directory before its atomic rename
@@ -77,3 +83,55 @@ def check_existing_run(cfg: RunConfig) -> int:
         raise ConfigError(f"run_dir {run_dir} holds a checkpoint at step {step} but trainer.resume=false: "
                           "use a new run_dir (or trainer.resume=true to continue it)")
     return step
+
+
+def _flat(tree: object, prefix: str = "") -> dict[str, object]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay whole values)."""
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}."))
+    return out
+
+
+def changed_settings(cfg: RunConfig) -> list[str]:
+    """``key: old -> new`` for every setting of ``cfg`` that differs from the ``settings.yaml`` of
+    its run_dir, apart from ``FREE_ON_RESUME``; empty when there is no such file (a run from an
+    older version, or a fresh one) or nothing changed."""
+    from omegaconf import OmegaConf
+
+    from areal_like.config import from_yaml
+
+    path = Path(cfg.run_dir).resolve() / SETTINGS_FILE
+    if not path.is_file():
+        return []
+    try:
+        old = from_yaml(path.read_text())
+    except Exception as e:  # noqa: BLE001 - unreadable (a schema since changed): say so, do not guess
+        return [f"{SETTINGS_FILE}: cannot be compared ({type(e).__name__}: {str(e).splitlines()[0]})"]
+    before, after = (_flat(OmegaConf.to_container(OmegaConf.structured(c))) for c in (old, cfg))
+    return [f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(before.keys() | after.keys())
+            if before.get(key) != after.get(key) and not key.startswith(FREE_ON_RESUME)]
+
+
+def check_resume_settings(cfg: RunConfig, accept: bool) -> list[str]:
+    """The settings a resume of ``cfg`` changes (``changed_settings``); ConfigError listing them,
+    one line each, unless ``accept`` (``areal-like run --accept-changes``)."""
+    changes = changed_settings(cfg)
+    if changes and not accept:
+        raise ConfigError("\n".join([f"run_dir {Path(cfg.run_dir).resolve()} was run with other settings; "
+                                      f"resuming would change {len(changes)}:",
+                                      *(f"  {c}" for c in changes),
+                                      "add --accept-changes to resume with them, or use a new run_dir"]))
+    return changes
+
+
+def write_settings(cfg: RunConfig) -> None:
+    """``cfg`` (as given, before the layout) into ``settings.yaml``: what the next resume compares."""
+    from areal_like.config import to_yaml
+
+    path = Path(cfg.run_dir).resolve() / SETTINGS_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(to_yaml(cfg))
+    os.replace(tmp, path)
