@@ -363,8 +363,14 @@ class LaunchConfig:
     auto_layout: bool = False
     auto_max_servers: int = 8  # auto_layout's ceiling on rollout servers (each a process with a model copy)
     auto_max_threads: int = 8  # and on trainer threads
+    # Long runs: each daemon's log (logs/<name>.log) and metrics/scrape.jsonl rotate past log_max_mb
+    # into <file>.1 ... .<log_backups>, the oldest dropped (launch/local.py).
+    log_max_mb: float = 100.0
+    log_backups: int = 3
 
     def __post_init__(self):
+        _check("launch.log_max_mb", self.log_max_mb > 0, "> 0", self.log_max_mb)
+        _check("launch.log_backups", self.log_backups >= 1, ">= 1", self.log_backups)
         _check("launch.auto_layout", not (self.auto_layout and self.nodes > 1), "false with launch.nodes > 1",
                self.auto_layout)
         _check("launch.auto_max_servers", self.auto_max_servers >= 1, ">= 1", self.auto_max_servers)

@@ -43,7 +43,7 @@ from areal_like.daemon import MALLOC_ENV
 from areal_like.distributed import free_port
 from areal_like.security import make_keys
 from areal_like.track_sink import JsonlTail, TrackerSink
-from launch.local import ProcSpec, Supervisor, error_tail, write_json_atomic
+from launch.local import ProcSpec, Supervisor, error_tail, rotating_file, write_json_atomic, write_line
 from launch.placement import check_one_node, needs_gpus, place_nodes, visible_devices, with_weight_path
 from launch.preflight import checked
 from launch.records import SUMMARY_WINDOW, read_jsonl, reward_of, step_of, summarize, trainer_jsonl, warm_plotting
@@ -217,6 +217,7 @@ class Monitor:
         self.recent: dict[int, dict] = {}  # the last SUMMARY_WINDOW steps' records (a replayed step: the last)
         self.t0 = time.monotonic()
         self.next_line = self.next_scrape = self.next_track = 0.0
+        self.scrapes = rotating_file(run_dir / "metrics" / "scrape.jsonl", log_bytes(cfg), cfg.launch.log_backups)
 
     def __call__(self, sup: Supervisor) -> None:
         now = time.monotonic()
@@ -252,14 +253,21 @@ class Monitor:
     def scrape(self) -> None:
         from areal_like.metrics import scrape
 
-        with (self.run_dir / "metrics" / "scrape.jsonl").open("a") as f:
-            for slot in self.topo.slots:
-                try:
-                    values = scrape(f"http://{self.topo.host}:{slot.metrics_port}/metrics")
-                except Exception:
-                    continue  # down or restarting: the supervisor reports that
-                values = {k: v for k, v in values.items() if k.startswith("areal_") and "_bucket{" not in k}
-                f.write(json.dumps({"t": round(time.time(), 3), "daemon": slot.name, "values": values}) + "\n")
+        for slot in self.topo.slots:
+            try:
+                values = scrape(f"http://{self.topo.host}:{slot.metrics_port}/metrics")
+            except Exception:
+                continue  # down or restarting: the supervisor reports that
+            values = {k: v for k, v in values.items() if k.startswith("areal_") and "_bucket{" not in k}
+            write_line(self.scrapes, json.dumps({"t": round(time.time(), 3), "daemon": slot.name, "values": values}))
+
+    def close(self) -> None:
+        self.scrapes.close()
+
+
+def log_bytes(cfg: RunConfig) -> int:
+    """``launch.log_max_mb`` in bytes: where a daemon log or scrape.jsonl rotates."""
+    return int(cfg.launch.log_max_mb * (1 << 20))
 
 
 def wait_for_final_eval(cfg: RunConfig, run_dir: Path, sup: Supervisor) -> bool:
@@ -342,13 +350,14 @@ def run_job(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False) -
     since = jsonl.stat().st_size if jsonl.is_file() else 0  # what earlier invocations trained
     echo = _supervisor_lines_only if quiet else None
     sink = TrackerSink.from_config(cfg)
+    monitor = Monitor(cfg, topo, run_dir, since=since, sink=sink)
     try:
         sup = Supervisor(job_specs(cfg, topo, config_path), run_dir, restarts=cfg.launch.restarts,
                          restart_window_s=cfg.launch.restart_window_s, restart_backoff_s=cfg.launch.restart_backoff_s,
                          restart_backoff_max_s=cfg.launch.restart_backoff_max_s,
                          health_timeout_s=cfg.launch.health_timeout_s, echo=echo,
-                         on_tick=Monitor(cfg, topo, run_dir, since=since, sink=sink),
-                         on_change=lambda s: write_ports(run_dir, topo, s), inherit_fds=(lock,))
+                         on_tick=monitor, on_change=lambda s: write_ports(run_dir, topo, s), inherit_fds=(lock,),
+                         log_max_bytes=log_bytes(cfg), log_backups=cfg.launch.log_backups)
         sup.install_signals()
         sup.on_complete = lambda s: on_trainer_done(cfg, run_dir, s)
         print(f"[run] run_dir {run_dir}  (logs in {run_dir / 'logs'}; `areal-like top {run_dir}` for a live view)",
@@ -360,5 +369,6 @@ def run_job(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False) -
         sink.poll(final=True)  # every daemon has stopped: the files are complete
     finally:
         sink.close()
+        monitor.close()
     print(json.dumps(summary), flush=True)
     return code

@@ -7,7 +7,9 @@ trainer under torchrun; or any commands in tests). ``run()``:
    (``start_new_session``) so that it and its children can be signalled as one group, and waits
    for every ``/health`` to answer 200;
 2. streams each process's output line by line, prefixed with its name, to the console and to
-   ``<run_dir>/logs/<name>.log``;
+   ``<run_dir>/logs/<name>.log``, which rotates (``logging.handlers.RotatingFileHandler``) past
+   ``log_max_bytes`` into ``<name>.log.1`` ... ``.<log_backups>``, the oldest dropped: a job that
+   runs for weeks keeps at most ``(log_backups + 1) x log_max_bytes`` of logs per process;
 3. polls: a process that exits is restarted after a back-off that doubles with each restart
    (``RestartBudget``: at most ``restarts`` within a sliding ``restart_window_s``, so crashes long
    ago do not count); the *main* process (the trainer) exiting 0 is job completion; a process out
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import shutil
 import signal
@@ -42,6 +45,7 @@ import urllib.request
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
 import psutil
@@ -52,6 +56,22 @@ POLL_S = 0.5  # how often exits are noticed; a restart within a second is plenty
 STOP_GRACE_S = 15.0  # SIGTERM -> SIGKILL; above daemon.GRACEFUL_STOP_S so a clean stop can finish
 HEALTH_PROBE_S = 2.0  # one /health request; a daemon answering slower than this is not healthy
 RESTART_BACKOFF_S = 1.0  # first wait between a crash and its restart, so a crash loop does not spin the CPU
+LOG_MAX_BYTES = 100 << 20  # a daemon's log file rotates past this (launch.log_max_mb)
+LOG_BACKUPS = 3  # rotated files kept per log (launch.log_backups)
+
+
+def rotating_file(path: Path, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS) -> RotatingFileHandler:
+    """A handler appending lines (``write_line``) to ``path``, rotated into ``path.1`` ... ``path.N``
+    past ``max_bytes`` (``N = backups``; the oldest is dropped)."""
+    handler = RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8",
+                                  errors="replace", delay=True)  # opened at the first line
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    return handler
+
+
+def write_line(handler: RotatingFileHandler, line: str) -> None:
+    """``line`` (no newline) into ``handler``'s file, rotating first when it is full; flushed."""
+    handler.handle(logging.makeLogRecord({"msg": line, "levelno": logging.INFO}))
 
 
 class RestartBudget:
@@ -119,7 +139,8 @@ class Supervisor:
                  restart_backoff_max_s: float = 60.0,
                  echo: Callable[[str], None] | None = None, on_tick: Callable[[Supervisor], None] | None = None,
                  on_change: Callable[[Supervisor], None] | None = None,
-                 inherit_fds: tuple[int, ...] = ()):
+                 inherit_fds: tuple[int, ...] = (), log_max_bytes: int = LOG_MAX_BYTES,
+                 log_backups: int = LOG_BACKUPS):
         self.procs = [_Proc(s) for s in sorted(specs, key=lambda s: s.stage)]
         self.run_dir = Path(run_dir)
         self.log_dir = self.run_dir / "logs"
@@ -134,6 +155,8 @@ class Supervisor:
         self.on_complete: Callable[[Supervisor], None] | None = None  # after the main process completed,
         # before anything is stopped (tests inspect the finished job's live daemons here)
         self.inherit_fds = inherit_fds  # open in every process it starts (the run_dir lock)
+        self.log_max_bytes, self.log_backups = log_max_bytes, log_backups
+        self.logs: dict[str, RotatingFileHandler] = {}  # one per process name, kept across its restarts
         self.stop_event = threading.Event()
         self.outcome = ""
         self.failed: str | None = None  # the process that failed the job (see error_tail for its log)
@@ -177,6 +200,8 @@ class Supervisor:
             code = 1
         finally:
             self.stop_all()
+            for handler in self.logs.values():
+                handler.close()
         self.echo(f"[supervisor] {self.outcome}")
         return code
 
@@ -237,8 +262,11 @@ class Supervisor:
         if p.spec.cpus is not None:
             argv = _pin(argv, p.spec.cpus)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **p.spec.env}
-        log = open(self.log_dir / f"{p.spec.name}.log", "ab")  # noqa: SIM115 - owned by the pump thread
-        log.write(f"---- start {time.strftime('%H:%M:%S')}: {' '.join(argv)}\n".encode())
+        log = self.logs.get(p.spec.name)
+        if log is None:
+            log = self.logs[p.spec.name] = rotating_file(self.log_dir / f"{p.spec.name}.log", self.log_max_bytes,
+                                                         self.log_backups)
+        write_line(log, f"{LOG_START}{time.strftime('%H:%M:%S')}: {' '.join(argv)}")
         p.popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, start_new_session=True,
                                    pass_fds=self.inherit_fds,
@@ -251,13 +279,12 @@ class Supervisor:
         if self.on_change is not None:
             self.on_change(self)
 
-    def _pump(self, name: str, popen: subprocess.Popen, log) -> None:
-        with log:
-            for line in iter(popen.stdout.readline, b""):
-                log.write(line)
-                log.flush()
-                self.echo(f"{name:>10} | {line.decode(errors='replace').rstrip()}")
-            popen.stdout.close()
+    def _pump(self, name: str, popen: subprocess.Popen, log: RotatingFileHandler) -> None:
+        for raw in iter(popen.stdout.readline, b""):
+            line = raw.decode(errors="replace").rstrip("\r\n")
+            write_line(log, line)
+            self.echo(f"{name:>10} | {line.rstrip()}")
+        popen.stdout.close()
 
     def _wait_healthy(self, p: _Proc) -> None:
         timeout_s = max(self.health_timeout_s, p.spec.health_timeout_s or 0.0)
