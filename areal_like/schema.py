@@ -275,6 +275,9 @@ class TrainerConfig:
     # checkpoint_every=1 on small models (benchmarks/bench_chaos.py measures it).
     checkpoint_async: bool = False
     checkpoint_dir: str = "checkpoints"  # relative to run_dir unless absolute
+    # Checkpoints kept on disk, the newest (older ones are deleted at each save); 2: the newest, and
+    # one in case it is on a failing disk. Exports are kept by export.keep, never by this.
+    keep_checkpoints: int = 2
     resume: bool = True
     device: str = "cpu"
     batch_wait_s: float = 5.0
@@ -289,6 +292,8 @@ class TrainerConfig:
     logprob_chunk_tokens: int = 512  # tokens per lm_head chunk of the log-probs: one [chunk, vocab] fp32 block
 
     def __post_init__(self):
+        _check("trainer.keep_checkpoints", self.keep_checkpoints >= 1, ">= 1",
+               self.keep_checkpoints)
         _check("trainer.steps", self.steps >= 1, ">= 1", self.steps)
         _check("trainer.lr", self.lr > 0, "> 0", self.lr)
         _choice("trainer.lr_schedule", self.lr_schedule, ("constant", "linear", "cosine"))

@@ -214,6 +214,18 @@ def export_hf(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelConfig, 
     return out_dir
 
 
+def prune_exports(root: Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest exports ``v<version>`` under ``root`` (``export.keep``);
+    returns those deleted. Temporary directories and anything else there are left alone."""
+    done = sorted((p for p in root.glob("v*")
+                   if p.name[1:].isdigit() and (p / "config.json").is_file()),
+                  key=lambda p: int(p.name[1:]))
+    old = done[:-keep] if keep > 0 else []
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return old
+
+
 # ------------------------------------------------------------------ offline: DCP checkpoint -> HF
 def load_checkpoint_model(checkpoint: Path, model_cfg: ModelConfig) -> torch.nn.Module:
     """A fresh fp32 CPU model (``model_cfg``) holding the model state of a trainer DCP checkpoint.
