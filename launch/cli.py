@@ -224,6 +224,9 @@ def _run(overrides: list[str], quiet: bool, accept_changes: bool = False) -> int
         return run_job(cfg, quiet=quiet, accept_changes=accept_changes)
     except ConfigError as e:  # preflight, a finished run_dir, a port clash: before anything started
         return _errors(e)
+    except KeyboardInterrupt:  # Ctrl-C before the supervisor took over (the warm start, the checks)
+        print("[run] interrupted before the job started; nothing is running", file=sys.stderr, flush=True)
+        return 130
 
 
 def _plan(overrides: list[str]) -> int:

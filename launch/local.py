@@ -16,7 +16,9 @@ trainer under torchrun; or any commands in tests). ``run()``:
    of restarts fails the job;
 4. on completion, failure, Ctrl-C, SIGTERM or SIGHUP (the terminal closed: its output then goes to
    /dev/null) stops everything in reverse start order: SIGTERM to the process group, wait,
-   SIGKILL, by PID.
+   SIGKILL, by PID. From then on the daemons' output goes to their logs only: what they print
+   while they stop (torchrun's traceback for the signal, torch's warnings about peers that went
+   away) is expected, and the console gets the one line saying how the job ended.
 
 Every process it starts gets SIGTERM from the kernel when the supervisor dies without stopping it
 (``kill -9``, an OOM kill: ``PR_SET_PDEATHSIG``, ``areal_like/daemon.py``), and inherits
@@ -158,6 +160,7 @@ class Supervisor:
         self.log_max_bytes, self.log_backups = log_max_bytes, log_backups
         self.logs: dict[str, RotatingFileHandler] = {}  # one per process name, kept across its restarts
         self.stop_event = threading.Event()
+        self.stopping = threading.Event()  # stop_all began: daemon output to the logs only
         self.outcome = ""
         self.failed: str | None = None  # the process that failed the job (see error_tail for its log)
 
@@ -253,6 +256,7 @@ class Supervisor:
 
     def stop_all(self) -> None:
         """Reverse start order: SIGTERM the group, wait, SIGKILL; then every recorded descendant."""
+        self.stopping.set()
         for p in reversed(self.procs):
             self._stop(p)
 
@@ -283,7 +287,8 @@ class Supervisor:
         for raw in iter(popen.stdout.readline, b""):
             line = raw.decode(errors="replace").rstrip("\r\n")
             write_line(log, line)
-            self.echo(f"{name:>10} | {line.rstrip()}")
+            if not self.stopping.is_set():
+                self.echo(f"{name:>10} | {line.rstrip()}")
         popen.stdout.close()
 
     def _wait_healthy(self, p: _Proc) -> None:

@@ -145,3 +145,60 @@ def test_daemons_of_a_killed_supervisor_get_sigterm_and_hold_the_run_dir_until_g
         stop_process(sup)
         left = _kill_all(set(pids.values()))
     assert not left, f"processes left behind: {left}"
+
+
+def _read_new(path: Path, offset: int) -> str:
+    with path.open() as f:
+        f.seek(offset)
+        return f.read()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_job_with_one_line_on_the_console(tmp_path):
+    """SIGINT (Ctrl-C) to `areal-like run` (daemon logs echoed: no -q): what the daemons print while
+    they stop goes to their logs only; the console gets the supervisor's one closing line."""
+    run_dir, err_path = tmp_path / "run", tmp_path / "stderr"
+    argv = [sys.executable, "-m", "launch.cli", "run", "experiment=quickstart", "warm_start.steps=0",
+            "trainer.steps=100000", f"run_dir={run_dir}"]
+    with err_path.open("w") as err:
+        sup = subprocess.Popen(argv, cwd=REPO_ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=err)
+    seen: set[int] = set()
+    try:
+        daemons = wait_until(lambda: _daemons_up(run_dir), START_S, 0.5, "every daemon healthy")
+        for pid in daemons.values():
+            seen |= _tree(pid)
+        wait_until(lambda: " | " in err_path.read_text(), 30, 0.2, "daemon lines echoed on the console")
+        mark = err_path.stat().st_size
+        os.kill(sup.pid, signal.SIGINT)
+        assert sup.wait(timeout=GONE_S) == 1
+        after = [ln for ln in _read_new(err_path, mark).splitlines() if not ln.startswith("[run] ")]
+        daemon_lines = [ln for ln in after if " | " in ln]
+        # a line a daemon printed before the signal may still be in the pipe: none after its first stop line
+        assert not any("stop requested" in ln or "Traceback" in ln for ln in daemon_lines), after
+        assert after[-1] == "[supervisor] stopped on request", after
+        assert [ln for ln in after if ln.startswith("[supervisor]")] == ["[supervisor] stopped on request"], after
+        assert "stop requested" in (run_dir / "logs" / "trainer.log").read_text()  # the logs keep it all
+    finally:
+        stop_process(sup)
+        left = _kill_all(seen)
+    assert not left, f"processes left behind: {left}"
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_the_warm_start_prints_one_line_and_no_traceback(tmp_path):
+    err_path = tmp_path / "stderr"
+    argv = [sys.executable, "-m", "launch.cli", "run", "-q", "experiment=quickstart", "warm_start.steps=100000",
+            f"run_dir={tmp_path / 'run'}"]
+    with err_path.open("w") as err:
+        proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        wait_until(lambda: "[warm-start]" in err_path.read_text(), START_S, 0.2, "the warm start to begin")
+        mark = err_path.stat().st_size
+        os.kill(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=GONE_S)
+        after = _read_new(err_path, mark)
+        assert proc.returncode == 130 and out == "", after
+        assert "Traceback" not in after and after.splitlines()[-1] == (
+            "[run] interrupted before the job started; nothing is running"), after
+    finally:
+        stop_process(proc)
