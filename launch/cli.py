@@ -97,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
         t.add_argument("run_dir", nargs="?", help="run directory (default: the newest under ./runs)")
         if name == "top":
             t.add_argument("--interval", type=float, default=2.0, help="seconds between scrapes")
+            t.add_argument("--once", action="store_true",
+                           help="print one plain table (rates over one interval) and exit; without a "
+                                "terminal top prints plain tables anyway")
     return p
 
 
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "status":
         return top.status(run_dir)
-    return top.live(run_dir, interval_s=args.interval)
+    return top.live(run_dir, interval_s=args.interval, once=args.once)
 
 
 def _exec_module(module: str, rest: list[str]) -> int:
