@@ -326,25 +326,40 @@ def report_failure(run_dir: Path, daemon: str, out=sys.stderr) -> None:
     out.flush()
 
 
+def start_job(cfg: RunConfig, accept_changes: bool) -> tuple[RunConfig, Topology, Path, int, int]:
+    """Steps 0-2 of ``run_job`` on a checked config: (the daemons' config, topology, config.yaml,
+    the step resumed from, the run_dir lock's descriptor). A run_dir this call created is removed
+    again when it fails (a ConfigError, Ctrl-C, a warm start that crashed): no daemon ran in it."""
+    from launch.warmstart import ensure_warm_start
+
+    run_dir = Path(cfg.run_dir).resolve()
+    fresh = not run_dir.exists()
+    lock = lock_run_dir(run_dir)  # released by the kernel when this job's last process is gone
+    try:
+        resumed_from = check_existing_run(cfg)
+        if resumed_from:
+            for change in check_resume_settings(cfg, accept_changes):
+                print(f"[run] resuming with a changed setting: {change}", file=sys.stderr, flush=True)
+            print(f"[run] resuming at step {resumed_from} of {cfg.trainer.steps}", file=sys.stderr, flush=True)
+        write_settings(cfg)
+        plan_job(cfg)  # a layout that does not fit is refused now, not after the warm start
+        cfg = ensure_warm_start(cfg, log=lambda m: print(f"[warm-start] {m}", file=sys.stderr, flush=True))
+        return (*prepare(cfg), resumed_from, lock)
+    except BaseException:
+        if fresh:
+            os.close(lock)
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
 def run_job(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False) -> int:
     """``areal-like run``: returns the exit code; prints the summary as one JSON line on stdout.
     Raises ConfigError (before anything started) when an input is unusable or run_dir refuses
     (a resume with changed settings too, unless ``accept_changes``)."""
-    from launch.warmstart import ensure_warm_start
-
     t0 = time.monotonic()
     check_one_node(cfg)  # several nodes: launch/slurm or launch/MULTINODE.md (`areal-like plan` shows them)
     cfg = checked(cfg)  # hub ids resolved, inputs and tracker packages checked: before anything starts
-    lock = lock_run_dir(Path(cfg.run_dir))  # released by the kernel when this job's last process is gone
-    resumed_from = check_existing_run(cfg)
-    if resumed_from:
-        for change in check_resume_settings(cfg, accept_changes):
-            print(f"[run] resuming with a changed setting: {change}", file=sys.stderr, flush=True)
-        print(f"[run] resuming at step {resumed_from} of {cfg.trainer.steps}", file=sys.stderr, flush=True)
-    write_settings(cfg)
-    plan_job(cfg)  # a layout that does not fit is refused now, not after the warm start
-    cfg = ensure_warm_start(cfg, log=lambda m: print(f"[warm-start] {m}", file=sys.stderr, flush=True))
-    cfg, topo, config_path = prepare(cfg)
+    cfg, topo, config_path, resumed_from, lock = start_job(cfg, accept_changes)
     run_dir = Path(cfg.run_dir)
     jsonl = trainer_jsonl(run_dir)
     since = jsonl.stat().st_size if jsonl.is_file() else 0  # what earlier invocations trained

@@ -66,13 +66,16 @@ def step_records(run_dir: Path, since: int = 0) -> list[dict]:
 
 
 def eval_summary(run_dir: Path) -> dict:
-    """The first and last evaluation of the run, for the summary line."""
+    """The first and last evaluation of the run, for the summary line; ``eval_first`` only when
+    there was an earlier one than the last (with one evaluation it would repeat ``eval_last``)."""
     evals = read_jsonl(run_dir / "eval.jsonl")
     if not evals:
         return {}
     first, last = evals[0], evals[-1]
-    out = {"eval_first": {"policy_version": first["policy_version"], "greedy_accuracy": first["greedy_accuracy"]},
-           "eval_last": {k: v for k, v in last.items() if k != "time"}}
+    out = {"eval_last": {k: v for k, v in last.items() if k != "time"}}
+    if len(evals) > 1:
+        out = {"eval_first": {"policy_version": first["policy_version"],
+                              "greedy_accuracy": first["greedy_accuracy"]}, **out}
     return out
 
 

@@ -222,7 +222,7 @@ def _to_hf_dir(checkpoint: Path, config_file: Path | None, out: Path) -> Path:
     argv = [sys.executable, "-m", "trainer.export", str(checkpoint), str(out)]
     if config_file is not None:
         argv += ["--config-file", str(config_file)]
-    subprocess.run(argv, check=True)
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)  # its JSON line is not ours: one line out
     return out
 
 

@@ -203,6 +203,9 @@ def export_hf(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelConfig, 
     if writer is not None:
         n = writer.finish()
         _write_metadata(model, tmp, model_cfg, tokenizer, dtype)
+        mode = (tmp / "config.json").stat().st_mode & 0o777  # what the umask gives (safetensors: 0600)
+        for weights in tmp.glob("*.safetensors"):
+            os.chmod(weights, mode)
         if task is not None:
             (tmp / EXPORT_TASK_FILE).write_text(task_yaml(task))
         if out_dir.exists():

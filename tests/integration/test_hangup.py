@@ -200,5 +200,6 @@ def test_ctrl_c_during_the_warm_start_prints_one_line_and_no_traceback(tmp_path)
         assert proc.returncode == 130 and out == "", after
         assert "Traceback" not in after and after.splitlines()[-1] == (
             "[run] interrupted before the job started; nothing is running"), after
+        assert not (tmp_path / "run").exists()  # no daemon ran: the run directory it made is gone
     finally:
         stop_process(proc)

@@ -120,3 +120,16 @@ def test_warm_plotting_imports_what_the_learning_curve_needs():
 
     warm_plotting().join(timeout=120)
     assert {"matplotlib.figure", "matplotlib.backends.backend_agg"} <= set(sys.modules)
+
+
+def test_the_summary_shows_a_first_evaluation_only_when_there_were_two(tmp_path):
+    from launch.records import eval_summary
+
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text(json.dumps({"policy_version": 200, "greedy_accuracy": 0.9, "final": True}) + "\n")
+    assert list(eval_summary(tmp_path)) == ["eval_last"]  # not an "eval_first" repeating the last
+    evals.write_text("".join(json.dumps({"policy_version": v, "greedy_accuracy": a}) + "\n"
+                             for v, a in ((0, 0.1), (100, 0.5), (200, 0.9))))
+    summary = eval_summary(tmp_path)
+    assert summary["eval_first"] == {"policy_version": 0, "greedy_accuracy": 0.1}
+    assert summary["eval_last"]["policy_version"] == 200
