@@ -161,6 +161,19 @@ async def evaluate(client: SGLangClient, examples: Sequence, encode: Callable[[o
     return figures
 
 
+def record_eval_metrics(metrics, record: dict, k: int) -> None:
+    """An evaluation's figures as gauges: ``rollout/eval_greedy_accuracy`` and ``_greedy_reward``,
+    and ``rollout/eval_mean`` / ``rollout/eval_pass`` with the sample count as label ``k`` (one
+    series name whatever ``eval.k`` is)."""
+    for key in ("greedy_accuracy", "greedy_reward"):
+        if key in record:
+            metrics.gauge(f"rollout/eval_{key}", f"last evaluation: {key}").set(record[key])
+    for key in ("mean", "pass"):
+        if f"{key}@{k}" in record:
+            metrics.gauge(f"rollout/eval_{key}", f"last evaluation: {key}@k over k samples a prompt",
+                          labels=("k",)).labels(k=str(k)).set(record[f"{key}@{k}"])
+
+
 class ServerEvaluator:
     """The rollout server's side: the eval split, the schedule, and where records go."""
 
@@ -191,10 +204,7 @@ class ServerEvaluator:
         append_record(self.path, record)
         self.schedule.done.add(version)
         if self.metrics is not None:
-            for key in ("greedy_accuracy", "greedy_reward", f"mean@{self.settings.k}", f"pass@{self.settings.k}"):
-                if key in record:
-                    name = "rollout/eval_" + key.replace("@", "_at_")
-                    self.metrics.gauge(name, f"last evaluation: {key}").set(record[key])
+            record_eval_metrics(self.metrics, record, self.settings.k)
             self.metrics.gauge("rollout/eval_policy_version", "policy version of the last evaluation").set(version)
             self.metrics.counter("rollout/evaluations", "evaluations run").inc()
         return record

@@ -341,8 +341,8 @@ class Trainer(Daemon):
         for key, value in stats.items():
             m.gauge(f"trainer/stat/{key}", f"kernel/step stat {key}").set(value)
         m.gauge("trainer/policy_version").set(self.version)
-        m.gauge("trainer/groups_dropped_bad_data", "groups dropped from batches: what the buffer "
-                "refuses (areal_like/group_checks.py)").set(self.data.dropped_groups)
+        m.count_to("trainer/groups_dropped_bad_data", "groups dropped from batches: what the buffer "
+                   "refuses (areal_like/group_checks.py)", self.data.dropped_groups)
         m.gauge("trainer/rolled_back_steps", "steps lost to crashes (labels skipped at resume)").set(
             self.rolled_back_steps)
         m.gauge("trainer/mismatch_kl").set(stats.get("mismatch_kl", 0.0))
