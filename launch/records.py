@@ -132,7 +132,7 @@ def curve_figure(run_dir: Path, recs: list[dict], evals: list[dict]) -> Figure:
     k = max(1, min(SUMMARY_WINDOW, len(rewards)))
     windows = [rewards[max(0, i - k + 1):i + 1] for i in range(len(rewards))]
     smooth = [sum(w) / len(w) for w in windows]
-    fig = Figure(figsize=(6, 3.5), dpi=100)
+    fig = Figure(figsize=(6, 4.2), dpi=100)
     ax = fig.subplots()
     ax.plot(steps, rewards, alpha=0.35, label="reward (per step)")
     ax.plot(steps, smooth, label=f"reward ({k}-step mean)")
@@ -147,7 +147,8 @@ def curve_figure(run_dir: Path, recs: list[dict], evals: list[dict]) -> Figure:
     ax.set_ylabel("mean task reward / eval accuracy" if evals else "mean task reward")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    # below the plot, never over it: inside the axes it hid the late eval points wherever it sat
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize="small", frameon=False)
     ax.set_title(run_dir.name)
     fig.tight_layout()
     return fig

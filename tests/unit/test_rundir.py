@@ -133,3 +133,21 @@ def test_the_summary_shows_a_first_evaluation_only_when_there_were_two(tmp_path)
     summary = eval_summary(tmp_path)
     assert summary["eval_first"] == {"policy_version": 0, "greedy_accuracy": 0.1}
     assert summary["eval_last"]["policy_version"] == 200
+
+
+def test_the_learning_curve_legend_sits_outside_the_plot(tmp_path):
+    """Late evaluation points (top right as a run learns) and early low rewards (bottom) must stay
+    visible: the legend is drawn below the axes, not over them."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from launch.records import curve_figure
+
+    recs = [{"step": s, "reward_mean": s / 100} for s in range(1, 101)]
+    evals = [{"policy_version": v, "greedy_accuracy": v / 100, "mean@4": v / 120, "k": 4} for v in (0, 50, 100)]
+    fig = curve_figure(tmp_path, recs, evals)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    [ax] = fig.axes
+    legend, plot = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+    assert not legend.overlaps(plot), (legend, plot)
+    assert legend.y1 <= plot.y0 and fig.bbox.contains(legend.x0, legend.y0)  # below the axes, inside the image
