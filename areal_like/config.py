@@ -44,8 +44,12 @@ __all__ = [
     "AGG_MODES", "ESTIMATORS", "LOSS_KINDS", "BufferConfig", "ConfigError", "EngineConfig", "EvalConfig", "ExportConfig", "LaunchConfig",
     "LossConfig", "ModelConfig", "RolloutConfig", "RunConfig", "SecurityConfig", "TaskConfig", "TrackingConfig", "TrainerConfig", "WarmStartConfig",
     "WeightSyncConfig", "compose", "config_dir", "dataset_size", "from_yaml", "group_options", "load_config",
-    "load_daemon_config", "to_yaml",
+    "load_daemon_config", "to_yaml", "EXPORT_TASK_FILE", "task_yaml", "task_from_yaml",
 ]
+
+# In every exported model directory: the task it was trained on, which `areal-like eval` scores it
+# on when no run config says otherwise (rollout_server/evaluate.py). Hugging Face loaders ignore it.
+EXPORT_TASK_FILE = "areal_like_task.yaml"
 
 
 def config_dir() -> Path:
@@ -253,6 +257,33 @@ def from_yaml(text: str) -> RunConfig:
 
     merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(text))
     return OmegaConf.to_object(merged)
+
+
+def task_yaml(task: TaskConfig) -> str:
+    """``task`` as the YAML of a config holding only its ``task`` section (``EXPORT_TASK_FILE``)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create({"task": OmegaConf.structured(task)}))
+
+
+def task_from_yaml(text: str, overrides: list[str] | None = None) -> TaskConfig:
+    """The task of ``task_yaml`` output with ``task.key=value`` ``overrides`` on top; ConfigError
+    naming the key when one is unknown or invalid."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured({"task": TaskConfig()}), OmegaConf.create(text),
+                                 OmegaConf.from_dotlist(list(overrides or [])))
+        return OmegaConf.to_object(merged.task)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain(e)) from None
+    except Exception as e:  # a validator's ConfigError, wrapped by some omegaconf versions
+        if isinstance(e.__cause__ or e.__context__, ConfigError):
+            raise (e.__cause__ or e.__context__) from None
+        raise
 
 
 def model_vocab_size(model: ModelConfig) -> int:

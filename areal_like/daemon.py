@@ -16,6 +16,7 @@ daemon is never left half alive.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -34,6 +35,23 @@ GRACEFUL_STOP_S = 10.0  # after SIGTERM, how long stop() may take before the lau
 # again: measured ~100 us more kernel time per 400 KB group on each side (benchmarks/bench_transport.py).
 # The cost: up to 32 MiB of freed memory per malloc arena stays resident. A user's own value wins.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(32 << 20)}
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:
+    """In a child between fork and exec (``Popen(preexec_fn=...)``): the kernel sends ``sig`` to
+    it when the thread that forked it exits (its parent process dying, also by ``kill -9``), and
+    it exits at once if ``parent`` is already gone. The signal survives ``exec`` (not of a setuid
+    program), so a ``taskset`` or ``torchrun`` in front of the daemon keeps it. No-op off Linux."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # reparented: the parent died before prctl, nobody sends the signal
+        os._exit(1)
 
 
 def setup_logging(name: str, level: str | None = None) -> logging.Logger:

@@ -112,21 +112,51 @@ def load_examples(cfg: TaskConfig, key: str, value: str) -> list[Example]:
     rows = table.select_columns(list(dict.fromkeys([text_key, answer_key, *meta_keys]))).to_list()
     if not rows:
         raise ConfigError(f"{key}={value!r} has no rows")
-    out = []
-    for i, row in enumerate(rows):
-        answer = row[answer_key]
-        if answer is None:
-            raise ConfigError(f"task.answer_key={answer_key!r}: row {i} of {value} has no answer")
-        metadata = {k: _plain(row[k]) for k in meta_keys}
-        if cfg.messages_key:
-            messages = _messages(row[text_key], i, text_key, value)
-            prompt = "\n".join(m["content"] for m in messages)
-            out.append(Example(prompt, _text(answer), messages, metadata))
-        else:
-            if row[text_key] is None:
-                raise ConfigError(f"task.prompt_key={text_key!r}: row {i} of {value} has no prompt")
-            out.append(Example(_text(row[text_key]), _text(answer), None, metadata))
-    return out
+    return [row_example(cfg, row, i, (text_key, answer_key, meta_keys), value) for i, row in enumerate(rows)]
+
+
+def row_example(cfg: TaskConfig, row: dict, i: int, keys: tuple[str, str, list[str]], source: str) -> Example:
+    """Row ``i`` of ``source`` as an Example; ConfigError naming the key when its contents cannot
+    be one (no answer, no prompt, messages that are not a list of {role, content})."""
+    text_key, answer_key, meta_keys = keys
+    answer = row[answer_key]
+    if answer is None:
+        raise ConfigError(f"task.answer_key={answer_key!r}: row {i} of {source} has no answer")
+    metadata = {k: _plain(row[k]) for k in meta_keys}
+    if cfg.messages_key:
+        messages = _messages(row[text_key], i, text_key, source)
+        return Example("\n".join(m["content"] for m in messages), _text(answer), messages, metadata)
+    if row[text_key] is None:
+        raise ConfigError(f"task.prompt_key={text_key!r}: row {i} of {source} has no prompt")
+    return Example(_text(row[text_key]), _text(answer), None, metadata)
+
+
+ROW_BATCH = 1024  # rows decoded at a time by check_rows: its memory is one batch, whatever the file's size
+SHOWN_ROWS = 5  # row numbers a check_rows line lists
+
+
+def check_rows(cfg: TaskConfig, key: str, value: str, table: Any) -> str | None:
+    """One line saying which rows of ``table`` (read from ``value``, the key ``key`` names) cannot
+    become examples: how many, the first ``SHOWN_ROWS`` row numbers (from 0) and the first one's
+    reason; None when every row can. Streams the table ``ROW_BATCH`` rows at a time, converting
+    each row as the daemons will (``row_example``)."""
+    keys = task_columns(cfg, list(table.column_names), value)
+    columns = list(dict.fromkeys([keys[0], keys[1], *keys[2]]))
+    bad, first, n = [], "", 0
+    for batch in table.select_columns(columns).iter(batch_size=ROW_BATCH):
+        for j in range(len(batch[columns[0]])):
+            try:
+                row_example(cfg, {c: batch[c][j] for c in columns}, n, keys, value)
+            except ConfigError as e:
+                bad.append(n)
+                first = first or str(e)
+            n += 1
+    if n == 0:
+        return f"{key}={value!r} has no rows"
+    if not bad:
+        return None
+    shown = ", ".join(map(str, bad[:SHOWN_ROWS])) + (", ..." if len(bad) > SHOWN_ROWS else "")
+    return f"{key}={value!r}: {len(bad)} of {n} rows cannot be used (rows {shown}); the first: {first}"
 
 
 def task_columns(cfg: TaskConfig, columns: list[str], source: str) -> tuple[str, str, list[str]]:

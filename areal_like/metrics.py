@@ -37,6 +37,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._by_name: dict[str, object] = {}
+        self._totals: dict[str, float] = {}  # count_to's last totals
         self._lock = threading.Lock()
 
     def _get(self, kind, name: str, doc: str, labels: tuple[str, ...], **kw):
@@ -58,6 +59,16 @@ class Metrics:
     def histogram(self, name: str, doc: str = "", labels: tuple[str, ...] = (), buckets=None) -> Histogram:
         kw = {"buckets": buckets} if buckets is not None else {}
         return self._get(Histogram, name, doc, labels, **kw)
+
+    def count_to(self, name: str, doc: str, total: float) -> None:
+        """The counter ``name`` brought up to ``total``, a running count kept elsewhere (it only
+        grows within a process): Prometheus counters are incremented, never set."""
+        counter = self.counter(name, doc)
+        with self._lock:
+            last = self._totals.get(name, 0.0)
+            self._totals[name] = max(last, total)
+        if total > last:
+            counter.inc(total - last)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -48,9 +48,11 @@ class ExportConfig:
     at_end: bool = True  # and once when training ends
     dir: str = "export"  # relative to run_dir unless absolute; one v<version> directory per export
     shard_mb: int = 2048  # largest model.safetensors shard
+    keep: int = 0  # in-run exports kept, the newest (older ones deleted after each export); 0 = all
 
     def __post_init__(self):
         _check("export.every", self.every >= 0, ">= 0", self.every)
+        _check("export.keep", self.keep >= 0, ">= 0", self.keep)
         _check("export.shard_mb", self.shard_mb >= 1, ">= 1", self.shard_mb)
 
 

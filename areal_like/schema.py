@@ -293,6 +293,9 @@ class TrainerConfig:
     # checkpoint_every=1 on small models (benchmarks/bench_chaos.py measures it).
     checkpoint_async: bool = False
     checkpoint_dir: str = "checkpoints"  # relative to run_dir unless absolute
+    # Checkpoints kept on disk, the newest (older ones are deleted at each save); 2: the newest, and
+    # one in case it is on a failing disk. Exports are kept by export.keep, never by this.
+    keep_checkpoints: int = 2
     resume: bool = True
     device: str = "cpu"
     batch_wait_s: float = 5.0
@@ -307,6 +310,8 @@ class TrainerConfig:
     logprob_chunk_tokens: int = 512  # tokens per lm_head chunk of the log-probs: one [chunk, vocab] fp32 block
 
     def __post_init__(self):
+        _check("trainer.keep_checkpoints", self.keep_checkpoints >= 1, ">= 1",
+               self.keep_checkpoints)
         _check("trainer.steps", self.steps >= 1, ">= 1", self.steps)
         _check("trainer.lr", self.lr > 0, "> 0", self.lr)
         _choice("trainer.lr_schedule", self.lr_schedule, ("constant", "linear", "cosine"))
@@ -376,8 +381,14 @@ class LaunchConfig:
     auto_layout: bool = False
     auto_max_servers: int = 8  # auto_layout's ceiling on rollout servers (each a process with a model copy)
     auto_max_threads: int = 8  # and on trainer threads
+    # Long runs: each daemon's log (logs/<name>.log) and metrics/scrape.jsonl rotate past log_max_mb
+    # into <file>.1 ... .<log_backups>, the oldest dropped (launch/local.py).
+    log_max_mb: float = 100.0
+    log_backups: int = 3
 
     def __post_init__(self):
+        _check("launch.log_max_mb", self.log_max_mb > 0, "> 0", self.log_max_mb)
+        _check("launch.log_backups", self.log_backups >= 1, ">= 1", self.log_backups)
         _check("launch.auto_layout", not (self.auto_layout and self.nodes > 1), "false with launch.nodes > 1",
                self.auto_layout)
         _check("launch.auto_max_servers", self.auto_max_servers >= 1, ">= 1", self.auto_max_servers)

@@ -4,15 +4,24 @@ Both read ``<run_dir>/ports.json`` (written by the supervisor, or by hand for a 
 ``{"daemons": [{"name", "kind", "metrics_url", "health_url"}, ...]}``) and scrape every daemon
 over HTTP, so they work from any machine that can reach the daemons. ``top`` redraws a table
 every few seconds: per daemon its health and the figures that tell whether the job is healthy
-(versions, staleness, rewards, throughput as rates of the counters, weight-sync times).
+(versions, staleness, rewards, throughput as rates of the counters, weight-sync times). Without a
+terminal (a pipe, a log file) it prints one plain table per interval instead, and ``--once`` prints
+one (over one interval, so that rates have two points) and exits.
+
+``status`` says per daemon: ``up`` (``/health`` answers 200), ``starting`` (no answer yet, but its
+process, from ports.json, is alive), ``finished`` (no answer, and the job wrote its
+``summary.json`` after its ``ports.json``: the run ended) or ``DOWN`` (none of these, or a 503).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 import urllib.request
 from pathlib import Path
+
+import psutil
 
 # (column title, kind, series, how): how = "value" | "rate" (per second, from a counter) | "mean" (histogram)
 COLUMNS = [
@@ -25,7 +34,8 @@ COLUMNS = [
     ("version", "rollout", "areal_rollout_policy_version", "value"),
     ("tok/s", "rollout", "areal_rollout_tokens_generated_total", "rate"),
     ("acked/s", "rollout", "areal_rollout_groups_acked_total", "rate"),
-    ("reward", "rollout", "areal_rollout_reward_mean", "value"),
+    # mean reward of the samples scored since the last refresh (all of them on the first)
+    ("reward", "rollout", "areal_rollout_reward_sum/areal_rollout_reward_count", "ratio"),
     ("in flight", "rollout", "areal_rollout_requests_in_flight", "value"),
     ("pause s", "rollout", "areal_rollout_weight_sync_pause_seconds", "mean"),
     ("version", "trainer", "areal_trainer_policy_version", "value"),
@@ -62,15 +72,40 @@ def health(url: str, timeout_s: float = 2.0) -> tuple[bool, dict]:
         return False, {"error": f"{type(e).__name__}: {e}"}
 
 
+def _alive(pid: int | None) -> bool:
+    try:
+        return pid is not None and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def job_finished(run_dir: Path) -> bool:
+    """The job of ``run_dir`` ended: its summary.json was written after its ports.json."""
+    summary, ports = run_dir / "summary.json", run_dir / "ports.json"
+    return summary.is_file() and summary.stat().st_mtime >= ports.stat().st_mtime
+
+
+def state(ok: bool, details: dict, pid: int | None, finished: bool) -> str:
+    """One daemon's state for ``status`` (module docstring)."""
+    if ok:
+        return "up"
+    if finished:
+        return "finished"
+    answered = "error" not in details or str(details["error"]).startswith("HTTP")
+    return "starting" if _alive(pid) and not answered else "DOWN"
+
+
 def status(run_dir: str | Path) -> int:
-    """Print one line per daemon (and the trainer's progress); 0 when every daemon is healthy."""
+    """Print one line per daemon (and the trainer's progress); 0 when every daemon is up."""
     info = load_ports(run_dir)
+    finished = job_finished(Path(run_dir))
     all_ok = True
     for d in info["daemons"]:
         ok, details = health(d["health_url"])
         all_ok &= ok
         extra = f"uptime {details['uptime_s']}s" if "uptime_s" in details else details.get("error", "")
-        print(f"{d['name']:<12} {'ok  ' if ok else 'DOWN'} pid={d.get('pid')}  {d['health_url']}  {extra}")
+        now = state(ok, details, d.get("pid"), finished)
+        print(f"{d['name']:<12} {now:<8} pid={d.get('pid')}  {d['health_url']}  {extra}")
     last = _last_step(Path(run_dir))
     if last:
         print(f"trainer step {last.get('step')}  reward {last.get('reward_mean', float('nan')):.3f}  "
@@ -107,6 +142,11 @@ def snapshot(info: dict) -> dict[str, dict[str, float] | None]:
 def figure(values: dict[str, float], prev: dict[str, float] | None, dt: float, series: str, how: str) -> str:
     if how == "value":
         v = values.get(series)
+    elif how == "ratio":  # the change of one counter over the change of another since prev
+        num, den = series.split("/")
+        before = prev or {}
+        d_den = values.get(den, 0.0) - before.get(den, 0.0)
+        v = (values.get(num, 0.0) - before.get(num, 0.0)) / d_den if d_den > 0 else None
     elif how == "rate":
         v = None
         if prev is not None and series in values and series in prev and dt > 0:
@@ -140,7 +180,38 @@ def render(info: dict, snap: dict, prev: dict, dt: float):
     return tables
 
 
-def live(run_dir: str | Path, interval_s: float = 2.0) -> int:
+def _head(run_dir: str | Path) -> str:
+    last = _last_step(Path(run_dir)) or {}
+    return (f"{run_dir}   trainer step {last.get('step', '-')}   "
+            f"reward {last.get('reward_mean', float('nan')):.3f}   {time.strftime('%H:%M:%S')}")
+
+
+def plain(run_dir: str | Path, interval_s: float = 2.0, once: bool = False) -> int:
+    """``top`` without a terminal: one plain-text table per interval (rates over that interval);
+    ``once``: the first one, then exit."""
+    from rich.console import Console
+
+    console = Console(file=sys.stdout, force_terminal=False, color_system=None, width=160)
+    info = load_ports(run_dir)
+    prev, t_prev = snapshot(info), time.monotonic()
+    try:
+        while True:
+            time.sleep(interval_s)
+            snap, now = snapshot(info), time.monotonic()
+            console.print(_head(run_dir), *render(info, snap, prev, now - t_prev))
+            sys.stdout.flush()
+            if once:
+                return 0
+            prev, t_prev = {k: v for k, v in snap.items() if v is not None}, now
+            info = load_ports(run_dir)  # PIDs change on restarts
+    except KeyboardInterrupt:
+        return 0
+
+
+def live(run_dir: str | Path, interval_s: float = 2.0, once: bool = False) -> int:
+    """``areal-like top``: a live view on a terminal, ``plain`` tables otherwise (or ``once``)."""
+    if once or not sys.stdout.isatty():
+        return plain(run_dir, interval_s, once)
     from rich.console import Group
     from rich.live import Live
     from rich.text import Text
@@ -152,10 +223,7 @@ def live(run_dir: str | Path, interval_s: float = 2.0) -> int:
         with Live(refresh_per_second=4, screen=False) as view:
             while True:
                 snap, now = snapshot(info), time.monotonic()
-                last = _last_step(Path(run_dir)) or {}
-                head = Text(f"{run_dir}   trainer step {last.get('step', '-')}   "
-                            f"reward {last.get('reward_mean', float('nan')):.3f}   {time.strftime('%H:%M:%S')}")
-                view.update(Group(head, *render(info, snap, prev, now - t_prev)))
+                view.update(Group(Text(_head(run_dir)), *render(info, snap, prev, now - t_prev)))
                 prev = {k: v for k, v in snap.items() if v is not None}
                 t_prev = now
                 time.sleep(interval_s)

@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     except WalInUse as e:
         log.error("%s", e)
         return 3
+    except ConfigError as e:  # an input the preflight of `areal-like run` would have refused (a bad row)
+        log.error("unusable input: %s", e)
+        return 2
     return service.serve()
 
 

@@ -1,6 +1,6 @@
 """``areal-like``: the command users type.
 
-    areal-like run      [-q] [overrides...]   the whole job on this machine (warm start + supervisor)
+    areal-like run      [-q] [--accept-changes] [overrides...]   the whole job on this machine
     areal-like buffer   [overrides...]        one buffer daemon in the foreground
     areal-like rollout  [overrides...]        one rollout server (+ its engine) in the foreground
     areal-like train    [torchrun flags] [overrides...]   the trainer under torchrun
@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the whole job on this machine")
     run.add_argument("-q", "--quiet", action="store_true",
                      help="do not echo daemon logs (they stay in run_dir/logs); a failed job still prints why")
+    run.add_argument("--accept-changes", action="store_true",
+                     help="resume a run_dir although settings differ from its settings.yaml (they are listed)")
     run.add_argument("overrides", nargs="*", help="Hydra overrides")
     for name, help_ in (("buffer", "run one buffer daemon in the foreground"),
                         ("rollout", "run one rollout server in the foreground")):
@@ -95,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
         t.add_argument("run_dir", nargs="?", help="run directory (default: the newest under ./runs)")
         if name == "top":
             t.add_argument("--interval", type=float, default=2.0, help="seconds between scrapes")
+            t.add_argument("--once", action="store_true",
+                           help="print one plain table (rates over one interval) and exit; without a "
+                                "terminal top prints plain tables anyway")
     return p
 
 
@@ -108,14 +113,14 @@ def main(argv: list[str] | None = None) -> int:
         return _exec_trainer(argv[1:]) if argv[0] == "train" else _exec_module(DAEMON_MODULES[argv[0]], argv[1:])
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.command != "track" or any(a.startswith("-") for a in extra)):
+    if extra and (args.command not in ("track", "run") or any(a.startswith("-") for a in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command == "track":  # overrides after --once: argparse leaves them over
+    if args.command in ("track", "run"):  # overrides after a flag (--once, -q): argparse leaves them over
         args.overrides += extra
     if args.command in DAEMON_MODULES or args.command in TOOL_MODULES:  # only `--help` reaches here
         return 0
     if args.command == "run":
-        return _run(args.overrides, quiet=args.quiet)
+        return _run(args.overrides, quiet=args.quiet, accept_changes=args.accept_changes)
     if args.command == "config":
         return _print_config(args.overrides)
     if args.command == "plan":
@@ -132,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "status":
         return top.status(run_dir)
-    return top.live(run_dir, interval_s=args.interval)
+    return top.live(run_dir, interval_s=args.interval, once=args.once)
 
 
 def _exec_module(module: str, rest: list[str]) -> int:
@@ -211,7 +216,7 @@ def _print_config(overrides: list[str]) -> int:
     return 0
 
 
-def _run(overrides: list[str], quiet: bool) -> int:
+def _run(overrides: list[str], quiet: bool, accept_changes: bool = False) -> int:
     from areal_like.config import ConfigError
     from launch.job import run_job
 
@@ -219,9 +224,12 @@ def _run(overrides: list[str], quiet: bool) -> int:
     if cfg is None:
         return 2
     try:
-        return run_job(cfg, quiet=quiet)
+        return run_job(cfg, quiet=quiet, accept_changes=accept_changes)
     except ConfigError as e:  # preflight, a finished run_dir, a port clash: before anything started
         return _errors(e)
+    except KeyboardInterrupt:  # Ctrl-C before the supervisor took over (the warm start, the checks)
+        print("[run] interrupted before the job started; nothing is running", file=sys.stderr, flush=True)
+        return 130
 
 
 def _plan(overrides: list[str]) -> int:

@@ -2,7 +2,8 @@
 
 ``run_job(cfg)`` is what ``areal-like run`` does:
 
-0. resolve hub ids to local directories and run the preflight (``launch/preflight.py``), then look
+0. resolve hub ids to local directories and run the preflight (``launch/preflight.py``), take the
+   run directory's job lock (a job still alive there is refused), then look
    at what ``run_dir`` already holds (``launch/rundir.py``): a finished run is refused, an
    unfinished one resumes from its latest checkpoint; a ``ConfigError`` from here reaches the CLI,
    which prints it as one line per problem and exits 2;
@@ -42,11 +43,11 @@ from areal_like.daemon import MALLOC_ENV
 from areal_like.distributed import free_port
 from areal_like.security import make_keys
 from areal_like.track_sink import JsonlTail, TrackerSink
-from launch.local import ProcSpec, Supervisor, error_tail, write_json_atomic
+from launch.local import ProcSpec, Supervisor, error_tail, rotating_file, write_json_atomic, write_line
 from launch.placement import check_one_node, needs_gpus, place_nodes, visible_devices, with_weight_path
 from launch.preflight import checked
 from launch.records import SUMMARY_WINDOW, read_jsonl, reward_of, step_of, summarize, trainer_jsonl, warm_plotting
-from launch.rundir import check_existing_run
+from launch.rundir import check_existing_run, check_resume_settings, lock_run_dir, write_settings
 from launch.topology import Topology, apply_topology, laptop_layout, plan_topology, wants_eval, with_local_ipc
 
 PROGRESS_EVERY_S = 5.0  # a live line this often keeps a terminal alive without flooding logs
@@ -216,6 +217,7 @@ class Monitor:
         self.recent: dict[int, dict] = {}  # the last SUMMARY_WINDOW steps' records (a replayed step: the last)
         self.t0 = time.monotonic()
         self.next_line = self.next_scrape = self.next_track = 0.0
+        self.scrapes = rotating_file(run_dir / "metrics" / "scrape.jsonl", log_bytes(cfg), cfg.launch.log_backups)
 
     def __call__(self, sup: Supervisor) -> None:
         now = time.monotonic()
@@ -251,14 +253,21 @@ class Monitor:
     def scrape(self) -> None:
         from areal_like.metrics import scrape
 
-        with (self.run_dir / "metrics" / "scrape.jsonl").open("a") as f:
-            for slot in self.topo.slots:
-                try:
-                    values = scrape(f"http://{self.topo.host}:{slot.metrics_port}/metrics")
-                except Exception:
-                    continue  # down or restarting: the supervisor reports that
-                values = {k: v for k, v in values.items() if k.startswith("areal_") and "_bucket{" not in k}
-                f.write(json.dumps({"t": round(time.time(), 3), "daemon": slot.name, "values": values}) + "\n")
+        for slot in self.topo.slots:
+            try:
+                values = scrape(f"http://{self.topo.host}:{slot.metrics_port}/metrics")
+            except Exception:
+                continue  # down or restarting: the supervisor reports that
+            values = {k: v for k, v in values.items() if k.startswith("areal_") and "_bucket{" not in k}
+            write_line(self.scrapes, json.dumps({"t": round(time.time(), 3), "daemon": slot.name, "values": values}))
+
+    def close(self) -> None:
+        self.scrapes.close()
+
+
+def log_bytes(cfg: RunConfig) -> int:
+    """``launch.log_max_mb`` in bytes: where a daemon log or scrape.jsonl rotates."""
+    return int(cfg.launch.log_max_mb * (1 << 20))
 
 
 def wait_for_final_eval(cfg: RunConfig, run_dir: Path, sup: Supervisor) -> bool:
@@ -317,32 +326,53 @@ def report_failure(run_dir: Path, daemon: str, out=sys.stderr) -> None:
     out.flush()
 
 
-def run_job(cfg: RunConfig, quiet: bool = False) -> int:
-    """``areal-like run``: returns the exit code; prints the summary as one JSON line on stdout.
-    Raises ConfigError (before anything started) when an input is unusable or run_dir refuses."""
+def start_job(cfg: RunConfig, accept_changes: bool) -> tuple[RunConfig, Topology, Path, int, int]:
+    """Steps 0-2 of ``run_job`` on a checked config: (the daemons' config, topology, config.yaml,
+    the step resumed from, the run_dir lock's descriptor). A run_dir this call created is removed
+    again when it fails (a ConfigError, Ctrl-C, a warm start that crashed): no daemon ran in it."""
     from launch.warmstart import ensure_warm_start
 
+    run_dir = Path(cfg.run_dir).resolve()
+    fresh = not run_dir.exists()
+    lock = lock_run_dir(run_dir)  # released by the kernel when this job's last process is gone
+    try:
+        resumed_from = check_existing_run(cfg)
+        if resumed_from:
+            for change in check_resume_settings(cfg, accept_changes):
+                print(f"[run] resuming with a changed setting: {change}", file=sys.stderr, flush=True)
+            print(f"[run] resuming at step {resumed_from} of {cfg.trainer.steps}", file=sys.stderr, flush=True)
+        write_settings(cfg)
+        plan_job(cfg)  # a layout that does not fit is refused now, not after the warm start
+        cfg = ensure_warm_start(cfg, log=lambda m: print(f"[warm-start] {m}", file=sys.stderr, flush=True))
+        return (*prepare(cfg), resumed_from, lock)
+    except BaseException:
+        if fresh:
+            os.close(lock)
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def run_job(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False) -> int:
+    """``areal-like run``: returns the exit code; prints the summary as one JSON line on stdout.
+    Raises ConfigError (before anything started) when an input is unusable or run_dir refuses
+    (a resume with changed settings too, unless ``accept_changes``)."""
     t0 = time.monotonic()
     check_one_node(cfg)  # several nodes: launch/slurm or launch/MULTINODE.md (`areal-like plan` shows them)
     cfg = checked(cfg)  # hub ids resolved, inputs and tracker packages checked: before anything starts
-    resumed_from = check_existing_run(cfg)
-    if resumed_from:
-        print(f"[run] resuming at step {resumed_from} of {cfg.trainer.steps}", file=sys.stderr, flush=True)
-    plan_job(cfg)  # a layout that does not fit is refused now, not after the warm start
-    cfg = ensure_warm_start(cfg, log=lambda m: print(f"[warm-start] {m}", file=sys.stderr, flush=True))
-    cfg, topo, config_path = prepare(cfg)
+    cfg, topo, config_path, resumed_from, lock = start_job(cfg, accept_changes)
     run_dir = Path(cfg.run_dir)
     jsonl = trainer_jsonl(run_dir)
     since = jsonl.stat().st_size if jsonl.is_file() else 0  # what earlier invocations trained
     echo = _supervisor_lines_only if quiet else None
     sink = TrackerSink.from_config(cfg)
+    monitor = Monitor(cfg, topo, run_dir, since=since, sink=sink)
     try:
         sup = Supervisor(job_specs(cfg, topo, config_path), run_dir, restarts=cfg.launch.restarts,
                          restart_window_s=cfg.launch.restart_window_s, restart_backoff_s=cfg.launch.restart_backoff_s,
                          restart_backoff_max_s=cfg.launch.restart_backoff_max_s,
                          health_timeout_s=cfg.launch.health_timeout_s, echo=echo,
-                         on_tick=Monitor(cfg, topo, run_dir, since=since, sink=sink),
-                         on_change=lambda s: write_ports(run_dir, topo, s))
+                         on_tick=monitor, on_change=lambda s: write_ports(run_dir, topo, s), inherit_fds=(lock,),
+                         log_max_bytes=log_bytes(cfg), log_backups=cfg.launch.log_backups)
         sup.install_signals()
         sup.on_complete = lambda s: on_trainer_done(cfg, run_dir, s)
         print(f"[run] run_dir {run_dir}  (logs in {run_dir / 'logs'}; `areal-like top {run_dir}` for a live view)",
@@ -354,5 +384,6 @@ def run_job(cfg: RunConfig, quiet: bool = False) -> int:
         sink.poll(final=True)  # every daemon has stopped: the files are complete
     finally:
         sink.close()
+        monitor.close()
     print(json.dumps(summary), flush=True)
     return code

@@ -7,13 +7,23 @@ trainer under torchrun; or any commands in tests). ``run()``:
    (``start_new_session``) so that it and its children can be signalled as one group, and waits
    for every ``/health`` to answer 200;
 2. streams each process's output line by line, prefixed with its name, to the console and to
-   ``<run_dir>/logs/<name>.log``;
+   ``<run_dir>/logs/<name>.log``, which rotates (``logging.handlers.RotatingFileHandler``) past
+   ``log_max_bytes`` into ``<name>.log.1`` ... ``.<log_backups>``, the oldest dropped: a job that
+   runs for weeks keeps at most ``(log_backups + 1) x log_max_bytes`` of logs per process;
 3. polls: a process that exits is restarted after a back-off that doubles with each restart
    (``RestartBudget``: at most ``restarts`` within a sliding ``restart_window_s``, so crashes long
    ago do not count); the *main* process (the trainer) exiting 0 is job completion; a process out
    of restarts fails the job;
-4. on completion, failure, Ctrl-C or SIGTERM stops everything in reverse start order: SIGTERM to
-   the process group, wait, SIGKILL, by PID.
+4. on completion, failure, Ctrl-C, SIGTERM or SIGHUP (the terminal closed: its output then goes to
+   /dev/null) stops everything in reverse start order: SIGTERM to the process group, wait,
+   SIGKILL, by PID. From then on the daemons' output goes to their logs only: what they print
+   while they stop (torchrun's traceback for the signal, torch's warnings about peers that went
+   away) is expected, and the console gets the one line saying how the job ended.
+
+Every process it starts gets SIGTERM from the kernel when the supervisor dies without stopping it
+(``kill -9``, an OOM kill: ``PR_SET_PDEATHSIG``, ``areal_like/daemon.py``), and inherits
+``inherit_fds`` (the run directory's job lock, ``launch/rundir.py``), so that the lock is held
+until the last daemon of the job is gone.
 
 Invariant: no process is left behind. torchrun puts every rank in a session of its own, so a
 ``kill -9`` of torchrun orphans its ranks outside our process group; the supervisor therefore
@@ -23,7 +33,9 @@ recycled PID is never hit) and kills the survivors by PID after the group is gon
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import shutil
 import signal
@@ -35,14 +47,33 @@ import urllib.request
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
 import psutil
+
+from areal_like.daemon import die_with_parent
 
 POLL_S = 0.5  # how often exits are noticed; a restart within a second is plenty for daemons
 STOP_GRACE_S = 15.0  # SIGTERM -> SIGKILL; above daemon.GRACEFUL_STOP_S so a clean stop can finish
 HEALTH_PROBE_S = 2.0  # one /health request; a daemon answering slower than this is not healthy
 RESTART_BACKOFF_S = 1.0  # first wait between a crash and its restart, so a crash loop does not spin the CPU
+LOG_MAX_BYTES = 100 << 20  # a daemon's log file rotates past this (launch.log_max_mb)
+LOG_BACKUPS = 3  # rotated files kept per log (launch.log_backups)
+
+
+def rotating_file(path: Path, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS) -> RotatingFileHandler:
+    """A handler appending lines (``write_line``) to ``path``, rotated into ``path.1`` ... ``path.N``
+    past ``max_bytes`` (``N = backups``; the oldest is dropped)."""
+    handler = RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8",
+                                  errors="replace", delay=True)  # opened at the first line
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    return handler
+
+
+def write_line(handler: RotatingFileHandler, line: str) -> None:
+    """``line`` (no newline) into ``handler``'s file, rotating first when it is full; flushed."""
+    handler.handle(logging.makeLogRecord({"msg": line, "levelno": logging.INFO}))
 
 
 class RestartBudget:
@@ -109,7 +140,9 @@ class Supervisor:
                  restart_window_s: float = 3600.0, restart_backoff_s: float = RESTART_BACKOFF_S,
                  restart_backoff_max_s: float = 60.0,
                  echo: Callable[[str], None] | None = None, on_tick: Callable[[Supervisor], None] | None = None,
-                 on_change: Callable[[Supervisor], None] | None = None):
+                 on_change: Callable[[Supervisor], None] | None = None,
+                 inherit_fds: tuple[int, ...] = (), log_max_bytes: int = LOG_MAX_BYTES,
+                 log_backups: int = LOG_BACKUPS):
         self.procs = [_Proc(s) for s in sorted(specs, key=lambda s: s.stage)]
         self.run_dir = Path(run_dir)
         self.log_dir = self.run_dir / "logs"
@@ -123,7 +156,11 @@ class Supervisor:
         self.on_change = on_change  # called after any (re)start: e.g. rewrite ports.json with the new PIDs
         self.on_complete: Callable[[Supervisor], None] | None = None  # after the main process completed,
         # before anything is stopped (tests inspect the finished job's live daemons here)
+        self.inherit_fds = inherit_fds  # open in every process it starts (the run_dir lock)
+        self.log_max_bytes, self.log_backups = log_max_bytes, log_backups
+        self.logs: dict[str, RotatingFileHandler] = {}  # one per process name, kept across its restarts
         self.stop_event = threading.Event()
+        self.stopping = threading.Event()  # stop_all began: daemon output to the logs only
         self.outcome = ""
         self.failed: str | None = None  # the process that failed the job (see error_tail for its log)
 
@@ -131,9 +168,20 @@ class Supervisor:
     def request_stop(self, *_args) -> None:
         self.stop_event.set()
 
+    def hang_up(self, *_args) -> None:
+        """SIGHUP: the terminal is gone. Output to it would fail (EIO) from now on, so it goes to
+        /dev/null; then the job stops as on Ctrl-C, every daemon with it."""
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            if os.isatty(fd):
+                os.dup2(devnull, fd)
+        os.close(devnull)
+        self.request_stop()
+
     def install_signals(self) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGHUP, self.hang_up)
 
     def pids(self) -> dict[str, int | None]:
         return {p.spec.name: (p.popen.pid if p.popen and p.popen.poll() is None else None) for p in self.procs}
@@ -155,6 +203,8 @@ class Supervisor:
             code = 1
         finally:
             self.stop_all()
+            for handler in self.logs.values():
+                handler.close()
         self.echo(f"[supervisor] {self.outcome}")
         return code
 
@@ -206,6 +256,7 @@ class Supervisor:
 
     def stop_all(self) -> None:
         """Reverse start order: SIGTERM the group, wait, SIGKILL; then every recorded descendant."""
+        self.stopping.set()
         for p in reversed(self.procs):
             self._stop(p)
 
@@ -215,10 +266,15 @@ class Supervisor:
         if p.spec.cpus is not None:
             argv = _pin(argv, p.spec.cpus)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **p.spec.env}
-        log = open(self.log_dir / f"{p.spec.name}.log", "ab")  # noqa: SIM115 - owned by the pump thread
-        log.write(f"---- start {time.strftime('%H:%M:%S')}: {' '.join(argv)}\n".encode())
+        log = self.logs.get(p.spec.name)
+        if log is None:
+            log = self.logs[p.spec.name] = rotating_file(self.log_dir / f"{p.spec.name}.log", self.log_max_bytes,
+                                                         self.log_backups)
+        write_line(log, f"{LOG_START}{time.strftime('%H:%M:%S')}: {' '.join(argv)}")
         p.popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                   pass_fds=self.inherit_fds,
+                                   preexec_fn=functools.partial(die_with_parent, os.getpid()))
         p.descendants = {}
         p.pump = threading.Thread(target=self._pump, args=(p.spec.name, p.popen, log), daemon=True,
                                   name=f"log-{p.spec.name}")
@@ -227,13 +283,13 @@ class Supervisor:
         if self.on_change is not None:
             self.on_change(self)
 
-    def _pump(self, name: str, popen: subprocess.Popen, log) -> None:
-        with log:
-            for line in iter(popen.stdout.readline, b""):
-                log.write(line)
-                log.flush()
-                self.echo(f"{name:>10} | {line.decode(errors='replace').rstrip()}")
-            popen.stdout.close()
+    def _pump(self, name: str, popen: subprocess.Popen, log: RotatingFileHandler) -> None:
+        for raw in iter(popen.stdout.readline, b""):
+            line = raw.decode(errors="replace").rstrip("\r\n")
+            write_line(log, line)
+            if not self.stopping.is_set():
+                self.echo(f"{name:>10} | {line.rstrip()}")
+        popen.stdout.close()
 
     def _wait_healthy(self, p: _Proc) -> None:
         timeout_s = max(self.health_timeout_s, p.spec.health_timeout_s or 0.0)

@@ -13,9 +13,13 @@ and ``areal-like config`` call it. It resolves hub ids to local directories
   (when it is not a built-in tokenizer): a directory with a tokenizer; ``trainer.ref_path``: like
   model.path;
 * ``warm_start.steps > 0`` only with a model built from config or one a warm start wrote;
-* ``task.dataset_path`` (``task.name=dataset``) and ``task.eval_path``: exist, and hold the columns
-  ``task.messages_key`` / ``task.prompt_key``, ``task.answer_key`` and ``task.metadata_keys`` name;
-* ``task.chat_template`` (other than auto/none): a file or a template that compiles;
+* ``task.dataset_path`` (``task.name=dataset``) and ``task.eval_path``: exist, hold the columns
+  ``task.messages_key`` / ``task.prompt_key``, ``task.answer_key`` and ``task.metadata_keys`` name,
+  and every row's contents make an example (an answer, a prompt, messages that are a list of
+  {role, content}); the rows are streamed a batch at a time, so memory stays bounded;
+* ``task.chat_template`` (other than auto/none): a file or a template that compiles; with ``auto``
+  on a chat dataset (``task.messages_key``), the tokenizer has a template to lay the messages out
+  (else it would get their contents as plain text, which no chat model was trained on);
 * ``task.reward_fn``: loads as in a reward worker (same loader, ``task.reward_memory_mb`` address
   space, environment without secrets), in a child Python (see ``check_reward_fn``);
 * ``task.env``: the class imports, builds with no arguments and has ``reset`` and ``step``; its tools'
@@ -130,18 +134,22 @@ def check_task_files(cfg: RunConfig) -> list[str]:
 
 
 def check_dataset_columns(cfg: RunConfig) -> list[str]:
-    """The columns the task keys name exist in ``task.dataset_path`` and ``task.eval_path``; reads
-    the files as the daemons will (``areal_like.datasets.load_table``), rows untouched."""
+    """The columns the task keys name exist in ``task.dataset_path`` and ``task.eval_path``, and
+    every row makes an example (``areal_like.datasets.check_rows``: one line for all the bad rows);
+    reads the files as the daemons will (``areal_like.datasets.load_table``)."""
     t, out = cfg.task, []
     if t.name != "dataset":
         return out
-    from areal_like.datasets import load_table, task_columns
+    from areal_like.datasets import check_rows, load_table, task_columns
 
     for key, value in (("task.dataset_path", t.dataset_path), ("task.eval_path", t.eval_path)):
         if not value or not Path(value).expanduser().exists():
             continue  # check_task_files says so
         try:
-            task_columns(t, list(load_table(key, value).column_names), value)
+            table = load_table(key, value)
+            task_columns(t, list(table.column_names), value)
+            if (rows := check_rows(t, key, value, table)) is not None:
+                out.append(rows)
         except ConfigError as e:
             out.append(str(e).splitlines()[0])
         except Exception as e:  # noqa: BLE001 - a malformed file: the reader's reason, in one line
@@ -171,6 +179,26 @@ def check_chat_template(cfg: RunConfig) -> list[str]:
         reason = " ".join(str(e.message or e).split())  # one line, whatever jinja2 wrote
         return [f"task.chat_template={shown!r} is not a valid Jinja template: {reason} (line {e.lineno})"]
     return []
+
+
+def check_chat_format(cfg: RunConfig) -> list[str]:
+    """A chat dataset (``task.messages_key``) with ``task.chat_template=auto`` needs a tokenizer
+    that has a chat template; ``none`` (plain text) or a template of one's own says otherwise."""
+    t = cfg.task
+    if t.name != "dataset" or not t.messages_key or t.chat_template != "auto":
+        return []
+    from areal_like.tokenizer import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(cfg.model)
+    except Exception:  # noqa: BLE001 - an unusable model or tokenizer: check_models says why
+        return []
+    if getattr(tokenizer, "chat_template", None):
+        return []
+    source = f"model.path={cfg.model.path!r}" if cfg.model.path else f"model.tokenizer={cfg.model.tokenizer!r}"
+    return [f"task.messages_key={t.messages_key!r} is a chat dataset, but the tokenizer of {source} has no chat "
+            "template to lay its messages out: set task.chat_template to a Jinja template (or a file of one), "
+            "or task.chat_template=none to feed the messages' contents as plain text"]
 
 
 def check_reward_fn(cfg: RunConfig) -> list[str]:
@@ -278,5 +306,6 @@ def check_environment(cfg: RunConfig) -> list[str]:
 
 
 # every check but check_models, which checked() runs on the resolved model keys
-OTHER_CHECKS = (check_warm_start, check_task_files, check_dataset_columns, check_chat_template, check_reward_fn,
-                check_env, check_agent, check_trackers, check_engine, check_environment)
+OTHER_CHECKS = (check_warm_start, check_task_files, check_dataset_columns, check_chat_template,
+                check_chat_format, check_reward_fn, check_env, check_agent, check_trackers, check_engine,
+                check_environment)

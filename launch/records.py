@@ -66,13 +66,16 @@ def step_records(run_dir: Path, since: int = 0) -> list[dict]:
 
 
 def eval_summary(run_dir: Path) -> dict:
-    """The first and last evaluation of the run, for the summary line."""
+    """The first and last evaluation of the run, for the summary line; ``eval_first`` only when
+    there was an earlier one than the last (with one evaluation it would repeat ``eval_last``)."""
     evals = read_jsonl(run_dir / "eval.jsonl")
     if not evals:
         return {}
     first, last = evals[0], evals[-1]
-    out = {"eval_first": {"policy_version": first["policy_version"], "greedy_accuracy": first["greedy_accuracy"]},
-           "eval_last": {k: v for k, v in last.items() if k != "time"}}
+    out = {"eval_last": {k: v for k, v in last.items() if k != "time"}}
+    if len(evals) > 1:
+        out = {"eval_first": {"policy_version": first["policy_version"],
+                              "greedy_accuracy": first["greedy_accuracy"]}, **out}
     return out
 
 
@@ -129,7 +132,7 @@ def curve_figure(run_dir: Path, recs: list[dict], evals: list[dict]) -> Figure:
     k = max(1, min(SUMMARY_WINDOW, len(rewards)))
     windows = [rewards[max(0, i - k + 1):i + 1] for i in range(len(rewards))]
     smooth = [sum(w) / len(w) for w in windows]
-    fig = Figure(figsize=(6, 3.5), dpi=100)
+    fig = Figure(figsize=(6, 4.2), dpi=100)
     ax = fig.subplots()
     ax.plot(steps, rewards, alpha=0.35, label="reward (per step)")
     ax.plot(steps, smooth, label=f"reward ({k}-step mean)")
@@ -144,7 +147,8 @@ def curve_figure(run_dir: Path, recs: list[dict], evals: list[dict]) -> Figure:
     ax.set_ylabel("mean task reward / eval accuracy" if evals else "mean task reward")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    # below the plot, never over it: inside the axes it hid the late eval points wherever it sat
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize="small", frameon=False)
     ax.set_title(run_dir.name)
     fig.tight_layout()
     return fig

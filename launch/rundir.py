@@ -10,20 +10,31 @@ decides, before the warm start and before any daemon, whether that makes sense:
   to continue (raise ``trainer.steps``) or start over (a new ``run_dir``);
 * checkpoints with ``trainer.resume=false``: refused, since a fresh trainer would mix its versions
   with the old run's WAL, metrics and checkpoints;
-* a job still running in it (its supervisor alive): refused, two jobs would share one WAL.
+* a resume whose settings differ from the run's (``settings.yaml``: the config as given, before
+  the layout fills in ports and paths): refused with one line per changed key, unless
+  ``areal-like run --accept-changes``; ``trainer.steps`` (raising it continues a run), the layout
+  (``launch.*``) and the trackers (``tracker``, ``tracking.*``) may change without asking;
+* a job still running in it: refused, two jobs would share one WAL. ``lock_run_dir`` takes an
+  exclusive ``flock`` on ``<run_dir>/job.lock`` that ``areal-like run`` holds, and every daemon it
+  starts inherits, for the job's whole life; the kernel releases it when the last of them is gone,
+  whatever killed them, so a dead job never holds it and a live one (even one whose supervisor was
+  killed while its daemons still stop) always does.
 
-Only names and files are read (the ``v%08d`` checkpoint layout of trainer/checkpoint.py, and
-ports.json): no torch import, so a refusal is instant.
+Only names and files are read (the ``v%08d`` checkpoint layout of trainer/checkpoint.py): no torch
+import, so a refusal is instant.
 """
 
 from __future__ import annotations
 
-import json
+import fcntl
+import os
 from pathlib import Path
 
-import psutil
-
 from areal_like.config import ConfigError, RunConfig
+
+LOCK_FILE = "job.lock"  # in run_dir; holds the PID of the areal-like run that took it
+SETTINGS_FILE = "settings.yaml"  # in run_dir: the config as given to the last areal-like run
+FREE_ON_RESUME = ("trainer.steps", "launch.", "tracker", "tracking.")  # keys (prefixes) a resume may change
 
 CHECKPOINT_PREFIX = "v"  # trainer/checkpoint.py PREFIX: v00000012 holds policy_version 12
 CHECKPOINT_DONE = "meta.pt"  # written last into a checkpoint directory before its atomic rename
@@ -39,26 +50,29 @@ def latest_checkpoint_step(checkpoint_dir: Path) -> int | None:
     return max(steps, default=None)
 
 
-def live_supervisor(run_dir: Path) -> int | None:
-    """PID of the ``areal-like run`` that still runs a job in ``run_dir`` (from its ports.json)."""
-    ports = run_dir / "ports.json"
+def lock_run_dir(run_dir: Path) -> int:
+    """Take ``run_dir``'s job lock (creating the directory); returns its file descriptor, to keep
+    open for the job's life and hand to every daemon (``Supervisor(inherit_fds=...)``). Raises
+    ConfigError naming the holder when another job has it."""
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        pid = int(json.loads(ports.read_text())["supervisor_pid"])
-        written = ports.stat().st_mtime
-        proc = psutil.Process(pid)
-        # a PID recycled after that job ended belongs to a process created after its last write
-        return pid if proc.create_time() <= written + 1.0 and proc.status() != psutil.STATUS_ZOMBIE else None
-    except (OSError, ValueError, KeyError, TypeError, psutil.Error):
-        return None
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ConfigError(f"run_dir {run_dir} is in use by a running job (areal-like run pid {holder}, "
+                          "or its daemons still stopping): wait for it, stop it, or use a new run_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def check_existing_run(cfg: RunConfig) -> int:
-    """The step this invocation starts from (0 = fresh); raises ConfigError when it must not start."""
+    """The step this invocation starts from (0 = fresh); raises ConfigError when it must not start.
+    Whether a job still runs in ``run_dir`` is ``lock_run_dir``'s question, asked first."""
     run_dir = Path(cfg.run_dir).resolve()
-    pid = live_supervisor(run_dir)
-    if pid is not None:
-        raise ConfigError(f"run_dir {run_dir} is in use by a running job (areal-like run pid {pid}): "
-                          "wait for it, stop it, or use a new run_dir")
     step = latest_checkpoint_step(cfg.resolve_path(cfg.trainer.checkpoint_dir))
     if step is None:
         return 0
@@ -69,3 +83,55 @@ def check_existing_run(cfg: RunConfig) -> int:
         raise ConfigError(f"run_dir {run_dir} holds a checkpoint at step {step} but trainer.resume=false: "
                           "use a new run_dir (or trainer.resume=true to continue it)")
     return step
+
+
+def _flat(tree: object, prefix: str = "") -> dict[str, object]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay whole values)."""
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}."))
+    return out
+
+
+def changed_settings(cfg: RunConfig) -> list[str]:
+    """``key: old -> new`` for every setting of ``cfg`` that differs from the ``settings.yaml`` of
+    its run_dir, apart from ``FREE_ON_RESUME``; empty when there is no such file (a run from an
+    older version, or a fresh one) or nothing changed."""
+    from omegaconf import OmegaConf
+
+    from areal_like.config import from_yaml
+
+    path = Path(cfg.run_dir).resolve() / SETTINGS_FILE
+    if not path.is_file():
+        return []
+    try:
+        old = from_yaml(path.read_text())
+    except Exception as e:  # noqa: BLE001 - unreadable (a schema since changed): say so, do not guess
+        return [f"{SETTINGS_FILE}: cannot be compared ({type(e).__name__}: {str(e).splitlines()[0]})"]
+    before, after = (_flat(OmegaConf.to_container(OmegaConf.structured(c))) for c in (old, cfg))
+    return [f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(before.keys() | after.keys())
+            if before.get(key) != after.get(key) and not key.startswith(FREE_ON_RESUME)]
+
+
+def check_resume_settings(cfg: RunConfig, accept: bool) -> list[str]:
+    """The settings a resume of ``cfg`` changes (``changed_settings``); ConfigError listing them,
+    one line each, unless ``accept`` (``areal-like run --accept-changes``)."""
+    changes = changed_settings(cfg)
+    if changes and not accept:
+        raise ConfigError("\n".join([f"run_dir {Path(cfg.run_dir).resolve()} was run with other settings; "
+                                      f"resuming would change {len(changes)}:",
+                                      *(f"  {c}" for c in changes),
+                                      "add --accept-changes to resume with them, or use a new run_dir"]))
+    return changes
+
+
+def write_settings(cfg: RunConfig) -> None:
+    """``cfg`` (as given, before the layout) into ``settings.yaml``: what the next resume compares."""
+    from areal_like.config import to_yaml
+
+    path = Path(cfg.run_dir).resolve() / SETTINGS_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(to_yaml(cfg))
+    os.replace(tmp, path)

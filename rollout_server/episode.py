@@ -157,8 +157,14 @@ async def run_episode(ctx: EpisodeContext, credit: Credit) -> TrajectoryGroup:
             prompt_ids=as_i32(prompt_ids), output_ids=as_i32(s.output_ids), behav_logp=as_f32(s.logprobs),
             versions=as_i32(s.versions), reward=reward, finish_reason=s.finish_reason, metadata=meta))
     if ctx.metrics is not None and trajectories:
-        ctx.metrics.gauge("rollout/reward_mean", "mean reward of the last group").set(
-            sum(t.reward for t in trajectories) / len(trajectories))
+        total = sum(t.reward for t in trajectories)
+        ctx.metrics.gauge("rollout/reward_mean", "mean reward of the last group").set(total / len(trajectories))
+        # every sample's reward: _sum / _count over an interval is its mean reward (`areal-like top`);
+        # a histogram, not two counters, since a reward may be negative
+        rewards = ctx.metrics.histogram("rollout/reward", "reward of every scored sample",
+                                        buckets=(0.0, 0.25, 0.5, 0.75, 1.0))
+        for t in trajectories:
+            rewards.observe(t.reward)
     return TrajectoryGroup(group_id=f"{ctx.server_id}-{credit.lease_id}", server_id=ctx.server_id,
                            lease_id=credit.lease_id, prompt_index=credit.prompt_index, epoch=credit.epoch,
                            trajectories=trajectories)

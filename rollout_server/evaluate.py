@@ -11,7 +11,10 @@ Two callers share ``evaluate``:
   spent; the trainer's only part is one more push at the end if the evaluating server missed the
   last version (``trainer/loop.py``).
 * ``areal-like eval MODEL`` (``main`` below): an HF directory or a trainer checkpoint, evaluated
-  on its own with an embedded engine.
+  on its own with an embedded engine. Which task it is scored on is never guessed (``_eval_config``):
+  ``--config-file``; else a task named on the command line (``task=NAME``); else the config.yaml
+  of the run the model sits in; else the task an export stores (``areal_like_task.yaml``); else
+  the ``task.*`` overrides given; else it refuses (exit 2).
 
 What one evaluation measures (one line of ``<run_dir>/eval.jsonl``), over ``n`` eval prompts:
 
@@ -158,6 +161,19 @@ async def evaluate(client: SGLangClient, examples: Sequence, encode: Callable[[o
     return figures
 
 
+def record_eval_metrics(metrics, record: dict, k: int) -> None:
+    """An evaluation's figures as gauges: ``rollout/eval_greedy_accuracy`` and ``_greedy_reward``,
+    and ``rollout/eval_mean`` / ``rollout/eval_pass`` with the sample count as label ``k`` (one
+    series name whatever ``eval.k`` is)."""
+    for key in ("greedy_accuracy", "greedy_reward"):
+        if key in record:
+            metrics.gauge(f"rollout/eval_{key}", f"last evaluation: {key}").set(record[key])
+    for key in ("mean", "pass"):
+        if f"{key}@{k}" in record:
+            metrics.gauge(f"rollout/eval_{key}", f"last evaluation: {key}@k over k samples a prompt",
+                          labels=("k",)).labels(k=str(k)).set(record[f"{key}@{k}"])
+
+
 class ServerEvaluator:
     """The rollout server's side: the eval split, the schedule, and where records go."""
 
@@ -188,10 +204,7 @@ class ServerEvaluator:
         append_record(self.path, record)
         self.schedule.done.add(version)
         if self.metrics is not None:
-            for key in ("greedy_accuracy", "greedy_reward", f"mean@{self.settings.k}", f"pass@{self.settings.k}"):
-                if key in record:
-                    name = "rollout/eval_" + key.replace("@", "_at_")
-                    self.metrics.gauge(name, f"last evaluation: {key}").set(record[key])
+            record_eval_metrics(self.metrics, record, self.settings.k)
             self.metrics.gauge("rollout/eval_policy_version", "policy version of the last evaluation").set(version)
             self.metrics.counter("rollout/evaluations", "evaluations run").inc()
         return record
@@ -219,7 +232,7 @@ def _to_hf_dir(checkpoint: Path, config_file: Path | None, out: Path) -> Path:
     argv = [sys.executable, "-m", "trainer.export", str(checkpoint), str(out)]
     if config_file is not None:
         argv += ["--config-file", str(config_file)]
-    subprocess.run(argv, check=True)
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)  # its JSON line is not ours: one line out
     return out
 
 
@@ -245,7 +258,7 @@ async def _evaluate_model(cfg: RunConfig, version: int | None) -> dict:
         rewards.close()
         engine.stop()
     figures.pop("token_versions", None)  # the engine's own label; the model's version is the directory's
-    return {"time": time.time(), "model": cfg.model.path, "policy_version": version,
+    return {"time": time.time(), "model": cfg.model.path, "policy_version": version, "task": cfg.task.name,
             "seconds": round(time.monotonic() - t0, 3), **figures}
 
 
@@ -262,11 +275,38 @@ def _evaluate_path(model: Path, cfg: RunConfig, config_file: Path | None) -> dic
         return asyncio.run(_evaluate_model(cfg, _version_of(model)))
 
 
+def _eval_config(model: Path, config_file: Path | None, overrides: list[str]) -> tuple[RunConfig, Path | None]:
+    """The config evaluating ``model`` runs with, and the run config it came from (None: none);
+    the order of the module docstring. ConfigError when nothing says which task to score."""
+    import dataclasses
+
+    from areal_like.config import EXPORT_TASK_FILE, ConfigError, load_daemon_config, task_from_yaml
+
+    keys = {o.split("=", 1)[0] for o in overrides}
+    if "task.eval_path" in keys and "task.dataset_path" not in keys:  # evaluating needs no training file
+        overrides.append("task.dataset_path=" + next(o for o in overrides if o.startswith("task.eval_path=")
+                                                     ).split("=", 1)[1])
+    named = "task" in keys  # task=NAME: the user's task, whatever the model's run trained on
+    config_file = config_file or (None if named else _default_config(model))
+    if config_file is not None:
+        return load_daemon_config(["--config-file", str(config_file), *overrides]), config_file
+    stored = model / EXPORT_TASK_FILE
+    if not named and stored.is_file():
+        cfg = load_daemon_config([o for o in overrides if not o.startswith("task.")])
+        task = task_from_yaml(stored.read_text(), [o for o in overrides if o.startswith("task.")])
+        return dataclasses.replace(cfg, task=task), None
+    if not any(k == "task" or k.startswith("task.") for k in keys):
+        raise ConfigError(f"{model} does not say which task to score it on (no {EXPORT_TASK_FILE} in it, no "
+                          "run config.yaml beside it): name one (task=NAME and its task.* keys) or pass "
+                          "--config-file <run_dir>/config.yaml")
+    return load_daemon_config(overrides), None
+
+
 def main(argv: list[str] | None = None) -> int:
     """``areal-like eval MODEL [--config-file F] [--out FILE] [key=value ...]``: one JSON line."""
     import argparse
 
-    from areal_like.config import ConfigError, load_daemon_config
+    from areal_like.config import ConfigError
     from rollout_server.reward_pool import RewardPoolError
 
     p = argparse.ArgumentParser(prog="areal-like eval", description="Evaluate an HF model directory or a "
@@ -281,18 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model.is_dir():
         print(f"error: {args.model} is not a directory", file=sys.stderr)
         return 2
-    config_file = args.config_file or _default_config(args.model)
-    base = ["--config-file", str(config_file)] if config_file else []
-    overrides = list(args.overrides)
-    keys = {o.split("=", 1)[0] for o in overrides}
-    if "task.eval_path" in keys and "task.dataset_path" not in keys:  # evaluating needs no training file
-        overrides.append("task.dataset_path=" + next(o for o in overrides if o.startswith("task.eval_path=")
-                                                     ).split("=", 1)[1])
-    if config_file is None:
-        print(f"note: no run config.yaml beside {args.model}: the task and eval settings come from the "
-              "composed config and the overrides", file=sys.stderr)
     try:
-        cfg = load_daemon_config([*base, *overrides])
+        cfg, config_file = _eval_config(args.model, args.config_file, list(args.overrides))
         record = _evaluate_path(args.model, cfg, config_file)
     except (ConfigError, RewardPoolError, subprocess.CalledProcessError) as e:  # RewardPoolError: reward not loadable
         print(f"error: {e}", file=sys.stderr)

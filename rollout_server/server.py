@@ -70,6 +70,10 @@ REGISTER_RETRY_S = 2.0  # a Register refused over the buffer's caps is sent agai
 FLUSH_ON_STOP_S = 3.0  # last sends on stop; well inside the launcher's grace period (GRACEFUL_STOP_S)
 MAX_EPISODE_FAILURES = 5  # consecutive failed episodes (engine errors): the engine is broken; exit
 ENGINE_PROBE_S = 30.0  # after a failed sync: /health_generate (one token) must answer within this
+# A job runs for days at several versions a minute: one INFO line per version filled the log
+# (thousands of lines an hour on CPU). Each version's line is DEBUG; every this many versions
+# one is INFO, so the log still shows the job moving. A failed sync is always a WARNING.
+SYNC_INFO_EVERY = 100
 
 
 class RolloutServer(Daemon):
@@ -400,8 +404,10 @@ class RolloutServer(Daemon):
             self.metrics.gauge("rollout/policy_version", "version the engine serves").set(self.policy_version)
         self.metrics.histogram("rollout/weight_sync_pause_seconds", "engine pause per weight update",
                                buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)).observe(done.pause_s)
-        # one line per version (the engine logs its own load at DEBUG); a failure is a warning
-        self.log.log(logging.INFO if done.ok else logging.WARNING, "weight sync v%d %s in %.2fs pause%s",
+        # one line per version at DEBUG, INFO every SYNC_INFO_EVERY versions; a failure is a warning
+        level = logging.WARNING if not done.ok else logging.DEBUG if plan.policy_version % SYNC_INFO_EVERY \
+            else logging.INFO
+        self.log.log(level, "weight sync v%d %s in %.2fs pause%s",
                      plan.policy_version, "done" if done.ok else "FAILED", done.pause_s,
                      f": {done.reason}" if done.reason else "")
         await self.report_sync(done)

@@ -11,7 +11,8 @@ Layout under ``trainer.checkpoint_dir``::
 Invariants:
 - Atomic: every rank writes into a temporary directory; after a barrier, rank 0 renames it to
   its final name. A checkpoint directory either is complete or does not exist, so a crash
-  (kill -9) at any moment leaves the previous checkpoint usable. The last ``KEEP`` are kept.
+  (kill -9) at any moment leaves the previous checkpoint usable. The last ``keep``
+  (``trainer.keep_checkpoints``, default ``KEEP``) are kept.
 - ``AsyncSaver`` (``trainer.checkpoint_async``) keeps that invariant: DCP writes the shards in the
   background into the temporary directory, and the rename happens only after every rank's write
   finished (``poll`` after each step, ``finish`` at the next save or at the end); a crash meanwhile
@@ -138,15 +139,16 @@ def _write_rest(tmp: Path, policy: Policy, version: int, extra: dict | None) -> 
                    tmp / "meta.pt")
 
 
-def _commit(root: Path, tmp: Path, final: Path, version: int) -> None:
-    """After every rank wrote: rank 0 renames the save into place and prunes old ones."""
+def _commit(root: Path, tmp: Path, final: Path, version: int, keep: int) -> None:
+    """After every rank wrote: rank 0 renames the save into place, then deletes all but the ``keep``
+    newest."""
     _barrier()
     if _rank() == 0:
         if final.exists():  # a re-save of the same version (e.g. shutdown right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-        for old in list_checkpoints(root)[:-KEEP]:
+        for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in root.glob(f"{TMP_PREFIX}*"):
             if stale != tmp:
@@ -155,7 +157,8 @@ def _commit(root: Path, tmp: Path, final: Path, version: int) -> None:
     _barrier()
 
 
-def save_checkpoint(root: Path, policy: Policy, version: int, extra: dict | None = None) -> Path:
+def save_checkpoint(root: Path, policy: Policy, version: int, extra: dict | None = None,
+                    keep: int = KEEP) -> Path:
     """Save on all ranks (a collective); returns the final directory. ``extra`` (rank 0's) is kept
     in the metadata (the trainer stores the id of the last batch the checkpoint includes).
     Raises ``NonFiniteStateError`` (every rank, nothing written) when the state is not finite."""
@@ -164,15 +167,15 @@ def save_checkpoint(root: Path, policy: Policy, version: int, extra: dict | None
     model_sd, optim_sd = get_state_dict(policy.model, policy.optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     _write_rest(tmp, policy, version, extra)
-    _commit(root, tmp, final, version)
+    _commit(root, tmp, final, version, keep)
     return final
 
 
 class AsyncSaver:
     """Checkpoints written in the background (all ranks call ``save`` and ``finish``: collectives)."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path, keep: int = KEEP):
+        self.root, self.keep = root, keep
         # DCP's background write runs collectives; a group of its own keeps them apart from training's
         self._pg = dist.new_group(backend="gloo") if dist.is_initialized() and dist.get_world_size() > 1 else None
         self._pending: tuple | None = None  # (future, tmp, final, version)
@@ -206,7 +209,7 @@ class AsyncSaver:
         future, tmp, final, version = self._pending
         self._pending = None
         future.result()
-        _commit(self.root, tmp, final, version)
+        _commit(self.root, tmp, final, version, self.keep)
         return final
 
 

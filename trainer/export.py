@@ -7,6 +7,7 @@ What a directory holds (the layout ``save_pretrained`` writes)::
     model-00001-of-0000N.safetensors ...    shards of at most ``shard_mb`` MiB (a bigger tensor alone)
     model.safetensors.index.json            {"metadata": {"total_parameters", "total_size"}, "weight_map"}
     tokenizer.json, tokenizer_config.json, chat_template.jinja, ...   (``tokenizer.save_pretrained``)
+    areal_like_task.yaml                    the task it was trained on (``areal-like eval`` scores it there)
 
 Two ways in: the trainer calls ``export_hf`` on its FSDP2 model during a run (trainer/loop.py),
 and ``python -m trainer.export CHECKPOINT OUT`` (``areal-like export``) loads a trainer DCP
@@ -40,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from areal_like.config import ModelConfig, RunConfig, TaskConfig
+from areal_like.config import EXPORT_TASK_FILE, ModelConfig, RunConfig, TaskConfig, task_yaml
 from areal_like.hf import torch_dtype
 
 log = logging.getLogger("trainer.export")
@@ -177,8 +178,9 @@ def _write_metadata(model: torch.nn.Module, directory: Path, model_cfg: ModelCon
 
 
 def export_hf(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelConfig, tokenizer, shard_mb: int,
-              dtype: str) -> Path:
+              dtype: str, task: TaskConfig | None = None) -> Path:
     """Write ``model`` (FSDP2-sharded or plain) as an HF directory at ``out_dir``; returns ``out_dir``.
+    With ``task`` (the run's), the directory says what it was trained on (``EXPORT_TASK_FILE``).
 
     A collective: all ranks call it, rank 0 writes; weights are stored in ``dtype`` (float32,
     bfloat16, float16). An existing ``out_dir`` is replaced (re-export of the same version).
@@ -201,6 +203,11 @@ def export_hf(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelConfig, 
     if writer is not None:
         n = writer.finish()
         _write_metadata(model, tmp, model_cfg, tokenizer, dtype)
+        mode = (tmp / "config.json").stat().st_mode & 0o777  # what the umask gives (safetensors: 0600)
+        for weights in tmp.glob("*.safetensors"):
+            os.chmod(weights, mode)
+        if task is not None:
+            (tmp / EXPORT_TASK_FILE).write_text(task_yaml(task))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -208,6 +215,18 @@ def export_hf(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelConfig, 
     if world > 1:
         dist.barrier()
     return out_dir
+
+
+def prune_exports(root: Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest exports ``v<version>`` under ``root`` (``export.keep``);
+    returns those deleted. Temporary directories and anything else there are left alone."""
+    done = sorted((p for p in root.glob("v*")
+                   if p.name[1:].isdigit() and (p / "config.json").is_file()),
+                  key=lambda p: int(p.name[1:]))
+    old = done[:-keep] if keep > 0 else []
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return old
 
 
 # ------------------------------------------------------------------ offline: DCP checkpoint -> HF
@@ -253,7 +272,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, cfg: RunConfig, *, shard_
     """``areal-like export``: a trainer DCP checkpoint directory -> an HF directory at ``out_dir``."""
     model = load_checkpoint_model(Path(checkpoint), cfg.model)
     return export_hf(model, Path(out_dir), model_cfg=cfg.model, tokenizer=export_tokenizer(cfg.model, cfg.task),
-                     shard_mb=shard_mb or cfg.export.shard_mb, dtype=dtype or cfg.model.dtype)
+                     shard_mb=shard_mb or cfg.export.shard_mb, dtype=dtype or cfg.model.dtype, task=cfg.task)
 
 
 def _resolve_checkpoint(path: Path) -> Path:

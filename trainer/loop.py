@@ -49,7 +49,7 @@ from trainer.checkpoint import AsyncSaver, latest_checkpoint, load_checkpoint, s
 from trainer.data import BatchSource, TrainBatch
 from trainer.engine_lag import EngineSchedule
 from trainer.export import TMP_PREFIX as EXPORT_TMP_PREFIX
-from trainer.export import export_hf, export_tokenizer
+from trainer.export import export_hf, export_tokenizer, prune_exports
 from trainer.facts import TrainerFacts
 from trainer.finite_guard import SkipTracker
 from trainer.logprob_guard import PROBE_TEXT, run_guard
@@ -121,7 +121,7 @@ class Trainer(Daemon):
         # which weights the engines serve after each step (every version, lagged, or a fixed delay)
         self.engines = EngineSchedule(t.weight_sync, self.broadcaster, self.policy.model, t.steps)
         self.data.on_stall = lambda: self.engines.repush(self.version)
-        self.saver = AsyncSaver(self.ckpt_root) if t.checkpoint_async else None
+        self.saver = AsyncSaver(self.ckpt_root, t.keep_checkpoints) if t.checkpoint_async else None
         self.skips = SkipTracker(t.max_nonfinite_skips, self.metrics if self.rank == 0 else None)
         ckpt = latest_checkpoint(self.ckpt_root) if t.resume else None
         if ckpt is not None:
@@ -144,7 +144,12 @@ class Trainer(Daemon):
                          **({"saved_checksums": meta["checksums"], "checksums": state_checksums(self.policy)}
                             if ckpt is not None else {})})
         if lost:  # a second crash before the next periodic checkpoint must not roll these labels back again
-            save_checkpoint(self.ckpt_root, self.policy, self.version, self.checkpoint_extra())
+            self.checkpoint_now()
+
+    def checkpoint_now(self) -> None:
+        """A checkpoint of this version now (a collective), keeping ``trainer.keep_checkpoints``."""
+        save_checkpoint(self.ckpt_root, self.policy, self.version, self.checkpoint_extra(),
+                        self.cfg.keep_checkpoints)
 
     def warn_truncation(self) -> None:
         """top-p/top-k sampling biases the ratios: the trainer scores with the untruncated distribution,
@@ -240,7 +245,7 @@ class Trainer(Daemon):
                     if self.saver is not None:
                         self.saver.save(self.policy, self.version, self.checkpoint_extra())
                     else:
-                        save_checkpoint(self.ckpt_root, self.policy, self.version, self.checkpoint_extra())
+                        self.checkpoint_now()
             elif self.saver is not None:
                 with self.phase("checkpoint"):
                     self.saver.poll()
@@ -251,7 +256,7 @@ class Trainer(Daemon):
             self.saver.finish()
         if self.version % t.checkpoint_every != 0:  # graceful end or stop: keep what was trained
             with self.phase("checkpoint"):
-                save_checkpoint(self.ckpt_root, self.policy, self.version, self.checkpoint_extra())
+                self.checkpoint_now()
         self.export_if_due(final=True)
         if self.version >= t.steps:  # an evaluating server may have missed the last pushes
             with self.phase("catch_up"):
@@ -284,7 +289,9 @@ class Trainer(Daemon):
                     shutil.rmtree(stale, ignore_errors=True)
             out = export_hf(self.policy.model, root / f"v{self.version:08d}", model_cfg=self.facts.model,
                             tokenizer=export_tokenizer(self.facts.model, self.facts.task, self.tokenizer),
-                            shard_mb=e.shard_mb, dtype=self.facts.model.dtype)
+                            shard_mb=e.shard_mb, dtype=self.facts.model.dtype, task=self.facts.task)
+            if self.rank == 0 and e.keep:
+                prune_exports(root, e.keep)
         self.exported_version = self.version
         self.record({"event": "export", "policy_version": self.version, "path": str(out)})
 
@@ -334,8 +341,8 @@ class Trainer(Daemon):
         for key, value in stats.items():
             m.gauge(f"trainer/stat/{key}", f"kernel/step stat {key}").set(value)
         m.gauge("trainer/policy_version").set(self.version)
-        m.gauge("trainer/groups_dropped_bad_data", "groups dropped from batches: what the buffer "
-                "refuses (areal_like/group_checks.py)").set(self.data.dropped_groups)
+        m.count_to("trainer/groups_dropped_bad_data", "groups dropped from batches: what the buffer "
+                   "refuses (areal_like/group_checks.py)", self.data.dropped_groups)
         m.gauge("trainer/rolled_back_steps", "steps lost to crashes (labels skipped at resume)").set(
             self.rolled_back_steps)
         m.gauge("trainer/mismatch_kl").set(stats.get("mismatch_kl", 0.0))

@@ -130,3 +130,68 @@ def test_export_runs_trainer_export_by_module_name_and_its_help_is_light(monkeyp
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "CHECKPOINT OUT" in r.stdout and "Hugging Face" in r.stdout
+
+
+def _ports(tmp_path, daemons: list[tuple[str, int, int | None]]) -> None:
+    (tmp_path / "ports.json").write_text(json.dumps({"daemons": [
+        {"name": n, "kind": n.split("-")[0], "pid": pid, "metrics_url": f"http://127.0.0.1:{p}/metrics",
+         "health_url": f"http://127.0.0.1:{p}/health"} for n, p, pid in daemons]}))
+
+
+def test_status_tells_starting_up_finished_and_down_apart(tmp_path, capsys):
+    """up: /health answers; starting: its process lives but does not answer yet; DOWN: neither;
+    finished: the job wrote summary.json after ports.json, so nobody answering is expected."""
+    import os
+    import time
+
+    srv = MetricsServer(Metrics(), 0, "127.0.0.1").start()
+    waiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # no port open yet
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    try:
+        _ports(tmp_path, [("buffer", srv.port, os.getpid()), ("rollout-0", free_port(), waiting.pid),
+                          ("trainer", free_port(), gone.pid)])
+        assert status(tmp_path) == 1
+        states = {ln.split()[0]: ln.split()[1] for ln in capsys.readouterr().out.splitlines()}
+        assert states == {"buffer": "up", "rollout-0": "starting", "trainer": "DOWN"}, states
+        (tmp_path / "summary.json").write_text("{}")
+        later = time.time() + 1
+        os.utime(tmp_path / "summary.json", (later, later))
+        assert status(tmp_path) == 1
+        states = {ln.split()[0]: ln.split()[1] for ln in capsys.readouterr().out.splitlines()}
+        assert states == {"buffer": "up", "rollout-0": "finished", "trainer": "finished"}, states
+    finally:
+        waiting.kill()
+        waiting.wait()
+        srv.stop()
+
+
+def test_top_without_a_terminal_prints_plain_tables(tmp_path):
+    m = Metrics()
+    m.gauge("buffer/trainer_version").set(7)
+    srv = MetricsServer(m, 0, "127.0.0.1").start()
+    try:
+        _ports(tmp_path, [("buffer", srv.port, None)])
+        once = _cli("top", str(tmp_path), "--once", "--interval", "0.2")
+        assert once.returncode == 0, once.stderr
+        assert "trainer step -" in once.stdout and "buffer" in once.stdout and "7" in once.stdout
+        assert "\x1b[" not in once.stdout  # no terminal control codes in a pipe
+        piped = subprocess.Popen([sys.executable, "-m", "launch.cli", "top", str(tmp_path), "--interval", "0.2"],
+                                 stdout=subprocess.PIPE, text=True)
+        try:
+            first = [piped.stdout.readline() for _ in range(3)]
+            assert any("trainer step -" in ln for ln in first), first
+        finally:
+            piped.kill()
+            piped.communicate()
+    finally:
+        srv.stop()
+
+
+def test_top_reward_is_the_mean_of_the_samples_scored_in_the_interval():
+    series = "areal_rollout_reward_sum/areal_rollout_reward_count"
+    prev = {"areal_rollout_reward_sum": 10.0, "areal_rollout_reward_count": 40.0}
+    now = {"areal_rollout_reward_sum": 16.0, "areal_rollout_reward_count": 48.0}  # 8 samples, 6.0 in all
+    assert figure(now, prev, 2.0, series, "ratio") == "0.75"
+    assert figure(now, None, 2.0, series, "ratio") == "0.333"  # the first refresh: every sample so far
+    assert figure(now, now, 2.0, series, "ratio") == "-"  # none scored since

@@ -209,3 +209,24 @@ def test_evaluate_raises_when_every_prompt_fails():
 
     with pytest.raises(SGLangError, match="every eval prompt failed"):
         _eval([9, 9])
+
+
+def test_eval_metrics_name_the_sample_count_in_a_label_not_in_the_name():
+    from areal_like.metrics import Metrics
+    from rollout_server.evaluate import record_eval_metrics
+
+    m = Metrics()
+    record_eval_metrics(m, {"greedy_accuracy": 0.5, "greedy_reward": 0.6, "mean@4": 0.25, "pass@4": 0.75}, 4)
+    value = m.registry.get_sample_value
+    assert value("areal_rollout_eval_mean", {"k": "4"}) == 0.25 and value("areal_rollout_eval_pass", {"k": "4"}) == 0.75
+    assert value("areal_rollout_eval_greedy_accuracy") == 0.5
+    assert b"_at_4" not in m.render()
+
+
+def test_a_running_count_is_a_counter_brought_up_to_its_total():
+    from areal_like.metrics import Metrics
+
+    m = Metrics()
+    for total in (0, 2, 2, 5):
+        m.count_to("trainer/groups_dropped_bad_data", "dropped", total)
+    assert m.registry.get_sample_value("areal_trainer_groups_dropped_bad_data_total") == 5

@@ -306,3 +306,77 @@ def test_unset_or_false_return_original_logprob_passes(monkeypatch, value):
     else:
         monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", value)
     assert pf.check_environment(base()) == []
+
+
+def test_a_chat_dataset_needs_a_chat_template_unless_the_task_says_what_to_do(tmp_path):
+    """A tokenizer without a chat template on a dataset of chat messages: `areal-like config` (the
+    preflight `run` runs first) refuses in one line naming the keys, unless task.chat_template says
+    what to do (none: plain text; or a template of one's own)."""
+    import copy
+    import json
+
+    from areal_like.tokenizer import load_tokenizer
+
+    tok = copy.deepcopy(load_tokenizer(base().model))
+    tok.chat_template = None
+    tok.save_pretrained(str(tmp_path / "tok"))
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{i}+1?"}], "answer": str(i + 1)})
+                            + "\n" for i in range(4)))
+    common = ["task=dataset", f"task.dataset_path={data}", "task.messages_key=messages",
+              f"model.tokenizer={tmp_path / 'tok'}"]
+
+    def config(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "launch.cli", "config", *common, *extra],
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+    r = config()
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert r.stderr.splitlines() == [
+        f"error: task.messages_key='messages' is a chat dataset, but the tokenizer of model.tokenizer="
+        f"{str(tmp_path / 'tok')!r} has no chat template to lay its messages out: set task.chat_template to a "
+        "Jinja template (or a file of one), or task.chat_template=none to feed the messages' contents as plain text"]
+    (tmp_path / "chat.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    for says in ("task.chat_template=none", f"task.chat_template={tmp_path / 'chat.jinja'}"):
+        r = config(says)
+        assert r.returncode == 0, r.stderr
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("bad_row, why", [
+    ({"prompt_messages": [{"role": "user", "content": "1+1?"}], "answer": None}, "has no answer"),
+    ({"prompt_messages": None, "answer": "2"}, "is not a non-empty list of {role, content} messages"),
+    ({"prompt_messages": [], "answer": "2"}, "is not a non-empty list of {role, content} messages"),
+])
+def test_rows_whose_contents_make_no_example_are_refused_before_start_in_one_line(tmp_path, bad_row, why):
+    """Rows 3 and 6 of 8 unusable: `areal-like config` (the preflight `run` runs before anything
+    starts) exits 2 with one line counting them and naming their rows, no traceback."""
+    good = {"prompt_messages": [{"role": "user", "content": "1+1?"}], "answer": "2"}
+    data = _jsonl(tmp_path / "rows.jsonl", [bad_row if i in (3, 6) else good for i in range(8)])
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "config", "task=dataset", f"task.dataset_path={data}",
+                        "task.messages_key=prompt_messages"], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
+    [line] = r.stderr.splitlines()
+    assert line.startswith(f"error: task.dataset_path={str(data)!r}: 2 of 8 rows cannot be used (rows 3, 6); "
+                           "the first: task."), line
+    assert f"row 3 of {data} {why}" in line, line
+
+
+def test_row_check_streams_batches_and_shows_the_first_rows(tmp_path, monkeypatch):
+    from areal_like import datasets as ds
+
+    monkeypatch.setattr(ds, "ROW_BATCH", 3)  # several batches: row numbers run on across them
+    data = _jsonl(tmp_path / "rows.jsonl", [{"prompt": "p", "answer": None if i % 4 == 1 else "a"} for i in range(30)])
+    task = TaskConfig(name="dataset", dataset_path=str(data))
+    line = ds.check_rows(task, "task.dataset_path", str(data), ds.load_table("task.dataset_path", str(data)))
+    assert line.startswith(f"task.dataset_path={str(data)!r}: 8 of 30 rows cannot be used (rows 1, 5, 9, 13, 17, "
+                           "...); the first: task.answer_key='answer': row 1 of"), line
+    ok = _jsonl(tmp_path / "ok.jsonl", [{"prompt": "p", "answer": "a"}] * 5)
+    assert ds.check_rows(task, "task.dataset_path", str(ok), ds.load_table("task.dataset_path", str(ok))) is None

@@ -16,7 +16,7 @@ import pytest
 
 from areal_like.config import ConfigError, load_config
 from launch.records import summarize
-from launch.rundir import check_existing_run, latest_checkpoint_step, live_supervisor
+from launch.rundir import check_existing_run, latest_checkpoint_step, lock_run_dir
 
 
 def checkpoint(root: Path, step: int, complete: bool = True) -> None:
@@ -62,15 +62,15 @@ def test_checkpoint_dir_outside_the_run_dir(tmp_path):
 
 
 def test_a_run_dir_in_use_by_a_live_job_is_refused(tmp_path):
-    cfg = load_config([f"run_dir={tmp_path}"])
-    (tmp_path / "ports.json").write_text(json.dumps({"supervisor_pid": os.getpid()}))
-    assert live_supervisor(tmp_path) == os.getpid()
-    with pytest.raises(ConfigError, match=rf"in use by a running job \(areal-like run pid {os.getpid()}\)"):
-        check_existing_run(cfg)
-    done = subprocess.Popen([sys.executable, "-c", "pass"])
-    done.wait()
-    (tmp_path / "ports.json").write_text(json.dumps({"supervisor_pid": done.pid}))
-    assert live_supervisor(tmp_path) is None and check_existing_run(cfg) == 0
+    """The job lock is an flock: a second holder is refused with the first one's PID; closing the
+    holder's descriptor (its process exiting) frees it."""
+    held = lock_run_dir(tmp_path / "run")
+    try:
+        with pytest.raises(ConfigError, match=rf"in use by a running job \(areal-like run pid {os.getpid()},"):
+            lock_run_dir(tmp_path / "run")
+    finally:
+        os.close(held)
+    os.close(lock_run_dir(tmp_path / "run"))
 
 
 def test_running_a_finished_run_again_exits_2_with_one_line(tmp_path):
@@ -120,3 +120,34 @@ def test_warm_plotting_imports_what_the_learning_curve_needs():
 
     warm_plotting().join(timeout=120)
     assert {"matplotlib.figure", "matplotlib.backends.backend_agg"} <= set(sys.modules)
+
+
+def test_the_summary_shows_a_first_evaluation_only_when_there_were_two(tmp_path):
+    from launch.records import eval_summary
+
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text(json.dumps({"policy_version": 200, "greedy_accuracy": 0.9, "final": True}) + "\n")
+    assert list(eval_summary(tmp_path)) == ["eval_last"]  # not an "eval_first" repeating the last
+    evals.write_text("".join(json.dumps({"policy_version": v, "greedy_accuracy": a}) + "\n"
+                             for v, a in ((0, 0.1), (100, 0.5), (200, 0.9))))
+    summary = eval_summary(tmp_path)
+    assert summary["eval_first"] == {"policy_version": 0, "greedy_accuracy": 0.1}
+    assert summary["eval_last"]["policy_version"] == 200
+
+
+def test_the_learning_curve_legend_sits_outside_the_plot(tmp_path):
+    """Late evaluation points (top right as a run learns) and early low rewards (bottom) must stay
+    visible: the legend is drawn below the axes, not over them."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from launch.records import curve_figure
+
+    recs = [{"step": s, "reward_mean": s / 100} for s in range(1, 101)]
+    evals = [{"policy_version": v, "greedy_accuracy": v / 100, "mean@4": v / 120, "k": 4} for v in (0, 50, 100)]
+    fig = curve_figure(tmp_path, recs, evals)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    [ax] = fig.axes
+    legend, plot = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+    assert not legend.overlaps(plot), (legend, plot)
+    assert legend.y1 <= plot.y0 and fig.bbox.contains(legend.x0, legend.y0)  # below the axes, inside the image

@@ -395,4 +395,4 @@ def test_learning_curve_gains_eval_points_when_eval_jsonl_exists(tmp_path):
     assert lines["eval mean@4"] == [(0, 0.0625), (3, 0.375)]
     path = plot_curve(tmp_path, recs)
     assert path == tmp_path / "learning_curve.png" and path.read_bytes() != without
-    assert matplotlib.image.imread(path).shape == (350, 600, 4)
+    assert matplotlib.image.imread(path).shape == (420, 600, 4)

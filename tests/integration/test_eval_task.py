@@ -1,0 +1,68 @@
+"""``areal-like eval`` of an exported model moved out of its run scores the task it was trained on,
+or refuses; it never falls back to the default task.
+
+One worker process builds the tiny model and exports it twice with ``trainer.export.export_hf``:
+once as the trainer does (with the run's task, here ``sort``, which is not the default ``reverse``)
+and once without a task (an HF directory from elsewhere). Each sits in a directory with no run
+``config.yaml`` beside it. Then, with the real CLI:
+
+* the export that stores its task is scored on it (the record names ``sort``), and a
+  ``task.*`` override still applies on top of the stored task;
+* the bare directory is refused with one ``error:`` line and exit 2, and no JSON record;
+* naming the task on the command line (``task=sort``) evaluates the bare directory.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT, child_env
+
+pytestmark = pytest.mark.slow
+
+EXPORT = """
+import sys
+from pathlib import Path
+from areal_like.config import load_config
+from areal_like.hf import build_model
+from areal_like.tokenizer import load_tokenizer
+from trainer.export import export_hf
+root = Path(sys.argv[1])
+cfg = load_config(["task=sort"])
+model, tok = build_model(cfg.model, dtype="float32"), load_tokenizer(cfg.model)
+export_hf(model, root / "bare" / "v00000003", model_cfg=cfg.model, tokenizer=tok, shard_mb=64, dtype="float32")
+export_hf(model, root / "moved" / "v00000003", model_cfg=cfg.model, tokenizer=tok, shard_mb=64, dtype="float32",
+          task=cfg.task)
+"""
+FAST = ["eval.max_examples=4", "eval.k=0"]  # four greedy answers: the task is the point, not the score
+
+
+def _eval(model: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch.cli", "eval", str(model), *FAST, *overrides],
+                          capture_output=True, text=True, timeout=300, cwd=REPO_ROOT, env=child_env())
+
+
+def test_an_export_is_scored_on_its_stored_task_and_a_bare_model_is_refused(tmp_path):
+    subprocess.run([sys.executable, "-c", EXPORT, str(tmp_path)], check=True, timeout=300, cwd=REPO_ROOT,
+                   env=child_env())
+    moved, bare = tmp_path / "moved" / "v00000003", tmp_path / "bare" / "v00000003"
+
+    r = _eval(moved, "task.max_new_tokens=5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = json.loads(r.stdout.strip())
+    assert record["task"] == "sort" and record["n"] == 4 and record["policy_version"] == 3
+
+    r = _eval(bare)
+    assert r.returncode == 2 and r.stdout == ""
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "does not say which task to score it on" in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+    r = _eval(bare, "task=sort")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip())["task"] == "sort"

@@ -1,0 +1,205 @@
+"""Closing the terminal, or killing the supervisor, leaves nothing of the job running.
+
+* ``areal-like run`` of a real job gets SIGHUP (what a closed terminal sends): every daemon and
+  every process under it is gone within a deadline, the command still writes its summary, and
+  the run directory's job lock is free afterwards. While the job runs, a second ``areal-like run``
+  on its ``run_dir`` is refused in one line naming the job's PID.
+* A supervisor killed with SIGKILL (an OOM kill) cannot stop anything: the kernel sends its
+  daemons SIGTERM (``PR_SET_PDEATHSIG``); one that ignores SIGTERM still holds the job lock it
+  inherited, so the run directory stays refused until it is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import psutil
+import pytest
+
+from areal_like.config import ConfigError
+from launch.local import probe
+from launch.rundir import lock_run_dir
+from tests.conftest import REPO_ROOT, child_env, stop_process, wait_until
+
+START_S = 240.0  # a whole job on 2 loaded cores: imports, model, engine, first health answers
+GONE_S = 60.0  # every daemon's graceful stop (daemon.GRACEFUL_STOP_S) with room on a loaded machine
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _tree(pid: int) -> set[int]:
+    try:
+        return {pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))}
+    except psutil.Error:
+        return set()
+
+
+def _kill_all(pids: set[int]) -> list[int]:
+    """SIGKILL whatever of ``pids`` is still alive (cleanup); returns those."""
+    left = [p for p in pids if _alive(p)]
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left
+
+
+def _daemons_up(run_dir: Path) -> dict[str, int] | None:
+    """name -> PID of every daemon once ports.json lists them all and each answers /health."""
+    try:
+        info = json.loads((run_dir / "ports.json").read_text())
+    except (OSError, ValueError):
+        return None
+    daemons = info["daemons"]
+    if any(d["pid"] is None for d in daemons) or not all(probe(d["health_url"]) for d in daemons):
+        return None
+    return {d["name"]: d["pid"] for d in daemons}
+
+
+@pytest.mark.slow
+def test_sighup_stops_every_daemon_and_a_rerun_on_a_live_run_dir_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "launch.cli", "run", "-q", "experiment=quickstart",
+            "warm_start.steps=0", "trainer.steps=100000", f"run_dir={run_dir}"]
+    out, err = (tmp_path / "stdout").open("w"), (tmp_path / "stderr").open("w")
+    sup = subprocess.Popen(argv, cwd=REPO_ROOT, env=child_env(), stdout=out, stderr=err)
+    seen: set[int] = set()
+    try:
+        daemons = wait_until(lambda: _daemons_up(run_dir), START_S, 0.5, "every daemon healthy")
+        for pid in daemons.values():
+            seen |= _tree(pid)
+        again = subprocess.run(argv, cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True,
+                               timeout=120)
+        assert again.returncode == 2, again.stderr
+        assert f"is in use by a running job (areal-like run pid {sup.pid}," in again.stderr
+        assert _alive(sup.pid) and all(_alive(p) for p in daemons.values())
+
+        os.kill(sup.pid, signal.SIGHUP)
+        wait_until(lambda: not any(_alive(p) for p in seen), GONE_S, 0.2,
+                   f"every process of the job to exit after SIGHUP (left: {seen})")
+        assert sup.wait(timeout=GONE_S) == 1
+        summary = json.loads((tmp_path / "stdout").read_text().strip().splitlines()[-1])
+        assert summary["ok"] is False and summary["run_dir"] == str(run_dir)
+        os.close(lock_run_dir(run_dir))  # the job lock went with the job
+    finally:
+        stop_process(sup)
+        out.close()
+        err.close()
+        left = _kill_all(seen)
+    assert not left, f"processes left behind: {left}"
+
+
+SUPERVISE = textwrap.dedent('''
+    import sys
+    from pathlib import Path
+    from launch.local import ProcSpec, Supervisor
+    from launch.rundir import lock_run_dir
+    run_dir = Path(sys.argv[1])
+    lock = lock_run_dir(run_dir)
+    daemon = "import signal, sys, time; signal.signal(signal.SIGTERM, {}); time.sleep(600)"
+    specs = [ProcSpec(name="polite", argv=[sys.executable, "-c", daemon.format("lambda *a: sys.exit(0)")]),
+             ProcSpec(name="deaf", argv=[sys.executable, "-c", daemon.format("signal.SIG_IGN")])]
+    sup = Supervisor(specs, run_dir, echo=print, inherit_fds=(lock,))
+    sup.on_change = lambda s: (run_dir / "pids.json").write_text(__import__("json").dumps(s.pids()))
+    sys.exit(sup.run())
+''')
+
+
+@pytest.mark.slow
+def test_daemons_of_a_killed_supervisor_get_sigterm_and_hold_the_run_dir_until_gone(tmp_path):
+    run_dir = tmp_path / "run"
+    sup = subprocess.Popen([sys.executable, "-c", SUPERVISE, str(run_dir)], cwd=REPO_ROOT,
+                           env=child_env(), stdout=subprocess.DEVNULL)
+    pids: dict[str, int] = {}
+    try:
+        def both_started():
+            try:
+                found = json.loads((run_dir / "pids.json").read_text())
+            except (OSError, ValueError):
+                return None
+            return found if len(found) == 2 and all(found.values()) else None
+
+        pids.update(wait_until(both_started, 60, 0.1, "both daemons started"))
+        os.kill(sup.pid, signal.SIGKILL)
+        sup.wait(timeout=30)
+        wait_until(lambda: not _alive(pids["polite"]), GONE_S, 0.1, "the SIGTERM-abiding daemon to exit")
+        assert _alive(pids["deaf"])  # ignored its SIGTERM: the job is not over, and still holds run_dir
+        with pytest.raises(ConfigError, match=rf"in use by a running job \(areal-like run pid {sup.pid},"):
+            lock_run_dir(run_dir)
+        os.kill(pids["deaf"], signal.SIGKILL)
+        wait_until(lambda: not _alive(pids["deaf"]), GONE_S, 0.1, "the deaf daemon to die")
+        os.close(lock_run_dir(run_dir))
+    finally:
+        stop_process(sup)
+        left = _kill_all(set(pids.values()))
+    assert not left, f"processes left behind: {left}"
+
+
+def _read_new(path: Path, offset: int) -> str:
+    with path.open() as f:
+        f.seek(offset)
+        return f.read()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_job_with_one_line_on_the_console(tmp_path):
+    """SIGINT (Ctrl-C) to `areal-like run` (daemon logs echoed: no -q): what the daemons print while
+    they stop goes to their logs only; the console gets the supervisor's one closing line."""
+    run_dir, err_path = tmp_path / "run", tmp_path / "stderr"
+    argv = [sys.executable, "-m", "launch.cli", "run", "experiment=quickstart", "warm_start.steps=0",
+            "trainer.steps=100000", f"run_dir={run_dir}"]
+    with err_path.open("w") as err:
+        sup = subprocess.Popen(argv, cwd=REPO_ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=err)
+    seen: set[int] = set()
+    try:
+        daemons = wait_until(lambda: _daemons_up(run_dir), START_S, 0.5, "every daemon healthy")
+        for pid in daemons.values():
+            seen |= _tree(pid)
+        wait_until(lambda: " | " in err_path.read_text(), 30, 0.2, "daemon lines echoed on the console")
+        mark = err_path.stat().st_size
+        os.kill(sup.pid, signal.SIGINT)
+        assert sup.wait(timeout=GONE_S) == 1
+        after = [ln for ln in _read_new(err_path, mark).splitlines() if not ln.startswith("[run] ")]
+        daemon_lines = [ln for ln in after if " | " in ln]
+        # a line a daemon printed before the signal may still be in the pipe: none after its first stop line
+        assert not any("stop requested" in ln or "Traceback" in ln for ln in daemon_lines), after
+        assert after[-1] == "[supervisor] stopped on request", after
+        assert [ln for ln in after if ln.startswith("[supervisor]")] == ["[supervisor] stopped on request"], after
+        assert "stop requested" in (run_dir / "logs" / "trainer.log").read_text()  # the logs keep it all
+    finally:
+        stop_process(sup)
+        left = _kill_all(seen)
+    assert not left, f"processes left behind: {left}"
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_the_warm_start_prints_one_line_and_no_traceback(tmp_path):
+    err_path = tmp_path / "stderr"
+    argv = [sys.executable, "-m", "launch.cli", "run", "-q", "experiment=quickstart", "warm_start.steps=100000",
+            f"run_dir={tmp_path / 'run'}"]
+    with err_path.open("w") as err:
+        proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        wait_until(lambda: "[warm-start]" in err_path.read_text(), START_S, 0.2, "the warm start to begin")
+        mark = err_path.stat().st_size
+        os.kill(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=GONE_S)
+        after = _read_new(err_path, mark)
+        assert proc.returncode == 130 and out == "", after
+        assert "Traceback" not in after and after.splitlines()[-1] == (
+            "[run] interrupted before the job started; nothing is running"), after
+        assert not (tmp_path / "run").exists()  # no daemon ran: the run directory it made is gone
+    finally:
+        stop_process(proc)

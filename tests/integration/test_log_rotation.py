@@ -1,0 +1,97 @@
+"""A week-long job's files stay bounded: daemon logs and ``metrics/scrape.jsonl`` rotate.
+
+* The supervisor (launch/local.py) with a real daemon that prints 3,000 numbered lines (~100 KB)
+  and a 4 KB limit with 2 backups: ``<name>.log``, ``.log.1`` and ``.log.2`` exist, none is
+  over the limit by more than one line, there is no third backup, and the three files hold the
+  newest lines in order, the last one included.
+* ``areal-like run``'s scrape of every ``/metrics`` (``launch/job.py``, ``Monitor``) against a real
+  metrics server: past ``launch.log_max_mb`` it rotates the same way.
+* The rollout server's per-version weight-sync line is DEBUG but for one version in a hundred.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from areal_like.metrics import Metrics, MetricsServer
+from areal_like.schema import RunConfig
+from launch.job import Monitor
+from launch.local import ProcSpec, Supervisor
+from launch.topology import DaemonSlot, Topology
+from tests.conftest import REPO_ROOT, child_env, wait_until
+
+LINES = 3000
+CHATTY = f"import time\nfor i in range({LINES}): print(f'line {{i:05d}} ' + 'x' * 20, flush=True)\ntime.sleep(600)"
+
+
+def _lines(files: list[Path]) -> list[str]:
+    return [ln for f in files for ln in f.read_text().splitlines() if ln.startswith("line ")]
+
+
+@pytest.mark.slow
+def test_a_daemon_log_rotates_and_keeps_the_newest_lines(tmp_path):
+    run_dir, limit = tmp_path / "run", 4096
+    sup = Supervisor([ProcSpec(name="chatty", argv=[sys.executable, "-c", CHATTY])], run_dir, echo=lambda _: None,
+                     log_max_bytes=limit, log_backups=2)
+    thread = threading.Thread(target=sup.run, daemon=True)
+    thread.start()
+    log = run_dir / "logs" / "chatty.log"
+    try:
+        wait_until(lambda: log.is_file() and f"line {LINES - 1:05d}" in log.read_text(), 120, 0.1,
+                   "the last line in chatty.log")
+    finally:
+        sup.request_stop()
+        thread.join(timeout=60)
+    assert not thread.is_alive()
+    files = sorted((run_dir / "logs").iterdir())
+    assert [f.name for f in files] == ["chatty.log", "chatty.log.1", "chatty.log.2"]
+    assert all(f.stat().st_size <= limit + 40 for f in files), [f.stat().st_size for f in files]
+    kept = _lines([files[2], files[1], files[0]])  # oldest first
+    numbers = [int(ln.split()[1]) for ln in kept]
+    assert numbers == list(range(numbers[0], LINES)) and numbers[0] > 0  # consecutive, the oldest dropped
+
+
+def test_scrape_snapshots_rotate(tmp_path):
+    metrics = Metrics()
+    metrics.gauge("buffer/filler", "a series with a long name " * 4).set(1.0)
+    server = MetricsServer(metrics, 0, "127.0.0.1").start()
+    try:
+        run = tmp_path / "run"
+        (run / "metrics").mkdir(parents=True)
+        cfg = RunConfig(run_dir=str(run))
+        cfg = dataclasses.replace(cfg, launch=dataclasses.replace(cfg.launch, log_max_mb=2 / 1024, log_backups=1))
+        topo = Topology(host="127.0.0.1", buffer_address="", pub_address="", master_port=0, rollout_cpus=None,
+                        trainer_cpus=None, slots=(DaemonSlot(name="buffer", kind="buffer",
+                                                            metrics_port=server.port, cpus=None),))
+        mon = Monitor(cfg, topo, run, out=io.StringIO())
+        for _ in range(60):
+            mon.scrape()
+        mon.close()
+    finally:
+        server.stop()
+    files = sorted((run / "metrics").iterdir())
+    assert [f.name for f in files] == ["scrape.jsonl", "scrape.jsonl.1"]
+    assert all(0 < f.stat().st_size <= 2048 + 400 for f in files), [f.stat().st_size for f in files]
+    last = json.loads(files[0].read_text().splitlines()[-1])
+    assert last["daemon"] == "buffer" and last["values"]["areal_buffer_filler"] == 1.0
+
+
+@pytest.mark.slow
+def test_a_job_logs_weight_syncs_at_info_once_per_hundred_versions(tmp_path):
+    """A real 30-step job: the rollout server's log holds the first sync (v0) and no per-version
+    line after it (they are DEBUG; the next INFO one would be v100)."""
+    run_dir = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "run", "-q", "experiment=quickstart", "warm_start.steps=0",
+                        "trainer.steps=30", "eval.at_end=false", f"run_dir={run_dir}"], capture_output=True, text=True,
+                       timeout=300, cwd=REPO_ROOT, env=child_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    syncs = [ln for ln in (run_dir / "logs" / "rollout-0.log").read_text().splitlines() if "weight sync v" in ln]
+    assert len(syncs) == 1 and "INFO" in syncs[0] and "weight sync v0 done" in syncs[0], syncs

@@ -1,0 +1,65 @@
+"""Resuming a run with other settings shows what changed and refuses unless asked.
+
+A real 2-step job (``areal-like run``, the quickstart's layout without its warm start) leaves
+checkpoints; then, on the same run_dir:
+
+* raising ``trainer.steps`` and changing ``trainer.lr``: refused (exit 2) before anything starts,
+  naming ``trainer.lr`` with both values; ``trainer.steps`` (how a run is continued) is not listed;
+* the same with ``--accept-changes``: the run resumes, says which setting changed, trains to the
+  new end, and the run's config now holds the new learning rate.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import REPO_ROOT, child_env
+
+pytestmark = pytest.mark.slow
+
+JOB_S = 300.0  # one tiny job on 2 loaded cores
+
+
+def _run(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    """``areal-like run -q``; past JOB_S the launcher and everything under it is killed by PID."""
+    argv = [sys.executable, "-m", "launch.cli", "run", "-q", "experiment=quickstart", "warm_start.steps=0",
+            "trainer.checkpoint_every=1", "eval.at_end=false", f"run_dir={run_dir}", *args]
+    proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        out, err = proc.communicate(timeout=JOB_S)
+    except subprocess.TimeoutExpired:
+        for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def test_a_resume_with_changed_settings_is_refused_unless_accepted(tmp_path):
+    run_dir = tmp_path / "run"
+    first = _run(run_dir, "trainer.steps=2", "trainer.lr=3e-4")
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    refused = _run(run_dir, "trainer.steps=4", "trainer.lr=1e-3")
+    assert refused.returncode == 2 and refused.stdout == "", refused.stderr[-3000:]
+    assert refused.stderr.splitlines() == [
+        f"error: run_dir {run_dir} was run with other settings; resuming would change 1:",
+        "error:   trainer.lr: 0.0003 -> 0.001",
+        "error: add --accept-changes to resume with them, or use a new run_dir"]
+
+    accepted = _run(run_dir, "--accept-changes", "trainer.steps=4", "trainer.lr=1e-3")
+    assert accepted.returncode == 0, accepted.stderr[-3000:]
+    assert "[run] resuming with a changed setting: trainer.lr: 0.0003 -> 0.001" in accepted.stderr
+    summary = json.loads(accepted.stdout.strip().splitlines()[-1])
+    assert summary["ok"] and summary["resumed_from"] == 2
+    assert "  lr: 0.001\n" in (run_dir / "config.yaml").read_text()
