@@ -79,6 +79,10 @@ def check_request(body: Any) -> dict:
         if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(
                 c.get("function"), dict) for c in calls):
             raise RequestError("tool_calls must be a list of {'function': {...}}")
+        ids = [m.get("tool_call_id"), m.get("name")] + [v for c in calls for v in (
+            c.get("id"), c["function"].get("name"))]
+        if not all(v is None or isinstance(v, str) for v in ids):  # looked up and rendered
+            raise RequestError("a message's name and tool call ids and names must be strings")
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise RequestError("tools must be a list of tool specs")
     if body.get("n", 1) != 1:

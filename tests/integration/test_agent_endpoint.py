@@ -502,3 +502,30 @@ def test_a_body_that_is_not_json_or_a_template_that_refuses_gets_400():
     assert bad_json == (400, "the body is not valid JSON")
     assert refused[0] == 400 and "cannot render" in refused[1] and "no tools here" in refused[1]
     assert session.segments == []
+
+
+def test_ids_and_names_of_the_wrong_type_get_400_not_500():
+    user = {"role": "user", "content": "q"}
+    call = {"id": "c1", "function": {"name": "calc", "arguments": "{}"}}
+    bodies = [[user, {"role": "tool", "tool_call_id": [1], "content": "x"}],
+              [user, {"role": "assistant", "content": "", "tool_calls": [{**call, "id": [1]}]}],
+              [user, {"role": "assistant", "content": "", "tool_calls": [
+                  {**call, "function": {"name": ["calc"], "arguments": "{}"}}]}],
+              [user, {"role": "tool", "name": {"a": 1}, "content": "x"}]]
+
+    async def scenario():
+        ep = await endpoint(Scripted([])).start()
+        try:
+            key, session = ep.open_session(None)
+            statuses = []
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
+                for messages in bodies:
+                    async with http.post(ep.base_url + "/chat/completions",
+                                         json={"messages": messages}) as r:
+                        statuses.append(r.status)
+            return statuses, session
+        finally:
+            await ep.close()
+
+    statuses, session = asyncio.run(scenario())
+    assert statuses == [400] * len(bodies) and session.segments == []
