@@ -432,6 +432,8 @@ def test_an_agent_and_an_environment_together_are_refused():
         task_cfg(env="areal_like.envs:Calculator")
     with pytest.raises(ConfigError, match="agent_tool_format"):
         task_cfg(agent_tool_format="pythonic")
+    with pytest.raises(ConfigError, match="task.chat_template"):  # an agent talks in chat
+        task_cfg(chat_template="none")
 
 
 def test_preflight_names_an_agent_that_cannot_run():
