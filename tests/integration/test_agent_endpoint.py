@@ -451,6 +451,19 @@ def test_preflight_names_an_agent_that_cannot_run():
         problems("areal_like.envs:calc")[0]
 
 
+
+def test_preflight_names_the_missing_openai_package(monkeypatch):
+    """The endpoint answers in the ``openai`` package's types (the ``agent`` extra): without it
+    the rollout server could not start its endpoint, so preflight says so in one line."""
+    from types import SimpleNamespace
+
+    from launch.preflight import check_agent
+
+    monkeypatch.setitem(__import__("sys").modules, "openai", None)  # as if not installed
+    [problem] = check_agent(SimpleNamespace(task=SimpleNamespace(
+        agent="areal_like.agents:calc_agent")))  # imports openai only when it runs
+    assert "openai" in problem and "areal-like[agent]" in problem
+
 def test_a_call_still_generating_when_its_episode_ends_is_answered_and_not_recorded():
     class Held(Scripted):
         async def generate(self, input_ids, params):
