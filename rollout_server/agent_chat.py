@@ -89,7 +89,8 @@ def check_request(body: Any) -> dict:
         raise RequestError("n must be 1: one episode samples one answer per call")
     if body.get("stream"):
         raise RequestError("stream=true is not supported; ask without streaming")
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    limit = body.get("max_completion_tokens")  # the newer name wins; null counts as unset
+    limit = body.get("max_tokens") if limit is None else limit
     if limit is not None and (type(limit) is not int or limit < 1):
         raise RequestError("max_tokens must be a positive integer")
     return {"messages": messages, "tools": tools, "max_tokens": limit,

@@ -464,6 +464,17 @@ def test_preflight_names_the_missing_openai_package(monkeypatch):
         agent="areal_like.agents:calc_agent")))  # imports openai only when it runs
     assert "openai" in problem and "areal-like[agent]" in problem
 
+
+def test_a_null_max_completion_tokens_leaves_max_tokens_in_force():
+    """A client that serialises unset fields as null (``max_completion_tokens: null``) still
+    bounds the call by the ``max_tokens`` it sent."""
+    user = [{"role": "user", "content": "q"}]
+    both = agent_chat.check_request({"messages": user, "max_completion_tokens": None,
+                                     "max_tokens": 5})
+    newer = agent_chat.check_request({"messages": user, "max_completion_tokens": 3,
+                                      "max_tokens": 5})
+    assert (both["max_tokens"], newer["max_tokens"]) == (5, 3)
+
 def test_a_call_still_generating_when_its_episode_ends_is_answered_and_not_recorded():
     class Held(Scripted):
         async def generate(self, input_ids, params):
