@@ -425,6 +425,20 @@ def test_agents_that_hang_crash_or_say_no_number_are_scored_0_with_their_reason(
         rewards.close()
 
 
+
+def test_an_agent_out_of_memory_is_told_the_agents_memory_setting():
+    from rollout_server.agent_episode import RUN
+
+    pool = agent_pool(task_cfg(agent_workers=1, agent_memory_mb=4096, episode_timeout_s=30.0))
+    try:
+        pool.wait_ready(120)
+        outcome = asyncio.run(pool.call(RUN, {"path": "agent_fns:hogs_memory", "example": None,
+                                              "api_key": "k", "base_url": "http://h/v1"}))
+    finally:
+        pool.close()
+    assert outcome.outcome == "error" and "ran out of memory" in outcome.content
+    assert "task.agent_memory_mb=4096" in outcome.content, outcome.content
+
 def test_an_agent_and_an_environment_together_are_refused():
     from areal_like.config import ConfigError
 
