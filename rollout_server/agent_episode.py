@@ -50,8 +50,8 @@ def score(outcome: ToolOutcome) -> tuple[float, str, str]:
         return 0.0, outcome.content, "episode_timeout"
     if outcome.outcome != "ok":
         return 0.0, outcome.content, "error"
-    try:
-        reward = float(outcome.content)
+    try:  # a bool counts as 0/1, as a reward function's does (reward_worker.as_reward)
+        reward = float({"true": 1, "false": 0}.get(outcome.content, outcome.content))
     except ValueError:
         return 0.0, f"the agent returned {outcome.content[:80]!r}, not a number", "error"
     if not math.isfinite(reward):

@@ -439,6 +439,17 @@ def test_an_agent_out_of_memory_is_told_the_agents_memory_setting():
     assert outcome.outcome == "error" and "ran out of memory" in outcome.content
     assert "task.agent_memory_mb=4096" in outcome.content, outcome.content
 
+
+def test_an_agent_that_returns_a_bool_is_scored_as_a_reward_function_would():
+    """Reward functions' bools count as 0/1 (reward_worker.as_reward); an agent's too (its value
+    comes back from the worker as JSON: ``true``/``false``)."""
+    from rollout_server.agent_episode import score
+    from rollout_server.tool_pool import ToolOutcome
+
+    assert score(ToolOutcome("ok", "true", 0.1)) == (1.0, "", "")
+    assert score(ToolOutcome("ok", "false", 0.1)) == (0.0, "", "")
+    assert score(ToolOutcome("ok", '"yes"', 0.1))[1].endswith("not a number")
+
 def test_an_agent_and_an_environment_together_are_refused():
     from areal_like.config import ConfigError
 
