@@ -450,6 +450,28 @@ def test_an_agent_that_returns_a_bool_is_scored_as_a_reward_function_would():
     assert score(ToolOutcome("ok", "false", 0.1)) == (0.0, "", "")
     assert score(ToolOutcome("ok", '"yes"', 0.1))[1].endswith("not a number")
 
+
+def test_a_group_whose_agents_all_fail_before_calling_says_why():
+    """Such a group fails (the credit lapses; enough in a row stop the rollout server): the error
+    the operator reads must carry the agents' reason, not only that no call was made."""
+    pool = agent_pool(task_cfg(agent_workers=1, episode_timeout_s=30.0))
+
+    async def one():
+        ep = await endpoint(Scripted([]), agent="agent_fns:fails_before_calling").start()
+        try:
+            credit = Credit(lease_id="l1", prompt_index=0, epoch=0, deadline_s=60.0)
+            await AgentRunner(ep.ctx, ep, pool).run_group(credit)
+        finally:
+            await ep.close()
+
+    try:
+        pool.wait_ready(120)
+        with pytest.raises(RuntimeError, match="called the model") as failed:
+            asyncio.run(one())
+    finally:
+        pool.close()
+    assert "ValueError: no such model: gpt-5" in str(failed.value)
+
 def test_an_agent_and_an_environment_together_are_refused():
     from areal_like.config import ConfigError
 
