@@ -280,8 +280,9 @@ def request_frame_limit(cfg: RunConfig) -> int:
     group the job can produce, ``FRAME_MARGIN`` x ``task.group_size`` x (prompt tokens x 4 + output
     tokens x 16 + metadata), at least ``MIN_FRAME_BYTES``. Prompts are bounded by
     ``task.max_prompt_tokens`` or, when that is 0, by the model's context (``model_context``); output
-    tokens by ``task.max_new_tokens``, or for multi-turn episodes (``task.env``) ``task.max_episode_tokens``;
-    an agent's episode (``task.agent``) may be up to ``task.max_turns`` trajectories."""
+    tokens by ``task.max_new_tokens``, or for multi-turn episodes (``task.env``)
+    ``task.max_episode_tokens``; an agent's episode (``task.agent``) may be up to
+    ``task.max_turns`` trajectories."""
     if cfg.buffer.max_frame_bytes:
         return cfg.buffer.max_frame_bytes
     task = cfg.task

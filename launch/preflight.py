@@ -246,7 +246,7 @@ def check_agent(cfg: RunConfig) -> list[str]:
 
     if not cfg.task.agent:
         return []
-    try:  # the endpoint answers in its types (rollout_server/agent_chat.py), whatever the agent uses
+    try:  # the endpoint answers in its types (rollout_server/agent_chat.py), whatever agents use
         import openai  # noqa: F401
     except ImportError as e:
         return [f"task.agent needs the openai package ({e}): pip install 'areal-like[agent]'"]
