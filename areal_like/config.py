@@ -311,7 +311,9 @@ def request_frame_limit(cfg: RunConfig) -> int:
     group the job can produce, ``FRAME_MARGIN`` x ``task.group_size`` x (prompt tokens x 4 + output
     tokens x 16 + metadata), at least ``MIN_FRAME_BYTES``. Prompts are bounded by
     ``task.max_prompt_tokens`` or, when that is 0, by the model's context (``model_context``); output
-    tokens by ``task.max_new_tokens``, or for multi-turn episodes (``task.env``) ``task.max_episode_tokens``."""
+    tokens by ``task.max_new_tokens``, or for multi-turn episodes (``task.env``)
+    ``task.max_episode_tokens``; an agent's episode (``task.agent``) may be up to
+    ``task.max_turns`` trajectories."""
     if cfg.buffer.max_frame_bytes:
         return cfg.buffer.max_frame_bytes
     task = cfg.task
@@ -320,7 +322,10 @@ def request_frame_limit(cfg: RunConfig) -> int:
     output = max(task.max_new_tokens, task.max_episode_tokens) if task.env or task.agent else \
         task.max_new_tokens
     per_trajectory = prompt * PROMPT_TOKEN_BYTES + output * OUTPUT_TOKEN_BYTES + TRAJECTORY_METADATA_BYTES
-    return max(MIN_FRAME_BYTES, FRAME_MARGIN * task.group_size * per_trajectory)
+    # an agent's episode is a trajectory per consistent prefix: one per call when it rewrites its
+    # history every time (rollout_server/agent_endpoint.py), each up to max_episode_tokens
+    trajectories = task.group_size * (task.max_turns if task.agent else 1)
+    return max(MIN_FRAME_BYTES, FRAME_MARGIN * trajectories * per_trajectory)
 
 
 def model_context(model: ModelConfig) -> int:

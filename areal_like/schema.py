@@ -122,6 +122,8 @@ class TaskConfig:
         _check("task.tool_workers", self.tool_workers >= 1, ">= 1", self.tool_workers)
         _check("task.agent", not (self.agent and self.env), "empty when task.env is set",
                self.agent)
+        _check("task.chat_template", not (self.agent and self.chat_template == "none"),
+               "a chat template (not none) when task.agent is set", self.chat_template)
         _check("task.agent_workers", self.agent_workers >= 1, ">= 1", self.agent_workers)
         _check("task.agent_memory_mb", self.agent_memory_mb >= 0, ">= 0", self.agent_memory_mb)
         _choice("task.agent_tool_format", self.agent_tool_format, ("hermes", "mistral"))

@@ -94,16 +94,8 @@ async def overhead(calls: int, tokens: int) -> dict:
         return await sdk.chat.completions.create(model="m", messages=messages)
 
     ways = {"direct": direct, "sdk": with_sdk, "plain": plain}
-    times: dict[str, list[float]] = {k: [] for k in ways}
-    last: dict = {}
     try:
-        for i in range(calls + 2):  # the ways interleaved: a load change hits all three alike
-            for name, way in ways.items():
-                t0 = time.perf_counter()
-                out = await way()
-                if i >= 2:  # two warm-up rounds
-                    times[name].append(1000 * (time.perf_counter() - t0))
-                last[name] = out
+        times, last = await _interleaved(ways, calls)
     finally:
         await http.close()
         await sdk.close()
@@ -119,6 +111,21 @@ async def overhead(calls: int, tokens: int) -> dict:
             "plain_http_extra_ms": round(raw_ms - direct_ms, 3),
             "tokens_per_call": len(done.output_ids), "statistic": "median per call",
             "prompt_tokens": len(ids)}
+
+
+async def _interleaved(ways: dict, calls: int) -> tuple[dict[str, list[float]], dict]:
+    """Milliseconds of each way's ``calls`` calls after two warm-up rounds, and its last answer;
+    the ways interleaved, so a load change hits them all alike."""
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    last: dict = {}
+    for i in range(calls + 2):
+        for name, way in ways.items():
+            t0 = time.perf_counter()
+            out = await way()
+            if i >= 2:
+                times[name].append(1000 * (time.perf_counter() - t0))
+            last[name] = out
+    return times, last
 
 
 def turn_distribution(n: int = 2000) -> dict[str, float]:

@@ -272,7 +272,13 @@ def check_agent(cfg: RunConfig) -> list[str]:
     """``task.agent`` (agent episodes) imports and takes (client_base_url, api_key, example)."""
     from rollout_server.agent_worker import agent_problem
 
-    problem = agent_problem(cfg.task.agent) if cfg.task.agent else ""
+    if not cfg.task.agent:
+        return []
+    try:  # the endpoint answers in its types (rollout_server/agent_chat.py), whatever agents use
+        import openai  # noqa: F401
+    except ImportError as e:
+        return [f"task.agent needs the openai package ({e}): pip install 'areal-like[agent]'"]
+    problem = agent_problem(cfg.task.agent)
     return [problem] if problem else []
 
 

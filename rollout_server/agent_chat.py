@@ -79,13 +79,18 @@ def check_request(body: Any) -> dict:
         if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(
                 c.get("function"), dict) for c in calls):
             raise RequestError("tool_calls must be a list of {'function': {...}}")
+        ids = [m.get("tool_call_id"), m.get("name")] + [v for c in calls for v in (
+            c.get("id"), c["function"].get("name"))]
+        if not all(v is None or isinstance(v, str) for v in ids):  # looked up and rendered
+            raise RequestError("a message's name and tool call ids and names must be strings")
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise RequestError("tools must be a list of tool specs")
     if body.get("n", 1) != 1:
         raise RequestError("n must be 1: one episode samples one answer per call")
     if body.get("stream"):
         raise RequestError("stream=true is not supported; ask without streaming")
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    limit = body.get("max_completion_tokens")  # the newer name wins; null counts as unset
+    limit = body.get("max_tokens") if limit is None else limit
     if limit is not None and (type(limit) is not int or limit < 1):
         raise RequestError("max_tokens must be a positive integer")
     return {"messages": messages, "tools": tools, "max_tokens": limit,
@@ -96,7 +101,7 @@ def _arguments(raw: Any) -> Any:
     if isinstance(raw, str):
         try:
             return json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past what Python parses
             return raw
     return raw
 

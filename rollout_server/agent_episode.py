@@ -41,7 +41,7 @@ AGENT_THREADS = 64
 def agent_pool(task_cfg) -> ToolPool:
     """The sandboxed workers that run one rollout server's agents."""
     return ToolPool(task_cfg.agent_workers, task_cfg.episode_timeout_s, task_cfg.agent_memory_mb,
-                    processes=AGENT_THREADS)
+                    processes=AGENT_THREADS, memory_setting="task.agent_memory_mb")
 
 
 def score(outcome: ToolOutcome) -> tuple[float, str, str]:
@@ -50,8 +50,8 @@ def score(outcome: ToolOutcome) -> tuple[float, str, str]:
         return 0.0, outcome.content, "episode_timeout"
     if outcome.outcome != "ok":
         return 0.0, outcome.content, "error"
-    try:
-        reward = float(outcome.content)
+    try:  # a bool counts as 0/1, as a reward function's does (reward_worker.as_reward)
+        reward = float({"true": 1, "false": 0}.get(outcome.content, outcome.content))
     except ValueError:
         return 0.0, f"the agent returned {outcome.content[:80]!r}, not a number", "error"
     if not math.isfinite(reward):
@@ -62,14 +62,16 @@ def score(outcome: ToolOutcome) -> tuple[float, str, str]:
 class AgentRunner:
     def __init__(self, ctx: EpisodeContext, endpoint: AgentEndpoint, pool: ToolPool):
         self.ctx, self.cfg, self.endpoint, self.pool = ctx, ctx.task_cfg, endpoint, pool
+        self.error = ""  # the latest agent error: why a group without a call failed
 
     async def run_group(self, credit: Credit) -> TrajectoryGroup:
         example = self.ctx.task.example(credit.prompt_index, credit.epoch)
         runs = await asyncio.gather(*(self.run(example) for _ in range(self.cfg.group_size)))
         trajectories = [t for run in runs for t in run]
         if not trajectories:
+            why = f" (last error: {self.error})" if self.error else ""
             raise RuntimeError(f"none of the {self.cfg.group_size} agents of prompt "
-                               f"{credit.prompt_index} called the model")
+                               f"{credit.prompt_index} called the model{why}")
         ctx = self.ctx
         return TrajectoryGroup(group_id=f"{ctx.server_id}-{credit.lease_id}",
                                server_id=ctx.server_id, lease_id=credit.lease_id,
@@ -91,7 +93,7 @@ class AgentRunner:
             reward, error, finish = score(outcome)
         meta = {"agent_seconds": round(outcome.seconds, 3), "splits": session.splits}
         if error:
-            meta["agent_error"] = error
+            meta["agent_error"] = self.error = error
         if finish:
             meta["finish_reason"] = finish
         self._count("no_call" if not session.segments else finish or "ok")

@@ -44,8 +44,10 @@ def invoke(function: str, arguments: dict) -> str:
 
 
 class ToolPool:
-    def __init__(self, workers: int, timeout_s: float, memory_mb: int = 2048, processes: int = 0):
+    def __init__(self, workers: int, timeout_s: float, memory_mb: int = 2048, processes: int = 0,
+                 memory_setting: str = "task.tool_memory_mb"):
         self.timeout_s = timeout_s  # processes: threads a call may start (sandbox.SandboxLimits)
+        self.memory_setting = memory_setting  # what an out-of-memory error tells the user to raise
         self.limits = SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb, processes=processes)
         self.executor = ThreadPoolExecutor(workers, thread_name_prefix="tool")
         self._local = threading.local()  # each executor thread's Worker
@@ -129,5 +131,5 @@ class ToolPool:
             return ToolOutcome("ok", reply["result"], seconds)
         if reply["kind"] == "memory":
             return ToolOutcome("error", f"{spec.name} ran out of memory ({reply['reason']}; the limit is "
-                                        f"task.tool_memory_mb={self.limits.memory_mb})", seconds)
+                                        f"{self.memory_setting}={self.limits.memory_mb})", seconds)
         return ToolOutcome("error", f"{spec.name} raised {reply['reason']}", seconds)

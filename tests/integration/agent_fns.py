@@ -52,3 +52,12 @@ def calls_after_its_end(base_url: str, api_key: str, example) -> float:
 
     threading.Thread(target=late, daemon=True).start()
     return 1.0
+
+
+def hogs_memory(base_url: str, api_key: str, example) -> float:
+    bytearray(64 << 30)  # past any agent_memory_mb: MemoryError, nothing touched
+    return 1.0
+
+
+def fails_before_calling(base_url: str, api_key: str, example) -> float:
+    raise ValueError("no such model: gpt-5")

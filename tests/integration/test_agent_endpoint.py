@@ -425,6 +425,53 @@ def test_agents_that_hang_crash_or_say_no_number_are_scored_0_with_their_reason(
         rewards.close()
 
 
+
+def test_an_agent_out_of_memory_is_told_the_agents_memory_setting():
+    from rollout_server.agent_episode import RUN
+
+    pool = agent_pool(task_cfg(agent_workers=1, agent_memory_mb=4096, episode_timeout_s=30.0))
+    try:
+        pool.wait_ready(120)
+        outcome = asyncio.run(pool.call(RUN, {"path": "agent_fns:hogs_memory", "example": None,
+                                              "api_key": "k", "base_url": "http://h/v1"}))
+    finally:
+        pool.close()
+    assert outcome.outcome == "error" and "ran out of memory" in outcome.content
+    assert "task.agent_memory_mb=4096" in outcome.content, outcome.content
+
+
+def test_an_agent_that_returns_a_bool_is_scored_as_a_reward_function_would():
+    """Reward functions' bools count as 0/1 (reward_worker.as_reward); an agent's too (its value
+    comes back from the worker as JSON: ``true``/``false``)."""
+    from rollout_server.agent_episode import score
+    from rollout_server.tool_pool import ToolOutcome
+
+    assert score(ToolOutcome("ok", "true", 0.1)) == (1.0, "", "")
+    assert score(ToolOutcome("ok", "false", 0.1)) == (0.0, "", "")
+    assert score(ToolOutcome("ok", '"yes"', 0.1))[1].endswith("not a number")
+
+
+def test_a_group_whose_agents_all_fail_before_calling_says_why():
+    """Such a group fails (the credit lapses; enough in a row stop the rollout server): the error
+    the operator reads must carry the agents' reason, not only that no call was made."""
+    pool = agent_pool(task_cfg(agent_workers=1, episode_timeout_s=30.0))
+
+    async def one():
+        ep = await endpoint(Scripted([]), agent="agent_fns:fails_before_calling").start()
+        try:
+            credit = Credit(lease_id="l1", prompt_index=0, epoch=0, deadline_s=60.0)
+            await AgentRunner(ep.ctx, ep, pool).run_group(credit)
+        finally:
+            await ep.close()
+
+    try:
+        pool.wait_ready(120)
+        with pytest.raises(RuntimeError, match="called the model") as failed:
+            asyncio.run(one())
+    finally:
+        pool.close()
+    assert "ValueError: no such model: gpt-5" in str(failed.value)
+
 def test_an_agent_and_an_environment_together_are_refused():
     from areal_like.config import ConfigError
 
@@ -432,6 +479,8 @@ def test_an_agent_and_an_environment_together_are_refused():
         task_cfg(env="areal_like.envs:Calculator")
     with pytest.raises(ConfigError, match="agent_tool_format"):
         task_cfg(agent_tool_format="pythonic")
+    with pytest.raises(ConfigError, match="task.chat_template"):  # an agent talks in chat
+        task_cfg(chat_template="none")
 
 
 def test_preflight_names_an_agent_that_cannot_run():
@@ -448,6 +497,30 @@ def test_preflight_names_an_agent_that_cannot_run():
     assert "cannot be called as run(client_base_url, api_key, example)" in \
         problems("areal_like.envs:calc")[0]
 
+
+
+def test_preflight_names_the_missing_openai_package(monkeypatch):
+    """The endpoint answers in the ``openai`` package's types (the ``agent`` extra): without it
+    the rollout server could not start its endpoint, so preflight says so in one line."""
+    from types import SimpleNamespace
+
+    from launch.preflight import check_agent
+
+    monkeypatch.setitem(__import__("sys").modules, "openai", None)  # as if not installed
+    [problem] = check_agent(SimpleNamespace(task=SimpleNamespace(
+        agent="areal_like.agents:calc_agent")))  # imports openai only when it runs
+    assert "openai" in problem and "areal-like[agent]" in problem
+
+
+def test_a_null_max_completion_tokens_leaves_max_tokens_in_force():
+    """A client that serialises unset fields as null (``max_completion_tokens: null``) still
+    bounds the call by the ``max_tokens`` it sent."""
+    user = [{"role": "user", "content": "q"}]
+    both = agent_chat.check_request({"messages": user, "max_completion_tokens": None,
+                                     "max_tokens": 5})
+    newer = agent_chat.check_request({"messages": user, "max_completion_tokens": 3,
+                                      "max_tokens": 5})
+    assert (both["max_tokens"], newer["max_tokens"]) == (5, 3)
 
 def test_a_call_still_generating_when_its_episode_ends_is_answered_and_not_recorded():
     class Held(Scripted):
@@ -502,3 +575,33 @@ def test_a_body_that_is_not_json_or_a_template_that_refuses_gets_400():
     assert bad_json == (400, "the body is not valid JSON")
     assert refused[0] == 400 and "cannot render" in refused[1] and "no tools here" in refused[1]
     assert session.segments == []
+
+
+def test_ids_and_names_of_the_wrong_type_get_400_not_500():
+    user = {"role": "user", "content": "q"}
+    call = {"id": "c1", "function": {"name": "calc", "arguments": "{}"}}
+    bodies = [[user, {"role": "tool", "tool_call_id": [1], "content": "x"}],
+              [user, {"role": "assistant", "content": "", "tool_calls": [{**call, "id": [1]}]}],
+              [user, {"role": "assistant", "content": "", "tool_calls": [
+                  {**call, "function": {"name": ["calc"], "arguments": "{}"}}]}],
+              [user, {"role": "tool", "name": {"a": 1}, "content": "x"}]]
+    nested = [{**call, "function": {"name": "calc", "arguments": "[" * depth + "]" * depth}}
+              for depth in (200_000, 990)]  # JSON nested past Python's recursion limit
+    okay = [[user, {"role": "assistant", "content": "", "tool_calls": [c]}] for c in nested]
+
+    async def scenario():
+        ep = await endpoint(Scripted(["a", "b"]), max_episode_tokens=10**6).start()
+        try:
+            key, session = ep.open_session(None)
+            statuses = []
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
+                for messages in bodies + okay:
+                    async with http.post(ep.base_url + "/chat/completions",
+                                         json={"messages": messages}) as r:
+                        statuses.append(r.status)
+            return statuses, session
+        finally:
+            await ep.close()
+
+    statuses, session = asyncio.run(scenario())
+    assert statuses == [400] * len(bodies) + [200] * len(okay)  # arguments kept as their text

@@ -104,3 +104,13 @@ def test_a_32mb_frame_is_refused_undecoded_by_a_real_buffer(tmp_run_dir, spawn_p
     finally:
         sock.close(linger=0)
         client.close()
+
+
+def test_an_agent_groups_limit_holds_one_trajectory_per_call():
+    """An agent that rewrites its history at every call makes a trajectory per call
+    (rollout_server/agent_endpoint.py): group_size x max_turns of them, each up to
+    max_episode_tokens; the buffer must accept that group, not refuse it as too large."""
+    task = TaskConfig(group_size=16, max_prompt_tokens=4096, max_new_tokens=64, max_turns=8,
+                      agent="areal_like.agents:calc_agent", max_episode_tokens=8192)
+    biggest = 16 * 8 * (8192 * 16 + 64 * 1024)  # every call its own segment, all of it output
+    assert request_frame_limit(RunConfig(task=task)) >= biggest
