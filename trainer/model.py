@@ -144,11 +144,25 @@ def apply_fsdp(model: torch.nn.Module, model_cfg: ModelConfig) -> torch.nn.Modul
 
 
 def policy_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
-                    temperature: float, chunk_tokens: int) -> torch.Tensor:
+                    temperature: float, chunk_tokens: int,
+                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """log pi(input_ids[:, p + 1] | input_ids[:, :p + 1]) [n, T] (fp32) for each position p in
     ``positions`` [n, T]: the final hidden states at those positions through the chunked lm_head.
-    Right padding + causal attention: no attention mask needed."""
-    hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state
+    Right padding + causal attention: no attention mask needed.
+
+    Packed (``position_ids`` [1, L], restarting at 0 where a sequence starts; ``input_ids`` [1, L]
+    the sequences concatenated): attention stays inside each sequence. transformers 5.19 builds
+    the block-diagonal causal mask from such position ids (``find_packed_sequence_indices``) for
+    SDPA, and flash-attention 2 runs its variable-length kernel from them, but only with no
+    attention mask and no KV cache: with a cache (``use_cache`` on, as a built model's config
+    has it) the mask is plain causal and sequences attend to their neighbours (measured: hidden
+    states off by ~3 on the tiny model), hence ``use_cache=False`` here, whatever the config."""
+    decoder = model.get_decoder()
+    if position_ids is None:
+        hidden = decoder(input_ids=input_ids).last_hidden_state
+    else:
+        hidden = decoder(input_ids=input_ids, position_ids=position_ids,
+                         use_cache=False).last_hidden_state
     picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
     targets = input_ids.gather(1, positions + 1)
     weight = model.get_output_embeddings().weight
@@ -156,8 +170,9 @@ def policy_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, positions: 
 
 
 def attach_logprobs(model: torch.nn.Module) -> torch.nn.Module:
-    """``model.policy_logprobs(input_ids, positions, temperature, chunk_tokens)``, run under FSDP's
-    pre/post-forward hooks of the root (a no-op registration on a model that is not sharded)."""
+    """``model.policy_logprobs(input_ids, positions, temperature, chunk_tokens[, position_ids])``,
+    run under FSDP's pre/post-forward hooks of the root (a no-op registration on a model that is
+    not sharded)."""
     from torch.distributed.fsdp import register_fsdp_forward_method
 
     model.policy_logprobs = types.MethodType(policy_logprobs, model)
