@@ -127,21 +127,22 @@ def output_logp(model: torch.nn.Module, mb: TrainBatch, temperature: float,
 
 def packed_output_logp(model: torch.nn.Module, mb: TrainBatch, temperature: float,
                        chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
-    """``output_logp`` with the rows of ``mb`` packed into one ``[1, sum(P + O)]`` row, positions
-    restarting per sequence (``policy_logprobs`` keeps attention inside each): row i starts at
-    offset ``o_i``; its output token t is predicted at ``o_i + P_i - 1 + t``. Only output tokens
-    reach the lm_head; the rest of ``[n, T]`` is 0."""
+    """``output_logp`` with the rows of ``mb`` packed into one ``[1, sum(P + O)]`` row, attention
+    kept inside each sequence (``policy_logprobs``): row i starts at offset ``o_i``; its output
+    token t is predicted at ``o_i + P_i - 1 + t``. Only output tokens reach the lm_head; the rest
+    of ``[n, T]`` is 0."""
     dev, lens = mb.input_ids.device, (mb.prompt_lens + mb.output_lens).cpu()
     n, t_max = mb.mask.shape
     ids = torch.cat([mb.input_ids[i, :int(k)] for i, k in enumerate(lens)])[None]
-    position_ids = torch.cat([torch.arange(int(k)) for k in lens])[None].to(dev)
+    starts = lens.cumsum(0) - lens
     out_lens = mb.output_lens.cpu()
     row = torch.repeat_interleave(torch.arange(n), out_lens)
     t = torch.arange(len(row)) - torch.repeat_interleave(out_lens.cumsum(0) - out_lens, out_lens)
-    pos = (lens.cumsum(0) - lens)[row] + mb.prompt_lens.cpu()[row] - 1 + t
+    pos = starts[row] + mb.prompt_lens.cpu()[row] - 1 + t
     if len(pos) == 0:  # no output token at all: one throwaway position keeps the graph (and FSDP) alike
         pos = torch.zeros(1, dtype=torch.long)
-    lp = model.policy_logprobs(ids, pos[None].to(dev), temperature, chunk_tokens, position_ids)[0]
+    cu = torch.cat([starts, lens.sum()[None]]).to(dev, torch.int32)
+    lp = model.policy_logprobs(ids, pos[None].to(dev), temperature, chunk_tokens, cu)[0]
     out = torch.zeros(n, t_max, dtype=lp.dtype, device=dev)
     if len(row) == 0:
         return out + 0.0 * lp.sum()

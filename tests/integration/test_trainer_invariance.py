@@ -1,14 +1,15 @@
 """Invariance: the same batch gives the same loss, gradient norm, every kernel stat and the same
 updated weights (1e-5) whatever the layout of its micro-batches: today's padded micro-batches of
-1, 2 and 4 sequences, packed micro-batches (``trainer.pack_sequences``), token-budget micro-batches
+1 and 4 sequences, packed micro-batches (``trainer.pack_sequences``), token-budget micro-batches
 (``trainer.max_tokens_per_micro_batch``, packed and padded), on 1 rank and on 2 FSDP2 ranks (gloo,
 real processes; sequences balanced over ranks by tokens). The reference is the padded path with
 one sequence per call. The batch has multi-turn loss masks (context tokens inside the output).
 
-Not vacuous: with the attention of a packed sequence leaking into its neighbour's (checked once by
-dropping ``position_ids`` in ``trainer/model.py``'s ``policy_logprobs``, so the packed row is one
-causal sequence), this test fails at its first packed case: decoupled PPO, packed mbs=4,
-ess_ratio 0.4325 against the padded 0.4398.
+Not vacuous: with the attention of a packed sequence leaking into its neighbours' this test
+fails at its first packed case (decoupled PPO, packed mbs=4: ess_ratio 0.4322 against the padded
+0.4398), checked once by running ``trainer/packed_attention.py``'s SDPA over the whole packed row
+as one causal sequence (and, before that module existed, by dropping the restarting
+``position_ids`` on transformers' SDPA: 0.4325).
 
 The worker half of this file runs as ``python test_trainer_invariance.py OUT 1|2`` (the layouts);
 the 2-rank run uses the torchrun environment (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT), the
@@ -43,7 +44,6 @@ CASES = [  # (name, overrides); every case runs in every layout of LAYOUTS (1 ra
 ]
 REFERENCE = ("padded mbs=1", ["trainer.pack_sequences=false", "trainer.micro_batch_size=1"])
 LAYOUTS = [REFERENCE,  # (label, overrides) run on one rank; the first is the reference
-           ("padded mbs=2", ["trainer.pack_sequences=false", "trainer.micro_batch_size=2"]),
            ("padded mbs=4", ["trainer.pack_sequences=false", "trainer.micro_batch_size=4"]),
            ("packed mbs=4", ["trainer.pack_sequences=true", "trainer.micro_batch_size=4"]),
            ("packed 24 tokens", ["trainer.pack_sequences=true", "trainer.max_tokens_per_micro_batch=24"]),
@@ -51,7 +51,9 @@ LAYOUTS = [REFERENCE,  # (label, overrides) run on one rank; the first is the re
 LAYOUTS_2 = [("padded mbs=2", ["trainer.pack_sequences=false", "trainer.micro_batch_size=2"]),
              ("packed mbs=2", ["trainer.pack_sequences=true", "trainer.micro_batch_size=2"]),
              ("packed 24 tokens", ["trainer.pack_sequences=true", "trainer.max_tokens_per_micro_batch=24"])]
-WORKER_TIMEOUT_S = 240  # two cold torch+transformers imports on a loaded 2-core machine, plus the steps
+# two cold torch+transformers imports and 11 cases x 5 layouts of steps on a loaded 2-core machine
+# (~40 s alone; 155 s at a load average of 13)
+WORKER_TIMEOUT_S = 480
 
 
 def synthetic_groups(n_groups: int = 4, group_size: int = 4, seed: int = 0, version: int = 0):
@@ -110,6 +112,7 @@ def _spawn(out: Path, layouts: str, rank: int | None = None, world: int = 1, por
                             cwd=Path(__file__).resolve().parents[2])
 
 
+@pytest.mark.timeout(WORKER_TIMEOUT_S + 60)
 def test_loss_stats_and_weights_invariant_to_layout_and_ranks(tmp_path):
     import torch
 

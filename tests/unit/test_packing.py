@@ -78,17 +78,24 @@ def _batch(shapes: list[tuple[int, int]], seed: int = 0):
     return groups_to_batch([g])
 
 
-def test_packed_logp_equals_each_sequence_alone_and_its_gradient_too():
+@pytest.mark.parametrize("attn", ["sdpa", "sdpa_packed"])
+def test_packed_logp_equals_each_sequence_alone_and_its_gradient_too(attn):
     """Each packed sequence's log-probs (and the gradient of their masked sum) equal that
-    sequence's run alone: attention stays inside it and positions restart. Fails when the packed
-    row attends across sequences (checked once: ``use_cache=True`` in ``policy_logprobs``, whose
-    cache turns transformers' block-diagonal mask back into a plain causal one: 9 of 15
-    log-probs off, by up to 0.54 nat)."""
+    sequence's run alone: attention stays inside it and positions restart; on transformers' SDPA
+    (its block-diagonal mask) and on the trainer's ``sdpa_packed`` (one SDPA per sequence).
+    Fails when the packed row attends across sequences (checked once each: ``use_cache=True`` in
+    ``policy_logprobs``, whose cache turns transformers' block-diagonal mask back into a plain
+    causal one: 9 of 15 log-probs off, by up to 0.54 nat; ``sdpa_packed`` run over the whole row
+    as one sequence: likewise)."""
     from areal_like.hf import build_model
     from trainer.model import attach_logprobs
+    from trainer.packed_attention import PACKED_SDPA
 
     torch.manual_seed(0)
     model = attach_logprobs(build_model(load_config([]).model))
+    if attn == PACKED_SDPA:  # what trainer/model.py's shard_model does
+        model.set_attn_implementation(PACKED_SDPA)
+    assert model.config._attn_implementation == attn
     model.config.use_cache = True  # as a built model has it: the packed path must not depend on it
     batch = _batch([(3, 6), (5, 2), (2, 7)])
 
