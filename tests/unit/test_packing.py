@@ -119,3 +119,14 @@ def test_packed_logp_equals_each_sequence_alone_and_its_gradient_too(attn):
     assert float(packed[~m].abs().max()) == 0.0  # 0 on padding, not garbage
     for a, b in zip(g_packed, g_alone):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_trained_tokens_per_s_counts_the_passes_over_the_batch():
+    from trainer.loop import layout_metrics
+
+    stats = {"seq_tokens": 300.0, "padding_share": 0.25, "tokens_per_micro_batch": 100.0,
+             "rank_token_spread": 0.02, "loss": 1.0}
+    # 300 real tokens over the prox recompute (1 s) and the step (2 s); waiting for data is not counted
+    got = layout_metrics(stats, {"fetch_batch": 10.0, "recompute_prox": 1.0, "train_step": 2.0})
+    assert got == {"trained_tokens_per_s": 100.0, "padding_share": 0.25,
+                   "tokens_per_micro_batch": 100.0, "rank_token_spread": 0.02}
