@@ -87,7 +87,8 @@ def test_packed_logp_equals_each_sequence_alone_and_its_gradient_too(attn):
     ``policy_logprobs``, whose cache turns transformers' block-diagonal mask back into a plain
     causal one: 9 of 15 log-probs off, by up to 0.54 nat; ``sdpa_packed`` run over the whole row
     as one sequence: likewise), and when ``sdpa_packed``'s recomputing backward is wrong (checked
-    once: its output gradient halved fails the gradient comparison)."""
+    once: its output gradient halved, or the two 9-token sequences' gradients swapped within
+    their length group, fails the gradient comparison; their outputs swapped fails the values)."""
     from areal_like.hf import build_model
     from trainer.model import attach_logprobs
     from trainer.packed_attention import PACKED_SDPA
