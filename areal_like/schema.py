@@ -263,7 +263,7 @@ class TrainerConfig:
     # An optimizer step whose loss or gradient norm is not finite is skipped
     # (trainer/finite_guard.py); this many trainer steps in a row that skipped one stop the job
     max_nonfinite_skips: int = 10
-    micro_batch_size: int = 8  # sequences per forward/backward (unless max_tokens_per_micro_batch > 0)
+    micro_batch_size: int = 8  # sequences per forward/backward (max_tokens_per_micro_batch = 0)
     # Sequences of a micro-batch concatenated without padding, attention kept inside each sequence
     # (trainer/packing.py); false: right-padded to the micro-batch's longest. The same numbers.
     pack_sequences: bool = True
@@ -302,7 +302,8 @@ class TrainerConfig:
         _choice("trainer.estimator", self.estimator, ESTIMATORS)
         _check("trainer.micro_batch_size", self.micro_batch_size >= 1, ">= 1", self.micro_batch_size)
         _check("trainer.max_tokens_per_micro_batch", self.max_tokens_per_micro_batch >= 0,
-               ">= 0 (0: micro-batches of micro_batch_size sequences)", self.max_tokens_per_micro_batch)
+               ">= 0 (0: micro-batches of micro_batch_size sequences)",
+               self.max_tokens_per_micro_batch)
         _check("trainer.num_minibatches", self.num_minibatches >= 1, ">= 1", self.num_minibatches)
         _check("trainer.logprob_chunk_tokens", self.logprob_chunk_tokens >= 1, ">= 1", self.logprob_chunk_tokens)
         _check("trainer.grad_clip", self.grad_clip > 0, "> 0", self.grad_clip)

@@ -139,7 +139,7 @@ def packed_output_logp(model: torch.nn.Module, mb: TrainBatch, temperature: floa
     row = torch.repeat_interleave(torch.arange(n), out_lens)
     t = torch.arange(len(row)) - torch.repeat_interleave(out_lens.cumsum(0) - out_lens, out_lens)
     pos = starts[row] + mb.prompt_lens.cpu()[row] - 1 + t
-    if len(pos) == 0:  # no output token at all: one throwaway position keeps the graph (and FSDP) alike
+    if len(pos) == 0:  # no output token: one throwaway position keeps the graph (and FSDP) alike
         pos = torch.zeros(1, dtype=torch.long)
     cu = torch.cat([starts, lens.sum()[None]]).to(dev, torch.int32)
     lp = model.policy_logprobs(ids, pos[None].to(dev), temperature, chunk_tokens, cu)[0]
@@ -370,7 +370,8 @@ def _combine(per_step: list[dict[str, float]]) -> dict[str, float]:
     out: dict[str, float] = {}
     for k in per_step[0]:
         vals = [d[k] for d in per_step if k in d]
-        out[k] = max(vals) if k.endswith("_max") else (sum(vals) if k in _SUMMED else sum(vals) / len(vals))
+        total_or_mean = sum(vals) if k in _SUMMED else sum(vals) / len(vals)
+        out[k] = max(vals) if k.endswith("_max") else total_or_mean
     out["optimizer_steps"] = float(len(per_step)) - out.get(SKIPPED, 0.0)  # the ones applied
     if out.get("computed_tokens"):
         out["padding_share"] = 1.0 - out["seq_tokens"] / out["computed_tokens"]

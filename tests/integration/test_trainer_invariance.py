@@ -27,12 +27,14 @@ from pathlib import Path
 
 import pytest
 
-CASES = [  # (name, overrides); every case runs in every layout of LAYOUTS (1 rank) and LAYOUTS_2 (2 ranks)
+# (name, overrides); every case runs in every layout of LAYOUTS (1 rank) and LAYOUTS_2 (2 ranks)
+CASES = [
     ("decoupled_ppo", ["trainer.loss.kernel=decoupled_ppo", "trainer.loss.agg=token-mean"]),
     ("tis_rloo_tokensum", ["trainer.loss.kernel=tis", "trainer.estimator=rloo",
                            "trainer.loss.agg=seq-mean-token-sum"]),
     ("mis_reinforcepp", ["trainer.loss.kernel=mis", "trainer.estimator=reinforce_pp"]),
-    ("icepop_rpp_baseline", ["trainer.loss.kernel=icepop", "trainer.estimator=reinforce_pp_baseline"]),
+    ("icepop_rpp_baseline", ["trainer.loss.kernel=icepop",
+                             "trainer.estimator=reinforce_pp_baseline"]),
     ("gspo", ["trainer.loss.kernel=gspo", "trainer.loss.agg=seq-mean-token-mean"]),
     ("vespo", ["trainer.loss.kernel=vespo"]),
     ("oapl", ["trainer.loss.kernel=oapl"]),
@@ -42,15 +44,16 @@ CASES = [  # (name, overrides); every case runs in every layout of LAYOUTS (1 ra
                               "trainer.loss.agg=seq-mean-token-sum-norm"]),  # C = task.max_new_tokens
     ("vcpo", ["trainer.loss.kernel=vcpo", "trainer.loss.agg=seq-mean-token-mean"]),
 ]
+BUDGET = "trainer.max_tokens_per_micro_batch"
 REFERENCE = ("padded mbs=1", ["trainer.pack_sequences=false", "trainer.micro_batch_size=1"])
 LAYOUTS = [REFERENCE,  # (label, overrides) run on one rank; the first is the reference
            ("padded mbs=4", ["trainer.pack_sequences=false", "trainer.micro_batch_size=4"]),
            ("packed mbs=4", ["trainer.pack_sequences=true", "trainer.micro_batch_size=4"]),
-           ("packed 24 tokens", ["trainer.pack_sequences=true", "trainer.max_tokens_per_micro_batch=24"]),
-           ("padded 24 tokens", ["trainer.pack_sequences=false", "trainer.max_tokens_per_micro_batch=24"])]
+           ("packed 24 tokens", ["trainer.pack_sequences=true", f"{BUDGET}=24"]),
+           ("padded 24 tokens", ["trainer.pack_sequences=false", f"{BUDGET}=24"])]
 LAYOUTS_2 = [("padded mbs=2", ["trainer.pack_sequences=false", "trainer.micro_batch_size=2"]),
              ("packed mbs=2", ["trainer.pack_sequences=true", "trainer.micro_batch_size=2"]),
-             ("packed 24 tokens", ["trainer.pack_sequences=true", "trainer.max_tokens_per_micro_batch=24"])]
+             ("packed 24 tokens", ["trainer.pack_sequences=true", f"{BUDGET}=24"])]
 # two cold torch+transformers imports and 11 cases x 5 layouts of steps on a loaded 2-core machine
 # (~40 s alone; 155 s at a load average of 13)
 WORKER_TIMEOUT_S = 480
@@ -69,10 +72,11 @@ def synthetic_groups(n_groups: int = 4, group_size: int = 4, seed: int = 0, vers
         for _ in range(group_size):
             p, t = int(rng.integers(2, 7)), int(rng.integers(1, 9))
             # a multi-turn episode's context tokens (mask 0) sit between generated turns
-            mask = np.ones(t, np.int32) if t < 5 else np.array([1, 1, 0, 0] + [1] * (t - 4), np.int32)
+            mask = np.ones(t, np.int32) if t < 5 else np.array([1, 1, 0, 0] + [1] * (t - 4))
             trajs.append(Trajectory.of(prompt_ids=rng.integers(4, 100, p), output_ids=rng.integers(4, 100, t),
                                     behav_logp=-rng.random(t) * 5, versions=np.full(t, version, np.int32),
-                                    reward=float(rng.integers(0, 2)), finish_reason="stop", loss_mask=mask))
+                                    reward=float(rng.integers(0, 2)), finish_reason="stop",
+                                    loss_mask=mask))
         groups.append(TrajectoryGroup(group_id=f"g{g}", server_id="s", lease_id=str(g), prompt_index=g, epoch=0,
                                       trajectories=trajs))
     return groups
@@ -103,7 +107,8 @@ def worker(out: str, layouts: list[tuple[str, list[str]]]) -> None:
     leave_distributed()
 
 
-def _spawn(out: Path, layouts: str, rank: int | None = None, world: int = 1, port: int = 0) -> subprocess.Popen:
+def _spawn(out: Path, layouts: str, rank: int | None = None, world: int = 1,
+           port: int = 0) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if rank is not None:
         env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
@@ -133,7 +138,8 @@ def test_loss_stats_and_weights_invariant_to_layout_and_ranks(tmp_path):
         kernel_stats = sorted(k for k in ref["stats"] if k not in LAYOUT_STATS)
         for label, got in others:
             for k in kernel_stats:  # loss, grad_norm, lr and every kernel stat
-                assert got["stats"][k] == pytest.approx(ref["stats"][k], rel=1e-5, abs=1e-6), (name, label, k)
+                want = pytest.approx(ref["stats"][k], rel=1e-5, abs=1e-6)
+                assert got["stats"][k] == want, (name, label, k)
             assert got["stats"]["seq_tokens"] == ref["stats"]["seq_tokens"], (name, label)
             if "packed" in label:  # no padding computed
                 assert got["stats"]["padding_share"] == 0.0, (name, label)

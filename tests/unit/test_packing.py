@@ -49,16 +49,19 @@ def test_token_budget_is_first_fit_decreasing():
 def test_every_rank_runs_as_many_calls_and_the_layout_is_reported():
     # 2 ranks, packed, budget 12: r0 holds rows 0, 3, 5 (9, 5, 2) -> [9, 2], [5];
     # r1 holds 1, 2, 4 (7, 6, 4) -> [7, 4], [6]: two calls each
-    p = plan_minibatch(torch.arange(6), torch.tensor(LENS), 2, max_seqs=1, max_tokens=12, packed=True)
+    p = plan_minibatch(torch.arange(6), torch.tensor(LENS), 2, max_seqs=1, max_tokens=12,
+                       packed=True)
     assert [[c.tolist() for c in cs] for cs in p.calls] == [[[0, 5], [3]], [[1, 4], [2]]]
     st = layout_stats(p)
     assert (st["seq_tokens"], st["computed_tokens"], st["micro_batches"]) == (33.0, 33.0, 4.0)
     assert st["rank_token_spread"] == pytest.approx((17 - 16) / 16.5)
     # padded, 4 per call, on 2 ranks: r0 [9, 5, 2] -> 3 x 9 = 27 computed, r1 [7, 6, 4] -> 21
-    p = plan_minibatch(torch.arange(6), torch.tensor(LENS), 2, max_seqs=4, max_tokens=0, packed=False)
+    p = plan_minibatch(torch.arange(6), torch.tensor(LENS), 2, max_seqs=4, max_tokens=0,
+                       packed=False)
     assert layout_stats(p)["computed_tokens"] == 48.0
     # one sequence, two ranks: rank 1 runs one zero-weight call
-    p = plan_minibatch(torch.tensor([3]), torch.tensor(LENS), 2, max_seqs=4, max_tokens=0, packed=True)
+    p = plan_minibatch(torch.tensor([3]), torch.tensor(LENS), 2, max_seqs=4, max_tokens=0,
+                       packed=True)
     assert p.calls[0][0].tolist() == [3] and p.calls[1] == [None]
 
 
@@ -127,7 +130,7 @@ def test_trained_tokens_per_s_counts_the_passes_over_the_batch():
 
     stats = {"seq_tokens": 300.0, "padding_share": 0.25, "tokens_per_micro_batch": 100.0,
              "rank_token_spread": 0.02, "loss": 1.0}
-    # 300 real tokens over the prox recompute (1 s) and the step (2 s); waiting for data is not counted
+    # 300 real tokens over the prox recompute (1 s) and the step (2 s); the data wait not counted
     got = layout_metrics(stats, {"fetch_batch": 10.0, "recompute_prox": 1.0, "train_step": 2.0})
     assert got == {"trained_tokens_per_s": 100.0, "padding_share": 0.25,
                    "tokens_per_micro_batch": 100.0, "rank_token_spread": 0.02}
