@@ -266,6 +266,7 @@ class TrainerConfig:
     micro_batch_size: int = 8  # sequences per forward/backward (max_tokens_per_micro_batch = 0)
     # Sequences of a micro-batch concatenated without padding, attention kept inside each sequence
     # (trainer/packing.py); false: right-padded to the micro-batch's longest. The same numbers.
+    # configs/model/tiny.yaml sets false (near-equal lengths: little padding to save).
     pack_sequences: bool = True
     # > 0: micro-batches of at most this many computed tokens (prompt + output, padding included
     # when not packed) instead of micro_batch_size sequences; a longer sequence runs alone.

@@ -219,7 +219,8 @@ def main() -> None:
     common = [f"model.max_position_embeddings={max(512, args.max_len)}"]
     today = settings([*common, "trainer.pack_sequences=false",
                       f"trainer.micro_batch_size={args.mbs}"])
-    new = settings([*common, f"trainer.max_tokens_per_micro_batch={args.budget}"])
+    new = settings([*common, "trainer.pack_sequences=true",
+                    f"trainer.max_tokens_per_micro_batch={args.budget}"])
     padded = settings([*common, "trainer.pack_sequences=false",
                        f"trainer.max_tokens_per_micro_batch={args.budget}"])
     init_distributed(new[0].trainer)
