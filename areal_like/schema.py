@@ -283,7 +283,15 @@ class TrainerConfig:
     # An optimizer step whose loss or gradient norm is not finite is skipped
     # (trainer/finite_guard.py); this many trainer steps in a row that skipped one stop the job
     max_nonfinite_skips: int = 10
-    micro_batch_size: int = 8  # sequences per forward/backward
+    micro_batch_size: int = 8  # sequences per forward/backward (max_tokens_per_micro_batch = 0)
+    # Sequences of a micro-batch concatenated without padding, attention kept inside each sequence
+    # (trainer/packing.py); false: right-padded to the micro-batch's longest. The same numbers.
+    # configs/model/tiny.yaml sets false (near-equal lengths: little padding to save).
+    pack_sequences: bool = True
+    # > 0: micro-batches of at most this many computed tokens (prompt + output, padding included
+    # when not packed) instead of micro_batch_size sequences; a longer sequence runs alone.
+    # Peak activation memory then follows this budget (trainer/MEMORY.md). 0: off.
+    max_tokens_per_micro_batch: int = 0
     num_minibatches: int = 1  # optimizer steps per batch (all but the first are off-policy by construction)
     estimator: str = "grpo"
     loss: LossConfig = field(default_factory=LossConfig)
@@ -319,6 +327,9 @@ class TrainerConfig:
         _choice("trainer.lr_schedule", self.lr_schedule, ("constant", "linear", "cosine"))
         _choice("trainer.estimator", self.estimator, ESTIMATORS)
         _check("trainer.micro_batch_size", self.micro_batch_size >= 1, ">= 1", self.micro_batch_size)
+        _check("trainer.max_tokens_per_micro_batch", self.max_tokens_per_micro_batch >= 0,
+               ">= 0 (0: micro-batches of micro_batch_size sequences)",
+               self.max_tokens_per_micro_batch)
         _check("trainer.num_minibatches", self.num_minibatches >= 1, ">= 1", self.num_minibatches)
         _check("trainer.logprob_chunk_tokens", self.logprob_chunk_tokens >= 1, ">= 1", self.logprob_chunk_tokens)
         _check("trainer.grad_clip", self.grad_clip > 0, "> 0", self.grad_clip)

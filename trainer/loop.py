@@ -74,6 +74,16 @@ def assert_fresh(batch: TrainBatch, version: int, max_staleness: int) -> None:
                              f"max_staleness {max_staleness} at policy_version {version}")
 
 
+def layout_metrics(stats: dict[str, float], phase_times: dict[str, float]) -> dict[str, float]:
+    """How the step laid out its tokens (``trainer/packing.py``) and ``trained_tokens_per_s``: the
+    prompt and output tokens its passes ran over (padding not counted) per second of those passes
+    (proximal and reference log-probs, the training step), the rate packing and budgets raise."""
+    compute_s = sum(phase_times.get(k, 0.0) for k in ("recompute_prox", "ref_logp", "train_step"))
+    return {"trained_tokens_per_s": stats.get("seq_tokens", 0.0) / max(compute_s, 1e-9),
+            **{k: stats.get(k, 0.0) for k in ("padding_share", "tokens_per_micro_batch",
+                                              "rank_token_spread")}}
+
+
 def train(cfg: RunConfig) -> int:
     """Run the trainer to completion (cfg.trainer.steps policy versions); returns the exit code."""
     return Trainer.from_run(cfg).serve()
@@ -320,6 +330,7 @@ class Trainer(Daemon):
         if self.rank != 0:
             return
         staleness = (self.version - 1) - batch.head_versions
+        layout = layout_metrics(stats, self.phase_times)
         row = {
             "step": self.version, "policy_version": self.version, "loss": stats.get("loss"),
             "reward_mean": float(batch.rewards.mean()), "staleness_mean": float(staleness.float().mean()),
@@ -331,12 +342,12 @@ class Trainer(Daemon):
                             "done": sync.done, "dropped": sync.dropped, "repushed": sync.repushed,
                             "pause_s": sync.pause_s, "error": sync.error},
             "stats": stats, "steps_trained": self.steps_trained, "rolled_back_steps": self.rolled_back_steps,
-            "groups_dropped_bad_data": self.data.dropped_groups,
+            "groups_dropped_bad_data": self.data.dropped_groups, **layout,
         }
         self.record(row)
         m = self.metrics
         for key in ("loss", "reward_mean", "staleness_mean", "staleness_max", "tokens_per_s", "step_seconds",
-                    "data_wait_seconds"):
+                    "data_wait_seconds", *layout):
             m.gauge(f"trainer/{key}").set(float(row[key]))
         for key, value in stats.items():
             m.gauge(f"trainer/stat/{key}", f"kernel/step stat {key}").set(value)

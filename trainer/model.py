@@ -66,6 +66,7 @@ from areal_like.config import ModelConfig, TrainerConfig
 from areal_like.distributed import free_port, set_nccl_nonblocking_timeout
 from areal_like.hf import build_meta_model, torch_dtype
 from trainer.logprobs import hidden_token_logprobs
+from trainer.packed_attention import PACKED_SDPA
 from trainer.sharded_init import materialize
 
 
@@ -144,20 +145,59 @@ def apply_fsdp(model: torch.nn.Module, model_cfg: ModelConfig) -> torch.nn.Modul
 
 
 def policy_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
-                    temperature: float, chunk_tokens: int) -> torch.Tensor:
+                    temperature: float, chunk_tokens: int,
+                    cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """log pi(input_ids[:, p + 1] | input_ids[:, :p + 1]) [n, T] (fp32) for each position p in
     ``positions`` [n, T]: the final hidden states at those positions through the chunked lm_head.
-    Right padding + causal attention: no attention mask needed."""
-    hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state
+    Right padding + causal attention: no attention mask needed.
+
+    Packed (``input_ids`` [1, L] the sequences concatenated, sequence i at ``cu_seqlens[i] :
+    cu_seqlens[i + 1]``): attention stays inside each sequence, positions restart at 0. The
+    boundaries go to the attention function (``trainer/packed_attention.py``; flash-attention's
+    variable-length kernel reads the same keywords) and, as restarting ``position_ids``, to
+    transformers' mask, which is block-diagonal for them (``find_packed_sequence_indices``) only
+    without a KV cache: with one (``use_cache`` on, as a built model's config has it) it is plain
+    causal and, on plain SDPA, sequences attend to their neighbours (measured: hidden states off
+    by ~3 on the tiny model), hence ``use_cache=False`` here, whatever the config. An attention
+    that reads the boundaries itself gets no mask at all (``packed_mask``)."""
+    decoder = model.get_decoder()
+    if cu_seqlens is None:
+        hidden = decoder(input_ids=input_ids).last_hidden_state
+    else:
+        lens = cu_seqlens.diff()
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
+        position_ids = (position_ids - cu_seqlens[:-1].repeat_interleave(lens))[None]
+        longest = int(lens.max())
+        hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                         attention_mask=packed_mask(model, decoder),
+                         cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
+                         max_length_q=longest, max_length_k=longest).last_hidden_state
     picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
     targets = input_ids.gather(1, positions + 1)
     weight = model.get_output_embeddings().weight
     return hidden_token_logprobs(picked, weight, targets, temperature, chunk_tokens=chunk_tokens)
 
 
+# Attention implementations that keep packed sequences apart from ``cu_seq_lens_q`` alone
+VARLEN_ATTENTION = (PACKED_SDPA, "flash_attention_2", "flash_attention_3")
+
+
+def packed_mask(model: torch.nn.Module, decoder: torch.nn.Module) -> dict | None:
+    """The mask argument of a packed forward: for an attention in ``VARLEN_ATTENTION`` (and no
+    sliding-window layers), "no mask" handed over as transformers' precomputed mapping, so it
+    does not build the dense [L, L] block-diagonal one it never reads (at L = 4,096 a 16 MiB
+    mask, 48 MiB at the peak of building it; measured); else None (the mask is built from the
+    restarting position ids: the attention reads it)."""
+    if model.config._attn_implementation in VARLEN_ATTENTION and not getattr(
+            decoder, "has_sliding_layers", False):
+        return {"full_attention": None}
+    return None
+
+
 def attach_logprobs(model: torch.nn.Module) -> torch.nn.Module:
-    """``model.policy_logprobs(input_ids, positions, temperature, chunk_tokens)``, run under FSDP's
-    pre/post-forward hooks of the root (a no-op registration on a model that is not sharded)."""
+    """``model.policy_logprobs(input_ids, positions, temperature, chunk_tokens[, cu_seqlens])``,
+    run under FSDP's pre/post-forward hooks of the root (a no-op registration on a model that is
+    not sharded)."""
     from torch.distributed.fsdp import register_fsdp_forward_method
 
     model.policy_logprobs = types.MethodType(policy_logprobs, model)
@@ -183,6 +223,8 @@ def shard_model(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, dtype: st
     device = trainer_device(trainer_cfg)
     model = build_meta_model(model_cfg, dtype)
     model.config.use_cache = False
+    if model.config._attn_implementation == "sdpa":  # the same SDPA, per sequence when packed
+        model.set_attn_implementation(PACKED_SDPA)
     if checkpointing:
         checkpoint_blocks(model)
     # One fp32 rank: nothing to shard, gather, reduce or cast (module docstring).

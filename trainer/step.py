@@ -6,8 +6,11 @@ data-parallel ranks, loss normalisation and the optimizer step. The formulas liv
 
 Invariants (the invariance tests check them):
 - A minibatch is a contiguous run of WHOLE groups (``num_minibatches`` of them per batch); each
-  is one optimizer step. Its sequences are dealt to ranks round-robin and cut into micro-batches
-  of ``micro_batch_size`` sequences, right-padded to the micro-batch's longest sequence.
+  is one optimizer step. Its sequences are dealt to ranks by tokens (longest first) and cut into
+  micro-batches of ``micro_batch_size`` sequences or of at most ``max_tokens_per_micro_batch``
+  tokens, packed (concatenated, attention kept inside each sequence) or right-padded to the
+  micro-batch's longest sequence (``trainer/packing.py``). Every pass over the batch (training,
+  proximal and reference log-probs, VCPO's per-trajectory backward) uses the same layout.
 - Every call gets the minibatch-GLOBAL valid-token and sequence counts, so the per-call losses
   sum to the minibatch loss. Every rank holds the whole batch (``trainer/data.py`` broadcasts
   it), so these counts are computed locally, identically on every rank, with no collective.
@@ -38,7 +41,6 @@ Invariants (the invariance tests check them):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -51,6 +53,7 @@ from trainer.finite_guard import SKIPPED, all_finite
 from trainer.logprobs import CHUNK_TOKENS
 from trainer.losses import KERNELS, Kernel, accumulate_stats, compute_policy_loss, finalize_stats, vcpo_is_weights
 from trainer.model import Policy, clip_gradients
+from trainer.packing import Plan, plan_minibatch
 
 
 @dataclass(frozen=True)
@@ -63,13 +66,17 @@ class StepSettings:
     temperature: float
     chunk_tokens: int = CHUNK_TOKENS  # trainer.logprob_chunk_tokens
     max_new_tokens: int | None = None  # task.max_new_tokens: Dr.GRPO's constant C when none is configured
+    pack_sequences: bool = False  # trainer.pack_sequences
+    max_tokens_per_micro_batch: int = 0  # trainer.max_tokens_per_micro_batch (0: micro_batch_size)
 
     @classmethod
     def of(cls, t: TrainerConfig, task: TaskConfig) -> StepSettings:
         """The trainer's step settings; of the task, the engines' temperature and ``max_new_tokens``."""
         return cls(loss=t.loss, estimator=t.estimator, micro_batch_size=t.micro_batch_size,
                    num_minibatches=t.num_minibatches, grad_clip=t.grad_clip, temperature=task.temperature,
-                   chunk_tokens=t.logprob_chunk_tokens, max_new_tokens=task.max_new_tokens)
+                   chunk_tokens=t.logprob_chunk_tokens, max_new_tokens=task.max_new_tokens,
+                   pack_sequences=t.pack_sequences,
+                   max_tokens_per_micro_batch=t.max_tokens_per_micro_batch)
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> StepSettings:
@@ -104,15 +111,42 @@ def _world() -> tuple[int, int]:
 
 
 def output_logp(model: torch.nn.Module, mb: TrainBatch, temperature: float,
-                chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
-    """log pi(output token t) [n, T] under ``model`` (fp32, logits / temperature); garbage on padding.
+                chunk_tokens: int = CHUNK_TOKENS, packed: bool = False) -> torch.Tensor:
+    """log pi(output token t) [n, T] under ``model`` (fp32, logits / temperature); garbage on
+    padding (0 when ``packed``: ``packed_output_logp``).
 
     ``model`` is a policy from ``trainer/model.py`` (``policy_logprobs`` attached): the logits of
     output token t are the ones at position P - 1 + t, taken ``chunk_tokens`` tokens at a time.
     """
+    if packed:
+        return packed_output_logp(model, mb, temperature, chunk_tokens)
     s, t_max = mb.input_ids.shape[1], mb.mask.shape[1]
     pos = (mb.prompt_lens[:, None] - 1 + torch.arange(t_max, device=mb.input_ids.device)).clamp(max=s - 2)
     return model.policy_logprobs(mb.input_ids, pos, temperature, chunk_tokens)
+
+
+def packed_output_logp(model: torch.nn.Module, mb: TrainBatch, temperature: float,
+                       chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+    """``output_logp`` with the rows of ``mb`` packed into one ``[1, sum(P + O)]`` row, attention
+    kept inside each sequence (``policy_logprobs``): row i starts at offset ``o_i``; its output
+    token t is predicted at ``o_i + P_i - 1 + t``. Only output tokens reach the lm_head; the rest
+    of ``[n, T]`` is 0."""
+    dev, lens = mb.input_ids.device, (mb.prompt_lens + mb.output_lens).cpu()
+    n, t_max = mb.mask.shape
+    ids = torch.cat([mb.input_ids[i, :int(k)] for i, k in enumerate(lens)])[None]
+    starts = lens.cumsum(0) - lens
+    out_lens = mb.output_lens.cpu()
+    row = torch.repeat_interleave(torch.arange(n), out_lens)
+    t = torch.arange(len(row)) - torch.repeat_interleave(out_lens.cumsum(0) - out_lens, out_lens)
+    pos = starts[row] + mb.prompt_lens.cpu()[row] - 1 + t
+    if len(pos) == 0:  # no output token: one throwaway position keeps the graph (and FSDP) alike
+        pos = torch.zeros(1, dtype=torch.long)
+    cu = torch.cat([starts, lens.sum()[None]]).to(dev, torch.int32)
+    lp = model.policy_logprobs(ids, pos[None].to(dev), temperature, chunk_tokens, cu)[0]
+    out = torch.zeros(n, t_max, dtype=lp.dtype, device=dev)
+    if len(row) == 0:
+        return out + 0.0 * lp.sum()
+    return out.index_put((row.to(dev), t.to(dev)), lp)
 
 
 def minibatches(batch: TrainBatch, n: int) -> list[torch.Tensor]:
@@ -127,13 +161,18 @@ def minibatches(batch: TrainBatch, n: int) -> list[torch.Tensor]:
     return out
 
 
-def local_microbatches(rows: torch.Tensor, mbs: int) -> list[torch.Tensor | None]:
+def plan(batch: TrainBatch, rows: torch.Tensor, s: StepSettings) -> Plan:
+    """Every rank's micro-batches of the minibatch ``rows`` (``trainer/packing.py``); computed
+    alike on every rank (each holds the whole batch), no collective."""
+    return plan_minibatch(rows, batch.prompt_lens + batch.output_lens, _world()[1],
+                          max_seqs=s.micro_batch_size, max_tokens=s.max_tokens_per_micro_batch,
+                          packed=s.pack_sequences)
+
+
+def local_microbatches(batch: TrainBatch, rows: torch.Tensor,
+                       s: StepSettings) -> list[torch.Tensor | None]:
     """This rank's micro-batches of ``rows``; ``None`` entries pad to the count every rank runs."""
-    rank, world = _world()
-    mine = rows[rank::world]
-    n_calls = math.ceil(math.ceil(len(rows) / world) / mbs)
-    chunks: list[torch.Tensor | None] = [mine[i:i + mbs] for i in range(0, len(mine), mbs)]
-    return chunks + [None] * (n_calls - len(chunks))
+    return plan(batch, rows, s).calls[_world()[0]]
 
 
 @torch.no_grad()
@@ -142,9 +181,10 @@ def batch_logp(model: torch.nn.Module, batch: TrainBatch, s: StepSettings, devic
     over the same micro-batches ``train_step`` uses; other ranks' rows are left 0."""
     out = torch.zeros_like(batch.behav_logp)
     for rows in minibatches(batch, s.num_minibatches):
-        for mb_rows in local_microbatches(rows, s.micro_batch_size):
+        for mb_rows in local_microbatches(batch, rows, s):
             idx = mb_rows if mb_rows is not None else rows[:1]  # a dummy pass keeps the collectives aligned
-            lp = output_logp(model, batch.select(idx).to(device), s.temperature, s.chunk_tokens)
+            lp = output_logp(model, batch.select(idx).to(device), s.temperature, s.chunk_tokens,
+                             s.pack_sequences)
             if mb_rows is not None:
                 out[mb_rows, :lp.shape[1]] = lp.float().cpu()
     return out
@@ -191,7 +231,7 @@ def forward_backward(policy: Policy, mb: TrainBatch, advantages: torch.Tensor, p
                      ref_logp: torch.Tensor | None = None) -> dict:
     """Loss and gradient of one micro-batch (already on the device). Returns the kernel's stats.
     ``prox_logp`` None for a kernel that needs it: this forward's log-probs, detached (fused)."""
-    logp = output_logp(policy.model, mb, s.temperature, s.chunk_tokens)
+    logp = output_logp(policy.model, mb, s.temperature, s.chunk_tokens, s.pack_sequences)
     if prox_logp is None and s.kernel.needs_prox:
         prox_logp = logp.detach()
     loss, stats = compute_policy_loss(
@@ -230,7 +270,7 @@ def sequence_score_terms(policy: Policy, batch: TrainBatch, rows: torch.Tensor,
         mine = k % world == rank
         mb = batch.select([j]).to(policy.device)
         policy.optimizer.zero_grad(set_to_none=True)
-        logp = output_logp(policy.model, mb, s.temperature, s.chunk_tokens)
+        logp = output_logp(policy.model, mb, s.temperature, s.chunk_tokens, s.pack_sequences)
         score = torch.where(mb.mask > 0, logp.float(), torch.zeros_like(mb.mask)).sum()
         (score * (world if mine else 0.0)).backward()
         # The parameters are read after this backward, never before the loop: FSDP2 swaps a module's
@@ -272,8 +312,9 @@ def train_step(policy: Policy, batch: TrainBatch, s: StepSettings, prox_logp: to
             adv = whole._replace(values=whole.values[rows])
         advantages[rows] = adv.values.to(advantages.device)
         policy.optimizer.zero_grad(set_to_none=True)
+        mb_plan = plan(batch, rows, s)
         stats: dict = {}
-        for mb_rows in local_microbatches(rows, s.micro_batch_size):
+        for mb_rows in mb_plan.calls[_world()[0]]:
             idx = mb_rows if mb_rows is not None else rows[:1]
             mb = batch.select(idx)
             if mb_rows is None:
@@ -284,30 +325,55 @@ def train_step(policy: Policy, batch: TrainBatch, s: StepSettings, prox_logp: to
             mbs = forward_backward(policy, mb.to(policy.device), advantages[idx, :t].to(policy.device), prox, s,
                                    loss_cfg, n_tokens, n_seqs, ref)
             stats = accumulate_stats(stats, mbs)
-        out = _reduce_stats(stats)
+        out = _reduce_stats(stats) | layout_stats(mb_plan)
         out["grad_norm"] = clip_gradients(policy.model, s.grad_clip)
         out[SKIPPED] = 0.0 if all_finite(out["loss"], out["grad_norm"], adv.lr_scale) else 1.0
         if out[SKIPPED]:  # never applied; the same decision on every rank (trainer/finite_guard.py)
             policy.optimizer.zero_grad(set_to_none=True)
-            per_step.append(out | adv.stats | {"tokens": n_tokens, "seqs": n_seqs})
-            continue
-        base_lrs = [g["lr"] for g in policy.optimizer.param_groups]
-        for g in policy.optimizer.param_groups:
-            g["lr"] *= adv.lr_scale
-        out["lr"] = policy.optimizer.param_groups[0]["lr"]
-        policy.optimizer.step()
-        for g, lr in zip(policy.optimizer.param_groups, base_lrs):
-            g["lr"] = lr
-        policy.scheduler.step()
+        else:
+            out["lr"] = apply_optimizer_step(policy, adv.lr_scale)
         per_step.append(out | adv.stats | {"tokens": n_tokens, "seqs": n_seqs})
     return _combine(per_step)
+
+
+def apply_optimizer_step(policy: Policy, lr_scale: float) -> float:
+    """One optimizer and scheduler step at ``lr_scale`` times the scheduled learning rate (restored
+    right after); returns the learning rate applied."""
+    base_lrs = [g["lr"] for g in policy.optimizer.param_groups]
+    for g in policy.optimizer.param_groups:
+        g["lr"] *= lr_scale
+    lr = policy.optimizer.param_groups[0]["lr"]
+    policy.optimizer.step()
+    for g, base in zip(policy.optimizer.param_groups, base_lrs):
+        g["lr"] = base
+    policy.scheduler.step()
+    return lr
+
+
+# Stats of the layout, not of the loss: they differ between padded and packed runs by design
+# (the invariance tests compare every other stat).
+LAYOUT_STATS = ("seq_tokens", "computed_tokens", "micro_batches", "rank_token_spread",
+                "padding_share", "tokens_per_micro_batch")
+_SUMMED = ("tokens", "seqs", SKIPPED, "seq_tokens", "computed_tokens", "micro_batches")
+
+
+def layout_stats(p: Plan) -> dict[str, float]:
+    """One minibatch's layout: real and computed tokens, micro-batches, and the per-rank token
+    spread (largest minus smallest rank over the mean rank; 0 on one rank)."""
+    st = p.stats()
+    mean = st["seq_tokens"] / len(p.calls)
+    spread = (st["rank_tokens_max"] - st["rank_tokens_min"]) / mean if mean else 0.0
+    return {k: st[k] for k in _SUMMED if k in st} | {"rank_token_spread": spread}
 
 
 def _combine(per_step: list[dict[str, float]]) -> dict[str, float]:
     out: dict[str, float] = {}
     for k in per_step[0]:
         vals = [d[k] for d in per_step if k in d]
-        out[k] = max(vals) if k.endswith("_max") else (sum(vals) if k in ("tokens", "seqs", SKIPPED)
-                                                       else sum(vals) / len(vals))
+        total_or_mean = sum(vals) if k in _SUMMED else sum(vals) / len(vals)
+        out[k] = max(vals) if k.endswith("_max") else total_or_mean
     out["optimizer_steps"] = float(len(per_step)) - out.get(SKIPPED, 0.0)  # the ones applied
+    if out.get("computed_tokens"):
+        out["padding_share"] = 1.0 - out["seq_tokens"] / out["computed_tokens"]
+        out["tokens_per_micro_batch"] = out["computed_tokens"] / max(1.0, out["micro_batches"])
     return out

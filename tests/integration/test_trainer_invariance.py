@@ -1,7 +1,17 @@
-"""Invariance: the same batch gives the same loss and the same updated weights (1e-5) with
-micro-batch sizes 1, 2 and 4, and with 1 rank versus 2 FSDP2 ranks (gloo, real processes).
+"""Invariance: the same batch gives the same loss, gradient norm, every kernel stat and the same
+updated weights (1e-5) whatever the layout of its micro-batches: today's padded micro-batches of
+1 and 4 sequences, packed micro-batches (``trainer.pack_sequences``), token-budget micro-batches
+(``trainer.max_tokens_per_micro_batch``, packed and padded), on 1 rank and on 2 FSDP2 ranks (gloo,
+real processes; sequences balanced over ranks by tokens). The reference is the padded path with
+one sequence per call. The batch has multi-turn loss masks (context tokens inside the output).
 
-The worker half of this file runs as ``python test_trainer_invariance.py OUT [RANK WORLD PORT]``;
+Not vacuous: with the attention of a packed sequence leaking into its neighbours' this test
+fails at its first packed case (decoupled PPO, packed mbs=4: ess_ratio 0.4322 against the padded
+0.4398), checked once by running ``trainer/packed_attention.py``'s SDPA over the whole packed row
+as one causal sequence (and, before that module existed, by dropping the restarting
+``position_ids`` on transformers' SDPA: 0.4325).
+
+The worker half of this file runs as ``python test_trainer_invariance.py OUT 1|2`` (the layouts);
 the 2-rank run uses the torchrun environment (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT), the
 1-rank run the plain single-process path (a world-size-1 gloo group).
 AdamW's first step is lr * g / (|g| + eps): with the default eps it is sign(g) and float rounding
@@ -17,16 +27,36 @@ from pathlib import Path
 
 import pytest
 
-CASES = [  # (name, overrides); every case runs with micro-batch sizes 1, 2, 4 on 1 rank and 2 on 2 ranks
+# (name, overrides); every case runs in every layout of LAYOUTS (1 rank) and LAYOUTS_2 (2 ranks)
+CASES = [
     ("decoupled_ppo", ["trainer.loss.kernel=decoupled_ppo", "trainer.loss.agg=token-mean"]),
+    ("tis_rloo_tokensum", ["trainer.loss.kernel=tis", "trainer.estimator=rloo",
+                           "trainer.loss.agg=seq-mean-token-sum"]),
+    ("mis_reinforcepp", ["trainer.loss.kernel=mis", "trainer.estimator=reinforce_pp"]),
+    ("icepop_rpp_baseline", ["trainer.loss.kernel=icepop",
+                             "trainer.estimator=reinforce_pp_baseline"]),
+    ("gspo", ["trainer.loss.kernel=gspo", "trainer.loss.agg=seq-mean-token-mean"]),
+    ("vespo", ["trainer.loss.kernel=vespo"]),
+    ("oapl", ["trainer.loss.kernel=oapl"]),
     ("grpo_seqmean_2mb", ["trainer.loss.kernel=ppo", "trainer.loss.agg=seq-mean-token-mean",
                           "trainer.num_minibatches=2"]),
     ("drgrpo_tokensum_norm", ["trainer.loss.kernel=ppo", "trainer.estimator=drgrpo",
                               "trainer.loss.agg=seq-mean-token-sum-norm"]),  # C = task.max_new_tokens
     ("vcpo", ["trainer.loss.kernel=vcpo", "trainer.loss.agg=seq-mean-token-mean"]),
 ]
-MICRO_BATCH_SIZES = (1, 2, 4)
-WORKER_TIMEOUT_S = 240  # two cold torch+transformers imports on a loaded 2-core machine, plus the steps
+BUDGET = "trainer.max_tokens_per_micro_batch"
+REFERENCE = ("padded mbs=1", ["trainer.pack_sequences=false", "trainer.micro_batch_size=1"])
+LAYOUTS = [REFERENCE,  # (label, overrides) run on one rank; the first is the reference
+           ("padded mbs=4", ["trainer.pack_sequences=false", "trainer.micro_batch_size=4"]),
+           ("packed mbs=4", ["trainer.pack_sequences=true", "trainer.micro_batch_size=4"]),
+           ("packed 24 tokens", ["trainer.pack_sequences=true", f"{BUDGET}=24"]),
+           ("padded 24 tokens", ["trainer.pack_sequences=false", f"{BUDGET}=24"])]
+LAYOUTS_2 = [("padded mbs=2", ["trainer.pack_sequences=false", "trainer.micro_batch_size=2"]),
+             ("packed mbs=2", ["trainer.pack_sequences=true", "trainer.micro_batch_size=2"]),
+             ("packed 24 tokens", ["trainer.pack_sequences=true", f"{BUDGET}=24"])]
+# two cold torch+transformers imports and 11 cases x 5 layouts of steps on a loaded 2-core machine
+# (~40 s alone; 155 s at a load average of 13)
+WORKER_TIMEOUT_S = 480
 
 
 def synthetic_groups(n_groups: int = 4, group_size: int = 4, seed: int = 0, version: int = 0):
@@ -41,15 +71,18 @@ def synthetic_groups(n_groups: int = 4, group_size: int = 4, seed: int = 0, vers
         trajs = []
         for _ in range(group_size):
             p, t = int(rng.integers(2, 7)), int(rng.integers(1, 9))
+            # a multi-turn episode's context tokens (mask 0) sit between generated turns
+            mask = np.ones(t, np.int32) if t < 5 else np.array([1, 1, 0, 0] + [1] * (t - 4))
             trajs.append(Trajectory.of(prompt_ids=rng.integers(4, 100, p), output_ids=rng.integers(4, 100, t),
                                     behav_logp=-rng.random(t) * 5, versions=np.full(t, version, np.int32),
-                                    reward=float(rng.integers(0, 2)), finish_reason="stop"))
+                                    reward=float(rng.integers(0, 2)), finish_reason="stop",
+                                    loss_mask=mask))
         groups.append(TrajectoryGroup(group_id=f"g{g}", server_id="s", lease_id=str(g), prompt_index=g, epoch=0,
                                       trajectories=trajs))
     return groups
 
 
-def worker(out: str, mbs_list: list[int]) -> None:
+def worker(out: str, layouts: list[tuple[str, list[str]]]) -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -61,48 +94,55 @@ def worker(out: str, mbs_list: list[int]) -> None:
     batch = groups_to_batch(synthetic_groups())
     results = {}
     for name, overrides in CASES:
-        for mbs in mbs_list:
-            cfg = load_config(["trainer.lr=1e-2", f"trainer.micro_batch_size={mbs}", "trainer.grad_clip=1e9",
-                               *overrides])
+        for label, layout in layouts:
+            cfg = load_config(["trainer.lr=1e-2", "trainer.grad_clip=1e9", *layout, *overrides])
             rank, _ = init_distributed(cfg.trainer)
             policy = build_policy(cfg.model, cfg.trainer, adam_eps=1e-3)
             results.setdefault("init", full_state_dict(policy.model))
             s = StepSettings.from_config(cfg)
             stats = train_step(policy, batch, s, recompute_prox_logp(policy, batch, s))
-            results[(name, mbs)] = {"loss": stats["loss"], "grad_norm": stats["grad_norm"],
-                                    "state": full_state_dict(policy.model)}
+            results[(name, label)] = {"stats": stats, "state": full_state_dict(policy.model)}
     if rank == 0:
         torch.save(results, out)
     leave_distributed()
 
 
-def _spawn(out: Path, mbs: list[int], rank: int | None = None, world: int = 1, port: int = 0) -> subprocess.Popen:
+def _spawn(out: Path, layouts: str, rank: int | None = None, world: int = 1,
+           port: int = 0) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if rank is not None:
         env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port))
-    return subprocess.Popen([sys.executable, __file__, str(out), ",".join(map(str, mbs))], env=env,
+    return subprocess.Popen([sys.executable, __file__, str(out), layouts], env=env,
                             cwd=Path(__file__).resolve().parents[2])
 
 
-def test_loss_and_weights_invariant_to_microbatch_size_and_ranks(tmp_path):
+@pytest.mark.timeout(WORKER_TIMEOUT_S + 60)
+def test_loss_stats_and_weights_invariant_to_layout_and_ranks(tmp_path):
     import torch
 
     from areal_like.distributed import free_port
     from tests.conftest import wait_all
+    from trainer.step import LAYOUT_STATS
 
     port = free_port()
-    procs = [_spawn(tmp_path / "one.pt", list(MICRO_BATCH_SIZES)),
-             _spawn(tmp_path / "two.pt", [2], rank=0, world=2, port=port),
-             _spawn(tmp_path / "unused.pt", [2], rank=1, world=2, port=port)]
+    procs = [_spawn(tmp_path / "one.pt", "1"),
+             _spawn(tmp_path / "two.pt", "2", rank=0, world=2, port=port),
+             _spawn(tmp_path / "unused.pt", "2", rank=1, world=2, port=port)]
     wait_all(procs, WORKER_TIMEOUT_S)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     for name, _ in CASES:
-        ref = one[(name, 1)]
-        others = [(f"mbs={m}", one[(name, m)]) for m in MICRO_BATCH_SIZES[1:]] + [("2 ranks", two[(name, 2)])]
+        ref = one[(name, REFERENCE[0])]
+        others = ([(label, one[(name, label)]) for label, _ in LAYOUTS[1:]]
+                  + [(f"2 ranks, {label}", two[(name, label)]) for label, _ in LAYOUTS_2])
+        kernel_stats = sorted(k for k in ref["stats"] if k not in LAYOUT_STATS)
         for label, got in others:
-            assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-6), (name, label)
-            assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5), (name, label)
+            for k in kernel_stats:  # loss, grad_norm, lr and every kernel stat
+                want = pytest.approx(ref["stats"][k], rel=1e-5, abs=1e-6)
+                assert got["stats"][k] == want, (name, label, k)
+            assert got["stats"]["seq_tokens"] == ref["stats"]["seq_tokens"], (name, label)
+            if "packed" in label:  # no padding computed
+                assert got["stats"]["padding_share"] == 0.0, (name, label)
             for key, w in ref["state"].items():
                 torch.testing.assert_close(got["state"][key], w, rtol=0, atol=1e-5, msg=f"{name} {label} {key}")
         # the comparison is not vacuous: the step moved the weights by far more than the tolerance
@@ -112,4 +152,4 @@ def test_loss_and_weights_invariant_to_microbatch_size_and_ranks(tmp_path):
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    worker(sys.argv[1], [int(x) for x in sys.argv[2].split(",")])
+    worker(sys.argv[1], LAYOUTS if sys.argv[2] == "1" else LAYOUTS_2)

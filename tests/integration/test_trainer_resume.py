@@ -81,6 +81,7 @@ def test_kill9_and_resume_restores_version_weights_and_optimizer(tmp_path, spawn
                        "trainer.checkpoint_every=1", f"trainer.checkpoint_async={async_save}",
                        f"trainer.metrics_port={metrics_port}",
                        "trainer.steps=1000", "trainer.lr=1e-3", "trainer.micro_batch_size=4",
+                       "trainer.pack_sequences=true",  # the tiny recipe pads; this test reads packing
                        "trainer.batch_wait_s=1"])
     cfg_path = tmp_path / "config.yaml"
     cfg_path.write_text(to_yaml(cfg))
@@ -137,6 +138,13 @@ def test_kill9_and_resume_restores_version_weights_and_optimizer(tmp_path, spawn
             assert f'areal_trainer_phase_seconds{{phase="{phase}"}}' in series, sorted(series)
         assert series["areal_trainer_policy_version"] >= version + 1
         assert "areal_trainer_grad_norm" in series and "areal_trainer_weight_sync_seconds" in series
+        # packed micro-batches (the default) over two ranks: no padding computed, in both places
+        row = after[0]
+        assert row["padding_share"] == 0.0 and row["trained_tokens_per_s"] > 0, row
+        assert row["tokens_per_micro_batch"] > 0 and 0 <= row["rank_token_spread"] < 1, row
+        assert series["areal_trainer_padding_share"] == 0.0
+        assert series["areal_trainer_trained_tokens_per_s"] > 0
+        assert "areal_trainer_rank_token_spread" in series
         for p in ranks:  # graceful stop: exit 0 and a final checkpoint
             os.kill(p.pid, signal.SIGTERM)
         assert [p.wait(timeout=60) for p in ranks] == [0, 0]

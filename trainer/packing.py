@@ -1,0 +1,105 @@
+"""Who computes which sequences: ranks balanced by tokens, then micro-batches, padded or packed.
+
+Pure planning (tensors of row indices in, plans out; no model, no torch.distributed). Every rank
+holds the whole batch, so every rank computes the same plan for every rank without a collective,
+and ``trainer/step.py`` takes its own part.
+
+Layouts (``trainer.pack_sequences``):
+- padded: a micro-batch is ``[n, S]``, each row right-padded to the longest (S): it computes
+  ``n * S`` token positions, of which ``n * S - sum(len)`` are padding.
+- packed: the micro-batch's sequences are concatenated into one row ``[1, sum(len)]``, positions
+  restarting at 0 for each sequence (``trainer/model.py``'s ``policy_logprobs`` keeps attention
+  inside each sequence): it computes ``sum(len)`` positions, none of them padding.
+A sequence's length is its prompt plus its output (every token the forward sees).
+
+Plan (``plan_minibatch``), for one minibatch:
+1. Ranks: greedy longest-first (LPT) over sequence lengths: the longest unplaced sequence goes to
+   the rank with the fewest tokens so far (ties: the lower rank). Its largest rank exceeds the
+   mean by at most one sequence's length (Graham's bound, 4/3 of the optimum).
+2. Micro-batches of each rank, its sequences in that (longest-first) order:
+   - ``max_tokens`` > 0 (``trainer.max_tokens_per_micro_batch``): first-fit decreasing; a
+     sequence joins the first micro-batch whose computed positions (above) stay within the budget,
+     else opens a new one. A sequence longer than the budget gets a micro-batch of its own.
+     ``trainer.micro_batch_size`` plays no part then.
+   - else: runs of ``max_seqs`` (``trainer.micro_batch_size``) sequences.
+3. Every rank runs as many calls as the busiest: the others end in ``None`` (zero-weight passes,
+   which keep FSDP's collectives aligned).
+The loss of any such plan is the same (the per-call losses sum to the minibatch's, as the
+normalisers are minibatch-global); only the work and the peak memory differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One minibatch's calls: ``calls[r]`` are rank r's micro-batches (row indices, or None)."""
+
+    calls: list[list[torch.Tensor | None]]
+    lens: dict[int, int]  # row -> sequence length (prompt + output)
+    packed: bool
+
+    def computed(self, rows: torch.Tensor) -> int:
+        """Token positions one forward over ``rows`` computes (padding included)."""
+        lens = [self.lens[int(r)] for r in rows]
+        return sum(lens) if self.packed else len(lens) * max(lens)
+
+    def stats(self) -> dict[str, float]:
+        """Sums over the minibatch (``_max``: maxima), as ``trainer/step.py`` combines its stats:
+        ``seq_tokens`` (real), ``computed_tokens`` (with padding), ``micro_batches`` (non-empty
+        calls, all ranks), ``rank_tokens_max`` / ``rank_tokens_min`` (real tokens per rank)."""
+        per_rank = [sum(self.lens[int(r)] for c in cs if c is not None for r in c)
+                    for cs in self.calls]
+        mbs = [c for cs in self.calls for c in cs if c is not None]
+        return {"seq_tokens": float(sum(per_rank)),
+                "computed_tokens": float(sum(self.computed(c) for c in mbs)),
+                "micro_batches": float(len(mbs)),
+                "rank_tokens_max": float(max(per_rank)), "rank_tokens_min": float(min(per_rank))}
+
+
+def balance_ranks(rows: torch.Tensor, lens: torch.Tensor, world: int) -> list[list[int]]:
+    """Greedy longest-first partition of ``rows`` (``lens[i]``: the length of ``rows[i]``) over
+    ``world`` ranks by tokens; each rank's rows come longest first."""
+    order = sorted(range(len(rows)), key=lambda i: (-int(lens[i]), int(rows[i])))
+    load, parts = [0] * world, [[] for _ in range(world)]
+    for i in order:
+        r = min(range(world), key=lambda k: (load[k], k))
+        load[r] += int(lens[i])
+        parts[r].append(int(rows[i]))
+    return parts
+
+
+def split_microbatches(rows: list[int], lens: dict[int, int], *, max_seqs: int, max_tokens: int,
+                       packed: bool) -> list[list[int]]:
+    """One rank's micro-batches of ``rows`` (longest first): by token budget when ``max_tokens``
+    > 0 (first-fit decreasing, counting padding when not ``packed``), else ``max_seqs`` a call."""
+    if max_tokens <= 0:
+        return [rows[i:i + max_seqs] for i in range(0, len(rows), max_seqs)]
+    bins: list[list[int]] = []
+    for r in rows:
+        for b in bins:
+            n = len(b) + 1
+            cost = sum(lens[x] for x in b) + lens[r] if packed else n * max(lens[b[0]], lens[r])
+            if cost <= max_tokens:
+                b.append(r)
+                break
+        else:
+            bins.append([r])
+    return bins
+
+
+def plan_minibatch(rows: torch.Tensor, seq_lens: torch.Tensor, world: int, *, max_seqs: int,
+                   max_tokens: int, packed: bool) -> Plan:
+    """The calls of every rank for the minibatch ``rows`` (``seq_lens``: per row of the batch)."""
+    lens = {int(r): int(seq_lens[r]) for r in rows}
+    parts = balance_ranks(rows, seq_lens[rows], world)
+    per_rank = [split_microbatches(p, lens, max_seqs=max_seqs, max_tokens=max_tokens, packed=packed)
+                for p in parts]
+    n_calls = max(1, max(len(c) for c in per_rank))
+    calls = [[torch.tensor(c, dtype=torch.long) for c in cs] + [None] * (n_calls - len(cs))
+             for cs in per_rank]
+    return Plan(calls, lens, packed)
