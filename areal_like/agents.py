@@ -1,4 +1,5 @@
-"""Shipped agents (``task.agent``): the calculator task written as an agent with the ``openai`` SDK.
+"""Shipped agents (``task.agent``): the calculator task written as an agent with the ``openai`` SDK
+(``calc_agent``) and with LangGraph (``langgraph_calc_agent``).
 
 ``calc_agent`` is what a user would write: it knows nothing of this project. It asks the model
 the question with a ``calc`` tool, runs the tool calls it gets back (the tool is its own code,
@@ -76,3 +77,45 @@ async def long_tail_agent(client_base_url: str, api_key: str, example) -> float:
         return 0.0
     finally:
         await client.close()
+
+
+async def langgraph_calc_agent(client_base_url: str, api_key: str, example) -> float:
+    """``calc_agent`` written with an agent framework: a LangGraph graph of a model node (LangChain's
+    OpenAI chat model) and LangGraph's tool node, looping while the model calls tools (the
+    ``agent-langgraph`` extra). The tool is offered with the same OpenAI spec as ``calc_agent``'s, so
+    conversations render as the calc environment's and its demos warm-start the model."""
+    from langchain_openai import ChatOpenAI
+    from langgraph.errors import GraphRecursionError
+    from langgraph.graph import START, MessagesState, StateGraph
+    from langgraph.prebuilt import ToolNode, tools_condition
+
+    model = ChatOpenAI(model="policy", base_url=client_base_url, api_key=api_key,
+                       max_retries=0).bind_tools([CALC_SPEC])
+
+    async def think(state: MessagesState) -> dict:
+        return {"messages": [await model.ainvoke(state["messages"])]}
+
+    graph = StateGraph(MessagesState)
+    graph.add_node("model", think)
+    graph.add_node("tools", ToolNode([_langchain_calc()], handle_tool_errors=True))
+    graph.add_edge(START, "model")
+    graph.add_conditional_edges("model", tools_condition)
+    graph.add_edge("tools", "model")
+    try:  # each model turn and each tool turn is one step of the graph
+        state = await graph.compile().ainvoke({"messages": [("user", example.prompt)]},
+                                              {"recursion_limit": 2 * MAX_CALLS})
+    except GraphRecursionError:
+        return 0.0
+    return 1.0 if str(state["messages"][-1].content).strip() == example.answer else 0.0
+
+
+def _langchain_calc():
+    """The calc tool as LangChain's tool object (LangGraph's ToolNode runs it)."""
+    from langchain_core.tools import StructuredTool
+
+    return StructuredTool.from_function(lambda e: _run_tool("calc", json.dumps({"e": e})),
+                                        name="calc", description=CALC_TOOL["description"])
+
+
+langgraph_calc_agent.demo = Calculator.demo
+langgraph_calc_agent.tools = [CALC_TOOL]

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from openai import AsyncOpenAI, AuthenticationError, BadRequestError
 
-from areal_like.agents import calc_agent
+from areal_like.agents import calc_agent, langgraph_calc_agent
 from areal_like.config import EngineConfig, ModelConfig, TaskConfig
 from areal_like.environment import ChatRenderer
 from areal_like.metrics import Metrics
@@ -89,7 +89,9 @@ def rendering(messages: list[dict]) -> list[int]:
         ChatRenderer(TOK, CALC["chat_template"]).render(messages, add_generation_prompt=False))
 
 
-def test_calc_agent_round_trip_is_one_trajectory_of_the_templates_rendering():
+@pytest.mark.parametrize("agent", [calc_agent, langgraph_calc_agent], ids=["openai_sdk", "langgraph"])
+def test_calc_agent_round_trip_is_one_trajectory_of_the_templates_rendering(agent):
+    """The same agent written with the openai SDK and with LangGraph: either way one trajectory."""
     example = make_task(task_cfg()).example(0)
     a, b = example.prompt.split("*")
     engine = Scripted([CALL % example.prompt, example.answer])
@@ -98,7 +100,7 @@ def test_calc_agent_round_trip_is_one_trajectory_of_the_templates_rendering():
         ep = await endpoint(engine).start()
         try:
             key, session = ep.open_session(example)
-            reward = await calc_agent(ep.base_url, key, example)
+            reward = await agent(ep.base_url, key, example)
             ep.close_session(key)
             return reward, session, ep
         finally:
