@@ -8,7 +8,10 @@ norm is not finite is skipped on both ranks alike (no update at all, optimizer s
 and the clean batch after it trains (the job goes on). ``all_finite`` is a collective: a NaN on
 one rank only makes both ranks skip. A checkpoint of non-finite weights is refused on every rank
 and leaves the last good checkpoint the newest. The trainer daemon, fed batches that make the loss
-infinite, skips those steps and stops after ``trainer.max_nonfinite_skips`` in a row.
+non-finite (a model diverged by a learning rate of 1e30: finite weights of ~1e30 after its first
+step overflow the next forward), skips those steps and stops after ``trainer.max_nonfinite_skips``
+in a row. (Absurd but finite log-probs, which made oapl's loss infinite here before, are now
+refused by the data checks: test_nonfinite_groups.py.)
 
 The worker half runs as ``python test_trainer_nonfinite.py OUT`` (torchrun's environment).
 """
@@ -177,9 +180,8 @@ def test_a_nonfinite_group_leaves_the_weights_finite_under_every_kernel_on_two_r
 
 
 class PoisonedBuffer:
-    """A buffer stand-in whose every batch holds one group with a finite but absurd behaviour
-    log-prob (-1e30: it passes the buffer's and the data source's checks, and makes oapl's loss
-    infinite); it answers rosters (no engines) and version announcements."""
+    """A buffer stand-in that hands out clean synthetic batches to a trainer set up to diverge; it
+    answers rosters (no engines) and version announcements."""
 
     def __init__(self, address: str):
         import threading
@@ -192,11 +194,13 @@ class PoisonedBuffer:
 
     @staticmethod
     def _reply(m):
+        from test_trainer_invariance import synthetic_groups
+
         from areal_like import protocol as P
 
         if isinstance(m, P.BatchRequest):
             v = m.trainer_version
-            return P.Batch(groups=poisoned(-1e30, seed=v, version=v), trainer_version=v,
+            return P.Batch(groups=synthetic_groups(seed=v, version=v), trainer_version=v,
                            batch_id=f"b{v}")
         if isinstance(m, P.RosterRequest):
             return P.Roster(members=[], policy_version=0)
@@ -216,8 +220,9 @@ class PoisonedBuffer:
 
 def test_the_trainer_skips_nonfinite_steps_and_stops_after_the_limit(tmp_path, spawn_python,
                                                                     free_port):
-    """The trainer daemon (1 rank) on batches that make oapl's loss infinite: each step is skipped,
-    counted in its record (``stats.nonfinite_skipped``), and the third in a row stops the job
+    """The trainer daemon (1 rank) diverged by ``trainer.lr=1e30``: its first step applies, every
+    later one has a non-finite loss and is skipped, counted in its record
+    (``stats.nonfinite_skipped``), and the third in a row stops the job
     (``trainer.max_nonfinite_skips=3``) with an error naming the setting; every checkpoint it saved
     meanwhile holds finite weights."""
     import json
@@ -228,7 +233,7 @@ def test_the_trainer_skips_nonfinite_steps_and_stops_after_the_limit(tmp_path, s
 
     address = f"tcp://127.0.0.1:{free_port()}"
     cfg = load_config([f"run_dir={tmp_path}", "security.curve=false", f"buffer.address={address}",
-                       "loss=oapl", "trainer.checkpoint_every=1", "trainer.steps=50",
+                       "loss=oapl", "trainer.lr=1e30", "trainer.checkpoint_every=1", "trainer.steps=50",
                        "trainer.micro_batch_size=4", "trainer.max_nonfinite_skips=3",
                        "trainer.logprob_guard_tol=0", "trainer.batch_wait_s=1"])
     cfg_path = tmp_path / "config.yaml"
@@ -240,16 +245,16 @@ def test_the_trainer_skips_nonfinite_steps_and_stops_after_the_limit(tmp_path, s
     finally:
         buffer.close()
     assert proc.returncode != 0, err[-3000:]
-    assert "3 trainer steps in a row (up to version 3) had a non-finite loss" in err, err[-3000:]
+    assert "3 trainer steps in a row (up to version 4) had a non-finite loss" in err, err[-3000:]
     assert "trainer.max_nonfinite_skips=3" in err, err[-3000:]
     assert "skipped 1 optimizer step(s)" in err, err[-3000:]  # the rate-limited warning
     lines = (tmp_path / "metrics" / "trainer.jsonl").read_text().splitlines()
     steps = [r for r in map(json.loads, lines) if "step" in r]
     got = [(r["step"], r["stats"]["nonfinite_skipped"], r["stats"]["optimizer_steps"])
            for r in steps]
-    assert got == [(1, 1.0, 0.0), (2, 1.0, 0.0)]  # the third raised before its record
+    assert got == [(1, 0.0, 1.0), (2, 1.0, 0.0), (3, 1.0, 0.0)]  # the 4th raised before its record
     ckpts = sorted((tmp_path / "checkpoints").glob("v*"))
-    assert [p.name for p in ckpts] == ["v00000001", "v00000002"]
+    assert [p.name for p in ckpts] == ["v00000002", "v00000003"]  # trainer.keep_checkpoints=2
     meta = torch.load(ckpts[-1] / "meta.pt", weights_only=True)
     assert all(map(math.isfinite, meta["checksums"].values()))
 

@@ -129,7 +129,7 @@ def test_config_requires_max_staleness_to_cover_the_lag():
 def test_oapl_published_betas():
     cfg = load_config(["loss=oapl"]).trainer.loss
     assert (cfg.oapl.beta1, cfg.oapl.beta2) == (1.0, 1e-3)
-    with pytest.raises(ConfigError, match="oapl.beta2"):
+    with pytest.raises(ConfigError, match="known keys in trainer.loss.oapl: beta1, beta2"):
         load_config(["loss=oapl", "trainer.loss.oapl.beta=0.5"])
     # One group, R = [1, 0, 1, 1]: V_hat = 1 * log((3e + 1) / 4) = 0.8279889 (beta1 = 1), so the
     # targets are R - V_hat; one token each with Delta = logp - behav = [2, -1, 0, 3]; the loss is
