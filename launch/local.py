@@ -15,7 +15,8 @@ trainer under torchrun; or any commands in tests). ``run()``:
    ago do not count); the *main* process (the trainer) exiting 0 is job completion; a process out
    of restarts fails the job;
 4. on completion, failure, Ctrl-C, SIGTERM or SIGHUP (the terminal closed: its output then goes to
-   /dev/null) stops everything in reverse start order: SIGTERM to the process group, wait,
+   /dev/null; not when started with SIGHUP ignored, as under ``nohup``: that job outlives its
+   terminal) stops everything in reverse start order: SIGTERM to the process group, wait,
    SIGKILL, by PID. From then on the daemons' output goes to their logs only: what they print
    while they stop (torchrun's traceback for the signal, torch's warnings about peers that went
    away) is expected, and the console gets the one line saying how the job ended.
@@ -181,7 +182,8 @@ class Supervisor:
     def install_signals(self) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
-        signal.signal(signal.SIGHUP, self.hang_up)
+        if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # nohup: the user asked to outlive the terminal
+            signal.signal(signal.SIGHUP, self.hang_up)
 
     def pids(self) -> dict[str, int | None]:
         return {p.spec.name: (p.popen.pid if p.popen and p.popen.poll() is None else None) for p in self.procs}

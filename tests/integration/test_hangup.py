@@ -203,3 +203,34 @@ def test_ctrl_c_during_the_warm_start_prints_one_line_and_no_traceback(tmp_path)
         assert not (tmp_path / "run").exists()  # no daemon ran: the run directory it made is gone
     finally:
         stop_process(proc)
+
+
+POLITE = SUPERVISE.replace('daemon.format("signal.SIG_IGN")', 'daemon.format("lambda *a: sys.exit(0)")').replace(
+    "sys.exit(sup.run())", "sup.install_signals()\nsys.exit(sup.run())")  # as run_job does
+
+
+def test_a_supervisor_started_under_nohup_keeps_its_job_through_a_hangup(tmp_path):
+    """``nohup areal-like run ... &`` is how a job is kept past logout: SIGHUP arrives ignored
+    (SIG_IGN, inherited), and the supervisor must leave it so, not stop the job on it."""
+    run_dir = tmp_path / "run"
+    sup = subprocess.Popen(["nohup", sys.executable, "-c", POLITE, str(run_dir)],
+                           cwd=REPO_ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pids: dict[str, int] = {}
+    try:
+        def started():
+            try:
+                found = json.loads((run_dir / "pids.json").read_text())
+            except (OSError, ValueError):
+                return None
+            return found if len(found) == 2 and all(found.values()) else None
+
+        pids.update(wait_until(started, 60, 0.1, "both daemons started"))
+        os.kill(sup.pid, signal.SIGHUP)
+        with pytest.raises(subprocess.TimeoutExpired):
+            sup.wait(timeout=3)
+        assert _alive(pids["polite"]) and _alive(pids["deaf"])
+    finally:
+        stop_process(sup)
+        left = _kill_all(set(pids.values()))
+    assert not left, f"processes left behind: {left}"
+
