@@ -40,6 +40,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -170,11 +171,16 @@ class Supervisor:
         self.stop_event.set()
 
     def hang_up(self, *_args) -> None:
-        """SIGHUP: the terminal is gone. Output to it would fail (EIO) from now on, so it goes to
-        /dev/null; then the job stops as on Ctrl-C, every daemon with it."""
+        """SIGHUP: the terminal is gone. Output to it would fail (EIO) from now on, and so would
+        output to a pipe (``| tee``: its reader got the same SIGHUP; EPIPE), so both go to
+        /dev/null (a file keeps its output); then the job stops as on Ctrl-C, every daemon with it."""
         devnull = os.open(os.devnull, os.O_WRONLY)
         for fd in (1, 2):
-            if os.isatty(fd):
+            try:
+                mode = os.fstat(fd).st_mode
+            except OSError:
+                continue
+            if os.isatty(fd) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
                 os.dup2(devnull, fd)
         os.close(devnull)
         self.request_stop()

@@ -234,3 +234,37 @@ def test_a_supervisor_started_under_nohup_keeps_its_job_through_a_hangup(tmp_pat
         left = _kill_all(set(pids.values()))
     assert not left, f"processes left behind: {left}"
 
+
+
+def test_a_hangup_whose_console_pipe_is_gone_still_ends_the_job_in_order(tmp_path):
+    """``areal-like run ... | tee run.log`` and the terminal closes: tee dies of the same SIGHUP, so
+    the supervisor's console is a pipe nobody reads. It must still stop the job and get past its
+    last console line (run_job then writes summary.json), not die of EPIPE on the way."""
+    run_dir = tmp_path / "run"
+    script = POLITE.replace("sys.exit(sup.run())", "code = sup.run()\n(run_dir / 'done').write_text(str(code))")
+    read, write = os.pipe()
+    sup = subprocess.Popen([sys.executable, "-c", script, str(run_dir)], cwd=REPO_ROOT, env=child_env(),
+                           stdout=write, stderr=write)
+    os.close(write)
+    pids: dict[str, int] = {}
+    try:
+        def started():
+            try:
+                found = json.loads((run_dir / "pids.json").read_text())
+            except (OSError, ValueError):
+                return None
+            return found if len(found) == 2 and all(found.values()) else None
+
+        pids.update(wait_until(started, 60, 0.1, "both daemons started"))
+        os.close(read)  # tee is gone
+        read = None
+        os.kill(sup.pid, signal.SIGHUP)
+        sup.wait(timeout=GONE_S)
+        assert (run_dir / "done").read_text() == "1"
+        assert not _alive(pids["polite"]) and not _alive(pids["deaf"])
+    finally:
+        if read is not None:
+            os.close(read)
+        stop_process(sup)
+        left = _kill_all(set(pids.values()))
+    assert not left, f"processes left behind: {left}"
