@@ -132,6 +132,9 @@ def test_daemons_of_a_killed_supervisor_get_sigterm_and_hold_the_run_dir_until_g
             return found if len(found) == 2 and all(found.values()) else None
 
         pids.update(wait_until(both_started, 60, 0.1, "both daemons started"))
+        # started is not yet deaf: until its interpreter has set SIGTERM to ignored, the kernel's
+        # SIGTERM kills it (the test then failed about one run in three on a loaded machine)
+        wait_until(lambda: signal.SIGTERM in _ignored(pids["deaf"]), 60, 0.05, "the deaf daemon to ignore SIGTERM")
         os.kill(sup.pid, signal.SIGKILL)
         sup.wait(timeout=30)
         wait_until(lambda: not _alive(pids["polite"]), GONE_S, 0.1, "the SIGTERM-abiding daemon to exit")
@@ -268,3 +271,12 @@ def test_a_hangup_whose_console_pipe_is_gone_still_ends_the_job_in_order(tmp_pat
         stop_process(sup)
         left = _kill_all(set(pids.values()))
     assert not left, f"processes left behind: {left}"
+
+
+def _ignored(pid: int) -> set[int]:
+    """The signals ``pid`` ignores (SigIgn of /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            mask = int(line.split()[1], 16)
+            return {s for s in range(1, 65) if mask >> (s - 1) & 1}
+    return set()
