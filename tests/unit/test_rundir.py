@@ -165,3 +165,13 @@ def test_a_resume_naming_the_same_run_dir_another_way_changes_nothing(tmp_path, 
     assert changed_settings(load_config(["run_dir=run", "trainer.steps=30", "trainer.lr=3e-4"])) == []
     assert changed_settings(load_config(["run_dir=run", "trainer.steps=30", "trainer.lr=1e-3"])) == [
         "trainer.lr: 0.0003 -> 0.001"]
+
+
+def test_retention_settings_may_change_on_resume(tmp_path):
+    """Keeping fewer checkpoints or exports (what a long run short of disk is resumed with) changes
+    nothing the run trains on: no --accept-changes for it."""
+    from launch.rundir import changed_settings, write_settings
+
+    write_settings(load_config([f"run_dir={tmp_path}", "trainer.steps=20"]))
+    assert changed_settings(load_config([f"run_dir={tmp_path}", "trainer.steps=30", "trainer.keep_checkpoints=1",
+                                         "export.keep=3"])) == []
