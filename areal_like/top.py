@@ -8,8 +8,8 @@ every few seconds: per daemon its health and the figures that tell whether the j
 terminal (a pipe, a log file) it prints one plain table per interval instead, and ``--once`` prints
 one (over one interval, so that rates have two points) and exits.
 
-``status`` says per daemon: ``up`` (``/health`` answers 200), ``starting`` (no answer yet, but its
-process, from ports.json, is alive), ``finished`` (no answer, and the job wrote its
+``status`` says per daemon: ``up`` (``/health`` answers 200), ``starting`` (its port not open yet,
+but its process, from ports.json, is alive), ``finished`` (no answer, and the job wrote its
 ``summary.json`` after its ``ports.json``: the run ended) or ``DOWN`` (none of these, or a 503).
 """
 
@@ -91,8 +91,10 @@ def state(ok: bool, details: dict, pid: int | None, finished: bool) -> str:
         return "up"
     if finished:
         return "finished"
-    answered = "error" not in details or str(details["error"]).startswith("HTTP")
-    return "starting" if _alive(pid) and not answered else "DOWN"
+    # starting: its port is not open yet. A port that accepts and does not answer (a timeout) is a
+    # daemon that stopped answering, however long its process has lived: DOWN
+    not_listening = "Connection refused" in str(details.get("error", ""))
+    return "starting" if _alive(pid) and not_listening else "DOWN"
 
 
 def status(run_dir: str | Path) -> int:

@@ -15,7 +15,8 @@ trainer under torchrun; or any commands in tests). ``run()``:
    ago do not count); the *main* process (the trainer) exiting 0 is job completion; a process out
    of restarts fails the job;
 4. on completion, failure, Ctrl-C, SIGTERM or SIGHUP (the terminal closed: its output then goes to
-   /dev/null) stops everything in reverse start order: SIGTERM to the process group, wait,
+   /dev/null; not when started with SIGHUP ignored, as under ``nohup``: that job outlives its
+   terminal) stops everything in reverse start order: SIGTERM to the process group, wait,
    SIGKILL, by PID. From then on the daemons' output goes to their logs only: what they print
    while they stop (torchrun's traceback for the signal, torch's warnings about peers that went
    away) is expected, and the console gets the one line saying how the job ended.
@@ -39,6 +40,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -169,11 +171,16 @@ class Supervisor:
         self.stop_event.set()
 
     def hang_up(self, *_args) -> None:
-        """SIGHUP: the terminal is gone. Output to it would fail (EIO) from now on, so it goes to
-        /dev/null; then the job stops as on Ctrl-C, every daemon with it."""
+        """SIGHUP: the terminal is gone. Output to it would fail (EIO) from now on, and so would
+        output to a pipe (``| tee``: its reader got the same SIGHUP; EPIPE), so both go to
+        /dev/null (a file keeps its output); then the job stops as on Ctrl-C, every daemon with it."""
         devnull = os.open(os.devnull, os.O_WRONLY)
         for fd in (1, 2):
-            if os.isatty(fd):
+            try:
+                mode = os.fstat(fd).st_mode
+            except OSError:
+                continue
+            if os.isatty(fd) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
                 os.dup2(devnull, fd)
         os.close(devnull)
         self.request_stop()
@@ -181,7 +188,8 @@ class Supervisor:
     def install_signals(self) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
-        signal.signal(signal.SIGHUP, self.hang_up)
+        if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # nohup: the user asked to outlive the terminal
+            signal.signal(signal.SIGHUP, self.hang_up)
 
     def pids(self) -> dict[str, int | None]:
         return {p.spec.name: (p.popen.pid if p.popen and p.popen.poll() is None else None) for p in self.procs}

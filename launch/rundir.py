@@ -13,7 +13,8 @@ decides, before the warm start and before any daemon, whether that makes sense:
 * a resume whose settings differ from the run's (``settings.yaml``: the config as given, before
   the layout fills in ports and paths): refused with one line per changed key, unless
   ``areal-like run --accept-changes``; ``trainer.steps`` (raising it continues a run), the layout
-  (``launch.*``) and the trackers (``tracker``, ``tracking.*``) may change without asking;
+  (``launch.*``), the trackers (``tracker``, ``tracking.*``), retention (``trainer.keep_checkpoints``,
+  ``export.keep``) and the spelling of ``run_dir`` may change without asking;
 * a job still running in it: refused, two jobs would share one WAL. ``lock_run_dir`` takes an
   exclusive ``flock`` on ``<run_dir>/job.lock`` that ``areal-like run`` holds, and every daemon it
   starts inherits, for the job's whole life; the kernel releases it when the last of them is gone,
@@ -34,7 +35,10 @@ from areal_like.config import ConfigError, RunConfig
 
 LOCK_FILE = "job.lock"  # in run_dir; holds the PID of the areal-like run that took it
 SETTINGS_FILE = "settings.yaml"  # in run_dir: the config as given to the last areal-like run
-FREE_ON_RESUME = ("trainer.steps", "launch.", "tracker", "tracking.")  # keys (prefixes) a resume may change
+# keys (prefixes) a resume may change; run_dir is the directory settings.yaml was found in, whatever
+# its spelling (relative from another cwd, a symlink); checkpoint and export retention train nothing
+FREE_ON_RESUME = ("trainer.steps", "launch.", "tracker", "tracking.", "run_dir", "trainer.keep_checkpoints",
+                  "export.keep")
 
 CHECKPOINT_PREFIX = "v"  # trainer/checkpoint.py PREFIX: v00000012 holds policy_version 12
 CHECKPOINT_DONE = "meta.pt"  # written last into a checkpoint directory before its atomic rename

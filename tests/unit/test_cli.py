@@ -195,3 +195,21 @@ def test_top_reward_is_the_mean_of_the_samples_scored_in_the_interval():
     assert figure(now, prev, 2.0, series, "ratio") == "0.75"
     assert figure(now, None, 2.0, series, "ratio") == "0.333"  # the first refresh: every sample so far
     assert figure(now, now, 2.0, series, "ratio") == "-"  # none scored since
+
+
+def test_status_says_down_for_a_live_daemon_that_stopped_answering(tmp_path, capsys):
+    """A daemon whose /health port accepts but never answers (a wedged daemon, up for hours) is
+    DOWN, not "starting": starting is a live process whose port is not open yet."""
+    import os
+    import socket
+
+    wedged = socket.socket()
+    wedged.bind(("127.0.0.1", 0))
+    wedged.listen(8)  # the kernel completes the handshake; nobody ever reads the request
+    try:
+        _ports(tmp_path, [("buffer", wedged.getsockname()[1], os.getpid())])
+        assert status(tmp_path) == 1
+        states = {ln.split()[0]: ln.split()[1] for ln in capsys.readouterr().out.splitlines()}
+        assert states == {"buffer": "DOWN"}, states
+    finally:
+        wedged.close()

@@ -151,3 +151,27 @@ def test_the_learning_curve_legend_sits_outside_the_plot(tmp_path):
     legend, plot = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
     assert not legend.overlaps(plot), (legend, plot)
     assert legend.y1 <= plot.y0 and fig.bbox.contains(legend.x0, legend.y0)  # below the axes, inside the image
+
+
+def test_a_resume_naming_the_same_run_dir_another_way_changes_nothing(tmp_path, monkeypatch):
+    """``run_dir=/abs/run`` then ``run_dir=run`` from its parent is the same run: the settings file
+    lives in it, so the spelling of its path is not a changed setting (a resume refused for it was)."""
+    from launch.rundir import changed_settings, write_settings
+
+    run = tmp_path / "run"
+    run.mkdir()
+    write_settings(load_config([f"run_dir={run}", "trainer.steps=20", "trainer.lr=3e-4"]))
+    monkeypatch.chdir(tmp_path)
+    assert changed_settings(load_config(["run_dir=run", "trainer.steps=30", "trainer.lr=3e-4"])) == []
+    assert changed_settings(load_config(["run_dir=run", "trainer.steps=30", "trainer.lr=1e-3"])) == [
+        "trainer.lr: 0.0003 -> 0.001"]
+
+
+def test_retention_settings_may_change_on_resume(tmp_path):
+    """Keeping fewer checkpoints or exports (what a long run short of disk is resumed with) changes
+    nothing the run trains on: no --accept-changes for it."""
+    from launch.rundir import changed_settings, write_settings
+
+    write_settings(load_config([f"run_dir={tmp_path}", "trainer.steps=20"]))
+    assert changed_settings(load_config([f"run_dir={tmp_path}", "trainer.steps=30", "trainer.keep_checkpoints=1",
+                                         "export.keep=3"])) == []
