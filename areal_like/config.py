@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -266,16 +267,13 @@ def task_yaml(task: TaskConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.create({"task": OmegaConf.structured(task)}))
 
 
-def task_from_yaml(text: str, overrides: list[str] | None = None) -> TaskConfig:
-    """The task of ``task_yaml`` output with ``task.key=value`` ``overrides`` on top; ConfigError
-    naming the key when one is unknown or invalid."""
-    from omegaconf import OmegaConf
+def _structured(build: Callable[[], Any], where: str = "") -> Any:
+    """``build()`` (an OmegaConf merge made into dataclasses) with every error it raises as one
+    ConfigError naming the key; an unexpected one names ``where`` (else it propagates)."""
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        merged = OmegaConf.merge(OmegaConf.structured({"task": TaskConfig()}), OmegaConf.create(text),
-                                 OmegaConf.from_dotlist(list(overrides or [])))
-        return OmegaConf.to_object(merged.task)
+        return build()
     except ConfigError:
         raise
     except OmegaConfBaseException as e:
@@ -283,7 +281,19 @@ def task_from_yaml(text: str, overrides: list[str] | None = None) -> TaskConfig:
     except Exception as e:  # a validator's ConfigError, wrapped by some omegaconf versions
         if isinstance(e.__cause__ or e.__context__, ConfigError):
             raise (e.__cause__ or e.__context__) from None
+        if where:
+            raise ConfigError(f"{where}: {type(e).__name__}: {e}") from None
         raise
+
+
+def task_from_yaml(text: str, overrides: list[str] | None = None) -> TaskConfig:
+    """The task of ``task_yaml`` output with ``task.key=value`` ``overrides`` on top; ConfigError
+    naming the key when one is unknown or invalid."""
+    from omegaconf import OmegaConf
+
+    return _structured(lambda: OmegaConf.to_object(OmegaConf.merge(
+        OmegaConf.structured({"task": TaskConfig()}), OmegaConf.create(text),
+        OmegaConf.from_dotlist(list(overrides or []))).task))
 
 
 def model_vocab_size(model: ModelConfig) -> int:
@@ -380,7 +390,6 @@ def _dotted(cfg: Any, key: str) -> Any:
 
 def _load_daemon_config(argv: list[str]) -> RunConfig:
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
     argv = list(argv)
     path = None
@@ -400,17 +409,7 @@ def _load_daemon_config(argv: list[str]) -> RunConfig:
     _register_resolvers()
     if not Path(path).is_file():
         raise ConfigError(f"--config-file {path!r} does not exist")
-    try:
-        base = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
-        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(argv))
-        cfg = OmegaConf.to_object(merged)
-    except ConfigError:
-        raise
-    except OmegaConfBaseException as e:
-        raise ConfigError(_explain(e)) from None
-    except Exception as e:  # a validator's ConfigError, wrapped by some omegaconf versions
-        if isinstance(e.__cause__ or e.__context__, ConfigError):
-            raise (e.__cause__ or e.__context__) from None
-        raise ConfigError(f"{path}: {type(e).__name__}: {e}") from None
+    cfg = _structured(lambda: OmegaConf.to_object(OmegaConf.merge(
+        OmegaConf.structured(RunConfig), OmegaConf.load(path), OmegaConf.from_dotlist(argv))), str(path))
     assert isinstance(cfg, RunConfig)
     return cfg

@@ -117,6 +117,15 @@ SUPERVISE = textwrap.dedent('''
 ''')
 
 
+def _both_started(run_dir: Path) -> dict | None:
+    """The two daemons' PIDs once the test's supervisor wrote both (None before)."""
+    try:
+        found = json.loads((run_dir / "pids.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return found if len(found) == 2 and all(found.values()) else None
+
+
 @pytest.mark.slow
 def test_daemons_of_a_killed_supervisor_get_sigterm_and_hold_the_run_dir_until_gone(tmp_path):
     run_dir = tmp_path / "run"
@@ -124,14 +133,7 @@ def test_daemons_of_a_killed_supervisor_get_sigterm_and_hold_the_run_dir_until_g
                            env=child_env(), stdout=subprocess.DEVNULL)
     pids: dict[str, int] = {}
     try:
-        def both_started():
-            try:
-                found = json.loads((run_dir / "pids.json").read_text())
-            except (OSError, ValueError):
-                return None
-            return found if len(found) == 2 and all(found.values()) else None
-
-        pids.update(wait_until(both_started, 60, 0.1, "both daemons started"))
+        pids.update(wait_until(lambda: _both_started(run_dir), 60, 0.1, "both daemons started"))
         # started is not yet deaf: until its interpreter has set SIGTERM to ignored, the kernel's
         # SIGTERM kills it (the test then failed about one run in three on a loaded machine)
         wait_until(lambda: signal.SIGTERM in _ignored(pids["deaf"]), 60, 0.05, "the deaf daemon to ignore SIGTERM")
@@ -220,14 +222,7 @@ def test_a_supervisor_started_under_nohup_keeps_its_job_through_a_hangup(tmp_pat
                            cwd=REPO_ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pids: dict[str, int] = {}
     try:
-        def started():
-            try:
-                found = json.loads((run_dir / "pids.json").read_text())
-            except (OSError, ValueError):
-                return None
-            return found if len(found) == 2 and all(found.values()) else None
-
-        pids.update(wait_until(started, 60, 0.1, "both daemons started"))
+        pids.update(wait_until(lambda: _both_started(run_dir), 60, 0.1, "both daemons started"))
         os.kill(sup.pid, signal.SIGHUP)
         with pytest.raises(subprocess.TimeoutExpired):
             sup.wait(timeout=3)
@@ -251,14 +246,7 @@ def test_a_hangup_whose_console_pipe_is_gone_still_ends_the_job_in_order(tmp_pat
     os.close(write)
     pids: dict[str, int] = {}
     try:
-        def started():
-            try:
-                found = json.loads((run_dir / "pids.json").read_text())
-            except (OSError, ValueError):
-                return None
-            return found if len(found) == 2 and all(found.values()) else None
-
-        pids.update(wait_until(started, 60, 0.1, "both daemons started"))
+        pids.update(wait_until(lambda: _both_started(run_dir), 60, 0.1, "both daemons started"))
         os.close(read)  # tee is gone
         read = None
         os.kill(sup.pid, signal.SIGHUP)

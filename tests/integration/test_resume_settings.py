@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
-import psutil
 import pytest
-
-from tests.conftest import REPO_ROOT, child_env
+from test_eval_export import _cli
 
 pytestmark = pytest.mark.slow
 
@@ -28,21 +25,8 @@ JOB_S = 300.0  # one tiny job on 2 loaded cores
 
 def _run(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
     """``areal-like run -q``; past JOB_S the launcher and everything under it is killed by PID."""
-    argv = [sys.executable, "-m", "launch.cli", "run", "-q", "experiment=quickstart", "warm_start.steps=0",
-            "trainer.checkpoint_every=1", "eval.at_end=false", f"run_dir={run_dir}", *args]
-    proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        out, err = proc.communicate(timeout=JOB_S)
-    except subprocess.TimeoutExpired:
-        for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+    return _cli("run", "-q", "experiment=quickstart", "warm_start.steps=0", "trainer.checkpoint_every=1",
+                "eval.at_end=false", f"run_dir={run_dir}", *args, timeout=JOB_S)
 
 
 def test_a_resume_with_changed_settings_is_refused_unless_accepted(tmp_path):
