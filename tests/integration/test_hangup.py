@@ -74,7 +74,8 @@ def test_sighup_stops_every_daemon_and_a_rerun_on_a_live_run_dir_is_refused(tmp_
     argv = [sys.executable, "-m", "launch.cli", "run", "-q", "experiment=quickstart",
             "warm_start.steps=0", "trainer.steps=100000", f"run_dir={run_dir}"]
     out, err = (tmp_path / "stdout").open("w"), (tmp_path / "stderr").open("w")
-    sup = subprocess.Popen(argv, cwd=REPO_ROOT, env=child_env(), stdout=out, stderr=err)
+    sup = subprocess.Popen(argv, cwd=REPO_ROOT, env=child_env(), stdout=out, stderr=err,
+                           preexec_fn=_from_a_terminal)
     seen: set[int] = set()
     try:
         daemons = wait_until(lambda: _daemons_up(run_dir), START_S, 0.5, "every daemon healthy")
@@ -115,6 +116,13 @@ SUPERVISE = textwrap.dedent('''
     sup.on_change = lambda s: (run_dir / "pids.json").write_text(__import__("json").dumps(s.pids()))
     sys.exit(sup.run())
 ''')
+
+
+def _from_a_terminal() -> None:
+    """In the child before exec: SIGHUP at its default, as a job started from a shell on a terminal
+    has it, whatever this test runner inherited (under ``nohup`` it is ignored, and the supervisor
+    rightly keeps it so: test_a_supervisor_started_under_nohup_keeps_its_job_through_a_hangup)."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def _both_started(run_dir: Path) -> dict | None:
@@ -242,7 +250,7 @@ def test_a_hangup_whose_console_pipe_is_gone_still_ends_the_job_in_order(tmp_pat
     script = POLITE.replace("sys.exit(sup.run())", "code = sup.run()\n(run_dir / 'done').write_text(str(code))")
     read, write = os.pipe()
     sup = subprocess.Popen([sys.executable, "-c", script, str(run_dir)], cwd=REPO_ROOT, env=child_env(),
-                           stdout=write, stderr=write)
+                           stdout=write, stderr=write, preexec_fn=_from_a_terminal)
     os.close(write)
     pids: dict[str, int] = {}
     try:
