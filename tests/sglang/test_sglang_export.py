@@ -34,6 +34,7 @@ def test_an_export_served_by_sglang_evaluates_like_the_embedded_engine(sglang_se
         tokenizer=load_tokenizer(cfg.model),
         shard_mb=64,
         dtype="float32",
+        task=cfg.task,  # as the trainer exports: `areal-like eval` scores the stored task
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     embedded = subprocess.run(
