@@ -37,7 +37,6 @@ on purpose: on ``stop()``, and also when the rollout server itself was killed.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import os
@@ -51,6 +50,7 @@ from pathlib import Path
 
 from areal_like.auth import redact_argv
 from areal_like.config import EngineConfig, ModelConfig
+from areal_like.daemon import die_with_parent
 from areal_like.distributed import free_port
 from rollout_server.engine_reaper import GONE_TIMEOUT_S, shm_files
 
@@ -60,25 +60,13 @@ STOP_GRACE_S = 30.0  # SGLang frees GPU memory and joins its subprocesses on SIG
 HEALTH_POLL_S = 1.0
 
 
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def _die_with_parent(parent: int) -> None:  # runs in the forked child, before exec
-    """In the child between fork and exec: SIGKILL me when my parent dies; exit if it already has."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != parent:  # reparented: the parent died before prctl, nobody sends the signal
-        os._exit(1)
-
-
 def spawn_tied(argv: list[str], stdout=None, stderr=None, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start ``argv`` in a session (process group) of its own, killed by the kernel when this
     process dies. ``stop_group`` is the graceful way; this is the guarantee behind it."""
     if not sys.platform.startswith("linux"):
         raise RuntimeError("spawn_tied needs Linux (prctl PR_SET_PDEATHSIG)")
     return subprocess.Popen(argv, stdout=stdout, stderr=stderr, env=env, start_new_session=True,
-                            preexec_fn=functools.partial(_die_with_parent, os.getpid()))
+                            preexec_fn=functools.partial(die_with_parent, os.getpid(), signal.SIGKILL))
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:

@@ -113,7 +113,7 @@ def test_control_an_untied_child_survives_its_parent():
 def test_a_child_whose_parent_is_already_gone_exits_at_once():
     """The race fork -> prctl: a child reparented before prctl exits instead of running untied."""
     code = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-                           "from rollout_server.launch_sglang import _die_with_parent; "
-                           "_die_with_parent(1); print('untied')", str(REPO)],
+                           "from areal_like.daemon import die_with_parent; "
+                           "die_with_parent(1); print('untied')", str(REPO)],
                           capture_output=True, text=True, timeout=60)
     assert code.returncode == 1 and "untied" not in code.stdout
