@@ -119,10 +119,13 @@ SUPERVISE = textwrap.dedent('''
 
 
 def _from_a_terminal() -> None:
-    """In the child before exec: SIGHUP at its default, as a job started from a shell on a terminal
-    has it, whatever this test runner inherited (under ``nohup`` it is ignored, and the supervisor
-    rightly keeps it so: test_a_supervisor_started_under_nohup_keeps_its_job_through_a_hangup)."""
+    """In the child before exec: SIGHUP and SIGINT at their defaults, as a job started from a shell
+    on a terminal has them, whatever this test runner inherited (under ``nohup`` SIGHUP is ignored,
+    and the supervisor rightly keeps it so: test_a_supervisor_started_under_nohup_keeps_its_job_
+    through_a_hangup; a runner started as a background job of a script has SIGINT ignored, and
+    Python then never raises KeyboardInterrupt)."""
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _both_started(run_dir: Path) -> dict | None:
@@ -174,7 +177,8 @@ def test_ctrl_c_stops_a_job_with_one_line_on_the_console(tmp_path):
     argv = [sys.executable, "-m", "launch.cli", "run", "experiment=quickstart", "warm_start.steps=0",
             "trainer.steps=100000", f"run_dir={run_dir}"]
     with err_path.open("w") as err:
-        sup = subprocess.Popen(argv, cwd=REPO_ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=err)
+        sup = subprocess.Popen(argv, cwd=REPO_ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=err,
+                               preexec_fn=_from_a_terminal)
     seen: set[int] = set()
     try:
         daemons = wait_until(lambda: _daemons_up(run_dir), START_S, 0.5, "every daemon healthy")
@@ -203,7 +207,8 @@ def test_ctrl_c_during_the_warm_start_prints_one_line_and_no_traceback(tmp_path)
     argv = [sys.executable, "-m", "launch.cli", "run", "-q", "experiment=quickstart", "warm_start.steps=100000",
             f"run_dir={tmp_path / 'run'}"]
     with err_path.open("w") as err:
-        proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=err, text=True)
+        proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=err, text=True,
+                                preexec_fn=_from_a_terminal)
     try:
         wait_until(lambda: "[warm-start]" in err_path.read_text(), START_S, 0.2, "the warm start to begin")
         mark = err_path.stat().st_size
