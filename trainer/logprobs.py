@@ -94,7 +94,8 @@ def _chunk_logits(h: Tensor, weight: Tensor, temperature: float, wd: torch.dtype
     """logits(h) / temperature as ONE fresh [chunk, V] block in ``wd`` (the compute-dtype product is
     upcast in place of a second copy when it already is ``wd``)."""
     logits = h @ weight.t()
-    return (logits if logits.dtype == wd else logits.to(wd)).div_(temperature)
+    logits = logits if logits.dtype == wd else logits.to(wd)
+    return logits if temperature == 1.0 else logits.div_(temperature)
 
 
 def _accumulate(acc: Tensor, gx: Tensor, h: Tensor) -> None:
@@ -108,7 +109,9 @@ def _accumulate(acc: Tensor, gx: Tensor, h: Tensor) -> None:
 class _HiddenTokenLogprob(torch.autograd.Function):
     """log_softmax((h W^T) / temperature)[token] per row of h, ``chunk`` rows at a time, with a
     recomputing backward: d logp / d logits = (1[v = token] - softmax) / temperature, then through
-    the matmul to h (``g W``) and W (``g^T h``). Saves only its inputs."""
+    the matmul to h (``g W``) and W (``g^T h``). Saves its inputs and each row's log-sum-exp, so
+    that backward takes the softmax as exp(logits - lse): each pass over a [chunk, V] fp32 block
+    costs as much as the chunk's matmul on a GPU (memory-bound), and this saves four of them."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, tokens: Tensor, temperature: float, chunk: int,
@@ -116,20 +119,21 @@ class _HiddenTokenLogprob(torch.autograd.Function):
         wd = _work_dtype(hidden)
         result = torch.empty(shape, dtype=wd, device=hidden.device)  # returned as is: not a view (FSDP2 hooks)
         out = result.view(-1)
+        lse = torch.empty(hidden.shape[0], dtype=wd, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
             x = _chunk_logits(hidden[s : s + chunk], weight, temperature, wd)
             picked = x.gather(-1, tokens[s : s + chunk, None]).squeeze(-1)
             m = x.amax(-1, keepdim=True)
-            lse = x.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))  # in place: one block alive
-            out[s : s + chunk] = picked - lse
+            lse[s : s + chunk] = x.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))  # in place: one block
+            out[s : s + chunk] = picked - lse[s : s + chunk]
             del x
-        ctx.save_for_backward(hidden, weight, tokens)
+        ctx.save_for_backward(hidden, weight, tokens, lse)
         ctx.temperature, ctx.chunk = temperature, chunk
         return result
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        hidden, weight, tokens = ctx.saved_tensors
+        hidden, weight, tokens, lse = ctx.saved_tensors
         wd, chunk = _work_dtype(hidden), ctx.chunk
         grad_out = grad_out.reshape(-1)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -137,13 +141,12 @@ class _HiddenTokenLogprob(torch.autograd.Function):
         # the weight gradient sums over every chunk: accumulate in fp32 (or the fp64 of gradcheck)
         grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
                              device=weight.device) if need_w else None
-        g_all = grad_out.to(wd)
+        g_all = grad_out.to(wd) / ctx.temperature
         for s in range(0, hidden.shape[0], chunk):
             h, g = hidden[s : s + chunk], g_all[s : s + chunk, None]
             x = _chunk_logits(h, weight, ctx.temperature, wd)
-            x.sub_(x.amax(-1, keepdim=True)).exp_()
-            x.div_(x.sum(-1, keepdim=True)).mul_(-g)  # -g * softmax, in place
-            x.scatter_add_(-1, tokens[s : s + chunk, None], g).div_(ctx.temperature)
+            x.sub_(lse[s : s + chunk, None]).exp_().mul_(-g)  # -g / temperature * softmax, in place
+            x.scatter_add_(-1, tokens[s : s + chunk, None], g)
             gx = x.to(weight.dtype)  # the logits' gradient in the compute dtype, as autograd would give it
             del x
             if need_h:

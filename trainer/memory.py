@@ -4,12 +4,14 @@ the tensor bytes a piece of code allocates.
 ``estimate_peak_bytes`` is the accounting behind ``trainer/MEMORY.md``: what one trainer rank holds
 at the peak of a step under FSDP2 (``trainer/model.py``): its 1/world share of the fp32 master
 weights, gradients and two AdamW moments, plus the transient terms of the largest of three
-moments: the start of backward (the root group and two decoder blocks all-gathered in compute
+moments: the start of backward (the gradients of an earlier micro-batch of the same optimizer
+step, when there is one; the root group and two decoder blocks all-gathered in compute
 dtype, twice, as FSDP2 frees an all-gather's flat output only at the next all-gather; the
 activations kept for backward -- every block's, or only the block inputs with activation
 checkpointing plus one block recomputed -- and the log-prob working set: one ``[chunk, vocab]``
 block, ``trainer/logprobs.py``, and lm_head's gradient), the end of backward (the root group's
-gradients being reduced) and the optimizer step (foreach AdamW's temporaries). It leaves out the
+gradients being reduced) and the optimizer step (foreach AdamW's temporary, the square root of
+the second moment). It leaves out the
 CUDA context, the allocator's fragmentation and NCCL buffers (a few GiB in practice: leave
 headroom). ``benchmarks/bench_trainer_memory.py`` checks it against a measured step.
 
@@ -134,7 +136,8 @@ class MemoryEstimate:
     activations: int  # what the forward keeps for backward
     logprobs: int  # one [chunk, V] block (and its compute-dtype twin) + lm_head's gradient accumulator
     root_grads: int  # the root group's unsharded gradients at the end of backward (+ the embedding's, + the new shard)
-    optimizer_temps: int  # the foreach AdamW step's temporaries (two lists of shard-sized fp32 tensors)
+    optimizer_temps: int  # the foreach AdamW step's temporary: sqrt of the second moment (a shard-sized fp32 list)
+    accumulating: bool = True  # gradients of an earlier micro-batch are held when a backward starts
 
     @property
     def moments(self) -> dict[str, int]:
@@ -142,7 +145,8 @@ class MemoryEstimate:
         working set alive; gradients of earlier micro-batches held), its end (the root group's
         gradients being reduced) and the optimizer step."""
         held = self.weights + self.grads + self.adam
-        return {"backward_start": held + self.gathered + self.gather_buffers + self.activations + self.logprobs,
+        start = held - (0 if self.accumulating else self.grads)
+        return {"backward_start": start + self.gathered + self.gather_buffers + self.activations + self.logprobs,
                 "backward_end": held + self.gathered + self.block_grads + self.root_grads,
                 "optimizer_step": held + self.optimizer_temps}
 
@@ -152,9 +156,12 @@ class MemoryEstimate:
 
 
 def estimate_peak_bytes(model_cfg: ModelConfig, world: int, micro_batch_tokens: int, dtype: str = "bfloat16",
-                        checkpointing: bool = False, logprob_chunk: int = 512) -> MemoryEstimate:
+                        checkpointing: bool = False, logprob_chunk: int = 512,
+                        accumulating: bool = True) -> MemoryEstimate:
     """Peak memory of one trainer rank in a step: FSDP2 over ``world`` ranks, ``micro_batch_tokens``
-    tokens per forward/backward, compute in ``dtype`` (fp32 master weights)."""
+    tokens per forward/backward, compute in ``dtype`` (fp32 master weights). ``accumulating``: an
+    optimizer step takes more than one micro-batch, so an earlier one's gradients are held when a
+    backward starts (with one, none are: the step frees them, ``zero_grad(set_to_none=True)``)."""
     c = 4 if dtype == "float32" else 2
     mp = 4 if c != 4 else 0  # mixed precision: the fp32 copy a bf16 gradient is reduced in / upcast to
     p, blk, root = total_params(model_cfg), block_params(model_cfg), root_params(model_cfg)
@@ -172,10 +179,12 @@ def estimate_peak_bytes(model_cfg: ModelConfig, world: int, micro_batch_tokens: 
     # from the second micro-batch on, the reduce-scatter's output is a new shard added to the held one
     root_grads = (root * (c + mp) + (v * h * c if model_cfg.tie_word_embeddings else 0)
                   + 4 * -(-root // world))
-    return MemoryEstimate(weights=4 * shard, grads=4 * shard, adam=8 * shard, gathered=(root + 2 * blk) * c,
-                          gather_buffers=(root + 2 * blk) * c,
+    # one fp32 rank is not sharded (trainer/model.py): it computes on its master weights, gathers nothing
+    gathered = (root + 2 * blk) * c if world > 1 or c != 4 else 0
+    return MemoryEstimate(weights=4 * shard, grads=4 * shard, adam=8 * shard, gathered=gathered,
+                          gather_buffers=gathered,
                           block_grads=blk * (c + mp), activations=acts, logprobs=logprobs, root_grads=root_grads,
-                          optimizer_temps=8 * shard)
+                          optimizer_temps=4 * shard, accumulating=accumulating)
 
 
 def markdown_table(seqs: int = 8, seq_len: int = 2048, micro_batch_size: int = 8, worlds: tuple[int, ...] = (1, 2, 8),
@@ -189,9 +198,10 @@ def markdown_table(seqs: int = 8, seq_len: int = 2048, micro_batch_size: int = 8
         cfg = qwen2_shape(name)
         for world in worlds:
             tokens = min(micro_batch_size, -(-seqs // world)) * seq_len
-            plain = estimate_peak_bytes(cfg, world, tokens, dtype, False, chunk)
-            ckpt = estimate_peak_bytes(cfg, world, tokens, dtype, True, chunk)
-            terms = {k: v for k, v in vars(plain).items()}
+            many = -(-seqs // world) > micro_batch_size  # more than one micro-batch per optimizer step
+            plain = estimate_peak_bytes(cfg, world, tokens, dtype, False, chunk, many)
+            ckpt = estimate_peak_bytes(cfg, world, tokens, dtype, True, chunk, many)
+            terms = {k: v for k, v in vars(plain).items() if k != "accumulating"}
             top = max(terms, key=terms.get)
             lines.append(f"| {name} | {total_params(cfg) / 1e9:.2f} B | {world} | {tokens} | "
                          f"{plain.total / GIB:.1f} | {ckpt.total / GIB:.1f} | {top} ({terms[top] / GIB:.1f}) |")

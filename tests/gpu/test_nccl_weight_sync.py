@@ -55,7 +55,7 @@ def test_weight_broadcast_to_cuda_engine(tmp_path, spawn_python, free_port, wait
 
     two_gpus = torch.cuda.device_count() >= 2
     cfg = load_config([
-        f"run_dir={tmp_path}", f"buffer.address=tcp://127.0.0.1:{free_port()}",
+        f"run_dir={tmp_path}", "security.curve=false", f"buffer.address=tcp://127.0.0.1:{free_port()}",
         f"buffer.pub_address=tcp://127.0.0.1:{free_port()}", "model.dtype=bfloat16", "rollout.engine.device=cuda",
         "trainer.device=cuda", f"trainer.weight_sync.backend={'nccl' if two_gpus else 'gloo'}",
         "trainer.weight_sync.deadline_s=120", "trainer.weight_sync.bucket_mb=0.25",

@@ -12,7 +12,6 @@ gloo over CUDA tensors (NCCL cannot put two ranks on one device).
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import subprocess
@@ -24,8 +23,11 @@ import pytest
 from areal_like.config import EngineConfig, ModelConfig
 from areal_like.distributed import free_port
 from areal_like.protocol import BucketSpec, SyncMember, WeightSyncPlan
+from rollout_server.launch_sglang import installed_sglang
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang is not installed")
+# the installed distribution, not find_spec: pytest puts tests/ on sys.path, where tests/sglang/ is a
+# namespace package named sglang
+pytestmark = pytest.mark.skipif(installed_sglang() is None, reason="sglang is not installed")
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
@@ -86,7 +88,7 @@ def test_generate_pause_resume_and_weight_update_on_real_sglang(sglang_server):
             job = asyncio.create_task(generate_sample(client, [1, 30, 31], {"temperature": 1.0, "ignore_eos": True},
                                                       400, lambda: version))
             await asyncio.sleep(0.2)
-            env = {**os.environ, "PYTHONPATH": str(REPO)}
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
             sender = subprocess.Popen([sys.executable, "-c", SENDER, json.dumps(spec)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             try:

@@ -44,7 +44,7 @@ def test_system_on_cuda(tmp_path):
         roster = system.wait_for(lambda: (r := system.roster()) and len(r) == 1 and r, 300, "the rollout server")
         url = next(iter(roster.values())).engine_url
         system.wait_for(system.completed.is_set, 400, "the trainer to finish")
-        final = engine_weights(url, names)  # the job is complete; its daemons wait for us
+        final = engine_weights(url, names, system.engine_key)  # the job is complete; its daemons wait for us
         trainer_sum = checkpoint_checksum(system.run_dir, STEPS)
         system.release.set()
         system.wait_for(system.finished, 120, "the job to stop")

@@ -92,7 +92,7 @@ def test_estimate_terms():
     one = estimate_peak_bytes(cfg, world=1, micro_batch_tokens=4096, dtype="bfloat16")
     eight = estimate_peak_bytes(cfg, world=8, micro_batch_tokens=4096, dtype="bfloat16")
     assert one.weights == 4 * 7_615_616_512 and eight.weights == 4 * 951_952_064
-    assert eight.adam == 2 * eight.weights and eight.grads == eight.weights == eight.optimizer_temps / 2
+    assert eight.adam == 2 * eight.weights and eight.grads == eight.weights == eight.optimizer_temps
     assert one.activations == eight.activations and one.gathered == eight.gathered
     ckpt = estimate_peak_bytes(cfg, world=8, micro_batch_tokens=4096, dtype="bfloat16", checkpointing=True)
     assert ckpt.activations < eight.activations / 10
@@ -103,6 +103,11 @@ def test_estimate_terms():
     assert one.total > 80e9 and eight.total < 80e9 and ckpt.total < eight.total
     fp32 = estimate_peak_bytes(qwen2_shape("0.5B"), world=1, micro_batch_tokens=512, dtype="float32")
     assert fp32.block_grads == block_params(qwen2_shape("0.5B")) * 4  # no fp32 copy without mixed precision
+    assert fp32.gathered == fp32.gather_buffers == 0  # one fp32 rank is not sharded: nothing is gathered
+    # one micro-batch per optimizer step: no gradients are held when its backward starts
+    single = estimate_peak_bytes(cfg, world=8, micro_batch_tokens=4096, dtype="bfloat16", accumulating=False)
+    assert eight.moments["backward_start"] - single.moments["backward_start"] == eight.grads
+    assert single.moments["backward_end"] == eight.moments["backward_end"]
 
 
 WORKER = r"""
