@@ -64,7 +64,9 @@ class TaskConfig:
     answer_key: str = "answer"  # the reference answer the reward grades against
     metadata_keys: list[str] | None = None  # extra columns passed to the reward; None = all the others
     system_prompt: str = ""  # prepended as a system message (chat) or text (plain)
-    # auto: the tokenizer's template if any | none: plain text (base models) | else Jinja text or a file of it
+    # auto: a prompt_key column is plain text with the tokenizer's special tokens, a messages_key
+    # column goes through the tokenizer's template (TRL's convention) | none: plain text for both |
+    # else Jinja text or a file of it, applied to both
     chat_template: str = "auto"
     max_prompt_tokens: int = 0  # longer prompts are filtered out (and counted); 0 = no limit
     num_prompts: int = 100_000  # size of a synthetic dataset (an epoch)

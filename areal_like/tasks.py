@@ -13,8 +13,13 @@ Their eval split (``split="eval"``) draws from a different random stream, so it 
 not guaranteed disjoint from training examples (the small tasks have few distinct prompts).
 ``task.name=dataset`` loads rows from local files (``areal_like/datasets.py``).
 
-``encode_prompt`` is the one place where an example becomes prompt ids, for the rollout server
-and the warm start alike; ``task.chat_template`` picks the layout (see its docstring).
+``encode_prompt`` is the one place where an example becomes prompt ids, for the rollout server,
+the evaluation and the warm start alike. Its layout follows the convention of TRL's trainers
+(``prompt_template``): with ``task.chat_template=auto`` a plain prompt is plain text with the
+tokenizer's own special tokens (its BOS, when it adds one) and a chat row (``messages``) goes
+through the tokenizer's chat template with the generation prompt; ``none`` makes both plain text;
+a template of one's own (Jinja text or a file) applies to both, a plain prompt becoming one user
+message. ``prompt_layout`` says which in one line, which the buffer logs at start.
 """
 
 from __future__ import annotations
@@ -224,20 +229,19 @@ def make_task(cfg: TaskConfig, tokenizer: Any = None, split: str = "train") -> T
 
 # ---------------------------------------------------------------- prompt encoding
 def chat_template_of(tokenizer: Any, cfg: TaskConfig) -> str | None:
-    """The Jinja chat template ``encode_prompt`` applies, or None for plain text.
+    """The Jinja chat template of the task's chat: what ``encode_prompt`` applies to a chat row
+    (``prompt_template`` says when), and what an exporter sets on the saved tokenizer so the
+    exported model is prompted as it was trained.
 
-    ``task.chat_template``: ``none`` -> None; ``auto`` -> the tokenizer's own template for
-    ``task.name=dataset`` (None when it has none), and None for the synthetic tasks, whose
-    prompts are completion strings (their token ids do not depend on the tokenizer's template);
-    anything else -> the content of the file it names, or the value itself as a Jinja template
-    (for every task). An exporter sets this on the saved tokenizer so the exported model is
-    prompted as it was trained.
+    ``task.chat_template``: ``none`` -> None; ``auto`` -> the tokenizer's own template (None when
+    it has none); anything else -> the content of the file it names, or the value itself as a
+    Jinja template.
     """
     value = cfg.chat_template
     if value == "none":
         return None
     if value == "auto":
-        return (getattr(tokenizer, "chat_template", None) or None) if cfg.name not in SYNTHETIC else None
+        return getattr(tokenizer, "chat_template", None) or None
     return _template_text(value)
 
 
@@ -254,20 +258,59 @@ def _template_text(value: str) -> str:
                       "(a template contains '{{' or '{%')")
 
 
-def encode_prompt(tokenizer: Any, example: Example, cfg: TaskConfig) -> list[int]:
-    """The prompt ids a model is given for ``example`` (the rollout server's and the warm start's layout).
+def prompt_template(tokenizer: Any, example: Example, cfg: TaskConfig) -> str | None:
+    """The chat template ``encode_prompt`` applies to ``example``, or None for plain text.
 
-    With a chat template (``chat_template_of``): ``apply_chat_template(messages,
+    The convention of TRL's GRPOTrainer: with ``task.chat_template=auto`` a plain prompt (no
+    ``example.messages``: a dataset's prompt column, every synthetic task) is plain text, and a
+    chat row goes through the tokenizer's template (plain text when it has none; the preflight
+    refuses that case unless ``task.chat_template`` says what to do). ``none``: plain text for
+    both. A template of one's own: that template for both.
+    """
+    if cfg.chat_template == "auto" and not example.messages:
+        return None
+    return chat_template_of(tokenizer, cfg)
+
+
+def prompt_layout(cfg: TaskConfig) -> str:
+    """One line saying how this task's prompts become ids (``prompt_template``'s rule, or the chat
+    of a multi-turn or agent task), for the run's log at start."""
+    value = cfg.chat_template
+    inline = "{{" in value or "{%" in value
+    template = ("the tokenizer's chat template" if value in ("auto", "none")
+                else "task.chat_template's template" if inline else f"the template in {value}")
+    if cfg.env or cfg.agent:  # task.chat_template=none is refused for both
+        owner = "task.env" if cfg.env else "task.agent"
+        return f"task: episodes are conversations through {template} ({owner})"
+    chat = cfg.name == "dataset" and bool(cfg.messages_key)
+    source = (f"column {cfg.messages_key if chat else cfg.prompt_key}" if cfg.name == "dataset"
+              else f"synthetic task {cfg.name}")
+    if value == "none" or (value == "auto" and not chat):
+        how = "are plain text with the tokenizer's special tokens"
+        how += ", the messages' contents one per line" if chat else ""
+    else:
+        how = f"go through {template}" + ("" if chat else ", each prompt as one user message")
+    system = ", task.system_prompt first" if cfg.system_prompt else ""
+    shown = value if value in ("auto", "none") else "a template" if inline else "a file"
+    return f"task: prompts {how}{system} ({source}, task.chat_template={shown})"
+
+
+def encode_prompt(tokenizer: Any, example: Example, cfg: TaskConfig) -> list[int]:
+    """The prompt ids a model is given for ``example`` (the rollout server's, the evaluation's and
+    the warm start's layout).
+
+    With a chat template (``prompt_template``): ``apply_chat_template(messages,
     add_generation_prompt=True)`` where messages = ``example.messages`` or one user message
     holding ``example.prompt``, with ``task.system_prompt`` as a first system message unless the
-    messages already start with one. Without: ``tokenizer(text)["input_ids"]`` (special tokens as
-    the tokenizer adds them, e.g. the char tokenizer's ``<bos>``), text = the system prompt, a
-    newline, then ``example.prompt`` (the prompt alone when no system prompt is set).
+    messages already start with one. Without: ``tokenizer(text, add_special_tokens=True)``
+    (special tokens as the tokenizer adds them, e.g. the char tokenizer's ``<bos>``), text = the
+    system prompt, a newline, then ``example.prompt`` (the prompt alone when no system prompt is
+    set; a chat row's prompt is its messages' contents, one per line).
     """
-    template = chat_template_of(tokenizer, cfg)
+    template = prompt_template(tokenizer, example, cfg)
     if template is None:
         text = f"{cfg.system_prompt}\n{example.prompt}" if cfg.system_prompt else example.prompt
-        return [int(t) for t in tokenizer(text)["input_ids"]]
+        return [int(t) for t in tokenizer(text, add_special_tokens=True)["input_ids"]]
     messages = list(example.messages) if example.messages else [{"role": "user", "content": example.prompt}]
     if cfg.system_prompt and messages[0].get("role") != "system":
         messages.insert(0, {"role": "system", "content": cfg.system_prompt})

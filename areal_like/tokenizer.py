@@ -6,8 +6,10 @@
   ``string.printable``, one token per character, so token count == character count and decoding
   is exact (a character outside ``string.printable`` is one ``<unk>``). Whitespace
   is stored in its byte-level spelling so that a reload by ``AutoTokenizer`` from a Qwen2 model
-  directory (which picks transformers' ``Qwen2Tokenizer``) keeps spaces and newlines. Encoding adds ``<bos>`` in front. Its chat template (``role: content`` lines) is
-  used only by dataset tasks; synthetic tasks prompt it with plain text (``areal_like.tasks``).
+  directory (which picks transformers' ``Qwen2Tokenizer``) keeps spaces and newlines. Encoding
+  adds ``<bos>`` in front. Its chat template (``role: content`` lines, no ``<bos>``) lays out
+  chat rows (``task.messages_key``) and multi-turn episodes; plain prompts, the synthetic tasks'
+  included, are plain text with ``<bos>`` (``areal_like.tasks.prompt_template``).
 * ``bpe``: byte-level BPE trained at load time on the shipped ``data/corpus.txt`` (English and
   arithmetic) with ``model.vocab_size`` entries; digits are single tokens (Qwen2's
   pre-tokenizer pattern), so numbers tokenize the same way everywhere. Special tokens

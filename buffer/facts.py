@@ -1,9 +1,9 @@
 """What the buffer needs to know about the rest of the job, beyond its own ``buffer`` section.
 
 ``BufferFacts.from_run(cfg)`` is the one place that reads other sections of the run config for the
-buffer (the model's vocabulary, the task's dataset, the trainer's engine lag, ``run_dir``); the
-service and its parts see only ``BufferConfig`` and these facts. Paths are resolved against
-``run_dir`` here, so nothing past this point resolves one.
+buffer (the model's vocabulary, the task's dataset and prompt layout, the trainer's engine lag,
+``run_dir``); the service and its parts see only ``BufferConfig`` and these facts. Paths are
+resolved against ``run_dir`` here, so nothing past this point resolves one.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from areal_like.config import RunConfig, dataset_size, model_vocab_size, request_frame_limit
+from areal_like.tasks import prompt_layout
 
 MIN_SERVERS = 8  # buffer/peer_caps.py: the roster allowance of one member key, at least
 
@@ -25,6 +26,7 @@ class BufferFacts:
     wal_dir: Path  # buffer.wal_dir resolved against run_dir
     local_dir: Path | None  # buffer.local_dir resolved against run_dir: same-node ipc:// sockets (None: none)
     max_servers: int = 8  # server ids one member key may have on the roster (buffer/peer_caps.py)
+    prompt_layout: str = ""  # the task's prompt encoding (areal_like.tasks.prompt_layout): logged
 
     @classmethod
     def from_run(cls, cfg: RunConfig) -> BufferFacts:
@@ -34,7 +36,7 @@ class BufferFacts:
                    engine_lag=cfg.trainer.weight_sync.engine_lag, dataset_size=dataset_size(cfg.task, cfg.model),
                    wal_dir=cfg.resolve_path(b.wal_dir),
                    local_dir=cfg.resolve_path(b.local_dir) if b.local_dir else None,
-                   max_servers=max_servers(cfg))
+                   max_servers=max_servers(cfg), prompt_layout=prompt_layout(cfg.task))
 
 
 def max_servers(cfg: RunConfig) -> int:

@@ -69,6 +69,7 @@ class BufferService(Daemon):
         self.policy = StalenessPolicy(b.max_staleness, b.groups_per_step, b.max_inflight, engine_lag=facts.engine_lag)
         self.ledger = CreditLedger(self.policy, facts.dataset_size, lease_timeout_s=b.lease_timeout_s,
                                    max_epochs=b.max_epochs, clock=clock)
+        self.prompt_layout = facts.prompt_layout  # one line at start: how prompts become ids
         self.store = ReplayBuffer(self.policy, capacity=b.capacity, selection=b.selection,
                                   filter_equal_rewards=b.filter_equal_rewards,
                                   max_tokens_per_trajectory=b.max_tokens_per_trajectory)
@@ -127,6 +128,8 @@ class BufferService(Daemon):
         self.log.info("serving on %s (pub %s; same-node %s): version %d, %d groups stored, %d leases, cursor %s, "
                       "frames up to %d bytes", self.cfg.address, self.cfg.pub_address, self.local_dir or "none", self.control.version, len(self.store),
                       self.ledger.in_flight, (self.ledger.next_index, self.ledger.epoch), self.frame_limit)
+        if self.prompt_layout:
+            self.log.info("%s; %d prompts per epoch", self.prompt_layout, self.ledger.dataset_size)
 
     def run_once(self) -> None:
         busy = self._waiting and self.wal.wakeup_fd is None  # else the fsync thread ends the wait itself

@@ -10,9 +10,9 @@ The result is cached under ``<run_dir>/../<warm_start.cache_dir>/<key>`` where `
 model, task and warm-start settings, so later runs of the same experiment skip it. The directory
 is written under a temporary name and renamed, so a crash never leaves a half-written cache.
 
-The token layout is the rollout server's: ``encode_prompt`` (``areal_like.tasks``: plain text, e.g.
-the char tokenizer's ``<bos>`` + characters, or the chat template with its generation prompt)
-followed by the answer's ids and the tokenizer's EOS.
+The token layout is the rollout server's: ``encode_prompt`` (``areal_like.tasks``: a plain prompt
+as plain text, e.g. the char tokenizer's ``<bos>`` + characters, a chat row through the chat
+template with its generation prompt) followed by the answer's ids and the tokenizer's EOS.
 """
 
 from __future__ import annotations

@@ -152,8 +152,9 @@ def test_dataset_size(tmp_path):
     for task in ("jsonl_math", "dataset"):
         cfg = load_config([f"task={task}", f"task.dataset_path={data}"])
         assert C.dataset_size(cfg.task, cfg.model) == 2
-    # the count the buffer's cursor runs over is after the prompt-length filter ("user: a\nassistant: " = 19 ids)
-    cfg = load_config(["task=dataset", f"task.dataset_path={data}", "task.max_prompt_tokens=20"])
+    # the count the buffer's cursor runs over is after the prompt-length filter (plain text:
+    # "<bos>a" = 2 ids, "<bos>bbbb" = 5)
+    cfg = load_config(["task=dataset", f"task.dataset_path={data}", "task.max_prompt_tokens=4"])
     assert C.dataset_size(cfg.task, cfg.model) == 1
     cfg = load_config(["task=jsonl_math", f"task.dataset_path={tmp_path / 'no.jsonl'}"])
     with pytest.raises(ConfigError, match="task.dataset_path"):

@@ -179,8 +179,8 @@ def test_long_prompts_are_filtered_and_counted_once(tmp_path, caplog, monkeypatc
         make_task(cfg, tok)
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["task: 2 of 4 prompts over max_prompt_tokens=6 filtered"]
-    # with the char template: "user: " + prompt + "\nassistant: " = 18 + n ids (no <bos>)
-    templated = task_cfg(path, max_prompt_tokens=23)
+    # the char template as task.chat_template: "user: " + prompt + "\nassistant: " = 18 + n ids
+    templated = task_cfg(path, max_prompt_tokens=23, chat_template=tok.chat_template)
     assert [len(e.prompt) for e in examples(make_task(templated, tok))] == [3, 5]
     assert dataset_size(templated, ModelConfig()) == 2 and dataset_size(task_cfg(path), ModelConfig()) == 4
     with pytest.raises(ValueError, match="pass the tokenizer"):
@@ -213,15 +213,17 @@ def test_chat_template_ids_are_the_tokenizers_own(tmp_path):
         ids = encode_prompt(tok, ex, cfg)
         assert ids == tok.apply_chat_template(list(ex.messages), add_generation_prompt=True, return_dict=False)
         assert tok.decode(ids) == f"<|im_start|>user\n{ex.prompt}<|im_end|>\n<|im_start|>assistant\n"
-    plain_row = Example("What is 2 + 3?", "5")  # a plain prompt becomes one user message
-    assert bpe.decode(encode_prompt(bpe, plain_row, cfg)) == (
+    plain_row = Example("What is 2 + 3?", "5")  # auto: a plain prompt is plain text (as in TRL)
+    assert bpe.decode(encode_prompt(bpe, plain_row, cfg)) == "What is 2 + 3?"
+    chatml = task_cfg(MATH_CHAT / "eval.parquet", chat_template=bpe.chat_template)  # a user message
+    assert bpe.decode(encode_prompt(bpe, plain_row, chatml)) == (
         "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_chat_template_none_string_and_file(tmp_path):
     tok, ex = char_tokenizer(), Example("What is 2 + 3?", "5")
     assert encode_prompt(tok, ex, task_cfg("d", chat_template="none")) == tok(ex.prompt)["input_ids"]
-    assert tok.decode(encode_prompt(tok, ex, task_cfg("d"))) == "user: What is 2 + 3?\nassistant: "  # auto
+    assert encode_prompt(tok, ex, task_cfg("d")) == tok(ex.prompt)["input_ids"]  # auto: plain too
     expected = tok("[user] What is 2 + 3?\n[assistant] ", add_special_tokens=False)["input_ids"]
     assert encode_prompt(tok, ex, task_cfg("d", chat_template=BRACKETS)) == expected
     (tmp_path / "t.jinja").write_text(BRACKETS)
@@ -238,10 +240,14 @@ def test_chat_template_none_string_and_file(tmp_path):
 def test_system_prompt_in_chat_and_plain_modes():
     tok = char_tokenizer()
     ex = Example("2+3?", "5")
-    chat = encode_prompt(tok, ex, task_cfg("d", system_prompt="Be brief."))
+    chat = encode_prompt(tok, ex, task_cfg("d", system_prompt="Be brief.",
+                                           chat_template=tok.chat_template))
     assert tok.decode(chat) == "system: Be brief.\nuser: 2+3?\nassistant: "
-    plain = encode_prompt(tok, ex, task_cfg("d", system_prompt="Be brief.", chat_template="none"))
-    assert tok.decode(plain, skip_special_tokens=True) == "Be brief.\n2+3?" and plain[0] == tok.bos_token_id
+    for template in ("none", "auto"):  # auto: a plain prompt is plain text
+        plain = encode_prompt(tok, ex, task_cfg("d", system_prompt="Be brief.",
+                                                chat_template=template))
+        assert tok.decode(plain, skip_special_tokens=True) == "Be brief.\n2+3?"
+        assert plain[0] == tok.bos_token_id
     own = Example("x", "5", ({"role": "system", "content": "Mine."}, {"role": "user", "content": "2+3?"}))
     assert tok.decode(encode_prompt(tok, own, task_cfg("d", system_prompt="Be brief."))) == (
         "system: Mine.\nuser: 2+3?\nassistant: ")  # the row's own system message wins
