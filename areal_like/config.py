@@ -73,11 +73,19 @@ def data_path(relative: str) -> str:
     return str(path)
 
 
+def compute_dtype(device: str) -> str:
+    """``${compute_dtype:${trainer.device}}``: bf16 on a GPU, fp32 elsewhere (a CPU computes bf16
+    slowly, and a float32 checkpoint trained there should stay float32 when exported)."""
+    return "bfloat16" if str(device).startswith("cuda") else "float32"
+
+
 def _register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("data"):
         OmegaConf.register_new_resolver("data", data_path)
+    if not OmegaConf.has_resolver("compute_dtype"):
+        OmegaConf.register_new_resolver("compute_dtype", compute_dtype)
 
 
 def _compose_with_choices(overrides: list[str], config_name: str):

@@ -110,6 +110,16 @@ def test_mandatory_values_must_be_supplied(tmp_path):
     assert load_config(["model=local_hf", f"model.path={tmp_path}"]).model.path == str(tmp_path)
 
 
+def test_an_own_model_computes_in_bf16_on_a_gpu_and_fp32_on_cpu(tmp_path):
+    """model=local_hf on the default (CPU) topology trained, and exported, a float32 model in
+    bfloat16 (issue 41, item 7): its dtype now follows the trainer's device unless set."""
+    own = ["model=local_hf", f"model.path={tmp_path}"]
+    assert load_config(own).model.dtype == "float32"
+    assert load_config([*own, "trainer.device=cuda"]).model.dtype == "bfloat16"
+    assert load_config([*own, "topology=gpu_sglang"]).model.dtype == "bfloat16"
+    assert load_config([*own, "model.dtype=float16"]).model.dtype == "float16"
+
+
 def test_malformed_override():
     assert "trainer.lr" in error_of(["trainer.lr"])
 
