@@ -111,8 +111,8 @@ class ControlPlane:
         stops waiting for it at once. It gets the weights at the next push, which re-forms the
         group with it (the failed one is torn down)."""
         self.sync_results.setdefault(plan.policy_version, {})[server_id] = False
-        self.log.warning("server %s restarted during weight sync v%d: left out of it (it joins the next one)",
-                         server_id, plan.policy_version)
+        self.log.warning("server %s restarted during weight sync v%d: left out of it (it joins "
+                         "the next one)", server_id, plan.policy_version)
 
     def _pending_plan(self, server_id: str) -> P.WeightSyncPlan | None:
         plan = self.plan

@@ -96,12 +96,12 @@ class Driver(threading.Thread):
                  engine_pid: int | None = None, fresh: bool = False):
         super().__init__(daemon=True, name=f"driver-{server_id}")
         self.server_id, self.url, self.address, self.fault, self.pid = server_id, url, address, fault, engine_pid
-        self.fresh = fresh  # registers as a new process (Register.fresh), as a started rollout server does
+        self.fresh = fresh  # registers as a new process (Register.fresh), as a started server does
         self.stop = threading.Event()
         self.killed = threading.Event()
         self.results: dict[int, tuple[bool, float]] = {}
         self.attempts: list[tuple[int, str, bool, float]] = []
-        self.taken: list[tuple[int, str]] = []  # (version, plan_id) of each plan as it starts applying it
+        self.taken: list[tuple[int, str]] = []  # (version, plan_id) of each plan it began to apply
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -117,8 +117,8 @@ class Driver(threading.Thread):
 
         client = Client(self.address, timeout_s=10)
         sg = _faulty_client(self.url, self.fault, self.pid, self.killed)
-        client.request(Register(server_id=self.server_id, engine_url=self.url, engine_ranks=1, policy_version=0,
-                                fresh=self.fresh))
+        client.request(Register(server_id=self.server_id, engine_url=self.url, engine_ranks=1,
+                                policy_version=0, fresh=self.fresh))
         served, handled, applying, applying_plan = 0, set(), None, (0, "", 0.0)
         try:
             # Heartbeats go on while a plan is applied (as a rollout server's do): a member busy in a
