@@ -2,7 +2,10 @@
 
 Only ``version`` is durable (the service logs it). The roster is soft state rebuilt from heartbeats
 within a second of a restart; a plan is the trainer's to re-send. A server that is evaluating (its
-engine holds one version) stays out of weight syncs until done. Handlers return the reply.
+engine holds one version) stays out of weight syncs until done. A plan is for the processes
+registered when it was published: a member that registers again as a new process
+(``Register.fresh``) counts as failed for it and is never handed it in ``HeartbeatAck``. Handlers
+return the reply.
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ class ControlPlane:
         if m.server_id not in self.roster:
             self.log.info("server %s registered (engine %s, version %d, torch %r, CUDA %r, NCCL %r)", m.server_id,
                           m.engine_url, m.policy_version, m.torch_version, m.cuda_version, m.nccl_version)
+        if m.fresh and (plan := self._pending_plan(m.server_id)) is not None:
+            self._left_out(m.server_id, plan)
         self.roster[m.server_id] = Member(entry, self.clock())
         return P.RegisterAck(server_id=m.server_id, policy_version=self.version, pub_address=self.pub_address)
 
@@ -97,6 +102,17 @@ class ControlPlane:
             self.sync_pauses.pop(version, None)
         self.publish(plan)
         return P.Ack(ref=str(plan.policy_version), status="ok")
+
+    def _left_out(self, server_id: str, plan: P.WeightSyncPlan) -> None:
+        """``server_id`` registered as a new process while ``plan`` names it as a member: the plan
+        was made for the process before it (killed and restarted), so this one is in no group of
+        it. Its failure for the plan's version is recorded now: the plan is never handed to it (a
+        late join would find the trainer gone and block the engine's scheduler), and the trainer
+        stops waiting for it at once. It gets the weights at the next push, which re-forms the
+        group with it (the failed one is torn down)."""
+        self.sync_results.setdefault(plan.policy_version, {})[server_id] = False
+        self.log.warning("server %s restarted during weight sync v%d: left out of it (it joins "
+                         "the next one)", server_id, plan.policy_version)
 
     def _pending_plan(self, server_id: str) -> P.WeightSyncPlan | None:
         plan = self.plan

@@ -277,6 +277,34 @@ def test_weight_sync_flow_and_roster_liveness(tmp_path):
         assert sorted(m.server_id for m in c.request(P.RosterRequest()).members) == ["a", "b"]
 
 
+def test_a_member_restarted_during_a_sync_is_left_out_of_its_plan(tmp_path):
+    """Issue 35: a rollout server relaunched while a plan naming its id is pending (its trainer may
+    have given up on it already) is never handed that plan: it would join a group nobody forms
+    any more. Its registration as a new process counts as its failure for the plan, which the
+    trainer's rendezvous watch sees at once. A re-registration of the same process (the buffer
+    lost it) and the next plan are handled as before."""
+    cfg = make_cfg(tmp_path)
+    with running(cfg) as (svc, c):
+        register(c, "a")
+        register(c, "b")
+        members = [P.SyncMember(server_id=s, rank_offset=i) for i, s in enumerate("ab", 1)]
+        bucket = P.BucketSpec(names=["w"], dtypes=["float32"], shapes=[[2, 2]])
+        plan = P.WeightSyncPlan(policy_version=1, group_name="w", master_addr="127.0.0.1",
+                                master_port=1234, world_size=3, backend="gloo", reform=True,
+                                members=members, buckets=[bucket], deadline_s=60, plan_id="p1")
+        assert c.request(plan).status == "ok"
+        restarted = P.Register(server_id="a", engine_url="http://127.0.0.1:2", policy_version=0,
+                               fresh=True)
+        assert isinstance(c.request(restarted), P.RegisterAck)
+        assert c.request(P.Heartbeat(server_id="a", policy_version=0)).pending_plan is None
+        assert c.request(P.SyncStatusRequest(policy_version=1)).failed == ["a"]
+        register(c, "b")  # the same process again (not fresh): still a member of the plan
+        assert c.request(P.Heartbeat(server_id="b", policy_version=0)).pending_plan.plan_id == "p1"
+        next_push = msgspec.structs.replace(plan, plan_id="p2")
+        assert c.request(next_push).status == "ok"
+        assert c.request(P.Heartbeat(server_id="a", policy_version=0)).pending_plan.plan_id == "p2"
+
+
 def test_expired_lease_is_reissued_to_the_next_requester(tmp_path):
     """Fake clock: server a stalls past its lease deadline, b gets the same prompt, a's late group
     is refused (the prompt is generated once)."""

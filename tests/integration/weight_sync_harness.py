@@ -93,13 +93,15 @@ class Driver(threading.Thread):
     it reported, in order; ``results[version]``: ``(ok, seconds)`` of the last plan of that version."""
 
     def __init__(self, server_id: str, url: str, address: str, *, fault: str | None = None,
-                 engine_pid: int | None = None):
+                 engine_pid: int | None = None, fresh: bool = False):
         super().__init__(daemon=True, name=f"driver-{server_id}")
         self.server_id, self.url, self.address, self.fault, self.pid = server_id, url, address, fault, engine_pid
+        self.fresh = fresh  # registers as a new process (Register.fresh), as a started server does
         self.stop = threading.Event()
         self.killed = threading.Event()
         self.results: dict[int, tuple[bool, float]] = {}
         self.attempts: list[tuple[int, str, bool, float]] = []
+        self.taken: list[tuple[int, str]] = []  # (version, plan_id) of each plan it began to apply
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -115,7 +117,8 @@ class Driver(threading.Thread):
 
         client = Client(self.address, timeout_s=10)
         sg = _faulty_client(self.url, self.fault, self.pid, self.killed)
-        client.request(Register(server_id=self.server_id, engine_url=self.url, engine_ranks=1, policy_version=0))
+        client.request(Register(server_id=self.server_id, engine_url=self.url, engine_ranks=1,
+                                policy_version=0, fresh=self.fresh))
         served, handled, applying, applying_plan = 0, set(), None, (0, "", 0.0)
         try:
             # Heartbeats go on while a plan is applied (as a rollout server's do): a member busy in a
@@ -131,6 +134,7 @@ class Driver(threading.Thread):
                     served, applying = version if done.ok else served, None
                 if applying is None and plan is not None and plan.plan_id not in handled:
                     handled.add(plan.plan_id)
+                    self.taken.append((plan.policy_version, plan.plan_id))
                     applying = asyncio.create_task(apply_weight_sync(sg, plan, self.server_id, drain=False))
                     applying_plan = (plan.policy_version, plan.plan_id, time.monotonic())
                 await asyncio.sleep(0.1)

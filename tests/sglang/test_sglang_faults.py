@@ -160,11 +160,11 @@ def test_a_killed_sglang_is_noticed_relaunched_and_the_job_goes_on(tmp_path):
         )
         rs.wait_for(rs.completed.is_set, 600, "the job's last step")
         assert rs.steps()[-1]["step"] == 30
-        # the relaunched engine came up and the job finished (rollout servers leave on the
-        # trainer's last step, so the engine itself may already be gone here). A second restart
-        # is tolerated: a relaunched server can take up the plan published while it started, past
-        # its trainer's deadline, and SGLang's scheduler then blocks in the group join so that the
-        # post-sync probe fails once more (seen in a loaded CI run; issue 35's note)
-        assert 1 <= rs.sup.proc("rollout-0").restarts <= 2
+        # the relaunched engine came up and served to the end: no further restart (rollout servers
+        # leave on the trainer's last step, so the engine itself may already be gone here). The
+        # plan published while it started is not its own: the buffer left it out at its fresh
+        # registration (issue 35: taking that plan up blocked SGLang's scheduler in a group join
+        # nobody formed any more, and the post-sync probe restarted the server a second time)
+        assert rs.sup.proc("rollout-0").restarts == 1
         log = (rs.run_dir / "logs" / "rollout-0.log").read_text()
         assert re.search(rf"SGLang healthy at \S+ \(pid {second.pid}\)", log), log
