@@ -305,11 +305,14 @@ def encode_prompt(tokenizer: Any, example: Example, cfg: TaskConfig) -> list[int
     messages already start with one. Without: ``tokenizer(text, add_special_tokens=True)``
     (special tokens as the tokenizer adds them, e.g. the char tokenizer's ``<bos>``), text = the
     system prompt, a newline, then ``example.prompt`` (the prompt alone when no system prompt is
-    set; a chat row's prompt is its messages' contents, one per line).
+    set or a chat row starts with its own; a chat row's prompt is its messages' contents, one per
+    line).
     """
     template = prompt_template(tokenizer, example, cfg)
     if template is None:
-        text = f"{cfg.system_prompt}\n{example.prompt}" if cfg.system_prompt else example.prompt
+        own_system = bool(example.messages) and example.messages[0].get("role") == "system"
+        system = cfg.system_prompt if not own_system else ""
+        text = f"{system}\n{example.prompt}" if system else example.prompt
         return [int(t) for t in tokenizer(text, add_special_tokens=True)["input_ids"]]
     messages = list(example.messages) if example.messages else [{"role": "user", "content": example.prompt}]
     if cfg.system_prompt and messages[0].get("role") != "system":

@@ -33,7 +33,7 @@ LOG_EVERY = 100  # warm-start steps between progress lines
 EVAL_PROMPTS = 128  # prompts for the before/after accuracy line (greedy and sampled)
 # In the cache key: bumped when what a warm start saves changes, so older caches are not reused.
 # 2: the char tokenizer spells whitespace byte-level (older ones lose it when AutoTokenizer reloads them).
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: a dataset's plain prompt column is plain text under chat_template=auto
 
 
 def cache_key(cfg: RunConfig) -> str:

@@ -251,8 +251,10 @@ def load_checkpoint_model(checkpoint: Path, model_cfg: ModelConfig) -> torch.nn.
 
 
 def export_tokenizer(model_cfg: ModelConfig, task: TaskConfig, tokenizer=None):
-    """The run's tokenizer carrying the chat template the rollout servers prompt with
-    (``task.chat_template`` may name one of its own), so an exported model is served as it was trained.
+    """The run's tokenizer carrying the chat template the rollout servers prompt chat rows with
+    (``task.chat_template`` may name one of its own), so an exported model is served as it was
+    trained: chat through that template, a plain-prompt task's prompts as plain text
+    (``areal_like.tasks.prompt_template``).
     Both exports use it: the trainer's in-run export and ``areal-like export``."""
     import copy
 

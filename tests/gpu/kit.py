@@ -193,7 +193,7 @@ def probe_env(python: str = sys.executable) -> dict:
     r = subprocess.run([python, "-c", ENV_PROBE], capture_output=True, text=True, timeout=300)
     env.update(json.loads(r.stdout) if r.returncode == 0 else {"torch": f"import failed: {r.stderr.strip()[-200:]}"})
     for key, argv in (("driver", ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
-                      ("commit", ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])):
+                      ("commit", ["git", "-C", str(REPO), "describe", "--always", "--dirty"])):
         try:
             out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
             env[key] = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown"

@@ -88,7 +88,7 @@ def test_generate_pause_resume_and_weight_update_on_real_sglang(sglang_server):
             job = asyncio.create_task(generate_sample(client, [1, 30, 31], {"temperature": 1.0, "ignore_eos": True},
                                                       400, lambda: version))
             await asyncio.sleep(0.2)
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
             sender = subprocess.Popen([sys.executable, "-c", SENDER, json.dumps(spec)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             try:

@@ -204,7 +204,7 @@ def test_weight_sync_seconds(engine, figure):
             "timeout_s": HTTP_TIMEOUT_S}
     sender = subprocess.Popen([sys.executable, "-c", (REPO / "tests" / "weight_sender.py").read_text(),
                                json.dumps(spec)], cwd=REPO, text=True, stdout=subprocess.PIPE,
-                              env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
     try:
         assert sender.stdout.readline().strip() == "ready"  # the model is built: time the sync alone
 

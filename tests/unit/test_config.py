@@ -116,7 +116,8 @@ def test_an_own_model_computes_in_bf16_on_a_gpu_and_fp32_on_cpu(tmp_path):
     own = ["model=local_hf", f"model.path={tmp_path}"]
     assert load_config(own).model.dtype == "float32"
     assert load_config([*own, "trainer.device=cuda"]).model.dtype == "bfloat16"
-    assert load_config([*own, "topology=gpu_sglang"]).model.dtype == "bfloat16"
+    assert load_config([*own, "trainer.device=cuda:1"]).model.dtype == "bfloat16"
+    assert load_config([*own, "topology=gpu_embedded"]).model.dtype == "bfloat16"  # sets no dtype itself
     assert load_config([*own, "model.dtype=float16"]).model.dtype == "float16"
 
 

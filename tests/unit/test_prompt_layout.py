@@ -81,6 +81,9 @@ def test_a_template_of_ones_own_applies_to_both_and_none_to_neither(tmp_path):
     none = dataset(two, messages_key="messages", chat_template="none")
     ids = encode_prompt(tok, make_task(none).example(0), none)
     assert ids == tok(f"Be brief.\n{text}")["input_ids"]
+    # a row's own system message wins over task.system_prompt, as on the template path
+    told = dataset(two, messages_key="messages", chat_template="none", system_prompt="Be long.")
+    assert encode_prompt(tok, make_task(told).example(0), told) == ids
 
 
 def test_the_warm_start_uses_the_same_layout(tmp_path):
