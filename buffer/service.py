@@ -151,7 +151,7 @@ class BufferService(Daemon):
             self.send_durable()
 
     def stop(self) -> None:
-        if self.server is not None:
+        if self.server is not None and not self.wal.failed:  # a failed WAL makes nothing durable
             self._log_control()
             if self._waiting:
                 self.wal.wait_durable()
