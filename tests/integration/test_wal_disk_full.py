@@ -20,6 +20,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from areal_like import protocol as P
 from areal_like.config import (
@@ -72,13 +73,15 @@ class Log(threading.Thread):
             self.lines.append(line.rstrip("\n"))
 
 
+@pytest.mark.parametrize("fsync", ["always", "batch"])  # written by the fsync thread, or inline
 def test_a_wal_that_cannot_grow_stops_the_buffer_cleanly_and_loses_no_acked_group(
-        tmp_run_dir, spawn_python, wait_until):
+        fsync, tmp_run_dir, spawn_python, wait_until):
     cfg = RunConfig(run_dir=str(tmp_run_dir), security=SecurityConfig(curve=False),
                     task=TaskConfig(num_prompts=100_000), model=ModelConfig(vocab_size=1024),
                     buffer=BufferConfig(address=f"tcp://127.0.0.1:{free_port()}",
                                         pub_address=f"tcp://127.0.0.1:{free_port()}",
-                                        max_staleness=10_000, groups_per_step=1, capacity=10_000))
+                                        max_staleness=10_000, groups_per_step=1, capacity=10_000,
+                                        fsync=fsync))
     config_file = tmp_run_dir / "config.yaml"
     config_file.write_text(to_yaml(cfg))
     buffer = spawn_python(LIMITED.format(limit=FILE_LIMIT), ["--config-file", config_file])
