@@ -44,14 +44,16 @@ REPUSH_MIN_S = 1.0  # a re-push needs at least this much of the deadline left (a
 # The end of the deadline a rendezvous leaves for the members' reports: when it times out, the
 # members that joined learn it at once (the store closes) and report their failure meanwhile, so
 # the buffer, when the version is announced, tells them from members that never joined (those it
-# leaves out of the next plans: buffer/control.py). At most this share of the deadline.
+# leaves out of the next plans: buffer/control.py). At most this share of the time left (a
+# re-push's rendezvous, with little left, keeps nearly all of it).
 REPORT_MARGIN_S = 1.0
 REPORT_MARGIN_SHARE = 0.1
 
 
-def rendezvous_end(deadline: float, deadline_s: float) -> float:
-    """When a rendezvous of a push with ``deadline`` gives up: the reports' margin before it."""
-    return deadline - min(REPORT_MARGIN_S, REPORT_MARGIN_SHARE * deadline_s)
+def rendezvous_end(deadline: float) -> float:
+    """When a rendezvous starting now for a push with ``deadline`` gives up: the reports' margin
+    before it."""
+    return deadline - min(REPORT_MARGIN_S, REPORT_MARGIN_SHARE * max(0.0, deadline - time.monotonic()))
 
 
 class MembersLost(RuntimeError):

@@ -191,7 +191,7 @@ class WeightBroadcaster:
         # every later op of the group (the pg keeps its timeout) gets a whole sync's budget.
         # A member lost meanwhile (left the roster, reported failure) ends the rendezvous at once.
         # It gives up a margin before the deadline: the members learn it and report meanwhile.
-        give_up = rendezvous_end(deadline, self.cfg.deadline_s)
+        give_up = rendezvous_end(deadline)
         members = [m.server_id for m in plan.members]
         watch = RendezvousWatch(self.client, plan.policy_version, members, deadline, give_up)
         self._pg = init_weight_group(plan.backend, plan.master_addr, plan.master_port, plan.world_size, 0,
