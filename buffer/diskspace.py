@@ -7,7 +7,9 @@ records stop ``reserve_bytes`` before the disk is full: ``DiskGuard.room(n)`` sa
 refuses new groups with ``Ack(status="unavailable", reason="disk_full: ...")`` (senders keep them
 and send them again), grants no credits, and goes on handing out stored batches (control records
 are small and live in the reserve). It leaves the mode by itself once the free space is back above
-twice the reserve (hysteresis: one compaction must not flap it).
+twice the reserve (hysteresis: one compaction must not flap it) and the WAL has no record waiting
+for room (a quota, EDQUOT, that ``statvfs`` does not show). A file that may grow no more (EFBIG)
+is not a full disk: the buffer stops (``buffer/wal.py``).
 
 The free space is read with ``statvfs`` at most once per sweep (``refresh``) and estimated in
 between from what was written (``wrote``), so the ingest path makes no system call for it.
