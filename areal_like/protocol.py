@@ -172,6 +172,7 @@ class Roster(_TopLevel, tag="roster"):
     members: list[RosterEntry]
     policy_version: int
     evaluating: list[str] = []  # servers out of the roster while they evaluate
+    absent: list[str] = []  # out of weight syncs: they never answered one (buffer/control.py)
 
 
 class SyncMember(Message, tag="sync_member"):

@@ -6,6 +6,16 @@ engine holds one version) stays out of weight syncs until done. A plan is for th
 registered when it was published: a member that registers again as a new process
 (``Register.fresh``) counts as failed for it and is never handed it in ``HeartbeatAck``. Handlers
 return the reply.
+
+A member *absent* from a sync stays out of the later ones until it shows life (issue 42): when the
+trainer announces a version at or past the plan's (it is done with the plan), every member of
+the plan that sent no ``SyncDone`` for it (it never joined, or never acked) leaves
+``Roster.members`` for ``Roster.absent``, so the next plans neither name it nor wait for it; an id
+that only heartbeats (no engine behind it) would otherwise hold every sync up to its deadline. It
+comes back when it reports a sync (any ``SyncDone``: a real server answers every plan it gets, a
+late answer included), delivers a group, or registers as a new process (``Register.fresh``); then
+the next plan re-forms the group with it and, every push being a full push, it catches up in one
+sync. A re-registration of the same process, or an expiry, does not clear it.
 """
 
 from __future__ import annotations
@@ -18,8 +28,11 @@ import msgspec
 
 from areal_like import protocol as P
 from areal_like.codec import field_names
+from areal_like.ratelog import RateLimitedLog
 
 SYNC_RESULTS_KEEP = 8  # versions of SyncDone results kept for SyncStatusRequest
+ABSENT_KEEP = 4096  # absent server ids remembered (kept past expiry: silence is no sign of life)
+ABSENT_LOG_EVERY_S = 60.0  # a line about absent members at most this often (a key makes many ids)
 
 
 @dataclass(slots=True)
@@ -41,6 +54,9 @@ class ControlPlane:
         self.plan_deadline = 0.0
         self.sync_results: dict[int, dict[str, bool]] = {}
         self.sync_pauses: dict[int, dict[str, float]] = {}  # version -> server -> seconds not generating
+        self.absent: dict[str, int] = {}  # server id -> the version it missed (module docstring)
+        self._settled = ""  # plan_id of the last plan whose absent members were taken out
+        self._absent_log = RateLimitedLog(log, ABSENT_LOG_EVERY_S)
 
     def newest_version(self) -> int:
         """The newest version any engine may serve: the trainer's, or that of a sync in progress."""
@@ -64,6 +80,8 @@ class ControlPlane:
         return gone
 
     def register(self, m: P.Register) -> P.RegisterAck:
+        if m.fresh:
+            self.alive(m.server_id, "registered as a new process")
         entry = P.RosterEntry(**{k: getattr(m, k) for k in field_names(P.RosterEntry)})  # Register has them all
         if m.server_id not in self.roster:
             self.log.info("server %s registered (engine %s, version %d, torch %r, CUDA %r, NCCL %r)", m.server_id,
@@ -85,10 +103,37 @@ class ControlPlane:
         return P.HeartbeatAck(policy_version=self.version, known=True, pending_plan=self._pending_plan(m.server_id))
 
     def roster_reply(self, _m: P.RosterRequest) -> P.Roster:
-        """Weight-sync members: every live server but those evaluating."""
-        return P.Roster(members=[m.entry for m in self.roster.values() if not m.evaluating],
+        """Weight-sync members: every live server but those evaluating or absent."""
+        return P.Roster(members=[m.entry for s, m in self.roster.items()
+                                 if not m.evaluating and s not in self.absent],
                         policy_version=self.version,
-                        evaluating=sorted(s for s, m in self.roster.items() if m.evaluating))
+                        evaluating=sorted(s for s, m in self.roster.items() if m.evaluating),
+                        absent=sorted(s for s in self.roster if s in self.absent))
+
+    def settle_plan(self, announced: int) -> None:
+        """The trainer announced ``announced``: once it is at or past the plan's version, the plan's
+        members still on the roster that never reported it are absent (module docstring)."""
+        plan = self.plan
+        if plan is None or plan.plan_id == self._settled or announced < plan.policy_version:
+            return
+        self._settled = plan.plan_id
+        reported = self.sync_results.get(plan.policy_version, {})
+        for m in plan.members:
+            sid = m.server_id
+            if sid in self.roster and sid not in reported and sid not in self.absent:
+                self.absent[sid] = plan.policy_version
+                self._absent_log.warning(
+                    "absent", "server %s never reported weight sync v%d: left out of weight syncs "
+                    "until it reports one, delivers a group or registers anew", sid[:64],
+                    plan.policy_version)
+        for sid in list(self.absent)[:-ABSENT_KEEP]:
+            del self.absent[sid]
+
+    def alive(self, server_id: str, how: str) -> None:
+        """``server_id`` showed life (``how``): back in the weight syncs if it was absent."""
+        if self.absent.pop(server_id, None) is not None:
+            self._absent_log.log(logging.INFO, "back", "server %s %s: back in weight syncs",
+                                 server_id[:64], how)
 
     def take_plan(self, plan: P.WeightSyncPlan) -> P.Ack:
         old = self.plan
@@ -123,6 +168,7 @@ class ControlPlane:
         return plan if any(m.server_id == server_id for m in plan.members) else None
 
     def sync_done(self, m: P.SyncDone) -> P.Ack:
+        self.alive(m.server_id, f"reported weight sync v{m.policy_version}")
         self.sync_results.setdefault(m.policy_version, {})[m.server_id] = m.ok
         self.sync_pauses.setdefault(m.policy_version, {})[m.server_id] = m.pause_s
         if m.ok:

@@ -7,7 +7,9 @@ records stop ``reserve_bytes`` before the disk is full: ``DiskGuard.room(n)`` sa
 refuses new groups with ``Ack(status="unavailable", reason="disk_full: ...")`` (senders keep them
 and send them again), grants no credits, and goes on handing out stored batches (control records
 are small and live in the reserve). It leaves the mode by itself once the free space is back above
-twice the reserve (hysteresis: one compaction must not flap it).
+twice the reserve (hysteresis: one compaction must not flap it) and the WAL has no record waiting
+for room (a quota, EDQUOT, that ``statvfs`` does not show). A file that may grow no more (EFBIG)
+is not a full disk: the buffer stops (``buffer/wal.py``).
 
 The free space is read with ``statvfs`` at most once per sweep (``refresh``) and estimated in
 between from what was written (``wrote``), so the ingest path makes no system call for it.
@@ -46,7 +48,7 @@ class DiskGuard:
     def sweep(self, wal: WriteAheadLog, checkpoint: Callable[[], dict]) -> None:
         """Each sweep of the loop: enter or leave the degraded mode; while in it, rotate the WAL now
         and then so that compaction frees consumed records without waiting for a full segment."""
-        if self.refresh():
+        if self.refresh(hold=wal.disk_full):
             if self.degraded:
                 self.log.error("degraded: %s; new groups are refused as unavailable (their senders keep them), "
                                "stored batches are still handed out", self.reason())
@@ -54,18 +56,20 @@ class DiskGuard:
                 self.log.warning("disk space is back (%d bytes free): accepting groups again", self.free)
         if wal.disk_full and not self.degraded:  # the fsync thread hit ENOSPC anyway
             self.full()
-            self.log.error("degraded: the WAL's disk is full; new groups are refused until space returns")
+            self.log.error("degraded: no room to write %s; new groups are refused until space "
+                           "returns", wal.disk_error)
         now = time.monotonic()
         if self.degraded and not wal.disk_full and now >= self._next_rotate:
             self._next_rotate = now + DEGRADED_ROTATE_S
             if wal.segment_size >= MIN_SEGMENT_BYTES:  # a new segment lets compaction free this one
                 wal.maybe_rotate(checkpoint, force=True)
 
-    def refresh(self) -> bool:
-        """Read the free space again; returns whether the degraded mode changed."""
+    def refresh(self, hold: bool = False) -> bool:
+        """Read the free space again; returns whether the degraded mode changed. ``hold``: records
+        still wait for room (a quota ``statvfs`` does not show): the mode is not left."""
         self.free = self._read(self.path)
         was = self.degraded
-        if self.degraded and self.free >= 2 * self.reserve:
+        if self.degraded and self.free >= 2 * self.reserve and not hold:
             self.degraded = False
         elif not self.degraded and self.free < self.reserve:
             self.degraded = True

@@ -23,7 +23,8 @@ counts per member:
 * **New server ids**: a member may register ids the roster does not hold at ``NEW_IDS_PER_S`` per
   second after a burst of ``max_servers`` (a token bucket): enough for every server of the job to
   join at once after a buffer restart, not for a flood that replaces expired fake ids as fast as
-  they go. Each fake id would join the next weight-sync plan and hold it up to its deadline.
+  they go. Each fake id joins the next weight-sync plan and holds it up to its deadline, once:
+  an id that never answers a plan is left out of the later ones (``buffer/control.py``).
 
 Over a cap, the request is refused at once with a reply of the type its sender expects
 (``Batch(groups=[], reason="peer_limit: ...")``; an ``Ack(status="rejected", reason=...)`` for a

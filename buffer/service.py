@@ -154,7 +154,7 @@ class BufferService(Daemon):
             self.send_durable()
 
     def stop(self) -> None:
-        if self.server is not None:
+        if self.server is not None and not self.wal.failed:  # a failed WAL makes nothing durable
             self._log_control()
             if self._waiting:
                 self.wal.wait_durable()
@@ -298,6 +298,7 @@ class BufferService(Daemon):
         self.disk.wrote(ref.length)
         self.instruments.count("wal_bytes_written", ref.length)
         self.ledger.fulfil(g.lease_id)
+        self.control.alive(g.server_id, "delivered a group")
         if lease is not None:
             self.engine_faults.pop((lease.prompt_index, lease.epoch), None)
         self._remember(g.group_id)
@@ -358,6 +359,7 @@ class BufferService(Daemon):
             return self._refuse("not_trainer", f"VersionUpdate({m.policy_version}) from {peer[:64]!r}")
         if m.policy_version > self.control.version + 1:
             return self._refuse("version_jump", f"VersionUpdate({m.policy_version}) at version {self.control.version}")
+        self.control.settle_plan(m.policy_version)  # the trainer is done with that version's plan
         if m.policy_version > self.control.version:
             self.control.version = m.policy_version
             self._dirty = True

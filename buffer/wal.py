@@ -15,10 +15,14 @@ every record appended meanwhile (group commit), and the copy into the page cache
 the rest of a 400 KB group's handling) runs beside the loop; ``wakeup_fd`` (Linux) turns readable
 when a ticket is durable. A queued record lost with the process was never acknowledged. ``batch``
 and ``never`` write inline, so an acknowledged record survives ``kill -9``; ``batch`` fsyncs at most
-every ``BATCH_FSYNC_S`` (replies may precede it). A failed write or fsync is fatal (``WalFailed``),
-except a full disk (ENOSPC, ``DiskFull``): the partial record is cut off (the file ends on a whole
-record), the fsync thread keeps what it could not write and tries again every ``DISK_RETRY_S``
-(its tickets are not durable meanwhile, so nothing is acknowledged that is not on disk), and an
+every ``BATCH_FSYNC_S`` (replies may precede it). A failed write or fsync is fatal (``WalFailed``:
+the daemon stops with one error line naming the segment and the errno, exit status 1, and its
+supervisor starts it again, on a fresh segment; so does EFBIG, a segment that may grow no more,
+e.g. under ``RLIMIT_FSIZE``: tests/integration/test_wal_disk_full.py), except a full disk or quota
+(ENOSPC, EDQUOT: ``DiskFull``; a short write is finished or tells its errno): the partial record
+is cut off (the file ends on a whole record), the fsync thread keeps what it could not write and
+tries again every ``DISK_RETRY_S`` (its tickets are not durable meanwhile, so nothing is
+acknowledged that is not on disk), and an
 inline group write raises ``DiskFull`` for the caller to refuse the group (``buffer/diskspace.py``),
 while an inline control record (the buffer already acted on it) waits in order for space, groups
 refused meanwhile; lost only if the process dies first, which costs what a crash then would.
@@ -104,6 +108,7 @@ class WriteAheadLog:
                                       if fsync == "always" and hasattr(os, "eventfd") else None)
         self.corrupt_records = self.disk_bytes = 0  # disk_bytes: all segment files, kept without stat calls
         self.disk_full = False  # records are waiting for disk space (the fsync thread's, or inline control records)
+        self.disk_error = ""  # the last write that found no room: the segment and the errno
         self._control_n, self._last_control = 0, b""  # the last control record's number, bytes
         self._replayed: dict | None = None  # the last control record replay read (not a checkpoint)
 
@@ -213,6 +218,9 @@ class WriteAheadLog:
                 if parts[0] != b"C":
                     raise
                 log.warning("wal: disk full; %s (control records wait and are written when space returns)", e)
+                self._full(e)
+            except OSError as e:  # fatal (EFBIG, EIO): durable() raises from now on
+                raise self._fail(e) from None
         elif parts[0] != b"C":
             raise DiskFull(errno.ENOSPC, "control records are waiting for disk space")
         self._queue.append(parts)
@@ -275,10 +283,30 @@ class WriteAheadLog:
             return self._requested
 
     def durable(self) -> int:
-        """The highest ticket whose records are on disk. Raises if the disk failed."""
+        """The highest ticket whose records are on disk. Raises ``WalFailed`` if the disk failed."""
         if self._sync_error is not None:
-            raise WalFailed(f"WAL fsync failed: {self._sync_error}") from self._sync_error
+            raise self._sync_error
         return self._synced
+
+    def _full(self, e: DiskFull) -> None:
+        """Records wait for room; ``disk_error`` says where and why (``e``)."""
+        self.disk_full = True
+        self.disk_error = (f"{segment_path(self.dir, self.segment)}: {os.strerror(e.errno)} "
+                           f"({errno.errorcode.get(e.errno, e.errno)})")
+
+    @property
+    def failed(self) -> bool:
+        return self._sync_error is not None
+
+    def _fail(self, e: BaseException) -> WalFailed:
+        """Record the fatal error ``e`` of a write or fsync as one message naming the segment and
+        the errno; nothing is made durable from now on."""
+        code = getattr(e, "errno", None)
+        why = f"{os.strerror(code)} ({errno.errorcode.get(code, code)})" if code else repr(e)
+        self._sync_error = WalFailed(
+            f"WAL {segment_path(self.dir, self.segment)}: writing it to disk failed: {why}; "
+            f"every acknowledged record is on disk, no more will be")
+        return self._sync_error
 
     def clear_wakeup(self) -> None:
         """Drain ``wakeup_fd`` (before checking ``durable()``, so no wake-up is lost)."""
@@ -314,15 +342,17 @@ class WriteAheadLog:
                 _sync_data(fd)  # covers every write made before this call, so all of ticket `target`
             except DiskFull as e:  # kept in the queue: written once there is space; nothing acked meanwhile
                 if self._closing:
-                    self._sync_error = e.with_traceback(None)
+                    self._fail(e)
                     return
                 if not self.disk_full:
                     log.warning("wal: disk full; %s (the records wait and are written when space returns)", e)
-                self.disk_full = True
+                self._full(e)
                 time.sleep(DISK_RETRY_S)
                 continue
             except Exception as e:  # fatal (durable() raises), never a silent hang
-                self._sync_error = e.with_traceback(None)
+                self._fail(e)  # the daemon logs it once, when it stops
+                with self._cv:
+                    self._cv.notify_all()
                 return
             self.disk_full = False
             with self._cv:
@@ -350,15 +380,20 @@ class WriteAheadLog:
             return None
         try:
             self._write_queued(self._fd)
-        except DiskFull:
-            self.disk_full = True
+        except DiskFull as e:
+            self._full(e)
             return None  # still full: they wait, in order, for the next try
+        except OSError as e:
+            raise self._fail(e) from None
         self.disk_full = False
         now = time.monotonic()
         if not force and (self.fsync_policy == "never" or
                           (self.fsync_policy == "batch" and now - self._last_fsync < BATCH_FSYNC_S)):
             return None
-        _sync_data(self._fd)
+        try:
+            _sync_data(self._fd)
+        except OSError as e:
+            raise self._fail(e) from None
         self._dirty = False
         self._last_fsync = time.monotonic()
         return self._last_fsync - now

@@ -14,17 +14,25 @@ from pathlib import Path
 import crc32c
 import numpy as np
 
+from areal_like.daemon import ComponentStopped
+
 HEADER = struct.Struct("<II")
 GID_LEN = struct.Struct("<H")
 MAX_RECORD_BYTES = 1 << 30  # a length above this is corruption, not a record (frames are <= 256 MiB)
 
 
-class WalFailed(OSError):
-    """A write or fsync failed: nothing is made durable any more. Fatal, never one damaged record."""
+class WalFailed(ComponentStopped, OSError):
+    """A write or fsync failed: nothing is made durable any more. Fatal, never one damaged record:
+    the daemon stops with one error line (``Daemon.serve``) and exit status 1."""
 
 
 class DiskFull(OSError):
-    """A record did not fit on the disk (ENOSPC); the file was cut back to its last whole record."""
+    """A record did not fit on the disk (ENOSPC, or EDQUOT: space can come back); the file was cut
+    back to its last whole record."""
+
+
+SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # DiskFull; any other write error (EFBIG: the file may
+# grow no more, EIO) is fatal
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,16 +83,20 @@ def _header(parts: list[bytes | memoryview], gil_release: int) -> bytes:
 
 
 def _writev(fd: int, record: list[bytes | memoryview], end: int) -> int:
-    """Write one record at the end of the file, which is ``end`` bytes long; on a full disk, cut what
-    was written of it and raise ``DiskFull``."""
+    """Write one record at the end of the file, which is ``end`` bytes long. When it fails, cut what
+    was written of it (the file ends on a whole record) and raise: ``DiskFull`` for a full disk or
+    quota, the ``OSError`` itself for anything else (``SPACE_ERRNOS``)."""
     n = sum(len(p) for p in record)
     try:
         written = os.writev(fd, record)
+        if 0 < written < n:  # a short write: writing the rest completes the record or says why not
+            written += os.write(fd, b"".join(record)[written:])
     except OSError as e:
-        if e.errno != errno.ENOSPC:
+        os.ftruncate(fd, end)
+        if e.errno not in SPACE_ERRNOS:
             raise
-        written = -1
-    if written != n:  # a short write is a full disk too
+        raise DiskFull(e.errno, f"{os.strerror(e.errno)}: no room for a {n}-byte record") from None
+    if written != n:
         os.ftruncate(fd, end)
         raise DiskFull(errno.ENOSPC, f"no space left for a {n}-byte WAL record")
     return n

@@ -41,6 +41,19 @@ STATUS_POLL_MIN_S = 0.005
 STATUS_POLL_S = 0.05
 ROSTER_POLL_S = 0.5  # while waiting for members: how often to check that they are still in the roster
 REPUSH_MIN_S = 1.0  # a re-push needs at least this much of the deadline left (a rendezvous and the buckets)
+# The end of the deadline a rendezvous leaves for the members' reports: when it times out, the
+# members that joined learn it at once (the store closes) and report their failure meanwhile, so
+# the buffer, when the version is announced, tells them from members that never joined (those it
+# leaves out of the next plans: buffer/control.py). At most this share of the time left (a
+# re-push's rendezvous, with little left, keeps nearly all of it).
+REPORT_MARGIN_S = 1.0
+REPORT_MARGIN_SHARE = 0.1
+
+
+def rendezvous_end(deadline: float) -> float:
+    """When a rendezvous starting now for a push with ``deadline`` gives up: the reports' margin
+    before it."""
+    return deadline - min(REPORT_MARGIN_S, REPORT_MARGIN_SHARE * max(0.0, deadline - time.monotonic()))
 
 
 class MembersLost(RuntimeError):
@@ -87,12 +100,17 @@ def await_registered(client, want: int, timeout_s: float, should_stop=lambda: Fa
 
 class RendezvousWatch:
     """``check`` for ``init_weight_group`` on rank 0: raises ``MembersLost`` once a member reported
-    failure for ``version`` or left the roster (polled every ``ROSTER_POLL_S``)."""
+    failure for ``version`` or left the roster (polled every ``ROSTER_POLL_S``), ``TimeoutError``
+    at ``give_up`` (torch's own timeouts count from the group's creation, not from the push)."""
 
-    def __init__(self, client, version: int, members: list[str], deadline: float):
+    def __init__(self, client, version: int, members: list[str], deadline: float, give_up: float):
         self.client, self.version, self.members, self.deadline = client, version, set(members), deadline
+        self.give_up = give_up
 
     def __call__(self) -> None:
+        if time.monotonic() >= self.give_up:
+            raise TimeoutError(f"members {sorted(self.members)} did not all join by the push's "
+                               f"deadline (less the reports' margin)")
         lost = set(failed_members(self.client, self.version)) & self.members
         try:
             lost |= self.members - roster_ids(self.client, self.deadline)
@@ -150,6 +168,7 @@ def merge_repush(report, again) -> None:
     report.done = sorted(set(report.done) | set(again.done))
     report.dropped = sorted(set(report.members) - set(report.done))
     report.repushed = list(again.members)
+    report.plan_id = again.plan_id or report.plan_id
     report.pause_s.update(again.pause_s)
     report.bytes += again.bytes
     report.transfer_s += again.transfer_s
@@ -200,7 +219,9 @@ def _attempt(wb, params, buckets: list, report, deadline: float, *, alone: bool,
     else:  # nobody to send to: drop the staged buckets
         wb._pipeline.abandon()
         report.bytes = 0
-    if wb.rank == 0 and (send or lost):  # after a lost member: the survivors' reports, before a re-push
+    # the members' reports, also after a failed rendezvous: the survivors' before a re-push, and
+    # every report before the announcement (who never reported is left out of the next plans)
+    if wb.rank == 0 and report.plan_id:
         wb._await_members(report.version, report, deadline)
         if report.dropped:
             log.warning("weight sync v%d: dropped %s (lost, missed the %.0fs deadline or failed)",

@@ -72,7 +72,14 @@ from trainer.weight_catch_up import catch_up
 from trainer.weight_guard import BUFFER_REQUEST_TIMEOUT_S, Watchdog, wait_work
 from trainer.weight_guard import bounded as _bounded
 from trainer.weight_local import LocalSender, push_local
-from trainer.weight_members import ROSTER_POLL_S, RendezvousWatch, await_members, failed_members, sync
+from trainer.weight_members import (
+    ROSTER_POLL_S,
+    RendezvousWatch,
+    await_members,
+    failed_members,
+    rendezvous_end,
+    sync,
+)
 
 log = logging.getLogger("trainer.weight_sync")
 
@@ -95,6 +102,7 @@ class SyncReport:
     blocked_s: float = 0.0  # the trainer's time inside the push call that returned this report
     overlapped: bool = False  # rank 0 finished this push in the background (``push(wait=False)``)
     repushed: list[str] = field(default_factory=list)  # survivors of a lost member, pushed this version again
+    plan_id: str = ""  # the last plan the buffer took for this version ("": none was published)
 
 
 class WeightBroadcaster:
@@ -182,10 +190,13 @@ class WeightBroadcaster:
         # The rendezvous and the connection of the ranks get what is left of this sync's deadline;
         # every later op of the group (the pg keeps its timeout) gets a whole sync's budget.
         # A member lost meanwhile (left the roster, reported failure) ends the rendezvous at once.
-        watch = RendezvousWatch(self.client, plan.policy_version, [m.server_id for m in plan.members], deadline)
+        # It gives up a margin before the deadline: the members learn it and report meanwhile.
+        give_up = rendezvous_end(deadline)
+        members = [m.server_id for m in plan.members]
+        watch = RendezvousWatch(self.client, plan.policy_version, members, deadline, give_up)
         self._pg = init_weight_group(plan.backend, plan.master_addr, plan.master_port, plan.world_size, 0,
                                      plan.group_name, timeout_s=self.cfg.deadline_s,
-                                     connect_timeout_s=max(0.5, deadline - time.monotonic()),
+                                     connect_timeout_s=max(0.5, give_up - time.monotonic()),
                                      check=watch, check_every_s=ROSTER_POLL_S)
         self._group_key = key
 
@@ -219,6 +230,7 @@ class WeightBroadcaster:
         ack = self.client.request(plan, timeout_s=_bounded(deadline))
         if not (isinstance(ack, Ack) and ack.status in ("ok", "accepted")):
             raise RuntimeError(f"buffer refused the plan for version {version}: {ack}")
+        report.plan_id = plan.plan_id  # published: its members answer it (weight_members._attempt)
         if plan.reform:
             self._form_group(plan, tuple(roster), deadline)
         return True

@@ -189,3 +189,23 @@ def test_a_full_disk_under_a_consumed_mark_degrades_the_buffer_instead_of_stoppi
     consumed = [g for r in again.replay() if r.kind == "C" for g in r.control.get("consumed", ())]
     assert sorted(consumed) == sorted(g.group_id for g in groups[:2])  # the mark reached the disk
     again.close()
+
+
+def test_records_waiting_for_room_that_statvfs_does_not_see_keep_the_mode_and_one_line(tmp_path,
+                                                                                       caplog):
+    """A quota (EDQUOT) fills while statvfs still shows free space: the degraded mode holds as long
+    as the WAL's records wait for room (before, each sweep left and re-entered it, two lines each
+    time), its error line names the segment and the errno, and it ends once they are written."""
+    wal = WriteAheadLog(tmp_path / "wal", fsync="batch")
+    wal.open({"state": {}})
+    guard = DiskGuard(wal.dir, RESERVE, free_bytes=_Disk(100 * RESERVE))
+    wal._full(DiskFull(errno.EDQUOT, "quota"))  # what a failed write records
+    for _ in range(5):
+        guard.sweep(wal, lambda: {"state": {}})
+    assert guard.degraded
+    lines = [r.getMessage() for r in caplog.records if r.levelname in ("ERROR", "WARNING")]
+    assert len(lines) == 1 and "seg-" in lines[0] and "(EDQUOT)" in lines[0], lines
+    wal.disk_full = False  # the waiting records were written
+    guard.sweep(wal, lambda: {"state": {}})
+    assert not guard.degraded
+    wal.close()

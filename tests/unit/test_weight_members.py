@@ -70,14 +70,21 @@ def test_merge_keeps_one_report_per_version():
 def test_the_watch_raises_for_a_failure_report_or_a_departure():
     status = P.SyncStatus(policy_version=4, done=[], failed=["x", "b"])  # x: not a member of this plan
     with pytest.raises(MembersLost) as lost:
-        RendezvousWatch(_Buffer(status, _roster("a", "b")), 4, ["a", "b"], _later())()
+        RendezvousWatch(_Buffer(status, _roster("a", "b")), 4, ["a", "b"], _later(), _later())()
     assert lost.value.lost == ["b"]
     with pytest.raises(MembersLost) as lost:
         RendezvousWatch(_Buffer(P.SyncStatus(policy_version=4, done=[], failed=[]), _roster("b")), 4, ["a", "b"],
-                        _later())()
+                        _later(), _later())()
     assert lost.value.lost == ["a"]
     RendezvousWatch(_Buffer(P.SyncStatus(policy_version=4, done=[], failed=[]), _roster("a", "b")), 4, ["a", "b"],
-                    _later())()  # everyone there: no error
+                    _later(), _later())()  # everyone there: no error
+
+
+def test_the_watch_gives_up_at_its_end_without_asking_the_buffer():
+    buffer = _Buffer()  # no reply scripted: a request would fail
+    with pytest.raises(TimeoutError):
+        RendezvousWatch(buffer, 4, ["a", "b"], _later(), time.monotonic())()
+    assert buffer.sent == []
 
 
 def _status(done=(), failed=()) -> P.SyncStatus:
