@@ -70,6 +70,10 @@ def base_name(name: str) -> str:
     return name.replace(BASE_LAYER + ".", ".")
 
 
+def has_adapters(model) -> bool:
+    return any(is_adapter(n) for n, _ in model.named_parameters())
+
+
 def synced_parameters(model) -> list:
     """What a weight push sends, as (name, parameter): every parameter; with adapters only their A
     and B (the engines hold the same frozen base)."""

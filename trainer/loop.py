@@ -299,7 +299,8 @@ class Trainer(Daemon):
                     shutil.rmtree(stale, ignore_errors=True)
             out = export_hf(self.policy.model, root / f"v{self.version:08d}", model_cfg=self.facts.model,
                             tokenizer=export_tokenizer(self.facts.model, self.facts.task, self.tokenizer),
-                            shard_mb=e.shard_mb, dtype=self.facts.model.dtype, task=self.facts.task)
+                            shard_mb=e.shard_mb, dtype=self.facts.model.dtype, task=self.facts.task,
+                            merged=e.merged)
             if self.rank == 0 and e.keep:
                 prune_exports(root, e.keep)
         self.exported_version = self.version

@@ -8,7 +8,9 @@ the same model with the adapters off) and checks:
 - after two steps every base weight is bit-identical to its initial value, the adapters moved,
   and ``kl_ref`` > 0 (the reference really runs without the adapters);
 - resume: a fresh policy loading the checkpoint takes the same next step as the original (the
-  adapters and their AdamW state were restored).
+  adapters and their AdamW state were restored);
+- export (``merged=True``): PEFT loads the adapter onto the base, and the merged model gives the
+  adapted model's logits within 1e-5 (fp32); the same from the checkpoint (``areal-like export``).
 1 rank and 2 ranks agree on the stats. The worker half of this file runs as
 ``python -c RUNNER test_trainer_lora.py OUT_DIR`` (RANK/WORLD_SIZE/MASTER_* in the environment for 2 ranks).
 """
@@ -36,8 +38,10 @@ def worker(out_dir: Path) -> None:
 
     from areal_like.config import load_config
     from areal_like.lora import base_name, is_adapter
+    from areal_like.tokenizer import load_tokenizer
     from trainer.checkpoint import load_checkpoint, save_checkpoint
     from trainer.data import groups_to_batch
+    from trainer.export import export_hf
     from trainer.model import build_policy, build_reference, full_state_dict, init_distributed, leave_distributed
     from trainer.step import StepSettings, recompute_prox_logp, reference_logp, train_step
 
@@ -66,6 +70,8 @@ def worker(out_dir: Path) -> None:
     res["step2"], res["resumed_step2"] = step(policy), step(resumed)
     res["after"], res["resumed_after"] = full_state_dict(policy.model), full_state_dict(resumed.model)
     res["base_names"] = {n: base_name(n) for n in res["init"] if not is_adapter(n)}
+    export_hf(policy.model, out_dir / "export", model_cfg=cfg.model, tokenizer=load_tokenizer(cfg.model),
+              shard_mb=1, dtype="float32", merged=True)
     if rank == 0:
         torch.save(res, out_dir / "res.pt")
     leave_distributed()
@@ -103,6 +109,41 @@ def test_lora_trains_adapters_only_on_one_and_two_ranks(tmp_path, spawn_python, 
         assert res["resumed_step2"]["loss"] == pytest.approx(res["step2"]["loss"], rel=1e-6)
     for key in ("loss", "policy_loss", "kl_ref"):  # ranks do not change the numbers
         assert two["step1"][key] == pytest.approx(one["step1"][key], rel=1e-5, abs=1e-7), key
+    for out, res in ((tmp_path / "one", one), (tmp_path / "two", two)):
+        check_export(out / "export", res["after"])
+    from areal_like.config import load_config
+    from trainer.checkpoint import latest_checkpoint
+    from trainer.export import export_checkpoint
+
+    offline = export_checkpoint(latest_checkpoint(tmp_path / "two" / "ckpt"), tmp_path / "offline",
+                                load_config([*SETTINGS, "export.merged=true"]))  # `areal-like export`
+    check_export(offline, two["policy"])  # the checkpoint holds the weights after step 1
+
+
+def check_export(directory: Path, state: dict) -> None:
+    """The export: PEFT loads the adapter onto the base, and the merged model, both giving the
+    trainer's adapted model's logits (fp32: merged within 1e-5)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from areal_like.config import load_config
+    from areal_like.hf import build_model
+    from areal_like.lora import add_adapters
+
+    cfg = load_config(SETTINGS)
+    trained = add_adapters(build_model(cfg.model), cfg.trainer.lora).eval()
+    trained.load_state_dict(state)
+    peft_loaded = PeftModel.from_pretrained(build_model(cfg.model), str(directory)).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(directory / "merged"), dtype=torch.float32).eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    ids = torch.tensor([[1, 20, 30, 40, 50, 60, 70, 80], [1, 9, 8, 7, 6, 5, 4, 3]])
+    with torch.no_grad():
+        want = trained(ids).logits
+        base = build_model(cfg.model)(ids).logits
+        assert (want - base).abs().max() > 1e-3  # the adapter matters
+        torch.testing.assert_close(peft_loaded(ids).logits, want, rtol=0, atol=1e-6)
+        torch.testing.assert_close(merged(ids).logits, want, rtol=0, atol=1e-5)
 
 
 if __name__ == "__main__":
