@@ -50,6 +50,12 @@ def check_targets(model, lora: LoraConfig) -> None:
     if missing:
         raise ConfigError(f"trainer.lora.target_modules: {missing} match no linear layer of the model "
                           f"({type(model).__name__}, whose linear layers are {sorted(linear)})")
+    head = model.get_output_embeddings()
+    head_name = next((n for n, m in model.named_modules() if m is head), "")
+    if head_name.rsplit(".", 1)[-1] in lora.target_modules and model.config.tie_word_embeddings:
+        raise ConfigError(f"trainer.lora.target_modules: {head_name!r} with tied input and output "
+                          "embeddings (model.tie_word_embeddings): the adapter would change one and "
+                          "not the other; leave it out")
 
 
 def add_adapters(model, lora: LoraConfig):

@@ -68,7 +68,7 @@ from torch.utils.checkpoint import checkpoint
 from areal_like.config import LoraConfig, ModelConfig, TrainerConfig
 from areal_like.distributed import free_port, set_nccl_nonblocking_timeout
 from areal_like.hf import build_meta_model, torch_dtype
-from areal_like.lora import add_adapters
+from areal_like.lora import ADAPTER, add_adapters
 from trainer.logprobs import hidden_token_logprobs
 from trainer.packed_attention import PACKED_SDPA
 from trainer.sharded_init import materialize
@@ -178,8 +178,19 @@ def policy_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, positions: 
                          max_length_q=longest, max_length_k=longest).last_hidden_state
     picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
     targets = input_ids.gather(1, positions + 1)
-    weight = model.get_output_embeddings().weight
-    return hidden_token_logprobs(picked, weight, targets, temperature, chunk_tokens=chunk_tokens)
+    return hidden_token_logprobs(picked, output_weight(model), targets, temperature, chunk_tokens=chunk_tokens)
+
+
+def output_weight(model: torch.nn.Module) -> torch.Tensor:
+    """The lm_head weight the forward uses: with a LoRA adapter on ``lm_head`` (in
+    ``trainer.lora.target_modules``) the base plus PEFT's ``get_delta_weight`` (differentiable;
+    one [vocab, hidden] temporary), unless the adapters are off (the KL reference)."""
+    from peft.tuners.lora import LoraLayer
+
+    head = model.get_output_embeddings()
+    if isinstance(head, LoraLayer) and not head.disable_adapters and ADAPTER in head.lora_A:
+        return head.weight + head.get_delta_weight(ADAPTER)
+    return head.weight
 
 
 # Attention implementations that keep packed sequences apart from ``cu_seq_lens_q`` alone

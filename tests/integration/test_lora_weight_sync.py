@@ -9,7 +9,8 @@ the real applier). Checks, for v1 and v2:
 - the push carried the adapters alone: its bytes are the A and B matrices' fp32 bytes;
 - the engine then holds exactly the trainer's whole state (its own base + the adapter received);
 - after v1, the engine's log-probs of its own samples equal the trainer's within 1e-5 (fp32),
-  and differ from the base model's (the adapter is live, not only stored).
+  and differ from the base model's (the adapter is live, not only stored); ``lm_head`` is among
+  the targets, so the trainer's chunked lm_head (``trainer.model.output_weight``) is covered.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def trainer_role(cfg_path: str, out_dir: str) -> None:
 def test_adapter_sync_reaches_the_engine_exactly(tmp_path, spawn_python, free_port, wait_until):
     cfg, cfg_path = write_config(tmp_path, free_port, [
         "trainer.lora.rank=4", "trainer.lora.alpha=8", "trainer.lr=1e-2", "task.temperature=1.0",
+        "trainer.lora.target_modules=[q_proj,v_proj,down_proj,lm_head]",  # lm_head: the chunked head's delta
         "trainer.weight_sync.deadline_s=30"])
     engines, urls = start_system(tmp_path, spawn_python, wait_until, cfg_path, ["rollout-a"])
     driver = Driver("rollout-a", urls["rollout-a"], cfg.buffer.address)

@@ -45,3 +45,12 @@ def test_the_trainer_refuses_a_missing_target_too():
     cfg = load_config(["trainer.lora.rank=8", "trainer.lora.target_modules=[q_proj,c_attn]"])
     with pytest.raises(ConfigError, match=r"trainer\.lora\.target_modules.*c_attn"):
         add_adapters(build_meta_model(cfg.model), cfg.trainer.lora)
+
+
+def test_an_adapter_on_a_tied_lm_head_is_refused():
+    cfg = load_config(["trainer.lora.rank=8", "trainer.lora.target_modules=[q_proj,lm_head]",
+                       "model.tie_word_embeddings=true"])
+    with pytest.raises(pf.PreflightError, match=r"trainer\.lora\.target_modules.*tied"):
+        pf.checked(cfg)
+    untied = load_config(["trainer.lora.rank=8", "trainer.lora.target_modules=[q_proj,lm_head]"])
+    assert pf.checked(untied) == untied
