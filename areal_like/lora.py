@@ -36,7 +36,7 @@ def peft_config(lora: LoraConfig):
 
 
 def linear_names(model) -> set[str]:
-    """The last name component of every ``nn.Linear`` of ``model`` (``q_proj``, ``lm_head``, ...)."""
+    """The last name component of every ``nn.Linear`` of ``model`` (``q_proj``, ``lm_head``)."""
     import torch
 
     return {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
@@ -48,18 +48,18 @@ def check_targets(model, lora: LoraConfig) -> None:
     linear = linear_names(model)
     missing = [t for t in lora.target_modules if t not in linear]
     if missing:
-        raise ConfigError(f"trainer.lora.target_modules: {missing} match no linear layer of the model "
-                          f"({type(model).__name__}, whose linear layers are {sorted(linear)})")
+        raise ConfigError(f"trainer.lora.target_modules: {missing} match no linear layer of the "
+                          f"model ({type(model).__name__}; its linear layers: {sorted(linear)})")
     head = model.get_output_embeddings()
     head_name = next((n for n, m in model.named_modules() if m is head), "")
     if head_name.rsplit(".", 1)[-1] in lora.target_modules and model.config.tie_word_embeddings:
         raise ConfigError(f"trainer.lora.target_modules: {head_name!r} with tied input and output "
-                          "embeddings (model.tie_word_embeddings): the adapter would change one and "
-                          "not the other; leave it out")
+                          "embeddings (model.tie_word_embeddings): the adapter would change one "
+                          "and not the other; leave it out")
 
 
 def add_adapters(model, lora: LoraConfig):
-    """Inject LoRA layers of ``lora`` into ``model`` in place (any device, meta included); returns it."""
+    """Inject ``lora``'s layers into ``model`` in place (any device, meta included); returns it."""
     from peft import inject_adapter_in_model
 
     check_targets(model, lora)
@@ -72,7 +72,7 @@ def is_adapter(name: str) -> bool:
 
 
 def base_name(name: str) -> str:
-    """The Hugging Face name of a base weight (``q_proj.base_layer.weight`` -> ``q_proj.weight``)."""
+    """The Hugging Face name of a base weight (``q_proj.base_layer.weight``: ``q_proj.weight``)."""
     return name.replace(BASE_LAYER + ".", ".")
 
 

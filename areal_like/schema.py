@@ -370,8 +370,8 @@ class TrainerConfig:
         _check("trainer.betas", len(self.betas) == 2, "two numbers", self.betas)
         self.loss.check_agg()
         if self.lora.enabled:  # the KL reference is the base itself, the adapter switched off
-            _check("trainer.ref_path", self.ref_path is None, "unset with trainer.lora.rank > 0 (the "
-                   "reference is the base model without the adapter)", self.ref_path)
+            _check("trainer.ref_path", self.ref_path is None, "unset with trainer.lora.rank > 0 "
+                   "(the reference is the base model without the adapter)", self.ref_path)
             _check("trainer.weight_sync.path", self.weight_sync.path in ("auto", "distributed"),
                    "auto or distributed with trainer.lora.rank > 0 (only the group path sends the "
                    "adapter alone)", self.weight_sync.path)
@@ -480,7 +480,8 @@ class RunConfig:
         _check("buffer.max_staleness", self.buffer.max_staleness >= lag,
                f">= {lag}, the engines' lag (trainer.weight_sync.every - 1, or trainer.weight_sync.delay)",
                self.buffer.max_staleness)
-        _check("rollout.engine.kind", not self.trainer.lora.enabled or self.rollout.engine.kind == "embedded",
+        lora_ok = not self.trainer.lora.enabled or self.rollout.engine.kind == "embedded"
+        _check("rollout.engine.kind", lora_ok,
                "embedded with trainer.lora.rank > 0 (adapter sync to SGLang is not built yet)",
                self.rollout.engine.kind)
 

@@ -214,9 +214,10 @@ def _check_shared(cfg: RunConfig) -> None:
     """Trainer and engine on one GPU: refuse what cannot work there, naming the key."""
     ws, ec = cfg.trainer.weight_sync, cfg.rollout.engine
     if cfg.trainer.lora.enabled and ws.backend != "gloo":
-        raise ConfigError("trainer.lora.rank > 0 with the trainer and the engine on one GPU: the adapter goes "
-                          "over the group path only, where NCCL refuses two ranks on one GPU; set "
-                          "trainer.weight_sync.backend=gloo (path auto then stays distributed)")
+        raise ConfigError("trainer.lora.rank > 0 with the trainer and the engine on one GPU: the "
+                          "adapter goes over the group path only, where NCCL refuses two ranks on "
+                          "one GPU; set trainer.weight_sync.backend=gloo (path auto then stays "
+                          "distributed)")
     if ws.path == "distributed" and ws.backend != "gloo":
         raise ConfigError("trainer.weight_sync.path=distributed with the trainer and the engine on one GPU: NCCL "
                           "refuses two ranks on one GPU; use path=auto (tensor), tensor or disk, or backend=gloo")

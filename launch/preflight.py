@@ -47,7 +47,14 @@ from pathlib import Path
 
 from areal_like.callables import split_function_path
 from areal_like.config import ConfigError, RunConfig
-from areal_like.hf import TOKENIZER_FILES, TOKENIZER_NAMES, WEIGHT_GLOBS, build_meta_model, holds, resolve_models
+from areal_like.hf import (
+    TOKENIZER_FILES,
+    TOKENIZER_NAMES,
+    WEIGHT_GLOBS,
+    build_meta_model,
+    holds,
+    resolve_models,
+)
 from areal_like.lora import check_targets
 from rollout_server.reward_worker import scrubbed_env
 

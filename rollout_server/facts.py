@@ -21,10 +21,11 @@ class RolloutFacts:
     eval: EvalConfig  # what rollout.eval evaluates, and how often
     steps: int  # trainer.steps: the last policy version, which gets the final evaluation
     run_dir: Path  # where the SGLang log (logs/) and the eval records (eval.jsonl) go
-    lora: LoraConfig = field(default_factory=LoraConfig)  # trainer.lora: the adapter layout the engine's weight updates fill
+    # trainer.lora: the adapter layout the engine's weight updates fill
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     @classmethod
     def from_run(cls, cfg: RunConfig) -> RolloutFacts:
         """The facts of the job ``cfg`` describes."""
-        return cls(model=cfg.model, task=cfg.task, eval=cfg.eval, steps=cfg.trainer.steps, run_dir=Path(cfg.run_dir),
-                   lora=cfg.trainer.lora)
+        return cls(model=cfg.model, task=cfg.task, eval=cfg.eval, steps=cfg.trainer.steps,
+                   run_dir=Path(cfg.run_dir), lora=cfg.trainer.lora)

@@ -43,7 +43,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from areal_like.config import EXPORT_TASK_FILE, LoraConfig, ModelConfig, RunConfig, TaskConfig, task_yaml
+from areal_like.config import (
+    EXPORT_TASK_FILE,
+    LoraConfig,
+    ModelConfig,
+    RunConfig,
+    TaskConfig,
+    task_yaml,
+)
 from areal_like.hf import torch_dtype
 from areal_like.lora import ADAPTER, add_adapters, base_name, has_adapters, is_adapter
 
@@ -80,11 +87,13 @@ def _full_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _merged_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, full tensor) of the base with each adapter folded into its layer's weight,
-    ``W + scaling * B @ A`` (PEFT's ``get_delta_weight`` for a linear layer), one layer at a time."""
+    """(Hugging Face name, full tensor) of the base with each adapter folded into its layer's
+    weight, ``W + scaling * B @ A`` (PEFT's ``get_delta_weight`` of a linear layer), a layer at a
+    time."""
     from peft.tuners.lora import LoraLayer
 
-    layers = {f"{n}.base_layer.weight": m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    layers = {f"{n}.base_layer.weight": m for n, m in model.named_modules()
+              if isinstance(m, LoraLayer)}
     for name, t in _exported_tensors(model):
         if is_adapter(name):
             continue
@@ -96,8 +105,9 @@ def _merged_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
         yield base_name(name), full
 
 
-def export_adapter(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelConfig, tokenizer, shard_mb: int,
-                   dtype: str, task: TaskConfig | None = None, merged: bool = False) -> Path:
+def export_adapter(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelConfig, tokenizer,
+                   shard_mb: int, dtype: str, task: TaskConfig | None = None,
+                   merged: bool = False) -> Path:
     """A LoRA policy's export (a collective): ``out_dir`` holds the adapter in PEFT's layout
     (``adapter_config.json``, ``adapter_model.safetensors``: ``PeftModel.from_pretrained(base,
     out_dir)`` and SGLang's ``--lora-paths`` load it), the tokenizer and the task; with ``merged``
@@ -112,8 +122,8 @@ def export_adapter(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelCon
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     if merged:  # written into tmp/merged: the rename below publishes both at once
-        _write_hf(model, _merged_tensors(model), tmp / MERGED_DIR, model_cfg=model_cfg, tokenizer=tokenizer,
-                  shard_mb=shard_mb, dtype=dtype, task=task)
+        _write_hf(model, _merged_tensors(model), tmp / MERGED_DIR, model_cfg=model_cfg,
+                  tokenizer=tokenizer, shard_mb=shard_mb, dtype=dtype, task=task)
     adapter = {}
     for name, p in model.named_parameters():  # every rank, same order: full_tensor is a collective
         if is_adapter(name):
@@ -258,14 +268,15 @@ def export_hf(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelConfig, 
     bfloat16, float16). An existing ``out_dir`` is replaced (re-export of the same version).
     """
     if has_adapters(model):
-        return export_adapter(model, out_dir, model_cfg=model_cfg, tokenizer=tokenizer, shard_mb=shard_mb,
-                              dtype=dtype, task=task, merged=merged)
+        return export_adapter(model, out_dir, model_cfg=model_cfg, tokenizer=tokenizer,
+                              shard_mb=shard_mb, dtype=dtype, task=task, merged=merged)
     return _write_hf(model, _full_tensors(model), out_dir, model_cfg=model_cfg, tokenizer=tokenizer,
                      shard_mb=shard_mb, dtype=dtype, task=task)
 
 
-def _write_hf(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], out_dir: Path, *,
-              model_cfg: ModelConfig, tokenizer, shard_mb: int, dtype: str, task: TaskConfig | None) -> Path:
+def _write_hf(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], out_dir: Path,
+              *, model_cfg: ModelConfig, tokenizer, shard_mb: int, dtype: str,
+              task: TaskConfig | None) -> Path:
     """``export_hf``'s writer: ``tensors`` (name, full tensor) on every rank, written by rank 0."""
     rank, world = _rank_world()
     out_dir = Path(out_dir)
@@ -356,9 +367,10 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, cfg: RunConfig, *, shard_
                       dtype: str | None = None) -> Path:
     """``areal-like export``: a trainer DCP checkpoint directory -> an HF directory at ``out_dir``."""
     model = load_checkpoint_model(Path(checkpoint), cfg.model, cfg.trainer.lora)
-    return export_hf(model, Path(out_dir), model_cfg=cfg.model, tokenizer=export_tokenizer(cfg.model, cfg.task),
-                     shard_mb=shard_mb or cfg.export.shard_mb, dtype=dtype or cfg.model.dtype, task=cfg.task,
-                     merged=cfg.export.merged)
+    return export_hf(model, Path(out_dir), model_cfg=cfg.model,
+                     tokenizer=export_tokenizer(cfg.model, cfg.task),
+                     shard_mb=shard_mb or cfg.export.shard_mb, dtype=dtype or cfg.model.dtype,
+                     task=cfg.task, merged=cfg.export.merged)
 
 
 def _resolve_checkpoint(path: Path) -> Path:

@@ -178,7 +178,8 @@ def policy_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, positions: 
                          max_length_q=longest, max_length_k=longest).last_hidden_state
     picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
     targets = input_ids.gather(1, positions + 1)
-    return hidden_token_logprobs(picked, output_weight(model), targets, temperature, chunk_tokens=chunk_tokens)
+    return hidden_token_logprobs(picked, output_weight(model), targets, temperature,
+                                 chunk_tokens=chunk_tokens)
 
 
 def output_weight(model: torch.nn.Module) -> torch.Tensor:
@@ -238,7 +239,7 @@ def shard_model(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, dtype: st
     the frozen base (areal_like/lora.py)."""
     device = trainer_device(trainer_cfg)
     model = build_meta_model(model_cfg, dtype)
-    if lora is not None and lora.enabled:  # before sharding: FSDP2 groups each block's adapter with it
+    if lora is not None and lora.enabled:  # before sharding: FSDP2 groups a block's adapter with it
         add_adapters(model, lora)
     model.config.use_cache = False
     if model.config._attn_implementation == "sdpa":  # the same SDPA, per sequence when packed

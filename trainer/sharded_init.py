@@ -190,7 +190,7 @@ def load_safetensors(params: dict[str, torch.Tensor], directory: Path) -> None:
 
 
 def init_adapters(params: dict[str, torch.Tensor], seed: int) -> None:
-    """LoRA's initialisation (PEFT's default): A Kaiming-uniform, B zero, so the adapted model starts
+    """LoRA's initialisation (PEFT's default): A Kaiming-uniform, B zero: the adapted model starts
     as its base. A is drawn full on CPU from its own generator, in name order: the same on any
     number of ranks."""
     gen = torch.Generator().manual_seed(seed)

@@ -48,7 +48,7 @@ class EmbeddedEngine:
                  weight_version: str = "0", seed: int = 0, api_key: str | None = None,
                  limits: HttpLimits = HttpLimits(), lora: LoraConfig | None = None):
         self.model_cfg, self.engine_cfg = model_cfg, engine_cfg
-        self.lora = lora  # enabled: the model carries the trainer's adapter layout (areal_like/lora.py)
+        self.lora = lora  # enabled: the model gets the trainer's adapters (areal_like/lora.py)
         self.api_key, self.limits = api_key, limits  # api_key None: no authentication (in-process tests)
         self.tokenizer = tokenizer
         self.initial_weight_version, self.seed = weight_version, seed
@@ -84,7 +84,7 @@ class EmbeddedEngine:
 
         ec = self.engine_cfg
         self.model = build_model(self.model_cfg, device=ec.device)
-        if self.lora is not None and self.lora.enabled:  # weight updates then carry the adapter alone
+        if self.lora is not None and self.lora.enabled:  # weight updates carry the adapter alone
             add_adapters(self.model, self.lora).eval()
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.model_cfg)

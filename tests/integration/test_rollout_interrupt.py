@@ -111,7 +111,8 @@ def run_interrupted(state: dict, lora: LoraConfig | None = None, state_file: Pat
     sender = subprocess.Popen([sys.executable, "-c", SENDER, json.dumps(spec)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:
-        engine = EmbeddedEngine(ModelConfig(**MODEL), EngineConfig(max_running_requests=8), lora=lora).start()
+        engine = EmbeddedEngine(ModelConfig(**MODEL), EngineConfig(max_running_requests=8),
+                                lora=lora).start()
         try:
             return asyncio.run(scenario(engine.url, plan, sender))
         finally:
@@ -142,7 +143,8 @@ def check_exact_switch(done, samples, served: str, old, new) -> None:
 
 def test_pause_update_continue_switches_versions_exactly_at_the_abort_point():
     torch.set_num_threads(1)
-    old, new = build_model(ModelConfig(**MODEL, init_seed=0)), build_model(ModelConfig(**MODEL, init_seed=1))
+    old = build_model(ModelConfig(**MODEL, init_seed=0))
+    new = build_model(ModelConfig(**MODEL, init_seed=1))
     check_exact_switch(*run_interrupted(new.state_dict()), old, new)
 
 
@@ -156,13 +158,14 @@ def test_an_adapter_change_mid_generation_switches_versions_exactly(tmp_path):
     old = build_model(ModelConfig(**MODEL))
     new = add_adapters(build_model(ModelConfig(**MODEL)), lora).eval()
     gen = torch.Generator().manual_seed(7)
-    adapter = {n: torch.randn(p.shape, generator=gen) * 0.3 for n, p in new.named_parameters() if is_adapter(n)}
+    adapter = {n: torch.randn(p.shape, generator=gen) * 0.3
+               for n, p in new.named_parameters() if is_adapter(n)}
     with torch.no_grad():
         for n, p in new.named_parameters():
             if n in adapter:
                 p.copy_(adapter[n])
-    assert len(adapter) == 2 * 7 * 2  # A and B of 7 linear layers in each of 2 blocks: nothing else is sent
-    with torch.no_grad():  # the adapter changes the model: the switch point is visible in the tokens
+    assert len(adapter) == 2 * 7 * 2  # A and B of 7 linear layers in each of 2 blocks: all sent
+    with torch.no_grad():  # the adapter changes the model: the switch point shows in the tokens
         x = torch.tensor(PROMPTS)
         assert (old(x).logits - new(x).logits).abs().max() > 0.1
     check_exact_switch(*run_interrupted(adapter, lora, tmp_path / "adapter.pt"), old, new)

@@ -8,16 +8,22 @@ from areal_like.config import ConfigError, load_config
 from launch import preflight as pf
 
 
-@pytest.mark.parametrize("override, key", [
-    ("trainer.lora.rank=-1", "trainer.lora.rank"),
-    ("trainer.lora.dropout=1.0", "trainer.lora.dropout"),
-    ("trainer.lora.alpha=0", "trainer.lora.alpha"),
-    ("trainer.lora.target_modules=[]", "trainer.lora.target_modules"),
-    ("trainer.ref_path=/tmp/ref", "trainer.ref_path"),  # the reference is the base without the adapter
-    ("trainer.weight_sync.path=disk", "trainer.weight_sync.path"),
-    ("trainer.weight_sync.path=tensor", "trainer.weight_sync.path"),
-    ("rollout.engine.kind=sglang", "rollout.engine.kind"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("trainer.lora.rank=-1", "trainer.lora.rank"),
+        ("trainer.lora.dropout=1.0", "trainer.lora.dropout"),
+        ("trainer.lora.alpha=0", "trainer.lora.alpha"),
+        ("trainer.lora.target_modules=[]", "trainer.lora.target_modules"),
+        (
+            "trainer.ref_path=/tmp/ref",
+            "trainer.ref_path",
+        ),  # the reference is the base without the adapter
+        ("trainer.weight_sync.path=disk", "trainer.weight_sync.path"),
+        ("trainer.weight_sync.path=tensor", "trainer.weight_sync.path"),
+        ("rollout.engine.kind=sglang", "rollout.engine.kind"),
+    ],
+)
 def test_bad_lora_settings_name_their_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(["trainer.lora.rank=4", override])
@@ -31,11 +37,16 @@ def test_lora_is_off_by_default_and_on_with_a_rank():
 
 
 def test_a_target_module_the_model_lacks_is_refused_by_preflight():
-    cfg = load_config(["trainer.lora.rank=8", "trainer.lora.target_modules=[q_proj,query_key_value]"])
+    cfg = load_config(
+        ["trainer.lora.rank=8", "trainer.lora.target_modules=[q_proj,query_key_value]"]
+    )
     with pytest.raises(pf.PreflightError) as e:
         pf.checked(cfg)
     assert len(e.value.problems) == 1
-    assert "trainer.lora.target_modules" in e.value.problems[0] and "query_key_value" in e.value.problems[0]
+    assert (
+        "trainer.lora.target_modules" in e.value.problems[0]
+        and "query_key_value" in e.value.problems[0]
+    )
 
 
 def test_the_trainer_refuses_a_missing_target_too():
@@ -48,8 +59,13 @@ def test_the_trainer_refuses_a_missing_target_too():
 
 
 def test_an_adapter_on_a_tied_lm_head_is_refused():
-    cfg = load_config(["trainer.lora.rank=8", "trainer.lora.target_modules=[q_proj,lm_head]",
-                       "model.tie_word_embeddings=true"])
+    cfg = load_config(
+        [
+            "trainer.lora.rank=8",
+            "trainer.lora.target_modules=[q_proj,lm_head]",
+            "model.tie_word_embeddings=true",
+        ]
+    )
     with pytest.raises(pf.PreflightError, match=r"trainer\.lora\.target_modules.*tied"):
         pf.checked(cfg)
     untied = load_config(["trainer.lora.rank=8", "trainer.lora.target_modules=[q_proj,lm_head]"])
