@@ -30,6 +30,7 @@ from areal_like.schema import (
     ConfigError,
     EngineConfig,
     LaunchConfig,
+    LoraConfig,
     LossConfig,
     ModelConfig,
     RolloutConfig,
@@ -43,6 +44,7 @@ from areal_like.schema import (
 
 __all__ = [
     "AGG_MODES", "ESTIMATORS", "LOSS_KINDS", "BufferConfig", "ConfigError", "EngineConfig", "EvalConfig", "ExportConfig", "LaunchConfig",
+    "LoraConfig",
     "LossConfig", "ModelConfig", "RolloutConfig", "RunConfig", "SecurityConfig", "TaskConfig", "TrackingConfig", "TrainerConfig", "WarmStartConfig",
     "WeightSyncConfig", "compose", "config_dir", "dataset_size", "from_yaml", "group_options", "load_config",
     "load_daemon_config", "to_yaml", "EXPORT_TASK_FILE", "task_yaml", "task_from_yaml",

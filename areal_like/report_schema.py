@@ -49,6 +49,9 @@ class ExportConfig:
     dir: str = "export"  # relative to run_dir unless absolute; one v<version> directory per export
     shard_mb: int = 2048  # largest model.safetensors shard
     keep: int = 0  # in-run exports kept, the newest (older ones deleted after each export); 0 = all
+    # LoRA (trainer.lora.rank > 0): an export is the adapter (PEFT layout); true: also
+    # v<version>/merged, a plain Hugging Face model with the adapter folded into the base
+    merged: bool = False
 
     def __post_init__(self):
         _check("export.every", self.every >= 0, ">= 0", self.every)

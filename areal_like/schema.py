@@ -271,6 +271,31 @@ class WeightSyncConfig:
                self.deadline_s)
 
 
+# Qwen2 / Llama / Qwen3 names of every linear layer in a decoder block (PEFT's usual "all-linear")
+LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    """Low-rank adapters on a frozen base (areal_like/lora.py): only they train and are synced."""
+
+    rank: int = 0  # 0 = off (every weight trains); r of the A [r, in] and B [out, r] matrices
+    alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input, training only
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_DEFAULT_TARGETS))
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    def __post_init__(self):
+        _check("trainer.lora.rank", self.rank >= 0, ">= 0 (0: LoRA off)", self.rank)
+        _check("trainer.lora.alpha", self.alpha > 0, "> 0", self.alpha)
+        _check("trainer.lora.dropout", 0 <= self.dropout < 1, ">= 0 and < 1", self.dropout)
+        _check("trainer.lora.target_modules", not self.enabled or len(self.target_modules) > 0,
+               "at least one module name with trainer.lora.rank > 0", self.target_modules)
+
+
 @dataclass(kw_only=True)
 class TrainerConfig:
     buffer_address: str = "${buffer.address}"
@@ -298,6 +323,7 @@ class TrainerConfig:
     estimator: str = "grpo"
     loss: LossConfig = field(default_factory=LossConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     checkpoint_every: int = 20
     # A crash rolls back up to checkpoint_every - 1 steps. Async: a save only stages the state in memory
     # (DCP async_save on a gloo group of its own) and writes it while the next step trains; the checkpoint
@@ -343,6 +369,12 @@ class TrainerConfig:
         _check("trainer.first_engines", self.first_engines >= 1, ">= 1", self.first_engines)
         _check("trainer.betas", len(self.betas) == 2, "two numbers", self.betas)
         self.loss.check_agg()
+        if self.lora.enabled:  # the KL reference is the base itself, the adapter switched off
+            _check("trainer.ref_path", self.ref_path is None, "unset with trainer.lora.rank > 0 "
+                   "(the reference is the base model without the adapter)", self.ref_path)
+            _check("trainer.weight_sync.path", self.weight_sync.path in ("auto", "distributed"),
+                   "auto or distributed with trainer.lora.rank > 0 (only the group path sends the "
+                   "adapter alone)", self.weight_sync.path)
 
 
 @dataclass(kw_only=True)
@@ -448,6 +480,15 @@ class RunConfig:
         _check("buffer.max_staleness", self.buffer.max_staleness >= lag,
                f">= {lag}, the engines' lag (trainer.weight_sync.every - 1, or trainer.weight_sync.delay)",
                self.buffer.max_staleness)
+        # FSDP2 mixed precision with frozen parameters in a block's group fails in backward (torch
+        # 2.13: a bf16 gradient assigned to an fp32 parameter), so LoRA trains in fp32 for now
+        _check("model.dtype", not self.trainer.lora.enabled or self.model.dtype == "float32",
+               "float32 with trainer.lora.rank > 0 (LoRA with mixed precision is not supported yet)",
+               self.model.dtype)
+        lora_ok = not self.trainer.lora.enabled or self.rollout.engine.kind == "embedded"
+        _check("rollout.engine.kind", lora_ok,
+               "embedded with trainer.lora.rank > 0 (adapter sync to SGLang is not built yet)",
+               self.rollout.engine.kind)
 
     def resolve_path(self, p: str) -> Path:
         """A path from the config, relative to run_dir unless absolute."""

@@ -47,6 +47,12 @@ figure = median time the trainer spends in ``push`` per version (its ``weight_sy
 overlap, baseline = without, goal <= 20 ms:
 
     .venv/bin/python benchmarks/bench_weight_sync.py --system [--steps 25]
+
+``--system --lora 8`` (LoRA, ``trainer.lora``): the real system twice on a Qwen2 of ``--hidden`` x
+``--layers``, every push blocking (``overlap`` off), full weights (baseline) against the rank-8
+adapter alone (figure): trainer-blocked ms and bytes per version, goal ratio >= 20:
+
+    .venv/bin/python benchmarks/bench_weight_sync.py --system --lora 8 --hidden 512 --layers 8
 """
 
 from __future__ import annotations
@@ -231,7 +237,8 @@ def report(results: dict, nbytes: int, n_buckets: int, n_tensors: int, args: arg
         }), flush=True)
 
 
-def system_run(run_dir: Path, overlap: bool, args: argparse.Namespace) -> list[dict]:
+def system_run(run_dir: Path, overlap: bool, args: argparse.Namespace,
+               extra: list[str] = ()) -> list[dict]:
     """One run of the real system on the small-model workload; the trainer's per-step records."""
     from areal_like.config import load_config
     from launch.job import job_specs, prepare
@@ -240,7 +247,8 @@ def system_run(run_dir: Path, overlap: bool, args: argparse.Namespace) -> list[d
 
     cfg = load_config(["experiment=bench_async", "task=addition", "task.max_new_tokens=8", "task.temperature=1.0",
                        "buffer.groups_per_step=8", f"buffer.max_staleness={args.eta}", f"trainer.steps={args.steps}",
-                       "trainer.lr=3e-5", f"trainer.weight_sync.overlap={str(overlap).lower()}", f"run_dir={run_dir}"])
+                       "trainer.lr=3e-5", f"trainer.weight_sync.overlap={str(overlap).lower()}",
+                       f"run_dir={run_dir}", *extra])
     cfg, topo, path = prepare(cfg, cpus=sorted(os.sched_getaffinity(0))[:2])
     sup = Supervisor(job_specs(cfg, topo, path), run_dir, restarts=0, health_timeout_s=300, echo=lambda _: None)
     if sup.run() != 0:
@@ -272,6 +280,38 @@ def system_blocked(args: argparse.Namespace) -> None:
     }), flush=True)
 
 
+def system_lora(args: argparse.Namespace) -> None:
+    """``--system --lora R``: the real system twice on a Qwen2 of ``--hidden`` x ``--layers``, every
+    push blocking (overlap off): full weights (baseline) and a rank-R LoRA adapter alone (figure);
+    bytes and the trainer's blocked time per version."""
+    import tempfile
+
+    sys.path.insert(0, str(REPO))
+    heads = max(1, args.hidden // 64)
+    model = [f"model.hidden_size={args.hidden}", f"model.intermediate_size={4 * args.hidden}",
+             f"model.num_hidden_layers={args.layers}", f"model.num_attention_heads={heads}",
+             f"model.num_key_value_heads={max(1, heads // 2)}", "model.init_seed=0"]
+    out: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_ws_lora_") as tmp:
+        for case, lora in (("full", []), ("lora", [f"trainer.lora.rank={args.lora}"])):
+            recs = system_run(Path(tmp) / case, False, args, [*model, *lora])[args.skip:]
+            blocked = statistics.median(r["phase_seconds"]["weight_sync"] for r in recs)
+            out[case] = {"blocked": blocked, "bytes": recs[-1]["weight_sync"]["bytes"],
+                         "step_s": statistics.median(r["step_seconds"] for r in recs)}
+    full, lora = out["full"], out["lora"]
+    print(json.dumps({
+        "name": "weight_sync_lora_adapter_vs_full", "figure": round(lora["blocked"] * 1e3, 2),
+        "unit": "ms trainer blocked per version (median, overlap off)",
+        "baseline": round(full["blocked"] * 1e3, 2),
+        "ratio": round(full["blocked"] / lora["blocked"], 1),
+        "goal": "ratio >= 20 (rank 8, >= 8 layers)", "bytes_lora": lora["bytes"],
+        "bytes_full": full["bytes"], "step_s_lora": round(lora["step_s"], 4),
+        "step_s_full": round(full["step_s"], 4), "rank": args.lora, "hidden": args.hidden,
+        "layers": args.layers,
+        "steps": args.steps, "skip": args.skip, "load": os.getloadavg()[0],
+    }), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=512)
@@ -283,9 +323,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25, help="--system: steps per run")
     ap.add_argument("--skip", type=int, default=5, help="--system: warm-up steps left out")
     ap.add_argument("--eta", type=int, default=4, help="--system: buffer.max_staleness")
+    ap.add_argument("--lora", type=int, default=0,
+                    help="--system: a LoRA rank-R adapter's sync vs the full weights")
     ap.add_argument("--rank", type=int, default=-1, help=argparse.SUPPRESS)
     ap.add_argument("--ports", type=str, default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.system and args.lora:
+        system_lora(args)
+        return
     if args.system:
         system_blocked(args)
         return

@@ -213,6 +213,11 @@ def _check_weight_path(cfg: RunConfig, shared: bool) -> None:
 def _check_shared(cfg: RunConfig) -> None:
     """Trainer and engine on one GPU: refuse what cannot work there, naming the key."""
     ws, ec = cfg.trainer.weight_sync, cfg.rollout.engine
+    if cfg.trainer.lora.enabled and ws.backend != "gloo":
+        raise ConfigError("trainer.lora.rank > 0 with the trainer and the engine on one GPU: the "
+                          "adapter goes over the group path only, where NCCL refuses two ranks on "
+                          "one GPU; set trainer.weight_sync.backend=gloo (path auto then stays "
+                          "distributed)")
     if ws.path == "distributed" and ws.backend != "gloo":
         raise ConfigError("trainer.weight_sync.path=distributed with the trainer and the engine on one GPU: NCCL "
                           "refuses two ranks on one GPU; use path=auto (tensor), tensor or disk, or backend=gloo")
@@ -230,8 +235,8 @@ def with_weight_path(cfg: RunConfig) -> RunConfig:
     placed = place_nodes(cfg)
     shared = placed is not None and any(n.shared for n in placed)
     ws, ec = cfg.trainer.weight_sync, cfg.rollout.engine
-    if ws.path == "auto":
-        path = "tensor" if shared else "distributed"
+    if ws.path == "auto":  # LoRA: the adapter goes over the group path (areal_like/lora.py)
+        path = "tensor" if shared and not cfg.trainer.lora.enabled else "distributed"
         cfg = replace(cfg, trainer=replace(cfg.trainer, weight_sync=replace(ws, path=path)))
     if shared and ec.kind == "sglang" and ec.sglang.get("mem_fraction_static") is None:
         sglang = {**ec.sglang, "mem_fraction_static": SHARED_MEM_FRACTION_DEFAULT}

@@ -28,6 +28,7 @@ and ``areal-like config`` call it. It resolves hub ids to local directories
   (``check_agent``);
 * the trackers' packages (``areal_like.tracking.check_trackers``);
 * the engine: ``rollout.engine.kind=sglang`` needs the sglang package and ``model.path``;
+* ``trainer.lora.target_modules``: each name matches a linear layer of the model (``check_lora``);
 * the environment: no inherited ``SGLANG_RETURN_ORIGINAL_LOGPROB`` (SGLang would return log-probs
   without the temperature, off the trainer's convention; see trainer/logprob_guard.py).
 
@@ -46,7 +47,15 @@ from pathlib import Path
 
 from areal_like.callables import split_function_path
 from areal_like.config import ConfigError, RunConfig
-from areal_like.hf import TOKENIZER_FILES, TOKENIZER_NAMES, WEIGHT_GLOBS, holds, resolve_models
+from areal_like.hf import (
+    TOKENIZER_FILES,
+    TOKENIZER_NAMES,
+    WEIGHT_GLOBS,
+    build_meta_model,
+    holds,
+    resolve_models,
+)
+from areal_like.lora import check_targets
 from rollout_server.reward_worker import scrubbed_env
 
 REWARD_IMPORT_TIMEOUT_S = 120.0  # a reward module importing a big library on a loaded machine
@@ -254,6 +263,22 @@ def check_engine(cfg: RunConfig) -> list[str]:
     return out
 
 
+def check_lora(cfg: RunConfig) -> list[str]:
+    """``trainer.lora.target_modules`` against the model's own layers (its meta-device build: no
+    memory); a model that cannot be built is reported by ``check_models``."""
+    if not cfg.trainer.lora.enabled:
+        return []
+    try:
+        model = build_meta_model(cfg.model)
+    except Exception:  # a broken model.path: check_models names it
+        return []
+    try:
+        check_targets(model, cfg.trainer.lora)
+    except ConfigError as e:
+        return [str(e)]
+    return []
+
+
 def check_env(cfg: RunConfig) -> list[str]:
     """``task.env`` (multi-turn episodes) loads as a rollout server will load it."""
     if not cfg.task.env:
@@ -314,4 +339,4 @@ def check_environment(cfg: RunConfig) -> list[str]:
 # every check but check_models, which checked() runs on the resolved model keys
 OTHER_CHECKS = (check_warm_start, check_task_files, check_dataset_columns, check_chat_template,
                 check_chat_format, check_reward_fn, check_env, check_agent, check_trackers, check_engine,
-                check_environment)
+                check_lora, check_environment)

@@ -118,7 +118,8 @@ class RolloutServer(Daemon):
         if ecfg.kind == "embedded":
             from rollout_server.engine import EmbeddedEngine
 
-            self.engine = EmbeddedEngine(self.facts.model, ecfg, api_key=self.api_key).start()
+            self.engine = EmbeddedEngine(self.facts.model, ecfg, api_key=self.api_key,
+                                         lora=self.facts.lora).start()
             self.engine_url = self.engine.url
         elif ecfg.kind == "sglang":
             from rollout_server.launch_sglang import SGLangProcess, StartAborted

@@ -8,7 +8,8 @@ broadcast order), optional ``backend`` (gloo), ``device`` (cpu), ``timeout_s`` (
 ``{"seed": int, "dtype": str}``: push the buckets once per round, the model built with that init
 seed and sent in that wire dtype; default one round of ``model`` in its own dtype), ``stop_after``
 (exit abruptly, as a crashed trainer, once that many buckets were broadcast), ``wait_for`` (a path:
-broadcast nothing until that file exists). Prints
+broadcast nothing until that file exists), ``state_file`` (instead of a model: one round of the
+name -> tensor dict ``torch.save`` wrote there, e.g. a LoRA adapter). Prints
 ``ready`` once the model is built (before the rendezvous) and ``sent`` after the last tensor.
 """
 import json
@@ -27,8 +28,8 @@ from trainer.weight_buckets import FLATTENED, BucketPipeline  # noqa: E402
 
 spec = json.loads(sys.argv[1])
 device = spec.get("device", "cpu")
-states = []
-for r in spec.get("rounds") or [{}]:
+states = [torch.load(spec["state_file"])] if spec.get("state_file") else []  # tensors the test made
+for r in [] if states else spec.get("rounds") or [{}]:
     cfg = ModelConfig(**{**spec["model"], **({"init_seed": r["seed"]} if "seed" in r else {})})
     dtype = getattr(torch, r["dtype"]) if "dtype" in r else None
     states.append({n: t.to(dtype or t.dtype) for n, t in build_model(cfg, device=device).state_dict().items()})

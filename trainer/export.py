@@ -21,6 +21,8 @@ Invariants:
 - Atomic: rank 0 writes into ``.tmp_<name>`` beside ``out_dir`` and renames it when complete, so
   ``out_dir`` is a whole export or absent (an interrupted export leaves only its ``.tmp_``
   directory, which the next export of that name, or the trainer's next export, removes).
+- LoRA (``export_adapter``): the adapter in PEFT's layout, and with ``export.merged`` a merged
+  model beside it; the merged weights are streamed layer by layer like the others.
 - A parameter shared under two names (tied input/output embeddings) is written once, under its
   first name (``model.embed_tokens.weight``) as ``save_pretrained`` does; loading re-ties it.
 """
@@ -41,8 +43,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from areal_like.config import EXPORT_TASK_FILE, ModelConfig, RunConfig, TaskConfig, task_yaml
+from areal_like.config import (
+    EXPORT_TASK_FILE,
+    LoraConfig,
+    ModelConfig,
+    RunConfig,
+    TaskConfig,
+    task_yaml,
+)
 from areal_like.hf import torch_dtype
+from areal_like.lora import ADAPTER, add_adapters, base_name, has_adapters, is_adapter
 
 log = logging.getLogger("trainer.export")
 
@@ -51,6 +61,9 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SHARD_NAME = "model-{k:05d}-of-{n:05d}.safetensors"
 MIB = 2**20
+ADAPTER_FILE = "adapter_model.safetensors"  # PEFT's names (peft.utils.SAFETENSORS_WEIGHTS_NAME)
+PEFT_PREFIX = "base_model.model."  # a PeftModel's prefix of the wrapped model's names
+MERGED_DIR = "merged"
 
 
 def _rank_world() -> tuple[int, int]:
@@ -66,6 +79,74 @@ def _exported_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tenso
     keys = set(model.state_dict())
     yield from model.named_parameters()
     yield from ((name, b) for name, b in model.named_buffers() if name in keys)
+
+
+def _full_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, t in _exported_tensors(model):
+        yield name, _gather(t)
+
+
+def _merged_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, full tensor) of the base with each adapter folded into its layer's
+    weight, ``W + scaling * B @ A`` (PEFT's ``get_delta_weight`` of a linear layer), a layer at a
+    time."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = {f"{n}.base_layer.weight": m for n, m in model.named_modules()
+              if isinstance(m, LoraLayer)}
+    for name, t in _exported_tensors(model):
+        if is_adapter(name):
+            continue
+        full = _gather(t)
+        layer = layers.get(name)
+        if layer is not None:
+            a, b = (_gather(x[ADAPTER].weight).float() for x in (layer.lora_A, layer.lora_B))
+            full = full.float() + (b @ a) * layer.scaling[ADAPTER]
+        yield base_name(name), full
+
+
+def export_adapter(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelConfig, tokenizer,
+                   shard_mb: int, dtype: str, task: TaskConfig | None = None,
+                   merged: bool = False) -> Path:
+    """A LoRA policy's export (a collective): ``out_dir`` holds the adapter in PEFT's layout
+    (``adapter_config.json``, ``adapter_model.safetensors``: ``PeftModel.from_pretrained(base,
+    out_dir)`` and SGLang's ``--lora-paths`` load it), the tokenizer and the task; with ``merged``
+    also ``out_dir/merged``, a plain Hugging Face model with the adapter folded in."""
+    from safetensors.torch import save_file
+
+    rank, world = _rank_world()
+    out_dir = Path(out_dir)
+    tmp = out_dir.parent / f"{TMP_PREFIX}{out_dir.name}"
+    if rank == 0:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    if merged:  # written into tmp/merged: the rename below publishes both at once
+        _write_hf(model, _merged_tensors(model), tmp / MERGED_DIR, model_cfg=model_cfg,
+                  tokenizer=tokenizer, shard_mb=shard_mb, dtype=dtype, task=task)
+    adapter = {}
+    for name, p in model.named_parameters():  # every rank, same order: full_tensor is a collective
+        if is_adapter(name):
+            full = _gather(p)
+            if rank == 0:  # PEFT's keys: under the PeftModel's prefix, without the adapter's name
+                key = PEFT_PREFIX + name.replace(f".{ADAPTER}.", ".")
+                adapter[key] = full.to("cpu", torch_dtype(dtype)).contiguous()
+    if rank == 0:
+        save_file(adapter, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
+        config = copy.deepcopy(model.peft_config[ADAPTER])  # what add_adapters injected
+        config.base_model_name_or_path = model_cfg.path
+        config.inference_mode = True
+        config.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        if task is not None:
+            (tmp / EXPORT_TASK_FILE).write_text(task_yaml(task))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+        log.info("exported adapter %s (%d tensors%s)", out_dir, len(adapter), ", merged" * merged)
+    if world > 1:
+        dist.barrier()
+    return out_dir
 
 
 def _gather(t: torch.Tensor) -> torch.Tensor:
@@ -178,13 +259,25 @@ def _write_metadata(model: torch.nn.Module, directory: Path, model_cfg: ModelCon
 
 
 def export_hf(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelConfig, tokenizer, shard_mb: int,
-              dtype: str, task: TaskConfig | None = None) -> Path:
+              dtype: str, task: TaskConfig | None = None, merged: bool = False) -> Path:
     """Write ``model`` (FSDP2-sharded or plain) as an HF directory at ``out_dir``; returns ``out_dir``.
     With ``task`` (the run's), the directory says what it was trained on (``EXPORT_TASK_FILE``).
+    A model with LoRA adapters: ``export_adapter`` (and ``merged``: its merged model too).
 
     A collective: all ranks call it, rank 0 writes; weights are stored in ``dtype`` (float32,
     bfloat16, float16). An existing ``out_dir`` is replaced (re-export of the same version).
     """
+    if has_adapters(model):
+        return export_adapter(model, out_dir, model_cfg=model_cfg, tokenizer=tokenizer,
+                              shard_mb=shard_mb, dtype=dtype, task=task, merged=merged)
+    return _write_hf(model, _full_tensors(model), out_dir, model_cfg=model_cfg, tokenizer=tokenizer,
+                     shard_mb=shard_mb, dtype=dtype, task=task)
+
+
+def _write_hf(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], out_dir: Path,
+              *, model_cfg: ModelConfig, tokenizer, shard_mb: int, dtype: str,
+              task: TaskConfig | None) -> Path:
+    """``export_hf``'s writer: ``tensors`` (name, full tensor) on every rank, written by rank 0."""
     rank, world = _rank_world()
     out_dir = Path(out_dir)
     tmp = out_dir.parent / f"{TMP_PREFIX}{out_dir.name}"
@@ -195,8 +288,7 @@ def export_hf(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelConfig, 
         tmp.mkdir()
         writer = _ShardWriter(tmp, shard_mb * MIB)
     dt = torch_dtype(dtype)
-    for name, t in _exported_tensors(model):
-        full = _gather(t)
+    for name, full in tensors:
         if writer is not None:
             writer.add(name, full.to("cpu", dt).contiguous())
         del full
@@ -220,8 +312,8 @@ def export_hf(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelConfig, 
 def prune_exports(root: Path, keep: int) -> list[Path]:
     """Delete all but the ``keep`` newest exports ``v<version>`` under ``root`` (``export.keep``);
     returns those deleted. Temporary directories and anything else there are left alone."""
-    done = sorted((p for p in root.glob("v*")
-                   if p.name[1:].isdigit() and (p / "config.json").is_file()),
+    done = sorted((p for p in root.glob("v*") if p.name[1:].isdigit() and (
+                   (p / "config.json").is_file() or (p / "adapter_config.json").is_file())),
                   key=lambda p: int(p.name[1:]))
     old = done[:-keep] if keep > 0 else []
     for path in old:
@@ -230,8 +322,10 @@ def prune_exports(root: Path, keep: int) -> list[Path]:
 
 
 # ------------------------------------------------------------------ offline: DCP checkpoint -> HF
-def load_checkpoint_model(checkpoint: Path, model_cfg: ModelConfig) -> torch.nn.Module:
-    """A fresh fp32 CPU model (``model_cfg``) holding the model state of a trainer DCP checkpoint.
+def load_checkpoint_model(checkpoint: Path, model_cfg: ModelConfig,
+                          lora: LoraConfig | None = None) -> torch.nn.Module:
+    """A fresh fp32 CPU model (``model_cfg``, with ``lora``'s adapters when enabled) holding the
+    model state of a trainer DCP checkpoint.
 
     One process, no process group: DCP reads every rank's shards and reassembles full tensors.
     """
@@ -242,6 +336,8 @@ def load_checkpoint_model(checkpoint: Path, model_cfg: ModelConfig) -> torch.nn.
         raise FileNotFoundError(f"{checkpoint} is not a trainer checkpoint (no .metadata: expected "
                                 "<run_dir>/checkpoints/v<version>)")
     model = build_model(model_cfg, device="cpu", dtype="float32")
+    if lora is not None and lora.enabled:
+        add_adapters(model, lora)
     state = {"model": model.state_dict()}
     with warnings.catch_warnings():  # DCP warns that it loads in a single process: that is the point
         warnings.simplefilter("ignore", UserWarning)
@@ -272,9 +368,11 @@ def export_tokenizer(model_cfg: ModelConfig, task: TaskConfig, tokenizer=None):
 def export_checkpoint(checkpoint: Path, out_dir: Path, cfg: RunConfig, *, shard_mb: int | None = None,
                       dtype: str | None = None) -> Path:
     """``areal-like export``: a trainer DCP checkpoint directory -> an HF directory at ``out_dir``."""
-    model = load_checkpoint_model(Path(checkpoint), cfg.model)
-    return export_hf(model, Path(out_dir), model_cfg=cfg.model, tokenizer=export_tokenizer(cfg.model, cfg.task),
-                     shard_mb=shard_mb or cfg.export.shard_mb, dtype=dtype or cfg.model.dtype, task=cfg.task)
+    model = load_checkpoint_model(Path(checkpoint), cfg.model, cfg.trainer.lora)
+    return export_hf(model, Path(out_dir), model_cfg=cfg.model,
+                     tokenizer=export_tokenizer(cfg.model, cfg.task),
+                     shard_mb=shard_mb or cfg.export.shard_mb, dtype=dtype or cfg.model.dtype,
+                     task=cfg.task, merged=cfg.export.merged)
 
 
 def _resolve_checkpoint(path: Path) -> Path:

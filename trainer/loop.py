@@ -120,7 +120,7 @@ class Trainer(Daemon):
         self.rank, self.world_size = init_distributed(t)
         self.policy = build_policy(model_cfg, t)
         # the run's initial weights, built apart from the policy, so a resume below does not move them
-        self.reference = build_reference(model_cfg, t) if t.loss.kl_coef > 0 else None
+        self.reference = build_reference(model_cfg, t, self.policy) if t.loss.kl_coef > 0 else None
         self.settings = StepSettings.of(t, self.facts.task)
         self.data = BatchSource(t.buffer_address, t.groups_per_step, wait_s=t.batch_wait_s,
                                 buffer_timeout_s=t.buffer_timeout_s, rank=self.rank,
@@ -299,7 +299,8 @@ class Trainer(Daemon):
                     shutil.rmtree(stale, ignore_errors=True)
             out = export_hf(self.policy.model, root / f"v{self.version:08d}", model_cfg=self.facts.model,
                             tokenizer=export_tokenizer(self.facts.model, self.facts.task, self.tokenizer),
-                            shard_mb=e.shard_mb, dtype=self.facts.model.dtype, task=self.facts.task)
+                            shard_mb=e.shard_mb, dtype=self.facts.model.dtype, task=self.facts.task,
+                            merged=e.merged)
             if self.rank == 0 and e.keep:
                 prune_exports(root, e.keep)
         self.exported_version = self.version

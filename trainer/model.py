@@ -41,6 +41,9 @@ Invariants:
   ``checkpoint_blocks`` renames), so the weight-sync plan names match what an engine's
   ``load_weights`` expects.
 - The initial weights equal ``areal_like.hf.build_model``'s bit for bit, for any world size.
+- LoRA (``trainer.lora.rank`` > 0): PEFT's layers are injected into the meta model before
+  sharding (names: areal_like/lora.py), the base is frozen, only the adapters' A and B get
+  gradients and AdamW state; the reference is the same model with the adapters off.
 - The reference is the run's INITIAL weights (``trainer.ref_path``, else ``model.path`` or the
   config-built model with its init seed), never the policy's: resuming does not move it. It is
   sharded like the policy, frozen (no optimizer, no gradients, eval mode) and only built when
@@ -62,9 +65,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-from areal_like.config import ModelConfig, TrainerConfig
+from areal_like.config import LoraConfig, ModelConfig, TrainerConfig
 from areal_like.distributed import free_port, set_nccl_nonblocking_timeout
 from areal_like.hf import build_meta_model, torch_dtype
+from areal_like.lora import ADAPTER, add_adapters
 from trainer.logprobs import hidden_token_logprobs
 from trainer.packed_attention import PACKED_SDPA
 from trainer.sharded_init import materialize
@@ -174,8 +178,20 @@ def policy_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, positions: 
                          max_length_q=longest, max_length_k=longest).last_hidden_state
     picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
     targets = input_ids.gather(1, positions + 1)
-    weight = model.get_output_embeddings().weight
-    return hidden_token_logprobs(picked, weight, targets, temperature, chunk_tokens=chunk_tokens)
+    return hidden_token_logprobs(picked, output_weight(model), targets, temperature,
+                                 chunk_tokens=chunk_tokens)
+
+
+def output_weight(model: torch.nn.Module) -> torch.Tensor:
+    """The lm_head weight the forward uses: with a LoRA adapter on ``lm_head`` (in
+    ``trainer.lora.target_modules``) the base plus PEFT's ``get_delta_weight`` (differentiable;
+    one [vocab, hidden] temporary), unless the adapters are off (the KL reference)."""
+    from peft.tuners.lora import LoraLayer
+
+    head = model.get_output_embeddings()
+    if isinstance(head, LoraLayer) and not head.disable_adapters and ADAPTER in head.lora_A:
+        return head.weight + head.get_delta_weight(ADAPTER)
+    return head.weight
 
 
 # Attention implementations that keep packed sequences apart from ``cu_seq_lens_q`` alone
@@ -216,12 +232,15 @@ def checkpoint_blocks(model: torch.nn.Module) -> None:
 
 
 def shard_model(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, dtype: str = "float32",
-                checkpointing: bool = False) -> torch.nn.Module:
+                checkpointing: bool = False, lora: LoraConfig | None = None) -> torch.nn.Module:
     """The model of ``model_cfg`` sharded over the default process group (on a world of one only
     for ``model.dtype``'s mixed precision), built on the meta device and materialised shard by
-    shard on the trainer device, parameters in ``dtype``."""
+    shard on the trainer device, parameters in ``dtype``; with ``lora`` enabled, LoRA adapters on
+    the frozen base (areal_like/lora.py)."""
     device = trainer_device(trainer_cfg)
     model = build_meta_model(model_cfg, dtype)
+    if lora is not None and lora.enabled:  # before sharding: FSDP2 groups a block's adapter with it
+        add_adapters(model, lora)
     model.config.use_cache = False
     if model.config._attn_implementation == "sdpa":  # the same SDPA, per sequence when packed
         model.set_attn_implementation(PACKED_SDPA)
@@ -234,14 +253,21 @@ def shard_model(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, dtype: st
     return attach_logprobs(model)
 
 
-def build_reference(model_cfg: ModelConfig, trainer_cfg: TrainerConfig) -> torch.nn.Module:
+def build_reference(model_cfg: ModelConfig, trainer_cfg: TrainerConfig,
+                    policy: Policy | None = None) -> torch.nn.Module:
     """The frozen reference policy, sharded like the policy (requires the default process group).
+
+    With LoRA (``trainer.lora.rank`` > 0) it is ``policy``'s own model: its frozen base is the
+    initial weights, and ``trainer.step.reference_logp`` runs it with the adapter switched off;
+    no second copy.
 
     Its parameters are stored in ``model.dtype``: the policy's forward casts its fp32 master
     weights to that dtype anyway (FSDP2 mixed precision), so the reference computes the same
     numbers with half the memory. Its values are the fp32 initial weights cast, as the policy's
     are (a model initialised directly in bf16 draws different values).
     """
+    if trainer_cfg.lora.enabled:
+        return policy.model
     cfg = replace(model_cfg, path=trainer_cfg.ref_path) if trainer_cfg.ref_path else model_cfg
     model = shard_model(cfg, trainer_cfg, dtype=model_cfg.dtype)
     model.requires_grad_(False)
@@ -273,9 +299,11 @@ def build_policy(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, adam_eps
     the gradient instead of a sign function that amplifies float rounding near zero).
     """
     device = trainer_device(trainer_cfg)
-    model = shard_model(model_cfg, trainer_cfg, checkpointing=trainer_cfg.activation_checkpointing)
+    model = shard_model(model_cfg, trainer_cfg, checkpointing=trainer_cfg.activation_checkpointing,
+                        lora=trainer_cfg.lora)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=trainer_cfg.lr, betas=tuple(trainer_cfg.betas),
+    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
+    optimizer = torch.optim.AdamW(trainable, lr=trainer_cfg.lr, betas=tuple(trainer_cfg.betas),
                                   weight_decay=trainer_cfg.weight_decay, eps=adam_eps, foreach=True)
     # The optimizer step count is the number of AdamW steps (num_minibatches per policy version).
     total = trainer_cfg.steps * trainer_cfg.num_minibatches
@@ -299,3 +327,4 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         t = p.full_tensor() if hasattr(p, "full_tensor") else p
         out[name] = t.detach().to("cpu", torch.float32).clone()
     return out
+

@@ -19,6 +19,9 @@ shards on ``device`` and writes them:
   ONE parameter, whose rank-local slice is copied into the shard as soon as no later op touches
   it.
 
+LoRA adapters (areal_like/lora.py): the base weights are read or drawn under their Hugging Face
+names (``base_name``), the adapters get LoRA's initialisation (``init_adapters``).
+
 Invariant: peak host memory during either path is one full parameter (the largest is the
 embedding), never a full unsharded copy of the model. Non-persistent buffers (rotary frequency
 tables) are recomputed on ``device``; a model with any other buffer is refused by name.
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +40,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from areal_like.config import ModelConfig
+from areal_like.lora import base_name, is_adapter
 
 log = logging.getLogger("trainer.sharded_init")
 
@@ -184,6 +189,18 @@ def load_safetensors(params: dict[str, torch.Tensor], directory: Path) -> None:
                     unexpected[:8])
 
 
+def init_adapters(params: dict[str, torch.Tensor], seed: int) -> None:
+    """LoRA's initialisation (PEFT's default): A Kaiming-uniform, B zero: the adapted model starts
+    as its base. A is drawn full on CPU from its own generator, in name order: the same on any
+    number of ranks."""
+    gen = torch.Generator().manual_seed(seed)
+    for name in sorted(params):
+        full = torch.zeros(params[name].shape)
+        if ".lora_A." in name:
+            torch.nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=gen)
+        write_shard(params[name], full.to(params[name].dtype))
+
+
 def restore_buffers(model: torch.nn.Module) -> None:
     """Recompute the rotary tables that ``to_empty`` left uninitialised; refuse any other buffer."""
     for mod_name, module in model.named_modules():
@@ -205,11 +222,13 @@ def materialize(model: torch.nn.Module, cfg: ModelConfig, device: torch.device) 
     model.to_empty(device=device)
     if not any(isinstance(p, DTensor) for p in model.parameters()) and hasattr(model, "tie_weights"):
         model.tie_weights()  # not sharded (one rank): to_empty gave each module its own meta -> device copy
-    params = dict(model.named_parameters())  # a tied parameter appears once, under its first name
+    named = dict(model.named_parameters())  # a tied parameter appears once, under its first name
+    params = {base_name(n): p for n, p in named.items() if not is_adapter(n)}  # Hugging Face names
     if cfg.path:
         load_safetensors(params, Path(cfg.path))
     else:
         replay_init(record_init(cfg), params, cfg.init_seed)
+    init_adapters({n: p for n, p in named.items() if is_adapter(n)}, cfg.init_seed)
     with torch.no_grad():
         restore_buffers(model)
     return model

@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from areal_like.config import LossConfig, RunConfig, TaskConfig, TrainerConfig
+from areal_like.lora import adapters_disabled
 from trainer.advantages import AdvantageInputs, Advantages
 from trainer.data import TrainBatch
 from trainer.finite_guard import SKIPPED, all_finite
@@ -201,10 +202,12 @@ def recompute_prox_logp(policy: Policy, batch: TrainBatch, s: StepSettings) -> t
 
 def reference_logp(reference: torch.nn.Module | None, batch: TrainBatch, s: StepSettings,
                    device: torch.device) -> torch.Tensor | None:
-    """pi_ref for every row this rank will train on (None without a reference: KL off)."""
+    """pi_ref for every row this rank will train on (None without a reference: KL off). With LoRA
+    the reference is the policy's model with its adapters off (a no-op on a model without)."""
     if reference is None:
         return None
-    return batch_logp(reference, batch, s, device)
+    with adapters_disabled(reference):
+        return batch_logp(reference, batch, s, device)
 
 
 def minibatch_advantages(policy: Policy, batch: TrainBatch, rows: torch.Tensor, s: StepSettings) -> Advantages:

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from areal_like.lora import synced_parameters
 from areal_like.protocol import Ack, BucketSpec, SyncMember, WeightSyncPlan
 from trainer.weight_buckets import pack_bucket, plan_buckets
 
@@ -143,7 +144,7 @@ def push_local(wb, model: torch.nn.Module, version: int, report, announce: int |
     the broadcaster, ``report`` its fresh ``SyncReport``, ``announce`` the version told the buffer)."""
     t_start = time.monotonic()
     deadline = t_start + wb.cfg.deadline_s
-    params = list(model.named_parameters())
+    params = synced_parameters(model)  # LoRA: the adapter alone
     buckets = plan_buckets([(n, list(p.shape), wb.send_dtype) for n, p in params],
                            int(wb.cfg.bucket_mb * 1024 * 1024))
     tensors = [wb._gather(params, b) for b in buckets]  # all-gathers: every rank, every bucket

@@ -53,6 +53,7 @@ import torch
 from areal_like.config import WeightSyncConfig
 from areal_like.dealer import Client
 from areal_like.distributed import destroy_weight_group, free_port, init_weight_group
+from areal_like.lora import synced_parameters
 from areal_like.metrics import Metrics
 from areal_like.peers import TRAINER_PEER
 from areal_like.protocol import (
@@ -261,7 +262,7 @@ class WeightBroadcaster:
             return push_local(self, model, version, SyncReport(version=version), announce)
         deadline = t_start + self.cfg.deadline_s
         report = SyncReport(version=version)
-        params = list(model.named_parameters())
+        params = synced_parameters(model)  # LoRA: the adapter alone
         buckets = plan_buckets([(n, list(p.shape), self.send_dtype) for n, p in params],
                                int(self.cfg.bucket_mb * 1024 * 1024))
         t_gather = time.monotonic()

@@ -47,7 +47,8 @@ def main(argv: list[str]) -> int:
     if key is None:
         log.warning("%s is not set: the engine's endpoints need no API key (it listens on %s)", ENGINE_KEY_ENV,
                     engine_cfg.host)
-    engine = EmbeddedEngine(cfg.model, engine_cfg, seed=cfg.seed, api_key=key).start()
+    engine = EmbeddedEngine(cfg.model, engine_cfg, seed=cfg.seed, api_key=key,
+                            lora=cfg.trainer.lora).start()
     print(f"ENGINE_URL {engine.url}", flush=True)
     try:
         while not stop.wait(0.5):

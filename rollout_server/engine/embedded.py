@@ -10,7 +10,9 @@ Sizing: ``max_running_requests`` KV slots, each up to ``context_len = min(max_po
 max_total_tokens)`` positions (allocated lazily, doubling); admission keeps the sum over running
 requests of ``prompt + max_new_tokens`` within ``max_total_tokens``. The initial
 ``weight_version`` is ``"0"`` (policy version 0) rather than SGLang's ``"default"``, because the
-rollout server reads token versions as ``int(weight_version)``.
+rollout server reads token versions as ``int(weight_version)``. With ``lora`` enabled the model
+gets the trainer's LoRA layers (``areal_like.lora.add_adapters``): one live adapter, replaced in
+place by each weight update as full weights are, under the same pause and version rules.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import threading
 import time
 import uuid
 
-from areal_like.config import EngineConfig, ModelConfig
+from areal_like.config import EngineConfig, LoraConfig, ModelConfig
 from areal_like.http_guard import HttpLimits
 from areal_like.http_guard import serve as guarded_serve
+from areal_like.lora import add_adapters
 from rollout_server.engine.http_server import EngineHttp
 from rollout_server.engine.local import LocalGenerate
 from rollout_server.engine.metrics import EngineMetrics
@@ -43,8 +46,9 @@ PROTOCOL_VERSION = "0.5.23"  # the SGLang release whose protocol this engine spe
 class EmbeddedEngine:
     def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, *, tokenizer=None,
                  weight_version: str = "0", seed: int = 0, api_key: str | None = None,
-                 limits: HttpLimits = HttpLimits()):
+                 limits: HttpLimits = HttpLimits(), lora: LoraConfig | None = None):
         self.model_cfg, self.engine_cfg = model_cfg, engine_cfg
+        self.lora = lora  # enabled: the model gets the trainer's adapters (areal_like/lora.py)
         self.api_key, self.limits = api_key, limits  # api_key None: no authentication (in-process tests)
         self.tokenizer = tokenizer
         self.initial_weight_version, self.seed = weight_version, seed
@@ -80,6 +84,8 @@ class EmbeddedEngine:
 
         ec = self.engine_cfg
         self.model = build_model(self.model_cfg, device=ec.device)
+        if self.lora is not None and self.lora.enabled:  # weight updates carry the adapter alone
+            add_adapters(self.model, self.lora).eval()
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.model_cfg)
         cfg = self.model.config

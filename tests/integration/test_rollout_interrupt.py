@@ -12,6 +12,8 @@ forward passes in this process:
   the concatenation is exactly what the two weight versions generated);
 * ``behav_logp`` equals ``log_softmax(logits)`` of the model version that produced each token
   (max abs diff <= 1e-4), and the total length is what the engine reported.
+
+The same with LoRA: an engine with adapters, the update only the adapter's tensors.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from areal_like.config import EngineConfig, ModelConfig
+from areal_like.config import EngineConfig, LoraConfig, ModelConfig
 from areal_like.distributed import free_port
 from areal_like.hf import build_model
 from areal_like.protocol import BucketSpec, SyncMember, WeightSyncPlan
@@ -92,23 +94,27 @@ def check_against(model, prompt: list[int], out: list[int], logps: list[float], 
     assert (ref - torch.tensor(logps[lo:hi])).abs().max().item() <= 1e-4
 
 
-def test_pause_update_continue_switches_versions_exactly_at_the_abort_point():
+def run_interrupted(state: dict, lora: LoraConfig | None = None, state_file: Path | None = None):
+    """Generate PROMPTS on a fresh engine (``lora``: with adapters) while ``state`` (name -> tensor)
+    is pushed as version 1 mid-generation; returns (SyncDone, samples, the served version)."""
     from rollout_server.engine import EmbeddedEngine
 
-    torch.set_num_threads(1)
-    old, new = build_model(ModelConfig(**MODEL, init_seed=0)), build_model(ModelConfig(**MODEL, init_seed=1))
     port, group = free_port(), "interrupt_weights"
-    plan, buckets = make_plan(new.state_dict(), port, group)
+    plan, buckets = make_plan(state, port, group)
     spec = {"model": {**MODEL, "init_seed": 1}, "port": port, "group": group, "buckets": buckets}
+    if state_file is not None:
+        torch.save(state, state_file)
+        spec["state_file"] = str(state_file)
     # the trainer's side (rank 0) starts first and waits in the rendezvous, so that the pause lands
     # in the middle of the generations rather than after them
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     sender = subprocess.Popen([sys.executable, "-c", SENDER, json.dumps(spec)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:
-        engine = EmbeddedEngine(ModelConfig(**MODEL), EngineConfig(max_running_requests=8)).start()
+        engine = EmbeddedEngine(ModelConfig(**MODEL), EngineConfig(max_running_requests=8),
+                                lora=lora).start()
         try:
-            done, samples, served = asyncio.run(scenario(engine.url, plan, sender))
+            return asyncio.run(scenario(engine.url, plan, sender))
         finally:
             engine.stop()
     finally:
@@ -116,6 +122,8 @@ def test_pause_update_continue_switches_versions_exactly_at_the_abort_point():
             sender.kill()
             sender.wait()
 
+
+def check_exact_switch(done, samples, served: str, old, new) -> None:
     assert done.ok and done.pause_s > 0, done.reason
     assert served == "1"
     spanning = 0
@@ -131,3 +139,33 @@ def test_pause_update_continue_switches_versions_exactly_at_the_abort_point():
         check_against(old, prompt, s.output_ids, s.logprobs, 0, k)
         check_against(new, prompt, s.output_ids, s.logprobs, k, n)
     assert spanning >= 1, "no sample was interrupted mid-generation"
+
+
+def test_pause_update_continue_switches_versions_exactly_at_the_abort_point():
+    torch.set_num_threads(1)
+    old = build_model(ModelConfig(**MODEL, init_seed=0))
+    new = build_model(ModelConfig(**MODEL, init_seed=1))
+    check_exact_switch(*run_interrupted(new.state_dict()), old, new)
+
+
+def test_an_adapter_change_mid_generation_switches_versions_exactly(tmp_path):
+    """LoRA (``trainer.lora``): the engine carries adapters (B = 0: version 0 is its base) and the
+    update is the adapter alone; from the abort point on, tokens are the base + adapter's."""
+    from areal_like.lora import add_adapters, is_adapter
+
+    torch.set_num_threads(1)
+    lora = LoraConfig(rank=4, alpha=8.0)
+    old = build_model(ModelConfig(**MODEL))
+    new = add_adapters(build_model(ModelConfig(**MODEL)), lora).eval()
+    gen = torch.Generator().manual_seed(7)
+    adapter = {n: torch.randn(p.shape, generator=gen) * 0.3
+               for n, p in new.named_parameters() if is_adapter(n)}
+    with torch.no_grad():
+        for n, p in new.named_parameters():
+            if n in adapter:
+                p.copy_(adapter[n])
+    assert len(adapter) == 2 * 7 * 2  # A and B of 7 linear layers in each of 2 blocks: all sent
+    with torch.no_grad():  # the adapter changes the model: the switch point shows in the tokens
+        x = torch.tensor(PROMPTS)
+        assert (old(x).logits - new(x).logits).abs().max() > 0.1
+    check_exact_switch(*run_interrupted(adapter, lora, tmp_path / "adapter.pt"), old, new)

@@ -50,7 +50,7 @@ def engine_role(cfg_path: str, out: str) -> None:
     from rollout_server.engine.embedded import EmbeddedEngine
 
     cfg = load_daemon_config(["--config-file", cfg_path])
-    engine = EmbeddedEngine(cfg.model, cfg.rollout.engine).start()
+    engine = EmbeddedEngine(cfg.model, cfg.rollout.engine, lora=cfg.trainer.lora).start()
     Path(out + ".url").write_text(engine.url)
     seen = None
     while True:  # report the weights whenever the served version changes (until killed/terminated)

@@ -1,0 +1,202 @@
+"""LoRA in real trainer steps (``trainer.lora.rank`` > 0), on 1 and on 2 FSDP2 ranks (gloo, real
+processes).
+
+Each worker builds the policy with adapters and the KL reference (``trainer.loss.kl_coef`` > 0,
+the same model with the adapters off) and checks:
+- only the adapters require gradients and only they are in AdamW; the base weights are exactly
+  the weights of the model without LoRA (meta-device build, sharded init);
+- step 0: B = 0, so the adapted model is its base: ``kl_ref`` is exactly 0;
+- after two steps every base weight is bit-identical to its initial value, the adapters moved,
+  and ``kl_ref`` > 0 (the reference really runs without the adapters);
+- resume: a fresh policy loading the checkpoint takes the same next step as the original (the
+  adapters and their AdamW state were restored);
+- export (``merged=True``): PEFT loads the adapter onto the base, and the merged model gives the
+  adapted model's logits within 1e-5 (fp32); the same from the checkpoint (``areal-like export``).
+1 rank and 2 ranks agree on the stats. The worker half of this file runs as
+``python -c RUNNER test_trainer_lora.py OUT_DIR`` (RANK/WORLD_SIZE/MASTER_* in the environment
+for 2 ranks).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+RUNNER = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
+WORKER_TIMEOUT_S = (
+    300  # cold torch + transformers imports of three processes on a loaded 2-core machine
+)
+KL_COEF = 0.1
+SETTINGS = [
+    "trainer.lr=1e-2",
+    "trainer.micro_batch_size=2",
+    f"trainer.loss.kl_coef={KL_COEF}",
+    "trainer.loss.agg=token-mean",
+    "trainer.lora.rank=4",
+    "trainer.lora.alpha=8",
+]
+
+
+def worker(out_dir: Path) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_trainer_invariance import synthetic_groups
+
+    from areal_like.config import load_config
+    from areal_like.lora import base_name, is_adapter
+    from areal_like.tokenizer import load_tokenizer
+    from trainer.checkpoint import load_checkpoint, save_checkpoint
+    from trainer.data import groups_to_batch
+    from trainer.export import export_hf
+    from trainer.model import (
+        build_policy,
+        build_reference,
+        full_state_dict,
+        init_distributed,
+        leave_distributed,
+    )
+    from trainer.step import StepSettings, recompute_prox_logp, reference_logp, train_step
+
+    cfg = load_config(SETTINGS)
+    rank, _ = init_distributed(cfg.trainer)
+    plain = full_state_dict(build_policy(cfg.model, load_config(SETTINGS[:-2]).trainer).model)
+    policy = build_policy(cfg.model, cfg.trainer)
+    reference = build_reference(cfg.model, cfg.trainer, policy)
+    s = StepSettings.from_config(cfg)
+    batch = groups_to_batch(synthetic_groups())
+
+    def step(p):
+        ref = build_reference(cfg.model, cfg.trainer, p)
+        return train_step(
+            p, batch, s, recompute_prox_logp(p, batch, s), reference_logp(ref, batch, s, p.device)
+        )
+
+    trainable = {n for n, p in policy.model.named_parameters() if p.requires_grad}
+    in_adam = {id(p) for g in policy.optimizer.param_groups for p in g["params"]}
+    res = {
+        "trainable": trainable,
+        "plain": plain,
+        "init": full_state_dict(policy.model),
+        "adam_is_trainable": in_adam
+        == {id(p) for p in policy.model.parameters() if p.requires_grad},
+        "same_model": reference is policy.model,
+    }
+    res["step0"], res["step1"] = step(policy), step(policy)
+    res["policy"] = full_state_dict(policy.model)
+    ckpt = save_checkpoint(out_dir / "ckpt", policy, 2)
+    resumed = build_policy(cfg.model, cfg.trainer)
+    load_checkpoint(ckpt, resumed)
+    res["step2"], res["resumed_step2"] = step(policy), step(resumed)
+    res["after"], res["resumed_after"] = (
+        full_state_dict(policy.model),
+        full_state_dict(resumed.model),
+    )
+    res["base_names"] = {n: base_name(n) for n in res["init"] if not is_adapter(n)}
+    export_hf(
+        policy.model,
+        out_dir / "export",
+        model_cfg=cfg.model,
+        tokenizer=load_tokenizer(cfg.model),
+        shard_mb=1,
+        dtype="float32",
+        merged=True,
+    )
+    if rank == 0:
+        torch.save(res, out_dir / "res.pt")
+    leave_distributed()
+
+
+def test_lora_trains_adapters_only_on_one_and_two_ranks(tmp_path, spawn_python, free_port):
+    import torch
+
+    port = free_port()
+    env2 = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    procs = [spawn_python(RUNNER, [__file__, one], capture=False)]
+    procs += [
+        spawn_python(
+            RUNNER,
+            [__file__, two],
+            capture=False,
+            env={**env2, "RANK": str(r), "LOCAL_RANK": str(r)},
+        )
+        for r in (0, 1)
+    ]
+    assert [p.wait(timeout=WORKER_TIMEOUT_S) for p in procs] == [0, 0, 0]
+    one, two = torch.load(one / "res.pt"), torch.load(two / "res.pt")
+    for res in (one, two):
+        assert res["trainable"] and all(
+            ".lora_A." in n or ".lora_B." in n for n in res["trainable"]
+        )
+        assert res["adam_is_trainable"] and res["same_model"]
+        for name, hf in res["base_names"].items():  # the frozen base is the plain model's init
+            assert torch.equal(res["init"][name], res["plain"][hf]), name
+        assert res["step0"]["kl_ref"] == 0.0  # B = 0: the adapted model is its base
+        assert res["step1"]["kl_ref"] > 1e-6
+        for name, w in res["init"].items():
+            if name in res["trainable"]:
+                continue
+            assert torch.equal(res["policy"][name], w), name  # the base never moves
+            assert torch.equal(res["after"][name], w), name
+        moved = max(
+            float((res["policy"][n] - res["init"][n]).abs().max()) for n in res["trainable"]
+        )
+        assert moved > 1e-3
+        for name, w in res[
+            "after"
+        ].items():  # the same next step after a resume: adapters + AdamW state
+            torch.testing.assert_close(res["resumed_after"][name], w, rtol=0, atol=1e-6)
+        assert res["resumed_step2"]["loss"] == pytest.approx(res["step2"]["loss"], rel=1e-6)
+    for key in ("loss", "policy_loss", "kl_ref"):  # ranks do not change the numbers
+        assert two["step1"][key] == pytest.approx(one["step1"][key], rel=1e-5, abs=1e-7), key
+    for out, res in ((tmp_path / "one", one), (tmp_path / "two", two)):
+        check_export(out / "export", res["after"])
+    from areal_like.config import load_config
+    from trainer.checkpoint import latest_checkpoint
+    from trainer.export import export_checkpoint
+
+    offline = export_checkpoint(
+        latest_checkpoint(tmp_path / "two" / "ckpt"),
+        tmp_path / "offline",
+        load_config([*SETTINGS, "export.merged=true"]),
+    )  # `areal-like export`
+    check_export(offline, two["policy"])  # the checkpoint holds the weights after step 1
+
+
+def check_export(directory: Path, state: dict) -> None:
+    """The export: PEFT loads the adapter onto the base, and the merged model, both giving the
+    trainer's adapted model's logits (fp32: merged within 1e-5)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from areal_like.config import load_config
+    from areal_like.hf import build_model
+    from areal_like.lora import add_adapters
+
+    cfg = load_config(SETTINGS)
+    trained = add_adapters(build_model(cfg.model), cfg.trainer.lora).eval()
+    trained.load_state_dict(state)
+    peft_loaded = PeftModel.from_pretrained(build_model(cfg.model), str(directory)).eval()
+    merged = AutoModelForCausalLM.from_pretrained(
+        str(directory / "merged"), dtype=torch.float32
+    ).eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    ids = torch.tensor([[1, 20, 30, 40, 50, 60, 70, 80], [1, 9, 8, 7, 6, 5, 4, 3]])
+    with torch.no_grad():
+        want = trained(ids).logits
+        base = build_model(cfg.model)(ids).logits
+        assert (want - base).abs().max() > 1e-3  # the adapter matters
+        torch.testing.assert_close(peft_loaded(ids).logits, want, rtol=0, atol=1e-6)
+        torch.testing.assert_close(merged(ids).logits, want, rtol=0, atol=1e-5)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    worker(Path(sys.argv[2]))  # argv: -c, this file, OUT_DIR (see RUNNER)

@@ -1,0 +1,73 @@
+"""``trainer.lora``: bad input is refused before anything starts, with one error naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from areal_like.config import ConfigError, load_config
+from launch import preflight as pf
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("trainer.lora.rank=-1", "trainer.lora.rank"),
+        ("trainer.lora.dropout=1.0", "trainer.lora.dropout"),
+        ("trainer.lora.alpha=0", "trainer.lora.alpha"),
+        ("trainer.lora.target_modules=[]", "trainer.lora.target_modules"),
+        (
+            "trainer.ref_path=/tmp/ref",
+            "trainer.ref_path",
+        ),  # the reference is the base without the adapter
+        ("trainer.weight_sync.path=disk", "trainer.weight_sync.path"),
+        ("trainer.weight_sync.path=tensor", "trainer.weight_sync.path"),
+        ("rollout.engine.kind=sglang", "rollout.engine.kind"),
+        ("model.dtype=bfloat16", "model.dtype"),  # FSDP2 mixed precision + frozen base: not yet
+    ],
+)
+def test_bad_lora_settings_name_their_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(["trainer.lora.rank=4", override])
+
+
+def test_lora_is_off_by_default_and_on_with_a_rank():
+    assert not load_config([]).trainer.lora.enabled
+    cfg = load_config(["trainer.lora.rank=8"])
+    assert cfg.trainer.lora.enabled and "down_proj" in cfg.trainer.lora.target_modules
+    assert pf.checked(cfg) == cfg  # every default target exists in the Qwen2 model
+
+
+def test_a_target_module_the_model_lacks_is_refused_by_preflight():
+    cfg = load_config(
+        ["trainer.lora.rank=8", "trainer.lora.target_modules=[q_proj,query_key_value]"]
+    )
+    with pytest.raises(pf.PreflightError) as e:
+        pf.checked(cfg)
+    assert len(e.value.problems) == 1
+    assert (
+        "trainer.lora.target_modules" in e.value.problems[0]
+        and "query_key_value" in e.value.problems[0]
+    )
+
+
+def test_the_trainer_refuses_a_missing_target_too():
+    from areal_like.hf import build_meta_model
+    from areal_like.lora import add_adapters
+
+    cfg = load_config(["trainer.lora.rank=8", "trainer.lora.target_modules=[q_proj,c_attn]"])
+    with pytest.raises(ConfigError, match=r"trainer\.lora\.target_modules.*c_attn"):
+        add_adapters(build_meta_model(cfg.model), cfg.trainer.lora)
+
+
+def test_an_adapter_on_a_tied_lm_head_is_refused():
+    cfg = load_config(
+        [
+            "trainer.lora.rank=8",
+            "trainer.lora.target_modules=[q_proj,lm_head]",
+            "model.tie_word_embeddings=true",
+        ]
+    )
+    with pytest.raises(pf.PreflightError, match=r"trainer\.lora\.target_modules.*tied"):
+        pf.checked(cfg)
+    untied = load_config(["trainer.lora.rank=8", "trainer.lora.target_modules=[q_proj,lm_head]"])
+    assert pf.checked(untied) == untied
