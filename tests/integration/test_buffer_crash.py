@@ -83,6 +83,16 @@ def produce(address: str, server_id: str, out_path: str, target: str) -> None:
     client.close()
 
 
+def stored_groups(address: str, timeout_s: float) -> list:
+    """Every group the buffer at ``address`` stores, taken in one batch as the trainer would."""
+    trainer = Client(address, timeout_s=timeout_s)
+    try:
+        stored = trainer.request(P.StatsRequest()).values["stored"]
+        return trainer.request(P.BatchRequest(n_groups=stored, trainer_version=0, wait_s=1.0)).groups
+    finally:
+        trainer.close()
+
+
 def read_acks(paths: list[Path]) -> list[dict]:
     rows = []
     for p in paths:
@@ -120,16 +130,11 @@ def test_kill9_mid_stream_loses_and_duplicates_nothing(tmp_run_dir, spawn_python
     acks = read_acks(outs)
     acked = {r["group_id"] for r in acks if r["status"] in ("accepted", "duplicate")}
     assert len(acked) == N_PRODUCERS * GROUPS_PER_PRODUCER
-    trainer = Client(cfg.buffer.address, timeout_s=TIMEOUT_S)
-    try:
-        stored = trainer.request(P.StatsRequest()).values["stored"]
-        batch = trainer.request(P.BatchRequest(n_groups=stored, trainer_version=0, wait_s=1.0))
-    finally:
-        trainer.close()
-    delivered = [g.group_id for g in batch.groups]
+    groups = stored_groups(cfg.buffer.address, TIMEOUT_S)
+    delivered = [g.group_id for g in groups]
     assert len(delivered) == len(set(delivered)), "a group was stored twice"
     assert set(delivered) == acked, "an acked group was lost (or an unacked one appeared)"
-    for g in batch.groups:
+    for g in groups:
         expected = group_for(P.Credit(lease_id=g.lease_id, prompt_index=g.prompt_index, epoch=0, deadline_s=0),
                              g.server_id)
         for got, want in zip(g.trajectories, expected.trajectories, strict=True):
@@ -143,7 +148,7 @@ def test_kill9_mid_stream_loses_and_duplicates_nothing(tmp_run_dir, spawn_python
     svc.recover()
     ledger = svc.ledger
     assert ledger.epoch == 0
-    prompts = [g.prompt_index for g in batch.groups] + [x.prompt_index for x in ledger.leases.values()] \
+    prompts = [g.prompt_index for g in groups] + [x.prompt_index for x in ledger.leases.values()] \
         + [i for i, _ in ledger.reissue]
     assert sorted(prompts) == list(range(ledger.next_index)), "the cursor repeated or skipped a prompt"
     assert len(svc.store) == 0  # everything was consumed, and the consumption was durable

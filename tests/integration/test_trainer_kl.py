@@ -86,15 +86,7 @@ def worker(out_dir: Path) -> None:
 def test_kl_reference_step_on_one_and_two_ranks(tmp_path, spawn_python, free_port):
     import torch
 
-    port = free_port()
-    env2 = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir()
-    two.mkdir()
-    procs = [spawn_python(RUNNER, [__file__, one], capture=False)]
-    procs += [spawn_python(RUNNER, [__file__, two], capture=False, env={**env2, "RANK": str(r), "LOCAL_RANK": str(r)})
-              for r in (0, 1)]
-    assert [p.wait(timeout=WORKER_TIMEOUT_S) for p in procs] == [0, 0, 0]
+    one, two = spawn_python.one_and_two_ranks(RUNNER, __file__, tmp_path, free_port(), WORKER_TIMEOUT_S)
     one, two = torch.load(one / "res.pt"), torch.load(two / "res.pt")
     for res in (one, two):
         s0, s1 = res["step0"], res["step1"]

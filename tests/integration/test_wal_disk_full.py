@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 import pytest
+from test_buffer_crash import stored_groups
 
 from areal_like import protocol as P
 from areal_like.config import (
@@ -125,11 +126,5 @@ def test_a_wal_that_cannot_grow_stops_the_buffer_cleanly_and_loses_no_acked_grou
     assert not any("Traceback" in line for line in log.lines), "\n".join(log.lines[-40:])
 
     spawn_python("buffer", ["--config-file", config_file], capture=False)  # no limit: room again
-    trainer = Client(cfg.buffer.address, timeout_s=REQUEST_S)
-    try:
-        stored = trainer.request(P.StatsRequest()).values["stored"]
-        batch = trainer.request(P.BatchRequest(n_groups=stored, trainer_version=0, wait_s=1.0))
-    finally:
-        trainer.close()
-    delivered = [g.group_id for g in batch.groups]
+    delivered = [g.group_id for g in stored_groups(cfg.buffer.address, REQUEST_S)]
     assert sorted(delivered) == sorted(set(acked)), "an acked group lost (or one stored twice)"
