@@ -281,7 +281,7 @@ class LoraConfig:
 
     rank: int = 0  # 0 = off (every weight trains); r of the A [r, in] and B [out, r] matrices
     alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
-    dropout: float = 0.0  # on the adapter's input, training only
+    dropout: float = 0.0  # on the adapter's input, in the training forward only (not in log-prob passes)
     target_modules: list[str] = field(default_factory=lambda: list(LORA_DEFAULT_TARGETS))
 
     @property

@@ -134,7 +134,8 @@ def export_adapter(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelCon
     if rank == 0:
         save_file(adapter, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
         config = copy.deepcopy(model.peft_config[ADAPTER])  # what add_adapters injected
-        config.base_model_name_or_path = model_cfg.path
+        config.base_model_name_or_path = model_cfg.path  # None for a model built from config
+        config.task_type = "CAUSAL_LM"  # what AutoPeftModelForCausalLM and servers read
         config.inference_mode = True
         config.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))

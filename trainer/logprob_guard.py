@@ -118,8 +118,11 @@ def probe_engine(server_id: str, url: str, prompt_ids: list[int], temperature: f
 def trainer_logprobs(model: torch.nn.Module, prompt_ids: list[int], output_ids: list[int], temperature: float,
                      device: torch.device) -> list[float]:
     """log pi(output token t | prompt, earlier outputs) under ``model`` with the trainer's convention."""
+    from trainer.model import evaluating
+
     ids = torch.tensor([list(prompt_ids) + list(output_ids)], device=device)
-    logits = model(input_ids=ids).logits
+    with evaluating(model):  # no dropout: the engine computes without
+        logits = model(input_ids=ids).logits
     n_prompt = len(prompt_ids)
     picked = logits[:, n_prompt - 1:ids.shape[1] - 1]  # the logits that predicted each output token
     return token_logprobs(picked, ids[:, n_prompt:], temperature)[0].tolist()

@@ -54,6 +54,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -146,6 +147,18 @@ def apply_fsdp(model: torch.nn.Module, model_cfg: ModelConfig) -> torch.nn.Modul
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module):
+    """``model`` in eval mode for a pass that only measures (the proximal and reference log-probs,
+    the log-prob guard): no dropout (``trainer.lora.dropout``), as in the engines; then as it was."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
 
 
 def policy_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,

@@ -53,7 +53,7 @@ from trainer.data import TrainBatch
 from trainer.finite_guard import SKIPPED, all_finite
 from trainer.logprobs import CHUNK_TOKENS
 from trainer.losses import KERNELS, Kernel, accumulate_stats, compute_policy_loss, finalize_stats, vcpo_is_weights
-from trainer.model import Policy, clip_gradients
+from trainer.model import Policy, clip_gradients, evaluating
 from trainer.packing import Plan, plan_minibatch
 
 
@@ -181,13 +181,14 @@ def batch_logp(model: torch.nn.Module, batch: TrainBatch, s: StepSettings, devic
     """log-probs under ``model`` [N, T] (CPU, fp32) of every row this rank will train on, computed
     over the same micro-batches ``train_step`` uses; other ranks' rows are left 0."""
     out = torch.zeros_like(batch.behav_logp)
-    for rows in minibatches(batch, s.num_minibatches):
-        for mb_rows in local_microbatches(batch, rows, s):
-            idx = mb_rows if mb_rows is not None else rows[:1]  # a dummy pass keeps the collectives aligned
-            lp = output_logp(model, batch.select(idx).to(device), s.temperature, s.chunk_tokens,
-                             s.pack_sequences)
-            if mb_rows is not None:
-                out[mb_rows, :lp.shape[1]] = lp.float().cpu()
+    with evaluating(model):  # no dropout: what the engines compute
+        for rows in minibatches(batch, s.num_minibatches):
+            for mb_rows in local_microbatches(batch, rows, s):
+                idx = mb_rows if mb_rows is not None else rows[:1]  # a dummy pass keeps the collectives aligned
+                lp = output_logp(model, batch.select(idx).to(device), s.temperature, s.chunk_tokens,
+                                 s.pack_sequences)
+                if mb_rows is not None:
+                    out[mb_rows, :lp.shape[1]] = lp.float().cpu()
     return out
 
 

@@ -168,6 +168,9 @@ def check_export(directory: Path, state: dict) -> None:
     cfg = load_config(SETTINGS)
     trained = add_adapters(build_model(cfg.model), cfg.trainer.lora).eval()
     trained.load_state_dict(state)
+    import json
+
+    assert json.loads((directory / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
     peft_loaded = PeftModel.from_pretrained(build_model(cfg.model), str(directory)).eval()
     merged = AutoModelForCausalLM.from_pretrained(
         str(directory / "merged"), dtype=torch.float32

@@ -18,6 +18,48 @@ def reference_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
     return logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
 
 
+def test_measuring_passes_run_without_dropout():
+    """The proximal/reference log-probs (``batch_logp``) and the guard's (``trainer_logprobs``) of a
+    policy in train mode with LoRA dropout 0.5 are the dropout-free numbers the engine computes, the
+    same twice, and the model is left in train mode. Fails without ``evaluating`` (differences up
+    to about 1 nat)."""
+    import numpy as np
+
+    from areal_like.config import load_config
+    from areal_like.protocol import TrajectoryGroup
+    from areal_like.trajectory import Trajectory
+    from trainer.data import groups_to_batch
+    from trainer.logprob_guard import trainer_logprobs
+    from trainer.model import attach_logprobs
+    from trainer.step import StepSettings, batch_logp
+
+    cfg = load_config(["trainer.lora.rank=4", "trainer.lora.dropout=0.5"])
+    model = attach_logprobs(add_adapters(build_model(cfg.model), cfg.trainer.lora))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_adapter(name):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    model.train()
+    trajs = [Trajectory.of(prompt_ids=np.array([5, 6, 7]), output_ids=np.arange(10, 16),
+                           behav_logp=np.full(6, -1.0), versions=np.zeros(6, np.int32), reward=1.0,
+                           finish_reason="stop")]
+    batch = groups_to_batch([TrajectoryGroup(group_id="g", server_id="s", lease_id="0", prompt_index=0,
+                                             epoch=0, trajectories=trajs)])
+    s = StepSettings.from_config(cfg)
+    first, second = (batch_logp(model, batch, s, torch.device("cpu")) for _ in range(2))
+    ids = torch.tensor([[5, 6, 7, *range(10, 16)]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model.eval()(ids).logits.float() / s.temperature, -1)
+    want = logp[0, 2:-1].gather(-1, ids[0, 3:, None])[:, 0]
+    model.train()
+    torch.testing.assert_close(first[0, :6], want, rtol=0, atol=1e-5)
+    assert torch.equal(first, second) and model.training
+    guard = trainer_logprobs(model, [5, 6, 7], list(range(10, 16)), s.temperature, torch.device("cpu"))
+    torch.testing.assert_close(torch.tensor(guard), want, rtol=0, atol=1e-5)
+    assert model.training
+
+
 def test_policy_logprobs_include_every_adapter_and_drop_them_when_disabled():
     cfg = ModelConfig()
     model = add_adapters(build_model(cfg), LoraConfig(rank=4, target_modules=["q_proj", "lm_head"]))
