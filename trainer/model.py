@@ -198,11 +198,11 @@ def policy_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, positions: 
 def output_weight(model: torch.nn.Module) -> torch.Tensor:
     """The lm_head weight the forward uses: with a LoRA adapter on ``lm_head`` (in
     ``trainer.lora.target_modules``) the base plus PEFT's ``get_delta_weight`` (differentiable;
-    one [vocab, hidden] temporary), unless the adapters are off (the KL reference)."""
-    from peft.tuners.lora import LoraLayer
-
+    one [vocab, hidden] temporary), unless the adapters are off (the KL reference). Read by
+    attribute: a run without LoRA never imports peft."""
     head = model.get_output_embeddings()
-    if isinstance(head, LoraLayer) and not head.disable_adapters and ADAPTER in head.lora_A:
+    lora_a = getattr(head, "lora_A", None)  # PEFT's LoraLayer: lora_A, disable_adapters, get_delta_weight
+    if lora_a is not None and ADAPTER in lora_a and not head.disable_adapters:
         return head.weight + head.get_delta_weight(ADAPTER)
     return head.weight
 

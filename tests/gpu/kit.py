@@ -47,7 +47,7 @@ SDIST_ONLY = {"antlr4-python3-runtime"}  # pure Python, no wheel on PyPI: built 
 IMAGE_HAS = {  # in the GPU image (the device tool's list of its packages), used as they are
     "torch", "jinja2", "pyarrow", "numpy", "aiohttp", "psutil", "matplotlib",
     "rich", "safetensors", "pytest", "pytest-timeout", "hypothesis", "huggingface-hub", "pandas", "pyyaml",
-    "xxhash", "fsspec", "requests", "tqdm", "filelock", "packaging", "sympy",
+    "xxhash", "fsspec", "requests", "tqdm", "filelock", "packaging", "sympy", "peft",
 }
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
 
