@@ -5,46 +5,62 @@ leaves the roster and its leases are released at once (not after their own deadl
 of a server that registers as a new process (``Register.fresh``). After a
 restart, leases restored for servers that never registered again are released once, when every
 live server has had a heartbeat timeout to come back.
+
+Invariant: ``changed`` is True from any lease re-issued or released until the service takes it
+(``take_changed``) for its next control record, as ``Handout.changed`` is.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from areal_like import protocol as P
-
-if TYPE_CHECKING:
-    from buffer.service import BufferService
-
-
-def expire(svc: BufferService) -> None:
-    """Re-issue expired leases and release those of servers gone from the roster (marks svc dirty)."""
-    if expired := svc.ledger.expire():
-        svc._dirty = True
-        svc.instruments.count("credits_expired", len(expired))
-        svc.log.warning("re-issuing %d expired leases (e.g. %s of %s)", len(expired),
-                    expired[0].lease_id, expired[0].server_id)
-    gone = set(svc.control.expire())
-    if not svc._orphans_checked and svc.clock() - svc._started_at > svc.control.heartbeat_timeout_s:
-        # after a restart: leases restored for servers that never came back (a server heartbeats
-        # far more often than the timeout, so every live one has registered again by now)
-        svc._orphans_checked = True
-        release(svc, lambda sid: sid in svc.control.roster, "gone from the roster")
-    elif gone:
-        release(svc, lambda sid: sid not in gone, "gone from the roster")
+from buffer.control import ControlPlane
+from buffer.credits import CreditLedger
+from buffer.instruments import BufferMetrics
 
 
-def register(svc: BufferService, m: P.Register) -> P.RegisterAck:
-    if m.fresh:  # a new process under this id holds none of the leases an earlier one left
-        release(svc, lambda sid: sid != m.server_id, f"{m.server_id} restarted")
-    return svc.control.register(m)
+class Expiry:
+    """Lease expiry and roster timeouts over the service's ledger and control plane."""
 
+    def __init__(self, ledger: CreditLedger, control: ControlPlane, instruments: BufferMetrics,
+                 log: logging.Logger, clock: Callable[[], float]):
+        self.ledger, self.control, self.instruments, self.log = ledger, control, instruments, log
+        self.clock, self.started_at = clock, clock()
+        self.orphans_checked = False  # leases of servers that did not come back after a restart
+        self.changed = False
 
-def release(svc: BufferService, keep: Callable[[str], bool], why: str) -> None:
-    """Re-issue at once every lease whose holder ``keep`` rejects (marks svc dirty when any was)."""
-    if released := svc.ledger.release(keep):
-        svc._dirty = True
-        svc.instruments.count("credits_released", len(released))
-        svc.log.warning("re-issuing %d leases of %s: %s", len(released),
-                        ", ".join(sorted({x.server_id for x in released})), why)
+    def take_changed(self) -> bool:
+        changed, self.changed = self.changed, False
+        return changed
+
+    def sweep(self) -> None:
+        """Re-issue expired leases and release those of servers gone from the roster."""
+        if expired := self.ledger.expire():
+            self.changed = True
+            self.instruments.count("credits_expired", len(expired))
+            self.log.warning("re-issuing %d expired leases (e.g. %s of %s)", len(expired),
+                             expired[0].lease_id, expired[0].server_id)
+        gone = set(self.control.expire())
+        timeout = self.control.heartbeat_timeout_s
+        if not self.orphans_checked and self.clock() - self.started_at > timeout:
+            # after a restart: leases restored for servers that never came back (a server heartbeats
+            # far more often than the timeout, so every live one has registered again by now)
+            self.orphans_checked = True
+            self.release(lambda sid: sid in self.control.roster, "gone from the roster")
+        elif gone:
+            self.release(lambda sid: sid not in gone, "gone from the roster")
+
+    def register(self, m: P.Register) -> P.RegisterAck:
+        if m.fresh:  # a new process under this id holds none of the leases an earlier one left
+            self.release(lambda sid: sid != m.server_id, f"{m.server_id} restarted")
+        return self.control.register(m)
+
+    def release(self, keep: Callable[[str], bool], why: str) -> None:
+        """Re-issue at once every lease whose holder ``keep`` rejects."""
+        if released := self.ledger.release(keep):
+            self.changed = True
+            self.instruments.count("credits_released", len(released))
+            self.log.warning("re-issuing %d leases of %s: %s", len(released),
+                             ", ".join(sorted({x.server_id for x in released})), why)

@@ -31,10 +31,11 @@ from areal_like.peers import is_trainer_peer, takes_trainer_prefix
 from areal_like.pubsub import Publisher
 from areal_like.ratelog import RateLimitedLog
 from areal_like.transport import LOCAL_MEMBER, Server, local_addresses
-from buffer import expiry, peer_caps
+from buffer import peer_caps
 from buffer.control import ControlPlane
 from buffer.credits import CreditLedger, Lease, invalid_group, version_range
 from buffer.diskspace import MIN_SEGMENT_BYTES, DiskGuard
+from buffer.expiry import Expiry
 from buffer.facts import BufferFacts
 from buffer.handout import Handout
 from buffer.instruments import BufferMetrics, service_gauges, service_stats
@@ -97,10 +98,10 @@ class BufferService(Daemon):
         self._publish: list[P.Message] = []  # to publish once this iteration's control record is durable
         self._after_control: list[tuple] = []  # (peer, req_id, reply, type, t) waiting for that record
         self._dirty = False  # control state changed in this iteration
-        self._next_sweep, self._started_at = 0.0, clock()
-        self._orphans_checked = False  # leases of servers that did not come back after a restart: released once
+        self._next_sweep = 0.0
+        self.expiry = Expiry(self.ledger, self.control, self.instruments, self.log, clock)
         self._handlers = {
-            P.Register: lambda m: expiry.register(self, m), P.Heartbeat: self.control.heartbeat,
+            P.Register: self.expiry.register, P.Heartbeat: self.control.heartbeat,
             P.RosterRequest: self.control.roster_reply, P.WeightSyncPlan: self.control.take_plan,
             P.SyncDone: lambda m: self._ack_with_leases(m, self.control.sync_done(m).ref, "ok"),  # the sync first
             P.SyncStatusRequest: self.control.sync_status,
@@ -142,7 +143,7 @@ class BufferService(Daemon):
         """The rest of a loop iteration: expire leases and silent servers (``sweep``), answer held
         BatchRequests, log what changed, send the replies that are durable now."""
         if sweep:
-            expiry.expire(self)
+            self.expiry.sweep()
             self.disk.sweep(self.wal, self.checkpoint)
         for p, reply in self.handout.serve(self.clock()):
             self._queue_reply(p.peer, p.req_id, reply, p.request.TYPE, p.received)
@@ -400,7 +401,8 @@ class BufferService(Daemon):
         yet in this iteration, else the iteration's one control record (one per reply cost more than
         the rest of a group's handling). A ticket either way: the fsync thread starts at once."""
         ticket = self.wal.request_sync()
-        if self._dirty or self._consumed or self._publish or self.handout.changed:
+        pending = self._dirty or self._consumed or self._publish
+        if pending or self.handout.changed or self.expiry.changed:
             self._after_control.append((peer, req_id, reply, kind, received))
             return
         self._waiting.append((ticket, peer, req_id, reply, kind, received))
@@ -408,7 +410,8 @@ class BufferService(Daemon):
 
     def _log_control(self) -> None:
         """One control record with what changed in this iteration, then queue what waits for it."""
-        if self.handout.take_changed() or self._dirty or self._consumed:
+        changed = self.handout.take_changed() | self.expiry.take_changed()  # both taken
+        if changed or self._dirty or self._consumed:
             record = {"changes": self._control(self.ledger.take_changes()), "consumed": self._consumed}
             written = self.wal.append_control(record)
             self.disk.wrote(written)

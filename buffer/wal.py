@@ -59,18 +59,18 @@ from buffer.wal_format import (  # noqa: F401 (re-exported: the WAL's public nam
     GID_LEN,
     HEADER,
     MAX_RECORD_BYTES,
-        DiskFull,
+    DiskFull,
     Record,
     WalFailed,
     WalRef,
-    _crc_ok,
-    _header,
-    _problem,
-    _sync_data,
-    _writev,
+    crc_ok,
     damaged_group_id,
     next_intact,
+    record_header,
+    record_problem,
     segment_path,
+    sync_data,
+    write_record,
 )
 
 BATCH_FSYNC_S = 0.05  # fsync=batch: a power loss takes at most the last 50 ms of acks
@@ -133,7 +133,7 @@ class WriteAheadLog:
         self.disk_bytes += len(data)
         pos = 0
         while pos < len(data):
-            end, problem = _problem(data, pos)
+            end, problem = record_problem(data, pos)
             if problem is None:
                 yield self._parse(data, pos, end, n)
                 pos = end
@@ -212,7 +212,8 @@ class WriteAheadLog:
         ``_queue`` for ``commit`` (module docstring)."""
         if not self._queue:
             try:
-                self._written += _writev(self._fd, [_header(parts, 0), *parts], self._written)
+                record = [record_header(parts, 0), *parts]
+                self._written += write_record(self._fd, record, self._written)
                 return
             except DiskFull as e:
                 if parts[0] != b"C":
@@ -262,7 +263,7 @@ class WriteAheadLog:
         view = memoryview(os.pread(fd, ref.length, ref.offset))
         length, crc = HEADER.unpack_from(view, 0) if len(view) >= HEADER.size else (0, 0)
         if length != len(view) - HEADER.size or length < 3 or view[HEADER.size] != ord("G") \
-                or not _crc_ok(view[HEADER.size:], crc):
+                or not crc_ok(view[HEADER.size:], crc):
             raise OSError(f"WAL record at {segment_path(self.dir, ref.segment).name}:{ref.offset} is damaged")
         (n,) = GID_LEN.unpack_from(view, HEADER.size + 1)
         return view[HEADER.size + 3 + n:]
@@ -339,7 +340,7 @@ class WriteAheadLog:
             t0 = time.monotonic()
             try:
                 self._write_queued(fd)  # every record of ticket `target` (and maybe more)
-                _sync_data(fd)  # covers every write made before this call, so all of ticket `target`
+                sync_data(fd)  # covers every write made before this call, so all of ticket `target`
             except DiskFull as e:  # kept in the queue: written once there is space; nothing acked meanwhile
                 if self._closing:
                     self._fail(e)
@@ -367,7 +368,8 @@ class WriteAheadLog:
             queue, self._queue = self._queue, []
         for i, parts in enumerate(queue):  # crc32c and os.writev release the GIL while they read the parts
             try:
-                self._written += _writev(fd, [_header(parts, -1), *parts], self._written)
+                record = [record_header(parts, -1), *parts]
+                self._written += write_record(fd, record, self._written)
             except DiskFull:
                 with self._cv:
                     self._queue[:0] = queue[i:]  # in order, before what was appended meanwhile
@@ -391,7 +393,7 @@ class WriteAheadLog:
                           (self.fsync_policy == "batch" and now - self._last_fsync < BATCH_FSYNC_S)):
             return None
         try:
-            _sync_data(self._fd)
+            sync_data(self._fd)
         except OSError as e:
             raise self._fail(e) from None
         self._dirty = False

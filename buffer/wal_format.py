@@ -56,11 +56,11 @@ def segment_path(directory: Path, n: int) -> Path:
     return Path(directory) / f"seg-{n:012d}.wal"
 
 
-def _crc_ok(payload: memoryview, crc: int) -> bool:
+def crc_ok(payload: memoryview, crc: int) -> bool:
     return crc32c.crc32c(payload) == crc
 
 
-def _problem(data: bytes, pos: int) -> tuple[int, str | None]:
+def record_problem(data: bytes, pos: int) -> tuple[int, str | None]:
     """``(end, None)`` if an intact record starts at ``pos``, else ``(pos, what is wrong)``."""
     if len(data) - pos < HEADER.size:
         return pos, "truncated header"
@@ -70,19 +70,19 @@ def _problem(data: bytes, pos: int) -> tuple[int, str | None]:
         return pos, f"invalid length {length}"
     if end > len(data):
         return pos, f"truncated payload ({len(data) - pos - HEADER.size} of {length} bytes)"
-    if not _crc_ok(memoryview(data)[pos + HEADER.size:end], crc):
+    if not crc_ok(memoryview(data)[pos + HEADER.size:end], crc):
         return pos, "checksum mismatch"
     return end, None
 
 
-def _header(parts: list[bytes | memoryview], gil_release: int) -> bytes:
+def record_header(parts: list[bytes | memoryview], gil_release: int) -> bytes:
     crc = 0
     for p in parts:
         crc = crc32c.crc32c(p, crc, gil_release)
     return HEADER.pack(sum(len(p) for p in parts), crc)
 
 
-def _writev(fd: int, record: list[bytes | memoryview], end: int) -> int:
+def write_record(fd: int, record: list[bytes | memoryview], end: int) -> int:
     """Write one record at the end of the file, which is ``end`` bytes long. When it fails, cut what
     was written of it (the file ends on a whole record) and raise: ``DiskFull`` for a full disk or
     quota, the ``OSError`` itself for anything else (``SPACE_ERRNOS``)."""
@@ -102,7 +102,7 @@ def _writev(fd: int, record: list[bytes | memoryview], end: int) -> int:
     return n
 
 
-def _sync_data(fd: int) -> None:
+def sync_data(fd: int) -> None:
     getattr(os, "fdatasync", os.fsync)(fd)  # macOS has no fdatasync
 
 
@@ -131,7 +131,7 @@ def next_intact(data: bytes, start: int) -> int | None:
         part = view[chunk:chunk + _SCAN_BYTES]
         for k in np.flatnonzero((part == _KINDS[0]) | (part == _KINDS[1])).tolist():
             q = chunk + k - HEADER.size
-            if _chained(data, q) and _problem(data, q)[1] is None:
+            if _chained(data, q) and record_problem(data, q)[1] is None:
                 return q
     return None
 
