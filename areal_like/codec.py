@@ -1,29 +1,32 @@
 """Field values <-> their wire form, for the messages of ``areal_like.protocol``.
 
-* ``checker(annotation)``: what a message's ``__post_init__`` runs on a field, on construction
-  and on decode. A value of the exact wire type passes as it is (what msgspec decodes always is);
-  an unambiguous other form (numpy scalars, tuples, a ``torch.Size``) is converted to it; anything
-  else raises ``ProtocolError`` naming the field.
+Checks: msgspec checks every field while it decodes (types, tags, unknown and missing fields, and
+the ranges declared with ``msgspec.Meta``: ``Finite``, ``Count``); a message's ``validate()`` holds
+only the rules across its fields and runs from ``__post_init__``, on construction and on decode.
+Construction checks no field: msgspec does not, and senders are this project's code, which builds
+messages from plain Python types (a numpy scalar or a ``str`` subclass fails in ``encode`` instead).
+What arrives from a peer is checked whole before any handler sees it.
+
 * ``wire_array``: a 1-D array-like as the wire triple ``(dtype, length, memoryview)`` that a
   ``Trajectory`` stores, so msgspec encodes and decodes it in C with no Python per array.
 * ``error_from``: a msgspec decode error as a ``ProtocolError`` whose ``field`` is the path msgspec
   reports (``trajectories[3].reward``).
-* ``Message``: the base of every message, which runs those checks and its ``validate()`` on
-  construction and on decode; ``field_names``: a message's public (wire) field names.
+* ``Message``: the base of every message; ``field_names``: a message's public (wire) field names.
 """
 
 from __future__ import annotations
 
-import math
 import re
-import types
-import typing
-from typing import Any, Callable, ClassVar, Literal
+import sys
+from typing import Annotated, Any, ClassVar
 
 import msgspec
 import numpy as np
 
-Check = Callable[[Any, str], Any]
+# Every float field of every message is finite (a NaN or infinite wait, deadline or reward is no
+# number a receiver can act on; areal_like/DESIGN.md): NaN fails both bounds.
+Finite = Annotated[float, msgspec.Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
 
 
 class ProtocolError(ValueError):
@@ -33,111 +36,6 @@ class ProtocolError(ValueError):
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
         self.reason = message
-
-
-def _name(value: Any) -> str:
-    return type(value).__name__
-
-
-def _int(value: Any, name: str) -> int:
-    if type(value) is int:
-        return value
-    if isinstance(value, np.integer):
-        return int(value)
-    raise ProtocolError(f"expected int, got {_name(value)}", name)  # bool included: not an int on the wire
-
-
-def _float(value: Any, name: str) -> float:
-    """Every float field of every message is finite (a NaN or infinite wait or deadline is no
-    number a receiver can act on; areal_like/DESIGN.md)."""
-    if type(value) is float and math.isfinite(value):
-        return value
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ProtocolError(f"expected float, got {_name(value)}", name)
-    try:
-        out = float(value)
-    except OverflowError:
-        out = math.inf
-    if not math.isfinite(out):
-        raise ProtocolError(f"must be finite, got {value}", name)
-    return out
-
-
-def _bool(value: Any, name: str) -> bool:
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    raise ProtocolError(f"expected bool, got {_name(value)}", name)
-
-
-def _str(value: Any, name: str) -> str:
-    if type(value) is str:
-        return value
-    raise ProtocolError(f"expected str, got {_name(value)}", name)  # str subclasses do not encode
-
-
-_ONLY_STR = frozenset((str,))
-
-
-def _dict(value: Any, name: str) -> dict:
-    if type(value) is dict and _ONLY_STR.issuperset(map(type, value)):  # no Python frame per key
-        return value
-    raise ProtocolError("expected a map with string keys", name)
-
-
-def _list_of(item: Check, exact: type | None) -> Check:
-    only = frozenset((exact,))
-
-    def check(value: Any, name: str) -> list:
-        if type(value) is list and only.issuperset(map(type, value)):
-            return value  # the common case, and every decoded list
-        if not isinstance(value, (list, tuple, np.ndarray)):
-            raise ProtocolError(f"expected list, got {_name(value)}", name)
-        return [item(x, f"{name}[{i}]") for i, x in enumerate(value)]
-
-    return check
-
-
-def _instance_of(cls: type) -> Check:
-    def check(value: Any, name: str) -> Any:
-        if type(value) is not cls:
-            raise ProtocolError(f"expected {cls.__name__}, got {_name(value)}", name)
-        return value  # it checked itself when it was built
-
-    return check
-
-
-def _one_of(choices: tuple) -> Check:
-    def check(value: Any, name: str) -> Any:
-        if value not in choices or type(value) is not type(choices[0]):
-            raise ProtocolError(f"must be one of {list(choices)}, got {value!r}", name)
-        return value
-
-    return check
-
-
-_SCALARS: dict[Any, Check] = {int: _int, float: _float, bool: _bool, str: _str, dict: _dict}
-
-
-def checker(tp: Any) -> Check:
-    """The check for a field annotated ``tp`` (see the module docstring)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp in _SCALARS or origin is dict:
-        return _SCALARS[origin or tp]
-    if origin is list:
-        exact = args[0] if args[0] in (int, float, bool, str) or _is_struct(args[0]) else None
-        return _list_of(checker(args[0]), exact)
-    if origin is Literal:
-        return _one_of(args)
-    if origin in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
-        inner = checker(next(a for a in args if a is not type(None)))
-        return lambda value, name: None if value is None else inner(value, name)
-    if _is_struct(tp):
-        return _instance_of(tp)
-    raise TypeError(f"unsupported field type {tp}")  # a schema bug, found at import
-
-
-def _is_struct(tp: Any) -> bool:
-    return isinstance(tp, type) and issubclass(tp, msgspec.Struct)
 
 
 _DTYPES = {"<i4": np.dtype("<i4"), "<f4": np.dtype("<f4")}  # the array dtypes on the wire, by tag
@@ -175,6 +73,7 @@ def wire_array(value: Any, tag: str, name: str) -> tuple[str, int, memoryview]:
 
 
 _FIELD_IN_TEXT = re.compile(r"^Object (?:missing required|contains unknown) field `(.+)`$")
+_NOT_FINITE = re.compile(rf"^Expected `float` [<>]= -?{re.escape(repr(sys.float_info.max))}$")
 _INSIDE_ARRAY = re.compile(r"^(.*\.(?:prompt_ids|output_ids|behav_logp|versions|loss_mask))\[\d+\]$")
 
 
@@ -186,8 +85,10 @@ def error_from(e: Exception, version: int) -> ProtocolError:
     where = where.removesuffix("`").removeprefix("key` in `")  # a bad map key is reported at its map
     path = where.removeprefix("$").removeprefix(".")
     field = None
-    if isinstance(e.__cause__, ProtocolError):  # raised by a message's __post_init__
+    if isinstance(e.__cause__, ProtocolError):  # raised by a message's validate()
         field, reason = e.__cause__.field, e.__cause__.reason
+    elif _NOT_FINITE.match(reason):
+        reason = "must be finite"
     elif match := _FIELD_IN_TEXT.match(reason):
         field = match.group(1)
     field = (f"{path}.{field}" if path else field) if field else path or "frame"
@@ -202,17 +103,12 @@ class Message(msgspec.Struct, frozen=True, eq=False, tag_field="type", forbid_un
     """Base of every message (``eq=False``: arrays compare elementwise, messages by identity)."""
 
     TYPE: ClassVar[str] = ""  # the tag (areal_like/protocol.py sets it for every class)
-    _checks: ClassVar[tuple] = ()  # (field, checker) pairs, from the annotations (protocol.py)
 
-    def __post_init__(self) -> None:  # on construction and on decode
-        for name, check in self._checks:
-            value = getattr(self, name)
-            if (canonical := check(value, name)) is not value:
-                msgspec.structs.force_setattr(self, name, canonical)
+    def __post_init__(self) -> None:  # on construction, and on decode after msgspec's checks
         self.validate()
 
     def validate(self) -> None:
-        """Cross-field checks; raise ProtocolError naming the field."""
+        """Rules across fields; raise ProtocolError naming the field."""
 
 
 def field_names(cls: type[Message]) -> tuple[str, ...]:

@@ -5,16 +5,16 @@ msgpack map ``{"type": str, **fields, "protocol": int}``. One encoder writes eve
 one decoder reads the union of the top-level ones, both in C.
 
 Arrays (token ids, logprobs; per-token versions and loss masks as runs) travel as raw
-little-endian bytes inside a ``Trajectory`` (``areal_like/trajectory.py``). The message base and the per-field checks are
+little-endian bytes inside a ``Trajectory`` (``areal_like/trajectory.py``). The message base is
 ``areal_like/codec.py``'s.
 
-Checks: msgspec checks types, unknown and missing fields, tags and the protocol version while it
-decodes. What it cannot express (arrays whose lengths disagree, a non-finite reward, a group
-without trajectories, ...) is one ``validate()`` per message, run from ``__post_init__``, so on
-construction and on decode alike: no invalid message exists on either side. Construction also
-takes what is unambiguous (numpy scalars, tuples) and stores the canonical type. Any problem
-raises ``ProtocolError`` naming the field (``trajectories[3].reward``); no other exception
-escapes ``decode`` for any input bytes.
+Checks: msgspec checks types, unknown and missing fields, tags, the protocol version and the
+declared ranges (finite floats, ``want_credits`` and ``max_credits`` bounds, a group with at least
+one trajectory) while it decodes. What it cannot express (arrays whose lengths disagree, payloads
+that do not fit the plan's path, ...) is one ``validate()`` per message, run on construction and on
+decode. Senders build messages from plain Python types and field checks run on decode only (the
+codec's docstring says why). Any problem raises ``ProtocolError`` naming the field
+(``trajectories[3].reward``); no other exception escapes ``decode`` for any input bytes.
 
 Compatibility: one protocol version at a time (``PROTOCOL_VERSION``; nothing has been released
 yet, so there are no readers of older formats). A frame of another version is refused naming both
@@ -29,11 +29,11 @@ Who sends which message: areal_like/DESIGN.md section 3.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
-from areal_like.codec import Message, ProtocolError, checker, error_from
+from areal_like.codec import Finite, Message, ProtocolError, error_from
 from areal_like.trajectory import Trajectory
 
 __all__ = ["PROTOCOL_VERSION", "MAX_FRAME_BYTES", "MAX_CREDITS_PER_REQUEST", "Message", "encode", "encode_into",
@@ -42,7 +42,7 @@ __all__ = ["PROTOCOL_VERSION", "MAX_FRAME_BYTES", "MAX_CREDITS_PER_REQUEST", "Me
 PROTOCOL_VERSION = 3  # 2: Trajectory.loss_mask; 3: versions and loss masks as runs (module docstring)
 MAX_FRAME_BYTES = 256 * 1024 * 1024  # one batch of many long groups stays far below this
 MAX_CREDITS_PER_REQUEST = 4096  # leases one TrajectoryGroup may ask for with its ack
-
+Wanted = Annotated[int, msgspec.Meta(ge=0, le=MAX_CREDITS_PER_REQUEST)]  # leases asked for at once
 
 
 class _TopLevel(Message, frozen=True, kw_only=True):
@@ -82,7 +82,7 @@ class Heartbeat(_TopLevel, tag="heartbeat"):
 
 class CreditRequest(_TopLevel, tag="credit_request"):
     server_id: str
-    max_credits: int
+    max_credits: Wanted
 
 
 class Credit(Message, tag="credit"):
@@ -91,7 +91,7 @@ class Credit(Message, tag="credit"):
     lease_id: str
     prompt_index: int  # position in the dataset
     epoch: int  # pass over the dataset
-    deadline_s: float  # seconds from grant after which the lease is re-issued elsewhere
+    deadline_s: Finite  # seconds from grant after which the lease is re-issued elsewhere
 
 
 class Credits(_TopLevel, tag="credits"):
@@ -108,14 +108,8 @@ class TrajectoryGroup(_TopLevel, tag="trajectory_group"):
     lease_id: str
     prompt_index: int
     epoch: int
-    trajectories: list[Trajectory]
-    want_credits: int = 0  # leases the sender wants with the ack (saves a CreditRequest round trip)
-
-    def validate(self) -> None:
-        if not self.trajectories:
-            raise ProtocolError("a group needs at least one trajectory", "trajectories")
-        if not 0 <= self.want_credits <= MAX_CREDITS_PER_REQUEST:
-            raise ProtocolError(f"must be 0 to {MAX_CREDITS_PER_REQUEST}, got {self.want_credits}", "want_credits")
+    trajectories: Annotated[list[Trajectory], msgspec.Meta(min_length=1)]
+    want_credits: Wanted = 0  # leases the sender wants with the ack (saves a CreditRequest round trip)
 
     @property
     def head_version(self) -> int:
@@ -137,7 +131,7 @@ class Ack(_TopLevel, tag="ack"):
 class BatchRequest(_TopLevel, tag="batch_request"):
     n_groups: int
     trainer_version: int  # the version the batch will train (step v -> v+1)
-    wait_s: float = 5.0  # how long the buffer may hold the request before answering empty
+    wait_s: Finite = 5.0  # how long the buffer may hold the request before answering empty
     ack_batch: str = ""  # batch_id of the last Batch received ("" = none): the buffer marks it consumed;
     # a batch still in transit that is not acked here was lost on the way and goes back to the store
 
@@ -204,7 +198,7 @@ class WeightSyncPlan(_TopLevel, tag="weight_sync_plan"):
     reform: bool  # members must (re)join the group before receiving
     members: list[SyncMember]
     buckets: list[BucketSpec]
-    deadline_s: float  # the whole sync, from publication
+    deadline_s: Finite  # the whole sync, from publication
     plan_id: str = ""  # unique per push attempt: a re-push of the same version is a new plan
     # how the weights travel: "distributed" (the group above) | "tensor" | "disk" (trainer and engine on one GPU).
     # A str, not a Literal: a server that does not know a path answers SyncDone(ok=False) naming it.
@@ -228,12 +222,8 @@ class SyncDone(_TopLevel, tag="sync_done"):
     policy_version: int
     ok: bool
     reason: str = ""
-    pause_s: float = 0.0  # how long the engine was not generating
-    want_credits: int = 0  # leases the server wants with the Ack (saves a CreditRequest round trip after a sync)
-
-    def validate(self) -> None:
-        if not 0 <= self.want_credits <= MAX_CREDITS_PER_REQUEST:
-            raise ProtocolError(f"must be 0 to {MAX_CREDITS_PER_REQUEST}, got {self.want_credits}", "want_credits")
+    pause_s: Finite = 0.0  # how long the engine was not generating
+    want_credits: Wanted = 0  # leases wanted with the Ack (saves a CreditRequest after a sync)
 
 
 class SyncStatusRequest(_TopLevel, tag="sync_status_request"):
@@ -262,8 +252,6 @@ _ALL = (Trajectory, Register, RegisterAck, Heartbeat, HeartbeatAck, CreditReques
         WeightSyncPlan, SyncDone, SyncStatusRequest, SyncStatus, StatsRequest, Stats)
 for _cls in _ALL:
     _cls.TYPE = _cls.__struct_config__.tag
-    if _cls is not Trajectory:  # which checks its fields itself (trajectory.py)
-        _cls._checks = tuple((f.name, checker(f.type)) for f in msgspec.structs.fields(_cls))
 TOP_LEVEL_TYPES: dict[str, type[Message]] = {c.TYPE: c for c in _ALL if issubclass(c, _TopLevel)}
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(Union[tuple(TOP_LEVEL_TYPES.values())])
@@ -279,7 +267,8 @@ _ENCODE_ERRORS = (TypeError, ValueError, OverflowError, msgspec.EncodeError)
 
 
 def encode(msg: Message) -> bytes:
-    """Serialise a top-level message (checked when it was built). Raises ProtocolError naming the field."""
+    """Serialise a top-level message. Raises ProtocolError naming the field (``frame``: a value
+    msgpack cannot carry, such as a numpy scalar, or a frame over the limit)."""
     _top_level(msg)
     try:
         data = _ENCODER.encode(msg)

@@ -12,31 +12,30 @@ calling Python per array; its array attributes are made on access (``numpy.fromb
 ids and logprobs, the runs expanded for versions and the mask; all read-only). Build one with
 ``Trajectory.of(...)`` from full arrays (``as_i32`` / ``as_f32`` give arrays of the wire dtypes).
 
-Invariant: every ``Trajectory`` that exists has aligned arrays (one entry per output token), the
-wire dtypes, well-formed runs, a finite float reward; its fast check runs for every trajectory
-decoded. Not a top-level message: it travels inside ``TrajectoryGroup`` (``areal_like/protocol.py``).
+Invariant: every ``Trajectory`` decoded has the wire dtypes and a finite reward (msgspec checks
+each field), and every one decoded or built has aligned arrays (one entry per output token) and
+well-formed runs (``validate``, one expression while all is well). ``Trajectory.of`` converts the
+arrays; the other fields are taken as given (plain Python types: the codec's docstring). Not a
+top-level message: it travels inside ``TrajectoryGroup`` (``areal_like/protocol.py``).
 """
 
 from __future__ import annotations
 
-import math
 import struct
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import msgspec
 import numpy as np
 
-from areal_like.codec import Message, ProtocolError, checker, field_names, wire_array
+from areal_like.codec import Count, Finite, Message, ProtocolError, field_names, wire_array
 
 _I4, _F4 = np.dtype("<i4"), np.dtype("<f4")  # both 4 bytes an item (Trajectory's checks rely on it)
 _PAIR, _END = struct.Struct("<ii"), struct.Struct("<4xi")  # one run: (value, end); its end
 _U4 = np.dtype("<u4")  # a loss mask read unsigned: every value is 0 or 1 iff its max is <= 1
-_N = Annotated[int, msgspec.Meta(ge=0)]
-I32 = tuple[Literal["<i4"], _N, memoryview]  # an array on the wire: [dtype, length, little-endian bytes]
-F32 = tuple[Literal["<f4"], _N, memoryview]
+I32 = tuple[Literal["<i4"], Count, memoryview]  # an array on the wire: [dtype, length, bytes]
+F32 = tuple[Literal["<f4"], Count, memoryview]
 RUNS = "runs<i4"
-R32 = tuple[Literal["runs<i4"], _N, memoryview]  # runs: [tag, length, (value, end) int32 pairs]
-_float, _str, _dict = checker(float), checker(str), checker(dict)
+R32 = tuple[Literal["runs<i4"], Count, memoryview]  # runs: [tag, length, (value, end) int32 pairs]
 
 
 def as_i32(x: Any) -> np.ndarray:
@@ -115,12 +114,12 @@ class Trajectory(Message, tag="trajectory"):
     behav_logp_wire: F32 = msgspec.field(name="behav_logp")
     versions_wire: R32 = msgspec.field(name="versions")  # runs of [T]: policy_version that produced each token
     loss_mask_wire: R32 = msgspec.field(name="loss_mask")  # runs of [T]: 1 generated (trained on), 0 context
-    reward: float  # scalar outcome reward; finite
+    reward: Finite  # scalar outcome reward
     finish_reason: str  # "stop" | "length" | "abort" | "error"
     metadata: dict[str, Any] = {}  # free-form, msgpack-able
 
     @classmethod
-    def of(cls, *, prompt_ids: Any, output_ids: Any, behav_logp: Any, versions: Any, reward: Any,
+    def of(cls, *, prompt_ids: Any, output_ids: Any, behav_logp: Any, versions: Any, reward: float,
            finish_reason: str, metadata: dict | None = None, loss_mask: Any = None) -> Trajectory:
         """Build from 1-D array-likes, converted to the wire dtype (ids and logprobs of that dtype
         are taken without a copy; versions and the mask become runs); ``loss_mask`` omitted: every output token generated (single-turn).
@@ -132,37 +131,26 @@ class Trajectory(Message, tag="trajectory"):
             raise ProtocolError("values must be 0 (context) or 1 (generated)", "loss_mask")
         return cls(wire_array(prompt_ids, "<i4", "prompt_ids"), out,
                    wire_array(behav_logp, "<f4", "behav_logp"), runs_of(versions, "versions"), mask,
-                   _float(reward, "reward"), _str(finish_reason, "finish_reason"),
-                   {} if metadata is None else _dict(metadata, "metadata"))
-
-    def __post_init__(self) -> None:  # runs for every trajectory received: one expression while all is well
-        try:
-            p, o, b, v, m, t = self.prompt_ids_wire, self.output_ids_wire, self.behav_logp_wire, self.versions_wire, \
-                self.loss_mask_wire, self.output_ids_wire[1]
-            if (b[1] == t == v[1] == m[1] and o[2].nbytes == b[2].nbytes == 4 * t and runs_ok(v) and runs_ok(m)
-                    and p[2].nbytes == 4 * p[1] and type(self.reward) is float and math.isfinite(self.reward)
-                    and type(self.finish_reason) is str and type(self.metadata) is dict):
-                return
-        except (TypeError, IndexError, AttributeError):
-            pass
-        self.validate()  # names the field
+                   reward, finish_reason, {} if metadata is None else metadata)
 
     def validate(self) -> None:
-        for name, tag in (("prompt_ids", "<i4"), ("output_ids", "<i4"), ("behav_logp", "<f4"), ("versions", RUNS),
-                          ("loss_mask", RUNS)):
-            wire = getattr(self, f"{name}_wire")
-            if not (type(wire) is tuple and len(wire) == 3 and wire[0] == tag and type(wire[2]) is memoryview):
-                raise ProtocolError(f"expected a ({tag!r}, length, memoryview) triple", name)
-            if tag == RUNS and not runs_ok(wire):
-                raise ProtocolError("runs must be (value, end) int32 pairs, ends increasing to the length", name)
-            if tag != RUNS and wire[2].nbytes != 4 * wire[1]:
+        """Each array's bytes match its length, the runs are well formed, and every per-token array
+        has ``output_ids``' length (the types are msgspec's, or ``of``'s, to check)."""
+        p, o, b, v, m = (self.prompt_ids_wire, self.output_ids_wire, self.behav_logp_wire,
+                         self.versions_wire, self.loss_mask_wire)
+        t = o[1]
+        if (b[1] == t == v[1] == m[1] and o[2].nbytes == b[2].nbytes == 4 * t
+                and p[2].nbytes == 4 * p[1] and runs_ok(v) and runs_ok(m)):
+            return  # every trajectory received: one expression while all is well
+        for name in ("prompt_ids", "output_ids", "behav_logp", "versions", "loss_mask"):
+            tag, n, data = getattr(self, f"{name}_wire")
+            if tag == RUNS and not runs_ok((tag, n, data)):
+                raise ProtocolError("runs must be (value, end) int32 pairs, ends increasing to the "
+                                    "length", name)
+            if tag != RUNS and data.nbytes != 4 * n:
                 raise ProtocolError("array length does not match its bytes", name)
-            if name != "prompt_ids" and wire[1] != self.output_ids_wire[1]:
-                raise ProtocolError(f"length {wire[1]} != len(output_ids) {self.output_ids_wire[1]}", name)
-        if not math.isfinite(_float(self.reward, "reward")):
-            raise ProtocolError(f"must be finite, got {self.reward}", "reward")
-        _str(self.finish_reason, "finish_reason")
-        _dict(self.metadata, "metadata")
+            if name != "prompt_ids" and n != t:
+                raise ProtocolError(f"length {n} != len(output_ids) {t}", name)
 
     @property
     def prompt_ids(self) -> np.ndarray:
@@ -212,4 +200,4 @@ def _trajectory_of(fields: dict[str, Any]) -> Trajectory:
     return Trajectory.of(**fields)
 
 
-Trajectory.TYPE = Trajectory.__struct_config__.tag  # it checks its fields itself: no _checks
+Trajectory.TYPE = Trajectory.__struct_config__.tag
