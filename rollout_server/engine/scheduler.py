@@ -139,7 +139,7 @@ class Scheduler:
 
     def hold(self, retract: bool = False) -> Future:
         """Stop stepping (pause in_place), optionally moving running requests back to the queue."""
-        return self.call(lambda s: s._hold(retract))
+        return self.call(lambda _: self._hold(retract))
 
     def release(self) -> Future:
         return self.call(lambda s: setattr(s, "held", False))
