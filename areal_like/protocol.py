@@ -109,7 +109,7 @@ class TrajectoryGroup(_TopLevel, tag="trajectory_group"):
     prompt_index: int
     epoch: int
     trajectories: Annotated[list[Trajectory], msgspec.Meta(min_length=1)]
-    want_credits: Wanted = 0  # leases the sender wants with the ack (saves a CreditRequest round trip)
+    want_credits: Wanted = 0  # leases wanted with the ack (saves a CreditRequest round trip)
 
     @property
     def head_version(self) -> int:

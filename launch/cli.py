@@ -43,14 +43,14 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="areal-like", description="Asynchronous streaming RL for LLM post-training.",
                                 epilog="Overrides are Hydra's key=value, e.g. experiment=quickstart trainer.lr=1e-4")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _job_commands(sub)
-    _tool_commands(sub)
+    _process_commands(sub)
+    _job_tool_commands(sub)
     return p
 
 
-def _job_commands(sub) -> None:
-    """Add to ``sub`` (the parser's subparsers) the commands that run or lay out the job's
-    processes: run, buffer, rollout, train, plan, config."""
+def _process_commands(sub) -> None:
+    """Add to ``sub`` (the parser's subparsers) the commands that start processes: run, buffer,
+    rollout, train, eval, export."""
     run = sub.add_parser("run", help="run the whole job on this machine")
     run.add_argument("-q", "--quiet", action="store_true",
                      help="do not echo daemon logs (they stay in run_dir/logs); a failed job still prints why")
@@ -65,19 +65,6 @@ def _job_commands(sub) -> None:
                         description="torchrun flags (--nproc-per-node, --nnodes, --node-rank, --master-addr, "
                                     "--master-port, --rdzv-*) pass through; the rest are Hydra overrides.")
     tr.add_argument("args", nargs=argparse.REMAINDER, help="[torchrun flags] [--config-file PATH] overrides")
-    pl = sub.add_parser("plan", help="print where `run` would put every process (GPUs, ports); starts nothing",
-                        description="One line per process of `areal-like run` with the same overrides: node, "
-                                    "name, GPUs (its CUDA_VISIBLE_DEVICES) and ports and addresses; a port the "
-                                    "config leaves at 0 shows as 'auto' (run picks it when it starts). A layout "
-                                    "that does not fit the GPUs is refused (exit 2). Inputs are not checked "
-                                    "(`areal-like config` does that).")
-    pl.add_argument("overrides", nargs="*", help="Hydra overrides")
-    cf = sub.add_parser("config", help="print the resolved config as YAML (for --config-file on every node)")
-    cf.add_argument("overrides", nargs="*", help="Hydra overrides")
-
-
-def _tool_commands(sub) -> None:
-    """Add to ``sub`` the one-shot and operator commands: eval, export, track, keys, top, status."""
     ev = sub.add_parser("eval", help="evaluate an HF model directory or a trainer checkpoint on the eval split")
     ev.add_argument("args", nargs=argparse.REMAINDER, help="MODEL [--config-file F] [--out FILE] [overrides]")
     ex = sub.add_parser("export", help="convert a trainer checkpoint into a Hugging Face model directory",
@@ -89,6 +76,20 @@ def _tool_commands(sub) -> None:
                                     "generation config into OUT (which must not exist). The run's config defaults to "
                                     "<run_dir>/config.yaml; --shard-mb and --dtype to export.shard_mb and model.dtype.")
     ex.add_argument("args", nargs=argparse.REMAINDER, help="CHECKPOINT OUT [options]")
+
+
+def _job_tool_commands(sub) -> None:
+    """Add to ``sub`` the commands that lay out, inspect or prepare a job: plan, config, track,
+    keys, top, status."""
+    pl = sub.add_parser("plan", help="print where `run` would put every process (GPUs, ports); starts nothing",
+                        description="One line per process of `areal-like run` with the same overrides: node, "
+                                    "name, GPUs (its CUDA_VISIBLE_DEVICES) and ports and addresses; a port the "
+                                    "config leaves at 0 shows as 'auto' (run picks it when it starts). A layout "
+                                    "that does not fit the GPUs is refused (exit 2). Inputs are not checked "
+                                    "(`areal-like config` does that).")
+    pl.add_argument("overrides", nargs="*", help="Hydra overrides")
+    cf = sub.add_parser("config", help="print the resolved config as YAML (for --config-file on every node)")
+    cf.add_argument("overrides", nargs="*", help="Hydra overrides")
     tk = sub.add_parser("track", help="feed a run's metrics, evals and samples to its trackers (cfg.tracker)",
                         description="Tails RUN_DIR's metrics/trainer.jsonl, eval.jsonl and samples.jsonl into the "
                                     "trackers of RUN_DIR/config.yaml (overrides apply on top, e.g. "

@@ -157,7 +157,8 @@ def test_config_module_does_not_import_torch():
 # module ``pkg.name`` when there is one, else of ``pkg``.
 
 KNOWN_CIRCLES = [  # issue 37 item 3: config imports these lazily, and they import config
-    frozenset({"areal_like.config", "areal_like.datasets", "areal_like.tasks", "areal_like.tokenizer"}),
+    frozenset({"areal_like.config", "areal_like.datasets", "areal_like.tasks",
+               "areal_like.tokenizer"}),
 ]
 
 
@@ -192,7 +193,8 @@ def package_graph(package: str) -> dict[str, set[str]]:
     graph = {}
     for path in python_files(package):
         name = module_name(path)
-        graph[name] = {m for m in imported_modules(path) if m.split(".")[0] == package and m != name}
+        graph[name] = {m for m in imported_modules(path)
+                       if m.split(".")[0] == package and m != name}
     return graph
 
 
@@ -221,23 +223,25 @@ def test_circle_check_sees_a_circle_through_a_lazy_import(tmp_path, monkeypatch)
     (pkg / "sub").mkdir(parents=True)
     for name, text in (("__init__.py", ""), ("a.py", "from buffer import b\n"),
                        ("b.py", "def f():\n    from .sub.c import X\n"),
-                       ("sub/__init__.py", ""), ("sub/c.py", "from ..a import Y\nimport buffer.d\n"),
+                       ("sub/__init__.py", ""),
+                       ("sub/c.py", "from ..a import Y\nimport buffer.d\n"),
                        ("d.py", "import buffer.a\n"), ("e.py", "from buffer import a\n")):
         (pkg / name).write_text(text)
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     graph = package_graph("buffer")
-    assert graph["buffer.b"] == {"buffer.sub.c"} and graph["buffer.sub.c"] == {"buffer.a", "buffer.d"}
+    assert graph["buffer.b"] == {"buffer.sub.c"}
+    assert graph["buffer.sub.c"] == {"buffer.a", "buffer.d"}
     assert circles(graph) == {frozenset({"buffer.a", "buffer.b", "buffer.sub.c", "buffer.d"})}
 
 
-# ---------------------------------------------------------------- no module touches another's privates
+# ---------------------------------------------------------------- no touching another's privates
 # ``from x import _y``, and ``obj._y`` where ``obj`` is not ``self`` or ``cls`` (dunders are not
 # private). What is left are other libraries' privates, each for a reason, and the friend modules
 # of weight sync that issue 37 item 2 is removing.
 
 ALLOWED_PRIVATES = {
     "areal_like/config.py": {"_get_node"},  # OmegaConf: a key's node without resolving it
-    # os._exit: leave without cleanup (a child whose parent died); a marker of ours on logging's root
+    # os._exit: leave at once (a child whose parent died); a marker of ours on logging's root
     "areal_like/daemon.py": {"_exit", "_areal_like_configured"},
     # torch.distributed: a process group over a store we connected, and an NCCL timeout option
     "areal_like/distributed.py": {"_new_process_group_helper", "_world", "_timeout"},
@@ -281,7 +285,8 @@ def test_private_check_sees_both_forms(tmp_path):
     src = tmp_path / "m.py"
     src.write_text("from buffer.wal_format import _crc_ok, HEADER\n"
                    "class A:\n    def f(self, other):\n"
-                   "        return self._x, cls._y, other._z, self.wal._fd, self.__dict__, _local\n")
+                   "        return self._x, cls._y, other._z, self.wal._fd, self.__dict__,"
+                   " _local\n")
     assert private_uses(src) == [(1, "_crc_ok"), (4, "_fd"), (4, "_z")]
 
 

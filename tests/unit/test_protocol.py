@@ -81,7 +81,7 @@ def strategy_for(tp) -> st.SearchStrategy:
     if isinstance(tp, type) and issubclass(tp, P.Message):
         return message_strategy(tp)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Annotated:  # msgspec.Meta ranges: draw inside them (floats: FLOAT is finite)
+    if origin is typing.Annotated:  # msgspec.Meta ranges: drawn inside (FLOAT is finite already)
         inner, meta = args
         if inner is int:
             return st.integers(meta.ge if meta.ge is not None else -(2**63),
