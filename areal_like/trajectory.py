@@ -15,12 +15,14 @@ ids and logprobs, the runs expanded for versions and the mask; all read-only). B
 Invariant: every ``Trajectory`` decoded has the wire dtypes and a finite reward (msgspec checks
 each field), and every one decoded or built has aligned arrays (one entry per output token) and
 well-formed runs (``validate``, one expression while all is well). ``Trajectory.of`` converts the
-arrays; the other fields are taken as given (plain Python types: the codec's docstring). Not a
-top-level message: it travels inside ``TrajectoryGroup`` (``areal_like/protocol.py``).
+arrays and refuses a non-finite reward; the other fields are taken as given (plain Python types:
+the codec's docstring). Not a top-level message: it travels inside ``TrajectoryGroup``
+(``areal_like/protocol.py``).
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import Any, Literal
 
@@ -123,7 +125,10 @@ class Trajectory(Message, tag="trajectory"):
            finish_reason: str, metadata: dict | None = None, loss_mask: Any = None) -> Trajectory:
         """Build from 1-D array-likes, converted to the wire dtype (ids and logprobs of that dtype
         are taken without a copy; versions and the mask become runs); ``loss_mask`` omitted: every output token generated (single-turn).
-        Raises ProtocolError naming the field."""
+        Raises ProtocolError naming the field, for a non-finite reward too: an environment's or an
+        agent's (user code) fails its episode here, where it is built, as a bad array does."""
+        if not math.isfinite(reward):
+            raise ProtocolError(f"must be finite, got {reward}", "reward")
         out = wire_array(output_ids, "<i4", "output_ids")
         if loss_mask is None:
             mask = one_run(1, out[1])

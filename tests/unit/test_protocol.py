@@ -363,6 +363,9 @@ def test_rejects_non_finite_reward(reward):
     wire["trajectories"][1]["reward"] = reward
     err = reject(wire)
     assert err.field == "trajectories[1].reward" and "finite" in str(err)
+    with pytest.raises(P.ProtocolError) as info:  # an environment NaN fails its episode when built
+        make_traj(reward=reward)
+    assert info.value.field == "reward"
 
 
 @pytest.mark.parametrize("name", ["behav_logp", "versions"])
