@@ -9,6 +9,7 @@ import pytest
 
 from areal_like import config as C
 from areal_like.config import ConfigError, RunConfig, load_config, load_daemon_config, to_yaml
+from areal_like.job_facts import dataset_size
 
 CONFIG_DIR = C.config_dir()
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
@@ -157,19 +158,19 @@ def test_daemon_config_errors_name_the_key(tmp_path):
 
 def test_dataset_size(tmp_path):
     cfg = load_config(["task.num_prompts=37"])
-    assert C.dataset_size(cfg.task, cfg.model) == 37
+    assert dataset_size(cfg.task, cfg.model) == 37
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "a", "answer": "1"}\n\n{"prompt": "bbbb", "answer": "2"}\n')
     for task in ("jsonl_math", "dataset"):
         cfg = load_config([f"task={task}", f"task.dataset_path={data}"])
-        assert C.dataset_size(cfg.task, cfg.model) == 2
+        assert dataset_size(cfg.task, cfg.model) == 2
     # the count the buffer's cursor runs over is after the prompt-length filter (plain text:
     # "<bos>a" = 2 ids, "<bos>bbbb" = 5)
     cfg = load_config(["task=dataset", f"task.dataset_path={data}", "task.max_prompt_tokens=4"])
-    assert C.dataset_size(cfg.task, cfg.model) == 1
+    assert dataset_size(cfg.task, cfg.model) == 1
     cfg = load_config(["task=jsonl_math", f"task.dataset_path={tmp_path / 'no.jsonl'}"])
     with pytest.raises(ConfigError, match="task.dataset_path"):
-        C.dataset_size(cfg.task, cfg.model)
+        dataset_size(cfg.task, cfg.model)
 
 
 @pytest.mark.parametrize("override", ["buffer.lease_timeout_s=inf", "trainer.batch_wait_s=nan",

@@ -16,8 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from areal_like import datasets as D
-from areal_like.config import ConfigError, ModelConfig, TaskConfig, dataset_size
+from areal_like.config import ConfigError, ModelConfig, TaskConfig
 from areal_like.data import make_math_chat
+from areal_like.job_facts import dataset_size
 from areal_like.tasks import Example, encode_prompt, has_eval_split, make_task
 from areal_like.tokenizer import bpe_tokenizer, char_tokenizer, load_tokenizer
 
