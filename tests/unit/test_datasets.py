@@ -170,12 +170,12 @@ def test_eval_split_by_fraction_is_fixed_disjoint_and_seeded(tmp_path):
 
 
 def test_long_prompts_are_filtered_and_counted_once(tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(D, "_logged", set())
+    monkeypatch.setattr("areal_like.tasks._logged", set())
     rows = [{"question": "x" * n, "answer": "1"} for n in (3, 5, 8, 10)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     tok = char_tokenizer()  # plain text: <bos> + one id per character -> 4, 6, 9, 11 ids
     cfg = task_cfg(path, chat_template="none", max_prompt_tokens=6)
-    with caplog.at_level(logging.INFO, logger="areal_like.datasets"):
+    with caplog.at_level(logging.INFO, logger="areal_like.tasks"):
         assert [e.prompt for e in examples(make_task(cfg, tok))] == ["xxx", "xxxxx"]
         make_task(cfg, tok)
     lines = [r.getMessage() for r in caplog.records]
