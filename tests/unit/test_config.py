@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 from pathlib import Path
 
@@ -171,6 +172,24 @@ def test_dataset_size(tmp_path):
     cfg = load_config(["task=jsonl_math", f"task.dataset_path={tmp_path / 'no.jsonl'}"])
     with pytest.raises(ConfigError, match="task.dataset_path"):
         dataset_size(cfg.task, cfg.model)
+
+
+def test_config_reaches_no_task_code_even_inside_functions():
+    """Settings load without tasks, datasets or tokenizers, lazily or not: the facts they imply are
+    computed above config (areal_like/job_facts.py), so no import circle runs through config."""
+    root, seen, todo = Path(C.__file__).parents[1], set(), ["areal_like.config"]
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        tree = ast.parse((root / f"{module.replace('.', '/')}.py").read_text())
+        todo += [n.module for n in ast.walk(tree)
+                 if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("areal_like.")]
+        todo += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import)
+                 for a in n.names if a.name.startswith("areal_like.")]
+    above = {"areal_like.tasks", "areal_like.datasets", "areal_like.tokenizer", "areal_like.job_facts"}
+    assert not seen & above, sorted(seen)
 
 
 @pytest.mark.parametrize("override", ["buffer.lease_timeout_s=inf", "trainer.batch_wait_s=nan",
