@@ -6,7 +6,10 @@
 and converts it with ``OmegaConf.to_object``, which runs every ``__post_init__`` validator
 (the schema: ``areal_like/schema.py``, re-exported here).
 Code past the entry point only ever sees these dataclasses, and each component gets only its
-own sub-config. Importing this module has no side effects and does not import torch.
+own sub-config. Importing this module has no side effects and does not import torch. It reads
+settings only: what they imply about the job's model, data and frames (the vocabulary, the dataset
+size, the frame limit) is computed above it, in ``areal_like/job_facts.py``, so this module imports
+no task, dataset or tokenizer code.
 
 Every failure is a ``ConfigError`` whose message starts with the key: a bad group option
 (``model=nope``, also for the optional ``experiment`` group, which Hydra would skip silently)
@@ -15,12 +18,12 @@ that the schema does not know lists the known keys; type errors give OmegaConf's
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from areal_like.auth import redact
 from areal_like.report_schema import EvalConfig, ExportConfig, TrackingConfig
 from areal_like.schema import (
     AGG_MODES,
@@ -46,7 +49,7 @@ __all__ = [
     "AGG_MODES", "ESTIMATORS", "LOSS_KINDS", "BufferConfig", "ConfigError", "EngineConfig", "EvalConfig", "ExportConfig", "LaunchConfig",
     "LoraConfig",
     "LossConfig", "ModelConfig", "RolloutConfig", "RunConfig", "SecurityConfig", "TaskConfig", "TrackingConfig", "TrainerConfig", "WarmStartConfig",
-    "WeightSyncConfig", "compose", "config_dir", "dataset_size", "from_yaml", "group_options", "load_config",
+    "WeightSyncConfig", "compose", "config_dir", "from_yaml", "group_options", "load_config",
     "load_daemon_config", "to_yaml", "EXPORT_TASK_FILE", "task_yaml", "task_from_yaml",
 ]
 
@@ -256,8 +259,6 @@ def to_yaml(cfg: Any, *, redacted: bool = False) -> str:
     from omegaconf import OmegaConf
 
     if redacted:
-        from areal_like.auth import redact
-
         return OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(OmegaConf.structured(cfg)))))
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
@@ -304,73 +305,6 @@ def task_from_yaml(text: str, overrides: list[str] | None = None) -> TaskConfig:
     return _structured(lambda: OmegaConf.to_object(OmegaConf.merge(
         OmegaConf.structured({"task": TaskConfig()}), OmegaConf.create(text),
         OmegaConf.from_dotlist(list(overrides or []))).task))
-
-
-def model_vocab_size(model: ModelConfig) -> int:
-    """Entries in the model's embedding: ``model.path``'s config.json (``vocab_size``, or its
-    ``text_config``'s), else ``model.vocab_size`` for a model built from config. Read as JSON: the
-    buffer checks token ids against it without importing torch or transformers."""
-    if not model.path:
-        return model.vocab_size
-    cfg = json.loads((Path(model.path) / "config.json").read_text())
-    size = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
-    if not isinstance(size, int) or size < 1:
-        raise ConfigError(f"model.path={model.path!r}: config.json has no vocab_size")
-    return size
-
-
-# A group's frame: per trajectory its prompt ids (4 bytes a token), output ids, behaviour log-probs and
-# versions and loss mask (16 bytes an output token) and free-form metadata (reward details, errors).
-PROMPT_TOKEN_BYTES, OUTPUT_TOKEN_BYTES, TRAJECTORY_METADATA_BYTES = 4, 16, 64 * 1024
-FRAME_MARGIN = 2  # envelope, msgpack headers and what the estimate misses
-MIN_FRAME_BYTES = 4 * 1024 * 1024  # control messages too: a weight-sync plan lists every tensor (~65 bytes each)
-
-
-def request_frame_limit(cfg: RunConfig) -> int:
-    """The largest frame the buffer accepts: ``buffer.max_frame_bytes`` when set, else the biggest
-    group the job can produce, ``FRAME_MARGIN`` x ``task.group_size`` x (prompt tokens x 4 + output
-    tokens x 16 + metadata), at least ``MIN_FRAME_BYTES``. Prompts are bounded by
-    ``task.max_prompt_tokens`` or, when that is 0, by the model's context (``model_context``); output
-    tokens by ``task.max_new_tokens``, or for multi-turn episodes (``task.env``)
-    ``task.max_episode_tokens``; an agent's episode (``task.agent``) may be up to
-    ``task.max_turns`` trajectories."""
-    if cfg.buffer.max_frame_bytes:
-        return cfg.buffer.max_frame_bytes
-    task = cfg.task
-    prompt = task.max_prompt_tokens or model_context(cfg.model)
-    # a multi-turn episode's output holds every turn and every environment message after the prompt
-    output = max(task.max_new_tokens, task.max_episode_tokens) if task.env or task.agent else \
-        task.max_new_tokens
-    per_trajectory = prompt * PROMPT_TOKEN_BYTES + output * OUTPUT_TOKEN_BYTES + TRAJECTORY_METADATA_BYTES
-    # an agent's episode is a trajectory per consistent prefix: one per call when it rewrites its
-    # history every time (rollout_server/agent_endpoint.py), each up to max_episode_tokens
-    trajectories = task.group_size * (task.max_turns if task.agent else 1)
-    return max(MIN_FRAME_BYTES, FRAME_MARGIN * trajectories * per_trajectory)
-
-
-def model_context(model: ModelConfig) -> int:
-    """The model's context length: ``model.path``'s config.json (``max_position_embeddings``, or its
-    ``text_config``'s; 128k when it names none), else ``model.max_position_embeddings``. Read as JSON."""
-    if not model.path:
-        return model.max_position_embeddings
-    cfg = json.loads((Path(model.path) / "config.json").read_text())
-    size = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
-    return size if isinstance(size, int) and size > 0 else 128 * 1024
-
-
-def dataset_size(task: TaskConfig, model: ModelConfig) -> int:
-    """Prompts in one epoch of the task's train split (the buffer's cursor range): after the
-    ``task.max_prompt_tokens`` filter, counted with ``model``'s tokenizer as the rollout servers do."""
-    from areal_like.tasks import SYNTHETIC, make_task
-
-    if task.name in SYNTHETIC:
-        return task.num_prompts
-    tokenizer = None
-    if task.max_prompt_tokens > 0:
-        from areal_like.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(model)
-    return len(make_task(task, tokenizer))
 
 
 def load_daemon_config(argv: list[str], addresses: tuple[str, ...] = ()) -> RunConfig:

@@ -1,4 +1,5 @@
-"""``task.name=dataset``: prompts and answers from local files, as ``Example``s in a fixed order.
+"""``Example``, the unit every task hands out, and ``task.name=dataset``'s rows: prompts and
+answers from local files, as ``Example``s in a fixed order.
 
 ``task.dataset_path`` (and ``task.eval_path``) is a local ``.jsonl`` / ``.json`` / ``.parquet`` /
 ``.csv`` file, a directory of such files (all of one format, read in sorted path order), or a
@@ -16,92 +17,58 @@ Invariants: every process that loads the same files with the same config gets th
 examples in the same order, so a prompt index means the same prompt in the buffer, every rollout
 server and the warm start. The eval split is ``task.eval_path`` or, when unset, a held-out
 ``task.eval_fraction`` of the rows drawn with ``task.seed`` (disjoint from train; decided before
-any filtering, so it does not depend on the tokenizer). Prompts whose ``encode_prompt`` ids are
-longer than ``task.max_prompt_tokens`` are dropped from either split and counted in one log line.
+any filtering, so it does not depend on the tokenizer). This module imports no task code: the
+task over these rows, with its prompt-length filter, is ``DatasetTask`` in ``areal_like/tasks.py``.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import random
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from areal_like.config import ConfigError, TaskConfig
-from areal_like.tasks import Example, Task, encode_prompt
-
-log = logging.getLogger("areal_like.datasets")
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}  # suffix -> datasets builder
-_logged: set[str] = set()  # log lines already written by this process
 
 
-class DatasetTask(Task):
-    """Rows of local files (module docstring); the default reward grades the final math answer."""
+@dataclass(frozen=True, slots=True)
+class Example:
+    """One prompt: plain text (``prompt``) and/or chat ``messages``, the reference ``answer``, and
+    the dataset's other columns (``metadata``, plain msgpack-able values) for the reward."""
 
-    name = "dataset"
-    reward_path = "areal_like.rewards:math_reward"
-
-    def __init__(self, cfg: TaskConfig, tokenizer: Any = None, split: str = "train"):
-        super().__init__(cfg, split)
-        self.examples = load_split(cfg, split, tokenizer)
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def example(self, index: int, epoch: int = 0) -> Example:
-        if not 0 <= index < len(self.examples):
-            raise IndexError(f"prompt index {index} outside [0, {len(self.examples)})")
-        return self.examples[index]
+    prompt: str
+    answer: str
+    messages: tuple | list | None = None  # [{"role": ..., "content": ...}, ...]
+    metadata: dict = field(default_factory=dict)
 
 
-def load_split(cfg: TaskConfig, split: str, tokenizer: Any = None) -> list[Example]:
-    """The examples of ``split`` ("train" or "eval"), filtered by ``task.max_prompt_tokens``."""
+def load_split(cfg: TaskConfig, split: str) -> list[Example]:
+    """The examples of ``split`` ("train" or "eval") in file order, before any prompt filter."""
     if split == "eval" and cfg.eval_path:
-        examples = load_examples(cfg, "task.eval_path", cfg.eval_path)
-    elif split == "eval" and cfg.eval_fraction <= 0:
+        return load_examples(cfg, "task.eval_path", cfg.eval_path)
+    if split == "eval" and cfg.eval_fraction <= 0:
         raise ConfigError("the task has no eval split: set task.eval_path or task.eval_fraction")
-    else:
-        examples = load_examples(cfg, "task.dataset_path", cfg.dataset_path or "")
-        if cfg.eval_fraction > 0 and not cfg.eval_path:
-            train, held_out = split_indices(len(examples), cfg.eval_fraction, cfg.seed)
-            examples = [examples[i] for i in (held_out if split == "eval" else train)]
-    return filter_long_prompts(examples, cfg, tokenizer, split)
+    examples = load_examples(cfg, "task.dataset_path", cfg.dataset_path or "")
+    if cfg.eval_fraction > 0 and not cfg.eval_path:
+        train, held_out = split_indices(len(examples), cfg.eval_fraction, cfg.seed)
+        examples = [examples[i] for i in (held_out if split == "eval" else train)]
+    return examples
 
 
 def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """(train, eval) row indices, both ascending: ``round(n * fraction)`` rows (at least 1, at
     most n - 1) held out, drawn with ``seed`` (the same split in every process)."""
     if n < 2:
-        raise ConfigError(f"task.eval_fraction={fraction}: the dataset has {n} row(s), too few to hold any out")
+        raise ConfigError(f"task.eval_fraction={fraction}: the dataset has {n} row(s), too few to "
+                          "hold any out")
     k = min(max(round(n * fraction), 1), n - 1)
     held_out = sorted(random.Random(seed).sample(range(n), k))
     chosen = set(held_out)
     return [i for i in range(n) if i not in chosen], held_out
-
-
-def filter_long_prompts(examples: list[Example], cfg: TaskConfig, tokenizer: Any, split: str) -> list[Example]:
-    """``examples`` without those whose prompt ids exceed ``task.max_prompt_tokens`` (0 = keep all)."""
-    limit = cfg.max_prompt_tokens
-    if limit <= 0:
-        return examples
-    if tokenizer is None:
-        raise ValueError(f"task.max_prompt_tokens={limit} counts tokens: pass the tokenizer to make_task")
-    kept = [ex for ex in examples if len(encode_prompt(tokenizer, ex, cfg)) <= limit]
-    where = "" if split == "train" else f" ({split} split)"
-    _log_once(f"task: {len(examples) - len(kept)} of {len(examples)} prompts over max_prompt_tokens={limit} "
-              f"filtered{where}")
-    if not kept:
-        raise ConfigError(f"task.max_prompt_tokens={limit}: every prompt of the {split} split is longer")
-    return kept
-
-
-def _log_once(line: str) -> None:
-    if line not in _logged:
-        _logged.add(line)
-        log.info(line)
 
 
 # ---------------------------------------------------------------- reading files

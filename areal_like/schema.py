@@ -159,7 +159,8 @@ class BufferConfig:
     max_epochs: int = 0  # 0 = unbounded passes over the dataset
     # Largest request frame the buffer decodes (bigger ones are refused from their length, counted as
     # rejected{frame_too_large}); decoding may take ~73x a frame's size, so this bounds its memory.
-    # 0 = sized to the job (areal_like.config.request_frame_limit: the biggest group it can produce).
+    # 0 = sized to the job (areal_like.job_facts.request_frame_limit: the biggest group it can
+    # produce).
     max_frame_bytes: int = 0
     # Same-node members: also serve ipc:// sockets (router, pub) in this directory, relative to run_dir
     # unless absolute; "" = tcp only. No CURVE there: the directory is 0700 and each peer's uid is checked

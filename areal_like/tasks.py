@@ -11,7 +11,8 @@ nothing is shipped or downloaded. Their prompts are short completion strings for
 tokenizer (``"37+45="`` -> ``"82"``); a model answers and emits EOS; the reward is exact match.
 Their eval split (``split="eval"``) draws from a different random stream, so it is fixed but
 not guaranteed disjoint from training examples (the small tasks have few distinct prompts).
-``task.name=dataset`` loads rows from local files (``areal_like/datasets.py``).
+``task.name=dataset`` loads rows from local files (``areal_like/datasets.py``, which also defines
+``Example`` and imports nothing from here).
 
 ``encode_prompt`` is the one place where an example becomes prompt ids, for the rollout server,
 the evaluation and the warm start alike. Its layout follows the convention of TRL's trainers
@@ -26,9 +27,9 @@ from __future__ import annotations
 
 import abc
 import ast
+import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
@@ -36,21 +37,13 @@ from typing import Any
 
 from areal_like.callables import import_function
 from areal_like.config import ConfigError, TaskConfig
+from areal_like.datasets import Example, load_split
 
 SPLITS = ("train", "eval")
 SYNTHETIC_EVAL_SIZE = 512  # prompts in a synthetic task's eval split (at most task.num_prompts)
 MAX_EXPRESSION_CHARS = 40  # countdown: longer responses score 0 without being parsed
-
-
-@dataclass(frozen=True, slots=True)
-class Example:
-    """One prompt: plain text (``prompt``) and/or chat ``messages``, the reference ``answer``, and
-    the dataset's other columns (``metadata``, plain msgpack-able values) for the reward."""
-
-    prompt: str
-    answer: str
-    messages: tuple | list | None = None  # [{"role": ..., "content": ...}, ...]
-    metadata: dict = field(default_factory=dict)
+log = logging.getLogger("areal_like.tasks")
+_logged: set[str] = set()  # log lines already written by this process
 
 
 # ---------------------------------------------------------------- rewards (module level: importable by path)
@@ -209,6 +202,50 @@ class Guess(Task):
 SYNTHETIC: dict[str, type[Task]] = {t.name: t for t in (Addition, Sort, Reverse, Countdown, Multiply, Guess)}
 
 
+class DatasetTask(Task):
+    """Rows of local files (``areal_like/datasets.py``) in file order; prompts whose
+    ``encode_prompt`` ids are longer than ``task.max_prompt_tokens`` are dropped from either split
+    and counted in one log line. The default reward grades the final math answer."""
+
+    name = "dataset"
+    reward_path = "areal_like.rewards:math_reward"
+
+    def __init__(self, cfg: TaskConfig, tokenizer: Any = None, split: str = "train"):
+        super().__init__(cfg, split)
+        self.examples = filter_long_prompts(load_split(cfg, split), cfg, tokenizer, split)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def example(self, index: int, epoch: int = 0) -> Example:
+        if not 0 <= index < len(self.examples):
+            raise IndexError(f"prompt index {index} outside [0, {len(self.examples)})")
+        return self.examples[index]
+
+
+def filter_long_prompts(examples: list[Example], cfg: TaskConfig, tokenizer: Any,
+                        split: str) -> list[Example]:
+    """``examples`` without those whose prompt ids exceed ``task.max_prompt_tokens`` (0 = keep
+    all)."""
+    limit = cfg.max_prompt_tokens
+    if limit <= 0:
+        return examples
+    if tokenizer is None:
+        raise ValueError(f"task.max_prompt_tokens={limit} counts tokens: pass the tokenizer to "
+                         "make_task")
+    kept = [ex for ex in examples if len(encode_prompt(tokenizer, ex, cfg)) <= limit]
+    where = "" if split == "train" else f" ({split} split)"
+    line = (f"task: {len(examples) - len(kept)} of {len(examples)} prompts over "
+            f"max_prompt_tokens={limit} filtered{where}")
+    if line not in _logged:
+        _logged.add(line)
+        log.info(line)
+    if not kept:
+        raise ConfigError(f"task.max_prompt_tokens={limit}: every prompt of the {split} split is "
+                          "longer")
+    return kept
+
+
 def has_eval_split(cfg: TaskConfig) -> bool:
     """Whether ``make_task(cfg, split="eval")`` exists: always for synthetic tasks; for a dataset
     when ``task.eval_path`` is set or ``task.eval_fraction`` > 0."""
@@ -222,8 +259,6 @@ def make_task(cfg: TaskConfig, tokenizer: Any = None, split: str = "train") -> T
         raise ValueError(f"split={split!r}: choose one of {', '.join(SPLITS)}")
     if cfg.name in SYNTHETIC:
         return SYNTHETIC[cfg.name](cfg, split)
-    from areal_like.datasets import DatasetTask
-
     return DatasetTask(cfg, tokenizer, split)
 
 

@@ -37,7 +37,7 @@ Patterns and why:
   reading its header: the frame never reaches the application, that peer's connection is dropped
   (its DEALER reconnects; the request times out) and every other peer is served as before.
   A ``Server`` may take a tighter limit (``max_frame_bytes``: the buffer's is sized to the job,
-  areal_like/config.py ``request_frame_limit``): frames above it are refused from their length,
+  areal_like/job_facts.py ``request_frame_limit``): frames above it are refused from their length,
   never decoded, and its receive bound is ``INCOMING_LIMIT_FACTOR`` x that limit but at least
   ``REFUSE_WINDOW_BYTES``, so a sender that is merely misconfigured still gets a rejection naming
   the size (and the daemon counts it) instead of a silent cut; a frame there costs its size, briefly.

@@ -23,8 +23,8 @@ import zmq
 from areal_like import protocol as P
 from areal_like import security
 from areal_like.auth import read_key_file
-from areal_like.config import request_frame_limit
 from areal_like.dealer import Client
+from areal_like.job_facts import request_frame_limit
 from areal_like.trajectory import Trajectory, as_f32, as_i32
 from areal_like.transport import TransportTimeout
 

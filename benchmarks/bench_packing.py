@@ -22,7 +22,7 @@ Cases (one JSON line each; ``ratio`` is higher-is-better):
   rank gets follow from the plan alone (every rank computes it), so no second process runs.
   ratio = baseline / figure (null when the figure is 0). Goal: figure <= 0.10.
 - ``peak_memory_at_budget``: peak bytes of tensors a second ``train_step`` allocates
-  (``trainer.memory.PeakTensorBytes``), packed at the budget (``figure``) against padded at the
+  (``benchmarks.memory.PeakTensorBytes``), packed at the budget (``figure``) against padded at the
   same budget (``baseline``: ``pack_sequences=false``, micro-batches of at most ``--budget``
   computed positions). ratio = baseline / figure. Goal: ratio >= 1.
 
@@ -116,7 +116,7 @@ def timed_step(cfg, s, batch, today: bool = False) -> tuple[float, dict]:
 
 def peak_bytes(cfg, s, batch) -> int:
     """Tensor bytes a second ``train_step`` allocates at its peak (AdamW's moments exist)."""
-    from trainer.memory import PeakTensorBytes
+    from benchmarks.memory import PeakTensorBytes
     from trainer.model import build_policy
     from trainer.step import train_step
 

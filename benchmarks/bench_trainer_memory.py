@@ -1,4 +1,4 @@
-"""Trainer memory: measured peak of one real training step vs ``trainer.memory.estimate_peak_bytes``.
+"""Trainer memory: measured peak of one real training step vs ``benchmarks.memory``'s estimate.
 
 One process, the trainer's own code path (world-size-1 gloo group, CPU, ``--dtype``: fp32 (not
 sharded) or bf16 (FSDP2 on a one-rank mesh with the mixed-precision policy)): the policy is
@@ -7,7 +7,7 @@ built (``trainer.model.build_policy``: meta device, sharded, materialised) and `
 sequences per micro-batch (gradients accumulate over the micro-batches, as in a real step; from the
 second step on the AdamW moments exist during the forward/backward). Measured: the peak of the
 bytes held by tensors allocated from the start of the build
-to the end of the step (``trainer.memory.PeakTensorBytes``: parameters, gradients, AdamW states,
+to the end of the step (``benchmarks.memory.PeakTensorBytes``: parameters, gradients, AdamW states,
 all-gathered parameters, activations, log-prob chunks), and the process's peak RSS for reference
 (which adds torch/transformers themselves and allocator slack). The estimate is the accounting that
 ``trainer/MEMORY.md``'s table is computed with, for the same shape, tokens and settings.
@@ -71,7 +71,7 @@ def main() -> None:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     from areal_like.config import load_config
-    from trainer.memory import GIB, PeakTensorBytes, estimate_peak_bytes, qwen2_shape
+    from benchmarks.memory import GIB, PeakTensorBytes, estimate_peak_bytes, qwen2_shape
     from trainer.model import build_policy, init_distributed, leave_distributed
     from trainer.step import StepSettings, train_step
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from areal_like.config import RunConfig, dataset_size, model_vocab_size, request_frame_limit
+from areal_like.config import RunConfig
+from areal_like.job_facts import dataset_size, model_vocab_size, request_frame_limit
 from areal_like.tasks import prompt_layout
 
 MIN_SERVERS = 8  # buffer/peer_caps.py: the roster allowance of one member key, at least

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         return _track(args.run_dir, args.overrides, once=args.once)
     if args.command == "keys":
         return _keys(args.run_dir, args.keys_dir)
-    from areal_like import top
+    from launch import top
 
     run_dir = args.run_dir or top.newest_run_dir()
     if run_dir is None:
@@ -279,7 +279,7 @@ def _track(run_dir: str, overrides: list[str], once: bool) -> int:
     from pathlib import Path
 
     from areal_like.config import ConfigError, load_daemon_config
-    from areal_like.track_sink import TrackerSink, follow
+    from launch.track_sink import TrackerSink, follow
 
     try:
         cfg = load_daemon_config(["--config-file", str(Path(run_dir) / "config.yaml"), *overrides])

@@ -17,7 +17,7 @@
    ``python -m trainer`` itself), with a live
    progress line read from ``<run_dir>/metrics/trainer.jsonl``, a periodic scrape of every
    ``/metrics`` into ``<run_dir>/metrics/scrape.jsonl`` and the tracker sink
-   (``areal_like/track_sink.py``) feeding ``cfg.tracker`` from the run's JSONL files; when an eval
+   (``launch/track_sink.py``) feeding ``cfg.tracker`` from the run's JSONL files; when an eval
    is scheduled, the job stays up after the trainer completed until the final evaluation is written;
 4. when the job failed, print the failing daemon's last error lines (its log's last traceback)
    to stderr, also with ``-q``;
@@ -42,13 +42,13 @@ from areal_like.config import RunConfig, to_yaml
 from areal_like.daemon import MALLOC_ENV
 from areal_like.distributed import free_port
 from areal_like.security import make_keys
-from areal_like.track_sink import JsonlTail, TrackerSink
 from launch.local import ProcSpec, Supervisor, error_tail, rotating_file, write_json_atomic, write_line
 from launch.placement import check_one_node, needs_gpus, place_nodes, visible_devices, with_weight_path
 from launch.preflight import checked
 from launch.records import SUMMARY_WINDOW, read_jsonl, reward_of, step_of, summarize, trainer_jsonl, warm_plotting
 from launch.rundir import check_existing_run, check_resume_settings, lock_run_dir, write_settings
 from launch.topology import Topology, apply_topology, laptop_layout, plan_topology, wants_eval, with_local_ipc
+from launch.track_sink import JsonlTail, TrackerSink
 
 PROGRESS_EVERY_S = 5.0  # a live line this often keeps a terminal alive without flooding logs
 SCRAPE_EVERY_S = 10.0  # /metrics snapshots in scrape.jsonl; Prometheus does the fine-grained job

@@ -26,7 +26,7 @@ and ``areal-like config`` call it. It resolves hub ids to local directories
   schemas are valid JSON schemas (``check_env``);
 * ``task.agent``: the function imports and takes ``(client_base_url, api_key, example)``
   (``check_agent``);
-* the trackers' packages (``areal_like.tracking.check_trackers``);
+* the trackers' packages (``launch.tracking.check_trackers``);
 * the engine: ``rollout.engine.kind=sglang`` needs the sglang package and ``model.path``;
 * ``trainer.lora.target_modules``: each name matches a linear layer of the model (``check_lora``);
 * the environment: no inherited ``SGLANG_RETURN_ORIGINAL_LOGPROB`` (SGLang would return log-probs
@@ -241,8 +241,8 @@ def check_reward_fn(cfg: RunConfig) -> list[str]:
 
 
 def check_trackers(cfg: RunConfig) -> list[str]:
-    """The trackers' packages installed (``areal_like.tracking.check_trackers``)."""
-    from areal_like.tracking import check_trackers as check
+    """The trackers' packages installed (``launch.tracking.check_trackers``)."""
+    from launch.tracking import check_trackers as check
 
     try:
         check(cfg)

@@ -42,8 +42,9 @@ from functools import cached_property
 import torch
 import torch.distributed as dist
 
-from areal_like.config import RunConfig, TrainerConfig, model_vocab_size
+from areal_like.config import RunConfig, TrainerConfig
 from areal_like.daemon import Daemon
+from areal_like.job_facts import model_vocab_size
 from areal_like.tokenizer import load_tokenizer
 from trainer.checkpoint import AsyncSaver, latest_checkpoint, load_checkpoint, save_checkpoint, state_checksums
 from trainer.data import BatchSource, TrainBatch

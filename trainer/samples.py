@@ -1,7 +1,7 @@
 """Sample rows: a few of the trajectories a training step consumed, as text, for ``samples.jsonl``.
 
 Every ``tracking.sample_every`` steps trainer rank 0 appends up to ``tracking.sample_k`` rows to
-``<run_dir>/samples.jsonl``; the tracker sink (``areal_like/tracking.py``) forwards each step's rows
+``<run_dir>/samples.jsonl``; the tracker sink (``launch/track_sink.py``) forwards each step's rows
 as one table. This module only builds the rows (a pure function of the groups and a decoder).
 
 Row keys: ``step`` (the trainer step the batch produced, as in ``metrics/trainer.jsonl``),

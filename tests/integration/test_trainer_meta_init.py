@@ -63,7 +63,7 @@ def worker(out: str, model_dir: str) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from trainer.memory import PeakTensorBytes
+    from benchmarks.memory import PeakTensorBytes
     from trainer.model import build_policy, build_reference, full_state_dict, init_distributed, leave_distributed
 
     res: dict = {}

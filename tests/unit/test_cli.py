@@ -10,8 +10,8 @@ import pytest
 
 from areal_like.distributed import free_port
 from areal_like.metrics import Metrics, MetricsServer
-from areal_like.top import figure, render, status
 from launch.cli import main, split_torchrun_args
+from launch.top import figure, render, status
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 
 from areal_like import config as C
 from areal_like.config import ConfigError, RunConfig, load_config, load_daemon_config, to_yaml
+from areal_like.job_facts import dataset_size
 
 CONFIG_DIR = C.config_dir()
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
@@ -157,19 +159,37 @@ def test_daemon_config_errors_name_the_key(tmp_path):
 
 def test_dataset_size(tmp_path):
     cfg = load_config(["task.num_prompts=37"])
-    assert C.dataset_size(cfg.task, cfg.model) == 37
+    assert dataset_size(cfg.task, cfg.model) == 37
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "a", "answer": "1"}\n\n{"prompt": "bbbb", "answer": "2"}\n')
     for task in ("jsonl_math", "dataset"):
         cfg = load_config([f"task={task}", f"task.dataset_path={data}"])
-        assert C.dataset_size(cfg.task, cfg.model) == 2
+        assert dataset_size(cfg.task, cfg.model) == 2
     # the count the buffer's cursor runs over is after the prompt-length filter (plain text:
     # "<bos>a" = 2 ids, "<bos>bbbb" = 5)
     cfg = load_config(["task=dataset", f"task.dataset_path={data}", "task.max_prompt_tokens=4"])
-    assert C.dataset_size(cfg.task, cfg.model) == 1
+    assert dataset_size(cfg.task, cfg.model) == 1
     cfg = load_config(["task=jsonl_math", f"task.dataset_path={tmp_path / 'no.jsonl'}"])
     with pytest.raises(ConfigError, match="task.dataset_path"):
-        C.dataset_size(cfg.task, cfg.model)
+        dataset_size(cfg.task, cfg.model)
+
+
+def test_config_reaches_no_task_code_even_inside_functions():
+    """Settings load without tasks, datasets or tokenizers, lazily or not: the facts they imply are
+    computed above config (areal_like/job_facts.py), so no import circle runs through config."""
+    root, seen, todo = Path(C.__file__).parents[1], set(), ["areal_like.config"]
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        tree = ast.parse((root / f"{module.replace('.', '/')}.py").read_text())
+        todo += [n.module for n in ast.walk(tree)
+                 if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("areal_like.")]
+        todo += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import)
+                 for a in n.names if a.name.startswith("areal_like.")]
+    above = {f"areal_like.{m}" for m in ("tasks", "datasets", "tokenizer", "job_facts")}
+    assert not seen & above, sorted(seen)
 
 
 @pytest.mark.parametrize("override", ["buffer.lease_timeout_s=inf", "trainer.batch_wait_s=nan",

@@ -24,10 +24,10 @@ from areal_like.config import (
     RunConfig,
     SecurityConfig,
     TaskConfig,
-    request_frame_limit,
     to_yaml,
 )
 from areal_like.dealer import Client
+from areal_like.job_facts import request_frame_limit
 
 TIMEOUT_S = 60.0
 HUGE_MAPS = 32 * 1024 * 1024  # empty maps in the hostile frame: one byte each on the wire, ~72 decoded

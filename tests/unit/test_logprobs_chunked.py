@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 
+from benchmarks.memory import PeakTensorBytes
 from trainer.logprobs import hidden_token_logprobs, token_logprobs
-from trainer.memory import PeakTensorBytes
 
 
 def test_hand_computed_case():

@@ -1,4 +1,4 @@
-"""trainer/memory.py: the accounting behind trainer/MEMORY.md, and a 7B-shaped model sharded on meta.
+"""benchmarks/memory.py: the accounting behind trainer/MEMORY.md; a 7B-shaped model sharded on meta.
 
 - ``PeakTensorBytes`` counts what a computation allocates (hand-checkable sizes);
 - the parameter counts equal the meta-built Hugging Face models' and Qwen2's published sizes;
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from areal_like.config import ModelConfig
-from trainer.memory import (
+from benchmarks.memory import (
     PeakTensorBytes,
     block_activation_bytes,
     block_params,
@@ -118,7 +118,7 @@ from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 dist.init_process_group("fake", store=FakeStore(), rank=3, world_size=8)
 from areal_like.hf import build_meta_model
-from trainer.memory import qwen2_shape
+from benchmarks.memory import qwen2_shape
 from trainer.model import apply_fsdp
 cfg = qwen2_shape("7B")
 model = apply_fsdp(build_meta_model(cfg), cfg)

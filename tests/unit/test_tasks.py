@@ -7,10 +7,10 @@ import pytest
 
 from areal_like.callables import import_function, split_function_path
 from areal_like.config import ConfigError, ModelConfig, TaskConfig
-from areal_like.datasets import DatasetTask
 from areal_like.rewards import math_reward
 from areal_like.tasks import (
     SYNTHETIC_EVAL_SIZE,
+    DatasetTask,
     Example,
     countdown_reward,
     encode_prompt,

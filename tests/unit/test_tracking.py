@@ -18,18 +18,18 @@ from pathlib import Path
 import pytest
 
 from areal_like import protocol as P
-from areal_like import tracking
 from areal_like.config import to_yaml
 from areal_like.report_schema import TrackingConfig
 from areal_like.schema import ConfigError, RunConfig
 from areal_like.tokenizer import EOS_ID, char_tokenizer
-from areal_like.track_sink import JsonlTail, TrackerSink, follow, scalars
-from areal_like.tracking import JsonlTracker, MlflowTracker, TensorBoardTracker, Tracker, WandbTracker
 from areal_like.trajectory import Trajectory, as_f32, as_i32
+from launch import tracking
 from launch.cli import main
 from launch.job import Monitor
 from launch.records import curve_figure, eval_records, plot_curve
 from launch.topology import Topology
+from launch.track_sink import JsonlTail, TrackerSink, follow, scalars
+from launch.tracking import JsonlTracker, MlflowTracker, TensorBoardTracker, Tracker, WandbTracker
 from trainer.data import BatchSource
 from trainer.loop import Trainer
 from trainer.samples import sample_rows
@@ -286,7 +286,7 @@ def test_trackio_store_holds_metrics_and_tables(tmp_path):
     # a process of its own: trackio reads TRACKIO_DIR once, when it is first imported
     code = textwrap.dedent(f"""
         from pathlib import Path
-        from areal_like.tracking import TrackioTracker
+        from launch.tracking import TrackioTracker
         t = TrackioTracker(Path({str(tmp_path / 'trackio')!r}), "proj", "r1", {{"seed": 0}})
         t.log_metrics({{"train/loss": 0.5}}, 3)
         t.log_metrics({{"eval/pass@k": 0.25}}, 2)

@@ -1,7 +1,7 @@
 """Experiment trackers: sinks that receive a run's metrics and sample tables (``cfg.tracker``).
 
 A tracker never runs inside a daemon. The daemons append JSONL files to the run directory
-(``metrics/trainer.jsonl``, ``eval.jsonl``, ``samples.jsonl``) and ``areal_like.track_sink``
+(``metrics/trainer.jsonl``, ``eval.jsonl``, ``samples.jsonl``) and ``launch.track_sink``
 tails them into the trackers built here, from the supervisor of ``areal-like run`` or from
 ``areal-like track RUN_DIR``; so a slow, failing or missing backend can neither slow nor stop
 training. Every backend writes under ``<run_dir>/tracking/`` and works without a network:

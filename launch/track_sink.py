@@ -1,4 +1,4 @@
-"""The tracker sink: tails a run's JSONL files into its trackers (``areal_like/tracking.py``).
+"""The tracker sink: tails a run's JSONL files into its trackers (``launch/tracking.py``).
 
 Sources, relative to the run directory (any of them may be absent, or appear later):
 
@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from areal_like.schema import RunConfig
-from areal_like.tracking import Tracker, build_trackers, flatten
+from launch.tracking import Tracker, build_trackers, flatten
 
-log = logging.getLogger("areal_like.track_sink")
+log = logging.getLogger("launch.track_sink")
 
 FOLLOW_POLL_S = 2.0  # `areal-like track`: how often the files are read
 

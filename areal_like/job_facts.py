@@ -1,0 +1,90 @@
+"""Facts of the job that its config implies but does not state: the model's vocabulary and
+context, the largest frame a group can need, the prompts in one epoch of the task.
+
+They sit above config loading: ``areal_like.config`` only composes and validates settings and
+imports neither tasks, datasets nor tokenizers; this module reads the model's ``config.json``, the
+dataset and the tokenizer on behalf of the daemons that need a fact (``buffer/facts.py``,
+``trainer/loop.py``). Invariants: the vocabulary, context and frame limit are read as JSON, never
+through torch or transformers, so the buffer computes them without either; a fact that cannot be
+computed because of a setting is a ``ConfigError`` naming that key (``model.path`` without a
+``vocab_size``, an unreadable ``task.dataset_path``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from areal_like.config import ConfigError, ModelConfig, RunConfig, TaskConfig
+from areal_like.tasks import SYNTHETIC, make_task
+from areal_like.tokenizer import load_tokenizer
+
+
+def model_json(model: ModelConfig, key: str) -> object:
+    """``key`` of ``model.path``'s config.json, or of its ``text_config`` (a multimodal model's
+    language half) when the top level has none; None when neither has it."""
+    cfg = json.loads((Path(model.path) / "config.json").read_text())
+    return cfg.get(key) or (cfg.get("text_config") or {}).get(key)
+
+
+def model_vocab_size(model: ModelConfig) -> int:
+    """Entries in the model's embedding: ``vocab_size`` of ``model.path``'s config.json, else
+    ``model.vocab_size`` for a model built from config. Read as JSON: the buffer checks token ids
+    against it without importing torch or transformers."""
+    if not model.path:
+        return model.vocab_size
+    size = model_json(model, "vocab_size")
+    if not isinstance(size, int) or size < 1:
+        raise ConfigError(f"model.path={model.path!r}: config.json has no vocab_size")
+    return size
+
+
+def model_context(model: ModelConfig) -> int:
+    """The model's context length: ``max_position_embeddings`` of ``model.path``'s config.json
+    (128k when it names none), else ``model.max_position_embeddings``. Read as JSON."""
+    if not model.path:
+        return model.max_position_embeddings
+    size = model_json(model, "max_position_embeddings")
+    return size if isinstance(size, int) and size > 0 else 128 * 1024
+
+
+# A group's frame: per trajectory its prompt ids (4 bytes a token), output ids, behaviour log-probs
+# and versions and loss mask (16 bytes an output token) and free-form metadata (reward details,
+# errors).
+PROMPT_TOKEN_BYTES, OUTPUT_TOKEN_BYTES, TRAJECTORY_METADATA_BYTES = 4, 16, 64 * 1024
+FRAME_MARGIN = 2  # envelope, msgpack headers and what the estimate misses
+# control messages too: a weight-sync plan lists every tensor (~65 bytes each)
+MIN_FRAME_BYTES = 4 * 1024 * 1024
+
+
+def request_frame_limit(cfg: RunConfig) -> int:
+    """The largest frame the buffer accepts: ``buffer.max_frame_bytes`` when set, else the biggest
+    group the job can produce, ``FRAME_MARGIN`` x ``task.group_size`` x (prompt tokens x 4 + output
+    tokens x 16 + metadata), at least ``MIN_FRAME_BYTES``. Prompts are bounded by
+    ``task.max_prompt_tokens`` or, when that is 0, by the model's context (``model_context``);
+    output tokens by ``task.max_new_tokens``, or for multi-turn episodes (``task.env``)
+    ``task.max_episode_tokens``; an agent's episode (``task.agent``) may be up to
+    ``task.max_turns`` trajectories."""
+    if cfg.buffer.max_frame_bytes:
+        return cfg.buffer.max_frame_bytes
+    task = cfg.task
+    prompt = task.max_prompt_tokens or model_context(cfg.model)
+    # a multi-turn episode's output holds every turn and every environment message after the prompt
+    output = max(task.max_new_tokens, task.max_episode_tokens) if task.env or task.agent else \
+        task.max_new_tokens
+    per_trajectory = (prompt * PROMPT_TOKEN_BYTES + output * OUTPUT_TOKEN_BYTES
+                      + TRAJECTORY_METADATA_BYTES)
+    # an agent's episode is a trajectory per consistent prefix: one per call when it rewrites its
+    # history every time (rollout_server/agent_endpoint.py), each up to max_episode_tokens
+    trajectories = task.group_size * (task.max_turns if task.agent else 1)
+    return max(MIN_FRAME_BYTES, FRAME_MARGIN * trajectories * per_trajectory)
+
+
+def dataset_size(task: TaskConfig, model: ModelConfig) -> int:
+    """Prompts in one epoch of the task's train split (the buffer's cursor range): after the
+    ``task.max_prompt_tokens`` filter, counted with ``model``'s tokenizer as the rollout servers
+    do."""
+    if task.name in SYNTHETIC:
+        return task.num_prompts
+    tokenizer = load_tokenizer(model) if task.max_prompt_tokens > 0 else None
+    return len(make_task(task, tokenizer))
