@@ -156,12 +156,6 @@ def test_config_module_does_not_import_torch():
 # circle from the interpreter, not from the reader. ``from pkg import name`` is an import of the
 # module ``pkg.name`` when there is one, else of ``pkg``.
 
-KNOWN_CIRCLES = [  # issue 37 item 3: config imports these lazily, and they import config
-    frozenset({"areal_like.config", "areal_like.datasets", "areal_like.tasks",
-               "areal_like.tokenizer"}),
-]
-
-
 def module_name(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -214,7 +208,7 @@ def circles(graph: dict[str, set[str]]) -> set[frozenset[str]]:
 
 @pytest.mark.parametrize("package", ALL_PACKAGES)
 def test_no_import_circle_inside_a_package(package):
-    found = [sorted(c) for c in circles(package_graph(package)) if c not in KNOWN_CIRCLES]
+    found = [sorted(c) for c in circles(package_graph(package))]
     assert not found, f"import circles in {package} (lazy imports included): {found}"
 
 
