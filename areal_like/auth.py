@@ -1,14 +1,18 @@
 """A job's HTTP credentials: the engines' API key and the ``/metrics`` bearer token, and redaction.
 
-Credentials are never configuration: they travel in the environment, so they are never written
+Credentials are never configuration: they travel in the environment (the engine key also in the
+run directory's ``secrets/``), so they are never written
 to ``config.yaml``, printed by ``areal-like config`` or logged with a config.
 
-* ``ENGINE_KEY_ENV`` (``AREAL_LIKE_ENGINE_API_KEY``): every engine of the job (embedded or SGLang,
-  ``--api-key``) requires ``Authorization: Bearer <key>``; the rollout servers and the trainer's
-  log-prob guard send it. ``areal-like run`` makes one per job (``ensure_key_file``:
-  ``<run_dir>/secrets/engine_api_key``, mode 0600 in a 0700 directory, reused on resume) and
-  passes it to its daemons in their environment. A multi-node job exports the same value on
-  every node (the file lives in the shared run directory).
+* The engine API key: every engine of the job (embedded or SGLang, ``--api-key``) requires
+  ``Authorization: Bearer <key>``; the rollout servers and the trainer's log-prob guard send it.
+  There is one key per job, and every process finds it the same way, once at start
+  (``engine_api_key(run_dir)``, kept in the daemon's facts and passed to each client and server):
+  ``ENGINE_KEY_ENV`` (``AREAL_LIKE_ENGINE_API_KEY``) if set, else the run directory's key file
+  (``KEY_FILE``: ``<run_dir>/secrets/engine_api_key``). ``areal-like run`` writes that file per
+  job (``ensure_key_file``: mode 0600 in a 0700 directory, reused on resume) and also passes the
+  key in its daemons' environment. A multi-node job shares the run directory, or exports the same
+  value on every node.
 * ``METRICS_TOKEN_ENV`` (``AREAL_LIKE_METRICS_TOKEN``): when set, every daemon's ``/metrics``
   requires it as a bearer token (``/health`` stays open for liveness probes); Prometheus sends it
   from a file (``authorization: credentials_file`` in ``launch/observability/prometheus.yml``).
@@ -42,9 +46,10 @@ SECRET_FIELD = re.compile(r"(^|[_-])(api[_-]?key|token|secret|passw(or)?d|creden
 _URL_PASSWORD = re.compile(r"(://[^/@:\s]+:)[^/@\s]+@")
 
 
-def engine_api_key(environ: Mapping[str, str] = os.environ) -> str | None:
-    """The job's engine API key from the environment, or None (no authentication)."""
-    return environ.get(ENGINE_KEY_ENV) or None
+def engine_api_key(run_dir: str | Path, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The job's engine API key: ``ENGINE_KEY_ENV``, else the key file of ``run_dir``
+    (``KEY_FILE``), else None (the job has none)."""
+    return environ.get(ENGINE_KEY_ENV) or read_key_file(run_dir)
 
 
 def metrics_token(environ: Mapping[str, str] = os.environ) -> str | None:

@@ -24,21 +24,22 @@ from areal_like.transport import (
 
 
 class _Dealer:
-    """A DEALER to ``address`` that is replaced by a fresh one after a timeout ("lazy pirate")."""
+    """A DEALER to ``address`` that is replaced by a fresh one after a timeout ("lazy pirate");
+    every socket it makes, the fresh ones too, is a CURVE client with ``keys`` (None: plain)."""
 
-    def __init__(self, address: str, ctx: zmq.Context, timeout_s: float, identity: str | None):
+    def __init__(self, address: str, ctx: zmq.Context, timeout_s: float, identity: str | None,
+                 keys: security.Keys | None):
         self.address, self.timeout_s, self.identity, self._ctx = address, timeout_s, identity, ctx
         self._sock: zmq.Socket | None = None
         self._writer = FrameWriter()
-        self._keys = security.active()  # a reconnect keeps the keys the client was made with
+        self._keys = keys
         self._connect()
 
     def _connect(self) -> None:
-        with security.using(self._keys):
-            self._sock = new_socket(self._ctx, zmq.DEALER)
-            if self.identity:
-                self._sock.setsockopt(zmq.IDENTITY, f"{self.identity}-{uuid.uuid4().hex[:6]}".encode())
-            security.connect(self._sock, self.address)
+        self._sock = new_socket(self._ctx, zmq.DEALER, self._keys)
+        if self.identity:
+            self._sock.setsockopt(zmq.IDENTITY, f"{self.identity}-{uuid.uuid4().hex[:6]}".encode())
+        security.connect(self._sock, self.address)
         self._on_socket()
 
     def _on_socket(self) -> None:
@@ -82,8 +83,9 @@ class _Dealer:
 class Client(_Dealer):
     """Synchronous request/reply client (one outstanding request at a time; not thread safe)."""
 
-    def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, identity: str | None = None):
-        super().__init__(address, zmq.Context.instance(), timeout_s, identity)
+    def __init__(self, address: str, *, keys: security.Keys | None = None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, identity: str | None = None):
+        super().__init__(address, zmq.Context.instance(), timeout_s, identity, keys)
 
     def _on_socket(self) -> None:
         self._poller = zmq.Poller()  # kept: Socket.poll builds a new Poller on every call
@@ -114,9 +116,10 @@ class AsyncClient(_Dealer):
     sent at once, pipelined on the socket, each reply matched to its request by req_id).
     """
 
-    def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, identity: str | None = None):
+    def __init__(self, address: str, *, keys: security.Keys | None = None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, identity: str | None = None):
         self._lock = asyncio.Lock()
-        super().__init__(address, zmq.asyncio.Context.instance(), timeout_s, identity)
+        super().__init__(address, zmq.asyncio.Context.instance(), timeout_s, identity, keys)
 
     async def request(self, msg: Message, timeout_s: float | None = None) -> Message:
         timeout = self.timeout_s if timeout_s is None else timeout_s

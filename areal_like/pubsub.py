@@ -16,9 +16,10 @@ from areal_like.transport import FrameWriter, bind_both, new_socket
 class Publisher:
     """PUB side of announcements (lossy by design; see module docstring)."""
 
-    def __init__(self, address: str, *, local_address: str | None = None):
+    def __init__(self, address: str, *, keys: security.Keys | None = None,
+                 local_address: str | None = None):
         self.address, self.local_address = address, local_address
-        self._sock = new_socket(zmq.Context.instance(), zmq.PUB)
+        self._sock = new_socket(zmq.Context.instance(), zmq.PUB, keys)  # keys: the buffer's
         bind_both(self._sock, address, local_address)
         self._writer = FrameWriter()
 
@@ -35,10 +36,11 @@ class Publisher:
 class Subscriber:
     """SUB side; ``recv(timeout_s)`` returns a message or None. Undecodable frames are skipped."""
 
-    def __init__(self, address: str, *, asyncio_ctx: bool = False):
+    def __init__(self, address: str, *, keys: security.Keys | None = None,
+                 asyncio_ctx: bool = False):
         self.address = address
         ctx = zmq.asyncio.Context.instance() if asyncio_ctx else zmq.Context.instance()
-        self._sock = new_socket(ctx, zmq.SUB)
+        self._sock = new_socket(ctx, zmq.SUB, keys)  # keys: a client's (None: plain)
         self._sock.setsockopt(zmq.SUBSCRIBE, b"")
         security.connect(self._sock, address)
 

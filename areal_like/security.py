@@ -12,11 +12,12 @@ Every file is ZeroMQ's own certificate format (``zmq.auth.create_certificates``)
 them. A node needs ``server.key`` and its own client keypair, the buffer node ``server.key_secret``
 and ``clients/*.key``; copying the whole directory is simplest.
 
-How it is used: each daemon calls ``setup(cfg, role)`` once at start, which loads its keys and
-makes them the process's ``active`` keys; the transport calls ``apply(sock)`` on every socket it
-creates. ``apply`` makes ROUTER and PUB sockets CURVE servers (one authenticator per ZeroMQ
-context, started before the first bind) and DEALER and SUB sockets CURVE clients; with no active
-keys (``security.curve=false``, or a process that never called ``setup``) sockets stay plain.
+How it is used: keys are a value, never process state. Each daemon calls ``setup(cfg, role)`` once
+at start and keeps the ``Keys`` (or None) in its facts; every socket and client it makes is given
+them (``transport.Server``/``new_socket``, ``dealer.Client``, ``pubsub``), and the transport calls
+``apply(sock, keys)`` on the socket before it binds or connects. ``apply`` makes ROUTER and PUB
+sockets CURVE servers (one authenticator per ZeroMQ context, started before the first bind) and
+DEALER and SUB sockets CURVE clients; with None (``security.curve=false``) sockets stay plain.
 
 What a refused peer sees: nothing. A client with no CURVE, a wrong server key or a key not on the
 allow-list fails the handshake, so no message of it reaches the buffer and no reply or announcement
@@ -46,8 +47,7 @@ import os
 import stat
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,7 +88,6 @@ class Keys:
     allow_dir: Path | None = None  # server only: the public client keys
 
 
-_active: Keys | None = None
 _auths: dict[int, ThreadAuthenticator] = {}  # id(context) -> its running authenticator
 _refused_callbacks: list[Callable[[str], None]] = []
 _lock = threading.Lock()
@@ -144,39 +143,17 @@ def _read(path: Path, keys_dir: Path) -> tuple[bytes, bytes | None]:
     return public, secret
 
 
-def activate(keys: Keys | None) -> None:
-    """Make ``keys`` this process's (None: plain sockets). Sockets made before keep what they had."""
-    global _active
-    _active = keys
-
-
-def active() -> Keys | None:
-    return _active
-
-
-@contextmanager
-def using(keys: Keys | None) -> Iterator[None]:
-    """``activate(keys)`` for the block, then back to what was active (sockets made in it keep the keys)."""
-    before = _active
-    activate(keys)
-    try:
-        yield
-    finally:
-        activate(before)
-
-
 def setup(cfg, role: str, logger: logging.Logger | None = None) -> Keys | None:
-    """Daemon start: load and activate ``role``'s keys when ``cfg.security.curve``, else say loudly that
-    the job's ZeroMQ traffic is open. Raises SecurityError when keys are missing."""
+    """Daemon start: ``role``'s keys when ``cfg.security.curve`` (the daemon keeps them in its
+    facts), else None after saying loudly that the job's ZeroMQ traffic is open. SecurityError when
+    keys are missing."""
     logger = logger or log
     sec = cfg.security
     if not sec.curve:
         logger.warning("security.curve=false: ZeroMQ traffic is NOT authenticated or encrypted; any process that "
                        "can reach the buffer's ports can join this job (use only on a trusted network)")
-        activate(None)
         return None
     keys = load(cfg.resolve_path(sec.keys_dir), role)
-    activate(keys)
     logger.info("CURVE on: %s keys from %s", role, cfg.resolve_path(sec.keys_dir))
     return keys
 
@@ -202,9 +179,9 @@ def refused(reason: str) -> None:
         callback(reason)
 
 
-def apply(sock: zmq.Socket) -> None:
-    """The transport's hook: make ``sock`` a CURVE server or client with the active keys (before bind/connect)."""
-    keys = _active
+def apply(sock: zmq.Socket, keys: Keys | None) -> None:
+    """The transport's hook: make ``sock`` a CURVE server or client with ``keys`` (None: plain),
+    before it binds or connects."""
     if keys is None:
         return
     if sock.type in _SERVER_KINDS:

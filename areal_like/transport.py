@@ -42,9 +42,10 @@ Patterns and why:
   ``REFUSE_WINDOW_BYTES``, so a sender that is merely misconfigured still gets a rejection naming
   the size (and the daemon counts it) instead of a silent cut; a frame there costs its size, briefly.
 
-* **Authentication.** Every socket is made by ``new_socket``, which hands it to
-  ``security.apply``: with the process's CURVE keys active, ROUTER/PUB sockets are CURVE servers
-  behind a ZAP allow-list and DEALER/SUB sockets CURVE clients (``areal_like/security.py``).
+* **Authentication.** Every socket is made by ``new_socket`` with the ``keys`` its maker was given
+  (a daemon's facts hold them; ``security.Keys`` or None), and handed to ``security.apply``: with
+  keys, ROUTER/PUB sockets are CURVE servers behind a ZAP allow-list and DEALER/SUB sockets CURVE
+  clients (``areal_like/security.py``); None makes a plain socket. No socket reads process state.
 * **CURVE's cost, spread.** CURVE encrypts every frame on tcp:// and its cipher is the
   transport's biggest cost. ZeroMQ runs it in the context's I/O threads, one connection on one
   thread, so a ``Server`` made with ``io_threads`` > 1 (the buffer's: ``buffer.io_threads``, sized
@@ -170,16 +171,17 @@ def recv_parts(sock: zmq.Socket, flags: int) -> list[zmq.Frame]:
     return parts
 
 
-def new_socket(ctx: zmq.Context, kind: int, receive_bound: int | None = None) -> zmq.Socket:
+def new_socket(ctx: zmq.Context, kind: int, keys: security.Keys | None,
+               receive_bound: int | None = None) -> zmq.Socket:
     """A socket with this module's options (linger, high-water marks, incoming size bound: by default
-    ``INCOMING_LIMIT_FACTOR`` x the frame limit) and this process's CURVE keys, if any."""
+    ``INCOMING_LIMIT_FACTOR`` x the frame limit) and CURVE with ``keys`` (None: plain)."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, SNDHWM)
     sock.setsockopt(zmq.RCVHWM, SNDHWM)
     bound = INCOMING_LIMIT_FACTOR * protocol.MAX_FRAME_BYTES if receive_bound is None else receive_bound
     sock.setsockopt(zmq.MAXMSGSIZE, bound)  # see "Incoming size bound"
-    security.apply(sock)  # CURVE server or client with this process's keys (none: plain); before bind/connect
+    security.apply(sock, keys)  # CURVE server or client (None: plain); before bind/connect
     return sock
 
 
@@ -207,10 +209,12 @@ class Server:
     daemon can answer with a rejection naming the field and keep serving. ``max_frame_bytes``
     (default ``protocol.MAX_FRAME_BYTES``) is the largest frame decoded; see "Incoming size bound".
     ``io_threads`` > 1: the socket lives in a context with that many I/O threads (one per process
-    and count, like ``zmq.Context.instance()``; see "CURVE's cost, spread").
+    and count, like ``zmq.Context.instance()``; see "CURVE's cost, spread"). ``keys``: the server's
+    CURVE keys (``security.load(..., SERVER)``), None for a plain socket.
     """
 
-    def __init__(self, address: str, *, max_frame_bytes: int | None = None, local_address: str | None = None,
+    def __init__(self, address: str, *, keys: security.Keys | None = None,
+                 max_frame_bytes: int | None = None, local_address: str | None = None,
                  io_threads: int = 1):
         self.address, self.local_address = address, local_address
         self.max_frame_bytes = max_frame_bytes
@@ -221,7 +225,7 @@ class Server:
             bound = min(INCOMING_LIMIT_FACTOR * protocol.MAX_FRAME_BYTES,
                         max(INCOMING_LIMIT_FACTOR * max_frame_bytes, REFUSE_WINDOW_BYTES))
         self._ctx = context(io_threads)
-        self._sock = new_socket(self._ctx, zmq.ROUTER, bound)
+        self._sock = new_socket(self._ctx, zmq.ROUTER, keys, bound)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished peers are dropped
         bind_both(self._sock, address, local_address)
         self._poller = zmq.Poller()

@@ -41,10 +41,9 @@ class Target:
         self.rollout = security.load(self.keys_dir, "rollout")
         self.trainer = security.load(self.keys_dir, "trainer")
         self.address = cfg.buffer.address
-        with security.using(self.trainer):
-            self.observer = Client(
-                self.address, timeout_s=REQUEST_S, identity="campaign"
-            )  # reads stats
+        self.observer = Client(
+            self.address, keys=self.trainer, timeout_s=REQUEST_S, identity="campaign"
+        )  # reads stats
         self.buffer_metrics = next(s.metrics_port for s in topo.slots if s.kind == "buffer")
         self.engine_key = read_key_file(run_dir)
         self.engines = [m.engine_url for m in self.roster()]  # before any attack restarts anything
@@ -60,8 +59,7 @@ class Target:
 
     def fresh(self, msg: P.Message, keys=None, timeout_s: float = REQUEST_S) -> P.Message | str:
         """One request from a socket of its own (a member can open them at will)."""
-        with security.using(keys or self.rollout):
-            client = Client(self.address, timeout_s=timeout_s)
+        client = Client(self.address, keys=keys or self.rollout, timeout_s=timeout_s)
         try:
             return client.request(msg)
         except TransportTimeout:
@@ -224,9 +222,8 @@ def worker_secrets(t: Target) -> tuple[bool, str]:
 def _raw_member(t: Target) -> zmq.Socket:
     """A CURVE DEALER under the rollout key that sends frames as it likes (not through Client)."""
     ctx = zmq.Context.instance()
-    with security.using(t.rollout):
-        sock = ctx.socket(zmq.DEALER)
-        security.apply(sock)
+    sock = ctx.socket(zmq.DEALER)
+    security.apply(sock, t.rollout)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(t.address)
     return sock
@@ -290,8 +287,8 @@ def curve_replay(t: Target) -> tuple[bool, str]:
     connection: the handshake cannot be replayed, so the recorded requests never run twice."""
     relay = _Relay(int(t.address.rsplit(":", 1)[1]))
     try:
-        with security.using(t.trainer):  # its CURVE handshake and a request, through the relay
-            client = Client(f"tcp://127.0.0.1:{relay.port}", timeout_s=REQUEST_S)
+        # its CURVE handshake and a request, through the relay
+        client = Client(f"tcp://127.0.0.1:{relay.port}", keys=t.trainer, timeout_s=REQUEST_S)
         answered = isinstance(client.request(P.RosterRequest()), P.Roster)
         client.close()
         before = t.stats()
@@ -410,8 +407,7 @@ def nan_group(t: Target) -> tuple[bool, str]:
     """Issue 42 item 1: a group whose behaviour log-probs hold NaN and -inf, on a real lease (under
     the trainer's key: the flood above spent the rollout key's allowance of server ids)."""
     sid = f"nan-{os.getpid()}"
-    with security.using(t.trainer):
-        client = Client(t.address, timeout_s=REQUEST_S, identity=sid)
+    client = Client(t.address, keys=t.trainer, timeout_s=REQUEST_S, identity=sid)
     try:
         client.request(P.Register(server_id=sid, engine_url="http://127.0.0.1:9"))
         credit, version, why = _credit(client, sid)

@@ -184,9 +184,9 @@ def _request(sock: zmq.Socket, payload: bytes | memoryview) -> bytes:
             return reply
 
 
-def _producer_thread(mode, address, sid, blob, t_start, t_stop, counts, lock):
+def _producer_thread(mode, address, sid, blob, t_start, t_stop, counts, lock, keys):
     sock = zmq.Context.instance().socket(zmq.DEALER)
-    security.apply(sock)  # a CURVE client with the rollout key when the case runs with CURVE
+    security.apply(sock, keys)  # a CURVE client with the rollout key when the case runs with CURVE
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(address)
     n = nbytes = 0
@@ -220,12 +220,12 @@ def _producer_thread(mode, address, sid, blob, t_start, t_stop, counts, lock):
 
 
 def _producer_process(mode, address, wid, threads, tokens, group_size, t_start, t_stop, out, keys):
-    if keys is not None:
-        security.activate(security.load(keys, "rollout"))
+    keys = security.load(keys, "rollout") if keys is not None else None
     blob = trajectories_blob(tokens, group_size)
     counts, lock = [0, 0], threading.Lock()
-    ts = [threading.Thread(target=_producer_thread, args=(mode, address, f"w{wid}-{i}", blob, t_start, t_stop,
-                                                          counts, lock)) for i in range(threads)]
+    ts = [threading.Thread(target=_producer_thread, args=(mode, address, f"w{wid}-{i}", blob,
+                                                          t_start, t_stop, counts, lock, keys))
+          for i in range(threads)]
     for t in ts:
         t.start()
     for t in ts:
@@ -328,8 +328,8 @@ def start_buffer(run_dir: Path, fsync: str, env: dict, io_threads: int = 0, prod
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     proc = subprocess.Popen([sys.executable, "-m", "buffer", "--config-file", str(run_dir / "config.yaml")],
                             env=env, cwd=REPO, stderr=subprocess.DEVNULL)
-    with security.using(security.load(run_dir / "keys", "trainer") if io_threads else None):
-        Client(cfg.buffer.address, timeout_s=60).request(P.StatsRequest())  # ready
+    keys = security.load(run_dir / "keys", "trainer") if io_threads else None
+    Client(cfg.buffer.address, keys=keys, timeout_s=60).request(P.StatsRequest())  # ready
     return proc, cfg
 
 

@@ -96,8 +96,8 @@ from areal_like import protocol as P, security
 from areal_like.transport import Server
 
 server = Server(sys.argv[1])
-with security.using(security.load(sys.argv[4], security.SERVER)):
-    curve = Server(sys.argv[3], local_address=sys.argv[5])
+curve = Server(sys.argv[3], keys=security.load(sys.argv[4], security.SERVER),
+               local_address=sys.argv[5])
 raw = zmq.Context.instance().socket(zmq.ROUTER)
 raw.setsockopt(zmq.LINGER, 0)
 raw.bind(sys.argv[2])
@@ -219,9 +219,9 @@ def round_stream(sock: zmq.Socket, send, check_reply, seconds: float) -> float:
         done += 1
 
 
-def dealer(address: str) -> zmq.Socket:
-    sock = new_socket(zmq.Context.instance(), zmq.DEALER)  # Client's socket options (HWM, LINGER 0)
-    security.connect(sock, address)  # as Client does: CURVE on tcp:// when keys are active, none on ipc://
+def dealer(address: str, keys: security.Keys | None = None) -> zmq.Socket:
+    sock = new_socket(zmq.Context.instance(), zmq.DEALER, keys)  # Client's options (HWM, LINGER 0)
+    security.connect(sock, address)  # as Client does: CURVE on tcp:// with keys, none on ipc://
     return sock
 
 
@@ -260,8 +260,7 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, curve_addr: str, loca
             raise RuntimeError(f"receiver rejected the group: {ack}")
 
     client, ours_sock, raw_sock = Client(ours_addr, timeout_s=REQUEST_TIMEOUT_S), dealer(ours_addr), dealer(raw_addr)
-    with security.using(keys):
-        curve_sock, local_sock = dealer(curve_addr), dealer(local_addr)
+    curve_sock, local_sock = dealer(curve_addr, keys), dealer(local_addr, keys)
 
     modes = {
         ("stream", "ours"): lambda s: round_stream(ours_sock, send_ours(groups), check_ack, s),

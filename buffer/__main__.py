@@ -27,12 +27,12 @@ def main(argv: list[str] | None = None) -> int:
         log.error("invalid configuration: %s", e)
         return 2
     try:
-        security.setup(cfg, security.SERVER, log)
+        keys = security.setup(cfg, security.SERVER, log)  # once: every socket is given them
     except security.SecurityError as e:
         log.error("%s", e)
         return 2
     try:
-        service = BufferService.from_run(cfg)
+        service = BufferService.from_run(cfg, keys=keys)
     except WalInUse as e:
         log.error("%s", e)
         return 3

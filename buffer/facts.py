@@ -3,7 +3,9 @@
 ``BufferFacts.from_run(cfg)`` is the one place that reads other sections of the run config for the
 buffer (the model's vocabulary, the task's dataset and prompt layout, the trainer's engine lag,
 ``run_dir``); the service and its parts see only ``BufferConfig`` and these facts. Paths are
-resolved against ``run_dir`` here, so nothing past this point resolves one.
+resolved against ``run_dir`` here, so nothing past this point resolves one. The buffer's CURVE keys
+(``keys``: ``security.setup(cfg, SERVER)``, done once by ``python -m buffer``; None: plain sockets)
+are a fact too: its ROUTER and PUB sockets are given them, nothing reads them from process state.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 from areal_like.config import RunConfig
 from areal_like.job_facts import dataset_size, model_vocab_size, request_frame_limit
+from areal_like.security import Keys
 from areal_like.tasks import prompt_layout
 
 MIN_SERVERS = 8  # buffer/peer_caps.py: the roster allowance of one member key, at least
@@ -28,16 +31,18 @@ class BufferFacts:
     local_dir: Path | None  # buffer.local_dir resolved against run_dir: same-node ipc:// sockets (None: none)
     max_servers: int = 8  # server ids one member key may have on the roster (buffer/peer_caps.py)
     prompt_layout: str = ""  # the task's prompt encoding (areal_like.tasks.prompt_layout): logged
+    keys: Keys | None = None  # the server's CURVE keys (None: plain sockets)
 
     @classmethod
-    def from_run(cls, cfg: RunConfig) -> BufferFacts:
-        """The facts of the job ``cfg`` describes (reads the task's dataset to count its prompts)."""
+    def from_run(cls, cfg: RunConfig, keys: Keys | None = None) -> BufferFacts:
+        """The facts of the job ``cfg`` describes (reads the task's dataset to count its prompts),
+        serving CURVE with ``keys``."""
         b = cfg.buffer
         return cls(vocab_size=model_vocab_size(cfg.model), frame_limit=request_frame_limit(cfg),
                    engine_lag=cfg.trainer.weight_sync.engine_lag, dataset_size=dataset_size(cfg.task, cfg.model),
                    wal_dir=cfg.resolve_path(b.wal_dir),
                    local_dir=cfg.resolve_path(b.local_dir) if b.local_dir else None,
-                   max_servers=max_servers(cfg), prompt_layout=prompt_layout(cfg.task))
+                   max_servers=max_servers(cfg), prompt_layout=prompt_layout(cfg.task), keys=keys)
 
 
 def max_servers(cfg: RunConfig) -> int:

@@ -74,6 +74,7 @@ class BufferService(Daemon):
         self.store = ReplayBuffer(self.policy, capacity=b.capacity, selection=b.selection,
                                   filter_equal_rewards=b.filter_equal_rewards,
                                   max_tokens_per_trajectory=b.max_tokens_per_trajectory)
+        self.keys = facts.keys  # every socket of the buffer serves CURVE with these (None: plain)
         wal_dir, self.local_dir = facts.wal_dir, facts.local_dir  # local_dir: same-node ipc:// sockets (or None)
         wal_dir.mkdir(parents=True, exist_ok=True)
         self.disk = DiskGuard(wal_dir, b.wal_reserve_bytes, log=self.log)
@@ -113,19 +114,21 @@ class BufferService(Daemon):
         security.on_refused(self.instruments.refused)  # peers refused by CURVE never reach handle()
 
     @classmethod
-    def from_run(cls, cfg: RunConfig, *, clock: Callable[[], float] = time.monotonic) -> BufferService:
-        """The buffer of the job ``cfg`` describes: its ``buffer`` section plus ``BufferFacts`` of the rest."""
-        return cls(cfg.buffer, BufferFacts.from_run(cfg), clock=clock)
+    def from_run(cls, cfg: RunConfig, *, keys: security.Keys | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> BufferService:
+        """The buffer of the job ``cfg`` describes: its ``buffer`` section plus ``BufferFacts`` of
+        the rest, serving CURVE with ``keys`` (None: plain sockets)."""
+        return cls(cfg.buffer, BufferFacts.from_run(cfg, keys), clock=clock)
 
     # ------------------------------------------------------------------ lifecycle and the loop
     def start(self) -> None:
         self.recover()
         local = local_addresses(self.local_dir) if self.local_dir else (None, None)
-        self.server = Server(self.cfg.address, max_frame_bytes=self.frame_limit, local_address=local[0],
-                             io_threads=io_threads(self.cfg.io_threads))
+        self.server = Server(self.cfg.address, keys=self.keys, max_frame_bytes=self.frame_limit,
+                             local_address=local[0], io_threads=io_threads(self.cfg.io_threads))
         if self.wal.wakeup_fd is not None:
             self.server.wake_on(self.wal.wakeup_fd)  # a finished fsync ends the wait for requests
-        self.publisher = Publisher(self.cfg.pub_address, local_address=local[1])
+        self.publisher = Publisher(self.cfg.pub_address, keys=self.keys, local_address=local[1])
         self.log.info("serving on %s (pub %s; same-node %s): version %d, %d groups stored, %d leases, cursor %s, "
                       "frames up to %d bytes", self.cfg.address, self.cfg.pub_address, self.local_dir or "none", self.control.version, len(self.store),
                       self.ledger.in_flight, (self.ledger.next_index, self.ledger.epoch), self.frame_limit)

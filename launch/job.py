@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from areal_like.auth import BIND_HOST_ENV, ENGINE_KEY_ENV, engine_api_key, ensure_key_file, read_key_file
+from areal_like.auth import BIND_HOST_ENV, ENGINE_KEY_ENV, engine_api_key, ensure_key_file
 from areal_like.config import RunConfig, to_yaml
 from areal_like.daemon import MALLOC_ENV
 from areal_like.distributed import free_port
@@ -114,7 +114,7 @@ def prepare(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, T
         make_keys(cfg.resolve_path(cfg.security.keys_dir))
     path = run_dir / "config.yaml"
     path.write_text(to_yaml(cfg))  # no credential in it: they travel in the environment (areal_like/auth.py)
-    if engine_api_key() is None:
+    if engine_api_key(run_dir) is None:
         ensure_key_file(run_dir)  # the job's engine API key (kept on resume), which job_specs hands out
     return cfg, topo, path
 
@@ -128,7 +128,7 @@ def job_specs(cfg: RunConfig, topo: Topology, config_path: Path, python: str = s
            "AREAL_LIKE_RUN_DIR": cfg.run_dir,
            # /metrics binds where the supervisor probes it: the job's host (loopback unless configured)
            BIND_HOST_ENV: os.environ.get(BIND_HOST_ENV) or topo.host}
-    key = engine_api_key() or read_key_file(cfg.run_dir)  # one exported by the user, else the run's own (prepare)
+    key = engine_api_key(cfg.run_dir)  # one exported by the user, else the run's own (prepare)
     if key:
         env[ENGINE_KEY_ENV] = key
     base = ["--config-file", str(config_path)]

@@ -26,7 +26,7 @@ def main(argv: list[str]) -> int:
     from areal_like import security
 
     try:
-        security.setup(cfg, "rollout", log)
+        keys = security.setup(cfg, "rollout", log)  # once: every socket is given them
     except security.SecurityError as e:
         log.error("%s", e)
         return 2
@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
     from rollout_server.server import RolloutServer
 
     sandbox.hide(private_dirs(cfg))  # before any reward or tool worker starts
-    return RolloutServer.from_run(cfg).serve()
+    return RolloutServer.from_run(cfg, keys).serve()
 
 
 def private_dirs(cfg) -> list:

@@ -3,7 +3,13 @@
 ``RolloutFacts.from_run(cfg)`` is the one place that reads other sections of the run config for a
 rollout server; the server and its evaluator see only ``RolloutConfig`` and these facts. The model
 and the task are shared knowledge (the trainer and the buffer read the same ones), so they come
-whole; of the trainer's section only the number of steps and the LoRA layout.
+whole; of the trainer's section only the number of steps, the LoRA layout and whether its log-prob
+guard probes the engines.
+
+Security is a fact too, resolved once at start and passed to every socket and client the server
+makes: its CURVE keys (``keys``: ``security.setup(cfg, "rollout")``, done by ``python -m
+rollout_server``; None: plain sockets) and the job's engine API key (``engine_key``:
+``areal_like.auth.engine_api_key``, the environment, else the run directory's key file).
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from areal_like.auth import engine_api_key
 from areal_like.config import EvalConfig, LoraConfig, ModelConfig, RunConfig, TaskConfig
+from areal_like.security import Keys
 
 
 @dataclass(frozen=True)
@@ -23,9 +31,15 @@ class RolloutFacts:
     run_dir: Path  # where the SGLang log (logs/) and the eval records (eval.jsonl) go
     # trainer.lora: the adapter layout the engine's weight updates fill
     lora: LoraConfig = field(default_factory=LoraConfig)
+    keys: Keys | None = None  # the rollout client's CURVE keys (None: plain sockets)
+    engine_key: str | None = None  # the job's engine API key (None: the job has none)
+    probed: bool = False  # trainer.logprob_guard_tol > 0: the trainer sends the engine requests too
 
     @classmethod
-    def from_run(cls, cfg: RunConfig) -> RolloutFacts:
-        """The facts of the job ``cfg`` describes."""
+    def from_run(cls, cfg: RunConfig, keys: Keys | None = None) -> RolloutFacts:
+        """The facts of the job ``cfg`` describes; its ZeroMQ sockets are CURVE clients with
+        ``keys``."""
         return cls(model=cfg.model, task=cfg.task, eval=cfg.eval, steps=cfg.trainer.steps,
-                   run_dir=Path(cfg.run_dir), lora=cfg.trainer.lora)
+                   run_dir=Path(cfg.run_dir), lora=cfg.trainer.lora, keys=keys,
+                   engine_key=engine_api_key(cfg.run_dir),
+                   probed=cfg.trainer.logprob_guard_tol > 0)

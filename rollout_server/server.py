@@ -34,9 +34,9 @@ import os
 import secrets
 import socket
 
-from areal_like.auth import engine_api_key
+from areal_like.auth import ENGINE_KEY_ENV, KEY_FILE
 from areal_like.config import ConfigError, RolloutConfig, RunConfig
-from areal_like.daemon import ComponentStopped, Daemon
+from areal_like.daemon import ComponentStopped, Daemon, StartRefused
 from areal_like.dealer import AsyncClient
 from areal_like.protocol import (
     Ack,
@@ -50,6 +50,7 @@ from areal_like.protocol import (
     WeightSyncPlan,
 )
 from areal_like.pubsub import Subscriber
+from areal_like.security import Keys
 from areal_like.tasks import make_task
 from areal_like.tokenizer import load_tokenizer
 from areal_like.transport import TransportTimeout
@@ -105,16 +106,31 @@ class RolloutServer(Daemon):
         self.wedged = False  # no answer after a failed sync: on exit the engine is killed
 
     @classmethod
-    def from_run(cls, cfg: RunConfig) -> RolloutServer:
-        """The server of the job ``cfg`` describes: its ``rollout`` section plus ``RolloutFacts`` of the rest."""
-        return cls(cfg.rollout, RolloutFacts.from_run(cfg))
+    def from_run(cls, cfg: RunConfig, keys: Keys | None = None) -> RolloutServer:
+        """The server of the job ``cfg`` describes: its ``rollout`` section plus ``RolloutFacts`` of
+        the rest, its ZeroMQ sockets CURVE clients with ``keys`` (None: plain)."""
+        return cls(cfg.rollout, RolloutFacts.from_run(cfg, keys))
 
     # ------------------------------------------------------------------ lifecycle
+    def engine_api_key(self) -> str | None:
+        """The key the engine requires: the job's (``facts.engine_key``). An attached engine
+        (kind=url) takes what the job has. An engine this server starts is never unauthenticated:
+        without a job key it gets one of its own only when nobody else talks to it; the trainer's
+        log-prob guard does (``facts.probed``), so then the server refuses to start."""
+        kind = self.rcfg.engine.kind
+        if self.facts.engine_key is not None or kind == "url":
+            return self.facts.engine_key
+        if self.facts.probed:
+            raise StartRefused(
+                f"no engine API key for this job: the trainer's log-prob guard sends the {kind} "
+                f"engine requests with the job's key; set {ENGINE_KEY_ENV} or write it to "
+                f"{self.facts.run_dir / KEY_FILE} (`areal-like run` does), "
+                "or trainer.logprob_guard_tol=0")
+        return secrets.token_urlsafe(32)
+
     def start(self) -> None:
         ecfg = self.rcfg.engine
-        # the job's key (areal-like run sets it); an engine we start gets a key of its own without one:
-        # never an unauthenticated engine. An attached one (kind=url) takes what the environment says.
-        self.api_key = engine_api_key() or (None if ecfg.kind == "url" else secrets.token_urlsafe(32))
+        self.api_key = self.engine_api_key()
         if ecfg.kind == "embedded":
             from rollout_server.engine import EmbeddedEngine
 
@@ -202,8 +218,10 @@ class RolloutServer(Daemon):
         self.client = SGLangClient(self.engine_url, generate_timeout_s=self.rcfg.engine.request_timeout_s,
                                    api_key=self.api_key,  # an embedded engine answers /generate in-process
                                    local=self.engine if self.rcfg.engine.kind == "embedded" else None)
-        self.control = AsyncClient(self.rcfg.buffer_address, timeout_s=BUFFER_TIMEOUT_S, identity=self.server_id)
-        self.data = AsyncClient(self.rcfg.buffer_address, timeout_s=BUFFER_TIMEOUT_S, identity=self.server_id)
+        to_buffer = {"keys": self.facts.keys, "timeout_s": BUFFER_TIMEOUT_S,
+                     "identity": self.server_id}
+        self.control = AsyncClient(self.rcfg.buffer_address, **to_buffer)
+        self.data = AsyncClient(self.rcfg.buffer_address, **to_buffer)
         self.link = BufferLink(self.control, self.data, self.server_id, self.metrics,
                                free_slots=lambda: self.rcfg.max_concurrent_groups - len(self.episodes),
                                blocked=lambda: self.syncing or bool(self.plans), start=self.start_episode)
@@ -310,7 +328,7 @@ class RolloutServer(Daemon):
             self.offer_plan(ack.pending_plan)
 
     async def announcements(self) -> None:
-        sub = Subscriber(self.pub_address, asyncio_ctx=True)
+        sub = Subscriber(self.pub_address, keys=self.facts.keys, asyncio_ctx=True)
         try:
             while True:
                 msg = await sub.arecv(0.5)

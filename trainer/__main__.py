@@ -24,13 +24,13 @@ def main(argv: list[str]) -> int:
     from areal_like import security
 
     try:
-        security.setup(cfg, "trainer", log)  # rank 0 talks to the buffer (the other ranks open no ZeroMQ socket)
+        keys = security.setup(cfg, "trainer", log)  # rank 0's buffer clients (others open none)
     except security.SecurityError as e:
         log.error("%s", e)
         return 2
     from trainer.loop import train
 
-    return train(cfg)
+    return train(cfg, keys)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from areal_like.dealer import Client
 from areal_like.group_checks import content_problem
 from areal_like.protocol import Batch, BatchRequest, Roster, RosterRequest, TrajectoryGroup
+from areal_like.security import Keys
 from areal_like.transport import TransportTimeout
 
 log = logging.getLogger("trainer.data")
@@ -131,7 +132,8 @@ class BatchSource:
     (the loop re-pushes the current weights) and the wait goes on.
     """
 
-    def __init__(self, address: str, n_groups: int, *, wait_s: float, buffer_timeout_s: float, rank: int,
+    def __init__(self, address: str, n_groups: int, *, keys: Keys | None = None, wait_s: float,
+                 buffer_timeout_s: float, rank: int,
                  should_stop: Callable[[], bool] = lambda: False, vocab_size: int = 0):
         self.n_groups = n_groups
         self.wait_s = wait_s
@@ -140,7 +142,8 @@ class BatchSource:
         self.should_stop = should_stop
         self.vocab_size = vocab_size  # token ids must lie in [0, vocab_size) (0: unchecked)
         self.dropped_groups = 0  # groups dropped from batches for their content (never trained on)
-        self.client = Client(address, timeout_s=wait_s + REPLY_MARGIN_S, identity="trainer") if rank == 0 else None
+        self.client = Client(address, keys=keys, timeout_s=wait_s + REPLY_MARGIN_S,
+                             identity="trainer") if rank == 0 else None
         self.empty_polls = 0  # metric: answers with no batch (waiting for data)
         self.last_batch_id = ""  # acked in the next request: the buffer then marks that batch consumed
         self.last_groups: list[TrajectoryGroup] = []  # rank 0: the groups of the last batch (sample tables)

@@ -5,6 +5,12 @@ trainer; the trainer loop sees only ``TrainerConfig`` and these facts. The model
 shared knowledge (the buffer and the rollout servers read the same ones), so they come whole, and so
 does the export section, which only the trainer acts on. Paths are resolved against ``run_dir``
 here, so nothing past this point resolves one.
+
+Security is a fact too, resolved once at start and passed to every client the trainer makes:
+rank 0's CURVE keys for the buffer (``keys``: ``security.setup(cfg, "trainer")``, done by
+``python -m trainer``; None: plain sockets) and the job's engine API key for the log-prob guard's
+requests to the engines (``engine_key``: ``areal_like.auth.engine_api_key``, the environment, else
+the run directory's key file: the key the rollout servers' engines require).
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from areal_like.auth import engine_api_key
 from areal_like.config import ExportConfig, ModelConfig, RunConfig, TaskConfig
+from areal_like.security import Keys
 
 
 @dataclass(frozen=True)
@@ -30,13 +38,17 @@ class TrainerFacts:
     checkpoint_dir: Path  # trainer.checkpoint_dir resolved against run_dir
     export_dir: Path  # export.dir resolved against run_dir
     nodes: int = 1  # launch.nodes: > 1 puts the engines on other nodes than rank 0 (log-prob guard)
+    keys: Keys | None = None  # the trainer client's CURVE keys (None: plain sockets)
+    engine_key: str | None = None  # the job's engine API key (None: the job has none)
 
     @classmethod
-    def from_run(cls, cfg: RunConfig) -> TrainerFacts:
-        """The facts of the job ``cfg`` describes."""
+    def from_run(cls, cfg: RunConfig, keys: Keys | None = None) -> TrainerFacts:
+        """The facts of the job ``cfg`` describes; its buffer clients are CURVE clients with
+        ``keys``."""
         return cls(model=cfg.model, task=cfg.task, export=cfg.export, seed=cfg.seed,
                    max_staleness=cfg.buffer.max_staleness, final_eval_timeout_s=cfg.eval.final_timeout_s,
                    final_eval=cfg.eval.await_server,
                    sample_every=cfg.tracking.sample_every, sample_k=cfg.tracking.sample_k, run_dir=Path(cfg.run_dir),
                    checkpoint_dir=cfg.resolve_path(cfg.trainer.checkpoint_dir),
-                   export_dir=cfg.resolve_path(cfg.export.dir), nodes=cfg.launch.nodes)
+                   export_dir=cfg.resolve_path(cfg.export.dir), nodes=cfg.launch.nodes, keys=keys,
+                   engine_key=engine_api_key(cfg.run_dir))

@@ -9,7 +9,8 @@ weights biases every step silently. ``run_guard`` catches that once, at start:
 1. rank 0 asks the buffer for the roster and sends each engine that acknowledged the initial push
    one short ``/generate`` (``PROBE_TEXT``'s token ids, ``PROBE_TOKENS`` new tokens, the run's
    ``task.temperature``, top_p=1, top_k=-1, ``return_logprob``; the body the rollout servers' SGLang
-   client sends), over plain HTTP;
+   client sends), over plain HTTP with the job's engine API key (``api_key``, from the trainer's
+   facts: the key the engines require);
 2. the probes are broadcast and every rank scores them with the trainer's weights (the forward of
    a sharded model is a collective);
 3. rank 0 compares (``compare_logprobs``) and broadcasts its verdict, so every rank stops or goes on
@@ -44,7 +45,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from areal_like.auth import engine_api_key
 from areal_like.dealer import Client
 from areal_like.protocol import Roster, RosterRequest
 from trainer.logprobs import token_logprobs
@@ -95,18 +95,15 @@ def generate_body(prompt_ids: list[int], temperature: float) -> dict:
                                 "top_k": -1, "ignore_eos": True}}
 
 
-def _auth() -> dict[str, str]:
-    key = engine_api_key()  # the job's engines require it (areal_like/auth.py)
-    return {"Authorization": f"Bearer {key}"} if key else {}
-
-
 def probe_engine(server_id: str, url: str, prompt_ids: list[int], temperature: float,
-                 timeout_s: float = PROBE_TIMEOUT_S) -> Probe:
-    """One ``/generate`` on ``url``; its output tokens and their log-probs (``meta_info.output_token_logprobs``:
-    ``[logprob, token_id, text]`` per token)."""
+                 timeout_s: float = PROBE_TIMEOUT_S, api_key: str | None = None) -> Probe:
+    """One ``/generate`` on ``url`` with ``api_key`` as its bearer key (None: none); its output
+    tokens and their log-probs (``meta_info.output_token_logprobs``: ``[logprob, token_id, text]``
+    per token)."""
+    auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     req = urllib.request.Request(url.rstrip("/") + "/generate", method="POST",
                                  data=json.dumps(generate_body(prompt_ids, temperature)).encode(),
-                                 headers={"Content-Type": "application/json", **_auth()})
+                                 headers={"Content-Type": "application/json", **auth})
     with urllib.request.urlopen(req, timeout=timeout_s) as resp:
         body = json.loads(resp.read())
     entries = body["meta_info"]["output_token_logprobs"]
@@ -140,7 +137,8 @@ def elsewhere(url: str, several_nodes: bool) -> str | None:
 
 
 def collect_probes(buffer: Client, served: Sequence[str], prompt_ids: list[int], temperature: float,
-                   several_nodes: bool = False) -> tuple[list[Probe], dict[str, str]]:
+                   several_nodes: bool = False, api_key: str | None = None,
+                   ) -> tuple[list[Probe], dict[str, str]]:
     """Rank 0: probe every roster engine in ``served`` (those that acknowledged the pushed weights);
     returns the probes and, per engine in ``served`` not probed, why it was NOT CHECKED."""
     reply = buffer.request(RosterRequest())
@@ -154,7 +152,8 @@ def collect_probes(buffer: Client, served: Sequence[str], prompt_ids: list[int],
         try:
             why = elsewhere(m.engine_url, several_nodes)
             if why is None:
-                probe = probe_engine(m.server_id, m.engine_url, prompt_ids, temperature)
+                probe = probe_engine(m.server_id, m.engine_url, prompt_ids, temperature,
+                                     api_key=api_key)
                 why = None if probe.output_ids else "it generated no token"
         except (OSError, urllib.error.URLError, KeyError, ValueError, TypeError, IndexError) as e:
             why = f"could not probe it at {m.engine_url} ({type(e).__name__}: {e})"
@@ -175,12 +174,13 @@ def _broadcast(obj):
 
 def run_guard(model: torch.nn.Module, device: torch.device, *, rank: int, buffer: Client | None,
               served: Sequence[str], prompt_ids: list[int], temperature: float, tol: float,
-              several_nodes: bool = False) -> tuple[list[str], dict[str, str]]:
+              several_nodes: bool = False, api_key: str | None = None,
+              ) -> tuple[list[str], dict[str, str]]:
     """All ranks: probe (rank 0), score (all), compare (rank 0), agree. Returns the engines that
     passed and those NOT CHECKED with the reason (``collect_probes``); raises ``LogprobGuardError``
     on every rank when one does not pass."""
-    collected = collect_probes(buffer, served, prompt_ids, temperature, several_nodes) if rank == 0 \
-        else None
+    collected = collect_probes(buffer, served, prompt_ids, temperature, several_nodes, api_key) \
+        if rank == 0 else None
     probes, unchecked = _broadcast(collected)
     verdict: str | None = None
     for p in probes:  # every rank runs every forward: same count, same order

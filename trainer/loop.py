@@ -45,6 +45,7 @@ import torch.distributed as dist
 from areal_like.config import RunConfig, TrainerConfig
 from areal_like.daemon import Daemon
 from areal_like.job_facts import model_vocab_size
+from areal_like.security import Keys
 from areal_like.tokenizer import load_tokenizer
 from trainer.checkpoint import AsyncSaver, latest_checkpoint, load_checkpoint, save_checkpoint, state_checksums
 from trainer.data import BatchSource, TrainBatch
@@ -85,9 +86,10 @@ def layout_metrics(stats: dict[str, float], phase_times: dict[str, float]) -> di
                                               "rank_token_spread")}}
 
 
-def train(cfg: RunConfig) -> int:
-    """Run the trainer to completion (cfg.trainer.steps policy versions); returns the exit code."""
-    return Trainer.from_run(cfg).serve()
+def train(cfg: RunConfig, keys: Keys | None = None) -> int:
+    """Run the trainer to completion (cfg.trainer.steps policy versions), a CURVE client of the
+    buffer with ``keys`` (None: plain); returns the exit code."""
+    return Trainer.from_run(cfg, keys).serve()
 
 
 class Trainer(Daemon):
@@ -109,9 +111,10 @@ class Trainer(Daemon):
         self.jsonl = facts.run_dir / "metrics" / "trainer.jsonl"
 
     @classmethod
-    def from_run(cls, cfg: RunConfig) -> Trainer:
-        """The trainer of the job ``cfg`` describes: its ``trainer`` section plus ``TrainerFacts`` of the rest."""
-        return cls(cfg.trainer, TrainerFacts.from_run(cfg))
+    def from_run(cls, cfg: RunConfig, keys: Keys | None = None) -> Trainer:
+        """The trainer of the job ``cfg`` describes: its ``trainer`` section plus ``TrainerFacts``
+        of the rest (``keys``: its CURVE keys, None: plain sockets)."""
+        return cls(cfg.trainer, TrainerFacts.from_run(cfg, keys))
 
     def start(self) -> None:
         # the launcher's OMP_NUM_THREADS (1 unless launch.auto_layout gives the trainer a pool of cores)
@@ -123,10 +126,12 @@ class Trainer(Daemon):
         # the run's initial weights, built apart from the policy, so a resume below does not move them
         self.reference = build_reference(model_cfg, t, self.policy) if t.loss.kl_coef > 0 else None
         self.settings = StepSettings.of(t, self.facts.task)
-        self.data = BatchSource(t.buffer_address, t.groups_per_step, wait_s=t.batch_wait_s,
+        self.data = BatchSource(t.buffer_address, t.groups_per_step, keys=self.facts.keys,
+                                wait_s=t.batch_wait_s,
                                 buffer_timeout_s=t.buffer_timeout_s, rank=self.rank,
                                 should_stop=self.stop_requested.is_set, vocab_size=model_vocab_size(model_cfg))
-        self.broadcaster = WeightBroadcaster(t.weight_sync, buffer_address=t.buffer_address, rank=self.rank,
+        self.broadcaster = WeightBroadcaster(t.weight_sync, buffer_address=t.buffer_address,
+                                             keys=self.facts.keys, rank=self.rank,
                                              device=self.policy.device, send_dtype=model_cfg.dtype,
                                              metrics=self.metrics)
         # which weights the engines serve after each step (every version, lagged, or a fixed delay)
@@ -181,6 +186,7 @@ class Trainer(Daemon):
         prompt = list(self.tokenizer.encode(PROBE_TEXT)) if self.rank == 0 else []
         passed, unchecked = run_guard(self.policy.model, self.policy.device, rank=self.rank,
                                       buffer=self.broadcaster.client, served=sync.done,
+                                      api_key=self.facts.engine_key,
                                       prompt_ids=prompt,
                                       temperature=self.facts.task.temperature, tol=tol,
                                       several_nodes=self.facts.nodes > 1)

@@ -66,6 +66,7 @@ from areal_like.protocol import (
     VersionUpdate,
     WeightSyncPlan,
 )
+from areal_like.security import Keys
 from areal_like.transport import TransportTimeout
 from areal_like.versions import RuntimeVersions, local_versions, mismatch
 from trainer.weight_buckets import BucketPipeline, plan_buckets
@@ -110,14 +111,15 @@ class WeightBroadcaster:
     """Pushes the model's weights to every engine in the buffer's roster. ``push`` on all ranks."""
 
     def __init__(self, cfg: WeightSyncConfig, *, buffer_address: str, rank: int, device: torch.device,
-                 send_dtype: str = "float32", metrics: Metrics | None = None):
+                 send_dtype: str = "float32", metrics: Metrics | None = None,
+                 keys: Keys | None = None):
         self.cfg, self.metrics = cfg, metrics  # metrics: trainer/weight_sync_refused is counted there
         self.rank = rank
         self.device = device
         self.send_dtype = send_dtype
         self.backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-        self.client = Client(buffer_address, timeout_s=BUFFER_REQUEST_TIMEOUT_S, identity=TRAINER_PEER) \
-            if rank == 0 else None
+        self.client = Client(buffer_address, keys=keys, timeout_s=BUFFER_REQUEST_TIMEOUT_S,
+                             identity=TRAINER_PEER) if rank == 0 else None  # keys None: plain
         self._pg = None
         self._group_key: tuple | None = None  # ((server_id, engine_ranks), ...) of the formed group
         self._port = 0

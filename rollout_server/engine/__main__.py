@@ -3,8 +3,10 @@
 Runs one embedded engine as its own process (model from ``model.*``, sizing from
 ``rollout.engine.*``), prints ``ENGINE_URL http://host:port`` on stdout once ``/health`` would
 answer 200, and serves until SIGTERM/SIGINT. ``--port 0`` (the default) picks a free port.
-Every request needs ``Authorization: Bearer $AREAL_LIKE_ENGINE_API_KEY``; without that variable
-the engine is unauthenticated (said in the log), on ``rollout.engine.host`` (loopback by default).
+Every request needs ``Authorization: Bearer <the job's engine API key>``, found once at start as
+every daemon finds it (``areal_like.auth.engine_api_key``: ``$AREAL_LIKE_ENGINE_API_KEY``, else
+``<run_dir>/secrets/engine_api_key``); a job without one gets an unauthenticated engine (said in the
+log), on ``rollout.engine.host`` (loopback by default).
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ import signal
 import sys
 import threading
 from dataclasses import replace
+from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
-    from areal_like.auth import ENGINE_KEY_ENV, engine_api_key
+    from areal_like.auth import ENGINE_KEY_ENV, KEY_FILE, engine_api_key
     from areal_like.config import load_daemon_config
     from areal_like.daemon import setup_logging
     from rollout_server.engine.embedded import EmbeddedEngine
@@ -43,9 +46,10 @@ def main(argv: list[str]) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    key = engine_api_key()
+    key = engine_api_key(cfg.run_dir)
     if key is None:
-        log.warning("%s is not set: the engine's endpoints need no API key (it listens on %s)", ENGINE_KEY_ENV,
+        log.warning("no engine API key (%s unset, no %s): the engine's endpoints need none "
+                    "(it listens on %s)", ENGINE_KEY_ENV, Path(cfg.run_dir) / KEY_FILE,
                     engine_cfg.host)
     engine = EmbeddedEngine(cfg.model, engine_cfg, seed=cfg.seed, api_key=key,
                             lora=cfg.trainer.lora).start()

@@ -158,12 +158,11 @@ class RunningSystem:
         return security.load(self.cfg.resolve_path(self.cfg.security.keys_dir), "trainer")
 
     def buffer_request(self, msg: P.Message, timeout_s: float = 10.0) -> P.Message:
-        with security.using(self.client_keys()):  # a reconnect inside request() makes a socket too
-            client = Client(self.topo.buffer_address, timeout_s=timeout_s)
-            try:
-                return client.request(msg)
-            finally:
-                client.close()
+        client = Client(self.topo.buffer_address, keys=self.client_keys(), timeout_s=timeout_s)
+        try:
+            return client.request(msg)
+        finally:
+            client.close()
 
     def roster(self) -> dict[str, P.RosterEntry]:
         return {m.server_id: m for m in self.buffer_request(P.RosterRequest()).members}

@@ -57,7 +57,8 @@ def test_the_servers_announcement_loop_ends_the_back_off_and_wakes_the_main_loop
     pub = Publisher(address)
     moved = []
     server = types.SimpleNamespace(pub_address=address, metrics=Metrics(), wake=None, offer_plan=moved.append,
-                                   link=types.SimpleNamespace(window_moved=lambda: moved.append("moved")))
+                                   link=types.SimpleNamespace(window_moved=lambda: moved.append("moved")),
+                                   facts=types.SimpleNamespace(keys=None))  # plain sockets
 
     async def scenario() -> None:
         server.wake = asyncio.Event()

@@ -47,6 +47,7 @@ def _healthy(port: int) -> bool:
 
 
 def _start(tmp_path: Path, spawn_python, free_port, wait_until):
+    from areal_like.auth import ensure_key_file
     from areal_like.config import load_config, to_yaml
     from areal_like.hf import build_model
 
@@ -60,6 +61,7 @@ def _start(tmp_path: Path, spawn_python, free_port, wait_until):
                        "rollout.engine.startup_timeout_s=120", "buffer.heartbeat_timeout_s=120"])
     path = tmp_path / "config.yaml"
     path.write_text(to_yaml(cfg))
+    ensure_key_file(tmp_path)  # the job's engine key, as `areal-like run` writes it
     spawn_python("buffer", ["--config-file", path], capture=False)
     env = {"PYTHONPATH": f"{STANDIN}{os.pathsep}{REPO}", "AREAL_LIKE_STANDIN_CONFIG": str(path),
            "AREAL_LIKE_STANDIN_PIDS": str(tmp_path / "engine.pids"), "RESTART_BACKOFF_S": "0"}

@@ -66,10 +66,10 @@ def start_buffer(run_dir, spawn_python):
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     security.make_keys(run_dir / "keys")
     proc = spawn_python("buffer", ["--config-file", run_dir / "config.yaml"])
-    with security.using(security.load(run_dir / "keys", "rollout")):
-        rollout = Client(cfg.buffer.address, timeout_s=REQUEST_S, identity="real")
-    with security.using(security.load(run_dir / "keys", "trainer")):
-        trainer = Client(cfg.buffer.address, timeout_s=REQUEST_S, identity="trainer")
+    rollout = Client(cfg.buffer.address, keys=security.load(run_dir / "keys", "rollout"),
+                     timeout_s=REQUEST_S, identity="real")
+    trainer = Client(cfg.buffer.address, keys=security.load(run_dir / "keys", "trainer"),
+                     timeout_s=REQUEST_S, identity="trainer")
     assert isinstance(trainer.request(P.StatsRequest()), P.Stats)  # up, and our keys are accepted
     ack = rollout.request(
         P.Register(server_id="real", engine_url="http://127.0.0.1:1", policy_version=0)
@@ -80,8 +80,7 @@ def start_buffer(run_dir, spawn_python):
 
 def fresh_socket_request(cfg, keys: security.Keys, msg: P.Message) -> P.Message:
     """One request from a socket of its own under ``keys`` (what a flood of fresh sockets sends)."""
-    with security.using(keys):
-        client = Client(cfg.buffer.address, timeout_s=REQUEST_S)
+    client = Client(cfg.buffer.address, keys=keys, timeout_s=REQUEST_S)
     try:
         return client.request(msg)
     finally:

@@ -23,6 +23,7 @@ import signal
 import time
 from pathlib import Path
 
+from areal_like.auth import ensure_key_file
 from areal_like.config import ModelConfig, load_config, to_yaml
 from areal_like.dealer import Client
 from areal_like.distributed import destroy_weight_group, free_port, init_weight_group
@@ -61,6 +62,7 @@ def write_config(run_dir: Path) -> tuple[Path, object]:
     ])
     path = run_dir / "config.yaml"
     path.write_text(to_yaml(cfg))
+    ensure_key_file(run_dir)  # the job's engine key, as `areal-like run` writes it
     return path, cfg
 
 

@@ -40,12 +40,13 @@ from areal_like.dealer import Client
 from areal_like.transport import TransportTimeout
 
 address, pub_address, mode, keys_dir, stop_file, wait_s = sys.argv[1:7]
+keys = None
 if mode != "none":  # a CURVE client: its own key pair (never on the allow-list), and the server's key or not
     own = security.load(keys_dir, "trainer")
     server = own.server_public if mode == "wrong_server" else security.load(sys.argv[7], "trainer").server_public
-    security.activate(security.Keys("trainer", own.public, own.secret, server))
-sub = Subscriber(pub_address)
-client = Client(address, timeout_s=float(wait_s))
+    keys = security.Keys("trainer", own.public, own.secret, server)
+sub = Subscriber(pub_address, keys=keys)
+client = Client(address, keys=keys, timeout_s=float(wait_s))
 traj = Trajectory.of(prompt_ids=as_i32([1]), output_ids=as_i32([2, 3]), behav_logp=as_f32([-1.0, -1.0]),
                     versions=as_i32([0, 0]), reward=1.0, finish_reason="stop")
 requests = [P.Register(server_id="stranger", engine_url="http://127.0.0.1:1", policy_version=0),
@@ -126,34 +127,35 @@ def test_strangers_get_nothing_are_counted_and_the_job_goes_on(tmp_run_dir, tmp_
     security.make_keys(other)
     spawn_python("buffer", ["--config-file", tmp_run_dir / "config.yaml"], capture=False)
     stop_file = tmp_path / "stop"
-    with security.using(security.load(keys, "rollout")):
-        rollout = Client(cfg.buffer.address, timeout_s=REQUEST_S, identity="real")
-        real_sub = Subscriber(cfg.buffer.pub_address)
-    with security.using(security.load(keys, "trainer")):
-        trainer = Client(cfg.buffer.address, timeout_s=REQUEST_S, identity="trainer")
-        assert isinstance(trainer.request(P.StatsRequest()), P.Stats)  # up, and our keys are accepted
-        strangers = {mode: spawn_python(STRANGER, [cfg.buffer.address, cfg.buffer.pub_address, mode, other, stop_file,
-                                                   STRANGER_REQUEST_S, keys])
-                     for mode in ("none", "wrong_client", "wrong_server")}
-        # the real job: register, take a credit, send its group, train on it
-        ack = rollout.request(P.Register(server_id="real", engine_url="http://127.0.0.1:1", policy_version=0))
-        assert isinstance(ack, P.RegisterAck)
-        credit = rollout.request(P.CreditRequest(server_id="real", max_credits=1)).credits[0]
-        assert rollout.request(group(credit, "real")).status == "accepted"
-        batch = trainer.request(P.BatchRequest(n_groups=1, trainer_version=0, wait_s=10.0))
-        assert [g.group_id for g in batch.groups] == [f"real-{credit.lease_id}"]
-        # plans are published while every stranger listens; the real subscriber gets them
-        for proc in strangers.values():
-            assert proc.stdout.readline().strip() == "listening", proc.stderr.read()
-        received, version = [], 1
-        while len(received) < 3:
-            assert trainer.request(plan(version)).status == "ok"
-            version += 1
-            if (got := real_sub.recv(1.0)) is not None and got.TYPE == "weight_sync_plan":
-                received.append(got.policy_version)
-        stop_file.touch()
-        roster = trainer.request(P.RosterRequest())
-        stats = trainer.request(P.StatsRequest()).values
+    member = security.load(keys, "rollout")
+    rollout = Client(cfg.buffer.address, keys=member, timeout_s=REQUEST_S, identity="real")
+    real_sub = Subscriber(cfg.buffer.pub_address, keys=member)
+    trainer = Client(cfg.buffer.address, keys=security.load(keys, "trainer"), timeout_s=REQUEST_S,
+                     identity="trainer")
+    assert isinstance(trainer.request(P.StatsRequest()), P.Stats)  # up, and our keys are accepted
+    strangers = {mode: spawn_python(STRANGER, [cfg.buffer.address, cfg.buffer.pub_address, mode,
+                                               other, stop_file, STRANGER_REQUEST_S, keys])
+                 for mode in ("none", "wrong_client", "wrong_server")}
+    # the real job: register, take a credit, send its group, train on it
+    ack = rollout.request(P.Register(server_id="real", engine_url="http://127.0.0.1:1",
+                                     policy_version=0))
+    assert isinstance(ack, P.RegisterAck)
+    credit = rollout.request(P.CreditRequest(server_id="real", max_credits=1)).credits[0]
+    assert rollout.request(group(credit, "real")).status == "accepted"
+    batch = trainer.request(P.BatchRequest(n_groups=1, trainer_version=0, wait_s=10.0))
+    assert [g.group_id for g in batch.groups] == [f"real-{credit.lease_id}"]
+    # plans are published while every stranger listens; the real subscriber gets them
+    for proc in strangers.values():
+        assert proc.stdout.readline().strip() == "listening", proc.stderr.read()
+    received, version = [], 1
+    while len(received) < 3:
+        assert trainer.request(plan(version)).status == "ok"
+        version += 1
+        if (got := real_sub.recv(1.0)) is not None and got.TYPE == "weight_sync_plan":
+            received.append(got.policy_version)
+    stop_file.touch()
+    roster = trainer.request(P.RosterRequest())
+    stats = trainer.request(P.StatsRequest()).values
     for mode, proc in strangers.items():
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, (mode, err)

@@ -13,7 +13,6 @@ import pytest
 import torch
 from sglang_kit import model_config, start_server
 
-from areal_like.auth import ENGINE_KEY_ENV
 from areal_like.hf import build_model
 from areal_like.protocol import Roster, RosterEntry
 from rollout_server.sglang_client import SGLangClient
@@ -47,7 +46,6 @@ def _serve_seed0(server) -> None:
 
 
 def _guard(server, monkeypatch) -> tuple[list[str], dict[str, str]]:
-    monkeypatch.setenv(ENGINE_KEY_ENV, server.api_key)
     return run_guard(
         build_model(model_config(init_seed=0)),
         torch.device("cpu"),
@@ -57,6 +55,7 @@ def _guard(server, monkeypatch) -> tuple[list[str], dict[str, str]]:
         prompt_ids=PROMPT,
         temperature=TEMPERATURE,
         tol=0.05,
+        api_key=server.api_key,  # the job's key, as the trainer's facts hold it
     )
 
 

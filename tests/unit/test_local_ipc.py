@@ -99,19 +99,19 @@ def test_ipc_addresses_and_peer_credentials_are_read_exactly(tmp_path):
 
 def test_tcp_keeps_curve_while_ipc_serves_this_user_without_it(tmp_path, keys, refusals):
     tcp, (router, _pub) = f"tcp://127.0.0.1:{free_port()}", local_addresses(tmp_path / "sock")
-    with security.using(security.load(keys, security.SERVER)):
-        server = Server(tcp, local_address=router)
+    server = Server(tcp, keys=security.load(keys, security.SERVER), local_address=router)
     stop = threading.Event()
     thread = serve_acks(server, stop)
     try:
         assert (tmp_path / "sock").stat().st_mode & 0o777 == 0o700
         assert Path(router[len("ipc://"):]).stat().st_mode & 0o777 == 0o600
-        with security.using(security.load(keys, "rollout")):  # a member: CURVE on tcp, nothing on ipc
-            curve, local = Client(tcp, timeout_s=ANSWER_S), Client(router, timeout_s=ANSWER_S)
+        member = security.load(keys, "rollout")  # a member: CURVE on tcp, nothing on ipc
+        curve = Client(tcp, keys=member, timeout_s=ANSWER_S)
+        local = Client(router, keys=member, timeout_s=ANSWER_S)
         assert curve.request(P.StatsRequest()).reason == "StatsRequest"
         assert local.request(P.StatsRequest()).reason == "StatsRequest"  # the ipc endpoint speaks no CURVE
-        with security.using(None):  # no keys: ipc still serves this user, tcp refuses it
-            plain_local, plain_tcp = Client(router, timeout_s=ANSWER_S), Client(tcp, timeout_s=2.0)
+        # no keys: ipc still serves this user, tcp refuses it
+        plain_local, plain_tcp = Client(router, timeout_s=ANSWER_S), Client(tcp, timeout_s=2.0)
         assert plain_local.request(P.StatsRequest()).reason == "StatsRequest"
         with pytest.raises(TransportTimeout):
             plain_tcp.request(P.StatsRequest())
@@ -128,9 +128,9 @@ def test_a_socket_directory_others_can_enter_is_refused_before_anything_binds(tm
     (tmp_path / "sock").mkdir(mode=0o755)
     os.chmod(tmp_path / "sock", 0o755)
     port = free_port()
-    with security.using(security.load(keys, security.SERVER)), \
-            pytest.raises(security.SecurityError, match="mode 0755"):
-        Server(f"tcp://127.0.0.1:{port}", local_address=local_addresses(tmp_path / "sock")[0])
+    with pytest.raises(security.SecurityError, match="mode 0755"):
+        Server(f"tcp://127.0.0.1:{port}", keys=security.load(keys, security.SERVER),
+               local_address=local_addresses(tmp_path / "sock")[0])
     probe = zmq.Context.instance().socket(zmq.ROUTER)  # the tcp port is released with the socket
     deadline = time.monotonic() + ANSWER_S  # libzmq closes a socket in its I/O thread, after close() returns
     while True:
@@ -174,8 +174,8 @@ def test_a_process_of_another_user_is_refused_even_when_the_kernel_lets_it_in(ke
     refusal is counted, with CURVE on tcp or without (security.curve=false)."""
     sock_dir = Path(tempfile.mkdtemp(prefix="ipc-"))  # not under pytest's 0700 tmp root: nobody must reach it
     tcp, (router, _pub) = f"tcp://127.0.0.1:{free_port()}", local_addresses(sock_dir)
-    with security.using(security.load(keys, security.SERVER) if curve else None):
-        server = Server(tcp, local_address=router)
+    server = Server(tcp, keys=security.load(keys, security.SERVER) if curve else None,
+                    local_address=router)
     got: list = []
     stop, arrived = threading.Event(), threading.Event()
 

@@ -1,4 +1,7 @@
-"""security.py in-process: what setup says and does, and the errors that name the missing file."""
+"""security.py in-process: what setup says and returns, and the errors that name the missing file.
+
+Keys are values: ``setup`` returns them and changes no process state; ``apply`` uses only the keys
+it is given (``security`` has no active keys to fall back on)."""
 
 from __future__ import annotations
 
@@ -13,10 +16,10 @@ from areal_like.config import RunConfig, SecurityConfig
 
 def test_curve_off_warns_and_leaves_sockets_plain(tmp_path, caplog):
     cfg = RunConfig(run_dir=str(tmp_path), security=SecurityConfig(curve=False))
-    with caplog.at_level(logging.WARNING), security.using(None):
+    with caplog.at_level(logging.WARNING):
         assert security.setup(cfg, "rollout") is None
         sock = zmq.Context.instance().socket(zmq.DEALER)
-        security.apply(sock)
+        security.apply(sock, None)
         assert sock.getsockopt(zmq.MECHANISM) == zmq.NULL
         sock.close(linger=0)
     assert any(r.levelno == logging.WARNING and "NOT authenticated" in r.getMessage() for r in caplog.records)
@@ -25,18 +28,22 @@ def test_curve_off_warns_and_leaves_sockets_plain(tmp_path, caplog):
 def test_curve_on_loads_the_role_keys_and_makes_curve_clients(tmp_path):
     security.make_keys(tmp_path / "keys")
     cfg = RunConfig(run_dir=str(tmp_path))  # security.curve is on by default, keys in run_dir/keys
-    with security.using(None):
-        keys = security.setup(cfg, "trainer")
-        assert security.active() is keys and keys.server_public == security.load(tmp_path / "keys", "server").public
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        security.apply(sock)
-        assert sock.getsockopt(zmq.MECHANISM) == zmq.CURVE and sock.getsockopt(zmq.CURVE_SERVER) == 0
-        sock.close(linger=0)
-        router = zmq.Context.instance().socket(zmq.ROUTER)
-        with pytest.raises(security.SecurityError, match="cannot serve CURVE"):  # a client holds no server key
-            security.apply(router)
-        router.close(linger=0)
-    assert security.active() is None
+    keys = security.setup(cfg, "trainer")
+    assert keys.server_public == security.load(tmp_path / "keys", "server").public
+    assert not hasattr(security, "active") and not hasattr(security, "activate")  # no ambient keys
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    security.apply(sock, keys)
+    assert sock.getsockopt(zmq.MECHANISM) == zmq.CURVE and sock.getsockopt(zmq.CURVE_SERVER) == 0
+    sock.close(linger=0)
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    # a client holds no server key
+    with pytest.raises(security.SecurityError, match="cannot serve CURVE"):
+        security.apply(router, keys)
+    router.close(linger=0)
+    plain = zmq.Context.instance().socket(zmq.DEALER)  # made after setup, given no keys: plain
+    security.apply(plain, None)
+    assert plain.getsockopt(zmq.MECHANISM) == zmq.NULL
+    plain.close(linger=0)
 
 
 def test_missing_keys_are_named(tmp_path):

@@ -43,7 +43,7 @@ def same_group(a: P.TrajectoryGroup, b: P.TrajectoryGroup) -> bool:
 def server_and_dealer(free_port):
     address = f"tcp://127.0.0.1:{free_port()}"
     server = Server(address)
-    dealer = new_socket(zmq.Context.instance(), zmq.DEALER)
+    dealer = new_socket(zmq.Context.instance(), zmq.DEALER, None)
     dealer.connect(address)
     try:
         yield server, dealer
@@ -184,7 +184,7 @@ def test_a_frame_above_the_incoming_limit_never_reaches_the_server(free_port, mo
     keeps serving everyone."""
     monkeypatch.setattr(P, "MAX_FRAME_BYTES", 128 * 1024)  # a small limit: the bound follows it
     server = Server(f"tcp://127.0.0.1:{free_port()}")
-    big, other = (new_socket(zmq.Context.instance(), zmq.DEALER) for _ in range(2))
+    big, other = (new_socket(zmq.Context.instance(), zmq.DEALER, None) for _ in range(2))
     try:
         assert server._sock.getsockopt(zmq.MAXMSGSIZE) == transport.INCOMING_LIMIT_FACTOR * 128 * 1024
         for sock in (big, other):

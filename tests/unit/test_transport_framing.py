@@ -31,7 +31,7 @@ def small_group(seed: int) -> P.TrajectoryGroup:
 
 @pytest.fixture
 def router(free_port):
-    sock = new_socket(zmq.Context.instance(), zmq.ROUTER)
+    sock = new_socket(zmq.Context.instance(), zmq.ROUTER, None)
     port = free_port()
     sock.bind(f"tcp://127.0.0.1:{port}")
     try:
@@ -48,7 +48,7 @@ def recv_all(sock: zmq.Socket) -> list[bytes]:
 @pytest.mark.parametrize("flags", [0, zmq.NOBLOCK, int(zmq.NOBLOCK)])
 def test_frame_writer_sends_the_same_parts_as_send_multipart(router, flags):
     sock, address = router
-    dealer = new_socket(zmq.Context.instance(), zmq.DEALER)
+    dealer = new_socket(zmq.Context.instance(), zmq.DEALER, None)
     dealer.connect(address)
     try:
         writer, msg = FrameWriter(), small_group(1)
@@ -66,7 +66,7 @@ def test_a_refused_noblock_send_queues_no_partial_message(router):
     """A DEALER with no peer refuses at once (zmq.Again on the first part); nothing of that message
     may be left queued to prefix the next one."""
     sock, address = router
-    dealer = new_socket(zmq.Context.instance(), zmq.DEALER)
+    dealer = new_socket(zmq.Context.instance(), zmq.DEALER, None)
     try:
         writer = FrameWriter()
         with pytest.raises(zmq.Again):
@@ -82,7 +82,7 @@ def test_a_refused_noblock_send_queues_no_partial_message(router):
 
 def testrecv_parts_matches_recv_multipart(router):
     sock, address = router
-    dealer = new_socket(zmq.Context.instance(), zmq.DEALER)
+    dealer = new_socket(zmq.Context.instance(), zmq.DEALER, None)
     dealer.connect(address)
     try:
         with pytest.raises(zmq.Again):
@@ -104,7 +104,7 @@ def test_asyncio_sockets_keep_their_own_send(free_port):
     ctx = zmq.asyncio.Context.instance()
 
     async def go() -> None:
-        dealer = new_socket(ctx, zmq.DEALER)
+        dealer = new_socket(ctx, zmq.DEALER, None)
         dealer.connect(address)
         try:
             await FrameWriter().send(dealer, [b"rid"], small_group(4), zmq.NOBLOCK)

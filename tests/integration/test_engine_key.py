@@ -1,0 +1,68 @@
+"""A rollout server and its trainer agree on the job's engine API key without the environment.
+
+The bug (issue 37): a rollout server started without ``AREAL_LIKE_ENGINE_API_KEY`` gave the
+engine it starts a random key of its own, so the trainer's log-prob guard, which sends the job's
+key, got 401 from it. Now every daemon finds the job's key once at start the same way
+(``auth.engine_api_key``: the variable, else ``<run_dir>/secrets/engine_api_key``, which
+``areal-like run`` writes) and keeps it in its facts. Real objects: a ``RolloutServer`` started in
+this process with its embedded engine (a real HTTP server), probed by the trainer's own
+``probe_engine`` with the key ``TrainerFacts`` holds.
+A job with no key at all: the server refuses to start with one line naming what is missing, since
+the trainer's guard would send the engine requests it could not authenticate.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+
+import pytest
+
+from areal_like.auth import ENGINE_KEY_ENV, KEY_FILE, ensure_key_file
+from areal_like.config import load_config
+from areal_like.daemon import StartRefused
+from rollout_server.server import RolloutServer
+from trainer.facts import TrainerFacts
+from trainer.logprob_guard import probe_engine
+
+SMALL = ["rollout.engine.max_running_requests=2", "rollout.engine.max_total_tokens=1024",
+         "task.reward_workers=0", "security.curve=false"]
+
+
+def test_a_server_without_the_variable_serves_the_trainers_probe_with_the_jobs_key(tmp_run_dir,
+                                                                                   monkeypatch):
+    monkeypatch.delenv(ENGINE_KEY_ENV, raising=False)
+    key = ensure_key_file(tmp_run_dir)  # what `areal-like run` (launch/job.py prepare) writes
+    cfg = load_config([f"run_dir={tmp_run_dir}", *SMALL])
+    server = RolloutServer.from_run(cfg)
+    server.start()
+    try:
+        trainer_key = TrainerFacts.from_run(cfg).engine_key
+        assert trainer_key == key and server.api_key == key  # one key, found the same way by both
+        probe = probe_engine("rollout-0", server.engine_url, [1, 2, 3], 1.0, api_key=trainer_key)
+        assert probe.output_ids and len(probe.engine_logp) == len(probe.output_ids)
+        with pytest.raises(urllib.error.HTTPError, match="401"):  # the engine does require it
+            probe_engine("rollout-0", server.engine_url, [1, 2, 3], 1.0, api_key="not-the-key")
+    finally:
+        server.stop()
+
+
+def test_a_job_without_a_key_is_refused_at_start_when_the_trainer_probes_engines(
+        tmp_run_dir, monkeypatch, caplog):
+    monkeypatch.delenv(ENGINE_KEY_ENV, raising=False)
+    cfg = load_config([f"run_dir={tmp_run_dir}", *SMALL, "rollout.metrics_port=-1"])
+    server = RolloutServer.from_run(cfg)
+    with pytest.raises(StartRefused) as refused:
+        server.engine_api_key()
+    message = str(refused.value)
+    assert "\n" not in message and ENGINE_KEY_ENV in message
+    assert str(tmp_run_dir / KEY_FILE) in message
+    assert server.serve(install_signals=False) == 2 and server.engine is None  # exit 2, no engine
+    assert message in caplog.text
+    # nobody else talks to its engine (the guard is off): a key of its own, never an open engine
+    alone = RolloutServer.from_run(load_config([f"run_dir={tmp_run_dir}", *SMALL,
+                                                "trainer.logprob_guard_tol=0"]))
+    assert alone.engine_api_key() and alone.engine_api_key() != alone.engine_api_key()
+    attached = RolloutServer.from_run(load_config([f"run_dir={tmp_run_dir}", *SMALL,
+                                                   "rollout.engine.kind=url",
+                                                   "rollout.engine.url=http://127.0.0.1:9"]))
+    assert attached.engine_api_key() is None  # an attached engine: what the job has (none)
