@@ -107,7 +107,8 @@ class Trajectory(Message, tag="trajectory"):
 
     Holds each array in its wire form (``*_wire``, see the module docstring); ``Trajectory.of``
     builds one from arrays. To change a field, build a new one (``msgspec.structs.replace`` is
-    fine for ``reward``, ``finish_reason`` and ``metadata``).
+    fine for ``reward``, ``finish_reason`` and ``metadata``; it checks no field, so a reward put in
+    that way must be a finite ``float``: the receiver's decode refuses anything else).
     """
 
     prompt_ids_wire: I32 = msgspec.field(name="prompt_ids")  # [P] prompt token ids
