@@ -174,6 +174,21 @@ def test_dataset_size(tmp_path):
         dataset_size(cfg.task, cfg.model)
 
 
+@pytest.mark.parametrize("content", [None, "{bad", "[1]"], ids=["missing", "not-json", "a-list"])
+def test_an_unreadable_model_config_json_is_a_config_error_naming_model_path(tmp_path, content):
+    """job_facts' invariant: a fact that cannot be computed because of a setting is a ConfigError
+    naming the key (the buffer then says so in one line and exits 2, instead of a traceback)."""
+    from areal_like.job_facts import model_context, model_vocab_size, request_frame_limit
+
+    if content is not None:
+        (tmp_path / "config.json").write_text(content)
+    cfg = load_config([f"model.path={tmp_path}"])
+    for fact in (lambda: model_vocab_size(cfg.model), lambda: model_context(cfg.model),
+                 lambda: request_frame_limit(cfg)):
+        with pytest.raises(ConfigError, match="model.path=.*config.json"):
+            fact()
+
+
 def areal_like_imports(root: Path, module: str) -> set[str]:
     """The ``areal_like`` modules that ``module`` imports anywhere in it: ``import areal_like.x``,
     ``from areal_like.x import y``, ``from areal_like import x`` and relative imports alike."""
