@@ -22,9 +22,18 @@ from areal_like.tokenizer import load_tokenizer
 
 def model_json(model: ModelConfig, key: str) -> object:
     """``key`` of ``model.path``'s config.json, or of its ``text_config`` (a multimodal model's
-    language half) when the top level has none; None when neither has it."""
-    cfg = json.loads((Path(model.path) / "config.json").read_text())
-    return cfg.get(key) or (cfg.get("text_config") or {}).get(key)
+    language half) when the top level has none; None when neither has it. A config.json that is
+    missing or is no JSON object is a ConfigError naming ``model.path``."""
+    path = Path(model.path) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
+        raise ConfigError(f"model.path={model.path!r}: cannot read config.json "
+                          f"({type(e).__name__}: {e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"model.path={model.path!r}: config.json is not a JSON object")
+    text = cfg.get("text_config")
+    return cfg.get(key) or (text.get(key) if isinstance(text, dict) else None)
 
 
 def model_vocab_size(model: ModelConfig) -> int:

@@ -15,14 +15,15 @@ ids and logprobs, the runs expanded for versions and the mask; all read-only). B
 Invariant: every ``Trajectory`` decoded has the wire dtypes and a finite reward (msgspec checks
 each field), and every one decoded or built has aligned arrays (one entry per output token) and
 well-formed runs (``validate``, one expression while all is well). ``Trajectory.of`` converts the
-arrays and refuses a non-finite reward; the other fields are taken as given (plain Python types:
-the codec's docstring). Not a top-level message: it travels inside ``TrajectoryGroup``
-(``areal_like/protocol.py``).
+arrays and the reward (a finite real number, to float) and refuses what it cannot convert; the
+other fields are taken as given (plain Python types: the codec's docstring). Not a top-level
+message: it travels inside ``TrajectoryGroup`` (``areal_like/protocol.py``).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import struct
 from typing import Any, Literal
 
@@ -107,7 +108,8 @@ class Trajectory(Message, tag="trajectory"):
 
     Holds each array in its wire form (``*_wire``, see the module docstring); ``Trajectory.of``
     builds one from arrays. To change a field, build a new one (``msgspec.structs.replace`` is
-    fine for ``reward``, ``finish_reason`` and ``metadata``).
+    fine for ``reward``, ``finish_reason`` and ``metadata``; it checks no field, so a reward put in
+    that way must be a finite ``float``: the receiver's decode refuses anything else).
     """
 
     prompt_ids_wire: I32 = msgspec.field(name="prompt_ids")  # [P] prompt token ids
@@ -125,10 +127,10 @@ class Trajectory(Message, tag="trajectory"):
            finish_reason: str, metadata: dict | None = None, loss_mask: Any = None) -> Trajectory:
         """Build from 1-D array-likes, converted to the wire dtype (ids and logprobs of that dtype
         are taken without a copy; versions and the mask become runs); ``loss_mask`` omitted: every output token generated (single-turn).
-        Raises ProtocolError naming the field, for a non-finite reward too: an environment's or an
-        agent's (user code) fails its episode here, where it is built, as a bad array does."""
-        if not math.isfinite(reward):
-            raise ProtocolError(f"must be finite, got {reward}", "reward")
+        ``reward``: any finite real number (numpy's too), stored as a float. Raises ProtocolError
+        naming the field, for a reward that is no finite number too: an environment's or an agent's
+        (user code) fails its episode here, where it is built, as a bad array does."""
+        reward = _finite_float(reward)
         out = wire_array(output_ids, "<i4", "output_ids")
         if loss_mask is None:
             mask = one_run(1, out[1])
@@ -199,6 +201,22 @@ class Trajectory(Message, tag="trajectory"):
 
     def __repr__(self) -> str:
         return f"Trajectory({', '.join(f'{k}={v!r}' for k, v in self._public().items())})"
+
+
+def _finite_float(value: Any) -> float:
+    """``value`` as a finite float; ProtocolError naming ``reward`` when it is none (a bool is a
+    bool, not a number: it does not decode as a float either)."""
+    if type(value) is float and math.isfinite(value):
+        return value  # what every in-tree sender passes
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ProtocolError(f"expected float, got {type(value).__name__}", "reward")
+    try:
+        out = float(value)
+    except OverflowError:  # an int past a double's range
+        out = math.inf
+    if not math.isfinite(out):
+        raise ProtocolError(f"must be finite, got {out}", "reward")
+    return out
 
 
 def _trajectory_of(fields: dict[str, Any]) -> Trajectory:

@@ -9,10 +9,10 @@ and send them again), grants no credits, and goes on handing out stored batches 
 are small and live in the reserve). It leaves the mode by itself once the free space is back above
 twice the reserve (hysteresis: one compaction must not flap it) and the WAL has no record waiting
 for room (a quota, EDQUOT, that ``statvfs`` does not show). A file that may grow no more (EFBIG)
-is not a full disk: the buffer stops (``buffer/wal.py``). When another writer fills the disk, records
-already queued wait for space and so do the replies that depend on them (hand-outs included); a
-refusal for lack of space depends on nothing and leaves at once (``buffer/service.py``; test:
-tests/integration/test_wal_enospc.py, a real tmpfs filled mid-run).
+is not a full disk: the buffer stops (``buffer/wal.py``). When another writer fills the disk,
+records already queued wait for space and so do the replies that depend on them (hand-outs
+included); a refusal for lack of space depends on nothing and leaves at once
+(``buffer/service.py``; test: tests/integration/test_wal_enospc.py, a real tmpfs filled mid-run).
 
 The free space is read with ``statvfs`` at most once per sweep (``refresh``) and estimated in
 between from what was written (``wrote``), so the ingest path makes no system call for it.

@@ -251,8 +251,8 @@ class BufferService(Daemon):
         else:  # a valid message the buffer does not serve (e.g. a reply type sent by mistake)
             reply, kind = self._refuse("unexpected_type", f"{msg.TYPE} is not a request", ref=""), "invalid"
         if isinstance(reply, P.Ack) and reply.status == "unavailable":
-            # not stored for lack of space: it says nothing that waits to be written, so it leaves now
-            # (on a disk another writer filled, the records before it wait, and so would it)
+            # not stored for lack of space: it says nothing that waits to be written, so it leaves
+            # now (on a disk another writer filled, the records before it wait, and so would it)
             self.server.send(peer, req_id, reply)
             self.instruments.latency(kind, self.clock() - received)
             return

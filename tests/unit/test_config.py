@@ -174,22 +174,69 @@ def test_dataset_size(tmp_path):
         dataset_size(cfg.task, cfg.model)
 
 
+@pytest.mark.parametrize("content", [None, "{bad", "[1]"], ids=["missing", "not-json", "a-list"])
+def test_an_unreadable_model_config_json_is_a_config_error_naming_model_path(tmp_path, content):
+    """job_facts' invariant: a fact that cannot be computed because of a setting is a ConfigError
+    naming the key (the buffer then says so in one line and exits 2, instead of a traceback)."""
+    from areal_like.job_facts import model_context, model_vocab_size, request_frame_limit
+
+    if content is not None:
+        (tmp_path / "config.json").write_text(content)
+    cfg = load_config([f"model.path={tmp_path}"])
+    for fact in (lambda: model_vocab_size(cfg.model), lambda: model_context(cfg.model),
+                 lambda: request_frame_limit(cfg)):
+        with pytest.raises(ConfigError, match="model.path=.*config.json"):
+            fact()
+
+
+def areal_like_imports(root: Path, module: str) -> set[str]:
+    """The ``areal_like`` modules that ``module`` imports anywhere in it: ``import areal_like.x``,
+    ``from areal_like.x import y``, ``from areal_like import x`` and relative imports alike."""
+    base = root.joinpath(*module.split("."))
+    path = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+
+    def found(name: str) -> bool:
+        where = root.joinpath(*name.split("."))
+        return where.with_suffix(".py").is_file() or (where / "__init__.py").is_file()
+
+    out = set()
+    for n in ast.walk(ast.parse(path.read_text())):
+        if isinstance(n, ast.Import):
+            out |= {a.name for a in n.names}
+        elif isinstance(n, ast.ImportFrom):
+            parts = package[:len(package) - n.level + 1] if n.level else []
+            source = ".".join(parts + ([n.module] if n.module else []))
+            out |= {f"{source}.{a.name}" if found(f"{source}.{a.name}") else source
+                    for a in n.names}
+    return {m for m in out if m.split(".")[0] == "areal_like" and found(m)}
+
+
 def test_config_reaches_no_task_code_even_inside_functions():
     """Settings load without tasks, datasets or tokenizers, lazily or not: the facts they imply are
     computed above config (areal_like/job_facts.py), so no import circle runs through config."""
     root, seen, todo = Path(C.__file__).parents[1], set(), ["areal_like.config"]
     while todo:
         module = todo.pop()
-        if module in seen:
-            continue
-        seen.add(module)
-        tree = ast.parse((root / f"{module.replace('.', '/')}.py").read_text())
-        todo += [n.module for n in ast.walk(tree)
-                 if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("areal_like.")]
-        todo += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import)
-                 for a in n.names if a.name.startswith("areal_like.")]
+        if module not in seen:
+            seen.add(module)
+            todo += areal_like_imports(root, module)
     above = {f"areal_like.{m}" for m in ("tasks", "datasets", "tokenizer", "job_facts")}
     assert not seen & above, sorted(seen)
+
+
+def test_the_reach_check_sees_every_import_form(tmp_path):
+    pkg = tmp_path / "areal_like"
+    (pkg / "sub").mkdir(parents=True)
+    for name in ("__init__.py", "tasks.py", "datasets.py", "tokenizer.py", "sub/__init__.py"):
+        (pkg / name).write_text("")
+    (pkg / "config.py").write_text(
+        "import areal_like.tasks\nimport os\n"
+        "def f():\n    from areal_like import datasets, nothing_here\n"
+        "    from . import tokenizer\n    from .sub import x\n")
+    assert areal_like_imports(tmp_path, "areal_like.config") == {
+        "areal_like.tasks", "areal_like.datasets", "areal_like", "areal_like.tokenizer",
+        "areal_like.sub"}
 
 
 @pytest.mark.parametrize("override", ["buffer.lease_timeout_s=inf", "trainer.batch_wait_s=nan",

@@ -368,6 +368,31 @@ def test_rejects_non_finite_reward(reward):
     assert info.value.field == "reward"
 
 
+@pytest.mark.parametrize("reward,says", [
+    ("1.0", "expected float"), (True, "expected float"), (np.bool_(True), "expected float"),
+    (None, "expected float"), (10**400, "finite"), (np.float64("nan"), "finite")],
+                         ids=["str", "bool", "np.bool_", "None", "10**400", "np.nan"])
+def test_trajectory_of_refuses_a_reward_that_is_no_finite_number(reward, says):
+    """Trajectory.of is where an episode's reward is checked (its docstring): anything but a
+    finite real number is a ProtocolError naming ``reward`` there, never a TypeError or an
+    OverflowError, nor a group that encodes and is refused whole by the buffer's decode."""
+    with pytest.raises(P.ProtocolError) as info:
+        make_traj(reward=reward)
+    assert info.value.field == "reward" and says in str(info.value)
+
+
+@pytest.mark.parametrize("reward", [np.float32(0.5), np.float64(0.5), np.int64(2), 2, 0.5],
+                         ids=["np.float32", "np.float64", "np.int64", "int", "float"])
+def test_trajectory_of_takes_any_finite_real_reward_as_a_float(reward):
+    """A numpy reward (an environment's np.mean, say) is stored as the float msgpack carries, so
+    its group encodes (a numpy scalar would make encode fail, and with it the sender)."""
+    traj = make_traj(reward=reward)
+    assert type(traj.reward) is float and traj.reward == float(reward)
+    group = P.TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0,
+                              trajectories=[traj])
+    assert P.decode(P.encode(group)).trajectories[0].reward == float(reward)
+
+
 @pytest.mark.parametrize("name", ["behav_logp", "versions"])
 def test_rejects_array_length_mismatch(name):
     wire = wire_of(make_group(t=5))
