@@ -407,10 +407,9 @@ class SecurityConfig:
 
 @dataclass(kw_only=True)
 class LaunchConfig:
-    # null (the default): from the cores, on a CPU job on one machine (launch/topology.py,
-    # laptop_layout, which also pins the processes and threads the trainer); a number is kept as
-    # set. A GPU or multi-node job sets both (configs/topology/gpu_*.yaml: 1 each); null is refused
-    # there.
+    # null (the default): from the cores, for a CPU job on one machine (launch/topology.py,
+    # laptop_layout, which also pins the processes); a number is kept as set. A GPU or multi-node
+    # job sets both (configs/topology/gpu_*.yaml: 1 each): null is refused there.
     num_rollout_servers: int | None = None
     trainer_ranks: int | None = None
     restarts: int = 3  # per daemon within restart_window_s, before the job gives up
@@ -420,7 +419,7 @@ class LaunchConfig:
     restart_backoff_s: float = 1.0  # wait before the first restart in the window; doubles per restart
     restart_backoff_max_s: float = 60.0
     health_timeout_s: float = 300.0
-    pin_cpus: bool = False  # give the rollout pool and the trainer pool disjoint cores (taskset)
+    pin_cpus: bool = False  # rollout, trainer pools on disjoint cores (taskset); null counts set it
     omp_threads: int = 1
     gpus_per_node: int = 0  # GPUs `run` places processes on (launch/placement.py); 0 = torch's count on cuda
     # Several nodes (Slurm or by hand; `run` is one node): the first train_nodes carry trainer_ranks

@@ -125,9 +125,9 @@ def laptop_layout(cfg: RunConfig, cpus: Iterable[int], can_pin: bool = True) -> 
     the rollout pool (the buffer, which only moves bytes, floats over both pools), ONE trainer rank
     threading over the trainer pool (``auto_threads``), everything pinned. At eta 0 the trainer's
     threads span both pools, as generation and training take turns (module docstring). One core,
-    or no way to pin (``can_pin=False``: no ``taskset``): one server, one rank, one thread each,
-    unpinned. Many cores: at most ``launch.auto_max_servers`` servers (each a process with its own
-    model copy). Several nodes: ConfigError naming the null key (a cluster's layout is its own).
+    or no way to pin (``can_pin=False``: no ``taskset``): one server, one rank, unpinned. Many
+    cores: at most ``launch.auto_max_servers`` servers (each a process with its own model copy).
+    Several nodes: ConfigError naming the null key (a cluster's layout is its own).
     """
     la = cfg.launch
     unset = [key for key in COUNTS if getattr(la, key) is None]
@@ -140,27 +140,24 @@ def laptop_layout(cfg: RunConfig, cpus: Iterable[int], can_pin: bool = True) -> 
     pin = len(cores) >= 2 and can_pin
     servers = min(len(split_cpus(cores)[0]), la.auto_max_servers) if pin else 1
     launch = dataclasses.replace(la, num_rollout_servers=la.num_rollout_servers or servers,
-                                 trainer_ranks=la.trainer_ranks or 1, pin_cpus=pin, omp_threads=1)
+                                 trainer_ranks=la.trainer_ranks or 1, pin_cpus=pin)
     return dataclasses.replace(cfg, launch=launch)
 
 
 def layout_line(asked: RunConfig, laid: RunConfig, topo: Topology) -> str | None:
-    """``areal-like plan``'s note when ``asked`` leaves a count null: the counts ``laid`` runs and
-    why (a count ``asked`` sets: "as set"); None when it sets both."""
+    """``areal-like plan``'s note when ``asked`` leaves a count null: what ``laid`` runs, why."""
     if all(getattr(asked.launch, key) is not None for key in COUNTS):
         return None
-    la, trainer = laid.launch, topo.slot("trainer")
+    la, cores, threads = laid.launch, topo.slot("trainer").cpus, topo.slot("trainer").threads
     servers = "one core, or no taskset" if not la.pin_cpus else (
         f"one per core of the rollout pool {list(topo.rollout_cpus)}, at most "
         f"launch.auto_max_servers={la.auto_max_servers}")
-    ranks = "one rank threads best on CPU" + (f", {trainer.threads} thread(s) per rank on cores "
-                                              f"{list(trainer.cpus)}" if trainer.cpus else "")
-    why = {"num_rollout_servers": servers, "trainer_ranks": ranks}
-    for key in COUNTS:
-        if getattr(asked.launch, key) is not None:
-            why[key] = "as set"
+    ranks = "one rank threads best on CPU" + (
+        f", {threads} thread(s) per rank on cores {list(cores)}" if cores else "")
+    why = dict(zip(COUNTS, (servers, ranks)))
     return "laid out from the cores: " + "; ".join(
-        f"launch.{key}={getattr(la, key)} ({why[key]})" for key in COUNTS)
+        f"launch.{k}={getattr(la, k)} ({'as set' if getattr(asked.launch, k) else why[k]})"
+        for k in COUNTS)
 
 
 def _unique(ports: Iterable[int], taken: set[int]) -> Iterator[int]:
