@@ -250,6 +250,23 @@ def test_a_cpu_job_lays_itself_out_from_the_cores_and_keeps_the_counts_it_sets(b
     assert plan_job(laid, cpus=[0, 1])[0] == laid  # laying out a laid-out config changes nothing
 
 
+def test_plan_ends_with_what_the_cores_chose_and_says_nothing_of_counts_set_by_hand():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def plan(*overrides: str) -> list[str]:
+        r = subprocess.run([sys.executable, "-m", "launch.cli", "plan", *overrides], capture_output=True,
+                           text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+        assert r.returncode == 0, r.stderr
+        return r.stdout.splitlines()
+
+    last = plan("launch.trainer_ranks=2")[-1]
+    assert last.startswith("laid out from the cores: launch.num_rollout_servers=")
+    assert last.endswith("; launch.trainer_ranks=2 (as set)")
+    assert plan("launch.num_rollout_servers=2", "launch.trainer_ranks=2")[-1].split()[1] == "trainer"
+
+
 def test_run_makes_the_trainer_wait_for_its_servers_only_when_it_starts_servers():
     cfg = _fixed("topology=local_cpu")
     topo = plan_topology(cfg, itertools.count(36000))
