@@ -407,8 +407,11 @@ class SecurityConfig:
 
 @dataclass(kw_only=True)
 class LaunchConfig:
-    num_rollout_servers: int = 2
-    trainer_ranks: int = 2
+    # null (the default): from the cores, for a CPU job on one machine (launch/topology.py,
+    # laptop_layout, which also pins the processes); a number is kept as set. A GPU or multi-node
+    # job sets both (configs/topology/gpu_*.yaml: 1 each): null is refused there.
+    num_rollout_servers: int | None = None
+    trainer_ranks: int | None = None
     restarts: int = 3  # per daemon within restart_window_s, before the job gives up
     # Restart budget over time: crashes older than the window no longer count (a chaos run's restarts
     # do not end the job hours later), and each restart within it waits twice as long as the last.
@@ -416,19 +419,15 @@ class LaunchConfig:
     restart_backoff_s: float = 1.0  # wait before the first restart in the window; doubles per restart
     restart_backoff_max_s: float = 60.0
     health_timeout_s: float = 300.0
-    pin_cpus: bool = False  # give the rollout pool and the trainer pool disjoint cores (taskset)
+    pin_cpus: bool = False  # rollout, trainer pools on disjoint cores (taskset); null counts set it
     omp_threads: int = 1
     gpus_per_node: int = 0  # GPUs `run` places processes on (launch/placement.py); 0 = torch's count on cuda
     # Several nodes (Slurm or by hand; `run` is one node): the first train_nodes carry trainer_ranks
     # ranks each, the others num_rollout_servers servers each (launch/placement.py, `areal-like plan`).
     nodes: int = 1
     train_nodes: int = 1
-    # One CPU machine with few cores (topology=laptop): `run` sets num_rollout_servers, trainer_ranks,
-    # pin_cpus and each process's threads from the cores it may use (launch/topology.py, laptop_layout),
-    # overriding those keys; no core runs more threads than one.
-    auto_layout: bool = False
-    auto_max_servers: int = 8  # auto_layout's ceiling on rollout servers (each a process with a model copy)
-    auto_max_threads: int = 8  # and on trainer threads
+    auto_max_servers: int = 8  # most rollout servers from the cores (each a process with a model)
+    auto_max_threads: int = 8  # and on a pinned trainer's threads
     # Long runs: each daemon's log (logs/<name>.log) and metrics/scrape.jsonl rotate past log_max_mb
     # into <file>.1 ... .<log_backups>, the oldest dropped (launch/local.py).
     log_max_mb: float = 100.0
@@ -437,8 +436,6 @@ class LaunchConfig:
     def __post_init__(self):
         _check("launch.log_max_mb", self.log_max_mb > 0, "> 0", self.log_max_mb)
         _check("launch.log_backups", self.log_backups >= 1, ">= 1", self.log_backups)
-        _check("launch.auto_layout", not (self.auto_layout and self.nodes > 1), "false with launch.nodes > 1",
-               self.auto_layout)
         _check("launch.auto_max_servers", self.auto_max_servers >= 1, ">= 1", self.auto_max_servers)
         _check("launch.auto_max_threads", self.auto_max_threads >= 1, ">= 1", self.auto_max_threads)
         _check("launch.gpus_per_node", self.gpus_per_node >= 0, ">= 0", self.gpus_per_node)
@@ -446,8 +443,9 @@ class LaunchConfig:
         _check("launch.train_nodes", 1 <= self.train_nodes < max(self.nodes, 2),
                f">= 1 and < launch.nodes={self.nodes} (the other nodes run the rollout servers)" if self.nodes > 1
                else "1 on one node (launch.nodes=1)", self.train_nodes)
-        _check("launch.num_rollout_servers", self.num_rollout_servers >= 1, ">= 1", self.num_rollout_servers)
-        _check("launch.trainer_ranks", self.trainer_ranks >= 1, ">= 1", self.trainer_ranks)
+        for key in ("num_rollout_servers", "trainer_ranks"):
+            n = getattr(self, key)
+            _check(f"launch.{key}", n is None or n >= 1, ">= 1 or null (from the cores)", n)
         _check("launch.restarts", self.restarts >= 0, ">= 0", self.restarts)
         _check("launch.restart_window_s", self.restart_window_s > 0, "> 0", self.restart_window_s)
         _check("launch.restart_backoff_s", self.restart_backoff_s >= 0, ">= 0", self.restart_backoff_s)

@@ -93,7 +93,8 @@ class Chaos:
 
 
 def run(run_dir: Path, args, chaos: bool) -> dict:
-    cfg = load_config(["experiment=quickstart", "topology=local_cpu", f"run_dir={run_dir}",  # the measured layout
+    cfg = load_config(["experiment=quickstart", f"run_dir={run_dir}",  # the measured layout:
+                       "launch.num_rollout_servers=2", "launch.trainer_ranks=2",
                        f"trainer.steps={args.steps}",
                        f"trainer.checkpoint_every={args.checkpoint_every}",
                        f"trainer.checkpoint_async={args.checkpoint_async}", "eval.at_end=false"])

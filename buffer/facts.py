@@ -47,8 +47,9 @@ class BufferFacts:
 
 def max_servers(cfg: RunConfig) -> int:
     """Server ids one member key may hold on the roster: twice the rollout servers the job launches
-    (every rollout node's, auto_layout's ceiling when it picks the count), at least MIN_SERVERS."""
+    (every rollout node's; a count left null, in a config not laid out, counts one), at least
+    MIN_SERVERS."""
     la = cfg.launch
-    per_node = max(la.num_rollout_servers, la.auto_max_servers if la.auto_layout else 0)
+    per_node = la.num_rollout_servers or 1
     nodes = la.nodes - la.train_nodes if la.nodes > 1 else 1
     return max(MIN_SERVERS, 2 * per_node * nodes)

@@ -248,7 +248,7 @@ def _plan(overrides: list[str]) -> int:
     """``run``'s planning step (``launch.job.plan_job``) without writing or starting anything."""
     from areal_like.config import ConfigError
     from launch.job import laid_out, plan_job
-    from launch.topology import plan_lines
+    from launch.topology import layout_line, plan_lines
 
     cfg = _load(overrides)
     if cfg is None:
@@ -258,7 +258,9 @@ def _plan(overrides: list[str]) -> int:
     except ConfigError as e:  # a layout that does not fit the GPUs, a port clash
         return _errors(e)
     # the daemons' GPU settings and layout, but the ports as configured (``auto`` where run picks them at start)
-    print("\n".join(plan_lines(laid_out(cfg)[0], topo)))
+    laid = laid_out(cfg)[0]
+    note = layout_line(cfg, laid, topo)  # the counts the cores chose, and why
+    print("\n".join([*plan_lines(laid, topo), *([note] if note else [])]))
     return 0
 
 

@@ -78,14 +78,14 @@ def usable_cpus() -> list[int]:
 
 
 def laid_out(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, list[int] | None]:
-    """``cfg`` with its GPU count, weight path and, with ``launch.auto_layout``, the servers, ranks,
-    pinning and threads the cores present take; and those cores (when pinning or laying out)."""
-    cfg = with_weight_path(with_gpu_count(cfg))
-    if cpus is None and (cfg.launch.pin_cpus or cfg.launch.auto_layout):
+    """``cfg`` with the servers, ranks and pinning the cores present take where it leaves the counts
+    null (``laptop_layout``), its GPU count and weight path; and those cores (when pinning or laying
+    out)."""
+    la = cfg.launch
+    if cpus is None and (la.pin_cpus or la.num_rollout_servers is None or la.trainer_ranks is None):
         cpus = usable_cpus()
-    if cfg.launch.auto_layout:
-        cfg = laptop_layout(cfg, cpus, can_pin=shutil.which("taskset") is not None)
-    return cfg, cpus
+    cfg = laptop_layout(cfg, cpus or (), can_pin=shutil.which("taskset") is not None)
+    return with_weight_path(with_gpu_count(cfg)), cpus
 
 
 def plan_job(cfg: RunConfig, cpus: list[int] | None = None,

@@ -4,7 +4,8 @@
 the node on GPU ``i``, which is what torchrun's ``LOCAL_RANK`` indexes in a list of those GPUs),
 then rollout server ``i`` the ``tp_size`` GPUs ``[T + i*tp, T + (i+1)*tp)``. ``place_nodes``
 lays out every node of a job from the config: the counts come from ``launch.trainer_ranks``,
-``launch.num_rollout_servers``, ``rollout.engine.tp_size`` and ``launch.gpus_per_node``.
+``launch.num_rollout_servers`` (never null here: only a CPU job takes them from its cores),
+``rollout.engine.tp_size`` and ``launch.gpus_per_node``.
 
 Invariants (tested in tests/unit/test_placement.py):
 * one process per GPU: no two processes of a node share a GPU. NCCL refuses two ranks of one
@@ -37,6 +38,7 @@ from areal_like.config import ConfigError, RunConfig
 
 SHARED_MEM_FRACTION_DEFAULT = 0.4  # one shared GPU, fraction unset: what SGLang gets
 SHARED_MEM_FRACTION_MAX = 0.6  # one shared GPU: SGLang's static share; the trainer's weights, grads, Adam need the rest
+COUNTS = ("num_rollout_servers", "trainer_ranks")  # launch.*: null = from the cores (CPU jobs only)
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -140,6 +142,10 @@ def place_nodes(cfg: RunConfig) -> tuple[NodeGpus, ...] | None:
     if not _gpu_checks(cfg):
         return None
     la = cfg.launch
+    for key in COUNTS:  # a GPU job's layout is its own: never guessed
+        if getattr(la, key) is None:
+            raise ConfigError(f"launch.{key}=null (from the cores) is for CPU jobs; a GPU job "
+                              "sets it (topology=gpu_sglang and gpu_embedded: 1)")
     out = []
     for k in range(la.nodes):
         trains, serves = node_roles(la.nodes, la.train_nodes, k)

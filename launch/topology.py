@@ -7,8 +7,8 @@ addresses, a ``/metrics`` port per daemon, the torchrun rendezvous port and, whe
 the *trainer pool* (every trainer rank), while the buffer, which only moves bytes, may run on any
 core of either (its work comes while the trainer waits for a batch or a server for its leases, so
 pinned to the rollout pool it took the rollout servers' core just when they had the most to do:
-benchmarks/README.md, "Session 20"); with
-``launch.auto_layout`` (``laptop_layout``, applied first) also how many servers, ranks and threads
+benchmarks/README.md, "Session 20"); for a CPU job that leaves ``launch.num_rollout_servers`` or
+``launch.trainer_ranks`` null (``laptop_layout``, applied first) also how many servers and ranks
 the cores present take; on a GPU topology,
 the GPUs of every daemon (``launch/placement.py``; the buffer gets none). No I/O happens here;
 ``launch/job.py`` feeds it ``free_ports()``, ``os.sched_getaffinity(0)`` and the GPU count.
@@ -17,9 +17,10 @@ the GPUs of every daemon (``launch/placement.py``; the buffer gets none). No I/O
 Invariants (tested in tests/unit/test_topology.py):
 * every port in a topology is distinct, and a port fixed in the config (non-zero) is kept;
 * with ``pin_cpus`` the two pools are non-empty and disjoint and together cover the cores given;
-* with ``auto_layout`` no core gets more than one busy thread: one single-threaded server per core of
-  the rollout pool, one trainer rank with one thread per core of the trainer pool, each count at
-  most its ceiling (``launch.auto_max_servers``, ``launch.auto_max_threads``). At eta 0
+* laid out from the cores, no core gets more than one busy thread: one single-threaded server
+  per core of the rollout pool, one trainer rank with one thread per core of the trainer pool, each
+  count at most its ceiling (``launch.auto_max_servers``, ``launch.auto_max_threads``); a count the
+  config sets is kept, and a pinned trainer's ranks share its pool's threads. At eta 0
   (``buffer.max_staleness=0``) generation and training take turns (the servers wait for the new
   weights while the trainer steps, the trainer for its batch while they generate), so the trainer
   gets a thread per core of both pools (up to ``launch.auto_max_threads``), and its idle threads stop
@@ -38,7 +39,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from areal_like.config import ConfigError, RunConfig
-from launch.placement import node_roles, place_nodes, split_address, visible_devices
+from launch.placement import COUNTS, node_roles, place_nodes, split_address, visible_devices
 
 # At eta 0 the trainer's idle OpenMP threads spin this many rounds (libgomp's default: 300,000), not
 # ~1 ms on the rollout cores after each step: a step with 2 threads on the 8 x 8 workload is as fast
@@ -57,8 +58,8 @@ class DaemonSlot:
     cpus: tuple[int, ...] | None  # None = not pinned
     overrides: tuple[str, ...] = ()  # extra `key=value` for this daemon's command line
     gpus: tuple[int, ...] | None = None  # its CUDA_VISIBLE_DEVICES; None = left as inherited (CPU topologies)
-    threads: int | None = None  # its OMP_NUM_THREADS; None = launch.omp_threads (launch.auto_layout sets the trainer's)
-    env: tuple[tuple[str, str], ...] = ()  # more environment for it (launch.auto_layout at eta 0: the trainer's spin)
+    threads: int | None = None  # OMP_NUM_THREADS; None: launch.omp_threads (pinned: see auto_threads)
+    env: tuple[tuple[str, str], ...] = ()  # more environment (pinned at eta 0: the trainer's spin)
     node: int = 0  # launch.nodes > 1: the node it runs on (the buffer and trainer rank 0 on node 0)
 
 
@@ -113,34 +114,50 @@ def split_cpus(cpus: Iterable[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 def laptop_layout(cfg: RunConfig, cpus: Iterable[int], can_pin: bool = True) -> RunConfig:
-    """``launch.auto_layout``: the processes of a CPU job on ONE machine for the cores it may use.
+    """The counts a CPU job on ONE machine leaves null (``launch.num_rollout_servers``,
+    ``launch.trainer_ranks``), for the cores it may use; ``cfg`` itself when it sets both or runs
+    on a GPU (``place_nodes`` refuses a null count there). A count the config sets is kept.
 
     Measured on the small-model workload (benchmarks/README.md): on CPU one trainer rank with
     several threads beats several FSDP ranks (a world of one does no collective work), and an
     embedded engine runs best single-threaded, so: the cores split as ``split_cpus`` does (rollout
     pool = the first half, trainer pool = the rest), one single-threaded rollout server per core of
-    the rollout pool (the buffer, which only moves bytes, floats over both pools), ONE trainer rank with
-    one thread per core of the trainer pool, everything pinned. Threads never exceed cores; at eta 0
-    the trainer's span both pools, as generation and training take turns (module docstring). One
-    core: one server, one rank, one thread each, unpinned (nothing to split). Many cores: at most
-    ``launch.auto_max_servers`` servers and ``launch.auto_max_threads`` trainer threads (default 8
-    each: every server is a process with its own model copy, and a small model's step gains nothing
-    from dozens of threads); the pools keep their cores, which the OS schedules those on. Without a
-    way to pin (``can_pin=False``: no ``taskset``) as on one core.
+    the rollout pool (the buffer, which only moves bytes, floats over both pools), ONE trainer rank
+    threading over the trainer pool (``auto_threads``), everything pinned. At eta 0 the trainer's
+    threads span both pools, as generation and training take turns (module docstring). One core,
+    or no way to pin (``can_pin=False``: no ``taskset``): one server, one rank, unpinned. Many
+    cores: at most ``launch.auto_max_servers`` servers (each a process with its own model copy).
+    Several nodes: ConfigError naming the null key (a cluster's layout is its own).
     """
-    if cfg.trainer.device != "cpu" or cfg.rollout.engine.device != "cpu" or cfg.launch.nodes > 1:
-        raise ConfigError("launch.auto_layout=true lays out a CPU job on one machine: it needs trainer.device=cpu, "
-                          "rollout.engine.device=cpu and launch.nodes=1")
+    la = cfg.launch
+    unset = [key for key in COUNTS if getattr(la, key) is None]
+    if not unset or cfg.trainer.device != "cpu" or cfg.rollout.engine.device != "cpu":
+        return cfg  # a GPU job's counts are its own (place_nodes)
+    if la.nodes > 1:
+        raise ConfigError(f"launch.{unset[0]}=null (from the cores) is for a job on one machine; "
+                          f"with launch.nodes={la.nodes} set it (launch/MULTINODE.md)")
     cores = tuple(sorted(set(cpus)))
-    if len(cores) < 2 or not can_pin:
-        launch = dataclasses.replace(cfg.launch, num_rollout_servers=1, trainer_ranks=1, pin_cpus=False,
-                                     omp_threads=1)
-    else:
-        rollout, _ = split_cpus(cores)
-        servers = min(len(rollout), cfg.launch.auto_max_servers)
-        launch = dataclasses.replace(cfg.launch, num_rollout_servers=servers, trainer_ranks=1, pin_cpus=True,
-                                     omp_threads=1)
+    pin = len(cores) >= 2 and can_pin
+    servers = min(len(split_cpus(cores)[0]), la.auto_max_servers) if pin else 1
+    launch = dataclasses.replace(la, num_rollout_servers=la.num_rollout_servers or servers,
+                                 trainer_ranks=la.trainer_ranks or 1, pin_cpus=pin)
     return dataclasses.replace(cfg, launch=launch)
+
+
+def layout_line(asked: RunConfig, laid: RunConfig, topo: Topology) -> str | None:
+    """``areal-like plan``'s note when ``asked`` leaves a count null: what ``laid`` runs, why."""
+    if all(getattr(asked.launch, key) is not None for key in COUNTS):
+        return None
+    la, cores, threads = laid.launch, topo.slot("trainer").cpus, topo.slot("trainer").threads
+    servers = "one core, or no taskset" if not la.pin_cpus else (
+        f"one per core of the rollout pool {list(topo.rollout_cpus)}, at most "
+        f"launch.auto_max_servers={la.auto_max_servers}")
+    ranks = "one rank threads best on CPU" + (
+        f", {threads} thread(s) per rank on cores {list(cores)}" if cores else "")
+    why = dict(zip(COUNTS, (servers, ranks)))
+    return "laid out from the cores: " + "; ".join(
+        f"launch.{k}={getattr(la, k)} ({'as set' if getattr(asked.launch, k) else why[k]})"
+        for k in COUNTS)
 
 
 def _unique(ports: Iterable[int], taken: set[int]) -> Iterator[int]:
@@ -200,17 +217,18 @@ def plan_topology(cfg: RunConfig, ports: Iterable[int], cpus: Iterable[int] | No
 
 
 def auto_threads(cfg: RunConfig, cores: tuple[int, ...] | None) -> int | None:
-    """``launch.auto_layout``: the trainer's threads, one per core it is pinned to (its pool; both pools
-    at eta 0) up to ``launch.auto_max_threads``; None (``launch.omp_threads``) otherwise or when unpinned."""
-    if not (cfg.launch.auto_layout and cores):
+    """A pinned trainer's threads per rank: its ranks share the cores it is pinned to (its pool;
+    both pools at eta 0), up to ``launch.auto_max_threads``; None (``launch.omp_threads``) when
+    unpinned."""
+    if not (cfg.launch.pin_cpus and cores):
         return None
-    return min(len(cores), cfg.launch.auto_max_threads)
+    return max(1, min(len(cores) // cfg.launch.trainer_ranks, cfg.launch.auto_max_threads))
 
 
 def takes_turns(cfg: RunConfig) -> bool:
-    """Whether a laid-out CPU job's generation and training take turns (eta 0): then the trainer may use
-    the rollout pool's cores while the servers wait for its weights (module docstring)."""
-    return cfg.launch.auto_layout and cfg.launch.pin_cpus and cfg.buffer.max_staleness == 0
+    """Whether a pinned CPU job's generation and training take turns (eta 0): then the trainer may
+    use the rollout pool's cores while the servers wait for its weights (module docstring)."""
+    return cfg.launch.pin_cpus and cfg.buffer.max_staleness == 0
 
 
 def _fixed_ports(cfg: RunConfig, router: int, pub: int) -> set[int]:

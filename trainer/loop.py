@@ -117,7 +117,7 @@ class Trainer(Daemon):
         return cls(cfg.trainer, TrainerFacts.from_run(cfg, keys))
 
     def start(self) -> None:
-        # the launcher's OMP_NUM_THREADS (1 unless launch.auto_layout gives the trainer a pool of cores)
+        # the launcher's OMP_NUM_THREADS (1 unless launch.pin_cpus gives the trainer its pool)
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         torch.manual_seed(self.facts.seed)
         t, model_cfg = self.cfg, self.facts.model

@@ -34,7 +34,7 @@ HOLD_S = 120.0  # longest a finished job waits for the test to look at it before
 
 BASE_OVERRIDES = [
     "experiment=quickstart",
-    "topology=local_cpu",  # the layout set by launch.* (the quickstart's lays itself out from the cores)
+    "launch.num_rollout_servers=2", "launch.trainer_ranks=2",  # a fixed layout, not the cores'
     "task.group_size=4", "buffer.groups_per_step=4",
     "buffer.lease_timeout_s=15", "buffer.heartbeat_timeout_s=8",
     "trainer.checkpoint_every=1", "trainer.micro_batch_size=16", "trainer.weight_sync.deadline_s=30",

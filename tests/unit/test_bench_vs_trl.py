@@ -53,4 +53,4 @@ def test_the_workload_is_the_issues_and_starts_from_the_stronger_warm_start(tmp_
     assert (cfg.buffer.groups_per_step, cfg.trainer.lr, cfg.buffer.max_staleness) == (8, 3e-5, 4)
     # 350 supervised steps at lr 1e-3: greedy held-out ~0.27 (1500 at 3e-3 stalled at ~0.07)
     assert (cfg.warm_start.steps, cfg.warm_start.lr, cfg.warm_start.batch_size) == (350, 1e-3, 64)
-    assert cfg.launch.auto_layout and cfg.model.hidden_size == 128
+    assert cfg.launch.num_rollout_servers is None and cfg.model.hidden_size == 128  # from the cores

@@ -22,10 +22,9 @@ def test_the_default_job_is_the_quickstart_recipe():
     assert default.model == quick.model and default.task == quick.task  # reverse 6 letters at T=2
     assert (default.trainer.lr, default.trainer.micro_batch_size, default.trainer.steps) == (3e-4, 64, 200)
     assert default.trainer.loss == quick.trainer.loss
-    # the layout differs: the quickstart lays itself out from the cores (topology=laptop), the default job
-    # keeps the fixed local_cpu layout (2 servers, 2 ranks) that launch.* overrides set by hand
-    assert quick.launch.auto_layout and not default.launch.auto_layout
-    assert (default.launch.num_rollout_servers, default.launch.trainer_ranks) == (2, 2)
+    # and the layout: both leave the counts to the cores (launch/topology.py, laptop_layout)
+    assert default.launch == quick.launch
+    assert (default.launch.num_rollout_servers, default.launch.trainer_ranks) == (None, None)
     assert re.fullmatch(r"runs/default/\d{8}-\d{6}", default.run_dir), default.run_dir
 
 

@@ -185,7 +185,7 @@ def test_nccl_with_a_cpu_trainer_is_refused():
 
 
 def test_cpu_topology_processes_inherit_cuda_visible_devices():
-    specs = _specs("launch.gpus_per_node=8")
+    specs = _specs("launch.gpus_per_node=8", "launch.num_rollout_servers=2", "launch.trainer_ranks=2")
     assert all("CUDA_VISIBLE_DEVICES" not in s.env for s in specs.values())
 
 

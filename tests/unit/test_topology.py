@@ -14,9 +14,15 @@ def _cfg(*overrides: str) -> RunConfig:
     return load_config(list(overrides))
 
 
+def _fixed(*overrides: str) -> RunConfig:
+    """A config that sets both counts (2 servers, 2 ranks; ``overrides`` after them win): nothing is
+    left to the cores, so ``plan_topology`` takes it as it is."""
+    return _cfg("launch.num_rollout_servers=2", "launch.trainer_ranks=2", *overrides)
+
+
 def test_every_port_is_distinct_and_zero_ports_are_assigned():
-    cfg = _cfg("buffer.address=tcp://127.0.0.1:0", "buffer.pub_address=tcp://127.0.0.1:0",
-               "launch.num_rollout_servers=3")
+    cfg = _fixed("buffer.address=tcp://127.0.0.1:0", "buffer.pub_address=tcp://127.0.0.1:0",
+                 "launch.num_rollout_servers=3")
     # a port source that repeats itself (free_port() can) must still give distinct ports
     topo = plan_topology(cfg, itertools.chain([20000, 20000, 20001], itertools.count(20001)))
     ports = topo.ports()
@@ -27,9 +33,8 @@ def test_every_port_is_distinct_and_zero_ports_are_assigned():
 
 
 def test_fixed_ports_are_kept_and_skipped_by_the_source():
-    cfg = _cfg("buffer.address=tcp://10.0.0.5:7000", "buffer.pub_address=tcp://10.0.0.5:7001",
-               "buffer.metrics_port=9100", "rollout.metrics_port=9101", "trainer.metrics_port=9200",
-               "launch.num_rollout_servers=2")
+    cfg = _fixed("buffer.address=tcp://10.0.0.5:7000", "buffer.pub_address=tcp://10.0.0.5:7001",
+                 "buffer.metrics_port=9100", "rollout.metrics_port=9101", "trainer.metrics_port=9200")
     topo = plan_topology(cfg, itertools.count(9100))  # overlaps the fixed ports on purpose
     assert topo.host == "10.0.0.5"  # nothing assumes localhost
     assert topo.buffer_address == "tcp://10.0.0.5:7000"
@@ -41,7 +46,7 @@ def test_fixed_ports_are_kept_and_skipped_by_the_source():
 
 
 def test_two_daemons_with_the_same_fixed_port_are_refused():
-    cfg = _cfg("buffer.metrics_port=9100", "trainer.metrics_port=9100")
+    cfg = _fixed("buffer.metrics_port=9100", "trainer.metrics_port=9100")
     with pytest.raises(ConfigError, match="same fixed port"):
         plan_topology(cfg, itertools.count(30000))
 
@@ -61,17 +66,17 @@ def test_pinning_needs_two_cores():
 
 
 def test_pinned_topology_puts_rollouts_on_one_pool_trainer_on_the_other_buffer_on_both():
-    cfg = _cfg("launch.pin_cpus=true", "buffer.address=tcp://127.0.0.1:0", "buffer.pub_address=tcp://127.0.0.1:0")
+    cfg = _fixed("launch.pin_cpus=true", "buffer.address=tcp://127.0.0.1:0", "buffer.pub_address=tcp://127.0.0.1:0")
     topo = plan_topology(cfg, itertools.count(40000), cpus=[3, 0, 1, 2])
     assert topo.slot("trainer").cpus == (2, 3)
     assert topo.slot("rollout-0").cpus == (0, 1)
     assert topo.slot("buffer").cpus == (0, 1, 2, 3)
-    unpinned = plan_topology(_cfg(), itertools.count(40000), cpus=[0, 1])
+    unpinned = plan_topology(_fixed(), itertools.count(40000), cpus=[0, 1])
     assert all(s.cpus is None for s in unpinned.slots)
 
 
 def test_apply_topology_fills_every_daemon_address():
-    cfg = _cfg("buffer.address=tcp://127.0.0.1:0", "buffer.pub_address=tcp://127.0.0.1:0")
+    cfg = _fixed("buffer.address=tcp://127.0.0.1:0", "buffer.pub_address=tcp://127.0.0.1:0")
     topo = plan_topology(cfg, itertools.count(50000))
     out = apply_topology(cfg, topo)
     assert out.buffer.address == out.rollout.buffer_address == out.trainer.buffer_address == topo.buffer_address
@@ -97,7 +102,7 @@ def test_laptop_layout_fills_the_cores_without_oversubscribing(cores, servers, r
     from launch.job import job_specs
     from launch.topology import laptop_layout
 
-    cfg = laptop_layout(_cfg("topology=laptop", "launch.num_rollout_servers=7", "launch.trainer_ranks=3"), cores)
+    cfg = laptop_layout(_cfg("topology=laptop"), cores)
     assert (cfg.launch.num_rollout_servers, cfg.launch.trainer_ranks, cfg.launch.pin_cpus) == (servers, 1, True)
     topo = plan_topology(cfg, itertools.count(31000), cores)
     assert topo.rollout_cpus == rollout and topo.trainer_cpus == trainer
@@ -140,16 +145,19 @@ def test_at_eta_0_the_trainer_takes_every_core_while_the_servers_wait(cores, mon
     assert eta1.slot("trainer").cpus == eta1.trainer_cpus and eta1.slot("trainer").env == ()
 
 
-def test_laptop_layout_on_one_core_runs_unpinned_and_refuses_a_gpu_job():
+def test_laptop_layout_on_one_core_runs_unpinned_and_a_gpu_or_multi_node_job_must_set_its_counts():
+    from launch.placement import place_nodes
     from launch.topology import laptop_layout
 
     cfg = laptop_layout(_cfg("topology=laptop"), [3])
     assert (cfg.launch.num_rollout_servers, cfg.launch.trainer_ranks, cfg.launch.pin_cpus) == (1, 1, False)
     assert plan_topology(cfg, itertools.count(32000), [3]).slot("trainer").threads is None
-    with pytest.raises(ConfigError, match="launch.auto_layout"):
-        laptop_layout(_cfg("topology=laptop", "trainer.device=cuda"), [0, 1])
-    with pytest.raises(ConfigError, match="launch.auto_layout"):
-        _cfg("topology=laptop", "launch.nodes=2")
+    gpu = _cfg("topology=gpu_sglang", "launch.gpus_per_node=2", "launch.trainer_ranks=null")
+    assert laptop_layout(gpu, [0, 1]) == gpu  # a GPU job's layout is never guessed from the cores
+    with pytest.raises(ConfigError, match=r"^launch.trainer_ranks=null \(from the cores\) is for CPU jobs"):
+        place_nodes(gpu)
+    with pytest.raises(ConfigError, match=r"^launch.num_rollout_servers=null .* launch.nodes=2 set it"):
+        laptop_layout(_cfg("topology=laptop", "launch.nodes=2"), [0, 1])
 
 
 @pytest.mark.parametrize("cores,servers,trainer_threads", [
@@ -162,7 +170,7 @@ def test_the_quickstart_lays_itself_out_from_the_cores(cores, servers, trainer_t
     from launch.topology import laptop_layout
 
     base = _cfg("experiment=quickstart")
-    assert base.launch.auto_layout  # the README's first command picks its layout, no topology= needed
+    assert base.launch.num_rollout_servers is None  # the README's first command: its layout from the cores
     cpus = list(range(cores))
     cfg = laptop_layout(base, cpus)
     topo = plan_topology(cfg, itertools.count(33000), cpus)
@@ -192,7 +200,7 @@ def test_laptop_layout_ceilings_are_configurable_and_without_taskset_nothing_is_
 def test_several_trainer_ranks_still_run_under_torchrun():
     from launch.job import job_specs
 
-    cfg = _cfg("topology=local_cpu", "launch.trainer_ranks=2")
+    cfg = _fixed("topology=local_cpu")
     topo = plan_topology(cfg, itertools.count(35000))
     argv = next(s for s in job_specs(cfg, topo, "config.yaml") if s.name == "trainer").argv()
     assert argv[1:3] == ["-m", "torch.distributed.run"] and argv[argv.index("--nproc-per-node") + 1] == "2"
@@ -202,7 +210,7 @@ def test_the_trainer_waits_for_the_evaluating_server_only_when_one_is_started_fo
     from launch.job import job_specs
 
     def trainer_argv(*overrides: str) -> list[str]:
-        cfg = _cfg("experiment=quickstart", "topology=local_cpu", *overrides)
+        cfg = _fixed("experiment=quickstart", *overrides)
         topo = plan_topology(cfg, itertools.count(37000))
         return next(s for s in job_specs(cfg, topo, "config.yaml") if s.name == "trainer").argv()
 
@@ -212,24 +220,60 @@ def test_the_trainer_waits_for_the_evaluating_server_only_when_one_is_started_fo
     assert "eval.await_server=true" not in trainer_argv("eval.at_end=false", "eval.every=0")  # no evaluator
 
 
-def test_plan_shows_the_laid_out_job_not_the_configured_counts():
+@pytest.mark.parametrize("base", [(), ("experiment=quickstart",),
+                                  ("model=local_hf", "model.path=/models/mine", "task=jsonl_math",
+                                   "task.dataset_path=/data/train.jsonl")])
+def test_a_cpu_job_lays_itself_out_from_the_cores_and_keeps_the_counts_it_sets(base, monkeypatch):
+    """Issue 41 item 7: the default job and a user's own model ran a fixed 2-server, 2-rank layout on
+    2 cores (~2x slower than the cores' one), and the quickstart overrode the counts a user set."""
     from launch.job import laid_out, plan_job
-    from launch.topology import plan_lines
+    from launch.topology import layout_line, plan_lines
 
-    cfg = _cfg("experiment=quickstart", "launch.num_rollout_servers=5", "launch.trainer_ranks=3")
-    _, topo = plan_job(cfg, cpus=[0, 1])
-    rows = plan_lines(laid_out(cfg, [0, 1])[0], topo)[1:]
-    assert [r.split()[1] for r in rows] == ["buffer", "rollout-0", "trainer"]
-    assert "python -m trainer (1 rank, no torchrun)" in rows[-1] and "torchrun" not in rows[-1].split("no torchrun")[0]
+    monkeypatch.setattr("launch.job.shutil.which", lambda name: f"/usr/bin/{name}")  # taskset, to pin
+
+    def layout(*overrides: str) -> tuple[int, int, bool]:
+        la = laid_out(_cfg(*base, *overrides), [0, 1])[0].launch
+        return la.num_rollout_servers, la.trainer_ranks, la.pin_cpus
+
+    assert layout() == (1, 1, True)  # the laptop layout: one server on core 0, the trainer on core 1
+    assert layout("launch.num_rollout_servers=2") == (2, 1, True)  # kept; the rank still from the cores
+    assert layout("launch.trainer_ranks=2") == (1, 2, True)
+    assert layout("launch.num_rollout_servers=3", "launch.trainer_ranks=2") == (3, 2, False)  # as set
+    asked = _cfg(*base, "launch.trainer_ranks=2")
+    laid, topo = plan_job(asked, cpus=[0, 1])
+    rows = plan_lines(laid_out(asked, [0, 1])[0], topo)[1:]
+    assert [r.split()[1] for r in rows] == ["buffer", "rollout-0", "trainer"] and "torchrun 2 ranks" in rows[-1]
+    assert layout_line(asked, laid, topo) == (
+        "laid out from the cores: launch.num_rollout_servers=1 (one per core of the rollout pool [0], at "
+        "most launch.auto_max_servers=8); launch.trainer_ranks=2 (as set)")
+    assert layout_line(laid, laid, topo) is None  # both set: nothing to explain
+    assert plan_job(laid, cpus=[0, 1])[0] == laid  # laying out a laid-out config changes nothing
+
+
+def test_plan_ends_with_what_the_cores_chose_and_says_nothing_of_counts_set_by_hand():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def plan(*overrides: str) -> list[str]:
+        r = subprocess.run([sys.executable, "-m", "launch.cli", "plan", *overrides], capture_output=True,
+                           text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+        assert r.returncode == 0, r.stderr
+        return r.stdout.splitlines()
+
+    last = plan("launch.trainer_ranks=2")[-1]
+    assert last.startswith("laid out from the cores: launch.num_rollout_servers=")
+    assert last.endswith("; launch.trainer_ranks=2 (as set)")
+    assert plan("launch.num_rollout_servers=2", "launch.trainer_ranks=2")[-1].split()[1] == "trainer"
 
 
 def test_run_makes_the_trainer_wait_for_its_servers_only_when_it_starts_servers():
-    cfg = _cfg("topology=local_cpu")
+    cfg = _fixed("topology=local_cpu")
     topo = plan_topology(cfg, itertools.count(36000))
     applied = apply_topology(cfg, topo)
     assert cfg.trainer.first_engine_wait_s == 0  # the trainer alone (tests, by hand) pushes at once
     assert applied.trainer.first_engine_wait_s == min(cfg.launch.health_timeout_s, cfg.trainer.gloo_timeout_s / 2)
     assert cfg.trainer.first_engines == 1
     assert applied.trainer.first_engines == sum(slot.kind == "rollout" for slot in topo.slots) == 2
-    kept = _cfg("topology=local_cpu", "trainer.first_engine_wait_s=7")
+    kept = _fixed("trainer.first_engine_wait_s=7")
     assert apply_topology(kept, plan_topology(kept, itertools.count(36100))).trainer.first_engine_wait_s == 7
