@@ -186,6 +186,12 @@ class BucketSpec(Message, tag="bucket_spec"):
             raise ProtocolError("names, dtypes and shapes differ in length", "names")
 
 
+# How the weights of a plan travel (``WeightSyncPlan.path``) -> the payloads its plan carries, given
+# its buckets: "distributed" (the group), "tensor" (one shared-memory payload per bucket), "disk"
+# (one directory). The trainer's senders and the rollout server's receivers are tables by these keys.
+WEIGHT_PATHS = {"distributed": lambda buckets: 0, "tensor": len, "disk": lambda buckets: 1}
+
+
 class WeightSyncPlan(_TopLevel, tag="weight_sync_plan"):
     """Trainer -> buffer -> rollout servers: how version ``policy_version`` is pushed."""
 
@@ -200,13 +206,14 @@ class WeightSyncPlan(_TopLevel, tag="weight_sync_plan"):
     buckets: list[BucketSpec]
     deadline_s: Finite  # the whole sync, from publication
     plan_id: str = ""  # unique per push attempt: a re-push of the same version is a new plan
-    # how the weights travel: "distributed" (the group above) | "tensor" | "disk" (trainer and engine on one GPU).
-    # A str, not a Literal: a server that does not know a path answers SyncDone(ok=False) naming it.
+    # how the weights travel (WEIGHT_PATHS). A str, not a Literal: a server that does not know a
+    # path answers SyncDone(ok=False) naming it.
     path: str = "distributed"
-    payloads: list[str] = []  # tensor: one SGLang payload per bucket; disk: [directory]; distributed: none
+    payloads: list[str] = []  # WEIGHT_PATHS[path](buckets) of them
 
     def validate(self) -> None:
-        want = {"distributed": 0, "tensor": len(self.buckets), "disk": 1}.get(self.path)
+        count = WEIGHT_PATHS.get(self.path)
+        want = count(self.buckets) if count is not None else None
         if want is not None and len(self.payloads) != want:
             raise ProtocolError(f"path {self.path} needs {want} payload(s), got {len(self.payloads)}", "payloads")
 

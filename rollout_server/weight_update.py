@@ -18,7 +18,7 @@ server's engine through one ``WeightSyncPlan`` over SGLang's HTTP endpoints:
 3. ``/begin_weight_update`` (skipped on servers without it), one
    ``/update_weights_from_distributed`` per bucket in plan order with ``load_format:
    "flattened_bucket"`` (the trainer broadcasts each bucket as ONE uint8 buffer of its tensors back
-   to back, ``trainer.weight_buckets``; SGLang 0.5.23 and the embedded engine both receive it so),
+   to back, ``areal_like.weight_wire``; SGLang 0.5.23 and the embedded engine both receive it so),
    each returning once its tensors are received and loaded (the embedded engine answers a bucket
    that is not the last one earlier, and fails the rest of the sync if it then fails:
    rollout_server/engine/ENGINE.md) (``weight_version`` and flush_cache only on the last bucket, so an engine
@@ -28,8 +28,9 @@ server's engine through one ``WeightSyncPlan`` over SGLang's HTTP endpoints:
    (and a session left open by a failed bucket is closed first, or every later sync is refused);
 5. the result is a ``SyncDone`` (ok, reason, pause_s) for the buffer.
 
-Trainer and engine on one GPU (``plan.path``, ``trainer/weight_local.py``): no group is joined.
-``tensor``: step 3 posts one ``/update_weights_from_tensor`` per bucket with that bucket's payload
+How step 3 loads depends on ``plan.path``, looked up once in ``RECEIVERS`` (an unknown path is
+refused with a ``SyncDone`` naming it). Trainer and engine on one GPU (``trainer/weight_local.py``):
+no group is joined. ``tensor``: step 3 posts one ``/update_weights_from_tensor`` per bucket with that bucket's payload
 (``plan.payloads[i]``, the trainer's memory shared by handle) instead of a broadcast, in the same
 session and with the same version/flush rule; ``disk``: step 3 is one ``/update_weights_from_disk``
 of the directory ``plan.payloads[0]`` with the version label (no session: SGLang loads a whole
@@ -49,10 +50,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
-from areal_like.protocol import SyncDone, WeightSyncPlan
+from areal_like.protocol import WEIGHT_PATHS, SyncDone, WeightSyncPlan
 from areal_like.store_gate import StoreDoor
 from areal_like.versions import RuntimeVersions, from_server_info, local_versions
+from areal_like.weight_wire import FLATTENED
 from rollout_server.sglang_client import SGLangClient, SGLangError
 
 log = logging.getLogger(__name__)
@@ -62,8 +65,6 @@ CONTINUE_TIMEOUT_S = 30.0  # continue runs even after the deadline passed; it mu
 DRAIN_SHARE = 0.5  # at most this share of the deadline is spent letting in-flight requests finish
 _DOORS: dict[str, StoreDoor] = {}  # engine URL -> the door its store connection to its current group runs through
 _JOINED: dict[str, str] = {}  # engine URL -> the group its engine was last told to join
-FLATTENED = "flattened_bucket"  # must match what trainer rank 0 broadcasts (trainer.weight_buckets.FLATTENED)
-PATHS = ("distributed", "tensor", "disk")  # WeightSyncPlan.path
 
 
 class _Deadline:
@@ -85,7 +86,9 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
     ``load_format=None`` (one broadcast per tensor) is for senders that do not pack buckets;
     ``pause_mode``: SGLang's ``/pause_generation`` mode (``PAUSE_MODES``)."""
     member = next((m for m in plan.members if m.server_id == server_id), None)
-    refusal = "this server is not a member of the plan" if member is None else _bad_path(plan)
+    receiver = RECEIVERS.get(plan.path)
+    refusal = "this server is not a member of the plan" if member is None else "" if receiver \
+        else f"unknown weight-sync path {plan.path!r} (this server knows {', '.join(RECEIVERS)})"
     if refusal:
         return SyncDone(server_id=server_id, policy_version=plan.policy_version, ok=False, reason=refusal)
     deadline = _Deadline(plan.deadline_s)
@@ -94,7 +97,7 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
     session_open = False
     pause_s, ok, reason = 0.0, False, ""
     try:
-        if plan.reform and plan.path == "distributed":
+        if plan.reform and receiver.joins_group:
             init_task = await _start_group_join(client, plan, member.rank_offset, deadline, door)
         if drain and inflight_drained is not None:
             await _drain(inflight_drained, plan.deadline_s * DRAIN_SHARE, deadline)
@@ -102,14 +105,12 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
             await asyncio.wait_for(asyncio.shield(init_task), deadline.left())
         paused_at = time.monotonic()
         await client.pause_generation(pause_mode, timeout_s=deadline.left())
-        if plan.path == "disk":
-            await client.update_weights_from_disk(plan.payloads[0], weight_version=str(plan.policy_version),
-                                                  timeout_s=deadline.left())
-        else:
+        if receiver.session:
             begin_timeout_s = deadline.left()
             session_open = True  # before the call: a begin whose answer is late or lost may still have opened it
             await client.begin_weight_update(timeout_s=begin_timeout_s)
-            await _load_buckets(client, plan, load_format, deadline)
+        await receiver.load(client, plan, load_format, deadline)
+        if receiver.session:
             await client.end_weight_update(timeout_s=deadline.left())
             session_open = False
         ok = True
@@ -131,27 +132,46 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
     return SyncDone(server_id=server_id, policy_version=plan.policy_version, ok=ok, reason=reason, pause_s=pause_s)
 
 
-def _bad_path(plan: WeightSyncPlan) -> str:
-    """Why this server cannot apply ``plan``'s path ('' if it can). The payload count of a known
-    path is checked when the plan is built or decoded (``WeightSyncPlan.validate``)."""
-    if plan.path not in PATHS:
-        return f"unknown weight-sync path {plan.path!r} (this server knows {', '.join(PATHS)})"
-    return ""
+async def _load_broadcast(client: SGLangClient, plan: WeightSyncPlan, load_format: str | None,
+                          deadline: _Deadline) -> None:
+    for bucket, version, last in _in_order(plan):
+        await client.update_weights_from_distributed(
+            names=bucket.names, dtypes=bucket.dtypes, shapes=bucket.shapes, group_name=plan.group_name,
+            weight_version=version, flush_cache=last, load_format=load_format, timeout_s=deadline.left())
 
 
-async def _load_buckets(client: SGLangClient, plan: WeightSyncPlan, load_format: str | None,
+async def _load_tensors(client: SGLangClient, plan: WeightSyncPlan, load_format: str | None,
                         deadline: _Deadline) -> None:
-    """Step 3's buckets, in plan order: received by broadcast, or (path tensor) mapped from the payload."""
+    for (_, version, last), payload in zip(_in_order(plan), plan.payloads):
+        await client.update_weights_from_tensor([payload], flush_cache=last, weight_version=version,
+                                                timeout_s=deadline.left())
+
+
+async def _load_directory(client: SGLangClient, plan: WeightSyncPlan, load_format: str | None,
+                          deadline: _Deadline) -> None:
+    await client.update_weights_from_disk(plan.payloads[0], weight_version=str(plan.policy_version),
+                                          timeout_s=deadline.left())
+
+
+def _in_order(plan: WeightSyncPlan):
+    """(bucket, version label, is last) in plan order: the label only on the last bucket."""
     for i, bucket in enumerate(plan.buckets):
         last = i == len(plan.buckets) - 1
-        version = str(plan.policy_version) if last else None
-        if plan.path == "tensor":
-            await client.update_weights_from_tensor([plan.payloads[i]], flush_cache=last, weight_version=version,
-                                                    timeout_s=deadline.left())
-        else:
-            await client.update_weights_from_distributed(
-                names=bucket.names, dtypes=bucket.dtypes, shapes=bucket.shapes, group_name=plan.group_name,
-                weight_version=version, flush_cache=last, load_format=load_format, timeout_s=deadline.left())
+        yield bucket, str(plan.policy_version) if last else None, last
+
+
+@dataclass(frozen=True)
+class Receiver:
+    """How step 3 of one ``WeightSyncPlan.path`` loads the plan's weights into the engine."""
+
+    load: Callable[[SGLangClient, WeightSyncPlan, str | None, _Deadline], Awaitable[None]]
+    session: bool = True  # inside /begin_weight_update ... /end_weight_update
+    joins_group: bool = False  # a plan with ``reform`` makes the engine join the group first
+
+
+RECEIVERS = {"distributed": Receiver(_load_broadcast, joins_group=True), "tensor": Receiver(_load_tensors),
+             "disk": Receiver(_load_directory, session=False)}
+assert RECEIVERS.keys() == WEIGHT_PATHS.keys()  # every path a plan may name has its receiver
 
 
 async def _start_group_join(client: SGLangClient, plan: WeightSyncPlan, rank_offset: int,

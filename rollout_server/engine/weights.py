@@ -17,9 +17,8 @@ bucket set neither learns the outcome there (SGLang answers each bucket only onc
 Two wire formats, as SGLang's ``load_format``:
 - default: one ``dist.broadcast(buf, group_src=0)`` per tensor, in ``names`` order, into fresh
   buffers, then copied into the parameters;
-- ``"flattened_bucket"``: ONE broadcast of a uint8 buffer holding every tensor's bytes
-  concatenated in ``names`` order, no padding (SGLang's ``FlattenedTensorBucket``; what the
-  trainer sends). It is received into a spare buffer kept per bucket layout, and loading is a
+- ``"flattened_bucket"`` (``areal_like.weight_wire``, what the trainer sends): ONE broadcast of a
+  uint8 buffer holding every tensor's bytes back to back. It is received into a spare buffer kept per bucket layout, and loading is a
   swap, not a copy: each parameter's ``.data`` becomes its view into the received buffer, and the
   buffer the parameters viewed before becomes the spare for the next sync of that layout. So a
   sync costs no allocation and no copy after the first one, at the price of one spare copy of the
@@ -32,7 +31,6 @@ Two wire formats, as SGLang's ``load_format``:
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -42,12 +40,12 @@ from dataclasses import replace
 import torch
 
 from areal_like.config import ModelConfig
+from areal_like.weight_wire import FLATTENED, layout, torch_dtype, unpack
 
 log = logging.getLogger(__name__)
 
 APPLY_TIMEOUT_S = 300.0  # copying a bucket waits for the current forward pass to end; generous under load
 NO_SESSION = ("update_weights_from_distributed must run between begin_weight_update() and end_weight_update()")
-FLATTENED = "flattened_bucket"  # SGLang's load_format for one uint8 buffer per bucket (tensor_bucket.py)
 NOT_FLUSHED = ("Weights were updated, but the cache was not flushed because requests are still running or "
                "queued. Retract or finish them, then call /flush_cache.")
 
@@ -163,7 +161,8 @@ class WeightUpdater:
             try:
                 if device.type == "cuda":  # NCCL binds its communicator to this thread's current device
                     torch.cuda.set_device(device)
-                bufs = [torch.empty(shape, dtype=_dtype(dt), device=device) for dt, shape in zip(dtypes, shapes)]
+                bufs = [torch.empty(shape, dtype=torch_dtype(dt), device=device)
+                        for dt, shape in zip(dtypes, shapes)]
                 for buf in bufs:
                     dist.broadcast(buf, group_src=0, group=pg)
                 if device.type == "cuda":  # the bucket is complete before the scheduler copies it
@@ -172,6 +171,13 @@ class WeightUpdater:
                 return False, f"Failed to receive weights: {e}"
             return self._apply(dict(zip(names, bufs)), weight_version, flush_cache)
 
+    def load(self, tensors: dict[str, torch.Tensor], weight_version: str | None,
+             flush_cache: bool) -> tuple[bool, str]:
+        """Load ``tensors`` that are already here (a payload, a checkpoint) like any bucket: one
+        load at a time, in request order, between two forward passes, all-or-nothing, copied."""
+        with self._recv_lock:
+            return self._apply(tensors, weight_version, flush_cache)
+
     def update_from_disk(self, model_path: str, weight_version: str | None, flush_cache: bool) -> tuple[bool, str]:
         from areal_like.hf import build_model
 
@@ -179,8 +185,7 @@ class WeightUpdater:
             loaded = build_model(replace(self.model_cfg, path=model_path), device="cpu")
         except Exception as e:
             return False, f"Failed to load weights from {model_path}: {e}"
-        with self._recv_lock:
-            return self._apply(dict(loaded.state_dict()), weight_version, flush_cache)
+        return self.load(dict(loaded.state_dict()), weight_version, flush_cache)
 
     def _update_flattened(self, names: list[str], dtypes: list[str], shapes: list[list[int]], pg,
                           weight_version: str | None, flush_cache: bool, paused: bool) -> tuple[bool, str] | Future:
@@ -193,11 +198,11 @@ class WeightUpdater:
         import torch.distributed as dist
 
         try:
-            layout, nbytes = _flat_layout(names, dtypes, shapes)
+            tensor_layout, nbytes = layout(names, dtypes, shapes)
         except ValueError as e:  # nothing was posted, so the sender's broadcast fails on its own deadline
             return False, f"Failed to receive weights: {e}"
         device = self.scheduler.device
-        key = tuple((n, str(dt), tuple(s)) for n, dt, s, _ in layout)
+        key = tuple((n, str(dt), tuple(s)) for n, dt, s, _ in tensor_layout)
         early = weight_version is None and not flush_cache and device.type == "cpu" and paused
         session = self._session_id
         if not self._recv_lock.acquire(timeout=self.group_timeout_s):  # released when the receive completed
@@ -216,7 +221,7 @@ class WeightUpdater:
         except Exception as e:
             self._recv_lock.release()
             return False, str(e) if isinstance(e, _Refused) else f"Failed to receive weights: {e}"
-        tensors = {n: flat[a:a + math.prod(s) * dt.itemsize].view(dt).view(s) for n, dt, s, a in layout}
+        tensors = unpack(flat, tensor_layout)
         if device.type == "cpu":  # gloo's completion callback queues the load itself: one thread hop less
             refusal = _refusal(self.scheduler.model.state_dict(), tensors) if early else ""
             done: Future = Future()
@@ -369,26 +374,3 @@ def _refusal(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -
                     f"received {tuple(t.shape)}; nothing was loaded.")
     return ""
 
-
-def _flat_layout(names: list[str], dtypes: list[str], shapes: list[list[int]]) -> tuple[list[tuple], int]:
-    """(name, dtype, shape, byte offset) per tensor, packed back to back as SGLang's FlattenedTensorBucket
-    lays them out, and the total bytes. Refuses offsets not aligned to the dtype (as SGLang does)."""
-    out, offset = [], 0
-    for name, dt_name, shape in zip(names, dtypes, shapes):
-        dt, shape = _dtype(dt_name), [int(s) for s in shape]
-        if any(s < 0 for s in shape):
-            raise ValueError(f"negative dimension in {name}: {shape}")
-        if offset % dt.itemsize:
-            raise ValueError(f"unaligned tensor {name}: byte offset {offset}, dtype {dt}")
-        out.append((name, dt, shape, offset))
-        offset += math.prod(shape) * dt.itemsize
-    if not out:
-        raise ValueError("empty bucket")
-    return out, offset
-
-
-def _dtype(name: str) -> torch.dtype:
-    dt = getattr(torch, name.removeprefix("torch."), None)
-    if not isinstance(dt, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}")
-    return dt

@@ -55,8 +55,8 @@ def decode_named_tensors(payload: str | bytes) -> dict[str, torch.Tensor]:
 def update_from_tensor(updater, payloads: list, load_format: str | None, weight_version: str | None,
                        flush_cache: bool) -> tuple[bool, str]:
     """``/update_weights_from_tensor`` on a ``WeightUpdater`` (blocking; an executor thread): decode
-    this rank's payload and load it like any bucket (``_apply``: between two forward passes,
-    all-or-nothing, a copy out of the sender's memory)."""
+    this rank's payload and load it like any bucket (``WeightUpdater.load``: a copy out of the
+    sender's memory)."""
     if load_format not in LOAD_FORMATS:
         return False, f"load_format={load_format!r} is not supported by the embedded engine (use null)"
     if not payloads:
@@ -65,5 +65,4 @@ def update_from_tensor(updater, payloads: list, load_format: str | None, weight_
         tensors = decode_named_tensors(payloads[0])
     except ValueError as e:
         return False, f"Failed to update weights from tensor: {e}"
-    with updater._recv_lock:  # one load at a time, in request order, as the other sources
-        return updater._apply(tensors, weight_version, flush_cache)
+    return updater.load(tensors, weight_version, flush_cache)

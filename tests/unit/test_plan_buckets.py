@@ -1,4 +1,4 @@
-"""``plan_buckets``: pure bucket planning for the weight broadcast (trainer/weight_buckets.py)."""
+"""``plan_buckets``: pure bucket planning for the weight broadcast (areal_like/weight_wire.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from trainer.weight_buckets import plan_buckets
+from areal_like.weight_wire import plan_buckets
 
 MB = 1024 * 1024
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}  # the dtypes these tests plan

@@ -1,5 +1,5 @@
-"""The flattened-bucket wire format (trainer/weight_buckets.py) and its engine-side layout
-(rollout_server/engine/weights.py): hand-computed bytes, the staging pipeline's buffer reuse."""
+"""The flattened-bucket wire format (areal_like/weight_wire.py: packing and the layout both sides
+read): hand-computed bytes; the staging pipeline's buffer reuse (trainer/weight_buckets.py)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from areal_like.distributed import destroy_weight_group, free_port, init_weight_group
-from rollout_server.engine.weights import _flat_layout
-from trainer.weight_buckets import BucketPipeline, pack_bucket
+from areal_like.weight_wire import layout, pack, unpack
+from trainer.weight_buckets import BucketPipeline
 
 
 def test_pack_is_each_tensors_bytes_back_to_back_in_order():
     a = torch.tensor([[1.0, 2.0], [3.0, 4.0]])  # row-major: 1, 2, 3, 4
     b = torch.tensor([-0.5])
     out = torch.full((64,), 7, dtype=torch.uint8)
-    flat = pack_bucket([a, b], out)
+    flat = pack([a, b], out)
     assert flat.numel() == 20 and flat.data_ptr() == out.data_ptr()
     assert bytes(flat.tolist()) == struct.pack("<5f", 1.0, 2.0, 3.0, 4.0, -0.5)
     assert out[20:].eq(7).all()  # nothing written past the bucket
@@ -25,22 +25,22 @@ def test_pack_is_each_tensors_bytes_back_to_back_in_order():
 
 def test_pack_takes_non_contiguous_tensors_in_logical_order_and_bf16():
     t = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).t()  # logical rows: (1, 3), (2, 4)
-    flat = pack_bucket([t], torch.empty(16, dtype=torch.uint8))
+    flat = pack([t], torch.empty(16, dtype=torch.uint8))
     assert bytes(flat.tolist()) == struct.pack("<4f", 1.0, 3.0, 2.0, 4.0)
     one = torch.tensor([1.0], dtype=torch.bfloat16)  # bf16 1.0 = 0x3F80, little-endian
-    assert pack_bucket([one], torch.empty(2, dtype=torch.uint8)).tolist() == [0x80, 0x3F]
+    assert pack([one], torch.empty(2, dtype=torch.uint8)).tolist() == [0x80, 0x3F]
 
 
 def test_engine_layout_matches_the_packing_and_refuses_misalignment():
-    layout, nbytes = _flat_layout(["w", "b"], ["float32", "float32"], [[2, 2], [1]])
-    assert nbytes == 20 and [(n, off) for n, _, _, off in layout] == [("w", 0), ("b", 16)]
-    flat = pack_bucket([torch.arange(4.0).view(2, 2), torch.tensor([9.0])], torch.empty(20, dtype=torch.uint8))
-    _, dt, shape, off = layout[1]
-    assert flat[off:off + 4].view(dt).view(shape).tolist() == [9.0]
+    tensor_layout, nbytes = layout(["w", "b"], ["float32", "float32"], [[2, 2], [1]])
+    assert nbytes == 20 and [(n, off) for n, _, _, off in tensor_layout] == [("w", 0), ("b", 16)]
+    flat = pack([torch.arange(4.0).view(2, 2), torch.tensor([9.0])], torch.empty(20, dtype=torch.uint8))
+    views = unpack(flat, tensor_layout)
+    assert views["b"].tolist() == [9.0] and views["w"].tolist() == [[0.0, 1.0], [2.0, 3.0]]
     with pytest.raises(ValueError, match="unaligned"):  # 2 bytes of fp16, then fp32 at offset 2
-        _flat_layout(["h", "f"], ["float16", "float32"], [[1], [1]])
+        layout(["h", "f"], ["float16", "float32"], [[1], [1]])
     with pytest.raises(ValueError, match="empty"):
-        _flat_layout([], [], [])
+        layout([], [], [])
 
 
 def test_pipeline_packs_the_next_bucket_while_one_is_on_the_wire():
