@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,26 +29,31 @@ from areal_like.config import load_daemon_config  # noqa: E402
 from areal_like.dealer import Client  # noqa: E402
 from areal_like.hf import build_model  # noqa: E402
 from areal_like.protocol import RosterRequest  # noqa: E402
-from trainer.weight_local import LocalSender  # noqa: E402
 from trainer.weight_sync import WeightBroadcaster  # noqa: E402
 
 cfg_path, out_dir, pushes = sys.argv[-3:]  # run directly, or through runpy (which leaves its own argv first)
 cfg = load_daemon_config(["--config-file", cfg_path])
 out = Path(out_dir)
 model = build_model(cfg.model, device=cfg.trainer.device)  # cuda: the tensor path's payloads are CUDA IPC handles
-wb = WeightBroadcaster(cfg.trainer.weight_sync, buffer_address=cfg.buffer.address, rank=0,
-                       device=torch.device(cfg.trainer.device), send_dtype=cfg.model.dtype)
+
+
+def broadcaster(path: str) -> WeightBroadcaster:
+    return WeightBroadcaster(replace(cfg.trainer.weight_sync, path=path), buffer_address=cfg.buffer.address,
+                             rank=0, device=torch.device(cfg.trainer.device), send_dtype=cfg.model.dtype)
+
+
+path = cfg.trainer.weight_sync.path
+wb = broadcaster(path)
 roster = Client(cfg.buffer.address, timeout_s=10)
 for push in json.loads(pushes):
     while push.get("after") and not (out / push["after"]).exists():
         time.sleep(0.05)
     while len(roster.request(RosterRequest()).members) != push["members"]:
         time.sleep(0.1)
-    if "path" in push and push["path"] != wb.path:  # as `run` would resolve it for a one-GPU placement
-        if wb._local is not None:
-            wb._local.close()
-        wb.path = push["path"]
-        wb._local = LocalSender(wb.path) if wb.path != "distributed" else None
+    if "path" in push and push["path"] != path:  # as `run` would resolve it for a one-GPU placement
+        wb.close()
+        path = push["path"]
+        wb = broadcaster(path)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * push["version"])

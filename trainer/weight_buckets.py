@@ -1,18 +1,12 @@
-"""Buckets of the weight broadcast: the plan (pure) and the wire format (trainer rank 0).
+"""What every sender of weight sync shares: the ``Sender`` interface, ``gather``, and the staging
+pipeline of the group path's broadcast (trainer rank 0).
 
-Owns: ``plan_buckets`` (which tensors travel together, in which order), the flattened-bucket wire
-format and ``BucketPipeline``, which puts buckets on the weight group one after the other.
-
-Wire format (SGLang's ``load_format: "flattened_bucket"``, ``sglang/srt/weight_sync/tensor_bucket.py``):
-a bucket is ONE ``dist.broadcast`` of a uint8 buffer holding the bucket's tensors back to back in
-``names`` order, each as its row-major bytes in its wire dtype, with no padding (one dtype per
-bucket keeps every tensor aligned). The rollout servers announce it with every bucket
-(``rollout_server.weight_update.FLATTENED``); SGLang 0.5.23 and the embedded engine receive it.
-One broadcast per bucket instead of one per tensor: a model has hundreds of small tensors (norms,
-biases) whose per-op latency dominates their bytes.
+The buckets and their wire format (one flattened uint8 buffer per bucket) are
+``areal_like.weight_wire``'s; ``BucketPipeline`` puts them on the weight group one after the other.
 
 Invariants:
-- ``plan_buckets`` is deterministic: every trainer rank computes the same buckets and order.
+- ``gather`` is a collective: ``full_tensor()`` all-gathers an FSDP shard, so every trainer rank
+  gathers the same buckets in the same order (``plan_buckets`` is deterministic).
 - One bucket is on the wire at a time: bucket i+1 is gathered and packed into the other staging
   buffer while bucket i is broadcast, and a staging buffer is refilled only after the broadcast
   that read it completed. The staging buffers live as long as the pipeline (reused by every
@@ -22,58 +16,66 @@ Invariants:
 
 from __future__ import annotations
 
-import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
 from areal_like.protocol import BucketSpec
-
-FLATTENED = "flattened_bucket"  # SGLang's load_format name; rollout_server.weight_update sends it
-_ITEMSIZE = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4, "int16": 2,
-             "int8": 1, "uint8": 1, "bool": 1}
+from areal_like.weight_wire import pack
 
 
-def plan_buckets(named_shapes_dtypes: list[tuple[str, list[int], str]], bucket_bytes: int) -> list[BucketSpec]:
-    """Group tensors into broadcast buckets of at most ``bucket_bytes`` each.
-
-    Each bucket holds one dtype. Dtypes appear in order of first occurrence and tensors keep their
-    relative order within a dtype, so the order of names is deterministic and equal on every
-    rank. A tensor larger than ``bucket_bytes`` gets a bucket of its own. Pure; no torch.
-    """
-    by_dtype: dict[str, list[tuple[str, list[int]]]] = {}
-    for name, shape, dt in named_shapes_dtypes:
-        if dt not in _ITEMSIZE:
-            raise ValueError(f"{name}: unsupported dtype {dt!r}")
-        by_dtype.setdefault(dt, []).append((name, [int(s) for s in shape]))
-    buckets: list[BucketSpec] = []
-    for dt, items in by_dtype.items():
-        cur: list[tuple[str, list[int]]] = []
-        cur_bytes = 0
-        for name, shape in items:
-            nbytes = _ITEMSIZE[dt] * math.prod(shape)
-            if cur and cur_bytes + nbytes > bucket_bytes:
-                buckets.append(_spec(cur, dt))
-                cur, cur_bytes = [], 0
-            cur.append((name, shape))
-            cur_bytes += nbytes
-        if cur:
-            buckets.append(_spec(cur, dt))
-    return buckets
+def gather(params: list[tuple[str, torch.nn.Parameter]], bucket: BucketSpec,
+           dtype: str) -> list[torch.Tensor]:
+    """The full tensors of ``bucket`` in ``dtype`` (an all-gather over the ranks for FSDP shards)."""
+    by_name = dict(params)
+    wire = getattr(torch, dtype)
+    return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().to(wire)
+            for p in (by_name[n] for n in bucket.names)]
 
 
-def _spec(items: list[tuple[str, list[int]]], dt: str) -> BucketSpec:
-    return BucketSpec(names=[n for n, _ in items], dtypes=[dt] * len(items), shapes=[s for _, s in items])
+class Sender(ABC):
+    """How one ``weight_sync.path`` gets a push's buckets to the engines, chosen once per broadcaster
+    (``trainer.weight_sync.SENDERS``). Per push: ``stage`` (all ranks, before the plan); per attempt,
+    on rank 0, ``route`` (the plan's transport fields) and, once the plan is published, ``connect``;
+    then ``send`` (every rank, unless rank 0 goes on alone) or ``skip`` (nothing to send);
+    ``forget_members`` after a member missed the version; ``rewind`` before a re-push; ``done`` when
+    the push is over, ``close`` at the end. The defaults are a sender whose plan carries everything."""
 
+    overlaps = False  # a push may finish on rank 0 in the background (it then sends staged copies)
 
-def pack_bucket(tensors: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-    """Copy ``tensors`` back to back into the uint8 buffer ``out`` (the flattened-bucket layout);
-    returns the filled prefix. Tensors must already be in their wire dtype."""
-    parts = [t.reshape(-1).view(torch.uint8) for t in tensors]
-    flat = out[:sum(p.numel() for p in parts)]
-    torch.cat(parts, out=flat)
-    return flat
+    def holds_all(self, buckets: list[BucketSpec]) -> bool:
+        """Whether ``stage`` staged every bucket: rank 0 then sends (and re-sends) alone."""
+        return True
+
+    @abstractmethod
+    def stage(self, model: torch.nn.Module, params, buckets: list[BucketSpec], report) -> None: ...
+
+    @abstractmethod
+    def route(self, version: int, roster: list[tuple[str, int]]) -> dict: ...
+
+    def connect(self, plan, roster: list[tuple[str, int]], watch) -> None:
+        """Nothing to join: the plan carries the weights."""
+
+    def send(self, params, buckets: list[BucketSpec], report, deadline: float,
+             check: Callable[[], None]) -> None:
+        """Nothing travels after the plan."""
+
+    def skip(self) -> None:
+        """Nothing to drop."""
+
+    def rewind(self, params, buckets: list[BucketSpec], report) -> None:
+        """A re-push sends what is still held."""
+
+    def forget_members(self) -> None:
+        """No group to re-form."""
+
+    def done(self) -> None:
+        """Nothing is held past a push."""
+
+    def close(self) -> None:
+        self.done()
 
 
 class BucketPipeline:
@@ -106,7 +108,7 @@ class BucketPipeline:
         buf = self._staging[slot]
         if buf is None or buf.numel() < nbytes or buf.device != tensors[0].device:
             buf = self._staging[slot] = torch.empty(nbytes, dtype=torch.uint8, device=tensors[0].device)
-        self._staged.append((slot, pack_bucket(tensors, buf)))
+        self._staged.append((slot, pack(tensors, buf)))
         self._next = (slot + 1) % self.SLOTS
         return nbytes
 

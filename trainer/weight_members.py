@@ -1,9 +1,9 @@
 """What the members of one weight push did, as trainer rank 0 learns it from the buffer (trainer/WEIGHT_SYNC.md).
 
 Owns: the wait for the members' reports (``await_members``), the watch that gives up on a
-rendezvous as soon as a member is lost (``RendezvousWatch``), the decision to re-push a version
-to the members that survived a lost one (``repush_targets``, ``merge_repush``), and the group
-path's attempts (``sync(wb, ...)``: one plan and at most one re-push, for ``WeightBroadcaster.push``).
+rendezvous as soon as a member is lost (``RendezvousWatch``), and the decision to re-push a
+version to the members that survived a lost one (``repush_targets``, ``merge_repush``); the
+attempts themselves are ``WeightBroadcaster``'s. Every function takes rank 0's buffer client.
 
 A member is *lost* when it left the roster (the buffer expired it: dead, or gone to evaluate) or,
 before the group formed, reported failure (it will never join). One lost member breaks the whole
@@ -12,11 +12,9 @@ in the roster, without the version. The push then re-forms the group for them al
 the same version again, once, within the same deadline, so one death costs the others nothing
 but the time it took to notice it.
 
-Invariants: every call is bounded by the push's deadline; only rank 0 talks to the buffer (it is
-the only user of the buffer client; ``sync`` is a collective when the other ranks must gather the
-buckets again, and tells them so with one ``broadcast_object_list``); a re-push goes only to survivors (never to a lost member, whose join
-could only time out), and only when a member was lost (a group of the same members would fail
-the same way).
+Invariants: every call is bounded by the push's deadline; only rank 0 talks to the buffer; a
+re-push goes only to survivors (never to a lost member, whose join could only time out), and only
+when a member was lost (a group of the same members would fail the same way).
 """
 
 from __future__ import annotations
@@ -24,11 +22,8 @@ from __future__ import annotations
 import logging
 import time
 
-import torch.distributed as dist
-
 from areal_like.protocol import Roster, RosterRequest, SyncStatus, SyncStatusRequest
 from areal_like.transport import TransportTimeout
-from trainer.weight_buckets import BucketPipeline
 from trainer.weight_guard import BROADCAST_SLICE_S
 from trainer.weight_guard import bounded as _bounded
 
@@ -64,11 +59,16 @@ class MembersLost(RuntimeError):
         self.lost = lost
 
 
-def roster_ids(client, deadline: float | None) -> set[str]:
+def roster(client, deadline: float | None) -> Roster:
+    """The buffer's roster, asked within ``deadline`` (``TransportTimeout`` when it does not answer)."""
     reply = client.request(RosterRequest(), timeout_s=_bounded(deadline))
     if not isinstance(reply, Roster):
         raise RuntimeError(f"buffer answered RosterRequest with {reply.TYPE}")
-    return {m.server_id for m in reply.members}
+    return reply
+
+
+def roster_ids(client, deadline: float | None) -> set[str]:
+    return {m.server_id for m in roster(client, deadline).members}
 
 
 def failed_members(client, version: int) -> list[str]:
@@ -175,72 +175,3 @@ def merge_repush(report, again) -> None:
     if again.error:
         report.error = "; ".join(e for e in (report.error, f"re-push: {again.error}") if e)
 
-
-def sync(wb, params, buckets: list, report, deadline: float, *, alone: bool) -> None:
-    """One attempt and, when a member was lost and others missed the version with it, one
-    re-push to those survivors within the same deadline (``trainer.weight_members``). ``alone``:
-    rank 0 only (an overlapped push). A model in the staging buffers is re-sent from them by
-    rank 0 alone; a larger one is gathered again by every rank, so rank 0 tells them."""
-    staged = wb._pipeline.staged_buckets()
-    lost = _attempt(wb, params, buckets, report, deadline, alone=alone)
-    in_staging = len(buckets) <= BucketPipeline.SLOTS
-    targets = repush_targets(wb.client, report, lost, deadline) if wb.rank == 0 else []
-    if not (alone or in_staging) and dist.is_initialized() and dist.get_world_size() > 1:
-        shared = [targets]
-        dist.broadcast_object_list(shared, src=0)
-        targets = shared[0]
-    if not targets:
-        return
-    if wb.rank == 0:
-        log.warning("weight sync v%d: lost %s; pushing it again to %s", report.version,
-                    sorted(set(report.members) - set(targets) - set(report.done)), targets)
-    again = type(report)(version=report.version)
-    if in_staging:
-        wb._pipeline.restage(staged)
-    else:
-        wb._stage_first(params, buckets, again)
-    _attempt(wb, params, buckets, again, deadline, alone=alone or in_staging, only=targets)
-    if wb.rank == 0:
-        merge_repush(report, again)
-
-
-def _attempt(wb, params, buckets: list, report, deadline: float, *, alone: bool,
-             only: list[str] | None = None) -> set[str]:
-    """One plan: set up (rank 0), broadcast (every rank gathers the unstaged buckets, unless
-    ``alone``), the members' reports (rank 0). Returns the members lost at the rendezvous."""
-    lost: set[str] = set()
-    send = wb.rank == 0 and _setup(wb, report.version, buckets, report, deadline, only, lost)
-    if not alone and dist.is_initialized() and dist.get_world_size() > 1:
-        flag = [send]
-        dist.broadcast_object_list(flag, src=0)
-        send = flag[0]
-    if send:
-        wb._transfer(params, buckets, report, deadline)
-    else:  # nobody to send to: drop the staged buckets
-        wb._pipeline.abandon()
-        report.bytes = 0
-    # the members' reports, also after a failed rendezvous: the survivors' before a re-push, and
-    # every report before the announcement (who never reported is left out of the next plans)
-    if wb.rank == 0 and report.plan_id:
-        wb._await_members(report.version, report, deadline)
-        if report.dropped:
-            log.warning("weight sync v%d: dropped %s (lost, missed the %.0fs deadline or failed)",
-                        report.version, report.dropped, wb.cfg.deadline_s)
-            wb._group_key = None  # re-form without them next time
-    return lost
-
-
-def _setup(wb, version: int, buckets: list, report, deadline: float,
-           only: list[str] | None = None, lost: set[str] | None = None) -> bool:
-    """Rank 0: ``_prepare``; a failure drops this version's sync (the next push re-forms). Members
-    lost at the rendezvous are added to ``lost``."""
-    try:
-        return wb._prepare(version, buckets, report, deadline, only)
-    except Exception as e:  # rendezvous timeout, member lost, refused plan, buffer gone: drop this attempt
-        report.error = f"{type(e).__name__}: {e}"
-        log.warning("weight sync v%d: setup failed: %s", version, report.error)
-        if isinstance(e, MembersLost) and lost is not None:
-            lost.update(e.lost)
-        wb._teardown()
-        report.dropped = list(report.members)  # nobody got this version from this plan
-        return False

@@ -1,47 +1,32 @@
 """Trainer side of weight synchronisation (areal_like/DESIGN.md section 4; the protocol: WEIGHT_SYNC.md).
 
-Owns: the weight-update process group on trainer rank 0 (``WeightBroadcaster``), the broadcast
-of every bucket (planned and packed by ``trainer.weight_buckets``: one flattened uint8 broadcast
-per bucket, the next bucket packed while the previous one is on the wire), the wait for the
-members' ``SyncDone`` reports (the buffer's ``SyncStatus``; ``trainer.weight_members``, which
-also runs each push's attempts and its re-push to the survivors of a lost member) and the
-``VersionUpdate`` announcement; for a model that fits in the two staging buffers, ``push(wait=False)`` does all
-of that after the packing in a background thread on rank 0 (the trainer trains the next step
-meanwhile). The engines' HTTP side (pause, receive, continue) is driven by each rollout server.
+``WeightBroadcaster`` orchestrates a push: the buckets' plan, the attempts (roster, admission,
+plan to the buffer, transfer, the members' reports), at most one re-push to the survivors of a
+lost member (``trainer.weight_members``), the announcement, the background finish of an
+overlapped push, and ``catch_up`` after the last step. How the bytes travel is its sender's
+(``trainer.weight_buckets.Sender``), chosen once from ``weight_sync.path`` (``SENDERS``).
 
 Invariants:
 - ``push`` is a collective over all trainer ranks: gathering a full tensor from FSDP shards
   (``full_tensor()``) is an all-gather, so every rank walks the same buckets in the same order;
-  only rank 0 broadcasts on the weight group. At most one push is in flight: every push (and
-  ``catch_up``, ``close``) first joins the background one; the background thread reads only
-  the staging buffers (packed copies), never the parameters the optimizer is updating, and it
-  is the only user of the buffer client while it runs.
-- Every wait is bounded by ``weight_sync.deadline_s`` measured from the start of the push: the
-  rendezvous, each bucket's broadcast, the status poll, and a re-push. A member that misses it is
-  dropped for this version; the next plan re-forms the group (``reform=True``) with whoever is in
-  the roster then, and every push is a full push, so a dropped engine catches up on its next sync.
-- One lost member (it left the roster, or failed before the group formed) costs the others
-  nothing but the time to notice it: the rendezvous gives up as soon as the buffer shows it, and
-  the members that survived without the version get it again, once, from a group re-formed for
-  them alone within the same deadline (``trainer.weight_members``).
-- After any failure on the group (a peer died mid-broadcast, rendezvous timeout) the group is
-  torn down and re-formed on the next push; a broken group is never reused.
-- Each formed group has a name of its own, ``weight_sync.group_name`` plus a random token, that only
-  the plan carries: the rendezvous store's keys live under it, so only the plan's members can join
-  (rank 0 hosts the store on ``master_addr`` only; areal_like/distributed.py).
+  only rank 0 talks to the buffer and sends. At most one push is in flight: every push (and
+  ``catch_up``, ``close``) first joins the background one, which reads only staged copies and is
+  the only user of the buffer client while it runs.
+- Every wait is bounded by ``weight_sync.deadline_s`` from the start of the push, a re-push
+  included. A member that misses it is dropped for this version; every push is a full push, so a
+  dropped engine catches up on its next sync (the next plan re-forms the group).
+- One lost member costs the others nothing but the time to notice it: the survivors get the
+  version again, once, within the same deadline.
 - The version is announced to the buffer after every push, with or without members, so the
   buffer's admission clock always follows the trainer.
 - A member whose torch/CUDA/NCCL cannot share the group with rank 0's (``areal_like.versions``) is
   left out of the plan, logged and counted; one reporting no versions (an older server) is accepted.
-- ``weight_sync.path`` tensor or disk (trainer and engine on one GPU) never forms a group: ``push``
-  hands over to ``trainer.weight_local.push_local``; ``auto`` left unresolved (no ``areal-like run``)
-  is the group path.
+- ``weight_sync.path`` ``auto`` left unresolved (no ``areal-like run``) is the group path.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
 import threading
 import time
 import uuid
@@ -49,43 +34,47 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.distributed as dist
 
 from areal_like.config import WeightSyncConfig
 from areal_like.dealer import Client
-from areal_like.distributed import destroy_weight_group, free_port, init_weight_group
 from areal_like.lora import synced_parameters
 from areal_like.metrics import Metrics
 from areal_like.peers import TRAINER_PEER
 from areal_like.protocol import (
+    WEIGHT_PATHS,
     Ack,
     BucketSpec,
     Roster,
     RosterEntry,
     RosterRequest,
-    SyncMember,
     VersionUpdate,
     WeightSyncPlan,
 )
 from areal_like.security import Keys
 from areal_like.transport import TransportTimeout
 from areal_like.versions import RuntimeVersions, local_versions, mismatch
-from trainer.weight_buckets import BucketPipeline, plan_buckets
-from trainer.weight_catch_up import catch_up
-from trainer.weight_guard import BUFFER_REQUEST_TIMEOUT_S, Watchdog, wait_work
-from trainer.weight_guard import bounded as _bounded
-from trainer.weight_local import LocalSender, push_local
+from areal_like.weight_wire import plan_buckets
+from trainer.weight_group import GroupSender
+from trainer.weight_guard import BUFFER_REQUEST_TIMEOUT_S, bounded
+from trainer.weight_local import DiskSender, TensorSender
 from trainer.weight_members import (
-    ROSTER_POLL_S,
+    MembersLost,
     RendezvousWatch,
     await_members,
     failed_members,
+    merge_repush,
     rendezvous_end,
-    sync,
+    repush_targets,
+    roster,
 )
 
 log = logging.getLogger("trainer.weight_sync")
 
-GROUP_TOKEN_BYTES = 16  # random bytes in each weight group's name, the key space of its rendezvous store
+CATCH_UP_POLL_S = 0.1  # how often catch_up looks whether an evaluating server came back
+CATCH_UP_PUSHES = 3  # re-pushes of the final version before catch_up gives up on a member
+SENDERS = {"distributed": GroupSender, "tensor": TensorSender, "disk": DiskSender}  # weight_sync.path
+assert SENDERS.keys() == WEIGHT_PATHS.keys()  # every path a plan may name has its sender
 
 
 @dataclass
@@ -115,169 +104,50 @@ class WeightBroadcaster:
                  keys: Keys | None = None):
         self.cfg, self.metrics = cfg, metrics  # metrics: trainer/weight_sync_refused is counted there
         self.rank = rank
-        self.device = device
-        self.send_dtype = send_dtype
         self.backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         self.client = Client(buffer_address, keys=keys, timeout_s=BUFFER_REQUEST_TIMEOUT_S,
                              identity=TRAINER_PEER) if rank == 0 else None  # keys None: plain
-        self._pg = None
-        self._group_key: tuple | None = None  # ((server_id, engine_ranks), ...) of the formed group
-        self._port = 0
-        self._group_name = cfg.group_name  # + a fresh token at each group formation (_make_plan)
-        self._pipeline = BucketPipeline()  # its staging buffers are reused by every push
+        path = cfg.path if cfg.path != "auto" else "distributed"  # `run` resolves auto (launch/placement.py)
+        if path not in SENDERS:
+            raise ValueError(f"trainer.weight_sync.path={path!r}: one of {', '.join(SENDERS)} or auto")
+        self.sender = SENDERS[path](cfg, self.backend, rank, send_dtype)
+        self.send_dtype = send_dtype
         self.versions = local_versions()  # what each member's versions are checked against
         self.refused: set[str] = set()  # left out of the last plan: catch_up does not wait for them
         self._unversioned: set[str] = set()  # members reporting no versions, warned about once
-        self.path = cfg.path if cfg.path != "auto" else "distributed"  # `run` resolves auto (launch/placement.py)
-        self._local = LocalSender(self.path) if self.path != "distributed" and rank == 0 else None
-        self._watchdog = Watchdog(self._abort)  # NCCL: bounds a launch that blocks (communicator init)
-        self._deadline = 0.0  # the running push's, for the watchdog
         self._inflight: threading.Thread | None = None  # rank 0: an overlapped push still running
         self._done_report: SyncReport | None = None  # what the last overlapped push reported
-
-    # ------------------------------------------------------------------ rank 0 phases
-    def announced_version(self, timeout_s: float) -> int | None:
-        """The policy_version the buffer last had announced (rank 0); None if it does not answer."""
-        try:
-            reply = self.client.request(RosterRequest(), timeout_s=timeout_s)
-        except TransportTimeout:
-            return None
-        return reply.policy_version if isinstance(reply, Roster) else None
-
-    def _roster(self, deadline: float | None = None) -> list[RosterEntry]:
-        reply = self.client.request(RosterRequest(), timeout_s=_bounded(deadline))
-        if not isinstance(reply, Roster):
-            raise RuntimeError(f"buffer answered RosterRequest with {reply.TYPE}")
-        return reply.members
-
-    def _admit(self, entries: list[RosterEntry], report: SyncReport) -> list[tuple[str, int]]:
-        """The members whose versions may share the group; the others are refused for this version."""
-        admitted = []
-        for m in entries:
-            peer = RuntimeVersions(m.torch_version, m.cuda_version, m.nccl_version)
-            if why := mismatch(self.versions, peer, self.backend):
-                report.refused.append(m.server_id)
-                log.error("weight sync v%d: server %s left out: %s", report.version, m.server_id, why)
-                if self.metrics is not None:
-                    self.metrics.counter("trainer/weight_sync_refused", "members refused for their versions").inc()
-                continue
-            if not peer.known() and m.server_id not in self._unversioned:
-                self._unversioned.add(m.server_id)
-                log.warning("server %s reports no torch/CUDA/NCCL versions (an older rollout server): accepted "
-                            "unchecked; the trainer has %s", m.server_id, self.versions)
-            admitted.append((m.server_id, m.engine_ranks))
-        self.refused = set(report.refused)
-        return sorted(admitted)
-
-    def _make_plan(self, version: int, roster: list[tuple[str, int]], buckets: list[BucketSpec],
-                   deadline: float) -> WeightSyncPlan:
-        key = tuple(roster)
-        reform = self._pg is None or key != self._group_key
-        if reform:
-            self._port = self.cfg.master_port or free_port(self.cfg.master_addr)
-            # the group's store keys live under this name: unguessable, it reaches only the plan's members
-            # (the plan travels over the authenticated buffer channel; areal_like/distributed.py)
-            self._group_name = f"{self.cfg.group_name}-{secrets.token_hex(GROUP_TOKEN_BYTES)}"
-        members, offset = [], 1  # trainer rank 0 is group rank 0
-        for server_id, ranks in roster:
-            members.append(SyncMember(server_id=server_id, rank_offset=offset))
-            offset += ranks
-        return WeightSyncPlan(policy_version=version, group_name=self._group_name, master_addr=self.cfg.master_addr,
-                              master_port=self._port, world_size=offset, backend=self.backend, reform=reform,
-                              members=members, buckets=buckets, plan_id=uuid.uuid4().hex[:12],
-                              # the members wait no longer than the trainer does (a re-push gets what is left)
-                              deadline_s=max(0.5, min(self.cfg.deadline_s, deadline - time.monotonic())))
-
-    def _form_group(self, plan: WeightSyncPlan, key: tuple, deadline: float) -> None:
-        self._teardown()
-        # The rendezvous and the connection of the ranks get what is left of this sync's deadline;
-        # every later op of the group (the pg keeps its timeout) gets a whole sync's budget.
-        # A member lost meanwhile (left the roster, reported failure) ends the rendezvous at once.
-        # It gives up a margin before the deadline: the members learn it and report meanwhile.
-        give_up = rendezvous_end(deadline)
-        members = [m.server_id for m in plan.members]
-        watch = RendezvousWatch(self.client, plan.policy_version, members, deadline, give_up)
-        self._pg = init_weight_group(plan.backend, plan.master_addr, plan.master_port, plan.world_size, 0,
-                                     plan.group_name, timeout_s=self.cfg.deadline_s,
-                                     connect_timeout_s=max(0.5, give_up - time.monotonic()),
-                                     check=watch, check_every_s=ROSTER_POLL_S)
-        self._group_key = key
-
-    def _abort(self) -> None:
-        """Abort the group's communicator (NCCL: unblocks a call stuck on a dead peer; any thread)."""
-        pg = self._pg
-        if pg is not None and self.backend == "nccl" and hasattr(pg, "abort"):
-            pg.abort()
-
-    def _teardown(self) -> None:
-        if self._pg is not None:
-            try:  # a communicator with a hung op would block a plain destroy
-                self._abort()
-            except Exception as e:  # already broken or aborted: destroy below still cleans up
-                log.debug("abort of the weight group failed: %s", e)
-            destroy_weight_group(self._pg)
-        self._pg, self._group_key = None, None
-
-    def _prepare(self, version: int, buckets: list[BucketSpec], report: SyncReport, deadline: float,
-                 only: list[str] | None = None) -> bool:
-        """Rank 0: roster (``only`` these members, for a re-push), plan, publish, (re)form. Returns
-        whether tensors should be broadcast."""
-        roster = self._admit(self._roster(deadline), report)
-        roster = roster if only is None else [(s, r) for s, r in roster if s in only]
-        report.members = [s for s, _ in roster]
-        if not roster:
-            self._teardown()
-            return False
-        plan = self._make_plan(version, roster, buckets, deadline)
-        report.reform = plan.reform
-        ack = self.client.request(plan, timeout_s=_bounded(deadline))
-        if not (isinstance(ack, Ack) and ack.status in ("ok", "accepted")):
-            raise RuntimeError(f"buffer refused the plan for version {version}: {ack}")
-        report.plan_id = plan.plan_id  # published: its members answer it (weight_members._attempt)
-        if plan.reform:
-            self._form_group(plan, tuple(roster), deadline)
-        return True
-
-    def _raise_if_failed(self, version: int) -> None:
-        failed = failed_members(self.client, version)
-        if failed:
-            raise RuntimeError(f"member(s) {failed} failed during the broadcast")
-
-    def _await_members(self, version: int, report: SyncReport, deadline: float) -> None:
-        await_members(self.client, version, report, deadline)
 
     # ------------------------------------------------------------------ the collective
     def push(self, model: torch.nn.Module, version: int, *, announce: int | None = None,
              wait: bool = True) -> SyncReport:
-        """Broadcast every parameter to the roster as ``version`` and announce ``announce`` (default:
+        """Send every parameter to the roster as ``version`` and announce ``announce`` (default:
         ``version``; larger when the engines lag by design, trainer/engine_lag.py). Call on all ranks.
 
-        ``wait=False`` on a model that fits in the staging buffers (at most ``BucketPipeline.SLOTS``
-        buckets): once every bucket is gathered and packed, rank 0 hands the rest (plan, broadcast,
-        members' reports, announcement) to a background thread and returns; the next call (or
-        ``join``) waits for it. The report returned is then the one of the PREVIOUS push,
-        complete, with this call's ``blocked_s``."""
+        ``wait=False`` when the sender ``overlaps`` and holds every bucket once staged (a model in
+        the staging buffers): rank 0 hands the rest (plan, transfer, members' reports,
+        announcement) to a background thread and returns; the next call (or ``join``) waits for it.
+        The report returned is then the one of the PREVIOUS push, complete, with this call's
+        ``blocked_s``."""
         t_start = time.monotonic()
         previous = self.join()
         announce = version if announce is None else announce
-        if self.path != "distributed":  # trainer and engine share a device: no group (trainer/weight_local.py)
-            return push_local(self, model, version, SyncReport(version=version), announce)
         deadline = t_start + self.cfg.deadline_s
         report = SyncReport(version=version)
         params = synced_parameters(model)  # LoRA: the adapter alone
         buckets = plan_buckets([(n, list(p.shape), self.send_dtype) for n, p in params],
                                int(self.cfg.bucket_mb * 1024 * 1024))
         t_gather = time.monotonic()
-        self._stage_first(params, buckets, report)
+        self.sender.stage(model, params, buckets, report)
         report.transfer_s = time.monotonic() - t_gather
-        if not wait and len(buckets) <= BucketPipeline.SLOTS:  # every rank decides alike: nothing left to gather
+        if not wait and self.sender.overlaps and self.sender.holds_all(buckets):  # alike on every rank
             report.overlapped = True
             if self.rank == 0:
                 self._inflight = threading.Thread(target=self._rank0_rest, name="weight-sync", daemon=True,
                                                   args=(report, buckets, params, deadline, t_start, announce))
                 self._inflight.start()
             return replace(previous or SyncReport(version=version - 1), blocked_s=time.monotonic() - t_start)
-        sync(self, params, buckets, report, deadline, alone=False)
+        self._sync(params, buckets, report, deadline, alone=False)
         if self.rank == 0:
             self._announce(announce, report)
         report.seconds = report.blocked_s = time.monotonic() - t_start
@@ -302,72 +172,177 @@ class WeightBroadcaster:
             report.seconds = report.blocked_s = time.monotonic() - t_start
         return report
 
+    def catch_up(self, model: torch.nn.Module, version: int, timeout_s: float,
+                 should_stop: Callable[[], bool] = lambda: False, final_eval: bool = False) -> int:
+        """After the last step (a collective; rank 0 decides, one ``broadcast_object_list`` per round
+        carries the decision): re-push ``version`` until every member serves it, no server is
+        evaluating (and, with ``final_eval``, one that evaluates is a member), ``timeout_s`` passed
+        or a stop is asked for. Returns the pushes made."""
+        self.join()
+        deadline, pushes = time.monotonic() + timeout_s, 0
+        while True:
+            decision = [None]
+            if self.rank == 0:
+                decision = ["done" if should_stop() else
+                            self.catch_up_decision(version, deadline, pushes, final_eval)]
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.broadcast_object_list(decision, src=0)
+            if decision[0] == "done":
+                return pushes
+            if decision[0] == "push":
+                self.push(model, version)
+                pushes += 1
+            else:
+                time.sleep(CATCH_UP_POLL_S)
+
+    def catch_up_decision(self, version: int, deadline: float, pushes: int, final_eval: bool = False) -> str:
+        """Rank 0: "wait" (a server is evaluating, or ``final_eval`` and none that evaluates
+        registered yet), "push" (a member is behind) or "done". A member refused for its versions
+        is never waited for (it could never catch up)."""
+        try:
+            reply = roster(self.client, deadline)
+        except (TransportTimeout, RuntimeError):
+            return "done"
+        behind = sorted(m.server_id for m in reply.members
+                        if m.policy_version < version and m.server_id not in self.refused)
+        absent = final_eval and not reply.evaluating and not any(m.evaluates for m in reply.members)
+        if time.monotonic() > deadline or pushes >= CATCH_UP_PUSHES:
+            if reply.evaluating or behind or absent:
+                log.warning("final version %d: %s after %d pushes", version, f"{behind or reply.evaluating} "
+                            "still behind" if not absent else "no server that evaluates registered", pushes)
+            return "done"
+        return "wait" if reply.evaluating or absent else "push" if behind else "done"
+
+    def announced_version(self, timeout_s: float) -> int | None:
+        """The policy_version the buffer last had announced (rank 0); None if it does not answer."""
+        try:
+            reply = self.client.request(RosterRequest(), timeout_s=timeout_s)
+        except TransportTimeout:
+            return None
+        return reply.policy_version if isinstance(reply, Roster) else None
+
+    def close(self) -> None:
+        self.join()
+        self.sender.close()
+        if self.client is not None:
+            self.client.close()
+
+    # ------------------------------------------------------------------ attempts
     def _rank0_rest(self, report: SyncReport, buckets: list[BucketSpec], params, deadline: float,
                     t_start: float, announce: int) -> None:
-        """Rank 0, background thread of an overlapped push: everything after the packing."""
-        sync(self, params, buckets, report, deadline, alone=True)  # only launches: every bucket is staged
+        """Rank 0, background thread of an overlapped push: everything after the staging."""
+        self._sync(params, buckets, report, deadline, alone=True)  # only launches: every bucket is staged
         self._announce(announce, report)
         report.seconds = time.monotonic() - t_start
         self._done_report = report
 
-    def _stage_first(self, params, buckets: list[BucketSpec], report: SyncReport) -> None:
-        """The first buckets (one per staging buffer) are gathered (all ranks) and packed (rank 0)
-        before the plan goes out: that work is then outside the engines' pause window, which
-        starts only when they receive the plan."""
-        for b in buckets[:BucketPipeline.SLOTS]:
-            tensors = self._gather(params, b)
-            if self.rank == 0:
-                report.bytes += self._pipeline.stage(tensors)
-
-    def catch_up(self, model: torch.nn.Module, version: int, timeout_s: float,
-                 should_stop: Callable[[], bool] = lambda: False, final_eval: bool = False) -> int:
-        """After the last step (a collective): re-push ``version`` to members that missed it
-        (``trainer.weight_catch_up``); returns the pushes made."""
-        self.join()
-        return catch_up(self, model, version, timeout_s, should_stop, final_eval)
-
-    def _transfer(self, params: list[tuple[str, torch.nn.Parameter]], buckets: list[BucketSpec],
-                  report: SyncReport, deadline: float) -> None:
-        """Broadcast the staged buckets, then gather (all ranks) and broadcast (rank 0) the others, each
-        as one flattened buffer; bucket i+2 is gathered and packed while bucket i+1 is on the wire."""
-        healthy = self.rank == 0 and self._pg is not None
-        self._pipeline.wait = lambda work: wait_work(work, deadline, self.backend,
-                                                     lambda: self._raise_if_failed(report.version))
-        self._deadline = deadline  # the watchdog's, for every step on the group
-        t0 = time.monotonic()
-        while healthy and self._pipeline.staged:
-            healthy = self._guarded(report, lambda: self._pipeline.launch(self._pg))
-        for b in buckets[BucketPipeline.SLOTS:]:
-            # full_tensor() is an all-gather over the trainer ranks: every rank runs it, even after a failure.
-            tensors = self._gather(params, b)
-            if healthy:
-                healthy = self._guarded(report, lambda: self._pipeline.send(tensors, self._pg))
-        if healthy:
-            self._guarded(report, self._pipeline.finish)
-        self._pipeline.abandon()  # rank > 0, or after a failure: nothing may stay staged for the next push
-        report.transfer_s += time.monotonic() - t0
-
-    def _gather(self, params: list[tuple[str, torch.nn.Parameter]], b: BucketSpec) -> list[torch.Tensor]:
-        by_name = dict(params)
-        dtype = getattr(torch, self.send_dtype)
-        return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().to(dtype)
-                for p in (by_name[n] for n in b.names)]
-
-    def _guarded(self, report: SyncReport, step) -> bool:
-        """Run one broadcast step; on failure (a member died or stalled) the group is unusable: tear it down."""
+    def _sync(self, params, buckets: list[BucketSpec], report: SyncReport, deadline: float, *,
+              alone: bool) -> None:
+        """One attempt and, when a member was lost and others missed the version with it, one
+        re-push to those survivors within the same deadline. ``alone``: rank 0 only (an
+        overlapped push). When the sender holds every bucket, rank 0 re-sends them alone; else
+        every rank stages them again, so rank 0 tells the others the decision."""
         try:
-            if self.backend == "nccl":  # a launch may block (communicator init): abort it at the deadline
-                with self._watchdog.armed(self._deadline):
-                    report.bytes += step() or 0
-            else:
-                report.bytes += step() or 0
+            lost = self._attempt(params, buckets, report, deadline, alone=alone)
+            whole = self.sender.holds_all(buckets)
+            targets = repush_targets(self.client, report, lost, deadline) if self.rank == 0 else []
+            if not (alone or whole) and dist.is_initialized() and dist.get_world_size() > 1:
+                shared = [targets]
+                dist.broadcast_object_list(shared, src=0)
+                targets = shared[0]
+            if not targets:
+                return
+            if self.rank == 0:
+                log.warning("weight sync v%d: lost %s; pushing it again to %s", report.version,
+                            sorted(set(report.members) - set(targets) - set(report.done)), targets)
+            again = SyncReport(version=report.version)
+            self.sender.rewind(params, buckets, again)
+            self._attempt(params, buckets, again, deadline, alone=alone or whole, only=targets)
+            if self.rank == 0:
+                merge_repush(report, again)
+        finally:
+            self.sender.done()  # what the members loaded from is let go only now
+
+    def _attempt(self, params, buckets: list[BucketSpec], report: SyncReport, deadline: float, *,
+                 alone: bool, only: list[str] | None = None) -> set[str]:
+        """One plan: set up (rank 0), transfer (every rank gathers the unstaged buckets, unless
+        ``alone``), the members' reports (rank 0). Returns the members lost at the rendezvous."""
+        lost: set[str] = set()
+        send = self.rank == 0 and self._setup(buckets, report, deadline, only, lost)
+        if not alone and dist.is_initialized() and dist.get_world_size() > 1:
+            flag = [send]
+            dist.broadcast_object_list(flag, src=0)
+            send = flag[0]
+        if send:
+            self.sender.send(params, buckets, report, deadline, lambda: self._raise_if_failed(report.version))
+        else:  # nobody to send to, or the setup failed
+            self.sender.skip()
+            report.bytes = 0
+        # the members' reports, also after a failed rendezvous: the survivors' before a re-push, and
+        # every report before the announcement (who never reported is left out of the next plans)
+        if self.rank == 0 and report.plan_id:
+            await_members(self.client, report.version, report, deadline)
+            if report.dropped:
+                log.warning("weight sync v%d: dropped %s (lost, missed the %.0fs deadline or failed)",
+                            report.version, report.dropped, self.cfg.deadline_s)
+                self.sender.forget_members()  # re-form without them next time
+        return lost
+
+    def _setup(self, buckets: list[BucketSpec], report: SyncReport, deadline: float,
+               only: list[str] | None, lost: set[str]) -> bool:
+        """Rank 0: roster (``only`` these members, for a re-push), plan, publish, connect. Returns
+        whether to send; a failure drops this attempt (members lost at the rendezvous go to ``lost``)."""
+        try:
+            admitted = self._admit(roster(self.client, deadline).members, report)
+            admitted = admitted if only is None else [(s, r) for s, r in admitted if s in only]
+            report.members = [s for s, _ in admitted]
+            if not admitted:
+                return False
+            plan = WeightSyncPlan(
+                policy_version=report.version, backend=self.backend, buckets=buckets, plan_id=uuid.uuid4().hex[:12],
+                # the members wait no longer than the trainer does (a re-push gets what is left)
+                deadline_s=max(0.5, min(self.cfg.deadline_s, deadline - time.monotonic())),
+                **self.sender.route(report.version, admitted))
+            report.reform = plan.reform
+            ack = self.client.request(plan, timeout_s=bounded(deadline))
+            if not (isinstance(ack, Ack) and ack.status in ("ok", "accepted")):
+                raise RuntimeError(f"buffer refused the plan for version {report.version}: {ack}")
+            report.plan_id = plan.plan_id  # published: its members answer it
+            watch = RendezvousWatch(self.client, report.version, report.members, deadline,
+                                    rendezvous_end(deadline))
+            self.sender.connect(plan, admitted, watch)
             return True
-        except Exception as e:
-            self._pipeline.abandon()
+        except Exception as e:  # rendezvous timeout, member lost, refused plan, buffer gone, disk full
             report.error = f"{type(e).__name__}: {e}"
-            log.warning("weight sync v%d: broadcast failed: %s", report.version, report.error)
-            self._teardown()
+            log.warning("weight sync v%d: setup failed: %s", report.version, report.error)
+            if isinstance(e, MembersLost):
+                lost.update(e.lost)
+            report.dropped = list(report.members)  # nobody got this version from this plan
             return False
+
+    def _admit(self, entries: list[RosterEntry], report: SyncReport) -> list[tuple[str, int]]:
+        """The members whose versions may share the group; the others are refused for this version."""
+        admitted = []
+        for m in entries:
+            peer = RuntimeVersions(m.torch_version, m.cuda_version, m.nccl_version)
+            if why := mismatch(self.versions, peer, self.backend):
+                report.refused.append(m.server_id)
+                log.error("weight sync v%d: server %s left out: %s", report.version, m.server_id, why)
+                if self.metrics is not None:
+                    self.metrics.counter("trainer/weight_sync_refused", "members refused for their versions").inc()
+                continue
+            if not peer.known() and m.server_id not in self._unversioned:
+                self._unversioned.add(m.server_id)
+                log.warning("server %s reports no torch/CUDA/NCCL versions (an older rollout server): accepted "
+                            "unchecked; the trainer has %s", m.server_id, self.versions)
+            admitted.append((m.server_id, m.engine_ranks))
+        self.refused = set(report.refused)
+        return sorted(admitted)
+
+    def _raise_if_failed(self, version: int) -> None:
+        failed = failed_members(self.client, version)
+        if failed:
+            raise RuntimeError(f"member(s) {failed} failed during the broadcast")
 
     def _announce(self, version: int, report: SyncReport) -> None:
         try:
@@ -391,13 +366,3 @@ class WeightBroadcaster:
         if not isinstance(ack, Ack):
             raise RuntimeError(f"buffer answered VersionUpdate with {ack.TYPE}")
         return ack
-
-    def close(self) -> None:
-        self.join()
-        self._teardown()
-        if self._local is not None:
-            self._local.close()
-        self._pipeline.release()
-        if self.client is not None:
-            self.client.close()
-

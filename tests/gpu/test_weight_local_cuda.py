@@ -1,6 +1,6 @@
 """The one-GPU weight path on CUDA (marker gpu; skipped without CUDA): trainer and engine share GPU 0.
 
-1. A tensor payload of CUDA tensors (``trainer.weight_local.LocalSender``) carries CUDA IPC handles:
+1. A tensor payload of CUDA tensors (``trainer.weight_local.TensorSender``) carries CUDA IPC handles:
    another process decodes it (``rollout_server.engine.weights_tensor.decode_named_tensors``), gets
    tensors on the GPU that map the sender's memory, and reads exactly the sender's values.
 2. End to end: the real buffer, one embedded engine on CUDA, a world-size-1 trainer on CUDA pushing
@@ -30,12 +30,13 @@ print(t["w"].device.type, float(t["w"].double().sum()), float(t["b"].double().su
 def test_cuda_payload_is_an_ipc_handle_read_by_another_process():
     import torch
 
+    from areal_like.config import WeightSyncConfig
     from areal_like.protocol import BucketSpec
-    from trainer.weight_local import LocalSender
+    from trainer.weight_local import TensorSender
 
     w, b = torch.randn(64, 32, device="cuda"), torch.randn(32, device="cuda", dtype=torch.bfloat16)
     spec = BucketSpec(names=["w", "b"], dtypes=["float32", "bfloat16"], shapes=[[64, 32], [32]])
-    sender = LocalSender("tensor")
+    sender = TensorSender(WeightSyncConfig(), "nccl", 0, "float32")
     payload = sender.payloads(None, 1, [spec], [[w, b]])[0]
     assert len(payload) < 4096  # handles, not bytes
     out = subprocess.run([sys.executable, "-c", DECODE], input=payload, capture_output=True, text=True, timeout=120,

@@ -20,6 +20,7 @@ import pytest
 import torch
 from sglang_kit import MODEL, model_config, save_model
 
+from areal_like.config import WeightSyncConfig
 from areal_like.distributed import free_port
 from areal_like.hf import build_model
 from areal_like.protocol import BucketSpec, SyncMember, WeightSyncPlan
@@ -27,7 +28,7 @@ from rollout_server.episode import generate_sample
 from rollout_server.sglang_client import SGLangClient
 from rollout_server.weight_update import FLATTENED, apply_weight_sync
 from trainer.logprob_guard import trainer_logprobs
-from trainer.weight_local import LocalSender
+from trainer.weight_local import TensorSender
 
 REPO = Path(__file__).resolve().parents[2]
 SENDER = (REPO / "tests" / "weight_sender.py").read_text()  # group rank 0, as the trainer
@@ -174,7 +175,7 @@ def test_the_tensor_path_serves_the_trainers_weights(sglang_server):
     model = _model(7)
     state = model.state_dict()
     buckets = _plan(13, state, 0, "tensor").buckets
-    sender = LocalSender("tensor")  # rank 0's half of trainer.weight_sync.path=tensor
+    sender = TensorSender(WeightSyncConfig(), "gloo", 0, "float32")  # rank 0's half of trainer.weight_sync.path=tensor
     payloads = sender.payloads(model, 13, buckets, [[state[n] for n in b.names] for b in buckets])
     plan = _plan(13, state, 0, "tensor", path="tensor", payloads=payloads)
 

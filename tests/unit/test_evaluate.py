@@ -107,7 +107,6 @@ def test_final_catch_up_waits_for_the_evaluator_then_pushes_the_final_version_on
     import torch
 
     from areal_like.config import WeightSyncConfig
-    from trainer.weight_catch_up import decide
     from trainer.weight_sync import WeightBroadcaster
 
     b = WeightBroadcaster(WeightSyncConfig(), buffer_address="tcp://127.0.0.1:1", rank=0, device=torch.device("cpu"))
@@ -116,13 +115,13 @@ def test_final_catch_up_waits_for_the_evaluator_then_pushes_the_final_version_on
         b.client = _ScriptedBuffer([_roster({"b": 10}, evaluating=["a"]), _roster({"a": 7, "b": 10}),
                                     _roster({"a": 10, "b": 10})])
         deadline = time.monotonic() + 60
-        assert decide(b, 10, deadline, 0) == "wait"
-        assert decide(b, 10, deadline, 0) == "push"
-        assert decide(b, 10, deadline, 1) == "done"
+        assert b.catch_up_decision(10, deadline, 0) == "wait"
+        assert b.catch_up_decision(10, deadline, 0) == "push"
+        assert b.catch_up_decision(10, deadline, 1) == "done"
         # bounded: past the deadline, or after CATCH_UP_PUSHES, it gives up even if a member is behind
         b.client = _ScriptedBuffer([_roster({"a": 7})])
-        assert decide(b, 10, time.monotonic() - 1, 0) == "done"
-        assert decide(b, 10, deadline, 3) == "done"
+        assert b.catch_up_decision(10, time.monotonic() - 1, 0) == "done"
+        assert b.catch_up_decision(10, deadline, 3) == "done"
     finally:
         b.close()
 
@@ -136,7 +135,6 @@ def test_final_catch_up_waits_for_a_late_evaluator_to_register_and_pushes_to_it(
     import torch
 
     from areal_like.config import WeightSyncConfig
-    from trainer.weight_catch_up import decide
     from trainer.weight_sync import WeightBroadcaster
 
     b = WeightBroadcaster(WeightSyncConfig(), buffer_address="tcp://127.0.0.1:1", rank=0, device=torch.device("cpu"))
@@ -145,12 +143,12 @@ def test_final_catch_up_waits_for_a_late_evaluator_to_register_and_pushes_to_it(
         b.client = _ScriptedBuffer([_roster({"r1": 10}), _roster({"r0": 0, "r1": 10}, evaluates=["r0"]),
                                     _roster({"r0": 10, "r1": 10}, evaluates=["r0"])])
         deadline = time.monotonic() + 60
-        assert decide(b, 10, deadline, 0, final_eval=True) == "wait"  # r0 (the evaluator) not registered yet
-        assert decide(b, 10, deadline, 0, final_eval=True) == "push"  # registered, serving version 0
-        assert decide(b, 10, deadline, 1, final_eval=True) == "done"
+        assert b.catch_up_decision(10, deadline, 0, final_eval=True) == "wait"  # r0 (the evaluator) not registered yet
+        assert b.catch_up_decision(10, deadline, 0, final_eval=True) == "push"  # registered, serving version 0
+        assert b.catch_up_decision(10, deadline, 1, final_eval=True) == "done"
         b.client = _ScriptedBuffer([_roster({"r1": 10})])
-        assert decide(b, 10, deadline, 0) == "done"  # no final evaluation: nothing to wait for
-        assert decide(b, 10, time.monotonic() - 1, 0, final_eval=True) == "done"  # bounded by the deadline
+        assert b.catch_up_decision(10, deadline, 0) == "done"  # no final evaluation: nothing to wait for
+        assert b.catch_up_decision(10, time.monotonic() - 1, 0, final_eval=True) == "done"  # bounded by the deadline
     finally:
         b.close()
 

@@ -22,7 +22,6 @@ from areal_like.config import WeightSyncConfig
 from areal_like.metrics import Metrics
 from areal_like.versions import RuntimeVersions, from_server_info, local_versions, mismatch
 from rollout_server.weight_update import engine_versions
-from trainer.weight_catch_up import decide
 from trainer.weight_sync import SyncReport, WeightBroadcaster
 
 GPU = RuntimeVersions("2.14.1+cu130", "13.0", "2.30.7")
@@ -210,9 +209,9 @@ def test_a_plan_with_every_member_refused_is_not_sent(broadcaster):
     b.client = _ScriptedBuffer(P.Roster(members=[_entry("a", RuntimeVersions("2.13.0", "12.8", "2.27.3"))],
                                         policy_version=4))
     report = SyncReport(version=5)
-    assert b._prepare(5, [], report, deadline=float("inf")) is False
+    assert b._setup([], report, float("inf"), None, set()) is False
     assert report.members == [] and report.refused == ["a"] and _refused_count(metrics) == 1
-    assert [type(m) for m in b.client.sent] == [P.RosterRequest] and b._pg is None
+    assert [type(m) for m in b.client.sent] == [P.RosterRequest] and b.sender.group.pg is None
 
 
 def test_catch_up_does_not_wait_for_a_refused_member(broadcaster):
@@ -224,4 +223,4 @@ def test_catch_up_does_not_wait_for_a_refused_member(broadcaster):
                                                                 policy_version=10),
                                                  P.RosterEntry(server_id="b", engine_url="", engine_ranks=1,
                                                                policy_version=3)], policy_version=10))
-    assert decide(b, 10, time.monotonic() + 60, 0) == "done"
+    assert b.catch_up_decision(10, time.monotonic() + 60, 0) == "done"

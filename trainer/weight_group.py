@@ -1,0 +1,188 @@
+"""The group path of weight sync (``weight_sync.path`` distributed): the group and its sender.
+
+``WeightGroup`` owns trainer rank 0's weight-update process group: its name and port per
+formation, the rendezvous, the watchdog around each step on it, abort and teardown.
+``GroupSender`` is the sender of this path (``trainer.weight_buckets.Sender``): it stages
+the first buckets before the plan, routes the plan to the group (rank offsets, ``reform``), forms
+the group once the plan is published, and broadcasts every bucket through ``BucketPipeline``.
+
+Invariants:
+- After any failure on the group (a peer died mid-broadcast, rendezvous timeout or abort) the
+  group is torn down and re-formed at the next plan; a broken group is never reused. Teardown
+  always aborts an NCCL communicator before destroying it (a hung op would block a destroy).
+- Each formation has a name of its own, ``weight_sync.group_name`` plus a random token that only
+  the plan carries: the rendezvous store's keys live under it, so only the plan's members can join
+  (rank 0 hosts the store on ``master_addr`` only; areal_like/distributed.py).
+- The group is reused while the plan's members are the formed group's (``key``); a member dropped
+  from a version makes the next plan re-form (``forget_members``).
+- Every step on the group ends by the push's deadline: broadcasts are waited on in slices
+  (``wait_work``), and on NCCL a ``Watchdog`` aborts the communicator when a launch blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+
+import torch
+
+from areal_like.config import WeightSyncConfig
+from areal_like.distributed import destroy_weight_group, free_port, init_weight_group
+from areal_like.protocol import BucketSpec, SyncMember, WeightSyncPlan
+from trainer.weight_buckets import BucketPipeline, Sender, gather
+from trainer.weight_guard import Watchdog, wait_work
+from trainer.weight_members import ROSTER_POLL_S, RendezvousWatch
+
+log = logging.getLogger("trainer.weight_sync")
+
+GROUP_TOKEN_BYTES = 16  # random bytes in each group's name, the key space of its rendezvous store
+
+
+class WeightGroup:
+    """Trainer rank 0's side of the weight-update group (group rank 0)."""
+
+    def __init__(self, cfg: WeightSyncConfig, backend: str):
+        self.cfg, self.backend = cfg, backend
+        self.pg = None
+        self.key: tuple | None = None  # ((server_id, engine_ranks), ...) of the formed group
+        self.name = cfg.group_name  # + a fresh token at each formation (``reserve``)
+        self.port = 0
+        self._watchdog = Watchdog(self.abort)  # NCCL: bounds a launch that blocks (communicator init)
+
+    def reserve(self, key: tuple) -> bool:
+        """Whether a plan for the members ``key`` must re-form the group; if so, a fresh name and port."""
+        if self.pg is not None and key == self.key:
+            return False
+        self.port = self.cfg.master_port or free_port(self.cfg.master_addr)
+        # the store's keys live under this name: unguessable, it reaches only the plan's members
+        # (the plan travels over the authenticated buffer channel; areal_like/distributed.py)
+        self.name = f"{self.cfg.group_name}-{secrets.token_hex(GROUP_TOKEN_BYTES)}"
+        return True
+
+    def form(self, plan: WeightSyncPlan, key: tuple, watch: RendezvousWatch) -> None:
+        """Join ``plan``'s group as rank 0. The rendezvous ends at ``watch.give_up`` or when the watch
+        sees a member lost; every later op of the group gets a whole sync's budget."""
+        self.teardown()
+        self.pg = init_weight_group(plan.backend, plan.master_addr, plan.master_port, plan.world_size, 0,
+                                    plan.group_name, timeout_s=self.cfg.deadline_s,
+                                    connect_timeout_s=max(0.5, watch.give_up - time.monotonic()),
+                                    check=watch, check_every_s=ROSTER_POLL_S)
+        self.key = key
+
+    def forget_members(self) -> None:
+        """A member missed a version: the next plan re-forms the group."""
+        self.key = None
+
+    def run(self, step: Callable[[], int | None], deadline: float) -> int | None:
+        """One step on the group; on NCCL the watchdog aborts it at ``deadline``."""
+        if self.backend != "nccl":
+            return step()
+        with self._watchdog.armed(deadline):
+            return step()
+
+    def abort(self) -> None:
+        """Abort the group's communicator (NCCL: unblocks a call stuck on a dead peer; any thread)."""
+        pg = self.pg
+        if pg is not None and self.backend == "nccl" and hasattr(pg, "abort"):
+            pg.abort()
+
+    def teardown(self) -> None:
+        if self.pg is not None:
+            try:  # a communicator with a hung op would block a plain destroy
+                self.abort()
+            except Exception as e:  # already broken or aborted: destroy below still cleans up
+                log.debug("abort of the weight group failed: %s", e)
+            destroy_weight_group(self.pg)
+        self.pg, self.key = None, None
+
+
+class GroupSender(Sender):
+    """The sender of path ``distributed``: buckets broadcast on the weight group (all ranks)."""
+
+    overlaps = True  # a model in the staging buffers may finish its push on rank 0 in the background
+
+    def __init__(self, cfg: WeightSyncConfig, backend: str, rank: int, send_dtype: str):
+        self.cfg, self.rank, self.send_dtype = cfg, rank, send_dtype
+        self.group = WeightGroup(cfg, backend)
+        self.pipeline = BucketPipeline()  # its staging buffers are reused by every push
+        self._first: list = []  # the staged buckets of this push, for a re-push from them
+
+    def holds_all(self, buckets: list[BucketSpec]) -> bool:
+        return len(buckets) <= BucketPipeline.SLOTS
+
+    def stage(self, model: torch.nn.Module, params, buckets: list[BucketSpec], report) -> None:
+        """The first buckets (one per staging buffer) are gathered (all ranks) and packed (rank 0)
+        before the plan goes out: that work is then outside the engines' pause window."""
+        for b in buckets[:BucketPipeline.SLOTS]:
+            tensors = gather(params, b, self.send_dtype)
+            if self.rank == 0:
+                report.bytes += self.pipeline.stage(tensors)
+        self._first = self.pipeline.staged_buckets()
+
+    def rewind(self, params, buckets: list[BucketSpec], report) -> None:
+        """Before a re-push: the same bytes staged again (from the staging buffers when the model
+        fits in them, rank 0 alone; else gathered again by every rank)."""
+        if self.holds_all(buckets):
+            self.pipeline.restage(self._first)
+        else:
+            self.stage(None, params, buckets, report)
+
+    def route(self, version: int, roster: list[tuple[str, int]]) -> dict:
+        """The plan's fields for the group: trainer rank 0 is group rank 0, then each member's ranks."""
+        reform = self.group.reserve(tuple(roster))
+        members, offset = [], 1
+        for server_id, ranks in roster:
+            members.append(SyncMember(server_id=server_id, rank_offset=offset))
+            offset += ranks
+        return dict(group_name=self.group.name, master_addr=self.cfg.master_addr, master_port=self.group.port,
+                    world_size=offset, reform=reform, members=members)
+
+    def connect(self, plan: WeightSyncPlan, roster: list[tuple[str, int]], watch: RendezvousWatch) -> None:
+        if plan.reform:
+            self.group.form(plan, tuple(roster), watch)
+
+    def send(self, params, buckets: list[BucketSpec], report, deadline: float,
+             check: Callable[[], None]) -> None:
+        """Broadcast the staged buckets, then gather (all ranks) and broadcast (rank 0) the others;
+        bucket i+2 is gathered and packed while bucket i+1 is on the wire."""
+        healthy = self.rank == 0 and self.group.pg is not None
+        self.pipeline.wait = lambda work: wait_work(work, deadline, self.group.backend, check)
+        t0 = time.monotonic()
+        while healthy and self.pipeline.staged:
+            healthy = self._step(report, deadline, lambda: self.pipeline.launch(self.group.pg))
+        for b in buckets[BucketPipeline.SLOTS:]:
+            # full_tensor() is an all-gather over the trainer ranks: every rank runs it, even after a failure.
+            tensors = gather(params, b, self.send_dtype)
+            if healthy:
+                healthy = self._step(report, deadline, lambda: self.pipeline.send(tensors, self.group.pg))
+        if healthy:
+            self._step(report, deadline, self.pipeline.finish)
+        self.pipeline.abandon()  # rank > 0, or after a failure: nothing may stay staged for the next push
+        report.transfer_s += time.monotonic() - t0
+
+    def _step(self, report, deadline: float, step: Callable[[], int | None]) -> bool:
+        """One broadcast step; on failure (a member died or stalled) the group is unusable: tear it down."""
+        try:
+            report.bytes += self.group.run(step, deadline) or 0
+            return True
+        except Exception as e:
+            self.pipeline.abandon()
+            report.error = f"{type(e).__name__}: {e}"
+            log.warning("weight sync v%d: broadcast failed: %s", report.version, report.error)
+            self.group.teardown()
+            return False
+
+    def skip(self) -> None:
+        """Nothing is sent this attempt (no members, or setup failed): drop the staged buckets and
+        the group (a failed setup may have left it half-formed)."""
+        self.pipeline.abandon()
+        self.group.teardown()
+
+    def forget_members(self) -> None:
+        self.group.forget_members()
+
+    def close(self) -> None:
+        self.group.teardown()
+        self.pipeline.release()
