@@ -5,7 +5,7 @@ Qwen2 of ``--hidden``/``--layers`` (default 512 x 12: 181 MiB of float32), kept 
 ``--requests`` long generations that are resubmitted across every pause exactly as a rollout
 server's episodes are (``rollout_server.episode.generate_sample``). A sender process plays trainer
 rank 0: it joins the weight group once and, per version, broadcasts the model in the buckets of
-``trainer.weight_buckets.plan_buckets`` (``BucketPipeline``, flattened) while this process applies
+``areal_like.weight_wire.plan_buckets`` (``BucketPipeline``, flattened) while this process applies
 the version as a rollout server does (``apply_weight_sync`` with the case's pause mode).
 
 Cases: every pause mode SGLang 0.5.23 offers (``/pause_generation`` ``mode``: ``abort``,
@@ -163,7 +163,7 @@ async def run_case(server, args, mode: str, bucket_mb: float, first_version: int
     from areal_like.distributed import free_port
     from areal_like.hf import build_model
     from rollout_server.sglang_client import SGLangClient
-    from trainer.weight_buckets import plan_buckets
+    from areal_like.weight_wire import plan_buckets
 
     state = build_model(model_config(args)).state_dict()
     buckets = plan_buckets(

@@ -2,7 +2,7 @@
 
 Three processes on loopback. Rank 0 plays trainer rank 0: it builds a Qwen2 (``areal_like.hf.build_model``;
 default hidden 512, 4 layers, vocab 8192: ~24M fp32 parameters, ~96 MB) and sends it in the buckets
-of ``trainer.weight_buckets.plan_buckets`` (64 MB). Ranks 1-2 each run a real ``EmbeddedEngine``
+of ``areal_like.weight_wire.plan_buckets`` (64 MB). Ranks 1-2 each run a real ``EmbeddedEngine``
 (HTTP server, scheduler, ``WeightUpdater``) with a differently initialised copy of the model, and
 apply every sync exactly as a rollout server does: ``rollout_server.weight_update.apply_weight_sync``
 over ``SGLangClient`` (``/pause_generation``, ``/begin_weight_update``, one
@@ -180,7 +180,7 @@ def worker(rank: int, cport: int, wport: int, args: argparse.Namespace) -> None:
     from areal_like.config import EngineConfig
     from areal_like.hf import build_model, state_checksum
     from rollout_server.engine import EmbeddedEngine
-    from trainer.weight_buckets import plan_buckets
+    from areal_like.weight_wire import plan_buckets
 
     engine = None
     if rank == 0:

@@ -28,7 +28,7 @@ from areal_like.weight_wire import pack
 
 def gather(params: list[tuple[str, torch.nn.Parameter]], bucket: BucketSpec,
            dtype: str) -> list[torch.Tensor]:
-    """The full tensors of ``bucket`` in ``dtype`` (an all-gather over the ranks for FSDP shards)."""
+    """The full tensors of ``bucket`` in ``dtype`` (an all-gather over the ranks of a shard)."""
     by_name = dict(params)
     wire = getattr(torch, dtype)
     return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().to(wire)
@@ -36,12 +36,13 @@ def gather(params: list[tuple[str, torch.nn.Parameter]], bucket: BucketSpec,
 
 
 class Sender(ABC):
-    """How one ``weight_sync.path`` gets a push's buckets to the engines, chosen once per broadcaster
-    (``trainer.weight_sync.SENDERS``). Per push: ``stage`` (all ranks, before the plan); per attempt,
-    on rank 0, ``route`` (the plan's transport fields) and, once the plan is published, ``connect``;
-    then ``send`` (every rank, unless rank 0 goes on alone) or ``skip`` (nothing to send);
-    ``forget_members`` after a member missed the version; ``rewind`` before a re-push; ``done`` when
-    the push is over, ``close`` at the end. The defaults are a sender whose plan carries everything."""
+    """How one ``weight_sync.path`` gets a push's buckets to the engines, chosen once per
+    broadcaster (``trainer.weight_sync.SENDERS``). Per push: ``stage`` (all ranks, before the
+    plan); per attempt, on rank 0, ``route`` (the plan's transport fields) and, once the plan is
+    published, ``connect``; then ``send`` (every rank, unless rank 0 goes on alone) or ``skip``
+    (nothing to send); ``forget_members`` after a member missed the version; ``rewind`` before a
+    re-push; ``done`` when the push is over, ``close`` at the end. The defaults are a sender
+    whose plan carries everything."""
 
     overlaps = False  # a push may finish on rank 0 in the background (it then sends staged copies)
 

@@ -49,10 +49,10 @@ class WeightGroup:
         self.key: tuple | None = None  # ((server_id, engine_ranks), ...) of the formed group
         self.name = cfg.group_name  # + a fresh token at each formation (``reserve``)
         self.port = 0
-        self._watchdog = Watchdog(self.abort)  # NCCL: bounds a launch that blocks (communicator init)
+        self._watchdog = Watchdog(self.abort)  # NCCL: bounds a launch that blocks (comm. init)
 
     def reserve(self, key: tuple) -> bool:
-        """Whether a plan for the members ``key`` must re-form the group; if so, a fresh name and port."""
+        """Whether a plan for the members ``key`` re-forms the group; if so, new name and port."""
         if self.pg is not None and key == self.key:
             return False
         self.port = self.cfg.master_port or free_port(self.cfg.master_addr)
@@ -62,11 +62,12 @@ class WeightGroup:
         return True
 
     def form(self, plan: WeightSyncPlan, key: tuple, watch: RendezvousWatch) -> None:
-        """Join ``plan``'s group as rank 0. The rendezvous ends at ``watch.give_up`` or when the watch
-        sees a member lost; every later op of the group gets a whole sync's budget."""
+        """Join ``plan``'s group as rank 0. The rendezvous ends at ``watch.give_up`` or when the
+        watch sees a member lost; every later op of the group gets a whole sync's budget."""
         self.teardown()
-        self.pg = init_weight_group(plan.backend, plan.master_addr, plan.master_port, plan.world_size, 0,
-                                    plan.group_name, timeout_s=self.cfg.deadline_s,
+        self.pg = init_weight_group(plan.backend, plan.master_addr, plan.master_port,
+                                    plan.world_size, 0, plan.group_name,
+                                    timeout_s=self.cfg.deadline_s,
                                     connect_timeout_s=max(0.5, watch.give_up - time.monotonic()),
                                     check=watch, check_every_s=ROSTER_POLL_S)
         self.key = key
@@ -83,7 +84,7 @@ class WeightGroup:
             return step()
 
     def abort(self) -> None:
-        """Abort the group's communicator (NCCL: unblocks a call stuck on a dead peer; any thread)."""
+        """Abort the communicator (NCCL: unblocks a call stuck on a dead peer); from any thread."""
         pg = self.pg
         if pg is not None and self.backend == "nccl" and hasattr(pg, "abort"):
             pg.abort()
@@ -101,7 +102,7 @@ class WeightGroup:
 class GroupSender(Sender):
     """The sender of path ``distributed``: buckets broadcast on the weight group (all ranks)."""
 
-    overlaps = True  # a model in the staging buffers may finish its push on rank 0 in the background
+    overlaps = True  # a model in the staging buffers may finish its push in the background
 
     def __init__(self, cfg: WeightSyncConfig, backend: str, rank: int, send_dtype: str):
         self.cfg, self.rank, self.send_dtype = cfg, rank, send_dtype
@@ -130,16 +131,17 @@ class GroupSender(Sender):
             self.stage(None, params, buckets, report)
 
     def route(self, version: int, roster: list[tuple[str, int]]) -> dict:
-        """The plan's fields for the group: trainer rank 0 is group rank 0, then each member's ranks."""
+        """The plan's fields for the group: trainer rank 0 is group rank 0, then each member's."""
         reform = self.group.reserve(tuple(roster))
         members, offset = [], 1
         for server_id, ranks in roster:
             members.append(SyncMember(server_id=server_id, rank_offset=offset))
             offset += ranks
-        return dict(group_name=self.group.name, master_addr=self.cfg.master_addr, master_port=self.group.port,
-                    world_size=offset, reform=reform, members=members)
+        return dict(group_name=self.group.name, master_addr=self.cfg.master_addr,
+                    master_port=self.group.port, world_size=offset, reform=reform, members=members)
 
-    def connect(self, plan: WeightSyncPlan, roster: list[tuple[str, int]], watch: RendezvousWatch) -> None:
+    def connect(self, plan: WeightSyncPlan, roster: list[tuple[str, int]],
+                watch: RendezvousWatch) -> None:
         if plan.reform:
             self.group.form(plan, tuple(roster), watch)
 
@@ -153,17 +155,18 @@ class GroupSender(Sender):
         while healthy and self.pipeline.staged:
             healthy = self._step(report, deadline, lambda: self.pipeline.launch(self.group.pg))
         for b in buckets[BucketPipeline.SLOTS:]:
-            # full_tensor() is an all-gather over the trainer ranks: every rank runs it, even after a failure.
+            # full_tensor() is an all-gather: every rank runs it, even after a failure.
             tensors = gather(params, b, self.send_dtype)
             if healthy:
-                healthy = self._step(report, deadline, lambda: self.pipeline.send(tensors, self.group.pg))
+                healthy = self._step(report, deadline,
+                                     lambda: self.pipeline.send(tensors, self.group.pg))
         if healthy:
             self._step(report, deadline, self.pipeline.finish)
-        self.pipeline.abandon()  # rank > 0, or after a failure: nothing may stay staged for the next push
+        self.pipeline.abandon()  # rank > 0, or after a failure: nothing stays for the next push
         report.transfer_s += time.monotonic() - t0
 
     def _step(self, report, deadline: float, step: Callable[[], int | None]) -> bool:
-        """One broadcast step; on failure (a member died or stalled) the group is unusable: tear it down."""
+        """One broadcast step; on failure (a member died or stalled) the group is torn down."""
         try:
             report.bytes += self.group.run(step, deadline) or 0
             return True

@@ -92,13 +92,13 @@ class LocalSender(Sender):
         self._held: list[torch.Tensor] = []  # what tensor payloads point into
 
     def stage(self, model: torch.nn.Module, params, buckets: list[BucketSpec], report) -> None:
-        tensors = [gather(params, b, self.send_dtype) for b in buckets]  # all-gathers: every rank, every bucket
+        tensors = [gather(params, b, self.send_dtype) for b in buckets]  # all-gathers: every rank
         if self.rank == 0:
             self._model, self._buckets, self._tensors = model, buckets, tensors
             report.bytes = sum(t.numel() * t.element_size() for ts in tensors for t in ts)
 
     def route(self, version: int, roster: list[tuple[str, int]]) -> dict:
-        members = [SyncMember(server_id=s, rank_offset=1) for s, _ in roster]  # no group: offsets are unused
+        members = [SyncMember(server_id=s, rank_offset=1) for s, _ in roster]  # offsets: unused
         return dict(group_name=self.cfg.group_name, master_addr=self.cfg.master_addr, master_port=0,
                     world_size=1, reform=False, members=members, path=self.PATH,
                     payloads=self.payloads(self._model, version, self._buckets, self._tensors))
@@ -148,10 +148,11 @@ class DiskSender(LocalSender):
 
         config = getattr(model, "config", None)
         if config is None or not hasattr(config, "save_pretrained"):
-            raise RuntimeError("trainer.weight_sync.path=disk needs a Hugging Face model (one with .config)")
+            raise RuntimeError("trainer.weight_sync.path=disk needs a Hugging Face model "
+                               "(one with .config)")
         if self._root is None:
             self._root = Path(tempfile.mkdtemp(prefix="areal_like_weights_"))
-        out = self._root / f"v{version}-{uuid.uuid4().hex[:6]}"  # a re-push of a version gets a fresh one
+        out = self._root / f"v{version}-{uuid.uuid4().hex[:6]}"  # a re-push gets a fresh one
         out.mkdir()
         config.save_pretrained(str(out))
         state = {n: t.detach().to("cpu").contiguous()

@@ -60,7 +60,7 @@ class MembersLost(RuntimeError):
 
 
 def roster(client, deadline: float | None) -> Roster:
-    """The buffer's roster, asked within ``deadline`` (``TransportTimeout`` when it does not answer)."""
+    """The buffer's roster, asked within ``deadline`` (``TransportTimeout``: no answer)."""
     reply = client.request(RosterRequest(), timeout_s=_bounded(deadline))
     if not isinstance(reply, Roster):
         raise RuntimeError(f"buffer answered RosterRequest with {reply.TYPE}")

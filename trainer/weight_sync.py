@@ -1,4 +1,4 @@
-"""Trainer side of weight synchronisation (areal_like/DESIGN.md section 4; the protocol: WEIGHT_SYNC.md).
+"""Trainer side of weight synchronisation (the protocol: trainer/WEIGHT_SYNC.md).
 
 ``WeightBroadcaster`` orchestrates a push: the buckets' plan, the attempts (roster, admission,
 plan to the buffer, transfer, the members' reports), at most one re-push to the survivors of a
@@ -73,7 +73,8 @@ log = logging.getLogger("trainer.weight_sync")
 
 CATCH_UP_POLL_S = 0.1  # how often catch_up looks whether an evaluating server came back
 CATCH_UP_PUSHES = 3  # re-pushes of the final version before catch_up gives up on a member
-SENDERS = {"distributed": GroupSender, "tensor": TensorSender, "disk": DiskSender}  # weight_sync.path
+# weight_sync.path -> its sender
+SENDERS = {"distributed": GroupSender, "tensor": TensorSender, "disk": DiskSender}
 assert SENDERS.keys() == WEIGHT_PATHS.keys()  # every path a plan may name has its sender
 
 
@@ -86,30 +87,34 @@ class SyncReport:
     members: list[str] = field(default_factory=list)
     done: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
-    refused: list[str] = field(default_factory=list)  # left out: versions that cannot share the group
+    # left out: versions that cannot share the group
+    refused: list[str] = field(default_factory=list)
     reform: bool = False
-    pause_s: dict = field(default_factory=dict)  # server_id -> seconds not generating (when reported)
+    pause_s: dict = field(default_factory=dict)  # server_id -> seconds not generating
     error: str = ""
     blocked_s: float = 0.0  # the trainer's time inside the push call that returned this report
     overlapped: bool = False  # rank 0 finished this push in the background (``push(wait=False)``)
-    repushed: list[str] = field(default_factory=list)  # survivors of a lost member, pushed this version again
+    # survivors of a lost member, pushed this version again
+    repushed: list[str] = field(default_factory=list)
     plan_id: str = ""  # the last plan the buffer took for this version ("": none was published)
 
 
 class WeightBroadcaster:
     """Pushes the model's weights to every engine in the buffer's roster. ``push`` on all ranks."""
 
-    def __init__(self, cfg: WeightSyncConfig, *, buffer_address: str, rank: int, device: torch.device,
-                 send_dtype: str = "float32", metrics: Metrics | None = None,
+    def __init__(self, cfg: WeightSyncConfig, *, buffer_address: str, rank: int,
+                 device: torch.device, send_dtype: str = "float32", metrics: Metrics | None = None,
                  keys: Keys | None = None):
-        self.cfg, self.metrics = cfg, metrics  # metrics: trainer/weight_sync_refused is counted there
+        self.cfg, self.metrics = cfg, metrics  # metrics: trainer/weight_sync_refused counted there
         self.rank = rank
-        self.backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+        self.backend = cfg.backend if cfg.backend != "auto" else \
+            ("nccl" if device.type == "cuda" else "gloo")
         self.client = Client(buffer_address, keys=keys, timeout_s=BUFFER_REQUEST_TIMEOUT_S,
                              identity=TRAINER_PEER) if rank == 0 else None  # keys None: plain
-        path = cfg.path if cfg.path != "auto" else "distributed"  # `run` resolves auto (launch/placement.py)
+        # `run` resolves auto (launch/placement.py); left unresolved it is the group path
+        path = cfg.path if cfg.path != "auto" else "distributed"
         if path not in SENDERS:
-            raise ValueError(f"trainer.weight_sync.path={path!r}: one of {', '.join(SENDERS)} or auto")
+            raise ValueError(f"trainer.weight_sync.path={path!r}: one of {', '.join(SENDERS)}")
         self.sender = SENDERS[path](cfg, self.backend, rank, send_dtype)
         self.send_dtype = send_dtype
         self.versions = local_versions()  # what each member's versions are checked against
@@ -122,7 +127,7 @@ class WeightBroadcaster:
     def push(self, model: torch.nn.Module, version: int, *, announce: int | None = None,
              wait: bool = True) -> SyncReport:
         """Send every parameter to the roster as ``version`` and announce ``announce`` (default:
-        ``version``; larger when the engines lag by design, trainer/engine_lag.py). Call on all ranks.
+        ``version``; larger when the engines lag by design, trainer/engine_lag.py). On all ranks.
 
         ``wait=False`` when the sender ``overlaps`` and holds every bucket once staged (a model in
         the staging buffers): rank 0 hands the rest (plan, transfer, members' reports,
@@ -140,13 +145,15 @@ class WeightBroadcaster:
         t_gather = time.monotonic()
         self.sender.stage(model, params, buckets, report)
         report.transfer_s = time.monotonic() - t_gather
-        if not wait and self.sender.overlaps and self.sender.holds_all(buckets):  # alike on every rank
+        if not wait and self.sender.overlaps and self.sender.holds_all(buckets):  # on all ranks
             report.overlapped = True
             if self.rank == 0:
-                self._inflight = threading.Thread(target=self._rank0_rest, name="weight-sync", daemon=True,
-                                                  args=(report, buckets, params, deadline, t_start, announce))
+                rest = (report, buckets, params, deadline, t_start, announce)
+                self._inflight = threading.Thread(target=self._rank0_rest, args=rest,
+                                                  name="weight-sync", daemon=True)
                 self._inflight.start()
-            return replace(previous or SyncReport(version=version - 1), blocked_s=time.monotonic() - t_start)
+            return replace(previous or SyncReport(version=version - 1),
+                           blocked_s=time.monotonic() - t_start)
         self._sync(params, buckets, report, deadline, alone=False)
         if self.rank == 0:
             self._announce(announce, report)
@@ -163,7 +170,7 @@ class WeightBroadcaster:
 
     def announce(self, version: int) -> SyncReport:
         """Announce ``version`` to the buffer without pushing (the engines keep their weights: a lag
-        mode, trainer/engine_lag.py), after any push still in flight. Call on all ranks; only rank 0 talks."""
+        mode, trainer/engine_lag.py), after any push still in flight. On all ranks; rank 0 talks."""
         self.join()
         report = SyncReport(version=version)
         if self.rank == 0:
@@ -174,8 +181,8 @@ class WeightBroadcaster:
 
     def catch_up(self, model: torch.nn.Module, version: int, timeout_s: float,
                  should_stop: Callable[[], bool] = lambda: False, final_eval: bool = False) -> int:
-        """After the last step (a collective; rank 0 decides, one ``broadcast_object_list`` per round
-        carries the decision): re-push ``version`` until every member serves it, no server is
+        """After the last step (a collective; rank 0 decides, one ``broadcast_object_list`` per
+        round carries the decision): re-push ``version`` until every member serves it, no server is
         evaluating (and, with ``final_eval``, one that evaluates is a member), ``timeout_s`` passed
         or a stop is asked for. Returns the pushes made."""
         self.join()
@@ -195,7 +202,8 @@ class WeightBroadcaster:
             else:
                 time.sleep(CATCH_UP_POLL_S)
 
-    def catch_up_decision(self, version: int, deadline: float, pushes: int, final_eval: bool = False) -> str:
+    def catch_up_decision(self, version: int, deadline: float, pushes: int,
+                          final_eval: bool = False) -> str:
         """Rank 0: "wait" (a server is evaluating, or ``final_eval`` and none that evaluates
         registered yet), "push" (a member is behind) or "done". A member refused for its versions
         is never waited for (it could never catch up)."""
@@ -208,8 +216,9 @@ class WeightBroadcaster:
         absent = final_eval and not reply.evaluating and not any(m.evaluates for m in reply.members)
         if time.monotonic() > deadline or pushes >= CATCH_UP_PUSHES:
             if reply.evaluating or behind or absent:
-                log.warning("final version %d: %s after %d pushes", version, f"{behind or reply.evaluating} "
-                            "still behind" if not absent else "no server that evaluates registered", pushes)
+                why = "no server that evaluates registered" if absent else \
+                    f"{behind or reply.evaluating} still behind"
+                log.warning("final version %d: %s after %d pushes", version, why, pushes)
             return "done"
         return "wait" if reply.evaluating or absent else "push" if behind else "done"
 
@@ -231,7 +240,7 @@ class WeightBroadcaster:
     def _rank0_rest(self, report: SyncReport, buckets: list[BucketSpec], params, deadline: float,
                     t_start: float, announce: int) -> None:
         """Rank 0, background thread of an overlapped push: everything after the staging."""
-        self._sync(params, buckets, report, deadline, alone=True)  # only launches: every bucket is staged
+        self._sync(params, buckets, report, deadline, alone=True)  # every bucket is staged
         self._announce(announce, report)
         report.seconds = time.monotonic() - t_start
         self._done_report = report
@@ -274,7 +283,8 @@ class WeightBroadcaster:
             dist.broadcast_object_list(flag, src=0)
             send = flag[0]
         if send:
-            self.sender.send(params, buckets, report, deadline, lambda: self._raise_if_failed(report.version))
+            self.sender.send(params, buckets, report, deadline,
+                             lambda: self._raise_if_failed(report.version))
         else:  # nobody to send to, or the setup failed
             self.sender.skip()
             report.bytes = 0
@@ -283,15 +293,15 @@ class WeightBroadcaster:
         if self.rank == 0 and report.plan_id:
             await_members(self.client, report.version, report, deadline)
             if report.dropped:
-                log.warning("weight sync v%d: dropped %s (lost, missed the %.0fs deadline or failed)",
-                            report.version, report.dropped, self.cfg.deadline_s)
+                log.warning("weight sync v%d: dropped %s (lost, missed the %.0fs deadline or "
+                            "failed)", report.version, report.dropped, self.cfg.deadline_s)
                 self.sender.forget_members()  # re-form without them next time
         return lost
 
     def _setup(self, buckets: list[BucketSpec], report: SyncReport, deadline: float,
                only: list[str] | None, lost: set[str]) -> bool:
         """Rank 0: roster (``only`` these members, for a re-push), plan, publish, connect. Returns
-        whether to send; a failure drops this attempt (members lost at the rendezvous go to ``lost``)."""
+        whether to send; a failure drops this attempt (members lost at the rendezvous: ``lost``)."""
         try:
             admitted = self._admit(roster(self.client, deadline).members, report)
             admitted = admitted if only is None else [(s, r) for s, r in admitted if s in only]
@@ -299,7 +309,8 @@ class WeightBroadcaster:
             if not admitted:
                 return False
             plan = WeightSyncPlan(
-                policy_version=report.version, backend=self.backend, buckets=buckets, plan_id=uuid.uuid4().hex[:12],
+                policy_version=report.version, backend=self.backend, buckets=buckets,
+                plan_id=uuid.uuid4().hex[:12],
                 # the members wait no longer than the trainer does (a re-push gets what is left)
                 deadline_s=max(0.5, min(self.cfg.deadline_s, deadline - time.monotonic())),
                 **self.sender.route(report.version, admitted))
@@ -312,7 +323,7 @@ class WeightBroadcaster:
                                     rendezvous_end(deadline))
             self.sender.connect(plan, admitted, watch)
             return True
-        except Exception as e:  # rendezvous timeout, member lost, refused plan, buffer gone, disk full
+        except Exception as e:  # rendezvous timeout, member lost, plan refused, buffer gone, disk
             report.error = f"{type(e).__name__}: {e}"
             log.warning("weight sync v%d: setup failed: %s", report.version, report.error)
             if isinstance(e, MembersLost):
@@ -321,20 +332,23 @@ class WeightBroadcaster:
             return False
 
     def _admit(self, entries: list[RosterEntry], report: SyncReport) -> list[tuple[str, int]]:
-        """The members whose versions may share the group; the others are refused for this version."""
+        """The members whose versions may share the group; the others are refused this version."""
         admitted = []
         for m in entries:
             peer = RuntimeVersions(m.torch_version, m.cuda_version, m.nccl_version)
             if why := mismatch(self.versions, peer, self.backend):
                 report.refused.append(m.server_id)
-                log.error("weight sync v%d: server %s left out: %s", report.version, m.server_id, why)
+                log.error("weight sync v%d: server %s left out: %s", report.version, m.server_id,
+                          why)
                 if self.metrics is not None:
-                    self.metrics.counter("trainer/weight_sync_refused", "members refused for their versions").inc()
+                    self.metrics.counter("trainer/weight_sync_refused",
+                                         "members refused for their versions").inc()
                 continue
             if not peer.known() and m.server_id not in self._unversioned:
                 self._unversioned.add(m.server_id)
-                log.warning("server %s reports no torch/CUDA/NCCL versions (an older rollout server): accepted "
-                            "unchecked; the trainer has %s", m.server_id, self.versions)
+                log.warning("server %s reports no torch/CUDA/NCCL versions (an older rollout "
+                            "server): accepted unchecked; the trainer has %s", m.server_id,
+                            self.versions)
             admitted.append((m.server_id, m.engine_ranks))
         self.refused = set(report.refused)
         return sorted(admitted)
@@ -350,8 +364,8 @@ class WeightBroadcaster:
             if ack.status == "rejected" and ack.reason.startswith("version_jump"):
                 # The buffer restarted before our last announcements were durable: walk it up one
                 # version at a time (it refuses jumps; every label in between was ours).
-                log.warning("buffer is at version %s, behind our %d: announcing the versions in between",
-                            ack.ref, version)
+                log.warning("buffer is at version %s, behind our %d: announcing the versions in "
+                            "between", ack.ref, version)
                 for v in range(int(ack.ref) + 1, version + 1):
                     ack = self._version_update(v)
             if ack.status != "ok":

@@ -24,6 +24,7 @@ from dataclasses import replace
 from aiohttp import web
 
 from areal_like.http_guard import HttpLimits, guarded_app
+from areal_like.weight_wire import FLATTENED
 from rollout_server.engine.api import (
     REQUIRED,
     ApiError,
@@ -340,7 +341,7 @@ class EngineHttp:
             "group_name": (str, "weight_update_group"), "flush_cache": (bool, True),
             "abort_all_requests": (bool, False), "weight_version": (str, None), "load_format": (str, None),
             "selector": (("target", "draft", "all"), "all"), "torch_empty_cache": (bool, False)})
-        if f["load_format"] not in (None, "auto", "flattened_bucket"):
+        if f["load_format"] not in (None, "auto", FLATTENED):
             return _ok_or_400(False, f"load_format={f['load_format']!r} is not supported by the embedded engine")
         w = self.e.weights
         args = (f["names"], f["dtypes"], f["shapes"], f["group_name"], f["weight_version"], f["flush_cache"],
