@@ -230,8 +230,7 @@ def test_circle_check_sees_a_circle_through_a_lazy_import(tmp_path, monkeypatch)
 
 # ---------------------------------------------------------------- no touching another's privates
 # ``from x import _y``, and ``obj._y`` where ``obj`` is not ``self`` or ``cls`` (dunders are not
-# private). What is left are other libraries' privates, each for a reason, and the friend modules
-# of weight sync that issue 37 item 2 is removing.
+# private). What is left are other libraries' privates, each for a reason.
 
 ALLOWED_PRIVATES = {
     "areal_like/config.py": {"_get_node"},  # OmegaConf: a key's node without resolving it
@@ -245,8 +244,6 @@ ALLOWED_PRIVATES = {
     "trainer/sharded_init.py": {"_ops", "_schema", "_base", "_is_view"},  # torch op replay
     "trainer/step.py": {"_replace"},  # a namedtuple's public method
 }
-BEING_REMOVED = {"trainer/weight_local.py", "trainer/weight_members.py",  # issue 37 item 2,
-                 "rollout_server/engine/weights_tensor.py"}  # being removed
 
 
 def private_uses(path: Path) -> list[tuple[int, str]]:
@@ -271,7 +268,7 @@ def test_no_module_touches_another_modules_private_names(package):
         rel = path.relative_to(ROOT).as_posix()
         allowed = ALLOWED_PRIVATES.get(rel, set())
         violations += [f"{rel}:{line} {name}" for line, name in private_uses(path)
-                       if name not in allowed and rel not in BEING_REMOVED]
+                       if name not in allowed]
     assert not violations, "private names of another module or object:\n" + "\n".join(violations)
 
 
