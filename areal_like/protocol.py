@@ -188,7 +188,7 @@ class BucketSpec(Message, tag="bucket_spec"):
 
 # How the weights of a plan travel (``WeightSyncPlan.path``) -> the payloads its plan carries, given
 # its buckets: "distributed" (the group), "tensor" (one shared-memory payload per bucket), "disk"
-# (one directory). The trainer's senders and the rollout server's receivers are tables by these keys.
+# (one directory). The trainer's senders and the rollout server's receivers are keyed by these.
 WEIGHT_PATHS = {"distributed": lambda buckets: 0, "tensor": len, "disk": lambda buckets: 1}
 
 

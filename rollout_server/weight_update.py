@@ -30,7 +30,8 @@ server's engine through one ``WeightSyncPlan`` over SGLang's HTTP endpoints:
 
 How step 3 loads depends on ``plan.path``, looked up once in ``RECEIVERS`` (an unknown path is
 refused with a ``SyncDone`` naming it). Trainer and engine on one GPU (``trainer/weight_local.py``):
-no group is joined. ``tensor``: step 3 posts one ``/update_weights_from_tensor`` per bucket with that bucket's payload
+no group is joined.
+``tensor``: step 3 posts one ``/update_weights_from_tensor`` per bucket with that bucket's payload
 (``plan.payloads[i]``, the trainer's memory shared by handle) instead of a broadcast, in the same
 session and with the same version/flush rule; ``disk``: step 3 is one ``/update_weights_from_disk``
 of the directory ``plan.payloads[0]`` with the version label (no session: SGLang loads a whole
@@ -136,8 +137,9 @@ async def _load_broadcast(client: SGLangClient, plan: WeightSyncPlan, load_forma
                           deadline: _Deadline) -> None:
     for bucket, version, last in _in_order(plan):
         await client.update_weights_from_distributed(
-            names=bucket.names, dtypes=bucket.dtypes, shapes=bucket.shapes, group_name=plan.group_name,
-            weight_version=version, flush_cache=last, load_format=load_format, timeout_s=deadline.left())
+            names=bucket.names, dtypes=bucket.dtypes, shapes=bucket.shapes,
+            group_name=plan.group_name, weight_version=version, flush_cache=last,
+            load_format=load_format, timeout_s=deadline.left())
 
 
 async def _load_tensors(client: SGLangClient, plan: WeightSyncPlan, load_format: str | None,
@@ -169,8 +171,8 @@ class Receiver:
     joins_group: bool = False  # a plan with ``reform`` makes the engine join the group first
 
 
-RECEIVERS = {"distributed": Receiver(_load_broadcast, joins_group=True), "tensor": Receiver(_load_tensors),
-             "disk": Receiver(_load_directory, session=False)}
+RECEIVERS = {"distributed": Receiver(_load_broadcast, joins_group=True),
+             "tensor": Receiver(_load_tensors), "disk": Receiver(_load_directory, session=False)}
 assert RECEIVERS.keys() == WEIGHT_PATHS.keys()  # every path a plan may name has its receiver
 
 

@@ -38,8 +38,9 @@ model = build_model(cfg.model, device=cfg.trainer.device)  # cuda: the tensor pa
 
 
 def broadcaster(path: str) -> WeightBroadcaster:
-    return WeightBroadcaster(replace(cfg.trainer.weight_sync, path=path), buffer_address=cfg.buffer.address,
-                             rank=0, device=torch.device(cfg.trainer.device), send_dtype=cfg.model.dtype)
+    return WeightBroadcaster(replace(cfg.trainer.weight_sync, path=path),
+                             buffer_address=cfg.buffer.address, rank=0,
+                             device=torch.device(cfg.trainer.device), send_dtype=cfg.model.dtype)
 
 
 path = cfg.trainer.weight_sync.path

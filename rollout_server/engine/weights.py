@@ -18,7 +18,8 @@ Two wire formats, as SGLang's ``load_format``:
 - default: one ``dist.broadcast(buf, group_src=0)`` per tensor, in ``names`` order, into fresh
   buffers, then copied into the parameters;
 - ``"flattened_bucket"`` (``areal_like.weight_wire``, what the trainer sends): ONE broadcast of a
-  uint8 buffer holding every tensor's bytes back to back. It is received into a spare buffer kept per bucket layout, and loading is a
+  uint8 buffer holding every tensor's bytes back to back.
+  It is received into a spare buffer kept per bucket layout, and loading is a
   swap, not a copy: each parameter's ``.data`` becomes its view into the received buffer, and the
   buffer the parameters viewed before becomes the spare for the next sync of that layout. So a
   sync costs no allocation and no copy after the first one, at the price of one spare copy of the

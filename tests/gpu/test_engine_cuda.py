@@ -150,9 +150,9 @@ def test_cuda_flattened_bucket_syncs_swap_bf16_weights_exactly():
     import asyncio
 
     from areal_like.protocol import SyncMember, WeightSyncPlan
+    from areal_like.weight_wire import plan_buckets
     from rollout_server.sglang_client import SGLangClient
     from rollout_server.weight_update import apply_weight_sync
-    from areal_like.weight_wire import plan_buckets
 
     engine = EmbeddedEngine(model_cfg("bfloat16"), EngineConfig(device="cuda:0", max_running_requests=4)).start()
     sender = None

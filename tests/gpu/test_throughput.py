@@ -192,9 +192,9 @@ def test_peak_memory_against_the_estimate(trained, figure, checkpointing):
 
 def test_weight_sync_seconds(engine, figure):
     from areal_like.protocol import SyncMember, WeightSyncPlan
+    from areal_like.weight_wire import plan_buckets
     from rollout_server.sglang_client import SGLangClient
     from rollout_server.weight_update import apply_weight_sync
-    from areal_like.weight_wire import plan_buckets
 
     named = [(n, list(p.shape)) for n, p in engine.model.named_parameters()]
     buckets = plan_buckets([(n, s, "bfloat16") for n, s in named], BUCKET_BYTES)

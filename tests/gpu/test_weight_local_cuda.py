@@ -1,6 +1,7 @@
 """The one-GPU weight path on CUDA (marker gpu; skipped without CUDA): trainer and engine share GPU 0.
 
-1. A tensor payload of CUDA tensors (``trainer.weight_local.TensorSender``) carries CUDA IPC handles:
+1. A tensor payload of CUDA tensors (``trainer.weight_local.TensorSender``) carries CUDA IPC
+   handles:
    another process decodes it (``rollout_server.engine.weights_tensor.decode_named_tensors``), gets
    tensors on the GPU that map the sender's memory, and reads exactly the sender's values.
 2. End to end: the real buffer, one embedded engine on CUDA, a world-size-1 trainer on CUDA pushing

@@ -143,12 +143,15 @@ def test_final_catch_up_waits_for_a_late_evaluator_to_register_and_pushes_to_it(
         b.client = _ScriptedBuffer([_roster({"r1": 10}), _roster({"r0": 0, "r1": 10}, evaluates=["r0"]),
                                     _roster({"r0": 10, "r1": 10}, evaluates=["r0"])])
         deadline = time.monotonic() + 60
-        assert b.catch_up_decision(10, deadline, 0, final_eval=True) == "wait"  # r0 (the evaluator) not registered yet
-        assert b.catch_up_decision(10, deadline, 0, final_eval=True) == "push"  # registered, serving version 0
+        # r0 (the evaluator) not registered yet
+        assert b.catch_up_decision(10, deadline, 0, final_eval=True) == "wait"
+        # registered, serving version 0
+        assert b.catch_up_decision(10, deadline, 0, final_eval=True) == "push"
         assert b.catch_up_decision(10, deadline, 1, final_eval=True) == "done"
         b.client = _ScriptedBuffer([_roster({"r1": 10})])
-        assert b.catch_up_decision(10, deadline, 0) == "done"  # no final evaluation: nothing to wait for
-        assert b.catch_up_decision(10, time.monotonic() - 1, 0, final_eval=True) == "done"  # bounded by the deadline
+        assert b.catch_up_decision(10, deadline, 0) == "done"  # no final evaluation: no wait
+        # bounded by the deadline
+        assert b.catch_up_decision(10, time.monotonic() - 1, 0, final_eval=True) == "done"
     finally:
         b.close()
 

@@ -34,7 +34,8 @@ def test_pack_takes_non_contiguous_tensors_in_logical_order_and_bf16():
 def test_engine_layout_matches_the_packing_and_refuses_misalignment():
     tensor_layout, nbytes = layout(["w", "b"], ["float32", "float32"], [[2, 2], [1]])
     assert nbytes == 20 and [(n, off) for n, _, _, off in tensor_layout] == [("w", 0), ("b", 16)]
-    flat = pack([torch.arange(4.0).view(2, 2), torch.tensor([9.0])], torch.empty(20, dtype=torch.uint8))
+    flat = pack([torch.arange(4.0).view(2, 2), torch.tensor([9.0])],
+                torch.empty(20, dtype=torch.uint8))
     views = unpack(flat, tensor_layout)
     assert views["b"].tolist() == [9.0] and views["w"].tolist() == [[0.0, 1.0], [2.0, 3.0]]
     with pytest.raises(ValueError, match="unaligned"):  # 2 bytes of fp16, then fp32 at offset 2
