@@ -162,8 +162,8 @@ async def run_case(server, args, mode: str, bucket_mb: float, first_version: int
     """``--versions`` versions of one case on a busy engine, through one weight group."""
     from areal_like.distributed import free_port
     from areal_like.hf import build_model
-    from rollout_server.sglang_client import SGLangClient
     from areal_like.weight_wire import plan_buckets
+    from rollout_server.sglang_client import SGLangClient
 
     state = build_model(model_config(args)).state_dict()
     buckets = plan_buckets(

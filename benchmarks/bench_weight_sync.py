@@ -179,8 +179,8 @@ def worker(rank: int, cport: int, wport: int, args: argparse.Namespace) -> None:
     sys.path.insert(0, str(REPO))
     from areal_like.config import EngineConfig
     from areal_like.hf import build_model, state_checksum
-    from rollout_server.engine import EmbeddedEngine
     from areal_like.weight_wire import plan_buckets
+    from rollout_server.engine import EmbeddedEngine
 
     engine = None
     if rank == 0:

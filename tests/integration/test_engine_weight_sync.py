@@ -28,10 +28,10 @@ from areal_like.distributed import free_port
 from areal_like.hf import build_model, state_checksum
 from areal_like.protocol import BucketSpec, SyncMember, WeightSyncPlan
 from areal_like.tokenizer import char_tokenizer
+from areal_like.weight_wire import plan_buckets
 from rollout_server.engine import EmbeddedEngine
 from rollout_server.sglang_client import SGLangClient
 from rollout_server.weight_update import apply_weight_sync
-from areal_like.weight_wire import plan_buckets
 
 HTTP_TIMEOUT_S = 180.0  # init_weights_update_group waits for the sender's imports under load
 PROCESS_START_S = 180.0
