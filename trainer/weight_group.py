@@ -15,16 +15,24 @@ Invariants:
   (rank 0 hosts the store on ``master_addr`` only; areal_like/distributed.py).
 - The group is reused while the plan's members are the formed group's (``key``); a member dropped
   from a version makes the next plan re-form (``forget_members``).
-- Every step on the group ends by the push's deadline: broadcasts are waited on in slices
-  (``wait_work``), and on NCCL a ``Watchdog`` aborts the communicator when a launch blocks.
+- Every step on the group ends by the push's deadline (gloo and NCCL have no shorter timeout):
+  ``wait_work`` waits on a gloo op in slices of ``BROADCAST_SLICE_S`` (a timed-out wait leaves
+  the op pending, checked on torch 2.13) and polls an NCCL op with ``is_completed()``, asking the
+  caller's ``check`` between slices whether a member already reported failure; it returns only
+  when the op completed, else raises. An NCCL launch can itself block (the communicator is made by
+  the first op and waits for every peer): ``Watchdog``, armed around it, aborts the group at the
+  deadline from its own thread, so the call returns with an error (``armed`` then raises).
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
 
@@ -32,12 +40,12 @@ from areal_like.config import WeightSyncConfig
 from areal_like.distributed import destroy_weight_group, free_port, init_weight_group
 from areal_like.protocol import BucketSpec, SyncMember, WeightSyncPlan
 from trainer.weight_buckets import BucketPipeline, Sender, gather
-from trainer.weight_guard import Watchdog, wait_work
-from trainer.weight_members import ROSTER_POLL_S, RendezvousWatch
+from trainer.weight_members import BROADCAST_SLICE_S, ROSTER_POLL_S, RendezvousWatch
 
 log = logging.getLogger("trainer.weight_sync")
 
 GROUP_TOKEN_BYTES = 16  # random bytes in each group's name, the key space of its rendezvous store
+NCCL_POLL_S = 0.0005  # NCCL completion poll; small next to any bucket's transfer time
 
 
 class WeightGroup:
@@ -189,3 +197,68 @@ class GroupSender(Sender):
     def close(self) -> None:
         self.group.teardown()
         self.pipeline.release()
+
+
+def wait_work(work, deadline: float, backend: str, check: Callable[[], None]) -> None:
+    """Wait for ``work`` (an async broadcast) until ``deadline`` (``time.monotonic()``)."""
+    if backend == "nccl":
+        _poll_until_done(work, deadline, check)
+    else:
+        _wait_in_slices(work, deadline, check)
+
+
+def _wait_in_slices(work, deadline: float, check: Callable[[], None]) -> None:
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("weight-sync deadline passed during the broadcast")
+        try:
+            work.wait(timedelta(seconds=min(BROADCAST_SLICE_S, remaining)))
+            return
+        except RuntimeError as e:
+            if "timed out" not in str(e).lower():
+                raise  # a peer died: gloo reports the closed connection at once
+        check()
+
+
+def _poll_until_done(work, deadline: float, check: Callable[[], None]) -> None:
+    next_check = time.monotonic() + BROADCAST_SLICE_S
+    while not work.is_completed():
+        now = time.monotonic()
+        if now > deadline:
+            raise TimeoutError("weight-sync deadline passed during the broadcast")
+        if now > next_check:
+            check()
+            next_check = now + BROADCAST_SLICE_S
+        time.sleep(NCCL_POLL_S)
+    work.wait()
+
+
+class Watchdog:
+    """Calls ``abort()`` from a timer thread if a guarded block outlives its deadline."""
+
+    def __init__(self, abort: Callable[[], None]):
+        self._abort = abort
+
+    @contextmanager
+    def armed(self, deadline: float) -> Iterator[None]:
+        fired = threading.Event()
+
+        def fire() -> None:
+            fired.set()
+            log.warning("weight sync: a call on the group outlived the deadline; aborting it")
+            try:
+                self._abort()
+            except Exception as e:  # already aborted or destroyed: the blocked call fails anyway
+                log.debug("watchdog abort failed: %s", e)
+
+        timer = threading.Timer(max(0.0, deadline - time.monotonic()), fire)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+        if fired.is_set():
+            raise TimeoutError("weight-sync deadline passed inside a call on the group "
+                               "(aborted by the watchdog)")

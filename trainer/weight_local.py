@@ -13,12 +13,9 @@ an engine on the same GPU (``launch/placement.py``) the weights reach the engine
 * ``disk`` (``/update_weights_from_disk``): rank 0 writes an HF directory (``config.json`` and
   ``model.safetensors``) under a private temporary directory and the engine loads it.
 
-Each is a sender (``trainer.weight_buckets.Sender``), chosen once when the broadcaster is made:
-every rank gathers every bucket before the plan (``full_tensor()`` is an all-gather), so rank 0
-goes on alone; the plan carries ``path`` and ``payloads`` (no group, ``reform`` false); reports,
-deadline, re-push and announcement are the broadcaster's, as on the group path. No push of these
-paths finishes in the background (``overlaps`` false): the payloads are made from the gathered
-tensors, which may be the parameters themselves.
+Each is a ``trainer.weight_buckets.Sender``: every rank gathers every bucket before the plan, so
+rank 0 goes on alone; the plan carries ``path`` and ``payloads`` (no group). No push of these
+paths finishes in the background: the gathered tensors may be the parameters themselves.
 
 Invariants:
 - the memory a payload refers to stays alive until the push is over (every member reported, left

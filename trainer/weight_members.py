@@ -24,11 +24,12 @@ import time
 
 from areal_like.protocol import Roster, RosterRequest, SyncStatus, SyncStatusRequest
 from areal_like.transport import TransportTimeout
-from trainer.weight_guard import BROADCAST_SLICE_S
-from trainer.weight_guard import bounded as _bounded
 
 log = logging.getLogger("trainer.weight_sync")
 
+BUFFER_REQUEST_TIMEOUT_S = 10.0  # the buffer answers control requests in milliseconds when alive
+# a stalled broadcast checks every slice whether a member already reported failure
+BROADCAST_SLICE_S = 1.0
 # SyncStatus poll period: a cheap buffer query. It starts short and doubles up to the longest: a small
 # model's sync is done in tens of ms (a fixed 50 ms added 25 ms to each on average, on the trainer's path
 # when the next step waits for it), a large one's takes seconds and is polled no more than before.
@@ -43,6 +44,13 @@ REPUSH_MIN_S = 1.0  # a re-push needs at least this much of the deadline left (a
 # re-push's rendezvous, with little left, keeps nearly all of it).
 REPORT_MARGIN_S = 1.0
 REPORT_MARGIN_SHARE = 0.1
+
+
+def bounded(deadline: float | None) -> float:
+    """A buffer request's timeout: the usual one, but never past the sync deadline (at least 0.5 s)."""
+    if deadline is None:
+        return BUFFER_REQUEST_TIMEOUT_S
+    return max(0.5, min(BUFFER_REQUEST_TIMEOUT_S, deadline - time.monotonic()))
 
 
 def rendezvous_end(deadline: float) -> float:
@@ -61,7 +69,7 @@ class MembersLost(RuntimeError):
 
 def roster(client, deadline: float | None) -> Roster:
     """The buffer's roster, asked within ``deadline`` (``TransportTimeout``: no answer)."""
-    reply = client.request(RosterRequest(), timeout_s=_bounded(deadline))
+    reply = client.request(RosterRequest(), timeout_s=bounded(deadline))
     if not isinstance(reply, Roster):
         raise RuntimeError(f"buffer answered RosterRequest with {reply.TYPE}")
     return reply
@@ -87,7 +95,7 @@ def await_registered(client, want: int, timeout_s: float, should_stop=lambda: Fa
     deadline = time.monotonic() + timeout_s
     while not should_stop():
         try:
-            reply = client.request(RosterRequest(), timeout_s=_bounded(deadline))
+            reply = client.request(RosterRequest(), timeout_s=bounded(deadline))
             if isinstance(reply, Roster) and len({m.server_id for m in reply.members} | set(reply.evaluating)) >= want:
                 return True
         except TransportTimeout:
@@ -135,7 +143,7 @@ def await_members(client, version: int, report, deadline: float) -> None:
     periods = poll_periods()
     while pending - gone and time.monotonic() < deadline:
         try:
-            st = client.request(SyncStatusRequest(policy_version=version), timeout_s=_bounded(deadline))
+            st = client.request(SyncStatusRequest(policy_version=version), timeout_s=bounded(deadline))
             if time.monotonic() > next_roster:
                 gone = pending - roster_ids(client, deadline)
                 next_roster = time.monotonic() + ROSTER_POLL_S

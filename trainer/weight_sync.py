@@ -56,12 +56,13 @@ from areal_like.transport import TransportTimeout
 from areal_like.versions import RuntimeVersions, local_versions, mismatch
 from areal_like.weight_wire import plan_buckets
 from trainer.weight_group import GroupSender
-from trainer.weight_guard import BUFFER_REQUEST_TIMEOUT_S, bounded
 from trainer.weight_local import DiskSender, TensorSender
 from trainer.weight_members import (
+    BUFFER_REQUEST_TIMEOUT_S,
     MembersLost,
     RendezvousWatch,
     await_members,
+    bounded,
     failed_members,
     merge_repush,
     rendezvous_end,
@@ -87,15 +88,13 @@ class SyncReport:
     members: list[str] = field(default_factory=list)
     done: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
-    # left out: versions that cannot share the group
-    refused: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # versions that cannot share the group
     reform: bool = False
     pause_s: dict = field(default_factory=dict)  # server_id -> seconds not generating
     error: str = ""
     blocked_s: float = 0.0  # the trainer's time inside the push call that returned this report
     overlapped: bool = False  # rank 0 finished this push in the background (``push(wait=False)``)
-    # survivors of a lost member, pushed this version again
-    repushed: list[str] = field(default_factory=list)
+    repushed: list[str] = field(default_factory=list)  # survivors of a lost member, again
     plan_id: str = ""  # the last plan the buffer took for this version ("": none was published)
 
 
