@@ -24,9 +24,10 @@ from areal_like.config import WeightSyncConfig
 from areal_like.distributed import free_port
 from areal_like.hf import build_model
 from areal_like.protocol import BucketSpec, SyncMember, WeightSyncPlan
+from areal_like.weight_wire import FLATTENED
 from rollout_server.episode import generate_sample
 from rollout_server.sglang_client import SGLangClient
-from rollout_server.weight_update import FLATTENED, apply_weight_sync
+from rollout_server.weight_update import apply_weight_sync
 from trainer.logprob_guard import trainer_logprobs
 from trainer.weight_local import TensorSender
 
