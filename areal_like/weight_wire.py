@@ -1,19 +1,17 @@
 """The flattened-bucket wire format of weight updates, defined once for sender and receivers.
 
-A push groups the tensors into buckets (``plan_buckets``: which tensors travel together, in which
-order). On the group path a bucket is ONE broadcast of a uint8 buffer holding its tensors back to
-back in ``names`` order, each as its row-major bytes in its wire dtype, with no padding: SGLang's
-``load_format: "flattened_bucket"`` (``sglang/srt/weight_sync/tensor_bucket.py``), which SGLang
-0.5.23 and the embedded engine receive. The tensor path shares the same packed buffer by handle.
-One op per bucket instead of one per tensor: a model has hundreds of small tensors (norms,
-biases) whose per-op latency dominates their bytes.
+``plan_buckets`` groups the tensors into buckets (which travel together, in which order). A bucket
+travels as ONE uint8 buffer of its tensors back to back in ``names`` order, each its row-major
+bytes in its wire dtype, no padding (SGLang's ``load_format: "flattened_bucket"``): broadcast with
+one op on the group path (a model's hundreds of small tensors would each cost an op's latency),
+shared by handle on the tensor path.
 
 Invariants:
 - ``plan_buckets`` is deterministic (every trainer rank computes the same buckets and order) and
   gives each bucket one dtype, so every tensor's offset is aligned to its dtype.
-- ``layout`` is the only definition of the offsets: ``pack`` (sender) writes and ``unpack``
-  (receivers) reads exactly those bytes; ``layout`` refuses an unaligned offset, as SGLang does.
-- torch is imported by the functions that need it: ``areal_like.protocol`` stays torch-free.
+- ``layout`` is the only definition of the offsets: ``pack`` writes and ``unpack`` reads exactly
+  those bytes; ``layout`` refuses an unaligned offset, as SGLang does.
+- Only the functions that need torch import it: a rollout server driving SGLang loads none.
 """
 
 from __future__ import annotations
@@ -37,25 +35,21 @@ def plan_buckets(named_shapes_dtypes: list[tuple[str, list[int], str]],
         if dt not in ITEMSIZE:
             raise ValueError(f"{name}: unsupported dtype {dt!r}")
         by_dtype.setdefault(dt, []).append((name, [int(s) for s in shape]))
-    buckets: list[BucketSpec] = []
+    groups: list[tuple[list, str]] = []  # (name, shape) per tensor, and the dtype, per bucket
     for dt, items in by_dtype.items():
         cur: list[tuple[str, list[int]]] = []
         cur_bytes = 0
         for name, shape in items:
             nbytes = ITEMSIZE[dt] * math.prod(shape)
             if cur and cur_bytes + nbytes > bucket_bytes:
-                buckets.append(_spec(cur, dt))
+                groups.append((cur, dt))
                 cur, cur_bytes = [], 0
             cur.append((name, shape))
             cur_bytes += nbytes
         if cur:
-            buckets.append(_spec(cur, dt))
-    return buckets
-
-
-def _spec(items: list[tuple[str, list[int]]], dt: str) -> BucketSpec:
-    return BucketSpec(names=[n for n, _ in items], dtypes=[dt] * len(items),
-                      shapes=[s for _, s in items])
+            groups.append((cur, dt))
+    return [BucketSpec(names=[n for n, _ in items], dtypes=[dt] * len(items),
+                       shapes=[s for _, s in items]) for items, dt in groups]
 
 
 def torch_dtype(name: str):
