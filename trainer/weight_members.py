@@ -47,7 +47,7 @@ REPORT_MARGIN_SHARE = 0.1
 
 
 def bounded(deadline: float | None) -> float:
-    """A buffer request's timeout: the usual one, but never past the sync deadline (at least 0.5 s)."""
+    """A buffer request's timeout: the usual one, never past the sync deadline (at least 0.5 s)."""
     if deadline is None:
         return BUFFER_REQUEST_TIMEOUT_S
     return max(0.5, min(BUFFER_REQUEST_TIMEOUT_S, deadline - time.monotonic()))
@@ -143,7 +143,8 @@ def await_members(client, version: int, report, deadline: float) -> None:
     periods = poll_periods()
     while pending - gone and time.monotonic() < deadline:
         try:
-            st = client.request(SyncStatusRequest(policy_version=version), timeout_s=bounded(deadline))
+            st = client.request(SyncStatusRequest(policy_version=version),
+                                timeout_s=bounded(deadline))
             if time.monotonic() > next_roster:
                 gone = pending - roster_ids(client, deadline)
                 next_roster = time.monotonic() + ROSTER_POLL_S
