@@ -1,6 +1,7 @@
-"""A plan's deadline is what is left of the push's when the plan goes out (trainer/weight_sync.py):
-the time its sender takes to make the payloads (path disk writes a whole HF directory) is spent
-before, so the members never wait past the trainer's deadline."""
+"""Path disk against the push's deadline (trainer/weight_sync.py, trainer/weight_local.py): a
+plan's deadline is what is left when the plan goes out, after its sender wrote the payloads (a
+whole HF directory), so the members never wait past the trainer's deadline; and a re-push to the
+survivors of a lost member sends the directory already written instead of writing it again."""
 
 from __future__ import annotations
 
@@ -60,3 +61,49 @@ def test_the_plan_deadline_leaves_out_the_time_spent_making_the_payloads():
     assert plan.path == "disk"
     # the members' deadline ends no later than the trainer's (t0 + deadline_s)
     assert arrived + plan.deadline_s <= t0 + cfg.deadline_s + 0.05, (plan.deadline_s, arrived - t0)
+
+
+class _Counting:
+    def __init__(self):
+        self.writes = 0
+
+    def save_pretrained(self, path: str) -> None:
+        self.writes += 1
+        with open(f"{path}/config.json", "w") as f:
+            json.dump({}, f)
+
+
+class _LosesOne(_Buffer):
+    """Members a and b; after the first plan a leaves the roster and b reports failure (the
+    group-less paths re-push too); b loads the second plan."""
+
+    def request(self, msg, timeout_s=None):
+        n = len(self.plans)
+        if isinstance(msg, P.RosterRequest):
+            ids = ["a", "b"] if n == 0 else ["b"]
+            members = [P.RosterEntry(server_id=s, engine_url="", engine_ranks=1, policy_version=0)
+                       for s in ids]
+            return P.Roster(members=members, policy_version=0)
+        if isinstance(msg, P.SyncStatusRequest):
+            return P.SyncStatus(policy_version=msg.policy_version, done=["b"] if n == 2 else [],
+                                failed=["b"] if n == 1 else [])
+        return super().request(msg, timeout_s)
+
+
+def test_a_re_push_on_the_disk_path_sends_the_directory_it_wrote():
+    cfg = WeightSyncConfig(path="disk", deadline_s=20.0)
+    wb = WeightBroadcaster(cfg, buffer_address="tcp://127.0.0.1:9", rank=0,
+                           device=torch.device("cpu"))
+    wb.client.close()
+    wb.client = buffer = _LosesOne()
+    model = torch.nn.Linear(2, 2)
+    model.config = _Counting()
+    try:
+        report = wb.push(model, 1)
+    finally:
+        wb.client = None
+        wb.close()
+    assert report.done == ["b"] and report.repushed == ["b"], report
+    first, again = (plan for plan, _ in buffer.plans)
+    assert [m.server_id for m in again.members] == ["b"]
+    assert again.payloads == first.payloads and model.config.writes == 1
