@@ -60,7 +60,7 @@ def test_the_plan_deadline_leaves_out_the_time_spent_making_the_payloads():
     (plan, arrived), = buffer.plans
     assert plan.path == "disk"
     # the members' deadline ends no later than the trainer's (t0 + deadline_s)
-    assert arrived + plan.deadline_s <= t0 + cfg.deadline_s + 0.05, (plan.deadline_s, arrived - t0)
+    assert arrived + plan.deadline_s <= t0 + cfg.deadline_s + 0.2, (plan.deadline_s, arrived - t0)
 
 
 class _Counting:
