@@ -32,7 +32,9 @@ class RolloutFacts:
     # trainer.lora: the adapter layout the engine's weight updates fill
     lora: LoraConfig = field(default_factory=LoraConfig)
     keys: Keys | None = None  # the rollout client's CURVE keys (None: plain sockets)
-    engine_key: str | None = None  # the job's engine API key (None: the job has none)
+    # the job's engine API key (None: the job has none); never in a repr, a log line or a
+    # traceback's locals, like Keys.secret
+    engine_key: str | None = field(default=None, repr=False)
     probed: bool = False  # trainer.logprob_guard_tol > 0: the trainer sends the engine requests too
 
     @classmethod

@@ -15,7 +15,7 @@ the run directory's key file: the key the rollout servers' engines require).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from areal_like.auth import engine_api_key
@@ -39,7 +39,9 @@ class TrainerFacts:
     export_dir: Path  # export.dir resolved against run_dir
     nodes: int = 1  # launch.nodes: > 1 puts the engines on other nodes than rank 0 (log-prob guard)
     keys: Keys | None = None  # the trainer client's CURVE keys (None: plain sockets)
-    engine_key: str | None = None  # the job's engine API key (None: the job has none)
+    # the job's engine API key (None: the job has none); never in a repr, a log line or a
+    # traceback's locals, like Keys.secret
+    engine_key: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_run(cls, cfg: RunConfig, keys: Keys | None = None) -> TrainerFacts:

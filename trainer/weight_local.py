@@ -130,7 +130,8 @@ class TensorSender(LocalSender):
 
 
 class DiskSender(LocalSender):
-    """Path ``disk``: one HF directory per push under a private temporary directory; the last one
+    """Path ``disk``: one HF directory per push under a private temporary directory (a re-push
+    within the push sends the same one: writing it again would spend the deadline); the last one
     stays until the next push, every one goes at ``close``."""
 
     PATH = "disk"
@@ -139,10 +140,13 @@ class DiskSender(LocalSender):
         super().__init__(*args)
         self._root: Path | None = None  # the private directory versions are written under
         self._written: Path | None = None
+        self._this_push: Path | None = None  # written by the push in progress
 
     def payloads(self, model, version, buckets, tensors) -> list[str]:
         from safetensors.torch import save_file
 
+        if self._this_push is not None:  # a re-push: the same bytes, already on disk
+            return [str(self._this_push)]
         config = getattr(model, "config", None)
         if config is None or not hasattr(config, "save_pretrained"):
             raise RuntimeError("trainer.weight_sync.path=disk needs a Hugging Face model "
@@ -155,12 +159,13 @@ class DiskSender(LocalSender):
         state = {n: t.detach().to("cpu").contiguous()
                  for b, ts in zip(buckets, tensors) for n, t in zip(b.names, ts)}
         save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-        self._written = out
+        self._written = self._this_push = out
         return [str(out)]
 
     def done(self, keep_last: bool = True) -> None:
         """The push is over: remove the directories older than the last one written."""
         super().done()
+        self._this_push = None
         if self._root is not None:
             for d in self._root.iterdir():
                 if d != self._written or not keep_last:

@@ -307,12 +307,14 @@ class WeightBroadcaster:
             report.members = [s for s, _ in admitted]
             if not admitted:
                 return False
+            route = self.sender.route(report.version, admitted)  # disk: writes the directory
             plan = WeightSyncPlan(
                 policy_version=report.version, backend=self.backend, buckets=buckets,
                 plan_id=uuid.uuid4().hex[:12],
-                # the members wait no longer than the trainer does (a re-push gets what is left)
+                # the members wait no longer than the trainer does (a re-push gets what is left),
+                # counted after the payloads were made
                 deadline_s=max(0.5, min(self.cfg.deadline_s, deadline - time.monotonic())),
-                **self.sender.route(report.version, admitted))
+                **route)
             report.reform = plan.reform
             ack = self.client.request(plan, timeout_s=bounded(deadline))
             if not (isinstance(ack, Ack) and ack.status in ("ok", "accepted")):

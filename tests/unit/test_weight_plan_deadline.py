@@ -1,0 +1,109 @@
+"""Path disk against the push's deadline (trainer/weight_sync.py, trainer/weight_local.py): a
+plan's deadline is what is left when the plan goes out, after its sender wrote the payloads (a
+whole HF directory), so the members never wait past the trainer's deadline; and a re-push to the
+survivors of a lost member sends the directory already written instead of writing it again."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from areal_like import protocol as P
+from areal_like.config import WeightSyncConfig
+from trainer.weight_sync import WeightBroadcaster
+
+WRITE_S = 0.6  # how long the stand-in model's directory takes to write
+
+
+class _SlowConfig:
+    def save_pretrained(self, path: str) -> None:
+        time.sleep(WRITE_S)
+        with open(f"{path}/config.json", "w") as f:
+            json.dump({}, f)
+
+
+class _Buffer:
+    """Answers by message type; keeps each plan with the time it arrived."""
+
+    def __init__(self):
+        self.plans: list[tuple[P.WeightSyncPlan, float]] = []
+
+    def request(self, msg, timeout_s=None):
+        if isinstance(msg, P.RosterRequest):
+            entry = P.RosterEntry(server_id="a", engine_url="", engine_ranks=1, policy_version=0)
+            return P.Roster(members=[entry], policy_version=0)
+        if isinstance(msg, P.WeightSyncPlan):
+            self.plans.append((msg, time.monotonic()))
+            return P.Ack(ref=str(msg.policy_version), status="ok")
+        if isinstance(msg, P.SyncStatusRequest):
+            return P.SyncStatus(policy_version=msg.policy_version, done=["a"], failed=[])
+        return P.Ack(ref="", status="ok")
+
+
+def test_the_plan_deadline_leaves_out_the_time_spent_making_the_payloads():
+    cfg = WeightSyncConfig(path="disk", deadline_s=5.0)
+    wb = WeightBroadcaster(cfg, buffer_address="tcp://127.0.0.1:9", rank=0,
+                           device=torch.device("cpu"))
+    wb.client.close()
+    wb.client = buffer = _Buffer()
+    model = torch.nn.Linear(2, 2)
+    model.config = _SlowConfig()
+    try:
+        t0 = time.monotonic()
+        report = wb.push(model, 1)
+    finally:
+        wb.client = None
+        wb.close()
+    assert report.done == ["a"], report
+    (plan, arrived), = buffer.plans
+    assert plan.path == "disk"
+    # the members' deadline ends no later than the trainer's (t0 + deadline_s)
+    assert arrived + plan.deadline_s <= t0 + cfg.deadline_s + 0.2, (plan.deadline_s, arrived - t0)
+
+
+class _Counting:
+    def __init__(self):
+        self.writes = 0
+
+    def save_pretrained(self, path: str) -> None:
+        self.writes += 1
+        with open(f"{path}/config.json", "w") as f:
+            json.dump({}, f)
+
+
+class _LosesOne(_Buffer):
+    """Members a and b; after the first plan a leaves the roster and b reports failure (the
+    group-less paths re-push too); b loads the second plan."""
+
+    def request(self, msg, timeout_s=None):
+        n = len(self.plans)
+        if isinstance(msg, P.RosterRequest):
+            ids = ["a", "b"] if n == 0 else ["b"]
+            members = [P.RosterEntry(server_id=s, engine_url="", engine_ranks=1, policy_version=0)
+                       for s in ids]
+            return P.Roster(members=members, policy_version=0)
+        if isinstance(msg, P.SyncStatusRequest):
+            return P.SyncStatus(policy_version=msg.policy_version, done=["b"] if n == 2 else [],
+                                failed=["b"] if n == 1 else [])
+        return super().request(msg, timeout_s)
+
+
+def test_a_re_push_on_the_disk_path_sends_the_directory_it_wrote():
+    cfg = WeightSyncConfig(path="disk", deadline_s=20.0)
+    wb = WeightBroadcaster(cfg, buffer_address="tcp://127.0.0.1:9", rank=0,
+                           device=torch.device("cpu"))
+    wb.client.close()
+    wb.client = buffer = _LosesOne()
+    model = torch.nn.Linear(2, 2)
+    model.config = _Counting()
+    try:
+        report = wb.push(model, 1)
+    finally:
+        wb.client = None
+        wb.close()
+    assert report.done == ["b"] and report.repushed == ["b"], report
+    first, again = (plan for plan, _ in buffer.plans)
+    assert [m.server_id for m in again.members] == ["b"]
+    assert again.payloads == first.payloads and model.config.writes == 1
