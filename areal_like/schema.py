@@ -419,7 +419,9 @@ class LaunchConfig:
     restart_backoff_s: float = 1.0  # wait before the first restart in the window; doubles per restart
     restart_backoff_max_s: float = 60.0
     health_timeout_s: float = 300.0
-    pin_cpus: bool = False  # rollout, trainer pools on disjoint cores (taskset); null counts set it
+    # rollout and trainer pools on disjoint cores (taskset), the trainer threading over its pool;
+    # null: pinned when the counts come from the cores (launch/topology.py), else not
+    pin_cpus: bool | None = None
     omp_threads: int = 1
     gpus_per_node: int = 0  # GPUs `run` places processes on (launch/placement.py); 0 = torch's count on cuda
     # Several nodes (Slurm or by hand; `run` is one node): the first train_nodes carry trainer_ranks

@@ -14,7 +14,7 @@
     areal-like eval     MODEL [overrides...]  evaluate an HF directory or a checkpoint on the eval split
     areal-like track    RUN_DIR [--once] [overrides...]   feed a run's metrics and samples to cfg.tracker
     areal-like export   CHECKPOINT OUT [--config-file FILE]   a trainer checkpoint -> a Hugging Face directory
-    areal-like keys     RUN_DIR [--keys-dir DIR]   make the job's CURVE keys (RUN_DIR/keys; kept if there)
+    areal-like keys     RUN_DIR [--keys-dir DIR]   make the job's CURVE keys and engine API key (kept if there)
 
 Overrides are Hydra's: ``experiment=quickstart trainer.lr=1e-4 buffer.max_staleness=0``. A bad
 configuration, an unusable input (preflight) or a finished ``run_dir`` prints ``error:`` lines and
@@ -267,11 +267,15 @@ def _plan(overrides: list[str]) -> int:
 def _keys(run_dir: str, keys_dir: str | None) -> int:
     from pathlib import Path
 
+    from areal_like.auth import KEY_FILE, ensure_key_file, read_key_file
     from areal_like.security import make_keys
 
     target = Path(keys_dir) if keys_dir else Path(run_dir) / "keys"
     written = make_keys(target)
     print(f"{len(written)} key files written to {target}" if written else f"keys already in {target}: kept")
+    had = read_key_file(run_dir)  # the engine API key the daemons read when the variable is unset
+    ensure_key_file(run_dir)
+    print(f"engine API key {'kept in' if had else 'written to'} {Path(run_dir) / KEY_FILE}")
     return 0
 
 

@@ -137,7 +137,7 @@ def laptop_layout(cfg: RunConfig, cpus: Iterable[int], can_pin: bool = True) -> 
         raise ConfigError(f"launch.{unset[0]}=null (from the cores) is for a job on one machine; "
                           f"with launch.nodes={la.nodes} set it (launch/MULTINODE.md)")
     cores = tuple(sorted(set(cpus)))
-    pin = len(cores) >= 2 and can_pin
+    pin = la.pin_cpus if la.pin_cpus is not None else len(cores) >= 2 and can_pin  # set: kept
     servers = min(len(split_cpus(cores)[0]), la.auto_max_servers) if pin else 1
     launch = dataclasses.replace(la, num_rollout_servers=la.num_rollout_servers or servers,
                                  trainer_ranks=la.trainer_ranks or 1, pin_cpus=pin)

@@ -233,12 +233,13 @@ def test_a_cpu_job_lays_itself_out_from_the_cores_and_keeps_the_counts_it_sets(b
 
     def layout(*overrides: str) -> tuple[int, int, bool]:
         la = laid_out(_cfg(*base, *overrides), [0, 1])[0].launch
-        return la.num_rollout_servers, la.trainer_ranks, la.pin_cpus
+        return la.num_rollout_servers, la.trainer_ranks, bool(la.pin_cpus)
 
     assert layout() == (1, 1, True)  # the laptop layout: one server on core 0, the trainer on core 1
     assert layout("launch.num_rollout_servers=2") == (2, 1, True)  # kept; the rank still from the cores
     assert layout("launch.trainer_ranks=2") == (1, 2, True)
     assert layout("launch.num_rollout_servers=3", "launch.trainer_ranks=2") == (3, 2, False)  # as set
+    assert layout("launch.pin_cpus=false") == (1, 1, False)  # a pinning set by hand is kept
     asked = _cfg(*base, "launch.trainer_ranks=2")
     laid, topo = plan_job(asked, cpus=[0, 1])
     rows = plan_lines(laid_out(asked, [0, 1])[0], topo)[1:]
