@@ -40,6 +40,7 @@ WHEELS = {  # name -> version: the project's non-torch needs the GPU image lacks
     "datasets": "5.2.0", "dill": "0.4.1", "multiprocess": "0.70.19", "math-verify": "0.9.0",
     "latex2sympy2-extended": "1.11.0", "jsonschema": "4.26.0", "jsonschema-specifications": "2025.9.1",
     "referencing": "0.37.0", "rpds-py": "2026.9.1", "pytest-xdist": "3.8.0", "execnet": "2.1.2",
+    "ruff": "0.17.6",  # tests/unit/test_lint.py
     # pyproject.toml pins these (sglang's versions); the image's transformers is older (5.17)
     "transformers": "5.19.0", "tokenizers": "0.23.2",
 }
