@@ -129,3 +129,17 @@ def test_the_initial_push_waits_for_the_servers_and_gives_up_at_its_timeout(monk
     both = _Buffer(_roster("rollout-1"), P.Roster(members=_roster("rollout-1").members, policy_version=0,
                                                   evaluating=["rollout-1"]), evaluating)
     assert wm.await_registered(both, 2, timeout_s=30.0) is True and len(both.sent) == 3
+
+
+def test_await_members_takes_an_odd_roster_reply_as_no_answer(monkeypatch):
+    """A buffer that answers the roster poll with something else (a refusal) is waited on like one
+    that does not answer: the push reports by its deadline instead of raising out of its thread."""
+    from trainer import weight_members as wm
+
+    monkeypatch.setattr(wm.time, "sleep", lambda s: None)
+    monkeypatch.setattr(wm, "ROSTER_POLL_S", 0.0)  # ask for the roster at the first status
+    refusal = P.Ack(ref="", status="rejected", reason="peer_cap: over")
+    buffer = _Buffer(_status(), refusal, _status(done=["a", "b"]), _roster("a", "b"))
+    report = SyncReport(version=4, members=["a", "b"])
+    wm.await_members(buffer, 4, report, _later())
+    assert (report.done, report.dropped) == (["a", "b"], [])
