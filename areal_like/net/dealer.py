@@ -1,4 +1,4 @@
-"""The client side of request/reply (``Client``, ``AsyncClient``): see areal_like/transport.py's
+"""The client side of request/reply (``Client``, ``AsyncClient``): see areal_like/net/transport.py's
 docstring for the patterns."""
 
 from __future__ import annotations
@@ -10,10 +10,8 @@ import uuid
 import zmq
 import zmq.asyncio
 
-from areal_like import security
-from areal_like.codec import ProtocolError
-from areal_like.protocol import Message, decode
-from areal_like.transport import (
+from areal_like.net import security
+from areal_like.net.transport import (
     DEFAULT_TIMEOUT_S,
     FrameWriter,
     TransportError,
@@ -21,6 +19,8 @@ from areal_like.transport import (
     new_socket,
     recv_parts,
 )
+from areal_like.wire.codec import ProtocolError
+from areal_like.wire.protocol import Message, decode
 
 
 class _Dealer:

@@ -16,15 +16,15 @@ the group (``destroy_weight_group`` closes it): NCCL exchanges its unique id thr
 first op.
 
 Who can join (threat model: areal_like/SECURITY.md). Rank 0 hosts the rendezvous store on loopback
-only, behind a gate bound to ``master_addr`` (areal_like/store_gate.py), and its gloo pairs listen on
-that address's interface too. Every key of the group lives under the PrefixStore named
+only, behind a gate bound to ``master_addr`` (areal_like/net/store_gate.py), and its gloo pairs
+listen on that address's interface too. Every key of the group lives under the PrefixStore named
 ``group_name``, which the trainer makes unguessable per group (a random token: it reaches the
 engines only in the WeightSyncPlan, over the authenticated buffer channel), and the gate lets a
 connection reach the store only once it proved it knows that name; torch's store would otherwise
 list its keys, and with them the name, to whoever asked. A member joins through a door on its own
 loopback that answers the gate for it. An idle or garbage connection holds no join up (the gate
-serves each connection on its own and closes it within 10 s; a flood of them is denial of service
-by volume, out of scope), and every wait is bounded by the timeouts above.
+serves each connection on its own and closes it within 10 s; a flood of them is denial of service by
+volume, out of scope), and every wait is bounded by the timeouts above.
 
 NCCL (checked against torch's ProcessGroupNCCL; no GPU on the machines that wrote this): a
 communicator is created lazily by the first op, and a blocking ``ncclCommInitRank`` waits forever
@@ -56,7 +56,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import timedelta
 
-from areal_like.store_gate import StoreDoor, StoreGate
+from areal_like.net.store_gate import StoreDoor, StoreGate
 
 LISTEN_BACKLOG = 128  # pending connections to the rendezvous port (engines' TP ranks join at once)
 ABANDON_JOIN_S = 5.0  # after an abort: how long rank 0 waits for its own join to fail (it does at once)
@@ -188,7 +188,12 @@ class _Hosted:
 def _build_group(backend: str, raw, master_addr: str, world_size: int, rank: int, group_name: str,
                  timeout: timedelta, connect: timedelta):
     """The group over a connected store client ``raw``: gloo connects the ranks now, NCCL at its first op."""
-    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
+    from torch.distributed.distributed_c10d import (
+        Backend,
+        PrefixStore,
+        _new_process_group_helper,
+        _world,
+    )
 
     raw.set_timeout(connect)  # gloo connects the ranks through the store now
     store = PrefixStore(group_name, raw)

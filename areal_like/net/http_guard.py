@@ -56,7 +56,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from areal_like.ratelog import RateLimitedLog
+from areal_like.net.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 _client_errors = RateLimitedLog(log, every_s=60.0)  # a peer can send bad requests at will: no line per request

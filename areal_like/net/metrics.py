@@ -19,8 +19,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from areal_like.auth import metrics_token
-from areal_like.http_guard import METRICS_LIMITS, HttpLimits, guarded_app, serve
+from areal_like.net.auth import metrics_token
+from areal_like.net.http_guard import METRICS_LIMITS, HttpLimits, guarded_app, serve
 
 PREFIX = "areal_"
 RENDER_THREADS = 2  # /metrics renders and /health probes run here, at most this many at once

@@ -1,5 +1,5 @@
 """Announcements: PUB (buffer) -> SUB (rollout servers). Lossy by design ("Publish/subscribe" in
-areal_like/transport.py's docstring); small frames, on CURVE over tcp:// like request/reply."""
+areal_like/net/transport.py's docstring); small frames, on CURVE over tcp:// like request/reply."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import time
 import zmq
 import zmq.asyncio
 
-from areal_like import security
-from areal_like.protocol import Message, ProtocolError, decode
-from areal_like.transport import FrameWriter, bind_both, new_socket
+from areal_like.net import security
+from areal_like.net.transport import FrameWriter, bind_both, new_socket
+from areal_like.wire.protocol import Message, ProtocolError, decode
 
 
 class Publisher:

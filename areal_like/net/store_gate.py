@@ -39,7 +39,7 @@ import socket
 import threading
 import time
 
-from areal_like.ratelog import RateLimitedLog
+from areal_like.net.ratelog import RateLimitedLog
 
 log = logging.getLogger("store_gate")
 _refusals = RateLimitedLog(log, every_s=60.0)  # a stranger can connect at will: not a line per connection

@@ -45,7 +45,8 @@ Patterns and why:
 * **Authentication.** Every socket is made by ``new_socket`` with the ``keys`` its maker was given
   (a daemon's facts hold them; ``security.Keys`` or None), and handed to ``security.apply``: with
   keys, ROUTER/PUB sockets are CURVE servers behind a ZAP allow-list and DEALER/SUB sockets CURVE
-  clients (``areal_like/security.py``); None makes a plain socket. No socket reads process state.
+  clients (``areal_like/net/security.py``); None makes a plain socket. No socket reads process
+  state.
 * **CURVE's cost, spread.** CURVE encrypts every frame on tcp:// and its cipher is the
   transport's biggest cost. ZeroMQ runs it in the context's I/O threads, one connection on one
   thread, so a ``Server`` made with ``io_threads`` > 1 (the buffer's: ``buffer.io_threads``, sized
@@ -68,9 +69,10 @@ from typing import Any
 
 import zmq
 
-from areal_like import protocol, security
-from areal_like.peers import is_trainer_peer
-from areal_like.protocol import Message, ProtocolError, decode, encode_into
+from areal_like.net import security
+from areal_like.net.peers import is_trainer_peer
+from areal_like.wire import protocol
+from areal_like.wire.protocol import Message, ProtocolError, decode, encode_into
 
 DEFAULT_TIMEOUT_S = 10.0  # a healthy buffer answers in milliseconds; 10 s means it is gone or wedged
 SNDHWM = 1000  # frames queued per peer before sends fail fast

@@ -4,7 +4,7 @@
 (``version_base=None``: no chdir, no output folders), merges it onto
 ``OmegaConf.structured(RunConfig)`` (unknown keys and wrong types fail there, naming the key),
 and converts it with ``OmegaConf.to_object``, which runs every ``__post_init__`` validator
-(the schema: ``areal_like/schema.py``, re-exported here).
+(the schema: ``areal_like/settings/schema.py``, re-exported here).
 Code past the entry point only ever sees these dataclasses, and each component gets only its
 own sub-config. Importing this module has no side effects and does not import torch. It reads
 settings only: what they imply about the job's model, data and frames (the vocabulary, the dataset
@@ -23,12 +23,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from areal_like.auth import redact
-from areal_like.report_schema import EvalConfig, ExportConfig, TrackingConfig
-from areal_like.schema import (
-    AGG_MODES,
-    ESTIMATORS,
-    LOSS_KINDS,
+from areal_like.net.auth import redact
+from areal_like.settings.loss_schema import AGG_MODES, ESTIMATORS, LOSS_KINDS
+from areal_like.settings.report_schema import EvalConfig, ExportConfig, TrackingConfig
+from areal_like.settings.schema import (
     BufferConfig,
     ConfigError,
     EngineConfig,
@@ -64,15 +62,15 @@ def config_dir() -> Path:
     env = os.environ.get("AREAL_LIKE_CONFIG_DIR")
     if env:
         return Path(env).resolve()
-    here = Path(__file__).resolve().parent
-    packaged = here / "configs"
-    return packaged if packaged.is_dir() else (here.parent / "configs").resolve()
+    package = Path(__file__).resolve().parents[1]  # areal_like/
+    packaged = package / "configs"
+    return packaged if packaged.is_dir() else (package.parent / "configs").resolve()
 
 
 def data_path(relative: str) -> str:
-    """``${data:math_chat/train.parquet}`` in a config: a file shipped in ``areal_like/data/`` (found in a
-    checkout and in an installed wheel alike)."""
-    path = Path(__file__).resolve().parent / "data" / relative
+    """``${data:math_chat/train.parquet}`` in a config: a file shipped in ``areal_like/tasks/data/``
+    (found in a checkout and in an installed wheel alike)."""
+    path = Path(__file__).resolve().parents[1] / "tasks" / "data" / relative
     if not path.exists():
         raise ConfigError(f"${{data:{relative}}}: no such shipped file ({path})")
     return str(path)
@@ -216,7 +214,7 @@ def _known_keys(full_key: str) -> str:
     for part in parts[:-1]:
         hints = typing.get_type_hints(cls)
         if part not in hints or not dataclasses.is_dataclass(hints[part]):
-            return "see areal_like/schema.py"
+            return "see areal_like/settings/schema.py"
         cls = hints[part]
     names = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
     return f"known keys in {'.'.join(parts[:-1]) or 'the root'}: {names}"
@@ -255,7 +253,8 @@ def _explain(e: BaseException) -> str:
 
 
 def to_yaml(cfg: Any, *, redacted: bool = False) -> str:
-    """``cfg`` as YAML; ``redacted``: credentials blanked (``areal_like.auth.redact``), for display only."""
+    """``cfg`` as YAML; ``redacted``: credentials blanked (``areal_like.net.auth.redact``), for
+    display only."""
     from omegaconf import OmegaConf
 
     if redacted:

@@ -1,16 +1,17 @@
 """The configs of what a run reports beyond training itself: evaluations on the eval split
 (``eval``), Hugging Face exports (``export``) and the trackers' settings (``tracking``).
 
-Part of the schema (``areal_like/schema.py`` composes them into ``RunConfig``); the same rules:
-each validates itself in ``__post_init__`` and a bad value raises ``ConfigError`` naming the key.
+Part of the schema (``areal_like/settings/schema.py`` composes them into ``RunConfig``); the same
+rules: each validates itself in ``__post_init__`` and a bad value raises ``ConfigError`` naming the
+key.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from areal_like.config_checks import check as _check
-from areal_like.config_checks import choice as _choice
+from areal_like.settings.config_checks import check as _check
+from areal_like.settings.config_checks import choice as _choice
 
 
 @dataclass(kw_only=True)

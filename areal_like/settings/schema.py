@@ -1,6 +1,6 @@
 """The configuration schema: typed dataclasses, one per component, each validating itself.
 
-``areal_like.config`` composes ``configs/`` with Hydra into ``RunConfig``, running every
+``areal_like.settings.config`` composes ``configs/`` with Hydra into ``RunConfig``, running every
 ``__post_init__`` below (``trainer.loss``'s: ``loss_schema.py``; ``eval``, ``export`` and
 ``tracking``'s: ``report_schema.py``): code past an entry point sees only checked values.
 A check raises ``ConfigError`` naming the key; no Hydra or torch here.
@@ -12,12 +12,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from areal_like.auth import ENGINE_KEY_ENV, SECRET_FIELD
-from areal_like.config_checks import ConfigError  # noqa: F401  (re-exported: every config error is one)
-from areal_like.config_checks import check as _check
-from areal_like.config_checks import choice as _choice
-from areal_like.loss_schema import AGG_MODES, ESTIMATORS, LOSS_KINDS, LossConfig  # noqa: F401  (re-exported)
-from areal_like.report_schema import TRACKERS, EvalConfig, ExportConfig, TrackingConfig
+from areal_like.net.auth import ENGINE_KEY_ENV, SECRET_FIELD
+from areal_like.settings.config_checks import ConfigError  # noqa: F401  (re-exported)
+from areal_like.settings.config_checks import check as _check
+from areal_like.settings.config_checks import choice as _choice
+from areal_like.settings.loss_schema import ESTIMATORS, LossConfig
+from areal_like.settings.report_schema import TRACKERS, EvalConfig, ExportConfig, TrackingConfig
 
 
 @dataclass(kw_only=True)
@@ -55,7 +55,8 @@ class TaskConfig:
     """What to train on: a shipped synthetic task or a dataset (``name=dataset``), and how it is scored."""
 
     name: str = "addition"  # addition | sort | reverse | countdown | calc, guess (with task.env) | dataset
-    # name=dataset: a .jsonl/.json/.parquet/.csv file, a directory of them, or of save_to_disk (areal_like/datasets.py)
+    # name=dataset: a .jsonl/.json/.parquet/.csv file, a directory of them, or of save_to_disk
+    # (areal_like/tasks/datasets.py)
     dataset_path: str | None = None
     eval_path: str | None = None  # the eval split; unset = eval_fraction of dataset_path held out
     eval_fraction: float = 0.0  # held-out share of dataset_path when eval_path is unset (fixed seed)
@@ -278,7 +279,8 @@ LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 
 @dataclass(kw_only=True)
 class LoraConfig:
-    """Low-rank adapters on a frozen base (areal_like/lora.py): only they train and are synced."""
+    """Low-rank adapters on a frozen base (areal_like/weights/lora.py): only they train and are
+    synced."""
 
     rank: int = 0  # 0 = off (every weight trains); r of the A [r, in] and B [out, r] matrices
     alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
@@ -393,7 +395,8 @@ class WarmStartConfig:
 
 @dataclass(kw_only=True)
 class SecurityConfig:
-    """Who may join the job's ZeroMQ traffic (areal_like/security.py, areal_like/SECURITY.md)."""
+    """Who may join the job's ZeroMQ traffic (areal_like/net/security.py,
+    areal_like/SECURITY.md)."""
 
     curve: bool = True  # CURVE-encrypt and authenticate every ZeroMQ socket; false only on a trusted network
     keys_dir: str = "keys"  # the job's keys (`areal-like keys RUN_DIR`); relative to run_dir unless absolute

@@ -6,7 +6,7 @@ the question with a ``calc`` tool, runs the tool calls it gets back (the tool is
 run where the agent runs), sends the results, and stops at the first answer without a tool call,
 scoring 1 when that answer is the product. ``experiment=calc_agent`` trains it on CPU
 (``configs/experiment/calc_agent.yaml``); its conversations render exactly as the ``calc``
-environment's (``areal_like/envs.py``), so the environment's demos warm-start the model
+environment's (``areal_like/tasks/envs.py``), so the environment's demos warm-start the model
 (``calc_agent.demo``).
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 
-from areal_like.envs import CALC_TOOL, Calculator, calc
+from areal_like.tasks.envs import CALC_TOOL, Calculator, calc
 
 CALC_SPEC = {"type": "function", "function": {k: CALC_TOOL[k] for k in ("name", "description",
                                                                        "parameters")}}
@@ -61,7 +61,7 @@ async def long_tail_agent(client_base_url: str, api_key: str, example) -> float:
     (the same heavy-tailed turn counts, drawn from the prompt; every turn answered ``go on``)."""
     from openai import AsyncOpenAI
 
-    from areal_like.envs import LongTail
+    from areal_like.tasks.envs import LongTail
 
     env = LongTail()
     messages: list = env.reset(example)

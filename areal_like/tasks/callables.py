@@ -1,7 +1,7 @@
 """Functions named by a dotted path: the project's one parser of ``"pkg.module:function"``.
 
 Tasks name their reward this way (``Task.reward_path``) and users name theirs with
-``task.reward_fn``; ``areal_like.tasks.load_function``, the reward workers
+``task.reward_fn``; ``areal_like.tasks.task.load_function``, the reward workers
 (``rollout_server/reward_worker.py``) and the launcher's preflight probe all resolve a path here,
 so they accept and refuse the same paths. ``"pkg.module.function"`` (no colon) means the last dot
 separates the function.

@@ -13,12 +13,12 @@ other column) into ``Example.metadata``, converted to plain msgpack-able values 
 Python numbers, dates to ISO strings). A chat row's ``prompt`` is its messages' contents, one per
 line, for plain-text prompting and for rewards that read the prompt.
 
-Invariants: every process that loads the same files with the same config gets the same
-examples in the same order, so a prompt index means the same prompt in the buffer, every rollout
-server and the warm start. The eval split is ``task.eval_path`` or, when unset, a held-out
-``task.eval_fraction`` of the rows drawn with ``task.seed`` (disjoint from train; decided before
-any filtering, so it does not depend on the tokenizer). This module imports no task code: the
-task over these rows, with its prompt-length filter, is ``DatasetTask`` in ``areal_like/tasks.py``.
+Invariants: every process that loads the same files with the same config gets the same examples in
+the same order, so a prompt index means the same prompt in the buffer, every rollout server and the
+warm start. The eval split is ``task.eval_path`` or, when unset, a held-out ``task.eval_fraction``
+of the rows drawn with ``task.seed`` (disjoint from train; decided before any filtering, so it does
+not depend on the tokenizer). This module imports no task code: the task over these rows, with its
+prompt-length filter, is ``DatasetTask`` in ``areal_like/tasks/task.py``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from areal_like.config import ConfigError, TaskConfig
+from areal_like.settings.config import ConfigError, TaskConfig
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}  # suffix -> datasets builder
 

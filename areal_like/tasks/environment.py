@@ -8,7 +8,7 @@ no arguments, one instance per sample, so it may keep the episode's state on ``s
   assistant turn (a ``StepResult`` or the plain 4-tuple); the episode's reward is the sum of the
   step rewards; ``info`` (msgpack-able values) lands in the sample's metadata;
 * optionally ``tools``: tool specs ``{"name", "function": "pkg.module:fn", "description",
-  "parameters": JSON schema}`` (``areal_like/tools.py``); a turn that calls tools gets their
+  "parameters": JSON schema}`` (``areal_like/tasks/tools.py``); a turn that calls tools gets their
   results as ``tool`` messages instead of a ``step``.
 
 Either method may be ``async``. The rollout server drives it (``rollout_server/multiturn.py``).
@@ -31,8 +31,8 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
-from areal_like.callables import import_function
-from areal_like.tasks import chat_template_of
+from areal_like.tasks.callables import import_function
+from areal_like.tasks.task import chat_template_of
 
 
 class TemplateError(ValueError):

@@ -36,7 +36,8 @@ GUESS_CUT_CREDIT = 0.2
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
 MAX_EXPR_CHARS = 64
 
-CALC_TOOL = {"name": "calc", "function": "areal_like.envs:calc", "description": "evaluate an integer expression",
+CALC_TOOL = {"name": "calc", "function": "areal_like.tasks.envs:calc",
+             "description": "evaluate an integer expression",
              "parameters": {"type": "object", "properties": {"e": {"type": "string", "maxLength": MAX_EXPR_CHARS}},
                             "required": ["e"], "additionalProperties": False}}
 

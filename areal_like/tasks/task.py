@@ -6,13 +6,13 @@ so a reward worker process imports the function without building the task. Tasks
 the buffer (the cursor's range), the rollout servers and the warm start; every process builds
 the same task from the same config and agrees on what prompt ``index`` is.
 
-Synthetic tasks (addition, sort, reverse, countdown) are generated from ``(seed, index)``;
-nothing is shipped or downloaded. Their prompts are short completion strings for the char
-tokenizer (``"37+45="`` -> ``"82"``); a model answers and emits EOS; the reward is exact match.
-Their eval split (``split="eval"``) draws from a different random stream, so it is fixed but
-not guaranteed disjoint from training examples (the small tasks have few distinct prompts).
-``task.name=dataset`` loads rows from local files (``areal_like/datasets.py``, which also defines
-``Example`` and imports nothing from here).
+Synthetic tasks (addition, sort, reverse, countdown) are generated from ``(seed, index)``; nothing
+is shipped or downloaded. Their prompts are short completion strings for the char tokenizer
+(``"37+45="`` -> ``"82"``); a model answers and emits EOS; the reward is exact match. Their eval
+split (``split="eval"``) draws from a different random stream, so it is fixed but not guaranteed
+disjoint from training examples (the small tasks have few distinct prompts). ``task.name=dataset``
+loads rows from local files (``areal_like/tasks/datasets.py``, which also defines ``Example`` and
+imports nothing from here).
 
 ``encode_prompt`` is the one place where an example becomes prompt ids, for the rollout server,
 the evaluation and the warm start alike. Its layout follows the convention of TRL's trainers
@@ -35,14 +35,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from areal_like.callables import import_function
-from areal_like.config import ConfigError, TaskConfig
-from areal_like.datasets import Example, load_split
+from areal_like.settings.config import ConfigError, TaskConfig
+from areal_like.tasks.callables import import_function
+from areal_like.tasks.datasets import Example, load_split
 
 SPLITS = ("train", "eval")
 SYNTHETIC_EVAL_SIZE = 512  # prompts in a synthetic task's eval split (at most task.num_prompts)
 MAX_EXPRESSION_CHARS = 40  # countdown: longer responses score 0 without being parsed
-log = logging.getLogger("areal_like.tasks")
+log = logging.getLogger("areal_like.tasks.task")
 _logged: set[str] = set()  # log lines already written by this process
 
 
@@ -92,14 +92,15 @@ def countdown_reward(response: str, example: Example) -> float:
 @lru_cache(maxsize=64)
 def load_function(path: str) -> Callable:
     """The callable at ``"pkg.module:function"`` (or ``pkg.module.function``), imported once
-    (``areal_like.callables.import_function``: what it raises, this raises)."""
+    (``areal_like.tasks.callables.import_function``: what it raises, this raises)."""
     return import_function(path)
 
 
 # ---------------------------------------------------------------- tasks
 class Task(abc.ABC):
     name = "task"
-    reward_path: str = "areal_like.tasks:exact_match"  # module-level fn(response, example) -> float
+    # a module-level fn(response, example) -> float
+    reward_path: str = "areal_like.tasks.task:exact_match"
 
     def __init__(self, cfg: TaskConfig, split: str = "train"):
         if split not in SPLITS:
@@ -167,7 +168,7 @@ class Countdown(Task):
     """
 
     name = "countdown"
-    reward_path = "areal_like.tasks:countdown_reward"
+    reward_path = "areal_like.tasks.task:countdown_reward"
 
     def example(self, index: int, epoch: int = 0) -> Example:
         rng = self._rng(index)
@@ -180,7 +181,7 @@ class Countdown(Task):
 
 class Multiply(Task):
     """``347*29``: a 3-digit times a 2-digit number (the ``calc`` environment's questions,
-    ``areal_like/envs.py``; too hard for a tiny model without its calculator tool)."""
+    ``areal_like/tasks/envs.py``; too hard for a tiny model without its calculator tool)."""
 
     name = "calc"
 
@@ -191,7 +192,8 @@ class Multiply(Task):
 
 
 class Guess(Task):
-    """A hidden number in 1..32 (the ``guess`` environment's games, ``areal_like/envs.py``)."""
+    """A hidden number in 1..32 (the ``guess`` environment's games,
+    ``areal_like/tasks/envs.py``)."""
 
     name = "guess"
 
@@ -203,12 +205,12 @@ SYNTHETIC: dict[str, type[Task]] = {t.name: t for t in (Addition, Sort, Reverse,
 
 
 class DatasetTask(Task):
-    """Rows of local files (``areal_like/datasets.py``) in file order; prompts whose
+    """Rows of local files (``areal_like/tasks/datasets.py``) in file order; prompts whose
     ``encode_prompt`` ids are longer than ``task.max_prompt_tokens`` are dropped from either split
     and counted in one log line. The default reward grades the final math answer."""
 
     name = "dataset"
-    reward_path = "areal_like.rewards:math_reward"
+    reward_path = "areal_like.tasks.rewards:math_reward"
 
     def __init__(self, cfg: TaskConfig, tokenizer: Any = None, split: str = "train"):
         super().__init__(cfg, split)

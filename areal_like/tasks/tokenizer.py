@@ -9,7 +9,7 @@
   directory (which picks transformers' ``Qwen2Tokenizer``) keeps spaces and newlines. Encoding
   adds ``<bos>`` in front. Its chat template (``role: content`` lines, no ``<bos>``) lays out
   chat rows (``task.messages_key``) and multi-turn episodes; plain prompts, the synthetic tasks'
-  included, are plain text with ``<bos>`` (``areal_like.tasks.prompt_template``).
+  included, are plain text with ``<bos>`` (``areal_like.tasks.task.prompt_template``).
 * ``bpe``: byte-level BPE trained at load time on the shipped ``data/corpus.txt`` (English and
   arithmetic) with ``model.vocab_size`` entries; digits are single tokens (Qwen2's
   pre-tokenizer pattern), so numbers tokenize the same way everywhere. Special tokens
@@ -30,7 +30,7 @@ import string
 from functools import lru_cache
 from pathlib import Path
 
-from areal_like.config import ConfigError, ModelConfig
+from areal_like.settings.config import ConfigError, ModelConfig
 
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3

@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from areal_like.config import ConfigError, ModelConfig, RunConfig
+from areal_like.settings.config import ConfigError, ModelConfig, RunConfig
 
 if TYPE_CHECKING:
     import torch
@@ -122,7 +122,7 @@ def qwen2_config(cfg: ModelConfig, tokenizer=None):
     (``tokenizer``, default ``load_tokenizer(cfg)``), so generation stops where the tokenizer ends."""
     from transformers import Qwen2Config
 
-    from areal_like.tokenizer import load_tokenizer
+    from areal_like.tasks.tokenizer import load_tokenizer
 
     tok = tokenizer if tokenizer is not None else load_tokenizer(cfg)
     return Qwen2Config(

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from areal_like.config_checks import ConfigError
-from areal_like.schema import LoraConfig
+from areal_like.settings.config_checks import ConfigError
+from areal_like.settings.schema import LoraConfig
 
 ADAPTER = "default"  # PEFT's adapter name: one live adapter per model
 BASE_LAYER = ".base_layer"

@@ -1,4 +1,4 @@
-"""Field values <-> their wire form, for the messages of ``areal_like.protocol``.
+"""Field values <-> their wire form, for the messages of ``areal_like.wire.protocol``.
 
 Checks: msgspec checks every field while it decodes (types, tags, unknown and missing fields, and
 the ranges declared with ``msgspec.Meta``: ``Finite``, ``Count``); a message's ``validate()`` holds
@@ -102,7 +102,7 @@ def error_from(e: Exception, version: int) -> ProtocolError:
 class Message(msgspec.Struct, frozen=True, eq=False, tag_field="type", forbid_unknown_fields=True):
     """Base of every message (``eq=False``: arrays compare elementwise, messages by identity)."""
 
-    TYPE: ClassVar[str] = ""  # the tag (areal_like/protocol.py sets it for every class)
+    TYPE: ClassVar[str] = ""  # the tag (areal_like/wire/protocol.py sets it for every class)
 
     def __post_init__(self) -> None:  # on construction, and on decode after msgspec's checks
         self.validate()

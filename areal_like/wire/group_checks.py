@@ -9,7 +9,7 @@ or its gradient non-finite, and one such group can destroy the weights. NaN, +in
 refused, -inf included: a real engine can report -inf for a token (a logit masked to -inf, or an
 underflow at a low temperature), but a token its own sampler gave probability 0 has an infinite
 importance ratio, which no kernel can train on. The reward, the only other float field that is
-trained on, is refused when not finite by ``decode`` already (``areal_like/trajectory.py``);
+trained on, is refused when not finite by ``decode`` already (``areal_like/wire/trajectory.py``);
 ``metadata`` is free-form and never trained on.
 
 Plausible numbers: a finite log-prob can still be absurd. A log-prob is at most 0, and a token the
@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from areal_like.protocol import TrajectoryGroup
-from areal_like.trajectory import mask_values_ok
+from areal_like.wire.protocol import TrajectoryGroup
+from areal_like.wire.trajectory import mask_values_ok
 
 # The prompt is what is wrong: it would come back the same, so it is skipped this epoch. Any other
 # reason ("nonfinite_logp": the engine's numbers, not the prompt) has the prompt generated again.

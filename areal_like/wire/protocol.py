@@ -5,8 +5,8 @@ msgpack map ``{"type": str, **fields, "protocol": int}``. One encoder writes eve
 one decoder reads the union of the top-level ones, both in C.
 
 Arrays (token ids, logprobs; per-token versions and loss masks as runs) travel as raw
-little-endian bytes inside a ``Trajectory`` (``areal_like/trajectory.py``). The message base is
-``areal_like/codec.py``'s.
+little-endian bytes inside a ``Trajectory`` (``areal_like/wire/trajectory.py``). The message base is
+``areal_like/wire/codec.py``'s.
 
 Checks: msgspec checks types, unknown and missing fields, tags, the protocol version and the
 declared ranges (finite floats, ``want_credits`` and ``max_credits`` bounds, a group with at least
@@ -23,7 +23,7 @@ yet, so there are no readers of older formats). A frame of another version is re
 keeps the version, since frames without it still decode; a component built before the field
 rejects frames that carry it ("unknown field"), so upgrade the buffer before the rollout servers
 and the trainer. Version 3 sends per-token versions and loss masks as runs
-(``areal_like/trajectory.py``): half the bytes of a long response.
+(``areal_like/wire/trajectory.py``): half the bytes of a long response.
 Who sends which message: areal_like/DESIGN.md section 3.
 """
 
@@ -33,8 +33,8 @@ from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
-from areal_like.codec import Finite, Message, ProtocolError, error_from
-from areal_like.trajectory import Trajectory
+from areal_like.wire.codec import Finite, Message, ProtocolError, error_from
+from areal_like.wire.trajectory import Trajectory
 
 __all__ = ["PROTOCOL_VERSION", "MAX_FRAME_BYTES", "MAX_CREDITS_PER_REQUEST", "Message", "encode", "encode_into",
            "decode", "TOP_LEVEL_TYPES"]
@@ -56,7 +56,7 @@ class Register(_TopLevel, tag="register"):
     engine_ranks: int = 1  # ranks the engine contributes to the weight-update group (its TP size)
     policy_version: int = -1  # version the engine serves now (-1: unknown)
     # The engine's runtime, checked by the trainer before it joins a weight-sync group ("": unknown,
-    # an older sender); see areal_like/versions.py.
+    # an older sender); see areal_like/weights/versions.py.
     torch_version: str = ""
     cuda_version: str = ""
     nccl_version: str = ""

@@ -17,7 +17,7 @@ each field), and every one decoded or built has aligned arrays (one entry per ou
 well-formed runs (``validate``, one expression while all is well). ``Trajectory.of`` converts the
 arrays and the reward (a finite real number, to float) and refuses what it cannot convert; the
 other fields are taken as given (plain Python types: the codec's docstring). Not a top-level
-message: it travels inside ``TrajectoryGroup`` (``areal_like/protocol.py``).
+message: it travels inside ``TrajectoryGroup`` (``areal_like/wire/protocol.py``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any, Literal
 import msgspec
 import numpy as np
 
-from areal_like.codec import Count, Finite, Message, ProtocolError, field_names, wire_array
+from areal_like.wire.codec import Count, Finite, Message, ProtocolError, field_names, wire_array
 
 _I4, _F4 = np.dtype("<i4"), np.dtype("<f4")  # both 4 bytes an item (Trajectory's checks rely on it)
 _PAIR, _END = struct.Struct("<ii"), struct.Struct("<4xi")  # one run: (value, end); its end
@@ -51,7 +51,8 @@ def as_f32(x: Any) -> np.ndarray:
 
 def mask_values_ok(mask_wire: tuple) -> bool:
     """Every value of a wire-form loss mask (runs) is 0 or 1. Not run on decode: ``Trajectory.of``,
-    the buffer's admission (``areal_like/group_checks.py``) and the trainer's data source check it."""
+    the buffer's admission (``areal_like/wire/group_checks.py``) and the trainer's data source check
+    it."""
     return not mask_wire[1] or int(np.frombuffer(mask_wire[2], _U4)[0::2].max()) <= 1
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 
-from areal_like.protocol import BucketSpec
+from areal_like.wire.protocol import BucketSpec
 
 FLATTENED = "flattened_bucket"  # SGLang's load_format of a bucket broadcast as one uint8 buffer
 ITEMSIZE = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4,

@@ -5,8 +5,8 @@ each row is ``messages`` = one user message ("What is 37 + 45?"), ``answer`` ("8
 metadata columns, ``source`` (the kind of question) and ``level`` (``LEVELS`` below). Every question is distinct;
 ``EVAL_ROWS`` of them, drawn at random, form the eval split, so it is disjoint from train.
 
-Run ``python -m areal_like.data.make_math_chat [OUT_DIR]`` to rewrite the files; the test suite
-checks that ``rows()`` reproduces the committed files.
+Run ``python -m areal_like.tasks.data.make_math_chat [OUT_DIR]`` to rewrite the files; the test
+suite checks that ``rows()`` reproduces the committed files.
 """
 
 from __future__ import annotations
