@@ -42,40 +42,12 @@ from areal_like.net.auth import BIND_HOST_ENV, ENGINE_KEY_ENV, engine_api_key, e
 from areal_like.net.distributed import free_port
 from areal_like.net.security import make_keys
 from areal_like.settings.config import RunConfig, to_yaml
-from launch.local import (
-    ProcSpec,
-    Supervisor,
-    error_tail,
-    rotating_file,
-    write_json_atomic,
-    write_line,
-)
-from launch.placement import (
-    check_one_node,
-    needs_gpus,
-    place_nodes,
-    visible_devices,
-    with_weight_path,
-)
+from launch.local import ProcSpec, Supervisor, error_tail, rotating_file, write_json_atomic, write_line
+from launch.placement import check_one_node, needs_gpus, place_nodes, visible_devices, with_weight_path
 from launch.preflight import checked
-from launch.records import (
-    SUMMARY_WINDOW,
-    read_jsonl,
-    reward_of,
-    step_of,
-    summarize,
-    trainer_jsonl,
-    warm_plotting,
-)
+from launch.records import SUMMARY_WINDOW, read_jsonl, reward_of, step_of, summarize, trainer_jsonl, warm_plotting
 from launch.rundir import check_existing_run, check_resume_settings, lock_run_dir, write_settings
-from launch.topology import (
-    Topology,
-    apply_topology,
-    laptop_layout,
-    plan_topology,
-    wants_eval,
-    with_local_ipc,
-)
+from launch.topology import Topology, apply_topology, laptop_layout, plan_topology, wants_eval, with_local_ipc
 from launch.track_sink import JsonlTail, TrackerSink
 
 PROGRESS_EVERY_S = 5.0  # a live line this often keeps a terminal alive without flooding logs

@@ -45,14 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from areal_like.settings.config import ConfigError, RunConfig
-from launch.job import (
-    engine_start_s,
-    has_final_eval,
-    plan_job,
-    shares_gpu,
-    start_stage,
-    trainer_overrides,
-)
+from launch.job import engine_start_s, has_final_eval, plan_job, shares_gpu, start_stage, trainer_overrides
 from launch.placement import NodeGpus, node_roles, place_nodes, trainer_on_gpu, visible_devices
 from launch.topology import DaemonSlot, Topology, engine_address, split_address, wants_eval
 

@@ -82,14 +82,7 @@ from areal_like.net.metrics import Metrics
 from areal_like.settings.config import TaskConfig
 from areal_like.tasks.callables import import_function
 from rollout_server.reward_worker import SECRET_NAME, as_reward, scrubbed_env
-from rollout_server.sandbox import (
-    STARTUP_TIMEOUT_S,
-    SandboxLimits,
-    StartFailed,
-    Worker,
-    WorkerLost,
-    call_request,
-)
+from rollout_server.sandbox import STARTUP_TIMEOUT_S, SandboxLimits, StartFailed, Worker, WorkerLost, call_request
 
 __all__ = ["SECRET_NAME", "STARTUP_TIMEOUT_S", "RewardPool", "RewardPoolError", "Score", "scrubbed_env"]
 

@@ -47,13 +47,7 @@ from areal_like.job_facts import model_vocab_size
 from areal_like.net.security import Keys
 from areal_like.settings.config import RunConfig, TrainerConfig
 from areal_like.tasks.tokenizer import load_tokenizer
-from trainer.checkpoint import (
-    AsyncSaver,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    state_checksums,
-)
+from trainer.checkpoint import AsyncSaver, latest_checkpoint, load_checkpoint, save_checkpoint, state_checksums
 from trainer.data import BatchSource, TrainBatch
 from trainer.engine_lag import EngineSchedule
 from trainer.export import TMP_PREFIX as EXPORT_TMP_PREFIX

@@ -52,14 +52,7 @@ from trainer.advantages import AdvantageInputs, Advantages
 from trainer.data import TrainBatch
 from trainer.finite_guard import SKIPPED, all_finite
 from trainer.logprobs import CHUNK_TOKENS
-from trainer.losses import (
-    KERNELS,
-    Kernel,
-    accumulate_stats,
-    compute_policy_loss,
-    finalize_stats,
-    vcpo_is_weights,
-)
+from trainer.losses import KERNELS, Kernel, accumulate_stats, compute_policy_loss, finalize_stats, vcpo_is_weights
 from trainer.model import Policy, clip_gradients, evaluating
 from trainer.packing import Plan, plan_minibatch
 

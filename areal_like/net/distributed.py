@@ -188,12 +188,7 @@ class _Hosted:
 def _build_group(backend: str, raw, master_addr: str, world_size: int, rank: int, group_name: str,
                  timeout: timedelta, connect: timedelta):
     """The group over a connected store client ``raw``: gloo connects the ranks now, NCCL at its first op."""
-    from torch.distributed.distributed_c10d import (
-        Backend,
-        PrefixStore,
-        _new_process_group_helper,
-        _world,
-    )
+    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
 
     raw.set_timeout(connect)  # gloo connects the ranks through the store now
     store = PrefixStore(group_name, raw)

@@ -64,13 +64,7 @@ def worker(out: str, model_dir: str) -> None:
 
     torch.set_num_threads(1)
     from benchmarks.memory import PeakTensorBytes
-    from trainer.model import (
-        build_policy,
-        build_reference,
-        full_state_dict,
-        init_distributed,
-        leave_distributed,
-    )
+    from trainer.model import build_policy, build_reference, full_state_dict, init_distributed, leave_distributed
 
     res: dict = {}
     rank, world = init_distributed(_cfg().trainer)
