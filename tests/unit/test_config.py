@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import os
 from pathlib import Path
 
@@ -193,58 +192,6 @@ def test_an_unreadable_model_config_json_is_a_config_error_naming_model_path(tmp
                  lambda: request_frame_limit(cfg)):
         with pytest.raises(ConfigError, match="model.path=.*config.json"):
             fact()
-
-
-def areal_like_imports(root: Path, module: str) -> set[str]:
-    """The ``areal_like`` modules that ``module`` imports anywhere in it: ``import areal_like.x``,
-    ``from areal_like.x import y``, ``from areal_like import x`` and relative imports alike."""
-    base = root.joinpath(*module.split("."))
-    path = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
-    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
-
-    def found(name: str) -> bool:
-        where = root.joinpath(*name.split("."))
-        return where.with_suffix(".py").is_file() or (where / "__init__.py").is_file()
-
-    out = set()
-    for n in ast.walk(ast.parse(path.read_text())):
-        if isinstance(n, ast.Import):
-            out |= {a.name for a in n.names}
-        elif isinstance(n, ast.ImportFrom):
-            parts = package[:len(package) - n.level + 1] if n.level else []
-            source = ".".join(parts + ([n.module] if n.module else []))
-            out |= {f"{source}.{a.name}" if found(f"{source}.{a.name}") else source
-                    for a in n.names}
-    return {m for m in out if m.split(".")[0] == "areal_like" and found(m)}
-
-
-def test_config_reaches_no_task_code_even_inside_functions():
-    """Settings load without tasks, datasets or tokenizers, lazily or not: the facts they imply are
-    computed above config (areal_like/job_facts.py), so no import circle runs through config."""
-    root, seen, todo = Path(C.__file__).parents[2], set(), ["areal_like.settings.config"]
-    while todo:
-        module = todo.pop()
-        if module not in seen:
-            seen.add(module)
-            todo += areal_like_imports(root, module)
-    above = [m for m in seen if m.startswith("areal_like.tasks") or m == "areal_like.job_facts"]
-    assert not above, sorted(seen)
-
-
-def test_the_reach_check_sees_every_import_form(tmp_path):
-    pkg = tmp_path / "areal_like"
-    for wing in ("settings", "tasks", "sub"):
-        (pkg / wing).mkdir(parents=True)
-        (pkg / wing / "__init__.py").write_text("")
-    for name in ("__init__.py", "tasks/task.py", "tasks/datasets.py", "tasks/tokenizer.py"):
-        (pkg / name).write_text("")
-    (pkg / "settings" / "config.py").write_text(
-        "import areal_like.tasks.task\nimport os\n"
-        "def f():\n    from areal_like.tasks import datasets, nothing_here\n"
-        "    from ..tasks import tokenizer\n    from ..sub import x\n")
-    assert areal_like_imports(tmp_path, "areal_like.settings.config") == {
-        "areal_like.tasks.task", "areal_like.tasks.datasets", "areal_like.tasks",
-        "areal_like.tasks.tokenizer", "areal_like.sub"}
 
 
 @pytest.mark.parametrize("override", ["buffer.lease_timeout_s=inf", "trainer.batch_wait_s=nan",
