@@ -23,8 +23,8 @@ import signal
 import sys
 import threading
 
-from areal_like.auth import http_bind_host, metrics_token
-from areal_like.metrics import Metrics, MetricsServer
+from areal_like.net.auth import http_bind_host, metrics_token
+from areal_like.net.metrics import Metrics, MetricsServer
 
 GRACEFUL_STOP_S = 10.0  # after SIGTERM, how long stop() may take before the launcher's kill
 

@@ -1,9 +1,9 @@
 """Facts of the job that its config implies but does not state: the model's vocabulary and
 context, the largest frame a group can need, the prompts in one epoch of the task.
 
-They sit above config loading: ``areal_like.config`` only composes and validates settings and
-imports neither tasks, datasets nor tokenizers; this module reads the model's ``config.json``, the
-dataset and the tokenizer on behalf of the daemons that need a fact (``buffer/facts.py``,
+They sit above config loading: ``areal_like.settings.config`` only composes and validates settings
+and imports neither tasks, datasets nor tokenizers; this module reads the model's ``config.json``,
+the dataset and the tokenizer on behalf of the daemons that need a fact (``buffer/facts.py``,
 ``trainer/loop.py``). Invariants: the vocabulary, context and frame limit are read as JSON, never
 through torch or transformers, so the buffer computes them without either; a fact that cannot be
 computed because of a setting is a ``ConfigError`` naming that key (``model.path`` without a
@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from areal_like.config import ConfigError, ModelConfig, RunConfig, TaskConfig
-from areal_like.tasks import SYNTHETIC, make_task
-from areal_like.tokenizer import load_tokenizer
+from areal_like.settings.config import ConfigError, ModelConfig, RunConfig, TaskConfig
+from areal_like.tasks.task import SYNTHETIC, make_task
+from areal_like.tasks.tokenizer import load_tokenizer
 
 
 def model_json(model: ModelConfig, key: str) -> object:

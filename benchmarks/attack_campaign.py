@@ -34,7 +34,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from areal_like.config import load_config  # noqa: E402
+from areal_like.settings.config import load_config  # noqa: E402
 from benchmarks.attack_lib import ATTACKS, Target  # noqa: E402
 from launch.job import job_specs, prepare  # noqa: E402
 from launch.local import Supervisor  # noqa: E402

@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from areal_like import protocol as P
-from areal_like import security
-from areal_like.auth import read_key_file
-from areal_like.dealer import Client
 from areal_like.job_facts import request_frame_limit
-from areal_like.trajectory import Trajectory, as_f32, as_i32
-from areal_like.transport import TransportTimeout
+from areal_like.net import security
+from areal_like.net.auth import read_key_file
+from areal_like.net.dealer import Client
+from areal_like.net.transport import TransportTimeout
+from areal_like.wire import protocol as P
+from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 
 REQUEST_S = 20.0
 NESTED_DEPTH = 50_000
@@ -472,7 +472,7 @@ def checkpoint_pickle(t: Target) -> tuple[bool, str]:
     import torch
     import torch.distributed as dist
 
-    from areal_like.distributed import free_port
+    from areal_like.net.distributed import free_port
     from trainer.checkpoint import load_checkpoint, save_checkpoint
     from trainer.model import build_policy
 

@@ -1,17 +1,17 @@
 """Asynchronous versus synchronous RL on long-tail multi-turn episodes, on the same machine in one run.
 
 As ``bench_async.py`` (same measurement, same JSON convention), but every group is a set of
-multi-turn conversations whose turn counts follow a heavy tail (``areal_like/envs.py``: LongTail;
-``configs/experiment/bench_agentic.yaml``): most episodes take a turn or two, a few take up to 16,
-and a synchronous step waits for its slowest group. The system runs twice, with eta = 0 and eta
-= 4, the rollout pool and the trainer pool pinned to disjoint cores (launch.pin_cpus).
+multi-turn conversations whose turn counts follow a heavy tail (``areal_like/tasks/envs.py``:
+LongTail; ``configs/experiment/bench_agentic.yaml``): most episodes take a turn or two, a few take
+up to 16, and a synchronous step waits for its slowest group. The system runs twice, with eta = 0
+and eta = 4, the rollout pool and the trainer pool pinned to disjoint cores (launch.pin_cpus).
 
 One JSON line: figure = achieved speedup (trained samples/s at eta 4 over eta 0), baseline = the
 ideal speedup (G + T) / max(G, T) from the synchronous run's measured phases, ratio = achieved /
 ideal (goal >= 0.8), and the turn distribution the episodes had.
 
 ``--agent``: the same episodes written as an agent with the ``openai`` SDK
-(``areal_like/agents.py``: long_tail_agent) through the rollout server's agent endpoint
+(``areal_like/tasks/agents.py``: long_tail_agent) through the rollout server's agent endpoint
 (``rollout_server/agent_endpoint.py``) instead of the environment. ``--overhead``: no job; the
 endpoint's cost per call against a direct engine call (embedded engine, greedy, the same prompt
 and token count every way, the ways interleaved call by call, medians): one JSON line, figure =
@@ -38,11 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_async import run_job, speedup_line  # noqa: E402
 
-from areal_like.config import load_config  # noqa: E402
-from areal_like.envs import LongTail  # noqa: E402
-from areal_like.tasks import make_task  # noqa: E402
+from areal_like.settings.config import load_config  # noqa: E402
+from areal_like.tasks.envs import LongTail  # noqa: E402
+from areal_like.tasks.task import make_task  # noqa: E402
 
-AGENT = ["task.env=", "task.agent=areal_like.agents:long_tail_agent", "task.agent_workers=8"]
+AGENT = ["task.env=", "task.agent=areal_like.tasks.agents:long_tail_agent", "task.agent_workers=8"]
 
 
 def run_once(run_dir: Path, eta: int, args) -> list[dict]:
@@ -59,8 +59,8 @@ async def overhead(calls: int, tokens: int) -> dict:
     import aiohttp
     from openai import AsyncOpenAI
 
-    from areal_like.config import EngineConfig, ModelConfig
-    from areal_like.tokenizer import char_tokenizer
+    from areal_like.settings.config import EngineConfig, ModelConfig
+    from areal_like.tasks.tokenizer import char_tokenizer
     from rollout_server.agent_endpoint import AgentEndpoint
     from rollout_server.engine import EmbeddedEngine
     from rollout_server.episode import EpisodeContext, generate_sample

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from areal_like.config import load_config  # noqa: E402
+from areal_like.settings.config import load_config  # noqa: E402
 from launch.job import job_specs, prepare  # noqa: E402
 from launch.local import Supervisor  # noqa: E402
 from launch.records import step_records  # noqa: E402

@@ -85,9 +85,10 @@ import zmq
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from areal_like import protocol as P  # noqa: E402
-from areal_like import security  # noqa: E402
-from areal_like.config import (  # noqa: E402
+from areal_like.net import security  # noqa: E402
+from areal_like.net.dealer import Client  # noqa: E402
+from areal_like.net.distributed import free_port  # noqa: E402
+from areal_like.settings.config import (  # noqa: E402
     BufferConfig,
     LaunchConfig,
     RunConfig,
@@ -95,9 +96,8 @@ from areal_like.config import (  # noqa: E402
     TaskConfig,
     to_yaml,
 )
-from areal_like.dealer import Client  # noqa: E402
-from areal_like.distributed import free_port  # noqa: E402
-from areal_like.trajectory import Trajectory, as_f32, as_i32  # noqa: E402
+from areal_like.wire import protocol as P  # noqa: E402
+from areal_like.wire.trajectory import Trajectory, as_f32, as_i32  # noqa: E402
 from buffer.credits import CreditLedger  # noqa: E402
 from buffer.staleness import StalenessPolicy  # noqa: E402
 from buffer.wal import WriteAheadLog  # noqa: E402

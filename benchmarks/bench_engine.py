@@ -57,8 +57,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from areal_like.config import EngineConfig, ModelConfig  # noqa: E402
-from areal_like.hf import build_model  # noqa: E402
+from areal_like.settings.config import EngineConfig, ModelConfig  # noqa: E402
+from areal_like.weights.hf import build_model  # noqa: E402
 
 VOCAB = 4096
 

@@ -51,8 +51,8 @@ def long_tailed_batch(seqs: int, median: int, sigma: float, max_len: int, group:
                       seed: int = 0):
     import numpy as np
 
-    from areal_like.protocol import TrajectoryGroup
-    from areal_like.trajectory import Trajectory
+    from areal_like.wire.protocol import TrajectoryGroup
+    from areal_like.wire.trajectory import Trajectory
     from trainer.data import groups_to_batch
 
     rng = np.random.default_rng(seed)
@@ -89,7 +89,7 @@ def todays_plan(batch, rows, s, world: int = 1):
 
 
 def settings(overrides: list[str]):
-    from areal_like.config import load_config
+    from areal_like.settings.config import load_config
     from trainer.step import StepSettings
 
     cfg = load_config(["model=small", "trainer.loss.kernel=decoupled_ppo", "trainer.grad_clip=1e9",

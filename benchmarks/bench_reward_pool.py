@@ -5,7 +5,7 @@ among the workers, each worker getting its share queued at once: rollout_server/
 The baseline is the same samples scored one call each (a thread handoff and a round trip to a
 worker per sample: what the pool did per sample before shares), in the same run. The workload is
 one step of benchmarks/bench_vs_trl.py: 8 groups of 8 short answers to 2-digit additions, scored
-concurrently by the task's own reward (``areal_like.tasks:exact_match``) in 2 workers.
+concurrently by the task's own reward (``areal_like.tasks.task:exact_match``) in 2 workers.
 
 One JSON line: ``figure`` = wall ms per step with group calls, ``baseline`` = with sample calls
 (medians over ``--rounds``), ``ratio`` = baseline / figure (higher is better; goal >= 1.5: the pool
@@ -26,8 +26,8 @@ import statistics
 import sys
 import time
 
-from areal_like.config import load_config
-from areal_like.tasks import make_task
+from areal_like.settings.config import load_config
+from areal_like.tasks.task import make_task
 from rollout_server.reward_pool import RewardPool
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -5,8 +5,8 @@ Qwen2 of ``--hidden``/``--layers`` (default 512 x 12: 181 MiB of float32), kept 
 ``--requests`` long generations that are resubmitted across every pause exactly as a rollout
 server's episodes are (``rollout_server.episode.generate_sample``). A sender process plays trainer
 rank 0: it joins the weight group once and, per version, broadcasts the model in the buckets of
-``areal_like.weight_wire.plan_buckets`` (``BucketPipeline``, flattened) while this process applies
-the version as a rollout server does (``apply_weight_sync`` with the case's pause mode).
+``areal_like.wire.weight_wire.plan_buckets`` (``BucketPipeline``, flattened) while this process
+applies the version as a rollout server does (``apply_weight_sync`` with the case's pause mode).
 
 Cases: every pause mode SGLang 0.5.23 offers (``/pause_generation`` ``mode``: ``abort``,
 ``retract``, ``in_place``; ``sglang/srt/managers/io_struct.py``) x every ``--bucket-mb``. Per
@@ -53,7 +53,7 @@ GOAL_PAUSE_S = 0.1
 
 
 def model_config(args, path: str | None = None, seed: int = 0):
-    from areal_like.config import ModelConfig
+    from areal_like.settings.config import ModelConfig
 
     heads = max(1, args.hidden // 64)
     return ModelConfig(
@@ -75,8 +75,8 @@ def sender_main(spec: dict) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from areal_like.distributed import init_weight_group
-    from areal_like.hf import build_model
+    from areal_like.net.distributed import init_weight_group
+    from areal_like.weights.hf import build_model
     from trainer.weight_buckets import BucketPipeline
 
     state = build_model(model_config(argparse.Namespace(**spec["model"]), seed=1)).state_dict()
@@ -94,7 +94,7 @@ def sender_main(spec: dict) -> None:
 
 
 def plan(version: int, buckets, port: int, group: str, reform: bool):
-    from areal_like.protocol import SyncMember, WeightSyncPlan
+    from areal_like.wire.protocol import SyncMember, WeightSyncPlan
 
     return WeightSyncPlan(
         policy_version=version,
@@ -160,9 +160,9 @@ async def one_version(client, sender, p, mode: str) -> dict:
 
 async def run_case(server, args, mode: str, bucket_mb: float, first_version: int) -> list[dict]:
     """``--versions`` versions of one case on a busy engine, through one weight group."""
-    from areal_like.distributed import free_port
-    from areal_like.hf import build_model
-    from areal_like.weight_wire import plan_buckets
+    from areal_like.net.distributed import free_port
+    from areal_like.weights.hf import build_model
+    from areal_like.wire.weight_wire import plan_buckets
     from rollout_server.sglang_client import SGLangClient
 
     state = build_model(model_config(args)).state_dict()
@@ -229,9 +229,9 @@ def start_server(args, tmp: Path):
     import secrets
     from dataclasses import replace
 
-    from areal_like.config import load_config
-    from areal_like.hf import build_model
-    from areal_like.tokenizer import char_tokenizer
+    from areal_like.settings.config import load_config
+    from areal_like.tasks.tokenizer import char_tokenizer
+    from areal_like.weights.hf import build_model
     from rollout_server.launch_sglang import SGLangProcess
 
     build_model(model_config(args)).save_pretrained(tmp / "model")

@@ -58,7 +58,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from areal_like.config import load_config  # noqa: E402
+from areal_like.settings.config import load_config  # noqa: E402
 from launch.job import run_job  # noqa: E402
 from launch.records import eval_records, step_records  # noqa: E402
 

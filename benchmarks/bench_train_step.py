@@ -8,8 +8,8 @@ micro-batch, one optimizer step, one trainer rank (a world-size-1 process group,
 * ``trainer``: what a step of ``trainer/loop.py`` runs between the batch and the weight sync:
   ``recompute_prox_logp`` then ``train_step`` (advantages, forward/backward, clipping, AdamW, LR
   schedule, stats);
-* ``plain`` (baseline): ``areal_like.hf.build_model``'s unwrapped model on the same padded batch:
-  one forward, full-vocabulary ``log_softmax``, the same decoupled-PPO token loss against
+* ``plain`` (baseline): ``areal_like.weights.hf.build_model``'s unwrapped model on the same padded
+  batch: one forward, full-vocabulary ``log_softmax``, the same decoupled-PPO token loss against
   ``behav_logp`` with GRPO advantages, ``backward``, ``clip_grad_norm_``, ``AdamW.step``; no
   proximal recompute (the current policy's detached log-probs stand in for it).
 
@@ -40,8 +40,8 @@ import torch  # noqa: E402
 def workload_batch(n_groups: int, group_size: int, max_new: int, seed: int = 0):
     """A batch shaped like the addition task's: prompts ``"ab+cd="`` (7 char tokens with BOS-less
     char tokenizer ids), outputs of 2..max_new tokens, random behaviour log-probs and 0/1 rewards."""
-    from areal_like.protocol import TrajectoryGroup
-    from areal_like.trajectory import Trajectory
+    from areal_like.wire.protocol import TrajectoryGroup
+    from areal_like.wire.trajectory import Trajectory
     from trainer.data import groups_to_batch
 
     rng = np.random.default_rng(seed)
@@ -61,7 +61,7 @@ class Plain:
     """The baseline: one unwrapped HF model and AdamW, a textbook PPO-clip step on the padded batch."""
 
     def __init__(self, cfg, batch):
-        from areal_like.hf import build_model
+        from areal_like.weights.hf import build_model
 
         self.model = build_model(cfg.model)
         self.model.train()
@@ -111,7 +111,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="config overrides for both (key=value)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from areal_like.config import load_config
+    from areal_like.settings.config import load_config
     from trainer.model import build_policy, init_distributed
     from trainer.step import StepSettings
 

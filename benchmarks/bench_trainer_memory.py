@@ -40,8 +40,8 @@ sys.path.insert(0, str(REPO))
 def synthetic_batch(seqs: int, length: int, prompt: int = 32):
     import numpy as np
 
-    from areal_like.protocol import TrajectoryGroup
-    from areal_like.trajectory import Trajectory
+    from areal_like.wire.protocol import TrajectoryGroup
+    from areal_like.wire.trajectory import Trajectory
     from trainer.data import groups_to_batch
 
     rng = np.random.default_rng(0)
@@ -70,7 +70,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    from areal_like.config import load_config
+    from areal_like.settings.config import load_config
     from benchmarks.memory import GIB, PeakTensorBytes, estimate_peak_bytes, qwen2_shape
     from trainer.model import build_policy, init_distributed, leave_distributed
     from trainer.step import StepSettings, train_step

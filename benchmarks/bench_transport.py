@@ -18,15 +18,16 @@ ROUTER that answers a prebuilt reply of the same size without decoding anything.
   so part of what encoding once cost is paid here; this line keeps that cost in view.
 * **stream, CURVE** (``transport_stream_8xT_curve``: the cost of security): the stream pattern of
   ours on a third endpoint of the receiver, a ``Server`` made with the job's CURVE keys active
-  (``areal_like/security.py``: encrypted, client key checked by the ZAP handler at connect), from a
-  DEALER holding a client key. ``figure`` is its groups/s, ``baseline`` the unencrypted stream of
-  ours in the same rounds, ``ratio`` CURVE over unencrypted (goal >= 0.75 at T = 4096: CURVE costs
-  at most a quarter of the throughput); ``ratio_to_raw`` and ``unencrypted_ratio_to_raw`` put both
-  beside raw ZMQ. ``busiest_thread_cpu_us`` and ``thread_bound_ratio`` show where it goes: libzmq
-  runs the cipher in the one I/O thread of a connection, beside the TCP copies.
+  (``areal_like/net/security.py``: encrypted, client key checked by the ZAP handler at connect),
+  from a DEALER holding a client key. ``figure`` is its groups/s, ``baseline`` the unencrypted
+  stream of ours in the same rounds, ``ratio`` CURVE over unencrypted (goal >= 0.75 at T = 4096:
+  CURVE costs at most a quarter of the throughput); ``ratio_to_raw`` and
+  ``unencrypted_ratio_to_raw`` put both beside raw ZMQ. ``busiest_thread_cpu_us`` and
+  ``thread_bound_ratio`` show where it goes: libzmq runs the cipher in the one I/O thread of a
+  connection, beside the TCP copies.
 * **stream, same node** (``transport_stream_8xT_local``): the stream of ours into the same CURVE
-  socket through the ``ipc://`` endpoint it also binds (as the buffer does for a one-node run:
-  no CURVE there, peers of this user only; ``areal_like/security.py``), from a DEALER holding the
+  socket through the ``ipc://`` endpoint it also binds (as the buffer does for a one-node run: no
+  CURVE there, peers of this user only; ``areal_like/net/security.py``), from a DEALER holding the
   client key as a same-node rollout server does. ``baseline`` is the unencrypted tcp stream,
   ``ratio_to_curve`` the gain over CURVE.
 * **reqrep** (for reference): ``Client.request`` with one request in flight, as a single
@@ -65,12 +66,12 @@ import tempfile  # noqa: E402
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
-from areal_like import protocol as P  # noqa: E402
-from areal_like import security  # noqa: E402
-from areal_like.dealer import Client  # noqa: E402
-from areal_like.distributed import free_port  # noqa: E402
-from areal_like.trajectory import Trajectory  # noqa: E402
-from areal_like.transport import FrameWriter, local_addresses, new_socket  # noqa: E402
+from areal_like.net import security  # noqa: E402
+from areal_like.net.dealer import Client  # noqa: E402
+from areal_like.net.distributed import free_port  # noqa: E402
+from areal_like.net.transport import FrameWriter, local_addresses, new_socket  # noqa: E402
+from areal_like.wire import protocol as P  # noqa: E402
+from areal_like.wire.trajectory import Trajectory  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from transport_report import (  # noqa: E402
@@ -92,8 +93,9 @@ WINDOW = GOAL_WINDOW  # requests in flight in the stream pattern (--window)
 # in argv[4]) on argv[3] and, like the buffer's, on the same-node endpoint argv[5]; one poll loop.
 RECEIVER = """
 import sys, zmq
-from areal_like import protocol as P, security
-from areal_like.transport import Server
+from areal_like.wire import protocol as P
+from areal_like.net import security
+from areal_like.net.transport import Server
 
 server = Server(sys.argv[1])
 curve = Server(sys.argv[3], keys=security.load(sys.argv[4], security.SERVER),

@@ -47,8 +47,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from areal_like.config import RunConfig, load_config  # noqa: E402
-from areal_like.tasks import Example, exact_match, make_task  # noqa: E402
+from areal_like.settings.config import RunConfig, load_config  # noqa: E402
+from areal_like.tasks.task import Example, exact_match, make_task  # noqa: E402
 from launch.job import job_specs, prepare  # noqa: E402
 from launch.local import Supervisor  # noqa: E402
 from launch.records import read_jsonl, step_records, trainer_jsonl  # noqa: E402
@@ -89,7 +89,7 @@ def workload(run_dir: Path, eta: int = 0) -> RunConfig:
 
 def heldout(model, cfg: RunConfig, n: int) -> dict:
     """Greedy (and sampled) accuracy on the first ``n`` eval-split prompts, one scorer for everyone."""
-    from areal_like.tokenizer import load_tokenizer
+    from areal_like.tasks.tokenizer import load_tokenizer
 
     task = make_task(cfg.task, split="eval")
     idx = list(range(min(n, len(task))))
@@ -99,7 +99,7 @@ def heldout(model, cfg: RunConfig, n: int) -> dict:
 
 
 def load_hf(cfg: RunConfig, path: str | Path):
-    from areal_like.hf import build_model
+    from areal_like.weights.hf import build_model
 
     return build_model(dataclasses.replace(cfg.model, path=str(path)), "cpu", "float32")
 
@@ -150,7 +150,7 @@ def run_trl(root: Path, warm: str, cpus: list[int], budget_s: float, eval_n: int
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from areal_like.tokenizer import load_tokenizer
+    from areal_like.tasks.tokenizer import load_tokenizer
 
     os.sched_setaffinity(0, cpus)
     torch.set_num_threads(len(cpus))

@@ -1,13 +1,14 @@
 """Weight sync through the real code path (trainer sender -> 2 embedded engines over HTTP) vs one flat broadcast.
 
-Three processes on loopback. Rank 0 plays trainer rank 0: it builds a Qwen2 (``areal_like.hf.build_model``;
-default hidden 512, 4 layers, vocab 8192: ~24M fp32 parameters, ~96 MB) and sends it in the buckets
-of ``areal_like.weight_wire.plan_buckets`` (64 MB). Ranks 1-2 each run a real ``EmbeddedEngine``
-(HTTP server, scheduler, ``WeightUpdater``) with a differently initialised copy of the model, and
-apply every sync exactly as a rollout server does: ``rollout_server.weight_update.apply_weight_sync``
-over ``SGLangClient`` (``/pause_generation``, ``/begin_weight_update``, one
-``/update_weights_from_distributed`` per bucket, ``/end_weight_update``, ``/continue_generation``).
-The weight group is formed once, as in a real run (``/init_weights_update_group`` + rank 0's join).
+Three processes on loopback. Rank 0 plays trainer rank 0: it builds a Qwen2
+(``areal_like.weights.hf.build_model``; default hidden 512, 4 layers, vocab 8192: ~24M fp32
+parameters, ~96 MB) and sends it in the buckets of ``areal_like.wire.weight_wire.plan_buckets`` (64
+MB). Ranks 1-2 each run a real ``EmbeddedEngine`` (HTTP server, scheduler, ``WeightUpdater``) with a
+differently initialised copy of the model, and apply every sync exactly as a rollout server does:
+``rollout_server.weight_update.apply_weight_sync`` over ``SGLangClient`` (``/pause_generation``,
+``/begin_weight_update``, one ``/update_weights_from_distributed`` per bucket,
+``/end_weight_update``, ``/continue_generation``). The weight group is formed once, as in a real run
+(``/init_weights_update_group`` + rank 0's join).
 
 Cases, interleaved in every trial, one JSON line each for the two sync formats:
 * ``flattened`` (what the system does): each bucket packed into one uint8 buffer and broadcast with
@@ -73,7 +74,7 @@ CASES = ("flat", "per_tensor", "flattened")  # flattened last: the final checksu
 
 
 def model_config(args: argparse.Namespace, seed: int):
-    from areal_like.config import ModelConfig
+    from areal_like.settings.config import ModelConfig
 
     heads = max(1, args.hidden // 64)
     return ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
@@ -86,7 +87,7 @@ def sender(args: argparse.Namespace, wport: int, buckets, model):
     import torch
     import torch.distributed as dist
 
-    from areal_like.distributed import init_weight_group
+    from areal_like.net.distributed import init_weight_group
     from trainer.weight_buckets import BucketPipeline
 
     pg = init_weight_group("gloo", "127.0.0.1", wport, 3, 0, GROUP, GROUP_TIMEOUT_S)
@@ -120,8 +121,8 @@ async def receiver_trials(args: argparse.Namespace, rank: int, wport: int, bucke
     import torch
     import torch.distributed as dist
 
-    from areal_like.protocol import SyncMember, WeightSyncPlan
-    from areal_like.weight_wire import FLATTENED
+    from areal_like.wire.protocol import SyncMember, WeightSyncPlan
+    from areal_like.wire.weight_wire import FLATTENED
     from rollout_server.sglang_client import SGLangClient
     from rollout_server.weight_update import apply_weight_sync
 
@@ -178,9 +179,9 @@ def worker(rank: int, cport: int, wport: int, args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     sys.path.insert(0, str(REPO))
-    from areal_like.config import EngineConfig
-    from areal_like.hf import build_model, state_checksum
-    from areal_like.weight_wire import plan_buckets
+    from areal_like.settings.config import EngineConfig
+    from areal_like.weights.hf import build_model, state_checksum
+    from areal_like.wire.weight_wire import plan_buckets
     from rollout_server.engine import EmbeddedEngine
 
     engine = None
@@ -241,7 +242,7 @@ def report(results: dict, nbytes: int, n_buckets: int, n_tensors: int, args: arg
 def system_run(run_dir: Path, overlap: bool, args: argparse.Namespace,
                extra: list[str] = ()) -> list[dict]:
     """One run of the real system on the small-model workload; the trainer's per-step records."""
-    from areal_like.config import load_config
+    from areal_like.settings.config import load_config
     from launch.job import job_specs, prepare
     from launch.local import Supervisor
     from launch.records import step_records
@@ -340,7 +341,7 @@ def main() -> None:
         worker(args.rank, cport, wport, args)
         return
     sys.path.insert(0, str(REPO))
-    from areal_like.distributed import free_port
+    from areal_like.net.distributed import free_port
 
     ports = f"{free_port()},{free_port()}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

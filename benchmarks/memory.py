@@ -29,7 +29,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
-from areal_like.config import ModelConfig
+from areal_like.settings.config import ModelConfig
 
 GIB = 2**30
 

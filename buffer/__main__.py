@@ -13,9 +13,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from areal_like import security
-    from areal_like.config import ConfigError, load_daemon_config
     from areal_like.daemon import setup_logging
+    from areal_like.net import security
+    from areal_like.settings.config import ConfigError, load_daemon_config
     from buffer.dirlock import WalInUse
     from buffer.service import BufferService
 

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import msgspec
 
-from areal_like import protocol as P
-from areal_like.codec import field_names
-from areal_like.ratelog import RateLimitedLog
+from areal_like.net.ratelog import RateLimitedLog
+from areal_like.wire import protocol as P
+from areal_like.wire.codec import field_names
 
 SYNC_RESULTS_KEEP = 8  # versions of SyncDone results kept for SyncStatusRequest
 ABSENT_KEEP = 4096  # absent server ids remembered (kept past expiry: silence is no sign of life)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from areal_like.protocol import TrajectoryGroup
+from areal_like.wire.protocol import TrajectoryGroup
 from buffer.staleness import StalenessPolicy
 
 MAX_GROUP_ID_BYTES = 1024  # ids are "<server_id>-<lease_id>"; the WAL stores the length in 16 bits

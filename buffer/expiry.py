@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from areal_like import protocol as P
+from areal_like.wire import protocol as P
 from buffer.control import ControlPlane
 from buffer.credits import CreditLedger
 from buffer.instruments import BufferMetrics

@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from areal_like.config import RunConfig
 from areal_like.job_facts import dataset_size, model_vocab_size, request_frame_limit
-from areal_like.security import Keys
-from areal_like.tasks import prompt_layout
+from areal_like.net.security import Keys
+from areal_like.settings.config import RunConfig
+from areal_like.tasks.task import prompt_layout
 
 MIN_SERVERS = 8  # buffer/peer_caps.py: the roster allowance of one member key, at least
 
@@ -30,7 +30,8 @@ class BufferFacts:
     wal_dir: Path  # buffer.wal_dir resolved against run_dir
     local_dir: Path | None  # buffer.local_dir resolved against run_dir: same-node ipc:// sockets (None: none)
     max_servers: int = 8  # server ids one member key may have on the roster (buffer/peer_caps.py)
-    prompt_layout: str = ""  # the task's prompt encoding (areal_like.tasks.prompt_layout): logged
+    # the task's prompt encoding (areal_like.tasks.task.prompt_layout): logged
+    prompt_layout: str = ""
     keys: Keys | None = None  # the server's CURVE keys (None: plain sockets)
 
     @classmethod

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from areal_like import protocol as P
+from areal_like.wire import protocol as P
 from buffer.instruments import BufferMetrics
 from buffer.replay_buffer import ReplayBuffer, StoredGroup
 from buffer.wal import WalFailed

@@ -9,8 +9,8 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
 
-from areal_like.metrics import Metrics
-from areal_like.security import REFUSAL_REASONS
+from areal_like.net.metrics import Metrics
+from areal_like.net.security import REFUSAL_REASONS
 
 COUNTERS = ("groups_accepted", "groups_duplicate", "groups_consumed", "credits_granted", "credits_expired",
             "credits_reissued", "credits_released", "wal_bytes_written", "batches_redelivered", "groups_redelivered",

@@ -40,8 +40,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Container, Iterable
 
-from areal_like import protocol as P
-from areal_like.transport import LOCAL_MEMBER
+from areal_like.net.transport import LOCAL_MEMBER
+from areal_like.wire import protocol as P
 from buffer.facts import MIN_SERVERS
 from buffer.handout import PendingBatch
 

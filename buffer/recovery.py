@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from areal_like.daemon import StartRefused
-from areal_like.protocol import ProtocolError, TrajectoryGroup, decode
+from areal_like.wire.protocol import ProtocolError, TrajectoryGroup, decode
 from buffer.credits import CreditLedger
 from buffer.replay_buffer import ReplayBuffer
 from buffer.wal import Record, WalRef, WriteAheadLog

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import islice
 
-from areal_like.protocol import TrajectoryGroup
+from areal_like.wire.protocol import TrajectoryGroup
 from buffer.staleness import StalenessPolicy
 
 SELECTIONS = ("oldest", "newest", "fifo")

@@ -23,14 +23,15 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 
-from areal_like import group_checks, security
-from areal_like import protocol as P
-from areal_like.config import BufferConfig, RunConfig
 from areal_like.daemon import Daemon
-from areal_like.peers import is_trainer_peer, takes_trainer_prefix
-from areal_like.pubsub import Publisher
-from areal_like.ratelog import RateLimitedLog
-from areal_like.transport import LOCAL_MEMBER, Server, local_addresses
+from areal_like.net import security
+from areal_like.net.peers import is_trainer_peer, takes_trainer_prefix
+from areal_like.net.pubsub import Publisher
+from areal_like.net.ratelog import RateLimitedLog
+from areal_like.net.transport import LOCAL_MEMBER, Server, local_addresses
+from areal_like.settings.config import BufferConfig, RunConfig
+from areal_like.wire import group_checks
+from areal_like.wire import protocol as P
 from buffer import peer_caps
 from buffer.control import ControlPlane
 from buffer.credits import CreditLedger, Lease, invalid_group, version_range

@@ -194,7 +194,7 @@ def _exec_trainer(rest: list[str]) -> int:
 
 
 def _load(overrides: list[str]):
-    from areal_like.config import ConfigError, load_config
+    from areal_like.settings.config import ConfigError, load_config
 
     try:
         return load_config(overrides)
@@ -213,7 +213,7 @@ def _errors(e: Exception) -> int:
 def _print_config(overrides: list[str]) -> int:
     """The config the daemons would read: hub ids resolved to local directories, inputs checked,
     and laid out as ``run`` lays it out (``launch.job.plan_job``: GPUs, weight path, addresses)."""
-    from areal_like.config import ConfigError, to_yaml
+    from areal_like.settings.config import ConfigError, to_yaml
     from launch.job import plan_job
     from launch.preflight import checked
 
@@ -229,7 +229,7 @@ def _print_config(overrides: list[str]) -> int:
 
 
 def _run(overrides: list[str], quiet: bool, accept_changes: bool = False) -> int:
-    from areal_like.config import ConfigError
+    from areal_like.settings.config import ConfigError
     from launch.job import run_job
 
     cfg = _load(overrides)
@@ -246,7 +246,7 @@ def _run(overrides: list[str], quiet: bool, accept_changes: bool = False) -> int
 
 def _plan(overrides: list[str]) -> int:
     """``run``'s planning step (``launch.job.plan_job``) without writing or starting anything."""
-    from areal_like.config import ConfigError
+    from areal_like.settings.config import ConfigError
     from launch.job import laid_out, plan_job
     from launch.topology import layout_line, plan_lines
 
@@ -267,8 +267,8 @@ def _plan(overrides: list[str]) -> int:
 def _keys(run_dir: str, keys_dir: str | None) -> int:
     from pathlib import Path
 
-    from areal_like.auth import KEY_FILE, ensure_key_file, read_key_file
-    from areal_like.security import make_keys
+    from areal_like.net.auth import KEY_FILE, ensure_key_file, read_key_file
+    from areal_like.net.security import make_keys
 
     target = Path(keys_dir) if keys_dir else Path(run_dir) / "keys"
     written = make_keys(target)
@@ -284,7 +284,7 @@ def _track(run_dir: str, overrides: list[str], once: bool) -> int:
     import threading
     from pathlib import Path
 
-    from areal_like.config import ConfigError, load_daemon_config
+    from areal_like.settings.config import ConfigError, load_daemon_config
     from launch.track_sink import TrackerSink, follow
 
     try:

@@ -10,9 +10,9 @@
 1. warm start (``launch/warmstart.py``) when ``warm_start.steps > 0`` (cached across runs);
 2. plan ports, CPU pools and GPUs (``launch/topology.py``, ``launch/placement.py``; ``plan_job``,
    which ``areal-like plan`` prints without starting anything), make the job's CURVE keys in
-   ``<run_dir>/keys`` (``areal_like/security.py``; unless ``security.curve=false``), write ``<run_dir>/config.yaml`` (the only
-   config every daemon reads), ``ports.json`` (for ``areal-like top|status``) and
-   ``prometheus_targets.json`` (Prometheus file_sd);
+   ``<run_dir>/keys`` (``areal_like/net/security.py``; unless ``security.curve=false``), write
+   ``<run_dir>/config.yaml`` (the only config every daemon reads), ``ports.json`` (for
+   ``areal-like top|status``) and ``prometheus_targets.json`` (Prometheus file_sd);
 3. run the supervisor over the buffer, K rollout servers and ``torchrun -m trainer`` (one rank:
    ``python -m trainer`` itself), with a live
    progress line read from ``<run_dir>/metrics/trainer.jsonl``, a periodic scrape of every
@@ -37,11 +37,11 @@ import sys
 import time
 from pathlib import Path
 
-from areal_like.auth import BIND_HOST_ENV, ENGINE_KEY_ENV, engine_api_key, ensure_key_file
-from areal_like.config import RunConfig, to_yaml
 from areal_like.daemon import MALLOC_ENV
-from areal_like.distributed import free_port
-from areal_like.security import make_keys
+from areal_like.net.auth import BIND_HOST_ENV, ENGINE_KEY_ENV, engine_api_key, ensure_key_file
+from areal_like.net.distributed import free_port
+from areal_like.net.security import make_keys
+from areal_like.settings.config import RunConfig, to_yaml
 from launch.local import ProcSpec, Supervisor, error_tail, rotating_file, write_json_atomic, write_line
 from launch.placement import check_one_node, needs_gpus, place_nodes, visible_devices, with_weight_path
 from launch.preflight import checked
@@ -113,7 +113,8 @@ def prepare(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, T
     if cfg.security.curve:  # the job's CURVE keys, no user step (kept when the run resumes)
         make_keys(cfg.resolve_path(cfg.security.keys_dir))
     path = run_dir / "config.yaml"
-    path.write_text(to_yaml(cfg))  # no credential in it: they travel in the environment (areal_like/auth.py)
+    # no credential in it: they travel in the environment (areal_like/net/auth.py)
+    path.write_text(to_yaml(cfg))
     if engine_api_key(run_dir) is None:
         ensure_key_file(run_dir)  # the job's engine API key (kept on resume), which job_specs hands out
     return cfg, topo, path
@@ -251,7 +252,7 @@ class Monitor:
                 f"version {last.get('policy_version', '?')}  {elapsed:.0f}s")
 
     def scrape(self) -> None:
-        from areal_like.metrics import scrape
+        from areal_like.net.metrics import scrape
 
         for slot in self.topo.slots:
             try:

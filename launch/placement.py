@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from areal_like.config import ConfigError, RunConfig
+from areal_like.settings.config import ConfigError, RunConfig
 
 SHARED_MEM_FRACTION_DEFAULT = 0.4  # one shared GPU, fraction unset: what SGLang gets
 SHARED_MEM_FRACTION_MAX = 0.6  # one shared GPU: SGLang's static share; the trainer's weights, grads, Adam need the rest
@@ -241,7 +241,7 @@ def with_weight_path(cfg: RunConfig) -> RunConfig:
     placed = place_nodes(cfg)
     shared = placed is not None and any(n.shared for n in placed)
     ws, ec = cfg.trainer.weight_sync, cfg.rollout.engine
-    if ws.path == "auto":  # LoRA: the adapter goes over the group path (areal_like/lora.py)
+    if ws.path == "auto":  # LoRA: the adapter goes over the group path (areal_like/weights/lora.py)
         path = "tensor" if shared and not cfg.trainer.lora.enabled else "distributed"
         cfg = replace(cfg, trainer=replace(cfg.trainer, weight_sync=replace(ws, path=path)))
     if shared and ec.kind == "sglang" and ec.sglang.get("mem_fraction_static") is None:

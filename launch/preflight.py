@@ -4,7 +4,7 @@ A missing model directory, dataset file or reward function would otherwise pass 
 validators and fail 10-30 s later inside three daemons at once, with tracebacks and restarts.
 ``checked(cfg)`` is the one entry: ``areal-like run`` (before the warm start and before any daemon)
 and ``areal-like config`` call it. It resolves hub ids to local directories
-(``areal_like.hf.resolve_models``), runs every check below on the result and raises
+(``areal_like.weights.hf.resolve_models``), runs every check below on the result and raises
 ``PreflightError``: one line per problem, each naming its key. It checks:
 
 * ``model.path``: a directory with config.json and weights, and a tokenizer unless
@@ -45,9 +45,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from areal_like.callables import split_function_path
-from areal_like.config import ConfigError, RunConfig
-from areal_like.hf import (
+from areal_like.settings.config import ConfigError, RunConfig
+from areal_like.tasks.callables import split_function_path
+from areal_like.weights.hf import (
     TOKENIZER_FILES,
     TOKENIZER_NAMES,
     WEIGHT_GLOBS,
@@ -55,7 +55,7 @@ from areal_like.hf import (
     holds,
     resolve_models,
 )
-from areal_like.lora import check_targets
+from areal_like.weights.lora import check_targets
 from rollout_server.reward_worker import scrubbed_env
 
 REWARD_IMPORT_TIMEOUT_S = 120.0  # a reward module importing a big library on a loaded machine
@@ -144,12 +144,12 @@ def check_task_files(cfg: RunConfig) -> list[str]:
 
 def check_dataset_columns(cfg: RunConfig) -> list[str]:
     """The columns the task keys name exist in ``task.dataset_path`` and ``task.eval_path``, and
-    every row makes an example (``areal_like.datasets.check_rows``: one line for all the bad rows);
-    reads the files as the daemons will (``areal_like.datasets.load_table``)."""
+    every row makes an example (``areal_like.tasks.datasets.check_rows``: one line for all the bad
+    rows); reads the files as the daemons will (``areal_like.tasks.datasets.load_table``)."""
     t, out = cfg.task, []
     if t.name != "dataset":
         return out
-    from areal_like.datasets import check_rows, load_table, task_columns
+    from areal_like.tasks.datasets import check_rows, load_table, task_columns
 
     for key, value in (("task.dataset_path", t.dataset_path), ("task.eval_path", t.eval_path)):
         if not value or not Path(value).expanduser().exists():
@@ -168,15 +168,16 @@ def check_dataset_columns(cfg: RunConfig) -> list[str]:
 
 def check_chat_template(cfg: RunConfig) -> list[str]:
     """``task.chat_template`` other than auto/none: a file or an inline template (as
-    ``areal_like.tasks.chat_template_of`` reads it) that compiles as transformers compiles it for
-    ``apply_chat_template`` (its sandbox and extensions: loop controls, ``{% generation %}``)."""
+    ``areal_like.tasks.task.chat_template_of`` reads it) that compiles as transformers compiles it
+    for ``apply_chat_template`` (its sandbox and extensions: loop controls,
+    ``{% generation %}``)."""
     value = cfg.task.chat_template
     if value in ("auto", "none"):
         return []
     import jinja2
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
-    from areal_like.tasks import chat_template_of
+    from areal_like.tasks.task import chat_template_of
 
     try:
         text = chat_template_of(None, cfg.task)  # the tokenizer is read only for auto
@@ -196,7 +197,7 @@ def check_chat_format(cfg: RunConfig) -> list[str]:
     t = cfg.task
     if t.name != "dataset" or not t.messages_key or t.chat_template != "auto":
         return []
-    from areal_like.tokenizer import load_tokenizer
+    from areal_like.tasks.tokenizer import load_tokenizer
 
     try:
         tokenizer = load_tokenizer(cfg.model)
@@ -283,8 +284,8 @@ def check_env(cfg: RunConfig) -> list[str]:
     """``task.env`` (multi-turn episodes) loads as a rollout server will load it."""
     if not cfg.task.env:
         return []
-    from areal_like.environment import load_environment
-    from areal_like.tools import ToolRegistry
+    from areal_like.tasks.environment import load_environment
+    from areal_like.tasks.tools import ToolRegistry
 
     try:
         ToolRegistry(getattr(load_environment(cfg.task.env), "tools", None))

@@ -31,7 +31,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from areal_like.config import ConfigError, RunConfig
+from areal_like.settings.config import ConfigError, RunConfig
 
 LOCK_FILE = "job.lock"  # in run_dir; holds the PID of the areal-like run that took it
 SETTINGS_FILE = "settings.yaml"  # in run_dir: the config as given to the last areal-like run
@@ -105,7 +105,7 @@ def changed_settings(cfg: RunConfig) -> list[str]:
     older version, or a fresh one) or nothing changed."""
     from omegaconf import OmegaConf
 
-    from areal_like.config import from_yaml
+    from areal_like.settings.config import from_yaml
 
     path = Path(cfg.run_dir).resolve() / SETTINGS_FILE
     if not path.is_file():
@@ -133,7 +133,7 @@ def check_resume_settings(cfg: RunConfig, accept: bool) -> list[str]:
 
 def write_settings(cfg: RunConfig) -> None:
     """``cfg`` (as given, before the layout) into ``settings.yaml``: what the next resume compares."""
-    from areal_like.config import to_yaml
+    from areal_like.settings.config import to_yaml
 
     path = Path(cfg.run_dir).resolve() / SETTINGS_FILE
     tmp = path.with_suffix(".tmp")

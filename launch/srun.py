@@ -44,7 +44,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from areal_like.config import ConfigError, RunConfig
+from areal_like.settings.config import ConfigError, RunConfig
 from launch.job import engine_start_s, has_final_eval, plan_job, shares_gpu, start_stage, trainer_overrides
 from launch.placement import NodeGpus, node_roles, place_nodes, trainer_on_gpu, visible_devices
 from launch.topology import DaemonSlot, Topology, engine_address, split_address, wants_eval
@@ -315,7 +315,7 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["after"]:
         return after(argv[1:])
     if argv[:1] == ["final-eval"] and len(argv) == 5 and argv[1::2] == ["--config-file", "--pid"]:
-        from areal_like.config import load_daemon_config
+        from areal_like.settings.config import load_daemon_config
 
         return final_eval(load_daemon_config(["--config-file", argv[2]]), int(argv[4]))
     ap = argparse.ArgumentParser(prog="python -m launch.srun", description=__doc__.split("\n")[0])
@@ -336,7 +336,7 @@ def main(argv: list[str]) -> int:
         if args.command == "head-ip":
             print(head_ip(args.iface))
             return 0
-        from areal_like.config import load_daemon_config
+        from areal_like.settings.config import load_daemon_config
 
         cfg = load_daemon_config(["--config-file", args.config_file])
         hosts = args.hosts.split(",")

@@ -130,7 +130,7 @@ def _last_step(run_dir: Path) -> dict | None:
 
 
 def snapshot(info: dict) -> dict[str, dict[str, float] | None]:
-    from areal_like.metrics import scrape
+    from areal_like.net.metrics import scrape
 
     out: dict[str, dict[str, float] | None] = {}
     for d in info["daemons"]:

@@ -38,7 +38,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from areal_like.config import ConfigError, RunConfig
+from areal_like.settings.config import ConfigError, RunConfig
 from launch.placement import COUNTS, node_roles, place_nodes, split_address, visible_devices
 
 # At eta 0 the trainer's idle OpenMP threads spin this many rounds (libgomp's default: 300,000), not
@@ -252,7 +252,7 @@ def _rollout_slot(cfg: RunConfig, j: int, port: int, cpus: tuple[int, ...] | Non
 
 def wants_eval(cfg: RunConfig) -> bool:
     """Whether the job evaluates at all: an eval is scheduled and the task has an eval split."""
-    from areal_like.tasks import has_eval_split
+    from areal_like.tasks.task import has_eval_split
 
     return (cfg.eval.every > 0 or cfg.eval.at_end) and has_eval_split(cfg.task)
 
@@ -277,11 +277,12 @@ def apply_topology(cfg: RunConfig, topo: Topology) -> RunConfig:
 
 def with_local_ipc(cfg: RunConfig) -> RunConfig:
     """A one-node job (``launch.nodes == 1``, ``security.local_ipc``): the buffer also serves ipc://
-    sockets in ``<run_dir>/sock`` (or ``buffer.local_dir`` when set) and every daemon reaches it there, without CURVE (same user only:
-    areal_like/security.py); its tcp:// addresses stay for tools and other nodes. Unchanged when the
-    socket paths would not fit AF_UNIX's limit (a very deep run_dir): tcp with CURVE then."""
-    from areal_like.security import IPC_PATH_MAX
-    from areal_like.transport import local_addresses
+    sockets in ``<run_dir>/sock`` (or ``buffer.local_dir`` when set) and every daemon reaches it
+    there, without CURVE (same user only: areal_like/net/security.py); its tcp:// addresses stay for
+    tools and other nodes. Unchanged when the socket paths would not fit AF_UNIX's limit (a very
+    deep run_dir): tcp with CURVE then."""
+    from areal_like.net.security import IPC_PATH_MAX
+    from areal_like.net.transport import local_addresses
 
     if cfg.launch.nodes != 1 or not cfg.security.local_ipc:
         return cfg

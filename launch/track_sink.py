@@ -30,7 +30,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from areal_like.schema import RunConfig
+from areal_like.settings.schema import RunConfig
 from launch.tracking import Tracker, build_trackers, flatten
 
 log = logging.getLogger("launch.track_sink")

@@ -37,7 +37,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-from areal_like.schema import ConfigError, RunConfig
+from areal_like.settings.schema import ConfigError, RunConfig
 
 # tracker -> (importable modules, any one of which is enough; the pip extra that installs one)
 TRACKER_MODULES: dict[str, tuple[tuple[str, ...], str]] = {

@@ -10,8 +10,8 @@ The result is cached under ``<run_dir>/../<warm_start.cache_dir>/<key>`` where `
 model, task and warm-start settings, so later runs of the same experiment skip it. The directory
 is written under a temporary name and renamed, so a crash never leaves a half-written cache.
 
-The token layout is the rollout server's: ``encode_prompt`` (``areal_like.tasks``: a plain prompt
-as plain text, e.g. the char tokenizer's ``<bos>`` + characters, a chat row through the chat
+The token layout is the rollout server's: ``encode_prompt`` (``areal_like.tasks.task``: a plain
+prompt as plain text, e.g. the char tokenizer's ``<bos>`` + characters, a chat row through the chat
 template with its generation prompt) followed by the answer's ids and the tokenizer's EOS.
 """
 
@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from areal_like.config import RunConfig
+from areal_like.settings.config import RunConfig
 
 LOG_EVERY = 100  # warm-start steps between progress lines
 EVAL_PROMPTS = 128  # prompts for the before/after accuracy line (greedy and sampled)
@@ -74,7 +74,7 @@ def ensure_warm_start(cfg: RunConfig, log: Callable[[str], None] = print) -> Run
 
 def _pairs(task, indices: list[int], tok) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, answer ids + EOS) of the task's examples, as the rollout server lays them out."""
-    from areal_like.tasks import encode_prompt
+    from areal_like.tasks.task import encode_prompt
 
     if tok.eos_token_id is None:
         raise ValueError("the warm start needs a tokenizer with an EOS token (the model learns to stop)")
@@ -89,9 +89,9 @@ def _pairs(task, indices: list[int], tok) -> list[tuple[list[int], list[int]]]:
 def _demo_pairs(cfg: RunConfig, task, indices: list[int], tok, rng: random.Random) -> list[tuple[list[int], list[int]]]:
     """Multi-turn tasks (``task.env``, or ``task.agent`` with a ``demo``): one (context ids,
     turn ids + EOS) pair per assistant turn of the ``demo`` conversations, laid out as the
-    rollout server's episodes are (``areal_like.environment.ChatRenderer``)."""
-    from areal_like.callables import import_function
-    from areal_like.environment import ChatRenderer, env_template
+    rollout server's episodes are (``areal_like.tasks.environment.ChatRenderer``)."""
+    from areal_like.tasks.callables import import_function
+    from areal_like.tasks.environment import ChatRenderer, env_template
 
     env_cls = import_function(cfg.task.env or cfg.task.agent)  # an agent may carry a .demo too
     if not callable(getattr(env_cls, "demo", None)):
@@ -129,9 +129,9 @@ def _batch(pairs: list[tuple[list[int], list[int]]]):
 def train_warm_start(cfg: RunConfig, out: Path, log: Callable[[str], None] = print) -> None:
     import torch
 
-    from areal_like.hf import build_model
-    from areal_like.tasks import make_task
-    from areal_like.tokenizer import load_tokenizer
+    from areal_like.tasks.task import make_task
+    from areal_like.tasks.tokenizer import load_tokenizer
+    from areal_like.weights.hf import build_model
 
     torch.set_num_threads(max(1, cfg.launch.omp_threads))
     torch.manual_seed(cfg.seed)
@@ -173,7 +173,7 @@ def evaluate(model, tok, task, indices: list[int], max_new_tokens: int, temperat
     """(greedy accuracy, sampled accuracy at ``temperature``) over the given prompts."""
     import torch
 
-    from areal_like.tasks import encode_prompt
+    from areal_like.tasks.task import encode_prompt
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     examples = [task.example(i, 0) for i in indices]

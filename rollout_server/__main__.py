@@ -11,8 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from areal_like.config import ConfigError, load_daemon_config
 from areal_like.daemon import exit_process, setup_logging
+from areal_like.settings.config import ConfigError, load_daemon_config
 
 
 def main(argv: list[str]) -> int:
@@ -23,7 +23,7 @@ def main(argv: list[str]) -> int:
         setup_logging("rollout").error("invalid configuration: %s", e)
         return 2
     log = setup_logging(f"rollout:{cfg.rollout.server_id or 'rollout'}")
-    from areal_like import security
+    from areal_like.net import security
 
     try:
         keys = security.setup(cfg, "rollout", log)  # once: every socket is given them
@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
 def private_dirs(cfg) -> list:
     """What reward and tool code must not read: the job's keys, its secrets (the engine API key) and
     its same-node socket directory (a process of the job's user there is a member)."""
-    from areal_like.auth import KEY_FILE
+    from areal_like.net.auth import KEY_FILE
 
     dirs = [cfg.resolve_path(cfg.security.keys_dir), cfg.resolve_path(str(KEY_FILE.parent))]
     if cfg.buffer.local_dir:

@@ -45,9 +45,9 @@ from dataclasses import dataclass, field
 import jinja2
 from aiohttp import web
 
-from areal_like.environment import ChatRenderer, TemplateError, env_template
-from areal_like.http_guard import HttpLimits, guarded_app, serve
-from areal_like.trajectory import Trajectory, as_f32, as_i32
+from areal_like.net.http_guard import HttpLimits, guarded_app, serve
+from areal_like.tasks.environment import ChatRenderer, TemplateError, env_template
+from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 from rollout_server import agent_chat
 from rollout_server.agent_chat import RequestError
 from rollout_server.episode import EpisodeContext, Sample, generate_sample

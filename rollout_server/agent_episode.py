@@ -25,9 +25,9 @@ from __future__ import annotations
 import asyncio
 import math
 
-from areal_like.protocol import Credit, TrajectoryGroup
-from areal_like.tools import ToolSpec
-from areal_like.trajectory import Trajectory
+from areal_like.tasks.tools import ToolSpec
+from areal_like.wire.protocol import Credit, TrajectoryGroup
+from areal_like.wire.trajectory import Trajectory
 from rollout_server.agent_endpoint import AgentEndpoint
 from rollout_server.episode import EpisodeContext
 from rollout_server.tool_pool import ToolOutcome, ToolPool

@@ -11,7 +11,7 @@ import asyncio
 import inspect
 from typing import Any
 
-from areal_like.callables import import_function
+from areal_like.tasks.callables import import_function
 
 
 def run_agent(path: str, base_url: str, api_key: str, example: Any) -> Any:

@@ -34,10 +34,18 @@ from typing import Callable
 
 import msgspec
 
-from areal_like.dealer import AsyncClient
-from areal_like.metrics import Metrics
-from areal_like.protocol import MAX_CREDITS_PER_REQUEST, Ack, Credit, CreditRequest, Credits, SyncDone, TrajectoryGroup
-from areal_like.transport import TransportTimeout
+from areal_like.net.dealer import AsyncClient
+from areal_like.net.metrics import Metrics
+from areal_like.net.transport import TransportTimeout
+from areal_like.wire.protocol import (
+    MAX_CREDITS_PER_REQUEST,
+    Ack,
+    Credit,
+    CreditRequest,
+    Credits,
+    SyncDone,
+    TrajectoryGroup,
+)
 
 RESEND_BACKOFF_S = 2.0  # after a send timed out, wait this long before re-sending unacked groups
 CREDIT_RETRY_S = 0.25  # after an empty Credits answer (admission closed), ask again this much later

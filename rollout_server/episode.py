@@ -29,10 +29,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from areal_like.metrics import Metrics
-from areal_like.protocol import Credit, TrajectoryGroup
-from areal_like.tasks import encode_prompt
-from areal_like.trajectory import Trajectory, as_f32, as_i32
+from areal_like.net.metrics import Metrics
+from areal_like.tasks.task import encode_prompt
+from areal_like.wire.protocol import Credit, TrajectoryGroup
+from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 from rollout_server.reward_pool import RewardPool
 from rollout_server.sglang_client import GenerateOutput, SGLangClient, SGLangError
 
@@ -120,10 +120,10 @@ class EpisodeContext:
     """What every episode of one rollout server shares."""
 
     client: SGLangClient
-    task: object  # areal_like.tasks.Task
+    task: object  # areal_like.tasks.task.Task
     tokenizer: object  # HF tokenizer
     rewards: RewardPool
-    task_cfg: object  # areal_like.config.TaskConfig
+    task_cfg: object  # areal_like.settings.config.TaskConfig
     server_id: str
     current_version_fn: Callable[[], int]
     metrics: Metrics | None = None

@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from areal_like.config import EvalConfig, RunConfig, TaskConfig
+from areal_like.settings.config import EvalConfig, RunConfig, TaskConfig
 from rollout_server.episode import generate_sample
 from rollout_server.facts import RolloutFacts
 from rollout_server.sglang_client import SGLangClient, SGLangError
@@ -178,7 +178,7 @@ class ServerEvaluator:
     """The rollout server's side: the eval split, the schedule, and where records go."""
 
     def __init__(self, facts: RolloutFacts, tokenizer, rewards, metrics=None):
-        from areal_like.tasks import encode_prompt, make_task
+        from areal_like.tasks.task import encode_prompt, make_task
 
         self.facts, self.tokenizer, self.rewards, self.metrics = facts, tokenizer, rewards, metrics
         task = make_task(facts.task, tokenizer=tokenizer, split="eval")
@@ -237,7 +237,7 @@ def _to_hf_dir(checkpoint: Path, config_file: Path | None, out: Path) -> Path:
 
 
 async def _evaluate_model(cfg: RunConfig, version: int | None) -> dict:
-    from areal_like.tokenizer import load_tokenizer
+    from areal_like.tasks.tokenizer import load_tokenizer
     from rollout_server.engine import EmbeddedEngine
     from rollout_server.reward_pool import RewardPool
 
@@ -280,7 +280,12 @@ def _eval_config(model: Path, config_file: Path | None, overrides: list[str]) ->
     the order of the module docstring. ConfigError when nothing says which task to score."""
     import dataclasses
 
-    from areal_like.config import EXPORT_TASK_FILE, ConfigError, load_daemon_config, task_from_yaml
+    from areal_like.settings.config import (
+        EXPORT_TASK_FILE,
+        ConfigError,
+        load_daemon_config,
+        task_from_yaml,
+    )
 
     keys = {o.split("=", 1)[0] for o in overrides}
     if "task.eval_path" in keys and "task.dataset_path" not in keys:  # evaluating needs no training file
@@ -306,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     """``areal-like eval MODEL [--config-file F] [--out FILE] [key=value ...]``: one JSON line."""
     import argparse
 
-    from areal_like.config import ConfigError
+    from areal_like.settings.config import ConfigError
     from rollout_server.reward_pool import RewardPoolError
 
     p = argparse.ArgumentParser(prog="areal-like eval", description="Evaluate an HF model directory or a "

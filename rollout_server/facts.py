@@ -9,7 +9,7 @@ guard probes the engines.
 Security is a fact too, resolved once at start and passed to every socket and client the server
 makes: its CURVE keys (``keys``: ``security.setup(cfg, "rollout")``, done by ``python -m
 rollout_server``; None: plain sockets) and the job's engine API key (``engine_key``:
-``areal_like.auth.engine_api_key``, the environment, else the run directory's key file).
+``areal_like.net.auth.engine_api_key``, the environment, else the run directory's key file).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from areal_like.auth import engine_api_key
-from areal_like.config import EvalConfig, LoraConfig, ModelConfig, RunConfig, TaskConfig
-from areal_like.security import Keys
+from areal_like.net.auth import engine_api_key
+from areal_like.net.security import Keys
+from areal_like.settings.config import EvalConfig, LoraConfig, ModelConfig, RunConfig, TaskConfig
 
 
 @dataclass(frozen=True)

@@ -48,10 +48,10 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from areal_like.auth import redact_argv
-from areal_like.config import EngineConfig, ModelConfig
 from areal_like.daemon import die_with_parent
-from areal_like.distributed import free_port
+from areal_like.net.auth import redact_argv
+from areal_like.net.distributed import free_port
+from areal_like.settings.config import EngineConfig, ModelConfig
 from rollout_server.engine_reaper import GONE_TIMEOUT_S, shm_files
 
 log = logging.getLogger(__name__)

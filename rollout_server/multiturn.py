@@ -1,8 +1,8 @@
 """Multi-turn episodes: the model talks, calls tools, reads the environment's answers, talks again.
 
 ``run_multiturn_episode(ctx, credit)`` replaces ``episode.run_episode`` when ``task.env`` names an
-environment (``areal_like/environment.py``). Each of the group's ``task.group_size`` samples is one
-conversation with its own environment instance, all run concurrently. One turn:
+environment (``areal_like/tasks/environment.py``). Each of the group's ``task.group_size`` samples
+is one conversation with its own environment instance, all run concurrently. One turn:
 
 ```
 ids = prompt + everything so far           (token ids; nothing is re-tokenized)
@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from areal_like.environment import (
+from areal_like.tasks.environment import (
     ChatRenderer,
     StepResult,
     as_step_result,
@@ -42,9 +42,9 @@ from areal_like.environment import (
     load_environment,
     maybe_await,
 )
-from areal_like.protocol import Credit, TrajectoryGroup
-from areal_like.tools import ToolRegistry, parse_tool_calls, tool_message
-from areal_like.trajectory import Trajectory, as_f32, as_i32
+from areal_like.tasks.tools import ToolRegistry, parse_tool_calls, tool_message
+from areal_like.wire.protocol import Credit, TrajectoryGroup
+from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 from rollout_server.episode import EpisodeContext, Sample, generate_sample
 
 TURN_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)

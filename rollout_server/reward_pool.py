@@ -78,9 +78,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 
-from areal_like.callables import import_function
-from areal_like.config import TaskConfig
-from areal_like.metrics import Metrics
+from areal_like.net.metrics import Metrics
+from areal_like.settings.config import TaskConfig
+from areal_like.tasks.callables import import_function
 from rollout_server.reward_worker import SECRET_NAME, as_reward, scrubbed_env
 from rollout_server.sandbox import STARTUP_TIMEOUT_S, SandboxLimits, StartFailed, Worker, WorkerLost, call_request
 

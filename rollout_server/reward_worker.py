@@ -14,10 +14,10 @@ it over the socket ``FD``. Frames are an 8-byte big-endian length and a body:
   per call.
 
 Loading (``load_reward``): the worker takes the pool's ``sys_path``, sets ``RLIMIT_AS``
-(``memory_mb``), then resolves the path with ``areal_like.callables.import_function`` (standard
-library only, the project's one path parser; importable once ``sys_path`` is the pool's, which
-imports ``areal_like`` itself) and imports the reward's module under that limit. The launcher's
-preflight runs the same ``load_reward`` through ``probe`` in a child Python with the same
+(``memory_mb``), then resolves the path with ``areal_like.tasks.callables.import_function``
+(standard library only, the project's one path parser; importable once ``sys_path`` is the pool's,
+which imports ``areal_like`` itself) and imports the reward's module under that limit. The
+launcher's preflight runs the same ``load_reward`` through ``probe`` in a child Python with the same
 environment, so a reward passes preflight exactly when a worker can load it.
 
 Limits, set by the worker itself: ``RLIMIT_AS`` from the start, before the reward's module is
@@ -65,7 +65,9 @@ def load_reward(path: str, memory_mb: int) -> Callable:
     """The reward at ``path``, imported under an address-space limit of ``memory_mb`` MiB (0: none)
     set on this whole process first; raises whatever the import raises (module docstring)."""
     _limit_memory(memory_mb)
-    from areal_like.callables import import_function  # found on the sys.path taken from the pool
+    from areal_like.tasks.callables import (
+        import_function,  # found on the sys.path taken from the pool
+    )
 
     return import_function(path)
 

@@ -34,11 +34,17 @@ import os
 import secrets
 import socket
 
-from areal_like.auth import ENGINE_KEY_ENV, KEY_FILE
-from areal_like.config import ConfigError, RolloutConfig, RunConfig
 from areal_like.daemon import ComponentStopped, Daemon, StartRefused
-from areal_like.dealer import AsyncClient
-from areal_like.protocol import (
+from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE
+from areal_like.net.dealer import AsyncClient
+from areal_like.net.pubsub import Subscriber
+from areal_like.net.security import Keys
+from areal_like.net.transport import TransportTimeout
+from areal_like.settings.config import ConfigError, RolloutConfig, RunConfig
+from areal_like.tasks.task import make_task
+from areal_like.tasks.tokenizer import load_tokenizer
+from areal_like.weights.versions import RuntimeVersions
+from areal_like.wire.protocol import (
     Ack,
     Credit,
     Heartbeat,
@@ -49,12 +55,6 @@ from areal_like.protocol import (
     VersionUpdate,
     WeightSyncPlan,
 )
-from areal_like.pubsub import Subscriber
-from areal_like.security import Keys
-from areal_like.tasks import make_task
-from areal_like.tokenizer import load_tokenizer
-from areal_like.transport import TransportTimeout
-from areal_like.versions import RuntimeVersions
 from rollout_server.buffer_link import BufferLink
 from rollout_server.episode import EpisodeContext, run_episode
 from rollout_server.facts import RolloutFacts

@@ -64,7 +64,7 @@ from typing import Any
 
 import aiohttp
 
-from areal_like.metrics import parse_exposition
+from areal_like.net.metrics import parse_exposition
 
 DEFAULT_TIMEOUT_S = 30.0  # control calls on a healthy server take milliseconds; 30 s is a wedged server
 GENERATE_TIMEOUT_S = 600.0  # a long generation on a busy CPU engine can take minutes
@@ -378,7 +378,7 @@ class SGLangClient:
                                               group_name: str, weight_version: str | None, flush_cache: bool,
                                               load_format: str | None = None, timeout_s: float | None = None) -> None:
         """Receive one bucket by broadcast from group rank 0; returns once it is loaded. ``load_format``
-        ``"flattened_bucket"``: ONE uint8 broadcast per bucket (``areal_like.weight_wire``)."""
+        ``"flattened_bucket"``: ONE uint8 broadcast per bucket (``areal_like.wire.weight_wire``)."""
         body = {"names": list(names), "dtypes": list(dtypes), "shapes": [list(map(int, s)) for s in shapes],
                 "group_name": group_name, "flush_cache": flush_cache}
         if weight_version is not None:

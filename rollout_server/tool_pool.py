@@ -23,7 +23,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from areal_like.tools import ToolSpec, result_text
+from areal_like.tasks.tools import ToolSpec, result_text
 from rollout_server.sandbox import SandboxLimits, StartFailed, Worker, WorkerLost, call_request
 
 INVOKE = "rollout_server.tool_pool:invoke"  # what every worker loads: it imports and calls the tool
@@ -38,7 +38,7 @@ class ToolOutcome:
 
 def invoke(function: str, arguments: dict) -> str:
     """In a worker: import the tool at ``function`` and call it with ``arguments``; its result as text."""
-    from areal_like.callables import import_function
+    from areal_like.tasks.callables import import_function
 
     return result_text(import_function(function)(**arguments))
 

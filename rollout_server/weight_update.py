@@ -6,10 +6,10 @@ server's engine through one ``WeightSyncPlan`` over SGLang's HTTP endpoints:
 1. if ``plan.reform``: ``/destroy_weights_update_group`` (errors ignored: there may be no old
    group), then ``/init_weights_update_group`` as rank ``rank_offset`` (``door=True``, an engine
    that joins with torch's own rendezvous, SGLang: at the loopback address of a ``StoreDoor`` this
-   server opens, which answers the trainer's store gate for it, areal_like/store_gate.py; it stays
-   open while the group lives, so such an engine must run on this server's node). That call blocks in the
-   TCP rendezvous until trainer rank 0 joins, so it is issued as a task and generation goes on
-   while it waits (and while in-flight episodes drain, in drain mode);
+   server opens, which answers the trainer's store gate for it, areal_like/net/store_gate.py; it
+   stays open while the group lives, so such an engine must run on this server's node). That call
+   blocks in the TCP rendezvous until trainer rank 0 joins, so it is issued as a task and generation
+   goes on while it waits (and while in-flight episodes drain, in drain mode);
 2. ``/pause_generation {mode: abort}``: SGLang answers once every running request has been
    aborted and answered, so the rollout server's episodes resubmit (their new requests block in
    the engine until step 5). In drain mode the pause comes only after ``inflight_drained()``
@@ -18,12 +18,12 @@ server's engine through one ``WeightSyncPlan`` over SGLang's HTTP endpoints:
 3. ``/begin_weight_update`` (skipped on servers without it), one
    ``/update_weights_from_distributed`` per bucket in plan order with ``load_format:
    "flattened_bucket"`` (the trainer broadcasts each bucket as ONE uint8 buffer of its tensors back
-   to back, ``areal_like.weight_wire``; SGLang 0.5.23 and the embedded engine both receive it so),
-   each returning once its tensors are received and loaded (the embedded engine answers a bucket
-   that is not the last one earlier, and fails the rest of the sync if it then fails:
-   rollout_server/engine/ENGINE.md) (``weight_version`` and flush_cache only on the last bucket, so an engine
-   whose sync fails half-way keeps its old label: tokens from mixed weights are never labelled
-   newer than they are), ``/end_weight_update``;
+   to back, ``areal_like.wire.weight_wire``; SGLang 0.5.23 and the embedded engine both receive it
+   so), each returning once its tensors are received and loaded (the embedded engine answers a
+   bucket that is not the last one earlier, and fails the rest of the sync if it then fails:
+   rollout_server/engine/ENGINE.md) (``weight_version`` and flush_cache only on the last bucket, so
+   an engine whose sync fails half-way keeps its old label: tokens from mixed weights are never
+   labelled newer than they are), ``/end_weight_update``;
 4. ``/continue_generation`` -- **always**, also after a failure: an engine is never left paused
    (and a session left open by a failed bucket is closed first, or every later sync is refused);
 5. the result is a ``SyncDone`` (ok, reason, pause_s) for the buffer.
@@ -53,10 +53,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from areal_like.protocol import WEIGHT_PATHS, SyncDone, WeightSyncPlan
-from areal_like.store_gate import StoreDoor
-from areal_like.versions import RuntimeVersions, from_server_info, local_versions
-from areal_like.weight_wire import FLATTENED
+from areal_like.net.store_gate import StoreDoor
+from areal_like.weights.versions import RuntimeVersions, from_server_info, local_versions
+from areal_like.wire.protocol import WEIGHT_PATHS, SyncDone, WeightSyncPlan
+from areal_like.wire.weight_wire import FLATTENED
 from rollout_server.sglang_client import SGLangClient, SGLangError
 
 log = logging.getLogger(__name__)
@@ -204,13 +204,13 @@ def require_local_engine(url: str) -> str:
     attached engine joins weight groups through a door on this server's loopback."""
     from urllib.parse import urlparse
 
-    from areal_like.distributed import interface_of
+    from areal_like.net.distributed import interface_of
 
     host = urlparse(url).hostname or ""
     if host != "localhost" and interface_of(host) is None:
         raise ValueError(f"rollout.engine.url={url!r}: an attached engine must run on this rollout server's node "
                          f"({host!r} is not an address of it): it joins the trainer's weight groups through a door "
-                         "on this node's loopback (areal_like/store_gate.py)")
+                         "on this node's loopback (areal_like/net/store_gate.py)")
     return url
 
 

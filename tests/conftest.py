@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from areal_like.distributed import free_port as _free_port
+from areal_like.net.distributed import free_port as _free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TERM_GRACE_S = 10.0  # a daemon's graceful stop (GRACEFUL_STOP_S) fits in this; then SIGKILL

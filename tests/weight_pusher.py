@@ -25,10 +25,10 @@ torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).resolve().parent / "integration"))
 from test_trainer_weight_sync import weights_sha  # noqa: E402
 
-from areal_like.config import load_daemon_config  # noqa: E402
-from areal_like.dealer import Client  # noqa: E402
-from areal_like.hf import build_model  # noqa: E402
-from areal_like.protocol import RosterRequest  # noqa: E402
+from areal_like.net.dealer import Client  # noqa: E402
+from areal_like.settings.config import load_daemon_config  # noqa: E402
+from areal_like.weights.hf import build_model  # noqa: E402
+from areal_like.wire.protocol import RosterRequest  # noqa: E402
 from trainer.weight_sync import WeightBroadcaster  # noqa: E402
 
 cfg_path, out_dir, pushes = sys.argv[-3:]  # run directly, or through runpy (which leaves its own argv first)

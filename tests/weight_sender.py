@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 
 torch.set_num_threads(1)
-from areal_like.config import ModelConfig  # noqa: E402
-from areal_like.distributed import init_weight_group  # noqa: E402
-from areal_like.hf import build_model  # noqa: E402
-from areal_like.weight_wire import FLATTENED  # noqa: E402
+from areal_like.net.distributed import init_weight_group  # noqa: E402
+from areal_like.settings.config import ModelConfig  # noqa: E402
+from areal_like.weights.hf import build_model  # noqa: E402
+from areal_like.wire.weight_wire import FLATTENED  # noqa: E402
 from trainer.weight_buckets import BucketPipeline  # noqa: E402
 
 spec = json.loads(sys.argv[1])

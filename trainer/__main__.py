@@ -9,8 +9,8 @@ import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported: intra-op threads only oversubscribe
 
-from areal_like.config import ConfigError, load_daemon_config  # noqa: E402
 from areal_like.daemon import exit_process, setup_logging  # noqa: E402
+from areal_like.settings.config import ConfigError, load_daemon_config  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -21,7 +21,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         log.error("invalid configuration: %s", e)
         return 2
-    from areal_like import security
+    from areal_like.net import security
 
     try:
         keys = security.setup(cfg, "trainer", log)  # rank 0's buffer clients (others open none)

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from areal_like.loss_schema import ESTIMATORS, OAPLConfig, VCPOConfig
+from areal_like.settings.loss_schema import ESTIMATORS, OAPLConfig, VCPOConfig
 
 GRPO_EPS = 1e-6  # verl: added to the unbiased group std
 WHITEN_EPS = 1e-8  # verl masked_whiten: added to the variance
@@ -66,7 +66,8 @@ def whiten(values: Tensor, mask: Tensor, *, eps: float = WHITEN_EPS) -> Tensor:
 
 
 def compute_advantages(estimator: str, rewards: Tensor, group_ids: Tensor | Sequence, mask: Tensor) -> Tensor:
-    """Outcome-reward advantages [N, T] (fp32) for one estimator of ``areal_like.config.ESTIMATORS``.
+    """Outcome-reward advantages [N, T] (fp32) for one estimator of
+    ``areal_like.settings.config.ESTIMATORS``.
 
     grpo: (R - mean_g) / (std_g + 1e-6), unbiased std; drgrpo: R - mean_g; rloo: G/(G-1) (R - mean_g)
     (= R - mean of the others; G = 1 gives R); reinforce_pp_baseline: R - mean_g broadcast to

@@ -34,11 +34,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from areal_like.dealer import Client
-from areal_like.group_checks import content_problem
-from areal_like.protocol import Batch, BatchRequest, Roster, RosterRequest, TrajectoryGroup
-from areal_like.security import Keys
-from areal_like.transport import TransportTimeout
+from areal_like.net.dealer import Client
+from areal_like.net.security import Keys
+from areal_like.net.transport import TransportTimeout
+from areal_like.wire.group_checks import content_problem
+from areal_like.wire.protocol import Batch, BatchRequest, Roster, RosterRequest, TrajectoryGroup
 
 log = logging.getLogger("trainer.data")
 

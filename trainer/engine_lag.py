@@ -32,7 +32,7 @@ from contextlib import contextmanager
 
 import torch
 
-from areal_like.config import WeightSyncConfig
+from areal_like.settings.config import WeightSyncConfig
 from trainer.weight_sync import SyncReport, WeightBroadcaster
 
 

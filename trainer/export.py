@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from areal_like.config import (
+from areal_like.settings.config import (
     EXPORT_TASK_FILE,
     LoraConfig,
     ModelConfig,
@@ -51,8 +51,8 @@ from areal_like.config import (
     TaskConfig,
     task_yaml,
 )
-from areal_like.hf import torch_dtype
-from areal_like.lora import ADAPTER, add_adapters, base_name, has_adapters, is_adapter
+from areal_like.weights.hf import torch_dtype
+from areal_like.weights.lora import ADAPTER, add_adapters, base_name, has_adapters, is_adapter
 
 log = logging.getLogger("trainer.export")
 
@@ -330,7 +330,7 @@ def load_checkpoint_model(checkpoint: Path, model_cfg: ModelConfig,
 
     One process, no process group: DCP reads every rank's shards and reassembles full tensors.
     """
-    from areal_like.hf import build_model
+    from areal_like.weights.hf import build_model
     from trainer.checkpoint import dcp_load
 
     if not (checkpoint / ".metadata").is_file():
@@ -351,12 +351,12 @@ def export_tokenizer(model_cfg: ModelConfig, task: TaskConfig, tokenizer=None):
     """The run's tokenizer carrying the chat template the rollout servers prompt chat rows with
     (``task.chat_template`` may name one of its own), so an exported model is served as it was
     trained: chat through that template, a plain-prompt task's prompts as plain text
-    (``areal_like.tasks.prompt_template``).
+    (``areal_like.tasks.task.prompt_template``).
     Both exports use it: the trainer's in-run export and ``areal-like export``."""
     import copy
 
-    from areal_like.tasks import chat_template_of
-    from areal_like.tokenizer import load_tokenizer
+    from areal_like.tasks.task import chat_template_of
+    from areal_like.tasks.tokenizer import load_tokenizer
 
     tok = tokenizer if tokenizer is not None else load_tokenizer(model_cfg)  # the caller's, when it has one
     template = chat_template_of(tok, task)
@@ -388,8 +388,8 @@ def _resolve_checkpoint(path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m trainer.export CHECKPOINT OUT [--config-file FILE] [--shard-mb N] [--dtype D]``."""
-    from areal_like.config import ConfigError, load_daemon_config
-    from areal_like.report_schema import ExportConfig
+    from areal_like.settings.config import ConfigError, load_daemon_config
+    from areal_like.settings.report_schema import ExportConfig
 
     p = argparse.ArgumentParser(prog="areal-like export",
                                 description="Convert a trainer checkpoint into a Hugging Face model directory.")

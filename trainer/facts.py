@@ -6,11 +6,11 @@ shared knowledge (the buffer and the rollout servers read the same ones), so the
 does the export section, which only the trainer acts on. Paths are resolved against ``run_dir``
 here, so nothing past this point resolves one.
 
-Security is a fact too, resolved once at start and passed to every client the trainer makes:
-rank 0's CURVE keys for the buffer (``keys``: ``security.setup(cfg, "trainer")``, done by
-``python -m trainer``; None: plain sockets) and the job's engine API key for the log-prob guard's
-requests to the engines (``engine_key``: ``areal_like.auth.engine_api_key``, the environment, else
-the run directory's key file: the key the rollout servers' engines require).
+Security is a fact too, resolved once at start and passed to every client the trainer makes: rank
+0's CURVE keys for the buffer (``keys``: ``security.setup(cfg, "trainer")``, done by ``python -m
+trainer``; None: plain sockets) and the job's engine API key for the log-prob guard's requests to
+the engines (``engine_key``: ``areal_like.net.auth.engine_api_key``, the environment, else the run
+directory's key file: the key the rollout servers' engines require).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from areal_like.auth import engine_api_key
-from areal_like.config import ExportConfig, ModelConfig, RunConfig, TaskConfig
-from areal_like.security import Keys
+from areal_like.net.auth import engine_api_key
+from areal_like.net.security import Keys
+from areal_like.settings.config import ExportConfig, ModelConfig, RunConfig, TaskConfig
 
 
 @dataclass(frozen=True)

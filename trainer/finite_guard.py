@@ -1,8 +1,8 @@
 """Finite numbers or no step: the trainer never applies an update it cannot trust.
 
-One group with a NaN or an infinite behaviour log-prob used to make ``loss=nan grad_norm=nan``
-under some kernels (tis, vcpo, oapl), and the NaN weights then went to the engines and into every
-later checkpoint. The buffer refuses such groups (``areal_like/group_checks.py``); independently:
+One group with a NaN or an infinite behaviour log-prob used to make ``loss=nan grad_norm=nan`` under
+some kernels (tis, vcpo, oapl), and the NaN weights then went to the engines and into every later
+checkpoint. The buffer refuses such groups (``areal_like/wire/group_checks.py``); independently:
 
 - ``train_step`` (``trainer/step.py``) skips an optimizer step whose loss, gradient norm or
   learning-rate scale is not finite: gradients zeroed, no optimizer or scheduler step. The
@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from areal_like.ratelog import RateLimitedLog
+from areal_like.net.ratelog import RateLimitedLog
 
 SKIPPED = "nonfinite_skipped"  # the step stat: optimizer steps of the batch that were skipped
 LOG_EVERY_S = 60.0

@@ -45,8 +45,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from areal_like.dealer import Client
-from areal_like.protocol import Roster, RosterRequest
+from areal_like.net.dealer import Client
+from areal_like.wire.protocol import Roster, RosterRequest
 from trainer.logprobs import token_logprobs
 
 log = logging.getLogger("trainer.logprob_guard")

@@ -42,11 +42,11 @@ from functools import cached_property
 import torch
 import torch.distributed as dist
 
-from areal_like.config import RunConfig, TrainerConfig
 from areal_like.daemon import Daemon
 from areal_like.job_facts import model_vocab_size
-from areal_like.security import Keys
-from areal_like.tokenizer import load_tokenizer
+from areal_like.net.security import Keys
+from areal_like.settings.config import RunConfig, TrainerConfig
+from areal_like.tasks.tokenizer import load_tokenizer
 from trainer.checkpoint import AsyncSaver, latest_checkpoint, load_checkpoint, save_checkpoint, state_checksums
 from trainer.data import BatchSource, TrainBatch
 from trainer.engine_lag import EngineSchedule
@@ -361,7 +361,7 @@ class Trainer(Daemon):
             m.gauge(f"trainer/stat/{key}", f"kernel/step stat {key}").set(value)
         m.gauge("trainer/policy_version").set(self.version)
         m.count_to("trainer/groups_dropped_bad_data", "groups dropped from batches: what the buffer "
-                   "refuses (areal_like/group_checks.py)", self.data.dropped_groups)
+                   "refuses (areal_like/wire/group_checks.py)", self.data.dropped_groups)
         m.gauge("trainer/rolled_back_steps", "steps lost to crashes (labels skipped at resume)").set(
             self.rolled_back_steps)
         m.gauge("trainer/mismatch_kl").set(stats.get("mismatch_kl", 0.0))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from areal_like.config import AGG_MODES
+from areal_like.settings.config import AGG_MODES
 
 # verl's SAFETY_BOUND: exp(20) ~ 4.9e8 is far past any cap, so clamping only touches tokens that
 # are clipped or masked anyway, and keeps exp() finite in fp32.

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from areal_like.loss_schema import (
+from areal_like.settings.loss_schema import (
     DecoupledPPOConfig,
     GSPOConfig,
     IcePopConfig,

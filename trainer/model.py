@@ -40,9 +40,9 @@ Invariants:
 - Parameter names are the unwrapped Hugging Face names (neither ``fully_shard`` nor
   ``checkpoint_blocks`` renames), so the weight-sync plan names match what an engine's
   ``load_weights`` expects.
-- The initial weights equal ``areal_like.hf.build_model``'s bit for bit, for any world size.
+- The initial weights equal ``areal_like.weights.hf.build_model``'s bit for bit, for any world size.
 - LoRA (``trainer.lora.rank`` > 0): PEFT's layers are injected into the meta model before
-  sharding (names: areal_like/lora.py), the base is frozen, only the adapters' A and B get
+  sharding (names: areal_like/weights/lora.py), the base is frozen, only the adapters' A and B get
   gradients and AdamW state; the reference is the same model with the adapters off.
 - The reference is the run's INITIAL weights (``trainer.ref_path``, else ``model.path`` or the
   config-built model with its init seed), never the policy's: resuming does not move it. It is
@@ -66,10 +66,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-from areal_like.config import LoraConfig, ModelConfig, TrainerConfig
-from areal_like.distributed import free_port, set_nccl_nonblocking_timeout
-from areal_like.hf import build_meta_model, torch_dtype
-from areal_like.lora import ADAPTER, add_adapters
+from areal_like.net.distributed import free_port, set_nccl_nonblocking_timeout
+from areal_like.settings.config import LoraConfig, ModelConfig, TrainerConfig
+from areal_like.weights.hf import build_meta_model, torch_dtype
+from areal_like.weights.lora import ADAPTER, add_adapters
 from trainer.logprobs import hidden_token_logprobs
 from trainer.packed_attention import PACKED_SDPA
 from trainer.sharded_init import materialize
@@ -91,7 +91,8 @@ def init_distributed(trainer_cfg: TrainerConfig) -> tuple[int, int]:
     Under torchrun the env:// rendezvous is used. Without it, a world-size-1 gloo group on a free
     loopback port. On CUDA the group has both backends (gloo for CPU objects such as the batch
     broadcast, NCCL for tensors on the GPU). Before any group: NCCL's wait for a communicator is
-    bounded by the weight-sync deadline (areal_like/distributed.py, set_nccl_nonblocking_timeout).
+    bounded by the weight-sync deadline (areal_like/net/distributed.py,
+    set_nccl_nonblocking_timeout).
     """
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -249,7 +250,7 @@ def shard_model(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, dtype: st
     """The model of ``model_cfg`` sharded over the default process group (on a world of one only
     for ``model.dtype``'s mixed precision), built on the meta device and materialised shard by
     shard on the trainer device, parameters in ``dtype``; with ``lora`` enabled, LoRA adapters on
-    the frozen base (areal_like/lora.py)."""
+    the frozen base (areal_like/weights/lora.py)."""
     device = trainer_device(trainer_cfg)
     model = build_meta_model(model_cfg, dtype)
     if lora is not None and lora.enabled:  # before sharding: FSDP2 groups a block's adapter with it

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from areal_like.protocol import TrajectoryGroup
+from areal_like.wire.protocol import TrajectoryGroup
 
 
 def sample_rows(groups: Sequence[TrajectoryGroup], version: int, k: int,

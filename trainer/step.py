@@ -46,8 +46,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
-from areal_like.config import LossConfig, RunConfig, TaskConfig, TrainerConfig
-from areal_like.lora import adapters_disabled
+from areal_like.settings.config import LossConfig, RunConfig, TaskConfig, TrainerConfig
+from areal_like.weights.lora import adapters_disabled
 from trainer.advantages import AdvantageInputs, Advantages
 from trainer.data import TrainBatch
 from trainer.finite_guard import SKIPPED, all_finite

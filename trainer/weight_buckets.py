@@ -2,7 +2,8 @@
 pipeline of the group path's broadcast (trainer rank 0).
 
 The buckets and their wire format (one flattened uint8 buffer per bucket) are
-``areal_like.weight_wire``'s; ``BucketPipeline`` puts them on the weight group one after the other.
+``areal_like.wire.weight_wire``'s; ``BucketPipeline`` puts them on the weight group one after the
+other.
 
 Invariants:
 - ``gather`` is a collective: ``full_tensor()`` all-gathers an FSDP shard, so every trainer rank
@@ -22,8 +23,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from areal_like.protocol import BucketSpec
-from areal_like.weight_wire import pack
+from areal_like.wire.protocol import BucketSpec
+from areal_like.wire.weight_wire import pack
 
 
 def gather(params: list[tuple[str, torch.nn.Parameter]], bucket: BucketSpec,

@@ -12,7 +12,7 @@ Invariants:
   always aborts an NCCL communicator before destroying it (a hung op would block a destroy).
 - Each formation has a name of its own, ``weight_sync.group_name`` plus a random token that only
   the plan carries: the rendezvous store's keys live under it, so only the plan's members can join
-  (rank 0 hosts the store on ``master_addr`` only; areal_like/distributed.py).
+  (rank 0 hosts the store on ``master_addr`` only; areal_like/net/distributed.py).
 - The group is reused while the plan's members are the formed group's (``key``); a member dropped
   from a version makes the next plan re-form (``forget_members``).
 - Every step on the group ends by the push's deadline (gloo and NCCL have no shorter timeout):
@@ -36,9 +36,9 @@ from datetime import timedelta
 
 import torch
 
-from areal_like.config import WeightSyncConfig
-from areal_like.distributed import destroy_weight_group, free_port, init_weight_group
-from areal_like.protocol import BucketSpec, SyncMember, WeightSyncPlan
+from areal_like.net.distributed import destroy_weight_group, free_port, init_weight_group
+from areal_like.settings.config import WeightSyncConfig
+from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
 from trainer.weight_buckets import BucketPipeline, Sender, gather
 from trainer.weight_members import BROADCAST_SLICE_S, ROSTER_POLL_S, RendezvousWatch
 
@@ -65,7 +65,7 @@ class WeightGroup:
             return False
         self.port = self.cfg.master_port or free_port(self.cfg.master_addr)
         # the store's keys live under this name: unguessable, it reaches only the plan's members
-        # (the plan travels over the authenticated buffer channel; areal_like/distributed.py)
+        # (the plan travels over the authenticated buffer channel; areal_like/net/distributed.py)
         self.name = f"{self.cfg.group_name}-{secrets.token_hex(GROUP_TOKEN_BYTES)}"
         return True
 

@@ -41,9 +41,9 @@ from pathlib import Path
 
 import torch
 
-from areal_like.config import WeightSyncConfig
-from areal_like.protocol import BucketSpec, SyncMember
-from areal_like.weight_wire import layout, pack, unpack
+from areal_like.settings.config import WeightSyncConfig
+from areal_like.wire.protocol import BucketSpec, SyncMember
+from areal_like.wire.weight_wire import layout, pack, unpack
 from trainer.weight_buckets import Sender, gather
 
 log = logging.getLogger("trainer.weight_sync")

@@ -23,8 +23,8 @@ import contextlib
 import logging
 import time
 
-from areal_like.protocol import Roster, RosterRequest, SyncStatus, SyncStatusRequest
-from areal_like.transport import TransportTimeout
+from areal_like.net.transport import TransportTimeout
+from areal_like.wire.protocol import Roster, RosterRequest, SyncStatus, SyncStatusRequest
 
 log = logging.getLogger("trainer.weight_sync")
 

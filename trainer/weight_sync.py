@@ -19,8 +19,9 @@ Invariants:
   version again, once, within the same deadline.
 - The version is announced to the buffer after every push, with or without members, so the
   buffer's admission clock always follows the trainer.
-- A member whose torch/CUDA/NCCL cannot share the group with rank 0's (``areal_like.versions``) is
-  left out of the plan, logged and counted; one reporting no versions (an older server) is accepted.
+- A member whose torch/CUDA/NCCL cannot share the group with rank 0's
+  (``areal_like.weights.versions``) is left out of the plan, logged and counted; one reporting no
+  versions (an older server) is accepted.
 - ``weight_sync.path`` ``auto`` left unresolved (no ``areal-like run``) is the group path.
 """
 
@@ -36,12 +37,15 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.distributed as dist
 
-from areal_like.config import WeightSyncConfig
-from areal_like.dealer import Client
-from areal_like.lora import synced_parameters
-from areal_like.metrics import Metrics
-from areal_like.peers import TRAINER_PEER
-from areal_like.protocol import (
+from areal_like.net.dealer import Client
+from areal_like.net.metrics import Metrics
+from areal_like.net.peers import TRAINER_PEER
+from areal_like.net.security import Keys
+from areal_like.net.transport import TransportTimeout
+from areal_like.settings.config import WeightSyncConfig
+from areal_like.weights.lora import synced_parameters
+from areal_like.weights.versions import RuntimeVersions, local_versions, mismatch
+from areal_like.wire.protocol import (
     WEIGHT_PATHS,
     Ack,
     BucketSpec,
@@ -51,10 +55,7 @@ from areal_like.protocol import (
     VersionUpdate,
     WeightSyncPlan,
 )
-from areal_like.security import Keys
-from areal_like.transport import TransportTimeout
-from areal_like.versions import RuntimeVersions, local_versions, mismatch
-from areal_like.weight_wire import plan_buckets
+from areal_like.wire.weight_wire import plan_buckets
 from trainer.weight_group import GroupSender
 from trainer.weight_local import DiskSender, TensorSender
 from trainer.weight_members import (

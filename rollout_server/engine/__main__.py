@@ -4,7 +4,7 @@ Runs one embedded engine as its own process (model from ``model.*``, sizing from
 ``rollout.engine.*``), prints ``ENGINE_URL http://host:port`` on stdout once ``/health`` would
 answer 200, and serves until SIGTERM/SIGINT. ``--port 0`` (the default) picks a free port.
 Every request needs ``Authorization: Bearer <the job's engine API key>``, found once at start as
-every daemon finds it (``areal_like.auth.engine_api_key``: ``$AREAL_LIKE_ENGINE_API_KEY``, else
+every daemon finds it (``areal_like.net.auth.engine_api_key``: ``$AREAL_LIKE_ENGINE_API_KEY``, else
 ``<run_dir>/secrets/engine_api_key``); a job without one gets an unauthenticated engine (said in the
 log), on ``rollout.engine.host`` (loopback by default).
 """
@@ -23,9 +23,9 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
-    from areal_like.auth import ENGINE_KEY_ENV, KEY_FILE, engine_api_key
-    from areal_like.config import load_daemon_config
     from areal_like.daemon import setup_logging
+    from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE, engine_api_key
+    from areal_like.settings.config import load_daemon_config
     from rollout_server.engine.embedded import EmbeddedEngine
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

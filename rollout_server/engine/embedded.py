@@ -1,18 +1,18 @@
 """``EmbeddedEngine``: a Hugging Face causal LM served over SGLang's HTTP protocol, in-process.
 
-``EmbeddedEngine(model_cfg, engine_cfg).start()`` builds the model (``areal_like.hf.build_model``)
-and tokenizer, starts the scheduler thread (``scheduler.py``) and the aiohttp server on its own
-event-loop thread (``http_server.py``), runs a one-token warm-up, and returns; ``.url`` is then
-live and ``/health`` answers 200. ``.stop()`` tears everything down. The same object backs
-``python -m rollout_server.engine`` (``__main__.py``).
+``EmbeddedEngine(model_cfg, engine_cfg).start()`` builds the model
+(``areal_like.weights.hf.build_model``) and tokenizer, starts the scheduler thread
+(``scheduler.py``) and the aiohttp server on its own event-loop thread (``http_server.py``), runs a
+one-token warm-up, and returns; ``.url`` is then live and ``/health`` answers 200. ``.stop()`` tears
+everything down. The same object backs ``python -m rollout_server.engine`` (``__main__.py``).
 
 Sizing: ``max_running_requests`` KV slots, each up to ``context_len = min(max_position_embeddings,
 max_total_tokens)`` positions (allocated lazily, doubling); admission keeps the sum over running
-requests of ``prompt + max_new_tokens`` within ``max_total_tokens``. The initial
-``weight_version`` is ``"0"`` (policy version 0) rather than SGLang's ``"default"``, because the
-rollout server reads token versions as ``int(weight_version)``. With ``lora`` enabled the model
-gets the trainer's LoRA layers (``areal_like.lora.add_adapters``): one live adapter, replaced in
-place by each weight update as full weights are, under the same pause and version rules.
+requests of ``prompt + max_new_tokens`` within ``max_total_tokens``. The initial ``weight_version``
+is ``"0"`` (policy version 0) rather than SGLang's ``"default"``, because the rollout server reads
+token versions as ``int(weight_version)``. With ``lora`` enabled the model gets the trainer's LoRA
+layers (``areal_like.weights.lora.add_adapters``): one live adapter, replaced in place by each
+weight update as full weights are, under the same pause and version rules.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import threading
 import time
 import uuid
 
-from areal_like.config import EngineConfig, LoraConfig, ModelConfig
-from areal_like.http_guard import HttpLimits
-from areal_like.http_guard import serve as guarded_serve
-from areal_like.lora import add_adapters
+from areal_like.net.http_guard import HttpLimits
+from areal_like.net.http_guard import serve as guarded_serve
+from areal_like.settings.config import EngineConfig, LoraConfig, ModelConfig
+from areal_like.weights.lora import add_adapters
 from rollout_server.engine.http_server import EngineHttp
 from rollout_server.engine.local import LocalGenerate
 from rollout_server.engine.metrics import EngineMetrics
@@ -41,6 +41,7 @@ HTTP_SHUTDOWN_S = 2.0  # in-flight handlers get this long to answer (their reque
 # mid-update frees the engine's receive thread after it. Long enough for a multi-GB bucket over gloo.
 WEIGHT_GROUP_TIMEOUT_S = 300.0
 PROTOCOL_VERSION = "0.5.23"  # the SGLang release whose protocol this engine speaks (begin/end weight update)
+CHAR_TOKENIZER = "areal_like.tasks.tokenizer:char_tokenizer"  # of a model built from config
 
 
 class EmbeddedEngine:
@@ -48,7 +49,8 @@ class EmbeddedEngine:
                  weight_version: str = "0", seed: int = 0, api_key: str | None = None,
                  limits: HttpLimits = HttpLimits(), lora: LoraConfig | None = None):
         self.model_cfg, self.engine_cfg = model_cfg, engine_cfg
-        self.lora = lora  # enabled: the model gets the trainer's adapters (areal_like/lora.py)
+        # enabled: the model gets the trainer's adapters (areal_like/weights/lora.py)
+        self.lora = lora
         self.api_key, self.limits = api_key, limits  # api_key None: no authentication (in-process tests)
         self.tokenizer = tokenizer
         self.initial_weight_version, self.seed = weight_version, seed
@@ -79,8 +81,8 @@ class EmbeddedEngine:
         return self
 
     def _start(self) -> None:
-        from areal_like.hf import build_model
-        from areal_like.tokenizer import load_tokenizer
+        from areal_like.tasks.tokenizer import load_tokenizer
+        from areal_like.weights.hf import build_model
 
         ec = self.engine_cfg
         self.model = build_model(self.model_cfg, device=ec.device)
@@ -206,7 +208,8 @@ class EmbeddedEngine:
     def model_info(self) -> dict:
         cfg = self.model.config
         return {"model_path": self.model_name, "served_model_name": self.model_name,
-                "tokenizer_path": self.model_cfg.path or "areal_like.tokenizer:char_tokenizer", "is_generation": True,
+                "tokenizer_path": self.model_cfg.path or CHAR_TOKENIZER,
+                "is_generation": True,
                 "preferred_sampling_params": None, "weight_version": self.scheduler.weight_version,
                 "load_format": "auto", "reasoning_parser": None, "tool_call_parser": None,
                 "disaggregation_mode": "null", "has_image_understanding": False, "has_audio_understanding": False,

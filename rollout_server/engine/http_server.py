@@ -23,8 +23,8 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from areal_like.http_guard import HttpLimits, guarded_app
-from areal_like.weight_wire import FLATTENED
+from areal_like.net.http_guard import HttpLimits, guarded_app
+from areal_like.wire.weight_wire import FLATTENED
 from rollout_server.engine.api import (
     REQUIRED,
     ApiError,

@@ -17,16 +17,15 @@ bucket set neither learns the outcome there (SGLang answers each bucket only onc
 Two wire formats, as SGLang's ``load_format``:
 - default: one ``dist.broadcast(buf, group_src=0)`` per tensor, in ``names`` order, into fresh
   buffers, then copied into the parameters;
-- ``"flattened_bucket"`` (``areal_like.weight_wire``, what the trainer sends): ONE broadcast of a
-  uint8 buffer holding every tensor's bytes back to back.
-  It is received into a spare buffer kept per bucket layout, and loading is a
-  swap, not a copy: each parameter's ``.data`` becomes its view into the received buffer, and the
-  buffer the parameters viewed before becomes the spare for the next sync of that layout. So a
-  sync costs no allocation and no copy after the first one, at the price of one spare copy of the
-  weights (only when wire dtype = parameter dtype and every name is a distinct parameter; anything
-  else, e.g. a bf16 engine fed fp32, falls back to copying out of the received buffer).
-  Invariant for the swap: a buffer is only ever viewed by the parameters of its own layout, and a
-  swap re-points all of them, so the buffer it retires is viewed by no parameter.
+- ``"flattened_bucket"`` (``areal_like.wire.weight_wire``, what the trainer sends): ONE broadcast of
+  a uint8 buffer holding every tensor's bytes back to back. It is received into a spare buffer kept
+  per bucket layout, and loading is a swap, not a copy: each parameter's ``.data`` becomes its view
+  into the received buffer, and the buffer the parameters viewed before becomes the spare for the
+  next sync of that layout. So a sync costs no allocation and no copy after the first one, at the
+  price of one spare copy of the weights (only when wire dtype = parameter dtype and every name is a
+  distinct parameter; anything else, e.g. a bf16 engine fed fp32, falls back to copying out of the
+  received buffer). Invariant for the swap: a buffer is only ever viewed by the parameters of its
+  own layout, and a swap re-points all of them, so the buffer it retires is viewed by no parameter.
 """
 
 from __future__ import annotations
@@ -40,8 +39,8 @@ from dataclasses import replace
 
 import torch
 
-from areal_like.config import ModelConfig
-from areal_like.weight_wire import FLATTENED, layout, torch_dtype, unpack
+from areal_like.settings.config import ModelConfig
+from areal_like.wire.weight_wire import FLATTENED, layout, torch_dtype, unpack
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +68,7 @@ class WeightUpdater:
     # ---- group lifecycle (blocking)
     def init_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
                    group_name: str, backend: str) -> tuple[bool, str]:
-        from areal_like.distributed import init_weight_group
+        from areal_like.net.distributed import init_weight_group
 
         if group_name in self.groups:
             return False, f"Group {group_name} already exists; destroy it first."
@@ -83,7 +82,7 @@ class WeightUpdater:
         return True, "Succeeded to initialize custom process group."
 
     def destroy_group(self, group_name: str) -> tuple[bool, str]:
-        from areal_like.distributed import destroy_weight_group
+        from areal_like.net.distributed import destroy_weight_group
 
         pg = self.groups.pop(group_name, None)
         self._spare.clear()  # receive buffers are only worth keeping while a group streams into them
@@ -180,7 +179,7 @@ class WeightUpdater:
             return self._apply(tensors, weight_version, flush_cache)
 
     def update_from_disk(self, model_path: str, weight_version: str | None, flush_cache: bool) -> tuple[bool, str]:
-        from areal_like.hf import build_model
+        from areal_like.weights.hf import build_model
 
         try:
             loaded = build_model(replace(self.model_cfg, path=model_path), device="cpu")

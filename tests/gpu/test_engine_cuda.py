@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from areal_like.config import EngineConfig, ModelConfig
-from areal_like.distributed import free_port
-from areal_like.hf import build_model, state_checksum
+from areal_like.net.distributed import free_port
+from areal_like.settings.config import EngineConfig, ModelConfig
+from areal_like.weights.hf import build_model, state_checksum
 from rollout_server.engine import EmbeddedEngine
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,9 +31,9 @@ BF16_TIE_GAP = 0.125  # a greedy divergence is accepted only where the reference
 
 SENDER = r"""
 import json, os, sys, torch, torch.distributed as dist
-from areal_like.config import ModelConfig
-from areal_like.distributed import init_weight_group
-from areal_like.hf import build_model
+from areal_like.settings.config import ModelConfig
+from areal_like.net.distributed import init_weight_group
+from areal_like.weights.hf import build_model
 spec = json.loads(sys.argv[1])
 torch.cuda.set_device(spec["device"])
 model = build_model(ModelConfig(**spec["model"]), device=spec["device"])
@@ -149,8 +149,8 @@ def test_cuda_flattened_bucket_syncs_swap_bf16_weights_exactly():
     receives into the buffers the first one retired."""
     import asyncio
 
-    from areal_like.protocol import SyncMember, WeightSyncPlan
-    from areal_like.weight_wire import plan_buckets
+    from areal_like.wire.protocol import SyncMember, WeightSyncPlan
+    from areal_like.wire.weight_wire import plan_buckets
     from rollout_server.sglang_client import SGLangClient
     from rollout_server.weight_update import apply_weight_sync
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from areal_like.config import LOSS_KINDS, LossConfig
-from areal_like.loss_schema import MISConfig
+from areal_like.settings.config import LOSS_KINDS, LossConfig
+from areal_like.settings.loss_schema import MISConfig
 from trainer.logprobs import CHUNK_BYTES, token_logprobs
 from trainer.losses import compute_policy_loss
 

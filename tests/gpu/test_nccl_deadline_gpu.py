@@ -5,7 +5,7 @@ A member lost between the rendezvous and its first receive: rank 1 joins the NCC
 first op, never forms. Rank 0 starts as the trainer does (``set_nccl_nonblocking_timeout`` from
 the deadline before any NCCL call) and broadcasts under the trainer's guards (``Watchdog`` and
 ``wait_work``, trainer/weight_group.py). Its broadcast must fail within about the deadline, not
-after torch's default 30 minutes (trainer/WEIGHT_SYNC.md; areal_like/distributed.py says why).
+after torch's default 30 minutes (trainer/WEIGHT_SYNC.md; areal_like/net/distributed.py says why).
 Both ranks on GPU 0 is allowed here: NCCL refuses two ranks on one device only when both create
 the communicator, and rank 1 never does.
 """
@@ -24,7 +24,7 @@ MEMBER = r"""
 import sys, threading
 sys.path.insert(0, sys.argv[1])
 import torch
-from areal_like.distributed import init_weight_group
+from areal_like.net.distributed import init_weight_group
 torch.cuda.set_device(0)
 pg = init_weight_group("nccl", "127.0.0.1", int(sys.argv[2]), 2, 1, sys.argv[3], timeout_s=600)
 print("JOINED", flush=True)
@@ -34,7 +34,7 @@ threading.Event().wait()  # never issues an op; the test stops this process
 RANK0 = r"""
 import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
-from areal_like.distributed import init_weight_group, set_nccl_nonblocking_timeout
+from areal_like.net.distributed import init_weight_group, set_nccl_nonblocking_timeout
 deadline_s = float(sys.argv[4])
 set_nccl_nonblocking_timeout(deadline_s)  # as trainer/model.py init_distributed, before any group
 import torch

@@ -24,9 +24,9 @@ sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + "/tests/integr
 import torch
 torch.set_num_threads(1)
 from test_trainer_weight_sync import weights_sha
-from areal_like.config import load_daemon_config
-from areal_like.protocol import RosterRequest
-from areal_like.dealer import Client
+from areal_like.settings.config import load_daemon_config
+from areal_like.wire.protocol import RosterRequest
+from areal_like.net.dealer import Client
 from trainer.model import build_policy, full_state_dict, init_distributed
 from trainer.weight_sync import WeightBroadcaster
 
@@ -51,7 +51,7 @@ wb.close()
 def test_weight_broadcast_to_cuda_engine(tmp_path, spawn_python, free_port, wait_until):
     import torch
 
-    from areal_like.config import load_config, to_yaml
+    from areal_like.settings.config import load_config, to_yaml
 
     two_gpus = torch.cuda.device_count() >= 2
     cfg = load_config([

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from areal_like.config import EngineConfig, ModelConfig
-from areal_like.distributed import free_port
-from areal_like.protocol import BucketSpec, SyncMember, WeightSyncPlan
+from areal_like.net.distributed import free_port
+from areal_like.settings.config import EngineConfig, ModelConfig
+from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
 from rollout_server.launch_sglang import installed_sglang
 
 # the installed distribution, not find_spec: pytest puts tests/ on sys.path, where tests/sglang/ is a
@@ -37,8 +37,8 @@ SENDER = (Path(__file__).resolve().parents[1] / "weight_sender.py").read_text() 
 
 @pytest.fixture(scope="module")
 def sglang_server(tmp_path_factory):
-    from areal_like.hf import build_model
-    from areal_like.tokenizer import char_tokenizer
+    from areal_like.tasks.tokenizer import char_tokenizer
+    from areal_like.weights.hf import build_model
     from rollout_server.launch_sglang import SGLangProcess
 
     model_dir = tmp_path_factory.mktemp("tiny-qwen2")
@@ -58,7 +58,7 @@ def sglang_server(tmp_path_factory):
 def test_generate_pause_resume_and_weight_update_on_real_sglang(sglang_server):
     import torch
 
-    from areal_like.hf import build_model
+    from areal_like.weights.hf import build_model
     from rollout_server.episode import generate_sample
     from rollout_server.sglang_client import SGLangClient
     from rollout_server.weight_update import apply_weight_sync

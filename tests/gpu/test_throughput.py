@@ -34,8 +34,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from areal_like.config import EngineConfig, ModelConfig
-from areal_like.distributed import free_port
+from areal_like.net.distributed import free_port
+from areal_like.settings.config import EngineConfig, ModelConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_engine_cuda import HTTP_TIMEOUT_S, post  # noqa: E402
@@ -54,9 +54,9 @@ TRAIN_WORKER = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import numpy as np, torch
-from areal_like.config import load_config
-from areal_like.protocol import TrajectoryGroup
-from areal_like.trajectory import Trajectory
+from areal_like.settings.config import load_config
+from areal_like.wire.protocol import TrajectoryGroup
+from areal_like.wire.trajectory import Trajectory
 from trainer.data import groups_to_batch
 from trainer.model import build_policy, init_distributed
 from trainer.step import StepSettings, recompute_prox_logp, train_step
@@ -191,8 +191,8 @@ def test_peak_memory_against_the_estimate(trained, figure, checkpointing):
 
 
 def test_weight_sync_seconds(engine, figure):
-    from areal_like.protocol import SyncMember, WeightSyncPlan
-    from areal_like.weight_wire import plan_buckets
+    from areal_like.wire.protocol import SyncMember, WeightSyncPlan
+    from areal_like.wire.weight_wire import plan_buckets
     from rollout_server.sglang_client import SGLangClient
     from rollout_server.weight_update import apply_weight_sync
 

@@ -31,8 +31,8 @@ print(t["w"].device.type, float(t["w"].double().sum()), float(t["b"].double().su
 def test_cuda_payload_is_an_ipc_handle_read_by_another_process():
     import torch
 
-    from areal_like.config import WeightSyncConfig
-    from areal_like.protocol import BucketSpec
+    from areal_like.settings.config import WeightSyncConfig
+    from areal_like.wire.protocol import BucketSpec
     from trainer.weight_local import TensorSender
 
     w, b = torch.randn(64, 32, device="cuda"), torch.randn(32, device="cuda", dtype=torch.bfloat16)

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import psutil
 
-from areal_like import protocol as P
-from areal_like import security
-from areal_like.auth import read_key_file
-from areal_like.config import RunConfig, load_config
-from areal_like.dealer import Client
-from areal_like.metrics import scrape
+from areal_like.net import security
+from areal_like.net.auth import read_key_file
+from areal_like.net.dealer import Client
+from areal_like.net.metrics import scrape
+from areal_like.settings.config import RunConfig, load_config
+from areal_like.wire import protocol as P
 from launch.job import job_specs, prepare
 from launch.local import Supervisor
 from launch.records import read_jsonl

@@ -20,8 +20,8 @@ import threading
 
 from weight_sync_harness import Driver, engine_at, start_pusher, start_system, write_config
 
-from areal_like import protocol as P
-from areal_like.dealer import Client
+from areal_like.net.dealer import Client
+from areal_like.wire import protocol as P
 
 DEADLINE_S = 8.0  # what v1 waits for the fake (the rendezvous, then the reports' margin)
 REPORT_WAIT_S = DEADLINE_S + 90.0  # the longest wait for a report (not a timing assert)

@@ -20,13 +20,13 @@ import pytest
 import yaml
 from openai import AsyncOpenAI, AuthenticationError, BadRequestError
 
-from areal_like.agents import calc_agent, langgraph_calc_agent
-from areal_like.config import EngineConfig, ModelConfig, TaskConfig
-from areal_like.environment import ChatRenderer
-from areal_like.metrics import Metrics
-from areal_like.protocol import Credit
-from areal_like.tasks import make_task
-from areal_like.tokenizer import EOS_ID, char_tokenizer
+from areal_like.net.metrics import Metrics
+from areal_like.settings.config import EngineConfig, ModelConfig, TaskConfig
+from areal_like.tasks.agents import calc_agent, langgraph_calc_agent
+from areal_like.tasks.environment import ChatRenderer
+from areal_like.tasks.task import make_task
+from areal_like.tasks.tokenizer import EOS_ID, char_tokenizer
+from areal_like.wire.protocol import Credit
 from rollout_server import agent_chat
 from rollout_server.agent_endpoint import MAX_BODY_BYTES, AgentEndpoint
 from rollout_server.agent_episode import AgentRunner, agent_pool
@@ -73,7 +73,7 @@ class Recording:
 
 def task_cfg(**over) -> TaskConfig:
     fields = dict(name="calc", chat_template=CALC["chat_template"], max_new_tokens=72, max_turns=3,
-                  max_episode_tokens=240, group_size=1, agent="areal_like.agents:calc_agent")
+                  max_episode_tokens=240, group_size=1, agent="areal_like.tasks.agents:calc_agent")
     return TaskConfig(**{**fields, **over})
 
 
@@ -329,7 +329,7 @@ def test_recorded_ids_are_what_the_real_engine_generated(engine):
 
 
 def test_a_weight_sync_in_the_middle_of_a_call_keeps_every_tokens_version(engine, tmp_path):
-    from areal_like.hf import build_model
+    from areal_like.weights.hf import build_model
 
     build_model(ModelConfig(max_position_embeddings=512, init_seed=7)).save_pretrained(tmp_path)
     TOK.save_pretrained(tmp_path)
@@ -382,7 +382,8 @@ async def _generated(client: SGLangClient) -> float:
 
 def test_agents_that_hang_crash_or_say_no_number_are_scored_0_with_their_reason():
     example = make_task(task_cfg()).example(0)
-    agents = {"areal_like.agents:calc_agent": (1.0, ""), "agent_fns:hangs": (0.0, "did not finish"),
+    agents = {"areal_like.tasks.agents:calc_agent": (1.0, ""),
+              "agent_fns:hangs": (0.0, "did not finish"),
               "agent_fns:crashes": (0.0, "agent raised RuntimeError: agent bug"),
               "agent_fns:says_words": (0.0, "not a number"),
               "agent_fns:leaves_it_to_the_reward": (1.0, "")}  # the task's reward: exact match
@@ -475,10 +476,10 @@ def test_a_group_whose_agents_all_fail_before_calling_says_why():
     assert "ValueError: no such model: gpt-5" in str(failed.value)
 
 def test_an_agent_and_an_environment_together_are_refused():
-    from areal_like.config import ConfigError
+    from areal_like.settings.config import ConfigError
 
     with pytest.raises(ConfigError, match="task.agent"):
-        task_cfg(env="areal_like.envs:Calculator")
+        task_cfg(env="areal_like.tasks.envs:Calculator")
     with pytest.raises(ConfigError, match="agent_tool_format"):
         task_cfg(agent_tool_format="pythonic")
     with pytest.raises(ConfigError, match="task.chat_template"):  # an agent talks in chat
@@ -493,11 +494,11 @@ def test_preflight_names_an_agent_that_cannot_run():
     def problems(path):
         return check_agent(SimpleNamespace(task=SimpleNamespace(agent=path)))
 
-    assert problems("") == [] and problems("areal_like.agents:calc_agent") == []
+    assert problems("") == [] and problems("areal_like.tasks.agents:calc_agent") == []
     assert "cannot be loaded: ModuleNotFoundError" in problems("no_such_pkg.mod:run")[0]
-    assert "not a callable" in problems("areal_like.envs:GUESS_MAX")[0]
+    assert "not a callable" in problems("areal_like.tasks.envs:GUESS_MAX")[0]
     assert "cannot be called as run(client_base_url, api_key, example)" in \
-        problems("areal_like.envs:calc")[0]
+        problems("areal_like.tasks.envs:calc")[0]
 
 
 
@@ -510,7 +511,7 @@ def test_preflight_names_the_missing_openai_package(monkeypatch):
 
     monkeypatch.setitem(__import__("sys").modules, "openai", None)  # as if not installed
     [problem] = check_agent(SimpleNamespace(task=SimpleNamespace(
-        agent="areal_like.agents:calc_agent")))  # imports openai only when it runs
+        agent="areal_like.tasks.agents:calc_agent")))  # imports openai only when it runs
     assert "openai" in problem and "areal-like[agent]" in problem
 
 

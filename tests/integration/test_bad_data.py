@@ -13,9 +13,9 @@ import msgspec
 import numpy as np
 from test_buffer_service import make_cfg, make_group, register, running
 
-from areal_like import protocol as P
-from areal_like.trajectory import Trajectory, as_f32, as_i32
-from areal_like.transport import Server
+from areal_like.net.transport import Server
+from areal_like.wire import protocol as P
+from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 from trainer.data import BatchSource
 
 VOCAB = 104  # ModelConfig's default vocab_size (the char tokenizer)

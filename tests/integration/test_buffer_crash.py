@@ -21,12 +21,19 @@ from pathlib import Path
 
 import numpy as np
 
-from areal_like import protocol as P
-from areal_like.config import BufferConfig, ModelConfig, RunConfig, SecurityConfig, TaskConfig, to_yaml
-from areal_like.dealer import Client
-from areal_like.distributed import free_port
-from areal_like.trajectory import Trajectory, as_f32, as_i32
-from areal_like.transport import TransportTimeout
+from areal_like.net.dealer import Client
+from areal_like.net.distributed import free_port
+from areal_like.net.transport import TransportTimeout
+from areal_like.settings.config import (
+    BufferConfig,
+    ModelConfig,
+    RunConfig,
+    SecurityConfig,
+    TaskConfig,
+    to_yaml,
+)
+from areal_like.wire import protocol as P
+from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 
 PLAIN = SecurityConfig(curve=False)  # the daemons here talk to this test's plain sockets (CURVE: test_security)
 

@@ -16,14 +16,14 @@ import msgspec
 import numpy as np
 import zmq
 
-from areal_like import protocol as P
-from areal_like.config import BufferConfig, RunConfig, TaskConfig
-from areal_like.dealer import Client
-from areal_like.distributed import free_port
-from areal_like.metrics import scrape
-from areal_like.peers import TRAINER_PEER
-from areal_like.pubsub import Subscriber
-from areal_like.trajectory import Trajectory, as_f32, as_i32
+from areal_like.net.dealer import Client
+from areal_like.net.distributed import free_port
+from areal_like.net.metrics import scrape
+from areal_like.net.peers import TRAINER_PEER
+from areal_like.net.pubsub import Subscriber
+from areal_like.settings.config import BufferConfig, RunConfig, TaskConfig
+from areal_like.wire import protocol as P
+from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 from buffer.service import BufferService
 from buffer.wal import WriteAheadLog
 
@@ -68,8 +68,8 @@ def register(client, server_id="s0", version=0) -> None:
 def link_to(cfg: RunConfig, server_id: str, started: list, slots: int = 2):
     """A rollout server's BufferLink to the buffer of ``cfg`` (call it in the event loop; close
     ``link.control`` after), starting each lease it gets into ``started``, ``slots`` episode slots."""
-    from areal_like.dealer import AsyncClient
-    from areal_like.metrics import Metrics
+    from areal_like.net.dealer import AsyncClient
+    from areal_like.net.metrics import Metrics
     from rollout_server.buffer_link import BufferLink
 
     client = AsyncClient(cfg.buffer.address, timeout_s=TIMEOUT_S, identity=server_id)
@@ -403,8 +403,8 @@ def test_a_rollout_server_gets_its_next_leases_with_each_ack(tmp_path):
     round trip per group instead of two."""
     import asyncio
 
-    from areal_like.dealer import AsyncClient
-    from areal_like.metrics import Metrics
+    from areal_like.net.dealer import AsyncClient
+    from areal_like.net.metrics import Metrics
     from rollout_server.buffer_link import BufferLink, Unacked
 
     cfg = make_cfg(tmp_path, max_staleness=100, groups_per_step=2)

@@ -80,7 +80,7 @@ def worker(out: str) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from areal_like.config import load_config
+    from areal_like.settings.config import load_config
     from trainer.checkpoint import load_checkpoint, save_checkpoint
     from trainer.export import load_checkpoint_model
     from trainer.model import build_policy, init_distributed, leave_distributed

@@ -8,10 +8,10 @@ import types
 
 from test_buffer_service import TIMEOUT_S, link_to, make_cfg, make_group, register, running
 
-from areal_like import protocol as P
-from areal_like.distributed import free_port
-from areal_like.metrics import Metrics
-from areal_like.pubsub import Publisher
+from areal_like.net.distributed import free_port
+from areal_like.net.metrics import Metrics
+from areal_like.net.pubsub import Publisher
+from areal_like.wire import protocol as P
 from rollout_server import buffer_link
 from rollout_server.server import RolloutServer
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import zmq
 from test_buffer_service import make_cfg, make_group, register, running
 
-from areal_like import protocol as P
+from areal_like.wire import protocol as P
 
 REPLY_S = 10.0  # a live buffer answers in milliseconds; a dead one never does
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from areal_like.distributed import free_port
+from areal_like.net.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 GONE_DEADLINE_S = 30.0  # SIGKILL delivery is immediate; the slack is for a loaded CI machine

@@ -12,8 +12,8 @@ import threading
 import aiohttp
 import psutil
 
-from areal_like.auth import ENGINE_KEY_ENV
-from areal_like.http_guard import HttpLimits
+from areal_like.net.auth import ENGINE_KEY_ENV
+from areal_like.net.http_guard import HttpLimits
 
 KEY = "load-test-key"
 REQUESTS = 1000

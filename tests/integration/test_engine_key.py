@@ -17,9 +17,9 @@ import urllib.error
 
 import pytest
 
-from areal_like.auth import ENGINE_KEY_ENV, KEY_FILE, ensure_key_file
-from areal_like.config import load_config
 from areal_like.daemon import StartRefused
+from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE, ensure_key_file
+from areal_like.settings.config import load_config
 from rollout_server.server import RolloutServer
 from trainer.facts import TrainerFacts
 from trainer.logprob_guard import probe_engine

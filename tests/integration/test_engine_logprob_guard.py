@@ -47,11 +47,11 @@ def test_guard_passes_a_correct_engine_and_refuses_one_that_ignores_the_temperat
         tmp_path, spawn_python, free_port):
     import torch
 
-    from areal_like.config import load_config, to_yaml
-    from areal_like.dealer import Client
-    from areal_like.hf import build_model
-    from areal_like.protocol import Register
-    from areal_like.tokenizer import load_tokenizer
+    from areal_like.net.dealer import Client
+    from areal_like.settings.config import load_config, to_yaml
+    from areal_like.tasks.tokenizer import load_tokenizer
+    from areal_like.weights.hf import build_model
+    from areal_like.wire.protocol import Register
     from rollout_server.engine.embedded import EmbeddedEngine
     from trainer.logprob_guard import PROBE_TEXT, LogprobGuardError, run_guard
 
@@ -124,11 +124,11 @@ def test_on_several_nodes_the_guard_probes_a_routable_engine_and_reports_a_loopb
 
     import torch
 
-    from areal_like.config import load_config, to_yaml
-    from areal_like.dealer import Client
-    from areal_like.hf import build_model
-    from areal_like.protocol import Register
-    from areal_like.tokenizer import load_tokenizer
+    from areal_like.net.dealer import Client
+    from areal_like.settings.config import load_config, to_yaml
+    from areal_like.tasks.tokenizer import load_tokenizer
+    from areal_like.weights.hf import build_model
+    from areal_like.wire.protocol import Register
     from rollout_server.engine.embedded import EmbeddedEngine
     from trainer.logprob_guard import PROBE_TEXT, run_guard
 

@@ -47,9 +47,9 @@ def _healthy(port: int) -> bool:
 
 
 def _start(tmp_path: Path, spawn_python, free_port, wait_until):
-    from areal_like.auth import ensure_key_file
-    from areal_like.config import load_config, to_yaml
-    from areal_like.hf import build_model
+    from areal_like.net.auth import ensure_key_file
+    from areal_like.settings.config import load_config, to_yaml
+    from areal_like.weights.hf import build_model
 
     base = load_config([])
     build_model(base.model).save_pretrained(tmp_path / "model")
@@ -74,8 +74,8 @@ def _start(tmp_path: Path, spawn_python, free_port, wait_until):
 
 
 def _roster_url(cfg) -> str | None:
-    from areal_like.dealer import Client
-    from areal_like.protocol import RosterRequest
+    from areal_like.net.dealer import Client
+    from areal_like.wire.protocol import RosterRequest
 
     client = Client(cfg.buffer.address, timeout_s=10)
     try:

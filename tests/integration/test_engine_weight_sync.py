@@ -1,7 +1,7 @@
 """Engine weight update over gloo from ANOTHER process, and the standalone engine process.
 
 The sender is a separate Python process that joins the weight group as rank 0 with
-``areal_like.distributed.init_weight_group`` and broadcasts a model built with a different init
+``areal_like.net.distributed.init_weight_group`` and broadcasts a model built with a different init
 seed, in two buckets, exactly like trainer rank 0 does (areal_like/DESIGN.md section 4); the test drives the
 engine through the SGLang endpoints (init group, pause, begin, update x2, end, continue): once
 with one broadcast per tensor (SGLang's default format), once with several consecutive syncs in
@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from areal_like.config import EngineConfig, ModelConfig
-from areal_like.distributed import free_port
-from areal_like.hf import build_model, state_checksum
-from areal_like.protocol import BucketSpec, SyncMember, WeightSyncPlan
-from areal_like.tokenizer import char_tokenizer
-from areal_like.weight_wire import plan_buckets
+from areal_like.net.distributed import free_port
+from areal_like.settings.config import EngineConfig, ModelConfig
+from areal_like.tasks.tokenizer import char_tokenizer
+from areal_like.weights.hf import build_model, state_checksum
+from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
+from areal_like.wire.weight_wire import plan_buckets
 from rollout_server.engine import EmbeddedEngine
 from rollout_server.sglang_client import SGLangClient
 from rollout_server.weight_update import apply_weight_sync
@@ -44,9 +44,9 @@ import sys
 import torch
 import torch.distributed as dist
 torch.set_num_threads(1)
-from areal_like.config import ModelConfig
-from areal_like.distributed import init_weight_group
-from areal_like.hf import build_model
+from areal_like.settings.config import ModelConfig
+from areal_like.net.distributed import init_weight_group
+from areal_like.weights.hf import build_model
 
 port, seed, group = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 model = build_model(ModelConfig(max_position_embeddings=128, init_seed=seed))

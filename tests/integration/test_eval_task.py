@@ -28,9 +28,9 @@ pytestmark = pytest.mark.slow
 EXPORT = """
 import sys
 from pathlib import Path
-from areal_like.config import load_config
-from areal_like.hf import build_model
-from areal_like.tokenizer import load_tokenizer
+from areal_like.settings.config import load_config
+from areal_like.weights.hf import build_model
+from areal_like.tasks.tokenizer import load_tokenizer
 from trainer.export import export_hf
 root = Path(sys.argv[1])
 cfg = load_config(["task=sort"])

@@ -33,8 +33,8 @@ def worker(out_dir: Path) -> None:
     torch.set_num_threads(1)
     from test_trainer_invariance import synthetic_groups
 
-    from areal_like.config import load_config
-    from areal_like.tokenizer import load_tokenizer
+    from areal_like.settings.config import load_config
+    from areal_like.tasks.tokenizer import load_tokenizer
     from trainer.data import groups_to_batch
     from trainer.export import export_hf
     from trainer.model import build_policy, full_state_dict, init_distributed, leave_distributed
@@ -97,7 +97,7 @@ def check_loads(directory: Path, logits, tied: bool) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from areal_like.tokenizer import char_tokenizer
+    from areal_like.tasks.tokenizer import char_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(directory)).eval()
     assert model.config.tie_word_embeddings is tied and model.config.architectures == ["Qwen2ForCausalLM"]
@@ -148,7 +148,7 @@ def test_in_run_export_and_cli_export_of_the_checkpoint_agree(tmp_path, spawn_py
     import torch
     from test_trainer_resume import BufferStandIn
 
-    from areal_like.config import load_config, to_yaml
+    from areal_like.settings.config import load_config, to_yaml
 
     address = f"tcp://127.0.0.1:{free_port()}"
     cfg = load_config([f"run_dir={tmp_path}", "security.curve=false", f"buffer.address={address}", "trainer.steps=3",

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from areal_like.config import ConfigError
+from areal_like.settings.config import ConfigError
 from launch.local import probe
 from launch.rundir import lock_run_dir
 from tests.conftest import REPO_ROOT, child_env, stop_process, wait_until

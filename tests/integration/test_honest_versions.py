@@ -13,9 +13,9 @@ import json
 import torch
 from test_buffer_service import TIMEOUT_S, make_cfg, running
 
-from areal_like import protocol as P
-from areal_like.config import WeightSyncConfig
-from areal_like.dealer import Client
+from areal_like.net.dealer import Client
+from areal_like.settings.config import WeightSyncConfig
+from areal_like.wire import protocol as P
 from launch.records import outcome
 from trainer.weight_sync import SyncReport, WeightBroadcaster
 

@@ -23,10 +23,10 @@ import urllib.request
 
 import pytest
 
-from areal_like import security
-from areal_like.auth import ENGINE_KEY_ENV, METRICS_TOKEN_ENV
-from areal_like.config import BufferConfig, RunConfig, TaskConfig, to_yaml
-from areal_like.distributed import free_port
+from areal_like.net import security
+from areal_like.net.auth import ENGINE_KEY_ENV, METRICS_TOKEN_ENV
+from areal_like.net.distributed import free_port
+from areal_like.settings.config import BufferConfig, RunConfig, TaskConfig, to_yaml
 from launch.local import probe
 from tests.integration.test_engine_http_load import engine_url
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from areal_like.distributed import free_port
+from areal_like.net.distributed import free_port
 from launch.job import report_failure
 from launch.local import ProcSpec, Supervisor, error_tail, probe
 

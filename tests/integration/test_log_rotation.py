@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from areal_like.metrics import Metrics, MetricsServer
-from areal_like.schema import RunConfig
+from areal_like.net.metrics import Metrics, MetricsServer
+from areal_like.settings.schema import RunConfig
 from launch.job import Monitor
 from launch.local import ProcSpec, Supervisor
 from launch.topology import DaemonSlot, Topology

@@ -43,11 +43,11 @@ def trainer_role(cfg_path: str, out_dir: str) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from test_trainer_invariance import synthetic_groups
 
-    from areal_like.config import load_daemon_config
-    from areal_like.dealer import Client
-    from areal_like.lora import adapters_disabled, is_adapter
-    from areal_like.protocol import RosterRequest, TrajectoryGroup
-    from areal_like.trajectory import Trajectory, as_f32, as_i32
+    from areal_like.net.dealer import Client
+    from areal_like.settings.config import load_daemon_config
+    from areal_like.weights.lora import adapters_disabled, is_adapter
+    from areal_like.wire.protocol import RosterRequest, TrajectoryGroup
+    from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
     from trainer.data import groups_to_batch
     from trainer.model import build_policy, full_state_dict, init_distributed, leave_distributed
     from trainer.step import StepSettings, output_logp, recompute_prox_logp, train_step

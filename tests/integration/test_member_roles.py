@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from areal_like import protocol as P
-from areal_like import security
-from areal_like.config import BufferConfig, RunConfig, TaskConfig, to_yaml
-from areal_like.dealer import Client
-from areal_like.distributed import free_port
-from areal_like.trajectory import Trajectory, as_f32, as_i32
+from areal_like.net import security
+from areal_like.net.dealer import Client
+from areal_like.net.distributed import free_port
+from areal_like.settings.config import BufferConfig, RunConfig, TaskConfig, to_yaml
+from areal_like.wire import protocol as P
+from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 from buffer.facts import MIN_SERVERS
 
 REQUEST_S = 30.0  # a live buffer answers in milliseconds, on a loaded machine too

@@ -1,5 +1,5 @@
 """Groups whose behaviour log-probs are not finite (NaN, +inf, -inf) are refused at the buffer's
-admission (issue 42, item 1; ``areal_like/group_checks.py``).
+admission (issue 42, item 1; ``areal_like/wire/group_checks.py``).
 
 A member sends them over a real ZMQ socket to a running BufferService; each is refused with the
 reason ``nonfinite_logp``, counted in ``buffer/rejected{reason="nonfinite_logp"}`` (StatsRequest and
@@ -26,9 +26,9 @@ import numpy as np
 from test_bad_data import _OneBatch
 from test_buffer_service import make_cfg, make_group, register, running
 
-from areal_like import protocol as P
-from areal_like.metrics import scrape
-from areal_like.trajectory import Trajectory, as_f32
+from areal_like.net.metrics import scrape
+from areal_like.wire import protocol as P
+from areal_like.wire.trajectory import Trajectory, as_f32
 from trainer.data import BatchSource
 
 BAD = (math.nan, math.inf, -math.inf)

@@ -25,8 +25,8 @@ import time
 from test_trainer_weight_sync import _read_json
 from weight_sync_harness import Driver, engine_at, start_pusher, start_system, write_config
 
-from areal_like.dealer import Client
-from areal_like.protocol import RosterRequest, SyncStatusRequest
+from areal_like.net.dealer import Client
+from areal_like.wire.protocol import RosterRequest, SyncStatusRequest
 
 DEADLINE_S = 30.0  # long enough that the relaunch falls well inside v1's deadline at the buffer
 HEARTBEAT_TIMEOUT_S = 3.0  # how soon the buffer expires the dead server

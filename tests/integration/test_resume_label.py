@@ -13,8 +13,8 @@ import logging
 import torch
 from test_buffer_service import make_cfg, make_group, register, running, stats
 
-from areal_like import protocol as P
-from areal_like.config import WeightSyncConfig
+from areal_like.settings.config import WeightSyncConfig
+from areal_like.wire import protocol as P
 from trainer.loop import Trainer
 from trainer.weight_sync import WeightBroadcaster
 

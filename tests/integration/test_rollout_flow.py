@@ -23,14 +23,14 @@ import signal
 import time
 from pathlib import Path
 
-from areal_like.auth import ensure_key_file
-from areal_like.config import ModelConfig, load_config, to_yaml
-from areal_like.dealer import Client
-from areal_like.distributed import destroy_weight_group, free_port, init_weight_group
-from areal_like.hf import build_model
-from areal_like.metrics import scrape
-from areal_like.peers import TRAINER_PEER
-from areal_like.protocol import (
+from areal_like.net.auth import ensure_key_file
+from areal_like.net.dealer import Client
+from areal_like.net.distributed import destroy_weight_group, free_port, init_weight_group
+from areal_like.net.metrics import scrape
+from areal_like.net.peers import TRAINER_PEER
+from areal_like.settings.config import ModelConfig, load_config, to_yaml
+from areal_like.weights.hf import build_model
+from areal_like.wire.protocol import (
     Ack,
     Batch,
     BatchRequest,

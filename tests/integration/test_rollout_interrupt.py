@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from areal_like.config import EngineConfig, LoraConfig, ModelConfig
-from areal_like.distributed import free_port
-from areal_like.hf import build_model
-from areal_like.protocol import BucketSpec, SyncMember, WeightSyncPlan
+from areal_like.net.distributed import free_port
+from areal_like.settings.config import EngineConfig, LoraConfig, ModelConfig
+from areal_like.weights.hf import build_model
+from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
 from rollout_server.episode import generate_sample
 from rollout_server.sglang_client import SGLangClient
 from rollout_server.weight_update import apply_weight_sync
@@ -151,7 +151,7 @@ def test_pause_update_continue_switches_versions_exactly_at_the_abort_point():
 def test_an_adapter_change_mid_generation_switches_versions_exactly(tmp_path):
     """LoRA (``trainer.lora``): the engine carries adapters (B = 0: version 0 is its base) and the
     update is the adapter alone; from the abort point on, tokens are the base + adapter's."""
-    from areal_like.lora import add_adapters, is_adapter
+    from areal_like.weights.lora import add_adapters, is_adapter
 
     torch.set_num_threads(1)
     lora = LoraConfig(rank=4, alpha=8.0)

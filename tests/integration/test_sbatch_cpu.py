@@ -44,9 +44,9 @@ def _fake_slurm(bin_dir: Path) -> None:
 
 
 def _model(path: Path) -> None:
-    from areal_like.config import load_config
-    from areal_like.hf import build_model
-    from areal_like.tokenizer import char_tokenizer
+    from areal_like.settings.config import load_config
+    from areal_like.tasks.tokenizer import char_tokenizer
+    from areal_like.weights.hf import build_model
 
     build_model(load_config([]).model).save_pretrained(path)
     char_tokenizer().save_pretrained(path)  # a model directory carries its tokenizer (the preflight asks)

@@ -17,14 +17,14 @@ import stat
 
 import numpy as np
 
-from areal_like import protocol as P
-from areal_like import security
-from areal_like.config import BufferConfig, RunConfig, TaskConfig, to_yaml
-from areal_like.dealer import Client
-from areal_like.distributed import free_port
-from areal_like.metrics import scrape
-from areal_like.pubsub import Subscriber
-from areal_like.trajectory import Trajectory, as_f32, as_i32
+from areal_like.net import security
+from areal_like.net.dealer import Client
+from areal_like.net.distributed import free_port
+from areal_like.net.metrics import scrape
+from areal_like.net.pubsub import Subscriber
+from areal_like.settings.config import BufferConfig, RunConfig, TaskConfig, to_yaml
+from areal_like.wire import protocol as P
+from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 
 REQUEST_S = 30.0  # the job's own requests: a live buffer answers in milliseconds on a loaded machine too
 STRANGER_REQUEST_S = 3.0  # each stranger request waits this long for an answer that must never come
@@ -33,11 +33,12 @@ STRANGER = r"""
 import json, sys, time
 from pathlib import Path
 import numpy as np
-from areal_like import protocol as P, security
-from areal_like.trajectory import Trajectory, as_f32, as_i32
-from areal_like.pubsub import Subscriber
-from areal_like.dealer import Client
-from areal_like.transport import TransportTimeout
+from areal_like.wire import protocol as P
+from areal_like.net import security
+from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
+from areal_like.net.pubsub import Subscriber
+from areal_like.net.dealer import Client
+from areal_like.net.transport import TransportTimeout
 
 address, pub_address, mode, keys_dir, stop_file, wait_s = sys.argv[1:7]
 keys = None

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import pytest
 
-from areal_like.config import EngineConfig, ModelConfig
-from areal_like.distributed import free_port
-from areal_like.protocol import BucketSpec, SyncMember, WeightSyncPlan
+from areal_like.net.distributed import free_port
+from areal_like.settings.config import EngineConfig, ModelConfig
+from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
 from rollout_server.sglang_client import SGLangClient, SGLangError
 from rollout_server.weight_update import apply_weight_sync
 
@@ -179,7 +179,7 @@ async def drive_engine(url: str, tmp: Path, seen_requests: list, seen_responses:
         facts["sync"] = await sync_from_sender(client, plan, sender)
         facts["version1"] = await client.weight_version()
         # update from disk
-        from areal_like.hf import build_model
+        from areal_like.weights.hf import build_model
         model_dir = tmp / "model-v2"
         build_model(ModelConfig(**MODEL, init_seed=2)).save_pretrained(model_dir)
         await client.update_weights_from_disk(str(model_dir), weight_version="2")
@@ -191,10 +191,10 @@ async def drive_engine(url: str, tmp: Path, seen_requests: list, seen_responses:
 
 
 async def one_episode(client: SGLangClient):
-    from areal_like.config import TaskConfig
-    from areal_like.protocol import Credit
-    from areal_like.tasks import make_task
-    from areal_like.tokenizer import char_tokenizer
+    from areal_like.settings.config import TaskConfig
+    from areal_like.tasks.task import make_task
+    from areal_like.tasks.tokenizer import char_tokenizer
+    from areal_like.wire.protocol import Credit
     from rollout_server.episode import EpisodeContext, run_episode
     from rollout_server.reward_pool import RewardPool
 
@@ -221,7 +221,7 @@ async def generating(client: SGLangClient, timeout_s: float = 60.0) -> None:
 def weight_sync_setup() -> tuple[WeightSyncPlan, subprocess.Popen]:
     """The plan for version 1 and the sender process (rank 0), started before the engine so its
     torch import overlaps with the engine's start-up; it waits in the rendezvous."""
-    from areal_like.hf import build_model
+    from areal_like.weights.hf import build_model
 
     state = build_model(ModelConfig(**MODEL, init_seed=1)).state_dict()
     names = list(state)

@@ -25,7 +25,7 @@ sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + "/tests/integr
 import torch
 torch.set_num_threads(1)
 from test_trainer_invariance import synthetic_groups
-from areal_like.config import load_config
+from areal_like.settings.config import load_config
 from trainer.data import groups_to_batch
 from trainer.model import build_policy, full_state_dict, init_distributed
 from trainer.step import StepSettings, recompute_prox_logp, train_step

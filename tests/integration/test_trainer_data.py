@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from areal_like import protocol as P
-from areal_like.trajectory import Trajectory, as_f32, as_i32
+from areal_like.wire import protocol as P
+from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 from trainer.data import BatchSource, BufferUnavailable, groups_to_batch
 from trainer.model import attach_logprobs
 from trainer.step import output_logp
@@ -74,7 +74,7 @@ class _StandIn:
     """A ROUTER answering BatchRequests from a script of replies."""
 
     def __init__(self, address: str, replies: list):
-        from areal_like.transport import Server
+        from areal_like.net.transport import Server
 
         self.server, self.replies, self.requests = Server(address), list(replies), []
         self.stop = threading.Event()

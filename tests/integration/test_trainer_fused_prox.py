@@ -27,7 +27,7 @@ def worker(out: str) -> None:
     from test_trainer_invariance import synthetic_groups
     from torch.distributed.tensor import DTensor
 
-    from areal_like.config import load_config
+    from areal_like.settings.config import load_config
     from trainer.data import groups_to_batch
     from trainer.model import build_policy, full_state_dict, init_distributed, leave_distributed
     from trainer.step import StepSettings, batch_logp, recompute_prox_logp, train_step

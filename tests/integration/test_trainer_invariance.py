@@ -62,8 +62,8 @@ WORKER_TIMEOUT_S = 480
 def synthetic_groups(n_groups: int = 4, group_size: int = 4, seed: int = 0, version: int = 0):
     import numpy as np
 
-    from areal_like.protocol import TrajectoryGroup
-    from areal_like.trajectory import Trajectory
+    from areal_like.wire.protocol import TrajectoryGroup
+    from areal_like.wire.trajectory import Trajectory
 
     rng = np.random.default_rng(seed)
     groups = []
@@ -86,7 +86,7 @@ def worker(out: str, layouts: list[tuple[str, list[str]]]) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from areal_like.config import load_config
+    from areal_like.settings.config import load_config
     from trainer.data import groups_to_batch
     from trainer.model import build_policy, full_state_dict, init_distributed, leave_distributed
     from trainer.step import StepSettings, recompute_prox_logp, train_step
@@ -121,7 +121,7 @@ def _spawn(out: Path, layouts: str, rank: int | None = None, world: int = 1,
 def test_loss_stats_and_weights_invariant_to_layout_and_ranks(tmp_path):
     import torch
 
-    from areal_like.distributed import free_port
+    from areal_like.net.distributed import free_port
     from tests.conftest import wait_all
     from trainer.step import LAYOUT_STATS
 

@@ -32,8 +32,8 @@ def worker(out_dir: Path) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from test_trainer_invariance import synthetic_groups
 
-    from areal_like.config import load_config
-    from areal_like.tokenizer import load_tokenizer
+    from areal_like.settings.config import load_config
+    from areal_like.tasks.tokenizer import load_tokenizer
     from trainer.checkpoint import load_checkpoint, save_checkpoint
     from trainer.data import groups_to_batch
     from trainer.export import export_hf

@@ -46,9 +46,9 @@ def worker(out_dir: Path) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from test_trainer_invariance import synthetic_groups
 
-    from areal_like.config import load_config
-    from areal_like.lora import base_name, is_adapter
-    from areal_like.tokenizer import load_tokenizer
+    from areal_like.settings.config import load_config
+    from areal_like.tasks.tokenizer import load_tokenizer
+    from areal_like.weights.lora import base_name, is_adapter
     from trainer.checkpoint import load_checkpoint, save_checkpoint
     from trainer.data import groups_to_batch
     from trainer.export import export_hf
@@ -142,7 +142,7 @@ def test_lora_trains_adapters_only_on_one_and_two_ranks(tmp_path, spawn_python, 
         assert two["step1"][key] == pytest.approx(one["step1"][key], rel=1e-5, abs=1e-7), key
     for out, res in ((tmp_path / "one", one), (tmp_path / "two", two)):
         check_export(out / "export", res["after"])
-    from areal_like.config import load_config
+    from areal_like.settings.config import load_config
     from trainer.checkpoint import latest_checkpoint
     from trainer.export import export_checkpoint
 
@@ -161,9 +161,9 @@ def check_export(directory: Path, state: dict) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from areal_like.config import load_config
-    from areal_like.hf import build_model
-    from areal_like.lora import add_adapters
+    from areal_like.settings.config import load_config
+    from areal_like.weights.hf import build_model
+    from areal_like.weights.lora import add_adapters
 
     cfg = load_config(SETTINGS)
     trained = add_adapters(build_model(cfg.model), cfg.trainer.lora).eval()

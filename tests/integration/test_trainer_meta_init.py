@@ -26,7 +26,7 @@ SEED = 3
 
 
 def _cfg(*overrides: str):
-    from areal_like.config import load_config
+    from areal_like.settings.config import load_config
 
     return load_config(["trainer.micro_batch_size=4", f"model.init_seed={SEED}", *overrides])
 
@@ -103,8 +103,8 @@ def _spawn(out: Path, model_dir: Path, rank: int | None = None, world: int = 1, 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    from areal_like.distributed import free_port
-    from areal_like.hf import build_model
+    from areal_like.net.distributed import free_port
+    from areal_like.weights.hf import build_model
     from tests.conftest import wait_all
 
     tmp = tmp_path_factory.mktemp("meta_init")
@@ -131,7 +131,7 @@ def _assert_bit_equal(got: dict, want: dict) -> None:
 @pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("tie", [False, True])
 def test_config_init_equals_build_model_bit_for_bit(results, world, tie):
-    from areal_like.hf import build_model
+    from areal_like.weights.hf import build_model
 
     model = build_model(_cfg(f"model.tie_word_embeddings={tie}").model, dtype="float32")
     _assert_bit_equal(results[world][f"init_tie={tie}"], dict(model.named_parameters()))
@@ -153,7 +153,7 @@ def test_safetensors_load_equals_from_pretrained(results, world):
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_building_never_holds_a_full_copy(results, world):
-    from areal_like.hf import build_model
+    from areal_like.weights.hf import build_model
 
     params = list(build_model(_cfg().model, dtype="float32").parameters())
     full = sum(p.numel() * 4 for p in params)

@@ -35,7 +35,7 @@ def poisoned(value: float, seed: int = 0, version: int = 0):
     import numpy as np
     from test_trainer_invariance import synthetic_groups
 
-    from areal_like.trajectory import Trajectory
+    from areal_like.wire.trajectory import Trajectory
 
     groups = synthetic_groups(seed=seed, version=version)
     t = groups[1].trajectories[0]
@@ -78,7 +78,7 @@ def kernel_run(kernel: str):
     """One kernel: (NaN batch, clean batch, -inf batch, clean batch), each step's outcome."""
     from test_trainer_invariance import synthetic_groups
 
-    from areal_like.config import load_config
+    from areal_like.settings.config import load_config
     from trainer.model import build_policy, full_state_dict
     from trainer.step import StepSettings
 
@@ -115,7 +115,7 @@ def worker(out: str) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from areal_like.config import load_config
+    from areal_like.settings.config import load_config
     from trainer.checkpoint import latest_checkpoint, save_checkpoint
     from trainer.finite_guard import all_finite
     from trainer.model import init_distributed, leave_distributed
@@ -164,7 +164,7 @@ def _check_kernel(kernel: str, steps: list[dict]) -> bool:
 def test_a_nonfinite_group_leaves_the_weights_finite_under_every_kernel_on_two_ranks(tmp_path):
     import torch
 
-    from areal_like.distributed import free_port
+    from areal_like.net.distributed import free_port
     from tests.conftest import wait_all
 
     port = free_port()
@@ -186,7 +186,7 @@ class PoisonedBuffer:
     def __init__(self, address: str):
         import threading
 
-        from areal_like.transport import Server
+        from areal_like.net.transport import Server
 
         self.server, self.stop = Server(address), threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -196,7 +196,7 @@ class PoisonedBuffer:
     def _reply(m):
         from test_trainer_invariance import synthetic_groups
 
-        from areal_like import protocol as P
+        from areal_like.wire import protocol as P
 
         if isinstance(m, P.BatchRequest):
             v = m.trainer_version
@@ -229,7 +229,7 @@ def test_the_trainer_skips_nonfinite_steps_and_stops_after_the_limit(tmp_path, s
 
     import torch
 
-    from areal_like.config import load_config, to_yaml
+    from areal_like.settings.config import load_config, to_yaml
 
     address = f"tcp://127.0.0.1:{free_port()}"
     cfg = load_config([f"run_dir={tmp_path}", "security.curve=false", f"buffer.address={address}",

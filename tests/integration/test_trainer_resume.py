@@ -26,7 +26,7 @@ STARTUP_S = 180.0  # cold torch + transformers imports of two ranks on a loaded 
 
 class BufferStandIn:
     def __init__(self, address: str):
-        from areal_like.transport import Server
+        from areal_like.net.transport import Server
 
         self.server = Server(address)
         self.versions: list[int] = []
@@ -36,7 +36,7 @@ class BufferStandIn:
         self.thread.start()
 
     def _serve(self) -> None:
-        from areal_like import protocol as P
+        from areal_like.wire import protocol as P
 
         while not self.stop.is_set():
             got = self.server.recv(0.1)
@@ -74,7 +74,7 @@ def test_kill9_and_resume_restores_version_weights_and_optimizer(tmp_path, spawn
                                                                  async_save):
     import torch
 
-    from areal_like.config import load_config, to_yaml
+    from areal_like.settings.config import load_config, to_yaml
 
     address, metrics_port = f"tcp://127.0.0.1:{free_port()}", free_port()
     cfg = load_config([f"run_dir={tmp_path}", "security.curve=false", f"buffer.address={address}",
@@ -131,7 +131,7 @@ def test_kill9_and_resume_restores_version_weights_and_optimizer(tmp_path, spawn
                                     x["time"] > resume["time"]], 120, 0.2, "a step after resume")
         assert after[0]["policy_version"] == version + 1
         # rank 0's /metrics: each phase's timing scope is its metric label
-        from areal_like.metrics import scrape
+        from areal_like.net.metrics import scrape
 
         series = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
         for phase in ("fetch_batch", "recompute_prox", "train_step", "weight_sync", "checkpoint"):

@@ -46,7 +46,7 @@ def engine_role(cfg_path: str, out: str) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from areal_like.config import load_daemon_config
+    from areal_like.settings.config import load_daemon_config
     from rollout_server.engine.embedded import EmbeddedEngine
 
     cfg = load_daemon_config(["--config-file", cfg_path])
@@ -71,10 +71,10 @@ def trainer_role(cfg_path: str, out_dir: str) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from test_trainer_invariance import synthetic_groups
 
-    from areal_like.config import load_daemon_config
-    from areal_like.dealer import Client
-    from areal_like.protocol import RosterRequest, TrajectoryGroup
-    from areal_like.trajectory import Trajectory, as_f32, as_i32
+    from areal_like.net.dealer import Client
+    from areal_like.settings.config import load_daemon_config
+    from areal_like.wire.protocol import RosterRequest, TrajectoryGroup
+    from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
     from trainer.data import groups_to_batch
     from trainer.model import build_policy, full_state_dict, init_distributed, leave_distributed
     from trainer.step import StepSettings, output_logp, recompute_prox_logp, train_step
@@ -127,8 +127,8 @@ def trainer_role(cfg_path: str, out_dir: str) -> None:
 def drive(server_id: str, url: str, address: str, stop: threading.Event, kill_at: int | None = None,
           kill_pid: int | None = None) -> None:
     """Register, heartbeat, apply plans with the real applier; optionally kill the engine mid-sync."""
-    from areal_like.dealer import Client
-    from areal_like.protocol import Heartbeat, Register
+    from areal_like.net.dealer import Client
+    from areal_like.wire.protocol import Heartbeat, Register
     from rollout_server.sglang_client import SGLangClient
     from rollout_server.weight_update import apply_weight_sync
 
@@ -180,7 +180,7 @@ def _read_json(path: Path):
 
 
 def test_two_rank_trainer_pushes_to_two_engines_and_survives_a_kill(tmp_path, spawn_python, free_port, wait_until):
-    from areal_like.config import load_config, to_yaml
+    from areal_like.settings.config import load_config, to_yaml
 
     cfg = load_config([
         f"run_dir={tmp_path}", "security.curve=false", f"buffer.address=tcp://127.0.0.1:{free_port()}",

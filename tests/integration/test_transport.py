@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import zmq
 
-from areal_like import protocol as P
-from areal_like.dealer import AsyncClient, Client
-from areal_like.pubsub import Publisher, Subscriber
-from areal_like.trajectory import Trajectory
-from areal_like.transport import Server, TransportTimeout
+from areal_like.net.dealer import AsyncClient, Client
+from areal_like.net.pubsub import Publisher, Subscriber
+from areal_like.net.transport import Server, TransportTimeout
+from areal_like.wire import protocol as P
+from areal_like.wire.trajectory import Trajectory
 
 pytestmark = pytest.mark.slow
 
@@ -32,9 +32,9 @@ HANG_SLACK_S = 15.0  # a timeout may overshoot by scheduling delays under load, 
 # and, if given a second address, publishes a junk frame and VersionUpdate(n) every 50 ms.
 SERVER = """
 import os, sys, time
-from areal_like import protocol as P
-from areal_like.pubsub import Publisher
-from areal_like.transport import Server
+from areal_like.wire import protocol as P
+from areal_like.net.pubsub import Publisher
+from areal_like.net.transport import Server
 
 server = Server(sys.argv[1])
 pub = Publisher(sys.argv[2]) if len(sys.argv) > 2 else None

@@ -24,18 +24,18 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_buffer_crash import PLAIN, group_for  # noqa: E402
 
-from areal_like import protocol as P  # noqa: E402
-from areal_like.config import (  # noqa: E402
+from areal_like.net.dealer import Client  # noqa: E402
+from areal_like.net.distributed import free_port  # noqa: E402
+from areal_like.net.metrics import scrape  # noqa: E402
+from areal_like.net.peers import TRAINER_PEER  # noqa: E402
+from areal_like.settings.config import (  # noqa: E402
     BufferConfig,
     ModelConfig,
     RunConfig,
     TaskConfig,
     to_yaml,
 )
-from areal_like.dealer import Client  # noqa: E402
-from areal_like.distributed import free_port  # noqa: E402
-from areal_like.metrics import scrape  # noqa: E402
-from areal_like.peers import TRAINER_PEER  # noqa: E402
+from areal_like.wire import protocol as P  # noqa: E402
 from buffer.wal import HEADER  # noqa: E402
 
 TIMEOUT_S = 60.0

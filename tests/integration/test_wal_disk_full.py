@@ -23,8 +23,10 @@ import numpy as np
 import pytest
 from test_buffer_crash import stored_groups
 
-from areal_like import protocol as P
-from areal_like.config import (
+from areal_like.net.dealer import Client
+from areal_like.net.distributed import free_port
+from areal_like.net.transport import TransportTimeout
+from areal_like.settings.config import (
     BufferConfig,
     ModelConfig,
     RunConfig,
@@ -32,10 +34,8 @@ from areal_like.config import (
     TaskConfig,
     to_yaml,
 )
-from areal_like.dealer import Client
-from areal_like.distributed import free_port
-from areal_like.trajectory import Trajectory, as_f32, as_i32
-from areal_like.transport import TransportTimeout
+from areal_like.wire import protocol as P
+from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 
 FILE_LIMIT = 256 * 1024  # bytes a WAL segment may reach: some hundred groups
 REQUEST_S = 30.0  # a live buffer answers in milliseconds, on a loaded machine too

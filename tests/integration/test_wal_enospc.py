@@ -29,8 +29,10 @@ import pytest
 from test_buffer_crash import stored_groups
 from test_wal_disk_full import Log, group_for
 
-from areal_like import protocol as P
-from areal_like.config import (
+from areal_like.net.dealer import Client
+from areal_like.net.distributed import free_port
+from areal_like.net.transport import TransportTimeout
+from areal_like.settings.config import (
     BufferConfig,
     ModelConfig,
     RunConfig,
@@ -38,9 +40,7 @@ from areal_like.config import (
     TaskConfig,
     to_yaml,
 )
-from areal_like.dealer import Client
-from areal_like.distributed import free_port
-from areal_like.transport import TransportTimeout
+from areal_like.wire import protocol as P
 from tests.conftest import child_env
 
 TMPFS_BYTES = 8 << 20  # the WAL's whole filesystem

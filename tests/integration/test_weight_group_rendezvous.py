@@ -5,11 +5,11 @@ Trainer rank 0 hosts the rendezvous (``init_weight_group`` rank 0, a thread of t
 rank joins, strangers connect to the store's port: one holds an idle connection, one sends garbage,
 one is a torch TCPStore client that tries to take rank 1 under the name it can guess (the configured
 ``weight_sync.group_name`` without the token), and one a torch client that asks the store for its
-keys (whose prefix is the secret name). The group must form with the real rank within its
-deadline and carry a broadcast; the strangers must get no rank and no key (rank 0's store sits on
-loopback behind a gate that wants proof of the name: areal_like/store_gate.py); and the port must
-not answer on any other interface of this machine. An engine that joins with torch's own
-rendezvous (SGLang) does so through a door its rollout server opens; a door admits this user only.
+keys (whose prefix is the secret name). The group must form with the real rank within its deadline
+and carry a broadcast; the strangers must get no rank and no key (rank 0's store sits on loopback
+behind a gate that wants proof of the name: areal_like/net/store_gate.py); and the port must not
+answer on any other interface of this machine. An engine that joins with torch's own rendezvous
+(SGLang) does so through a door its rollout server opens; a door admits this user only.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import psutil
 import pytest
 import torch
 
-from areal_like.distributed import destroy_weight_group, free_port, init_weight_group
-from areal_like.store_gate import GATES, StoreDoor
+from areal_like.net.distributed import destroy_weight_group, free_port, init_weight_group
+from areal_like.net.store_gate import GATES, StoreDoor
 
 CONNECT_S = 60.0  # the group's rendezvous deadline (a loaded machine starts Python processes slowly)
 STRANGER_S = 15.0  # the guessing stranger's own rendezvous deadline
@@ -31,7 +31,7 @@ SECRET_NAME = "areal_like_weights-5f0c1d2e3a4b59687a8b9cadbecf0011"
 
 MEMBER = r"""
 import sys, torch, torch.distributed as dist
-from areal_like.distributed import init_weight_group
+from areal_like.net.distributed import init_weight_group
 port, name, timeout_s = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 try:
     pg = init_weight_group("gloo", "127.0.0.1", port, 2, 1, name, timeout_s=timeout_s)
@@ -115,7 +115,7 @@ def test_only_the_named_members_join_and_strangers_cannot_stall_it(spawn_python)
 
 MEMBER_OF_3 = r"""
 import sys
-from areal_like.distributed import init_weight_group
+from areal_like.net.distributed import init_weight_group
 port, name, timeout_s = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 try:
     init_weight_group("gloo", "127.0.0.1", port, 3, 1, name, timeout_s=timeout_s)
@@ -164,7 +164,7 @@ SGLANG_STYLE = r"""
 import sys, torch, torch.distributed as dist
 from datetime import timedelta
 from torch.distributed.distributed_c10d import rendezvous
-from areal_like.distributed import _build_group
+from areal_like.net.distributed import _build_group
 door_port, name, timeout_s = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 t = timedelta(seconds=timeout_s)  # torch's own tcp:// rendezvous, as SGLang's init_custom_process_group does
 raw, rank, world = next(rendezvous(f"tcp://127.0.0.1:{door_port}", 1, 2, timeout=t))

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from areal_like import security
-from areal_like.auth import ensure_key_file
-from areal_like.config import TaskConfig
-from areal_like.datasets import Example
+from areal_like.net import security
+from areal_like.net.auth import ensure_key_file
+from areal_like.settings.config import TaskConfig
+from areal_like.tasks.datasets import Example
 from rollout_server import sandbox
 from rollout_server.reward_pool import RewardPool
 from rollout_server.sandbox import SandboxLimits, run_sandboxed

@@ -36,7 +36,7 @@ FAULTS = ("rendezvous", "bucket", "done")
 
 
 def write_config(tmp_path: Path, free_port, overrides: list[str]) -> tuple[object, Path]:
-    from areal_like.config import load_config, to_yaml
+    from areal_like.settings.config import load_config, to_yaml
 
     cfg = load_config([f"run_dir={tmp_path}", "security.curve=false", f"buffer.address=tcp://127.0.0.1:{free_port()}",
                        f"buffer.pub_address=tcp://127.0.0.1:{free_port()}", "rollout.engine.max_running_requests=4",
@@ -111,8 +111,8 @@ class Driver(threading.Thread):
             self.error = e
 
     async def _main(self) -> None:
-        from areal_like.dealer import Client
-        from areal_like.protocol import Heartbeat, Register
+        from areal_like.net.dealer import Client
+        from areal_like.wire.protocol import Heartbeat, Register
         from rollout_server.weight_update import apply_weight_sync
 
         client = Client(self.address, timeout_s=10)

@@ -7,7 +7,7 @@ import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from areal_like.config import EngineConfig, ModelConfig, load_config
+from areal_like.settings.config import EngineConfig, ModelConfig, load_config
 from rollout_server.launch_sglang import SGLangProcess
 
 # The quickstart's tiny Qwen2 (configs/model/tiny.yaml, char tokenizer), room for long generations.
@@ -35,8 +35,8 @@ def model_config(path: Path | str | None = None, **over) -> ModelConfig:
 
 def save_model(path: Path, init_seed: int = 0) -> Path:
     """A Hugging Face directory of the tiny model built with ``init_seed``, char tokenizer."""
-    from areal_like.hf import build_model
-    from areal_like.tokenizer import char_tokenizer
+    from areal_like.tasks.tokenizer import char_tokenizer
+    from areal_like.weights.hf import build_model
 
     build_model(model_config(init_seed=init_seed)).save_pretrained(path)
     char_tokenizer().save_pretrained(path)

@@ -11,9 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from areal_like.config import load_config
-from areal_like.hf import build_model
-from areal_like.tokenizer import load_tokenizer
+from areal_like.settings.config import load_config
+from areal_like.tasks.tokenizer import load_tokenizer
+from areal_like.weights.hf import build_model
 from launch.warmstart import ensure_warm_start
 from rollout_server.evaluate import ServerEvaluator
 from rollout_server.facts import RolloutFacts

@@ -116,7 +116,7 @@ def _engine_of(rs: RunningSystem, name: str) -> psutil.Process | None:
     1800
 )  # a whole job with two SGLang start-ups (up to ~2 min each on a loaded machine)
 def test_a_killed_sglang_is_noticed_relaunched_and_the_job_goes_on(tmp_path):
-    from areal_like.config import load_config
+    from areal_like.settings.config import load_config
     from launch.warmstart import ensure_warm_start
 
     over = [

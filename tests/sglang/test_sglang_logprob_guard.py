@@ -13,8 +13,8 @@ import pytest
 import torch
 from sglang_kit import model_config, start_server
 
-from areal_like.hf import build_model
-from areal_like.protocol import Roster, RosterEntry
+from areal_like.weights.hf import build_model
+from areal_like.wire.protocol import Roster, RosterEntry
 from rollout_server.sglang_client import SGLangClient
 from trainer.logprob_guard import LogprobGuardError, run_guard
 

@@ -20,11 +20,11 @@ import pytest
 import torch
 from sglang_kit import MODEL, model_config, save_model
 
-from areal_like.config import WeightSyncConfig
-from areal_like.distributed import free_port
-from areal_like.hf import build_model
-from areal_like.protocol import BucketSpec, SyncMember, WeightSyncPlan
-from areal_like.weight_wire import FLATTENED
+from areal_like.net.distributed import free_port
+from areal_like.settings.config import WeightSyncConfig
+from areal_like.weights.hf import build_model
+from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
+from areal_like.wire.weight_wire import FLATTENED
 from rollout_server.episode import generate_sample
 from rollout_server.sglang_client import SGLangClient
 from rollout_server.weight_update import apply_weight_sync

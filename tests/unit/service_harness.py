@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from areal_like import protocol as P
-from areal_like.config import BufferConfig, RunConfig, TaskConfig
+from areal_like.settings.config import BufferConfig, RunConfig, TaskConfig
+from areal_like.wire import protocol as P
 from buffer.service import BufferService
 
 

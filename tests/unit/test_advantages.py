@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from areal_like.config import ESTIMATORS
-from areal_like.loss_schema import OAPLConfig, VCPOConfig
+from areal_like.settings.config import ESTIMATORS
+from areal_like.settings.loss_schema import OAPLConfig, VCPOConfig
 from trainer.advantages import (
     VCPO_EPS,
     AdvantageInputs,

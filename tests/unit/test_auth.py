@@ -12,9 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from areal_like.auth import BIND_HOST_ENV, ENGINE_KEY_ENV, KEY_FILE, ensure_key_file, redact, redact_argv
-from areal_like.config import ConfigError, load_config
-from areal_like.schema import EngineConfig
+from areal_like.net.auth import (
+    BIND_HOST_ENV,
+    ENGINE_KEY_ENV,
+    KEY_FILE,
+    ensure_key_file,
+    redact,
+    redact_argv,
+)
+from areal_like.settings.config import ConfigError, load_config
+from areal_like.settings.schema import EngineConfig
 from launch.job import job_specs, prepare
 from rollout_server.launch_sglang import sglang_command
 
@@ -64,7 +71,7 @@ def test_redaction_keeps_what_is_not_a_credential():
 
 
 def test_sglang_gets_the_key_on_its_command_line():
-    from areal_like.config import ModelConfig
+    from areal_like.settings.config import ModelConfig
 
     argv = sglang_command(ModelConfig(path="/m"), EngineConfig(kind="sglang"), 30000, api_key="K")
     assert argv[argv.index("--api-key") + 1] == "K"

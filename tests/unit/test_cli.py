@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from areal_like.distributed import free_port
-from areal_like.metrics import Metrics, MetricsServer
+from areal_like.net.distributed import free_port
+from areal_like.net.metrics import Metrics, MetricsServer
 from launch.cli import main, split_torchrun_args
 from launch.top import figure, render, status
 

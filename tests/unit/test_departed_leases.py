@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from service_harness import start, step
 
-from areal_like import protocol as P
-from areal_like.config import BufferConfig
+from areal_like.settings.config import BufferConfig
+from areal_like.wire import protocol as P
 from buffer.instruments import service_stats
 from buffer.service import BufferService
 

@@ -16,9 +16,9 @@ import pytest
 from service_harness import start, step
 
 import buffer.diskspace
-from areal_like import protocol as P
-from areal_like.config import BufferConfig
-from areal_like.trajectory import Trajectory, as_f32, as_i32
+from areal_like.settings.config import BufferConfig
+from areal_like.wire import protocol as P
+from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 from buffer.diskspace import DiskGuard
 from buffer.service import BufferService
 from buffer.wal import DiskFull, WriteAheadLog

@@ -14,8 +14,8 @@ import urllib.request
 import pytest
 import torch
 
-from areal_like.config import EngineConfig, ModelConfig
-from areal_like.http_guard import HttpLimits
+from areal_like.net.http_guard import HttpLimits
+from areal_like.settings.config import EngineConfig, ModelConfig
 from rollout_server.engine import EmbeddedEngine
 
 KEY = "k-0123456789"

@@ -17,8 +17,8 @@ import math
 import pytest
 import torch
 
-from areal_like.config import ConfigError, load_config
-from areal_like.loss_schema import LossConfig, OAPLConfig
+from areal_like.settings.config import ConfigError, load_config
+from areal_like.settings.loss_schema import LossConfig, OAPLConfig
 from buffer.staleness import StalenessPolicy
 from trainer.advantages import AdvantageInputs, oapl_advantages
 from trainer.engine_lag import EngineSchedule

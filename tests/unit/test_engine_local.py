@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_engine_http import HTTP_TIMEOUT_S, MODEL, call, gen
 
-from areal_like.config import EngineConfig
+from areal_like.settings.config import EngineConfig
 from rollout_server.engine import EmbeddedEngine
 
 

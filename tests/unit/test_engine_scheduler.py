@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from areal_like.config import ModelConfig
-from areal_like.hf import build_model
+from areal_like.settings.config import ModelConfig
+from areal_like.weights.hf import build_model
 from rollout_server.engine.sampling import SamplingParams, sample
 from rollout_server.engine.scheduler import Request, Scheduler
 

@@ -10,8 +10,8 @@ import urllib.request
 
 import torch
 
-from areal_like.config import EngineConfig, ModelConfig
-from areal_like.tokenizer import load_tokenizer
+from areal_like.settings.config import EngineConfig, ModelConfig
+from areal_like.tasks.tokenizer import load_tokenizer
 from rollout_server.engine import EmbeddedEngine
 from rollout_server.engine.api import max_text_chars
 

@@ -1,4 +1,4 @@
-"""The shipped environments (areal_like/envs.py): their rewards by hand, the calculator tool's
+"""The shipped environments (areal_like/tasks/envs.py): their rewards by hand, the calculator tool's
 grammar, and demos that replay through the environment they were written for."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import random
 
 import pytest
 
-from areal_like.config import TaskConfig
-from areal_like.envs import GUESS_CUT_CREDIT, GUESS_TURN_COST, Calculator, GuessNumber, calc
-from areal_like.tasks import Example, make_task
-from areal_like.tools import ToolRegistry, parse_tool_calls
+from areal_like.settings.config import TaskConfig
+from areal_like.tasks.envs import GUESS_CUT_CREDIT, GUESS_TURN_COST, Calculator, GuessNumber, calc
+from areal_like.tasks.task import Example, make_task
+from areal_like.tasks.tools import ToolRegistry, parse_tool_calls
 
 
 def test_calc_evaluates_integer_arithmetic_only():
@@ -68,9 +68,9 @@ def test_demos_replay_through_their_environment(env_cls, task):
 
 
 def test_the_warm_start_sees_a_demo_laid_out_as_the_episode_would_be():
-    from areal_like.config import load_config
-    from areal_like.environment import ChatRenderer
-    from areal_like.tokenizer import char_tokenizer
+    from areal_like.settings.config import load_config
+    from areal_like.tasks.environment import ChatRenderer
+    from areal_like.tasks.tokenizer import char_tokenizer
     from launch.warmstart import _demo_pairs
 
     cfg = load_config(["experiment=calc_env"])
@@ -88,12 +88,15 @@ def test_the_warm_start_sees_a_demo_laid_out_as_the_episode_would_be():
 
 
 def test_the_preflight_names_an_environment_that_cannot_load():
-    from areal_like.config import load_config
+    from areal_like.settings.config import load_config
     from launch.preflight import check_env
 
     assert check_env(load_config(["experiment=calc_env"])) == []
-    assert check_env(load_config(["experiment=calc_env", "task.env=areal_like.envs:Nope"])) == [
-        "task.env='areal_like.envs:Nope' cannot be loaded: AttributeError: module 'areal_like.envs' has no attribute 'Nope'"]
-    bad = check_env(load_config(["experiment=calc_env", "task.env=areal_like.envs:calc"]))  # a function, not a class
-    assert bad == ["task.env='areal_like.envs:calc' cannot be loaded: TypeError: calc() missing 1 required "
-                   "positional argument: 'e'"]
+    nope = "task.env=areal_like.tasks.envs:Nope"
+    assert check_env(load_config(["experiment=calc_env", nope])) == [
+        "task.env='areal_like.tasks.envs:Nope' cannot be loaded: AttributeError: module "
+        "'areal_like.tasks.envs' has no attribute 'Nope'"]
+    # a function, not a class
+    bad = check_env(load_config(["experiment=calc_env", "task.env=areal_like.tasks.envs:calc"]))
+    assert bad == ["task.env='areal_like.tasks.envs:calc' cannot be loaded: TypeError: calc() "
+                   "missing 1 required positional argument: 'e'"]

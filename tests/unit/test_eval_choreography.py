@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 
-from areal_like import protocol as P
-from areal_like.config import EvalConfig, RunConfig
-from areal_like.metrics import Metrics
+from areal_like.net.metrics import Metrics
+from areal_like.settings.config import EvalConfig, RunConfig
+from areal_like.wire import protocol as P
 from rollout_server.buffer_link import BufferLink
 from rollout_server.evaluate import EvalSchedule
 from rollout_server.server import RolloutServer

@@ -12,8 +12,8 @@ import json
 import pytest
 from test_handout import _start, _step  # the buffer service with fake sockets
 
-from areal_like import protocol as P
-from areal_like.config import EvalConfig
+from areal_like.settings.config import EvalConfig
+from areal_like.wire import protocol as P
 from rollout_server.evaluate import EvalSchedule, read_done_versions, summarize
 
 
@@ -106,7 +106,7 @@ def test_final_catch_up_waits_for_the_evaluator_then_pushes_the_final_version_on
 
     import torch
 
-    from areal_like.config import WeightSyncConfig
+    from areal_like.settings.config import WeightSyncConfig
     from trainer.weight_sync import WeightBroadcaster
 
     b = WeightBroadcaster(WeightSyncConfig(), buffer_address="tcp://127.0.0.1:1", rank=0, device=torch.device("cpu"))
@@ -134,7 +134,7 @@ def test_final_catch_up_waits_for_a_late_evaluator_to_register_and_pushes_to_it(
 
     import torch
 
-    from areal_like.config import WeightSyncConfig
+    from areal_like.settings.config import WeightSyncConfig
     from trainer.weight_sync import WeightBroadcaster
 
     b = WeightBroadcaster(WeightSyncConfig(), buffer_address="tcp://127.0.0.1:1", rank=0, device=torch.device("cpu"))
@@ -186,7 +186,7 @@ class _Rewards:
 def _eval(examples, k=2):
     import asyncio
 
-    from areal_like.tasks import Example
+    from areal_like.tasks.task import Example
     from rollout_server.evaluate import EvalSettings, evaluate
 
     settings = EvalSettings(k=k, temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=4, max_examples=0)
@@ -213,7 +213,7 @@ def test_evaluate_raises_when_every_prompt_fails():
 
 
 def test_eval_metrics_name_the_sample_count_in_a_label_not_in_the_name():
-    from areal_like.metrics import Metrics
+    from areal_like.net.metrics import Metrics
     from rollout_server.evaluate import record_eval_metrics
 
     m = Metrics()
@@ -225,7 +225,7 @@ def test_eval_metrics_name_the_sample_count_in_a_label_not_in_the_name():
 
 
 def test_a_running_count_is_a_counter_brought_up_to_its_total():
-    from areal_like.metrics import Metrics
+    from areal_like.net.metrics import Metrics
 
     m = Metrics()
     for total in (0, 2, 2, 5):

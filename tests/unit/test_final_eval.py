@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from areal_like.config import load_config
+from areal_like.settings.config import load_config
 from launch.job import wait_for_final_eval
 
 

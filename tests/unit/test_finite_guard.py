@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from areal_like.config import ConfigError, load_config
-from areal_like.metrics import Metrics, parse_exposition
+from areal_like.net.metrics import Metrics, parse_exposition
+from areal_like.settings.config import ConfigError, load_config
 from trainer.finite_guard import NonFiniteStepError, SkipTracker, all_finite, first_nonfinite
 
 

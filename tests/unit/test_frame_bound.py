@@ -16,8 +16,9 @@ import msgspec
 import pytest
 import zmq
 
-from areal_like import protocol as P
-from areal_like.config import (
+from areal_like.job_facts import request_frame_limit
+from areal_like.net.dealer import Client
+from areal_like.settings.config import (
     BufferConfig,
     ConfigError,
     ModelConfig,
@@ -26,8 +27,7 @@ from areal_like.config import (
     TaskConfig,
     to_yaml,
 )
-from areal_like.dealer import Client
-from areal_like.job_facts import request_frame_limit
+from areal_like.wire import protocol as P
 
 TIMEOUT_S = 60.0
 HUGE_MAPS = 32 * 1024 * 1024  # empty maps in the hostile frame: one byte each on the wire, ~72 decoded
@@ -53,7 +53,8 @@ def test_the_limit_is_the_biggest_group_the_job_can_produce(tmp_path):
     assert request_frame_limit(RunConfig()) == 4 * 1024 * 1024  # a tiny job: the floor for control messages
     assert request_frame_limit(RunConfig(buffer=BufferConfig(max_frame_bytes=12345))) == 12345
     episodes = RunConfig(task=TaskConfig(group_size=16, max_prompt_tokens=4096, max_new_tokens=64,
-                                         env="areal_like.envs:GuessNumber", max_episode_tokens=8192))
+                                         env="areal_like.tasks.envs:GuessNumber",
+                                         max_episode_tokens=8192))
     assert request_frame_limit(episodes) == 6_815_744  # every turn of an episode is in its output
     with pytest.raises(ConfigError, match="buffer.max_frame_bytes"):
         BufferConfig(max_frame_bytes=-1)
@@ -111,6 +112,6 @@ def test_an_agent_groups_limit_holds_one_trajectory_per_call():
     (rollout_server/agent_endpoint.py): group_size x max_turns of them, each up to
     max_episode_tokens; the buffer must accept that group, not refuse it as too large."""
     task = TaskConfig(group_size=16, max_prompt_tokens=4096, max_new_tokens=64, max_turns=8,
-                      agent="areal_like.agents:calc_agent", max_episode_tokens=8192)
+                      agent="areal_like.tasks.agents:calc_agent", max_episode_tokens=8192)
     biggest = 16 * 8 * (8192 * 16 + 64 * 1024)  # every call its own segment, all of it output
     assert request_frame_limit(RunConfig(task=task)) >= biggest

@@ -7,8 +7,8 @@ import socket
 
 import pytest
 
-from areal_like import distributed
-from areal_like.distributed import free_port
+from areal_like.net import distributed
+from areal_like.net.distributed import free_port
 
 
 def test_ports_are_below_the_ephemeral_range_distinct_and_free():

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 from service_harness import start, step
 
-from areal_like import protocol as P
-from areal_like.config import BufferConfig
-from areal_like.trajectory import Trajectory, as_f32, as_i32
+from areal_like.settings.config import BufferConfig
+from areal_like.wire import protocol as P
+from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 from buffer.service import BufferService
 
 

@@ -1,4 +1,5 @@
-"""Models by hub id: areal_like.hf.resolve_model_path against a real Hugging Face cache layout.
+"""Models by hub id: areal_like.weights.hf.resolve_model_path against a real Hugging Face cache
+layout.
 
 The cache is laid out in tmp_path exactly as huggingface_hub writes it
 (``hub/models--org--name/snapshots/<commit>/`` and ``refs/main``); HF_HOME points at it in a child
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from areal_like.config import ConfigError, load_config
-from areal_like.hf import looks_like_hub_id, resolve_model_path, resolve_models
+from areal_like.settings.config import ConfigError, load_config
+from areal_like.weights.hf import looks_like_hub_id, resolve_model_path, resolve_models
 
 ROOT = Path(__file__).resolve().parents[2]
 REPO = "areal-like-test/tiny-cached"  # not a real repository: a lookup that reached the hub would fail
@@ -53,7 +54,8 @@ def run_py(code: str, home: Path, offline: bool, *args: str, cwd: Path | None = 
                           timeout=120, cwd=cwd)
 
 
-RESOLVE = "import sys; from areal_like.hf import resolve_model_path; print(resolve_model_path(sys.argv[1]))"
+RESOLVE = ("import sys; from areal_like.weights.hf import resolve_model_path; "
+           "print(resolve_model_path(sys.argv[1]))")
 
 
 def test_local_directory_is_used_as_is(tmp_path):
@@ -70,7 +72,8 @@ def test_hub_id_is_found_in_the_local_cache_without_the_network(tmp_path):
 
 def test_missing_hub_id_offline_is_one_line_naming_the_key(tmp_path):
     fake_cache(tmp_path / "hf")
-    code = ("import sys\nfrom areal_like.config import ConfigError\nfrom areal_like.hf import resolve_model_path\n"
+    code = ("import sys\nfrom areal_like.settings.config import ConfigError\n"
+            "from areal_like.weights.hf import resolve_model_path\n"
             "try:\n    resolve_model_path(sys.argv[1])\nexcept ConfigError as e:\n    print(e)\n")
     r = run_py(code, tmp_path / "hf", True, "areal-like-test/not-cached")
     assert r.returncode == 0, r.stderr
@@ -80,7 +83,8 @@ def test_missing_hub_id_offline_is_one_line_naming_the_key(tmp_path):
     assert "HF_HUB_OFFLINE" in msg and str(tmp_path / "hf" / "hub") in msg
 
 
-ONE_LINE = ("import sys\nfrom areal_like.config import ConfigError\nfrom areal_like.hf import resolve_model_path\n"
+ONE_LINE = ("import sys\nfrom areal_like.settings.config import ConfigError\n"
+            "from areal_like.weights.hf import resolve_model_path\n"
             "try:\n    print(resolve_model_path(*sys.argv[1:]))\nexcept ConfigError as e:\n    print('error:', e)\n")
 
 
@@ -92,7 +96,8 @@ def test_a_cache_without_weights_is_incomplete_offline(tmp_path):
                         "*.safetensors or *.bin), and HF_HUB_OFFLINE is set (unset it to download, or give a local "
                         "directory)\n")
     # the same snapshot is complete for model.tokenizer, which needs tokenizer files, not weights
-    code = ("from areal_like.config import load_config\nfrom areal_like.hf import resolve_models\n"
+    code = ("from areal_like.settings.config import load_config\n"
+            "from areal_like.weights.hf import resolve_models\n"
             f"print(resolve_models(load_config(['model.tokenizer={REPO}'])).model.tokenizer)\n")
     r = run_py(code, tmp_path / "hf", True)
     assert r.returncode == 0, r.stderr

@@ -10,12 +10,13 @@ package, and in ``areal_like`` any string literal that names a module of an uppe
 (``"launch.job"``, ``"trainer.export"`` for ``python -m``, ``"rollout_server.rewards:fn"``, a
 dotted path something will import): the shared core must not know them at all. A process package
 may start another one's module as a process of its own (``python -m trainer.export``). Dotted
-paths computed at run time (a user's reward function, ``areal_like/callables.py``) are not the
+paths computed at run time (a user's reward function, ``areal_like/tasks/callables.py``) are not the
 project's own and are not counted.
 
 The rules that keep the package budgets honest (issue 37; each check is shown to fail on a small
-synthetic tree): no import circle inside a package, lazy imports included; no module touches
-another module's ``_private`` names; no function is longer than 60 lines.
+synthetic tree): no import circle inside a package, lazy imports included; inside ``areal_like``,
+no import that runs up its wings (``WINGS``); no module touches another module's ``_private``
+names; no function is longer than 60 lines.
 """
 
 from __future__ import annotations
@@ -142,8 +143,8 @@ def test_walker_sees_imports_hidden_in_strings(tmp_path, monkeypatch):
 
 
 def test_config_module_does_not_import_torch():
-    code = ("import sys; import areal_like.config, areal_like.protocol, areal_like.transport, "
-            "areal_like.daemon, areal_like.metrics; "
+    code = ("import sys; import areal_like.settings.config, areal_like.wire.protocol, "
+            "areal_like.net.transport, areal_like.daemon, areal_like.net.metrics; "
             "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules); print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
                          env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
@@ -228,16 +229,75 @@ def test_circle_check_sees_a_circle_through_a_lazy_import(tmp_path, monkeypatch)
     assert circles(graph) == {frozenset({"buffer.a", "buffer.b", "buffer.sub.c", "buffer.d"})}
 
 
+# ---------------------------------------------------------------- areal_like's wings point down
+# ``areal_like`` is a floor of wings, lowest first; a module imports only from its own wing or a
+# lower one (lazy imports and dotted paths in strings included). The modules at the top
+# (``TOP_MODULES``) sit above every wing and may import any.
+
+WINGS = ("wire", "net", "settings", "tasks", "weights")
+TOP_MODULES = {"areal_like", "areal_like.daemon", "areal_like.job_facts"}
+
+
+def wing_rank(module: str) -> int:
+    """The floor of an ``areal_like`` module: its wing's place in WINGS, above them all at the
+    top."""
+    parts = module.split(".")
+    return WINGS.index(parts[1]) if len(parts) > 1 and parts[1] in WINGS else len(WINGS)
+
+
+def named_modules(path: Path) -> set[str]:
+    """The project modules ``path`` imports, and those its string literals name as dotted paths."""
+    strings = {n.value.partition(":")[0] for n in ast.walk(ast.parse(path.read_text()))
+               if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    dotted = {s for s in strings if all(part.isidentifier() for part in s.split("."))}
+    named = {s for s in dotted if s.startswith("areal_like") and is_module(s)}
+    return imported_modules(path) | named
+
+
+def upward_imports() -> list[str]:
+    found = []
+    for path in python_files("areal_like"):
+        me = module_name(path)
+        found += [f"{me} -> {m}" for m in sorted(named_modules(path))
+                  if m.split(".")[0] == "areal_like" and wing_rank(m) > wing_rank(me)]
+    return found
+
+
+def test_areal_like_wings_import_only_downward():
+    assert not upward_imports(), "an import that runs up the wings:\n" + "\n".join(upward_imports())
+
+
+def test_the_top_of_areal_like_holds_only_its_named_modules():
+    top = {m for m in map(module_name, python_files("areal_like")) if wing_rank(m) == len(WINGS)}
+    assert top == TOP_MODULES, "a new module belongs in a wing (or in TOP_MODULES, with a reason)"
+
+
+def test_wing_check_sees_lazy_relative_and_string_imports(tmp_path, monkeypatch):
+    sources = {"__init__.py": "", "job_facts.py": "",
+               "wire/a.py": "def f():\n    from areal_like.settings import c\n",  # lazy, up
+               "net/b.py": "from ..wire import a\nP = 'areal_like.tasks.t:fn'\n",  # a string up
+               "settings/c.py": "import areal_like.job_facts\nfrom . import c\n",  # up to the top
+               "tasks/t.py": "from areal_like.net import b\n"}  # down
+    sources.update({f"{wing}/__init__.py": "" for wing in ("wire", "net", "settings", "tasks")})
+    for name, text in sources.items():
+        (tmp_path / "areal_like" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "areal_like" / name).write_text(text)
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert upward_imports() == ["areal_like.net.b -> areal_like.tasks.t",
+                                "areal_like.settings.c -> areal_like.job_facts",
+                                "areal_like.wire.a -> areal_like.settings.c"]
+
+
 # ---------------------------------------------------------------- no touching another's privates
 # ``from x import _y``, and ``obj._y`` where ``obj`` is not ``self`` or ``cls`` (dunders are not
 # private). What is left are other libraries' privates, each for a reason.
 
 ALLOWED_PRIVATES = {
-    "areal_like/config.py": {"_get_node"},  # OmegaConf: a key's node without resolving it
+    "areal_like/settings/config.py": {"_get_node"},  # OmegaConf: a key's node without resolving it
     # os._exit: leave at once (a child whose parent died); a marker of ours on logging's root
     "areal_like/daemon.py": {"_exit", "_areal_like_configured"},
     # torch.distributed: a process group over a store we connected, and an NCCL timeout option
-    "areal_like/distributed.py": {"_new_process_group_helper", "_world", "_timeout"},
+    "areal_like/net/distributed.py": {"_new_process_group_helper", "_world", "_timeout"},
     "launch/preflight.py": {"_compile_jinja_template"},  # transformers: how it compiles templates
     "rollout_server/engine/fastpath.py": {"_forward_hooks", "_forward_pre_hooks"},  # torch.nn
     "trainer/model.py": {"_attn_implementation"},  # transformers' attention choice

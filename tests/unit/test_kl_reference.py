@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from areal_like.config import LossConfig
+from areal_like.settings.config import LossConfig
 from trainer.losses import compute_policy_loss
 
 NAN = float("nan")
@@ -76,7 +76,7 @@ def test_kl_is_zero_when_policy_equals_reference():
 def test_step_settings_pass_kl_to_the_loss_and_it_needs_a_reference():
     from types import SimpleNamespace
 
-    from areal_like.config import load_config
+    from areal_like.settings.config import load_config
     from trainer.step import StepSettings
 
     run = load_config(["trainer.loss.kl_coef=0.05", "trainer.loss.kl_estimator=k2"])

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import zmq
 
-from areal_like import protocol as P
-from areal_like import security
-from areal_like.config import RunConfig, load_config
-from areal_like.dealer import Client
-from areal_like.distributed import free_port
-from areal_like.transport import Server, TransportTimeout, local_addresses
+from areal_like.net import security
+from areal_like.net.dealer import Client
+from areal_like.net.distributed import free_port
+from areal_like.net.transport import Server, TransportTimeout, local_addresses
+from areal_like.settings.config import RunConfig, load_config
+from areal_like.wire import protocol as P
 
 ANSWER_S = 20.0  # generous: the machine is shared; only refusals wait this long
 NOBODY = 65534

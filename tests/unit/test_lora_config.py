@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from areal_like.config import ConfigError, load_config
+from areal_like.settings.config import ConfigError, load_config
 from launch import preflight as pf
 
 
@@ -51,8 +51,8 @@ def test_a_target_module_the_model_lacks_is_refused_by_preflight():
 
 
 def test_the_trainer_refuses_a_missing_target_too():
-    from areal_like.hf import build_meta_model
-    from areal_like.lora import add_adapters
+    from areal_like.weights.hf import build_meta_model
+    from areal_like.weights.lora import add_adapters
 
     cfg = load_config(["trainer.lora.rank=8", "trainer.lora.target_modules=[q_proj,c_attn]"])
     with pytest.raises(ConfigError, match=r"trainer\.lora\.target_modules.*c_attn"):

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from areal_like.config import LoraConfig, ModelConfig
-from areal_like.hf import build_model
-from areal_like.lora import adapters_disabled, add_adapters, is_adapter
+from areal_like.settings.config import LoraConfig, ModelConfig
+from areal_like.weights.hf import build_model
+from areal_like.weights.lora import adapters_disabled, add_adapters, is_adapter
 from trainer.model import policy_logprobs
 
 
@@ -25,9 +25,9 @@ def test_measuring_passes_run_without_dropout():
     to about 1 nat)."""
     import numpy as np
 
-    from areal_like.config import load_config
-    from areal_like.protocol import TrajectoryGroup
-    from areal_like.trajectory import Trajectory
+    from areal_like.settings.config import load_config
+    from areal_like.wire.protocol import TrajectoryGroup
+    from areal_like.wire.trajectory import Trajectory
     from trainer.data import groups_to_batch
     from trainer.logprob_guard import trainer_logprobs
     from trainer.model import attach_logprobs

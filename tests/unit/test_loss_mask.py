@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from areal_like import protocol as P
-from areal_like.config import AGG_MODES, ESTIMATORS, LossConfig
-from areal_like.group_checks import content_problem
-from areal_like.trajectory import Trajectory, as_f32, as_i32, runs_of
+from areal_like.settings.config import AGG_MODES, ESTIMATORS, LossConfig
+from areal_like.wire import protocol as P
+from areal_like.wire.group_checks import content_problem
+from areal_like.wire.trajectory import Trajectory, as_f32, as_i32, runs_of
 from trainer.advantages import AdvantageInputs, compute_advantages
 from trainer.data import groups_to_batch
 from trainer.losses import KERNELS, compute_policy_loss
@@ -132,7 +132,8 @@ def test_a_bad_mask_or_an_old_version_frame_is_refused():
         wire = msgpack.unpackb(P.encode(group))
         wire["trajectories"][0]["loss_mask"][2] = runs_of(bad, "loss_mask")[2].tobytes()
         decoded = P.decode(msgpack.packb(wire))  # decode checks the mask's length, not its values (the hot path)
-        # the buffer's admission and the trainer's data source read every value (areal_like/group_checks.py)
+        # the buffer's admission and the trainer's data source read every value
+        # (areal_like/wire/group_checks.py)
         assert content_problem(decoded, vocab_size=0).startswith("bad_loss_mask: trajectory 0 has loss_mask"), bad
     assert content_problem(group, vocab_size=0) is None
     wire = msgpack.unpackb(P.encode(group))

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from areal_like.config import AGG_MODES, LOSS_KINDS, ConfigError, LossConfig
-from areal_like.loss_schema import (
+from areal_like.settings.config import AGG_MODES, LOSS_KINDS, ConfigError, LossConfig
+from areal_like.settings.loss_schema import (
     DecoupledPPOConfig,
     GSPOConfig,
     IcePopConfig,
@@ -292,7 +292,7 @@ def test_kernel_table():
 def test_kernel_names_are_tested_only_in_the_table():
     """No code but the kernel table and the config schema names a kernel: one entry, one place."""
     root = Path(__file__).resolve().parents[2]
-    owners = {root / "trainer" / "losses.py", root / "areal_like" / "loss_schema.py"}
+    owners = {root / "trainer" / "losses.py", root / "areal_like" / "settings" / "loss_schema.py"}
     found = []
     for pkg in ("areal_like", "buffer", "launch", "rollout_server", "trainer"):
         for path in sorted((root / pkg).rglob("*.py")):

@@ -1,7 +1,7 @@
 """math_reward on a table of answer forms, each expected value decided by hand.
 
 A row is (response, reference, expected). Comments say why where a reader could doubt it. Known
-limits (the module docstring of areal_like/rewards.py lists them) keep the value a user would
+limits (the module docstring of areal_like/tasks/rewards.py lists them) keep the value a user would
 expect and are marked xfail(strict): if math-verify starts getting them right, the test says so.
 """
 
@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from areal_like import rewards
-from areal_like.rewards import math_reward
-from areal_like.tasks import Example
+from areal_like.tasks import rewards
+from areal_like.tasks.rewards import math_reward
+from areal_like.tasks.task import Example
 
 
 def known_limit(response: str, reference: str, expected: float, why: str):

@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from areal_like.config import ModelConfig
+from areal_like.settings.config import ModelConfig
 from benchmarks.memory import (
     PeakTensorBytes,
     block_activation_bytes,
@@ -46,7 +46,7 @@ def test_peak_tensor_bytes_counts_allocations_until_freed():
 @pytest.mark.parametrize("name,published", [("0.5B", 494_032_768), ("1.5B", 1_543_714_304),
                                             ("7B", 7_615_616_512)])
 def test_parameter_counts_match_the_model(name, published):
-    from areal_like.hf import build_meta_model
+    from areal_like.weights.hf import build_meta_model
 
     cfg = qwen2_shape(name)
     model = build_meta_model(cfg)
@@ -56,7 +56,7 @@ def test_parameter_counts_match_the_model(name, published):
 
 
 def _saved_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, tokens: int = 48) -> float:
-    from areal_like.hf import build_model
+    from areal_like.weights.hf import build_model
 
     model = build_model(cfg, dtype="float32").to(dtype).train()
     layer = model.model.layers[0]
@@ -117,7 +117,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 dist.init_process_group("fake", store=FakeStore(), rank=3, world_size=8)
-from areal_like.hf import build_meta_model
+from areal_like.weights.hf import build_meta_model
 from benchmarks.memory import qwen2_shape
 from trainer.model import apply_fsdp
 cfg = qwen2_shape("7B")

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from areal_like.metrics import Metrics, MetricsServer, prom_name, scrape
+from areal_like.net.metrics import Metrics, MetricsServer, prom_name, scrape
 
 
 def test_prom_name():
@@ -102,7 +102,7 @@ def test_many_idle_connections_cost_no_threads_and_are_cut_off():
     import socket
     import threading
 
-    from areal_like.http_guard import HttpLimits
+    from areal_like.net.http_guard import HttpLimits
 
     limits = HttpLimits(max_connections=32, header_timeout_s=1.0, max_inflight=4, max_body_bytes=1024)
     before = threading.active_count()
@@ -139,7 +139,7 @@ def test_at_the_cap_only_kept_alive_strangers_are_evicted_and_health_always_answ
     import socket
     import time
 
-    from areal_like.http_guard import EVICT_IDLE_S, HttpLimits
+    from areal_like.net.http_guard import EVICT_IDLE_S, HttpLimits
 
     limits = HttpLimits(max_connections=4, header_timeout_s=30.0, keepalive_s=30.0, max_inflight=4,
                         max_body_bytes=1024)
@@ -191,7 +191,7 @@ def test_eviction_works_for_sockets_numbered_past_fd_setsize():
     import socket
     import time
 
-    from areal_like.http_guard import EVICT_IDLE_S, HttpLimits
+    from areal_like.net.http_guard import EVICT_IDLE_S, HttpLimits
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if max(soft, hard) < 1200:

@@ -7,7 +7,7 @@ import io
 import json
 from pathlib import Path
 
-from areal_like.schema import RunConfig
+from areal_like.settings.schema import RunConfig
 from launch.job import Monitor
 from launch.topology import Topology
 

@@ -15,11 +15,11 @@ import asyncio
 import numpy as np
 import pytest
 
-from areal_like.config import TaskConfig
-from areal_like.environment import ChatRenderer
-from areal_like.tasks import make_task
-from areal_like.tokenizer import CHATML, bpe_tokenizer
-from areal_like.tools import ToolRegistry, parse_tool_calls
+from areal_like.settings.config import TaskConfig
+from areal_like.tasks.environment import ChatRenderer
+from areal_like.tasks.task import make_task
+from areal_like.tasks.tokenizer import CHATML, bpe_tokenizer
+from areal_like.tasks.tools import ToolRegistry, parse_tool_calls
 from rollout_server.episode import EpisodeContext
 from rollout_server.multiturn import EpisodeRunner
 from rollout_server.sglang_client import GenerateOutput
@@ -194,7 +194,7 @@ def test_a_weight_sync_mid_episode_keeps_every_tokens_version():
 
 
 def test_a_logged_sample_shows_each_tokens_source_and_version():
-    from areal_like.protocol import TrajectoryGroup
+    from areal_like.wire.protocol import TrajectoryGroup
     from trainer.samples import sample_rows
 
     engine = ScriptedEngine(["first turn", "second turn is long", "third"], pause_after={1: 3})

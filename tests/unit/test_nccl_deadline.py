@@ -2,7 +2,7 @@
 
 torch's c10d waits for a lazily created non-blocking communicator holding the mutex that
 ``abort()`` needs, for ``TORCH_NCCL_NONBLOCKING_TIMEOUT`` seconds (default 30 minutes), read once
-per process at its first NCCL call (areal_like/distributed.py). So the trainer must carry the
+per process at its first NCCL call (areal_like/net/distributed.py). So the trainer must carry the
 variable, derived from ``trainer.weight_sync.deadline_s``, before it makes its first process group.
 """
 
@@ -12,8 +12,8 @@ import os
 
 import pytest
 
-from areal_like.config import load_config
-from areal_like.distributed import NCCL_NONBLOCKING_TIMEOUT, set_nccl_nonblocking_timeout
+from areal_like.net.distributed import NCCL_NONBLOCKING_TIMEOUT, set_nccl_nonblocking_timeout
+from areal_like.settings.config import load_config
 
 
 class FirstGroup(Exception):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from areal_like.metrics import prom_name
+from areal_like.net.metrics import prom_name
 from buffer.instruments import COUNTERS, LABELLED
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -34,7 +34,8 @@ def test_an_installed_layout_finds_its_packaged_configs(tmp_path):
     shutil.copytree(ROOT / "configs", site / "areal_like" / "configs")
     work = tmp_path / "elsewhere"
     work.mkdir()
-    code = ("import areal_like, sys\nfrom areal_like.config import config_dir, load_config\n"
+    code = ("import areal_like, sys\n"
+            "from areal_like.settings.config import config_dir, load_config\n"
             "print(areal_like.__file__)\nprint(config_dir())\n"
             "cfg = load_config(['experiment=quickstart'])\nprint(cfg.experiment_name, cfg.task.name)\n")
     env = {k: v for k, v in os.environ.items() if k != "AREAL_LIKE_CONFIG_DIR"}

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from areal_like.config import ConfigError, load_config
-from areal_like.protocol import TrajectoryGroup
-from areal_like.trajectory import Trajectory
+from areal_like.settings.config import ConfigError, load_config
+from areal_like.wire.protocol import TrajectoryGroup
+from areal_like.wire.trajectory import Trajectory
 from trainer.data import groups_to_batch
 from trainer.packing import balance_ranks, plan_minibatch, split_microbatches
 from trainer.step import layout_stats, output_logp
@@ -92,7 +92,7 @@ def test_packed_logp_equals_each_sequence_alone_and_its_gradient_too(attn):
     as one sequence: likewise), and when ``sdpa_packed``'s recomputing backward is wrong (checked
     once: its output gradient halved, or the two 9-token sequences' gradients swapped within
     their length group, fails the gradient comparison; their outputs swapped fails the values)."""
-    from areal_like.hf import build_model
+    from areal_like.weights.hf import build_model
     from trainer.model import attach_logprobs
     from trainer.packed_attention import PACKED_SDPA
 

@@ -7,8 +7,8 @@ tests/integration/test_member_roles.py.)"""
 
 from __future__ import annotations
 
-from areal_like import protocol as P
-from areal_like.config import BufferConfig
+from areal_like.settings.config import BufferConfig
+from areal_like.wire import protocol as P
 from buffer.peer_caps import MAX_HELD_PER_MEMBER, MIN_SERVERS
 from tests.unit.service_harness import Sink, start
 

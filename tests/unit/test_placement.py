@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from areal_like.config import ConfigError, load_config
+from areal_like.settings.config import ConfigError, load_config
 from launch.job import job_specs
 from launch.placement import check_one_node, place_node, place_nodes
 from launch.topology import apply_topology, plan_topology

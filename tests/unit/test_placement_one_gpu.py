@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from areal_like.config import ConfigError, load_config
+from areal_like.settings.config import ConfigError, load_config
 from launch.job import job_specs, plan_job
 from launch.placement import (
     SHARED_MEM_FRACTION_DEFAULT,

@@ -1,4 +1,5 @@
-"""``plan_buckets``: pure bucket planning for the weight broadcast (areal_like/weight_wire.py)."""
+"""``plan_buckets``: pure bucket planning for the weight broadcast
+(areal_like/wire/weight_wire.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 
 import pytest
 
-from areal_like.weight_wire import plan_buckets
+from areal_like.wire.weight_wire import plan_buckets
 
 MB = 1024 * 1024
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}  # the dtypes these tests plan
@@ -70,7 +71,7 @@ def test_unknown_dtype_is_refused():
 
 
 def test_plan_travels_on_the_wire():
-    from areal_like.protocol import WeightSyncPlan, decode, encode
+    from areal_like.wire.protocol import WeightSyncPlan, decode, encode
 
     buckets = plan_buckets([("a", [2, 3], "float32"), ("b", [5], "bfloat16")], MB)
     plan = WeightSyncPlan(policy_version=3, group_name="g", master_addr="127.0.0.1", master_port=1234, world_size=2,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from areal_like.config import ConfigError, RunConfig, TaskConfig, load_config
+from areal_like.settings.config import ConfigError, RunConfig, TaskConfig, load_config
 from launch import preflight as pf
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -315,7 +315,7 @@ def test_a_chat_dataset_needs_a_chat_template_unless_the_task_says_what_to_do(tm
     import copy
     import json
 
-    from areal_like.tokenizer import load_tokenizer
+    from areal_like.tasks.tokenizer import load_tokenizer
 
     tok = copy.deepcopy(load_tokenizer(base().model))
     tok.chat_template = None
@@ -370,7 +370,7 @@ def test_rows_whose_contents_make_no_example_are_refused_before_start_in_one_lin
 
 
 def test_row_check_streams_batches_and_shows_the_first_rows(tmp_path, monkeypatch):
-    from areal_like import datasets as ds
+    from areal_like.tasks import datasets as ds
 
     monkeypatch.setattr(ds, "ROW_BATCH", 3)  # several batches: row numbers run on across them
     data = _jsonl(tmp_path / "rows.jsonl", [{"prompt": "p", "answer": None if i % 4 == 1 else "a"} for i in range(30)])

@@ -1,4 +1,5 @@
-"""How a dataset row becomes prompt ids (``areal_like.tasks.prompt_template``): TRL's convention.
+"""How a dataset row becomes prompt ids (``areal_like.tasks.task.prompt_template``): TRL's
+convention.
 
 With ``task.chat_template=auto`` a plain prompt column is plain text with the tokenizer's own
 special tokens and a ``messages`` column goes through the tokenizer's chat template; a template
@@ -11,10 +12,10 @@ from __future__ import annotations
 import json
 import logging
 
-from areal_like.config import BufferConfig, RunConfig, TaskConfig
-from areal_like.distributed import free_port
-from areal_like.tasks import SYNTHETIC, encode_prompt, make_task, prompt_layout
-from areal_like.tokenizer import BOS_ID, bpe_tokenizer, char_tokenizer
+from areal_like.net.distributed import free_port
+from areal_like.settings.config import BufferConfig, RunConfig, TaskConfig
+from areal_like.tasks.task import SYNTHETIC, encode_prompt, make_task, prompt_layout
+from areal_like.tasks.tokenizer import BOS_ID, bpe_tokenizer, char_tokenizer
 from buffer.service import BufferService
 
 BRACKETS = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"

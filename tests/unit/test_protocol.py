@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from areal_like import protocol as P
-from areal_like.codec import field_names
-from areal_like.trajectory import Trajectory, as_f32, as_i32
+from areal_like.wire import protocol as P
+from areal_like.wire.codec import field_names
+from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 
 # ---------------------------------------------------------------- strategies from the schema
 
@@ -203,7 +203,7 @@ def test_arrays_travel_as_raw_bytes_not_lists():
 
 
 def test_senders_use_plain_types_and_encode_refuses_others():
-    """Construction checks no field (areal_like/codec.py): a numpy scalar or a ``str`` subclass
+    """Construction checks no field (areal_like/wire/codec.py): a numpy scalar or a ``str`` subclass
     is refused by ``encode`` naming the frame, so nothing ambiguous is ever sent."""
     class Name(str):
         pass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from areal_like.ratelog import RateLimitedLog
+from areal_like.net.ratelog import RateLimitedLog
 
 
 def test_one_line_per_key_and_period_with_the_suppressed_count(caplog):

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from areal_like.protocol import TrajectoryGroup
-from areal_like.trajectory import Trajectory, as_f32, as_i32
+from areal_like.wire.protocol import TrajectoryGroup
+from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 from buffer.replay_buffer import ReplayBuffer
 from buffer.staleness import StalenessPolicy
 

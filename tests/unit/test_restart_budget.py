@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from areal_like.config import LaunchConfig
-from areal_like.schema import ConfigError
+from areal_like.settings.config import LaunchConfig
+from areal_like.settings.schema import ConfigError
 from launch.local import RestartBudget
 
 

@@ -19,10 +19,10 @@ import psutil
 import pytest
 from reward_fns import SECRET_VAR, behave
 
-from areal_like.config import TaskConfig, load_config
 from areal_like.daemon import ComponentStopped
-from areal_like.metrics import Metrics
-from areal_like.tasks import Example
+from areal_like.net.metrics import Metrics
+from areal_like.settings.config import TaskConfig, load_config
+from areal_like.tasks.task import Example
 from rollout_server.reward_pool import WARN_EVERY_S, RewardPool, RewardPoolError, scrubbed_env
 from rollout_server.server import RolloutServer
 
@@ -179,14 +179,14 @@ def test_workers_do_not_see_secrets(make_pool, monkeypatch):
 
 
 def test_the_math_reward_runs_in_workers(make_pool):
-    pool = make_pool("areal_like.rewards:math_reward", reward_timeout_s=30.0)
+    pool = make_pool("areal_like.tasks.rewards:math_reward", reward_timeout_s=30.0)
     example = Example("Simplify sqrt(8).", r"2\sqrt{2}")
     assert score(pool, r"so \boxed{2\sqrt{2}}", r"\boxed{\sqrt{8}}", "3", example=example) == [
         (1.0, None), (1.0, None), (0.0, None)]
 
 
 def test_task_reward_fn_overrides_the_default_path(make_pool):
-    pool = make_pool("areal_like.rewards:math_reward", reward_fn=PATH)
+    pool = make_pool("areal_like.tasks.rewards:math_reward", reward_fn=PATH)
     assert pool.path == PATH and score(pool, "0.25") == [(0.25, None)]
 
 

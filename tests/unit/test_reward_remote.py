@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from areal_like.config import TaskConfig
-from areal_like.metrics import Metrics
+from areal_like.net.metrics import Metrics
+from areal_like.settings.config import TaskConfig
 from rollout_server.reward_pool import RewardPool
 
 

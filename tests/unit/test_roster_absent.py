@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from areal_like import protocol as P
+from areal_like.wire import protocol as P
 from buffer.control import ControlPlane
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from areal_like.config import ConfigError, load_config
+from areal_like.settings.config import ConfigError, load_config
 from launch.records import summarize
 from launch.rundir import check_existing_run, latest_checkpoint_step, lock_run_dir
 

@@ -1,6 +1,6 @@
-"""Per-token versions and loss masks travel as runs (protocol version 3, areal_like/trajectory.py):
-hand-computed vectors, a round trip over random arrays, and every malformed run refused on decode
-with an error naming the field."""
+"""Per-token versions and loss masks travel as runs (protocol version 3,
+areal_like/wire/trajectory.py): hand-computed vectors, a round trip over random arrays, and every
+malformed run refused on decode with an error naming the field."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from areal_like import protocol as P
-from areal_like.trajectory import RUNS, Trajectory, runs_array, runs_of, runs_ok
+from areal_like.wire import protocol as P
+from areal_like.wire.trajectory import RUNS, Trajectory, runs_array, runs_of, runs_ok
 from buffer.credits import version_range
 
 

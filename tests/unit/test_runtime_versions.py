@@ -1,8 +1,8 @@
 """One torch everywhere: engines report torch/CUDA/NCCL in Register, the buffer keeps them in the
 roster, and the trainer leaves a member out of a weight sync when its versions cannot share the group.
 
-The rule is a pure function (areal_like/versions.py) checked against a table; the wire fields
-round-trip and old frames without them still decode; the buffer is the real service with fake
+The rule is a pure function (areal_like/weights/versions.py) checked against a table; the wire
+fields round-trip and old frames without them still decode; the buffer is the real service with fake
 sockets; the trainer's admission runs against a scripted buffer.
 """
 
@@ -16,11 +16,11 @@ import pytest
 import torch
 from test_handout import _start, _step  # the buffer service with fake sockets
 
-from areal_like import protocol as P
-from areal_like.codec import field_names
-from areal_like.config import WeightSyncConfig
-from areal_like.metrics import Metrics
-from areal_like.versions import RuntimeVersions, from_server_info, local_versions, mismatch
+from areal_like.net.metrics import Metrics
+from areal_like.settings.config import WeightSyncConfig
+from areal_like.weights.versions import RuntimeVersions, from_server_info, local_versions, mismatch
+from areal_like.wire import protocol as P
+from areal_like.wire.codec import field_names
 from rollout_server.weight_update import engine_versions
 from trainer.weight_sync import SyncReport, WeightBroadcaster
 

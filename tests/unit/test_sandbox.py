@@ -11,10 +11,10 @@ import os
 
 import psutil
 
-from areal_like.auth import ENGINE_KEY_ENV, METRICS_TOKEN_ENV
-from areal_like.config import TaskConfig
-from areal_like.metrics import Metrics
-from areal_like.tasks import Example
+from areal_like.net.auth import ENGINE_KEY_ENV, METRICS_TOKEN_ENV
+from areal_like.net.metrics import Metrics
+from areal_like.settings.config import TaskConfig
+from areal_like.tasks.task import Example
 from rollout_server.reward_pool import RewardPool
 from rollout_server.sandbox import SandboxLimits, SandboxResult, run_sandboxed
 
@@ -104,7 +104,7 @@ def test_reward_pool_scores_a_fork_bomb_as_failed_and_counts_it():
 
 
 def test_the_worker_scrubs_what_the_job_calls_secret():
-    from areal_like.auth import SECRET_NAME
+    from areal_like.net.auth import SECRET_NAME
     from rollout_server.reward_worker import SECRET_NAME as WORKER_SECRET_NAME  # a stdlib-only copy
 
     assert WORKER_SECRET_NAME.pattern == SECRET_NAME.pattern and WORKER_SECRET_NAME.flags == SECRET_NAME.flags

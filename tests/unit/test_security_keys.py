@@ -10,8 +10,8 @@ import logging
 import pytest
 import zmq
 
-from areal_like import security
-from areal_like.config import RunConfig, SecurityConfig
+from areal_like.net import security
+from areal_like.settings.config import RunConfig, SecurityConfig
 
 
 def test_curve_off_warns_and_leaves_sockets_plain(tmp_path, caplog):

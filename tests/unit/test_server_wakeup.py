@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from areal_like import protocol as P
-from areal_like.dealer import Client
-from areal_like.distributed import free_port
-from areal_like.transport import Server
+from areal_like.net.dealer import Client
+from areal_like.net.distributed import free_port
+from areal_like.net.transport import Server
+from areal_like.wire import protocol as P
 from buffer.wal import WriteAheadLog
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "eventfd"), reason="eventfd is Linux-only")

@@ -15,8 +15,8 @@ import msgspec
 import pytest
 from aiohttp import web
 
-from areal_like.config import ConfigError, EngineConfig, ModelConfig
-from areal_like.distributed import free_port
+from areal_like.net.distributed import free_port
+from areal_like.settings.config import ConfigError, EngineConfig, ModelConfig
 from rollout_server.episode import generate_sample, segment_versions
 from rollout_server.launch_sglang import SGLangProcess, sglang_command
 from rollout_server.sglang_client import GenerateOutput, SGLangClient, SGLangError
@@ -257,7 +257,7 @@ def test_tp_size_has_one_source_of_truth():
 
 
 def _plan(reform: bool, buckets: int = 2, deadline_s: float = 10.0):
-    from areal_like.protocol import BucketSpec, SyncMember, WeightSyncPlan
+    from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
 
     return WeightSyncPlan(policy_version=3, group_name="g", master_addr="10.0.0.1", master_port=29500, world_size=3,
                           backend="gloo", reform=reform, members=[SyncMember(server_id="s0", rank_offset=1),

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import launch.preflight
-from areal_like.config import load_config, load_daemon_config, to_yaml
+from areal_like.settings.config import load_config, load_daemon_config, to_yaml
 from launch import cli, srun
 from launch.job import job_specs, plan_job
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from areal_like.config import ConfigError, load_config
+from areal_like.settings.config import ConfigError, load_config
 from launch.job import plan_job
 from launch.placement import place_node
 from launch.srun import cpu_mask, head_ip, node_cores, physical_cores, ports_json, slurm_steps

@@ -155,8 +155,8 @@ class _FakePublisher(_FakeServer):
 def _group(credit, server_id: str, version: int, rewards):
     import numpy as np
 
-    from areal_like import protocol as P
-    from areal_like.trajectory import Trajectory, as_f32, as_i32
+    from areal_like.wire import protocol as P
+    from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 
     trajs = [Trajectory.of(prompt_ids=as_i32([1]), output_ids=as_i32([2, 3]), behav_logp=as_f32([-1, -1]),
                           versions=as_i32([version, version]), reward=float(r), finish_reason="stop") for r in rewards]
@@ -232,9 +232,9 @@ def test_books_balance_under_random_traffic(seed, tmp_path):
     (``lost_batch``: it acks nothing, so the batch in transit goes back to the store)."""
     import random
 
-    from areal_like import protocol as P
-    from areal_like.config import BufferConfig, RunConfig, TaskConfig
-    from areal_like.protocol import encode
+    from areal_like.settings.config import BufferConfig, RunConfig, TaskConfig
+    from areal_like.wire import protocol as P
+    from areal_like.wire.protocol import encode
     from buffer.service import BufferService
 
     rng = random.Random(seed)

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from areal_like.config import load_config
-from areal_like.protocol import TrajectoryGroup
-from areal_like.trajectory import Trajectory
+from areal_like.settings.config import load_config
+from areal_like.wire.protocol import TrajectoryGroup
+from areal_like.wire.trajectory import Trajectory
 from trainer.data import groups_to_batch
 from trainer.step import StepSettings, batch_advantages, batch_logp, minibatches, output_logp, sequence_score_terms
 
@@ -98,6 +98,6 @@ def test_vcpo_score_norms_after_a_no_grad_pass():
     fails the test (``spawn`` re-raises it here)."""
     import torch.multiprocessing as mp
 
-    from areal_like.distributed import free_port
+    from areal_like.net.distributed import free_port
 
     mp.spawn(_vcpo_norms_rank, args=(free_port(),), nprocs=2, join=True)

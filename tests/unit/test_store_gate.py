@@ -1,7 +1,7 @@
-"""The weight group's store gate and door (areal_like/store_gate.py) over real loopback sockets: the
-handshake carries bytes both ways unchanged; a slow, idle or surplus connection is cut off; a door
-proves nothing to a listener that cannot prove the name itself; a closed socket's leftover entry
-in /proc/net/tcp does not pass for its owner. The torch store and real members are in
+"""The weight group's store gate and door (areal_like/net/store_gate.py) over real loopback sockets:
+the handshake carries bytes both ways unchanged; a slow, idle or surplus connection is cut off; a
+door proves nothing to a listener that cannot prove the name itself; a closed socket's leftover
+entry in /proc/net/tcp does not pass for its owner. The torch store and real members are in
 tests/integration/test_weight_group_rendezvous.py."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from areal_like import store_gate
-from areal_like.distributed import free_port
-from areal_like.store_gate import MAGIC, NONCE_BYTES, StoreDoor, StoreGate, peer_uid
+from areal_like.net import store_gate
+from areal_like.net.distributed import free_port
+from areal_like.net.store_gate import MAGIC, NONCE_BYTES, StoreDoor, StoreGate, peer_uid
 
 SECRET = "areal_like_weights-00112233445566778899aabbccddeeff"
 DEADLINE_S = 30.0  # what a test waits at most for an answer that must come

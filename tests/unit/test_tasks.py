@@ -5,10 +5,10 @@ import pickle
 
 import pytest
 
-from areal_like.callables import import_function, split_function_path
-from areal_like.config import ConfigError, ModelConfig, TaskConfig
-from areal_like.rewards import math_reward
-from areal_like.tasks import (
+from areal_like.settings.config import ConfigError, ModelConfig, TaskConfig
+from areal_like.tasks.callables import import_function, split_function_path
+from areal_like.tasks.rewards import math_reward
+from areal_like.tasks.task import (
     SYNTHETIC_EVAL_SIZE,
     DatasetTask,
     Example,
@@ -19,7 +19,7 @@ from areal_like.tasks import (
     load_function,
     make_task,
 )
-from areal_like.tokenizer import BOS_ID, EOS_ID, char_tokenizer, load_tokenizer
+from areal_like.tasks.tokenizer import BOS_ID, EOS_ID, char_tokenizer, load_tokenizer
 
 
 @pytest.mark.parametrize("name", ["addition", "sort", "reverse", "countdown"])
@@ -60,14 +60,15 @@ def test_rewards_are_module_level_functions_named_by_path():
 def test_one_parser_for_function_paths():
     assert split_function_path("pkg.mod:fn") == ("pkg.mod", "fn")
     assert split_function_path("pkg.mod.fn") == ("pkg.mod", "fn")  # no colon: the last dot
-    assert load_function("areal_like.tasks.exact_match") is exact_match
+    assert load_function("areal_like.tasks.task.exact_match") is exact_match
     for bad in ("fn", "pkg.mod:", ":fn", ""):
         with pytest.raises(ValueError, match="is not of the form package.module:function"):
             split_function_path(bad)
-    with pytest.raises(TypeError, match="SPLITS in areal_like.tasks is a tuple, not a callable"):
-        import_function("areal_like.tasks:SPLITS")
+    with pytest.raises(TypeError,
+                       match="SPLITS in areal_like.tasks.task is a tuple, not a callable"):
+        import_function("areal_like.tasks.task:SPLITS")
     with pytest.raises(AttributeError, match="no_such_reward"):
-        import_function("areal_like.tasks:no_such_reward")
+        import_function("areal_like.tasks.task:no_such_reward")
 
 
 def test_example_is_frozen_and_picklable():

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from areal_like.config import ConfigError, ModelConfig
-from areal_like.hf import qwen2_config
-from areal_like.tokenizer import BPE_MIN_VOCAB, bpe_tokenizer, char_tokenizer, load_tokenizer
+from areal_like.settings.config import ConfigError, ModelConfig
+from areal_like.tasks.tokenizer import BPE_MIN_VOCAB, bpe_tokenizer, char_tokenizer, load_tokenizer
+from areal_like.weights.hf import qwen2_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 37 + 45?"}]
@@ -22,7 +22,8 @@ CHATML_TEXT = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat 
 def test_bpe_build_is_deterministic_across_processes(tmp_path):
     here = tmp_path / "here"
     bpe_tokenizer(512).save_pretrained(here)
-    code = "import sys; from areal_like.tokenizer import bpe_tokenizer; bpe_tokenizer(512).save_pretrained(sys.argv[1])"
+    code = ("import sys; from areal_like.tasks.tokenizer import bpe_tokenizer; "
+            "bpe_tokenizer(512).save_pretrained(sys.argv[1])")
     for seed in ("1", "2"):  # a different hash seed per process: no dict-order dependence
         there = tmp_path / f"there{seed}"
         subprocess.run([sys.executable, "-c", code, str(there)], check=True, cwd=ROOT,

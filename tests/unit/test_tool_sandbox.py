@@ -12,8 +12,8 @@ import asyncio
 import psutil
 import pytest
 
-from areal_like.auth import ENGINE_KEY_ENV, METRICS_TOKEN_ENV
-from areal_like.tools import ToolSpec
+from areal_like.net.auth import ENGINE_KEY_ENV, METRICS_TOKEN_ENV
+from areal_like.tasks.tools import ToolSpec
 from rollout_server.tool_pool import ToolPool
 
 SECRETS = (ENGINE_KEY_ENV, METRICS_TOKEN_ENV, "WANDB_API_KEY", "HF_TOKEN", "MY_SECRET")

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from areal_like.config import ConfigError, RunConfig, load_config
+from areal_like.settings.config import ConfigError, RunConfig, load_config
 from launch.topology import apply_topology, plan_topology, split_address, split_cpus
 
 

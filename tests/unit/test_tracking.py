@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from areal_like import protocol as P
-from areal_like.config import to_yaml
-from areal_like.report_schema import TrackingConfig
-from areal_like.schema import ConfigError, RunConfig
-from areal_like.tokenizer import EOS_ID, char_tokenizer
-from areal_like.trajectory import Trajectory, as_f32, as_i32
+from areal_like.settings.config import to_yaml
+from areal_like.settings.report_schema import TrackingConfig
+from areal_like.settings.schema import ConfigError, RunConfig
+from areal_like.tasks.tokenizer import EOS_ID, char_tokenizer
+from areal_like.wire import protocol as P
+from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 from launch import tracking
 from launch.cli import main
 from launch.job import Monitor

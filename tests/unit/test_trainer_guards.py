@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from areal_like import protocol as P
-from areal_like.trajectory import Trajectory
-from areal_like.transport import Server
+from areal_like.net.transport import Server
+from areal_like.wire import protocol as P
+from areal_like.wire.trajectory import Trajectory
 
 
 def _group(version: int, gid: str = "g0") -> P.TrajectoryGroup:

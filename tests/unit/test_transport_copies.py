@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import zmq
 
-from areal_like import protocol as P
-from areal_like import transport
-from areal_like.dealer import Client
-from areal_like.trajectory import Trajectory
-from areal_like.transport import FrameWriter, Server, new_socket
+from areal_like.net import transport
+from areal_like.net.dealer import Client
+from areal_like.net.transport import FrameWriter, Server, new_socket
+from areal_like.wire import protocol as P
+from areal_like.wire.trajectory import Trajectory
 
 REQUEST_TIMEOUT_S = 20.0  # loopback on a loaded 2-core box: generous, answers take milliseconds
 

@@ -13,10 +13,10 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from areal_like import protocol as P
-from areal_like.dealer import AsyncClient, Client
-from areal_like.trajectory import Trajectory
-from areal_like.transport import FrameWriter, Server, new_socket, recv_parts
+from areal_like.net.dealer import AsyncClient, Client
+from areal_like.net.transport import FrameWriter, Server, new_socket, recv_parts
+from areal_like.wire import protocol as P
+from areal_like.wire.trajectory import Trajectory
 
 TIMEOUT_MS = 20_000  # loopback on a loaded 2-core box: generous, frames take milliseconds
 

@@ -273,9 +273,9 @@ def test_a_failed_write_is_not_taken_for_a_damaged_record_at_hand_out(tmp_path, 
     group as 'unreadable'."""
     import numpy as np
 
-    from areal_like import protocol as P
-    from areal_like.config import BufferConfig, RunConfig, TaskConfig
-    from areal_like.trajectory import Trajectory, as_f32, as_i32
+    from areal_like.settings.config import BufferConfig, RunConfig, TaskConfig
+    from areal_like.wire import protocol as P
+    from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
     from buffer.service import BufferService
 
     class FakeServer:

@@ -101,8 +101,8 @@ def test_two_damaged_control_records_lose_the_first_and_the_start_goes_on(tmp_pa
 def _frame(gid: str) -> bytes:
     import numpy as np
 
-    from areal_like import protocol as P
-    from areal_like.trajectory import Trajectory
+    from areal_like.wire import protocol as P
+    from areal_like.wire.trajectory import Trajectory
 
     t = Trajectory.of(prompt_ids=[7, 8], output_ids=[1, 2], behav_logp=np.full(2, -1.0, np.float32),
                       versions=[0, 0], reward=1.0, finish_reason="stop")

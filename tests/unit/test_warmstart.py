@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from areal_like.config import load_config
+from areal_like.settings.config import load_config
 from launch.warmstart import _batch, cache_key, cache_path, ensure_warm_start
 
 
@@ -49,8 +49,8 @@ def test_cached_model_is_reused_without_training(tmp_path):
 
 
 def test_pairs_use_the_rollout_servers_prompt_layout():
-    from areal_like.tasks import encode_prompt, make_task
-    from areal_like.tokenizer import load_tokenizer
+    from areal_like.tasks.task import encode_prompt, make_task
+    from areal_like.tasks.tokenizer import load_tokenizer
     from launch.warmstart import _pairs
 
     quick = load_config(["experiment=quickstart"])
@@ -61,7 +61,8 @@ def test_pairs_use_the_rollout_servers_prompt_layout():
     assert prompt == tok(ex.prompt)["input_ids"] and prompt[0] == 1  # <bos> + characters, as before
     assert tok.decode(answer) == ex.answer + "<eos>" and len(answer) == len(ex.answer) + 1
 
-    data = Path(__file__).resolve().parents[2] / "areal_like" / "data" / "math_chat" / "eval.parquet"
+    shipped = Path(__file__).resolve().parents[2] / "areal_like" / "tasks" / "data"
+    data = shipped / "math_chat" / "eval.parquet"
     chat = load_config(["task=dataset", f"task.dataset_path={data}",
                         "task.messages_key=messages", "model.tokenizer=bpe", "model.vocab_size=512"])
     tok = load_tokenizer(chat.model)

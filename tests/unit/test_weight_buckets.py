@@ -1,5 +1,6 @@
-"""The flattened-bucket wire format (areal_like/weight_wire.py: packing and the layout both sides
-read): hand-computed bytes; the staging pipeline's buffer reuse (trainer/weight_buckets.py)."""
+"""The flattened-bucket wire format (areal_like/wire/weight_wire.py: packing and the layout both
+sides read): hand-computed bytes; the staging pipeline's buffer reuse
+(trainer/weight_buckets.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import struct
 import pytest
 import torch
 
-from areal_like.distributed import destroy_weight_group, free_port, init_weight_group
-from areal_like.weight_wire import layout, pack, unpack
+from areal_like.net.distributed import destroy_weight_group, free_port, init_weight_group
+from areal_like.wire.weight_wire import layout, pack, unpack
 from trainer.weight_buckets import BucketPipeline
 
 

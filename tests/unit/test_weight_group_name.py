@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from areal_like.config import WeightSyncConfig
+from areal_like.settings.config import WeightSyncConfig
 from trainer.weight_group import GROUP_TOKEN_BYTES, WeightGroup
 
 

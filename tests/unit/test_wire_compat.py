@@ -1,5 +1,5 @@
 """Frames and write-ahead logs of an earlier build are refused, each naming the version it has and
-the one this build reads (areal_like/protocol.py, "Compatibility"; buffer/recovery.py).
+the one this build reads (areal_like/wire/protocol.py, "Compatibility"; buffer/recovery.py).
 
 The fixtures were written once by the protocol-version-2 build and are never regenerated:
 ``tests/fixtures/wire_v2`` holds one frame of every message type, ``tests/fixtures/wal_v2`` a buffer's
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from areal_like import protocol as P
-from areal_like.config import BufferConfig, RunConfig, SecurityConfig, TaskConfig, to_yaml
+from areal_like.settings.config import BufferConfig, RunConfig, SecurityConfig, TaskConfig, to_yaml
+from areal_like.wire import protocol as P
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 EXPECTED = json.loads((FIXTURES / "wire_v2" / "expected.json").read_text())

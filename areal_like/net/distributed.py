@@ -1,0 +1,294 @@
+"""The weight-update process group between trainer rank 0 and engine ranks.
+
+``torch.distributed.new_group`` cannot build it (every rank of the caller's default world would
+have to take part, and the engines are not in the trainer's world). We use the recipe SGLang,
+verl and slime use (their ``init_custom_process_group``): a TCP rendezvous, a PrefixStore named after the
+group, and ``_new_process_group_helper``; the result works with ``dist.broadcast(..., group=pg)``
+with or without a default group in the process. Every wait is bounded: the rendezvous and the
+connection of the ranks by ``connect_timeout_s``, every later op by ``timeout_s``.
+
+Rank 0 can give up on a rendezvous early (``check``, called every ``check_every_s`` while the
+other ranks join, raises): its store server is kept apart from the client the group uses, and
+closing the server fails every join in progress at once, its own included, so the members that
+are alive learn within a moment that this group will not form (a peer that died before joining
+would otherwise hold every one of them until the connect timeout). The server lives as long as
+the group (``destroy_weight_group`` closes it): NCCL exchanges its unique id through it at the
+first op.
+
+Who can join (threat model: areal_like/SECURITY.md). Rank 0 hosts the rendezvous store on loopback
+only, behind a gate bound to ``master_addr`` (areal_like/net/store_gate.py), and its gloo pairs
+listen on that address's interface too. Every key of the group lives under the PrefixStore named
+``group_name``, which the trainer makes unguessable per group (a random token: it reaches the
+engines only in the WeightSyncPlan, over the authenticated buffer channel), and the gate lets a
+connection reach the store only once it proved it knows that name; torch's store would otherwise
+list its keys, and with them the name, to whoever asked. A member joins through a door on its own
+loopback that answers the gate for it. An idle or garbage connection holds no join up (the gate
+serves each connection on its own and closes it within 10 s; a flood of them is denial of service by
+volume, out of scope), and every wait is bounded by the timeouts above.
+
+NCCL (checked against torch's ProcessGroupNCCL; no GPU on the machines that wrote this): a
+communicator is created lazily by the first op, and a blocking ``ncclCommInitRank`` waits forever
+for a peer that died after the rendezvous. The weight group is therefore made non-blocking
+(``Options.config.blocking = 0``: init and every op return at once and are waited on with the
+group's timeout), and ``TORCH_NCCL_ASYNC_ERROR_HANDLING=2`` (CleanUpOnly) is in force while the
+group is constructed, which is when ProcessGroupNCCL reads it: a timed-out op then aborts this
+group's communicator and raises, instead of ending the whole process (the default, 3, would end
+a trainer whose only fault is a dead engine).
+
+Non-blocking is not enough on its own: the first op waits for the lazily created communicator in
+torch's c10d (``C10D_NCCL_CHECK_TIMEOUT_SLEEP`` around ``ncclCommInitRankConfig``) while it holds
+the communicator's mutex, and ``abort()`` takes the same mutex, so an abort from a watchdog waits
+until every member is ready or that wait gives up. The wait gives up after
+``TORCH_NCCL_NONBLOCKING_TIMEOUT`` seconds (whole seconds, default 1800), which torch reads ONCE
+per process, at its first non-blocking NCCL call (a function-local static in NCCLUtils.cpp).
+``set_nccl_nonblocking_timeout`` sets it from the sync deadline; the trainer calls it before it
+creates any process group (trainer/model.py ``init_distributed``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import socket
+import threading
+from collections.abc import Callable
+from contextlib import contextmanager
+from datetime import timedelta
+
+from areal_like.net.store_gate import StoreDoor, StoreGate
+
+LISTEN_BACKLOG = 128  # pending connections to the rendezvous port (engines' TP ranks join at once)
+ABANDON_JOIN_S = 5.0  # after an abort: how long rank 0 waits for its own join to fail (it does at once)
+_HOSTED: dict = {}  # group -> rank 0's store and gate, or a member's door (closed with the group)
+
+
+_RANDOM = random.SystemRandom()  # not the global generator: seeded alike, two ranks would pick alike
+_HANDED: set[int] = set()  # ports this process has handed out: never the same one twice
+_FIXED_LOW = 10000  # free_port's ports come from [_FIXED_LOW, the kernel's ephemeral range)
+
+
+def _ephemeral_low() -> int | None:
+    """The lowest port the kernel hands to a bind on port 0 (Linux), else None."""
+    try:
+        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now, for a process to bind later.
+
+    Chosen at random BELOW the kernel's ephemeral range (where it is on Linux), so a socket bound to
+    port 0 in between, in any process (the buffer's publisher, a torch store), cannot take it; a
+    port picked from the ephemeral range itself was taken that way on a loaded machine. Checked
+    free by binding it, and never handed out twice by one process."""
+    low = _ephemeral_low()
+    if low is not None and low - _FIXED_LOW >= 1000:
+        for _ in range(200):
+            port = _RANDOM.randrange(_FIXED_LOW, low)
+            if port in _HANDED:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+            _HANDED.add(port)
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def init_weight_group(backend: str, master_addr: str, master_port: int, world_size: int, rank: int,
+                      group_name: str, timeout_s: float, connect_timeout_s: float | None = None,
+                      check: Callable[[], None] | None = None, check_every_s: float = 0.5):
+    """Join (rank 0: host) the named group. Raises on timeout (a missing peer never hangs us), and
+    on rank 0 whatever ``check`` raised (the rendezvous is then abandoned and its store closed)."""
+    timeout = timedelta(seconds=timeout_s)
+    connect = timedelta(seconds=connect_timeout_s if connect_timeout_s is not None else timeout_s)
+    if rank == 0:
+        return _host_group(backend, master_addr, master_port, world_size, group_name, timeout, connect,
+                           check, check_every_s)
+    from torch.distributed.distributed_c10d import rendezvous
+
+    door = StoreDoor(master_addr, master_port, group_name)  # answers rank 0's gate for our store client
+    try:
+        # Under torchrun TORCHELASTIC_USE_AGENT_STORE=True makes a tcp:// rendezvous connect to the elastic
+        # agent's store instead of hosting its own, and the weight group would never form.
+        with _env({"TORCHELASTIC_USE_AGENT_STORE": "False"}):
+            raw, rank, world_size = next(rendezvous(f"tcp://127.0.0.1:{door.port}", rank, world_size,
+                                                    timeout=connect))
+        pg = _build_group(backend, raw, master_addr, world_size, rank, group_name, timeout, connect)
+    except BaseException:
+        door.close()
+        raise
+    _HOSTED[pg] = door  # our store connection runs through it while the group lives
+    return pg
+
+
+def _host_group(backend: str, master_addr: str, master_port: int, world_size: int, group_name: str,
+                timeout: timedelta, connect: timedelta, check: Callable[[], None] | None, check_every_s: float):
+    """Rank 0: serve the store, join the group through a client of it in a helper thread, and run
+    ``check`` meanwhile; on an exception from ``check`` close the server (every join fails) and re-raise."""
+    from torch.distributed import TCPStore
+
+    server = host_store("127.0.0.1", 0, world_size, connect)  # loopback only: members come through the gate
+    try:
+        gate = StoreGate(master_addr, master_port, group_name, server.port)
+    except BaseException:
+        del server
+        raise
+    result: dict = {}
+    abandoned = threading.Event()
+
+    def join() -> None:
+        try:
+            raw = TCPStore("127.0.0.1", server.port, world_size, False, connect, use_libuv=True)
+            pg = _build_group(backend, raw, master_addr, world_size, 0, group_name, timeout, connect)
+        except Exception as e:
+            result["error"] = e
+            return
+        if abandoned.is_set():  # formed after all (an abort raced the last join): nobody will use it
+            _destroy(pg)
+        result["pg"] = pg
+
+    helper = threading.Thread(target=join, name=f"weight-group-{group_name[-8:]}", daemon=True)
+    helper.start()
+    try:
+        while helper.is_alive():
+            helper.join(check_every_s)
+            if helper.is_alive() and check is not None:
+                check()
+    except BaseException:
+        abandoned.set()
+        gate.close()  # cuts the members' store connections
+        del server  # closes the store: every join in progress (the members', our own) fails now
+        helper.join(ABANDON_JOIN_S)
+        raise
+    if "error" in result:
+        gate.close()
+        raise result["error"]
+    _HOSTED[result["pg"]] = _Hosted(server, gate)
+    return result["pg"]
+
+
+class _Hosted:
+    """Rank 0's store server and the gate in front of it, kept (and closed) with their group."""
+
+    def __init__(self, server, gate: StoreGate):
+        self.server, self.gate = server, gate
+
+    def close(self) -> None:
+        self.gate.close()
+        self.server = None  # the store server closes with its last reference
+
+
+def _build_group(backend: str, raw, master_addr: str, world_size: int, rank: int, group_name: str,
+                 timeout: timedelta, connect: timedelta):
+    """The group over a connected store client ``raw``: gloo connects the ranks now, NCCL at its first op."""
+    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
+
+    raw.set_timeout(connect)  # gloo connects the ranks through the store now
+    store = PrefixStore(group_name, raw)
+    nccl = Backend(backend) == Backend.NCCL
+    env = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"} if nccl else {}
+    if rank == 0 and not nccl and "GLOO_SOCKET_IFNAME" not in os.environ and \
+            (iface := interface_of(master_addr)) is not None:  # a GLOO_SOCKET_IFNAME the user set wins
+        env["GLOO_SOCKET_IFNAME"] = iface  # read when the gloo group is built: its pairs listen there only
+    with _env(env):
+        pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store, group_name=group_name,
+                                          backend_options=_nccl_options(timeout) if nccl else None,
+                                          timeout=timeout)
+    raw.set_timeout(timeout)  # NCCL exchanges its unique id through the store at the first op
+    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    return pg
+
+
+def host_store(master_addr: str, master_port: int, world_size: int, timeout: timedelta):
+    """Rank 0's rendezvous TCPStore server, listening on ``master_addr`` only (SGLang's engines join it
+    with torch's ``tcp://`` rendezvous). It does not wait for the ranks: their joins wait on each other
+    (``_build_group``), and rank 0 can close it while they do."""
+    from torch.distributed import TCPStore
+
+    family, kind, proto, _, address = socket.getaddrinfo(master_addr, master_port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port of an earlier group in TIME_WAIT
+        sock.bind(address)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    # the store's server takes the descriptor over (and closes it with the store)
+    return TCPStore(master_addr, master_port, world_size, True, timeout, wait_for_workers=False,
+                    master_listen_fd=sock.detach(), use_libuv=True)
+
+
+def interface_of(address: str) -> str | None:
+    """The name of the local interface that holds ``address`` (None: not a local address, e.g. a name
+    that resolves elsewhere; gloo then picks its default as before)."""
+    import psutil
+
+    try:
+        wanted = {info[4][0] for info in socket.getaddrinfo(address, None)}
+    except OSError:
+        return None
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] in wanted for a in addrs):
+            return name
+    return None
+
+
+NCCL_NONBLOCKING_TIMEOUT = "TORCH_NCCL_NONBLOCKING_TIMEOUT"
+
+
+def set_nccl_nonblocking_timeout(deadline_s: float) -> int:
+    """Bound torch's wait for a non-blocking NCCL communicator (module docstring) by ``deadline_s``,
+    rounded up to whole seconds; returns that. Call before this process's first NCCL call: torch
+    reads the variable only then, and never again."""
+    seconds = max(1, math.ceil(deadline_s))
+    os.environ[NCCL_NONBLOCKING_TIMEOUT] = str(seconds)
+    return seconds
+
+
+def _nccl_options(timeout: timedelta):
+    from torch.distributed import ProcessGroupNCCL
+
+    opts = ProcessGroupNCCL.Options()
+    opts._timeout = timeout
+    if hasattr(opts, "config") and hasattr(opts.config, "blocking"):  # NCCL >= 2.14
+        opts.config.blocking = 0
+    return opts
+
+
+@contextmanager
+def _env(values: dict[str, str]):
+    """Set environment variables for the block, then restore what was there."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def destroy_weight_group(pg) -> None:
+    if pg is not None:
+        _destroy(pg)
+        if (kept := _HOSTED.pop(pg, None)) is not None:  # rank 0: the store and its gate; a member: its door
+            kept.close()
+
+
+def _destroy(pg) -> None:
+    import torch.distributed as dist
+
+    try:
+        dist.destroy_process_group(pg)
+    except Exception:  # a group broken by a dead peer may refuse a clean teardown
+        pass

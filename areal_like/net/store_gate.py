@@ -1,0 +1,307 @@
+"""Who reaches a weight group's rendezvous store: a gate in front of it, a door beside each member.
+
+torch's TCPStore serves whoever connects, and answers a request to list every key: a stranger who
+can reach the port would read the group's keys (the group's secret name is their prefix) and could
+then take a rank and receive the weights. So rank 0 hosts the store on loopback only, and a
+``StoreGate`` listens on the group's address instead: a connection gets through only once it has
+proven it knows the group's name (HMAC-SHA256 of a fresh random challenge, keyed by the name, which
+reaches members only in the WeightSyncPlan over the authenticated buffer channel); then its bytes
+are piped to the store and back unchanged. Anything else (a torch client, garbage, a wrong proof,
+silence past ``HANDSHAKE_S``) is closed without a byte of the store.
+
+A member's torch client cannot answer the challenge: it connects to a ``StoreDoor`` on its own
+loopback, which answers for it and then pipes likewise (``distributed.init_weight_group`` opens
+one for itself; a rollout server opens one for an SGLang engine). A door admits only established
+connections owned by its own user (``/proc/net/tcp``), so another user on the member's node cannot
+borrow it; it needs Linux's /proc, and its client must be on its node.
+
+Wire: door -> gate ``MAGIC`` and a 32-byte nonce; gate -> door a 32-byte challenge and its proof
+(HMAC of b"gate" and both nonces); door -> gate its proof (of b"door" and both), sent only once the
+gate's checked out, so whatever else listens on the port learns nothing; then the store's own
+protocol. A door whose client starts with ``MAGIC`` (an engine's own door behind its rollout
+server's) only carries the bytes: the inner door does the handshake. A torch client speaks first
+too, with its own protocol, so a stranger's torch client is refused at its first byte. A connection
+gets ``HANDSHAKE_S`` in all to prove itself, at most ``MAX_UNPROVEN`` try at once.
+
+Not covered (areal_like/SECURITY.md): the store's own loopback port, open to other users of rank 0's
+node while the group lives (torch's store has no access control and cannot listen on a Unix socket:
+ENOTSUP), and a passive observer of the network, which sees the store's traffic, and the name in
+it, in clear, like the broadcast itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import socket
+import threading
+import time
+
+from areal_like.net.ratelog import RateLimitedLog
+
+log = logging.getLogger("store_gate")
+_refusals = RateLimitedLog(log, every_s=60.0)  # a stranger can connect at will: not a line per connection
+
+MAGIC = b"areal-like store gate/1\n"
+NONCE_BYTES = PROOF_BYTES = 32
+HANDSHAKE_S = 10.0  # a connection that has not proven itself by then is closed (in all, however slow)
+MAX_UNPROVEN = 64  # connections proving themselves at once; more are closed at once
+ACCEPT_RETRY_S = 0.05  # after a failed accept (out of descriptors), before the next
+LISTEN_BACKLOG = 128  # pending connections (engines' TP ranks join at once)
+GATES: dict[int, StoreGate] = {}  # this process's open gates by port (what they refused and answered)
+
+
+def proof(secret: str, who: bytes, *nonces: bytes) -> bytes:
+    """HMAC-SHA256, keyed by the group's name, of ``who`` (b"door" or b"gate") and the nonces."""
+    key = hashlib.sha256(b"areal-like store gate key\0" + secret.encode()).digest()
+    return hmac.new(key, MAGIC + who + b"".join(nonces), hashlib.sha256).digest()
+
+
+def recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
+    """``n`` bytes from ``sock`` by ``deadline`` (time.monotonic()), however slowly they come;
+    ConnectionError if it closed first, TimeoutError past the deadline."""
+    out = bytearray()
+    while len(out) < n:
+        if (left := deadline - time.monotonic()) <= 0:
+            raise TimeoutError("the handshake took too long")
+        sock.settimeout(left)
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            raise ConnectionError("closed during the handshake")
+        out += chunk
+    return bytes(out)
+
+
+class _Relay:
+    """A listening socket whose accepted connections are handed to ``_admit`` in threads of their own,
+    each admitted one piped to an upstream socket; ``close`` ends the listener and every pipe."""
+
+    def __init__(self, listener: socket.socket, name: str):
+        self.listener, self.port = listener, listener.getsockname()[1]
+        self._open: set[socket.socket] = set()
+        self.answered = 0  # bytes carried back from upstream (the store's answers, for a gate)
+        self.refused = 0
+        self._unproven = threading.BoundedSemaphore(MAX_UNPROVEN)
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._accept, name=name, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # closed, or out of descriptors for a moment (EMFILE): try again unless closed
+                time.sleep(ACCEPT_RETRY_S)
+                continue
+            if not self._unproven.acquire(blocking=False):  # a flood of handshakes: the newest waits for no one
+                self._refuse(conn, "too many connections proving themselves at once")
+                continue
+            if not self._track(conn):
+                self._unproven.release()
+                return
+            try:
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            except RuntimeError:  # no thread to spare
+                self._unproven.release()
+                self._drop(conn)
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            upstream = self._admit(conn, time.monotonic() + HANDSHAKE_S)
+        except OSError:
+            upstream = None
+        finally:
+            self._unproven.release()
+        if upstream is None or not self._track(upstream):
+            self._drop(conn)
+            return
+        for sock in (conn, upstream):
+            sock.settimeout(None)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # store messages are small
+        ended = [0]  # directions that ended: the second one drops both sockets
+        threading.Thread(target=self._copy, args=(upstream, conn, ended, True), daemon=True).start()
+        self._copy(conn, upstream, ended)
+
+    def _copy(self, src: socket.socket, dst: socket.socket, ended: list[int], answers: bool = False) -> None:
+        try:
+            while chunk := src.recv(1 << 16):
+                if answers:  # counted before it is passed on: whoever got the bytes sees them counted
+                    self.answered += len(chunk)
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        with self._lock:
+            ended[0] += 1
+            last = ended[0] == 2
+        if last:
+            self._drop(src)
+            self._drop(dst)
+        else:
+            try:
+                dst.shutdown(socket.SHUT_WR)  # pass the end on; the other direction may still carry a reply
+            except OSError:
+                pass
+
+    def _refuse(self, conn: socket.socket, why: str) -> None:
+        """Close ``conn`` unanswered and count it; logged at most once a minute per gate or door kind."""
+        self.refused += 1
+        _refusals.warning(type(self).__name__, "%s refused a connection from %s (%s; %d refused so far)",
+                          type(self).__name__, _peer(conn), why, self.refused)
+        try:
+            conn.close()
+        except OSError:
+            pass
+
+    def _admit(self, conn: socket.socket, deadline: float) -> socket.socket | None:
+        """The upstream socket to pipe ``conn`` to once it has proven itself; None: refused (each subclass)."""
+        raise NotImplementedError
+
+    def _track(self, sock: socket.socket) -> bool:
+        with self._lock:
+            if self._closed:
+                sock.close()
+                return False
+            self._open.add(sock)
+            return True
+
+    def _drop(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._open.discard(sock)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+
+    def close(self) -> None:
+        """Stop listening and cut every connection (a join in progress fails at once)."""
+        with self._lock:
+            self._closed = True
+            socks, self._open = list(self._open), set()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept (close alone leaves it listening)
+        except OSError:
+            pass
+        self.listener.close()
+        for sock in socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+
+class StoreGate(_Relay):
+    """On ``host:port``: admits connections that prove ``secret``, piped to the store on loopback ``store_port``."""
+
+    def __init__(self, host: str, port: int, secret: str, store_port: int):
+        self.secret, self.store_port = secret, store_port
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        listener = socket.socket(family, kind, proto)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # an earlier group's port in TIME_WAIT
+            listener.bind(address)
+            listener.listen(LISTEN_BACKLOG)
+        except OSError:
+            listener.close()
+            raise
+        super().__init__(listener, f"store-gate-{port}")
+        GATES[self.port] = self
+
+    def close(self) -> None:
+        if GATES.get(self.port) is self:
+            del GATES[self.port]
+        super().close()
+
+    def _admit(self, conn: socket.socket, deadline: float) -> socket.socket | None:
+        challenge = os.urandom(NONCE_BYTES)
+        try:
+            ok = recv_exact(conn, 1, deadline) == MAGIC[:1] and recv_exact(conn, len(MAGIC) - 1, deadline) == MAGIC[1:]
+            if ok:  # a door: its nonce, our challenge and our own proof; then its proof of both
+                theirs = recv_exact(conn, NONCE_BYTES, deadline)
+                conn.sendall(challenge + proof(self.secret, b"gate", theirs, challenge))
+                ok = hmac.compare_digest(recv_exact(conn, PROOF_BYTES, deadline),
+                                         proof(self.secret, b"door", theirs, challenge))
+        except (OSError, ConnectionError):
+            ok = False
+        if not ok:
+            self._refuse(conn, "no valid proof of the group's name")
+            return None
+        return socket.create_connection(("127.0.0.1", self.store_port), timeout=HANDSHAKE_S)
+
+
+class StoreDoor(_Relay):
+    """On loopback (``port``): this user's connections, carried through the gate at ``host:port``."""
+
+    def __init__(self, host: str, port: int, secret: str):
+        self.target, self.secret = (host, port), secret
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(LISTEN_BACKLOG)
+        super().__init__(listener, f"store-door-{port}")
+
+    def _admit(self, conn: socket.socket, deadline: float) -> socket.socket | None:
+        if (uid := peer_uid(conn)) != os.getuid():
+            self._refuse(conn, f"uid {uid}, not ours")
+            return None
+        # A torch client speaks first, with its store protocol (never MAGIC's first byte); its bytes stay
+        # where they are (peeked): torch's store drops a client whose first message arrives split.
+        conn.settimeout(max(deadline - time.monotonic(), 0.001))
+        first = conn.recv(1, socket.MSG_PEEK)
+        inner = first == MAGIC[:1]  # another door (an engine's own, behind its server's): it answers the gate itself
+        if not first or inner and recv_exact(conn, len(MAGIC), deadline) != MAGIC:
+            return None
+        upstream = socket.create_connection(self.target, timeout=HANDSHAKE_S)
+        try:
+            if inner:
+                upstream.sendall(MAGIC)
+            else:  # prove the name, and only after the gate proved it too (a squatter on the port learns nothing)
+                ours = os.urandom(NONCE_BYTES)
+                upstream.sendall(MAGIC + ours)
+                challenge = recv_exact(upstream, NONCE_BYTES, deadline)
+                if not hmac.compare_digest(recv_exact(upstream, PROOF_BYTES, deadline),
+                                           proof(self.secret, b"gate", ours, challenge)):
+                    raise ConnectionError("the other end is not this group's store gate")
+                upstream.sendall(proof(self.secret, b"door", ours, challenge))
+        except (OSError, ConnectionError) as e:
+            log.warning("could not pass the weight group's store gate at %s:%s: %s", *self.target, e)
+            upstream.close()
+            return None
+        return upstream
+
+
+def peer_uid(conn: socket.socket) -> int | None:
+    """The uid that owns the other end of ``conn``, a loopback IPv4 connection (Linux: /proc/net/tcp,
+    or tcp6 for a dual-stack client socket, which shows the address IPv4-mapped); None when it
+    cannot be told."""
+    (peer_host, peer_port), (host, port) = conn.getpeername()[:2], conn.getsockname()[:2]
+    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        want = (_hex_endpoint(peer_host, peer_port, v6), _hex_endpoint(host, port, v6))
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    # established and still owned (a closed socket's TIME_WAIT entry says uid 0, inode 0)
+                    if (fields[1], fields[2]) == want and fields[3] == "01" and fields[9] != "0":
+                        return int(fields[7])
+        except (OSError, StopIteration, IndexError, ValueError):
+            continue
+    return None
+
+
+def _hex_endpoint(host: str, port: int, v6: bool) -> str:
+    """An IPv4 ``host:port`` as /proc/net/tcp (``v6``: tcp6, IPv4-mapped) writes it: the address in
+    32-bit words, each as a little-endian hex number, then the port."""
+    raw = (bytes(10) + b"\xff\xff" if v6 else b"") + socket.inet_aton(host)
+    words = "".join(f"{int.from_bytes(raw[i:i + 4], 'little'):08X}" for i in range(0, len(raw), 4))
+    return f"{words}:{port:04X}"
+
+
+def _peer(conn: socket.socket) -> str:
+    try:
+        return "%s:%s" % conn.getpeername()[:2]
+    except OSError:
+        return "?"

@@ -1,0 +1,358 @@
+"""Typed configuration: Hydra composes ``configs/``, the result becomes these dataclasses.
+
+``load_config(overrides)`` composes ``configs/config.yaml`` with Hydra's compose API
+(``version_base=None``: no chdir, no output folders), merges it onto
+``OmegaConf.structured(RunConfig)`` (unknown keys and wrong types fail there, naming the key),
+and converts it with ``OmegaConf.to_object``, which runs every ``__post_init__`` validator
+(the schema: ``areal_like/settings/schema.py``, re-exported here).
+Code past the entry point only ever sees these dataclasses, and each component gets only its
+own sub-config. Importing this module has no side effects and does not import torch. It reads
+settings only: what they imply about the job's model, data and frames (the vocabulary, the dataset
+size, the frame limit) is computed above it, in ``areal_like/job_facts.py``, so this module imports
+no task, dataset or tokenizer code.
+
+Every failure is a ``ConfigError`` whose message starts with the key: a bad group option
+(``model=nope``, also for the optional ``experiment`` group, which Hydra would skip silently)
+lists the options; a ``???`` value a chosen option leaves unset names the key; a ``+new=key``
+that the schema does not know lists the known keys; type errors give OmegaConf's reason.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from areal_like.net.auth import redact
+from areal_like.settings.loss_schema import AGG_MODES, ESTIMATORS, LOSS_KINDS
+from areal_like.settings.report_schema import EvalConfig, ExportConfig, TrackingConfig
+from areal_like.settings.schema import (
+    BufferConfig,
+    ConfigError,
+    EngineConfig,
+    LaunchConfig,
+    LoraConfig,
+    LossConfig,
+    ModelConfig,
+    RolloutConfig,
+    RunConfig,
+    SecurityConfig,
+    TaskConfig,
+    TrainerConfig,
+    WarmStartConfig,
+    WeightSyncConfig,
+)
+
+__all__ = [
+    "AGG_MODES", "ESTIMATORS", "LOSS_KINDS", "BufferConfig", "ConfigError", "EngineConfig", "EvalConfig", "ExportConfig", "LaunchConfig",
+    "LoraConfig",
+    "LossConfig", "ModelConfig", "RolloutConfig", "RunConfig", "SecurityConfig", "TaskConfig", "TrackingConfig", "TrainerConfig", "WarmStartConfig",
+    "WeightSyncConfig", "compose", "config_dir", "from_yaml", "group_options", "load_config",
+    "load_daemon_config", "to_yaml", "EXPORT_TASK_FILE", "task_yaml", "task_from_yaml",
+]
+
+# In every exported model directory: the task it was trained on, which `areal-like eval` scores it
+# on when no run config says otherwise (rollout_server/evaluate.py). Hugging Face loaders ignore it.
+EXPORT_TASK_FILE = "areal_like_task.yaml"
+
+
+def config_dir() -> Path:
+    """$AREAL_LIKE_CONFIG_DIR; else the copy of ``configs/`` a wheel installs as ``areal_like/configs``;
+    else ``configs/`` of this checkout (a source tree or an editable install)."""
+    env = os.environ.get("AREAL_LIKE_CONFIG_DIR")
+    if env:
+        return Path(env).resolve()
+    package = Path(__file__).resolve().parents[1]  # areal_like/
+    packaged = package / "configs"
+    return packaged if packaged.is_dir() else (package.parent / "configs").resolve()
+
+
+def data_path(relative: str) -> str:
+    """``${data:math_chat/train.parquet}`` in a config: a file shipped in ``areal_like/tasks/data/``
+    (found in a checkout and in an installed wheel alike)."""
+    path = Path(__file__).resolve().parents[1] / "tasks" / "data" / relative
+    if not path.exists():
+        raise ConfigError(f"${{data:{relative}}}: no such shipped file ({path})")
+    return str(path)
+
+
+def compute_dtype(device: str) -> str:
+    """``${compute_dtype:${trainer.device}}``: bf16 on a GPU, fp32 elsewhere (a CPU computes bf16
+    slowly, and a float32 checkpoint trained there should stay float32 when exported)."""
+    return "bfloat16" if str(device).startswith("cuda") else "float32"
+
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("data"):
+        OmegaConf.register_new_resolver("data", data_path)
+    if not OmegaConf.has_resolver("compute_dtype"):
+        OmegaConf.register_new_resolver("compute_dtype", compute_dtype)
+
+
+def _compose_with_choices(overrides: list[str], config_name: str):
+    """Hydra compose; returns the raw DictConfig and the chosen option of each config group."""
+    _register_resolvers()
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
+
+    # The schema is the base of config.yaml's defaults list, so every key is known (and typed)
+    # when command-line overrides are applied: `trainer.lr=1e-4` works, `trainer.lr=abc` names the key.
+    ConfigStore.instance().store(name="areal_like_schema", node=RunConfig)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+            raw = hydra_compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
+    choices = {k: v for k, v in raw.hydra.runtime.choices.items() if not k.startswith("hydra/")}
+    with open_dict(raw):
+        del raw["hydra"]
+    return raw, choices
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config"):
+    """Compose the YAML tree with Hydra and return the raw DictConfig (entry points only)."""
+    return _compose_with_choices(list(overrides or []), config_name)[0]
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group: ``configs/<group>/*.yaml`` without the suffix."""
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
+def _check_group_overrides(overrides: list[str]) -> None:
+    """``model=nope`` (or ``experiment=typo``, which Hydra would silently skip because the group
+    is optional) fails here, listing the allowed values."""
+    for ov in overrides:
+        key, sep, value = ov.lstrip("+~").partition("=")
+        if not sep or "." in key or "/" in key or not (config_dir() / key).is_dir():
+            continue
+        if value not in ("null", "") and not (config_dir() / key / f"{value}.yaml").is_file():
+            allowed = ", ".join(map(repr, group_options(key))) or "(the group has no options yet)"
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {allowed}")
+
+
+def _mandatory_keys(group: str, option: str) -> list[str]:
+    """Keys a group option marks ``???``, as full dotted keys (honouring ``# @package``)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    path = config_dir() / group / f"{option}.yaml"
+    if not path.is_file():
+        return []
+    package = group.replace("/", ".")
+    for line in path.read_text().splitlines()[:5]:
+        if line.startswith("# @package"):
+            package = line.split(None, 2)[2].strip()
+    package = "" if package == "_global_" else group.replace("/", ".") if package == "_group_" else package
+
+    def walk(node, prefix: str):
+        for k in node.keys():
+            full = f"{prefix}.{k}" if prefix else str(k)
+            if OmegaConf.is_missing(node, k):
+                yield full
+            elif isinstance(node._get_node(k), DictConfig):
+                yield from walk(node[k], full)
+
+    return list(walk(OmegaConf.load(path), package))
+
+
+def _unknown_keys(obj: Any, prefix: str = "") -> list[str]:
+    """Keys a ``+key=value`` override smuggled past the schema (to_object sets them as attributes)."""
+    import dataclasses
+
+    out = [f"{prefix}{k}" for k in vars(obj) if k not in {f.name for f in dataclasses.fields(obj)}]
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out += _unknown_keys(value, f"{prefix}{f.name}.")
+    return out
+
+
+def load_config(overrides: list[str] | None = None, config_name: str = "config") -> RunConfig:
+    """Compose, type-check and validate. Raises ConfigError naming the key on any problem."""
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = list(overrides or [])
+    _check_group_overrides(overrides)
+    try:
+        raw, choices = _compose_with_choices(overrides, config_name)
+        for group, option in choices.items():
+            for key in _mandatory_keys(group, option) if option else []:
+                if OmegaConf.select(raw, key, default=None) in (None, ""):
+                    raise ConfigError(f"{key} is mandatory with {group}={option}: add {key}=...")
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), raw)
+        cfg = OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_explain(e)) from None
+    except Exception as e:  # validators raising inside to_object arrive wrapped by some omegaconf versions
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise
+    assert isinstance(cfg, RunConfig)
+    if unknown := _unknown_keys(cfg):
+        raise ConfigError(f"{unknown[0]}: not a known key ({_known_keys(unknown[0])})")
+    return cfg
+
+
+def _known_keys(full_key: str) -> str:
+    """``trainer.nope`` -> "known keys in trainer: betas, buffer_address, ..." from the schema."""
+    import dataclasses
+    import typing
+
+    cls: Any = RunConfig
+    parts = full_key.split(".")
+    for part in parts[:-1]:
+        hints = typing.get_type_hints(cls)
+        if part not in hints or not dataclasses.is_dataclass(hints[part]):
+            return "see areal_like/settings/schema.py"
+        cls = hints[part]
+    names = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
+    return f"known keys in {'.'.join(parts[:-1]) or 'the root'}: {names}"
+
+
+def _explain(e: BaseException) -> str:
+    """One line naming the key and the reason, from Hydra/OmegaConf's chain of exceptions.
+
+    Hydra wraps the useful OmegaConf error (``full_key`` + reason) in a generic
+    "Error merging override ..."; we walk the chain and report the innermost keyed error.
+    """
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    chain: list[BaseException] = []
+    seen: set[int] = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    for x in chain:
+        if isinstance(x, ConfigError):
+            return str(x)
+    keyed = [x for x in chain if getattr(x, "full_key", None)]
+    first_lines = [str(x).strip().splitlines()[0] for x in chain if str(x).strip()]
+    if keyed:
+        err = keyed[-1]
+        key = err.full_key  # type: ignore[attr-defined]
+        reason = str(err).strip().splitlines()[0]
+        context = first_lines[0] if first_lines and first_lines[0] != reason else ""
+        if isinstance(err, (ConfigAttributeError, ConfigKeyError)):
+            reason += f" ({_known_keys(key)})"
+        return f"{key}: {reason}" + (f" [{context}]" if context else "")
+    unique = list(dict.fromkeys(first_lines))
+    return ": ".join(unique) if unique else type(e).__name__
+
+
+def to_yaml(cfg: Any, *, redacted: bool = False) -> str:
+    """``cfg`` as YAML; ``redacted``: credentials blanked (``areal_like.net.auth.redact``), for
+    display only."""
+    from omegaconf import OmegaConf
+
+    if redacted:
+        return OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(OmegaConf.structured(cfg)))))
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml(text: str) -> RunConfig:
+    """Rebuild a RunConfig from ``to_yaml`` output (how the launcher hands configs to daemons)."""
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(text))
+    return OmegaConf.to_object(merged)
+
+
+def task_yaml(task: TaskConfig) -> str:
+    """``task`` as the YAML of a config holding only its ``task`` section (``EXPORT_TASK_FILE``)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create({"task": OmegaConf.structured(task)}))
+
+
+def _structured(build: Callable[[], Any], where: str = "") -> Any:
+    """``build()`` (an OmegaConf merge made into dataclasses) with every error it raises as one
+    ConfigError naming the key; an unexpected one names ``where`` (else it propagates)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return build()
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain(e)) from None
+    except Exception as e:  # a validator's ConfigError, wrapped by some omegaconf versions
+        if isinstance(e.__cause__ or e.__context__, ConfigError):
+            raise (e.__cause__ or e.__context__) from None
+        if where:
+            raise ConfigError(f"{where}: {type(e).__name__}: {e}") from None
+        raise
+
+
+def task_from_yaml(text: str, overrides: list[str] | None = None) -> TaskConfig:
+    """The task of ``task_yaml`` output with ``task.key=value`` ``overrides`` on top; ConfigError
+    naming the key when one is unknown or invalid."""
+    from omegaconf import OmegaConf
+
+    return _structured(lambda: OmegaConf.to_object(OmegaConf.merge(
+        OmegaConf.structured({"task": TaskConfig()}), OmegaConf.create(text),
+        OmegaConf.from_dotlist(list(overrides or []))).task))
+
+
+def load_daemon_config(argv: list[str], addresses: tuple[str, ...] = ()) -> RunConfig:
+    """Entry-point helper: ``[--config-file PATH] [key=value ...]``.
+
+    With ``--config-file`` (a resolved YAML written by the launcher), the overrides are applied
+    on top of it; otherwise the Hydra tree is composed with the overrides. ``addresses``: the keys
+    this daemon binds or connects to; port 0 there is refused (only ``areal-like run`` turns 0 into
+    free ports, and a daemon started on its own cannot tell the others which port it got).
+    """
+    cfg = _load_daemon_config(argv)
+    for key in addresses:
+        value = _dotted(cfg, key)
+        if isinstance(value, str) and value.rsplit(":", 1)[-1] == "0":
+            raise ConfigError(f"{key}={value!r} has port 0: a daemon started on its own needs the buffer's real "
+                              "address (e.g. buffer.address=tcp://HOST:5555 buffer.pub_address=tcp://HOST:5556); "
+                              "`areal-like run` picks free ports itself")
+    return cfg
+
+
+def _dotted(cfg: Any, key: str) -> Any:
+    """``cfg.a.b`` for the key ``"a.b"``."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _load_daemon_config(argv: list[str]) -> RunConfig:
+    from omegaconf import OmegaConf
+
+    argv = list(argv)
+    path = None
+    for i, arg in enumerate(argv):
+        if arg == "--config-file":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config-file needs a path")
+            path = argv[i + 1]
+            del argv[i:i + 2]
+            break
+        if arg.startswith("--config-file="):
+            path = arg.split("=", 1)[1]
+            del argv[i]
+            break
+    if path is None:
+        return load_config(argv)
+    _register_resolvers()
+    if not Path(path).is_file():
+        raise ConfigError(f"--config-file {path!r} does not exist")
+    cfg = _structured(lambda: OmegaConf.to_object(OmegaConf.merge(
+        OmegaConf.structured(RunConfig), OmegaConf.load(path), OmegaConf.from_dotlist(argv))), str(path))
+    assert isinstance(cfg, RunConfig)
+    return cfg

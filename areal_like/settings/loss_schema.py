@@ -1,0 +1,157 @@
+"""The ``trainer.loss`` section of the configuration: which policy-loss kernel, and its knobs.
+
+``trainer.loss.kernel`` names one kernel of ``LOSS_KINDS``. The knobs every kernel shares sit at
+``trainer.loss.*`` (aggregation, the KL term, and the PPO trust region, which ppo, decoupled_ppo,
+tis, mis and icepop share); each kernel's own knobs at ``trainer.loss.<kernel>.*``, one small
+dataclass per kernel (ppo has none of its own). Only the chosen kernel's section is read.
+Formulas, sources and defaults: ``trainer/LOSSES.md``; the trainer's table of kernels
+(``trainer/losses.py`` ``KERNELS``) has one entry per name here, with these classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from areal_like.settings.config_checks import check, choice
+
+LOSS_KINDS = ("ppo", "decoupled_ppo", "tis", "mis", "icepop", "gspo", "vespo", "vcpo", "oapl")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+
+K = "trainer.loss."
+
+
+@dataclass(kw_only=True)
+class DecoupledPPOConfig:
+    """AReaL (LOSSES.md section 4): tokens whose pi_prox/pi_behav is over ``cap`` get weight 0."""
+
+    cap: float | None = 5.0  # None = no cap
+
+    def __post_init__(self):
+        check(K + "decoupled_ppo.cap", self.cap is None or self.cap > 1, "null or > 1", self.cap)
+
+
+@dataclass(kw_only=True)
+class TISConfig:
+    """TIS (section 5): the IS weight truncated from above at ``cap``, per token or per sequence."""
+
+    cap: float = 2.0
+    level: str = "token"  # token | sequence (rho_i = the product over the sequence)
+
+    def __post_init__(self):
+        check(K + "tis.cap", self.cap > 0, "> 0", self.cap)
+        choice(K + "tis.level", self.level, ("token", "sequence"))
+
+
+@dataclass(kw_only=True)
+class MISConfig:
+    """Seq-MIS (section 6): sequences whose IS weight is outside [low, high] get weight 0."""
+
+    key: ClassVar[str] = K + "mis"
+    low: float = 0.5
+    high: float = 2.0
+
+    def __post_init__(self):
+        check(f"{self.key}.low", 0 <= self.low < self.high, f"in [0, {self.key}.high)", self.low)
+
+
+@dataclass(kw_only=True)
+class IcePopConfig(MISConfig):
+    """IcePop (section 6): the same band on each token's IS weight; the paper's beta = 5."""
+
+    key: ClassVar[str] = K + "icepop"
+    high: float = 5.0
+
+
+@dataclass(kw_only=True)
+class GSPOConfig:
+    """GSPO (section 3): a trust region of its own on the sequence ratio (the paper's eps)."""
+
+    fixed_agg: ClassVar[str] = "seq-mean-token-mean"
+    eps_clip: float = 3e-4
+    eps_clip_high: float | None = 4e-4  # None = eps_clip
+
+    def __post_init__(self):
+        check(K + "gspo.eps_clip", 0 < self.eps_clip < 1, "in (0, 1)", self.eps_clip)
+
+
+@dataclass(kw_only=True)
+class VESPOConfig:
+    """VESPO (section 7): phi(W) = W^k exp(lambda (1 - W)), (k, lambda) by the sign of the advantage."""
+
+    k_pos: float = 2.0
+    lambda_pos: float = 3.0
+    k_neg: float = 3.0
+    lambda_neg: float = 2.0
+
+
+@dataclass(kw_only=True)
+class VCPOConfig:
+    """VCPO (section 8): capped sequence IS weight, the off-policy optimal baseline, an ESS-scaled LR."""
+
+    fixed_agg: ClassVar[str] = "seq-mean-token-mean"
+    cap: float = 8.0
+    baseline_weight: str = "readme"  # readme: w^2 |g|^2 (paper) | code: wclip^2 w^2 |g|^2 (released code)
+    ess_base: float = 1.0
+
+    def __post_init__(self):
+        check(K + "vcpo.cap", self.cap > 0, "> 0", self.cap)
+        choice(K + "vcpo.baseline_weight", self.baseline_weight, ("readme", "code"))
+
+
+@dataclass(kw_only=True)
+class OAPLConfig:
+    """OAPL (section 9): two betas, as the implementations citing the paper use them.
+
+    ``beta1`` is the temperature of the value estimate V_hat = beta1 log mean exp(R / beta1) (1: a
+    soft max over the group's rewards); ``beta2`` scales the policy's log-ratio in the regression
+    (beta2 Delta - (R - V_hat))^2, i.e. the KL strength to the lagged policy (1e-3: weak). The
+    lagged-inference mode itself is ``trainer.weight_sync.every`` (trainer/engine_lag.py)."""
+
+    beta1: float = 1.0
+    beta2: float = 1e-3
+
+    def __post_init__(self):
+        check(K + "oapl.beta1", self.beta1 > 0, "> 0", self.beta1)
+        check(K + "oapl.beta2", self.beta2 > 0, "> 0", self.beta2)
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """The kernel, the knobs all kernels share, and one section per kernel (``params``: the chosen one's)."""
+
+    kernel: str = "decoupled_ppo"
+    agg: str = "token-mean"  # gspo and vcpo always seq-mean-token-mean, oapl a mean over sequences
+    loss_scale_factor: float | None = None  # seq-mean-token-sum-norm constant C (None = task.max_new_tokens)
+    eps_clip: float = 0.2  # the PPO trust region (ppo, decoupled_ppo, tis, mis, icepop)
+    eps_clip_high: float | None = None  # None = eps_clip
+    dual_clip: float | None = None  # c > 1, binds where A < 0
+    kl_coef: float = 0.0  # KL to a frozen reference, any kernel; 0 = no reference is built
+    kl_estimator: str = "k3"
+    decoupled_ppo: DecoupledPPOConfig = field(default_factory=DecoupledPPOConfig)
+    tis: TISConfig = field(default_factory=TISConfig)
+    mis: MISConfig = field(default_factory=MISConfig)
+    icepop: IcePopConfig = field(default_factory=IcePopConfig)
+    gspo: GSPOConfig = field(default_factory=GSPOConfig)
+    vespo: VESPOConfig = field(default_factory=VESPOConfig)
+    vcpo: VCPOConfig = field(default_factory=VCPOConfig)
+    oapl: OAPLConfig = field(default_factory=OAPLConfig)
+
+    def __post_init__(self):
+        choice(K + "kernel", self.kernel, LOSS_KINDS)
+        choice(K + "agg", self.agg, AGG_MODES)
+        choice(K + "kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
+        check(K + "eps_clip", 0 < self.eps_clip < 1, "in (0, 1)", self.eps_clip)
+        check(K + "dual_clip", self.dual_clip is None or self.dual_clip > 1, "null or > 1", self.dual_clip)
+        check(K + "kl_coef", self.kl_coef >= 0, ">= 0", self.kl_coef)
+
+    @property
+    def params(self) -> Any:
+        """The chosen kernel's own knobs (its section of this config), or None when it has none."""
+        return getattr(self, self.kernel, None)
+
+    def check_agg(self) -> None:
+        """A run config may not name an aggregation its kernel does not use (the kernel functions accept any)."""
+        fixed = getattr(self.params, "fixed_agg", None)
+        check(K + "agg", fixed is None or self.agg == fixed, f"{fixed!r} with {K}kernel={self.kernel}", self.agg)

@@ -1,0 +1,500 @@
+"""The configuration schema: typed dataclasses, one per component, each validating itself.
+
+``areal_like.settings.config`` composes ``configs/`` with Hydra into ``RunConfig``, running every
+``__post_init__`` below (``trainer.loss``'s: ``loss_schema.py``; ``eval``, ``export`` and
+``tracking``'s: ``report_schema.py``): code past an entry point sees only checked values.
+A check raises ``ConfigError`` naming the key; no Hydra or torch here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from areal_like.net.auth import ENGINE_KEY_ENV, SECRET_FIELD
+from areal_like.settings.config_checks import ConfigError  # noqa: F401  (re-exported)
+from areal_like.settings.config_checks import check as _check
+from areal_like.settings.config_checks import choice as _choice
+from areal_like.settings.loss_schema import ESTIMATORS, LossConfig
+from areal_like.settings.report_schema import TRACKERS, EvalConfig, ExportConfig, TrackingConfig
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """A local HF model (``path``) or a tiny Qwen2 built from the fields below."""
+
+    path: str | None = None  # a local HF directory, or a hub id (org/name) resolved once before any start
+    tokenizer: str = "char"  # model built from config: char | bpe (built from shipped text) | a local directory
+    vocab_size: int = 104  # must cover the tokenizer; the char tokenizer has 104 tokens
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 256
+    tie_word_embeddings: bool = False
+    # engines' weights; the trainer's compute dtype (fp32 master weights, fp32 grad reduce)
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    init_seed: int = 0
+
+    def __post_init__(self):
+        _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            _check(f"model.{k}", getattr(self, k) > 0, "> 0", getattr(self, k))
+        _check("model.num_attention_heads", self.num_attention_heads % self.num_key_value_heads == 0,
+               "a multiple of model.num_key_value_heads", self.num_attention_heads)
+        _check("model.hidden_size", self.hidden_size % self.num_attention_heads == 0,
+               "a multiple of model.num_attention_heads", self.hidden_size)
+
+
+@dataclass(kw_only=True)
+class TaskConfig:
+    """What to train on: a shipped synthetic task or a dataset (``name=dataset``), and how it is scored."""
+
+    name: str = "addition"  # addition | sort | reverse | countdown | calc, guess (with task.env) | dataset
+    # name=dataset: a .jsonl/.json/.parquet/.csv file, a directory of them, or of save_to_disk
+    # (areal_like/tasks/datasets.py)
+    dataset_path: str | None = None
+    eval_path: str | None = None  # the eval split; unset = eval_fraction of dataset_path held out
+    eval_fraction: float = 0.0  # held-out share of dataset_path when eval_path is unset (fixed seed)
+    prompt_key: str = "prompt"  # a column of plain prompt text ...
+    messages_key: str = ""  # ... or, when set, a column of chat messages [{role, content}, ...]
+    answer_key: str = "answer"  # the reference answer the reward grades against
+    metadata_keys: list[str] | None = None  # extra columns passed to the reward; None = all the others
+    system_prompt: str = ""  # prepended as a system message (chat) or text (plain)
+    # auto: a prompt_key column is plain text with the tokenizer's special tokens, a messages_key
+    # column goes through the tokenizer's template (TRL's convention) | none: plain text for both |
+    # else Jinja text or a file of it, applied to both
+    chat_template: str = "auto"
+    max_prompt_tokens: int = 0  # longer prompts are filtered out (and counted); 0 = no limit
+    num_prompts: int = 100_000  # size of a synthetic dataset (an epoch)
+    digits: int = 2  # operand size / list length for synthetic tasks
+    seed: int = 0
+    group_size: int = 8  # samples per prompt (GRPO "n")
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    reward_fn: str = ""  # dotted path "pkg.module:function"; empty = the task's own reward
+    reward_timeout_s: float = 5.0  # per sample; a reward past it is killed and scored 0 with its reason
+    reward_workers: int = 2  # processes of the reward pool (per rollout server); 0: in-process, unsandboxed
+    reward_memory_mb: int = 2048  # address-space limit of a reward worker; 0 = none
+    reward_url: str = ""  # remote reward: POST a batch of (prompt, response, metadata) here
+    reward_retries: int = 2  # remote reward: retries after a failed or timed-out call
+    # Multi-turn episodes (rollout_server/multiturn.py): an environment class named by a dotted path
+    # ("pkg.module:Class", built with no arguments, one per sample) turns each sample into a conversation
+    # the model continues turn by turn; its step rewards replace the task's reward. Empty = single-turn.
+    env: str = ""
+    max_turns: int = 8  # assistant turns per episode; then it ends with finish_reason "max_turns"
+    max_episode_tokens: int = 1024  # prompt + every turn's tokens; past it the episode ends ("max_tokens")
+    turn_timeout_s: float = 120.0  # one assistant turn's generation (across weight-sync pauses): "turn_timeout"
+    episode_timeout_s: float = 600.0  # the whole episode, tools and environment included: "episode_timeout"
+    tool_timeout_s: float = 5.0  # one tool call; past it the tool's worker is killed and the model sees an error
+    tool_workers: int = 2  # processes that run tool calls (per rollout server)
+    tool_memory_mb: int = 2048  # address-space limit of a tool worker (sandboxed like rewards); 0 = none
+    # Agent episodes (rollout_server/agent_episode.py): "pkg.module:run", a function
+    # run(client_base_url, api_key, example) -> float that talks to the model through the OpenAI API
+    # (rollout_server/agent_endpoint.py); max_turns bounds its calls, max_episode_tokens and
+    # episode_timeout_s the rest. Empty = no agent.
+    agent: str = ""
+    agent_workers: int = 4  # sandboxed processes that run agents (per rollout server)
+    agent_memory_mb: int = 4096  # address-space limit of an agent's worker; 0 = none
+    agent_tool_format: str = "hermes"  # the model's tool-call format: hermes (Qwen) | mistral
+
+    def __post_init__(self):
+        _choice("task.name", self.name, ("addition", "sort", "reverse", "countdown", "calc", "guess", "dataset"))
+        if self.name == "dataset":
+            _check("task.dataset_path", bool(self.dataset_path), "set when task.name=dataset", self.dataset_path)
+        _check("task.eval_fraction", 0 <= self.eval_fraction < 1, "in [0, 1)", self.eval_fraction)
+        _check("task.max_prompt_tokens", self.max_prompt_tokens >= 0, ">= 0", self.max_prompt_tokens)
+        _check("task.group_size", self.group_size >= 1, ">= 1", self.group_size)
+        _check("task.max_new_tokens", self.max_new_tokens >= 1, ">= 1", self.max_new_tokens)
+        _check("task.temperature", self.temperature > 0, "> 0 (sampling; greedy is not RL)", self.temperature)
+        _check("task.top_p", 0 < self.top_p <= 1, "in (0, 1]", self.top_p)
+        _check("task.digits", 1 <= self.digits <= 9, "in [1, 9]", self.digits)
+        _check("task.reward_timeout_s", self.reward_timeout_s > 0, "> 0", self.reward_timeout_s)
+        for key in ("reward_workers", "reward_memory_mb", "reward_retries", "tool_memory_mb"):
+            _check(f"task.{key}", getattr(self, key) >= 0, ">= 0", getattr(self, key))
+        _check("task.max_turns", self.max_turns >= 1, ">= 1", self.max_turns)
+        _check("task.max_episode_tokens", self.max_episode_tokens >= 2, ">= 2", self.max_episode_tokens)
+        for key in ("turn_timeout_s", "episode_timeout_s", "tool_timeout_s"):
+            _check(f"task.{key}", getattr(self, key) > 0, "> 0", getattr(self, key))
+        _check("task.tool_workers", self.tool_workers >= 1, ">= 1", self.tool_workers)
+        _check("task.agent", not (self.agent and self.env), "empty when task.env is set",
+               self.agent)
+        _check("task.chat_template", not (self.agent and self.chat_template == "none"),
+               "a chat template (not none) when task.agent is set", self.chat_template)
+        _check("task.agent_workers", self.agent_workers >= 1, ">= 1", self.agent_workers)
+        _check("task.agent_memory_mb", self.agent_memory_mb >= 0, ">= 0", self.agent_memory_mb)
+        _choice("task.agent_tool_format", self.agent_tool_format, ("hermes", "mistral"))
+        _check("task.reward_url", not self.reward_url or self.reward_url.startswith(("http://", "https://")),
+               "empty or an http(s) URL", self.reward_url)
+
+
+@dataclass(kw_only=True)
+class BufferConfig:
+    address: str = "tcp://127.0.0.1:5555"  # request/reply (ROUTER); clients connect here
+    pub_address: str = "tcp://127.0.0.1:5556"  # announcements (PUB)
+    max_staleness: int = 4  # eta; 0 = synchronous on-policy
+    groups_per_step: int = 8  # B: groups the trainer consumes per optimizer step
+    max_inflight: int = 64  # cap on groups being generated at once (all servers)
+    capacity: int = 1024  # stored groups; admission stops (back-pressure) at this size
+    stale_policy: str = "reissue"  # what happens to a group over the bound: drop | reissue its prompt
+    selection: str = "oldest"  # hand-out order: oldest (head version) | newest | fifo
+    filter_equal_rewards: bool = False  # drop groups with no learning signal (DAPO dynamic sampling)
+    max_tokens_per_trajectory: int = 0  # 0 = no length filter
+    lease_timeout_s: float = 120.0  # a credit not fulfilled by then is re-issued
+    heartbeat_timeout_s: float = 15.0  # a rollout server silent this long leaves the roster
+    wal_dir: str = "wal"  # relative to run_dir unless absolute
+    fsync: str = "always"  # always (ack after fsync; group commit) | batch (fsync every 50 ms; acks may precede it) | never
+    # WAL segment size: big, since a rotation stalls the loop for a few ms and writes a checkpoint (up to 200k
+    # group ids; at 700 MB/s of 4k-token groups, one every ~0.4 s); its disk returns once all its groups are consumed
+    segment_bytes: int = 256 * 1024 * 1024  # at most 1/8 of the free disk at start (compaction frees space sooner)
+    # Disk full is a degraded mode: group records stop this many bytes before the WAL's disk is full
+    # (refused as "unavailable", the senders keep them; batches are still handed out) and resume at twice it.
+    wal_reserve_bytes: int = 64 * 1024 * 1024
+    metrics_port: int = 0  # 0 = ephemeral
+    max_epochs: int = 0  # 0 = unbounded passes over the dataset
+    # Largest request frame the buffer decodes (bigger ones are refused from their length, counted as
+    # rejected{frame_too_large}); decoding may take ~73x a frame's size, so this bounds its memory.
+    # 0 = sized to the job (areal_like.job_facts.request_frame_limit: the biggest group it can
+    # produce).
+    max_frame_bytes: int = 0
+    # Same-node members: also serve ipc:// sockets (router, pub) in this directory, relative to run_dir
+    # unless absolute; "" = tcp only. No CURVE there: the directory is 0700 and each peer's uid is checked
+    # (areal_like/SECURITY.md). A one-node `areal-like run` sets it (security.local_ipc).
+    local_dir: str = ""
+    # ZeroMQ I/O threads of the request/reply socket: CURVE's cipher runs there, one connection on one
+    # thread, so more decrypt many senders' streams in parallel (benchmarks/bench_buffer.py, "CURVE
+    # capacity"). 0 = half the cores this process may use, 1 to 8.
+    io_threads: int = 0
+
+    def __post_init__(self):
+        _check("buffer.io_threads", self.io_threads >= 0, ">= 0 (0 = from the cores)", self.io_threads)
+        _check("buffer.max_frame_bytes", self.max_frame_bytes >= 0, ">= 0 (0 = sized to the job)",
+               self.max_frame_bytes)
+        _check("buffer.max_staleness", self.max_staleness >= 0, ">= 0", self.max_staleness)
+        _check("buffer.groups_per_step", self.groups_per_step >= 1, ">= 1", self.groups_per_step)
+        _check("buffer.max_inflight", self.max_inflight >= 1, ">= 1", self.max_inflight)
+        _check("buffer.capacity", self.capacity >= self.groups_per_step, ">= buffer.groups_per_step", self.capacity)
+        _choice("buffer.stale_policy", self.stale_policy, ("drop", "reissue"))
+        _choice("buffer.selection", self.selection, ("oldest", "newest", "fifo"))
+        _choice("buffer.fsync", self.fsync, ("always", "batch", "never"))
+        _check("buffer.wal_reserve_bytes", self.wal_reserve_bytes >= 0, ">= 0", self.wal_reserve_bytes)
+        _check("buffer.lease_timeout_s", 0 < self.lease_timeout_s < math.inf, "> 0 and finite (it "
+               "travels in every Credit)", self.lease_timeout_s)
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    kind: str = "embedded"  # embedded (in-process CPU/GPU engine) | sglang (launch a real server) | url (attach)
+    url: str = ""  # kind=url: base URL of a running SGLang server
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = pick a free port
+    device: str = "cpu"
+    max_running_requests: int = 64
+    max_total_tokens: int = 65536  # KV slots budget of the embedded engine
+    startup_timeout_s: float = 600.0
+    request_timeout_s: float = 600.0
+    tp_size: int = 1  # GPUs per engine (SGLang's --tp-size); `run` places each rollout server on this many
+    sglang: dict = field(default_factory=dict)  # passed verbatim to `python -m sglang.launch_server`
+
+    def __post_init__(self):
+        _choice("rollout.engine.kind", self.kind, ("embedded", "sglang", "url"))
+        _check("rollout.engine.tp_size", self.tp_size == 1 or (self.tp_size > 1 and self.kind == "sglang"),
+               "1, or > 1 with rollout.engine.kind=sglang", self.tp_size)
+        for key in sorted(set(self.sglang) & {"tp_size", "tp", "tensor_parallel_size"}):  # one source of truth
+            raise ConfigError(f"rollout.engine.sglang.{key} is not passed through: set rollout.engine.tp_size")
+        for key in sorted(k for k in self.sglang if SECRET_FIELD.search(str(k))):  # never in config.yaml or logs
+            raise ConfigError(f"rollout.engine.sglang.{key}: credentials are not configuration; the engine API key "
+                              f"comes from the environment ({ENGINE_KEY_ENV}; `areal-like run` makes one per job)")
+        if self.kind == "url":
+            _check("rollout.engine.url", self.url.startswith("http"), "an http(s) URL when kind=url", self.url)
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    server_id: str = ""  # empty = "<hostname>-<pid>"
+    buffer_address: str = "${buffer.address}"
+    pub_address: str = "${buffer.pub_address}"
+    max_concurrent_groups: int = 8
+    heartbeat_s: float = 1.0
+    drain_on_update: bool = False  # finish in-flight requests before a weight update instead of aborting
+    # /pause_generation mode of a weight update (trainer/WEIGHT_SYNC.md "Pause modes"): abort
+    # (requests end and are resubmitted), retract (held in the engine, KV rebuilt with the new
+    # weights); not in_place: it keeps KV of the old weights, so no version would be exact
+    pause_mode: str = "abort"
+    eval: bool = False  # this server runs the job's evaluations (eval.*); `areal-like run` sets it on the first
+    metrics_port: int = 0
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self):
+        _check("rollout.max_concurrent_groups", self.max_concurrent_groups >= 1, ">= 1", self.max_concurrent_groups)
+        _check("rollout.heartbeat_s", self.heartbeat_s > 0, "> 0", self.heartbeat_s)
+        _choice("rollout.pause_mode", self.pause_mode, ("abort", "retract"))
+
+
+@dataclass(kw_only=True)
+class WeightSyncConfig:
+    bucket_mb: float = 64.0
+    deadline_s: float = 60.0  # whole sync; a member that misses it is dropped for this version
+    backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | gloo | nccl
+    master_addr: str = "127.0.0.1"  # address engines use to reach trainer rank 0
+    master_port: int = 0  # 0 = pick a free port per group formation
+    group_name: str = "areal_like_weights"
+    path: str = "auto"  # auto (tensor where `run` puts trainer and engine on one GPU) | distributed | tensor | disk
+    # Which weights the engines serve (trainer/engine_lag.py). Each mode lets the engines fall behind
+    # the trainer by design; the buffer's admission subtracts that lag from its slack and
+    # buffer.max_staleness must cover it (RunConfig checks it; buffer/STALENESS.md "Engine lag").
+    every: int = 1  # L: push only every L versions (OAPL's lagged inference); the engines lag up to L - 1
+    delay: int = 0  # D: the engines always serve version v - D (a controlled-staleness experiment)
+
+    @property
+    def engine_lag(self) -> int:
+        """The most versions the engines may lag behind the trainer by design (0: every version pushed)."""
+        return max(self.every - 1, self.delay)
+    # A model that fits in the two staging buffers (<= 2 buckets of bucket_mb): the trainer returns
+    # once it is packed and the broadcast, the engines' reports and the announcement finish in the
+    # background while the next step trains (trainer/WEIGHT_SYNC.md). false: every push blocks to the end.
+    overlap: bool = True
+
+    def __post_init__(self):
+        _check("trainer.weight_sync.every", self.every >= 1, ">= 1", self.every)
+        _check("trainer.weight_sync.delay", self.delay >= 0, ">= 0", self.delay)
+        _check("trainer.weight_sync.delay", self.delay == 0 or self.every == 1,
+               "0 with trainer.weight_sync.every > 1 (one lag mode at a time)", self.delay)
+        _choice("trainer.weight_sync.backend", self.backend, ("auto", "gloo", "nccl"))
+        _choice("trainer.weight_sync.path", self.path, ("auto", "distributed", "tensor", "disk"))
+        _check("trainer.weight_sync.bucket_mb", self.bucket_mb > 0, "> 0", self.bucket_mb)
+        _check("trainer.weight_sync.deadline_s", 0 < self.deadline_s < math.inf, "> 0 and finite",
+               self.deadline_s)
+
+
+# Qwen2 / Llama / Qwen3 names of every linear layer in a decoder block (PEFT's usual "all-linear")
+LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    """Low-rank adapters on a frozen base (areal_like/weights/lora.py): only they train and are
+    synced."""
+
+    rank: int = 0  # 0 = off (every weight trains); r of the A [r, in] and B [out, r] matrices
+    alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input, in the training forward only (not in log-prob passes)
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_DEFAULT_TARGETS))
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    def __post_init__(self):
+        _check("trainer.lora.rank", self.rank >= 0, ">= 0 (0: LoRA off)", self.rank)
+        _check("trainer.lora.alpha", self.alpha > 0, "> 0", self.alpha)
+        _check("trainer.lora.dropout", 0 <= self.dropout < 1, ">= 0 and < 1", self.dropout)
+        _check("trainer.lora.target_modules", not self.enabled or len(self.target_modules) > 0,
+               "at least one module name with trainer.lora.rank > 0", self.target_modules)
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    buffer_address: str = "${buffer.address}"
+    groups_per_step: int = "${buffer.groups_per_step}"  # type: ignore[assignment]
+    steps: int = 100
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr_schedule: str = "constant"  # constant | linear | cosine (after warmup)
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    # An optimizer step whose loss or gradient norm is not finite is skipped
+    # (trainer/finite_guard.py); this many trainer steps in a row that skipped one stop the job
+    max_nonfinite_skips: int = 10
+    micro_batch_size: int = 8  # sequences per forward/backward (max_tokens_per_micro_batch = 0)
+    # Sequences of a micro-batch concatenated without padding, attention kept inside each sequence
+    # (trainer/packing.py); false: right-padded to the micro-batch's longest. The same numbers.
+    # configs/model/tiny.yaml sets false (near-equal lengths: little padding to save).
+    pack_sequences: bool = True
+    # > 0: micro-batches of at most this many computed tokens (prompt + output, padding included
+    # when not packed) instead of micro_batch_size sequences; a longer sequence runs alone.
+    # Peak activation memory then follows this budget (trainer/MEMORY.md). 0: off.
+    max_tokens_per_micro_batch: int = 0
+    num_minibatches: int = 1  # optimizer steps per batch (all but the first are off-policy by construction)
+    estimator: str = "grpo"
+    loss: LossConfig = field(default_factory=LossConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    checkpoint_every: int = 20
+    # A crash rolls back up to checkpoint_every - 1 steps. Async: a save only stages the state in memory
+    # (DCP async_save on a gloo group of its own) and writes it while the next step trains; the checkpoint
+    # appears (renamed into place) once every rank's write is done, at the next save. Cheap enough for
+    # checkpoint_every=1 on small models (benchmarks/bench_chaos.py measures it).
+    checkpoint_async: bool = False
+    checkpoint_dir: str = "checkpoints"  # relative to run_dir unless absolute
+    # Checkpoints kept on disk, the newest (older ones are deleted at each save); 2: the newest, and
+    # one in case it is on a failing disk. Exports are kept by export.keep, never by this.
+    keep_checkpoints: int = 2
+    resume: bool = True
+    device: str = "cpu"
+    batch_wait_s: float = 5.0
+    buffer_timeout_s: float = 120.0  # the buffer silent this long is an error, not a wait
+    metrics_port: int = 0
+    gloo_timeout_s: float = 300.0
+    ref_path: str | None = None  # the KL term's frozen reference (loss.kl_coef > 0): a local HF dir; None = initial
+    logprob_guard_tol: float = 0.05  # mean |engine - trainer| log-prob per token at start; <= 0: off (logprob_guard.py)
+    first_engine_wait_s: float = 0.0  # wait for rollout servers before the first push (0: at once; `run` sets it)
+    first_engines: int = 1  # how many: the first push waits (first_engine_wait_s) until this many registered
+    activation_checkpointing: bool = False  # recompute each decoder block in backward (trainer/MEMORY.md)
+    logprob_chunk_tokens: int = 512  # tokens per lm_head chunk of the log-probs: one [chunk, vocab] fp32 block
+
+    def __post_init__(self):
+        _check("trainer.keep_checkpoints", self.keep_checkpoints >= 1, ">= 1",
+               self.keep_checkpoints)
+        _check("trainer.steps", self.steps >= 1, ">= 1", self.steps)
+        _check("trainer.lr", self.lr > 0, "> 0", self.lr)
+        _choice("trainer.lr_schedule", self.lr_schedule, ("constant", "linear", "cosine"))
+        _choice("trainer.estimator", self.estimator, ESTIMATORS)
+        _check("trainer.micro_batch_size", self.micro_batch_size >= 1, ">= 1", self.micro_batch_size)
+        _check("trainer.max_tokens_per_micro_batch", self.max_tokens_per_micro_batch >= 0,
+               ">= 0 (0: micro-batches of micro_batch_size sequences)",
+               self.max_tokens_per_micro_batch)
+        _check("trainer.num_minibatches", self.num_minibatches >= 1, ">= 1", self.num_minibatches)
+        _check("trainer.logprob_chunk_tokens", self.logprob_chunk_tokens >= 1, ">= 1", self.logprob_chunk_tokens)
+        _check("trainer.grad_clip", self.grad_clip > 0, "> 0", self.grad_clip)
+        _check("trainer.max_nonfinite_skips", self.max_nonfinite_skips >= 1, ">= 1",
+               self.max_nonfinite_skips)
+        _check("trainer.batch_wait_s", 0 <= self.batch_wait_s < math.inf, ">= 0 and finite",
+               self.batch_wait_s)
+        _check("trainer.first_engine_wait_s", self.first_engine_wait_s >= 0, ">= 0", self.first_engine_wait_s)
+        _check("trainer.first_engines", self.first_engines >= 1, ">= 1", self.first_engines)
+        _check("trainer.betas", len(self.betas) == 2, "two numbers", self.betas)
+        self.loss.check_agg()
+        if self.lora.enabled:  # the KL reference is the base itself, the adapter switched off
+            _check("trainer.ref_path", self.ref_path is None, "unset with trainer.lora.rank > 0 "
+                   "(the reference is the base model without the adapter)", self.ref_path)
+            _check("trainer.weight_sync.path", self.weight_sync.path in ("auto", "distributed"),
+                   "auto or distributed with trainer.lora.rank > 0 (only the group path sends the "
+                   "adapter alone)", self.weight_sync.path)
+
+
+@dataclass(kw_only=True)
+class WarmStartConfig:
+    """Short supervised warm start on the task's answers, cached in the run directory."""
+
+    steps: int = 0  # 0 = off
+    lr: float = 3e-3
+    batch_size: int = 64
+    cache_dir: str = "warmstart"  # relative to run_dir's parent so later runs reuse it
+
+    def __post_init__(self):
+        _check("warm_start.steps", self.steps >= 0, ">= 0", self.steps)
+
+
+@dataclass(kw_only=True)
+class SecurityConfig:
+    """Who may join the job's ZeroMQ traffic (areal_like/net/security.py,
+    areal_like/SECURITY.md)."""
+
+    curve: bool = True  # CURVE-encrypt and authenticate every ZeroMQ socket; false only on a trusted network
+    keys_dir: str = "keys"  # the job's keys (`areal-like keys RUN_DIR`); relative to run_dir unless absolute
+    # A one-node `run`: daemons reach the buffer over ipc:// sockets in <run_dir>/sock (this user only, no
+    # CURVE, which is the transport's biggest cost); false = tcp with CURVE on one node too.
+    local_ipc: bool = True
+
+    def __post_init__(self):
+        _check("security.keys_dir", bool(self.keys_dir), "a directory", self.keys_dir)
+
+
+@dataclass(kw_only=True)
+class LaunchConfig:
+    # null (the default): from the cores, for a CPU job on one machine (launch/topology.py,
+    # laptop_layout, which also pins the processes); a number is kept as set. A GPU or multi-node
+    # job sets both (configs/topology/gpu_*.yaml: 1 each): null is refused there.
+    num_rollout_servers: int | None = None
+    trainer_ranks: int | None = None
+    restarts: int = 3  # per daemon within restart_window_s, before the job gives up
+    # Restart budget over time: crashes older than the window no longer count (a chaos run's restarts
+    # do not end the job hours later), and each restart within it waits twice as long as the last.
+    restart_window_s: float = 3600.0
+    restart_backoff_s: float = 1.0  # wait before the first restart in the window; doubles per restart
+    restart_backoff_max_s: float = 60.0
+    health_timeout_s: float = 300.0
+    # rollout and trainer pools on disjoint cores (taskset), the trainer threading over its pool;
+    # null: pinned when the counts come from the cores (launch/topology.py), else not
+    pin_cpus: bool | None = None
+    omp_threads: int = 1
+    gpus_per_node: int = 0  # GPUs `run` places processes on (launch/placement.py); 0 = torch's count on cuda
+    # Several nodes (Slurm or by hand; `run` is one node): the first train_nodes carry trainer_ranks
+    # ranks each, the others num_rollout_servers servers each (launch/placement.py, `areal-like plan`).
+    nodes: int = 1
+    train_nodes: int = 1
+    auto_max_servers: int = 8  # most rollout servers from the cores (each a process with a model)
+    auto_max_threads: int = 8  # and on a pinned trainer's threads
+    # Long runs: each daemon's log (logs/<name>.log) and metrics/scrape.jsonl rotate past log_max_mb
+    # into <file>.1 ... .<log_backups>, the oldest dropped (launch/local.py).
+    log_max_mb: float = 100.0
+    log_backups: int = 3
+
+    def __post_init__(self):
+        _check("launch.log_max_mb", self.log_max_mb > 0, "> 0", self.log_max_mb)
+        _check("launch.log_backups", self.log_backups >= 1, ">= 1", self.log_backups)
+        _check("launch.auto_max_servers", self.auto_max_servers >= 1, ">= 1", self.auto_max_servers)
+        _check("launch.auto_max_threads", self.auto_max_threads >= 1, ">= 1", self.auto_max_threads)
+        _check("launch.gpus_per_node", self.gpus_per_node >= 0, ">= 0", self.gpus_per_node)
+        _check("launch.nodes", self.nodes >= 1, ">= 1", self.nodes)
+        _check("launch.train_nodes", 1 <= self.train_nodes < max(self.nodes, 2),
+               f">= 1 and < launch.nodes={self.nodes} (the other nodes run the rollout servers)" if self.nodes > 1
+               else "1 on one node (launch.nodes=1)", self.train_nodes)
+        for key in ("num_rollout_servers", "trainer_ranks"):
+            n = getattr(self, key)
+            _check(f"launch.{key}", n is None or n >= 1, ">= 1 or null (from the cores)", n)
+        _check("launch.restarts", self.restarts >= 0, ">= 0", self.restarts)
+        _check("launch.restart_window_s", self.restart_window_s > 0, "> 0", self.restart_window_s)
+        _check("launch.restart_backoff_s", self.restart_backoff_s >= 0, ">= 0", self.restart_backoff_s)
+        _check("launch.restart_backoff_max_s", self.restart_backoff_max_s >= self.restart_backoff_s,
+               f">= launch.restart_backoff_s={self.restart_backoff_s}", self.restart_backoff_max_s)
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    experiment_name: str = "default"
+    run_dir: str = "runs/${experiment_name}"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    tracker: list[str] = field(default_factory=lambda: ["jsonl"])  # any of TRACKERS, e.g. [jsonl,tensorboard]
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+
+    def __post_init__(self):
+        for name in self.tracker:
+            _choice("tracker", name, TRACKERS)
+        # engines that lag by design must still be admitted, and their groups consumed (buffer/STALENESS.md)
+        lag = self.trainer.weight_sync.engine_lag
+        _check("buffer.max_staleness", self.buffer.max_staleness >= lag,
+               f">= {lag}, the engines' lag (trainer.weight_sync.every - 1, or trainer.weight_sync.delay)",
+               self.buffer.max_staleness)
+        # FSDP2 mixed precision with frozen parameters in a block's group fails in backward (torch
+        # 2.13: a bf16 gradient assigned to an fp32 parameter), so LoRA trains in fp32 for now
+        _check("model.dtype", not self.trainer.lora.enabled or self.model.dtype == "float32",
+               "float32 with trainer.lora.rank > 0 (LoRA with mixed precision is not supported yet)",
+               self.model.dtype)
+        lora_ok = not self.trainer.lora.enabled or self.rollout.engine.kind == "embedded"
+        _check("rollout.engine.kind", lora_ok,
+               "embedded with trainer.lora.rank > 0 (adapter sync to SGLang is not built yet)",
+               self.rollout.engine.kind)
+
+    def resolve_path(self, p: str) -> Path:
+        """A path from the config, relative to run_dir unless absolute."""
+        path = Path(p)
+        return path if path.is_absolute() else Path(self.run_dir) / path

@@ -1,0 +1,38 @@
+"""Functions named by a dotted path: the project's one parser of ``"pkg.module:function"``.
+
+Tasks name their reward this way (``Task.reward_path``) and users name theirs with
+``task.reward_fn``; ``areal_like.tasks.task.load_function``, the reward workers
+(``rollout_server/reward_worker.py``) and the launcher's preflight probe all resolve a path here,
+so they accept and refuse the same paths. ``"pkg.module.function"`` (no colon) means the last dot
+separates the function.
+
+Invariant: standard library only, and nothing else from ``areal_like``: a reward worker is a bare
+interpreter under an address-space limit that imports this module just before the reward's own.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+
+def split_function_path(path: str) -> tuple[str, str]:
+    """``(module, attribute)`` of ``path``; ValueError when either part is empty."""
+    module, sep, attr = path.partition(":")
+    if not sep:
+        module, _, attr = path.rpartition(".")
+    if not module or not attr:
+        raise ValueError(f"{path!r} is not of the form package.module:function")
+    return module, attr
+
+
+def import_function(path: str) -> Callable:
+    """The callable at ``path``: imports its module (which may raise anything at import time).
+
+    Raises ValueError for a malformed path, ImportError, AttributeError, and TypeError when the
+    attribute is not callable."""
+    module, attr = split_function_path(path)
+    fn = getattr(importlib.import_module(module), attr)
+    if not callable(fn):
+        raise TypeError(f"{attr} in {module} is a {type(fn).__name__}, not a callable")
+    return fn

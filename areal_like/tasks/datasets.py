@@ -1,0 +1,218 @@
+"""``Example``, the unit every task hands out, and ``task.name=dataset``'s rows: prompts and
+answers from local files, as ``Example``s in a fixed order.
+
+``task.dataset_path`` (and ``task.eval_path``) is a local ``.jsonl`` / ``.json`` / ``.parquet`` /
+``.csv`` file, a directory of such files (all of one format, read in sorted path order), or a
+directory written by ``datasets.Dataset.save_to_disk``. Reading goes through the ``datasets``
+library's packaged builders and ``load_from_disk``; anything that is not a local path (a hub
+id, a URL) is refused: nothing is downloaded.
+
+Columns map to ``Example`` fields: ``task.messages_key`` (chat messages, when set) or
+``task.prompt_key`` (plain text); ``task.answer_key``; and ``task.metadata_keys`` (None = every
+other column) into ``Example.metadata``, converted to plain msgpack-able values (numpy scalars to
+Python numbers, dates to ISO strings). A chat row's ``prompt`` is its messages' contents, one per
+line, for plain-text prompting and for rewards that read the prompt.
+
+Invariants: every process that loads the same files with the same config gets the same examples in
+the same order, so a prompt index means the same prompt in the buffer, every rollout server and the
+warm start. The eval split is ``task.eval_path`` or, when unset, a held-out ``task.eval_fraction``
+of the rows drawn with ``task.seed`` (disjoint from train; decided before any filtering, so it does
+not depend on the tokenizer). This module imports no task code: the task over these rows, with its
+prompt-length filter, is ``DatasetTask`` in ``areal_like/tasks/task.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from areal_like.settings.config import ConfigError, TaskConfig
+
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}  # suffix -> datasets builder
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    """One prompt: plain text (``prompt``) and/or chat ``messages``, the reference ``answer``, and
+    the dataset's other columns (``metadata``, plain msgpack-able values) for the reward."""
+
+    prompt: str
+    answer: str
+    messages: tuple | list | None = None  # [{"role": ..., "content": ...}, ...]
+    metadata: dict = field(default_factory=dict)
+
+
+def load_split(cfg: TaskConfig, split: str) -> list[Example]:
+    """The examples of ``split`` ("train" or "eval") in file order, before any prompt filter."""
+    if split == "eval" and cfg.eval_path:
+        return load_examples(cfg, "task.eval_path", cfg.eval_path)
+    if split == "eval" and cfg.eval_fraction <= 0:
+        raise ConfigError("the task has no eval split: set task.eval_path or task.eval_fraction")
+    examples = load_examples(cfg, "task.dataset_path", cfg.dataset_path or "")
+    if cfg.eval_fraction > 0 and not cfg.eval_path:
+        train, held_out = split_indices(len(examples), cfg.eval_fraction, cfg.seed)
+        examples = [examples[i] for i in (held_out if split == "eval" else train)]
+    return examples
+
+
+def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, eval) row indices, both ascending: ``round(n * fraction)`` rows (at least 1, at
+    most n - 1) held out, drawn with ``seed`` (the same split in every process)."""
+    if n < 2:
+        raise ConfigError(f"task.eval_fraction={fraction}: the dataset has {n} row(s), too few to "
+                          "hold any out")
+    k = min(max(round(n * fraction), 1), n - 1)
+    held_out = sorted(random.Random(seed).sample(range(n), k))
+    chosen = set(held_out)
+    return [i for i in range(n) if i not in chosen], held_out
+
+
+# ---------------------------------------------------------------- reading files
+def load_examples(cfg: TaskConfig, key: str, value: str) -> list[Example]:
+    """Every row of the dataset at ``value`` (the config key ``key`` names it) as an Example."""
+    table = load_table(key, value)
+    text_key, answer_key, meta_keys = task_columns(cfg, list(table.column_names), value)
+    rows = table.select_columns(list(dict.fromkeys([text_key, answer_key, *meta_keys]))).to_list()
+    if not rows:
+        raise ConfigError(f"{key}={value!r} has no rows")
+    return [row_example(cfg, row, i, (text_key, answer_key, meta_keys), value) for i, row in enumerate(rows)]
+
+
+def row_example(cfg: TaskConfig, row: dict, i: int, keys: tuple[str, str, list[str]], source: str) -> Example:
+    """Row ``i`` of ``source`` as an Example; ConfigError naming the key when its contents cannot
+    be one (no answer, no prompt, messages that are not a list of {role, content})."""
+    text_key, answer_key, meta_keys = keys
+    answer = row[answer_key]
+    if answer is None:
+        raise ConfigError(f"task.answer_key={answer_key!r}: row {i} of {source} has no answer")
+    metadata = {k: _plain(row[k]) for k in meta_keys}
+    if cfg.messages_key:
+        messages = _messages(row[text_key], i, text_key, source)
+        return Example("\n".join(m["content"] for m in messages), _text(answer), messages, metadata)
+    if row[text_key] is None:
+        raise ConfigError(f"task.prompt_key={text_key!r}: row {i} of {source} has no prompt")
+    return Example(_text(row[text_key]), _text(answer), None, metadata)
+
+
+ROW_BATCH = 1024  # rows decoded at a time by check_rows: its memory is one batch, whatever the file's size
+SHOWN_ROWS = 5  # row numbers a check_rows line lists
+
+
+def check_rows(cfg: TaskConfig, key: str, value: str, table: Any) -> str | None:
+    """One line saying which rows of ``table`` (read from ``value``, the key ``key`` names) cannot
+    become examples: how many, the first ``SHOWN_ROWS`` row numbers (from 0) and the first one's
+    reason; None when every row can. Streams the table ``ROW_BATCH`` rows at a time, converting
+    each row as the daemons will (``row_example``)."""
+    keys = task_columns(cfg, list(table.column_names), value)
+    columns = list(dict.fromkeys([keys[0], keys[1], *keys[2]]))
+    bad, first, n = [], "", 0
+    for batch in table.select_columns(columns).iter(batch_size=ROW_BATCH):
+        for j in range(len(batch[columns[0]])):
+            try:
+                row_example(cfg, {c: batch[c][j] for c in columns}, n, keys, value)
+            except ConfigError as e:
+                bad.append(n)
+                first = first or str(e)
+            n += 1
+    if n == 0:
+        return f"{key}={value!r} has no rows"
+    if not bad:
+        return None
+    shown = ", ".join(map(str, bad[:SHOWN_ROWS])) + (", ..." if len(bad) > SHOWN_ROWS else "")
+    return f"{key}={value!r}: {len(bad)} of {n} rows cannot be used (rows {shown}); the first: {first}"
+
+
+def task_columns(cfg: TaskConfig, columns: list[str], source: str) -> tuple[str, str, list[str]]:
+    """(text column, answer column, metadata columns) of a table with ``columns`` read from
+    ``source``; ConfigError naming the task key and the columns found when one is missing."""
+    text_key = _require(columns, "task.messages_key" if cfg.messages_key else "task.prompt_key",
+                        cfg.messages_key or cfg.prompt_key, source)
+    answer_key = _require(columns, "task.answer_key", cfg.answer_key, source)
+    if cfg.metadata_keys is None:
+        return text_key, answer_key, [c for c in columns if c not in (text_key, answer_key)]
+    return text_key, answer_key, [_require(columns, "task.metadata_keys", k, source) for k in cfg.metadata_keys]
+
+
+def load_table(key: str, value: str):
+    """A ``datasets.Dataset`` of the local file or directory ``value`` (module docstring)."""
+    path = _local_path(key, value)
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    datasets.disable_progress_bars()  # one bar per load is noise in every daemon's log
+    if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+        loaded = datasets.load_from_disk(str(path))
+        return _one_split(loaded, key, value) if isinstance(loaded, datasets.DatasetDict) else loaded
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in BUILDERS
+                                                 and not any(part.startswith(".") for part in p.parts))
+    builders = {BUILDERS.get(f.suffix) for f in files}
+    if not files or None in builders:
+        raise ConfigError(f"{key}={value!r}: expected a {', '.join(BUILDERS)} file, a directory of them, or a "
+                          "save_to_disk directory")
+    if len(builders) > 1:
+        raise ConfigError(f"{key}={value!r}: the directory mixes formats ({', '.join(sorted(builders))}); "
+                          "keep one format per directory")
+    return datasets.load_dataset(builders.pop(), data_files=[str(f) for f in files], split="train")
+
+
+def _local_path(key: str, value: str) -> Path:
+    path = Path(value).expanduser()
+    if not value or "://" in value or not path.exists():
+        raise ConfigError(f"{key}={value!r} is not a local file or directory; datasets are read from local "
+                          "files only, never downloaded (save a hub dataset with save_to_disk or to parquet first)")
+    return path
+
+
+def _one_split(dataset_dict, key: str, value: str):
+    """The split of a saved DatasetDict that ``key`` means: its only split, else train / eval by role."""
+    names = list(dataset_dict)
+    if len(names) == 1:
+        return dataset_dict[names[0]]
+    wanted = ("train",) if key == "task.dataset_path" else ("eval", "validation", "test")
+    for name in wanted:
+        if name in names:
+            return dataset_dict[name]
+    raise ConfigError(f"{key}={value!r} holds splits {names}; none of {list(wanted)}: point {key} at one split's "
+                      "directory")
+
+
+def _require(columns: list[str], key: str, column: str, source: str) -> str:
+    if column not in columns:
+        raise ConfigError(f"{key}={column!r}: no such column in {source}; columns found: {', '.join(columns)}")
+    return column
+
+
+def _messages(value: Any, row: int, key: str, source: str) -> tuple[dict, ...]:
+    """Chat messages as plain dicts (keys a columnar format filled with None for this message dropped)."""
+    ok = isinstance(value, (list, tuple)) and value and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+    if not ok:
+        raise ConfigError(f"task.messages_key={key!r}: row {row} of {source} is not a non-empty list of "
+                          f"{{role, content}} messages: {str(value)[:120]}")
+    return tuple({k: _plain(v) for k, v in m.items() if v is not None} for m in value)
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else str(_plain(value))
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as plain msgpack-able Python: numpy scalars/arrays -> numbers/lists, dates -> ISO text."""
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy scalar or array
+        return _plain(value.tolist())
+    if hasattr(value, "isoformat"):  # date, datetime, time, pandas Timestamp
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)  # exact; float() would round
+    return str(value)

@@ -1,0 +1,138 @@
+"""Environments: what a multi-turn episode talks to, and how its conversation becomes token ids.
+
+An environment is a class named by a dotted path (``task.env = "pkg.module:Class"``), built with
+no arguments, one instance per sample, so it may keep the episode's state on ``self``:
+
+* ``reset(example) -> messages``: the opening conversation (chat messages ``{"role", "content"}``);
+* ``step(assistant_text) -> (new_messages, reward, done, info)``: the environment's answer to one
+  assistant turn (a ``StepResult`` or the plain 4-tuple); the episode's reward is the sum of the
+  step rewards; ``info`` (msgpack-able values) lands in the sample's metadata;
+* optionally ``tools``: tool specs ``{"name", "function": "pkg.module:fn", "description",
+  "parameters": JSON schema}`` (``areal_like/tasks/tools.py``); a turn that calls tools gets their
+  results as ``tool`` messages instead of a ``step``.
+
+Either method may be ``async``. The rollout server drives it (``rollout_server/multiturn.py``).
+
+``ChatRenderer`` owns the token layout. Invariant: the ids of a conversation are the prompt ids
+(the template's rendering of the opening messages with the generation prompt), then per turn the
+engine's own generated ids, then the template's markup and the environment's messages, tokenized
+from the text the template adds after the assistant's content (the rendering of the longer
+conversation minus that of the shorter one). Generated ids are never re-tokenized, so the ids the
+model sampled are the ids it is trained on. When generated ids are the tokenizer's own encoding of
+their text (as they are when the model samples well-formed text) the whole sequence equals the
+template's rendering of the final conversation. This needs a template that renders a conversation
+as a prefix of its continuation (ChatML and Qwen2.5's do; templates that rewrite earlier turns,
+e.g. dropping reasoning, are refused with ``TemplateError``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+from areal_like.tasks.callables import import_function
+from areal_like.tasks.task import chat_template_of
+
+
+class TemplateError(ValueError):
+    """The chat template cannot be continued turn by turn (see the module docstring)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    messages: list[dict]
+    reward: float = 0.0
+    done: bool = False
+    info: dict = field(default_factory=dict)
+
+
+async def maybe_await(value: Any) -> Any:
+    """``value``, awaited when it is awaitable (environments may be sync or async)."""
+    return await value if inspect.isawaitable(value) else value
+
+
+def as_step_result(value: Any) -> StepResult:
+    """A ``StepResult`` from what ``step`` returned; a bad shape raises TypeError naming it."""
+    if isinstance(value, StepResult):
+        return value
+    if isinstance(value, tuple) and len(value) == 4:
+        messages, reward, done, info = value
+        return StepResult(check_messages(messages, "step"), float(reward), bool(done), dict(info or {}))
+    raise TypeError(f"environment step returned {type(value).__name__}; expected (messages, reward, done, info)")
+
+
+def check_messages(messages: Any, where: str) -> list[dict]:
+    """``messages`` as a list of ``{"role": str, "content": str, ...}``; TypeError naming ``where``."""
+    if not isinstance(messages, (list, tuple)):
+        raise TypeError(f"environment {where} returned {type(messages).__name__}; expected a list of messages")
+    for m in messages:
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise TypeError(f"environment {where} returned a message that is not {{'role': str, 'content': str}}: "
+                            f"{m!r}")
+    return [dict(m) for m in messages]
+
+
+def load_environment(path: str) -> Any:
+    """A new environment from the class (or factory) at ``path``; its methods are checked here."""
+    factory = import_function(path)
+    env = factory()
+    for method in ("reset", "step"):
+        if not callable(getattr(env, method, None)):
+            raise TypeError(f"task.env={path!r} built a {type(env).__name__} without a {method}() method")
+    return env
+
+
+def env_template(tokenizer: Any, task_cfg: Any) -> str:
+    """The chat template of a multi-turn task: ``task.chat_template`` when it names one, else the
+    tokenizer's own (``auto``, for synthetic tasks too: an environment always talks in chat)."""
+    value = task_cfg.chat_template
+    if value == "none":
+        raise ValueError("task.env needs a chat template; task.chat_template=none gives none")
+    if value == "auto":
+        template = getattr(tokenizer, "chat_template", None)
+        if not template:
+            raise ValueError("task.env needs a chat template: the tokenizer has none; set task.chat_template")
+        return template
+    return chat_template_of(tokenizer, task_cfg)
+
+
+class ChatRenderer:
+    """Conversation text and ids under one chat template (module docstring: the invariant)."""
+
+    def __init__(self, tokenizer: Any, template: str, tools: list[dict] | None = None):
+        self.tokenizer, self.template = tokenizer, template
+        self.tools = tools or None  # OpenAI-style function specs, for templates that list tools
+
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tools=self.tools,
+                                                  add_generation_prompt=add_generation_prompt, tokenize=False)
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        return self.encode(self.render(messages, add_generation_prompt=True))
+
+    def continuation_ids(self, messages: list[dict], assistant_text: str, generated_ids: list[int],
+                         new_messages: list[dict]) -> list[int]:
+        """The context ids that follow a turn's generated ids: the rest of the assistant turn's markup
+        the engine did not generate (e.g. the newline after ``<|im_end|>``), the new messages and the
+        next generation prompt. ``messages`` is the conversation before the assistant turn."""
+        before = self.render(messages, add_generation_prompt=True)
+        after = self.render(messages + [{"role": "assistant", "content": assistant_text}] + new_messages,
+                            add_generation_prompt=True)
+        if not after.startswith(before):
+            raise TemplateError("the chat template renders a conversation differently once it continues "
+                                "(earlier turns rewritten); multi-turn episodes need a prefix-stable template")
+        rest = after[len(before):]
+        if not rest.startswith(assistant_text):
+            raise TemplateError("the chat template does not render the assistant's content verbatim "
+                                f"(expected it to start with {assistant_text[:40]!r}, got {rest[:40]!r})")
+        rest = rest[len(assistant_text):]
+        # generated special tokens after the content (the EOS that ends the turn) are already in the ids
+        full = self.tokenizer.decode(generated_ids, skip_special_tokens=False)
+        tail = full[len(assistant_text):] if full.startswith(assistant_text) else ""
+        if tail and rest.startswith(tail):
+            rest = rest[len(tail):]
+        return self.encode(rest)

@@ -1,0 +1,360 @@
+"""Tasks: what prompt ``index`` is, how it becomes token ids, and how a response is scored.
+
+A task maps a position ``index`` of its split (and ``epoch``) to an ``Example`` and names its
+reward as a dotted path (``reward_path``) to a module-level function ``fn(response, example)``,
+so a reward worker process imports the function without building the task. Tasks are shared by
+the buffer (the cursor's range), the rollout servers and the warm start; every process builds
+the same task from the same config and agrees on what prompt ``index`` is.
+
+Synthetic tasks (addition, sort, reverse, countdown) are generated from ``(seed, index)``; nothing
+is shipped or downloaded. Their prompts are short completion strings for the char tokenizer
+(``"37+45="`` -> ``"82"``); a model answers and emits EOS; the reward is exact match. Their eval
+split (``split="eval"``) draws from a different random stream, so it is fixed but not guaranteed
+disjoint from training examples (the small tasks have few distinct prompts). ``task.name=dataset``
+loads rows from local files (``areal_like/tasks/datasets.py``, which also defines ``Example`` and
+imports nothing from here).
+
+``encode_prompt`` is the one place where an example becomes prompt ids, for the rollout server,
+the evaluation and the warm start alike. Its layout follows the convention of TRL's trainers
+(``prompt_template``): with ``task.chat_template=auto`` a plain prompt is plain text with the
+tokenizer's own special tokens (its BOS, when it adds one) and a chat row (``messages``) goes
+through the tokenizer's chat template with the generation prompt; ``none`` makes both plain text;
+a template of one's own (Jinja text or a file) applies to both, a plain prompt becoming one user
+message. ``prompt_layout`` says which in one line, which the buffer logs at start.
+"""
+
+from __future__ import annotations
+
+import abc
+import ast
+import logging
+import random
+from collections.abc import Callable
+from fractions import Fraction
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from areal_like.settings.config import ConfigError, TaskConfig
+from areal_like.tasks.callables import import_function
+from areal_like.tasks.datasets import Example, load_split
+
+SPLITS = ("train", "eval")
+SYNTHETIC_EVAL_SIZE = 512  # prompts in a synthetic task's eval split (at most task.num_prompts)
+MAX_EXPRESSION_CHARS = 40  # countdown: longer responses score 0 without being parsed
+log = logging.getLogger("areal_like.tasks.task")
+_logged: set[str] = set()  # log lines already written by this process
+
+
+# ---------------------------------------------------------------- rewards (module level: importable by path)
+def exact_match(response: str, example: Example) -> float:
+    """1.0 when the stripped response is the answer, else 0.0."""
+    return 1.0 if response.strip() == example.answer else 0.0
+
+
+_COUNTDOWN_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+                  ast.Div: lambda a, b: a / b}  # exact: Fraction / Fraction (x/0 raises ZeroDivisionError)
+MAX_LITERAL = 10**9  # task.digits <= 9: every offered number is below this
+
+
+def _arith(node: ast.AST) -> Fraction:
+    """Exact value of an expression of + - * / and parentheses over integer literals below
+    MAX_LITERAL; anything else (``**``, names, calls, unary minus, floats) raises ValueError. With
+    MAX_EXPRESSION_CHARS, every value stays a few dozen digits."""
+    if isinstance(node, ast.Constant) and type(node.value) is int and 0 <= node.value < MAX_LITERAL:
+        return Fraction(node.value)
+    if isinstance(node, ast.BinOp) and type(node.op) in _COUNTDOWN_OPS:
+        return _COUNTDOWN_OPS[type(node.op)](_arith(node.left), _arith(node.right))
+    raise ValueError(f"not allowed in a countdown expression: {ast.dump(node)[:60]}")
+
+
+def countdown_reward(response: str, example: Example) -> float:
+    """1.0 when the response is an expression over the offered numbers (each at most once) that
+    equals the target, with + - * / (exact division) and parentheses. Parsed with ``ast``, never
+    evaluated: ``9**8**7``, names and calls score 0.0 before any arithmetic; the length bound and
+    the literal-only grammar keep every value small."""
+    expr = response.strip()
+    if not expr or len(expr) > MAX_EXPRESSION_CHARS or any(c not in "0123456789+-*/() " for c in expr):
+        return 0.0
+    try:
+        value = _arith(ast.parse(expr, mode="eval").body)
+    except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
+        return 0.0
+    head, _, target = example.prompt[3:].rstrip(":").rpartition(" to ")
+    pool = head.split()
+    for n in "".join(c if c.isdigit() else " " for c in expr).split():
+        if n not in pool:
+            return 0.0
+        pool.remove(n)
+    return 1.0 if value == int(target) else 0.0
+
+
+@lru_cache(maxsize=64)
+def load_function(path: str) -> Callable:
+    """The callable at ``"pkg.module:function"`` (or ``pkg.module.function``), imported once
+    (``areal_like.tasks.callables.import_function``: what it raises, this raises)."""
+    return import_function(path)
+
+
+# ---------------------------------------------------------------- tasks
+class Task(abc.ABC):
+    name = "task"
+    # a module-level fn(response, example) -> float
+    reward_path: str = "areal_like.tasks.task:exact_match"
+
+    def __init__(self, cfg: TaskConfig, split: str = "train"):
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r}: choose one of {', '.join(SPLITS)}")
+        self.cfg, self.split = cfg, split
+
+    def __len__(self) -> int:
+        return self.cfg.num_prompts if self.split == "train" else min(self.cfg.num_prompts, SYNTHETIC_EVAL_SIZE)
+
+    def _rng(self, index: int) -> random.Random:
+        if not 0 <= index < len(self):
+            raise IndexError(f"prompt index {index} outside [0, {len(self)})")
+        if self.split == "eval":  # a string seed is hashed with SHA-512: the same stream in every process
+            return random.Random(f"eval:{self.cfg.seed}:{index}")
+        return random.Random(self.cfg.seed * 1_000_003 + index)
+
+    @abc.abstractmethod
+    def example(self, index: int, epoch: int = 0) -> Example:
+        """The example at position ``index`` of this split (deterministic)."""
+
+    def reward(self, response: str, example: Example) -> float:
+        """The task's reward (the function at ``reward_path``)."""
+        return load_function(self.reward_path)(response, example)
+
+
+class Addition(Task):
+    """``a+b=`` with operands of up to ``digits`` digits."""
+
+    name = "addition"
+
+    def example(self, index: int, epoch: int = 0) -> Example:
+        rng = self._rng(index)
+        hi = 10 ** self.cfg.digits
+        a, b = rng.randrange(hi), rng.randrange(hi)
+        return Example(f"{a}+{b}=", str(a + b))
+
+
+class Sort(Task):
+    """Sort a string of ``digits + 2`` digits ascending."""
+
+    name = "sort"
+
+    def example(self, index: int, epoch: int = 0) -> Example:
+        rng = self._rng(index)
+        s = "".join(rng.choice("0123456789") for _ in range(self.cfg.digits + 2))
+        return Example(f"sort:{s}=", "".join(sorted(s)))
+
+
+class Reverse(Task):
+    """Reverse a string of ``digits + 2`` lowercase letters."""
+
+    name = "reverse"
+
+    def example(self, index: int, epoch: int = 0) -> Example:
+        rng = self._rng(index)
+        s = "".join(rng.choice("abcdefghij") for _ in range(self.cfg.digits + 2))
+        return Example(f"rev:{s}=", s[::-1])
+
+
+class Countdown(Task):
+    """Reach a target with + - * over the given numbers, each used at most once.
+
+    The answer field holds one valid expression; any expression that evaluates to the target
+    with allowed numbers scores 1.0 (``countdown_reward``).
+    """
+
+    name = "countdown"
+    reward_path = "areal_like.tasks.task:countdown_reward"
+
+    def example(self, index: int, epoch: int = 0) -> Example:
+        rng = self._rng(index)
+        nums = [rng.randrange(1, 10) for _ in range(max(2, self.cfg.digits + 1))]
+        a, b = nums[0], nums[1]
+        op = rng.choice("+-*")
+        target = {"+": a + b, "-": a - b, "*": a * b}[op]
+        return Example(f"cd {' '.join(map(str, nums))} to {target}:", f"{a}{op}{b}")
+
+
+class Multiply(Task):
+    """``347*29``: a 3-digit times a 2-digit number (the ``calc`` environment's questions,
+    ``areal_like/tasks/envs.py``; too hard for a tiny model without its calculator tool)."""
+
+    name = "calc"
+
+    def example(self, index: int, epoch: int = 0) -> Example:
+        rng = self._rng(index)
+        a, b = rng.randrange(100, 1000), rng.randrange(10, 100)
+        return Example(f"{a}*{b}", str(a * b))
+
+
+class Guess(Task):
+    """A hidden number in 1..32 (the ``guess`` environment's games,
+    ``areal_like/tasks/envs.py``)."""
+
+    name = "guess"
+
+    def example(self, index: int, epoch: int = 0) -> Example:
+        return Example("guess1-32", str(self._rng(index).randint(1, 32)))
+
+
+SYNTHETIC: dict[str, type[Task]] = {t.name: t for t in (Addition, Sort, Reverse, Countdown, Multiply, Guess)}
+
+
+class DatasetTask(Task):
+    """Rows of local files (``areal_like/tasks/datasets.py``) in file order; prompts whose
+    ``encode_prompt`` ids are longer than ``task.max_prompt_tokens`` are dropped from either split
+    and counted in one log line. The default reward grades the final math answer."""
+
+    name = "dataset"
+    reward_path = "areal_like.tasks.rewards:math_reward"
+
+    def __init__(self, cfg: TaskConfig, tokenizer: Any = None, split: str = "train"):
+        super().__init__(cfg, split)
+        self.examples = filter_long_prompts(load_split(cfg, split), cfg, tokenizer, split)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def example(self, index: int, epoch: int = 0) -> Example:
+        if not 0 <= index < len(self.examples):
+            raise IndexError(f"prompt index {index} outside [0, {len(self.examples)})")
+        return self.examples[index]
+
+
+def filter_long_prompts(examples: list[Example], cfg: TaskConfig, tokenizer: Any,
+                        split: str) -> list[Example]:
+    """``examples`` without those whose prompt ids exceed ``task.max_prompt_tokens`` (0 = keep
+    all)."""
+    limit = cfg.max_prompt_tokens
+    if limit <= 0:
+        return examples
+    if tokenizer is None:
+        raise ValueError(f"task.max_prompt_tokens={limit} counts tokens: pass the tokenizer to "
+                         "make_task")
+    kept = [ex for ex in examples if len(encode_prompt(tokenizer, ex, cfg)) <= limit]
+    where = "" if split == "train" else f" ({split} split)"
+    line = (f"task: {len(examples) - len(kept)} of {len(examples)} prompts over "
+            f"max_prompt_tokens={limit} filtered{where}")
+    if line not in _logged:
+        _logged.add(line)
+        log.info(line)
+    if not kept:
+        raise ConfigError(f"task.max_prompt_tokens={limit}: every prompt of the {split} split is "
+                          "longer")
+    return kept
+
+
+def has_eval_split(cfg: TaskConfig) -> bool:
+    """Whether ``make_task(cfg, split="eval")`` exists: always for synthetic tasks; for a dataset
+    when ``task.eval_path`` is set or ``task.eval_fraction`` > 0."""
+    return cfg.name in SYNTHETIC or bool(cfg.eval_path) or cfg.eval_fraction > 0
+
+
+def make_task(cfg: TaskConfig, tokenizer: Any = None, split: str = "train") -> Task:
+    """The task's ``split`` ("train" or "eval"). ``tokenizer`` is needed only to filter a dataset's
+    prompts by ``task.max_prompt_tokens`` (the count uses ``encode_prompt``)."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: choose one of {', '.join(SPLITS)}")
+    if cfg.name in SYNTHETIC:
+        return SYNTHETIC[cfg.name](cfg, split)
+    return DatasetTask(cfg, tokenizer, split)
+
+
+# ---------------------------------------------------------------- prompt encoding
+def chat_template_of(tokenizer: Any, cfg: TaskConfig) -> str | None:
+    """The Jinja chat template of the task's chat: what ``encode_prompt`` applies to a chat row
+    (``prompt_template`` says when), and what an exporter sets on the saved tokenizer so the
+    exported model is prompted as it was trained.
+
+    ``task.chat_template``: ``none`` -> None; ``auto`` -> the tokenizer's own template (None when
+    it has none); anything else -> the content of the file it names, or the value itself as a
+    Jinja template.
+    """
+    value = cfg.chat_template
+    if value == "none":
+        return None
+    if value == "auto":
+        return getattr(tokenizer, "chat_template", None) or None
+    return _template_text(value)
+
+
+@lru_cache(maxsize=16)
+def _template_text(value: str) -> str:
+    try:
+        if "\n" not in value and Path(value).expanduser().is_file():
+            return Path(value).expanduser().read_text()
+    except OSError:  # a one-line template longer than a file name can be
+        pass
+    if "{{" in value or "{%" in value:
+        return value
+    raise ConfigError(f"task.chat_template={value!r} is not 'auto', 'none', an existing file or a Jinja template "
+                      "(a template contains '{{' or '{%')")
+
+
+def prompt_template(tokenizer: Any, example: Example, cfg: TaskConfig) -> str | None:
+    """The chat template ``encode_prompt`` applies to ``example``, or None for plain text.
+
+    The convention of TRL's GRPOTrainer: with ``task.chat_template=auto`` a plain prompt (no
+    ``example.messages``: a dataset's prompt column, every synthetic task) is plain text, and a
+    chat row goes through the tokenizer's template (plain text when it has none; the preflight
+    refuses that case unless ``task.chat_template`` says what to do). ``none``: plain text for
+    both. A template of one's own: that template for both.
+    """
+    if cfg.chat_template == "auto" and not example.messages:
+        return None
+    return chat_template_of(tokenizer, cfg)
+
+
+def prompt_layout(cfg: TaskConfig) -> str:
+    """One line saying how this task's prompts become ids (``prompt_template``'s rule, or the chat
+    of a multi-turn or agent task), for the run's log at start."""
+    value = cfg.chat_template
+    inline = "{{" in value or "{%" in value
+    template = ("the tokenizer's chat template" if value in ("auto", "none")
+                else "task.chat_template's template" if inline else f"the template in {value}")
+    if cfg.env or cfg.agent:  # task.chat_template=none is refused for both
+        owner = "task.env" if cfg.env else "task.agent"
+        return f"task: episodes are conversations through {template} ({owner})"
+    chat = cfg.name == "dataset" and bool(cfg.messages_key)
+    source = (f"column {cfg.messages_key if chat else cfg.prompt_key}" if cfg.name == "dataset"
+              else f"synthetic task {cfg.name}")
+    if value == "none" or (value == "auto" and not chat):
+        how = "are plain text with the tokenizer's special tokens"
+        how += ", the messages' contents one per line" if chat else ""
+    else:
+        how = f"go through {template}" + ("" if chat else ", each prompt as one user message")
+    system = ", task.system_prompt first" if cfg.system_prompt else ""
+    shown = value if value in ("auto", "none") else "a template" if inline else "a file"
+    return f"task: prompts {how}{system} ({source}, task.chat_template={shown})"
+
+
+def encode_prompt(tokenizer: Any, example: Example, cfg: TaskConfig) -> list[int]:
+    """The prompt ids a model is given for ``example`` (the rollout server's, the evaluation's and
+    the warm start's layout).
+
+    With a chat template (``prompt_template``): ``apply_chat_template(messages,
+    add_generation_prompt=True)`` where messages = ``example.messages`` or one user message
+    holding ``example.prompt``, with ``task.system_prompt`` as a first system message unless the
+    messages already start with one. Without: ``tokenizer(text, add_special_tokens=True)``
+    (special tokens as the tokenizer adds them, e.g. the char tokenizer's ``<bos>``), text = the
+    system prompt, a newline, then ``example.prompt`` (the prompt alone when no system prompt is
+    set or a chat row starts with its own; a chat row's prompt is its messages' contents, one per
+    line).
+    """
+    template = prompt_template(tokenizer, example, cfg)
+    if template is None:
+        own_system = bool(example.messages) and example.messages[0].get("role") == "system"
+        system = cfg.system_prompt if not own_system else ""
+        text = f"{system}\n{example.prompt}" if system else example.prompt
+        return [int(t) for t in tokenizer(text, add_special_tokens=True)["input_ids"]]
+    messages = list(example.messages) if example.messages else [{"role": "user", "content": example.prompt}]
+    if cfg.system_prompt and messages[0].get("role") != "system":
+        messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+    # transformers 5 returns a BatchEncoding unless return_dict=False (plain ids then)
+    ids = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                        tokenize=True, return_dict=False)
+    return [int(t) for t in ids]

@@ -1,0 +1,122 @@
+"""Tokenizers: built in code for models built from config (char, bpe), or a local HF one.
+
+``model.tokenizer`` picks it when ``model.path`` holds no tokenizer:
+
+* ``char`` (tiny models, tests, quickstart): 104 tokens, ``<pad>=0 <bos>=1 <eos>=2 <unk>=3`` then
+  ``string.printable``, one token per character, so token count == character count and decoding
+  is exact (a character outside ``string.printable`` is one ``<unk>``). Whitespace
+  is stored in its byte-level spelling so that a reload by ``AutoTokenizer`` from a Qwen2 model
+  directory (which picks transformers' ``Qwen2Tokenizer``) keeps spaces and newlines. Encoding
+  adds ``<bos>`` in front. Its chat template (``role: content`` lines, no ``<bos>``) lays out
+  chat rows (``task.messages_key``) and multi-turn episodes; plain prompts, the synthetic tasks'
+  included, are plain text with ``<bos>`` (``areal_like.tasks.task.prompt_template``).
+* ``bpe``: byte-level BPE trained at load time on the shipped ``data/corpus.txt`` (English and
+  arithmetic) with ``model.vocab_size`` entries; digits are single tokens (Qwen2's
+  pre-tokenizer pattern), so numbers tokenize the same way everywhere. Special tokens
+  ``<pad>=0 <|im_start|>=1 <|im_end|>=2``; EOS is ``<|im_end|>``; no BOS is added (as Qwen2);
+  a ChatML chat template. Training is deterministic: the same corpus gives the same
+  ``tokenizer.json`` in every process. Every byte is in the base alphabet, so any text encodes
+  and decodes exactly; that needs ``model.vocab_size`` >= 256 bytes + 3 special tokens.
+* a local directory: ``AutoTokenizer.from_pretrained`` (nothing is downloaded).
+
+Both built tokenizers are real ``PreTrainedTokenizerFast``s (save_pretrained / from_pretrained
+round-trip), so an engine or trainer loads them from a model directory like any HF tokenizer.
+Builds are cached per process. Importing this module imports neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import string
+from functools import lru_cache
+from pathlib import Path
+
+from areal_like.settings.config import ConfigError, ModelConfig
+
+SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+CHAR_VOCAB = SPECIAL + list(string.printable)  # 4 + 100 = 104
+
+CORPUS = Path(__file__).resolve().parent / "data" / "corpus.txt"
+BPE_SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2; eos = <|im_end|>
+BPE_MIN_VOCAB = 256 + len(BPE_SPECIAL)  # the byte alphabet + the special tokens
+# Qwen2's pre-tokenizer: words, single digits, punctuation runs, newlines, spaces
+BPE_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+")
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@lru_cache(maxsize=1)
+def char_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    # Each character is stored in its byte-level spelling (" " as "Ġ", "\n" as "Ċ"; the other
+    # printable characters spell themselves). A Qwen2 model directory reloaded with AutoTokenizer
+    # gets transformers' Qwen2Tokenizer, which keeps this vocab but puts its own byte-level
+    # pre-tokenizer in front: with plain " " and "\n" entries it dropped every space and newline.
+    # Spelled this way, both pipelines give the same ids.
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    vocab = {(t if t in SPECIAL else byte_level.pre_tokenize_str(t)[0][0]): i for i, t in enumerate(CHAR_VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex("."), behavior="isolated"),
+                                                 byte_level])  # one token per (ASCII) character
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS_ID)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                 unk_token="<unk>")
+    hf.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}assistant: {% endif %}")
+    return hf
+
+
+@lru_cache(maxsize=4)
+def bpe_tokenizer(vocab_size: int = 512):
+    """Byte-level BPE with ``vocab_size`` entries (at most: a small corpus may stop merging
+    earlier) trained on ``data/corpus.txt`` (module docstring)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < BPE_MIN_VOCAB:
+        raise ConfigError(f"model.vocab_size={vocab_size} is too small for model.tokenizer=bpe: it needs at least "
+                          f"{BPE_MIN_VOCAB} (256 bytes + {len(BPE_SPECIAL)} special tokens), e.g. 512")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(BPE_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=BPE_SPECIAL, min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train([str(CORPUS)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>",
+                                   chat_template=CHATML)
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+
+
+def load_tokenizer(model: ModelConfig):
+    """The tokenizer of ``model``: from ``model.path`` when it holds one, else ``model.tokenizer``.
+    A job's preflight (``areal-like run`` / ``config``) refuses a ``model.path`` without a tokenizer
+    when ``model.tokenizer`` is a built-in one: its ids would mean nothing to that model."""
+    if model.path and _has_tokenizer(Path(model.path)):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model.path)
+    if model.tokenizer == "char":
+        tok = char_tokenizer()
+    elif model.tokenizer == "bpe":
+        tok = bpe_tokenizer(model.vocab_size)
+    elif _has_tokenizer(Path(model.tokenizer).expanduser()):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(Path(model.tokenizer).expanduser()))
+    else:
+        raise ConfigError(f"model.tokenizer={model.tokenizer!r} is not 'char', 'bpe' or a local directory holding a "
+                          "tokenizer (tokenizer.json or tokenizer_config.json)")
+    if len(tok) > model.vocab_size:
+        raise ConfigError(f"model.vocab_size={model.vocab_size} is smaller than the tokenizer "
+                          f"(model.tokenizer={model.tokenizer!r}: {len(tok)} tokens)")
+    return tok

@@ -1,0 +1,194 @@
+"""Hugging Face models: find a model's local directory, and build or load the causal LM.
+
+``resolve_model_path(path)`` turns ``model.path`` into a local directory ONCE, in the launcher
+(``areal-like run`` / ``areal-like config``), before any daemon starts: a local directory is used
+as is; a hub id (``org/name``) is looked up in the local Hugging Face cache and, only when
+``HF_HUB_OFFLINE`` is unset, downloaded (with progress bars). A cached snapshot counts only when it
+holds what the key needs (weights for a model, tokenizer files for a tokenizer): loading a
+tokenizer or a config caches just those files, and such a snapshot is completed by the download.
+``resolve_models(cfg)`` applies it to every model-valued key. The daemons then read directories only: ``build_model(cfg)`` loads
+``cfg.path`` (hub ids are refused there: nothing is downloaded by a daemon) or builds a Qwen2 from
+the config fields with a fixed init seed, so every process that builds "the same" tiny model gets
+bit-identical weights. ``build_meta_model(cfg)`` is the same architecture on the meta device (the
+trainer shards it before any weight exists). Imports torch and huggingface_hub lazily.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from areal_like.settings.config import ConfigError, ModelConfig, RunConfig
+
+if TYPE_CHECKING:
+    import torch
+
+
+# org/name, as the hub spells model repos (validate_repo_id has the finer rules); a relative local
+# path of the same shape that exists is taken as a directory first
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+# what a download skips: other frameworks' weights and exports that transformers never reads
+DOWNLOAD_IGNORE = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "*.onnx_data", "*.gguf", "*.tflite", "*.pth",
+                   "original/*", "onnx/*", "openvino/*", "coreml/*"]
+TOKENIZER_NAMES = ("char", "bpe")  # model.tokenizer values that name a built-in tokenizer, not a directory
+WEIGHT_GLOBS = ("*.safetensors", "*.bin")  # what from_pretrained loads (single or sharded)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # either makes a tokenizer directory
+
+
+def looks_like_hub_id(path: str) -> bool:
+    return bool(HUB_ID.match(path)) and "--" not in path and ".." not in path
+
+
+def _offline() -> bool:
+    # read at call time: huggingface_hub reads it once at import, and tests set it per process
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def resolve_model_path(path: str, key: str = "model.path", needs: tuple[str, ...] = WEIGHT_GLOBS) -> str:
+    """``path`` as a local directory: itself when it is one, else the hub id's snapshot directory
+    from the local cache when that holds a file matching one of ``needs`` (globs), else downloaded
+    (unless HF_HUB_OFFLINE is set). Raises ConfigError naming ``key`` in one line when it is neither."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return path
+    if not looks_like_hub_id(path):
+        what = "is a file, not a model directory" if local.exists() else "does not exist"
+        raise ConfigError(f"{key}={path!r} {what} (and is not a hub id of the form org/name)")
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    partial = None  # a cached snapshot without the files the key needs
+    try:
+        snap = snapshot_download(path, local_files_only=True)
+        if holds(snap, needs):
+            return snap
+        partial = snap
+    except LocalEntryNotFoundError as e:  # not cached (or known incomplete): download below, unless offline
+        partial = getattr(e, "snapshot_path", None)
+    except HFValidationError as e:
+        raise ConfigError(f"{key}={path!r} is not a local directory nor a valid hub id: {_first_line(e)}") from None
+    wanted = " or ".join(needs)
+    where = (f"in the Hugging Face cache incompletely ({partial} has no {wanted})" if partial else
+             f"not a local directory and not in the Hugging Face cache {constants.HF_HUB_CACHE}")
+    if _offline():
+        raise ConfigError(f"{key}={path!r} is {where}, and HF_HUB_OFFLINE is set (unset it to download, "
+                          f"or give a local directory)")
+    try:
+        snap = snapshot_download(path, ignore_patterns=DOWNLOAD_IGNORE)  # tqdm progress bars on stderr
+    except Exception as e:  # network down, repo missing or gated: one line, not a traceback
+        raise ConfigError(f"{key}={path!r} is {where}, and the download failed: {_first_line(e)}") from None
+    if not holds(snap, needs):  # the Hub was unreachable and huggingface_hub fell back to the cached snapshot
+        raise ConfigError(f"{key}={path!r}: {snap} has no {wanted} after the download (the Hub unreachable, "
+                          "or the repository has none)")
+    return snap
+
+
+def holds(directory: str | Path, globs: tuple[str, ...]) -> bool:
+    """Whether ``directory`` has a file matching one of ``globs`` (at its top level)."""
+    d = Path(directory)
+    return any(next(d.glob(g), None) is not None for g in globs)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def resolve_models(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with every model-valued key (model.path, model.tokenizer when it is not a built-in
+    tokenizer, trainer.ref_path) resolved to a local directory; a new object, the input unchanged."""
+    model, trainer = cfg.model, cfg.trainer
+    if model.path:
+        model = dataclasses.replace(model, path=resolve_model_path(model.path, "model.path"))
+    if model.tokenizer not in TOKENIZER_NAMES:
+        model = dataclasses.replace(model, tokenizer=resolve_model_path(model.tokenizer, "model.tokenizer",
+                                                                        TOKENIZER_FILES))
+    if trainer.ref_path:
+        trainer = dataclasses.replace(trainer, ref_path=resolve_model_path(trainer.ref_path, "trainer.ref_path"))
+    return dataclasses.replace(cfg, model=model, trainer=trainer)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def qwen2_config(cfg: ModelConfig, tokenizer=None):
+    """The Qwen2 config of a model built from ``cfg``; its bos/eos/pad ids are the tokenizer's
+    (``tokenizer``, default ``load_tokenizer(cfg)``), so generation stops where the tokenizer ends."""
+    from transformers import Qwen2Config
+
+    from areal_like.tasks.tokenizer import load_tokenizer
+
+    tok = tokenizer if tokenizer is not None else load_tokenizer(cfg)
+    return Qwen2Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+
+
+def _local_model_dir(cfg: ModelConfig) -> Path:
+    path = Path(cfg.path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.path={cfg.path!r} is not a local model directory (no config.json); "
+                          "a daemon never downloads: `areal-like run` resolves hub ids before it starts")
+    return path
+
+
+def hf_config(cfg: ModelConfig):
+    """The Hugging Face config of ``cfg``: ``model.path``'s config.json, else the Qwen2 of the fields."""
+    from transformers import AutoConfig
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return AutoConfig.from_pretrained(str(_local_model_dir(cfg))) if cfg.path else qwen2_config(cfg)
+
+
+def build_meta_model(cfg: ModelConfig, dtype: str = "float32"):
+    """The architecture of ``cfg`` on the meta device: shapes only, no memory, no initialisation
+    (Hugging Face skips weight init on meta). Its weights are written later, shard by shard
+    (``trainer/sharded_init.py``); its buffers (rotary tables) are recomputed there too."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = hf_config(cfg)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype),
+                                                attn_implementation=cfg.attn_implementation)
+
+
+def build_model(cfg: ModelConfig, device: str = "cpu", dtype: str | None = None):
+    """The model in eval mode on ``device`` with parameters in ``dtype`` (default cfg.dtype)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    dt = torch_dtype(dtype or cfg.dtype)
+    if cfg.path:
+        path = _local_model_dir(cfg)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt, attn_implementation=cfg.attn_implementation)
+    else:
+        rng_state = torch.random.get_rng_state()
+        torch.manual_seed(cfg.init_seed)
+        model = AutoModelForCausalLM.from_config(qwen2_config(cfg), dtype=dt,
+                                                 attn_implementation=cfg.attn_implementation)
+        torch.random.set_rng_state(rng_state)
+    return model.to(device).eval()
+
+
+def state_checksum(model_or_state) -> float:
+    """Order-independent float64 checksum of every parameter (weights-equal checks across processes)."""
+    import torch
+
+    state = model_or_state.state_dict() if hasattr(model_or_state, "state_dict") else model_or_state
+    total = 0.0
+    for i, (name, t) in enumerate(sorted(state.items())):
+        t = t.full_tensor() if hasattr(t, "full_tensor") else t
+        total += float(t.detach().to(torch.float64).sum()) * (1 + (i % 7) * 1e-3)
+    return total

@@ -1,0 +1,104 @@
+"""LoRA adapters (``trainer.lora``), the same on the trainer's model and the embedded engine's.
+
+``add_adapters(model, lora)`` injects PEFT's LoRA layers into a Hugging Face causal LM in place
+(``peft.inject_adapter_in_model``): the model keeps its class and its submodule paths, so the
+trainer's FSDP wrapping, activation checkpointing and the engine's fast path see the same
+decoder. Each targeted ``nn.Linear`` becomes a ``peft`` LoRA layer holding the original as
+``<name>.base_layer`` and the adapter as ``<name>.lora_A.default`` / ``<name>.lora_B.default``.
+PEFT freezes every other parameter.
+
+Invariants:
+- Parameter names are identical on the trainer and the engine (both inject with this module), so
+  the weight sync sends the adapter under the names the engine's ``named_parameters`` has.
+- ``base_name`` maps a parameter's name back to the Hugging Face name of the base model's weight
+  (what ``model.path`` and an export hold); an adapter parameter has none.
+- Every name in ``target_modules`` must match at least one linear layer (PEFT itself only
+  refuses a list of which NONE matches): ``check_targets`` names the others.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from areal_like.settings.config_checks import ConfigError
+from areal_like.settings.schema import LoraConfig
+
+ADAPTER = "default"  # PEFT's adapter name: one live adapter per model
+BASE_LAYER = ".base_layer"
+
+
+def peft_config(lora: LoraConfig):
+    """PEFT's ``LoraConfig`` of ``trainer.lora`` (bias untouched: only A and B train)."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=list(lora.target_modules), bias="none")
+
+
+def linear_names(model) -> set[str]:
+    """The last name component of every ``nn.Linear`` of ``model`` (``q_proj``, ``lm_head``)."""
+    import torch
+
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear)}
+
+
+def check_targets(model, lora: LoraConfig) -> None:
+    """ConfigError naming ``trainer.lora.target_modules`` when a name matches no linear layer."""
+    linear = linear_names(model)
+    missing = [t for t in lora.target_modules if t not in linear]
+    if missing:
+        raise ConfigError(f"trainer.lora.target_modules: {missing} match no linear layer of the "
+                          f"model ({type(model).__name__}; its linear layers: {sorted(linear)})")
+    head = model.get_output_embeddings()
+    head_name = next((n for n, m in model.named_modules() if m is head), "")
+    if head_name.rsplit(".", 1)[-1] in lora.target_modules and model.config.tie_word_embeddings:
+        raise ConfigError(f"trainer.lora.target_modules: {head_name!r} with tied input and output "
+                          "embeddings (model.tie_word_embeddings): the adapter would change one "
+                          "and not the other; leave it out")
+
+
+def add_adapters(model, lora: LoraConfig):
+    """Inject ``lora``'s layers into ``model`` in place (any device, meta included); returns it."""
+    from peft import inject_adapter_in_model
+
+    check_targets(model, lora)
+    return inject_adapter_in_model(peft_config(lora), model, adapter_name=ADAPTER)
+
+
+def is_adapter(name: str) -> bool:
+    """True for a LoRA A or B parameter's name."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def base_name(name: str) -> str:
+    """The Hugging Face name of a base weight (``q_proj.base_layer.weight``: ``q_proj.weight``)."""
+    return name.replace(BASE_LAYER + ".", ".")
+
+
+def has_adapters(model) -> bool:
+    return any(is_adapter(n) for n, _ in model.named_parameters())
+
+
+def synced_parameters(model) -> list:
+    """What a weight push sends, as (name, parameter): every parameter; with adapters only their A
+    and B (the engines hold the same frozen base)."""
+    named = list(model.named_parameters())
+    adapters = [(n, p) for n, p in named if is_adapter(n)]
+    return adapters or named
+
+
+@contextmanager
+def adapters_disabled(model):
+    """Inside the block ``model`` computes as its base (every LoRA layer skips its adapter):
+    the KL reference without a second copy of the weights."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enable_adapters(True)

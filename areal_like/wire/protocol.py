@@ -1,0 +1,348 @@
+"""Wire protocol: small, typed, immutable messages encoded with msgpack.
+
+Every message is a frozen ``msgspec.Struct`` tagged by its ``type`` string; a frame is the
+msgpack map ``{"type": str, **fields, "protocol": int}``. One encoder writes every message and
+one decoder reads the union of the top-level ones, both in C.
+
+Arrays (token ids, logprobs; per-token versions and loss masks as runs) travel as raw
+little-endian bytes inside a ``Trajectory`` (``areal_like/wire/trajectory.py``). The message base is
+``areal_like/wire/codec.py``'s.
+
+Checks: msgspec checks types, unknown and missing fields, tags, the protocol version and the
+declared ranges (finite floats, ``want_credits`` and ``max_credits`` bounds, a group with at least
+one trajectory) while it decodes. What it cannot express (arrays whose lengths disagree, payloads
+that do not fit the plan's path, ...) is one ``validate()`` per message, run on construction and on
+decode. Senders build messages from plain Python types and field checks run on decode only (the
+codec's docstring says why). Any problem raises ``ProtocolError`` naming the field
+(``trajectories[3].reward``); no other exception escapes ``decode`` for any input bytes.
+
+Compatibility: one protocol version at a time (``PROTOCOL_VERSION``; nothing has been released
+yet, so there are no readers of older formats). A frame of another version is refused naming both
+("unsupported protocol version 2 (this side speaks 3)"), and so is a buffer's WAL holding one
+(buffer/recovery.py): finish a run with the build that started it. A field added with a default
+keeps the version, since frames without it still decode; a component built before the field
+rejects frames that carry it ("unknown field"), so upgrade the buffer before the rollout servers
+and the trainer. Version 3 sends per-token versions and loss masks as runs
+(``areal_like/wire/trajectory.py``): half the bytes of a long response.
+Who sends which message: areal_like/DESIGN.md section 3.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+import msgspec
+
+from areal_like.wire.codec import Finite, Message, ProtocolError, error_from
+from areal_like.wire.trajectory import Trajectory
+
+__all__ = ["PROTOCOL_VERSION", "MAX_FRAME_BYTES", "MAX_CREDITS_PER_REQUEST", "Message", "encode", "encode_into",
+           "decode", "TOP_LEVEL_TYPES"]
+
+PROTOCOL_VERSION = 3  # 2: Trajectory.loss_mask; 3: versions and loss masks as runs (module docstring)
+MAX_FRAME_BYTES = 256 * 1024 * 1024  # one batch of many long groups stays far below this
+MAX_CREDITS_PER_REQUEST = 4096  # leases one TrajectoryGroup may ask for with its ack
+Wanted = Annotated[int, msgspec.Meta(ge=0, le=MAX_CREDITS_PER_REQUEST)]  # leases asked for at once
+
+
+class _TopLevel(Message, frozen=True, kw_only=True):
+    # kw_only: ordered after every subclass's fields, so the frame ends with it, as it always has
+    protocol: Literal[3] = PROTOCOL_VERSION
+
+
+class Register(_TopLevel, tag="register"):
+    server_id: str
+    engine_url: str  # HTTP base URL of the engine this server owns (weight-sync peer)
+    engine_ranks: int = 1  # ranks the engine contributes to the weight-update group (its TP size)
+    policy_version: int = -1  # version the engine serves now (-1: unknown)
+    # The engine's runtime, checked by the trainer before it joins a weight-sync group ("": unknown,
+    # an older sender); see areal_like/weights/versions.py.
+    torch_version: str = ""
+    cuda_version: str = ""
+    nccl_version: str = ""
+    evaluates: bool = False  # it runs the job's evaluations (rollout.eval): the final one needs the last weights
+    # The sender's first registration since its process started: it holds no lease, so the leases the
+    # buffer has under this id belong to a process before it (killed and restarted faster than the
+    # heartbeat timeout) and are re-issued at once instead of at their deadline.
+    fresh: bool = False
+
+
+class RegisterAck(_TopLevel, tag="register_ack"):
+    server_id: str
+    policy_version: int  # the trainer version the buffer knows
+    pub_address: str  # where VersionUpdate / WeightSyncPlan announcements are published
+
+
+class Heartbeat(_TopLevel, tag="heartbeat"):
+    server_id: str
+    policy_version: int  # version the engine serves
+    in_flight: int = 0  # groups being generated
+    evaluating: bool = False  # running an evaluation: leave it out of weight syncs until it says False
+
+
+class CreditRequest(_TopLevel, tag="credit_request"):
+    server_id: str
+    max_credits: Wanted
+
+
+class Credit(Message, tag="credit"):
+    """A lease on one prompt: generate one group for dataset index ``prompt_index``."""
+
+    lease_id: str
+    prompt_index: int  # position in the dataset
+    epoch: int  # pass over the dataset
+    deadline_s: Finite  # seconds from grant after which the lease is re-issued elsewhere
+
+
+class Credits(_TopLevel, tag="credits"):
+    credits: list[Credit]
+    policy_version: int
+    reason: str = ""  # why fewer than asked (e.g. "staleness", "capacity", "unknown_server")
+
+
+class TrajectoryGroup(_TopLevel, tag="trajectory_group"):
+    """All samples for one prompt: the unit of storage and of hand-out."""
+
+    group_id: str  # globally unique; dedupe key
+    server_id: str
+    lease_id: str
+    prompt_index: int
+    epoch: int
+    trajectories: Annotated[list[Trajectory], msgspec.Meta(min_length=1)]
+    want_credits: Wanted = 0  # leases wanted with the ack (saves a CreditRequest round trip)
+
+    @property
+    def head_version(self) -> int:
+        return min(t.head_version for t in self.trajectories)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(t.output_ids) for t in self.trajectories)
+
+
+class Ack(_TopLevel, tag="ack"):
+    ref: str  # id of what is acknowledged (group id, version, ...)
+    # "unavailable": not stored now (the buffer's disk is full): keep it and send it again later
+    status: Literal["accepted", "duplicate", "rejected", "ok", "unavailable"]
+    reason: str = ""
+    credits: list[Credit] = []  # leases asked for by TrajectoryGroup.want_credits
+
+
+class BatchRequest(_TopLevel, tag="batch_request"):
+    n_groups: int
+    trainer_version: int  # the version the batch will train (step v -> v+1)
+    wait_s: Finite = 5.0  # how long the buffer may hold the request before answering empty
+    ack_batch: str = ""  # batch_id of the last Batch received ("" = none): the buffer marks it consumed;
+    # a batch still in transit that is not acked here was lost on the way and goes back to the store
+
+
+class Batch(_TopLevel, tag="batch"):
+    groups: list[TrajectoryGroup]  # exactly n_groups fresh groups, or empty
+    trainer_version: int
+    reason: str = ""  # why empty
+    batch_id: str = ""  # unique id of a non-empty batch; the next BatchRequest acks it with ack_batch
+
+
+class VersionUpdate(_TopLevel, tag="version_update"):
+    policy_version: int
+
+
+class RosterRequest(_TopLevel, tag="roster_request"):
+    pass
+
+
+class RosterEntry(Message, tag="roster_entry"):
+    server_id: str
+    engine_url: str
+    engine_ranks: int
+    policy_version: int
+    torch_version: str = ""  # from the member's Register ("": not reported)
+    cuda_version: str = ""
+    nccl_version: str = ""
+    evaluates: bool = False  # from the member's Register
+
+
+class Roster(_TopLevel, tag="roster"):
+    members: list[RosterEntry]
+    policy_version: int
+    evaluating: list[str] = []  # servers out of the roster while they evaluate
+    absent: list[str] = []  # out of weight syncs: they never answered one (buffer/control.py)
+
+
+class SyncMember(Message, tag="sync_member"):
+    server_id: str
+    rank_offset: int  # engine TP rank t is group rank rank_offset + t
+
+
+class BucketSpec(Message, tag="bucket_spec"):
+    """Tensors broadcast together, in this order (SGLang update_weights_from_distributed)."""
+
+    names: list[str]
+    dtypes: list[str]  # torch dtype names without "torch." (e.g. "float32")
+    shapes: list[list[int]]
+
+    def validate(self) -> None:
+        if not (len(self.names) == len(self.dtypes) == len(self.shapes)):
+            raise ProtocolError("names, dtypes and shapes differ in length", "names")
+
+
+# How the weights of a plan travel (``WeightSyncPlan.path``) -> the payloads its plan carries, given
+# its buckets: "distributed" (the group), "tensor" (one shared-memory payload per bucket), "disk"
+# (one directory). The trainer's senders and the rollout server's receivers are keyed by these.
+WEIGHT_PATHS = {"distributed": lambda buckets: 0, "tensor": len, "disk": lambda buckets: 1}
+
+
+class WeightSyncPlan(_TopLevel, tag="weight_sync_plan"):
+    """Trainer -> buffer -> rollout servers: how version ``policy_version`` is pushed."""
+
+    policy_version: int
+    group_name: str
+    master_addr: str
+    master_port: int
+    world_size: int
+    backend: str  # "gloo" | "nccl"
+    reform: bool  # members must (re)join the group before receiving
+    members: list[SyncMember]
+    buckets: list[BucketSpec]
+    deadline_s: Finite  # the whole sync, from publication
+    plan_id: str = ""  # unique per push attempt: a re-push of the same version is a new plan
+    # how the weights travel (WEIGHT_PATHS). A str, not a Literal: a server that does not know a
+    # path answers SyncDone(ok=False) naming it.
+    path: str = "distributed"
+    payloads: list[str] = []  # WEIGHT_PATHS[path](buckets) of them
+
+    def validate(self) -> None:
+        count = WEIGHT_PATHS.get(self.path)
+        want = count(self.buckets) if count is not None else None
+        if want is not None and len(self.payloads) != want:
+            raise ProtocolError(f"path {self.path} needs {want} payload(s), got {len(self.payloads)}", "payloads")
+
+
+class HeartbeatAck(_TopLevel, tag="heartbeat_ack"):
+    policy_version: int
+    known: bool  # False: the buffer lost this server (restart/expiry); it must Register again
+    pending_plan: WeightSyncPlan | None = None  # a sync this server must join (covers missed PUBs)
+
+
+class SyncDone(_TopLevel, tag="sync_done"):
+    server_id: str
+    policy_version: int
+    ok: bool
+    reason: str = ""
+    pause_s: Finite = 0.0  # how long the engine was not generating
+    want_credits: Wanted = 0  # leases wanted with the Ack (saves a CreditRequest after a sync)
+
+
+class SyncStatusRequest(_TopLevel, tag="sync_status_request"):
+    policy_version: int
+
+
+class SyncStatus(_TopLevel, tag="sync_status"):
+    policy_version: int
+    done: list[str]  # server ids that loaded the version
+    failed: list[str]
+    pause_s: dict[str, Any] = {}  # server id -> seconds its engine was not generating
+
+
+class StatsRequest(_TopLevel, tag="stats_request"):
+    pass
+
+
+class Stats(_TopLevel, tag="stats"):
+    values: dict[str, Any]  # flat str -> number
+
+
+# --------------------------------------------------------------------------- codec
+
+_ALL = (Trajectory, Register, RegisterAck, Heartbeat, HeartbeatAck, CreditRequest, Credit, Credits, TrajectoryGroup,
+        Ack, BatchRequest, Batch, VersionUpdate, RosterRequest, RosterEntry, Roster, SyncMember, BucketSpec,
+        WeightSyncPlan, SyncDone, SyncStatusRequest, SyncStatus, StatsRequest, Stats)
+for _cls in _ALL:
+    _cls.TYPE = _cls.__struct_config__.tag
+TOP_LEVEL_TYPES: dict[str, type[Message]] = {c.TYPE: c for c in _ALL if issubclass(c, _TopLevel)}
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(Union[tuple(TOP_LEVEL_TYPES.values())])
+
+
+def _top_level(msg: Message) -> None:
+    if type(msg) not in _TOP_CLASSES:
+        raise ProtocolError(f"not a top-level message: {type(msg).__name__}")
+
+
+_TOP_CLASSES = frozenset(TOP_LEVEL_TYPES.values())
+_ENCODE_ERRORS = (TypeError, ValueError, OverflowError, msgspec.EncodeError)
+
+
+def encode(msg: Message) -> bytes:
+    """Serialise a top-level message. Raises ProtocolError naming the field (``frame``: a value
+    msgpack cannot carry, such as a numpy scalar, or a frame over the limit)."""
+    _top_level(msg)
+    try:
+        data = _ENCODER.encode(msg)
+    except _ENCODE_ERRORS as e:  # e.g. a set in a free-form dict
+        raise ProtocolError(f"cannot encode: {e}", "frame") from None
+    if len(data) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"{len(data)} bytes exceeds the limit of {MAX_FRAME_BYTES}", "frame")
+    return data
+
+
+def encode_into(msg: Message, buffer: bytearray) -> None:
+    """``encode`` into a caller-owned buffer (resized to the frame, allocation kept): the transport
+    reuses one buffer per socket instead of allocating every frame."""
+    _top_level(msg)
+    try:
+        _ENCODER.encode_into(msg, buffer)
+    except _ENCODE_ERRORS as e:
+        raise ProtocolError(f"cannot encode: {e}", "frame") from None
+    if (n := len(buffer)) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"{n} bytes exceeds the limit of {MAX_FRAME_BYTES}", "frame")
+
+
+def decode(data: bytes | bytearray | memoryview, max_bytes: int | None = None) -> Message:
+    """Parse and validate one frame. Raises only ProtocolError, for any input. Token ids and
+    logprobs are read-only numpy views of the frame, which they keep alive (versions and masks are
+    expanded from their runs on access). A frame over ``max_bytes`` (default
+    ``MAX_FRAME_BYTES``) is refused from its length alone, before anything is decoded: decoding can
+    take ~73x the frame's size (a msgpack list of empty maps is one byte per 72-byte dict), so the
+    size bound is the memory bound."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"frame must be bytes, got {type(data).__name__}", "frame")
+    limit = MAX_FRAME_BYTES if max_bytes is None else max_bytes
+    if (n := memoryview(data).nbytes) > limit:  # before any copy below
+        raise ProtocolError(f"{n} bytes exceeds the limit of {limit}", "frame")
+    data = _frame(data)
+    try:
+        return _DECODER.decode(data)
+    except RecursionError:  # arrays or maps nested deeper than the interpreter's recursion limit
+        raise ProtocolError("nested too deeply", "frame") from None
+    except (msgspec.MsgspecError, UnicodeDecodeError) as e:  # msgspec reports bad UTF-8 in a key like this
+        if (version := _version_of(data)) is not None and version != PROTOCOL_VERSION:
+            # named before whatever else is wrong: a version-1 group also lacks loss_mask, which
+            # msgspec meets first (the version ends the frame)
+            raise ProtocolError(f"unsupported protocol version {version!r} (this side speaks {PROTOCOL_VERSION})",
+                                "protocol") from None
+        raise error_from(e, PROTOCOL_VERSION) from None
+
+
+def _frame(data: bytes | bytearray | memoryview) -> bytes | memoryview:
+    """``data`` as bytes or a read-only 1-D byte view (what msgspec slices arrays from correctly)."""
+    if isinstance(data, memoryview):
+        return data.toreadonly().cast("B") if data.c_contiguous else data.tobytes()
+    if isinstance(data, bytearray):
+        return bytes(data)  # decoded arrays must not alias a buffer the caller may reuse
+    return data
+
+
+class _Versioned(msgspec.Struct):
+    protocol: Any = None  # of any frame that is a map; the rest is skipped in C
+
+
+_VERSION_DECODER = msgspec.msgpack.Decoder(_Versioned)
+
+
+def _version_of(data: bytes | memoryview) -> Any:
+    """The ``protocol`` of a refused frame (None: absent, or not a map): read only on the error path."""
+    try:
+        return _VERSION_DECODER.decode(data).protocol
+    except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
+        return None
