@@ -217,8 +217,8 @@ def test_status_says_down_for_a_live_daemon_that_stopped_answering(tmp_path, cap
 
 def test_keys_makes_what_a_job_started_by_hand_needs(tmp_path, capsys):
     """The CURVE keys and the engine API key: a rollout server with the log-prob guard on refuses to
-    start without the latter (areal_like/auth.py); run again, both are kept."""
-    from areal_like.auth import KEY_FILE, read_key_file
+    start without the latter (areal_like/net/auth.py); run again, both are kept."""
+    from areal_like.net.auth import KEY_FILE, read_key_file
 
     assert main(["keys", str(tmp_path)]) == 0
     key = read_key_file(tmp_path)

@@ -3,8 +3,8 @@ traceback's locals), as ``security.Keys.secret`` does not."""
 
 from __future__ import annotations
 
-from areal_like.auth import ENGINE_KEY_ENV
-from areal_like.config import RunConfig
+from areal_like.net.auth import ENGINE_KEY_ENV
+from areal_like.settings.config import RunConfig
 from rollout_server.facts import RolloutFacts
 from trainer.facts import TrainerFacts
 

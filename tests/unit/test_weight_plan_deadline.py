@@ -10,8 +10,8 @@ import time
 
 import torch
 
-from areal_like import protocol as P
-from areal_like.config import WeightSyncConfig
+from areal_like.settings.config import WeightSyncConfig
+from areal_like.wire import protocol as P
 from trainer.weight_sync import WeightBroadcaster
 
 WRITE_S = 0.6  # how long the stand-in model's directory takes to write
