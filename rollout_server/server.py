@@ -49,11 +49,14 @@ from areal_like.wire.protocol import (
     Credit,
     Heartbeat,
     HeartbeatAck,
+    ProtocolError,
     Register,
     RegisterAck,
     SyncDone,
+    TrajectoryGroup,
     VersionUpdate,
     WeightSyncPlan,
+    encode,
 )
 from rollout_server.buffer_link import BufferLink
 from rollout_server.episode import EpisodeContext, run_episode
@@ -75,6 +78,18 @@ ENGINE_PROBE_S = 30.0  # after a failed sync: /health_generate (one token) must 
 # (thousands of lines an hour on CPU). Each version's line is DEBUG; every this many versions
 # one is INFO, so the log still shows the job moving. A failed sync is always a WARNING.
 SYNC_INFO_EVERY = 100
+
+
+def unsendable(group: TrajectoryGroup) -> ProtocolError | None:
+    """Why ``group`` cannot go on the wire (a value user code put in its metadata that msgpack cannot
+    carry, a frame over the limit), else None. Such an episode fails where it ends, as any failed
+    episode does (its lease is re-issued), instead of in the sender, whose death would stop the
+    server with every unacknowledged group in it."""
+    try:
+        encode(group)
+    except ProtocolError as e:
+        return e
+    return None
 
 
 class RolloutServer(Daemon):
@@ -377,7 +392,7 @@ class RolloutServer(Daemon):
         self.wake.set()
         if task.cancelled():
             return
-        if (e := task.exception()) is not None:
+        if (e := task.exception() or unsendable(task.result())) is not None:
             self.episode_failures += 1
             self.log.error("episode %s failed (%d in a row): %s", task.get_name(), self.episode_failures, e)
             if isinstance(e, RewardPoolError):  # the reward cannot be loaded: every later episode fails alike

@@ -347,3 +347,38 @@ def test_reward_workers_0_scores_in_this_process_by_the_same_rules(make_pool, ca
     assert "does not enforce" in caplog.text  # the slow sample is logged (its time is not bounded)
     with pytest.raises(RewardPoolError, match=r"^task.reward_fn='nope\.module:fn' cannot be loaded: ModuleNotFoundError"):
         make_pool(reward_workers=0, reward_fn="nope.module:fn")  # at start, as a worker's failed import is
+
+
+def test_a_group_the_wire_cannot_carry_fails_its_episode_not_the_sender():
+    """A value user code put in a trajectory's metadata (a numpy scalar) cannot be encoded: the
+    episode fails where it ends and is counted; nothing reaches the sender, whose encode error would
+    stop the server with its unacknowledged groups."""
+    import numpy as np
+
+    from areal_like.wire.protocol import TrajectoryGroup
+    from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
+
+    server = RolloutServer.from_run(load_config([]))
+    sent: list[str] = []
+    server.link = type("Link", (), {"add": lambda self, g: sent.append(g.group_id)})()  # the sender's queue
+
+    def group(meta: dict) -> TrajectoryGroup:
+        t = Trajectory.of(prompt_ids=as_i32([1, 2]), output_ids=as_i32([3]), behav_logp=as_f32([-0.5]),
+                          versions=as_i32([0]), reward=1.0, finish_reason="stop", metadata=meta)
+        return TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0,
+                               trajectories=[t])
+
+    async def finish(result: TrajectoryGroup) -> None:
+        server.wake = asyncio.Event()
+
+        async def episode() -> TrajectoryGroup:
+            return result
+
+        task = asyncio.create_task(episode())
+        await asyncio.gather(task)
+        server._episode_done(task)
+
+    asyncio.run(finish(group({"score": np.float32(0.5)})))
+    assert server.episode_failures == 1 and not sent and server.failure is None
+    asyncio.run(finish(group({"score": 0.5})))
+    assert server.episode_failures == 0 and sent == ["g"]
