@@ -81,10 +81,10 @@ SYNC_INFO_EVERY = 100
 
 
 def unsendable(group: TrajectoryGroup) -> ProtocolError | None:
-    """Why ``group`` cannot go on the wire (a value user code put in its metadata that msgpack cannot
-    carry, a frame over the limit), else None. Such an episode fails where it ends, as any failed
-    episode does (its lease is re-issued), instead of in the sender, whose death would stop the
-    server with every unacknowledged group in it."""
+    """Why ``group`` cannot go on the wire (a value user code put in its metadata that msgpack
+    cannot carry, a frame over the limit), else None. Such an episode fails where it ends, as any
+    failed episode does (its lease is re-issued), instead of in the sender, whose death would stop
+    the server with every unacknowledged group in it."""
     try:
         encode(group)
     except ProtocolError as e:
