@@ -184,6 +184,9 @@ def test_ctrl_c_stops_a_job_with_one_line_on_the_console(tmp_path):
         daemons = wait_until(lambda: _daemons_up(run_dir), START_S, 0.5, "every daemon healthy")
         for pid in daemons.values():
             seen |= _tree(pid)
+        # a started job: the supervisor may see the last daemon healthy after this test does
+        wait_until(lambda: "processes healthy" in err_path.read_text(), START_S, 0.2,
+                   "the supervisor's start-up to end")
         wait_until(lambda: " | " in err_path.read_text(), 30, 0.2, "daemon lines echoed on the console")
         mark = err_path.stat().st_size
         os.kill(sup.pid, signal.SIGINT)
