@@ -251,12 +251,6 @@ class BufferService(Daemon):
             reply, kind = self._handlers[type(msg)](msg), msg.TYPE
         else:  # a valid message the buffer does not serve (e.g. a reply type sent by mistake)
             reply, kind = self._refuse("unexpected_type", f"{msg.TYPE} is not a request", ref=""), "invalid"
-        if isinstance(reply, P.Ack) and reply.status == "unavailable":
-            # not stored for lack of space: it says nothing that waits to be written, so it leaves
-            # now (on a disk another writer filled, the records before it wait, and so would it)
-            self.server.send(peer, req_id, reply)
-            self.instruments.latency(kind, self.clock() - received)
-            return
         self._queue_reply(peer, req_id, reply, kind, received)
 
     def _member_refusal(self, member: str, msg: P.Message | P.ProtocolError) -> P.Ack | None:
@@ -403,7 +397,13 @@ class BufferService(Daemon):
     def _queue_reply(self, peer: bytes, req_id: bytes, reply: P.Message, kind: str, received: float) -> None:
         """Send once what the reply depends on is durable: its own ticket if no control state changed
         yet in this iteration, else the iteration's one control record (one per reply cost more than
-        the rest of a group's handling). A ticket either way: the fsync thread starts at once."""
+        the rest of a group's handling). A ticket either way: the fsync thread starts at once. A
+        refusal for lack of space depends on nothing and leaves now (on a disk another writer
+        filled, the records before it wait for space, and so would it)."""
+        if isinstance(reply, P.Ack) and reply.status == "unavailable":
+            self.server.send(peer, req_id, reply)
+            self.instruments.latency(kind, self.clock() - received)
+            return
         ticket = self.wal.request_sync()
         pending = self._dirty or self._consumed or self._publish
         if pending or self.handout.changed or self.expiry.changed:
