@@ -56,7 +56,15 @@ def load_ports(run_dir: str | Path) -> dict:
     path = Path(run_dir) / "ports.json"
     if not path.is_file():
         raise SystemExit(f"error: {path} not found (is this a run directory started by `areal-like run`?)")
-    return json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text())
+        names = [(d["name"], d["health_url"], d["metrics_url"]) for d in info["daemons"]]
+    except (ValueError, TypeError, KeyError) as e:  # a hand-written one (multi-node): say what
+        raise SystemExit(f"error: {path} is not a ports file: {type(e).__name__}: {e} (each of its "
+                         "`daemons` needs name, health_url and metrics_url)") from None
+    if not names:
+        raise SystemExit(f"error: {path} lists no daemons")
+    return info
 
 
 def health(url: str, timeout_s: float = 2.0) -> tuple[bool, dict]:
@@ -202,8 +210,8 @@ def plain(run_dir: str | Path, interval_s: float = 2.0, once: bool = False) -> i
             snap, now = snapshot(info), time.monotonic()
             console.print(_head(run_dir), *render(info, snap, prev, now - t_prev))
             sys.stdout.flush()
-            if once:
-                return 0
+            if once:  # like `status`: a script learns from the exit code that nothing answered
+                return 0 if any(v is not None for v in snap.values()) else 1
             prev, t_prev = {k: v for k, v in snap.items() if v is not None}, now
             info = load_ports(run_dir)  # PIDs change on restarts
     except KeyboardInterrupt:

@@ -188,6 +188,18 @@ def test_top_without_a_terminal_prints_plain_tables(tmp_path):
         srv.stop()
 
 
+def test_top_once_fails_when_nothing_answers_and_a_bad_ports_file_is_named(tmp_path):
+    _ports(tmp_path, [("buffer", free_port(), None)])  # nobody listens there
+    once = _cli("top", str(tmp_path), "--once", "--interval", "0.1")
+    assert once.returncode == 1, (once.returncode, once.stdout, once.stderr)
+    (tmp_path / "ports.json").write_text('{"daemons": [{"name": "buffer"}]}')
+    bad = _cli("top", str(tmp_path), "--once", "--interval", "0.1")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr
+    assert "ports.json is not a ports file" in bad.stderr and "health_url" in bad.stderr, bad.stderr
+    (tmp_path / "ports.json").write_text("{not json")
+    assert "is not a ports file" in _cli("status", str(tmp_path)).stderr
+
+
 def test_top_reward_is_the_mean_of_the_samples_scored_in_the_interval():
     series = "areal_rollout_reward_sum/areal_rollout_reward_count"
     prev = {"areal_rollout_reward_sum": 10.0, "areal_rollout_reward_count": 40.0}
