@@ -2,10 +2,27 @@
 
 Only ``version`` is durable (the service logs it). The roster is soft state rebuilt from heartbeats
 within a second of a restart; a plan is the trainer's to re-send. A server that is evaluating (its
-engine holds one version) stays out of weight syncs until done. A plan is for the processes
-registered when it was published: a member that registers again as a new process
-(``Register.fresh``) counts as failed for it and is never handed it in ``HeartbeatAck``. Handlers
-return the reply.
+engine holds one version) stays out of weight syncs until done. Handlers return the reply.
+
+Processes: the buffer remembers the ``Register.incarnation`` of each id's last Register, also past
+its expiry (the ``INCARNATIONS_KEEP`` latest ids off the roster). A Register comes from a *new
+process* when its incarnation differs from the remembered one or, when either is unknown ("", or
+none remembered, as after the buffer's own restart), when it says ``fresh``. A new process holds
+none of its id's leases (they are re-issued at once: buffer/expiry.py), counts as failed for a
+pending plan naming its id, and shows life (below). The same process again (a retried Register,
+a re-registration after an expiry or after the buffer's restart) changes none of these: a retry
+keeps its leases and its part in the plan; after an expiry it gets back neither.
+
+A plan is for the processes on the roster when it was published, and is handed out
+(``HeartbeatAck.pending_plan``) only to members on the roster without a break since: a member
+that leaves the roster (expired) while a pending plan names it and it has not reported, or that
+a plan names while it is off the roster after an expiry (the trainer read the roster before),
+has failed that plan, recorded at once (``SyncStatus.failed``). The trainer counts a member that
+left the roster as lost (trainer/weight_members.py); the record makes that exact also when the
+process is back before the trainer looked, and the same process registering again is never
+handed a plan the trainer gave up on or formed without it: it joins the next plan, formed from
+the roster it is back on. A report it sends anyway (it took the plan up before it fell silent)
+still counts.
 
 A member *absent* from a sync stays out of the later ones until it shows life (issue 42): when the
 trainer announces a version at or past the plan's (it is done with the plan), every member of
@@ -13,7 +30,7 @@ the plan that sent no ``SyncDone`` for it (it never joined, or never acked) leav
 ``Roster.members`` for ``Roster.absent``, so the next plans neither name it nor wait for it; an id
 that only heartbeats (no engine behind it) would otherwise hold every sync up to its deadline. It
 comes back when it reports a sync (any ``SyncDone``: a real server answers every plan it gets, a
-late answer included), delivers a group, or registers as a new process (``Register.fresh``); then
+late answer included), delivers a group, or registers as a new process (above); then
 the next plan re-forms the group with it and, every push being a full push, it catches up in one
 sync. A re-registration of the same process, or an expiry, does not clear it.
 """
@@ -32,6 +49,7 @@ from areal_like.wire.codec import field_names
 
 SYNC_RESULTS_KEEP = 8  # versions of SyncDone results kept for SyncStatusRequest
 ABSENT_KEEP = 4096  # absent server ids remembered (kept past expiry: silence is no sign of life)
+INCARNATIONS_KEEP = 4096  # ids off the roster whose last incarnation is kept (module docstring)
 ABSENT_LOG_EVERY_S = 60.0  # a line about absent members at most this often (a key makes many ids)
 
 
@@ -55,6 +73,7 @@ class ControlPlane:
         self.sync_results: dict[int, dict[str, bool]] = {}
         self.sync_pauses: dict[int, dict[str, float]] = {}  # version -> server -> seconds not generating
         self.absent: dict[str, int] = {}  # server id -> the version it missed (module docstring)
+        self.incarnations: dict[str, str] = {}  # id -> that of its last Register, oldest first
         self._settled = ""  # plan_id of the last plan whose absent members were taken out
         self._absent_log = RateLimitedLog(log, ABSENT_LOG_EVERY_S)
 
@@ -77,18 +96,34 @@ class ControlPlane:
         for sid in gone:
             silent = now - self.roster.pop(sid).last_seen
             self.log.warning("server %s silent for %.0fs: removed from the roster", sid, silent)
+            if (plan := self._pending_plan(sid)) is not None:
+                self._failed(sid, plan, "left the roster")
         return gone
 
+    def new_process(self, m: P.Register) -> bool:
+        """Whether ``m`` comes from another process than the last Register under its id (module
+        docstring); decided before ``register`` remembers ``m``'s incarnation."""
+        known = self.incarnations.get(m.server_id)
+        if known and m.incarnation:
+            return known != m.incarnation
+        return m.fresh
+
     def register(self, m: P.Register) -> P.RegisterAck:
-        if m.fresh:
+        new = self.new_process(m)
+        if new:
             self.alive(m.server_id, "registered as a new process")
         entry = P.RosterEntry(**{k: getattr(m, k) for k in field_names(P.RosterEntry)})  # Register has them all
         if m.server_id not in self.roster:
             self.log.info("server %s registered (engine %s, version %d, torch %r, CUDA %r, NCCL %r)", m.server_id,
                           m.engine_url, m.policy_version, m.torch_version, m.cuda_version, m.nccl_version)
-        if m.fresh and (plan := self._pending_plan(m.server_id)) is not None:
-            self._left_out(m.server_id, plan)
+        if new and (plan := self._pending_plan(m.server_id)) is not None:
+            self._failed(m.server_id, plan, "restarted")
         self.roster[m.server_id] = Member(entry, self.clock())
+        self.incarnations.pop(m.server_id, None)  # the latest last
+        self.incarnations[m.server_id] = m.incarnation
+        off = [s for s in self.incarnations if s not in self.roster]
+        for sid in off[:-INCARNATIONS_KEEP]:
+            del self.incarnations[sid]
         return P.RegisterAck(server_id=m.server_id, policy_version=self.version, pub_address=self.pub_address)
 
     def heartbeat(self, m: P.Heartbeat) -> P.HeartbeatAck:
@@ -141,23 +176,27 @@ class ControlPlane:
             self.sync_results.pop(plan.policy_version, None)  # a re-push: every member must load it again
             self.sync_pauses.pop(plan.policy_version, None)
         self.plan, self.plan_deadline = plan, self.clock() + plan.deadline_s
-        self.sync_results.setdefault(plan.policy_version, {})
+        results = self.sync_results.setdefault(plan.policy_version, {})
+        for m in plan.members:  # off the roster after an expiry: the trainer read it before
+            if m.server_id in self.incarnations and m.server_id not in self.roster \
+                    and m.server_id not in results:
+                self._failed(m.server_id, plan, "is off the roster")
         for version in sorted(self.sync_results)[:-SYNC_RESULTS_KEEP]:
             del self.sync_results[version]
             self.sync_pauses.pop(version, None)
         self.publish(plan)
         return P.Ack(ref=str(plan.policy_version), status="ok")
 
-    def _left_out(self, server_id: str, plan: P.WeightSyncPlan) -> None:
-        """``server_id`` registered as a new process while ``plan`` names it as a member: the plan
-        was made for the process before it (killed and restarted), so this one is in no group of
-        it. Its failure for the plan's version is recorded now: the plan is never handed to it (a
-        late join would find the trainer gone and block the engine's scheduler), and the trainer
-        stops waiting for it at once. It gets the weights at the next push, which re-forms the
-        group with it (the failed one is torn down)."""
+    def _failed(self, server_id: str, plan: P.WeightSyncPlan, how: str) -> None:
+        """``server_id``, a member of ``plan`` that has not reported it, registered as a new
+        process, left the roster, or is named while off it (``how``): the plan is not for the
+        process behind the id now (module docstring). Its failure for the plan's version is
+        recorded now: the plan is never handed to it (a late join would find the trainer gone and
+        block the engine's scheduler), and the trainer stops waiting for it at once. It gets the
+        weights at the next push, which re-forms the group with it (the failed one is torn down)."""
         self.sync_results.setdefault(plan.policy_version, {})[server_id] = False
-        self.log.warning("server %s restarted during weight sync v%d: left out of it (it joins "
-                         "the next one)", server_id, plan.policy_version)
+        self.log.warning("server %s %s during weight sync v%d: left out of it (it joins the next "
+                         "one)", server_id[:64], how, plan.policy_version)
 
     def _pending_plan(self, server_id: str) -> P.WeightSyncPlan | None:
         plan = self.plan

@@ -2,9 +2,10 @@
 
 A lease past its deadline is re-issued; a server silent for longer than the heartbeat timeout
 leaves the roster and its leases are released at once (not after their own deadline); so are those
-of a server that registers as a new process (``Register.fresh``). After a
-restart, leases restored for servers that never registered again are released once, when every
-live server has had a heartbeat timeout to come back.
+of a server that registers as a new process (``ControlPlane.new_process``: another incarnation; a
+retried Register of the same process keeps its leases). After a restart, leases restored for
+servers that never registered again are released once, when every live server has had a
+heartbeat timeout to come back.
 
 Invariant: ``changed`` is True from any lease re-issued or released until the service takes it
 (``take_changed``) for its next control record, as ``Handout.changed`` is.
@@ -53,7 +54,7 @@ class Expiry:
             self.release(lambda sid: sid not in gone, "gone from the roster")
 
     def register(self, m: P.Register) -> P.RegisterAck:
-        if m.fresh:  # a new process under this id holds none of the leases an earlier one left
+        if self.control.new_process(m):  # it holds none of the leases an earlier one left
             self.release(lambda sid: sid != m.server_id, f"{m.server_id} restarted")
         return self.control.register(m)
 

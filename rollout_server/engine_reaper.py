@@ -1,13 +1,22 @@
 """What a launched SGLang leaves behind, and the reaper that removes it even after a ``kill -9``.
 
 SGLang keeps files in ``/dev/shm`` while it runs: a 16 KB load snapshot
-(``sglang_loads_<name>_<hash>.shm``, left behind even by a clean SIGTERM stop) and semaphores
-(``sem.*``). Their names hold random parts, so they are found, not
-predicted: ``shm_files(pgid)`` lists the ``/dev/shm`` files the processes of SGLang's group map or
-hold open. Not covered: one named semaphore (``sem.mp-*``, 32 bytes) per SGLang run, which SGLang
-creates and closes at start-up and leaves to Python's resource tracker to unlink; SGLang's own
-shutdown SIGKILLs that tracker with its other children (also on a clean SIGTERM), and its random
-name is known to nobody else, so it stays.
+(``sglang_loads_<name>_<hash>.shm``, left behind even by a clean SIGTERM stop) and named
+semaphores (``sem.*``). Their names hold random parts, so they are found, not predicted:
+``shm_files(pgid)`` lists the ``/dev/shm`` files the processes of SGLang's group map or hold open.
+
+One of them is a 32-byte ``sem.mp-*`` per run: tqdm's class-wide multiprocessing lock
+(``tqdm.std.TqdmDefaultWriteLock.create_mp_lock``), made when the scheduler process first shows
+a progress bar (loading the weights, ``sglang/srt/model_loader/weight_utils.py``) and kept for its
+life. Under SGLang's ``spawn`` start method Python leaves its name to the resource tracker to
+unlink, which SGLang's shutdown SIGKILLs with its other children (also on a clean SIGTERM), so
+nothing else removes it. Its creator maps it under glibc's temporary name (``sem_open`` makes
+``/dev/shm/sem.XXXXXX``, links it to the final name, unlinks the temporary one), so
+``/proc/PID/maps`` shows ``/dev/shm/sem.XXXXXX (deleted)``: the name is found as the
+``/dev/shm/sem.*`` entry with the mapped file's device and inode. That is exact: the mapping keeps
+the file, hence its inode number, alive, and processes outside the group (other jobs' semaphores)
+are never read. A semaphore a process of the group has open is never taken from elsewhere: SGLang
+is exec'd (nothing is inherited from the rollout server) and creates its own.
 
 Killed processes remove nothing, and a rollout server killed with SIGKILL runs no cleanup. So
 ``SGLangProcess`` starts one reaper per engine, ``python -m rollout_server.engine_reaper PGID``,
@@ -27,6 +36,8 @@ import time
 from pathlib import Path
 
 SHM = "/dev/shm/"
+SEM = SHM + "sem."  # a POSIX named semaphore (glibc: /dev/shm/sem.NAME)
+DELETED = " (deleted)"  # how /proc/PID/maps and fd links show a file unlinked since
 GONE_TIMEOUT_S = 30.0  # SIGKILL is immediate; the slack: a loaded machine reaping a large tree
 POLL_S = 0.05
 
@@ -48,21 +59,42 @@ def group_members(pgid: int) -> list[int]:
 
 
 def shm_files(pgid: int) -> set[str]:
-    """The /dev/shm files the processes of group ``pgid`` have mapped or open."""
+    """The /dev/shm files the processes of group ``pgid`` have mapped or open, with the named
+    semaphores they map under a name unlinked since (module docstring)."""
     files: set[str] = set()
+    unlinked: set[tuple[int, int]] = set()  # (device, inode) of "/dev/shm/sem.* (deleted)" maps
     for pid in group_members(pgid):
         try:
             maps = Path(f"/proc/{pid}/maps").read_text()
             fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
         except OSError:  # it exited meanwhile
             continue
-        paths = [
-            line.split(None, 5)[5] for line in maps.splitlines() if len(line.split(None, 5)) == 6
-        ]
+        paths = []
+        for line in maps.splitlines():  # range perms offset major:minor inode path
+            if len(cols := line.split(None, 5)) == 6:
+                paths.append(cols[5])
+                if cols[5].startswith(SEM) and cols[5].endswith(DELETED):
+                    major, minor = (int(x, 16) for x in cols[3].split(":"))
+                    unlinked.add((os.makedev(major, minor), int(cols[4])))
         # an unlinked file shows as "... (deleted)": its name may be another's by now
         found = [*paths, *fds]
-        files.update(p for p in found if p.startswith(SHM) and not p.endswith(" (deleted)"))
-    return files
+        files.update(p for p in found if p.startswith(SHM) and not p.endswith(DELETED))
+    return files | semaphores(unlinked)
+
+
+def semaphores(files: set[tuple[int, int]]) -> set[str]:
+    """The ``/dev/shm/sem.*`` names of ``files`` (device, inode)."""
+    if not files:
+        return set()
+    found = set()
+    for entry in os.scandir(SHM):
+        try:
+            if entry.name.startswith("sem.") and \
+                    ((st := entry.stat(follow_symlinks=False)).st_dev, st.st_ino) in files:
+                found.add(entry.path)
+        except FileNotFoundError:  # unlinked meanwhile
+            continue
+    return found
 
 
 def reap(pgid: int, files: list[str], timeout_s: float = GONE_TIMEOUT_S) -> bool:

@@ -99,6 +99,7 @@ class RolloutServer(Daemon):
         super().__init__(metrics_port=rcfg.metrics_port)
         self.rcfg, self.facts = rcfg, facts
         self.server_id = self.rcfg.server_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.incarnation = secrets.token_hex(8)  # this process in each Register (buffer/control.py)
         self.policy_version = 0
         self.engine = None
         self.rewards: RewardPool | None = None
@@ -295,11 +296,14 @@ class RolloutServer(Daemon):
     # ------------------------------------------------------------------ buffer control
     async def register(self, fresh: bool = False) -> None:
         """Register (retrying until the buffer answers or we are asked to stop). ``fresh``: the first
-        time since this process started (the buffer re-issues leases an earlier process left)."""
+        time since this process started (the buffer re-issues leases an earlier process left). Every
+        Register of this process, retries included, carries its ``incarnation``: the buffer tells a
+        retry or a re-registration from a new process by it."""
         msg = Register(server_id=self.server_id, engine_url=self.engine_url, engine_ranks=self.engine_ranks,
                        policy_version=self.policy_version, torch_version=self.versions.torch,
                        cuda_version=self.versions.cuda, nccl_version=self.versions.nccl,
-                       evaluates=self.evaluator is not None, fresh=fresh)
+                       evaluates=self.evaluator is not None, fresh=fresh,
+                       incarnation=self.incarnation)
         while not self.stop_requested.is_set():
             try:
                 ack = await self.control.request(msg)

@@ -61,9 +61,12 @@ class Register(_TopLevel, tag="register"):
     cuda_version: str = ""
     nccl_version: str = ""
     evaluates: bool = False  # it runs the job's evaluations (rollout.eval): the final one needs the last weights
-    # The sender's first registration since its process started: it holds no lease, so the leases the
-    # buffer has under this id belong to a process before it (killed and restarted faster than the
-    # heartbeat timeout) and are re-issued at once instead of at their deadline.
+    # Which process sends it: a random token made once per process start (secrets.token_hex(8)), the
+    # same in all its Registers, retries included ("": not told). The buffer takes a Register whose
+    # incarnation differs from the last one under this id for a new process (buffer/control.py).
+    incarnation: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    # The sender's first registration since its process started. It decides alone when the buffer
+    # holds no incarnation for this id (after the buffer's own restart, or "" on either side).
     fresh: bool = False
 
 

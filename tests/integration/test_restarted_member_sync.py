@@ -14,8 +14,11 @@ formed any more, which with SGLang blocks the scheduler in the join, fails the p
 up (its registration counts as its failure for v1), and the next push (v2) re-forms the group
 with it and gives it exactly the trainer's weights.
 
-Mutation checked: ``ControlPlane.register`` without the ``fresh`` check (the relaunched server took
-v1 up on its first heartbeat and this test failed).
+Two records each keep v1 from it: its failure, recorded when the buffer expired the dead server,
+and again when the relaunched one registers as a new process (another ``Register.incarnation``).
+Mutation checked: both removed (``ControlPlane.expire`` and ``ControlPlane.register`` recording
+no failure): the relaunched server took v1 up on its first heartbeat and this test failed. Each
+alone is checked in tests/unit/test_roster_absent.py.
 """
 
 from __future__ import annotations

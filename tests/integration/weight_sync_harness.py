@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import signal
 import threading
 import time
@@ -97,6 +98,7 @@ class Driver(threading.Thread):
         super().__init__(daemon=True, name=f"driver-{server_id}")
         self.server_id, self.url, self.address, self.fault, self.pid = server_id, url, address, fault, engine_pid
         self.fresh = fresh  # registers as a new process (Register.fresh), as a started server does
+        self.incarnation = secrets.token_hex(8)  # one stand-in, one process (Register.incarnation)
         self.stop = threading.Event()
         self.killed = threading.Event()
         self.results: dict[int, tuple[bool, float]] = {}
@@ -118,7 +120,7 @@ class Driver(threading.Thread):
         client = Client(self.address, timeout_s=10)
         sg = _faulty_client(self.url, self.fault, self.pid, self.killed)
         client.request(Register(server_id=self.server_id, engine_url=self.url, engine_ranks=1,
-                                policy_version=0, fresh=self.fresh))
+                                policy_version=0, fresh=self.fresh, incarnation=self.incarnation))
         served, handled, applying, applying_plan = 0, set(), None, (0, "", 0.0)
         try:
             # Heartbeats go on while a plan is applied (as a rollout server's do): a member busy in a

@@ -3,7 +3,9 @@ and /dev/shm files), and ``kill -9`` of SGLang in a running job (its rollout ser
 launcher starts it again with a new engine, and the job goes on).
 
 Mutations checked (each made once, each failed its test): ``SGLangProcess.start`` without the
-reaper (the /dev/shm files stayed); ``raise_if_engine_died`` returning at once (the rollout server
+reaper (the /dev/shm files stayed); ``engine_reaper.shm_files`` without the semaphores its group
+maps under an unlinked name (SGLang's ``sem.mp-*`` was not among the files the reaper is told,
+and stayed); ``raise_if_engine_died`` returning at once (the rollout server
 went on failing episodes and left on "5 episodes failed in a row" instead).
 """
 
@@ -58,6 +60,19 @@ def _wait(cond, timeout_s: float, what: str):
     raise AssertionError(f"not within {timeout_s:.0f}s: {what}")
 
 
+def _mapped_semaphores(pgid: int) -> set[str]:
+    """The /dev/shm/sem.* files the processes of group ``pgid`` map, by inode: a semaphore's creator
+    maps it under glibc's temporary name, unlinked since (the test's own reading of /proc)."""
+    inodes = set()
+    for pid in group_members(pgid):
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            cols = line.split(None, 5)
+            if len(cols) == 6 and cols[5].startswith("/dev/shm/sem."):
+                inodes.add(int(cols[4]))
+    return {e.path for e in os.scandir("/dev/shm")
+            if e.name.startswith("sem.") and e.inode() in inodes}
+
+
 def test_killing_the_rollout_server_takes_sglang_its_port_and_its_files(model_dir, tmp_path):
     env = {
         **os.environ,
@@ -80,6 +95,8 @@ def test_killing_the_rollout_server_takes_sglang_its_port_and_its_files(model_di
         pgid, port = int(line.split()[1]), int(line.split()[2])
         files = shm_files(pgid)
         assert any("sglang_loads_" in f for f in files), files  # what SGLang leaves even on SIGTERM
+        sems = _mapped_semaphores(pgid)  # tqdm's lock in the scheduler: left even on SIGTERM
+        assert any("/sem.mp-" in f for f in sems) and sems <= files, (sems, files)
         assert group_members(pgid) and not _port_free(port)
         os.kill(server.pid, signal.SIGKILL)
         server.wait(timeout=30)

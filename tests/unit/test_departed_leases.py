@@ -89,3 +89,22 @@ def test_a_server_restarted_within_the_heartbeat_timeout_releases_its_old_leases
     # the old process's prompts go out again at once, first, to the new process
     assert [c.prompt_index for c in _step(svc, P.CreditRequest(server_id="r0", max_credits=3)).credits] == old
     svc.wal.close()
+
+
+def test_a_process_is_told_by_its_incarnation_not_by_fresh_alone(tmp_path):
+    """A retried first Register (``fresh``, same incarnation) is the same process: its leases stay.
+    Another incarnation under the id is a new process: the leases go out again at once."""
+    clock = _Clock()
+    svc = _start(tmp_path, clock)
+    first = P.Register(server_id="r0", engine_url="http://x", policy_version=0, fresh=True,
+                       incarnation="1111")
+    _step(svc, first)
+    ask = P.CreditRequest(server_id="r0", max_credits=3)
+    old = [c.prompt_index for c in _step(svc, ask).credits]
+    _step(svc, first)  # retried: the answer to the first attempt was lost
+    assert svc.ledger.in_flight == 3 and "credits_released" not in svc.instruments.counts
+    _step(svc, P.Register(server_id="r0", engine_url="http://x", policy_version=0,
+                          incarnation="2222"))  # restarted; a new process even without fresh
+    assert svc.ledger.in_flight == 0 and svc.instruments.counts["credits_released"] == 3
+    assert [c.prompt_index for c in _step(svc, ask).credits] == old
+    svc.wal.close()

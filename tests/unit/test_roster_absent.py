@@ -61,3 +61,59 @@ def test_a_member_that_never_reports_is_out_until_it_shows_life(caplog):
     assert _members(cp) == []
     cp.sync_done(P.SyncDone(server_id="real", policy_version=2, ok=True))  # a late report
     assert _members(cp) == ["real"]
+
+
+def _control(clock) -> ControlPlane:
+    return ControlPlane("tcp://x", 5.0, clock, lambda m: None, logging.getLogger("test"))
+
+
+def _hello(sid: str, incarnation: str, fresh: bool = False) -> P.Register:
+    return P.Register(server_id=sid, engine_url="http://x", policy_version=0, fresh=fresh,
+                      incarnation=incarnation)
+
+
+def _pending(cp: ControlPlane, sid: str) -> str | None:
+    plan = cp.heartbeat(P.Heartbeat(server_id=sid, policy_version=0)).pending_plan
+    return None if plan is None else plan.plan_id
+
+
+def _failed(cp: ControlPlane, version: int) -> list[str]:
+    return cp.sync_status(P.SyncStatusRequest(policy_version=version)).failed
+
+
+def test_a_retried_first_registration_keeps_the_plan_and_a_new_process_loses_it():
+    """A first Register (``fresh``) retried after its answer was lost is the same process again
+    (same incarnation): still a member of the plan published in between. Another incarnation
+    under the id is a new process: failed for the plan, never handed it."""
+    cp = _control(_Clock())
+    first = _hello("a", "1111", fresh=True)
+    cp.register(first)
+    cp.register(_hello("b", "2222", fresh=True))
+    cp.take_plan(_plan(1, "a", "b"))
+    cp.register(first)  # the retry: its first attempt had arrived
+    assert _failed(cp, 1) == [] and _pending(cp, "a") == "p1"
+    cp.register(_hello("b", "3333", fresh=True))  # b relaunched
+    assert _failed(cp, 1) == ["b"] and _pending(cp, "b") is None and _pending(cp, "a") == "p1"
+
+
+def test_a_member_back_after_its_expiry_gets_no_plan_made_before_it_came_back():
+    """A member the buffer expired during a plan has failed it (the trainer counts it lost); the
+    same process registering again is not handed that plan, nor one whose member list was read
+    before the expiry and published while it was off the roster; a plan published once it is
+    back is its own. A report it sends anyway still counts."""
+    clock = _Clock()
+    cp = _control(clock)
+    cp.register(_hello("a", "1111", fresh=True))
+    cp.register(_hello("b", "2222", fresh=True))
+    cp.take_plan(_plan(1, "a", "b"))
+    clock.now = 6.0  # a silent past the heartbeat timeout (5 s); b beats
+    cp.heartbeat(P.Heartbeat(server_id="b", policy_version=0))
+    assert cp.expire() == ["a"] and _failed(cp, 1) == ["a"]
+    cp.take_plan(_plan(2, "a", "b"))  # the trainer read the roster before a left it
+    assert _failed(cp, 2) == ["a"] and _pending(cp, "b") == "p2"
+    cp.register(_hello("a", "1111"))  # the same process (it was frozen), within both deadlines
+    assert _pending(cp, "a") is None and _members(cp) == ["a", "b"]
+    cp.sync_done(P.SyncDone(server_id="a", policy_version=1, ok=True))  # it had taken v1 up
+    assert cp.sync_status(P.SyncStatusRequest(policy_version=1)).done == ["a"]
+    cp.take_plan(_plan(3, "a", "b"))
+    assert _pending(cp, "a") == "p3" and _failed(cp, 3) == []

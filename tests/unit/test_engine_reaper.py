@@ -1,0 +1,55 @@
+"""The engine reaper finds a named semaphore by the process group that maps it, and only that one
+(rollout_server/engine_reaper.py). A real process group makes one the way SGLang's scheduler does
+(a multiprocessing lock under the ``spawn`` start method, left to a resource tracker that dies
+with the group); a lock of this process stands for another job's on the node. Killed with
+SIGKILL, the group leaves its semaphore; ``reap`` removes it and nothing else.
+
+Mutation checked: ``shm_files`` without the semaphores mapped under an unlinked name (its code
+before this test): the group's semaphore was not among the files found, so not reaped.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from rollout_server.engine_reaper import group_members, reap, shm_files
+
+GROUP = r"""
+import multiprocessing, sys
+lock = multiprocessing.get_context("spawn").Lock()  # a named semaphore, as tqdm's in SGLang
+print(lock._semlock.name, flush=True)
+sys.stdin.read()  # until killed
+"""
+
+
+def _path(name: str) -> str:
+    return "/dev/shm/sem." + name.lstrip("/")  # glibc's file for the semaphore "/NAME"
+
+
+def test_the_groups_semaphore_is_found_by_its_mapping_and_reaped_and_no_other():
+    other = multiprocessing.get_context("spawn").Lock()  # another job's, alive meanwhile
+    others = _path(other._semlock.name)
+    group = subprocess.Popen([sys.executable, "-c", GROUP], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, start_new_session=True)
+    mine = None
+    try:
+        mine = _path(group.stdout.readline().strip())
+        assert os.path.exists(mine) and os.path.exists(others)
+        maps = Path(f"/proc/{group.pid}/maps").read_text()
+        assert mine not in maps and "/dev/shm/sem." in maps  # mapped under another, unlinked name
+        files = shm_files(group.pid)
+        assert mine in files and others not in files, files
+        assert reap(group.pid, sorted(files), timeout_s=30.0)  # SIGKILL: no finalizer, no tracker
+        assert not group_members(group.pid)
+        assert not os.path.exists(mine) and os.path.exists(others)
+    finally:
+        if group.poll() is None:
+            os.killpg(group.pid, 9)
+        group.wait(timeout=30)
+        if mine is not None and os.path.exists(mine):  # a failed run: the group left it
+            os.unlink(mine)
+        del other  # its finalizer unlinks it
