@@ -33,7 +33,7 @@ from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
-from areal_like.wire.codec import Finite, Message, ProtocolError, error_from
+from areal_like.wire.codec import Count, Finite, Message, ProtocolError, error_from
 from areal_like.wire.trajectory import Trajectory
 
 __all__ = ["PROTOCOL_VERSION", "MAX_FRAME_BYTES", "MAX_CREDITS_PER_REQUEST", "Message", "encode", "encode_into",
@@ -43,6 +43,9 @@ PROTOCOL_VERSION = 3  # 2: Trajectory.loss_mask; 3: versions and loss masks as r
 MAX_FRAME_BYTES = 256 * 1024 * 1024  # one batch of many long groups stays far below this
 MAX_CREDITS_PER_REQUEST = 4096  # leases one TrajectoryGroup may ask for with its ack
 Wanted = Annotated[int, msgspec.Meta(ge=0, le=MAX_CREDITS_PER_REQUEST)]  # leases asked for at once
+MAX_GROUP_RANKS = 65536  # ranks of one weight-update group (an engine's TP size, a group's size)
+Ranks = Annotated[int, msgspec.Meta(ge=1, le=MAX_GROUP_RANKS)]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 
 
 class _TopLevel(Message, frozen=True, kw_only=True):
@@ -53,7 +56,7 @@ class _TopLevel(Message, frozen=True, kw_only=True):
 class Register(_TopLevel, tag="register"):
     server_id: str
     engine_url: str  # HTTP base URL of the engine this server owns (weight-sync peer)
-    engine_ranks: int = 1  # ranks the engine contributes to the weight-update group (its TP size)
+    engine_ranks: Ranks = 1  # ranks the engine contributes to the weight-update group (its TP size)
     policy_version: int = -1  # version the engine serves now (-1: unknown)
     # The engine's runtime, checked by the trainer before it joins a weight-sync group ("": unknown,
     # an older sender); see areal_like/weights/versions.py.
@@ -79,7 +82,7 @@ class RegisterAck(_TopLevel, tag="register_ack"):
 class Heartbeat(_TopLevel, tag="heartbeat"):
     server_id: str
     policy_version: int  # version the engine serves
-    in_flight: int = 0  # groups being generated
+    in_flight: Count = 0  # groups being generated
     evaluating: bool = False  # running an evaluation: leave it out of weight syncs until it says False
 
 
@@ -92,8 +95,8 @@ class Credit(Message, tag="credit"):
     """A lease on one prompt: generate one group for dataset index ``prompt_index``."""
 
     lease_id: str
-    prompt_index: int  # position in the dataset
-    epoch: int  # pass over the dataset
+    prompt_index: Count  # position in the dataset
+    epoch: Count  # pass over the dataset
     deadline_s: Finite  # seconds from grant after which the lease is re-issued elsewhere
 
 
@@ -109,8 +112,8 @@ class TrajectoryGroup(_TopLevel, tag="trajectory_group"):
     group_id: str  # globally unique; dedupe key
     server_id: str
     lease_id: str
-    prompt_index: int
-    epoch: int
+    prompt_index: Count
+    epoch: Count
     trajectories: Annotated[list[Trajectory], msgspec.Meta(min_length=1)]
     want_credits: Wanted = 0  # leases wanted with the ack (saves a CreditRequest round trip)
 
@@ -132,7 +135,7 @@ class Ack(_TopLevel, tag="ack"):
 
 
 class BatchRequest(_TopLevel, tag="batch_request"):
-    n_groups: int
+    n_groups: Annotated[int, msgspec.Meta(ge=1)]
     trainer_version: int  # the version the batch will train (step v -> v+1)
     wait_s: Finite = 5.0  # how long the buffer may hold the request before answering empty
     ack_batch: str = ""  # batch_id of the last Batch received ("" = none): the buffer marks it consumed;
@@ -157,7 +160,7 @@ class RosterRequest(_TopLevel, tag="roster_request"):
 class RosterEntry(Message, tag="roster_entry"):
     server_id: str
     engine_url: str
-    engine_ranks: int
+    engine_ranks: Ranks
     policy_version: int
     torch_version: str = ""  # from the member's Register ("": not reported)
     cuda_version: str = ""
@@ -174,7 +177,8 @@ class Roster(_TopLevel, tag="roster"):
 
 class SyncMember(Message, tag="sync_member"):
     server_id: str
-    rank_offset: int  # engine TP rank t is group rank rank_offset + t
+    # engine TP rank t is group rank rank_offset + t
+    rank_offset: Annotated[int, msgspec.Meta(ge=0, le=MAX_GROUP_RANKS - 1)]
 
 
 class BucketSpec(Message, tag="bucket_spec"):
@@ -201,8 +205,8 @@ class WeightSyncPlan(_TopLevel, tag="weight_sync_plan"):
     policy_version: int
     group_name: str
     master_addr: str
-    master_port: int
-    world_size: int
+    master_port: Port
+    world_size: Ranks
     backend: str  # "gloo" | "nccl"
     reform: bool  # members must (re)join the group before receiving
     members: list[SyncMember]

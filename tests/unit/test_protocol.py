@@ -456,6 +456,38 @@ def test_want_credits_is_optional_and_bounded():
         assert reject(done).field == "want_credits"
 
 
+_PLAN = dict(policy_version=1, group_name="g", master_addr="127.0.0.1", master_port=29500, world_size=2,
+             backend="gloo", reform=True, members=[P.SyncMember(server_id="s", rank_offset=1)], buckets=[],
+             deadline_s=30.0)
+
+
+@pytest.mark.parametrize("msg, path, bad", [
+    (P.Register(server_id="s", engine_url="http://e"), ("engine_ranks",), [0, -1, P.MAX_GROUP_RANKS + 1]),
+    (P.Heartbeat(server_id="s", policy_version=0), ("in_flight",), [-1]),
+    (P.Credits(credits=[P.Credit(lease_id="L", prompt_index=0, epoch=0, deadline_s=1.0)], policy_version=0),
+     ("credits", 0, "prompt_index"), [-1]),
+    (make_group(), ("epoch",), [-1]),
+    (make_group(), ("prompt_index",), [-3]),
+    (P.BatchRequest(n_groups=1, trainer_version=0), ("n_groups",), [0, -2]),
+    (P.Roster(members=[P.RosterEntry(server_id="s", engine_url="u", engine_ranks=1, policy_version=0)],
+              policy_version=0), ("members", 0, "engine_ranks"), [0]),
+    (P.WeightSyncPlan(**_PLAN), ("master_port",), [0, 65536]),
+    (P.WeightSyncPlan(**_PLAN), ("world_size",), [0]),
+    (P.WeightSyncPlan(**_PLAN), ("members", 0, "rank_offset"), [-1, P.MAX_GROUP_RANKS]),
+], ids=lambda v: ".".join(map(str, v)) if isinstance(v, tuple) else None)
+def test_counts_ranks_and_ports_have_ranges_on_decode(msg, path, bad):
+    """A member's message with an index, count, rank or port out of range is refused naming the
+    field (before, ``engine_ranks=0`` decoded and would skew a weight group's rank offsets)."""
+    assert P.encode(P.decode(P.encode(msg))) == P.encode(msg)  # in range: taken
+    for value in bad:
+        wire = wire_of(msg)
+        inner = wire
+        for key in path[:-1]:
+            inner = inner[key]
+        inner[path[-1]] = value
+        assert reject(wire).field.endswith(path[-1]), (path, value)
+
+
 def test_weight_sync_plan_payloads_fit_its_path():
     """``path`` and ``payloads`` came after version 1 shipped: a plan without them is a distributed
     one. A known path takes exactly its payloads (one per bucket, one directory, none); an unknown
