@@ -245,9 +245,11 @@ USER_EVAL_ROWS = 512  # held-out 2-digit additions (task.eval_path); the rest of
 # new tokens leaves room to stop), and a learning rate for a model this small (the schema's 1e-5
 # is for billion-parameter models). Nothing else: layout, micro-batches, reward placement and eta
 # are the project's defaults for model=local_hf task=jsonl_math on this device.
-USER_SETTINGS = ("task.max_new_tokens=16", "trainer.lr=3e-4")
-# The warm start, for both systems (cached): supervised steps on the JSONL's train rows.
-USER_WARM = ("warm_start.steps=300", "warm_start.lr=2e-3", "warm_start.batch_size=64")
+USER_SETTINGS = ("task.max_new_tokens=16", "trainer.lr=1e-4")
+# The warm start, for both systems (cached): supervised steps on the JSONL's train rows. 600 steps
+# give greedy held-out accuracy ~0.6 (sampled ~0.4: dense rewards, room to improve); 300 gave 0.12,
+# where 60 s of RL moved neither system's greedy accuracy up.
+USER_WARM = ("warm_start.steps=600", "warm_start.lr=2e-3", "warm_start.batch_size=64")
 
 
 def addition_rows(seed: int = 0) -> tuple[list[dict], list[dict]]:
