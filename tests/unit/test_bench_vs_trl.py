@@ -1,4 +1,5 @@
-"""The pure pieces of benchmarks/bench_vs_trl.py: TRL's reward wrapper and our throughput window."""
+"""The pure pieces of benchmarks/bench_vs_trl.py: TRL's reward wrappers, our throughput window and
+the user path's rows, settings and medians."""
 
 from __future__ import annotations
 
