@@ -376,8 +376,11 @@ def main() -> None:
         else:
             lines = synthetic_lines(root, cpus, budget, eval_n, args.seed, version)
     load = os.getloadavg()[0]
-    warning = (f"machine loaded: load average {load:.1f} on {os.cpu_count()} cores; figures are not a quiet "
-               "machine's" if load > (os.cpu_count() or 1) else None)
+    # loaded, TRL's two torch threads wait on each other at every op (user path, load ~13 on 2
+    # cores: 12 samples/s; one thread on one core: 314), so the ratio then says little
+    warning = (f"machine loaded: load average {load:.1f} on {os.cpu_count()} cores; figures are "
+               "not a quiet machine's (TRL's threads wait on each other)"
+               if load > (os.cpu_count() or 1) else None)
     if warning:
         say(f"WARNING: {warning}")
     for line in lines:
