@@ -82,6 +82,15 @@ def compute_dtype(device: str) -> str:
     return "bfloat16" if str(device).startswith("cuda") else "float32"
 
 
+CPU_MICRO_BATCH_TOKENS = 2048  # ${micro_batch_tokens:cpu}: configs/model/local_hf.yaml says why
+
+
+def micro_batch_tokens(device: str) -> int:
+    """``${micro_batch_tokens:${trainer.device}}``: micro-batches of at most CPU_MICRO_BATCH_TOKENS
+    tokens on CPU; 0 on a GPU (``trainer.micro_batch_size`` sequences a micro-batch)."""
+    return 0 if str(device).startswith("cuda") else CPU_MICRO_BATCH_TOKENS
+
+
 def _register_resolvers() -> None:
     from omegaconf import OmegaConf
 
@@ -89,6 +98,8 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("data", data_path)
     if not OmegaConf.has_resolver("compute_dtype"):
         OmegaConf.register_new_resolver("compute_dtype", compute_dtype)
+    if not OmegaConf.has_resolver("micro_batch_tokens"):
+        OmegaConf.register_new_resolver("micro_batch_tokens", micro_batch_tokens)
 
 
 def _compose_with_choices(overrides: list[str], config_name: str):

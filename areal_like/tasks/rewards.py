@@ -57,6 +57,7 @@ CHOICE_CONFIG = (LatexExtractionConfig(boxed_match_priority=0, try_extract_witho
 _REFERENCE_CHOICE = re.compile(rf"(?:\\text(?:bf)?\{{)?\s*\(?([{CHOICES}])\)?\s*\}}?")
 _PARENTHESISED_CHOICE = re.compile(rf"\(([{CHOICES}])\)")
 _PERCENT = re.compile(r"\\?%")
+_PLAIN_INTEGER = re.compile(r"-?[0-9]{1,15}")
 
 
 def _normalise(text: str) -> str:
@@ -83,7 +84,13 @@ def _choice(response: str) -> str | None:
 
 
 def math_reward(response: str, example) -> float:
-    """1.0 when the response's final answer equals ``example.answer`` (module docstring), else 0.0."""
+    """1.0 when the response's final answer equals ``example.answer`` (module docstring), else 0.0.
+    A response and a reference that are both a plain integer of at most 15 digits are compared as
+    integers without the parser: what math-verify decides for them (exact in a float too), at a
+    microsecond instead of about a millisecond a sample."""
+    if (plain := _PLAIN_INTEGER.fullmatch(response.strip())) and (
+            ref := _PLAIN_INTEGER.fullmatch(example.answer.strip())):
+        return 1.0 if int(plain.group()) == int(ref.group()) else 0.0
     choice = _REFERENCE_CHOICE.fullmatch(example.answer.strip())
     if choice is not None:
         return 1.0 if _choice(response) == choice.group(1) else 0.0

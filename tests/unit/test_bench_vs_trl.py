@@ -1,4 +1,5 @@
-"""The pure pieces of benchmarks/bench_vs_trl.py: TRL's reward wrapper and our throughput window."""
+"""The pure pieces of benchmarks/bench_vs_trl.py: TRL's reward wrappers, our throughput window and
+the user path's rows, settings and medians."""
 
 from __future__ import annotations
 
@@ -54,3 +55,43 @@ def test_the_workload_is_the_issues_and_starts_from_the_stronger_warm_start(tmp_
     # 350 supervised steps at lr 1e-3: greedy held-out ~0.27 (1500 at 3e-3 stalled at ~0.07)
     assert (cfg.warm_start.steps, cfg.warm_start.lr, cfg.warm_start.batch_size) == (350, 1e-3, 64)
     assert cfg.launch.num_rollout_servers is None and cfg.model.hidden_size == 128  # from the cores
+
+
+def test_the_users_rows_are_every_2_digit_addition_split_once_into_disjoint_train_and_eval():
+    train, held = bench.addition_rows()
+    assert (len(train), len(held)) == (90 * 90 - bench.USER_EVAL_ROWS, bench.USER_EVAL_ROWS)
+    assert {r["prompt"] for r in train}.isdisjoint(r["prompt"] for r in held)
+    assert all(int(r["answer"]) == sum(map(int, r["prompt"][:-1].split("+"))) for r in train + held)
+    assert bench.addition_rows() == (train, held) and bench.addition_rows(seed=1)[1] != held
+
+
+def test_trl_gets_the_projects_math_verify_reward():
+    got = bench.math_rewards(["82", "The answer is 82.", "$82$", "83", ""], answer=["82"] * 5,
+                             prompts=["37+45="] * 5, completion_ids=[[]] * 5)
+    assert got == [1.0, 1.0, 1.0, 0.0, 0.0]
+    with pytest.raises(ValueError):
+        bench.math_rewards(["1", "2"], answer=["1"])
+
+
+def test_the_users_path_takes_layout_micro_batch_reward_placement_and_eta_from_defaults(tmp_path):
+    """Issue 41: no override of layout, micro-batch, reward placement or eta on our side."""
+    banned = ("launch.", "trainer.micro_batch_size", "trainer.max_tokens_per_micro_batch",
+              "task.reward_workers", "buffer.max_staleness", "topology")
+    assert not [s for s in bench.USER_SETTINGS if s.startswith(banned)]
+    data = (tmp_path / "model", tmp_path / "train.jsonl", tmp_path / "eval.jsonl")
+    ours = bench.user_run(tmp_path / "run", str(tmp_path / "warm"), data)
+    plain = bench.load_config(["model=local_hf", f"model.path={tmp_path}", "task=jsonl_math",
+                               f"task.dataset_path={data[1]}"])
+    for part, keys in (("trainer", ("micro_batch_size", "max_tokens_per_micro_batch")),
+                       ("task", ("reward_workers",)), ("buffer", ("max_staleness",)),
+                       ("launch", ("num_rollout_servers", "trainer_ranks", "pin_cpus"))):
+        for key in keys:
+            got, default = (getattr(getattr(c, part), key) for c in (ours, plain))
+            assert got == default, f"{part}.{key}"
+    assert (ours.task.name, ours.model.path) == ("dataset", str(tmp_path / "warm"))
+
+
+def test_medians_over_runs():
+    pairs = ((30.0, 0.5), (10.0, 0.7), (20.0, 0.6))
+    runs = [{"samples_per_s": s, "accuracy": {"greedy": g}} for s, g in pairs]
+    assert (bench.median_of(runs, "samples_per_s"), bench.median_of(runs, "greedy")) == (20.0, 0.6)

@@ -128,6 +128,22 @@ def test_an_own_model_computes_in_bf16_on_a_gpu_and_fp32_on_cpu(tmp_path):
     assert load_config([*own, "model.dtype=float16"]).model.dtype == "float16"
 
 
+def test_an_own_model_on_cpu_trains_micro_batches_by_tokens_and_on_a_gpu_by_sequences(tmp_path):
+    """model=local_hf on CPU trained a step of 64 short sequences in 8 micro-batches of 8, the
+    trainer then the bottleneck of the user's path (issue 41, item 7): on CPU a token budget now
+    sizes them; on a GPU micro_batch_size as before. A value set by hand is kept."""
+    own = ["model=local_hf", f"model.path={tmp_path}"]
+
+    def budget(*extra: str) -> int:
+        return load_config([*own, *extra]).trainer.max_tokens_per_micro_batch
+
+    assert budget() == budget("topology=laptop") == 2048
+    assert budget("trainer.device=cuda") == budget("topology=gpu_embedded") == 0
+    assert budget("trainer.max_tokens_per_micro_batch=0") == 0
+    assert budget("trainer.max_tokens_per_micro_batch=512", "topology=gpu_embedded") == 512
+    assert load_config([]).trainer.max_tokens_per_micro_batch == 0  # the tiny model's: as before
+
+
 def test_malformed_override():
     assert "trainer.lr" in error_of(["trainer.lr"])
 
