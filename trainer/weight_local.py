@@ -10,8 +10,8 @@ an engine on the same GPU (``launch/placement.py``) the weights reach the engine
   memory and copies from it, no bytes travel; CPU tensors pickle to shared-memory file names
   (torch's ``file_system`` sharing strategy: unrelated processes can open them, unlike the
   default file descriptors), which is how the path is tested without a GPU;
-  a LoRA adapter (every name an adapter's) is ONE payload, a ``{name: tensor}`` dict of every
-  bucket, what SGLang's ``/load_lora_adapter_from_tensors`` reads (rollout_server/weight_update.py);
+  a LoRA adapter (one bucket, ``trainer.weight_sync.push_buckets``) is a ``{name: tensor}`` dict
+  instead, what SGLang's ``/load_lora_adapter_from_tensors`` reads (rollout_server/weight_update.py);
 * ``disk`` (``/update_weights_from_disk``): rank 0 writes an HF directory (``config.json`` and
   ``model.safetensors``) under a private temporary directory and the engine loads it.
 
@@ -119,10 +119,9 @@ class TensorSender(LocalSender):
     PATH = "tensor"
 
     def payloads(self, model, version, buckets, tensors) -> list[str]:
+        adapter = all(is_adapter(n) for b in buckets for n in b.names)  # SGLang reads it as a dict
         views = [self._bucket_views(b, ts) for b, ts in zip(buckets, tensors)]
-        if all(is_adapter(n) for b in buckets for n in b.names):  # a LoRA adapter, for SGLang
-            return [tensor_payload({n: t for v in views for n, t in v.items()})]
-        return [tensor_payload(list(v.items())) for v in views]
+        return [tensor_payload(v if adapter else list(v.items())) for v in views]
 
     def _bucket_views(self, b: BucketSpec, tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         tensor_layout, nbytes = layout(b.names, b.dtypes, b.shapes)
