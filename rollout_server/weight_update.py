@@ -40,9 +40,10 @@ checkpoint through its own path).
 LoRA on SGLang (``apply_adapter_sync``, ``trainer.lora.rank > 0``, path ``tensor``): the plan's
 one payload is the whole adapter (``{name: tensor}``, trainer/weight_local.py). It is loaded as an
 adapter of its own (``/load_lora_adapter_from_tensors``, named after the version and the plan)
-while generation goes on; then, paused as above, the client's generate calls start naming it and
-the server's label becomes the version (``/update_weight_version``); ``/continue_generation``
-always. Requests aborted by the pause resubmit under the new adapter; one a retracting pause
+while generation goes on; then the client's generate calls start naming it, the engine pauses as
+above, its label becomes the version (``/update_weight_version``), ``/continue_generation``
+always (a failure names the old adapter again). Requests aborted by the pause resubmit under the
+new adapter; one a retracting pause
 resumes keeps the adapter it was admitted with, and every token is labelled with the version of
 the adapter its request named (rollout_server/sglang_client.py), so versions stay exact. The
 previous adapter stays loaded until the next sync, which unloads it in the background (SGLang
@@ -168,16 +169,17 @@ async def apply_adapter_sync(client: SGLangClient, plan: WeightSyncPlan, server_
         for stale in _RETIRED.pop(client.base_url, []):  # no request names it since a sync ago
             _unloading.add(task := asyncio.create_task(_unload(client, stale)))
             task.add_done_callback(_unloading.discard)
+        client.adapter = (name, plan.policy_version)  # before the pause: what it aborts resubmits
         paused_at = time.monotonic()
         await client.pause_generation(pause_mode, timeout_s=deadline.left())
-        client.adapter = (name, plan.policy_version)
         await client.update_weight_version(str(plan.policy_version), timeout_s=deadline.left())
         if old is not None:
             _RETIRED.setdefault(client.base_url, []).append(old[0])
     except (SGLangError, TimeoutError, asyncio.TimeoutError) as e:
         reason = f"{type(e).__name__}: {e}" if not isinstance(e, SGLangError) else str(e)
         log.warning("adapter sync v%d failed: %s", plan.policy_version, reason)
-        if loaded and client.adapter != (name, plan.policy_version):  # loaded, never named
+        if loaded:  # named by no later request (one named it meanwhile is labelled with it)
+            client.adapter = old
             _RETIRED.setdefault(client.base_url, []).append(name)
     pause_s = 0.0
     if paused_at is not None:
