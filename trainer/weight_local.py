@@ -11,7 +11,8 @@ an engine on the same GPU (``launch/placement.py``) the weights reach the engine
   (torch's ``file_system`` sharing strategy: unrelated processes can open them, unlike the
   default file descriptors), which is how the path is tested without a GPU;
   a LoRA adapter (one bucket, ``trainer.weight_sync.push_buckets``) is a ``{name: tensor}`` dict
-  instead, what SGLang's ``/load_lora_adapter_from_tensors`` reads (rollout_server/weight_update.py);
+  instead, what SGLang's ``/load_lora_adapter_from_tensors`` reads
+  (rollout_server/weight_update.py);
 * ``disk`` (``/update_weights_from_disk``): rank 0 writes an HF directory (``config.json`` and
   ``model.safetensors``) under a private temporary directory and the engine loads it.
 

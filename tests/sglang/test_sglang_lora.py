@@ -77,7 +77,8 @@ async def sync_adapter(client, model, version: int, pause_mode: str = "abort") -
                               plan_id=uuid.uuid4().hex[:12],
                               deadline_s=120, **sender.route(version, [("s", 1)]))
         assert len(buckets) == len(plan.payloads) == 1  # the whole adapter, bucket_mb or not
-        done = await apply_adapter_sync(client, plan, "s", adapter_config(LORA), pause_mode=pause_mode)
+        done = await apply_adapter_sync(client, plan, "s", adapter_config(LORA),
+                                        pause_mode=pause_mode)
     finally:
         sender.done()
         sender.close()
