@@ -435,9 +435,11 @@ class RolloutServer(Daemon):
         self.syncing = True
         try:
             if self.facts.lora.enabled and self.rcfg.engine.kind == "sglang":  # the adapter alone
+                drained = self.episodes_idle if self.rcfg.drain_on_update else None
                 done = await apply_adapter_sync(self.client, plan, self.server_id,
                                                 adapter_config(self.facts.lora),
-                                                pause_mode=self.rcfg.pause_mode)
+                                                pause_mode=self.rcfg.pause_mode,
+                                                inflight_drained=drained)
             else:
                 done = await apply_weight_sync(
                     self.client, plan, self.server_id, drain=self.rcfg.drain_on_update,

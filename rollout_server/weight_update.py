@@ -41,7 +41,7 @@ LoRA on SGLang (``apply_adapter_sync``, ``trainer.lora.rank > 0``, path ``tensor
 one payload is the whole adapter (``{name: tensor}``, trainer/weight_local.py). It is loaded as an
 adapter of its own (``/load_lora_adapter_from_tensors``, named after the version and the plan)
 while generation goes on; then the client's generate calls start naming it, the engine pauses as
-above, its label becomes the version (``/update_weight_version``), ``/continue_generation``
+above (after a drain, in drain mode), its label becomes the version (``/update_weight_version``), ``/continue_generation``
 always (a failure names the old adapter again). Requests aborted by the pause resubmit under the
 new adapter; one a retracting pause
 resumes keeps the adapter it was admitted with, and every token is labelled with the version of
@@ -149,9 +149,12 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
 
 
 async def apply_adapter_sync(client: SGLangClient, plan: WeightSyncPlan, server_id: str,
-                             config: dict, *, pause_mode: str = "abort") -> SyncDone:
+                             config: dict, *, pause_mode: str = "abort",
+                             inflight_drained: Callable[[], Awaitable[None]] | None = None
+                             ) -> SyncDone:
     """Load ``plan``'s adapter (PEFT ``config``) into an SGLang engine started with LoRA and make
-    it the one generate calls name; never raises, never leaves the engine paused."""
+    it the one generate calls name; never raises, never leaves the engine paused. With
+    ``inflight_drained`` (drain mode) the pause waits for it, as ``apply_weight_sync`` does."""
     member = any(m.server_id == server_id for m in plan.members)
     one = plan.path == "tensor" and len(plan.payloads) == 1
     refusal = "this server is not a member of the plan" if not member else "" if one else \
@@ -170,6 +173,8 @@ async def apply_adapter_sync(client: SGLangClient, plan: WeightSyncPlan, server_
             _unloading.add(task := asyncio.create_task(_unload(client, stale)))
             task.add_done_callback(_unloading.discard)
         client.adapter = (name, plan.policy_version)  # before the pause: what it aborts resubmits
+        if inflight_drained is not None:
+            await _drain(inflight_drained, plan.deadline_s * DRAIN_SHARE, deadline)
         paused_at = time.monotonic()
         await client.pause_generation(pause_mode, timeout_s=deadline.left())
         await client.update_weight_version(str(plan.policy_version), timeout_s=deadline.left())

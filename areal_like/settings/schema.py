@@ -507,9 +507,6 @@ class RunConfig:
         if engine.kind == "sglang":
             _check("rollout.engine.tp_size", engine.tp_size == 1, "1 with trainer.lora.rank > 0 "
                    "(the adapter goes to SGLang as one payload, for one TP rank)", engine.tp_size)
-            _check("rollout.drain_on_update", not self.rollout.drain_on_update, "false with "
-                   "trainer.lora.rank > 0 on SGLang (an adapter sync pauses as pause_mode says)",
-                   self.rollout.drain_on_update)
 
     def resolve_path(self, p: str) -> Path:
         """A path from the config, relative to run_dir unless absolute."""

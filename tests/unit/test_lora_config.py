@@ -24,7 +24,6 @@ from launch import preflight as pf
         ("rollout.engine.kind=url rollout.engine.url=http://h:1", "rollout.engine.kind"),
         ("topology=cpu_sglang trainer.weight_sync.path=distributed", "trainer.weight_sync.path"),
         ("topology=cpu_sglang rollout.engine.tp_size=2", "rollout.engine.tp_size"),
-        ("topology=cpu_sglang rollout.drain_on_update=true", "rollout.drain_on_update"),
         ("model.dtype=bfloat16", "model.dtype"),  # FSDP2 mixed precision + frozen base: not yet
     ],
 )
