@@ -241,8 +241,15 @@ def with_weight_path(cfg: RunConfig) -> RunConfig:
     placed = place_nodes(cfg)
     shared = placed is not None and any(n.shared for n in placed)
     ws, ec = cfg.trainer.weight_sync, cfg.rollout.engine
-    if ws.path == "auto":  # LoRA: the adapter goes over the group path (areal_like/weights/lora.py)
-        path = "tensor" if shared and not cfg.trainer.lora.enabled else "distributed"
+    lora_sglang = cfg.trainer.lora.enabled and ec.kind == "sglang"
+    if lora_sglang and placed is not None and not shared:
+        raise ConfigError("trainer.lora.rank > 0 with SGLang on another GPU than the trainer: "
+                          "the adapter reaches SGLang by CUDA IPC handles (path tensor), which "
+                          "open only on the GPU they came from; place them on one GPU or use the "
+                          "embedded engine")
+    if ws.path == "auto":  # LoRA: the adapter's path (embedded: the group; SGLang: tensor)
+        tensor = (shared and not cfg.trainer.lora.enabled) or lora_sglang
+        path = "tensor" if tensor else "distributed"
         cfg = replace(cfg, trainer=replace(cfg.trainer, weight_sync=replace(ws, path=path)))
     if shared and ec.kind == "sglang" and ec.sglang.get("mem_fraction_static") is None:
         sglang = {**ec.sglang, "mem_fraction_static": SHARED_MEM_FRACTION_DEFAULT}

@@ -15,7 +15,9 @@ CPU mode (``rollout.engine.sglang.device=cpu``, passed through as SGLang's ``--d
 ``topology=cpu_sglang``) adds, in the SGLang process's environment only,
 ``SGLANG_USE_CPU_ENGINE=1`` (SGLang picks its CPU paths only through it) with
 ``rollout_server/sglang_cpu`` first on ``PYTHONPATH`` (its pure-torch ``sgl_kernel`` stand-in;
-the registry's is the CUDA build). The stand-in was checked against one
+the registry's is the CUDA build); with ``trainer.lora`` also ``UNPINNED_ENV``, under which the
+SGLang processes allocate unpinned where SGLang 0.5.23's LoRA code asks for pinned host memory
+(``rollout_server/sglang_cpu/sitecustomize.py`` says why). The stand-in was checked against one
 SGLang release: ``start()`` refuses another before launching anything.
 
 The server runs in its own session (process group) because SGLang forks scheduler and
@@ -51,7 +53,7 @@ from pathlib import Path
 from areal_like.daemon import die_with_parent
 from areal_like.net.auth import redact_argv
 from areal_like.net.distributed import free_port
-from areal_like.settings.config import EngineConfig, ModelConfig
+from areal_like.settings.config import EngineConfig, LoraConfig, ModelConfig
 from rollout_server.engine_reaper import GONE_TIMEOUT_S, shm_files
 
 log = logging.getLogger(__name__)
@@ -91,14 +93,18 @@ def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
         pass
 
 
-def sglang_command(model: ModelConfig, engine: EngineConfig, port: int, api_key: str | None = None) -> list[str]:
+def sglang_command(model: ModelConfig, engine: EngineConfig, port: int, api_key: str | None = None,
+                   lora: LoraConfig | None = None) -> list[str]:
     """The argv that starts SGLang for ``model`` with ``engine.sglang`` passed through; with
     ``api_key``, SGLang requires it on every request (``--api-key``: only on argv, which SGLang
-    offers; the log shows the argv redacted)."""
+    offers; the log shows the argv redacted); with ``lora`` enabled, serving adapters of its rank
+    and target modules (``lora_options``)."""
     if not model.path:
         raise ValueError("rollout.engine.kind=sglang needs model.path (a local HF model directory)")
     opts = {"model_path": model.path, "host": engine.host, "port": port, "weight_version": "0",
             "tp_size": engine.tp_size, "dtype": model.dtype}
+    if lora is not None and lora.enabled:
+        opts.update(lora_options(lora, cpu_mode(engine)))
     opts.update(engine.sglang)  # a pass-through value wins, ``dtype`` included
     if api_key:
         opts["api_key"] = api_key
@@ -116,6 +122,17 @@ def sglang_command(model: ModelConfig, engine: EngineConfig, port: int, api_key:
     return argv
 
 
+def lora_options(lora: LoraConfig, cpu: bool) -> dict:
+    """SGLang's LoRA flags for ``trainer.lora``: adapters of its rank on its target modules, room in
+    a batch for the live adapter, the one before it and the one being loaded; on CPU the pure-torch
+    kernels (``torch_native``: the default ``csgmv`` and ``triton`` need Triton on a GPU)."""
+    opts = {"enable_lora": True, "max_lora_rank": lora.rank,
+            "lora_target_modules": list(lora.target_modules), "max_loras_per_batch": 3}
+    if cpu:
+        opts["lora_backend"] = "torch_native"
+    return opts
+
+
 class StartAborted(RuntimeError):
     """``SGLangProcess.start`` gave up because a stop was requested (what it started is stopped)."""
 
@@ -125,18 +142,22 @@ def cpu_mode(engine: EngineConfig) -> bool:
     return str(engine.sglang.get("device", "")).lower() == "cpu"
 
 
-def sglang_env(engine: EngineConfig, base: dict[str, str] | None = None) -> dict[str, str] | None:
+def sglang_env(engine: EngineConfig, base: dict[str, str] | None = None,
+               lora: bool = False) -> dict[str, str] | None:
     """The SGLang process's environment: ``None`` (this one's) on a GPU; on CPU this one's plus
     ``SGLANG_USE_CPU_ENGINE=1`` and the ``sgl_kernel`` stand-in first on ``PYTHONPATH`` (then the
-    directory this project is imported from, which the stand-in imports its version pin from)."""
+    directory this project is imported from, which the stand-in imports its version pin from);
+    with ``lora``, also ``UNPINNED_ENV`` (rollout_server/sglang_cpu/sitecustomize.py)."""
     if not cpu_mode(engine):
         return None
-    from rollout_server.sglang_cpu import STANDIN_DIR
+    from rollout_server.sglang_cpu import STANDIN_DIR, UNPINNED_ENV
 
     env = dict(os.environ if base is None else base)
     rest = filter(None, env.get("PYTHONPATH", "").split(os.pathsep))
     paths = [str(STANDIN_DIR), str(STANDIN_DIR.parents[1]), *rest]
     env.update(SGLANG_USE_CPU_ENGINE="1", PYTHONPATH=os.pathsep.join(dict.fromkeys(paths)))
+    if lora:
+        env[UNPINNED_ENV] = "1"
     return env
 
 
@@ -154,8 +175,9 @@ class SGLangProcess:
     """One SGLang server subprocess: ``start()`` -> base URL once ``/health`` answers 200."""
 
     def __init__(self, model: ModelConfig, engine: EngineConfig, log_path: str | None = None,
-                 api_key: str | None = None):
+                 api_key: str | None = None, lora: LoraConfig | None = None):
         self.model, self.engine, self.api_key = model, engine, api_key
+        self.lora = lora if lora is not None and lora.enabled else None  # serve its adapters
         self.port = engine.port or free_port(engine.host if engine.host != "0.0.0.0" else "127.0.0.1")
         self.url = f"http://{engine.host}:{self.port}"
         self.log_path = log_path
@@ -174,7 +196,7 @@ class SGLangProcess:
             from rollout_server.sglang_cpu import check_sglang_version
 
             check_sglang_version(installed_sglang())
-        argv = sglang_command(self.model, self.engine, self.port, self.api_key)
+        argv = sglang_command(self.model, self.engine, self.port, self.api_key, self.lora)
         log.info("starting SGLang: %s", " ".join(redact_argv(argv)))
         # SGLang may print its server_args, the API key among them: its log is readable by this user only
         out = os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") \
@@ -182,7 +204,7 @@ class SGLangProcess:
         if out is not None:
             os.fchmod(out.fileno(), 0o600)  # also a log an earlier run left readable
         self.proc = spawn_tied(argv, stdout=out, stderr=subprocess.STDOUT if out else None,
-                               env=sglang_env(self.engine))
+                               env=sglang_env(self.engine, lora=self.lora is not None))
         reaper = [sys.executable, "-m", "rollout_server.engine_reaper", str(self.proc.pid)]
         self.reaper = subprocess.Popen(reaper, stdin=subprocess.PIPE, text=True,
                                        start_new_session=True,

@@ -43,6 +43,7 @@ from areal_like.net.transport import TransportTimeout
 from areal_like.settings.config import ConfigError, RolloutConfig, RunConfig
 from areal_like.tasks.task import make_task
 from areal_like.tasks.tokenizer import load_tokenizer
+from areal_like.weights.lora import adapter_config
 from areal_like.weights.versions import RuntimeVersions
 from areal_like.wire.protocol import (
     Ack,
@@ -65,7 +66,12 @@ from rollout_server.launch_sglang import stop_group
 from rollout_server.multiturn import EpisodeRunner
 from rollout_server.reward_pool import RewardPool, RewardPoolError
 from rollout_server.sglang_client import SGLangClient
-from rollout_server.weight_update import apply_weight_sync, engine_versions, require_local_engine
+from rollout_server.weight_update import (
+    apply_adapter_sync,
+    apply_weight_sync,
+    engine_versions,
+    require_local_engine,
+)
 
 LOOP_TICK_S = 0.2  # the main loop also wakes on events; the tick only bounds reaction to stop requests
 BUFFER_TIMEOUT_S = 5.0  # a healthy buffer answers in ms (one fsync per batch); 5 s means gone or wedged
@@ -158,7 +164,8 @@ class RolloutServer(Daemon):
 
             log_path = str(self.facts.run_dir / f"logs/sglang-{self.server_id}.log")
             os.makedirs(os.path.dirname(log_path), exist_ok=True)
-            self.engine = SGLangProcess(self.facts.model, ecfg, log_path, api_key=self.api_key)
+            self.engine = SGLangProcess(self.facts.model, ecfg, log_path, api_key=self.api_key,
+                                        lora=self.facts.lora)
             try:
                 self.engine.start(stop_requested=self.stop_requested.is_set)
             except StartAborted:  # stopped while SGLang started (it is stopped too): nothing to run
@@ -431,10 +438,17 @@ class RolloutServer(Daemon):
                        len(plan.buckets))
         self.syncing = True
         try:
-            done = await apply_weight_sync(self.client, plan, self.server_id, drain=self.rcfg.drain_on_update,
-                                           door=self.rcfg.engine.kind != "embedded",  # torch's own join: SGLang
-                                           inflight_drained=self.episodes_idle,
-                                           pause_mode=self.rcfg.pause_mode)
+            if self.facts.lora.enabled and self.rcfg.engine.kind == "sglang":  # the adapter alone
+                drained = self.episodes_idle if self.rcfg.drain_on_update else None
+                done = await apply_adapter_sync(self.client, plan, self.server_id,
+                                                adapter_config(self.facts.lora),
+                                                pause_mode=self.rcfg.pause_mode,
+                                                inflight_drained=drained)
+            else:
+                done = await apply_weight_sync(
+                    self.client, plan, self.server_id, drain=self.rcfg.drain_on_update,
+                    door=self.rcfg.engine.kind != "embedded",  # torch's own join: SGLang
+                    inflight_drained=self.episodes_idle, pause_mode=self.rcfg.pause_mode)
         finally:
             self.syncing = False
         if done.ok:

@@ -24,6 +24,16 @@ Shapes it relies on:
   was received and loaded; so does ``/update_weights_from_tensor`` (``serialized_named_tensors``:
   one base64 ForkingPickler payload per TP rank, ``load_format``, ``flush_cache``, ``weight_version``). The served version is read from ``/model_info`` (0.5.23 has no
   ``/weight_version`` route).
+* LoRA (a server started with ``--enable-lora``): ``/load_lora_adapter_from_tensors`` takes
+  ``lora_name``, ``config_dict`` (PEFT's adapter config) and ``serialized_named_tensors`` (one
+  payload per TP rank, each a ``{name: tensor}`` dict), ``/unload_lora_adapter`` a ``lora_name``
+  (it returns once no admitted request uses the adapter), ``/update_weight_version`` a
+  ``new_version``; each answers ``{"success", "error_message"}``. A ``/generate`` body names its
+  adapter with ``lora_path`` (none: the base model); SGLang resolves the name when it admits the
+  request, after a pause ends. ``adapter`` is the (name, policy version) this client's generate
+  calls send: a request runs under the adapter it named from admission to end (also when a
+  retracting pause resumes it), so its tokens are labelled with that adapter's version, not the
+  server's ``weight_version``.
 
 Retries (bounded, exponential backoff) and why they are safe:
 
@@ -59,7 +69,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
@@ -141,6 +151,13 @@ def parse_generate_output(body: Any) -> GenerateOutput:
         raise SGLangError("/generate", 200, f"unexpected response shape: {type(e).__name__}: {e}") from None
 
 
+def _under(out: GenerateOutput, adapter: tuple[str, int] | None) -> GenerateOutput:
+    """``out`` of a request that named ``adapter``: every token is that adapter's version."""
+    if adapter is None:
+        return out
+    return replace(out, weight_version=str(adapter[1]), weight_spans=[])
+
+
 class SGLangClient:
     """Async client for one SGLang server. Create inside a running event loop; ``close()`` it.
 
@@ -165,6 +182,7 @@ class SGLangClient:
         self.on_request = on_request
         self.on_response = on_response
         self.weight_session_supported: bool | None = None  # None: not probed yet
+        self.adapter: tuple[str, int] | None = None  # LoRA: what generate calls name, its version
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> SGLangClient:
@@ -246,11 +264,14 @@ class SGLangClient:
         """``POST /generate`` for one prompt and one sample (``n`` must be 1: a group's samples are
         requests of their own)."""
         body = self._generate_body(input_ids, sampling_params, rid, return_logprob)
+        named = self.adapter
+        if named is not None:
+            body["lora_path"] = named[0]
         _, out, _ = await self._call("POST", "/generate", body, timeout_s=timeout_s or self.generate_timeout_s,
                                      idempotent=False)
         if isinstance(out, list):
             raise SGLangError("/generate", 200, "got a batch answer to a single request (n > 1?)")
-        return parse_generate_output(out)
+        return _under(parse_generate_output(out), named)
 
     async def generate_batch(self, inputs: list[list[int]], sampling_params: list[dict], *,
                              timeout_s: float | None = None) -> list[GenerateOutput]:
@@ -258,12 +279,15 @@ class SGLangClient:
         params, ``n`` 1), answered in order in one response."""
         body = {"input_ids": [[int(t) for t in p] for p in inputs],
                 "sampling_params": [dict(p) for p in sampling_params], "return_logprob": True, "stream": False}
+        named = self.adapter
+        if named is not None:
+            body["lora_path"] = [named[0]] * len(inputs)
         _, out, _ = await self._call("POST", "/generate", body, timeout_s=timeout_s or self.generate_timeout_s,
                                      idempotent=False)
         if not isinstance(out, list) or len(out) != len(inputs):
             got = len(out) if isinstance(out, list) else 1
             raise SGLangError("/generate", 200, f"a batch of {len(inputs)} prompts got {got} answers")
-        return [parse_generate_output(o) for o in out]
+        return [_under(parse_generate_output(o), named) for o in out]
 
     @staticmethod
     def _generate_body(input_ids: list[int], sampling_params: dict, rid: str | None, return_logprob: bool) -> dict:
@@ -404,3 +428,24 @@ class SGLangClient:
         if weight_version is not None:
             body["weight_version"] = weight_version
         await self._call("POST", "/update_weights_from_disk", body, timeout_s=timeout_s, idempotent=False)
+
+    # ------------------------------------------------------------------ LoRA adapters
+    async def load_lora_adapter_from_tensors(self, name: str, config: dict, serialized: list[str],
+                                             *, timeout_s: float | None = None) -> None:
+        """Load an adapter as ``name``: ``serialized`` holds one payload per TP rank (a base64
+        ForkingPickler dump of ``{name: tensor}``), ``config`` PEFT's adapter config."""
+        body = {"lora_name": name, "config_dict": dict(config),
+                "serialized_named_tensors": list(serialized)}
+        await self._call("POST", "/load_lora_adapter_from_tensors", body, timeout_s=timeout_s,
+                         idempotent=False)
+
+    async def unload_lora_adapter(self, name: str, *, timeout_s: float | None = None) -> None:
+        """Unload adapter ``name``; returns once no admitted request uses it."""
+        await self._call("POST", "/unload_lora_adapter", {"lora_name": name}, timeout_s=timeout_s,
+                         idempotent=False)
+
+    async def update_weight_version(self, version: str, *, timeout_s: float | None = None) -> None:
+        """Label what the engine serves from now on ``version`` (no weights change)."""
+        body = {"new_version": version, "abort_all_requests": False}
+        await self._call("POST", "/update_weight_version", body, timeout_s=timeout_s,
+                         idempotent=True)

@@ -37,6 +37,18 @@ session and with the same version/flush rule; ``disk``: step 3 is one ``/update_
 of the directory ``plan.payloads[0]`` with the version label (no session: SGLang loads a whole
 checkpoint through its own path).
 
+LoRA on SGLang (``apply_adapter_sync``, ``trainer.lora.rank > 0``, path ``tensor``): the plan's
+one payload is the whole adapter (``{name: tensor}``, trainer/weight_local.py). It is loaded as an
+adapter of its own (``/load_lora_adapter_from_tensors``, named after the version and the plan)
+while generation goes on; then the client's generate calls start naming it, the engine pauses as
+above (after a drain, in drain mode), its label becomes the version (``/update_weight_version``), ``/continue_generation``
+always (a failure names the old adapter again). Requests aborted by the pause resubmit under the
+new adapter; one a retracting pause
+resumes keeps the adapter it was admitted with, and every token is labelled with the version of
+the adapter its request named (rollout_server/sglang_client.py), so versions stay exact. The
+previous adapter stays loaded until the next sync, which unloads it in the background (SGLang
+returns once no request uses it): at most three are live.
+
 ``engine_versions(kind, server_info)`` gives the engine's torch/CUDA/NCCL versions, which
 the server reports in ``Register`` so the trainer can refuse a peer that cannot share its group.
 
@@ -66,6 +78,9 @@ CONTINUE_TIMEOUT_S = 30.0  # continue runs even after the deadline passed; it mu
 DRAIN_SHARE = 0.5  # at most this share of the deadline is spent letting in-flight requests finish
 _DOORS: dict[str, StoreDoor] = {}  # engine URL -> the door its store connection to its current group runs through
 _JOINED: dict[str, str] = {}  # engine URL -> the group its engine was last told to join
+_RETIRED: dict[str, list[str]] = {}  # engine URL -> adapters no generate call names any more
+_unloading: set[asyncio.Task] = set()  # unloads in the background (held: tasks are not collected)
+UNLOAD_TIMEOUT_S = 600.0  # an unload returns when the last request under the adapter ends
 
 
 class _Deadline:
@@ -131,6 +146,59 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
             ok = ok and not reason
             pause_s = time.monotonic() - paused_at
     return SyncDone(server_id=server_id, policy_version=plan.policy_version, ok=ok, reason=reason, pause_s=pause_s)
+
+
+async def apply_adapter_sync(client: SGLangClient, plan: WeightSyncPlan, server_id: str,
+                             config: dict, *, pause_mode: str = "abort",
+                             inflight_drained: Callable[[], Awaitable[None]] | None = None
+                             ) -> SyncDone:
+    """Load ``plan``'s adapter (PEFT ``config``) into an SGLang engine started with LoRA and make
+    it the one generate calls name; never raises, never leaves the engine paused. With
+    ``inflight_drained`` (drain mode) the pause waits for it, as ``apply_weight_sync`` does."""
+    member = any(m.server_id == server_id for m in plan.members)
+    one = plan.path == "tensor" and len(plan.payloads) == 1
+    refusal = "this server is not a member of the plan" if not member else "" if one else \
+        f"an adapter reaches SGLang as one tensor payload, not by path {plan.path!r}"
+    if refusal:
+        return SyncDone(server_id=server_id, policy_version=plan.policy_version, ok=False,
+                        reason=refusal)
+    deadline = _Deadline(plan.deadline_s)
+    name, old = f"policy-v{plan.policy_version}-{plan.plan_id}", client.adapter
+    paused_at, reason, loaded = None, "", False
+    try:
+        await client.load_lora_adapter_from_tensors(name, config, plan.payloads,
+                                                    timeout_s=deadline.left())
+        loaded = True
+        for stale in _RETIRED.pop(client.base_url, []):  # no request names it since a sync ago
+            _unloading.add(task := asyncio.create_task(_unload(client, stale)))
+            task.add_done_callback(_unloading.discard)
+        client.adapter = (name, plan.policy_version)  # before the pause: what it aborts resubmits
+        if inflight_drained is not None:
+            await _drain(inflight_drained, plan.deadline_s * DRAIN_SHARE, deadline)
+        paused_at = time.monotonic()
+        await client.pause_generation(pause_mode, timeout_s=deadline.left())
+        await client.update_weight_version(str(plan.policy_version), timeout_s=deadline.left())
+        if old is not None:
+            _RETIRED.setdefault(client.base_url, []).append(old[0])
+    except (SGLangError, TimeoutError, asyncio.TimeoutError) as e:
+        reason = f"{type(e).__name__}: {e}" if not isinstance(e, SGLangError) else str(e)
+        log.warning("adapter sync v%d failed: %s", plan.policy_version, reason)
+        if loaded:  # named by no later request (one named it meanwhile is labelled with it)
+            client.adapter = old
+            _RETIRED.setdefault(client.base_url, []).append(name)
+    pause_s = 0.0
+    if paused_at is not None:
+        reason = await _continue(client, reason)
+        pause_s = time.monotonic() - paused_at
+    return SyncDone(server_id=server_id, policy_version=plan.policy_version, ok=not reason,
+                    reason=reason, pause_s=pause_s)
+
+
+async def _unload(client: SGLangClient, name: str) -> None:
+    try:
+        await client.unload_lora_adapter(name, timeout_s=UNLOAD_TIMEOUT_S)
+    except SGLangError as e:
+        log.warning("could not unload the retired adapter %s: %s", name, e)
 
 
 async def _load_broadcast(client: SGLangClient, plan: WeightSyncPlan, load_format: str | None,

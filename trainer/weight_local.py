@@ -10,6 +10,9 @@ an engine on the same GPU (``launch/placement.py``) the weights reach the engine
   memory and copies from it, no bytes travel; CPU tensors pickle to shared-memory file names
   (torch's ``file_system`` sharing strategy: unrelated processes can open them, unlike the
   default file descriptors), which is how the path is tested without a GPU;
+  a LoRA adapter (one bucket, ``trainer.weight_sync.push_buckets``) is a ``{name: tensor}`` dict
+  instead, what SGLang's ``/load_lora_adapter_from_tensors`` reads
+  (rollout_server/weight_update.py);
 * ``disk`` (``/update_weights_from_disk``): rank 0 writes an HF directory (``config.json`` and
   ``model.safetensors``) under a private temporary directory and the engine loads it.
 
@@ -42,6 +45,7 @@ from pathlib import Path
 import torch
 
 from areal_like.settings.config import WeightSyncConfig
+from areal_like.weights.lora import is_adapter
 from areal_like.wire.protocol import BucketSpec, SyncMember
 from areal_like.wire.weight_wire import layout, pack, unpack
 from trainer.weight_buckets import Sender, gather
@@ -64,9 +68,9 @@ def _shared_by_file_name() -> Iterator[None]:
         mp.set_sharing_strategy(old)
 
 
-def tensor_payload(named: list[tuple[str, torch.Tensor]]) -> str:
+def tensor_payload(named: list[tuple[str, torch.Tensor]] | dict[str, torch.Tensor]) -> str:
     """SGLang's ``serialized_named_tensors`` entry for ``named`` (one TP rank): base64 of the
-    ForkingPickler dump."""
+    ForkingPickler dump (a list of pairs for a weight update, a dict for an adapter)."""
     from multiprocessing.reduction import ForkingPickler
 
     buf = io.BytesIO()
@@ -116,9 +120,11 @@ class TensorSender(LocalSender):
     PATH = "tensor"
 
     def payloads(self, model, version, buckets, tensors) -> list[str]:
-        return [self._bucket_payload(b, ts) for b, ts in zip(buckets, tensors)]
+        adapter = all(is_adapter(n) for b in buckets for n in b.names)  # SGLang reads it as a dict
+        views = [self._bucket_views(b, ts) for b, ts in zip(buckets, tensors)]
+        return [tensor_payload(v if adapter else list(v.items())) for v in views]
 
-    def _bucket_payload(self, b: BucketSpec, tensors: list[torch.Tensor]) -> str:
+    def _bucket_views(self, b: BucketSpec, tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         tensor_layout, nbytes = layout(b.names, b.dtypes, b.shapes)
         flat = torch.empty(nbytes, dtype=torch.uint8, device=tensors[0].device)
         if flat.device.type == "cpu":
@@ -126,7 +132,7 @@ class TensorSender(LocalSender):
                 flat.share_memory_()  # in shared memory before the pack: the dump copies nothing
         pack(tensors, flat)
         self._held.append(flat)
-        return tensor_payload(list(unpack(flat, tensor_layout).items()))
+        return unpack(flat, tensor_layout)
 
 
 class DiskSender(LocalSender):

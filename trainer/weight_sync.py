@@ -28,6 +28,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -43,7 +44,7 @@ from areal_like.net.peers import TRAINER_PEER
 from areal_like.net.security import Keys
 from areal_like.net.transport import TransportTimeout
 from areal_like.settings.config import WeightSyncConfig
-from areal_like.weights.lora import synced_parameters
+from areal_like.weights.lora import is_adapter, synced_parameters
 from areal_like.weights.versions import RuntimeVersions, local_versions, mismatch
 from areal_like.wire.protocol import (
     WEIGHT_PATHS,
@@ -78,6 +79,13 @@ CATCH_UP_PUSHES = 3  # re-pushes of the final version before catch_up gives up o
 # weight_sync.path -> its sender
 SENDERS = {"distributed": GroupSender, "tensor": TensorSender, "disk": DiskSender}
 assert SENDERS.keys() == WEIGHT_PATHS.keys()  # every path a plan may name has its sender
+
+
+def push_buckets(params, send_dtype: str, bucket_mb: float) -> list[BucketSpec]:
+    """The buckets a push of ``params`` sends: of at most ``bucket_mb``, but a LoRA adapter is ONE
+    bucket (an SGLang engine loads an adapter only whole, from one tensor payload)."""
+    limit = sys.maxsize if params and is_adapter(params[0][0]) else int(bucket_mb * 1024 * 1024)
+    return plan_buckets([(n, list(p.shape), send_dtype) for n, p in params], limit)
 
 
 @dataclass
@@ -140,8 +148,7 @@ class WeightBroadcaster:
         deadline = t_start + self.cfg.deadline_s
         report = SyncReport(version=version)
         params = synced_parameters(model)  # LoRA: the adapter alone
-        buckets = plan_buckets([(n, list(p.shape), self.send_dtype) for n, p in params],
-                               int(self.cfg.bucket_mb * 1024 * 1024))
+        buckets = push_buckets(params, self.send_dtype, self.cfg.bucket_mb)
         t_gather = time.monotonic()
         self.sender.stage(model, params, buckets, report)
         report.transfer_s = time.monotonic() - t_gather

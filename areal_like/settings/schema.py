@@ -274,6 +274,7 @@ class WeightSyncConfig:
 
 
 # Qwen2 / Llama / Qwen3 names of every linear layer in a decoder block (PEFT's usual "all-linear")
+LORA_PATHS = {"embedded": "distributed", "sglang": "tensor"}  # engine kind -> its adapter's path
 LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -375,9 +376,10 @@ class TrainerConfig:
         if self.lora.enabled:  # the KL reference is the base itself, the adapter switched off
             _check("trainer.ref_path", self.ref_path is None, "unset with trainer.lora.rank > 0 "
                    "(the reference is the base model without the adapter)", self.ref_path)
-            _check("trainer.weight_sync.path", self.weight_sync.path in ("auto", "distributed"),
-                   "auto or distributed with trainer.lora.rank > 0 (only the group path sends the "
-                   "adapter alone)", self.weight_sync.path)
+            path = self.weight_sync.path
+            _check("trainer.weight_sync.path", path in ("auto", *LORA_PATHS.values()),
+                   "auto, distributed (embedded engines) or tensor (SGLang) with "
+                   "trainer.lora.rank > 0 (the paths that send the adapter alone)", path)
 
 
 @dataclass(kw_only=True)
@@ -489,10 +491,22 @@ class RunConfig:
         _check("model.dtype", not self.trainer.lora.enabled or self.model.dtype == "float32",
                "float32 with trainer.lora.rank > 0 (LoRA with mixed precision is not supported yet)",
                self.model.dtype)
-        lora_ok = not self.trainer.lora.enabled or self.rollout.engine.kind == "embedded"
-        _check("rollout.engine.kind", lora_ok,
-               "embedded with trainer.lora.rank > 0 (adapter sync to SGLang is not built yet)",
-               self.rollout.engine.kind)
+        if self.trainer.lora.enabled:
+            self._check_lora_engine()
+
+    def _check_lora_engine(self) -> None:
+        """What serves LoRA (trainer/WEIGHT_SYNC.md): an embedded engine over the group path, an
+        SGLang this job starts over the tensor path (one adapter payload, one TP rank)."""
+        engine, path = self.rollout.engine, self.trainer.weight_sync.path
+        _check("rollout.engine.kind", engine.kind in LORA_PATHS, "embedded or sglang with "
+               "trainer.lora.rank > 0 (an attached engine is not started with LoRA enabled)",
+               engine.kind)
+        _check("trainer.weight_sync.path", path in ("auto", LORA_PATHS[engine.kind]),
+               f"auto or {LORA_PATHS[engine.kind]} with trainer.lora.rank > 0 and "
+               f"rollout.engine.kind={engine.kind}", path)
+        if engine.kind == "sglang":
+            _check("rollout.engine.tp_size", engine.tp_size == 1, "1 with trainer.lora.rank > 0 "
+                   "(the adapter goes to SGLang as one payload, for one TP rank)", engine.tp_size)
 
     def resolve_path(self, p: str) -> Path:
         """A path from the config, relative to run_dir unless absolute."""

@@ -1,0 +1,145 @@
+"""LoRA with the real SGLang on CPU: an SGLang server started for a job with ``trainer.lora``
+(rollout_server/launch_sglang.py: ``--enable-lora``, the job's rank and target modules, the
+``torch_native`` LoRA kernels) gets each version's adapter alone (trainer/weight_local.py's tensor
+payload, rollout_server/weight_update.py's ``apply_adapter_sync``) and then samples what the
+trainer's model WITH that adapter scores, not what the base scores; a second adapter changes them
+again; a sync in the middle of a generation labels every token with the adapter that sampled it.
+
+The server is this module's own (LoRA is a launch flag), started once and stopped by PID."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+import torch
+from sglang_kit import Server, cpu_engine, model_config
+from test_sglang_weights import PROMPTS, TOL, _engine_logprobs, _until_decoding
+
+from areal_like.settings.config import LoraConfig, WeightSyncConfig
+from areal_like.weights.hf import build_model
+from areal_like.weights.lora import adapter_config, add_adapters, synced_parameters
+from areal_like.wire.protocol import WeightSyncPlan
+from rollout_server.episode import generate_sample
+from rollout_server.launch_sglang import SGLangProcess
+from rollout_server.sglang_client import SGLangClient
+from rollout_server.weight_update import apply_adapter_sync
+from trainer.logprob_guard import trainer_logprobs
+from trainer.weight_local import TensorSender
+from trainer.weight_sync import SyncReport, push_buckets
+
+LORA = LoraConfig(rank=8, alpha=16.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                       "gate_proj", "up_proj", "down_proj"])
+APART = 100 * TOL  # an adapter that moves the log-probs by less would not show it was applied
+
+
+@pytest.fixture(scope="module")
+def lora_server(model_dir, tmp_path_factory):
+    key = uuid.uuid4().hex
+    log = tmp_path_factory.mktemp("sglang-lora-log") / "sglang.log"
+    proc = SGLangProcess(model_config(model_dir), cpu_engine(), log_path=str(log), api_key=key,
+                         lora=LORA)
+    server = Server(proc=proc.start(), model_dir=model_dir, api_key=key)
+    try:
+        yield server
+    finally:
+        server.proc.stop()
+
+
+def _lora_model(seed: int | None) -> torch.nn.Module:
+    """The session's base (init seed 0) with LORA's adapters: B from ``seed`` (None: PEFT's
+    zero B, the base itself), as a trained adapter would be."""
+    model = add_adapters(build_model(model_config(init_seed=0)), LORA)
+    if seed is not None:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".lora_B." in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model.eval()
+
+
+def _client(server) -> SGLangClient:
+    return SGLangClient(server.url, api_key=server.api_key, timeout_s=120)
+
+
+async def sync_adapter(client, model, version: int, pause_mode: str = "abort") -> None:
+    """What a push of ``model`` as ``version`` gives a rollout server: the trainer's tensor path
+    (the adapter alone, staged and routed as ``WeightBroadcaster.push`` does), then the server's
+    side of it."""
+    params = synced_parameters(model)
+    buckets = push_buckets(params, "float32", bucket_mb=0.01)  # WeightBroadcaster.push's
+    sender = TensorSender(WeightSyncConfig(path="tensor"), "gloo", 0, "float32")
+    sender.stage(model, params, buckets, SyncReport(version=version))
+    try:
+        plan = WeightSyncPlan(policy_version=version, buckets=buckets, backend="gloo",
+                              plan_id=uuid.uuid4().hex[:12],
+                              deadline_s=120, **sender.route(version, [("s", 1)]))
+        assert len(buckets) == len(plan.payloads) == 1  # the whole adapter, bucket_mb or not
+        done = await apply_adapter_sync(client, plan, "s", adapter_config(LORA),
+                                        pause_mode=pause_mode)
+    finally:
+        sender.done()
+        sender.close()
+    assert done.ok, done.reason
+    assert await client.weight_version() == str(version)
+
+
+def scored(outs, model, temperature: float) -> float:
+    """The largest difference between the engine's log-probs and ``model``'s for its tokens."""
+    return max(abs(a - b) for prompt, out in zip(PROMPTS, outs)
+               for a, b in zip(out.logprobs, trainer_logprobs(model, prompt, out.output_ids,
+                                                              temperature, torch.device("cpu"))))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_after_an_adapter_sync_sglang_samples_what_the_trainer_with_the_adapter_scores(
+    lora_server, temperature
+):
+    base, first, second = _lora_model(None), _lora_model(1), _lora_model(2)
+    scale = temperature or 1.0  # greedy: SGLang reports the log-probs at temperature 1
+
+    async def scenario():
+        async with _client(lora_server) as client:
+            await sync_adapter(client, first, 1)
+            outs = await _engine_logprobs(client, temperature)
+            assert {o.weight_version for o in outs} == {"1"}
+            assert scored(outs, first, scale) < TOL, "the engine does not serve the adapter"
+            assert scored(outs, base, scale) > APART, "the adapter changed nothing"
+            await sync_adapter(client, second, 2)
+            again = await _engine_logprobs(client, temperature)
+            assert {o.weight_version for o in again} == {"2"}
+            assert scored(again, second, scale) < TOL, "the engine serves an old adapter"
+            assert scored(again, first, scale) > APART
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("pause_mode", ["abort", "retract"])
+def test_an_adapter_sync_mid_generation_labels_every_token_with_the_adapter_that_sampled_it(
+    lora_server, pause_mode
+):
+    models = {10: _lora_model(3), 11: _lora_model(4)}
+
+    async def scenario():
+        async with _client(lora_server) as client:
+            await sync_adapter(client, models[10], 10)
+            version = 10
+            prompt = PROMPTS[0]
+            job = asyncio.create_task(generate_sample(
+                client, prompt, {"temperature": 1.0, "ignore_eos": True}, 1500, lambda: version))
+            await _until_decoding(client, 200)
+            await sync_adapter(client, models[11], 11, pause_mode=pause_mode)
+            version = 11
+            return prompt, await job
+
+    prompt, sample = asyncio.run(scenario())
+    assert len(sample.output_ids) == 1500 and sample.versions[0] == 10
+    assert sample.versions == sorted(sample.versions)
+    assert pause_mode == "retract" or sample.versions[-1] == 11  # aborted: resumed under v11
+    scores = {v: trainer_logprobs(m, prompt, sample.output_ids, 1.0, torch.device("cpu"))
+              for v, m in models.items()}
+    worst = max(abs(lp - scores[v][i]) for i, (lp, v) in enumerate(zip(sample.logprobs,
+                                                                       sample.versions)))
+    assert worst < TOL, f"a token's log-prob differs by {worst:.2e} from its labelled adapter's"
