@@ -4,13 +4,14 @@ Starts ``python -m launch.cli run experiment=quickstart`` (the quickstart's tiny
 with settings that make a week of bookkeeping happen in minutes: unbounded trainer steps (the
 script stops the job), a checkpoint every ``--checkpoint-every`` versions with
 ``trainer.keep_checkpoints=2``, an export every ``--export-every`` versions with ``export.keep=2``,
-WAL segments of 1 MiB, logs and ``metrics/scrape.jsonl`` rotated past ``--log-max-mb``, no
-evaluation. Every ``--sample-s`` seconds it records, for every process of the job (the supervisor,
-each daemon named in ``<run_dir>/ports.json`` and every descendant of a daemon: reward workers,
-torchrun's ranks), its RSS (``VmRSS`` in /proc/PID/status), open files (entries of /proc/PID/fd)
-and threads, and the run directory's apparent size per entry (``checkpoints/``, ``export/``,
-``wal/``, ``tracking/``, ``samples.jsonl``, ...; ``logs/`` and ``metrics/`` per file, a rotated
-``name.N`` counted with ``name``), plus the trainer's latest policy version. Samples go to
+WAL segments of ``--segment-mb`` (16 MiB), logs and ``metrics/scrape.jsonl`` rotated past
+``--log-max-mb``, no evaluation. Every ``--sample-s`` seconds it records, for every process of
+the job (the supervisor, each daemon named in ``<run_dir>/ports.json`` and every descendant of a
+daemon: reward workers, torchrun's ranks), its RSS (``VmRSS`` in /proc/PID/status), open files
+(entries of /proc/PID/fd) and threads, and the run directory's apparent size per entry
+(``checkpoints/``, ``export/``, ``wal/``, ``tracking/``, ``samples.jsonl``, ...; ``logs/`` and
+``metrics/`` per file, a rotated ``name.N`` counted with ``name``; what is written once at start
+as ``other``), plus the trainer's latest policy version. Samples go to
 ``--samples`` (JSONL, one line per sample).
 
 At the end it prints one JSON line per case (the benchmarks' convention: ``name``, ``figure``,
@@ -287,7 +288,8 @@ def overrides(run_dir: Path, args: argparse.Namespace) -> list[str]:
     return ["experiment=quickstart", f"run_dir={run_dir}", "trainer.steps=100000000",
             f"trainer.checkpoint_every={args.checkpoint_every}", "trainer.keep_checkpoints=2",
             f"export.every={args.export_every}", "export.keep=2", "export.at_end=false",
-            "eval.at_end=false", "eval.every=0", f"buffer.segment_bytes={1 << 20}",
+            "eval.at_end=false", "eval.every=0",
+            f"buffer.segment_bytes={int(args.segment_mb * 2**20)}",
             f"launch.log_max_mb={args.log_max_mb}", f"launch.log_backups={LOG_BACKUPS}",
             "launch.restarts=0"]
 
@@ -335,7 +337,8 @@ def soak(root: Path, args: argparse.Namespace) -> list[dict]:
     seen: dict[int, float] = {}
     t0 = time.time()
     with open(root / "cli.log", "wb") as log, open(args.samples, "w") as out:
-        config = {"argv": argv[2:], "log_max_mb": args.log_max_mb, "log_backups": LOG_BACKUPS}
+        config = {"argv": argv[2:], "log_max_mb": args.log_max_mb, "log_backups": LOG_BACKUPS,
+                  "segment_mb": args.segment_mb}
         out.write(json.dumps({"config": config}) + "\n")
         cli = subprocess.Popen(argv, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                stderr=subprocess.STDOUT, start_new_session=True)
@@ -370,6 +373,9 @@ def main() -> None:
     ap.add_argument("--sample-s", type=float, default=15.0, help="seconds between samples")
     ap.add_argument("--checkpoint-every", type=int, default=50)
     ap.add_argument("--export-every", type=int, default=200)
+    ap.add_argument("--segment-mb", type=float, default=16.0,
+                    help="buffer.segment_bytes in MiB: small, so that WAL segments rotate within "
+                         "the run, yet above the dedupe ids each rotation's control record holds")
     ap.add_argument("--log-max-mb", type=float, default=0.05,
                     help="launch.log_max_mb: small, so that logs and scrapes rotate within the run")
     ap.add_argument("--warmup-frac", type=float, default=0.25)
