@@ -22,8 +22,9 @@ At the end it prints one JSON line per case (the benchmarks' convention: ``name`
 * ``soak_fds/<proc>``: the same for open files; goal ratio <= 1.10.
 * ``soak_disk/<entry>``: KB the entry grows per 1,000 versions after warm-up (least squares). The
   goal follows the README's "Long runs: disk use" table: an entry held by retention
-  (``checkpoints``, ``export``, ``wal``) has ``ratio`` = its largest size in the second half of
-  the post-warm-up samples over the largest in the first half, goal <= 1.10; a rotated one
+  (``checkpoints``, ``export``, ``wal``) has ``ratio`` = its median size in the second half of
+  the post-warm-up samples over the median in the first half, goal <= 1.10 (``max_kb``: the
+  largest, e.g. a checkpoint written before the oldest is deleted); a rotated one
   (``logs/<daemon>.log``, ``metrics/scrape.jsonl``) its largest size ever over its bound
   log_max_mb x (log_backups + 1), goal <= 1; one with no bound (``metrics/trainer.jsonl``,
   ``tracking``, ``samples.jsonl``) its growth per day at a GPU job's 2,880 steps a day.
@@ -191,6 +192,13 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def _median(xs: list[float]) -> float:
+    """The median (0 for none): a checkpoint caught while written beside the ones kept is one
+    sample, not a trend."""
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2 if xs else 0
+
+
 def _at(series: list[tuple[float, float]], t: float) -> float:
     """The value of the sample nearest to time t."""
     return min(series, key=lambda p: abs(p[0] - t))[1]
@@ -220,21 +228,22 @@ def proc_case(kind: str, name: str, series: list[tuple[float, int, float]], ph: 
 def disk_case(entry: str, series: list[tuple[float, int | None, int]], ph: dict,
               rotate_bytes: float | None = None) -> dict:
     """One run-directory entry's ``soak_disk`` line from (t, version, bytes) samples: growth per
-    1,000 versions after warm-up as the figure; for a retained entry ``ratio`` = its largest size
-    in the second half of the post-warm-up samples over the largest in the first half; for a
+    1,000 versions after warm-up as the figure; for a retained entry ``ratio`` = its median size
+    in the second half of the post-warm-up samples over the median in the first half; for a
     rotated one (``rotate_bytes`` = launch.log_max_mb in bytes) its largest size over the bound
     rotate_bytes x (log_backups + 1) (``rotate_bytes`` already multiplied); otherwise no goal but
     the growth per day at a GPU job's step rate."""
     post = [(t, v, y) for t, v, y in series if t >= ph["warm"] and v is not None]
     half = (ph["warm"] + ph["end"]) / 2
-    first = max((y for t, _, y in post if t < half), default=0)
-    second = max((y for t, _, y in post if t >= half), default=0)
+    first = _median([y for t, _, y in post if t < half])
+    second = _median([y for t, _, y in post if t >= half])
     per_k = slope([v for _, v, _ in post], [y for _, _, y in post]) * 1000
     case = {"name": f"soak_disk/{entry}", "figure": round(per_k / 1024, 2),
             "unit": "KB per 1000 versions", "baseline": round(first / 1024, 1),
             "ratio": round(second / first, 3) if first else None}
     if entry.startswith(RETAINED):
         case["goal"] = f"retained: ratio <= {GOAL_RATIO} (flat after warm-up)"
+        case["max_kb"] = round(max(y for _, _, y in series) / 1024, 1)
     elif entry.startswith(ROTATED) and rotate_bytes:
         top = max(y for _, _, y in series)
         case.update(baseline=round(rotate_bytes / 1024, 1), ratio=round(top / rotate_bytes, 3),
@@ -357,6 +366,8 @@ def soak(root: Path, args: argparse.Namespace) -> list[dict]:
                     cli.wait(timeout=max(0.0, min(args.sample_s, deadline - time.time())))
                 except subprocess.TimeoutExpired:
                     pass
+        except KeyboardInterrupt:  # SIGINT or SIGTERM: stop early, summarize what ran
+            pass
         finally:
             rc = cli.poll()
             stop_job(cli, seen)
@@ -385,6 +396,9 @@ def main() -> None:
     ap.add_argument("--root", help="directory for the run (default: a new temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the run directory")
     args = ap.parse_args()
+    # SIGINT is ignored in a shell's background job: both signals end the soak early, cleanly
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if args.from_samples:
         rows = [json.loads(line) for line in open(args.from_samples) if line.strip()]
         samples = [r for r in rows if "t" in r]

@@ -108,3 +108,10 @@ def test_a_loaded_machine_puts_a_warning_on_every_line():
     samples[5]["load"] = 9.0
     cases = soak.summarize(samples, cores=2)
     assert all("load average up to 9.0 on 2 cores" in c["warning"] for c in cases)
+
+
+def test_a_checkpoint_caught_while_written_is_not_growth_but_shows_as_the_largest_size():
+    samples = _samples()
+    samples[-3]["disk"]["wal"] = 1500  # one sample: the new one written before the oldest goes
+    wal = {c["name"]: c for c in soak.summarize(samples, cores=2)}["soak_disk/wal"]
+    assert wal["ratio"] == 1.0 and wal["max_kb"] == round(1500 / 1024, 1)
