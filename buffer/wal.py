@@ -91,6 +91,7 @@ class WriteAheadLog:
         self.fsync_policy, self.segment_bytes = fsync, segment_bytes
         self._fd: int | None = None
         self.segment = self._segment_size = 0  # current segment number, its size
+        self._checkpoint_size = 0  # bytes of the checkpoint that opens the current segment
         self._live: dict[int, set[str]] = {}  # segment -> unconsumed group ids recorded in it
         self._where: dict[str, int] = {}  # group id -> segment
         self._readers: dict[int, int] = {}  # segment -> read-only fd for read_group
@@ -188,6 +189,7 @@ class WriteAheadLog:
         self._segment_size = self._written = 0
         self._live[self.segment] = set()
         self.append_control({**checkpoint, "checkpoint": True})
+        self._checkpoint_size = self._segment_size
         self._fsync_dir()
         self.commit(force=True)
         self.compact()
@@ -407,9 +409,12 @@ class WriteAheadLog:
         return self._segment_size
 
     def maybe_rotate(self, checkpoint: Callable[[], dict], *, force: bool = False) -> bool:
-        """Open a new segment when the current one is full (or now, with ``force``: a full disk
-        compacts what was consumed without waiting for the segment to fill)."""
-        if self._segment_size < self.segment_bytes and not force:
+        """Open a new segment when the records after its opening checkpoint fill ``segment_bytes``
+        (or now, with ``force``: a full disk compacts what was consumed without waiting for the
+        segment to fill). The checkpoint does not count: one larger than a segment (the dedupe ids
+        of a long run in small segments) would otherwise rotate again at every loop iteration,
+        each rotation writing it once more."""
+        if self._segment_size - self._checkpoint_size < self.segment_bytes and not force:
             return False
         if self._queue and self._syncer is None:  # records waiting for space belong to this segment
             return False

@@ -496,3 +496,21 @@ def test_an_intact_record_between_damage_and_a_torn_tail_is_kept(tmp_path):
     assert [(r[0], r[1]) for r in recs if r[0] != "C"] == [
         ("G", "s0-La"), ("D", "s0-Lb"), ("G", "s0-Lc"), ("D", "")]
     assert wal.corrupt_records == 2 and path.stat().st_size == intact_end  # the torn tail was cut
+
+
+def test_a_checkpoint_larger_than_a_segment_does_not_rotate_by_itself(tmp_path):
+    # A long run's checkpoint holds its dedupe ids (up to 400,000): in segments smaller than
+    # it, counting it rotated at every loop iteration, writing it again each time (soak run).
+    wal = WriteAheadLog(tmp_path, segment_bytes=1000)
+    list(wal.replay())
+    big = {"seen": [f"rollout-0-{i:08d}" for i in range(200)]}  # ~4 KB: larger than a segment
+    wal.open(big)
+    assert wal.segment_size > wal.segment_bytes
+    assert not wal.maybe_rotate(lambda: big) and wal.segments() == [1]
+    wal.append_group("a", b"." * 600)
+    assert not wal.maybe_rotate(lambda: big)  # 600 bytes of records: not full yet
+    wal.append_group("b", b"." * 600)
+    wal.commit()
+    assert wal.maybe_rotate(lambda: big) and wal.segments() == [1, 2]
+    assert not wal.maybe_rotate(lambda: big) and wal.segments() == [1, 2]
+    wal.close()
