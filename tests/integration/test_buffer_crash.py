@@ -95,6 +95,8 @@ def stored_groups(address: str, timeout_s: float) -> list:
     trainer = Client(address, timeout_s=timeout_s)
     try:
         stored = trainer.request(P.StatsRequest()).values["stored"]
+        if stored == 0:  # a BatchRequest asks for at least one group
+            return []
         return trainer.request(P.BatchRequest(n_groups=stored, trainer_version=0, wait_s=1.0)).groups
     finally:
         trainer.close()
