@@ -117,6 +117,8 @@ def sglang_command(model: ModelConfig, engine: EngineConfig, port: int, api_key:
             continue
         elif isinstance(value, (list, tuple)):
             argv += [flag, *map(str, value)]
+        elif str(value).startswith("-"):  # a separate word would parse as a flag: an API key
+            argv.append(f"{flag}={value}")  # from token_urlsafe starts with "-" 1 time in 64
         else:
             argv += [flag, str(value)]
     return argv

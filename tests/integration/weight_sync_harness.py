@@ -61,13 +61,14 @@ def start_pusher(spawn_python, cfg_path: Path, out: Path, pushes: list[dict]):
     return spawn_python(RUNNER, [PUSHER, cfg_path, out, json.dumps(pushes)], capture=False)
 
 
-def _faulty_client(url: str, fault: str | None, pid: int | None, killed: threading.Event):
+def _faulty_client(url: str, fault: str | None, pid: int | None, killed: threading.Event,
+                   group: bool = False, api_key: str | None = None):
     from rollout_server.sglang_client import SGLangClient
 
     def kill() -> None:
         if not killed.is_set():
             killed.set()
-            os.kill(pid, signal.SIGKILL)
+            (os.killpg if group else os.kill)(pid, signal.SIGKILL)
 
     class FaultyClient(SGLangClient):
         async def init_weights_update_group(self, **kw) -> None:
@@ -86,7 +87,7 @@ def _faulty_client(url: str, fault: str | None, pid: int | None, killed: threadi
                 kill()
             return ok
 
-    return FaultyClient(url, timeout_s=60)
+    return FaultyClient(url, api_key=api_key, timeout_s=60)
 
 
 class Driver(threading.Thread):
@@ -94,9 +95,12 @@ class Driver(threading.Thread):
     it reported, in order; ``results[version]``: ``(ok, seconds)`` of the last plan of that version."""
 
     def __init__(self, server_id: str, url: str, address: str, *, fault: str | None = None,
-                 engine_pid: int | None = None, fresh: bool = False):
+                 engine_pid: int | None = None, fresh: bool = False, sglang: str | None = None):
         super().__init__(daemon=True, name=f"driver-{server_id}")
         self.server_id, self.url, self.address, self.fault, self.pid = server_id, url, address, fault, engine_pid
+        # ``sglang``: the real SGLang's API key. Its engine joins through a door (as a rollout
+        # server of kind sglang); the fault kills its process group, ``engine_pid`` its group id.
+        self.sglang = sglang
         self.fresh = fresh  # registers as a new process (Register.fresh), as a started server does
         self.incarnation = secrets.token_hex(8)  # one stand-in, one process (Register.incarnation)
         self.stop = threading.Event()
@@ -118,7 +122,8 @@ class Driver(threading.Thread):
         from rollout_server.weight_update import apply_weight_sync
 
         client = Client(self.address, timeout_s=10)
-        sg = _faulty_client(self.url, self.fault, self.pid, self.killed)
+        sg = _faulty_client(self.url, self.fault, self.pid, self.killed,
+                            group=self.sglang is not None, api_key=self.sglang)
         client.request(Register(server_id=self.server_id, engine_url=self.url, engine_ranks=1,
                                 policy_version=0, fresh=self.fresh, incarnation=self.incarnation))
         served, handled, applying, applying_plan = 0, set(), None, (0, "", 0.0)
@@ -137,7 +142,8 @@ class Driver(threading.Thread):
                 if applying is None and plan is not None and plan.plan_id not in handled:
                     handled.add(plan.plan_id)
                     self.taken.append((plan.policy_version, plan.plan_id))
-                    applying = asyncio.create_task(apply_weight_sync(sg, plan, self.server_id, drain=False))
+                    applying = asyncio.create_task(apply_weight_sync(
+                        sg, plan, self.server_id, drain=False, door=self.sglang is not None))
                     applying_plan = (plan.policy_version, plan.plan_id, time.monotonic())
                 await asyncio.sleep(0.1)
         finally:

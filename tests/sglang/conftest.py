@@ -59,8 +59,11 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def sglang_server(model_dir, tmp_path_factory):
-    """The session's SGLang server, serving ``model_dir`` (init seed 0) at weight version "0"."""
-    server = start_server(model_dir, tmp_path_factory.mktemp("sglang-log") / "sglang.log")
+    """The session's SGLang server, serving ``model_dir`` (init seed 0) at weight version "0",
+    with ``--enable-metrics`` (the live contract test reads ``/metrics``)."""
+    server = start_server(
+        model_dir, tmp_path_factory.mktemp("sglang-log") / "sglang.log", enable_metrics=True
+    )
     try:
         yield server
     finally:

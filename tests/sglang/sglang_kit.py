@@ -7,8 +7,11 @@ import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from areal_like.settings.config import EngineConfig, ModelConfig, load_config
 from rollout_server.launch_sglang import SGLangProcess
+from trainer.logprob_guard import trainer_logprobs
 
 # The quickstart's tiny Qwen2 (configs/model/tiny.yaml, char tokenizer), room for long generations.
 MODEL = dict(
@@ -21,6 +24,9 @@ MODEL = dict(
     max_position_embeddings=4096,
     dtype="float32",
 )
+
+PROMPTS = [[1, 20, 21, 22, 23], [1, 40, 41], [1, 60, 61, 62, 63, 64, 65]]
+TOL = 1e-4  # float32 on both sides; SGLang's torch_native attention vs transformers' sdpa
 
 
 def cpu_engine(**sglang) -> EngineConfig:
@@ -60,3 +66,18 @@ def start_server(model_dir: Path, log_path: Path, **sglang) -> Server:
         model_config(model_dir), cpu_engine(**sglang), log_path=str(log_path), api_key=key
     )
     return Server(proc=proc.start(), model_dir=model_dir, api_key=key)
+
+
+async def engine_logprobs(client, temperature: float, tokens: int = 24) -> list:
+    """The engine's generations for ``PROMPTS`` (``tokens`` each, at ``temperature``)."""
+    sp = {"max_new_tokens": tokens, "temperature": temperature, "top_p": 1.0, "top_k": -1,
+          "ignore_eos": True}
+    return [await client.generate(p, sp) for p in PROMPTS]
+
+
+def assert_served(outs, model, temperature: float) -> None:
+    """Every sampled token's engine log-prob is the trainer's for ``model`` at ``temperature``."""
+    for prompt, out in zip(PROMPTS, outs):
+        mine = trainer_logprobs(model, prompt, out.output_ids, temperature, torch.device("cpu"))
+        worst = max(abs(a - b) for a, b in zip(out.logprobs, mine))
+        assert worst < TOL, f"engine and trainer differ by {worst:.2e} (prompt {prompt})"

@@ -79,3 +79,21 @@ def test_another_sglang_release_is_refused_before_anything_starts(monkeypatch, t
     with pytest.raises(RuntimeError, match=r"needs sglang==0\.5\.23.*0\.5\.22 is installed"):
         proc.start()
     assert proc.proc is None  # nothing was launched
+
+
+@pytest.mark.parametrize("key", ["-Zk3_a-9", "plainKey-_"])
+def test_sglang_parses_every_api_key_the_launch_may_pass(key):
+    """A key from ``secrets.token_urlsafe`` starts with "-" 1 time in 64: as a separate word
+    SGLang's argparse took it for a flag and exited with code 2 at start-up (seen in the tier)."""
+    import argparse
+
+    from sglang.srt.server_args import ServerArgs
+
+    from areal_like.net.auth import redact_argv
+    from rollout_server.launch_sglang import sglang_command
+
+    argv = sglang_command(model_config("/m"), cpu_engine(), 30000, api_key=key)
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    assert parser.parse_args(argv[3:]).api_key == key  # after `python -m sglang.launch_server`
+    assert key not in " ".join(redact_argv(argv))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sglang_kit import MODEL, model_config, save_model
+from sglang_kit import MODEL, PROMPTS, TOL, assert_served, engine_logprobs, model_config, save_model
 
 from areal_like.net.distributed import free_port
 from areal_like.settings.config import WeightSyncConfig
@@ -33,40 +33,12 @@ from trainer.weight_local import TensorSender
 
 REPO = Path(__file__).resolve().parents[2]
 SENDER = (REPO / "tests" / "weight_sender.py").read_text()  # group rank 0, as the trainer
-PROMPTS = [[1, 20, 21, 22, 23], [1, 40, 41], [1, 60, 61, 62, 63, 64, 65]]
-TOL = 1e-4  # float32 on both sides; SGLang's torch_native attention vs transformers' sdpa
-
-
 def _model(seed: int) -> torch.nn.Module:
     return build_model(model_config(init_seed=seed))
 
 
 def _client(server) -> SGLangClient:
     return SGLangClient(server.url, api_key=server.api_key, timeout_s=120)
-
-
-async def _engine_logprobs(client, temperature: float, tokens: int = 24) -> list:
-    return [
-        await client.generate(
-            p,
-            {
-                "max_new_tokens": tokens,
-                "temperature": temperature,
-                "top_p": 1.0,
-                "top_k": -1,
-                "ignore_eos": True,
-            },
-        )
-        for p in PROMPTS
-    ]
-
-
-def assert_served(outs, model, temperature: float) -> None:
-    """Every sampled token's engine log-prob is the trainer's for ``model`` at ``temperature``."""
-    for prompt, out in zip(PROMPTS, outs):
-        mine = trainer_logprobs(model, prompt, out.output_ids, temperature, torch.device("cpu"))
-        worst = max(abs(a - b) for a, b in zip(out.logprobs, mine))
-        assert worst < TOL, f"engine and trainer differ by {worst:.2e} (prompt {prompt})"
 
 
 def _plan(
@@ -154,8 +126,8 @@ def test_after_a_distributed_push_the_engine_samples_what_the_trainer_scores(
         async with _client(sglang_server) as client:
             await push(client, 11, seed=3, load_format=load_format)
             for temperature in (1.0, 2.0):
-                assert_served(await _engine_logprobs(client, temperature), _model(3), temperature)
-            greedy = await _engine_logprobs(client, 0.0)
+                assert_served(await engine_logprobs(client, temperature), _model(3), temperature)
+            greedy = await engine_logprobs(client, 0.0)
             assert_served(
                 greedy, _model(3), 1.0
             )  # temperature 0 is greedy; its log-probs are at temperature 1
@@ -167,7 +139,7 @@ def test_the_disk_path_serves_an_exported_directory(sglang_server, tmp_path):
     async def scenario():
         async with _client(sglang_server) as client:
             await load_from_disk(client, save_model(tmp_path / "seed5", init_seed=5), 12)
-            assert_served(await _engine_logprobs(client, 1.0), _model(5), 1.0)
+            assert_served(await engine_logprobs(client, 1.0), _model(5), 1.0)
 
     asyncio.run(scenario())
 
@@ -185,7 +157,7 @@ def test_the_tensor_path_serves_the_trainers_weights(sglang_server):
             done = await apply_weight_sync(client, plan, "s", drain=False)
             assert done.ok, done.reason
             assert await client.weight_version() == "13"
-            assert_served(await _engine_logprobs(client, 1.0), model, 1.0)
+            assert_served(await engine_logprobs(client, 1.0), model, 1.0)
 
     try:
         asyncio.run(scenario())
