@@ -45,7 +45,7 @@ MAX_CREDITS_PER_REQUEST = 4096  # leases one TrajectoryGroup may ask for with it
 Wanted = Annotated[int, msgspec.Meta(ge=0, le=MAX_CREDITS_PER_REQUEST)]  # leases asked for at once
 MAX_GROUP_RANKS = 65536  # ranks of one weight-update group (an engine's TP size, a group's size)
 Ranks = Annotated[int, msgspec.Meta(ge=1, le=MAX_GROUP_RANKS)]
-Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]  # 0: none (a plan of a path without a group)
 
 
 class _TopLevel(Message, frozen=True, kw_only=True):
@@ -223,6 +223,8 @@ class WeightSyncPlan(_TopLevel, tag="weight_sync_plan"):
         want = count(self.buckets) if count is not None else None
         if want is not None and len(self.payloads) != want:
             raise ProtocolError(f"path {self.path} needs {want} payload(s), got {len(self.payloads)}", "payloads")
+        if self.path == "distributed" and self.master_port == 0:
+            raise ProtocolError("the distributed path needs the group's port", "master_port")
 
 
 class HeartbeatAck(_TopLevel, tag="heartbeat_ack"):

@@ -65,6 +65,8 @@ def _weight_sync_plan(draw) -> P.WeightSyncPlan:
     payloads = draw(st.lists(TEXT, min_size=n or 0, max_size=3 if n is None else n))
     rest = {f.name: draw(strategy_for(f.type)) for f in msgspec.structs.fields(P.WeightSyncPlan)
             if f.name not in ("protocol", "path", "buckets", "payloads")}
+    if path == "distributed":  # a group's port; 0 (none) only on paths without a group
+        rest["master_port"] = draw(st.integers(1, 65535))
     return P.WeightSyncPlan(**rest, path=path, buckets=buckets, payloads=payloads)
 
 
@@ -471,7 +473,9 @@ _PLAN = dict(policy_version=1, group_name="g", master_addr="127.0.0.1", master_p
     (P.BatchRequest(n_groups=1, trainer_version=0), ("n_groups",), [0, -2]),
     (P.Roster(members=[P.RosterEntry(server_id="s", engine_url="u", engine_ranks=1, policy_version=0)],
               policy_version=0), ("members", 0, "engine_ranks"), [0]),
-    (P.WeightSyncPlan(**_PLAN), ("master_port",), [0, 65536]),
+    (P.WeightSyncPlan(**_PLAN), ("master_port",), [0, -1, 65536]),  # 0: only without a group
+    (P.WeightSyncPlan(**{**_PLAN, "master_port": 0, "path": "disk", "payloads": ["/d"]}), ("master_port",),
+     [-1, 65536]),
     (P.WeightSyncPlan(**_PLAN), ("world_size",), [0]),
     (P.WeightSyncPlan(**_PLAN), ("members", 0, "rank_offset"), [-1, P.MAX_GROUP_RANKS]),
 ], ids=lambda v: ".".join(map(str, v)) if isinstance(v, tuple) else None)
