@@ -38,6 +38,7 @@ sync. A re-registration of the same process, or an expiry, does not clear it.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -73,7 +74,9 @@ class ControlPlane:
         self.sync_results: dict[int, dict[str, bool]] = {}
         self.sync_pauses: dict[int, dict[str, float]] = {}  # version -> server -> seconds not generating
         self.absent: dict[str, int] = {}  # server id -> the version it missed (module docstring)
-        self.incarnations: dict[str, str] = {}  # id -> that of its last Register, oldest first
+        self.incarnations: dict[str, str] = {}  # id -> that of its last Register
+        # ids off the roster after an expiry, oldest first: INCARNATIONS_KEEP of them keep theirs
+        self.departed: OrderedDict[str, None] = OrderedDict()
         self._settled = ""  # plan_id of the last plan whose absent members were taken out
         self._absent_log = RateLimitedLog(log, ABSENT_LOG_EVERY_S)
 
@@ -98,6 +101,9 @@ class ControlPlane:
             self.log.warning("server %s silent for %.0fs: removed from the roster", sid, silent)
             if (plan := self._pending_plan(sid)) is not None:
                 self._failed(sid, plan, "left the roster")
+            self.departed[sid] = None
+        while len(self.departed) > INCARNATIONS_KEEP:
+            del self.incarnations[self.departed.popitem(last=False)[0]]
         return gone
 
     def new_process(self, m: P.Register) -> bool:
@@ -119,11 +125,8 @@ class ControlPlane:
         if new and (plan := self._pending_plan(m.server_id)) is not None:
             self._failed(m.server_id, plan, "restarted")
         self.roster[m.server_id] = Member(entry, self.clock())
-        self.incarnations.pop(m.server_id, None)  # the latest last
         self.incarnations[m.server_id] = m.incarnation
-        off = [s for s in self.incarnations if s not in self.roster]
-        for sid in off[:-INCARNATIONS_KEEP]:
-            del self.incarnations[sid]
+        self.departed.pop(m.server_id, None)
         return P.RegisterAck(server_id=m.server_id, policy_version=self.version, pub_address=self.pub_address)
 
     def heartbeat(self, m: P.Heartbeat) -> P.HeartbeatAck:
@@ -178,8 +181,7 @@ class ControlPlane:
         self.plan, self.plan_deadline = plan, self.clock() + plan.deadline_s
         results = self.sync_results.setdefault(plan.policy_version, {})
         for m in plan.members:  # off the roster after an expiry: the trainer read it before
-            if m.server_id in self.incarnations and m.server_id not in self.roster \
-                    and m.server_id not in results:
+            if m.server_id in self.departed and m.server_id not in results:
                 self._failed(m.server_id, plan, "is off the roster")
         for version in sorted(self.sync_results)[:-SYNC_RESULTS_KEEP]:
             del self.sync_results[version]
