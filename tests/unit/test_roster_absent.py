@@ -157,3 +157,23 @@ def test_a_register_costs_the_same_however_many_ids_the_buffer_remembers():
         control.INCARNATIONS_KEEP = keep
     assert list(cp.departed) == [f"n{i}" for i in range(900, 1000)]  # "late" left first
     assert set(cp.incarnations) == {*cp.departed, "s299"}
+
+
+def test_a_member_expired_after_it_was_handed_the_plan_has_not_failed_it():
+    """Silence after the member took the plan up (its engine may be receiving) is no failure of
+    the plan: the broadcast under way goes on for the others and its own report counts. A member
+    expired before it was handed the plan has failed it."""
+    clock = _Clock()
+    cp = _control(clock)
+    for sid, token in (("a", "1111"), ("b", "2222"), ("c", "3333")):
+        cp.register(_hello(sid, token))
+    cp.take_plan(_plan(1, "a", "b", "c"))
+    assert _pending(cp, "a") == "p1" and _pending(cp, "c") == "p1"  # a and c take it up
+    clock.now = 6.0  # a and b silent past the heartbeat timeout (5 s)
+    cp.heartbeat(P.Heartbeat(server_id="c", policy_version=0))
+    assert cp.expire() == ["a", "b"] and _failed(cp, 1) == ["b"]
+    cp.sync_done(P.SyncDone(server_id="a", policy_version=1, ok=True))
+    assert cp.sync_status(P.SyncStatusRequest(policy_version=1)).done == ["a"]
+    cp.take_plan(_plan(2, "c"))
+    clock.now = 12.0
+    assert cp.expire() == ["c"] and _failed(cp, 2) == ["c"]  # handed v1, not v2
