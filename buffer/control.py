@@ -14,15 +14,20 @@ a re-registration after an expiry or after the buffer's restart) changes none of
 keeps its leases and its part in the plan; after an expiry it gets back neither.
 
 A plan is for the processes on the roster when it was published, and is handed out
-(``HeartbeatAck.pending_plan``) only to members on the roster without a break since: a member
-that leaves the roster (expired) while a pending plan names it and it has not reported, or that
-a plan names while it is off the roster after an expiry (the trainer read the roster before),
-has failed that plan, recorded at once (``SyncStatus.failed``). The trainer counts a member that
-left the roster as lost (trainer/weight_members.py); the record makes that exact also when the
-process is back before the trainer looked, and the same process registering again is never
-handed a plan the trainer gave up on or formed without it: it joins the next plan, formed from
-the roster it is back on. A report it sends anyway (it took the plan up before it fell silent)
-still counts.
+(``HeartbeatAck.pending_plan``, the only way a rollout server takes one up; a published plan is
+a hint that sends a heartbeat: rollout_server/server.py) to members on the roster that have not
+failed it. A member has failed a pending plan naming it, recorded at once
+(``SyncStatus.failed``), when it registers as a new process, when a plan names it while it is off
+the roster after an expiry (the trainer read the roster before), or when it leaves the roster
+(expired) before it was handed the plan and before it reported. The trainer counts a member that
+left the roster as lost before the group formed (trainer/weight_members.py); the record makes
+that exact also when the process is back before the trainer looked, and the same process
+registering again is never handed a plan the trainer gave up on or formed without it: it joins
+the next plan, formed from the roster it is back on. A member expired *after* it was handed the
+plan is not failed by the expiry: its engine may still be receiving, and a failure record would
+abort the broadcast under way for every member (trainer/weight_sync.py checks
+``SyncStatus.failed`` between buckets); if it is dead the broadcast fails on its own. A report
+it sends (it took the plan up before it fell silent) counts either way.
 
 A member *absent* from a sync stays out of the later ones until it shows life (issue 42): when the
 trainer announces a version at or past the plan's (it is done with the plan), every member of
@@ -38,6 +43,7 @@ sync. A re-registration of the same process, or an expiry, does not clear it.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -70,10 +76,13 @@ class ControlPlane:
         self.roster: dict[str, Member] = {}
         self.plan: P.WeightSyncPlan | None = None
         self.plan_deadline = 0.0
+        self.handed: set[str] = set()  # ids handed ``plan`` in a HeartbeatAck (module docstring)
         self.sync_results: dict[int, dict[str, bool]] = {}
         self.sync_pauses: dict[int, dict[str, float]] = {}  # version -> server -> seconds not generating
         self.absent: dict[str, int] = {}  # server id -> the version it missed (module docstring)
-        self.incarnations: dict[str, str] = {}  # id -> that of its last Register, oldest first
+        self.incarnations: dict[str, str] = {}  # id -> that of its last Register
+        # ids off the roster after an expiry, oldest first: INCARNATIONS_KEEP of them keep theirs
+        self.departed: OrderedDict[str, None] = OrderedDict()
         self._settled = ""  # plan_id of the last plan whose absent members were taken out
         self._absent_log = RateLimitedLog(log, ABSENT_LOG_EVERY_S)
 
@@ -96,8 +105,11 @@ class ControlPlane:
         for sid in gone:
             silent = now - self.roster.pop(sid).last_seen
             self.log.warning("server %s silent for %.0fs: removed from the roster", sid, silent)
-            if (plan := self._pending_plan(sid)) is not None:
+            if (plan := self._pending_plan(sid)) is not None and sid not in self.handed:
                 self._failed(sid, plan, "left the roster")
+            self.departed[sid] = None
+        while len(self.departed) > INCARNATIONS_KEEP:
+            del self.incarnations[self.departed.popitem(last=False)[0]]
         return gone
 
     def new_process(self, m: P.Register) -> bool:
@@ -119,11 +131,8 @@ class ControlPlane:
         if new and (plan := self._pending_plan(m.server_id)) is not None:
             self._failed(m.server_id, plan, "restarted")
         self.roster[m.server_id] = Member(entry, self.clock())
-        self.incarnations.pop(m.server_id, None)  # the latest last
         self.incarnations[m.server_id] = m.incarnation
-        off = [s for s in self.incarnations if s not in self.roster]
-        for sid in off[:-INCARNATIONS_KEEP]:
-            del self.incarnations[sid]
+        self.departed.pop(m.server_id, None)
         return P.RegisterAck(server_id=m.server_id, policy_version=self.version, pub_address=self.pub_address)
 
     def heartbeat(self, m: P.Heartbeat) -> P.HeartbeatAck:
@@ -135,7 +144,9 @@ class ControlPlane:
             self.log.info("server %s %s", m.server_id, "evaluating: out of weight syncs" if m.evaluating
                           else "done evaluating: back in weight syncs")
             member.evaluating = m.evaluating
-        return P.HeartbeatAck(policy_version=self.version, known=True, pending_plan=self._pending_plan(m.server_id))
+        if (plan := self._pending_plan(m.server_id)) is not None:
+            self.handed.add(m.server_id)
+        return P.HeartbeatAck(policy_version=self.version, known=True, pending_plan=plan)
 
     def roster_reply(self, _m: P.RosterRequest) -> P.Roster:
         """Weight-sync members: every live server but those evaluating or absent."""
@@ -176,10 +187,10 @@ class ControlPlane:
             self.sync_results.pop(plan.policy_version, None)  # a re-push: every member must load it again
             self.sync_pauses.pop(plan.policy_version, None)
         self.plan, self.plan_deadline = plan, self.clock() + plan.deadline_s
+        self.handed = set()
         results = self.sync_results.setdefault(plan.policy_version, {})
         for m in plan.members:  # off the roster after an expiry: the trainer read it before
-            if m.server_id in self.incarnations and m.server_id not in self.roster \
-                    and m.server_id not in results:
+            if m.server_id in self.departed and m.server_id not in results:
                 self._failed(m.server_id, plan, "is off the roster")
         for version in sorted(self.sync_results)[:-SYNC_RESULTS_KEEP]:
             del self.sync_results[version]
@@ -189,9 +200,9 @@ class ControlPlane:
 
     def _failed(self, server_id: str, plan: P.WeightSyncPlan, how: str) -> None:
         """``server_id``, a member of ``plan`` that has not reported it, registered as a new
-        process, left the roster, or is named while off it (``how``): the plan is not for the
-        process behind the id now (module docstring). Its failure for the plan's version is
-        recorded now: the plan is never handed to it (a late join would find the trainer gone and
+        process, left the roster before it was handed the plan, or is named while off it (``how``):
+        the plan is not for the process behind the id now (module docstring). Its failure for the
+        plan's version is recorded now: the plan is never handed to it (a late join would find the trainer gone and
         block the engine's scheduler), and the trainer stops waiting for it at once. It gets the
         weights at the next push, which re-forms the group with it (the failed one is torn down)."""
         self.sync_results.setdefault(plan.policy_version, {})[server_id] = False

@@ -42,32 +42,38 @@ GONE_TIMEOUT_S = 30.0  # SIGKILL is immediate; the slack: a loaded machine reapi
 POLL_S = 0.05
 
 
+def group_of(pid: int) -> int | None:
+    """The process group of live process ``pid`` (from /proc/PID/stat); None once it is gone or a
+    zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp ...
+    return None if fields[0] == "Z" else int(fields[2])
+
+
 def group_members(pgid: int) -> list[int]:
     """PIDs of live processes in process group ``pgid`` (from /proc; zombies excluded)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp ...
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            found.append(int(entry.name))
-    return found
+    return [int(e.name) for e in Path("/proc").iterdir()
+            if e.name.isdigit() and group_of(int(e.name)) == pgid]
 
 
 def shm_files(pgid: int) -> set[str]:
     """The /dev/shm files the processes of group ``pgid`` have mapped or open, with the named
-    semaphores they map under a name unlinked since (module docstring)."""
+    semaphores they map under a name unlinked since (module docstring). A process is read only
+    while it is in the group: its group is read again after its maps and fds, and a PID that
+    changed group meanwhile (its process exited and the PID went to another) counts for nothing,
+    so no other process's files are ever reaped. An fd closed while it is read is skipped alone."""
     files: set[str] = set()
     unlinked: set[tuple[int, int]] = set()  # (device, inode) of "/dev/shm/sem.* (deleted)" maps
     for pid in group_members(pgid):
         try:
             maps = Path(f"/proc/{pid}/maps").read_text()
-            fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            fds = [link for fd in os.listdir(f"/proc/{pid}/fd") if (link := _link(pid, fd))]
         except OSError:  # it exited meanwhile
+            continue
+        if group_of(pid) != pgid:  # gone, or the PID is another process's by now
             continue
         paths = []
         for line in maps.splitlines():  # range perms offset major:minor inode path
@@ -80,6 +86,14 @@ def shm_files(pgid: int) -> set[str]:
         found = [*paths, *fds]
         files.update(p for p in found if p.startswith(SHM) and not p.endswith(DELETED))
     return files | semaphores(unlinked)
+
+
+def _link(pid: int, fd: str) -> str:
+    """Where fd ``fd`` of ``pid`` points; "" once it is closed."""
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return ""
 
 
 def semaphores(files: set[tuple[int, int]]) -> set[str]:

@@ -11,8 +11,10 @@ Invariants:
 * at most ``rollout.max_concurrent_groups`` episodes run at once (counting leases asked for and
   not yet answered); no lease is asked for or started while a weight sync is pending or being
   applied (the link holds those that arrive meanwhile);
-* weight-sync plans arrive by PUB (fast hint) and in ``HeartbeatAck.pending_plan`` (the
-  guarantee); each plan is applied once and answered with exactly one ``SyncDone``;
+* a weight-sync plan is taken up only from ``HeartbeatAck.pending_plan``, which the buffer never
+  fills with a plan it recorded this server failed (buffer/control.py: a plan made before an
+  expiry or a restart); a published plan naming us is a hint that sends a heartbeat at once. Each
+  plan is applied once and answered with exactly one ``SyncDone``;
 * ``policy_version`` is the version the engine serves: updated only by a successful sync;
 * after a failed sync the engine must answer ``/health_generate`` within ``ENGINE_PROBE_S``: a
   survivor of an aborted NCCL group may never finish its receive (SGLang receives on its scheduler,
@@ -238,6 +240,7 @@ class RolloutServer(Daemon):
     # ------------------------------------------------------------------ the loop
     async def main(self) -> None:
         self.wake = asyncio.Event()
+        self.beat_now = asyncio.Event()  # a plan naming us was published (``announcements``)
         self.client = SGLangClient(self.engine_url, generate_timeout_s=self.rcfg.engine.request_timeout_s,
                                    api_key=self.api_key,  # an embedded engine answers /generate in-process
                                    local=self.engine if self.rcfg.engine.kind == "embedded" else None)
@@ -331,8 +334,13 @@ class RolloutServer(Daemon):
             await asyncio.sleep(REGISTER_RETRY_S)
 
     async def heartbeats(self) -> None:
+        """One heartbeat each ``heartbeat_s``, and one at once when ``beat_now`` is set."""
         while True:
-            await asyncio.sleep(self.rcfg.heartbeat_s)
+            try:
+                await asyncio.wait_for(self.beat_now.wait(), self.rcfg.heartbeat_s)
+            except asyncio.TimeoutError:
+                pass
+            self.beat_now.clear()  # a hint arriving during this heartbeat asks for another
             await self.heartbeat()
 
     async def heartbeat(self) -> None:
@@ -359,7 +367,10 @@ class RolloutServer(Daemon):
             while True:
                 msg = await sub.arecv(0.5)
                 if isinstance(msg, WeightSyncPlan):
-                    self.offer_plan(msg)
+                    # a hint: the buffer hands the plan over in HeartbeatAck.pending_plan unless
+                    # it recorded our failure for it (module docstring)
+                    if any(m.server_id == self.server_id for m in msg.members):
+                        self.beat_now.set()
                 elif isinstance(msg, VersionUpdate):
                     self.metrics.gauge("rollout/trainer_version", "latest announced trainer version").set(
                         msg.policy_version)
@@ -508,8 +519,9 @@ class RolloutServer(Daemon):
         try:
             await self.heartbeat()  # from its answer on, no new plan includes us
             if not self.evaluator.schedule.is_final(self.policy_version):  # no plan follows the final version
-                await asyncio.sleep(self.rcfg.heartbeat_s)  # a plan published just before reaches us by PUB ...
-                await self.heartbeat()  # ... or in this answer's pending_plan; the main loop applies it
+                # a plan published just before came in the heartbeat its PUB hint sent, or comes
+                await asyncio.sleep(self.rcfg.heartbeat_s)
+                await self.heartbeat()  # in this answer's pending_plan; the main loop applies it
             while self.syncing or self.plans:
                 await asyncio.sleep(LOOP_TICK_S)
             self.eval_version = self.policy_version

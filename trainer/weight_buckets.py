@@ -55,9 +55,9 @@ class Sender(ABC):
     def stage(self, model: torch.nn.Module, params, buckets: list[BucketSpec], report) -> None: ...
 
     @abstractmethod
-    def route(self, version: int, roster: list[tuple[str, int]]) -> dict: ...
+    def route(self, version: int, roster: list[tuple[str, int, str]]) -> dict: ...
 
-    def connect(self, plan, roster: list[tuple[str, int]], watch) -> None:
+    def connect(self, plan, roster: list[tuple[str, int, str]], watch) -> None:
         """Nothing to join: the plan carries the weights."""
 
     def send(self, params, buckets: list[BucketSpec], report, deadline: float,

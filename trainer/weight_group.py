@@ -13,8 +13,10 @@ Invariants:
 - Each formation has a name of its own, ``weight_sync.group_name`` plus a random token that only
   the plan carries: the rendezvous store's keys live under it, so only the plan's members can join
   (rank 0 hosts the store on ``master_addr`` only; areal_like/net/distributed.py).
-- The group is reused while the plan's members are the formed group's (``key``); a member dropped
-  from a version makes the next plan re-form (``forget_members``).
+- The group is reused while the plan's members are the formed group's (``key``: their ids, ranks
+  and ``RosterEntry.incarnation``, so a member restarted between syncs, which never joined it,
+  makes the plan re-form); a member dropped from a version makes the next plan re-form
+  (``forget_members``).
 - Every step on the group ends by the push's deadline (gloo and NCCL have no shorter timeout):
   ``wait_work`` waits on a gloo op in slices of ``BROADCAST_SLICE_S`` (a timed-out wait leaves
   the op pending, checked on torch 2.13) and polls an NCCL op with ``is_completed()``, asking the
@@ -54,7 +56,7 @@ class WeightGroup:
     def __init__(self, cfg: WeightSyncConfig, backend: str):
         self.cfg, self.backend = cfg, backend
         self.pg = None
-        self.key: tuple | None = None  # ((server_id, engine_ranks), ...) of the formed group
+        self.key: tuple | None = None  # ((server_id, engine_ranks, incarnation), ...) formed
         self.name = cfg.group_name  # + a fresh token at each formation (``reserve``)
         self.port = 0
         self._watchdog = Watchdog(self.abort)  # NCCL: bounds a launch that blocks (comm. init)
@@ -138,17 +140,17 @@ class GroupSender(Sender):
         else:
             self.stage(None, params, buckets, report)
 
-    def route(self, version: int, roster: list[tuple[str, int]]) -> dict:
+    def route(self, version: int, roster: list[tuple[str, int, str]]) -> dict:
         """The plan's fields for the group: trainer rank 0 is group rank 0, then each member's."""
         reform = self.group.reserve(tuple(roster))
         members, offset = [], 1
-        for server_id, ranks in roster:
+        for server_id, ranks, _ in roster:
             members.append(SyncMember(server_id=server_id, rank_offset=offset))
             offset += ranks
         return dict(group_name=self.group.name, master_addr=self.cfg.master_addr,
                     master_port=self.group.port, world_size=offset, reform=reform, members=members)
 
-    def connect(self, plan: WeightSyncPlan, roster: list[tuple[str, int]],
+    def connect(self, plan: WeightSyncPlan, roster: list[tuple[str, int, str]],
                 watch: RendezvousWatch) -> None:
         if plan.reform:
             self.group.form(plan, tuple(roster), watch)

@@ -98,8 +98,8 @@ class LocalSender(Sender):
             self._model, self._buckets, self._tensors = model, buckets, tensors
             report.bytes = sum(t.numel() * t.element_size() for ts in tensors for t in ts)
 
-    def route(self, version: int, roster: list[tuple[str, int]]) -> dict:
-        members = [SyncMember(server_id=s, rank_offset=1) for s, _ in roster]  # offsets: unused
+    def route(self, version: int, roster: list[tuple[str, int, str]]) -> dict:
+        members = [SyncMember(server_id=s, rank_offset=1) for s, *_ in roster]  # offsets: unused
         return dict(group_name=self.cfg.group_name, master_addr=self.cfg.master_addr, master_port=0,
                     world_size=1, reform=False, members=members, path=self.PATH,
                     payloads=self.payloads(self._model, version, self._buckets, self._tensors))

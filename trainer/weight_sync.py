@@ -311,8 +311,8 @@ class WeightBroadcaster:
         whether to send; a failure drops this attempt (members lost at the rendezvous: ``lost``)."""
         try:
             admitted = self._admit(roster(self.client, deadline).members, report)
-            admitted = admitted if only is None else [(s, r) for s, r in admitted if s in only]
-            report.members = [s for s, _ in admitted]
+            admitted = admitted if only is None else [a for a in admitted if a[0] in only]
+            report.members = [a[0] for a in admitted]
             if not admitted:
                 return False
             route = self.sender.route(report.version, admitted)  # disk: writes the directory
@@ -340,8 +340,9 @@ class WeightBroadcaster:
             report.dropped = list(report.members)  # nobody got this version from this plan
             return False
 
-    def _admit(self, entries: list[RosterEntry], report: SyncReport) -> list[tuple[str, int]]:
-        """The members whose versions may share the group; the others are refused this version."""
+    def _admit(self, entries: list[RosterEntry], report: SyncReport) -> list[tuple[str, int, str]]:
+        """The members whose versions may share the group, as (id, engine ranks, incarnation); the
+        others are refused this version."""
         admitted = []
         for m in entries:
             peer = RuntimeVersions(m.torch_version, m.cuda_version, m.nccl_version)
@@ -358,7 +359,7 @@ class WeightBroadcaster:
                 log.warning("server %s reports no torch/CUDA/NCCL versions (an older rollout "
                             "server): accepted unchecked; the trainer has %s", m.server_id,
                             self.versions)
-            admitted.append((m.server_id, m.engine_ranks))
+            admitted.append((m.server_id, m.engine_ranks, m.incarnation))
         self.refused = set(report.refused)
         return sorted(admitted)
 

@@ -166,6 +166,9 @@ class RosterEntry(Message, tag="roster_entry"):
     cuda_version: str = ""
     nccl_version: str = ""
     evaluates: bool = False  # from the member's Register
+    # from the member's Register: another value under the id is another process (the trainer's
+    # weight group then re-forms: trainer/weight_group.py)
+    incarnation: Annotated[str, msgspec.Meta(max_length=64)] = ""
 
 
 class Roster(_TopLevel, tag="roster"):

@@ -14,11 +14,11 @@ formed any more, which with SGLang blocks the scheduler in the join, fails the p
 up (its registration counts as its failure for v1), and the next push (v2) re-forms the group
 with it and gives it exactly the trainer's weights.
 
-Two records each keep v1 from it: its failure, recorded when the buffer expired the dead server,
-and again when the relaunched one registers as a new process (another ``Register.incarnation``).
-Mutation checked: both removed (``ControlPlane.expire`` and ``ControlPlane.register`` recording
-no failure): the relaunched server took v1 up on its first heartbeat and this test failed. Each
-alone is checked in tests/unit/test_roster_absent.py.
+What keeps v1 from it is its failure, recorded when the relaunched one registers as a new
+process (another ``Register.incarnation``); its expiry records none, as the dead server had been
+handed v1 (tests/unit/test_roster_absent.py checks the expiry's record alone). Mutation checked:
+both records removed (``ControlPlane.expire`` and ``ControlPlane.register`` recording no failure):
+the relaunched server took v1 up on its first heartbeat and this test failed.
 """
 
 from __future__ import annotations

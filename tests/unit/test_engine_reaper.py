@@ -6,6 +6,10 @@ SIGKILL, the group leaves its semaphore; ``reap`` removes it and nothing else.
 
 Mutation checked: ``shm_files`` without the semaphores mapped under an unlinked name (its code
 before this test): the group's semaphore was not among the files found, so not reaped.
+
+``shm_files`` reading one fd that closes meanwhile, or a PID taken by another process once the
+group listed it: the tests below failed on the code before them (the process's semaphore was
+dropped with its fd; the other process's semaphore was found).
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from rollout_server import engine_reaper
 from rollout_server.engine_reaper import group_members, reap, shm_files
 
 GROUP = r"""
@@ -53,3 +60,47 @@ def test_the_groups_semaphore_is_found_by_its_mapping_and_reaped_and_no_other():
         if mine is not None and os.path.exists(mine):  # a failed run: the group left it
             os.unlink(mine)
         del other  # its finalizer unlinks it
+
+
+@pytest.fixture
+def group():
+    """A live process group holding a semaphore like SGLang's: (its leader's PID, the file)."""
+    proc = subprocess.Popen([sys.executable, "-c", GROUP], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    path = _path(proc.stdout.readline().strip())
+    try:
+        yield proc.pid, path
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait(timeout=30)
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def test_an_fd_closed_while_it_is_read_drops_that_fd_alone(group, monkeypatch):
+    pgid, path = group
+    readlink, closed = os.readlink, []
+
+    def flaky(link: str) -> str:
+        if link.startswith(f"/proc/{pgid}/fd/") and not closed:
+            closed.append(link)
+            raise FileNotFoundError(link)  # the fd closed between listdir and readlink
+        return readlink(link)
+
+    monkeypatch.setattr(engine_reaper.os, "readlink", flaky)
+    assert path in shm_files(pgid) and closed
+
+
+def test_a_pid_that_left_the_group_while_it_was_read_counts_for_nothing(group, monkeypatch):
+    """The group listed the PID; by the time its maps were read it was another process's (the
+    second look at its group says so): none of what it maps is the group's to reap."""
+    pgid, path = group
+    group_of, looks = engine_reaper.group_of, []
+
+    def reused(pid: int) -> int | None:
+        looks.append(pid)
+        first = looks.count(pid) == 1
+        return group_of(pid) if first or pid != pgid else pgid + 1
+
+    monkeypatch.setattr(engine_reaper, "group_of", reused)
+    assert path not in shm_files(pgid) and looks.count(pgid) == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from areal_like.wire import protocol as P
+from buffer import control
 from buffer.control import ControlPlane
 
 
@@ -117,3 +118,62 @@ def test_a_member_back_after_its_expiry_gets_no_plan_made_before_it_came_back():
     assert cp.sync_status(P.SyncStatusRequest(policy_version=1)).done == ["a"]
     cp.take_plan(_plan(3, "a", "b"))
     assert _pending(cp, "a") == "p3" and _failed(cp, 3) == []
+
+
+class _CountingRoster(dict):
+    """A roster that counts its membership tests."""
+
+    lookups = 0
+
+    def __contains__(self, key) -> bool:
+        type(self).lookups += 1
+        return super().__contains__(key)
+
+
+def test_a_register_costs_the_same_however_many_ids_the_buffer_remembers():
+    """A Register reads the roster a bounded number of times, not once per remembered id (20k
+    distinct ids registering one after the other made the buffer quadratic); the ids kept off
+    the roster are the ``INCARNATIONS_KEEP`` that left it last, and a departed id that comes back
+    is on the roster again, no longer counted as departed."""
+    clock = _Clock()
+    cp = _control(clock)
+    for i in range(300):
+        cp.register(_hello(f"s{i}", f"{i:04x}"))
+    clock.now = 6.0
+    cp.register(_hello("late", "ffff"))
+    assert len(cp.expire()) == 300
+    cp.roster = _CountingRoster(cp.roster)
+    for i in range(1000):
+        cp.register(_hello(f"n{i}", f"{i:04x}"))
+    assert _CountingRoster.lookups <= 2 * 1000
+    keep = control.INCARNATIONS_KEEP
+    control.INCARNATIONS_KEEP = 100
+    try:
+        clock.now = 12.0
+        cp.heartbeat(P.Heartbeat(server_id="s299", policy_version=0))  # unknown: stays off
+        cp.register(_hello("s299", "012b"))  # back on the roster: not departed any more
+        assert len(cp.expire()) == 1001 and "s299" not in cp.departed
+    finally:
+        control.INCARNATIONS_KEEP = keep
+    assert list(cp.departed) == [f"n{i}" for i in range(900, 1000)]  # "late" left first
+    assert set(cp.incarnations) == {*cp.departed, "s299"}
+
+
+def test_a_member_expired_after_it_was_handed_the_plan_has_not_failed_it():
+    """Silence after the member took the plan up (its engine may be receiving) is no failure of
+    the plan: the broadcast under way goes on for the others and its own report counts. A member
+    expired before it was handed the plan has failed it."""
+    clock = _Clock()
+    cp = _control(clock)
+    for sid, token in (("a", "1111"), ("b", "2222"), ("c", "3333")):
+        cp.register(_hello(sid, token))
+    cp.take_plan(_plan(1, "a", "b", "c"))
+    assert _pending(cp, "a") == "p1" and _pending(cp, "c") == "p1"  # a and c take it up
+    clock.now = 6.0  # a and b silent past the heartbeat timeout (5 s)
+    cp.heartbeat(P.Heartbeat(server_id="c", policy_version=0))
+    assert cp.expire() == ["a", "b"] and _failed(cp, 1) == ["b"]
+    cp.sync_done(P.SyncDone(server_id="a", policy_version=1, ok=True))
+    assert cp.sync_status(P.SyncStatusRequest(policy_version=1)).done == ["a"]
+    cp.take_plan(_plan(2, "c"))
+    clock.now = 12.0
+    assert cp.expire() == ["c"] and _failed(cp, 2) == ["c"]  # handed v1, not v2

@@ -21,6 +21,7 @@ from areal_like.settings.config import WeightSyncConfig
 from areal_like.weights.versions import RuntimeVersions, from_server_info, local_versions, mismatch
 from areal_like.wire import protocol as P
 from areal_like.wire.codec import field_names
+from buffer.control import ControlPlane
 from rollout_server.weight_update import engine_versions
 from trainer.weight_sync import SyncReport, WeightBroadcaster
 
@@ -140,7 +141,8 @@ def test_the_buffer_keeps_the_versions_from_register_in_the_roster(tmp_path):
         svc.handle(b"peer", b"req", P.decode(old), old)
         members = {m.server_id: m for m in _step(svc, P.RosterRequest()).members}
         assert _values(members["new"]) == {"server_id": "new", "engine_url": "http://n", "engine_ranks": 2,
-                                           "policy_version": 0, "evaluates": True, **VERSIONS}
+                                           "policy_version": 0, "evaluates": True, "incarnation": "",
+                                           **VERSIONS}
         assert (members["old"].torch_version, members["old"].cuda_version, members["old"].nccl_version) == ("",) * 3
         _step(svc, P.Heartbeat(server_id="new", policy_version=4))  # a version change keeps them
         members = {m.server_id: m for m in _step(svc, P.RosterRequest()).members}
@@ -191,7 +193,7 @@ def test_the_trainer_leaves_out_members_whose_versions_differ(broadcaster, caplo
     entries = [_entry("a", GPU), _entry("b", other_nccl), _entry("c", RuntimeVersions())]
     with caplog.at_level(logging.WARNING, logger="trainer.weight_sync"):
         report = SyncReport(version=5)
-        assert b._admit(entries, report) == [("a", 1), ("c", 1)]
+        assert b._admit(entries, report) == [("a", 1, ""), ("c", 1, "")]
         assert report.refused == ["b"] and _refused_count(metrics) == 1
         errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
         assert len(errors) == 1 and "server b" in errors[0] and "NCCL 2.30.7 here, 2.27.3 there" in errors[0]
@@ -224,3 +226,30 @@ def test_catch_up_does_not_wait_for_a_refused_member(broadcaster):
                                                  P.RosterEntry(server_id="b", engine_url="", engine_ranks=1,
                                                                policy_version=3)], policy_version=10))
     assert b.catch_up_decision(10, time.monotonic() + 60, 0) == "done"
+
+
+def test_a_member_restarted_between_syncs_re_forms_the_group(broadcaster):
+    """The roster carries each member's incarnation (``Register`` to ``RosterEntry``), and the
+    trainer's group is for those processes: a member restarted between two syncs, back on the
+    roster under its id and ranks before the buffer noticed, makes the next plan re-form the
+    group (it never joined the formed one); the same processes reuse it. Before, the plan reused
+    the group and the broadcast stalled on the new process and failed for every member."""
+    b, _ = broadcaster
+    control = ControlPlane("tcp://x", 5.0, lambda: 0.0, lambda m: None,
+                           logging.getLogger("test"))
+
+    def plan_reforms(incarnation: str) -> bool:
+        control.register(P.Register(server_id="a", engine_url="http://x", policy_version=0,
+                                    incarnation=incarnation))
+        entries = control.roster_reply(P.RosterRequest()).members
+        admitted = b._admit(entries, SyncReport(version=1))
+        reform = b.sender.route(1, admitted)["reform"]
+        b.sender.group.pg, b.sender.group.key = object(), tuple(admitted)  # formed (connect)
+        return reform
+
+    try:
+        assert plan_reforms("1111")  # no group yet
+        assert not plan_reforms("1111")  # the same process: the group is reused
+        assert plan_reforms("2222")  # restarted: a new group
+    finally:
+        b.sender.group.pg = None
