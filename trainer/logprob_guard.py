@@ -114,8 +114,9 @@ def probe_engine(server_id: str, url: str, prompt_ids: list[int], temperature: f
     tokens and their log-probs (``meta_info.output_token_logprobs``: ``[logprob, token_id, text]``
     per token)."""
     auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    body = generate_body(prompt_ids, temperature, adapter)
     req = urllib.request.Request(url.rstrip("/") + "/generate", method="POST",
-                                 data=json.dumps(generate_body(prompt_ids, temperature, adapter)).encode(),
+                                 data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json", **auth})
     with urllib.request.urlopen(req, timeout=timeout_s) as resp:
         body = json.loads(resp.read())
