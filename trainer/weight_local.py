@@ -59,6 +59,7 @@ from trainer.weight_buckets import Sender, gather
 log = logging.getLogger("trainer.weight_sync")
 
 WEIGHTS_FILE = "model.safetensors"
+NO_GROUP_PORT = 1  # the plan's master_port: a port on the wire (1-65535); these paths open none
 
 
 @contextmanager
@@ -116,7 +117,8 @@ class LocalSender(Sender):
 
     def route(self, version: int, roster: list[tuple[str, int]]) -> dict:
         members = [SyncMember(server_id=s, rank_offset=1) for s, _ in roster]  # offsets: unused
-        return dict(group_name=self.cfg.group_name, master_addr=self.cfg.master_addr, master_port=0,
+        return dict(group_name=self.cfg.group_name, master_addr=self.cfg.master_addr,
+                    master_port=NO_GROUP_PORT,
                     world_size=1, reform=False, members=members, path=self.PATH,
                     payloads=self.payloads(self._model, version, self._buckets, self._tensors))
 
