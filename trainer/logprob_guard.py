@@ -36,7 +36,10 @@ With LoRA (``trainer.lora.rank`` > 0) the probe names the adapter the initial pu
 the rollout servers' generate calls send as ``lora_path``): SGLang serves the base model to a
 request naming none, which equals the trainer's model only while B = 0 (a fresh job), never on a
 resumed one. The embedded engine ignores the name and serves its one live adapter, which the push
-replaced, so both engine kinds are probed with the weights their generations run under.
+replaced, so both engine kinds are probed with the weights their generations run under. Not
+covered: when the initial push was re-pushed to survivors of a lost member, the report names the
+re-push's plan, so an SGLang engine done under the first plan does not know the name and is
+reported NOT CHECKED (its probe is refused), never passed or refused wrongly.
 """
 
 from __future__ import annotations
