@@ -66,6 +66,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from areal_like.net.store_gate import StoreDoor
+from areal_like.weights.lora import served_name
 from areal_like.weights.versions import RuntimeVersions, from_server_info, local_versions
 from areal_like.wire.protocol import WEIGHT_PATHS, SyncDone, WeightSyncPlan
 from areal_like.wire.weight_wire import FLATTENED
@@ -163,7 +164,7 @@ async def apply_adapter_sync(client: SGLangClient, plan: WeightSyncPlan, server_
         return SyncDone(server_id=server_id, policy_version=plan.policy_version, ok=False,
                         reason=refusal)
     deadline = _Deadline(plan.deadline_s)
-    name, old = f"policy-v{plan.policy_version}-{plan.plan_id}", client.adapter
+    name, old = served_name(plan.policy_version, plan.plan_id), client.adapter
     paused_at, reason, loaded = None, "", False
     try:
         await client.load_lora_adapter_from_tensors(name, config, plan.payloads,

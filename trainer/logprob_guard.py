@@ -30,6 +30,16 @@ record, a warning naming the fix: ``rollout.engine.host`` set to the engine node
 the engine then listens on and registers) instead of being probed on the wrong machine. Every
 engine not checked, for whatever reason, is listed with its reason; only probed ones pass.
 ``trainer.logprob_guard_tol <= 0`` turns the guard off.
+
+With LoRA (``trainer.lora.rank`` > 0) the probe names the adapter the initial push made live
+(``adapter``: ``areal_like.weights.lora.served_name`` of the push's version and plan, the name
+the rollout servers' generate calls send as ``lora_path``): SGLang serves the base model to a
+request naming none, which equals the trainer's model only while B = 0 (a fresh job), never on a
+resumed one. The embedded engine ignores the name and serves its one live adapter, which the push
+replaced, so both engine kinds are probed with the weights their generations run under. Not
+covered: when the initial push was re-pushed to survivors of a lost member, the report names the
+re-push's plan, so an SGLang engine done under the first plan does not know the name and is
+reported NOT CHECKED (its probe is refused), never passed or refused wrongly.
 """
 
 from __future__ import annotations
@@ -88,21 +98,28 @@ def mismatch_message(p: Probe, mean: float, worst: float, tol: float, temperatur
             f"{CAUSES}. Refusing to train: the importance ratios would be wrong.")
 
 
-def generate_body(prompt_ids: list[int], temperature: float) -> dict:
-    """SGLang's ``/generate`` request, as the rollout servers' client sends it."""
-    return {"input_ids": [int(t) for t in prompt_ids], "return_logprob": True, "stream": False,
+def generate_body(prompt_ids: list[int], temperature: float, adapter: str | None = None) -> dict:
+    """SGLang's ``/generate`` request, as the rollout servers' client sends it: naming ``adapter``
+    (``lora_path``) when it is not None, as the client's generate calls name the live adapter."""
+    body = {"input_ids": [int(t) for t in prompt_ids], "return_logprob": True, "stream": False,
             "sampling_params": {"max_new_tokens": PROBE_TOKENS, "temperature": temperature, "top_p": 1.0,
                                 "top_k": -1, "ignore_eos": True}}
+    if adapter is not None:
+        body["lora_path"] = adapter
+    return body
 
 
 def probe_engine(server_id: str, url: str, prompt_ids: list[int], temperature: float,
-                 timeout_s: float = PROBE_TIMEOUT_S, api_key: str | None = None) -> Probe:
-    """One ``/generate`` on ``url`` with ``api_key`` as its bearer key (None: none); its output
+                 timeout_s: float = PROBE_TIMEOUT_S, api_key: str | None = None,
+                 adapter: str | None = None) -> Probe:
+    """One ``/generate`` on ``url`` with ``api_key`` as its bearer key (None: none), under the
+    LoRA ``adapter`` it names (None: what the engine serves unnamed; ``generate_body``); its output
     tokens and their log-probs (``meta_info.output_token_logprobs``: ``[logprob, token_id, text]``
     per token)."""
     auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    body = generate_body(prompt_ids, temperature, adapter)
     req = urllib.request.Request(url.rstrip("/") + "/generate", method="POST",
-                                 data=json.dumps(generate_body(prompt_ids, temperature)).encode(),
+                                 data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json", **auth})
     with urllib.request.urlopen(req, timeout=timeout_s) as resp:
         body = json.loads(resp.read())
@@ -138,7 +155,7 @@ def elsewhere(url: str, several_nodes: bool) -> str | None:
 
 def collect_probes(buffer: Client, served: Sequence[str], prompt_ids: list[int], temperature: float,
                    several_nodes: bool = False, api_key: str | None = None,
-                   ) -> tuple[list[Probe], dict[str, str]]:
+                   adapter: str | None = None) -> tuple[list[Probe], dict[str, str]]:
     """Rank 0: probe every roster engine in ``served`` (those that acknowledged the pushed weights);
     returns the probes and, per engine in ``served`` not probed, why it was NOT CHECKED."""
     reply = buffer.request(RosterRequest())
@@ -153,7 +170,7 @@ def collect_probes(buffer: Client, served: Sequence[str], prompt_ids: list[int],
             why = elsewhere(m.engine_url, several_nodes)
             if why is None:
                 probe = probe_engine(m.server_id, m.engine_url, prompt_ids, temperature,
-                                     api_key=api_key)
+                                     api_key=api_key, adapter=adapter)
                 why = None if probe.output_ids else "it generated no token"
         except (OSError, urllib.error.URLError, KeyError, ValueError, TypeError, IndexError) as e:
             why = f"could not probe it at {m.engine_url} ({type(e).__name__}: {e})"
@@ -175,11 +192,12 @@ def _broadcast(obj):
 def run_guard(model: torch.nn.Module, device: torch.device, *, rank: int, buffer: Client | None,
               served: Sequence[str], prompt_ids: list[int], temperature: float, tol: float,
               several_nodes: bool = False, api_key: str | None = None,
-              ) -> tuple[list[str], dict[str, str]]:
+              adapter: str | None = None) -> tuple[list[str], dict[str, str]]:
     """All ranks: probe (rank 0), score (all), compare (rank 0), agree. Returns the engines that
     passed and those NOT CHECKED with the reason (``collect_probes``); raises ``LogprobGuardError``
     on every rank when one does not pass."""
-    collected = collect_probes(buffer, served, prompt_ids, temperature, several_nodes, api_key) \
+    collected = collect_probes(buffer, served, prompt_ids, temperature, several_nodes, api_key,
+                               adapter) \
         if rank == 0 else None
     probes, unchecked = _broadcast(collected)
     verdict: str | None = None

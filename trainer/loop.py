@@ -47,6 +47,7 @@ from areal_like.job_facts import model_vocab_size
 from areal_like.net.security import Keys
 from areal_like.settings.config import RunConfig, TrainerConfig
 from areal_like.tasks.tokenizer import load_tokenizer
+from areal_like.weights.lora import served_name
 from trainer.checkpoint import AsyncSaver, latest_checkpoint, load_checkpoint, save_checkpoint, state_checksums
 from trainer.data import BatchSource, TrainBatch
 from trainer.engine_lag import EngineSchedule
@@ -189,7 +190,9 @@ class Trainer(Daemon):
                                       api_key=self.facts.engine_key,
                                       prompt_ids=prompt,
                                       temperature=self.facts.task.temperature, tol=tol,
-                                      several_nodes=self.facts.nodes > 1)
+                                      several_nodes=self.facts.nodes > 1,
+                                      adapter=served_name(sync.version, sync.plan_id)
+                                      if self.cfg.lora.enabled else None)
         self.record({"event": "logprob_guard", "policy_version": self.version, "passed": passed,
                      "not_checked": unchecked, "tol": tol})
 

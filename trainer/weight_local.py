@@ -12,7 +12,11 @@ an engine on the same GPU (``launch/placement.py``) the weights reach the engine
   default file descriptors), which is how the path is tested without a GPU;
   a LoRA adapter (one bucket, ``trainer.weight_sync.push_buckets``) is a ``{name: tensor}`` dict
   instead, what SGLang's ``/load_lora_adapter_from_tensors`` reads
-  (rollout_server/weight_update.py);
+  (rollout_server/weight_update.py), and travels BY VALUE (``adapter_payload``: a plain pickle of
+  CPU copies, each storage as ``torch.save`` bytes, which SGLang's safe unpickler loads): SGLang
+  keeps a loaded adapter's CPU tensors for as long as it holds the adapter, so shared memory
+  there would stay mapped by SGLang and a ``/dev/shm/torch_*`` file would outlive an SGLang
+  stopped while holding it; an adapter is small (hundreds of KB), so the copy costs little;
 * ``disk`` (``/update_weights_from_disk``): rank 0 writes an HF directory (``config.json`` and
   ``model.safetensors``) under a private temporary directory and the engine loads it.
 
@@ -25,6 +29,7 @@ Invariants:
   the roster, or the deadline passed): an engine copies out of it while it loads, and a load that
   started is never left reading freed memory. Cost: one copy of the weights in the wire dtype on
   the trainer's device during a push; on disk, one version's directory, removed at the next push;
+- an adapter payload refers to no memory at all (by value);
 - a payload is made only from buffers this module allocated, never from the model's own storage
   (sharing a CPU storage moves it into shared memory; a parameter must not move under the optimizer).
 """
@@ -34,6 +39,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import pickle
 import shutil
 import tempfile
 import uuid
@@ -68,14 +74,24 @@ def _shared_by_file_name() -> Iterator[None]:
         mp.set_sharing_strategy(old)
 
 
-def tensor_payload(named: list[tuple[str, torch.Tensor]] | dict[str, torch.Tensor]) -> str:
+def tensor_payload(named: list[tuple[str, torch.Tensor]]) -> str:
     """SGLang's ``serialized_named_tensors`` entry for ``named`` (one TP rank): base64 of the
-    ForkingPickler dump (a list of pairs for a weight update, a dict for an adapter)."""
+    ForkingPickler dump."""
     from multiprocessing.reduction import ForkingPickler
 
     buf = io.BytesIO()
     with _shared_by_file_name():
         ForkingPickler(buf).dump(named)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def adapter_payload(named: dict[str, torch.Tensor]) -> str:
+    """``/load_lora_adapter_from_tensors``' ``serialized_named_tensors`` entry for the adapter
+    ``named`` (one TP rank), by value: base64 of a plain pickle of fresh CPU copies (no shared
+    memory, no CUDA IPC handle; module docstring)."""
+    buf = io.BytesIO()
+    pickle.Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(
+        {n: t.detach().to("cpu", copy=True).contiguous() for n, t in named.items()})
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -115,14 +131,16 @@ class LocalSender(Sender):
 
 
 class TensorSender(LocalSender):
-    """Path ``tensor``: one payload per bucket, the bucket packed into a fresh shared buffer."""
+    """Path ``tensor``: one payload per bucket, the bucket packed into a fresh shared buffer (an
+    adapter: by value, ``adapter_payload``)."""
 
     PATH = "tensor"
 
     def payloads(self, model, version, buckets, tensors) -> list[str]:
-        adapter = all(is_adapter(n) for b in buckets for n in b.names)  # SGLang reads it as a dict
-        views = [self._bucket_views(b, ts) for b, ts in zip(buckets, tensors)]
-        return [tensor_payload(v if adapter else list(v.items())) for v in views]
+        if all(is_adapter(n) for b in buckets for n in b.names):
+            return [adapter_payload(dict(zip(b.names, ts))) for b, ts in zip(buckets, tensors)]
+        return [tensor_payload(list(self._bucket_views(b, ts).items()))
+                for b, ts in zip(buckets, tensors)]
 
     def _bucket_views(self, b: BucketSpec, tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         tensor_layout, nbytes = layout(b.names, b.dtypes, b.shapes)

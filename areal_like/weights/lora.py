@@ -43,6 +43,12 @@ def adapter_config(lora: LoraConfig) -> dict:
             "target_modules": list(lora.target_modules)}
 
 
+def served_name(version: int, plan_id: str) -> str:
+    """The name an engine that loads adapters by name (SGLang) gives the adapter of ``plan_id``
+    pushing ``version``: what its generate requests, and the log-prob guard's probe, name."""
+    return f"policy-v{version}-{plan_id}"
+
+
 def linear_names(model) -> set[str]:
     """The last name component of every ``nn.Linear`` of ``model`` (``q_proj``, ``lm_head``)."""
     import torch

@@ -162,3 +162,71 @@ def test_on_several_nodes_the_guard_probes_a_routable_engine_and_reports_a_loopb
         client.close()
         engine.stop()
         local.stop()
+
+
+def test_guard_probes_the_adapter_an_embedded_engine_serves_after_an_adapter_sync(
+        tmp_path, spawn_python, free_port):
+    """LoRA (issue 40): a resumed job's first push makes a trained adapter (B != 0) live, so the
+    guard must probe with it: the probe names it as generate calls do (``lora_path``, which the
+    embedded engine ignores: it serves its one live adapter) and passes against the trainer's
+    model WITH the adapter, while the same model with the adapter disabled (the base) is refused."""
+    import torch
+
+    from areal_like.net.dealer import Client
+    from areal_like.settings.config import load_config, to_yaml
+    from areal_like.tasks.tokenizer import load_tokenizer
+    from areal_like.weights.hf import build_model
+    from areal_like.weights.lora import adapters_disabled, add_adapters, served_name, synced_parameters
+    from areal_like.wire.protocol import Register
+    from rollout_server.engine.embedded import EmbeddedEngine
+    from rollout_server.sglang_client import SGLangClient
+    from trainer.logprob_guard import PROBE_TEXT, LogprobGuardError, run_guard
+    from trainer.weight_local import tensor_payload
+
+    torch.manual_seed(0)
+    cfg = load_config([f"run_dir={tmp_path}", "security.curve=false", f"buffer.address=tcp://127.0.0.1:{free_port()}",
+                       f"buffer.pub_address=tcp://127.0.0.1:{free_port()}", "buffer.heartbeat_timeout_s=120",
+                       f"task.temperature={TEMPERATURE}", "rollout.engine.max_running_requests=2",
+                       "rollout.engine.max_total_tokens=1024", "trainer.lora.rank=4",
+                       "trainer.lora.target_modules=[q_proj,v_proj,down_proj,lm_head]"])
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(to_yaml(cfg))
+    spawn_python("buffer", ["--config-file", cfg_path], capture=False)
+    engine = EmbeddedEngine(cfg.model, cfg.rollout.engine, lora=cfg.trainer.lora).start()
+    client = Client(cfg.buffer.address, timeout_s=60)
+    try:
+        trainer_model = add_adapters(build_model(cfg.model, device="cpu", dtype="float32"), cfg.trainer.lora)
+        trainer_model.load_state_dict(engine.model.state_dict())  # the same base, B = 0
+        with torch.no_grad():  # a trained adapter, as a resumed job's checkpoint holds
+            for name, p in trainer_model.named_parameters():
+                if ".lora_B." in name:
+                    p.copy_(torch.randn(p.shape) * 0.3)
+        trainer_model.eval()
+        # the adapter alone, as a push sends it (the embedded engine reads a list of pairs)
+        strategy = torch.multiprocessing.get_sharing_strategy()
+        torch.multiprocessing.set_sharing_strategy("file_system")
+        try:
+            adapter = [(n, p.detach().clone().share_memory_()) for n, p in synced_parameters(trainer_model)]
+            payload = tensor_payload(adapter)
+        finally:
+            torch.multiprocessing.set_sharing_strategy(strategy)
+
+        async def sync() -> None:
+            async with SGLangClient(engine.url, timeout_s=60) as c:
+                await c.update_weights_from_tensor([payload], weight_version="3")
+
+        asyncio.run(sync())
+        client.request(Register(server_id="s", engine_url=engine.url, engine_ranks=1, policy_version=3))
+        prompt = list(load_tokenizer(cfg.model).encode(PROBE_TEXT))
+
+        def guard() -> list[str]:
+            return run_guard(trainer_model, torch.device("cpu"), rank=0, buffer=client, served=["s"],
+                             prompt_ids=prompt, temperature=TEMPERATURE, tol=0.05,
+                             adapter=served_name(3, "plan"))[0]
+
+        assert guard() == ["s"]  # the engine serves the synced adapter, and the probe measured it
+        with adapters_disabled(trainer_model), pytest.raises(LogprobGuardError):
+            guard()  # the base is not what it serves: the adapter is live, so the check has teeth
+    finally:
+        client.close()
+        engine.stop()

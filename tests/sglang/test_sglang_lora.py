@@ -10,6 +10,7 @@ The server is this module's own (LoRA is a launch flag), started once and stoppe
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 
 import pytest
@@ -19,13 +20,14 @@ from test_sglang_weights import PROMPTS, TOL, _engine_logprobs, _until_decoding
 
 from areal_like.settings.config import LoraConfig, WeightSyncConfig
 from areal_like.weights.hf import build_model
-from areal_like.weights.lora import adapter_config, add_adapters, synced_parameters
+from areal_like.weights.lora import adapter_config, add_adapters, served_name, synced_parameters
 from areal_like.wire.protocol import WeightSyncPlan
+from rollout_server.engine_reaper import shm_files
 from rollout_server.episode import generate_sample
 from rollout_server.launch_sglang import SGLangProcess
 from rollout_server.sglang_client import SGLangClient
 from rollout_server.weight_update import apply_adapter_sync
-from trainer.logprob_guard import trainer_logprobs
+from trainer.logprob_guard import PROBE_TEXT, compare_logprobs, probe_engine, trainer_logprobs
 from trainer.weight_local import TensorSender
 from trainer.weight_sync import SyncReport, push_buckets
 
@@ -64,10 +66,10 @@ def _client(server) -> SGLangClient:
     return SGLangClient(server.url, api_key=server.api_key, timeout_s=120)
 
 
-async def sync_adapter(client, model, version: int, pause_mode: str = "abort") -> None:
+async def sync_adapter(client, model, version: int, pause_mode: str = "abort") -> str:
     """What a push of ``model`` as ``version`` gives a rollout server: the trainer's tensor path
     (the adapter alone, staged and routed as ``WeightBroadcaster.push`` does), then the server's
-    side of it."""
+    side of it. Returns the plan's id."""
     params = synced_parameters(model)
     buckets = push_buckets(params, "float32", bucket_mb=0.01)  # WeightBroadcaster.push's
     sender = TensorSender(WeightSyncConfig(path="tensor"), "gloo", 0, "float32")
@@ -84,6 +86,7 @@ async def sync_adapter(client, model, version: int, pause_mode: str = "abort") -
         sender.close()
     assert done.ok, done.reason
     assert await client.weight_version() == str(version)
+    return plan.plan_id
 
 
 def scored(outs, model, temperature: float) -> float:
@@ -143,3 +146,50 @@ def test_an_adapter_sync_mid_generation_labels_every_token_with_the_adapter_that
     worst = max(abs(lp - scores[v][i]) for i, (lp, v) in enumerate(zip(sample.logprobs,
                                                                        sample.versions)))
     assert worst < TOL, f"a token's log-prob differs by {worst:.2e} from its labelled adapter's"
+
+
+def test_the_logprob_guard_probes_the_adapter_the_engine_serves(lora_server):
+    """A resumed job's first push makes a trained adapter live; the guard's probe names it as the
+    job's generate calls do (``served_name`` of the push's version and plan) and so measures what
+    the engine samples with: the trainer's model with that adapter, within the guard's default
+    tolerance. Unnamed, SGLang answers with the base model: that probe would refuse a correct job."""
+    from areal_like.tasks.tokenizer import load_tokenizer
+
+    base, trained = _lora_model(None), _lora_model(5)
+    prompt = list(load_tokenizer(model_config(lora_server.model_dir)).encode(PROBE_TEXT))
+
+    def mean_off(probe, model) -> float:
+        mine = trainer_logprobs(model, prompt, probe.output_ids, 1.0, torch.device("cpu"))
+        return compare_logprobs(probe.engine_logp, mine)[0]
+
+    async def push() -> str:
+        async with _client(lora_server) as client:
+            return await sync_adapter(client, trained, 7)
+
+    plan_id = asyncio.run(push())
+    named = probe_engine("s", lora_server.url, prompt, 1.0, api_key=lora_server.api_key,
+                         adapter=served_name(7, plan_id))
+    assert mean_off(named, trained) < 0.05 < mean_off(named, base)  # 0.05: the guard's default
+    unnamed = probe_engine("s", lora_server.url, prompt, 1.0, api_key=lora_server.api_key)
+    assert mean_off(unnamed, base) < 0.05 < mean_off(unnamed, trained)
+
+
+def test_an_sglang_stopped_while_holding_adapters_leaves_no_shared_memory_file(lora_server):
+    """SGLang keeps a loaded adapter's CPU tensors as they arrived, so an adapter sent in shared
+    memory stays mapped by SGLang, and stopping SGLang while it holds the live and the retired
+    adapter left their ``/dev/shm/torch_*`` files behind. Sent by value
+    (trainer/weight_local.py's ``adapter_payload``), they map no file: none is left.
+    LAST in the module: it stops the module's server."""
+    async def two_syncs() -> None:
+        async with _client(lora_server) as client:
+            await sync_adapter(client, _lora_model(6), 20)
+            await sync_adapter(client, _lora_model(7), 21)  # v20's adapter retired, still loaded
+
+    asyncio.run(two_syncs())
+    process = lora_server.proc
+    held = {f for f in shm_files(process.proc.pid) - process.shm  # the reaper's: at start
+            if os.path.basename(f).startswith("torch_")}
+    process.stop()
+    left = sorted(f for f in held if os.path.exists(f))
+    assert not left, f"SGLang stopped; the shared-memory files of its adapters are left: {left}"
+    assert not held, f"SGLang maps shared-memory files of its adapters: {sorted(held)}"
