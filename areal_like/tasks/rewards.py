@@ -87,8 +87,9 @@ def _choice(response: str) -> str | None:
 def math_reward(response: str, example) -> float:
     """1.0 when the response's final answer equals ``example.answer`` (module docstring), else 0.0.
     A response and a reference that are both a plain integer of at most 15 digits (a negative one
-    with no leading zero, ``-0`` aside) are compared as integers without the parser: what math-verify decides for them (exact in a float too), at a
-    microsecond instead of about a millisecond a sample."""
+    with no leading zero, ``-0`` aside) are compared as integers without the parser: what
+    math-verify decides for them (exact in a float too), at a microsecond instead of about a
+    millisecond a sample."""
     if (plain := _PLAIN_INTEGER.fullmatch(response.strip())) and (
             ref := _PLAIN_INTEGER.fullmatch(example.answer.strip())):
         return 1.0 if int(plain.group()) == int(ref.group()) else 0.0
