@@ -247,7 +247,8 @@ def week_case(name: str, per_1000_versions_mb: float) -> dict:
     return {"name": f"soak_rss_week/{name}", "figure": round(week, 1),
             "unit": f"MB in 7 days ({WEEK_VERSIONS} versions)", "baseline": RSS_WEEK_BUDGET_MB,
             "ratio": round(week / RSS_WEEK_BUDGET_MB, 3),
-            "goal": "ratio <= 1 (least-squares RSS slope after warm-up, a week at 2,880 steps a day)"}
+            "goal": "ratio <= 1 (least-squares RSS slope after warm-up, a week at 2,880 steps "
+                    "a day)"}
 
 
 def disk_case(entry: str, series: list[tuple[float, int | None, int]], ph: dict,

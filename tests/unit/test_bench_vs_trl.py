@@ -50,7 +50,8 @@ def test_the_budget_starts_after_the_steps_that_may_train_groups_made_during_sta
     assert [r["step"] for r in bench.counted_steps(rows, eta=0)] == [2, 3, 4, 5, 6]
     assert [r["step"] for r in bench.counted_steps(rows, eta=4)] == [6]
     assert bench.rl_start(rows[:3], eta=1) is None  # one step recorded: the budget has not started
-    assert bench.rl_throughput(bench.counted_steps(rows, 0), bench.rl_start(rows, 0))[1:] == (320, 5.0)
+    counted, start = bench.counted_steps(rows, 0), bench.rl_start(rows, 0)
+    assert bench.rl_throughput(counted, start)[1:] == (320, 5.0)
 
 
 def test_the_workload_is_the_issues_and_starts_from_the_stronger_warm_start(tmp_path):

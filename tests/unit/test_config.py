@@ -150,7 +150,8 @@ def test_a_micro_batch_size_set_by_hand_sizes_the_micro_batches_on_cpu_too(tmp_p
     own = ["model=local_hf", f"model.path={tmp_path}"]
     cfg = load_config([*own, "trainer.micro_batch_size=4"])
     assert (cfg.trainer.micro_batch_size, cfg.trainer.max_tokens_per_micro_batch) == (4, 0)
-    both = load_config([*own, "++trainer.micro_batch_size=4", "trainer.max_tokens_per_micro_batch=512"])
+    both = load_config([*own, "++trainer.micro_batch_size=4",
+                        "trainer.max_tokens_per_micro_batch=512"])
     assert (both.trainer.micro_batch_size, both.trainer.max_tokens_per_micro_batch) == (4, 512)
     assert load_config(own).trainer.max_tokens_per_micro_batch == 2048  # not set: the CPU budget
 
