@@ -19,7 +19,13 @@ At the end it prints one JSON line per case (the benchmarks' convention: ``name`
 
 * ``soak_rss/<proc>``: RSS at the end (mean of the last window) against RSS right after warm-up
   (mean of the first window after it); goal ratio <= 1.10.
-* ``soak_fds/<proc>``: the same for open files; goal ratio <= 1.10.
+* ``soak_rss_week/<proc>``: the ratio alone misses a large leak in a short run (10% of 400 MB is
+  40 MB, a week's leak of 2 KB a version), so the least-squares RSS slope per version after
+  warm-up is extrapolated to a week of a GPU job's steps (7 x 2,880 = 20,160 versions: the
+  soak's clock is its versions, compressed; its seconds are not) as ``figure`` (MB), against
+  ``RSS_WEEK_BUDGET_MB`` (64 MB a process) as ``baseline``; goal ratio <= 1.
+* ``soak_fds/<proc>``: the same windows for open files, with an absolute goal: ``growth`` (end
+  minus baseline) <= ``FD_GROWTH_MAX`` (2; a ratio of 1.10 would let 50 files leak 5).
 * ``soak_disk/<entry>``: KB the entry grows per 1,000 versions after warm-up (least squares). The
   goal follows the README's "Long runs: disk use" table: an entry held by retention
   (``checkpoints``, ``export``, ``wal``) has ``ratio`` = its median size in the second half of
@@ -64,6 +70,11 @@ GROWING = (*RETAINED, *PER_FILE, "tracking", "samples.jsonl", "eval.jsonl", "lea
 GOAL_RATIO = 1.10
 LOG_BACKUPS = 2
 PROC_FIGURES = (("rss", "rss_kb", 1024, "MB"), ("fds", "fds", 1, "open files"))
+WEEK_VERSIONS = 7 * GPU_STEPS_PER_DAY
+# A process may grow at most this much in WEEK_VERSIONS: the buffer's dedupe ids are bounded
+# (SEEN_KEEP in buffer/service.py: 400,000 ids of about 130 bytes, ~52 MB) and fit in it.
+RSS_WEEK_BUDGET_MB = 64
+FD_GROWTH_MAX = 2  # open files: end minus baseline (the means of their windows)
 
 
 # ---------------------------------------------------------------- sampling (pure where it can be)
@@ -215,7 +226,7 @@ def proc_case(kind: str, name: str, series: list[tuple[float, int, float]], ph: 
     pts = [(t, y) for t, _, y in series]
     per_k = slope([v for _, v, _ in post if v is not None],
                   [y for _, v, y in post if v is not None]) * 1000 / scale
-    return {"name": f"soak_{kind}/{name}", "figure": None if fig is None else round(fig, 2),
+    case = {"name": f"soak_{kind}/{name}", "figure": None if fig is None else round(fig, 2),
             "unit": unit, "baseline": None if base is None else round(base, 2),
             "ratio": round(fig / base, 3) if base and fig is not None else None,
             "goal": f"ratio <= {GOAL_RATIO} (flat after warm-up)",
@@ -223,6 +234,21 @@ def proc_case(kind: str, name: str, series: list[tuple[float, int, float]], ph: 
             "middle": round(_at(pts, ph["mid"]) / scale, 2),
             "end": round(_at(pts, ph["end"]) / scale, 2),
             "per_1000_versions": round(per_k, 3)}
+    if kind == "fds":
+        case["goal"] = f"growth <= {FD_GROWTH_MAX} open files (end - baseline)"
+        case["growth"] = None if None in (fig, base) else round(fig - base, 2)
+    return case
+
+
+def week_case(name: str, per_1000_versions_mb: float) -> dict:
+    """One process's ``soak_rss_week`` line: its RSS slope per 1,000 versions (MB) extrapolated
+    to WEEK_VERSIONS against RSS_WEEK_BUDGET_MB."""
+    week = per_1000_versions_mb * WEEK_VERSIONS / 1000
+    return {"name": f"soak_rss_week/{name}", "figure": round(week, 1),
+            "unit": f"MB in 7 days ({WEEK_VERSIONS} versions)", "baseline": RSS_WEEK_BUDGET_MB,
+            "ratio": round(week / RSS_WEEK_BUDGET_MB, 3),
+            "goal": "ratio <= 1 (least-squares RSS slope after warm-up, a week at 2,880 steps "
+                    "a day)"}
 
 
 def disk_case(entry: str, series: list[tuple[float, int | None, int]], ph: dict,
@@ -280,6 +306,8 @@ def summarize(samples: list[dict], warmup_frac: float = 0.25, window_frac: float
         for kind, key, scale, unit in PROC_FIGURES:
             case = proc_case(kind, name, [(t, v, r[key]) for t, v, r in rows], ph, scale, unit)
             out.append({**case, "pids": pids})
+            if kind == "rss":
+                out.append({**week_case(name, case["per_1000_versions"]), "pids": pids})
     for entry in entries:
         series = [(s["t"], s["version"], s["disk"].get(entry, 0)) for s in live]
         out.append(disk_case(entry, series, ph, rotate_bytes))

@@ -64,7 +64,9 @@ class DiskGuard:
         now = time.monotonic()
         if self.degraded and not wal.disk_full and now >= self._next_rotate:
             self._next_rotate = now + DEGRADED_ROTATE_S
-            if wal.segment_size >= MIN_SEGMENT_BYTES:  # a new segment lets compaction free this one
+            # a new segment lets compaction free this one's records; the opening checkpoint does
+            # not count (a big one would rotate every DEGRADED_ROTATE_S with no new record)
+            if wal.records_size >= MIN_SEGMENT_BYTES:
                 wal.maybe_rotate(checkpoint, force=True)
 
     def refresh(self, hold: bool = False) -> bool:

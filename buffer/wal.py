@@ -408,13 +408,19 @@ class WriteAheadLog:
         """Bytes appended to the current segment."""
         return self._segment_size
 
+    @property
+    def records_size(self) -> int:
+        """Bytes appended to the current segment after its opening checkpoint: what a rotation
+        would let compaction free (the checkpoint is written again in the next segment)."""
+        return self._segment_size - self._checkpoint_size
+
     def maybe_rotate(self, checkpoint: Callable[[], dict], *, force: bool = False) -> bool:
         """Open a new segment when the records after its opening checkpoint fill ``segment_bytes``
         (or now, with ``force``: a full disk compacts what was consumed without waiting for the
         segment to fill). The checkpoint does not count: one larger than a segment (the dedupe ids
         of a long run in small segments) would otherwise rotate again at every loop iteration,
         each rotation writing it once more."""
-        if self._segment_size - self._checkpoint_size < self.segment_bytes and not force:
+        if self.records_size < self.segment_bytes and not force:
             return False
         if self._queue and self._syncer is None:  # records waiting for space belong to this segment
             return False

@@ -102,8 +102,19 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("micro_batch_tokens", micro_batch_tokens)
 
 
+def _sequence_count_wins(overrides: list[str]) -> list[str]:
+    """A ``trainer.micro_batch_size`` the user sets on the command line is what sizes the micro-
+    batches: without ``trainer.max_tokens_per_micro_batch`` beside it, that budget is 0 (else
+    model=local_hf's CPU token budget would leave the size set by hand without effect)."""
+    keys = {ov.lstrip("+").partition("=")[0] for ov in overrides}
+    if "trainer.micro_batch_size" in keys and "trainer.max_tokens_per_micro_batch" not in keys:
+        return [*overrides, "trainer.max_tokens_per_micro_batch=0"]
+    return overrides
+
+
 def _compose_with_choices(overrides: list[str], config_name: str):
     """Hydra compose; returns the raw DictConfig and the chosen option of each config group."""
+    overrides = _sequence_count_wins(overrides)
     _register_resolvers()
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir

@@ -57,7 +57,8 @@ CHOICE_CONFIG = (LatexExtractionConfig(boxed_match_priority=0, try_extract_witho
 _REFERENCE_CHOICE = re.compile(rf"(?:\\text(?:bf)?\{{)?\s*\(?([{CHOICES}])\)?\s*\}}?")
 _PARENTHESISED_CHOICE = re.compile(rf"\(([{CHOICES}])\)")
 _PERCENT = re.compile(r"\\?%")
-_PLAIN_INTEGER = re.compile(r"-?[0-9]{1,15}")
+# A minus sign takes no leading zero but zero itself: math-verify reads a bare "-07" as nothing.
+_PLAIN_INTEGER = re.compile(r"[0-9]{1,15}|-(?:0+|[1-9][0-9]{0,14})")
 
 
 def _normalise(text: str) -> str:
@@ -85,9 +86,10 @@ def _choice(response: str) -> str | None:
 
 def math_reward(response: str, example) -> float:
     """1.0 when the response's final answer equals ``example.answer`` (module docstring), else 0.0.
-    A response and a reference that are both a plain integer of at most 15 digits are compared as
-    integers without the parser: what math-verify decides for them (exact in a float too), at a
-    microsecond instead of about a millisecond a sample."""
+    A response and a reference that are both a plain integer of at most 15 digits (a negative one
+    with no leading zero, ``-0`` aside) are compared as integers without the parser: what
+    math-verify decides for them (exact in a float too), at a microsecond instead of about a
+    millisecond a sample."""
     if (plain := _PLAIN_INTEGER.fullmatch(response.strip())) and (
             ref := _PLAIN_INTEGER.fullmatch(example.answer.strip())):
         return 1.0 if int(plain.group()) == int(ref.group()) else 0.0

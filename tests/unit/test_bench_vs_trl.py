@@ -40,11 +40,18 @@ def test_throughput_refuses_no_steps_and_a_bad_window():
         bench.rl_throughput([{"time": 5.0, "seqs": 64}], start=5.0)
 
 
-def test_budget_starts_at_the_guard_record():
+def test_the_budget_starts_after_the_steps_that_may_train_groups_made_during_start_up():
+    """Review of issue 41: the buffer grants credits before the trainer is ready, so version-0
+    groups generated during its start-up (before the log-prob guard) gave our side a head start
+    in the first eta + 1 steps; the clock starts at the end of step eta + 1, later steps count."""
     rows = [{"time": 1.0, "event": "resume"}, {"time": 2.5, "event": "logprob_guard", "passed": True},
-            {"time": 3.0, "step": 1, "seqs": 64}]
-    assert bench.rl_start(rows) == 2.5
-    assert bench.rl_start([{"time": 3.0, "step": 1}]) is None
+            *({"time": 3.0 + k, "step": k, "seqs": 64, "reward": 0.5} for k in range(1, 7))]
+    assert bench.rl_start(rows, eta=0) == 4.0 and bench.rl_start(rows, eta=4) == 8.0
+    assert [r["step"] for r in bench.counted_steps(rows, eta=0)] == [2, 3, 4, 5, 6]
+    assert [r["step"] for r in bench.counted_steps(rows, eta=4)] == [6]
+    assert bench.rl_start(rows[:3], eta=1) is None  # one step recorded: the budget has not started
+    counted, start = bench.counted_steps(rows, 0), bench.rl_start(rows, 0)
+    assert bench.rl_throughput(counted, start)[1:] == (320, 5.0)
 
 
 def test_the_workload_is_the_issues_and_starts_from_the_stronger_warm_start(tmp_path):

@@ -144,6 +144,18 @@ def test_an_own_model_on_cpu_trains_micro_batches_by_tokens_and_on_a_gpu_by_sequ
     assert load_config([]).trainer.max_tokens_per_micro_batch == 0  # the tiny model's: as before
 
 
+def test_a_micro_batch_size_set_by_hand_sizes_the_micro_batches_on_cpu_too(tmp_path):
+    """Review of issue 41: ``trainer.micro_batch_size=4`` with model=local_hf on CPU was ignored
+    (the 2048-token budget sized the micro-batches); set alone on the command line it wins."""
+    own = ["model=local_hf", f"model.path={tmp_path}"]
+    cfg = load_config([*own, "trainer.micro_batch_size=4"])
+    assert (cfg.trainer.micro_batch_size, cfg.trainer.max_tokens_per_micro_batch) == (4, 0)
+    both = load_config([*own, "++trainer.micro_batch_size=4",
+                        "trainer.max_tokens_per_micro_batch=512"])
+    assert (both.trainer.micro_batch_size, both.trainer.max_tokens_per_micro_batch) == (4, 512)
+    assert load_config(own).trainer.max_tokens_per_micro_batch == 2048  # not set: the CPU budget
+
+
 def test_malformed_override():
     assert "trainer.lr" in error_of(["trainer.lr"])
 

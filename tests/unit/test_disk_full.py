@@ -97,6 +97,26 @@ def test_degraded_mode_compacts_consumed_records_without_waiting_for_a_full_segm
     svc.wal.close()
 
 
+def test_degraded_mode_does_not_rotate_a_segment_that_holds_only_a_big_checkpoint(tmp_path,
+                                                                                 monkeypatch):
+    # Review of issue 41: a long run's dedupe checkpoint larger than MIN_SEGMENT_BYTES counted as
+    # records, so a nearly full disk rotated every DEGRADED_ROTATE_S, writing it again each time.
+    monkeypatch.setattr(buffer.diskspace, "MIN_SEGMENT_BYTES", 1000)
+    monkeypatch.setattr(buffer.diskspace, "DEGRADED_ROTATE_S", 0.0)
+    wal = WriteAheadLog(tmp_path, fsync="batch", segment_bytes=1 << 20)
+    list(wal.replay())
+    big = {"seen": [f"rollout-0-{i:08d}" for i in range(200)]}  # ~4 KB: above MIN_SEGMENT_BYTES
+    wal.open(big)
+    guard = DiskGuard(tmp_path, RESERVE, free_bytes=_Disk(0))
+    for _ in range(3):
+        guard.sweep(wal, lambda: big)
+    assert guard.degraded and wal.segments() == [1] and wal.records_size == 0
+    wal.append_group("a", b"." * 1200)  # records past MIN_SEGMENT_BYTES: now a rotation frees them
+    guard.sweep(wal, lambda: big)
+    assert wal.segments()[-1] == 2
+    wal.close()
+
+
 def _partial_writev(real, fails: list[int]):
     """os.writev that, while ``fails[0] > 0``, writes half of the record and reports ENOSPC."""
     def writev(fd, parts):

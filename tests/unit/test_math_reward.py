@@ -7,6 +7,7 @@ expect and are marked xfail(strict): if math-verify starts getting them right, t
 
 from __future__ import annotations
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -120,7 +121,8 @@ def test_math_reward_off_the_main_thread():
 
 
 PLAIN = [("82", "82"), ("83", "82"), (" 082\n", "82"), ("-7", "7"), ("-7", "-7"), ("0", "-0"),
-         ("999999999999999", "999999999999999"), ("999999999999999", "999999999999998")]
+         ("999999999999999", "999999999999999"), ("999999999999999", "999999999999998"),
+         ("-0", "0"), ("-00", "0"), ("0", "-00"), ("-10", "-10"), ("007", "7"), ("-7", "-0")]
 
 
 @pytest.mark.parametrize("response,reference", PLAIN)
@@ -130,6 +132,9 @@ def test_plain_integers_are_decided_as_math_verify_decides_them_without_the_pars
     monkeypatch.setattr(rewards, "PARSE_TIMEOUT_S", 60)
     monkeypatch.setattr(rewards, "VERIFY_TIMEOUT_S", 60)
     parsed = math_reward(f"The answer is {response.strip()}.", Example("", reference))  # the parser
+    with monkeypatch.context() as patch:  # the bare strings through the parser give the same
+        patch.setattr(rewards, "_PLAIN_INTEGER", re.compile("(?!)"))
+        assert math_reward(response, Example("", reference)) == parsed
     parses = []
     monkeypatch.setattr(rewards, "parse", lambda *a, **k: parses.append(a) or [])
     assert math_reward(response, Example("", reference)) == parsed and parses == []
@@ -139,7 +144,18 @@ def test_what_is_not_a_plain_integer_still_goes_to_the_parser(monkeypatch):
     parses = []
     monkeypatch.setattr(rewards, "parse", lambda *a, **k: parses.append(a) or [])
     for response, reference in (("82.0", "82"), ("82", "82.0"), ("1" * 16, "1" * 16), ("+5", "5"),
-                                ("٨٢", "82"), (r"\boxed{82}", "82")):
+                                ("٨٢", "82"), (r"\boxed{82}", "82"), ("-07", "-7"), ("-01", "-1"),
+                                ("-010", "-10"), ("-0100", "-100")):
         parses.clear()
         math_reward(response, Example("", reference))
         assert parses, (response, reference)
+
+
+@pytest.mark.parametrize("response,reference", [("-07", "-7"), ("-01", "-1"), ("-010", "-10"),
+                                                ("-0100", "-100")])
+def test_a_negative_with_a_leading_zero_scores_as_the_parser_reads_it(response, reference,
+                                                                       monkeypatch):
+    """Review of issue 41: math-verify reads a bare ``-07`` as nothing (0.0); the fast path said
+    1.0."""
+    monkeypatch.setattr(rewards, "PARSE_TIMEOUT_S", 60)
+    assert rewards.parse(response) == [] and math_reward(response, Example("", reference)) == 0.0
