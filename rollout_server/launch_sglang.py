@@ -126,9 +126,11 @@ def sglang_command(model: ModelConfig, engine: EngineConfig, port: int, api_key:
 
 
 def lora_options(lora: LoraConfig, cpu: bool) -> dict:
-    """SGLang's LoRA flags for ``trainer.lora``: adapters of its rank on its target modules, room in
-    a batch for the live adapter, the one before it and the one being loaded; on CPU the pure-torch
-    kernels (``torch_native``: the default ``csgmv`` and ``triton`` need Triton on a GPU)."""
+    """SGLang's LoRA flags for ``trainer.lora``: adapters of its rank on its target modules and
+    ``max_loras_per_batch`` 3: a batch's slots go to what its requests name (the base model, the
+    live adapter, an older one a retracted request still runs under), not to an adapter being
+    loaded (a request naming a fourth waits for a later batch); on CPU the pure-torch kernels (``torch_native``: the
+    default ``csgmv`` and ``triton`` need Triton on a GPU)."""
     opts = {"enable_lora": True, "max_lora_rank": lora.rank,
             "lora_target_modules": list(lora.target_modules), "max_loras_per_batch": 3}
     if cpu:

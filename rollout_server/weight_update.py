@@ -46,8 +46,15 @@ always (a failure names the old adapter again). Requests aborted by the pause re
 new adapter; one a retracting pause
 resumes keeps the adapter it was admitted with, and every token is labelled with the version of
 the adapter its request named (rollout_server/sglang_client.py), so versions stay exact. The
-previous adapter stays loaded until the next sync, which unloads it in the background (SGLang
-returns once no request uses it): at most three are live.
+previous adapter is retired (so is one whose load was sent but whose sync failed: SGLang may load
+it after its caller gave up). Each sync, before its load, unloads in the background each retired
+adapter no generate call in flight names (``SGLangClient.running``); the others stay retired for
+a later sync. SGLang's unload waits for the requests using the adapter while holding the lock
+every load needs, so an unload issued for one in use would hold back every later load past its
+deadline. Bound: once the unloads a sync issued have ended, at most three adapters are loaded
+(the served one, the one before it, and the one a sync loads or a failed one left), plus one for
+each older adapter that a generate call still in flight names (only a retracting pause keeps a
+request across syncs; none under ``abort``), unloaded at the first sync after its last call ends.
 
 ``engine_versions(kind, server_info)`` gives the engine's torch/CUDA/NCCL versions, which
 the server reports in ``Register`` so the trainer can refuse a peer that cannot share its group.
