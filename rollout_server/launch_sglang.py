@@ -15,9 +15,10 @@ CPU mode (``rollout.engine.sglang.device=cpu``, passed through as SGLang's ``--d
 ``topology=cpu_sglang``) adds, in the SGLang process's environment only,
 ``SGLANG_USE_CPU_ENGINE=1`` (SGLang picks its CPU paths only through it) with
 ``rollout_server/sglang_cpu`` first on ``PYTHONPATH`` (its pure-torch ``sgl_kernel`` stand-in;
-the registry's is the CUDA build); with ``trainer.lora`` also ``UNPINNED_ENV``, under which the
+the registry's is the CUDA build); with ``trainer.lora`` also ``UNPINNED_ENV`` and
+``rollout_server/sglang_cpu/lora_site`` on ``PYTHONPATH``, whose ``sitecustomize`` makes the
 SGLang processes allocate unpinned where SGLang 0.5.23's LoRA code asks for pinned host memory
-(``rollout_server/sglang_cpu/sitecustomize.py`` says why). The stand-in was checked against one
+(its ``__init__.py`` says why) and then runs the ``sitecustomize`` it shadows. The stand-in was checked against one
 SGLang release: ``start()`` refuses another before launching anything.
 
 The server runs in its own session (process group) because SGLang forks scheduler and
@@ -125,9 +126,11 @@ def sglang_command(model: ModelConfig, engine: EngineConfig, port: int, api_key:
 
 
 def lora_options(lora: LoraConfig, cpu: bool) -> dict:
-    """SGLang's LoRA flags for ``trainer.lora``: adapters of its rank on its target modules, room in
-    a batch for the live adapter, the one before it and the one being loaded; on CPU the pure-torch
-    kernels (``torch_native``: the default ``csgmv`` and ``triton`` need Triton on a GPU)."""
+    """SGLang's LoRA flags for ``trainer.lora``: adapters of its rank on its target modules and
+    ``max_loras_per_batch`` 3: a batch's slots go to what its requests name (the base model, the
+    live adapter, an older one a retracted request still runs under), not to an adapter being
+    loaded (a request naming a fourth waits for a later batch); on CPU the pure-torch kernels (``torch_native``: the
+    default ``csgmv`` and ``triton`` need Triton on a GPU)."""
     opts = {"enable_lora": True, "max_lora_rank": lora.rank,
             "lora_target_modules": list(lora.target_modules), "max_loras_per_batch": 3}
     if cpu:
@@ -149,14 +152,16 @@ def sglang_env(engine: EngineConfig, base: dict[str, str] | None = None,
     """The SGLang process's environment: ``None`` (this one's) on a GPU; on CPU this one's plus
     ``SGLANG_USE_CPU_ENGINE=1`` and the ``sgl_kernel`` stand-in first on ``PYTHONPATH`` (then the
     directory this project is imported from, which the stand-in imports its version pin from);
-    with ``lora``, also ``UNPINNED_ENV`` (rollout_server/sglang_cpu/sitecustomize.py)."""
+    with ``lora``, also ``UNPINNED_ENV`` and ``SITE_DIR`` after the stand-in (its
+    ``sitecustomize``: rollout_server/sglang_cpu/lora_site/sitecustomize.py)."""
     if not cpu_mode(engine):
         return None
-    from rollout_server.sglang_cpu import STANDIN_DIR, UNPINNED_ENV
+    from rollout_server.sglang_cpu import SITE_DIR, STANDIN_DIR, UNPINNED_ENV
 
     env = dict(os.environ if base is None else base)
     rest = filter(None, env.get("PYTHONPATH", "").split(os.pathsep))
-    paths = [str(STANDIN_DIR), str(STANDIN_DIR.parents[1]), *rest]
+    site = [str(SITE_DIR)] if lora else []
+    paths = [str(STANDIN_DIR), *site, str(STANDIN_DIR.parents[1]), *rest]
     env.update(SGLANG_USE_CPU_ENGINE="1", PYTHONPATH=os.pathsep.join(dict.fromkeys(paths)))
     if lora:
         env[UNPINNED_ENV] = "1"

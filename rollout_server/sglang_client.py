@@ -33,7 +33,9 @@ Shapes it relies on:
   request, after a pause ends. ``adapter`` is the (name, policy version) this client's generate
   calls send: a request runs under the adapter it named from admission to end (also when a
   retracting pause resumes it), so its tokens are labelled with that adapter's version, not the
-  server's ``weight_version``.
+  server's ``weight_version``. ``running(name)`` counts this client's generate calls in flight
+  that named adapter ``name`` (SGLang's ``/unload_lora_adapter`` waits for them while holding the
+  lock every adapter load needs: rollout_server/weight_update.py unloads only names at 0).
 
 Retries (bounded, exponential backoff) and why they are safe:
 
@@ -67,6 +69,7 @@ and SGLang's own message, whichever of its error bodies it used:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -183,6 +186,7 @@ class SGLangClient:
         self.on_response = on_response
         self.weight_session_supported: bool | None = None  # None: not probed yet
         self.adapter: tuple[str, int] | None = None  # LoRA: what generate calls name, its version
+        self._naming: dict[str, int] = {}  # adapter name -> generate calls in flight that name it
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> SGLangClient:
@@ -259,16 +263,36 @@ class SGLangClient:
         return status, parsed, ""
 
     # ------------------------------------------------------------------ generation
+    def running(self, name: str) -> int:
+        """How many of this client's generate calls naming adapter ``name`` are in flight."""
+        return self._naming.get(name, 0)
+
+    @contextlib.contextmanager
+    def _under_adapter(self):
+        """The adapter generate calls name now (or None), counted in ``running`` until the call
+        ends; read and counted with no await between, so a sync that switches ``adapter`` and then
+        reads ``running`` of the old name sees every call that named it."""
+        named = self.adapter
+        if named is not None:
+            self._naming[named[0]] = self._naming.get(named[0], 0) + 1
+        try:
+            yield named
+        finally:
+            if named is not None:
+                self._naming[named[0]] -= 1
+                if not self._naming[named[0]]:
+                    del self._naming[named[0]]
+
     async def generate(self, input_ids: list[int], sampling_params: dict, *, rid: str | None = None,
                        return_logprob: bool = True, timeout_s: float | None = None) -> GenerateOutput:
         """``POST /generate`` for one prompt and one sample (``n`` must be 1: a group's samples are
         requests of their own)."""
         body = self._generate_body(input_ids, sampling_params, rid, return_logprob)
-        named = self.adapter
-        if named is not None:
-            body["lora_path"] = named[0]
-        _, out, _ = await self._call("POST", "/generate", body, timeout_s=timeout_s or self.generate_timeout_s,
-                                     idempotent=False)
+        with self._under_adapter() as named:
+            if named is not None:
+                body["lora_path"] = named[0]
+            _, out, _ = await self._call("POST", "/generate", body,
+                                         timeout_s=timeout_s or self.generate_timeout_s, idempotent=False)
         if isinstance(out, list):
             raise SGLangError("/generate", 200, "got a batch answer to a single request (n > 1?)")
         return _under(parse_generate_output(out), named)
@@ -279,11 +303,11 @@ class SGLangClient:
         params, ``n`` 1), answered in order in one response."""
         body = {"input_ids": [[int(t) for t in p] for p in inputs],
                 "sampling_params": [dict(p) for p in sampling_params], "return_logprob": True, "stream": False}
-        named = self.adapter
-        if named is not None:
-            body["lora_path"] = [named[0]] * len(inputs)
-        _, out, _ = await self._call("POST", "/generate", body, timeout_s=timeout_s or self.generate_timeout_s,
-                                     idempotent=False)
+        with self._under_adapter() as named:
+            if named is not None:
+                body["lora_path"] = [named[0]] * len(inputs)
+            _, out, _ = await self._call("POST", "/generate", body,
+                                         timeout_s=timeout_s or self.generate_timeout_s, idempotent=False)
         if not isinstance(out, list) or len(out) != len(inputs):
             got = len(out) if isinstance(out, list) else 1
             raise SGLangError("/generate", 200, f"a batch of {len(inputs)} prompts got {got} answers")
@@ -440,7 +464,8 @@ class SGLangClient:
                          idempotent=False)
 
     async def unload_lora_adapter(self, name: str, *, timeout_s: float | None = None) -> None:
-        """Unload adapter ``name``; returns once no admitted request uses it."""
+        """Unload adapter ``name``; returns once no admitted request uses it (SGLang waits for
+        them holding its LoRA lock, so loads wait too); 400 if SGLang has no adapter so named."""
         await self._call("POST", "/unload_lora_adapter", {"lora_name": name}, timeout_s=timeout_s,
                          idempotent=False)
 

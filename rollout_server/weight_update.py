@@ -46,8 +46,15 @@ always (a failure names the old adapter again). Requests aborted by the pause re
 new adapter; one a retracting pause
 resumes keeps the adapter it was admitted with, and every token is labelled with the version of
 the adapter its request named (rollout_server/sglang_client.py), so versions stay exact. The
-previous adapter stays loaded until the next sync, which unloads it in the background (SGLang
-returns once no request uses it): at most three are live.
+previous adapter is retired (so is one whose load was sent but whose sync failed: SGLang may load
+it after its caller gave up). Each sync, before its load, unloads in the background each retired
+adapter no generate call in flight names (``SGLangClient.running``); the others stay retired for
+a later sync. SGLang's unload waits for the requests using the adapter while holding the lock
+every load needs, so an unload issued for one in use would hold back every later load past its
+deadline. Bound: once the unloads a sync issued have ended, at most three adapters are loaded
+(the served one, the one before it, and the one a sync loads or a failed one left), plus one for
+each older adapter that a generate call still in flight names (only a retracting pause keeps a
+request across syncs; none under ``abort``), unloaded at the first sync after its last call ends.
 
 ``engine_versions(kind, server_info)`` gives the engine's torch/CUDA/NCCL versions, which
 the server reports in ``Register`` so the trainer can refuse a peer that cannot share its group.
@@ -154,7 +161,8 @@ async def apply_adapter_sync(client: SGLangClient, plan: WeightSyncPlan, server_
                              inflight_drained: Callable[[], Awaitable[None]] | None = None
                              ) -> SyncDone:
     """Load ``plan``'s adapter (PEFT ``config``) into an SGLang engine started with LoRA and make
-    it the one generate calls name; never raises, never leaves the engine paused. With
+    it the one generate calls name; never raises (but ``CancelledError``), never leaves the engine
+    paused (also when cancelled), retires every adapter it sent and does not serve. With
     ``inflight_drained`` (drain mode) the pause waits for it, as ``apply_weight_sync`` does."""
     member = any(m.server_id == server_id for m in plan.members)
     one = plan.path == "tensor" and len(plan.payloads) == 1
@@ -165,41 +173,55 @@ async def apply_adapter_sync(client: SGLangClient, plan: WeightSyncPlan, server_
                         reason=refusal)
     deadline = _Deadline(plan.deadline_s)
     name, old = served_name(plan.policy_version, plan.plan_id), client.adapter
-    paused_at, reason, loaded = None, "", False
+    paused_at, reason, sent, ok, pause_s = None, "", False, False, 0.0
     try:
+        _unload_idle(client)
+        sent = True  # before the call: a load whose answer is late or lost may still happen
         await client.load_lora_adapter_from_tensors(name, config, plan.payloads,
                                                     timeout_s=deadline.left())
-        loaded = True
-        for stale in _RETIRED.pop(client.base_url, []):  # no request names it since a sync ago
-            _unloading.add(task := asyncio.create_task(_unload(client, stale)))
-            task.add_done_callback(_unloading.discard)
         client.adapter = (name, plan.policy_version)  # before the pause: what it aborts resubmits
         if inflight_drained is not None:
             await _drain(inflight_drained, plan.deadline_s * DRAIN_SHARE, deadline)
         paused_at = time.monotonic()
         await client.pause_generation(pause_mode, timeout_s=deadline.left())
         await client.update_weight_version(str(plan.policy_version), timeout_s=deadline.left())
-        if old is not None:
-            _RETIRED.setdefault(client.base_url, []).append(old[0])
+        ok = True
     except (SGLangError, TimeoutError, asyncio.TimeoutError) as e:
         reason = f"{type(e).__name__}: {e}" if not isinstance(e, SGLangError) else str(e)
         log.warning("adapter sync v%d failed: %s", plan.policy_version, reason)
-        if loaded:  # named by no later request (one named it meanwhile is labelled with it)
-            client.adapter = old
-            _RETIRED.setdefault(client.base_url, []).append(name)
-    pause_s = 0.0
-    if paused_at is not None:
-        reason = await _continue(client, reason)
-        pause_s = time.monotonic() - paused_at
+    finally:  # also on cancellation
+        if sent:  # a failed one is named by no later call (one that named it meanwhile keeps it)
+            new = (name, plan.policy_version)
+            client.adapter, retired = (new, old) if ok else (old, new)
+            if retired is not None:
+                _RETIRED.setdefault(client.base_url, []).append(retired[0])
+        if paused_at is not None:
+            reason = await _continue(client, reason)
+            pause_s = time.monotonic() - paused_at
     return SyncDone(server_id=server_id, policy_version=plan.policy_version, ok=not reason,
                     reason=reason, pause_s=pause_s)
+
+
+def _unload_idle(client: SGLangClient) -> None:
+    """Unload, in the background, each retired adapter of ``client``'s engine that no generate call
+    in flight names; the others stay retired for a later sync. SGLang's unload waits for the
+    requests using the adapter while holding the lock every adapter load needs: unloading only
+    idle ones, that wait ends at once and never delays a load past its deadline."""
+    retired = _RETIRED.pop(client.base_url, [])
+    if busy := [n for n in retired if client.running(n)]:
+        _RETIRED[client.base_url] = busy
+    for stale in retired:
+        if stale not in busy:
+            _unloading.add(task := asyncio.create_task(_unload(client, stale)))
+            task.add_done_callback(_unloading.discard)
 
 
 async def _unload(client: SGLangClient, name: str) -> None:
     try:
         await client.unload_lora_adapter(name, timeout_s=UNLOAD_TIMEOUT_S)
-    except SGLangError as e:
-        log.warning("could not unload the retired adapter %s: %s", name, e)
+    except SGLangError as e:  # 400: SGLang never registered it (a load that failed, or never ran)
+        log.log(logging.INFO if e.status == 400 else logging.WARNING,
+                "could not unload the retired adapter %s: %s", name, e)
 
 
 async def _load_broadcast(client: SGLangClient, plan: WeightSyncPlan, load_format: str | None,

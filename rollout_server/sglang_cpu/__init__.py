@@ -1,10 +1,11 @@
 """SGLang's CPU mode for this project: the directory put first on the SGLang process's PYTHONPATH.
 
 ``STANDIN_DIR`` holds ``sgl_kernel/``, a pure-torch stand-in for the few CPU helpers SGLang
-imports from ``sgl_kernel`` in CPU mode (its docstring says which and why), and
-``sitecustomize.py``, which lets SGLang's LoRA code run without pinned memory (its docstring says
-why; only under ``UNPINNED_ENV``). Only the SGLang
-process sees it: ``rollout_server/launch_sglang.py`` adds it for
+imports from ``sgl_kernel`` in CPU mode (its docstring says which and why). ``SITE_DIR``
+(``lora_site/``), on that PYTHONPATH too only in a job with ``trainer.lora``, holds the
+``sitecustomize.py`` that lets SGLang's LoRA code run without pinned memory (``lora_site``'s
+docstring says why; only under ``UNPINNED_ENV``) and then runs the ``sitecustomize`` it
+shadows. Only the SGLang process sees them: ``rollout_server/launch_sglang.py`` adds them for
 ``rollout.engine.sglang.device=cpu``.
 """
 
@@ -12,9 +13,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rollout_server.sglang_cpu.sitecustomize import UNPINNED_ENV
+from rollout_server.sglang_cpu.lora_site import SITE_DIR, UNPINNED_ENV
 
-__all__ = ["SGLANG_VERSION", "STANDIN_DIR", "UNPINNED_ENV", "check_sglang_version"]
+__all__ = [
+    "SGLANG_VERSION", "SITE_DIR", "STANDIN_DIR", "UNPINNED_ENV", "check_sglang_version",
+]
 
 SGLANG_VERSION = (
     "0.5.23"  # the release the stand-in was checked against (its CPU imports, their semantics)

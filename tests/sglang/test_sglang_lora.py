@@ -15,8 +15,8 @@ import uuid
 
 import pytest
 import torch
-from sglang_kit import Server, cpu_engine, model_config
-from test_sglang_weights import PROMPTS, TOL, _engine_logprobs, _until_decoding
+from sglang_kit import PROMPTS, TOL, Server, cpu_engine, engine_logprobs, model_config
+from test_sglang_weights import _until_decoding
 
 from areal_like.settings.config import LoraConfig, WeightSyncConfig
 from areal_like.weights.hf import build_model
@@ -106,12 +106,12 @@ def test_after_an_adapter_sync_sglang_samples_what_the_trainer_with_the_adapter_
     async def scenario():
         async with _client(lora_server) as client:
             await sync_adapter(client, first, 1)
-            outs = await _engine_logprobs(client, temperature)
+            outs = await engine_logprobs(client, temperature)
             assert {o.weight_version for o in outs} == {"1"}
             assert scored(outs, first, scale) < TOL, "the engine does not serve the adapter"
             assert scored(outs, base, scale) > APART, "the adapter changed nothing"
             await sync_adapter(client, second, 2)
-            again = await _engine_logprobs(client, temperature)
+            again = await engine_logprobs(client, temperature)
             assert {o.weight_version for o in again} == {"2"}
             assert scored(again, second, scale) < TOL, "the engine serves an old adapter"
             assert scored(again, first, scale) > APART

@@ -1,8 +1,11 @@
 """Pinned host memory on a machine without an accelerator, for SGLang's LoRA code on CPU.
 
-Python imports this module at the start of every SGLang process in CPU mode (this directory is
-first on their ``PYTHONPATH``, rollout_server/launch_sglang.py). It does nothing unless
-``UNPINNED_ENV`` is set (a job with ``trainer.lora.rank > 0``) and torch has no accelerator.
+``SITE_DIR`` (this directory) is put on the ``PYTHONPATH`` of the SGLang processes of a CPU job
+with ``trainer.lora.rank > 0`` (rollout_server/launch_sglang.py, which also sets ``UNPINNED_ENV``)
+and of no other process. Its ``sitecustomize.py`` calls ``unpin()`` at the start of each of them
+when torch has no accelerator, then runs the ``sitecustomize`` it shadows. ``unpin()`` is
+idempotent: this module is imported by that file and by ``rollout_server.sglang_cpu`` (the
+``sgl_kernel`` stand-in imports it in the same process), and wraps each function once.
 
 Why: SGLang 0.5.23's LoRA layers and its ``torch_native`` LoRA backend ask for page-locked host
 memory unconditionally (``lora/layers.py``: ``torch.tensor(..., pin_memory=True)`` for every
@@ -20,21 +23,27 @@ layers and kernels (tests/sglang/test_sglang_lora.py compares their log-probs wi
 from __future__ import annotations
 
 import functools
-import os
+from pathlib import Path
 
 UNPINNED_ENV = "AREAL_LIKE_SGLANG_UNPINNED"  # set by rollout_server/launch_sglang.py (sglang_env)
+SITE_DIR = Path(__file__).resolve().parent
 
 
 def _unpinned(make):
+    if getattr(make, "unpinned", False):
+        return make
+
     @functools.wraps(make)
     def call(*args, pin_memory: bool = False, **kwargs):
         return make(*args, **kwargs)
 
+    call.unpinned = True
     return call
 
 
 def unpin() -> None:
-    """Make pinned host allocations ordinary ones (only where torch has no CUDA device)."""
+    """Make pinned host allocations ordinary ones (only where torch has no CUDA device); a second
+    call changes nothing."""
     import torch
 
     if torch.cuda.is_available():
@@ -43,6 +52,3 @@ def unpin() -> None:
         setattr(torch, name, _unpinned(getattr(torch, name)))
     torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
 
-
-if os.environ.get(UNPINNED_ENV) == "1":
-    unpin()

@@ -1,0 +1,178 @@
+"""``apply_adapter_sync`` (rollout_server/weight_update.py) against an engine that keeps SGLang
+0.5.23's LoRA locking: an adapter load and an unload share one lock
+(``tokenizer_manager.lora_update_lock``), and the unload holds it while it waits for every request
+still using the adapter (``_unload_lora_adapter_locked`` -> ``wait_for_unload``). A handler goes
+on after its caller's timeout, as SGLang's does. The client is the real ``SGLangClient``: only its
+transport (``_call``) is replaced, so its per-adapter count of generate calls is the real one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+
+from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
+from rollout_server.sglang_client import SGLangClient, SGLangError
+from rollout_server.weight_update import apply_adapter_sync
+
+DONE = {"meta_info": {"id": "r", "finish_reason": {"type": "stop"}, "output_token_logprobs": []},
+        "output_ids": []}
+
+
+class LockedLoraEngine:
+    """SGLang's LoRA registry and lock; a generate naming ``hold`` runs until ``release`` is set
+    (a request a retracting pause keeps across syncs); other generates end at once."""
+
+    def __init__(self):
+        self.lock = asyncio.Lock()
+        self.loaded: set[str] = set()
+        self.using: dict[str, int] = {}
+        self.most = 0  # the most adapters loaded at once
+        self.calls: list[str] = []
+        self.changed = asyncio.Condition()
+        self.release = asyncio.Event()
+        self.block: asyncio.Event | None = None  # set: /update_weight_version waits on it
+        self.tasks: set[asyncio.Task] = set()
+
+    async def until(self, done, timeout_s: float = 10.0) -> None:
+        async with self.changed:
+            await asyncio.wait_for(self.changed.wait_for(done), timeout_s)
+
+    async def _changed(self) -> None:
+        self.most = max(self.most, len(self.loaded))
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def handle(self, path: str, body: dict):
+        self.calls.append(path)
+        await self._changed()
+        name = (body or {}).get("lora_name")
+        if path == "/load_lora_adapter_from_tensors":
+            async with self.lock:
+                self.loaded.add(name)
+        elif path == "/unload_lora_adapter":
+            async with self.lock:
+                if name not in self.loaded:
+                    raise SGLangError(path, 400, f"LoRA with name {name} does not exist")
+                self.loaded.discard(name)
+                async with self.changed:  # wait_for_unload: every request using it ended
+                    await self.changed.wait_for(lambda: not self.using.get(name))
+        elif path == "/generate":
+            return await self._generate(body.get("lora_path"))
+        elif path == "/update_weight_version" and self.block is not None:
+            await self.block.wait()
+        await self._changed()
+        return {"success": True}
+
+    async def _generate(self, name: str | None):
+        if name is not None and name not in self.loaded:
+            raise SGLangError("/generate", 400, f"no adapter {name}")
+        self.using[name] = self.using.get(name, 0) + 1
+        try:
+            if name == self.hold:
+                await self.release.wait()
+            return DONE
+        finally:
+            self.using[name] -= 1
+            await self._changed()
+
+    hold: str | None = None
+
+
+class FakeTransportClient(SGLangClient):
+    def __init__(self, engine: LockedLoraEngine):
+        super().__init__(f"http://{uuid.uuid4().hex}.invalid")  # its own retired adapters
+        self.engine = engine
+
+    async def _call(self, method, path, body=None, *, timeout_s=None, idempotent, params=None):
+        task = asyncio.create_task(self.engine.handle(path, body))  # goes on after a timeout
+        self.engine.tasks.add(task)
+        task.add_done_callback(self.engine.tasks.discard)
+        try:
+            return 200, await asyncio.wait_for(asyncio.shield(task), timeout_s or self.timeout_s), ""
+        except asyncio.TimeoutError:
+            raise SGLangError(path, None, "TimeoutError: no answer in time") from None
+
+
+def plan(version: int, deadline_s: float = 2.0) -> WeightSyncPlan:
+    return WeightSyncPlan(policy_version=version, group_name="g", master_addr="127.0.0.1",
+                          master_port=0, world_size=2, backend="gloo", reform=False,
+                          members=[SyncMember(server_id="s", rank_offset=1)],
+                          buckets=[BucketSpec(names=["a"], dtypes=["float32"], shapes=[[1]])],
+                          deadline_s=deadline_s, plan_id=f"p{version}", path="tensor",
+                          payloads=["adapter"])
+
+
+async def sync(client, version: int, deadline_s: float = 2.0):
+    return await apply_adapter_sync(client, plan(version, deadline_s), "s", {"r": 8},
+                                    pause_mode="retract")
+
+
+def test_a_request_kept_across_syncs_neither_stalls_loads_nor_leaks_adapters():
+    """One request admitted under v1 runs through ten syncs (a retracting pause keeps it). Its
+    adapter's unload would hold SGLang's LoRA lock until it ends, so every later load would miss
+    its deadline and be loaded by SGLang later, never to be unloaded: here no sync fails, at most
+    three adapters plus the one the request names are loaded, and it is unloaded once it ends."""
+
+    async def main():
+        engine = LockedLoraEngine()
+        client = FakeTransportClient(engine)
+        assert (await sync(client, 1)).ok
+        engine.hold = client.adapter[0]
+        long = asyncio.create_task(client.generate([1], {}))
+        await engine.until(lambda: engine.using.get(engine.hold))
+        assert client.running(engine.hold) == 1
+        results = [await sync(client, v, deadline_s=0.5) for v in range(2, 12)]
+        assert [r.reason for r in results if not r.ok] == []
+        assert engine.hold in engine.loaded and engine.most <= 4
+        engine.release.set()
+        await long
+        assert client.running(engine.hold) == 0
+        for v in (12, 13):
+            assert (await sync(client, v)).ok
+        await engine.until(lambda: engine.loaded == {"policy-v12-p12", "policy-v13-p13"})
+        await asyncio.gather(*engine.tasks)
+
+    asyncio.run(main())
+
+
+def test_an_adapter_whose_load_timed_out_is_unloaded_by_the_next_sync():
+    """SGLang goes on with a load its caller gave up on: the failed sync retires that name, and
+    the next sync unloads it (one that never got registered would answer 400: only logged)."""
+
+    async def main():
+        engine = LockedLoraEngine()
+        client = FakeTransportClient(engine)
+        assert (await sync(client, 1)).ok
+        await engine.lock.acquire()  # a slow engine: the load waits past the deadline
+        done = await sync(client, 2, deadline_s=0.2)
+        assert not done.ok and client.adapter == ("policy-v1-p1", 1)
+        engine.lock.release()
+        await engine.until(lambda: "policy-v2-p2" in engine.loaded)
+        assert (await sync(client, 3)).ok
+        await engine.until(lambda: engine.loaded == {"policy-v1-p1", "policy-v3-p3"})
+        await asyncio.gather(*engine.tasks)
+
+    asyncio.run(main())
+
+
+def test_a_sync_cancelled_while_paused_continues_generation():
+    async def main():
+        engine = LockedLoraEngine()
+        client = FakeTransportClient(engine)
+        assert (await sync(client, 1)).ok
+        engine.block = asyncio.Event()
+        task = asyncio.create_task(sync(client, 2))
+        await engine.until(lambda: "/update_weight_version" in engine.calls[-1:])
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert engine.calls[-1] == "/continue_generation"
+        assert client.adapter == ("policy-v1-p1", 1)  # the new one is not served ...
+        engine.block.set()
+        assert (await sync(client, 3)).ok  # ... so the next sync unloads it
+        await engine.until(lambda: engine.loaded == {"policy-v1-p1", "policy-v3-p3"})
+        await asyncio.gather(*engine.tasks)
+
+    asyncio.run(main())
