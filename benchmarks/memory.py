@@ -262,15 +262,21 @@ def estimate_lora_peak_bytes(model_cfg: ModelConfig, world: int, micro_batch_tok
                           optimizer_temps=4 * shard_a, accumulating=accumulating)
 
 
+def _fits(off: float, on: float, room: float) -> str:
+    return "yes" if off <= room else "with checkpointing" if on <= room else "no"
+
+
 def lora_markdown_table(ranks: tuple[int, ...] = (8, 64), tokens: int = 4096, seqs: int = 8,
-                        seq_len: int = 2048, chunk: int = 512) -> str:
+                        seq_len: int = 2048, chunk: int = 512, room_gib: float = 44.0) -> str:
     """The LoRA table of trainer/MEMORY.md: one GPU, ``seqs`` x ``seq_len`` tokens per step in
     micro-batches of ``tokens`` (``trainer.max_tokens_per_micro_batch``), default targets; the
     fp32 base the trainer runs today and a bf16 base (estimate only), each without and with
-    activation checkpointing; and the bf16 weights SGLang holds beside it on the same GPU."""
+    activation checkpointing; whether each fits the ``room_gib`` an 80 GB GPU leaves the trainer
+    beside SGLang's default share (README.md: ``mem_fraction_static=0.4``)."""
     lines = ["| model | rank | adapter params | fp32 base, fp32 compute (today): peak GiB | "
              "with activation checkpointing | bf16 base (not supported yet): peak GiB | "
-             "with activation checkpointing | SGLang's bf16 weights GiB |", "|---" * 8 + "|"]
+             f"with activation checkpointing | fits {room_gib:.0f} GiB: today / bf16 base |",
+             "|---" * 8 + "|"]
     many = seqs * seq_len > tokens
     for name in QWEN2_SHAPES:
         cfg = qwen2_shape(name)
@@ -281,8 +287,8 @@ def lora_markdown_table(ranks: tuple[int, ...] = (8, 64), tokens: int = 4096, se
                      for d in ("float32", "bfloat16") for ck in (False, True)]
             a = cfg.num_hidden_layers * adapter_block_params(cfg, rank)
             figures = " | ".join(f"{x:.1f}" for x in cells)
-            lines.append(f"| {name} | {rank} | {a / 1e6:.1f} M | {figures} | "
-                         f"{2 * total_params(cfg) / GIB:.1f} |")
+            fits = f"{_fits(*cells[:2], room_gib)} / {_fits(*cells[2:], room_gib)}"
+            lines.append(f"| {name} | {rank} | {a / 1e6:.1f} M | {figures} | {fits} |")
     return "\n".join(lines)
 
 
