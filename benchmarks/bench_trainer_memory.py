@@ -10,7 +10,9 @@ bytes held by tensors allocated from the start of the build
 to the end of the step (``benchmarks.memory.PeakTensorBytes``: parameters, gradients, AdamW states,
 all-gathered parameters, activations, log-prob chunks), and the process's peak RSS for reference
 (which adds torch/transformers themselves and allocator slack). The estimate is the accounting that
-``trainer/MEMORY.md``'s table is computed with, for the same shape, tokens and settings.
+``trainer/MEMORY.md``'s tables are computed with, for the same shape, tokens and settings
+(``estimate_lora_peak_bytes`` with ``--lora-rank``: adapters on the trainer's default targets over
+a frozen fp32 base, as the trainer builds them).
 
 Default shape: Qwen2-0.5B's hidden size, MLP, heads and full 151936-token vocabulary, cut to
 ``--layers 4`` so that the whole step (~5 GB) fits a shared CPU machine. The loss kernel is plain
@@ -19,6 +21,7 @@ forward/backward and one optimizer step.
 
     .venv/bin/python benchmarks/bench_trainer_memory.py                       # ~5 GB, a few minutes
     .venv/bin/python benchmarks/bench_trainer_memory.py --layers 2 --len 256 --checkpointing
+    .venv/bin/python benchmarks/bench_trainer_memory.py --lora-rank 8     # adapters, frozen base
 
 Prints one JSON line: figure = measured GiB, baseline = estimated GiB, ratio = measured / estimate
 (goal 0.85 .. 1.15), plus each term of the estimate and the peak RSS.
@@ -54,7 +57,7 @@ def synthetic_batch(seqs: int, length: int, prompt: int = 32):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", default="0.5B", choices=("0.5B", "1.5B", "7B"))
+    p.add_argument("--shape", default="0.5B", choices=("0.5B", "1.5B", "3B", "7B"))
     p.add_argument("--layers", type=int, default=4, help="decoder blocks (the shape's own count: 0)")
     p.add_argument("--vocab", type=int, default=0, help="vocabulary (the shape's own: 0); smaller makes the "
                                                          "activations, not the embeddings, the peak")
@@ -65,13 +68,21 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=512, help="trainer.logprob_chunk_tokens")
     p.add_argument("--checkpointing", action="store_true", help="trainer.activation_checkpointing=true")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="model.dtype")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="trainer.lora.rank (0: off) on the default target_modules; fp32 only")
     args = p.parse_args()
 
     import torch
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     from areal_like.settings.config import load_config
-    from benchmarks.memory import GIB, PeakTensorBytes, estimate_peak_bytes, qwen2_shape
+    from benchmarks.memory import (
+        GIB,
+        PeakTensorBytes,
+        estimate_lora_peak_bytes,
+        estimate_peak_bytes,
+        qwen2_shape,
+    )
     from trainer.model import build_policy, init_distributed, leave_distributed
     from trainer.step import StepSettings, train_step
 
@@ -84,7 +95,8 @@ def main() -> None:
                        "trainer.loss.kernel=ppo",
                        "trainer.loss.agg=token-mean", f"trainer.micro_batch_size={args.mbs}",
                        f"trainer.logprob_chunk_tokens={args.chunk}",
-                       f"trainer.activation_checkpointing={str(args.checkpointing).lower()}"])
+                       f"trainer.activation_checkpointing={str(args.checkpointing).lower()}",
+                       f"trainer.lora.rank={args.lora_rank}"])
     batch = synthetic_batch(args.seqs, args.len)
     init_distributed(cfg.trainer)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -95,8 +107,14 @@ def main() -> None:
         for _ in range(args.steps):
             stats = train_step(policy, batch, s, batch.behav_logp)
     wall = time.monotonic() - t0
-    est = estimate_peak_bytes(cfg.model, 1, args.mbs * args.len, args.dtype, args.checkpointing, args.chunk,
-                              accumulating=args.seqs > args.mbs)
+    many = args.seqs > args.mbs
+    if args.lora_rank:
+        est = estimate_lora_peak_bytes(cfg.model, 1, args.mbs * args.len, args.lora_rank,
+                                       cfg.trainer.lora.target_modules, args.dtype, args.dtype,
+                                       args.checkpointing, args.chunk, many)
+    else:
+        est = estimate_peak_bytes(cfg.model, 1, args.mbs * args.len, args.dtype, args.checkpointing,
+                                  args.chunk, accumulating=many)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({
         "name": "trainer_memory", "figure": round(m.peak / GIB, 3), "unit": "GiB (measured tensor peak)",
@@ -105,6 +123,7 @@ def main() -> None:
         "micro_batch_tokens": args.mbs * args.len,
         "micro_batches": -(-args.seqs // args.mbs), "steps": args.steps,
         "chunk": args.chunk, "checkpointing": args.checkpointing, "dtype": args.dtype, "world": 1,
+        "lora_rank": args.lora_rank,
         "terms_gib": {k: round(v / GIB, 3) for k, v in vars(est).items() if k != "accumulating"},
         "moments_gib": {k: round(v / GIB, 3) for k, v in est.moments.items()},
         "rss_peak_gib": round(rss / GIB, 3), "rss_before_gib": round(rss0 / GIB, 3),

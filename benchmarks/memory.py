@@ -30,15 +30,19 @@ from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper
 from torch.utils._pytree import tree_leaves
 
 from areal_like.settings.config import ModelConfig
+from areal_like.settings.schema import LORA_DEFAULT_TARGETS
 
 GIB = 2**30
 
-# Qwen2 shapes of the published checkpoints (config.json), for the table in trainer/MEMORY.md.
+# Qwen2 shapes of the published checkpoints (config.json), for the tables in trainer/MEMORY.md
+# (3B is Qwen2.5's; Qwen2.5's 0.5B, 1.5B and 7B have the Qwen2 shapes).
 QWEN2_SHAPES: dict[str, dict] = {
     "0.5B": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                  num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
     "1.5B": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                  num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
+    "3B": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+               num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
     "7B": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
 }
@@ -78,6 +82,50 @@ def block_activation_bytes(cfg: ModelConfig, c: int) -> int:
     if c != 4:
         units += 3 * h + heads + 2
     return units * c
+
+
+def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear layer of a Qwen2 decoder block, by the name that
+    ``trainer.lora.target_modules`` matches."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def adapter_block_params(cfg: ModelConfig, rank: int, targets=LORA_DEFAULT_TARGETS) -> int:
+    """Parameters of one block's LoRA adapters: A [rank, in] and B [out, rank] per targeted linear
+    (areal_like/weights/lora.py). Only the blocks' linear layers are modelled: another target
+    (``lm_head``) is a ValueError, not a silent zero."""
+    shapes = linear_shapes(cfg)
+    unknown = [t for t in targets if t not in shapes]
+    if unknown:
+        raise ValueError(f"LoRA targets {unknown}: the estimate models {sorted(shapes)} only")
+    return sum(rank * sum(shapes[t]) for t in targets)
+
+
+def lora_block_activation_bytes(cfg: ModelConfig, c: int, rank: int,
+                                targets=LORA_DEFAULT_TARGETS) -> int:
+    """``block_activation_bytes`` of a block with LoRA adapters on a frozen base: less the two
+    RMSNorms' normalised inputs (2H, kept only for the frozen norm weights' gradient), plus each
+    targeted linear's low-rank intermediate (lora_A's output, kept by lora_B: ``rank`` values).
+    Every targeted linear's input is kept by its lora_A as the base linear's would be. Exact for
+    the default targets (tests/unit/test_memory.py counts the real layer with
+    ``saved_tensors_hooks``); with fewer targets an upper bound (an untargeted frozen linear need
+    not keep its input)."""
+    adapter_block_params(cfg, rank, targets)  # the same ValueError for a target not modelled
+    return block_activation_bytes(cfg, c) + (len(targets) * rank - 2 * cfg.hidden_size) * c
+
+
+def _activation_bytes(cfg: ModelConfig, t: int, c: int, checkpointing: bool, per_block: int) -> int:
+    """The activations kept for backward at ``t`` tokens: every block's ``per_block`` (or the block
+    inputs plus one block recomputed, checkpointed), then the final norm, the gathered hidden
+    states and the token ids."""
+    if checkpointing:
+        acts = cfg.num_hidden_layers * t * cfg.hidden_size * c + t * per_block
+    else:
+        acts = cfg.num_hidden_layers * t * per_block
+    return acts + t * cfg.hidden_size * (4 * c if c == 4 else 4 * c + 8) + 32 * t
 
 
 def _plain_tensors(leaves) -> list[torch.Tensor]:
@@ -166,12 +214,7 @@ def estimate_peak_bytes(model_cfg: ModelConfig, world: int, micro_batch_tokens: 
     mp = 4 if c != 4 else 0  # mixed precision: the fp32 copy a bf16 gradient is reduced in / upcast to
     p, blk, root = total_params(model_cfg), block_params(model_cfg), root_params(model_cfg)
     t, h, v = micro_batch_tokens, model_cfg.hidden_size, model_cfg.vocab_size
-    per_block = block_activation_bytes(model_cfg, c)
-    if checkpointing:  # the block inputs, plus one block's full set while it is recomputed
-        acts = model_cfg.num_hidden_layers * t * h * c + t * per_block
-    else:
-        acts = model_cfg.num_hidden_layers * t * per_block
-    acts += t * h * (4 * c if c == 4 else 4 * c + 8) + 32 * t  # final norm, gathered hidden, token ids
+    acts = _activation_bytes(model_cfg, t, c, checkpointing, block_activation_bytes(model_cfg, c))
     chunk = min(logprob_chunk, t)
     logprobs = chunk * v * (4 + c * (mp > 0)) + v * h * (4 + c * (mp > 0))
     shard = -(-p // world)
@@ -185,6 +228,68 @@ def estimate_peak_bytes(model_cfg: ModelConfig, world: int, micro_batch_tokens: 
                           gather_buffers=gathered,
                           block_grads=blk * (c + mp), activations=acts, logprobs=logprobs, root_grads=root_grads,
                           optimizer_temps=4 * shard, accumulating=accumulating)
+
+
+def estimate_lora_peak_bytes(model_cfg: ModelConfig, world: int, micro_batch_tokens: int, rank: int,
+                             targets=LORA_DEFAULT_TARGETS, dtype: str = "float32",
+                             base_dtype: str = "float32", checkpointing: bool = False,
+                             logprob_chunk: int = 512, accumulating: bool = True) -> MemoryEstimate:
+    """``estimate_peak_bytes`` with LoRA adapters of ``rank`` on ``targets`` (``trainer.lora``):
+    the frozen base is held in ``base_dtype`` with no gradient or AdamW state; the adapters hold
+    fp32 weights, gradients, two moments and AdamW's temporary. Today the base is fp32 and so is
+    the compute (the trainer refuses ``model.dtype=bfloat16`` with LoRA); ``dtype`` and
+    ``base_dtype`` both ``bfloat16`` say what a bf16 base would give, not what the trainer runs.
+    The ranks gather (FSDP2) when ``world`` > 1 or the compute dtype is not the base's (mixed
+    precision); one rank computing in its base's dtype gathers nothing. Frozen embeddings and
+    lm_head: no root gradients, no lm_head gradient accumulator; the final norm, frozen too, keeps
+    no normalised input. The KL reference (the policy with its adapters off) is a no-grad forward:
+    its transients are not counted, as the full model's reference is not."""
+    c, b = (4 if d == "float32" else 2 for d in (dtype, base_dtype))
+    mp = 4 if c != 4 else 0
+    blk_a = adapter_block_params(model_cfg, rank, targets)
+    a = model_cfg.num_hidden_layers * blk_a
+    p, blk, root = total_params(model_cfg), block_params(model_cfg), root_params(model_cfg)
+    t, v = micro_batch_tokens, model_cfg.vocab_size
+    per_block = lora_block_activation_bytes(model_cfg, c, rank, targets)
+    acts = _activation_bytes(model_cfg, t, c, checkpointing, per_block)
+    acts -= t * model_cfg.hidden_size * c  # the frozen final norm keeps no normalised input
+    logprobs = min(logprob_chunk, t) * v * (4 + c * (mp > 0))
+    shard_p, shard_a = -(-p // world), -(-a // world)
+    gathered = (root + 2 * (blk + blk_a)) * c if world > 1 or c != b else 0
+    return MemoryEstimate(weights=b * shard_p + 4 * shard_a, grads=4 * shard_a, adam=8 * shard_a,
+                          gathered=gathered, gather_buffers=gathered, block_grads=blk_a * (c + mp),
+                          activations=acts, logprobs=logprobs, root_grads=0,
+                          optimizer_temps=4 * shard_a, accumulating=accumulating)
+
+
+def _fits(off: float, on: float, room: float) -> str:
+    return "yes" if off <= room else "with checkpointing" if on <= room else "no"
+
+
+def lora_markdown_table(ranks: tuple[int, ...] = (8, 64), tokens: int = 4096, seqs: int = 8,
+                        seq_len: int = 2048, chunk: int = 512, room_gib: float = 44.0) -> str:
+    """The LoRA table of trainer/MEMORY.md: one GPU, ``seqs`` x ``seq_len`` tokens per step in
+    micro-batches of ``tokens`` (``trainer.max_tokens_per_micro_batch``), default targets; the
+    fp32 base the trainer runs today and a bf16 base (estimate only), each without and with
+    activation checkpointing; whether each fits the ``room_gib`` an 80 GB GPU leaves the trainer
+    beside SGLang's default share (README.md: ``mem_fraction_static=0.4``)."""
+    lines = ["| model | rank | adapter params | fp32 base, fp32 compute (today): peak GiB | "
+             "with activation checkpointing | bf16 base (not supported yet): peak GiB | "
+             f"with activation checkpointing | fits {room_gib:.0f} GiB: today / bf16 base |",
+             "|---" * 8 + "|"]
+    many = seqs * seq_len > tokens
+    for name in QWEN2_SHAPES:
+        cfg = qwen2_shape(name)
+        for rank in ranks:
+            cells = [estimate_lora_peak_bytes(cfg, 1, tokens, rank, dtype=d, base_dtype=d,
+                                              checkpointing=ck, logprob_chunk=chunk,
+                                              accumulating=many).total / GIB
+                     for d in ("float32", "bfloat16") for ck in (False, True)]
+            a = cfg.num_hidden_layers * adapter_block_params(cfg, rank)
+            figures = " | ".join(f"{x:.1f}" for x in cells)
+            fits = f"{_fits(*cells[:2], room_gib)} / {_fits(*cells[2:], room_gib)}"
+            lines.append(f"| {name} | {rank} | {a / 1e6:.1f} M | {figures} | {fits} |")
+    return "\n".join(lines)
 
 
 def markdown_table(seqs: int = 8, seq_len: int = 2048, micro_batch_size: int = 8, worlds: tuple[int, ...] = (1, 2, 8),
@@ -210,3 +315,5 @@ def markdown_table(seqs: int = 8, seq_len: int = 2048, micro_batch_size: int = 8
 
 if __name__ == "__main__":
     print(markdown_table())
+    print()
+    print(lora_markdown_table())

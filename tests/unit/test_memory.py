@@ -4,6 +4,9 @@
 - the parameter counts equal the meta-built Hugging Face models' and Qwen2's published sizes;
 - the activation bytes per token per block equal what the Hugging Face Qwen2 layer really saves
   for backward (``saved_tensors_hooks``), fp32 and bf16;
+- with LoRA: the adapter parameter count equals the PEFT-injected model's, the per-token bytes a
+  block keeps equal the real LoRA layer's, and the estimate's terms are hand-checked on a tiny
+  shape;
 - a Qwen2-7B-shaped model is built on the meta device and FSDP2-sharded 8 ways (rank 3 of a fake
   process group): every parameter is a meta DTensor holding 1/8 of the rows, and the process's
   peak RSS stays far below even one rank's shard (3.8 GB), let alone the model (30 GB in fp32).
@@ -21,9 +24,12 @@ import torch
 from areal_like.settings.config import ModelConfig
 from benchmarks.memory import (
     PeakTensorBytes,
+    adapter_block_params,
     block_activation_bytes,
     block_params,
+    estimate_lora_peak_bytes,
     estimate_peak_bytes,
+    lora_block_activation_bytes,
     qwen2_shape,
     root_params,
     total_params,
@@ -55,10 +61,16 @@ def test_parameter_counts_match_the_model(name, published):
     assert root_params(cfg) == published - cfg.num_hidden_layers * block_params(cfg)
 
 
-def _saved_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, tokens: int = 48) -> float:
+def _saved_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, tokens: int = 48,
+                           lora_rank: int = 0) -> float:
+    from areal_like.settings.schema import LoraConfig
     from areal_like.weights.hf import build_model
+    from areal_like.weights.lora import add_adapters
 
-    model = build_model(cfg, dtype="float32").to(dtype).train()
+    model = build_model(cfg, dtype="float32")
+    if lora_rank:  # PEFT freezes the base: its layers keep only what the adapters' gradients need
+        add_adapters(model, LoraConfig(rank=lora_rank))
+    model = model.to(dtype).train()
     layer = model.model.layers[0]
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
@@ -85,6 +97,56 @@ def test_block_activation_bytes_match_what_the_layer_saves(dtype, c, shape):
     cfg = ModelConfig(vocab_size=104, hidden_size=h, intermediate_size=i, num_hidden_layers=1,
                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=64)
     assert _saved_bytes_per_token(cfg, dtype) == block_activation_bytes(cfg, c)
+
+
+@pytest.mark.parametrize("dtype,c", [(torch.float32, 4), (torch.bfloat16, 2)])
+@pytest.mark.parametrize("shape", [(128, 256, 4, 2), (192, 320, 6, 3)])
+def test_lora_block_activation_bytes_match_what_the_layer_saves(dtype, c, shape):
+    h, i, heads, kv = shape
+    cfg = ModelConfig(vocab_size=104, hidden_size=h, intermediate_size=i, num_hidden_layers=1,
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=64)
+    assert _saved_bytes_per_token(cfg, dtype, lora_rank=8) == lora_block_activation_bytes(cfg, c, 8)
+
+
+def test_adapter_params_match_peft():
+    from areal_like.settings.schema import LoraConfig
+    from areal_like.weights.hf import build_meta_model
+    from areal_like.weights.lora import add_adapters, is_adapter
+
+    cfg = qwen2_shape("0.5B", num_hidden_layers=2)
+    model = add_adapters(build_meta_model(cfg), LoraConfig(rank=8))
+    got = sum(p.numel() for n, p in model.named_parameters() if is_adapter(n))
+    assert got == 2 * adapter_block_params(cfg, 8) == 2 * 4_399_104 // 24  # 4.4 M in 24 blocks
+
+
+def test_lora_estimate_terms_by_hand():
+    # h 128, I 256, 4 heads of 32, kv 64, vocab 104 untied, 2 blocks, rank 8 on the 7 linears
+    cfg = ModelConfig(vocab_size=104, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    # A [8, in] + B [out, 8]: q 8*256, k and v 8*192, o 8*256, gate/up/down 8*384
+    assert adapter_block_params(cfg, 8) == 2048 + 1536 + 1536 + 2048 + 3 * 3072 == 16384
+    assert adapter_block_params(cfg, 8, ("q_proj", "v_proj")) == 3584
+    with pytest.raises(ValueError, match="lm_head"):
+        adapter_block_params(cfg, 8, ("q_proj", "lm_head"))
+    assert block_params(cfg) == 147968 and root_params(cfg) == 104 * 128 * 2 + 128 == 26752
+    # per token and block: the full model's 2246 fp32 values, less the 2 norms' 2 x 128, plus 7 x 8
+    assert lora_block_activation_bytes(cfg, 4, 8) == (2246 - 256 + 56) * 4 == 8184
+    e = estimate_lora_peak_bytes(cfg, world=1, micro_batch_tokens=64, rank=8)
+    assert e.weights == 4 * (2 * 147968 + 26752) + 4 * 32768 == 1421824  # fp32 base + fp32 adapters
+    assert (e.grads, e.adam, e.optimizer_temps) == (131072, 262144, 131072)  # adapters only
+    assert e.gathered == e.gather_buffers == e.root_grads == 0  # one fp32 rank; frozen root
+    assert e.block_grads == 16384 * 4
+    assert e.logprobs == 64 * 104 * 4  # one [64, V] chunk; no lm_head gradient (frozen)
+    # 2 blocks x 64 tokens x 8184, then final norm (less its frozen weight's input), hidden, ids
+    assert e.activations == 2 * 64 * 8184 + 64 * 128 * 4 * 3 + 32 * 64 == 1147904
+    assert e.moments == {"backward_start": 1815040 + 1147904 + 26624,
+                         "backward_end": 1815040 + 65536, "optimizer_step": 1815040 + 131072}
+    # a bf16 base on one rank computing in bf16 gathers nothing; an fp32 base in bf16 compute does
+    bf16 = estimate_lora_peak_bytes(cfg, 1, 64, 8, dtype="bfloat16", base_dtype="bfloat16")
+    assert bf16.weights == 2 * 322688 + 4 * 32768 and bf16.gathered == 0
+    mixed = estimate_lora_peak_bytes(cfg, 2, 64, 8, dtype="bfloat16")
+    assert mixed.gathered == (26752 + 2 * (147968 + 16384)) * 2
+    assert mixed.weights == 4 * 161344 + 4 * 16384  # half of each, world 2
 
 
 def test_estimate_terms():
