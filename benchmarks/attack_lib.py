@@ -200,7 +200,7 @@ def worker_secrets(t: Target) -> tuple[bool, str]:
     from rollout_server import __main__ as rollout_main
     from rollout_server import sandbox
 
-    hide = getattr(sandbox, "hide", None)  # absent before issue 42: workers ran as the job's user
+    hide = getattr(sandbox, "hide", None)  # absent in older builds: workers ran as the job's user
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "campaign_attack.py").write_text(WORKER_ATTACK)
         sys.path.insert(0, tmp)

@@ -32,7 +32,7 @@ extra ``trl`` (``pip install areal-like[trl]``); without it the lines still come
 measured, baseline null and a message saying what is missing. On a loaded machine (load average
 above the cores) the lines carry a warning.
 
-``--user-path`` measures instead the path a user takes (issue 41): a small Qwen2 built from config
+``--user-path`` measures instead the path a user takes: a small Qwen2 built from config
 with its BPE tokenizer, saved as a Hugging Face directory; a JSONL of ``{prompt, answer}`` rows
 (every 2-digit addition, 512 of them held out as ``task.eval_path``); ``model=local_hf
 task=jsonl_math`` with only what a user sets for this data (``USER_SETTINGS``: new tokens, learning
@@ -256,7 +256,7 @@ def trl_version() -> str | None:
 
 
 # ---------------------------------------------------------------- the user's path (--user-path)
-USER_GOAL = 1.5  # samples/s at least 1.5x TRL's (issue 41) ...
+USER_GOAL = 1.5  # samples/s at least 1.5x TRL's ...
 USER_ACCURACY_SLACK = 0.02  # ... and held-out greedy accuracy at least TRL's minus this (medians)
 USER_EVAL_ROWS = 512  # held-out 2-digit additions (task.eval_path); the rest of the 8,100 train
 # What a user sets for this data, on both sides: the answers are at most 3 digits (a budget of 16

@@ -1,4 +1,4 @@
-"""Soak run: a real `areal-like run` with time compressed, watched for growth (issue 41).
+"""Soak run: a real `areal-like run` with time compressed, watched for growth.
 
 Starts ``python -m launch.cli run experiment=quickstart`` (the quickstart's tiny model and task)
 with settings that make a week of bookkeeping happen in minutes: unbounded trainer steps (the

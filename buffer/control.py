@@ -29,7 +29,7 @@ abort the broadcast under way for every member (trainer/weight_sync.py checks
 ``SyncStatus.failed`` between buckets); if it is dead the broadcast fails on its own. A report
 it sends (it took the plan up before it fell silent) counts either way.
 
-A member *absent* from a sync stays out of the later ones until it shows life (issue 42): when the
+A member *absent* from a sync stays out of the later ones until it shows life: when the
 trainer announces a version at or past the plan's (it is done with the plan), every member of
 the plan that sent no ``SyncDone`` for it (it never joined, or never acked) leaves
 ``Roster.members`` for ``Roster.absent``, so the next plans neither name it nor wait for it; an id

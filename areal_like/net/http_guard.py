@@ -13,7 +13,7 @@ can reach the port cannot hold the server's memory, connections or event loop:
   slot can be freed the new connection is refused (``connections_refused``): on a server with a
   ``health`` answer (each daemon's ``/metrics`` port) its request line is read first (at most
   ``HEAD_PEEK_BYTES``, within ``REFUSED_LINGER_S``) and a ``GET /health`` is answered from the
-  daemon's own state, so the cap never starves liveness probes (issue 42: 64 idle strangers on a
+  daemon's own state, so the cap never starves liveness probes (measured: 64 idle strangers on a
   ``/metrics`` port made ``/health`` answer 503 and ``areal-like status`` say DOWN); anything
   else gets ``503`` and is closed, never parsed further (the socket lingers up to
   ``REFUSED_LINGER_S`` for the client to read the answer, as a reset would lose it);

@@ -168,7 +168,7 @@ def test_trained_tokens_per_second_and_mfu(trained, figure):
     assert res["tokens"] == TRAIN_SEQS * TRAIN_SEQ_LEN and res["loss"] == res["loss"]
     figure("trained_tokens_per_s", res["tokens"] / res["train_s"], "tokens/s")
     peak = peak_bf16_flops(res["gpu"])
-    if peak is not None:  # goal on one H100: >= 35 % (issue 36)
+    if peak is not None:  # goal on one H100: >= 35 %
         flops = model_flops_per_token(model_cfg(), TRAIN_SEQ_LEN) * res["tokens"]
         mfu = flops / res["train_s"] / peak
         figure("train_mfu", 100 * mfu, "%")

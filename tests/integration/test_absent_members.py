@@ -1,4 +1,4 @@
-"""A registered id with no engine behind it holds up one weight sync, not every one (issue 42).
+"""A registered id with no engine behind it holds up one weight sync, not every one.
 
 Real processes and sockets: the buffer daemon, one embedded engine driven by a rollout-server
 stand-in (``weight_sync_harness.Driver``, the real applier), a world-size-1 trainer

@@ -1,4 +1,4 @@
-"""A checkpoint loads data, never code (issue 42, item 7; trainer/checkpoint.py).
+"""A checkpoint loads data, never code (trainer/checkpoint.py).
 
 A real checkpoint is saved (1 rank), then one of its pickles is replaced by a planted one whose
 ``__reduce__`` would write a marker file: ``meta.pt``, ``rng_rank0.pt`` (both ``torch.save``),

@@ -1,4 +1,4 @@
-"""A frame nested 50,000 deep (issue 42, item 8) sent by a member over a real ZMQ socket to a
+"""A frame nested 50,000 deep sent by a member over a real ZMQ socket to a
 running BufferService: refused like any undecodable frame (``Ack`` rejected, reason ``decode: ...
 nested too deeply``, counted in ``buffer/rejected{reason="decode"}``), and the buffer keeps serving:
 the same socket's next request and another client's are answered, and a group is still accepted."""

@@ -1,6 +1,6 @@
 """A rollout server and its trainer agree on the job's engine API key without the environment.
 
-The bug (issue 37): a rollout server started without ``AREAL_LIKE_ENGINE_API_KEY`` gave the
+The bug: a rollout server started without ``AREAL_LIKE_ENGINE_API_KEY`` gave the
 engine it starts a random key of its own, so the trainer's log-prob guard, which sends the job's
 key, got 401 from it. Now every daemon finds the job's key once at start the same way
 (``auth.engine_api_key``: the variable, else ``<run_dir>/secrets/engine_api_key``, which

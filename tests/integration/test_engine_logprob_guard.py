@@ -166,7 +166,7 @@ def test_on_several_nodes_the_guard_probes_a_routable_engine_and_reports_a_loopb
 
 def test_guard_probes_the_adapter_an_embedded_engine_serves_after_an_adapter_sync(
         tmp_path, spawn_python, free_port):
-    """LoRA (issue 40): a resumed job's first push makes a trained adapter (B != 0) live, so the
+    """LoRA: a resumed job's first push makes a trained adapter (B != 0) live, so the
     guard must probe with it: the probe names it as generate calls do (``lora_path``, which the
     embedded engine ignores: it serves its one live adapter) and passes against the trainer's
     model WITH the adapter, while the same model with the adapter disabled (the base) is refused."""

@@ -1,4 +1,4 @@
-"""An engine that stops answering during a failed weight sync is restarted (issue 36, item 5).
+"""An engine that stops answering during a failed weight sync is restarted.
 
 A survivor of an aborted NCCL group may never finish its receive (SGLang receives on its
 scheduler) or lose its scheduler to SGLang's watchdog: it stays up and answers nothing. Real

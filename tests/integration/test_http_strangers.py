@@ -1,4 +1,4 @@
-"""Strangers on HTTP ports cannot fake a daemon's death or lock clients out (issue 42, items 4, 5).
+"""Strangers on HTTP ports cannot fake a daemon's death or lock clients out.
 
 Over real processes and sockets:
 

@@ -1,8 +1,8 @@
-"""Members by key, not by socket (issue 42, items 2 and 3), over a real CURVE buffer on tcp.
+"""Members by key, not by socket, over a real CURVE buffer on tcp.
 
 A real buffer (``python -m buffer``, keys from ``security.make_keys``) serves the job's trainer
 (trainer key) and a rollout server (rollout key). An attacker holding the *rollout* key (a buggy
-rollout server, user code that read it) opens a fresh socket per request, as the attacks of issue 42
+rollout server, user code that read it) opens a fresh socket per request, as the attack campaign's
 did:
 
 * while the trainer's batch is in transit, it asks for batches: each must be refused for its role,
@@ -26,7 +26,7 @@ from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 from buffer.facts import MIN_SERVERS
 
 REQUEST_S = 30.0  # a live buffer answers in milliseconds, on a loaded machine too
-FLOOD = 120  # Registers in the flood, each from a fresh socket (issue 42 sent 1,000)
+FLOOD = 120  # Registers in the flood, each from a fresh socket (the attack campaign sent 1,000)
 
 
 def group(credit: P.Credit, server_id: str) -> P.TrajectoryGroup:

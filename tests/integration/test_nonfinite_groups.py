@@ -1,5 +1,5 @@
 """Groups whose behaviour log-probs are not finite (NaN, +inf, -inf) are refused at the buffer's
-admission (issue 42, item 1; ``areal_like/wire/group_checks.py``).
+admission (``areal_like/wire/group_checks.py``).
 
 A member sends them over a real ZMQ socket to a running BufferService; each is refused with the
 reason ``nonfinite_logp``, counted in ``buffer/rejected{reason="nonfinite_logp"}`` (StatsRequest and

@@ -1,4 +1,4 @@
-"""A rollout server relaunched while a plan naming it is pending is left out of it (issue 35).
+"""A rollout server relaunched while a plan naming it is pending is left out of it.
 
 Real processes and sockets: the buffer daemon, two embedded engines, a world-size-1 trainer
 (``tests/weight_pusher.py``, the real ``WeightBroadcaster``), and rollout-server stand-ins in this

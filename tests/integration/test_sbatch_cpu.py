@@ -8,7 +8,7 @@ is the script as a cluster runs it: `areal-like config` (preflight, laid out as 
 for the final evaluation. The trainer runs on CPU beside an engine on "GPU" 0 of 2 (the engine's
 device is cpu: CUDA_VISIBLE_DEVICES means nothing to it).
 
-What the Slurm path used to get wrong shows here (issue 36, item 3): the trainer's first push now
+What the Slurm path used to get wrong shows here: the trainer's first push now
 waits for the rollout server (`trainer.first_engine_wait_s` from the layout, not 0), so the
 log-prob guard checks its engine instead of nobody, and the job ends only once the final evaluation
 is written.

@@ -1,4 +1,4 @@
-"""Finite numbers or no step (issue 42, item 1; trainer/finite_guard.py), with the real trainer
+"""Finite numbers or no step (trainer/finite_guard.py), with the real trainer
 code on 2 FSDP2 ranks (gloo, real processes), and the trainer daemon itself.
 
 Under each of the 9 kernels a batch holding one group whose behaviour log-prob is NaN, then one

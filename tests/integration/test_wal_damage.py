@@ -1,4 +1,4 @@
-"""WAL damage on disk, found at a real buffer daemon's restart (issue 42, "cover what has not been
+"""WAL damage on disk, found at a real buffer daemon's restart ("cover what has not been
 tried"; buffer/wal.py, buffer/recovery.py).
 
 A buffer daemon (``python -m buffer``) takes 8 groups from a rollout server; a trainer consumes two

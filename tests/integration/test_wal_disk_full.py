@@ -1,4 +1,4 @@
-"""A WAL segment that cannot grow mid-run (issue 42: a full disk during a run), over real sockets.
+"""A WAL segment that cannot grow mid-run (a full disk during a run), over real sockets.
 
 The buffer daemon runs with ``RLIMIT_FSIZE`` set (and ``SIGXFSZ`` ignored), so once its WAL
 segment reaches the limit a write to it fails for real with ``EFBIG``, while ``statvfs`` still

@@ -1,4 +1,4 @@
-"""A disk that fills up during a run, for real (issue 42), over real sockets.
+"""A disk that fills up during a run, for real, over real sockets.
 
 The buffer daemon runs in a user and mount namespace of its own (``unshare -Urm``, no privilege
 needed) whose WAL directory is a small tmpfs. Mid-stream the test fills that filesystem from

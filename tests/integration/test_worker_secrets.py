@@ -1,7 +1,7 @@
-"""Reward and tool code cannot read the job's keys or signal its processes (issue 42, item 6).
+"""Reward and tool code cannot read the job's keys or signal its processes.
 
 Real sandbox workers (``rollout_server/sandbox.py``: the reward pool's and the tool pool's) run an
-attacker's function that tries what issue 42 found it could do: read ``secrets/engine_api_key`` and
+attacker's function that tries what an attack once found it could do: read ``secrets/engine_api_key`` and
 the CURVE secret keys in ``keys/``, list those directories, read the rollout server's command line
 and environment from ``/proc``, and signal the process that started it (signal 0: the permission
 check alone, and a real SIGUSR1 that this test would notice). The job's private directories are
@@ -101,7 +101,7 @@ def test_a_sandboxed_call_reaches_no_key_and_signals_no_process(job):
     try:
         before = run_sandboxed("attack_fns:attack", (str(run_dir), os.getpid(), str(plant)),
                                SandboxLimits(timeout_s=30))
-        assert before.ok and "keys/clients/trainer.key_secret" in before.value  # issue 42
+        assert before.ok and "keys/clients/trainer.key_secret" in before.value  # as an attack once did
         assert before.value.get("wrote code") and plant.exists()  # a review found this
     finally:
         plant.unlink(missing_ok=True)

@@ -180,7 +180,7 @@ def test_a_killed_sglang_is_noticed_relaunched_and_the_job_goes_on(tmp_path):
         # the relaunched engine came up and served to the end: no further restart (rollout servers
         # leave on the trainer's last step, so the engine itself may already be gone here). The
         # plan published while it started is not its own: the buffer left it out at its fresh
-        # registration (issue 35: taking that plan up blocked SGLang's scheduler in a group join
+        # registration (taking that plan up blocked SGLang's scheduler in a group join
         # nobody formed any more, and the post-sync probe restarted the server a second time)
         assert rs.sup.proc("rollout-0").restarts == 1
         log = (rs.run_dir / "logs" / "rollout-0.log").read_text()

@@ -41,7 +41,7 @@ def test_throughput_refuses_no_steps_and_a_bad_window():
 
 
 def test_the_budget_starts_after_the_steps_that_may_train_groups_made_during_start_up():
-    """Review of issue 41: the buffer grants credits before the trainer is ready, so version-0
+    """The buffer grants credits before the trainer is ready, so version-0
     groups generated during its start-up (before the log-prob guard) gave our side a head start
     in the first eta + 1 steps; the clock starts at the end of step eta + 1, later steps count."""
     rows = [{"time": 1.0, "event": "resume"}, {"time": 2.5, "event": "logprob_guard", "passed": True},

@@ -119,7 +119,7 @@ def test_mandatory_values_must_be_supplied(tmp_path):
 
 def test_an_own_model_computes_in_bf16_on_a_gpu_and_fp32_on_cpu(tmp_path):
     """model=local_hf on the default (CPU) topology trained, and exported, a float32 model in
-    bfloat16 (issue 41, item 7): its dtype now follows the trainer's device unless set."""
+    bfloat16: its dtype now follows the trainer's device unless set."""
     own = ["model=local_hf", f"model.path={tmp_path}"]
     assert load_config(own).model.dtype == "float32"
     assert load_config([*own, "trainer.device=cuda"]).model.dtype == "bfloat16"
@@ -130,7 +130,7 @@ def test_an_own_model_computes_in_bf16_on_a_gpu_and_fp32_on_cpu(tmp_path):
 
 def test_an_own_model_on_cpu_trains_micro_batches_by_tokens_and_on_a_gpu_by_sequences(tmp_path):
     """model=local_hf on CPU trained a step of 64 short sequences in 8 micro-batches of 8, the
-    trainer then the bottleneck of the user's path (issue 41, item 7): on CPU a token budget now
+    trainer then the bottleneck of the user's path: on CPU a token budget now
     sizes them; on a GPU micro_batch_size as before. A value set by hand is kept."""
     own = ["model=local_hf", f"model.path={tmp_path}"]
 
@@ -145,7 +145,7 @@ def test_an_own_model_on_cpu_trains_micro_batches_by_tokens_and_on_a_gpu_by_sequ
 
 
 def test_a_micro_batch_size_set_by_hand_sizes_the_micro_batches_on_cpu_too(tmp_path):
-    """Review of issue 41: ``trainer.micro_batch_size=4`` with model=local_hf on CPU was ignored
+    """``trainer.micro_batch_size=4`` with model=local_hf on CPU was ignored
     (the 2048-token budget sized the micro-batches); set alone on the command line it wins."""
     own = ["model=local_hf", f"model.path={tmp_path}"]
     cfg = load_config([*own, "trainer.micro_batch_size=4"])

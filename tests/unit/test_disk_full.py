@@ -99,7 +99,7 @@ def test_degraded_mode_compacts_consumed_records_without_waiting_for_a_full_segm
 
 def test_degraded_mode_does_not_rotate_a_segment_that_holds_only_a_big_checkpoint(tmp_path,
                                                                                  monkeypatch):
-    # Review of issue 41: a long run's dedupe checkpoint larger than MIN_SEGMENT_BYTES counted as
+    # A long run's dedupe checkpoint larger than MIN_SEGMENT_BYTES counted as
     # records, so a nearly full disk rotated every DEGRADED_ROTATE_S, writing it again each time.
     monkeypatch.setattr(buffer.diskspace, "MIN_SEGMENT_BYTES", 1000)
     monkeypatch.setattr(buffer.diskspace, "DEGRADED_ROTATE_S", 0.0)

@@ -13,7 +13,7 @@ may start another one's module as a process of its own (``python -m trainer.expo
 paths computed at run time (a user's reward function, ``areal_like/tasks/callables.py``) are not the
 project's own and are not counted.
 
-The rules that keep the package budgets honest (issue 37; each check is shown to fail on a small
+The rules that keep the package budgets honest (each check is shown to fail on a small
 synthetic tree): no import circle inside a package, lazy imports included; inside ``areal_like``,
 no import that runs up its wings (``WINGS``); no module touches another module's ``_private``
 names; no function is longer than 60 lines.

@@ -1,4 +1,4 @@
-"""The linter runs with the tests, so CI checks it (issue 37: the rules that keep budgets honest).
+"""The linter runs with the tests, so CI checks it (the rules that keep the package budgets honest).
 
 * ``ruff check`` passes over the repository with the settings in pyproject.toml (pyflakes and
   import order).

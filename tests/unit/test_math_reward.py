@@ -155,7 +155,7 @@ def test_what_is_not_a_plain_integer_still_goes_to_the_parser(monkeypatch):
                                                 ("-0100", "-100")])
 def test_a_negative_with_a_leading_zero_scores_as_the_parser_reads_it(response, reference,
                                                                        monkeypatch):
-    """Review of issue 41: math-verify reads a bare ``-07`` as nothing (0.0); the fast path said
+    """Math-verify reads a bare ``-07`` as nothing (0.0); the fast path said
     1.0."""
     monkeypatch.setattr(rewards, "PARSE_TIMEOUT_S", 60)
     assert rewards.parse(response) == [] and math_reward(response, Example("", reference)) == 0.0

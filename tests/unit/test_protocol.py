@@ -654,7 +654,7 @@ def _nested_frame(depth: int, open_byte: bytes = b"\x91", key: bytes = b"\xa6val
 @pytest.mark.parametrize("open_byte", [b"\x91", b"\x81\xa1a"])
 @pytest.mark.parametrize("protocol", [3, 1])  # 1: the refused-version path reads the frame again
 def test_deep_nesting_raises_only_protocol_error(protocol, open_byte):
-    """A map whose value nests lists (or maps) 50,000 deep (issue 42, item 8): msgspec raises
+    """A map whose value nests lists (or maps) 50,000 deep: msgspec raises
     RecursionError; ``decode`` refuses it like any other bad frame, and the next frame decodes."""
     with pytest.raises(P.ProtocolError) as e:
         P.decode(_nested_frame(50_000, open_byte, protocol=protocol))

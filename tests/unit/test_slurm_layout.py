@@ -1,4 +1,4 @@
-"""The Slurm path gives every process the config `areal-like run` gives it (issue 36, item 3).
+"""The Slurm path gives every process the config `areal-like run` gives it.
 
 For every GPU layout the placement tests cover (tests/unit/test_placement*.py, test_srun.py,
 test_topology.py), the sbatch script's own steps run here: `areal-like config` with its overrides
@@ -9,7 +9,7 @@ command line as the daemon loads them, must equal the config of the same process
 start order (on one shared GPU the trainer starts once the engine is up). On several nodes `run`
 refuses to start, and its plan (`areal-like plan`, the same function) is the reference, plus
 the one thing only the allocation knows: each engine listens on its node's address
-(`rollout.engine.host`), where trainer rank 0's log-prob guard reaches it (issue 36, item 6).
+(`rollout.engine.host`), where trainer rank 0's log-prob guard reaches it.
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ def test_a_checkpoint_caught_while_written_is_not_growth_but_shows_as_the_larges
 
 
 def test_a_leak_under_the_ratio_fails_the_week_budget_and_a_few_files_fail_the_absolute_bound():
-    """Review of issue 41: 4 KB a version on 400 MB stays under the 10% ratio in 3,900 versions
+    """4 KB a version on 400 MB stays under the 10% ratio in 3,900 versions
     but is 79 MB a week at 2,880 versions a day; 3 more open files out of 50 is a ratio of 1.06."""
     samples = _samples(rss=lambda i: 400_000 + 4 * 100 * i)  # 4 KB a version, 100 versions a sample
     for i, s in enumerate(samples):
