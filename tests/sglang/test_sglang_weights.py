@@ -147,7 +147,8 @@ def test_the_disk_path_serves_an_exported_directory(sglang_server, tmp_path):
 def test_the_tensor_path_serves_the_trainers_weights(sglang_server):
     model = _model(7)
     state = model.state_dict()
-    buckets = _plan(13, state, 0, "tensor").buckets
+    # only its buckets: a disk plan, which needs no group port
+    buckets = _plan(13, state, 0, "tensor", path="disk", payloads=["unused"]).buckets
     sender = TensorSender(WeightSyncConfig(), "gloo", 0, "float32")  # rank 0's half of path=tensor
     payloads = sender.payloads(model, 13, buckets, [[state[n] for n in b.names] for b in buckets])
     plan = _plan(13, state, 0, "tensor", path="tensor", payloads=payloads)
