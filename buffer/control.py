@@ -202,9 +202,10 @@ class ControlPlane:
         """``server_id``, a member of ``plan`` that has not reported it, registered as a new
         process, left the roster before it was handed the plan, or is named while off it (``how``):
         the plan is not for the process behind the id now (module docstring). Its failure for the
-        plan's version is recorded now: the plan is never handed to it (a late join would find the trainer gone and
-        block the engine's scheduler), and the trainer stops waiting for it at once. It gets the
-        weights at the next push, which re-forms the group with it (the failed one is torn down)."""
+        plan's version is recorded now: the plan is never handed to it (a late join would find the
+        trainer gone and block the engine's scheduler), and the trainer stops waiting for it at
+        once. It gets the weights at the next push, which re-forms the group with it (the failed
+        one is torn down)."""
         self.sync_results.setdefault(plan.policy_version, {})[server_id] = False
         self.log.warning("server %s %s during weight sync v%d: left out of it (it joins the next "
                          "one)", server_id[:64], how, plan.policy_version)

@@ -41,11 +41,11 @@ LoRA on SGLang (``apply_adapter_sync``, ``trainer.lora.rank > 0``, path ``tensor
 one payload is the whole adapter (``{name: tensor}``, trainer/weight_local.py). It is loaded as an
 adapter of its own (``/load_lora_adapter_from_tensors``, named after the version and the plan)
 while generation goes on; then the client's generate calls start naming it, the engine pauses as
-above (after a drain, in drain mode), its label becomes the version (``/update_weight_version``), ``/continue_generation``
-always (a failure names the old adapter again). Requests aborted by the pause resubmit under the
-new adapter; one a retracting pause
-resumes keeps the adapter it was admitted with, and every token is labelled with the version of
-the adapter its request named (rollout_server/sglang_client.py), so versions stay exact. The
+above (after a drain, in drain mode), its label becomes the version (``/update_weight_version``),
+``/continue_generation`` always (a failure names the old adapter again). Requests aborted by the
+pause resubmit under the new adapter; one a retracting pause resumes keeps the adapter it was
+admitted with, and every token is labelled with the version of the adapter its request named
+(rollout_server/sglang_client.py), so versions stay exact. The
 previous adapter is retired (so is one whose load was sent but whose sync failed: SGLang may load
 it after its caller gave up). Each sync, before its load, unloads in the background each retired
 adapter no generate call in flight names (``SGLangClient.running``); the others stay retired for
