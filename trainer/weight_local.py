@@ -16,7 +16,8 @@ an engine on the same GPU (``launch/placement.py``) the weights reach the engine
   CPU copies, each storage as ``torch.save`` bytes, which SGLang's safe unpickler loads): SGLang
   keeps a loaded adapter's CPU tensors for as long as it holds the adapter, so shared memory
   there would stay mapped by SGLang and a ``/dev/shm/torch_*`` file would outlive an SGLang
-  stopped while holding it; an adapter is small (hundreds of KB), so the copy costs little;
+  stopped while holding it; the copy travels inside the plan (trainer/WEIGHT_SYNC.md says what
+  that costs as adapters grow);
 * ``disk`` (``/update_weights_from_disk``): rank 0 writes an HF directory (``config.json`` and
   ``model.safetensors``) under a private temporary directory and the engine loads it.
 
