@@ -27,7 +27,10 @@ the next plan, formed from the roster it is back on. A member expired *after* it
 plan is not failed by the expiry: its engine may still be receiving, and a failure record would
 abort the broadcast under way for every member (trainer/weight_sync.py checks
 ``SyncStatus.failed`` between buckets); if it is dead the broadcast fails on its own. A report
-it sends (it took the plan up before it fell silent) counts either way.
+it sends (it took the plan up before it fell silent) counts either way. The results of a version
+(``SyncStatus``) are those of its latest plan: a new plan of a version (a re-push, or a resumed
+trainer's push under a label the crashed one had pushed other weights under) starts with none, and
+an answer naming an earlier plan (``SyncDone.plan_id``) is not counted.
 
 A member *absent* from a sync stays out of the later ones until it shows life: when the
 trainer announces a version at or past the plan's (it is done with the plan), every member of
@@ -77,7 +80,8 @@ class ControlPlane:
         self.plan: P.WeightSyncPlan | None = None
         self.plan_deadline = 0.0
         self.handed: set[str] = set()  # ids handed ``plan`` in a HeartbeatAck (module docstring)
-        self.sync_results: dict[int, dict[str, bool]] = {}
+        self.sync_results: dict[int, dict[str, bool]] = {}  # version -> server -> loaded
+        self.result_plans: dict[int, str] = {}  # version -> the plan whose results those are
         self.sync_pauses: dict[int, dict[str, float]] = {}  # version -> server -> seconds not generating
         self.absent: dict[str, int] = {}  # server id -> the version it missed (module docstring)
         self.incarnations: dict[str, str] = {}  # id -> that of its last Register
@@ -182,10 +186,10 @@ class ControlPlane:
                                  server_id[:64], how)
 
     def take_plan(self, plan: P.WeightSyncPlan) -> P.Ack:
-        old = self.plan
-        if old is not None and old.policy_version == plan.policy_version and old.plan_id != plan.plan_id:
-            self.sync_results.pop(plan.policy_version, None)  # a re-push: every member must load it again
+        if self.result_plans.get(plan.policy_version) != plan.plan_id:  # results are one plan's
+            self.sync_results.pop(plan.policy_version, None)  # a re-push: every member loads it again
             self.sync_pauses.pop(plan.policy_version, None)
+            self.result_plans[plan.policy_version] = plan.plan_id
         self.plan, self.plan_deadline = plan, self.clock() + plan.deadline_s
         self.handed = set()
         results = self.sync_results.setdefault(plan.policy_version, {})
@@ -195,6 +199,7 @@ class ControlPlane:
         for version in sorted(self.sync_results)[:-SYNC_RESULTS_KEEP]:
             del self.sync_results[version]
             self.sync_pauses.pop(version, None)
+            self.result_plans.pop(version, None)
         self.publish(plan)
         return P.Ack(ref=str(plan.policy_version), status="ok")
 
@@ -220,6 +225,10 @@ class ControlPlane:
 
     def sync_done(self, m: P.SyncDone) -> P.Ack:
         self.alive(m.server_id, f"reported weight sync v{m.policy_version}")
+        if m.plan_id and m.plan_id != self.result_plans.get(m.policy_version, m.plan_id):
+            self.log.info("server %s answered an earlier plan of weight sync v%d: not a result of "
+                          "the current one", m.server_id[:64], m.policy_version)
+            return P.Ack(ref=str(m.policy_version), status="ok")
         self.sync_results.setdefault(m.policy_version, {})[m.server_id] = m.ok
         self.sync_pauses.setdefault(m.policy_version, {})[m.server_id] = m.pause_s
         if m.ok:

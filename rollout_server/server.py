@@ -69,6 +69,7 @@ from rollout_server.multiturn import EpisodeRunner
 from rollout_server.reward_pool import RewardPool, RewardPoolError
 from rollout_server.sglang_client import SGLangClient
 from rollout_server.weight_update import (
+    answer,
     apply_adapter_sync,
     apply_weight_sync,
     engine_versions,
@@ -500,8 +501,7 @@ class RolloutServer(Daemon):
         """A plan that reached us after we left the roster to evaluate (published just before): say
         so at once, so the trainer drops us from this version instead of waiting."""
         self.log.warning("declining weight sync v%d: evaluating version %s", plan.policy_version, self.eval_version)
-        await self.report_sync(SyncDone(server_id=self.server_id, policy_version=plan.policy_version, ok=False,
-                                        reason=f"evaluating version {self.eval_version}"))
+        await self.report_sync(answer(plan, self.server_id, f"evaluating version {self.eval_version}"))
 
     # ------------------------------------------------------------------ evaluation
     def maybe_evaluate(self) -> None:

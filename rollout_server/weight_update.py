@@ -114,12 +114,12 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
     refusal = "this server is not a member of the plan" if member is None else "" if receiver \
         else f"unknown weight-sync path {plan.path!r} (this server knows {', '.join(RECEIVERS)})"
     if refusal:
-        return SyncDone(server_id=server_id, policy_version=plan.policy_version, ok=False, reason=refusal)
+        return answer(plan, server_id, refusal)
     deadline = _Deadline(plan.deadline_s)
     init_task: asyncio.Task | None = None
     paused_at: float | None = None
     session_open = False
-    pause_s, ok, reason = 0.0, False, ""
+    pause_s, reason = 0.0, ""
     try:
         if plan.reform and receiver.joins_group:
             init_task = await _start_group_join(client, plan, member.rank_offset, deadline, door)
@@ -137,7 +137,6 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
         if receiver.session:
             await client.end_weight_update(timeout_s=deadline.left())
             session_open = False
-        ok = True
     except (SGLangError, TimeoutError, asyncio.TimeoutError) as e:
         reason = f"{type(e).__name__}: {e}" if not isinstance(e, SGLangError) else str(e)
         log.warning("weight sync v%d failed: %s", plan.policy_version, reason)
@@ -151,9 +150,8 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
                 log.error("could not close the weight-update session after a failed sync: %s", e)
         if paused_at is not None:
             reason = await _continue(client, reason)
-            ok = ok and not reason
             pause_s = time.monotonic() - paused_at
-    return SyncDone(server_id=server_id, policy_version=plan.policy_version, ok=ok, reason=reason, pause_s=pause_s)
+    return answer(plan, server_id, reason, pause_s)
 
 
 async def apply_adapter_sync(client: SGLangClient, plan: WeightSyncPlan, server_id: str,
@@ -169,8 +167,7 @@ async def apply_adapter_sync(client: SGLangClient, plan: WeightSyncPlan, server_
     refusal = "this server is not a member of the plan" if not member else "" if one else \
         f"an adapter reaches SGLang as one tensor payload, not by path {plan.path!r}"
     if refusal:
-        return SyncDone(server_id=server_id, policy_version=plan.policy_version, ok=False,
-                        reason=refusal)
+        return answer(plan, server_id, refusal)
     deadline = _Deadline(plan.deadline_s)
     name, old = served_name(plan.policy_version, plan.plan_id), client.adapter
     paused_at, reason, sent, ok, pause_s = None, "", False, False, 0.0
@@ -198,8 +195,13 @@ async def apply_adapter_sync(client: SGLangClient, plan: WeightSyncPlan, server_
         if paused_at is not None:
             reason = await _continue(client, reason)
             pause_s = time.monotonic() - paused_at
-    return SyncDone(server_id=server_id, policy_version=plan.policy_version, ok=not reason,
-                    reason=reason, pause_s=pause_s)
+    return answer(plan, server_id, reason, pause_s)
+
+
+def answer(plan: WeightSyncPlan, server_id: str, reason: str, pause_s: float = 0.0) -> SyncDone:
+    """This server's report of ``plan``: loaded when there is no ``reason`` it failed."""
+    return SyncDone(server_id=server_id, policy_version=plan.policy_version, plan_id=plan.plan_id,
+                    ok=not reason, reason=reason, pause_s=pause_s)
 
 
 def _unload_idle(client: SGLangClient) -> None:

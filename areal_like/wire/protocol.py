@@ -243,6 +243,7 @@ class SyncDone(_TopLevel, tag="sync_done"):
     reason: str = ""
     pause_s: Finite = 0.0  # how long the engine was not generating
     want_credits: Wanted = 0  # leases wanted with the Ack (saves a CreditRequest after a sync)
+    plan_id: str = ""  # the plan answered; a late answer to an earlier plan is not this one's result
 
 
 class SyncStatusRequest(_TopLevel, tag="sync_status_request"):

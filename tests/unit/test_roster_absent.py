@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 
+import msgspec
+
 from areal_like.wire import protocol as P
 from buffer import control
 from buffer.control import ControlPlane
@@ -177,3 +179,26 @@ def test_a_member_expired_after_it_was_handed_the_plan_has_not_failed_it():
     cp.take_plan(_plan(2, "c"))
     clock.now = 12.0
     assert cp.expire() == ["c"] and _failed(cp, 2) == ["c"]  # handed v1, not v2
+
+
+def test_a_versions_results_are_those_of_its_latest_plan():
+    """A trainer resumed from a checkpoint pushes its weights under the label the buffer last
+    announced, which the crashed trainer had pushed (and a later one too): the members' reports of
+    the earlier plan of that label are not reports of this one (they serve other weights)."""
+    cp = ControlPlane("tcp://x", 5.0, _Clock(), lambda m: None, logging.getLogger("test"))
+    for sid in ("a", "b"):
+        _register(cp, sid)
+    old = _plan(5, "a", "b")
+    cp.take_plan(old)
+    for sid in ("a", "b"):
+        cp.sync_done(P.SyncDone(server_id=sid, policy_version=5, ok=True, plan_id=old.plan_id))
+    cp.take_plan(_plan(6, "a", "b"))  # the crashed trainer's last push, never answered
+    relabel = P.WeightSyncPlan(**{**msgspec.structs.asdict(old), "plan_id": "resumed"})
+    cp.take_plan(relabel)
+    assert cp.sync_status(P.SyncStatusRequest(policy_version=5)).done == []
+    cp.take_plan(relabel)  # the same plan again (a retried request) keeps what was reported
+    cp.sync_done(P.SyncDone(server_id="a", policy_version=5, ok=False, plan_id=old.plan_id))  # late
+    cp.sync_done(P.SyncDone(server_id="b", policy_version=5, ok=True, plan_id="resumed"))
+    cp.take_plan(relabel)
+    status = cp.sync_status(P.SyncStatusRequest(policy_version=5))
+    assert (status.done, status.failed) == (["b"], [])
