@@ -35,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from areal_like.settings.config import ConfigError, RunConfig
+from areal_like.settings.schema import LORA_PATHS
 
 SHARED_MEM_FRACTION_DEFAULT = 0.4  # one shared GPU, fraction unset: what SGLang gets
 SHARED_MEM_FRACTION_MAX = 0.6  # one shared GPU: SGLang's static share; the trainer's weights, grads, Adam need the rest
@@ -209,6 +210,10 @@ def _check_weight_path(cfg: RunConfig, shared: bool) -> None:
     if path == "tensor" and not shared:
         raise ConfigError("trainer.weight_sync.path=tensor with the trainer and the engines on different GPUs: "
                           "a CUDA IPC handle opens only on the GPU it came from; use path=auto (distributed)")
+    if cfg.launch.nodes > 1 and auto_path(cfg, shared) == "disk" and path in ("auto", "disk"):
+        raise ConfigError(f"trainer.lora.rank > 0 with SGLang and launch.nodes={cfg.launch.nodes}: "
+                          "the adapter reaches SGLang as a directory the trainer writes on its "
+                          "own node; run the job on one node or use rollout.engine.kind=embedded")
     if path == "disk" and cfg.launch.nodes > 1:
         raise ConfigError(f"trainer.weight_sync.path=disk with launch.nodes={cfg.launch.nodes}: the trainer "
                           "writes to its own node's temporary directory; use path=auto (distributed)")
@@ -219,7 +224,7 @@ def _check_weight_path(cfg: RunConfig, shared: bool) -> None:
 def _check_shared(cfg: RunConfig) -> None:
     """Trainer and engine on one GPU: refuse what cannot work there, naming the key."""
     ws, ec = cfg.trainer.weight_sync, cfg.rollout.engine
-    if cfg.trainer.lora.enabled and ws.backend != "gloo":
+    if cfg.trainer.lora.enabled and ec.kind == "embedded" and ws.backend != "gloo":
         raise ConfigError("trainer.lora.rank > 0 with the trainer and the engine on one GPU: the "
                           "adapter goes over the group path only, where NCCL refuses two ranks on "
                           "one GPU; set trainer.weight_sync.backend=gloo (path auto then stays "
@@ -234,22 +239,24 @@ def _check_shared(cfg: RunConfig) -> None:
                           f"SGLang must leave it room; set it in (0, {SHARED_MEM_FRACTION_MAX}] (e.g. 0.4)")
 
 
+def auto_path(cfg: RunConfig, shared: bool) -> str:
+    """What ``trainer.weight_sync.path=auto`` is: with LoRA the path of the engine kind's adapter
+    (``LORA_PATHS``: the group for an embedded engine, a directory for SGLang), else ``tensor`` when
+    the trainer and an engine share a GPU (``shared``), else ``distributed``."""
+    if cfg.trainer.lora.enabled and cfg.rollout.engine.kind in LORA_PATHS:
+        return LORA_PATHS[cfg.rollout.engine.kind]
+    return "tensor" if shared else "distributed"
+
+
 def with_weight_path(cfg: RunConfig) -> RunConfig:
-    """The config the daemons get on this placement: ``trainer.weight_sync.path=auto`` becomes ``tensor``
-    when the trainer and an engine share a GPU, else ``distributed``; there an SGLang engine without
+    """The config the daemons get on this placement: ``trainer.weight_sync.path=auto`` resolved
+    (``auto_path``); where the trainer and an engine share a GPU, an SGLang engine without
     ``mem_fraction_static`` gets ``SHARED_MEM_FRACTION_DEFAULT``. ``launch.gpus_per_node`` must be resolved."""
     placed = place_nodes(cfg)
     shared = placed is not None and any(n.shared for n in placed)
     ws, ec = cfg.trainer.weight_sync, cfg.rollout.engine
-    lora_sglang = cfg.trainer.lora.enabled and ec.kind == "sglang"
-    if lora_sglang and placed is not None and not shared:
-        raise ConfigError("trainer.lora.rank > 0 with SGLang on another GPU than the trainer: "
-                          "the adapter reaches SGLang by CUDA IPC handles (path tensor), which "
-                          "open only on the GPU they came from; place them on one GPU or use the "
-                          "embedded engine")
-    if ws.path == "auto":  # LoRA: the adapter's path (embedded: the group; SGLang: tensor)
-        tensor = (shared and not cfg.trainer.lora.enabled) or lora_sglang
-        path = "tensor" if tensor else "distributed"
+    if ws.path == "auto":
+        path = auto_path(cfg, shared)
         cfg = replace(cfg, trainer=replace(cfg.trainer, weight_sync=replace(ws, path=path)))
     if shared and ec.kind == "sglang" and ec.sglang.get("mem_fraction_static") is None:
         sglang = {**ec.sglang, "mem_fraction_static": SHARED_MEM_FRACTION_DEFAULT}

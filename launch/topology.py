@@ -39,7 +39,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from areal_like.settings.config import ConfigError, RunConfig
-from launch.placement import COUNTS, node_roles, place_nodes, split_address, visible_devices
+from launch.placement import (
+    COUNTS,
+    auto_path,
+    node_roles,
+    place_nodes,
+    split_address,
+    visible_devices,
+)
 
 # At eta 0 the trainer's idle OpenMP threads spin this many rounds (libgomp's default: 300,000), not
 # ~1 ms on the rollout cores after each step: a step with 2 threads on the 8 x 8 workload is as fast
@@ -304,7 +311,7 @@ def plan_lines(cfg: RunConfig, topo: Topology) -> list[str]:
     backend = ws.backend if ws.backend != "auto" else ("nccl" if cfg.trainer.device.startswith("cuda") else "gloo")
     trainer_gpus = {s.node: set(s.gpus or ()) for s in topo.slots if s.kind == "trainer"}
     shared = any(trainer_gpus.get(s.node, set()) & set(s.gpus or ()) for s in topo.slots if s.kind == "rollout")
-    path = ws.path if ws.path != "auto" else ("tensor" if shared else "distributed")  # as with_weight_path
+    path = ws.path if ws.path != "auto" else auto_path(cfg, shared)
     fixed_metrics = {"buffer": cfg.buffer.metrics_port, "rollout": cfg.rollout.metrics_port,
                      "trainer": cfg.trainer.metrics_port}
     rows = [("node", "process", "gpus", "ports and addresses")]

@@ -45,7 +45,6 @@ from areal_like.net.transport import TransportTimeout
 from areal_like.settings.config import ConfigError, RolloutConfig, RunConfig
 from areal_like.tasks.task import make_task
 from areal_like.tasks.tokenizer import load_tokenizer
-from areal_like.weights.lora import adapter_config
 from areal_like.weights.versions import RuntimeVersions
 from areal_like.wire.protocol import (
     Ack,
@@ -453,7 +452,6 @@ class RolloutServer(Daemon):
             if self.facts.lora.enabled and self.rcfg.engine.kind == "sglang":  # the adapter alone
                 drained = self.episodes_idle if self.rcfg.drain_on_update else None
                 done = await apply_adapter_sync(self.client, plan, self.server_id,
-                                                adapter_config(self.facts.lora),
                                                 pause_mode=self.rcfg.pause_mode,
                                                 inflight_drained=drained)
             else:

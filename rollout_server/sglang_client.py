@@ -24,9 +24,8 @@ Shapes it relies on:
   was received and loaded; so does ``/update_weights_from_tensor`` (``serialized_named_tensors``:
   one base64 ForkingPickler payload per TP rank, ``load_format``, ``flush_cache``, ``weight_version``). The served version is read from ``/model_info`` (0.5.23 has no
   ``/weight_version`` route).
-* LoRA (a server started with ``--enable-lora``): ``/load_lora_adapter_from_tensors`` takes
-  ``lora_name``, ``config_dict`` (PEFT's adapter config) and ``serialized_named_tensors`` (one
-  payload per TP rank, each a ``{name: tensor}`` dict), ``/unload_lora_adapter`` a ``lora_name``
+* LoRA (a server started with ``--enable-lora``): ``/load_lora_adapter`` takes ``lora_name``
+  and ``lora_path`` (a PEFT directory the server reads), ``/unload_lora_adapter`` a ``lora_name``
   (it returns once no admitted request uses the adapter), ``/update_weight_version`` a
   ``new_version``; each answers ``{"success", "error_message"}``. A ``/generate`` body names its
   adapter with ``lora_path`` (none: the base model); SGLang resolves the name when it admits the
@@ -454,14 +453,12 @@ class SGLangClient:
         await self._call("POST", "/update_weights_from_disk", body, timeout_s=timeout_s, idempotent=False)
 
     # ------------------------------------------------------------------ LoRA adapters
-    async def load_lora_adapter_from_tensors(self, name: str, config: dict, serialized: list[str],
-                                             *, timeout_s: float | None = None) -> None:
-        """Load an adapter as ``name``: ``serialized`` holds one payload per TP rank (a base64
-        ForkingPickler dump of ``{name: tensor}``), ``config`` PEFT's adapter config."""
-        body = {"lora_name": name, "config_dict": dict(config),
-                "serialized_named_tensors": list(serialized)}
-        await self._call("POST", "/load_lora_adapter_from_tensors", body, timeout_s=timeout_s,
-                         idempotent=False)
+    async def load_lora_adapter(self, name: str, path: str, *, timeout_s: float | None = None
+                                ) -> None:
+        """Load the adapter in the PEFT directory ``path`` (``adapter_config.json`` and its
+        weights) as ``name``; SGLang reads it on every TP rank itself."""
+        await self._call("POST", "/load_lora_adapter", {"lora_name": name, "lora_path": path},
+                         timeout_s=timeout_s, idempotent=False)
 
     async def unload_lora_adapter(self, name: str, *, timeout_s: float | None = None) -> None:
         """Unload adapter ``name``; returns once no admitted request uses it (SGLang waits for

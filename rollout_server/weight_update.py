@@ -37,9 +37,9 @@ session and with the same version/flush rule; ``disk``: step 3 is one ``/update_
 of the directory ``plan.payloads[0]`` with the version label (no session: SGLang loads a whole
 checkpoint through its own path).
 
-LoRA on SGLang (``apply_adapter_sync``, ``trainer.lora.rank > 0``, path ``tensor``): the plan's
-one payload is the whole adapter (``{name: tensor}``, trainer/weight_local.py). It is loaded as an
-adapter of its own (``/load_lora_adapter_from_tensors``, named after the version and the plan)
+LoRA on SGLang (``apply_adapter_sync``, ``trainer.lora.rank > 0``, path ``disk``): the plan's
+one payload is a directory holding the whole adapter in PEFT's layout (trainer/weight_local.py).
+It is loaded as an adapter of its own (``/load_lora_adapter``, named after the version and the plan)
 while generation goes on; then the client's generate calls start naming it, the engine pauses as
 above (after a drain, in drain mode), its label becomes the version (``/update_weight_version``),
 ``/continue_generation`` always (a failure names the old adapter again). Requests aborted by the
@@ -154,18 +154,18 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
     return answer(plan, server_id, reason, pause_s)
 
 
-async def apply_adapter_sync(client: SGLangClient, plan: WeightSyncPlan, server_id: str,
-                             config: dict, *, pause_mode: str = "abort",
+async def apply_adapter_sync(client: SGLangClient, plan: WeightSyncPlan, server_id: str, *,
+                             pause_mode: str = "abort",
                              inflight_drained: Callable[[], Awaitable[None]] | None = None
                              ) -> SyncDone:
-    """Load ``plan``'s adapter (PEFT ``config``) into an SGLang engine started with LoRA and make
+    """Load ``plan``'s adapter (a PEFT directory) into an SGLang engine started with LoRA and make
     it the one generate calls name; never raises (but ``CancelledError``), never leaves the engine
     paused (also when cancelled), retires every adapter it sent and does not serve. With
     ``inflight_drained`` (drain mode) the pause waits for it, as ``apply_weight_sync`` does."""
     member = any(m.server_id == server_id for m in plan.members)
-    one = plan.path == "tensor" and len(plan.payloads) == 1
+    one = plan.path == "disk" and len(plan.payloads) == 1
     refusal = "this server is not a member of the plan" if not member else "" if one else \
-        f"an adapter reaches SGLang as one tensor payload, not by path {plan.path!r}"
+        f"an adapter reaches SGLang as one directory (path disk), not by path {plan.path!r}"
     if refusal:
         return answer(plan, server_id, refusal)
     deadline = _Deadline(plan.deadline_s)
@@ -174,8 +174,7 @@ async def apply_adapter_sync(client: SGLangClient, plan: WeightSyncPlan, server_
     try:
         _unload_idle(client)
         sent = True  # before the call: a load whose answer is late or lost may still happen
-        await client.load_lora_adapter_from_tensors(name, config, plan.payloads,
-                                                    timeout_s=deadline.left())
+        await client.load_lora_adapter(name, plan.payloads[0], timeout_s=deadline.left())
         client.adapter = (name, plan.policy_version)  # before the pause: what it aborts resubmits
         if inflight_drained is not None:
             await _drain(inflight_drained, plan.deadline_s * DRAIN_SHARE, deadline)

@@ -105,6 +105,24 @@ def _merged_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
         yield base_name(name), full
 
 
+def save_adapter(out_dir: Path, named: dict[str, torch.Tensor], model: torch.nn.Module,
+                 base_path: str | None) -> None:
+    """Write the adapter ``named`` (``model``'s full adapter parameters by name) into the existing
+    ``out_dir`` in PEFT's layout: its keys under the PeftModel's prefix without the adapter's name,
+    and the config ``add_adapters`` injected (``base_path``: the base model's, None when built
+    from a config)."""
+    from safetensors.torch import save_file
+
+    tensors = {PEFT_PREFIX + n.replace(f".{ADAPTER}.", "."): t.detach().to("cpu").contiguous()
+               for n, t in named.items()}
+    save_file(tensors, str(Path(out_dir) / ADAPTER_FILE), metadata={"format": "pt"})
+    config = copy.deepcopy(model.peft_config[ADAPTER])
+    config.base_model_name_or_path = base_path
+    config.task_type = "CAUSAL_LM"  # what AutoPeftModelForCausalLM and servers read
+    config.inference_mode = True
+    config.save_pretrained(str(out_dir))
+
+
 def export_adapter(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelConfig, tokenizer,
                    shard_mb: int, dtype: str, task: TaskConfig | None = None,
                    merged: bool = False) -> Path:
@@ -112,8 +130,6 @@ def export_adapter(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelCon
     (``adapter_config.json``, ``adapter_model.safetensors``: ``PeftModel.from_pretrained(base,
     out_dir)`` and SGLang's ``--lora-paths`` load it), the tokenizer and the task; with ``merged``
     also ``out_dir/merged``, a plain Hugging Face model with the adapter folded in."""
-    from safetensors.torch import save_file
-
     rank, world = _rank_world()
     out_dir = Path(out_dir)
     tmp = out_dir.parent / f"{TMP_PREFIX}{out_dir.name}"
@@ -128,16 +144,10 @@ def export_adapter(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelCon
     for name, p in model.named_parameters():  # every rank, same order: full_tensor is a collective
         if is_adapter(name):
             full = _gather(p)
-            if rank == 0:  # PEFT's keys: under the PeftModel's prefix, without the adapter's name
-                key = PEFT_PREFIX + name.replace(f".{ADAPTER}.", ".")
-                adapter[key] = full.to("cpu", torch_dtype(dtype)).contiguous()
+            if rank == 0:
+                adapter[name] = full.to("cpu", torch_dtype(dtype)).contiguous()
     if rank == 0:
-        save_file(adapter, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
-        config = copy.deepcopy(model.peft_config[ADAPTER])  # what add_adapters injected
-        config.base_model_name_or_path = model_cfg.path  # None for a model built from config
-        config.task_type = "CAUSAL_LM"  # what AutoPeftModelForCausalLM and servers read
-        config.inference_mode = True
-        config.save_pretrained(str(tmp))
+        save_adapter(tmp, adapter, model, model_cfg.path)
         tokenizer.save_pretrained(str(tmp))
         if task is not None:
             (tmp / EXPORT_TASK_FILE).write_text(task_yaml(task))

@@ -10,16 +10,11 @@ an engine on the same GPU (``launch/placement.py``) the weights reach the engine
   memory and copies from it, no bytes travel; CPU tensors pickle to shared-memory file names
   (torch's ``file_system`` sharing strategy: unrelated processes can open them, unlike the
   default file descriptors), which is how the path is tested without a GPU;
-  a LoRA adapter (one bucket, ``trainer.weight_sync.push_buckets``) is a ``{name: tensor}`` dict
-  instead, what SGLang's ``/load_lora_adapter_from_tensors`` reads
-  (rollout_server/weight_update.py), and travels BY VALUE (``adapter_payload``: a plain pickle of
-  CPU copies, each storage as ``torch.save`` bytes, which SGLang's safe unpickler loads): SGLang
-  keeps a loaded adapter's CPU tensors for as long as it holds the adapter, so shared memory
-  there would stay mapped by SGLang and a ``/dev/shm/torch_*`` file would outlive an SGLang
-  stopped while holding it; the copy travels inside the plan (trainer/WEIGHT_SYNC.md says what
-  that costs as adapters grow);
 * ``disk`` (``/update_weights_from_disk``): rank 0 writes an HF directory (``config.json`` and
-  ``model.safetensors``) under a private temporary directory and the engine loads it.
+  ``model.safetensors``) under a private temporary directory and the engine loads it; a LoRA
+  adapter (what SGLang is sent with ``trainer.lora``) is written in PEFT's layout instead
+  (``trainer.export.save_adapter``), which SGLang's ``/load_lora_adapter`` reads
+  (rollout_server/weight_update.py). The plan names the directory, whatever the adapter's size.
 
 Each is a ``trainer.weight_buckets.Sender``: every rank gathers every bucket before the plan, so
 rank 0 goes on alone; the plan carries ``path`` and ``payloads`` (no group). No push of these
@@ -30,7 +25,6 @@ Invariants:
   the roster, or the deadline passed): an engine copies out of it while it loads, and a load that
   started is never left reading freed memory. Cost: one copy of the weights in the wire dtype on
   the trainer's device during a push; on disk, one version's directory, removed at the next push;
-- an adapter payload refers to no memory at all (by value);
 - a payload is made only from buffers this module allocated, never from the model's own storage
   (sharing a CPU storage moves it into shared memory; a parameter must not move under the optimizer).
 """
@@ -40,7 +34,6 @@ from __future__ import annotations
 import base64
 import io
 import logging
-import pickle
 import shutil
 import tempfile
 import uuid
@@ -55,6 +48,7 @@ from areal_like.settings.config import WeightSyncConfig
 from areal_like.weights.lora import is_adapter
 from areal_like.wire.protocol import BucketSpec, SyncMember
 from areal_like.wire.weight_wire import layout, pack, unpack
+from trainer.export import save_adapter
 from trainer.weight_buckets import Sender, gather
 
 log = logging.getLogger("trainer.weight_sync")
@@ -83,16 +77,6 @@ def tensor_payload(named: list[tuple[str, torch.Tensor]]) -> str:
     buf = io.BytesIO()
     with _shared_by_file_name():
         ForkingPickler(buf).dump(named)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def adapter_payload(named: dict[str, torch.Tensor]) -> str:
-    """``/load_lora_adapter_from_tensors``' ``serialized_named_tensors`` entry for the adapter
-    ``named`` (one TP rank), by value: base64 of a plain pickle of fresh CPU copies (no shared
-    memory, no CUDA IPC handle; module docstring)."""
-    buf = io.BytesIO()
-    pickle.Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(
-        {n: t.detach().to("cpu", copy=True).contiguous() for n, t in named.items()})
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -132,14 +116,11 @@ class LocalSender(Sender):
 
 
 class TensorSender(LocalSender):
-    """Path ``tensor``: one payload per bucket, the bucket packed into a fresh shared buffer (an
-    adapter: by value, ``adapter_payload``)."""
+    """Path ``tensor``: one payload per bucket, the bucket packed into a fresh shared buffer."""
 
     PATH = "tensor"
 
     def payloads(self, model, version, buckets, tensors) -> list[str]:
-        if all(is_adapter(n) for b in buckets for n in b.names):
-            return [adapter_payload(dict(zip(b.names, ts))) for b, ts in zip(buckets, tensors)]
         return [tensor_payload(list(self._bucket_views(b, ts).items()))
                 for b, ts in zip(buckets, tensors)]
 
@@ -180,10 +161,13 @@ class DiskSender(LocalSender):
             self._root = Path(tempfile.mkdtemp(prefix="areal_like_weights_"))
         out = self._root / f"v{version}-{uuid.uuid4().hex[:6]}"  # a re-push gets a fresh one
         out.mkdir()
-        config.save_pretrained(str(out))
         state = {n: t.detach().to("cpu").contiguous()
                  for b, ts in zip(buckets, tensors) for n, t in zip(b.names, ts)}
-        save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+        if all(is_adapter(n) for n in state):
+            save_adapter(out, state, model, None)
+        else:
+            config.save_pretrained(str(out))
+            save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
         self._written = self._this_push = out
         return [str(out)]
 

@@ -274,7 +274,7 @@ class WeightSyncConfig:
 
 
 # Qwen2 / Llama / Qwen3 names of every linear layer in a decoder block (PEFT's usual "all-linear")
-LORA_PATHS = {"embedded": "distributed", "sglang": "tensor"}  # engine kind -> its adapter's path
+LORA_PATHS = {"embedded": "distributed", "sglang": "disk"}  # engine kind -> its adapter's path
 LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -378,7 +378,7 @@ class TrainerConfig:
                    "(the reference is the base model without the adapter)", self.ref_path)
             path = self.weight_sync.path
             _check("trainer.weight_sync.path", path in ("auto", *LORA_PATHS.values()),
-                   "auto, distributed (embedded engines) or tensor (SGLang) with "
+                   "auto, distributed (embedded engines) or disk (SGLang) with "
                    "trainer.lora.rank > 0 (the paths that send the adapter alone)", path)
 
 
@@ -496,7 +496,7 @@ class RunConfig:
 
     def _check_lora_engine(self) -> None:
         """What serves LoRA (trainer/WEIGHT_SYNC.md): an embedded engine over the group path, an
-        SGLang this job starts over the tensor path (one adapter payload, one TP rank)."""
+        SGLang this job starts over the disk path (a PEFT directory on the trainer's node)."""
         engine, path = self.rollout.engine, self.trainer.weight_sync.path
         _check("rollout.engine.kind", engine.kind in LORA_PATHS, "embedded or sglang with "
                "trainer.lora.rank > 0 (an attached engine is not started with LoRA enabled)",
@@ -504,9 +504,6 @@ class RunConfig:
         _check("trainer.weight_sync.path", path in ("auto", LORA_PATHS[engine.kind]),
                f"auto or {LORA_PATHS[engine.kind]} with trainer.lora.rank > 0 and "
                f"rollout.engine.kind={engine.kind}", path)
-        if engine.kind == "sglang":
-            _check("rollout.engine.tp_size", engine.tp_size == 1, "1 with trainer.lora.rank > 0 "
-                   "(the adapter goes to SGLang as one payload, for one TP rank)", engine.tp_size)
 
     def resolve_path(self, p: str) -> Path:
         """A path from the config, relative to run_dir unless absolute."""

@@ -35,14 +35,6 @@ def peft_config(lora: LoraConfig):
                           target_modules=list(lora.target_modules), bias="none")
 
 
-def adapter_config(lora: LoraConfig) -> dict:
-    """The fields of PEFT's ``adapter_config.json`` for ``lora`` that an engine loading the adapter
-    from tensors reads (SGLang's ``LoRAConfig``: ``r``, ``lora_alpha``, ``target_modules``)."""
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank,
-            "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "bias": "none",
-            "target_modules": list(lora.target_modules)}
-
-
 def served_name(version: int, plan_id: str) -> str:
     """The name an engine that loads adapters by name (SGLang) gives the adapter of ``plan_id``
     pushing ``version``: what its generate requests, and the log-prob guard's probe, name."""

@@ -1,7 +1,7 @@
 """LoRA with the real SGLang on CPU: an SGLang server started for a job with ``trainer.lora``
 (rollout_server/launch_sglang.py: ``--enable-lora``, the job's rank and target modules, the
-``torch_native`` LoRA kernels) gets each version's adapter alone (trainer/weight_local.py's tensor
-payload, rollout_server/weight_update.py's ``apply_adapter_sync``) and then samples what the
+``torch_native`` LoRA kernels) gets each version's adapter alone (trainer/weight_local.py's disk
+path: a PEFT directory; rollout_server/weight_update.py's ``apply_adapter_sync``) and then samples what the
 trainer's model WITH that adapter scores, not what the base scores; a second adapter changes them
 again; a sync in the middle of a generation labels every token with the adapter that sampled it.
 
@@ -20,7 +20,7 @@ from test_sglang_weights import _until_decoding
 
 from areal_like.settings.config import LoraConfig, WeightSyncConfig
 from areal_like.weights.hf import build_model
-from areal_like.weights.lora import adapter_config, add_adapters, served_name, synced_parameters
+from areal_like.weights.lora import add_adapters, served_name, synced_parameters
 from areal_like.wire.protocol import WeightSyncPlan
 from rollout_server.engine_reaper import shm_files
 from rollout_server.episode import generate_sample
@@ -28,7 +28,7 @@ from rollout_server.launch_sglang import SGLangProcess
 from rollout_server.sglang_client import SGLangClient
 from rollout_server.weight_update import apply_adapter_sync
 from trainer.logprob_guard import PROBE_TEXT, compare_logprobs, probe_engine, trainer_logprobs
-from trainer.weight_local import TensorSender
+from trainer.weight_local import DiskSender
 from trainer.weight_sync import SyncReport, push_buckets
 
 LORA = LoraConfig(rank=8, alpha=16.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
@@ -67,23 +67,24 @@ def _client(server) -> SGLangClient:
 
 
 async def sync_adapter(client, model, version: int, pause_mode: str = "abort") -> str:
-    """What a push of ``model`` as ``version`` gives a rollout server: the trainer's tensor path
+    """What a push of ``model`` as ``version`` gives a rollout server: the trainer's disk path
     (the adapter alone, staged and routed as ``WeightBroadcaster.push`` does), then the server's
-    side of it. Returns the plan's id."""
+    side of it; the directory is gone before the engine samples (SGLang holds its own copy).
+    Returns the plan's id."""
     params = synced_parameters(model)
     buckets = push_buckets(params, "float32", bucket_mb=0.01)  # WeightBroadcaster.push's
-    sender = TensorSender(WeightSyncConfig(path="tensor"), "gloo", 0, "float32")
+    sender = DiskSender(WeightSyncConfig(path="disk"), "gloo", 0, "float32")
     sender.stage(model, params, buckets, SyncReport(version=version))
     try:
         plan = WeightSyncPlan(policy_version=version, buckets=buckets, backend="gloo",
                               plan_id=uuid.uuid4().hex[:12],
                               deadline_s=120, **sender.route(version, [("s", 1)]))
         assert len(buckets) == len(plan.payloads) == 1  # the whole adapter, bucket_mb or not
-        done = await apply_adapter_sync(client, plan, "s", adapter_config(LORA),
-                                        pause_mode=pause_mode)
+        done = await apply_adapter_sync(client, plan, "s", pause_mode=pause_mode)
     finally:
         sender.done()
         sender.close()
+    assert not os.path.exists(plan.payloads[0])
     assert done.ok, done.reason
     assert await client.weight_version() == str(version)
     return plan.plan_id
@@ -176,9 +177,9 @@ def test_the_logprob_guard_probes_the_adapter_the_engine_serves(lora_server):
 
 def test_an_sglang_stopped_while_holding_adapters_leaves_no_shared_memory_file(lora_server):
     """SGLang keeps a loaded adapter's CPU tensors as they arrived, so an adapter sent in shared
-    memory stays mapped by SGLang, and stopping SGLang while it holds the live and the retired
-    adapter left their ``/dev/shm/torch_*`` files behind. Sent by value
-    (trainer/weight_local.py's ``adapter_payload``), they map no file: none is left.
+    memory stayed mapped by SGLang, and stopping SGLang while it held the live and the retired
+    adapter left their ``/dev/shm/torch_*`` files behind. Read from a directory
+    (trainer/weight_local.py's disk path), they map no shared-memory file: none is left.
     LAST in the module: it stops the module's server."""
     async def two_syncs() -> None:
         async with _client(lora_server) as client:

@@ -48,7 +48,7 @@ class LockedLoraEngine:
         self.calls.append(path)
         await self._changed()
         name = (body or {}).get("lora_name")
-        if path == "/load_lora_adapter_from_tensors":
+        if path == "/load_lora_adapter":
             async with self.lock:
                 self.loaded.add(name)
         elif path == "/unload_lora_adapter":
@@ -100,12 +100,12 @@ def plan(version: int, deadline_s: float = 2.0) -> WeightSyncPlan:
                           master_port=0, world_size=2, backend="gloo", reform=False,
                           members=[SyncMember(server_id="s", rank_offset=1)],
                           buckets=[BucketSpec(names=["a"], dtypes=["float32"], shapes=[[1]])],
-                          deadline_s=deadline_s, plan_id=f"p{version}", path="tensor",
-                          payloads=["adapter"])
+                          deadline_s=deadline_s, plan_id=f"p{version}", path="disk",
+                          payloads=["/adapter-dir"])
 
 
 async def sync(client, version: int, deadline_s: float = 2.0):
-    return await apply_adapter_sync(client, plan(version, deadline_s), "s", {"r": 8},
+    return await apply_adapter_sync(client, plan(version, deadline_s), "s",
                                     pause_mode="retract")
 
 

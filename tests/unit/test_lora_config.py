@@ -19,11 +19,11 @@ from launch import preflight as pf
             "trainer.ref_path=/tmp/ref",
             "trainer.ref_path",
         ),  # the reference is the base without the adapter
-        ("trainer.weight_sync.path=disk", "trainer.weight_sync.path"),
+        ("trainer.weight_sync.path=disk", "trainer.weight_sync.path"),  # embedded: the group
         ("trainer.weight_sync.path=tensor", "trainer.weight_sync.path"),
         ("rollout.engine.kind=url rollout.engine.url=http://h:1", "rollout.engine.kind"),
         ("topology=cpu_sglang trainer.weight_sync.path=distributed", "trainer.weight_sync.path"),
-        ("topology=cpu_sglang rollout.engine.tp_size=2", "rollout.engine.tp_size"),
+        ("topology=cpu_sglang trainer.weight_sync.path=tensor", "trainer.weight_sync.path"),
         ("model.dtype=bfloat16", "model.dtype"),  # FSDP2 mixed precision + frozen base: not yet
     ],
 )
@@ -32,13 +32,13 @@ def test_bad_lora_settings_name_their_key(override, key):
         load_config(["trainer.lora.rank=4", *override.split()])
 
 
-def test_sglang_serves_the_jobs_adapters_over_the_tensor_path():
+def test_sglang_serves_the_jobs_adapters_over_the_disk_path():
     from launch.placement import with_weight_path
     from rollout_server.launch_sglang import sglang_command
 
     cfg = load_config(["topology=cpu_sglang", "trainer.lora.rank=4", "model.path=/m",
                        "trainer.lora.target_modules=[q_proj,v_proj]"])
-    assert with_weight_path(cfg).trainer.weight_sync.path == "tensor"
+    assert with_weight_path(cfg).trainer.weight_sync.path == "disk"
     argv = " ".join(sglang_command(cfg.model, cfg.rollout.engine, 1, lora=cfg.trainer.lora))
     assert "--enable-lora --max-lora-rank 4 --lora-target-modules q_proj v_proj" in argv
     assert "--lora-backend torch_native" in argv  # on CPU: the kernels without Triton

@@ -49,6 +49,23 @@ def test_auto_weight_path_is_tensor_only_when_the_gpu_is_shared():
     assert embedded.trainer.weight_sync.path == "tensor"
 
 
+def test_an_sglang_lora_job_gets_its_adapter_as_a_directory_on_any_gpu_of_the_trainers_node():
+    """The adapter reaches SGLang as a PEFT directory the trainer writes (path disk), which any
+    GPU of its node can read; on a second node there is no such directory."""
+    lora = ["topology=gpu_sglang", "trainer.lora.rank=8", "model.dtype=float32"]
+    for gpus in ("1", "2"):
+        cfg = with_weight_path(load_config([*lora, f"launch.gpus_per_node={gpus}"]))
+        assert cfg.trainer.weight_sync.path == "disk", gpus
+    with pytest.raises(ConfigError, match=r"^trainer\.lora\.rank > 0 with SGLang and launch\.nodes=2"):
+        place_nodes(load_config([*lora, "launch.gpus_per_node=2", "launch.nodes=2",
+                                 "buffer.address=tcp://10.0.0.1:5555", "buffer.pub_address=tcp://10.0.0.1:5556",
+                                 "trainer.weight_sync.master_addr=10.0.0.1"]))
+    embedded = with_weight_path(load_config(["topology=gpu_embedded", "trainer.lora.rank=8",
+                                             "launch.gpus_per_node=1", "trainer.weight_sync.backend=gloo",
+                                             "model.dtype=float32"]))
+    assert embedded.trainer.weight_sync.path == "distributed"  # its adapter goes over the group
+
+
 def test_shared_gpu_refusals_name_the_key():
     with pytest.raises(ConfigError, match=r"^trainer\.weight_sync\.path=distributed with the trainer and the engine"):
         place_nodes(load_config([*ONE_GPU_SGLANG, "trainer.weight_sync.path=distributed"]))
