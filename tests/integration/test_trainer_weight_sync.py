@@ -220,7 +220,8 @@ def test_two_rank_trainer_pushes_to_two_engines_and_survives_a_kill(tmp_path, sp
                              30, 0.1, f"{sid} at version 1")
             assert got["sha"] == v1["sha"], sid
         probes = [s for sid in engines for s in asyncio.run(sample_probe(urls[sid], [[1, 20, 30, 40], [1, 50, 60]]))]
-        (tmp_path / "probe.json").write_text(json.dumps([[p, o] for p, o, _ in probes]))
+        (tmp_path / "probe.tmp").write_text(json.dumps([[p, o] for p, o, _ in probes]))
+        os.replace(tmp_path / "probe.tmp", tmp_path / "probe.json")  # rank 0 reads it once it exists
         trainer_lp = wait_until(lambda: result("probe_logp.json"), 60, 0.1, "probe logprobs")
         for (_, _, engine_lp), lp in zip(probes, trainer_lp):
             assert max(abs(a - b) for a, b in zip(engine_lp, lp)) < 1e-4, (engine_lp, lp)
