@@ -31,15 +31,14 @@ the engine then listens on and registers) instead of being probed on the wrong m
 engine not checked, for whatever reason, is listed with its reason; only probed ones pass.
 ``trainer.logprob_guard_tol <= 0`` turns the guard off.
 
-With LoRA (``trainer.lora.rank`` > 0) the probe names the adapter the initial push made live
-(``adapter``: ``areal_like.weights.lora.served_name`` of the push's version and plan, the name
-the rollout servers' generate calls send as ``lora_path``): SGLang serves the base model to a
-request naming none, which equals the trainer's model only while B = 0 (a fresh job), never on a
-resumed one. The embedded engine ignores the name and serves its one live adapter, which the push
-replaced, so both engine kinds are probed with the weights their generations run under. Not
-covered: when the initial push was re-pushed to survivors of a lost member, the report names the
-re-push's plan, so an SGLang engine done under the first plan does not know the name and is
-reported NOT CHECKED (its probe is refused), never passed or refused wrongly.
+With LoRA (``trainer.lora.rank`` > 0) each probe names the adapter the initial push made live on
+that engine (``adapters``: ``areal_like.weights.lora.served_name`` of the push's version and of
+the plan the engine loaded, ``SyncReport.loaded``: the first plan, or the re-push's for survivors
+of a lost member; the name the rollout servers' generate calls send as ``lora_path``): SGLang
+serves the base model to a request naming none, which equals the trainer's model only while B = 0
+(a fresh job), never on a resumed one. The embedded engine ignores the name and serves its one
+live adapter, which the push replaced, so both engine kinds are probed with the weights their
+generations run under.
 """
 
 from __future__ import annotations
@@ -155,9 +154,10 @@ def elsewhere(url: str, several_nodes: bool) -> str | None:
 
 def collect_probes(buffer: Client, served: Sequence[str], prompt_ids: list[int], temperature: float,
                    several_nodes: bool = False, api_key: str | None = None,
-                   adapter: str | None = None) -> tuple[list[Probe], dict[str, str]]:
-    """Rank 0: probe every roster engine in ``served`` (those that acknowledged the pushed weights);
-    returns the probes and, per engine in ``served`` not probed, why it was NOT CHECKED."""
+                   adapters: dict[str, str] | None = None) -> tuple[list[Probe], dict[str, str]]:
+    """Rank 0: probe every roster engine in ``served`` (those that acknowledged the pushed weights),
+    with LoRA naming the adapter each loaded (``adapters``: server id -> name); returns the probes
+    and, per engine in ``served`` not probed, why it was NOT CHECKED."""
     reply = buffer.request(RosterRequest())
     if not isinstance(reply, Roster):
         raise RuntimeError(f"buffer answered RosterRequest with {reply.TYPE}")
@@ -170,7 +170,8 @@ def collect_probes(buffer: Client, served: Sequence[str], prompt_ids: list[int],
             why = elsewhere(m.engine_url, several_nodes)
             if why is None:
                 probe = probe_engine(m.server_id, m.engine_url, prompt_ids, temperature,
-                                     api_key=api_key, adapter=adapter)
+                                     api_key=api_key,
+                                     adapter=None if adapters is None else adapters[m.server_id])
                 why = None if probe.output_ids else "it generated no token"
         except (OSError, urllib.error.URLError, KeyError, ValueError, TypeError, IndexError) as e:
             why = f"could not probe it at {m.engine_url} ({type(e).__name__}: {e})"
@@ -192,12 +193,12 @@ def _broadcast(obj):
 def run_guard(model: torch.nn.Module, device: torch.device, *, rank: int, buffer: Client | None,
               served: Sequence[str], prompt_ids: list[int], temperature: float, tol: float,
               several_nodes: bool = False, api_key: str | None = None,
-              adapter: str | None = None) -> tuple[list[str], dict[str, str]]:
+              adapters: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
     """All ranks: probe (rank 0), score (all), compare (rank 0), agree. Returns the engines that
     passed and those NOT CHECKED with the reason (``collect_probes``); raises ``LogprobGuardError``
     on every rank when one does not pass."""
     collected = collect_probes(buffer, served, prompt_ids, temperature, several_nodes, api_key,
-                               adapter) \
+                               adapters) \
         if rank == 0 else None
     probes, unchecked = _broadcast(collected)
     verdict: str | None = None

@@ -191,7 +191,8 @@ class Trainer(Daemon):
                                       prompt_ids=prompt,
                                       temperature=self.facts.task.temperature, tol=tol,
                                       several_nodes=self.facts.nodes > 1,
-                                      adapter=served_name(sync.version, sync.plan_id)
+                                      adapters={s: served_name(sync.version, p)
+                                                for s, p in sync.loaded.items()}
                                       if self.cfg.lora.enabled else None)
         self.record({"event": "logprob_guard", "policy_version": self.version, "passed": passed,
                      "not_checked": unchecked, "tol": tol})

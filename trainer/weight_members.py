@@ -159,6 +159,7 @@ def await_members(client, version: int, report, deadline: float) -> None:
         if pending - gone:
             time.sleep(next(periods))
     report.dropped = sorted(set(report.members) - set(report.done))
+    report.loaded = {s: report.plan_id for s in report.done}
 
 
 def repush_targets(client, report, lost: set[str], deadline: float) -> list[str]:
@@ -177,6 +178,7 @@ def repush_targets(client, report, lost: set[str], deadline: float) -> list[str]
 def merge_repush(report, again) -> None:
     """Fold the re-push's report ``again`` into the push's ``report``: one version, one report."""
     report.done = sorted(set(report.done) | set(again.done))
+    report.loaded.update(again.loaded)
     report.dropped = sorted(set(report.members) - set(report.done))
     report.repushed = list(again.members)
     report.plan_id = again.plan_id or report.plan_id

@@ -105,6 +105,7 @@ class SyncReport:
     overlapped: bool = False  # rank 0 finished this push in the background (``push(wait=False)``)
     repushed: list[str] = field(default_factory=list)  # survivors of a lost member, again
     plan_id: str = ""  # the last plan the buffer took for this version ("": none was published)
+    loaded: dict = field(default_factory=dict)  # member in ``done`` -> the plan it loaded
 
 
 class WeightBroadcaster:
@@ -128,6 +129,9 @@ class WeightBroadcaster:
         self.versions = local_versions()  # what each member's versions are checked against
         self.refused: set[str] = set()  # left out of the last plan: catch_up does not wait for them
         self._unversioned: set[str] = set()  # members reporting no versions, warned about once
+        # rank 0: member -> the newest version it loaded from this process (a resumed trainer's
+        # label may name other weights on a member the crashed trainer pushed it to)
+        self.loaded: dict[str, int] = {}
         self._inflight: threading.Thread | None = None  # rank 0: an overlapped push still running
         self._done_report: SyncReport | None = None  # what the last overlapped push reported
 
@@ -218,8 +222,8 @@ class WeightBroadcaster:
             reply = roster(self.client, deadline)
         except (TransportTimeout, RuntimeError):
             return "done"
-        behind = sorted(m.server_id for m in reply.members
-                        if m.policy_version < version and m.server_id not in self.refused)
+        behind = sorted(m.server_id for m in reply.members if m.server_id not in self.refused and
+                        min(m.policy_version, self.loaded.get(m.server_id, -1)) < version)
         absent = final_eval and not reply.evaluating and not any(m.evaluates for m in reply.members)
         if time.monotonic() > deadline or pushes >= CATCH_UP_PUSHES:
             if reply.evaluating or behind or absent:
@@ -278,6 +282,7 @@ class WeightBroadcaster:
                 merge_repush(report, again)
         finally:
             self.sender.done()  # what the members loaded from is let go only now
+            self.loaded.update(dict.fromkeys(report.done, report.version))
 
     def _attempt(self, params, buckets: list[BucketSpec], report: SyncReport, deadline: float, *,
                  alone: bool, only: list[str] | None = None) -> set[str]:

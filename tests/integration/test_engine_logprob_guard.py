@@ -222,7 +222,7 @@ def test_guard_probes_the_adapter_an_embedded_engine_serves_after_an_adapter_syn
         def guard() -> list[str]:
             return run_guard(trainer_model, torch.device("cpu"), rank=0, buffer=client, served=["s"],
                              prompt_ids=prompt, temperature=TEMPERATURE, tol=0.05,
-                             adapter=served_name(3, "plan"))[0]
+                             adapters={"s": served_name(3, "plan")})[0]
 
         assert guard() == ["s"]  # the engine serves the synced adapter, and the probe measured it
         with adapters_disabled(trainer_model), pytest.raises(LogprobGuardError):

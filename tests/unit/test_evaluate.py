@@ -115,8 +115,10 @@ def test_final_catch_up_waits_for_the_evaluator_then_pushes_the_final_version_on
         b.client = _ScriptedBuffer([_roster({"b": 10}, evaluating=["a"]), _roster({"a": 7, "b": 10}),
                                     _roster({"a": 10, "b": 10})])
         deadline = time.monotonic() + 60
+        b.loaded = {"b": 10}  # what this trainer's pushes gave each member
         assert b.catch_up_decision(10, deadline, 0) == "wait"
         assert b.catch_up_decision(10, deadline, 0) == "push"
+        b.loaded["a"] = 10  # the push
         assert b.catch_up_decision(10, deadline, 1) == "done"
         # bounded: past the deadline, or after CATCH_UP_PUSHES, it gives up even if a member is behind
         b.client = _ScriptedBuffer([_roster({"a": 7})])
@@ -143,15 +145,40 @@ def test_final_catch_up_waits_for_a_late_evaluator_to_register_and_pushes_to_it(
         b.client = _ScriptedBuffer([_roster({"r1": 10}), _roster({"r0": 0, "r1": 10}, evaluates=["r0"]),
                                     _roster({"r0": 10, "r1": 10}, evaluates=["r0"])])
         deadline = time.monotonic() + 60
+        b.loaded = {"r1": 10}
         # r0 (the evaluator) not registered yet
         assert b.catch_up_decision(10, deadline, 0, final_eval=True) == "wait"
         # registered, serving version 0
         assert b.catch_up_decision(10, deadline, 0, final_eval=True) == "push"
+        b.loaded["r0"] = 10
         assert b.catch_up_decision(10, deadline, 1, final_eval=True) == "done"
         b.client = _ScriptedBuffer([_roster({"r1": 10})])
         assert b.catch_up_decision(10, deadline, 0) == "done"  # no final evaluation: no wait
         # bounded by the deadline
         assert b.catch_up_decision(10, time.monotonic() - 1, 0, final_eval=True) == "done"
+    finally:
+        b.close()
+
+
+def test_final_catch_up_pushes_to_a_member_whose_label_another_trainer_gave_it():
+    """A trainer resumed from a checkpoint takes the label the crashed one last announced, for
+    other weights: a member reporting that label without having loaded it from this trainer (its
+    push failed) is behind, and the final version goes to it again."""
+    import time
+
+    import torch
+
+    from areal_like.settings.config import WeightSyncConfig
+    from trainer.weight_sync import WeightBroadcaster
+
+    b = WeightBroadcaster(WeightSyncConfig(), buffer_address="tcp://127.0.0.1:1", rank=0, device=torch.device("cpu"))
+    try:
+        b.client.close()
+        b.client = _ScriptedBuffer([_roster({"a": 10, "b": 10}), _roster({"a": 10, "b": 10})])
+        b.loaded = {"b": 10}
+        assert b.catch_up_decision(10, time.monotonic() + 60, 0) == "push"
+        b.loaded["a"] = 10
+        assert b.catch_up_decision(10, time.monotonic() + 60, 1) == "done"
     finally:
         b.close()
 

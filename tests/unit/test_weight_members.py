@@ -60,10 +60,12 @@ def test_no_re_push(case):
 
 def test_merge_keeps_one_report_per_version():
     report = _report(["a", "b", "c"], done=["c"])
-    report.error, report.bytes = "broadcast failed", 100
-    again = SyncReport(version=4, members=["b"], done=["b"], bytes=100, pause_s={"b": 0.2}, error="")
+    report.error, report.bytes, report.loaded = "broadcast failed", 100, {"c": "first"}
+    again = SyncReport(version=4, members=["b"], done=["b"], bytes=100, pause_s={"b": 0.2}, error="",
+                       plan_id="again", loaded={"b": "again"})
     merge_repush(report, again)
     assert (report.done, report.dropped, report.repushed) == (["b", "c"], ["a"], ["b"])
+    assert report.loaded == {"b": "again", "c": "first"}  # each names the adapter it loaded (LoRA)
     assert report.bytes == 200 and report.pause_s == {"b": 0.2} and report.error == "broadcast failed"
 
 
@@ -97,9 +99,9 @@ def test_await_members_polls_short_then_longer_and_never_sleeps_once_all_reporte
     sleeps = []
     monkeypatch.setattr(wm.time, "sleep", sleeps.append)
     buffer = _Buffer(_status(), _status(), _status(done=["a"]), _status(done=["a", "b"]))
-    report = SyncReport(version=4, members=["a", "b"])
+    report = SyncReport(version=4, members=["a", "b"], plan_id="p")
     wm.await_members(buffer, 4, report, _later())
-    assert (report.done, report.dropped) == (["a", "b"], [])
+    assert (report.done, report.dropped, report.loaded) == (["a", "b"], [], {"a": "p", "b": "p"})
     assert len(buffer.sent) == 4  # stopped at the first status with every member in it
     # one sleep between polls, none after the last: the push is reported done as soon as it is
     assert sleeps == [wm.STATUS_POLL_MIN_S, 2 * wm.STATUS_POLL_MIN_S, 4 * wm.STATUS_POLL_MIN_S]
@@ -140,6 +142,6 @@ def test_await_members_takes_an_odd_roster_reply_as_no_answer(monkeypatch):
     monkeypatch.setattr(wm, "ROSTER_POLL_S", 0.0)  # ask for the roster at the first status
     refusal = P.Ack(ref="", status="rejected", reason="peer_cap: over")
     buffer = _Buffer(_status(), refusal, _status(done=["a", "b"]), _roster("a", "b"))
-    report = SyncReport(version=4, members=["a", "b"])
+    report = SyncReport(version=4, members=["a", "b"], plan_id="p")
     wm.await_members(buffer, 4, report, _later())
-    assert (report.done, report.dropped) == (["a", "b"], [])
+    assert (report.done, report.dropped, report.loaded) == (["a", "b"], [], {"a": "p", "b": "p"})
