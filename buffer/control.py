@@ -30,7 +30,8 @@ abort the broadcast under way for every member (trainer/weight_sync.py checks
 it sends (it took the plan up before it fell silent) counts either way. The results of a version
 (``SyncStatus``) are those of its latest plan: a new plan of a version (a re-push, or a resumed
 trainer's push under a label the crashed one had pushed other weights under) starts with none, and
-an answer naming an earlier plan (``SyncDone.plan_id``) is not counted.
+an answer naming an earlier plan (``SyncDone.plan_id``) is not counted; after the buffer's restart,
+the first answer of a version names the plan its results are (the trainer re-sends its plan).
 
 A member *absent* from a sync stays out of the later ones until it shows life: when the
 trainer announces a version at or past the plan's (it is done with the plan), every member of
@@ -225,7 +226,7 @@ class ControlPlane:
 
     def sync_done(self, m: P.SyncDone) -> P.Ack:
         self.alive(m.server_id, f"reported weight sync v{m.policy_version}")
-        if m.plan_id and m.plan_id != self.result_plans.get(m.policy_version, m.plan_id):
+        if m.plan_id and m.plan_id != self.result_plans.setdefault(m.policy_version, m.plan_id):
             self.log.info("server %s answered an earlier plan of weight sync v%d: not a result of "
                           "the current one", m.server_id[:64], m.policy_version)
             return P.Ack(ref=str(m.policy_version), status="ok")

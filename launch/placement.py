@@ -14,10 +14,11 @@ Invariants (tested in tests/unit/test_placement.py):
   naming the keys and the numbers;
 * except on a one-GPU node running one trainer rank and one rollout server of ``tp_size`` 1: both
   get GPU 0 (``NodeGpus.shared``). Then the weights go without a group (``with_weight_path``:
-  ``trainer.weight_sync.path=auto`` becomes ``tensor``; an explicit ``distributed`` over NCCL is
-  refused), and an SGLang engine leaves the trainer room: ``rollout.engine.sglang.
-  mem_fraction_static`` defaults to ``SHARED_MEM_FRACTION_DEFAULT`` there and may not exceed
-  ``SHARED_MEM_FRACTION_MAX`` (on a GPU of its own SGLang picks its own fraction);
+  ``trainer.weight_sync.path=auto`` becomes ``tensor``, or with LoRA the engine kind's adapter
+  path, ``auto_path``; an explicit ``distributed`` over NCCL is refused), and an SGLang engine
+  leaves the trainer room: ``rollout.engine.sglang.mem_fraction_static`` defaults to
+  ``SHARED_MEM_FRACTION_DEFAULT`` there and may not exceed ``SHARED_MEM_FRACTION_MAX`` (on a GPU
+  of its own SGLang picks its own fraction);
 * the GPUs given out are ``[0, used)``, in the order trainer ranks, then rollout servers;
 * a process that runs on CPU takes no GPU, and an engine attached by URL runs elsewhere.
 
@@ -140,6 +141,7 @@ def place_nodes(cfg: RunConfig) -> tuple[NodeGpus, ...] | None:
 
     ``launch.gpus_per_node`` must be resolved already (``launch/job.py`` reads
     ``torch.cuda.device_count()`` when the config leaves it 0)."""
+    _check_disk_nodes(cfg)
     if not _gpu_checks(cfg):
         return None
     la = cfg.launch
@@ -210,15 +212,21 @@ def _check_weight_path(cfg: RunConfig, shared: bool) -> None:
     if path == "tensor" and not shared:
         raise ConfigError("trainer.weight_sync.path=tensor with the trainer and the engines on different GPUs: "
                           "a CUDA IPC handle opens only on the GPU it came from; use path=auto (distributed)")
-    if cfg.launch.nodes > 1 and auto_path(cfg, shared) == "disk" and path in ("auto", "disk"):
-        raise ConfigError(f"trainer.lora.rank > 0 with SGLang and launch.nodes={cfg.launch.nodes}: "
-                          "the adapter reaches SGLang as a directory the trainer writes on its "
-                          "own node; run the job on one node or use rollout.engine.kind=embedded")
-    if path == "disk" and cfg.launch.nodes > 1:
-        raise ConfigError(f"trainer.weight_sync.path=disk with launch.nodes={cfg.launch.nodes}: the trainer "
-                          "writes to its own node's temporary directory; use path=auto (distributed)")
     if shared:
         _check_shared(cfg)
+
+
+def _check_disk_nodes(cfg: RunConfig) -> None:
+    """``disk`` (also LoRA's on SGLang) writes to the trainer node's temporary directory."""
+    path, nodes = cfg.trainer.weight_sync.path, cfg.launch.nodes
+    if nodes > 1 and auto_path(cfg, False) == "disk" and path in ("auto", "disk"):
+        raise ConfigError(f"trainer.lora.rank > 0 with SGLang and launch.nodes={nodes}: the "
+                          "adapter reaches SGLang as a directory the trainer writes on its own "
+                          "node; run the job on one node or use rollout.engine.kind=embedded")
+    if path == "disk" and nodes > 1:
+        raise ConfigError(f"trainer.weight_sync.path=disk with launch.nodes={nodes}: the trainer "
+                          "writes to its own node's temporary directory; use path=auto "
+                          "(distributed)")
 
 
 def _check_shared(cfg: RunConfig) -> None:

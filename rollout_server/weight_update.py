@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -162,12 +163,14 @@ async def apply_adapter_sync(client: SGLangClient, plan: WeightSyncPlan, server_
     it the one generate calls name; never raises (but ``CancelledError``), never leaves the engine
     paused (also when cancelled), retires every adapter it sent and does not serve. With
     ``inflight_drained`` (drain mode) the pause waits for it, as ``apply_weight_sync`` does."""
-    member = any(m.server_id == server_id for m in plan.members)
-    one = plan.path == "disk" and len(plan.payloads) == 1
-    refusal = "this server is not a member of the plan" if not member else "" if one else \
-        f"an adapter reaches SGLang as one directory (path disk), not by path {plan.path!r}"
-    if refusal:
-        return answer(plan, server_id, refusal)
+    if not any(m.server_id == server_id for m in plan.members):
+        return answer(plan, server_id, "this server is not a member of the plan")
+    if plan.path != "disk" or len(plan.payloads) != 1:
+        return answer(plan, server_id, "an adapter reaches SGLang as one directory (path disk), "
+                                       f"not by path {plan.path!r}")
+    if not os.path.isdir(plan.payloads[0]):  # SGLang would take it for a hub repository
+        return answer(plan, server_id, f"no adapter directory {plan.payloads[0]} on this node "
+                                       "(the trainer writes it on its own node)")
     deadline = _Deadline(plan.deadline_s)
     name, old = served_name(plan.policy_version, plan.plan_id), client.adapter
     paused_at, reason, sent, ok, pause_s = None, "", False, False, 0.0

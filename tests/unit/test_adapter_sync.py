@@ -9,8 +9,13 @@ transport (``_call``) is replaced, so its per-adapter count of generate calls is
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import os
+import tempfile
 import uuid
+
+import msgspec
 
 from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
 from rollout_server.sglang_client import SGLangClient, SGLangError
@@ -95,13 +100,17 @@ class FakeTransportClient(SGLangClient):
             raise SGLangError(path, None, "TimeoutError: no answer in time") from None
 
 
+ADAPTER_DIR = tempfile.mkdtemp(prefix="adapter_sync_test_")  # what the engine reads is faked
+atexit.register(os.rmdir, ADAPTER_DIR)
+
+
 def plan(version: int, deadline_s: float = 2.0) -> WeightSyncPlan:
     return WeightSyncPlan(policy_version=version, group_name="g", master_addr="127.0.0.1",
                           master_port=0, world_size=2, backend="gloo", reform=False,
                           members=[SyncMember(server_id="s", rank_offset=1)],
                           buckets=[BucketSpec(names=["a"], dtypes=["float32"], shapes=[[1]])],
                           deadline_s=deadline_s, plan_id=f"p{version}", path="disk",
-                          payloads=["/adapter-dir"])
+                          payloads=[ADAPTER_DIR])
 
 
 async def sync(client, version: int, deadline_s: float = 2.0):
@@ -174,5 +183,19 @@ def test_a_sync_cancelled_while_paused_continues_generation():
         assert (await sync(client, 3)).ok  # ... so the next sync unloads it
         await engine.until(lambda: engine.loaded == {"policy-v1-p1", "policy-v3-p3"})
         await asyncio.gather(*engine.tasks)
+
+    asyncio.run(main())
+
+
+def test_a_plan_naming_no_directory_on_this_node_is_refused_before_sglang_is_called():
+    """SGLang takes a path that is not a directory for a hub repository to download: the
+    rollout server says what is wrong instead, and the engine is never touched."""
+
+    async def main():
+        engine = LockedLoraEngine()
+        gone = msgspec.structs.replace(plan(1), payloads=[ADAPTER_DIR + "-not-here"])
+        done = await apply_adapter_sync(FakeTransportClient(engine), gone, "s")
+        assert not done.ok and "no adapter directory" in done.reason and done.plan_id == "p1"
+        assert engine.calls == []
 
     asyncio.run(main())

@@ -60,6 +60,8 @@ def test_an_sglang_lora_job_gets_its_adapter_as_a_directory_on_any_gpu_of_the_tr
         place_nodes(load_config([*lora, "launch.gpus_per_node=2", "launch.nodes=2",
                                  "buffer.address=tcp://10.0.0.1:5555", "buffer.pub_address=tcp://10.0.0.1:5556",
                                  "trainer.weight_sync.master_addr=10.0.0.1"]))
+    with pytest.raises(ConfigError, match=r"^trainer\.lora\.rank > 0 with SGLang and launch\.nodes=2"):
+        place_nodes(load_config(["topology=cpu_sglang", "trainer.lora.rank=8", "launch.nodes=2"]))  # CPU too
     embedded = with_weight_path(load_config(["topology=gpu_embedded", "trainer.lora.rank=8",
                                              "launch.gpus_per_node=1", "trainer.weight_sync.backend=gloo",
                                              "model.dtype=float32"]))
