@@ -34,6 +34,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import os
 import shutil
 import tempfile
 import uuid
@@ -42,6 +43,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import torch
 
 from areal_like.settings.config import WeightSyncConfig
@@ -54,6 +56,21 @@ from trainer.weight_buckets import Sender, gather
 log = logging.getLogger("trainer.weight_sync")
 
 WEIGHTS_FILE = "model.safetensors"
+ROOT_PREFIX = "areal_like_weights_"  # + the writing process's pid + "_": DiskSender's directories
+
+
+def remove_orphans(tmp: str | None = None) -> list[Path]:
+    """Remove the disk path's directories whose writer is gone (a trainer killed with -9 never
+    reaches ``close``; a 7B model's directory is 28 GB, a large adapter's hundreds of MB) and
+    return them. Another user's, or a pid reused by a live process, stay."""
+    removed = []
+    for d in Path(tmp or tempfile.gettempdir()).glob(f"{ROOT_PREFIX}*_*"):
+        pid = d.name[len(ROOT_PREFIX):].split("_", 1)[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            if not d.exists():
+                removed.append(d)
+    return removed
 
 
 @contextmanager
@@ -136,9 +153,10 @@ class TensorSender(LocalSender):
 
 
 class DiskSender(LocalSender):
-    """Path ``disk``: one HF directory per push under a private temporary directory (a re-push
-    within the push sends the same one: writing it again would spend the deadline); the last one
-    stays until the next push, every one goes at ``close``."""
+    """Path ``disk``: one directory per push (HF, or PEFT's for an adapter) under a private
+    temporary directory (a re-push within the push sends the same one: writing it again would
+    spend the deadline); the last one stays until the next push, every one goes at ``close``, and
+    those of a writer killed before it by the next writer's first push (``remove_orphans``)."""
 
     PATH = "disk"
 
@@ -158,8 +176,9 @@ class DiskSender(LocalSender):
             raise RuntimeError("trainer.weight_sync.path=disk needs a Hugging Face model "
                                "(one with .config)")
         if self._root is None:
-            self._root = Path(tempfile.mkdtemp(prefix="areal_like_weights_"))
-        out = self._root / f"v{version}-{uuid.uuid4().hex[:6]}"  # a re-push gets a fresh one
+            remove_orphans()
+            self._root = Path(tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{os.getpid()}_"))
+        out = self._root / f"v{version}-{uuid.uuid4().hex[:6]}"  # a version pushed again: anew
         out.mkdir()
         state = {n: t.detach().to("cpu").contiguous()
                  for b, ts in zip(buckets, tensors) for n, t in zip(b.names, ts)}

@@ -83,7 +83,7 @@ assert SENDERS.keys() == WEIGHT_PATHS.keys()  # every path a plan may name has i
 
 def push_buckets(params, send_dtype: str, bucket_mb: float) -> list[BucketSpec]:
     """The buckets a push of ``params`` sends: of at most ``bucket_mb``, but a LoRA adapter is ONE
-    bucket (an SGLang engine loads an adapter only whole, from one tensor payload)."""
+    bucket (an SGLang engine loads an adapter only whole, from one directory)."""
     limit = sys.maxsize if params and is_adapter(params[0][0]) else int(bucket_mb * 1024 * 1024)
     return plan_buckets([(n, list(p.shape), send_dtype) for n, p in params], limit)
 

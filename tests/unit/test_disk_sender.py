@@ -1,0 +1,52 @@
+"""The disk path's directories (trainer/weight_local.py ``DiskSender``): an adapter's is what PEFT
+(and SGLang's ``/load_lora_adapter``, tests/sglang/test_sglang_lora.py) loads; those of a writer
+killed before its ``close`` are removed by the next writer."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+
+from areal_like.settings.config import WeightSyncConfig, load_config
+from areal_like.weights.hf import build_model
+from areal_like.weights.lora import add_adapters, synced_parameters
+from trainer.weight_local import ROOT_PREFIX, DiskSender, remove_orphans
+from trainer.weight_sync import SyncReport, push_buckets
+
+
+def test_an_adapter_push_writes_what_peft_loads_onto_the_base():
+    from peft import PeftModel
+
+    cfg = load_config(["trainer.lora.rank=4"])
+    model = add_adapters(build_model(cfg.model), cfg.trainer.lora).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.3)
+    params = synced_parameters(model)
+    buckets = push_buckets(params, "float32", bucket_mb=0.001)
+    sender = DiskSender(WeightSyncConfig(path="disk"), "gloo", 0, "float32")
+    sender.stage(model, params, buckets, SyncReport(version=3))
+    try:
+        route = sender.route(3, [("s", 1, "")])
+        assert route["path"] == "disk" and len(buckets) == len(route["payloads"]) == 1
+        loaded = PeftModel.from_pretrained(build_model(cfg.model), route["payloads"][0]).eval()
+        ids = torch.tensor([[1, 20, 30, 40, 50, 60]])
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-6)
+    finally:
+        sender.done()
+        sender.close()
+
+
+def test_a_killed_writers_directory_goes_and_a_live_ones_stays(tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    dead = tmp_path / f"{ROOT_PREFIX}{gone}_abc"
+    live = tmp_path / f"{ROOT_PREFIX}{1}_abc"  # init: alive
+    for d in (dead, live):
+        (d / "v1-000000").mkdir(parents=True)
+    assert remove_orphans(str(tmp_path)) == [dead]
+    assert not dead.exists() and live.exists()
