@@ -236,9 +236,9 @@ def estimate_lora_peak_bytes(model_cfg: ModelConfig, world: int, micro_batch_tok
                              logprob_chunk: int = 512, accumulating: bool = True) -> MemoryEstimate:
     """``estimate_peak_bytes`` with LoRA adapters of ``rank`` on ``targets`` (``trainer.lora``):
     the frozen base is held in ``base_dtype`` with no gradient or AdamW state; the adapters hold
-    fp32 weights, gradients, two moments and AdamW's temporary. Today the base is fp32 and so is
-    the compute (the trainer refuses ``model.dtype=bfloat16`` with LoRA); ``dtype`` and
-    ``base_dtype`` both ``bfloat16`` say what a bf16 base would give, not what the trainer runs.
+    fp32 weights, gradients, two moments and AdamW's temporary. The trainer's base is fp32, its
+    compute fp32 or, with ``model.dtype=bfloat16``, bf16; ``dtype`` and ``base_dtype`` both
+    ``bfloat16`` say what a bf16 base would give, not what the trainer runs.
     The ranks gather (FSDP2) when ``world`` > 1 or the compute dtype is not the base's (mixed
     precision); one rank computing in its base's dtype gathers nothing. Frozen embeddings and
     lm_head: no root gradients, no lm_head gradient accumulator; the final norm, frozen too, keeps
@@ -270,24 +270,25 @@ def lora_markdown_table(ranks: tuple[int, ...] = (8, 64), tokens: int = 4096, se
                         seq_len: int = 2048, chunk: int = 512, room_gib: float = 44.0) -> str:
     """The LoRA table of trainer/MEMORY.md: one GPU, ``seqs`` x ``seq_len`` tokens per step in
     micro-batches of ``tokens`` (``trainer.max_tokens_per_micro_batch``), default targets; the
-    fp32 base the trainer runs today and a bf16 base (estimate only), each without and with
-    activation checkpointing; whether each fits the ``room_gib`` an 80 GB GPU leaves the trainer
-    beside SGLang's default share (README.md: ``mem_fraction_static=0.4``)."""
-    lines = ["| model | rank | adapter params | fp32 base, fp32 compute (today): peak GiB | "
-             "with activation checkpointing | bf16 base (not supported yet): peak GiB | "
-             f"with activation checkpointing | fits {room_gib:.0f} GiB: today / bf16 base |",
-             "|---" * 8 + "|"]
+    fp32 base the trainer runs with fp32 and with bf16 compute, and a bf16 base (estimate only),
+    each without and with activation checkpointing; whether each fits the ``room_gib`` an 80 GB GPU
+    leaves the trainer beside SGLang's default share (README.md: ``mem_fraction_static=0.4``)."""
+    lines = ["| model | rank | adapter params | fp32 base, fp32 compute: peak GiB | with activation "
+             "checkpointing | fp32 base, bf16 compute | with activation checkpointing | bf16 base "
+             f"(not supported yet) | with activation checkpointing | fits {room_gib:.0f} GiB: fp32 "
+             "/ bf16 compute / bf16 base |", "|---" * 10 + "|"]
     many = seqs * seq_len > tokens
     for name in QWEN2_SHAPES:
         cfg = qwen2_shape(name)
         for rank in ranks:
-            cells = [estimate_lora_peak_bytes(cfg, 1, tokens, rank, dtype=d, base_dtype=d,
+            cells = [estimate_lora_peak_bytes(cfg, 1, tokens, rank, dtype=d, base_dtype=b,
                                               checkpointing=ck, logprob_chunk=chunk,
                                               accumulating=many).total / GIB
-                     for d in ("float32", "bfloat16") for ck in (False, True)]
+                     for d, b in (("float32", "float32"), ("bfloat16", "float32"),
+                                  ("bfloat16", "bfloat16")) for ck in (False, True)]
             a = cfg.num_hidden_layers * adapter_block_params(cfg, rank)
             figures = " | ".join(f"{x:.1f}" for x in cells)
-            fits = f"{_fits(*cells[:2], room_gib)} / {_fits(*cells[2:], room_gib)}"
+            fits = " / ".join(_fits(*cells[i:i + 2], room_gib) for i in (0, 2, 4))
             lines.append(f"| {name} | {rank} | {a / 1e6:.1f} M | {figures} | {fits} |")
     return "\n".join(lines)
 

@@ -126,15 +126,16 @@ class Spawner:
         return proc
 
     def one_and_two_ranks(self, code: str, script: str, out: Path, port: int,
-                          timeout_s: float) -> tuple[Path, Path]:
+                          timeout_s: float, env: dict | None = None) -> tuple[Path, Path]:
         """Run ``python -c code script DIR`` as one process (``out/one``) and as two torch ranks on
-        ``port`` (``out/two``); both must exit 0. Returns the two directories."""
+        ``port`` (``out/two``), with ``env`` added; both must exit 0. Returns the two directories."""
         one, two = out / "one", out / "two"
         one.mkdir()
         two.mkdir()
         ranks = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs = [self(code, [script, one], capture=False)]
-        procs += [self(code, [script, two], capture=False, env={**ranks, "RANK": str(r), "LOCAL_RANK": str(r)})
+        procs = [self(code, [script, one], capture=False, env=env)]
+        procs += [self(code, [script, two], capture=False,
+                       env={**(env or {}), **ranks, "RANK": str(r), "LOCAL_RANK": str(r)})
                   for r in (0, 1)]
         assert [p.wait(timeout=timeout_s) for p in procs] == [0, 0, 0]
         return one, two

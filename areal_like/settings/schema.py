@@ -486,11 +486,6 @@ class RunConfig:
         _check("buffer.max_staleness", self.buffer.max_staleness >= lag,
                f">= {lag}, the engines' lag (trainer.weight_sync.every - 1, or trainer.weight_sync.delay)",
                self.buffer.max_staleness)
-        # FSDP2 mixed precision with frozen parameters in a block's group fails in backward (torch
-        # 2.13: a bf16 gradient assigned to an fp32 parameter), so LoRA trains in fp32 for now
-        _check("model.dtype", not self.trainer.lora.enabled or self.model.dtype == "float32",
-               "float32 with trainer.lora.rank > 0 (LoRA with mixed precision is not supported yet)",
-               self.model.dtype)
         if self.trainer.lora.enabled:
             self._check_lora_engine()
 

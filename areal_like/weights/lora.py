@@ -101,8 +101,11 @@ def adapters_disabled(model):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    trainable = [p for p in model.parameters() if p.requires_grad]
     for m in layers:
-        m.enable_adapters(False)
+        m.enable_adapters(False)  # which also freezes the adapters: FSDP2 must not see that
+    for p in trainable:  # (a first forward in here would set up its gradient dtypes for no adapter)
+        p.requires_grad_(True)
     try:
         yield model
     finally:

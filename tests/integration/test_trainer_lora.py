@@ -185,6 +185,65 @@ def check_export(directory: Path, state: dict) -> None:
         torch.testing.assert_close(merged(ids).logits, want, rtol=0, atol=1e-5)
 
 
+def bf16_worker(out_dir: Path) -> None:
+    """``model.dtype=bfloat16`` (FSDP2 mixed precision: fp32 weights, bf16 compute, fp32 gradient
+    reduction): two steps, and the first step of an fp32 policy on the same batch."""
+    import torch
+
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_trainer_invariance import synthetic_groups
+
+    from areal_like.settings.config import load_config
+    from trainer.data import groups_to_batch
+    from trainer.model import build_policy, full_state_dict, init_distributed, leave_distributed
+    from trainer.step import StepSettings, recompute_prox_logp, reference_logp, train_step
+
+    batch = groups_to_batch(synthetic_groups())
+    res = {}
+    rank, _ = init_distributed(load_config(SETTINGS).trainer)
+    for dtype in ("float32", "bfloat16"):
+        cfg = load_config([*SETTINGS, f"model.dtype={dtype}"])
+        policy = build_policy(cfg.model, cfg.trainer)
+        s = StepSettings.from_config(cfg)
+        init = full_state_dict(policy.model)
+        # the KL reference first: the model's first forward runs with its adapters off
+        steps = [train_step(policy, batch, s, recompute_prox_logp(policy, batch, s),
+                            reference_logp(policy.model, batch, s, policy.device)) for _ in range(2)]
+        res[dtype] = {"steps": steps, "init": init, "after": full_state_dict(policy.model),
+                      "trainable": {n for n, p in policy.model.named_parameters() if p.requires_grad}}
+    leave_distributed()
+    if rank == 0:
+        torch.save(res, out_dir / "res.pt")
+
+
+def test_lora_computes_in_bf16_on_one_and_two_ranks(tmp_path, spawn_python, free_port):
+    """A GPU topology's ``model.dtype=bfloat16`` with LoRA: the adapters train, the base stays,
+    and the numbers are the fp32 ones within bf16 rounding, on one and on two ranks. Failed
+    before: PEFT freezes the adapters while they are switched off, so when the model's first
+    forward was the KL reference's, FSDP2 set the gradients up for no trainable parameter and the
+    backward assigned bf16 gradients to the fp32 adapters."""
+    import torch
+
+    one, two = spawn_python.one_and_two_ranks(RUNNER, __file__, tmp_path, free_port(), WORKER_TIMEOUT_S,
+                                              env={"LORA_WORKER": "bf16"})
+    one, two = torch.load(one / "res.pt"), torch.load(two / "res.pt")
+    for res in (one, two):
+        bf16, fp32 = res["bfloat16"], res["float32"]
+        assert bf16["trainable"] == fp32["trainable"] and bf16["trainable"]
+        for name, w in bf16["init"].items():
+            moved = float((bf16["after"][name] - w).abs().max())
+            assert (moved > 1e-3) if name in bf16["trainable"] else moved == 0.0, name
+        for key in ("loss", "kl_ref"):
+            for step in (0, 1):
+                assert bf16["steps"][step][key] == pytest.approx(fp32["steps"][step][key], abs=2e-2), key
+        assert bf16["steps"][1]["kl_ref"] > 1e-6
+    assert two["bfloat16"]["steps"][1]["loss"] == pytest.approx(one["bfloat16"]["steps"][1]["loss"], abs=2e-2)
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    worker(Path(sys.argv[2]))  # argv: -c, this file, OUT_DIR (see RUNNER)
+    import os
+
+    # argv: -c, this file, OUT_DIR (see RUNNER)
+    (bf16_worker if os.environ.get("LORA_WORKER") == "bf16" else worker)(Path(sys.argv[2]))

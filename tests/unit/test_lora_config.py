@@ -24,7 +24,6 @@ from launch import preflight as pf
         ("rollout.engine.kind=url rollout.engine.url=http://h:1", "rollout.engine.kind"),
         ("topology=cpu_sglang trainer.weight_sync.path=distributed", "trainer.weight_sync.path"),
         ("topology=cpu_sglang trainer.weight_sync.path=tensor", "trainer.weight_sync.path"),
-        ("model.dtype=bfloat16", "model.dtype"),  # FSDP2 mixed precision + frozen base: not yet
     ],
 )
 def test_bad_lora_settings_name_their_key(override, key):
