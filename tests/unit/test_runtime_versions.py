@@ -225,6 +225,7 @@ def test_catch_up_does_not_wait_for_a_refused_member(broadcaster):
                                                                 policy_version=10),
                                                  P.RosterEntry(server_id="b", engine_url="", engine_ranks=1,
                                                                policy_version=3)], policy_version=10))
+    b.loaded = {"a": 10}  # a loaded the final version from this trainer
     assert b.catch_up_decision(10, time.monotonic() + 60, 0) == "done"
 
 
