@@ -69,7 +69,7 @@ def main() -> None:
     p.add_argument("--checkpointing", action="store_true", help="trainer.activation_checkpointing=true")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="model.dtype")
     p.add_argument("--lora-rank", type=int, default=0,
-                   help="trainer.lora.rank (0: off) on the default target_modules; fp32 only")
+                   help="trainer.lora.rank (0: off) on the default target_modules (fp32 base)")
     args = p.parse_args()
 
     import torch
@@ -110,7 +110,7 @@ def main() -> None:
     many = args.seqs > args.mbs
     if args.lora_rank:
         est = estimate_lora_peak_bytes(cfg.model, 1, args.mbs * args.len, args.lora_rank,
-                                       cfg.trainer.lora.target_modules, args.dtype, args.dtype,
+                                       cfg.trainer.lora.target_modules, args.dtype, "float32",
                                        args.checkpointing, args.chunk, many)
     else:
         est = estimate_peak_bytes(cfg.model, 1, args.mbs * args.len, args.dtype, args.checkpointing,

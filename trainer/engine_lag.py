@@ -82,9 +82,14 @@ class EngineSchedule:
         self.served = target
         return report
 
+    def _params(self) -> list[torch.Tensor]:
+        """What a snapshot holds: the trained parameters (the others never change; with LoRA the
+        frozen base would cost a whole fp32 copy of the model per snapshot)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
     def _snapshot(self, version: int) -> None:
         with torch.no_grad():
-            self.snapshots.append((version, [p.detach().clone() for p in self.model.parameters()]))
+            self.snapshots.append((version, [p.detach().clone() for p in self._params()]))
         keep = self.delay + 1 if self.delay else 1
         while len(self.snapshots) > keep:
             self.snapshots.popleft()
@@ -93,7 +98,7 @@ class EngineSchedule:
     def _swapped(self, version: int):
         """The model holds the snapshot of ``version`` inside the block, its own weights after."""
         saved = dict(self.snapshots)[version]
-        params = list(self.model.parameters())
+        params = self._params()
         with torch.no_grad():
             current = [p.detach().clone() for p in params]
             for p, s in zip(params, saved):

@@ -167,7 +167,9 @@ def collect_probes(buffer: Client, served: Sequence[str], prompt_ids: list[int],
             log.warning("log-prob guard: %s does not serve the pushed weights yet; not probed", m.server_id)
             continue
         try:
-            why = elsewhere(m.engine_url, several_nodes)
+            why = elsewhere(m.engine_url, several_nodes) or (
+                "the push's report names no adapter it loaded"
+                if adapters is not None and m.server_id not in adapters else None)
             if why is None:
                 probe = probe_engine(m.server_id, m.engine_url, prompt_ids, temperature,
                                      api_key=api_key,

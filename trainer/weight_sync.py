@@ -129,7 +129,7 @@ class WeightBroadcaster:
         self.versions = local_versions()  # what each member's versions are checked against
         self.refused: set[str] = set()  # left out of the last plan: catch_up does not wait for them
         self._unversioned: set[str] = set()  # members reporting no versions, warned about once
-        # rank 0: member -> the newest version it loaded from this process (a resumed trainer's
+        # rank 0: member -> the last version it loaded from this process (a resumed trainer's
         # label may name other weights on a member the crashed trainer pushed it to)
         self.loaded: dict[str, int] = {}
         self._inflight: threading.Thread | None = None  # rank 0: an overlapped push still running
