@@ -90,22 +90,15 @@ def _saved_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, tokens: int = 4
     return sum(n for ptr, n in seen.items() if ptr not in params) / tokens
 
 
+@pytest.mark.parametrize("lora_rank", [0, 8], ids=["plain", "lora"])
 @pytest.mark.parametrize("dtype,c", [(torch.float32, 4), (torch.bfloat16, 2)])
 @pytest.mark.parametrize("shape", [(128, 256, 4, 2), (192, 320, 6, 3)])
-def test_block_activation_bytes_match_what_the_layer_saves(dtype, c, shape):
+def test_block_activation_bytes_match_what_the_layer_saves(dtype, c, shape, lora_rank):
     h, i, heads, kv = shape
     cfg = ModelConfig(vocab_size=104, hidden_size=h, intermediate_size=i, num_hidden_layers=1,
                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=64)
-    assert _saved_bytes_per_token(cfg, dtype) == block_activation_bytes(cfg, c)
-
-
-@pytest.mark.parametrize("dtype,c", [(torch.float32, 4), (torch.bfloat16, 2)])
-@pytest.mark.parametrize("shape", [(128, 256, 4, 2), (192, 320, 6, 3)])
-def test_lora_block_activation_bytes_match_what_the_layer_saves(dtype, c, shape):
-    h, i, heads, kv = shape
-    cfg = ModelConfig(vocab_size=104, hidden_size=h, intermediate_size=i, num_hidden_layers=1,
-                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=64)
-    assert _saved_bytes_per_token(cfg, dtype, lora_rank=8) == lora_block_activation_bytes(cfg, c, 8)
+    want = lora_block_activation_bytes(cfg, c, lora_rank) if lora_rank else block_activation_bytes(cfg, c)
+    assert _saved_bytes_per_token(cfg, dtype, lora_rank=lora_rank) == want
 
 
 def test_adapter_params_match_peft():
