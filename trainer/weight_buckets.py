@@ -45,7 +45,10 @@ class Sender(ABC):
     re-push; ``done`` when the push is over, ``close`` at the end. The defaults are a sender
     whose plan carries everything."""
 
-    overlaps = False  # a push may finish on rank 0 in the background (it then sends staged copies)
+    def overlaps(self, buckets: list[BucketSpec]) -> bool:
+        """Whether a push of ``buckets`` may finish on rank 0 in the background: ``stage`` then
+        kept copies of every bucket that training cannot change."""
+        return False
 
     def holds_all(self, buckets: list[BucketSpec]) -> bool:
         """Whether ``stage`` staged every bucket: rank 0 then sends (and re-sends) alone."""

@@ -112,8 +112,6 @@ class WeightGroup:
 class GroupSender(Sender):
     """The sender of path ``distributed``: buckets broadcast on the weight group (all ranks)."""
 
-    overlaps = True  # a model in the staging buffers may finish its push in the background
-
     def __init__(self, cfg: WeightSyncConfig, backend: str, rank: int, send_dtype: str):
         self.cfg, self.rank, self.send_dtype = cfg, rank, send_dtype
         self.group = WeightGroup(cfg, backend)
@@ -122,6 +120,9 @@ class GroupSender(Sender):
 
     def holds_all(self, buckets: list[BucketSpec]) -> bool:
         return len(buckets) <= BucketPipeline.SLOTS
+
+    def overlaps(self, buckets: list[BucketSpec]) -> bool:
+        return self.holds_all(buckets)  # a model in the staging buffers
 
     def stage(self, model: torch.nn.Module, params, buckets: list[BucketSpec], report) -> None:
         """The first buckets (one per staging buffer) are gathered (all ranks) and packed (rank 0)

@@ -17,8 +17,9 @@ an engine on the same GPU (``launch/placement.py``) the weights reach the engine
   (rollout_server/weight_update.py). The plan names the directory, whatever the adapter's size.
 
 Each is a ``trainer.weight_buckets.Sender``: every rank gathers every bucket before the plan, so
-rank 0 goes on alone; the plan carries ``path`` and ``payloads`` (no group). No push of these
-paths finishes in the background: the gathered tensors may be the parameters themselves.
+rank 0 goes on alone; the plan carries ``path`` and ``payloads`` (no group). A full model's push
+never finishes in the background (the gathered tensors may be the parameters themselves); an
+adapter's push on the disk path does, from a CPU copy made while staging (megabytes).
 
 Invariants:
 - the memory a payload refers to stays alive until the push is over (every member reported, left
@@ -165,6 +166,16 @@ class DiskSender(LocalSender):
         self._root: Path | None = None  # the private directory versions are written under
         self._written: Path | None = None
         self._this_push: Path | None = None  # written by the push in progress
+
+    def overlaps(self, buckets: list[BucketSpec]) -> bool:
+        return all(is_adapter(n) for b in buckets for n in b.names)
+
+    def stage(self, model: torch.nn.Module, params, buckets: list[BucketSpec], report) -> None:
+        """Also: an adapter is copied to the CPU now, so its directory may be written while the
+        next step changes the parameters."""
+        super().stage(model, params, buckets, report)
+        if self.rank == 0 and self.overlaps(buckets):
+            self._tensors = [[t.to("cpu", copy=True) for t in ts] for ts in self._tensors]
 
     def payloads(self, model, version, buckets, tensors) -> list[str]:
         from safetensors.torch import save_file

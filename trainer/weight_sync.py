@@ -141,9 +141,10 @@ class WeightBroadcaster:
         """Send every parameter to the roster as ``version`` and announce ``announce`` (default:
         ``version``; larger when the engines lag by design, trainer/engine_lag.py). On all ranks.
 
-        ``wait=False`` when the sender ``overlaps`` and holds every bucket once staged (a model in
-        the staging buffers): rank 0 hands the rest (plan, transfer, members' reports,
-        announcement) to a background thread and returns; the next call (or ``join``) waits for it.
+        ``wait=False`` when the sender ``overlaps`` (a model in the staging buffers of the group
+        path, an adapter copied by the disk path): rank 0 hands the rest (plan, transfer, members'
+        reports, announcement) to a background thread and returns; the next call (or ``join``)
+        waits for it.
         The report returned is then the one of the PREVIOUS push, complete, with this call's
         ``blocked_s``."""
         t_start = time.monotonic()
@@ -156,7 +157,7 @@ class WeightBroadcaster:
         t_gather = time.monotonic()
         self.sender.stage(model, params, buckets, report)
         report.transfer_s = time.monotonic() - t_gather
-        if not wait and self.sender.overlaps and self.sender.holds_all(buckets):  # on all ranks
+        if not wait and self.sender.overlaps(buckets):  # on all ranks
             report.overlapped = True
             if self.rank == 0:
                 rest = (report, buckets, params, deadline, t_start, announce)

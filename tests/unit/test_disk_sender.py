@@ -41,6 +41,35 @@ def test_an_adapter_push_writes_what_peft_loads_onto_the_base():
         sender.close()
 
 
+def test_an_adapter_push_overlaps_and_writes_the_staged_values_not_later_ones():
+    """An adapter's push may finish in the background (``overlaps``) while the next step trains:
+    the directory written then holds the adapter as it was staged. A full model never overlaps."""
+    from safetensors.torch import load_file
+
+    cfg = load_config(["trainer.lora.rank=4"])
+    model = add_adapters(build_model(cfg.model), cfg.trainer.lora)
+    params = synced_parameters(model)
+    buckets = push_buckets(params, "float32", bucket_mb=64)
+    sender = DiskSender(WeightSyncConfig(path="disk"), "gloo", 0, "float32")
+    full = push_buckets(list(build_model(cfg.model).named_parameters()), "float32", 64)
+    assert sender.overlaps(buckets) and not sender.overlaps(full)
+    sender.stage(model, params, buckets, SyncReport(version=1))
+    staged = {n: p.detach().clone() for n, p in params}
+    with torch.no_grad():  # the next step's optimizer, before the background write
+        for _, p in params:
+            p.add_(1.0)
+    try:
+        out = sender.route(1, [("s", 1, "")])["payloads"][0]
+        written = load_file(f"{out}/adapter_model.safetensors")
+        assert len(written) == len(staged)
+        for name, t in staged.items():
+            key = next(k for k in written if k.endswith(name.replace(".default.", ".")))
+            torch.testing.assert_close(written[key], t, rtol=0, atol=0)
+    finally:
+        sender.done()
+        sender.close()
+
+
 def test_a_killed_writers_directory_goes_and_a_live_ones_stays(tmp_path):
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()
