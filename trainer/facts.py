@@ -21,6 +21,7 @@ from pathlib import Path
 from areal_like.net.auth import engine_api_key
 from areal_like.net.security import Keys
 from areal_like.settings.config import ExportConfig, ModelConfig, RunConfig, TaskConfig
+from areal_like.settings.schema import LORA_PATHS
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class TrainerFacts:
     export_dir: Path  # export.dir resolved against run_dir
     nodes: int = 1  # launch.nodes: > 1 puts the engines on other nodes than rank 0 (log-prob guard)
     keys: Keys | None = None  # the trainer client's CURVE keys (None: plain sockets)
+    # with LoRA, the path the engine kind loads an adapter from: what weight_sync.path=auto is when
+    # no `areal-like run` resolved it (a trainer started by hand), as launch.placement.auto_path says
+    adapter_path: str | None = None
     # the job's engine API key (None: the job has none); never in a repr, a log line or a
     # traceback's locals, like Keys.secret
     engine_key: str | None = field(default=None, repr=False)
@@ -53,4 +57,6 @@ class TrainerFacts:
                    sample_every=cfg.tracking.sample_every, sample_k=cfg.tracking.sample_k, run_dir=Path(cfg.run_dir),
                    checkpoint_dir=cfg.resolve_path(cfg.trainer.checkpoint_dir),
                    export_dir=cfg.resolve_path(cfg.export.dir), nodes=cfg.launch.nodes, keys=keys,
-                   engine_key=engine_api_key(cfg.run_dir))
+                   engine_key=engine_api_key(cfg.run_dir),
+                   adapter_path=LORA_PATHS.get(cfg.rollout.engine.kind) if cfg.trainer.lora.enabled
+                   else None)

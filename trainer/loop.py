@@ -134,7 +134,8 @@ class Trainer(Daemon):
         self.broadcaster = WeightBroadcaster(t.weight_sync, buffer_address=t.buffer_address,
                                              keys=self.facts.keys, rank=self.rank,
                                              device=self.policy.device, send_dtype=model_cfg.dtype,
-                                             metrics=self.metrics)
+                                             metrics=self.metrics,
+                                             adapter_path=self.facts.adapter_path)
         # which weights the engines serve after each step (every version, lagged, or a fixed delay)
         self.engines = EngineSchedule(t.weight_sync, self.broadcaster, self.policy.model, t.steps)
         self.data.on_stall = lambda: self.engines.repush(self.version)

@@ -22,7 +22,8 @@ Invariants:
 - A member whose torch/CUDA/NCCL cannot share the group with rank 0's
   (``areal_like.weights.versions``) is left out of the plan, logged and counted; one reporting no
   versions (an older server) is accepted.
-- ``weight_sync.path`` ``auto`` left unresolved (no ``areal-like run``) is the group path.
+- ``weight_sync.path`` ``auto`` left unresolved (no ``areal-like run``) is the engine kind's
+  adapter path with LoRA (``adapter_path``), else the group path.
 """
 
 from __future__ import annotations
@@ -113,15 +114,15 @@ class WeightBroadcaster:
 
     def __init__(self, cfg: WeightSyncConfig, *, buffer_address: str, rank: int,
                  device: torch.device, send_dtype: str = "float32", metrics: Metrics | None = None,
-                 keys: Keys | None = None):
+                 keys: Keys | None = None, adapter_path: str | None = None):
         self.cfg, self.metrics = cfg, metrics  # metrics: trainer/weight_sync_refused counted there
         self.rank = rank
         self.backend = cfg.backend if cfg.backend != "auto" else \
             ("nccl" if device.type == "cuda" else "gloo")
         self.client = Client(buffer_address, keys=keys, timeout_s=BUFFER_REQUEST_TIMEOUT_S,
                              identity=TRAINER_PEER) if rank == 0 else None  # keys None: plain
-        # `run` resolves auto (launch/placement.py); left unresolved it is the group path
-        path = cfg.path if cfg.path != "auto" else "distributed"
+        # `run` resolves auto (launch/placement.py); left unresolved: the adapter's path, or the group
+        path = cfg.path if cfg.path != "auto" else adapter_path or "distributed"
         if path not in SENDERS:
             raise ValueError(f"trainer.weight_sync.path={path!r}: one of {', '.join(SENDERS)}")
         self.sender = SENDERS[path](cfg, self.backend, rank, send_dtype)

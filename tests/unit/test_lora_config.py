@@ -43,6 +43,24 @@ def test_sglang_serves_the_jobs_adapters_over_the_disk_path():
     assert "--lora-backend torch_native" in argv  # on CPU: the kernels without Triton
 
 
+@pytest.mark.parametrize("topology,path", [("cpu_sglang", "disk"), ("local_cpu", "distributed")])
+def test_a_trainer_started_by_hand_sends_the_adapter_on_the_engine_kinds_path(topology, path):
+    """No ``areal-like run`` resolved ``weight_sync.path=auto``: the trainer reads it as the path
+    the job's engine kind loads an adapter from (before: the group path, which SGLang refuses)."""
+    import torch
+
+    from trainer.facts import TrainerFacts
+    from trainer.weight_sync import SENDERS, WeightBroadcaster
+
+    cfg = load_config([f"topology={topology}", "trainer.lora.rank=4", "model.path=/m"])
+    assert cfg.trainer.weight_sync.path == "auto"
+    facts = TrainerFacts.from_run(cfg)
+    wb = WeightBroadcaster(cfg.trainer.weight_sync, buffer_address="tcp://127.0.0.1:9", rank=1,
+                           device=torch.device("cpu"), adapter_path=facts.adapter_path)
+    assert type(wb.sender) is SENDERS[path]
+    wb.close()
+
+
 def test_lora_is_off_by_default_and_on_with_a_rank():
     assert not load_config([]).trainer.lora.enabled
     cfg = load_config(["trainer.lora.rank=8"])
