@@ -88,3 +88,64 @@ def test_one_rank_bf16_train_step_on_cuda():
     assert bf16["mlp_calls"] == bf16["forwards"] and ckpt["mlp_calls"] == 2 * ckpt["forwards"]
     assert ckpt["loss"] == pytest.approx(bf16["loss"], rel=1e-3, abs=1e-5)
     assert ckpt["grad_norm"] == pytest.approx(bf16["grad_norm"], rel=1e-2)
+
+
+LORA_WORKER = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + "/tests/integration")
+import torch
+torch.set_num_threads(1)
+from test_trainer_invariance import synthetic_groups
+from areal_like.settings.config import load_config
+from trainer.data import groups_to_batch
+from trainer.model import build_policy, full_state_dict, init_distributed
+from trainer.step import StepSettings, recompute_prox_logp, reference_logp, train_step
+
+batch = groups_to_batch(synthetic_groups())
+out = {}
+for dtype in ("float32", "bfloat16"):
+    cfg = load_config(["trainer.device=cuda", f"model.dtype={dtype}", "trainer.lr=1e-2",
+                       "trainer.micro_batch_size=4", "trainer.lora.rank=8", "trainer.loss.kl_coef=0.1",
+                       "trainer.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
+                       "down_proj,lm_head]"])
+    init_distributed(cfg.trainer)
+    policy = build_policy(cfg.model, cfg.trainer)
+    base = policy.model.model.layers[0].self_attn.q_proj.base_layer  # PEFT's wrapped Linear
+    seen = []
+    hook = base.register_forward_pre_hook(lambda m, a: seen.append([str(a[0].dtype), str(m.weight.dtype)])
+                                          if torch.is_grad_enabled() else None)
+    before = full_state_dict(policy.model)
+    s = StepSettings.from_config(cfg)
+    # the KL reference first (adapters off), as the loop's first step does; two steps: B moves
+    # in the first (PEFT's B starts at zero, so A's gradient is zero then), A in the second
+    stats = [train_step(policy, batch, s, recompute_prox_logp(policy, batch, s),
+                        reference_logp(policy.model, batch, s, policy.device))["loss"]
+             for _ in range(2)]
+    hook.remove()
+    after = full_state_dict(policy.model)
+    trainable = {n for n, p in policy.model.named_parameters() if p.requires_grad}
+    out[dtype] = {"loss": stats, "seen": sorted(set(map(tuple, seen))),
+                  "trainable": sorted(trainable),
+                  "moved": {k: float((after[k] - before[k]).abs().max()) for k in before}}
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def test_one_rank_lora_bf16_train_step_on_cuda():
+    """LoRA with ``model.dtype=bfloat16`` on CUDA (the GPU topologies' default): the frozen base's
+    Linear computes in bf16, only the adapters (the output head's included) move, and the loss is
+    the fp32 run's within bf16 rounding (tests/integration/test_trainer_lora.py is the CPU twin)."""
+    from tests.conftest import child_env
+
+    proc = subprocess.run([sys.executable, "-c", LORA_WORKER, str(REPO)], capture_output=True,
+                          text=True, timeout=600, env=child_env())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    fp32, bf16 = res["float32"], res["bfloat16"]
+    assert bf16["seen"] == [["torch.bfloat16", "torch.bfloat16"]]
+    assert fp32["trainable"] == bf16["trainable"]
+    assert any(n.startswith("lm_head.lora_A") for n in bf16["trainable"])
+    for r in (fp32, bf16):
+        for name, moved in r["moved"].items():
+            assert (moved > 0) if name in r["trainable"] else moved == 0.0, name
+    assert bf16["loss"] == pytest.approx(fp32["loss"], abs=2e-2)  # both steps

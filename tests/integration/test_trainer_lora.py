@@ -185,6 +185,10 @@ def check_export(directory: Path, state: dict) -> None:
         torch.testing.assert_close(merged(ids).logits, want, rtol=0, atol=1e-5)
 
 
+# quickstart_lora's targets: the decoder's linear layers and the output head
+WITH_LM_HEAD = "trainer.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head]"
+
+
 def bf16_worker(out_dir: Path) -> None:
     """``model.dtype=bfloat16`` (FSDP2 mixed precision: fp32 weights, bf16 compute, fp32 gradient
     reduction): two steps, and the first step of an fp32 policy on the same batch."""
@@ -203,7 +207,7 @@ def bf16_worker(out_dir: Path) -> None:
     res = {}
     rank, _ = init_distributed(load_config(SETTINGS).trainer)
     for dtype in ("float32", "bfloat16"):
-        cfg = load_config([*SETTINGS, f"model.dtype={dtype}"])
+        cfg = load_config([*SETTINGS, f"model.dtype={dtype}", WITH_LM_HEAD])
         policy = build_policy(cfg.model, cfg.trainer)
         s = StepSettings.from_config(cfg)
         init = full_state_dict(policy.model)
@@ -230,7 +234,8 @@ def test_lora_computes_in_bf16_on_one_and_two_ranks(tmp_path, spawn_python, free
     one, two = torch.load(one / "res.pt"), torch.load(two / "res.pt")
     for res in (one, two):
         bf16, fp32 = res["bfloat16"], res["float32"]
-        assert bf16["trainable"] == fp32["trainable"] and bf16["trainable"]
+        assert bf16["trainable"] == fp32["trainable"]
+        assert any(n.startswith("lm_head.lora_A") for n in bf16["trainable"]), bf16["trainable"]
         for name, w in bf16["init"].items():
             moved = float((bf16["after"][name] - w).abs().max())
             assert (moved > 1e-3) if name in bf16["trainable"] else moved == 0.0, name
