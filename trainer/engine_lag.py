@@ -20,7 +20,7 @@ Invariants:
   do not have. A snapshot is this rank's local shards (FSDP2 DTensors), copied into the model
   only for the duration of a push, right after an optimizer step when every parameter is sharded.
 - ``repush`` (a data stall: an engine may have missed a push) sends what the engines should be
-  serving now, never newer weights.
+  serving now, never newer weights; a push that no engine loaded is made again at the next step.
 - Memory: lagged inference keeps one snapshot (the served version), forced delay D + 1; none in
   the default mode.
 """
@@ -79,7 +79,10 @@ class EngineSchedule:
         else:
             with self._swapped(target):
                 report = self.wb.push(self.model, target, announce=version)
-        self.served = target
+        # a push no engine loaded (none registered yet, e.g. right after a resume) serves nobody:
+        # the next step pushes again. An overlapped push reports the previous version's push.
+        if report.done or report.version != target:
+            self.served = target
         return report
 
     def _params(self) -> list[torch.Tensor]:
