@@ -32,7 +32,6 @@ from areal_like.net.transport import LOCAL_MEMBER, Server, local_addresses
 from areal_like.settings.config import BufferConfig, RunConfig
 from areal_like.wire import group_checks
 from areal_like.wire import protocol as P
-from buffer import peer_caps
 from buffer.control import ControlPlane
 from buffer.credits import CreditLedger, Lease, invalid_group, version_range
 from buffer.diskspace import MIN_SEGMENT_BYTES, DiskGuard
@@ -40,6 +39,7 @@ from buffer.expiry import Expiry
 from buffer.facts import BufferFacts
 from buffer.handout import Handout
 from buffer.instruments import BufferMetrics, service_gauges, service_stats
+from buffer.peer_caps import PeerCaps
 from buffer.recovery import replay
 from buffer.replay_buffer import ReplayBuffer
 from buffer.staleness import StalenessPolicy
@@ -91,7 +91,7 @@ class BufferService(Daemon):
         self.handout = Handout(self.store, self.wal.read_group, self._drop, self._on_consumed, self.instruments,
                                self.log)
         # what one member may hold: held BatchRequests, server ids, new ids per second
-        self.caps = peer_caps.PeerCaps(facts.max_servers, clock=clock)
+        self.caps = PeerCaps(facts.max_servers, clock=clock)
         self.seen: dict[str, None] = {}  # accepted group ids (ordered: oldest are forgotten first)
         # (prompt, epoch) -> groups refused for the engine's numbers; at MAX_ENGINE_RETRIES it is
         # skipped this epoch like a bad prompt (in memory: a restart gives each prompt a fresh count)
@@ -228,7 +228,8 @@ class BufferService(Daemon):
                member: str = LOCAL_MEMBER) -> None:
         """One request from ``peer``, a socket of ``member`` (its key's role: peer_caps.py)."""
         received = self.clock()
-        if (refused := self._member_refusal(member, msg)) is not None:
+        if (refused := self.caps.refusal(member, msg, self.handout.pending, self.control.roster)):
+            refused = self._refuse(*refused)
             reply = P.Batch(groups=[], trainer_version=msg.trainer_version, reason=refused.reason) \
                 if isinstance(msg, P.BatchRequest) else refused
             kind = msg.TYPE
@@ -252,14 +253,6 @@ class BufferService(Daemon):
         else:  # a valid message the buffer does not serve (e.g. a reply type sent by mistake)
             reply, kind = self._refuse("unexpected_type", f"{msg.TYPE} is not a request", ref=""), "invalid"
         self._queue_reply(peer, req_id, reply, kind, received)
-
-    def _member_refusal(self, member: str, msg: P.Message | P.ProtocolError) -> P.Ack | None:
-        """A refusal when ``member``'s role may not send ``msg``, or it is over a cap."""
-        if not peer_caps.may_send(member, msg):
-            return self._refuse(peer_caps.ROLE_REASON, f"a {member!r} key may not send {msg.TYPE}")
-        if (over := self.caps.refusal(member, msg, self.handout.pending, self.control.roster)):
-            return self._refuse(peer_caps.REASON, over)
-        return None
 
     def _retry(self, label: str, lease: Lease) -> bool:
         """Whether a prompt whose group was refused for ``label`` is generated again."""
