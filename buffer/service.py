@@ -1,19 +1,16 @@
 """The buffer daemon: one loop wiring the parts of one job's data and control plane (its place in
-the system: areal_like/DESIGN.md).
+the system: areal_like/DESIGN.md; the staleness bound: STALENESS.md).
 
-Parts, each owning its state: ``CreditLedger`` (prompt cursor, leases), ``ReplayBuffer`` (the
-store), ``WriteAheadLog``, ``Handout`` (batches to the trainer), ``ControlPlane`` (trainer version,
-roster, weight-sync plan) and ``BufferMetrics``; ``recovery.replay`` rebuilds the durable ones at
-start. This module ties them together: dedupe by group id, dropping a group (slot back to the
-ledger, a consumed mark in the WAL), and the rule that a reply leaves only once what it depends on
-is durable. One thread, one loop (``run_once``): receive a batch of requests, answer them, expire
-leases and silent servers, hand out batches, log one control record with what changed, and send
-every reply whose WAL ticket is durable (the fsync thread syncs meanwhile: group commit). So a group
-is acked only once its record is durable, credits only once their lease is (a restart neither
-repeats nor skips prompts), a batch only once it is durably in transit. Bad input gets
-``Ack(status="rejected", reason=...)`` and is counted; a duplicate group id ``Ack(status="duplicate")``;
-a group's ``want_credits`` (and a SyncDone's) come in its Ack as a CreditRequest's would (none if
-rejected): one round trip.
+The parts own their state (``credits``, ``replay_buffer``, ``wal``, ``handout``, ``control``,
+``expiry``, ``diskspace``, ``instruments``; ``recovery`` rebuilds the durable ones at start). This
+module ties them together: dedupe by group id, dropping a group (slot back to the ledger, a
+consumed mark in the WAL), and the rule that **a reply leaves only once what it depends on is
+durable**: a group is acked only once its record is, credits only once their lease is (a restart
+neither repeats nor skips prompts), a batch only once it is durably in transit. One thread, one
+loop (``run_once``): receive a batch of requests, answer them, expire leases and silent servers,
+hand out batches, log one control record with what changed, send every reply whose WAL ticket is
+durable. Bad input gets ``Ack(status="rejected", reason=...)`` and is counted; a group's (and a
+SyncDone's) ``want_credits`` come in its Ack, as a CreditRequest's would.
 """
 
 from __future__ import annotations
@@ -66,21 +63,18 @@ class BufferService(Daemon):
     def __init__(self, b: BufferConfig, facts: BufferFacts, *, clock: Callable[[], float] = time.monotonic):
         super().__init__(metrics_port=b.metrics_port)
         self.cfg, self.clock = b, clock
-        self.vocab_size, self.frame_limit = facts.vocab_size, facts.frame_limit  # bigger ids/frames are refused
+        self.facts = facts
         self.rejections = RateLimitedLog(self.log, REJECT_LOG_EVERY_S)  # counted in full in buffer/rejected
         self.policy = StalenessPolicy(b.max_staleness, b.groups_per_step, b.max_inflight, engine_lag=facts.engine_lag)
         self.ledger = CreditLedger(self.policy, facts.dataset_size, lease_timeout_s=b.lease_timeout_s,
                                    max_epochs=b.max_epochs, clock=clock)
-        self.prompt_layout = facts.prompt_layout  # one line at start: how prompts become ids
         self.store = ReplayBuffer(self.policy, capacity=b.capacity, selection=b.selection,
                                   filter_equal_rewards=b.filter_equal_rewards,
                                   max_tokens_per_trajectory=b.max_tokens_per_trajectory)
-        self.keys = facts.keys  # every socket of the buffer serves CURVE with these (None: plain)
-        wal_dir, self.local_dir = facts.wal_dir, facts.local_dir  # local_dir: same-node ipc:// sockets (or None)
-        wal_dir.mkdir(parents=True, exist_ok=True)
-        self.disk = DiskGuard(wal_dir, b.wal_reserve_bytes, log=self.log)
+        facts.wal_dir.mkdir(parents=True, exist_ok=True)
+        self.disk = DiskGuard(facts.wal_dir, b.wal_reserve_bytes, log=self.log)
         segment_bytes = min(b.segment_bytes, max(MIN_SEGMENT_BYTES, self.disk.free // 8))
-        self.wal = WriteAheadLog(wal_dir, fsync=b.fsync, segment_bytes=segment_bytes)
+        self.wal = WriteAheadLog(facts.wal_dir, fsync=b.fsync, segment_bytes=segment_bytes)
         self.control = ControlPlane(b.pub_address, b.heartbeat_timeout_s, clock, lambda m: self.publisher.publish(m),
                                     self.log)
         self.instruments = BufferMetrics(self.metrics, {"in_flight": lambda: self.ledger.in_flight,
@@ -97,8 +91,8 @@ class BufferService(Daemon):
         # skipped this epoch like a bad prompt (in memory: a restart gives each prompt a fresh count)
         self.engine_faults: Counter[tuple[int, int]] = Counter()
         self._waiting: deque[tuple] = deque()  # (ticket, peer, req_id, reply, type, t); peer None: publish
-        self._publish: list[P.Message] = []  # to publish once this iteration's control record is durable
-        self._after_control: list[tuple] = []  # (peer, req_id, reply, type, t) waiting for that record
+        self._after_control: list[tuple] = []  # (peer, req_id, reply, type, t) waiting for this
+        # iteration's control record
         self._dirty = False  # control state changed in this iteration
         self._next_sweep = 0.0
         self.expiry = Expiry(self.ledger, self.control, self.instruments, self.log, clock)
@@ -124,17 +118,20 @@ class BufferService(Daemon):
     # ------------------------------------------------------------------ lifecycle and the loop
     def start(self) -> None:
         self.recover()
-        local = local_addresses(self.local_dir) if self.local_dir else (None, None)
-        self.server = Server(self.cfg.address, keys=self.keys, max_frame_bytes=self.frame_limit,
+        f = self.facts
+        local = local_addresses(f.local_dir) if f.local_dir else (None, None)
+        self.server = Server(self.cfg.address, keys=f.keys, max_frame_bytes=f.frame_limit,
                              local_address=local[0], io_threads=io_threads(self.cfg.io_threads))
         if self.wal.wakeup_fd is not None:
             self.server.wake_on(self.wal.wakeup_fd)  # a finished fsync ends the wait for requests
-        self.publisher = Publisher(self.cfg.pub_address, keys=self.keys, local_address=local[1])
-        self.log.info("serving on %s (pub %s; same-node %s): version %d, %d groups stored, %d leases, cursor %s, "
-                      "frames up to %d bytes", self.cfg.address, self.cfg.pub_address, self.local_dir or "none", self.control.version, len(self.store),
-                      self.ledger.in_flight, (self.ledger.next_index, self.ledger.epoch), self.frame_limit)
-        if self.prompt_layout:
-            self.log.info("%s; %d prompts per epoch", self.prompt_layout, self.ledger.dataset_size)
+        self.publisher = Publisher(self.cfg.pub_address, keys=f.keys, local_address=local[1])
+        self.log.info("serving on %s (pub %s; same-node %s): version %d, %d groups stored, "
+                      "%d leases, cursor %s, frames up to %d bytes", self.cfg.address,
+                      self.cfg.pub_address, f.local_dir or "none", self.control.version,
+                      len(self.store), self.ledger.in_flight,
+                      (self.ledger.next_index, self.ledger.epoch), f.frame_limit)
+        if f.prompt_layout:
+            self.log.info("%s; %d prompts per epoch", f.prompt_layout, self.ledger.dataset_size)
 
     def run_once(self) -> None:
         busy = self._waiting and self.wal.wakeup_fd is None  # else the fsync thread ends the wait itself
@@ -237,7 +234,7 @@ class BufferService(Daemon):
             self.handout.hold(peer, req_id, msg, received, member)  # answered by settle()
             return
         elif isinstance(msg, P.ProtocolError):  # frame_too_large: refused from its length, never decoded
-            label = "frame_too_large" if len(frame) > self.frame_limit else "decode"
+            label = "frame_too_large" if len(frame) > self.facts.frame_limit else "decode"
             self.instruments.count("rejected", reason=label)
             self.rejections.warning(label, "rejected %s frame from %r: %s", "an oversized" if label != "decode"
                                     else "an undecodable", peer[:64], msg)
@@ -274,7 +271,7 @@ class BufferService(Daemon):
         lease = self.ledger.leases.get(g.lease_id)
         versions = version_range(g)  # one pass over the token versions, for every check below
         reason = (invalid_group(g, lease, self.control.newest_version(), versions)
-                  or group_checks.content_problem(g, self.vocab_size))
+                  or group_checks.content_problem(g, self.facts.vocab_size))
         if reason is not None:
             self.instruments.count("rejected", reason=(label := reason.split(":")[0]))
             self.rejections.warning(f"group:{label}", "rejected group %s from %s: %s", g.group_id, g.server_id, reason)
@@ -362,7 +359,8 @@ class BufferService(Daemon):
             self.control.version = m.policy_version
             self._dirty = True
             self._drop(self.store.drop_stale(m.policy_version), "stale")
-            self._publish.append(m)  # once the new version is durable: a restart never goes back on it
+            # published once the new version is durable: a restart never goes back on it
+            self._after_control.append((None, b"", m, "", self.clock()))
         return P.Ack(ref=str(m.policy_version), status="ok")
 
     # ------------------------------------------------------------------ what ties the parts together
@@ -398,8 +396,7 @@ class BufferService(Daemon):
             self.instruments.latency(kind, self.clock() - received)
             return
         ticket = self.wal.request_sync()
-        pending = self._dirty or self._consumed or self._publish
-        if pending or self.handout.changed or self.expiry.changed:
+        if self._dirty or self._consumed or self.handout.changed or self.expiry.changed:
             self._after_control.append((peer, req_id, reply, kind, received))
             return
         self._waiting.append((ticket, peer, req_id, reply, kind, received))
@@ -415,11 +412,9 @@ class BufferService(Daemon):
             self.instruments.count("wal_bytes_written", written)
             self._dirty = False
             self._consumed.clear()  # after encoding; the hand-out extends this same list
-        if self._after_control or self._publish:
-            ticket, now = self.wal.request_sync(), self.clock()
-            self._waiting.extend((ticket, None, b"", m, "", now) for m in self._publish)
+        if self._after_control:
+            ticket = self.wal.request_sync()
             self._waiting.extend((ticket, *entry) for entry in self._after_control)
-            self._publish.clear()
             self._after_control.clear()
 
     def send_durable(self) -> None:
