@@ -1,14 +1,11 @@
 """Expiry, run by the buffer's sweep: leases past their deadline and servers gone silent.
 
-A lease past its deadline is re-issued; a server silent for longer than the heartbeat timeout
-leaves the roster and its leases are released at once (not after their own deadline); so are those
-of a server that registers as a new process (``ControlPlane.new_process``: another incarnation; a
-retried Register of the same process keeps its leases). After a restart, leases restored for
-servers that never registered again are released once, when every live server has had a
-heartbeat timeout to come back.
-
-Invariant: ``changed`` is True from any lease re-issued or released until the service takes it
-(``take_changed``) for its next control record, as ``Handout.changed`` is.
+A lease past its deadline is re-issued. A server silent for longer than the heartbeat timeout
+leaves the roster and its leases are released at once, as are those of a server that registers as
+a new process (``ControlPlane.new_process``). After a restart, leases restored for servers that
+never registered again are released once every live server has had a heartbeat timeout to come
+back. Invariant: ``changed`` is True from any lease re-issued or released until the service takes
+it (``take_changed``) for its next control record.
 """
 
 from __future__ import annotations

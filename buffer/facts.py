@@ -1,11 +1,8 @@
 """What the buffer needs to know about the rest of the job, beyond its own ``buffer`` section.
 
 ``BufferFacts.from_run(cfg)`` is the one place that reads other sections of the run config for the
-buffer (the model's vocabulary, the task's dataset and prompt layout, the trainer's engine lag,
-``run_dir``); the service and its parts see only ``BufferConfig`` and these facts. Paths are
-resolved against ``run_dir`` here, so nothing past this point resolves one. The buffer's CURVE keys
-(``keys``: ``security.setup(cfg, SERVER)``, done once by ``python -m buffer``; None: plain sockets)
-are a fact too: its ROUTER and PUB sockets are given them, nothing reads them from process state.
+buffer (and resolves paths against ``run_dir``); the service sees only ``BufferConfig`` and these
+facts, its CURVE keys included (``keys``; None: plain sockets).
 """
 
 from __future__ import annotations
