@@ -84,7 +84,6 @@ class BufferService(Daemon):
         self._consumed: list[str] = []  # group ids consumed or dropped this iteration (the hand-out extends it)
         self.handout = Handout(self.store, self.wal.read_group, self._drop, self._on_consumed, self.instruments,
                                self.log)
-        # what one member may hold: held BatchRequests, server ids, new ids per second
         self.caps = PeerCaps(facts.max_servers, clock=clock)
         self.seen: dict[str, None] = {}  # accepted group ids (ordered: oldest are forgotten first)
         # (prompt, epoch) -> groups refused for the engine's numbers; at MAX_ENGINE_RETRIES it is
@@ -93,7 +92,7 @@ class BufferService(Daemon):
         self._waiting: deque[tuple] = deque()  # (ticket, peer, req_id, reply, type, t); peer None: publish
         self._after_control: list[tuple] = []  # (peer, req_id, reply, type, t) waiting for this
         # iteration's control record
-        self._dirty = False  # control state changed in this iteration
+        self._dirty = False  # control state changed in this iteration (the ledger's, the version)
         self._next_sweep = 0.0
         self.expiry = Expiry(self.ledger, self.control, self.instruments, self.log, clock)
         self._handlers = {
@@ -212,12 +211,10 @@ class BufferService(Daemon):
     def _receive(self, timeout_s: float) -> None:
         n_bytes = 0
         for i in range(MAX_POLL_BATCH):
-            got = self.server.recv_request(timeout_s if i == 0 else 0)
-            if got is None:
+            if (got := self.server.recv_request(timeout_s if i == 0 else 0)) is None:
                 return
-            peer, req_id, msg, frame, member = got
-            n_bytes += len(frame)
-            self.handle(peer, req_id, msg, frame, member)
+            self.handle(*got)
+            n_bytes += len(got[3])
             if n_bytes >= MAX_POLL_BYTES:
                 return
 
