@@ -48,11 +48,11 @@ class InTransit:
 class Handout:
     def __init__(self, store: ReplayBuffer, read: Callable[[object], bytes | memoryview],
                  drop: Callable[[list, str], None], consume: Callable[[list[str]], None],
-                 metrics: BufferMetrics, log: logging.Logger):
-        self.store, self.read, self.drop, self.consume, self.metrics, self.log = store, read, drop, consume, metrics, log
+                 changed: Callable[[], None], metrics: BufferMetrics, log: logging.Logger):
+        self.store, self.read, self.drop, self.consume = store, read, drop, consume
+        self.changed, self.metrics, self.log = changed, metrics, log  # changed(): in_transit did
         self.pending: list[PendingBatch] = []
         self.in_transit: InTransit | None = None  # the last batch handed out, until the trainer acks it
-        self.changed = False  # in_transit changed since take_changed() (the service logs it)
 
     def hold(self, peer: bytes, req_id: bytes, request: P.BatchRequest, received: float,
              member: str = "local") -> None:
@@ -79,7 +79,8 @@ class Handout:
                        else f"{self.store.n_fresh(v)} of {n} fresh groups after {p.request.wait_s:.1f}s")
                 out.append((p, P.Batch(groups=[], trainer_version=v, reason=why)))
             else:
-                self.in_transit, self.changed = InTransit(uuid.uuid4().hex, v, taken), True
+                self.in_transit = InTransit(uuid.uuid4().hex, v, taken)
+                self.changed()
                 out.append((p, P.Batch(groups=groups, trainer_version=v, batch_id=self.in_transit.batch_id)))
         return out
 
@@ -120,7 +121,7 @@ class Handout:
         batch, self.in_transit = self.in_transit, None
         if batch is None:
             return
-        self.changed = True
+        self.changed()
         if ack_batch == batch.batch_id:
             self.consume([s.group_id for s in batch.groups])
             self.metrics.staleness(batch.version - s.head_version for s in batch.groups)
@@ -132,11 +133,6 @@ class Handout:
         self.metrics.count("groups_redelivered", len(batch.groups))
         self.log.warning("batch %s (%d groups) was not acknowledged (ack_batch=%r): its groups are back in the "
                          "store", batch.batch_id, len(batch.groups), ack_batch)
-
-    def take_changed(self) -> bool:
-        """Whether the batch in transit changed since the last call (the control record holds it)."""
-        changed, self.changed = self.changed, False
-        return changed
 
     def record(self) -> list | None:
         """The batch in transit as the WAL's control state holds it."""

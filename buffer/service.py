@@ -82,8 +82,8 @@ class BufferService(Daemon):
                                                         "in_transit": lambda: self.handout.in_transit_groups()},
                                          service_gauges(self))
         self._consumed: list[str] = []  # group ids consumed or dropped this iteration (the hand-out extends it)
-        self.handout = Handout(self.store, self.wal.read_group, self._drop, self._on_consumed, self.instruments,
-                               self.log)
+        self.handout = Handout(self.store, self.wal.read_group, self._drop, self._on_consumed,
+                               self._changed, self.instruments, self.log)
         self.caps = PeerCaps(facts.max_servers, clock=clock)
         self.seen: dict[str, None] = {}  # accepted group ids (ordered: oldest are forgotten first)
         # (prompt, epoch) -> groups refused for the engine's numbers; at MAX_ENGINE_RETRIES it is
@@ -92,9 +92,10 @@ class BufferService(Daemon):
         self._waiting: deque[tuple] = deque()  # (ticket, peer, req_id, reply, type, t); peer None: publish
         self._after_control: list[tuple] = []  # (peer, req_id, reply, type, t) waiting for this
         # iteration's control record
-        self._dirty = False  # control state changed in this iteration (the ledger's, the version)
+        self._dirty = False  # control state changed in this iteration: a control record is due
         self._next_sweep = 0.0
-        self.expiry = Expiry(self.ledger, self.control, self.instruments, self.log, clock)
+        self.expiry = Expiry(self.ledger, self.control, self.instruments, self.log, clock,
+                             self._changed)
         self._handlers = {
             P.Register: self.expiry.register, P.Heartbeat: self.control.heartbeat,
             P.RosterRequest: self.control.roster_reply, P.WeightSyncPlan: self.control.take_plan,
@@ -371,6 +372,9 @@ class BufferService(Daemon):
             self.instruments.count("groups_dropped", reason=reason)
         self._dirty = self._dirty or bool(groups)
 
+    def _changed(self) -> None:
+        self._dirty = True
+
     def _on_consumed(self, group_ids: list[str]) -> None:
         """The trainer acknowledged a batch: WAL marks, and the admission window moves on."""
         self._consumed.extend(group_ids)
@@ -393,7 +397,7 @@ class BufferService(Daemon):
             self.instruments.latency(kind, self.clock() - received)
             return
         ticket = self.wal.request_sync()
-        if self._dirty or self._consumed or self.handout.changed or self.expiry.changed:
+        if self._dirty:
             self._after_control.append((peer, req_id, reply, kind, received))
             return
         self._waiting.append((ticket, peer, req_id, reply, kind, received))
@@ -401,8 +405,7 @@ class BufferService(Daemon):
 
     def _log_control(self) -> None:
         """One control record with what changed in this iteration, then queue what waits for it."""
-        changed = self.handout.take_changed() | self.expiry.take_changed()  # both taken
-        if changed or self._dirty or self._consumed:
+        if self._dirty:
             record = {"changes": self._control(self.ledger.take_changes()), "consumed": self._consumed}
             written = self.wal.append_control(record)
             self.disk.wrote(written)
