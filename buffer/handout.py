@@ -85,10 +85,9 @@ class Handout:
         return out
 
     def _load_all(self, taken: list[StoredGroup]) -> list[P.TrajectoryGroup] | None:
-        """The taken groups read back, or None when one cannot be: a record damaged on disk is dropped
-        as ``unreadable`` (its prompt re-issued), the readable ones go back to the store. Running out
-        of a resource (``TRANSIENT_ERRNOS``) or a failed WAL (``WalFailed``: a read of a record still
-        queued waits for the fsync thread) is no damage: it propagates, never dropping a group."""
+        """The taken groups read back, or None when one cannot be: a damaged record is dropped as
+        ``unreadable``, the others go back to the store. Running out of a resource or a failed WAL
+        is no damage: it propagates, never dropping a group."""
         groups, bad = [], []
         for stored in taken:
             try:

@@ -85,8 +85,7 @@ class WriteAheadLog:
         self._fsync_times: list[float] = []
         self._syncer: threading.Thread | None = None
         self._closing = False
-        self._queue: list[list] = []  # records not yet written, in order: the fsync thread's (fsync=always), or
-        # control records waiting for disk space (fsync=batch|never, ``_write_inline``)
+        self._queue: list[list] = []  # records not yet written, in order (module docstring)
         self._written = 0  # bytes of the current segment written to the file
         self.wakeup_fd: int | None = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
                                       if fsync == "always" and hasattr(os, "eventfd") else None)
@@ -181,7 +180,7 @@ class WriteAheadLog:
 
     def _write(self, parts: list[bytes | memoryview]) -> int:
         n = HEADER.size + sum(map(len, parts))
-        if self._syncer is not None:  # fsync=always: the fsync thread checksums and writes it, beside the loop
+        if self._syncer is not None:  # fsync=always: the fsync thread checksums and writes it
             with self._cv:
                 self._queue.append(parts)
         else:  # keeps the GIL for the checksum: 30 us on a 400 KB group, a GIL round trip can cost more
@@ -192,8 +191,8 @@ class WriteAheadLog:
         return n
 
     def _write_inline(self, parts: list[bytes | memoryview]) -> None:
-        """fsync=batch|never: a group that does not fit raises ``DiskFull``; a control record waits in
-        ``_queue`` for ``commit`` (module docstring)."""
+        """fsync=batch|never: a group that does not fit raises ``DiskFull``; a control record waits
+        in ``_queue`` for ``commit``."""
         if not self._queue:
             try:
                 record = [record_header(parts, 0), *parts]
