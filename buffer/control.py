@@ -42,7 +42,6 @@ ABSENT_LOG_EVERY_S = 60.0  # a line about absent members at most this often (a k
 class Member:
     entry: P.RosterEntry
     last_seen: float
-    in_flight: int = 0
     evaluating: bool = False  # out of weight syncs while its engine holds one version for an evaluation
 
 
@@ -124,7 +123,6 @@ class ControlPlane:
         member = self.touch(m.server_id, m.policy_version)
         if member is None:
             return P.HeartbeatAck(policy_version=self.version, known=False)
-        member.in_flight = m.in_flight
         if member.evaluating != m.evaluating:
             self.log.info("server %s %s", m.server_id, "evaluating: out of weight syncs" if m.evaluating
                           else "done evaluating: back in weight syncs")
