@@ -1,23 +1,21 @@
-"""Prompt cursor, leases and the admission counter: which prompt goes out next, to whom, until when.
+"""Prompt cursor, leases and the admission counters: which prompt goes out next, to whom, until when.
 
 State: the cursor ``(next_index, epoch)`` over ``dataset_size`` prompts (``max_epochs`` = 0:
-unbounded); outstanding leases (one prompt, one server, one deadline); the re-issue queue (prompts
-whose lease expired or whose group was rejected or dropped, served before the cursor moves on);
-``started`` and ``consumed`` (admission, ``staleness.py``) and ``next_lease`` (lease ids are never reused, across restarts too,
-so ``group_id = f"{server_id}-{lease_id}"`` is unique for the life of the job). Invariant: every
-prompt below the cursor is exactly one of: covered by an accepted group, leased, or queued.
+unbounded), outstanding leases (one prompt, one server, one deadline), the re-issue queue (served
+before the cursor moves on), ``started`` and ``consumed`` (admission: STALENESS.md) and
+``next_lease``. Invariants: every prompt below the cursor is exactly one of covered by an accepted
+group, leased, or queued; lease ids are never reused, across restarts too, so ``group_id =
+f"{server_id}-{lease_id}"`` is unique for the life of the job.
 
-No I/O. The WAL holds ``snapshot()`` (whole state; ``load_state``) in each segment's checkpoint and
-then ``take_changes()`` (what changed since; ``apply_changes``) in the control record of each loop
-iteration that changed it: a change record costs what changed, where the whole state with 4,096
-leases out is ~117 KB and ~1 ms to encode. Deadlines are not persisted: a restored lease gets a
-fresh full timeout (its holder may still deliver). ``invalid_group`` checks a group against its lease.
+No I/O. Each WAL segment's checkpoint holds ``snapshot()`` (``load_state``), then each loop
+iteration's control record ``take_changes()`` (``apply_changes``): what changed, not the whole
+state. Deadlines are not persisted: a restored lease gets a fresh full timeout.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,25 +128,28 @@ class CreditLedger:
 
     def release(self, keep: Callable[[str], bool]) -> list[Lease]:
         """Re-issue every lease whose holder ``keep`` rejects (it left the roster: it will not deliver)."""
-        gone = [lease for lease in self.leases.values() if not keep(lease.server_id)]
-        for lease in gone:
-            self.cancel(lease.lease_id)
-        return gone
+        return self._cancel_all(lambda lease: not keep(lease.server_id))
 
     def expire(self) -> list[Lease]:
         """Re-issue every lease past its deadline (the holder died or stalled)."""
         now = self.clock()
-        expired = [lease for lease in self.leases.values() if lease.deadline <= now]
-        for lease in expired:
+        return self._cancel_all(lambda lease: lease.deadline <= now)
+
+    def _cancel_all(self, pred: Callable[[Lease], bool]) -> list[Lease]:
+        gone = [lease for lease in self.leases.values() if pred(lease)]
+        for lease in gone:
             self.cancel(lease.lease_id)
-        return expired
+        return gone
 
     # ---- persistence
     def state(self) -> dict:
         """The whole state (what ``load_state`` restores)."""
-        return {"cursor": [self.next_index, self.epoch], "started": self.started, "consumed": self.consumed,
-                "next_lease": self.next_lease, "leases": [[x.lease_id, x.prompt_index, x.epoch, x.server_id] for x in self.leases.values()],
+        return {**self._counters(), "leases": _leases(self.leases.values()),
                 "reissue": [list(p) for p in self.reissue]}
+
+    def _counters(self) -> dict:
+        return {"cursor": [self.next_index, self.epoch], "started": self.started,
+                "consumed": self.consumed, "next_lease": self.next_lease}
 
     def snapshot(self) -> dict:
         """``state()`` for a checkpoint: the next change record starts from here."""
@@ -158,18 +159,15 @@ class CreditLedger:
     def load_state(self, state: dict) -> None:
         """Replace the state with a ``state()`` (as the changes that build it from nothing)."""
         self.leases, self.reissue = {}, deque()
-        self.apply_changes({**state, "granted": state["leases"], "closed": [], "requeued": state["reissue"],
-                            "dequeued": 0})
+        self.apply_changes({**state, "granted": state["leases"], "closed": [],
+                            "requeued": state["reissue"], "dequeued": 0})
 
     def take_changes(self) -> dict:
         """What changed since the last ``snapshot``, ``take_changes`` or ``load_state``: the counters
         (whole), the leases granted and closed, and the re-issue queue's pushes and pops (it is FIFO:
         it becomes ``old + requeued`` without its first ``dequeued``, whatever the interleaving)."""
-        changes = {"cursor": [self.next_index, self.epoch], "started": self.started, "consumed": self.consumed,
-                   "next_lease": self.next_lease,
-                   "granted": [[x.lease_id, x.prompt_index, x.epoch, x.server_id] for x in self._granted],
-                   "closed": self._closed, "requeued": [list(p) for p in self._requeued],
-                   "dequeued": self._dequeued}
+        changes = {**self._counters(), "granted": _leases(self._granted), "closed": self._closed,
+                   "requeued": [list(p) for p in self._requeued], "dequeued": self._dequeued}
         self._forget_changes()
         return changes
 
@@ -190,6 +188,10 @@ class CreditLedger:
         for _ in range(changes["dequeued"]):
             self.reissue.popleft()
         self._forget_changes()
+
+
+def _leases(leases: Iterable[Lease]) -> list[list]:
+    return [[x.lease_id, x.prompt_index, x.epoch, x.server_id] for x in leases]
 
 
 def version_range(group: TrajectoryGroup) -> tuple[int, int, int]:

@@ -1,22 +1,15 @@
 """Free space under the WAL, and the buffer's degraded mode when it runs out.
 
-The buffer must never fill its disk with group records: a full disk would leave it unable to write
-the control records that hand out batches, or to open a segment at its next start. So group
-records stop ``reserve_bytes`` before the disk is full: ``DiskGuard.room(n)`` says whether an
-``n``-byte record still leaves the reserve free. While it does not, the buffer is *degraded*: it
-refuses new groups with ``Ack(status="unavailable", reason="disk_full: ...")`` (senders keep them
-and send them again), grants no credits, and goes on handing out stored batches (control records
-are small and live in the reserve). It leaves the mode by itself once the free space is back above
-twice the reserve (hysteresis: one compaction must not flap it) and the WAL has no record waiting
-for room (a quota, EDQUOT, that ``statvfs`` does not show). A file that may grow no more (EFBIG)
-is not a full disk: the buffer stops (``buffer/wal.py``). When another writer fills the disk,
-records already queued wait for space and so do the replies that depend on them (hand-outs
-included); a refusal for lack of space depends on nothing and leaves at once
-(``buffer/service.py``; test: tests/integration/test_wal_enospc.py, a real tmpfs filled mid-run).
+Invariant: group records never fill the disk; they stop ``reserve_bytes`` before it, so that the
+control records that hand out batches, and the next start's segment, still fit. While a group
+record would not leave the reserve free (``room``), the buffer is *degraded*: it refuses new groups
+with ``Ack(status="unavailable", reason="disk_full: ...")`` (senders keep them and retry), grants
+no credits, and goes on handing out stored batches. It leaves the mode by itself once the free
+space is back above twice the reserve (hysteresis) and no WAL record waits for room (a quota,
+EDQUOT, that ``statvfs`` does not show). EFBIG is no full disk: the buffer stops (``wal.py``).
 
-The free space is read with ``statvfs`` at most once per sweep (``refresh``) and estimated in
-between from what was written (``wrote``), so the ingest path makes no system call for it.
-``free_bytes`` is injectable: tests and a fault-injecting file layer give their own.
+The free space is read with ``statvfs`` once per sweep and estimated in between from what was
+written (``wrote``): the ingest path makes no system call for it. ``free_bytes`` is injectable.
 """
 
 from __future__ import annotations

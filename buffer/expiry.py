@@ -1,14 +1,10 @@
 """Expiry, run by the buffer's sweep: leases past their deadline and servers gone silent.
 
-A lease past its deadline is re-issued; a server silent for longer than the heartbeat timeout
-leaves the roster and its leases are released at once (not after their own deadline); so are those
-of a server that registers as a new process (``ControlPlane.new_process``: another incarnation; a
-retried Register of the same process keeps its leases). After a restart, leases restored for
-servers that never registered again are released once, when every live server has had a
-heartbeat timeout to come back.
-
-Invariant: ``changed`` is True from any lease re-issued or released until the service takes it
-(``take_changed``) for its next control record, as ``Handout.changed`` is.
+A lease past its deadline is re-issued. A server silent for longer than the heartbeat timeout
+leaves the roster and its leases are released at once, as are those of a server that registers as
+a new process (``ControlPlane.new_process``). After a restart, leases restored for servers that
+never registered again are released once every live server has had a heartbeat timeout to come
+back. Every lease re-issued or released calls ``changed`` (the service logs a control record).
 """
 
 from __future__ import annotations
@@ -26,20 +22,15 @@ class Expiry:
     """Lease expiry and roster timeouts over the service's ledger and control plane."""
 
     def __init__(self, ledger: CreditLedger, control: ControlPlane, instruments: BufferMetrics,
-                 log: logging.Logger, clock: Callable[[], float]):
+                 log: logging.Logger, clock: Callable[[], float], changed: Callable[[], None]):
         self.ledger, self.control, self.instruments, self.log = ledger, control, instruments, log
-        self.clock, self.started_at = clock, clock()
+        self.clock, self.started_at, self.changed = clock, clock(), changed
         self.orphans_checked = False  # leases of servers that did not come back after a restart
-        self.changed = False
-
-    def take_changed(self) -> bool:
-        changed, self.changed = self.changed, False
-        return changed
 
     def sweep(self) -> None:
         """Re-issue expired leases and release those of servers gone from the roster."""
         if expired := self.ledger.expire():
-            self.changed = True
+            self.changed()
             self.instruments.count("credits_expired", len(expired))
             self.log.warning("re-issuing %d expired leases (e.g. %s of %s)", len(expired),
                              expired[0].lease_id, expired[0].server_id)
@@ -61,7 +52,7 @@ class Expiry:
     def release(self, keep: Callable[[str], bool], why: str) -> None:
         """Re-issue at once every lease whose holder ``keep`` rejects."""
         if released := self.ledger.release(keep):
-            self.changed = True
+            self.changed()
             self.instruments.count("credits_released", len(released))
             self.log.warning("re-issuing %d leases of %s: %s", len(released),
                              ", ".join(sorted({x.server_id for x in released})), why)

@@ -1,11 +1,8 @@
 """What the buffer needs to know about the rest of the job, beyond its own ``buffer`` section.
 
 ``BufferFacts.from_run(cfg)`` is the one place that reads other sections of the run config for the
-buffer (the model's vocabulary, the task's dataset and prompt layout, the trainer's engine lag,
-``run_dir``); the service and its parts see only ``BufferConfig`` and these facts. Paths are
-resolved against ``run_dir`` here, so nothing past this point resolves one. The buffer's CURVE keys
-(``keys``: ``security.setup(cfg, SERVER)``, done once by ``python -m buffer``; None: plain sockets)
-are a fact too: its ROUTER and PUB sockets are given them, nothing reads them from process state.
+buffer (and resolves paths against ``run_dir``); the service sees only ``BufferConfig`` and these
+facts, its CURVE keys included (``keys``; None: plain sockets).
 """
 
 from __future__ import annotations
@@ -29,28 +26,21 @@ class BufferFacts:
     frame_limit: int  # task + model (or buffer.max_frame_bytes): bigger request frames are refused undecoded
     wal_dir: Path  # buffer.wal_dir resolved against run_dir
     local_dir: Path | None  # buffer.local_dir resolved against run_dir: same-node ipc:// sockets (None: none)
-    max_servers: int = 8  # server ids one member key may have on the roster (buffer/peer_caps.py)
+    max_servers: int = MIN_SERVERS  # server ids one member key may have on the roster (buffer/peer_caps.py)
     # the task's prompt encoding (areal_like.tasks.task.prompt_layout): logged
     prompt_layout: str = ""
     keys: Keys | None = None  # the server's CURVE keys (None: plain sockets)
 
     @classmethod
     def from_run(cls, cfg: RunConfig, keys: Keys | None = None) -> BufferFacts:
-        """The facts of the job ``cfg`` describes (reads the task's dataset to count its prompts),
-        serving CURVE with ``keys``."""
-        b = cfg.buffer
+        """The facts of the job ``cfg`` describes (reads the task's dataset to count its prompts)."""
+        b, la = cfg.buffer, cfg.launch
+        # twice the rollout servers the job launches on every rollout node (null counts one)
+        nodes = la.nodes - la.train_nodes if la.nodes > 1 else 1
+        max_servers = max(MIN_SERVERS, 2 * (la.num_rollout_servers or 1) * nodes)
         return cls(vocab_size=model_vocab_size(cfg.model), frame_limit=request_frame_limit(cfg),
-                   engine_lag=cfg.trainer.weight_sync.engine_lag, dataset_size=dataset_size(cfg.task, cfg.model),
+                   engine_lag=cfg.trainer.weight_sync.engine_lag,
+                   dataset_size=dataset_size(cfg.task, cfg.model),
                    wal_dir=cfg.resolve_path(b.wal_dir),
                    local_dir=cfg.resolve_path(b.local_dir) if b.local_dir else None,
-                   max_servers=max_servers(cfg), prompt_layout=prompt_layout(cfg.task), keys=keys)
-
-
-def max_servers(cfg: RunConfig) -> int:
-    """Server ids one member key may hold on the roster: twice the rollout servers the job launches
-    (every rollout node's; a count left null, in a config not laid out, counts one), at least
-    MIN_SERVERS."""
-    la = cfg.launch
-    per_node = la.num_rollout_servers or 1
-    nodes = la.nodes - la.train_nodes if la.nodes > 1 else 1
-    return max(MIN_SERVERS, 2 * per_node * nodes)
+                   max_servers=max_servers, prompt_layout=prompt_layout(cfg.task), keys=keys)

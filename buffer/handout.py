@@ -1,15 +1,12 @@
 """Batch hand-out to the trainer: held BatchRequests and the one batch in transit.
 
-At least once into training, exactly once while nobody crashes. A batch handed out is *in
-transit*: its groups leave the store, the next control record holds ``record()`` (their WAL records
-stay live) and the ``Batch`` reply carries ``batch_id``. The trainer's next ``BatchRequest`` carries
-``ack_batch``: a match consumes the batch (consumed marks, ``groups_consumed``, the staleness
-histogram); anything else (empty after a trainer restart, an older id after a lost reply) means it
-never arrived, and its groups go back to the store to be checked for staleness again
-(``batches_redelivered``). A restarted buffer restores the batch in transit (``restore``) and lets
-the next request decide the same way. One trainer: two would take each other's batches for lost.
-Only the trainer's role reaches here: the service refuses a BatchRequest from any other member key
-(``buffer/peer_caps.py``), so a rollout key cannot take a batch or settle the trainer's.
+At least once into training, exactly once while nobody crashes (STALENESS.md, Hand-out). A batch
+handed out is *in transit*: its groups leave the store, their WAL records stay live and the next
+control record holds ``record()``. The trainer's next ``BatchRequest`` settles it: ``ack_batch``
+equal to its ``batch_id`` consumes it; anything else means it never arrived, and its groups go
+back to the store to be checked for staleness again. A restarted buffer restores the batch in
+transit (``restore``) and settles it the same way. Only the trainer's role reaches here
+(``peer_caps.py``): two trainers would take each other's batches for lost.
 """
 
 from __future__ import annotations
@@ -51,16 +48,14 @@ class InTransit:
 class Handout:
     def __init__(self, store: ReplayBuffer, read: Callable[[object], bytes | memoryview],
                  drop: Callable[[list, str], None], consume: Callable[[list[str]], None],
-                 metrics: BufferMetrics, log: logging.Logger):
-        self.store, self.read, self.drop, self.consume, self.metrics, self.log = store, read, drop, consume, metrics, log
+                 changed: Callable[[], None], metrics: BufferMetrics, log: logging.Logger):
+        self.store, self.read, self.drop, self.consume = store, read, drop, consume
+        self.changed, self.metrics, self.log = changed, metrics, log  # changed(): in_transit did
         self.pending: list[PendingBatch] = []
         self.in_transit: InTransit | None = None  # the last batch handed out, until the trainer acks it
-        self._changed = False  # in_transit changed since take_changed()
 
     def hold(self, peer: bytes, req_id: bytes, request: P.BatchRequest, received: float,
              member: str = "local") -> None:
-        """Hold a BatchRequest of the trainer's role (buffer/peer_caps.py refuses any other: only
-        the trainer settles the batch in transit, so no other member can make it count as lost)."""
         deadline = received + max(0.0, request.wait_s)
         self.pending.append(PendingBatch(peer, req_id, request, deadline, received, member))
 
@@ -84,15 +79,15 @@ class Handout:
                        else f"{self.store.n_fresh(v)} of {n} fresh groups after {p.request.wait_s:.1f}s")
                 out.append((p, P.Batch(groups=[], trainer_version=v, reason=why)))
             else:
-                self.in_transit, self._changed = InTransit(uuid.uuid4().hex, v, taken), True
+                self.in_transit = InTransit(uuid.uuid4().hex, v, taken)
+                self.changed()
                 out.append((p, P.Batch(groups=groups, trainer_version=v, batch_id=self.in_transit.batch_id)))
         return out
 
     def _load_all(self, taken: list[StoredGroup]) -> list[P.TrajectoryGroup] | None:
-        """The taken groups read back, or None when one cannot be: a record damaged on disk is dropped
-        as ``unreadable`` (its prompt re-issued), the readable ones go back to the store. Running out
-        of a resource (``TRANSIENT_ERRNOS``) or a failed WAL (``WalFailed``: a read of a record still
-        queued waits for the fsync thread) is no damage: it propagates, never dropping a group."""
+        """The taken groups read back, or None when one cannot be: a damaged record is dropped as
+        ``unreadable``, the others go back to the store. Running out of a resource or a failed WAL
+        is no damage: it propagates, never dropping a group."""
         groups, bad = [], []
         for stored in taken:
             try:
@@ -125,7 +120,7 @@ class Handout:
         batch, self.in_transit = self.in_transit, None
         if batch is None:
             return
-        self._changed = True
+        self.changed()
         if ack_batch == batch.batch_id:
             self.consume([s.group_id for s in batch.groups])
             self.metrics.staleness(batch.version - s.head_version for s in batch.groups)
@@ -137,15 +132,6 @@ class Handout:
         self.metrics.count("groups_redelivered", len(batch.groups))
         self.log.warning("batch %s (%d groups) was not acknowledged (ack_batch=%r): its groups are back in the "
                          "store", batch.batch_id, len(batch.groups), ack_batch)
-
-    @property
-    def changed(self) -> bool:
-        return self._changed
-
-    def take_changed(self) -> bool:
-        """Whether the batch in transit changed since the last call (the control record holds it)."""
-        changed, self._changed = self._changed, False
-        return changed
 
     def record(self) -> list | None:
         """The batch in transit as the WAL's control state holds it."""

@@ -29,7 +29,6 @@ class BufferMetrics:
         self.metrics = metrics
         self.counts: Counter[str] = Counter()
         self._children: dict[tuple, object] = {}  # (name, labels) -> metric child
-        self._counters: dict[str, object] = {}  # key in counts -> its counter child
         for name in COUNTERS:
             metrics.counter(f"buffer/{name}", name.replace("_", " "))
         for name, reasons in LABELLED.items():
@@ -56,11 +55,8 @@ class BufferMetrics:
     def count(self, name: str, n: int = 1, **labels: str) -> None:
         if not n:
             return
-        key = "_".join([name, *labels.values()]) if labels else name
-        self.counts[key] += n
-        if (counter := self._counters.get(key)) is None:
-            counter = self._counters[key] = self.child("counter", f"buffer/{name}", name.replace("_", " "), **labels)
-        counter.inc(n)
+        self.counts["_".join([name, *labels.values()])] += n
+        self.child("counter", f"buffer/{name}", name.replace("_", " "), **labels).inc(n)
 
     def child(self, kind: str, name: str, doc: str, buckets: Iterable[float] | None = None, **labels: str):
         """The metric (or its labelled child), looked up once."""

@@ -2,23 +2,17 @@
 
 Records apply in the order written. A group record: remembered (dedupe), its lease closed, stored by
 its WAL reference. A control record: ``seen`` ids remembered, ``consumed`` groups removed; a
-checkpoint's ``state`` replaces the control state and each later record's ``changes`` apply on top.
-A control record follows the records of its loop iteration, so if the process died in between, the
-group record alone closes its lease, which is what had happened. The ledger and the store are filled
-in place; the rest (trainer version, ids seen, batch in transit, groups the filters now refuse,
-group records that no longer decode) comes back in ``Replayed`` for the service to take. A group
-stored at another protocol version (a WAL of another build) refuses the start (``WalOfAnotherBuild``,
-naming both versions): its groups were acknowledged, and this build cannot serve them. A record
-that does not decode for another reason is dropped as ``unreadable``: marked consumed, so it stops
-pinning its segment, and its prompt re-issued if the replayed state still holds its lease.
+checkpoint's ``state`` replaces the control state, each later record's ``changes`` apply on top (a
+group record whose control record a crash took closes its lease alone, which is what happened). The
+ledger and the store are filled in place; the rest comes back in ``Replayed`` for the service.
 
-Damage (wal.py): a damaged group record that still names its group is dropped the same way (its
-prompt generated again), so an acknowledged group is lost to damage alone, never one after it. A
-damaged control record is restored from the copy the next control record carries (``prev``, taken
-only when its number is the one missing), so its consumed marks hold and nothing is trained twice.
-Two or more control records in a row taken by damage lose all but the last: counted in
-``lost_control`` and logged as an error (their consumed groups may be handed out again); the start
-goes on. ``Replayed.damaged`` counts damaged regions, ``restored`` the control records brought back.
+Invariants: a WAL holding groups of another protocol version refuses the start
+(``WalOfAnotherBuild``): they were acknowledged and this build cannot serve them. A group record that
+no longer decodes, or is damaged but still names its group, is dropped as ``unreadable`` (marked
+consumed, its prompt re-issued if the replayed state still holds its lease): damage loses the
+damaged group alone. A damaged control record is restored from the copy the next one carries
+(``prev``, taken only when its number is the one missing), so its consumed marks hold; two or more
+in a row lose all but the last, counted in ``lost_control`` and logged as an error.
 """
 
 from __future__ import annotations

@@ -1,13 +1,11 @@
 """The group store: what has been generated and not yet handed to the trainer. No I/O.
 
-A ``TrajectoryGroup`` (all samples of one prompt) is the unit of storage and hand-out. Groups are
-indexed by head version, so selection and the stale sweep touch only what they return: ``oldest``
-(default: lowest head version first, then arrival), ``newest`` or ``fifo`` (arrival order).
-``take_stored(n, v)`` returns exactly ``n`` groups, all fresh at ``v`` (checked again by
-``StalenessPolicy.check_batch``), or None and changes nothing. Nothing is dropped silently:
-``filter_reason`` says why a group should not be stored and ``drop_stale`` returns what it removed.
-The daemon stores bookkeeping and a WAL reference per group (``ref``); tests and tools may store
-the group itself. Memory is bounded through admission (``free_slots`` counts groups in flight).
+Invariants: ``take_stored(n, v)`` returns exactly ``n`` groups, all fresh at ``v`` (checked again
+by ``StalenessPolicy.check_batch``), or None and changes nothing; nothing is dropped silently
+(``filter_reason`` says why a group is not stored, ``drop_stale`` returns what it removed).
+Groups are indexed by head version, so selection (``oldest`` first, ``newest`` or ``fifo``) and the
+stale sweep touch only what they return. The daemon keeps a WAL reference per group (``ref``), not
+the group. Memory is bounded through admission (``free_slots`` counts groups in flight).
 """
 
 from __future__ import annotations
@@ -39,7 +37,8 @@ class ReplayBuffer:
         if selection not in SELECTIONS:
             raise ValueError(f"selection={selection!r}; choose one of {SELECTIONS}")
         self.policy, self.capacity, self.selection = policy, capacity, selection
-        self.filter_equal_rewards, self.max_tokens_per_trajectory = filter_equal_rewards, max_tokens_per_trajectory
+        self.filter_equal_rewards = filter_equal_rewards
+        self.max_tokens_per_trajectory = max_tokens_per_trajectory
         self._groups: dict[str, StoredGroup] = {}  # insertion order = arrival order (fifo)
         self._by_version: dict[int, dict[str, None]] = {}  # head version -> ids (ordered sets)
         self.nbytes = 0
@@ -68,18 +67,14 @@ class ReplayBuffer:
             return "equal_rewards"
         return None
 
-    def add(self, group: TrajectoryGroup, nbytes: int = 0, head_version: int | None = None, ref: object = None) -> bool:
-        """Store a group (``head_version``: its head version if the caller has it already); False
-        if one with the same id is already stored. With ``ref`` only the bookkeeping is kept, not
-        the group: its owner reads it back from there at hand-out."""
-        if group.group_id in self._groups:
-            return False
+    def add(self, group: TrajectoryGroup, nbytes: int = 0, head_version: int | None = None,
+            ref: object = None) -> bool:
+        """Store a group (False if one with its id is stored); with ``ref``, only its bookkeeping."""
         head = group.head_version if head_version is None else head_version
         return self.put(StoredGroup(group.group_id, group.prompt_index, group.epoch, head, nbytes,
                                     None if ref is not None else group, ref))
 
     def put(self, stored: StoredGroup) -> bool:
-        """Store a group taken earlier (a batch the trainer never received); False if stored."""
         gid = stored.group_id
         if gid in self._groups:
             return False

@@ -1,19 +1,16 @@
 """The buffer daemon: one loop wiring the parts of one job's data and control plane (its place in
-the system: areal_like/DESIGN.md).
+the system: areal_like/DESIGN.md; the staleness bound: STALENESS.md).
 
-Parts, each owning its state: ``CreditLedger`` (prompt cursor, leases), ``ReplayBuffer`` (the
-store), ``WriteAheadLog``, ``Handout`` (batches to the trainer), ``ControlPlane`` (trainer version,
-roster, weight-sync plan) and ``BufferMetrics``; ``recovery.replay`` rebuilds the durable ones at
-start. This module ties them together: dedupe by group id, dropping a group (slot back to the
-ledger, a consumed mark in the WAL), and the rule that a reply leaves only once what it depends on
-is durable. One thread, one loop (``run_once``): receive a batch of requests, answer them, expire
-leases and silent servers, hand out batches, log one control record with what changed, and send
-every reply whose WAL ticket is durable (the fsync thread syncs meanwhile: group commit). So a group
-is acked only once its record is durable, credits only once their lease is (a restart neither
-repeats nor skips prompts), a batch only once it is durably in transit. Bad input gets
-``Ack(status="rejected", reason=...)`` and is counted; a duplicate group id ``Ack(status="duplicate")``;
-a group's ``want_credits`` (and a SyncDone's) come in its Ack as a CreditRequest's would (none if
-rejected): one round trip.
+The parts own their state (``credits``, ``replay_buffer``, ``wal``, ``handout``, ``control``,
+``expiry``, ``diskspace``, ``instruments``; ``recovery`` rebuilds the durable ones at start). This
+module ties them together: dedupe by group id, dropping a group (slot back to the ledger, a
+consumed mark in the WAL), and the rule that **a reply leaves only once what it depends on is
+durable**: a group is acked only once its record is, credits only once their lease is (a restart
+neither repeats nor skips prompts), a batch only once it is durably in transit. One thread, one
+loop (``run_once``): receive a batch of requests, answer them, expire leases and silent servers,
+hand out batches, log one control record with what changed, send every reply whose WAL ticket is
+durable. Bad input gets ``Ack(status="rejected", reason=...)`` and is counted; a group's (and a
+SyncDone's) ``want_credits`` come in its Ack, as a CreditRequest's would.
 """
 
 from __future__ import annotations
@@ -32,7 +29,6 @@ from areal_like.net.transport import LOCAL_MEMBER, Server, local_addresses
 from areal_like.settings.config import BufferConfig, RunConfig
 from areal_like.wire import group_checks
 from areal_like.wire import protocol as P
-from buffer import peer_caps
 from buffer.control import ControlPlane
 from buffer.credits import CreditLedger, Lease, invalid_group, version_range
 from buffer.diskspace import MIN_SEGMENT_BYTES, DiskGuard
@@ -40,6 +36,7 @@ from buffer.expiry import Expiry
 from buffer.facts import BufferFacts
 from buffer.handout import Handout
 from buffer.instruments import BufferMetrics, service_gauges, service_stats
+from buffer.peer_caps import PeerCaps
 from buffer.recovery import replay
 from buffer.replay_buffer import ReplayBuffer
 from buffer.staleness import StalenessPolicy
@@ -66,21 +63,18 @@ class BufferService(Daemon):
     def __init__(self, b: BufferConfig, facts: BufferFacts, *, clock: Callable[[], float] = time.monotonic):
         super().__init__(metrics_port=b.metrics_port)
         self.cfg, self.clock = b, clock
-        self.vocab_size, self.frame_limit = facts.vocab_size, facts.frame_limit  # bigger ids/frames are refused
+        self.facts = facts
         self.rejections = RateLimitedLog(self.log, REJECT_LOG_EVERY_S)  # counted in full in buffer/rejected
         self.policy = StalenessPolicy(b.max_staleness, b.groups_per_step, b.max_inflight, engine_lag=facts.engine_lag)
         self.ledger = CreditLedger(self.policy, facts.dataset_size, lease_timeout_s=b.lease_timeout_s,
                                    max_epochs=b.max_epochs, clock=clock)
-        self.prompt_layout = facts.prompt_layout  # one line at start: how prompts become ids
         self.store = ReplayBuffer(self.policy, capacity=b.capacity, selection=b.selection,
                                   filter_equal_rewards=b.filter_equal_rewards,
                                   max_tokens_per_trajectory=b.max_tokens_per_trajectory)
-        self.keys = facts.keys  # every socket of the buffer serves CURVE with these (None: plain)
-        wal_dir, self.local_dir = facts.wal_dir, facts.local_dir  # local_dir: same-node ipc:// sockets (or None)
-        wal_dir.mkdir(parents=True, exist_ok=True)
-        self.disk = DiskGuard(wal_dir, b.wal_reserve_bytes, log=self.log)
+        facts.wal_dir.mkdir(parents=True, exist_ok=True)
+        self.disk = DiskGuard(facts.wal_dir, b.wal_reserve_bytes, log=self.log)
         segment_bytes = min(b.segment_bytes, max(MIN_SEGMENT_BYTES, self.disk.free // 8))
-        self.wal = WriteAheadLog(wal_dir, fsync=b.fsync, segment_bytes=segment_bytes)
+        self.wal = WriteAheadLog(facts.wal_dir, fsync=b.fsync, segment_bytes=segment_bytes)
         self.control = ControlPlane(b.pub_address, b.heartbeat_timeout_s, clock, lambda m: self.publisher.publish(m),
                                     self.log)
         self.instruments = BufferMetrics(self.metrics, {"in_flight": lambda: self.ledger.in_flight,
@@ -88,20 +82,20 @@ class BufferService(Daemon):
                                                         "in_transit": lambda: self.handout.in_transit_groups()},
                                          service_gauges(self))
         self._consumed: list[str] = []  # group ids consumed or dropped this iteration (the hand-out extends it)
-        self.handout = Handout(self.store, self.wal.read_group, self._drop, self._on_consumed, self.instruments,
-                               self.log)
-        # what one member may hold: held BatchRequests, server ids, new ids per second
-        self.caps = peer_caps.PeerCaps(facts.max_servers, clock=clock)
+        self.handout = Handout(self.store, self.wal.read_group, self._drop, self._on_consumed,
+                               self._changed, self.instruments, self.log)
+        self.caps = PeerCaps(facts.max_servers, clock=clock)
         self.seen: dict[str, None] = {}  # accepted group ids (ordered: oldest are forgotten first)
         # (prompt, epoch) -> groups refused for the engine's numbers; at MAX_ENGINE_RETRIES it is
         # skipped this epoch like a bad prompt (in memory: a restart gives each prompt a fresh count)
         self.engine_faults: Counter[tuple[int, int]] = Counter()
         self._waiting: deque[tuple] = deque()  # (ticket, peer, req_id, reply, type, t); peer None: publish
-        self._publish: list[P.Message] = []  # to publish once this iteration's control record is durable
-        self._after_control: list[tuple] = []  # (peer, req_id, reply, type, t) waiting for that record
-        self._dirty = False  # control state changed in this iteration
+        self._after_control: list[tuple] = []  # (peer, req_id, reply, type, t) waiting for this
+        # iteration's control record
+        self._dirty = False  # control state changed in this iteration: a control record is due
         self._next_sweep = 0.0
-        self.expiry = Expiry(self.ledger, self.control, self.instruments, self.log, clock)
+        self.expiry = Expiry(self.ledger, self.control, self.instruments, self.log, clock,
+                             self._changed)
         self._handlers = {
             P.Register: self.expiry.register, P.Heartbeat: self.control.heartbeat,
             P.RosterRequest: self.control.roster_reply, P.WeightSyncPlan: self.control.take_plan,
@@ -124,17 +118,20 @@ class BufferService(Daemon):
     # ------------------------------------------------------------------ lifecycle and the loop
     def start(self) -> None:
         self.recover()
-        local = local_addresses(self.local_dir) if self.local_dir else (None, None)
-        self.server = Server(self.cfg.address, keys=self.keys, max_frame_bytes=self.frame_limit,
+        f = self.facts
+        local = local_addresses(f.local_dir) if f.local_dir else (None, None)
+        self.server = Server(self.cfg.address, keys=f.keys, max_frame_bytes=f.frame_limit,
                              local_address=local[0], io_threads=io_threads(self.cfg.io_threads))
         if self.wal.wakeup_fd is not None:
             self.server.wake_on(self.wal.wakeup_fd)  # a finished fsync ends the wait for requests
-        self.publisher = Publisher(self.cfg.pub_address, keys=self.keys, local_address=local[1])
-        self.log.info("serving on %s (pub %s; same-node %s): version %d, %d groups stored, %d leases, cursor %s, "
-                      "frames up to %d bytes", self.cfg.address, self.cfg.pub_address, self.local_dir or "none", self.control.version, len(self.store),
-                      self.ledger.in_flight, (self.ledger.next_index, self.ledger.epoch), self.frame_limit)
-        if self.prompt_layout:
-            self.log.info("%s; %d prompts per epoch", self.prompt_layout, self.ledger.dataset_size)
+        self.publisher = Publisher(self.cfg.pub_address, keys=f.keys, local_address=local[1])
+        self.log.info("serving on %s (pub %s; same-node %s): version %d, %d groups stored, "
+                      "%d leases, cursor %s, frames up to %d bytes", self.cfg.address,
+                      self.cfg.pub_address, f.local_dir or "none", self.control.version,
+                      len(self.store), self.ledger.in_flight,
+                      (self.ledger.next_index, self.ledger.epoch), f.frame_limit)
+        if f.prompt_layout:
+            self.log.info("%s; %d prompts per epoch", f.prompt_layout, self.ledger.dataset_size)
 
     def run_once(self) -> None:
         busy = self._waiting and self.wal.wakeup_fd is None  # else the fsync thread ends the wait itself
@@ -215,12 +212,10 @@ class BufferService(Daemon):
     def _receive(self, timeout_s: float) -> None:
         n_bytes = 0
         for i in range(MAX_POLL_BATCH):
-            got = self.server.recv_request(timeout_s if i == 0 else 0)
-            if got is None:
+            if (got := self.server.recv_request(timeout_s if i == 0 else 0)) is None:
                 return
-            peer, req_id, msg, frame, member = got
-            n_bytes += len(frame)
-            self.handle(peer, req_id, msg, frame, member)
+            self.handle(*got)
+            n_bytes += len(got[3])
             if n_bytes >= MAX_POLL_BYTES:
                 return
 
@@ -228,7 +223,8 @@ class BufferService(Daemon):
                member: str = LOCAL_MEMBER) -> None:
         """One request from ``peer``, a socket of ``member`` (its key's role: peer_caps.py)."""
         received = self.clock()
-        if (refused := self._member_refusal(member, msg)) is not None:
+        if (refused := self.caps.refusal(member, msg, self.handout.pending, self.control.roster)):
+            refused = self._refuse(*refused)
             reply = P.Batch(groups=[], trainer_version=msg.trainer_version, reason=refused.reason) \
                 if isinstance(msg, P.BatchRequest) else refused
             kind = msg.TYPE
@@ -236,7 +232,7 @@ class BufferService(Daemon):
             self.handout.hold(peer, req_id, msg, received, member)  # answered by settle()
             return
         elif isinstance(msg, P.ProtocolError):  # frame_too_large: refused from its length, never decoded
-            label = "frame_too_large" if len(frame) > self.frame_limit else "decode"
+            label = "frame_too_large" if len(frame) > self.facts.frame_limit else "decode"
             self.instruments.count("rejected", reason=label)
             self.rejections.warning(label, "rejected %s frame from %r: %s", "an oversized" if label != "decode"
                                     else "an undecodable", peer[:64], msg)
@@ -252,14 +248,6 @@ class BufferService(Daemon):
         else:  # a valid message the buffer does not serve (e.g. a reply type sent by mistake)
             reply, kind = self._refuse("unexpected_type", f"{msg.TYPE} is not a request", ref=""), "invalid"
         self._queue_reply(peer, req_id, reply, kind, received)
-
-    def _member_refusal(self, member: str, msg: P.Message | P.ProtocolError) -> P.Ack | None:
-        """A refusal when ``member``'s role may not send ``msg``, or it is over a cap."""
-        if not peer_caps.may_send(member, msg):
-            return self._refuse(peer_caps.ROLE_REASON, f"a {member!r} key may not send {msg.TYPE}")
-        if (over := self.caps.refusal(member, msg, self.handout.pending, self.control.roster)):
-            return self._refuse(peer_caps.REASON, over)
-        return None
 
     def _retry(self, label: str, lease: Lease) -> bool:
         """Whether a prompt whose group was refused for ``label`` is generated again."""
@@ -281,7 +269,7 @@ class BufferService(Daemon):
         lease = self.ledger.leases.get(g.lease_id)
         versions = version_range(g)  # one pass over the token versions, for every check below
         reason = (invalid_group(g, lease, self.control.newest_version(), versions)
-                  or group_checks.content_problem(g, self.vocab_size))
+                  or group_checks.content_problem(g, self.facts.vocab_size))
         if reason is not None:
             self.instruments.count("rejected", reason=(label := reason.split(":")[0]))
             self.rejections.warning(f"group:{label}", "rejected group %s from %s: %s", g.group_id, g.server_id, reason)
@@ -369,7 +357,8 @@ class BufferService(Daemon):
             self.control.version = m.policy_version
             self._dirty = True
             self._drop(self.store.drop_stale(m.policy_version), "stale")
-            self._publish.append(m)  # once the new version is durable: a restart never goes back on it
+            # published once the new version is durable: a restart never goes back on it
+            self._after_control.append((None, b"", m, "", self.clock()))
         return P.Ack(ref=str(m.policy_version), status="ok")
 
     # ------------------------------------------------------------------ what ties the parts together
@@ -382,6 +371,9 @@ class BufferService(Daemon):
                 self.ledger.give_back(g.prompt_index, g.epoch, reissue=reissue)
             self.instruments.count("groups_dropped", reason=reason)
         self._dirty = self._dirty or bool(groups)
+
+    def _changed(self) -> None:
+        self._dirty = True
 
     def _on_consumed(self, group_ids: list[str]) -> None:
         """The trainer acknowledged a batch: WAL marks, and the admission window moves on."""
@@ -405,8 +397,7 @@ class BufferService(Daemon):
             self.instruments.latency(kind, self.clock() - received)
             return
         ticket = self.wal.request_sync()
-        pending = self._dirty or self._consumed or self._publish
-        if pending or self.handout.changed or self.expiry.changed:
+        if self._dirty:
             self._after_control.append((peer, req_id, reply, kind, received))
             return
         self._waiting.append((ticket, peer, req_id, reply, kind, received))
@@ -414,19 +405,16 @@ class BufferService(Daemon):
 
     def _log_control(self) -> None:
         """One control record with what changed in this iteration, then queue what waits for it."""
-        changed = self.handout.take_changed() | self.expiry.take_changed()  # both taken
-        if changed or self._dirty or self._consumed:
+        if self._dirty:
             record = {"changes": self._control(self.ledger.take_changes()), "consumed": self._consumed}
             written = self.wal.append_control(record)
             self.disk.wrote(written)
             self.instruments.count("wal_bytes_written", written)
             self._dirty = False
             self._consumed.clear()  # after encoding; the hand-out extends this same list
-        if self._after_control or self._publish:
-            ticket, now = self.wal.request_sync(), self.clock()
-            self._waiting.extend((ticket, None, b"", m, "", now) for m in self._publish)
+        if self._after_control:
+            ticket = self.wal.request_sync()
             self._waiting.extend((ticket, *entry) for entry in self._after_control)
-            self._publish.clear()
             self._after_control.clear()
 
     def send_durable(self) -> None:

@@ -1,44 +1,30 @@
 """Write-ahead log: append-only segment files, so that an acknowledged group survives a crash.
 
-``<wal_dir>/seg-<n>.wal``, n increasing; every start and rotation opens a new segment that begins
-with a checkpoint (the control state), superseding older control records. Records (little-endian):
+``<wal_dir>/seg-<n>.wal``, n increasing; every start and rotation opens a segment that begins with
+a checkpoint (the control state), superseding older control records. Records (little-endian):
 ``u32 length | u32 crc32c(payload) | payload``, payload ``b"G" + u16 len(id) + group id + frame``
 (a TrajectoryGroup's wire frame as received) or ``b"C" + msgpack map`` (control: "state" or
-"changes", "consumed", "seen"). Only this layout is read (no release had another).
-``replay`` yields every intact record in order; the caller applies them (``recovery.py``).
+"changes", "consumed", "seen"). Only this layout is read (no release had another). ``replay``
+yields every intact record in order; ``recovery.py`` applies them. One writer per directory
+(``dirlock.py``).
 
-One write path: ``os.writev`` of a record straight to the file descriptor (the page cache; no
-user-space buffer); ``fsync`` decides what survives the machine dying. ``always``: records are
-queued and ``request_sync()`` returns a ticket; a background thread checksums, writes and
-fdatasyncs what is queued, and the service replies once ``durable() >= ticket``. One fsync covers
-every record appended meanwhile (group commit), and the copy into the page cache (as much CPU as
-the rest of a 400 KB group's handling) runs beside the loop; ``wakeup_fd`` (Linux) turns readable
-when a ticket is durable. A queued record lost with the process was never acknowledged. ``batch``
-and ``never`` write inline, so an acknowledged record survives ``kill -9``; ``batch`` fsyncs at most
-every ``BATCH_FSYNC_S`` (replies may precede it). A failed write or fsync is fatal (``WalFailed``:
-the daemon stops with one error line naming the segment and the errno, exit status 1, and its
-supervisor starts it again, on a fresh segment; so does EFBIG, a segment that may grow no more,
-e.g. under ``RLIMIT_FSIZE``: tests/integration/test_wal_disk_full.py), except a full disk or quota
-(ENOSPC, EDQUOT: ``DiskFull``; a short write is finished or tells its errno): the partial record
-is cut off (the file ends on a whole record), the fsync thread keeps what it could not write and
-tries again every ``DISK_RETRY_S`` (its tickets are not durable meanwhile, so nothing is
-acknowledged that is not on disk), and an
-inline group write raises ``DiskFull`` for the caller to refuse the group (``buffer/diskspace.py``),
-while an inline control record (the buffer already acted on it) waits in order for space, groups
-refused meanwhile; lost only if the process dies first, which costs what a crash then would.
+Durability (``fsync``). ``always``: records are queued, ``request_sync()`` returns a ticket, and a
+background thread checksums, writes and fdatasyncs the queue (group commit); the service replies
+once ``durable() >= ticket`` (``wakeup_fd`` turns readable then). ``batch`` and ``never`` write
+inline, so an acknowledged record survives ``kill -9``; ``batch`` fsyncs at most every
+``BATCH_FSYNC_S``. A failed write or fsync (EFBIG and EIO included) is fatal: ``WalFailed`` names
+the segment and the errno, and nothing is made durable after it. A full disk or quota (ENOSPC,
+EDQUOT) is not: the partial record is cut off, queued records wait for space (their tickets are not
+durable meanwhile), an inline group write raises ``DiskFull`` (the caller refuses the group:
+``diskspace.py``), and an inline control record waits in order for space.
 
-``append_group`` returns a ``WalRef`` that ``read_group`` reads (CRC-checked): the store keeps
-references, the frames stay on disk or in the page cache, not in the daemon's memory. Compaction
-(every start and rotation) deletes a prefix of segments whose group records are all consumed
-(``consumed`` marks in control records), never one from the middle: a mark may live in a later
-segment than its group. Damage is never fatal and never accepted. A damaged record followed by
-intact ones (flipped bytes, a zeroed header; ``wal_format.next_intact`` finds the next record
-whose checksum holds) is skipped alone: a warning naming file, offset and bytes skipped, counted
-in ``corrupt_records`` (``buffer/wal_corrupt_records``), and a "D" record for recovery, naming
-the group it held when its payload still does. Each control record carries a copy of the one
-before it, so one damaged control record is restored from the next (recovery.py). Damage with no
-intact record after it (a torn or damaged tail) ends the replay of its segment; the newest
-segment's is truncated. One writer per directory (``dirlock.py``).
+``append_group`` returns a ``WalRef`` that ``read_group`` reads back (CRC-checked): frames stay on
+disk, not in memory. Compaction (every start and rotation) deletes only a prefix of segments with
+no unconsumed group: a consumed mark may live in a later segment than its group. Damage is never
+fatal and never accepted: a damaged region followed by intact records is skipped alone (logged,
+counted in ``corrupt_records``, a "D" record for recovery); a damaged tail ends its segment's
+replay and the newest segment's is truncated. Each control record carries a copy of the one before
+it (``prev``), so one damaged control record is restored from the next.
 """
 
 from __future__ import annotations
@@ -49,7 +35,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgspec
@@ -58,12 +44,10 @@ from buffer.dirlock import DirectoryLock
 from buffer.wal_format import (  # noqa: F401 (re-exported: the WAL's public names)
     GID_LEN,
     HEADER,
-    MAX_RECORD_BYTES,
     DiskFull,
     Record,
     WalFailed,
     WalRef,
-    crc_ok,
     damaged_group_id,
     next_intact,
     record_header,
@@ -74,7 +58,7 @@ from buffer.wal_format import (  # noqa: F401 (re-exported: the WAL's public nam
 )
 
 BATCH_FSYNC_S = 0.05  # fsync=batch: a power loss takes at most the last 50 ms of acks
-DISK_RETRY_S = 0.5  # fsync=always on a full disk: how often the fsync thread tries the queued records again
+DISK_RETRY_S = 0.5  # fsync=always on a full disk: how often the queued records are tried again
 _ENCODER = msgspec.msgpack.Encoder()  # the bytes msgpack.packb(use_bin_type=True) writes, ~4x faster
 
 log = logging.getLogger("buffer.wal")
@@ -90,10 +74,9 @@ class WriteAheadLog:
         self._unlock = weakref.finalize(self, self._lock.release)  # also for a log never closed
         self.fsync_policy, self.segment_bytes = fsync, segment_bytes
         self._fd: int | None = None
-        self.segment = self._segment_size = 0  # current segment number, its size
+        self.segment = self.segment_size = 0  # current segment number, bytes appended to it
         self._checkpoint_size = 0  # bytes of the checkpoint that opens the current segment
-        self._live: dict[int, set[str]] = {}  # segment -> unconsumed group ids recorded in it
-        self._where: dict[str, int] = {}  # group id -> segment
+        self._live: dict[str, int] = {}  # unconsumed group id -> the segment that holds it
         self._readers: dict[int, int] = {}  # segment -> read-only fd for read_group
         self._dirty, self._last_fsync = False, 0.0  # written since the last sync ticket; time of the last fsync
         self._cv = threading.Condition()  # group commit (fsync=always): tickets <= _synced are durable
@@ -102,8 +85,7 @@ class WriteAheadLog:
         self._fsync_times: list[float] = []
         self._syncer: threading.Thread | None = None
         self._closing = False
-        self._queue: list[list] = []  # records not yet written, in order: the fsync thread's (fsync=always), or
-        # control records waiting for disk space (fsync=batch|never, ``_write_inline``)
+        self._queue: list[list] = []  # records not yet written, in order (module docstring)
         self._written = 0  # bytes of the current segment written to the file
         self.wakeup_fd: int | None = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
                                       if fsync == "always" and hasattr(os, "eventfd") else None)
@@ -121,7 +103,6 @@ class WriteAheadLog:
         """Yield every intact record of every segment, oldest first (call before ``open``)."""
         segments = self.segments()
         for n in segments:
-            self._live.setdefault(n, set())
             yield from self._read_segment(n, newest=n == segments[-1])
         self.segment = segments[-1] if segments else 0
         if self._replayed is not None:  # the checkpoint ``open`` writes carries it, as a rotation's
@@ -139,33 +120,33 @@ class WriteAheadLog:
                 yield self._parse(data, pos, end, n)
                 pos = end
                 continue
-            if (nxt := next_intact(data, pos)) is not None:  # damage inside: only it is lost
-                yield self._damaged(data, pos, nxt, n, problem)
-                pos = nxt
-                continue
-            # a "D" record: recovery restores a control record it can. The newest segment's tail
-            # was never acknowledged (a torn write: its sender sends it again); an older
-            # segment's was (a rotation came after it): it names its group if it can
-            self.corrupt_records += 1
-            log.warning("wal %s: %s at offset %d; skipping the last %d bytes of this segment",
-                        path.name, problem, pos, len(data) - pos)
-            gid = "" if newest else damaged_group_id(data, pos, len(data))
-            yield Record("D", n, group_id=gid, ref=WalRef(n, pos, len(data) - pos))
-            if newest:  # a torn write of the crash that ended the last run: cut it off
-                with path.open("r+b") as f:
-                    f.truncate(pos)
-                    os.fsync(f.fileno())
-                self.disk_bytes -= len(data) - pos
-            return
+            nxt = next_intact(data, pos)  # None: a torn or damaged tail
+            yield self._damaged(data, pos, nxt, n, problem, newest)
+            if nxt is None:
+                if newest:  # a torn write of the crash that ended the last run: cut it off
+                    with path.open("r+b") as f:
+                        f.truncate(pos)
+                        os.fsync(f.fileno())
+                    self.disk_bytes -= len(data) - pos
+                return
+            pos = nxt
 
-    def _damaged(self, data: bytes, pos: int, end: int, segment: int, problem: str) -> Record:
-        """A damaged region followed by intact records: reported, counted, skipped (a "D" record
-        naming the group it held, when its payload still names one)."""
+    def _damaged(self, data: bytes, pos: int, nxt: int | None, segment: int, problem: str,
+                 newest: bool) -> Record:
+        """A damaged region, reported and counted: a "D" record naming the group it held when its
+        payload still names one (recovery restores a control record it can). The newest segment's
+        tail was never acknowledged (a torn write: its sender sends it again), so it names none."""
         self.corrupt_records += 1
-        gid = damaged_group_id(data, pos, end)
-        log.warning("wal %s: %s at offset %d; skipped %d damaged bytes to the next intact record "
-                    "at offset %d%s", segment_path(self.dir, segment).name, problem, pos, end - pos,
-                    end, f" (it held group {gid})" if gid else "")
+        end = len(data) if nxt is None else nxt
+        gid = "" if nxt is None and newest else damaged_group_id(data, pos, end)
+        name = segment_path(self.dir, segment).name
+        if nxt is None:
+            log.warning("wal %s: %s at offset %d; skipping the last %d bytes of this segment",
+                        name, problem, pos, end - pos)
+        else:
+            log.warning("wal %s: %s at offset %d; skipped %d damaged bytes to the next intact "
+                        "record at offset %d%s", name, problem, pos, end - pos, end,
+                        f" (it held group {gid})" if gid else "")
         return Record("D", segment, group_id=gid, ref=WalRef(segment, pos, end - pos))
 
     def _parse(self, data: bytes, pos: int, end: int, segment: int) -> Record:
@@ -173,10 +154,11 @@ class WriteAheadLog:
         if data[start:start + 1] == b"G":
             (n,) = GID_LEN.unpack_from(data, start + 1)
             gid = data[start + 3:start + 3 + n].decode()
-            self._track(gid, segment)
+            self._live[gid] = segment
             return Record("G", segment, group_id=gid, frame=data[start + 3 + n:end], ref=WalRef(segment, pos, end - pos))
         control = msgspec.msgpack.decode(data[start + 1:end])
-        self._untrack(control.get("consumed", ()))
+        for gid in control.get("consumed", ()):
+            self._live.pop(gid, None)
         self._replayed = None if control.get("checkpoint") else control
         return Record("C", segment, control=control)
 
@@ -186,10 +168,9 @@ class WriteAheadLog:
         self.segment += 1
         self._fd = os.open(segment_path(self.dir, self.segment), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND,
                            0o644)
-        self._segment_size = self._written = 0
-        self._live[self.segment] = set()
+        self.segment_size = self._written = 0
         self.append_control({**checkpoint, "checkpoint": True})
-        self._checkpoint_size = self._segment_size
+        self._checkpoint_size = self.segment_size
         self._fsync_dir()
         self.commit(force=True)
         self.compact()
@@ -199,19 +180,19 @@ class WriteAheadLog:
 
     def _write(self, parts: list[bytes | memoryview]) -> int:
         n = HEADER.size + sum(map(len, parts))
-        if self._syncer is not None:  # fsync=always: the fsync thread checksums and writes it, beside the loop
+        if self._syncer is not None:  # fsync=always: the fsync thread checksums and writes it
             with self._cv:
                 self._queue.append(parts)
         else:  # keeps the GIL for the checksum: 30 us on a 400 KB group, a GIL round trip can cost more
             self._write_inline(parts)
-        self._segment_size += n
+        self.segment_size += n
         self.disk_bytes += n
         self._dirty = True
         return n
 
     def _write_inline(self, parts: list[bytes | memoryview]) -> None:
-        """fsync=batch|never: a group that does not fit raises ``DiskFull``; a control record waits in
-        ``_queue`` for ``commit`` (module docstring)."""
+        """fsync=batch|never: a group that does not fit raises ``DiskFull``; a control record waits
+        in ``_queue`` for ``commit``."""
         if not self._queue:
             try:
                 record = [record_header(parts, 0), *parts]
@@ -232,26 +213,23 @@ class WriteAheadLog:
     def append_group(self, group_id: str, frame: bytes | memoryview) -> WalRef:
         """Log a group; the reference reads its frame back until the group is consumed."""
         gid = group_id.encode()
-        offset = self._segment_size
+        offset = self.segment_size
         n = self._write([b"G", GID_LEN.pack(len(gid)), gid, frame])
-        self._track(group_id, self.segment)
+        self._live[group_id] = self.segment
         return WalRef(self.segment, offset, n)
 
     def append_control(self, control: dict) -> int:
-        """Log a control record. It carries its number in the segment (``n``, the checkpoint's 0)
-        and a copy of the control record before it (``prev``, encoded; a checkpoint carries the
-        previous segment's last one, also the one replay read last after a restart; none follows a
-        checkpoint, which is not copied), so replay can restore one control record that damage
-        took from the record after it (recovery.py). The copy leaves out ``in_transit``: each
-        record holds the whole list, so the record carrying the copy supersedes it anyway (with
-        512 groups in transit that halves what a control record costs to encode and write)."""
+        """Log a control record, numbered in its segment (``n``, the checkpoint's 0) and carrying
+        a copy of the control record before it (``prev``; a checkpoint carries the previous
+        segment's last one) without ``in_transit``, which the record carrying it supersedes."""
         self._control_n = 0 if control.get("checkpoint") else self._control_n + 1
         numbered = {**control, "n": self._control_n}
         prev = {"prev": self._last_control} if self._last_control else {}
         payload = _ENCODER.encode({**numbered, **prev})
         self._last_control = b"" if control.get("checkpoint") else _copy(numbered)
         n = self._write([b"C", payload])
-        self._untrack(control.get("consumed", ()))
+        for gid in control.get("consumed", ()):
+            self._live.pop(gid, None)
         return n
 
     def read_group(self, ref: WalRef) -> memoryview:
@@ -262,13 +240,13 @@ class WriteAheadLog:
         fd = self._readers.get(ref.segment)
         if fd is None:
             fd = self._readers[ref.segment] = os.open(segment_path(self.dir, ref.segment), os.O_RDONLY)
-        view = memoryview(os.pread(fd, ref.length, ref.offset))
-        length, crc = HEADER.unpack_from(view, 0) if len(view) >= HEADER.size else (0, 0)
-        if length != len(view) - HEADER.size or length < 3 or view[HEADER.size] != ord("G") \
-                or not crc_ok(view[HEADER.size:], crc):
-            raise OSError(f"WAL record at {segment_path(self.dir, ref.segment).name}:{ref.offset} is damaged")
-        (n,) = GID_LEN.unpack_from(view, HEADER.size + 1)
-        return view[HEADER.size + 3 + n:]
+        data = os.pread(fd, ref.length, ref.offset)
+        end, problem = record_problem(data, 0)
+        if problem or end != len(data) or end < HEADER.size + 3 or data[HEADER.size] != ord("G"):
+            name = segment_path(self.dir, ref.segment).name
+            raise OSError(f"WAL record at {name}:{ref.offset} is damaged")
+        (n,) = GID_LEN.unpack_from(data, HEADER.size + 1)
+        return memoryview(data)[HEADER.size + 3 + n:]
 
     # ---- durability
     def request_sync(self) -> int:
@@ -378,8 +356,8 @@ class WriteAheadLog:
                 raise
 
     def commit(self, force: bool = False) -> float | None:
-        """Inline fsync per the policy (the syncer must be idle); returns its seconds if one ran. Records
-        not yet written (control records waiting for space) are written first, whatever the policy."""
+        """Write the records waiting for space, then fsync per the policy (the syncer must be
+        idle); returns the fsync's seconds if one ran."""
         if not self._dirty or self._fd is None:
             return None
         try:
@@ -404,22 +382,13 @@ class WriteAheadLog:
 
     # ---- segments
     @property
-    def segment_size(self) -> int:
-        """Bytes appended to the current segment."""
-        return self._segment_size
-
-    @property
     def records_size(self) -> int:
-        """Bytes appended to the current segment after its opening checkpoint: what a rotation
-        would let compaction free (the checkpoint is written again in the next segment)."""
-        return self._segment_size - self._checkpoint_size
+        """Bytes appended to the current segment after its opening checkpoint."""
+        return self.segment_size - self._checkpoint_size
 
     def maybe_rotate(self, checkpoint: Callable[[], dict], *, force: bool = False) -> bool:
-        """Open a new segment when the records after its opening checkpoint fill ``segment_bytes``
-        (or now, with ``force``: a full disk compacts what was consumed without waiting for the
-        segment to fill). The checkpoint does not count: one larger than a segment (the dedupe ids
-        of a long run in small segments) would otherwise rotate again at every loop iteration,
-        each rotation writing it once more."""
+        """Open a new segment when the records after its opening checkpoint (which a big one
+        would otherwise make rotate at every call) fill ``segment_bytes``, or now (``force``)."""
         if self.records_size < self.segment_bytes and not force:
             return False
         if self._queue and self._syncer is None:  # records waiting for space belong to this segment
@@ -431,17 +400,15 @@ class WriteAheadLog:
         return True
 
     def compact(self) -> list[int]:
-        removed = []
-        for n in sorted(self._live):
-            if n == self.segment or self._live[n]:
-                break
+        """Delete the segments older than the oldest one that holds an unconsumed group."""
+        oldest = min(self._live.values(), default=self.segment)
+        removed = [n for n in self.segments() if n < min(oldest, self.segment)]
+        for n in removed:
             path = segment_path(self.dir, n)
-            self.disk_bytes -= path.stat().st_size if path.exists() else 0
-            path.unlink(missing_ok=True)
-            del self._live[n]
+            self.disk_bytes -= path.stat().st_size
+            path.unlink()
             if (fd := self._readers.pop(n, None)) is not None:
                 os.close(fd)
-            removed.append(n)
         if removed:
             self._fsync_dir()
             log.info("wal: compacted segments %s", removed)
@@ -467,16 +434,6 @@ class WriteAheadLog:
             self.wakeup_fd = None
         self._unlock()  # last: nothing of this log writes to the directory any more
 
-    # ---- bookkeeping
-    def _track(self, group_id: str, segment: int) -> None:
-        self._where[group_id] = segment
-        self._live.setdefault(segment, set()).add(group_id)
-
-    def _untrack(self, group_ids: Iterable[str]) -> None:
-        for gid in group_ids:
-            if (seg := self._where.pop(gid, None)) is not None:
-                self._live[seg].discard(gid)
-
     def _fsync_dir(self) -> None:
         if self.fsync_policy != "never":
             fd = os.open(self.dir, os.O_RDONLY)
@@ -487,8 +444,7 @@ class WriteAheadLog:
 
 
 def _copy(control: dict) -> bytes:
-    """The encoded copy of ``control`` the next control record carries: without its own copy, and
-    without ``in_transit`` (``append_control``)."""
+    """The encoded copy of ``control`` the next control record carries (``append_control``)."""
     record = {k: v for k, v in control.items() if k != "prev"}
     if isinstance(changes := record.get("changes"), dict):
         record["changes"] = {k: v for k, v in changes.items() if k != "in_transit"}

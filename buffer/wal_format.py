@@ -1,7 +1,5 @@
-"""The WAL's record format and its lowest layer: segment names, record headers and checks, one
-record's write (cut back to the last whole record on a full disk), and the exceptions. The log
-itself, its group commit and compaction are ``wal.py``'s; the layout is described there.
-"""
+"""The WAL's lowest layer: segment names, record checks, one record's write (cut back to the last
+whole record on a full disk), and the exceptions. The layout is described in ``wal.py``."""
 
 from __future__ import annotations
 
