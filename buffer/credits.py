@@ -175,7 +175,7 @@ class CreditLedger:
         """Replay a ``take_changes`` record on the state it was taken from."""
         self.next_index, self.epoch = changes["cursor"]
         self.started = changes["started"]
-        self.consumed = changes.get("consumed", -1)  # -1: a WAL from before it was counted (recovery derives it)
+        self.consumed = changes["consumed"]
         self.next_lease = changes["next_lease"]
         deadline = self.clock() + self.lease_timeout_s
         for lid, i, e, sid in changes["granted"]:

@@ -177,10 +177,6 @@ class BufferService(Daemon):
         got = replay(self.wal, self.ledger, self.store, self.log)
         self.control.version, self.seen = got.version, got.seen
         self.handout.restore(got.in_transit)
-        if self.ledger.consumed < 0:  # a WAL written before consumption was counted: every started group
-            # not in flight, stored or in transit was consumed
-            self.ledger.consumed = max(0, self.ledger.started - self.ledger.in_flight - len(self.store)
-                                       - self.handout.in_transit_groups())
         # Drops land after the checkpoint, in the same record as their returned slots (a checkpoint
         # that counted them while their groups were still unconsumed would return the slots twice).
         self.wal.open(self.checkpoint())
