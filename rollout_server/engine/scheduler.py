@@ -381,8 +381,10 @@ class Scheduler:
         return len(self.running) + len(self.waiting)
 
     def flush(self) -> bool:
-        """Release KV memory; refused (False) while requests run or wait, as in SGLang."""
-        if self.running or self.waiting:
+        """Release KV memory; refused (False) while requests run, or wait unless paused, as in
+        SGLang (0.5.23's ``Scheduler.flush_cache``: ``is_fully_idle(ignore_waiting=paused)``): a
+        retracting pause's requests wait without KV, so the update's flush succeeds then."""
+        if self.running or (self.waiting and not self.held):
             return False
         self.kv.flush()
         return True

@@ -240,6 +240,26 @@ def test_pause_in_place_keeps_requests_and_refuses_flush(engine):
     assert out["output_ids"] == ref and out["meta_info"]["finish_reason"]["type"] == "length"
 
 
+def test_pause_retract_requeues_requests_and_allows_flush(engine):
+    """As SGLang 0.5.23 does (its flush ignores the queue while paused): a retracting pause moves
+    the running request back to the queue without KV, so the weight update's cache flush
+    succeeds, and the request then ends as it would have."""
+    body = {"input_ids": [1, 50, 51], "sampling_params": {"max_new_tokens": 120, "temperature": 0, "ignore_eos": True}}
+    ref = gen(engine, **body)["output_ids"]
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            f = pool.submit(gen, engine, **body)
+            wait_for(lambda: engine.scheduler.load()["num_running_reqs"], "the request to run")
+            assert call(engine, "/pause_generation", {"mode": "retract"})[0] == 200
+            assert engine.scheduler.load()["num_waiting_reqs"] == 1
+            assert call(engine, "/flush_cache", {})[0] == 200  # refused before: a request waits
+            assert not f.done()
+        finally:
+            assert call(engine, "/continue_generation", {})[0] == 200
+        out = f.result(timeout=HTTP_TIMEOUT_S)
+    assert out["output_ids"] == ref and out["meta_info"]["finish_reason"]["type"] == "length"
+
+
 def test_a_continue_that_overtakes_its_in_place_pause_still_resumes(engine):
     """/continue_generation can reach the server while an in_place pause's hold is still queued on the
     scheduler (a client that gave up waiting for the pause, or sent both at once): the hold must not
