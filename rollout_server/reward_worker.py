@@ -1,35 +1,22 @@
 """A sandbox worker: one process that imports one function (a reward, a tool) and calls it, one call at a time.
 
-``rollout_server/sandbox.py`` starts it as ``python -I reward_worker.py FD`` (a fresh
-interpreter, run as a script: its module level needs only the standard library) with the
-secrets scrubbed from its environment (``scrubbed_env``), in a session of its own, and talks to
-it over the socket ``FD``. Frames are an 8-byte big-endian length and a body:
+``rollout_server/sandbox.py`` starts it as ``python -I reward_worker.py FD`` (run as a script: its
+module level needs only the standard library) and talks to it over the socket ``FD``. Frames are
+an 8-byte big-endian length and a body:
 
-* pool -> worker, pickled: first ``{"path", "sys_path", "memory_mb", "processes"}``, then one
-  ``(args, timeout_s)`` per call of ``fn(*args)`` (a reward's args: ``(response, example)``);
+* pool -> worker, pickled: first ``{"path", "sys_path", "memory_mb", "processes", "uid"}``, then
+  one ``(args, timeout_s)`` per call of ``fn(*args)``;
 * worker -> pool, JSON (the pool never unpickles what user code produced): first
-  ``{"ready": true}`` or ``{"kind": "error" | "memory", "reason": str}`` when the function cannot
-  be loaded (the worker then exits), then one ``{"result": value}`` (a real number that JSON
-  cannot carry, such as numpy's, as a float) or ``{"kind": "error" | "memory", "reason": str}``
-  per call.
+  ``{"ready": true}`` or ``{"kind": "error" | "memory", "reason"}`` (then it exits), then one
+  ``{"result": value}`` or ``{"kind", "reason"}`` per call.
 
-Loading (``load_reward``): the worker takes the pool's ``sys_path``, sets ``RLIMIT_AS``
-(``memory_mb``), then resolves the path with ``areal_like.tasks.callables.import_function``
-(standard library only, the project's one path parser; importable once ``sys_path`` is the pool's,
-which imports ``areal_like`` itself) and imports the reward's module under that limit. The
-launcher's preflight runs the same ``load_reward`` through ``probe`` in a child Python with the same
-environment, so a reward passes preflight exactly when a worker can load it.
-
-Limits, set by the worker itself: ``RLIMIT_AS`` from the start, before the reward's module is
-imported, so an allocation past it raises MemoryError; ``RLIMIT_CPU`` before each sample, past
-what the sample could burn until its timeout, as a backstop should the pool fail to kill a
-runaway (the kernel then ends the worker with SIGXCPU). The pool enforces the timeout by
-killing the process. ``RLIMIT_NPROC`` once the function is loaded (its imports may start thread
-pools); a worker started by root gives up its capabilities and takes a uid of its own before it
-imports anything of the user's (``drop_privileges``; sandbox.py says why). The worker exits
-when the pool's end of the socket closes.
+Limits the worker sets itself, in this order: capabilities dropped and a uid of its own (root
+only, before anything of the user's is imported: ``drop_privileges``), ``RLIMIT_AS`` before the
+function's module is imported (``load_reward``; the launcher's preflight runs the same through
+``probe``, so a reward passes preflight exactly when a worker can load it), ``RLIMIT_NPROC`` once
+it is loaded (its imports may start thread pools), ``RLIMIT_CPU`` before each call, past what the
+call could burn until its timeout. It exits when the pool's end of the socket closes.
 """
-
 from __future__ import annotations
 
 import ctypes

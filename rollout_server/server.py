@@ -1,33 +1,26 @@
 """The rollout server daemon: keeps one engine busy and streams scored groups to the buffer.
 
-Owns: its engine (started in-process, launched as an SGLang subprocess, or attached by URL),
-the episodes it runs, and its side of every weight sync and evaluation. Its groups and leases
-go through ``rollout_server/buffer_link.py``, which keeps each group until the buffer acks it. Holds no durable state: a crash loses only unacknowledged work, whose
-leases the buffer re-issues after ``buffer.lease_timeout_s``.
+Owns its engine (embedded, a launched SGLang, or attached by URL), its episodes, and its side of
+every weight sync and evaluation; its groups and leases go through ``buffer_link.py``. Holds no
+durable state: a crash loses only unacknowledged work, whose leases the buffer re-issues. The loop,
+the failure table and the evaluation choreography: rollout_server/ROLLOUT.md.
 
 Invariants:
-* a group is re-sent until acked also across buffer restarts: a heartbeat answered with
-  ``known=False`` means the buffer lost us; we register again and re-send everything unacked;
-* at most ``rollout.max_concurrent_groups`` episodes run at once (counting leases asked for and
-  not yet answered); no lease is asked for or started while a weight sync is pending or being
-  applied (the link holds those that arrive meanwhile);
-* a weight-sync plan is taken up only from ``HeartbeatAck.pending_plan``, which the buffer never
-  fills with a plan it recorded this server failed (buffer/control.py: a plan made before an
-  expiry or a restart); a published plan naming us is a hint that sends a heartbeat at once. Each
-  plan is applied once and answered with exactly one ``SyncDone``;
+* a group is re-sent until acked, also across buffer restarts (``known=False``: register again,
+  re-send everything unacked);
+* at most ``rollout.max_concurrent_groups`` episodes run at once (counting leases asked for and not
+  yet answered); no lease is asked for or started while a weight sync is pending or applied;
+* a plan is taken up only from ``HeartbeatAck.pending_plan``, which the buffer never fills with a
+  plan it recorded this server failed (buffer/control.py); a published plan naming us is a hint
+  that sends a heartbeat at once. Each plan is applied once and answered with one ``SyncDone``;
 * ``policy_version`` is the version the engine serves: updated only by a successful sync;
-* after a failed sync the engine must answer ``/health_generate`` within ``ENGINE_PROBE_S``: a
-  survivor of an aborted NCCL group may never finish its receive (SGLang receives on its scheduler,
-  so it then generates nothing) or lose its scheduler to SGLang's watchdog. One that does not answer
-  stops this server (exit 1, the wedged engine killed with it, as it dies with us anyway); the
-  supervisor (``areal-like run``; ``launch/slurm/with_restarts.sh`` on Slurm) restarts the server,
-  which starts a fresh engine and joins the next sync, the path of an engine that died. An engine
-  attached by URL is only reported: this server cannot restart it.
+* after a failed sync the engine must answer ``/health_generate`` within ``ENGINE_PROBE_S``, else
+  this server stops (exit 1, the wedged engine killed with it) for its supervisor to restart it
+  with a fresh engine; an engine attached by URL is only reported.
 
-Concurrency: one asyncio loop. Background tasks: heartbeats, announcements, the link's group
-sender, and one task per episode. A background task that dies takes the daemon down (exit 1).
+Concurrency: one asyncio loop; heartbeats, announcements, the link's sender and each episode are
+tasks. A background task that dies takes the daemon down (exit 1).
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -82,10 +75,7 @@ REGISTER_RETRY_S = 2.0  # a Register refused over the buffer's caps is sent agai
 FLUSH_ON_STOP_S = 3.0  # last sends on stop; well inside the launcher's grace period (GRACEFUL_STOP_S)
 MAX_EPISODE_FAILURES = 5  # consecutive failed episodes (engine errors): the engine is broken; exit
 ENGINE_PROBE_S = 30.0  # after a failed sync: /health_generate (one token) must answer within this
-# A job runs for days at several versions a minute: one INFO line per version filled the log
-# (thousands of lines an hour on CPU). Each version's line is DEBUG; every this many versions
-# one is INFO, so the log still shows the job moving. A failed sync is always a WARNING.
-SYNC_INFO_EVERY = 100
+SYNC_INFO_EVERY = 100  # a sync's line is DEBUG but every this many versions (a failure: WARNING)
 
 
 def unsendable(group: TrajectoryGroup) -> ProtocolError | None:
