@@ -1,43 +1,23 @@
 """Launch and stop a real SGLang server (``python -m sglang.launch_server``) for one rollout server.
 
-Pass-through, not a wrapper, so every SGLang option works under its own name and nothing here has
-to change when SGLang adds one: every key of ``rollout.engine.sglang`` becomes
-``--key-with-dashes value`` verbatim (``true`` -> a bare flag, ``false``/``null`` -> omitted,
-a list -> several values). The rollout server adds only what it must own: model path, host,
-port, ``--tp-size`` from ``rollout.engine.tp_size`` (the one source of truth: the launcher gives
-the server that many GPUs, so ``rollout.engine.sglang.tp_size`` is refused by the schema),
-``--weight-version 0`` unless configured (our versions are integers, SGLang's default
-``"default"`` is not) and ``--dtype`` from ``model.dtype`` unless ``rollout.engine.sglang.dtype``
-is set (SGLang's own default follows the checkpoint's ``config.json``: an fp32 config is served in
-fp16, while the trainer sends ``model.dtype`` weights).
+Pass-through, not a wrapper: every key of ``rollout.engine.sglang`` becomes ``--key-with-dashes
+value`` verbatim (``true``: a bare flag, ``false``/``null``: omitted, a list: several values). The
+server adds only what it owns: model path, host, port, ``--tp-size`` (``rollout.engine.tp_size``,
+the one source of truth), ``--weight-version 0`` (our versions are integers) and ``--dtype`` from
+``model.dtype`` (SGLang's default follows ``config.json``, while the trainer sends ``model.dtype``
+weights), each unless configured. CPU mode (``rollout.engine.sglang.device=cpu``) adds, in SGLang's
+environment only, ``SGLANG_USE_CPU_ENGINE=1`` and the pure-torch ``sgl_kernel`` stand-in first on
+``PYTHONPATH`` (with LoRA also its ``lora_site``: rollout_server/sglang_cpu/lora_site/__init__.py
+says why); the stand-in was checked against one SGLang release, and ``start()`` refuses another.
 
-CPU mode (``rollout.engine.sglang.device=cpu``, passed through as SGLang's ``--device cpu``;
-``topology=cpu_sglang``) adds, in the SGLang process's environment only,
-``SGLANG_USE_CPU_ENGINE=1`` (SGLang picks its CPU paths only through it) with
-``rollout_server/sglang_cpu`` first on ``PYTHONPATH`` (its pure-torch ``sgl_kernel`` stand-in;
-the registry's is the CUDA build); with ``trainer.lora`` also ``UNPINNED_ENV`` and
-``rollout_server/sglang_cpu/lora_site`` on ``PYTHONPATH``, whose ``sitecustomize`` makes the
-SGLang processes allocate unpinned where SGLang 0.5.23's LoRA code asks for pinned host memory
-(its ``__init__.py`` says why) and then runs the ``sitecustomize`` it shadows. The stand-in was checked against one
-SGLang release: ``start()`` refuses another before launching anything.
-
-The server runs in its own session (process group) because SGLang forks scheduler and
-detokenizer processes; ``stop()`` signals that group through the PID we started (SIGTERM,
-then SIGKILL after ``STOP_GRACE_S``). Nothing is killed by name.
-
-Invariant: the engine never outlives the rollout server, also when the rollout server is killed
-with SIGKILL and ``stop()`` never runs (an OOM kill, ``scancel``, a ``kill -9``): ``spawn_tied``
-asks the kernel to SIGKILL the child when its parent dies (``PR_SET_PDEATHSIG``, Linux). SGLang's
-own scheduler and detokenizer processes do the same towards the SGLang main process, so the
-whole tree goes, with its GPU memory and its port. The signal follows the *thread* that forked
-the child: ``start()`` must run on a thread that lives as long as the engine (the rollout
-server calls it from its main thread).
-
-What the tree leaves in ``/dev/shm`` (SGLang's load snapshot, semaphores) is removed by a reaper
-process started with it (``rollout_server/engine_reaper.py``), which outlives the rollout server
-on purpose: on ``stop()``, and also when the rollout server itself was killed.
+Invariants:
+* the engine never outlives the rollout server, also when the server is SIGKILLed: it runs in a
+  session of its own, tied to the thread that started it (``PR_SET_PDEATHSIG``; ``start()`` runs
+  on the server's main thread), and ``stop()`` signals that group by the PID we started (SIGTERM,
+  SIGKILL after ``STOP_GRACE_S``), never by name;
+* what it leaves in ``/dev/shm`` is removed by a reaper process that outlives the server on
+  purpose (``rollout_server/engine_reaper.py``).
 """
-
 from __future__ import annotations
 
 import functools
