@@ -79,10 +79,8 @@ SYNC_INFO_EVERY = 100  # a sync's line is DEBUG but every this many versions (a 
 
 
 def unsendable(group: TrajectoryGroup) -> ProtocolError | None:
-    """Why ``group`` cannot go on the wire (a value user code put in its metadata that msgpack
-    cannot carry, a frame over the limit), else None. Such an episode fails where it ends, as any
-    failed episode does (its lease is re-issued), instead of in the sender, whose death would stop
-    the server with every unacknowledged group in it."""
+    """Why ``group`` cannot go on the wire (metadata msgpack cannot carry, a frame over the
+    limit), else None: its episode fails where it ends, not the sender with every group in it."""
     try:
         encode(group)
     except ProtocolError as e:
@@ -127,10 +125,8 @@ class RolloutServer(Daemon):
 
     # ------------------------------------------------------------------ lifecycle
     def engine_api_key(self) -> str | None:
-        """The key the engine requires: the job's (``facts.engine_key``). An attached engine
-        (kind=url) takes what the job has. An engine this server starts is never unauthenticated:
-        without a job key it gets one of its own only when nobody else talks to it; the trainer's
-        log-prob guard does (``facts.probed``), so then the server refuses to start."""
+        """The job's engine key; an engine this server starts without one gets a key of its own,
+        unless the trainer's log-prob guard talks to it too (``facts.probed``): then no start."""
         kind = self.rcfg.engine.kind
         if self.facts.engine_key is not None or kind == "url":
             return self.facts.engine_key
@@ -209,8 +205,7 @@ class RolloutServer(Daemon):
             asyncio.run(self.serve_until_stopped())
 
     async def serve_until_stopped(self) -> None:
-        """Run ``main`` until a stop is requested, then cancel it wherever it waits (a request to a
-        dead buffer can take BUFFER_TIMEOUT_S; a stop must not)."""
+        """Run ``main`` until a stop is requested, then cancel it wherever it waits."""
         main = asyncio.create_task(self.main())
         while not main.done() and not self.stop_requested.is_set():
             await asyncio.wait({main}, timeout=LOOP_TICK_S)
@@ -221,11 +216,11 @@ class RolloutServer(Daemon):
             pass
 
     def health(self) -> tuple[bool, dict]:
-        """Healthy once ``start`` has its engine up (a launched SGLang answered its own health check):
-        the launcher starts a trainer that shares the GPU only after that."""
-        return self.failure is None and self.started, {"name": self.name, "server_id": self.server_id,
-                                      "policy_version": self.policy_version,
-                                      "unacked": len(self.link.unacked) if self.link else 0}
+        """Healthy once ``start`` has its engine up (the launcher starts a trainer sharing the GPU
+        only then)."""
+        return self.failure is None and self.started, {
+            "name": self.name, "server_id": self.server_id, "policy_version": self.policy_version,
+            "unacked": len(self.link.unacked) if self.link else 0}
 
     # ------------------------------------------------------------------ the loop
     async def main(self) -> None:
@@ -283,10 +278,8 @@ class RolloutServer(Daemon):
             self.data.close()
 
     def raise_if_engine_died(self) -> None:
-        """A launched SGLang that died (a crash, an OOM kill, a ``kill -9``) stops this server at
-        the next tick (exit 1) instead of failing episode after episode: the launcher starts the
-        server again, and with it a new engine (the old one's files removed by its reaper), which
-        registers afresh and is brought up to the trainer's weights (tests/sglang/test_sglang_faults.py)."""
+        """A launched SGLang that died stops this server (exit 1) at the next tick, instead of
+        failing episode after episode (ROLLOUT.md, "A launched SGLang that dies")."""
         if self.rcfg.engine.kind != "sglang" or self.engine is None:
             return
         if (code := self.engine.exit_code()) is not None:
@@ -295,10 +288,8 @@ class RolloutServer(Daemon):
 
     # ------------------------------------------------------------------ buffer control
     async def register(self, fresh: bool = False) -> None:
-        """Register (retrying until the buffer answers or we are asked to stop). ``fresh``: the first
-        time since this process started (the buffer re-issues leases an earlier process left). Every
-        Register of this process, retries included, carries its ``incarnation``: the buffer tells a
-        retry or a re-registration from a new process by it."""
+        """Register, retrying until the buffer answers or a stop. ``fresh``: the first time since
+        this process started; every Register carries this process's ``incarnation``."""
         msg = Register(server_id=self.server_id, engine_url=self.engine_url, engine_ranks=self.engine_ranks,
                        policy_version=self.policy_version, torch_version=self.versions.torch,
                        cuda_version=self.versions.cuda, nccl_version=self.versions.nccl,
@@ -324,7 +315,6 @@ class RolloutServer(Daemon):
             await asyncio.sleep(REGISTER_RETRY_S)
 
     async def heartbeats(self) -> None:
-        """One heartbeat each ``heartbeat_s``, and one at once when ``beat_now`` is set."""
         while True:
             try:
                 await asyncio.wait_for(self.beat_now.wait(), self.rcfg.heartbeat_s)
@@ -356,9 +346,7 @@ class RolloutServer(Daemon):
         try:
             while True:
                 msg = await sub.arecv(0.5)
-                if isinstance(msg, WeightSyncPlan):
-                    # a hint: the buffer hands the plan over in HeartbeatAck.pending_plan unless
-                    # it recorded our failure for it (module docstring)
+                if isinstance(msg, WeightSyncPlan):  # a hint (module docstring)
                     if any(m.server_id == self.server_id for m in msg.members):
                         self.beat_now.set()
                 elif isinstance(msg, VersionUpdate):
@@ -377,7 +365,6 @@ class RolloutServer(Daemon):
                               current_version_fn=lambda: self.policy_version, metrics=self.metrics)
 
     async def start_agent_endpoint(self) -> None:
-        """The agents' OpenAI-compatible endpoint, where the engine listens (agent_endpoint.py)."""
         from rollout_server.agent_endpoint import AgentEndpoint
 
         endpoint = AgentEndpoint(self.episode_context(), host=self.rcfg.engine.host,
@@ -424,8 +411,8 @@ class RolloutServer(Daemon):
         self.wake.set()
 
     def next_plan(self) -> WeightSyncPlan | None:
-        """The newest pending plan; older ones are superseded (their trainer has moved on). Of two
-        plans of one version the later wins: a re-push replaces the attempt before it."""
+        """The newest pending plan (of two of one version, the later: a re-push); older ones are
+        superseded."""
         if not self.plans:
             return None
         key = max(reversed(list(self.plans)), key=lambda k: k[0])  # max keeps the first of equals
@@ -456,7 +443,6 @@ class RolloutServer(Daemon):
             self.metrics.gauge("rollout/policy_version", "version the engine serves").set(self.policy_version)
         self.metrics.histogram("rollout/weight_sync_pause_seconds", "engine pause per weight update",
                                buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)).observe(done.pause_s)
-        # one line per version at DEBUG, INFO every SYNC_INFO_EVERY versions; a failure is a warning
         level = logging.WARNING if not done.ok else logging.DEBUG if plan.policy_version % SYNC_INFO_EVERY \
             else logging.INFO
         self.log.log(level, "weight sync v%d %s in %.2fs pause%s",
@@ -468,7 +454,7 @@ class RolloutServer(Daemon):
 
     async def probe_engine(self, version: int) -> None:
         """After a failed sync: an engine that does not generate within ``ENGINE_PROBE_S`` is
-        wedged; stop (exit 1) so that the supervisor restarts this server with a fresh engine."""
+        wedged; stop (module docstring)."""
         if await self.client.health_generate(timeout_s=ENGINE_PROBE_S):
             return
         why = (f"engine {self.engine_url} did not answer /health_generate within "
@@ -486,14 +472,12 @@ class RolloutServer(Daemon):
             self.log.error("could not report SyncDone v%d to the buffer", done.policy_version)
 
     async def decline_plan(self, plan: WeightSyncPlan) -> None:
-        """A plan that reached us after we left the roster to evaluate (published just before): say
-        so at once, so the trainer drops us from this version instead of waiting."""
+        """A plan that reached us after we left the roster to evaluate: decline it at once."""
         self.log.warning("declining weight sync v%d: evaluating version %s", plan.policy_version, self.eval_version)
         await self.report_sync(answer(plan, self.server_id, f"evaluating version {self.eval_version}"))
 
     # ------------------------------------------------------------------ evaluation
     def maybe_evaluate(self) -> None:
-        """Start an evaluation when the schedule says the served version is due (evaluate.py)."""
         if (self.evaluator is None or self.eval_task is not None or self.syncing or self.plans
                 or not self.evaluator.schedule.due(self.policy_version)):
             return
@@ -501,8 +485,8 @@ class RolloutServer(Daemon):
         self.eval_task.add_done_callback(self._evaluation_done)
 
     async def evaluate(self) -> None:
-        """Leave the weight syncs, let a plan already on its way land, evaluate the version the engine
-        then serves, come back (the next sync re-forms the group and pushes everything)."""
+        """Leave the weight syncs, let a plan on its way land, evaluate the version served, come
+        back (ROLLOUT.md, "Evaluation")."""
         self.evaluating = True
         try:
             await self.heartbeat()  # from its answer on, no new plan includes us
