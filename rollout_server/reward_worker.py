@@ -50,11 +50,9 @@ def scrubbed_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
 
 def load_reward(path: str, memory_mb: int) -> Callable:
     """The reward at ``path``, imported under an address-space limit of ``memory_mb`` MiB (0: none)
-    set on this whole process first; raises whatever the import raises (module docstring)."""
+    set on this whole process first; raises whatever the import raises."""
     _limit_memory(memory_mb)
-    from areal_like.tasks.callables import (
-        import_function,  # found on the sys.path taken from the pool
-    )
+    from areal_like.tasks.callables import import_function  # on the sys.path of the pool
 
     return import_function(path)
 
@@ -139,8 +137,8 @@ def _limit_memory(memory_mb: int) -> None:
 
 
 def _limit_cpu(timeout_s: float) -> None:
-    """The CPU-time backstop for one sample: what all our CPUs could burn until the timeout, plus
-    a grace (a reward's threads may use several), so it never ends a sample the pool would not."""
+    """The CPU-time backstop for one call: what all our CPUs could burn until the timeout, plus a
+    grace, so it never ends a call the pool would not."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     soft = math.ceil(usage.ru_utime + usage.ru_stime + timeout_s * len(os.sched_getaffinity(0))) + CPU_GRACE_S
     hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
@@ -168,12 +166,9 @@ def call_one(fn: Callable, frame: bytes) -> dict:
 
 def drop_privileges(uid: int | None = None) -> bool:
     """As root, before any user code is imported: give up every capability for good (bounding
-    set emptied, securebits locked so an exec regains none) and take the real uid ``uid``, which no
-    other process has (default: from this pid). Without capabilities the worker cannot undo the
-    mounts that hide the job's keys (sandbox.py), and RLIMIT_NPROC (``confine``) binds it. Its
-    effective uid stays 0, so files are read as their owner would (the interpreter and packages
-    may live in a root-only home) but nothing else is allowed. True when it dropped them; False
-    (not root: nothing to drop) otherwise."""
+    set emptied, securebits locked) and take the real uid ``uid`` no other process has (default:
+    from this pid), so the hiding mounts stay (sandbox.py) and RLIMIT_NPROC binds. The effective
+    uid stays 0 (a root-only home's packages stay readable). False when not root."""
     if os.geteuid() != 0:
         return False
     libc = ctypes.CDLL(None, use_errno=True)
@@ -184,13 +179,9 @@ def drop_privileges(uid: int | None = None) -> bool:
 
 
 def confine(processes: int, dropped: bool) -> None:
-    """Allow ``processes`` more processes (threads count too) from now on.
-
-    RLIMIT_NPROC counts the processes of the *real* uid and never binds the root user or a
-    process holding CAP_SYS_RESOURCE or CAP_SYS_ADMIN. A root worker ``dropped`` its privileges
-    (``drop_privileges``) and has a uid of its own: the limit then counts this worker alone.
-    Otherwise: the user's current count plus the allowance (a backstop: that count moves with the
-    user's other processes)."""
+    """Allow ``processes`` more processes (threads count) from now on. RLIMIT_NPROC counts the
+    real uid's: a worker that ``dropped`` its privileges has a uid of its own, so it counts this
+    worker alone; otherwise the user's current count plus the allowance (a backstop)."""
     if dropped:
         limit = 1 + processes
     else:

@@ -65,10 +65,9 @@ _hidden: tuple[str, ...] | None = None  # None: workers start as the job's own p
 
 
 def hide(paths) -> bool:
-    """From now on, start workers where ``paths`` (directories; those missing are skipped) cannot be
-    read and no process of the job can be signalled (module docstring). False, with a warning, where
-    this process cannot do that (not root, or ``unshare`` missing or refused). ``None``: start them
-    as the job's own processes again."""
+    """From now on, start workers where the directories ``paths`` cannot be read and no process of
+    the job can be signalled (module docstring); False, with a warning, where this process cannot
+    (not root, or no ``unshare``). ``None``: start them as the job's own processes again."""
     global _hidden
     if paths is None:
         _hidden = None
@@ -117,15 +116,13 @@ class SandboxResult:
 
 
 def call_request(args: tuple | list, timeout_s: float) -> bytes:
-    """One call of ``fn(*args)`` as a worker reads it (``reward_worker.call_one``); what pickle raises
-    for arguments that cannot be sent."""
+    """One call of ``fn(*args)`` as a worker reads it (``reward_worker.call_one``)."""
     return pickle.dumps((tuple(args), timeout_s))
 
 
 def run_sandboxed(fn_path: str, args: tuple | list, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
-    """``fn(*args)`` in a fresh sandboxed worker (module docstring), which is gone when this returns.
-    Blocks the calling thread (use ``asyncio.to_thread`` from a loop); never raises for what the
-    function does."""
+    """``fn(*args)`` in a fresh worker, gone when this returns; blocks the calling thread; never
+    raises for what the function does."""
     try:
         request = call_request(args, limits.timeout_s)
     except Exception as e:
@@ -189,15 +186,13 @@ class Worker:
             pass
 
     def call(self, request: bytes, timeout_s: float) -> dict:
-        """The worker's reply to one pickled ``(args, timeout_s)``; raises StartFailed (before it was
-        ready) or WorkerLost."""
+        """``send`` and ``reply``: StartFailed (before it was ready) or WorkerLost."""
         self.send(request)
         return self.reply(timeout_s)
 
     def send(self, request: bytes) -> None:
-        """Queue one call; the worker answers its calls one after another, in order (``reply``). A
-        blocking write: the caller queues no more than the socket holds, or writes to an idle worker.
-        A worker found gone here is reported by the next ``reply``, after the answers it did send."""
+        """Queue one call (a blocking write: the caller queues no more than the socket holds). A
+        worker found gone here is reported by the next ``reply``, after the answers it did send."""
         self.wait_ready()
         try:
             self.sock.settimeout(None)  # not the last reply's leftover deadline
@@ -206,12 +201,12 @@ class Worker:
             pass
 
     def reply(self, timeout_s: float) -> dict:
-        """The reply to the oldest unanswered call, within ``timeout_s`` from now: a queued call starts
-        when the one before it is answered, so each call has its own ``timeout_s``."""
+        """The reply to the oldest unanswered call, within ``timeout_s`` from now (a queued call
+        starts when the one before it is answered)."""
         return self._reply(timeout_s, f"timeout after {timeout_s}s")
 
     def wait_ready(self) -> None:
-        """Block until the worker has loaded its function (``limits.startup_timeout_s``); StartFailed if it did not."""
+        """Block until the worker has loaded its function; StartFailed if it did not in time."""
         if self.ready:
             return
         try:
