@@ -98,11 +98,6 @@ class SandboxLimits:
     timeout_s: float = 5.0  # wall clock of one call; the worker is killed past it
     memory_mb: int = 2048  # address space of the worker; 0 = none
     processes: int = 0  # processes or threads one call may start (RLIMIT_NPROC above the worker itself)
-    startup_timeout_s: float = STARTUP_TIMEOUT_S  # a new worker's import of the function (not counted above)
-
-    def __post_init__(self):
-        if not self.timeout_s > 0 or self.memory_mb < 0 or self.processes < 0 or not self.startup_timeout_s > 0:
-            raise ValueError(f"bad SandboxLimits: {self}")
 
 
 @dataclass(frozen=True)
@@ -175,7 +170,7 @@ class Worker:
             raise
         finally:
             theirs.close()
-        self.sock, self.ready, self.startup_timeout_s = ours, False, limits.startup_timeout_s
+        self.sock, self.ready = ours, False
         try:
             # its own uid from its host pid (its own pid may be 2, in a PID namespace of its own)
             send_frame(ours, pickle.dumps({
@@ -210,7 +205,7 @@ class Worker:
         if self.ready:
             return
         try:
-            reply = self._reply(self.startup_timeout_s, f"not ready after {self.startup_timeout_s}s")
+            reply = self._reply(STARTUP_TIMEOUT_S, f"not ready after {STARTUP_TIMEOUT_S}s")
         except WorkerLost as lost:
             self.kill()
             raise StartFailed(lost.reason) from None

@@ -17,6 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from areal_like.tasks.tools import ToolSpec, result_text
+from rollout_server import sandbox
 from rollout_server.sandbox import SandboxLimits, StartFailed, Worker, WorkerLost, call_request
 
 INVOKE = "rollout_server.tool_pool:invoke"  # what every worker loads: it imports and calls the tool
@@ -69,7 +70,7 @@ class ToolPool:
 
     def _warm(self, started: threading.Barrier) -> None:
         try:
-            started.wait(self.limits.startup_timeout_s)
+            started.wait(sandbox.STARTUP_TIMEOUT_S)
         except threading.BrokenBarrierError:
             pass  # a slow thread: the worker still starts; wait_ready waits for each
         try:
