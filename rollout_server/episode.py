@@ -71,18 +71,21 @@ class Transcript:
                              finish_reason=finish_reason or self.finish_reason, metadata=metadata)
 
 
+def as_version(label: str | None, fallback: int) -> int:
+    """An engine's version label as our integer; ``fallback`` for none or one that is not an
+    integer (SGLang's default ``"default"``)."""
+    try:
+        return int(label) if label is not None else fallback
+    except ValueError:
+        return fallback
+
+
 def segment_versions(out: GenerateOutput, fallback: int) -> list[int]:
     """Per-token versions of one segment (see module docstring)."""
-    def as_int(v: str | None) -> int:
-        try:
-            return int(v) if v is not None else fallback
-        except ValueError:
-            return fallback
-
-    versions = [as_int(out.weight_version)] * len(out.output_ids)
+    versions = [as_version(out.weight_version, fallback)] * len(out.output_ids)
     for version, start, end in out.weight_spans:
         for t in range(max(0, start), min(end, len(versions))):
-            versions[t] = as_int(version)
+            versions[t] = as_version(version, fallback)
     return versions
 
 

@@ -54,7 +54,7 @@ from areal_like.wire.protocol import (
     encode,
 )
 from rollout_server.buffer_link import BufferLink
-from rollout_server.episode import EpisodeContext, run_episode
+from rollout_server.episode import EpisodeContext, as_version, run_episode
 from rollout_server.facts import RolloutFacts
 from rollout_server.launch_sglang import stop_group
 from rollout_server.multiturn import EpisodeRunner
@@ -241,7 +241,8 @@ class RolloutServer(Daemon):
             await self.client.wait_healthy(self.rcfg.engine.startup_timeout_s)
             if self.facts.task.agent:
                 await self.start_agent_endpoint()
-            self.policy_version = await self.engine_version()
+            # SGLang's "default" label: the initial weights, version 0
+            self.policy_version = as_version(await self.client.weight_version(), 0)
             info = {} if self.rcfg.engine.kind == "embedded" else await self.client.server_info()
             if self.rcfg.engine.kind == "url":  # its TP size decides how many group ranks it takes
                 self.engine_ranks = int(info.get("tp_size") or 1)
@@ -513,13 +514,6 @@ class RolloutServer(Daemon):
     async def episodes_idle(self) -> None:
         while self.episodes:
             await asyncio.wait(set(self.episodes))
-
-    async def engine_version(self) -> int:
-        try:
-            v = await self.client.weight_version()
-            return int(v) if v is not None else 0
-        except ValueError:
-            return 0  # SGLang's default version string "default": the initial weights
 
 
 def _raise_if_done(tasks: list[asyncio.Task]) -> None:
