@@ -1,23 +1,17 @@
 """OpenAI chat messages in and out of the agent endpoint: the request's checks, the tool-call
 formats, how a conversation meets the chat template, and the answer in the OpenAI schema.
 
-Pure functions; ``agent_endpoint.py`` serves them. What is decided here:
-
-* a request is ``{"messages", "tools"?, "temperature"?, "top_p"?, "max_tokens"? |
-  "max_completion_tokens"?, "n"? = 1, "stream"? = false, "model"?}``; anything else the OpenAI API
-  knows is ignored, a wrong shape is refused (``RequestError``, answered 400);
-* tool calls are parsed from the generated text by transformers' response parser
-  (``transformers.utils.chat_parsing.parse_response``) with the model family's response template
-  (``TOOL_FORMATS``: ``hermes``, Qwen2.5/Qwen3/Hermes' ``<tool_call>{json}</tool_call>``, and
-  ``mistral``, ``[TOOL_CALLS][{json}, ...]``); text the parser cannot read is plain content;
-* ``key(message)``: what two messages must share to be the same turn (role, text, tool calls as
-  name and parsed arguments; ids and the SDK's empty fields do not count), so an agent that sends
-  back the assistant message it was given, as a dict or as the SDK's object, is recognised;
-* ``template_messages``: what the chat template renders. An assistant message the endpoint
-  generated is rendered as the text the model generated (its raw tool-call markup included), so
-  the template sees what the model wrote, never a re-serialisation of it.
+Pure functions; ``agent_endpoint.py`` serves them. Invariants:
+* a request's wrong shape is refused (``RequestError``, 400); what else the OpenAI API knows is
+  ignored;
+* tool calls are parsed by transformers' response parser with the model family's template
+  (``TOOL_FORMATS``); text it cannot read is plain content;
+* ``key(message)`` is what two messages must share to be the same turn (role, text, tool calls as
+  name and parsed arguments), so an agent that sends back the assistant message it was given, as
+  a dict or as the SDK's object, is recognised;
+* ``template_messages`` renders an assistant message the endpoint generated as the text the model
+  generated, never a re-serialisation of it.
 """
-
 from __future__ import annotations
 
 import json

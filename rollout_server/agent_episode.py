@@ -1,25 +1,13 @@
 """Agent episodes: ``task.agent = "pkg.module:run"``, a plain function that talks to the model
-through the OpenAI API and returns a score.
+through the OpenAI API and returns a score (rollout_server/ROLLOUT.md, "Agent episodes").
 
-``async def run(client_base_url: str, api_key: str, example) -> float`` (a sync function too).
-One group: ``task.group_size`` episodes of the credit's example, run concurrently, each:
-
-```
-open a session on the agent endpoint (its own API key)            agent_endpoint.py
-run(base_url, api_key, example) in the agent pool                  a sandboxed worker
-   (task.agent_workers processes, as tools run: tool_pool.py / sandbox.py; killed with all it
-    started past task.episode_timeout_s)
-close the session (a later call of that agent gets 410)
-its reward (None: the task's reward scores the last generated text), or 0 with the reason
-   (it raised, crashed, hung, returned no number) -> every trajectory of its session (one per
-   consistent prefix)
-```
-
-An episode whose agent made no call leaves no trajectory (nothing was generated) and is counted
-(``rollout/agent_episodes{outcome}``); a group none of whose agents made a call fails like an
-engine error (the credit lapses and is re-issued).
+One group: ``task.group_size`` episodes of the credit's example, run concurrently, each a session
+on the agent endpoint (its own API key) and ``run(base_url, api_key, example)`` in the agent pool
+(sandboxed workers, killed with all they started past ``task.episode_timeout_s``). Its reward (None:
+the task's reward scores the last generated text; a failure: 0 with the reason) goes to every
+trajectory of its session. An episode whose agent made no call leaves no trajectory; a group with
+none fails like an engine error (the credit lapses and is re-issued).
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -72,11 +60,7 @@ class AgentRunner:
             why = f" (last error: {self.error})" if self.error else ""
             raise RuntimeError(f"none of the {self.cfg.group_size} agents of prompt "
                                f"{credit.prompt_index} called the model{why}")
-        ctx = self.ctx
-        return TrajectoryGroup(group_id=f"{ctx.server_id}-{credit.lease_id}",
-                               server_id=ctx.server_id, lease_id=credit.lease_id,
-                               prompt_index=credit.prompt_index, epoch=credit.epoch,
-                               trajectories=trajectories)
+        return self.ctx.group(credit, trajectories)
 
     async def run(self, example) -> list[Trajectory]:
         """One episode to its end (module docstring)."""

@@ -1,29 +1,21 @@
 """A rollout server's data exchange with the buffer: its groups go out, its leases come in.
 
-Owns the groups generated and not yet acknowledged, and the lease accounting (leases asked for,
-leases held, the back-off of credit requests). The server (``rollout_server/server.py``) adds a
-group when an episode finishes, says how many episode slots are free and whether a weight sync
-blocks new episodes, and starts an episode for each lease handed to it.
+Owns the groups not yet acknowledged and the lease accounting. The server
+(``rollout_server/server.py``) adds a group when an episode ends, says how many episode slots are
+free and whether a weight sync blocks, and starts an episode for each lease handed to it.
 
 Invariants:
 * a group is kept and re-sent until an Ack says ``accepted``, ``duplicate`` (the buffer dedupes by
-  ``group_id``) or ``rejected`` (re-sending cannot help); "unavailable" (the buffer's disk is full)
-  or no answer keeps it, due again ``RESEND_BACKOFF_S`` later; a send that timed out backs off
-  every group, since the buffer is not answering;
-* due groups go out ``SEND_WINDOW`` at a time, all in flight at once on the data connection
-  (``AsyncClient.request_many``): the groups of a batch of leases finish together, and their
-  round trips overlap instead of queueing one behind the other;
-* leases for free slots are asked for with each group's first send and with the report of a
-  weight sync that loaded (``want_credits``: the Ack carries them, no extra round trip), and by a
-  ``CreditRequest`` only when no group is due. A re-send asks for none: it may be a duplicate whose
-  lost ack carried them (they expire and are re-issued). A slot is never asked for twice:
-  ``asked`` counts the leases of requests in flight;
-* no lease is asked for while a weight sync blocks; leases that arrive meanwhile are held and
-  handed out once it is over;
-* on stop, ``flush`` makes one last best-effort send of each group; what is left is covered by
-  its lease, which the buffer re-issues after ``buffer.lease_timeout_s``.
+  ``group_id``) or ``rejected``; "unavailable" (disk full) or no answer keeps it, due again
+  ``RESEND_BACKOFF_S`` later (a timeout backs off every group: the buffer is not answering);
+* due groups go out ``SEND_WINDOW`` at a time, all in flight at once (``request_many``);
+* leases for free slots are asked for with each group's first send and with the report of a sync
+  that loaded (``want_credits``), by a ``CreditRequest`` only when no group is due; a re-send asks
+  for none (it may be a duplicate whose lost ack carried them); ``asked`` counts the leases of
+  requests in flight, so a slot is never asked for twice;
+* no lease is asked for while a weight sync blocks; leases that arrive meanwhile are held;
+* on stop, ``flush`` makes one last best-effort send of each group.
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -86,12 +78,8 @@ class BufferLink:
         return max(0, min(self.free_slots() - self.asked - len(self.held), MAX_CREDITS_PER_REQUEST))
 
     def window_moved(self) -> None:
-        """The trainer announced a new version: a back-off from an empty answer before is over. At eta 0
-        a server's sync report can beat the trainer's next batch request (which consumes the last
-        batch, opening admission) to the buffer and be refused; with the overlapped push (the default
-        for a model that fits its staging buffers) that request precedes the announcement, so asking
-        on it gets the leases ~2 ms later instead of CREDIT_RETRY_S. A foreground push announces
-        before that request: a refused ask then still waits out the back-off."""
+        """The trainer announced a new version: a back-off from an empty answer before is over
+        (a refused ask at eta 0 gets its leases at the announcement, not CREDIT_RETRY_S later)."""
         self.next_request_at = 0.0
 
     def take(self, credits: list[Credit], via: str) -> None:

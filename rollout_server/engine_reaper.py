@@ -1,32 +1,21 @@
 """What a launched SGLang leaves behind, and the reaper that removes it even after a ``kill -9``.
 
-SGLang keeps files in ``/dev/shm`` while it runs: a 16 KB load snapshot
-(``sglang_loads_<name>_<hash>.shm``, left behind even by a clean SIGTERM stop) and named
-semaphores (``sem.*``). Their names hold random parts, so they are found, not predicted:
-``shm_files(pgid)`` lists the ``/dev/shm`` files the processes of SGLang's group map or hold open.
+SGLang keeps files in ``/dev/shm`` while it runs (a load snapshot ``sglang_loads_*.shm``, left
+even by a clean stop, and named semaphores ``sem.*``) under random names, so they are found, not
+predicted: ``shm_files(pgid)`` lists those the processes of SGLang's group map or hold open. One
+is tqdm's multiprocessing lock, a ``sem.mp-*`` that the scheduler maps under glibc's temporary
+name (``/dev/shm/sem.XXXXXX (deleted)`` in ``/proc/PID/maps``), whose resource tracker SGLang's
+shutdown kills: it is found as the ``/dev/shm/sem.*`` entry with the mapped file's device and
+inode, which the mapping keeps alive.
 
-One of them is a 32-byte ``sem.mp-*`` per run: tqdm's class-wide multiprocessing lock
-(``tqdm.std.TqdmDefaultWriteLock.create_mp_lock``), made when the scheduler process first shows
-a progress bar (loading the weights, ``sglang/srt/model_loader/weight_utils.py``) and kept for its
-life. Under SGLang's ``spawn`` start method Python leaves its name to the resource tracker to
-unlink, which SGLang's shutdown SIGKILLs with its other children (also on a clean SIGTERM), so
-nothing else removes it. Its creator maps it under glibc's temporary name (``sem_open`` makes
-``/dev/shm/sem.XXXXXX``, links it to the final name, unlinks the temporary one), so
-``/proc/PID/maps`` shows ``/dev/shm/sem.XXXXXX (deleted)``: the name is found as the
-``/dev/shm/sem.*`` entry with the mapped file's device and inode. That is exact: the mapping keeps
-the file, hence its inode number, alive, and processes outside the group (other jobs' semaphores)
-are never read. A semaphore a process of the group has open is never taken from elsewhere: SGLang
-is exec'd (nothing is inherited from the rollout server) and creates its own.
-
-Killed processes remove nothing, and a rollout server killed with SIGKILL runs no cleanup. So
-``SGLangProcess`` starts one reaper per engine, ``python -m rollout_server.engine_reaper PGID``,
-in a session of its own and NOT tied to the rollout server: it reads file paths from its stdin,
-one per line, until end of file, which comes when the rollout server closes the pipe (``stop()``)
-or dies (the kernel closes it). Then it SIGKILLs what is left of the group, waits for the group
-to be gone (``GONE_TIMEOUT_S``), unlinks the files it was told and exits. The port is the
-kernel's: it is free once the group is gone.
+Invariants:
+* only processes in the group are read, each checked to be in it after its maps and fds are read
+  (a PID reused meanwhile counts for nothing), so no other process's file is ever reaped;
+* one reaper per engine (``python -m rollout_server.engine_reaper PGID``), in a session of its own
+  and NOT tied to the rollout server, reads paths from stdin until end of file (the server's
+  ``stop()`` or death), then SIGKILLs what is left of the group, waits until it is gone
+  (``GONE_TIMEOUT_S``) and unlinks the files it was told.
 """
-
 from __future__ import annotations
 
 import os

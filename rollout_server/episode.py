@@ -1,28 +1,18 @@
 """Episodes: one credit (prompt index) -> one scored ``TrajectoryGroup``.
 
-``generate_sample`` is **interruptible generation**. A weight update pauses the engine with
-``mode=abort``; every running ``/generate`` then returns ``finish_reason.type == "abort"`` with
-the tokens produced so far. The sample is resubmitted as ``prompt + tokens so far`` with
-``max_new_tokens`` reduced by their count (the new request blocks in the engine until
-``/continue_generation``), and the segments are concatenated until a segment ends with
-``stop`` or ``length``. Invariants of the result:
+``generate_sample`` is interruptible generation (rollout_server/ROLLOUT.md, worked example): a
+segment the engine aborted for a pause is resubmitted as ``prompt + tokens so far`` with
+``max_new_tokens`` reduced by their count, until a segment ends with ``stop`` or ``length``.
 
+Invariants of a sample:
 * ``output_ids``, ``behav_logp`` and ``versions`` are aligned and hold every token exactly once,
-  in order (segment outputs are appended; nothing is re-generated or dropped);
-* ``versions[t]`` is the version that produced token t: ``meta_info.weight_version`` of the
-  segment that returned it (or its ``weight_versions`` spans when SGLang reports several);
-  a server whose version string is not an integer (SGLang's default ``"default"``) falls back
-  to the version the rollout server knows it serves;
-* ``len(output_ids) <= max_new_tokens``; a sample that exhausts its budget across segments
-  finishes as ``length``.
-
-An abort that carries an HTTP status (the engine rejected the request, e.g. too long) is an
-error, not a pause: it raises ``SGLangError`` instead of looping. ``generate_group`` sends the n
-samples as one batched request (each resumes on its own, the unfinished ones batched again);
-``run_episode`` detokenises them and scores the group in the reward pool
-(``rollout_server/reward_pool.py``).
+  in order;
+* ``versions[t]`` is the version that produced token t: the segment's ``weight_version`` (or its
+  ``weight_versions`` spans); a version string that is not an integer (SGLang's ``"default"``)
+  falls back to the version the server knows it serves;
+* ``len(output_ids) <= max_new_tokens``; a sample that exhausts its budget finishes as ``length``;
+* an abort that carries an HTTP status is an error (``SGLangError``), not a pause.
 """
-
 from __future__ import annotations
 
 import time
@@ -48,18 +38,54 @@ class Sample:
     resumed: int = 0  # how many times an aborted segment was resubmitted
 
 
+@dataclass(kw_only=True)
+class Transcript:
+    """A conversation's ids as one trajectory grows them (multiturn.py, agent_endpoint.py):
+    aligned per-token arrays after the prompt. A generated token keeps its logprob and version
+    (loss_mask 1); a context token has logprob 0, loss_mask 0 and the version of the generated
+    token before it (``version`` before the first), so the oldest version is a generated one's."""
+
+    prompt_ids: list[int]
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    loss_mask: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+
+    def add_context(self, ids: list[int], version: int) -> None:
+        self.output_ids += ids
+        self.logprobs += [0.0] * len(ids)
+        self.versions += [self.versions[-1] if self.versions else version] * len(ids)
+        self.loss_mask += [0] * len(ids)
+
+    def add_generated(self, s: Sample) -> None:
+        self.output_ids += s.output_ids
+        self.logprobs += s.logprobs
+        self.versions += s.versions
+        self.loss_mask += [1] * len(s.output_ids)
+
+    def trajectory(self, reward: float, metadata: dict, finish_reason: str = "") -> Trajectory:
+        return Trajectory.of(prompt_ids=as_i32(self.prompt_ids), output_ids=as_i32(self.output_ids),
+                             behav_logp=as_f32(self.logprobs), versions=as_i32(self.versions),
+                             loss_mask=as_i32(self.loss_mask), reward=float(reward),
+                             finish_reason=finish_reason or self.finish_reason, metadata=metadata)
+
+
+def as_version(label: str | None, fallback: int) -> int:
+    """An engine's version label as our integer; ``fallback`` for none or one that is not an
+    integer (SGLang's default ``"default"``)."""
+    try:
+        return int(label) if label is not None else fallback
+    except ValueError:
+        return fallback
+
+
 def segment_versions(out: GenerateOutput, fallback: int) -> list[int]:
     """Per-token versions of one segment (see module docstring)."""
-    def as_int(v: str | None) -> int:
-        try:
-            return int(v) if v is not None else fallback
-        except ValueError:
-            return fallback
-
-    versions = [as_int(out.weight_version)] * len(out.output_ids)
+    versions = [as_version(out.weight_version, fallback)] * len(out.output_ids)
     for version, start, end in out.weight_spans:
         for t in range(max(0, start), min(end, len(versions))):
-            versions[t] = as_int(version)
+            versions[t] = as_version(version, fallback)
     return versions
 
 
@@ -135,6 +161,13 @@ class EpisodeContext:
             params["stop_token_ids"] = [int(self.tokenizer.eos_token_id)]
         return params
 
+    def group(self, credit: Credit, trajectories: list[Trajectory]) -> TrajectoryGroup:
+        """The group of ``credit``'s lease, named after this server and the lease."""
+        return TrajectoryGroup(group_id=f"{self.server_id}-{credit.lease_id}",
+                               server_id=self.server_id, lease_id=credit.lease_id,
+                               prompt_index=credit.prompt_index, epoch=credit.epoch,
+                               trajectories=trajectories)
+
 
 async def run_episode(ctx: EpisodeContext, credit: Credit) -> TrajectoryGroup:
     """Generate, detokenise and score one group for ``credit``."""
@@ -165,9 +198,7 @@ async def run_episode(ctx: EpisodeContext, credit: Credit) -> TrajectoryGroup:
                                         buckets=(0.0, 0.25, 0.5, 0.75, 1.0))
         for t in trajectories:
             rewards.observe(t.reward)
-    return TrajectoryGroup(group_id=f"{ctx.server_id}-{credit.lease_id}", server_id=ctx.server_id,
-                           lease_id=credit.lease_id, prompt_index=credit.prompt_index, epoch=credit.epoch,
-                           trajectories=trajectories)
+    return ctx.group(credit, trajectories)
 
 
 def _gauge(metrics: Metrics | None, name: str, delta: int) -> None:

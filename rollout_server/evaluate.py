@@ -1,32 +1,19 @@
 """Evaluation on the task's eval split, through an engine serving one known policy version.
 
-Two callers share ``evaluate``:
+Two callers share ``evaluate``: the rollout server started with ``rollout.eval=true``
+(``EvalSchedule`` says when; the choreography with the buffer and the trainer is in
+rollout_server/ROLLOUT.md, "Evaluation"), and ``areal-like eval MODEL`` (``main``): an HF
+directory or a trainer checkpoint, evaluated on its own with an embedded engine. Its task is
+never guessed (``_eval_config``): ``--config-file``; else ``task=NAME`` on the command line; else
+the config.yaml of the run the model sits in; else the task an export stores
+(``areal_like_task.yaml``); else the ``task.*`` overrides given; else it refuses (exit 2).
 
-* the rollout server started with ``rollout.eval=true`` (``areal-like run`` sets it on the first
-  one). ``EvalSchedule`` says when: at version 0 (``eval.at_start``), each time the version its
-  engine serves crosses a multiple of ``eval.every``, and at ``trainer.steps`` (``eval.at_end``).
-  While it evaluates, the server tells the buffer so in its heartbeats and the buffer leaves it
-  out of the weight-sync roster: its engine stays at one version for the whole evaluation, the
-  trainer never waits for it, and it re-joins the next sync with a full push. No trainer time is
-  spent; the trainer's only part is one more push at the end if the evaluating server missed the
-  last version (``trainer/loop.py``).
-* ``areal-like eval MODEL`` (``main`` below): an HF directory or a trainer checkpoint, evaluated
-  on its own with an embedded engine. Which task it is scored on is never guessed (``_eval_config``):
-  ``--config-file``; else a task named on the command line (``task=NAME``); else the config.yaml
-  of the run the model sits in; else the task an export stores (``areal_like_task.yaml``); else
-  the ``task.*`` overrides given; else it refuses (exit 2).
-
-What one evaluation measures (one line of ``<run_dir>/eval.jsonl``), over ``n`` eval prompts:
-
-* ``greedy_accuracy``: share of prompts whose greedy response earns full credit (reward >= 1);
-  ``greedy_reward``: the mean reward of those responses;
-* ``mean@k``: mean reward of ``k`` samples per prompt at the sampling temperature;
-  ``pass@k``: share of prompts with at least one of the ``k`` samples at full credit.
-
-Every token of every eval response must come from ``policy_version``; the record carries the
-versions actually seen (``token_versions``) so a violation is visible, never silent.
+One evaluation (a line of ``<run_dir>/eval.jsonl``) over ``n`` prompts: ``greedy_accuracy``
+(share of greedy responses at full credit, reward >= 1) and ``greedy_reward`` (their mean);
+``mean@k`` (mean reward of ``k`` samples at the sampling temperature) and ``pass@k`` (share of
+prompts with one of them at full credit). Every token must come from ``policy_version``; the
+record carries the versions seen (``token_versions``), so a violation is visible.
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -193,12 +180,16 @@ class ServerEvaluator:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    async def figures(self, client: SGLangClient, version: int) -> dict:
+        """``evaluate`` of the eval split on ``client``'s engine, which serves ``version``."""
+        eos = self.tokenizer.eos_token_id
+        return await evaluate(client, self.examples, self.encode, self.decode, self.rewards,
+                              self.settings, [int(eos)] if eos is not None else [], lambda: version)
+
     async def run(self, client: SGLangClient, version: int) -> dict:
         """Evaluate the engine (which serves ``version``) and record the result."""
         t0 = time.monotonic()
-        eos = self.tokenizer.eos_token_id
-        figures = await evaluate(client, self.examples, self.encode, self.decode, self.rewards, self.settings,
-                                 [int(eos)] if eos is not None else [], lambda: version)
+        figures = await self.figures(client, version)
         record = {"time": time.time(), "policy_version": version, "final": self.schedule.is_final(version),
                   "seconds": round(time.monotonic() - t0, 3), **figures}
         append_record(self.path, record)
@@ -248,11 +239,9 @@ async def _evaluate_model(cfg: RunConfig, version: int | None) -> dict:
     key = secrets.token_urlsafe(32)  # this engine serves this call only
     engine = EmbeddedEngine(cfg.model, cfg.rollout.engine, api_key=key).start()
     client = SGLangClient(engine.url, generate_timeout_s=cfg.rollout.engine.request_timeout_s, api_key=key)
-    eos = tokenizer.eos_token_id
     try:
         t0 = time.monotonic()
-        figures = await evaluate(client, evaluator.examples, evaluator.encode, evaluator.decode, rewards,
-                                 evaluator.settings, [int(eos)] if eos is not None else [], lambda: 0)
+        figures = await evaluator.figures(client, 0)
     finally:
         await client.close()
         rewards.close()

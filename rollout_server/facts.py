@@ -1,17 +1,10 @@
 """What a rollout server needs to know about the rest of the job, beyond its own ``rollout`` section.
 
 ``RolloutFacts.from_run(cfg)`` is the one place that reads other sections of the run config for a
-rollout server; the server and its evaluator see only ``RolloutConfig`` and these facts. The model
-and the task are shared knowledge (the trainer and the buffer read the same ones), so they come
-whole; of the trainer's section only the number of steps, the LoRA layout and whether its log-prob
-guard probes the engines.
-
-Security is a fact too, resolved once at start and passed to every socket and client the server
-makes: its CURVE keys (``keys``: ``security.setup(cfg, "rollout")``, done by ``python -m
-rollout_server``; None: plain sockets) and the job's engine API key (``engine_key``:
-``areal_like.net.auth.engine_api_key``, the environment, else the run directory's key file).
+rollout server: the model and the task whole (shared knowledge), of the trainer only its steps,
+its LoRA layout and whether its log-prob guard probes the engines; and the security resolved once
+at start: the CURVE ``keys`` (None: plain sockets) and the job's engine API key, never in a repr.
 """
-
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,43 +1,23 @@
 """Launch and stop a real SGLang server (``python -m sglang.launch_server``) for one rollout server.
 
-Pass-through, not a wrapper, so every SGLang option works under its own name and nothing here has
-to change when SGLang adds one: every key of ``rollout.engine.sglang`` becomes
-``--key-with-dashes value`` verbatim (``true`` -> a bare flag, ``false``/``null`` -> omitted,
-a list -> several values). The rollout server adds only what it must own: model path, host,
-port, ``--tp-size`` from ``rollout.engine.tp_size`` (the one source of truth: the launcher gives
-the server that many GPUs, so ``rollout.engine.sglang.tp_size`` is refused by the schema),
-``--weight-version 0`` unless configured (our versions are integers, SGLang's default
-``"default"`` is not) and ``--dtype`` from ``model.dtype`` unless ``rollout.engine.sglang.dtype``
-is set (SGLang's own default follows the checkpoint's ``config.json``: an fp32 config is served in
-fp16, while the trainer sends ``model.dtype`` weights).
+Pass-through, not a wrapper: every key of ``rollout.engine.sglang`` becomes ``--key-with-dashes
+value`` verbatim (``true``: a bare flag, ``false``/``null``: omitted, a list: several values). The
+server adds only what it owns: model path, host, port, ``--tp-size`` (``rollout.engine.tp_size``,
+the one source of truth), ``--weight-version 0`` (our versions are integers) and ``--dtype`` from
+``model.dtype`` (SGLang's default follows ``config.json``, while the trainer sends ``model.dtype``
+weights), each unless configured. CPU mode (``rollout.engine.sglang.device=cpu``) adds, in SGLang's
+environment only, ``SGLANG_USE_CPU_ENGINE=1`` and the pure-torch ``sgl_kernel`` stand-in first on
+``PYTHONPATH`` (with LoRA also its ``lora_site``: rollout_server/sglang_cpu/lora_site/__init__.py
+says why); the stand-in was checked against one SGLang release, and ``start()`` refuses another.
 
-CPU mode (``rollout.engine.sglang.device=cpu``, passed through as SGLang's ``--device cpu``;
-``topology=cpu_sglang``) adds, in the SGLang process's environment only,
-``SGLANG_USE_CPU_ENGINE=1`` (SGLang picks its CPU paths only through it) with
-``rollout_server/sglang_cpu`` first on ``PYTHONPATH`` (its pure-torch ``sgl_kernel`` stand-in;
-the registry's is the CUDA build); with ``trainer.lora`` also ``UNPINNED_ENV`` and
-``rollout_server/sglang_cpu/lora_site`` on ``PYTHONPATH``, whose ``sitecustomize`` makes the
-SGLang processes allocate unpinned where SGLang 0.5.23's LoRA code asks for pinned host memory
-(its ``__init__.py`` says why) and then runs the ``sitecustomize`` it shadows. The stand-in was checked against one
-SGLang release: ``start()`` refuses another before launching anything.
-
-The server runs in its own session (process group) because SGLang forks scheduler and
-detokenizer processes; ``stop()`` signals that group through the PID we started (SIGTERM,
-then SIGKILL after ``STOP_GRACE_S``). Nothing is killed by name.
-
-Invariant: the engine never outlives the rollout server, also when the rollout server is killed
-with SIGKILL and ``stop()`` never runs (an OOM kill, ``scancel``, a ``kill -9``): ``spawn_tied``
-asks the kernel to SIGKILL the child when its parent dies (``PR_SET_PDEATHSIG``, Linux). SGLang's
-own scheduler and detokenizer processes do the same towards the SGLang main process, so the
-whole tree goes, with its GPU memory and its port. The signal follows the *thread* that forked
-the child: ``start()`` must run on a thread that lives as long as the engine (the rollout
-server calls it from its main thread).
-
-What the tree leaves in ``/dev/shm`` (SGLang's load snapshot, semaphores) is removed by a reaper
-process started with it (``rollout_server/engine_reaper.py``), which outlives the rollout server
-on purpose: on ``stop()``, and also when the rollout server itself was killed.
+Invariants:
+* the engine never outlives the rollout server, also when the server is SIGKILLed: it runs in a
+  session of its own, tied to the thread that started it (``PR_SET_PDEATHSIG``; ``start()`` runs
+  on the server's main thread), and ``stop()`` signals that group by the PID we started (SIGTERM,
+  SIGKILL after ``STOP_GRACE_S``), never by name;
+* what it leaves in ``/dev/shm`` is removed by a reaper process that outlives the server on
+  purpose (``rollout_server/engine_reaper.py``).
 """
-
 from __future__ import annotations
 
 import functools
@@ -64,8 +44,7 @@ HEALTH_POLL_S = 1.0
 
 
 def spawn_tied(argv: list[str], stdout=None, stderr=None, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start ``argv`` in a session (process group) of its own, killed by the kernel when this
-    process dies. ``stop_group`` is the graceful way; this is the guarantee behind it."""
+    """Start ``argv`` in a session of its own, killed by the kernel when this process dies."""
     if not sys.platform.startswith("linux"):
         raise RuntimeError("spawn_tied needs Linux (prctl PR_SET_PDEATHSIG)")
     return subprocess.Popen(argv, stdout=stdout, stderr=stderr, env=env, start_new_session=True,
@@ -73,8 +52,8 @@ def spawn_tied(argv: list[str], stdout=None, stderr=None, env: dict[str, str] | 
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM the process group ``proc`` leads, SIGKILL it after ``grace_s``; then every member
-    that outlived the leader. By the PID we started, never by name."""
+    """SIGTERM the process group ``proc`` leads, SIGKILL it after ``grace_s``, then every member
+    that outlived the leader."""
     if proc.poll() is not None:
         return
     pgid = proc.pid  # start_new_session: the group id is the PID we started
@@ -96,10 +75,9 @@ def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
 
 def sglang_command(model: ModelConfig, engine: EngineConfig, port: int, api_key: str | None = None,
                    lora: LoraConfig | None = None) -> list[str]:
-    """The argv that starts SGLang for ``model`` with ``engine.sglang`` passed through; with
-    ``api_key``, SGLang requires it on every request (``--api-key``: only on argv, which SGLang
-    offers; the log shows the argv redacted); with ``lora`` enabled, serving adapters of its rank
-    and target modules (``lora_options``)."""
+    """The argv that starts SGLang for ``model`` with ``engine.sglang`` passed through (module
+    docstring); ``api_key`` goes as ``--api-key`` (SGLang takes it only on argv; the log shows the
+    argv redacted)."""
     if not model.path:
         raise ValueError("rollout.engine.kind=sglang needs model.path (a local HF model directory)")
     opts = {"model_path": model.path, "host": engine.host, "port": port, "weight_version": "0",
@@ -126,11 +104,9 @@ def sglang_command(model: ModelConfig, engine: EngineConfig, port: int, api_key:
 
 
 def lora_options(lora: LoraConfig, cpu: bool) -> dict:
-    """SGLang's LoRA flags for ``trainer.lora``: adapters of its rank on its target modules and
-    ``max_loras_per_batch`` 3: a batch's slots go to what its requests name (the base model, the
-    live adapter, an older one a retracted request still runs under), not to an adapter being
-    loaded (a request naming a fourth waits for a later batch); on CPU the pure-torch kernels (``torch_native``: the
-    default ``csgmv`` and ``triton`` need Triton on a GPU)."""
+    """SGLang's LoRA flags for ``trainer.lora``: its rank and target modules; 3 adapters a batch
+    (the base model, the live adapter, an older one a retracted request still runs under); on CPU
+    the pure-torch kernels (the default ``csgmv`` and ``triton`` need Triton on a GPU)."""
     opts = {"enable_lora": True, "max_lora_rank": lora.rank,
             "lora_target_modules": list(lora.target_modules), "max_loras_per_batch": 3}
     if cpu:
@@ -149,11 +125,9 @@ def cpu_mode(engine: EngineConfig) -> bool:
 
 def sglang_env(engine: EngineConfig, base: dict[str, str] | None = None,
                lora: bool = False) -> dict[str, str] | None:
-    """The SGLang process's environment: ``None`` (this one's) on a GPU; on CPU this one's plus
-    ``SGLANG_USE_CPU_ENGINE=1`` and the ``sgl_kernel`` stand-in first on ``PYTHONPATH`` (then the
-    directory this project is imported from, which the stand-in imports its version pin from);
-    with ``lora``, also ``UNPINNED_ENV`` and ``SITE_DIR`` after the stand-in (its
-    ``sitecustomize``: rollout_server/sglang_cpu/lora_site/sitecustomize.py)."""
+    """The SGLang process's environment (module docstring): ``None`` (this one's) on a GPU. On CPU
+    the project's directory follows the stand-in on ``PYTHONPATH`` (its version pin is imported
+    from there)."""
     if not cpu_mode(engine):
         return None
     from rollout_server.sglang_cpu import SITE_DIR, STANDIN_DIR, UNPINNED_ENV
@@ -197,8 +171,8 @@ class SGLangProcess:
         return self.engine.tp_size
 
     def start(self, stop_requested: Callable[[], bool] = lambda: False) -> SGLangProcess:
-        """Launch and wait until healthy; gives up (stopping what it started) at the startup timeout
-        or as soon as ``stop_requested()`` (a stop must not wait for SGLang's slow start)."""
+        """Launch and wait until healthy; gives up (stopping what it started) at the startup
+        timeout or as soon as ``stop_requested()``."""
         if cpu_mode(self.engine):
             from rollout_server.sglang_cpu import check_sglang_version
 

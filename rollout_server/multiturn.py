@@ -1,33 +1,22 @@
 """Multi-turn episodes: the model talks, calls tools, reads the environment's answers, talks again.
 
-``run_multiturn_episode(ctx, credit)`` replaces ``episode.run_episode`` when ``task.env`` names an
-environment (``areal_like/tasks/environment.py``). Each of the group's ``task.group_size`` samples
-is one conversation with its own environment instance, all run concurrently. One turn:
-
-```
-ids = prompt + everything so far           (token ids; nothing is re-tokenized)
-generated = generate_sample(ids)            (interruptible: a weight sync pauses and resumes it)
-text = decode(generated)
-tool calls in text?  -> run them (ToolPool) -> tool messages     (a bad call: an error message)
-else                 -> env.step(text) -> messages, reward, done
-ids += generated (loss_mask 1, their versions) + the template's continuation (loss_mask 0)
-```
+``EpisodeRunner.run_group`` replaces ``episode.run_episode`` when ``task.env`` names an
+environment: each of the group's samples is one conversation with its own environment instance,
+all run concurrently. A turn generates from ``prompt + everything so far`` (token ids, nothing
+re-tokenized; interruptible as a single-turn sample), then runs the text's tool calls
+(``ToolPool``; a bad call becomes an error message) or steps the environment, and appends the
+template's continuation. Limits and metrics: rollout_server/ROLLOUT.md, "Multi-turn episodes".
 
 Invariants:
 * ``output_ids``, ``behav_logp``, ``versions`` and ``loss_mask`` are aligned; generated tokens keep
-  the logprob and version the engine reported (across pauses, as in single-turn); a context token
-  has logprob 0, mask 0 and the version of the last generated token before it, so the
-  trajectory's oldest version is that of a generated token (the group's staleness);
+  the logprob and version the engine reported; a context token has logprob 0, mask 0 and the
+  version of the last generated token before it, so the trajectory's oldest version is that of a
+  generated token;
 * the context ids are ``ChatRenderer.continuation_ids``: the ids equal the chat template's
-  rendering of the conversation (see there);
-* an episode ends, with its ``finish_reason``, when the environment says done (``stop``), after
-  ``task.max_turns`` assistant turns (``max_turns``; the last turn is still stepped and rewarded),
-  when the next turn would have no room in ``task.max_episode_tokens`` (``max_tokens``), when one
-  turn's generation takes longer than ``task.turn_timeout_s`` (``turn_timeout``) or the whole
-  episode longer than ``task.episode_timeout_s`` (``episode_timeout``); a turn cut by a timeout is
-  dropped whole. The reward is the sum of the environment's step rewards.
+  rendering of the conversation;
+* a turn cut by a timeout is dropped whole; the reward is the sum of the environment's step
+  rewards.
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -44,27 +33,21 @@ from areal_like.tasks.environment import (
 )
 from areal_like.tasks.tools import ToolRegistry, parse_tool_calls, tool_message
 from areal_like.wire.protocol import Credit, TrajectoryGroup
-from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
-from rollout_server.episode import EpisodeContext, Sample, generate_sample
+from areal_like.wire.trajectory import Trajectory
+from rollout_server.episode import EpisodeContext, Sample, Transcript, generate_sample
 
 TURN_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 TOOL_SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30)
 
 
-@dataclass
-class Conversation:
-    """One sample's episode as it grows (aligned per-token arrays; module docstring)."""
+@dataclass(kw_only=True)
+class Conversation(Transcript):
+    """One sample's episode as it grows (module docstring)."""
 
-    prompt_ids: list[int]
     messages: list[dict]
-    output_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    versions: list[int] = field(default_factory=list)
-    loss_mask: list[int] = field(default_factory=list)
     turns: int = 0
     reward: float = 0.0
-    finish_reason: str = ""
     resumed: int = 0
     tool_calls: list[dict] = field(default_factory=list)  # {"name", "outcome", "seconds"} in call order
     info: dict = field(default_factory=dict)
@@ -74,18 +57,9 @@ class Conversation:
         return len(self.prompt_ids) + len(self.output_ids)
 
     def add_generated(self, s: Sample) -> None:
-        self.output_ids += s.output_ids
-        self.logprobs += s.logprobs
-        self.versions += s.versions
-        self.loss_mask += [1] * len(s.output_ids)
+        super().add_generated(s)
         self.resumed += s.resumed
         self.turns += 1
-
-    def add_context(self, ids: list[int], version: int) -> None:
-        self.output_ids += ids
-        self.logprobs += [0.0] * len(ids)
-        self.versions += [self.versions[-1] if self.versions else version] * len(ids)
-        self.loss_mask += [0] * len(ids)
 
 
 class EpisodeRunner:
@@ -98,11 +72,7 @@ class EpisodeRunner:
     async def run_group(self, credit: Credit) -> TrajectoryGroup:
         example = self.ctx.task.example(credit.prompt_index, credit.epoch)
         convs = await asyncio.gather(*(self.run(example) for _ in range(self.cfg.group_size)))
-        trajectories = [self.trajectory(c) for c in convs]
-        ctx = self.ctx
-        return TrajectoryGroup(group_id=f"{ctx.server_id}-{credit.lease_id}", server_id=ctx.server_id,
-                               lease_id=credit.lease_id, prompt_index=credit.prompt_index, epoch=credit.epoch,
-                               trajectories=trajectories)
+        return self.ctx.group(credit, [self.trajectory(c) for c in convs])
 
     async def run(self, example) -> Conversation:
         """One conversation to its end (module docstring: the limits)."""
@@ -200,6 +170,4 @@ class EpisodeRunner:
                 "messages": conv.messages, "text": said[-1] if said else ""}
         if conv.info:
             meta["info"] = conv.info
-        return Trajectory.of(prompt_ids=as_i32(conv.prompt_ids), output_ids=as_i32(conv.output_ids),
-                             behav_logp=as_f32(conv.logprobs), versions=as_i32(conv.versions), reward=float(conv.reward),
-                             finish_reason=conv.finish_reason, metadata=meta, loss_mask=as_i32(conv.loss_mask))
+        return conv.trajectory(conv.reward, meta)

@@ -1,67 +1,29 @@
 """Scoring responses in worker processes, so that a reward function cannot take the rollout server down.
 
-``RewardPool`` runs the reward ``fn(response, example) -> float`` named by a dotted path
-(``task.reward_fn``, else the task's own) in ``task.reward_workers`` worker processes
-(``rollout_server/reward_worker.py``); a group's samples are split among them, each worker getting
-its share in one go and answering sample after sample (a call and a round trip per sample cost
-the rollout server ~12 ms of CPU per step's 8 x 8 samples, shares ~4 ms:
-``benchmarks/bench_reward_pool.py``). Or,
-with ``task.reward_url`` set, it POSTs each group to that URL as one JSON batch. Or, with
-``task.reward_workers=0``, it calls the reward in the rollout server's own process, on its event
-loop: nothing crosses a process (what TRL does; a step's 64 trivial rewards then cost well under
-a millisecond instead of ~4 ms of CPU and two process hops), and nothing of the sandbox below
-holds: no memory or time limit (``task.reward_timeout_s`` and ``task.reward_memory_mb`` are not
-applied; a call past the timeout is only logged), the server's own environment and memory in
-reach, and the live ``example`` (a reward must not change it). While it runs, the server's loop
-waits, heartbeats to the buffer included, so a group's rewards must take well under
-``buffer.heartbeat_timeout_s``. It is for a reward you trust to be quick and safe on any model
-output (an exact match, not the math-verify reward); a warning says so at start. A raise (even
-``SystemExit``) or a non-number still scores 0 with its reason, as in a worker.
-
-What a worker is: a sandbox worker (``rollout_server/sandbox.py``): a fresh interpreter in a
-process group of its own, under an address-space limit (``task.reward_memory_mb``), a CPU-time
-backstop, a process limit (a sample may start no process or thread: a fork bomb's first fork
-fails) and the wall clock ``task.reward_timeout_s`` per sample (enforced by SIGKILL), with an
-environment scrubbed of every variable that looks like a secret; started by root, it drops to a
-uid of its own once the reward is imported. It contains accidents and runaway code (a hang, a
-leak, a crash, an ``exit``, a fork bomb), not a determined attacker: the network and
-world-readable files stay reachable. The rollout server never imports the reward itself (but
-with ``task.reward_workers=0``): a worker's ready reply is the check that it loads.
+``RewardPool`` scores with the reward ``fn(response, example) -> float`` named by a dotted path
+(``task.reward_fn``, else the task's own) in ``task.reward_workers`` sandbox workers
+(``rollout_server/sandbox.py``), a group's samples split among them, each worker getting its share
+in one go (``benchmarks/bench_reward_pool.py``); or POSTs the group to ``task.reward_url`` as one
+batch; or, with ``task.reward_workers=0``, calls it on the server's own loop with no sandbox or
+limit. What each mode guarantees and costs: rollout_server/ROLLOUT.md, "Rewards".
 
 Invariants:
-
-* a reward that cannot be loaded is fatal: when a worker's start fails (its ready reply says the
-  import failed, or it dies, or is not ready within ``STARTUP_TIMEOUT_S``) or no worker process
-  can be started, the pool kills every worker, logs the error, and every scoring call from then
-  on raises ``RewardPoolError`` naming the path, e.g. ``task.reward_fn='x' cannot be loaded in a
-  reward worker: ModuleNotFoundError: ...``: the rollout server stops with it instead of
-  training on rewards of 0;
+* a reward that cannot be loaded is fatal: when a worker's start fails (its ready reply says why,
+  it dies, or is not ready within ``STARTUP_TIMEOUT_S``) or no worker can be started, the pool
+  kills every worker, logs it, and every scoring call raises ``RewardPoolError`` naming the path;
 * otherwise scoring never raises and never hangs past ``task.reward_timeout_s`` per sample (per
-  batch POST, remote): a sample whose running reward raises, times out, returns something that
-  is not a finite number, runs out of memory or kills its worker scores ``(0.0, reason)``, e.g.
-  ``"timeout after 5.0s"``, ``"MemoryError"``, ``"worker died: signal 9"``;
-* such failures are logged too, each kind (below) at most once per ``WARN_EVERY_S`` with its
-  latest reason and how many went unlogged since, so a reward failing on every sample shows in
-  the log, not only in the metrics and ``metadata["reward_error"]``;
-* a worker that timed out, died or ran out of memory is killed (SIGKILL to its process group:
-  it and anything it started) and reaped, and a fresh one takes its place; the others go on;
-* results come back in the order of the responses; ``close()`` leaves no worker behind.
+  batch POST, remote): a sample whose reward raises, times out, returns no finite number, runs out
+  of memory or kills its worker scores ``(0.0, reason)``; each kind of failure is logged at most
+  once per ``WARN_EVERY_S`` with how many went unlogged since;
+* a worker that timed out, died or ran out of memory is killed with its process group and
+  replaced; the others go on;
+* results come back in the order of the responses; ``close()`` leaves no worker behind;
+* remote: a timeout, connection error, 5xx or 429 is retried ``task.reward_retries`` times; any
+  other HTTP error or a malformed answer is not (it would come back the same).
 
-Each share blocks one of the pool's own threads (as many as workers) on its worker's socket, so
-the pool works from any event loop and ``close()`` needs none. Startup (a fresh interpreter
-importing the reward's module) is not counted against the timeout: the first sample sent to a
-new worker waits up to ``STARTUP_TIMEOUT_S`` for it to be ready.
-
-Remote: ``{"items": [{"prompt", "response", "answer", "metadata"}, ...]}`` is answered by
-``{"rewards": [float, ...]}`` of the same length. ``task.reward_timeout_s`` bounds each attempt
-at the whole batch POST (connecting, sending, the remote scoring of every item, the answer), not
-one item. A timeout, connection error, HTTP 5xx or 429 is retried ``task.reward_retries`` times
-after a short backoff; any other HTTP error or a malformed answer is not (it would come back the
-same). Then every item scores 0.0 with the reason.
-
-Metrics (with the server's ``Metrics``): ``rollout/reward_failures{kind}``, kind one of
-timeout | error | memory | died | remote, and ``rollout/reward_seconds``, the wall time of one
-sample in a worker or of one batch POST.
+Each share blocks one of the pool's own threads on its worker's socket, so the pool works from
+any event loop and ``close()`` needs none. Metrics: ``rollout/reward_failures{kind}`` (timeout |
+error | memory | died | remote) and ``rollout/reward_seconds``.
 """
 
 from __future__ import annotations
@@ -81,10 +43,10 @@ import aiohttp
 from areal_like.net.metrics import Metrics
 from areal_like.settings.config import TaskConfig
 from areal_like.tasks.callables import import_function
-from rollout_server.reward_worker import SECRET_NAME, as_reward, scrubbed_env
-from rollout_server.sandbox import STARTUP_TIMEOUT_S, SandboxLimits, StartFailed, Worker, WorkerLost, call_request
+from rollout_server.reward_worker import as_reward, scrubbed_env
+from rollout_server.sandbox import SandboxLimits, StartFailed, Worker, WorkerLost, call_request
 
-__all__ = ["SECRET_NAME", "STARTUP_TIMEOUT_S", "RewardPool", "RewardPoolError", "Score", "scrubbed_env"]
+__all__ = ["RewardPool", "RewardPoolError", "Score", "scrubbed_env"]
 
 Score = tuple[float, str | None]
 

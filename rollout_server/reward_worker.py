@@ -1,35 +1,22 @@
 """A sandbox worker: one process that imports one function (a reward, a tool) and calls it, one call at a time.
 
-``rollout_server/sandbox.py`` starts it as ``python -I reward_worker.py FD`` (a fresh
-interpreter, run as a script: its module level needs only the standard library) with the
-secrets scrubbed from its environment (``scrubbed_env``), in a session of its own, and talks to
-it over the socket ``FD``. Frames are an 8-byte big-endian length and a body:
+``rollout_server/sandbox.py`` starts it as ``python -I reward_worker.py FD`` (run as a script: its
+module level needs only the standard library) and talks to it over the socket ``FD``. Frames are
+an 8-byte big-endian length and a body:
 
-* pool -> worker, pickled: first ``{"path", "sys_path", "memory_mb", "processes"}``, then one
-  ``(args, timeout_s)`` per call of ``fn(*args)`` (a reward's args: ``(response, example)``);
+* pool -> worker, pickled: first ``{"path", "sys_path", "memory_mb", "processes", "uid"}``, then
+  one ``(args, timeout_s)`` per call of ``fn(*args)``;
 * worker -> pool, JSON (the pool never unpickles what user code produced): first
-  ``{"ready": true}`` or ``{"kind": "error" | "memory", "reason": str}`` when the function cannot
-  be loaded (the worker then exits), then one ``{"result": value}`` (a real number that JSON
-  cannot carry, such as numpy's, as a float) or ``{"kind": "error" | "memory", "reason": str}``
-  per call.
+  ``{"ready": true}`` or ``{"kind": "error" | "memory", "reason"}`` (then it exits), then one
+  ``{"result": value}`` or ``{"kind", "reason"}`` per call.
 
-Loading (``load_reward``): the worker takes the pool's ``sys_path``, sets ``RLIMIT_AS``
-(``memory_mb``), then resolves the path with ``areal_like.tasks.callables.import_function``
-(standard library only, the project's one path parser; importable once ``sys_path`` is the pool's,
-which imports ``areal_like`` itself) and imports the reward's module under that limit. The
-launcher's preflight runs the same ``load_reward`` through ``probe`` in a child Python with the same
-environment, so a reward passes preflight exactly when a worker can load it.
-
-Limits, set by the worker itself: ``RLIMIT_AS`` from the start, before the reward's module is
-imported, so an allocation past it raises MemoryError; ``RLIMIT_CPU`` before each sample, past
-what the sample could burn until its timeout, as a backstop should the pool fail to kill a
-runaway (the kernel then ends the worker with SIGXCPU). The pool enforces the timeout by
-killing the process. ``RLIMIT_NPROC`` once the function is loaded (its imports may start thread
-pools); a worker started by root gives up its capabilities and takes a uid of its own before it
-imports anything of the user's (``drop_privileges``; sandbox.py says why). The worker exits
-when the pool's end of the socket closes.
+Limits the worker sets itself, in this order: capabilities dropped and a uid of its own (root
+only, before anything of the user's is imported: ``drop_privileges``), ``RLIMIT_AS`` before the
+function's module is imported (``load_reward``; the launcher's preflight runs the same through
+``probe``, so a reward passes preflight exactly when a worker can load it), ``RLIMIT_NPROC`` once
+it is loaded (its imports may start thread pools), ``RLIMIT_CPU`` before each call, past what the
+call could burn until its timeout. It exits when the pool's end of the socket closes.
 """
-
 from __future__ import annotations
 
 import ctypes
@@ -63,11 +50,9 @@ def scrubbed_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
 
 def load_reward(path: str, memory_mb: int) -> Callable:
     """The reward at ``path``, imported under an address-space limit of ``memory_mb`` MiB (0: none)
-    set on this whole process first; raises whatever the import raises (module docstring)."""
+    set on this whole process first; raises whatever the import raises."""
     _limit_memory(memory_mb)
-    from areal_like.tasks.callables import (
-        import_function,  # found on the sys.path taken from the pool
-    )
+    from areal_like.tasks.callables import import_function  # on the sys.path of the pool
 
     return import_function(path)
 
@@ -152,8 +137,8 @@ def _limit_memory(memory_mb: int) -> None:
 
 
 def _limit_cpu(timeout_s: float) -> None:
-    """The CPU-time backstop for one sample: what all our CPUs could burn until the timeout, plus
-    a grace (a reward's threads may use several), so it never ends a sample the pool would not."""
+    """The CPU-time backstop for one call: what all our CPUs could burn until the timeout, plus a
+    grace, so it never ends a call the pool would not."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     soft = math.ceil(usage.ru_utime + usage.ru_stime + timeout_s * len(os.sched_getaffinity(0))) + CPU_GRACE_S
     hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
@@ -181,12 +166,9 @@ def call_one(fn: Callable, frame: bytes) -> dict:
 
 def drop_privileges(uid: int | None = None) -> bool:
     """As root, before any user code is imported: give up every capability for good (bounding
-    set emptied, securebits locked so an exec regains none) and take the real uid ``uid``, which no
-    other process has (default: from this pid). Without capabilities the worker cannot undo the
-    mounts that hide the job's keys (sandbox.py), and RLIMIT_NPROC (``confine``) binds it. Its
-    effective uid stays 0, so files are read as their owner would (the interpreter and packages
-    may live in a root-only home) but nothing else is allowed. True when it dropped them; False
-    (not root: nothing to drop) otherwise."""
+    set emptied, securebits locked) and take the real uid ``uid`` no other process has (default:
+    from this pid), so the hiding mounts stay (sandbox.py) and RLIMIT_NPROC binds. The effective
+    uid stays 0 (a root-only home's packages stay readable). False when not root."""
     if os.geteuid() != 0:
         return False
     libc = ctypes.CDLL(None, use_errno=True)
@@ -197,13 +179,9 @@ def drop_privileges(uid: int | None = None) -> bool:
 
 
 def confine(processes: int, dropped: bool) -> None:
-    """Allow ``processes`` more processes (threads count too) from now on.
-
-    RLIMIT_NPROC counts the processes of the *real* uid and never binds the root user or a
-    process holding CAP_SYS_RESOURCE or CAP_SYS_ADMIN. A root worker ``dropped`` its privileges
-    (``drop_privileges``) and has a uid of its own: the limit then counts this worker alone.
-    Otherwise: the user's current count plus the allowance (a backstop: that count moves with the
-    user's other processes)."""
+    """Allow ``processes`` more processes (threads count) from now on. RLIMIT_NPROC counts the
+    real uid's: a worker that ``dropped`` its privileges has a uid of its own, so it counts this
+    worker alone; otherwise the user's current count plus the allowance (a backstop)."""
     if dropped:
         limit = 1 + processes
     else:

@@ -1,52 +1,30 @@
 """Sandboxed calls: user code (reward functions, and the tools an agent calls) in worker processes.
 
 ``run_sandboxed(fn_path, args, limits) -> SandboxResult`` calls ``fn(*args)`` for the function at
-``fn_path`` (``"pkg.module:function"``) in a fresh worker process and returns its JSON-able result,
-or why there is none. ``Worker`` is that process and the caller's end of its socket; the reward
-pool (``reward_pool.py``) keeps several alive and scores every sample through one.
+``fn_path`` (``"pkg.module:function"``) in a fresh worker and returns its JSON-able result, or why
+there is none. ``Worker`` is that process and the caller's end of its socket; the reward pool and
+the tool pool keep several alive.
 
-What a worker is (``reward_worker.py`` runs in it): a fresh interpreter (``python -I``, not a fork:
-the rollout server runs asyncio and threads) in a session of its own, with
+A worker (``reward_worker.py`` runs in it) is a fresh ``python -I`` (not a fork: the server runs
+asyncio and threads) in a session of its own, with an environment without anything that looks
+like a secret (``SECRET_NAME``), ``RLIMIT_AS`` = ``limits.memory_mb``, a per-call ``RLIMIT_CPU``
+backstop, ``RLIMIT_NPROC`` allowing ``limits.processes`` more (as root it first drops every
+capability and takes a real uid of its own, ``ISOLATED_UID_BASE`` + its pid, since the limit does
+not bind root), and a wall-clock deadline per call (``limits.timeout_s``) enforced by the caller
+with SIGKILL to its process group, by PID, then reaped.
 
-* an environment without anything that looks like a secret (``SECRET_NAME``: API keys, tokens,
-  passwords, the job's engine API key and metrics token), not even in ``/proc/<pid>/environ``;
-* ``RLIMIT_AS`` = ``limits.memory_mb`` from the start (an allocation past it raises MemoryError);
-* ``RLIMIT_CPU`` per call, a backstop past what the call could burn before its deadline;
-* ``RLIMIT_NPROC``: the call may start ``limits.processes`` processes or threads (0 by default: a
-  fork bomb's first ``fork`` fails). The kernel ignores this limit for root and for holders of
-  CAP_SYS_RESOURCE/CAP_SYS_ADMIN, so a worker started by root, once its function is imported,
-  drops every capability for good and takes a real uid of its own (``ISOLATED_UID_BASE`` + its
-  pid): the limit then counts that worker alone (``reward_worker.confine``). For any other user
-  the limit counts all that user's processes, so it is set to what the user runs now plus the
-  allowance (a backstop);
-* a wall-clock deadline per call, ``limits.timeout_s``, enforced by the caller: SIGKILL to the
-  worker's process group (it and whatever it started), by PID, then reaped.
-
-What else the job hides from it (``hide``, set by the rollout server at start: the job's keys
-directory, ``<run_dir>/secrets`` and the same-node socket directory). When the job runs as root,
-each worker starts in namespaces of its own (``unshare --pid --fork --mount-proc``, util-linux):
-
-* a PID namespace with its own ``/proc``: it sees and can signal only itself and what it starts,
-  not the rollout server, the engine or any other process of the job (whose command lines, such
-  as SGLang's ``--api-key``, it cannot read either);
-* a mount namespace in which each hidden directory is covered by an empty read-only tmpfs of mode
-  0000 before the worker starts (``HIDE_SCRIPT``), and every mount but ``/tmp``, ``/proc``,
-  ``/sys`` and ``/dev`` is read-only (the job's code, venv, config, WAL and checkpoints cannot be
-  changed from there); the worker drops every capability before it imports user code
-  (``reward_worker.drop_privileges``), so it cannot unmount or remount them.
-
-Without root (or where ``unshare`` is refused: a container without CAP_SYS_ADMIN) a process
-cannot switch uid or make namespaces; workers then run as the job's user and can read what it
-reads and signal its processes, and the rollout server logs a warning saying so once
-(areal_like/SECURITY.md, "Reward and tool code").
-
-It contains accidents and runaway code (a hang, a leak, a crash, an ``exit``, a fork bomb), not a
+``hide`` (called by the rollout server at start) makes root's workers start in namespaces of
+their own (``unshare --pid --fork --mount-proc``): a PID namespace with its own ``/proc`` (no
+other process of the job can be seen or signalled) and a mount namespace where each hidden
+directory (the job's keys and secrets, its same-node socket directory) is covered by an empty
+tmpfs of mode 0000 and every mount but ``/tmp``, ``/proc``, ``/sys`` and ``/dev`` is read-only
+(``HIDE_SCRIPT``). Without root or ``unshare`` a warning says workers run as the job's user
+(areal_like/SECURITY.md, "Reward and tool code"). It contains accidents and runaway code, not a
 determined attacker: the network and world-readable files stay reachable.
 
 Failure kinds (``SandboxResult.kind``): ``timeout`` | ``memory`` | ``died`` | ``error`` (the call
 raised, or its result is not JSON) | ``start`` (the function could not be loaded).
 """
-
 from __future__ import annotations
 
 import json
@@ -87,10 +65,9 @@ _hidden: tuple[str, ...] | None = None  # None: workers start as the job's own p
 
 
 def hide(paths) -> bool:
-    """From now on, start workers where ``paths`` (directories; those missing are skipped) cannot be
-    read and no process of the job can be signalled (module docstring). False, with a warning, where
-    this process cannot do that (not root, or ``unshare`` missing or refused). ``None``: start them
-    as the job's own processes again."""
+    """From now on, start workers where the directories ``paths`` cannot be read and no process of
+    the job can be signalled (module docstring); False, with a warning, where this process cannot
+    (not root, or no ``unshare``). ``None``: start them as the job's own processes again."""
     global _hidden
     if paths is None:
         _hidden = None
@@ -121,11 +98,6 @@ class SandboxLimits:
     timeout_s: float = 5.0  # wall clock of one call; the worker is killed past it
     memory_mb: int = 2048  # address space of the worker; 0 = none
     processes: int = 0  # processes or threads one call may start (RLIMIT_NPROC above the worker itself)
-    startup_timeout_s: float = STARTUP_TIMEOUT_S  # a new worker's import of the function (not counted above)
-
-    def __post_init__(self):
-        if not self.timeout_s > 0 or self.memory_mb < 0 or self.processes < 0 or not self.startup_timeout_s > 0:
-            raise ValueError(f"bad SandboxLimits: {self}")
 
 
 @dataclass(frozen=True)
@@ -139,15 +111,13 @@ class SandboxResult:
 
 
 def call_request(args: tuple | list, timeout_s: float) -> bytes:
-    """One call of ``fn(*args)`` as a worker reads it (``reward_worker.call_one``); what pickle raises
-    for arguments that cannot be sent."""
+    """One call of ``fn(*args)`` as a worker reads it (``reward_worker.call_one``)."""
     return pickle.dumps((tuple(args), timeout_s))
 
 
 def run_sandboxed(fn_path: str, args: tuple | list, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
-    """``fn(*args)`` in a fresh sandboxed worker (module docstring), which is gone when this returns.
-    Blocks the calling thread (use ``asyncio.to_thread`` from a loop); never raises for what the
-    function does."""
+    """``fn(*args)`` in a fresh worker, gone when this returns; blocks the calling thread; never
+    raises for what the function does."""
     try:
         request = call_request(args, limits.timeout_s)
     except Exception as e:
@@ -200,7 +170,7 @@ class Worker:
             raise
         finally:
             theirs.close()
-        self.sock, self.ready, self.startup_timeout_s = ours, False, limits.startup_timeout_s
+        self.sock, self.ready = ours, False
         try:
             # its own uid from its host pid (its own pid may be 2, in a PID namespace of its own)
             send_frame(ours, pickle.dumps({
@@ -211,15 +181,13 @@ class Worker:
             pass
 
     def call(self, request: bytes, timeout_s: float) -> dict:
-        """The worker's reply to one pickled ``(args, timeout_s)``; raises StartFailed (before it was
-        ready) or WorkerLost."""
+        """``send`` and ``reply``: StartFailed (before it was ready) or WorkerLost."""
         self.send(request)
         return self.reply(timeout_s)
 
     def send(self, request: bytes) -> None:
-        """Queue one call; the worker answers its calls one after another, in order (``reply``). A
-        blocking write: the caller queues no more than the socket holds, or writes to an idle worker.
-        A worker found gone here is reported by the next ``reply``, after the answers it did send."""
+        """Queue one call (a blocking write: the caller queues no more than the socket holds). A
+        worker found gone here is reported by the next ``reply``, after the answers it did send."""
         self.wait_ready()
         try:
             self.sock.settimeout(None)  # not the last reply's leftover deadline
@@ -228,16 +196,16 @@ class Worker:
             pass
 
     def reply(self, timeout_s: float) -> dict:
-        """The reply to the oldest unanswered call, within ``timeout_s`` from now: a queued call starts
-        when the one before it is answered, so each call has its own ``timeout_s``."""
+        """The reply to the oldest unanswered call, within ``timeout_s`` from now (a queued call
+        starts when the one before it is answered)."""
         return self._reply(timeout_s, f"timeout after {timeout_s}s")
 
     def wait_ready(self) -> None:
-        """Block until the worker has loaded its function (``limits.startup_timeout_s``); StartFailed if it did not."""
+        """Block until the worker has loaded its function; StartFailed if it did not in time."""
         if self.ready:
             return
         try:
-            reply = self._reply(self.startup_timeout_s, f"not ready after {self.startup_timeout_s}s")
+            reply = self._reply(STARTUP_TIMEOUT_S, f"not ready after {STARTUP_TIMEOUT_S}s")
         except WorkerLost as lost:
             self.kill()
             raise StartFailed(lost.reason) from None

@@ -1,33 +1,26 @@
 """The rollout server daemon: keeps one engine busy and streams scored groups to the buffer.
 
-Owns: its engine (started in-process, launched as an SGLang subprocess, or attached by URL),
-the episodes it runs, and its side of every weight sync and evaluation. Its groups and leases
-go through ``rollout_server/buffer_link.py``, which keeps each group until the buffer acks it. Holds no durable state: a crash loses only unacknowledged work, whose
-leases the buffer re-issues after ``buffer.lease_timeout_s``.
+Owns its engine (embedded, a launched SGLang, or attached by URL), its episodes, and its side of
+every weight sync and evaluation; its groups and leases go through ``buffer_link.py``. Holds no
+durable state: a crash loses only unacknowledged work, whose leases the buffer re-issues. The loop,
+the failure table and the evaluation choreography: rollout_server/ROLLOUT.md.
 
 Invariants:
-* a group is re-sent until acked also across buffer restarts: a heartbeat answered with
-  ``known=False`` means the buffer lost us; we register again and re-send everything unacked;
-* at most ``rollout.max_concurrent_groups`` episodes run at once (counting leases asked for and
-  not yet answered); no lease is asked for or started while a weight sync is pending or being
-  applied (the link holds those that arrive meanwhile);
-* a weight-sync plan is taken up only from ``HeartbeatAck.pending_plan``, which the buffer never
-  fills with a plan it recorded this server failed (buffer/control.py: a plan made before an
-  expiry or a restart); a published plan naming us is a hint that sends a heartbeat at once. Each
-  plan is applied once and answered with exactly one ``SyncDone``;
+* a group is re-sent until acked, also across buffer restarts (``known=False``: register again,
+  re-send everything unacked);
+* at most ``rollout.max_concurrent_groups`` episodes run at once (counting leases asked for and not
+  yet answered); no lease is asked for or started while a weight sync is pending or applied;
+* a plan is taken up only from ``HeartbeatAck.pending_plan``, which the buffer never fills with a
+  plan it recorded this server failed (buffer/control.py); a published plan naming us is a hint
+  that sends a heartbeat at once. Each plan is applied once and answered with one ``SyncDone``;
 * ``policy_version`` is the version the engine serves: updated only by a successful sync;
-* after a failed sync the engine must answer ``/health_generate`` within ``ENGINE_PROBE_S``: a
-  survivor of an aborted NCCL group may never finish its receive (SGLang receives on its scheduler,
-  so it then generates nothing) or lose its scheduler to SGLang's watchdog. One that does not answer
-  stops this server (exit 1, the wedged engine killed with it, as it dies with us anyway); the
-  supervisor (``areal-like run``; ``launch/slurm/with_restarts.sh`` on Slurm) restarts the server,
-  which starts a fresh engine and joins the next sync, the path of an engine that died. An engine
-  attached by URL is only reported: this server cannot restart it.
+* after a failed sync the engine must answer ``/health_generate`` within ``ENGINE_PROBE_S``, else
+  this server stops (exit 1, the wedged engine killed with it) for its supervisor to restart it
+  with a fresh engine; an engine attached by URL is only reported.
 
-Concurrency: one asyncio loop. Background tasks: heartbeats, announcements, the link's group
-sender, and one task per episode. A background task that dies takes the daemon down (exit 1).
+Concurrency: one asyncio loop; heartbeats, announcements, the link's sender and each episode are
+tasks. A background task that dies takes the daemon down (exit 1).
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -61,7 +54,7 @@ from areal_like.wire.protocol import (
     encode,
 )
 from rollout_server.buffer_link import BufferLink
-from rollout_server.episode import EpisodeContext, run_episode
+from rollout_server.episode import EpisodeContext, as_version, run_episode
 from rollout_server.facts import RolloutFacts
 from rollout_server.launch_sglang import stop_group
 from rollout_server.multiturn import EpisodeRunner
@@ -82,17 +75,12 @@ REGISTER_RETRY_S = 2.0  # a Register refused over the buffer's caps is sent agai
 FLUSH_ON_STOP_S = 3.0  # last sends on stop; well inside the launcher's grace period (GRACEFUL_STOP_S)
 MAX_EPISODE_FAILURES = 5  # consecutive failed episodes (engine errors): the engine is broken; exit
 ENGINE_PROBE_S = 30.0  # after a failed sync: /health_generate (one token) must answer within this
-# A job runs for days at several versions a minute: one INFO line per version filled the log
-# (thousands of lines an hour on CPU). Each version's line is DEBUG; every this many versions
-# one is INFO, so the log still shows the job moving. A failed sync is always a WARNING.
-SYNC_INFO_EVERY = 100
+SYNC_INFO_EVERY = 100  # a sync's line is DEBUG but every this many versions (a failure: WARNING)
 
 
 def unsendable(group: TrajectoryGroup) -> ProtocolError | None:
-    """Why ``group`` cannot go on the wire (a value user code put in its metadata that msgpack
-    cannot carry, a frame over the limit), else None. Such an episode fails where it ends, as any
-    failed episode does (its lease is re-issued), instead of in the sender, whose death would stop
-    the server with every unacknowledged group in it."""
+    """Why ``group`` cannot go on the wire (metadata msgpack cannot carry, a frame over the
+    limit), else None: its episode fails where it ends, not the sender with every group in it."""
     try:
         encode(group)
     except ProtocolError as e:
@@ -137,10 +125,8 @@ class RolloutServer(Daemon):
 
     # ------------------------------------------------------------------ lifecycle
     def engine_api_key(self) -> str | None:
-        """The key the engine requires: the job's (``facts.engine_key``). An attached engine
-        (kind=url) takes what the job has. An engine this server starts is never unauthenticated:
-        without a job key it gets one of its own only when nobody else talks to it; the trainer's
-        log-prob guard does (``facts.probed``), so then the server refuses to start."""
+        """The job's engine key; an engine this server starts without one gets a key of its own,
+        unless the trainer's log-prob guard talks to it too (``facts.probed``): then no start."""
         kind = self.rcfg.engine.kind
         if self.facts.engine_key is not None or kind == "url":
             return self.facts.engine_key
@@ -219,8 +205,7 @@ class RolloutServer(Daemon):
             asyncio.run(self.serve_until_stopped())
 
     async def serve_until_stopped(self) -> None:
-        """Run ``main`` until a stop is requested, then cancel it wherever it waits (a request to a
-        dead buffer can take BUFFER_TIMEOUT_S; a stop must not)."""
+        """Run ``main`` until a stop is requested, then cancel it wherever it waits."""
         main = asyncio.create_task(self.main())
         while not main.done() and not self.stop_requested.is_set():
             await asyncio.wait({main}, timeout=LOOP_TICK_S)
@@ -231,11 +216,11 @@ class RolloutServer(Daemon):
             pass
 
     def health(self) -> tuple[bool, dict]:
-        """Healthy once ``start`` has its engine up (a launched SGLang answered its own health check):
-        the launcher starts a trainer that shares the GPU only after that."""
-        return self.failure is None and self.started, {"name": self.name, "server_id": self.server_id,
-                                      "policy_version": self.policy_version,
-                                      "unacked": len(self.link.unacked) if self.link else 0}
+        """Healthy once ``start`` has its engine up (the launcher starts a trainer sharing the GPU
+        only then)."""
+        return self.failure is None and self.started, {
+            "name": self.name, "server_id": self.server_id, "policy_version": self.policy_version,
+            "unacked": len(self.link.unacked) if self.link else 0}
 
     # ------------------------------------------------------------------ the loop
     async def main(self) -> None:
@@ -256,7 +241,8 @@ class RolloutServer(Daemon):
             await self.client.wait_healthy(self.rcfg.engine.startup_timeout_s)
             if self.facts.task.agent:
                 await self.start_agent_endpoint()
-            self.policy_version = await self.engine_version()
+            # SGLang's "default" label: the initial weights, version 0
+            self.policy_version = as_version(await self.client.weight_version(), 0)
             info = {} if self.rcfg.engine.kind == "embedded" else await self.client.server_info()
             if self.rcfg.engine.kind == "url":  # its TP size decides how many group ranks it takes
                 self.engine_ranks = int(info.get("tp_size") or 1)
@@ -293,10 +279,8 @@ class RolloutServer(Daemon):
             self.data.close()
 
     def raise_if_engine_died(self) -> None:
-        """A launched SGLang that died (a crash, an OOM kill, a ``kill -9``) stops this server at
-        the next tick (exit 1) instead of failing episode after episode: the launcher starts the
-        server again, and with it a new engine (the old one's files removed by its reaper), which
-        registers afresh and is brought up to the trainer's weights (tests/sglang/test_sglang_faults.py)."""
+        """A launched SGLang that died stops this server (exit 1) at the next tick, instead of
+        failing episode after episode (ROLLOUT.md, "A launched SGLang that dies")."""
         if self.rcfg.engine.kind != "sglang" or self.engine is None:
             return
         if (code := self.engine.exit_code()) is not None:
@@ -305,10 +289,8 @@ class RolloutServer(Daemon):
 
     # ------------------------------------------------------------------ buffer control
     async def register(self, fresh: bool = False) -> None:
-        """Register (retrying until the buffer answers or we are asked to stop). ``fresh``: the first
-        time since this process started (the buffer re-issues leases an earlier process left). Every
-        Register of this process, retries included, carries its ``incarnation``: the buffer tells a
-        retry or a re-registration from a new process by it."""
+        """Register, retrying until the buffer answers or a stop. ``fresh``: the first time since
+        this process started; every Register carries this process's ``incarnation``."""
         msg = Register(server_id=self.server_id, engine_url=self.engine_url, engine_ranks=self.engine_ranks,
                        policy_version=self.policy_version, torch_version=self.versions.torch,
                        cuda_version=self.versions.cuda, nccl_version=self.versions.nccl,
@@ -334,7 +316,6 @@ class RolloutServer(Daemon):
             await asyncio.sleep(REGISTER_RETRY_S)
 
     async def heartbeats(self) -> None:
-        """One heartbeat each ``heartbeat_s``, and one at once when ``beat_now`` is set."""
         while True:
             try:
                 await asyncio.wait_for(self.beat_now.wait(), self.rcfg.heartbeat_s)
@@ -366,9 +347,7 @@ class RolloutServer(Daemon):
         try:
             while True:
                 msg = await sub.arecv(0.5)
-                if isinstance(msg, WeightSyncPlan):
-                    # a hint: the buffer hands the plan over in HeartbeatAck.pending_plan unless
-                    # it recorded our failure for it (module docstring)
+                if isinstance(msg, WeightSyncPlan):  # a hint (module docstring)
                     if any(m.server_id == self.server_id for m in msg.members):
                         self.beat_now.set()
                 elif isinstance(msg, VersionUpdate):
@@ -387,7 +366,6 @@ class RolloutServer(Daemon):
                               current_version_fn=lambda: self.policy_version, metrics=self.metrics)
 
     async def start_agent_endpoint(self) -> None:
-        """The agents' OpenAI-compatible endpoint, where the engine listens (agent_endpoint.py)."""
         from rollout_server.agent_endpoint import AgentEndpoint
 
         endpoint = AgentEndpoint(self.episode_context(), host=self.rcfg.engine.host,
@@ -434,8 +412,8 @@ class RolloutServer(Daemon):
         self.wake.set()
 
     def next_plan(self) -> WeightSyncPlan | None:
-        """The newest pending plan; older ones are superseded (their trainer has moved on). Of two
-        plans of one version the later wins: a re-push replaces the attempt before it."""
+        """The newest pending plan (of two of one version, the later: a re-push); older ones are
+        superseded."""
         if not self.plans:
             return None
         key = max(reversed(list(self.plans)), key=lambda k: k[0])  # max keeps the first of equals
@@ -466,7 +444,6 @@ class RolloutServer(Daemon):
             self.metrics.gauge("rollout/policy_version", "version the engine serves").set(self.policy_version)
         self.metrics.histogram("rollout/weight_sync_pause_seconds", "engine pause per weight update",
                                buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)).observe(done.pause_s)
-        # one line per version at DEBUG, INFO every SYNC_INFO_EVERY versions; a failure is a warning
         level = logging.WARNING if not done.ok else logging.DEBUG if plan.policy_version % SYNC_INFO_EVERY \
             else logging.INFO
         self.log.log(level, "weight sync v%d %s in %.2fs pause%s",
@@ -478,7 +455,7 @@ class RolloutServer(Daemon):
 
     async def probe_engine(self, version: int) -> None:
         """After a failed sync: an engine that does not generate within ``ENGINE_PROBE_S`` is
-        wedged; stop (exit 1) so that the supervisor restarts this server with a fresh engine."""
+        wedged; stop (module docstring)."""
         if await self.client.health_generate(timeout_s=ENGINE_PROBE_S):
             return
         why = (f"engine {self.engine_url} did not answer /health_generate within "
@@ -496,14 +473,12 @@ class RolloutServer(Daemon):
             self.log.error("could not report SyncDone v%d to the buffer", done.policy_version)
 
     async def decline_plan(self, plan: WeightSyncPlan) -> None:
-        """A plan that reached us after we left the roster to evaluate (published just before): say
-        so at once, so the trainer drops us from this version instead of waiting."""
+        """A plan that reached us after we left the roster to evaluate: decline it at once."""
         self.log.warning("declining weight sync v%d: evaluating version %s", plan.policy_version, self.eval_version)
         await self.report_sync(answer(plan, self.server_id, f"evaluating version {self.eval_version}"))
 
     # ------------------------------------------------------------------ evaluation
     def maybe_evaluate(self) -> None:
-        """Start an evaluation when the schedule says the served version is due (evaluate.py)."""
         if (self.evaluator is None or self.eval_task is not None or self.syncing or self.plans
                 or not self.evaluator.schedule.due(self.policy_version)):
             return
@@ -511,8 +486,8 @@ class RolloutServer(Daemon):
         self.eval_task.add_done_callback(self._evaluation_done)
 
     async def evaluate(self) -> None:
-        """Leave the weight syncs, let a plan already on its way land, evaluate the version the engine
-        then serves, come back (the next sync re-forms the group and pushes everything)."""
+        """Leave the weight syncs, let a plan on its way land, evaluate the version served, come
+        back (ROLLOUT.md, "Evaluation")."""
         self.evaluating = True
         try:
             await self.heartbeat()  # from its answer on, no new plan includes us
@@ -539,13 +514,6 @@ class RolloutServer(Daemon):
     async def episodes_idle(self) -> None:
         while self.episodes:
             await asyncio.wait(set(self.episodes))
-
-    async def engine_version(self) -> int:
-        try:
-            v = await self.client.weight_version()
-            return int(v) if v is not None else 0
-        except ValueError:
-            return 0  # SGLang's default version string "default": the initial weights
 
 
 def _raise_if_done(tasks: list[asyncio.Task]) -> None:

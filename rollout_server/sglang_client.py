@@ -1,74 +1,29 @@
 """The one async HTTP client for SGLang's server protocol (pinned: SGLang 0.5.23).
 
-This is the only module that knows SGLang's request and response shapes (listed below; SGLang
-defines them in ``entrypoints/http_server.py`` and ``managers/io_struct.py``). It drives a real
-``sglang.launch_server`` and the embedded engine alike. One method per endpoint; every call has a
-timeout.
+The only module that knows SGLang's request and response shapes (SGLang defines them in
+``entrypoints/http_server.py`` and ``managers/io_struct.py``; ``parse_generate_output`` reads
+``/generate``'s). It drives a real ``sglang.launch_server`` and the embedded engine alike; with
+``local`` (an ``EmbeddedEngine`` in this process) ``/generate`` goes to its ``generate_local``,
+errors mapped alike, never retried. One method per endpoint; every call has a timeout.
 
-Shapes it relies on:
-
-* ``POST /generate`` with ``input_ids``, ``sampling_params`` and ``return_logprob: true`` answers
-  ``{"text", "output_ids", "meta_info"}``, or a JSON array of them when ``sampling_params.n > 1``
-  or ``input_ids`` is a batch (a list of prompts, with a list of ``sampling_params``, one each:
-  ``generate_batch``, how a group's samples are sent), in the batch's order.
-  ``meta_info`` holds ``id`` (the rid), ``finish_reason`` (``{"type": "stop", "matched"}``,
-  ``{"type": "length", "length"}`` or ``{"type": "abort", "message", "status_code"}``),
-  ``weight_version`` (a string), ``weight_versions`` (``[{"version", "start", "end"}]`` spans over
-  output tokens, when a request lived through an update) and ``output_token_logprobs``: one
-  ``[logprob, token_id, text or null]`` per generated token, in order. While the server is
-  paused, a new ``/generate`` blocks until ``/continue_generation``.
-* Control and weight-update endpoints answer ``{"success": bool, "message"}`` (200, or 400 on
-  failure); ``/pause_generation`` and ``/continue_generation`` answer ``{"message", "status"}``;
-  ``/abort_request`` answers 200 with an empty body. ``/init_weights_update_group`` blocks until
-  every rank joined the rendezvous; ``/update_weights_from_distributed`` returns once the bucket
-  was received and loaded; so does ``/update_weights_from_tensor`` (``serialized_named_tensors``:
-  one base64 ForkingPickler payload per TP rank, ``load_format``, ``flush_cache``, ``weight_version``). The served version is read from ``/model_info`` (0.5.23 has no
-  ``/weight_version`` route).
-* LoRA (a server started with ``--enable-lora``): ``/load_lora_adapter`` takes ``lora_name``
-  and ``lora_path`` (a PEFT directory the server reads), ``/unload_lora_adapter`` a ``lora_name``
-  (it returns once no admitted request uses the adapter), ``/update_weight_version`` a
-  ``new_version``; each answers ``{"success", "error_message"}``. A ``/generate`` body names its
-  adapter with ``lora_path`` (none: the base model); SGLang resolves the name when it admits the
-  request, after a pause ends. ``adapter`` is the (name, policy version) this client's generate
-  calls send: a request runs under the adapter it named from admission to end (also when a
-  retracting pause resumes it), so its tokens are labelled with that adapter's version, not the
-  server's ``weight_version``. ``running(name)`` counts this client's generate calls in flight
-  that named adapter ``name`` (SGLang's ``/unload_lora_adapter`` waits for them while holding the
-  lock every adapter load needs: rollout_server/weight_update.py unloads only names at 0).
-
-Retries (bounded, exponential backoff) and why they are safe:
-
-* idempotent calls (health, info, metrics, pause, continue, flush, abort, destroy group) are
-  retried on connection errors, timeouts and 5xx answers;
-* non-idempotent calls (``generate``, ``init_weights_update_group``, the weight update calls)
-  are retried **only** when the connection was refused before anything was sent
-  (``aiohttp.ClientConnectorError``) or was answered 429 (refused before it was read: the
-  engine's in-flight cap): a generate that may have run is never blindly repeated, and a bucket
-  whose broadcast may have started is never re-posted;
-* ``api_key``: sent as ``Authorization: Bearer`` on every call (SGLang's ``--api-key``, the
-  embedded engine's key); never logged;
-* ``flush_cache`` answers 400 while requests are running (SGLang refuses to flush then); it is
-  polled until ``timeout_s``, as slime does;
-* ``local`` (an ``EmbeddedEngine`` in this process): ``/generate`` goes to its ``generate_local``
-  instead (rollout_server/engine/local.py), mapped to errors as above, never retried; an engine
-  that is not up, or stops meanwhile, counts as unreachable (status None).
-
-Version differences: ``/begin_weight_update`` and ``/end_weight_update`` exist from 0.5.2x on
-and are *required* there (the scheduler refuses bucket updates outside a session). An older
-server answers 404; the client remembers that (``weight_session_supported = False``) and skips
-both calls from then on.
-
-Errors raise ``SGLangError`` with the HTTP status (None when the server could not be reached)
-and SGLang's own message, whichever of its error bodies it used:
-``{"error": {"message"}}``, ``{"error": "text"}`` (contract violations),
-``{"message", "type", "code"}`` (request validation) or ``{"success": false, "message"}``
-(control endpoints).
+Invariants:
+* idempotent calls are retried (bounded, exponential backoff) on connection errors, timeouts and
+  5xx; a non-idempotent one (generate, group join, weight loads) only when nothing was sent
+  (``ClientConnectorError``) or it was refused unread (429): a generate that may have run or a
+  bucket whose broadcast may have started is never re-posted;
+* ``api_key`` goes as ``Authorization: Bearer`` on every call and is never logged;
+* ``adapter`` (LoRA) is the (name, version) generate calls name; a request's tokens carry that
+  adapter's version, and ``running(name)`` counts calls in flight naming it
+  (``rollout_server/weight_update.py`` unloads only names at 0);
+* ``/begin_weight_update``/``/end_weight_update``: a server answering 404 predates them; the
+  client remembers it (``weight_session_supported = False``) and skips both from then on;
+* errors raise ``SGLangError`` with the HTTP status (None: no answer) and SGLang's own message,
+  whichever of its error bodies carried it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -266,59 +221,48 @@ class SGLangClient:
         """How many of this client's generate calls naming adapter ``name`` are in flight."""
         return self._naming.get(name, 0)
 
-    @contextlib.contextmanager
-    def _under_adapter(self):
-        """The adapter generate calls name now (or None), counted in ``running`` until the call
-        ends; read and counted with no await between, so a sync that switches ``adapter`` and then
-        reads ``running`` of the old name sees every call that named it."""
+    async def _generate(self, body: dict, n: int, timeout_s: float | None) -> list[GenerateOutput]:
+        """``POST /generate`` of ``body`` (``n`` prompts, 0: a single one) under the adapter
+        generate calls name now, counted in ``running`` until it ends. The adapter is read and
+        counted with no await between, so a sync that switches ``adapter`` and then reads
+        ``running`` of the old name sees every call that named it."""
         named = self.adapter
         if named is not None:
+            body["lora_path"] = [named[0]] * n if n else named[0]
             self._naming[named[0]] = self._naming.get(named[0], 0) + 1
         try:
-            yield named
+            _, out, _ = await self._call("POST", "/generate", body, idempotent=False,
+                                         timeout_s=timeout_s or self.generate_timeout_s)
         finally:
             if named is not None:
                 self._naming[named[0]] -= 1
                 if not self._naming[named[0]]:
                     del self._naming[named[0]]
+        if not n and isinstance(out, list):
+            raise SGLangError("/generate", 200, "got a batch answer to a single request (n > 1?)")
+        if n and (not isinstance(out, list) or len(out) != n):
+            got = len(out) if isinstance(out, list) else 1
+            raise SGLangError("/generate", 200, f"a batch of {n} prompts got {got} answers")
+        return [_under(parse_generate_output(o), named) for o in (out if n else [out])]
 
     async def generate(self, input_ids: list[int], sampling_params: dict, *, rid: str | None = None,
                        return_logprob: bool = True, timeout_s: float | None = None) -> GenerateOutput:
         """``POST /generate`` for one prompt and one sample (``n`` must be 1: a group's samples are
         requests of their own)."""
-        body = self._generate_body(input_ids, sampling_params, rid, return_logprob)
-        with self._under_adapter() as named:
-            if named is not None:
-                body["lora_path"] = named[0]
-            _, out, _ = await self._call("POST", "/generate", body,
-                                         timeout_s=timeout_s or self.generate_timeout_s, idempotent=False)
-        if isinstance(out, list):
-            raise SGLangError("/generate", 200, "got a batch answer to a single request (n > 1?)")
-        return _under(parse_generate_output(out), named)
+        body = {"input_ids": [int(t) for t in input_ids], "sampling_params": dict(sampling_params),
+                "return_logprob": return_logprob, "stream": False}
+        if rid is not None:
+            body["rid"] = rid
+        return (await self._generate(body, 0, timeout_s))[0]
 
     async def generate_batch(self, inputs: list[list[int]], sampling_params: list[dict], *,
                              timeout_s: float | None = None) -> list[GenerateOutput]:
         """``POST /generate`` with a batch: one sample per prompt of ``inputs`` (their own sampling
         params, ``n`` 1), answered in order in one response."""
         body = {"input_ids": [[int(t) for t in p] for p in inputs],
-                "sampling_params": [dict(p) for p in sampling_params], "return_logprob": True, "stream": False}
-        with self._under_adapter() as named:
-            if named is not None:
-                body["lora_path"] = [named[0]] * len(inputs)
-            _, out, _ = await self._call("POST", "/generate", body,
-                                         timeout_s=timeout_s or self.generate_timeout_s, idempotent=False)
-        if not isinstance(out, list) or len(out) != len(inputs):
-            got = len(out) if isinstance(out, list) else 1
-            raise SGLangError("/generate", 200, f"a batch of {len(inputs)} prompts got {got} answers")
-        return [_under(parse_generate_output(o), named) for o in out]
-
-    @staticmethod
-    def _generate_body(input_ids: list[int], sampling_params: dict, rid: str | None, return_logprob: bool) -> dict:
-        body = {"input_ids": [int(t) for t in input_ids], "sampling_params": dict(sampling_params),
-                "return_logprob": return_logprob, "stream": False}
-        if rid is not None:
-            body["rid"] = rid
-        return body
+                "sampling_params": [dict(p) for p in sampling_params], "return_logprob": True,
+                "stream": False}
+        return await self._generate(body, len(inputs), timeout_s)
 
     async def abort_request(self, rid: str = "", *, abort_all: bool = False) -> None:
         await self._call("POST", "/abort_request", {"rid": rid, "abort_all": abort_all}, idempotent=True)
@@ -421,36 +365,42 @@ class SGLangClient:
         self.weight_session_supported = True
         return True
 
-    async def update_weights_from_distributed(self, *, names: list[str], dtypes: list[str], shapes: list[list[int]],
-                                              group_name: str, weight_version: str | None, flush_cache: bool,
-                                              load_format: str | None = None, timeout_s: float | None = None) -> None:
-        """Receive one bucket by broadcast from group rank 0; returns once it is loaded. ``load_format``
-        ``"flattened_bucket"``: ONE uint8 broadcast per bucket (``areal_like.wire.weight_wire``)."""
-        body = {"names": list(names), "dtypes": list(dtypes), "shapes": [list(map(int, s)) for s in shapes],
-                "group_name": group_name, "flush_cache": flush_cache}
-        if weight_version is not None:
-            body["weight_version"] = weight_version
-        if load_format is not None:
-            body["load_format"] = load_format
-        await self._call("POST", "/update_weights_from_distributed", body, timeout_s=timeout_s, idempotent=False)
+    async def update_weights_from_distributed(self, *, names: list[str], dtypes: list[str],
+                                              shapes: list[list[int]], group_name: str,
+                                              weight_version: str | None, flush_cache: bool,
+                                              load_format: str | None = None,
+                                              timeout_s: float | None = None) -> None:
+        """Receive one bucket by broadcast from group rank 0; returns once it is loaded.
+        ``load_format`` ``"flattened_bucket"``: ONE uint8 broadcast per bucket
+        (``areal_like.wire.weight_wire``)."""
+        body = {"names": list(names), "dtypes": list(dtypes),
+                "shapes": [list(map(int, s)) for s in shapes], "group_name": group_name,
+                "flush_cache": flush_cache, "weight_version": weight_version,
+                "load_format": load_format}
+        await self._load("/update_weights_from_distributed", body, timeout_s)
 
-    async def update_weights_from_tensor(self, serialized_named_tensors: list[str], *, load_format: str | None = None,
-                                         flush_cache: bool = True, weight_version: str | None = None,
+    async def update_weights_from_tensor(self, serialized_named_tensors: list[str], *,
+                                         load_format: str | None = None, flush_cache: bool = True,
+                                         weight_version: str | None = None,
                                          timeout_s: float | None = None) -> None:
-        """Load tensors the caller shares with the engine's device: one entry per TP rank, each the base64
+        """Load tensors shared with the engine's device: one entry per TP rank, each the base64
         text of a ForkingPickler dump of ``[(name, tensor), ...]`` (CUDA IPC handles on a GPU)."""
-        body = {"serialized_named_tensors": list(serialized_named_tensors), "load_format": load_format,
-                "flush_cache": flush_cache}
-        if weight_version is not None:
-            body["weight_version"] = weight_version
-        await self._call("POST", "/update_weights_from_tensor", body, timeout_s=timeout_s, idempotent=False)
+        body = {"serialized_named_tensors": list(serialized_named_tensors),
+                "flush_cache": flush_cache, "weight_version": weight_version}
+        await self._load("/update_weights_from_tensor", body, timeout_s, load_format=load_format)
 
     async def update_weights_from_disk(self, model_path: str, *, weight_version: str | None = None,
-                                       abort_all_requests: bool = False, timeout_s: float | None = None) -> None:
-        body = {"model_path": model_path, "abort_all_requests": abort_all_requests}
-        if weight_version is not None:
-            body["weight_version"] = weight_version
-        await self._call("POST", "/update_weights_from_disk", body, timeout_s=timeout_s, idempotent=False)
+                                       abort_all_requests: bool = False,
+                                       timeout_s: float | None = None) -> None:
+        body = {"model_path": model_path, "abort_all_requests": abort_all_requests,
+                "weight_version": weight_version}
+        await self._load("/update_weights_from_disk", body, timeout_s)
+
+    async def _load(self, path: str, body: dict, timeout_s: float | None, **always) -> None:
+        """A weight update: ``body`` without its None values (SGLang's defaults), plus
+        ``always`` as given."""
+        body = {k: v for k, v in body.items() if v is not None} | always
+        await self._call("POST", path, body, timeout_s=timeout_s, idempotent=False)
 
     # ------------------------------------------------------------------ LoRA adapters
     async def load_lora_adapter(self, name: str, path: str, *, timeout_s: float | None = None

@@ -1,20 +1,13 @@
 """Tool calls in sandboxed worker processes, each bounded by a timeout.
 
-``ToolPool.call(spec, arguments)`` runs ``spec.function(**arguments)`` in one of ``task.tool_workers``
-sandboxed workers (``sandbox.Worker``, as reward functions run: a fresh ``python -I`` in a session of
-its own, an environment without secrets, an address-space limit of ``task.tool_memory_mb``, no
-process it may start, a CPU-time backstop; ``rollout_server/sandbox.py``) and returns a
-``ToolOutcome``: ``ok`` (the result as text), ``error`` (the tool raised, returned something that is
-not JSON-able, ran out of memory or killed its worker; the message says what) or ``timeout``. It
-never raises for what a tool does.
+``ToolPool.call(spec, arguments)`` runs ``spec.function(**arguments)`` in one of ``workers``
+sandbox workers (``rollout_server/sandbox.py``) and returns a ``ToolOutcome``: ``ok`` (the result
+as text), ``error`` (what went wrong) or ``timeout``. It never raises for what a tool does.
 
-Each worker belongs to one thread of the pool's own executor, so calls beyond ``tool_workers`` queue
-there and a waiting call holds no thread of the event loop's default executor. A call past
-``task.tool_timeout_s`` gets its worker killed (SIGKILL to its process group: it and whatever it
-started) and a fresh one started in its place; the next call on that thread waits for the new
-worker to be ready before its own timeout starts.
+Each worker belongs to one thread of the pool's own executor, so calls beyond ``workers`` queue
+there. A call past ``timeout_s`` gets its worker killed with its process group and a fresh one
+started in its place, whose startup does not count against the next call's timeout.
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -24,6 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from areal_like.tasks.tools import ToolSpec, result_text
+from rollout_server import sandbox
 from rollout_server.sandbox import SandboxLimits, StartFailed, Worker, WorkerLost, call_request
 
 INVOKE = "rollout_server.tool_pool:invoke"  # what every worker loads: it imports and calls the tool
@@ -76,7 +70,7 @@ class ToolPool:
 
     def _warm(self, started: threading.Barrier) -> None:
         try:
-            started.wait(self.limits.startup_timeout_s)
+            started.wait(sandbox.STARTUP_TIMEOUT_S)
         except threading.BrokenBarrierError:
             pass  # a slow thread: the worker still starts; wait_ready waits for each
         try:

@@ -1,69 +1,26 @@
 """A rollout server's side of a weight sync (phases 2-5 of areal_like/DESIGN.md section 4).
 
-``apply_weight_sync(client, plan, server_id, drain=..., inflight_drained=...)`` drives this
-server's engine through one ``WeightSyncPlan`` over SGLang's HTTP endpoints:
+``apply_weight_sync`` drives this server's engine through one ``WeightSyncPlan`` over SGLang's
+HTTP endpoints, in the order of rollout_server/ROLLOUT.md, "Weight sync": re-form the group if
+asked (the join runs as a task while generation and the drain go on; ``door=True``, SGLang: at
+the loopback address of a ``StoreDoor`` this server opens for the trainer's store gate,
+areal_like/net/store_gate.py, so such an engine must run on this node), pause, load (how depends
+on ``plan.path``, looked up in ``RECEIVERS``: one ``/update_weights_from_distributed`` per bucket
+in ``flattened_bucket`` format, one ``/update_weights_from_tensor`` per bucket's shared payload,
+or one ``/update_weights_from_disk`` of a directory), continue. ``apply_adapter_sync`` loads a
+LoRA adapter instead (ROLLOUT.md, "LoRA adapters on SGLang").
 
-1. if ``plan.reform``: ``/destroy_weights_update_group`` (errors ignored: there may be no old
-   group), then ``/init_weights_update_group`` as rank ``rank_offset`` (``door=True``, an engine
-   that joins with torch's own rendezvous, SGLang: at the loopback address of a ``StoreDoor`` this
-   server opens, which answers the trainer's store gate for it, areal_like/net/store_gate.py; it
-   stays open while the group lives, so such an engine must run on this server's node). That call
-   blocks in the TCP rendezvous until trainer rank 0 joins, so it is issued as a task and generation
-   goes on while it waits (and while in-flight episodes drain, in drain mode);
-2. ``/pause_generation {mode: abort}``: SGLang answers once every running request has been
-   aborted and answered, so the rollout server's episodes resubmit (their new requests block in
-   the engine until step 5). In drain mode the pause comes only after ``inflight_drained()``
-   returned, so nothing is aborted; a drain that takes more than ``DRAIN_SHARE`` of the
-   deadline falls back to aborting (the sync must not miss its deadline waiting for a long tail);
-3. ``/begin_weight_update`` (skipped on servers without it), one
-   ``/update_weights_from_distributed`` per bucket in plan order with ``load_format:
-   "flattened_bucket"`` (the trainer broadcasts each bucket as ONE uint8 buffer of its tensors back
-   to back, ``areal_like.wire.weight_wire``; SGLang 0.5.23 and the embedded engine both receive it
-   so), each returning once its tensors are received and loaded (the embedded engine answers a
-   bucket that is not the last one earlier, and fails the rest of the sync if it then fails:
-   rollout_server/engine/ENGINE.md) (``weight_version`` and flush_cache only on the last bucket, so
-   an engine whose sync fails half-way keeps its old label: tokens from mixed weights are never
-   labelled newer than they are), ``/end_weight_update``;
-4. ``/continue_generation`` -- **always**, also after a failure: an engine is never left paused
-   (and a session left open by a failed bucket is closed first, or every later sync is refused);
-5. the result is a ``SyncDone`` (ok, reason, pause_s) for the buffer.
+Invariants:
+* ``/continue_generation`` always runs, also after a failure: an engine is never left paused, and
+  a session a failed bucket left open is closed first (or every later sync is refused);
+* ``weight_version`` and ``flush_cache`` go only with the last bucket, so an engine whose sync
+  fails half-way keeps its old label: tokens from mixed weights are never labelled newer;
+* a drain takes at most ``DRAIN_SHARE`` of the deadline, then the pause aborts what is left;
+* every call is bounded by what is left of ``plan.deadline_s`` (the trainer's own deadline is the
+  authority); failures never raise: they become ``SyncDone(ok=False, reason=...)``.
 
-How step 3 loads depends on ``plan.path``, looked up once in ``RECEIVERS`` (an unknown path is
-refused with a ``SyncDone`` naming it). Trainer and engine on one GPU (``trainer/weight_local.py``):
-no group is joined.
-``tensor``: step 3 posts one ``/update_weights_from_tensor`` per bucket with that bucket's payload
-(``plan.payloads[i]``, the trainer's memory shared by handle) instead of a broadcast, in the same
-session and with the same version/flush rule; ``disk``: step 3 is one ``/update_weights_from_disk``
-of the directory ``plan.payloads[0]`` with the version label (no session: SGLang loads a whole
-checkpoint through its own path).
-
-LoRA on SGLang (``apply_adapter_sync``, ``trainer.lora.rank > 0``, path ``disk``): the plan's
-one payload is a directory holding the whole adapter in PEFT's layout (trainer/weight_local.py).
-It is loaded as an adapter of its own (``/load_lora_adapter``, named after the version and the plan)
-while generation goes on; then the client's generate calls start naming it, the engine pauses as
-above (after a drain, in drain mode), its label becomes the version (``/update_weight_version``),
-``/continue_generation`` always (a failure names the old adapter again). Requests aborted by the
-pause resubmit under the new adapter; one a retracting pause resumes keeps the adapter it was
-admitted with, and every token is labelled with the version of the adapter its request named
-(rollout_server/sglang_client.py), so versions stay exact. The
-previous adapter is retired (so is one whose load was sent but whose sync failed: SGLang may load
-it after its caller gave up). Each sync, before its load, unloads in the background each retired
-adapter no generate call in flight names (``SGLangClient.running``); the others stay retired for
-a later sync. SGLang's unload waits for the requests using the adapter while holding the lock
-every load needs, so an unload issued for one in use would hold back every later load past its
-deadline. Bound: once the unloads a sync issued have ended, at most three adapters are loaded
-(the served one, the one before it, and the one a sync loads or a failed one left), plus one for
-each older adapter that a generate call still in flight names (only a retracting pause keeps a
-request across syncs; none under ``abort``), unloaded at the first sync after its last call ends.
-
-``engine_versions(kind, server_info)`` gives the engine's torch/CUDA/NCCL versions, which
-the server reports in ``Register`` so the trainer can refuse a peer that cannot share its group.
-
-Every call is bounded by what is left of ``plan.deadline_s`` (measured from when this server
-starts applying the plan; the trainer's own deadline is the authority and drops members that
-are late). Failures never raise: they become ``SyncDone(ok=False, reason=...)``.
+``engine_versions`` gives the engine's torch/CUDA/NCCL for ``Register``.
 """
-
 from __future__ import annotations
 
 import asyncio
