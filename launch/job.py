@@ -55,11 +55,6 @@ SCRAPE_EVERY_S = 10.0  # /metrics snapshots in scrape.jsonl; Prometheus does the
 TRACK_EVERY_S = 2.0  # tracker sink polls: reads only what the files gained, so cheap
 
 
-def free_ports():
-    while True:
-        yield free_port()
-
-
 def with_gpu_count(cfg: RunConfig) -> RunConfig:
     """``launch.gpus_per_node`` from ``torch.cuda.device_count()`` when the config leaves it 0 and a
     process of the job runs on a GPU; otherwise ``cfg`` as it is (CPU jobs never import torch here)."""
@@ -101,7 +96,7 @@ def plan_job(cfg: RunConfig, cpus: list[int] | None = None,
     ``ports``: where the ports left at 0 come from (default: free ports of this machine)."""
     cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()))
     cfg, cpus = laid_out(cfg, cpus)
-    topo = plan_topology(cfg, free_ports() if ports is None else ports, cpus)
+    topo = plan_topology(cfg, iter(free_port, 0) if ports is None else ports, cpus)
     return with_local_ipc(apply_topology(cfg, topo)), topo  # one node: same-node sockets, no CURVE
 
 

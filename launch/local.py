@@ -414,6 +414,14 @@ def probe(url: str, timeout_s: float = HEALTH_PROBE_S) -> bool:
         return False
 
 
+def alive(pid: int | None) -> bool:
+    """Whether process ``pid`` runs (a zombie, exited but not reaped, does not)."""
+    try:
+        return pid is not None and pid > 0 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def process_tree() -> dict[int, list[int]]:
     """Child PIDs by parent PID, from one walk of the process table: once a tick for every daemon
     (``Process.children(recursive=True)`` walks all of it per call). Reads ``/proc/PID/stat``

@@ -34,18 +34,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from areal_like.settings.config import ConfigError, RunConfig
-from launch.job import engine_start_s, has_final_eval, plan_job, shares_gpu, start_stage, trainer_overrides
+from launch.job import (
+    engine_start_s,
+    plan_job,
+    shares_gpu,
+    start_stage,
+    trainer_overrides,
+    wait_for_final_eval,
+)
+from launch.local import alive, probe
 from launch.placement import NodeGpus, node_roles, place_nodes, trainer_on_gpu, visible_devices
 from launch.topology import DaemonSlot, Topology, engine_address, split_address, wants_eval
 
@@ -168,7 +177,7 @@ def slurm_steps(cfg: RunConfig, hosts: list[str], *, config: str, cpus: int, mas
     if placed is None:
         raise ConfigError(f"trainer.device={cfg.trainer.device!r} and rollout.engine.kind={cfg.rollout.engine.kind!r}: "
                           "the Slurm recipe places GPU jobs (topology=gpu_sglang or gpu_embedded)")
-    laid, topo = plan_job(cfg, ports=_from(master_port))
+    laid, topo = plan_job(cfg, ports=itertools.count(master_port))
     check_laid_out(cfg, laid)
     node = physical_cores(cpus, lscpu)
     cpu_trainer = [node_roles(la.nodes, la.train_nodes, k)[0] and not trainer_on_gpu(cfg)
@@ -223,24 +232,11 @@ def wait_healthy(urls: list[str], timeout_s: float, poll_s: float = 2.0) -> str 
     """Wait until every URL answers 200; the first that did not within ``timeout_s``, else None."""
     deadline = time.monotonic() + timeout_s
     for url in urls:
-        while True:
-            try:
-                with urllib.request.urlopen(url, timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
+        while not probe(url, timeout_s=5):
             if time.monotonic() >= deadline:
                 return url
             time.sleep(poll_s)
     return None
-
-
-def _from(first: int):
-    port = first
-    while True:
-        yield port
-        port += 1
 
 
 def _command(cfg: RunConfig, topo: Topology, slot: DaemonSlot, config: str, restarts: int,
@@ -283,32 +279,22 @@ def after(argv: list[str]) -> int:
     os.execvp(argv[cut + 1], argv[cut + 1:])
 
 
-def final_eval(cfg: RunConfig, pid: int, poll_s: float = 1.0) -> int:
-    """``run``'s wait for the final evaluation (``launch.job.wait_for_final_eval``) for a Slurm job:
-    until ``eval.jsonl`` has it, the step ``pid`` ended, or ``eval.final_timeout_s``."""
+class _EvalStep:
+    """The evaluating server's step ``pid`` as ``launch.job.wait_for_final_eval`` reads a
+    supervisor: alive or not, and a stop event nobody sets."""
+
+    def __init__(self, pid: int):
+        self.pid, self.stop_event = pid, threading.Event()
+
+    def pids(self) -> dict[str, int | None]:
+        return {"rollout-0": self.pid if alive(self.pid) else None}
+
+
+def final_eval(cfg: RunConfig, pid: int) -> int:
+    """``run``'s wait for the final evaluation (``launch.job.wait_for_final_eval``) for a Slurm job."""
     if not (wants_eval(cfg) and cfg.eval.at_end):
         return 0
-    deadline = time.monotonic() + cfg.eval.final_timeout_s
-    while not has_final_eval(Path(cfg.run_dir), cfg.trainer.steps):
-        if not _alive(pid):
-            print("no final evaluation: the evaluating rollout server is down", file=sys.stderr)
-            return 1
-        if time.monotonic() >= deadline:
-            print(f"no final evaluation within eval.final_timeout_s={cfg.eval.final_timeout_s}",
-                  file=sys.stderr)
-            return 1
-        time.sleep(poll_s)
-    return 0
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)  # signal 0: only whether it exists
-    except ProcessLookupError:
-        return False
-    return True
+    return 0 if wait_for_final_eval(cfg, Path(cfg.run_dir), _EvalStep(pid)) else 1
 
 
 def main(argv: list[str]) -> int:

@@ -11,7 +11,7 @@ benchmarks/README.md, "Session 20"); for a CPU job that leaves ``launch.num_roll
 ``launch.trainer_ranks`` null (``laptop_layout``, applied first) also how many servers and ranks
 the cores present take; on a GPU topology,
 the GPUs of every daemon (``launch/placement.py``; the buffer gets none). No I/O happens here;
-``launch/job.py`` feeds it ``free_ports()``, ``os.sched_getaffinity(0)`` and the GPU count.
+``launch/job.py`` feeds it free ports, ``os.sched_getaffinity(0)`` and the GPU count.
 ``plan_lines`` renders a topology as ``areal-like plan`` prints it.
 
 Invariants (tested in tests/unit/test_topology.py):
