@@ -1,27 +1,9 @@
-"""``areal-like``: the command users type.
+"""``areal-like``: the command users type (``areal-like --help``; the README's table of commands).
 
-    areal-like run      [-q] [--accept-changes] [overrides...]   the whole job on this machine
-    areal-like buffer   [overrides...]        one buffer daemon in the foreground
-    areal-like rollout  [overrides...]        one rollout server (+ its engine) in the foreground
-    areal-like train    [torchrun flags] [overrides...]   the trainer under torchrun
-    areal-like top      [RUN_DIR]             live terminal view scraped from every /metrics
-    areal-like status   [RUN_DIR]             one-shot health of every daemon of a run
-    areal-like plan     [overrides...]        print where `run` would put every process (node, GPUs,
-                                              ports, addresses); starts nothing, writes nothing
-    areal-like config   [overrides...]        print the resolved config (one file for every node):
-                                              hub ids resolved, inputs checked and laid out as
-                                              `run` does (what `run` writes to config.yaml)
-    areal-like eval     MODEL [overrides...]  evaluate an HF directory or a checkpoint on the eval split
-    areal-like track    RUN_DIR [--once] [overrides...]   feed a run's metrics and samples to cfg.tracker
-    areal-like export   CHECKPOINT OUT [--config-file FILE]   a trainer checkpoint -> a Hugging Face directory
-    areal-like keys     RUN_DIR [--keys-dir DIR]   make the job's CURVE keys and engine API key (kept if there)
-
-Overrides are Hydra's: ``experiment=quickstart trainer.lr=1e-4 buffer.max_staleness=0``. A bad
-configuration, an unusable input (preflight) or a finished ``run_dir`` prints ``error:`` lines and
-exits 2 before anything starts.
-``--help`` is fast: nothing heavy (torch, transformers, hydra) is imported before a command runs
-(each command imports what it needs), and the daemons and one-shot tools run as their own
-processes (``python -m buffer``, ``python -m trainer.export``), never imported here.
+A bad configuration, an unusable input (preflight) or a finished ``run_dir`` prints ``error:``
+lines and exits 2 before anything starts. ``--help`` is fast: each command imports what it needs
+when it runs, and the daemons and one-shot tools run as their own processes (``python -m
+buffer``, ``python -m trainer.export``), never imported here.
 """
 
 from __future__ import annotations

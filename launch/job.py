@@ -1,30 +1,15 @@
 """A whole job on one machine: config -> topology -> processes -> supervisor -> summary.
 
-``run_job(cfg)`` is what ``areal-like run`` does:
-
-0. resolve hub ids to local directories and run the preflight (``launch/preflight.py``), take the
-   run directory's job lock (a job still alive there is refused), then look
-   at what ``run_dir`` already holds (``launch/rundir.py``): a finished run is refused, an
-   unfinished one resumes from its latest checkpoint; a ``ConfigError`` from here reaches the CLI,
-   which prints it as one line per problem and exits 2;
-1. warm start (``launch/warmstart.py``) when ``warm_start.steps > 0`` (cached across runs);
-2. plan ports, CPU pools and GPUs (``launch/topology.py``, ``launch/placement.py``; ``plan_job``,
-   which ``areal-like plan`` prints without starting anything), make the job's CURVE keys in
-   ``<run_dir>/keys`` (``areal_like/net/security.py``; unless ``security.curve=false``), write
-   ``<run_dir>/config.yaml`` (the only config every daemon reads), ``ports.json`` (for
-   ``areal-like top|status``) and ``prometheus_targets.json`` (Prometheus file_sd);
-3. run the supervisor over the buffer, K rollout servers and ``torchrun -m trainer`` (one rank:
-   ``python -m trainer`` itself), with a live
-   progress line read from ``<run_dir>/metrics/trainer.jsonl``, a periodic scrape of every
-   ``/metrics`` into ``<run_dir>/metrics/scrape.jsonl`` and the tracker sink
-   (``launch/track_sink.py``) feeding ``cfg.tracker`` from the run's JSONL files; when an eval
-   is scheduled, the job stays up after the trainer completed until the final evaluation is written;
-4. when the job failed, print the failing daemon's last error lines (its log's last traceback)
-   to stderr, also with ``-q``;
-5. write ``learning_curve.png`` (rewards, and the eval accuracies of ``eval.jsonl`` when there
-   are any) and ``summary.json`` (``launch/records.py``), give the trackers their last rows, and print the summary as ONE
-   JSON line: ``steps`` counts the steps trained by THIS invocation, ``resumed_from`` the
-   checkpoint it resumed.
+``run_job(cfg)`` is ``areal-like run``: the preflight (``launch/preflight.py``) and the run
+directory's lock and state (``launch/rundir.py``: refuse, resume or start; a ``ConfigError`` from
+here is the CLI's exit 2); the warm start (``launch/warmstart.py``); the plan (``plan_job``: the
+ONE place the layout-dependent config is made), the CURVE keys, ``config.yaml`` (the only config
+every daemon reads), ``ports.json`` and ``prometheus_targets.json``; the supervisor over the
+buffer, K rollout servers and the trainer, with a progress line, a ``/metrics`` scrape into
+``metrics/scrape.jsonl`` and the tracker sink; the final evaluation when one is scheduled; on
+failure the failing daemon's last error lines (also with ``-q``); then ``summary.json`` and
+``learning_curve.png`` (``launch/records.py``) and the summary as ONE JSON line on stdout
+(``steps``: the steps THIS invocation trained).
 """
 
 from __future__ import annotations

@@ -1,35 +1,21 @@
 """Local supervisor: one command starts, watches and stops every daemon of a job on this machine.
 
-``Supervisor(specs, run_dir)`` owns a list of ``ProcSpec``s (the buffer, K rollout servers, the
-trainer under torchrun; or any commands in tests). ``run()``:
+``Supervisor(specs, run_dir).run()`` starts the ``ProcSpec``s stage by stage, each in its own
+session, and waits for every ``/health``; streams each one's output, prefixed with its name, to
+the console and to ``<run_dir>/logs/<name>.log`` (rotated: at most ``(log_backups + 1) x
+log_max_bytes`` per process); restarts a process that exits after a doubling back-off, at most
+``restarts`` within a sliding ``restart_window_s`` (``RestartBudget``); the *main* process (the
+trainer) exiting 0 completes the job. On completion, failure, Ctrl-C, SIGTERM or SIGHUP (not
+under ``nohup``) it stops everything in reverse start order: SIGTERM to the group, wait, SIGKILL;
+from then on daemon output goes to the logs only.
 
-1. starts the processes stage by stage (the buffer first, then the rest), each in its own session
-   (``start_new_session``) so that it and its children can be signalled as one group, and waits
-   for every ``/health`` to answer 200;
-2. streams each process's output line by line, prefixed with its name, to the console and to
-   ``<run_dir>/logs/<name>.log``, which rotates (``logging.handlers.RotatingFileHandler``) past
-   ``log_max_bytes`` into ``<name>.log.1`` ... ``.<log_backups>``, the oldest dropped: a job that
-   runs for weeks keeps at most ``(log_backups + 1) x log_max_bytes`` of logs per process;
-3. polls: a process that exits is restarted after a back-off that doubles with each restart
-   (``RestartBudget``: at most ``restarts`` within a sliding ``restart_window_s``, so crashes long
-   ago do not count); the *main* process (the trainer) exiting 0 is job completion; a process out
-   of restarts fails the job;
-4. on completion, failure, Ctrl-C, SIGTERM or SIGHUP (the terminal closed: its output then goes to
-   /dev/null; not when started with SIGHUP ignored, as under ``nohup``: that job outlives its
-   terminal) stops everything in reverse start order: SIGTERM to the process group, wait,
-   SIGKILL, by PID. From then on the daemons' output goes to their logs only: what they print
-   while they stop (torchrun's traceback for the signal, torch's warnings about peers that went
-   away) is expected, and the console gets the one line saying how the job ended.
-
-Every process it starts gets SIGTERM from the kernel when the supervisor dies without stopping it
-(``kill -9``, an OOM kill: ``PR_SET_PDEATHSIG``, ``areal_like/daemon.py``), and inherits
-``inherit_fds`` (the run directory's job lock, ``launch/rundir.py``), so that the lock is held
-until the last daemon of the job is gone.
-
-Invariant: no process is left behind. torchrun puts every rank in a session of its own, so a
-``kill -9`` of torchrun orphans its ranks outside our process group; the supervisor therefore
-records the descendants of every process it started on each poll (PID + create time, so a
-recycled PID is never hit) and kills the survivors by PID after the group is gone.
+Invariants:
+* no process is left behind: the kernel sends SIGTERM to every child when the supervisor dies
+  (``PR_SET_PDEATHSIG``, ``areal_like/daemon.py``), and since torchrun puts each rank in a session
+  of its own, the descendants of every process are recorded on each poll (PID + create time, so a
+  recycled PID is never hit) and the survivors killed by PID after the group is gone;
+* every process inherits ``inherit_fds`` (the run directory's job lock, ``launch/rundir.py``), so
+  the lock is held until the last daemon of the job is gone.
 """
 
 from __future__ import annotations
@@ -171,9 +157,8 @@ class Supervisor:
         self.stop_event.set()
 
     def hang_up(self, *_args) -> None:
-        """SIGHUP: the terminal is gone. Output to it would fail (EIO) from now on, and so would
-        output to a pipe (``| tee``: its reader got the same SIGHUP; EPIPE), so both go to
-        /dev/null (a file keeps its output); then the job stops as on Ctrl-C, every daemon with it."""
+        """SIGHUP: output to the terminal or a pipe (``| tee``) would fail from now on, so it goes
+        to /dev/null (a file keeps its output); then the job stops as on Ctrl-C."""
         devnull = os.open(os.devnull, os.O_WRONLY)
         for fd in (1, 2):
             try:

@@ -1,34 +1,19 @@
 """Pure GPU placement: which GPUs each process of a node sees (its ``CUDA_VISIBLE_DEVICES``).
 
-``place_node`` lays out one node of a job: its trainer ranks get GPUs ``[0, T)`` (rank ``i`` of
-the node on GPU ``i``, which is what torchrun's ``LOCAL_RANK`` indexes in a list of those GPUs),
-then rollout server ``i`` the ``tp_size`` GPUs ``[T + i*tp, T + (i+1)*tp)``. ``place_nodes``
-lays out every node of a job from the config: the counts come from ``launch.trainer_ranks``,
-``launch.num_rollout_servers`` (never null here: only a CPU job takes them from its cores),
-``rollout.engine.tp_size`` and ``launch.gpus_per_node``.
+``place_node`` lays out one node: trainer ranks on GPUs ``[0, T)`` (local rank ``i`` on GPU
+``i``), then rollout server ``i`` on ``[T + i*tp, T + (i+1)*tp)``. ``place_nodes`` lays out every
+node from ``launch.*`` and ``rollout.engine.tp_size``: on several nodes the first
+``launch.train_nodes`` run only trainer ranks, the others only rollout servers, and both counts
+are per node.
 
 Invariants (tested in tests/unit/test_placement.py):
-* one process per GPU: no two processes of a node share a GPU. NCCL refuses two ranks of one
-  group on one GPU ("Duplicate GPU detected") and an SGLang engine takes most of its GPU's
-  memory, so a layout needing more GPUs than the node has is refused with a ``ConfigError``
-  naming the keys and the numbers;
-* except on a one-GPU node running one trainer rank and one rollout server of ``tp_size`` 1: both
-  get GPU 0 (``NodeGpus.shared``). Then the weights go without a group (``with_weight_path``:
-  ``trainer.weight_sync.path=auto`` becomes ``tensor``, or with LoRA the engine kind's adapter
-  path, ``auto_path``; an explicit ``distributed`` over NCCL is refused), and an SGLang engine
-  leaves the trainer room: ``rollout.engine.sglang.mem_fraction_static`` defaults to
-  ``SHARED_MEM_FRACTION_DEFAULT`` there and may not exceed ``SHARED_MEM_FRACTION_MAX`` (on a GPU
-  of its own SGLang picks its own fraction);
-* the GPUs given out are ``[0, used)``, in the order trainer ranks, then rollout servers;
-* a process that runs on CPU takes no GPU, and an engine attached by URL runs elsewhere.
-
-Several nodes (``launch.nodes`` = N > 1, for ``launch/slurm/areal_like.sbatch`` and the manual
-recipe of launch/MULTINODE.md; ``areal-like run`` is one node): ``place_nodes`` puts only trainer
-ranks on the first ``launch.train_nodes`` nodes and only rollout servers on the others, i.e. node
-``k`` is ``place_node(gpus_per_node=G, trainer_ranks=launch.trainer_ranks, rollout_servers=0, ...)``
-for ``k < train_nodes`` and ``place_node(gpus_per_node=G, trainer_ranks=0,
-rollout_servers=launch.num_rollout_servers, tp_size=rollout.engine.tp_size, ...)`` for the rest:
-on several nodes both counts are per node (torchrun's ``--nproc-per-node``; servers per node).
+* one process per GPU (NCCL refuses two ranks of one group on one GPU; SGLang takes most of its
+  GPU's memory): a layout needing more GPUs than the node has is a ``ConfigError`` naming the keys;
+* except a one-GPU node with one trainer rank and one rollout server of ``tp_size`` 1, which share
+  GPU 0 (``NodeGpus.shared``): the weights then go without a group (``with_weight_path``) and an
+  SGLang engine leaves the trainer room (``SHARED_MEM_FRACTION_DEFAULT``, at most
+  ``SHARED_MEM_FRACTION_MAX``);
+* the GPUs given out are ``[0, used)``; a process on CPU takes none, an engine by URL runs elsewhere.
 """
 
 from __future__ import annotations

@@ -1,39 +1,10 @@
 """Preflight: everything a job reads from outside its config, checked before anything starts.
 
-A missing model directory, dataset file or reward function would otherwise pass the config
-validators and fail 10-30 s later inside three daemons at once, with tracebacks and restarts.
-``checked(cfg)`` is the one entry: ``areal-like run`` (before the warm start and before any daemon)
-and ``areal-like config`` call it. It resolves hub ids to local directories
-(``areal_like.weights.hf.resolve_models``), runs every check below on the result and raises
-``PreflightError``: one line per problem, each naming its key. It checks:
-
-* ``model.path``: a directory with config.json and weights, and a tokenizer unless
-  ``model.tokenizer`` names a tokenizer directory (a built-in tokenizer's ids mean nothing to
-  someone else's model; a warm start's output always holds its tokenizer); ``model.tokenizer``
-  (when it is not a built-in tokenizer): a directory with a tokenizer; ``trainer.ref_path``: like
-  model.path;
-* ``warm_start.steps > 0`` only with a model built from config or one a warm start wrote;
-* ``task.dataset_path`` (``task.name=dataset``) and ``task.eval_path``: exist, hold the columns
-  ``task.messages_key`` / ``task.prompt_key``, ``task.answer_key`` and ``task.metadata_keys`` name,
-  and every row's contents make an example (an answer, a prompt, messages that are a list of
-  {role, content}); the rows are streamed a batch at a time, so memory stays bounded;
-* ``task.chat_template`` (other than auto/none): a file or a template that compiles; with ``auto``
-  on a chat dataset (``task.messages_key``), the tokenizer has a template to lay the messages out
-  (else it would get their contents as plain text, which no chat model was trained on);
-* ``task.reward_fn``: loads as in a reward worker (same loader, ``task.reward_memory_mb`` address
-  space, environment without secrets), in a child Python (see ``check_reward_fn``);
-* ``task.env``: the class imports, builds with no arguments and has ``reset`` and ``step``; its tools'
-  schemas are valid JSON schemas (``check_env``);
-* ``task.agent``: the function imports and takes ``(client_base_url, api_key, example)``
-  (``check_agent``);
-* the trackers' packages (``launch.tracking.check_trackers``);
-* the engine: ``rollout.engine.kind=sglang`` needs the sglang package and ``model.path``;
-* ``trainer.lora.target_modules``: each name matches a linear layer of the model (``check_lora``);
-* the environment: no inherited ``SGLANG_RETURN_ORIGINAL_LOGPROB`` (SGLang would return log-probs
-  without the temperature, off the trainer's convention; see trainer/logprob_guard.py).
-
-Paths are checked as the daemons will open them: relative to the working directory, which the
-daemons inherit from the launcher.
+``checked(cfg)`` is the one entry (``areal-like run`` before the warm start, ``areal-like
+config``): it resolves hub ids to local directories and runs every ``check_*`` below, raising
+``PreflightError`` with one line per problem, each naming its key, instead of three daemons
+failing 10-30 s later. The checks read paths as the daemons will open them, relative to the
+working directory they inherit; each check's docstring says what it checks.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
-"""What a run leaves in its directory, read back: the trainer's step records
-(``metrics/trainer.jsonl``), the evaluations (``eval.jsonl``), the job's outcome, and what is made
-of them at the end: ``summary.json`` and ``learning_curve.png``.
+"""What a run leaves in its directory, read back (``metrics/trainer.jsonl``, ``eval.jsonl``), and
+what is made of it at the end: ``summary.json`` and ``learning_curve.png``.
 
-Readers only: nothing here starts or watches a process (``launch/job.py`` does). A JSONL line
-being written while it is read is skipped, so these can run during the job; a step or a version
+Readers only, safe during the job: a JSONL line being written is skipped, and a step or version
 that appears twice (a resume replays a step) counts once, the last record winning.
 """
 

@@ -1,33 +1,18 @@
 """The Slurm job's processes as ``srun`` steps, from the same plan ``areal-like plan`` prints.
 
-``launch/slurm/areal_like.sbatch`` calls ``python -m launch.srun``:
+``launch/slurm/areal_like.sbatch`` calls ``python -m launch.srun`` (launch/MULTINODE.md):
 
-* ``head-ip IFACE`` prints the IPv4 address of interface ``IFACE`` on this node
-  (``ip -o -4 addr show dev IFACE``): the address every other node reaches the buffer and trainer
-  rank 0 on. Not the first ``hostname -I`` address, which on a cluster is often a management or
-  container network the other nodes cannot route to; a missing or address-less interface is an
-  error naming it and the interfaces that do have one;
-* ``steps`` prints one line per process, ``name<TAB>kind<TAB>command`` (``command`` shell-quoted):
-  the buffer, every rollout server and one torchrun per training node, placed by
-  ``launch/topology.py`` (GPUs from ``launch/placement.py``), and writes ``ports.json``. The
-  config must be the laid-out one ``areal-like config`` prints (``launch.job.plan_job``, what
-  ``run`` gives its daemons); one that is not is refused, naming the keys that differ. Steps start
-  in ``run``'s order (``launch.job.start_stage``): on one shared GPU the trainer's step first
-  waits for every rollout server's ``/health`` (its engine up), through ``after``;
-* ``after --timeout-s S URL... -- COMMAND`` waits until every ``URL`` answers 200, then becomes
-  ``COMMAND`` (exec); exit 1 naming the URL that did not answer within ``S`` seconds;
-* ``final-eval --config-file F --pid P``, once the trainer completed: as ``run`` does, waits for
-  the final evaluation (``eval.at_end``) while the evaluating server's step ``P`` lives, at most
-  ``eval.final_timeout_s`` (exit 0 when written or none is scheduled, 1 otherwise).
+* ``head-ip IFACE``: the IPv4 address of ``IFACE`` on this node, which the other nodes reach;
+* ``steps``: one ``name<TAB>kind<TAB>command`` line per process, in ``run``'s start order
+  (``launch.job.start_stage``, waiting through ``after``), and ``ports.json``. The config must be
+  the laid-out one ``areal-like config`` prints; one that is not is refused, naming the keys;
+* ``after --timeout-s S URL... -- COMMAND``: exec ``COMMAND`` once every URL answers 200;
+* ``final-eval --config-file F --pid P``: ``run``'s wait for the final evaluation.
 
-Each step is ``srun --overlap -N1 -n1 -w NODE -c CORES --cpu-bind=mask_cpu:MASK env
-CUDA_VISIBLE_DEVICES=... COMMAND``. The cores come from the plan too (``node_cores``): a node's
-physical cores (``physical_cores``: from ``lscpu``, hyperthreads kept with their core), less one
-for the buffer on node 0, are cut into ``launch.gpus_per_node`` equal blocks in socket and GPU order
-(block ``g`` for GPU ``g``, which on the usual two-socket GPU node keeps a process on the socket of
-its GPUs), and each process is bound to the blocks of its GPUs, so no two processes of a node
-share a core. ``CUDA_VISIBLE_DEVICES`` is set by ``env`` inside the step, after Slurm's
-own GPU binding, so it is the plan's and not Slurm's.
+Each step is ``srun --overlap ... --cpu-bind=mask_cpu:MASK env CUDA_VISIBLE_DEVICES=... COMMAND``:
+a node's physical cores (``physical_cores``), less the buffer's on node 0, are cut into one block
+per GPU in socket order and each process is bound to the blocks of its GPUs (``node_cores``), so
+no two processes share a core; ``CUDA_VISIBLE_DEVICES`` is the plan's, set after Slurm's binding.
 """
 
 from __future__ import annotations

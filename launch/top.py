@@ -1,16 +1,9 @@
 """``areal-like top`` and ``areal-like status``: the job seen from its ``/metrics`` and ``/health``.
 
-Both read ``<run_dir>/ports.json`` (written by the supervisor, or by hand for a multi-node job:
-``{"daemons": [{"name", "kind", "metrics_url", "health_url"}, ...]}``) and scrape every daemon
-over HTTP, so they work from any machine that can reach the daemons. ``top`` redraws a table
-every few seconds: per daemon its health and the figures that tell whether the job is healthy
-(versions, staleness, rewards, throughput as rates of the counters, weight-sync times). Without a
-terminal (a pipe, a log file) it prints one plain table per interval instead, and ``--once`` prints
-one (over one interval, so that rates have two points) and exits.
-
-``status`` says per daemon: ``up`` (``/health`` answers 200), ``starting`` (its port not open yet,
-but its process, from ports.json, is alive), ``finished`` (no answer, and the job wrote its
-``summary.json`` after its ``ports.json``: the run ended) or ``DOWN`` (none of these, or a 503).
+Both read ``<run_dir>/ports.json`` (``{"daemons": [{"name", "kind", "metrics_url",
+"health_url"}, ...]}``) and scrape over HTTP, so they work from any machine that reaches the
+daemons. ``status`` says per daemon ``up`` (``/health`` 200), ``starting`` (port not open, process
+alive), ``finished`` (no answer, and ``summary.json`` is newer than ``ports.json``) or ``DOWN``.
 """
 
 from __future__ import annotations

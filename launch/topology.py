@@ -1,33 +1,18 @@
-"""Pure placement: which ports and which CPU cores every daemon of a job gets.
-
-``plan_topology(cfg, ports, cpus)`` takes the resolved ``RunConfig``, a source of free ports
-and the usable core ids, and returns a ``Topology``: the buffer's request/reply and publish
-addresses, a ``/metrics`` port per daemon, the torchrun rendezvous port and, when
-``launch.pin_cpus`` is set, two disjoint core sets: the *rollout pool* (the rollout servers) and
-the *trainer pool* (every trainer rank), while the buffer, which only moves bytes, may run on any
-core of either (its work comes while the trainer waits for a batch or a server for its leases, so
-pinned to the rollout pool it took the rollout servers' core just when they had the most to do:
-benchmarks/README.md, "Session 20"); for a CPU job that leaves ``launch.num_rollout_servers`` or
-``launch.trainer_ranks`` null (``laptop_layout``, applied first) also how many servers and ranks
-the cores present take; on a GPU topology,
-the GPUs of every daemon (``launch/placement.py``; the buffer gets none). No I/O happens here;
-``launch/job.py`` feeds it free ports, ``os.sched_getaffinity(0)`` and the GPU count.
-``plan_lines`` renders a topology as ``areal-like plan`` prints it.
+"""Pure placement: which ports and which CPU cores (and, through ``launch/placement.py``, GPUs)
+every daemon of a job gets; ``plan_lines`` renders it as ``areal-like plan`` prints it. No I/O:
+``launch/job.py`` feeds it free ports, the usable cores and the GPU count.
 
 Invariants (tested in tests/unit/test_topology.py):
 * every port in a topology is distinct, and a port fixed in the config (non-zero) is kept;
-* with ``pin_cpus`` the two pools are non-empty and disjoint and together cover the cores given;
-* laid out from the cores, no core gets more than one busy thread: one single-threaded server
-  per core of the rollout pool, one trainer rank with one thread per core of the trainer pool, each
-  count at most its ceiling (``launch.auto_max_servers``, ``launch.auto_max_threads``); a count the
-  config sets is kept, and a pinned trainer's ranks share its pool's threads. At eta 0
-  (``buffer.max_staleness=0``) generation and training take turns (the servers wait for the new
-  weights while the trainer steps, the trainer for its batch while they generate), so the trainer
-  gets a thread per core of both pools (up to ``launch.auto_max_threads``), and its idle threads stop
-  spinning after ``TURN_SPINCOUNT`` (``GOMP_SPINCOUNT``; not set when the user set it or
-  ``OMP_WAIT_POLICY``) instead of libgomp's default 300,000, so that they leave the rollout cores
-  to the servers between steps. An evaluation (``eval.every``) runs on a server's core while the
-  trainer steps: those steps share it;
+* with ``pin_cpus`` the rollout pool (the servers) and the trainer pool (every trainer rank) are
+  non-empty, disjoint and cover the cores given; the buffer, which only moves bytes, floats over
+  both (benchmarks/README.md, "Session 20");
+* laid out from the cores (``laptop_layout``), no core gets more than one busy thread: one
+  single-threaded server per core of the rollout pool, one trainer rank threading over the trainer
+  pool, each count at most its ceiling (``launch.auto_max_servers``, ``launch.auto_max_threads``);
+  a count the config sets is kept. At eta 0 generation and training take turns, so the trainer's
+  threads span both pools and stop spinning after ``TURN_SPINCOUNT`` (unless the user set
+  ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY``);
 * nothing assumes localhost: the host part of ``buffer.address`` is kept as configured.
 """
 
