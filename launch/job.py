@@ -58,9 +58,8 @@ def usable_cpus() -> list[int]:
 
 
 def laid_out(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, list[int] | None]:
-    """``cfg`` with the servers, ranks and pinning the cores present take where it leaves the counts
-    null (``laptop_layout``), its GPU count and weight path; and those cores (when pinning or laying
-    out)."""
+    """``cfg`` laid out for this machine (``laptop_layout``, GPU count, weight path), and the cores
+    used (when pinning or laying out)."""
     la = cfg.launch
     if cpus is None and (la.pin_cpus or la.num_rollout_servers is None or la.trainer_ranks is None):
         cpus = usable_cpus()
@@ -70,15 +69,10 @@ def laid_out(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, 
 
 def plan_job(cfg: RunConfig, cpus: list[int] | None = None,
              ports=None) -> tuple[RunConfig, Topology]:
-    """Ports, CPU pools and GPUs of every daemon (nothing written, nothing started); returns (the
-    config the daemons read, the topology). Raises ConfigError for a layout that does not fit.
-
-    The ONE place the layout-dependent config is made (GPU count, weight path, SGLang's memory share
-    on a shared GPU, addresses, ``trainer.first_engines``/``first_engine_wait_s``, same-node
-    sockets): ``run`` (``prepare``), ``plan``, ``config`` (what ``launch/slurm/areal_like.sbatch``
-    and the recipe of ``launch/MULTINODE.md`` give every daemon) and ``launch/srun.py`` (which
-    checks that its config is this one) all call it. Laying out a laid-out config changes nothing.
-    ``ports``: where the ports left at 0 come from (default: free ports of this machine)."""
+    """(the config the daemons read, the topology), nothing written or started; ConfigError for a
+    layout that does not fit. The ONE place the layout-dependent config is made: ``run``, ``plan``,
+    ``config`` and ``launch/srun.py`` all call it, and laying out a laid-out config changes
+    nothing. ``ports``: where the ports left at 0 come from (default: free ports here)."""
     cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()))
     cfg, cpus = laid_out(cfg, cpus)
     topo = plan_topology(cfg, iter(free_port, 0) if ports is None else ports, cpus)
@@ -101,9 +95,7 @@ def prepare(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, T
 
 
 def job_specs(cfg: RunConfig, topo: Topology, config_path: Path, python: str = sys.executable) -> list[ProcSpec]:
-    """The buffer (stage 0), then every rollout server and the trainer (``start_stage``); on a
-    GPU topology each gets ``CUDA_VISIBLE_DEVICES`` from its slot (the trainer's lists one GPU per
-    torchrun rank), translated through the launcher's own when it has one."""
+    """One ``ProcSpec`` per slot of ``topo``, started in ``start_stage`` order, with its GPUs."""
     env = {**{k: v for k, v in MALLOC_ENV.items() if k not in os.environ},
            "OMP_NUM_THREADS": str(cfg.launch.omp_threads), "MKL_NUM_THREADS": str(cfg.launch.omp_threads),
            "AREAL_LIKE_RUN_DIR": cfg.run_dir,

@@ -57,12 +57,9 @@ class NodeGpus:
 
 
 def visible_devices(gpus: tuple[int, ...], inherited: str | None = None) -> str:
-    """The ``CUDA_VISIBLE_DEVICES`` value for ``gpus`` (empty: the process sees no GPU).
-
-    ``inherited``: the launcher's own ``CUDA_VISIBLE_DEVICES`` when it has one. The plan numbers
-    the GPUs torch sees (``torch.cuda.device_count()``), and torch's GPU ``i`` is the ``i``-th entry
-    of that list, so each planned index is translated through it: a job given GPUs ``4,5,6,7``
-    never touches GPUs 0-3."""
+    """The ``CUDA_VISIBLE_DEVICES`` value for ``gpus`` (empty: no GPU). The plan numbers the GPUs
+    torch sees, so each index is translated through the launcher's own list (``inherited``) when
+    it has one: a job given GPUs ``4,5,6,7`` never touches GPUs 0-3."""
     if inherited is None:
         return ",".join(map(str, gpus))
     have = [d.strip() for d in inherited.split(",") if d.strip()]
@@ -74,13 +71,9 @@ def visible_devices(gpus: tuple[int, ...], inherited: str | None = None) -> str:
 
 def place_node(*, gpus_per_node: int, trainer_ranks: int, rollout_servers: int, tp_size: int,
                nodes: int = 1, node: int = 0) -> NodeGpus:
-    """Node ``node`` of ``nodes``: ``trainer_ranks`` ranks and ``rollout_servers`` engines of
-    ``tp_size`` GPUs each on ``gpus_per_node`` GPUs, one process per GPU; ConfigError otherwise."""
+    """Node ``node`` of ``nodes`` (module docstring); ConfigError when it does not fit."""
     if not 0 <= node < nodes:
         raise ConfigError(f"node {node} is not one of the job's {nodes} nodes")
-    if trainer_ranks < 0 or rollout_servers < 0 or tp_size < 1:
-        raise ConfigError(f"trainer_ranks={trainer_ranks}, rollout_servers={rollout_servers} and "
-                          f"tp_size={tp_size} must be >= 0, >= 0 and >= 1")
     need = trainer_ranks + rollout_servers * tp_size
     if gpus_per_node == 1 and (trainer_ranks, rollout_servers, tp_size) == (1, 1, 1):  # the one-GPU machine
         return NodeGpus(trainer=(0,), rollout=((0,),))
@@ -122,10 +115,8 @@ def node_roles(nodes: int, train_nodes: int, node: int) -> tuple[bool, bool]:
 
 
 def place_nodes(cfg: RunConfig) -> tuple[NodeGpus, ...] | None:
-    """Every node of the job (``launch.nodes``), node 0 first; None when nothing runs on a GPU.
-
-    ``launch.gpus_per_node`` must be resolved already (``launch/job.py`` reads
-    ``torch.cuda.device_count()`` when the config leaves it 0)."""
+    """Every node of the job, node 0 first; None when nothing runs on a GPU.
+    ``launch.gpus_per_node`` must be resolved already (``launch/job.py``)."""
     _check_disk_nodes(cfg)
     if not _gpu_checks(cfg):
         return None
@@ -191,8 +182,7 @@ def _check_reachable(cfg: RunConfig) -> None:
 
 
 def _check_weight_path(cfg: RunConfig, shared: bool) -> None:
-    """The weight path fits the layout: ``tensor`` passes CUDA IPC handles, which only a process on the
-    same GPU can open; ``disk`` writes to the trainer node's temporary directory."""
+    """``tensor`` passes CUDA IPC handles, which only a process on the same GPU can open."""
     path = cfg.trainer.weight_sync.path
     if path == "tensor" and not shared:
         raise ConfigError("trainer.weight_sync.path=tensor with the trainer and the engines on different GPUs: "
@@ -233,9 +223,8 @@ def _check_shared(cfg: RunConfig) -> None:
 
 
 def auto_path(cfg: RunConfig, shared: bool) -> str:
-    """What ``trainer.weight_sync.path=auto`` is: with LoRA the path of the engine kind's adapter
-    (``LORA_PATHS``: the group for an embedded engine, a directory for SGLang), else ``tensor`` when
-    the trainer and an engine share a GPU (``shared``), else ``distributed``."""
+    """``trainer.weight_sync.path=auto``: with LoRA the engine kind's adapter path
+    (``LORA_PATHS``), else ``tensor`` on a shared GPU, else ``distributed``."""
     if cfg.trainer.lora.enabled and cfg.rollout.engine.kind in LORA_PATHS:
         return LORA_PATHS[cfg.rollout.engine.kind]
     return "tensor" if shared else "distributed"
@@ -243,8 +232,7 @@ def auto_path(cfg: RunConfig, shared: bool) -> str:
 
 def with_weight_path(cfg: RunConfig) -> RunConfig:
     """The config the daemons get on this placement: ``trainer.weight_sync.path=auto`` resolved
-    (``auto_path``); where the trainer and an engine share a GPU, an SGLang engine without
-    ``mem_fraction_static`` gets ``SHARED_MEM_FRACTION_DEFAULT``. ``launch.gpus_per_node`` must be resolved."""
+    (``auto_path``), and on a shared GPU SGLang's ``mem_fraction_static`` defaulted."""
     placed = place_nodes(cfg)
     shared = placed is not None and any(n.shared for n in placed)
     ws, ec = cfg.trainer.weight_sync, cfg.rollout.engine
