@@ -14,11 +14,10 @@ import sys
 
 DAEMON_MODULES = {"buffer": "buffer", "rollout": "rollout_server", "train": "trainer"}
 TOOL_MODULES = {"eval": "rollout_server.evaluate", "export": "trainer.export"}  # one-shot commands: python -m module
-TORCHRUN_FLAGS_WITH_VALUE = {"--nproc-per-node", "--nproc_per_node", "--nnodes", "--node-rank", "--node_rank",
-                             "--master-addr", "--master_addr", "--master-port", "--master_port", "--rdzv-backend",
-                             "--rdzv_backend", "--rdzv-endpoint", "--rdzv_endpoint", "--rdzv-id", "--rdzv_id",
-                             "--max-restarts", "--max_restarts", "--local-addr", "--local_addr"}
-TORCHRUN_FLAGS_BARE = {"--standalone"}
+# torchrun's flags that take a value, spelled with dashes (torchrun also takes underscores)
+TORCHRUN_FLAGS_WITH_VALUE = {"--nproc-per-node", "--nnodes", "--node-rank", "--master-addr",
+                             "--master-port", "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id",
+                             "--max-restarts", "--local-addr"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -145,29 +144,27 @@ def _exec_module(module: str, rest: list[str]) -> int:
 
 def split_torchrun_args(rest: list[str]) -> tuple[list[str], list[str]]:
     """``[torchrun flags..., trainer args...]`` -> (torchrun flags, trainer args)."""
-    flags, other, i = [], [], 0
-    while i < len(rest):
-        a = rest[i]
-        key = a.split("=", 1)[0]
-        if key in TORCHRUN_FLAGS_WITH_VALUE:
-            if "=" in a:
-                flags.append(a)
-            else:
-                if i + 1 >= len(rest):
-                    raise SystemExit(f"error: {a} needs a value")
-                flags += [a, rest[i + 1]]
-                i += 1
-        elif a in TORCHRUN_FLAGS_BARE:
+    flags, other, keys = [], [], set()
+    args = iter(rest)
+    for a in args:
+        key = a.split("=", 1)[0].replace("_", "-")
+        if key in TORCHRUN_FLAGS_WITH_VALUE and "=" not in a:
+            flags += [a, next(args, None) or _missing(a)]
+        elif key in TORCHRUN_FLAGS_WITH_VALUE or a == "--standalone":
             flags.append(a)
         else:
             other.append(a)
-        i += 1
-    if not any(f.split("=", 1)[0] in ("--nnodes", "--master-addr", "--master_addr", "--rdzv-endpoint",
-                                      "--rdzv_endpoint", "--standalone") for f in flags):
+            continue
+        keys.add(key)
+    if not keys & {"--nnodes", "--master-addr", "--rdzv-endpoint", "--standalone"}:
         flags.append("--standalone")  # one node: torchrun picks a free rendezvous port itself
-    if not any(f.split("=", 1)[0] in ("--nproc-per-node", "--nproc_per_node") for f in flags):
+    if "--nproc-per-node" not in keys:
         flags += ["--nproc-per-node", "1"]
     return flags, other
+
+
+def _missing(flag: str) -> str:
+    raise SystemExit(f"error: {flag} needs a value")
 
 
 def _exec_trainer(rest: list[str]) -> int:

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from areal_like.settings.config import ConfigError, RunConfig
+from launch.tracking import flatten
 
 LOCK_FILE = "job.lock"  # in run_dir; holds the PID of the areal-like run that took it
 SETTINGS_FILE = "settings.yaml"  # in run_dir: the config as given to the last areal-like run
@@ -73,16 +74,6 @@ def check_existing_run(cfg: RunConfig) -> int:
     return step
 
 
-def _flat(tree: object, prefix: str = "") -> dict[str, object]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay whole values)."""
-    if not isinstance(tree, dict):
-        return {prefix[:-1]: tree}
-    out: dict[str, object] = {}
-    for key, value in tree.items():
-        out.update(_flat(value, f"{prefix}{key}."))
-    return out
-
-
 def changed_settings(cfg: RunConfig) -> list[str]:
     """``key: old -> new`` for every setting of ``cfg`` that differs from the ``settings.yaml`` of
     its run_dir, apart from ``FREE_ON_RESUME``; empty when there is no such file (a run from an
@@ -98,7 +89,8 @@ def changed_settings(cfg: RunConfig) -> list[str]:
         old = from_yaml(path.read_text())
     except Exception as e:  # noqa: BLE001 - unreadable (a schema since changed): say so, do not guess
         return [f"{SETTINGS_FILE}: cannot be compared ({type(e).__name__}: {str(e).splitlines()[0]})"]
-    before, after = (_flat(OmegaConf.to_container(OmegaConf.structured(c))) for c in (old, cfg))
+    before, after = (flatten(OmegaConf.to_container(OmegaConf.structured(c)), sep=".")
+                     for c in (old, cfg))
     return [f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(before.keys() | after.keys())
             if before.get(key) != after.get(key) and not key.startswith(FREE_ON_RESUME)]
 

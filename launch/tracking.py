@@ -84,13 +84,13 @@ def build_trackers(cfg: RunConfig, run_dir: str | Path | None = None) -> list[Tr
     return trackers
 
 
-def flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(obj: dict[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:
     """Nested dicts -> one level with "a/b" keys; other values (lists included) are kept as they are."""
     out: dict[str, Any] = {}
     for key, value in obj.items():
         path = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(flatten(value, path + "/"))
+            out.update(flatten(value, path + sep, sep))
         else:
             out[path] = value
     return out
