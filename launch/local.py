@@ -20,6 +20,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -110,7 +111,7 @@ class _Proc:
     restarts: int = 0  # in the whole job (the budget counts those in its window)
     budget: RestartBudget | None = None
     restart_at: float | None = None  # exited: started again at this monotonic time
-    descendants: dict[int, float] = field(default_factory=dict)  # pid -> create_time
+    descendants: dict[int, psutil.Process] = field(default_factory=dict)  # by PID
     pump: threading.Thread | None = None
 
 
@@ -301,7 +302,7 @@ class Supervisor:
             time.sleep(0.2)
 
     def _record_descendants(self, p: _Proc, tree: dict[int, list[int]]) -> None:
-        """Record every descendant of ``p`` in ``tree`` (``process_tree()``) not yet recorded (PID, create time)."""
+        """Record every descendant of ``p`` in ``tree`` (``process_tree()``) not yet recorded."""
         if p.popen is None or p.popen.poll() is not None:
             return
         stack = list(tree.get(p.popen.pid, ()))
@@ -310,7 +311,7 @@ class Supervisor:
             stack.extend(tree.get(pid, ()))
             if pid not in p.descendants:
                 try:
-                    p.descendants[pid] = psutil.Process(pid).create_time()
+                    p.descendants[pid] = psutil.Process(pid)  # holds its create time
                 except psutil.Error:
                     pass  # exited since the walk: nothing to stop
 
@@ -331,27 +332,14 @@ class Supervisor:
             p.pump.join(timeout=5)
 
     def _kill_leftovers(self, p: _Proc) -> None:
-        """SIGTERM, then SIGKILL, every recorded descendant still alive (same PID and create time)."""
-        alive = []
-        for pid, created in p.descendants.items():
-            try:
-                proc = psutil.Process(pid)
-                if abs(proc.create_time() - created) < 1e-3:
-                    alive.append(proc)
-            except psutil.Error:
-                continue
-        for proc in alive:
-            try:
-                proc.terminate()
-            except psutil.Error:
-                pass
-        _, still = psutil.wait_procs(alive, timeout=5)
-        for proc in still:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(still, timeout=5)
+        """SIGTERM, then SIGKILL, every recorded descendant still alive: psutil checks its create
+        time, so a recycled PID is never signalled."""
+        still = [proc for proc in p.descendants.values() if proc.is_running()]
+        for send in (psutil.Process.terminate, psutil.Process.kill):
+            for proc in still:
+                with contextlib.suppress(psutil.Error):
+                    send(proc)
+            _, still = psutil.wait_procs(still, timeout=5)
         p.descendants = {}
 
 
