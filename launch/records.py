@@ -7,12 +7,12 @@ that appears twice (a resume replays a step) counts once, the last record winnin
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from launch.local import write_json_atomic
+from launch.track_sink import JsonlTail
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -21,18 +21,8 @@ SUMMARY_WINDOW = 5  # "first / last few steps" for reward_first / reward_last
 
 
 def read_jsonl(path: Path, since: int = 0) -> list[dict]:
-    """The records of a JSONL file from byte offset ``since`` on."""
-    out = []
-    if path.is_file():
-        with path.open("rb") as f:
-            f.seek(since)
-            text = f.read().decode(errors="replace")
-        for line in text.splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line being written right now
-    return out
+    """The records of a JSONL file's complete lines from byte offset ``since`` on."""
+    return JsonlTail(path, since).read()
 
 
 def reward_of(rec: dict) -> float | None:

@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from launch.local import alive
+from launch.records import read_jsonl, trainer_jsonl
 
 # (column title, kind, series, how): how = "value" | "rate" (per second, from a counter) | "mean" (histogram)
 COLUMNS = [
@@ -111,17 +112,7 @@ def status(run_dir: str | Path) -> int:
 
 
 def _last_step(run_dir: Path) -> dict | None:
-    path = run_dir / "metrics" / "trainer.jsonl"
-    if not path.is_file():
-        return None
-    for line in reversed(path.read_text().splitlines()):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "step" in rec:
-            return rec
-    return None
+    return next((r for r in reversed(read_jsonl(trainer_jsonl(run_dir))) if "step" in r), None)
 
 
 def snapshot(info: dict) -> dict[str, dict[str, float] | None]:
