@@ -107,9 +107,9 @@ class ProcSpec:
 @dataclass
 class _Proc:
     spec: ProcSpec
+    budget: RestartBudget
     popen: subprocess.Popen | None = None
     restarts: int = 0  # in the whole job (the budget counts those in its window)
-    budget: RestartBudget | None = None
     restart_at: float | None = None  # exited: started again at this monotonic time
     descendants: dict[int, psutil.Process] = field(default_factory=dict)  # by PID
     pump: threading.Thread | None = None
@@ -132,12 +132,11 @@ class Supervisor:
                  on_change: Callable[[Supervisor], None] | None = None,
                  inherit_fds: tuple[int, ...] = (), log_max_bytes: int = LOG_MAX_BYTES,
                  log_backups: int = LOG_BACKUPS):
-        self.procs = [_Proc(s) for s in sorted(specs, key=lambda s: s.stage)]
+        self.procs = [_Proc(s, RestartBudget(restarts, restart_window_s, restart_backoff_s,
+                                             restart_backoff_max_s))
+                      for s in sorted(specs, key=lambda s: s.stage)]
         self.run_dir = Path(run_dir)
         self.log_dir = self.run_dir / "logs"
-        self.restarts = restarts
-        for p in self.procs:
-            p.budget = RestartBudget(restarts, restart_window_s, restart_backoff_s, restart_backoff_max_s)
         self.health_timeout_s = health_timeout_s
         self.stop_grace_s = stop_grace_s
         self.echo = echo if echo is not None else _stderr_echo
@@ -238,15 +237,16 @@ class Supervisor:
         return 1
 
     def _schedule_restart(self, p: _Proc, rc: int) -> None:
-        now = time.monotonic()
-        wait = p.budget.backoff(now)
-        if not p.budget.allow(now):
-            raise JobFailed(f"{p.spec.name} exited with {rc} and has no restarts left ({self.restarts} within "
-                            f"{p.budget.window_s:.0f}s)", p.spec.name)
+        now, budget = time.monotonic(), p.budget
+        wait = budget.backoff(now)
+        if not budget.allow(now):
+            raise JobFailed(f"{p.spec.name} exited with {rc} and has no restarts left ({budget.limit} "
+                            f"within {budget.window_s:.0f}s)", p.spec.name)
         p.restarts += 1
         p.restart_at = now + wait
-        self.echo(f"[supervisor] {p.spec.name} exited with {rc}; restart {p.budget.recent(now)}/{self.restarts} "
-                  f"in the last {p.budget.window_s:.0f}s ({p.restarts} in all) after {wait:.1f}s")
+        self.echo(f"[supervisor] {p.spec.name} exited with {rc}; restart {budget.recent(now)}/"
+                  f"{budget.limit} in the last {budget.window_s:.0f}s ({p.restarts} in all) after "
+                  f"{wait:.1f}s")
 
     def stop_all(self) -> None:
         """Reverse start order: SIGTERM the group, wait, SIGKILL; then every recorded descendant."""
