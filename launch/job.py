@@ -143,9 +143,7 @@ def shares_gpu(cfg: RunConfig) -> bool:
 
 def start_stage(kind: str, shared: bool) -> int:
     """The buffer first, then the rollout servers and the trainer together; on one shared GPU the
-    trainer only once every engine is up: SGLang sizes its KV cache from the memory free after it
-    loads the model, which a trainer allocating at the same time would take. ``launch/srun.py``
-    starts the Slurm steps in the same order."""
+    trainer once every engine is up (SGLang sizes its KV cache from the memory free after loading)."""
     return 0 if kind == "buffer" else 2 if kind == "trainer" and shared else 1
 
 
@@ -155,9 +153,8 @@ def engine_start_s(cfg: RunConfig) -> float:
 
 
 def _trainer_argv(python: str, ranks: int, host: str, base: list[str]):
-    """``torchrun -m trainer`` for several ranks; one rank runs ``python -m trainer`` itself (a world of
-    one, trainer/model.py's ``init_distributed``): no agent process importing torch beside it at
-    start-up (~1.5 s of CPU on a 2-core machine where every daemon starts at once)."""
+    """``torchrun -m trainer`` for several ranks; one rank is ``python -m trainer`` itself (no agent
+    process importing torch beside it: ~1.5 s of CPU at start-up on a 2-core machine)."""
     if ranks == 1:
         return [python, "-m", "trainer", *base]
 
@@ -244,31 +241,23 @@ def log_bytes(cfg: RunConfig) -> int:
 
 
 def wait_for_final_eval(cfg: RunConfig, run_dir: Path, sup: Supervisor) -> bool:
-    """After the trainer completed: keep the job up until the evaluating rollout server has written
-    the final evaluation of THIS run (an eval.jsonl record with ``"final": true`` at policy version
-    ``trainer.steps``; a run resumed with more steps already holds the earlier run's final record),
-    at most ``eval.final_timeout_s``. Returns whether it was written.
-
-    Gives up at once when that server is down: nothing restarts it now (the supervisor restarts
-    processes only while the trainer runs), and a restarted one would not hold the final weights,
-    which only the trainer, gone now, pushes."""
+    """After the trainer completed: whether the evaluating server wrote THIS run's final evaluation
+    (``has_final_eval``) within ``eval.final_timeout_s``. Gives up at once when that server is
+    down: nothing restarts it now, and only the trainer, gone now, could push it the weights."""
     deadline = time.monotonic() + cfg.eval.final_timeout_s
     print("[run] trainer done; waiting for the final evaluation", file=sys.stderr, flush=True)
+    why = "stop requested"
     while not sup.stop_event.is_set():
         # liveness first, the file second: a server that wrote the record and then exited counts
         down = sup.pids().get("rollout-0") is None
         if has_final_eval(run_dir, cfg.trainer.steps):
             return True
-        if down:
-            why = "the evaluating rollout server is down"
-            break
         left = deadline - time.monotonic()
-        if left <= 0:
-            why = f"not written within eval.final_timeout_s={cfg.eval.final_timeout_s}"
+        if down or left <= 0:
+            why = ("the evaluating rollout server is down" if down
+                   else f"not written within eval.final_timeout_s={cfg.eval.final_timeout_s}")
             break
         sup.stop_event.wait(min(1.0, left))
-    else:
-        why = "stop requested"
     print(f"[run] no final evaluation: {why}", file=sys.stderr, flush=True)
     return False
 
@@ -282,7 +271,8 @@ def on_trainer_done(cfg: RunConfig, run_dir: Path, sup: Supervisor) -> None:
 
 
 def has_final_eval(run_dir: Path, steps: int) -> bool:
-    """Whether ``eval.jsonl`` holds the final evaluation of the version ``steps``."""
+    """Whether ``eval.jsonl`` holds the final evaluation of the version ``steps`` (a run resumed
+    with more steps holds the earlier run's too)."""
     return any(r.get("final") and r.get("policy_version") == steps for r in read_jsonl(run_dir / "eval.jsonl"))
 
 

@@ -92,10 +92,8 @@ def check_models(cfg: RunConfig) -> list[str]:
 
 
 def check_warm_start(cfg: RunConfig) -> list[str]:
-    """The warm start trains the tiny model built from config (char tokenizer, its eos id) or refines
-    a model it wrote earlier (warm_start.json); on someone's Hugging Face model it would run a
-    supervised phase nobody asked for, with the tiny model's assumptions. ``model.path=X`` alone
-    keeps the default model=tiny and its recipe, hence the hint."""
+    """The warm start is for the tiny model built from config, or one it wrote (warm_start.json);
+    ``model.path=X`` alone keeps model=tiny and its recipe, hence the hint."""
     path, steps = cfg.model.path, cfg.warm_start.steps
     if steps <= 0 or not path or (Path(path).expanduser() / WARM_START_MARK).is_file():
         return []
@@ -183,13 +181,10 @@ def check_chat_format(cfg: RunConfig) -> list[str]:
 
 
 def check_reward_fn(cfg: RunConfig) -> list[str]:
-    """Load ``task.reward_fn`` in a child Python as a reward worker would (``REWARD_PROBE``), not here:
-    it then sees the sys.path the rollout servers will see (the ``areal-like`` console script does
-    not put the working directory on sys.path, ``python -m`` and ``python -c`` do), the workers'
-    address-space limit and scrubbed environment, and a module that does something at import time
-    (initialise CUDA, start threads, exit, hang) cannot harm the launcher. With
-    ``task.reward_workers=0`` the reward is loaded in the rollout server itself: no limit, the
-    environment as it is."""
+    """Load ``task.reward_fn`` in a child Python as a reward worker would (``REWARD_PROBE``): with
+    the rollout servers' sys.path (the working directory first), the workers' address-space limit
+    and scrubbed environment (none with ``task.reward_workers=0``), and no harm to the launcher
+    from what the module does at import time."""
     spec, inline = cfg.task.reward_fn, cfg.task.reward_workers == 0
     memory_mb = 0 if inline else cfg.task.reward_memory_mb
     if not spec or cfg.task.reward_url:  # a remote reward replaces the function

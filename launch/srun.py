@@ -78,13 +78,9 @@ def _ipv4_interfaces() -> list[str]:
 
 
 def physical_cores(cpus: int, lscpu: str | None = None) -> list[tuple[int, ...]]:
-    """The node's physical cores, each as its logical CPUs, ordered by (socket, core).
-
-    ``lscpu``: the output of ``lscpu -p=CPU,CORE,SOCKET`` on a node of the job (nodes are alike).
-    With SMT the kernel numbers a core's hyperthreads apart (often ``c`` and ``c + N/2``), so cutting
-    logical CPU numbers into blocks would give two processes the two threads of one core; cutting
-    physical cores in socket order keeps each block on whole cores of one socket. Without it every
-    one of ``cpus`` logical CPUs counts as a core of its own."""
+    """The node's physical cores, each as its logical CPUs (hyperthreads are numbered apart),
+    ordered by (socket, core), from ``lscpu -p=CPU,CORE,SOCKET``; without it each of ``cpus``
+    logical CPUs is a core of its own."""
     if not lscpu:
         return [(c,) for c in range(cpus)]
     by_core: dict[tuple[int, int], list[int]] = {}
@@ -101,11 +97,9 @@ def physical_cores(cpus: int, lscpu: str | None = None) -> list[tuple[int, ...]]
 
 def node_cores(placed: NodeGpus, cores: list[tuple[int, ...]], gpus_per_node: int,
                has_buffer: bool, cpu_trainer: bool = False) -> dict[str, tuple[int, ...]]:
-    """The logical CPUs of each process of one node: ``trainer`` (its torchrun), ``rollout-<i>``
-    (i-th server of the node) and ``buffer`` (the last physical core); ``cores`` from
-    ``physical_cores``. ``cpu_trainer``: a trainer on CPU (``trainer.device=cpu``) runs here and
-    takes the blocks of the GPUs no process uses. ConfigError when the node has fewer cores than
-    GPUs, or no block is left for a CPU trainer."""
+    """The logical CPUs of ``trainer``, ``rollout-<i>`` (i-th server of the node) and ``buffer``
+    (the last core) on one node; a trainer on CPU (``cpu_trainer``) takes the blocks of the GPUs
+    no process uses. ConfigError when a GPU gets no core, or a CPU trainer no block."""
     usable = cores[:len(cores) - BUFFER_CORES] if has_buffer else cores
     per_gpu = len(usable) // gpus_per_node
     if per_gpu < 1:
