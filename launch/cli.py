@@ -113,11 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in DAEMON_MODULES or args.command in TOOL_MODULES:  # only `--help` reaches here
         return 0
     if args.command == "run":
-        return _run(args.overrides, quiet=args.quiet, accept_changes=args.accept_changes)
-    if args.command == "config":
-        return _print_config(args.overrides)
-    if args.command == "plan":
-        return _plan(args.overrides)
+        return _with_config(args.overrides, lambda cfg: _run(cfg, args.quiet, args.accept_changes))
+    if args.command in ("config", "plan"):
+        return _with_config(args.overrides, _print_config if args.command == "config" else _plan)
     if args.command == "track":
         return _track(args.run_dir, args.overrides, once=args.once)
     if args.command == "keys":
@@ -172,71 +170,54 @@ def _exec_trainer(rest: list[str]) -> int:
     return _exec_module("torch.distributed.run", [*flags, "-m", DAEMON_MODULES["train"], *other])
 
 
-def _load(overrides: list[str]):
+def _with_config(overrides: list[str], command) -> int:
+    """``command(cfg)`` on the composed config. A ConfigError prints ``error:`` lines and exits 2:
+    one for a bad composition, one per problem past it (preflight, run_dir, a layout that does not
+    fit, a port clash), all before anything started."""
     from areal_like.settings.config import ConfigError, load_config
 
     try:
-        return load_config(overrides)
+        cfg = load_config(overrides)
     except ConfigError as e:
         print(f"error: bad configuration: {e}", file=sys.stderr)
-        return None
+        return 2
+    try:
+        return command(cfg)
+    except ConfigError as e:
+        for line in str(e).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 2
 
 
-def _errors(e: Exception) -> int:
-    """A ConfigError from past the composition (preflight, run_dir): one ``error:`` line per problem."""
-    for line in str(e).splitlines():
-        print(f"error: {line}", file=sys.stderr)
-    return 2
-
-
-def _print_config(overrides: list[str]) -> int:
+def _print_config(cfg) -> int:
     """The config the daemons would read: hub ids resolved to local directories, inputs checked,
     and laid out as ``run`` lays it out (``launch.job.plan_job``: GPUs, weight path, addresses)."""
-    from areal_like.settings.config import ConfigError, to_yaml
+    from areal_like.settings.config import to_yaml
     from launch.job import plan_job
     from launch.preflight import checked
 
-    cfg = _load(overrides)
-    if cfg is None:
-        return 2
-    try:
-        cfg, _ = plan_job(checked(cfg))
-    except ConfigError as e:
-        return _errors(e)
+    cfg, _ = plan_job(checked(cfg))
     sys.stdout.write(to_yaml(cfg, redacted=True))  # a credential in a URL is shown as <redacted>
     return 0
 
 
-def _run(overrides: list[str], quiet: bool, accept_changes: bool = False) -> int:
-    from areal_like.settings.config import ConfigError
+def _run(cfg, quiet: bool, accept_changes: bool) -> int:
     from launch.job import run_job
 
-    cfg = _load(overrides)
-    if cfg is None:
-        return 2
     try:
         return run_job(cfg, quiet=quiet, accept_changes=accept_changes)
-    except ConfigError as e:  # preflight, a finished run_dir, a port clash: before anything started
-        return _errors(e)
     except KeyboardInterrupt:  # Ctrl-C before the supervisor took over (the warm start, the checks)
         print("[run] interrupted before the job started; nothing is running", file=sys.stderr, flush=True)
         return 130
 
 
-def _plan(overrides: list[str]) -> int:
+def _plan(cfg) -> int:
     """``run``'s planning step (``launch.job.plan_job``) without writing or starting anything."""
-    from areal_like.settings.config import ConfigError
     from launch.job import laid_out, plan_job
     from launch.topology import layout_line, plan_lines
 
-    cfg = _load(overrides)
-    if cfg is None:
-        return 2
-    try:
-        _, topo = plan_job(cfg)
-    except ConfigError as e:  # a layout that does not fit the GPUs, a port clash
-        return _errors(e)
-    # the daemons' GPU settings and layout, but the ports as configured (``auto`` where run picks them at start)
+    _, topo = plan_job(cfg)
+    # the daemons' GPU settings and layout, but the ports as configured (``auto`` where run picks them)
     laid = laid_out(cfg)[0]
     note = layout_line(cfg, laid, topo)  # the counts the cores chose, and why
     print("\n".join([*plan_lines(laid, topo), *([note] if note else [])]))

@@ -240,7 +240,7 @@ def log_bytes(cfg: RunConfig) -> int:
     return int(cfg.launch.log_max_mb * (1 << 20))
 
 
-def wait_for_final_eval(cfg: RunConfig, run_dir: Path, sup: Supervisor) -> bool:
+def wait_for_final_eval(cfg: RunConfig, run_dir: Path, sup: Supervisor, poll_s: float = 1.0) -> bool:
     """After the trainer completed: whether the evaluating server wrote THIS run's final evaluation
     (``has_final_eval``) within ``eval.final_timeout_s``. Gives up at once when that server is
     down: nothing restarts it now, and only the trainer, gone now, could push it the weights."""
@@ -257,7 +257,7 @@ def wait_for_final_eval(cfg: RunConfig, run_dir: Path, sup: Supervisor) -> bool:
             why = ("the evaluating rollout server is down" if down
                    else f"not written within eval.final_timeout_s={cfg.eval.final_timeout_s}")
             break
-        sup.stop_event.wait(min(1.0, left))
+        sup.stop_event.wait(min(poll_s, left))
     print(f"[run] no final evaluation: {why}", file=sys.stderr, flush=True)
     return False
 

@@ -159,10 +159,10 @@ def slurm_steps(cfg: RunConfig, hosts: list[str], *, config: str, cpus: int, mas
     laid, topo = plan_job(cfg, ports=itertools.count(master_port))
     check_laid_out(cfg, laid)
     node = physical_cores(cpus, lscpu)
-    cpu_trainer = [node_roles(la.nodes, la.train_nodes, k)[0] and not trainer_on_gpu(cfg)
-                   for k in range(la.nodes)]
+    cpu_trainer = not trainer_on_gpu(cfg)  # on the training nodes, beside the engines' GPUs
     cores = [node_cores(placed[k], node, la.gpus_per_node, has_buffer=k == 0,
-                        cpu_trainer=cpu_trainer[k]) for k in range(la.nodes)]
+                        cpu_trainer=cpu_trainer and node_roles(la.nodes, la.train_nodes, k)[0])
+             for k in range(la.nodes)]
     seen = [0] * la.nodes  # rollout servers placed so far on each node
     steps = []
     for slot in sorted(topo.slots, key=lambda s: (s.kind != "buffer", s.node)):
@@ -202,11 +202,6 @@ def _after(cfg: RunConfig, topo: Topology, slot: DaemonSlot, hosts: list[str]) -
     return ["python", "-m", "launch.srun", "after", "--timeout-s", wait_s, *urls, "--"]
 
 
-def _engine_host(cfg: RunConfig, host: str) -> list[str]:
-    address = engine_address(cfg, host)
-    return [] if address == cfg.rollout.engine.host else [f"rollout.engine.host={address}"]
-
-
 def wait_healthy(urls: list[str], timeout_s: float, poll_s: float = 2.0) -> str | None:
     """Wait until every URL answers 200; the first that did not within ``timeout_s``, else None."""
     deadline = time.monotonic() + timeout_s
@@ -223,8 +218,10 @@ def _command(cfg: RunConfig, topo: Topology, slot: DaemonSlot, config: str, rest
     if slot.kind == "buffer":
         return ["areal-like", "buffer", "--config-file", config]
     if slot.kind == "rollout":  # restarted in place when it dies, like the local supervisor does
+        address = engine_address(cfg, host)
+        engine = [] if address == cfg.rollout.engine.host else [f"rollout.engine.host={address}"]
         return ["bash", f"{repo}/launch/slurm/with_restarts.sh", str(restarts), "areal-like", "rollout",
-                "--config-file", config, *slot.overrides, *_engine_host(cfg, host)]
+                "--config-file", config, *slot.overrides, *engine]
     return ["areal-like", "train", "--nnodes", str(cfg.launch.train_nodes), "--node-rank", str(slot.node),
             "--nproc-per-node", str(cfg.launch.trainer_ranks), "--master-addr", topo.host,
             "--master-port", str(topo.master_port), "--config-file", config,
@@ -269,11 +266,11 @@ class _EvalStep:
         return {"rollout-0": self.pid if alive(self.pid) else None}
 
 
-def final_eval(cfg: RunConfig, pid: int) -> int:
+def final_eval(cfg: RunConfig, pid: int, poll_s: float = 1.0) -> int:
     """``run``'s wait for the final evaluation (``launch.job.wait_for_final_eval``) for a Slurm job."""
     if not (wants_eval(cfg) and cfg.eval.at_end):
         return 0
-    return 0 if wait_for_final_eval(cfg, Path(cfg.run_dir), _EvalStep(pid)) else 1
+    return 0 if wait_for_final_eval(cfg, Path(cfg.run_dir), _EvalStep(pid), poll_s) else 1
 
 
 def main(argv: list[str]) -> int:
