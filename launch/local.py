@@ -310,10 +310,8 @@ class Supervisor:
             pid = stack.pop()
             stack.extend(tree.get(pid, ()))
             if pid not in p.descendants:
-                try:
+                with contextlib.suppress(psutil.Error):  # exited since the walk: nothing to stop
                     p.descendants[pid] = psutil.Process(pid)  # holds its create time
-                except psutil.Error:
-                    pass  # exited since the walk: nothing to stop
 
     def _stop(self, p: _Proc) -> None:
         if p.popen is not None and p.popen.poll() is None:
@@ -416,10 +414,8 @@ def process_tree() -> dict[int, list[int]]:
 
 
 def _signal_group(pgid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _pin(argv: list[str], cpus: tuple[int, ...]) -> list[str]:

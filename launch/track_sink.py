@@ -102,19 +102,13 @@ class TrackerSink:
         """Forward every new complete row; ``final`` when the writers have stopped. Returns how many
         scalar rows and tables went out."""
         sent = 0
-        for row in self.train.read(final):
-            if _is_int(row.get("step")):  # other rows (e.g. the resume event) are not steps
-                sent += self._metrics(scalars(row, "train", ("step", "time")), row["step"])
-        for row in self.eval.read(final):
-            if _is_int(row.get("policy_version")):
-                sent += self._metrics(scalars(row, "eval", ("policy_version", "time")), row["policy_version"])
+        for tail, series, x in ((self.train, "train", "step"), (self.eval, "eval", "policy_version")):
+            for row in tail.read(final):
+                metrics = scalars(row, series, (x, "time"))
+                if _is_int(row.get(x)) and metrics:  # other rows (e.g. the resume event) have no x
+                    self._send("log_metrics", metrics, row[x])
+                    sent += 1
         return sent + self._tables(final)
-
-    def _metrics(self, metrics: dict[str, float], step: int) -> int:
-        if not metrics:
-            return 0
-        self._send("log_metrics", metrics, step)
-        return 1
 
     def _tables(self, final: bool) -> int:
         new = self.samples.read(final)
