@@ -1,27 +1,9 @@
-"""``areal-like``: the command users type.
+"""``areal-like``: the command users type (``areal-like --help``; the README's table of commands).
 
-    areal-like run      [-q] [--accept-changes] [overrides...]   the whole job on this machine
-    areal-like buffer   [overrides...]        one buffer daemon in the foreground
-    areal-like rollout  [overrides...]        one rollout server (+ its engine) in the foreground
-    areal-like train    [torchrun flags] [overrides...]   the trainer under torchrun
-    areal-like top      [RUN_DIR]             live terminal view scraped from every /metrics
-    areal-like status   [RUN_DIR]             one-shot health of every daemon of a run
-    areal-like plan     [overrides...]        print where `run` would put every process (node, GPUs,
-                                              ports, addresses); starts nothing, writes nothing
-    areal-like config   [overrides...]        print the resolved config (one file for every node):
-                                              hub ids resolved, inputs checked and laid out as
-                                              `run` does (what `run` writes to config.yaml)
-    areal-like eval     MODEL [overrides...]  evaluate an HF directory or a checkpoint on the eval split
-    areal-like track    RUN_DIR [--once] [overrides...]   feed a run's metrics and samples to cfg.tracker
-    areal-like export   CHECKPOINT OUT [--config-file FILE]   a trainer checkpoint -> a Hugging Face directory
-    areal-like keys     RUN_DIR [--keys-dir DIR]   make the job's CURVE keys and engine API key (kept if there)
-
-Overrides are Hydra's: ``experiment=quickstart trainer.lr=1e-4 buffer.max_staleness=0``. A bad
-configuration, an unusable input (preflight) or a finished ``run_dir`` prints ``error:`` lines and
-exits 2 before anything starts.
-``--help`` is fast: nothing heavy (torch, transformers, hydra) is imported before a command runs
-(each command imports what it needs), and the daemons and one-shot tools run as their own
-processes (``python -m buffer``, ``python -m trainer.export``), never imported here.
+A bad configuration, an unusable input (preflight) or a finished ``run_dir`` prints ``error:``
+lines and exits 2 before anything starts. ``--help`` is fast: each command imports what it needs
+when it runs, and the daemons and one-shot tools run as their own processes (``python -m
+buffer``, ``python -m trainer.export``), never imported here.
 """
 
 from __future__ import annotations
@@ -32,11 +14,10 @@ import sys
 
 DAEMON_MODULES = {"buffer": "buffer", "rollout": "rollout_server", "train": "trainer"}
 TOOL_MODULES = {"eval": "rollout_server.evaluate", "export": "trainer.export"}  # one-shot commands: python -m module
-TORCHRUN_FLAGS_WITH_VALUE = {"--nproc-per-node", "--nproc_per_node", "--nnodes", "--node-rank", "--node_rank",
-                             "--master-addr", "--master_addr", "--master-port", "--master_port", "--rdzv-backend",
-                             "--rdzv_backend", "--rdzv-endpoint", "--rdzv_endpoint", "--rdzv-id", "--rdzv_id",
-                             "--max-restarts", "--max_restarts", "--local-addr", "--local_addr"}
-TORCHRUN_FLAGS_BARE = {"--standalone"}
+# torchrun's flags that take a value, spelled with dashes (torchrun also takes underscores)
+TORCHRUN_FLAGS_WITH_VALUE = {"--nproc-per-node", "--nnodes", "--node-rank", "--master-addr",
+                             "--master-port", "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id",
+                             "--max-restarts", "--local-addr"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -132,11 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in DAEMON_MODULES or args.command in TOOL_MODULES:  # only `--help` reaches here
         return 0
     if args.command == "run":
-        return _run(args.overrides, quiet=args.quiet, accept_changes=args.accept_changes)
-    if args.command == "config":
-        return _print_config(args.overrides)
-    if args.command == "plan":
-        return _plan(args.overrides)
+        return _with_config(args.overrides, lambda cfg: _run(cfg, args.quiet, args.accept_changes))
+    if args.command in ("config", "plan"):
+        return _with_config(args.overrides, _print_config if args.command == "config" else _plan)
     if args.command == "track":
         return _track(args.run_dir, args.overrides, once=args.once)
     if args.command == "keys":
@@ -163,29 +142,27 @@ def _exec_module(module: str, rest: list[str]) -> int:
 
 def split_torchrun_args(rest: list[str]) -> tuple[list[str], list[str]]:
     """``[torchrun flags..., trainer args...]`` -> (torchrun flags, trainer args)."""
-    flags, other, i = [], [], 0
-    while i < len(rest):
-        a = rest[i]
-        key = a.split("=", 1)[0]
-        if key in TORCHRUN_FLAGS_WITH_VALUE:
-            if "=" in a:
-                flags.append(a)
-            else:
-                if i + 1 >= len(rest):
-                    raise SystemExit(f"error: {a} needs a value")
-                flags += [a, rest[i + 1]]
-                i += 1
-        elif a in TORCHRUN_FLAGS_BARE:
+    flags, other, keys = [], [], set()
+    args = iter(rest)
+    for a in args:
+        key = a.split("=", 1)[0].replace("_", "-")
+        if key in TORCHRUN_FLAGS_WITH_VALUE and "=" not in a:
+            flags += [a, next(args, None) or _missing(a)]
+        elif key in TORCHRUN_FLAGS_WITH_VALUE or a == "--standalone":
             flags.append(a)
         else:
             other.append(a)
-        i += 1
-    if not any(f.split("=", 1)[0] in ("--nnodes", "--master-addr", "--master_addr", "--rdzv-endpoint",
-                                      "--rdzv_endpoint", "--standalone") for f in flags):
+            continue
+        keys.add(key)
+    if not keys & {"--nnodes", "--master-addr", "--rdzv-endpoint", "--standalone"}:
         flags.append("--standalone")  # one node: torchrun picks a free rendezvous port itself
-    if not any(f.split("=", 1)[0] in ("--nproc-per-node", "--nproc_per_node") for f in flags):
+    if "--nproc-per-node" not in keys:
         flags += ["--nproc-per-node", "1"]
     return flags, other
+
+
+def _missing(flag: str) -> str:
+    raise SystemExit(f"error: {flag} needs a value")
 
 
 def _exec_trainer(rest: list[str]) -> int:
@@ -193,71 +170,54 @@ def _exec_trainer(rest: list[str]) -> int:
     return _exec_module("torch.distributed.run", [*flags, "-m", DAEMON_MODULES["train"], *other])
 
 
-def _load(overrides: list[str]):
+def _with_config(overrides: list[str], command) -> int:
+    """``command(cfg)`` on the composed config. A ConfigError prints ``error:`` lines and exits 2:
+    one for a bad composition, one per problem past it (preflight, run_dir, a layout that does not
+    fit, a port clash), all before anything started."""
     from areal_like.settings.config import ConfigError, load_config
 
     try:
-        return load_config(overrides)
+        cfg = load_config(overrides)
     except ConfigError as e:
         print(f"error: bad configuration: {e}", file=sys.stderr)
-        return None
+        return 2
+    try:
+        return command(cfg)
+    except ConfigError as e:
+        for line in str(e).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 2
 
 
-def _errors(e: Exception) -> int:
-    """A ConfigError from past the composition (preflight, run_dir): one ``error:`` line per problem."""
-    for line in str(e).splitlines():
-        print(f"error: {line}", file=sys.stderr)
-    return 2
-
-
-def _print_config(overrides: list[str]) -> int:
+def _print_config(cfg) -> int:
     """The config the daemons would read: hub ids resolved to local directories, inputs checked,
     and laid out as ``run`` lays it out (``launch.job.plan_job``: GPUs, weight path, addresses)."""
-    from areal_like.settings.config import ConfigError, to_yaml
+    from areal_like.settings.config import to_yaml
     from launch.job import plan_job
     from launch.preflight import checked
 
-    cfg = _load(overrides)
-    if cfg is None:
-        return 2
-    try:
-        cfg, _ = plan_job(checked(cfg))
-    except ConfigError as e:
-        return _errors(e)
+    cfg, _ = plan_job(checked(cfg))
     sys.stdout.write(to_yaml(cfg, redacted=True))  # a credential in a URL is shown as <redacted>
     return 0
 
 
-def _run(overrides: list[str], quiet: bool, accept_changes: bool = False) -> int:
-    from areal_like.settings.config import ConfigError
+def _run(cfg, quiet: bool, accept_changes: bool) -> int:
     from launch.job import run_job
 
-    cfg = _load(overrides)
-    if cfg is None:
-        return 2
     try:
         return run_job(cfg, quiet=quiet, accept_changes=accept_changes)
-    except ConfigError as e:  # preflight, a finished run_dir, a port clash: before anything started
-        return _errors(e)
     except KeyboardInterrupt:  # Ctrl-C before the supervisor took over (the warm start, the checks)
         print("[run] interrupted before the job started; nothing is running", file=sys.stderr, flush=True)
         return 130
 
 
-def _plan(overrides: list[str]) -> int:
+def _plan(cfg) -> int:
     """``run``'s planning step (``launch.job.plan_job``) without writing or starting anything."""
-    from areal_like.settings.config import ConfigError
     from launch.job import laid_out, plan_job
     from launch.topology import layout_line, plan_lines
 
-    cfg = _load(overrides)
-    if cfg is None:
-        return 2
-    try:
-        _, topo = plan_job(cfg)
-    except ConfigError as e:  # a layout that does not fit the GPUs, a port clash
-        return _errors(e)
-    # the daemons' GPU settings and layout, but the ports as configured (``auto`` where run picks them at start)
+    _, topo = plan_job(cfg)
+    # the daemons' GPU settings and layout, but the ports as configured (``auto`` where run picks them)
     laid = laid_out(cfg)[0]
     note = layout_line(cfg, laid, topo)  # the counts the cores chose, and why
     print("\n".join([*plan_lines(laid, topo), *([note] if note else [])]))

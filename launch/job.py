@@ -1,30 +1,15 @@
 """A whole job on one machine: config -> topology -> processes -> supervisor -> summary.
 
-``run_job(cfg)`` is what ``areal-like run`` does:
-
-0. resolve hub ids to local directories and run the preflight (``launch/preflight.py``), take the
-   run directory's job lock (a job still alive there is refused), then look
-   at what ``run_dir`` already holds (``launch/rundir.py``): a finished run is refused, an
-   unfinished one resumes from its latest checkpoint; a ``ConfigError`` from here reaches the CLI,
-   which prints it as one line per problem and exits 2;
-1. warm start (``launch/warmstart.py``) when ``warm_start.steps > 0`` (cached across runs);
-2. plan ports, CPU pools and GPUs (``launch/topology.py``, ``launch/placement.py``; ``plan_job``,
-   which ``areal-like plan`` prints without starting anything), make the job's CURVE keys in
-   ``<run_dir>/keys`` (``areal_like/net/security.py``; unless ``security.curve=false``), write
-   ``<run_dir>/config.yaml`` (the only config every daemon reads), ``ports.json`` (for
-   ``areal-like top|status``) and ``prometheus_targets.json`` (Prometheus file_sd);
-3. run the supervisor over the buffer, K rollout servers and ``torchrun -m trainer`` (one rank:
-   ``python -m trainer`` itself), with a live
-   progress line read from ``<run_dir>/metrics/trainer.jsonl``, a periodic scrape of every
-   ``/metrics`` into ``<run_dir>/metrics/scrape.jsonl`` and the tracker sink
-   (``launch/track_sink.py``) feeding ``cfg.tracker`` from the run's JSONL files; when an eval
-   is scheduled, the job stays up after the trainer completed until the final evaluation is written;
-4. when the job failed, print the failing daemon's last error lines (its log's last traceback)
-   to stderr, also with ``-q``;
-5. write ``learning_curve.png`` (rewards, and the eval accuracies of ``eval.jsonl`` when there
-   are any) and ``summary.json`` (``launch/records.py``), give the trackers their last rows, and print the summary as ONE
-   JSON line: ``steps`` counts the steps trained by THIS invocation, ``resumed_from`` the
-   checkpoint it resumed.
+``run_job(cfg)`` is ``areal-like run``: the preflight (``launch/preflight.py``) and the run
+directory's lock and state (``launch/rundir.py``: refuse, resume or start; a ``ConfigError`` from
+here is the CLI's exit 2); the warm start (``launch/warmstart.py``); the plan (``plan_job``: the
+ONE place the layout-dependent config is made), the CURVE keys, ``config.yaml`` (the only config
+every daemon reads), ``ports.json`` and ``prometheus_targets.json``; the supervisor over the
+buffer, K rollout servers and the trainer, with a progress line, a ``/metrics`` scrape into
+``metrics/scrape.jsonl`` and the tracker sink; the final evaluation when one is scheduled; on
+failure the failing daemon's last error lines (also with ``-q``); then ``summary.json`` and
+``learning_curve.png`` (``launch/records.py``) and the summary as ONE JSON line on stdout
+(``steps``: the steps THIS invocation trained).
 """
 
 from __future__ import annotations
@@ -55,11 +40,6 @@ SCRAPE_EVERY_S = 10.0  # /metrics snapshots in scrape.jsonl; Prometheus does the
 TRACK_EVERY_S = 2.0  # tracker sink polls: reads only what the files gained, so cheap
 
 
-def free_ports():
-    while True:
-        yield free_port()
-
-
 def with_gpu_count(cfg: RunConfig) -> RunConfig:
     """``launch.gpus_per_node`` from ``torch.cuda.device_count()`` when the config leaves it 0 and a
     process of the job runs on a GPU; otherwise ``cfg`` as it is (CPU jobs never import torch here)."""
@@ -78,9 +58,8 @@ def usable_cpus() -> list[int]:
 
 
 def laid_out(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, list[int] | None]:
-    """``cfg`` with the servers, ranks and pinning the cores present take where it leaves the counts
-    null (``laptop_layout``), its GPU count and weight path; and those cores (when pinning or laying
-    out)."""
+    """``cfg`` laid out for this machine (``laptop_layout``, GPU count, weight path), and the cores
+    used (when pinning or laying out)."""
     la = cfg.launch
     if cpus is None and (la.pin_cpus or la.num_rollout_servers is None or la.trainer_ranks is None):
         cpus = usable_cpus()
@@ -90,18 +69,13 @@ def laid_out(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, 
 
 def plan_job(cfg: RunConfig, cpus: list[int] | None = None,
              ports=None) -> tuple[RunConfig, Topology]:
-    """Ports, CPU pools and GPUs of every daemon (nothing written, nothing started); returns (the
-    config the daemons read, the topology). Raises ConfigError for a layout that does not fit.
-
-    The ONE place the layout-dependent config is made (GPU count, weight path, SGLang's memory share
-    on a shared GPU, addresses, ``trainer.first_engines``/``first_engine_wait_s``, same-node
-    sockets): ``run`` (``prepare``), ``plan``, ``config`` (what ``launch/slurm/areal_like.sbatch``
-    and the recipe of ``launch/MULTINODE.md`` give every daemon) and ``launch/srun.py`` (which
-    checks that its config is this one) all call it. Laying out a laid-out config changes nothing.
-    ``ports``: where the ports left at 0 come from (default: free ports of this machine)."""
+    """(the config the daemons read, the topology), nothing written or started; ConfigError for a
+    layout that does not fit. The ONE place the layout-dependent config is made: ``run``, ``plan``,
+    ``config`` and ``launch/srun.py`` all call it, and laying out a laid-out config changes
+    nothing. ``ports``: where the ports left at 0 come from (default: free ports here)."""
     cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()))
     cfg, cpus = laid_out(cfg, cpus)
-    topo = plan_topology(cfg, free_ports() if ports is None else ports, cpus)
+    topo = plan_topology(cfg, iter(free_port, 0) if ports is None else ports, cpus)
     return with_local_ipc(apply_topology(cfg, topo)), topo  # one node: same-node sockets, no CURVE
 
 
@@ -121,9 +95,7 @@ def prepare(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, T
 
 
 def job_specs(cfg: RunConfig, topo: Topology, config_path: Path, python: str = sys.executable) -> list[ProcSpec]:
-    """The buffer (stage 0), then every rollout server and the trainer (``start_stage``); on a
-    GPU topology each gets ``CUDA_VISIBLE_DEVICES`` from its slot (the trainer's lists one GPU per
-    torchrun rank), translated through the launcher's own when it has one."""
+    """One ``ProcSpec`` per slot of ``topo``, started in ``start_stage`` order, with its GPUs."""
     env = {**{k: v for k, v in MALLOC_ENV.items() if k not in os.environ},
            "OMP_NUM_THREADS": str(cfg.launch.omp_threads), "MKL_NUM_THREADS": str(cfg.launch.omp_threads),
            "AREAL_LIKE_RUN_DIR": cfg.run_dir,
@@ -171,9 +143,7 @@ def shares_gpu(cfg: RunConfig) -> bool:
 
 def start_stage(kind: str, shared: bool) -> int:
     """The buffer first, then the rollout servers and the trainer together; on one shared GPU the
-    trainer only once every engine is up: SGLang sizes its KV cache from the memory free after it
-    loads the model, which a trainer allocating at the same time would take. ``launch/srun.py``
-    starts the Slurm steps in the same order."""
+    trainer once every engine is up (SGLang sizes its KV cache from the memory free after loading)."""
     return 0 if kind == "buffer" else 2 if kind == "trainer" and shared else 1
 
 
@@ -183,9 +153,8 @@ def engine_start_s(cfg: RunConfig) -> float:
 
 
 def _trainer_argv(python: str, ranks: int, host: str, base: list[str]):
-    """``torchrun -m trainer`` for several ranks; one rank runs ``python -m trainer`` itself (a world of
-    one, trainer/model.py's ``init_distributed``): no agent process importing torch beside it at
-    start-up (~1.5 s of CPU on a 2-core machine where every daemon starts at once)."""
+    """``torchrun -m trainer`` for several ranks; one rank is ``python -m trainer`` itself (no agent
+    process importing torch beside it: ~1.5 s of CPU at start-up on a 2-core machine)."""
     if ranks == 1:
         return [python, "-m", "trainer", *base]
 
@@ -271,32 +240,24 @@ def log_bytes(cfg: RunConfig) -> int:
     return int(cfg.launch.log_max_mb * (1 << 20))
 
 
-def wait_for_final_eval(cfg: RunConfig, run_dir: Path, sup: Supervisor) -> bool:
-    """After the trainer completed: keep the job up until the evaluating rollout server has written
-    the final evaluation of THIS run (an eval.jsonl record with ``"final": true`` at policy version
-    ``trainer.steps``; a run resumed with more steps already holds the earlier run's final record),
-    at most ``eval.final_timeout_s``. Returns whether it was written.
-
-    Gives up at once when that server is down: nothing restarts it now (the supervisor restarts
-    processes only while the trainer runs), and a restarted one would not hold the final weights,
-    which only the trainer, gone now, pushes."""
+def wait_for_final_eval(cfg: RunConfig, run_dir: Path, sup: Supervisor, poll_s: float = 1.0) -> bool:
+    """After the trainer completed: whether the evaluating server wrote THIS run's final evaluation
+    (``has_final_eval``) within ``eval.final_timeout_s``. Gives up at once when that server is
+    down: nothing restarts it now, and only the trainer, gone now, could push it the weights."""
     deadline = time.monotonic() + cfg.eval.final_timeout_s
     print("[run] trainer done; waiting for the final evaluation", file=sys.stderr, flush=True)
+    why = "stop requested"
     while not sup.stop_event.is_set():
         # liveness first, the file second: a server that wrote the record and then exited counts
         down = sup.pids().get("rollout-0") is None
         if has_final_eval(run_dir, cfg.trainer.steps):
             return True
-        if down:
-            why = "the evaluating rollout server is down"
-            break
         left = deadline - time.monotonic()
-        if left <= 0:
-            why = f"not written within eval.final_timeout_s={cfg.eval.final_timeout_s}"
+        if down or left <= 0:
+            why = ("the evaluating rollout server is down" if down
+                   else f"not written within eval.final_timeout_s={cfg.eval.final_timeout_s}")
             break
-        sup.stop_event.wait(min(1.0, left))
-    else:
-        why = "stop requested"
+        sup.stop_event.wait(min(poll_s, left))
     print(f"[run] no final evaluation: {why}", file=sys.stderr, flush=True)
     return False
 
@@ -310,7 +271,8 @@ def on_trainer_done(cfg: RunConfig, run_dir: Path, sup: Supervisor) -> None:
 
 
 def has_final_eval(run_dir: Path, steps: int) -> bool:
-    """Whether ``eval.jsonl`` holds the final evaluation of the version ``steps``."""
+    """Whether ``eval.jsonl`` holds the final evaluation of the version ``steps`` (a run resumed
+    with more steps holds the earlier run's too)."""
     return any(r.get("final") and r.get("policy_version") == steps for r in read_jsonl(run_dir / "eval.jsonl"))
 
 

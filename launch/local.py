@@ -1,39 +1,26 @@
 """Local supervisor: one command starts, watches and stops every daemon of a job on this machine.
 
-``Supervisor(specs, run_dir)`` owns a list of ``ProcSpec``s (the buffer, K rollout servers, the
-trainer under torchrun; or any commands in tests). ``run()``:
+``Supervisor(specs, run_dir).run()`` starts the ``ProcSpec``s stage by stage, each in its own
+session, and waits for every ``/health``; streams each one's output, prefixed with its name, to
+the console and to ``<run_dir>/logs/<name>.log`` (rotated: at most ``(log_backups + 1) x
+log_max_bytes`` per process); restarts a process that exits after a doubling back-off, at most
+``restarts`` within a sliding ``restart_window_s`` (``RestartBudget``); the *main* process (the
+trainer) exiting 0 completes the job. On completion, failure, Ctrl-C, SIGTERM or SIGHUP (not
+under ``nohup``) it stops everything in reverse start order: SIGTERM to the group, wait, SIGKILL;
+from then on daemon output goes to the logs only.
 
-1. starts the processes stage by stage (the buffer first, then the rest), each in its own session
-   (``start_new_session``) so that it and its children can be signalled as one group, and waits
-   for every ``/health`` to answer 200;
-2. streams each process's output line by line, prefixed with its name, to the console and to
-   ``<run_dir>/logs/<name>.log``, which rotates (``logging.handlers.RotatingFileHandler``) past
-   ``log_max_bytes`` into ``<name>.log.1`` ... ``.<log_backups>``, the oldest dropped: a job that
-   runs for weeks keeps at most ``(log_backups + 1) x log_max_bytes`` of logs per process;
-3. polls: a process that exits is restarted after a back-off that doubles with each restart
-   (``RestartBudget``: at most ``restarts`` within a sliding ``restart_window_s``, so crashes long
-   ago do not count); the *main* process (the trainer) exiting 0 is job completion; a process out
-   of restarts fails the job;
-4. on completion, failure, Ctrl-C, SIGTERM or SIGHUP (the terminal closed: its output then goes to
-   /dev/null; not when started with SIGHUP ignored, as under ``nohup``: that job outlives its
-   terminal) stops everything in reverse start order: SIGTERM to the process group, wait,
-   SIGKILL, by PID. From then on the daemons' output goes to their logs only: what they print
-   while they stop (torchrun's traceback for the signal, torch's warnings about peers that went
-   away) is expected, and the console gets the one line saying how the job ended.
-
-Every process it starts gets SIGTERM from the kernel when the supervisor dies without stopping it
-(``kill -9``, an OOM kill: ``PR_SET_PDEATHSIG``, ``areal_like/daemon.py``), and inherits
-``inherit_fds`` (the run directory's job lock, ``launch/rundir.py``), so that the lock is held
-until the last daemon of the job is gone.
-
-Invariant: no process is left behind. torchrun puts every rank in a session of its own, so a
-``kill -9`` of torchrun orphans its ranks outside our process group; the supervisor therefore
-records the descendants of every process it started on each poll (PID + create time, so a
-recycled PID is never hit) and kills the survivors by PID after the group is gone.
+Invariants:
+* no process is left behind: the kernel sends SIGTERM to every child when the supervisor dies
+  (``PR_SET_PDEATHSIG``, ``areal_like/daemon.py``), and since torchrun puts each rank in a session
+  of its own, the descendants of every process are recorded on each poll (PID + create time, so a
+  recycled PID is never hit) and the survivors killed by PID after the group is gone;
+* every process inherits ``inherit_fds`` (the run directory's job lock, ``launch/rundir.py``), so
+  the lock is held until the last daemon of the job is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -120,11 +107,11 @@ class ProcSpec:
 @dataclass
 class _Proc:
     spec: ProcSpec
+    budget: RestartBudget
     popen: subprocess.Popen | None = None
     restarts: int = 0  # in the whole job (the budget counts those in its window)
-    budget: RestartBudget | None = None
     restart_at: float | None = None  # exited: started again at this monotonic time
-    descendants: dict[int, float] = field(default_factory=dict)  # pid -> create_time
+    descendants: dict[int, psutil.Process] = field(default_factory=dict)  # by PID
     pump: threading.Thread | None = None
 
 
@@ -145,12 +132,11 @@ class Supervisor:
                  on_change: Callable[[Supervisor], None] | None = None,
                  inherit_fds: tuple[int, ...] = (), log_max_bytes: int = LOG_MAX_BYTES,
                  log_backups: int = LOG_BACKUPS):
-        self.procs = [_Proc(s) for s in sorted(specs, key=lambda s: s.stage)]
+        self.procs = [_Proc(s, RestartBudget(restarts, restart_window_s, restart_backoff_s,
+                                             restart_backoff_max_s))
+                      for s in sorted(specs, key=lambda s: s.stage)]
         self.run_dir = Path(run_dir)
         self.log_dir = self.run_dir / "logs"
-        self.restarts = restarts
-        for p in self.procs:
-            p.budget = RestartBudget(restarts, restart_window_s, restart_backoff_s, restart_backoff_max_s)
         self.health_timeout_s = health_timeout_s
         self.stop_grace_s = stop_grace_s
         self.echo = echo if echo is not None else _stderr_echo
@@ -171,9 +157,8 @@ class Supervisor:
         self.stop_event.set()
 
     def hang_up(self, *_args) -> None:
-        """SIGHUP: the terminal is gone. Output to it would fail (EIO) from now on, and so would
-        output to a pipe (``| tee``: its reader got the same SIGHUP; EPIPE), so both go to
-        /dev/null (a file keeps its output); then the job stops as on Ctrl-C, every daemon with it."""
+        """SIGHUP: output to the terminal or a pipe (``| tee``) would fail from now on, so it goes
+        to /dev/null (a file keeps its output); then the job stops as on Ctrl-C."""
         devnull = os.open(os.devnull, os.O_WRONLY)
         for fd in (1, 2):
             try:
@@ -252,15 +237,16 @@ class Supervisor:
         return 1
 
     def _schedule_restart(self, p: _Proc, rc: int) -> None:
-        now = time.monotonic()
-        wait = p.budget.backoff(now)
-        if not p.budget.allow(now):
-            raise JobFailed(f"{p.spec.name} exited with {rc} and has no restarts left ({self.restarts} within "
-                            f"{p.budget.window_s:.0f}s)", p.spec.name)
+        now, budget = time.monotonic(), p.budget
+        wait = budget.backoff(now)
+        if not budget.allow(now):
+            raise JobFailed(f"{p.spec.name} exited with {rc} and has no restarts left ({budget.limit} "
+                            f"within {budget.window_s:.0f}s)", p.spec.name)
         p.restarts += 1
         p.restart_at = now + wait
-        self.echo(f"[supervisor] {p.spec.name} exited with {rc}; restart {p.budget.recent(now)}/{self.restarts} "
-                  f"in the last {p.budget.window_s:.0f}s ({p.restarts} in all) after {wait:.1f}s")
+        self.echo(f"[supervisor] {p.spec.name} exited with {rc}; restart {budget.recent(now)}/"
+                  f"{budget.limit} in the last {budget.window_s:.0f}s ({p.restarts} in all) after "
+                  f"{wait:.1f}s")
 
     def stop_all(self) -> None:
         """Reverse start order: SIGTERM the group, wait, SIGKILL; then every recorded descendant."""
@@ -316,7 +302,7 @@ class Supervisor:
             time.sleep(0.2)
 
     def _record_descendants(self, p: _Proc, tree: dict[int, list[int]]) -> None:
-        """Record every descendant of ``p`` in ``tree`` (``process_tree()``) not yet recorded (PID, create time)."""
+        """Record every descendant of ``p`` in ``tree`` (``process_tree()``) not yet recorded."""
         if p.popen is None or p.popen.poll() is not None:
             return
         stack = list(tree.get(p.popen.pid, ()))
@@ -324,10 +310,8 @@ class Supervisor:
             pid = stack.pop()
             stack.extend(tree.get(pid, ()))
             if pid not in p.descendants:
-                try:
-                    p.descendants[pid] = psutil.Process(pid).create_time()
-                except psutil.Error:
-                    pass  # exited since the walk: nothing to stop
+                with contextlib.suppress(psutil.Error):  # exited since the walk: nothing to stop
+                    p.descendants[pid] = psutil.Process(pid)  # holds its create time
 
     def _stop(self, p: _Proc) -> None:
         if p.popen is not None and p.popen.poll() is None:
@@ -346,27 +330,14 @@ class Supervisor:
             p.pump.join(timeout=5)
 
     def _kill_leftovers(self, p: _Proc) -> None:
-        """SIGTERM, then SIGKILL, every recorded descendant still alive (same PID and create time)."""
-        alive = []
-        for pid, created in p.descendants.items():
-            try:
-                proc = psutil.Process(pid)
-                if abs(proc.create_time() - created) < 1e-3:
-                    alive.append(proc)
-            except psutil.Error:
-                continue
-        for proc in alive:
-            try:
-                proc.terminate()
-            except psutil.Error:
-                pass
-        _, still = psutil.wait_procs(alive, timeout=5)
-        for proc in still:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(still, timeout=5)
+        """SIGTERM, then SIGKILL, every recorded descendant still alive: psutil checks its create
+        time, so a recycled PID is never signalled."""
+        still = [proc for proc in p.descendants.values() if proc.is_running()]
+        for send in (psutil.Process.terminate, psutil.Process.kill):
+            for proc in still:
+                with contextlib.suppress(psutil.Error):
+                    send(proc)
+            _, still = psutil.wait_procs(still, timeout=5)
         p.descendants = {}
 
 
@@ -414,6 +385,14 @@ def probe(url: str, timeout_s: float = HEALTH_PROBE_S) -> bool:
         return False
 
 
+def alive(pid: int | None) -> bool:
+    """Whether process ``pid`` runs (a zombie, exited but not reaped, does not)."""
+    try:
+        return pid is not None and pid > 0 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def process_tree() -> dict[int, list[int]]:
     """Child PIDs by parent PID, from one walk of the process table: once a tick for every daemon
     (``Process.children(recursive=True)`` walks all of it per call). Reads ``/proc/PID/stat``
@@ -435,10 +414,8 @@ def process_tree() -> dict[int, list[int]]:
 
 
 def _signal_group(pgid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _pin(argv: list[str], cpus: tuple[int, ...]) -> list[str]:

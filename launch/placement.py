@@ -1,34 +1,19 @@
 """Pure GPU placement: which GPUs each process of a node sees (its ``CUDA_VISIBLE_DEVICES``).
 
-``place_node`` lays out one node of a job: its trainer ranks get GPUs ``[0, T)`` (rank ``i`` of
-the node on GPU ``i``, which is what torchrun's ``LOCAL_RANK`` indexes in a list of those GPUs),
-then rollout server ``i`` the ``tp_size`` GPUs ``[T + i*tp, T + (i+1)*tp)``. ``place_nodes``
-lays out every node of a job from the config: the counts come from ``launch.trainer_ranks``,
-``launch.num_rollout_servers`` (never null here: only a CPU job takes them from its cores),
-``rollout.engine.tp_size`` and ``launch.gpus_per_node``.
+``place_node`` lays out one node: trainer ranks on GPUs ``[0, T)`` (local rank ``i`` on GPU
+``i``), then rollout server ``i`` on ``[T + i*tp, T + (i+1)*tp)``. ``place_nodes`` lays out every
+node from ``launch.*`` and ``rollout.engine.tp_size``: on several nodes the first
+``launch.train_nodes`` run only trainer ranks, the others only rollout servers, and both counts
+are per node.
 
 Invariants (tested in tests/unit/test_placement.py):
-* one process per GPU: no two processes of a node share a GPU. NCCL refuses two ranks of one
-  group on one GPU ("Duplicate GPU detected") and an SGLang engine takes most of its GPU's
-  memory, so a layout needing more GPUs than the node has is refused with a ``ConfigError``
-  naming the keys and the numbers;
-* except on a one-GPU node running one trainer rank and one rollout server of ``tp_size`` 1: both
-  get GPU 0 (``NodeGpus.shared``). Then the weights go without a group (``with_weight_path``:
-  ``trainer.weight_sync.path=auto`` becomes ``tensor``, or with LoRA the engine kind's adapter
-  path, ``auto_path``; an explicit ``distributed`` over NCCL is refused), and an SGLang engine
-  leaves the trainer room: ``rollout.engine.sglang.mem_fraction_static`` defaults to
-  ``SHARED_MEM_FRACTION_DEFAULT`` there and may not exceed ``SHARED_MEM_FRACTION_MAX`` (on a GPU
-  of its own SGLang picks its own fraction);
-* the GPUs given out are ``[0, used)``, in the order trainer ranks, then rollout servers;
-* a process that runs on CPU takes no GPU, and an engine attached by URL runs elsewhere.
-
-Several nodes (``launch.nodes`` = N > 1, for ``launch/slurm/areal_like.sbatch`` and the manual
-recipe of launch/MULTINODE.md; ``areal-like run`` is one node): ``place_nodes`` puts only trainer
-ranks on the first ``launch.train_nodes`` nodes and only rollout servers on the others, i.e. node
-``k`` is ``place_node(gpus_per_node=G, trainer_ranks=launch.trainer_ranks, rollout_servers=0, ...)``
-for ``k < train_nodes`` and ``place_node(gpus_per_node=G, trainer_ranks=0,
-rollout_servers=launch.num_rollout_servers, tp_size=rollout.engine.tp_size, ...)`` for the rest:
-on several nodes both counts are per node (torchrun's ``--nproc-per-node``; servers per node).
+* one process per GPU (NCCL refuses two ranks of one group on one GPU; SGLang takes most of its
+  GPU's memory): a layout needing more GPUs than the node has is a ``ConfigError`` naming the keys;
+* except a one-GPU node with one trainer rank and one rollout server of ``tp_size`` 1, which share
+  GPU 0 (``NodeGpus.shared``): the weights then go without a group (``with_weight_path``) and an
+  SGLang engine leaves the trainer room (``SHARED_MEM_FRACTION_DEFAULT``, at most
+  ``SHARED_MEM_FRACTION_MAX``);
+* the GPUs given out are ``[0, used)``; a process on CPU takes none, an engine by URL runs elsewhere.
 """
 
 from __future__ import annotations
@@ -72,12 +57,9 @@ class NodeGpus:
 
 
 def visible_devices(gpus: tuple[int, ...], inherited: str | None = None) -> str:
-    """The ``CUDA_VISIBLE_DEVICES`` value for ``gpus`` (empty: the process sees no GPU).
-
-    ``inherited``: the launcher's own ``CUDA_VISIBLE_DEVICES`` when it has one. The plan numbers
-    the GPUs torch sees (``torch.cuda.device_count()``), and torch's GPU ``i`` is the ``i``-th entry
-    of that list, so each planned index is translated through it: a job given GPUs ``4,5,6,7``
-    never touches GPUs 0-3."""
+    """The ``CUDA_VISIBLE_DEVICES`` value for ``gpus`` (empty: no GPU). The plan numbers the GPUs
+    torch sees, so each index is translated through the launcher's own list (``inherited``) when
+    it has one: a job given GPUs ``4,5,6,7`` never touches GPUs 0-3."""
     if inherited is None:
         return ",".join(map(str, gpus))
     have = [d.strip() for d in inherited.split(",") if d.strip()]
@@ -89,13 +71,9 @@ def visible_devices(gpus: tuple[int, ...], inherited: str | None = None) -> str:
 
 def place_node(*, gpus_per_node: int, trainer_ranks: int, rollout_servers: int, tp_size: int,
                nodes: int = 1, node: int = 0) -> NodeGpus:
-    """Node ``node`` of ``nodes``: ``trainer_ranks`` ranks and ``rollout_servers`` engines of
-    ``tp_size`` GPUs each on ``gpus_per_node`` GPUs, one process per GPU; ConfigError otherwise."""
+    """Node ``node`` of ``nodes`` (module docstring); ConfigError when it does not fit."""
     if not 0 <= node < nodes:
         raise ConfigError(f"node {node} is not one of the job's {nodes} nodes")
-    if trainer_ranks < 0 or rollout_servers < 0 or tp_size < 1:
-        raise ConfigError(f"trainer_ranks={trainer_ranks}, rollout_servers={rollout_servers} and "
-                          f"tp_size={tp_size} must be >= 0, >= 0 and >= 1")
     need = trainer_ranks + rollout_servers * tp_size
     if gpus_per_node == 1 and (trainer_ranks, rollout_servers, tp_size) == (1, 1, 1):  # the one-GPU machine
         return NodeGpus(trainer=(0,), rollout=((0,),))
@@ -137,10 +115,8 @@ def node_roles(nodes: int, train_nodes: int, node: int) -> tuple[bool, bool]:
 
 
 def place_nodes(cfg: RunConfig) -> tuple[NodeGpus, ...] | None:
-    """Every node of the job (``launch.nodes``), node 0 first; None when nothing runs on a GPU.
-
-    ``launch.gpus_per_node`` must be resolved already (``launch/job.py`` reads
-    ``torch.cuda.device_count()`` when the config leaves it 0)."""
+    """Every node of the job, node 0 first; None when nothing runs on a GPU.
+    ``launch.gpus_per_node`` must be resolved already (``launch/job.py``)."""
     _check_disk_nodes(cfg)
     if not _gpu_checks(cfg):
         return None
@@ -206,8 +182,7 @@ def _check_reachable(cfg: RunConfig) -> None:
 
 
 def _check_weight_path(cfg: RunConfig, shared: bool) -> None:
-    """The weight path fits the layout: ``tensor`` passes CUDA IPC handles, which only a process on the
-    same GPU can open; ``disk`` writes to the trainer node's temporary directory."""
+    """``tensor`` passes CUDA IPC handles, which only a process on the same GPU can open."""
     path = cfg.trainer.weight_sync.path
     if path == "tensor" and not shared:
         raise ConfigError("trainer.weight_sync.path=tensor with the trainer and the engines on different GPUs: "
@@ -248,9 +223,8 @@ def _check_shared(cfg: RunConfig) -> None:
 
 
 def auto_path(cfg: RunConfig, shared: bool) -> str:
-    """What ``trainer.weight_sync.path=auto`` is: with LoRA the path of the engine kind's adapter
-    (``LORA_PATHS``: the group for an embedded engine, a directory for SGLang), else ``tensor`` when
-    the trainer and an engine share a GPU (``shared``), else ``distributed``."""
+    """``trainer.weight_sync.path=auto``: with LoRA the engine kind's adapter path
+    (``LORA_PATHS``), else ``tensor`` on a shared GPU, else ``distributed``."""
     if cfg.trainer.lora.enabled and cfg.rollout.engine.kind in LORA_PATHS:
         return LORA_PATHS[cfg.rollout.engine.kind]
     return "tensor" if shared else "distributed"
@@ -258,8 +232,7 @@ def auto_path(cfg: RunConfig, shared: bool) -> str:
 
 def with_weight_path(cfg: RunConfig) -> RunConfig:
     """The config the daemons get on this placement: ``trainer.weight_sync.path=auto`` resolved
-    (``auto_path``); where the trainer and an engine share a GPU, an SGLang engine without
-    ``mem_fraction_static`` gets ``SHARED_MEM_FRACTION_DEFAULT``. ``launch.gpus_per_node`` must be resolved."""
+    (``auto_path``), and on a shared GPU SGLang's ``mem_fraction_static`` defaulted."""
     placed = place_nodes(cfg)
     shared = placed is not None and any(n.shared for n in placed)
     ws, ec = cfg.trainer.weight_sync, cfg.rollout.engine

@@ -1,39 +1,10 @@
 """Preflight: everything a job reads from outside its config, checked before anything starts.
 
-A missing model directory, dataset file or reward function would otherwise pass the config
-validators and fail 10-30 s later inside three daemons at once, with tracebacks and restarts.
-``checked(cfg)`` is the one entry: ``areal-like run`` (before the warm start and before any daemon)
-and ``areal-like config`` call it. It resolves hub ids to local directories
-(``areal_like.weights.hf.resolve_models``), runs every check below on the result and raises
-``PreflightError``: one line per problem, each naming its key. It checks:
-
-* ``model.path``: a directory with config.json and weights, and a tokenizer unless
-  ``model.tokenizer`` names a tokenizer directory (a built-in tokenizer's ids mean nothing to
-  someone else's model; a warm start's output always holds its tokenizer); ``model.tokenizer``
-  (when it is not a built-in tokenizer): a directory with a tokenizer; ``trainer.ref_path``: like
-  model.path;
-* ``warm_start.steps > 0`` only with a model built from config or one a warm start wrote;
-* ``task.dataset_path`` (``task.name=dataset``) and ``task.eval_path``: exist, hold the columns
-  ``task.messages_key`` / ``task.prompt_key``, ``task.answer_key`` and ``task.metadata_keys`` name,
-  and every row's contents make an example (an answer, a prompt, messages that are a list of
-  {role, content}); the rows are streamed a batch at a time, so memory stays bounded;
-* ``task.chat_template`` (other than auto/none): a file or a template that compiles; with ``auto``
-  on a chat dataset (``task.messages_key``), the tokenizer has a template to lay the messages out
-  (else it would get their contents as plain text, which no chat model was trained on);
-* ``task.reward_fn``: loads as in a reward worker (same loader, ``task.reward_memory_mb`` address
-  space, environment without secrets), in a child Python (see ``check_reward_fn``);
-* ``task.env``: the class imports, builds with no arguments and has ``reset`` and ``step``; its tools'
-  schemas are valid JSON schemas (``check_env``);
-* ``task.agent``: the function imports and takes ``(client_base_url, api_key, example)``
-  (``check_agent``);
-* the trackers' packages (``launch.tracking.check_trackers``);
-* the engine: ``rollout.engine.kind=sglang`` needs the sglang package and ``model.path``;
-* ``trainer.lora.target_modules``: each name matches a linear layer of the model (``check_lora``);
-* the environment: no inherited ``SGLANG_RETURN_ORIGINAL_LOGPROB`` (SGLang would return log-probs
-  without the temperature, off the trainer's convention; see trainer/logprob_guard.py).
-
-Paths are checked as the daemons will open them: relative to the working directory, which the
-daemons inherit from the launcher.
+``checked(cfg)`` is the one entry (``areal-like run`` before the warm start, ``areal-like
+config``): it resolves hub ids to local directories and runs every ``check_*`` below, raising
+``PreflightError`` with one line per problem, each naming its key, instead of three daemons
+failing 10-30 s later. The checks read paths as the daemons will open them, relative to the
+working directory they inherit; each check's docstring says what it checks.
 """
 
 from __future__ import annotations
@@ -121,10 +92,8 @@ def check_models(cfg: RunConfig) -> list[str]:
 
 
 def check_warm_start(cfg: RunConfig) -> list[str]:
-    """The warm start trains the tiny model built from config (char tokenizer, its eos id) or refines
-    a model it wrote earlier (warm_start.json); on someone's Hugging Face model it would run a
-    supervised phase nobody asked for, with the tiny model's assumptions. ``model.path=X`` alone
-    keeps the default model=tiny and its recipe, hence the hint."""
+    """The warm start is for the tiny model built from config, or one it wrote (warm_start.json);
+    ``model.path=X`` alone keeps model=tiny and its recipe, hence the hint."""
     path, steps = cfg.model.path, cfg.warm_start.steps
     if steps <= 0 or not path or (Path(path).expanduser() / WARM_START_MARK).is_file():
         return []
@@ -212,13 +181,10 @@ def check_chat_format(cfg: RunConfig) -> list[str]:
 
 
 def check_reward_fn(cfg: RunConfig) -> list[str]:
-    """Load ``task.reward_fn`` in a child Python as a reward worker would (``REWARD_PROBE``), not here:
-    it then sees the sys.path the rollout servers will see (the ``areal-like`` console script does
-    not put the working directory on sys.path, ``python -m`` and ``python -c`` do), the workers'
-    address-space limit and scrubbed environment, and a module that does something at import time
-    (initialise CUDA, start threads, exit, hang) cannot harm the launcher. With
-    ``task.reward_workers=0`` the reward is loaded in the rollout server itself: no limit, the
-    environment as it is."""
+    """Load ``task.reward_fn`` in a child Python as a reward worker would (``REWARD_PROBE``): with
+    the rollout servers' sys.path (the working directory first), the workers' address-space limit
+    and scrubbed environment (none with ``task.reward_workers=0``), and no harm to the launcher
+    from what the module does at import time."""
     spec, inline = cfg.task.reward_fn, cfg.task.reward_workers == 0
     memory_mb = 0 if inline else cfg.task.reward_memory_mb
     if not spec or cfg.task.reward_url:  # a remote reward replaces the function

@@ -1,20 +1,18 @@
-"""What a run leaves in its directory, read back: the trainer's step records
-(``metrics/trainer.jsonl``), the evaluations (``eval.jsonl``), the job's outcome, and what is made
-of them at the end: ``summary.json`` and ``learning_curve.png``.
+"""What a run leaves in its directory, read back (``metrics/trainer.jsonl``, ``eval.jsonl``), and
+what is made of it at the end: ``summary.json`` and ``learning_curve.png``.
 
-Readers only: nothing here starts or watches a process (``launch/job.py`` does). A JSONL line
-being written while it is read is skipped, so these can run during the job; a step or a version
+Readers only, safe during the job: a JSONL line being written is skipped, and a step or version
 that appears twice (a resume replays a step) counts once, the last record winning.
 """
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from launch.local import write_json_atomic
+from launch.track_sink import JsonlTail
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -23,18 +21,8 @@ SUMMARY_WINDOW = 5  # "first / last few steps" for reward_first / reward_last
 
 
 def read_jsonl(path: Path, since: int = 0) -> list[dict]:
-    """The records of a JSONL file from byte offset ``since`` on."""
-    out = []
-    if path.is_file():
-        with path.open("rb") as f:
-            f.seek(since)
-            text = f.read().decode(errors="replace")
-        for line in text.splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line being written right now
-    return out
+    """The records of a JSONL file's complete lines from byte offset ``since`` on."""
+    return JsonlTail(path, since).read()
 
 
 def reward_of(rec: dict) -> float | None:

@@ -1,28 +1,12 @@
 """What a run directory already holds, read before ``areal-like run`` starts anything in it.
 
-Running the same command twice with the same ``run_dir`` continues that run: the trainer resumes
-from its latest checkpoint and the buffer recovers its write-ahead log. ``check_existing_run(cfg)``
-decides, before the warm start and before any daemon, whether that makes sense:
-
-* no complete checkpoint: a fresh start (step 0);
-* a checkpoint below ``trainer.steps``: resume from it (the step is returned and announced);
-* a checkpoint at or past ``trainer.steps``: the run is finished; refused with one line saying how
-  to continue (raise ``trainer.steps``) or start over (a new ``run_dir``);
-* checkpoints with ``trainer.resume=false``: refused, since a fresh trainer would mix its versions
-  with the old run's WAL, metrics and checkpoints;
-* a resume whose settings differ from the run's (``settings.yaml``: the config as given, before
-  the layout fills in ports and paths): refused with one line per changed key, unless
-  ``areal-like run --accept-changes``; ``trainer.steps`` (raising it continues a run), the layout
-  (``launch.*``), the trackers (``tracker``, ``tracking.*``), retention (``trainer.keep_checkpoints``,
-  ``export.keep``) and the spelling of ``run_dir`` may change without asking;
-* a job still running in it: refused, two jobs would share one WAL. ``lock_run_dir`` takes an
-  exclusive ``flock`` on ``<run_dir>/job.lock`` that ``areal-like run`` holds, and every daemon it
-  starts inherits, for the job's whole life; the kernel releases it when the last of them is gone,
-  whatever killed them, so a dead job never holds it and a live one (even one whose supervisor was
-  killed while its daemons still stop) always does.
-
-Only names and files are read (the ``v%08d`` checkpoint layout of trainer/checkpoint.py): no torch
-import, so a refusal is instant.
+Running the same command twice with the same ``run_dir`` continues that run. ``lock_run_dir``
+refuses a directory a job still runs in (an ``flock`` that every daemon inherits, so the kernel
+releases it only when the last of them is gone); ``check_existing_run`` returns the step to resume
+from (0: fresh) and refuses a finished run or a checkpoint with ``trainer.resume=false``;
+``check_resume_settings`` refuses a resume whose settings differ from ``settings.yaml`` (the config
+as given) unless ``--accept-changes``, apart from ``FREE_ON_RESUME``. Only names and files are
+read (the ``v%08d`` layout of trainer/checkpoint.py): no torch import, so a refusal is instant.
 """
 
 from __future__ import annotations
@@ -32,6 +16,7 @@ import os
 from pathlib import Path
 
 from areal_like.settings.config import ConfigError, RunConfig
+from launch.tracking import flatten
 
 LOCK_FILE = "job.lock"  # in run_dir; holds the PID of the areal-like run that took it
 SETTINGS_FILE = "settings.yaml"  # in run_dir: the config as given to the last areal-like run
@@ -89,16 +74,6 @@ def check_existing_run(cfg: RunConfig) -> int:
     return step
 
 
-def _flat(tree: object, prefix: str = "") -> dict[str, object]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay whole values)."""
-    if not isinstance(tree, dict):
-        return {prefix[:-1]: tree}
-    out: dict[str, object] = {}
-    for key, value in tree.items():
-        out.update(_flat(value, f"{prefix}{key}."))
-    return out
-
-
 def changed_settings(cfg: RunConfig) -> list[str]:
     """``key: old -> new`` for every setting of ``cfg`` that differs from the ``settings.yaml`` of
     its run_dir, apart from ``FREE_ON_RESUME``; empty when there is no such file (a run from an
@@ -114,7 +89,8 @@ def changed_settings(cfg: RunConfig) -> list[str]:
         old = from_yaml(path.read_text())
     except Exception as e:  # noqa: BLE001 - unreadable (a schema since changed): say so, do not guess
         return [f"{SETTINGS_FILE}: cannot be compared ({type(e).__name__}: {str(e).splitlines()[0]})"]
-    before, after = (_flat(OmegaConf.to_container(OmegaConf.structured(c))) for c in (old, cfg))
+    before, after = (flatten(OmegaConf.to_container(OmegaConf.structured(c)), sep=".")
+                     for c in (old, cfg))
     return [f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(before.keys() | after.keys())
             if before.get(key) != after.get(key) and not key.startswith(FREE_ON_RESUME)]
 

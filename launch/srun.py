@@ -1,51 +1,45 @@
 """The Slurm job's processes as ``srun`` steps, from the same plan ``areal-like plan`` prints.
 
-``launch/slurm/areal_like.sbatch`` calls ``python -m launch.srun``:
+``launch/slurm/areal_like.sbatch`` calls ``python -m launch.srun`` (launch/MULTINODE.md):
 
-* ``head-ip IFACE`` prints the IPv4 address of interface ``IFACE`` on this node
-  (``ip -o -4 addr show dev IFACE``): the address every other node reaches the buffer and trainer
-  rank 0 on. Not the first ``hostname -I`` address, which on a cluster is often a management or
-  container network the other nodes cannot route to; a missing or address-less interface is an
-  error naming it and the interfaces that do have one;
-* ``steps`` prints one line per process, ``name<TAB>kind<TAB>command`` (``command`` shell-quoted):
-  the buffer, every rollout server and one torchrun per training node, placed by
-  ``launch/topology.py`` (GPUs from ``launch/placement.py``), and writes ``ports.json``. The
-  config must be the laid-out one ``areal-like config`` prints (``launch.job.plan_job``, what
-  ``run`` gives its daemons); one that is not is refused, naming the keys that differ. Steps start
-  in ``run``'s order (``launch.job.start_stage``): on one shared GPU the trainer's step first
-  waits for every rollout server's ``/health`` (its engine up), through ``after``;
-* ``after --timeout-s S URL... -- COMMAND`` waits until every ``URL`` answers 200, then becomes
-  ``COMMAND`` (exec); exit 1 naming the URL that did not answer within ``S`` seconds;
-* ``final-eval --config-file F --pid P``, once the trainer completed: as ``run`` does, waits for
-  the final evaluation (``eval.at_end``) while the evaluating server's step ``P`` lives, at most
-  ``eval.final_timeout_s`` (exit 0 when written or none is scheduled, 1 otherwise).
+* ``head-ip IFACE``: the IPv4 address of ``IFACE`` on this node, which the other nodes reach;
+* ``steps``: one ``name<TAB>kind<TAB>command`` line per process, in ``run``'s start order
+  (``launch.job.start_stage``, waiting through ``after``), and ``ports.json``. The config must be
+  the laid-out one ``areal-like config`` prints; one that is not is refused, naming the keys;
+* ``after --timeout-s S URL... -- COMMAND``: exec ``COMMAND`` once every URL answers 200;
+* ``final-eval --config-file F --pid P``: ``run``'s wait for the final evaluation.
 
-Each step is ``srun --overlap -N1 -n1 -w NODE -c CORES --cpu-bind=mask_cpu:MASK env
-CUDA_VISIBLE_DEVICES=... COMMAND``. The cores come from the plan too (``node_cores``): a node's
-physical cores (``physical_cores``: from ``lscpu``, hyperthreads kept with their core), less one
-for the buffer on node 0, are cut into ``launch.gpus_per_node`` equal blocks in socket and GPU order
-(block ``g`` for GPU ``g``, which on the usual two-socket GPU node keeps a process on the socket of
-its GPUs), and each process is bound to the blocks of its GPUs, so no two processes of a node
-share a core. ``CUDA_VISIBLE_DEVICES`` is set by ``env`` inside the step, after Slurm's
-own GPU binding, so it is the plan's and not Slurm's.
+Each step is ``srun --overlap ... --cpu-bind=mask_cpu:MASK env CUDA_VISIBLE_DEVICES=... COMMAND``:
+a node's physical cores (``physical_cores``), less the buffer's on node 0, are cut into one block
+per GPU in socket order and each process is bound to the blocks of its GPUs (``node_cores``), so
+no two processes share a core; ``CUDA_VISIBLE_DEVICES`` is the plan's, set after Slurm's binding.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from areal_like.settings.config import ConfigError, RunConfig
-from launch.job import engine_start_s, has_final_eval, plan_job, shares_gpu, start_stage, trainer_overrides
+from launch.job import (
+    engine_start_s,
+    plan_job,
+    shares_gpu,
+    start_stage,
+    trainer_overrides,
+    wait_for_final_eval,
+)
+from launch.local import alive, probe
 from launch.placement import NodeGpus, node_roles, place_nodes, trainer_on_gpu, visible_devices
 from launch.topology import DaemonSlot, Topology, engine_address, split_address, wants_eval
 
@@ -84,13 +78,9 @@ def _ipv4_interfaces() -> list[str]:
 
 
 def physical_cores(cpus: int, lscpu: str | None = None) -> list[tuple[int, ...]]:
-    """The node's physical cores, each as its logical CPUs, ordered by (socket, core).
-
-    ``lscpu``: the output of ``lscpu -p=CPU,CORE,SOCKET`` on a node of the job (nodes are alike).
-    With SMT the kernel numbers a core's hyperthreads apart (often ``c`` and ``c + N/2``), so cutting
-    logical CPU numbers into blocks would give two processes the two threads of one core; cutting
-    physical cores in socket order keeps each block on whole cores of one socket. Without it every
-    one of ``cpus`` logical CPUs counts as a core of its own."""
+    """The node's physical cores, each as its logical CPUs (hyperthreads are numbered apart),
+    ordered by (socket, core), from ``lscpu -p=CPU,CORE,SOCKET``; without it each of ``cpus``
+    logical CPUs is a core of its own."""
     if not lscpu:
         return [(c,) for c in range(cpus)]
     by_core: dict[tuple[int, int], list[int]] = {}
@@ -107,11 +97,9 @@ def physical_cores(cpus: int, lscpu: str | None = None) -> list[tuple[int, ...]]
 
 def node_cores(placed: NodeGpus, cores: list[tuple[int, ...]], gpus_per_node: int,
                has_buffer: bool, cpu_trainer: bool = False) -> dict[str, tuple[int, ...]]:
-    """The logical CPUs of each process of one node: ``trainer`` (its torchrun), ``rollout-<i>``
-    (i-th server of the node) and ``buffer`` (the last physical core); ``cores`` from
-    ``physical_cores``. ``cpu_trainer``: a trainer on CPU (``trainer.device=cpu``) runs here and
-    takes the blocks of the GPUs no process uses. ConfigError when the node has fewer cores than
-    GPUs, or no block is left for a CPU trainer."""
+    """The logical CPUs of ``trainer``, ``rollout-<i>`` (i-th server of the node) and ``buffer``
+    (the last core) on one node; a trainer on CPU (``cpu_trainer``) takes the blocks of the GPUs
+    no process uses. ConfigError when a GPU gets no core, or a CPU trainer no block."""
     usable = cores[:len(cores) - BUFFER_CORES] if has_buffer else cores
     per_gpu = len(usable) // gpus_per_node
     if per_gpu < 1:
@@ -168,13 +156,13 @@ def slurm_steps(cfg: RunConfig, hosts: list[str], *, config: str, cpus: int, mas
     if placed is None:
         raise ConfigError(f"trainer.device={cfg.trainer.device!r} and rollout.engine.kind={cfg.rollout.engine.kind!r}: "
                           "the Slurm recipe places GPU jobs (topology=gpu_sglang or gpu_embedded)")
-    laid, topo = plan_job(cfg, ports=_from(master_port))
+    laid, topo = plan_job(cfg, ports=itertools.count(master_port))
     check_laid_out(cfg, laid)
     node = physical_cores(cpus, lscpu)
-    cpu_trainer = [node_roles(la.nodes, la.train_nodes, k)[0] and not trainer_on_gpu(cfg)
-                   for k in range(la.nodes)]
+    cpu_trainer = not trainer_on_gpu(cfg)  # on the training nodes, beside the engines' GPUs
     cores = [node_cores(placed[k], node, la.gpus_per_node, has_buffer=k == 0,
-                        cpu_trainer=cpu_trainer[k]) for k in range(la.nodes)]
+                        cpu_trainer=cpu_trainer and node_roles(la.nodes, la.train_nodes, k)[0])
+             for k in range(la.nodes)]
     seen = [0] * la.nodes  # rollout servers placed so far on each node
     steps = []
     for slot in sorted(topo.slots, key=lambda s: (s.kind != "buffer", s.node)):
@@ -214,33 +202,15 @@ def _after(cfg: RunConfig, topo: Topology, slot: DaemonSlot, hosts: list[str]) -
     return ["python", "-m", "launch.srun", "after", "--timeout-s", wait_s, *urls, "--"]
 
 
-def _engine_host(cfg: RunConfig, host: str) -> list[str]:
-    address = engine_address(cfg, host)
-    return [] if address == cfg.rollout.engine.host else [f"rollout.engine.host={address}"]
-
-
 def wait_healthy(urls: list[str], timeout_s: float, poll_s: float = 2.0) -> str | None:
     """Wait until every URL answers 200; the first that did not within ``timeout_s``, else None."""
     deadline = time.monotonic() + timeout_s
     for url in urls:
-        while True:
-            try:
-                with urllib.request.urlopen(url, timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
+        while not probe(url, timeout_s=5):
             if time.monotonic() >= deadline:
                 return url
             time.sleep(poll_s)
     return None
-
-
-def _from(first: int):
-    port = first
-    while True:
-        yield port
-        port += 1
 
 
 def _command(cfg: RunConfig, topo: Topology, slot: DaemonSlot, config: str, restarts: int,
@@ -248,8 +218,10 @@ def _command(cfg: RunConfig, topo: Topology, slot: DaemonSlot, config: str, rest
     if slot.kind == "buffer":
         return ["areal-like", "buffer", "--config-file", config]
     if slot.kind == "rollout":  # restarted in place when it dies, like the local supervisor does
+        address = engine_address(cfg, host)
+        engine = [] if address == cfg.rollout.engine.host else [f"rollout.engine.host={address}"]
         return ["bash", f"{repo}/launch/slurm/with_restarts.sh", str(restarts), "areal-like", "rollout",
-                "--config-file", config, *slot.overrides, *_engine_host(cfg, host)]
+                "--config-file", config, *slot.overrides, *engine]
     return ["areal-like", "train", "--nnodes", str(cfg.launch.train_nodes), "--node-rank", str(slot.node),
             "--nproc-per-node", str(cfg.launch.trainer_ranks), "--master-addr", topo.host,
             "--master-port", str(topo.master_port), "--config-file", config,
@@ -283,32 +255,22 @@ def after(argv: list[str]) -> int:
     os.execvp(argv[cut + 1], argv[cut + 1:])
 
 
+class _EvalStep:
+    """The evaluating server's step ``pid`` as ``launch.job.wait_for_final_eval`` reads a
+    supervisor: alive or not, and a stop event nobody sets."""
+
+    def __init__(self, pid: int):
+        self.pid, self.stop_event = pid, threading.Event()
+
+    def pids(self) -> dict[str, int | None]:
+        return {"rollout-0": self.pid if alive(self.pid) else None}
+
+
 def final_eval(cfg: RunConfig, pid: int, poll_s: float = 1.0) -> int:
-    """``run``'s wait for the final evaluation (``launch.job.wait_for_final_eval``) for a Slurm job:
-    until ``eval.jsonl`` has it, the step ``pid`` ended, or ``eval.final_timeout_s``."""
+    """``run``'s wait for the final evaluation (``launch.job.wait_for_final_eval``) for a Slurm job."""
     if not (wants_eval(cfg) and cfg.eval.at_end):
         return 0
-    deadline = time.monotonic() + cfg.eval.final_timeout_s
-    while not has_final_eval(Path(cfg.run_dir), cfg.trainer.steps):
-        if not _alive(pid):
-            print("no final evaluation: the evaluating rollout server is down", file=sys.stderr)
-            return 1
-        if time.monotonic() >= deadline:
-            print(f"no final evaluation within eval.final_timeout_s={cfg.eval.final_timeout_s}",
-                  file=sys.stderr)
-            return 1
-        time.sleep(poll_s)
-    return 0
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)  # signal 0: only whether it exists
-    except ProcessLookupError:
-        return False
-    return True
+    return 0 if wait_for_final_eval(cfg, Path(cfg.run_dir), _EvalStep(pid), poll_s) else 1
 
 
 def main(argv: list[str]) -> int:

@@ -1,27 +1,22 @@
 """``areal-like top`` and ``areal-like status``: the job seen from its ``/metrics`` and ``/health``.
 
-Both read ``<run_dir>/ports.json`` (written by the supervisor, or by hand for a multi-node job:
-``{"daemons": [{"name", "kind", "metrics_url", "health_url"}, ...]}``) and scrape every daemon
-over HTTP, so they work from any machine that can reach the daemons. ``top`` redraws a table
-every few seconds: per daemon its health and the figures that tell whether the job is healthy
-(versions, staleness, rewards, throughput as rates of the counters, weight-sync times). Without a
-terminal (a pipe, a log file) it prints one plain table per interval instead, and ``--once`` prints
-one (over one interval, so that rates have two points) and exits.
-
-``status`` says per daemon: ``up`` (``/health`` answers 200), ``starting`` (its port not open yet,
-but its process, from ports.json, is alive), ``finished`` (no answer, and the job wrote its
-``summary.json`` after its ``ports.json``: the run ended) or ``DOWN`` (none of these, or a 503).
+Both read ``<run_dir>/ports.json`` (``{"daemons": [{"name", "kind", "metrics_url",
+"health_url"}, ...]}``) and scrape over HTTP, so they work from any machine that reaches the
+daemons. ``status`` says per daemon ``up`` (``/health`` 200), ``starting`` (port not open, process
+alive), ``finished`` (no answer, and ``summary.json`` is newer than ``ports.json``) or ``DOWN``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-import psutil
+from launch.local import alive
+from launch.records import read_jsonl, trainer_jsonl
 
 # (column title, kind, series, how): how = "value" | "rate" (per second, from a counter) | "mean" (histogram)
 COLUMNS = [
@@ -80,13 +75,6 @@ def health(url: str, timeout_s: float = 2.0) -> tuple[bool, dict]:
         return False, {"error": f"{type(e).__name__}: {e}"}
 
 
-def _alive(pid: int | None) -> bool:
-    try:
-        return pid is not None and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
 def job_finished(run_dir: Path) -> bool:
     """The job of ``run_dir`` ended: its summary.json was written after its ports.json."""
     summary, ports = run_dir / "summary.json", run_dir / "ports.json"
@@ -102,7 +90,7 @@ def state(ok: bool, details: dict, pid: int | None, finished: bool) -> str:
     # starting: its port is not open yet. A port that accepts and does not answer (a timeout) is a
     # daemon that stopped answering, however long its process has lived: DOWN
     not_listening = "Connection refused" in str(details.get("error", ""))
-    return "starting" if _alive(pid) and not_listening else "DOWN"
+    return "starting" if alive(pid) and not_listening else "DOWN"
 
 
 def status(run_dir: str | Path) -> int:
@@ -124,17 +112,7 @@ def status(run_dir: str | Path) -> int:
 
 
 def _last_step(run_dir: Path) -> dict | None:
-    path = run_dir / "metrics" / "trainer.jsonl"
-    if not path.is_file():
-        return None
-    for line in reversed(path.read_text().splitlines()):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "step" in rec:
-            return rec
-    return None
+    return next((r for r in reversed(read_jsonl(trainer_jsonl(run_dir))) if "step" in r), None)
 
 
 def snapshot(info: dict) -> dict[str, dict[str, float] | None]:
@@ -196,47 +174,34 @@ def _head(run_dir: str | Path) -> str:
             f"reward {last.get('reward_mean', float('nan')):.3f}   {time.strftime('%H:%M:%S')}")
 
 
-def plain(run_dir: str | Path, interval_s: float = 2.0, once: bool = False) -> int:
-    """``top`` without a terminal: one plain-text table per interval (rates over that interval);
-    ``once``: the first one, then exit."""
-    from rich.console import Console
-
-    console = Console(file=sys.stdout, force_terminal=False, color_system=None, width=160)
-    info = load_ports(run_dir)
-    prev, t_prev = snapshot(info), time.monotonic()
-    try:
-        while True:
-            time.sleep(interval_s)
-            snap, now = snapshot(info), time.monotonic()
-            console.print(_head(run_dir), *render(info, snap, prev, now - t_prev))
-            sys.stdout.flush()
-            if once:  # like `status`: a script learns from the exit code that nothing answered
-                return 0 if any(v is not None for v in snap.values()) else 1
-            prev, t_prev = {k: v for k, v in snap.items() if v is not None}, now
-            info = load_ports(run_dir)  # PIDs change on restarts
-    except KeyboardInterrupt:
-        return 0
-
-
 def live(run_dir: str | Path, interval_s: float = 2.0, once: bool = False) -> int:
-    """``areal-like top``: a live view on a terminal, ``plain`` tables otherwise (or ``once``)."""
-    if once or not sys.stdout.isatty():
-        return plain(run_dir, interval_s, once)
-    from rich.console import Group
+    """``areal-like top``: a live view on a terminal; without one (or ``once``) a plain table per
+    interval, the first after one interval so that rates have two points (``once``: then exit)."""
+    from rich.console import Console, Group
     from rich.live import Live
     from rich.text import Text
 
+    plain = once or not sys.stdout.isatty()
     info = load_ports(run_dir)
-    prev: dict = {}
-    t_prev = time.monotonic()
+    prev, t_prev = (snapshot(info) if plain else {}), time.monotonic()
+    console = Console(file=sys.stdout, force_terminal=False, color_system=None, width=160)
     try:
-        with Live(refresh_per_second=4, screen=False) as view:
+        with contextlib.nullcontext() if plain else Live(refresh_per_second=4, screen=False) as view:
             while True:
+                if plain:
+                    time.sleep(interval_s)
                 snap, now = snapshot(info), time.monotonic()
-                view.update(Group(Text(_head(run_dir)), *render(info, snap, prev, now - t_prev)))
-                prev = {k: v for k, v in snap.items() if v is not None}
-                t_prev = now
-                time.sleep(interval_s)
+                tables = render(info, snap, prev, now - t_prev)
+                if plain:
+                    console.print(_head(run_dir), *tables)
+                    sys.stdout.flush()
+                else:
+                    view.update(Group(Text(_head(run_dir)), *tables))
+                if once:  # like `status`: a script learns from the exit code that nothing answered
+                    return 0 if any(v is not None for v in snap.values()) else 1
+                prev, t_prev = {k: v for k, v in snap.items() if v is not None}, now
+                if not plain:
+                    time.sleep(interval_s)
                 info = load_ports(run_dir)  # PIDs change on restarts
     except KeyboardInterrupt:
         return 0

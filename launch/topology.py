@@ -1,33 +1,18 @@
-"""Pure placement: which ports and which CPU cores every daemon of a job gets.
-
-``plan_topology(cfg, ports, cpus)`` takes the resolved ``RunConfig``, a source of free ports
-and the usable core ids, and returns a ``Topology``: the buffer's request/reply and publish
-addresses, a ``/metrics`` port per daemon, the torchrun rendezvous port and, when
-``launch.pin_cpus`` is set, two disjoint core sets: the *rollout pool* (the rollout servers) and
-the *trainer pool* (every trainer rank), while the buffer, which only moves bytes, may run on any
-core of either (its work comes while the trainer waits for a batch or a server for its leases, so
-pinned to the rollout pool it took the rollout servers' core just when they had the most to do:
-benchmarks/README.md, "Session 20"); for a CPU job that leaves ``launch.num_rollout_servers`` or
-``launch.trainer_ranks`` null (``laptop_layout``, applied first) also how many servers and ranks
-the cores present take; on a GPU topology,
-the GPUs of every daemon (``launch/placement.py``; the buffer gets none). No I/O happens here;
-``launch/job.py`` feeds it ``free_ports()``, ``os.sched_getaffinity(0)`` and the GPU count.
-``plan_lines`` renders a topology as ``areal-like plan`` prints it.
+"""Pure placement: which ports and which CPU cores (and, through ``launch/placement.py``, GPUs)
+every daemon of a job gets; ``plan_lines`` renders it as ``areal-like plan`` prints it. No I/O:
+``launch/job.py`` feeds it free ports, the usable cores and the GPU count.
 
 Invariants (tested in tests/unit/test_topology.py):
 * every port in a topology is distinct, and a port fixed in the config (non-zero) is kept;
-* with ``pin_cpus`` the two pools are non-empty and disjoint and together cover the cores given;
-* laid out from the cores, no core gets more than one busy thread: one single-threaded server
-  per core of the rollout pool, one trainer rank with one thread per core of the trainer pool, each
-  count at most its ceiling (``launch.auto_max_servers``, ``launch.auto_max_threads``); a count the
-  config sets is kept, and a pinned trainer's ranks share its pool's threads. At eta 0
-  (``buffer.max_staleness=0``) generation and training take turns (the servers wait for the new
-  weights while the trainer steps, the trainer for its batch while they generate), so the trainer
-  gets a thread per core of both pools (up to ``launch.auto_max_threads``), and its idle threads stop
-  spinning after ``TURN_SPINCOUNT`` (``GOMP_SPINCOUNT``; not set when the user set it or
-  ``OMP_WAIT_POLICY``) instead of libgomp's default 300,000, so that they leave the rollout cores
-  to the servers between steps. An evaluation (``eval.every``) runs on a server's core while the
-  trainer steps: those steps share it;
+* with ``pin_cpus`` the rollout pool (the servers) and the trainer pool (every trainer rank) are
+  non-empty, disjoint and cover the cores given; the buffer, which only moves bytes, floats over
+  both (benchmarks/README.md, "Session 20");
+* laid out from the cores (``laptop_layout``), no core gets more than one busy thread: one
+  single-threaded server per core of the rollout pool, one trainer rank threading over the trainer
+  pool, each count at most its ceiling (``launch.auto_max_servers``, ``launch.auto_max_threads``);
+  a count the config sets is kept. At eta 0 generation and training take turns, so the trainer's
+  threads span both pools and stop spinning after ``TURN_SPINCOUNT`` (unless the user set
+  ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY``);
 * nothing assumes localhost: the host part of ``buffer.address`` is kept as configured.
 """
 
@@ -81,10 +66,7 @@ class Topology:
     trainer_cpus: tuple[int, ...] | None
 
     def slot(self, name: str) -> DaemonSlot:
-        for s in self.slots:
-            if s.name == name:
-                return s
-        raise KeyError(name)
+        return next(s for s in self.slots if s.name == name)
 
     def ports(self) -> dict[str, int]:
         """Every port of the job by role (what ``ports.json`` records)."""
@@ -108,11 +90,8 @@ class Topology:
 
 
 def split_cpus(cpus: Iterable[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Disjoint (rollout pool, trainer pool): the first half (at least one) and the rest.
-
-    The trainer gets the larger half on odd counts because its ranks are the bottleneck in
-    compute-bound CPU runs; on GPU nodes the pools are GPUs and this split is not used.
-    """
+    """Disjoint (rollout pool, trainer pool): the first half (at least one) and the rest (the
+    larger half on odd counts: the trainer is the bottleneck of compute-bound CPU runs)."""
     cores = tuple(sorted(set(cpus)))
     if len(cores) < 2:
         raise ConfigError(f"launch.pin_cpus=true needs at least 2 cores, have {list(cores)}")
@@ -121,21 +100,11 @@ def split_cpus(cpus: Iterable[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 def laptop_layout(cfg: RunConfig, cpus: Iterable[int], can_pin: bool = True) -> RunConfig:
-    """The counts a CPU job on ONE machine leaves null (``launch.num_rollout_servers``,
-    ``launch.trainer_ranks``), for the cores it may use; ``cfg`` itself when it sets both or runs
-    on a GPU (``place_nodes`` refuses a null count there). A count the config sets is kept.
-
-    Measured on the small-model workload (benchmarks/README.md): on CPU one trainer rank with
-    several threads beats several FSDP ranks (a world of one does no collective work), and an
-    embedded engine runs best single-threaded, so: the cores split as ``split_cpus`` does (rollout
-    pool = the first half, trainer pool = the rest), one single-threaded rollout server per core of
-    the rollout pool (the buffer, which only moves bytes, floats over both pools), ONE trainer rank
-    threading over the trainer pool (``auto_threads``), everything pinned. At eta 0 the trainer's
-    threads span both pools, as generation and training take turns (module docstring). One core,
-    or no way to pin (``can_pin=False``: no ``taskset``): one server, one rank, unpinned. Many
-    cores: at most ``launch.auto_max_servers`` servers (each a process with its own model copy).
-    Several nodes: ConfigError naming the null key (a cluster's layout is its own).
-    """
+    """The counts a CPU job on ONE machine leaves null (``COUNTS``), from the cores it may use
+    (module docstring; measured in benchmarks/README.md: one trainer rank with several threads
+    beats several FSDP ranks on CPU, and an embedded engine runs best single-threaded). One core,
+    or no ``taskset`` (``can_pin=False``): one server, one rank, unpinned. A GPU job's counts, and
+    a multi-node job's (a ConfigError naming the null key), are its own."""
     la = cfg.launch
     unset = [key for key in COUNTS if getattr(la, key) is None]
     if not unset or cfg.trainer.device != "cpu" or cfg.rollout.engine.device != "cpu":
@@ -175,15 +144,11 @@ def _unique(ports: Iterable[int], taken: set[int]) -> Iterator[int]:
 
 
 def plan_topology(cfg: RunConfig, ports: Iterable[int], cpus: Iterable[int] | None = None) -> Topology:
-    """Assign every port left at 0 from ``ports`` (skipping duplicates and fixed ports), and the
-    GPUs of ``launch/placement.py`` when a process runs on one (``launch.gpus_per_node`` resolved).
-
-    Rollout server i of a node gets ``rollout.metrics_port + i`` when that is fixed, so a
-    Prometheus static config can list them; the trainer's port is rank 0's. On several nodes
-    (``launch.nodes``) the slots follow ``place_nodes``: the buffer and trainer rank 0 on node 0,
-    one ``trainer-n<k>`` slot (its torchrun) per other training node, servers ``rollout-<j>``
-    numbered across the rollout nodes.
-    """
+    """Every port left at 0 from ``ports`` (skipping duplicates and fixed ports), and the GPUs of
+    ``place_nodes``. Rollout server i of a node gets ``rollout.metrics_port + i`` when that is
+    fixed; the trainer's port is rank 0's. On several nodes: the buffer and trainer rank 0 on node
+    0, one ``trainer-n<k>`` slot (its torchrun) per other training node, servers numbered across
+    the rollout nodes."""
     host, router = split_address(cfg.buffer.address)
     pub_host, pub = split_address(cfg.buffer.pub_address)
     fixed = _fixed_ports(cfg, router, pub)
@@ -224,17 +189,15 @@ def plan_topology(cfg: RunConfig, ports: Iterable[int], cpus: Iterable[int] | No
 
 
 def auto_threads(cfg: RunConfig, cores: tuple[int, ...] | None) -> int | None:
-    """A pinned trainer's threads per rank: its ranks share the cores it is pinned to (its pool;
-    both pools at eta 0), up to ``launch.auto_max_threads``; None (``launch.omp_threads``) when
-    unpinned."""
+    """A pinned trainer's threads per rank: its ranks share its cores, up to
+    ``launch.auto_max_threads``; None (``launch.omp_threads``) when unpinned."""
     if not (cfg.launch.pin_cpus and cores):
         return None
     return max(1, min(len(cores) // cfg.launch.trainer_ranks, cfg.launch.auto_max_threads))
 
 
 def takes_turns(cfg: RunConfig) -> bool:
-    """Whether a pinned CPU job's generation and training take turns (eta 0): then the trainer may
-    use the rollout pool's cores while the servers wait for its weights (module docstring)."""
+    """Whether a pinned CPU job's generation and training take turns (eta 0; module docstring)."""
     return cfg.launch.pin_cpus and cfg.buffer.max_staleness == 0
 
 
@@ -265,11 +228,10 @@ def wants_eval(cfg: RunConfig) -> bool:
 
 
 def apply_topology(cfg: RunConfig, topo: Topology) -> RunConfig:
-    """The config every daemon reads: addresses and metrics ports filled in (a new object); with rollout
-    servers in the job, a trainer left to push at once (``trainer.first_engine_wait_s`` 0) waits for all
-    of them (``trainer.first_engines``: every one joins the first group, and the one that evaluates
-    registers in time to evaluate the initial weights) as long as the launcher waits for their health
-    (less than half the trainer's gloo timeout: its other ranks wait in the push's collective meanwhile)."""
+    """The config every daemon reads: addresses and metrics ports filled in; a trainer left to push
+    at once (``trainer.first_engine_wait_s`` 0) waits for every rollout server (so that each joins
+    the first group) as long as the launcher waits for their health, and less than half the gloo
+    timeout (its other ranks wait in the push's collective meanwhile)."""
     buffer = dataclasses.replace(cfg.buffer, address=topo.buffer_address, pub_address=topo.pub_address,
                                  metrics_port=topo.slot("buffer").metrics_port)
     rollout = dataclasses.replace(cfg.rollout, buffer_address=topo.buffer_address, pub_address=topo.pub_address)
@@ -283,11 +245,9 @@ def apply_topology(cfg: RunConfig, topo: Topology) -> RunConfig:
 
 
 def with_local_ipc(cfg: RunConfig) -> RunConfig:
-    """A one-node job (``launch.nodes == 1``, ``security.local_ipc``): the buffer also serves ipc://
-    sockets in ``<run_dir>/sock`` (or ``buffer.local_dir`` when set) and every daemon reaches it
-    there, without CURVE (same user only: areal_like/net/security.py); its tcp:// addresses stay for
-    tools and other nodes. Unchanged when the socket paths would not fit AF_UNIX's limit (a very
-    deep run_dir): tcp with CURVE then."""
+    """A one-node job (``security.local_ipc``): every daemon reaches the buffer over ipc://
+    sockets in ``<run_dir>/sock`` (or ``buffer.local_dir``), without CURVE (same user only:
+    areal_like/net/security.py); unchanged when the paths would not fit AF_UNIX's limit."""
     from areal_like.net.security import IPC_PATH_MAX
     from areal_like.net.transport import local_addresses
 
@@ -303,10 +263,8 @@ def with_local_ipc(cfg: RunConfig) -> RunConfig:
 
 
 def plan_lines(cfg: RunConfig, topo: Topology) -> list[str]:
-    """``areal-like plan``: a header, then one line per process of ``topo`` (planned from ``cfg``):
-    node, name, GPUs (its CUDA_VISIBLE_DEVICES; ``-`` = inherited, ``none`` = hidden) and where it
-    listens or connects. A port ``cfg`` leaves at 0 shows as ``auto``: ``run`` picks it when it starts
-    (the torchrun rendezvous port: at each start), so a number picked now would not be the one used."""
+    """``areal-like plan``: a header, then per process its node, name, GPUs (``-`` inherited,
+    ``none`` hidden) and where it listens or connects; a port ``cfg`` leaves at 0 is ``auto``."""
     ws = cfg.trainer.weight_sync
     backend = ws.backend if ws.backend != "auto" else ("nccl" if cfg.trainer.device.startswith("cuda") else "gloo")
     trainer_gpus = {s.node: set(s.gpus or ()) for s in topo.slots if s.kind == "trainer"}
@@ -330,8 +288,7 @@ def plan_lines(cfg: RunConfig, topo: Topology) -> list[str]:
 
 
 def _gpus(gpus: tuple[int, ...] | None) -> str:
-    """A process's GPUs for ``plan``: the launcher's GPU indices, and the physical ones its
-    ``CUDA_VISIBLE_DEVICES`` maps them to when it has one."""
+    """The launcher's GPU indices, and the ones its ``CUDA_VISIBLE_DEVICES`` maps them to."""
     if gpus is None:
         return "-"
     if not gpus:
@@ -342,8 +299,8 @@ def _gpus(gpus: tuple[int, ...] | None) -> str:
 
 
 def _trainer_where(cfg: RunConfig, topo: Topology, s: DaemonSlot, metrics: str, backend: str, path: str) -> str:
-    """One torchrun: on several nodes, its ``--node-rank`` and the global ranks it runs; one rank on one
-    node is the trainer process itself (``launch/job.py`` starts no torchrun for it)."""
+    """One torchrun (on several nodes its ``--node-rank`` and global ranks), or, for one rank on
+    one node, the trainer process itself."""
     la, ws = cfg.launch, cfg.trainer.weight_sync
     ranks = f"{la.trainer_ranks} rank{'s' if la.trainer_ranks != 1 else ''}" \
         + (" (LOCAL_RANK i: the i-th GPU)" if s.gpus else "")
@@ -369,9 +326,8 @@ def _addr(address: str) -> str:
 
 
 def engine_address(cfg: RunConfig, node_host: str) -> str:
-    """Where the engine of a rollout server on the node at ``node_host`` listens (what its server
-    registers): ``rollout.engine.host``; on several nodes, left at loopback, the node's address,
-    where trainer rank 0's log-prob guard reaches it (``launch/srun.py`` passes it)."""
+    """Where the engine of a rollout server on ``node_host`` listens: ``rollout.engine.host``, or
+    on several nodes, left at loopback, the node's address (trainer rank 0's guard reaches it)."""
     ec = cfg.rollout.engine
     spread = cfg.launch.nodes > 1 and ec.kind != "url" and ec.host == "127.0.0.1"
     return node_host if spread else ec.host

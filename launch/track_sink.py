@@ -1,24 +1,13 @@
-"""The tracker sink: tails a run's JSONL files into its trackers (``launch/tracking.py``).
-
-Sources, relative to the run directory (any of them may be absent, or appear later):
-
-- ``metrics/trainer.jsonl``, one row per trainer step -> ``train/<key>`` scalars at ``row["step"]``;
-- ``eval.jsonl``, one row per evaluation -> ``eval/<key>`` scalars at ``row["policy_version"]``;
-- ``samples.jsonl``, sample rows (``trainer/samples.py``) -> one ``samples`` table per trainer step.
-
-``areal-like run`` polls the sink from its supervisor tick and once more after ``summary.json``;
-``areal-like track RUN_DIR`` (``follow``) does the same for a job it did not start.
+"""The tracker sink: tails a run's JSONL files into its trackers (``launch/tracking.py``):
+``metrics/trainer.jsonl`` -> ``train/<key>`` at ``step``, ``eval.jsonl`` -> ``eval/<key>`` at
+``policy_version``, ``samples.jsonl`` -> one ``samples`` table per trainer step.
 
 Invariants:
-- Only complete lines are read; a line still being written waits for the next poll. The final
-  poll (the writers have stopped) also takes a last line that has no newline.
-- A file that shrank (was replaced) is read again from its start; a line that is not JSON is
-  skipped with a warning. Each file is read from where the previous poll stopped, so a long run
-  costs each poll only what was appended since.
-- Nested dicts become "a/b" keys; only numbers are scalars (strings, lists, bools, None are not).
-- A table goes out whole: it is held until a row of a later step follows it, a poll finds the file
-  unchanged (the trainer writes a table in one write) or the final poll.
-- A tracker that raises is closed and dropped with one warning: the others, and the job, go on.
+- only complete lines are read (the final poll also takes a last unterminated one); each file is
+  read from where the previous poll stopped, and again from its start when it shrank;
+- nested dicts become "a/b" keys; only numbers are scalars;
+- a table goes out whole: held until a later step's row, an unchanged file or the final poll;
+- a tracker that raises is closed and dropped with one warning: the others, and the job, go on.
 """
 
 from __future__ import annotations
@@ -113,19 +102,13 @@ class TrackerSink:
         """Forward every new complete row; ``final`` when the writers have stopped. Returns how many
         scalar rows and tables went out."""
         sent = 0
-        for row in self.train.read(final):
-            if _is_int(row.get("step")):  # other rows (e.g. the resume event) are not steps
-                sent += self._metrics(scalars(row, "train", ("step", "time")), row["step"])
-        for row in self.eval.read(final):
-            if _is_int(row.get("policy_version")):
-                sent += self._metrics(scalars(row, "eval", ("policy_version", "time")), row["policy_version"])
+        for tail, series, x in ((self.train, "train", "step"), (self.eval, "eval", "policy_version")):
+            for row in tail.read(final):
+                metrics = scalars(row, series, (x, "time"))
+                if _is_int(row.get(x)) and metrics:  # other rows (e.g. the resume event) have no x
+                    self._send("log_metrics", metrics, row[x])
+                    sent += 1
         return sent + self._tables(final)
-
-    def _metrics(self, metrics: dict[str, float], step: int) -> int:
-        if not metrics:
-            return 0
-        self._send("log_metrics", metrics, step)
-        return 1
 
     def _tables(self, final: bool) -> int:
         new = self.samples.read(final)

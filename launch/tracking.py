@@ -1,26 +1,13 @@
-"""Experiment trackers: sinks that receive a run's metrics and sample tables (``cfg.tracker``).
+"""Experiment trackers: sinks for a run's metrics and sample tables (``cfg.tracker``).
 
-A tracker never runs inside a daemon. The daemons append JSONL files to the run directory
-(``metrics/trainer.jsonl``, ``eval.jsonl``, ``samples.jsonl``) and ``launch.track_sink``
-tails them into the trackers built here, from the supervisor of ``areal-like run`` or from
-``areal-like track RUN_DIR``; so a slow, failing or missing backend can neither slow nor stop
-training. Every backend writes under ``<run_dir>/tracking/`` and works without a network:
-
-- ``jsonl`` (default): ``tracking/metrics.jsonl``, one merged line per scalar row or table;
-- ``tensorboard``: event files in ``tracking/tensorboard/`` (scalars; tables as markdown text);
-- ``wandb``: ``wandb.init(mode=tracking.wandb_mode, dir=tracking/)``; offline runs land in
-  ``tracking/wandb/offline-run-*`` (``wandb sync`` uploads them later);
-- ``mlflow``: a file store in ``tracking/mlruns`` (MLflow 3 keeps that store in maintenance mode
-  and refuses it unless ``MLFLOW_ALLOW_FILE_STORE=true``, which the backend sets; the SQL store
-  would need the full ``mlflow`` package and a database, the file store needs only
-  ``mlflow-skinny``);
-- ``trackio``: its SQLite store in ``tracking/trackio`` (``TRACKIO_DIR`` wins when set; trackio
-  reads it once, when first imported).
-
-Each backend's package is optional and imported only when that backend is built;
-``check_trackers(cfg)`` names the missing package and its pip extra before anything starts.
-Series keep their own x axis: the sink logs ``train/*`` at the trainer step and ``eval/*`` at the
-policy version, so two series may arrive out of step order; every backend accepts that.
+A tracker never runs inside a daemon: ``launch.track_sink`` tails the run's JSONL files into them
+(from ``areal-like run`` or ``areal-like track``), so a slow or failing backend cannot stop
+training. Every backend writes under ``<run_dir>/tracking/`` and works offline: ``jsonl``
+(``metrics.jsonl``), ``tensorboard``, ``wandb`` (``mode=tracking.wandb_mode``; ``wandb sync``
+uploads later), ``mlflow`` (a file store; MLflow 3 needs ``MLFLOW_ALLOW_FILE_STORE=true``, which
+is set) and ``trackio`` (``TRACKIO_DIR`` wins when set). A backend's package is imported only when
+it is built; ``check_trackers`` names a missing one before anything starts. ``train/*`` goes at
+the trainer step and ``eval/*`` at the policy version, so steps may arrive out of order.
 """
 
 from __future__ import annotations
@@ -97,13 +84,13 @@ def build_trackers(cfg: RunConfig, run_dir: str | Path | None = None) -> list[Tr
     return trackers
 
 
-def flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(obj: dict[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:
     """Nested dicts -> one level with "a/b" keys; other values (lists included) are kept as they are."""
     out: dict[str, Any] = {}
     for key, value in obj.items():
         path = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(flatten(value, path + "/"))
+            out.update(flatten(value, path + sep, sep))
         else:
             out[path] = value
     return out

@@ -1,18 +1,11 @@
 """Supervised warm start: give a freshly built tiny model a learning signal before RL.
 
-A randomly initialised model almost never samples a correct answer, so group-relative RL has
-nothing to reinforce. ``ensure_warm_start(cfg)`` trains the model for ``warm_start.steps`` steps
-of next-token cross-entropy on the task's own ``(prompt, answer + <eos>)`` pairs (loss on the
-answer tokens only), on one process, then saves a Hugging Face model directory (weights,
-config, tokenizer) and returns the config with ``model.path`` pointing at it.
-
-The result is cached under ``<run_dir>/../<warm_start.cache_dir>/<key>`` where ``key`` hashes the
-model, task and warm-start settings, so later runs of the same experiment skip it. The directory
-is written under a temporary name and renamed, so a crash never leaves a half-written cache.
-
-The token layout is the rollout server's: ``encode_prompt`` (``areal_like.tasks.task``: a plain
-prompt as plain text, e.g. the char tokenizer's ``<bos>`` + characters, a chat row through the chat
-template with its generation prompt) followed by the answer's ids and the tokenizer's EOS.
+``ensure_warm_start(cfg)`` trains ``warm_start.steps`` steps of cross-entropy on the task's own
+``(prompt, answer + <eos>)`` pairs (loss on the answer only), laid out as the rollout server lays
+out prompts (``encode_prompt``), and returns the config with ``model.path`` at the saved Hugging
+Face directory. It is cached under ``<warm_start.cache_dir>/<key>`` (``key`` hashes the model,
+task and warm-start settings), written under a temporary name and renamed, so a crash never
+leaves a half-written cache.
 """
 
 from __future__ import annotations
