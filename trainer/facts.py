@@ -40,8 +40,8 @@ class TrainerFacts:
     export_dir: Path  # export.dir resolved against run_dir
     nodes: int = 1  # launch.nodes: > 1 puts the engines on other nodes than rank 0 (log-prob guard)
     keys: Keys | None = None  # the trainer client's CURVE keys (None: plain sockets)
-    # with LoRA, the path the engine kind loads an adapter from: what weight_sync.path=auto is when
-    # no `areal-like run` resolved it (a trainer started by hand), as launch.placement.auto_path says
+    # with LoRA, the path the engine kind loads an adapter from: what weight_sync.path=auto is
+    # when no `areal-like run` resolved it (a trainer started by hand), as placement's auto_path
     adapter_path: str | None = None
     # the job's engine API key (None: the job has none); never in a repr, a log line or a
     # traceback's locals, like Keys.secret

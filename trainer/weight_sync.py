@@ -121,7 +121,7 @@ class WeightBroadcaster:
             ("nccl" if device.type == "cuda" else "gloo")
         self.client = Client(buffer_address, keys=keys, timeout_s=BUFFER_REQUEST_TIMEOUT_S,
                              identity=TRAINER_PEER) if rank == 0 else None  # keys None: plain
-        # `run` resolves auto (launch/placement.py); left unresolved: the adapter's path, or the group
+        # `run` resolves auto (launch/placement.py); unresolved: the adapter's path, or the group
         path = cfg.path if cfg.path != "auto" else adapter_path or "distributed"
         if path not in SENDERS:
             raise ValueError(f"trainer.weight_sync.path={path!r}: one of {', '.join(SENDERS)}")
