@@ -1,48 +1,16 @@
-"""The weight-update process group between trainer rank 0 and engine ranks.
+"""The weight-update process group between trainer rank 0 and the engines' ranks, built as SGLang
+and verl build it (a TCP rendezvous, a PrefixStore named after the group,
+``_new_process_group_helper``), since the engines are not in the trainer's world. Why each NCCL
+setting: trainer/WEIGHT_SYNC.md; who can join: areal_like/SECURITY.md ("Ports").
 
-``torch.distributed.new_group`` cannot build it (every rank of the caller's default world would
-have to take part, and the engines are not in the trainer's world). We use the recipe SGLang,
-verl and slime use (their ``init_custom_process_group``): a TCP rendezvous, a PrefixStore named after the
-group, and ``_new_process_group_helper``; the result works with ``dist.broadcast(..., group=pg)``
-with or without a default group in the process. Every wait is bounded: the rendezvous and the
-connection of the ranks by ``connect_timeout_s``, every later op by ``timeout_s``.
-
-Rank 0 can give up on a rendezvous early (``check``, called every ``check_every_s`` while the
-other ranks join, raises): its store server is kept apart from the client the group uses, and
-closing the server fails every join in progress at once, its own included, so the members that
-are alive learn within a moment that this group will not form (a peer that died before joining
-would otherwise hold every one of them until the connect timeout). The server lives as long as
-the group (``destroy_weight_group`` closes it): NCCL exchanges its unique id through it at the
-first op.
-
-Who can join (threat model: areal_like/SECURITY.md). Rank 0 hosts the rendezvous store on loopback
-only, behind a gate bound to ``master_addr`` (areal_like/net/store_gate.py), and its gloo pairs
-listen on that address's interface too. Every key of the group lives under the PrefixStore named
-``group_name``, which the trainer makes unguessable per group (a random token: it reaches the
-engines only in the WeightSyncPlan, over the authenticated buffer channel), and the gate lets a
-connection reach the store only once it proved it knows that name; torch's store would otherwise
-list its keys, and with them the name, to whoever asked. A member joins through a door on its own
-loopback that answers the gate for it. An idle or garbage connection holds no join up (the gate
-serves each connection on its own and closes it within 10 s; a flood of them is denial of service by
-volume, out of scope), and every wait is bounded by the timeouts above.
-
-NCCL (checked against torch's ProcessGroupNCCL; no GPU on the machines that wrote this): a
-communicator is created lazily by the first op, and a blocking ``ncclCommInitRank`` waits forever
-for a peer that died after the rendezvous. The weight group is therefore made non-blocking
-(``Options.config.blocking = 0``: init and every op return at once and are waited on with the
-group's timeout), and ``TORCH_NCCL_ASYNC_ERROR_HANDLING=2`` (CleanUpOnly) is in force while the
-group is constructed, which is when ProcessGroupNCCL reads it: a timed-out op then aborts this
-group's communicator and raises, instead of ending the whole process (the default, 3, would end
-a trainer whose only fault is a dead engine).
-
-Non-blocking is not enough on its own: the first op waits for the lazily created communicator in
-torch's c10d (``C10D_NCCL_CHECK_TIMEOUT_SLEEP`` around ``ncclCommInitRankConfig``) while it holds
-the communicator's mutex, and ``abort()`` takes the same mutex, so an abort from a watchdog waits
-until every member is ready or that wait gives up. The wait gives up after
-``TORCH_NCCL_NONBLOCKING_TIMEOUT`` seconds (whole seconds, default 1800), which torch reads ONCE
-per process, at its first non-blocking NCCL call (a function-local static in NCCLUtils.cpp).
-``set_nccl_nonblocking_timeout`` sets it from the sync deadline; the trainer calls it before it
-creates any process group (trainer/model.py ``init_distributed``).
+Invariants: every wait is bounded (the rendezvous and the ranks' connection by
+``connect_timeout_s``, every later op by ``timeout_s``); rank 0 hosts the store on loopback behind
+a ``StoreGate`` on ``master_addr`` and members join through a ``StoreDoor``; rank 0 can abandon a
+rendezvous (``check`` raised): closing the store server fails every join at once; the store
+server and gate live as long as the group (``destroy_weight_group``); an NCCL group is
+non-blocking with ``TORCH_NCCL_ASYNC_ERROR_HANDLING=2`` while it is built, so a dead engine
+aborts that group, never the trainer (``set_nccl_nonblocking_timeout`` before the first NCCL
+call bounds the lazy communicator's creation).
 """
 
 from __future__ import annotations

@@ -1,46 +1,18 @@
-"""A hardened aiohttp server: bearer tokens, size limits, read deadlines, connection and request caps.
+"""A hardened aiohttp server: every HTTP port a daemon opens (an embedded engine's API, each
+daemon's ``/metrics`` and ``/health``) is ``serve``d from a ``guarded_app``, so a client that can
+reach it cannot hold the server's memory, connections or event loop (areal_like/SECURITY.md,
+"Ports"; what each limit answers: ``HttpLimits``).
 
-Every HTTP port a daemon opens (an embedded engine's SGLang API, each daemon's ``/metrics`` and
-``/health``) is served through ``serve(app, host, port, limits, token=...)``, so a client that
-can reach the port cannot hold the server's memory, connections or event loop:
-
-* ``HttpLimits.max_connections`` open connections. At the cap, a new connection first makes room
-  by closing the oldest *kept-alive connection nobody vouched for* (``evicted``): one idle after
-  its last answer for ``EVICT_IDLE_S``, with nothing unread in its socket, that never showed the
-  bearer token on a path that needs it (a stranger after an open ``/health``, or any client of a
-  server without a token). A connection that has not sent a whole request yet is never evicted
-  (a real client may be slow to write it): it holds its slot until the header deadline. If no
-  slot can be freed the new connection is refused (``connections_refused``): on a server with a
-  ``health`` answer (each daemon's ``/metrics`` port) its request line is read first (at most
-  ``HEAD_PEEK_BYTES``, within ``REFUSED_LINGER_S``) and a ``GET /health`` is answered from the
-  daemon's own state, so the cap never starves liveness probes (measured: 64 idle strangers on a
-  ``/metrics`` port made ``/health`` answer 503 and ``areal-like status`` say DOWN); anything
-  else gets ``503`` and is closed, never parsed further (the socket lingers up to
-  ``REFUSED_LINGER_S`` for the client to read the answer, as a reset would lose it);
-* ``max_inflight`` requests being handled; the next one gets ``429`` (``requests_refused``).
-  Requests to ``capped_paths`` count (all paths when it is None): an engine caps ``/generate``,
-  whose calls may wait for long, so that its pause, continue and weight-update calls always
-  get through;
-* a request line or header field longer than ``max_header_bytes`` -> ``431``; more than
-  ``max_headers`` header fields -> ``431``;
-* a body over ``max_body_bytes`` -> ``413`` (from ``Content-Length`` before anything is read,
-  else as the bytes arrive); compressed bodies are not inflated (no decompression bombs);
-* the request line and headers must arrive within ``header_timeout_s`` of the first byte of
-  the request (or of the connection, for its first request), and the whole body within
-  ``body_timeout_s`` of the headers: a client sending one byte a second is cut off (the
-  connection closed, ``408`` for a late body), whatever each byte's spacing;
-* an idle keep-alive connection is closed after ``keepalive_s``;
-* with ``token``, every path outside ``open_paths`` needs ``Authorization: Bearer <token>``;
-  otherwise ``401`` with ``Connection: close``: the connection ends with the answer, so it holds
-  no slot (compared in constant time with ``hmac.compare_digest``). The token is never logged or
-  echoed.
-
-The per-connection deadlines live in ``_GuardedHandler``, a subclass of aiohttp's
-``RequestHandler`` that watches when its parser completes a request: it reads the handler's
-``_request_count``, ``_request_in_progress`` and ``_messages`` (aiohttp has no public hook for a
-request head's arrival; checked with aiohttp 3.14 by tests/unit/test_engine_http_guard.py).
-A request's body is read by the guard middleware (within its deadline); handlers then get it
-from aiohttp's cache through ``request.read()``.
+Invariants: at most ``max_connections`` open connections: at the cap the oldest kept-alive
+connection that is idle, has nothing unread and never showed the token is evicted, else the new
+one is refused with 503 (a ``GET /health`` still answered from the daemon's state when the app
+has a ``health``); at most ``max_inflight`` requests to ``capped_paths`` (429); a request's head
+within ``header_timeout_s`` and its body within ``body_timeout_s`` (408, or the connection cut);
+a head over the size limits -> 431, a body over ``max_body_bytes`` -> 413, never inflated; with
+``token``, a path outside ``open_paths`` without ``Bearer <token>`` -> 401 and the connection
+closed (constant-time comparison, never logged). The head deadline reads aiohttp's
+``RequestHandler`` state (``_request_count``, ``_request_in_progress``, ``_messages``): no public
+hook exists (pinned by tests/unit/test_engine_http_guard.py).
 """
 
 from __future__ import annotations

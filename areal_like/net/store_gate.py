@@ -1,32 +1,17 @@
-"""Who reaches a weight group's rendezvous store: a gate in front of it, a door beside each member.
+"""Who reaches a weight group's rendezvous store: a ``StoreGate`` in front of it, a ``StoreDoor``
+beside each member (the threat: areal_like/SECURITY.md, "Ports").
 
-torch's TCPStore serves whoever connects, and answers a request to list every key: a stranger who
-can reach the port would read the group's keys (the group's secret name is their prefix) and could
-then take a rank and receive the weights. So rank 0 hosts the store on loopback only, and a
-``StoreGate`` listens on the group's address instead: a connection gets through only once it has
-proven it knows the group's name (HMAC-SHA256 of a fresh random challenge, keyed by the name, which
-reaches members only in the WeightSyncPlan over the authenticated buffer channel); then its bytes
-are piped to the store and back unchanged. Anything else (a torch client, garbage, a wrong proof,
-silence past ``HANDSHAKE_S``) is closed without a byte of the store.
+torch's TCPStore serves and lists its keys (the group's secret name among them) to anyone, so rank
+0 hosts it on loopback and the gate pipes a connection to it only once it proved it knows the
+group's name. A member's torch client connects to a door on its own loopback (established
+connections of its own user only, read from ``/proc/net/tcp``) that proves it for it.
 
-A member's torch client cannot answer the challenge: it connects to a ``StoreDoor`` on its own
-loopback, which answers for it and then pipes likewise (``distributed.init_weight_group`` opens
-one for itself; a rollout server opens one for an SGLang engine). A door admits only established
-connections owned by its own user (``/proc/net/tcp``), so another user on the member's node cannot
-borrow it; it needs Linux's /proc, and its client must be on its node.
-
-Wire: door -> gate ``MAGIC`` and a 32-byte nonce; gate -> door a 32-byte challenge and its proof
-(HMAC of b"gate" and both nonces); door -> gate its proof (of b"door" and both), sent only once the
-gate's checked out, so whatever else listens on the port learns nothing; then the store's own
-protocol. A door whose client starts with ``MAGIC`` (an engine's own door behind its rollout
-server's) only carries the bytes: the inner door does the handshake. A torch client speaks first
-too, with its own protocol, so a stranger's torch client is refused at its first byte. A connection
-gets ``HANDSHAKE_S`` in all to prove itself, at most ``MAX_UNPROVEN`` try at once.
-
-Not covered (areal_like/SECURITY.md): the store's own loopback port, open to other users of rank 0's
-node while the group lives (torch's store has no access control and cannot listen on a Unix socket:
-ENOTSUP), and a passive observer of the network, which sees the store's traffic, and the name in
-it, in clear, like the broadcast itself.
+Wire: door -> gate ``MAGIC`` and a nonce; gate -> door a challenge and its proof (HMAC of b"gate"
+and both nonces, keyed by the name); door -> gate its proof (b"door"), sent only once the gate's
+checked out; then the store's own protocol. A door whose client starts with ``MAGIC`` (an
+engine's door behind its rollout server's) only carries the bytes. Anything else (a torch
+client, garbage, a wrong proof, silence past ``HANDSHAKE_S``) is closed without a byte of the
+store; at most ``MAX_UNPROVEN`` connections prove themselves at once.
 """
 
 from __future__ import annotations
