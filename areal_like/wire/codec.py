@@ -1,17 +1,10 @@
-"""Field values <-> their wire form, for the messages of ``areal_like.wire.protocol``.
+"""Field values <-> their wire form for ``areal_like.wire.protocol``: ``Message`` (the base),
+``wire_array`` (a 1-D array as the ``(dtype, length, memoryview)`` triple msgspec handles in C),
+``error_from`` (a msgspec error as a ``ProtocolError`` naming msgspec's path) and ``field_names``.
 
-Checks: msgspec checks every field while it decodes (types, tags, unknown and missing fields, and
-the ranges declared with ``msgspec.Meta``: ``Finite``, ``Count``); a message's ``validate()`` holds
-only the rules across its fields and runs from ``__post_init__``, on construction and on decode.
-Construction checks no field: msgspec does not, and senders are this project's code, which builds
-messages from plain Python types (a numpy scalar or a ``str`` subclass fails in ``encode`` instead).
-What arrives from a peer is checked whole before any handler sees it.
-
-* ``wire_array``: a 1-D array-like as the wire triple ``(dtype, length, memoryview)`` that a
-  ``Trajectory`` stores, so msgspec encodes and decodes it in C with no Python per array.
-* ``error_from``: a msgspec decode error as a ``ProtocolError`` whose ``field`` is the path msgspec
-  reports (``trajectories[3].reward``).
-* ``Message``: the base of every message; ``field_names``: a message's public (wire) field names.
+Invariant: msgspec checks every field on decode (types, tags, unknown or missing fields, the
+``Finite`` and ``Count`` ranges); ``validate()`` holds only rules across fields. Construction
+checks no field: senders are this project's code, with plain Python types.
 """
 
 from __future__ import annotations

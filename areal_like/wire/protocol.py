@@ -1,30 +1,12 @@
-"""Wire protocol: small, typed, immutable messages encoded with msgpack.
+"""Wire protocol: small, typed, immutable msgspec messages in msgpack frames (the format, the checks
+and who sends what: areal_like/DESIGN.md section 3).
 
-Every message is a frozen ``msgspec.Struct`` tagged by its ``type`` string; a frame is the
-msgpack map ``{"type": str, **fields, "protocol": int}``. One encoder writes every message and
-one decoder reads the union of the top-level ones, both in C.
-
-Arrays (token ids, logprobs; per-token versions and loss masks as runs) travel as raw
-little-endian bytes inside a ``Trajectory`` (``areal_like/wire/trajectory.py``). The message base is
-``areal_like/wire/codec.py``'s.
-
-Checks: msgspec checks types, unknown and missing fields, tags, the protocol version and the
-declared ranges (finite floats, ``want_credits`` and ``max_credits`` bounds, a group with at least
-one trajectory) while it decodes. What it cannot express (arrays whose lengths disagree, payloads
-that do not fit the plan's path, ...) is one ``validate()`` per message, run on construction and on
-decode. Senders build messages from plain Python types and field checks run on decode only (the
-codec's docstring says why). Any problem raises ``ProtocolError`` naming the field
-(``trajectories[3].reward``); no other exception escapes ``decode`` for any input bytes.
-
-Compatibility: one protocol version at a time (``PROTOCOL_VERSION``; nothing has been released
-yet, so there are no readers of older formats). A frame of another version is refused naming both
-("unsupported protocol version 2 (this side speaks 3)"), and so is a buffer's WAL holding one
-(buffer/recovery.py): finish a run with the build that started it. A field added with a default
-keeps the version, since frames without it still decode; a component built before the field
-rejects frames that carry it ("unknown field"), so upgrade the buffer before the rollout servers
-and the trainer. Version 3 sends per-token versions and loss masks as runs
-(``areal_like/wire/trajectory.py``): half the bytes of a long response.
-Who sends which message: areal_like/DESIGN.md section 3.
+Invariants: a frame is ``{"type": str, **fields, "protocol": int}``; ``decode`` raises only
+``ProtocolError`` (naming the field) for any input bytes, after msgspec's field checks and each
+message's ``validate()``. One protocol version at a time: a frame (or WAL) of another version is
+refused naming both; a field added with a default keeps the version (older readers then refuse
+frames that carry it: upgrade the buffer first). Version 3 sends per-token versions and loss
+masks as runs.
 """
 
 from __future__ import annotations

@@ -1,17 +1,10 @@
-"""The flattened-bucket wire format of weight updates, defined once for sender and receivers.
+"""The flattened-bucket wire format of weight updates (SGLang's ``load_format:
+"flattened_bucket"``): a bucket is ONE uint8 buffer of its tensors back to back in ``names``
+order, row-major, in their wire dtype, no padding.
 
-``plan_buckets`` groups the tensors into buckets (which travel together, in which order). A bucket
-travels as ONE uint8 buffer of its tensors back to back in ``names`` order, each its row-major
-bytes in its wire dtype, no padding (SGLang's ``load_format: "flattened_bucket"``): broadcast with
-one op on the group path (a model's hundreds of small tensors would each cost an op's latency),
-shared by handle on the tensor path.
-
-Invariants:
-- ``plan_buckets`` is deterministic (every trainer rank computes the same buckets and order) and
-  gives each bucket one dtype, so every tensor's offset is aligned to its dtype.
-- ``layout`` is the only definition of the offsets: ``pack`` writes and ``unpack`` reads exactly
-  those bytes; ``layout`` refuses an unaligned offset, as SGLang does.
-- Only the functions that need torch import it: a rollout server driving SGLang loads none.
+Invariants: ``plan_buckets`` is deterministic and gives each bucket one dtype (offsets aligned);
+``layout`` is the only definition of the offsets (``pack`` writes and ``unpack`` reads them; an
+unaligned one is refused, as SGLang does); only the functions that need torch import it.
 """
 
 from __future__ import annotations
