@@ -1,13 +1,6 @@
-"""Shipped agents (``task.agent``): the calculator task written as an agent with the ``openai`` SDK
-(``calc_agent``) and with LangGraph (``langgraph_calc_agent``).
-
-``calc_agent`` is what a user would write: it knows nothing of this project. It asks the model
-the question with a ``calc`` tool, runs the tool calls it gets back (the tool is its own code,
-run where the agent runs), sends the results, and stops at the first answer without a tool call,
-scoring 1 when that answer is the product. ``experiment=calc_agent`` trains it on CPU
-(``configs/experiment/calc_agent.yaml``); its conversations render exactly as the ``calc``
-environment's (``areal_like/tasks/envs.py``), so the environment's demos warm-start the model
-(``calc_agent.demo``).
+"""Shipped agents (``task.agent``): the calculator task written with the ``openai`` SDK
+(``calc_agent``, knowing nothing of this project) and with LangGraph (``langgraph_calc_agent``).
+Their conversations render as the ``calc`` environment's, so its demos warm-start the model.
 """
 
 from __future__ import annotations

@@ -1,24 +1,12 @@
 """``Example``, the unit every task hands out, and ``task.name=dataset``'s rows: prompts and
-answers from local files, as ``Example``s in a fixed order.
+answers from local files (``.jsonl``, ``.json``, ``.parquet``, ``.csv``, a directory of one
+format, or a ``save_to_disk`` directory), read with the ``datasets`` library; nothing is
+downloaded. Columns map to ``Example`` by the ``task.*_key`` settings; metadata is converted to
+plain msgpack-able values.
 
-``task.dataset_path`` (and ``task.eval_path``) is a local ``.jsonl`` / ``.json`` / ``.parquet`` /
-``.csv`` file, a directory of such files (all of one format, read in sorted path order), or a
-directory written by ``datasets.Dataset.save_to_disk``. Reading goes through the ``datasets``
-library's packaged builders and ``load_from_disk``; anything that is not a local path (a hub
-id, a URL) is refused: nothing is downloaded.
-
-Columns map to ``Example`` fields: ``task.messages_key`` (chat messages, when set) or
-``task.prompt_key`` (plain text); ``task.answer_key``; and ``task.metadata_keys`` (None = every
-other column) into ``Example.metadata``, converted to plain msgpack-able values (numpy scalars to
-Python numbers, dates to ISO strings). A chat row's ``prompt`` is its messages' contents, one per
-line, for plain-text prompting and for rewards that read the prompt.
-
-Invariants: every process that loads the same files with the same config gets the same examples in
-the same order, so a prompt index means the same prompt in the buffer, every rollout server and the
-warm start. The eval split is ``task.eval_path`` or, when unset, a held-out ``task.eval_fraction``
-of the rows drawn with ``task.seed`` (disjoint from train; decided before any filtering, so it does
-not depend on the tokenizer). This module imports no task code: the task over these rows, with its
-prompt-length filter, is ``DatasetTask`` in ``areal_like/tasks/task.py``.
+Invariants: the same files and config give the same examples in the same order in every process;
+the eval split is ``task.eval_path`` or a held-out ``task.eval_fraction`` drawn with
+``task.seed`` before any filtering. No task code here (``DatasetTask`` is in ``task.py``).
 """
 
 from __future__ import annotations

@@ -1,27 +1,15 @@
-"""Tokenizers: built in code for models built from config (char, bpe), or a local HF one.
+"""Tokenizers: built in code for models built from config (``char``, ``bpe``), or a local HF one.
 
-``model.tokenizer`` picks it when ``model.path`` holds no tokenizer:
+* ``char``: 104 tokens, ``<pad> <bos> <eos> <unk>`` then ``string.printable``, one per character
+  (exact decoding), stored in their byte-level spelling so that a reload as transformers'
+  ``Qwen2Tokenizer`` keeps spaces and newlines; ``<bos>`` is added; a ``role: content`` chat
+  template.
+* ``bpe``: byte-level BPE trained deterministically at load on ``data/corpus.txt`` with
+  ``model.vocab_size`` entries (>= 256 bytes + 3 specials), single-digit tokens (Qwen2's
+  pattern), ``<|im_end|>`` as EOS, no BOS, a ChatML template.
 
-* ``char`` (tiny models, tests, quickstart): 104 tokens, ``<pad>=0 <bos>=1 <eos>=2 <unk>=3`` then
-  ``string.printable``, one token per character, so token count == character count and decoding
-  is exact (a character outside ``string.printable`` is one ``<unk>``). Whitespace
-  is stored in its byte-level spelling so that a reload by ``AutoTokenizer`` from a Qwen2 model
-  directory (which picks transformers' ``Qwen2Tokenizer``) keeps spaces and newlines. Encoding
-  adds ``<bos>`` in front. Its chat template (``role: content`` lines, no ``<bos>``) lays out
-  chat rows (``task.messages_key``) and multi-turn episodes; plain prompts, the synthetic tasks'
-  included, are plain text with ``<bos>`` (``areal_like.tasks.task.prompt_template``).
-* ``bpe``: byte-level BPE trained at load time on the shipped ``data/corpus.txt`` (English and
-  arithmetic) with ``model.vocab_size`` entries; digits are single tokens (Qwen2's
-  pre-tokenizer pattern), so numbers tokenize the same way everywhere. Special tokens
-  ``<pad>=0 <|im_start|>=1 <|im_end|>=2``; EOS is ``<|im_end|>``; no BOS is added (as Qwen2);
-  a ChatML chat template. Training is deterministic: the same corpus gives the same
-  ``tokenizer.json`` in every process. Every byte is in the base alphabet, so any text encodes
-  and decodes exactly; that needs ``model.vocab_size`` >= 256 bytes + 3 special tokens.
-* a local directory: ``AutoTokenizer.from_pretrained`` (nothing is downloaded).
-
-Both built tokenizers are real ``PreTrainedTokenizerFast``s (save_pretrained / from_pretrained
-round-trip), so an engine or trainer loads them from a model directory like any HF tokenizer.
-Builds are cached per process. Importing this module imports neither torch nor transformers.
+Both are real ``PreTrainedTokenizerFast``s, cached per process; importing this module imports
+neither torch nor transformers.
 """
 
 from __future__ import annotations
