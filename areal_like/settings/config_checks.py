@@ -1,8 +1,5 @@
-"""``ConfigError`` and the two checks every config dataclass runs in its ``__post_init__``.
-
-Apart from ``areal_like/settings/schema.py`` so that the schema's sections in other modules
-(``areal_like/settings/loss_schema.py``) use them without an import circle. Every message starts
-with the full key and says what is allowed.
+"""``ConfigError`` and the two checks every config dataclass runs in its ``__post_init__``, apart
+from ``schema.py`` so that its sections in other modules use them without an import circle.
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
-"""The ``trainer.loss`` section of the configuration: which policy-loss kernel, and its knobs.
-
-``trainer.loss.kernel`` names one kernel of ``LOSS_KINDS``. The knobs every kernel shares sit at
-``trainer.loss.*`` (aggregation, the KL term, and the PPO trust region, which ppo, decoupled_ppo,
-tis, mis and icepop share); each kernel's own knobs at ``trainer.loss.<kernel>.*``, one small
-dataclass per kernel (ppo has none of its own). Only the chosen kernel's section is read.
-Formulas, sources and defaults: ``trainer/LOSSES.md``; the trainer's table of kernels
-(``trainer/losses.py`` ``KERNELS``) has one entry per name here, with these classes.
+"""The ``trainer.loss`` section: ``kernel`` (one of ``LOSS_KINDS``), the knobs every kernel
+shares, and ``trainer.loss.<kernel>.*`` for each kernel's own (only the chosen one's is read).
+Formulas, sources and defaults: trainer/LOSSES.md; ``trainer/losses.py`` ``KERNELS`` has one entry
+per name here.
 """
 
 from __future__ import annotations

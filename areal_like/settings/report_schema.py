@@ -1,9 +1,5 @@
-"""The configs of what a run reports beyond training itself: evaluations on the eval split
-(``eval``), Hugging Face exports (``export``) and the trackers' settings (``tracking``).
-
-Part of the schema (``areal_like/settings/schema.py`` composes them into ``RunConfig``); the same
-rules: each validates itself in ``__post_init__`` and a bad value raises ``ConfigError`` naming the
-key.
+"""The ``eval``, ``export`` and ``tracking`` sections of the schema (``schema.py`` composes
+them into ``RunConfig``): each validates itself, a bad value raises ``ConfigError`` naming the key.
 """
 
 from __future__ import annotations

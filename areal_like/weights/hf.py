@@ -1,16 +1,10 @@
 """Hugging Face models: find a model's local directory, and build or load the causal LM.
 
-``resolve_model_path(path)`` turns ``model.path`` into a local directory ONCE, in the launcher
-(``areal-like run`` / ``areal-like config``), before any daemon starts: a local directory is used
-as is; a hub id (``org/name``) is looked up in the local Hugging Face cache and, only when
-``HF_HUB_OFFLINE`` is unset, downloaded (with progress bars). A cached snapshot counts only when it
-holds what the key needs (weights for a model, tokenizer files for a tokenizer): loading a
-tokenizer or a config caches just those files, and such a snapshot is completed by the download.
-``resolve_models(cfg)`` applies it to every model-valued key. The daemons then read directories only: ``build_model(cfg)`` loads
-``cfg.path`` (hub ids are refused there: nothing is downloaded by a daemon) or builds a Qwen2 from
-the config fields with a fixed init seed, so every process that builds "the same" tiny model gets
-bit-identical weights. ``build_meta_model(cfg)`` is the same architecture on the meta device (the
-trainer shards it before any weight exists). Imports torch and huggingface_hub lazily.
+Invariants: ``resolve_model_path`` / ``resolve_models`` turn a hub id into a local directory ONCE,
+in the launcher, before any daemon starts (the local cache first, a snapshot counting only when
+it holds what the key needs; a download only without ``HF_HUB_OFFLINE``); daemons read
+directories only and never download; a model built from config uses a fixed init seed, so every
+process that builds it gets bit-identical weights. torch and huggingface_hub are imported lazily.
 """
 
 from __future__ import annotations
