@@ -24,9 +24,8 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import timedelta
 
-from areal_like.net.store_gate import StoreDoor, StoreGate
+from areal_like.net.store_gate import StoreDoor, StoreGate, listen_on
 
-LISTEN_BACKLOG = 128  # pending connections to the rendezvous port (engines' TP ranks join at once)
 ABANDON_JOIN_S = 5.0  # after an abort: how long rank 0 waits for its own join to fail (it does at once)
 _HOSTED: dict = {}  # group -> rank 0's store and gate, or a member's door (closed with the group)
 
@@ -180,16 +179,7 @@ def host_store(master_addr: str, master_port: int, world_size: int, timeout: tim
     (``_build_group``), and rank 0 can close it while they do."""
     from torch.distributed import TCPStore
 
-    family, kind, proto, _, address = socket.getaddrinfo(master_addr, master_port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port of an earlier group in TIME_WAIT
-        sock.bind(address)
-        sock.listen(LISTEN_BACKLOG)
-    except OSError:
-        sock.close()
-        raise
-    # the store's server takes the descriptor over (and closes it with the store)
+    sock = listen_on(master_addr, master_port)  # the store's server takes the descriptor over
     return TCPStore(master_addr, master_port, world_size, True, timeout, wait_for_workers=False,
                     master_listen_fd=sock.detach(), use_libuv=True)
 

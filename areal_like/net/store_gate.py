@@ -44,6 +44,21 @@ def proof(secret: str, who: bytes, *nonces: bytes) -> bytes:
     return hmac.new(key, MAGIC + who + b"".join(nonces), hashlib.sha256).digest()
 
 
+def listen_on(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on ``host:port`` only (reusing a port an earlier group left in
+    TIME_WAIT)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
     """``n`` bytes from ``sock`` by ``deadline`` (time.monotonic()), however slowly they come;
     ConnectionError if it closed first, TimeoutError past the deadline."""
@@ -171,11 +186,7 @@ class _Relay:
             pass
         self.listener.close()
         for sock in socks:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
+            self._drop(sock)
 
 
 class StoreGate(_Relay):
@@ -183,16 +194,7 @@ class StoreGate(_Relay):
 
     def __init__(self, host: str, port: int, secret: str, store_port: int):
         self.secret, self.store_port = secret, store_port
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        listener = socket.socket(family, kind, proto)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # an earlier group's port in TIME_WAIT
-            listener.bind(address)
-            listener.listen(LISTEN_BACKLOG)
-        except OSError:
-            listener.close()
-            raise
-        super().__init__(listener, f"store-gate-{port}")
+        super().__init__(listen_on(host, port), f"store-gate-{port}")
         GATES[self.port] = self
 
     def close(self) -> None:

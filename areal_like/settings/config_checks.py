@@ -19,3 +19,13 @@ def choice(key: str, value: Any, allowed: tuple) -> None:
 def check(key: str, ok: bool, rule: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is invalid: must be {rule}")
+
+
+RULES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1}
+
+
+def each(section: str, obj: Any, rule: str, *keys: str) -> None:
+    """``check`` of ``section.key`` against ``rule`` (one of ``RULES``) for every key."""
+    for key in keys:
+        value = getattr(obj, key)
+        check(f"{section}.{key}", RULES[rule](value), rule, value)

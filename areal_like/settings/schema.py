@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from areal_like.net.auth import ENGINE_KEY_ENV, SECRET_FIELD
-from areal_like.settings.config_checks import ConfigError  # noqa: F401  (re-exported)
+from areal_like.settings.config_checks import (
+    ConfigError,  # noqa: F401  (re-exported)
+    each,
+)
 from areal_like.settings.config_checks import check as _check
 from areal_like.settings.config_checks import choice as _choice
 from areal_like.settings.loss_schema import ESTIMATORS, LossConfig
@@ -41,9 +44,9 @@ class ModelConfig:
 
     def __post_init__(self):
         _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
-            _check(f"model.{k}", getattr(self, k) > 0, "> 0", getattr(self, k))
+        each("model", self, "> 0", "vocab_size", "hidden_size", "intermediate_size",
+             "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "max_position_embeddings")
         _check("model.num_attention_heads", self.num_attention_heads % self.num_key_value_heads == 0,
                "a multiple of model.num_key_value_heads", self.num_attention_heads)
         _check("model.hidden_size", self.hidden_size % self.num_attention_heads == 0,
@@ -109,26 +112,22 @@ class TaskConfig:
         if self.name == "dataset":
             _check("task.dataset_path", bool(self.dataset_path), "set when task.name=dataset", self.dataset_path)
         _check("task.eval_fraction", 0 <= self.eval_fraction < 1, "in [0, 1)", self.eval_fraction)
-        _check("task.max_prompt_tokens", self.max_prompt_tokens >= 0, ">= 0", self.max_prompt_tokens)
-        _check("task.group_size", self.group_size >= 1, ">= 1", self.group_size)
-        _check("task.max_new_tokens", self.max_new_tokens >= 1, ">= 1", self.max_new_tokens)
-        _check("task.temperature", self.temperature > 0, "> 0 (sampling; greedy is not RL)", self.temperature)
+        each("task", self, ">= 0", "max_prompt_tokens", "reward_workers", "reward_memory_mb",
+             "reward_retries", "tool_memory_mb", "agent_memory_mb")
+        each("task", self, ">= 1", "group_size", "max_new_tokens", "max_turns", "tool_workers",
+             "agent_workers")
+        each("task", self, "> 0", "reward_timeout_s", "turn_timeout_s", "episode_timeout_s",
+             "tool_timeout_s")
+        _check("task.temperature", self.temperature > 0, "> 0 (sampling; greedy is not RL)",
+               self.temperature)
         _check("task.top_p", 0 < self.top_p <= 1, "in (0, 1]", self.top_p)
         _check("task.digits", 1 <= self.digits <= 9, "in [1, 9]", self.digits)
-        _check("task.reward_timeout_s", self.reward_timeout_s > 0, "> 0", self.reward_timeout_s)
-        for key in ("reward_workers", "reward_memory_mb", "reward_retries", "tool_memory_mb"):
-            _check(f"task.{key}", getattr(self, key) >= 0, ">= 0", getattr(self, key))
-        _check("task.max_turns", self.max_turns >= 1, ">= 1", self.max_turns)
-        _check("task.max_episode_tokens", self.max_episode_tokens >= 2, ">= 2", self.max_episode_tokens)
-        for key in ("turn_timeout_s", "episode_timeout_s", "tool_timeout_s"):
-            _check(f"task.{key}", getattr(self, key) > 0, "> 0", getattr(self, key))
-        _check("task.tool_workers", self.tool_workers >= 1, ">= 1", self.tool_workers)
+        _check("task.max_episode_tokens", self.max_episode_tokens >= 2, ">= 2",
+               self.max_episode_tokens)
         _check("task.agent", not (self.agent and self.env), "empty when task.env is set",
                self.agent)
         _check("task.chat_template", not (self.agent and self.chat_template == "none"),
                "a chat template (not none) when task.agent is set", self.chat_template)
-        _check("task.agent_workers", self.agent_workers >= 1, ">= 1", self.agent_workers)
-        _check("task.agent_memory_mb", self.agent_memory_mb >= 0, ">= 0", self.agent_memory_mb)
         _choice("task.agent_tool_format", self.agent_tool_format, ("hermes", "mistral"))
         _check("task.reward_url", not self.reward_url or self.reward_url.startswith(("http://", "https://")),
                "empty or an http(s) URL", self.reward_url)
@@ -176,14 +175,12 @@ class BufferConfig:
         _check("buffer.io_threads", self.io_threads >= 0, ">= 0 (0 = from the cores)", self.io_threads)
         _check("buffer.max_frame_bytes", self.max_frame_bytes >= 0, ">= 0 (0 = sized to the job)",
                self.max_frame_bytes)
-        _check("buffer.max_staleness", self.max_staleness >= 0, ">= 0", self.max_staleness)
-        _check("buffer.groups_per_step", self.groups_per_step >= 1, ">= 1", self.groups_per_step)
-        _check("buffer.max_inflight", self.max_inflight >= 1, ">= 1", self.max_inflight)
+        each("buffer", self, ">= 0", "max_staleness", "wal_reserve_bytes")
+        each("buffer", self, ">= 1", "groups_per_step", "max_inflight")
         _check("buffer.capacity", self.capacity >= self.groups_per_step, ">= buffer.groups_per_step", self.capacity)
         _choice("buffer.stale_policy", self.stale_policy, ("drop", "reissue"))
         _choice("buffer.selection", self.selection, ("oldest", "newest", "fifo"))
         _choice("buffer.fsync", self.fsync, ("always", "batch", "never"))
-        _check("buffer.wal_reserve_bytes", self.wal_reserve_bytes >= 0, ">= 0", self.wal_reserve_bytes)
         _check("buffer.lease_timeout_s", 0 < self.lease_timeout_s < math.inf, "> 0 and finite (it "
                "travels in every Credit)", self.lease_timeout_s)
 
@@ -232,8 +229,8 @@ class RolloutConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self):
-        _check("rollout.max_concurrent_groups", self.max_concurrent_groups >= 1, ">= 1", self.max_concurrent_groups)
-        _check("rollout.heartbeat_s", self.heartbeat_s > 0, "> 0", self.heartbeat_s)
+        each("rollout", self, ">= 1", "max_concurrent_groups")
+        each("rollout", self, "> 0", "heartbeat_s")
         _choice("rollout.pause_mode", self.pause_mode, ("abort", "retract"))
 
 
@@ -352,25 +349,17 @@ class TrainerConfig:
     logprob_chunk_tokens: int = 512  # tokens per lm_head chunk of the log-probs: one [chunk, vocab] fp32 block
 
     def __post_init__(self):
-        _check("trainer.keep_checkpoints", self.keep_checkpoints >= 1, ">= 1",
-               self.keep_checkpoints)
-        _check("trainer.steps", self.steps >= 1, ">= 1", self.steps)
-        _check("trainer.lr", self.lr > 0, "> 0", self.lr)
+        each("trainer", self, ">= 1", "keep_checkpoints", "steps", "micro_batch_size",
+             "num_minibatches", "logprob_chunk_tokens", "max_nonfinite_skips", "first_engines")
+        each("trainer", self, "> 0", "lr", "grad_clip")
+        each("trainer", self, ">= 0", "first_engine_wait_s")
         _choice("trainer.lr_schedule", self.lr_schedule, ("constant", "linear", "cosine"))
         _choice("trainer.estimator", self.estimator, ESTIMATORS)
-        _check("trainer.micro_batch_size", self.micro_batch_size >= 1, ">= 1", self.micro_batch_size)
         _check("trainer.max_tokens_per_micro_batch", self.max_tokens_per_micro_batch >= 0,
                ">= 0 (0: micro-batches of micro_batch_size sequences)",
                self.max_tokens_per_micro_batch)
-        _check("trainer.num_minibatches", self.num_minibatches >= 1, ">= 1", self.num_minibatches)
-        _check("trainer.logprob_chunk_tokens", self.logprob_chunk_tokens >= 1, ">= 1", self.logprob_chunk_tokens)
-        _check("trainer.grad_clip", self.grad_clip > 0, "> 0", self.grad_clip)
-        _check("trainer.max_nonfinite_skips", self.max_nonfinite_skips >= 1, ">= 1",
-               self.max_nonfinite_skips)
         _check("trainer.batch_wait_s", 0 <= self.batch_wait_s < math.inf, ">= 0 and finite",
                self.batch_wait_s)
-        _check("trainer.first_engine_wait_s", self.first_engine_wait_s >= 0, ">= 0", self.first_engine_wait_s)
-        _check("trainer.first_engines", self.first_engines >= 1, ">= 1", self.first_engines)
         _check("trainer.betas", len(self.betas) == 2, "two numbers", self.betas)
         self.loss.check_agg()
         if self.lora.enabled:  # the KL reference is the base itself, the adapter switched off
@@ -392,7 +381,7 @@ class WarmStartConfig:
     cache_dir: str = "warmstart"  # relative to run_dir's parent so later runs reuse it
 
     def __post_init__(self):
-        _check("warm_start.steps", self.steps >= 0, ">= 0", self.steps)
+        each("warm_start", self, ">= 0", "steps")
 
 
 @dataclass(kw_only=True)
@@ -441,21 +430,15 @@ class LaunchConfig:
     log_backups: int = 3
 
     def __post_init__(self):
-        _check("launch.log_max_mb", self.log_max_mb > 0, "> 0", self.log_max_mb)
-        _check("launch.log_backups", self.log_backups >= 1, ">= 1", self.log_backups)
-        _check("launch.auto_max_servers", self.auto_max_servers >= 1, ">= 1", self.auto_max_servers)
-        _check("launch.auto_max_threads", self.auto_max_threads >= 1, ">= 1", self.auto_max_threads)
-        _check("launch.gpus_per_node", self.gpus_per_node >= 0, ">= 0", self.gpus_per_node)
-        _check("launch.nodes", self.nodes >= 1, ">= 1", self.nodes)
+        each("launch", self, "> 0", "log_max_mb", "restart_window_s")
+        each("launch", self, ">= 1", "log_backups", "auto_max_servers", "auto_max_threads", "nodes")
+        each("launch", self, ">= 0", "gpus_per_node", "restarts", "restart_backoff_s")
         _check("launch.train_nodes", 1 <= self.train_nodes < max(self.nodes, 2),
                f">= 1 and < launch.nodes={self.nodes} (the other nodes run the rollout servers)" if self.nodes > 1
                else "1 on one node (launch.nodes=1)", self.train_nodes)
         for key in ("num_rollout_servers", "trainer_ranks"):
             n = getattr(self, key)
             _check(f"launch.{key}", n is None or n >= 1, ">= 1 or null (from the cores)", n)
-        _check("launch.restarts", self.restarts >= 0, ">= 0", self.restarts)
-        _check("launch.restart_window_s", self.restart_window_s > 0, "> 0", self.restart_window_s)
-        _check("launch.restart_backoff_s", self.restart_backoff_s >= 0, ">= 0", self.restart_backoff_s)
         _check("launch.restart_backoff_max_s", self.restart_backoff_max_s >= self.restart_backoff_s,
                f">= launch.restart_backoff_s={self.restart_backoff_s}", self.restart_backoff_max_s)
 
