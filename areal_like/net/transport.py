@@ -102,6 +102,14 @@ def context(io_threads: int = 1) -> zmq.Context:
     return ctx
 
 
+def decoded(payload, max_bytes: int | None = None) -> Message | ProtocolError:
+    """``decode(payload)``, or the ProtocolError that says why not."""
+    try:
+        return decode(payload, max_bytes)
+    except ProtocolError as e:
+        return e
+
+
 def local_addresses(directory: str | os.PathLike) -> tuple[str, str]:
     """The buffer's same-node (request/reply, publish) ``ipc://`` addresses in ``directory``."""
     return f"ipc://{os.path.abspath(directory)}/router", f"ipc://{os.path.abspath(directory)}/pub"
@@ -206,13 +214,7 @@ class Server:
         if is_trainer_peer(peer) and role not in (None, "trainer"):
             security.refused("role")  # another role under the trainer's peer id: unanswered
             return None
-        return peer, req_id, self._decoded(payload), payload, role or LOCAL_MEMBER
-
-    def _decoded(self, payload) -> Message | ProtocolError:
-        try:
-            return decode(payload, self.max_frame_bytes)
-        except ProtocolError as e:
-            return e
+        return peer, req_id, decoded(payload, self.max_frame_bytes), payload, role or LOCAL_MEMBER
 
     def _recv_frames(self, timeout_s: float) -> list[zmq.Frame] | None:
         """The next frames (zero copy); a queued request is taken without polling first."""

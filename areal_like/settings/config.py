@@ -10,6 +10,7 @@ implies: ``areal_like/job_facts.py``).
 """
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -302,18 +303,11 @@ def load_daemon_config(argv: list[str], addresses: tuple[str, ...] = ()) -> RunC
     only ``areal-like run`` picks free ports."""
     cfg = _load_daemon_config(argv)
     for key in addresses:
-        value = _dotted(cfg, key)
+        value = operator.attrgetter(key)(cfg)
         if isinstance(value, str) and value.rsplit(":", 1)[-1] == "0":
             raise ConfigError(f"{key}={value!r} has port 0: a daemon started on its own needs the buffer's real "
                               "address (e.g. buffer.address=tcp://HOST:5555 buffer.pub_address=tcp://HOST:5556); "
                               "`areal-like run` picks free ports itself")
-    return cfg
-
-
-def _dotted(cfg: Any, key: str) -> Any:
-    """``cfg.a.b`` for the key ``"a.b"``."""
-    for part in key.split("."):
-        cfg = getattr(cfg, part)
     return cfg
 
 

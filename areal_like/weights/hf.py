@@ -13,13 +13,9 @@ import dataclasses
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from areal_like.settings.config import ConfigError, ModelConfig, RunConfig
-
-if TYPE_CHECKING:
-    import torch
-
+from areal_like.wire.weight_wire import torch_dtype  # re-exported: the model's dtype by name
 
 # org/name, as the hub spells model repos (validate_repo_id has the finer rules); a relative local
 # path of the same shape that exists is taken as a directory first
@@ -103,12 +99,6 @@ def resolve_models(cfg: RunConfig) -> RunConfig:
     if trainer.ref_path:
         trainer = dataclasses.replace(trainer, ref_path=resolve_model_path(trainer.ref_path, "trainer.ref_path"))
     return dataclasses.replace(cfg, model=model, trainer=trainer)
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def qwen2_config(cfg: ModelConfig, tokenizer=None):
