@@ -31,7 +31,7 @@ Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]  # 0: none (a plan of a path
 
 
 class _TopLevel(Message, frozen=True, kw_only=True):
-    # kw_only: ordered after every subclass's fields, so the frame ends with it, as it always has
+    # kw_only: after every subclass's fields, so the frame ends with it
     protocol: Literal[3] = PROTOCOL_VERSION
 
 
@@ -40,19 +40,13 @@ class Register(_TopLevel, tag="register"):
     engine_url: str  # HTTP base URL of the engine this server owns (weight-sync peer)
     engine_ranks: Ranks = 1  # ranks the engine contributes to the weight-update group (its TP size)
     policy_version: int = -1  # version the engine serves now (-1: unknown)
-    # The engine's runtime, checked by the trainer before it joins a weight-sync group ("": unknown,
-    # an older sender); see areal_like/weights/versions.py.
-    torch_version: str = ""
+    torch_version: str = ""  # the engine's runtime ("": unknown; areal_like/weights/versions.py)
     cuda_version: str = ""
     nccl_version: str = ""
-    evaluates: bool = False  # it runs the job's evaluations (rollout.eval): the final one needs the last weights
-    # Which process sends it: a random token made once per process start (secrets.token_hex(8)), the
-    # same in all its Registers, retries included ("": not told). The buffer takes a Register whose
-    # incarnation differs from the last one under this id for a new process (buffer/control.py).
+    evaluates: bool = False  # it runs the job's evaluations (rollout.eval)
+    # a random token per process start ("": not told): another one under this id is a new process
     incarnation: Annotated[str, msgspec.Meta(max_length=64)] = ""
-    # The sender's first registration since its process started. It decides alone when the buffer
-    # holds no incarnation for this id (after the buffer's own restart, or "" on either side).
-    fresh: bool = False
+    fresh: bool = False  # its first Register since it started (decides when the buffer knows none)
 
 
 class RegisterAck(_TopLevel, tag="register_ack"):
@@ -120,8 +114,8 @@ class BatchRequest(_TopLevel, tag="batch_request"):
     n_groups: Annotated[int, msgspec.Meta(ge=1)]
     trainer_version: int  # the version the batch will train (step v -> v+1)
     wait_s: Finite = 5.0  # how long the buffer may hold the request before answering empty
-    ack_batch: str = ""  # batch_id of the last Batch received ("" = none): the buffer marks it consumed;
-    # a batch still in transit that is not acked here was lost on the way and goes back to the store
+    # batch_id of the last Batch received ("" = none): consumed; one in transit not acked is lost
+    ack_batch: str = ""
 
 
 class Batch(_TopLevel, tag="batch"):
@@ -148,8 +142,6 @@ class RosterEntry(Message, tag="roster_entry"):
     cuda_version: str = ""
     nccl_version: str = ""
     evaluates: bool = False  # from the member's Register
-    # from the member's Register: another value under the id is another process (the trainer's
-    # weight group then re-forms: trainer/weight_group.py)
     incarnation: Annotated[str, msgspec.Meta(max_length=64)] = ""
 
 
@@ -198,9 +190,7 @@ class WeightSyncPlan(_TopLevel, tag="weight_sync_plan"):
     buckets: list[BucketSpec]
     deadline_s: Finite  # the whole sync, from publication
     plan_id: str = ""  # unique per push attempt: a re-push of the same version is a new plan
-    # how the weights travel (WEIGHT_PATHS). A str, not a Literal: a server that does not know a
-    # path answers SyncDone(ok=False) naming it.
-    path: str = "distributed"
+    path: str = "distributed"  # WEIGHT_PATHS; a str: an unknown one is answered SyncDone(ok=False)
     payloads: list[str] = []  # WEIGHT_PATHS[path](buckets) of them
 
     def validate(self) -> None:
