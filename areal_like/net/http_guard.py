@@ -45,7 +45,7 @@ TOO_MANY_CONNECTIONS = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: appl
 
 @dataclass(frozen=True, kw_only=True)
 class HttpLimits:
-    """What one client may cost a server (module docstring); the defaults suit an engine's API."""
+    """What one client may cost a server; the defaults suit an engine's API."""
 
     max_body_bytes: int = 64 * 2**20  # a weight bucket sent as /update_weights_from_tensor fits
     max_header_bytes: int = 8190  # one request line or header field (aiohttp's default)
@@ -114,8 +114,8 @@ class _Guard:  # noqa: D101 - the limits, token and counters of one server
 
 
 def _readable(fd: int) -> bool:
-    """Whether ``fd`` has something unread (or is at EOF). ``poll``, not ``select``: a daemon
-    with many files open (an engine) has sockets numbered past FD_SETSIZE, which select refuses."""
+    """Whether ``fd`` has something unread (or is at EOF); ``poll``: select refuses fds past
+    FD_SETSIZE."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     return bool(poller.poll(0))
@@ -157,11 +157,8 @@ class _GuardedHandler(RequestHandler):
         self._arm()
 
     def evictable(self) -> bool:
-        """Kept alive after a request (never one still to send its first), never vouched for by
-        the token, idle (no request being read or handled), silent for ``EVICT_IDLE_S`` and with
-        nothing unread in its socket."""
-        # aiohttp's RequestHandler state, read with defaults: should a release rename one, no
-        # connection is evicted (the cap then only refuses) rather than the check raising
+        """Served a request, never vouched for, idle for ``EVICT_IDLE_S``, nothing unread."""
+        # aiohttp's state, read with defaults: should a release rename one, nothing is evicted
         served = getattr(self, "_request_count", 0)
         busy = getattr(self, "_request_in_progress", True) or getattr(self, "_messages", True)
         if self.vouched or not served or busy:
@@ -180,10 +177,9 @@ class _GuardedHandler(RequestHandler):
             self.transport.abort()
 
     def _refuse(self, transport) -> None:
-        """Answer 503 (or, with a ``health`` answer, a ``GET /health``: ``_peek``) and close without
-        parsing a request. Closing a socket with the client's request unread would reset it (and
-        lose the answer), so the socket lingers (reads discarded) until the client closes or
-        ``REFUSED_LINGER_S``, as long as fewer than max_connections do."""
+        """Answer 503 (or a ``GET /health``: ``_peek``) without parsing a request, then linger
+        (reads discarded; closing unread would reset and lose the answer) while fewer than
+        max_connections do."""
         stats = self._guard.stats
         self._refused, self._sink = True, transport
         stats.connections_refused += 1
@@ -224,8 +220,7 @@ class _GuardedHandler(RequestHandler):
         self._deadline = self._loop.call_later(REFUSED_LINGER_S, self._sink.abort)
 
     def _peek(self, data: bytes) -> None:
-        """A refused connection's first bytes: a ``GET /health`` is answered from the daemon's
-        state, anything else with 503, once its request line is in (or ``HEAD_PEEK_BYTES``)."""
+        """A refused connection's request line: a ``GET /health`` is answered, anything else 503."""
         self._head += data[:HEAD_PEEK_BYTES]
         if b"\r\n" not in self._head and len(self._head) < HEAD_PEEK_BYTES:
             return
@@ -343,11 +338,8 @@ def guarded_app(*, limits: HttpLimits, token: str | TokenCheck | None = None,
                 open_paths: tuple[str, ...] = (), capped_paths: tuple[str, ...] | None = None,
                 middlewares: tuple = (),
                 health: HealthAnswer | None = None) -> web.Application:
-    """An ``aiohttp`` application whose first middleware enforces ``limits`` and ``token``
-    (``open_paths`` need none; only ``capped_paths`` count against ``max_inflight``, None = all);
-    ``serve`` it to get the connection-level limits too. ``token`` may be a check of the
-    ``Authorization`` header instead (a server with a key per client). ``health``: (status, JSON
-    body) for a ``GET /health`` that comes past the connection cap (module docstring)."""
+    """An ``aiohttp`` application whose first middleware enforces ``limits`` and ``token`` (or a
+    check of the ``Authorization`` header); ``serve`` it for the connection limits too."""
     guard = _Guard(limits, token, frozenset(open_paths),
                    None if capped_paths is None else frozenset(capped_paths), health)
     app = web.Application(middlewares=[_guard_middleware(guard), *middlewares], client_max_size=limits.max_body_bytes)
