@@ -25,8 +25,7 @@ BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "c
 
 @dataclass(frozen=True, slots=True)
 class Example:
-    """One prompt: plain text (``prompt``) and/or chat ``messages``, the reference ``answer``, and
-    the dataset's other columns (``metadata``, plain msgpack-able values) for the reward."""
+    """One prompt (text and/or chat ``messages``), its reference ``answer`` and its metadata."""
 
     prompt: str
     answer: str
@@ -48,8 +47,7 @@ def load_split(cfg: TaskConfig, split: str) -> list[Example]:
 
 
 def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train, eval) row indices, both ascending: ``round(n * fraction)`` rows (at least 1, at
-    most n - 1) held out, drawn with ``seed`` (the same split in every process)."""
+    """(train, eval) row indices, ascending: ``round(n * fraction)`` rows (1 to n - 1) held out."""
     if n < 2:
         raise ConfigError(f"task.eval_fraction={fraction}: the dataset has {n} row(s), too few to "
                           "hold any out")
@@ -71,8 +69,7 @@ def load_examples(cfg: TaskConfig, key: str, value: str) -> list[Example]:
 
 
 def row_example(cfg: TaskConfig, row: dict, i: int, keys: tuple[str, str, list[str]], source: str) -> Example:
-    """Row ``i`` of ``source`` as an Example; ConfigError naming the key when its contents cannot
-    be one (no answer, no prompt, messages that are not a list of {role, content})."""
+    """Row ``i`` of ``source`` as an Example; ConfigError naming the key when it cannot be one."""
     text_key, answer_key, meta_keys = keys
     answer = row[answer_key]
     if answer is None:
@@ -86,15 +83,13 @@ def row_example(cfg: TaskConfig, row: dict, i: int, keys: tuple[str, str, list[s
     return Example(_text(row[text_key]), _text(answer), None, metadata)
 
 
-ROW_BATCH = 1024  # rows decoded at a time by check_rows: its memory is one batch, whatever the file's size
+ROW_BATCH = 1024  # rows decoded at a time by check_rows, whatever the file's size
 SHOWN_ROWS = 5  # row numbers a check_rows line lists
 
 
 def check_rows(cfg: TaskConfig, key: str, value: str, table: Any) -> str | None:
-    """One line saying which rows of ``table`` (read from ``value``, the key ``key`` names) cannot
-    become examples: how many, the first ``SHOWN_ROWS`` row numbers (from 0) and the first one's
-    reason; None when every row can. Streams the table ``ROW_BATCH`` rows at a time, converting
-    each row as the daemons will (``row_example``)."""
+    """One line saying which rows of ``table`` cannot become examples (``row_example``), or None;
+    streamed ``ROW_BATCH`` rows at a time."""
     keys = task_columns(cfg, list(table.column_names), value)
     columns = list(dict.fromkeys([keys[0], keys[1], *keys[2]]))
     bad, first, n = [], "", 0
@@ -115,8 +110,7 @@ def check_rows(cfg: TaskConfig, key: str, value: str, table: Any) -> str | None:
 
 
 def task_columns(cfg: TaskConfig, columns: list[str], source: str) -> tuple[str, str, list[str]]:
-    """(text column, answer column, metadata columns) of a table with ``columns`` read from
-    ``source``; ConfigError naming the task key and the columns found when one is missing."""
+    """(text, answer, metadata) columns; ConfigError naming the task key when one is missing."""
     text_key = _require(columns, "task.messages_key" if cfg.messages_key else "task.prompt_key",
                         cfg.messages_key or cfg.prompt_key, source)
     answer_key = _require(columns, "task.answer_key", cfg.answer_key, source)

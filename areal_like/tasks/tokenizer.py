@@ -40,11 +40,8 @@ def char_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    # Each character is stored in its byte-level spelling (" " as "Ġ", "\n" as "Ċ"; the other
-    # printable characters spell themselves). A Qwen2 model directory reloaded with AutoTokenizer
-    # gets transformers' Qwen2Tokenizer, which keeps this vocab but puts its own byte-level
-    # pre-tokenizer in front: with plain " " and "\n" entries it dropped every space and newline.
-    # Spelled this way, both pipelines give the same ids.
+    # byte-level spelling (" " as "Ġ"): Qwen2Tokenizer, on a reload, puts its own byte-level
+    # pre-tokenizer in front and would drop plain " " and "\n" entries
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     vocab = {(t if t in SPECIAL else byte_level.pre_tokenize_str(t)[0][0]): i for i, t in enumerate(CHAR_VOCAB)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -61,8 +58,7 @@ def char_tokenizer():
 
 @lru_cache(maxsize=4)
 def bpe_tokenizer(vocab_size: int = 512):
-    """Byte-level BPE with ``vocab_size`` entries (at most: a small corpus may stop merging
-    earlier) trained on ``data/corpus.txt`` (module docstring)."""
+    """Byte-level BPE with at most ``vocab_size`` entries, trained on ``data/corpus.txt``."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -86,9 +82,7 @@ def _has_tokenizer(path: Path) -> bool:
 
 
 def load_tokenizer(model: ModelConfig):
-    """The tokenizer of ``model``: from ``model.path`` when it holds one, else ``model.tokenizer``.
-    A job's preflight (``areal-like run`` / ``config``) refuses a ``model.path`` without a tokenizer
-    when ``model.tokenizer`` is a built-in one: its ids would mean nothing to that model."""
+    """The tokenizer of ``model``: from ``model.path`` when it holds one, else ``model.tokenizer``."""
     if model.path and _has_tokenizer(Path(model.path)):
         from transformers import AutoTokenizer
 
