@@ -44,12 +44,8 @@ def _ephemeral_low() -> int | None:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` now, for a process to bind later.
-
-    Chosen at random BELOW the kernel's ephemeral range (where it is on Linux), so a socket bound to
-    port 0 in between, in any process (the buffer's publisher, a torch store), cannot take it; a
-    port picked from the ephemeral range itself was taken that way on a loaded machine. Checked
-    free by binding it, and never handed out twice by one process."""
+    """A TCP port free on ``host`` now, for a process to bind later: at random below the kernel's
+    ephemeral range (where a bind to port 0 elsewhere cannot take it meanwhile), never twice."""
     low = _ephemeral_low()
     if low is not None and low - _FIXED_LOW >= 1000:
         for _ in range(200):
@@ -82,8 +78,7 @@ def init_weight_group(backend: str, master_addr: str, master_port: int, world_si
 
     door = StoreDoor(master_addr, master_port, group_name)  # answers rank 0's gate for our store client
     try:
-        # Under torchrun TORCHELASTIC_USE_AGENT_STORE=True makes a tcp:// rendezvous connect to the elastic
-        # agent's store instead of hosting its own, and the weight group would never form.
+        # under torchrun a tcp:// rendezvous would otherwise connect to the elastic agent's store
         with _env({"TORCHELASTIC_USE_AGENT_STORE": "False"}):
             raw, rank, world_size = next(rendezvous(f"tcp://127.0.0.1:{door.port}", rank, world_size,
                                                     timeout=connect))
@@ -97,8 +92,8 @@ def init_weight_group(backend: str, master_addr: str, master_port: int, world_si
 
 def _host_group(backend: str, master_addr: str, master_port: int, world_size: int, group_name: str,
                 timeout: timedelta, connect: timedelta, check: Callable[[], None] | None, check_every_s: float):
-    """Rank 0: serve the store, join the group through a client of it in a helper thread, and run
-    ``check`` meanwhile; on an exception from ``check`` close the server (every join fails) and re-raise."""
+    """Rank 0: serve the store and join through a client of it in a helper thread, running
+    ``check`` meanwhile; if it raises, close the server (every join fails) and re-raise."""
     from torch.distributed import TCPStore
 
     server = host_store("127.0.0.1", 0, world_size, connect)  # loopback only: members come through the gate
@@ -174,9 +169,8 @@ def _build_group(backend: str, raw, master_addr: str, world_size: int, rank: int
 
 
 def host_store(master_addr: str, master_port: int, world_size: int, timeout: timedelta):
-    """Rank 0's rendezvous TCPStore server, listening on ``master_addr`` only (SGLang's engines join it
-    with torch's ``tcp://`` rendezvous). It does not wait for the ranks: their joins wait on each other
-    (``_build_group``), and rank 0 can close it while they do."""
+    """Rank 0's rendezvous TCPStore server on ``master_addr`` only; it does not wait for the ranks
+    (rank 0 can close it while they join)."""
     from torch.distributed import TCPStore
 
     sock = listen_on(master_addr, master_port)  # the store's server takes the descriptor over
@@ -185,8 +179,7 @@ def host_store(master_addr: str, master_port: int, world_size: int, timeout: tim
 
 
 def interface_of(address: str) -> str | None:
-    """The name of the local interface that holds ``address`` (None: not a local address, e.g. a name
-    that resolves elsewhere; gloo then picks its default as before)."""
+    """The name of the local interface that holds ``address`` (None: not a local address)."""
     import psutil
 
     try:
@@ -203,9 +196,8 @@ NCCL_NONBLOCKING_TIMEOUT = "TORCH_NCCL_NONBLOCKING_TIMEOUT"
 
 
 def set_nccl_nonblocking_timeout(deadline_s: float) -> int:
-    """Bound torch's wait for a non-blocking NCCL communicator (module docstring) by ``deadline_s``,
-    rounded up to whole seconds; returns that. Call before this process's first NCCL call: torch
-    reads the variable only then, and never again."""
+    """Bound torch's wait for a non-blocking NCCL communicator by ``deadline_s`` (whole seconds,
+    returned); before this process's first NCCL call, when torch reads it once."""
     seconds = max(1, math.ceil(deadline_s))
     os.environ[NCCL_NONBLOCKING_TIMEOUT] = str(seconds)
     return seconds

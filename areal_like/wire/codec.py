@@ -16,8 +16,7 @@ from typing import Annotated, Any, ClassVar
 import msgspec
 import numpy as np
 
-# Every float field of every message is finite (a NaN or infinite wait, deadline or reward is no
-# number a receiver can act on; areal_like/DESIGN.md): NaN fails both bounds.
+# every float field of every message is finite (NaN fails both bounds)
 Finite = Annotated[float, msgspec.Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
 
@@ -35,9 +34,8 @@ _DTYPES = {"<i4": np.dtype("<i4"), "<f4": np.dtype("<f4")}  # the array dtypes o
 
 
 def wire_array(value: Any, tag: str, name: str) -> tuple[str, int, memoryview]:
-    """A 1-D array-like as ``(tag, length, bytes)``. A contiguous array of that dtype is taken as it
-    is (no copy); lists, other dtypes (int64 ids, float64 logprobs) and strided views are converted;
-    an int32 field takes only whole numbers that fit. Scalars, other shapes and raw bytes are refused."""
+    """A 1-D array-like as ``(tag, length, bytes)``: that dtype contiguous without a copy, else
+    converted (an int32 field takes only whole numbers that fit); raw bytes are refused."""
     dtype = _DTYPES[tag]
     if type(value) is np.ndarray and value.dtype == dtype and (data := value.data).ndim == 1 and data.c_contiguous:
         return tag, len(data), data

@@ -284,12 +284,9 @@ def encode_into(msg: Message, buffer: bytearray) -> None:
 
 
 def decode(data: bytes | bytearray | memoryview, max_bytes: int | None = None) -> Message:
-    """Parse and validate one frame. Raises only ProtocolError, for any input. Token ids and
-    logprobs are read-only numpy views of the frame, which they keep alive (versions and masks are
-    expanded from their runs on access). A frame over ``max_bytes`` (default
-    ``MAX_FRAME_BYTES``) is refused from its length alone, before anything is decoded: decoding can
-    take ~73x the frame's size (a msgpack list of empty maps is one byte per 72-byte dict), so the
-    size bound is the memory bound."""
+    """Parse and validate one frame; only ProtocolError, for any input. Arrays are read-only views
+    of the frame. A frame over ``max_bytes`` is refused from its length alone: decoding can take
+    ~73x its size, so the size bound is the memory bound."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"frame must be bytes, got {type(data).__name__}", "frame")
     limit = MAX_FRAME_BYTES if max_bytes is None else max_bytes

@@ -174,7 +174,7 @@ class Trajectory(Message, tag="trajectory"):
     def _public(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in field_names(Trajectory)}
 
-    def __reduce__(self) -> tuple:  # memoryviews do not pickle; arrays do (and deepcopy copies them)
+    def __reduce__(self) -> tuple:  # memoryviews do not pickle; arrays do
         return _trajectory_of, (self._public(),)
 
     def __repr__(self) -> str:
@@ -182,8 +182,7 @@ class Trajectory(Message, tag="trajectory"):
 
 
 def _finite_float(value: Any) -> float:
-    """``value`` as a finite float; ProtocolError naming ``reward`` when it is none (a bool is a
-    bool, not a number: it does not decode as a float either)."""
+    """``value`` as a finite float (a bool is no number); ProtocolError naming ``reward``."""
     if type(value) is float and math.isfinite(value):
         return value  # what every in-tree sender passes
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
