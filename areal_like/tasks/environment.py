@@ -71,15 +71,12 @@ def load_environment(path: str) -> Any:
 def env_template(tokenizer: Any, task_cfg: Any) -> str:
     """The chat template of a multi-turn task: ``task.chat_template`` when it names one, else the
     tokenizer's own (``auto``, for synthetic tasks too: an environment always talks in chat)."""
-    value = task_cfg.chat_template
-    if value == "none":
+    if task_cfg.chat_template == "none":
         raise ValueError("task.env needs a chat template; task.chat_template=none gives none")
-    if value == "auto":
-        template = getattr(tokenizer, "chat_template", None)
-        if not template:
-            raise ValueError("task.env needs a chat template: the tokenizer has none; set task.chat_template")
-        return template
-    return chat_template_of(tokenizer, task_cfg)
+    if not (template := chat_template_of(tokenizer, task_cfg)):
+        raise ValueError("task.env needs a chat template: the tokenizer has none; set "
+                         "task.chat_template")
+    return template
 
 
 class ChatRenderer:
