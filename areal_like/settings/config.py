@@ -83,12 +83,10 @@ def micro_batch_tokens(device: str) -> int:
 def _register_resolvers() -> None:
     from omegaconf import OmegaConf
 
-    if not OmegaConf.has_resolver("data"):
-        OmegaConf.register_new_resolver("data", data_path)
-    if not OmegaConf.has_resolver("compute_dtype"):
-        OmegaConf.register_new_resolver("compute_dtype", compute_dtype)
-    if not OmegaConf.has_resolver("micro_batch_tokens"):
-        OmegaConf.register_new_resolver("micro_batch_tokens", micro_batch_tokens)
+    for name, fn in (("data", data_path), ("compute_dtype", compute_dtype),
+                     ("micro_batch_tokens", micro_batch_tokens)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
 
 
 def _sequence_count_wins(overrides: list[str]) -> list[str]:
@@ -315,18 +313,16 @@ def _load_daemon_config(argv: list[str]) -> RunConfig:
     from omegaconf import OmegaConf
 
     argv = list(argv)
-    path = None
     for i, arg in enumerate(argv):
-        if arg == "--config-file":
-            if i + 1 >= len(argv):
+        flag, eq, path = arg.partition("=")
+        if flag == "--config-file":
+            if not eq and i + 1 >= len(argv):
                 raise ConfigError("--config-file needs a path")
-            path = argv[i + 1]
-            del argv[i:i + 2]
+            path = path if eq else argv[i + 1]
+            del argv[i:i + (1 if eq else 2)]
             break
-        if arg.startswith("--config-file="):
-            path = arg.split("=", 1)[1]
-            del argv[i]
-            break
+    else:
+        path = None
     if path is None:
         return load_config(argv)
     _register_resolvers()
