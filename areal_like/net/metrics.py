@@ -60,8 +60,7 @@ class Metrics:
         return self._get(Histogram, name, doc, labels, **kw)
 
     def count_to(self, name: str, doc: str, total: float) -> None:
-        """The counter ``name`` brought up to ``total``, a running count kept elsewhere (it only
-        grows within a process): Prometheus counters are incremented, never set."""
+        """The counter ``name`` brought up to ``total``, a running count kept elsewhere."""
         counter = self.counter(name, doc)
         with self._lock:
             last = self._totals.get(name, 0.0)

@@ -260,9 +260,8 @@ class StoreDoor(_Relay):
 
 
 def peer_uid(conn: socket.socket) -> int | None:
-    """The uid that owns the other end of ``conn``, a loopback IPv4 connection (Linux: /proc/net/tcp,
-    or tcp6 for a dual-stack client socket, which shows the address IPv4-mapped); None when it
-    cannot be told."""
+    """The uid owning the other end of loopback IPv4 ``conn`` (Linux's /proc/net/tcp or tcp6,
+    IPv4-mapped); None when it cannot be told."""
     (peer_host, peer_port), (host, port) = conn.getpeername()[:2], conn.getsockname()[:2]
     for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
         want = (_hex_endpoint(peer_host, peer_port, v6), _hex_endpoint(host, port, v6))

@@ -22,10 +22,8 @@ def split_function_path(path: str) -> tuple[str, str]:
 
 
 def import_function(path: str) -> Callable:
-    """The callable at ``path``: imports its module (which may raise anything at import time).
-
-    Raises ValueError for a malformed path, ImportError, AttributeError, and TypeError when the
-    attribute is not callable."""
+    """The callable at ``path`` (ValueError, ImportError, AttributeError, TypeError when it is
+    none; its module's import may raise anything)."""
     module, attr = split_function_path(path)
     fn = getattr(importlib.import_module(module), attr)
     if not callable(fn):

@@ -77,8 +77,7 @@ class Calculator:
 
 
 def reply(guess: int, target: int, lo: int, hi: int) -> str:
-    """The guessing game's answer to a wrong guess: the direction and the range still open, written
-    without spaces like the shipped chat templates (fewer tokens for the char tokenizer)."""
+    """The guessing game's answer to a wrong guess: the direction and the range still open."""
     return f"{'higher' if guess < target else 'lower'}:{lo}-{hi}"
 
 
@@ -120,10 +119,8 @@ class GuessNumber:
 
 
 class LongTail:
-    """``benchmarks/bench_agentic.py``: episodes whose turn counts follow a heavy tail (Pareto,
-    ``TAIL_ALPHA``, at most ``TAIL_MAX_TURNS``), drawn from the prompt, so the same prompt has the same
-    length in every run. Every turn is answered ``go on`` until the last; the reward (the last
-    turn's length is even) only gives the estimator something to compare."""
+    """``benchmarks/bench_agentic.py``: heavy-tailed (Pareto) turn counts drawn from the prompt,
+    every turn answered ``go on``; the reward only gives the estimator something to compare."""
 
     TAIL_ALPHA = 1.2
     TAIL_MAX_TURNS = 16

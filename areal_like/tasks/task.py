@@ -157,8 +157,7 @@ class Countdown(Task):
 
 
 class Multiply(Task):
-    """``347*29``: a 3-digit times a 2-digit number (the ``calc`` environment's questions,
-    ``areal_like/tasks/envs.py``; too hard for a tiny model without its calculator tool)."""
+    """``347*29``: the ``calc`` environment's questions (areal_like/tasks/envs.py)."""
 
     name = "calc"
 
@@ -169,8 +168,7 @@ class Multiply(Task):
 
 
 class Guess(Task):
-    """A hidden number in 1..32 (the ``guess`` environment's games,
-    ``areal_like/tasks/envs.py``)."""
+    """A hidden number in 1..32 (the ``guess`` environment's games)."""
 
     name = "guess"
 
@@ -182,9 +180,7 @@ SYNTHETIC: dict[str, type[Task]] = {t.name: t for t in (Addition, Sort, Reverse,
 
 
 class DatasetTask(Task):
-    """Rows of local files (``areal_like/tasks/datasets.py``) in file order; prompts whose
-    ``encode_prompt`` ids are longer than ``task.max_prompt_tokens`` are dropped from either split
-    and counted in one log line. The default reward grades the final math answer."""
+    """Rows of local files in file order, without the prompts over ``task.max_prompt_tokens``."""
 
     name = "dataset"
     reward_path = "areal_like.tasks.rewards:math_reward"

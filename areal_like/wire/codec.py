@@ -103,6 +103,5 @@ class Message(msgspec.Struct, frozen=True, eq=False, tag_field="type", forbid_un
 
 
 def field_names(cls: type[Message]) -> tuple[str, ...]:
-    """The fields of a message class by their public (and wire) names, in wire order; the
-    frame's ``type`` and ``protocol`` are not fields."""
+    """A message class's field names as on the wire, in wire order (not ``type``, ``protocol``)."""
     return tuple(f.encode_name for f in msgspec.structs.fields(cls) if f.name != "protocol")

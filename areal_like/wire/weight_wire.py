@@ -20,9 +20,8 @@ ITEMSIZE = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "int64": 8,
 
 def plan_buckets(named_shapes_dtypes: list[tuple[str, list[int], str]],
                  bucket_bytes: int) -> list[BucketSpec]:
-    """Group tensors into buckets of at most ``bucket_bytes`` each (a larger tensor gets a bucket
-    of its own). Each bucket holds one dtype; dtypes appear in order of first occurrence and
-    tensors keep their relative order within a dtype. Pure; no torch."""
+    """Buckets of at most ``bucket_bytes`` (a larger tensor alone), one dtype each, dtypes in order
+    of first occurrence and tensors in order within a dtype."""
     by_dtype: dict[str, list[tuple[str, list[int]]]] = {}
     for name, shape, dt in named_shapes_dtypes:
         if dt not in ITEMSIZE:
