@@ -49,9 +49,7 @@ def model_context(model: ModelConfig) -> int:
     return size if isinstance(size, int) and size > 0 else 128 * 1024
 
 
-# A group's frame: per trajectory its prompt ids (4 bytes a token), output ids, behaviour log-probs
-# and versions and loss mask (16 bytes an output token) and free-form metadata (reward details,
-# errors).
+# a group's frame per trajectory: 4 bytes a prompt token, 16 an output token, and metadata
 PROMPT_TOKEN_BYTES, OUTPUT_TOKEN_BYTES, TRAJECTORY_METADATA_BYTES = 4, 16, 64 * 1024
 FRAME_MARGIN = 2  # envelope, msgpack headers and what the estimate misses
 # control messages too: a weight-sync plan lists every tensor (~65 bytes each)
@@ -65,13 +63,12 @@ def request_frame_limit(cfg: RunConfig) -> int:
         return cfg.buffer.max_frame_bytes
     task = cfg.task
     prompt = task.max_prompt_tokens or model_context(cfg.model)
-    # a multi-turn episode's output holds every turn and every environment message after the prompt
+    # a multi-turn episode's output holds every turn and environment message
     output = max(task.max_new_tokens, task.max_episode_tokens) if task.env or task.agent else \
         task.max_new_tokens
     per_trajectory = (prompt * PROMPT_TOKEN_BYTES + output * OUTPUT_TOKEN_BYTES
                       + TRAJECTORY_METADATA_BYTES)
-    # an agent's episode is a trajectory per consistent prefix: one per call when it rewrites its
-    # history every time (rollout_server/agent_endpoint.py), each up to max_episode_tokens
+    # an agent's episode: up to one trajectory per call (rollout_server/agent_endpoint.py)
     trajectories = task.group_size * (task.max_turns if task.agent else 1)
     return max(MIN_FRAME_BYTES, FRAME_MARGIN * trajectories * per_trajectory)
 

@@ -27,15 +27,15 @@ import time
 from areal_like.net.ratelog import RateLimitedLog
 
 log = logging.getLogger("store_gate")
-_refusals = RateLimitedLog(log, every_s=60.0)  # a stranger can connect at will: not a line per connection
+_refusals = RateLimitedLog(log, every_s=60.0)  # a stranger can connect at will
 
 MAGIC = b"areal-like store gate/1\n"
 NONCE_BYTES = PROOF_BYTES = 32
-HANDSHAKE_S = 10.0  # a connection that has not proven itself by then is closed (in all, however slow)
+HANDSHAKE_S = 10.0  # a connection not proven by then is closed, however slow
 MAX_UNPROVEN = 64  # connections proving themselves at once; more are closed at once
 ACCEPT_RETRY_S = 0.05  # after a failed accept (out of descriptors), before the next
 LISTEN_BACKLOG = 128  # pending connections (engines' TP ranks join at once)
-GATES: dict[int, StoreGate] = {}  # this process's open gates by port (what they refused and answered)
+GATES: dict[int, StoreGate] = {}  # this process's open gates by port
 
 
 def proof(secret: str, who: bytes, *nonces: bytes) -> bytes:
@@ -92,10 +92,10 @@ class _Relay:
         while not self._closed:
             try:
                 conn, _ = self.listener.accept()
-            except OSError:  # closed, or out of descriptors for a moment (EMFILE): try again unless closed
+            except OSError:  # closed, or out of descriptors (EMFILE) for a moment
                 time.sleep(ACCEPT_RETRY_S)
                 continue
-            if not self._unproven.acquire(blocking=False):  # a flood of handshakes: the newest waits for no one
+            if not self._unproven.acquire(blocking=False):  # a flood: the newest waits for no one
                 self._refuse(conn, "too many connections proving themselves at once")
                 continue
             if not self._track(conn):
@@ -127,7 +127,7 @@ class _Relay:
     def _copy(self, src: socket.socket, dst: socket.socket, ended: list[int], answers: bool = False) -> None:
         try:
             while chunk := src.recv(1 << 16):
-                if answers:  # counted before it is passed on: whoever got the bytes sees them counted
+                if answers:  # counted before it is passed on
                     self.answered += len(chunk)
                 dst.sendall(chunk)
         except OSError:
@@ -140,7 +140,7 @@ class _Relay:
             self._drop(dst)
         else:
             try:
-                dst.shutdown(socket.SHUT_WR)  # pass the end on; the other direction may still carry a reply
+                dst.shutdown(socket.SHUT_WR)  # the other direction may still carry a reply
             except OSError:
                 pass
 
@@ -181,7 +181,7 @@ class _Relay:
             self._closed = True
             socks, self._open = list(self._open), set()
         try:
-            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept (close alone leaves it listening)
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept (close alone does not)
         except OSError:
             pass
         self.listener.close()
@@ -233,18 +233,18 @@ class StoreDoor(_Relay):
         if (uid := peer_uid(conn)) != os.getuid():
             self._refuse(conn, f"uid {uid}, not ours")
             return None
-        # A torch client speaks first, with its store protocol (never MAGIC's first byte); its bytes stay
-        # where they are (peeked): torch's store drops a client whose first message arrives split.
+        # a torch client speaks first (never MAGIC's first byte); peeked, as torch's store drops a
+        # client whose first message arrives split
         conn.settimeout(max(deadline - time.monotonic(), 0.001))
         first = conn.recv(1, socket.MSG_PEEK)
-        inner = first == MAGIC[:1]  # another door (an engine's own, behind its server's): it answers the gate itself
+        inner = first == MAGIC[:1]  # an engine's door behind its server's: it answers the gate
         if not first or inner and recv_exact(conn, len(MAGIC), deadline) != MAGIC:
             return None
         upstream = socket.create_connection(self.target, timeout=HANDSHAKE_S)
         try:
             if inner:
                 upstream.sendall(MAGIC)
-            else:  # prove the name, and only after the gate proved it too (a squatter on the port learns nothing)
+            else:  # prove the name only after the gate proved it (a squatter learns nothing)
                 ours = os.urandom(NONCE_BYTES)
                 upstream.sendall(MAGIC + ours)
                 challenge = recv_exact(upstream, NONCE_BYTES, deadline)
@@ -270,7 +270,7 @@ def peer_uid(conn: socket.socket) -> int | None:
                 next(f)
                 for line in f:
                     fields = line.split()
-                    # established and still owned (a closed socket's TIME_WAIT entry says uid 0, inode 0)
+                    # established and still owned (a TIME_WAIT entry says uid 0, inode 0)
                     if (fields[1], fields[2]) == want and fields[3] == "01" and fields[9] != "0":
                         return int(fields[7])
         except (OSError, StopIteration, IndexError, ValueError):
