@@ -29,8 +29,7 @@ _URL_PASSWORD = re.compile(r"(://[^/@:\s]+:)[^/@\s]+@")
 
 
 def engine_api_key(run_dir: str | Path, environ: Mapping[str, str] = os.environ) -> str | None:
-    """The job's engine API key: ``ENGINE_KEY_ENV``, else the key file of ``run_dir``
-    (``KEY_FILE``), else None (the job has none)."""
+    """The job's engine API key: ``ENGINE_KEY_ENV``, else ``run_dir``'s ``KEY_FILE``, else None."""
     return environ.get(ENGINE_KEY_ENV) or read_key_file(run_dir)
 
 
@@ -55,8 +54,7 @@ def read_key_file(run_dir: str | Path) -> str | None:
 
 
 def ensure_key_file(run_dir: str | Path) -> str:
-    """The engine API key of the job in ``run_dir``: read from ``<run_dir>/secrets/engine_api_key``,
-    or made (32 random bytes, URL-safe) and written there readable by the owner only."""
+    """The engine API key in ``run_dir``'s ``KEY_FILE``, made there (owner-only) when missing."""
     path = Path(run_dir) / KEY_FILE
     key = read_key_file(run_dir)
     if key:
@@ -71,9 +69,8 @@ def ensure_key_file(run_dir: str | Path) -> str:
 
 
 def redact(value: Any) -> Any:
-    """``value`` with the value of every mapping key that names a credential (``SECRET_FIELD``)
-    and the password of every ``scheme://user:password@host`` URL replaced by ``<redacted>``,
-    recursively through dicts and lists (a copy; the input is not changed)."""
+    """A copy of ``value`` with every credential-named key's value (``SECRET_FIELD``) and every
+    URL's password replaced by ``<redacted>``, recursively."""
     if isinstance(value, Mapping):
         return {k: REDACTED if isinstance(k, str) and SECRET_FIELD.search(k) and v not in (None, "")
                 else redact(v) for k, v in value.items()}

@@ -65,8 +65,7 @@ class _Dealer:
 
     @staticmethod
     def _payload(req_id: bytes, frames: list[zmq.Frame]):
-        """The reply's payload if ``frames`` answer ``req_id``, else None: a late reply to an
-        abandoned request is dropped."""
+        """The reply's payload if ``frames`` answer ``req_id``, else None (a late reply)."""
         if len(frames) != 2 or frames[0].bytes != req_id:
             return None
         return frames[1].buffer
@@ -142,8 +141,7 @@ class AsyncClient(_Dealer):
         return [None if p is None else decoded(p) for p in payloads]
 
     async def _wait(self, req_ids: list[bytes], timeout: float) -> list:
-        """The payloads of the replies to ``req_ids`` (in any order on the wire); None for those still
-        unanswered once ``timeout`` passed without a reply to any of them."""
+        """The payloads of the replies to ``req_ids``; None for those unanswered at the timeout."""
         loop, sock = asyncio.get_running_loop(), self._sock
         waiting = {req_id: i for i, req_id in enumerate(req_ids)}
         out: list = [None] * len(req_ids)

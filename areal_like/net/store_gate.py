@@ -75,8 +75,7 @@ def recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
 
 
 class _Relay:
-    """A listening socket whose accepted connections are handed to ``_admit`` in threads of their own,
-    each admitted one piped to an upstream socket; ``close`` ends the listener and every pipe."""
+    """A listener whose connections ``_admit`` (each in a thread) pipes to an upstream socket."""
 
     def __init__(self, listener: socket.socket, name: str):
         self.listener, self.port = listener, listener.getsockname()[1]
@@ -279,8 +278,7 @@ def peer_uid(conn: socket.socket) -> int | None:
 
 
 def _hex_endpoint(host: str, port: int, v6: bool) -> str:
-    """An IPv4 ``host:port`` as /proc/net/tcp (``v6``: tcp6, IPv4-mapped) writes it: the address in
-    32-bit words, each as a little-endian hex number, then the port."""
+    """An IPv4 ``host:port`` as /proc/net/tcp (``v6``: tcp6, IPv4-mapped) writes it."""
     raw = (bytes(10) + b"\xff\xff" if v6 else b"") + socket.inet_aton(host)
     words = "".join(f"{int.from_bytes(raw[i:i + 4], 'little'):08X}" for i in range(0, len(raw), 4))
     return f"{words}:{port:04X}"

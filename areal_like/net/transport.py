@@ -116,8 +116,7 @@ def local_addresses(directory: str | os.PathLike) -> tuple[str, str]:
 
 
 def recv_parts(sock: zmq.Socket, flags: int) -> list[zmq.Frame]:
-    """``sock.recv_multipart(flags, copy=False)`` without asking the socket for RCVMORE per part
-    (a synchronous socket; only the first part can raise zmq.Again: a message arrives whole)."""
+    """``sock.recv_multipart(flags, copy=False)`` without asking for RCVMORE per part."""
     parts = [sock.recv(flags, copy=False)]
     while parts[-1].more:
         parts.append(sock.recv(flags, copy=False))

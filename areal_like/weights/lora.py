@@ -27,8 +27,7 @@ def peft_config(lora: LoraConfig):
 
 
 def served_name(version: int, plan_id: str) -> str:
-    """The name an engine that loads adapters by name (SGLang) gives the adapter of ``plan_id``
-    pushing ``version``: what its generate requests, and the log-prob guard's probe, name."""
+    """The name an engine loading adapters by name (SGLang) gives the adapter of ``plan_id``."""
     return f"policy-v{version}-{plan_id}"
 
 

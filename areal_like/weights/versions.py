@@ -38,8 +38,7 @@ def local_versions() -> RuntimeVersions:
 
 
 def from_server_info(info: dict[str, Any]) -> RuntimeVersions:
-    """The versions an engine's ``/server_info`` reports (``torch_version``, ``cuda_version``,
-    ``nccl_version``); empty where it reports none (SGLang 0.5.23 does not)."""
+    """The versions an engine's ``/server_info`` reports ("" where it reports none)."""
     return RuntimeVersions(*(str(info.get(f"{k}_version") or "") for k in ("torch", "cuda", "nccl")))
 
 

@@ -272,8 +272,7 @@ def encode(msg: Message) -> bytes:
 
 
 def encode_into(msg: Message, buffer: bytearray) -> None:
-    """``encode`` into a caller-owned buffer (resized to the frame, allocation kept): the transport
-    reuses one buffer per socket instead of allocating every frame."""
+    """``encode`` into a caller-owned buffer (resized to the frame, allocation kept)."""
     _top_level(msg)
     try:
         _ENCODER.encode_into(msg, buffer)
