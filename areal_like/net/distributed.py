@@ -98,7 +98,7 @@ def _host_group(backend: str, master_addr: str, master_port: int, world_size: in
 
     server = host_store("127.0.0.1", 0, world_size, connect)  # loopback only: members come through the gate
     try:
-        gate = StoreGate(master_addr, master_port, group_name, server.port)
+        gate = StoreGate(master_addr, master_port, group_name, server.port, store=server)
     except BaseException:
         del server
         raise
@@ -132,19 +132,8 @@ def _host_group(backend: str, master_addr: str, master_port: int, world_size: in
     if "error" in result:
         gate.close()
         raise result["error"]
-    _HOSTED[result["pg"]] = _Hosted(server, gate)
+    _HOSTED[result["pg"]] = gate  # and through it the store server
     return result["pg"]
-
-
-class _Hosted:
-    """Rank 0's store server and the gate in front of it, kept (and closed) with their group."""
-
-    def __init__(self, server, gate: StoreGate):
-        self.server, self.gate = server, gate
-
-    def close(self) -> None:
-        self.gate.close()
-        self.server = None  # the store server closes with its last reference
 
 
 def _build_group(backend: str, raw, master_addr: str, world_size: int, rank: int, group_name: str,

@@ -189,10 +189,11 @@ class _Relay:
 
 
 class StoreGate(_Relay):
-    """On ``host:port``: admits connections that prove ``secret``, piped to the store on loopback ``store_port``."""
+    """On ``host:port``: admits connections that prove ``secret``, piped to the store on loopback
+    ``store_port``; ``store`` (rank 0's store server) is kept while the gate is open."""
 
-    def __init__(self, host: str, port: int, secret: str, store_port: int):
-        self.secret, self.store_port = secret, store_port
+    def __init__(self, host: str, port: int, secret: str, store_port: int, store: object = None):
+        self.secret, self.store_port, self.store = secret, store_port, store
         super().__init__(listen_on(host, port), f"store-gate-{port}")
         GATES[self.port] = self
 
@@ -200,6 +201,7 @@ class StoreGate(_Relay):
         if GATES.get(self.port) is self:
             del GATES[self.port]
         super().close()
+        self.store = None  # the store server closes with its last reference
 
     def _admit(self, conn: socket.socket, deadline: float) -> socket.socket | None:
         challenge = os.urandom(NONCE_BYTES)
