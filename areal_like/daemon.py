@@ -1,17 +1,9 @@
-"""Lifecycle skeleton shared by every daemon: start / run / stop, signals, recorded failures.
+"""Lifecycle skeleton shared by every daemon: ``serve()`` installs SIGTERM/SIGINT handlers that
+request a graceful stop, starts ``/metrics`` and ``/health``, calls ``start()``, then ``run()``
+(``run_once()`` in a loop) until a stop is requested, and always ``stop()``.
 
-A daemon subclasses ``Daemon`` and implements ``run_once()`` (one iteration of its loop) or
-overrides ``run()``. ``serve()`` then:
-
-1. installs SIGTERM/SIGINT handlers that request a graceful stop;
-2. starts the ``/metrics`` + ``/health`` server on ``metrics_port`` (0 = ephemeral);
-3. calls ``start()``, then ``run()`` until ``stop_requested``;
-4. always calls ``stop()`` and shuts the metrics server down.
-
-A part of the daemon that fails while the daemon is still running (the rollout server's
-episodes, its evaluation) sets ``failure``; the main loop checks it every iteration
-(``raise_if_component_stopped``) and the daemon exits non-zero with one clear log line. A
-daemon is never left half alive.
+Invariant: a daemon is never left half alive: a part that fails while it runs sets ``failure``,
+the loop raises it (``raise_if_component_stopped``) and the daemon exits non-zero with one line.
 """
 
 from __future__ import annotations
@@ -29,11 +21,9 @@ from areal_like.net.metrics import Metrics, MetricsServer
 GRACEFUL_STOP_S = 10.0  # after SIGTERM, how long stop() may take before the launcher's kill
 
 
-# Set in every daemon's environment by the launchers (glibc reads it at process start). glibc's
-# defaults hand freed blocks over 128 KiB back to the kernel, so each trajectory group's frames
-# (hundreds of KB, allocated and freed per message by libzmq and the encoder) fault their pages in
-# again: measured ~100 us more kernel time per 400 KB group on each side (benchmarks/bench_transport.py).
-# The cost: up to 32 MiB of freed memory per malloc arena stays resident. A user's own value wins.
+# Every daemon's environment (a user's own value wins): glibc keeps freed blocks up to 32 MiB
+# (per arena) instead of handing each group's frames back to the kernel and faulting them in again
+# (~100 us per 400 KB group on each side: benchmarks/bench_transport.py).
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(32 << 20)}
 
 
@@ -41,10 +31,9 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:
-    """In a child between fork and exec (``Popen(preexec_fn=...)``): the kernel sends ``sig`` to
-    it when the thread that forked it exits (its parent process dying, also by ``kill -9``), and
-    it exits at once if ``parent`` is already gone. The signal survives ``exec`` (not of a setuid
-    program), so a ``taskset`` or ``torchrun`` in front of the daemon keeps it. No-op off Linux."""
+    """In a child between fork and exec: the kernel sends it ``sig`` when ``parent`` dies (also by
+    ``kill -9``; the signal survives ``exec``), and it exits at once if ``parent`` is gone already.
+    No-op off Linux."""
     if not sys.platform.startswith("linux"):
         return
     libc = ctypes.CDLL(None, use_errno=True)
@@ -69,10 +58,8 @@ def setup_logging(name: str, level: str | None = None) -> logging.Logger:
 
 
 def exit_process(code: int) -> None:
-    """End a daemon process whose ``main`` returned: everything is stopped and written, so flush the
-    logs and streams and skip the interpreter's teardown, whose last garbage collection over the
-    objects torch and transformers made at import spends seconds (4.4 s measured on the loaded
-    2-core machine, 0.4 s with the objects frozen) before the launcher sees the exit."""
+    """End a daemon process whose ``main`` returned: flush, and skip the interpreter's teardown
+    (its last collection over torch's and transformers' objects takes seconds)."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -84,8 +71,7 @@ class ComponentStopped(RuntimeError):
 
 
 class StartRefused(RuntimeError):
-    """What the daemon was given cannot be served by this build (its message says what to do):
-    one line and exit status 2, as for a bad configuration (no traceback)."""
+    """What the daemon was given cannot be served by this build: one line and exit status 2."""
 
 
 class Daemon:
@@ -95,7 +81,6 @@ class Daemon:
         self.log = logging.getLogger(self.name)
         self.metrics = Metrics()
         self.metrics_port = metrics_port
-        # loopback unless AREAL_LIKE_BIND_HOST names an interface (multi-node: Prometheus on another host)
         self.metrics_host = metrics_host or http_bind_host()
         self.metrics_server: MetricsServer | None = None
         self.stop_requested = threading.Event()

@@ -1,13 +1,9 @@
 """Facts of the job that its config implies but does not state: the model's vocabulary and
 context, the largest frame a group can need, the prompts in one epoch of the task.
 
-They sit above config loading: ``areal_like.settings.config`` only composes and validates settings
-and imports neither tasks, datasets nor tokenizers; this module reads the model's ``config.json``,
-the dataset and the tokenizer on behalf of the daemons that need a fact (``buffer/facts.py``,
-``trainer/loop.py``). Invariants: the vocabulary, context and frame limit are read as JSON, never
-through torch or transformers, so the buffer computes them without either; a fact that cannot be
-computed because of a setting is a ``ConfigError`` naming that key (``model.path`` without a
-``vocab_size``, an unreadable ``task.dataset_path``).
+Invariants: above config loading (which imports no task, dataset or tokenizer); the vocabulary,
+context and frame limit are read as JSON, never through torch or transformers (the buffer needs
+them without either); a fact a setting prevents is a ``ConfigError`` naming that key.
 """
 
 from __future__ import annotations
@@ -22,8 +18,7 @@ from areal_like.tasks.tokenizer import load_tokenizer
 
 def model_json(model: ModelConfig, key: str) -> object:
     """``key`` of ``model.path``'s config.json, or of its ``text_config`` (a multimodal model's
-    language half) when the top level has none; None when neither has it. A config.json that is
-    missing or is no JSON object is a ConfigError naming ``model.path``."""
+    language half); None when neither has it."""
     path = Path(model.path) / "config.json"
     try:
         cfg = json.loads(path.read_text())
@@ -37,9 +32,7 @@ def model_json(model: ModelConfig, key: str) -> object:
 
 
 def model_vocab_size(model: ModelConfig) -> int:
-    """Entries in the model's embedding: ``vocab_size`` of ``model.path``'s config.json, else
-    ``model.vocab_size`` for a model built from config. Read as JSON: the buffer checks token ids
-    against it without importing torch or transformers."""
+    """Entries in the model's embedding (``model.path``'s config.json, else ``model.vocab_size``)."""
     if not model.path:
         return model.vocab_size
     size = model_json(model, "vocab_size")
@@ -49,17 +42,14 @@ def model_vocab_size(model: ModelConfig) -> int:
 
 
 def model_context(model: ModelConfig) -> int:
-    """The model's context length: ``max_position_embeddings`` of ``model.path``'s config.json
-    (128k when it names none), else ``model.max_position_embeddings``. Read as JSON."""
+    """The model's context length (its config.json's, 128k when it names none)."""
     if not model.path:
         return model.max_position_embeddings
     size = model_json(model, "max_position_embeddings")
     return size if isinstance(size, int) and size > 0 else 128 * 1024
 
 
-# A group's frame: per trajectory its prompt ids (4 bytes a token), output ids, behaviour log-probs
-# and versions and loss mask (16 bytes an output token) and free-form metadata (reward details,
-# errors).
+# a group's frame per trajectory: 4 bytes a prompt token, 16 an output token, and metadata
 PROMPT_TOKEN_BYTES, OUTPUT_TOKEN_BYTES, TRAJECTORY_METADATA_BYTES = 4, 16, 64 * 1024
 FRAME_MARGIN = 2  # envelope, msgpack headers and what the estimate misses
 # control messages too: a weight-sync plan lists every tensor (~65 bytes each)
@@ -67,32 +57,24 @@ MIN_FRAME_BYTES = 4 * 1024 * 1024
 
 
 def request_frame_limit(cfg: RunConfig) -> int:
-    """The largest frame the buffer accepts: ``buffer.max_frame_bytes`` when set, else the biggest
-    group the job can produce, ``FRAME_MARGIN`` x ``task.group_size`` x (prompt tokens x 4 + output
-    tokens x 16 + metadata), at least ``MIN_FRAME_BYTES``. Prompts are bounded by
-    ``task.max_prompt_tokens`` or, when that is 0, by the model's context (``model_context``);
-    output tokens by ``task.max_new_tokens``, or for multi-turn episodes (``task.env``)
-    ``task.max_episode_tokens``; an agent's episode (``task.agent``) may be up to
-    ``task.max_turns`` trajectories."""
+    """The largest frame the buffer accepts: ``buffer.max_frame_bytes`` when set, else
+    ``FRAME_MARGIN`` x the biggest group the job can produce, at least ``MIN_FRAME_BYTES``."""
     if cfg.buffer.max_frame_bytes:
         return cfg.buffer.max_frame_bytes
     task = cfg.task
     prompt = task.max_prompt_tokens or model_context(cfg.model)
-    # a multi-turn episode's output holds every turn and every environment message after the prompt
+    # a multi-turn episode's output holds every turn and environment message
     output = max(task.max_new_tokens, task.max_episode_tokens) if task.env or task.agent else \
         task.max_new_tokens
     per_trajectory = (prompt * PROMPT_TOKEN_BYTES + output * OUTPUT_TOKEN_BYTES
                       + TRAJECTORY_METADATA_BYTES)
-    # an agent's episode is a trajectory per consistent prefix: one per call when it rewrites its
-    # history every time (rollout_server/agent_endpoint.py), each up to max_episode_tokens
+    # an agent's episode: up to one trajectory per call (rollout_server/agent_endpoint.py)
     trajectories = task.group_size * (task.max_turns if task.agent else 1)
     return max(MIN_FRAME_BYTES, FRAME_MARGIN * trajectories * per_trajectory)
 
 
 def dataset_size(task: TaskConfig, model: ModelConfig) -> int:
-    """Prompts in one epoch of the task's train split (the buffer's cursor range): after the
-    ``task.max_prompt_tokens`` filter, counted with ``model``'s tokenizer as the rollout servers
-    do."""
+    """Prompts in one epoch of the task's train split, after the ``task.max_prompt_tokens`` filter."""
     if task.name in SYNTHETIC:
         return task.num_prompts
     tokenizer = load_tokenizer(model) if task.max_prompt_tokens > 0 else None

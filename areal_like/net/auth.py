@@ -1,26 +1,8 @@
-"""A job's HTTP credentials: the engines' API key and the ``/metrics`` bearer token, and redaction.
+"""A job's HTTP credentials (the engines' API key, the ``/metrics`` bearer token), the HTTP bind
+host, and redaction. Where each comes from and who checks it: areal_like/SECURITY.md.
 
-Credentials are never configuration: they travel in the environment (the engine key also in the
-run directory's ``secrets/``), so they are never written
-to ``config.yaml``, printed by ``areal-like config`` or logged with a config.
-
-* The engine API key: every engine of the job (embedded or SGLang, ``--api-key``) requires
-  ``Authorization: Bearer <key>``; the rollout servers and the trainer's log-prob guard send it.
-  There is one key per job, and every process finds it the same way, once at start
-  (``engine_api_key(run_dir)``, kept in the daemon's facts and passed to each client and server):
-  ``ENGINE_KEY_ENV`` (``AREAL_LIKE_ENGINE_API_KEY``) if set, else the run directory's key file
-  (``KEY_FILE``: ``<run_dir>/secrets/engine_api_key``). ``areal-like run`` writes that file per
-  job (``ensure_key_file``: mode 0600 in a 0700 directory, reused on resume) and also passes the
-  key in its daemons' environment. A multi-node job shares the run directory, or exports the same
-  value on every node.
-* ``METRICS_TOKEN_ENV`` (``AREAL_LIKE_METRICS_TOKEN``): when set, every daemon's ``/metrics``
-  requires it as a bearer token (``/health`` stays open for liveness probes); Prometheus sends it
-  from a file (``authorization: credentials_file`` in ``launch/observability/prometheus.yml``).
-* ``BIND_HOST_ENV`` (``AREAL_LIKE_BIND_HOST``): the interface the daemons' HTTP ports bind;
-  unset = loopback, which is what a one-node job needs. Multi-node recipes set it.
-
-Reward and tool workers never see any of these (their names match ``SECRET_NAME``).
-``redact(text_or_mapping)`` blanks values of keys that look like secrets.
+Invariant: credentials are never configuration: they travel in the environment (the engine key
+also in ``<run_dir>/secrets/``, mode 0600), so they never reach ``config.yaml`` or a log.
 """
 
 from __future__ import annotations
@@ -47,8 +29,7 @@ _URL_PASSWORD = re.compile(r"(://[^/@:\s]+:)[^/@\s]+@")
 
 
 def engine_api_key(run_dir: str | Path, environ: Mapping[str, str] = os.environ) -> str | None:
-    """The job's engine API key: ``ENGINE_KEY_ENV``, else the key file of ``run_dir``
-    (``KEY_FILE``), else None (the job has none)."""
+    """The job's engine API key: ``ENGINE_KEY_ENV``, else ``run_dir``'s ``KEY_FILE``, else None."""
     return environ.get(ENGINE_KEY_ENV) or read_key_file(run_dir)
 
 
@@ -73,8 +54,7 @@ def read_key_file(run_dir: str | Path) -> str | None:
 
 
 def ensure_key_file(run_dir: str | Path) -> str:
-    """The engine API key of the job in ``run_dir``: read from ``<run_dir>/secrets/engine_api_key``,
-    or made (32 random bytes, URL-safe) and written there readable by the owner only."""
+    """The engine API key in ``run_dir``'s ``KEY_FILE``, made there (owner-only) when missing."""
     path = Path(run_dir) / KEY_FILE
     key = read_key_file(run_dir)
     if key:
@@ -89,9 +69,8 @@ def ensure_key_file(run_dir: str | Path) -> str:
 
 
 def redact(value: Any) -> Any:
-    """``value`` with the value of every mapping key that names a credential (``SECRET_FIELD``)
-    and the password of every ``scheme://user:password@host`` URL replaced by ``<redacted>``,
-    recursively through dicts and lists (a copy; the input is not changed)."""
+    """A copy of ``value`` with every credential-named key's value (``SECRET_FIELD``) and every
+    URL's password replaced by ``<redacted>``, recursively."""
     if isinstance(value, Mapping):
         return {k: REDACTED if isinstance(k, str) and SECRET_FIELD.search(k) and v not in (None, "")
                 else redact(v) for k, v in value.items()}

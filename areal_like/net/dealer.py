@@ -16,6 +16,7 @@ from areal_like.net.transport import (
     FrameWriter,
     TransportError,
     TransportTimeout,
+    decoded,
     new_socket,
     recv_parts,
 )
@@ -64,8 +65,7 @@ class _Dealer:
 
     @staticmethod
     def _payload(req_id: bytes, frames: list[zmq.Frame]):
-        """The reply's payload if ``frames`` answer ``req_id``, else None: a late reply to an
-        abandoned request is dropped."""
+        """The reply's payload if ``frames`` answer ``req_id``, else None (a late reply)."""
         if len(frames) != 2 or frames[0].bytes != req_id:
             return None
         return frames[1].buffer
@@ -110,11 +110,8 @@ class Client(_Dealer):
 
 
 class AsyncClient(_Dealer):
-    """asyncio twin of Client for daemons built on an event loop (rollout servers).
-
-    Calls are serialised with a lock; one call may carry several requests (``request_many``: all
-    sent at once, pipelined on the socket, each reply matched to its request by req_id).
-    """
+    """asyncio twin of Client (rollout servers); calls are serialised with a lock, and one may
+    pipeline several requests (``request_many``)."""
 
     def __init__(self, address: str, *, keys: security.Keys | None = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S, identity: str | None = None):
@@ -131,25 +128,20 @@ class AsyncClient(_Dealer):
         return reply
 
     async def request_many(self, msgs: list[Message], timeout_s: float | None = None) -> list:
-        """Send ``msgs`` at once and return their replies in order: each a Message, a ProtocolError
-        (a reply that does not decode), or None when none came (the socket is then replaced, as after
-        any timeout). ``timeout_s`` bounds the wait for the next reply, not for all of them. Raises
-        TransportTimeout when a send fails (the send queue is full)."""
+        """Send ``msgs`` at once; their replies in order, each a Message, a ProtocolError or None
+        (none came: the socket is then replaced). ``timeout_s`` bounds the wait for the next reply;
+        TransportTimeout when a send fails."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
-        async with self._lock:
-            return await self._exchange(msgs, timeout)
-
-    async def _exchange(self, msgs: list[Message], timeout: float) -> list:
         if not msgs:
             return []
-        payloads = await self._wait([self._send(msg) for msg in msgs], timeout)
-        if None in payloads:
-            self.reconnect()  # fresh socket: late replies to the unanswered ones are discarded
-        return [None if p is None else _decoded(p) for p in payloads]
+        async with self._lock:
+            payloads = await self._wait([self._send(msg) for msg in msgs], timeout)
+            if None in payloads:
+                self.reconnect()  # fresh socket: late replies to the unanswered ones are discarded
+        return [None if p is None else decoded(p) for p in payloads]
 
     async def _wait(self, req_ids: list[bytes], timeout: float) -> list:
-        """The payloads of the replies to ``req_ids`` (in any order on the wire); None for those still
-        unanswered once ``timeout`` passed without a reply to any of them."""
+        """The payloads of the replies to ``req_ids``; None for those unanswered at the timeout."""
         loop, sock = asyncio.get_running_loop(), self._sock
         waiting = {req_id: i for i, req_id in enumerate(req_ids)}
         out: list = [None] * len(req_ids)
@@ -162,10 +154,3 @@ class AsyncClient(_Dealer):
                 out[i] = frames[1].buffer
                 deadline = loop.time() + timeout  # progress: the next reply gets the whole timeout
         return out
-
-
-def _decoded(payload) -> Message | ProtocolError:
-    try:
-        return decode(payload)
-    except ProtocolError as e:
-        return e

@@ -1,48 +1,16 @@
-"""The weight-update process group between trainer rank 0 and engine ranks.
+"""The weight-update process group between trainer rank 0 and the engines' ranks, built as SGLang
+and verl build it (a TCP rendezvous, a PrefixStore named after the group,
+``_new_process_group_helper``), since the engines are not in the trainer's world. Why each NCCL
+setting: trainer/WEIGHT_SYNC.md; who can join: areal_like/SECURITY.md ("Ports").
 
-``torch.distributed.new_group`` cannot build it (every rank of the caller's default world would
-have to take part, and the engines are not in the trainer's world). We use the recipe SGLang,
-verl and slime use (their ``init_custom_process_group``): a TCP rendezvous, a PrefixStore named after the
-group, and ``_new_process_group_helper``; the result works with ``dist.broadcast(..., group=pg)``
-with or without a default group in the process. Every wait is bounded: the rendezvous and the
-connection of the ranks by ``connect_timeout_s``, every later op by ``timeout_s``.
-
-Rank 0 can give up on a rendezvous early (``check``, called every ``check_every_s`` while the
-other ranks join, raises): its store server is kept apart from the client the group uses, and
-closing the server fails every join in progress at once, its own included, so the members that
-are alive learn within a moment that this group will not form (a peer that died before joining
-would otherwise hold every one of them until the connect timeout). The server lives as long as
-the group (``destroy_weight_group`` closes it): NCCL exchanges its unique id through it at the
-first op.
-
-Who can join (threat model: areal_like/SECURITY.md). Rank 0 hosts the rendezvous store on loopback
-only, behind a gate bound to ``master_addr`` (areal_like/net/store_gate.py), and its gloo pairs
-listen on that address's interface too. Every key of the group lives under the PrefixStore named
-``group_name``, which the trainer makes unguessable per group (a random token: it reaches the
-engines only in the WeightSyncPlan, over the authenticated buffer channel), and the gate lets a
-connection reach the store only once it proved it knows that name; torch's store would otherwise
-list its keys, and with them the name, to whoever asked. A member joins through a door on its own
-loopback that answers the gate for it. An idle or garbage connection holds no join up (the gate
-serves each connection on its own and closes it within 10 s; a flood of them is denial of service by
-volume, out of scope), and every wait is bounded by the timeouts above.
-
-NCCL (checked against torch's ProcessGroupNCCL; no GPU on the machines that wrote this): a
-communicator is created lazily by the first op, and a blocking ``ncclCommInitRank`` waits forever
-for a peer that died after the rendezvous. The weight group is therefore made non-blocking
-(``Options.config.blocking = 0``: init and every op return at once and are waited on with the
-group's timeout), and ``TORCH_NCCL_ASYNC_ERROR_HANDLING=2`` (CleanUpOnly) is in force while the
-group is constructed, which is when ProcessGroupNCCL reads it: a timed-out op then aborts this
-group's communicator and raises, instead of ending the whole process (the default, 3, would end
-a trainer whose only fault is a dead engine).
-
-Non-blocking is not enough on its own: the first op waits for the lazily created communicator in
-torch's c10d (``C10D_NCCL_CHECK_TIMEOUT_SLEEP`` around ``ncclCommInitRankConfig``) while it holds
-the communicator's mutex, and ``abort()`` takes the same mutex, so an abort from a watchdog waits
-until every member is ready or that wait gives up. The wait gives up after
-``TORCH_NCCL_NONBLOCKING_TIMEOUT`` seconds (whole seconds, default 1800), which torch reads ONCE
-per process, at its first non-blocking NCCL call (a function-local static in NCCLUtils.cpp).
-``set_nccl_nonblocking_timeout`` sets it from the sync deadline; the trainer calls it before it
-creates any process group (trainer/model.py ``init_distributed``).
+Invariants: every wait is bounded (the rendezvous and the ranks' connection by
+``connect_timeout_s``, every later op by ``timeout_s``); rank 0 hosts the store on loopback behind
+a ``StoreGate`` on ``master_addr`` and members join through a ``StoreDoor``; rank 0 can abandon a
+rendezvous (``check`` raised): closing the store server fails every join at once; the store
+server and gate live as long as the group (``destroy_weight_group``); an NCCL group is
+non-blocking with ``TORCH_NCCL_ASYNC_ERROR_HANDLING=2`` while it is built, so a dead engine
+aborts that group, never the trainer (``set_nccl_nonblocking_timeout`` before the first NCCL
+call bounds the lazy communicator's creation).
 """
 
 from __future__ import annotations
@@ -56,9 +24,8 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import timedelta
 
-from areal_like.net.store_gate import StoreDoor, StoreGate
+from areal_like.net.store_gate import StoreDoor, StoreGate, listen_on
 
-LISTEN_BACKLOG = 128  # pending connections to the rendezvous port (engines' TP ranks join at once)
 ABANDON_JOIN_S = 5.0  # after an abort: how long rank 0 waits for its own join to fail (it does at once)
 _HOSTED: dict = {}  # group -> rank 0's store and gate, or a member's door (closed with the group)
 
@@ -77,12 +44,8 @@ def _ephemeral_low() -> int | None:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` now, for a process to bind later.
-
-    Chosen at random BELOW the kernel's ephemeral range (where it is on Linux), so a socket bound to
-    port 0 in between, in any process (the buffer's publisher, a torch store), cannot take it; a
-    port picked from the ephemeral range itself was taken that way on a loaded machine. Checked
-    free by binding it, and never handed out twice by one process."""
+    """A TCP port free on ``host`` now, for a process to bind later: at random below the kernel's
+    ephemeral range (where a bind to port 0 elsewhere cannot take it meanwhile), never twice."""
     low = _ephemeral_low()
     if low is not None and low - _FIXED_LOW >= 1000:
         for _ in range(200):
@@ -115,8 +78,7 @@ def init_weight_group(backend: str, master_addr: str, master_port: int, world_si
 
     door = StoreDoor(master_addr, master_port, group_name)  # answers rank 0's gate for our store client
     try:
-        # Under torchrun TORCHELASTIC_USE_AGENT_STORE=True makes a tcp:// rendezvous connect to the elastic
-        # agent's store instead of hosting its own, and the weight group would never form.
+        # under torchrun a tcp:// rendezvous would otherwise connect to the elastic agent's store
         with _env({"TORCHELASTIC_USE_AGENT_STORE": "False"}):
             raw, rank, world_size = next(rendezvous(f"tcp://127.0.0.1:{door.port}", rank, world_size,
                                                     timeout=connect))
@@ -130,13 +92,13 @@ def init_weight_group(backend: str, master_addr: str, master_port: int, world_si
 
 def _host_group(backend: str, master_addr: str, master_port: int, world_size: int, group_name: str,
                 timeout: timedelta, connect: timedelta, check: Callable[[], None] | None, check_every_s: float):
-    """Rank 0: serve the store, join the group through a client of it in a helper thread, and run
-    ``check`` meanwhile; on an exception from ``check`` close the server (every join fails) and re-raise."""
+    """Rank 0: serve the store and join through a client of it in a helper thread, running
+    ``check`` meanwhile; if it raises, close the server (every join fails) and re-raise."""
     from torch.distributed import TCPStore
 
     server = host_store("127.0.0.1", 0, world_size, connect)  # loopback only: members come through the gate
     try:
-        gate = StoreGate(master_addr, master_port, group_name, server.port)
+        gate = StoreGate(master_addr, master_port, group_name, server.port, store=server)
     except BaseException:
         del server
         raise
@@ -170,19 +132,8 @@ def _host_group(backend: str, master_addr: str, master_port: int, world_size: in
     if "error" in result:
         gate.close()
         raise result["error"]
-    _HOSTED[result["pg"]] = _Hosted(server, gate)
+    _HOSTED[result["pg"]] = gate  # and through it the store server
     return result["pg"]
-
-
-class _Hosted:
-    """Rank 0's store server and the gate in front of it, kept (and closed) with their group."""
-
-    def __init__(self, server, gate: StoreGate):
-        self.server, self.gate = server, gate
-
-    def close(self) -> None:
-        self.gate.close()
-        self.server = None  # the store server closes with its last reference
 
 
 def _build_group(backend: str, raw, master_addr: str, world_size: int, rank: int, group_name: str,
@@ -207,28 +158,17 @@ def _build_group(backend: str, raw, master_addr: str, world_size: int, rank: int
 
 
 def host_store(master_addr: str, master_port: int, world_size: int, timeout: timedelta):
-    """Rank 0's rendezvous TCPStore server, listening on ``master_addr`` only (SGLang's engines join it
-    with torch's ``tcp://`` rendezvous). It does not wait for the ranks: their joins wait on each other
-    (``_build_group``), and rank 0 can close it while they do."""
+    """Rank 0's rendezvous TCPStore server on ``master_addr`` only; it does not wait for the ranks
+    (rank 0 can close it while they join)."""
     from torch.distributed import TCPStore
 
-    family, kind, proto, _, address = socket.getaddrinfo(master_addr, master_port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port of an earlier group in TIME_WAIT
-        sock.bind(address)
-        sock.listen(LISTEN_BACKLOG)
-    except OSError:
-        sock.close()
-        raise
-    # the store's server takes the descriptor over (and closes it with the store)
+    sock = listen_on(master_addr, master_port)  # the store's server takes the descriptor over
     return TCPStore(master_addr, master_port, world_size, True, timeout, wait_for_workers=False,
                     master_listen_fd=sock.detach(), use_libuv=True)
 
 
 def interface_of(address: str) -> str | None:
-    """The name of the local interface that holds ``address`` (None: not a local address, e.g. a name
-    that resolves elsewhere; gloo then picks its default as before)."""
+    """The name of the local interface that holds ``address`` (None: not a local address)."""
     import psutil
 
     try:
@@ -245,9 +185,8 @@ NCCL_NONBLOCKING_TIMEOUT = "TORCH_NCCL_NONBLOCKING_TIMEOUT"
 
 
 def set_nccl_nonblocking_timeout(deadline_s: float) -> int:
-    """Bound torch's wait for a non-blocking NCCL communicator (module docstring) by ``deadline_s``,
-    rounded up to whole seconds; returns that. Call before this process's first NCCL call: torch
-    reads the variable only then, and never again."""
+    """Bound torch's wait for a non-blocking NCCL communicator by ``deadline_s`` (whole seconds,
+    returned); before this process's first NCCL call, when torch reads it once."""
     seconds = max(1, math.ceil(deadline_s))
     os.environ[NCCL_NONBLOCKING_TIMEOUT] = str(seconds)
     return seconds

@@ -1,46 +1,18 @@
-"""A hardened aiohttp server: bearer tokens, size limits, read deadlines, connection and request caps.
+"""A hardened aiohttp server: every HTTP port a daemon opens (an embedded engine's API, each
+daemon's ``/metrics`` and ``/health``) is ``serve``d from a ``guarded_app``, so a client that can
+reach it cannot hold the server's memory, connections or event loop (areal_like/SECURITY.md,
+"Ports"; what each limit answers: ``HttpLimits``).
 
-Every HTTP port a daemon opens (an embedded engine's SGLang API, each daemon's ``/metrics`` and
-``/health``) is served through ``serve(app, host, port, limits, token=...)``, so a client that
-can reach the port cannot hold the server's memory, connections or event loop:
-
-* ``HttpLimits.max_connections`` open connections. At the cap, a new connection first makes room
-  by closing the oldest *kept-alive connection nobody vouched for* (``evicted``): one idle after
-  its last answer for ``EVICT_IDLE_S``, with nothing unread in its socket, that never showed the
-  bearer token on a path that needs it (a stranger after an open ``/health``, or any client of a
-  server without a token). A connection that has not sent a whole request yet is never evicted
-  (a real client may be slow to write it): it holds its slot until the header deadline. If no
-  slot can be freed the new connection is refused (``connections_refused``): on a server with a
-  ``health`` answer (each daemon's ``/metrics`` port) its request line is read first (at most
-  ``HEAD_PEEK_BYTES``, within ``REFUSED_LINGER_S``) and a ``GET /health`` is answered from the
-  daemon's own state, so the cap never starves liveness probes (measured: 64 idle strangers on a
-  ``/metrics`` port made ``/health`` answer 503 and ``areal-like status`` say DOWN); anything
-  else gets ``503`` and is closed, never parsed further (the socket lingers up to
-  ``REFUSED_LINGER_S`` for the client to read the answer, as a reset would lose it);
-* ``max_inflight`` requests being handled; the next one gets ``429`` (``requests_refused``).
-  Requests to ``capped_paths`` count (all paths when it is None): an engine caps ``/generate``,
-  whose calls may wait for long, so that its pause, continue and weight-update calls always
-  get through;
-* a request line or header field longer than ``max_header_bytes`` -> ``431``; more than
-  ``max_headers`` header fields -> ``431``;
-* a body over ``max_body_bytes`` -> ``413`` (from ``Content-Length`` before anything is read,
-  else as the bytes arrive); compressed bodies are not inflated (no decompression bombs);
-* the request line and headers must arrive within ``header_timeout_s`` of the first byte of
-  the request (or of the connection, for its first request), and the whole body within
-  ``body_timeout_s`` of the headers: a client sending one byte a second is cut off (the
-  connection closed, ``408`` for a late body), whatever each byte's spacing;
-* an idle keep-alive connection is closed after ``keepalive_s``;
-* with ``token``, every path outside ``open_paths`` needs ``Authorization: Bearer <token>``;
-  otherwise ``401`` with ``Connection: close``: the connection ends with the answer, so it holds
-  no slot (compared in constant time with ``hmac.compare_digest``). The token is never logged or
-  echoed.
-
-The per-connection deadlines live in ``_GuardedHandler``, a subclass of aiohttp's
-``RequestHandler`` that watches when its parser completes a request: it reads the handler's
-``_request_count``, ``_request_in_progress`` and ``_messages`` (aiohttp has no public hook for a
-request head's arrival; checked with aiohttp 3.14 by tests/unit/test_engine_http_guard.py).
-A request's body is read by the guard middleware (within its deadline); handlers then get it
-from aiohttp's cache through ``request.read()``.
+Invariants: at most ``max_connections`` open connections: at the cap the oldest kept-alive
+connection that is idle, has nothing unread and never showed the token is evicted, else the new
+one is refused with 503 (a ``GET /health`` still answered from the daemon's state when the app
+has a ``health``); at most ``max_inflight`` requests to ``capped_paths`` (429); a request's head
+within ``header_timeout_s`` and its body within ``body_timeout_s`` (408, or the connection cut);
+a head over the size limits -> 431, a body over ``max_body_bytes`` -> 413, never inflated; with
+``token``, a path outside ``open_paths`` without ``Bearer <token>`` -> 401 and the connection
+closed (constant-time comparison, never logged). The head deadline reads aiohttp's
+``RequestHandler`` state (``_request_count``, ``_request_in_progress``, ``_messages``): no public
+hook exists (pinned by tests/unit/test_engine_http_guard.py).
 """
 
 from __future__ import annotations
@@ -73,7 +45,7 @@ TOO_MANY_CONNECTIONS = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: appl
 
 @dataclass(frozen=True, kw_only=True)
 class HttpLimits:
-    """What one client may cost a server (module docstring); the defaults suit an engine's API."""
+    """What one client may cost a server; the defaults suit an engine's API."""
 
     max_body_bytes: int = 64 * 2**20  # a weight bucket sent as /update_weights_from_tensor fits
     max_header_bytes: int = 8190  # one request line or header field (aiohttp's default)
@@ -142,8 +114,8 @@ class _Guard:  # noqa: D101 - the limits, token and counters of one server
 
 
 def _readable(fd: int) -> bool:
-    """Whether ``fd`` has something unread (or is at EOF). ``poll``, not ``select``: a daemon
-    with many files open (an engine) has sockets numbered past FD_SETSIZE, which select refuses."""
+    """Whether ``fd`` has something unread (or is at EOF); ``poll``: select refuses fds past
+    FD_SETSIZE."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     return bool(poller.poll(0))
@@ -185,11 +157,8 @@ class _GuardedHandler(RequestHandler):
         self._arm()
 
     def evictable(self) -> bool:
-        """Kept alive after a request (never one still to send its first), never vouched for by
-        the token, idle (no request being read or handled), silent for ``EVICT_IDLE_S`` and with
-        nothing unread in its socket."""
-        # aiohttp's RequestHandler state, read with defaults: should a release rename one, no
-        # connection is evicted (the cap then only refuses) rather than the check raising
+        """Served a request, never vouched for, idle for ``EVICT_IDLE_S``, nothing unread."""
+        # aiohttp's state, read with defaults: should a release rename one, nothing is evicted
         served = getattr(self, "_request_count", 0)
         busy = getattr(self, "_request_in_progress", True) or getattr(self, "_messages", True)
         if self.vouched or not served or busy:
@@ -208,10 +177,9 @@ class _GuardedHandler(RequestHandler):
             self.transport.abort()
 
     def _refuse(self, transport) -> None:
-        """Answer 503 (or, with a ``health`` answer, a ``GET /health``: ``_peek``) and close without
-        parsing a request. Closing a socket with the client's request unread would reset it (and
-        lose the answer), so the socket lingers (reads discarded) until the client closes or
-        ``REFUSED_LINGER_S``, as long as fewer than max_connections do."""
+        """Answer 503 (or a ``GET /health``: ``_peek``) without parsing a request, then linger
+        (reads discarded; closing unread would reset and lose the answer) while fewer than
+        max_connections do."""
         stats = self._guard.stats
         self._refused, self._sink = True, transport
         stats.connections_refused += 1
@@ -252,8 +220,7 @@ class _GuardedHandler(RequestHandler):
         self._deadline = self._loop.call_later(REFUSED_LINGER_S, self._sink.abort)
 
     def _peek(self, data: bytes) -> None:
-        """A refused connection's first bytes: a ``GET /health`` is answered from the daemon's
-        state, anything else with 503, once its request line is in (or ``HEAD_PEEK_BYTES``)."""
+        """A refused connection's request line: a ``GET /health`` is answered, anything else 503."""
         self._head += data[:HEAD_PEEK_BYTES]
         if b"\r\n" not in self._head and len(self._head) < HEAD_PEEK_BYTES:
             return
@@ -371,11 +338,8 @@ def guarded_app(*, limits: HttpLimits, token: str | TokenCheck | None = None,
                 open_paths: tuple[str, ...] = (), capped_paths: tuple[str, ...] | None = None,
                 middlewares: tuple = (),
                 health: HealthAnswer | None = None) -> web.Application:
-    """An ``aiohttp`` application whose first middleware enforces ``limits`` and ``token``
-    (``open_paths`` need none; only ``capped_paths`` count against ``max_inflight``, None = all);
-    ``serve`` it to get the connection-level limits too. ``token`` may be a check of the
-    ``Authorization`` header instead (a server with a key per client). ``health``: (status, JSON
-    body) for a ``GET /health`` that comes past the connection cap (module docstring)."""
+    """An ``aiohttp`` application whose first middleware enforces ``limits`` and ``token`` (or a
+    check of the ``Authorization`` header); ``serve`` it for the connection limits too."""
     guard = _Guard(limits, token, frozenset(open_paths),
                    None if capped_paths is None else frozenset(capped_paths), health)
     app = web.Application(middlewares=[_guard_middleware(guard), *middlewares], client_max_size=limits.max_body_bytes)

@@ -1,9 +1,8 @@
 """Prometheus ``/metrics`` and ``/health`` on a daemon's own port, from its own registry.
 
-Metric names are hierarchical and stable (``buffer/staleness_max``); the Prometheus name is the
-same with ``/`` replaced by ``_`` and the ``areal_`` prefix (``areal_buffer_staleness_max``).
-Each daemon builds its metrics on a private ``CollectorRegistry`` so tests can run several
-daemons in one process and nothing collides.
+Invariants: a metric's hierarchical name is stable (``buffer/staleness_max``), its Prometheus name
+is ``areal_`` + the name with ``/`` as ``_``; each daemon has a private ``CollectorRegistry`` (several
+daemons in one test process never collide).
 """
 
 from __future__ import annotations
@@ -61,8 +60,7 @@ class Metrics:
         return self._get(Histogram, name, doc, labels, **kw)
 
     def count_to(self, name: str, doc: str, total: float) -> None:
-        """The counter ``name`` brought up to ``total``, a running count kept elsewhere (it only
-        grows within a process): Prometheus counters are incremented, never set."""
+        """The counter ``name`` brought up to ``total``, a running count kept elsewhere."""
         counter = self.counter(name, doc)
         with self._lock:
             last = self._totals.get(name, 0.0)
@@ -75,17 +73,9 @@ class Metrics:
 
 
 class MetricsServer:
-    """HTTP server: ``GET /metrics`` (Prometheus text) and ``GET /health`` (JSON, 200 or 503).
-
-    ``health`` returns ``(ok, details)``; it is called on every probe, so keep it cheap.
-    ``extra_text`` (optional) lets a daemon append more exposition text (e.g. SGLang-named series).
-    ``token``: ``/metrics`` then needs ``Authorization: Bearer <token>`` (``/health`` stays open).
-
-    It is an ``http_guard`` server on an event loop of its own thread: connections, requests,
-    header and body sizes and read deadlines are capped by ``limits`` (idle or slow clients are
-    cut off, never one thread each), and ``/metrics`` and ``/health`` run on a pool of
-    ``RENDER_THREADS`` threads, so a slow render or probe holds no more than those.
-    """
+    """``GET /metrics`` (Prometheus text, plus ``extra_text``; with ``token``, only with it) and
+    ``GET /health`` (``health()``'s ``(ok, details)`` as JSON, 200 or 503): an ``http_guard``
+    server on its own thread's loop, rendering on ``RENDER_THREADS`` threads."""
 
     def __init__(self, metrics: Metrics, port: int, host: str = "127.0.0.1",
                  health: Callable[[], tuple[bool, dict]] | None = None,
@@ -118,7 +108,7 @@ class MetricsServer:
         return self._server.stats
 
     def start(self) -> MetricsServer:
-        """Kept for callers: the server answers from construction on."""
+        """The server answers from construction on."""
         return self
 
     def stop(self) -> None:

@@ -1,10 +1,7 @@
-"""Who may announce a policy version to the buffer: the trainer's peer identity.
-
-Only trainer rank 0's weight-sync client sends ``VersionUpdate``; its ZeroMQ routing id is
-``f"{TRAINER_PEER}-<6 hex>"`` (``dealer.Client(identity=TRAINER_PEER)``). The buffer refuses a
-``VersionUpdate`` from any other routing id, and a rollout server may not register under a
-server id that would take the trainer's prefix. This tells a legitimate peer that misbehaves (a
-test tool, a rollout server with a bug) from the trainer; it is no authentication.
+"""Who may announce a policy version: the trainer's weight-sync client, whose routing id is
+``f"{TRAINER_PEER}-<6 hex>"``. The buffer refuses a ``VersionUpdate`` from any other routing id and
+a server id that would take the prefix. It tells a misbehaving member from the trainer; it is no
+authentication (that is the CURVE key's role).
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ import zmq
 import zmq.asyncio
 
 from areal_like.net import security
-from areal_like.net.transport import FrameWriter, bind_both, new_socket
-from areal_like.wire.protocol import Message, ProtocolError, decode
+from areal_like.net.transport import FrameWriter, bind_both, decoded, new_socket
+from areal_like.wire.protocol import Message, ProtocolError
 
 
 class Publisher:
@@ -48,23 +48,16 @@ class Subscriber:
         """The next valid announcement within ``timeout_s``, or None (undecodable frames are skipped)."""
         deadline = time.monotonic() + timeout_s
         while self._sock.poll(max(0, int((deadline - time.monotonic()) * 1000)), zmq.POLLIN):
-            if (msg := _decoded_or_none(self._sock.recv())) is not None:
+            if not isinstance(msg := decoded(self._sock.recv()), ProtocolError):
                 return msg
         return None
 
     async def arecv(self, timeout_s: float) -> Message | None:
         deadline = time.monotonic() + timeout_s
         while await self._sock.poll(max(0, int((deadline - time.monotonic()) * 1000)), zmq.POLLIN):
-            if (msg := _decoded_or_none(await self._sock.recv())) is not None:
+            if not isinstance(msg := decoded(await self._sock.recv()), ProtocolError):
                 return msg
         return None
 
     def close(self) -> None:
         self._sock.close(linger=0)
-
-
-def _decoded_or_none(frame: bytes) -> Message | None:
-    try:
-        return decode(frame)
-    except ProtocolError:
-        return None

@@ -1,10 +1,6 @@
-"""Rate-limited logging: a warning that a peer can trigger at will is logged at most once per period.
-
-``RateLimitedLog(logger, every_s)`` keeps, per key (a kind of event), when it last logged and how
-many events went unlogged since; ``.warning(key, msg, *args)`` logs the first event of a period
-with ``(N more since the last)`` appended when some were suppressed. So 100,000 bad frames or
-requests cost a handful of log lines, and the log still says that (and how often) they happen.
-Thread-safe; ``clock`` is injectable for tests.
+"""Rate-limited logging: a warning a peer can trigger at will is logged at most once per period
+and key, with the count of those suppressed since (100,000 bad frames cost a handful of lines that
+still say how often they happen). Thread-safe.
 """
 
 from __future__ import annotations

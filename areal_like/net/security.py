@@ -1,43 +1,11 @@
-"""Who may talk to the buffer: CURVE keys, the allow-list and the refusal count (threat model: areal_like/SECURITY.md).
+"""Who may talk to the buffer: CURVE keys, the ZAP allow-list, same-node ``ipc://`` endpoints and
+the refusal count. The threat model and the key files: areal_like/SECURITY.md.
 
-A job's keys live in one directory (``security.keys_dir``, ``<run_dir>/keys`` by default), made by
-``make_keys`` (``areal-like keys RUN_DIR``; ``areal-like run`` makes them itself):
-
-    server.key, server.key_secret          the buffer's keypair (its ROUTER and PUB sockets)
-    clients/<name>.key, .key_secret        one keypair per kind of client (CLIENT_NAMES)
-
-Every file is ZeroMQ's own certificate format (``zmq.auth.create_certificates``), mode 0600 in a
-0700 directory. The public ``clients/*.key`` files are the allow-list: the buffer's ZAP handler
-(``zmq.auth.thread.ThreadAuthenticator``) admits a CURVE client only if its public key is one of
-them. A node needs ``server.key`` and its own client keypair, the buffer node ``server.key_secret``
-and ``clients/*.key``; copying the whole directory is simplest.
-
-How it is used: keys are a value, never process state. Each daemon calls ``setup(cfg, role)`` once
-at start and keeps the ``Keys`` (or None) in its facts; every socket and client it makes is given
-them (``transport.Server``/``new_socket``, ``dealer.Client``, ``pubsub``), and the transport calls
-``apply(sock, keys)`` on the socket before it binds or connects. ``apply`` makes ROUTER and PUB
-sockets CURVE servers (one authenticator per ZeroMQ context, started before the first bind) and
-DEALER and SUB sockets CURVE clients; with None (``security.curve=false``) sockets stay plain.
-
-What a refused peer sees: nothing. A client with no CURVE, a wrong server key or a key not on the
-allow-list fails the handshake, so no message of it reaches the buffer and no reply or announcement
-reaches it; its requests time out. The buffer counts each failed handshake (a socket monitor on
-every server socket; ``on_refused`` callbacks), by reason: ``unknown_key`` (a valid CURVE client
-whose key is not allowed) or ``handshake`` (no CURVE, the wrong server key, garbage). A refused
-client reconnects every ~100 ms (ZeroMQ's reconnect interval), so one stranger counts many times.
-
-Same-node endpoints (``bind``/``connect`` with an ``ipc://`` address): no CURVE, because nothing
-leaves the kernel and the cipher is the transport's biggest cost (benchmarks/bench_transport.py).
-What stands in for the keys, checked on both sides: the socket lives in a directory owned by this
-user with mode 0700 (``private_dir``; the socket file itself 0600), so only this user (and root)
-can reach it, and the ZAP handler admits a peer only if the kernel's credentials for the
-connection (SO_PEERCRED, which libzmq puts in the ZAP address as ``host:uid:gid:pid``) name this
-process's user; a peer of another user is refused and counted as ``unknown_key``. ZeroMQ applies
-security options when an endpoint is bound or connected, so one socket can serve CURVE on tcp://
-and this on ipc://; every tcp:// endpoint keeps CURVE.
-
-The ZAP handler names an admitted client by its key's file name (the ZAP User-Id: ``rollout`` or
-``trainer``): the buffer acts on a request by the role of the key that sent it (``role_of``).
+Invariants: keys are values (``setup`` once per daemon, then passed to every socket; ``apply``
+before bind/connect); every tcp:// endpoint of a server is CURVE behind the allow-list of
+``clients/*.key`` (None: plain, ``security.curve=false``); an ipc:// endpoint has no CURVE and
+admits only this user's peers (0700 directory, uid from SO_PEERCRED); an admitted CURVE client's
+ZAP User-Id is its key's name (``role_of``); every refused handshake is counted (``on_refused``).
 """
 
 from __future__ import annotations
@@ -66,8 +34,9 @@ LOCAL_ZAP_DOMAIN = "areal-like-local"  # ipc:// endpoints: peers of this user on
 IPC_PATH_MAX = 107  # bytes of an AF_UNIX socket path (sun_path holds 108 with its NUL)
 _SERVER_KINDS = (zmq.ROUTER, zmq.PUB)
 _CLIENT_KINDS = (zmq.DEALER, zmq.SUB)
-# Monitor events that mean a peer was refused, by reason (HANDSHAKE_FAILED_AUTH: the ZAP handler said no)
-_REFUSAL_EVENTS = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "unknown_key", zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake",
+# monitor events that mean a peer was refused, by reason (FAILED_AUTH: the ZAP handler said no)
+_REFUSAL_EVENTS = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "unknown_key",
+                   zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake",
                    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake"}
 REFUSAL_REASONS = ("unknown_key", "handshake", "role")  # role: transport.Server
 
@@ -78,14 +47,13 @@ class SecurityError(RuntimeError):
 
 @dataclass(frozen=True)
 class Keys:
-    """One process's CURVE material. Server: its keypair and the allow-list directory; client: the
-    server's public key and its own keypair."""
+    """One process's CURVE keypair, the server's public key and (server only) the allow-list."""
 
     role: str  # SERVER or a client name
     public: bytes
     secret: bytes = field(repr=False)  # never in a log line or a traceback's locals
     server_public: bytes
-    allow_dir: Path | None = None  # server only: the public client keys
+    allow_dir: Path | None = None
 
 
 _auths: dict[int, ThreadAuthenticator] = {}  # id(context) -> its running authenticator
@@ -94,15 +62,15 @@ _lock = threading.Lock()
 
 
 def make_keys(keys_dir: str | Path, clients: tuple[str, ...] = CLIENT_NAMES) -> list[Path]:
-    """Write the server keypair and one keypair per client name into ``keys_dir`` (mode 0700, files
-    0600). Keys that exist are kept (a run that restarts keeps its keys). Returns the files written."""
+    """Write the missing keypairs (server, one per client) into ``keys_dir`` (0700, files 0600);
+    existing keys are kept. Returns the files written."""
     keys_dir = Path(keys_dir)
     written = []
     for name, where in [(SERVER, keys_dir), *((c, keys_dir / "clients") for c in clients)]:
         if (where / f"{name}.key_secret").exists():
             continue
         where.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=where, prefix=".new-") as tmp:  # same filesystem: renames are atomic
+        with tempfile.TemporaryDirectory(dir=where, prefix=".new-") as tmp:  # atomic renames
             os.chmod(tmp, 0o700)
             public, secret = zmq.auth.create_certificates(tmp, name)
             for src in (Path(public), Path(secret)):
@@ -117,7 +85,7 @@ def make_keys(keys_dir: str | Path, clients: tuple[str, ...] = CLIENT_NAMES) -> 
 
 
 def load(keys_dir: str | Path, role: str) -> Keys:
-    """The keys ``role`` (SERVER or a client name) needs from ``keys_dir``; SecurityError naming what is missing."""
+    """The keys ``role`` needs from ``keys_dir``; SecurityError naming what is missing."""
     keys_dir = Path(keys_dir)
     server_public = _read(keys_dir / f"{SERVER}.key", keys_dir)[0]
     if role == SERVER:
@@ -144,9 +112,7 @@ def _read(path: Path, keys_dir: Path) -> tuple[bytes, bytes | None]:
 
 
 def setup(cfg, role: str, logger: logging.Logger | None = None) -> Keys | None:
-    """Daemon start: ``role``'s keys when ``cfg.security.curve`` (the daemon keeps them in its
-    facts), else None after saying loudly that the job's ZeroMQ traffic is open. SecurityError when
-    keys are missing."""
+    """Daemon start: ``role``'s keys, or None (loudly) with ``security.curve=false``."""
     logger = logger or log
     sec = cfg.security
     if not sec.curve:
@@ -159,13 +125,12 @@ def setup(cfg, role: str, logger: logging.Logger | None = None) -> Keys | None:
 
 
 def on_refused(callback: Callable[[str], None]) -> None:
-    """Call ``callback(reason)`` (from a monitor thread) for every refused handshake on a server socket."""
+    """Call ``callback(reason)`` (from a monitor thread) for every refused peer."""
     _refused_callbacks.append(callback)
 
 
 def role_of(frame: zmq.Frame) -> str | None:
-    """The role of the CURVE client that sent ``frame`` (its key's name, the ZAP User-Id); None when
-    it came without CURVE (a same-node ``ipc://`` peer, or security off)."""
+    """The role of the CURVE client that sent ``frame``; None without CURVE."""
     try:
         return frame.get("User-Id") or None
     except zmq.ZMQError:
@@ -173,44 +138,33 @@ def role_of(frame: zmq.Frame) -> str | None:
 
 
 def refused(reason: str) -> None:
-    """Count one refused peer (``on_refused`` callbacks): the monitor threads' path, and the
-    transport's (a request under another role's peer id)."""
+    """Count one refused peer (``on_refused`` callbacks)."""
     for callback in list(_refused_callbacks):
         callback(reason)
 
 
 def apply(sock: zmq.Socket, keys: Keys | None) -> None:
-    """The transport's hook: make ``sock`` a CURVE server or client with ``keys`` (None: plain),
-    before it binds or connects."""
-    if keys is None:
+    """Make ``sock`` a CURVE server or client (by its kind) with ``keys`` (None: plain), before
+    it binds or connects."""
+    server = sock.type in _SERVER_KINDS
+    if keys is None or not (server or sock.type in _CLIENT_KINDS):
         return
-    if sock.type in _SERVER_KINDS:
-        if keys.allow_dir is None:
-            raise SecurityError(f"a {keys.role} process cannot serve CURVE: it holds no server key")
+    if server and keys.allow_dir is None:
+        raise SecurityError(f"a {keys.role} process cannot serve CURVE: it holds no server key")
+    if server:
         _authenticator(sock.context, keys)
-        _set_curve(sock, keys)
-        _watch(sock)
-    elif sock.type in _CLIENT_KINDS:
-        _set_curve(sock, keys)
-
-
-def _set_curve(sock: zmq.Socket, keys: Keys) -> None:
-    """CURVE options for endpoints bound or connected from now on (server or client by socket kind)."""
-    if sock.type in _SERVER_KINDS:
         sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
-        sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
-        sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
-        sock.setsockopt(zmq.CURVE_SERVER, 1)
-    elif sock.type in _CLIENT_KINDS:
+    else:
         sock.setsockopt(zmq.CURVE_SERVERKEY, keys.server_public)
-        sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
-        sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
+    if server:
+        sock.setsockopt(zmq.CURVE_SERVER, 1)
+        _watch(sock)
 
 
 def _authenticator(ctx: zmq.Context, keys: Keys | None) -> None:
-    """One running ZAP handler per context (ZAP is per context): CURVE clients with exactly the keys in
-    allow_dir (server keys), ipc:// peers of this user. A daemon serves one job's keys; a process that
-    serves another keys directory later (one test after another) gets that directory's allow-list."""
+    """One running ZAP handler per context, holding the allow-list of the last ``keys`` served."""
     with _lock:
         auth = _auths.get(id(ctx))
         if auth is None:
@@ -222,7 +176,7 @@ def _authenticator(ctx: zmq.Context, keys: Keys | None) -> None:
 
 
 def client_roles(allow_dir: Path) -> dict[bytes, str]:
-    """Public key -> client name (``clients/<name>.key``): the role the ZAP handler names a client by."""
+    """Public key -> client name (``clients/<name>.key``)."""
     roles = {}
     for path in sorted(Path(allow_dir).glob("*.key")):
         public, _ = zmq.auth.load_certificate(path)
@@ -231,11 +185,11 @@ def client_roles(allow_dir: Path) -> dict[bytes, str]:
 
 
 class _Authenticator(ThreadAuthenticator):
-    """pyzmq's ZAP handler (the CURVE allow-list) plus the rule of same-node endpoints; an admitted
-    CURVE client's User-Id is its key's name (``client_roles``)."""
+    """pyzmq's ZAP handler plus the rule of same-node endpoints; a CURVE client's User-Id is its
+    key's name."""
 
     roles: dict[bytes, str] = {}
-    allow_dir: Path | None = None  # whose allow-list (and roles) it holds
+    allow_dir: Path | None = None
 
     def curve_user_id(self, client_public_key: bytes) -> str:
         return self.roles.get(bytes(client_public_key), "")
@@ -254,15 +208,14 @@ class _Authenticator(ThreadAuthenticator):
 
 
 def peer_uid(zap_address: bytes) -> int | None:
-    """The uid in the ZAP address libzmq gives an ipc:// peer (``host:uid:gid:pid``, from SO_PEERCRED);
-    None when it holds none (a libzmq built without SO_PEERCRED: such peers are refused)."""
+    """The uid in an ipc:// peer's ZAP address (``host:uid:gid:pid``); None when it holds none."""
     parts = zap_address.decode("ascii", "replace").rsplit(":", 3)
     return int(parts[1]) if len(parts) == 4 and parts[1].isdigit() else None
 
 
 def private_dir(path: str | Path, create: bool = True) -> Path:
-    """``path`` as a directory only this user can enter: not a symlink, owned by this user, no group or
-    other permission bits; made so (0700) when missing and ``create``. SecurityError naming what is wrong."""
+    """``path`` checked to be a directory only this user can enter (made 0700 when missing and
+    ``create``); SecurityError naming what is wrong."""
     path = Path(path)
     if create and not path.exists():
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -282,7 +235,7 @@ def private_dir(path: str | Path, create: bool = True) -> Path:
 
 
 def ipc_path(address: str) -> Path | None:
-    """The socket path of an ``ipc://`` address (absolute, short enough for AF_UNIX); None for any other."""
+    """The socket path of an ``ipc://`` address (checked); None for any other."""
     if not address.startswith("ipc://"):
         return None
     path = Path(address[len("ipc://"):])
@@ -295,8 +248,8 @@ def ipc_path(address: str) -> Path | None:
 
 
 def bind(sock: zmq.Socket, address: str) -> None:
-    """Bind ``sock`` on ``address``: tcp:// with its CURVE settings (``apply``), ipc:// as a same-node
-    endpoint (module docstring: private directory, socket 0600, peers of this user only, no CURVE)."""
+    """Bind ``sock`` on ``address``: tcp:// as ``apply`` set it, ipc:// without CURVE (socket
+    0600 in a private directory, peers of this user only)."""
     path = ipc_path(address)
     if path is None:
         sock.bind(address)
@@ -319,9 +272,8 @@ def bind(sock: zmq.Socket, address: str) -> None:
 
 
 def connect(sock: zmq.Socket, address: str) -> None:
-    """Connect ``sock`` to ``address``: tcp:// with its CURVE settings, ipc:// without CURVE once the
-    socket's directory is checked to be this user's alone (so the server is this user's too). The
-    socket stays without CURVE: a tcp endpoint connected later would be refused, never sent in clear."""
+    """Connect ``sock`` to ``address``: ipc:// without CURVE once its directory is checked to be
+    this user's (the socket stays so: a later tcp endpoint is refused, never sent in clear)."""
     path = ipc_path(address)
     if path is None:
         sock.connect(address)
@@ -332,11 +284,8 @@ def connect(sock: zmq.Socket, address: str) -> None:
 
 
 def _watch(sock: zmq.Socket) -> None:
-    """Count refused handshakes on ``sock`` in a thread of their own; it ends when the socket closes."""
-    events = 0
-    for event in _REFUSAL_EVENTS:
-        events |= event
-    monitor = sock.get_monitor_socket(events)
+    """Count refused handshakes on ``sock`` in a thread that ends when the socket closes."""
+    monitor = sock.get_monitor_socket(sum(_REFUSAL_EVENTS))
     threading.Thread(target=_monitor_loop, args=(monitor,), name="zap-monitor", daemon=True).start()
 
 

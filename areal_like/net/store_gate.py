@@ -1,32 +1,17 @@
-"""Who reaches a weight group's rendezvous store: a gate in front of it, a door beside each member.
+"""Who reaches a weight group's rendezvous store: a ``StoreGate`` in front of it, a ``StoreDoor``
+beside each member (the threat: areal_like/SECURITY.md, "Ports").
 
-torch's TCPStore serves whoever connects, and answers a request to list every key: a stranger who
-can reach the port would read the group's keys (the group's secret name is their prefix) and could
-then take a rank and receive the weights. So rank 0 hosts the store on loopback only, and a
-``StoreGate`` listens on the group's address instead: a connection gets through only once it has
-proven it knows the group's name (HMAC-SHA256 of a fresh random challenge, keyed by the name, which
-reaches members only in the WeightSyncPlan over the authenticated buffer channel); then its bytes
-are piped to the store and back unchanged. Anything else (a torch client, garbage, a wrong proof,
-silence past ``HANDSHAKE_S``) is closed without a byte of the store.
+torch's TCPStore serves and lists its keys (the group's secret name among them) to anyone, so rank
+0 hosts it on loopback and the gate pipes a connection to it only once it proved it knows the
+group's name. A member's torch client connects to a door on its own loopback (established
+connections of its own user only, read from ``/proc/net/tcp``) that proves it for it.
 
-A member's torch client cannot answer the challenge: it connects to a ``StoreDoor`` on its own
-loopback, which answers for it and then pipes likewise (``distributed.init_weight_group`` opens
-one for itself; a rollout server opens one for an SGLang engine). A door admits only established
-connections owned by its own user (``/proc/net/tcp``), so another user on the member's node cannot
-borrow it; it needs Linux's /proc, and its client must be on its node.
-
-Wire: door -> gate ``MAGIC`` and a 32-byte nonce; gate -> door a 32-byte challenge and its proof
-(HMAC of b"gate" and both nonces); door -> gate its proof (of b"door" and both), sent only once the
-gate's checked out, so whatever else listens on the port learns nothing; then the store's own
-protocol. A door whose client starts with ``MAGIC`` (an engine's own door behind its rollout
-server's) only carries the bytes: the inner door does the handshake. A torch client speaks first
-too, with its own protocol, so a stranger's torch client is refused at its first byte. A connection
-gets ``HANDSHAKE_S`` in all to prove itself, at most ``MAX_UNPROVEN`` try at once.
-
-Not covered (areal_like/SECURITY.md): the store's own loopback port, open to other users of rank 0's
-node while the group lives (torch's store has no access control and cannot listen on a Unix socket:
-ENOTSUP), and a passive observer of the network, which sees the store's traffic, and the name in
-it, in clear, like the broadcast itself.
+Wire: door -> gate ``MAGIC`` and a nonce; gate -> door a challenge and its proof (HMAC of b"gate"
+and both nonces, keyed by the name); door -> gate its proof (b"door"), sent only once the gate's
+checked out; then the store's own protocol. A door whose client starts with ``MAGIC`` (an
+engine's door behind its rollout server's) only carries the bytes. Anything else (a torch
+client, garbage, a wrong proof, silence past ``HANDSHAKE_S``) is closed without a byte of the
+store; at most ``MAX_UNPROVEN`` connections prove themselves at once.
 """
 
 from __future__ import annotations
@@ -42,21 +27,36 @@ import time
 from areal_like.net.ratelog import RateLimitedLog
 
 log = logging.getLogger("store_gate")
-_refusals = RateLimitedLog(log, every_s=60.0)  # a stranger can connect at will: not a line per connection
+_refusals = RateLimitedLog(log, every_s=60.0)  # a stranger can connect at will
 
 MAGIC = b"areal-like store gate/1\n"
 NONCE_BYTES = PROOF_BYTES = 32
-HANDSHAKE_S = 10.0  # a connection that has not proven itself by then is closed (in all, however slow)
+HANDSHAKE_S = 10.0  # a connection not proven by then is closed, however slow
 MAX_UNPROVEN = 64  # connections proving themselves at once; more are closed at once
 ACCEPT_RETRY_S = 0.05  # after a failed accept (out of descriptors), before the next
 LISTEN_BACKLOG = 128  # pending connections (engines' TP ranks join at once)
-GATES: dict[int, StoreGate] = {}  # this process's open gates by port (what they refused and answered)
+GATES: dict[int, StoreGate] = {}  # this process's open gates by port
 
 
 def proof(secret: str, who: bytes, *nonces: bytes) -> bytes:
     """HMAC-SHA256, keyed by the group's name, of ``who`` (b"door" or b"gate") and the nonces."""
     key = hashlib.sha256(b"areal-like store gate key\0" + secret.encode()).digest()
     return hmac.new(key, MAGIC + who + b"".join(nonces), hashlib.sha256).digest()
+
+
+def listen_on(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on ``host:port`` only (reusing a port an earlier group left in
+    TIME_WAIT)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
@@ -75,8 +75,7 @@ def recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
 
 
 class _Relay:
-    """A listening socket whose accepted connections are handed to ``_admit`` in threads of their own,
-    each admitted one piped to an upstream socket; ``close`` ends the listener and every pipe."""
+    """A listener whose connections ``_admit`` (each in a thread) pipes to an upstream socket."""
 
     def __init__(self, listener: socket.socket, name: str):
         self.listener, self.port = listener, listener.getsockname()[1]
@@ -92,10 +91,10 @@ class _Relay:
         while not self._closed:
             try:
                 conn, _ = self.listener.accept()
-            except OSError:  # closed, or out of descriptors for a moment (EMFILE): try again unless closed
+            except OSError:  # closed, or out of descriptors (EMFILE) for a moment
                 time.sleep(ACCEPT_RETRY_S)
                 continue
-            if not self._unproven.acquire(blocking=False):  # a flood of handshakes: the newest waits for no one
+            if not self._unproven.acquire(blocking=False):  # a flood: the newest waits for no one
                 self._refuse(conn, "too many connections proving themselves at once")
                 continue
             if not self._track(conn):
@@ -127,7 +126,7 @@ class _Relay:
     def _copy(self, src: socket.socket, dst: socket.socket, ended: list[int], answers: bool = False) -> None:
         try:
             while chunk := src.recv(1 << 16):
-                if answers:  # counted before it is passed on: whoever got the bytes sees them counted
+                if answers:  # counted before it is passed on
                     self.answered += len(chunk)
                 dst.sendall(chunk)
         except OSError:
@@ -140,7 +139,7 @@ class _Relay:
             self._drop(dst)
         else:
             try:
-                dst.shutdown(socket.SHUT_WR)  # pass the end on; the other direction may still carry a reply
+                dst.shutdown(socket.SHUT_WR)  # the other direction may still carry a reply
             except OSError:
                 pass
 
@@ -181,39 +180,28 @@ class _Relay:
             self._closed = True
             socks, self._open = list(self._open), set()
         try:
-            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept (close alone leaves it listening)
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept (close alone does not)
         except OSError:
             pass
         self.listener.close()
         for sock in socks:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
+            self._drop(sock)
 
 
 class StoreGate(_Relay):
-    """On ``host:port``: admits connections that prove ``secret``, piped to the store on loopback ``store_port``."""
+    """On ``host:port``: admits connections that prove ``secret``, piped to the store on loopback
+    ``store_port``; ``store`` (rank 0's store server) is kept while the gate is open."""
 
-    def __init__(self, host: str, port: int, secret: str, store_port: int):
-        self.secret, self.store_port = secret, store_port
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        listener = socket.socket(family, kind, proto)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # an earlier group's port in TIME_WAIT
-            listener.bind(address)
-            listener.listen(LISTEN_BACKLOG)
-        except OSError:
-            listener.close()
-            raise
-        super().__init__(listener, f"store-gate-{port}")
+    def __init__(self, host: str, port: int, secret: str, store_port: int, store: object = None):
+        self.secret, self.store_port, self.store = secret, store_port, store
+        super().__init__(listen_on(host, port), f"store-gate-{port}")
         GATES[self.port] = self
 
     def close(self) -> None:
         if GATES.get(self.port) is self:
             del GATES[self.port]
         super().close()
+        self.store = None  # the store server closes with its last reference
 
     def _admit(self, conn: socket.socket, deadline: float) -> socket.socket | None:
         challenge = os.urandom(NONCE_BYTES)
@@ -246,18 +234,18 @@ class StoreDoor(_Relay):
         if (uid := peer_uid(conn)) != os.getuid():
             self._refuse(conn, f"uid {uid}, not ours")
             return None
-        # A torch client speaks first, with its store protocol (never MAGIC's first byte); its bytes stay
-        # where they are (peeked): torch's store drops a client whose first message arrives split.
+        # a torch client speaks first (never MAGIC's first byte); peeked, as torch's store drops a
+        # client whose first message arrives split
         conn.settimeout(max(deadline - time.monotonic(), 0.001))
         first = conn.recv(1, socket.MSG_PEEK)
-        inner = first == MAGIC[:1]  # another door (an engine's own, behind its server's): it answers the gate itself
+        inner = first == MAGIC[:1]  # an engine's door behind its server's: it answers the gate
         if not first or inner and recv_exact(conn, len(MAGIC), deadline) != MAGIC:
             return None
         upstream = socket.create_connection(self.target, timeout=HANDSHAKE_S)
         try:
             if inner:
                 upstream.sendall(MAGIC)
-            else:  # prove the name, and only after the gate proved it too (a squatter on the port learns nothing)
+            else:  # prove the name only after the gate proved it (a squatter learns nothing)
                 ours = os.urandom(NONCE_BYTES)
                 upstream.sendall(MAGIC + ours)
                 challenge = recv_exact(upstream, NONCE_BYTES, deadline)
@@ -273,9 +261,8 @@ class StoreDoor(_Relay):
 
 
 def peer_uid(conn: socket.socket) -> int | None:
-    """The uid that owns the other end of ``conn``, a loopback IPv4 connection (Linux: /proc/net/tcp,
-    or tcp6 for a dual-stack client socket, which shows the address IPv4-mapped); None when it
-    cannot be told."""
+    """The uid owning the other end of loopback IPv4 ``conn`` (Linux's /proc/net/tcp or tcp6,
+    IPv4-mapped); None when it cannot be told."""
     (peer_host, peer_port), (host, port) = conn.getpeername()[:2], conn.getsockname()[:2]
     for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
         want = (_hex_endpoint(peer_host, peer_port, v6), _hex_endpoint(host, port, v6))
@@ -284,7 +271,7 @@ def peer_uid(conn: socket.socket) -> int | None:
                 next(f)
                 for line in f:
                     fields = line.split()
-                    # established and still owned (a closed socket's TIME_WAIT entry says uid 0, inode 0)
+                    # established and still owned (a TIME_WAIT entry says uid 0, inode 0)
                     if (fields[1], fields[2]) == want and fields[3] == "01" and fields[9] != "0":
                         return int(fields[7])
         except (OSError, StopIteration, IndexError, ValueError):
@@ -293,8 +280,7 @@ def peer_uid(conn: socket.socket) -> int | None:
 
 
 def _hex_endpoint(host: str, port: int, v6: bool) -> str:
-    """An IPv4 ``host:port`` as /proc/net/tcp (``v6``: tcp6, IPv4-mapped) writes it: the address in
-    32-bit words, each as a little-endian hex number, then the port."""
+    """An IPv4 ``host:port`` as /proc/net/tcp (``v6``: tcp6, IPv4-mapped) writes it."""
     raw = (bytes(10) + b"\xff\xff" if v6 else b"") + socket.inet_aton(host)
     words = "".join(f"{int.from_bytes(raw[i:i + 4], 'little'):08X}" for i in range(0, len(raw), 4))
     return f"{words}:{port:04X}"

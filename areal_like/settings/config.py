@@ -1,23 +1,16 @@
-"""Typed configuration: Hydra composes ``configs/``, the result becomes these dataclasses.
+"""Typed configuration: Hydra composes ``configs/`` (``version_base=None``: no chdir, no output
+folders) onto ``OmegaConf.structured(RunConfig)`` and converts it to the dataclasses of
+``schema.py``, running every ``__post_init__`` validator.
 
-``load_config(overrides)`` composes ``configs/config.yaml`` with Hydra's compose API
-(``version_base=None``: no chdir, no output folders), merges it onto
-``OmegaConf.structured(RunConfig)`` (unknown keys and wrong types fail there, naming the key),
-and converts it with ``OmegaConf.to_object``, which runs every ``__post_init__`` validator
-(the schema: ``areal_like/settings/schema.py``, re-exported here).
-Code past the entry point only ever sees these dataclasses, and each component gets only its
-own sub-config. Importing this module has no side effects and does not import torch. It reads
-settings only: what they imply about the job's model, data and frames (the vocabulary, the dataset
-size, the frame limit) is computed above it, in ``areal_like/job_facts.py``, so this module imports
-no task, dataset or tokenizer code.
-
-Every failure is a ``ConfigError`` whose message starts with the key: a bad group option
-(``model=nope``, also for the optional ``experiment`` group, which Hydra would skip silently)
-lists the options; a ``???`` value a chosen option leaves unset names the key; a ``+new=key``
-that the schema does not know lists the known keys; type errors give OmegaConf's reason.
+Invariants: code past an entry point only sees these checked dataclasses; every failure is a
+``ConfigError`` whose message starts with the key (a bad group option lists the options, a
+``???`` left unset names the key, an unknown ``+key`` lists the known keys); importing this module
+has no side effects and imports no torch, task, dataset or tokenizer code (the facts a config
+implies: ``areal_like/job_facts.py``).
 """
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -47,7 +40,7 @@ __all__ = [
     "AGG_MODES", "ESTIMATORS", "LOSS_KINDS", "BufferConfig", "ConfigError", "EngineConfig", "EvalConfig", "ExportConfig", "LaunchConfig",
     "LoraConfig",
     "LossConfig", "ModelConfig", "RolloutConfig", "RunConfig", "SecurityConfig", "TaskConfig", "TrackingConfig", "TrainerConfig", "WarmStartConfig",
-    "WeightSyncConfig", "compose", "config_dir", "from_yaml", "group_options", "load_config",
+    "WeightSyncConfig", "config_dir", "from_yaml", "group_options", "load_config",
     "load_daemon_config", "to_yaml", "EXPORT_TASK_FILE", "task_yaml", "task_from_yaml",
 ]
 
@@ -57,8 +50,7 @@ EXPORT_TASK_FILE = "areal_like_task.yaml"
 
 
 def config_dir() -> Path:
-    """$AREAL_LIKE_CONFIG_DIR; else the copy of ``configs/`` a wheel installs as ``areal_like/configs``;
-    else ``configs/`` of this checkout (a source tree or an editable install)."""
+    """$AREAL_LIKE_CONFIG_DIR, else a wheel's ``areal_like/configs``, else the checkout's."""
     env = os.environ.get("AREAL_LIKE_CONFIG_DIR")
     if env:
         return Path(env).resolve()
@@ -68,8 +60,7 @@ def config_dir() -> Path:
 
 
 def data_path(relative: str) -> str:
-    """``${data:math_chat/train.parquet}`` in a config: a file shipped in ``areal_like/tasks/data/``
-    (found in a checkout and in an installed wheel alike)."""
+    """``${data:math_chat/train.parquet}``: a file shipped in ``areal_like/tasks/data/``."""
     path = Path(__file__).resolve().parents[1] / "tasks" / "data" / relative
     if not path.exists():
         raise ConfigError(f"${{data:{relative}}}: no such shipped file ({path})")
@@ -77,8 +68,7 @@ def data_path(relative: str) -> str:
 
 
 def compute_dtype(device: str) -> str:
-    """``${compute_dtype:${trainer.device}}``: bf16 on a GPU, fp32 elsewhere (a CPU computes bf16
-    slowly, and a float32 checkpoint trained there should stay float32 when exported)."""
+    """``${compute_dtype:${trainer.device}}``: bf16 on a GPU, fp32 elsewhere."""
     return "bfloat16" if str(device).startswith("cuda") else "float32"
 
 
@@ -86,26 +76,22 @@ CPU_MICRO_BATCH_TOKENS = 2048  # ${micro_batch_tokens:cpu}: configs/model/local_
 
 
 def micro_batch_tokens(device: str) -> int:
-    """``${micro_batch_tokens:${trainer.device}}``: micro-batches of at most CPU_MICRO_BATCH_TOKENS
-    tokens on CPU; 0 on a GPU (``trainer.micro_batch_size`` sequences a micro-batch)."""
+    """``${micro_batch_tokens:${trainer.device}}``: CPU_MICRO_BATCH_TOKENS on CPU, 0 on a GPU."""
     return 0 if str(device).startswith("cuda") else CPU_MICRO_BATCH_TOKENS
 
 
 def _register_resolvers() -> None:
     from omegaconf import OmegaConf
 
-    if not OmegaConf.has_resolver("data"):
-        OmegaConf.register_new_resolver("data", data_path)
-    if not OmegaConf.has_resolver("compute_dtype"):
-        OmegaConf.register_new_resolver("compute_dtype", compute_dtype)
-    if not OmegaConf.has_resolver("micro_batch_tokens"):
-        OmegaConf.register_new_resolver("micro_batch_tokens", micro_batch_tokens)
+    for name, fn in (("data", data_path), ("compute_dtype", compute_dtype),
+                     ("micro_batch_tokens", micro_batch_tokens)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
 
 
 def _sequence_count_wins(overrides: list[str]) -> list[str]:
-    """A ``trainer.micro_batch_size`` the user sets on the command line is what sizes the micro-
-    batches: without ``trainer.max_tokens_per_micro_batch`` beside it, that budget is 0 (else
-    model=local_hf's CPU token budget would leave the size set by hand without effect)."""
+    """A ``trainer.micro_batch_size`` set on the command line without a token budget beside it
+    sizes the micro-batches (the token budget is then 0)."""
     keys = {ov.lstrip("+").partition("=")[0] for ov in overrides}
     if "trainer.micro_batch_size" in keys and "trainer.max_tokens_per_micro_batch" not in keys:
         return [*overrides, "trainer.max_tokens_per_micro_batch=0"]
@@ -122,8 +108,7 @@ def _compose_with_choices(overrides: list[str], config_name: str):
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import open_dict
 
-    # The schema is the base of config.yaml's defaults list, so every key is known (and typed)
-    # when command-line overrides are applied: `trainer.lr=1e-4` works, `trainer.lr=abc` names the key.
+    # the schema is the base of config.yaml's defaults: overrides are typed against it
     ConfigStore.instance().store(name="areal_like_schema", node=RunConfig)
     GlobalHydra.instance().clear()
     try:
@@ -137,19 +122,13 @@ def _compose_with_choices(overrides: list[str], config_name: str):
     return raw, choices
 
 
-def compose(overrides: list[str] | None = None, config_name: str = "config"):
-    """Compose the YAML tree with Hydra and return the raw DictConfig (entry points only)."""
-    return _compose_with_choices(list(overrides or []), config_name)[0]
-
-
 def group_options(group: str) -> list[str]:
     """The options of a config group: ``configs/<group>/*.yaml`` without the suffix."""
     return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
 
 
 def _check_group_overrides(overrides: list[str]) -> None:
-    """``model=nope`` (or ``experiment=typo``, which Hydra would silently skip because the group
-    is optional) fails here, listing the allowed values."""
+    """``model=nope`` (or the optional ``experiment=typo``, which Hydra would skip) fails here."""
     for ov in overrides:
         key, sep, value = ov.lstrip("+~").partition("=")
         if not sep or "." in key or "/" in key or not (config_dir() / key).is_dir():
@@ -199,28 +178,22 @@ def load_config(overrides: list[str] | None = None, config_name: str = "config")
     """Compose, type-check and validate. Raises ConfigError naming the key on any problem."""
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
     overrides = list(overrides or [])
     _check_group_overrides(overrides)
-    try:
+
+    def build() -> RunConfig:
         raw, choices = _compose_with_choices(overrides, config_name)
         for group, option in choices.items():
             for key in _mandatory_keys(group, option) if option else []:
                 if OmegaConf.select(raw, key, default=None) in (None, ""):
                     raise ConfigError(f"{key} is mandatory with {group}={option}: add {key}=...")
-        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), raw)
-        cfg = OmegaConf.to_object(merged)
-    except ConfigError:
-        raise
-    except (HydraException, OmegaConfBaseException) as e:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), raw))
+
+    try:
+        cfg = _structured(build)
+    except HydraException as e:
         raise ConfigError(_explain(e)) from None
-    except Exception as e:  # validators raising inside to_object arrive wrapped by some omegaconf versions
-        cause = e.__cause__ or e.__context__
-        if isinstance(cause, ConfigError):
-            raise cause from None
-        raise
-    assert isinstance(cfg, RunConfig)
     if unknown := _unknown_keys(cfg):
         raise ConfigError(f"{unknown[0]}: not a known key ({_known_keys(unknown[0])})")
     return cfg
@@ -243,11 +216,7 @@ def _known_keys(full_key: str) -> str:
 
 
 def _explain(e: BaseException) -> str:
-    """One line naming the key and the reason, from Hydra/OmegaConf's chain of exceptions.
-
-    Hydra wraps the useful OmegaConf error (``full_key`` + reason) in a generic
-    "Error merging override ..."; we walk the chain and report the innermost keyed error.
-    """
+    """One line naming the key and the reason: the innermost keyed error of the chain."""
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
     chain: list[BaseException] = []
@@ -275,8 +244,7 @@ def _explain(e: BaseException) -> str:
 
 
 def to_yaml(cfg: Any, *, redacted: bool = False) -> str:
-    """``cfg`` as YAML; ``redacted``: credentials blanked (``areal_like.net.auth.redact``), for
-    display only."""
+    """``cfg`` as YAML; ``redacted``: credentials blanked, for display only."""
     from omegaconf import OmegaConf
 
     if redacted:
@@ -300,8 +268,8 @@ def task_yaml(task: TaskConfig) -> str:
 
 
 def _structured(build: Callable[[], Any], where: str = "") -> Any:
-    """``build()`` (an OmegaConf merge made into dataclasses) with every error it raises as one
-    ConfigError naming the key; an unexpected one names ``where`` (else it propagates)."""
+    """``build()`` with every error as one ConfigError naming the key; an unexpected one names
+    ``where`` (else it propagates)."""
     from omegaconf.errors import OmegaConfBaseException
 
     try:
@@ -319,8 +287,7 @@ def _structured(build: Callable[[], Any], where: str = "") -> Any:
 
 
 def task_from_yaml(text: str, overrides: list[str] | None = None) -> TaskConfig:
-    """The task of ``task_yaml`` output with ``task.key=value`` ``overrides`` on top; ConfigError
-    naming the key when one is unknown or invalid."""
+    """The task of ``task_yaml`` output with ``task.key=value`` ``overrides`` on top."""
     from omegaconf import OmegaConf
 
     return _structured(lambda: OmegaConf.to_object(OmegaConf.merge(
@@ -329,16 +296,12 @@ def task_from_yaml(text: str, overrides: list[str] | None = None) -> TaskConfig:
 
 
 def load_daemon_config(argv: list[str], addresses: tuple[str, ...] = ()) -> RunConfig:
-    """Entry-point helper: ``[--config-file PATH] [key=value ...]``.
-
-    With ``--config-file`` (a resolved YAML written by the launcher), the overrides are applied
-    on top of it; otherwise the Hydra tree is composed with the overrides. ``addresses``: the keys
-    this daemon binds or connects to; port 0 there is refused (only ``areal-like run`` turns 0 into
-    free ports, and a daemon started on its own cannot tell the others which port it got).
-    """
+    """Entry-point helper: ``[--config-file PATH] [key=value ...]`` (the overrides on top of the
+    launcher's resolved YAML, or composed with Hydra). Port 0 at one of ``addresses`` is refused:
+    only ``areal-like run`` picks free ports."""
     cfg = _load_daemon_config(argv)
     for key in addresses:
-        value = _dotted(cfg, key)
+        value = operator.attrgetter(key)(cfg)
         if isinstance(value, str) and value.rsplit(":", 1)[-1] == "0":
             raise ConfigError(f"{key}={value!r} has port 0: a daemon started on its own needs the buffer's real "
                               "address (e.g. buffer.address=tcp://HOST:5555 buffer.pub_address=tcp://HOST:5556); "
@@ -346,29 +309,20 @@ def load_daemon_config(argv: list[str], addresses: tuple[str, ...] = ()) -> RunC
     return cfg
 
 
-def _dotted(cfg: Any, key: str) -> Any:
-    """``cfg.a.b`` for the key ``"a.b"``."""
-    for part in key.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
-
-
 def _load_daemon_config(argv: list[str]) -> RunConfig:
     from omegaconf import OmegaConf
 
     argv = list(argv)
-    path = None
     for i, arg in enumerate(argv):
-        if arg == "--config-file":
-            if i + 1 >= len(argv):
+        flag, eq, path = arg.partition("=")
+        if flag == "--config-file":
+            if not eq and i + 1 >= len(argv):
                 raise ConfigError("--config-file needs a path")
-            path = argv[i + 1]
-            del argv[i:i + 2]
+            path = path if eq else argv[i + 1]
+            del argv[i:i + (1 if eq else 2)]
             break
-        if arg.startswith("--config-file="):
-            path = arg.split("=", 1)[1]
-            del argv[i]
-            break
+    else:
+        path = None
     if path is None:
         return load_config(argv)
     _register_resolvers()

@@ -1,8 +1,5 @@
-"""``ConfigError`` and the two checks every config dataclass runs in its ``__post_init__``.
-
-Apart from ``areal_like/settings/schema.py`` so that the schema's sections in other modules
-(``areal_like/settings/loss_schema.py``) use them without an import circle. Every message starts
-with the full key and says what is allowed.
+"""``ConfigError`` and the two checks every config dataclass runs in its ``__post_init__``, apart
+from ``schema.py`` so that its sections in other modules use them without an import circle.
 """
 
 from __future__ import annotations
@@ -22,3 +19,13 @@ def choice(key: str, value: Any, allowed: tuple) -> None:
 def check(key: str, ok: bool, rule: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is invalid: must be {rule}")
+
+
+RULES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1}
+
+
+def each(section: str, obj: Any, rule: str, *keys: str) -> None:
+    """``check`` of ``section.key`` against ``rule`` (one of ``RULES``) for every key."""
+    for key in keys:
+        value = getattr(obj, key)
+        check(f"{section}.{key}", RULES[rule](value), rule, value)

@@ -1,11 +1,7 @@
-"""The ``trainer.loss`` section of the configuration: which policy-loss kernel, and its knobs.
-
-``trainer.loss.kernel`` names one kernel of ``LOSS_KINDS``. The knobs every kernel shares sit at
-``trainer.loss.*`` (aggregation, the KL term, and the PPO trust region, which ppo, decoupled_ppo,
-tis, mis and icepop share); each kernel's own knobs at ``trainer.loss.<kernel>.*``, one small
-dataclass per kernel (ppo has none of its own). Only the chosen kernel's section is read.
-Formulas, sources and defaults: ``trainer/LOSSES.md``; the trainer's table of kernels
-(``trainer/losses.py`` ``KERNELS``) has one entry per name here, with these classes.
+"""The ``trainer.loss`` section: ``kernel`` (one of ``LOSS_KINDS``), the knobs every kernel
+shares, and ``trainer.loss.<kernel>.*`` for each kernel's own (only the chosen one's is read).
+Formulas, sources and defaults: trainer/LOSSES.md; ``trainer/losses.py`` ``KERNELS`` has one entry
+per name here.
 """
 
 from __future__ import annotations
@@ -13,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from areal_like.settings.config_checks import check, choice
+from areal_like.settings.config_checks import check, choice, each
 
 LOSS_KINDS = ("ppo", "decoupled_ppo", "tis", "mis", "icepop", "gspo", "vespo", "vcpo", "oapl")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -102,19 +98,13 @@ class VCPOConfig:
 
 @dataclass(kw_only=True)
 class OAPLConfig:
-    """OAPL (section 9): two betas, as the implementations citing the paper use them.
+    """OAPL (section 9): two betas, as the implementations citing the paper use them."""
 
-    ``beta1`` is the temperature of the value estimate V_hat = beta1 log mean exp(R / beta1) (1: a
-    soft max over the group's rewards); ``beta2`` scales the policy's log-ratio in the regression
-    (beta2 Delta - (R - V_hat))^2, i.e. the KL strength to the lagged policy (1e-3: weak). The
-    lagged-inference mode itself is ``trainer.weight_sync.every`` (trainer/engine_lag.py)."""
-
-    beta1: float = 1.0
-    beta2: float = 1e-3
+    beta1: float = 1.0  # temperature of V_hat = beta1 log mean exp(R / beta1)
+    beta2: float = 1e-3  # scales the log-ratio in (beta2 Delta - (R - V_hat))^2: the KL strength
 
     def __post_init__(self):
-        check(K + "oapl.beta1", self.beta1 > 0, "> 0", self.beta1)
-        check(K + "oapl.beta2", self.beta2 > 0, "> 0", self.beta2)
+        each(K + "oapl", self, "> 0", "beta1", "beta2")
 
 
 @dataclass(kw_only=True)

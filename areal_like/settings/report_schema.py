@@ -1,9 +1,5 @@
-"""The configs of what a run reports beyond training itself: evaluations on the eval split
-(``eval``), Hugging Face exports (``export``) and the trackers' settings (``tracking``).
-
-Part of the schema (``areal_like/settings/schema.py`` composes them into ``RunConfig``); the same
-rules: each validates itself in ``__post_init__`` and a bad value raises ``ConfigError`` naming the
-key.
+"""The ``eval``, ``export`` and ``tracking`` sections of the schema (``schema.py`` composes
+them into ``RunConfig``): each validates itself, a bad value raises ``ConfigError`` naming the key.
 """
 
 from __future__ import annotations
@@ -12,6 +8,7 @@ from dataclasses import dataclass
 
 from areal_like.settings.config_checks import check as _check
 from areal_like.settings.config_checks import choice as _choice
+from areal_like.settings.config_checks import each
 
 
 @dataclass(kw_only=True)
@@ -32,9 +29,7 @@ class EvalConfig:
     await_server: bool = False
 
     def __post_init__(self):
-        _check("eval.every", self.every >= 0, ">= 0", self.every)
-        _check("eval.max_examples", self.max_examples >= 0, ">= 0", self.max_examples)
-        _check("eval.k", self.k >= 0, ">= 0", self.k)
+        each("eval", self, ">= 0", "every", "max_examples", "k")
         _check("eval.temperature", self.temperature is None or self.temperature > 0,
                "null or > 0 (greedy is always measured)", self.temperature)
         _check("eval.max_new_tokens", self.max_new_tokens is None or self.max_new_tokens >= 1, "null or >= 1",
@@ -55,9 +50,8 @@ class ExportConfig:
     merged: bool = False
 
     def __post_init__(self):
-        _check("export.every", self.every >= 0, ">= 0", self.every)
-        _check("export.keep", self.keep >= 0, ">= 0", self.keep)
-        _check("export.shard_mb", self.shard_mb >= 1, ">= 1", self.shard_mb)
+        each("export", self, ">= 0", "every", "keep")
+        each("export", self, ">= 1", "shard_mb")
 
 
 TRACKERS = ("jsonl", "tensorboard", "wandb", "mlflow", "trackio")
@@ -75,6 +69,6 @@ class TrackingConfig:
 
     def __post_init__(self):
         _choice("tracking.wandb_mode", self.wandb_mode, ("online", "offline"))
-        _check("tracking.sample_every", self.sample_every >= 0, ">= 0", self.sample_every)
-        _check("tracking.sample_k", self.sample_k >= 1, ">= 1", self.sample_k)
+        each("tracking", self, ">= 0", "sample_every")
+        each("tracking", self, ">= 1", "sample_k")
 

@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from areal_like.net.auth import ENGINE_KEY_ENV, SECRET_FIELD
-from areal_like.settings.config_checks import ConfigError  # noqa: F401  (re-exported)
+from areal_like.settings.config_checks import (
+    ConfigError,  # noqa: F401  (re-exported)
+    each,
+)
 from areal_like.settings.config_checks import check as _check
 from areal_like.settings.config_checks import choice as _choice
 from areal_like.settings.loss_schema import ESTIMATORS, LossConfig
@@ -41,9 +44,9 @@ class ModelConfig:
 
     def __post_init__(self):
         _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
-            _check(f"model.{k}", getattr(self, k) > 0, "> 0", getattr(self, k))
+        each("model", self, "> 0", "vocab_size", "hidden_size", "intermediate_size",
+             "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "max_position_embeddings")
         _check("model.num_attention_heads", self.num_attention_heads % self.num_key_value_heads == 0,
                "a multiple of model.num_key_value_heads", self.num_attention_heads)
         _check("model.hidden_size", self.hidden_size % self.num_attention_heads == 0,
@@ -55,8 +58,6 @@ class TaskConfig:
     """What to train on: a shipped synthetic task or a dataset (``name=dataset``), and how it is scored."""
 
     name: str = "addition"  # addition | sort | reverse | countdown | calc, guess (with task.env) | dataset
-    # name=dataset: a .jsonl/.json/.parquet/.csv file, a directory of them, or of save_to_disk
-    # (areal_like/tasks/datasets.py)
     dataset_path: str | None = None
     eval_path: str | None = None  # the eval split; unset = eval_fraction of dataset_path held out
     eval_fraction: float = 0.0  # held-out share of dataset_path when eval_path is unset (fixed seed)
@@ -65,9 +66,8 @@ class TaskConfig:
     answer_key: str = "answer"  # the reference answer the reward grades against
     metadata_keys: list[str] | None = None  # extra columns passed to the reward; None = all the others
     system_prompt: str = ""  # prepended as a system message (chat) or text (plain)
-    # auto: a prompt_key column is plain text with the tokenizer's special tokens, a messages_key
-    # column goes through the tokenizer's template (TRL's convention) | none: plain text for both |
-    # else Jinja text or a file of it, applied to both
+    # auto: plain prompts as text, chat rows through the tokenizer's template (TRL) | none: text
+    # for both | Jinja text or a file of it, for both
     chat_template: str = "auto"
     max_prompt_tokens: int = 0  # longer prompts are filtered out (and counted); 0 = no limit
     num_prompts: int = 100_000  # size of a synthetic dataset (an epoch)
@@ -84,9 +84,8 @@ class TaskConfig:
     reward_memory_mb: int = 2048  # address-space limit of a reward worker; 0 = none
     reward_url: str = ""  # remote reward: POST a batch of (prompt, response, metadata) here
     reward_retries: int = 2  # remote reward: retries after a failed or timed-out call
-    # Multi-turn episodes (rollout_server/multiturn.py): an environment class named by a dotted path
-    # ("pkg.module:Class", built with no arguments, one per sample) turns each sample into a conversation
-    # the model continues turn by turn; its step rewards replace the task's reward. Empty = single-turn.
+    # multi-turn episodes: "pkg.module:Class" of an environment (rollout_server/ROLLOUT.md) whose
+    # step rewards replace the task's reward; empty = single-turn
     env: str = ""
     max_turns: int = 8  # assistant turns per episode; then it ends with finish_reason "max_turns"
     max_episode_tokens: int = 1024  # prompt + every turn's tokens; past it the episode ends ("max_tokens")
@@ -95,10 +94,8 @@ class TaskConfig:
     tool_timeout_s: float = 5.0  # one tool call; past it the tool's worker is killed and the model sees an error
     tool_workers: int = 2  # processes that run tool calls (per rollout server)
     tool_memory_mb: int = 2048  # address-space limit of a tool worker (sandboxed like rewards); 0 = none
-    # Agent episodes (rollout_server/agent_episode.py): "pkg.module:run", a function
-    # run(client_base_url, api_key, example) -> float that talks to the model through the OpenAI API
-    # (rollout_server/agent_endpoint.py); max_turns bounds its calls, max_episode_tokens and
-    # episode_timeout_s the rest. Empty = no agent.
+    # agent episodes: "pkg.module:run", run(client_base_url, api_key, example) -> float talking to
+    # the model through the OpenAI API (rollout_server/agent_episode.py); empty = no agent
     agent: str = ""
     agent_workers: int = 4  # sandboxed processes that run agents (per rollout server)
     agent_memory_mb: int = 4096  # address-space limit of an agent's worker; 0 = none
@@ -109,26 +106,22 @@ class TaskConfig:
         if self.name == "dataset":
             _check("task.dataset_path", bool(self.dataset_path), "set when task.name=dataset", self.dataset_path)
         _check("task.eval_fraction", 0 <= self.eval_fraction < 1, "in [0, 1)", self.eval_fraction)
-        _check("task.max_prompt_tokens", self.max_prompt_tokens >= 0, ">= 0", self.max_prompt_tokens)
-        _check("task.group_size", self.group_size >= 1, ">= 1", self.group_size)
-        _check("task.max_new_tokens", self.max_new_tokens >= 1, ">= 1", self.max_new_tokens)
-        _check("task.temperature", self.temperature > 0, "> 0 (sampling; greedy is not RL)", self.temperature)
+        each("task", self, ">= 0", "max_prompt_tokens", "reward_workers", "reward_memory_mb",
+             "reward_retries", "tool_memory_mb", "agent_memory_mb")
+        each("task", self, ">= 1", "group_size", "max_new_tokens", "max_turns", "tool_workers",
+             "agent_workers")
+        each("task", self, "> 0", "reward_timeout_s", "turn_timeout_s", "episode_timeout_s",
+             "tool_timeout_s")
+        _check("task.temperature", self.temperature > 0, "> 0 (sampling; greedy is not RL)",
+               self.temperature)
         _check("task.top_p", 0 < self.top_p <= 1, "in (0, 1]", self.top_p)
         _check("task.digits", 1 <= self.digits <= 9, "in [1, 9]", self.digits)
-        _check("task.reward_timeout_s", self.reward_timeout_s > 0, "> 0", self.reward_timeout_s)
-        for key in ("reward_workers", "reward_memory_mb", "reward_retries", "tool_memory_mb"):
-            _check(f"task.{key}", getattr(self, key) >= 0, ">= 0", getattr(self, key))
-        _check("task.max_turns", self.max_turns >= 1, ">= 1", self.max_turns)
-        _check("task.max_episode_tokens", self.max_episode_tokens >= 2, ">= 2", self.max_episode_tokens)
-        for key in ("turn_timeout_s", "episode_timeout_s", "tool_timeout_s"):
-            _check(f"task.{key}", getattr(self, key) > 0, "> 0", getattr(self, key))
-        _check("task.tool_workers", self.tool_workers >= 1, ">= 1", self.tool_workers)
+        _check("task.max_episode_tokens", self.max_episode_tokens >= 2, ">= 2",
+               self.max_episode_tokens)
         _check("task.agent", not (self.agent and self.env), "empty when task.env is set",
                self.agent)
         _check("task.chat_template", not (self.agent and self.chat_template == "none"),
                "a chat template (not none) when task.agent is set", self.chat_template)
-        _check("task.agent_workers", self.agent_workers >= 1, ">= 1", self.agent_workers)
-        _check("task.agent_memory_mb", self.agent_memory_mb >= 0, ">= 0", self.agent_memory_mb)
         _choice("task.agent_tool_format", self.agent_tool_format, ("hermes", "mistral"))
         _check("task.reward_url", not self.reward_url or self.reward_url.startswith(("http://", "https://")),
                "empty or an http(s) URL", self.reward_url)
@@ -150,40 +143,33 @@ class BufferConfig:
     heartbeat_timeout_s: float = 15.0  # a rollout server silent this long leaves the roster
     wal_dir: str = "wal"  # relative to run_dir unless absolute
     fsync: str = "always"  # always (ack after fsync; group commit) | batch (fsync every 50 ms; acks may precede it) | never
-    # WAL segment size: big, since a rotation stalls the loop for a few ms and writes a checkpoint (up to 200k
-    # group ids; at 700 MB/s of 4k-token groups, one every ~0.4 s); its disk returns once all its groups are consumed
-    segment_bytes: int = 256 * 1024 * 1024  # at most 1/8 of the free disk at start (compaction frees space sooner)
-    # Disk full is a degraded mode: group records stop this many bytes before the WAL's disk is full
-    # (refused as "unavailable", the senders keep them; batches are still handed out) and resume at twice it.
+    # WAL segment: big, as a rotation stalls the loop for a few ms; at most 1/8 of the free disk
+    segment_bytes: int = 256 * 1024 * 1024
+    # groups are refused ("unavailable") this many bytes before the WAL's disk is full, and taken
+    # again at twice it (batches are still handed out)
     wal_reserve_bytes: int = 64 * 1024 * 1024
     metrics_port: int = 0  # 0 = ephemeral
     max_epochs: int = 0  # 0 = unbounded passes over the dataset
-    # Largest request frame the buffer decodes (bigger ones are refused from their length, counted as
-    # rejected{frame_too_large}); decoding may take ~73x a frame's size, so this bounds its memory.
-    # 0 = sized to the job (areal_like.job_facts.request_frame_limit: the biggest group it can
-    # produce).
+    # largest request frame decoded (decoding may take ~73x its size); 0 = the job's biggest group
+    # (areal_like/job_facts.py)
     max_frame_bytes: int = 0
-    # Same-node members: also serve ipc:// sockets (router, pub) in this directory, relative to run_dir
-    # unless absolute; "" = tcp only. No CURVE there: the directory is 0700 and each peer's uid is checked
-    # (areal_like/SECURITY.md). A one-node `areal-like run` sets it (security.local_ipc).
+    # also serve same-node ipc:// sockets in this directory (no CURVE: areal_like/SECURITY.md),
+    # relative to run_dir unless absolute; "" = tcp only
     local_dir: str = ""
-    # ZeroMQ I/O threads of the request/reply socket: CURVE's cipher runs there, one connection on one
-    # thread, so more decrypt many senders' streams in parallel (benchmarks/bench_buffer.py, "CURVE
-    # capacity"). 0 = half the cores this process may use, 1 to 8.
+    # ZeroMQ I/O threads of the request/reply socket, where CURVE's cipher runs (one connection
+    # per thread); 0 = half the cores this process may use, 1 to 8
     io_threads: int = 0
 
     def __post_init__(self):
         _check("buffer.io_threads", self.io_threads >= 0, ">= 0 (0 = from the cores)", self.io_threads)
         _check("buffer.max_frame_bytes", self.max_frame_bytes >= 0, ">= 0 (0 = sized to the job)",
                self.max_frame_bytes)
-        _check("buffer.max_staleness", self.max_staleness >= 0, ">= 0", self.max_staleness)
-        _check("buffer.groups_per_step", self.groups_per_step >= 1, ">= 1", self.groups_per_step)
-        _check("buffer.max_inflight", self.max_inflight >= 1, ">= 1", self.max_inflight)
+        each("buffer", self, ">= 0", "max_staleness", "wal_reserve_bytes")
+        each("buffer", self, ">= 1", "groups_per_step", "max_inflight")
         _check("buffer.capacity", self.capacity >= self.groups_per_step, ">= buffer.groups_per_step", self.capacity)
         _choice("buffer.stale_policy", self.stale_policy, ("drop", "reissue"))
         _choice("buffer.selection", self.selection, ("oldest", "newest", "fifo"))
         _choice("buffer.fsync", self.fsync, ("always", "batch", "never"))
-        _check("buffer.wal_reserve_bytes", self.wal_reserve_bytes >= 0, ">= 0", self.wal_reserve_bytes)
         _check("buffer.lease_timeout_s", 0 < self.lease_timeout_s < math.inf, "> 0 and finite (it "
                "travels in every Credit)", self.lease_timeout_s)
 
@@ -223,17 +209,15 @@ class RolloutConfig:
     max_concurrent_groups: int = 8
     heartbeat_s: float = 1.0
     drain_on_update: bool = False  # finish in-flight requests before a weight update instead of aborting
-    # /pause_generation mode of a weight update (trainer/WEIGHT_SYNC.md "Pause modes"): abort
-    # (requests end and are resubmitted), retract (held in the engine, KV rebuilt with the new
-    # weights); not in_place: it keeps KV of the old weights, so no version would be exact
+    # /pause_generation mode of a weight update: abort | retract (trainer/WEIGHT_SYNC.md)
     pause_mode: str = "abort"
     eval: bool = False  # this server runs the job's evaluations (eval.*); `areal-like run` sets it on the first
     metrics_port: int = 0
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self):
-        _check("rollout.max_concurrent_groups", self.max_concurrent_groups >= 1, ">= 1", self.max_concurrent_groups)
-        _check("rollout.heartbeat_s", self.heartbeat_s > 0, "> 0", self.heartbeat_s)
+        each("rollout", self, ">= 1", "max_concurrent_groups")
+        each("rollout", self, "> 0", "heartbeat_s")
         _choice("rollout.pause_mode", self.pause_mode, ("abort", "retract"))
 
 
@@ -246,9 +230,7 @@ class WeightSyncConfig:
     master_port: int = 0  # 0 = pick a free port per group formation
     group_name: str = "areal_like_weights"
     path: str = "auto"  # auto (tensor where `run` puts trainer and engine on one GPU) | distributed | tensor | disk
-    # Which weights the engines serve (trainer/engine_lag.py). Each mode lets the engines fall behind
-    # the trainer by design; the buffer's admission subtracts that lag from its slack and
-    # buffer.max_staleness must cover it (RunConfig checks it; buffer/STALENESS.md "Engine lag").
+    # engines lagging by design (trainer/engine_lag.py); buffer.max_staleness must cover the lag
     every: int = 1  # L: push only every L versions (OAPL's lagged inference); the engines lag up to L - 1
     delay: int = 0  # D: the engines always serve version v - D (a controlled-staleness experiment)
 
@@ -256,9 +238,7 @@ class WeightSyncConfig:
     def engine_lag(self) -> int:
         """The most versions the engines may lag behind the trainer by design (0: every version pushed)."""
         return max(self.every - 1, self.delay)
-    # A model that fits in the two staging buffers (<= 2 buckets of bucket_mb): the trainer returns
-    # once it is packed and the broadcast, the engines' reports and the announcement finish in the
-    # background while the next step trains (trainer/WEIGHT_SYNC.md). false: every push blocks to the end.
+    # a model in <= 2 buckets: its push finishes while the next step trains (trainer/WEIGHT_SYNC.md)
     overlap: bool = True
 
     def __post_init__(self):
@@ -273,8 +253,8 @@ class WeightSyncConfig:
                self.deadline_s)
 
 
-# Qwen2 / Llama / Qwen3 names of every linear layer in a decoder block (PEFT's usual "all-linear")
 LORA_PATHS = {"embedded": "distributed", "sglang": "disk"}  # engine kind -> its adapter's path
+# Qwen2 / Llama / Qwen3 names of every linear layer in a decoder block (PEFT's usual "all-linear")
 LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -311,17 +291,13 @@ class TrainerConfig:
     lr_schedule: str = "constant"  # constant | linear | cosine (after warmup)
     warmup_steps: int = 0
     grad_clip: float = 1.0
-    # An optimizer step whose loss or gradient norm is not finite is skipped
-    # (trainer/finite_guard.py); this many trainer steps in a row that skipped one stop the job
+    # a step with a non-finite loss or gradient is skipped; this many in a row stop the job
     max_nonfinite_skips: int = 10
     micro_batch_size: int = 8  # sequences per forward/backward (max_tokens_per_micro_batch = 0)
-    # Sequences of a micro-batch concatenated without padding, attention kept inside each sequence
-    # (trainer/packing.py); false: right-padded to the micro-batch's longest. The same numbers.
-    # configs/model/tiny.yaml sets false (near-equal lengths: little padding to save).
+    # sequences concatenated without padding (trainer/packing.py); false: right-padded
     pack_sequences: bool = True
-    # > 0: micro-batches of at most this many computed tokens (prompt + output, padding included
-    # when not packed) instead of micro_batch_size sequences; a longer sequence runs alone.
-    # Peak activation memory then follows this budget (trainer/MEMORY.md). 0: off.
+    # > 0: micro-batches of at most this many tokens instead of micro_batch_size sequences
+    # (trainer/MEMORY.md); 0: off
     max_tokens_per_micro_batch: int = 0
     num_minibatches: int = 1  # optimizer steps per batch (all but the first are off-policy by construction)
     estimator: str = "grpo"
@@ -329,14 +305,10 @@ class TrainerConfig:
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     checkpoint_every: int = 20
-    # A crash rolls back up to checkpoint_every - 1 steps. Async: a save only stages the state in memory
-    # (DCP async_save on a gloo group of its own) and writes it while the next step trains; the checkpoint
-    # appears (renamed into place) once every rank's write is done, at the next save. Cheap enough for
-    # checkpoint_every=1 on small models (benchmarks/bench_chaos.py measures it).
+    # a save stages the state and writes it while the next step trains (DCP async_save)
     checkpoint_async: bool = False
     checkpoint_dir: str = "checkpoints"  # relative to run_dir unless absolute
-    # Checkpoints kept on disk, the newest (older ones are deleted at each save); 2: the newest, and
-    # one in case it is on a failing disk. Exports are kept by export.keep, never by this.
+    # the newest checkpoints kept on disk (exports: export.keep)
     keep_checkpoints: int = 2
     resume: bool = True
     device: str = "cpu"
@@ -352,25 +324,17 @@ class TrainerConfig:
     logprob_chunk_tokens: int = 512  # tokens per lm_head chunk of the log-probs: one [chunk, vocab] fp32 block
 
     def __post_init__(self):
-        _check("trainer.keep_checkpoints", self.keep_checkpoints >= 1, ">= 1",
-               self.keep_checkpoints)
-        _check("trainer.steps", self.steps >= 1, ">= 1", self.steps)
-        _check("trainer.lr", self.lr > 0, "> 0", self.lr)
+        each("trainer", self, ">= 1", "keep_checkpoints", "steps", "micro_batch_size",
+             "num_minibatches", "logprob_chunk_tokens", "max_nonfinite_skips", "first_engines")
+        each("trainer", self, "> 0", "lr", "grad_clip")
+        each("trainer", self, ">= 0", "first_engine_wait_s")
         _choice("trainer.lr_schedule", self.lr_schedule, ("constant", "linear", "cosine"))
         _choice("trainer.estimator", self.estimator, ESTIMATORS)
-        _check("trainer.micro_batch_size", self.micro_batch_size >= 1, ">= 1", self.micro_batch_size)
         _check("trainer.max_tokens_per_micro_batch", self.max_tokens_per_micro_batch >= 0,
                ">= 0 (0: micro-batches of micro_batch_size sequences)",
                self.max_tokens_per_micro_batch)
-        _check("trainer.num_minibatches", self.num_minibatches >= 1, ">= 1", self.num_minibatches)
-        _check("trainer.logprob_chunk_tokens", self.logprob_chunk_tokens >= 1, ">= 1", self.logprob_chunk_tokens)
-        _check("trainer.grad_clip", self.grad_clip > 0, "> 0", self.grad_clip)
-        _check("trainer.max_nonfinite_skips", self.max_nonfinite_skips >= 1, ">= 1",
-               self.max_nonfinite_skips)
         _check("trainer.batch_wait_s", 0 <= self.batch_wait_s < math.inf, ">= 0 and finite",
                self.batch_wait_s)
-        _check("trainer.first_engine_wait_s", self.first_engine_wait_s >= 0, ">= 0", self.first_engine_wait_s)
-        _check("trainer.first_engines", self.first_engines >= 1, ">= 1", self.first_engines)
         _check("trainer.betas", len(self.betas) == 2, "two numbers", self.betas)
         self.loss.check_agg()
         if self.lora.enabled:  # the KL reference is the base itself, the adapter switched off
@@ -392,7 +356,7 @@ class WarmStartConfig:
     cache_dir: str = "warmstart"  # relative to run_dir's parent so later runs reuse it
 
     def __post_init__(self):
-        _check("warm_start.steps", self.steps >= 0, ">= 0", self.steps)
+        each("warm_start", self, ">= 0", "steps")
 
 
 @dataclass(kw_only=True)
@@ -402,8 +366,7 @@ class SecurityConfig:
 
     curve: bool = True  # CURVE-encrypt and authenticate every ZeroMQ socket; false only on a trusted network
     keys_dir: str = "keys"  # the job's keys (`areal-like keys RUN_DIR`); relative to run_dir unless absolute
-    # A one-node `run`: daemons reach the buffer over ipc:// sockets in <run_dir>/sock (this user only, no
-    # CURVE, which is the transport's biggest cost); false = tcp with CURVE on one node too.
+    # a one-node `run`: daemons reach the buffer over ipc:// in <run_dir>/sock; false = tcp, CURVE
     local_ipc: bool = True
 
     def __post_init__(self):
@@ -412,50 +375,40 @@ class SecurityConfig:
 
 @dataclass(kw_only=True)
 class LaunchConfig:
-    # null (the default): from the cores, for a CPU job on one machine (launch/topology.py,
-    # laptop_layout, which also pins the processes); a number is kept as set. A GPU or multi-node
-    # job sets both (configs/topology/gpu_*.yaml: 1 each): null is refused there.
+    # null: from the cores, for a CPU job on one machine (launch/topology.py); a GPU or multi-node
+    # job sets both
     num_rollout_servers: int | None = None
     trainer_ranks: int | None = None
     restarts: int = 3  # per daemon within restart_window_s, before the job gives up
-    # Restart budget over time: crashes older than the window no longer count (a chaos run's restarts
-    # do not end the job hours later), and each restart within it waits twice as long as the last.
+    # crashes older than the window no longer count; each restart in it waits twice the last
     restart_window_s: float = 3600.0
     restart_backoff_s: float = 1.0  # wait before the first restart in the window; doubles per restart
     restart_backoff_max_s: float = 60.0
     health_timeout_s: float = 300.0
-    # rollout and trainer pools on disjoint cores (taskset), the trainer threading over its pool;
-    # null: pinned when the counts come from the cores (launch/topology.py), else not
+    # rollout and trainer pools on disjoint cores; null: pinned when the counts come from the cores
     pin_cpus: bool | None = None
     omp_threads: int = 1
     gpus_per_node: int = 0  # GPUs `run` places processes on (launch/placement.py); 0 = torch's count on cuda
-    # Several nodes (Slurm or by hand; `run` is one node): the first train_nodes carry trainer_ranks
-    # ranks each, the others num_rollout_servers servers each (launch/placement.py, `areal-like plan`).
+    # several nodes: the first train_nodes run trainer ranks, the others rollout servers
+    # (launch/placement.py)
     nodes: int = 1
     train_nodes: int = 1
     auto_max_servers: int = 8  # most rollout servers from the cores (each a process with a model)
     auto_max_threads: int = 8  # and on a pinned trainer's threads
-    # Long runs: each daemon's log (logs/<name>.log) and metrics/scrape.jsonl rotate past log_max_mb
-    # into <file>.1 ... .<log_backups>, the oldest dropped (launch/local.py).
+    # logs and metrics/scrape.jsonl rotate past log_max_mb into <file>.1 ... .<log_backups>
     log_max_mb: float = 100.0
     log_backups: int = 3
 
     def __post_init__(self):
-        _check("launch.log_max_mb", self.log_max_mb > 0, "> 0", self.log_max_mb)
-        _check("launch.log_backups", self.log_backups >= 1, ">= 1", self.log_backups)
-        _check("launch.auto_max_servers", self.auto_max_servers >= 1, ">= 1", self.auto_max_servers)
-        _check("launch.auto_max_threads", self.auto_max_threads >= 1, ">= 1", self.auto_max_threads)
-        _check("launch.gpus_per_node", self.gpus_per_node >= 0, ">= 0", self.gpus_per_node)
-        _check("launch.nodes", self.nodes >= 1, ">= 1", self.nodes)
+        each("launch", self, "> 0", "log_max_mb", "restart_window_s")
+        each("launch", self, ">= 1", "log_backups", "auto_max_servers", "auto_max_threads", "nodes")
+        each("launch", self, ">= 0", "gpus_per_node", "restarts", "restart_backoff_s")
         _check("launch.train_nodes", 1 <= self.train_nodes < max(self.nodes, 2),
                f">= 1 and < launch.nodes={self.nodes} (the other nodes run the rollout servers)" if self.nodes > 1
                else "1 on one node (launch.nodes=1)", self.train_nodes)
         for key in ("num_rollout_servers", "trainer_ranks"):
             n = getattr(self, key)
             _check(f"launch.{key}", n is None or n >= 1, ">= 1 or null (from the cores)", n)
-        _check("launch.restarts", self.restarts >= 0, ">= 0", self.restarts)
-        _check("launch.restart_window_s", self.restart_window_s > 0, "> 0", self.restart_window_s)
-        _check("launch.restart_backoff_s", self.restart_backoff_s >= 0, ">= 0", self.restart_backoff_s)
         _check("launch.restart_backoff_max_s", self.restart_backoff_max_s >= self.restart_backoff_s,
                f">= launch.restart_backoff_s={self.restart_backoff_s}", self.restart_backoff_max_s)
 

@@ -1,13 +1,6 @@
-"""Shipped agents (``task.agent``): the calculator task written as an agent with the ``openai`` SDK
-(``calc_agent``) and with LangGraph (``langgraph_calc_agent``).
-
-``calc_agent`` is what a user would write: it knows nothing of this project. It asks the model
-the question with a ``calc`` tool, runs the tool calls it gets back (the tool is its own code,
-run where the agent runs), sends the results, and stops at the first answer without a tool call,
-scoring 1 when that answer is the product. ``experiment=calc_agent`` trains it on CPU
-(``configs/experiment/calc_agent.yaml``); its conversations render exactly as the ``calc``
-environment's (``areal_like/tasks/envs.py``), so the environment's demos warm-start the model
-(``calc_agent.demo``).
+"""Shipped agents (``task.agent``): the calculator task written with the ``openai`` SDK
+(``calc_agent``, knowing nothing of this project) and with LangGraph (``langgraph_calc_agent``).
+Their conversations render as the ``calc`` environment's, so its demos warm-start the model.
 """
 
 from __future__ import annotations
@@ -57,8 +50,7 @@ calc_agent.tools = [CALC_TOOL]
 
 
 async def long_tail_agent(client_base_url: str, api_key: str, example) -> float:
-    """``benchmarks/bench_agentic.py --agent``: the ``LongTail`` environment's episodes as an agent
-    (the same heavy-tailed turn counts, drawn from the prompt; every turn answered ``go on``)."""
+    """``benchmarks/bench_agentic.py --agent``: the ``LongTail`` environment's episodes as an agent."""
     from openai import AsyncOpenAI
 
     from areal_like.tasks.envs import LongTail
@@ -80,10 +72,8 @@ async def long_tail_agent(client_base_url: str, api_key: str, example) -> float:
 
 
 async def langgraph_calc_agent(client_base_url: str, api_key: str, example) -> float:
-    """``calc_agent`` written with an agent framework: a LangGraph graph of a model node (LangChain's
-    OpenAI chat model) and LangGraph's tool node, looping while the model calls tools (the
-    ``agent-langgraph`` extra). The tool is offered with the same OpenAI spec as ``calc_agent``'s, so
-    conversations render as the calc environment's and its demos warm-start the model."""
+    """``calc_agent`` as a LangGraph graph of a model node and a tool node (the
+    ``agent-langgraph`` extra), with the same tool spec."""
     from langchain_openai import ChatOpenAI
     from langgraph.errors import GraphRecursionError
     from langgraph.graph import START, MessagesState, StateGraph

@@ -1,13 +1,8 @@
-"""Functions named by a dotted path: the project's one parser of ``"pkg.module:function"``.
+"""Functions named by a dotted path: the project's one parser of ``"pkg.module:function"`` (or
+``pkg.module.function``), so tasks, ``task.reward_fn``, the reward workers and the preflight accept
+and refuse the same paths.
 
-Tasks name their reward this way (``Task.reward_path``) and users name theirs with
-``task.reward_fn``; ``areal_like.tasks.task.load_function``, the reward workers
-(``rollout_server/reward_worker.py``) and the launcher's preflight probe all resolve a path here,
-so they accept and refuse the same paths. ``"pkg.module.function"`` (no colon) means the last dot
-separates the function.
-
-Invariant: standard library only, and nothing else from ``areal_like``: a reward worker is a bare
-interpreter under an address-space limit that imports this module just before the reward's own.
+Invariant: standard library only: a reward worker imports this module just before the reward's.
 """
 
 from __future__ import annotations
@@ -27,10 +22,8 @@ def split_function_path(path: str) -> tuple[str, str]:
 
 
 def import_function(path: str) -> Callable:
-    """The callable at ``path``: imports its module (which may raise anything at import time).
-
-    Raises ValueError for a malformed path, ImportError, AttributeError, and TypeError when the
-    attribute is not callable."""
+    """The callable at ``path`` (ValueError, ImportError, AttributeError, TypeError when it is
+    none; its module's import may raise anything)."""
     module, attr = split_function_path(path)
     fn = getattr(importlib.import_module(module), attr)
     if not callable(fn):

@@ -1,24 +1,12 @@
 """``Example``, the unit every task hands out, and ``task.name=dataset``'s rows: prompts and
-answers from local files, as ``Example``s in a fixed order.
+answers from local files (``.jsonl``, ``.json``, ``.parquet``, ``.csv``, a directory of one
+format, or a ``save_to_disk`` directory), read with the ``datasets`` library; nothing is
+downloaded. Columns map to ``Example`` by the ``task.*_key`` settings; metadata is converted to
+plain msgpack-able values.
 
-``task.dataset_path`` (and ``task.eval_path``) is a local ``.jsonl`` / ``.json`` / ``.parquet`` /
-``.csv`` file, a directory of such files (all of one format, read in sorted path order), or a
-directory written by ``datasets.Dataset.save_to_disk``. Reading goes through the ``datasets``
-library's packaged builders and ``load_from_disk``; anything that is not a local path (a hub
-id, a URL) is refused: nothing is downloaded.
-
-Columns map to ``Example`` fields: ``task.messages_key`` (chat messages, when set) or
-``task.prompt_key`` (plain text); ``task.answer_key``; and ``task.metadata_keys`` (None = every
-other column) into ``Example.metadata``, converted to plain msgpack-able values (numpy scalars to
-Python numbers, dates to ISO strings). A chat row's ``prompt`` is its messages' contents, one per
-line, for plain-text prompting and for rewards that read the prompt.
-
-Invariants: every process that loads the same files with the same config gets the same examples in
-the same order, so a prompt index means the same prompt in the buffer, every rollout server and the
-warm start. The eval split is ``task.eval_path`` or, when unset, a held-out ``task.eval_fraction``
-of the rows drawn with ``task.seed`` (disjoint from train; decided before any filtering, so it does
-not depend on the tokenizer). This module imports no task code: the task over these rows, with its
-prompt-length filter, is ``DatasetTask`` in ``areal_like/tasks/task.py``.
+Invariants: the same files and config give the same examples in the same order in every process;
+the eval split is ``task.eval_path`` or a held-out ``task.eval_fraction`` drawn with
+``task.seed`` before any filtering. No task code here (``DatasetTask`` is in ``task.py``).
 """
 
 from __future__ import annotations
@@ -37,8 +25,7 @@ BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "c
 
 @dataclass(frozen=True, slots=True)
 class Example:
-    """One prompt: plain text (``prompt``) and/or chat ``messages``, the reference ``answer``, and
-    the dataset's other columns (``metadata``, plain msgpack-able values) for the reward."""
+    """One prompt (text and/or chat ``messages``), its reference ``answer`` and its metadata."""
 
     prompt: str
     answer: str
@@ -60,8 +47,7 @@ def load_split(cfg: TaskConfig, split: str) -> list[Example]:
 
 
 def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train, eval) row indices, both ascending: ``round(n * fraction)`` rows (at least 1, at
-    most n - 1) held out, drawn with ``seed`` (the same split in every process)."""
+    """(train, eval) row indices, ascending: ``round(n * fraction)`` rows (1 to n - 1) held out."""
     if n < 2:
         raise ConfigError(f"task.eval_fraction={fraction}: the dataset has {n} row(s), too few to "
                           "hold any out")
@@ -83,8 +69,7 @@ def load_examples(cfg: TaskConfig, key: str, value: str) -> list[Example]:
 
 
 def row_example(cfg: TaskConfig, row: dict, i: int, keys: tuple[str, str, list[str]], source: str) -> Example:
-    """Row ``i`` of ``source`` as an Example; ConfigError naming the key when its contents cannot
-    be one (no answer, no prompt, messages that are not a list of {role, content})."""
+    """Row ``i`` of ``source`` as an Example; ConfigError naming the key when it cannot be one."""
     text_key, answer_key, meta_keys = keys
     answer = row[answer_key]
     if answer is None:
@@ -98,15 +83,13 @@ def row_example(cfg: TaskConfig, row: dict, i: int, keys: tuple[str, str, list[s
     return Example(_text(row[text_key]), _text(answer), None, metadata)
 
 
-ROW_BATCH = 1024  # rows decoded at a time by check_rows: its memory is one batch, whatever the file's size
+ROW_BATCH = 1024  # rows decoded at a time by check_rows, whatever the file's size
 SHOWN_ROWS = 5  # row numbers a check_rows line lists
 
 
 def check_rows(cfg: TaskConfig, key: str, value: str, table: Any) -> str | None:
-    """One line saying which rows of ``table`` (read from ``value``, the key ``key`` names) cannot
-    become examples: how many, the first ``SHOWN_ROWS`` row numbers (from 0) and the first one's
-    reason; None when every row can. Streams the table ``ROW_BATCH`` rows at a time, converting
-    each row as the daemons will (``row_example``)."""
+    """One line saying which rows of ``table`` cannot become examples (``row_example``), or None;
+    streamed ``ROW_BATCH`` rows at a time."""
     keys = task_columns(cfg, list(table.column_names), value)
     columns = list(dict.fromkeys([keys[0], keys[1], *keys[2]]))
     bad, first, n = [], "", 0
@@ -127,8 +110,7 @@ def check_rows(cfg: TaskConfig, key: str, value: str, table: Any) -> str | None:
 
 
 def task_columns(cfg: TaskConfig, columns: list[str], source: str) -> tuple[str, str, list[str]]:
-    """(text column, answer column, metadata columns) of a table with ``columns`` read from
-    ``source``; ConfigError naming the task key and the columns found when one is missing."""
+    """(text, answer, metadata) columns; ConfigError naming the task key when one is missing."""
     text_key = _require(columns, "task.messages_key" if cfg.messages_key else "task.prompt_key",
                         cfg.messages_key or cfg.prompt_key, source)
     answer_key = _require(columns, "task.answer_key", cfg.answer_key, source)

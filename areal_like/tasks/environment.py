@@ -1,28 +1,13 @@
-"""Environments: what a multi-turn episode talks to, and how its conversation becomes token ids.
+"""Environments: what a multi-turn episode talks to (``task.env``: a class built with no
+arguments, one per sample, with ``reset(example) -> messages`` and ``step(text) -> (messages,
+reward, done, info)``, sync or async, optional ``tools``; rollout_server/ROLLOUT.md), and how its
+conversation becomes token ids (``ChatRenderer``).
 
-An environment is a class named by a dotted path (``task.env = "pkg.module:Class"``), built with
-no arguments, one instance per sample, so it may keep the episode's state on ``self``:
-
-* ``reset(example) -> messages``: the opening conversation (chat messages ``{"role", "content"}``);
-* ``step(assistant_text) -> (new_messages, reward, done, info)``: the environment's answer to one
-  assistant turn (a ``StepResult`` or the plain 4-tuple); the episode's reward is the sum of the
-  step rewards; ``info`` (msgpack-able values) lands in the sample's metadata;
-* optionally ``tools``: tool specs ``{"name", "function": "pkg.module:fn", "description",
-  "parameters": JSON schema}`` (``areal_like/tasks/tools.py``); a turn that calls tools gets their
-  results as ``tool`` messages instead of a ``step``.
-
-Either method may be ``async``. The rollout server drives it (``rollout_server/multiturn.py``).
-
-``ChatRenderer`` owns the token layout. Invariant: the ids of a conversation are the prompt ids
-(the template's rendering of the opening messages with the generation prompt), then per turn the
-engine's own generated ids, then the template's markup and the environment's messages, tokenized
-from the text the template adds after the assistant's content (the rendering of the longer
-conversation minus that of the shorter one). Generated ids are never re-tokenized, so the ids the
-model sampled are the ids it is trained on. When generated ids are the tokenizer's own encoding of
-their text (as they are when the model samples well-formed text) the whole sequence equals the
-template's rendering of the final conversation. This needs a template that renders a conversation
-as a prefix of its continuation (ChatML and Qwen2.5's do; templates that rewrite earlier turns,
-e.g. dropping reasoning, are refused with ``TemplateError``).
+Invariant: a conversation's ids are the prompt ids, then per turn the engine's own generated ids
+(never re-tokenized: the ids sampled are the ids trained on), then the ids of the text the
+template adds after the assistant's content (the longer rendering minus the shorter). This needs
+a template that renders a conversation as a prefix of its continuation; any other is refused with
+``TemplateError``.
 """
 
 from __future__ import annotations
@@ -84,17 +69,13 @@ def load_environment(path: str) -> Any:
 
 
 def env_template(tokenizer: Any, task_cfg: Any) -> str:
-    """The chat template of a multi-turn task: ``task.chat_template`` when it names one, else the
-    tokenizer's own (``auto``, for synthetic tasks too: an environment always talks in chat)."""
-    value = task_cfg.chat_template
-    if value == "none":
+    """The chat template of a multi-turn task (an environment always talks in chat)."""
+    if task_cfg.chat_template == "none":
         raise ValueError("task.env needs a chat template; task.chat_template=none gives none")
-    if value == "auto":
-        template = getattr(tokenizer, "chat_template", None)
-        if not template:
-            raise ValueError("task.env needs a chat template: the tokenizer has none; set task.chat_template")
-        return template
-    return chat_template_of(tokenizer, task_cfg)
+    if not (template := chat_template_of(tokenizer, task_cfg)):
+        raise ValueError("task.env needs a chat template: the tokenizer has none; set "
+                         "task.chat_template")
+    return template
 
 
 class ChatRenderer:

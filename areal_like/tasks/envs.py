@@ -1,26 +1,15 @@
 """Shipped multi-turn environments (``task.env``), small enough for the tiny CPU model.
 
-* ``Calculator`` (task ``calc``): multiply a 3-digit by a 2-digit number, which the tiny model
-  cannot do in its head, with a ``calc`` tool it can call:
-  ``<tool_call>{"name":"calc","arguments":{"e":"347*29"}}</tool_call>``. A turn without a tool call is
-  the answer: reward 1 when it is the product, else 0; the episode ends. The tool's result comes
-  back as a tool message, and the model must then copy it as its answer.
-* ``GuessNumber`` (task ``guess``): find a hidden number in 1..``GUESS_MAX`` from ``higher`` /
-  ``lower`` replies. Each reply also names the range still open (``higher:17-32``), as the prompt
-  names the first (``guess1-32``): a 2-layer model cannot keep that range in mind over several
-  turns, so without it it repeated guesses the replies had already ruled out. Finding the number
-  at turn k scores ``1 - GUESS_TURN_COST * (k - 1)``; a reply that is not a number scores 0 and
-  ends the game. Each wrong guess also earns ``GUESS_CUT_CREDIT`` times the share of 1..GUESS_MAX
-  it rules out (0 for a guess outside the open range), so a game that runs out of turns still
-  tells a good search from a bad one; a guess in the middle of the open range rules out the most
-  on average, the same move that finds the number in fewer turns.
+* ``Calculator`` (task ``calc``): multiply a 3-digit by a 2-digit number with a ``calc`` tool; a
+  turn without a tool call is the answer (reward 1 when it is the product).
+* ``GuessNumber`` (task ``guess``): find a number in 1..``GUESS_MAX`` from replies that name the
+  direction and the range still open (a 2-layer model cannot keep it in mind); found at turn k
+  scores ``1 - GUESS_TURN_COST * (k - 1)``, and each wrong guess earns ``GUESS_CUT_CREDIT`` times
+  the share of the range it rules out, so a game out of turns still tells a good search from a bad.
 
-Each environment also writes a ``demo(example)``: a conversation that solves the example, used by the
-supervised warm start (``launch/warmstart.py``) so the tiny model knows the format before RL. The
-calculator's demos answer directly (a plausible but usually wrong guess at the product) half of the
-time, so the warm-started model sometimes calls the tool and sometimes does not: RL must learn
-that calling it pays. The guessing game's demos guess at random inside the interval the replies
-leave open, so RL must learn to halve it.
+Each one's ``demo(example, rng)`` is a solving conversation for the supervised warm start
+(``launch/warmstart.py``); the calculator's answer without the tool half the time and the
+guessing game's guess at random in the open range, so RL must learn the tool and the halving.
 """
 
 from __future__ import annotations
@@ -88,8 +77,7 @@ class Calculator:
 
 
 def reply(guess: int, target: int, lo: int, hi: int) -> str:
-    """The guessing game's answer to a wrong guess: the direction and the range still open, written
-    without spaces like the shipped chat templates (fewer tokens for the char tokenizer)."""
+    """The guessing game's answer to a wrong guess: the direction and the range still open."""
     return f"{'higher' if guess < target else 'lower'}:{lo}-{hi}"
 
 
@@ -131,10 +119,8 @@ class GuessNumber:
 
 
 class LongTail:
-    """``benchmarks/bench_agentic.py``: episodes whose turn counts follow a heavy tail (Pareto,
-    ``TAIL_ALPHA``, at most ``TAIL_MAX_TURNS``), drawn from the prompt, so the same prompt has the same
-    length in every run. Every turn is answered ``go on`` until the last; the reward (the last
-    turn's length is even) only gives the estimator something to compare."""
+    """``benchmarks/bench_agentic.py``: heavy-tailed (Pareto) turn counts drawn from the prompt,
+    every turn answered ``go on``; the reward only gives the estimator something to compare."""
 
     TAIL_ALPHA = 1.2
     TAIL_MAX_TURNS = 16

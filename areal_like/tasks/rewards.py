@@ -28,12 +28,9 @@ Known limits (each is a row of ``tests/unit/test_math_reward.py``):
 * Multiple choice: a response that starts with the article "A" and gives its choice later
   without a box or "answer" (``A quick check gives (C).``) is read as choice A.
 
-Timeouts: math-verify bounds its own parse and verify calls with ``signal.alarm``, which works
-only in a process's main thread. There they are on (``PARSE_TIMEOUT_S``, ``VERIFY_TIMEOUT_S``);
-in any other thread they are off and the caller bounds the time. The rollout server calls this
-in a reward worker's main thread (``rollout_server/reward_pool.py``), whose process is killed at
-``task.reward_timeout_s`` whatever happens inside. Not a reward for ``task.reward_workers=0``
-(in the server's own process): a sample there could take both timeouts, 4 s, with nothing to stop it.
+Timeouts: math-verify's own (``signal.alarm``) work only in a main thread; a reward worker's
+process (``rollout_server/reward_pool.py``) is also killed at ``task.reward_timeout_s``. Not a
+reward for ``task.reward_workers=0``: nothing would stop a slow sample there.
 """
 
 from __future__ import annotations
@@ -86,10 +83,7 @@ def _choice(response: str) -> str | None:
 
 def math_reward(response: str, example) -> float:
     """1.0 when the response's final answer equals ``example.answer`` (module docstring), else 0.0.
-    A response and a reference that are both a plain integer of at most 15 digits (a negative one
-    with no leading zero, ``-0`` aside) are compared as integers without the parser: what
-    math-verify decides for them (exact in a float too), at a microsecond instead of about a
-    millisecond a sample."""
+    Two plain integers of at most 15 digits are compared without the parser, as math-verify would."""
     if (plain := _PLAIN_INTEGER.fullmatch(response.strip())) and (
             ref := _PLAIN_INTEGER.fullmatch(example.answer.strip())):
         return 1.0 if int(plain.group()) == int(ref.group()) else 0.0

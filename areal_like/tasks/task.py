@@ -1,26 +1,11 @@
-"""Tasks: what prompt ``index`` is, how it becomes token ids, and how a response is scored.
+"""Tasks: what prompt ``index`` is, how it becomes token ids (``encode_prompt``), and how a
+response is scored (a module-level ``fn(response, example)`` named by ``reward_path``, so a reward
+worker imports it without building the task).
 
-A task maps a position ``index`` of its split (and ``epoch``) to an ``Example`` and names its
-reward as a dotted path (``reward_path``) to a module-level function ``fn(response, example)``,
-so a reward worker process imports the function without building the task. Tasks are shared by
-the buffer (the cursor's range), the rollout servers and the warm start; every process builds
-the same task from the same config and agrees on what prompt ``index`` is.
-
-Synthetic tasks (addition, sort, reverse, countdown) are generated from ``(seed, index)``; nothing
-is shipped or downloaded. Their prompts are short completion strings for the char tokenizer
-(``"37+45="`` -> ``"82"``); a model answers and emits EOS; the reward is exact match. Their eval
-split (``split="eval"``) draws from a different random stream, so it is fixed but not guaranteed
-disjoint from training examples (the small tasks have few distinct prompts). ``task.name=dataset``
-loads rows from local files (``areal_like/tasks/datasets.py``, which also defines ``Example`` and
-imports nothing from here).
-
-``encode_prompt`` is the one place where an example becomes prompt ids, for the rollout server,
-the evaluation and the warm start alike. Its layout follows the convention of TRL's trainers
-(``prompt_template``): with ``task.chat_template=auto`` a plain prompt is plain text with the
-tokenizer's own special tokens (its BOS, when it adds one) and a chat row (``messages``) goes
-through the tokenizer's chat template with the generation prompt; ``none`` makes both plain text;
-a template of one's own (Jinja text or a file) applies to both, a plain prompt becoming one user
-message. ``prompt_layout`` says which in one line, which the buffer logs at start.
+Invariants: every process builds the same task from the same config and agrees on what prompt
+``index`` of a split is (synthetic tasks are generated from ``(seed, index)``, their eval split
+from another stream; ``task.name=dataset`` reads ``datasets.py``); ``encode_prompt`` is the one
+place an example becomes prompt ids, following TRL's convention (``prompt_template``).
 """
 
 from __future__ import annotations
@@ -58,9 +43,8 @@ MAX_LITERAL = 10**9  # task.digits <= 9: every offered number is below this
 
 
 def _arith(node: ast.AST) -> Fraction:
-    """Exact value of an expression of + - * / and parentheses over integer literals below
-    MAX_LITERAL; anything else (``**``, names, calls, unary minus, floats) raises ValueError. With
-    MAX_EXPRESSION_CHARS, every value stays a few dozen digits."""
+    """Exact value of + - * / and parentheses over integer literals below MAX_LITERAL; anything
+    else raises ValueError."""
     if isinstance(node, ast.Constant) and type(node.value) is int and 0 <= node.value < MAX_LITERAL:
         return Fraction(node.value)
     if isinstance(node, ast.BinOp) and type(node.op) in _COUNTDOWN_OPS:
@@ -69,10 +53,8 @@ def _arith(node: ast.AST) -> Fraction:
 
 
 def countdown_reward(response: str, example: Example) -> float:
-    """1.0 when the response is an expression over the offered numbers (each at most once) that
-    equals the target, with + - * / (exact division) and parentheses. Parsed with ``ast``, never
-    evaluated: ``9**8**7``, names and calls score 0.0 before any arithmetic; the length bound and
-    the literal-only grammar keep every value small."""
+    """1.0 when the response is an expression of + - * / over the offered numbers (each at most
+    once) equal to the target; parsed with ``ast``, never evaluated."""
     expr = response.strip()
     if not expr or len(expr) > MAX_EXPRESSION_CHARS or any(c not in "0123456789+-*/() " for c in expr):
         return 0.0
@@ -91,8 +73,7 @@ def countdown_reward(response: str, example: Example) -> float:
 
 @lru_cache(maxsize=64)
 def load_function(path: str) -> Callable:
-    """The callable at ``"pkg.module:function"`` (or ``pkg.module.function``), imported once
-    (``areal_like.tasks.callables.import_function``: what it raises, this raises)."""
+    """``import_function(path)``, imported once."""
     return import_function(path)
 
 
@@ -161,11 +142,7 @@ class Reverse(Task):
 
 
 class Countdown(Task):
-    """Reach a target with + - * over the given numbers, each used at most once.
-
-    The answer field holds one valid expression; any expression that evaluates to the target
-    with allowed numbers scores 1.0 (``countdown_reward``).
-    """
+    """Reach a target with + - * over the given numbers, each at most once (``countdown_reward``)."""
 
     name = "countdown"
     reward_path = "areal_like.tasks.task:countdown_reward"
@@ -180,8 +157,7 @@ class Countdown(Task):
 
 
 class Multiply(Task):
-    """``347*29``: a 3-digit times a 2-digit number (the ``calc`` environment's questions,
-    ``areal_like/tasks/envs.py``; too hard for a tiny model without its calculator tool)."""
+    """``347*29``: the ``calc`` environment's questions (areal_like/tasks/envs.py)."""
 
     name = "calc"
 
@@ -192,8 +168,7 @@ class Multiply(Task):
 
 
 class Guess(Task):
-    """A hidden number in 1..32 (the ``guess`` environment's games,
-    ``areal_like/tasks/envs.py``)."""
+    """A hidden number in 1..32 (the ``guess`` environment's games)."""
 
     name = "guess"
 
@@ -205,9 +180,7 @@ SYNTHETIC: dict[str, type[Task]] = {t.name: t for t in (Addition, Sort, Reverse,
 
 
 class DatasetTask(Task):
-    """Rows of local files (``areal_like/tasks/datasets.py``) in file order; prompts whose
-    ``encode_prompt`` ids are longer than ``task.max_prompt_tokens`` are dropped from either split
-    and counted in one log line. The default reward grades the final math answer."""
+    """Rows of local files in file order, without the prompts over ``task.max_prompt_tokens``."""
 
     name = "dataset"
     reward_path = "areal_like.tasks.rewards:math_reward"
@@ -227,8 +200,7 @@ class DatasetTask(Task):
 
 def filter_long_prompts(examples: list[Example], cfg: TaskConfig, tokenizer: Any,
                         split: str) -> list[Example]:
-    """``examples`` without those whose prompt ids exceed ``task.max_prompt_tokens`` (0 = keep
-    all)."""
+    """``examples`` without those whose prompt ids exceed ``task.max_prompt_tokens`` (0: all)."""
     limit = cfg.max_prompt_tokens
     if limit <= 0:
         return examples
@@ -249,16 +221,12 @@ def filter_long_prompts(examples: list[Example], cfg: TaskConfig, tokenizer: Any
 
 
 def has_eval_split(cfg: TaskConfig) -> bool:
-    """Whether ``make_task(cfg, split="eval")`` exists: always for synthetic tasks; for a dataset
-    when ``task.eval_path`` is set or ``task.eval_fraction`` > 0."""
+    """Whether ``make_task(cfg, split="eval")`` exists."""
     return cfg.name in SYNTHETIC or bool(cfg.eval_path) or cfg.eval_fraction > 0
 
 
 def make_task(cfg: TaskConfig, tokenizer: Any = None, split: str = "train") -> Task:
-    """The task's ``split`` ("train" or "eval"). ``tokenizer`` is needed only to filter a dataset's
-    prompts by ``task.max_prompt_tokens`` (the count uses ``encode_prompt``)."""
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r}: choose one of {', '.join(SPLITS)}")
+    """The task's ``split``; ``tokenizer`` only filters a dataset by ``task.max_prompt_tokens``."""
     if cfg.name in SYNTHETIC:
         return SYNTHETIC[cfg.name](cfg, split)
     return DatasetTask(cfg, tokenizer, split)
@@ -266,14 +234,8 @@ def make_task(cfg: TaskConfig, tokenizer: Any = None, split: str = "train") -> T
 
 # ---------------------------------------------------------------- prompt encoding
 def chat_template_of(tokenizer: Any, cfg: TaskConfig) -> str | None:
-    """The Jinja chat template of the task's chat: what ``encode_prompt`` applies to a chat row
-    (``prompt_template`` says when), and what an exporter sets on the saved tokenizer so the
-    exported model is prompted as it was trained.
-
-    ``task.chat_template``: ``none`` -> None; ``auto`` -> the tokenizer's own template (None when
-    it has none); anything else -> the content of the file it names, or the value itself as a
-    Jinja template.
-    """
+    """The task's Jinja chat template (also set on an exported tokenizer): ``none`` -> None,
+    ``auto`` -> the tokenizer's own (or None), else the file it names or the value itself."""
     value = cfg.chat_template
     if value == "none":
         return None
@@ -296,22 +258,16 @@ def _template_text(value: str) -> str:
 
 
 def prompt_template(tokenizer: Any, example: Example, cfg: TaskConfig) -> str | None:
-    """The chat template ``encode_prompt`` applies to ``example``, or None for plain text.
-
-    The convention of TRL's GRPOTrainer: with ``task.chat_template=auto`` a plain prompt (no
-    ``example.messages``: a dataset's prompt column, every synthetic task) is plain text, and a
-    chat row goes through the tokenizer's template (plain text when it has none; the preflight
-    refuses that case unless ``task.chat_template`` says what to do). ``none``: plain text for
-    both. A template of one's own: that template for both.
-    """
+    """The chat template ``encode_prompt`` applies to ``example``, or None for plain text (TRL's
+    convention: with ``auto`` a plain prompt is plain text and a chat row goes through the
+    tokenizer's template; ``none``: plain text for both; a template of one's own: for both)."""
     if cfg.chat_template == "auto" and not example.messages:
         return None
     return chat_template_of(tokenizer, cfg)
 
 
 def prompt_layout(cfg: TaskConfig) -> str:
-    """One line saying how this task's prompts become ids (``prompt_template``'s rule, or the chat
-    of a multi-turn or agent task), for the run's log at start."""
+    """One line saying how this task's prompts become ids, for the run's log at start."""
     value = cfg.chat_template
     inline = "{{" in value or "{%" in value
     template = ("the tokenizer's chat template" if value in ("auto", "none")
@@ -333,18 +289,10 @@ def prompt_layout(cfg: TaskConfig) -> str:
 
 
 def encode_prompt(tokenizer: Any, example: Example, cfg: TaskConfig) -> list[int]:
-    """The prompt ids a model is given for ``example`` (the rollout server's, the evaluation's and
-    the warm start's layout).
-
-    With a chat template (``prompt_template``): ``apply_chat_template(messages,
-    add_generation_prompt=True)`` where messages = ``example.messages`` or one user message
-    holding ``example.prompt``, with ``task.system_prompt`` as a first system message unless the
-    messages already start with one. Without: ``tokenizer(text, add_special_tokens=True)``
-    (special tokens as the tokenizer adds them, e.g. the char tokenizer's ``<bos>``), text = the
-    system prompt, a newline, then ``example.prompt`` (the prompt alone when no system prompt is
-    set or a chat row starts with its own; a chat row's prompt is its messages' contents, one per
-    line).
-    """
+    """The prompt ids a model is given for ``example``: the template's rendering (with the
+    generation prompt) of its messages, or of one user message holding its prompt; else its
+    prompt as text with the tokenizer's special tokens. ``task.system_prompt`` goes first unless
+    the messages start with a system message of their own."""
     template = prompt_template(tokenizer, example, cfg)
     if template is None:
         own_system = bool(example.messages) and example.messages[0].get("role") == "system"

@@ -1,27 +1,15 @@
-"""Tokenizers: built in code for models built from config (char, bpe), or a local HF one.
+"""Tokenizers: built in code for models built from config (``char``, ``bpe``), or a local HF one.
 
-``model.tokenizer`` picks it when ``model.path`` holds no tokenizer:
+* ``char``: 104 tokens, ``<pad> <bos> <eos> <unk>`` then ``string.printable``, one per character
+  (exact decoding), stored in their byte-level spelling so that a reload as transformers'
+  ``Qwen2Tokenizer`` keeps spaces and newlines; ``<bos>`` is added; a ``role: content`` chat
+  template.
+* ``bpe``: byte-level BPE trained deterministically at load on ``data/corpus.txt`` with
+  ``model.vocab_size`` entries (>= 256 bytes + 3 specials), single-digit tokens (Qwen2's
+  pattern), ``<|im_end|>`` as EOS, no BOS, a ChatML template.
 
-* ``char`` (tiny models, tests, quickstart): 104 tokens, ``<pad>=0 <bos>=1 <eos>=2 <unk>=3`` then
-  ``string.printable``, one token per character, so token count == character count and decoding
-  is exact (a character outside ``string.printable`` is one ``<unk>``). Whitespace
-  is stored in its byte-level spelling so that a reload by ``AutoTokenizer`` from a Qwen2 model
-  directory (which picks transformers' ``Qwen2Tokenizer``) keeps spaces and newlines. Encoding
-  adds ``<bos>`` in front. Its chat template (``role: content`` lines, no ``<bos>``) lays out
-  chat rows (``task.messages_key``) and multi-turn episodes; plain prompts, the synthetic tasks'
-  included, are plain text with ``<bos>`` (``areal_like.tasks.task.prompt_template``).
-* ``bpe``: byte-level BPE trained at load time on the shipped ``data/corpus.txt`` (English and
-  arithmetic) with ``model.vocab_size`` entries; digits are single tokens (Qwen2's
-  pre-tokenizer pattern), so numbers tokenize the same way everywhere. Special tokens
-  ``<pad>=0 <|im_start|>=1 <|im_end|>=2``; EOS is ``<|im_end|>``; no BOS is added (as Qwen2);
-  a ChatML chat template. Training is deterministic: the same corpus gives the same
-  ``tokenizer.json`` in every process. Every byte is in the base alphabet, so any text encodes
-  and decodes exactly; that needs ``model.vocab_size`` >= 256 bytes + 3 special tokens.
-* a local directory: ``AutoTokenizer.from_pretrained`` (nothing is downloaded).
-
-Both built tokenizers are real ``PreTrainedTokenizerFast``s (save_pretrained / from_pretrained
-round-trip), so an engine or trainer loads them from a model directory like any HF tokenizer.
-Builds are cached per process. Importing this module imports neither torch nor transformers.
+Both are real ``PreTrainedTokenizerFast``s, cached per process; importing this module imports
+neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -52,11 +40,8 @@ def char_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    # Each character is stored in its byte-level spelling (" " as "Ġ", "\n" as "Ċ"; the other
-    # printable characters spell themselves). A Qwen2 model directory reloaded with AutoTokenizer
-    # gets transformers' Qwen2Tokenizer, which keeps this vocab but puts its own byte-level
-    # pre-tokenizer in front: with plain " " and "\n" entries it dropped every space and newline.
-    # Spelled this way, both pipelines give the same ids.
+    # byte-level spelling (" " as "Ġ"): Qwen2Tokenizer, on a reload, puts its own byte-level
+    # pre-tokenizer in front and would drop plain " " and "\n" entries
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     vocab = {(t if t in SPECIAL else byte_level.pre_tokenize_str(t)[0][0]): i for i, t in enumerate(CHAR_VOCAB)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -73,8 +58,7 @@ def char_tokenizer():
 
 @lru_cache(maxsize=4)
 def bpe_tokenizer(vocab_size: int = 512):
-    """Byte-level BPE with ``vocab_size`` entries (at most: a small corpus may stop merging
-    earlier) trained on ``data/corpus.txt`` (module docstring)."""
+    """Byte-level BPE with at most ``vocab_size`` entries, trained on ``data/corpus.txt``."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -98,9 +82,7 @@ def _has_tokenizer(path: Path) -> bool:
 
 
 def load_tokenizer(model: ModelConfig):
-    """The tokenizer of ``model``: from ``model.path`` when it holds one, else ``model.tokenizer``.
-    A job's preflight (``areal-like run`` / ``config``) refuses a ``model.path`` without a tokenizer
-    when ``model.tokenizer`` is a built-in one: its ids would mean nothing to that model."""
+    """The tokenizer of ``model``: from ``model.path`` when it holds one, else ``model.tokenizer``."""
     if model.path and _has_tokenizer(Path(model.path)):
         from transformers import AutoTokenizer
 

@@ -1,17 +1,11 @@
-"""Tools an environment offers the model: their registry, how calls are found in generated text, and
-what the model reads back.
+"""Tools an environment offers the model: their registry, the calls found in generated text
+(Qwen's / Hermes' ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``), and what the model
+reads back.
 
-A tool is a module-level function named by a dotted path, with a JSON schema for its keyword
-arguments (``{"name", "function": "pkg.module:fn", "description", "parameters"}``). The model calls
-it in the chat template's tool-call format, Qwen's (also Hermes'):
-``<tool_call>{"name": "calc", "arguments": {"expr": "3*4"}}</tool_call>``; several calls in one turn
-run in order. ``parse_tool_calls`` never raises: a malformed call becomes a ``ToolCall`` whose
-``error`` says what is wrong, and ``ToolRegistry.check`` refuses an unknown tool or arguments
-that do not match the schema the same way; the rollout server turns every error into a tool
-message the model sees (``tool_message``), so a bad call never ends the episode.
-
-Schemas are checked when the registry is built (``jsonschema``, Draft 2020-12): a broken schema
-is the environment's bug and fails the episode at once.
+Invariant: a bad call never ends the episode: ``parse_tool_calls`` never raises (a malformed call
+carries its ``error``) and ``ToolRegistry.check`` refuses an unknown tool or arguments against the
+schema the same way; the model reads the error as a tool message. A broken schema (checked with
+``jsonschema`` when the registry is built) is the environment's bug and fails the episode.
 """
 
 from __future__ import annotations

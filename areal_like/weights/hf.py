@@ -1,16 +1,10 @@
 """Hugging Face models: find a model's local directory, and build or load the causal LM.
 
-``resolve_model_path(path)`` turns ``model.path`` into a local directory ONCE, in the launcher
-(``areal-like run`` / ``areal-like config``), before any daemon starts: a local directory is used
-as is; a hub id (``org/name``) is looked up in the local Hugging Face cache and, only when
-``HF_HUB_OFFLINE`` is unset, downloaded (with progress bars). A cached snapshot counts only when it
-holds what the key needs (weights for a model, tokenizer files for a tokenizer): loading a
-tokenizer or a config caches just those files, and such a snapshot is completed by the download.
-``resolve_models(cfg)`` applies it to every model-valued key. The daemons then read directories only: ``build_model(cfg)`` loads
-``cfg.path`` (hub ids are refused there: nothing is downloaded by a daemon) or builds a Qwen2 from
-the config fields with a fixed init seed, so every process that builds "the same" tiny model gets
-bit-identical weights. ``build_meta_model(cfg)`` is the same architecture on the meta device (the
-trainer shards it before any weight exists). Imports torch and huggingface_hub lazily.
+Invariants: ``resolve_model_path`` / ``resolve_models`` turn a hub id into a local directory ONCE,
+in the launcher, before any daemon starts (the local cache first, a snapshot counting only when
+it holds what the key needs; a download only without ``HF_HUB_OFFLINE``); daemons read
+directories only and never download; a model built from config uses a fixed init seed, so every
+process that builds it gets bit-identical weights. torch and huggingface_hub are imported lazily.
 """
 
 from __future__ import annotations
@@ -19,16 +13,11 @@ import dataclasses
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from areal_like.settings.config import ConfigError, ModelConfig, RunConfig
+from areal_like.wire.weight_wire import torch_dtype  # re-exported: the model's dtype by name
 
-if TYPE_CHECKING:
-    import torch
-
-
-# org/name, as the hub spells model repos (validate_repo_id has the finer rules); a relative local
-# path of the same shape that exists is taken as a directory first
+# org/name, as the hub spells model repos (an existing local path of that shape wins)
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 # what a download skips: other frameworks' weights and exports that transformers never reads
 DOWNLOAD_IGNORE = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "*.onnx_data", "*.gguf", "*.tflite", "*.pth",
@@ -48,9 +37,8 @@ def _offline() -> bool:
 
 
 def resolve_model_path(path: str, key: str = "model.path", needs: tuple[str, ...] = WEIGHT_GLOBS) -> str:
-    """``path`` as a local directory: itself when it is one, else the hub id's snapshot directory
-    from the local cache when that holds a file matching one of ``needs`` (globs), else downloaded
-    (unless HF_HUB_OFFLINE is set). Raises ConfigError naming ``key`` in one line when it is neither."""
+    """``path`` as a local directory: itself, the hub id's cached snapshot holding one of ``needs``
+    (globs), or downloaded (not with HF_HUB_OFFLINE); else one ConfigError line naming ``key``."""
     local = Path(path).expanduser()
     if local.is_dir():
         return path
@@ -98,8 +86,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def resolve_models(cfg: RunConfig) -> RunConfig:
-    """``cfg`` with every model-valued key (model.path, model.tokenizer when it is not a built-in
-    tokenizer, trainer.ref_path) resolved to a local directory; a new object, the input unchanged."""
+    """A copy of ``cfg`` with every model-valued key resolved to a local directory."""
     model, trainer = cfg.model, cfg.trainer
     if model.path:
         model = dataclasses.replace(model, path=resolve_model_path(model.path, "model.path"))
@@ -111,15 +98,8 @@ def resolve_models(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, model=model, trainer=trainer)
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 def qwen2_config(cfg: ModelConfig, tokenizer=None):
-    """The Qwen2 config of a model built from ``cfg``; its bos/eos/pad ids are the tokenizer's
-    (``tokenizer``, default ``load_tokenizer(cfg)``), so generation stops where the tokenizer ends."""
+    """The Qwen2 config of a model built from ``cfg``, with the tokenizer's bos/eos/pad ids."""
     from transformers import Qwen2Config
 
     from areal_like.tasks.tokenizer import load_tokenizer
@@ -151,9 +131,8 @@ def hf_config(cfg: ModelConfig):
 
 
 def build_meta_model(cfg: ModelConfig, dtype: str = "float32"):
-    """The architecture of ``cfg`` on the meta device: shapes only, no memory, no initialisation
-    (Hugging Face skips weight init on meta). Its weights are written later, shard by shard
-    (``trainer/sharded_init.py``); its buffers (rotary tables) are recomputed there too."""
+    """The architecture of ``cfg`` on the meta device (weights written later, shard by shard:
+    ``trainer/sharded_init.py``)."""
     import torch
     from transformers import AutoModelForCausalLM
 

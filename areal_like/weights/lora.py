@@ -1,19 +1,10 @@
-"""LoRA adapters (``trainer.lora``), the same on the trainer's model and the embedded engine's.
+"""LoRA adapters (``trainer.lora``), injected the same way on the trainer's model and the embedded
+engine's (``peft.inject_adapter_in_model``, in place: the model keeps its class and submodule
+paths, a targeted linear holding ``base_layer``, ``lora_A.default`` and ``lora_B.default``).
 
-``add_adapters(model, lora)`` injects PEFT's LoRA layers into a Hugging Face causal LM in place
-(``peft.inject_adapter_in_model``): the model keeps its class and its submodule paths, so the
-trainer's FSDP wrapping, activation checkpointing and the engine's fast path see the same
-decoder. Each targeted ``nn.Linear`` becomes a ``peft`` LoRA layer holding the original as
-``<name>.base_layer`` and the adapter as ``<name>.lora_A.default`` / ``<name>.lora_B.default``.
-PEFT freezes every other parameter.
-
-Invariants:
-- Parameter names are identical on the trainer and the engine (both inject with this module), so
-  the weight sync sends the adapter under the names the engine's ``named_parameters`` has.
-- ``base_name`` maps a parameter's name back to the Hugging Face name of the base model's weight
-  (what ``model.path`` and an export hold); an adapter parameter has none.
-- Every name in ``target_modules`` must match at least one linear layer (PEFT itself only
-  refuses a list of which NONE matches): ``check_targets`` names the others.
+Invariants: parameter names are identical on trainer and engine, so the sync sends the adapter
+under the engine's names; ``base_name`` maps a name back to the base model's weight (an adapter
+has none); every name in ``target_modules`` matches at least one linear layer (``check_targets``).
 """
 
 from __future__ import annotations
@@ -36,8 +27,7 @@ def peft_config(lora: LoraConfig):
 
 
 def served_name(version: int, plan_id: str) -> str:
-    """The name an engine that loads adapters by name (SGLang) gives the adapter of ``plan_id``
-    pushing ``version``: what its generate requests, and the log-prob guard's probe, name."""
+    """The name an engine loading adapters by name (SGLang) gives the adapter of ``plan_id``."""
     return f"policy-v{version}-{plan_id}"
 
 

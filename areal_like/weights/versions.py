@@ -1,21 +1,9 @@
-"""Torch, CUDA and NCCL versions of a weight-sync peer, and whether two peers may share a group.
+"""Torch, CUDA and NCCL versions of a weight-sync peer, and whether two peers may share a group
+(why: areal_like/DESIGN.md section 4).
 
-The weight-update group joins trainer rank 0 and every engine rank in one communicator (NCCL on
-GPU, gloo on CPU). Peers built against different NCCL releases or CUDA versions can fail at the
-rendezvous or, worse, stall in the first broadcast until the sync deadline. So every rollout server
-reports its engine's versions in ``Register``, the buffer keeps them in the roster, and the trainer
-leaves a member whose versions differ from its own out of the plan (``trainer/weight_sync.py``).
-
-Rules (``mismatch``), applied only to what both sides know ("" is unknown: an older peer, or no GPU):
-
-- nccl: the torch release (the part before ``+``: the build tag is covered by the CUDA version),
-  the CUDA version and the NCCL version must be equal.
-- gloo: only torch's major.minor must be equal. gloo moves CPU tensors, so CUDA and NCCL play no
-  part; but the group is formed with torch's own TCPStore rendezvous and gloo pairing, and torch
-  promises no compatibility of those between releases. Patch releases only fix bugs, so 2.13.0 and
-  2.13.1 may meet; a refusal costs one engine's updates, a stalled group the whole sync deadline.
-
-Invariant: a peer reporting nothing at all is never refused (the caller warns about it).
+Rules (``mismatch``), applied only to what both sides know ("" is unknown): nccl: the torch
+release (before ``+``), CUDA and NCCL must be equal; gloo: torch's major.minor. Invariant: a peer
+reporting nothing at all is never refused (the caller warns about it).
 """
 
 from __future__ import annotations
@@ -50,8 +38,7 @@ def local_versions() -> RuntimeVersions:
 
 
 def from_server_info(info: dict[str, Any]) -> RuntimeVersions:
-    """The versions an engine's ``/server_info`` reports (``torch_version``, ``cuda_version``,
-    ``nccl_version``); empty where it reports none (SGLang 0.5.23 does not)."""
+    """The versions an engine's ``/server_info`` reports ("" where it reports none)."""
     return RuntimeVersions(*(str(info.get(f"{k}_version") or "") for k in ("torch", "cuda", "nccl")))
 
 

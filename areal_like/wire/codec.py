@@ -1,17 +1,10 @@
-"""Field values <-> their wire form, for the messages of ``areal_like.wire.protocol``.
+"""Field values <-> their wire form for ``areal_like.wire.protocol``: ``Message`` (the base),
+``wire_array`` (a 1-D array as the ``(dtype, length, memoryview)`` triple msgspec handles in C),
+``error_from`` (a msgspec error as a ``ProtocolError`` naming msgspec's path) and ``field_names``.
 
-Checks: msgspec checks every field while it decodes (types, tags, unknown and missing fields, and
-the ranges declared with ``msgspec.Meta``: ``Finite``, ``Count``); a message's ``validate()`` holds
-only the rules across its fields and runs from ``__post_init__``, on construction and on decode.
-Construction checks no field: msgspec does not, and senders are this project's code, which builds
-messages from plain Python types (a numpy scalar or a ``str`` subclass fails in ``encode`` instead).
-What arrives from a peer is checked whole before any handler sees it.
-
-* ``wire_array``: a 1-D array-like as the wire triple ``(dtype, length, memoryview)`` that a
-  ``Trajectory`` stores, so msgspec encodes and decodes it in C with no Python per array.
-* ``error_from``: a msgspec decode error as a ``ProtocolError`` whose ``field`` is the path msgspec
-  reports (``trajectories[3].reward``).
-* ``Message``: the base of every message; ``field_names``: a message's public (wire) field names.
+Invariant: msgspec checks every field on decode (types, tags, unknown or missing fields, the
+``Finite`` and ``Count`` ranges); ``validate()`` holds only rules across fields. Construction
+checks no field: senders are this project's code, with plain Python types.
 """
 
 from __future__ import annotations
@@ -23,8 +16,7 @@ from typing import Annotated, Any, ClassVar
 import msgspec
 import numpy as np
 
-# Every float field of every message is finite (a NaN or infinite wait, deadline or reward is no
-# number a receiver can act on; areal_like/DESIGN.md): NaN fails both bounds.
+# every float field of every message is finite (NaN fails both bounds)
 Finite = Annotated[float, msgspec.Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
 
@@ -42,9 +34,8 @@ _DTYPES = {"<i4": np.dtype("<i4"), "<f4": np.dtype("<f4")}  # the array dtypes o
 
 
 def wire_array(value: Any, tag: str, name: str) -> tuple[str, int, memoryview]:
-    """A 1-D array-like as ``(tag, length, bytes)``. A contiguous array of that dtype is taken as it
-    is (no copy); lists, other dtypes (int64 ids, float64 logprobs) and strided views are converted;
-    an int32 field takes only whole numbers that fit. Scalars, other shapes and raw bytes are refused."""
+    """A 1-D array-like as ``(tag, length, bytes)``: that dtype contiguous without a copy, else
+    converted (an int32 field takes only whole numbers that fit); raw bytes are refused."""
     dtype = _DTYPES[tag]
     if type(value) is np.ndarray and value.dtype == dtype and (data := value.data).ndim == 1 and data.c_contiguous:
         return tag, len(data), data
@@ -112,6 +103,5 @@ class Message(msgspec.Struct, frozen=True, eq=False, tag_field="type", forbid_un
 
 
 def field_names(cls: type[Message]) -> tuple[str, ...]:
-    """The fields of a message class by their public (and wire) names, in wire order; the
-    frame's ``type`` and ``protocol`` are not fields."""
+    """A message class's field names as on the wire, in wire order (not ``type``, ``protocol``)."""
     return tuple(f.encode_name for f in msgspec.structs.fields(cls) if f.name != "protocol")

@@ -1,30 +1,12 @@
-"""Wire protocol: small, typed, immutable messages encoded with msgpack.
+"""Wire protocol: small, typed, immutable msgspec messages in msgpack frames (the format, the checks
+and who sends what: areal_like/DESIGN.md section 3).
 
-Every message is a frozen ``msgspec.Struct`` tagged by its ``type`` string; a frame is the
-msgpack map ``{"type": str, **fields, "protocol": int}``. One encoder writes every message and
-one decoder reads the union of the top-level ones, both in C.
-
-Arrays (token ids, logprobs; per-token versions and loss masks as runs) travel as raw
-little-endian bytes inside a ``Trajectory`` (``areal_like/wire/trajectory.py``). The message base is
-``areal_like/wire/codec.py``'s.
-
-Checks: msgspec checks types, unknown and missing fields, tags, the protocol version and the
-declared ranges (finite floats, ``want_credits`` and ``max_credits`` bounds, a group with at least
-one trajectory) while it decodes. What it cannot express (arrays whose lengths disagree, payloads
-that do not fit the plan's path, ...) is one ``validate()`` per message, run on construction and on
-decode. Senders build messages from plain Python types and field checks run on decode only (the
-codec's docstring says why). Any problem raises ``ProtocolError`` naming the field
-(``trajectories[3].reward``); no other exception escapes ``decode`` for any input bytes.
-
-Compatibility: one protocol version at a time (``PROTOCOL_VERSION``; nothing has been released
-yet, so there are no readers of older formats). A frame of another version is refused naming both
-("unsupported protocol version 2 (this side speaks 3)"), and so is a buffer's WAL holding one
-(buffer/recovery.py): finish a run with the build that started it. A field added with a default
-keeps the version, since frames without it still decode; a component built before the field
-rejects frames that carry it ("unknown field"), so upgrade the buffer before the rollout servers
-and the trainer. Version 3 sends per-token versions and loss masks as runs
-(``areal_like/wire/trajectory.py``): half the bytes of a long response.
-Who sends which message: areal_like/DESIGN.md section 3.
+Invariants: a frame is ``{"type": str, **fields, "protocol": int}``; ``decode`` raises only
+``ProtocolError`` (naming the field) for any input bytes, after msgspec's field checks and each
+message's ``validate()``. One protocol version at a time: a frame (or WAL) of another version is
+refused naming both; a field added with a default keeps the version (older readers then refuse
+frames that carry it: upgrade the buffer first). Version 3 sends per-token versions and loss
+masks as runs.
 """
 
 from __future__ import annotations
@@ -49,7 +31,7 @@ Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]  # 0: none (a plan of a path
 
 
 class _TopLevel(Message, frozen=True, kw_only=True):
-    # kw_only: ordered after every subclass's fields, so the frame ends with it, as it always has
+    # kw_only: after every subclass's fields, so the frame ends with it
     protocol: Literal[3] = PROTOCOL_VERSION
 
 
@@ -58,19 +40,13 @@ class Register(_TopLevel, tag="register"):
     engine_url: str  # HTTP base URL of the engine this server owns (weight-sync peer)
     engine_ranks: Ranks = 1  # ranks the engine contributes to the weight-update group (its TP size)
     policy_version: int = -1  # version the engine serves now (-1: unknown)
-    # The engine's runtime, checked by the trainer before it joins a weight-sync group ("": unknown,
-    # an older sender); see areal_like/weights/versions.py.
-    torch_version: str = ""
+    torch_version: str = ""  # the engine's runtime ("": unknown; areal_like/weights/versions.py)
     cuda_version: str = ""
     nccl_version: str = ""
-    evaluates: bool = False  # it runs the job's evaluations (rollout.eval): the final one needs the last weights
-    # Which process sends it: a random token made once per process start (secrets.token_hex(8)), the
-    # same in all its Registers, retries included ("": not told). The buffer takes a Register whose
-    # incarnation differs from the last one under this id for a new process (buffer/control.py).
+    evaluates: bool = False  # it runs the job's evaluations (rollout.eval)
+    # a random token per process start ("": not told): another one under this id is a new process
     incarnation: Annotated[str, msgspec.Meta(max_length=64)] = ""
-    # The sender's first registration since its process started. It decides alone when the buffer
-    # holds no incarnation for this id (after the buffer's own restart, or "" on either side).
-    fresh: bool = False
+    fresh: bool = False  # its first Register since it started (decides when the buffer knows none)
 
 
 class RegisterAck(_TopLevel, tag="register_ack"):
@@ -138,8 +114,8 @@ class BatchRequest(_TopLevel, tag="batch_request"):
     n_groups: Annotated[int, msgspec.Meta(ge=1)]
     trainer_version: int  # the version the batch will train (step v -> v+1)
     wait_s: Finite = 5.0  # how long the buffer may hold the request before answering empty
-    ack_batch: str = ""  # batch_id of the last Batch received ("" = none): the buffer marks it consumed;
-    # a batch still in transit that is not acked here was lost on the way and goes back to the store
+    # batch_id of the last Batch received ("" = none): consumed; one in transit not acked is lost
+    ack_batch: str = ""
 
 
 class Batch(_TopLevel, tag="batch"):
@@ -166,8 +142,6 @@ class RosterEntry(Message, tag="roster_entry"):
     cuda_version: str = ""
     nccl_version: str = ""
     evaluates: bool = False  # from the member's Register
-    # from the member's Register: another value under the id is another process (the trainer's
-    # weight group then re-forms: trainer/weight_group.py)
     incarnation: Annotated[str, msgspec.Meta(max_length=64)] = ""
 
 
@@ -216,9 +190,7 @@ class WeightSyncPlan(_TopLevel, tag="weight_sync_plan"):
     buckets: list[BucketSpec]
     deadline_s: Finite  # the whole sync, from publication
     plan_id: str = ""  # unique per push attempt: a re-push of the same version is a new plan
-    # how the weights travel (WEIGHT_PATHS). A str, not a Literal: a server that does not know a
-    # path answers SyncDone(ok=False) naming it.
-    path: str = "distributed"
+    path: str = "distributed"  # WEIGHT_PATHS; a str: an unknown one is answered SyncDone(ok=False)
     payloads: list[str] = []  # WEIGHT_PATHS[path](buckets) of them
 
     def validate(self) -> None:
@@ -300,8 +272,7 @@ def encode(msg: Message) -> bytes:
 
 
 def encode_into(msg: Message, buffer: bytearray) -> None:
-    """``encode`` into a caller-owned buffer (resized to the frame, allocation kept): the transport
-    reuses one buffer per socket instead of allocating every frame."""
+    """``encode`` into a caller-owned buffer (resized to the frame, allocation kept)."""
     _top_level(msg)
     try:
         _ENCODER.encode_into(msg, buffer)
@@ -312,12 +283,9 @@ def encode_into(msg: Message, buffer: bytearray) -> None:
 
 
 def decode(data: bytes | bytearray | memoryview, max_bytes: int | None = None) -> Message:
-    """Parse and validate one frame. Raises only ProtocolError, for any input. Token ids and
-    logprobs are read-only numpy views of the frame, which they keep alive (versions and masks are
-    expanded from their runs on access). A frame over ``max_bytes`` (default
-    ``MAX_FRAME_BYTES``) is refused from its length alone, before anything is decoded: decoding can
-    take ~73x the frame's size (a msgpack list of empty maps is one byte per 72-byte dict), so the
-    size bound is the memory bound."""
+    """Parse and validate one frame; only ProtocolError, for any input. Arrays are read-only views
+    of the frame. A frame over ``max_bytes`` is refused from its length alone: decoding can take
+    ~73x its size, so the size bound is the memory bound."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"frame must be bytes, got {type(data).__name__}", "frame")
     limit = MAX_FRAME_BYTES if max_bytes is None else max_bytes

@@ -1,23 +1,14 @@
-"""One sampled response, ``Trajectory``: token arrays that travel as raw bytes.
+"""One sampled response, ``Trajectory``: token arrays that travel as raw bytes (the format:
+areal_like/DESIGN.md section 3).
 
-Token ids and logprobs travel as raw little-endian bytes, the 3-element array ``[dtype: str,
-length: int, data: bytes]``, never as Python lists (20-100x slower to encode and decode). Per-token
-versions and the loss mask travel as runs (protocol version 3): ``["runs<i4", length, data]``, data
-the little-endian int32 pairs ``(value, end)`` of each run of equal values, ``end`` the index after
-its last token (strictly increasing, the last one ``length``). A response sampled under one version
-with every token generated is 8 bytes of each where it was 4 per token: a 4,096-token trajectory
-travels, is encrypted and is stored in about half the bytes. A ``Trajectory`` stores these triples
-itself, so msgspec encodes them and decodes them (a zero-copy ``memoryview`` of the frame) without
-calling Python per array; its array attributes are made on access (``numpy.frombuffer`` views for
-ids and logprobs, the runs expanded for versions and the mask; all read-only). Build one with
-``Trajectory.of(...)`` from full arrays (``as_i32`` / ``as_f32`` give arrays of the wire dtypes).
+Ids and logprobs travel as ``[dtype, length, bytes]``; per-token versions and the loss mask as
+runs ``["runs<i4", length, (value, end) int32 pairs]``, ``end`` strictly increasing to ``length``.
+The triples are stored as they are, so msgspec (de)codes them in C; the array attributes are
+read-only views made on access, the runs expanded.
 
-Invariant: every ``Trajectory`` decoded has the wire dtypes and a finite reward (msgspec checks
-each field), and every one decoded or built has aligned arrays (one entry per output token) and
-well-formed runs (``validate``, one expression while all is well). ``Trajectory.of`` converts the
-arrays and the reward (a finite real number, to float) and refuses what it cannot convert; the
-other fields are taken as given (plain Python types: the codec's docstring). Not a top-level
-message: it travels inside ``TrajectoryGroup`` (``areal_like/wire/protocol.py``).
+Invariant: every ``Trajectory`` decoded has the wire dtypes and a finite reward (msgspec), and
+every one decoded or built has aligned arrays and well-formed runs (``validate``). ``of``
+converts the arrays and the reward and refuses what it cannot convert.
 """
 
 from __future__ import annotations
@@ -50,9 +41,7 @@ def as_f32(x: Any) -> np.ndarray:
 
 
 def mask_values_ok(mask_wire: tuple) -> bool:
-    """Every value of a wire-form loss mask (runs) is 0 or 1. Not run on decode: ``Trajectory.of``,
-    the buffer's admission (``areal_like/wire/group_checks.py``) and the trainer's data source check
-    it."""
+    """Every value of a wire-form loss mask is 0 or 1 (not run on decode: group_checks runs it)."""
     return not mask_wire[1] or int(np.frombuffer(mask_wire[2], _U4)[0::2].max()) <= 1
 
 
@@ -75,8 +64,7 @@ def one_run(value: int, n: int) -> tuple[str, int, memoryview]:
 
 
 def runs_ok(wire: tuple) -> bool:
-    """``wire`` (tag, length, data) holds well-formed runs of ``length`` tokens (see the module docstring).
-    Cheap for one run (the common case); reads the pairs otherwise."""
+    """``wire`` holds well-formed runs of its length (cheap for one run, the common case)."""
     n, data = wire[1], wire[2]
     size = data.nbytes
     if size == 8:
@@ -96,21 +84,13 @@ def runs_array(wire: tuple) -> np.ndarray:
 
 
 class Trajectory(Message, tag="trajectory"):
-    """One sampled response. Not a top-level message; travels inside TrajectoryGroup.
+    """One sampled response; entry t of each per-token array belongs to output token t.
 
-    ``output_ids``, ``behav_logp`` and ``versions`` are aligned: entry t belongs to
-    output token t. ``versions[t]`` is the policy_version of the weights that produced
-    token t (a trajectory interrupted by a weight update spans several versions).
-    ``loss_mask[t]`` is 1 when the policy generated token t (it is trained on) and 0 when it is
-    context: an environment's or a tool's message, or chat-template markup, in a multi-turn
-    episode. A context token's ``behav_logp`` is 0 (meaningless; nothing reads it) and its version
-    is that of the generated token before it, so the oldest version of a trajectory is always
-    that of a generated token (``head_version``: staleness).
-
-    Holds each array in its wire form (``*_wire``, see the module docstring); ``Trajectory.of``
-    builds one from arrays. To change a field, build a new one (``msgspec.structs.replace`` is
-    fine for ``reward``, ``finish_reason`` and ``metadata``; it checks no field, so a reward put in
-    that way must be a finite ``float``: the receiver's decode refuses anything else).
+    ``versions[t]``: the policy version that produced token t; ``loss_mask[t]``: 1 generated
+    (trained on), 0 context (an environment's or tool's message, template markup), whose
+    ``behav_logp`` is 0 and whose version is the generated token's before it, so ``head_version``
+    is always a generated token's. ``msgspec.structs.replace`` checks no field: a reward put in
+    that way must be a finite ``float``.
     """
 
     prompt_ids_wire: I32 = msgspec.field(name="prompt_ids")  # [P] prompt token ids
@@ -126,11 +106,9 @@ class Trajectory(Message, tag="trajectory"):
     @classmethod
     def of(cls, *, prompt_ids: Any, output_ids: Any, behav_logp: Any, versions: Any, reward: float,
            finish_reason: str, metadata: dict | None = None, loss_mask: Any = None) -> Trajectory:
-        """Build from 1-D array-likes, converted to the wire dtype (ids and logprobs of that dtype
-        are taken without a copy; versions and the mask become runs); ``loss_mask`` omitted: every output token generated (single-turn).
-        ``reward``: any finite real number (numpy's too), stored as a float. Raises ProtocolError
-        naming the field, for a reward that is no finite number too: an environment's or an agent's
-        (user code) fails its episode here, where it is built, as a bad array does."""
+        """Build from 1-D array-likes (of the wire dtype: no copy); ``loss_mask`` omitted: every
+        token generated. ``reward``: any finite real number. ProtocolError naming the field, for
+        a reward that is no finite number too (user code fails its episode here)."""
         reward = _finite_float(reward)
         out = wire_array(output_ids, "<i4", "output_ids")
         if loss_mask is None:
@@ -142,8 +120,7 @@ class Trajectory(Message, tag="trajectory"):
                    reward, finish_reason, {} if metadata is None else metadata)
 
     def validate(self) -> None:
-        """Each array's bytes match its length, the runs are well formed, and every per-token array
-        has ``output_ids``' length (the types are msgspec's, or ``of``'s, to check)."""
+        """Bytes match lengths, runs are well formed, per-token arrays have ``output_ids``' length."""
         p, o, b, v, m = (self.prompt_ids_wire, self.output_ids_wire, self.behav_logp_wire,
                          self.versions_wire, self.loss_mask_wire)
         t = o[1]
@@ -197,7 +174,7 @@ class Trajectory(Message, tag="trajectory"):
     def _public(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in field_names(Trajectory)}
 
-    def __reduce__(self) -> tuple:  # memoryviews do not pickle; arrays do (and deepcopy copies them)
+    def __reduce__(self) -> tuple:  # memoryviews do not pickle; arrays do
         return _trajectory_of, (self._public(),)
 
     def __repr__(self) -> str:
@@ -205,8 +182,7 @@ class Trajectory(Message, tag="trajectory"):
 
 
 def _finite_float(value: Any) -> float:
-    """``value`` as a finite float; ProtocolError naming ``reward`` when it is none (a bool is a
-    bool, not a number: it does not decode as a float either)."""
+    """``value`` as a finite float (a bool is no number); ProtocolError naming ``reward``."""
     if type(value) is float and math.isfinite(value):
         return value  # what every in-tree sender passes
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):

@@ -1,17 +1,10 @@
-"""The flattened-bucket wire format of weight updates, defined once for sender and receivers.
+"""The flattened-bucket wire format of weight updates (SGLang's ``load_format:
+"flattened_bucket"``): a bucket is ONE uint8 buffer of its tensors back to back in ``names``
+order, row-major, in their wire dtype, no padding.
 
-``plan_buckets`` groups the tensors into buckets (which travel together, in which order). A bucket
-travels as ONE uint8 buffer of its tensors back to back in ``names`` order, each its row-major
-bytes in its wire dtype, no padding (SGLang's ``load_format: "flattened_bucket"``): broadcast with
-one op on the group path (a model's hundreds of small tensors would each cost an op's latency),
-shared by handle on the tensor path.
-
-Invariants:
-- ``plan_buckets`` is deterministic (every trainer rank computes the same buckets and order) and
-  gives each bucket one dtype, so every tensor's offset is aligned to its dtype.
-- ``layout`` is the only definition of the offsets: ``pack`` writes and ``unpack`` reads exactly
-  those bytes; ``layout`` refuses an unaligned offset, as SGLang does.
-- Only the functions that need torch import it: a rollout server driving SGLang loads none.
+Invariants: ``plan_buckets`` is deterministic and gives each bucket one dtype (offsets aligned);
+``layout`` is the only definition of the offsets (``pack`` writes and ``unpack`` reads them; an
+unaligned one is refused, as SGLang does); only the functions that need torch import it.
 """
 
 from __future__ import annotations
@@ -27,9 +20,8 @@ ITEMSIZE = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "int64": 8,
 
 def plan_buckets(named_shapes_dtypes: list[tuple[str, list[int], str]],
                  bucket_bytes: int) -> list[BucketSpec]:
-    """Group tensors into buckets of at most ``bucket_bytes`` each (a larger tensor gets a bucket
-    of its own). Each bucket holds one dtype; dtypes appear in order of first occurrence and
-    tensors keep their relative order within a dtype. Pure; no torch."""
+    """Buckets of at most ``bucket_bytes`` (a larger tensor alone), one dtype each, dtypes in order
+    of first occurrence and tensors in order within a dtype."""
     by_dtype: dict[str, list[tuple[str, list[int]]]] = {}
     for name, shape, dt in named_shapes_dtypes:
         if dt not in ITEMSIZE:
