@@ -1,15 +1,9 @@
 """Advantage estimators and the per-minibatch baselines of VCPO and OAPL: pure tensor functions.
 
-Formulas: ``trainer/LOSSES.md`` sections 1 (estimators), 8 (VCPO) and 9 (OAPL). The last three
-functions are the ``advantages`` rules of the kernel table (``trainer/losses.py`` ``KERNELS``).
-The trainer runs the estimators and OAPL's targets once on the WHOLE batch and VCPO's once per
-minibatch (groups must be complete; the REINFORCE++ whitening is batch-global), before any split
-into micro-batches; the results are
-constants for the loss (no gradient). No torch.distributed, no logging.
-
-Shapes: ``rewards`` [N] (one outcome reward per response), ``group_ids`` [N] (an integer tensor
-or any sequence of hashable ids, e.g. the trajectory groups' string ``group_id``), ``mask``
-[N, T] float response mask. Estimators return advantages [N, T], zero on padding.
+Formulas: ``trainer/LOSSES.md`` sections 1, 8 and 9; the last three functions are the
+``advantages`` rules of ``trainer/losses.py``'s ``KERNELS``. Invariants: computed on whole groups
+before any split into micro-batches; constants for the loss (no gradient); estimators return
+[N, T], zero on padding. No torch.distributed, no logging.
 """
 
 from __future__ import annotations

@@ -3,34 +3,20 @@
 Layout under ``trainer.checkpoint_dir``::
 
     v00000012/            one complete checkpoint (policy_version 12)
-        .metadata, *.distcp     DCP shards of {"model", "optim"} (sharded state dicts, any world size)
+        .metadata, *.distcp     DCP shards of {"model", "optim"} (any world size)
         meta.pt                 policy_version, LR scheduler state, world size, checksums (rank 0)
-        rng_rank{r}.pt          torch / python / numpy (/ cuda) RNG states of rank r
+        rng_rank{r}.pt          RNG states of rank r
     .tmp_v00000013/       a save in progress (or interrupted): ignored and removed
 
 Invariants:
-- Atomic: every rank writes into a temporary directory; after a barrier, rank 0 renames it to
-  its final name. A checkpoint directory either is complete or does not exist, so a crash
-  (kill -9) at any moment leaves the previous checkpoint usable. The last ``keep``
-  (``trainer.keep_checkpoints``, default ``KEEP``) are kept.
-- ``AsyncSaver`` (``trainer.checkpoint_async``) keeps that invariant: DCP writes the shards in the
-  background into the temporary directory, and the rename happens only after every rank's write
-  finished (``poll`` after each step, ``finish`` at the next save or at the end); a crash meanwhile
-  loses that save only.
-- Resume restores model, optimizer, scheduler, policy_version and RNG states; the caller then
-  re-pushes the weights and announces the version (trainer/loop.py).
-- Every rank writes its own DCP shard and RNG file into the same directory, so on several nodes
-  ``checkpoint_dir`` must be on a shared filesystem (rank 0 does the rename).
-- The checksums in meta.pt (order-independent float64 sums over every tensor) let a resumed run
-  prove it holds exactly the saved state (``state_checksums``).
-- A checkpoint never holds a non-finite weight or optimizer state: every save checks first
-  (``trainer/finite_guard.py``, ``NonFiniteStateError``), so the newest one is the last finite one.
-- Loading reads data, never code: every pickle a checkpoint holds is read with an allowlist
-  (``UnsafeCheckpointError`` naming the file otherwise): ``meta.pt`` and the DCP values that are
-  not tensors with ``torch.load(weights_only=True)``, ``rng_rank*.pt`` the same plus the numpy
-  array constructors of numpy's RNG state, DCP's ``.metadata`` with an unpickler that resolves
-  only DCP's metadata classes, ``torch.Size``, torch dtypes and paths. A planted ``__reduce__``
-  is refused before it can run.
+- Atomic: every rank writes into the temporary directory; after a barrier rank 0 renames it, so a
+  crash at any moment leaves the previous checkpoint usable (``AsyncSaver`` too: the rename waits
+  for every rank's background write). The last ``trainer.keep_checkpoints`` are kept.
+- Resume restores model, optimizer, scheduler, policy_version and RNG states; ``checkpoint_dir``
+  must be shared by all nodes. meta.pt's checksums prove a resumed run holds the saved state.
+- A checkpoint never holds a non-finite weight or optimizer state (``trainer/finite_guard.py``).
+- Loading reads data, never code: every pickle is read with an allowlist
+  (``UnsafeCheckpointError`` otherwise); a planted ``__reduce__`` is refused before it runs.
 """
 
 from __future__ import annotations

@@ -1,26 +1,15 @@
 """Batches from the buffer: rank 0 asks, every rank gets the same padded tensors.
 
-Owns the trainer's side of ``BatchRequest``/``Batch`` and the conversion of trajectory groups to
-tensors (``TrainBatch``). Deliberately ignores staleness policy: the buffer enforces the bound;
-the trainer only measures and reports the staleness of what it consumed.
-
 Invariants:
-- Every rank leaves ``next_batch`` with the same outcome (a batch, a stop, or the same error), so
-  the ranks never disagree about whether a step happens. Rank 0 broadcasts one status per attempt
-  on the default group; each attempt is bounded by ``wait_s`` + a reply margin, far below the
-  process-group timeout, so the other ranks never time out while rank 0 waits for data.
-- The trainer never dies on data: a group with an empty prompt or a token id outside the
-  vocabulary (the buffer refuses those; one may still come from an older WAL) is dropped from its
-  batch and logged (``dropped_groups``); a batch left with no group counts as empty.
-- An empty batch (not enough fresh groups yet) is retried forever; a buffer that does not answer
-  at all for ``buffer_timeout_s`` is an error (``BufferUnavailable``), not a wait.
-- Layout (right padding, pad id 0): ``input_ids[i] = prompt_i + output_i``; output-aligned arrays
-  ``[N, T]`` hold entry t of output token t. Output token t sits at input position ``P_i + t`` and
-  is predicted by the logits at position ``P_i - 1 + t``.
-- ``mask`` is the loss mask every kernel, aggregation and estimator reads: 1 on the tokens the
-  policy generated, 0 on padding and on a multi-turn episode's context tokens (environment and
-  tool messages, template markup; ``Trajectory.loss_mask``), which stay in ``input_ids`` as
-  conditioning but add nothing to any loss, count or advantage.
+- Every rank leaves ``next_batch`` with the same outcome (a batch, a stop, or the same error);
+  each attempt is bounded far below the process-group timeout.
+- The trainer never dies on data: a group with an empty prompt or an out-of-vocabulary token is
+  dropped and logged (``dropped_groups``); an empty batch is retried forever, a silent buffer for
+  ``buffer_timeout_s`` is ``BufferUnavailable``. Staleness is the buffer's to enforce.
+- Layout (right padding, pad id 0): ``input_ids[i] = prompt_i + output_i``; output token t sits at
+  input position ``P_i + t`` and is predicted at ``P_i - 1 + t``.
+- ``mask`` is the loss mask everything reads: 1 on generated tokens, 0 on padding and on a
+  multi-turn episode's context tokens (``Trajectory.loss_mask``), which only condition.
 """
 
 from __future__ import annotations

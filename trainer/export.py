@@ -1,30 +1,16 @@
 """Hugging Face export: the policy as a directory that ``from_pretrained`` and SGLang load as is.
 
-What a directory holds (the layout ``save_pretrained`` writes)::
-
-    config.json, generation_config.json
-    model.safetensors                       all weights, when they fit in one shard; otherwise
-    model-00001-of-0000N.safetensors ...    shards of at most ``shard_mb`` MiB (a bigger tensor alone)
-    model.safetensors.index.json            {"metadata": {"total_parameters", "total_size"}, "weight_map"}
-    tokenizer.json, tokenizer_config.json, chat_template.jinja, ...   (``tokenizer.save_pretrained``)
-    areal_like_task.yaml                    the task it was trained on (``areal-like eval`` scores it there)
-
-Two ways in: the trainer calls ``export_hf`` on its FSDP2 model during a run (trainer/loop.py),
-and ``python -m trainer.export CHECKPOINT OUT`` (``areal-like export``) loads a trainer DCP
-checkpoint into a freshly built CPU model in one process, without torchrun, and runs the same writer.
+The layout is ``save_pretrained``'s (safetensors shards of at most ``shard_mb`` MiB and their
+index), plus the tokenizer and ``areal_like_task.yaml`` (the task, for ``areal-like eval``). Two
+ways in: ``export_hf`` on the trainer's model during a run, and ``python -m trainer.export
+CHECKPOINT OUT`` (``areal-like export``) from a DCP checkpoint, in one process.
 
 Invariants:
-- ``export_hf`` is a collective: every rank calls it. Parameters are gathered one at a time
-  (``full_tensor`` of each DTensor); rank 0 keeps each in the shard being filled and writes and
-  frees that shard once it reaches ``shard_mb``. No rank ever holds more than one full parameter
-  besides rank 0's one unwritten shard: never a second copy of the model.
-- Atomic: rank 0 writes into ``.tmp_<name>`` beside ``out_dir`` and renames it when complete, so
-  ``out_dir`` is a whole export or absent (an interrupted export leaves only its ``.tmp_``
-  directory, which the next export of that name, or the trainer's next export, removes).
-- LoRA (``export_adapter``): the adapter in PEFT's layout, and with ``export.merged`` a merged
-  model beside it; the merged weights are streamed layer by layer like the others.
-- A parameter shared under two names (tied input/output embeddings) is written once, under its
-  first name (``model.embed_tokens.weight``) as ``save_pretrained`` does; loading re-ties it.
+- ``export_hf`` is a collective; parameters are gathered one at a time and rank 0 writes each
+  shard as it fills: never a second copy of the model.
+- Atomic: written into ``.tmp_<name>`` and renamed when complete.
+- LoRA: the adapter in PEFT's layout, plus a streamed merged model with ``export.merged``.
+- A tied parameter is written once, under its first name, as ``save_pretrained`` does.
 """
 
 from __future__ import annotations

@@ -1,21 +1,10 @@
 """Finite numbers or no step: the trainer never applies an update it cannot trust.
 
-One group with a NaN or an infinite behaviour log-prob used to make ``loss=nan grad_norm=nan`` under
-some kernels (tis, vcpo, oapl), and the NaN weights then went to the engines and into every later
-checkpoint. The buffer refuses such groups (``areal_like/wire/group_checks.py``); independently:
-
-- ``train_step`` (``trainer/step.py``) skips an optimizer step whose loss, gradient norm or
-  learning-rate scale is not finite: gradients zeroed, no optimizer or scheduler step. The
-  decision is ``all_finite``, a collective: every rank gets the same answer, so FSDP ranks never
-  diverge (a rank that applied a step its peers skipped would hold other weights for ever).
-- ``SkipTracker`` (the trainer loop, rank 0 reports) counts skipped steps, logs them (at most once
-  a minute, with the count held back), exports ``trainer/nonfinite_steps`` (a counter) and
-  ``trainer/nonfinite_consecutive`` (a gauge; the ``TrainerNonFiniteSteps`` alert in
-  ``launch/observability/alerts.yml``) and stops the job with ``NonFiniteStepError`` after
-  ``trainer.max_nonfinite_skips`` steps in a row were skipped (the model or the data is broken:
-  skipping for ever would burn the job's time and look like progress).
-- ``require_finite_state`` runs before every checkpoint save: a checkpoint never holds a non-finite
-  weight or optimizer state (``NonFiniteStateError``; the last good checkpoint stays the newest).
+- ``all_finite`` is a collective: every rank skips the same non-finite step (``trainer/step.py``).
+- ``SkipTracker`` (rank 0 reports) counts, logs at most once a minute, exports
+  ``trainer/nonfinite_steps`` and ``trainer/nonfinite_consecutive``, and raises
+  ``NonFiniteStepError`` after ``trainer.max_nonfinite_skips`` skips in a row.
+- ``require_finite_state`` runs before every checkpoint save (``NonFiniteStateError``).
 """
 
 from __future__ import annotations

@@ -1,44 +1,15 @@
-"""The log-prob guard: before the first batch, check that every engine's log-probs follow the trainer's convention.
+"""The log-prob guard: before the first batch, every engine's log-probs must follow the trainer's
+convention (``log_softmax(logits / temperature)`` before top-p/top-k, ``trainer/logprobs.py``).
 
-The importance ratios (behaviour vs proximal vs current policy) are only right if the engines'
-``output_token_logprobs`` are ``log_softmax(logits / temperature)[token]`` before top-p/top-k
-truncation, as ``trainer.logprobs.token_logprobs`` computes them. An engine that returns them at
-temperature 1 (SGLang with ``SGLANG_RETURN_ORIGINAL_LOGPROB`` set), after truncation, or from other
-weights biases every step silently. ``run_guard`` catches that once, at start:
+Rank 0 sends each engine that acknowledged the initial push one short ``/generate`` (with the
+engine API key; with LoRA naming the adapter that push made live), every rank scores the probes
+(a collective forward), and rank 0 broadcasts its verdict: a mean absolute per-token difference
+above ``trainer.logprob_guard_tol`` raises ``LogprobGuardError`` on every rank (the mean, not the
+max: bf16 kernels leave rare single tokens off). ``tol <= 0`` turns the guard off.
 
-1. rank 0 asks the buffer for the roster and sends each engine that acknowledged the initial push
-   one short ``/generate`` (``PROBE_TEXT``'s token ids, ``PROBE_TOKENS`` new tokens, the run's
-   ``task.temperature``, top_p=1, top_k=-1, ``return_logprob``; the body the rollout servers' SGLang
-   client sends), over plain HTTP with the job's engine API key (``api_key``, from the trainer's
-   facts: the key the engines require);
-2. the probes are broadcast and every rank scores them with the trainer's weights (the forward of
-   a sharded model is a collective);
-3. rank 0 compares (``compare_logprobs``) and broadcasts its verdict, so every rank stops or goes on
-   together. A mismatch raises ``LogprobGuardError`` naming the engine, the difference, the
-   tolerance and the likely causes: the trainer refuses to train.
-
-The statistic is the MEAN absolute per-token difference over the probe (the max is reported too):
-a convention error moves every token, while bf16 kernels on a GPU leave rare single tokens off by
-a few tenths of a nat, which a max would turn into a false refusal.
-
-Not covered: engines that join the roster after the initial push are not probed; an engine that
-cannot be reached is skipped with a warning (the weight sync handles dead engines). Rank 0 probes
-the URL an engine registered: on a job of several nodes (``launch.nodes > 1``) a loopback or
-any-address URL (the default ``rollout.engine.host``, 127.0.0.1) names rank 0's own machine, never
-the engine's, so such an engine is reported as NOT CHECKED (``not_checked`` in the trainer's
-record, a warning naming the fix: ``rollout.engine.host`` set to the engine node's address, which
-the engine then listens on and registers) instead of being probed on the wrong machine. Every
-engine not checked, for whatever reason, is listed with its reason; only probed ones pass.
-``trainer.logprob_guard_tol <= 0`` turns the guard off.
-
-With LoRA (``trainer.lora.rank`` > 0) each probe names the adapter the initial push made live on
-that engine (``adapters``: ``areal_like.weights.lora.served_name`` of the push's version and of
-the plan the engine loaded, ``SyncReport.loaded``: the first plan, or the re-push's for survivors
-of a lost member; the name the rollout servers' generate calls send as ``lora_path``): SGLang
-serves the base model to a request naming none, which equals the trainer's model only while B = 0
-(a fresh job), never on a resumed one. The embedded engine ignores the name and serves its one
-live adapter, which the push replaced, so both engine kinds are probed with the weights their
-generations run under.
+Not covered, and reported as such (``not_checked``): engines that join later, unreachable ones
+(a warning), and on several nodes a loopback or any-address URL (it would name rank 0's machine).
+Only probed engines pass.
 """
 
 from __future__ import annotations

@@ -1,24 +1,11 @@
-"""Per-token log-probabilities from logits: pure, fp32, memory-conscious.
+"""Per-token log-probabilities: pure, fp32, never the whole logits.
 
-Convention shared with the engines (areal_like/DESIGN.md section 2): logp[t] = log_softmax(logits_t / temperature)
-[token_t], the temperature-scaled distribution WITHOUT top-p/top-k truncation, so ``logp``,
-``prox_logp`` and the engine's ``behav_logp`` are comparable.
-
-Why fp32: bf16 keeps 8 mantissa bits; a log-softmax taken in bf16 on logits of scale ~5 is off
-by ~0.03 nats per token on average (0.1 at worst, measured), the same order as the
-trainer/engine mismatch the off-policy kernels correct for. Every step here upcasts the logits
-chunk to fp32 first (trainer/LOSSES.md section 0, rule 2; https://fengyao.notion.site/off-policy-rl
-shows how such numeric mismatch alone biases RL).
-
-Memory: an fp32 copy of [B, T, V] logits is large (V ~ 150k). Two entry points:
-- ``hidden_token_logprobs`` (the trainer's path) starts from the final hidden states and the
-  output-embedding matrix and never materialises the logits: it applies ``lm_head`` to
-  ``chunk_tokens`` tokens at a time, and its custom backward recomputes each chunk's logits, so
-  neither pass holds more than one ``[chunk, V]`` fp32 block (plus, for bf16 compute, that block's
-  bf16 logits), and nothing vocabulary-sized is saved for backward (only the hidden states,
-  which the model's backward keeps anyway).
-- ``token_logprobs`` takes logits that already exist (the log-prob guard's short probes) and
-  works on row chunks of at most CHUNK_BYTES of fp32 the same way.
+Convention shared with the engines (areal_like/DESIGN.md section 2): logp[t] =
+log_softmax(logits_t / temperature)[token_t], WITHOUT top-p/top-k truncation. Always fp32 (a bf16
+log-softmax is off by ~0.03 nats per token; trainer/LOSSES.md section 0, rule 2).
+``hidden_token_logprobs`` applies lm_head ``chunk_tokens`` at a time and recomputes each chunk in
+backward: at most one ``[chunk, V]`` fp32 block alive (trainer/MEMORY.md section 1).
+``token_logprobs`` takes existing logits in row chunks of at most CHUNK_BYTES.
 """
 
 from __future__ import annotations

@@ -1,33 +1,15 @@
-"""The trainer daemon: ``train(cfg)`` and the one-screen loop ``Trainer.run`` (areal_like/DESIGN.md section 5).
+"""The trainer daemon: ``train(cfg)`` and the loop ``Trainer.run`` (areal_like/DESIGN.md section 5).
 
-Run on 1 process: ``python -m trainer --config-file run/config.yaml``; on K processes:
-``torchrun --nproc-per-node K -m trainer --config-file run/config.yaml``. Rank 0 talks to the
-buffer, serves ``/metrics`` and ``/health`` and writes ``<run_dir>/metrics/trainer.jsonl`` (one line per
-step) and, every ``tracking.sample_every`` steps, a few decoded samples to ``<run_dir>/samples.jsonl``.
-
-Each phase runs in a named timing scope whose name is also its metric label
-(``trainer/phase_seconds{phase="fetch_batch"}``, the last run of each phase); a step's record
-holds the seconds of the phases that ran in that step, summed per phase, and nothing else (not
-the setup's push and guard, not an earlier step's checkpoint, not the metrics phase that writes
-the record): fetch_batch (time waiting for data), logprob_guard (once, after the initial push:
-the engines' log-probs follow the trainer's convention, trainer/logprob_guard.py),
-recompute_prox, ref_logp (the frozen reference's log-probs; no work unless
-``trainer.loss.kl_coef`` > 0), train_step (each minibatch's advantages, then its optimizer
-step), weight_sync, checkpoint, export (a Hugging Face directory ``<run_dir>/<export.dir>/v<version>`` at multiples of ``export.every`` and when
-training reaches ``trainer.steps``; trainer/export.py), metrics.
+``python -m trainer --config-file run/config.yaml`` (or under torchrun). Rank 0 talks to the
+buffer, serves ``/metrics`` and ``/health``, writes ``metrics/trainer.jsonl`` (one line per step,
+holding the seconds of the phases that ran in that step) and ``samples.jsonl``.
 
 Invariants:
-- Order at a version boundary: optimizer step(s) -> v += 1 -> weights packed -> broadcast ->
-  version announced (inside ``push``) -> next batch. For a model that fits in the weight sync's
-  staging buffers the broadcast and the announcement run in the background on rank 0 while the
-  next step trains (``push(wait=False)``; the next push waits for it): the next batch request
-  names its own ``trainer_version``, so the buffer's staleness check does not depend on the
-  announcement having landed; the step's record then carries the previous version's sync
-  report (``weight_sync.version``) and this step's ``blocked_s``. The initial (or resumed)
-  weights are pushed and their version announced before the first batch is requested.
-- Rank 0 decides when to stop (SIGTERM, or the buffer's end of data) and the decision reaches the
-  other ranks through the batch broadcast, so the ranks never diverge. A graceful stop saves a
-  checkpoint; a kill -9 loses at most the steps since the last periodic checkpoint.
+- Order at a version boundary: optimizer step(s) -> v += 1 -> push -> version announced -> next
+  batch; the initial weights are pushed and announced before the first batch. An overlapped push
+  (``wait=False``) finishes in the background; the next batch request names its own version.
+- Rank 0 decides when to stop and the decision reaches the others through the batch broadcast. A
+  graceful stop saves a checkpoint.
 """
 
 from __future__ import annotations

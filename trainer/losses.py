@@ -1,27 +1,12 @@
 """Policy-loss kernels: pure functions, tensors in, ``(loss, stats)`` out, and their table ``KERNELS``.
 
-Formulas, sources and defaults: ``trainer/LOSSES.md`` (the section numbers below refer to it).
-A kernel is one ``Kernel`` entry (name, whether it needs pi_prox, its advantages rule, its loss,
-its config section); nothing else in the trainer tests a kernel's name.
-
-The three log-probability streams (all ``[B, T]``, per response token, fp32 math):
-- ``logp``: current policy pi_theta, the only input that carries gradient;
-- ``prox_logp``: pi_prox, recomputed by the trainer with the weights held at the start of the step;
-- ``behav_logp``: pi_behav (mu), what the inference engine sampled with.
-The off-policy ratio factorises as pi_theta/pi_behav = (pi_theta/pi_prox) * (pi_prox/pi_behav):
-the first factor carries the gradient and is clipped (trust region), the second is a constant
-importance weight that each kernel caps, truncates, masks or reshapes differently.
-
+Formulas, sources and the three log-prob streams: ``trainer/LOSSES.md`` (section numbers below).
 Invariants:
-- Nothing but ``logp`` receives a gradient: prox/behav/ref log-probs, advantages, IS weights,
-  masks and kernels are detached here, whatever the caller passes.
-- Log-ratios are clamped to +-LOG_RATIO_BOUND before ``exp``; sequence sums are clamped after summing.
-- Normalisers are arguments. With ``n_tokens_global`` / ``n_seqs_global`` (and a fixed
-  ``loss_scale_factor``) computed over the whole minibatch, the per-call losses of any split into
-  micro-batches (whole sequences per call) SUM to the whole-minibatch loss. Stats follow the same
-  rule: every stat sums over calls except those ending in ``_max`` (take the max); call
-  ``finalize_stats`` on the reduced dict to derive ``ess_ratio``.
-- No torch.distributed, no logging. A kernel reads its own config section and the shared knobs only.
+- Nothing but ``logp`` receives a gradient.
+- Log-ratios are clamped to +-LOG_RATIO_BOUND before ``exp``; sequence sums after summing.
+- With the minibatch-global ``n_tokens_global`` / ``n_seqs_global`` the per-call losses and stats
+  SUM to the whole-minibatch ones (``_max`` stats: max); ``finalize_stats`` derives ``ess_ratio``.
+- No torch.distributed, no logging; nothing outside ``KERNELS`` tests a kernel's name.
 """
 
 from __future__ import annotations

@@ -1,17 +1,9 @@
-"""Attention over packed sequences on CPU: SDPA run one sequence at a time.
+"""Attention over packed sequences on CPU: SDPA run one sequence at a time (``sdpa_packed``).
 
-transformers 5.19 keeps a packed row's sequences apart on SDPA by a dense ``[L, L]`` block-diagonal
-mask built from the restarting ``position_ids``; SDPA then computes all ``L^2`` scores, masked or
-not, so a micro-batch of n sequences of length l costs ``(n l)^2`` where the padded layout costs
-``n l^2`` (measured on ``model=small``: the packed step slower than the padded one). This
-attention function, registered as ``sdpa_packed`` and given the sequences' boundaries
-(``cu_seq_lens_q``, the keyword flash-attention's variable-length path reads), runs causal SDPA on
-the sequences themselves instead, those of one length in one batched call: ``sum(l_i^2)``, no mask
-read, no padding. Without boundaries (the padded layout, generation) it is transformers' SDPA,
-unchanged.
-
-On GPU set ``model.attn_implementation=flash_attention_2``: the same boundaries drive its
-variable-length kernel; the trainer only swaps ``sdpa`` for ``sdpa_packed``.
+transformers' SDPA keeps packed sequences apart by a dense ``[L, L]`` mask and computes all
+``L^2`` scores; given the boundaries (``cu_seq_lens_q``, as flash-attention's varlen kernel reads
+them) this runs causal SDPA per sequence, sequences of one length batched: ``sum(l_i^2)``. Without
+boundaries it is transformers' SDPA, unchanged. On GPU use ``flash_attention_2``.
 """
 
 from __future__ import annotations

@@ -1,42 +1,19 @@
 """One policy version's update: ``train_step`` -> minibatches -> ``forward_backward(microbatch)``.
 
-Owns the split of a batch into optimizer steps and micro-batches, the sharding of sequences over
-data-parallel ranks, loss normalisation and the optimizer step. The formulas live in
-``trainer/losses.py`` and ``trainer/advantages.py``; this module only decides what each call sees.
-
-Invariants (the invariance tests check them):
-- A minibatch is a contiguous run of WHOLE groups (``num_minibatches`` of them per batch); each
-  is one optimizer step. Its sequences are dealt to ranks by tokens (longest first) and cut into
-  micro-batches of ``micro_batch_size`` sequences or of at most ``max_tokens_per_micro_batch``
-  tokens, packed (concatenated, attention kept inside each sequence) or right-padded to the
-  micro-batch's longest sequence (``trainer/packing.py``). Every pass over the batch (training,
-  proximal and reference log-probs, VCPO's per-trajectory backward) uses the same layout.
-- Every call gets the minibatch-GLOBAL valid-token and sequence counts, so the per-call losses
-  sum to the minibatch loss. Every rank holds the whole batch (``trainer/data.py`` broadcasts
-  it), so these counts are computed locally, identically on every rank, with no collective.
-- FSDP2 averages gradients over ranks; the local loss is multiplied by the world size before
-  ``backward`` so the reduced gradient is the gradient of the global loss. Result: loss and
-  updated weights do not depend on the micro-batch size or the number of ranks.
-- All ranks run the same number of forward/backward passes (FSDP's all-gathers are collectives):
-  a rank with fewer sequences runs zero-weight micro-batches.
-- KL to a frozen reference (``trainer.loss.kl_coef`` > 0): ``reference_logp`` runs the reference
-  over exactly the micro-batches the step will train on, so with reference == policy the KL term
-  is exactly 0; ``train_step`` hands each call its rows as ``ref_logp`` and reports ``kl_ref``.
-- Advantages are computed once on the whole batch before its first optimizer step (REINFORCE++
-  whitens over every token of the batch), except for a kernel whose advantages depend on the
-  weights a minibatch starts from (``Kernel.per_minibatch``: vcpo), computed per minibatch.
-- Proximal log-probs (decoupled PPO and the other ``needs_prox`` kernels): pi_prox is the policy
-  at the start of the step. With ``num_minibatches`` == 1 no optimizer step happens before the
-  last forward of the step, so each micro-batch's own forward gives them (its log-probs,
-  detached: ``StepSettings.fuse_prox``) and the separate no-grad pass over the batch is skipped;
-  with several minibatches the later ones train on moved weights, so ``recompute_prox_logp`` runs
-  that pass first. Both give the same numbers (the same forward at the same weights).
-- Finite numbers or no step: an optimizer step whose loss, gradient norm or learning-rate scale is
-  not finite is skipped on every rank alike (``trainer/finite_guard.py``): gradients zeroed, no
-  optimizer or scheduler step; the stats count it in ``nonfinite_skipped``.
-- VCPO: one extra backward per trajectory gives the per-trajectory score-gradient norms its
-  baseline needs (exact, as in the paper's code); the learning rate is ESS-scaled for that
-  optimizer step only and restored right after.
+Formulas live in ``trainer/losses.py`` and ``trainer/advantages.py``; this module decides what
+each call sees. Invariants (the invariance tests check them):
+- A minibatch is a contiguous run of WHOLE groups and one optimizer step; its layout
+  (``trainer/packing.py``) is the same for every pass (training, prox, reference, VCPO).
+- Every call gets the minibatch-GLOBAL counts (computed locally: every rank holds the batch), and
+  the local loss is scaled by the world size: loss and weights do not depend on micro-batch size
+  or rank count. All ranks run the same number of passes.
+- With reference == policy the KL term is exactly 0 (same micro-batches).
+- Advantages once on the whole batch, except ``Kernel.per_minibatch`` (vcpo).
+- pi_prox is the policy at the start of the step: with one minibatch each micro-batch's own
+  detached log-probs (``fuse_prox``), else a separate no-grad pass; the same numbers.
+- A non-finite step is skipped on every rank alike (``trainer/finite_guard.py``).
+- VCPO: one extra backward per trajectory for its score norms; the LR is ESS-scaled for that
+  optimizer step only.
 """
 
 from __future__ import annotations

@@ -1,18 +1,11 @@
 """What every sender of weight sync shares: the ``Sender`` interface, ``gather``, and the staging
-pipeline of the group path's broadcast (trainer rank 0).
-
-The buckets and their wire format (one flattened uint8 buffer per bucket) are
-``areal_like.wire.weight_wire``'s; ``BucketPipeline`` puts them on the weight group one after the
-other.
+pipeline of the group path's broadcast (wire format: ``areal_like.wire.weight_wire``).
 
 Invariants:
-- ``gather`` is a collective: ``full_tensor()`` all-gathers an FSDP shard, so every trainer rank
-  gathers the same buckets in the same order (``plan_buckets`` is deterministic).
-- One bucket is on the wire at a time: bucket i+1 is gathered and packed into the other staging
-  buffer while bucket i is broadcast, and a staging buffer is refilled only after the broadcast
-  that read it completed. The staging buffers live as long as the pipeline (reused by every
-  push): 2x the largest bucket of extra memory on the trainer's device. Their bytes stay as packed
-  until the next ``stage``, so a push can send them twice (``staged_buckets``, ``restage``).
+- ``gather`` is a collective: every rank gathers the same buckets in the same order.
+- One bucket is on the wire at a time, the next staged meanwhile into the other buffer; a buffer
+  is refilled only after the broadcast that read it completed. The two buffers (2x the largest
+  bucket) live as long as the pipeline, and keep their bytes until the next ``stage``.
 """
 
 from __future__ import annotations

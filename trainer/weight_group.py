@@ -1,29 +1,13 @@
-"""The group path of weight sync (``weight_sync.path`` distributed): the group and its sender.
-
-``WeightGroup`` owns trainer rank 0's weight-update process group: its name and port per
-formation, the rendezvous, the watchdog around each step on it, abort and teardown.
-``GroupSender`` is the sender of this path (``trainer.weight_buckets.Sender``): it stages
-the first buckets before the plan, routes the plan to the group (rank offsets, ``reform``), forms
-the group once the plan is published, and broadcasts every bucket through ``BucketPipeline``.
+"""The group path of weight sync: ``WeightGroup`` (rank 0's weight-update process group) and its
+sender ``GroupSender`` (trainer/WEIGHT_SYNC.md).
 
 Invariants:
-- After any failure on the group (a peer died mid-broadcast, rendezvous timeout or abort) the
-  group is torn down and re-formed at the next plan; a broken group is never reused. Teardown
-  always aborts an NCCL communicator before destroying it (a hung op would block a destroy).
-- Each formation has a name of its own, ``weight_sync.group_name`` plus a random token that only
-  the plan carries: the rendezvous store's keys live under it, so only the plan's members can join
-  (rank 0 hosts the store on ``master_addr`` only; areal_like/net/distributed.py).
-- The group is reused while the plan's members are the formed group's (``key``: their ids, ranks
-  and ``RosterEntry.incarnation``, so a member restarted between syncs, which never joined it,
-  makes the plan re-form); a member dropped from a version makes the next plan re-form
-  (``forget_members``).
-- Every step on the group ends by the push's deadline (gloo and NCCL have no shorter timeout):
-  ``wait_work`` waits on a gloo op in slices of ``BROADCAST_SLICE_S`` (a timed-out wait leaves
-  the op pending, checked on torch 2.13) and polls an NCCL op with ``is_completed()``, asking the
-  caller's ``check`` between slices whether a member already reported failure; it returns only
-  when the op completed, else raises. An NCCL launch can itself block (the communicator is made by
-  the first op and waits for every peer): ``Watchdog``, armed around it, aborts the group at the
-  deadline from its own thread, so the call returns with an error (``armed`` then raises).
+- After any failure the group is torn down (NCCL aborted before destroy) and re-formed at the
+  next plan; a broken group is never reused.
+- Each formation's name carries a random token only the plan carries: only its members can join.
+- The group is reused while the plan's members (ids, ranks, incarnations) are the formed group's.
+- Every step on the group ends by the push's deadline: ``wait_work`` waits in slices, asking
+  ``check`` between them; ``Watchdog`` aborts a launch that blocks past it.
 """
 
 from __future__ import annotations

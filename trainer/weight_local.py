@@ -1,33 +1,11 @@
-"""Weight sync without a process group, for trainer and engine on one device (``weight_sync.path``).
-
-NCCL refuses two ranks of one group on one GPU, so when ``areal-like run`` places the trainer and
-an engine on the same GPU (``launch/placement.py``) the weights reach the engine another way:
-
-* ``tensor`` (SGLang's ``/update_weights_from_tensor``): per bucket, one payload, the base64 text
-  of ``ForkingPickler.dump([(name, tensor), ...])`` (what SGLang's ``MultiprocessingSerializer``
-  produces; SGLang reads ``serialized_named_tensors[tp_rank]`` and loads it with
-  ``load_format`` null). CUDA tensors pickle to CUDA IPC handles, so the engine maps the trainer's
-  memory and copies from it, no bytes travel; CPU tensors pickle to shared-memory file names
-  (torch's ``file_system`` sharing strategy: unrelated processes can open them, unlike the
-  default file descriptors), which is how the path is tested without a GPU;
-* ``disk`` (``/update_weights_from_disk``): rank 0 writes an HF directory (``config.json`` and
-  ``model.safetensors``) under a private temporary directory and the engine loads it; a LoRA
-  adapter (what SGLang is sent with ``trainer.lora``) is written in PEFT's layout instead
-  (``trainer.export.save_adapter``), which SGLang's ``/load_lora_adapter`` reads
-  (rollout_server/weight_update.py). The plan names the directory, whatever the adapter's size.
-
-Each is a ``trainer.weight_buckets.Sender``: every rank gathers every bucket before the plan, so
-rank 0 goes on alone; the plan carries ``path`` and ``payloads`` (no group). A full model's push
-never finishes in the background (the gathered tensors may be the parameters themselves); an
-adapter's push on the disk path does, from a CPU copy made while staging (megabytes).
+"""Weight sync without a process group, for trainer and engine on one device (trainer/WEIGHT_SYNC.md
+"One GPU"): ``tensor`` (SGLang's ``/update_weights_from_tensor``: CUDA IPC handles, or on CPU
+shared-memory file names) and ``disk`` (an HF directory, or a LoRA adapter in PEFT's layout).
 
 Invariants:
-- the memory a payload refers to stays alive until the push is over (every member reported, left
-  the roster, or the deadline passed): an engine copies out of it while it loads, and a load that
-  started is never left reading freed memory. Cost: one copy of the weights in the wire dtype on
-  the trainer's device during a push; on disk, one version's directory, removed at the next push;
-- a payload is made only from buffers this module allocated, never from the model's own storage
-  (sharing a CPU storage moves it into shared memory; a parameter must not move under the optimizer).
+- the memory a payload refers to stays alive until the push is over (every member reported, left,
+  or the deadline passed); on disk, one version's directory, removed at the next push;
+- a payload is made only from buffers this module allocated, never the model's own storage.
 """
 
 from __future__ import annotations

@@ -1,20 +1,8 @@
-"""What the members of one weight push did, as trainer rank 0 learns it from the buffer (trainer/WEIGHT_SYNC.md).
-
-Owns: the wait for the members' reports (``await_members``), the watch that gives up on a
-rendezvous as soon as a member is lost (``RendezvousWatch``), and the decision to re-push a
-version to the members that survived a lost one (``repush_targets``, ``merge_repush``); the
-attempts themselves are ``WeightBroadcaster``'s. Every function takes rank 0's buffer client.
-
-A member is *lost* when it left the roster (the buffer expired it: dead, or gone to evaluate) or,
-before the group formed, reported failure (it will never join). One lost member breaks the whole
-group: every other member's receive (or join) fails with it. Those others are *survivors*: still
-in the roster, without the version. The push then re-forms the group for them alone and pushes
-the same version again, once, within the same deadline, so one death costs the others nothing
-but the time it took to notice it.
+"""What the members of one weight push did, as rank 0 learns it from the buffer
+(trainer/WEIGHT_SYNC.md "One lost member").
 
 Invariants: every call is bounded by the push's deadline; only rank 0 talks to the buffer; a
-re-push goes only to survivors (never to a lost member, whose join could only time out), and only
-when a member was lost (a group of the same members would fail the same way).
+re-push goes only to survivors, and only when a member was lost.
 """
 
 from __future__ import annotations

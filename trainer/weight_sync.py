@@ -1,29 +1,14 @@
 """Trainer side of weight synchronisation (the protocol: trainer/WEIGHT_SYNC.md).
 
-``WeightBroadcaster`` orchestrates a push: the buckets' plan, the attempts (roster, admission,
-plan to the buffer, transfer, the members' reports), at most one re-push to the survivors of a
-lost member (``trainer.weight_members``), the announcement, the background finish of an
-overlapped push, and ``catch_up`` after the last step. How the bytes travel is its sender's
-(``trainer.weight_buckets.Sender``), chosen once from ``weight_sync.path`` (``SENDERS``).
-
 Invariants:
-- ``push`` is a collective over all trainer ranks: gathering a full tensor from FSDP shards
-  (``full_tensor()``) is an all-gather, so every rank walks the same buckets in the same order;
-  only rank 0 talks to the buffer and sends. At most one push is in flight: every push (and
-  ``catch_up``, ``close``) first joins the background one, which reads only staged copies and is
-  the only user of the buffer client while it runs.
+- ``push`` is a collective over all trainer ranks; only rank 0 talks to the buffer and sends. At
+  most one push is in flight: every push (and ``catch_up``, ``close``) first joins the background
+  one.
 - Every wait is bounded by ``weight_sync.deadline_s`` from the start of the push, a re-push
-  included. A member that misses it is dropped for this version; every push is a full push, so a
-  dropped engine catches up on its next sync (the next plan re-forms the group).
-- One lost member costs the others nothing but the time to notice it: the survivors get the
-  version again, once, within the same deadline.
-- The version is announced to the buffer after every push, with or without members, so the
-  buffer's admission clock always follows the trainer.
-- A member whose torch/CUDA/NCCL cannot share the group with rank 0's
-  (``areal_like.weights.versions``) is left out of the plan, logged and counted; one reporting no
-  versions (an older server) is accepted.
-- ``weight_sync.path`` ``auto`` left unresolved (no ``areal-like run``) is the engine kind's
-  adapter path with LoRA (``adapter_path``), else the group path.
+  included; a member that misses it is dropped for this version and catches up at the next push.
+- The survivors of a lost member get the version again, once.
+- The version is announced after every push, so the buffer's admission clock follows the trainer.
+- A member whose torch/CUDA/NCCL versions cannot share the group is left out of the plan.
 """
 
 from __future__ import annotations
