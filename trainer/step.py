@@ -49,7 +49,6 @@ class StepSettings:
 
     @classmethod
     def of(cls, t: TrainerConfig, task: TaskConfig) -> StepSettings:
-        """The trainer's step settings; of the task, the engines' temperature and ``max_new_tokens``."""
         return cls(loss=t.loss, estimator=t.estimator, micro_batch_size=t.micro_batch_size,
                    num_minibatches=t.num_minibatches, grad_clip=t.grad_clip, temperature=task.temperature,
                    chunk_tokens=t.logprob_chunk_tokens, max_new_tokens=task.max_new_tokens,
@@ -58,7 +57,6 @@ class StepSettings:
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> StepSettings:
-        """``of`` for the job ``cfg`` describes (the tests' and benchmarks' one-line form)."""
         return cls.of(cfg.trainer, cfg.task)
 
     @property
@@ -67,17 +65,13 @@ class StepSettings:
 
     @property
     def fuse_prox(self) -> bool:
-        """pi_prox is taken from the training forward itself (no separate recompute pass): with one
-        minibatch every forward of the step runs at the weights the step starts from, so the
-        policy's log-probs detached there ARE the proximal log-probs (module docstring)."""
+        """pi_prox is the training forward's own log-probs, detached (module docstring)."""
         return self.kernel.needs_prox and self.num_minibatches == 1
 
     def loss_config(self, batch: TrainBatch) -> LossConfig:
-        """``trainer.loss`` as every call of this batch gets it."""
         if self.loss.loss_scale_factor is not None:
             return self.loss
-        # Dr.GRPO's C: a constant of the task (the longest response it allows), so the loss scale does
-        # not move with the longest response of each batch; the padded width only without a task
+        # Dr.GRPO's C: the task's longest response, so the scale does not move with each batch
         c = self.max_new_tokens if self.max_new_tokens is not None else batch.mask.shape[1]
         return replace(self.loss, loss_scale_factor=float(c))
 
@@ -90,12 +84,8 @@ def _world() -> tuple[int, int]:
 
 def output_logp(model: torch.nn.Module, mb: TrainBatch, temperature: float,
                 chunk_tokens: int = CHUNK_TOKENS, packed: bool = False) -> torch.Tensor:
-    """log pi(output token t) [n, T] under ``model`` (fp32, logits / temperature); garbage on
-    padding (0 when ``packed``: ``packed_output_logp``).
-
-    ``model`` is a policy from ``trainer/model.py`` (``policy_logprobs`` attached): the logits of
-    output token t are the ones at position P - 1 + t, taken ``chunk_tokens`` tokens at a time.
-    """
+    """log pi(output token t) [n, T] under ``model`` (fp32): the logits at position P - 1 + t;
+    garbage on padding (0 when ``packed``)."""
     if packed:
         return packed_output_logp(model, mb, temperature, chunk_tokens)
     s, t_max = mb.input_ids.shape[1], mb.mask.shape[1]
@@ -105,10 +95,8 @@ def output_logp(model: torch.nn.Module, mb: TrainBatch, temperature: float,
 
 def packed_output_logp(model: torch.nn.Module, mb: TrainBatch, temperature: float,
                        chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
-    """``output_logp`` with the rows of ``mb`` packed into one ``[1, sum(P + O)]`` row, attention
-    kept inside each sequence (``policy_logprobs``): row i starts at offset ``o_i``; its output
-    token t is predicted at ``o_i + P_i - 1 + t``. Only output tokens reach the lm_head; the rest
-    of ``[n, T]`` is 0."""
+    """``output_logp`` with the rows packed into one row: row i at offset ``o_i``, its output token t
+    predicted at ``o_i + P_i - 1 + t``; only output tokens reach the lm_head."""
     dev, lens = mb.input_ids.device, (mb.prompt_lens + mb.output_lens).cpu()
     n, t_max = mb.mask.shape
     ids = torch.cat([mb.input_ids[i, :int(k)] for i, k in enumerate(lens)])[None]
@@ -140,8 +128,7 @@ def minibatches(batch: TrainBatch, n: int) -> list[torch.Tensor]:
 
 
 def plan(batch: TrainBatch, rows: torch.Tensor, s: StepSettings) -> Plan:
-    """Every rank's micro-batches of the minibatch ``rows`` (``trainer/packing.py``); computed
-    alike on every rank (each holds the whole batch), no collective."""
+    """Every rank's micro-batches of the minibatch ``rows`` (``trainer/packing.py``)."""
     return plan_minibatch(rows, batch.prompt_lens + batch.output_lens, _world()[1],
                           max_seqs=s.micro_batch_size, max_tokens=s.max_tokens_per_micro_batch,
                           packed=s.pack_sequences)
@@ -155,8 +142,7 @@ def local_microbatches(batch: TrainBatch, rows: torch.Tensor,
 
 @torch.no_grad()
 def batch_logp(model: torch.nn.Module, batch: TrainBatch, s: StepSettings, device: torch.device) -> torch.Tensor:
-    """log-probs under ``model`` [N, T] (CPU, fp32) of every row this rank will train on, computed
-    over the same micro-batches ``train_step`` uses; other ranks' rows are left 0."""
+    """log-probs [N, T] (CPU, fp32) of this rank's rows, over ``train_step``'s micro-batches."""
     out = torch.zeros_like(batch.behav_logp)
     with evaluating(model):  # no dropout: what the engines compute
         for rows in minibatches(batch, s.num_minibatches):
@@ -170,9 +156,7 @@ def batch_logp(model: torch.nn.Module, batch: TrainBatch, s: StepSettings, devic
 
 
 def recompute_prox_logp(policy: Policy, batch: TrainBatch, s: StepSettings) -> torch.Tensor | None:
-    """pi_prox for every row this rank will train on, with the weights held at the start of the step;
-    None when the kernel needs none, or when ``train_step`` takes it from its own forward
-    (``StepSettings.fuse_prox``)."""
+    """pi_prox of this rank's rows; None when not needed or ``fuse_prox``."""
     if not s.kernel.needs_prox or s.fuse_prox:
         return None
     return batch_logp(policy.model, batch, s, policy.device)
@@ -180,8 +164,7 @@ def recompute_prox_logp(policy: Policy, batch: TrainBatch, s: StepSettings) -> t
 
 def reference_logp(reference: torch.nn.Module | None, batch: TrainBatch, s: StepSettings,
                    device: torch.device) -> torch.Tensor | None:
-    """pi_ref for every row this rank will train on (None without a reference: KL off). With LoRA
-    the reference is the policy's model with its adapters off (a no-op on a model without)."""
+    """pi_ref of this rank's rows (None without a reference); LoRA: the adapters off."""
     if reference is None:
         return None
     with adapters_disabled(reference):
@@ -196,11 +179,7 @@ def minibatch_advantages(policy: Policy, batch: TrainBatch, rows: torch.Tensor, 
 
 
 def batch_advantages(batch: TrainBatch, s: StepSettings) -> Advantages | None:
-    """The kernel's advantages over the WHOLE batch, when they do not depend on the weights.
-
-    Computed once before the first optimizer step, so REINFORCE++'s whitening uses every token of
-    the batch whatever ``num_minibatches`` is (group-local estimators give the same values either
-    way). None for a kernel whose advantages need each minibatch's starting weights (vcpo)."""
+    """The kernel's advantages over the WHOLE batch; None when they need each minibatch's weights."""
     if s.kernel.per_minibatch:
         return None
     a = AdvantageInputs(batch.rewards, batch.group_ids, batch.mask, s.estimator)
@@ -210,8 +189,7 @@ def batch_advantages(batch: TrainBatch, s: StepSettings) -> Advantages | None:
 def forward_backward(policy: Policy, mb: TrainBatch, advantages: torch.Tensor, prox_logp: torch.Tensor | None,
                      s: StepSettings, loss_cfg: LossConfig, n_tokens: float, n_seqs: float,
                      ref_logp: torch.Tensor | None = None) -> dict:
-    """Loss and gradient of one micro-batch (already on the device). Returns the kernel's stats.
-    ``prox_logp`` None for a kernel that needs it: this forward's log-probs, detached (fused)."""
+    """Loss and gradient of one micro-batch (on the device); the kernel's stats."""
     logp = output_logp(policy.model, mb, s.temperature, s.chunk_tokens, s.pack_sequences)
     if prox_logp is None and s.kernel.needs_prox:
         prox_logp = logp.detach()
@@ -223,7 +201,6 @@ def forward_backward(policy: Policy, mb: TrainBatch, advantages: torch.Tensor, p
 
 
 def _reduce_stats(stats: dict) -> dict[str, float]:
-    """Sum (``_max``: max) the per-rank stats over ranks, then derive ratios."""
     keys = sorted(stats)
     sums = [k for k in keys if not k.endswith("_max")]
     maxes = [k for k in keys if k.endswith("_max")]
@@ -238,12 +215,8 @@ def _reduce_stats(stats: dict) -> dict[str, float]:
 
 def sequence_score_terms(policy: Policy, batch: TrainBatch, rows: torch.Tensor,
                          s: StepSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-trajectory (w_i, ||grad sum_t logp_it||^2) for VCPO's baseline, exact, one backward each.
-
-    Trajectory k is owned by rank k % world; the others run the same sequence with weight 0, so
-    the FSDP-reduced gradient is exactly the owner's. Squared norms of the local gradient shards
-    are summed over ranks once at the end.
-    """
+    """Per-trajectory (w_i, ||grad sum_t logp_it||^2) for VCPO's baseline, one backward each;
+    trajectory k is rank k % world's, the others run it at weight 0."""
     rank, world = _world()
     w = torch.zeros(len(rows), dtype=torch.float64)
     g2 = torch.zeros(len(rows), dtype=torch.float64)
@@ -254,9 +227,7 @@ def sequence_score_terms(policy: Policy, batch: TrainBatch, rows: torch.Tensor,
         logp = output_logp(policy.model, mb, s.temperature, s.chunk_tokens, s.pack_sequences)
         score = torch.where(mb.mask > 0, logp.float(), torch.zeros_like(mb.mask)).sum()
         (score * (world if mine else 0.0)).backward()
-        # The parameters are read after this backward, never before the loop: FSDP2 swaps a module's
-        # registered parameters between sharded and unsharded, and a no-grad pass can leave some
-        # unsharded (the root's), so a list taken earlier would hold tensors that get no gradient.
+        # Read after the backward: FSDP2 swaps sharded and unsharded parameters.
         params = [p for p in policy.model.parameters() if p.requires_grad]
         g2[k] = sum(float(_local(p.grad).double().pow(2).sum()) for p in params if p.grad is not None)
         if mine:
@@ -274,9 +245,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def train_step(policy: Policy, batch: TrainBatch, s: StepSettings, prox_logp: torch.Tensor | None,
                ref_logp: torch.Tensor | None = None) -> dict[str, float]:
-    """``num_minibatches`` optimizer steps on ``batch``; returns stats averaged over them.
-    ``ref_logp`` (from ``reference_logp``) is required when ``kl_coef`` > 0; ``prox_logp`` (from
-    ``recompute_prox_logp``) when the kernel needs it, unless ``s.fuse_prox``."""
+    """``num_minibatches`` optimizer steps on ``batch``; returns stats averaged over them."""
     if prox_logp is None and s.kernel.needs_prox and not s.fuse_prox:
         raise ValueError(f"trainer.loss.kernel={s.loss.kernel} with trainer.num_minibatches={s.num_minibatches} "
                          "needs the proximal log-probs recomputed before the step (recompute_prox_logp)")
@@ -318,8 +287,7 @@ def train_step(policy: Policy, batch: TrainBatch, s: StepSettings, prox_logp: to
 
 
 def apply_optimizer_step(policy: Policy, lr_scale: float) -> float:
-    """One optimizer and scheduler step at ``lr_scale`` times the scheduled learning rate (restored
-    right after); returns the learning rate applied."""
+    """One optimizer and scheduler step at ``lr_scale`` times the scheduled LR; the LR applied."""
     base_lrs = [g["lr"] for g in policy.optimizer.param_groups]
     for g in policy.optimizer.param_groups:
         g["lr"] *= lr_scale
@@ -331,16 +299,14 @@ def apply_optimizer_step(policy: Policy, lr_scale: float) -> float:
     return lr
 
 
-# Stats of the layout, not of the loss: they differ between padded and packed runs by design
-# (the invariance tests compare every other stat).
+# Stats of the layout, not of the loss: padded and packed runs differ in them by design.
 LAYOUT_STATS = ("seq_tokens", "computed_tokens", "micro_batches", "rank_token_spread",
                 "padding_share", "tokens_per_micro_batch")
 _SUMMED = ("tokens", "seqs", SKIPPED, "seq_tokens", "computed_tokens", "micro_batches")
 
 
 def layout_stats(p: Plan) -> dict[str, float]:
-    """One minibatch's layout: real and computed tokens, micro-batches, and the per-rank token
-    spread (largest minus smallest rank over the mean rank; 0 on one rank)."""
+    """One minibatch's layout stats; the rank token spread is (max - min) / mean."""
     st = p.stats()
     mean = st["seq_tokens"] / len(p.calls)
     spread = (st["rank_tokens_max"] - st["rank_tokens_min"]) / mean if mean else 0.0
