@@ -41,21 +41,13 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from trainer.finite_guard import require_finite_state
 from trainer.model import Policy
+from trainer.ranks import barrier, local, rank_world, several
 
 log = logging.getLogger("trainer.checkpoint")
 
 KEEP = 2  # checkpoints kept on disk: the newest, plus one in case the newest is on a failing disk
 PREFIX = "v"
 TMP_PREFIX = ".tmp_"
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -76,8 +68,7 @@ def _flat_checksum(named: dict, rank_local: bool) -> float:
     for i, (name, t) in enumerate(sorted(named.items())):
         if not isinstance(t, torch.Tensor) or t.dim() == 0 and name.endswith("step"):
             continue  # optimizer step counters are replicated, not sharded: not summable over ranks
-        local = t.to_local() if rank_local and hasattr(t, "to_local") else t
-        total += local.detach().double().sum().cpu() * (1 + (i % 7) * 1e-3)
+        total += (local(t) if rank_local else t).detach().double().sum().cpu() * (1 + (i % 7) * 1e-3)
     return float(total)
 
 
@@ -95,7 +86,7 @@ def state_checksums(policy: Policy) -> dict[str, float]:
     model_sd, optim_sd = get_state_dict(policy.model, policy.optimizer)
     vals = torch.tensor([_flat_checksum(model_sd, True), _flat_checksum(_flatten("", optim_sd["state"], {}), True)],
                         dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if several():
         dist.all_reduce(vals)
     return {"model": float(vals[0]), "optim": float(vals[1])}
 
@@ -104,11 +95,11 @@ def _open_tmp(root: Path, version: int) -> tuple[Path, Path]:
     """(temporary, final) directories of a save; the temporary one made empty (rank 0), then a barrier."""
     final = root / f"{PREFIX}{version:08d}"
     tmp = root / f"{TMP_PREFIX}{final.name}"
-    if _rank() == 0:
+    if rank_world()[0] == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-    _barrier()
+    barrier()
     return tmp, final
 
 
@@ -117,9 +108,9 @@ def _write_rest(tmp: Path, policy: Policy, version: int, extra: dict | None) -> 
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, tmp / f"rng_rank{_rank()}.pt")
+    torch.save(rng, tmp / f"rng_rank{rank_world()[0]}.pt")
     sums = state_checksums(policy)
-    if _rank() == 0:
+    if rank_world()[0] == 0:
         torch.save({"policy_version": version, "scheduler": policy.scheduler.state_dict(),
                     "world_size": policy.world_size, "checksums": sums, "extra": dict(extra or {})},
                    tmp / "meta.pt")
@@ -128,8 +119,8 @@ def _write_rest(tmp: Path, policy: Policy, version: int, extra: dict | None) -> 
 def _commit(root: Path, tmp: Path, final: Path, version: int, keep: int) -> None:
     """After every rank wrote: rank 0 renames the save into place, then deletes all but the ``keep``
     newest."""
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    if rank_world()[0] == 0:
         if final.exists():  # a re-save of the same version (e.g. shutdown right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -140,7 +131,7 @@ def _commit(root: Path, tmp: Path, final: Path, version: int, keep: int) -> None
             if stale != tmp:
                 shutil.rmtree(stale, ignore_errors=True)
         log.info("checkpoint v%d saved to %s", version, final)
-    _barrier()
+    barrier()
 
 
 def save_checkpoint(root: Path, policy: Policy, version: int, extra: dict | None = None,
@@ -163,7 +154,7 @@ class AsyncSaver:
     def __init__(self, root: Path, keep: int = KEEP):
         self.root, self.keep = root, keep
         # DCP's background write runs collectives; a group of its own keeps them apart from training's
-        self._pg = dist.new_group(backend="gloo") if dist.is_initialized() and dist.get_world_size() > 1 else None
+        self._pg = dist.new_group(backend="gloo") if several() else None
         self._pending: tuple | None = None  # (future, tmp, final, version)
 
     def save(self, policy: Policy, version: int, extra: dict | None = None) -> None:
@@ -183,7 +174,7 @@ class AsyncSaver:
         if self._pending is None:
             return
         done = torch.tensor([int(self._pending[0].done())])
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if several():
             dist.all_reduce(done, op=dist.ReduceOp.MIN)
         if int(done):
             self.finish()
@@ -301,7 +292,7 @@ def _agree(error: Exception | None, path: Path) -> None:
     """Raise on every rank when any rank's files were refused (a collective), so that no rank waits
     in DCP's load for one that gave up."""
     ok = torch.tensor([0.0 if error else 1.0])
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if several():
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     if error is not None:
         raise error
@@ -328,7 +319,7 @@ def load_checkpoint(path: Path, policy: Policy) -> tuple[int, dict]:
     meta = rng = error = None
     try:  # first: a planted file fails before anything is read
         meta = load_data(path / "meta.pt")
-        rng_file = path / f"rng_rank{_rank()}.pt"
+        rng_file = path / f"rng_rank{rank_world()[0]}.pt"
         rng = load_data(rng_file, numpy_arrays=True) if rng_file.is_file() else None
         read_dcp_metadata(path)
     except UnsafeCheckpointError as e:

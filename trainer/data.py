@@ -21,13 +21,13 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from areal_like.net.dealer import Client
 from areal_like.net.security import Keys
 from areal_like.net.transport import TransportTimeout
 from areal_like.wire.group_checks import content_problem
 from areal_like.wire.protocol import Batch, BatchRequest, Roster, RosterRequest, TrajectoryGroup
+from trainer.ranks import from_rank0
 
 log = logging.getLogger("trainer.data")
 
@@ -194,10 +194,8 @@ class BatchSource:
         last_reply = [time.monotonic()]
         self._next_check = time.monotonic() + RESYNC_CHECK_S  # a normal wait for generation is not a stall
         while True:
-            obj = [self._attempt(version, last_reply) if self.rank == 0 else None]
-            if dist.is_initialized() and dist.get_world_size() > 1:
-                dist.broadcast_object_list(obj, src=0)
-            status, payload = obj[0]
+            status, payload = from_rank0(self._attempt(version, last_reply) if self.rank == 0
+                                         else None)
             if status == "batch":
                 return payload
             if status == "stop":

@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from areal_like.settings.config import (
     EXPORT_TASK_FILE,
@@ -39,6 +38,8 @@ from areal_like.settings.config import (
 )
 from areal_like.weights.hf import torch_dtype
 from areal_like.weights.lora import ADAPTER, add_adapters, base_name, has_adapters, is_adapter
+from trainer.ranks import barrier, rank_world
+from trainer.ranks import full as full_tensor
 
 log = logging.getLogger("trainer.export")
 
@@ -50,12 +51,6 @@ MIB = 2**20
 ADAPTER_FILE = "adapter_model.safetensors"  # PEFT's names (peft.utils.SAFETENSORS_WEIGHTS_NAME)
 PEFT_PREFIX = "base_model.model."  # a PeftModel's prefix of the wrapped model's names
 MERGED_DIR = "merged"
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _exported_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -107,7 +102,7 @@ def export_adapter(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelCon
                    merged: bool = False) -> Path:
     """A LoRA policy's export (a collective): the adapter in PEFT's layout, the tokenizer and the
     task; with ``merged`` also ``out_dir/merged``, a plain HF model with the adapter folded in."""
-    rank, world = _rank_world()
+    rank = rank_world()[0]
     out_dir, tmp = _open_tmp(out_dir)
     if merged:  # written into tmp/merged: the rename below publishes both at once
         _write_hf(model, _merged_tensors(model), tmp / MERGED_DIR, model_cfg=model_cfg,
@@ -123,8 +118,7 @@ def export_adapter(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelCon
         tokenizer.save_pretrained(str(tmp))
         _publish(tmp, out_dir, task)
         log.info("exported adapter %s (%d tensors%s)", out_dir, len(adapter), ", merged" * merged)
-    if world > 1:
-        dist.barrier()
+    barrier()
     return out_dir
 
 
@@ -132,7 +126,7 @@ def _open_tmp(out_dir: Path) -> tuple[Path, Path]:
     """(``out_dir``, its temporary twin): rank 0 makes the twin empty."""
     out_dir = Path(out_dir)
     tmp = out_dir.parent / f"{TMP_PREFIX}{out_dir.name}"
-    if _rank_world()[0] == 0:
+    if rank_world()[0] == 0:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted export of the same name left
         tmp.mkdir()
@@ -149,9 +143,7 @@ def _publish(tmp: Path, out_dir: Path, task: TaskConfig | None) -> None:
 
 
 def _gather(t: torch.Tensor) -> torch.Tensor:
-    """The full tensor (a collective for a DTensor)."""
-    t = t.detach()
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    return full_tensor(t.detach())
 
 
 class _ShardWriter:
@@ -269,7 +261,7 @@ def _write_hf(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]
               *, model_cfg: ModelConfig, tokenizer, shard_mb: int, dtype: str,
               task: TaskConfig | None) -> Path:
     """``export_hf``'s writer: ``tensors`` (name, full tensor) on every rank, written by rank 0."""
-    rank, world = _rank_world()
+    rank = rank_world()[0]
     out_dir, tmp = _open_tmp(out_dir)
     writer = _ShardWriter(tmp, shard_mb * MIB) if rank == 0 else None
     dt = torch_dtype(dtype)
@@ -285,8 +277,7 @@ def _write_hf(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]
             os.chmod(weights, mode)
         _publish(tmp, out_dir, task)
         log.info("exported %s (%d shard%s, %.1f MiB, %s)", out_dir, n, "s" * (n > 1), writer.total_bytes / MIB, dtype)
-    if world > 1:
-        dist.barrier()
+    barrier()
     return out_dir
 
 

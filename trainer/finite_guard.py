@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 from areal_like.net.ratelog import RateLimitedLog
+from trainer.ranks import local, several
 
 SKIPPED = "nonfinite_skipped"  # the step stat: optimizer steps of the batch that were skipped
 LOG_EVERY_S = 60.0
@@ -34,7 +35,7 @@ class NonFiniteStateError(RuntimeError):
 
 def _all_ranks_min(flag: float) -> bool:
     ok = torch.tensor([flag], dtype=torch.float32)
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if several():
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item() > 0)
 
@@ -45,19 +46,15 @@ def all_finite(*values: float) -> bool:
     return _all_ranks_min(float(all(math.isfinite(v) for v in values)))
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def first_nonfinite(model: torch.nn.Module, optimizer: Optimizer | None = None) -> str | None:
     """The name of this rank's first parameter (or optimizer state entry) shard holding a
     non-finite value; None when all are finite. Local: no collective."""
     for name, p in model.named_parameters():
-        if not bool(torch.isfinite(_local(p.detach())).all()):
+        if not bool(torch.isfinite(local(p.detach())).all()):
             return name
     for i, state in enumerate(optimizer.state.values() if optimizer is not None else ()):
         for key, value in state.items():
-            if isinstance(value, torch.Tensor) and not bool(torch.isfinite(_local(value)).all()):
+            if isinstance(value, torch.Tensor) and not bool(torch.isfinite(local(value)).all()):
                 return f"optimizer state {i}.{key}"
     return None
 

@@ -32,6 +32,7 @@ from trainer.logprobs import CHUNK_TOKENS
 from trainer.losses import KERNELS, Kernel, accumulate_stats, compute_policy_loss, finalize_stats, vcpo_is_weights
 from trainer.model import Policy, clip_gradients, evaluating
 from trainer.packing import Plan, plan_minibatch
+from trainer.ranks import local, rank_world, several
 
 
 @dataclass(frozen=True)
@@ -74,12 +75,6 @@ class StepSettings:
         # Dr.GRPO's C: the task's longest response, so the scale does not move with each batch
         c = self.max_new_tokens if self.max_new_tokens is not None else batch.mask.shape[1]
         return replace(self.loss, loss_scale_factor=float(c))
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def output_logp(model: torch.nn.Module, mb: TrainBatch, temperature: float,
@@ -129,7 +124,7 @@ def minibatches(batch: TrainBatch, n: int) -> list[torch.Tensor]:
 
 def plan(batch: TrainBatch, rows: torch.Tensor, s: StepSettings) -> Plan:
     """Every rank's micro-batches of the minibatch ``rows`` (``trainer/packing.py``)."""
-    return plan_minibatch(rows, batch.prompt_lens + batch.output_lens, _world()[1],
+    return plan_minibatch(rows, batch.prompt_lens + batch.output_lens, rank_world()[1],
                           max_seqs=s.micro_batch_size, max_tokens=s.max_tokens_per_micro_batch,
                           packed=s.pack_sequences)
 
@@ -137,7 +132,7 @@ def plan(batch: TrainBatch, rows: torch.Tensor, s: StepSettings) -> Plan:
 def local_microbatches(batch: TrainBatch, rows: torch.Tensor,
                        s: StepSettings) -> list[torch.Tensor | None]:
     """This rank's micro-batches of ``rows``; ``None`` entries pad to the count every rank runs."""
-    return plan(batch, rows, s).calls[_world()[0]]
+    return plan(batch, rows, s).calls[rank_world()[0]]
 
 
 @torch.no_grad()
@@ -206,7 +201,7 @@ def _reduce_stats(stats: dict) -> dict[str, float]:
     maxes = [k for k in keys if k.endswith("_max")]
     vs = torch.stack([stats[k].float().cpu().reshape(()) for k in sums]) if sums else torch.zeros(0)
     vm = torch.stack([stats[k].float().cpu().reshape(()) for k in maxes]) if maxes else torch.zeros(0)
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if several():
         dist.all_reduce(vs)
         dist.all_reduce(vm, op=dist.ReduceOp.MAX)
     out = dict(zip(sums, vs)) | dict(zip(maxes, vm))
@@ -217,7 +212,7 @@ def sequence_score_terms(policy: Policy, batch: TrainBatch, rows: torch.Tensor,
                          s: StepSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-trajectory (w_i, ||grad sum_t logp_it||^2) for VCPO's baseline, one backward each;
     trajectory k is rank k % world's, the others run it at weight 0."""
-    rank, world = _world()
+    rank, world = rank_world()
     w = torch.zeros(len(rows), dtype=torch.float64)
     g2 = torch.zeros(len(rows), dtype=torch.float64)
     for k, j in enumerate(rows.tolist()):
@@ -229,7 +224,7 @@ def sequence_score_terms(policy: Policy, batch: TrainBatch, rows: torch.Tensor,
         (score * (world if mine else 0.0)).backward()
         # Read after the backward: FSDP2 swaps sharded and unsharded parameters.
         params = [p for p in policy.model.parameters() if p.requires_grad]
-        g2[k] = sum(float(_local(p.grad).double().pow(2).sum()) for p in params if p.grad is not None)
+        g2[k] = sum(float(local(p.grad).double().pow(2).sum()) for p in params if p.grad is not None)
         if mine:
             w[k] = float(vcpo_is_weights(logp.detach(), mb.behav_logp, mb.mask)[0][0])  # unclipped w
     policy.optimizer.zero_grad(set_to_none=True)
@@ -237,10 +232,6 @@ def sequence_score_terms(policy: Policy, batch: TrainBatch, rows: torch.Tensor,
         dist.all_reduce(g2)
         dist.all_reduce(w)
     return w, g2
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def train_step(policy: Policy, batch: TrainBatch, s: StepSettings, prox_logp: torch.Tensor | None,
@@ -264,7 +255,7 @@ def train_step(policy: Policy, batch: TrainBatch, s: StepSettings, prox_logp: to
         policy.optimizer.zero_grad(set_to_none=True)
         mb_plan = plan(batch, rows, s)
         stats: dict = {}
-        for mb_rows in mb_plan.calls[_world()[0]]:
+        for mb_rows in mb_plan.calls[rank_world()[0]]:
             idx = mb_rows if mb_rows is not None else rows[:1]
             mb = batch.select(idx)
             if mb_rows is None:
