@@ -50,14 +50,12 @@ class WeightGroup:
         if self.pg is not None and key == self.key:
             return False
         self.port = self.cfg.master_port or free_port(self.cfg.master_addr)
-        # the store's keys live under this name: unguessable, it reaches only the plan's members
-        # (the plan travels over the authenticated buffer channel; areal_like/net/distributed.py)
+        # unguessable: only the plan's members (authenticated channel) can join its store
         self.name = f"{self.cfg.group_name}-{secrets.token_hex(GROUP_TOKEN_BYTES)}"
         return True
 
     def form(self, plan: WeightSyncPlan, key: tuple, watch: RendezvousWatch) -> None:
-        """Join ``plan``'s group as rank 0. The rendezvous ends at ``watch.give_up`` or when the
-        watch sees a member lost; every later op of the group gets a whole sync's budget."""
+        """Join ``plan``'s group as rank 0; the rendezvous ends at ``watch.give_up`` or a lost member."""
         self.teardown()
         self.pg = init_weight_group(plan.backend, plan.master_addr, plan.master_port,
                                     plan.world_size, 0, plan.group_name,
@@ -109,8 +107,7 @@ class GroupSender(Sender):
         return self.holds_all(buckets)  # a model in the staging buffers
 
     def stage(self, model: torch.nn.Module, params, buckets: list[BucketSpec], report) -> None:
-        """The first buckets (one per staging buffer) are gathered (all ranks) and packed (rank 0)
-        before the plan goes out: that work is then outside the engines' pause window."""
+        """Gather and pack the first buckets before the plan: outside the engines' pause."""
         for b in buckets[:BucketPipeline.SLOTS]:
             tensors = gather(params, b, self.send_dtype)
             if self.rank == 0:
@@ -118,8 +115,7 @@ class GroupSender(Sender):
         self._first = self.pipeline.staged_buckets()
 
     def rewind(self, params, buckets: list[BucketSpec], report) -> None:
-        """Before a re-push: the same bytes staged again (from the staging buffers when the model
-        fits in them, rank 0 alone; else gathered again by every rank)."""
+        """Before a re-push: the same bytes staged again (from the buffers when they hold all)."""
         if self.holds_all(buckets):
             self.pipeline.restage(self._first)
         else:
@@ -142,8 +138,7 @@ class GroupSender(Sender):
 
     def send(self, params, buckets: list[BucketSpec], report, deadline: float,
              check: Callable[[], None]) -> None:
-        """Broadcast the staged buckets, then gather (all ranks) and broadcast (rank 0) the others;
-        bucket i+2 is gathered and packed while bucket i+1 is on the wire."""
+        """Broadcast the staged buckets, then gather (all ranks) and broadcast (rank 0) the others."""
         healthy = self.rank == 0 and self.group.pg is not None
         self.pipeline.wait = lambda work: wait_work(work, deadline, self.group.backend, check)
         t0 = time.monotonic()
@@ -173,8 +168,7 @@ class GroupSender(Sender):
             return False
 
     def skip(self) -> None:
-        """Nothing is sent this attempt (no members, or setup failed): drop the staged buckets and
-        the group (a failed setup may have left it half-formed)."""
+        """Nothing is sent: drop the staged buckets and a maybe half-formed group."""
         self.pipeline.abandon()
         self.group.teardown()
 

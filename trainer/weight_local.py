@@ -39,9 +39,8 @@ ROOT_PREFIX = "areal_like_weights_"  # + the writing process's pid + "_": DiskSe
 
 
 def remove_orphans(tmp: str | None = None) -> list[Path]:
-    """Remove the disk path's directories whose writer is gone (a trainer killed with -9 never
-    reaches ``close``; a 7B model's directory is 28 GB, a large adapter's hundreds of MB) and
-    return them. Another user's, or a pid reused by a live process, stay."""
+    """Remove (and return) the disk path's directories whose writer is gone (killed before
+    ``close``); another user's, or a pid reused by a live process, stay."""
     removed = []
     for d in Path(tmp or tempfile.gettempdir()).glob(f"{ROOT_PREFIX}*_*"):
         pid = d.name[len(ROOT_PREFIX):].split("_", 1)[0]
@@ -66,8 +65,7 @@ def _shared_by_file_name() -> Iterator[None]:
 
 
 def tensor_payload(named: list[tuple[str, torch.Tensor]]) -> str:
-    """SGLang's ``serialized_named_tensors`` entry for ``named`` (one TP rank): base64 of the
-    ForkingPickler dump."""
+    """SGLang's ``serialized_named_tensors`` entry (one TP rank): base64 of the ForkingPickler dump."""
     from multiprocessing.reduction import ForkingPickler
 
     buf = io.BytesIO()
@@ -77,8 +75,7 @@ def tensor_payload(named: list[tuple[str, torch.Tensor]]) -> str:
 
 
 class LocalSender(Sender):
-    """Rank 0: the gathered tensors of one push, its payloads and the memory they refer to, held
-    until ``done``. Subclasses make the payloads of their path."""
+    """Rank 0: a push's gathered tensors and what its payloads refer to, held until ``done``."""
 
     PATH = ""
 
@@ -132,10 +129,8 @@ class TensorSender(LocalSender):
 
 
 class DiskSender(LocalSender):
-    """Path ``disk``: one directory per push (HF, or PEFT's for an adapter) under a private
-    temporary directory (a re-push within the push sends the same one: writing it again would
-    spend the deadline); the last one stays until the next push, every one goes at ``close``, and
-    those of a writer killed before it by the next writer's first push (``remove_orphans``)."""
+    """Path ``disk``: one directory per push (a re-push sends the same one) under a private
+    temporary directory; the last stays until the next push, all go at ``close``."""
 
     PATH = "disk"
 
@@ -149,8 +144,7 @@ class DiskSender(LocalSender):
         return all(is_adapter(n) for b in buckets for n in b.names)
 
     def stage(self, model: torch.nn.Module, params, buckets: list[BucketSpec], report) -> None:
-        """Also: an adapter is copied to the CPU now, so its directory may be written while the
-        next step changes the parameters."""
+        """Also: an adapter is copied to the CPU now, to be written while the next step trains."""
         super().stage(model, params, buckets, report)
         if self.rank == 0 and self.overlaps(buckets):
             self._tensors = [[t.to("cpu", copy=True) for t in ts] for ts in self._tensors]
