@@ -20,61 +20,26 @@ CHUNK_TOKENS = 512
 CHUNK_BYTES = 256 * 2**20
 
 
-def _rows_per_chunk(vocab: int, chunk_bytes: int) -> int:
-    return max(1, chunk_bytes // (4 * vocab))
-
-
 def _work_dtype(logits: Tensor) -> torch.dtype:
     return torch.promote_types(logits.dtype, torch.float32)  # fp32, or fp64 for fp64 input (gradcheck)
-
-
-class _TokenLogprob(torch.autograd.Function):
-    """log_softmax(x / temperature)[token] with a chunked, recomputing backward:
-    d logp / d x_v = (1[v = token] - softmax_v) / temperature."""
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, tokens: Tensor, temperature: float, rows: int) -> Tensor:
-        flat, tok = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1, 1)
-        wd = _work_dtype(logits)
-        out = torch.empty(flat.shape[0], dtype=wd, device=logits.device)
-        for s in range(0, flat.shape[0], rows):
-            x = flat[s : s + rows].to(wd, copy=True).div_(temperature)  # one fp32 chunk, never a view of logits
-            out[s : s + rows] = x.gather(-1, tok[s : s + rows]).squeeze(-1) - torch.logsumexp(x, dim=-1)
-        ctx.save_for_backward(logits, tokens)
-        ctx.temperature, ctx.rows = temperature, rows
-        return out.view(tokens.shape)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        logits, tokens = ctx.saved_tensors
-        flat, tok = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1, 1)
-        wd = _work_dtype(logits)
-        g_flat = grad_out.reshape(-1, 1).to(wd)
-        grad = torch.empty_like(flat)
-        for s in range(0, flat.shape[0], ctx.rows):
-            x = flat[s : s + ctx.rows].to(wd, copy=True).div_(ctx.temperature)
-            g = g_flat[s : s + ctx.rows]
-            gx = torch.softmax(x, dim=-1).mul_(-g)
-            del x
-            gx.scatter_add_(-1, tok[s : s + ctx.rows], g)
-            grad[s : s + ctx.rows] = gx.div_(ctx.temperature)
-        return grad.view(logits.shape), None, None, None
 
 
 def token_logprobs(
     logits: Tensor, tokens: Tensor, temperature: float = 1.0, *, chunk_bytes: int = CHUNK_BYTES
 ) -> Tensor:
-    """log pi(token_t | prefix) [B, T] in fp32 (fp64 for fp64 logits) from logits [B, T, V] (any float dtype) and tokens [B, T].
-
-    ``logits[:, t]`` must be the logits that predicted ``tokens[:, t]`` (shift before calling).
-    Differentiable w.r.t. ``logits``; the gradient has the logits' dtype.
-    """
+    """log pi(token_t | prefix) [B, T] in fp32 (fp64 for fp64 logits) from logits [B, T, V] (any
+    float dtype) and tokens [B, T], ``logits[:, t]`` the logits that predicted ``tokens[:, t]``.
+    Differentiable w.r.t. ``logits`` (the log-prob guard's probes run it without gradient)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if logits.shape[:-1] != tokens.shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match tokens {tuple(tokens.shape)}")
-    rows = _rows_per_chunk(logits.shape[-1], chunk_bytes)
-    return _TokenLogprob.apply(logits, tokens.long(), float(temperature), rows)
+    rows = max(1, chunk_bytes // (4 * logits.shape[-1]))
+    flat, tok = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1, 1).long()
+    wd = _work_dtype(logits)
+    out = [torch.log_softmax(x.to(wd) / temperature, -1).gather(-1, t).squeeze(-1)
+           for x, t in zip(flat.split(rows), tok.split(rows))]
+    return torch.cat(out).view(tokens.shape)
 
 
 def _chunk_logits(h: Tensor, weight: Tensor, temperature: float, wd: torch.dtype) -> Tensor:
