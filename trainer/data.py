@@ -114,12 +114,9 @@ RESYNC_CHECK_S = 5.0  # no data for this long: ask the buffer whether an engine 
 class BatchSource:
     """``next_batch(version)`` on every rank; only rank 0 holds a buffer connection.
 
-    Liveness: an engine that restarted (or missed a sync) serves an old version and, past the
-    staleness bound, gets no credits; if no engine is current, no batch ever comes and the trainer
-    would wait forever for data that needs new weights first. So while no data comes, rank 0 checks
-    the roster every ``RESYNC_CHECK_S``; when an engine is behind, every rank calls ``on_stall``
-    (the loop re-pushes the current weights) and the wait goes on.
-    """
+    Liveness: while no data comes rank 0 checks the roster every ``RESYNC_CHECK_S``; when an engine
+    is behind the trainer's version (it could never produce fresh data) every rank calls
+    ``on_stall`` (the loop re-pushes) and the wait goes on."""
 
     def __init__(self, address: str, n_groups: int, *, keys: Keys | None = None, wait_s: float,
                  buffer_timeout_s: float, rank: int,

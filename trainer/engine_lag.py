@@ -47,8 +47,7 @@ class EngineSchedule:
         return version
 
     def after_step(self, version: int, wait: bool = True) -> SyncReport:
-        """Called on every rank once the trainer's version is ``version`` (also for the initial one);
-        ``wait=False``: a push of the current weights may finish in the background (``push``)."""
+        """Every rank, once the trainer is at ``version`` (the initial one too)."""
         if self.lagging and (self.delay or not self.snapshots or version % self.every == 0
                              or version >= self.final_version):
             self._snapshot(version)
@@ -67,15 +66,14 @@ class EngineSchedule:
         else:
             with self._swapped(target):
                 report = self.wb.push(self.model, target, announce=version)
-        # a push no engine loaded (none registered yet, e.g. right after a resume) serves nobody:
-        # the next step pushes again. An overlapped push reports the previous version's push.
+        # a push no engine loaded serves nobody: the next step pushes again (an overlapped push
+        # reports the previous version's)
         if report.done or report.version != target:
             self.served = target
         return report
 
     def _params(self) -> list[torch.Tensor]:
-        """What a snapshot holds: the trained parameters (the others never change; with LoRA the
-        frozen base would cost a whole fp32 copy of the model per snapshot)."""
+        """What a snapshot holds: the trained parameters (the others never change)."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def _snapshot(self, version: int) -> None:

@@ -314,20 +314,10 @@ def compute_policy_loss(
     mask: Tensor, n_tokens_global: float | None = None, n_seqs_global: float | None = None,
     ref_logp: Tensor | None = None, entropy: Tensor | None = None,
 ) -> tuple[Tensor, Stats]:
-    """One entry point for every kernel: ``(loss, stats)`` for this call's rows.
-
-    Args (tensors ``[B, T]`` unless noted; ``advantages`` may be ``[B]``):
-        cfg: ``trainer.loss``: the kernel (``prox_logp`` may be None when it does not need it), the
-            shared knobs and the kernel's own section.
-        advantages: from the kernel's ``advantages`` rule, computed once per minibatch (whole
-            groups; micro-batches may split them): for ``vcpo`` the OPOB advantages, for ``oapl``
-            the regression targets R - V_hat.
-        n_tokens_global, n_seqs_global: minibatch-global valid-token count and count of sequences
-            with at least one valid token; None = this call's own (single-call use).
-        ref_logp: reference-policy log-probs, required when ``cfg.kl_coef`` > 0.
-        entropy: optional per-token entropy for the ``entropy`` stat.
-    Returns: scalar loss (to minimise) and detached stats, summable over calls (see module doc).
-    """
+    """One entry point for every kernel: ``(loss, stats)`` for this call's rows ([B, T];
+    ``advantages`` may be [B], from the kernel's ``advantages`` rule). ``n_tokens_global`` /
+    ``n_seqs_global``: the minibatch's counts (None: this call's own); ``ref_logp`` required when
+    ``cfg.kl_coef`` > 0; ``entropy`` only for its stat. Stats are detached and summable."""
     k = KERNELS[cfg.kernel]  # cfg.kernel is one of LOSS_KINDS (LossConfig checks it)
     if k.needs_prox and prox_logp is None:
         raise ValueError(f"loss kernel {k.name!r} needs prox_logp (recompute it, or pass behav_logp for bypass mode)")
