@@ -136,16 +136,22 @@ def _commit(root: Path, tmp: Path, final: Path, version: int, keep: int) -> None
 
 def save_checkpoint(root: Path, policy: Policy, version: int, extra: dict | None = None,
                     keep: int = KEEP) -> Path:
-    """Save on all ranks (a collective); returns the final directory. ``extra`` (rank 0's) is kept
-    in the metadata (the trainer stores the id of the last batch the checkpoint includes).
-    Raises ``NonFiniteStateError`` (every rank, nothing written) when the state is not finite."""
+    """Save on all ranks (a collective); the final directory. ``extra`` (rank 0's) is kept in the
+    metadata. ``NonFiniteStateError`` (every rank, nothing written) for a non-finite state."""
+    tmp, final, _ = _begin(root, policy, version, extra, dcp.save)
+    _commit(root, tmp, final, version, keep)
+    return final
+
+
+def _begin(root: Path, policy: Policy, version: int, extra: dict | None, save, **kwargs):
+    """Check the state, open the temporary directory and write into it (``save``: DCP's save or
+    async_save, whose result is returned); (tmp, final, that result)."""
     require_finite_state(policy.model, policy.optimizer)
     tmp, final = _open_tmp(root, version)
     model_sd, optim_sd = get_state_dict(policy.model, policy.optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    result = save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), **kwargs)
     _write_rest(tmp, policy, version, extra)
-    _commit(root, tmp, final, version, keep)
-    return final
+    return tmp, final, result
 
 
 class AsyncSaver:
@@ -160,17 +166,12 @@ class AsyncSaver:
     def save(self, policy: Policy, version: int, extra: dict | None = None) -> None:
         """Stage the state and start writing it; the previous save is committed first."""
         self.finish()
-        require_finite_state(policy.model, policy.optimizer)
-        tmp, final = _open_tmp(self.root, version)
-        model_sd, optim_sd = get_state_dict(policy.model, policy.optimizer)
-        future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp),
-                                process_group=self._pg)
-        _write_rest(tmp, policy, version, extra)
+        tmp, final, future = _begin(self.root, policy, version, extra, dcp.async_save,
+                                    process_group=self._pg)
         self._pending = (future, tmp, final, version)
 
     def poll(self) -> None:
-        """Commit the save in progress as soon as every rank's write is done (a collective: every rank
-        calls it after each step), so that a crash loses only the steps since it, not a save interval more."""
+        """Commit the save in progress once every rank's write is done (a collective, each step)."""
         if self._pending is None:
             return
         done = torch.tensor([int(self._pending[0].done())])

@@ -18,6 +18,7 @@ each call sees. Invariants (the invariance tests check them):
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -129,10 +130,11 @@ def plan(batch: TrainBatch, rows: torch.Tensor, s: StepSettings) -> Plan:
                           packed=s.pack_sequences)
 
 
-def local_microbatches(batch: TrainBatch, rows: torch.Tensor,
-                       s: StepSettings) -> list[torch.Tensor | None]:
-    """This rank's micro-batches of ``rows``; ``None`` entries pad to the count every rank runs."""
-    return plan(batch, rows, s).calls[rank_world()[0]]
+def rank_calls(p: Plan, rows: torch.Tensor) -> Iterator[tuple[torch.Tensor, bool]]:
+    """This rank's calls of ``p`` as (rows, real): a call that only pads to the count every rank
+    runs (FSDP's collectives) runs ``rows[:1]`` at zero weight."""
+    for mb_rows in p.calls[rank_world()[0]]:
+        yield (rows[:1], False) if mb_rows is None else (mb_rows, True)
 
 
 @torch.no_grad()
@@ -141,12 +143,11 @@ def batch_logp(model: torch.nn.Module, batch: TrainBatch, s: StepSettings, devic
     out = torch.zeros_like(batch.behav_logp)
     with evaluating(model):  # no dropout: what the engines compute
         for rows in minibatches(batch, s.num_minibatches):
-            for mb_rows in local_microbatches(batch, rows, s):
-                idx = mb_rows if mb_rows is not None else rows[:1]  # a dummy pass keeps the collectives aligned
+            for idx, real in rank_calls(plan(batch, rows, s), rows):
                 lp = output_logp(model, batch.select(idx).to(device), s.temperature, s.chunk_tokens,
                                  s.pack_sequences)
-                if mb_rows is not None:
-                    out[mb_rows, :lp.shape[1]] = lp.float().cpu()
+                if real:
+                    out[idx, :lp.shape[1]] = lp.float().cpu()
     return out
 
 
@@ -255,11 +256,10 @@ def train_step(policy: Policy, batch: TrainBatch, s: StepSettings, prox_logp: to
         policy.optimizer.zero_grad(set_to_none=True)
         mb_plan = plan(batch, rows, s)
         stats: dict = {}
-        for mb_rows in mb_plan.calls[rank_world()[0]]:
-            idx = mb_rows if mb_rows is not None else rows[:1]
+        for idx, real in rank_calls(mb_plan, rows):
             mb = batch.select(idx)
-            if mb_rows is None:
-                mb.mask = torch.zeros_like(mb.mask)  # zero-weight pass: keeps FSDP collectives aligned
+            if not real:
+                mb.mask = torch.zeros_like(mb.mask)
             t = mb.mask.shape[1]
             prox = None if prox_logp is None else prox_logp[idx, :t].to(policy.device)
             ref = None if ref_logp is None else ref_logp[idx, :t].to(policy.device)
