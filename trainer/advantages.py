@@ -1,15 +1,9 @@
 """Advantage estimators and the per-minibatch baselines of VCPO and OAPL: pure tensor functions.
 
-Formulas: ``trainer/LOSSES.md`` sections 1 (estimators), 8 (VCPO) and 9 (OAPL). The last three
-functions are the ``advantages`` rules of the kernel table (``trainer/losses.py`` ``KERNELS``).
-The trainer runs the estimators and OAPL's targets once on the WHOLE batch and VCPO's once per
-minibatch (groups must be complete; the REINFORCE++ whitening is batch-global), before any split
-into micro-batches; the results are
-constants for the loss (no gradient). No torch.distributed, no logging.
-
-Shapes: ``rewards`` [N] (one outcome reward per response), ``group_ids`` [N] (an integer tensor
-or any sequence of hashable ids, e.g. the trajectory groups' string ``group_id``), ``mask``
-[N, T] float response mask. Estimators return advantages [N, T], zero on padding.
+Formulas: ``trainer/LOSSES.md`` sections 1, 8 and 9; the last three functions are the
+``advantages`` rules of ``trainer/losses.py``'s ``KERNELS``. Invariants: computed on whole groups
+before any split into micro-batches; constants for the loss (no gradient); estimators return
+[N, T], zero on padding. No torch.distributed, no logging.
 """
 
 from __future__ import annotations
@@ -66,8 +60,7 @@ def whiten(values: Tensor, mask: Tensor, *, eps: float = WHITEN_EPS) -> Tensor:
 
 
 def compute_advantages(estimator: str, rewards: Tensor, group_ids: Tensor | Sequence, mask: Tensor) -> Tensor:
-    """Outcome-reward advantages [N, T] (fp32) for one estimator of
-    ``areal_like.settings.config.ESTIMATORS``.
+    """Outcome-reward advantages [N, T] (fp32) for one of ``ESTIMATORS``.
 
     grpo: (R - mean_g) / (std_g + 1e-6), unbiased std; drgrpo: R - mean_g; rloo: G/(G-1) (R - mean_g)
     (= R - mean of the others; G = 1 gives R); reinforce_pp_baseline: R - mean_g broadcast to
@@ -99,17 +92,12 @@ def vcpo_advantages(
     rewards: Tensor, is_weights: Tensor, grad_sq_norms: Tensor, group_ids: Tensor | Sequence, *,
     weight_mode: str = "readme", is_cap: float = 8.0, norm_by_std: bool = True,
 ) -> Tensor:
-    """VCPO advantages [N] with the off-policy optimal baseline (OPOB) per prompt group.
+    """VCPO advantages [N] with the off-policy optimal baseline (OPOB) per prompt group (section 8).
 
-    b*_g = sum_i c_i R_i / (sum_i c_i + 1e-8), A_i = (R_i - b*_g) / sigma_g (population std of the
-    group's rewards; no division when sigma_g <= 1e-8 or ``norm_by_std`` is False), the c_i divided
-    by their group's largest before the eps (scale-free: only the ratios of the weights matter), with
-    - ``weight_mode="readme"`` (paper/README, default): c_i = w_i^2 ||g_i||^2;
-    - ``weight_mode="code"`` (released code): c_i = min(w_i, is_cap)^2 w_i^2 ||g_i||^2, because the
-      code measures the gradient norm of the already IS-weighted loss (LOSSES.md section 8: UNCERTAIN).
-    ``is_weights`` are the unclipped sequence weights w_i (``losses.vcpo_is_weights``) and
-    ``grad_sq_norms`` the squared norm of g_i = grad_theta sum_t logp_it, the UNweighted sequence
-    score (exact: one backward per trajectory; see ``trainer/LOSSES.md`` for how to get it).
+    b*_g = sum_i c_i R_i / (sum_i c_i + 1e-8) with the c_i divided by their group's largest first,
+    A_i = (R_i - b*_g) / sigma_g (population std; no division when sigma_g <= 1e-8 or not
+    ``norm_by_std``); c_i = w_i^2 ||g_i||^2 (``readme``) or min(w_i, is_cap)^2 w_i^2 ||g_i||^2
+    (``code``), w_i unclipped, g_i = grad sum_t logp_it.
     """
     r = rewards.detach().double()
     w = is_weights.detach().double().to(r.device)
@@ -121,8 +109,7 @@ def vcpo_advantages(
     else:
         raise ValueError(f"unknown vcpo baseline weight {weight_mode!r}; choose readme or code")
     idx = group_index(group_ids).to(r.device)
-    # Scale-free: b*_g is a weighted mean, so the weights are divided by their group's max before
-    # the eps (else weights of e^-10 each would be swamped by it and the baseline pulled to 0)
+    # scale-free: else weights of e^-10 each would be swamped by the eps
     c_max = torch.zeros(int(idx.max()) + 1, dtype=c.dtype, device=c.device).scatter_reduce(0, idx, c, "amax")
     c = c / c_max.clamp(min=torch.finfo(c.dtype).tiny)[idx]
     b = _group_sums(c * r, idx) / (_group_sums(c, idx) + VCPO_EPS)
@@ -196,9 +183,7 @@ def oapl_advantages(a: AdvantageInputs, params: OAPLConfig) -> Advantages:
 
 
 def vcpo_step_advantages(a: AdvantageInputs, params: VCPOConfig) -> Advantages:
-    """VCPO's OPOB advantages on every token and its ESS learning-rate scale (section 8, steps 3, 4 and 6).
-
-    Needs ``a.score_terms`` (one backward per trajectory at this minibatch's starting weights)."""
+    """VCPO's OPOB advantages on every token and its ESS learning-rate scale (section 8)."""
     if a.score_terms is None:
         raise ValueError("vcpo advantages need the per-trajectory score terms (see trainer/LOSSES.md section 8)")
     w, g2 = a.score_terms()

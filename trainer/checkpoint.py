@@ -3,34 +3,20 @@
 Layout under ``trainer.checkpoint_dir``::
 
     v00000012/            one complete checkpoint (policy_version 12)
-        .metadata, *.distcp     DCP shards of {"model", "optim"} (sharded state dicts, any world size)
+        .metadata, *.distcp     DCP shards of {"model", "optim"} (any world size)
         meta.pt                 policy_version, LR scheduler state, world size, checksums (rank 0)
-        rng_rank{r}.pt          torch / python / numpy (/ cuda) RNG states of rank r
+        rng_rank{r}.pt          RNG states of rank r
     .tmp_v00000013/       a save in progress (or interrupted): ignored and removed
 
 Invariants:
-- Atomic: every rank writes into a temporary directory; after a barrier, rank 0 renames it to
-  its final name. A checkpoint directory either is complete or does not exist, so a crash
-  (kill -9) at any moment leaves the previous checkpoint usable. The last ``keep``
-  (``trainer.keep_checkpoints``, default ``KEEP``) are kept.
-- ``AsyncSaver`` (``trainer.checkpoint_async``) keeps that invariant: DCP writes the shards in the
-  background into the temporary directory, and the rename happens only after every rank's write
-  finished (``poll`` after each step, ``finish`` at the next save or at the end); a crash meanwhile
-  loses that save only.
-- Resume restores model, optimizer, scheduler, policy_version and RNG states; the caller then
-  re-pushes the weights and announces the version (trainer/loop.py).
-- Every rank writes its own DCP shard and RNG file into the same directory, so on several nodes
-  ``checkpoint_dir`` must be on a shared filesystem (rank 0 does the rename).
-- The checksums in meta.pt (order-independent float64 sums over every tensor) let a resumed run
-  prove it holds exactly the saved state (``state_checksums``).
-- A checkpoint never holds a non-finite weight or optimizer state: every save checks first
-  (``trainer/finite_guard.py``, ``NonFiniteStateError``), so the newest one is the last finite one.
-- Loading reads data, never code: every pickle a checkpoint holds is read with an allowlist
-  (``UnsafeCheckpointError`` naming the file otherwise): ``meta.pt`` and the DCP values that are
-  not tensors with ``torch.load(weights_only=True)``, ``rng_rank*.pt`` the same plus the numpy
-  array constructors of numpy's RNG state, DCP's ``.metadata`` with an unpickler that resolves
-  only DCP's metadata classes, ``torch.Size``, torch dtypes and paths. A planted ``__reduce__``
-  is refused before it can run.
+- Atomic: every rank writes into the temporary directory; after a barrier rank 0 renames it, so a
+  crash at any moment leaves the previous checkpoint usable (``AsyncSaver`` too: the rename waits
+  for every rank's background write). The last ``trainer.keep_checkpoints`` are kept.
+- Resume restores model, optimizer, scheduler, policy_version and RNG states; ``checkpoint_dir``
+  must be shared by all nodes. meta.pt's checksums prove a resumed run holds the saved state.
+- A checkpoint never holds a non-finite weight or optimizer state (``trainer/finite_guard.py``).
+- Loading reads data, never code: every pickle is read with an allowlist
+  (``UnsafeCheckpointError`` otherwise); a planted ``__reduce__`` is refused before it runs.
 """
 
 from __future__ import annotations
@@ -55,21 +41,13 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from trainer.finite_guard import require_finite_state
 from trainer.model import Policy
+from trainer.ranks import barrier, local, rank_world, several
 
 log = logging.getLogger("trainer.checkpoint")
 
 KEEP = 2  # checkpoints kept on disk: the newest, plus one in case the newest is on a failing disk
 PREFIX = "v"
 TMP_PREFIX = ".tmp_"
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -90,8 +68,7 @@ def _flat_checksum(named: dict, rank_local: bool) -> float:
     for i, (name, t) in enumerate(sorted(named.items())):
         if not isinstance(t, torch.Tensor) or t.dim() == 0 and name.endswith("step"):
             continue  # optimizer step counters are replicated, not sharded: not summable over ranks
-        local = t.to_local() if rank_local and hasattr(t, "to_local") else t
-        total += local.detach().double().sum().cpu() * (1 + (i % 7) * 1e-3)
+        total += (local(t) if rank_local else t).detach().double().sum().cpu() * (1 + (i % 7) * 1e-3)
     return float(total)
 
 
@@ -109,7 +86,7 @@ def state_checksums(policy: Policy) -> dict[str, float]:
     model_sd, optim_sd = get_state_dict(policy.model, policy.optimizer)
     vals = torch.tensor([_flat_checksum(model_sd, True), _flat_checksum(_flatten("", optim_sd["state"], {}), True)],
                         dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if several():
         dist.all_reduce(vals)
     return {"model": float(vals[0]), "optim": float(vals[1])}
 
@@ -118,11 +95,11 @@ def _open_tmp(root: Path, version: int) -> tuple[Path, Path]:
     """(temporary, final) directories of a save; the temporary one made empty (rank 0), then a barrier."""
     final = root / f"{PREFIX}{version:08d}"
     tmp = root / f"{TMP_PREFIX}{final.name}"
-    if _rank() == 0:
+    if rank_world()[0] == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-    _barrier()
+    barrier()
     return tmp, final
 
 
@@ -131,9 +108,9 @@ def _write_rest(tmp: Path, policy: Policy, version: int, extra: dict | None) -> 
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, tmp / f"rng_rank{_rank()}.pt")
+    torch.save(rng, tmp / f"rng_rank{rank_world()[0]}.pt")
     sums = state_checksums(policy)
-    if _rank() == 0:
+    if rank_world()[0] == 0:
         torch.save({"policy_version": version, "scheduler": policy.scheduler.state_dict(),
                     "world_size": policy.world_size, "checksums": sums, "extra": dict(extra or {})},
                    tmp / "meta.pt")
@@ -142,8 +119,8 @@ def _write_rest(tmp: Path, policy: Policy, version: int, extra: dict | None) -> 
 def _commit(root: Path, tmp: Path, final: Path, version: int, keep: int) -> None:
     """After every rank wrote: rank 0 renames the save into place, then deletes all but the ``keep``
     newest."""
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    if rank_world()[0] == 0:
         if final.exists():  # a re-save of the same version (e.g. shutdown right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -154,21 +131,27 @@ def _commit(root: Path, tmp: Path, final: Path, version: int, keep: int) -> None
             if stale != tmp:
                 shutil.rmtree(stale, ignore_errors=True)
         log.info("checkpoint v%d saved to %s", version, final)
-    _barrier()
+    barrier()
 
 
 def save_checkpoint(root: Path, policy: Policy, version: int, extra: dict | None = None,
                     keep: int = KEEP) -> Path:
-    """Save on all ranks (a collective); returns the final directory. ``extra`` (rank 0's) is kept
-    in the metadata (the trainer stores the id of the last batch the checkpoint includes).
-    Raises ``NonFiniteStateError`` (every rank, nothing written) when the state is not finite."""
+    """Save on all ranks (a collective); the final directory. ``extra`` (rank 0's) is kept in the
+    metadata. ``NonFiniteStateError`` (every rank, nothing written) for a non-finite state."""
+    tmp, final, _ = _begin(root, policy, version, extra, dcp.save)
+    _commit(root, tmp, final, version, keep)
+    return final
+
+
+def _begin(root: Path, policy: Policy, version: int, extra: dict | None, save, **kwargs):
+    """Check the state, open the temporary directory and write into it (``save``: DCP's save or
+    async_save, whose result is returned); (tmp, final, that result)."""
     require_finite_state(policy.model, policy.optimizer)
     tmp, final = _open_tmp(root, version)
     model_sd, optim_sd = get_state_dict(policy.model, policy.optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    result = save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), **kwargs)
     _write_rest(tmp, policy, version, extra)
-    _commit(root, tmp, final, version, keep)
-    return final
+    return tmp, final, result
 
 
 class AsyncSaver:
@@ -177,27 +160,22 @@ class AsyncSaver:
     def __init__(self, root: Path, keep: int = KEEP):
         self.root, self.keep = root, keep
         # DCP's background write runs collectives; a group of its own keeps them apart from training's
-        self._pg = dist.new_group(backend="gloo") if dist.is_initialized() and dist.get_world_size() > 1 else None
+        self._pg = dist.new_group(backend="gloo") if several() else None
         self._pending: tuple | None = None  # (future, tmp, final, version)
 
     def save(self, policy: Policy, version: int, extra: dict | None = None) -> None:
         """Stage the state and start writing it; the previous save is committed first."""
         self.finish()
-        require_finite_state(policy.model, policy.optimizer)
-        tmp, final = _open_tmp(self.root, version)
-        model_sd, optim_sd = get_state_dict(policy.model, policy.optimizer)
-        future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp),
-                                process_group=self._pg)
-        _write_rest(tmp, policy, version, extra)
+        tmp, final, future = _begin(self.root, policy, version, extra, dcp.async_save,
+                                    process_group=self._pg)
         self._pending = (future, tmp, final, version)
 
     def poll(self) -> None:
-        """Commit the save in progress as soon as every rank's write is done (a collective: every rank
-        calls it after each step), so that a crash loses only the steps since it, not a save interval more."""
+        """Commit the save in progress once every rank's write is done (a collective, each step)."""
         if self._pending is None:
             return
         done = torch.tensor([int(self._pending[0].done())])
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if several():
             dist.all_reduce(done, op=dist.ReduceOp.MIN)
         if int(done):
             self.finish()
@@ -315,7 +293,7 @@ def _agree(error: Exception | None, path: Path) -> None:
     """Raise on every rank when any rank's files were refused (a collective), so that no rank waits
     in DCP's load for one that gave up."""
     ok = torch.tensor([0.0 if error else 1.0])
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if several():
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     if error is not None:
         raise error
@@ -342,7 +320,7 @@ def load_checkpoint(path: Path, policy: Policy) -> tuple[int, dict]:
     meta = rng = error = None
     try:  # first: a planted file fails before anything is read
         meta = load_data(path / "meta.pt")
-        rng_file = path / f"rng_rank{_rank()}.pt"
+        rng_file = path / f"rng_rank{rank_world()[0]}.pt"
         rng = load_data(rng_file, numpy_arrays=True) if rng_file.is_file() else None
         read_dcp_metadata(path)
     except UnsafeCheckpointError as e:

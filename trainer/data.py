@@ -1,26 +1,15 @@
 """Batches from the buffer: rank 0 asks, every rank gets the same padded tensors.
 
-Owns the trainer's side of ``BatchRequest``/``Batch`` and the conversion of trajectory groups to
-tensors (``TrainBatch``). Deliberately ignores staleness policy: the buffer enforces the bound;
-the trainer only measures and reports the staleness of what it consumed.
-
 Invariants:
-- Every rank leaves ``next_batch`` with the same outcome (a batch, a stop, or the same error), so
-  the ranks never disagree about whether a step happens. Rank 0 broadcasts one status per attempt
-  on the default group; each attempt is bounded by ``wait_s`` + a reply margin, far below the
-  process-group timeout, so the other ranks never time out while rank 0 waits for data.
-- The trainer never dies on data: a group with an empty prompt or a token id outside the
-  vocabulary (the buffer refuses those; one may still come from an older WAL) is dropped from its
-  batch and logged (``dropped_groups``); a batch left with no group counts as empty.
-- An empty batch (not enough fresh groups yet) is retried forever; a buffer that does not answer
-  at all for ``buffer_timeout_s`` is an error (``BufferUnavailable``), not a wait.
-- Layout (right padding, pad id 0): ``input_ids[i] = prompt_i + output_i``; output-aligned arrays
-  ``[N, T]`` hold entry t of output token t. Output token t sits at input position ``P_i + t`` and
-  is predicted by the logits at position ``P_i - 1 + t``.
-- ``mask`` is the loss mask every kernel, aggregation and estimator reads: 1 on the tokens the
-  policy generated, 0 on padding and on a multi-turn episode's context tokens (environment and
-  tool messages, template markup; ``Trajectory.loss_mask``), which stay in ``input_ids`` as
-  conditioning but add nothing to any loss, count or advantage.
+- Every rank leaves ``next_batch`` with the same outcome (a batch, a stop, or the same error);
+  each attempt is bounded far below the process-group timeout.
+- The trainer never dies on data: a group with an empty prompt or an out-of-vocabulary token is
+  dropped and logged (``dropped_groups``); an empty batch is retried forever, a silent buffer for
+  ``buffer_timeout_s`` is ``BufferUnavailable``. Staleness is the buffer's to enforce.
+- Layout (right padding, pad id 0): ``input_ids[i] = prompt_i + output_i``; output token t sits at
+  input position ``P_i + t`` and is predicted at ``P_i - 1 + t``.
+- ``mask`` is the loss mask everything reads: 1 on generated tokens, 0 on padding and on a
+  multi-turn episode's context tokens (``Trajectory.loss_mask``), which only condition.
 """
 
 from __future__ import annotations
@@ -32,13 +21,13 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from areal_like.net.dealer import Client
 from areal_like.net.security import Keys
 from areal_like.net.transport import TransportTimeout
 from areal_like.wire.group_checks import content_problem
 from areal_like.wire.protocol import Batch, BatchRequest, Roster, RosterRequest, TrajectoryGroup
+from trainer.ranks import from_rank0
 
 log = logging.getLogger("trainer.data")
 
@@ -125,12 +114,9 @@ RESYNC_CHECK_S = 5.0  # no data for this long: ask the buffer whether an engine 
 class BatchSource:
     """``next_batch(version)`` on every rank; only rank 0 holds a buffer connection.
 
-    Liveness: an engine that restarted (or missed a sync) serves an old version and, past the
-    staleness bound, gets no credits; if no engine is current, no batch ever comes and the trainer
-    would wait forever for data that needs new weights first. So while no data comes, rank 0 checks
-    the roster every ``RESYNC_CHECK_S``; when an engine is behind, every rank calls ``on_stall``
-    (the loop re-pushes the current weights) and the wait goes on.
-    """
+    Liveness: while no data comes rank 0 checks the roster every ``RESYNC_CHECK_S``; when an engine
+    is behind the trainer's version (it could never produce fresh data) every rank calls
+    ``on_stall`` (the loop re-pushes) and the wait goes on."""
 
     def __init__(self, address: str, n_groups: int, *, keys: Keys | None = None, wait_s: float,
                  buffer_timeout_s: float, rank: int,
@@ -205,10 +191,8 @@ class BatchSource:
         last_reply = [time.monotonic()]
         self._next_check = time.monotonic() + RESYNC_CHECK_S  # a normal wait for generation is not a stall
         while True:
-            obj = [self._attempt(version, last_reply) if self.rank == 0 else None]
-            if dist.is_initialized() and dist.get_world_size() > 1:
-                dist.broadcast_object_list(obj, src=0)
-            status, payload = obj[0]
+            status, payload = from_rank0(self._attempt(version, last_reply) if self.rank == 0
+                                         else None)
             if status == "batch":
                 return payload
             if status == "stop":

@@ -1,30 +1,16 @@
 """Hugging Face export: the policy as a directory that ``from_pretrained`` and SGLang load as is.
 
-What a directory holds (the layout ``save_pretrained`` writes)::
-
-    config.json, generation_config.json
-    model.safetensors                       all weights, when they fit in one shard; otherwise
-    model-00001-of-0000N.safetensors ...    shards of at most ``shard_mb`` MiB (a bigger tensor alone)
-    model.safetensors.index.json            {"metadata": {"total_parameters", "total_size"}, "weight_map"}
-    tokenizer.json, tokenizer_config.json, chat_template.jinja, ...   (``tokenizer.save_pretrained``)
-    areal_like_task.yaml                    the task it was trained on (``areal-like eval`` scores it there)
-
-Two ways in: the trainer calls ``export_hf`` on its FSDP2 model during a run (trainer/loop.py),
-and ``python -m trainer.export CHECKPOINT OUT`` (``areal-like export``) loads a trainer DCP
-checkpoint into a freshly built CPU model in one process, without torchrun, and runs the same writer.
+The layout is ``save_pretrained``'s (safetensors shards of at most ``shard_mb`` MiB and their
+index), plus the tokenizer and ``areal_like_task.yaml`` (the task, for ``areal-like eval``). Two
+ways in: ``export_hf`` on the trainer's model during a run, and ``python -m trainer.export
+CHECKPOINT OUT`` (``areal-like export``) from a DCP checkpoint, in one process.
 
 Invariants:
-- ``export_hf`` is a collective: every rank calls it. Parameters are gathered one at a time
-  (``full_tensor`` of each DTensor); rank 0 keeps each in the shard being filled and writes and
-  frees that shard once it reaches ``shard_mb``. No rank ever holds more than one full parameter
-  besides rank 0's one unwritten shard: never a second copy of the model.
-- Atomic: rank 0 writes into ``.tmp_<name>`` beside ``out_dir`` and renames it when complete, so
-  ``out_dir`` is a whole export or absent (an interrupted export leaves only its ``.tmp_``
-  directory, which the next export of that name, or the trainer's next export, removes).
-- LoRA (``export_adapter``): the adapter in PEFT's layout, and with ``export.merged`` a merged
-  model beside it; the merged weights are streamed layer by layer like the others.
-- A parameter shared under two names (tied input/output embeddings) is written once, under its
-  first name (``model.embed_tokens.weight``) as ``save_pretrained`` does; loading re-ties it.
+- ``export_hf`` is a collective; parameters are gathered one at a time and rank 0 writes each
+  shard as it fills: never a second copy of the model.
+- Atomic: written into ``.tmp_<name>`` and renamed when complete.
+- LoRA: the adapter in PEFT's layout, plus a streamed merged model with ``export.merged``.
+- A tied parameter is written once, under its first name, as ``save_pretrained`` does.
 """
 
 from __future__ import annotations
@@ -41,7 +27,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from areal_like.settings.config import (
     EXPORT_TASK_FILE,
@@ -53,6 +38,8 @@ from areal_like.settings.config import (
 )
 from areal_like.weights.hf import torch_dtype
 from areal_like.weights.lora import ADAPTER, add_adapters, base_name, has_adapters, is_adapter
+from trainer.ranks import barrier, rank_world
+from trainer.ranks import full as full_tensor
 
 log = logging.getLogger("trainer.export")
 
@@ -66,16 +53,8 @@ PEFT_PREFIX = "base_model.model."  # a PeftModel's prefix of the wrapped model's
 MERGED_DIR = "merged"
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _exported_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every weight the directory holds, each storage once, in the same order on
-    every rank: parameters (``named_parameters`` drops the second name of a tied one), then
-    persistent buffers."""
+    """(name, tensor) of every weight, each storage once, in the same order on every rank."""
     keys = set(model.state_dict())
     yield from model.named_parameters()
     yield from ((name, b) for name, b in model.named_buffers() if name in keys)
@@ -87,9 +66,7 @@ def _full_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _merged_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, full tensor) of the base with each adapter folded into its layer's
-    weight, ``W + scaling * B @ A`` (PEFT's ``get_delta_weight`` of a linear layer), a layer at a
-    time."""
+    """(HF name, full tensor) of the base with each adapter folded in, ``W + scaling * B @ A``."""
     from peft.tuners.lora import LoraLayer
 
     layers = {f"{n}.base_layer.weight": m for n, m in model.named_modules()
@@ -107,10 +84,7 @@ def _merged_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
 
 def save_adapter(out_dir: Path, named: dict[str, torch.Tensor], model: torch.nn.Module,
                  base_path: str | None) -> None:
-    """Write the adapter ``named`` (``model``'s full adapter parameters by name) into the existing
-    ``out_dir`` in PEFT's layout: its keys under the PeftModel's prefix without the adapter's name,
-    and the config ``add_adapters`` injected (``base_path``: the base model's, None when built
-    from a config)."""
+    """Write the adapter ``named`` (full tensors by name) into ``out_dir`` in PEFT's layout."""
     from safetensors.torch import save_file
 
     tensors = {PEFT_PREFIX + n.replace(f".{ADAPTER}.", "."): t.detach().to("cpu").contiguous()
@@ -126,17 +100,10 @@ def save_adapter(out_dir: Path, named: dict[str, torch.Tensor], model: torch.nn.
 def export_adapter(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelConfig, tokenizer,
                    shard_mb: int, dtype: str, task: TaskConfig | None = None,
                    merged: bool = False) -> Path:
-    """A LoRA policy's export (a collective): ``out_dir`` holds the adapter in PEFT's layout
-    (``adapter_config.json``, ``adapter_model.safetensors``: ``PeftModel.from_pretrained(base,
-    out_dir)`` and SGLang's ``--lora-paths`` load it), the tokenizer and the task; with ``merged``
-    also ``out_dir/merged``, a plain Hugging Face model with the adapter folded in."""
-    rank, world = _rank_world()
-    out_dir = Path(out_dir)
-    tmp = out_dir.parent / f"{TMP_PREFIX}{out_dir.name}"
-    if rank == 0:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+    """A LoRA policy's export (a collective): the adapter in PEFT's layout, the tokenizer and the
+    task; with ``merged`` also ``out_dir/merged``, a plain HF model with the adapter folded in."""
+    rank = rank_world()[0]
+    out_dir, tmp = _open_tmp(out_dir)
     if merged:  # written into tmp/merged: the rename below publishes both at once
         _write_hf(model, _merged_tensors(model), tmp / MERGED_DIR, model_cfg=model_cfg,
                   tokenizer=tokenizer, shard_mb=shard_mb, dtype=dtype, task=task)
@@ -149,25 +116,38 @@ def export_adapter(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelCon
     if rank == 0:
         save_adapter(tmp, adapter, model, model_cfg.path)
         tokenizer.save_pretrained(str(tmp))
-        if task is not None:
-            (tmp / EXPORT_TASK_FILE).write_text(task_yaml(task))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        _publish(tmp, out_dir, task)
         log.info("exported adapter %s (%d tensors%s)", out_dir, len(adapter), ", merged" * merged)
-    if world > 1:
-        dist.barrier()
+    barrier()
     return out_dir
 
 
+def _open_tmp(out_dir: Path) -> tuple[Path, Path]:
+    """(``out_dir``, its temporary twin): rank 0 makes the twin empty."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.parent / f"{TMP_PREFIX}{out_dir.name}"
+    if rank_world()[0] == 0:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted export of the same name left
+        tmp.mkdir()
+    return out_dir, tmp
+
+
+def _publish(tmp: Path, out_dir: Path, task: TaskConfig | None) -> None:
+    """Rank 0: the task file, then ``tmp`` renamed over ``out_dir``."""
+    if task is not None:
+        (tmp / EXPORT_TASK_FILE).write_text(task_yaml(task))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
 def _gather(t: torch.Tensor) -> torch.Tensor:
-    """The full tensor (a collective for a DTensor; FSDP2's root parameters may be unsharded already)."""
-    t = t.detach()
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    return full_tensor(t.detach())
 
 
 class _ShardWriter:
-    """Fills one shard at a time; writes it (temporary name) when the next tensor would overflow it."""
+    """Fills one shard at a time; writes it when the next tensor would overflow it."""
 
     def __init__(self, directory: Path, max_bytes: int):
         self.dir, self.max_bytes = directory, max_bytes
@@ -199,7 +179,7 @@ class _ShardWriter:
         self.current, self.current_bytes = {}, 0
 
     def finish(self) -> int:
-        """Name the files as transformers does and write the index when sharded; returns the shard count."""
+        """Name the files as transformers does (and the index); returns the shard count."""
         self.flush()
         n = len(self.files)
         if n == 1:
@@ -222,8 +202,7 @@ def _architecture(model: torch.nn.Module) -> str:
 
 
 def generation_config(model_cfg: ModelConfig, tokenizer, model_config):
-    """The model's generation defaults (the source directory's file when there is one) with the
-    tokenizer's bos / pad ids and its eos id first among the stop ids."""
+    """The model's generation defaults with the tokenizer's bos / pad ids, its eos id first."""
     from transformers import GenerationConfig
 
     src = Path(model_cfg.path) if model_cfg.path else None
@@ -243,10 +222,8 @@ def generation_config(model_cfg: ModelConfig, tokenizer, model_config):
 
 
 def _add_legacy_keys(path: Path) -> None:
-    """transformers 5 writes the dtype only as ``dtype`` and RoPE settings only as
-    ``rope_parameters``; a reader on transformers 4 (an SGLang install pins its own) would take
-    float32 and the default theta. The keys it reads (``torch_dtype``, ``rope_theta``,
-    ``rope_scaling``) are added; transformers 5 reads either form."""
+    """Add the config keys transformers 4 reads (``torch_dtype``, ``rope_theta``,
+    ``rope_scaling``) beside transformers 5's ``dtype`` and ``rope_parameters``."""
     config = json.loads(path.read_text())
     if "dtype" in config:
         config.setdefault("torch_dtype", config["dtype"])
@@ -271,13 +248,8 @@ def _write_metadata(model: torch.nn.Module, directory: Path, model_cfg: ModelCon
 
 def export_hf(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelConfig, tokenizer, shard_mb: int,
               dtype: str, task: TaskConfig | None = None, merged: bool = False) -> Path:
-    """Write ``model`` (FSDP2-sharded or plain) as an HF directory at ``out_dir``; returns ``out_dir``.
-    With ``task`` (the run's), the directory says what it was trained on (``EXPORT_TASK_FILE``).
-    A model with LoRA adapters: ``export_adapter`` (and ``merged``: its merged model too).
-
-    A collective: all ranks call it, rank 0 writes; weights are stored in ``dtype`` (float32,
-    bfloat16, float16). An existing ``out_dir`` is replaced (re-export of the same version).
-    """
+    """Write ``model`` as an HF directory at ``out_dir`` in ``dtype`` (a collective; rank 0 writes;
+    an existing ``out_dir`` is replaced). With LoRA adapters: ``export_adapter``."""
     if has_adapters(model):
         return export_adapter(model, out_dir, model_cfg=model_cfg, tokenizer=tokenizer,
                               shard_mb=shard_mb, dtype=dtype, task=task, merged=merged)
@@ -289,15 +261,9 @@ def _write_hf(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]
               *, model_cfg: ModelConfig, tokenizer, shard_mb: int, dtype: str,
               task: TaskConfig | None) -> Path:
     """``export_hf``'s writer: ``tensors`` (name, full tensor) on every rank, written by rank 0."""
-    rank, world = _rank_world()
-    out_dir = Path(out_dir)
-    tmp = out_dir.parent / f"{TMP_PREFIX}{out_dir.name}"
-    writer = None
-    if rank == 0:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted export of the same name left
-        tmp.mkdir()
-        writer = _ShardWriter(tmp, shard_mb * MIB)
+    rank = rank_world()[0]
+    out_dir, tmp = _open_tmp(out_dir)
+    writer = _ShardWriter(tmp, shard_mb * MIB) if rank == 0 else None
     dt = torch_dtype(dtype)
     for name, full in tensors:
         if writer is not None:
@@ -309,20 +275,14 @@ def _write_hf(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]
         mode = (tmp / "config.json").stat().st_mode & 0o777  # what the umask gives (safetensors: 0600)
         for weights in tmp.glob("*.safetensors"):
             os.chmod(weights, mode)
-        if task is not None:
-            (tmp / EXPORT_TASK_FILE).write_text(task_yaml(task))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        _publish(tmp, out_dir, task)
         log.info("exported %s (%d shard%s, %.1f MiB, %s)", out_dir, n, "s" * (n > 1), writer.total_bytes / MIB, dtype)
-    if world > 1:
-        dist.barrier()
+    barrier()
     return out_dir
 
 
 def prune_exports(root: Path, keep: int) -> list[Path]:
-    """Delete all but the ``keep`` newest exports ``v<version>`` under ``root`` (``export.keep``);
-    returns those deleted. Temporary directories and anything else there are left alone."""
+    """Delete all but the ``keep`` newest exports ``v<version>`` under ``root``; returns them."""
     done = sorted((p for p in root.glob("v*") if p.name[1:].isdigit() and (
                    (p / "config.json").is_file() or (p / "adapter_config.json").is_file())),
                   key=lambda p: int(p.name[1:]))
@@ -335,11 +295,7 @@ def prune_exports(root: Path, keep: int) -> list[Path]:
 # ------------------------------------------------------------------ offline: DCP checkpoint -> HF
 def load_checkpoint_model(checkpoint: Path, model_cfg: ModelConfig,
                           lora: LoraConfig | None = None) -> torch.nn.Module:
-    """A fresh fp32 CPU model (``model_cfg``, with ``lora``'s adapters when enabled) holding the
-    model state of a trainer DCP checkpoint.
-
-    One process, no process group: DCP reads every rank's shards and reassembles full tensors.
-    """
+    """A fresh fp32 CPU model holding a trainer DCP checkpoint's model state (one process)."""
     from areal_like.weights.hf import build_model
     from trainer.checkpoint import dcp_load
 
@@ -358,13 +314,8 @@ def load_checkpoint_model(checkpoint: Path, model_cfg: ModelConfig,
 
 
 def export_tokenizer(model_cfg: ModelConfig, task: TaskConfig, tokenizer=None):
-    """The run's tokenizer carrying the chat template the rollout servers prompt chat rows with
-    (``task.chat_template`` may name one of its own), so an exported model is served as it was
-    trained: chat through that template, a plain-prompt task's prompts as plain text
-    (``areal_like.tasks.task.prompt_template``).
-    Both exports use it: the trainer's in-run export and ``areal-like export``."""
-    import copy
-
+    """The run's tokenizer carrying the chat template the rollout servers prompt with, so an
+    exported model is served as it was trained."""
     from areal_like.tasks.task import chat_template_of
     from areal_like.tasks.tokenizer import load_tokenizer
 
@@ -388,12 +339,14 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, cfg: RunConfig, *, shard_
 
 def _resolve_checkpoint(path: Path) -> Path:
     """A checkpoint directory, or a checkpoint root (its newest complete checkpoint)."""
+    from trainer.checkpoint import latest_checkpoint
+
     if (path / "meta.pt").is_file() or (path / ".metadata").is_file():
         return path
-    done = sorted((p for p in path.glob("v*") if (p / "meta.pt").is_file()), key=lambda p: int(p.name[1:]))
-    if not done:
+    newest = latest_checkpoint(path)
+    if newest is None:
         raise FileNotFoundError(f"{path} is neither a trainer checkpoint nor a directory of them")
-    return done[-1]
+    return newest
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,16 +1,9 @@
 """What the trainer needs to know about the rest of the job, beyond its own ``trainer`` section.
 
-``TrainerFacts.from_run(cfg)`` is the one place that reads other sections of the run config for the
-trainer; the trainer loop sees only ``TrainerConfig`` and these facts. The model and the task are
-shared knowledge (the buffer and the rollout servers read the same ones), so they come whole, and so
-does the export section, which only the trainer acts on. Paths are resolved against ``run_dir``
-here, so nothing past this point resolves one.
-
-Security is a fact too, resolved once at start and passed to every client the trainer makes: rank
-0's CURVE keys for the buffer (``keys``: ``security.setup(cfg, "trainer")``, done by ``python -m
-trainer``; None: plain sockets) and the job's engine API key for the log-prob guard's requests to
-the engines (``engine_key``: ``areal_like.net.auth.engine_api_key``, the environment, else the run
-directory's key file: the key the rollout servers' engines require).
+``TrainerFacts.from_run(cfg)`` is the one place that reads other sections of the run config for
+the trainer, and resolves paths against ``run_dir``. Security is resolved here once: rank 0's
+CURVE keys for the buffer (``keys``; None: plain sockets) and the engine API key for the log-prob
+guard (``engine_key``).
 """
 
 from __future__ import annotations

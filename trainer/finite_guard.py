@@ -1,21 +1,10 @@
 """Finite numbers or no step: the trainer never applies an update it cannot trust.
 
-One group with a NaN or an infinite behaviour log-prob used to make ``loss=nan grad_norm=nan`` under
-some kernels (tis, vcpo, oapl), and the NaN weights then went to the engines and into every later
-checkpoint. The buffer refuses such groups (``areal_like/wire/group_checks.py``); independently:
-
-- ``train_step`` (``trainer/step.py``) skips an optimizer step whose loss, gradient norm or
-  learning-rate scale is not finite: gradients zeroed, no optimizer or scheduler step. The
-  decision is ``all_finite``, a collective: every rank gets the same answer, so FSDP ranks never
-  diverge (a rank that applied a step its peers skipped would hold other weights for ever).
-- ``SkipTracker`` (the trainer loop, rank 0 reports) counts skipped steps, logs them (at most once
-  a minute, with the count held back), exports ``trainer/nonfinite_steps`` (a counter) and
-  ``trainer/nonfinite_consecutive`` (a gauge; the ``TrainerNonFiniteSteps`` alert in
-  ``launch/observability/alerts.yml``) and stops the job with ``NonFiniteStepError`` after
-  ``trainer.max_nonfinite_skips`` steps in a row were skipped (the model or the data is broken:
-  skipping for ever would burn the job's time and look like progress).
-- ``require_finite_state`` runs before every checkpoint save: a checkpoint never holds a non-finite
-  weight or optimizer state (``NonFiniteStateError``; the last good checkpoint stays the newest).
+- ``all_finite`` is a collective: every rank skips the same non-finite step (``trainer/step.py``).
+- ``SkipTracker`` (rank 0 reports) counts, logs at most once a minute, exports
+  ``trainer/nonfinite_steps`` and ``trainer/nonfinite_consecutive``, and raises
+  ``NonFiniteStepError`` after ``trainer.max_nonfinite_skips`` skips in a row.
+- ``require_finite_state`` runs before every checkpoint save (``NonFiniteStateError``).
 """
 
 from __future__ import annotations
@@ -28,6 +17,7 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 from areal_like.net.ratelog import RateLimitedLog
+from trainer.ranks import local, several
 
 SKIPPED = "nonfinite_skipped"  # the step stat: optimizer steps of the batch that were skipped
 LOG_EVERY_S = 60.0
@@ -45,7 +35,7 @@ class NonFiniteStateError(RuntimeError):
 
 def _all_ranks_min(flag: float) -> bool:
     ok = torch.tensor([flag], dtype=torch.float32)
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if several():
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item() > 0)
 
@@ -56,19 +46,15 @@ def all_finite(*values: float) -> bool:
     return _all_ranks_min(float(all(math.isfinite(v) for v in values)))
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def first_nonfinite(model: torch.nn.Module, optimizer: Optimizer | None = None) -> str | None:
     """The name of this rank's first parameter (or optimizer state entry) shard holding a
     non-finite value; None when all are finite. Local: no collective."""
     for name, p in model.named_parameters():
-        if not bool(torch.isfinite(_local(p.detach())).all()):
+        if not bool(torch.isfinite(local(p.detach())).all()):
             return name
     for i, state in enumerate(optimizer.state.values() if optimizer is not None else ()):
         for key, value in state.items():
-            if isinstance(value, torch.Tensor) and not bool(torch.isfinite(_local(value)).all()):
+            if isinstance(value, torch.Tensor) and not bool(torch.isfinite(local(value)).all()):
                 return f"optimizer state {i}.{key}"
     return None
 

@@ -1,44 +1,15 @@
-"""The log-prob guard: before the first batch, check that every engine's log-probs follow the trainer's convention.
+"""The log-prob guard: before the first batch, every engine's log-probs must follow the trainer's
+convention (``log_softmax(logits / temperature)`` before top-p/top-k, ``trainer/logprobs.py``).
 
-The importance ratios (behaviour vs proximal vs current policy) are only right if the engines'
-``output_token_logprobs`` are ``log_softmax(logits / temperature)[token]`` before top-p/top-k
-truncation, as ``trainer.logprobs.token_logprobs`` computes them. An engine that returns them at
-temperature 1 (SGLang with ``SGLANG_RETURN_ORIGINAL_LOGPROB`` set), after truncation, or from other
-weights biases every step silently. ``run_guard`` catches that once, at start:
+Rank 0 sends each engine that acknowledged the initial push one short ``/generate`` (with the
+engine API key; with LoRA naming the adapter that push made live), every rank scores the probes
+(a collective forward), and rank 0 broadcasts its verdict: a mean absolute per-token difference
+above ``trainer.logprob_guard_tol`` raises ``LogprobGuardError`` on every rank (the mean, not the
+max: bf16 kernels leave rare single tokens off). ``tol <= 0`` turns the guard off.
 
-1. rank 0 asks the buffer for the roster and sends each engine that acknowledged the initial push
-   one short ``/generate`` (``PROBE_TEXT``'s token ids, ``PROBE_TOKENS`` new tokens, the run's
-   ``task.temperature``, top_p=1, top_k=-1, ``return_logprob``; the body the rollout servers' SGLang
-   client sends), over plain HTTP with the job's engine API key (``api_key``, from the trainer's
-   facts: the key the engines require);
-2. the probes are broadcast and every rank scores them with the trainer's weights (the forward of
-   a sharded model is a collective);
-3. rank 0 compares (``compare_logprobs``) and broadcasts its verdict, so every rank stops or goes on
-   together. A mismatch raises ``LogprobGuardError`` naming the engine, the difference, the
-   tolerance and the likely causes: the trainer refuses to train.
-
-The statistic is the MEAN absolute per-token difference over the probe (the max is reported too):
-a convention error moves every token, while bf16 kernels on a GPU leave rare single tokens off by
-a few tenths of a nat, which a max would turn into a false refusal.
-
-Not covered: engines that join the roster after the initial push are not probed; an engine that
-cannot be reached is skipped with a warning (the weight sync handles dead engines). Rank 0 probes
-the URL an engine registered: on a job of several nodes (``launch.nodes > 1``) a loopback or
-any-address URL (the default ``rollout.engine.host``, 127.0.0.1) names rank 0's own machine, never
-the engine's, so such an engine is reported as NOT CHECKED (``not_checked`` in the trainer's
-record, a warning naming the fix: ``rollout.engine.host`` set to the engine node's address, which
-the engine then listens on and registers) instead of being probed on the wrong machine. Every
-engine not checked, for whatever reason, is listed with its reason; only probed ones pass.
-``trainer.logprob_guard_tol <= 0`` turns the guard off.
-
-With LoRA (``trainer.lora.rank`` > 0) each probe names the adapter the initial push made live on
-that engine (``adapters``: ``areal_like.weights.lora.served_name`` of the push's version and of
-the plan the engine loaded, ``SyncReport.loaded``: the first plan, or the re-push's for survivors
-of a lost member; the name the rollout servers' generate calls send as ``lora_path``): SGLang
-serves the base model to a request naming none, which equals the trainer's model only while B = 0
-(a fresh job), never on a resumed one. The embedded engine ignores the name and serves its one
-live adapter, which the push replaced, so both engine kinds are probed with the weights their
-generations run under.
+Not covered, and reported as such (``not_checked``): engines that join later, unreachable ones
+(a warning), and on several nodes a loopback or any-address URL (it would name rank 0's machine).
+Only probed engines pass.
 """
 
 from __future__ import annotations
@@ -52,11 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from areal_like.net.dealer import Client
 from areal_like.wire.protocol import Roster, RosterRequest
 from trainer.logprobs import token_logprobs
+from trainer.ranks import from_rank0
 
 log = logging.getLogger("trainer.logprob_guard")
 
@@ -98,8 +69,8 @@ def mismatch_message(p: Probe, mean: float, worst: float, tol: float, temperatur
 
 
 def generate_body(prompt_ids: list[int], temperature: float, adapter: str | None = None) -> dict:
-    """SGLang's ``/generate`` request, as the rollout servers' client sends it: naming ``adapter``
-    (``lora_path``) when it is not None, as the client's generate calls name the live adapter."""
+    """SGLang's ``/generate`` request, as the rollout servers' client sends it (``lora_path``:
+    ``adapter`` when not None)."""
     body = {"input_ids": [int(t) for t in prompt_ids], "return_logprob": True, "stream": False,
             "sampling_params": {"max_new_tokens": PROBE_TOKENS, "temperature": temperature, "top_p": 1.0,
                                 "top_k": -1, "ignore_eos": True}}
@@ -111,10 +82,7 @@ def generate_body(prompt_ids: list[int], temperature: float, adapter: str | None
 def probe_engine(server_id: str, url: str, prompt_ids: list[int], temperature: float,
                  timeout_s: float = PROBE_TIMEOUT_S, api_key: str | None = None,
                  adapter: str | None = None) -> Probe:
-    """One ``/generate`` on ``url`` with ``api_key`` as its bearer key (None: none), under the
-    LoRA ``adapter`` it names (None: what the engine serves unnamed; ``generate_body``); its output
-    tokens and their log-probs (``meta_info.output_token_logprobs``: ``[logprob, token_id, text]``
-    per token)."""
+    """One ``/generate`` on ``url``: its output tokens and their log-probs."""
     auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     body = generate_body(prompt_ids, temperature, adapter)
     req = urllib.request.Request(url.rstrip("/") + "/generate", method="POST",
@@ -142,8 +110,7 @@ def trainer_logprobs(model: torch.nn.Module, prompt_ids: list[int], output_ids: 
 
 
 def elsewhere(url: str, several_nodes: bool) -> str | None:
-    """Why rank 0 cannot check the engine at ``url`` from here, or None: on a job of several nodes
-    a loopback or any-address URL names this machine, not the engine's node."""
+    """Why rank 0 cannot check the engine at ``url`` from here (module docstring), or None."""
     host = urllib.parse.urlsplit(url).hostname or ""
     loopback = host.startswith("127.") or host in ("localhost", "::1", "0.0.0.0", "::")
     if not several_nodes or not loopback:
@@ -155,9 +122,8 @@ def elsewhere(url: str, several_nodes: bool) -> str | None:
 def collect_probes(buffer: Client, served: Sequence[str], prompt_ids: list[int], temperature: float,
                    several_nodes: bool = False, api_key: str | None = None,
                    adapters: dict[str, str] | None = None) -> tuple[list[Probe], dict[str, str]]:
-    """Rank 0: probe every roster engine in ``served`` (those that acknowledged the pushed weights),
-    with LoRA naming the adapter each loaded (``adapters``: server id -> name); returns the probes
-    and, per engine in ``served`` not probed, why it was NOT CHECKED."""
+    """Rank 0: probe every roster engine in ``served`` (``adapters``: server id -> LoRA name); the
+    probes and, per engine not probed, why it was NOT CHECKED."""
     reply = buffer.request(RosterRequest())
     if not isinstance(reply, Roster):
         raise RuntimeError(f"buffer answered RosterRequest with {reply.TYPE}")
@@ -185,24 +151,16 @@ def collect_probes(buffer: Client, served: Sequence[str], prompt_ids: list[int],
     return probes, unchecked
 
 
-def _broadcast(obj):
-    box = [obj]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def run_guard(model: torch.nn.Module, device: torch.device, *, rank: int, buffer: Client | None,
               served: Sequence[str], prompt_ids: list[int], temperature: float, tol: float,
               several_nodes: bool = False, api_key: str | None = None,
               adapters: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
-    """All ranks: probe (rank 0), score (all), compare (rank 0), agree. Returns the engines that
-    passed and those NOT CHECKED with the reason (``collect_probes``); raises ``LogprobGuardError``
-    on every rank when one does not pass."""
+    """All ranks: probe (rank 0), score (all), compare (rank 0), agree. The engines that passed,
+    and those NOT CHECKED with the reason."""
     collected = collect_probes(buffer, served, prompt_ids, temperature, several_nodes, api_key,
                                adapters) \
         if rank == 0 else None
-    probes, unchecked = _broadcast(collected)
+    probes, unchecked = from_rank0(collected)
     verdict: str | None = None
     for p in probes:  # every rank runs every forward: same count, same order
         mine = trainer_logprobs(model, p.prompt_ids, p.output_ids, temperature, device)
@@ -211,7 +169,7 @@ def run_guard(model: torch.nn.Module, device: torch.device, *, rank: int, buffer
             log.info("log-prob guard: %s differs by %.2e per token (max %.2e)", p.server_id, mean, worst)
             if mean > tol and verdict is None:
                 verdict = mismatch_message(p, mean, worst, tol, temperature)
-    verdict = _broadcast(verdict)
+    verdict = from_rank0(verdict)
     if verdict is not None:
         raise LogprobGuardError(verdict)
     return [p.server_id for p in probes], unchecked

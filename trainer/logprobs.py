@@ -1,24 +1,11 @@
-"""Per-token log-probabilities from logits: pure, fp32, memory-conscious.
+"""Per-token log-probabilities: pure, fp32, never the whole logits.
 
-Convention shared with the engines (areal_like/DESIGN.md section 2): logp[t] = log_softmax(logits_t / temperature)
-[token_t], the temperature-scaled distribution WITHOUT top-p/top-k truncation, so ``logp``,
-``prox_logp`` and the engine's ``behav_logp`` are comparable.
-
-Why fp32: bf16 keeps 8 mantissa bits; a log-softmax taken in bf16 on logits of scale ~5 is off
-by ~0.03 nats per token on average (0.1 at worst, measured), the same order as the
-trainer/engine mismatch the off-policy kernels correct for. Every step here upcasts the logits
-chunk to fp32 first (trainer/LOSSES.md section 0, rule 2; https://fengyao.notion.site/off-policy-rl
-shows how such numeric mismatch alone biases RL).
-
-Memory: an fp32 copy of [B, T, V] logits is large (V ~ 150k). Two entry points:
-- ``hidden_token_logprobs`` (the trainer's path) starts from the final hidden states and the
-  output-embedding matrix and never materialises the logits: it applies ``lm_head`` to
-  ``chunk_tokens`` tokens at a time, and its custom backward recomputes each chunk's logits, so
-  neither pass holds more than one ``[chunk, V]`` fp32 block (plus, for bf16 compute, that block's
-  bf16 logits), and nothing vocabulary-sized is saved for backward (only the hidden states,
-  which the model's backward keeps anyway).
-- ``token_logprobs`` takes logits that already exist (the log-prob guard's short probes) and
-  works on row chunks of at most CHUNK_BYTES of fp32 the same way.
+Convention shared with the engines (areal_like/DESIGN.md section 2): logp[t] =
+log_softmax(logits_t / temperature)[token_t], WITHOUT top-p/top-k truncation. Always fp32 (a bf16
+log-softmax is off by ~0.03 nats per token; trainer/LOSSES.md section 0, rule 2).
+``hidden_token_logprobs`` applies lm_head ``chunk_tokens`` at a time and recomputes each chunk in
+backward: at most one ``[chunk, V]`` fp32 block alive (trainer/MEMORY.md section 1).
+``token_logprobs`` takes existing logits in row chunks of at most CHUNK_BYTES.
 """
 
 from __future__ import annotations
@@ -33,61 +20,26 @@ CHUNK_TOKENS = 512
 CHUNK_BYTES = 256 * 2**20
 
 
-def _rows_per_chunk(vocab: int, chunk_bytes: int) -> int:
-    return max(1, chunk_bytes // (4 * vocab))
-
-
 def _work_dtype(logits: Tensor) -> torch.dtype:
     return torch.promote_types(logits.dtype, torch.float32)  # fp32, or fp64 for fp64 input (gradcheck)
-
-
-class _TokenLogprob(torch.autograd.Function):
-    """log_softmax(x / temperature)[token] with a chunked, recomputing backward:
-    d logp / d x_v = (1[v = token] - softmax_v) / temperature."""
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, tokens: Tensor, temperature: float, rows: int) -> Tensor:
-        flat, tok = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1, 1)
-        wd = _work_dtype(logits)
-        out = torch.empty(flat.shape[0], dtype=wd, device=logits.device)
-        for s in range(0, flat.shape[0], rows):
-            x = flat[s : s + rows].to(wd, copy=True).div_(temperature)  # one fp32 chunk, never a view of logits
-            out[s : s + rows] = x.gather(-1, tok[s : s + rows]).squeeze(-1) - torch.logsumexp(x, dim=-1)
-        ctx.save_for_backward(logits, tokens)
-        ctx.temperature, ctx.rows = temperature, rows
-        return out.view(tokens.shape)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        logits, tokens = ctx.saved_tensors
-        flat, tok = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1, 1)
-        wd = _work_dtype(logits)
-        g_flat = grad_out.reshape(-1, 1).to(wd)
-        grad = torch.empty_like(flat)
-        for s in range(0, flat.shape[0], ctx.rows):
-            x = flat[s : s + ctx.rows].to(wd, copy=True).div_(ctx.temperature)
-            g = g_flat[s : s + ctx.rows]
-            gx = torch.softmax(x, dim=-1).mul_(-g)
-            del x
-            gx.scatter_add_(-1, tok[s : s + ctx.rows], g)
-            grad[s : s + ctx.rows] = gx.div_(ctx.temperature)
-        return grad.view(logits.shape), None, None, None
 
 
 def token_logprobs(
     logits: Tensor, tokens: Tensor, temperature: float = 1.0, *, chunk_bytes: int = CHUNK_BYTES
 ) -> Tensor:
-    """log pi(token_t | prefix) [B, T] in fp32 (fp64 for fp64 logits) from logits [B, T, V] (any float dtype) and tokens [B, T].
-
-    ``logits[:, t]`` must be the logits that predicted ``tokens[:, t]`` (shift before calling).
-    Differentiable w.r.t. ``logits``; the gradient has the logits' dtype.
-    """
+    """log pi(token_t | prefix) [B, T] in fp32 (fp64 for fp64 logits) from logits [B, T, V] (any
+    float dtype) and tokens [B, T], ``logits[:, t]`` the logits that predicted ``tokens[:, t]``.
+    Differentiable w.r.t. ``logits`` (the log-prob guard's probes run it without gradient)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if logits.shape[:-1] != tokens.shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match tokens {tuple(tokens.shape)}")
-    rows = _rows_per_chunk(logits.shape[-1], chunk_bytes)
-    return _TokenLogprob.apply(logits, tokens.long(), float(temperature), rows)
+    rows = max(1, chunk_bytes // (4 * logits.shape[-1]))
+    flat, tok = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1, 1).long()
+    wd = _work_dtype(logits)
+    out = [torch.log_softmax(x.to(wd) / temperature, -1).gather(-1, t).squeeze(-1)
+           for x, t in zip(flat.split(rows), tok.split(rows))]
+    return torch.cat(out).view(tokens.shape)
 
 
 def _chunk_logits(h: Tensor, weight: Tensor, temperature: float, wd: torch.dtype) -> Tensor:

@@ -1,33 +1,15 @@
-"""The trainer daemon: ``train(cfg)`` and the one-screen loop ``Trainer.run`` (areal_like/DESIGN.md section 5).
+"""The trainer daemon: ``train(cfg)`` and the loop ``Trainer.run`` (areal_like/DESIGN.md section 5).
 
-Run on 1 process: ``python -m trainer --config-file run/config.yaml``; on K processes:
-``torchrun --nproc-per-node K -m trainer --config-file run/config.yaml``. Rank 0 talks to the
-buffer, serves ``/metrics`` and ``/health`` and writes ``<run_dir>/metrics/trainer.jsonl`` (one line per
-step) and, every ``tracking.sample_every`` steps, a few decoded samples to ``<run_dir>/samples.jsonl``.
-
-Each phase runs in a named timing scope whose name is also its metric label
-(``trainer/phase_seconds{phase="fetch_batch"}``, the last run of each phase); a step's record
-holds the seconds of the phases that ran in that step, summed per phase, and nothing else (not
-the setup's push and guard, not an earlier step's checkpoint, not the metrics phase that writes
-the record): fetch_batch (time waiting for data), logprob_guard (once, after the initial push:
-the engines' log-probs follow the trainer's convention, trainer/logprob_guard.py),
-recompute_prox, ref_logp (the frozen reference's log-probs; no work unless
-``trainer.loss.kl_coef`` > 0), train_step (each minibatch's advantages, then its optimizer
-step), weight_sync, checkpoint, export (a Hugging Face directory ``<run_dir>/<export.dir>/v<version>`` at multiples of ``export.every`` and when
-training reaches ``trainer.steps``; trainer/export.py), metrics.
+``python -m trainer --config-file run/config.yaml`` (or under torchrun). Rank 0 talks to the
+buffer, serves ``/metrics`` and ``/health``, writes ``metrics/trainer.jsonl`` (one line per step,
+holding the seconds of the phases that ran in that step) and ``samples.jsonl``.
 
 Invariants:
-- Order at a version boundary: optimizer step(s) -> v += 1 -> weights packed -> broadcast ->
-  version announced (inside ``push``) -> next batch. For a model that fits in the weight sync's
-  staging buffers the broadcast and the announcement run in the background on rank 0 while the
-  next step trains (``push(wait=False)``; the next push waits for it): the next batch request
-  names its own ``trainer_version``, so the buffer's staleness check does not depend on the
-  announcement having landed; the step's record then carries the previous version's sync
-  report (``weight_sync.version``) and this step's ``blocked_s``. The initial (or resumed)
-  weights are pushed and their version announced before the first batch is requested.
-- Rank 0 decides when to stop (SIGTERM, or the buffer's end of data) and the decision reaches the
-  other ranks through the batch broadcast, so the ranks never diverge. A graceful stop saves a
-  checkpoint; a kill -9 loses at most the steps since the last periodic checkpoint.
+- Order at a version boundary: optimizer step(s) -> v += 1 -> push -> version announced -> next
+  batch; the initial weights are pushed and announced before the first batch. An overlapped push
+  (``wait=False``) finishes in the background; the next batch request names its own version.
+- Rank 0 decides when to stop and the decision reaches the others through the batch broadcast. A
+  graceful stop saves a checkpoint.
 """
 
 from __future__ import annotations
@@ -57,6 +39,7 @@ from trainer.facts import TrainerFacts
 from trainer.finite_guard import SkipTracker
 from trainer.logprob_guard import PROBE_TEXT, run_guard
 from trainer.model import build_policy, build_reference, init_distributed, leave_distributed
+from trainer.ranks import from_rank0
 from trainer.samples import sample_rows
 from trainer.step import StepSettings, recompute_prox_logp, reference_logp, train_step
 from trainer.weight_members import await_registered
@@ -68,9 +51,7 @@ class StaleDataError(RuntimeError):
 
 
 def assert_fresh(batch: TrainBatch, version: int, max_staleness: int) -> None:
-    """Consume-time guarantee (areal_like/DESIGN.md section 2): admission control in the buffer only
-    saves work; the buffer's hand-out check and this one guarantee the bound. Training step
-    ``version -> version + 1`` may only use groups with ``version - head <= eta``."""
+    """Consume-time guarantee (areal_like/DESIGN.md section 2): ``version - head <= eta``."""
     staleness = version - batch.head_versions
     if int(staleness.max()) > max_staleness:
         raise StaleDataError(f"admitted stale training data: staleness {int(staleness.max())} > "
@@ -78,9 +59,7 @@ def assert_fresh(batch: TrainBatch, version: int, max_staleness: int) -> None:
 
 
 def layout_metrics(stats: dict[str, float], phase_times: dict[str, float]) -> dict[str, float]:
-    """How the step laid out its tokens (``trainer/packing.py``) and ``trained_tokens_per_s``: the
-    prompt and output tokens its passes ran over (padding not counted) per second of those passes
-    (proximal and reference log-probs, the training step), the rate packing and budgets raise."""
+    """The step's layout stats and ``trained_tokens_per_s`` (real tokens per second of its passes)."""
     compute_s = sum(phase_times.get(k, 0.0) for k in ("recompute_prox", "ref_logp", "train_step"))
     return {"trained_tokens_per_s": stats.get("seq_tokens", 0.0) / max(compute_s, 1e-9),
             **{k: stats.get(k, 0.0) for k in ("padding_share", "tokens_per_micro_batch",
@@ -88,8 +67,7 @@ def layout_metrics(stats: dict[str, float], phase_times: dict[str, float]) -> di
 
 
 def train(cfg: RunConfig, keys: Keys | None = None) -> int:
-    """Run the trainer to completion (cfg.trainer.steps policy versions), a CURVE client of the
-    buffer with ``keys`` (None: plain); returns the exit code."""
+    """Run the trainer to completion; returns the exit code."""
     return Trainer.from_run(cfg, keys).serve()
 
 
@@ -101,9 +79,7 @@ class Trainer(Daemon):
         super().__init__(metrics_port=t.metrics_port if self.rank == 0 else None)
         self.cfg, self.facts = t, facts
         self.version = 0
-        # steps_trained: optimizer steps the weights hold; rolled_back_steps: steps a crash lost (trained
-        # again). A resume keeps the buffer's last label for the checkpoint's weights (monotonic_version),
-        # so version = steps_trained + rolled_back_steps.
+        # version = steps_trained + rolled_back_steps (steps a crash lost: monotonic_version)
         self.steps_trained = self.rolled_back_steps = 0
         self.phase_times: dict[str, float] = {}
         self.ckpt_root = facts.checkpoint_dir
@@ -113,18 +89,14 @@ class Trainer(Daemon):
 
     @classmethod
     def from_run(cls, cfg: RunConfig, keys: Keys | None = None) -> Trainer:
-        """The trainer of the job ``cfg`` describes: its ``trainer`` section plus ``TrainerFacts``
-        of the rest (``keys``: its CURVE keys, None: plain sockets)."""
         return cls(cfg.trainer, TrainerFacts.from_run(cfg, keys))
 
     def start(self) -> None:
-        # the launcher's OMP_NUM_THREADS (1 unless launch.pin_cpus gives the trainer its pool)
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         torch.manual_seed(self.facts.seed)
         t, model_cfg = self.cfg, self.facts.model
         self.rank, self.world_size = init_distributed(t)
         self.policy = build_policy(model_cfg, t)
-        # the run's initial weights, built apart from the policy, so a resume below does not move them
         self.reference = build_reference(model_cfg, t, self.policy) if t.loss.kl_coef > 0 else None
         self.settings = StepSettings.of(t, self.facts.task)
         self.data = BatchSource(t.buffer_address, t.groups_per_step, keys=self.facts.keys,
@@ -136,7 +108,6 @@ class Trainer(Daemon):
                                              device=self.policy.device, send_dtype=model_cfg.dtype,
                                              metrics=self.metrics,
                                              adapter_path=self.facts.adapter_path)
-        # which weights the engines serve after each step (every version, lagged, or a fixed delay)
         self.engines = EngineSchedule(t.weight_sync, self.broadcaster, self.policy.model, t.steps)
         self.data.on_stall = lambda: self.engines.repush(self.version)
         self.saver = AsyncSaver(self.ckpt_root, t.keep_checkpoints) if t.checkpoint_async else None
@@ -144,8 +115,7 @@ class Trainer(Daemon):
         ckpt = latest_checkpoint(self.ckpt_root) if t.resume else None
         if ckpt is not None:
             self.version, meta = load_checkpoint(ckpt, self.policy)
-            # The buffer keeps the last batch "in transit" until it is acked: acking the batch this
-            # checkpoint includes consumes it; a later, lost batch does not match and goes back.
+            # acking the batch this checkpoint includes consumes it; a later, lost one goes back
             extra = meta.get("extra", {})
             self.data.last_batch_id = extra.get("last_batch_id", "")
             self.rolled_back_steps = int(extra.get("rolled_back_steps", 0))
@@ -165,13 +135,10 @@ class Trainer(Daemon):
             self.checkpoint_now()
 
     def checkpoint_now(self) -> None:
-        """A checkpoint of this version now (a collective), keeping ``trainer.keep_checkpoints``."""
         save_checkpoint(self.ckpt_root, self.policy, self.version, self.checkpoint_extra(),
                         self.cfg.keep_checkpoints)
 
     def warn_truncation(self) -> None:
-        """top-p/top-k sampling biases the ratios: the trainer scores with the untruncated distribution,
-        the engine samples from the truncated one (whatever log-probs it returns)."""
         task = self.facts.task
         if self.rank == 0 and (task.top_p < 1 or task.top_k > 0):
             self.log.warning("task.top_p=%g / task.top_k=%d truncate the sampler: the tokens come from the truncated "
@@ -180,8 +147,7 @@ class Trainer(Daemon):
                              task.top_p, task.top_k)
 
     def guard_logprobs(self, sync: SyncReport) -> None:
-        """Refuse to train (LogprobGuardError) when an engine that took the initial push returns
-        log-probs off the trainer's convention; a collective (trainer/logprob_guard.py)."""
+        """A collective: ``LogprobGuardError`` on an engine off the convention (logprob_guard.py)."""
         tol = self.cfg.logprob_guard_tol
         if tol <= 0:
             return
@@ -203,36 +169,26 @@ class Trainer(Daemon):
                 "rolled_back_steps": self.rolled_back_steps}
 
     def monotonic_version(self, version: int) -> int:
-        """Versions never go backwards. If the buffer already announced a version past ours (the steps
-        since the last checkpoint were lost with a crash), our weights take that label: the buffer's
-        admission counters and every stored token's version stay valid, and nothing waits for versions
-        that were already counted. The label then names the checkpoint's weights instead of the lost
-        ones: the resume pushes them to every engine under it (a re-push replaces a version), and the
-        groups the lost weights generated carry their own behaviour log-probs. Taking the next label
-        instead would age every stored group by one version without a step trained: the batch handed
-        to the dead trainer (and, in a full pipeline, every batch after it) would go stale."""
-        announced = [None]
-        if self.rank == 0:
-            announced[0] = self.broadcaster.announced_version(timeout_s=self.cfg.buffer_timeout_s)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.broadcast_object_list(announced, src=0)
-        if announced[0] is not None and announced[0] > version:
+        """Versions never go backwards: when the buffer announced a version past ours (steps lost with
+        a crash) our weights take that label, so the buffer's counters and stored versions stay valid
+        (the next label would age every stored group without a step trained)."""
+        announced = from_rank0(self.broadcaster.announced_version(
+            timeout_s=self.cfg.buffer_timeout_s) if self.rank == 0 else None)
+        if announced is not None and announced > version:
             t = self.cfg
             most = t.checkpoint_every * (2 if t.checkpoint_async else 1)  # async: the last save may be unfinished
-            if t.resume and announced[0] > version + most:
-                raise RuntimeError(f"buffer announced policy_version {announced[0]} but our weights are version "
+            if t.resume and announced > version + most:
+                raise RuntimeError(f"buffer announced policy_version {announced} but our weights are version "
                                    f"{version}: a crash loses at most {most} steps (trainer.checkpoint_every="
                                    f"{t.checkpoint_every}), so that version is not ours; refusing to take it as "
                                    "trained")
             self.log.warning("buffer announced policy_version %d but our weights are version %d: "
-                             "continuing as version %d (%d steps rolled back)", announced[0], version, announced[0],
-                             announced[0] - version)
-            return announced[0]
+                             "continuing as version %d (%d steps rolled back)", announced, version, announced,
+                             announced - version)
+            return announced
         return version
 
     def run(self) -> None:
-        """fetch batch -> recompute prox -> reference logp -> advantages + train step -> v += 1 -> push ->
-        checkpoint -> export -> metrics."""
         t, model = self.cfg, self.policy.model
         if self.rank == 0 and t.first_engine_wait_s > 0 and not await_registered(
                 self.broadcaster.client, t.first_engines, t.first_engine_wait_s, self.stop_requested.is_set):
@@ -292,11 +248,8 @@ class Trainer(Daemon):
         self.completed = True  # every rank got here: stop() may wait for the others before leaving the group
 
     def export_if_due(self, final: bool = False) -> None:
-        """Export (all ranks; a collective) at multiples of ``export.every``, and once training reached
-        ``trainer.steps`` when ``export.at_end``; a version is exported once. The test is on the
-        version, which every rank holds, so the ranks agree. A stop (SIGTERM) does not export: the
-        launcher allows a stop seconds and a large model takes longer; the checkpoint the stop
-        saves converts offline (``areal-like export``)."""
+        """Export (a collective) at multiples of ``export.every`` and at ``trainer.steps`` with
+        ``export.at_end``, each version once. A stop does not export (too slow for its grace)."""
         e = self.facts.export
         if final:
             due = e.at_end and self.version >= self.cfg.steps
@@ -387,8 +340,7 @@ class Trainer(Daemon):
         self.record_samples()
 
     def record_samples(self) -> None:
-        """Every ``tracking.sample_every`` steps (rank 0): a few decoded trajectories of the batch just
-        trained, appended to ``<run_dir>/samples.jsonl`` in one write (the tracker sink tails it)."""
+        """Every ``tracking.sample_every`` steps (rank 0): a few decoded trajectories, one write."""
         every = self.facts.sample_every
         if self.rank != 0 or every == 0 or self.version % every != 0:
             return
@@ -399,11 +351,9 @@ class Trainer(Daemon):
 
     @cached_property
     def tokenizer(self):
-        """Loaded on the first sample table (the engines decode with the same tokenizer)."""
         return load_tokenizer(self.facts.model)
 
     def record(self, row: dict) -> None:
-        """Append one JSON line to ``<run_dir>/metrics/trainer.jsonl`` (rank 0)."""
         if self.rank != 0:
             return
         self.jsonl.parent.mkdir(parents=True, exist_ok=True)

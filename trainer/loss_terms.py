@@ -1,11 +1,8 @@
-"""Shared terms of the policy-loss kernels: aggregation, log-ratios, IS-weight and KL stats.
+"""Shared terms of the policy-loss kernels (formulas: ``trainer/LOSSES.md`` section 0).
 
-Pure tensor functions used by ``trainer/losses.py`` (the kernels and their dispatcher); formulas in
-``trainer/LOSSES.md`` section 0. Invariants (the kernels rely on them):
-- Log-ratios are clamped to +-LOG_RATIO_BOUND before anything exponentiates them; padding gives 0.
-- Every stat is a sum over valid entries divided by a normaliser passed in, so stats of micro-batch
-  calls sum to the whole-minibatch stat; keys ending in ``_max`` combine by max instead.
-- Nothing here carries a gradient except through the ``logp`` argument of ``kl_penalty``.
+Invariants: log-ratios are clamped to +-LOG_RATIO_BOUND before any ``exp``, padding gives 0;
+every stat is a sum divided by a normaliser passed in (``_max`` keys combine by max); nothing
+carries a gradient except through ``kl_penalty``'s ``logp``.
 """
 
 from __future__ import annotations

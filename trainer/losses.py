@@ -1,27 +1,12 @@
 """Policy-loss kernels: pure functions, tensors in, ``(loss, stats)`` out, and their table ``KERNELS``.
 
-Formulas, sources and defaults: ``trainer/LOSSES.md`` (the section numbers below refer to it).
-A kernel is one ``Kernel`` entry (name, whether it needs pi_prox, its advantages rule, its loss,
-its config section); nothing else in the trainer tests a kernel's name.
-
-The three log-probability streams (all ``[B, T]``, per response token, fp32 math):
-- ``logp``: current policy pi_theta, the only input that carries gradient;
-- ``prox_logp``: pi_prox, recomputed by the trainer with the weights held at the start of the step;
-- ``behav_logp``: pi_behav (mu), what the inference engine sampled with.
-The off-policy ratio factorises as pi_theta/pi_behav = (pi_theta/pi_prox) * (pi_prox/pi_behav):
-the first factor carries the gradient and is clipped (trust region), the second is a constant
-importance weight that each kernel caps, truncates, masks or reshapes differently.
-
+Formulas, sources and the three log-prob streams: ``trainer/LOSSES.md`` (section numbers below).
 Invariants:
-- Nothing but ``logp`` receives a gradient: prox/behav/ref log-probs, advantages, IS weights,
-  masks and kernels are detached here, whatever the caller passes.
-- Log-ratios are clamped to +-LOG_RATIO_BOUND before ``exp``; sequence sums are clamped after summing.
-- Normalisers are arguments. With ``n_tokens_global`` / ``n_seqs_global`` (and a fixed
-  ``loss_scale_factor``) computed over the whole minibatch, the per-call losses of any split into
-  micro-batches (whole sequences per call) SUM to the whole-minibatch loss. Stats follow the same
-  rule: every stat sums over calls except those ending in ``_max`` (take the max); call
-  ``finalize_stats`` on the reduced dict to derive ``ess_ratio``.
-- No torch.distributed, no logging. A kernel reads its own config section and the shared knobs only.
+- Nothing but ``logp`` receives a gradient.
+- Log-ratios are clamped to +-LOG_RATIO_BOUND before ``exp``; sequence sums after summing.
+- With the minibatch-global ``n_tokens_global`` / ``n_seqs_global`` the per-call losses and stats
+  SUM to the whole-minibatch ones (``_max`` stats: max); ``finalize_stats`` derives ``ess_ratio``.
+- No torch.distributed, no logging; nothing outside ``KERNELS`` tests a kernel's name.
 """
 
 from __future__ import annotations
@@ -329,20 +314,10 @@ def compute_policy_loss(
     mask: Tensor, n_tokens_global: float | None = None, n_seqs_global: float | None = None,
     ref_logp: Tensor | None = None, entropy: Tensor | None = None,
 ) -> tuple[Tensor, Stats]:
-    """One entry point for every kernel: ``(loss, stats)`` for this call's rows.
-
-    Args (tensors ``[B, T]`` unless noted; ``advantages`` may be ``[B]``):
-        cfg: ``trainer.loss``: the kernel (``prox_logp`` may be None when it does not need it), the
-            shared knobs and the kernel's own section.
-        advantages: from the kernel's ``advantages`` rule, computed once per minibatch (whole
-            groups; micro-batches may split them): for ``vcpo`` the OPOB advantages, for ``oapl``
-            the regression targets R - V_hat.
-        n_tokens_global, n_seqs_global: minibatch-global valid-token count and count of sequences
-            with at least one valid token; None = this call's own (single-call use).
-        ref_logp: reference-policy log-probs, required when ``cfg.kl_coef`` > 0.
-        entropy: optional per-token entropy for the ``entropy`` stat.
-    Returns: scalar loss (to minimise) and detached stats, summable over calls (see module doc).
-    """
+    """One entry point for every kernel: ``(loss, stats)`` for this call's rows ([B, T];
+    ``advantages`` may be [B], from the kernel's ``advantages`` rule). ``n_tokens_global`` /
+    ``n_seqs_global``: the minibatch's counts (None: this call's own); ``ref_logp`` required when
+    ``cfg.kl_coef`` > 0; ``entropy`` only for its stat. Stats are detached and summable."""
     k = KERNELS[cfg.kernel]  # cfg.kernel is one of LOSS_KINDS (LossConfig checks it)
     if k.needs_prox and prox_logp is None:
         raise ValueError(f"loss kernel {k.name!r} needs prox_logp (recompute it, or pass behav_logp for bypass mode)")

@@ -1,17 +1,9 @@
-"""Attention over packed sequences on CPU: SDPA run one sequence at a time.
+"""Attention over packed sequences on CPU: SDPA run one sequence at a time (``sdpa_packed``).
 
-transformers 5.19 keeps a packed row's sequences apart on SDPA by a dense ``[L, L]`` block-diagonal
-mask built from the restarting ``position_ids``; SDPA then computes all ``L^2`` scores, masked or
-not, so a micro-batch of n sequences of length l costs ``(n l)^2`` where the padded layout costs
-``n l^2`` (measured on ``model=small``: the packed step slower than the padded one). This
-attention function, registered as ``sdpa_packed`` and given the sequences' boundaries
-(``cu_seq_lens_q``, the keyword flash-attention's variable-length path reads), runs causal SDPA on
-the sequences themselves instead, those of one length in one batched call: ``sum(l_i^2)``, no mask
-read, no padding. Without boundaries (the padded layout, generation) it is transformers' SDPA,
-unchanged.
-
-On GPU set ``model.attn_implementation=flash_attention_2``: the same boundaries drive its
-variable-length kernel; the trainer only swaps ``sdpa`` for ``sdpa_packed``.
+transformers' SDPA keeps packed sequences apart by a dense ``[L, L]`` mask and computes all
+``L^2`` scores; given the boundaries (``cu_seq_lens_q``, as flash-attention's varlen kernel reads
+them) this runs causal SDPA per sequence, sequences of one length batched: ``sum(l_i^2)``. Without
+boundaries it is transformers' SDPA, unchanged. On GPU use ``flash_attention_2``.
 """
 
 from __future__ import annotations
@@ -38,10 +30,8 @@ def _stack(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def length_groups(bounds: list[int]) -> list[torch.Tensor]:
-    """The sequences ``bounds[i]:bounds[i + 1]`` grouped by length: per length, the row positions
-    of its m sequences as [m, l]. One SDPA call per group, not per sequence: a call costs ~80 us of
-    Python and dispatch on CPU, as much as a short sequence's attention itself (measured: 64
-    sequences of 24 tokens one call each made a tiny-model step 36 % slower than padded)."""
+    """Per length, the row positions [m, l] of the sequences ``bounds[i]:bounds[i + 1]`` of that
+    length: one SDPA call per length (a call per sequence was 36 % slower than padded on CPU)."""
     by_len: dict[int, list[int]] = {}
     for lo, hi in zip(bounds, bounds[1:]):
         by_len.setdefault(hi - lo, []).append(lo)
@@ -49,14 +39,9 @@ def length_groups(bounds: list[int]) -> list[torch.Tensor]:
 
 
 class _SegmentedAttention(torch.autograd.Function):
-    """Causal SDPA on each sequence of the row (batched by length), written into one [1, L, H, D]
-    output; backward recomputes each group's attention from the saved q, k, v.
-
-    Why not autograd through the groups: SDPA keeps its output for backward, so the groups'
-    outputs plus the joined one would hold the attention output twice per layer until backward,
-    where the padded path (whose SDPA output is the o_proj input) holds it once: measured +6 MiB
-    on a 1,024-token micro-batch of ``model=small``, which put the packed path's peak above the
-    padded path's at the same token budget. The recompute costs one attention forward more."""
+    """Causal SDPA on each sequence of the row (batched by length) into one [1, L, H, D] output;
+    backward recomputes each group's attention from q, k, v, so the attention output is held once
+    per layer, as on the padded path (trainer/MEMORY.md section 1)."""
 
     @staticmethod
     def forward(ctx, query, key, value, groups: list[torch.Tensor], scaling: float | None):
@@ -87,9 +72,8 @@ def packed_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                 value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float = 0.0,
                 scaling: float | None = None, cu_seq_lens_q: torch.Tensor | None = None,
                 **kwargs) -> tuple[torch.Tensor, None]:
-    """``query`` [1, H, L, D], ``key``/``value`` [1, H_kv, L, D]; returns [1, L, H, D] as
-    transformers' attention functions do. ``cu_seq_lens_q`` [n + 1]: sequence i is tokens
-    ``cu[i]:cu[i + 1]`` of the row; the ``attention_mask`` is then not read."""
+    """transformers' attention signature; with ``cu_seq_lens_q`` (sequence i is tokens
+    ``cu[i]:cu[i + 1]`` of the row) the ``attention_mask`` is not read."""
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)

@@ -1,31 +1,13 @@
 """Who computes which sequences: ranks balanced by tokens, then micro-batches, padded or packed.
 
-Pure planning (tensors of row indices in, plans out; no model, no torch.distributed). Every rank
-holds the whole batch, so every rank computes the same plan for every rank without a collective,
-and ``trainer/step.py`` takes its own part.
+Pure planning, identical on every rank (each holds the whole batch). A sequence's length is its
+prompt plus its output. Padded micro-batches compute ``n * longest`` positions, packed ones (one
+row, positions restarting per sequence) ``sum(len)``.
 
-Layouts (``trainer.pack_sequences``):
-- padded: a micro-batch is ``[n, S]``, each row right-padded to the longest (S): it computes
-  ``n * S`` token positions, of which ``n * S - sum(len)`` are padding.
-- packed: the micro-batch's sequences are concatenated into one row ``[1, sum(len)]``, positions
-  restarting at 0 for each sequence (``trainer/model.py``'s ``policy_logprobs`` keeps attention
-  inside each sequence): it computes ``sum(len)`` positions, none of them padding.
-A sequence's length is its prompt plus its output (every token the forward sees).
-
-Plan (``plan_minibatch``), for one minibatch:
-1. Ranks: greedy longest-first (LPT) over sequence lengths: the longest unplaced sequence goes to
-   the rank with the fewest tokens so far (ties: the lower rank). Its largest rank exceeds the
-   mean by at most one sequence's length (Graham's bound, 4/3 of the optimum).
-2. Micro-batches of each rank, its sequences in that (longest-first) order:
-   - ``max_tokens`` > 0 (``trainer.max_tokens_per_micro_batch``): first-fit decreasing; a
-     sequence joins the first micro-batch whose computed positions (above) stay within the budget,
-     else opens a new one. A sequence longer than the budget gets a micro-batch of its own.
-     ``trainer.micro_batch_size`` plays no part then.
-   - else: runs of ``max_seqs`` (``trainer.micro_batch_size``) sequences.
-3. Every rank runs as many calls as the busiest: the others end in ``None`` (zero-weight passes,
-   which keep FSDP's collectives aligned).
-The loss of any such plan is the same (the per-call losses sum to the minibatch's, as the
-normalisers are minibatch-global); only the work and the peak memory differ.
+``plan_minibatch``: ranks by greedy longest-first (LPT); each rank's sequences, longest first,
+into micro-batches by first-fit decreasing under ``max_tokens`` (a longer sequence runs alone),
+else in runs of ``max_seqs``; every rank runs as many calls as the busiest (the others end in
+``None``: zero-weight passes keep FSDP's collectives aligned). Any plan gives the same loss.
 """
 
 from __future__ import annotations

@@ -1,18 +1,10 @@
 """Sample rows: a few of the trajectories a training step consumed, as text, for ``samples.jsonl``.
 
-Every ``tracking.sample_every`` steps trainer rank 0 appends up to ``tracking.sample_k`` rows to
-``<run_dir>/samples.jsonl``; the tracker sink (``launch/track_sink.py``) forwards each step's rows
-as one table. This module only builds the rows (a pure function of the groups and a decoder).
-
-Row keys: ``step`` (the trainer step the batch produced, as in ``metrics/trainer.jsonl``),
-``policy_version`` (the trainer's version when it consumed the batch), ``prompt``, ``response``
-(the engine's text when the trajectory carries ``metadata["text"]``, else the decoded output ids),
-``reward``, ``versions`` (``[min, max]`` of the token versions; ``[]`` for an empty response),
-``staleness`` (``policy_version`` - the group's head version) and ``finish_reason``. A multi-turn
-trajectory (context tokens in its output: ``Trajectory.loss_mask``) adds ``turns``,
-``masked_share`` (its context tokens' share of the output) and ``segments``: the whole
-conversation after the prompt as runs of tokens of one source (``generated`` or ``context``) and
-one version, ``{"source", "version", "text"}``; its ``response`` is then the whole output.
+A pure function of the groups and a decoder (trainer rank 0 appends the rows every
+``tracking.sample_every`` steps). Row keys: ``step``, ``policy_version``, ``prompt``,
+``response``, ``reward``, ``versions`` (``[min, max]``), ``staleness``, ``finish_reason``; a
+multi-turn trajectory adds ``turns``, ``masked_share`` and ``segments`` (runs of one source and
+version, ``{"source", "version", "text"}``).
 """
 
 from __future__ import annotations

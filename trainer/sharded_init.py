@@ -1,29 +1,13 @@
 """Weights straight into each rank's shards: a meta-device model, sharded, then materialised.
 
-``materialize(model, cfg, device)`` takes a model built on the meta device
-(``areal_like.weights.hf.build_meta_model``) and already sharded by ``fully_shard`` (or, on one
-rank, not sharded: its tied weights are tied again after allocation), allocates each rank's shards
-on ``device`` and writes them:
+From ``model.path`` each rank reads only its slice of each safetensors tensor (``get_slice``).
+From the config the values are ``areal_like.weights.hf.build_model``'s for ``model.init_seed``, bit
+for bit on any number of ranks: ``record_init`` records Hugging Face's initialisation under
+``FakeTensorMode``, ``replay_init`` replays it one parameter at a time (overwritten draws only
+advance the generator). LoRA: base weights under their HF names, adapters LoRA's init.
 
-- from ``model.path``: every ``*.safetensors`` file is opened with ``safe_open`` and each rank
-  reads only the slice of each tensor that its shard holds (``get_slice``), cast to the
-  parameter's dtype. (torch 2.13's DCP ``HuggingFaceStorageReader`` reads whole tensors per file
-  into a sharded state dict; slicing ourselves keeps the read to the rank's rows.)
-- from the config (no ``model.path``): the SAME values ``areal_like.weights.hf.build_model`` draws
-  for ``model.init_seed``, bit for bit, on any number of ranks. ``record_init`` runs Hugging Face's
-  own construction and initialisation under ``FakeTensorMode`` (no memory, no random numbers) and
-  records every in-place op that writes a tensor, in order; ``replay_init`` seeds the CPU generator
-  as ``build_model`` does and replays the ops: draws that a later write overwrites (``nn.Linear``'s
-  own init before Hugging Face's) run on a scratch tensor only to advance the generator; from a
-  parameter's last whole-tensor write on, they run on a full CPU copy of that ONE parameter, whose
-  rank-local slice is copied into the shard as soon as no later op touches it.
-
-LoRA adapters (areal_like/weights/lora.py): the base weights are read or drawn under their Hugging
-Face names (``base_name``), the adapters get LoRA's initialisation (``init_adapters``).
-
-Invariant: peak host memory during either path is one full parameter (the largest is the
-embedding), never a full unsharded copy of the model. Non-persistent buffers (rotary frequency
-tables) are recomputed on ``device``; a model with any other buffer is refused by name.
+Invariant: peak host memory is one full parameter, never an unsharded model. Non-persistent
+buffers are recomputed on ``device``; any other buffer is refused by name.
 """
 
 from __future__ import annotations

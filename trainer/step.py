@@ -1,46 +1,24 @@
 """One policy version's update: ``train_step`` -> minibatches -> ``forward_backward(microbatch)``.
 
-Owns the split of a batch into optimizer steps and micro-batches, the sharding of sequences over
-data-parallel ranks, loss normalisation and the optimizer step. The formulas live in
-``trainer/losses.py`` and ``trainer/advantages.py``; this module only decides what each call sees.
-
-Invariants (the invariance tests check them):
-- A minibatch is a contiguous run of WHOLE groups (``num_minibatches`` of them per batch); each
-  is one optimizer step. Its sequences are dealt to ranks by tokens (longest first) and cut into
-  micro-batches of ``micro_batch_size`` sequences or of at most ``max_tokens_per_micro_batch``
-  tokens, packed (concatenated, attention kept inside each sequence) or right-padded to the
-  micro-batch's longest sequence (``trainer/packing.py``). Every pass over the batch (training,
-  proximal and reference log-probs, VCPO's per-trajectory backward) uses the same layout.
-- Every call gets the minibatch-GLOBAL valid-token and sequence counts, so the per-call losses
-  sum to the minibatch loss. Every rank holds the whole batch (``trainer/data.py`` broadcasts
-  it), so these counts are computed locally, identically on every rank, with no collective.
-- FSDP2 averages gradients over ranks; the local loss is multiplied by the world size before
-  ``backward`` so the reduced gradient is the gradient of the global loss. Result: loss and
-  updated weights do not depend on the micro-batch size or the number of ranks.
-- All ranks run the same number of forward/backward passes (FSDP's all-gathers are collectives):
-  a rank with fewer sequences runs zero-weight micro-batches.
-- KL to a frozen reference (``trainer.loss.kl_coef`` > 0): ``reference_logp`` runs the reference
-  over exactly the micro-batches the step will train on, so with reference == policy the KL term
-  is exactly 0; ``train_step`` hands each call its rows as ``ref_logp`` and reports ``kl_ref``.
-- Advantages are computed once on the whole batch before its first optimizer step (REINFORCE++
-  whitens over every token of the batch), except for a kernel whose advantages depend on the
-  weights a minibatch starts from (``Kernel.per_minibatch``: vcpo), computed per minibatch.
-- Proximal log-probs (decoupled PPO and the other ``needs_prox`` kernels): pi_prox is the policy
-  at the start of the step. With ``num_minibatches`` == 1 no optimizer step happens before the
-  last forward of the step, so each micro-batch's own forward gives them (its log-probs,
-  detached: ``StepSettings.fuse_prox``) and the separate no-grad pass over the batch is skipped;
-  with several minibatches the later ones train on moved weights, so ``recompute_prox_logp`` runs
-  that pass first. Both give the same numbers (the same forward at the same weights).
-- Finite numbers or no step: an optimizer step whose loss, gradient norm or learning-rate scale is
-  not finite is skipped on every rank alike (``trainer/finite_guard.py``): gradients zeroed, no
-  optimizer or scheduler step; the stats count it in ``nonfinite_skipped``.
-- VCPO: one extra backward per trajectory gives the per-trajectory score-gradient norms its
-  baseline needs (exact, as in the paper's code); the learning rate is ESS-scaled for that
-  optimizer step only and restored right after.
+Formulas live in ``trainer/losses.py`` and ``trainer/advantages.py``; this module decides what
+each call sees. Invariants (the invariance tests check them):
+- A minibatch is a contiguous run of WHOLE groups and one optimizer step; its layout
+  (``trainer/packing.py``) is the same for every pass (training, prox, reference, VCPO).
+- Every call gets the minibatch-GLOBAL counts (computed locally: every rank holds the batch), and
+  the local loss is scaled by the world size: loss and weights do not depend on micro-batch size
+  or rank count. All ranks run the same number of passes.
+- With reference == policy the KL term is exactly 0 (same micro-batches).
+- Advantages once on the whole batch, except ``Kernel.per_minibatch`` (vcpo).
+- pi_prox is the policy at the start of the step: with one minibatch each micro-batch's own
+  detached log-probs (``fuse_prox``), else a separate no-grad pass; the same numbers.
+- A non-finite step is skipped on every rank alike (``trainer/finite_guard.py``).
+- VCPO: one extra backward per trajectory for its score norms; the LR is ESS-scaled for that
+  optimizer step only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -55,6 +33,7 @@ from trainer.logprobs import CHUNK_TOKENS
 from trainer.losses import KERNELS, Kernel, accumulate_stats, compute_policy_loss, finalize_stats, vcpo_is_weights
 from trainer.model import Policy, clip_gradients, evaluating
 from trainer.packing import Plan, plan_minibatch
+from trainer.ranks import local, rank_world, several
 
 
 @dataclass(frozen=True)
@@ -72,7 +51,6 @@ class StepSettings:
 
     @classmethod
     def of(cls, t: TrainerConfig, task: TaskConfig) -> StepSettings:
-        """The trainer's step settings; of the task, the engines' temperature and ``max_new_tokens``."""
         return cls(loss=t.loss, estimator=t.estimator, micro_batch_size=t.micro_batch_size,
                    num_minibatches=t.num_minibatches, grad_clip=t.grad_clip, temperature=task.temperature,
                    chunk_tokens=t.logprob_chunk_tokens, max_new_tokens=task.max_new_tokens,
@@ -81,7 +59,6 @@ class StepSettings:
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> StepSettings:
-        """``of`` for the job ``cfg`` describes (the tests' and benchmarks' one-line form)."""
         return cls.of(cfg.trainer, cfg.task)
 
     @property
@@ -90,35 +67,21 @@ class StepSettings:
 
     @property
     def fuse_prox(self) -> bool:
-        """pi_prox is taken from the training forward itself (no separate recompute pass): with one
-        minibatch every forward of the step runs at the weights the step starts from, so the
-        policy's log-probs detached there ARE the proximal log-probs (module docstring)."""
+        """pi_prox is the training forward's own log-probs, detached (module docstring)."""
         return self.kernel.needs_prox and self.num_minibatches == 1
 
     def loss_config(self, batch: TrainBatch) -> LossConfig:
-        """``trainer.loss`` as every call of this batch gets it."""
         if self.loss.loss_scale_factor is not None:
             return self.loss
-        # Dr.GRPO's C: a constant of the task (the longest response it allows), so the loss scale does
-        # not move with the longest response of each batch; the padded width only without a task
+        # Dr.GRPO's C: the task's longest response, so the scale does not move with each batch
         c = self.max_new_tokens if self.max_new_tokens is not None else batch.mask.shape[1]
         return replace(self.loss, loss_scale_factor=float(c))
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def output_logp(model: torch.nn.Module, mb: TrainBatch, temperature: float,
                 chunk_tokens: int = CHUNK_TOKENS, packed: bool = False) -> torch.Tensor:
-    """log pi(output token t) [n, T] under ``model`` (fp32, logits / temperature); garbage on
-    padding (0 when ``packed``: ``packed_output_logp``).
-
-    ``model`` is a policy from ``trainer/model.py`` (``policy_logprobs`` attached): the logits of
-    output token t are the ones at position P - 1 + t, taken ``chunk_tokens`` tokens at a time.
-    """
+    """log pi(output token t) [n, T] under ``model`` (fp32): the logits at position P - 1 + t;
+    garbage on padding (0 when ``packed``)."""
     if packed:
         return packed_output_logp(model, mb, temperature, chunk_tokens)
     s, t_max = mb.input_ids.shape[1], mb.mask.shape[1]
@@ -128,10 +91,8 @@ def output_logp(model: torch.nn.Module, mb: TrainBatch, temperature: float,
 
 def packed_output_logp(model: torch.nn.Module, mb: TrainBatch, temperature: float,
                        chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
-    """``output_logp`` with the rows of ``mb`` packed into one ``[1, sum(P + O)]`` row, attention
-    kept inside each sequence (``policy_logprobs``): row i starts at offset ``o_i``; its output
-    token t is predicted at ``o_i + P_i - 1 + t``. Only output tokens reach the lm_head; the rest
-    of ``[n, T]`` is 0."""
+    """``output_logp`` with the rows packed into one row: row i at offset ``o_i``, its output token t
+    predicted at ``o_i + P_i - 1 + t``; only output tokens reach the lm_head."""
     dev, lens = mb.input_ids.device, (mb.prompt_lens + mb.output_lens).cpu()
     n, t_max = mb.mask.shape
     ids = torch.cat([mb.input_ids[i, :int(k)] for i, k in enumerate(lens)])[None]
@@ -163,39 +124,35 @@ def minibatches(batch: TrainBatch, n: int) -> list[torch.Tensor]:
 
 
 def plan(batch: TrainBatch, rows: torch.Tensor, s: StepSettings) -> Plan:
-    """Every rank's micro-batches of the minibatch ``rows`` (``trainer/packing.py``); computed
-    alike on every rank (each holds the whole batch), no collective."""
-    return plan_minibatch(rows, batch.prompt_lens + batch.output_lens, _world()[1],
+    """Every rank's micro-batches of the minibatch ``rows`` (``trainer/packing.py``)."""
+    return plan_minibatch(rows, batch.prompt_lens + batch.output_lens, rank_world()[1],
                           max_seqs=s.micro_batch_size, max_tokens=s.max_tokens_per_micro_batch,
                           packed=s.pack_sequences)
 
 
-def local_microbatches(batch: TrainBatch, rows: torch.Tensor,
-                       s: StepSettings) -> list[torch.Tensor | None]:
-    """This rank's micro-batches of ``rows``; ``None`` entries pad to the count every rank runs."""
-    return plan(batch, rows, s).calls[_world()[0]]
+def rank_calls(p: Plan, rows: torch.Tensor) -> Iterator[tuple[torch.Tensor, bool]]:
+    """This rank's calls of ``p`` as (rows, real): a call that only pads to the count every rank
+    runs (FSDP's collectives) runs ``rows[:1]`` at zero weight."""
+    for mb_rows in p.calls[rank_world()[0]]:
+        yield (rows[:1], False) if mb_rows is None else (mb_rows, True)
 
 
 @torch.no_grad()
 def batch_logp(model: torch.nn.Module, batch: TrainBatch, s: StepSettings, device: torch.device) -> torch.Tensor:
-    """log-probs under ``model`` [N, T] (CPU, fp32) of every row this rank will train on, computed
-    over the same micro-batches ``train_step`` uses; other ranks' rows are left 0."""
+    """log-probs [N, T] (CPU, fp32) of this rank's rows, over ``train_step``'s micro-batches."""
     out = torch.zeros_like(batch.behav_logp)
     with evaluating(model):  # no dropout: what the engines compute
         for rows in minibatches(batch, s.num_minibatches):
-            for mb_rows in local_microbatches(batch, rows, s):
-                idx = mb_rows if mb_rows is not None else rows[:1]  # a dummy pass keeps the collectives aligned
+            for idx, real in rank_calls(plan(batch, rows, s), rows):
                 lp = output_logp(model, batch.select(idx).to(device), s.temperature, s.chunk_tokens,
                                  s.pack_sequences)
-                if mb_rows is not None:
-                    out[mb_rows, :lp.shape[1]] = lp.float().cpu()
+                if real:
+                    out[idx, :lp.shape[1]] = lp.float().cpu()
     return out
 
 
 def recompute_prox_logp(policy: Policy, batch: TrainBatch, s: StepSettings) -> torch.Tensor | None:
-    """pi_prox for every row this rank will train on, with the weights held at the start of the step;
-    None when the kernel needs none, or when ``train_step`` takes it from its own forward
-    (``StepSettings.fuse_prox``)."""
+    """pi_prox of this rank's rows; None when not needed or ``fuse_prox``."""
     if not s.kernel.needs_prox or s.fuse_prox:
         return None
     return batch_logp(policy.model, batch, s, policy.device)
@@ -203,8 +160,7 @@ def recompute_prox_logp(policy: Policy, batch: TrainBatch, s: StepSettings) -> t
 
 def reference_logp(reference: torch.nn.Module | None, batch: TrainBatch, s: StepSettings,
                    device: torch.device) -> torch.Tensor | None:
-    """pi_ref for every row this rank will train on (None without a reference: KL off). With LoRA
-    the reference is the policy's model with its adapters off (a no-op on a model without)."""
+    """pi_ref of this rank's rows (None without a reference); LoRA: the adapters off."""
     if reference is None:
         return None
     with adapters_disabled(reference):
@@ -219,11 +175,7 @@ def minibatch_advantages(policy: Policy, batch: TrainBatch, rows: torch.Tensor, 
 
 
 def batch_advantages(batch: TrainBatch, s: StepSettings) -> Advantages | None:
-    """The kernel's advantages over the WHOLE batch, when they do not depend on the weights.
-
-    Computed once before the first optimizer step, so REINFORCE++'s whitening uses every token of
-    the batch whatever ``num_minibatches`` is (group-local estimators give the same values either
-    way). None for a kernel whose advantages need each minibatch's starting weights (vcpo)."""
+    """The kernel's advantages over the WHOLE batch; None when they need each minibatch's weights."""
     if s.kernel.per_minibatch:
         return None
     a = AdvantageInputs(batch.rewards, batch.group_ids, batch.mask, s.estimator)
@@ -233,8 +185,7 @@ def batch_advantages(batch: TrainBatch, s: StepSettings) -> Advantages | None:
 def forward_backward(policy: Policy, mb: TrainBatch, advantages: torch.Tensor, prox_logp: torch.Tensor | None,
                      s: StepSettings, loss_cfg: LossConfig, n_tokens: float, n_seqs: float,
                      ref_logp: torch.Tensor | None = None) -> dict:
-    """Loss and gradient of one micro-batch (already on the device). Returns the kernel's stats.
-    ``prox_logp`` None for a kernel that needs it: this forward's log-probs, detached (fused)."""
+    """Loss and gradient of one micro-batch (on the device); the kernel's stats."""
     logp = output_logp(policy.model, mb, s.temperature, s.chunk_tokens, s.pack_sequences)
     if prox_logp is None and s.kernel.needs_prox:
         prox_logp = logp.detach()
@@ -246,13 +197,12 @@ def forward_backward(policy: Policy, mb: TrainBatch, advantages: torch.Tensor, p
 
 
 def _reduce_stats(stats: dict) -> dict[str, float]:
-    """Sum (``_max``: max) the per-rank stats over ranks, then derive ratios."""
     keys = sorted(stats)
     sums = [k for k in keys if not k.endswith("_max")]
     maxes = [k for k in keys if k.endswith("_max")]
     vs = torch.stack([stats[k].float().cpu().reshape(()) for k in sums]) if sums else torch.zeros(0)
     vm = torch.stack([stats[k].float().cpu().reshape(()) for k in maxes]) if maxes else torch.zeros(0)
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if several():
         dist.all_reduce(vs)
         dist.all_reduce(vm, op=dist.ReduceOp.MAX)
     out = dict(zip(sums, vs)) | dict(zip(maxes, vm))
@@ -261,13 +211,9 @@ def _reduce_stats(stats: dict) -> dict[str, float]:
 
 def sequence_score_terms(policy: Policy, batch: TrainBatch, rows: torch.Tensor,
                          s: StepSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-trajectory (w_i, ||grad sum_t logp_it||^2) for VCPO's baseline, exact, one backward each.
-
-    Trajectory k is owned by rank k % world; the others run the same sequence with weight 0, so
-    the FSDP-reduced gradient is exactly the owner's. Squared norms of the local gradient shards
-    are summed over ranks once at the end.
-    """
-    rank, world = _world()
+    """Per-trajectory (w_i, ||grad sum_t logp_it||^2) for VCPO's baseline, one backward each;
+    trajectory k is rank k % world's, the others run it at weight 0."""
+    rank, world = rank_world()
     w = torch.zeros(len(rows), dtype=torch.float64)
     g2 = torch.zeros(len(rows), dtype=torch.float64)
     for k, j in enumerate(rows.tolist()):
@@ -277,11 +223,9 @@ def sequence_score_terms(policy: Policy, batch: TrainBatch, rows: torch.Tensor,
         logp = output_logp(policy.model, mb, s.temperature, s.chunk_tokens, s.pack_sequences)
         score = torch.where(mb.mask > 0, logp.float(), torch.zeros_like(mb.mask)).sum()
         (score * (world if mine else 0.0)).backward()
-        # The parameters are read after this backward, never before the loop: FSDP2 swaps a module's
-        # registered parameters between sharded and unsharded, and a no-grad pass can leave some
-        # unsharded (the root's), so a list taken earlier would hold tensors that get no gradient.
+        # Read after the backward: FSDP2 swaps sharded and unsharded parameters.
         params = [p for p in policy.model.parameters() if p.requires_grad]
-        g2[k] = sum(float(_local(p.grad).double().pow(2).sum()) for p in params if p.grad is not None)
+        g2[k] = sum(float(local(p.grad).double().pow(2).sum()) for p in params if p.grad is not None)
         if mine:
             w[k] = float(vcpo_is_weights(logp.detach(), mb.behav_logp, mb.mask)[0][0])  # unclipped w
     policy.optimizer.zero_grad(set_to_none=True)
@@ -291,15 +235,9 @@ def sequence_score_terms(policy: Policy, batch: TrainBatch, rows: torch.Tensor,
     return w, g2
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def train_step(policy: Policy, batch: TrainBatch, s: StepSettings, prox_logp: torch.Tensor | None,
                ref_logp: torch.Tensor | None = None) -> dict[str, float]:
-    """``num_minibatches`` optimizer steps on ``batch``; returns stats averaged over them.
-    ``ref_logp`` (from ``reference_logp``) is required when ``kl_coef`` > 0; ``prox_logp`` (from
-    ``recompute_prox_logp``) when the kernel needs it, unless ``s.fuse_prox``."""
+    """``num_minibatches`` optimizer steps on ``batch``; returns stats averaged over them."""
     if prox_logp is None and s.kernel.needs_prox and not s.fuse_prox:
         raise ValueError(f"trainer.loss.kernel={s.loss.kernel} with trainer.num_minibatches={s.num_minibatches} "
                          "needs the proximal log-probs recomputed before the step (recompute_prox_logp)")
@@ -318,11 +256,10 @@ def train_step(policy: Policy, batch: TrainBatch, s: StepSettings, prox_logp: to
         policy.optimizer.zero_grad(set_to_none=True)
         mb_plan = plan(batch, rows, s)
         stats: dict = {}
-        for mb_rows in mb_plan.calls[_world()[0]]:
-            idx = mb_rows if mb_rows is not None else rows[:1]
+        for idx, real in rank_calls(mb_plan, rows):
             mb = batch.select(idx)
-            if mb_rows is None:
-                mb.mask = torch.zeros_like(mb.mask)  # zero-weight pass: keeps FSDP collectives aligned
+            if not real:
+                mb.mask = torch.zeros_like(mb.mask)
             t = mb.mask.shape[1]
             prox = None if prox_logp is None else prox_logp[idx, :t].to(policy.device)
             ref = None if ref_logp is None else ref_logp[idx, :t].to(policy.device)
@@ -341,8 +278,7 @@ def train_step(policy: Policy, batch: TrainBatch, s: StepSettings, prox_logp: to
 
 
 def apply_optimizer_step(policy: Policy, lr_scale: float) -> float:
-    """One optimizer and scheduler step at ``lr_scale`` times the scheduled learning rate (restored
-    right after); returns the learning rate applied."""
+    """One optimizer and scheduler step at ``lr_scale`` times the scheduled LR; the LR applied."""
     base_lrs = [g["lr"] for g in policy.optimizer.param_groups]
     for g in policy.optimizer.param_groups:
         g["lr"] *= lr_scale
@@ -354,16 +290,14 @@ def apply_optimizer_step(policy: Policy, lr_scale: float) -> float:
     return lr
 
 
-# Stats of the layout, not of the loss: they differ between padded and packed runs by design
-# (the invariance tests compare every other stat).
+# Stats of the layout, not of the loss: padded and packed runs differ in them by design.
 LAYOUT_STATS = ("seq_tokens", "computed_tokens", "micro_batches", "rank_token_spread",
                 "padding_share", "tokens_per_micro_batch")
 _SUMMED = ("tokens", "seqs", SKIPPED, "seq_tokens", "computed_tokens", "micro_batches")
 
 
 def layout_stats(p: Plan) -> dict[str, float]:
-    """One minibatch's layout: real and computed tokens, micro-batches, and the per-rank token
-    spread (largest minus smallest rank over the mean rank; 0 on one rank)."""
+    """One minibatch's layout stats; the rank token spread is (max - min) / mean."""
     st = p.stats()
     mean = st["seq_tokens"] / len(p.calls)
     spread = (st["rank_tokens_max"] - st["rank_tokens_min"]) / mean if mean else 0.0

@@ -1,18 +1,11 @@
 """What every sender of weight sync shares: the ``Sender`` interface, ``gather``, and the staging
-pipeline of the group path's broadcast (trainer rank 0).
-
-The buckets and their wire format (one flattened uint8 buffer per bucket) are
-``areal_like.wire.weight_wire``'s; ``BucketPipeline`` puts them on the weight group one after the
-other.
+pipeline of the group path's broadcast (wire format: ``areal_like.wire.weight_wire``).
 
 Invariants:
-- ``gather`` is a collective: ``full_tensor()`` all-gathers an FSDP shard, so every trainer rank
-  gathers the same buckets in the same order (``plan_buckets`` is deterministic).
-- One bucket is on the wire at a time: bucket i+1 is gathered and packed into the other staging
-  buffer while bucket i is broadcast, and a staging buffer is refilled only after the broadcast
-  that read it completed. The staging buffers live as long as the pipeline (reused by every
-  push): 2x the largest bucket of extra memory on the trainer's device. Their bytes stay as packed
-  until the next ``stage``, so a push can send them twice (``staged_buckets``, ``restage``).
+- ``gather`` is a collective: every rank gathers the same buckets in the same order.
+- One bucket is on the wire at a time, the next staged meanwhile into the other buffer; a buffer
+  is refilled only after the broadcast that read it completed. The two buffers (2x the largest
+  bucket) live as long as the pipeline, and keep their bytes until the next ``stage``.
 """
 
 from __future__ import annotations
@@ -25,6 +18,7 @@ import torch.distributed as dist
 
 from areal_like.wire.protocol import BucketSpec
 from areal_like.wire.weight_wire import pack
+from trainer.ranks import full
 
 
 def gather(params: list[tuple[str, torch.nn.Parameter]], bucket: BucketSpec,
@@ -32,22 +26,16 @@ def gather(params: list[tuple[str, torch.nn.Parameter]], bucket: BucketSpec,
     """The full tensors of ``bucket`` in ``dtype`` (an all-gather over the ranks of a shard)."""
     by_name = dict(params)
     wire = getattr(torch, dtype)
-    return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().to(wire)
-            for p in (by_name[n] for n in bucket.names)]
+    return [full(p).detach().to(wire) for p in (by_name[n] for n in bucket.names)]
 
 
 class Sender(ABC):
-    """How one ``weight_sync.path`` gets a push's buckets to the engines, chosen once per
-    broadcaster (``trainer.weight_sync.SENDERS``). Per push: ``stage`` (all ranks, before the
-    plan); per attempt, on rank 0, ``route`` (the plan's transport fields) and, once the plan is
-    published, ``connect``; then ``send`` (every rank, unless rank 0 goes on alone) or ``skip``
-    (nothing to send); ``forget_members`` after a member missed the version; ``rewind`` before a
-    re-push; ``done`` when the push is over, ``close`` at the end. The defaults are a sender
-    whose plan carries everything."""
+    """How one ``weight_sync.path`` gets a push's buckets to the engines. Per push ``stage`` (all
+    ranks); per attempt ``route`` and ``connect`` (rank 0), then ``send`` or ``skip``; ``rewind``
+    before a re-push, ``done`` after the push. The defaults: a plan that carries everything."""
 
     def overlaps(self, buckets: list[BucketSpec]) -> bool:
-        """Whether a push of ``buckets`` may finish on rank 0 in the background: ``stage`` then
-        kept copies of every bucket that training cannot change."""
+        """Whether rank 0 may finish the push in the background (``stage`` kept copies of all)."""
         return False
 
     def holds_all(self, buckets: list[BucketSpec]) -> bool:
@@ -84,14 +72,9 @@ class Sender(ABC):
 
 
 class BucketPipeline:
-    """Rank 0: packs bucket after bucket into two staging buffers and broadcasts each with one op.
-
-    One broadcast is in flight at a time; the next bucket is packed into the other staging buffer
-    meanwhile (measured: launching bucket i+1 before bucket i completed, two concurrent broadcasts
-    on one gloo group, was a few percent slower end to end). ``wait(work)`` is how the caller waits
-    (bounded). ``stage`` packs a bucket without sending it, so the first ``SLOTS`` buckets can be
-    packed before the engines are asked to pause; ``launch`` sends the oldest staged bucket once
-    the previous broadcast completed; ``send`` is both; ``finish`` waits for everything."""
+    """Rank 0: packs bucket after bucket into two staging buffers, one broadcast in flight at a time
+    (two concurrent ones were slower). ``stage`` packs without sending, ``launch`` sends the oldest
+    staged bucket, ``send`` is both, ``finish`` waits for everything; ``wait(work)`` is bounded."""
 
     SLOTS = 2
 
@@ -103,8 +86,7 @@ class BucketPipeline:
         self._staged: list[tuple[int, torch.Tensor]] = []  # packed, not yet launched, oldest first
 
     def stage(self, tensors: list[torch.Tensor]) -> int:
-        """Pack ``tensors`` (one bucket, wire dtype, plan order) into the next staging buffer, once the
-        broadcast that read it before completed. Returns the bucket's bytes."""
+        """Pack one bucket into the next staging buffer once its last broadcast completed; its bytes."""
         slot = self._next
         if any(s == slot for s, _ in self._staged):
             raise RuntimeError("both staging buffers hold buckets not launched yet")
@@ -148,8 +130,7 @@ class BucketPipeline:
         return list(self._staged)
 
     def restage(self, staged: list[tuple[int, torch.Tensor]]) -> None:
-        """Stage again what ``staged_buckets`` returned, to send the same bytes once more (a re-push of
-        a model that fits in the staging buffers: nothing packs into them between the two sends)."""
+        """Stage again what ``staged_buckets`` returned, to send the same bytes once more."""
         self.abandon()
         self._staged = list(staged)
 

@@ -1,29 +1,13 @@
-"""The group path of weight sync (``weight_sync.path`` distributed): the group and its sender.
-
-``WeightGroup`` owns trainer rank 0's weight-update process group: its name and port per
-formation, the rendezvous, the watchdog around each step on it, abort and teardown.
-``GroupSender`` is the sender of this path (``trainer.weight_buckets.Sender``): it stages
-the first buckets before the plan, routes the plan to the group (rank offsets, ``reform``), forms
-the group once the plan is published, and broadcasts every bucket through ``BucketPipeline``.
+"""The group path of weight sync: ``WeightGroup`` (rank 0's weight-update process group) and its
+sender ``GroupSender`` (trainer/WEIGHT_SYNC.md).
 
 Invariants:
-- After any failure on the group (a peer died mid-broadcast, rendezvous timeout or abort) the
-  group is torn down and re-formed at the next plan; a broken group is never reused. Teardown
-  always aborts an NCCL communicator before destroying it (a hung op would block a destroy).
-- Each formation has a name of its own, ``weight_sync.group_name`` plus a random token that only
-  the plan carries: the rendezvous store's keys live under it, so only the plan's members can join
-  (rank 0 hosts the store on ``master_addr`` only; areal_like/net/distributed.py).
-- The group is reused while the plan's members are the formed group's (``key``: their ids, ranks
-  and ``RosterEntry.incarnation``, so a member restarted between syncs, which never joined it,
-  makes the plan re-form); a member dropped from a version makes the next plan re-form
-  (``forget_members``).
-- Every step on the group ends by the push's deadline (gloo and NCCL have no shorter timeout):
-  ``wait_work`` waits on a gloo op in slices of ``BROADCAST_SLICE_S`` (a timed-out wait leaves
-  the op pending, checked on torch 2.13) and polls an NCCL op with ``is_completed()``, asking the
-  caller's ``check`` between slices whether a member already reported failure; it returns only
-  when the op completed, else raises. An NCCL launch can itself block (the communicator is made by
-  the first op and waits for every peer): ``Watchdog``, armed around it, aborts the group at the
-  deadline from its own thread, so the call returns with an error (``armed`` then raises).
+- After any failure the group is torn down (NCCL aborted before destroy) and re-formed at the
+  next plan; a broken group is never reused.
+- Each formation's name carries a random token only the plan carries: only its members can join.
+- The group is reused while the plan's members (ids, ranks, incarnations) are the formed group's.
+- Every step on the group ends by the push's deadline: ``wait_work`` waits in slices, asking
+  ``check`` between them; ``Watchdog`` aborts a launch that blocks past it.
 """
 
 from __future__ import annotations
@@ -66,14 +50,12 @@ class WeightGroup:
         if self.pg is not None and key == self.key:
             return False
         self.port = self.cfg.master_port or free_port(self.cfg.master_addr)
-        # the store's keys live under this name: unguessable, it reaches only the plan's members
-        # (the plan travels over the authenticated buffer channel; areal_like/net/distributed.py)
+        # unguessable: only the plan's members (authenticated channel) can join its store
         self.name = f"{self.cfg.group_name}-{secrets.token_hex(GROUP_TOKEN_BYTES)}"
         return True
 
     def form(self, plan: WeightSyncPlan, key: tuple, watch: RendezvousWatch) -> None:
-        """Join ``plan``'s group as rank 0. The rendezvous ends at ``watch.give_up`` or when the
-        watch sees a member lost; every later op of the group gets a whole sync's budget."""
+        """Join ``plan``'s group as rank 0; the rendezvous ends at ``watch.give_up`` or a lost member."""
         self.teardown()
         self.pg = init_weight_group(plan.backend, plan.master_addr, plan.master_port,
                                     plan.world_size, 0, plan.group_name,
@@ -125,8 +107,7 @@ class GroupSender(Sender):
         return self.holds_all(buckets)  # a model in the staging buffers
 
     def stage(self, model: torch.nn.Module, params, buckets: list[BucketSpec], report) -> None:
-        """The first buckets (one per staging buffer) are gathered (all ranks) and packed (rank 0)
-        before the plan goes out: that work is then outside the engines' pause window."""
+        """Gather and pack the first buckets before the plan: outside the engines' pause."""
         for b in buckets[:BucketPipeline.SLOTS]:
             tensors = gather(params, b, self.send_dtype)
             if self.rank == 0:
@@ -134,8 +115,7 @@ class GroupSender(Sender):
         self._first = self.pipeline.staged_buckets()
 
     def rewind(self, params, buckets: list[BucketSpec], report) -> None:
-        """Before a re-push: the same bytes staged again (from the staging buffers when the model
-        fits in them, rank 0 alone; else gathered again by every rank)."""
+        """Before a re-push: the same bytes staged again (from the buffers when they hold all)."""
         if self.holds_all(buckets):
             self.pipeline.restage(self._first)
         else:
@@ -158,8 +138,7 @@ class GroupSender(Sender):
 
     def send(self, params, buckets: list[BucketSpec], report, deadline: float,
              check: Callable[[], None]) -> None:
-        """Broadcast the staged buckets, then gather (all ranks) and broadcast (rank 0) the others;
-        bucket i+2 is gathered and packed while bucket i+1 is on the wire."""
+        """Broadcast the staged buckets, then gather (all ranks) and broadcast (rank 0) the others."""
         healthy = self.rank == 0 and self.group.pg is not None
         self.pipeline.wait = lambda work: wait_work(work, deadline, self.group.backend, check)
         t0 = time.monotonic()
@@ -189,8 +168,7 @@ class GroupSender(Sender):
             return False
 
     def skip(self) -> None:
-        """Nothing is sent this attempt (no members, or setup failed): drop the staged buckets and
-        the group (a failed setup may have left it half-formed)."""
+        """Nothing is sent: drop the staged buckets and a maybe half-formed group."""
         self.pipeline.abandon()
         self.group.teardown()
 

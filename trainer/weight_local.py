@@ -1,33 +1,11 @@
-"""Weight sync without a process group, for trainer and engine on one device (``weight_sync.path``).
-
-NCCL refuses two ranks of one group on one GPU, so when ``areal-like run`` places the trainer and
-an engine on the same GPU (``launch/placement.py``) the weights reach the engine another way:
-
-* ``tensor`` (SGLang's ``/update_weights_from_tensor``): per bucket, one payload, the base64 text
-  of ``ForkingPickler.dump([(name, tensor), ...])`` (what SGLang's ``MultiprocessingSerializer``
-  produces; SGLang reads ``serialized_named_tensors[tp_rank]`` and loads it with
-  ``load_format`` null). CUDA tensors pickle to CUDA IPC handles, so the engine maps the trainer's
-  memory and copies from it, no bytes travel; CPU tensors pickle to shared-memory file names
-  (torch's ``file_system`` sharing strategy: unrelated processes can open them, unlike the
-  default file descriptors), which is how the path is tested without a GPU;
-* ``disk`` (``/update_weights_from_disk``): rank 0 writes an HF directory (``config.json`` and
-  ``model.safetensors``) under a private temporary directory and the engine loads it; a LoRA
-  adapter (what SGLang is sent with ``trainer.lora``) is written in PEFT's layout instead
-  (``trainer.export.save_adapter``), which SGLang's ``/load_lora_adapter`` reads
-  (rollout_server/weight_update.py). The plan names the directory, whatever the adapter's size.
-
-Each is a ``trainer.weight_buckets.Sender``: every rank gathers every bucket before the plan, so
-rank 0 goes on alone; the plan carries ``path`` and ``payloads`` (no group). A full model's push
-never finishes in the background (the gathered tensors may be the parameters themselves); an
-adapter's push on the disk path does, from a CPU copy made while staging (megabytes).
+"""Weight sync without a process group, for trainer and engine on one device (trainer/WEIGHT_SYNC.md
+"One GPU"): ``tensor`` (SGLang's ``/update_weights_from_tensor``: CUDA IPC handles, or on CPU
+shared-memory file names) and ``disk`` (an HF directory, or a LoRA adapter in PEFT's layout).
 
 Invariants:
-- the memory a payload refers to stays alive until the push is over (every member reported, left
-  the roster, or the deadline passed): an engine copies out of it while it loads, and a load that
-  started is never left reading freed memory. Cost: one copy of the weights in the wire dtype on
-  the trainer's device during a push; on disk, one version's directory, removed at the next push;
-- a payload is made only from buffers this module allocated, never from the model's own storage
-  (sharing a CPU storage moves it into shared memory; a parameter must not move under the optimizer).
+- the memory a payload refers to stays alive until the push is over (every member reported, left,
+  or the deadline passed); on disk, one version's directory, removed at the next push;
+- a payload is made only from buffers this module allocated, never the model's own storage.
 """
 
 from __future__ import annotations
@@ -61,9 +39,8 @@ ROOT_PREFIX = "areal_like_weights_"  # + the writing process's pid + "_": DiskSe
 
 
 def remove_orphans(tmp: str | None = None) -> list[Path]:
-    """Remove the disk path's directories whose writer is gone (a trainer killed with -9 never
-    reaches ``close``; a 7B model's directory is 28 GB, a large adapter's hundreds of MB) and
-    return them. Another user's, or a pid reused by a live process, stay."""
+    """Remove (and return) the disk path's directories whose writer is gone (killed before
+    ``close``); another user's, or a pid reused by a live process, stay."""
     removed = []
     for d in Path(tmp or tempfile.gettempdir()).glob(f"{ROOT_PREFIX}*_*"):
         pid = d.name[len(ROOT_PREFIX):].split("_", 1)[0]
@@ -88,8 +65,7 @@ def _shared_by_file_name() -> Iterator[None]:
 
 
 def tensor_payload(named: list[tuple[str, torch.Tensor]]) -> str:
-    """SGLang's ``serialized_named_tensors`` entry for ``named`` (one TP rank): base64 of the
-    ForkingPickler dump."""
+    """SGLang's ``serialized_named_tensors`` entry (one TP rank): base64 of the ForkingPickler dump."""
     from multiprocessing.reduction import ForkingPickler
 
     buf = io.BytesIO()
@@ -99,8 +75,7 @@ def tensor_payload(named: list[tuple[str, torch.Tensor]]) -> str:
 
 
 class LocalSender(Sender):
-    """Rank 0: the gathered tensors of one push, its payloads and the memory they refer to, held
-    until ``done``. Subclasses make the payloads of their path."""
+    """Rank 0: a push's gathered tensors and what its payloads refer to, held until ``done``."""
 
     PATH = ""
 
@@ -154,10 +129,8 @@ class TensorSender(LocalSender):
 
 
 class DiskSender(LocalSender):
-    """Path ``disk``: one directory per push (HF, or PEFT's for an adapter) under a private
-    temporary directory (a re-push within the push sends the same one: writing it again would
-    spend the deadline); the last one stays until the next push, every one goes at ``close``, and
-    those of a writer killed before it by the next writer's first push (``remove_orphans``)."""
+    """Path ``disk``: one directory per push (a re-push sends the same one) under a private
+    temporary directory; the last stays until the next push, all go at ``close``."""
 
     PATH = "disk"
 
@@ -171,8 +144,7 @@ class DiskSender(LocalSender):
         return all(is_adapter(n) for b in buckets for n in b.names)
 
     def stage(self, model: torch.nn.Module, params, buckets: list[BucketSpec], report) -> None:
-        """Also: an adapter is copied to the CPU now, so its directory may be written while the
-        next step changes the parameters."""
+        """Also: an adapter is copied to the CPU now, to be written while the next step trains."""
         super().stage(model, params, buckets, report)
         if self.rank == 0 and self.overlaps(buckets):
             self._tensors = [[t.to("cpu", copy=True) for t in ts] for ts in self._tensors]

@@ -1,20 +1,8 @@
-"""What the members of one weight push did, as trainer rank 0 learns it from the buffer (trainer/WEIGHT_SYNC.md).
-
-Owns: the wait for the members' reports (``await_members``), the watch that gives up on a
-rendezvous as soon as a member is lost (``RendezvousWatch``), and the decision to re-push a
-version to the members that survived a lost one (``repush_targets``, ``merge_repush``); the
-attempts themselves are ``WeightBroadcaster``'s. Every function takes rank 0's buffer client.
-
-A member is *lost* when it left the roster (the buffer expired it: dead, or gone to evaluate) or,
-before the group formed, reported failure (it will never join). One lost member breaks the whole
-group: every other member's receive (or join) fails with it. Those others are *survivors*: still
-in the roster, without the version. The push then re-forms the group for them alone and pushes
-the same version again, once, within the same deadline, so one death costs the others nothing
-but the time it took to notice it.
+"""What the members of one weight push did, as rank 0 learns it from the buffer
+(trainer/WEIGHT_SYNC.md "One lost member").
 
 Invariants: every call is bounded by the push's deadline; only rank 0 talks to the buffer; a
-re-push goes only to survivors (never to a lost member, whose join could only time out), and only
-when a member was lost (a group of the same members would fail the same way).
+re-push goes only to survivors, and only when a member was lost.
 """
 
 from __future__ import annotations
@@ -31,18 +19,13 @@ log = logging.getLogger("trainer.weight_sync")
 BUFFER_REQUEST_TIMEOUT_S = 10.0  # the buffer answers control requests in milliseconds when alive
 # a stalled broadcast checks every slice whether a member already reported failure
 BROADCAST_SLICE_S = 1.0
-# SyncStatus poll period: a cheap buffer query. It starts short and doubles up to the longest: a small
-# model's sync is done in tens of ms (a fixed 50 ms added 25 ms to each on average, on the trainer's path
-# when the next step waits for it), a large one's takes seconds and is polled no more than before.
+# SyncStatus poll period: short first (a small model's sync takes tens of ms), doubling up to the longest
 STATUS_POLL_MIN_S = 0.005
 STATUS_POLL_S = 0.05
 ROSTER_POLL_S = 0.5  # while waiting for members: how often to check that they are still in the roster
 REPUSH_MIN_S = 1.0  # a re-push needs at least this much of the deadline left (a rendezvous and the buckets)
-# The end of the deadline a rendezvous leaves for the members' reports: when it times out, the
-# members that joined learn it at once (the store closes) and report their failure meanwhile, so
-# the buffer, when the version is announced, tells them from members that never joined (those it
-# leaves out of the next plans: buffer/control.py). At most this share of the time left (a
-# re-push's rendezvous, with little left, keeps nearly all of it).
+# The end of the deadline a rendezvous leaves for the members' reports (so the buffer tells members
+# that joined and failed from those that never joined), at most this share of the time left
 REPORT_MARGIN_S = 1.0
 REPORT_MARGIN_SHARE = 0.1
 
@@ -55,8 +38,7 @@ def bounded(deadline: float | None) -> float:
 
 
 def rendezvous_end(deadline: float) -> float:
-    """When a rendezvous starting now for a push with ``deadline`` gives up: the reports' margin
-    before it."""
+    """When a rendezvous starting now gives up: the reports' margin before ``deadline``."""
     return deadline - min(REPORT_MARGIN_S, REPORT_MARGIN_SHARE * max(0.0, deadline - time.monotonic()))
 
 
@@ -81,7 +63,7 @@ def roster_ids(client, deadline: float | None) -> set[str]:
 
 
 def failed_members(client, version: int) -> list[str]:
-    """The members that reported failure for ``version`` ([] when the buffer does not answer in a slice)."""
+    """The members that reported failure for ``version`` ([] when the buffer is slow)."""
     try:
         st = client.request(SyncStatusRequest(policy_version=version), timeout_s=BROADCAST_SLICE_S)
     except TransportTimeout:
@@ -90,9 +72,8 @@ def failed_members(client, version: int) -> list[str]:
 
 
 def await_registered(client, want: int, timeout_s: float, should_stop=lambda: False, poll_s: float = 0.1) -> bool:
-    """Rank 0, before the initial push: poll the roster until ``want`` servers registered (members, or
-    evaluating out of the syncs) (True), or ``timeout_s`` passed or a stop was requested (False: the
-    push goes to whoever is there)."""
+    """Rank 0, before the initial push: whether ``want`` servers registered before ``timeout_s`` or
+    a stop."""
     deadline = time.monotonic() + timeout_s
     while not should_stop():
         try:
@@ -108,9 +89,8 @@ def await_registered(client, want: int, timeout_s: float, should_stop=lambda: Fa
 
 
 class RendezvousWatch:
-    """``check`` for ``init_weight_group`` on rank 0: raises ``MembersLost`` once a member reported
-    failure for ``version`` or left the roster (polled every ``ROSTER_POLL_S``), ``TimeoutError``
-    at ``give_up`` (torch's own timeouts count from the group's creation, not from the push)."""
+    """``check`` for ``init_weight_group``: ``MembersLost`` once a member failed or left the roster,
+    ``TimeoutError`` at ``give_up``."""
 
     def __init__(self, client, version: int, members: list[str], deadline: float, give_up: float):
         self.client, self.version, self.members, self.deadline = client, version, set(members), deadline
@@ -130,7 +110,6 @@ class RendezvousWatch:
 
 
 def poll_periods():
-    """The waits between SyncStatus polls: ``STATUS_POLL_MIN_S`` doubling up to ``STATUS_POLL_S``."""
     period = STATUS_POLL_MIN_S
     while True:
         yield period
@@ -138,8 +117,8 @@ def poll_periods():
 
 
 def await_members(client, version: int, report, deadline: float) -> None:
-    """Poll SyncStatus until every member of ``report`` reported, or left the roster (the buffer
-    expired it: no report will come), or the deadline passes; fills ``done``, ``pause_s``, ``dropped``."""
+    """Poll SyncStatus until every member reported or left the roster, or the deadline; fills
+    ``done``, ``pause_s``, ``dropped``, ``loaded``."""
     pending, gone, next_roster = set(report.members), set(), time.monotonic() + ROSTER_POLL_S
     periods = poll_periods()
     while pending - gone and time.monotonic() < deadline:
@@ -163,8 +142,7 @@ def await_members(client, version: int, report, deadline: float) -> None:
 
 
 def repush_targets(client, report, lost: set[str], deadline: float) -> list[str]:
-    """The survivors to push ``report.version`` to again: members still in the roster that did not
-    get it, when a member was lost (``lost``, or gone from the roster now) and time is left; else []."""
+    """The survivors to push the version to again, when a member was lost and time is left."""
     if not report.dropped or deadline - time.monotonic() < REPUSH_MIN_S:
         return []
     try:
@@ -176,7 +154,7 @@ def repush_targets(client, report, lost: set[str], deadline: float) -> list[str]
 
 
 def merge_repush(report, again) -> None:
-    """Fold the re-push's report ``again`` into the push's ``report``: one version, one report."""
+    """Fold the re-push's report ``again`` into ``report``."""
     report.done = sorted(set(report.done) | set(again.done))
     report.loaded.update(again.loaded)
     report.dropped = sorted(set(report.members) - set(report.done))

@@ -1,29 +1,14 @@
 """Trainer side of weight synchronisation (the protocol: trainer/WEIGHT_SYNC.md).
 
-``WeightBroadcaster`` orchestrates a push: the buckets' plan, the attempts (roster, admission,
-plan to the buffer, transfer, the members' reports), at most one re-push to the survivors of a
-lost member (``trainer.weight_members``), the announcement, the background finish of an
-overlapped push, and ``catch_up`` after the last step. How the bytes travel is its sender's
-(``trainer.weight_buckets.Sender``), chosen once from ``weight_sync.path`` (``SENDERS``).
-
 Invariants:
-- ``push`` is a collective over all trainer ranks: gathering a full tensor from FSDP shards
-  (``full_tensor()``) is an all-gather, so every rank walks the same buckets in the same order;
-  only rank 0 talks to the buffer and sends. At most one push is in flight: every push (and
-  ``catch_up``, ``close``) first joins the background one, which reads only staged copies and is
-  the only user of the buffer client while it runs.
+- ``push`` is a collective over all trainer ranks; only rank 0 talks to the buffer and sends. At
+  most one push is in flight: every push (and ``catch_up``, ``close``) first joins the background
+  one.
 - Every wait is bounded by ``weight_sync.deadline_s`` from the start of the push, a re-push
-  included. A member that misses it is dropped for this version; every push is a full push, so a
-  dropped engine catches up on its next sync (the next plan re-forms the group).
-- One lost member costs the others nothing but the time to notice it: the survivors get the
-  version again, once, within the same deadline.
-- The version is announced to the buffer after every push, with or without members, so the
-  buffer's admission clock always follows the trainer.
-- A member whose torch/CUDA/NCCL cannot share the group with rank 0's
-  (``areal_like.weights.versions``) is left out of the plan, logged and counted; one reporting no
-  versions (an older server) is accepted.
-- ``weight_sync.path`` ``auto`` left unresolved (no ``areal-like run``) is the engine kind's
-  adapter path with LoRA (``adapter_path``), else the group path.
+  included; a member that misses it is dropped for this version and catches up at the next push.
+- The survivors of a lost member get the version again, once.
+- The version is announced after every push, so the buffer's admission clock follows the trainer.
+- A member whose torch/CUDA/NCCL versions cannot share the group is left out of the plan.
 """
 
 from __future__ import annotations
@@ -37,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
-import torch.distributed as dist
 
 from areal_like.net.dealer import Client
 from areal_like.net.metrics import Metrics
@@ -58,6 +42,7 @@ from areal_like.wire.protocol import (
     WeightSyncPlan,
 )
 from areal_like.wire.weight_wire import plan_buckets
+from trainer.ranks import from_rank0
 from trainer.weight_group import GroupSender
 from trainer.weight_local import DiskSender, TensorSender
 from trainer.weight_members import (
@@ -83,8 +68,7 @@ assert SENDERS.keys() == WEIGHT_PATHS.keys()  # every path a plan may name has i
 
 
 def push_buckets(params, send_dtype: str, bucket_mb: float) -> list[BucketSpec]:
-    """The buckets a push of ``params`` sends: of at most ``bucket_mb``, but a LoRA adapter is ONE
-    bucket (an SGLang engine loads an adapter only whole, from one directory)."""
+    """Buckets of at most ``bucket_mb``; a LoRA adapter is ONE bucket (SGLang loads it whole)."""
     limit = sys.maxsize if params and is_adapter(params[0][0]) else int(bucket_mb * 1024 * 1024)
     return plan_buckets([(n, list(p.shape), send_dtype) for n, p in params], limit)
 
@@ -139,15 +123,9 @@ class WeightBroadcaster:
     # ------------------------------------------------------------------ the collective
     def push(self, model: torch.nn.Module, version: int, *, announce: int | None = None,
              wait: bool = True) -> SyncReport:
-        """Send every parameter to the roster as ``version`` and announce ``announce`` (default:
-        ``version``; larger when the engines lag by design, trainer/engine_lag.py). On all ranks.
-
-        ``wait=False`` when the sender ``overlaps`` (a model in the staging buffers of the group
-        path, an adapter copied by the disk path): rank 0 hands the rest (plan, transfer, members'
-        reports, announcement) to a background thread and returns; the next call (or ``join``)
-        waits for it.
-        The report returned is then the one of the PREVIOUS push, complete, with this call's
-        ``blocked_s``."""
+        """Send every parameter to the roster as ``version`` and announce ``announce`` (default
+        ``version``). ``wait=False`` when the sender ``overlaps``: rank 0 finishes in a background
+        thread and the PREVIOUS push's report is returned, with this call's ``blocked_s``."""
         t_start = time.monotonic()
         previous = self.join()
         announce = version if announce is None else announce
@@ -182,8 +160,7 @@ class WeightBroadcaster:
         return self._done_report
 
     def announce(self, version: int) -> SyncReport:
-        """Announce ``version`` to the buffer without pushing (the engines keep their weights: a lag
-        mode, trainer/engine_lag.py), after any push still in flight. On all ranks; rank 0 talks."""
+        """Announce ``version`` without pushing (a lag mode), after any push in flight."""
         self.join()
         report = SyncReport(version=version)
         if self.rank == 0:
@@ -194,22 +171,16 @@ class WeightBroadcaster:
 
     def catch_up(self, model: torch.nn.Module, version: int, timeout_s: float,
                  should_stop: Callable[[], bool] = lambda: False, final_eval: bool = False) -> int:
-        """After the last step (a collective; rank 0 decides, one ``broadcast_object_list`` per
-        round carries the decision): re-push ``version`` until every member serves it, no server is
-        evaluating (and, with ``final_eval``, one that evaluates is a member), ``timeout_s`` passed
-        or a stop is asked for. Returns the pushes made."""
+        """After the last step (a collective; rank 0 decides each round): re-push ``version`` until
+        every member serves it and none evaluates, ``timeout_s`` passed or a stop; the pushes made."""
         self.join()
         deadline, pushes = time.monotonic() + timeout_s, 0
         while True:
-            decision = [None]
-            if self.rank == 0:
-                decision = ["done" if should_stop() else
-                            self.catch_up_decision(version, deadline, pushes, final_eval)]
-            if dist.is_initialized() and dist.get_world_size() > 1:
-                dist.broadcast_object_list(decision, src=0)
-            if decision[0] == "done":
+            decision = from_rank0(None if self.rank else "done" if should_stop() else
+                                  self.catch_up_decision(version, deadline, pushes, final_eval))
+            if decision == "done":
                 return pushes
-            if decision[0] == "push":
+            if decision == "push":
                 self.push(model, version)
                 pushes += 1
             else:
@@ -217,9 +188,8 @@ class WeightBroadcaster:
 
     def catch_up_decision(self, version: int, deadline: float, pushes: int,
                           final_eval: bool = False) -> str:
-        """Rank 0: "wait" (a server is evaluating, or ``final_eval`` and none that evaluates
-        registered yet), "push" (a member is behind) or "done". A member refused for its versions
-        is never waited for (it could never catch up)."""
+        """Rank 0: "wait" (a server evaluates, or ``final_eval`` and none that evaluates yet), "push"
+        (a member is behind; never one refused for its versions) or "done"."""
         try:
             reply = roster(self.client, deadline)
         except (TransportTimeout, RuntimeError):
@@ -260,18 +230,14 @@ class WeightBroadcaster:
 
     def _sync(self, params, buckets: list[BucketSpec], report: SyncReport, deadline: float, *,
               alone: bool) -> None:
-        """One attempt and, when a member was lost and others missed the version with it, one
-        re-push to those survivors within the same deadline. ``alone``: rank 0 only (an
-        overlapped push). When the sender holds every bucket, rank 0 re-sends them alone; else
-        every rank stages them again, so rank 0 tells the others the decision."""
+        """One attempt and, when a member was lost, one re-push to the survivors. ``alone``: rank 0
+        only (an overlapped push); when the sender holds every bucket rank 0 re-sends alone."""
         try:
             lost = self._attempt(params, buckets, report, deadline, alone=alone)
             whole = self.sender.holds_all(buckets)
             targets = repush_targets(self.client, report, lost, deadline) if self.rank == 0 else []
-            if not (alone or whole) and dist.is_initialized() and dist.get_world_size() > 1:
-                shared = [targets]
-                dist.broadcast_object_list(shared, src=0)
-                targets = shared[0]
+            if not (alone or whole):
+                targets = from_rank0(targets)
             if not targets:
                 return
             if self.rank == 0:
@@ -288,22 +254,18 @@ class WeightBroadcaster:
 
     def _attempt(self, params, buckets: list[BucketSpec], report: SyncReport, deadline: float, *,
                  alone: bool, only: list[str] | None = None) -> set[str]:
-        """One plan: set up (rank 0), transfer (every rank gathers the unstaged buckets, unless
-        ``alone``), the members' reports (rank 0). Returns the members lost at the rendezvous."""
+        """One plan: set up, transfer, the members' reports; the members lost at the rendezvous."""
         lost: set[str] = set()
         send = self.rank == 0 and self._setup(buckets, report, deadline, only, lost)
-        if not alone and dist.is_initialized() and dist.get_world_size() > 1:
-            flag = [send]
-            dist.broadcast_object_list(flag, src=0)
-            send = flag[0]
+        if not alone:
+            send = from_rank0(send)
         if send:
             self.sender.send(params, buckets, report, deadline,
                              lambda: self._raise_if_failed(report.version))
         else:  # nobody to send to, or the setup failed
             self.sender.skip()
             report.bytes = 0
-        # the members' reports, also after a failed rendezvous: the survivors' before a re-push, and
-        # every report before the announcement (who never reported is left out of the next plans)
+        # the members' reports, also after a failed rendezvous (the survivors' before a re-push)
         if self.rank == 0 and report.plan_id:
             await_members(self.client, report.version, report, deadline)
             if report.dropped:
