@@ -220,7 +220,11 @@ def test_abort_request_by_rid(engine):
     assert out["meta_info"]["id"] == "kill-me" and out["meta_info"]["finish_reason"]["type"] == "abort"
 
 
-def test_pause_in_place_keeps_requests_and_refuses_flush(engine):
+@pytest.mark.parametrize("mode,flush", [("in_place", 400), ("retract", 200)])
+def test_a_pause_keeps_the_request_and_the_flush_follows_sglang(engine, mode, flush):
+    """``in_place`` keeps the request running: the flush is refused. ``retract`` moves it back to
+    the queue without KV, and the flush succeeds (SGLang 0.5.23's flush ignores the queue while
+    paused). Either way the request then ends as it would have."""
     body = {"input_ids": [1, 50, 51], "sampling_params": {"max_new_tokens": 120, "temperature": 0, "ignore_eos": True}}
     ref = gen(engine, **body)["output_ids"]
     with ThreadPoolExecutor(2) as pool:
@@ -228,31 +232,12 @@ def test_pause_in_place_keeps_requests_and_refuses_flush(engine):
             f = pool.submit(gen, engine, **body)
             wait_for(lambda: engine.scheduler.load()["num_running_reqs"], "the request to run")
             with stalled(engine):
-                pause = pool.submit(call, engine, "/pause_generation", {"mode": "in_place"})
+                pause = pool.submit(call, engine, "/pause_generation", {"mode": mode})
                 wait_for(lambda: engine.http.gate.paused, "the pause to reach the server")
             assert pause.result(timeout=HTTP_TIMEOUT_S)[0] == 200
-            assert call(engine, "/flush_cache", {})[0] == 400  # requests are still running
+            assert engine.scheduler.load()["num_waiting_reqs"] == (mode == "retract")
+            assert call(engine, "/flush_cache", {})[0] == flush
             time.sleep(0.2)
-            assert not f.done()
-        finally:
-            assert call(engine, "/continue_generation", {})[0] == 200
-        out = f.result(timeout=HTTP_TIMEOUT_S)
-    assert out["output_ids"] == ref and out["meta_info"]["finish_reason"]["type"] == "length"
-
-
-def test_pause_retract_requeues_requests_and_allows_flush(engine):
-    """As SGLang 0.5.23 does (its flush ignores the queue while paused): a retracting pause moves
-    the running request back to the queue without KV, so the weight update's cache flush
-    succeeds, and the request then ends as it would have."""
-    body = {"input_ids": [1, 50, 51], "sampling_params": {"max_new_tokens": 120, "temperature": 0, "ignore_eos": True}}
-    ref = gen(engine, **body)["output_ids"]
-    with ThreadPoolExecutor(2) as pool:
-        try:
-            f = pool.submit(gen, engine, **body)
-            wait_for(lambda: engine.scheduler.load()["num_running_reqs"], "the request to run")
-            assert call(engine, "/pause_generation", {"mode": "retract"})[0] == 200
-            assert engine.scheduler.load()["num_waiting_reqs"] == 1
-            assert call(engine, "/flush_cache", {})[0] == 200  # refused before: a request waits
             assert not f.done()
         finally:
             assert call(engine, "/continue_generation", {})[0] == 200
