@@ -61,7 +61,7 @@ def test_output_logp_reads_the_logits_that_predict_each_output_token():
             return self.head
 
     b = groups_to_batch([_group(0, [([1, 5], [7, 8, 9]), ([3], [6, 2])])])
-    got = output_logp(attach_logprobs(TableModel()), b, temperature=0.7, chunk_tokens=2)
+    got = output_logp(attach_logprobs(TableModel()), b, temperature=0.7, chunk_tokens=2).detach()
     for i, (p, o) in enumerate([([1, 5], [7, 8, 9]), ([3], [6, 2])]):
         seq = p + o
         for t, tok in enumerate(o):
