@@ -9,8 +9,8 @@ Invariants:
 - The buffer always hears the trainer's version (``push(..., announce=v)`` or ``announce(v)``).
 - A push's label is the version of the weights pushed. A snapshot is this rank's local shards,
   copied into the model only for the duration of a push.
-- ``repush`` sends what the engines should serve now, never newer; a push no engine loaded is
-  made again at the next step. Snapshots held: one (lagged), D + 1 (delay), none (default).
+- ``repush`` sends what the engines should serve now, never newer. Snapshots held: one (lagged),
+  D + 1 (delay), none (default).
 """
 
 from __future__ import annotations
@@ -66,10 +66,7 @@ class EngineSchedule:
         else:
             with self._swapped(target):
                 report = self.wb.push(self.model, target, announce=version)
-        # a push no engine loaded serves nobody: the next step pushes again (an overlapped push
-        # reports the previous version's)
-        if report.done or report.version != target:
-            self.served = target
+        self.served = target
         return report
 
     def _params(self) -> list[torch.Tensor]:
