@@ -47,18 +47,26 @@ from rollout_server.reward_worker import recv_frame, scrubbed_env, send_frame
 
 WORKER_SCRIPT = str(Path(reward_worker.__file__).resolve())
 STARTUP_TIMEOUT_S = 120.0  # a fresh worker imports the function's module (sympy, torch, ...) on a busy machine
-# PID 1 of the worker's namespaces: cover each hidden directory ($2.. up to --) with an empty tmpfs
-# nobody may enter, go to the caller's directory ($1) and run the worker as a child (not exec: a
-# PID 1 ignores signals it has no handler for), exiting with its status (128 + N: killed by N).
-# /tmp stays writable (a mount of its own first, so the hiding tmpfs under it are kept); then
-# the hidden directories are covered; then every other mount but /proc, /sys and /dev is made
-# read-only: with its effective uid 0 (reward_worker.drop_privileges) a worker would otherwise
-# write root's files, the job's code and config among them, and run as full root at a restart.
+# PID 1 of the worker's namespaces: the job's code ($2.. up to --) bound read-only, each hidden
+# directory (then up to the next --) covered with an empty tmpfs nobody may enter; then it goes to
+# the caller's directory ($1) and runs the worker as a child (not exec: a PID 1 ignores signals it
+# has no handler for), exiting with its status (128 + N: killed by N). /tmp stays writable (a
+# mount of its own first, so the mounts under it are kept), so code under /tmp is bound read-only
+# by name, before the hiding (a bind made later would uncover a hidden directory inside it); then
+# every other mount but /proc, /sys and /dev is made read-only: with its effective uid 0
+# (reward_worker.drop_privileges) a worker would otherwise write root's files, the job's code and
+# config among them, and run as full root at a restart.
 HIDE_SCRIPT = ('cwd=$1; shift; mount --bind /tmp /tmp || exit 126; while [ "$1" != -- ]; do '
+               'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" || exit 126; shift; done; '
+               'shift; while [ "$1" != -- ]; do '
                'mount -t tmpfs -o ro,mode=000,size=4k areal-hidden "$1" || exit 126; shift; done; '
                'shift; for m in $(awk \'{print $5}\' /proc/self/mountinfo); do case "$m" in '
                '/tmp|/tmp/*|/proc|/proc/*|/sys|/sys/*|/dev|/dev/*) continue;; esac; '
                'mount -o remount,bind,ro "$m" || exit 126; done; cd "$cwd" || cd /; "$@"')
+# the job's code (this project's root, the Python environment) where it lies under /tmp, which
+# stays writable; anywhere else the remount of every other mount makes it read-only
+CODE_DIRS = tuple(sorted(str(d) for d in {Path(reward_worker.__file__).resolve().parents[1],
+                                          Path(sys.prefix).resolve()} if d.is_relative_to("/tmp")))
 NAMESPACES = ("--pid", "--fork", "--kill-child", "--mount-proc")
 log = logging.getLogger(__name__)
 _hidden: tuple[str, ...] | None = None  # None: workers start as the job's own processes (hide())
@@ -90,7 +98,7 @@ def _argv(fd: int) -> list[str]:
     if _hidden is None:
         return worker
     return [shutil.which("unshare") or "unshare", *NAMESPACES, "/bin/sh", "-c", HIDE_SCRIPT, "sh",
-            os.getcwd(), *_hidden, "--", *worker]
+            os.getcwd(), *CODE_DIRS, "--", *_hidden, "--", *worker]
 
 
 @dataclass(frozen=True, kw_only=True)

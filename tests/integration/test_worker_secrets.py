@@ -129,3 +129,23 @@ def test_a_reward_in_the_pool_reaches_no_key(job):
     finally:
         pool.close()
     assert got == [(0.0, None)] and usr1 == []  # nothing reached
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or sys.platform != "linux", reason="hiding needs root on Linux"
+)
+def test_code_under_tmp_is_read_only_to_a_hidden_worker(job, tmp_path, monkeypatch):
+    """/tmp stays writable in a worker's namespace, so the job's code is bound read-only by name
+    (``sandbox.CODE_DIRS``): a checkout or environment under /tmp (as CI's or a user's may be)
+    cannot be planted into, while the rest of /tmp still can be written."""
+    run_dir, _ = job
+    code, scratch = tmp_path / "code", tmp_path / "scratch"
+    code.mkdir()
+    scratch.mkdir()
+    monkeypatch.setattr(sandbox, "CODE_DIRS", (*sandbox.CODE_DIRS, str(code)))
+    assert sandbox.hide([run_dir / "keys", run_dir / "secrets"])
+    for where, writable in ((code, False), (scratch, True)):
+        got = run_sandboxed("attack_fns:attack", (str(run_dir), os.getpid(), str(where / "planted.py")),
+                            SandboxLimits(timeout_s=30))
+        assert got.ok and bool(got.value.get("wrote code")) is writable, (where, got)
+        assert (where / "planted.py").exists() is writable
