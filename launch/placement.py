@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from areal_like.settings.config import ConfigError, RunConfig
-from areal_like.settings.schema import LORA_PATHS
 
 SHARED_MEM_FRACTION_DEFAULT = 0.4  # one shared GPU, fraction unset: what SGLang gets
 SHARED_MEM_FRACTION_MAX = 0.6  # one shared GPU: SGLang's static share; the trainer's weights, grads, Adam need the rest
@@ -224,10 +223,8 @@ def _check_shared(cfg: RunConfig) -> None:
 
 def auto_path(cfg: RunConfig, shared: bool) -> str:
     """``trainer.weight_sync.path=auto``: with LoRA the engine kind's adapter path
-    (``LORA_PATHS``), else ``tensor`` on a shared GPU, else ``distributed``."""
-    if cfg.trainer.lora.enabled and cfg.rollout.engine.kind in LORA_PATHS:
-        return LORA_PATHS[cfg.rollout.engine.kind]
-    return "tensor" if shared else "distributed"
+    (``RunConfig.adapter_path``), else ``tensor`` on a shared GPU, else ``distributed``."""
+    return cfg.adapter_path or ("tensor" if shared else "distributed")
 
 
 def with_weight_path(cfg: RunConfig) -> RunConfig:

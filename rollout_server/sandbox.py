@@ -65,7 +65,7 @@ HIDE_SCRIPT = ('cwd=$1; shift; mount --bind /tmp /tmp || exit 126; while [ "$1" 
                'mount -o remount,bind,ro "$m" || exit 126; done; cd "$cwd" || cd /; "$@"')
 # the job's code (this project's root, the Python environment) where it lies under /tmp, which
 # stays writable; anywhere else the remount of every other mount makes it read-only
-CODE_DIRS = tuple(sorted(str(d) for d in {Path(reward_worker.__file__).resolve().parents[1],
+CODE_DIRS = tuple(sorted(str(d) for d in {Path(WORKER_SCRIPT).parents[1],
                                           Path(sys.prefix).resolve()} if d.is_relative_to("/tmp")))
 NAMESPACES = ("--pid", "--fork", "--kill-child", "--mount-proc")
 log = logging.getLogger(__name__)

@@ -14,7 +14,6 @@ from pathlib import Path
 from areal_like.net.auth import engine_api_key
 from areal_like.net.security import Keys
 from areal_like.settings.config import ExportConfig, ModelConfig, RunConfig, TaskConfig
-from areal_like.settings.schema import LORA_PATHS
 
 
 @dataclass(frozen=True)
@@ -51,5 +50,4 @@ class TrainerFacts:
                    checkpoint_dir=cfg.resolve_path(cfg.trainer.checkpoint_dir),
                    export_dir=cfg.resolve_path(cfg.export.dir), nodes=cfg.launch.nodes, keys=keys,
                    engine_key=engine_api_key(cfg.run_dir),
-                   adapter_path=LORA_PATHS.get(cfg.rollout.engine.kind) if cfg.trainer.lora.enabled
-                   else None)
+                   adapter_path=cfg.adapter_path)

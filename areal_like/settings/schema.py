@@ -453,6 +453,11 @@ class RunConfig:
                f"auto or {LORA_PATHS[engine.kind]} with trainer.lora.rank > 0 and "
                f"rollout.engine.kind={engine.kind}", path)
 
+    @property
+    def adapter_path(self) -> str | None:
+        """With LoRA, the weight path the engine kind loads an adapter from (None: no LoRA)."""
+        return LORA_PATHS.get(self.rollout.engine.kind) if self.trainer.lora.enabled else None
+
     def resolve_path(self, p: str) -> Path:
         """A path from the config, relative to run_dir unless absolute."""
         path = Path(p)
