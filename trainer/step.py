@@ -47,6 +47,7 @@ class StepSettings:
     chunk_tokens: int = CHUNK_TOKENS  # trainer.logprob_chunk_tokens
     max_new_tokens: int | None = None  # task.max_new_tokens: Dr.GRPO's constant C when none is configured
     pack_sequences: bool = False  # trainer.pack_sequences
+    pack_min_padding: float = 0.0  # trainer.pack_min_padding (0: every minibatch packed)
     max_tokens_per_micro_batch: int = 0  # trainer.max_tokens_per_micro_batch (0: micro_batch_size)
 
     @classmethod
@@ -54,7 +55,7 @@ class StepSettings:
         return cls(loss=t.loss, estimator=t.estimator, micro_batch_size=t.micro_batch_size,
                    num_minibatches=t.num_minibatches, grad_clip=t.grad_clip, temperature=task.temperature,
                    chunk_tokens=t.logprob_chunk_tokens, max_new_tokens=task.max_new_tokens,
-                   pack_sequences=t.pack_sequences,
+                   pack_sequences=t.pack_sequences, pack_min_padding=t.pack_min_padding,
                    max_tokens_per_micro_batch=t.max_tokens_per_micro_batch)
 
     @classmethod
@@ -124,10 +125,19 @@ def minibatches(batch: TrainBatch, n: int) -> list[torch.Tensor]:
 
 
 def plan(batch: TrainBatch, rows: torch.Tensor, s: StepSettings) -> Plan:
-    """Every rank's micro-batches of the minibatch ``rows`` (``trainer/packing.py``)."""
-    return plan_minibatch(rows, batch.prompt_lens + batch.output_lens, rank_world()[1],
-                          max_seqs=s.micro_batch_size, max_tokens=s.max_tokens_per_micro_batch,
-                          packed=s.pack_sequences)
+    """Every rank's micro-batches of the minibatch ``rows`` (``trainer/packing.py``): packed with
+    ``pack_sequences`` where right-padding them would waste at least ``pack_min_padding``."""
+    def make(packed: bool) -> Plan:
+        return plan_minibatch(rows, batch.prompt_lens + batch.output_lens, rank_world()[1],
+                              max_seqs=s.micro_batch_size, max_tokens=s.max_tokens_per_micro_batch,
+                              packed=packed)
+    if not s.pack_sequences:
+        return make(False)
+    if s.pack_min_padding > 0:
+        padded = make(False)
+        if padded.padding_share() < s.pack_min_padding:
+            return padded
+    return make(True)
 
 
 def rank_calls(p: Plan, rows: torch.Tensor) -> Iterator[tuple[torch.Tensor, bool]]:
@@ -143,9 +153,10 @@ def batch_logp(model: torch.nn.Module, batch: TrainBatch, s: StepSettings, devic
     out = torch.zeros_like(batch.behav_logp)
     with evaluating(model):  # no dropout: what the engines compute
         for rows in minibatches(batch, s.num_minibatches):
-            for idx, real in rank_calls(plan(batch, rows, s), rows):
+            p = plan(batch, rows, s)
+            for idx, real in rank_calls(p, rows):
                 lp = output_logp(model, batch.select(idx).to(device), s.temperature, s.chunk_tokens,
-                                 s.pack_sequences)
+                                 p.packed)
                 if real:
                     out[idx, :lp.shape[1]] = lp.float().cpu()
     return out
@@ -184,9 +195,11 @@ def batch_advantages(batch: TrainBatch, s: StepSettings) -> Advantages | None:
 
 def forward_backward(policy: Policy, mb: TrainBatch, advantages: torch.Tensor, prox_logp: torch.Tensor | None,
                      s: StepSettings, loss_cfg: LossConfig, n_tokens: float, n_seqs: float,
-                     ref_logp: torch.Tensor | None = None) -> dict:
-    """Loss and gradient of one micro-batch (on the device); the kernel's stats."""
-    logp = output_logp(policy.model, mb, s.temperature, s.chunk_tokens, s.pack_sequences)
+                     ref_logp: torch.Tensor | None = None, packed: bool | None = None) -> dict:
+    """Loss and gradient of one micro-batch (on the device; ``packed``: its plan's layout, else
+    ``s.pack_sequences``); the kernel's stats."""
+    packed = s.pack_sequences if packed is None else packed
+    logp = output_logp(policy.model, mb, s.temperature, s.chunk_tokens, packed)
     if prox_logp is None and s.kernel.needs_prox:
         prox_logp = logp.detach()
     loss, stats = compute_policy_loss(
@@ -264,7 +277,7 @@ def train_step(policy: Policy, batch: TrainBatch, s: StepSettings, prox_logp: to
             prox = None if prox_logp is None else prox_logp[idx, :t].to(policy.device)
             ref = None if ref_logp is None else ref_logp[idx, :t].to(policy.device)
             mbs = forward_backward(policy, mb.to(policy.device), advantages[idx, :t].to(policy.device), prox, s,
-                                   loss_cfg, n_tokens, n_seqs, ref)
+                                   loss_cfg, n_tokens, n_seqs, ref, mb_plan.packed)
             stats = accumulate_stats(stats, mbs)
         out = _reduce_stats(stats) | layout_stats(mb_plan)
         out["grad_norm"] = clip_gradients(policy.model, s.grad_clip)

@@ -296,6 +296,9 @@ class TrainerConfig:
     micro_batch_size: int = 8  # sequences per forward/backward (max_tokens_per_micro_batch = 0)
     # sequences concatenated without padding (trainer/packing.py); false: right-padded
     pack_sequences: bool = True
+    # packed only where right-padding would waste at least this share of a minibatch's positions:
+    # below it a packed forward costs more than the padding it saves (trainer/packing.py); 0: always
+    pack_min_padding: float = 0.15
     # > 0: micro-batches of at most this many tokens instead of micro_batch_size sequences
     # (trainer/MEMORY.md); 0: off
     max_tokens_per_micro_batch: int = 0
@@ -330,6 +333,8 @@ class TrainerConfig:
         each("trainer", self, ">= 0", "first_engine_wait_s")
         _choice("trainer.lr_schedule", self.lr_schedule, ("constant", "linear", "cosine"))
         _choice("trainer.estimator", self.estimator, ESTIMATORS)
+        _check("trainer.pack_min_padding", 0.0 <= self.pack_min_padding < 1.0, "in [0, 1)",
+               self.pack_min_padding)
         _check("trainer.max_tokens_per_micro_batch", self.max_tokens_per_micro_batch >= 0,
                ">= 0 (0: micro-batches of micro_batch_size sequences)",
                self.max_tokens_per_micro_batch)

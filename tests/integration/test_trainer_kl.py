@@ -44,7 +44,7 @@ def worker(out_dir: Path) -> None:
         raise SystemExit(f"{out_dir} is not a directory")
     settings = ["trainer.lr=1e-2", "trainer.micro_batch_size=2", f"trainer.loss.kl_coef={KL_COEF}",
                 "trainer.loss.agg=token-mean"]
-    cfg = load_config([*settings, "trainer.pack_sequences=true"])  # the tiny model's recipe pads
+    cfg = load_config([*settings, "trainer.pack_sequences=true", "trainer.pack_min_padding=0"])  # the tiny model's recipe pads
     rank, _ = init_distributed(cfg.trainer)
     policy = build_policy(cfg.model, cfg.trainer)
     reference = build_reference(cfg.model, cfg.trainer)

@@ -81,7 +81,7 @@ def test_kill9_and_resume_restores_version_weights_and_optimizer(tmp_path, spawn
                        "trainer.checkpoint_every=1", f"trainer.checkpoint_async={async_save}",
                        f"trainer.metrics_port={metrics_port}",
                        "trainer.steps=1000", "trainer.lr=1e-3", "trainer.micro_batch_size=4",
-                       "trainer.pack_sequences=true",  # the tiny recipe pads; this test reads packing
+                       "trainer.pack_sequences=true", "trainer.pack_min_padding=0",  # the tiny recipe pads; this test reads packing
                        "trainer.batch_wait_s=1"])
     cfg_path = tmp_path / "config.yaml"
     cfg_path.write_text(to_yaml(cfg))

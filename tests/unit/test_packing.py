@@ -8,6 +8,8 @@ leak into), on a real tiny Qwen2 with SDPA.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,7 @@ from areal_like.wire.protocol import TrajectoryGroup
 from areal_like.wire.trajectory import Trajectory
 from trainer.data import groups_to_batch
 from trainer.packing import balance_ranks, plan_minibatch, split_microbatches
-from trainer.step import layout_stats, output_logp
+from trainer.step import StepSettings, layout_stats, output_logp, plan
 
 LENS = [9, 7, 6, 5, 4, 2]  # rows 0..5
 
@@ -69,6 +71,22 @@ def test_bad_budget_is_refused_naming_the_key():
     with pytest.raises(ConfigError, match=r"trainer\.max_tokens_per_micro_batch"):
         load_config(["trainer.max_tokens_per_micro_batch=-1"])
     assert load_config([]).trainer.max_tokens_per_micro_batch == 0  # off unless asked for
+
+
+def test_a_minibatch_is_packed_only_where_padding_would_waste_the_threshold():
+    # LENS in one padded call: 6 x 9 = 54 positions for 33 tokens, 39% padding -> packed;
+    # lengths 9, 9, 8, 9: 36 positions for 35 tokens, 2.8% padding -> padded (the default 0.15)
+    cfg = load_config(["trainer.micro_batch_size=8", "trainer.pack_sequences=true"])  # tiny pads
+    s = StepSettings.from_config(cfg)
+    assert s.pack_min_padding == 0.15
+    spread, near = _batch([(1, n - 1) for n in LENS]), _batch([(1, n - 1) for n in (9, 9, 8, 9)])
+    assert plan(spread, torch.arange(6), s).packed
+    p = plan(near, torch.arange(4), s)
+    assert not p.packed and p.padding_share() == pytest.approx(1 / 36)
+    assert plan(near, torch.arange(4), replace(s, pack_min_padding=0.0)).packed  # 0: always
+    assert not plan(spread, torch.arange(6), replace(s, pack_sequences=False)).packed
+    with pytest.raises(ConfigError, match=r"trainer\.pack_min_padding"):
+        load_config(["trainer.pack_min_padding=1"])
 
 
 def _batch(shapes: list[tuple[int, int]], seed: int = 0):
