@@ -219,7 +219,7 @@ def main() -> None:
     common = [f"model.max_position_embeddings={max(512, args.max_len)}"]
     today = settings([*common, "trainer.pack_sequences=false",
                       f"trainer.micro_batch_size={args.mbs}"])
-    new = settings([*common, "trainer.pack_sequences=true",
+    new = settings([*common, "trainer.pack_sequences=true", "trainer.pack_min_padding=0",
                     f"trainer.max_tokens_per_micro_batch={args.budget}"])
     padded = settings([*common, "trainer.pack_sequences=false",
                        f"trainer.max_tokens_per_micro_batch={args.budget}"])

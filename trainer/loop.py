@@ -63,7 +63,7 @@ def layout_metrics(stats: dict[str, float], phase_times: dict[str, float]) -> di
     compute_s = sum(phase_times.get(k, 0.0) for k in ("recompute_prox", "ref_logp", "train_step"))
     return {"trained_tokens_per_s": stats.get("seq_tokens", 0.0) / max(compute_s, 1e-9),
             **{k: stats.get(k, 0.0) for k in ("padding_share", "tokens_per_micro_batch",
-                                              "rank_token_spread")}}
+                                              "rank_token_spread", "packed_minibatches")}}
 
 
 def train(cfg: RunConfig, keys: Keys | None = None) -> int:

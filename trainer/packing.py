@@ -8,10 +8,11 @@ row, positions restarting per sequence) ``sum(len)``.
 into micro-batches by first-fit decreasing under ``max_tokens`` (a longer sequence runs alone),
 else in runs of ``max_seqs``; every rank runs as many calls as the busiest (the others end in
 ``None``: zero-weight passes keep FSDP's collectives aligned). Any plan gives the same loss.
-``trainer/step.py``'s ``plan`` packs a minibatch only where its padded plan would waste at least
-``trainer.pack_min_padding`` of the positions: a packed forward costs more per position (a
+``trainer/step.py``'s ``plan`` packs a minibatch unless every call of its padded plan wastes less
+than ``trainer.pack_min_padding`` of its positions: a packed forward costs more per position (a
 segmented attention per length), so short, even sequences train faster padded (measured in
-benchmarks/README.md, "The user's path").
+benchmarks/README.md, "The user's path"), and no padded call computes more than 1 / (1 - that
+share) positions per real token (activation memory).
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ class Plan:
         lens = [self.lens[int(r)] for r in rows]
         return sum(lens) if self.packed else len(lens) * max(lens)
 
-    def padding_share(self) -> float:
-        """The share of the computed positions that are padding."""
-        st = self.stats()
-        return 1.0 - st["seq_tokens"] / st["computed_tokens"] if st["computed_tokens"] else 0.0
+    def worst_padding(self) -> float:
+        """The largest share of padding among the calls, had they been right-padded."""
+        calls = [c for cs in self.calls for c in cs if c is not None and len(c)]
+        lens = [[self.lens[int(r)] for r in c] for c in calls]
+        return max((1.0 - sum(ls) / (len(ls) * max(ls)) for ls in lens), default=0.0)
 
     def stats(self) -> dict[str, float]:
         """Sums over the minibatch (``_max``: maxima), as ``trainer/step.py`` combines its stats:

@@ -9,6 +9,7 @@ each call sees. Invariants (the invariance tests check them):
   or rank count. All ranks run the same number of passes.
 - With reference == policy the KL term is exactly 0 (same micro-batches).
 - Advantages once on the whole batch, except ``Kernel.per_minibatch`` (vcpo).
+  (VCPO's one-sequence passes follow ``pack_sequences``: one sequence has no padding.)
 - pi_prox is the policy at the start of the step: with one minibatch each micro-batch's own
   detached log-probs (``fuse_prox``), else a separate no-grad pass; the same numbers.
 - A non-finite step is skipped on every rank alike (``trainer/finite_guard.py``).
@@ -126,7 +127,7 @@ def minibatches(batch: TrainBatch, n: int) -> list[torch.Tensor]:
 
 def plan(batch: TrainBatch, rows: torch.Tensor, s: StepSettings) -> Plan:
     """Every rank's micro-batches of the minibatch ``rows`` (``trainer/packing.py``): packed with
-    ``pack_sequences`` where right-padding them would waste at least ``pack_min_padding``."""
+    ``pack_sequences`` unless every padded call would waste less than ``pack_min_padding``."""
     def make(packed: bool) -> Plan:
         return plan_minibatch(rows, batch.prompt_lens + batch.output_lens, rank_world()[1],
                               max_seqs=s.micro_batch_size, max_tokens=s.max_tokens_per_micro_batch,
@@ -135,7 +136,7 @@ def plan(batch: TrainBatch, rows: torch.Tensor, s: StepSettings) -> Plan:
         return make(False)
     if s.pack_min_padding > 0:
         padded = make(False)
-        if padded.padding_share() < s.pack_min_padding:
+        if padded.worst_padding() < s.pack_min_padding:
             return padded
     return make(True)
 
@@ -305,8 +306,9 @@ def apply_optimizer_step(policy: Policy, lr_scale: float) -> float:
 
 # Stats of the layout, not of the loss: padded and packed runs differ in them by design.
 LAYOUT_STATS = ("seq_tokens", "computed_tokens", "micro_batches", "rank_token_spread",
-                "padding_share", "tokens_per_micro_batch")
-_SUMMED = ("tokens", "seqs", SKIPPED, "seq_tokens", "computed_tokens", "micro_batches")
+                "padding_share", "tokens_per_micro_batch", "packed_minibatches")
+_SUMMED = ("tokens", "seqs", SKIPPED, "seq_tokens", "computed_tokens", "micro_batches",
+           "packed_minibatches")
 
 
 def layout_stats(p: Plan) -> dict[str, float]:
@@ -314,7 +316,8 @@ def layout_stats(p: Plan) -> dict[str, float]:
     st = p.stats()
     mean = st["seq_tokens"] / len(p.calls)
     spread = (st["rank_tokens_max"] - st["rank_tokens_min"]) / mean if mean else 0.0
-    return {k: st[k] for k in _SUMMED if k in st} | {"rank_token_spread": spread}
+    return {k: st[k] for k in _SUMMED if k in st} | {"rank_token_spread": spread,
+                                                     "packed_minibatches": float(p.packed)}
 
 
 def _combine(per_step: list[dict[str, float]]) -> dict[str, float]:

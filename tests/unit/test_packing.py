@@ -82,21 +82,43 @@ def test_a_minibatch_is_packed_only_where_padding_would_waste_the_threshold():
     spread, near = _batch([(1, n - 1) for n in LENS]), _batch([(1, n - 1) for n in (9, 9, 8, 9)])
     assert plan(spread, torch.arange(6), s).packed
     p = plan(near, torch.arange(4), s)
-    assert not p.packed and p.padding_share() == pytest.approx(1 / 36)
+    assert not p.packed and p.worst_padding() == pytest.approx(1 / 36)
+    assert layout_stats(p)["packed_minibatches"] == 0.0  # reported (trainer.jsonl, /metrics)
+    # two per call: lengths 9, 8 -> one call wasting 1 - 17 / 18 = 6% -> padded; lengths 9, 8, 9, 3
+    # -> calls [9, 9] (0%) and [8, 3] (1 - 11 / 16 = 31%): the minibatch as a whole wastes
+    # 1 - 29 / 34 = 14.7%, under the threshold, but each call is checked -> packed
+    two = replace(s, micro_batch_size=2)
+    assert not plan(_batch([(1, 8), (1, 7)]), torch.arange(2), two).packed
+    assert plan(_batch([(1, 8), (1, 7), (1, 8), (1, 2)]), torch.arange(4), two).packed
     assert plan(near, torch.arange(4), replace(s, pack_min_padding=0.0)).packed  # 0: always
     assert not plan(spread, torch.arange(6), replace(s, pack_sequences=False)).packed
     with pytest.raises(ConfigError, match=r"trainer\.pack_min_padding"):
         load_config(["trainer.pack_min_padding=1"])
 
 
-def _batch(shapes: list[tuple[int, int]], seed: int = 0):
+def test_each_pass_runs_its_minibatch_in_the_layout_its_plan_chose(monkeypatch):
+    # two minibatches (one group each): lengths 9, 3 (67% padding: packed) and 9, 9 (padded)
+    import trainer.step as step
+
+    batch = _batch([(1, 8), (1, 2)], [(1, 8), (1, 8)])
+    cfg = load_config(["trainer.pack_sequences=true", "trainer.num_minibatches=2"])
+    s = StepSettings.from_config(cfg)
+    seen = []
+    monkeypatch.setattr(step, "output_logp", lambda model, mb, *a: (
+        seen.append((mb.input_ids.shape[0], a[-1])) or torch.zeros(mb.mask.shape)))
+    step.batch_logp(torch.nn.Linear(1, 1), batch, s, torch.device("cpu"))
+    assert seen == [(2, True), (2, False)]
+
+
+def _batch(*groups: list[tuple[int, int]], seed: int = 0):
+    """One group per list of (prompt, output) lengths."""
     rng = np.random.default_rng(seed)
-    trajs = [Trajectory.of(prompt_ids=rng.integers(4, 100, p), output_ids=rng.integers(4, 100, o),
-                           behav_logp=np.full(o, -1.0), versions=np.zeros(o, np.int32), reward=1.0,
-                           finish_reason="stop") for p, o in shapes]
-    g = TrajectoryGroup(group_id="g", server_id="s", lease_id="0", prompt_index=0, epoch=0,
-                        trajectories=trajs)
-    return groups_to_batch([g])
+    return groups_to_batch([TrajectoryGroup(
+        group_id=f"g{i}", server_id="s", lease_id="0", prompt_index=i, epoch=0,
+        trajectories=[Trajectory.of(prompt_ids=rng.integers(4, 100, p),
+                                    output_ids=rng.integers(4, 100, o), behav_logp=np.full(o, -1.0),
+                                    versions=np.zeros(o, np.int32), reward=1.0, finish_reason="stop")
+                      for p, o in shapes]) for i, shapes in enumerate(groups)])
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "sdpa_packed"])
@@ -147,8 +169,9 @@ def test_trained_tokens_per_s_counts_the_passes_over_the_batch():
     from trainer.loop import layout_metrics
 
     stats = {"seq_tokens": 300.0, "padding_share": 0.25, "tokens_per_micro_batch": 100.0,
-             "rank_token_spread": 0.02, "loss": 1.0}
+             "rank_token_spread": 0.02, "packed_minibatches": 1.0, "loss": 1.0}
     # 300 real tokens over the prox recompute (1 s) and the step (2 s); the data wait not counted
     got = layout_metrics(stats, {"fetch_batch": 10.0, "recompute_prox": 1.0, "train_step": 2.0})
     assert got == {"trained_tokens_per_s": 100.0, "padding_share": 0.25,
-                   "tokens_per_micro_batch": 100.0, "rank_token_spread": 0.02}
+                   "tokens_per_micro_batch": 100.0, "rank_token_spread": 0.02,
+                   "packed_minibatches": 1.0}
