@@ -36,10 +36,10 @@ class Plan:
         return sum(lens) if self.packed else len(lens) * max(lens)
 
     def worst_padding(self) -> float:
-        """The largest share of padding among the calls, had they been right-padded."""
+        """The largest share of padding among the calls (0 when packed)."""
         calls = [c for cs in self.calls for c in cs if c is not None and len(c)]
-        lens = [[self.lens[int(r)] for r in c] for c in calls]
-        return max((1.0 - sum(ls) / (len(ls) * max(ls)) for ls in lens), default=0.0)
+        return max((1.0 - sum(self.lens[int(r)] for r in c) / self.computed(c) for c in calls),
+                   default=0.0)
 
     def stats(self) -> dict[str, float]:
         """Sums over the minibatch (``_max``: maxima), as ``trainer/step.py`` combines its stats:

@@ -196,10 +196,9 @@ def batch_advantages(batch: TrainBatch, s: StepSettings) -> Advantages | None:
 
 def forward_backward(policy: Policy, mb: TrainBatch, advantages: torch.Tensor, prox_logp: torch.Tensor | None,
                      s: StepSettings, loss_cfg: LossConfig, n_tokens: float, n_seqs: float,
-                     ref_logp: torch.Tensor | None = None, packed: bool | None = None) -> dict:
-    """Loss and gradient of one micro-batch (on the device; ``packed``: its plan's layout, else
-    ``s.pack_sequences``); the kernel's stats."""
-    packed = s.pack_sequences if packed is None else packed
+                     ref_logp: torch.Tensor | None = None, *, packed: bool) -> dict:
+    """Loss and gradient of one micro-batch (on the device; ``packed``: its plan's layout); the
+    kernel's stats."""
     logp = output_logp(policy.model, mb, s.temperature, s.chunk_tokens, packed)
     if prox_logp is None and s.kernel.needs_prox:
         prox_logp = logp.detach()
@@ -278,7 +277,7 @@ def train_step(policy: Policy, batch: TrainBatch, s: StepSettings, prox_logp: to
             prox = None if prox_logp is None else prox_logp[idx, :t].to(policy.device)
             ref = None if ref_logp is None else ref_logp[idx, :t].to(policy.device)
             mbs = forward_backward(policy, mb.to(policy.device), advantages[idx, :t].to(policy.device), prox, s,
-                                   loss_cfg, n_tokens, n_seqs, ref, mb_plan.packed)
+                                   loss_cfg, n_tokens, n_seqs, ref, packed=mb_plan.packed)
             stats = accumulate_stats(stats, mbs)
         out = _reduce_stats(stats) | layout_stats(mb_plan)
         out["grad_norm"] = clip_gradients(policy.model, s.grad_clip)

@@ -296,8 +296,8 @@ class TrainerConfig:
     micro_batch_size: int = 8  # sequences per forward/backward (max_tokens_per_micro_batch = 0)
     # sequences concatenated without padding (trainer/packing.py); false: right-padded
     pack_sequences: bool = True
-    # packed only where right-padding would waste at least this share of a minibatch's positions:
-    # below it a packed forward costs more than the padding it saves (trainer/packing.py); 0: always
+    # a minibatch is packed unless each of its right-padded calls would waste less than this share
+    # of its positions: there a packed forward costs more than the padding (trainer/packing.py)
     pack_min_padding: float = 0.15
     # > 0: micro-batches of at most this many tokens instead of micro_batch_size sequences
     # (trainer/MEMORY.md); 0: off

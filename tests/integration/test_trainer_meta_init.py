@@ -52,7 +52,7 @@ def _grads_after_one_microbatch(policy, cfg) -> dict:
     calls = []
     hook = policy.model.model.layers[0].mlp.register_forward_pre_hook(lambda *a: calls.append(1))
     stats = forward_backward(policy, mb, adv[rows, :mb.mask.shape[1]], prox[rows, :mb.mask.shape[1]], s,
-                             s.loss_config(batch), n_tokens, n_seqs)
+                             s.loss_config(batch), n_tokens, n_seqs, packed=s.pack_sequences)
     hook.remove()
     grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
              for n, p in policy.model.named_parameters()}
