@@ -92,6 +92,30 @@ def test_repush_resends_what_the_engines_should_serve():
     torch.testing.assert_close(wb.pushed[-1][1], weights[4], rtol=0, atol=0)
 
 
+def test_a_resumed_lagged_push_that_reached_nobody_is_sent_again_on_a_stall():
+    """Resumed at version 5 with L = 4: the first push may reach no engine (none registered yet)
+    and versions 6 and 7 are only announced; the data stall that follows repushes version 5's
+    weights, held as the one snapshot, under their own label (not the trainer's newer weights)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    wb = RecordingBroadcaster()
+    cfg = load_config(["trainer.weight_sync.every=4", "buffer.max_staleness=3"]).trainer.weight_sync
+    sched = EngineSchedule(cfg, wb, model, final_version=20)
+    resumed = model.weight.detach().clone()
+    sched.after_step(5)
+    for v in (6, 7):
+        opt.zero_grad()
+        model(torch.ones(1, 3)).sum().backward()
+        opt.step()
+        sched.after_step(v)
+    assert [v for v, _ in wb.pushed] == [5] and wb.announced == [5, 6, 7]
+    sched.repush(7)
+    assert wb.pushed[-1][0] == 5 and wb.announced[-1] == 7
+    torch.testing.assert_close(wb.pushed[-1][1], resumed, rtol=0, atol=0)
+    assert not torch.equal(model.weight, resumed)  # the trainer's own weights are back after
+
+
 @pytest.mark.parametrize("every", [1, 2, 4, 8])
 def test_admission_admits_exactly_the_lag(every):
     # Engines re-synced every L steps serve L * floor(v / L). With eta = L - 1 every credit the
