@@ -5,8 +5,8 @@ prompt plus its output. Padded micro-batches compute ``n * longest`` positions, 
 row, positions restarting per sequence) ``sum(len)``.
 
 ``plan_minibatch``: ranks by greedy longest-first (LPT); each rank's sequences, longest first,
-into micro-batches by first-fit decreasing under ``max_tokens`` (a longer sequence runs alone),
-else in runs of ``max_seqs``; every rank runs as many calls as the busiest (the others end in
+into micro-batches by first-fit decreasing under ``max_tokens`` (a longer sequence runs alone;
+packed, as many calls then evened out longest-first), else in runs of ``max_seqs``; every rank runs as many calls as the busiest (the others end in
 ``None``: zero-weight passes keep FSDP's collectives aligned). Any plan gives the same loss.
 ``trainer/step.py``'s ``plan`` packs a minibatch unless every call of its padded plan wastes less
 than ``trainer.pack_min_padding`` of its positions: a packed forward costs more per position (a
@@ -17,6 +17,7 @@ share) positions per real token (activation memory).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +55,8 @@ class Plan:
                 "rank_tokens_max": float(max(per_rank)), "rank_tokens_min": float(min(per_rank))}
 
 
-def balance_ranks(rows: torch.Tensor, lens: torch.Tensor, world: int) -> list[list[int]]:
+def balance_ranks(rows: Sequence[int] | torch.Tensor, lens: Sequence[int] | torch.Tensor,
+                  world: int) -> list[list[int]]:
     """Greedy longest-first partition of ``rows`` (``lens[i]``: the length of ``rows[i]``) over
     ``world`` ranks by tokens; each rank's rows come longest first."""
     order = sorted(range(len(rows)), key=lambda i: (-int(lens[i]), int(rows[i])))
@@ -69,7 +71,9 @@ def balance_ranks(rows: torch.Tensor, lens: torch.Tensor, world: int) -> list[li
 def split_microbatches(rows: list[int], lens: dict[int, int], *, max_seqs: int, max_tokens: int,
                        packed: bool) -> list[list[int]]:
     """One rank's micro-batches of ``rows`` (longest first): by token budget when ``max_tokens``
-    > 0 (first-fit decreasing, counting padding when not ``packed``), else ``max_seqs`` a call."""
+    > 0 (first-fit decreasing, counting padding when not ``packed``), else ``max_seqs`` a call.
+    Packed, the first-fit count of calls is then evened out longest-first where that stays within
+    the budget: the same calls, the largest (the activation peak) no fuller than it must be."""
     if max_tokens <= 0:
         return [rows[i:i + max_seqs] for i in range(0, len(rows), max_seqs)]
     bins: list[list[int]] = []
@@ -82,6 +86,10 @@ def split_microbatches(rows: list[int], lens: dict[int, int], *, max_seqs: int, 
                 break
         else:
             bins.append([r])
+    if packed:
+        even = balance_ranks(rows, [lens[r] for r in rows], len(bins))
+        if all(len(b) == 1 or sum(lens[r] for r in b) <= max_tokens for b in even):
+            return even
     return bins
 
 

@@ -32,11 +32,21 @@ def test_ranks_are_balanced_longest_first():
     assert balance_ranks(torch.arange(6), torch.tensor(LENS), 1) == [[0, 1, 2, 3, 4, 5]]
 
 
-def test_token_budget_is_first_fit_decreasing():
+def test_token_budget_is_first_fit_decreasing_then_evened_when_packed():
     lens = dict(enumerate(LENS))
-    # packed, budget 12: 9 -> A; 7 -> B (16 > 12); 6 -> C; 5 -> B (12); 4 -> C (10); 2 -> A (11)
+    # packed, budget 12: first fit 9 -> A; 7 -> B (16 > 12); 6 -> C; 5 -> B (12); 4 -> C (10);
+    # 2 -> A (11): 3 calls, the largest 12. Evened longest-first over 3 calls: 9 -> A, 7 -> B,
+    # 6 -> C, 5 -> C (11), 4 -> B (11), 2 -> A (11): the same count, the largest 11
     assert split_microbatches(list(range(6)), lens, max_seqs=1, max_tokens=12,
-                              packed=True) == [[0, 5], [1, 3], [2, 4]]
+                              packed=True) == [[0, 5], [1, 4], [2, 3]]
+    # evening out that would break the budget keeps first fit: 6, 6, 4, 4, 4 under 12 fit in
+    # 2 calls as [6, 6] [4, 4, 4]; longest-first over 2 gives [6, 4, 4] (14 > 12)
+    assert split_microbatches(list(range(5)), dict(enumerate([6, 6, 4, 4, 4])), max_seqs=1,
+                              max_tokens=12, packed=True) == [[0, 1], [2, 3, 4]]
+    # a sequence over the budget runs alone and does not stop the others being evened:
+    # 20 | 5 5 | 3 3 -> first fit [20] [5, 5] [3, 3]; evened [20] [5, 3] [5, 3]
+    assert split_microbatches(list(range(5)), dict(enumerate([20, 5, 5, 3, 3])), max_seqs=1,
+                              max_tokens=10, packed=True) == [[0], [1, 3], [2, 4]]
     # padded, budget 12, cost = count x longest: 9 -> A; 7 -> B (A: 18); 6 -> C (B: 14);
     # 5 -> C (2 x 6 = 12); 4 -> D (A 18, B 14, C 18); 2 -> D (2 x 4 = 8)
     assert split_microbatches(list(range(6)), lens, max_seqs=1, max_tokens=12,
@@ -49,11 +59,11 @@ def test_token_budget_is_first_fit_decreasing():
 
 
 def test_every_rank_runs_as_many_calls_and_the_layout_is_reported():
-    # 2 ranks, packed, budget 12: r0 holds rows 0, 3, 5 (9, 5, 2) -> [9, 2], [5];
-    # r1 holds 1, 2, 4 (7, 6, 4) -> [7, 4], [6]: two calls each
+    # 2 ranks, packed, budget 12: r0 holds rows 0, 3, 5 (9, 5, 2) -> first fit [9, 2], [5],
+    # evened [9], [5, 2]; r1 holds 1, 2, 4 (7, 6, 4) -> [7, 4], [6], evened [7], [6, 4]
     p = plan_minibatch(torch.arange(6), torch.tensor(LENS), 2, max_seqs=1, max_tokens=12,
                        packed=True)
-    assert [[c.tolist() for c in cs] for cs in p.calls] == [[[0, 5], [3]], [[1, 4], [2]]]
+    assert [[c.tolist() for c in cs] for cs in p.calls] == [[[0], [3, 5]], [[1], [2, 4]]]
     st = layout_stats(p)
     assert (st["seq_tokens"], st["computed_tokens"], st["micro_batches"]) == (33.0, 33.0, 4.0)
     assert st["rank_token_spread"] == pytest.approx((17 - 16) / 16.5)
