@@ -6,8 +6,9 @@ row, positions restarting per sequence) ``sum(len)``.
 
 ``plan_minibatch``: ranks by greedy longest-first (LPT); each rank's sequences, longest first,
 into micro-batches by first-fit decreasing under ``max_tokens`` (a longer sequence runs alone;
-packed, as many calls then evened out longest-first), else in runs of ``max_seqs``; every rank runs as many calls as the busiest (the others end in
-``None``: zero-weight passes keep FSDP's collectives aligned). Any plan gives the same loss.
+packed, then evened out longest-first), else in runs of ``max_seqs``; every rank runs as many
+calls as the busiest (the others end in ``None``: zero-weight passes keep FSDP's collectives
+aligned). Any plan gives the same loss.
 ``trainer/step.py``'s ``plan`` packs a minibatch unless every call of its padded plan wastes less
 than ``trainer.pack_min_padding`` of its positions: a packed forward costs more per position (a
 segmented attention per length), so short, even sequences train faster padded (measured in
@@ -72,8 +73,9 @@ def split_microbatches(rows: list[int], lens: dict[int, int], *, max_seqs: int, 
                        packed: bool) -> list[list[int]]:
     """One rank's micro-batches of ``rows`` (longest first): by token budget when ``max_tokens``
     > 0 (first-fit decreasing, counting padding when not ``packed``), else ``max_seqs`` a call.
-    Packed, the first-fit count of calls is then evened out longest-first where that stays within
-    the budget: the same calls, the largest (the activation peak) no fuller than it must be."""
+    Packed, the calls are then evened out longest-first over as many calls, or one more where
+    that is what keeps every call within the budget (else first fit stays), so the largest call,
+    the activation peak, is no fuller than it must be."""
     if max_tokens <= 0:
         return [rows[i:i + max_seqs] for i in range(0, len(rows), max_seqs)]
     bins: list[list[int]] = []
@@ -86,8 +88,8 @@ def split_microbatches(rows: list[int], lens: dict[int, int], *, max_seqs: int, 
                 break
         else:
             bins.append([r])
-    if packed:
-        even = balance_ranks(rows, [lens[r] for r in rows], len(bins))
+    for calls in range(len(bins), min(len(bins) + 1, len(rows)) + 1) if packed else ():
+        even = balance_ranks(rows, [lens[r] for r in rows], calls)
         if all(len(b) == 1 or sum(lens[r] for r in b) <= max_tokens for b in even):
             return even
     return bins

@@ -8,6 +8,7 @@ leak into), on a real tiny Qwen2 with SDPA.
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 
 import numpy as np
@@ -39,10 +40,11 @@ def test_token_budget_is_first_fit_decreasing_then_evened_when_packed():
     # 6 -> C, 5 -> C (11), 4 -> B (11), 2 -> A (11): the same count, the largest 11
     assert split_microbatches(list(range(6)), lens, max_seqs=1, max_tokens=12,
                               packed=True) == [[0, 5], [1, 4], [2, 3]]
-    # evening out that would break the budget keeps first fit: 6, 6, 4, 4, 4 under 12 fit in
-    # 2 calls as [6, 6] [4, 4, 4]; longest-first over 2 gives [6, 4, 4] (14 > 12)
+    # one call more where evening out over as many would break the budget: 6, 6, 4, 4, 4 under
+    # 12 fit in 2 calls as [6, 6] [4, 4, 4] (the largest 12); longest-first over 2 gives
+    # [6, 4, 4] (14 > 12); over 3: 6 -> A, 6 -> B, 4 -> C, 4 -> C (8), 4 -> A (10)
     assert split_microbatches(list(range(5)), dict(enumerate([6, 6, 4, 4, 4])), max_seqs=1,
-                              max_tokens=12, packed=True) == [[0, 1], [2, 3, 4]]
+                              max_tokens=12, packed=True) == [[0, 4], [1], [2, 3]]
     # a sequence over the budget runs alone and does not stop the others being evened:
     # 20 | 5 5 | 3 3 -> first fit [20] [5, 5] [3, 3]; evened [20] [5, 3] [5, 3]
     assert split_microbatches(list(range(5)), dict(enumerate([20, 5, 5, 3, 3])), max_seqs=1,
@@ -56,6 +58,17 @@ def test_token_budget_is_first_fit_decreasing_then_evened_when_packed():
                               packed=True) == [[0], [1]]
     assert split_microbatches(list(range(6)), lens, max_seqs=4, max_tokens=0,
                               packed=True) == [[0, 1, 2, 3], [4, 5]]
+
+
+def test_packed_calls_keep_the_budget_and_every_row_once():
+    rng = random.Random(0)
+    for _ in range(2000):
+        lens = dict(enumerate(sorted((rng.randint(1, 40) for _ in range(rng.randint(1, 16))),
+                                     reverse=True)))
+        budget = rng.randint(10, 80)
+        calls = split_microbatches(list(lens), lens, max_seqs=1, max_tokens=budget, packed=True)
+        assert sorted(r for c in calls for r in c) == list(lens)
+        assert all(c and (len(c) == 1 or sum(lens[r] for r in c) <= budget) for c in calls)
 
 
 def test_every_rank_runs_as_many_calls_and_the_layout_is_reported():
