@@ -6,7 +6,7 @@ a checkpoint (the control state), superseding older control records. Records (li
 (a TrajectoryGroup's wire frame as received) or ``b"C" + msgpack map`` (control: "state" or
 "changes", "consumed", "seen"). Only this layout is read (no release had another). ``replay``
 yields every intact record in order; ``recovery.py`` applies them. One writer per directory
-(``dirlock.py``).
+(``lock_directory``).
 
 Durability (``fsync``). ``always``: records are queued, ``request_sync()`` returns a ticket, and a
 background thread checksums, writes and fdatasyncs the queue (group commit); the service replies
@@ -40,20 +40,22 @@ from pathlib import Path
 
 import msgspec
 
-from buffer.dirlock import DirectoryLock
 from buffer.wal_format import (  # noqa: F401 (re-exported: the WAL's public names)
     GID_LEN,
     HEADER,
     DiskFull,
     Record,
     WalFailed,
+    WalInUse,
     WalRef,
     damaged_group_id,
+    lock_directory,
     next_intact,
     record_header,
     record_problem,
     segment_path,
     sync_data,
+    unlock_directory,
     write_record,
 )
 
@@ -70,8 +72,7 @@ class WriteAheadLog:
             raise ValueError(f"fsync={fsync!r}")
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock = DirectoryLock(self.dir)
-        self._unlock = weakref.finalize(self, self._lock.release)  # also for a log never closed
+        self._unlock = weakref.finalize(self, unlock_directory, lock_directory(self.dir))  # also unclosed
         self.fsync_policy, self.segment_bytes = fsync, segment_bytes
         self._fd: int | None = None
         self.segment = self.segment_size = 0  # current segment number, bytes appended to it

@@ -1,9 +1,12 @@
 """The WAL's lowest layer: segment names, record checks, one record's write (cut back to the last
-whole record on a full disk), and the exceptions. The layout is described in ``wal.py``."""
+whole record on a full disk), the directory lock, and the exceptions. The layout is described in
+``wal.py``."""
 
 from __future__ import annotations
 
 import errno
+import fcntl
+import logging
 import os
 import struct
 from dataclasses import dataclass
@@ -24,6 +27,10 @@ class WalFailed(ComponentStopped, OSError):
     the daemon stops with one error line (``Daemon.serve``) and exit status 1."""
 
 
+class WalInUse(RuntimeError):
+    """Another log (in this or another process) holds the WAL directory."""
+
+
 class DiskFull(OSError):
     """A record did not fit on the disk (ENOSPC, or EDQUOT: space can come back); the file was cut
     back to its last whole record."""
@@ -31,6 +38,51 @@ class DiskFull(OSError):
 
 SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # DiskFull; any other write error (EFBIG: the file may
 # grow no more, EIO) is fatal
+
+
+_LOCKS: set[int] = set()  # the lock descriptors held (lock_directory)
+
+
+def _close_locks_in_child() -> None:
+    """A forked child's copies would keep the directories locked after the parent let go."""
+    for fd in _LOCKS:
+        os.close(fd)
+    _LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_locks_in_child)
+
+
+def lock_directory(directory: Path) -> int | None:
+    """One writer per WAL directory: the descriptor of an exclusive ``flock`` on
+    ``<directory>/LOCK``, which names the holder's PID (None where the file system has no locks).
+    The kernel drops it when the process dies (``kill -9`` included); a second log, in any process,
+    fails at once with ``WalInUse``."""
+    fd = os.open(directory / "LOCK", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise WalInUse(f"WAL directory {directory} is in use by another buffer (pid {holder}): "
+                       "one buffer per wal_dir; stop that one or give this one its own run_dir") from None
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        logging.getLogger("buffer.wal").warning(
+            "wal: %s cannot be locked (%s): nothing stops a second buffer on it", directory, e)
+        return None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _LOCKS.add(fd)
+    return fd
+
+
+def unlock_directory(fd: int | None) -> None:
+    if fd in _LOCKS:
+        _LOCKS.discard(fd)
+        os.close(fd)
 
 
 @dataclass(frozen=True, slots=True)
