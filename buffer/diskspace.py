@@ -1,16 +1,7 @@
-"""Free space under the WAL, and the buffer's degraded mode when it runs out.
+"""Free space under the WAL, and the buffer's degraded mode when it runs out (WAL.md, Disk space).
 
-Invariant: group records never fill the disk; they stop ``reserve_bytes`` before it, so that the
-control records that hand out batches, and the next start's segment, still fit. While a group
-record would not leave the reserve free (``room``), the buffer is *degraded*: it refuses new groups
-with ``Ack(status="unavailable", reason="disk_full: ...")`` (senders keep them and retry), grants
-no credits, and goes on handing out stored batches. It leaves the mode by itself once the free
-space is back above twice the reserve (hysteresis) and no WAL record waits for room (a quota,
-EDQUOT, that ``statvfs`` does not show). EFBIG is no full disk: the buffer stops (``wal.py``).
-
-The free space is read with ``statvfs`` once per sweep and estimated in between from what was
-written (``wrote``): the ingest path makes no system call for it. ``free_bytes`` is injectable.
-"""
+Invariant: group records stop ``reserve_bytes`` before the disk is full, so control records and
+the next start's segment still fit; the mode is left above twice the reserve (hysteresis)."""
 
 from __future__ import annotations
 

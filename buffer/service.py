@@ -1,17 +1,10 @@
 """The buffer daemon: one loop wiring the parts of one job's data and control plane (its place in
-the system: areal_like/DESIGN.md; the staleness bound: STALENESS.md).
+the system: areal_like/DESIGN.md; the staleness bound: STALENESS.md; the WAL: WAL.md).
 
-The parts own their state (``credits``, ``replay_buffer``, ``wal``, ``handout``, ``control``,
-``expiry``, ``diskspace``, ``instruments``; ``recovery`` rebuilds the durable ones at start). This
-module ties them together: dedupe by group id, dropping a group (slot back to the ledger, a
-consumed mark in the WAL), and the rule that **a reply leaves only once what it depends on is
-durable**: a group is acked only once its record is, credits only once their lease is (a restart
-neither repeats nor skips prompts), a batch only once it is durably in transit. One thread, one
-loop (``run_once``): receive a batch of requests, answer them, expire leases and silent servers,
-hand out batches, log one control record with what changed, send every reply whose WAL ticket is
-durable. Bad input gets ``Ack(status="rejected", reason=...)`` and is counted; a group's (and a
-SyncDone's) ``want_credits`` come in its Ack, as a CreditRequest's would.
-"""
+The parts own their state; this module ties them together: dedupe by group id, dropping a group
+(slot back to the ledger, a consumed mark in the WAL), and the rule that **a reply leaves only
+once what it depends on is durable**. Bad input gets ``Ack(status="rejected", reason=...)`` and is
+counted."""
 
 from __future__ import annotations
 
@@ -172,13 +165,11 @@ class BufferService(Daemon):
                                       **({"degraded": self.disk.reason()} if self.disk.degraded else {})}
 
     def recover(self) -> None:
-        """Take the state the WAL holds, open a fresh segment with its checkpoint, then drop what is
-        stale at the recovered version, refused by the filters, or no longer decodes."""
+        """Take the state the WAL holds, then drop what cannot be served (WAL.md, Recovery)."""
         got = replay(self.wal, self.ledger, self.store, self.log)
         self.control.version, self.seen = got.version, got.seen
         self.handout.restore(got.in_transit)
-        # Drops land after the checkpoint, in the same record as their returned slots (a checkpoint
-        # that counted them while their groups were still unconsumed would return the slots twice).
+        # drops land after the checkpoint, with their returned slots
         self.wal.open(self.checkpoint())
         self._drop(self.store.drop_stale(self.control.version), "stale")
         for u in got.unreadable.values():
@@ -383,11 +374,7 @@ class BufferService(Daemon):
             self.seen = dict.fromkeys(list(self.seen)[-SEEN_KEEP:])
 
     def _queue_reply(self, peer: bytes, req_id: bytes, reply: P.Message, kind: str, received: float) -> None:
-        """Send once what the reply depends on is durable: its own ticket if no control state changed
-        yet in this iteration, else the iteration's one control record (one per reply cost more than
-        the rest of a group's handling). A ticket either way: the fsync thread starts at once. A
-        refusal for lack of space depends on nothing and leaves now (on a disk another writer
-        filled, the records before it wait for space, and so would it)."""
+        """Send once what the reply depends on is durable (WAL.md, Replies wait for the disk)."""
         if isinstance(reply, P.Ack) and reply.status == "unavailable":
             self.server.send(peer, req_id, reply)
             self.instruments.latency(kind, self.clock() - received)

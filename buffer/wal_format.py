@@ -23,8 +23,7 @@ MAX_RECORD_BYTES = 1 << 30  # a length above this is corruption, not a record (f
 
 
 class WalFailed(ComponentStopped, OSError):
-    """A write or fsync failed: nothing is made durable any more. Fatal, never one damaged record:
-    the daemon stops with one error line (``Daemon.serve``) and exit status 1."""
+    """A write or fsync failed: nothing is made durable any more (fatal: WAL.md, Durability)."""
 
 
 class WalInUse(RuntimeError):
@@ -32,8 +31,7 @@ class WalInUse(RuntimeError):
 
 
 class DiskFull(OSError):
-    """A record did not fit on the disk (ENOSPC, or EDQUOT: space can come back); the file was cut
-    back to its last whole record."""
+    """A record did not fit (ENOSPC, EDQUOT); the file was cut back to its last whole record."""
 
 
 SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # DiskFull; any other write error (EFBIG: the file may
@@ -54,10 +52,8 @@ os.register_at_fork(after_in_child=_close_locks_in_child)
 
 
 def lock_directory(directory: Path) -> int | None:
-    """One writer per WAL directory: the descriptor of an exclusive ``flock`` on
-    ``<directory>/LOCK``, which names the holder's PID (None where the file system has no locks).
-    The kernel drops it when the process dies (``kill -9`` included); a second log, in any process,
-    fails at once with ``WalInUse``."""
+    """One writer per WAL directory (WAL.md, Layout): an exclusive ``flock`` on ``LOCK``, its
+    descriptor (None where the file system has no locks)."""
     fd = os.open(directory / "LOCK", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -133,9 +129,7 @@ def record_header(parts: list[bytes | memoryview], gil_release: int) -> bytes:
 
 
 def write_record(fd: int, record: list[bytes | memoryview], end: int) -> int:
-    """Write one record at the end of the file, which is ``end`` bytes long. When it fails, cut what
-    was written of it (the file ends on a whole record) and raise: ``DiskFull`` for a full disk or
-    quota, the ``OSError`` itself for anything else (``SPACE_ERRNOS``)."""
+    """Write one record at the end of the file (``end`` bytes long), or cut it off and raise."""
     n = sum(len(p) for p in record)
     try:
         written = os.writev(fd, record)
@@ -163,9 +157,7 @@ _MAP_HEADS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])  # a msgpack map starts
 
 
 def _chained(data: bytes, q: int) -> bool:
-    """A candidate record at ``q`` is worth its checksum: it fits, and it ends at the end of the
-    data, or where too little is left for a record (a torn header), or where the next record's
-    kind byte could be (random bytes rarely pass both kind checks)."""
+    """A candidate record at ``q`` is worth its checksum: it fits and chains (WAL.md, Damage)."""
     length = HEADER.unpack_from(data, q)[0]
     end = q + HEADER.size + length
     if length < 1 or end > len(data):
@@ -187,9 +179,7 @@ def next_intact(data: bytes, start: int) -> int | None:
 
 
 def damaged_group_id(data: bytes, start: int, end: int) -> str:
-    """The group id a damaged region ``[start, end)`` still names ("" if none): its payload starts
-    with ``b"G" + u16 length + id`` and the frame, a msgpack map, when only the header or the frame
-    was hit."""
+    """The group id a damaged region ``[start, end)`` still names ("" if none)."""
     at = start + HEADER.size
     if end - at < 1 + GID_LEN.size or data[at:at + 1] != b"G":
         return ""
