@@ -1,16 +1,11 @@
-"""Prompt cursor, leases and the admission counters: which prompt goes out next, to whom, until when.
+"""Prompt cursor, leases and the admission counters (STALENESS.md): which prompt goes out next, to
+whom, until when. No I/O.
 
-State: the cursor ``(next_index, epoch)`` over ``dataset_size`` prompts (``max_epochs`` = 0:
-unbounded), outstanding leases (one prompt, one server, one deadline), the re-issue queue (served
-before the cursor moves on), ``started`` and ``consumed`` (admission: STALENESS.md) and
-``next_lease``. Invariants: every prompt below the cursor is exactly one of covered by an accepted
-group, leased, or queued; lease ids are never reused, across restarts too, so ``group_id =
-f"{server_id}-{lease_id}"`` is unique for the life of the job.
-
-No I/O. Each WAL segment's checkpoint holds ``snapshot()`` (``load_state``), then each loop
-iteration's control record ``take_changes()`` (``apply_changes``): what changed, not the whole
-state. Deadlines are not persisted: a restored lease gets a fresh full timeout.
-"""
+Invariants: every prompt below the cursor is exactly one of covered by an accepted group, leased,
+or queued for re-issue (served before the cursor moves on); lease ids are never reused, across
+restarts too, so ``group_id = f"{server_id}-{lease_id}"`` is unique for the life of the job. A WAL
+checkpoint holds ``snapshot()``, each control record ``take_changes()``; a restored lease gets a
+fresh full timeout."""
 
 from __future__ import annotations
 

@@ -64,7 +64,7 @@ class WriteAheadLog:
         self._fsync_times: list[float] = []
         self._syncer: threading.Thread | None = None
         self._closing = False
-        self._queue: list[list] = []  # records not yet written, in order (module docstring)
+        self._queue: list[list] = []  # records not yet written, in order (WAL.md, Durability)
         self._written = 0  # bytes of the current segment written to the file
         self.wakeup_fd: int | None = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
                                       if fsync == "always" and hasattr(os, "eventfd") else None)
