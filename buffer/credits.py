@@ -115,9 +115,7 @@ class CreditLedger:
     def cancel(self, lease_id: str, *, reissue: bool = True) -> Lease | None:
         """The lease's group was rejected: the slot is returned, the prompt goes out again (unless
         ``reissue`` is False: a group refused for its content would come back the same)."""
-        lease = self.leases.pop(lease_id, None)
-        if lease is not None:
-            self._closed.append(lease_id)
+        if (lease := self.fulfil(lease_id)) is not None:
             self.give_back(lease.prompt_index, lease.epoch, reissue=reissue)
         return lease
 

@@ -1,11 +1,6 @@
-"""Expiry, run by the buffer's sweep: leases past their deadline and servers gone silent.
-
-A lease past its deadline is re-issued. A server silent for longer than the heartbeat timeout
-leaves the roster and its leases are released at once, as are those of a server that registers as
-a new process (``ControlPlane.new_process``). After a restart, leases restored for servers that
-never registered again are released once every live server has had a heartbeat timeout to come
-back. Every lease re-issued or released calls ``changed`` (the service logs a control record).
-"""
+"""Expiry, run by the buffer's sweep: leases past their deadline are re-issued; those of servers
+gone silent, of a server that registers as a new process, and (after a restart) of servers that
+never came back are released (STALENESS.md, Restarts). Each calls ``changed`` (a control record)."""
 
 from __future__ import annotations
 
