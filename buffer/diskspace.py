@@ -6,7 +6,7 @@ the next start's segment still fit; the mode is left above twice the reserve (hy
 from __future__ import annotations
 
 import logging
-import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,16 +17,11 @@ DEGRADED_ROTATE_S = 1.0  # disk full: rotate (so that compaction can free consum
 MIN_SEGMENT_BYTES = 1 << 20  # a segment sized to the disk (1/8 of its free space at start) is never smaller
 
 
-def statvfs_free(path: Path) -> int:
-    """Bytes an unprivileged writer may still write on ``path``'s filesystem."""
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
 class DiskGuard:
-    def __init__(self, path: Path, reserve_bytes: int, free_bytes: Callable[[Path], int] = statvfs_free,
+    def __init__(self, path: Path, reserve_bytes: int, free_bytes: Callable[[Path], int] | None = None,
                  log: logging.Logger | None = None):
-        self.path, self.reserve, self._read = Path(path), reserve_bytes, free_bytes
+        self.path, self.reserve = Path(path), reserve_bytes
+        self._read = free_bytes or (lambda p: shutil.disk_usage(p).free)
         self.log = log or logging.getLogger("buffer.diskspace")
         self.free = self._read(self.path)
         self.degraded = False
