@@ -3,7 +3,9 @@
 Only ``version`` is durable (the service logs it); the roster is rebuilt from heartbeats within a
 second of a restart, and a plan is the trainer's to re-send. Handlers return the reply. The rules
 (new process, plan hand-out and failure, a version's results, absent members) and their argument:
-STALENESS.md, Weight-sync roster and plans."""
+STALENESS.md, Weight-sync roster and plans. Leases of servers that leave the roster, register as
+a new process or (after a restart) never came back are given to ``release`` (STALENESS.md,
+Restarts)."""
 
 from __future__ import annotations
 
@@ -41,9 +43,12 @@ class Sync:
 
 class ControlPlane:
     def __init__(self, pub_address: str, heartbeat_timeout_s: float, clock: Callable[[], float],
-                 publish: Callable[[P.Message], None], log: logging.Logger):
+                 publish: Callable[[P.Message], None], log: logging.Logger,
+                 release: Callable[[Callable[[str], bool], str], None] = lambda keep, why: None):
         self.pub_address, self.heartbeat_timeout_s = pub_address, heartbeat_timeout_s
         self.clock, self.publish, self.log = clock, publish, log
+        self.release = release  # release(keep, why): re-issue the leases of servers ``keep`` rejects
+        self.started_at, self.orphans_checked = clock(), False  # restored leases of servers not back
         self.version = 0
         self.roster: dict[str, Member] = {}
         self.plan: P.WeightSyncPlan | None = None
@@ -81,6 +86,13 @@ class ControlPlane:
             self.departed[sid] = None
         while len(self.departed) > INCARNATIONS_KEEP:
             del self.incarnations[self.departed.popitem(last=False)[0]]
+        if not self.orphans_checked and now - self.started_at > self.heartbeat_timeout_s:
+            # after a restart: leases restored for servers that never came back (a server heartbeats
+            # far more often than the timeout, so every live one has registered again by now)
+            self.orphans_checked = True
+            self.release(lambda sid: sid in self.roster, "gone from the roster")
+        elif gone:
+            self.release(lambda sid: sid not in gone, "gone from the roster")
         return gone
 
     def new_process(self, m: P.Register) -> bool:
@@ -92,7 +104,8 @@ class ControlPlane:
 
     def register(self, m: P.Register) -> P.RegisterAck:
         new = self.new_process(m)
-        if new:
+        if new:  # it holds none of the leases an earlier one left
+            self.release(lambda sid: sid != m.server_id, f"{m.server_id} restarted")
             self.alive(m.server_id, "registered as a new process")
         entry = P.RosterEntry(**{k: getattr(m, k) for k in field_names(P.RosterEntry)})  # Register has them all
         if m.server_id not in self.roster:

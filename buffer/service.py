@@ -25,7 +25,6 @@ from areal_like.wire import protocol as P
 from buffer.control import ControlPlane
 from buffer.credits import CreditLedger, Lease, invalid_group, version_range
 from buffer.diskspace import MIN_SEGMENT_BYTES, DiskGuard
-from buffer.expiry import Expiry
 from buffer.facts import BufferFacts
 from buffer.handout import Handout
 from buffer.instruments import BufferMetrics, service_gauges, service_stats
@@ -69,7 +68,7 @@ class BufferService(Daemon):
         segment_bytes = min(b.segment_bytes, max(MIN_SEGMENT_BYTES, self.disk.free // 8))
         self.wal = WriteAheadLog(facts.wal_dir, fsync=b.fsync, segment_bytes=segment_bytes)
         self.control = ControlPlane(b.pub_address, b.heartbeat_timeout_s, clock, lambda m: self.publisher.publish(m),
-                                    self.log)
+                                    self.log, self._release)
         self.instruments = BufferMetrics(self.metrics, {"in_flight": lambda: self.ledger.in_flight,
                                                         "stored": lambda: len(self.store),
                                                         "in_transit": lambda: self.handout.in_transit_groups()},
@@ -87,10 +86,8 @@ class BufferService(Daemon):
         # iteration's control record
         self._dirty = False  # control state changed in this iteration: a control record is due
         self._next_sweep = 0.0
-        self.expiry = Expiry(self.ledger, self.control, self.instruments, self.log, clock,
-                             self._changed)
         self._handlers = {
-            P.Register: self.expiry.register, P.Heartbeat: self.control.heartbeat,
+            P.Register: self.control.register, P.Heartbeat: self.control.heartbeat,
             P.RosterRequest: self.control.roster_reply, P.WeightSyncPlan: self.control.take_plan,
             P.SyncDone: lambda m: self._ack_with_leases(m, self.control.sync_done(m).ref, "ok"),  # the sync first
             P.SyncStatusRequest: self.control.sync_status,
@@ -137,7 +134,7 @@ class BufferService(Daemon):
         """The rest of a loop iteration: expire leases and silent servers (``sweep``), answer held
         BatchRequests, log what changed, send the replies that are durable now."""
         if sweep:
-            self.expiry.sweep()
+            self.expire()
             self.disk.sweep(self.wal, self.checkpoint)
         for p, reply in self.handout.serve(self.clock()):
             self._queue_reply(p.peer, p.req_id, reply, p.request.TYPE, p.received)
@@ -361,6 +358,23 @@ class BufferService(Daemon):
 
     def _changed(self) -> None:
         self._dirty = True
+
+    def expire(self) -> None:
+        """Re-issue expired leases; the control plane releases those of servers gone."""
+        if expired := self.ledger.expire():
+            self._dirty = True
+            self.instruments.count("credits_expired", len(expired))
+            self.log.warning("re-issuing %d expired leases (e.g. %s of %s)", len(expired),
+                             expired[0].lease_id, expired[0].server_id)
+        self.control.expire()
+
+    def _release(self, keep: Callable[[str], bool], why: str) -> None:
+        """Re-issue at once every lease whose holder ``keep`` rejects."""
+        if released := self.ledger.release(keep):
+            self._dirty = True
+            self.instruments.count("credits_released", len(released))
+            self.log.warning("re-issuing %d leases of %s: %s", len(released),
+                             ", ".join(sorted({x.server_id for x in released})), why)
 
     def _on_consumed(self, group_ids: list[str]) -> None:
         """The trainer acknowledged a batch: WAL marks, and the admission window moves on."""
