@@ -57,18 +57,15 @@ class CreditLedger:
         return self.max_epochs > 0 and self.epoch >= self.max_epochs and not self.reissue
 
     def available(self, lag: int = 0) -> int:
-        """Credits admission allows now (before per-request and storage limits) to a server whose
-        engine is ``lag`` versions behind the trainer (``StalenessPolicy.admission_limit``)."""
+        """Credits admission allows now to an engine ``lag`` versions behind (before other limits)."""
         return self.policy.capacity(self.consumed, self.started, self.in_flight, lag)
 
     def consume(self, n: int) -> None:
-        """``n`` groups were trained on (the trainer acknowledged their batch): their slots stay
-        taken for good and the admission window moves on by as many."""
+        """``n`` groups were trained on: their slots stay taken, the admission window moves on."""
         self.consumed += n
 
     def grant(self, server_id: str, n: int, lag: int = 0) -> list[Lease]:
-        """Lease up to ``n`` prompts (re-issues first) within the admission limit for an engine ``lag``
-        versions behind the trainer."""
+        """Lease up to ``n`` prompts (re-issues first) within the admission limit (``available``)."""
         out: list[Lease] = []
         n = min(n, self.available(lag))
         while len(out) < n:
@@ -113,8 +110,7 @@ class CreditLedger:
             self._requeued.append((prompt_index, epoch))
 
     def cancel(self, lease_id: str, *, reissue: bool = True) -> Lease | None:
-        """The lease's group was rejected: the slot is returned, the prompt goes out again (unless
-        ``reissue`` is False: a group refused for its content would come back the same)."""
+        """The lease's group was rejected: the slot is returned, the prompt re-issued if ``reissue``."""
         if (lease := self.fulfil(lease_id)) is not None:
             self.give_back(lease.prompt_index, lease.epoch, reissue=reissue)
         return lease

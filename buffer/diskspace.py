@@ -28,8 +28,7 @@ class DiskGuard:
         self._next_rotate = 0.0
 
     def sweep(self, wal: WriteAheadLog, checkpoint: Callable[[], dict]) -> None:
-        """Each sweep of the loop: enter or leave the degraded mode; while in it, rotate the WAL now
-        and then so that compaction frees consumed records without waiting for a full segment."""
+        """Enter or leave the degraded mode; while in it, rotate the WAL now and then (compaction)."""
         if self.refresh(hold=wal.disk_full):
             if self.degraded:
                 self.log.error("degraded: %s; new groups are refused as unavailable (their senders keep them), "

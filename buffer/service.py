@@ -101,8 +101,7 @@ class BufferService(Daemon):
     @classmethod
     def from_run(cls, cfg: RunConfig, *, keys: security.Keys | None = None,
                  clock: Callable[[], float] = time.monotonic) -> BufferService:
-        """The buffer of the job ``cfg`` describes: its ``buffer`` section plus ``BufferFacts`` of
-        the rest, serving CURVE with ``keys`` (None: plain sockets)."""
+        """The buffer of the job ``cfg`` describes, serving CURVE with ``keys`` (None: plain sockets)."""
         return cls(cfg.buffer, BufferFacts.from_run(cfg, keys), clock=clock)
 
     # ------------------------------------------------------------------ lifecycle and the loop
@@ -131,8 +130,7 @@ class BufferService(Daemon):
         self.settle(sweep=sweep)
 
     def settle(self, *, sweep: bool = True) -> None:
-        """The rest of a loop iteration: expire leases and silent servers (``sweep``), answer held
-        BatchRequests, log what changed, send the replies that are durable now."""
+        """The rest of a loop iteration (WAL.md, Replies wait for the disk)."""
         if sweep:
             self.expire()
             self.disk.sweep(self.wal, self.checkpoint)

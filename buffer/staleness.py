@@ -27,8 +27,7 @@ class StalenessPolicy:
                              f"[0, max_staleness={self.max_staleness}]")
 
     def admission_limit(self, consumed: int, lag: int = 0) -> int:
-        """How many groups may have been started once ``consumed`` were trained on, for a server
-        whose engine is ``lag`` versions behind the trainer."""
+        """How many groups may have been started, for an engine ``lag`` versions behind."""
         lag = max(self.engine_lag, lag)
         return consumed + (self.max_staleness - lag + 1) * self.groups_per_step
 
