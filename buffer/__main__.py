@@ -16,8 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     from areal_like.daemon import setup_logging
     from areal_like.net import security
     from areal_like.settings.config import ConfigError, load_daemon_config
-    from buffer.dirlock import WalInUse
     from buffer.service import BufferService
+    from buffer.wal import WalInUse
 
     log = setup_logging("buffer")
     try:

@@ -2,22 +2,10 @@
 
 Only ``version`` is durable (the service logs it); the roster is rebuilt from heartbeats within a
 second of a restart, and a plan is the trainer's to re-send. Handlers return the reply. The rules
-(their argument: STALENESS.md, Weight-sync roster):
-
-* A Register comes from a *new process* when its ``incarnation`` differs from the one remembered
-  for its id (also past its expiry, for ``INCARNATIONS_KEEP`` ids) or, either being unknown, when
-  it says ``fresh``. A new process holds none of its id's leases (``expiry.py``), fails a pending
-  plan naming its id, and shows life; the same process again changes none of these.
-* A plan is handed out only in ``HeartbeatAck.pending_plan``, to members on the roster that have
-  not failed it. A member fails it (``SyncStatus.failed``, at once) when it registers as a new
-  process, is named while off the roster after an expiry, or expires before it was handed the plan
-  and before it reported; never by an expiry after it was handed the plan.
-* A version's results are those of its latest plan: a new plan of a version starts with none, and
-  a ``SyncDone`` naming an earlier plan is not counted.
-* A member of a plan that sent no ``SyncDone`` by the time the trainer announces the plan's version
-  is *absent*: out of ``Roster.members`` until it reports a sync, delivers a group or registers as
-  a new process.
-"""
+(new process, plan hand-out and failure, a version's results, absent members) and their argument:
+STALENESS.md, Weight-sync roster and plans. Leases of servers that leave the roster, register as
+a new process or (after a restart) never came back are given to ``release`` (STALENESS.md,
+Restarts)."""
 
 from __future__ import annotations
 
@@ -34,7 +22,7 @@ from areal_like.wire.codec import field_names
 
 SYNC_RESULTS_KEEP = 8  # versions of SyncDone results kept for SyncStatusRequest
 ABSENT_KEEP = 4096  # absent server ids remembered (kept past expiry: silence is no sign of life)
-INCARNATIONS_KEEP = 4096  # ids off the roster whose last incarnation is kept (module docstring)
+INCARNATIONS_KEEP = 4096  # ids off the roster whose last incarnation is kept (STALENESS.md)
 ABSENT_LOG_EVERY_S = 60.0  # a line about absent members at most this often (a key makes many ids)
 
 
@@ -55,16 +43,19 @@ class Sync:
 
 class ControlPlane:
     def __init__(self, pub_address: str, heartbeat_timeout_s: float, clock: Callable[[], float],
-                 publish: Callable[[P.Message], None], log: logging.Logger):
+                 publish: Callable[[P.Message], None], log: logging.Logger,
+                 release: Callable[[Callable[[str], bool], str], None] = lambda keep, why: None):
         self.pub_address, self.heartbeat_timeout_s = pub_address, heartbeat_timeout_s
         self.clock, self.publish, self.log = clock, publish, log
+        self.release = release  # release(keep, why): re-issue the leases of servers ``keep`` rejects
+        self.started_at, self.orphans_checked = clock(), False  # restored leases of servers not back
         self.version = 0
         self.roster: dict[str, Member] = {}
         self.plan: P.WeightSyncPlan | None = None
         self.plan_deadline = 0.0
-        self.handed: set[str] = set()  # ids handed ``plan`` in a HeartbeatAck (module docstring)
+        self.handed: set[str] = set()  # ids handed ``plan`` in a HeartbeatAck (STALENESS.md)
         self.syncs: dict[int, Sync] = {}  # version -> its results
-        self.absent: dict[str, int] = {}  # server id -> the version it missed (module docstring)
+        self.absent: dict[str, int] = {}  # server id -> the version it missed (STALENESS.md)
         self.incarnations: dict[str, str] = {}  # id -> that of its last Register
         # ids off the roster after an expiry, oldest first: INCARNATIONS_KEEP of them keep theirs
         self.departed: OrderedDict[str, None] = OrderedDict()
@@ -95,10 +86,17 @@ class ControlPlane:
             self.departed[sid] = None
         while len(self.departed) > INCARNATIONS_KEEP:
             del self.incarnations[self.departed.popitem(last=False)[0]]
+        if not self.orphans_checked and now - self.started_at > self.heartbeat_timeout_s:
+            # after a restart: leases restored for servers that never came back (a server heartbeats
+            # far more often than the timeout, so every live one has registered again by now)
+            self.orphans_checked = True
+            self.release(lambda sid: sid in self.roster, "gone from the roster")
+        elif gone:
+            self.release(lambda sid: sid not in gone, "gone from the roster")
         return gone
 
     def new_process(self, m: P.Register) -> bool:
-        """Whether ``m`` comes from a new process (module docstring); ask before ``register``."""
+        """Whether ``m`` comes from a new process (STALENESS.md); ask before ``register``."""
         known = self.incarnations.get(m.server_id)
         if known and m.incarnation:
             return known != m.incarnation
@@ -106,7 +104,8 @@ class ControlPlane:
 
     def register(self, m: P.Register) -> P.RegisterAck:
         new = self.new_process(m)
-        if new:
+        if new:  # it holds none of the leases an earlier one left
+            self.release(lambda sid: sid != m.server_id, f"{m.server_id} restarted")
             self.alive(m.server_id, "registered as a new process")
         entry = P.RosterEntry(**{k: getattr(m, k) for k in field_names(P.RosterEntry)})  # Register has them all
         if m.server_id not in self.roster:
@@ -141,7 +140,7 @@ class ControlPlane:
 
     def settle_plan(self, announced: int) -> None:
         """The trainer announced ``announced``: at or past the plan's version, its silent members
-        are absent (module docstring)."""
+        are absent (STALENESS.md)."""
         plan = self.plan
         if plan is None or plan.plan_id == self._settled or announced < plan.policy_version:
             return
@@ -179,7 +178,7 @@ class ControlPlane:
         return P.Ack(ref=str(plan.policy_version), status="ok")
 
     def _failed(self, server_id: str, plan: P.WeightSyncPlan, how: str) -> None:
-        """The plan is not for the process behind ``server_id`` now (module docstring): it is never
+        """The plan is not for the process behind ``server_id`` now (STALENESS.md): it is never
         handed to it and the trainer stops waiting for it; the next push re-forms the group."""
         self.syncs.setdefault(plan.policy_version, Sync()).loaded[server_id] = False
         self.log.warning("server %s %s during weight sync v%d: left out of it (it joins the next "

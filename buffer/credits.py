@@ -1,16 +1,11 @@
-"""Prompt cursor, leases and the admission counters: which prompt goes out next, to whom, until when.
+"""Prompt cursor, leases and the admission counters (STALENESS.md): which prompt goes out next, to
+whom, until when. No I/O.
 
-State: the cursor ``(next_index, epoch)`` over ``dataset_size`` prompts (``max_epochs`` = 0:
-unbounded), outstanding leases (one prompt, one server, one deadline), the re-issue queue (served
-before the cursor moves on), ``started`` and ``consumed`` (admission: STALENESS.md) and
-``next_lease``. Invariants: every prompt below the cursor is exactly one of covered by an accepted
-group, leased, or queued; lease ids are never reused, across restarts too, so ``group_id =
-f"{server_id}-{lease_id}"`` is unique for the life of the job.
-
-No I/O. Each WAL segment's checkpoint holds ``snapshot()`` (``load_state``), then each loop
-iteration's control record ``take_changes()`` (``apply_changes``): what changed, not the whole
-state. Deadlines are not persisted: a restored lease gets a fresh full timeout.
-"""
+Invariants: every prompt below the cursor is exactly one of covered by an accepted group, leased,
+or queued for re-issue (served before the cursor moves on); lease ids are never reused, across
+restarts too, so ``group_id = f"{server_id}-{lease_id}"`` is unique for the life of the job. A WAL
+checkpoint holds ``snapshot()``, each control record ``take_changes()``; a restored lease gets a
+fresh full timeout."""
 
 from __future__ import annotations
 
@@ -62,18 +57,15 @@ class CreditLedger:
         return self.max_epochs > 0 and self.epoch >= self.max_epochs and not self.reissue
 
     def available(self, lag: int = 0) -> int:
-        """Credits admission allows now (before per-request and storage limits) to a server whose
-        engine is ``lag`` versions behind the trainer (``StalenessPolicy.admission_limit``)."""
+        """Credits admission allows now to an engine ``lag`` versions behind (before other limits)."""
         return self.policy.capacity(self.consumed, self.started, self.in_flight, lag)
 
     def consume(self, n: int) -> None:
-        """``n`` groups were trained on (the trainer acknowledged their batch): their slots stay
-        taken for good and the admission window moves on by as many."""
+        """``n`` groups were trained on: their slots stay taken, the admission window moves on."""
         self.consumed += n
 
     def grant(self, server_id: str, n: int, lag: int = 0) -> list[Lease]:
-        """Lease up to ``n`` prompts (re-issues first) within the admission limit for an engine ``lag``
-        versions behind the trainer."""
+        """Lease up to ``n`` prompts (re-issues first) within the admission limit (``available``)."""
         out: list[Lease] = []
         n = min(n, self.available(lag))
         while len(out) < n:
@@ -118,11 +110,8 @@ class CreditLedger:
             self._requeued.append((prompt_index, epoch))
 
     def cancel(self, lease_id: str, *, reissue: bool = True) -> Lease | None:
-        """The lease's group was rejected: the slot is returned, the prompt goes out again (unless
-        ``reissue`` is False: a group refused for its content would come back the same)."""
-        lease = self.leases.pop(lease_id, None)
-        if lease is not None:
-            self._closed.append(lease_id)
+        """The lease's group was rejected: the slot is returned, the prompt re-issued if ``reissue``."""
+        if (lease := self.fulfil(lease_id)) is not None:
             self.give_back(lease.prompt_index, lease.epoch, reissue=reissue)
         return lease
 

@@ -1,21 +1,12 @@
-"""Free space under the WAL, and the buffer's degraded mode when it runs out.
+"""Free space under the WAL, and the buffer's degraded mode when it runs out (WAL.md, Disk space).
 
-Invariant: group records never fill the disk; they stop ``reserve_bytes`` before it, so that the
-control records that hand out batches, and the next start's segment, still fit. While a group
-record would not leave the reserve free (``room``), the buffer is *degraded*: it refuses new groups
-with ``Ack(status="unavailable", reason="disk_full: ...")`` (senders keep them and retry), grants
-no credits, and goes on handing out stored batches. It leaves the mode by itself once the free
-space is back above twice the reserve (hysteresis) and no WAL record waits for room (a quota,
-EDQUOT, that ``statvfs`` does not show). EFBIG is no full disk: the buffer stops (``wal.py``).
-
-The free space is read with ``statvfs`` once per sweep and estimated in between from what was
-written (``wrote``): the ingest path makes no system call for it. ``free_bytes`` is injectable.
-"""
+Invariant: group records stop ``reserve_bytes`` before the disk is full, so control records and
+the next start's segment still fit; the mode is left above twice the reserve (hysteresis)."""
 
 from __future__ import annotations
 
 import logging
-import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,24 +17,18 @@ DEGRADED_ROTATE_S = 1.0  # disk full: rotate (so that compaction can free consum
 MIN_SEGMENT_BYTES = 1 << 20  # a segment sized to the disk (1/8 of its free space at start) is never smaller
 
 
-def statvfs_free(path: Path) -> int:
-    """Bytes an unprivileged writer may still write on ``path``'s filesystem."""
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
 class DiskGuard:
-    def __init__(self, path: Path, reserve_bytes: int, free_bytes: Callable[[Path], int] = statvfs_free,
+    def __init__(self, path: Path, reserve_bytes: int, free_bytes: Callable[[Path], int] | None = None,
                  log: logging.Logger | None = None):
-        self.path, self.reserve, self._read = Path(path), reserve_bytes, free_bytes
+        self.path, self.reserve = Path(path), reserve_bytes
+        self._read = free_bytes or (lambda p: shutil.disk_usage(p).free)
         self.log = log or logging.getLogger("buffer.diskspace")
         self.free = self._read(self.path)
         self.degraded = False
         self._next_rotate = 0.0
 
     def sweep(self, wal: WriteAheadLog, checkpoint: Callable[[], dict]) -> None:
-        """Each sweep of the loop: enter or leave the degraded mode; while in it, rotate the WAL now
-        and then so that compaction frees consumed records without waiting for a full segment."""
+        """Enter or leave the degraded mode; while in it, rotate the WAL now and then (compaction)."""
         if self.refresh(hold=wal.disk_full):
             if self.degraded:
                 self.log.error("degraded: %s; new groups are refused as unavailable (their senders keep them), "

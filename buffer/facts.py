@@ -1,9 +1,6 @@
-"""What the buffer needs to know about the rest of the job, beyond its own ``buffer`` section.
-
-``BufferFacts.from_run(cfg)`` is the one place that reads other sections of the run config for the
-buffer (and resolves paths against ``run_dir``); the service sees only ``BufferConfig`` and these
-facts, its CURVE keys included (``keys``; None: plain sockets).
-"""
+"""What the buffer needs to know about the rest of the job: ``BufferFacts.from_run(cfg)`` is the one
+place that reads other sections of the run config for the buffer (paths resolved against
+``run_dir``, CURVE keys included)."""
 
 from __future__ import annotations
 

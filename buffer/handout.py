@@ -1,13 +1,7 @@
-"""Batch hand-out to the trainer: held BatchRequests and the one batch in transit.
-
-At least once into training, exactly once while nobody crashes (STALENESS.md, Hand-out). A batch
-handed out is *in transit*: its groups leave the store, their WAL records stay live and the next
-control record holds ``record()``. The trainer's next ``BatchRequest`` settles it: ``ack_batch``
-equal to its ``batch_id`` consumes it; anything else means it never arrived, and its groups go
-back to the store to be checked for staleness again. A restarted buffer restores the batch in
-transit (``restore``) and settles it the same way. Only the trainer's role reaches here
-(``peer_caps.py``): two trainers would take each other's batches for lost.
-"""
+"""Batch hand-out to the trainer: held BatchRequests and the one batch in transit (STALENESS.md,
+Hand-out). Invariant: a batch's groups are consumed only once the trainer's next ``BatchRequest``
+acks its ``batch_id``; anything else puts them back in the store, to be checked for staleness
+again. Only the trainer's role reaches here (``peer_caps.py``)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""The buffer daemon's metrics. Every counter also lands in ``counts`` (``StatsRequest``); metric
-children are cached (the ingest path counts per group); gauges are read when scraped. All counting
-happens on the service's loop thread except ``refused`` (the security monitor's threads).
+"""The buffer daemon's metrics. Every counter also lands in ``counts`` (``StatsRequest``); gauges
+are read when scraped. All counting happens on the service's loop thread except ``refused`` (the
+security monitor's threads).
 """
 
 from __future__ import annotations
@@ -25,24 +25,26 @@ class BufferMetrics:
     def __init__(self, metrics: Metrics, groups: dict[str, Callable[[], float]],
                  gauges: dict[str, tuple[str, Callable[[], float]]]):
         """``groups``: state -> read (the ``buffer/groups`` gauge); ``gauges``: name -> (doc, read).
-        Every counter is created up front so dashboards see zeros, not missing series."""
-        self.metrics = metrics
+        Every metric is created up front so dashboards see zeros, not missing series."""
         self.counts: Counter[str] = Counter()
-        self._children: dict[tuple, object] = {}  # (name, labels) -> metric child
-        for name in COUNTERS:
-            metrics.counter(f"buffer/{name}", name.replace("_", " "))
+        self._counters = {name: metrics.counter(f"buffer/{name}", name.replace("_", " "),
+                                                ("reason",) if name in LABELLED else ())
+                          for name in (*COUNTERS, *LABELLED)}
         for name, reasons in LABELLED.items():
-            counter = metrics.counter(f"buffer/{name}", name.replace("_", " "), ("reason",))
             for reason in reasons:
-                counter.labels(reason=reason)
+                self._counters[name].labels(reason=reason)
         by_state = metrics.gauge("buffer/groups", "groups by state", labels=("state",))
         for state, read in groups.items():
             by_state.labels(state=state).set_function(read)
         for name, (doc, read) in gauges.items():
             metrics.gauge(name, doc).set_function(read)
+        self._latency = metrics.histogram("buffer/request_seconds", "request latency by type", ("type",))
+        self._fsync = metrics.histogram("buffer/fsync_seconds", "WAL group commit latency (fsync)")
+        self._staleness = metrics.histogram("buffer/staleness", "staleness of consumed groups (versions)",
+                                            buckets=range(0, 17))
+        refused = metrics.counter("buffer/auth_refused", "peers refused at the CURVE handshake", ("reason",))
+        self._refused = {r: refused.labels(reason=r) for r in REFUSAL_REASONS}
         self._refused_lock = threading.Lock()
-        self._refused = {r: self.child("counter", "buffer/auth_refused", "peers refused at the CURVE handshake",
-                                       reason=r) for r in REFUSAL_REASONS}
         for reason in REFUSAL_REASONS:  # keys exist up front: the monitor thread never inserts into counts
             self.counts[f"auth_refused_{reason}"] = 0
 
@@ -53,33 +55,21 @@ class BufferMetrics:
         self._refused[reason].inc()
 
     def count(self, name: str, n: int = 1, **labels: str) -> None:
-        if not n:
-            return
-        self.counts["_".join([name, *labels.values()])] += n
-        self.child("counter", f"buffer/{name}", name.replace("_", " "), **labels).inc(n)
-
-    def child(self, kind: str, name: str, doc: str, buckets: Iterable[float] | None = None, **labels: str):
-        """The metric (or its labelled child), looked up once."""
-        key = (name, *labels.items())
-        if (child := self._children.get(key)) is None:
-            kw = {"buckets": buckets} if kind == "histogram" else {}
-            metric = getattr(self.metrics, kind)(name, doc, tuple(labels), **kw)
-            child = self._children[key] = metric.labels(**labels) if labels else metric
-        return child
+        if n:
+            self.counts["_".join([name, *labels.values()])] += n
+            counter = self._counters[name]
+            (counter.labels(**labels) if labels else counter).inc(n)
 
     def latency(self, kind: str, seconds: float) -> None:
-        self.child("histogram", "buffer/request_seconds", "request latency by type", type=kind).observe(seconds)
+        self._latency.labels(type=kind).observe(seconds)
 
     def fsync(self, seconds: Iterable[float]) -> None:
-        hist = self.child("histogram", "buffer/fsync_seconds", "WAL group commit latency (fsync)")
         for s in seconds:
-            hist.observe(s)
+            self._fsync.observe(s)
 
     def staleness(self, versions: Iterable[int]) -> None:
-        hist = self.child("histogram", "buffer/staleness", "staleness of consumed groups (versions)",
-                          buckets=range(0, 17))
         for v in versions:
-            hist.observe(v)
+            self._staleness.observe(v)
 
 
 def service_gauges(svc) -> dict[str, tuple[str, Callable[[], float]]]:

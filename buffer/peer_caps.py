@@ -1,24 +1,6 @@
-"""Per-member roles and caps: what one member of the job may hold at the buffer, and ask for.
-
-A *member* is who holds a key, not a socket: the role of its CURVE key (``rollout`` or
-``trainer``), or ``local`` for a peer without one (a same-node ``ipc://`` peer of the job's user,
-or any peer when ``security.curve=false``). Sockets cost a member nothing, so every cap counts per
-member, and only the member's own state: other members are never refused because of it.
-
-* **Roles**: only the trainer takes batches and publishes weight-sync plans; a ``BatchRequest`` or
-  ``WeightSyncPlan`` from another role is refused (``role``), never held, and settles nothing (it
-  cannot make the trainer's batch in transit count as lost). ``local`` keeps every right.
-* **Held BatchRequests**: ``MAX_HELD_PER_MEMBER`` at once.
-* **Server ids on the roster**: ``max_servers`` at once (``BufferFacts.max_servers``: the whole
-  job's allowance, as every rollout server shares the ``rollout`` key); an id already on the
-  roster may always register again.
-* **New server ids**: ``NEW_IDS_PER_S`` per second after a burst of ``max_servers`` (a token
-  bucket): every server may join at once after a buffer restart, a flood of fake ids may not
-  (each one holds up one weight-sync plan, once: ``control.py``).
-
-Over a cap, the request is refused at once with a reply of the type its sender expects and counted
-as ``buffer/rejected{reason="peer_limit"|"role"}`` (``service.py``).
-"""
+"""Per-member roles and caps: what one member of the job (a key's role, or ``local``) may hold at
+the buffer, and ask for; each cap counts the member's own state only (STALENESS.md, Member roles
+and caps). Over a cap, a request is refused at once with a reply of the type its sender expects."""
 
 from __future__ import annotations
 

@@ -1,19 +1,8 @@
-"""Rebuild the buffer's durable state from its write-ahead log at start (``replay``).
+"""Rebuild the buffer's durable state from its write-ahead log at start (``replay``; WAL.md,
+Recovery). The ledger and the store are filled in place; the rest comes back in ``Replayed``.
 
-Records apply in the order written. A group record: remembered (dedupe), its lease closed, stored by
-its WAL reference. A control record: ``seen`` ids remembered, ``consumed`` groups removed; a
-checkpoint's ``state`` replaces the control state, each later record's ``changes`` apply on top (a
-group record whose control record a crash took closes its lease alone, which is what happened). The
-ledger and the store are filled in place; the rest comes back in ``Replayed`` for the service.
-
-Invariants: a WAL holding groups of another protocol version refuses the start
-(``WalOfAnotherBuild``): they were acknowledged and this build cannot serve them. A group record that
-no longer decodes, or is damaged but still names its group, is dropped as ``unreadable`` (marked
-consumed, its prompt re-issued if the replayed state still holds its lease): damage loses the
-damaged group alone. A damaged control record is restored from the copy the next one carries
-(``prev``, taken only when its number is the one missing), so its consumed marks hold; two or more
-in a row lose all but the last, counted in ``lost_control`` and logged as an error.
-"""
+Invariants: a WAL of another protocol version refuses the start; damage loses the damaged group
+alone (dropped as ``unreadable``); a damaged control record is restored from the next one's copy."""
 
 from __future__ import annotations
 
@@ -82,9 +71,8 @@ def replay(wal: WriteAheadLog, ledger: CreditLedger, store: ReplayBuffer, log: l
 
 def _after_damage(control: dict, last_n: int | None, segment: int, ledger: CreditLedger,
                   store: ReplayBuffer, out: Replayed, log: logging.Logger) -> None:
-    """The first control record after damage: the control records numbered after ``last_n`` and
-    before it were taken by the damage. The last of them is restored from its copy (``prev``);
-    any before that are lost, and counted."""
+    """The first control record after damage: restore the last one the damage took from its copy
+    (``prev``); count any before that as lost."""
     prev = msgspec.msgpack.decode(control["prev"]) if control.get("prev") else None
     if prev is not None:
         through = prev.get("n")
@@ -147,8 +135,7 @@ def _group(rec: Record, ledger: CreditLedger, store: ReplayBuffer, out: Replayed
 
 
 def _unreadable(group_id: str, ref: WalRef, ledger: CreditLedger, out: Replayed) -> None:
-    """A group record that cannot be served (no longer decodes, or damaged): dropped at start, its
-    prompt re-issued if the replayed state still holds its lease."""
+    """A group record that cannot be served: dropped at start (its prompt re-issued if leased)."""
     _, _, lease_id = group_id.rpartition("-")
     lease = ledger.leases.get(lease_id)
     if lease is not None and f"{lease.server_id}-{lease_id}" == group_id:

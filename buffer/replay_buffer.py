@@ -1,12 +1,8 @@
 """The group store: what has been generated and not yet handed to the trainer. No I/O.
 
 Invariants: ``take_stored(n, v)`` returns exactly ``n`` groups, all fresh at ``v`` (checked again
-by ``StalenessPolicy.check_batch``), or None and changes nothing; nothing is dropped silently
-(``filter_reason`` says why a group is not stored, ``drop_stale`` returns what it removed).
-Groups are indexed by head version, so selection (``oldest`` first, ``newest`` or ``fifo``) and the
-stale sweep touch only what they return. The daemon keeps a WAL reference per group (``ref``), not
-the group. Memory is bounded through admission (``free_slots`` counts groups in flight).
-"""
+by ``StalenessPolicy.check_batch``), or None and changes nothing; nothing is dropped silently.
+Groups are indexed by head version, so selection and the stale sweep touch only what they return."""
 
 from __future__ import annotations
 

@@ -1,17 +1,10 @@
 """The buffer daemon: one loop wiring the parts of one job's data and control plane (its place in
-the system: areal_like/DESIGN.md; the staleness bound: STALENESS.md).
+the system: areal_like/DESIGN.md; the staleness bound: STALENESS.md; the WAL: WAL.md).
 
-The parts own their state (``credits``, ``replay_buffer``, ``wal``, ``handout``, ``control``,
-``expiry``, ``diskspace``, ``instruments``; ``recovery`` rebuilds the durable ones at start). This
-module ties them together: dedupe by group id, dropping a group (slot back to the ledger, a
-consumed mark in the WAL), and the rule that **a reply leaves only once what it depends on is
-durable**: a group is acked only once its record is, credits only once their lease is (a restart
-neither repeats nor skips prompts), a batch only once it is durably in transit. One thread, one
-loop (``run_once``): receive a batch of requests, answer them, expire leases and silent servers,
-hand out batches, log one control record with what changed, send every reply whose WAL ticket is
-durable. Bad input gets ``Ack(status="rejected", reason=...)`` and is counted; a group's (and a
-SyncDone's) ``want_credits`` come in its Ack, as a CreditRequest's would.
-"""
+The parts own their state; this module ties them together: dedupe by group id, dropping a group
+(slot back to the ledger, a consumed mark in the WAL), and the rule that **a reply leaves only
+once what it depends on is durable**. Bad input gets ``Ack(status="rejected", reason=...)`` and is
+counted."""
 
 from __future__ import annotations
 
@@ -32,7 +25,6 @@ from areal_like.wire import protocol as P
 from buffer.control import ControlPlane
 from buffer.credits import CreditLedger, Lease, invalid_group, version_range
 from buffer.diskspace import MIN_SEGMENT_BYTES, DiskGuard
-from buffer.expiry import Expiry
 from buffer.facts import BufferFacts
 from buffer.handout import Handout
 from buffer.instruments import BufferMetrics, service_gauges, service_stats
@@ -76,7 +68,7 @@ class BufferService(Daemon):
         segment_bytes = min(b.segment_bytes, max(MIN_SEGMENT_BYTES, self.disk.free // 8))
         self.wal = WriteAheadLog(facts.wal_dir, fsync=b.fsync, segment_bytes=segment_bytes)
         self.control = ControlPlane(b.pub_address, b.heartbeat_timeout_s, clock, lambda m: self.publisher.publish(m),
-                                    self.log)
+                                    self.log, self._release)
         self.instruments = BufferMetrics(self.metrics, {"in_flight": lambda: self.ledger.in_flight,
                                                         "stored": lambda: len(self.store),
                                                         "in_transit": lambda: self.handout.in_transit_groups()},
@@ -94,10 +86,8 @@ class BufferService(Daemon):
         # iteration's control record
         self._dirty = False  # control state changed in this iteration: a control record is due
         self._next_sweep = 0.0
-        self.expiry = Expiry(self.ledger, self.control, self.instruments, self.log, clock,
-                             self._changed)
         self._handlers = {
-            P.Register: self.expiry.register, P.Heartbeat: self.control.heartbeat,
+            P.Register: self.control.register, P.Heartbeat: self.control.heartbeat,
             P.RosterRequest: self.control.roster_reply, P.WeightSyncPlan: self.control.take_plan,
             P.SyncDone: lambda m: self._ack_with_leases(m, self.control.sync_done(m).ref, "ok"),  # the sync first
             P.SyncStatusRequest: self.control.sync_status,
@@ -111,8 +101,7 @@ class BufferService(Daemon):
     @classmethod
     def from_run(cls, cfg: RunConfig, *, keys: security.Keys | None = None,
                  clock: Callable[[], float] = time.monotonic) -> BufferService:
-        """The buffer of the job ``cfg`` describes: its ``buffer`` section plus ``BufferFacts`` of
-        the rest, serving CURVE with ``keys`` (None: plain sockets)."""
+        """The buffer of the job ``cfg`` describes, serving CURVE with ``keys`` (None: plain sockets)."""
         return cls(cfg.buffer, BufferFacts.from_run(cfg, keys), clock=clock)
 
     # ------------------------------------------------------------------ lifecycle and the loop
@@ -141,10 +130,9 @@ class BufferService(Daemon):
         self.settle(sweep=sweep)
 
     def settle(self, *, sweep: bool = True) -> None:
-        """The rest of a loop iteration: expire leases and silent servers (``sweep``), answer held
-        BatchRequests, log what changed, send the replies that are durable now."""
+        """The rest of a loop iteration (WAL.md, Replies wait for the disk)."""
         if sweep:
-            self.expiry.sweep()
+            self.expire()
             self.disk.sweep(self.wal, self.checkpoint)
         for p, reply in self.handout.serve(self.clock()):
             self._queue_reply(p.peer, p.req_id, reply, p.request.TYPE, p.received)
@@ -172,13 +160,11 @@ class BufferService(Daemon):
                                       **({"degraded": self.disk.reason()} if self.disk.degraded else {})}
 
     def recover(self) -> None:
-        """Take the state the WAL holds, open a fresh segment with its checkpoint, then drop what is
-        stale at the recovered version, refused by the filters, or no longer decodes."""
+        """Take the state the WAL holds, then drop what cannot be served (WAL.md, Recovery)."""
         got = replay(self.wal, self.ledger, self.store, self.log)
         self.control.version, self.seen = got.version, got.seen
         self.handout.restore(got.in_transit)
-        # Drops land after the checkpoint, in the same record as their returned slots (a checkpoint
-        # that counted them while their groups were still unconsumed would return the slots twice).
+        # drops land after the checkpoint, with their returned slots
         self.wal.open(self.checkpoint())
         self._drop(self.store.drop_stale(self.control.version), "stale")
         for u in got.unreadable.values():
@@ -371,6 +357,23 @@ class BufferService(Daemon):
     def _changed(self) -> None:
         self._dirty = True
 
+    def expire(self) -> None:
+        """Re-issue expired leases; the control plane releases those of servers gone."""
+        if expired := self.ledger.expire():
+            self._dirty = True
+            self.instruments.count("credits_expired", len(expired))
+            self.log.warning("re-issuing %d expired leases (e.g. %s of %s)", len(expired),
+                             expired[0].lease_id, expired[0].server_id)
+        self.control.expire()
+
+    def _release(self, keep: Callable[[str], bool], why: str) -> None:
+        """Re-issue at once every lease whose holder ``keep`` rejects."""
+        if released := self.ledger.release(keep):
+            self._dirty = True
+            self.instruments.count("credits_released", len(released))
+            self.log.warning("re-issuing %d leases of %s: %s", len(released),
+                             ", ".join(sorted({x.server_id for x in released})), why)
+
     def _on_consumed(self, group_ids: list[str]) -> None:
         """The trainer acknowledged a batch: WAL marks, and the admission window moves on."""
         self._consumed.extend(group_ids)
@@ -383,11 +386,7 @@ class BufferService(Daemon):
             self.seen = dict.fromkeys(list(self.seen)[-SEEN_KEEP:])
 
     def _queue_reply(self, peer: bytes, req_id: bytes, reply: P.Message, kind: str, received: float) -> None:
-        """Send once what the reply depends on is durable: its own ticket if no control state changed
-        yet in this iteration, else the iteration's one control record (one per reply cost more than
-        the rest of a group's handling). A ticket either way: the fsync thread starts at once. A
-        refusal for lack of space depends on nothing and leaves now (on a disk another writer
-        filled, the records before it wait for space, and so would it)."""
+        """Send once what the reply depends on is durable (WAL.md, Replies wait for the disk)."""
         if isinstance(reply, P.Ack) and reply.status == "unavailable":
             self.server.send(peer, req_id, reply)
             self.instruments.latency(kind, self.clock() - received)

@@ -1,14 +1,6 @@
-"""Staleness policy (pure: no I/O, no clock); the argument and a worked example: STALENESS.md.
-
-``v`` is the trainer's version, ``eta`` = ``max_staleness``, ``B`` = ``groups_per_step``; a
-group's head version ``h`` is the oldest version among its tokens. Invariants:
-
-* **Admission**: a credit is granted only while ``started < consumed + (eta - max(lambda, lag)
-  + 1) * B`` and ``in_flight < max_inflight`` (lambda: the engines' designed lag; lag: how far
-  the asking server's engine is behind now).
-* **Consumption**: a batch holds only groups with ``v - h <= eta`` (``check_batch`` raises
-  ``StaleBatchError`` otherwise). eta = 0 is synchronous RL.
-"""
+"""Staleness policy (pure: no I/O, no clock); the formulas, their argument and a worked example:
+STALENESS.md. Invariants: a credit is granted only within ``admission_limit``; a batch holds only
+groups with ``v - h <= eta`` (``check_batch`` raises ``StaleBatchError`` otherwise)."""
 
 from __future__ import annotations
 
@@ -35,8 +27,7 @@ class StalenessPolicy:
                              f"[0, max_staleness={self.max_staleness}]")
 
     def admission_limit(self, consumed: int, lag: int = 0) -> int:
-        """How many groups may have been started once ``consumed`` were trained on, for a server
-        whose engine is ``lag`` versions behind the trainer."""
+        """How many groups may have been started, for an engine ``lag`` versions behind."""
         lag = max(self.engine_lag, lag)
         return consumed + (self.max_staleness - lag + 1) * self.groups_per_step
 
@@ -48,9 +39,6 @@ class StalenessPolicy:
     def engine_lag_of(self, engine_version: int, trainer_version: int) -> int:
         """How many versions an engine is behind the trainer (0 when ahead or unknown, ``-1``)."""
         return 0 if engine_version < 0 else max(0, trainer_version - engine_version)
-
-    def staleness(self, head_version: int, trainer_version: int) -> int:
-        return trainer_version - head_version
 
     def is_fresh(self, head_version: int, trainer_version: int) -> bool:
         return trainer_version - head_version <= self.max_staleness

@@ -1,31 +1,9 @@
 """Write-ahead log: append-only segment files, so that an acknowledged group survives a crash.
 
-``<wal_dir>/seg-<n>.wal``, n increasing; every start and rotation opens a segment that begins with
-a checkpoint (the control state), superseding older control records. Records (little-endian):
-``u32 length | u32 crc32c(payload) | payload``, payload ``b"G" + u16 len(id) + group id + frame``
-(a TrajectoryGroup's wire frame as received) or ``b"C" + msgpack map`` (control: "state" or
-"changes", "consumed", "seen"). Only this layout is read (no release had another). ``replay``
-yields every intact record in order; ``recovery.py`` applies them. One writer per directory
-(``dirlock.py``).
-
-Durability (``fsync``). ``always``: records are queued, ``request_sync()`` returns a ticket, and a
-background thread checksums, writes and fdatasyncs the queue (group commit); the service replies
-once ``durable() >= ticket`` (``wakeup_fd`` turns readable then). ``batch`` and ``never`` write
-inline, so an acknowledged record survives ``kill -9``; ``batch`` fsyncs at most every
-``BATCH_FSYNC_S``. A failed write or fsync (EFBIG and EIO included) is fatal: ``WalFailed`` names
-the segment and the errno, and nothing is made durable after it. A full disk or quota (ENOSPC,
-EDQUOT) is not: the partial record is cut off, queued records wait for space (their tickets are not
-durable meanwhile), an inline group write raises ``DiskFull`` (the caller refuses the group:
-``diskspace.py``), and an inline control record waits in order for space.
-
-``append_group`` returns a ``WalRef`` that ``read_group`` reads back (CRC-checked): frames stay on
-disk, not in memory. Compaction (every start and rotation) deletes only a prefix of segments with
-no unconsumed group: a consumed mark may live in a later segment than its group. Damage is never
-fatal and never accepted: a damaged region followed by intact records is skipped alone (logged,
-counted in ``corrupt_records``, a "D" record for recovery); a damaged tail ends its segment's
-replay and the newest segment's is truncated. Each control record carries a copy of the one before
-it (``prev``), so one damaged control record is restored from the next.
-"""
+Layout, durability policies, disk-full handling and damage: WAL.md. Invariants: a ticket is
+durable only once every record before it is on disk; a failed write or fsync is fatal
+(``WalFailed``), a full disk is not (``DiskFull``); compaction deletes only segments with no
+unconsumed group; damage is skipped and counted, never fatal and never accepted."""
 
 from __future__ import annotations
 
@@ -40,20 +18,22 @@ from pathlib import Path
 
 import msgspec
 
-from buffer.dirlock import DirectoryLock
 from buffer.wal_format import (  # noqa: F401 (re-exported: the WAL's public names)
     GID_LEN,
     HEADER,
     DiskFull,
     Record,
     WalFailed,
+    WalInUse,
     WalRef,
     damaged_group_id,
+    lock_directory,
     next_intact,
     record_header,
     record_problem,
     segment_path,
     sync_data,
+    unlock_directory,
     write_record,
 )
 
@@ -70,8 +50,7 @@ class WriteAheadLog:
             raise ValueError(f"fsync={fsync!r}")
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock = DirectoryLock(self.dir)
-        self._unlock = weakref.finalize(self, self._lock.release)  # also for a log never closed
+        self._unlock = weakref.finalize(self, unlock_directory, lock_directory(self.dir))  # also unclosed
         self.fsync_policy, self.segment_bytes = fsync, segment_bytes
         self._fd: int | None = None
         self.segment = self.segment_size = 0  # current segment number, bytes appended to it
@@ -85,7 +64,7 @@ class WriteAheadLog:
         self._fsync_times: list[float] = []
         self._syncer: threading.Thread | None = None
         self._closing = False
-        self._queue: list[list] = []  # records not yet written, in order (module docstring)
+        self._queue: list[list] = []  # records not yet written, in order (WAL.md, Durability)
         self._written = 0  # bytes of the current segment written to the file
         self.wakeup_fd: int | None = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
                                       if fsync == "always" and hasattr(os, "eventfd") else None)
@@ -133,9 +112,7 @@ class WriteAheadLog:
 
     def _damaged(self, data: bytes, pos: int, nxt: int | None, segment: int, problem: str,
                  newest: bool) -> Record:
-        """A damaged region, reported and counted: a "D" record naming the group it held when its
-        payload still names one (recovery restores a control record it can). The newest segment's
-        tail was never acknowledged (a torn write: its sender sends it again), so it names none."""
+        """A damaged region, logged and counted: a "D" record naming the group it held, if any."""
         self.corrupt_records += 1
         end = len(data) if nxt is None else nxt
         gid = "" if nxt is None and newest else damaged_group_id(data, pos, end)
@@ -219,9 +196,7 @@ class WriteAheadLog:
         return WalRef(self.segment, offset, n)
 
     def append_control(self, control: dict) -> int:
-        """Log a control record, numbered in its segment (``n``, the checkpoint's 0) and carrying
-        a copy of the control record before it (``prev``; a checkpoint carries the previous
-        segment's last one) without ``in_transit``, which the record carrying it supersedes."""
+        """Log a control record, numbered and carrying a copy of the one before (WAL.md, Damage)."""
         self._control_n = 0 if control.get("checkpoint") else self._control_n + 1
         numbered = {**control, "n": self._control_n}
         prev = {"prev": self._last_control} if self._last_control else {}
@@ -280,8 +255,7 @@ class WriteAheadLog:
         return self._sync_error is not None
 
     def _fail(self, e: BaseException) -> WalFailed:
-        """Record the fatal error ``e`` of a write or fsync as one message naming the segment and
-        the errno; nothing is made durable from now on."""
+        """Record the fatal error ``e``: nothing is made durable from now on."""
         code = getattr(e, "errno", None)
         why = f"{os.strerror(code)} ({errno.errorcode.get(code, code)})" if code else repr(e)
         self._sync_error = WalFailed(
@@ -387,8 +361,7 @@ class WriteAheadLog:
         return self.segment_size - self._checkpoint_size
 
     def maybe_rotate(self, checkpoint: Callable[[], dict], *, force: bool = False) -> bool:
-        """Open a new segment when the records after its opening checkpoint (which a big one
-        would otherwise make rotate at every call) fill ``segment_bytes``, or now (``force``)."""
+        """Open a new segment when the records after its checkpoint fill ``segment_bytes``, or now."""
         if self.records_size < self.segment_bytes and not force:
             return False
         if self._queue and self._syncer is None:  # records waiting for space belong to this segment

@@ -1,9 +1,12 @@
 """The WAL's lowest layer: segment names, record checks, one record's write (cut back to the last
-whole record on a full disk), and the exceptions. The layout is described in ``wal.py``."""
+whole record on a full disk), the directory lock, and the exceptions. The layout is described in
+``wal.py``."""
 
 from __future__ import annotations
 
 import errno
+import fcntl
+import logging
 import os
 import struct
 from dataclasses import dataclass
@@ -20,17 +23,62 @@ MAX_RECORD_BYTES = 1 << 30  # a length above this is corruption, not a record (f
 
 
 class WalFailed(ComponentStopped, OSError):
-    """A write or fsync failed: nothing is made durable any more. Fatal, never one damaged record:
-    the daemon stops with one error line (``Daemon.serve``) and exit status 1."""
+    """A write or fsync failed: nothing is made durable any more (fatal: WAL.md, Durability)."""
+
+
+class WalInUse(RuntimeError):
+    """Another log (in this or another process) holds the WAL directory."""
 
 
 class DiskFull(OSError):
-    """A record did not fit on the disk (ENOSPC, or EDQUOT: space can come back); the file was cut
-    back to its last whole record."""
+    """A record did not fit (ENOSPC, EDQUOT); the file was cut back to its last whole record."""
 
 
 SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # DiskFull; any other write error (EFBIG: the file may
 # grow no more, EIO) is fatal
+
+
+_LOCKS: set[int] = set()  # the lock descriptors held (lock_directory)
+
+
+def _close_locks_in_child() -> None:
+    """A forked child's copies would keep the directories locked after the parent let go."""
+    for fd in _LOCKS:
+        os.close(fd)
+    _LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_locks_in_child)
+
+
+def lock_directory(directory: Path) -> int | None:
+    """One writer per WAL directory (WAL.md, Layout): an exclusive ``flock`` on ``LOCK``, its
+    descriptor (None where the file system has no locks)."""
+    fd = os.open(directory / "LOCK", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise WalInUse(f"WAL directory {directory} is in use by another buffer (pid {holder}): "
+                       "one buffer per wal_dir; stop that one or give this one its own run_dir") from None
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        logging.getLogger("buffer.wal").warning(
+            "wal: %s cannot be locked (%s): nothing stops a second buffer on it", directory, e)
+        return None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _LOCKS.add(fd)
+    return fd
+
+
+def unlock_directory(fd: int | None) -> None:
+    if fd in _LOCKS:
+        _LOCKS.discard(fd)
+        os.close(fd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +129,7 @@ def record_header(parts: list[bytes | memoryview], gil_release: int) -> bytes:
 
 
 def write_record(fd: int, record: list[bytes | memoryview], end: int) -> int:
-    """Write one record at the end of the file, which is ``end`` bytes long. When it fails, cut what
-    was written of it (the file ends on a whole record) and raise: ``DiskFull`` for a full disk or
-    quota, the ``OSError`` itself for anything else (``SPACE_ERRNOS``)."""
+    """Write one record at the end of the file (``end`` bytes long), or cut it off and raise."""
     n = sum(len(p) for p in record)
     try:
         written = os.writev(fd, record)
@@ -111,9 +157,7 @@ _MAP_HEADS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])  # a msgpack map starts
 
 
 def _chained(data: bytes, q: int) -> bool:
-    """A candidate record at ``q`` is worth its checksum: it fits, and it ends at the end of the
-    data, or where too little is left for a record (a torn header), or where the next record's
-    kind byte could be (random bytes rarely pass both kind checks)."""
+    """A candidate record at ``q`` is worth its checksum: it fits and chains (WAL.md, Damage)."""
     length = HEADER.unpack_from(data, q)[0]
     end = q + HEADER.size + length
     if length < 1 or end > len(data):
@@ -135,9 +179,7 @@ def next_intact(data: bytes, start: int) -> int | None:
 
 
 def damaged_group_id(data: bytes, start: int, end: int) -> str:
-    """The group id a damaged region ``[start, end)`` still names ("" if none): its payload starts
-    with ``b"G" + u16 length + id`` and the frame, a msgpack map, when only the header or the frame
-    was hit."""
+    """The group id a damaged region ``[start, end)`` still names ("" if none)."""
     at = start + HEADER.size
     if end - at < 1 + GID_LEN.size or data[at:at + 1] != b"G":
         return ""

@@ -116,7 +116,7 @@ def test_a_member_registering_too_many_server_ids_is_refused_and_others_are_not(
     for i in range(MIN_SERVERS):
         if i != 1:
             send(svc, A, b"hb", P.Heartbeat(server_id=f"s{i}", policy_version=0), "rollout")
-    svc.expiry.sweep()
+    svc.expire()
     assert "s1" not in svc.control.roster
     assert isinstance(register(A, "s10"), P.RegisterAck)
     assert isinstance(register(A, "s11"), P.Ack)  # and the cap holds again
@@ -131,7 +131,7 @@ def test_new_server_ids_of_a_member_are_rate_limited_after_a_burst(tmp_path):
     for i in range(MIN_SERVERS):  # the burst: every server of the job at once
         assert isinstance(register(f"a{i}"), P.RegisterAck)
     now[0] = 2.0  # all of them expire; the bucket refilled by 2 ids only
-    svc.expiry.sweep()
+    svc.expire()
     assert not svc.control.roster
     assert [type(register(f"b{i}")).__name__ for i in range(4)] == ["RegisterAck"] * 2 + ["Ack"] * 2
     assert "faster than 1/s" in register("b9").reason

@@ -47,7 +47,6 @@ def test_admission_table(eta, B, v, started, in_flight, cap, expected):
 def test_is_fresh(eta, head, v, fresh):
     policy = StalenessPolicy(eta, 4, 8)
     assert policy.is_fresh(head, v) is fresh
-    assert policy.staleness(head, v) == v - head
 
 
 def test_check_batch_raises_on_a_stale_group():

@@ -7,8 +7,7 @@ import os
 
 import pytest
 
-from buffer.dirlock import WalInUse
-from buffer.wal import WalFailed, WriteAheadLog, segment_path
+from buffer.wal import WalFailed, WalInUse, WriteAheadLog, segment_path
 
 
 def replay(path, **kw) -> tuple[WriteAheadLog, list]:
@@ -136,7 +135,7 @@ def test_records_survive_the_process_without_close(tmp_path, policy):
     wal.append_group("g", b"payload")
     wal.commit()
     fd = wal._fd  # simulate the process vanishing: no close, no final commit
-    wal._lock.release()  # the kernel drops a dead process's directory lock
+    wal._unlock()  # the kernel drops a dead process's directory lock
     _, recs = replay(tmp_path)
     assert [r[1] for r in recs if r[0] == "G"] == ["g"]
     os.close(fd)
@@ -382,7 +381,7 @@ def test_a_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, mon
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr("buffer.dirlock.fcntl.flock", no_locks)
+    monkeypatch.setattr("buffer.wal_format.fcntl.flock", no_locks)
     with caplog.at_level(logging.WARNING, logger="buffer.wal"):
         wal = WriteAheadLog(tmp_path)
     assert "nothing stops a second buffer" in caplog.text
