@@ -200,7 +200,8 @@ def wait_work(work, deadline: float, backend: str, check: Callable[[], None]) ->
             except RuntimeError as e:
                 if "timed out" not in str(e).lower():
                     raise  # a peer died: gloo reports the closed connection at once
-        check()
+        if time.monotonic() < deadline:  # at the deadline: the timeout, not a last check
+            check()
 
 
 @contextmanager
