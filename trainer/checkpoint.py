@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from trainer.finite_guard import require_finite_state
 from trainer.model import Policy
-from trainer.ranks import barrier, local, rank_world, several
+from trainer.ranks import all_ranks, barrier, local, rank_world, several
 
 log = logging.getLogger("trainer.checkpoint")
 
@@ -174,10 +174,7 @@ class AsyncSaver:
         """Commit the save in progress once every rank's write is done (a collective, each step)."""
         if self._pending is None:
             return
-        done = torch.tensor([int(self._pending[0].done())])
-        if several():
-            dist.all_reduce(done, op=dist.ReduceOp.MIN)
-        if int(done):
+        if all_ranks(self._pending[0].done()):
             self.finish()
 
     def finish(self) -> Path | None:
@@ -292,12 +289,10 @@ def dcp_load(state: dict, path: Path, no_dist: bool = False) -> None:
 def _agree(error: Exception | None, path: Path) -> None:
     """Raise on every rank when any rank's files were refused (a collective), so that no rank waits
     in DCP's load for one that gave up."""
-    ok = torch.tensor([0.0 if error else 1.0])
-    if several():
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    ok = all_ranks(error is None)
     if error is not None:
         raise error
-    if not ok.item():
+    if not ok:
         raise UnsafeCheckpointError(f"{path}: another rank refused its checkpoint files (see its "
                                     "log)")
 
@@ -305,10 +300,8 @@ def _agree(error: Exception | None, path: Path) -> None:
 def load_data(path: Path, numpy_arrays: bool = False):
     """``torch.load`` of a checkpoint file, data only (``UnsafeCheckpointError`` otherwise)."""
     try:
-        if numpy_arrays:
-            with torch.serialization.safe_globals(_rng_globals()):
-                return torch.load(path, weights_only=True)
-        return torch.load(path, weights_only=True)
+        with torch.serialization.safe_globals(_rng_globals() if numpy_arrays else []):
+            return torch.load(path, weights_only=True)
     except pickle.UnpicklingError as e:
         raise _refused(path, e) from None
 

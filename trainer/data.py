@@ -63,18 +63,10 @@ class TrainBatch:
         idx = torch.as_tensor(idx, dtype=torch.long)
         s = int((self.prompt_lens[idx] + self.output_lens[idx]).max()) if len(idx) else 1
         t = max(1, int(self.output_lens[idx].max())) if len(idx) else 1
-        kw = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.name == "head_versions":
-                kw[f.name] = v
-            elif f.name == "input_ids":
-                kw[f.name] = v[idx, :s]
-            elif v.dim() == 2:
-                kw[f.name] = v[idx, :t]
-            else:
-                kw[f.name] = v[idx]
-        return TrainBatch(**kw)
+        return TrainBatch(input_ids=self.input_ids[idx, :s], prompt_lens=self.prompt_lens[idx],
+                          output_lens=self.output_lens[idx], behav_logp=self.behav_logp[idx, :t],
+                          mask=self.mask[idx, :t], rewards=self.rewards[idx],
+                          group_ids=self.group_ids[idx], head_versions=self.head_versions)
 
     def to(self, device: torch.device) -> TrainBatch:
         return TrainBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})

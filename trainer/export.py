@@ -60,11 +60,6 @@ def _exported_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tenso
     yield from ((name, b) for name, b in model.named_buffers() if name in keys)
 
 
-def _full_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    for name, t in _exported_tensors(model):
-        yield name, _gather(t)
-
-
 def _merged_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full tensor) of the base with each adapter folded in, ``W + scaling * B @ A``."""
     from peft.tuners.lora import LoraLayer
@@ -196,11 +191,6 @@ class _ShardWriter:
         return n
 
 
-def _architecture(model: torch.nn.Module) -> str:
-    # fully_shard swaps the class for a subclass named FSDP<Name>; the config must name the HF class
-    return type(model).__name__.removeprefix("FSDP")
-
-
 def generation_config(model_cfg: ModelConfig, tokenizer, model_config):
     """The model's generation defaults with the tokenizer's bos / pad ids, its eos id first."""
     from transformers import GenerationConfig
@@ -237,7 +227,8 @@ def _add_legacy_keys(path: Path) -> None:
 
 def _write_metadata(model: torch.nn.Module, directory: Path, model_cfg: ModelConfig, tokenizer, dtype: str) -> None:
     config = copy.deepcopy(model.config)
-    config.architectures = [_architecture(model)]
+    # fully_shard swaps the class for a subclass named FSDP<Name>; the config must name the HF class
+    config.architectures = [type(model).__name__.removeprefix("FSDP")]
     config.dtype = dtype
     config.use_cache = True  # the trainer turns the KV cache off; inference wants it
     config.save_pretrained(str(directory))
@@ -253,7 +244,8 @@ def export_hf(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelConfig, 
     if has_adapters(model):
         return export_adapter(model, out_dir, model_cfg=model_cfg, tokenizer=tokenizer,
                               shard_mb=shard_mb, dtype=dtype, task=task, merged=merged)
-    return _write_hf(model, _full_tensors(model), out_dir, model_cfg=model_cfg, tokenizer=tokenizer,
+    full = ((name, _gather(t)) for name, t in _exported_tensors(model))
+    return _write_hf(model, full, out_dir, model_cfg=model_cfg, tokenizer=tokenizer,
                      shard_mb=shard_mb, dtype=dtype, task=task)
 
 

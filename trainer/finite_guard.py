@@ -13,11 +13,10 @@ import logging
 import math
 
 import torch
-import torch.distributed as dist
 from torch.optim import Optimizer
 
 from areal_like.net.ratelog import RateLimitedLog
-from trainer.ranks import local, several
+from trainer.ranks import all_ranks, local
 
 SKIPPED = "nonfinite_skipped"  # the step stat: optimizer steps of the batch that were skipped
 LOG_EVERY_S = 60.0
@@ -33,17 +32,10 @@ class NonFiniteStateError(RuntimeError):
     """A weight or optimizer state is not finite: it must not be checkpointed."""
 
 
-def _all_ranks_min(flag: float) -> bool:
-    ok = torch.tensor([flag], dtype=torch.float32)
-    if several():
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item() > 0)
-
-
 def all_finite(*values: float) -> bool:
     """Whether every value is finite on EVERY rank (a collective with several ranks: all call
     it)."""
-    return _all_ranks_min(float(all(math.isfinite(v) for v in values)))
+    return all_ranks(all(math.isfinite(v) for v in values))
 
 
 def first_nonfinite(model: torch.nn.Module, optimizer: Optimizer | None = None) -> str | None:
@@ -63,7 +55,7 @@ def require_finite_state(model: torch.nn.Module, optimizer: Optimizer | None = N
     """Raise ``NonFiniteStateError`` on every rank when any rank's weights or optimizer state hold
     a non-finite value (a collective: all ranks call it)."""
     bad = first_nonfinite(model, optimizer)
-    if not _all_ranks_min(float(bad is None)):
+    if not all_ranks(bad is None):
         where = f" (this rank: {bad})" if bad else " (on another rank)"
         raise NonFiniteStateError(f"the model's state holds NaN or inf{where}: refusing to "
                                   "checkpoint it; the newest checkpoint on disk is the last "

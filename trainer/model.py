@@ -39,6 +39,7 @@ from areal_like.weights.hf import build_meta_model, torch_dtype
 from areal_like.weights.lora import ADAPTER, add_adapters
 from trainer.logprobs import hidden_token_logprobs
 from trainer.packed_attention import PACKED_SDPA
+from trainer.ranks import full
 from trainer.sharded_init import materialize
 
 
@@ -253,17 +254,13 @@ def build_policy(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, adam_eps
 
 def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
     """Clip the global gradient norm (DTensor-aware; a collective) and return the pre-clip norm."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return float(norm)
+    return float(full(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)))
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter as a full CPU tensor, on every rank (a collective: all ranks must call it)."""
     out = {}
     for name, p in model.named_parameters():
-        t = p.full_tensor() if hasattr(p, "full_tensor") else p
-        out[name] = t.detach().to("cpu", torch.float32).clone()
+        out[name] = full(p).detach().to("cpu", torch.float32).clone()
     return out
 

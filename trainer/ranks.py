@@ -22,6 +22,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_ranks(ok: bool) -> bool:
+    """Whether ``ok`` holds on EVERY rank (a collective with several ranks: all call it)."""
+    flag = torch.tensor([float(ok)])
+    if several():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
 def from_rank0(obj):
     """Rank 0's ``obj`` on every rank (a collective)."""
     box = [obj]

@@ -7,7 +7,7 @@ Invariants:
 - Each formation's name carries a random token only the plan carries: only its members can join.
 - The group is reused while the plan's members (ids, ranks, incarnations) are the formed group's.
 - Every step on the group ends by the push's deadline: ``wait_work`` waits in slices, asking
-  ``check`` between them; ``Watchdog`` aborts a launch that blocks past it.
+  ``check`` between them; ``watchdog`` aborts a launch that blocks past it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 
 import torch
@@ -43,7 +43,6 @@ class WeightGroup:
         self.key: tuple | None = None  # ((server_id, engine_ranks, incarnation), ...) formed
         self.name = cfg.group_name  # + a fresh token at each formation (``reserve``)
         self.port = 0
-        self._watchdog = Watchdog(self.abort)  # NCCL: bounds a launch that blocks (comm. init)
 
     def reserve(self, key: tuple) -> bool:
         """Whether a plan for the members ``key`` re-forms the group; if so, new name and port."""
@@ -69,10 +68,9 @@ class WeightGroup:
         self.key = None
 
     def run(self, step: Callable[[], int | None], deadline: float) -> int | None:
-        """One step on the group; on NCCL the watchdog aborts it at ``deadline``."""
-        if self.backend != "nccl":
-            return step()
-        with self._watchdog.armed(deadline):
+        """One step on the group; on NCCL the watchdog aborts it at ``deadline`` (a launch that
+        blocks: the communicator's creation with a dead peer)."""
+        with watchdog(self.abort, deadline) if self.backend == "nccl" else nullcontext():
             return step()
 
     def abort(self) -> None:
@@ -181,65 +179,51 @@ class GroupSender(Sender):
 
 
 def wait_work(work, deadline: float, backend: str, check: Callable[[], None]) -> None:
-    """Wait for ``work`` (an async broadcast) until ``deadline`` (``time.monotonic()``)."""
-    if backend == "nccl":
-        _poll_until_done(work, deadline, check)
-    else:
-        _wait_in_slices(work, deadline, check)
-
-
-def _wait_in_slices(work, deadline: float, check: Callable[[], None]) -> None:
+    """Wait for ``work`` (an async broadcast) until ``deadline`` (``time.monotonic()``), calling
+    ``check`` after each slice of ``BROADCAST_SLICE_S``: gloo waits a slice at a time; NCCL's wait
+    cannot time out, so its completion is polled."""
     while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("weight-sync deadline passed during the broadcast")
-        try:
-            work.wait(timedelta(seconds=min(BROADCAST_SLICE_S, remaining)))
-            return
-        except RuntimeError as e:
-            if "timed out" not in str(e).lower():
-                raise  # a peer died: gloo reports the closed connection at once
-        check()
-
-
-def _poll_until_done(work, deadline: float, check: Callable[[], None]) -> None:
-    next_check = time.monotonic() + BROADCAST_SLICE_S
-    while not work.is_completed():
         now = time.monotonic()
-        if now > deadline:
+        if now >= deadline:
             raise TimeoutError("weight-sync deadline passed during the broadcast")
-        if now > next_check:
-            check()
-            next_check = now + BROADCAST_SLICE_S
-        time.sleep(NCCL_POLL_S)
-    work.wait()
-
-
-class Watchdog:
-    """Calls ``abort()`` from a timer thread if a guarded block outlives its deadline."""
-
-    def __init__(self, abort: Callable[[], None]):
-        self._abort = abort
-
-    @contextmanager
-    def armed(self, deadline: float) -> Iterator[None]:
-        fired = threading.Event()
-
-        def fire() -> None:
-            fired.set()
-            log.warning("weight sync: a call on the group outlived the deadline; aborting it")
+        end = min(deadline, now + BROADCAST_SLICE_S)
+        if backend == "nccl":
+            while not work.is_completed() and time.monotonic() < end:
+                time.sleep(NCCL_POLL_S)
+            if work.is_completed():
+                work.wait()
+                return
+        else:
             try:
-                self._abort()
-            except Exception as e:  # already aborted or destroyed: the blocked call fails anyway
-                log.debug("watchdog abort failed: %s", e)
+                work.wait(timedelta(seconds=end - now))
+                return
+            except RuntimeError as e:
+                if "timed out" not in str(e).lower():
+                    raise  # a peer died: gloo reports the closed connection at once
+        if time.monotonic() < deadline:  # at the deadline: the timeout, not a last check
+            check()
 
-        timer = threading.Timer(max(0.0, deadline - time.monotonic()), fire)
-        timer.daemon = True
-        timer.start()
+
+@contextmanager
+def watchdog(abort: Callable[[], None], deadline: float) -> Iterator[None]:
+    """Calls ``abort()`` from a timer thread if the block outlives ``deadline``."""
+    fired = threading.Event()
+
+    def fire() -> None:
+        fired.set()
+        log.warning("weight sync: a call on the group outlived the deadline; aborting it")
         try:
-            yield
-        finally:
-            timer.cancel()
-        if fired.is_set():
-            raise TimeoutError("weight-sync deadline passed inside a call on the group "
-                               "(aborted by the watchdog)")
+            abort()
+        except Exception as e:  # already aborted or destroyed: the blocked call fails anyway
+            log.debug("watchdog abort failed: %s", e)
+
+    timer = threading.Timer(max(0.0, deadline - time.monotonic()), fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+    if fired.is_set():
+        raise TimeoutError("weight-sync deadline passed inside a call on the group "
+                           "(aborted by the watchdog)")

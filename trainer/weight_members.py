@@ -30,10 +30,8 @@ REPORT_MARGIN_S = 1.0
 REPORT_MARGIN_SHARE = 0.1
 
 
-def bounded(deadline: float | None) -> float:
+def bounded(deadline: float) -> float:
     """A buffer request's timeout: the usual one, never past the sync deadline (at least 0.5 s)."""
-    if deadline is None:
-        return BUFFER_REQUEST_TIMEOUT_S
     return max(0.5, min(BUFFER_REQUEST_TIMEOUT_S, deadline - time.monotonic()))
 
 
@@ -50,7 +48,7 @@ class MembersLost(RuntimeError):
         self.lost = lost
 
 
-def roster(client, deadline: float | None) -> Roster:
+def roster(client, deadline: float) -> Roster:
     """The buffer's roster, asked within ``deadline`` (``TransportTimeout``: no answer)."""
     reply = client.request(RosterRequest(), timeout_s=bounded(deadline))
     if not isinstance(reply, Roster):
@@ -58,7 +56,7 @@ def roster(client, deadline: float | None) -> Roster:
     return reply
 
 
-def roster_ids(client, deadline: float | None) -> set[str]:
+def roster_ids(client, deadline: float) -> set[str]:
     return {m.server_id for m in roster(client, deadline).members}
 
 
@@ -77,10 +75,10 @@ def await_registered(client, want: int, timeout_s: float, should_stop=lambda: Fa
     deadline = time.monotonic() + timeout_s
     while not should_stop():
         try:
-            reply = client.request(RosterRequest(), timeout_s=bounded(deadline))
-            if isinstance(reply, Roster) and len({m.server_id for m in reply.members} | set(reply.evaluating)) >= want:
+            reply = roster(client, deadline)
+            if len({m.server_id for m in reply.members} | set(reply.evaluating)) >= want:
                 return True
-        except TransportTimeout:
+        except (TransportTimeout, RuntimeError):  # no answer, or an odd one: ask again
             pass
         if time.monotonic() + poll_s > deadline:
             return False

@@ -106,9 +106,7 @@ class WeightBroadcaster:
         self.client = Client(buffer_address, keys=keys, timeout_s=BUFFER_REQUEST_TIMEOUT_S,
                              identity=TRAINER_PEER) if rank == 0 else None  # keys None: plain
         # `run` resolves auto (launch/placement.py); unresolved: the adapter's path, or the group
-        path = cfg.path if cfg.path != "auto" else adapter_path or "distributed"
-        if path not in SENDERS:
-            raise ValueError(f"trainer.weight_sync.path={path!r}: one of {', '.join(SENDERS)}")
+        path = cfg.path if cfg.path != "auto" else adapter_path or "distributed"  # schema-checked
         self.sender = SENDERS[path](cfg, self.backend, rank, send_dtype)
         self.send_dtype = send_dtype
         self.versions = local_versions()  # what each member's versions are checked against
@@ -139,17 +137,14 @@ class WeightBroadcaster:
         if not wait and self.sender.overlaps(buckets):  # on all ranks
             report.overlapped = True
             if self.rank == 0:
-                rest = (report, buckets, params, deadline, t_start, announce)
-                self._inflight = threading.Thread(target=self._rank0_rest, args=rest,
+                rest = (params, buckets, report, deadline, t_start, announce, True)
+                self._inflight = threading.Thread(target=self._finish, args=rest,
                                                   name="weight-sync", daemon=True)
                 self._inflight.start()
             return replace(previous or SyncReport(version=version - 1),
                            blocked_s=time.monotonic() - t_start)
-        self._sync(params, buckets, report, deadline, alone=False)
-        if self.rank == 0:
-            self._announce(announce, report)
-        report.seconds = report.blocked_s = time.monotonic() - t_start
-        self._done_report = report
+        self._finish(params, buckets, report, deadline, t_start, announce, False)
+        report.blocked_s = report.seconds
         return report
 
     def join(self) -> SyncReport | None:
@@ -220,11 +215,13 @@ class WeightBroadcaster:
             self.client.close()
 
     # ------------------------------------------------------------------ attempts
-    def _rank0_rest(self, report: SyncReport, buckets: list[BucketSpec], params, deadline: float,
-                    t_start: float, announce: int) -> None:
-        """Rank 0, background thread of an overlapped push: everything after the staging."""
-        self._sync(params, buckets, report, deadline, alone=True)  # every bucket is staged
-        self._announce(announce, report)
+    def _finish(self, params, buckets: list[BucketSpec], report: SyncReport, deadline: float,
+                t_start: float, announce: int, alone: bool) -> None:
+        """Everything after the staging; ``alone``: rank 0 in the background of an overlapped push
+        (every bucket is staged)."""
+        self._sync(params, buckets, report, deadline, alone=alone)
+        if self.rank == 0:
+            self._announce(announce, report)
         report.seconds = time.monotonic() - t_start
         self._done_report = report
 

@@ -3,7 +3,7 @@
 A member lost between the rendezvous and its first receive: rank 1 joins the NCCL weight group
 (``init_weight_group``) and then never issues an op, so the communicator, created lazily at the
 first op, never forms. Rank 0 starts as the trainer does (``set_nccl_nonblocking_timeout`` from
-the deadline before any NCCL call) and broadcasts under the trainer's guards (``Watchdog`` and
+the deadline before any NCCL call) and broadcasts under the trainer's guards (``watchdog`` and
 ``wait_work``, trainer/weight_group.py). Its broadcast must fail within about the deadline, not
 after torch's default 30 minutes (trainer/WEIGHT_SYNC.md; areal_like/net/distributed.py says why).
 Both ranks on GPU 0 is allowed here: NCCL refuses two ranks on one device only when both create
@@ -39,7 +39,7 @@ deadline_s = float(sys.argv[4])
 set_nccl_nonblocking_timeout(deadline_s)  # as trainer/model.py init_distributed, before any group
 import torch
 import torch.distributed as dist
-from trainer.weight_group import Watchdog, wait_work
+from trainer.weight_group import wait_work, watchdog
 torch.cuda.set_device(0)
 pg = init_weight_group("nccl", "127.0.0.1", int(sys.argv[2]), 2, 0, sys.argv[3],
                        timeout_s=deadline_s)
@@ -49,7 +49,7 @@ t = torch.ones(1 << 20, device="cuda")
 t0 = time.monotonic()
 error = None
 try:
-    with Watchdog(pg.abort).armed(t0 + deadline_s):
+    with watchdog(pg.abort, t0 + deadline_s):
         work = dist.broadcast(t, src=0, group=pg, async_op=True)
         wait_work(work, t0 + deadline_s, "nccl", lambda: None)
 except Exception as e:

@@ -20,7 +20,7 @@ def test_a_refused_credit_request_is_asked_again_as_soon_as_the_trainer_announce
     """At eta 0 a server's sync report can reach the buffer before the trainer's request for its next
     batch, which is what consumes the last one: the report and the CreditRequest after it are refused
     ("staleness") and the link backs off. With the default overlapped push the trainer's announcement
-    comes after that request (trainer/weight_sync.py, ``_rank0_rest``), and ends the back-off
+    comes after that request (trainer/weight_sync.py, ``_finish``), and ends the back-off
     (``BufferLink.window_moved``): the next ask gets the leases."""
     monkeypatch.setattr(buffer_link, "CREDIT_RETRY_S", 3600.0)  # the back-off outlasts any slow machine
     cfg = make_cfg(tmp_path, max_staleness=0, groups_per_step=2)
