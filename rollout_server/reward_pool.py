@@ -1,11 +1,8 @@
 """Scoring responses in worker processes, so that a reward function cannot take the rollout server down.
 
-``RewardPool`` scores with the reward ``fn(response, example) -> float`` named by a dotted path
-(``task.reward_fn``, else the task's own) in ``task.reward_workers`` sandbox workers
-(``rollout_server/sandbox.py``), a group's samples split among them, each worker getting its share
-in one go (``benchmarks/bench_reward_pool.py``); or POSTs the group to ``task.reward_url`` as one
-batch; or, with ``task.reward_workers=0``, calls it on the server's own loop with no sandbox or
-limit. What each mode guarantees and costs: rollout_server/ROLLOUT.md, "Rewards".
+The three modes (sandbox workers, one batch POST to ``task.reward_url``, in process with
+``task.reward_workers=0``), what each guarantees and costs, its threads and its metrics:
+rollout_server/ROLLOUT.md, "Rewards".
 
 Invariants:
 * a reward that cannot be loaded is fatal: when a worker's start fails (its ready reply says why,
@@ -20,10 +17,6 @@ Invariants:
 * results come back in the order of the responses; ``close()`` leaves no worker behind;
 * remote: a timeout, connection error, 5xx or 429 is retried ``task.reward_retries`` times; any
   other HTTP error or a malformed answer is not (it would come back the same).
-
-Each share blocks one of the pool's own threads on its worker's socket, so the pool works from
-any event loop and ``close()`` needs none. Metrics: ``rollout/reward_failures{kind}`` (timeout |
-error | memory | died | remote) and ``rollout/reward_seconds``.
 """
 
 from __future__ import annotations

@@ -1,26 +1,16 @@
 """Sandboxed calls: user code (reward functions, and the tools an agent calls) in worker processes.
 
-``run_sandboxed(fn_path, args, limits) -> SandboxResult`` calls ``fn(*args)`` for the function at
-``fn_path`` (``"pkg.module:function"``) in a fresh worker and returns its JSON-able result, or why
-there is none. ``Worker`` is that process and the caller's end of its socket; the reward pool and
-the tool pool keep several alive.
+``Worker`` is one worker process (``reward_worker.py`` runs in it) and the caller's end of its
+socket; the reward pool and the tool pool keep several alive. ``run_sandboxed(fn_path, args,
+limits) -> SandboxResult`` calls ``fn(*args)`` for ``"pkg.module:function"`` in a fresh one.
 
-A worker (``reward_worker.py`` runs in it) is a fresh ``python -I`` (not a fork: the server runs
-asyncio and threads) in a session of its own, with an environment without anything that looks
-like a secret (``SECRET_NAME``), ``RLIMIT_AS`` = ``limits.memory_mb``, a per-call ``RLIMIT_CPU``
-backstop, ``RLIMIT_NPROC`` allowing ``limits.processes`` more (as root it first drops every
-capability and takes a real uid of its own, ``ISOLATED_UID_BASE`` + its pid, since the limit does
-not bind root), and a wall-clock deadline per call (``limits.timeout_s``) enforced by the caller
-with SIGKILL to its process group, by PID, then reaped.
-
-``hide`` (called by the rollout server at start) makes root's workers start in namespaces of
-their own (``unshare --pid --fork --mount-proc``): a PID namespace with its own ``/proc`` (no
-other process of the job can be seen or signalled) and a mount namespace where each hidden
-directory (the job's keys and secrets, its same-node socket directory) is covered by an empty
-tmpfs of mode 0000 and every mount but ``/tmp``, ``/proc``, ``/sys`` and ``/dev`` is read-only
-(``HIDE_SCRIPT``). Without root or ``unshare`` a warning says workers run as the job's user
-(areal_like/SECURITY.md, "Reward and tool code"). It contains accidents and runaway code, not a
-determined attacker: the network and world-readable files stay reachable.
+A worker is a fresh ``python -I`` (not a fork: the server runs asyncio and threads) in a session
+of its own, with an environment without anything that looks like a secret (``SECRET_NAME``), the
+limits ``reward_worker.py`` sets itself, and a wall-clock deadline per call (``limits.timeout_s``)
+enforced by the caller with SIGKILL to its process group, by PID, then reaped. ``hide`` (called
+by the rollout server at start) makes root's workers start in namespaces of their own where the
+job's secrets and processes cannot be reached (``HIDE_SCRIPT``; what is and is not covered:
+areal_like/SECURITY.md, "Reward and tool code").
 
 Failure kinds (``SandboxResult.kind``): ``timeout`` | ``memory`` | ``died`` | ``error`` (the call
 raised, or its result is not JSON) | ``start`` (the function could not be loaded).
