@@ -21,13 +21,17 @@ import json
 import logging
 import os
 import pickle
+import queue
 import reprlib
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +40,7 @@ from rollout_server import reward_worker
 from rollout_server.reward_worker import recv_frame, scrubbed_env, send_frame
 
 WORKER_SCRIPT = str(Path(reward_worker.__file__).resolve())
+PIPELINE_BYTES = 32 * 1024  # requests queued on a worker ahead of its answers: far below a socket's buffer
 STARTUP_TIMEOUT_S = 120.0  # a fresh worker imports the function's module (sympy, torch, ...) on a busy machine
 # PID 1 of the worker's namespaces: the job's code ($2.. up to --) bound read-only, each hidden
 # directory (then up to the next --) covered with an empty tmpfs nobody may enter; then it goes to
@@ -242,3 +247,108 @@ class Worker:
                 pass
             self.proc.wait()
         self.sock.close()
+
+
+class WorkerPool:
+    """``size`` workers of the function at ``path`` (the reward pool's, the tool pool's), each used
+    by one of the pool's own ``threads`` at a time (``call_all``); a worker's startup never counts
+    against a call's timeout. Once ``stop()`` or ``close()`` ran (``dead``), none is started."""
+
+    def __init__(self, path: str, limits: SandboxLimits, size: int, name: str):
+        self.path, self.limits = path, limits
+        self.workers: list[Worker | None] = [None] * size  # None or killed: started when next used
+        self.threads = ThreadPoolExecutor(max(1, size), thread_name_prefix=name)
+        self.lock = threading.RLock()  # guards workers and dead across the pool's threads
+        self.dead = False
+        self._idle: queue.SimpleQueue[int] = queue.SimpleQueue()  # slots no thread is using
+        for i in range(size):
+            self._idle.put(i)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        with self.lock:
+            return [w.proc.pid for w in self.workers if w is not None]
+
+    def worker(self, i: int) -> Worker:
+        """Slot ``i``'s worker, started if there is none or it was killed (its start failed)."""
+        worker = self.workers[i]
+        return self.start(i) if worker is None or worker.proc.returncode is not None else worker
+
+    def start(self, i: int) -> Worker:
+        """A fresh worker in slot ``i``, the old one killed; OSError when no process can be
+        started, StartFailed once the pool is dead."""
+        if (old := self.workers[i]) is not None:
+            old.kill()
+        worker = Worker(self.path, self.limits)
+        with self.lock:
+            if not self.dead:
+                self.workers[i] = worker
+                return worker
+        worker.kill()
+        raise StartFailed("the pool was stopped")
+
+    def stop(self) -> None:
+        """Kill every worker (reaped when this returns: a thread blocked on one wakes with EOF) and
+        start none from now on."""
+        with self.lock:
+            self.dead = True
+            for w in self.workers:
+                if w is not None:
+                    w.kill()
+
+    def close(self) -> None:
+        self.threads.shutdown(wait=False, cancel_futures=True)
+        self.stop()
+        self.threads.shutdown(wait=True)
+
+    def warm(self) -> None:
+        """In a pool thread: start a slot's worker and wait until it is ready (one that fails is
+        killed: its slot's next call starts another and says why)."""
+        i = self._idle.get()
+        try:
+            self.worker(i).wait_ready()
+        except StartFailed:
+            pass
+        finally:
+            self._idle.put(i)
+
+    def call_all(self, requests: list[bytes], timeout_s: float,
+                 observe: Callable[[float], None]) -> list[dict | WorkerLost]:
+        """In a pool thread: the reply (or ``WorkerLost``) to each request, in order, by one worker.
+        Requests are queued on it within ``PIPELINE_BYTES`` (one at least) ahead of its answers, so
+        a send never waits on a busy worker; each is answered within ``timeout_s`` from the answer
+        before it, its seconds given to ``observe``. A lost worker, or one out of memory (it may be
+        left half-done), costs the request it was on and is replaced at once. Fewer replies than
+        requests: the pool died meanwhile. Raises StartFailed, or OSError (no process starts)."""
+        i = self._idle.get()  # never waits long: there are as many threads as slots
+        try:
+            return self._call_all(i, requests, timeout_s, observe)
+        finally:
+            self._idle.put(i)
+
+    def _call_all(self, i: int, requests: list[bytes], timeout_s: float,
+                  observe: Callable[[float], None]) -> list[dict | WorkerLost]:
+        replies: list[dict | WorkerLost] = []
+        while len(replies) < len(requests) and not self.dead:
+            worker, sent, queued = self.worker(i), len(replies), 0
+            t0 = time.monotonic()
+            try:
+                while len(replies) < len(requests):
+                    while sent < len(requests) and (sent == len(replies) or
+                                                    queued + len(requests[sent]) <= PIPELINE_BYTES):
+                        worker.send(requests[sent])
+                        queued, sent = queued + len(requests[sent]), sent + 1
+                    replies.append(worker.reply(timeout_s))
+                    queued -= len(requests[len(replies) - 1])
+                    now = time.monotonic()  # a request's time: from the answer before it (or the first send)
+                    observe(now - t0)
+                    t0 = now
+                    if replies[-1].get("kind") == "memory":
+                        self.start(i)
+                        break
+            except WorkerLost as lost:
+                observe(time.monotonic() - t0)
+                if not self.dead:  # else stop() killed it: not the request's failure
+                    self.start(i)
+                    replies.append(lost)
+        return replies
