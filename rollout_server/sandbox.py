@@ -130,7 +130,8 @@ def run_sandboxed(fn_path: str, args: tuple | list, limits: SandboxLimits = Sand
     except OSError as e:
         return SandboxResult(False, kind="start", reason=f"cannot start a worker: {type(e).__name__}: {e}")
     try:
-        reply = worker.call(request, limits.timeout_s)
+        worker.send(request)
+        reply = worker.reply(limits.timeout_s)
     except StartFailed as failed:
         return SandboxResult(False, kind="start", reason=failed.reason)
     except WorkerLost as lost:
@@ -183,11 +184,6 @@ class Worker:
         except OSError:  # it died at once: its first call says how
             pass
 
-    def call(self, request: bytes, timeout_s: float) -> dict:
-        """``send`` and ``reply``: StartFailed (before it was ready) or WorkerLost."""
-        self.send(request)
-        return self.reply(timeout_s)
-
     def send(self, request: bytes) -> None:
         """Queue one call (a blocking write: the caller queues no more than the socket holds). A
         worker found gone here is reported by the next ``reply``, after the answers it did send."""
@@ -198,30 +194,13 @@ class Worker:
         except OSError:
             pass
 
-    def reply(self, timeout_s: float) -> dict:
+    def reply(self, timeout_s: float, timeout_reason: str = "") -> dict:
         """The reply to the oldest unanswered call, within ``timeout_s`` from now (a queued call
         starts when the one before it is answered)."""
-        return self._reply(timeout_s, f"timeout after {timeout_s}s")
-
-    def wait_ready(self) -> None:
-        """Block until the worker has loaded its function; StartFailed if it did not in time."""
-        if self.ready:
-            return
-        try:
-            reply = self._reply(STARTUP_TIMEOUT_S, f"not ready after {STARTUP_TIMEOUT_S}s")
-        except WorkerLost as lost:
-            self.kill()
-            raise StartFailed(lost.reason) from None
-        if reply.get("ready") is not True:
-            self.kill()  # it exits after saying why; reaped here
-            raise StartFailed(reply.get("reason", f"bad hello: {reprlib.repr(reply)}"))
-        self.ready = True
-
-    def _reply(self, timeout_s: float, timeout_reason: str) -> dict:
         try:
             frame = recv_frame(self.sock, time.monotonic() + timeout_s)
         except TimeoutError:
-            raise WorkerLost("timeout", timeout_reason) from None
+            raise WorkerLost("timeout", timeout_reason or f"timeout after {timeout_s}s") from None
         except (EOFError, OSError):
             frame = None
         if frame is None:
@@ -230,6 +209,20 @@ class Worker:
             return json.loads(frame)
         except ValueError:
             raise WorkerLost("error", f"unreadable reply from the worker: {frame[:100]!r}") from None
+
+    def wait_ready(self) -> None:
+        """Block until the worker has loaded its function; StartFailed if it did not in time."""
+        if self.ready:
+            return
+        try:
+            reply = self.reply(STARTUP_TIMEOUT_S, f"not ready after {STARTUP_TIMEOUT_S}s")
+        except WorkerLost as lost:
+            self.kill()
+            raise StartFailed(lost.reason) from None
+        if reply.get("ready") is not True:
+            self.kill()  # it exits after saying why; reaped here
+            raise StartFailed(reply.get("reason", f"bad hello: {reprlib.repr(reply)}"))
+        self.ready = True
 
     def _death(self) -> str:
         self.kill()
