@@ -192,9 +192,10 @@ class AgentEndpoint:
         text = ctx.tokenizer.decode(sample.output_ids, skip_special_tokens=True)
         content, calls = agent_chat.parse_assistant(text, self.tool_format, tools)
         reply = {"role": "assistant", "content": content, "tool_calls": calls}
+        answer = agent_chat.completion(self.model, content, calls, sample.finish_reason, len(ids),
+                                       len(sample.output_ids))
         if not session.open:  # ended while it generated: answered, not recorded
-            return agent_chat.completion(self.model, content, calls, sample.finish_reason,
-                                         len(ids), len(sample.output_ids))
+            return answer
         if seg not in session.segments:
             session.segments.append(seg)
             self._count_split(session)
@@ -203,8 +204,7 @@ class AgentEndpoint:
         seg.text, seg.generated = text, sample.output_ids
         session.generated[seg.reply] = text
         session.last = seg
-        return agent_chat.completion(self.model, content, calls, sample.finish_reason, len(ids),
-                                     len(sample.output_ids))
+        return answer
 
     def place(self, session: EpisodeSession, messages: list[dict], keys: list[str],
               tools_key: str, renderer: ChatRenderer) -> tuple[Segment, list[int], list[dict]]:
