@@ -1,12 +1,7 @@
 """What a launched SGLang leaves behind, and the reaper that removes it even after a ``kill -9``.
 
-SGLang keeps files in ``/dev/shm`` while it runs (a load snapshot ``sglang_loads_*.shm``, left
-even by a clean stop, and named semaphores ``sem.*``) under random names, so they are found, not
-predicted: ``shm_files(pgid)`` lists those the processes of SGLang's group map or hold open. One
-is tqdm's multiprocessing lock, a ``sem.mp-*`` that the scheduler maps under glibc's temporary
-name (``/dev/shm/sem.XXXXXX (deleted)`` in ``/proc/PID/maps``), whose resource tracker SGLang's
-shutdown kills: it is found as the ``/dev/shm/sem.*`` entry with the mapped file's device and
-inode, which the mapping keeps alive.
+``shm_files(pgid)`` lists the ``/dev/shm`` files the processes of SGLang's group map or hold open
+(which ones and how they are found: rollout_server/ROLLOUT.md, "A launched SGLang that dies").
 
 Invariants:
 * only processes in the group are read, each checked to be in it after its maps and fds are read
@@ -50,10 +45,7 @@ def group_members(pgid: int) -> list[int]:
 
 def shm_files(pgid: int) -> set[str]:
     """The /dev/shm files the processes of group ``pgid`` have mapped or open, with the named
-    semaphores they map under a name unlinked since (module docstring). A process is read only
-    while it is in the group: its group is read again after its maps and fds, and a PID that
-    changed group meanwhile (its process exited and the PID went to another) counts for nothing,
-    so no other process's files are ever reaped. An fd closed while it is read is skipped alone."""
+    semaphores they map under a name unlinked since (module docstring: only the group's own)."""
     files: set[str] = set()
     unlinked: set[tuple[int, int]] = set()  # (device, inode) of "/dev/shm/sem.* (deleted)" maps
     for pid in group_members(pgid):

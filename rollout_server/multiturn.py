@@ -2,10 +2,8 @@
 
 ``EpisodeRunner.run_group`` replaces ``episode.run_episode`` when ``task.env`` names an
 environment: each of the group's samples is one conversation with its own environment instance,
-all run concurrently. A turn generates from ``prompt + everything so far`` (token ids, nothing
-re-tokenized; interruptible as a single-turn sample), then runs the text's tool calls
-(``ToolPool``; a bad call becomes an error message) or steps the environment, and appends the
-template's continuation. Limits and metrics: rollout_server/ROLLOUT.md, "Multi-turn episodes".
+all run concurrently. How a turn is built, its limits and metrics: rollout_server/ROLLOUT.md,
+"Multi-turn episodes".
 
 Invariants:
 * ``output_ids``, ``behav_logp``, ``versions`` and ``loss_mask`` are aligned; generated tokens keep

@@ -1,11 +1,8 @@
 """Scoring responses in worker processes, so that a reward function cannot take the rollout server down.
 
-``RewardPool`` scores with the reward ``fn(response, example) -> float`` named by a dotted path
-(``task.reward_fn``, else the task's own) in ``task.reward_workers`` sandbox workers
-(``rollout_server/sandbox.py``), a group's samples split among them, each worker getting its share
-in one go (``benchmarks/bench_reward_pool.py``); or POSTs the group to ``task.reward_url`` as one
-batch; or, with ``task.reward_workers=0``, calls it on the server's own loop with no sandbox or
-limit. What each mode guarantees and costs: rollout_server/ROLLOUT.md, "Rewards".
+The three modes (sandbox workers, one batch POST to ``task.reward_url``, in process with
+``task.reward_workers=0``), what each guarantees and costs, its threads and its metrics:
+rollout_server/ROLLOUT.md, "Rewards".
 
 Invariants:
 * a reward that cannot be loaded is fatal: when a worker's start fails (its ready reply says why,
@@ -20,10 +17,6 @@ Invariants:
 * results come back in the order of the responses; ``close()`` leaves no worker behind;
 * remote: a timeout, connection error, 5xx or 429 is retried ``task.reward_retries`` times; any
   other HTTP error or a malformed answer is not (it would come back the same).
-
-Each share blocks one of the pool's own threads on its worker's socket, so the pool works from
-any event loop and ``close()`` needs none. Metrics: ``rollout/reward_failures{kind}`` (timeout |
-error | memory | died | remote) and ``rollout/reward_seconds``.
 """
 
 from __future__ import annotations
@@ -31,12 +24,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import queue
 import reprlib
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 
@@ -44,7 +34,7 @@ from areal_like.net.metrics import Metrics
 from areal_like.settings.config import TaskConfig
 from areal_like.tasks.callables import import_function
 from rollout_server.reward_worker import as_reward, scrubbed_env
-from rollout_server.sandbox import SandboxLimits, StartFailed, Worker, WorkerLost, call_request
+from rollout_server.sandbox import SandboxLimits, StartFailed, WorkerLost, WorkerPool, call_request
 
 __all__ = ["RewardPool", "RewardPoolError", "Score", "scrubbed_env"]
 
@@ -54,7 +44,6 @@ log = logging.getLogger(__name__)
 WARN_EVERY_S = 60.0  # a kind of reward failure is logged at most this often
 REMOTE_BACKOFF_S = 0.2  # before the first retry; doubled each time, at most REMOTE_BACKOFF_MAX_S
 REMOTE_BACKOFF_MAX_S = 2.0
-PIPELINE_BYTES = 32 * 1024  # requests queued on a worker ahead of its answers: far below a socket's buffer
 SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60)
 
 
@@ -80,30 +69,25 @@ class RewardPool:
         self.url, self.retries = cfg.reward_url, cfg.reward_retries
         self.metrics = metrics
         self.clock: Callable[[], float] = time.monotonic  # paces the failure warnings
-        self._lock = threading.Lock()  # guards _workers, _error, _closed and _warned across the pool's threads
+        self._workers = WorkerPool(self.path, self.limits, cfg.reward_workers, "reward")
+        self._lock = self._workers.lock  # also guards _error, _closed and _warned
         self._closed = False
         self._error: str | None = None  # set once: why the pool cannot score (RewardPoolError)
         self._warned: dict[str, tuple[float, int]] = {}  # kind -> (when last logged, failures unlogged since)
-        self._workers: list[Worker] = []
-        self._idle: queue.SimpleQueue[int] = queue.SimpleQueue()  # indices of workers no thread is using
-        self._threads = ThreadPoolExecutor(max_workers=max(1, cfg.reward_workers), thread_name_prefix="reward")
         self._inline: Callable | None = None  # task.reward_workers=0: the reward itself, called here
         if not self.url and cfg.reward_workers == 0:
             self._inline = self._load_inline()
         elif not self.url:  # the workers import the reward: their ready replies are the check, not an import here
-            try:
-                for i in range(cfg.reward_workers):
-                    self._workers.append(self._new_worker())
-                    self._idle.put(i)
-            except RewardPoolError:
-                self.close()
-                raise
+            for i in range(cfg.reward_workers):
+                try:
+                    self._workers.start(i)
+                except OSError as e:
+                    self.close()
+                    raise self._cannot_start(e) from None
 
     @property
     def worker_pids(self) -> list[int]:
-        """PIDs of the current workers (for tests and debugging)."""
-        with self._lock:
-            return [w.proc.pid for w in self._workers]
+        return self._workers.worker_pids
 
     async def score(self, prompt: str, response: str, example) -> Score:
         """``(reward, None)`` or ``(0.0, reason)`` for one response (module docstring for what raises)."""
@@ -120,21 +104,16 @@ class RewardPool:
         if self._inline is not None:
             return [self._call_inline(r, example) for r in responses]
         loop = asyncio.get_running_loop()
-        k = min(len(responses), len(self._workers)) or 1  # one call per worker: a thread handoff costs more than a sample
+        k = min(len(responses), len(self._workers.workers)) or 1  # one call per worker: a thread handoff costs more than a sample
         chunks = [responses[j * len(responses) // k:(j + 1) * len(responses) // k] for j in range(k)]
-        parts = await asyncio.gather(*(loop.run_in_executor(self._threads, self._score_local, c, example)
+        parts = await asyncio.gather(*(loop.run_in_executor(self._workers.threads, self._score_local, c, example)
                                        for c in chunks))
         return [score for part in parts for score in part]
 
     def close(self) -> None:
         """Kill every worker, wait for the pool's threads; later scoring raises RuntimeError."""
-        with self._lock:
-            self._closed = True
-            workers = list(self._workers)
-        self._threads.shutdown(wait=False, cancel_futures=True)
-        for w in workers:  # a thread blocked on a worker's socket wakes with EOF
-            w.kill()
-        self._threads.shutdown(wait=True)
+        self._closed = True
+        self._workers.close()
 
     # ------------------------------------------------------------------ in process (reward_workers=0)
     def _load_inline(self) -> Callable:
@@ -166,98 +145,51 @@ class RewardPool:
 
     # ------------------------------------------------------------------ local
     def _score_local(self, responses: list[str], example) -> list[Score]:
-        """``responses`` scored by one worker, in this one pool thread."""
-        i = self._idle.get()  # never waits long: there are as many threads as workers
-        try:
-            results = self._call_all(i, responses, example)
-        finally:
-            self._idle.put(i)
-        for kind, result in results:
-            if kind not in (None, "closed"):  # closing is not the reward's failure
-                self._failed(kind, result)
-        return [(result, None) if kind is None else (0.0, result) for kind, result in results]
-
-    def _call_all(self, i: int, responses: list[str], example) -> list[tuple[str | None, float | str]]:
-        """``(None, reward)`` or ``(kind, reason)`` per response, all by worker ``i``: requests are queued
-        on it ahead of its answers while their bytes stay within ``PIPELINE_BYTES`` (one at least), so
-        a send never waits on a busy worker, and answered in order, each within the timeout from the
-        answer before it (a round trip per response would cost a wake-up of each side per sample). A
-        lost worker costs the sample it was on; it is replaced and the rest go to the new one. Raises
-        RewardPoolError when a worker could not start (or the pool broke meanwhile: that killed it).
-        Samples left when the pool is closed meanwhile come back as ``("closed", reason)``."""
+        """``responses`` scored by one worker, in this one pool thread (``WorkerPool.call_all``).
+        Raises RewardPoolError when a worker could not start (or the pool broke meanwhile: that
+        killed it). Samples left when the pool is closed meanwhile are not scored (nor a failure)."""
         try:
             requests = [call_request((r, example), self.timeout_s) for r in responses]
         except Exception as e:
-            return [("error", f"cannot send the example to a reward worker: {type(e).__name__}: {e}")] * len(responses)
-        results: list[tuple[str | None, float | str]] = []
-        while len(results) < len(requests):
-            if self._closed:  # close() killed the worker mid-share: what is left is not scored (nor a failure)
-                return results + [("closed", "the reward pool was closed")] * (len(requests) - len(results))
-            self._raise_if_broken()
-            worker, sent, queued = self._workers[i], len(results), 0
-            t0 = time.monotonic()
-            try:
-                while len(results) < len(requests):
-                    while sent < len(requests) and (sent == len(results) or
-                                                    queued + len(requests[sent]) <= PIPELINE_BYTES):
-                        worker.send(requests[sent])
-                        queued, sent = queued + len(requests[sent]), sent + 1
-                    reply = worker.reply(self.timeout_s)
-                    queued -= len(requests[len(results)])
-                    now = time.monotonic()  # a sample's time: from the answer before it (or the first send)
-                    self._observe(now - t0)
-                    t0 = now
-                    if "result" in reply:
-                        reward, why = as_reward(reply["result"])
-                        results.append((None, reward) if why is None else ("error", why))
-                        continue
-                    results.append((reply["kind"], reply["reason"]))
-                    if reply["kind"] == "memory":  # what failed to allocate may have left the process half-done
-                        self._replace(i)
-                        break
-            except StartFailed as failed:
-                if self._closed:  # close() killed it while it started
-                    continue
-                raise self._break(f"{self.name} cannot be loaded in a reward worker: {failed.reason}") from None
-            except WorkerLost as lost:
-                self._observe(time.monotonic() - t0)
-                if self._closed:  # close() killed it: not the sample's failure
-                    continue
-                self._raise_if_broken()
-                self._replace(i)
-                results.append((lost.kind, lost.reason))
-        return results
-
-    def _new_worker(self) -> Worker:
+            why = f"cannot send the example to a reward worker: {type(e).__name__}: {e}"
+            return [self._score_reply({"kind": "error", "reason": why}) for _ in responses]
+        replies: list[dict | WorkerLost] = []
         try:
-            return Worker(self.path, self.limits)
+            replies = self._workers.call_all(requests, self.timeout_s, self._observe)
+        except StartFailed as failed:
+            if not self._closed:  # else close() killed it while it started
+                self._break(f"{self.name} cannot be loaded in a reward worker: {failed.reason}")
         except OSError as e:  # no process can be started (EAGAIN, out of file descriptors, ...)
-            raise RewardPoolError(f"cannot start a reward worker for {self.name}: {type(e).__name__}: {e}") from None
+            self._break(str(self._cannot_start(e)))
+        self._raise_if_broken()
+        scores = [self._score_reply(reply) for reply in replies]
+        return scores + [(0.0, "the reward pool was closed")] * (len(responses) - len(scores))
 
-    def _replace(self, i: int) -> None:
-        self._workers[i].kill()
-        with self._lock:
-            if self._closed or self._error is not None:
-                return
-            try:
-                self._workers[i] = self._new_worker()
-                return
-            except RewardPoolError as e:
-                why = str(e)
-        raise self._break(why)
+    def _score_reply(self, reply: dict | WorkerLost) -> Score:
+        if isinstance(reply, WorkerLost):
+            kind, why = reply.kind, reply.reason
+        elif "result" in reply:
+            kind, (reward, why) = "error", as_reward(reply["result"])
+            if why is None:
+                return reward, None
+        else:
+            kind, why = reply["kind"], reply["reason"]
+        self._failed(kind, why)
+        return 0.0, why
 
-    def _break(self, why: str) -> RewardPoolError:
+    def _cannot_start(self, e: OSError) -> RewardPoolError:
+        return RewardPoolError(f"cannot start a reward worker for {self.name}: {type(e).__name__}: {e}")
+
+    def _break(self, why: str) -> None:
         """Make every scoring call raise RewardPoolError(why) from now on and kill every worker
-        (the first reason stays); returns the error to raise."""
+        (the first reason stays)."""
         with self._lock:  # held until every worker is reaped: _raise_if_broken waits for that
             first = self._error is None
             if first:
                 self._error = why
-            for w in self._workers:  # a thread blocked on one wakes with EOF and raises the same error
-                w.kill()
+            self._workers.stop()  # a thread blocked on one wakes with EOF and raises the same error
         if first:
             log.error("%s", why)
-        return RewardPoolError(self._error)
 
     def _raise_if_broken(self) -> None:
         """Raise the pool's error, if it broke, once _break has killed and reaped every worker (so a

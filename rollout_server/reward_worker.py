@@ -236,16 +236,11 @@ def main(fd: int) -> int:
     sys.path[:] = config["sys_path"]  # what the pool's process can import, this one can
     try:
         dropped = drop_privileges(config.get("uid"))
-    except OSError as e:  # a worker that cannot be confined does not run user code
-        why = f"cannot confine the worker: {type(e).__name__}: {e}"
-        _send_json(sock, {"kind": "error", "reason": why})
-        return 1
-    try:
-        fn = load_reward(config["path"], config["memory_mb"])
-    except BaseException as e:  # noqa: BLE001 - reported to the pool, which cannot go on without the reward
-        _send_json(sock, load_failure(e, config["memory_mb"]))
-        return 1
-    try:
+        try:
+            fn = load_reward(config["path"], config["memory_mb"])
+        except BaseException as e:  # noqa: BLE001 - reported to the pool, which cannot go on without the reward
+            _send_json(sock, load_failure(e, config["memory_mb"]))
+            return 1
         confine(config["processes"], dropped)
     except OSError as e:  # a worker that cannot be confined does not run user code
         _send_json(sock, {"kind": "error", "reason": f"cannot confine the worker: {type(e).__name__}: {e}"})

@@ -1,26 +1,16 @@
 """Sandboxed calls: user code (reward functions, and the tools an agent calls) in worker processes.
 
-``run_sandboxed(fn_path, args, limits) -> SandboxResult`` calls ``fn(*args)`` for the function at
-``fn_path`` (``"pkg.module:function"``) in a fresh worker and returns its JSON-able result, or why
-there is none. ``Worker`` is that process and the caller's end of its socket; the reward pool and
-the tool pool keep several alive.
+``Worker`` is one worker process (``reward_worker.py`` runs in it) and the caller's end of its
+socket; the reward pool and the tool pool keep several alive. ``run_sandboxed(fn_path, args,
+limits) -> SandboxResult`` calls ``fn(*args)`` for ``"pkg.module:function"`` in a fresh one.
 
-A worker (``reward_worker.py`` runs in it) is a fresh ``python -I`` (not a fork: the server runs
-asyncio and threads) in a session of its own, with an environment without anything that looks
-like a secret (``SECRET_NAME``), ``RLIMIT_AS`` = ``limits.memory_mb``, a per-call ``RLIMIT_CPU``
-backstop, ``RLIMIT_NPROC`` allowing ``limits.processes`` more (as root it first drops every
-capability and takes a real uid of its own, ``ISOLATED_UID_BASE`` + its pid, since the limit does
-not bind root), and a wall-clock deadline per call (``limits.timeout_s``) enforced by the caller
-with SIGKILL to its process group, by PID, then reaped.
-
-``hide`` (called by the rollout server at start) makes root's workers start in namespaces of
-their own (``unshare --pid --fork --mount-proc``): a PID namespace with its own ``/proc`` (no
-other process of the job can be seen or signalled) and a mount namespace where each hidden
-directory (the job's keys and secrets, its same-node socket directory) is covered by an empty
-tmpfs of mode 0000 and every mount but ``/tmp``, ``/proc``, ``/sys`` and ``/dev`` is read-only
-(``HIDE_SCRIPT``). Without root or ``unshare`` a warning says workers run as the job's user
-(areal_like/SECURITY.md, "Reward and tool code"). It contains accidents and runaway code, not a
-determined attacker: the network and world-readable files stay reachable.
+A worker is a fresh ``python -I`` (not a fork: the server runs asyncio and threads) in a session
+of its own, with an environment without anything that looks like a secret (``SECRET_NAME``), the
+limits ``reward_worker.py`` sets itself, and a wall-clock deadline per call (``limits.timeout_s``)
+enforced by the caller with SIGKILL to its process group, by PID, then reaped. ``hide`` (called
+by the rollout server at start) makes root's workers start in namespaces of their own where the
+job's secrets and processes cannot be reached (``HIDE_SCRIPT``; what is and is not covered:
+areal_like/SECURITY.md, "Reward and tool code").
 
 Failure kinds (``SandboxResult.kind``): ``timeout`` | ``memory`` | ``died`` | ``error`` (the call
 raised, or its result is not JSON) | ``start`` (the function could not be loaded).
@@ -31,13 +21,17 @@ import json
 import logging
 import os
 import pickle
+import queue
 import reprlib
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +40,7 @@ from rollout_server import reward_worker
 from rollout_server.reward_worker import recv_frame, scrubbed_env, send_frame
 
 WORKER_SCRIPT = str(Path(reward_worker.__file__).resolve())
+PIPELINE_BYTES = 32 * 1024  # requests queued on a worker ahead of its answers: far below a socket's buffer
 STARTUP_TIMEOUT_S = 120.0  # a fresh worker imports the function's module (sympy, torch, ...) on a busy machine
 # PID 1 of the worker's namespaces: the job's code ($2.. up to --) bound read-only, each hidden
 # directory (then up to the next --) covered with an empty tmpfs nobody may enter; then it goes to
@@ -135,7 +130,8 @@ def run_sandboxed(fn_path: str, args: tuple | list, limits: SandboxLimits = Sand
     except OSError as e:
         return SandboxResult(False, kind="start", reason=f"cannot start a worker: {type(e).__name__}: {e}")
     try:
-        reply = worker.call(request, limits.timeout_s)
+        worker.send(request)
+        reply = worker.reply(limits.timeout_s)
     except StartFailed as failed:
         return SandboxResult(False, kind="start", reason=failed.reason)
     except WorkerLost as lost:
@@ -188,11 +184,6 @@ class Worker:
         except OSError:  # it died at once: its first call says how
             pass
 
-    def call(self, request: bytes, timeout_s: float) -> dict:
-        """``send`` and ``reply``: StartFailed (before it was ready) or WorkerLost."""
-        self.send(request)
-        return self.reply(timeout_s)
-
     def send(self, request: bytes) -> None:
         """Queue one call (a blocking write: the caller queues no more than the socket holds). A
         worker found gone here is reported by the next ``reply``, after the answers it did send."""
@@ -203,30 +194,13 @@ class Worker:
         except OSError:
             pass
 
-    def reply(self, timeout_s: float) -> dict:
+    def reply(self, timeout_s: float, timeout_reason: str = "") -> dict:
         """The reply to the oldest unanswered call, within ``timeout_s`` from now (a queued call
         starts when the one before it is answered)."""
-        return self._reply(timeout_s, f"timeout after {timeout_s}s")
-
-    def wait_ready(self) -> None:
-        """Block until the worker has loaded its function; StartFailed if it did not in time."""
-        if self.ready:
-            return
-        try:
-            reply = self._reply(STARTUP_TIMEOUT_S, f"not ready after {STARTUP_TIMEOUT_S}s")
-        except WorkerLost as lost:
-            self.kill()
-            raise StartFailed(lost.reason) from None
-        if reply.get("ready") is not True:
-            self.kill()  # it exits after saying why; reaped here
-            raise StartFailed(reply.get("reason", f"bad hello: {reprlib.repr(reply)}"))
-        self.ready = True
-
-    def _reply(self, timeout_s: float, timeout_reason: str) -> dict:
         try:
             frame = recv_frame(self.sock, time.monotonic() + timeout_s)
         except TimeoutError:
-            raise WorkerLost("timeout", timeout_reason) from None
+            raise WorkerLost("timeout", timeout_reason or f"timeout after {timeout_s}s") from None
         except (EOFError, OSError):
             frame = None
         if frame is None:
@@ -235,6 +209,20 @@ class Worker:
             return json.loads(frame)
         except ValueError:
             raise WorkerLost("error", f"unreadable reply from the worker: {frame[:100]!r}") from None
+
+    def wait_ready(self) -> None:
+        """Block until the worker has loaded its function; StartFailed if it did not in time."""
+        if self.ready:
+            return
+        try:
+            reply = self.reply(STARTUP_TIMEOUT_S, f"not ready after {STARTUP_TIMEOUT_S}s")
+        except WorkerLost as lost:
+            self.kill()
+            raise StartFailed(lost.reason) from None
+        if reply.get("ready") is not True:
+            self.kill()  # it exits after saying why; reaped here
+            raise StartFailed(reply.get("reason", f"bad hello: {reprlib.repr(reply)}"))
+        self.ready = True
 
     def _death(self) -> str:
         self.kill()
@@ -252,3 +240,108 @@ class Worker:
                 pass
             self.proc.wait()
         self.sock.close()
+
+
+class WorkerPool:
+    """``size`` workers of the function at ``path`` (the reward pool's, the tool pool's), each used
+    by one of the pool's own ``threads`` at a time (``call_all``); a worker's startup never counts
+    against a call's timeout. Once ``stop()`` or ``close()`` ran (``dead``), none is started."""
+
+    def __init__(self, path: str, limits: SandboxLimits, size: int, name: str):
+        self.path, self.limits = path, limits
+        self.workers: list[Worker | None] = [None] * size  # None or killed: started when next used
+        self.threads = ThreadPoolExecutor(max(1, size), thread_name_prefix=name)
+        self.lock = threading.RLock()  # guards workers and dead across the pool's threads
+        self.dead = False
+        self._idle: queue.SimpleQueue[int] = queue.SimpleQueue()  # slots no thread is using
+        for i in range(size):
+            self._idle.put(i)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        with self.lock:
+            return [w.proc.pid for w in self.workers if w is not None]
+
+    def worker(self, i: int) -> Worker:
+        """Slot ``i``'s worker, started if there is none or it was killed (its start failed)."""
+        worker = self.workers[i]
+        return self.start(i) if worker is None or worker.proc.returncode is not None else worker
+
+    def start(self, i: int) -> Worker:
+        """A fresh worker in slot ``i``, the old one killed; OSError when no process can be
+        started, StartFailed once the pool is dead."""
+        if (old := self.workers[i]) is not None:
+            old.kill()
+        worker = Worker(self.path, self.limits)
+        with self.lock:
+            if not self.dead:
+                self.workers[i] = worker
+                return worker
+        worker.kill()
+        raise StartFailed("the pool was stopped")
+
+    def stop(self) -> None:
+        """Kill every worker (reaped when this returns: a thread blocked on one wakes with EOF) and
+        start none from now on."""
+        with self.lock:
+            self.dead = True
+            for w in self.workers:
+                if w is not None:
+                    w.kill()
+
+    def close(self) -> None:
+        self.threads.shutdown(wait=False, cancel_futures=True)
+        self.stop()
+        self.threads.shutdown(wait=True)
+
+    def warm(self) -> None:
+        """In a pool thread: start a slot's worker and wait until it is ready (one that fails is
+        killed: its slot's next call starts another and says why)."""
+        i = self._idle.get()
+        try:
+            self.worker(i).wait_ready()
+        except StartFailed:
+            pass
+        finally:
+            self._idle.put(i)
+
+    def call_all(self, requests: list[bytes], timeout_s: float,
+                 observe: Callable[[float], None]) -> list[dict | WorkerLost]:
+        """In a pool thread: the reply (or ``WorkerLost``) to each request, in order, by one worker.
+        Requests are queued on it within ``PIPELINE_BYTES`` (one at least) ahead of its answers, so
+        a send never waits on a busy worker; each is answered within ``timeout_s`` from the answer
+        before it, its seconds given to ``observe``. A lost worker, or one out of memory (it may be
+        left half-done), costs the request it was on and is replaced at once. Fewer replies than
+        requests: the pool died meanwhile. Raises StartFailed, or OSError (no process starts)."""
+        i = self._idle.get()  # never waits long: there are as many threads as slots
+        try:
+            return self._call_all(i, requests, timeout_s, observe)
+        finally:
+            self._idle.put(i)
+
+    def _call_all(self, i: int, requests: list[bytes], timeout_s: float,
+                  observe: Callable[[float], None]) -> list[dict | WorkerLost]:
+        replies: list[dict | WorkerLost] = []
+        while len(replies) < len(requests) and not self.dead:
+            worker, sent, queued = self.worker(i), len(replies), 0
+            t0 = time.monotonic()
+            try:
+                while len(replies) < len(requests):
+                    while sent < len(requests) and (sent == len(replies) or
+                                                    queued + len(requests[sent]) <= PIPELINE_BYTES):
+                        worker.send(requests[sent])
+                        queued, sent = queued + len(requests[sent]), sent + 1
+                    replies.append(worker.reply(timeout_s))
+                    queued -= len(requests[len(replies) - 1])
+                    now = time.monotonic()  # a request's time: from the answer before it (or the first send)
+                    observe(now - t0)
+                    t0 = now
+                    if replies[-1].get("kind") == "memory":
+                        self.start(i)
+                        break
+            except WorkerLost as lost:
+                observe(time.monotonic() - t0)
+                if not self.dead:  # else stop() killed it: not the request's failure
+                    self.start(i)
+                    replies.append(lost)
+        return replies

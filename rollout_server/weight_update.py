@@ -1,14 +1,8 @@
 """A rollout server's side of a weight sync (phases 2-5 of areal_like/DESIGN.md section 4).
 
-``apply_weight_sync`` drives this server's engine through one ``WeightSyncPlan`` over SGLang's
-HTTP endpoints, in the order of rollout_server/ROLLOUT.md, "Weight sync": re-form the group if
-asked (the join runs as a task while generation and the drain go on; ``door=True``, SGLang: at
-the loopback address of a ``StoreDoor`` this server opens for the trainer's store gate,
-areal_like/net/store_gate.py, so such an engine must run on this node), pause, load (how depends
-on ``plan.path``, looked up in ``RECEIVERS``: one ``/update_weights_from_distributed`` per bucket
-in ``flattened_bucket`` format, one ``/update_weights_from_tensor`` per bucket's shared payload,
-or one ``/update_weights_from_disk`` of a directory), continue. ``apply_adapter_sync`` loads a
-LoRA adapter instead (ROLLOUT.md, "LoRA adapters on SGLang").
+``apply_weight_sync`` drives this server's engine through one ``WeightSyncPlan`` in the order of
+rollout_server/ROLLOUT.md, "Weight sync" (how each ``plan.path`` loads: ``RECEIVERS``);
+``apply_adapter_sync`` loads a LoRA adapter instead (ROLLOUT.md, "LoRA adapters on SGLang").
 
 Invariants:
 * ``/continue_generation`` always runs, also after a failure: an engine is never left paused, and

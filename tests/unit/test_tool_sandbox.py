@@ -63,7 +63,7 @@ def test_hang_is_killed_at_the_timeout_with_what_it_started(pool):
     assert got.outcome == "error" and "BlockingIOError" in got.content, got  # it may not: no process of its own
     got = call(pool, "behave", response="hang", example=None)
     assert (got.outcome, got.content) == ("timeout", "behave did not finish within 2s")
-    assert not my_children() - before - {w.proc.pid for w in pool._all}  # the killed worker is reaped
+    assert not my_children() - before - set(pool.workers.worker_pids)  # the killed worker is reaped
     still_works(pool)
 
 

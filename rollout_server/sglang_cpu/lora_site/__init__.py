@@ -7,17 +7,8 @@ when torch has no accelerator, then runs the ``sitecustomize`` it shadows. ``unp
 idempotent: this module is imported by that file and by ``rollout_server.sglang_cpu`` (the
 ``sgl_kernel`` stand-in imports it in the same process), and wraps each function once.
 
-Why: SGLang 0.5.23's LoRA layers and its ``torch_native`` LoRA backend ask for page-locked host
-memory unconditionally (``lora/layers.py``: ``torch.tensor(..., pin_memory=True)`` for every
-adapted layer's offsets; ``lora/backend/torch_backend.py``: ``.pin_memory()`` and
-``torch.zeros(..., pin_memory=True)`` on every batch), and torch without a CUDA device refuses
-it ("Found no NVIDIA driver on your system"), so a server started with ``--enable-lora`` dies
-building its first LoRA layer. Pinning only makes copies to a device faster; with no device there
-is no copy, and SGLang's own adapter memory pool already skips it then
-(``lora/mem_pool.py``: ``is_pin_memory_available()``). So here a pinned allocation is an ordinary
-one: ``torch.tensor``, ``torch.zeros`` and ``torch.empty`` ignore ``pin_memory`` and
-``Tensor.pin_memory()`` returns the tensor. Nothing else changes: the adapters are SGLang's own
-layers and kernels (tests/sglang/test_sglang_lora.py compares their log-probs with PEFT's).
+Why (SGLang's LoRA code asks for pinned memory, which torch without CUDA refuses):
+rollout_server/ROLLOUT.md, "LoRA adapters on SGLang".
 """
 
 from __future__ import annotations
