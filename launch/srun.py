@@ -23,12 +23,14 @@ import itertools
 import json
 import os
 import shlex
-import subprocess
+import socket
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 from areal_like.settings.config import ConfigError, RunConfig
 from launch.job import (
@@ -48,33 +50,16 @@ BUFFER_CORES = 1  # the buffer moves bytes between sockets: one core is plenty
 
 def head_ip(iface: str) -> str:
     """The first IPv4 address of ``iface`` on this node; ConfigError saying what is missing."""
+    found = {name: [a.address for a in addrs if a.family == socket.AF_INET]
+             for name, addrs in psutil.net_if_addrs().items()}
+    have = ", ".join(f"{name}={ips[0]}" for name, ips in found.items() if ips) or "none"
     if not iface:
-        raise ConfigError("HEAD_IFACE is not set: name the network interface the other nodes reach this node on "
-                          f"(e.g. HEAD_IFACE=ib0); this node has: {', '.join(_ipv4_interfaces()) or 'none'}")
-    try:
-        r = subprocess.run(["ip", "-o", "-4", "addr", "show", "dev", iface], capture_output=True, text=True,
-                           timeout=30)
-    except FileNotFoundError:
-        raise ConfigError("`ip` (iproute2) is not installed on this node: cannot read HEAD_IFACE's address") from None
-    if r.returncode != 0:
-        raise ConfigError(f"HEAD_IFACE={iface}: {r.stderr.strip() or 'ip failed'}; interfaces with an IPv4 "
-                          f"address here: {', '.join(_ipv4_interfaces()) or 'none'}")
-    for line in r.stdout.splitlines():
-        fields = line.split()
-        if "inet" in fields:
-            return fields[fields.index("inet") + 1].split("/")[0]
-    raise ConfigError(f"HEAD_IFACE={iface} has no IPv4 address; interfaces with one: "
-                      f"{', '.join(_ipv4_interfaces()) or 'none'}")
-
-
-def _ipv4_interfaces() -> list[str]:
-    """``name=address`` of every interface with an IPv4 address (for the error messages)."""
-    try:
-        out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, timeout=30).stdout
-    except (FileNotFoundError, subprocess.TimeoutExpired):
-        return []
-    rows = [line.split() for line in out.splitlines()]
-    return [f"{f[1]}={f[f.index('inet') + 1].split('/')[0]}" for f in rows if "inet" in f and len(f) > 3]
+        raise ConfigError("HEAD_IFACE is not set: name the network interface the other nodes reach "
+                          f"this node on (e.g. HEAD_IFACE=ib0); this node has: {have}")
+    if not found.get(iface):
+        why = "has no IPv4 address" if iface in found else "is not an interface of this node"
+        raise ConfigError(f"HEAD_IFACE={iface} {why}; interfaces with an IPv4 address here: {have}")
+    return found[iface][0]
 
 
 def physical_cores(cpus: int, lscpu: str | None = None) -> list[tuple[int, ...]]:
@@ -88,10 +73,10 @@ def physical_cores(cpus: int, lscpu: str | None = None) -> list[tuple[int, ...]]
         if not line.strip() or line.startswith("#"):
             continue
         try:
-            cpu, core, socket = (int(x or 0) for x in line.split(",")[:3])
+            cpu, core, sock = (int(x or 0) for x in line.split(",")[:3])
         except ValueError:
             raise ConfigError(f"--cpu-topology: {line!r} is not a `lscpu -p=CPU,CORE,SOCKET` line") from None
-        by_core.setdefault((socket, core), []).append(cpu)
+        by_core.setdefault((sock, core), []).append(cpu)
     return [tuple(sorted(by_core[k])) for k in sorted(by_core)]
 
 
