@@ -170,7 +170,6 @@ def write_ports(run_dir: Path, topo: Topology, sup: Supervisor) -> None:
     info = {**topo.to_json(), "run_dir": str(run_dir), "supervisor_pid": os.getpid(), "ports": topo.ports()}
     for d in info["daemons"]:
         d["pid"] = pids.get(d["name"])
-        d["health_url"] = f"http://{topo.host}:{d['metrics_port']}/health"
     write_json_atomic(run_dir / "ports.json", info)
     targets = [{"targets": [f"{topo.host}:{d['metrics_port']}"],
                 "labels": {"daemon": d["name"], "kind": d["kind"], "run": run_dir.name}} for d in info["daemons"]]

@@ -213,18 +213,6 @@ def _command(cfg: RunConfig, topo: Topology, slot: DaemonSlot, config: str, rest
             *trainer_overrides(cfg)]
 
 
-def ports_json(topo: Topology, hosts: list[str]) -> dict:
-    """``run_dir/ports.json`` for ``areal-like top|status`` and Prometheus: every daemon that serves
-    ``/metrics`` (the trainer's other nodes report through rank 0), at its node's address."""
-    daemons = []
-    for s in topo.slots:
-        if s.metrics_port:
-            host = topo.host if s.node == 0 else hosts[s.node]
-            daemons.append({"name": s.name, "kind": s.kind, "metrics_url": f"http://{host}:{s.metrics_port}/metrics",
-                            "health_url": f"http://{host}:{s.metrics_port}/health"})
-    return {"daemons": daemons}
-
-
 def after(argv: list[str]) -> int:
     """``after --timeout-s S URL... -- COMMAND...``: exec COMMAND once every URL is healthy."""
     if len(argv) < 4 or argv[0] != "--timeout-s" or "--" not in argv or argv[-1] == "--":
@@ -294,7 +282,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.ports_json:
-        Path(args.ports_json).write_text(json.dumps(ports_json(topo, hosts), indent=2))
+        Path(args.ports_json).write_text(json.dumps(topo.to_json(hosts), indent=2))
     print("\n".join(step.line() for step in steps))
     return 0
 

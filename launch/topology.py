@@ -76,17 +76,19 @@ class Topology:
         out.update({f"{s.name}_metrics": s.metrics_port for s in self.slots})
         return out
 
-    def to_json(self) -> dict:
-        return {
-            "host": self.host, "buffer_address": self.buffer_address, "pub_address": self.pub_address,
-            "master_port": self.master_port,
-            "rollout_cpus": list(self.rollout_cpus) if self.rollout_cpus is not None else None,
-            "trainer_cpus": list(self.trainer_cpus) if self.trainer_cpus is not None else None,
-            "daemons": [{"name": s.name, "kind": s.kind, "metrics_port": s.metrics_port,
-                         "cpus": list(s.cpus) if s.cpus is not None else None,
-                         "gpus": list(s.gpus) if s.gpus is not None else None,
-                         "metrics_url": f"http://{self.host}:{s.metrics_port}/metrics"} for s in self.slots],
-        }
+    def to_json(self, hosts: list[str] | None = None) -> dict:
+        """``ports.json``: the job's addresses and every daemon that serves ``/metrics`` (the
+        trainer's other nodes report through rank 0), at its node's address (``hosts[node]``)."""
+        daemons = []
+        for s in self.slots:
+            url = f"http://{self.host if s.node == 0 else hosts[s.node]}:{s.metrics_port}"
+            if s.metrics_port:
+                daemons.append({"name": s.name, "kind": s.kind, "metrics_port": s.metrics_port,
+                                "cpus": s.cpus, "gpus": s.gpus, "metrics_url": f"{url}/metrics",
+                                "health_url": f"{url}/health"})
+        return {"host": self.host, "buffer_address": self.buffer_address, "pub_address": self.pub_address,
+                "master_port": self.master_port, "rollout_cpus": self.rollout_cpus,
+                "trainer_cpus": self.trainer_cpus, "daemons": daemons}
 
 
 def split_cpus(cpus: Iterable[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -16,7 +16,7 @@ import pytest
 from areal_like.settings.config import ConfigError, load_config
 from launch.job import plan_job
 from launch.placement import place_node
-from launch.srun import cpu_mask, head_ip, node_cores, physical_cores, ports_json, slurm_steps
+from launch.srun import cpu_mask, head_ip, node_cores, physical_cores, slurm_steps
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -180,7 +180,7 @@ def test_two_nodes_tp2_exact_command_lines():
 
 def test_ports_json_lists_each_daemon_at_its_nodes_address():
     topo, _ = _steps(3, 2)
-    got = {d["name"]: d["metrics_url"] for d in ports_json(topo, ["gpu0", "gpu1", "gpu2"])["daemons"]}
+    got = {d["name"]: d["metrics_url"] for d in topo.to_json(["gpu0", "gpu1", "gpu2"])["daemons"]}
     assert got == {"buffer": "http://10.1.2.3:9100/metrics", "rollout-0": "http://gpu2:9101/metrics",
                    "rollout-1": "http://gpu2:9102/metrics", "trainer": "http://10.1.2.3:9200/metrics"}
 
