@@ -30,8 +30,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _process_commands(sub) -> None:
-    """Add to ``sub`` (the parser's subparsers) the commands that start processes: run, buffer,
-    rollout, train, eval, export."""
+    """The commands that start processes."""
     run = sub.add_parser("run", help="run the whole job on this machine")
     run.add_argument("-q", "--quiet", action="store_true",
                      help="do not echo daemon logs (they stay in run_dir/logs); a failed job still prints why")
@@ -60,8 +59,7 @@ def _process_commands(sub) -> None:
 
 
 def _job_tool_commands(sub) -> None:
-    """Add to ``sub`` the commands that lay out, inspect or prepare a job: plan, config, track,
-    keys, top, status."""
+    """The commands that lay out, inspect or prepare a job."""
     pl = sub.add_parser("plan", help="print where `run` would put every process (GPUs, ports); starts nothing",
                         description="One line per process of `areal-like run` with the same overrides: node, "
                                     "name, GPUs (its CUDA_VISIBLE_DEVICES) and ports and addresses; a port the "
@@ -110,8 +108,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command in ("track", "run"):  # overrides after a flag (--once, -q): argparse leaves them over
         args.overrides += extra
-    if args.command in DAEMON_MODULES or args.command in TOOL_MODULES:  # only `--help` reaches here
-        return 0
     if args.command == "run":
         return _with_config(args.overrides, lambda cfg: _run(cfg, args.quiet, args.accept_changes))
     if args.command in ("config", "plan"):

@@ -29,6 +29,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 
@@ -228,22 +229,14 @@ def after(argv: list[str]) -> int:
     os.execvp(argv[cut + 1], argv[cut + 1:])
 
 
-class _EvalStep:
-    """The evaluating server's step ``pid`` as ``launch.job.wait_for_final_eval`` reads a
-    supervisor: alive or not, and a stop event nobody sets."""
-
-    def __init__(self, pid: int):
-        self.pid, self.stop_event = pid, threading.Event()
-
-    def pids(self) -> dict[str, int | None]:
-        return {"rollout-0": self.pid if alive(self.pid) else None}
-
-
 def final_eval(cfg: RunConfig, pid: int, poll_s: float = 1.0) -> int:
     """``run``'s wait for the final evaluation (``launch.job.wait_for_final_eval``) for a Slurm job."""
     if not (wants_eval(cfg) and cfg.eval.at_end):
         return 0
-    return 0 if wait_for_final_eval(cfg, Path(cfg.run_dir), _EvalStep(pid), poll_s) else 1
+    # the evaluating server's step as the wait reads a supervisor, with a stop event nobody sets
+    step = SimpleNamespace(pids=lambda: {"rollout-0": pid if alive(pid) else None},
+                           stop_event=threading.Event())
+    return 0 if wait_for_final_eval(cfg, Path(cfg.run_dir), step, poll_s) else 1
 
 
 def main(argv: list[str]) -> int:
