@@ -188,17 +188,6 @@ def _after(cfg: RunConfig, topo: Topology, slot: DaemonSlot, hosts: list[str]) -
     return ["python", "-m", "launch.srun", "after", "--timeout-s", wait_s, *urls, "--"]
 
 
-def wait_healthy(urls: list[str], timeout_s: float, poll_s: float = 2.0) -> str | None:
-    """Wait until every URL answers 200; the first that did not within ``timeout_s``, else None."""
-    deadline = time.monotonic() + timeout_s
-    for url in urls:
-        while not probe(url, timeout_s=5):
-            if time.monotonic() >= deadline:
-                return url
-            time.sleep(poll_s)
-    return None
-
-
 def _command(cfg: RunConfig, topo: Topology, slot: DaemonSlot, config: str, restarts: int,
              repo: str, host: str) -> list[str]:
     if slot.kind == "buffer":
@@ -221,11 +210,14 @@ def after(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     cut = argv.index("--")
-    late = wait_healthy(argv[2:cut], float(argv[1]))
-    if late is not None:
-        print(f"error: {late} did not answer within {argv[1]} s; not starting {argv[cut + 1]}",
-              file=sys.stderr)
-        return 1
+    deadline = time.monotonic() + float(argv[1])
+    for url in argv[2:cut]:
+        while not probe(url, timeout_s=5):
+            if time.monotonic() >= deadline:
+                print(f"error: {url} did not answer within {argv[1]} s; not starting {argv[cut + 1]}",
+                      file=sys.stderr)
+                return 1
+            time.sleep(2.0)
     os.execvp(argv[cut + 1], argv[cut + 1:])
 
 
