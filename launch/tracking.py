@@ -109,7 +109,6 @@ class JsonlTracker(Tracker):
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
         self.f = path.open("w")
 
     def _write(self, obj: dict) -> None:
