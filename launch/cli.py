@@ -96,12 +96,11 @@ def _job_tool_commands(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in TOOL_MODULES and argv[1:2] not in (["-h"], ["--help"]):  # the module parses the rest
-        return _exec_module(TOOL_MODULES[argv[0]], argv[1:])
-    if argv and argv[0] in DAEMON_MODULES and argv[1:2] not in (["-h"], ["--help"]):
-        # everything after the daemon name is the daemon's (--config-file, torchrun flags, overrides):
+    modules = {**DAEMON_MODULES, **TOOL_MODULES}
+    if argv and argv[0] in modules and argv[1:2] not in (["-h"], ["--help"]):
+        # everything after the command is the module's (--config-file, torchrun flags, overrides):
         # argparse would reject flags it does not know
-        return _exec_trainer(argv[1:]) if argv[0] == "train" else _exec_module(DAEMON_MODULES[argv[0]], argv[1:])
+        return _exec_trainer(argv[1:]) if argv[0] == "train" else _exec_module(modules[argv[0]], argv[1:])
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra and (args.command not in ("track", "run") or any(a.startswith("-") for a in extra)):
