@@ -74,8 +74,8 @@ class Topology:
         trainer's other nodes report through rank 0), at its node's address (``hosts[node]``)."""
         daemons = []
         for s in self.slots:
-            url = f"http://{self.host if s.node == 0 else hosts[s.node]}:{s.metrics_port}"
             if s.metrics_port:
+                url = f"http://{self.host if s.node == 0 else hosts[s.node]}:{s.metrics_port}"
                 daemons.append({"name": s.name, "kind": s.kind, "metrics_port": s.metrics_port,
                                 "cpus": s.cpus, "gpus": s.gpus, "metrics_url": f"{url}/metrics",
                                 "health_url": f"{url}/health"})
