@@ -30,8 +30,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _process_commands(sub) -> None:
-    """Add to ``sub`` (the parser's subparsers) the commands that start processes: run, buffer,
-    rollout, train, eval, export."""
+    """The commands that start processes."""
     run = sub.add_parser("run", help="run the whole job on this machine")
     run.add_argument("-q", "--quiet", action="store_true",
                      help="do not echo daemon logs (they stay in run_dir/logs); a failed job still prints why")
@@ -60,8 +59,7 @@ def _process_commands(sub) -> None:
 
 
 def _job_tool_commands(sub) -> None:
-    """Add to ``sub`` the commands that lay out, inspect or prepare a job: plan, config, track,
-    keys, top, status."""
+    """The commands that lay out, inspect or prepare a job."""
     pl = sub.add_parser("plan", help="print where `run` would put every process (GPUs, ports); starts nothing",
                         description="One line per process of `areal-like run` with the same overrides: node, "
                                     "name, GPUs (its CUDA_VISIBLE_DEVICES) and ports and addresses; a port the "
@@ -98,20 +96,17 @@ def _job_tool_commands(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in TOOL_MODULES and argv[1:2] not in (["-h"], ["--help"]):  # the module parses the rest
-        return _exec_module(TOOL_MODULES[argv[0]], argv[1:])
-    if argv and argv[0] in DAEMON_MODULES and argv[1:2] not in (["-h"], ["--help"]):
-        # everything after the daemon name is the daemon's (--config-file, torchrun flags, overrides):
+    modules = {**DAEMON_MODULES, **TOOL_MODULES}
+    if argv and argv[0] in modules and argv[1:2] not in (["-h"], ["--help"]):
+        # everything after the command is the module's (--config-file, torchrun flags, overrides):
         # argparse would reject flags it does not know
-        return _exec_trainer(argv[1:]) if argv[0] == "train" else _exec_module(DAEMON_MODULES[argv[0]], argv[1:])
+        return _exec_trainer(argv[1:]) if argv[0] == "train" else _exec_module(modules[argv[0]], argv[1:])
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra and (args.command not in ("track", "run") or any(a.startswith("-") for a in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command in ("track", "run"):  # overrides after a flag (--once, -q): argparse leaves them over
         args.overrides += extra
-    if args.command in DAEMON_MODULES or args.command in TOOL_MODULES:  # only `--help` reaches here
-        return 0
     if args.command == "run":
         return _with_config(args.overrides, lambda cfg: _run(cfg, args.quiet, args.accept_changes))
     if args.command in ("config", "plan"):

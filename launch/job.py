@@ -1,15 +1,8 @@
-"""A whole job on one machine: config -> topology -> processes -> supervisor -> summary.
-
-``run_job(cfg)`` is ``areal-like run``: the preflight (``launch/preflight.py``) and the run
-directory's lock and state (``launch/rundir.py``: refuse, resume or start; a ``ConfigError`` from
-here is the CLI's exit 2); the warm start (``launch/warmstart.py``); the plan (``plan_job``: the
-ONE place the layout-dependent config is made), the CURVE keys, ``config.yaml`` (the only config
-every daemon reads), ``ports.json`` and ``prometheus_targets.json``; the supervisor over the
-buffer, K rollout servers and the trainer, with a progress line, a ``/metrics`` scrape into
-``metrics/scrape.jsonl`` and the tracker sink; the final evaluation when one is scheduled; on
-failure the failing daemon's last error lines (also with ``-q``); then ``summary.json`` and
-``learning_curve.png`` (``launch/records.py``) and the summary as ONE JSON line on stdout
-(``steps``: the steps THIS invocation trained).
+"""``areal-like run`` (``run_job``): preflight, the run directory's lock and state, warm start,
+plan, supervisor, summary. ``plan_job`` is the ONE place the layout-dependent config is made, and
+``config.yaml`` the only config every daemon reads; a ``ConfigError`` is the CLI's exit 2, before
+anything started; the summary goes to stdout as ONE JSON line (``steps``: the steps THIS
+invocation trained).
 """
 
 from __future__ import annotations
@@ -51,7 +44,7 @@ def with_gpu_count(cfg: RunConfig) -> RunConfig:
 
 
 def usable_cpus() -> list[int]:
-    """The cores this process may run on (its affinity; every core where the OS has no affinity call)."""
+    """The cores this process may run on (its affinity, where the OS has the call)."""
     if hasattr(os, "sched_getaffinity"):
         return sorted(os.sched_getaffinity(0))
     return list(range(os.cpu_count() or 1))
@@ -170,7 +163,6 @@ def write_ports(run_dir: Path, topo: Topology, sup: Supervisor) -> None:
     info = {**topo.to_json(), "run_dir": str(run_dir), "supervisor_pid": os.getpid(), "ports": topo.ports()}
     for d in info["daemons"]:
         d["pid"] = pids.get(d["name"])
-        d["health_url"] = f"http://{topo.host}:{d['metrics_port']}/health"
     write_json_atomic(run_dir / "ports.json", info)
     targets = [{"targets": [f"{topo.host}:{d['metrics_port']}"],
                 "labels": {"daemon": d["name"], "kind": d["kind"], "run": run_dir.name}} for d in info["daemons"]]
@@ -235,8 +227,7 @@ class Monitor:
         self.scrapes.close()
 
 
-def log_bytes(cfg: RunConfig) -> int:
-    """``launch.log_max_mb`` in bytes: where a daemon log or scrape.jsonl rotates."""
+def log_bytes(cfg: RunConfig) -> int:  # where a daemon log or scrape.jsonl rotates
     return int(cfg.launch.log_max_mb * (1 << 20))
 
 
@@ -263,8 +254,7 @@ def wait_for_final_eval(cfg: RunConfig, run_dir: Path, sup: Supervisor, poll_s: 
 
 
 def on_trainer_done(cfg: RunConfig, run_dir: Path, sup: Supervisor) -> None:
-    """The trainer completed: load the plotting code in the background, and keep the job up for the
-    final evaluation when one is scheduled (``wait_for_final_eval``)."""
+    """The trainer completed: warm the plotting imports; wait for a scheduled final evaluation."""
     warm_plotting()
     if wants_eval(cfg) and cfg.eval.at_end:
         wait_for_final_eval(cfg, run_dir, sup)

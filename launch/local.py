@@ -52,8 +52,7 @@ LOG_BACKUPS = 3  # rotated files kept per log (launch.log_backups)
 
 
 def rotating_file(path: Path, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS) -> RotatingFileHandler:
-    """A handler appending lines (``write_line``) to ``path``, rotated into ``path.1`` ... ``path.N``
-    past ``max_bytes`` (``N = backups``; the oldest is dropped)."""
+    """Lines (``write_line``) into ``path``, rotated into ``path.1`` ... ``path.<backups>``."""
     handler = RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8",
                                   errors="replace", delay=True)  # opened at the first line
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -61,7 +60,6 @@ def rotating_file(path: Path, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG
 
 
 def write_line(handler: RotatingFileHandler, line: str) -> None:
-    """``line`` (no newline) into ``handler``'s file, rotating first when it is full; flushed."""
     handler.handle(logging.makeLogRecord({"msg": line, "levelno": logging.INFO}))
 
 
@@ -249,7 +247,6 @@ class Supervisor:
                   f"{wait:.1f}s")
 
     def stop_all(self) -> None:
-        """Reverse start order: SIGTERM the group, wait, SIGKILL; then every recorded descendant."""
         self.stopping.set()
         for p in reversed(self.procs):
             self._stop(p)
@@ -302,7 +299,6 @@ class Supervisor:
             time.sleep(0.2)
 
     def _record_descendants(self, p: _Proc, tree: dict[int, list[int]]) -> None:
-        """Record every descendant of ``p`` in ``tree`` (``process_tree()``) not yet recorded."""
         if p.popen is None or p.popen.poll() is not None:
             return
         stack = list(tree.get(p.popen.pid, ()))

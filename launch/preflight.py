@@ -27,6 +27,7 @@ from areal_like.weights.hf import (
     resolve_models,
 )
 from areal_like.weights.lora import check_targets
+from launch.tracking import check_trackers
 from rollout_server.reward_worker import scrubbed_env
 
 REWARD_IMPORT_TIMEOUT_S = 120.0  # a reward module importing a big library on a loaded machine
@@ -205,17 +206,6 @@ def check_reward_fn(cfg: RunConfig) -> list[str]:
     reason = lines[-1] if lines else f"importing it ended the interpreter with status {r.returncode}"
     where = "in the rollout server (task.reward_workers=0)" if inline else "in a reward worker"
     return [f"task.reward_fn={spec!r} cannot be loaded {where}: {reason}"]
-
-
-def check_trackers(cfg: RunConfig) -> list[str]:
-    """The trackers' packages installed (``launch.tracking.check_trackers``)."""
-    from launch.tracking import check_trackers as check
-
-    try:
-        check(cfg)
-    except ConfigError as e:
-        return str(e).splitlines()[:1]
-    return []
 
 
 def check_engine(cfg: RunConfig) -> list[str]:

@@ -23,12 +23,15 @@ import itertools
 import json
 import os
 import shlex
-import subprocess
+import socket
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
 
 from areal_like.settings.config import ConfigError, RunConfig
 from launch.job import (
@@ -48,33 +51,16 @@ BUFFER_CORES = 1  # the buffer moves bytes between sockets: one core is plenty
 
 def head_ip(iface: str) -> str:
     """The first IPv4 address of ``iface`` on this node; ConfigError saying what is missing."""
+    found = {name: [a.address for a in addrs if a.family == socket.AF_INET]
+             for name, addrs in psutil.net_if_addrs().items()}
+    have = ", ".join(f"{name}={ips[0]}" for name, ips in found.items() if ips) or "none"
     if not iface:
-        raise ConfigError("HEAD_IFACE is not set: name the network interface the other nodes reach this node on "
-                          f"(e.g. HEAD_IFACE=ib0); this node has: {', '.join(_ipv4_interfaces()) or 'none'}")
-    try:
-        r = subprocess.run(["ip", "-o", "-4", "addr", "show", "dev", iface], capture_output=True, text=True,
-                           timeout=30)
-    except FileNotFoundError:
-        raise ConfigError("`ip` (iproute2) is not installed on this node: cannot read HEAD_IFACE's address") from None
-    if r.returncode != 0:
-        raise ConfigError(f"HEAD_IFACE={iface}: {r.stderr.strip() or 'ip failed'}; interfaces with an IPv4 "
-                          f"address here: {', '.join(_ipv4_interfaces()) or 'none'}")
-    for line in r.stdout.splitlines():
-        fields = line.split()
-        if "inet" in fields:
-            return fields[fields.index("inet") + 1].split("/")[0]
-    raise ConfigError(f"HEAD_IFACE={iface} has no IPv4 address; interfaces with one: "
-                      f"{', '.join(_ipv4_interfaces()) or 'none'}")
-
-
-def _ipv4_interfaces() -> list[str]:
-    """``name=address`` of every interface with an IPv4 address (for the error messages)."""
-    try:
-        out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, timeout=30).stdout
-    except (FileNotFoundError, subprocess.TimeoutExpired):
-        return []
-    rows = [line.split() for line in out.splitlines()]
-    return [f"{f[1]}={f[f.index('inet') + 1].split('/')[0]}" for f in rows if "inet" in f and len(f) > 3]
+        raise ConfigError("HEAD_IFACE is not set: name the network interface the other nodes reach "
+                          f"this node on (e.g. HEAD_IFACE=ib0); this node has: {have}")
+    if not found.get(iface):
+        why = "has no IPv4 address" if iface in found else "is not an interface of this node"
+        raise ConfigError(f"HEAD_IFACE={iface} {why}; interfaces with an IPv4 address here: {have}")
+    return found[iface][0]
 
 
 def physical_cores(cpus: int, lscpu: str | None = None) -> list[tuple[int, ...]]:
@@ -88,10 +74,10 @@ def physical_cores(cpus: int, lscpu: str | None = None) -> list[tuple[int, ...]]
         if not line.strip() or line.startswith("#"):
             continue
         try:
-            cpu, core, socket = (int(x or 0) for x in line.split(",")[:3])
+            cpu, core, sock = (int(x or 0) for x in line.split(",")[:3])
         except ValueError:
             raise ConfigError(f"--cpu-topology: {line!r} is not a `lscpu -p=CPU,CORE,SOCKET` line") from None
-        by_core.setdefault((socket, core), []).append(cpu)
+        by_core.setdefault((sock, core), []).append(cpu)
     return [tuple(sorted(by_core[k])) for k in sorted(by_core)]
 
 
@@ -202,17 +188,6 @@ def _after(cfg: RunConfig, topo: Topology, slot: DaemonSlot, hosts: list[str]) -
     return ["python", "-m", "launch.srun", "after", "--timeout-s", wait_s, *urls, "--"]
 
 
-def wait_healthy(urls: list[str], timeout_s: float, poll_s: float = 2.0) -> str | None:
-    """Wait until every URL answers 200; the first that did not within ``timeout_s``, else None."""
-    deadline = time.monotonic() + timeout_s
-    for url in urls:
-        while not probe(url, timeout_s=5):
-            if time.monotonic() >= deadline:
-                return url
-            time.sleep(poll_s)
-    return None
-
-
 def _command(cfg: RunConfig, topo: Topology, slot: DaemonSlot, config: str, restarts: int,
              repo: str, host: str) -> list[str]:
     if slot.kind == "buffer":
@@ -228,18 +203,6 @@ def _command(cfg: RunConfig, topo: Topology, slot: DaemonSlot, config: str, rest
             *trainer_overrides(cfg)]
 
 
-def ports_json(topo: Topology, hosts: list[str]) -> dict:
-    """``run_dir/ports.json`` for ``areal-like top|status`` and Prometheus: every daemon that serves
-    ``/metrics`` (the trainer's other nodes report through rank 0), at its node's address."""
-    daemons = []
-    for s in topo.slots:
-        if s.metrics_port:
-            host = topo.host if s.node == 0 else hosts[s.node]
-            daemons.append({"name": s.name, "kind": s.kind, "metrics_url": f"http://{host}:{s.metrics_port}/metrics",
-                            "health_url": f"http://{host}:{s.metrics_port}/health"})
-    return {"daemons": daemons}
-
-
 def after(argv: list[str]) -> int:
     """``after --timeout-s S URL... -- COMMAND...``: exec COMMAND once every URL is healthy."""
     if len(argv) < 4 or argv[0] != "--timeout-s" or "--" not in argv or argv[-1] == "--":
@@ -247,30 +210,25 @@ def after(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     cut = argv.index("--")
-    late = wait_healthy(argv[2:cut], float(argv[1]))
-    if late is not None:
-        print(f"error: {late} did not answer within {argv[1]} s; not starting {argv[cut + 1]}",
-              file=sys.stderr)
-        return 1
+    deadline = time.monotonic() + float(argv[1])
+    for url in argv[2:cut]:
+        while not probe(url, timeout_s=5):
+            if time.monotonic() >= deadline:
+                print(f"error: {url} did not answer within {argv[1]} s; not starting {argv[cut + 1]}",
+                      file=sys.stderr)
+                return 1
+            time.sleep(2.0)
     os.execvp(argv[cut + 1], argv[cut + 1:])
-
-
-class _EvalStep:
-    """The evaluating server's step ``pid`` as ``launch.job.wait_for_final_eval`` reads a
-    supervisor: alive or not, and a stop event nobody sets."""
-
-    def __init__(self, pid: int):
-        self.pid, self.stop_event = pid, threading.Event()
-
-    def pids(self) -> dict[str, int | None]:
-        return {"rollout-0": self.pid if alive(self.pid) else None}
 
 
 def final_eval(cfg: RunConfig, pid: int, poll_s: float = 1.0) -> int:
     """``run``'s wait for the final evaluation (``launch.job.wait_for_final_eval``) for a Slurm job."""
     if not (wants_eval(cfg) and cfg.eval.at_end):
         return 0
-    return 0 if wait_for_final_eval(cfg, Path(cfg.run_dir), _EvalStep(pid), poll_s) else 1
+    # the evaluating server's step as the wait reads a supervisor, with a stop event nobody sets
+    step = SimpleNamespace(pids=lambda: {"rollout-0": pid if alive(pid) else None},
+                           stop_event=threading.Event())
+    return 0 if wait_for_final_eval(cfg, Path(cfg.run_dir), step, poll_s) else 1
 
 
 def main(argv: list[str]) -> int:
@@ -309,7 +267,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.ports_json:
-        Path(args.ports_json).write_text(json.dumps(ports_json(topo, hosts), indent=2))
+        Path(args.ports_json).write_text(json.dumps(topo.to_json(hosts), indent=2))
     print("\n".join(step.line() for step in steps))
     return 0
 

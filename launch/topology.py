@@ -24,14 +24,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from areal_like.settings.config import ConfigError, RunConfig
-from launch.placement import (
-    COUNTS,
-    auto_path,
-    node_roles,
-    place_nodes,
-    split_address,
-    visible_devices,
-)
+from launch.placement import COUNTS, node_roles, place_nodes, split_address, visible_devices
 
 # At eta 0 the trainer's idle OpenMP threads spin this many rounds (libgomp's default: 300,000), not
 # ~1 ms on the rollout cores after each step: a step with 2 threads on the 8 x 8 workload is as fast
@@ -76,17 +69,19 @@ class Topology:
         out.update({f"{s.name}_metrics": s.metrics_port for s in self.slots})
         return out
 
-    def to_json(self) -> dict:
-        return {
-            "host": self.host, "buffer_address": self.buffer_address, "pub_address": self.pub_address,
-            "master_port": self.master_port,
-            "rollout_cpus": list(self.rollout_cpus) if self.rollout_cpus is not None else None,
-            "trainer_cpus": list(self.trainer_cpus) if self.trainer_cpus is not None else None,
-            "daemons": [{"name": s.name, "kind": s.kind, "metrics_port": s.metrics_port,
-                         "cpus": list(s.cpus) if s.cpus is not None else None,
-                         "gpus": list(s.gpus) if s.gpus is not None else None,
-                         "metrics_url": f"http://{self.host}:{s.metrics_port}/metrics"} for s in self.slots],
-        }
+    def to_json(self, hosts: list[str] | None = None) -> dict:
+        """``ports.json``: the job's addresses and every daemon that serves ``/metrics`` (the
+        trainer's other nodes report through rank 0), at its node's address (``hosts[node]``)."""
+        daemons = []
+        for s in self.slots:
+            if s.metrics_port:
+                url = f"http://{self.host if s.node == 0 else hosts[s.node]}:{s.metrics_port}"
+                daemons.append({"name": s.name, "kind": s.kind, "metrics_port": s.metrics_port,
+                                "cpus": s.cpus, "gpus": s.gpus, "metrics_url": f"{url}/metrics",
+                                "health_url": f"{url}/health"})
+        return {"host": self.host, "buffer_address": self.buffer_address, "pub_address": self.pub_address,
+                "master_port": self.master_port, "rollout_cpus": self.rollout_cpus,
+                "trainer_cpus": self.trainer_cpus, "daemons": daemons}
 
 
 def split_cpus(cpus: Iterable[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -264,12 +259,10 @@ def with_local_ipc(cfg: RunConfig) -> RunConfig:
 
 def plan_lines(cfg: RunConfig, topo: Topology) -> list[str]:
     """``areal-like plan``: a header, then per process its node, name, GPUs (``-`` inherited,
-    ``none`` hidden) and where it listens or connects; a port ``cfg`` leaves at 0 is ``auto``."""
+    ``none`` hidden) and where it listens or connects; a port ``cfg`` leaves at 0 is ``auto``.
+    ``cfg`` is laid out (``launch.job.laid_out``): its weight path is resolved."""
     ws = cfg.trainer.weight_sync
     backend = ws.backend if ws.backend != "auto" else ("nccl" if cfg.trainer.device.startswith("cuda") else "gloo")
-    trainer_gpus = {s.node: set(s.gpus or ()) for s in topo.slots if s.kind == "trainer"}
-    shared = any(trainer_gpus.get(s.node, set()) & set(s.gpus or ()) for s in topo.slots if s.kind == "rollout")
-    path = ws.path if ws.path != "auto" else auto_path(cfg, shared)
     fixed_metrics = {"buffer": cfg.buffer.metrics_port, "rollout": cfg.rollout.metrics_port,
                      "trainer": cfg.trainer.metrics_port}
     rows = [("node", "process", "gpus", "ports and addresses")]
@@ -281,7 +274,7 @@ def plan_lines(cfg: RunConfig, topo: Topology) -> list[str]:
         elif s.kind == "rollout":
             where = f"{metrics}  {_engine(cfg, host)}"
         else:
-            where = _trainer_where(cfg, topo, s, metrics if s.node == 0 else "", backend, path)
+            where = _trainer_where(cfg, topo, s, metrics if s.node == 0 else "", backend, ws.path)
         rows.append((str(s.node), s.name, _gpus(s.gpus), where))
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     return [f"{a:<{width[0]}}  {b:<{width[1]}}  {c:<{width[2]}}  {d}".rstrip() for a, b, c, d in rows]

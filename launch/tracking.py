@@ -48,20 +48,21 @@ class Tracker(ABC):
     def close(self) -> None: ...
 
 
-def check_trackers(cfg: RunConfig) -> None:
-    """Raise ConfigError if a configured tracker's package is not installed (before any daemon starts)."""
+def check_trackers(cfg: RunConfig) -> list[str]:
+    """One line per configured tracker whose package is not installed (the preflight's check)."""
+    out = []
     for name in cfg.tracker:
-        if name not in TRACKER_MODULES:
-            continue  # jsonl: no package
-        modules, extra = TRACKER_MODULES[name]
-        if not any(importlib.util.find_spec(m) is not None for m in modules):
-            raise ConfigError(f"tracker={name!r} needs the {' or '.join(map(repr, modules))} package, which is not "
-                              f"installed: pip install 'areal-like[{extra}]' (or drop {name!r} from tracker)")
+        modules, extra = TRACKER_MODULES.get(name, ((), ""))  # jsonl: no package
+        if modules and not any(importlib.util.find_spec(m) is not None for m in modules):
+            out.append(f"tracker={name!r} needs the {' or '.join(map(repr, modules))} package, which is not "
+                       f"installed: pip install 'areal-like[{extra}]' (or drop {name!r} from tracker)")
+    return out
 
 
 def build_trackers(cfg: RunConfig, run_dir: str | Path | None = None) -> list[Tracker]:
     """One tracker per entry of ``cfg.tracker``, writing under ``<run_dir>/tracking``."""
-    check_trackers(cfg)
+    if missing := check_trackers(cfg):
+        raise ConfigError("\n".join(missing))
     run_dir = Path(run_dir if run_dir is not None else cfg.run_dir).resolve()
     out = run_dir / "tracking"
     project, name = cfg.tracking.project, cfg.tracking.run_name or run_dir.name
@@ -109,7 +110,6 @@ class JsonlTracker(Tracker):
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
         self.f = path.open("w")
 
     def _write(self, obj: dict) -> None:

@@ -106,17 +106,14 @@ def _demo_pairs(cfg: RunConfig, task, indices: list[int], tok, rng: random.Rando
 def _batch(pairs: list[tuple[list[int], list[int]]]):
     """Right-padded input ids, labels (-100 outside the answer) and attention mask."""
     import torch
+    from torch.nn.utils.rnn import pad_sequence
 
-    width = max(len(p) + len(a) for p, a in pairs)
-    ids = torch.zeros(len(pairs), width, dtype=torch.long)
-    labels = torch.full((len(pairs), width), -100, dtype=torch.long)
-    mask = torch.zeros(len(pairs), width, dtype=torch.long)
-    for r, (p, a) in enumerate(pairs):
-        seq = p + a
-        ids[r, :len(seq)] = torch.tensor(seq)
-        labels[r, len(p):len(seq)] = torch.tensor(a)
-        mask[r, :len(seq)] = 1
-    return ids, labels, mask
+    def padded(rows: list[list[int]], value: int):
+        return pad_sequence([torch.tensor(r, dtype=torch.long) for r in rows], batch_first=True,
+                            padding_value=value)
+
+    return (padded([p + a for p, a in pairs], 0), padded([[-100] * len(p) + a for p, a in pairs], -100),
+            padded([[1] * (len(p) + len(a)) for p, a in pairs], 0))
 
 
 def train_warm_start(cfg: RunConfig, out: Path, log: Callable[[str], None] = print) -> None:

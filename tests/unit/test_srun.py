@@ -1,46 +1,45 @@
 """launch/srun.py: the Slurm job's srun steps come from the plan (GPUs, cores, node ranks), HEAD_IP
-from a named interface (a fake `ip` on PATH, and the real one on `lo`), and the restart wrapper."""
+from a named interface (psutil's interfaces, faked, and the real `lo`), and the restart wrapper."""
 
 from __future__ import annotations
 
 import os
-import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import psutil
 import pytest
 
 from areal_like.settings.config import ConfigError, load_config
 from launch.job import plan_job
 from launch.placement import place_node
-from launch.srun import cpu_mask, head_ip, node_cores, physical_cores, ports_json, slurm_steps
+from launch.srun import cpu_mask, head_ip, node_cores, physical_cores, slurm_steps
 
 ROOT = Path(__file__).resolve().parents[2]
-FAKE_IP = """#!/bin/sh
-# ip -o -4 addr show [dev IFACE], as iproute2 prints it on a node with eth0 (10.1.2.3), ib0 and docker0
-all='1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever preferred_lft forever
-2: eth0    inet 172.17.0.9/16 brd 172.17.255.255 scope global eth0\\       valid_lft forever preferred_lft forever
-3: ib0    inet 10.1.2.3/24 brd 10.1.2.255 scope global ib0\\       valid_lft forever preferred_lft forever'
-case "$*" in
-  "-o -4 addr show") echo "$all" ;;
-  "-o -4 addr show dev ib0") echo "$all" | grep ' ib0 ' ;;
-  "-o -4 addr show dev eth0") echo "$all" | grep ' eth0 ' ;;
-  "-o -4 addr show dev ib1") ;;  # an interface with only IPv6
-  *) echo "Device \\"$6\\" does not exist." >&2; exit 1 ;;
-esac
-"""
+
+
+def _addr(family, address):
+    return SimpleNamespace(family=family, address=address)
+
+
+# psutil.net_if_addrs() on a node with eth0 (172.17.0.9), ib0 (10.1.2.3) and ib1 (IPv6 only)
+FAKE_IFACES = {
+    "lo": [_addr(socket.AF_INET, "127.0.0.1")],
+    "eth0": [_addr(socket.AF_INET6, "fe80::1"), _addr(socket.AF_INET, "172.17.0.9")],
+    "ib0": [_addr(socket.AF_INET, "10.1.2.3")],
+    "ib1": [_addr(socket.AF_INET6, "fe80::2")],
+}
 
 
 @pytest.fixture
-def fake_ip(tmp_path, monkeypatch):
-    (tmp_path / "ip").write_text(FAKE_IP)
-    (tmp_path / "ip").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    return tmp_path
+def fake_ifaces(monkeypatch):
+    monkeypatch.setattr(psutil, "net_if_addrs", lambda: FAKE_IFACES)
 
 
-def test_head_ip_is_the_named_interfaces_address(fake_ip):
+def test_head_ip_is_the_named_interfaces_address(fake_ifaces):
     assert head_ip("ib0") == "10.1.2.3"  # not the first address `hostname -I` would give (172.17.0.9)
     assert head_ip("eth0") == "172.17.0.9"
 
@@ -48,32 +47,26 @@ def test_head_ip_is_the_named_interfaces_address(fake_ip):
 @pytest.mark.parametrize("iface,message", [
     ("", "HEAD_IFACE is not set: name the network interface the other nodes reach this node on (e.g. HEAD_IFACE=ib0); "
          "this node has: lo=127.0.0.1, eth0=172.17.0.9, ib0=10.1.2.3"),
-    ("eth7", 'HEAD_IFACE=eth7: Device "eth7" does not exist.; interfaces with an IPv4 address here: lo=127.0.0.1, '
+    ("eth7", "HEAD_IFACE=eth7 is not an interface of this node; interfaces with an IPv4 address here: lo=127.0.0.1, "
              "eth0=172.17.0.9, ib0=10.1.2.3"),
-    ("ib1", "HEAD_IFACE=ib1 has no IPv4 address; interfaces with one: lo=127.0.0.1, eth0=172.17.0.9, ib0=10.1.2.3"),
+    ("ib1", "HEAD_IFACE=ib1 has no IPv4 address; interfaces with an IPv4 address here: lo=127.0.0.1, "
+            "eth0=172.17.0.9, ib0=10.1.2.3"),
 ])
-def test_head_ip_errors_name_the_interface_and_the_ones_there_are(fake_ip, iface, message):
+def test_head_ip_errors_name_the_interface_and_the_ones_there_are(fake_ifaces, iface, message):
     with pytest.raises(ConfigError) as e:
         head_ip(iface)
     assert str(e.value) == message
 
 
-def test_head_ip_without_iproute2(tmp_path, monkeypatch):
-    monkeypatch.setenv("PATH", str(tmp_path))  # no `ip` anywhere
-    with pytest.raises(ConfigError, match=r"^`ip` \(iproute2\) is not installed on this node"):
-        head_ip("ib0")
-
-
-@pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 not installed")
-def test_head_ip_with_the_real_ip_on_loopback():
+def test_head_ip_on_the_real_loopback():
     assert head_ip("lo") == "127.0.0.1"
 
 
-def test_the_sbatch_command_line_prints_the_address_or_one_error_line(fake_ip):
+def test_the_sbatch_command_line_prints_the_address_or_one_error_line():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    ok = subprocess.run([sys.executable, "-m", "launch.srun", "head-ip", "ib0"], capture_output=True, text=True,
+    ok = subprocess.run([sys.executable, "-m", "launch.srun", "head-ip", "lo"], capture_output=True, text=True,
                         env=env, timeout=120, cwd=ROOT)
-    assert (ok.returncode, ok.stdout) == (0, "10.1.2.3\n")
+    assert (ok.returncode, ok.stdout) == (0, "127.0.0.1\n")
     bad = subprocess.run([sys.executable, "-m", "launch.srun", "head-ip"], capture_output=True, text=True,
                          env=env, timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.startswith("error: HEAD_IFACE is not set")
@@ -187,7 +180,7 @@ def test_two_nodes_tp2_exact_command_lines():
 
 def test_ports_json_lists_each_daemon_at_its_nodes_address():
     topo, _ = _steps(3, 2)
-    got = {d["name"]: d["metrics_url"] for d in ports_json(topo, ["gpu0", "gpu1", "gpu2"])["daemons"]}
+    got = {d["name"]: d["metrics_url"] for d in topo.to_json(["gpu0", "gpu1", "gpu2"])["daemons"]}
     assert got == {"buffer": "http://10.1.2.3:9100/metrics", "rollout-0": "http://gpu2:9101/metrics",
                    "rollout-1": "http://gpu2:9102/metrics", "trainer": "http://10.1.2.3:9200/metrics"}
 

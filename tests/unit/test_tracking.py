@@ -307,12 +307,14 @@ def test_trackio_store_holds_metrics_and_tables(tmp_path):
 
 
 def test_check_trackers_names_the_missing_package_and_its_extra(monkeypatch, tmp_path):
-    tracking.check_trackers(RunConfig(tracker=["jsonl", "tensorboard", "wandb", "mlflow", "trackio"]))  # all installed
+    assert tracking.check_trackers(RunConfig(tracker=["jsonl", "tensorboard", "wandb", "mlflow", "trackio"])) == []
     monkeypatch.setitem(tracking.TRACKER_MODULES, "wandb", (("areal_like_no_such_package",), "wandb"))
-    tracking.check_trackers(RunConfig(tracker=["jsonl"]))  # not configured: not needed
-    with pytest.raises(ConfigError, match=r"^tracker='wandb' needs the 'areal_like_no_such_package' package, "
-                                          r"which is not installed: pip install 'areal-like\[wandb\]'"):
-        tracking.check_trackers(RunConfig(tracker=["jsonl", "wandb"]))
+    assert tracking.check_trackers(RunConfig(tracker=["jsonl"])) == []  # not configured: not needed
+    missing = "tracker='wandb' needs the 'areal_like_no_such_package' package, which is not installed: "
+    assert tracking.check_trackers(RunConfig(tracker=["jsonl", "wandb"])) == [
+        missing + "pip install 'areal-like[wandb]' (or drop 'wandb' from tracker)"]
+    with pytest.raises(ConfigError, match=r"^tracker='wandb' needs the 'areal_like_no_such_package' package"):
+        tracking.build_trackers(RunConfig(tracker=["jsonl", "wandb"]), tmp_path)
     # `areal-like run` stops there: exit 2, and no run directory (nothing was started)
     assert main(["run", "tracker=[jsonl,wandb]", f"run_dir={tmp_path / 'run'}"]) == 2
     assert not (tmp_path / "run").exists()
