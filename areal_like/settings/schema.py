@@ -342,13 +342,11 @@ class TrainerConfig:
                self.batch_wait_s)
         _check("trainer.betas", len(self.betas) == 2, "two numbers", self.betas)
         self.loss.check_agg()
-        if self.lora.enabled:  # the KL reference is the base itself, the adapter switched off
-            _check("trainer.ref_path", self.ref_path is None, "unset with trainer.lora.rank > 0 "
-                   "(the reference is the base model without the adapter)", self.ref_path)
-            path = self.weight_sync.path
-            _check("trainer.weight_sync.path", path in ("auto", *LORA_PATHS.values()),
-                   "auto, distributed (embedded engines) or disk (SGLang) with "
-                   "trainer.lora.rank > 0 (the paths that send the adapter alone)", path)
+        # the KL reference is the base itself, the adapter switched off; the weight path with
+        # LoRA is checked with the engine kind (RunConfig)
+        _check("trainer.ref_path", not self.lora.enabled or self.ref_path is None, "unset with "
+               "trainer.lora.rank > 0 (the reference is the base model without the adapter)",
+               self.ref_path)
 
 
 @dataclass(kw_only=True)
