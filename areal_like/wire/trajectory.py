@@ -1,14 +1,9 @@
-"""One sampled response, ``Trajectory``: token arrays that travel as raw bytes (the format:
-areal_like/DESIGN.md section 3).
-
-Ids and logprobs travel as ``[dtype, length, bytes]``; per-token versions and the loss mask as
-runs ``["runs<i4", length, (value, end) int32 pairs]``, ``end`` strictly increasing to ``length``.
-The triples are stored as they are, so msgspec (de)codes them in C; the array attributes are
-read-only views made on access, the runs expanded.
+"""One sampled response, ``Trajectory``: token arrays that travel as raw bytes, the per-token
+versions and loss mask as runs (the format: areal_like/DESIGN.md section 3), stored as they are
+so that msgspec (de)codes them in C; the array attributes are read-only views made on access.
 
 Invariant: every ``Trajectory`` decoded has the wire dtypes and a finite reward (msgspec), and
-every one decoded or built has aligned arrays and well-formed runs (``validate``). ``of``
-converts the arrays and the reward and refuses what it cannot convert.
+every one decoded or built has aligned arrays and well-formed runs (``validate``).
 """
 
 from __future__ import annotations
