@@ -1,17 +1,10 @@
 """Who reaches a weight group's rendezvous store: a ``StoreGate`` in front of it, a ``StoreDoor``
-beside each member (the threat: areal_like/SECURITY.md, "Ports").
+beside each member (the threat and the handshake: areal_like/SECURITY.md, "Ports").
 
 torch's TCPStore serves and lists its keys (the group's secret name among them) to anyone, so rank
 0 hosts it on loopback and the gate pipes a connection to it only once it proved it knows the
 group's name. A member's torch client connects to a door on its own loopback (established
 connections of its own user only, read from ``/proc/net/tcp``) that proves it for it.
-
-Wire: door -> gate ``MAGIC`` and a nonce; gate -> door a challenge and its proof (HMAC of b"gate"
-and both nonces, keyed by the name); door -> gate its proof (b"door"), sent only once the gate's
-checked out; then the store's own protocol. A door whose client starts with ``MAGIC`` (an
-engine's door behind its rollout server's) only carries the bytes. Anything else (a torch
-client, garbage, a wrong proof, silence past ``HANDSHAKE_S``) is closed without a byte of the
-store; at most ``MAX_UNPROVEN`` connections prove themselves at once.
 """
 
 from __future__ import annotations
@@ -225,10 +218,7 @@ class StoreDoor(_Relay):
 
     def __init__(self, host: str, port: int, secret: str):
         self.target, self.secret = (host, port), secret
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(LISTEN_BACKLOG)
-        super().__init__(listener, f"store-door-{port}")
+        super().__init__(listen_on("127.0.0.1", 0), f"store-door-{port}")
 
     def _admit(self, conn: socket.socket, deadline: float) -> socket.socket | None:
         if (uid := peer_uid(conn)) != os.getuid():
