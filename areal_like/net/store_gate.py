@@ -9,6 +9,7 @@ connections of its own user only, read from ``/proc/net/tcp``) that proves it fo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -117,13 +118,11 @@ class _Relay:
         self._copy(conn, upstream, ended)
 
     def _copy(self, src: socket.socket, dst: socket.socket, ended: list[int], answers: bool = False) -> None:
-        try:
+        with contextlib.suppress(OSError):
             while chunk := src.recv(1 << 16):
                 if answers:  # counted before it is passed on
                     self.answered += len(chunk)
                 dst.sendall(chunk)
-        except OSError:
-            pass
         with self._lock:
             ended[0] += 1
             last = ended[0] == 2
@@ -131,20 +130,16 @@ class _Relay:
             self._drop(src)
             self._drop(dst)
         else:
-            try:
+            with contextlib.suppress(OSError):
                 dst.shutdown(socket.SHUT_WR)  # the other direction may still carry a reply
-            except OSError:
-                pass
 
     def _refuse(self, conn: socket.socket, why: str) -> None:
         """Close ``conn`` unanswered and count it; logged at most once a minute per gate or door kind."""
         self.refused += 1
         _refusals.warning(type(self).__name__, "%s refused a connection from %s (%s; %d refused so far)",
                           type(self).__name__, _peer(conn), why, self.refused)
-        try:
+        with contextlib.suppress(OSError):
             conn.close()
-        except OSError:
-            pass
 
     def _admit(self, conn: socket.socket, deadline: float) -> socket.socket | None:
         """The upstream socket to pipe ``conn`` to once it has proven itself; None: refused (each subclass)."""
@@ -161,10 +156,8 @@ class _Relay:
     def _drop(self, sock: socket.socket) -> None:
         with self._lock:
             self._open.discard(sock)
-        try:
+        with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         sock.close()
 
     def close(self) -> None:
@@ -172,10 +165,8 @@ class _Relay:
         with self._lock:
             self._closed = True
             socks, self._open = list(self._open), set()
-        try:
+        with contextlib.suppress(OSError):
             self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept (close alone does not)
-        except OSError:
-            pass
         self.listener.close()
         for sock in socks:
             self._drop(sock)

@@ -11,6 +11,7 @@ the daemon as a ``ProtocolError``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any
@@ -236,10 +237,8 @@ class Server:
 
     def send(self, peer: bytes, req_id: bytes, msg: Message) -> None:
         """Reply to ``peer``'s request; never blocks (a reply it cannot queue is dropped)."""
-        try:
+        with contextlib.suppress(zmq.Again):
             self._writer.send(self._sock, [peer, req_id], msg, zmq.NOBLOCK)
-        except zmq.Again:
-            pass
 
     def close(self) -> None:
         self._sock.close(linger=0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import ast
+import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -229,11 +230,9 @@ def chat_template_of(tokenizer: Any, cfg: TaskConfig) -> str | None:
 
 @lru_cache(maxsize=16)
 def _template_text(value: str) -> str:
-    try:
+    with contextlib.suppress(OSError):  # a one-line template longer than a file name can be
         if "\n" not in value and Path(value).expanduser().is_file():
             return Path(value).expanduser().read_text()
-    except OSError:  # a one-line template longer than a file name can be
-        pass
     if "{{" in value or "{%" in value:
         return value
     raise ConfigError(f"task.chat_template={value!r} is not 'auto', 'none', an existing file or a Jinja template "
