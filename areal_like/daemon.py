@@ -58,8 +58,7 @@ def setup_logging(name: str, level: str | None = None) -> logging.Logger:
 
 
 def exit_process(code: int) -> None:
-    """End a daemon process whose ``main`` returned: flush, and skip the interpreter's teardown
-    (its last collection over torch's and transformers' objects takes seconds)."""
+    """Flush and exit without the interpreter's teardown (seconds over torch's objects)."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -39,8 +39,7 @@ def proof(secret: str, who: bytes, *nonces: bytes) -> bytes:
 
 
 def listen_on(host: str, port: int) -> socket.socket:
-    """A TCP socket listening on ``host:port`` only (reusing a port an earlier group left in
-    TIME_WAIT)."""
+    """A TCP socket listening on ``host:port`` only (SO_REUSEADDR: past an earlier TIME_WAIT)."""
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     sock = socket.socket(family, kind, proto)
     try:
@@ -54,8 +53,7 @@ def listen_on(host: str, port: int) -> socket.socket:
 
 
 def recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
-    """``n`` bytes from ``sock`` by ``deadline`` (time.monotonic()), however slowly they come;
-    ConnectionError if it closed first, TimeoutError past the deadline."""
+    """``n`` bytes from ``sock`` by ``deadline`` (time.monotonic()), however slowly they come."""
     out = bytearray()
     while len(out) < n:
         if (left := deadline - time.monotonic()) <= 0:

@@ -42,8 +42,7 @@ class TransportTimeout(TransportError, TimeoutError):
 
 
 def bind_address(address: str) -> str:
-    """Map a connect address to what a server binds: ``tcp://host:port`` binds ``tcp://*:port``
-    unless AREAL_LIKE_BIND_HOST pins an interface."""
+    """What a server binds for a connect address (``tcp://*:port`` or AREAL_LIKE_BIND_HOST's)."""
     if address.startswith("tcp://"):
         host_port = address[len("tcp://"):]
         _, port = host_port.rsplit(":", 1)
@@ -92,8 +91,7 @@ _CONTEXTS: dict[int, zmq.Context] = {}
 
 
 def context(io_threads: int = 1) -> zmq.Context:
-    """The process's ZeroMQ context with ``io_threads`` I/O threads, made once per count (ZAP
-    handlers are per context)."""
+    """The process's ZeroMQ context with ``io_threads`` I/O threads, made once per count."""
     if io_threads < 1:
         raise ValueError(f"io_threads must be >= 1, got {io_threads}")
     if io_threads == 1:

@@ -260,8 +260,7 @@ LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 
 @dataclass(kw_only=True)
 class LoraConfig:
-    """Low-rank adapters on a frozen base (areal_like/weights/lora.py): only they train and are
-    synced."""
+    """Low-rank adapters on a frozen base (areal_like/weights/lora.py)."""
 
     rank: int = 0  # 0 = off (every weight trains); r of the A [r, in] and B [out, r] matrices
     alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
@@ -364,8 +363,7 @@ class WarmStartConfig:
 
 @dataclass(kw_only=True)
 class SecurityConfig:
-    """Who may join the job's ZeroMQ traffic (areal_like/net/security.py,
-    areal_like/SECURITY.md)."""
+    """Who may join the job's ZeroMQ traffic (areal_like/SECURITY.md)."""
 
     curve: bool = True  # CURVE-encrypt and authenticate every ZeroMQ socket; false only on a trusted network
     keys_dir: str = "keys"  # the job's keys (`areal-like keys RUN_DIR`); relative to run_dir unless absolute

@@ -131,8 +131,7 @@ def hf_config(cfg: ModelConfig):
 
 
 def build_meta_model(cfg: ModelConfig, dtype: str = "float32"):
-    """The architecture of ``cfg`` on the meta device (weights written later, shard by shard:
-    ``trainer/sharded_init.py``)."""
+    """The architecture of ``cfg`` on the meta device (weights: ``trainer/sharded_init.py``)."""
     import torch
     from transformers import AutoModelForCausalLM
 
