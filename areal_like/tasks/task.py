@@ -32,7 +32,6 @@ log = logging.getLogger("areal_like.tasks.task")
 _logged: set[str] = set()  # log lines already written by this process
 
 
-# ---------------------------------------------------------------- rewards (module level: importable by path)
 def exact_match(response: str, example: Example) -> float:
     """1.0 when the stripped response is the answer, else 0.0."""
     return 1.0 if response.strip() == example.answer else 0.0
@@ -78,7 +77,6 @@ def load_function(path: str) -> Callable:
     return import_function(path)
 
 
-# ---------------------------------------------------------------- tasks
 class Task(abc.ABC):
     name = "task"
     # a module-level fn(response, example) -> float
@@ -216,7 +214,6 @@ def make_task(cfg: TaskConfig, tokenizer: Any = None, split: str = "train") -> T
     return DatasetTask(cfg, tokenizer, split)
 
 
-# ---------------------------------------------------------------- prompt encoding
 def chat_template_of(tokenizer: Any, cfg: TaskConfig) -> str | None:
     """The task's Jinja chat template (also set on an exported tokenizer): ``none`` -> None,
     ``auto`` -> the tokenizer's own (or None), else the file it names or the value itself."""

@@ -232,7 +232,6 @@ class Stats(_TopLevel, tag="stats"):
     values: dict[str, Any]  # flat str -> number
 
 
-# --------------------------------------------------------------------------- codec
 
 _ALL = (Trajectory, Register, RegisterAck, Heartbeat, HeartbeatAck, CreditRequest, Credit, Credits, TrajectoryGroup,
         Ack, BatchRequest, Batch, VersionUpdate, RosterRequest, RosterEntry, Roster, SyncMember, BucketSpec,
