@@ -1,12 +1,9 @@
-"""ZeroMQ request/reply (DEALER -> ROUTER) to the buffer; the patterns: areal_like/DESIGN.md
-section 3, the security of each socket: areal_like/SECURITY.md.
+"""ZeroMQ request/reply (DEALER -> ROUTER) to the buffer. Timeouts, ``req_id`` echoes, receive
+bounds: areal_like/DESIGN.md section 3 ("Transport"); sockets' security: areal_like/SECURITY.md.
 
-Invariants: every blocking call has a timeout (ZMQ never reports a dead peer); a reply echoes its
-request's ``req_id``, so a late reply is dropped; nothing here retries (every message of the
-protocol is idempotent, the caller re-sends); every socket is made by ``new_socket`` with the keys
-it was given (no process state) and a receive bound (``MAXMSGSIZE``), so no peer makes a daemon
-allocate an unbounded frame; ``Server`` never blocks on a send and hands an undecodable frame to
-the daemon as a ``ProtocolError``.
+Invariants: nothing here retries (every message is idempotent, the caller re-sends); every socket
+is made by ``new_socket`` with the keys it was given (no process state); ``Server`` never blocks
+on a send and hands an undecodable frame to the daemon as a ``ProtocolError``.
 """
 
 from __future__ import annotations

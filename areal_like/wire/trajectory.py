@@ -79,14 +79,10 @@ def runs_array(wire: tuple) -> np.ndarray:
 
 
 class Trajectory(Message, tag="trajectory"):
-    """One sampled response; entry t of each per-token array belongs to output token t.
-
-    ``versions[t]``: the policy version that produced token t; ``loss_mask[t]``: 1 generated
-    (trained on), 0 context (an environment's or tool's message, template markup), whose
-    ``behav_logp`` is 0 and whose version is the generated token's before it, so ``head_version``
-    is always a generated token's. ``msgspec.structs.replace`` checks no field: a reward put in
-    that way must be a finite ``float``.
-    """
+    """One sampled response; entry t of each per-token array belongs to output token t. A context
+    token's (``loss_mask`` 0) ``behav_logp`` is 0 and its version the generated token's before it,
+    so ``head_version`` is always a generated token's. ``msgspec.structs.replace`` checks no field:
+    a reward put in that way must be a finite ``float``."""
 
     prompt_ids_wire: I32 = msgspec.field(name="prompt_ids")  # [P] prompt token ids
     output_ids_wire: I32 = msgspec.field(name="output_ids")  # [T] generated token ids
