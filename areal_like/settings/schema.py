@@ -120,8 +120,9 @@ class TaskConfig:
                self.max_episode_tokens)
         _check("task.agent", not (self.agent and self.env), "empty when task.env is set",
                self.agent)
-        _check("task.chat_template", not (self.agent and self.chat_template == "none"),
-               "a chat template (not none) when task.agent is set", self.chat_template)
+        chat = bool(self.agent or self.env)  # an episode talks in chat
+        _check("task.chat_template", not (chat and self.chat_template == "none"),
+               "a chat template (not none) when task.env or task.agent is set", self.chat_template)
         _choice("task.agent_tool_format", self.agent_tool_format, ("hermes", "mistral"))
         _check("task.reward_url", not self.reward_url or self.reward_url.startswith(("http://", "https://")),
                "empty or an http(s) URL", self.reward_url)
