@@ -58,8 +58,7 @@ def setup_logging(name: str, level: str | None = None) -> logging.Logger:
 
 
 def exit_process(code: int) -> None:
-    """End a daemon process whose ``main`` returned: flush, and skip the interpreter's teardown
-    (its last collection over torch's and transformers' objects takes seconds)."""
+    """Flush and exit without the interpreter's teardown (seconds over torch's objects)."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -86,7 +85,6 @@ class Daemon:
         self.stop_requested = threading.Event()
         self.failure: BaseException | None = None
 
-    # ---- to override
     def start(self) -> None:
         """Open sockets, load state. Called once before run()."""
 
@@ -109,7 +107,6 @@ class Daemon:
         """Extra Prometheus exposition text appended to ``/metrics`` (e.g. SGLang-named series)."""
         return ""
 
-    # ---- supervision
     def raise_if_component_stopped(self) -> None:
         """Raise the failure a part of the daemon recorded in ``failure`` (the daemon exits 1)."""
         if self.failure is not None:
@@ -120,7 +117,6 @@ class Daemon:
             self.log.info("stop requested")
         self.stop_requested.set()
 
-    # ---- lifecycle
     def start_metrics(self) -> None:
         if self.metrics_server is None and self.metrics_port is not None and self.metrics_port >= 0:
             token = metrics_token()

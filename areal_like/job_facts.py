@@ -17,8 +17,7 @@ from areal_like.tasks.tokenizer import load_tokenizer
 
 
 def model_json(model: ModelConfig, key: str) -> object:
-    """``key`` of ``model.path``'s config.json, or of its ``text_config`` (a multimodal model's
-    language half); None when neither has it."""
+    """``key`` of ``model.path``'s config.json, or of its ``text_config`` (a multimodal model's)."""
     path = Path(model.path) / "config.json"
     try:
         cfg = json.loads(path.read_text())

@@ -69,8 +69,7 @@ def ensure_key_file(run_dir: str | Path) -> str:
 
 
 def redact(value: Any) -> Any:
-    """A copy of ``value`` with every credential-named key's value (``SECRET_FIELD``) and every
-    URL's password replaced by ``<redacted>``, recursively."""
+    """A copy of ``value`` with credential-named keys' values and URL passwords ``<redacted>``."""
     if isinstance(value, Mapping):
         return {k: REDACTED if isinstance(k, str) and SECRET_FIELD.search(k) and v not in (None, "")
                 else redact(v) for k, v in value.items()}

@@ -1,5 +1,4 @@
-"""The client side of request/reply (``Client``, ``AsyncClient``): see areal_like/net/transport.py's
-docstring for the patterns."""
+"""The client side of request/reply, sync and asyncio (areal_like/DESIGN.md section 3)."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ call bounds the lazy communicator's creation).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -227,7 +228,5 @@ def destroy_weight_group(pg) -> None:
 def _destroy(pg) -> None:
     import torch.distributed as dist
 
-    try:
+    with contextlib.suppress(Exception):  # a group broken by a dead peer may refuse a clean teardown
         dist.destroy_process_group(pg)
-    except Exception:  # a group broken by a dead peer may refuse a clean teardown
-        pass

@@ -1,18 +1,12 @@
 """A hardened aiohttp server: every HTTP port a daemon opens (an embedded engine's API, each
 daemon's ``/metrics`` and ``/health``) is ``serve``d from a ``guarded_app``, so a client that can
-reach it cannot hold the server's memory, connections or event loop (areal_like/SECURITY.md,
-"Ports"; what each limit answers: ``HttpLimits``).
+reach it cannot hold the server's memory, connections or event loop. What each limit answers
+(503 at the connection cap after evicting an idle unvouched connection, 429, 408, 431, 413, 401):
+areal_like/SECURITY.md, "Ports", and ``HttpLimits``; a body is never inflated.
 
-Invariants: at most ``max_connections`` open connections: at the cap the oldest kept-alive
-connection that is idle, has nothing unread and never showed the token is evicted, else the new
-one is refused with 503 (a ``GET /health`` still answered from the daemon's state when the app
-has a ``health``); at most ``max_inflight`` requests to ``capped_paths`` (429); a request's head
-within ``header_timeout_s`` and its body within ``body_timeout_s`` (408, or the connection cut);
-a head over the size limits -> 431, a body over ``max_body_bytes`` -> 413, never inflated; with
-``token``, a path outside ``open_paths`` without ``Bearer <token>`` -> 401 and the connection
-closed (constant-time comparison, never logged). The head deadline reads aiohttp's
-``RequestHandler`` state (``_request_count``, ``_request_in_progress``, ``_messages``): no public
-hook exists (pinned by tests/unit/test_engine_http_guard.py).
+The head deadline reads aiohttp's ``RequestHandler`` state (``_request_count``,
+``_request_in_progress``, ``_messages``): no public hook exists (pinned by
+tests/unit/test_engine_http_guard.py).
 """
 
 from __future__ import annotations

@@ -151,8 +151,7 @@ class MetricsServer:
 
 
 def scrape(url: str, timeout_s: float = 2.0, token: str | None = None) -> dict[str, float]:
-    """Fetch a ``/metrics`` URL and return ``{series: value}`` (labels kept in the key); sends
-    ``token`` (default: the job's ``AREAL_LIKE_METRICS_TOKEN``) as a bearer token."""
+    """``{series: value}`` of a ``/metrics`` URL, read with ``token`` (default: the job's)."""
     import urllib.request
 
     token = token or metrics_token()

@@ -1,8 +1,10 @@
-"""Announcements: PUB (buffer) -> SUB (rollout servers). Lossy by design ("Publish/subscribe" in
-areal_like/net/transport.py's docstring); small frames, on CURVE over tcp:// like request/reply."""
+"""Announcements: PUB (buffer) -> SUB (rollout servers). Lossy by design, a hint every
+``HeartbeatAck`` repeats (areal_like/DESIGN.md section 3, "Transport"); small frames, on CURVE over
+tcp:// like request/reply."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import zmq
@@ -14,7 +16,7 @@ from areal_like.wire.protocol import Message, ProtocolError
 
 
 class Publisher:
-    """PUB side of announcements (lossy by design; see module docstring)."""
+    """PUB side of announcements."""
 
     def __init__(self, address: str, *, keys: security.Keys | None = None,
                  local_address: str | None = None):
@@ -24,10 +26,8 @@ class Publisher:
         self._writer = FrameWriter()
 
     def publish(self, msg: Message) -> None:
-        try:
+        with contextlib.suppress(zmq.Again):
             self._writer.send(self._sock, [], msg, zmq.NOBLOCK)
-        except zmq.Again:
-            pass
 
     def close(self) -> None:
         self._sock.close(linger=0)

@@ -62,8 +62,7 @@ _lock = threading.Lock()
 
 
 def make_keys(keys_dir: str | Path, clients: tuple[str, ...] = CLIENT_NAMES) -> list[Path]:
-    """Write the missing keypairs (server, one per client) into ``keys_dir`` (0700, files 0600);
-    existing keys are kept. Returns the files written."""
+    """Write the missing keypairs (server, one per client) into ``keys_dir`` (0700, files 0600)."""
     keys_dir = Path(keys_dir)
     written = []
     for name, where in [(SERVER, keys_dir), *((c, keys_dir / "clients") for c in clients)]:
@@ -144,8 +143,7 @@ def refused(reason: str) -> None:
 
 
 def apply(sock: zmq.Socket, keys: Keys | None) -> None:
-    """Make ``sock`` a CURVE server or client (by its kind) with ``keys`` (None: plain), before
-    it binds or connects."""
+    """Make ``sock`` a CURVE server or client (by its kind) before it binds or connects."""
     server = sock.type in _SERVER_KINDS
     if keys is None or not (server or sock.type in _CLIENT_KINDS):
         return
@@ -185,8 +183,7 @@ def client_roles(allow_dir: Path) -> dict[bytes, str]:
 
 
 class _Authenticator(ThreadAuthenticator):
-    """pyzmq's ZAP handler plus the rule of same-node endpoints; a CURVE client's User-Id is its
-    key's name."""
+    """pyzmq's ZAP handler plus the rule of same-node endpoints (``handle_zap_message``)."""
 
     roles: dict[bytes, str] = {}
     allow_dir: Path | None = None
@@ -214,8 +211,7 @@ def peer_uid(zap_address: bytes) -> int | None:
 
 
 def private_dir(path: str | Path, create: bool = True) -> Path:
-    """``path`` checked to be a directory only this user can enter (made 0700 when missing and
-    ``create``); SecurityError naming what is wrong."""
+    """``path`` checked to be a directory only this user can enter (made 0700 when missing)."""
     path = Path(path)
     if create and not path.exists():
         path.mkdir(mode=0o700, parents=True, exist_ok=True)

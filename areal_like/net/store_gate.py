@@ -1,21 +1,15 @@
 """Who reaches a weight group's rendezvous store: a ``StoreGate`` in front of it, a ``StoreDoor``
-beside each member (the threat: areal_like/SECURITY.md, "Ports").
+beside each member (the threat and the handshake: areal_like/SECURITY.md, "Ports").
 
 torch's TCPStore serves and lists its keys (the group's secret name among them) to anyone, so rank
 0 hosts it on loopback and the gate pipes a connection to it only once it proved it knows the
 group's name. A member's torch client connects to a door on its own loopback (established
 connections of its own user only, read from ``/proc/net/tcp``) that proves it for it.
-
-Wire: door -> gate ``MAGIC`` and a nonce; gate -> door a challenge and its proof (HMAC of b"gate"
-and both nonces, keyed by the name); door -> gate its proof (b"door"), sent only once the gate's
-checked out; then the store's own protocol. A door whose client starts with ``MAGIC`` (an
-engine's door behind its rollout server's) only carries the bytes. Anything else (a torch
-client, garbage, a wrong proof, silence past ``HANDSHAKE_S``) is closed without a byte of the
-store; at most ``MAX_UNPROVEN`` connections prove themselves at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -45,8 +39,7 @@ def proof(secret: str, who: bytes, *nonces: bytes) -> bytes:
 
 
 def listen_on(host: str, port: int) -> socket.socket:
-    """A TCP socket listening on ``host:port`` only (reusing a port an earlier group left in
-    TIME_WAIT)."""
+    """A TCP socket listening on ``host:port`` only (SO_REUSEADDR: past an earlier TIME_WAIT)."""
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     sock = socket.socket(family, kind, proto)
     try:
@@ -60,8 +53,7 @@ def listen_on(host: str, port: int) -> socket.socket:
 
 
 def recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
-    """``n`` bytes from ``sock`` by ``deadline`` (time.monotonic()), however slowly they come;
-    ConnectionError if it closed first, TimeoutError past the deadline."""
+    """``n`` bytes from ``sock`` by ``deadline`` (time.monotonic()), however slowly they come."""
     out = bytearray()
     while len(out) < n:
         if (left := deadline - time.monotonic()) <= 0:
@@ -124,13 +116,11 @@ class _Relay:
         self._copy(conn, upstream, ended)
 
     def _copy(self, src: socket.socket, dst: socket.socket, ended: list[int], answers: bool = False) -> None:
-        try:
+        with contextlib.suppress(OSError):
             while chunk := src.recv(1 << 16):
                 if answers:  # counted before it is passed on
                     self.answered += len(chunk)
                 dst.sendall(chunk)
-        except OSError:
-            pass
         with self._lock:
             ended[0] += 1
             last = ended[0] == 2
@@ -138,20 +128,16 @@ class _Relay:
             self._drop(src)
             self._drop(dst)
         else:
-            try:
+            with contextlib.suppress(OSError):
                 dst.shutdown(socket.SHUT_WR)  # the other direction may still carry a reply
-            except OSError:
-                pass
 
     def _refuse(self, conn: socket.socket, why: str) -> None:
         """Close ``conn`` unanswered and count it; logged at most once a minute per gate or door kind."""
         self.refused += 1
         _refusals.warning(type(self).__name__, "%s refused a connection from %s (%s; %d refused so far)",
                           type(self).__name__, _peer(conn), why, self.refused)
-        try:
+        with contextlib.suppress(OSError):
             conn.close()
-        except OSError:
-            pass
 
     def _admit(self, conn: socket.socket, deadline: float) -> socket.socket | None:
         """The upstream socket to pipe ``conn`` to once it has proven itself; None: refused (each subclass)."""
@@ -168,10 +154,8 @@ class _Relay:
     def _drop(self, sock: socket.socket) -> None:
         with self._lock:
             self._open.discard(sock)
-        try:
+        with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         sock.close()
 
     def close(self) -> None:
@@ -179,10 +163,8 @@ class _Relay:
         with self._lock:
             self._closed = True
             socks, self._open = list(self._open), set()
-        try:
+        with contextlib.suppress(OSError):
             self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept (close alone does not)
-        except OSError:
-            pass
         self.listener.close()
         for sock in socks:
             self._drop(sock)
@@ -225,10 +207,7 @@ class StoreDoor(_Relay):
 
     def __init__(self, host: str, port: int, secret: str):
         self.target, self.secret = (host, port), secret
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(LISTEN_BACKLOG)
-        super().__init__(listener, f"store-door-{port}")
+        super().__init__(listen_on("127.0.0.1", 0), f"store-door-{port}")
 
     def _admit(self, conn: socket.socket, deadline: float) -> socket.socket | None:
         if (uid := peer_uid(conn)) != os.getuid():

@@ -1,16 +1,14 @@
-"""ZeroMQ request/reply (DEALER -> ROUTER) to the buffer; the patterns: areal_like/DESIGN.md
-section 3, the security of each socket: areal_like/SECURITY.md.
+"""ZeroMQ request/reply (DEALER -> ROUTER) to the buffer. Timeouts, ``req_id`` echoes, receive
+bounds: areal_like/DESIGN.md section 3 ("Transport"); sockets' security: areal_like/SECURITY.md.
 
-Invariants: every blocking call has a timeout (ZMQ never reports a dead peer); a reply echoes its
-request's ``req_id``, so a late reply is dropped; nothing here retries (every message of the
-protocol is idempotent, the caller re-sends); every socket is made by ``new_socket`` with the keys
-it was given (no process state) and a receive bound (``MAXMSGSIZE``), so no peer makes a daemon
-allocate an unbounded frame; ``Server`` never blocks on a send and hands an undecodable frame to
-the daemon as a ``ProtocolError``.
+Invariants: nothing here retries (every message is idempotent, the caller re-sends); every socket
+is made by ``new_socket`` with the keys it was given (no process state); ``Server`` never blocks
+on a send and hands an undecodable frame to the daemon as a ``ProtocolError``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any
@@ -41,8 +39,7 @@ class TransportTimeout(TransportError, TimeoutError):
 
 
 def bind_address(address: str) -> str:
-    """Map a connect address to what a server binds: ``tcp://host:port`` binds ``tcp://*:port``
-    unless AREAL_LIKE_BIND_HOST pins an interface."""
+    """What a server binds for a connect address (``tcp://*:port`` or AREAL_LIKE_BIND_HOST's)."""
     if address.startswith("tcp://"):
         host_port = address[len("tcp://"):]
         _, port = host_port.rsplit(":", 1)
@@ -91,8 +88,7 @@ _CONTEXTS: dict[int, zmq.Context] = {}
 
 
 def context(io_threads: int = 1) -> zmq.Context:
-    """The process's ZeroMQ context with ``io_threads`` I/O threads, made once per count (ZAP
-    handlers are per context)."""
+    """The process's ZeroMQ context with ``io_threads`` I/O threads, made once per count."""
     if io_threads < 1:
         raise ValueError(f"io_threads must be >= 1, got {io_threads}")
     if io_threads == 1:
@@ -236,10 +232,8 @@ class Server:
 
     def send(self, peer: bytes, req_id: bytes, msg: Message) -> None:
         """Reply to ``peer``'s request; never blocks (a reply it cannot queue is dropped)."""
-        try:
+        with contextlib.suppress(zmq.Again):
             self._writer.send(self._sock, [peer, req_id], msg, zmq.NOBLOCK)
-        except zmq.Again:
-            pass
 
     def close(self) -> None:
         self._sock.close(linger=0)

@@ -1,12 +1,9 @@
-"""Typed configuration: Hydra composes ``configs/`` (``version_base=None``: no chdir, no output
-folders) onto ``OmegaConf.structured(RunConfig)`` and converts it to the dataclasses of
-``schema.py``, running every ``__post_init__`` validator.
+"""Typed configuration: Hydra composes ``configs/`` onto the dataclasses of ``schema.py``.
 
-Invariants: code past an entry point only sees these checked dataclasses; every failure is a
-``ConfigError`` whose message starts with the key (a bad group option lists the options, a
-``???`` left unset names the key, an unknown ``+key`` lists the known keys); importing this module
-has no side effects and imports no torch, task, dataset or tokenizer code (the facts a config
-implies: ``areal_like/job_facts.py``).
+Invariants: every failure is a ``ConfigError`` whose message starts with the key (a bad group
+option lists the options, a ``???`` left unset names the key, an unknown ``+key`` lists the known
+keys); importing this module has no side effects and imports no torch, task, dataset or
+tokenizer code (the facts a config implies: ``areal_like/job_facts.py``).
 """
 from __future__ import annotations
 

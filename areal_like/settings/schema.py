@@ -120,8 +120,9 @@ class TaskConfig:
                self.max_episode_tokens)
         _check("task.agent", not (self.agent and self.env), "empty when task.env is set",
                self.agent)
-        _check("task.chat_template", not (self.agent and self.chat_template == "none"),
-               "a chat template (not none) when task.agent is set", self.chat_template)
+        chat = bool(self.agent or self.env)  # an episode talks in chat
+        _check("task.chat_template", not (chat and self.chat_template == "none"),
+               "a chat template (not none) when task.env or task.agent is set", self.chat_template)
         _choice("task.agent_tool_format", self.agent_tool_format, ("hermes", "mistral"))
         _check("task.reward_url", not self.reward_url or self.reward_url.startswith(("http://", "https://")),
                "empty or an http(s) URL", self.reward_url)
@@ -260,8 +261,7 @@ LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 
 @dataclass(kw_only=True)
 class LoraConfig:
-    """Low-rank adapters on a frozen base (areal_like/weights/lora.py): only they train and are
-    synced."""
+    """Low-rank adapters on a frozen base (areal_like/weights/lora.py)."""
 
     rank: int = 0  # 0 = off (every weight trains); r of the A [r, in] and B [out, r] matrices
     alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
@@ -342,13 +342,11 @@ class TrainerConfig:
                self.batch_wait_s)
         _check("trainer.betas", len(self.betas) == 2, "two numbers", self.betas)
         self.loss.check_agg()
-        if self.lora.enabled:  # the KL reference is the base itself, the adapter switched off
-            _check("trainer.ref_path", self.ref_path is None, "unset with trainer.lora.rank > 0 "
-                   "(the reference is the base model without the adapter)", self.ref_path)
-            path = self.weight_sync.path
-            _check("trainer.weight_sync.path", path in ("auto", *LORA_PATHS.values()),
-                   "auto, distributed (embedded engines) or disk (SGLang) with "
-                   "trainer.lora.rank > 0 (the paths that send the adapter alone)", path)
+        # the KL reference is the base itself, the adapter switched off; the weight path with
+        # LoRA is checked with the engine kind (RunConfig)
+        _check("trainer.ref_path", not self.lora.enabled or self.ref_path is None, "unset with "
+               "trainer.lora.rank > 0 (the reference is the base model without the adapter)",
+               self.ref_path)
 
 
 @dataclass(kw_only=True)
@@ -366,8 +364,7 @@ class WarmStartConfig:
 
 @dataclass(kw_only=True)
 class SecurityConfig:
-    """Who may join the job's ZeroMQ traffic (areal_like/net/security.py,
-    areal_like/SECURITY.md)."""
+    """Who may join the job's ZeroMQ traffic (areal_like/SECURITY.md)."""
 
     curve: bool = True  # CURVE-encrypt and authenticate every ZeroMQ socket; false only on a trusted network
     keys_dir: str = "keys"  # the job's keys (`areal-like keys RUN_DIR`); relative to run_dir unless absolute

@@ -22,8 +22,7 @@ def split_function_path(path: str) -> tuple[str, str]:
 
 
 def import_function(path: str) -> Callable:
-    """The callable at ``path`` (ValueError, ImportError, AttributeError, TypeError when it is
-    none; its module's import may raise anything)."""
+    """The callable at ``path`` (its module's import may raise anything)."""
     module, attr = split_function_path(path)
     fn = getattr(importlib.import_module(module), attr)
     if not callable(fn):

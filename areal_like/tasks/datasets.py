@@ -57,7 +57,6 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
     return [i for i in range(n) if i not in chosen], held_out
 
 
-# ---------------------------------------------------------------- reading files
 def load_examples(cfg: TaskConfig, key: str, value: str) -> list[Example]:
     """Every row of the dataset at ``value`` (the config key ``key`` names it) as an Example."""
     table = load_table(key, value)

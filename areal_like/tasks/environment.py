@@ -69,9 +69,7 @@ def load_environment(path: str) -> Any:
 
 
 def env_template(tokenizer: Any, task_cfg: Any) -> str:
-    """The chat template of a multi-turn task (an environment always talks in chat)."""
-    if task_cfg.chat_template == "none":
-        raise ValueError("task.env needs a chat template; task.chat_template=none gives none")
+    """The chat template of a multi-turn task (``none`` is refused by ``TaskConfig``)."""
     if not (template := chat_template_of(tokenizer, task_cfg)):
         raise ValueError("task.env needs a chat template: the tokenizer has none; set "
                          "task.chat_template")

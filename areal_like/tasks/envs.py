@@ -1,15 +1,5 @@
-"""Shipped multi-turn environments (``task.env``), small enough for the tiny CPU model.
-
-* ``Calculator`` (task ``calc``): multiply a 3-digit by a 2-digit number with a ``calc`` tool; a
-  turn without a tool call is the answer (reward 1 when it is the product).
-* ``GuessNumber`` (task ``guess``): find a number in 1..``GUESS_MAX`` from replies that name the
-  direction and the range still open (a 2-layer model cannot keep it in mind); found at turn k
-  scores ``1 - GUESS_TURN_COST * (k - 1)``, and each wrong guess earns ``GUESS_CUT_CREDIT`` times
-  the share of the range it rules out, so a game out of turns still tells a good search from a bad.
-
-Each one's ``demo(example, rng)`` is a solving conversation for the supervised warm start
-(``launch/warmstart.py``); the calculator's answer without the tool half the time and the
-guessing game's guess at random in the open range, so RL must learn the tool and the halving.
+"""Shipped multi-turn environments (``task.env``), small enough for the tiny CPU model: their
+games, scores and warm-start demos: areal_like/tasks/TASKS.md.
 """
 
 from __future__ import annotations

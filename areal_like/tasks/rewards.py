@@ -1,36 +1,6 @@
 """The math-answer reward: a response's final answer graded against the reference by math-verify.
 
-``math_reward(response, example) -> 1.0 | 0.0``. The reference (``example.answer``) is read as
-LaTeX math (it is wrapped in ``$...$``); the response's answer is its last ``\\boxed{}`` when it
-has one, else what math-verify's extraction finds (an "answer is ..." phrase, LaTeX, or the last
-number). The two are compared by math-verify's ``verify``: numerically, symbolically with sympy,
-as sets, intervals, tuples and equations. So ``\\boxed{2\\sqrt{2}}`` matches ``\\sqrt{8}``,
-``0.75`` matches ``\\frac{3}{4}``, ``5\\text{ cm}`` matches ``5``, and ``(2,1)`` does not match
-``(1,2)``. An approximation is not the answer: ``0.333`` does not match ``\\frac{1}{3}`` (floats
-are compared rounded to 6 places).
-
-Normalised before math-verify sees the text (both sides):
-
-* ``{,}`` (LaTeX's thousands separator) becomes ``,``: math-verify reads ``1{,}000`` in plain
-  text as ``1``.
-* Percent signs (``\\%``, ``%``) are dropped: math-verify 0.9 fails to parse ``\\boxed{25\\%}``
-  at all, and it already reads a reference ``25\\%`` as 25. So ``25\\%`` and ``25`` grade alike,
-  and ``0.25`` does not match a reference ``25\\%`` (the question asked for a percentage).
-* Multiple choice: a reference that is a choice letter A-E (``B``, ``(B)``, ``\\text{(B)}``,
-  ``\\textbf{(B)}``) is graded by the response's choice letter, from its ``\\boxed{}``, an
-  "answer is ..." phrase or a standalone letter (math-verify's letter extraction); ``(B)`` in the
-  response is read as ``B``, which that extraction otherwise misses.
-
-Known limits (each is a row of ``tests/unit/test_math_reward.py``):
-
-* A reference with a plain-word unit math-verify does not know (``12 dollars``) parses as a
-  product of symbols and nothing matches it; write ``12`` or ``12\\text{ dollars}``.
-* Multiple choice: a response that starts with the article "A" and gives its choice later
-  without a box or "answer" (``A quick check gives (C).``) is read as choice A.
-
-Timeouts: math-verify's own (``signal.alarm``) work only in a main thread; a reward worker's
-process (``rollout_server/reward_pool.py``) is also killed at ``task.reward_timeout_s``. Not a
-reward for ``task.reward_workers=0``: nothing would stop a slow sample there.
+What is normalised, what matches and the known limits: areal_like/tasks/TASKS.md.
 """
 
 from __future__ import annotations
@@ -82,8 +52,7 @@ def _choice(response: str) -> str | None:
 
 
 def math_reward(response: str, example) -> float:
-    """1.0 when the response's final answer equals ``example.answer`` (module docstring), else 0.0.
-    Two plain integers of at most 15 digits are compared without the parser, as math-verify would."""
+    """1.0 when the response's final answer equals ``example.answer``, else 0.0."""
     if (plain := _PLAIN_INTEGER.fullmatch(response.strip())) and (
             ref := _PLAIN_INTEGER.fullmatch(example.answer.strip())):
         return 1.0 if int(plain.group()) == int(ref.group()) else 0.0

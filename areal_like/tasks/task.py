@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import ast
+import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -31,7 +32,6 @@ log = logging.getLogger("areal_like.tasks.task")
 _logged: set[str] = set()  # log lines already written by this process
 
 
-# ---------------------------------------------------------------- rewards (module level: importable by path)
 def exact_match(response: str, example: Example) -> float:
     """1.0 when the stripped response is the answer, else 0.0."""
     return 1.0 if response.strip() == example.answer else 0.0
@@ -77,7 +77,6 @@ def load_function(path: str) -> Callable:
     return import_function(path)
 
 
-# ---------------------------------------------------------------- tasks
 class Task(abc.ABC):
     name = "task"
     # a module-level fn(response, example) -> float
@@ -107,76 +106,59 @@ class Task(abc.ABC):
         return load_function(self.reward_path)(response, example)
 
 
-class Addition(Task):
+def _addition(rng: random.Random, digits: int) -> Example:
     """``a+b=`` with operands of up to ``digits`` digits."""
-
-    name = "addition"
-
-    def example(self, index: int, epoch: int = 0) -> Example:
-        rng = self._rng(index)
-        hi = 10 ** self.cfg.digits
-        a, b = rng.randrange(hi), rng.randrange(hi)
-        return Example(f"{a}+{b}=", str(a + b))
+    a, b = rng.randrange(10**digits), rng.randrange(10**digits)
+    return Example(f"{a}+{b}=", str(a + b))
 
 
-class Sort(Task):
-    """Sort a string of ``digits + 2`` digits ascending."""
-
-    name = "sort"
-
-    def example(self, index: int, epoch: int = 0) -> Example:
-        rng = self._rng(index)
-        s = "".join(rng.choice("0123456789") for _ in range(self.cfg.digits + 2))
-        return Example(f"sort:{s}=", "".join(sorted(s)))
+def _sort(rng: random.Random, digits: int) -> Example:
+    s = "".join(rng.choice("0123456789") for _ in range(digits + 2))
+    return Example(f"sort:{s}=", "".join(sorted(s)))
 
 
-class Reverse(Task):
-    """Reverse a string of ``digits + 2`` lowercase letters."""
-
-    name = "reverse"
-
-    def example(self, index: int, epoch: int = 0) -> Example:
-        rng = self._rng(index)
-        s = "".join(rng.choice("abcdefghij") for _ in range(self.cfg.digits + 2))
-        return Example(f"rev:{s}=", s[::-1])
+def _reverse(rng: random.Random, digits: int) -> Example:
+    s = "".join(rng.choice("abcdefghij") for _ in range(digits + 2))
+    return Example(f"rev:{s}=", s[::-1])
 
 
-class Countdown(Task):
+def _countdown(rng: random.Random, digits: int) -> Example:
     """Reach a target with + - * over the given numbers, each at most once (``countdown_reward``)."""
-
-    name = "countdown"
-    reward_path = "areal_like.tasks.task:countdown_reward"
-
-    def example(self, index: int, epoch: int = 0) -> Example:
-        rng = self._rng(index)
-        nums = [rng.randrange(1, 10) for _ in range(max(2, self.cfg.digits + 1))]
-        a, b = nums[0], nums[1]
-        op = rng.choice("+-*")
-        target = {"+": a + b, "-": a - b, "*": a * b}[op]
-        return Example(f"cd {' '.join(map(str, nums))} to {target}:", f"{a}{op}{b}")
+    nums = [rng.randrange(1, 10) for _ in range(max(2, digits + 1))]
+    a, b = nums[0], nums[1]
+    op = rng.choice("+-*")
+    target = {"+": a + b, "-": a - b, "*": a * b}[op]
+    return Example(f"cd {' '.join(map(str, nums))} to {target}:", f"{a}{op}{b}")
 
 
-class Multiply(Task):
+def _multiply(rng: random.Random, digits: int) -> Example:
     """``347*29``: the ``calc`` environment's questions (areal_like/tasks/envs.py)."""
-
-    name = "calc"
-
-    def example(self, index: int, epoch: int = 0) -> Example:
-        rng = self._rng(index)
-        a, b = rng.randrange(100, 1000), rng.randrange(10, 100)
-        return Example(f"{a}*{b}", str(a * b))
+    a, b = rng.randrange(100, 1000), rng.randrange(10, 100)
+    return Example(f"{a}*{b}", str(a * b))
 
 
-class Guess(Task):
+def _guess(rng: random.Random, digits: int) -> Example:
     """A hidden number in 1..32 (the ``guess`` environment's games)."""
+    return Example("guess1-32", str(rng.randint(1, 32)))
 
-    name = "guess"
+
+# task.name -> its example at a seeded stream and task.digits
+SYNTHETIC: dict[str, Callable[[random.Random, int], Example]] = {
+    "addition": _addition, "sort": _sort, "reverse": _reverse, "countdown": _countdown,
+    "calc": _multiply, "guess": _guess}
+
+
+class SyntheticTask(Task):
+    """One of ``SYNTHETIC``, generated from ``(task.seed, index)``."""
+
+    def __init__(self, cfg: TaskConfig, split: str = "train"):
+        super().__init__(cfg, split)
+        self.name = cfg.name
+        if cfg.name == "countdown":
+            self.reward_path = "areal_like.tasks.task:countdown_reward"
 
     def example(self, index: int, epoch: int = 0) -> Example:
-        return Example("guess1-32", str(self._rng(index).randint(1, 32)))
-
-
-SYNTHETIC: dict[str, type[Task]] = {t.name: t for t in (Addition, Sort, Reverse, Countdown, Multiply, Guess)}
+        return SYNTHETIC[self.name](self._rng(index), self.cfg.digits)
 
 
 class DatasetTask(Task):
@@ -228,11 +210,10 @@ def has_eval_split(cfg: TaskConfig) -> bool:
 def make_task(cfg: TaskConfig, tokenizer: Any = None, split: str = "train") -> Task:
     """The task's ``split``; ``tokenizer`` only filters a dataset by ``task.max_prompt_tokens``."""
     if cfg.name in SYNTHETIC:
-        return SYNTHETIC[cfg.name](cfg, split)
+        return SyntheticTask(cfg, split)
     return DatasetTask(cfg, tokenizer, split)
 
 
-# ---------------------------------------------------------------- prompt encoding
 def chat_template_of(tokenizer: Any, cfg: TaskConfig) -> str | None:
     """The task's Jinja chat template (also set on an exported tokenizer): ``none`` -> None,
     ``auto`` -> the tokenizer's own (or None), else the file it names or the value itself."""
@@ -246,11 +227,9 @@ def chat_template_of(tokenizer: Any, cfg: TaskConfig) -> str | None:
 
 @lru_cache(maxsize=16)
 def _template_text(value: str) -> str:
-    try:
+    with contextlib.suppress(OSError):  # a one-line template longer than a file name can be
         if "\n" not in value and Path(value).expanduser().is_file():
             return Path(value).expanduser().read_text()
-    except OSError:  # a one-line template longer than a file name can be
-        pass
     if "{{" in value or "{%" in value:
         return value
     raise ConfigError(f"task.chat_template={value!r} is not 'auto', 'none', an existing file or a Jinja template "

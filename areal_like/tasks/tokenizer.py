@@ -1,15 +1,6 @@
-"""Tokenizers: built in code for models built from config (``char``, ``bpe``), or a local HF one.
-
-* ``char``: 104 tokens, ``<pad> <bos> <eos> <unk>`` then ``string.printable``, one per character
-  (exact decoding), stored in their byte-level spelling so that a reload as transformers'
-  ``Qwen2Tokenizer`` keeps spaces and newlines; ``<bos>`` is added; a ``role: content`` chat
-  template.
-* ``bpe``: byte-level BPE trained deterministically at load on ``data/corpus.txt`` with
-  ``model.vocab_size`` entries (>= 256 bytes + 3 specials), single-digit tokens (Qwen2's
-  pattern), ``<|im_end|>`` as EOS, no BOS, a ChatML template.
-
-Both are real ``PreTrainedTokenizerFast``s, cached per process; importing this module imports
-neither torch nor transformers.
+"""Tokenizers: built in code for models built from config (``char``, ``bpe``:
+areal_like/tasks/TASKS.md), or a local HF one. Importing this module imports neither torch nor
+transformers.
 """
 
 from __future__ import annotations

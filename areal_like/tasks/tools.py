@@ -106,8 +106,7 @@ class ToolRegistry:
 
 
 def result_text(value: Any) -> str:
-    """A tool's return value as the text the model reads (JSON unless it is a string), cut to
-    ``MAX_RESULT_CHARS``."""
+    """A tool's return value as the text the model reads (JSON unless it is a string)."""
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     return text if len(text) <= MAX_RESULT_CHARS else text[:MAX_RESULT_CHARS] + "...(cut)"
 

@@ -131,8 +131,7 @@ def hf_config(cfg: ModelConfig):
 
 
 def build_meta_model(cfg: ModelConfig, dtype: str = "float32"):
-    """The architecture of ``cfg`` on the meta device (weights written later, shard by shard:
-    ``trainer/sharded_init.py``)."""
+    """The architecture of ``cfg`` on the meta device (weights: ``trainer/sharded_init.py``)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -153,11 +152,10 @@ def build_model(cfg: ModelConfig, device: str = "cpu", dtype: str | None = None)
         path = _local_model_dir(cfg)
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt, attn_implementation=cfg.attn_implementation)
     else:
-        rng_state = torch.random.get_rng_state()
-        torch.manual_seed(cfg.init_seed)
-        model = AutoModelForCausalLM.from_config(qwen2_config(cfg), dtype=dt,
-                                                 attn_implementation=cfg.attn_implementation)
-        torch.random.set_rng_state(rng_state)
+        with torch.random.fork_rng(devices=[]):  # the caller's CPU generator is left as it was
+            torch.manual_seed(cfg.init_seed)
+            model = AutoModelForCausalLM.from_config(qwen2_config(cfg), dtype=dt,
+                                                     attn_implementation=cfg.attn_implementation)
     return model.to(device).eval()
 
 

@@ -77,8 +77,7 @@ def has_adapters(model) -> bool:
 
 
 def synced_parameters(model) -> list:
-    """What a weight push sends, as (name, parameter): every parameter; with adapters only their A
-    and B (the engines hold the same frozen base)."""
+    """What a weight push sends, as (name, parameter): with adapters only their A and B."""
     named = list(model.named_parameters())
     adapters = [(n, p) for n, p in named if is_adapter(n)]
     return adapters or named

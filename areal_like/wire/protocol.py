@@ -1,12 +1,7 @@
-"""Wire protocol: small, typed, immutable msgspec messages in msgpack frames (the format, the checks
-and who sends what: areal_like/DESIGN.md section 3).
+"""Wire protocol: small, typed, immutable msgspec messages in msgpack frames (the format, the checks,
+the versions and who sends what: areal_like/DESIGN.md section 3).
 
-Invariants: a frame is ``{"type": str, **fields, "protocol": int}``; ``decode`` raises only
-``ProtocolError`` (naming the field) for any input bytes, after msgspec's field checks and each
-message's ``validate()``. One protocol version at a time: a frame (or WAL) of another version is
-refused naming both; a field added with a default keeps the version (older readers then refuse
-frames that carry it: upgrade the buffer first). Version 3 sends per-token versions and loss
-masks as runs.
+Invariant: ``decode`` raises only ``ProtocolError`` (naming the field) for any input bytes.
 """
 
 from __future__ import annotations
@@ -237,7 +232,6 @@ class Stats(_TopLevel, tag="stats"):
     values: dict[str, Any]  # flat str -> number
 
 
-# --------------------------------------------------------------------------- codec
 
 _ALL = (Trajectory, Register, RegisterAck, Heartbeat, HeartbeatAck, CreditRequest, Credit, Credits, TrajectoryGroup,
         Ack, BatchRequest, Batch, VersionUpdate, RosterRequest, RosterEntry, Roster, SyncMember, BucketSpec,

@@ -1,14 +1,9 @@
-"""One sampled response, ``Trajectory``: token arrays that travel as raw bytes (the format:
-areal_like/DESIGN.md section 3).
-
-Ids and logprobs travel as ``[dtype, length, bytes]``; per-token versions and the loss mask as
-runs ``["runs<i4", length, (value, end) int32 pairs]``, ``end`` strictly increasing to ``length``.
-The triples are stored as they are, so msgspec (de)codes them in C; the array attributes are
-read-only views made on access, the runs expanded.
+"""One sampled response, ``Trajectory``: token arrays that travel as raw bytes, the per-token
+versions and loss mask as runs (the format: areal_like/DESIGN.md section 3), stored as they are
+so that msgspec (de)codes them in C; the array attributes are read-only views made on access.
 
 Invariant: every ``Trajectory`` decoded has the wire dtypes and a finite reward (msgspec), and
-every one decoded or built has aligned arrays and well-formed runs (``validate``). ``of``
-converts the arrays and the reward and refuses what it cannot convert.
+every one decoded or built has aligned arrays and well-formed runs (``validate``).
 """
 
 from __future__ import annotations
@@ -84,14 +79,10 @@ def runs_array(wire: tuple) -> np.ndarray:
 
 
 class Trajectory(Message, tag="trajectory"):
-    """One sampled response; entry t of each per-token array belongs to output token t.
-
-    ``versions[t]``: the policy version that produced token t; ``loss_mask[t]``: 1 generated
-    (trained on), 0 context (an environment's or tool's message, template markup), whose
-    ``behav_logp`` is 0 and whose version is the generated token's before it, so ``head_version``
-    is always a generated token's. ``msgspec.structs.replace`` checks no field: a reward put in
-    that way must be a finite ``float``.
-    """
+    """One sampled response; entry t of each per-token array belongs to output token t. A context
+    token's (``loss_mask`` 0) ``behav_logp`` is 0 and its version the generated token's before it,
+    so ``head_version`` is always a generated token's. ``msgspec.structs.replace`` checks no field:
+    a reward put in that way must be a finite ``float``."""
 
     prompt_ids_wire: I32 = msgspec.field(name="prompt_ids")  # [P] prompt token ids
     output_ids_wire: I32 = msgspec.field(name="output_ids")  # [T] generated token ids

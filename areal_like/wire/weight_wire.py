@@ -72,8 +72,7 @@ def layout(names: list[str], dtypes: list[str], shapes: list[list[int]]) -> tupl
 
 
 def pack(tensors: list, out):
-    """Copy ``tensors`` (already in their wire dtype, in ``names`` order) back to back into the
-    uint8 buffer ``out``; returns the filled prefix."""
+    """Copy ``tensors`` (in their wire dtype) back to back into ``out``; returns what is filled."""
     import torch
 
     parts = [t.reshape(-1).view(torch.uint8) for t in tensors]

@@ -1,12 +1,5 @@
-"""Writes the shipped example dataset ``math_chat/{train,eval}.parquet`` (deterministic).
-
-Arithmetic questions in chat form, small enough for a ~0.5M-parameter model to partly learn:
-each row is ``messages`` = one user message ("What is 37 + 45?"), ``answer`` ("82"), and two
-metadata columns, ``source`` (the kind of question) and ``level`` (``LEVELS`` below). Every question is distinct;
-``EVAL_ROWS`` of them, drawn at random, form the eval split, so it is disjoint from train.
-
-Run ``python -m areal_like.tasks.data.make_math_chat [OUT_DIR]`` to rewrite the files; the test
-suite checks that ``rows()`` reproduces the committed files.
+"""Writes the shipped example dataset ``math_chat/{train,eval}.parquet`` (deterministic; the rows:
+areal_like/tasks/TASKS.md): ``python -m areal_like.tasks.data.make_math_chat [OUT_DIR]``.
 """
 
 from __future__ import annotations
