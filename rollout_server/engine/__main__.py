@@ -11,6 +11,7 @@ log), on ``rollout.engine.host`` (loopback by default).
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
@@ -30,19 +31,13 @@ def main(argv: list[str]) -> int:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     log = setup_logging("engine")
-    argv = list(argv)
-    flags = {}
-    for flag in ("--port", "--host"):
-        if flag in argv:
-            i = argv.index(flag)
-            flags[flag[2:]] = argv[i + 1]
-            del argv[i:i + 2]
-    cfg = load_daemon_config(argv)
-    engine_cfg = cfg.rollout.engine
-    if "port" in flags:
-        engine_cfg = replace(engine_cfg, port=int(flags["port"]))
-    if "host" in flags:
-        engine_cfg = replace(engine_cfg, host=flags["host"])
+    parser = argparse.ArgumentParser(prog="python -m rollout_server.engine", allow_abbrev=False)
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--host")
+    flags, rest = parser.parse_known_args(argv)  # the rest: --config-file and key=value overrides
+    cfg = load_daemon_config(rest)
+    given = {k: v for k, v in vars(flags).items() if v is not None}
+    engine_cfg = replace(cfg.rollout.engine, **given)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
