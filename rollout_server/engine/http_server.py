@@ -41,6 +41,9 @@ from rollout_server.engine.weights_tensor import update_from_tensor
 
 PAUSE_ABORT_POLL_S = 1.0  # re-send abort-all while requests are still in flight (SGLang does the same)
 HEALTH_TIMEOUT_S = 20.0  # SGLang's HEALTH_CHECK_TIMEOUT: a 1-token generation must finish by then
+# the body keys every update_weights_from_* endpoint takes
+_LOAD = {"load_format": (str, None), "abort_all_requests": (bool, False), "weight_version": (str, None),
+         "flush_cache": (bool, True)}
 FLUSHED = ("Cache flushed.\nPlease check backend logs for more details. (When there are running or waiting "
            "requests, the operation will not be performed.)\n")
 
@@ -106,6 +109,12 @@ async def _body(request: web.Request) -> dict:
     return body
 
 
+def _json_of(describe):
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response(describe())
+    return handler
+
+
 def _ok_or_400(ok: bool, msg: str, **extra) -> web.Response:
     return web.json_response({"success": ok, "message": msg, **extra}, status=200 if ok else 400)
 
@@ -131,11 +140,14 @@ class EngineHttp:
                               ("/get_weights_by_name", self.weights_by_name)]:
             r.add_post(path, handler)
             r.add_route("PUT" if path == "/generate" else "GET", path, handler)
-        for path, handler in [("/health", self.health), ("/health_generate", self.health),
-                              ("/model_info", self.model_info), ("/get_model_info", self.model_info),
-                              ("/server_info", self.server_info), ("/get_server_info", self.server_info),
-                              ("/v1/loads", self.loads), ("/metrics", self.metrics)]:
-            r.add_get(path, handler)
+        for path in ("/health", "/health_generate"):
+            r.add_get(path, self.health)
+        info = {"/model_info": self.e.model_info, "/get_model_info": self.e.model_info,
+                "/server_info": self.e.server_info, "/get_server_info": self.e.server_info,
+                "/v1/loads": self.e.loads}
+        for path, describe in info.items():
+            r.add_get(path, _json_of(describe))
+        r.add_get("/metrics", self.metrics)
         for path, handler in [("/abort_request", self.abort_request), ("/pause_generation", self.pause),
                               ("/continue_generation", self.continue_), ("/init_weights_update_group", self.init_group),
                               ("/destroy_weights_update_group", self.destroy_group),
@@ -249,16 +261,6 @@ class EngineHttp:
         ok = await e.generate_one_token(timeout_s=HEALTH_TIMEOUT_S)
         return web.Response(status=200 if ok else 503)
 
-    # ---- info
-    async def model_info(self, request: web.Request) -> web.Response:
-        return web.json_response(self.e.model_info())
-
-    async def server_info(self, request: web.Request) -> web.Response:
-        return web.json_response(self.e.server_info())
-
-    async def loads(self, request: web.Request) -> web.Response:
-        return web.json_response(self.e.loads())
-
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.e.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
@@ -269,7 +271,7 @@ class EngineHttp:
 
     async def abort_request(self, request: web.Request) -> web.Response:
         f = control_fields(await _body(request), {"rid": (str, ""), "abort_all": (bool, False),
-                                                  "abort_message": (str, None)})
+                                                                 "abort_message": (str, None)})
         if f["abort_all"] or f["rid"]:  # an empty rid without abort_all is ignored (SGLang)
             self.e.scheduler.abort(f["rid"], abort_all=f["abort_all"], message=f["abort_message"] or "Aborted")
         return web.Response(status=200)
@@ -338,8 +340,7 @@ class EngineHttp:
     async def update_distributed(self, request: web.Request) -> web.Response:
         f = control_fields(await _body(request), {
             "names": (list, REQUIRED), "dtypes": (list, REQUIRED), "shapes": (list, REQUIRED),
-            "group_name": (str, "weight_update_group"), "flush_cache": (bool, True),
-            "abort_all_requests": (bool, False), "weight_version": (str, None), "load_format": (str, None),
+            "group_name": (str, "weight_update_group"), **_LOAD,
             "selector": (("target", "draft", "all"), "all"), "torch_empty_cache": (bool, False)})
         if f["load_format"] not in (None, "auto", FLATTENED):
             return _ok_or_400(False, f"load_format={f['load_format']!r} is not supported by the embedded engine")
@@ -349,17 +350,14 @@ class EngineHttp:
         return _ok_or_400(*await self._weight_load("distributed", w.update_from_distributed, args, f))
 
     async def update_disk(self, request: web.Request) -> web.Response:
-        f = control_fields(await _body(request), {
-            "model_path": (str, REQUIRED), "load_format": (str, None), "abort_all_requests": (bool, False),
-            "weight_version": (str, None), "flush_cache": (bool, True)})
+        f = control_fields(await _body(request), {"model_path": (str, REQUIRED), **_LOAD})
         args = (f["model_path"], f["weight_version"], f["flush_cache"])
         ok, msg = await self._weight_load("disk", self.e.weights.update_from_disk, args, f)
         return _ok_or_400(ok, msg, num_paused_requests=0)
 
     async def update_tensor(self, request: web.Request) -> web.Response:
-        f = control_fields(await _body(request), {
-            "serialized_named_tensors": (list, REQUIRED), "load_format": (str, None), "flush_cache": (bool, True),
-            "abort_all_requests": (bool, False), "weight_version": (str, None), "torch_empty_cache": (bool, False)})
+        f = control_fields(await _body(request), {"serialized_named_tensors": (list, REQUIRED), **_LOAD,
+                                                  "torch_empty_cache": (bool, False)})
         args = (self.e.weights, f["serialized_named_tensors"], f["load_format"], f["weight_version"], f["flush_cache"])
         return _ok_or_400(*await self._weight_load("tensor", update_from_tensor, args, f))
 
