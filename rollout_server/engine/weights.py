@@ -1,31 +1,12 @@
-"""Receive side of weight updates: the update group, the begin/end session, and loading.
+"""Receive side of weight updates: the update group, the begin/end session, and loading
+(ENGINE.md, "Weight updates, receive side").
 
-Flow (SGLang 0.5.23 semantics; ENGINE.md, Pause and weight updates): ``init_group`` joins the TCP-rendezvous
-group as rank ``rank_offset`` (blocks until the trainer joins; callers run it off the event
-loop); ``begin`` opens a session; each ``update_from_distributed`` receives one bucket, then hands
-it to the scheduler thread, which loads it between two forward passes (``Scheduler.call``), so no
-forward pass ever mixes two versions; ``end`` closes the session. Updates outside a session are
-refused, as 0.5.23 does. A bucket is applied all-or-nothing: every byte is received first (the
-broadcast must be drained even when a name is unknown, or the sender would hang), then checked,
-then loaded. A bucket that neither sets ``weight_version`` nor flushes is answered once checked
-and queued on the scheduler (``_apply``): everything that reaches the scheduler later runs after
-its load, so the answer is as good as "loaded", and the next bucket's receive overlaps the load.
-On CPU, while generation is paused, such a bucket is answered even before its receive completes;
-``end`` waits for every bucket answered early and reports one that failed, so a client whose LAST
-bucket set neither learns the outcome there (SGLang answers each bucket only once it is loaded).
-
-Two wire formats, as SGLang's ``load_format``:
-- default: one ``dist.broadcast(buf, group_src=0)`` per tensor, in ``names`` order, into fresh
-  buffers, then copied into the parameters;
-- ``"flattened_bucket"`` (``areal_like.wire.weight_wire``, what the trainer sends): ONE broadcast of
-  a uint8 buffer holding every tensor's bytes back to back. It is received into a spare buffer kept
-  per bucket layout, and loading is a swap, not a copy: each parameter's ``.data`` becomes its view
-  into the received buffer, and the buffer the parameters viewed before becomes the spare for the
-  next sync of that layout. So a sync costs no allocation and no copy after the first one, at the
-  price of one spare copy of the weights (only when wire dtype = parameter dtype and every name is a
-  distinct parameter; anything else, e.g. a bf16 engine fed fp32, falls back to copying out of the
-  received buffer). Invariant for the swap: a buffer is only ever viewed by the parameters of its
-  own layout, and a swap re-points all of them, so the buffer it retires is viewed by no parameter.
+Invariants: a bucket is loaded on the scheduler thread between two forward passes, all-or-nothing,
+in request order; every byte of a broadcast is received, even for a bucket then refused, so the
+sender never hangs; a bucket answered before its load failed fails the rest of its session, so
+the version of the last bucket is never set over it. Swap: a flat buffer is only ever viewed by
+the parameters of its own layout, and a swap re-points all of them, so the buffer it retires is
+viewed by no parameter.
 """
 
 from __future__ import annotations
@@ -33,8 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future, InvalidStateError, wait
 from dataclasses import replace
 
 import torch
@@ -62,8 +42,7 @@ class WeightUpdater:
         self._spare: dict[tuple, torch.Tensor] = {}  # layout -> a free buffer the next bucket is received into
         self._deferred_error = ""  # a bucket of this session answered before its load/receive failed later
         self._session_id = 0  # +1 per begin(): a request of an abandoned session never posts a receive
-        self._unsettled = 0  # buckets answered before their receive or load finished (end() waits for them)
-        self._settled = threading.Condition()
+        self._early: list[Future] = []  # loads of buckets answered before they finished (end() waits)
 
     # ---- group lifecycle (blocking)
     def init_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
@@ -107,44 +86,28 @@ class WeightUpdater:
     @property
     def unsettled(self) -> bool:
         """Whether a bucket answered early is still being received or loaded (``end`` would wait)."""
-        return self._unsettled > 0
+        return not all(f.done() for f in self._early)
 
     def end(self) -> tuple[bool, str]:
-        """Close the session once every bucket answered early is received and loaded (blocks while
-        ``unsettled``): a client whose last bucket set neither version nor flush learns here whether
-        it arrived, and nothing of this session lands after the answer."""
+        """Close the session once every bucket answered early is received and loaded: a client whose
+        last bucket set neither version nor flush learns here whether it arrived."""
         if not self.session_open:
             return False, "no weight-update session is open; call begin_weight_update() first"
-        with self._settled:
-            settled = self._settled.wait_for(lambda: not self._unsettled, timeout=self.group_timeout_s)
+        _, self._early = wait(self._early, timeout=self.group_timeout_s)
+        self._early = list(self._early)
         self.session_open = False
-        if not settled:
+        if self._early:
             return False, "an earlier bucket of this update is still being received"
         if self._deferred_error:
             return False, self._deferred_error
         return True, "Success"
 
-    def _answered_early(self) -> Callable[[], None]:
-        """Count a bucket answered before it is loaded; returns its (idempotent) 'settled' callback."""
-        with self._settled:
-            self._unsettled += 1
-        once = threading.Lock()
-
-        def settle() -> None:
-            if once.acquire(blocking=False):
-                with self._settled:
-                    self._unsettled -= 1
-                    self._settled.notify_all()
-        return settle
-
     # ---- loading (blocking; called from executor threads)
     def update_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
                                 group_name: str, weight_version: str | None, flush_cache: bool,
                                 load_format: str | None = None, paused: bool = False) -> tuple[bool, str] | Future:
-        """(ok, message), or a Future of it when the load is still running on the scheduler. ``paused``:
-        generation is paused, so no request can start before this session ends; only then may a bucket
-        be answered before its receive completed (else a request let in after the answer would see the
-        load land half-way through it)."""
+        """(ok, message), or a Future of it. Only while ``paused`` may a bucket be answered before its
+        receive completed (else a request let in after the answer could see the load land in it)."""
         if not self.session_open:
             return False, NO_SESSION
         if not len(names) == len(dtypes) == len(shapes):
@@ -173,8 +136,7 @@ class WeightUpdater:
 
     def load(self, tensors: dict[str, torch.Tensor], weight_version: str | None,
              flush_cache: bool) -> tuple[bool, str]:
-        """Load ``tensors`` that are already here (a payload, a checkpoint) like any bucket: one
-        load at a time, in request order, between two forward passes, all-or-nothing, copied."""
+        """Load ``tensors`` that are already here (a payload, a checkpoint) like any bucket, copied."""
         with self._recv_lock:
             return self._apply(tensors, weight_version, flush_cache)
 
@@ -189,12 +151,8 @@ class WeightUpdater:
 
     def _update_flattened(self, names: list[str], dtypes: list[str], shapes: list[list[int]], pg,
                           weight_version: str | None, flush_cache: bool, paused: bool) -> tuple[bool, str] | Future:
-        """One bucket as one uint8 broadcast. A bucket that is not the last of its sync (no version, no
-        flush) is answered as soon as its receive is posted (CPU and paused only; NCCL completion is
-        tracked differently): the caller's next request then waits here, on ``_recv_lock``, which the
-        completed receive releases after queuing its load, so the next receive is posted at once and
-        the loads stay in bucket order. A receive that fails after its answer makes every later
-        bucket of the session fail (``_deferred_error``), so the version is never set over it."""
+        """One bucket as one uint8 broadcast; a bucket answered early (ENGINE.md) holds ``_recv_lock``
+        until its receive completed and its load is queued, so loads stay in bucket order."""
         import torch.distributed as dist
 
         try:
@@ -226,8 +184,7 @@ class WeightUpdater:
             refusal = _refusal(self.scheduler.model.state_dict(), tensors) if early else ""
             done: Future = Future()
             if early and not refusal:  # answered below, before its receive completed: end() waits for it
-                settle = self._answered_early()
-                done.add_done_callback(lambda _: settle())
+                self._early.append(done)
             work.get_future().then(lambda fut: self._received(
                 fut, tensors, (key, flat), (weight_version, flush_cache), done,
                 session if early and not refusal else None, refusal))
@@ -249,8 +206,7 @@ class WeightUpdater:
     def _received(self, fut, tensors: dict[str, torch.Tensor], swap: tuple[tuple, torch.Tensor],
                   label: tuple[str | None, bool], done: Future, early_session: int | None, refusal: str) -> None:
         """A bucket's receive completed (gloo's thread; must not block): queue its load, then let the
-        next bucket's receive be posted. ``done`` gets the answer; for an early-answered bucket
-        (``early_session`` set) a failure instead fails the rest of that session."""
+        next bucket's receive be posted. ``done`` gets the answer."""
         def finish(ok: bool, msg: str) -> None:
             if not ok and early_session is not None:
                 self._note_deferred(None, early_session, msg)
@@ -275,9 +231,8 @@ class WeightUpdater:
 
     def _loader(self, tensors: dict[str, torch.Tensor], weight_version: str | None, flush_cache: bool,
                 swap: tuple[tuple, torch.Tensor] | None):
-        """The load of one bucket, to run on the scheduler thread between two forward passes,
-        all-or-nothing. With ``swap=(layout, flat)`` the tensors are views of ``flat``, which the
-        parameters may adopt instead of copying it."""
+        """The load of one bucket on the scheduler thread. With ``swap=(layout, flat)`` the tensors
+        are views of ``flat``, which the parameters may adopt instead of copying it."""
         def release() -> None:  # the received buffer was not adopted: keep it for the next sync of its layout
             if swap is not None:
                 self._spare[swap[0]] = swap[1]
@@ -302,11 +257,8 @@ class WeightUpdater:
 
     def _apply(self, tensors: dict[str, torch.Tensor], weight_version: str | None, flush_cache: bool,
                swap: tuple[tuple, torch.Tensor] | None = None) -> tuple[bool, str]:
-        """Load ``tensors`` (``_loader``) and answer. A bucket that neither sets the version nor
-        flushes (not the last of a sync) is checked here, queued, and answered without waiting for
-        the scheduler: its load is ahead of anything that reaches the scheduler after this answer
-        (a later bucket, a read, a forward pass), so nothing can tell the difference. A queued load
-        that fails anyway makes every later bucket of the session fail."""
+        """Load ``tensors`` and answer; a bucket that neither sets the version nor flushes is
+        checked, queued and answered without waiting for its load (ENGINE.md)."""
         t0 = time.monotonic()
         if weight_version is None and not flush_cache:
             refusal = self._deferred_error or _refusal(self.scheduler.model.state_dict(), tensors)
@@ -314,13 +266,11 @@ class WeightUpdater:
                 if swap is not None:
                     self._spare[swap[0]] = swap[1]
                 return False, refusal
-            session, settle = self._session_id, self._answered_early()
-            try:
-                done = self.scheduler.call(self._loader(tensors, None, False, swap))
-            except BaseException:
-                settle()
-                raise
-            done.add_done_callback(lambda f: (self._note_deferred(f, session), settle()))
+            session = self._session_id
+            done = self.scheduler.call(self._loader(tensors, None, False, swap))
+            settled: Future = Future()  # done once its failure, if any, is noted (end() reads it)
+            done.add_done_callback(lambda f: (self._note_deferred(f, session), settled.set_result(None)))
+            self._early.append(settled)
             return True, "Succeeded to update parameter online."
         ok, msg = self.scheduler.call(self._loader(tensors, weight_version, flush_cache, swap)).result(
             timeout=APPLY_TIMEOUT_S)
@@ -329,8 +279,7 @@ class WeightUpdater:
         return ok, msg
 
     def _note_deferred(self, fut, session: int, error: object = None) -> None:
-        """A bucket answered before its receive or load finished failed after all: fail the rest of
-        its session (only that session: a stale failure must not spoil the next sync)."""
+        """A bucket answered early failed after all: fail the rest of its session (only that one)."""
         if fut is not None:
             error = fut.exception()
             ok, msg = (False, repr(error)) if error is not None else fut.result()

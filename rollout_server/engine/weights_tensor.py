@@ -1,16 +1,6 @@
-"""Decoding SGLang's ``/update_weights_from_tensor`` payload for the embedded engine.
-
-A payload (one entry of ``serialized_named_tensors``, the one for TP rank 0) is the base64 text
-of ``ForkingPickler.dump([(name, tensor), ...])``: torch's reducers turn each CUDA tensor into a
-CUDA IPC handle and each CPU tensor into a shared-memory name, so loading it maps the sender's
-memory instead of copying bytes through HTTP. The sender keeps that memory alive until the
-engine answered (trainer/weight_local.py); the engine copies out of it while loading and keeps
-no view of it.
-
-Unpickling runs code named by the payload, so it goes through ``_TensorUnpickler``, which only
-resolves the torch rebuild functions and types such a payload names (as SGLang's safe unpickler
-does); anything else is refused with the name it asked for.
-"""
+"""Decoding SGLang's ``/update_weights_from_tensor`` payload (ENGINE.md, "Weight updates, receive
+side"). Unpickling goes through ``_TensorUnpickler``, which resolves only the torch rebuild functions
+and types such a payload names; anything else is refused with the name it asked for."""
 
 from __future__ import annotations
 
@@ -54,9 +44,7 @@ def decode_named_tensors(payload: str | bytes) -> dict[str, torch.Tensor]:
 
 def update_from_tensor(updater, payloads: list, load_format: str | None, weight_version: str | None,
                        flush_cache: bool) -> tuple[bool, str]:
-    """``/update_weights_from_tensor`` on a ``WeightUpdater`` (blocking; an executor thread): decode
-    this rank's payload and load it like any bucket (``WeightUpdater.load``: a copy out of the
-    sender's memory)."""
+    """``/update_weights_from_tensor`` on a ``WeightUpdater`` (blocking): decode, then load as any bucket."""
     if load_format not in LOAD_FORMATS:
         return False, f"load_format={load_format!r} is not supported by the embedded engine (use null)"
     if not payloads:
