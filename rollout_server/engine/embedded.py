@@ -1,17 +1,10 @@
 """``EmbeddedEngine``: a Hugging Face causal LM served over SGLang's HTTP protocol, in-process.
 
-``EmbeddedEngine(model_cfg, engine_cfg).start()`` builds the model
-(``areal_like.weights.hf.build_model``) and tokenizer, starts the scheduler thread
-(``scheduler.py``) and the aiohttp server on its own event-loop thread (``http_server.py``), runs a
-one-token warm-up, and returns; ``.url`` is then live and ``/health`` answers 200. ``.stop()`` tears
-everything down. The same object backs ``python -m rollout_server.engine`` (``__main__.py``).
-
-Sizing: ``max_running_requests`` KV slots, each up to ``context_len = min(max_position_embeddings,
-max_total_tokens)`` positions (allocated lazily, doubling); admission keeps the sum over running
-requests of ``prompt + max_new_tokens`` within ``max_total_tokens``. The initial ``weight_version``
-is ``"0"`` (policy version 0) rather than SGLang's ``"default"``, because the rollout server reads
-token versions as ``int(weight_version)``. With ``lora`` enabled the model gets the trainer's LoRA
-layers (``areal_like.weights.lora.add_adapters``): one live adapter, replaced in place by each
+``EmbeddedEngine(model_cfg, engine_cfg).start()`` builds the model and tokenizer, starts the
+scheduler thread and the aiohttp server on its own event-loop thread, runs a one-token warm-up,
+and returns; ``.url`` is then live and ``/health`` answers 200. ``.stop()`` tears everything down.
+Sizing and the initial ``weight_version``: ENGINE.md. With ``lora`` enabled the model gets the
+trainer's LoRA layers (``areal_like/weights/lora.py``): one live adapter, replaced in place by each
 weight update as full weights are, under the same pause and version rules.
 """
 
@@ -102,7 +95,8 @@ class EmbeddedEngine:
         self.weights = WeightUpdater(self.scheduler, self.model_cfg,
                                      group_timeout_s=min(WEIGHT_GROUP_TIMEOUT_S, ec.request_timeout_s))
         self._start_http()
-        if not self.generate_one_token_sync(timeout_s=ec.startup_timeout_s):
+        warm_up = self.generate_one_token(timeout_s=ec.startup_timeout_s)
+        if not asyncio.run_coroutine_threadsafe(warm_up, self._loop).result():
             raise RuntimeError("engine warm-up generation did not complete")
         self.status = "up"
         self.log.info("embedded engine up at %s (model %s, %d slots, context %d)", self.url, self.model_name,
@@ -181,22 +175,14 @@ class EmbeddedEngine:
         extra = frozenset() if params.ignore_eos else self.eos_ids
         return frozenset(params.stop_token_ids) | extra
 
-    def _health_request(self, on_finish) -> Request:
-        params = SamplingParams(max_new_tokens=1, temperature=0.0)
-        first = next(iter(self.eos_ids), 0)
-        return Request(rid=f"HEALTH_CHECK_{uuid.uuid4().hex}", input_ids=[first], params=params,
-                       stop_ids=frozenset(), on_finish=on_finish, log_metrics=False)
-
-    def generate_one_token_sync(self, timeout_s: float) -> bool:
-        done = threading.Event()
-        self.scheduler.submit(self._health_request(lambda r: done.set()))
-        return done.wait(timeout_s)
-
     async def generate_one_token(self, timeout_s: float) -> bool:
+        """SGLang's health check (and the warm-up): one greedy token, not counted in the metrics."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        req = self._health_request(lambda r: loop.is_closed() or loop.call_soon_threadsafe(
-            lambda: fut.done() or fut.set_result(r)))
+        req = Request(rid=f"HEALTH_CHECK_{uuid.uuid4().hex}", input_ids=[next(iter(self.eos_ids), 0)],
+                      params=SamplingParams(max_new_tokens=1, temperature=0.0), stop_ids=frozenset(),
+                      log_metrics=False, on_finish=lambda r: loop.is_closed() or loop.call_soon_threadsafe(
+                          lambda: fut.done() or fut.set_result(r)))
         self.scheduler.submit(req)
         try:
             r = await asyncio.wait_for(fut, timeout_s)
