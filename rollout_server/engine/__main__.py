@@ -1,12 +1,9 @@
 """``python -m rollout_server.engine [--config-file PATH] [key=value ...] [--port N] [--host H]``
 
-Runs one embedded engine as its own process (model from ``model.*``, sizing from
-``rollout.engine.*``), prints ``ENGINE_URL http://host:port`` on stdout once ``/health`` would
-answer 200, and serves until SIGTERM/SIGINT. ``--port 0`` (the default) picks a free port.
-Every request needs ``Authorization: Bearer <the job's engine API key>``, found once at start as
-every daemon finds it (``areal_like.net.auth.engine_api_key``: ``$AREAL_LIKE_ENGINE_API_KEY``, else
-``<run_dir>/secrets/engine_api_key``); a job without one gets an unauthenticated engine (said in the
-log), on ``rollout.engine.host`` (loopback by default).
+Runs one embedded engine as its own process, prints ``ENGINE_URL http://host:port`` once
+``/health`` would answer 200, and serves until SIGTERM/SIGINT (``--port 0``, the default, picks a
+free port). Every request needs the job's engine API key (``areal_like.net.auth.engine_api_key``);
+a job without one gets an unauthenticated engine (said in the log), on ``rollout.engine.host``.
 """
 
 from __future__ import annotations

@@ -1,16 +1,7 @@
-"""``/generate`` request parsing and response building with SGLang 0.5.23's shapes and error bodies.
-
-SGLang judges a ``/generate`` body in three stages, and so do we, with the same 400 bodies:
-1. body parsing (FastAPI/pydantic): not JSON, not an object, or a structurally wrong ``text`` /
-   ``input_ids`` / ``sampling_params`` / ``rid`` -> ``{"object": "error", "message", "type":
-   "Bad Request", "param": null, "code": 400}``;
-2. the JSON contract (``sglang/api/v1/api_types.py``): a wrongly typed field or an unknown
-   ``sampling_params`` key -> ``{"error": "<serde-style text>"}`` (unknown top-level keys are ignored);
-3. semantic checks (``SamplingParams.verify`` and friends) -> ``{"error": {"message": ...}}``.
-Known SGLang sampling features this engine does not implement (stop strings, grammars, penalties,
-``min_new_tokens``, input/top logprobs, ...) are refused in stage 3 with a message naming them,
-never silently ignored. Deliberate difference: a body with both ``text`` and ``input_ids`` is
-refused (SGLang would silently use ``text``).
+"""``/generate`` request parsing and response building with SGLang 0.5.23's shapes and error bodies,
+judged in SGLang's three stages (ENGINE.md, "Request validation"): body parsing (pydantic's
+``{"object": "error", ...}``), the JSON contract (``{"error": "<serde-style text>"}``), semantic
+checks (``{"error": {"message": ...}}``).
 """
 
 from __future__ import annotations
@@ -135,16 +126,13 @@ class GenerateInput:
 
 def max_text_chars(tokenizer, context_len: int) -> int:
     """The longest ``text`` that could still fit the context: no token covers more characters than
-    its longest vocabulary entry (byte-level BPE spells a byte as one character, SentencePiece a
-    character as one), so a longer text cannot be under ``context_len`` tokens. It is refused before
-    tokenizing: a 10 MB text held the event loop for seconds to end in the context-length error."""
+    its longest vocabulary entry. A longer one is refused before tokenizing (ENGINE.md)."""
     return context_len * max(1, max((len(t) for t in tokenizer.get_vocab()), default=1))
 
 
 def parse_generate(body: Any, tokenizer, vocab_size: int, context_len: int,
                    max_chars: int | None = None) -> GenerateInput:
-    """Validate a decoded ``/generate`` body; raises ApiError with SGLang's status and body. A
-    ``text`` longer than ``max_chars`` (``max_text_chars``) is refused with 400 without tokenizing."""
+    """Validate a decoded ``/generate`` body; raises ApiError with SGLang's status and body."""
     if not isinstance(body, dict):
         raise validation_error(f"[{{'type': 'dataclass_type', 'loc': ('body',), 'msg': 'Input should be a "
                                f"dictionary or an instance of GenerateReqInput', 'input': {body!r}}}]")
@@ -289,12 +277,9 @@ def _to_params(sp: dict, vocab_size: int) -> SamplingParams:
 
 def build_output(req, tokenizer, *, return_logprob: bool, text_in_logprobs: bool, default_version: str,
                  finished: bool = True, prompt_ids: bool = False) -> dict:
-    """One SGLang ``/generate`` result object for a scheduler Request.
-
-    ``finished=False`` builds a streaming chunk of a request still running: cumulative outputs so
-    far (SGLang's default, non-incremental streaming), ``finish_reason`` null, no ``e2e_latency``.
-    It reads the request while the scheduler thread appends to it: the lists only grow and
-    ``output_versions`` is appended last, so its length is a consistent cut."""
+    """One SGLang ``/generate`` result object for a scheduler Request; ``finished=False``: a
+    streaming chunk (cumulative outputs so far). It reads the request while the scheduler thread
+    appends to it: the lists only grow and ``output_versions`` grows last (a consistent cut)."""
     n = len(req.output_versions)
     ids, logps, versions = req.output_ids[:n], req.output_logprobs[:n], req.output_versions[:n]
     meta: dict[str, Any] = {

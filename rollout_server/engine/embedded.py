@@ -179,9 +179,11 @@ class EmbeddedEngine:
         """SGLang's health check (and the warm-up): one greedy token, not counted in the metrics."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        req = Request(rid=f"HEALTH_CHECK_{uuid.uuid4().hex}", input_ids=[next(iter(self.eos_ids), 0)],
-                      params=SamplingParams(max_new_tokens=1, temperature=0.0), stop_ids=frozenset(),
-                      log_metrics=False, on_finish=lambda r: loop.is_closed() or loop.call_soon_threadsafe(
+        req = Request(rid=f"HEALTH_CHECK_{uuid.uuid4().hex}",
+                      input_ids=[next(iter(self.eos_ids), 0)],
+                      params=SamplingParams(max_new_tokens=1, temperature=0.0),
+                      stop_ids=frozenset(), log_metrics=False,
+                      on_finish=lambda r: loop.is_closed() or loop.call_soon_threadsafe(
                           lambda: fut.done() or fut.set_result(r)))
         self.scheduler.submit(req)
         try:

@@ -1,14 +1,7 @@
-"""The aiohttp app that speaks SGLang 0.5.23's HTTP protocol subset in front of the scheduler.
-
-It plays the part of SGLang's tokenizer manager: it validates and tokenizes requests, fans out
-``n`` samples, gates generation for pauses and weight updates, and shapes responses and errors
-exactly like SGLang (status codes and bodies: ``api.py``, and the list in ``rollout_server/sglang_client.py``).
-
-Gate semantics (``Gate``), as in SGLang: while paused, new ``/generate`` calls wait (they are not
-rejected) until ``/continue_generation``; ``/pause_generation`` mode ``abort`` returns only after
-every in-flight request has been answered (finish_reason abort, tokens so far). A weight update
-while *not* paused takes the writer side: it waits for in-flight requests to finish and holds new
-ones back, so a request never spans two versions; while paused it goes straight through.
+"""The aiohttp app that speaks SGLang 0.5.23's HTTP protocol subset in front of the scheduler: it
+validates and tokenizes requests, fans out ``n`` samples, gates generation for pauses and weight
+updates (``Gate``; ENGINE.md, "Pause and weight updates"), and shapes responses and errors exactly
+like SGLang (``api.py``).
 """
 
 from __future__ import annotations
@@ -42,8 +35,8 @@ from rollout_server.engine.weights_tensor import update_from_tensor
 PAUSE_ABORT_POLL_S = 1.0  # re-send abort-all while requests are still in flight (SGLang does the same)
 HEALTH_TIMEOUT_S = 20.0  # SGLang's HEALTH_CHECK_TIMEOUT: a 1-token generation must finish by then
 # the body keys every update_weights_from_* endpoint takes
-_LOAD = {"load_format": (str, None), "abort_all_requests": (bool, False), "weight_version": (str, None),
-         "flush_cache": (bool, True)}
+_LOAD = {"load_format": (str, None), "abort_all_requests": (bool, False),
+         "weight_version": (str, None), "flush_cache": (bool, True)}
 FLUSHED = ("Cache flushed.\nPlease check backend logs for more details. (When there are running or waiting "
            "requests, the operation will not be performed.)\n")
 
@@ -356,8 +349,9 @@ class EngineHttp:
         return _ok_or_400(ok, msg, num_paused_requests=0)
 
     async def update_tensor(self, request: web.Request) -> web.Response:
-        f = control_fields(await _body(request), {"serialized_named_tensors": (list, REQUIRED), **_LOAD,
-                                                  "torch_empty_cache": (bool, False)})
+        f = control_fields(await _body(request), {
+            "serialized_named_tensors": (list, REQUIRED), **_LOAD,
+            "torch_empty_cache": (bool, False)})
         args = (self.e.weights, f["serialized_named_tensors"], f["load_format"], f["weight_version"], f["flush_cache"])
         return _ok_or_400(*await self._weight_load("tensor", update_from_tensor, args, f))
 

@@ -1,17 +1,11 @@
-"""Preallocated per-slot KV cache that a Hugging Face decoder writes into through ``update()``.
-
-A model in transformers 5.x only calls ``past_key_values.update(k, v, layer_idx)`` and reads its
-result, so this plain object is a complete cache (why not one of transformers' own caches:
-rollout_server/engine/ENGINE.md, Scheduling). Layout per layer: ``K, V = [slots, kv_heads,
-capacity, head_dim]``. The scheduler keeps its running requests packed in slots ``[0, B)``, so
-attention reads the views ``K[rows, :, :kv_len]`` without a gather.
+"""Preallocated per-slot KV cache that a Hugging Face decoder writes into through ``update()``
+(transformers 5.x decoders only call ``past_key_values.update(k, v, layer_idx)``; ENGINE.md,
+Scheduling). Layout per layer: ``K, V = [slots, kv_heads, capacity, head_dim]``.
 
 Invariants: a slot holds exactly one request's KV for positions ``[0, cached)``; positions past
 that are garbage and always masked. ``capacity`` only grows (doubling, copy) until ``flush``.
-Nothing outlives its request: there is no prefix cache (``move`` copies KV between slots only for
-compaction and for identical prompts prefilled in the same pass), so no KV computed under old
-weights is ever reused after a weight update. ``fastpath`` writes ``K``/``V`` directly; ``update``
-serves models that go through their own forward.
+Nothing outlives its request (``move`` copies KV between slots only for compaction and for
+identical prompts prefilled in the same pass).
 """
 
 from __future__ import annotations
@@ -63,10 +57,8 @@ class SlotKV:
         self._rows, self._write_pos, self._kv_len = rows, write_pos, kv_len
 
     def move(self, srcs: list[int], dsts: list[int], length: int) -> None:
-        """Copy the first ``length`` positions of slot ``srcs[i]`` into slot ``dsts[i]`` for every i
-        (compaction, identical prompts), one indexed copy per tensor for all the pairs: a copy per pair
-        cost the scheduler more than a decode step when a step's 64 samples finished together. No slot
-        may be both a source and a destination."""
+        """Copy the first ``length`` positions of slot ``srcs[i]`` into slot ``dsts[i]`` for every
+        i, in one indexed copy per tensor. No slot may be both a source and a destination."""
         if not srcs:
             return
         src = torch.tensor(srcs, device=self.device)

@@ -1,14 +1,6 @@
-"""Prefill and decode for any causal LM through its own forward (what ``fastpath`` does not cover).
-
-Same signatures as ``fastpath.prefill`` / ``fastpath.decode``; the scheduler (``scheduler.py``) uses
-this module for a model ``fastpath.supports`` refuses (any causal LM with
-``get_output_embeddings``). Prefill runs one right-padded batch with a 4D mask and explicit
-positions; decode runs one token per row against the slot cache.
-
-Masks are plain additive 4D tensors ``[B, 1, Q, K]`` (every layer is full attention: the scheduler
-refuses sliding-window layers): transformers uses them as they are, while a per-layer-type dict is
-only understood by decoders with sliding layers in their family (Qwen2/Qwen3), not Llama's
-``create_causal_mask``.
+"""Prefill and decode for any causal LM through its own forward (what ``fastpath`` does not cover),
+with ``fastpath``'s signatures. Masks are plain additive 4D tensors ``[B, 1, Q, K]`` (every layer is
+full attention): a per-layer-type dict is not understood by Llama's ``create_causal_mask``.
 """
 
 from __future__ import annotations
@@ -46,11 +38,8 @@ def prefill(model, kv: SlotKV, seqs: list[list[int]], first_slot: int) -> torch.
 
 
 def _last_positions(last: torch.Tensor):
-    """A pre-hook for the LM head: only row i's hidden state at ``last[i]`` reaches it ([k, 1, H]).
-
-    Per-row positions through the model's own forward on every transformers version (a 2-D
-    ``logits_to_keep`` means per-row positions only from transformers 5.23 on: 5.19 indexes the
-    sequence dimension with it), and only k rows of logits, whatever the padded length."""
+    """A pre-hook for the LM head: only row i's hidden state at ``last[i]`` reaches it ([k, 1, H])
+    (a 2-D ``logits_to_keep`` means per-row positions only from transformers 5.23 on)."""
     def hook(_head, args):
         return (args[0][torch.arange(len(last), device=last.device), last][:, None], *args[1:])
     return hook

@@ -1,16 +1,10 @@
 """Per-request sampling parameters and the batched sampler with its logprob convention.
 
 Logprob convention (the contract with the trainer, areal_like/DESIGN.md section 2):
-``logprob[t] = log_softmax(logits_t / temperature)[token_t]`` computed in fp32, i.e. the
-temperature-scaled policy distribution *before* top-p / top-k truncation. This is what the
-trainer recomputes from a plain forward pass (it never applies top-p/top-k), and it is also what
-SGLang returns by default (its sampler takes the log of the temperature-scaled probabilities
-before truncation). ``temperature == 0`` means greedy: like SGLang, the engine then uses
-temperature 1 and top_k 1, so the returned logprob is ``log_softmax(logits)[argmax]``.
-
-Sampling draws ``argmax(p / E)`` with ``E ~ Exp(1)`` i.i.d. per vocabulary entry, which is an
-exact sample from ``p`` and lets every row use its own ``torch.Generator`` (``sampling_seed``)
-while the unseeded rows share the engine's generator in one batched call.
+``logprob[t] = log_softmax(logits_t / temperature)[token_t]`` in fp32, before top-p / top-k
+truncation, as SGLang returns by default. ``temperature == 0`` is greedy (temperature 1, top_k 1).
+Sampling draws ``argmax(p / E)`` with ``E ~ Exp(1)`` i.i.d. per vocabulary entry, an exact sample
+from ``p`` that lets each row use its own ``torch.Generator`` (``sampling_seed``).
 """
 
 from __future__ import annotations

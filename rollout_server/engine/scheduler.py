@@ -257,8 +257,8 @@ class Scheduler:
         return fastpath if self.use_fastpath else padded
 
     def _prefill(self, new: list[Request]) -> None:
-        """Prefill ``new`` into slots ``[B, B + k)``; identical sequences in it are computed once and their
-        KV copied (same weights, same pass, so nothing stale is shared)."""
+        """Prefill ``new`` into slots ``[B, B + k)``; identical sequences in it are computed once
+        and their KV copied (same weights, same pass, so nothing stale is shared)."""
         self.prefills += 1
         B = len(self.running)
         first: dict[tuple[int, ...], int] = {}

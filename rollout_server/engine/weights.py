@@ -42,7 +42,7 @@ class WeightUpdater:
         self._spare: dict[tuple, torch.Tensor] = {}  # layout -> a free buffer the next bucket is received into
         self._deferred_error = ""  # a bucket of this session answered before its load/receive failed later
         self._session_id = 0  # +1 per begin(): a request of an abandoned session never posts a receive
-        self._early: list[Future] = []  # loads of buckets answered before they finished (end() waits)
+        self._early: list[Future] = []  # buckets answered before their load finished (end waits)
 
     # ---- group lifecycle (blocking)
     def init_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
@@ -106,8 +106,8 @@ class WeightUpdater:
     def update_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
                                 group_name: str, weight_version: str | None, flush_cache: bool,
                                 load_format: str | None = None, paused: bool = False) -> tuple[bool, str] | Future:
-        """(ok, message), or a Future of it. Only while ``paused`` may a bucket be answered before its
-        receive completed (else a request let in after the answer could see the load land in it)."""
+        """(ok, message), or a Future of it. Only while ``paused`` may a bucket be answered before
+        its receive completed (else a request let in after the answer could see it land)."""
         if not self.session_open:
             return False, NO_SESSION
         if not len(names) == len(dtypes) == len(shapes):
@@ -136,7 +136,7 @@ class WeightUpdater:
 
     def load(self, tensors: dict[str, torch.Tensor], weight_version: str | None,
              flush_cache: bool) -> tuple[bool, str]:
-        """Load ``tensors`` that are already here (a payload, a checkpoint) like any bucket, copied."""
+        """Load ``tensors`` already here (a payload, a checkpoint) like any bucket, copied."""
         with self._recv_lock:
             return self._apply(tensors, weight_version, flush_cache)
 
@@ -151,8 +151,8 @@ class WeightUpdater:
 
     def _update_flattened(self, names: list[str], dtypes: list[str], shapes: list[list[int]], pg,
                           weight_version: str | None, flush_cache: bool, paused: bool) -> tuple[bool, str] | Future:
-        """One bucket as one uint8 broadcast; a bucket answered early (ENGINE.md) holds ``_recv_lock``
-        until its receive completed and its load is queued, so loads stay in bucket order."""
+        """One bucket as one uint8 broadcast; a bucket answered early (ENGINE.md) holds
+        ``_recv_lock`` until its receive completed and its load is queued (bucket order)."""
         import torch.distributed as dist
 
         try:
@@ -269,7 +269,8 @@ class WeightUpdater:
             session = self._session_id
             done = self.scheduler.call(self._loader(tensors, None, False, swap))
             settled: Future = Future()  # done once its failure, if any, is noted (end() reads it)
-            done.add_done_callback(lambda f: (self._note_deferred(f, session), settled.set_result(None)))
+            done.add_done_callback(
+                lambda f: (self._note_deferred(f, session), settled.set_result(None)))
             self._early.append(settled)
             return True, "Succeeded to update parameter online."
         ok, msg = self.scheduler.call(self._loader(tensors, weight_version, flush_cache, swap)).result(
@@ -279,7 +280,7 @@ class WeightUpdater:
         return ok, msg
 
     def _note_deferred(self, fut, session: int, error: object = None) -> None:
-        """A bucket answered early failed after all: fail the rest of its session (only that one)."""
+        """A bucket answered early failed after all: fail the rest of its session (only it)."""
         if fut is not None:
             error = fut.exception()
             ok, msg = (False, repr(error)) if error is not None else fut.result()

@@ -1,6 +1,6 @@
 """Decoding SGLang's ``/update_weights_from_tensor`` payload (ENGINE.md, "Weight updates, receive
-side"). Unpickling goes through ``_TensorUnpickler``, which resolves only the torch rebuild functions
-and types such a payload names; anything else is refused with the name it asked for."""
+side"). Unpickling goes through ``_TensorUnpickler``, which resolves only the torch rebuild
+functions and types such a payload names; anything else is refused with the name it asked for."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def decode_named_tensors(payload: str | bytes) -> dict[str, torch.Tensor]:
 
 def update_from_tensor(updater, payloads: list, load_format: str | None, weight_version: str | None,
                        flush_cache: bool) -> tuple[bool, str]:
-    """``/update_weights_from_tensor`` on a ``WeightUpdater`` (blocking): decode, then load as any bucket."""
+    """``/update_weights_from_tensor`` (blocking): decode, then load like a bucket."""
     if load_format not in LOAD_FORMATS:
         return False, f"load_format={load_format!r} is not supported by the embedded engine (use null)"
     if not payloads:
