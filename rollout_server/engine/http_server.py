@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from concurrent.futures import Future
@@ -33,6 +34,7 @@ from rollout_server.engine.scheduler import Request
 from rollout_server.engine.weights_tensor import update_from_tensor
 
 PAUSE_ABORT_POLL_S = 1.0  # re-send abort-all while requests are still in flight (SGLang does the same)
+LOAD_TIMEOUT_S = 300.0  # a load waits for the current forward pass to end; generous under load
 HEALTH_TIMEOUT_S = 20.0  # SGLang's HEALTH_CHECK_TIMEOUT: a 1-token generation must finish by then
 # the body keys every update_weights_from_* endpoint takes
 _LOAD = {"load_format": (str, None), "abort_all_requests": (bool, False),
@@ -361,9 +363,13 @@ class EngineHttp:
         async with self.gate.writer():
             t0 = time.monotonic()
             out = await asyncio.to_thread(fn, *args)
-            # a bucket whose load finishes on the scheduler comes back as a Future (weights.py): await it here
-            ok, msg = await asyncio.wrap_future(out) if isinstance(out, Future) else out
-            self.e.metrics.observe_weight_load(source, time.monotonic() - t0)
+            if isinstance(out, Future):  # the answer of a load still queued on the scheduler (weights.py)
+                out = await asyncio.wait_for(asyncio.wrap_future(out), LOAD_TIMEOUT_S)
+            ok, msg = out
+            seconds = time.monotonic() - t0
+            self.e.metrics.observe_weight_load(source, seconds)
+        self.e.log.log(logging.DEBUG if ok else logging.WARNING, "update_weights_from_%s: %s in %.3fs",
+                       source, msg, seconds)
         return ok, msg
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from concurrent.futures import Future, InvalidStateError, wait
 from dataclasses import replace
 
@@ -24,7 +23,6 @@ from areal_like.wire.weight_wire import FLATTENED, layout, torch_dtype, unpack
 
 log = logging.getLogger(__name__)
 
-APPLY_TIMEOUT_S = 300.0  # copying a bucket waits for the current forward pass to end; generous under load
 NO_SESSION = ("update_weights_from_distributed must run between begin_weight_update() and end_weight_update()")
 NOT_FLUSHED = ("Weights were updated, but the cache was not flushed because requests are still running or "
                "queued. Retract or finish them, then call /flush_cache.")
@@ -135,12 +133,13 @@ class WeightUpdater:
             return self._apply(dict(zip(names, bufs)), weight_version, flush_cache)
 
     def load(self, tensors: dict[str, torch.Tensor], weight_version: str | None,
-             flush_cache: bool) -> tuple[bool, str]:
+             flush_cache: bool) -> tuple[bool, str] | Future:
         """Load ``tensors`` already here (a payload, a checkpoint) like any bucket, copied."""
         with self._recv_lock:
             return self._apply(tensors, weight_version, flush_cache)
 
-    def update_from_disk(self, model_path: str, weight_version: str | None, flush_cache: bool) -> tuple[bool, str]:
+    def update_from_disk(self, model_path: str, weight_version: str | None,
+                         flush_cache: bool) -> tuple[bool, str] | Future:
         from areal_like.weights.hf import build_model
 
         try:
@@ -161,15 +160,14 @@ class WeightUpdater:
             return False, f"Failed to receive weights: {e}"
         device = self.scheduler.device
         key = tuple((n, str(dt), tuple(s)) for n, dt, s, _ in tensor_layout)
-        early = weight_version is None and not flush_cache and device.type == "cpu" and paused
         session = self._session_id
         if not self._recv_lock.acquire(timeout=self.group_timeout_s):  # released when the receive completed
             return False, "Failed to receive weights: an earlier bucket is still being received"
+        stale = session != self._session_id or not self.session_open  # left over from an abandoned session
+        refusal = NO_SESSION if stale else self._deferred_error
         try:
-            if session != self._session_id or not self.session_open:
-                raise _Refused(NO_SESSION)  # a request left over from an abandoned session
-            if self._deferred_error:
-                raise _Refused(self._deferred_error)
+            if refusal:
+                raise _Refused(refusal)
             if device.type == "cuda":  # NCCL binds its communicator to this thread's current device
                 torch.cuda.set_device(device)
             flat = self._spare.pop(key, None)
@@ -181,19 +179,15 @@ class WeightUpdater:
             return False, str(e) if isinstance(e, _Refused) else f"Failed to receive weights: {e}"
         tensors = unpack(flat, tensor_layout)
         if device.type == "cpu":  # gloo's completion callback queues the load itself: one thread hop less
-            refusal = _refusal(self.scheduler.model.state_dict(), tensors) if early else ""
+            early = weight_version is None and not flush_cache and paused
+            early = early and not _refusal(self.scheduler.model.state_dict(), tensors)
             done: Future = Future()
-            if early and not refusal:  # answered below, before its receive completed: end() waits for it
-                self._early.append(done)
             work.get_future().then(lambda fut: self._received(
-                fut, tensors, (key, flat), (weight_version, flush_cache), done,
-                session if early and not refusal else None, refusal))
-            if early and not refusal:
-                return True, "Succeeded to update parameter online."
-            done.add_done_callback(lambda f: f.cancelled() or log.log(
-                logging.DEBUG if f.result()[0] else logging.WARNING, "weights %s (%d tensors, version %s)",
-                "loaded" if f.result()[0] else f"refused: {f.result()[1]}", len(tensors), weight_version))
-            return done  # the caller awaits the load (one thread hop less than blocking this one)
+                fut, tensors, (key, flat), (weight_version, flush_cache), done, session if early else None))
+            if not early:
+                return done
+            self._early.append(done)  # answered before its receive completed: end() waits for it
+            return True, "Succeeded to update parameter online."
         try:
             work.wait()
             torch.cuda.synchronize(device)  # the bucket is complete before the scheduler swaps it in
@@ -204,50 +198,33 @@ class WeightUpdater:
         return self._apply(tensors, weight_version, flush_cache, swap=(key, flat))
 
     def _received(self, fut, tensors: dict[str, torch.Tensor], swap: tuple[tuple, torch.Tensor],
-                  label: tuple[str | None, bool], done: Future, early_session: int | None, refusal: str) -> None:
+                  label: tuple[str | None, bool], done: Future, early_session: int | None) -> None:
         """A bucket's receive completed (gloo's thread; must not block): queue its load, then let the
         next bucket's receive be posted. ``done`` gets the answer."""
-        def finish(ok: bool, msg: str) -> None:
-            if not ok and early_session is not None:
-                self._note_deferred(None, early_session, msg)
-            try:
-                done.set_result((ok, msg))
-            except InvalidStateError:  # the HTTP caller hung up and cancelled its wait; the load stands
-                pass
-
         try:
             fut.value()  # raises if the receive failed (the sender died, the group broke)
-            if refusal:  # drained, so the sender is not left hanging; nothing is loaded
-                self._spare[swap[0]] = swap[1]
-                finish(False, refusal)
-            else:
-                loaded = self.scheduler.call(self._loader(tensors, *label, swap))
-                loaded.add_done_callback(lambda f: finish(*f.result()) if f.exception() is None
-                                         else finish(False, repr(f.exception())))
+            out = self._apply(tensors, *label, swap=swap, answered=early_session is not None)
         except Exception as e:
-            finish(False, f"Failed to receive weights: {e}")
+            out = False, f"Failed to receive weights: {e}"
         finally:
             self._recv_lock.release()
+        self._settle(out, done, early_session)
 
     def _loader(self, tensors: dict[str, torch.Tensor], weight_version: str | None, flush_cache: bool,
                 swap: tuple[tuple, torch.Tensor] | None):
         """The load of one bucket on the scheduler thread. With ``swap=(layout, flat)`` the tensors
         are views of ``flat``, which the parameters may adopt instead of copying it."""
-        def release() -> None:  # the received buffer was not adopted: keep it for the next sync of its layout
-            if swap is not None:
-                self._spare[swap[0]] = swap[1]
-
         def load_between_steps(sched) -> tuple[bool, str]:
             state = sched.model.state_dict()
             refusal = self._deferred_error or _refusal(state, tensors)
             if refusal:
-                release()
+                self._keep_spare(swap)
                 return False, refusal
             if swap is None or not self._swap_in(sched.model, tensors, *swap):
                 with torch.no_grad():
                     for name, t in tensors.items():
                         state[name].copy_(t)
-                release()
+                self._keep_spare(swap)
             if weight_version is not None:
                 sched.weight_version = weight_version
             if flush_cache and not sched.flush():
@@ -255,41 +232,45 @@ class WeightUpdater:
             return True, "Succeeded to update parameter online."
         return load_between_steps
 
+    def _keep_spare(self, swap: tuple[tuple, torch.Tensor] | None) -> None:
+        """The received buffer was not adopted: keep it for the next sync of its layout."""
+        if swap is not None:
+            self._spare[swap[0]] = swap[1]
+
     def _apply(self, tensors: dict[str, torch.Tensor], weight_version: str | None, flush_cache: bool,
-               swap: tuple[tuple, torch.Tensor] | None = None) -> tuple[bool, str]:
-        """Load ``tensors`` and answer; a bucket that neither sets the version nor flushes is
-        checked, queued and answered without waiting for its load (ENGINE.md)."""
-        t0 = time.monotonic()
-        if weight_version is None and not flush_cache:
+               swap: tuple[tuple, torch.Tensor] | None = None, answered: bool = False) -> tuple[bool, str] | Future:
+        """Queue the load of ``tensors``: a bucket that neither sets the version nor flushes is
+        checked, queued and answered at once (ENGINE.md); otherwise the answer is a Future of the
+        load (also for a bucket the caller ``answered`` already)."""
+        if weight_version is None and not flush_cache and not answered:
             refusal = self._deferred_error or _refusal(self.scheduler.model.state_dict(), tensors)
             if refusal:
-                if swap is not None:
-                    self._spare[swap[0]] = swap[1]
+                self._keep_spare(swap)
                 return False, refusal
-            session = self._session_id
-            done = self.scheduler.call(self._loader(tensors, None, False, swap))
             settled: Future = Future()  # done once its failure, if any, is noted (end() reads it)
-            done.add_done_callback(
-                lambda f: (self._note_deferred(f, session), settled.set_result(None)))
+            self._settle(self.scheduler.call(self._loader(tensors, None, False, swap)), settled, self._session_id)
             self._early.append(settled)
             return True, "Succeeded to update parameter online."
-        ok, msg = self.scheduler.call(self._loader(tensors, weight_version, flush_cache, swap)).result(
-            timeout=APPLY_TIMEOUT_S)
-        log.log(logging.DEBUG if ok else logging.WARNING, "weights %s (%d tensors, version %s) in %.3fs",
-                "loaded" if ok else f"refused: {msg}", len(tensors), weight_version, time.monotonic() - t0)
-        return ok, msg
+        done: Future = Future()
+        self._settle(self.scheduler.call(self._loader(tensors, weight_version, flush_cache, swap)), done, None)
+        return done
 
-    def _note_deferred(self, fut, session: int, error: object = None) -> None:
-        """A bucket answered early failed after all: fail the rest of its session (only it)."""
-        if fut is not None:
-            error = fut.exception()
-            ok, msg = (False, repr(error)) if error is not None else fut.result()
-            if ok:
-                return
-            error = msg
-        log.warning("a weight bucket failed after it was answered: %s", error)
-        if session == self._session_id:
-            self._deferred_error = self._deferred_error or f"an earlier bucket of this update failed: {error}"
+    def _settle(self, out: tuple[bool, str] | Future, done: Future, early_session: int | None) -> None:
+        """Hand the answer ``out`` (or, once it is there, the answer of the Future ``out``) to ``done``;
+        for a bucket answered early (``early_session``), a failure first fails the rest of its session
+        (only that session: a stale failure must not spoil the next sync)."""
+        if isinstance(out, Future):
+            out.add_done_callback(lambda f: self._settle(
+                f.result() if f.exception() is None else (False, repr(f.exception())), done, early_session))
+            return
+        if not out[0] and early_session is not None:
+            log.warning("a weight bucket failed after it was answered: %s", out[1])
+            if early_session == self._session_id and not self._deferred_error:
+                self._deferred_error = f"an earlier bucket of this update failed: {out[1]}"
+        try:
+            done.set_result(out)
+        except InvalidStateError:  # the HTTP caller hung up and cancelled its wait; the load stands
+            pass
 
     def _swap_in(self, model: torch.nn.Module, tensors: dict[str, torch.Tensor], key: tuple,
                  flat: torch.Tensor) -> bool:

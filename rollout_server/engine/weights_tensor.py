@@ -8,6 +8,7 @@ import base64
 import binascii
 import io
 import pickle
+from concurrent.futures import Future
 
 import torch
 
@@ -43,7 +44,7 @@ def decode_named_tensors(payload: str | bytes) -> dict[str, torch.Tensor]:
 
 
 def update_from_tensor(updater, payloads: list, load_format: str | None, weight_version: str | None,
-                       flush_cache: bool) -> tuple[bool, str]:
+                       flush_cache: bool) -> tuple[bool, str] | Future:
     """``/update_weights_from_tensor`` (blocking): decode, then load like a bucket."""
     if load_format not in LOAD_FORMATS:
         return False, f"load_format={load_format!r} is not supported by the embedded engine (use null)"
