@@ -76,30 +76,24 @@ _UNSUPPORTED_DEFAULTS = {
 }
 
 
-def _check_value(key: str, v: Any, kind: str) -> None:
+_IS = {_INT: _is_int, _NUM: lambda v: _is_int(v) or isinstance(v, float),
+       _BOOL: lambda v: isinstance(v, bool), _STR: lambda v: isinstance(v, str)}
+
+
+def _check_value(v: Any, kind: str) -> None:
     if v is None or kind == "any":
         return
-    if kind == _INT:
-        _check(_is_int(v), v, _INT)
-    elif kind == _NUM:
-        _check(_is_int(v) or isinstance(v, float), v, _NUM)
-    elif kind == _BOOL:
-        _check(isinstance(v, bool), v, _BOOL)
-    elif kind == _STR:
-        _check(isinstance(v, str), v, _STR)
+    if kind in _IS:
+        _check(_IS[kind](v), v, kind)
     elif kind == "map":
         _check(isinstance(v, dict), v, "a map")
-    elif kind == "int_list":
+    elif kind == "str_or_list" and not isinstance(v, list):
+        _check(isinstance(v, str), v, "a value or an array of values for StringOrList")
+    else:  # a list: int_list, str_list, or str_or_list given as a list
         _check(isinstance(v, list), v, "a sequence")
+        item = _INT if kind == "int_list" else _STR
         for e in v:
-            _check(_is_int(e), e, _INT)
-    elif kind in ("str_list", "str_or_list"):
-        if kind == "str_or_list" and not isinstance(v, list):
-            _check(isinstance(v, str), v, "a value or an array of values for StringOrList")
-            return
-        _check(isinstance(v, list), v, "a sequence")
-        for e in v:
-            _check(isinstance(e, str), e, _STR)
+            _check(_IS[item](e), e, item)
 
 
 def _contract_sampling_params(sp: Any) -> None:
@@ -108,7 +102,7 @@ def _contract_sampling_params(sp: Any) -> None:
         if key not in _SP_TYPES:
             listed = ", ".join(f"`{f}`" for f in _SP_TYPES)
             raise contract_error(f"unknown field `{key}`, expected one of {listed}")
-        _check_value(key, v, _SP_TYPES[key])
+        _check_value(v, _SP_TYPES[key])
 
 
 @dataclass(kw_only=True)
