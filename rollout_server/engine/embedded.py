@@ -107,17 +107,18 @@ class EmbeddedEngine:
         if self.scheduler is not None and self.scheduler.alive:  # answer in-flight requests right away
             self.scheduler.abort(abort_all=True, message="engine shutting down")
         if self._loop is not None and self._loop.is_running():
-            async def shutdown():
-                if self._server is not None:
-                    await self._server.close()
             try:
-                asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=STOP_TIMEOUT_S)
+                if self._server is not None:
+                    closing = asyncio.run_coroutine_threadsafe(self._server.close(), self._loop)
+                    closing.result(timeout=STOP_TIMEOUT_S)
             except Exception:  # a stuck handler must not block shutdown; the loop is stopped below anyway
                 self.log.warning("HTTP server cleanup timed out")
             self.local.cancel_all()  # in-process calls (one may wait at the pause gate) end too
             self._loop.call_soon_threadsafe(self._loop.stop)
         if self._http_thread is not None:
             self._http_thread.join(timeout=STOP_TIMEOUT_S)
+            if not self._http_thread.is_alive():
+                self._loop.close()
         if self.scheduler is not None:
             self.scheduler.stop(timeout_s=STOP_TIMEOUT_S)
         if self.weights is not None:
@@ -133,32 +134,19 @@ class EmbeddedEngine:
         return await self.local.call(loop, body)
 
     def _start_http(self) -> None:
-        ready = threading.Event()
-        errors: list[BaseException] = []
         self.http = EngineHttp(self, api_key=self.api_key, limits=self.limits)
         self.local = LocalGenerate(self.http)
-
-        def serve():
-            loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(loop)
-            try:  # handler_cancellation: a client that hangs up frees its slot
-                self._server = loop.run_until_complete(guarded_serve(
-                    self.http.app(), self.engine_cfg.host, self.engine_cfg.port, shutdown_timeout_s=HTTP_SHUTDOWN_S,
-                    handler_cancellation=True))
-                self.port = self._server.port
-                self._loop = loop
-            except BaseException as e:
-                errors.append(e)
-                return
-            finally:
-                ready.set()
-            loop.run_forever()
-            loop.close()
-
-        self._http_thread = threading.Thread(target=serve, name="engine-http", daemon=True)
+        self._loop = asyncio.new_event_loop()
+        self._http_thread = threading.Thread(target=self._loop.run_forever, name="engine-http", daemon=True)
         self._http_thread.start()
-        if not ready.wait(SERVER_START_TIMEOUT_S) or errors:
-            raise RuntimeError(f"engine HTTP server failed to start: {errors[0] if errors else 'timeout'}")
+        ec = self.engine_cfg  # handler_cancellation: a client that hangs up frees its slot
+        serving = guarded_serve(self.http.app(), ec.host, ec.port, shutdown_timeout_s=HTTP_SHUTDOWN_S,
+                                handler_cancellation=True)
+        try:
+            self._server = asyncio.run_coroutine_threadsafe(serving, self._loop).result(SERVER_START_TIMEOUT_S)
+        except Exception as e:
+            raise RuntimeError(f"engine HTTP server failed to start: {e!r}") from e
+        self.port = self._server.port
 
     # ---- helpers used by the HTTP layer
     def _eos_ids(self) -> frozenset[int]:
