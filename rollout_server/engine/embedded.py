@@ -134,7 +134,7 @@ class EmbeddedEngine:
         return await self.local.call(loop, body)
 
     def _start_http(self) -> None:
-        self.http = EngineHttp(self, api_key=self.api_key, limits=self.limits)
+        self.http = EngineHttp(self)
         self.local = LocalGenerate(self.http)
         self._loop = asyncio.new_event_loop()
         self._http_thread = threading.Thread(target=self._loop.run_forever, name="engine-http", daemon=True)

@@ -17,7 +17,7 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from areal_like.net.http_guard import HttpLimits, guarded_app
+from areal_like.net.http_guard import guarded_app
 from areal_like.wire.weight_wire import FLATTENED
 from rollout_server.engine.api import (
     REQUIRED,
@@ -117,19 +117,17 @@ def _ok_or_400(ok: bool, msg: str, **extra) -> web.Response:
 class EngineHttp:
     """Routes bound to one engine (``engine``: an ``EmbeddedEngine`` that has started its scheduler)."""
 
-    def __init__(self, engine, *, api_key: str | None = None, limits: HttpLimits = HttpLimits()):
+    def __init__(self, engine):
         self.e = engine
-        self.api_key, self.limits = api_key, limits
-        self.gate: Gate | None = None  # created on the server's event loop
-        self.max_text_chars: int | None = None  # longest text worth tokenizing (api.max_text_chars), at startup
+        self.gate = Gate()
+        self.max_text_chars = max_text_chars(engine.tokenizer, engine.context_len)  # checked before tokenizing
         self.hold_posted = False  # an in_place/retract pause posted a hold that no continue released yet
 
     def app(self) -> web.Application:
         # every endpoint needs the API key (SGLang's --api-key: /health too), within the limits (http_guard.py);
         # generate calls (which wait while paused) count against max_inflight, control calls always get in
-        app = guarded_app(limits=self.limits, token=self.api_key, capped_paths=("/generate",),
+        app = guarded_app(limits=self.e.limits, token=self.e.api_key, capped_paths=("/generate",),
                           middlewares=(self._errors,))
-        app.on_startup.append(self._startup)
         r = app.router
         for path, handler in [("/generate", self.generate), ("/flush_cache", self.flush_cache),
                               ("/get_weights_by_name", self.weights_by_name)]:
@@ -152,10 +150,6 @@ class EngineHttp:
                               ("/update_weights_from_tensor", self.update_tensor)]:
             r.add_post(path, handler)
         return app
-
-    async def _startup(self, app) -> None:
-        self.gate = Gate()
-        self.max_text_chars = max_text_chars(self.e.tokenizer, self.e.context_len)  # checked before tokenizing
 
     @web.middleware
     async def _errors(self, request: web.Request, handler):
