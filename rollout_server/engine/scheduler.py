@@ -78,9 +78,9 @@ class Scheduler:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.kv = SlotKV(cfg.num_hidden_layers, max_running, cfg.num_key_value_heads, head_dim, context_len,
                          self.dtype, self.device)
-        self.layer_types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
-        if self.layer_types != {"full_attention"}:
-            raise NotImplementedError(f"layer types {sorted(self.layer_types)}: the embedded engine builds "
+        layer_types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+        if layer_types != {"full_attention"}:
+            raise NotImplementedError(f"layer types {sorted(layer_types)}: the embedded engine builds "
                                       "full-attention masks only (no sliding-window layers)")
         # Prefill and decode through fastpath when the model's layout is one it knows (same math, less overhead).
         self.use_fastpath = fastpath.supports(model)
@@ -92,7 +92,6 @@ class Scheduler:
         self.held = False  # pause in_place / retract: no forward passes until release()
         self.failure: BaseException | None = None
         self.heartbeat = time.monotonic()
-        self.steps = 0
         self.prefills = 0  # prefill passes run
         self.prefill_tokens = 0  # tokens run through prefill passes (shared prompts count once)
         self.mail = Mailboxes()  # on_finish callbacks' calls to event loops, sent once per step (mailbox.py)
@@ -160,6 +159,8 @@ class Scheduler:
 
     # ---- the loop (scheduler thread only below this line)
     def _loop_guarded(self) -> None:
+        reason = {"type": "abort", "message": "engine shutting down", "status_code": 503,
+                  "err_type": "ServiceUnavailable"}
         try:
             with torch.inference_mode():
                 self._loop()
@@ -173,11 +174,12 @@ class Scheduler:
                     cmd()
                 except BaseException:
                     pass
+            reason = {"type": "abort", "message": f"engine failure: {e!r}", "status_code": 500,
+                      "err_type": "InternalServerError"}
+        finally:  # every request still here gets its one on_finish (module docstring)
             for r in [*self.running, *self.waiting]:
-                self._finish(r, {"type": "abort", "message": f"engine failure: {e!r}", "status_code": 500,
-                                 "err_type": "InternalServerError"})
+                self._finish(r, reason)
             self.running, self.waiting = [], deque()
-        finally:
             self.mail.flush()
 
     def _loop(self) -> None:
@@ -205,9 +207,6 @@ class Scheduler:
                 self._decode()
             if self.metrics:
                 self.metrics.on_step(self.load())
-        for r in [*self.running, *self.waiting]:
-            self._finish(r, {"type": "abort", "message": "engine shutting down", "status_code": 503,
-                             "err_type": "ServiceUnavailable"})
 
     def _gather(self) -> None:
         """Wait (holding no lock: ``wait`` releases it) while submits keep coming (ENGINE.md)."""
@@ -287,7 +286,6 @@ class Scheduler:
         logits = self._path.decode(self.model, self.kv, last, start, kv_len)
         for r in self.running:
             r.cached += 1
-        self.steps += 1
         self._sample_and_retire(logits, list(range(B)))
 
     def _sample_and_retire(self, logits: torch.Tensor, slots: list[int]) -> None:
