@@ -28,7 +28,6 @@ from rollout_server.engine.api import (
     parse_generate,
     validation_error,
 )
-from rollout_server.engine.mailbox import Mailbox
 from rollout_server.engine.metrics import CONTENT_TYPE
 from rollout_server.engine.scheduler import Request
 from rollout_server.engine.weights_tensor import update_from_tensor
@@ -210,7 +209,8 @@ class EngineHttp:
                 params = inp.params[i]
                 if params.sampling_seed is not None and j:  # distinct streams for the n samples of one seed
                     params = replace(params, sampling_seed=params.sampling_seed + j)
-                notify = _notifier(mailbox, events, len(made))
+                # scheduler thread -> this loop, after the step (mailbox.py)
+                notify = lambda _req, idx=len(made): mailbox.post(events.put_nowait, idx)  # noqa: E731
                 req = Request(rid=inp.rids[i] if inp.n == 1 else uuid.uuid4().hex, input_ids=prompt, params=params,
                               stop_ids=self.e.stop_ids(params), on_finish=notify,
                               on_token=notify if stream is not None else None)
@@ -365,9 +365,3 @@ class EngineHttp:
         self.e.log.log(logging.DEBUG if ok else logging.WARNING, "update_weights_from_%s: %s in %.3fs",
                        source, msg, seconds)
         return ok, msg
-
-
-def _notifier(mailbox: Mailbox, events: asyncio.Queue, idx: int):
-    def notify(req: Request) -> None:  # scheduler thread -> event loop, after the step (mailbox.py)
-        mailbox.post(events.put_nowait, idx)
-    return notify

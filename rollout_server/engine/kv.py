@@ -50,10 +50,8 @@ class SlotKV:
         self.K, self.V, self.capacity = [], [], 0
         self.ensure(min(INITIAL_CAPACITY, self.max_len))
 
-    def set_prefill(self, rows: slice, length: int) -> None:
-        self._rows, self._write_pos, self._kv_len = rows, None, length
-
-    def set_decode(self, rows: slice, write_pos: torch.Tensor, kv_len: int) -> None:
+    def set_rows(self, rows: slice, kv_len: int, write_pos: torch.Tensor | None = None) -> None:
+        """The slots the next forward writes: a prefill from position 0, or (``write_pos``) a decode."""
         self._rows, self._write_pos, self._kv_len = rows, write_pos, kv_len
 
     def move(self, srcs: list[int], dsts: list[int], length: int) -> None:

@@ -27,7 +27,7 @@ def prefill(model, kv: SlotKV, seqs: list[list[int]], first_slot: int) -> torch.
         ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
     pos = torch.arange(L, device=device)
     allowed = (pos[None, None, :] <= pos[None, :, None]) & (pos[None, None, :] < lens[:, None, None])
-    kv.set_prefill(slice(first_slot, first_slot + k), L)
+    kv.set_rows(slice(first_slot, first_slot + k), L)
     head = model.get_output_embeddings().register_forward_pre_hook(_last_positions(lens - 1))
     try:
         out = model(input_ids=ids, attention_mask=_mask(allowed, dtype),
@@ -49,6 +49,6 @@ def decode(model, kv: SlotKV, ids: torch.Tensor, pos: torch.Tensor, kv_len: int)
     """Logits [B, vocab] of one token per row (``ids`` [B]) at positions ``pos`` [B] of slots ``[0, B)``."""
     keys = torch.arange(kv_len, device=kv.device)
     allowed = keys[None, None, :] <= pos[:, None, None]
-    kv.set_decode(slice(0, len(ids)), pos, kv_len)
+    kv.set_rows(slice(0, len(ids)), kv_len, write_pos=pos)
     return model(input_ids=ids[:, None], attention_mask=_mask(allowed, kv.dtype), position_ids=pos[:, None],
                  past_key_values=kv, use_cache=True, logits_to_keep=1).logits[:, -1]
