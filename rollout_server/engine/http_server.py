@@ -30,7 +30,6 @@ from rollout_server.engine.api import (
 )
 from rollout_server.engine.metrics import CONTENT_TYPE
 from rollout_server.engine.scheduler import Request
-from rollout_server.engine.weights_tensor import update_from_tensor
 
 PAUSE_ABORT_POLL_S = 1.0  # re-send abort-all while requests are still in flight (SGLang does the same)
 LOAD_TIMEOUT_S = 300.0  # a load waits for the current forward pass to end; generous under load
@@ -348,8 +347,8 @@ class EngineHttp:
         f = control_fields(await _body(request), {
             "serialized_named_tensors": (list, REQUIRED), **_LOAD,
             "torch_empty_cache": (bool, False)})
-        args = (self.e.weights, f["serialized_named_tensors"], f["load_format"], f["weight_version"], f["flush_cache"])
-        return _ok_or_400(*await self._weight_load("tensor", update_from_tensor, args, f))
+        args = (f["serialized_named_tensors"], f["load_format"], f["weight_version"], f["flush_cache"])
+        return _ok_or_400(*await self._weight_load("tensor", self.e.weights.update_from_tensor, args, f))
 
     async def _weight_load(self, source: str, fn, args: tuple, f: dict) -> tuple[bool, str]:
         if f["abort_all_requests"]:

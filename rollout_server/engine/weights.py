@@ -6,12 +6,17 @@ in request order; every byte of a broadcast is received, even for a bucket then 
 sender never hangs; a bucket answered before its load failed fails the rest of its session, so
 the version of the last bucket is never set over it. Swap: a flat buffer is only ever viewed by
 the parameters of its own layout, and a swap re-points all of them, so the buffer it retires is
-viewed by no parameter.
+viewed by no parameter. A tensor payload is unpickled only through ``_TensorUnpickler``, which
+resolves the torch rebuild functions and types such a payload names and refuses anything else.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import logging
+import pickle
 import threading
 from concurrent.futures import Future, InvalidStateError, wait
 from dataclasses import replace
@@ -26,6 +31,9 @@ log = logging.getLogger(__name__)
 NO_SESSION = ("update_weights_from_distributed must run between begin_weight_update() and end_weight_update()")
 NOT_FLUSHED = ("Weights were updated, but the cache was not flushed because requests are still running or "
                "queued. Retract or finish them, then call /flush_cache.")
+LOAD_FORMATS = (None, "auto")  # a list of (name, tensor); SGLang's "flattened_bucket" needs its own classes
+_MODULES = ("torch", "torch.storage", "torch._utils", "torch.multiprocessing.reductions")
+_BUILTINS = ("list", "tuple", "dict", "int", "float", "bool", "str", "slice", "getattr", "bytearray", "complex")
 
 
 class WeightUpdater:
@@ -147,6 +155,20 @@ class WeightUpdater:
         except Exception as e:
             return False, f"Failed to load weights from {model_path}: {e}"
         return self.load(dict(loaded.state_dict()), weight_version, flush_cache)
+
+    def update_from_tensor(self, payloads: list, load_format: str | None, weight_version: str | None,
+                           flush_cache: bool) -> tuple[bool, str] | Future:
+        """Decode this rank's payload (the first) and load it like any bucket (a copy out of the
+        sender's memory; ENGINE.md)."""
+        if load_format not in LOAD_FORMATS:
+            return False, f"load_format={load_format!r} is not supported by the embedded engine (use null)"
+        if not payloads:
+            return False, "serialized_named_tensors is empty"
+        try:
+            tensors = decode_named_tensors(payloads[0])
+        except ValueError as e:
+            return False, f"Failed to update weights from tensor: {e}"
+        return self.load(tensors, weight_version, flush_cache)
 
     def _update_flattened(self, names: list[str], dtypes: list[str], shapes: list[list[int]], pg,
                           weight_version: str | None, flush_cache: bool, paused: bool) -> tuple[bool, str] | Future:
@@ -305,3 +327,28 @@ def _refusal(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -
                     f"received {tuple(t.shape)}; nothing was loaded.")
     return ""
 
+
+class _TensorUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module in _MODULES or (module == "builtins" and name in _BUILTINS):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a weight payload")
+
+
+def decode_named_tensors(payload: str | bytes) -> dict[str, torch.Tensor]:
+    """``{name: tensor}`` of one payload, in its order. Raises ValueError saying what is wrong."""
+    import torch.multiprocessing  # noqa: F401 (registers torch's rebuild functions)
+
+    try:
+        data = base64.b64decode(payload, validate=True) if isinstance(payload, str) else payload
+        named = _TensorUnpickler(io.BytesIO(data)).load()
+    except (binascii.Error, pickle.UnpicklingError, EOFError, RuntimeError, OSError) as e:
+        raise ValueError(f"cannot decode serialized_named_tensors: {type(e).__name__}: {e}") from None
+    if not isinstance(named, list) or not all(
+            isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) and isinstance(x[1], torch.Tensor)
+            for x in named):
+        raise ValueError("serialized_named_tensors must hold a list of (name, tensor) pairs")
+    out = dict(named)
+    if len(out) != len(named):
+        raise ValueError("serialized_named_tensors names a tensor twice")
+    return out
