@@ -187,9 +187,10 @@ class WeightUpdater:
             return False, "Failed to receive weights: an earlier bucket is still being received"
         stale = session != self._session_id or not self.session_open  # left over from an abandoned session
         refusal = NO_SESSION if stale else self._deferred_error
+        if refusal:
+            self._recv_lock.release()
+            return False, refusal
         try:
-            if refusal:
-                raise _Refused(refusal)
             if device.type == "cuda":  # NCCL binds its communicator to this thread's current device
                 torch.cuda.set_device(device)
             flat = self._spare.pop(key, None)
@@ -198,7 +199,7 @@ class WeightUpdater:
             work = dist.broadcast(flat, group_src=0, group=pg, async_op=True)
         except Exception as e:
             self._recv_lock.release()
-            return False, str(e) if isinstance(e, _Refused) else f"Failed to receive weights: {e}"
+            return False, f"Failed to receive weights: {e}"
         tensors = unpack(flat, tensor_layout)
         if device.type == "cpu":  # gloo's completion callback queues the load itself: one thread hop less
             early = weight_version is None and not flush_cache and paused
@@ -311,10 +312,6 @@ class WeightUpdater:
         if retired is not None:
             self._spare[key] = retired
         return True
-
-
-class _Refused(Exception):
-    """A bucket refused before anything was posted on the group."""
 
 
 def _refusal(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> str:
