@@ -47,15 +47,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         scaled = logits
     else:
         scaled = logits / torch.tensor(temps, dtype=torch.float32, device=logits.device)[:, None]
-    greedy = [p.greedy for p in params]
-    if all(greedy):
-        tokens = logits.argmax(dim=-1)
-    else:
-        tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
-        if any(greedy):
-            g = torch.tensor(greedy, device=logits.device)
-            tokens[g] = logits[g].argmax(dim=-1)
-        rows = [i for i, gr in enumerate(greedy) if not gr]
+    tokens = logits.argmax(dim=-1)  # the greedy rows' tokens; sampled rows are overwritten below
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
         tokens[rows] = _sample_rows(scaled[rows], [params[i] for i in rows], [generators[i] for i in rows], shared)
     # log_softmax(scaled)[token] without materialising the whole [B, V] log_softmax
     return tokens, scaled.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1)
