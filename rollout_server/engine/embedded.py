@@ -137,13 +137,15 @@ class EmbeddedEngine:
         self.http = EngineHttp(self)
         self.local = LocalGenerate(self.http)
         self._loop = asyncio.new_event_loop()
-        self._http_thread = threading.Thread(target=self._loop.run_forever, name="engine-http", daemon=True)
+        self._http_thread = threading.Thread(target=self._loop.run_forever, name="engine-http",
+                                             daemon=True)
         self._http_thread.start()
         ec = self.engine_cfg  # handler_cancellation: a client that hangs up frees its slot
-        serving = guarded_serve(self.http.app(), ec.host, ec.port, shutdown_timeout_s=HTTP_SHUTDOWN_S,
-                                handler_cancellation=True)
+        serving = guarded_serve(self.http.app(), ec.host, ec.port,
+                                shutdown_timeout_s=HTTP_SHUTDOWN_S, handler_cancellation=True)
         try:
-            self._server = asyncio.run_coroutine_threadsafe(serving, self._loop).result(SERVER_START_TIMEOUT_S)
+            started = asyncio.run_coroutine_threadsafe(serving, self._loop)
+            self._server = started.result(SERVER_START_TIMEOUT_S)
         except Exception as e:
             raise RuntimeError(f"engine HTTP server failed to start: {e!r}") from e
         self.port = self._server.port

@@ -118,7 +118,8 @@ class EngineHttp:
     def __init__(self, engine):
         self.e = engine
         self.gate = Gate()
-        self.max_text_chars = max_text_chars(engine.tokenizer, engine.context_len)  # checked before tokenizing
+        # the longest text worth tokenizing (api.max_text_chars)
+        self.max_text_chars = max_text_chars(engine.tokenizer, engine.context_len)
         self.hold_posted = False  # an in_place/retract pause posted a hold that no continue released yet
 
     def app(self) -> web.Application:
@@ -209,7 +210,7 @@ class EngineHttp:
                 if params.sampling_seed is not None and j:  # distinct streams for the n samples of one seed
                     params = replace(params, sampling_seed=params.sampling_seed + j)
                 # scheduler thread -> this loop, after the step (mailbox.py)
-                notify = lambda _req, idx=len(made): mailbox.post(events.put_nowait, idx)  # noqa: E731
+                notify = lambda _, idx=len(made): mailbox.post(events.put_nowait, idx)  # noqa: E731
                 req = Request(rid=inp.rids[i] if inp.n == 1 else uuid.uuid4().hex, input_ids=prompt, params=params,
                               stop_ids=self.e.stop_ids(params), on_finish=notify,
                               on_token=notify if stream is not None else None)
@@ -347,8 +348,10 @@ class EngineHttp:
         f = control_fields(await _body(request), {
             "serialized_named_tensors": (list, REQUIRED), **_LOAD,
             "torch_empty_cache": (bool, False)})
-        args = (f["serialized_named_tensors"], f["load_format"], f["weight_version"], f["flush_cache"])
-        return _ok_or_400(*await self._weight_load("tensor", self.e.weights.update_from_tensor, args, f))
+        args = (f["serialized_named_tensors"], f["load_format"], f["weight_version"],
+                f["flush_cache"])
+        load = self.e.weights.update_from_tensor
+        return _ok_or_400(*await self._weight_load("tensor", load, args, f))
 
     async def _weight_load(self, source: str, fn, args: tuple, f: dict) -> tuple[bool, str]:
         if f["abort_all_requests"]:
@@ -356,11 +359,11 @@ class EngineHttp:
         async with self.gate.writer():
             t0 = time.monotonic()
             out = await asyncio.to_thread(fn, *args)
-            if isinstance(out, Future):  # the answer of a load still queued on the scheduler (weights.py)
+            if isinstance(out, Future):  # the answer of a load still queued (weights.py)
                 out = await asyncio.wait_for(asyncio.wrap_future(out), LOAD_TIMEOUT_S)
             ok, msg = out
             seconds = time.monotonic() - t0
             self.e.metrics.observe_weight_load(source, seconds)
-        self.e.log.log(logging.DEBUG if ok else logging.WARNING, "update_weights_from_%s: %s in %.3fs",
-                       source, msg, seconds)
+        self.e.log.log(logging.DEBUG if ok else logging.WARNING,
+                       "update_weights_from_%s: %s in %.3fs", source, msg, seconds)
         return ok, msg

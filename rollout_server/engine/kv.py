@@ -51,7 +51,7 @@ class SlotKV:
         self.ensure(min(INITIAL_CAPACITY, self.max_len))
 
     def set_rows(self, rows: slice, kv_len: int, write_pos: torch.Tensor | None = None) -> None:
-        """The slots the next forward writes: a prefill from position 0, or (``write_pos``) a decode."""
+        """The slots the next forward writes: a prefill from 0, or (``write_pos``) a decode."""
         self._rows, self._write_pos, self._kv_len = rows, write_pos, kv_len
 
     def move(self, srcs: list[int], dsts: list[int], length: int) -> None:

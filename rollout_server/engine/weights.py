@@ -156,7 +156,8 @@ class WeightUpdater:
             return False, f"Failed to load weights from {model_path}: {e}"
         return self.load(dict(loaded.state_dict()), weight_version, flush_cache)
 
-    def update_from_tensor(self, payloads: list, load_format: str | None, weight_version: str | None,
+    def update_from_tensor(self, payloads: list, load_format: str | None,
+                           weight_version: str | None,
                            flush_cache: bool) -> tuple[bool, str] | Future:
         """Decode this rank's payload (the first) and load it like any bucket (a copy out of the
         sender's memory; ENGINE.md)."""
@@ -185,7 +186,7 @@ class WeightUpdater:
         session = self._session_id
         if not self._recv_lock.acquire(timeout=self.group_timeout_s):  # released when the receive completed
             return False, "Failed to receive weights: an earlier bucket is still being received"
-        stale = session != self._session_id or not self.session_open  # left over from an abandoned session
+        stale = session != self._session_id or not self.session_open  # an abandoned session's
         refusal = NO_SESSION if stale else self._deferred_error
         if refusal:
             self._recv_lock.release()
@@ -206,7 +207,8 @@ class WeightUpdater:
             early = early and not _refusal(self.scheduler.model.state_dict(), tensors)
             done: Future = Future()
             work.get_future().then(lambda fut: self._received(
-                fut, tensors, (key, flat), (weight_version, flush_cache), done, session if early else None))
+                fut, tensors, (key, flat), (weight_version, flush_cache), done,
+                session if early else None))
             if not early:
                 return done
             self._early.append(done)  # answered before its receive completed: end() waits for it
@@ -261,7 +263,8 @@ class WeightUpdater:
             self._spare[swap[0]] = swap[1]
 
     def _apply(self, tensors: dict[str, torch.Tensor], weight_version: str | None, flush_cache: bool,
-               swap: tuple[tuple, torch.Tensor] | None = None, answered: bool = False) -> tuple[bool, str] | Future:
+               swap: tuple[tuple, torch.Tensor] | None = None,
+               answered: bool = False) -> tuple[bool, str] | Future:
         """Queue the load of ``tensors``: a bucket that neither sets the version nor flushes is
         checked, queued and answered at once (ENGINE.md); otherwise the answer is a Future of the
         load (also for a bucket the caller ``answered`` already)."""
@@ -271,20 +274,24 @@ class WeightUpdater:
                 self._keep_spare(swap)
                 return False, refusal
             settled: Future = Future()  # done once its failure, if any, is noted (end() reads it)
-            self._settle(self.scheduler.call(self._loader(tensors, None, False, swap)), settled, self._session_id)
+            loading = self.scheduler.call(self._loader(tensors, None, False, swap))
+            self._settle(loading, settled, self._session_id)
             self._early.append(settled)
             return True, "Succeeded to update parameter online."
         done: Future = Future()
-        self._settle(self.scheduler.call(self._loader(tensors, weight_version, flush_cache, swap)), done, None)
+        loading = self.scheduler.call(self._loader(tensors, weight_version, flush_cache, swap))
+        self._settle(loading, done, None)
         return done
 
-    def _settle(self, out: tuple[bool, str] | Future, done: Future, early_session: int | None) -> None:
-        """Hand the answer ``out`` (or, once it is there, the answer of the Future ``out``) to ``done``;
-        for a bucket answered early (``early_session``), a failure first fails the rest of its session
-        (only that session: a stale failure must not spoil the next sync)."""
+    def _settle(self, out: tuple[bool, str] | Future, done: Future,
+                early_session: int | None) -> None:
+        """Hand the answer ``out`` (or, once there, the answer of the Future ``out``) to ``done``;
+        for a bucket answered early (``early_session``), a failure first fails the rest of its
+        session (only that session: a stale failure must not spoil the next sync)."""
         if isinstance(out, Future):
             out.add_done_callback(lambda f: self._settle(
-                f.result() if f.exception() is None else (False, repr(f.exception())), done, early_session))
+                f.result() if f.exception() is None else (False, repr(f.exception())), done,
+                early_session))
             return
         if not out[0] and early_session is not None:
             log.warning("a weight bucket failed after it was answered: %s", out[1])
