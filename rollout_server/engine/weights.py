@@ -99,10 +99,10 @@ class WeightUpdater:
         last bucket set neither version nor flush learns here whether it arrived."""
         if not self.session_open:
             return False, "no weight-update session is open; call begin_weight_update() first"
-        _, self._early = wait(self._early, timeout=self.group_timeout_s)
-        self._early = list(self._early)
+        _, left = wait(list(self._early), timeout=self.group_timeout_s)
+        self._early = [f for f in self._early if not f.done()]
         self.session_open = False
-        if self._early:
+        if left:
             return False, "an earlier bucket of this update is still being received"
         if self._deferred_error:
             return False, self._deferred_error
