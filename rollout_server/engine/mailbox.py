@@ -58,10 +58,7 @@ class Mailboxes:
         with self._lock:
             for old in [k for k in self._boxes if k.is_closed()]:  # a loop that ended has no mail to get
                 del self._boxes[old]
-            box = self._boxes.get(loop)
-            if box is None:
-                box = self._boxes[loop] = Mailbox(loop)
-            return box
+            return self._boxes.setdefault(loop, Mailbox(loop))
 
     def flush(self) -> None:
         with self._lock:
