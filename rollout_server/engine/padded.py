@@ -6,6 +6,7 @@ full attention): a per-layer-type dict is not understood by Llama's ``create_cau
 from __future__ import annotations
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from rollout_server.engine.kv import SlotKV
 
@@ -22,9 +23,7 @@ def prefill(model, kv: SlotKV, seqs: list[list[int]], first_slot: int) -> torch.
     k = len(seqs)
     lens = torch.tensor([len(s) for s in seqs], device=device)
     L = int(lens.max())
-    ids = torch.zeros(k, L, dtype=torch.long, device=device)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    ids = pad_sequence([torch.tensor(s, dtype=torch.long) for s in seqs], batch_first=True).to(device)
     pos = torch.arange(L, device=device)
     allowed = (pos[None, None, :] <= pos[None, :, None]) & (pos[None, None, :] < lens[:, None, None])
     kv.set_rows(slice(first_slot, first_slot + k), L)
