@@ -11,6 +11,7 @@ identical prompts prefilled in the same pass).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 INITIAL_CAPACITY = 128  # tokens per slot before the first growth; doubling keeps reallocations rare
 
@@ -35,14 +36,11 @@ class SlotKV:
             return
         new_cap = min(self.max_len, max(length, 2 * self.capacity))
         slots, heads, dim = self.shape
+        empty = torch.zeros(slots, heads, 0, dim, dtype=self.dtype, device=self.device)
         for store in (self.K, self.V):
-            for layer in range(self.num_layers):
-                t = torch.zeros(slots, heads, new_cap, dim, dtype=self.dtype, device=self.device)
-                if layer < len(store):
-                    t[:, :, :self.capacity] = store[layer]
-                    store[layer] = t
-                else:
-                    store.append(t)
+            store.extend([empty] * (self.num_layers - len(store)))  # the first call
+            for layer, t in enumerate(store):  # one layer at a time: peak memory grows by one layer
+                store[layer] = F.pad(t, (0, 0, 0, new_cap - self.capacity))  # zeros after
         self.capacity = new_cap
 
     def flush(self) -> None:
