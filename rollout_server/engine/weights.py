@@ -228,7 +228,7 @@ class WeightUpdater:
         next bucket's receive be posted. ``done`` gets the answer."""
         try:
             fut.value()  # raises if the receive failed (the sender died, the group broke)
-            out = self._apply(tensors, *label, swap=swap, answered=early_session is not None)
+            out = self._apply(tensors, *label, swap=swap, wait_load=True)
         except Exception as e:
             out = False, f"Failed to receive weights: {e}"
         finally:
@@ -264,11 +264,11 @@ class WeightUpdater:
 
     def _apply(self, tensors: dict[str, torch.Tensor], weight_version: str | None, flush_cache: bool,
                swap: tuple[tuple, torch.Tensor] | None = None,
-               answered: bool = False) -> tuple[bool, str] | Future:
+               wait_load: bool = False) -> tuple[bool, str] | Future:
         """Queue the load of ``tensors``: a bucket that neither sets the version nor flushes is
-        checked, queued and answered at once (ENGINE.md); otherwise the answer is a Future of the
-        load (also for a bucket the caller ``answered`` already)."""
-        if weight_version is None and not flush_cache and not answered:
+        checked, queued and answered at once (ENGINE.md); otherwise (or with ``wait_load``: the
+        gloo path, which answers early only while paused) the answer is a Future of the load."""
+        if weight_version is None and not flush_cache and not wait_load:
             refusal = self._deferred_error or _refusal(self.scheduler.model.state_dict(), tensors)
             if refusal:
                 self._keep_spare(swap)
