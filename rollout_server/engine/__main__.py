@@ -1,16 +1,14 @@
 """``python -m rollout_server.engine [--config-file PATH] [key=value ...] [--port N] [--host H]``
 
-Runs one embedded engine as its own process (model from ``model.*``, sizing from
-``rollout.engine.*``), prints ``ENGINE_URL http://host:port`` on stdout once ``/health`` would
-answer 200, and serves until SIGTERM/SIGINT. ``--port 0`` (the default) picks a free port.
-Every request needs ``Authorization: Bearer <the job's engine API key>``, found once at start as
-every daemon finds it (``areal_like.net.auth.engine_api_key``: ``$AREAL_LIKE_ENGINE_API_KEY``, else
-``<run_dir>/secrets/engine_api_key``); a job without one gets an unauthenticated engine (said in the
-log), on ``rollout.engine.host`` (loopback by default).
+Runs one embedded engine as its own process, prints ``ENGINE_URL http://host:port`` once
+``/health`` would answer 200, and serves until SIGTERM/SIGINT (``--port 0``, the default, picks a
+free port). Every request needs the job's engine API key (``areal_like.net.auth.engine_api_key``);
+a job without one gets an unauthenticated engine (said in the log), on ``rollout.engine.host``.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
@@ -30,19 +28,13 @@ def main(argv: list[str]) -> int:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     log = setup_logging("engine")
-    argv = list(argv)
-    flags = {}
-    for flag in ("--port", "--host"):
-        if flag in argv:
-            i = argv.index(flag)
-            flags[flag[2:]] = argv[i + 1]
-            del argv[i:i + 2]
-    cfg = load_daemon_config(argv)
-    engine_cfg = cfg.rollout.engine
-    if "port" in flags:
-        engine_cfg = replace(engine_cfg, port=int(flags["port"]))
-    if "host" in flags:
-        engine_cfg = replace(engine_cfg, host=flags["host"])
+    parser = argparse.ArgumentParser(prog="python -m rollout_server.engine", allow_abbrev=False)
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--host")
+    flags, rest = parser.parse_known_args(argv)  # the rest: --config-file and key=value overrides
+    cfg = load_daemon_config(rest)
+    given = {k: v for k, v in vars(flags).items() if v is not None}
+    engine_cfg = replace(cfg.rollout.engine, **given)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -1,16 +1,7 @@
-"""``/generate`` request parsing and response building with SGLang 0.5.23's shapes and error bodies.
-
-SGLang judges a ``/generate`` body in three stages, and so do we, with the same 400 bodies:
-1. body parsing (FastAPI/pydantic): not JSON, not an object, or a structurally wrong ``text`` /
-   ``input_ids`` / ``sampling_params`` / ``rid`` -> ``{"object": "error", "message", "type":
-   "Bad Request", "param": null, "code": 400}``;
-2. the JSON contract (``sglang/api/v1/api_types.py``): a wrongly typed field or an unknown
-   ``sampling_params`` key -> ``{"error": "<serde-style text>"}`` (unknown top-level keys are ignored);
-3. semantic checks (``SamplingParams.verify`` and friends) -> ``{"error": {"message": ...}}``.
-Known SGLang sampling features this engine does not implement (stop strings, grammars, penalties,
-``min_new_tokens``, input/top logprobs, ...) are refused in stage 3 with a message naming them,
-never silently ignored. Deliberate difference: a body with both ``text`` and ``input_ids`` is
-refused (SGLang would silently use ``text``).
+"""``/generate`` request parsing and response building with SGLang 0.5.23's shapes and error bodies,
+judged in SGLang's three stages (ENGINE.md, "Request validation"): body parsing (pydantic's
+``{"object": "error", ...}``), the JSON contract (``{"error": "<serde-style text>"}``), semantic
+checks (``{"error": {"message": ...}}``).
 """
 
 from __future__ import annotations
@@ -85,30 +76,24 @@ _UNSUPPORTED_DEFAULTS = {
 }
 
 
-def _check_value(key: str, v: Any, kind: str) -> None:
+_IS = {_INT: _is_int, _NUM: lambda v: _is_int(v) or isinstance(v, float),
+       _BOOL: lambda v: isinstance(v, bool), _STR: lambda v: isinstance(v, str)}
+
+
+def _check_value(v: Any, kind: str) -> None:
     if v is None or kind == "any":
         return
-    if kind == _INT:
-        _check(_is_int(v), v, _INT)
-    elif kind == _NUM:
-        _check(_is_int(v) or isinstance(v, float), v, _NUM)
-    elif kind == _BOOL:
-        _check(isinstance(v, bool), v, _BOOL)
-    elif kind == _STR:
-        _check(isinstance(v, str), v, _STR)
+    if kind in _IS:
+        _check(_IS[kind](v), v, kind)
     elif kind == "map":
         _check(isinstance(v, dict), v, "a map")
-    elif kind == "int_list":
+    elif kind == "str_or_list" and not isinstance(v, list):
+        _check(isinstance(v, str), v, "a value or an array of values for StringOrList")
+    else:  # a list: int_list, str_list, or str_or_list given as a list
         _check(isinstance(v, list), v, "a sequence")
+        item = _INT if kind == "int_list" else _STR
         for e in v:
-            _check(_is_int(e), e, _INT)
-    elif kind in ("str_list", "str_or_list"):
-        if kind == "str_or_list" and not isinstance(v, list):
-            _check(isinstance(v, str), v, "a value or an array of values for StringOrList")
-            return
-        _check(isinstance(v, list), v, "a sequence")
-        for e in v:
-            _check(isinstance(e, str), e, _STR)
+            _check(_IS[item](e), e, item)
 
 
 def _contract_sampling_params(sp: Any) -> None:
@@ -117,7 +102,7 @@ def _contract_sampling_params(sp: Any) -> None:
         if key not in _SP_TYPES:
             listed = ", ".join(f"`{f}`" for f in _SP_TYPES)
             raise contract_error(f"unknown field `{key}`, expected one of {listed}")
-        _check_value(key, v, _SP_TYPES[key])
+        _check_value(v, _SP_TYPES[key])
 
 
 @dataclass(kw_only=True)
@@ -135,16 +120,13 @@ class GenerateInput:
 
 def max_text_chars(tokenizer, context_len: int) -> int:
     """The longest ``text`` that could still fit the context: no token covers more characters than
-    its longest vocabulary entry (byte-level BPE spells a byte as one character, SentencePiece a
-    character as one), so a longer text cannot be under ``context_len`` tokens. It is refused before
-    tokenizing: a 10 MB text held the event loop for seconds to end in the context-length error."""
+    its longest vocabulary entry. A longer one is refused before tokenizing (ENGINE.md)."""
     return context_len * max(1, max((len(t) for t in tokenizer.get_vocab()), default=1))
 
 
 def parse_generate(body: Any, tokenizer, vocab_size: int, context_len: int,
                    max_chars: int | None = None) -> GenerateInput:
-    """Validate a decoded ``/generate`` body; raises ApiError with SGLang's status and body. A
-    ``text`` longer than ``max_chars`` (``max_text_chars``) is refused with 400 without tokenizing."""
+    """Validate a decoded ``/generate`` body; raises ApiError with SGLang's status and body."""
     if not isinstance(body, dict):
         raise validation_error(f"[{{'type': 'dataclass_type', 'loc': ('body',), 'msg': 'Input should be a "
                                f"dictionary or an instance of GenerateReqInput', 'input': {body!r}}}]")
@@ -289,12 +271,9 @@ def _to_params(sp: dict, vocab_size: int) -> SamplingParams:
 
 def build_output(req, tokenizer, *, return_logprob: bool, text_in_logprobs: bool, default_version: str,
                  finished: bool = True, prompt_ids: bool = False) -> dict:
-    """One SGLang ``/generate`` result object for a scheduler Request.
-
-    ``finished=False`` builds a streaming chunk of a request still running: cumulative outputs so
-    far (SGLang's default, non-incremental streaming), ``finish_reason`` null, no ``e2e_latency``.
-    It reads the request while the scheduler thread appends to it: the lists only grow and
-    ``output_versions`` is appended last, so its length is a consistent cut."""
+    """One SGLang ``/generate`` result object for a scheduler Request; ``finished=False``: a
+    streaming chunk (cumulative outputs so far). It reads the request while the scheduler thread
+    appends to it: the lists only grow and ``output_versions`` grows last (a consistent cut)."""
     n = len(req.output_versions)
     ids, logps, versions = req.output_ids[:n], req.output_logprobs[:n], req.output_versions[:n]
     meta: dict[str, Any] = {

@@ -1,17 +1,10 @@
 """``EmbeddedEngine``: a Hugging Face causal LM served over SGLang's HTTP protocol, in-process.
 
-``EmbeddedEngine(model_cfg, engine_cfg).start()`` builds the model
-(``areal_like.weights.hf.build_model``) and tokenizer, starts the scheduler thread
-(``scheduler.py``) and the aiohttp server on its own event-loop thread (``http_server.py``), runs a
-one-token warm-up, and returns; ``.url`` is then live and ``/health`` answers 200. ``.stop()`` tears
-everything down. The same object backs ``python -m rollout_server.engine`` (``__main__.py``).
-
-Sizing: ``max_running_requests`` KV slots, each up to ``context_len = min(max_position_embeddings,
-max_total_tokens)`` positions (allocated lazily, doubling); admission keeps the sum over running
-requests of ``prompt + max_new_tokens`` within ``max_total_tokens``. The initial ``weight_version``
-is ``"0"`` (policy version 0) rather than SGLang's ``"default"``, because the rollout server reads
-token versions as ``int(weight_version)``. With ``lora`` enabled the model gets the trainer's LoRA
-layers (``areal_like.weights.lora.add_adapters``): one live adapter, replaced in place by each
+``EmbeddedEngine(model_cfg, engine_cfg).start()`` builds the model and tokenizer, starts the
+scheduler thread and the aiohttp server on its own event-loop thread, runs a one-token warm-up,
+and returns; ``.url`` is then live and ``/health`` answers 200. ``.stop()`` tears everything down.
+Sizing and the initial ``weight_version``: ENGINE.md. With ``lora`` enabled the model gets the
+trainer's LoRA layers (``areal_like/weights/lora.py``): one live adapter, replaced in place by each
 weight update as full weights are, under the same pause and version rules.
 """
 
@@ -102,7 +95,8 @@ class EmbeddedEngine:
         self.weights = WeightUpdater(self.scheduler, self.model_cfg,
                                      group_timeout_s=min(WEIGHT_GROUP_TIMEOUT_S, ec.request_timeout_s))
         self._start_http()
-        if not self.generate_one_token_sync(timeout_s=ec.startup_timeout_s):
+        warm_up = self.generate_one_token(timeout_s=ec.startup_timeout_s)
+        if not asyncio.run_coroutine_threadsafe(warm_up, self._loop).result():
             raise RuntimeError("engine warm-up generation did not complete")
         self.status = "up"
         self.log.info("embedded engine up at %s (model %s, %d slots, context %d)", self.url, self.model_name,
@@ -113,17 +107,18 @@ class EmbeddedEngine:
         if self.scheduler is not None and self.scheduler.alive:  # answer in-flight requests right away
             self.scheduler.abort(abort_all=True, message="engine shutting down")
         if self._loop is not None and self._loop.is_running():
-            async def shutdown():
-                if self._server is not None:
-                    await self._server.close()
             try:
-                asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=STOP_TIMEOUT_S)
+                if self._server is not None:
+                    closing = asyncio.run_coroutine_threadsafe(self._server.close(), self._loop)
+                    closing.result(timeout=STOP_TIMEOUT_S)
             except Exception:  # a stuck handler must not block shutdown; the loop is stopped below anyway
                 self.log.warning("HTTP server cleanup timed out")
             self.local.cancel_all()  # in-process calls (one may wait at the pause gate) end too
             self._loop.call_soon_threadsafe(self._loop.stop)
         if self._http_thread is not None:
             self._http_thread.join(timeout=STOP_TIMEOUT_S)
+            if not self._http_thread.is_alive():
+                self._loop.close()
         if self.scheduler is not None:
             self.scheduler.stop(timeout_s=STOP_TIMEOUT_S)
         if self.weights is not None:
@@ -139,32 +134,21 @@ class EmbeddedEngine:
         return await self.local.call(loop, body)
 
     def _start_http(self) -> None:
-        ready = threading.Event()
-        errors: list[BaseException] = []
-        self.http = EngineHttp(self, api_key=self.api_key, limits=self.limits)
+        self.http = EngineHttp(self)
         self.local = LocalGenerate(self.http)
-
-        def serve():
-            loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(loop)
-            try:  # handler_cancellation: a client that hangs up frees its slot
-                self._server = loop.run_until_complete(guarded_serve(
-                    self.http.app(), self.engine_cfg.host, self.engine_cfg.port, shutdown_timeout_s=HTTP_SHUTDOWN_S,
-                    handler_cancellation=True))
-                self.port = self._server.port
-                self._loop = loop
-            except BaseException as e:
-                errors.append(e)
-                return
-            finally:
-                ready.set()
-            loop.run_forever()
-            loop.close()
-
-        self._http_thread = threading.Thread(target=serve, name="engine-http", daemon=True)
+        self._loop = asyncio.new_event_loop()
+        self._http_thread = threading.Thread(target=self._loop.run_forever, name="engine-http",
+                                             daemon=True)
         self._http_thread.start()
-        if not ready.wait(SERVER_START_TIMEOUT_S) or errors:
-            raise RuntimeError(f"engine HTTP server failed to start: {errors[0] if errors else 'timeout'}")
+        ec = self.engine_cfg  # handler_cancellation: a client that hangs up frees its slot
+        serving = guarded_serve(self.http.app(), ec.host, ec.port,
+                                shutdown_timeout_s=HTTP_SHUTDOWN_S, handler_cancellation=True)
+        try:
+            started = asyncio.run_coroutine_threadsafe(serving, self._loop)
+            self._server = started.result(SERVER_START_TIMEOUT_S)
+        except Exception as e:
+            raise RuntimeError(f"engine HTTP server failed to start: {e!r}") from e
+        self.port = self._server.port
 
     # ---- helpers used by the HTTP layer
     def _eos_ids(self) -> frozenset[int]:
@@ -181,22 +165,16 @@ class EmbeddedEngine:
         extra = frozenset() if params.ignore_eos else self.eos_ids
         return frozenset(params.stop_token_ids) | extra
 
-    def _health_request(self, on_finish) -> Request:
-        params = SamplingParams(max_new_tokens=1, temperature=0.0)
-        first = next(iter(self.eos_ids), 0)
-        return Request(rid=f"HEALTH_CHECK_{uuid.uuid4().hex}", input_ids=[first], params=params,
-                       stop_ids=frozenset(), on_finish=on_finish, log_metrics=False)
-
-    def generate_one_token_sync(self, timeout_s: float) -> bool:
-        done = threading.Event()
-        self.scheduler.submit(self._health_request(lambda r: done.set()))
-        return done.wait(timeout_s)
-
     async def generate_one_token(self, timeout_s: float) -> bool:
+        """SGLang's health check (and the warm-up): one greedy token, not counted in the metrics."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        req = self._health_request(lambda r: loop.is_closed() or loop.call_soon_threadsafe(
-            lambda: fut.done() or fut.set_result(r)))
+        req = Request(rid=f"HEALTH_CHECK_{uuid.uuid4().hex}",
+                      input_ids=[next(iter(self.eos_ids), 0)],
+                      params=SamplingParams(max_new_tokens=1, temperature=0.0),
+                      stop_ids=frozenset(), log_metrics=False,
+                      on_finish=lambda r: loop.is_closed() or loop.call_soon_threadsafe(
+                          lambda: fut.done() or fut.set_result(r)))
         self.scheduler.submit(req)
         try:
             r = await asyncio.wait_for(fut, timeout_s)

@@ -1,23 +1,11 @@
-"""Decode step for Llama-family decoders (Qwen2, Qwen3, Llama) written against the module's own layers.
+"""Prefill and decode for Llama-family decoders (Qwen2, Qwen3, Llama) written against the model's
+own submodules (ENGINE.md, "Forward passes"): every projection, norm, MLP and the rotary table are
+called as modules, so a weight load is seen by the next step with nothing cached here; decode
+attention is two batched matmuls over the slot cache, grouped query heads as rows (no repeat_kv).
 
-Why it exists: a decode step of a small model on CPU was about 40% overhead around the weight
-matmuls (measured, h512 L4, 16 rows: 15.2 ms per step, 9.6 ms of it in matmuls). Most of that
-was transformers' SDPA path on CPU, which for one query token runs the flash kernel over a
-strided view of the slot cache plus a 4D mask, and the generic decoder's per-layer plumbing
-(mask builders, output capture, kwargs). This path does the same arithmetic in a few ops:
-
-- every projection, norm, MLP and the rotary table are the model's own submodules, called on
-  ``[rows, hidden]`` activations, so a weight load (which copies into those parameters) is seen
-  by the next step with nothing cached here;
-- attention for one query token per row is two batched matmuls over the slot cache with the
-  grouped query heads as rows (``[B, kv_heads, G, D] @ [B, kv_heads, D, L]``), no ``repeat_kv``
-  copy; softmax in fp32 as transformers' eager path does;
-- the new token's K/V are written into the slot cache at each row's own position.
-
-Invariant: same math as the model's forward (tests compare greedy tokens with ``generate`` and
-logprobs with a separate forward, within fp32 rounding). ``supports`` accepts only transformers'
-own classes of these families, unmodified (no subclass, patched forward or hook on a module whose
-forward this file replaces); anything else uses the model's own forward (padded.py).
+Invariant: same math as the model's forward (tests/unit/test_engine_fastpath.py). ``supports``
+accepts only transformers' own classes of these families, unmodified; anything else uses the
+model's own forward (padded.py).
 """
 
 from __future__ import annotations
@@ -31,8 +19,7 @@ FAMILIES = ("qwen2", "qwen3", "llama")  # the same decoder layer up to q/k norms
 
 
 def _stock_classes(model_type: str) -> tuple[type, type, type, type]:
-    """transformers' (CausalLM, Model, DecoderLayer, Attention) classes of one family: the modules whose
-    ``forward`` this file re-implements."""
+    """transformers' (CausalLM, Model, DecoderLayer, Attention) classes of one family."""
     import importlib
     mod = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
     prefix = {"qwen2": "Qwen2", "qwen3": "Qwen3", "llama": "Llama"}[model_type]
@@ -40,18 +27,14 @@ def _stock_classes(model_type: str) -> tuple[type, type, type, type]:
 
 
 def _untouched(module: torch.nn.Module, cls: type) -> bool:
-    """``module`` runs exactly ``cls.forward``: not a subclass, no forward patched on it, no hooks that
-    its forward would have run (fastpath never calls it)."""
+    """``module`` runs exactly ``cls.forward``: no subclass, patched forward or forward hooks."""
     return (type(module) is cls and "forward" not in vars(module) and not module._forward_hooks
             and not module._forward_pre_hooks)
 
 
 def supports(model) -> bool:
-    """True if ``model`` is a stock full-attention Llama-family causal LM whose layout this path knows.
-
-    Exact classes, not ``model_type``: remote code or a subclass can keep the name and change the math
-    (softcapping, other scaling); those, and modules with forward hooks, go through their own forward.
-    Submodules that fastpath calls as modules (projections, norms, MLP, rotary, head) may be anything."""
+    """True if ``model`` is a stock full-attention Llama-family causal LM. Exact classes, not
+    ``model_type``: remote code or a subclass can keep the name and change the math."""
     cfg = getattr(model, "config", None)
     inner = getattr(model, "model", None)
     if cfg is None or inner is None or getattr(cfg, "model_type", None) not in FAMILIES:
@@ -85,10 +68,8 @@ def _attention_inputs(attn, x: torch.Tensor, kv_heads: int, dim: int, cos, sin):
 
 
 def prefill(model, kv: SlotKV, seqs: list[list[int]], first_slot: int) -> torch.Tensor:
-    """Prefill ``seqs[i]`` into slot ``first_slot + i`` (positions from 0) and return each one's last logits.
-
-    The sequences are packed without padding into one ``[tokens, hidden]`` batch for every matmul;
-    only attention runs per sequence (causal, over its own slot)."""
+    """Prefill ``seqs[i]`` into slot ``first_slot + i``, packed without padding (attention per
+    sequence); returns each one's last logits."""
     inner = model.model
     device = inner.embed_tokens.weight.device
     lens = [len(s) for s in seqs]
@@ -119,10 +100,8 @@ def prefill(model, kv: SlotKV, seqs: list[list[int]], first_slot: int) -> torch.
 
 
 def decode(model, kv: SlotKV, ids: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """One decode step over slots ``[0, B)``: row i feeds token ``ids[i]`` at position ``pos[i]``.
-
-    Writes each row's K/V at ``pos[i]`` in its slot, attends over positions ``<= pos[i]`` and returns
-    the last-position logits ``[B, vocab]``."""
+    """One decode step over slots ``[0, B)``: row i feeds token ``ids[i]`` at position ``pos[i]``;
+    returns the logits ``[B, vocab]``."""
     inner = model.model
     B = ids.shape[0]
     h = inner.embed_tokens(ids)  # [B, hidden]

@@ -1,20 +1,14 @@
-"""The aiohttp app that speaks SGLang 0.5.23's HTTP protocol subset in front of the scheduler.
-
-It plays the part of SGLang's tokenizer manager: it validates and tokenizes requests, fans out
-``n`` samples, gates generation for pauses and weight updates, and shapes responses and errors
-exactly like SGLang (status codes and bodies: ``api.py``, and the list in ``rollout_server/sglang_client.py``).
-
-Gate semantics (``Gate``), as in SGLang: while paused, new ``/generate`` calls wait (they are not
-rejected) until ``/continue_generation``; ``/pause_generation`` mode ``abort`` returns only after
-every in-flight request has been answered (finish_reason abort, tokens so far). A weight update
-while *not* paused takes the writer side: it waits for in-flight requests to finish and holds new
-ones back, so a request never spans two versions; while paused it goes straight through.
+"""The aiohttp app that speaks SGLang 0.5.23's HTTP protocol subset in front of the scheduler: it
+validates and tokenizes requests, fans out ``n`` samples, gates generation for pauses and weight
+updates (``Gate``; ENGINE.md, "Pause and weight updates"), and shapes responses and errors exactly
+like SGLang (``api.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from concurrent.futures import Future
@@ -23,7 +17,7 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from areal_like.net.http_guard import HttpLimits, guarded_app
+from areal_like.net.http_guard import guarded_app
 from areal_like.wire.weight_wire import FLATTENED
 from rollout_server.engine.api import (
     REQUIRED,
@@ -34,13 +28,15 @@ from rollout_server.engine.api import (
     parse_generate,
     validation_error,
 )
-from rollout_server.engine.mailbox import Mailbox
 from rollout_server.engine.metrics import CONTENT_TYPE
 from rollout_server.engine.scheduler import Request
-from rollout_server.engine.weights_tensor import update_from_tensor
 
 PAUSE_ABORT_POLL_S = 1.0  # re-send abort-all while requests are still in flight (SGLang does the same)
+LOAD_TIMEOUT_S = 300.0  # a load waits for the current forward pass to end; generous under load
 HEALTH_TIMEOUT_S = 20.0  # SGLang's HEALTH_CHECK_TIMEOUT: a 1-token generation must finish by then
+# the body keys every update_weights_from_* endpoint takes
+_LOAD = {"load_format": (str, None), "abort_all_requests": (bool, False),
+         "weight_version": (str, None), "flush_cache": (bool, True)}
 FLUSHED = ("Cache flushed.\nPlease check backend logs for more details. (When there are running or waiting "
            "requests, the operation will not be performed.)\n")
 
@@ -106,6 +102,12 @@ async def _body(request: web.Request) -> dict:
     return body
 
 
+def _json_of(describe):
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response(describe())
+    return handler
+
+
 def _ok_or_400(ok: bool, msg: str, **extra) -> web.Response:
     return web.json_response({"success": ok, "message": msg, **extra}, status=200 if ok else 400)
 
@@ -113,29 +115,31 @@ def _ok_or_400(ok: bool, msg: str, **extra) -> web.Response:
 class EngineHttp:
     """Routes bound to one engine (``engine``: an ``EmbeddedEngine`` that has started its scheduler)."""
 
-    def __init__(self, engine, *, api_key: str | None = None, limits: HttpLimits = HttpLimits()):
+    def __init__(self, engine):
         self.e = engine
-        self.api_key, self.limits = api_key, limits
-        self.gate: Gate | None = None  # created on the server's event loop
-        self.max_text_chars: int | None = None  # longest text worth tokenizing (api.max_text_chars), at startup
+        self.gate = Gate()
+        # the longest text worth tokenizing (api.max_text_chars)
+        self.max_text_chars = max_text_chars(engine.tokenizer, engine.context_len)
         self.hold_posted = False  # an in_place/retract pause posted a hold that no continue released yet
 
     def app(self) -> web.Application:
         # every endpoint needs the API key (SGLang's --api-key: /health too), within the limits (http_guard.py);
         # generate calls (which wait while paused) count against max_inflight, control calls always get in
-        app = guarded_app(limits=self.limits, token=self.api_key, capped_paths=("/generate",),
+        app = guarded_app(limits=self.e.limits, token=self.e.api_key, capped_paths=("/generate",),
                           middlewares=(self._errors,))
-        app.on_startup.append(self._startup)
         r = app.router
         for path, handler in [("/generate", self.generate), ("/flush_cache", self.flush_cache),
                               ("/get_weights_by_name", self.weights_by_name)]:
             r.add_post(path, handler)
             r.add_route("PUT" if path == "/generate" else "GET", path, handler)
-        for path, handler in [("/health", self.health), ("/health_generate", self.health),
-                              ("/model_info", self.model_info), ("/get_model_info", self.model_info),
-                              ("/server_info", self.server_info), ("/get_server_info", self.server_info),
-                              ("/v1/loads", self.loads), ("/metrics", self.metrics)]:
-            r.add_get(path, handler)
+        for path in ("/health", "/health_generate"):
+            r.add_get(path, self.health)
+        info = {"/model_info": self.e.model_info, "/get_model_info": self.e.model_info,
+                "/server_info": self.e.server_info, "/get_server_info": self.e.server_info,
+                "/v1/loads": self.e.loads}
+        for path, describe in info.items():
+            r.add_get(path, _json_of(describe))
+        r.add_get("/metrics", self.metrics)
         for path, handler in [("/abort_request", self.abort_request), ("/pause_generation", self.pause),
                               ("/continue_generation", self.continue_), ("/init_weights_update_group", self.init_group),
                               ("/destroy_weights_update_group", self.destroy_group),
@@ -145,10 +149,6 @@ class EngineHttp:
                               ("/update_weights_from_tensor", self.update_tensor)]:
             r.add_post(path, handler)
         return app
-
-    async def _startup(self, app) -> None:
-        self.gate = Gate()
-        self.max_text_chars = max_text_chars(self.e.tokenizer, self.e.context_len)  # checked before tokenizing
 
     @web.middleware
     async def _errors(self, request: web.Request, handler):
@@ -209,7 +209,8 @@ class EngineHttp:
                 params = inp.params[i]
                 if params.sampling_seed is not None and j:  # distinct streams for the n samples of one seed
                     params = replace(params, sampling_seed=params.sampling_seed + j)
-                notify = _notifier(mailbox, events, len(made))
+                # scheduler thread -> this loop, after the step (mailbox.py)
+                notify = lambda _, idx=len(made): mailbox.post(events.put_nowait, idx)  # noqa: E731
                 req = Request(rid=inp.rids[i] if inp.n == 1 else uuid.uuid4().hex, input_ids=prompt, params=params,
                               stop_ids=self.e.stop_ids(params), on_finish=notify,
                               on_token=notify if stream is not None else None)
@@ -249,16 +250,6 @@ class EngineHttp:
         ok = await e.generate_one_token(timeout_s=HEALTH_TIMEOUT_S)
         return web.Response(status=200 if ok else 503)
 
-    # ---- info
-    async def model_info(self, request: web.Request) -> web.Response:
-        return web.json_response(self.e.model_info())
-
-    async def server_info(self, request: web.Request) -> web.Response:
-        return web.json_response(self.e.server_info())
-
-    async def loads(self, request: web.Request) -> web.Response:
-        return web.json_response(self.e.loads())
-
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.e.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
@@ -269,7 +260,7 @@ class EngineHttp:
 
     async def abort_request(self, request: web.Request) -> web.Response:
         f = control_fields(await _body(request), {"rid": (str, ""), "abort_all": (bool, False),
-                                                  "abort_message": (str, None)})
+                                                                 "abort_message": (str, None)})
         if f["abort_all"] or f["rid"]:  # an empty rid without abort_all is ignored (SGLang)
             self.e.scheduler.abort(f["rid"], abort_all=f["abort_all"], message=f["abort_message"] or "Aborted")
         return web.Response(status=200)
@@ -338,8 +329,7 @@ class EngineHttp:
     async def update_distributed(self, request: web.Request) -> web.Response:
         f = control_fields(await _body(request), {
             "names": (list, REQUIRED), "dtypes": (list, REQUIRED), "shapes": (list, REQUIRED),
-            "group_name": (str, "weight_update_group"), "flush_cache": (bool, True),
-            "abort_all_requests": (bool, False), "weight_version": (str, None), "load_format": (str, None),
+            "group_name": (str, "weight_update_group"), **_LOAD,
             "selector": (("target", "draft", "all"), "all"), "torch_empty_cache": (bool, False)})
         if f["load_format"] not in (None, "auto", FLATTENED):
             return _ok_or_400(False, f"load_format={f['load_format']!r} is not supported by the embedded engine")
@@ -349,19 +339,19 @@ class EngineHttp:
         return _ok_or_400(*await self._weight_load("distributed", w.update_from_distributed, args, f))
 
     async def update_disk(self, request: web.Request) -> web.Response:
-        f = control_fields(await _body(request), {
-            "model_path": (str, REQUIRED), "load_format": (str, None), "abort_all_requests": (bool, False),
-            "weight_version": (str, None), "flush_cache": (bool, True)})
+        f = control_fields(await _body(request), {"model_path": (str, REQUIRED), **_LOAD})
         args = (f["model_path"], f["weight_version"], f["flush_cache"])
         ok, msg = await self._weight_load("disk", self.e.weights.update_from_disk, args, f)
         return _ok_or_400(ok, msg, num_paused_requests=0)
 
     async def update_tensor(self, request: web.Request) -> web.Response:
         f = control_fields(await _body(request), {
-            "serialized_named_tensors": (list, REQUIRED), "load_format": (str, None), "flush_cache": (bool, True),
-            "abort_all_requests": (bool, False), "weight_version": (str, None), "torch_empty_cache": (bool, False)})
-        args = (self.e.weights, f["serialized_named_tensors"], f["load_format"], f["weight_version"], f["flush_cache"])
-        return _ok_or_400(*await self._weight_load("tensor", update_from_tensor, args, f))
+            "serialized_named_tensors": (list, REQUIRED), **_LOAD,
+            "torch_empty_cache": (bool, False)})
+        args = (f["serialized_named_tensors"], f["load_format"], f["weight_version"],
+                f["flush_cache"])
+        load = self.e.weights.update_from_tensor
+        return _ok_or_400(*await self._weight_load("tensor", load, args, f))
 
     async def _weight_load(self, source: str, fn, args: tuple, f: dict) -> tuple[bool, str]:
         if f["abort_all_requests"]:
@@ -369,13 +359,11 @@ class EngineHttp:
         async with self.gate.writer():
             t0 = time.monotonic()
             out = await asyncio.to_thread(fn, *args)
-            # a bucket whose load finishes on the scheduler comes back as a Future (weights.py): await it here
-            ok, msg = await asyncio.wrap_future(out) if isinstance(out, Future) else out
-            self.e.metrics.observe_weight_load(source, time.monotonic() - t0)
+            if isinstance(out, Future):  # the answer of a load still queued (weights.py)
+                out = await asyncio.wait_for(asyncio.wrap_future(out), LOAD_TIMEOUT_S)
+            ok, msg = out
+            seconds = time.monotonic() - t0
+            self.e.metrics.observe_weight_load(source, seconds)
+        self.e.log.log(logging.DEBUG if ok else logging.WARNING,
+                       "update_weights_from_%s: %s in %.3fs", source, msg, seconds)
         return ok, msg
-
-
-def _notifier(mailbox: Mailbox, events: asyncio.Queue, idx: int):
-    def notify(req: Request) -> None:  # scheduler thread -> event loop, after the step (mailbox.py)
-        mailbox.post(events.put_nowait, idx)
-    return notify

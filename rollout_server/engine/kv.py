@@ -1,22 +1,17 @@
-"""Preallocated per-slot KV cache that a Hugging Face decoder writes into through ``update()``.
-
-A model in transformers 5.x only calls ``past_key_values.update(k, v, layer_idx)`` and reads its
-result, so this plain object is a complete cache (why not one of transformers' own caches:
-rollout_server/engine/ENGINE.md, Scheduling). Layout per layer: ``K, V = [slots, kv_heads,
-capacity, head_dim]``. The scheduler keeps its running requests packed in slots ``[0, B)``, so
-attention reads the views ``K[rows, :, :kv_len]`` without a gather.
+"""Preallocated per-slot KV cache that a Hugging Face decoder writes into through ``update()``
+(transformers 5.x decoders only call ``past_key_values.update(k, v, layer_idx)``; ENGINE.md,
+Scheduling). Layout per layer: ``K, V = [slots, kv_heads, capacity, head_dim]``.
 
 Invariants: a slot holds exactly one request's KV for positions ``[0, cached)``; positions past
 that are garbage and always masked. ``capacity`` only grows (doubling, copy) until ``flush``.
-Nothing outlives its request: there is no prefix cache (``move`` copies KV between slots only for
-compaction and for identical prompts prefilled in the same pass), so no KV computed under old
-weights is ever reused after a weight update. ``fastpath`` writes ``K``/``V`` directly; ``update``
-serves models that go through their own forward.
+Nothing outlives its request (``move`` copies KV between slots only for compaction and for
+identical prompts prefilled in the same pass).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 INITIAL_CAPACITY = 128  # tokens per slot before the first growth; doubling keeps reallocations rare
 
@@ -41,14 +36,11 @@ class SlotKV:
             return
         new_cap = min(self.max_len, max(length, 2 * self.capacity))
         slots, heads, dim = self.shape
+        empty = torch.zeros(slots, heads, 0, dim, dtype=self.dtype, device=self.device)
         for store in (self.K, self.V):
-            for layer in range(self.num_layers):
-                t = torch.zeros(slots, heads, new_cap, dim, dtype=self.dtype, device=self.device)
-                if layer < len(store):
-                    t[:, :, :self.capacity] = store[layer]
-                    store[layer] = t
-                else:
-                    store.append(t)
+            store.extend([empty] * (self.num_layers - len(store)))  # the first call
+            for layer, t in enumerate(store):  # one layer at a time: peak memory grows by one layer
+                store[layer] = F.pad(t, (0, 0, 0, new_cap - self.capacity))  # zeros after
         self.capacity = new_cap
 
     def flush(self) -> None:
@@ -56,17 +48,13 @@ class SlotKV:
         self.K, self.V, self.capacity = [], [], 0
         self.ensure(min(INITIAL_CAPACITY, self.max_len))
 
-    def set_prefill(self, rows: slice, length: int) -> None:
-        self._rows, self._write_pos, self._kv_len = rows, None, length
-
-    def set_decode(self, rows: slice, write_pos: torch.Tensor, kv_len: int) -> None:
+    def set_rows(self, rows: slice, kv_len: int, write_pos: torch.Tensor | None = None) -> None:
+        """The slots the next forward writes: a prefill from 0, or (``write_pos``) a decode."""
         self._rows, self._write_pos, self._kv_len = rows, write_pos, kv_len
 
     def move(self, srcs: list[int], dsts: list[int], length: int) -> None:
-        """Copy the first ``length`` positions of slot ``srcs[i]`` into slot ``dsts[i]`` for every i
-        (compaction, identical prompts), one indexed copy per tensor for all the pairs: a copy per pair
-        cost the scheduler more than a decode step when a step's 64 samples finished together. No slot
-        may be both a source and a destination."""
+        """Copy the first ``length`` positions of slot ``srcs[i]`` into slot ``dsts[i]`` for every
+        i, in one indexed copy per tensor. No slot may be both a source and a destination."""
         if not srcs:
             return
         src = torch.tensor(srcs, device=self.device)

@@ -1,18 +1,10 @@
-"""The embedded engine's ``/generate`` for a caller in its own process: the rollout server that
-embeds it (``SGLangClient(local=engine)``), without the loopback HTTP exchange.
+"""The embedded engine's ``/generate`` for a caller in its own process
+(``SGLangClient(local=engine)``), without the loopback HTTP exchange (ENGINE.md).
 
-Each call runs the endpoint's own code on the engine's event loop
-(``asyncio.run_coroutine_threadsafe``): ``EngineHttp.parse`` and ``EngineHttp.answer`` (pause/update
-gate, scheduling, answer), and hands back what it would have answered over HTTP as (status, JSON
-body), the body going in and the answer coming out as Python objects, with no JSON either way. What
-HTTP gave and this keeps: a call waits while the engine is paused, a weight update waits for it,
-cancelling the caller aborts its requests as a client hanging up does, and a bug is logged and
-answered 500. What it leaves out: the API key and the HTTP limits
-(``areal_like/net/http_guard.py``), which guard the port against other processes. Why: on a small
-model the exchange (aiohttp on both ends, JSON both ways, and the GIL they take from the scheduler
-thread) cost more than the engine's own work (benchmarks/README.md, "Session 17 (2026-11-23): the
-engine answers its own rollout server in-process"). The control and weight endpoints stay HTTP: five
-calls per weight version, and taking them in-process measured within the noise (same section).
+Each call runs ``EngineHttp.parse`` and ``EngineHttp.answer`` on the engine's event loop and hands
+back (status, JSON body) as Python objects: it waits while paused, a weight update waits for it,
+cancelling the caller aborts its requests as a hang-up does, and a bug is answered 500. It leaves
+out the API key and the HTTP limits, which guard the port against other processes.
 """
 
 from __future__ import annotations
@@ -24,7 +16,7 @@ from rollout_server.engine.api import ApiError, value_error
 
 
 class LocalGenerate:
-    """The in-process ``/generate`` calls to one engine (``http``: its ``EngineHttp``) still running."""
+    """The in-process ``/generate`` calls to one engine (``http``: its ``EngineHttp``)."""
 
     def __init__(self, http) -> None:
         self.http = http
@@ -55,8 +47,7 @@ class LocalGenerate:
             self._ended.discard(fut)
 
     def cancel_all(self) -> None:
-        """End every call still running (one may be waiting at the pause gate), and every later one: the
-        engine stops."""
+        """The engine stops: end every call running (one may wait at the pause gate) and later."""
         self.closed = True
         for fut in list(self._running):
             self._end(fut)

@@ -1,12 +1,6 @@
-"""Calls from the scheduler thread to asyncio event loops, one wake-up per loop per scheduler step.
-
-A request's ``on_finish`` runs on the scheduler thread; its waiter lives on an event loop (the
-engine's HTTP loop). Waking that loop per request (``call_soon_threadsafe``: a socket write, which
-releases the GIL) handed the GIL to the woken loop in the middle of a step, once for every request
-that finished, and the scheduler waited to get it back: a third of its time in a profile of a
-step's 64 samples (benchmarks/README.md, "Session 20"). Here a callback only queues its call
-(``Mailbox.post``); the scheduler's ``Mailboxes.flush()``, after each step and before it exits,
-wakes each loop that has mail once, and that loop runs the batch in posting order.
+"""Calls from the scheduler thread to asyncio event loops, one wake-up per loop per scheduler step
+(ENGINE.md, Scheduling). A callback only queues its call (``Mailbox.post``); ``Mailboxes.flush()``,
+after each step and before the scheduler exits, wakes each loop that has mail once.
 
 Invariant: every posted call runs on its loop unless the loop is closed first (then there is
 nobody left to tell).
@@ -64,10 +58,7 @@ class Mailboxes:
         with self._lock:
             for old in [k for k in self._boxes if k.is_closed()]:  # a loop that ended has no mail to get
                 del self._boxes[old]
-            box = self._boxes.get(loop)
-            if box is None:
-                box = self._boxes[loop] = Mailbox(loop)
-            return box
+            return self._boxes.setdefault(loop, Mailbox(loop))
 
     def flush(self) -> None:
         with self._lock:

@@ -1,11 +1,5 @@
-"""Prometheus series of the embedded engine under SGLang's names (``sglang:`` prefix; ENGINE.md, Metrics).
-
-The core subset an aggregator scrapes from real SGLang servers, with the same names, types and
-label keys (SGLang's common labels ``model_name``, ``engine_type``, ``tp_rank``, ``pp_rank``,
-``moe_ep_rank`` everywhere, ``is_streaming`` on request counters and histograms, ``source`` on
-the weight-load gauge), on a private ``CollectorRegistry`` so several engines can
-live in one process (tests). Scheduler callbacks run on the scheduler thread; prometheus_client
-metrics are thread-safe.
+"""Prometheus series of the embedded engine under SGLang's names and label keys (ENGINE.md,
+Metrics), on a private ``CollectorRegistry`` so several engines can live in one process (tests).
 """
 
 from __future__ import annotations

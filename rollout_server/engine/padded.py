@@ -1,19 +1,12 @@
-"""Prefill and decode for any causal LM through its own forward (what ``fastpath`` does not cover).
-
-Same signatures as ``fastpath.prefill`` / ``fastpath.decode``; the scheduler (``scheduler.py``) uses
-this module for a model ``fastpath.supports`` refuses (any causal LM with
-``get_output_embeddings``). Prefill runs one right-padded batch with a 4D mask and explicit
-positions; decode runs one token per row against the slot cache.
-
-Masks are plain additive 4D tensors ``[B, 1, Q, K]`` (every layer is full attention: the scheduler
-refuses sliding-window layers): transformers uses them as they are, while a per-layer-type dict is
-only understood by decoders with sliding layers in their family (Qwen2/Qwen3), not Llama's
-``create_causal_mask``.
+"""Prefill and decode for any causal LM through its own forward (what ``fastpath`` does not cover),
+with ``fastpath``'s signatures. Masks are plain additive 4D tensors ``[B, 1, Q, K]`` (every layer is
+full attention): a per-layer-type dict is not understood by Llama's ``create_causal_mask``.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from rollout_server.engine.kv import SlotKV
 
@@ -30,12 +23,10 @@ def prefill(model, kv: SlotKV, seqs: list[list[int]], first_slot: int) -> torch.
     k = len(seqs)
     lens = torch.tensor([len(s) for s in seqs], device=device)
     L = int(lens.max())
-    ids = torch.zeros(k, L, dtype=torch.long, device=device)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    ids = pad_sequence([torch.tensor(s, dtype=torch.long) for s in seqs], batch_first=True).to(device)
     pos = torch.arange(L, device=device)
     allowed = (pos[None, None, :] <= pos[None, :, None]) & (pos[None, None, :] < lens[:, None, None])
-    kv.set_prefill(slice(first_slot, first_slot + k), L)
+    kv.set_rows(slice(first_slot, first_slot + k), L)
     head = model.get_output_embeddings().register_forward_pre_hook(_last_positions(lens - 1))
     try:
         out = model(input_ids=ids, attention_mask=_mask(allowed, dtype),
@@ -46,11 +37,8 @@ def prefill(model, kv: SlotKV, seqs: list[list[int]], first_slot: int) -> torch.
 
 
 def _last_positions(last: torch.Tensor):
-    """A pre-hook for the LM head: only row i's hidden state at ``last[i]`` reaches it ([k, 1, H]).
-
-    Per-row positions through the model's own forward on every transformers version (a 2-D
-    ``logits_to_keep`` means per-row positions only from transformers 5.23 on: 5.19 indexes the
-    sequence dimension with it), and only k rows of logits, whatever the padded length."""
+    """A pre-hook for the LM head: only row i's hidden state at ``last[i]`` reaches it ([k, 1, H])
+    (a 2-D ``logits_to_keep`` means per-row positions only from transformers 5.23 on)."""
     def hook(_head, args):
         return (args[0][torch.arange(len(last), device=last.device), last][:, None], *args[1:])
     return hook
@@ -60,6 +48,6 @@ def decode(model, kv: SlotKV, ids: torch.Tensor, pos: torch.Tensor, kv_len: int)
     """Logits [B, vocab] of one token per row (``ids`` [B]) at positions ``pos`` [B] of slots ``[0, B)``."""
     keys = torch.arange(kv_len, device=kv.device)
     allowed = keys[None, None, :] <= pos[:, None, None]
-    kv.set_decode(slice(0, len(ids)), pos, kv_len)
+    kv.set_rows(slice(0, len(ids)), kv_len, write_pos=pos)
     return model(input_ids=ids[:, None], attention_mask=_mask(allowed, kv.dtype), position_ids=pos[:, None],
                  past_key_values=kv, use_cache=True, logits_to_keep=1).logits[:, -1]

@@ -1,16 +1,10 @@
 """Per-request sampling parameters and the batched sampler with its logprob convention.
 
 Logprob convention (the contract with the trainer, areal_like/DESIGN.md section 2):
-``logprob[t] = log_softmax(logits_t / temperature)[token_t]`` computed in fp32, i.e. the
-temperature-scaled policy distribution *before* top-p / top-k truncation. This is what the
-trainer recomputes from a plain forward pass (it never applies top-p/top-k), and it is also what
-SGLang returns by default (its sampler takes the log of the temperature-scaled probabilities
-before truncation). ``temperature == 0`` means greedy: like SGLang, the engine then uses
-temperature 1 and top_k 1, so the returned logprob is ``log_softmax(logits)[argmax]``.
-
-Sampling draws ``argmax(p / E)`` with ``E ~ Exp(1)`` i.i.d. per vocabulary entry, which is an
-exact sample from ``p`` and lets every row use its own ``torch.Generator`` (``sampling_seed``)
-while the unseeded rows share the engine's generator in one batched call.
+``logprob[t] = log_softmax(logits_t / temperature)[token_t]`` in fp32, before top-p / top-k
+truncation, as SGLang returns by default. ``temperature == 0`` is greedy (temperature 1, top_k 1).
+Sampling draws ``argmax(p / E)`` with ``E ~ Exp(1)`` i.i.d. per vocabulary entry, an exact sample
+from ``p`` that lets each row use its own ``torch.Generator`` (``sampling_seed``).
 """
 
 from __future__ import annotations
@@ -53,15 +47,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         scaled = logits
     else:
         scaled = logits / torch.tensor(temps, dtype=torch.float32, device=logits.device)[:, None]
-    greedy = [p.greedy for p in params]
-    if all(greedy):
-        tokens = logits.argmax(dim=-1)
-    else:
-        tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
-        if any(greedy):
-            g = torch.tensor(greedy, device=logits.device)
-            tokens[g] = logits[g].argmax(dim=-1)
-        rows = [i for i, gr in enumerate(greedy) if not gr]
+    tokens = logits.argmax(dim=-1)  # the greedy rows' tokens; sampled rows are overwritten below
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
         tokens[rows] = _sample_rows(scaled[rows], [params[i] for i in rows], [generators[i] for i in rows], shared)
     # log_softmax(scaled)[token] without materialising the whole [B, V] log_softmax
     return tokens, scaled.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1)

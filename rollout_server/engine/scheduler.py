@@ -1,27 +1,14 @@
-"""Continuous-batching scheduler: one thread that owns the model, the slot KV cache and all requests.
-
-Each loop iteration (``_loop``) is: run queued commands (submits, aborts, weight loads, pauses) ->
-admit waiting requests into free slots and prefill them as one right-padded batch -> one decode
-step over every running request -> retire finished requests (their slot is refilled by moving
-the last running row into it). Requests therefore join and leave the batch at every step.
-
-A burst of submits that wakes an idle scheduler is gathered first (``_gather``: until none came for
-``gather_gap_s``, ``gather_max_s`` at most), so the groups a rollout server starts together share one
-prefill instead of the first running alone, slowing the others' submits on a shared CPU, and the rest
-trailing a step behind (benchmarks/README.md, "Session 19"). A lone request at an idle engine waits
-``gather_gap_s`` more.
+"""Continuous-batching scheduler: one thread that owns the model, the slot KV cache and all requests
+(ENGINE.md, Scheduling: the loop, burst gathering, admission).
 
 Invariants:
 - Only the scheduler thread touches the model, the KV cache and the request lists; other threads
   talk to it through ``submit`` / ``abort`` / ``hold`` / ``release`` / ``call`` (a command inbox).
-- Commands run between two forward passes, so a weight load (``call``) never lands inside one:
-  every forward pass sees exactly one weight version, and every output token records the version
-  that produced it (``Request.output_versions``).
-- No KV outlives its request (no prefix cache), so nothing computed under old weights is reused. Identical
-  sequences admitted together share one prefill (KV copied within that pass, see ``_prefill``).
+- Commands run between two forward passes, so every forward pass sees exactly one weight version,
+  and every output token records the version that produced it (``Request.output_versions``).
+- No KV outlives its request (no prefix cache), so nothing computed under old weights is reused.
 - Every request that entered the scheduler gets exactly one ``on_finish`` callback, also when the
   loop dies (then with an abort carrying status 500).
-Logprob convention: see ``sampling.py`` (temperature-scaled, before top-p/top-k, fp32).
 """
 
 from __future__ import annotations
@@ -91,9 +78,9 @@ class Scheduler:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.kv = SlotKV(cfg.num_hidden_layers, max_running, cfg.num_key_value_heads, head_dim, context_len,
                          self.dtype, self.device)
-        self.layer_types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
-        if self.layer_types != {"full_attention"}:
-            raise NotImplementedError(f"layer types {sorted(self.layer_types)}: the embedded engine builds "
+        layer_types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+        if layer_types != {"full_attention"}:
+            raise NotImplementedError(f"layer types {sorted(layer_types)}: the embedded engine builds "
                                       "full-attention masks only (no sliding-window layers)")
         # Prefill and decode through fastpath when the model's layout is one it knows (same math, less overhead).
         self.use_fastpath = fastpath.supports(model)
@@ -105,7 +92,6 @@ class Scheduler:
         self.held = False  # pause in_place / retract: no forward passes until release()
         self.failure: BaseException | None = None
         self.heartbeat = time.monotonic()
-        self.steps = 0
         self.prefills = 0  # prefill passes run
         self.prefill_tokens = 0  # tokens run through prefill passes (shared prompts count once)
         self.mail = Mailboxes()  # on_finish callbacks' calls to event loops, sent once per step (mailbox.py)
@@ -173,6 +159,8 @@ class Scheduler:
 
     # ---- the loop (scheduler thread only below this line)
     def _loop_guarded(self) -> None:
+        reason = {"type": "abort", "message": "engine shutting down", "status_code": 503,
+                  "err_type": "ServiceUnavailable"}
         try:
             with torch.inference_mode():
                 self._loop()
@@ -186,11 +174,12 @@ class Scheduler:
                     cmd()
                 except BaseException:
                     pass
+            reason = {"type": "abort", "message": f"engine failure: {e!r}", "status_code": 500,
+                      "err_type": "InternalServerError"}
+        finally:  # every request still here gets its one on_finish (module docstring)
             for r in [*self.running, *self.waiting]:
-                self._finish(r, {"type": "abort", "message": f"engine failure: {e!r}", "status_code": 500,
-                                 "err_type": "InternalServerError"})
+                self._finish(r, reason)
             self.running, self.waiting = [], deque()
-        finally:
             self.mail.flush()
 
     def _loop(self) -> None:
@@ -216,13 +205,11 @@ class Scheduler:
                 self._prefill(new)
             if self.running:
                 self._decode()
-            self._report()
-        for r in [*self.running, *self.waiting]:
-            self._finish(r, {"type": "abort", "message": "engine shutting down", "status_code": 503,
-                             "err_type": "ServiceUnavailable"})
+            if self.metrics:
+                self.metrics.on_step(self.load())
 
     def _gather(self) -> None:
-        """Wait (holding no lock: ``wait`` releases it) while submits keep coming (module docstring)."""
+        """Wait (holding no lock: ``wait`` releases it) while submits keep coming (ENGINE.md)."""
         end = time.monotonic() + self.gather_max_s
         seen = self._submits
         while (left := end - time.monotonic()) > 0 and not self._stopping:
@@ -265,13 +252,12 @@ class Scheduler:
         return min(self.context_len, len(r.input_ids) + r.params.max_new_tokens)
 
     @property
-    def _path(self):
-        """The module that runs prefill and decode passes: ``fastpath`` for a model it knows, else ``padded``."""
+    def _path(self):  # the module that runs prefill and decode passes
         return fastpath if self.use_fastpath else padded
 
     def _prefill(self, new: list[Request]) -> None:
-        """Prefill ``new`` into slots ``[B, B + k)``. Identical sequences in one batch (the n samples of one
-        prompt) are computed once and their KV copied: same weights, same pass, so nothing stale is shared."""
+        """Prefill ``new`` into slots ``[B, B + k)``; identical sequences in it are computed once
+        and their KV copied (same weights, same pass, so nothing stale is shared)."""
         self.prefills += 1
         B = len(self.running)
         first: dict[tuple[int, ...], int] = {}
@@ -300,7 +286,6 @@ class Scheduler:
         logits = self._path.decode(self.model, self.kv, last, start, kv_len)
         for r in self.running:
             r.cached += 1
-        self.steps += 1
         self._sample_and_retire(logits, list(range(B)))
 
     def _sample_and_retire(self, logits: torch.Tensor, slots: list[int]) -> None:
@@ -334,7 +319,7 @@ class Scheduler:
 
     def _retire(self, done: list[tuple[int, dict]]) -> None:
         """Remove finished slots (highest first), refilling each hole with the last running row; the
-        KV rows move once, from where they were to where they end up, in one copy (``SlotKV.move``)."""
+        KV rows move once, in one copy (``SlotKV.move``)."""
         running = self.running
         held = list(range(len(running)))  # held[i]: the slot whose KV row slot i is to hold
         finished = []
@@ -382,16 +367,11 @@ class Scheduler:
 
     def flush(self) -> bool:
         """Release KV memory; refused (False) while requests run, or wait unless paused, as in
-        SGLang (0.5.23's ``Scheduler.flush_cache``: ``is_fully_idle(ignore_waiting=paused)``): a
-        retracting pause's requests wait without KV, so the update's flush succeeds then."""
+        SGLang 0.5.23 (``is_fully_idle(ignore_waiting=paused)``)."""
         if self.running or (self.waiting and not self.held):
             return False
         self.kv.flush()
         return True
-
-    def _report(self) -> None:
-        if self.metrics:
-            self.metrics.on_step(self.load())
 
 
 def _notify(callback: Callable[[Request], None], r: Request) -> None:

@@ -1,40 +1,24 @@
-"""Receive side of weight updates: the update group, the begin/end session, and loading.
+"""Receive side of weight updates: the update group, the begin/end session, and loading
+(ENGINE.md, "Weight updates, receive side").
 
-Flow (SGLang 0.5.23 semantics; ENGINE.md, Pause and weight updates): ``init_group`` joins the TCP-rendezvous
-group as rank ``rank_offset`` (blocks until the trainer joins; callers run it off the event
-loop); ``begin`` opens a session; each ``update_from_distributed`` receives one bucket, then hands
-it to the scheduler thread, which loads it between two forward passes (``Scheduler.call``), so no
-forward pass ever mixes two versions; ``end`` closes the session. Updates outside a session are
-refused, as 0.5.23 does. A bucket is applied all-or-nothing: every byte is received first (the
-broadcast must be drained even when a name is unknown, or the sender would hang), then checked,
-then loaded. A bucket that neither sets ``weight_version`` nor flushes is answered once checked
-and queued on the scheduler (``_apply``): everything that reaches the scheduler later runs after
-its load, so the answer is as good as "loaded", and the next bucket's receive overlaps the load.
-On CPU, while generation is paused, such a bucket is answered even before its receive completes;
-``end`` waits for every bucket answered early and reports one that failed, so a client whose LAST
-bucket set neither learns the outcome there (SGLang answers each bucket only once it is loaded).
-
-Two wire formats, as SGLang's ``load_format``:
-- default: one ``dist.broadcast(buf, group_src=0)`` per tensor, in ``names`` order, into fresh
-  buffers, then copied into the parameters;
-- ``"flattened_bucket"`` (``areal_like.wire.weight_wire``, what the trainer sends): ONE broadcast of
-  a uint8 buffer holding every tensor's bytes back to back. It is received into a spare buffer kept
-  per bucket layout, and loading is a swap, not a copy: each parameter's ``.data`` becomes its view
-  into the received buffer, and the buffer the parameters viewed before becomes the spare for the
-  next sync of that layout. So a sync costs no allocation and no copy after the first one, at the
-  price of one spare copy of the weights (only when wire dtype = parameter dtype and every name is a
-  distinct parameter; anything else, e.g. a bf16 engine fed fp32, falls back to copying out of the
-  received buffer). Invariant for the swap: a buffer is only ever viewed by the parameters of its
-  own layout, and a swap re-points all of them, so the buffer it retires is viewed by no parameter.
+Invariants: a bucket is loaded on the scheduler thread between two forward passes, all-or-nothing,
+in request order; every byte of a broadcast is received, even for a bucket then refused, so the
+sender never hangs; a bucket answered before its load failed fails the rest of its session, so
+the version of the last bucket is never set over it. Swap: a flat buffer is only ever viewed by
+the parameters of its own layout, and a swap re-points all of them, so the buffer it retires is
+viewed by no parameter. A tensor payload is unpickled only through ``_TensorUnpickler``, which
+resolves the torch rebuild functions and types such a payload names and refuses anything else.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import logging
+import pickle
 import threading
-import time
-from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future, InvalidStateError, wait
 from dataclasses import replace
 
 import torch
@@ -44,10 +28,12 @@ from areal_like.wire.weight_wire import FLATTENED, layout, torch_dtype, unpack
 
 log = logging.getLogger(__name__)
 
-APPLY_TIMEOUT_S = 300.0  # copying a bucket waits for the current forward pass to end; generous under load
 NO_SESSION = ("update_weights_from_distributed must run between begin_weight_update() and end_weight_update()")
 NOT_FLUSHED = ("Weights were updated, but the cache was not flushed because requests are still running or "
                "queued. Retract or finish them, then call /flush_cache.")
+LOAD_FORMATS = (None, "auto")  # a list of (name, tensor); SGLang's "flattened_bucket" needs its own classes
+_MODULES = ("torch", "torch.storage", "torch._utils", "torch.multiprocessing.reductions")
+_BUILTINS = ("list", "tuple", "dict", "int", "float", "bool", "str", "slice", "getattr", "bytearray", "complex")
 
 
 class WeightUpdater:
@@ -62,8 +48,7 @@ class WeightUpdater:
         self._spare: dict[tuple, torch.Tensor] = {}  # layout -> a free buffer the next bucket is received into
         self._deferred_error = ""  # a bucket of this session answered before its load/receive failed later
         self._session_id = 0  # +1 per begin(): a request of an abandoned session never posts a receive
-        self._unsettled = 0  # buckets answered before their receive or load finished (end() waits for them)
-        self._settled = threading.Condition()
+        self._early: list[Future] = []  # buckets answered before their load finished (end waits)
 
     # ---- group lifecycle (blocking)
     def init_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
@@ -107,44 +92,28 @@ class WeightUpdater:
     @property
     def unsettled(self) -> bool:
         """Whether a bucket answered early is still being received or loaded (``end`` would wait)."""
-        return self._unsettled > 0
+        return not all(f.done() for f in self._early)
 
     def end(self) -> tuple[bool, str]:
-        """Close the session once every bucket answered early is received and loaded (blocks while
-        ``unsettled``): a client whose last bucket set neither version nor flush learns here whether
-        it arrived, and nothing of this session lands after the answer."""
+        """Close the session once every bucket answered early is received and loaded: a client whose
+        last bucket set neither version nor flush learns here whether it arrived."""
         if not self.session_open:
             return False, "no weight-update session is open; call begin_weight_update() first"
-        with self._settled:
-            settled = self._settled.wait_for(lambda: not self._unsettled, timeout=self.group_timeout_s)
+        _, left = wait(list(self._early), timeout=self.group_timeout_s)
+        self._early = [f for f in self._early if not f.done()]
         self.session_open = False
-        if not settled:
+        if left:
             return False, "an earlier bucket of this update is still being received"
         if self._deferred_error:
             return False, self._deferred_error
         return True, "Success"
 
-    def _answered_early(self) -> Callable[[], None]:
-        """Count a bucket answered before it is loaded; returns its (idempotent) 'settled' callback."""
-        with self._settled:
-            self._unsettled += 1
-        once = threading.Lock()
-
-        def settle() -> None:
-            if once.acquire(blocking=False):
-                with self._settled:
-                    self._unsettled -= 1
-                    self._settled.notify_all()
-        return settle
-
     # ---- loading (blocking; called from executor threads)
     def update_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
                                 group_name: str, weight_version: str | None, flush_cache: bool,
                                 load_format: str | None = None, paused: bool = False) -> tuple[bool, str] | Future:
-        """(ok, message), or a Future of it when the load is still running on the scheduler. ``paused``:
-        generation is paused, so no request can start before this session ends; only then may a bucket
-        be answered before its receive completed (else a request let in after the answer would see the
-        load land half-way through it)."""
+        """(ok, message), or a Future of it. Only while ``paused`` may a bucket be answered before
+        its receive completed (else a request let in after the answer could see it land)."""
         if not self.session_open:
             return False, NO_SESSION
         if not len(names) == len(dtypes) == len(shapes):
@@ -172,13 +141,13 @@ class WeightUpdater:
             return self._apply(dict(zip(names, bufs)), weight_version, flush_cache)
 
     def load(self, tensors: dict[str, torch.Tensor], weight_version: str | None,
-             flush_cache: bool) -> tuple[bool, str]:
-        """Load ``tensors`` that are already here (a payload, a checkpoint) like any bucket: one
-        load at a time, in request order, between two forward passes, all-or-nothing, copied."""
+             flush_cache: bool) -> tuple[bool, str] | Future:
+        """Load ``tensors`` already here (a payload, a checkpoint) like any bucket, copied."""
         with self._recv_lock:
             return self._apply(tensors, weight_version, flush_cache)
 
-    def update_from_disk(self, model_path: str, weight_version: str | None, flush_cache: bool) -> tuple[bool, str]:
+    def update_from_disk(self, model_path: str, weight_version: str | None,
+                         flush_cache: bool) -> tuple[bool, str] | Future:
         from areal_like.weights.hf import build_model
 
         try:
@@ -187,14 +156,25 @@ class WeightUpdater:
             return False, f"Failed to load weights from {model_path}: {e}"
         return self.load(dict(loaded.state_dict()), weight_version, flush_cache)
 
+    def update_from_tensor(self, payloads: list, load_format: str | None,
+                           weight_version: str | None,
+                           flush_cache: bool) -> tuple[bool, str] | Future:
+        """Decode this rank's payload (the first) and load it like any bucket (a copy out of the
+        sender's memory; ENGINE.md)."""
+        if load_format not in LOAD_FORMATS:
+            return False, f"load_format={load_format!r} is not supported by the embedded engine (use null)"
+        if not payloads:
+            return False, "serialized_named_tensors is empty"
+        try:
+            tensors = decode_named_tensors(payloads[0])
+        except ValueError as e:
+            return False, f"Failed to update weights from tensor: {e}"
+        return self.load(tensors, weight_version, flush_cache)
+
     def _update_flattened(self, names: list[str], dtypes: list[str], shapes: list[list[int]], pg,
                           weight_version: str | None, flush_cache: bool, paused: bool) -> tuple[bool, str] | Future:
-        """One bucket as one uint8 broadcast. A bucket that is not the last of its sync (no version, no
-        flush) is answered as soon as its receive is posted (CPU and paused only; NCCL completion is
-        tracked differently): the caller's next request then waits here, on ``_recv_lock``, which the
-        completed receive releases after queuing its load, so the next receive is posted at once and
-        the loads stay in bucket order. A receive that fails after its answer makes every later
-        bucket of the session fail (``_deferred_error``), so the version is never set over it."""
+        """One bucket as one uint8 broadcast; a bucket answered early (ENGINE.md) holds
+        ``_recv_lock`` until its receive completed and its load is queued (bucket order)."""
         import torch.distributed as dist
 
         try:
@@ -203,15 +183,15 @@ class WeightUpdater:
             return False, f"Failed to receive weights: {e}"
         device = self.scheduler.device
         key = tuple((n, str(dt), tuple(s)) for n, dt, s, _ in tensor_layout)
-        early = weight_version is None and not flush_cache and device.type == "cpu" and paused
         session = self._session_id
         if not self._recv_lock.acquire(timeout=self.group_timeout_s):  # released when the receive completed
             return False, "Failed to receive weights: an earlier bucket is still being received"
+        stale = session != self._session_id or not self.session_open  # an abandoned session's
+        refusal = NO_SESSION if stale else self._deferred_error
+        if refusal:
+            self._recv_lock.release()
+            return False, refusal
         try:
-            if session != self._session_id or not self.session_open:
-                raise _Refused(NO_SESSION)  # a request left over from an abandoned session
-            if self._deferred_error:
-                raise _Refused(self._deferred_error)
             if device.type == "cuda":  # NCCL binds its communicator to this thread's current device
                 torch.cuda.set_device(device)
             flat = self._spare.pop(key, None)
@@ -220,23 +200,19 @@ class WeightUpdater:
             work = dist.broadcast(flat, group_src=0, group=pg, async_op=True)
         except Exception as e:
             self._recv_lock.release()
-            return False, str(e) if isinstance(e, _Refused) else f"Failed to receive weights: {e}"
+            return False, f"Failed to receive weights: {e}"
         tensors = unpack(flat, tensor_layout)
         if device.type == "cpu":  # gloo's completion callback queues the load itself: one thread hop less
-            refusal = _refusal(self.scheduler.model.state_dict(), tensors) if early else ""
+            early = weight_version is None and not flush_cache and paused
+            early = early and not _refusal(self.scheduler.model.state_dict(), tensors)
             done: Future = Future()
-            if early and not refusal:  # answered below, before its receive completed: end() waits for it
-                settle = self._answered_early()
-                done.add_done_callback(lambda _: settle())
             work.get_future().then(lambda fut: self._received(
                 fut, tensors, (key, flat), (weight_version, flush_cache), done,
-                session if early and not refusal else None, refusal))
-            if early and not refusal:
-                return True, "Succeeded to update parameter online."
-            done.add_done_callback(lambda f: f.cancelled() or log.log(
-                logging.DEBUG if f.result()[0] else logging.WARNING, "weights %s (%d tensors, version %s)",
-                "loaded" if f.result()[0] else f"refused: {f.result()[1]}", len(tensors), weight_version))
-            return done  # the caller awaits the load (one thread hop less than blocking this one)
+                session if early else None))
+            if not early:
+                return done
+            self._early.append(done)  # answered before its receive completed: end() waits for it
+            return True, "Succeeded to update parameter online."
         try:
             work.wait()
             torch.cuda.synchronize(device)  # the bucket is complete before the scheduler swaps it in
@@ -247,52 +223,33 @@ class WeightUpdater:
         return self._apply(tensors, weight_version, flush_cache, swap=(key, flat))
 
     def _received(self, fut, tensors: dict[str, torch.Tensor], swap: tuple[tuple, torch.Tensor],
-                  label: tuple[str | None, bool], done: Future, early_session: int | None, refusal: str) -> None:
+                  label: tuple[str | None, bool], done: Future, early_session: int | None) -> None:
         """A bucket's receive completed (gloo's thread; must not block): queue its load, then let the
-        next bucket's receive be posted. ``done`` gets the answer; for an early-answered bucket
-        (``early_session`` set) a failure instead fails the rest of that session."""
-        def finish(ok: bool, msg: str) -> None:
-            if not ok and early_session is not None:
-                self._note_deferred(None, early_session, msg)
-            try:
-                done.set_result((ok, msg))
-            except InvalidStateError:  # the HTTP caller hung up and cancelled its wait; the load stands
-                pass
-
+        next bucket's receive be posted. ``done`` gets the answer."""
         try:
             fut.value()  # raises if the receive failed (the sender died, the group broke)
-            if refusal:  # drained, so the sender is not left hanging; nothing is loaded
-                self._spare[swap[0]] = swap[1]
-                finish(False, refusal)
-            else:
-                loaded = self.scheduler.call(self._loader(tensors, *label, swap))
-                loaded.add_done_callback(lambda f: finish(*f.result()) if f.exception() is None
-                                         else finish(False, repr(f.exception())))
+            out = self._apply(tensors, *label, swap=swap, wait_load=True)
         except Exception as e:
-            finish(False, f"Failed to receive weights: {e}")
+            out = False, f"Failed to receive weights: {e}"
         finally:
             self._recv_lock.release()
+        self._settle(out, done, early_session)
 
     def _loader(self, tensors: dict[str, torch.Tensor], weight_version: str | None, flush_cache: bool,
                 swap: tuple[tuple, torch.Tensor] | None):
-        """The load of one bucket, to run on the scheduler thread between two forward passes,
-        all-or-nothing. With ``swap=(layout, flat)`` the tensors are views of ``flat``, which the
-        parameters may adopt instead of copying it."""
-        def release() -> None:  # the received buffer was not adopted: keep it for the next sync of its layout
-            if swap is not None:
-                self._spare[swap[0]] = swap[1]
-
+        """The load of one bucket on the scheduler thread. With ``swap=(layout, flat)`` the tensors
+        are views of ``flat``, which the parameters may adopt instead of copying it."""
         def load_between_steps(sched) -> tuple[bool, str]:
             state = sched.model.state_dict()
             refusal = self._deferred_error or _refusal(state, tensors)
             if refusal:
-                release()
+                self._keep_spare(swap)
                 return False, refusal
             if swap is None or not self._swap_in(sched.model, tensors, *swap):
                 with torch.no_grad():
                     for name, t in tensors.items():
                         state[name].copy_(t)
-                release()
+                self._keep_spare(swap)
             if weight_version is not None:
                 sched.weight_version = weight_version
             if flush_cache and not sched.flush():
@@ -300,46 +257,50 @@ class WeightUpdater:
             return True, "Succeeded to update parameter online."
         return load_between_steps
 
+    def _keep_spare(self, swap: tuple[tuple, torch.Tensor] | None) -> None:
+        """The received buffer was not adopted: keep it for the next sync of its layout."""
+        if swap is not None:
+            self._spare[swap[0]] = swap[1]
+
     def _apply(self, tensors: dict[str, torch.Tensor], weight_version: str | None, flush_cache: bool,
-               swap: tuple[tuple, torch.Tensor] | None = None) -> tuple[bool, str]:
-        """Load ``tensors`` (``_loader``) and answer. A bucket that neither sets the version nor
-        flushes (not the last of a sync) is checked here, queued, and answered without waiting for
-        the scheduler: its load is ahead of anything that reaches the scheduler after this answer
-        (a later bucket, a read, a forward pass), so nothing can tell the difference. A queued load
-        that fails anyway makes every later bucket of the session fail."""
-        t0 = time.monotonic()
-        if weight_version is None and not flush_cache:
+               swap: tuple[tuple, torch.Tensor] | None = None,
+               wait_load: bool = False) -> tuple[bool, str] | Future:
+        """Queue the load of ``tensors``: a bucket that neither sets the version nor flushes is
+        checked, queued and answered at once (ENGINE.md); otherwise (or with ``wait_load``: the
+        gloo path, which answers early only while paused) the answer is a Future of the load."""
+        if weight_version is None and not flush_cache and not wait_load:
             refusal = self._deferred_error or _refusal(self.scheduler.model.state_dict(), tensors)
             if refusal:
-                if swap is not None:
-                    self._spare[swap[0]] = swap[1]
+                self._keep_spare(swap)
                 return False, refusal
-            session, settle = self._session_id, self._answered_early()
-            try:
-                done = self.scheduler.call(self._loader(tensors, None, False, swap))
-            except BaseException:
-                settle()
-                raise
-            done.add_done_callback(lambda f: (self._note_deferred(f, session), settle()))
+            settled: Future = Future()  # done once its failure, if any, is noted (end() reads it)
+            loading = self.scheduler.call(self._loader(tensors, None, False, swap))
+            self._settle(loading, settled, self._session_id)
+            self._early.append(settled)
             return True, "Succeeded to update parameter online."
-        ok, msg = self.scheduler.call(self._loader(tensors, weight_version, flush_cache, swap)).result(
-            timeout=APPLY_TIMEOUT_S)
-        log.log(logging.DEBUG if ok else logging.WARNING, "weights %s (%d tensors, version %s) in %.3fs",
-                "loaded" if ok else f"refused: {msg}", len(tensors), weight_version, time.monotonic() - t0)
-        return ok, msg
+        done: Future = Future()
+        loading = self.scheduler.call(self._loader(tensors, weight_version, flush_cache, swap))
+        self._settle(loading, done, None)
+        return done
 
-    def _note_deferred(self, fut, session: int, error: object = None) -> None:
-        """A bucket answered before its receive or load finished failed after all: fail the rest of
-        its session (only that session: a stale failure must not spoil the next sync)."""
-        if fut is not None:
-            error = fut.exception()
-            ok, msg = (False, repr(error)) if error is not None else fut.result()
-            if ok:
-                return
-            error = msg
-        log.warning("a weight bucket failed after it was answered: %s", error)
-        if session == self._session_id:
-            self._deferred_error = self._deferred_error or f"an earlier bucket of this update failed: {error}"
+    def _settle(self, out: tuple[bool, str] | Future, done: Future,
+                early_session: int | None) -> None:
+        """Hand the answer ``out`` (or, once there, the answer of the Future ``out``) to ``done``;
+        for a bucket answered early (``early_session``), a failure first fails the rest of its
+        session (only that session: a stale failure must not spoil the next sync)."""
+        if isinstance(out, Future):
+            out.add_done_callback(lambda f: self._settle(
+                f.result() if f.exception() is None else (False, repr(f.exception())), done,
+                early_session))
+            return
+        if not out[0] and early_session is not None:
+            log.warning("a weight bucket failed after it was answered: %s", out[1])
+            if early_session == self._session_id and not self._deferred_error:
+                self._deferred_error = f"an earlier bucket of this update failed: {out[1]}"
+        try:
+            done.set_result(out)
+        except InvalidStateError:  # the HTTP caller hung up and cancelled its wait; the load stands
+            pass
 
     def _swap_in(self, model: torch.nn.Module, tensors: dict[str, torch.Tensor], key: tuple,
                  flat: torch.Tensor) -> bool:
@@ -360,10 +321,6 @@ class WeightUpdater:
         return True
 
 
-class _Refused(Exception):
-    """A bucket refused before anything was posted on the group."""
-
-
 def _refusal(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> str:
     """Why ``tensors`` cannot be loaded into ``state`` ('' if they can)."""
     for name, t in tensors.items():
@@ -374,3 +331,28 @@ def _refusal(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -
                     f"received {tuple(t.shape)}; nothing was loaded.")
     return ""
 
+
+class _TensorUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module in _MODULES or (module == "builtins" and name in _BUILTINS):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a weight payload")
+
+
+def decode_named_tensors(payload: str | bytes) -> dict[str, torch.Tensor]:
+    """``{name: tensor}`` of one payload, in its order. Raises ValueError saying what is wrong."""
+    import torch.multiprocessing  # noqa: F401 (registers torch's rebuild functions)
+
+    try:
+        data = base64.b64decode(payload, validate=True) if isinstance(payload, str) else payload
+        named = _TensorUnpickler(io.BytesIO(data)).load()
+    except (binascii.Error, pickle.UnpicklingError, EOFError, RuntimeError, OSError) as e:
+        raise ValueError(f"cannot decode serialized_named_tensors: {type(e).__name__}: {e}") from None
+    if not isinstance(named, list) or not all(
+            isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) and isinstance(x[1], torch.Tensor)
+            for x in named):
+        raise ValueError("serialized_named_tensors must hold a list of (name, tensor) pairs")
+    out = dict(named)
+    if len(out) != len(named):
+        raise ValueError("serialized_named_tensors names a tensor twice")
+    return out

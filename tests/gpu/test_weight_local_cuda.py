@@ -2,7 +2,7 @@
 
 1. A tensor payload of CUDA tensors (``trainer.weight_local.TensorSender``) carries CUDA IPC
    handles:
-   another process decodes it (``rollout_server.engine.weights_tensor.decode_named_tensors``), gets
+   another process decodes it (``rollout_server.engine.weights.decode_named_tensors``), gets
    tensors on the GPU that map the sender's memory, and reads exactly the sender's values.
 2. End to end: the real buffer, one embedded engine on CUDA, a world-size-1 trainer on CUDA pushing
    with ``path=tensor`` then ``disk`` then ``tensor``: after each push the engine serves that version
@@ -22,7 +22,7 @@ from weight_sync_harness import Driver, engine_at, start_pusher, start_system, w
 ROOT = Path(__file__).resolve().parents[2]
 DECODE = """
 import sys, torch
-from rollout_server.engine.weights_tensor import decode_named_tensors
+from rollout_server.engine.weights import decode_named_tensors
 t = decode_named_tensors(sys.stdin.read())
 print(t["w"].device.type, float(t["w"].double().sum()), float(t["b"].double().sum()))
 """
