@@ -191,8 +191,8 @@ def test_inline_control_records_wait_for_space_in_order_and_groups_are_refused_m
 
 
 @pytest.mark.parametrize("fsync", ["batch", "never"])
-def test_a_ticket_behind_an_inline_control_record_waiting_for_room_is_not_durable(tmp_path,
-                                                                                   monkeypatch, fsync):
+def test_a_ticket_behind_an_inline_control_record_waiting_for_room_is_not_durable(
+        tmp_path, monkeypatch, fsync):
     monkeypatch.setattr(buffer.wal, "DISK_RETRY_S", 0.0)
     wal = WriteAheadLog(tmp_path / "wal", fsync=fsync)
     wal.open({"state": {}})
@@ -219,7 +219,8 @@ def test_a_full_disk_under_a_consumed_mark_degrades_the_buffer_instead_of_stoppi
     batch = _step(svc, P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0))
     fails = [10 ** 6]
     monkeypatch.setattr(os, "writev", _partial_writev(os.writev, fails))  # full although the estimate had room
-    ack = P.encode(P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0, ack_batch=batch.batch_id))
+    ack = P.encode(P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0,
+                                  ack_batch=batch.batch_id))
     sent = len(svc.server.sent)
     svc.handle(b"trainer-ws-t", b"req", P.decode(ack), ack)
     svc.settle()
