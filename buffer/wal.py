@@ -150,7 +150,8 @@ class WriteAheadLog:
         self._checkpoint_size = self.segment_size
         self._fsync_dir()
         self.commit(force=True)
-        self.compact()
+        if not self._queue:  # until the checkpoint is written, older segments hold the state
+            self.compact()
         if self.fsync_policy == "always" and self._syncer is None:
             self._syncer = threading.Thread(target=self._sync_loop, name="wal-fsync", daemon=True)
             self._syncer.start()

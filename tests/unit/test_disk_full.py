@@ -311,3 +311,29 @@ def test_replies_wait_for_their_control_record_while_it_waits_for_disk_space(tmp
     assert [held is not None and held.batch_id == batch.batch_id,
             {c.lease_id for c in credits.credits} <= set(at_credits.ledger.leases)] == [True, True]
     svc.wal.close()
+
+
+@pytest.mark.parametrize("fsync", ["always", "batch", "never"])
+def test_a_rotation_whose_checkpoint_waits_for_room_keeps_the_segments_it_supersedes(
+        tmp_path, monkeypatch, fsync):
+    """Compaction at a rotation deletes segments the new checkpoint supersedes: while that
+    checkpoint waits for room they hold the only copy of the control state (a kill -9 then, with
+    them gone, would restart from nothing)."""
+    wal = WriteAheadLog(tmp_path / "wal", fsync=fsync)
+    list(wal.replay())
+    wal.open({"state": {"cursor": 1}})
+    wal.append_control({"changes": {"cursor": 2}})
+    wal.request_sync()
+    wal.wait_durable()
+    fails = [2]  # the new checkpoint's write and the rotation's commit of it
+    monkeypatch.setattr(os, "writev", _partial_writev(os.writev, fails))
+    assert wal.maybe_rotate(lambda: {"state": {"cursor": 2}}, force=True) and wal.disk_full
+    killed = tmp_path / "killed"
+    shutil.copytree(wal.dir, killed)
+    after = WriteAheadLog(killed, fsync=fsync)
+    cursors = [r.control.get("state", r.control.get("changes"))["cursor"] for r in after.replay()
+               if r.kind == "C"]
+    assert cursors[-1:] == [2], cursors
+    after.close()
+    fails[0] = 0
+    wal.close()
