@@ -38,7 +38,7 @@ from buffer.wal_format import (  # noqa: F401 (re-exported: the WAL's public nam
 )
 
 BATCH_FSYNC_S = 0.05  # fsync=batch: a power loss takes at most the last 50 ms of acks
-DISK_RETRY_S = 0.5  # fsync=always on a full disk: how often the queued records are tried again
+DISK_RETRY_S = 0.5  # a full disk: how often wait_durable or the fsync thread tries queued records
 _ENCODER = msgspec.msgpack.Encoder()  # the bytes msgpack.packb(use_bin_type=True) writes, ~4x faster
 
 log = logging.getLogger("buffer.wal")
@@ -150,7 +150,8 @@ class WriteAheadLog:
         self._checkpoint_size = self.segment_size
         self._fsync_dir()
         self.commit(force=True)
-        self.compact()
+        if not self._queue:  # until the checkpoint is written, older segments hold the state
+            self.compact()
         if self.fsync_policy == "always" and self._syncer is None:
             self._syncer = threading.Thread(target=self._sync_loop, name="wal-fsync", daemon=True)
             self._syncer.start()
@@ -227,9 +228,8 @@ class WriteAheadLog:
     def request_sync(self) -> int:
         """Ticket for everything appended so far: durable once ``durable() >= ticket``."""
         if self.fsync_policy != "always":
-            if (t := self.commit()) is not None:
-                self._fsync_times.append(t)
-            self._requested = self._synced = self._requested + 1
+            self._requested += 1
+            self._commit_inline()
             return self._requested
         with self._cv:
             if self._dirty:
@@ -237,6 +237,13 @@ class WriteAheadLog:
                 self._requested += 1
                 self._cv.notify()
             return self._requested
+
+    def _commit_inline(self) -> None:
+        """fsync=batch|never: write what waits; every ticket is durable once nothing waits."""
+        if (t := self.commit()) is not None:
+            self._fsync_times.append(t)
+        if not self._queue:
+            self._synced = self._requested
 
     def durable(self) -> int:
         """The highest ticket whose records are on disk. Raises ``WalFailed`` if the disk failed."""
@@ -272,6 +279,10 @@ class WriteAheadLog:
                 pass
 
     def wait_durable(self) -> None:
+        while self.fsync_policy != "always" and self._synced < self._requested and not self.failed:
+            self._commit_inline()  # written inline: tried again here, as the fsync thread would
+            if self._synced < self._requested:
+                time.sleep(DISK_RETRY_S)
         with self._cv:
             while self._synced < self._requested and self._sync_error is None:
                 self._cv.wait(0.1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import time
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 from service_harness import start, step
 
 import buffer.diskspace
+import buffer.wal
 from areal_like.settings.config import BufferConfig
 from areal_like.wire import protocol as P
 from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
@@ -188,6 +190,25 @@ def test_inline_control_records_wait_for_space_in_order_and_groups_are_refused_m
     again.close()
 
 
+@pytest.mark.parametrize("fsync", ["batch", "never"])
+def test_a_ticket_behind_an_inline_control_record_waiting_for_room_is_not_durable(
+        tmp_path, monkeypatch, fsync):
+    monkeypatch.setattr(buffer.wal, "DISK_RETRY_S", 0.0)
+    wal = WriteAheadLog(tmp_path / "wal", fsync=fsync)
+    wal.open({"state": {}})
+    fails = [3]  # the record's own write, request_sync's try, wait_durable's first try
+    monkeypatch.setattr(os, "writev", _partial_writev(os.writev, fails))
+    wal.append_control({"consumed": ["g0"]})
+    ticket = wal.request_sync()
+    assert wal.durable() < ticket and wal.disk_full and fails[0] == 1
+    wal.wait_durable()  # tries again until it is written
+    assert wal.durable() >= ticket and not wal.disk_full and fails[0] == 0
+    wal.close()
+    again = WriteAheadLog(tmp_path / "wal", fsync=fsync)
+    assert [r.control.get("consumed") for r in again.replay() if r.kind == "C"][-1] == ["g0"]
+    again.close()
+
+
 def test_a_full_disk_under_a_consumed_mark_degrades_the_buffer_instead_of_stopping_it(tmp_path, monkeypatch):
     disk = _Disk(100 * RESERVE)
     svc = _start(tmp_path, disk, fsync="batch")
@@ -198,12 +219,19 @@ def test_a_full_disk_under_a_consumed_mark_degrades_the_buffer_instead_of_stoppi
     batch = _step(svc, P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0))
     fails = [10 ** 6]
     monkeypatch.setattr(os, "writev", _partial_writev(os.writev, fails))  # full although the estimate had room
-    _step(svc, P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0, ack_batch=batch.batch_id))
+    ack = P.encode(P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0,
+                                  ack_batch=batch.batch_id))
+    sent = len(svc.server.sent)
+    svc.handle(b"trainer-ws-t", b"req", P.decode(ack), ack)
     svc.settle()
-    assert svc.disk.degraded and _step(svc, groups[2]).status == "unavailable"
+    svc.settle()  # its reply waits for the consumed mark, which waits for room
+    assert len(svc.server.sent) == sent and svc.disk.degraded
+    frame = P.encode(groups[2])
+    svc.handle(b"s", b"req", P.decode(frame), frame)  # refused at once: it depends on nothing
+    assert svc.server.sent[sent:][0].status == "unavailable"
     fails[0] = 0
     svc.settle()
-    assert not svc.wal.disk_full
+    assert not svc.wal.disk_full and isinstance(svc.server.sent[sent + 1], P.Batch)
     svc.wal.close()
     again = WriteAheadLog(tmp_path / "wal", fsync="batch")
     consumed = [g for r in again.replay() if r.kind == "C" for g in r.control.get("consumed", ())]
@@ -228,4 +256,84 @@ def test_records_waiting_for_room_that_statvfs_does_not_see_keep_the_mode_and_on
     wal.disk_full = False  # the waiting records were written
     guard.sweep(wal, lambda: {"state": {}})
     assert not guard.degraded
+    wal.close()
+
+
+class _KillAtEverySend:
+    """Stands for the ROUTER socket; at each reply it copies the WAL as a ``kill -9`` at that
+    instant would leave it (what is written to the files) and recovers a buffer from the copy."""
+
+    def __init__(self, svc: BufferService, tmp_path, disk: _Disk, fails: list[int]):
+        self.svc, self.tmp_path, self.disk, self.fails = svc, tmp_path, disk, fails
+        self.sent: list[tuple[P.Message, BufferService]] = []
+
+    def send(self, peer, req_id, msg):
+        run_dir = self.tmp_path / f"killed-{len(self.sent)}"
+        shutil.copytree(self.svc.wal.dir, run_dir / self.svc.wal.dir.relative_to(self.tmp_path))
+        fails, self.fails[0] = self.fails[0], 0  # the restarted buffer's disk has room
+        try:
+            restarted = _start(run_dir, self.disk, fsync=self.svc.cfg.fsync)
+            restarted.wal.close()
+        finally:
+            self.fails[0] = fails
+        self.sent.append((msg, restarted))
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("fsync", ["batch", "never"])  # both promise that a reply survives kill -9
+def test_replies_wait_for_their_control_record_while_it_waits_for_disk_space(tmp_path, monkeypatch,
+                                                                              fsync):
+    """A Batch whose in-transit record, and Credits whose leases, wait in the WAL's queue for room
+    leave only once that record is written: a kill -9 at the moment either is sent restarts a
+    buffer that holds what it said. The credits are granted before a sweep marks the buffer
+    degraded (the write fails in the same iteration)."""
+    disk = _Disk(100 * RESERVE)
+    svc = _start(tmp_path, disk, fsync=fsync)
+    _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
+    for c in _step(svc, P.CreditRequest(server_id="s", max_credits=2)).credits:
+        assert _step(svc, _group(c)).status == "accepted"
+    fails = [10 ** 6]
+    monkeypatch.setattr(os, "writev", _partial_writev(os.writev, fails))  # full: estimate had room
+    svc.server = sink = _KillAtEverySend(svc, tmp_path, disk, fails)
+    for msg in (P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0),
+                P.CreditRequest(server_id="s", max_credits=2)):
+        frame = P.encode(msg)
+        svc.handle(b"trainer-ws-t", b"req", P.decode(frame), frame)
+        svc.settle()
+    assert svc.wal.disk_full and svc.disk.degraded
+    fails[0] = 0  # space is back: the waiting records are written, then the replies leave
+    svc.settle()
+    (batch, at_batch), (credits, at_credits) = sink.sent
+    assert len(batch.groups) == 2 and len(credits.credits) == 2
+    held = at_batch.handout.in_transit
+    assert [held is not None and held.batch_id == batch.batch_id,
+            {c.lease_id for c in credits.credits} <= set(at_credits.ledger.leases)] == [True, True]
+    svc.wal.close()
+
+
+@pytest.mark.parametrize("fsync", ["always", "batch", "never"])
+def test_a_rotation_whose_checkpoint_waits_for_room_keeps_the_segments_it_supersedes(
+        tmp_path, monkeypatch, fsync):
+    """Compaction at a rotation deletes segments the new checkpoint supersedes: while that
+    checkpoint waits for room they hold the only copy of the control state (a kill -9 then, with
+    them gone, would restart from nothing)."""
+    wal = WriteAheadLog(tmp_path / "wal", fsync=fsync)
+    list(wal.replay())
+    wal.open({"state": {"cursor": 1}})
+    wal.append_control({"changes": {"cursor": 2}})
+    wal.request_sync()
+    wal.wait_durable()
+    fails = [2]  # the new checkpoint's write and the rotation's commit of it
+    monkeypatch.setattr(os, "writev", _partial_writev(os.writev, fails))
+    assert wal.maybe_rotate(lambda: {"state": {"cursor": 2}}, force=True) and wal.disk_full
+    killed = tmp_path / "killed"
+    shutil.copytree(wal.dir, killed)
+    after = WriteAheadLog(killed, fsync=fsync)
+    cursors = [r.control.get("state", r.control.get("changes"))["cursor"] for r in after.replay()
+               if r.kind == "C"]
+    assert cursors[-1:] == [2], cursors
+    after.close()
+    fails[0] = 0
     wal.close()
