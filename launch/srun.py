@@ -50,9 +50,12 @@ BUFFER_CORES = 1  # the buffer moves bytes between sockets: one core is plenty
 
 
 def head_ip(iface: str) -> str:
-    """The first IPv4 address of ``iface`` on this node; ConfigError saying what is missing."""
-    found = {name: [a.address for a in addrs if a.family == socket.AF_INET]
-             for name, addrs in psutil.net_if_addrs().items()}
+    """The first IPv4 address of ``iface`` on this node (an address with an alias label such as
+    ``eth0:1`` is ``eth0``'s, as ``ip addr`` lists it); ConfigError saying what is missing."""
+    found: dict[str, list[str]] = {}
+    for name, addrs in psutil.net_if_addrs().items():
+        found.setdefault(name.split(":")[0], []).extend(
+            a.address for a in addrs if a.family == socket.AF_INET)
     have = ", ".join(f"{name}={ips[0]}" for name, ips in found.items() if ips) or "none"
     if not iface:
         raise ConfigError("HEAD_IFACE is not set: name the network interface the other nodes reach "

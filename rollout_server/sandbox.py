@@ -324,6 +324,7 @@ class WorkerPool:
         replies: list[dict | WorkerLost] = []
         while len(replies) < len(requests) and not self.dead:
             worker, sent, queued = self.worker(i), len(replies), 0
+            worker.wait_ready()  # its startup is not the request's time (StartFailed escapes)
             t0 = time.monotonic()
             try:
                 while len(replies) < len(requests):

@@ -75,10 +75,11 @@ def await_registered(client, want: int, timeout_s: float, should_stop=lambda: Fa
     deadline = time.monotonic() + timeout_s
     while not should_stop():
         try:
-            reply = roster(client, deadline)
-            if len({m.server_id for m in reply.members} | set(reply.evaluating)) >= want:
+            reply = client.request(RosterRequest(), timeout_s=bounded(deadline))
+            if isinstance(reply, Roster) and len({m.server_id for m in reply.members}
+                                                 | set(reply.evaluating)) >= want:
                 return True
-        except (TransportTimeout, RuntimeError):  # no answer, or an odd one: ask again
+        except TransportTimeout:  # no answer: ask again (an odd reply too, above)
             pass
         if time.monotonic() + poll_s > deadline:
             return False

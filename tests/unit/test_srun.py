@@ -58,6 +58,13 @@ def test_head_ip_errors_name_the_interface_and_the_ones_there_are(fake_ifaces, i
     assert str(e.value) == message
 
 
+def test_an_address_with_an_alias_label_is_its_interfaces(monkeypatch):
+    # getifaddrs names a labelled address "eth2:1"; `ip -o -4 addr show dev eth2` lists it
+    monkeypatch.setattr(psutil, "net_if_addrs", lambda: {
+        "eth2": [_addr(socket.AF_INET6, "fe80::3")], "eth2:1": [_addr(socket.AF_INET, "10.9.0.4")]})
+    assert head_ip("eth2") == "10.9.0.4"
+
+
 def test_head_ip_on_the_real_loopback():
     assert head_ip("lo") == "127.0.0.1"
 

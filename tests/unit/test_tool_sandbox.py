@@ -97,3 +97,18 @@ def test_close_leaves_no_worker():
     assert len(my_children() - before) == 2
     tools.close()
     assert my_children() == before
+
+
+def test_a_calls_seconds_leave_out_its_workers_startup():
+    # a fresh slot's worker imports its function for START_S first; the call itself is a sum
+    from rollout_server.sandbox import SandboxLimits, WorkerPool, call_request
+    from tests.unit.slow_start_fns import START_S
+
+    pool = WorkerPool("slow_start_fns:add", SandboxLimits(timeout_s=30.0), 1, "slow")
+    try:
+        seconds: list[float] = []
+        replies = pool.call_all([call_request((2, 3), 30.0)], 30.0, seconds.append)
+        assert replies == [{"result": 5}] and len(seconds) == 1
+        assert seconds[0] < START_S, f"{seconds[0]:.2f}s: the worker's startup was counted"
+    finally:
+        pool.close()
