@@ -9,11 +9,13 @@ the loop raises it (``raise_if_component_stopped``) and the daemon exits non-zer
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import logging
 import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from areal_like.net.auth import http_bind_host, metrics_token
 from areal_like.net.metrics import Metrics, MetricsServer
@@ -28,6 +30,33 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_":
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+class LockHeld(Exception):
+    """Another process holds a ``pid_lock``; ``holder`` is the PID it wrote ("?" if none)."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+def pid_lock(path: Path, mode: int, flags: int = os.O_CLOEXEC) -> int:
+    """An exclusive ``flock`` on ``path`` (created with ``mode``) with this process's PID written
+    in it, held until its descriptor (returned) is closed; LockHeld at once if another has it,
+    OSError from ``flock`` (a file system without locks)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | flags, mode)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise LockHeld(holder) from None
+    except OSError:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:

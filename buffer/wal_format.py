@@ -5,7 +5,6 @@ whole record on a full disk), the directory lock, and the exceptions. The layout
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import struct
@@ -15,7 +14,7 @@ from pathlib import Path
 import crc32c
 import numpy as np
 
-from areal_like.daemon import ComponentStopped
+from areal_like.daemon import ComponentStopped, LockHeld, pid_lock
 
 HEADER = struct.Struct("<II")
 GID_LEN = struct.Struct("<H")
@@ -54,23 +53,18 @@ os.register_at_fork(after_in_child=_close_locks_in_child)
 def lock_directory(directory: Path) -> int | None:
     """One writer per WAL directory (WAL.md, Layout): an exclusive ``flock`` on ``LOCK``, its
     descriptor (None where the file system has no locks)."""
-    fd = os.open(directory / "LOCK", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
+        fd = pid_lock(directory / "LOCK", 0o644)
+    except LockHeld as held:
+        holder = "unknown" if held.holder == "?" else held.holder
         raise WalInUse(f"WAL directory {directory} is in use by another buffer (pid {holder}): "
                        "one buffer per wal_dir; stop that one or give this one its own run_dir") from None
     except OSError as e:
-        os.close(fd)
         if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
             raise
         logging.getLogger("buffer.wal").warning(
             "wal: %s cannot be locked (%s): nothing stops a second buffer on it", directory, e)
         return None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _LOCKS.add(fd)
     return fd
 

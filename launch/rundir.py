@@ -11,10 +11,10 @@ read (the ``v%08d`` layout of trainer/checkpoint.py): no torch import, so a refu
 
 from __future__ import annotations
 
-import fcntl
 import os
 from pathlib import Path
 
+from areal_like.daemon import LockHeld, pid_lock
 from areal_like.settings.config import ConfigError, RunConfig
 from launch.tracking import flatten
 
@@ -45,17 +45,11 @@ def lock_run_dir(run_dir: Path) -> int:
     ConfigError naming the holder when another job has it."""
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise ConfigError(f"run_dir {run_dir} is in use by a running job (areal-like run pid {holder}, "
+        return pid_lock(run_dir / LOCK_FILE, 0o600, flags=0)  # inheritable: every daemon holds it
+    except LockHeld as held:
+        raise ConfigError(f"run_dir {run_dir} is in use by a running job (areal-like run pid {held.holder}, "
                           "or its daemons still stopping): wait for it, stop it, or use a new run_dir") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
 
 
 def check_existing_run(cfg: RunConfig) -> int:

@@ -381,7 +381,7 @@ def test_a_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, mon
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr("buffer.wal_format.fcntl.flock", no_locks)
+    monkeypatch.setattr("areal_like.daemon.fcntl.flock", no_locks)
     with caplog.at_level(logging.WARNING, logger="buffer.wal"):
         wal = WriteAheadLog(tmp_path)
     assert "nothing stops a second buffer" in caplog.text
