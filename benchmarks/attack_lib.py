@@ -197,6 +197,7 @@ def worker_secrets(t: Target) -> tuple[bool, str]:
     directories hidden), reads the job's keys and signals the process that started it."""
     import sys
 
+    from benchmarks.sandbox_call import run_sandboxed
     from rollout_server import __main__ as rollout_main
     from rollout_server import sandbox
 
@@ -206,7 +207,7 @@ def worker_secrets(t: Target) -> tuple[bool, str]:
         sys.path.insert(0, tmp)
         try:
             hidden = hide(rollout_main.private_dirs(t.cfg)) if hide else False
-            got = sandbox.run_sandboxed(
+            got = run_sandboxed(
                 "campaign_attack:attack",
                 (str(t.run_dir), os.getpid()),
                 sandbox.SandboxLimits(timeout_s=30),

@@ -1,8 +1,8 @@
 """Sandboxed calls: user code (reward functions, and the tools an agent calls) in worker processes.
 
 ``Worker`` is one worker process (``reward_worker.py`` runs in it) and the caller's end of its
-socket; the reward pool and the tool pool keep several alive. ``run_sandboxed(fn_path, args,
-limits) -> SandboxResult`` calls ``fn(*args)`` for ``"pkg.module:function"`` in a fresh one.
+socket; the reward pool and the tool pool keep several alive (``WorkerPool``), each calling
+``fn(*args)`` for ``"pkg.module:function"``.
 
 A worker is a fresh ``python -I`` (not a fork: the server runs asyncio and threads) in a session
 of its own, with an environment without anything that looks like a secret (``SECRET_NAME``), the
@@ -12,8 +12,9 @@ by the rollout server at start) makes root's workers start in namespaces of thei
 job's secrets and processes cannot be reached (``HIDE_SCRIPT``; what is and is not covered:
 areal_like/SECURITY.md, "Reward and tool code").
 
-Failure kinds (``SandboxResult.kind``): ``timeout`` | ``memory`` | ``died`` | ``error`` (the call
-raised, or its result is not JSON) | ``start`` (the function could not be loaded).
+Failure kinds (``WorkerLost.kind``, a reply's ``kind``): ``timeout`` | ``memory`` | ``died`` |
+``error`` (the call raised, or its result is not JSON); ``StartFailed``: the function could not be
+loaded.
 """
 from __future__ import annotations
 
@@ -34,7 +35,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from rollout_server import reward_worker
 from rollout_server.reward_worker import recv_frame, scrubbed_env, send_frame
@@ -103,44 +103,9 @@ class SandboxLimits:
     processes: int = 0  # processes or threads one call may start (RLIMIT_NPROC above the worker itself)
 
 
-@dataclass(frozen=True)
-class SandboxResult:
-    """``ok``: ``value`` is what the function returned (through JSON); else ``kind`` and ``reason``."""
-
-    ok: bool
-    value: Any = None
-    kind: str | None = None
-    reason: str | None = None
-
-
 def call_request(args: tuple | list, timeout_s: float) -> bytes:
     """One call of ``fn(*args)`` as a worker reads it (``reward_worker.call_one``)."""
     return pickle.dumps((tuple(args), timeout_s))
-
-
-def run_sandboxed(fn_path: str, args: tuple | list, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
-    """``fn(*args)`` in a fresh worker, gone when this returns; blocks the calling thread; never
-    raises for what the function does."""
-    try:
-        request = call_request(args, limits.timeout_s)
-    except Exception as e:
-        return SandboxResult(False, kind="error", reason=f"cannot send the arguments: {type(e).__name__}: {e}")
-    try:
-        worker = Worker(fn_path, limits)
-    except OSError as e:
-        return SandboxResult(False, kind="start", reason=f"cannot start a worker: {type(e).__name__}: {e}")
-    try:
-        worker.send(request)
-        reply = worker.reply(limits.timeout_s)
-    except StartFailed as failed:
-        return SandboxResult(False, kind="start", reason=failed.reason)
-    except WorkerLost as lost:
-        return SandboxResult(False, kind=lost.kind, reason=lost.reason)
-    finally:
-        worker.kill()
-    if "result" in reply:
-        return SandboxResult(True, value=reply["result"])
-    return SandboxResult(False, kind=reply["kind"], reason=reply["reason"])
 
 
 class StartFailed(Exception):

@@ -24,9 +24,10 @@ from areal_like.net import security
 from areal_like.net.auth import ensure_key_file
 from areal_like.settings.config import TaskConfig
 from areal_like.tasks.datasets import Example
+from benchmarks.sandbox_call import run_sandboxed
 from rollout_server import sandbox
 from rollout_server.reward_pool import RewardPool
-from rollout_server.sandbox import SandboxLimits, run_sandboxed
+from rollout_server.sandbox import SandboxLimits
 
 ATTACK = '''
 import json, os, signal

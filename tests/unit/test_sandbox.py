@@ -15,8 +15,9 @@ from areal_like.net.auth import ENGINE_KEY_ENV, METRICS_TOKEN_ENV
 from areal_like.net.metrics import Metrics
 from areal_like.settings.config import TaskConfig
 from areal_like.tasks.task import Example
+from benchmarks.sandbox_call import SandboxResult, run_sandboxed
 from rollout_server.reward_pool import RewardPool
-from rollout_server.sandbox import SandboxLimits, SandboxResult, run_sandboxed
+from rollout_server.sandbox import SandboxLimits
 
 LIMITS = SandboxLimits(timeout_s=5.0, memory_mb=512)
 
