@@ -255,12 +255,3 @@ def build_policy(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, adam_eps
 def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
     """Clip the global gradient norm (DTensor-aware; a collective) and return the pre-clip norm."""
     return float(full(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)))
-
-
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter as a full CPU tensor, on every rank (a collective: all ranks must call it)."""
-    out = {}
-    for name, p in model.named_parameters():
-        out[name] = full(p).detach().to("cpu", torch.float32).clone()
-    return out
-

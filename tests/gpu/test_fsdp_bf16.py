@@ -29,7 +29,8 @@ torch.set_num_threads(1)
 from test_trainer_invariance import synthetic_groups
 from areal_like.settings.config import load_config
 from trainer.data import groups_to_batch
-from trainer.model import build_policy, full_state_dict, init_distributed
+from trainer.model import build_policy, init_distributed
+from tests.helpers_trainer import full_state_dict
 from trainer.step import StepSettings, recompute_prox_logp, train_step
 
 batch = groups_to_batch(synthetic_groups())
@@ -98,7 +99,8 @@ torch.set_num_threads(1)
 from test_trainer_invariance import synthetic_groups
 from areal_like.settings.config import load_config
 from trainer.data import groups_to_batch
-from trainer.model import build_policy, full_state_dict, init_distributed
+from trainer.model import build_policy, init_distributed
+from tests.helpers_trainer import full_state_dict
 from trainer.step import StepSettings, recompute_prox_logp, reference_logp, train_step
 
 batch = groups_to_batch(synthetic_groups())

@@ -27,7 +27,8 @@ from test_trainer_weight_sync import weights_sha
 from areal_like.settings.config import load_daemon_config
 from areal_like.wire.protocol import RosterRequest
 from areal_like.net.dealer import Client
-from trainer.model import build_policy, full_state_dict, init_distributed
+from trainer.model import build_policy, init_distributed
+from tests.helpers_trainer import full_state_dict
 from trainer.weight_sync import WeightBroadcaster
 
 cfg = load_daemon_config(["--config-file", sys.argv[2]])

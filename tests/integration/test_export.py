@@ -35,9 +35,10 @@ def worker(out_dir: Path) -> None:
 
     from areal_like.settings.config import load_config
     from areal_like.tasks.tokenizer import load_tokenizer
+    from tests.helpers_trainer import full_state_dict
     from trainer.data import groups_to_batch
     from trainer.export import export_hf
-    from trainer.model import build_policy, full_state_dict, init_distributed, leave_distributed
+    from trainer.model import build_policy, init_distributed, leave_distributed
     from trainer.step import StepSettings, recompute_prox_logp, train_step
 
     results = {}

@@ -27,7 +27,8 @@ torch.set_num_threads(1)
 from test_trainer_invariance import synthetic_groups
 from areal_like.settings.config import load_config
 from trainer.data import groups_to_batch
-from trainer.model import build_policy, full_state_dict, init_distributed
+from trainer.model import build_policy, init_distributed
+from tests.helpers_trainer import full_state_dict
 from trainer.step import StepSettings, recompute_prox_logp, train_step
 
 cfg = load_config([f"model.dtype={sys.argv[2]}", "trainer.lr=1e-3", "trainer.micro_batch_size=8"])

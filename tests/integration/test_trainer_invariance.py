@@ -89,8 +89,9 @@ def worker(out: str, layouts: list[tuple[str, list[str]]]) -> None:
 
     torch.set_num_threads(1)
     from areal_like.settings.config import load_config
+    from tests.helpers_trainer import full_state_dict
     from trainer.data import groups_to_batch
-    from trainer.model import build_policy, full_state_dict, init_distributed, leave_distributed
+    from trainer.model import build_policy, init_distributed, leave_distributed
     from trainer.step import StepSettings, recompute_prox_logp, train_step
 
     batch = groups_to_batch(synthetic_groups())

@@ -34,10 +34,11 @@ def worker(out_dir: Path) -> None:
 
     from areal_like.settings.config import load_config
     from areal_like.tasks.tokenizer import load_tokenizer
+    from tests.helpers_trainer import full_state_dict
     from trainer.checkpoint import load_checkpoint, save_checkpoint
     from trainer.data import groups_to_batch
     from trainer.export import export_hf
-    from trainer.model import build_policy, build_reference, full_state_dict, init_distributed, leave_distributed
+    from trainer.model import build_policy, build_reference, init_distributed, leave_distributed
     from trainer.step import StepSettings, recompute_prox_logp, reference_logp, train_step
 
     if not out_dir.is_dir():

@@ -49,16 +49,11 @@ def worker(out_dir: Path) -> None:
     from areal_like.settings.config import load_config
     from areal_like.tasks.tokenizer import load_tokenizer
     from areal_like.weights.lora import base_name, is_adapter
+    from tests.helpers_trainer import full_state_dict
     from trainer.checkpoint import load_checkpoint, save_checkpoint
     from trainer.data import groups_to_batch
     from trainer.export import export_hf
-    from trainer.model import (
-        build_policy,
-        build_reference,
-        full_state_dict,
-        init_distributed,
-        leave_distributed,
-    )
+    from trainer.model import build_policy, build_reference, init_distributed, leave_distributed
     from trainer.step import StepSettings, recompute_prox_logp, reference_logp, train_step
 
     cfg = load_config(SETTINGS)
@@ -199,8 +194,9 @@ def bf16_worker(out_dir: Path) -> None:
     from test_trainer_invariance import synthetic_groups
 
     from areal_like.settings.config import load_config
+    from tests.helpers_trainer import full_state_dict
     from trainer.data import groups_to_batch
-    from trainer.model import build_policy, full_state_dict, init_distributed, leave_distributed
+    from trainer.model import build_policy, init_distributed, leave_distributed
     from trainer.step import StepSettings, recompute_prox_logp, reference_logp, train_step
 
     batch = groups_to_batch(synthetic_groups())

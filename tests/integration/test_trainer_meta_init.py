@@ -64,7 +64,8 @@ def worker(out: str, model_dir: str) -> None:
 
     torch.set_num_threads(1)
     from benchmarks.memory import PeakTensorBytes
-    from trainer.model import build_policy, build_reference, full_state_dict, init_distributed, leave_distributed
+    from tests.helpers_trainer import full_state_dict
+    from trainer.model import build_policy, build_reference, init_distributed, leave_distributed
 
     res: dict = {}
     rank, world = init_distributed(_cfg().trainer)

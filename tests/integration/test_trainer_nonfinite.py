@@ -61,8 +61,8 @@ def _same(a: dict, b: dict) -> bool:
 
 def _step(policy, s, groups, before: dict) -> tuple[dict, dict]:
     """One ``train_step`` on ``groups``: what it did, and the weights after it."""
+    from tests.helpers_trainer import full_state_dict
     from trainer.data import groups_to_batch
-    from trainer.model import full_state_dict
     from trainer.step import recompute_prox_logp, train_step
 
     batch = groups_to_batch(groups)
@@ -79,7 +79,8 @@ def kernel_run(kernel: str):
     from test_trainer_invariance import synthetic_groups
 
     from areal_like.settings.config import load_config
-    from trainer.model import build_policy, full_state_dict
+    from tests.helpers_trainer import full_state_dict
+    from trainer.model import build_policy
     from trainer.step import StepSettings
 
     cfg = load_config(["trainer.lr=1e-2", "trainer.micro_batch_size=4", f"loss={kernel}"])

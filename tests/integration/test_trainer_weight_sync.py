@@ -75,8 +75,9 @@ def trainer_role(cfg_path: str, out_dir: str) -> None:
     from areal_like.settings.config import load_daemon_config
     from areal_like.wire.protocol import RosterRequest, TrajectoryGroup
     from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
+    from tests.helpers_trainer import full_state_dict
     from trainer.data import groups_to_batch
-    from trainer.model import build_policy, full_state_dict, init_distributed, leave_distributed
+    from trainer.model import build_policy, init_distributed, leave_distributed
     from trainer.step import StepSettings, output_logp, recompute_prox_logp, train_step
     from trainer.weight_sync import WeightBroadcaster
 
