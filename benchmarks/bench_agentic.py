@@ -11,7 +11,8 @@ ideal speedup (G + T) / max(G, T) from the synchronous run's measured phases, ra
 ideal (goal >= 0.8), and the turn distribution the episodes had.
 
 ``--agent``: the same episodes written as an agent with the ``openai`` SDK
-(``areal_like/tasks/agents.py``: long_tail_agent) through the rollout server's agent endpoint
+(``benchmarks/agentic_agent.py``: long_tail_agent; run from the repository root, which the rollout
+server's agent workers import it from) through the rollout server's agent endpoint
 (``rollout_server/agent_endpoint.py``) instead of the environment. ``--overhead``: no job; the
 endpoint's cost per call against a direct engine call (embedded engine, greedy, the same prompt
 and token count every way, the ways interleaved call by call, medians): one JSON line, figure =
@@ -42,7 +43,7 @@ from areal_like.settings.config import load_config  # noqa: E402
 from areal_like.tasks.envs import LongTail  # noqa: E402
 from areal_like.tasks.task import make_task  # noqa: E402
 
-AGENT = ["task.env=", "task.agent=areal_like.tasks.agents:long_tail_agent", "task.agent_workers=8"]
+AGENT = ["task.env=", "task.agent=benchmarks.agentic_agent:long_tail_agent", "task.agent_workers=8"]
 
 
 def run_once(run_dir: Path, eta: int, args) -> list[dict]:

@@ -49,28 +49,6 @@ calc_agent.demo = Calculator.demo  # launch/warmstart.py: conversations that sol
 calc_agent.tools = [CALC_TOOL]
 
 
-async def long_tail_agent(client_base_url: str, api_key: str, example) -> float:
-    """``benchmarks/bench_agentic.py --agent``: the ``LongTail`` environment's episodes as an agent."""
-    from openai import AsyncOpenAI
-
-    from areal_like.tasks.envs import LongTail
-
-    env = LongTail()
-    messages: list = env.reset(example)
-    client = AsyncOpenAI(base_url=client_base_url, api_key=api_key, max_retries=0)
-    try:
-        for _ in range(env.left):
-            reply = (await client.chat.completions.create(model="policy", messages=messages)
-                     ).choices[0].message
-            said, reward, done, _ = env.step(reply.content or "")
-            if done:
-                return reward
-            messages += [reply, *said]
-        return 0.0
-    finally:
-        await client.close()
-
-
 async def langgraph_calc_agent(client_base_url: str, api_key: str, example) -> float:
     """``calc_agent`` as a LangGraph graph of a model node and a tool node (the
     ``agent-langgraph`` extra), with the same tool spec."""
