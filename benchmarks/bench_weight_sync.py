@@ -182,8 +182,9 @@ def worker(rank: int, cport: int, wport: int, args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     sys.path.insert(0, str(REPO))
     from areal_like.settings.config import EngineConfig
-    from areal_like.weights.hf import build_model, state_checksum
+    from areal_like.weights.hf import build_model
     from areal_like.wire.weight_wire import plan_buckets
+    from benchmarks.weight_checksum import state_checksum
     from rollout_server.engine import EmbeddedEngine
 
     engine = None

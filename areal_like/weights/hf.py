@@ -157,15 +157,3 @@ def build_model(cfg: ModelConfig, device: str = "cpu", dtype: str | None = None)
             model = AutoModelForCausalLM.from_config(qwen2_config(cfg), dtype=dt,
                                                      attn_implementation=cfg.attn_implementation)
     return model.to(device).eval()
-
-
-def state_checksum(model_or_state) -> float:
-    """Order-independent float64 checksum of every parameter (weights-equal checks across processes)."""
-    import torch
-
-    state = model_or_state.state_dict() if hasattr(model_or_state, "state_dict") else model_or_state
-    total = 0.0
-    for i, (name, t) in enumerate(sorted(state.items())):
-        t = t.full_tensor() if hasattr(t, "full_tensor") else t
-        total += float(t.detach().to(torch.float64).sum()) * (1 + (i % 7) * 1e-3)
-    return total

@@ -20,7 +20,8 @@ import torch
 
 from areal_like.net.distributed import free_port
 from areal_like.settings.config import EngineConfig, ModelConfig
-from areal_like.weights.hf import build_model, state_checksum
+from areal_like.weights.hf import build_model
+from benchmarks.weight_checksum import state_checksum
 from rollout_server.engine import EmbeddedEngine
 
 REPO = Path(__file__).resolve().parents[2]

@@ -26,9 +26,10 @@ import torch
 from areal_like.net.distributed import free_port
 from areal_like.settings.config import EngineConfig, ModelConfig
 from areal_like.tasks.tokenizer import char_tokenizer
-from areal_like.weights.hf import build_model, state_checksum
+from areal_like.weights.hf import build_model
 from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
 from areal_like.wire.weight_wire import plan_buckets
+from benchmarks.weight_checksum import state_checksum
 from rollout_server.engine import EmbeddedEngine
 from rollout_server.sglang_client import SGLangClient
 from rollout_server.weight_update import apply_weight_sync

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from areal_like.settings.config import EngineConfig, ModelConfig
-from areal_like.weights.hf import build_model, state_checksum
+from areal_like.weights.hf import build_model
+from benchmarks.weight_checksum import state_checksum
 from rollout_server.engine import EmbeddedEngine
 
 HTTP_TIMEOUT_S = 120.0
