@@ -71,7 +71,6 @@ class GuardStats:
     peak_connections: int = 0
     connections_refused: int = 0
     lingering: int = 0  # refused connections waiting for their client to close
-    requests_refused: int = 0  # 429: over max_inflight
     unauthorized: int = 0  # 401
     evicted: int = 0  # idle connections nobody vouched for, closed to make room for a new one
     timed_out: int = 0  # header or body deadline missed
@@ -301,7 +300,6 @@ def _guard_middleware(guard: _Guard):
                 request.protocol.vouched = True  # its idle time is a member's: never evicted
         capped = guard.capped_paths is None or request.path in guard.capped_paths
         if capped and stats.inflight >= lim.max_inflight:
-            stats.requests_refused += 1
             return web.json_response({"error": f"over {lim.max_inflight} requests in flight; retry later"},
                                      status=429, headers={"Retry-After": "1"})
         stats.inflight += capped

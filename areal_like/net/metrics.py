@@ -104,7 +104,7 @@ class MetricsServer:
 
     @property
     def stats(self):
-        """The guard's counters (connections open and refused, timeouts, 401s, 429s)."""
+        """The guard's counters (connections open and refused, timeouts, 401s)."""
         return self._server.stats
 
     def start(self) -> MetricsServer:
