@@ -5,6 +5,8 @@ Real sockets in one process, plus (as root) a real process of another user knock
 from __future__ import annotations
 
 import os
+import select
+import signal
 import tempfile
 import threading
 import time
@@ -146,24 +148,43 @@ def test_a_socket_directory_others_can_enter_is_refused_before_anything_binds(tm
         Client(local_addresses(tmp_path / "sock")[0])
 
 
+HUNG_S = 30.0  # past its wait, a knocking child that has not exited is hung
+
+
 def knock_as(uid: int, address: str, wait_s: float) -> int:
     """Fork a process that drops to ``uid``, connects a plain DEALER to ``address`` and sends a request;
-    returns its exit status: 0 = no reply within ``wait_s``, 1 = a reply, 2 = an error."""
-    pid = os.fork()
-    if pid == 0:  # the child: no pytest, no inherited ZeroMQ context
-        code = 2
+    returns its exit status: 0 = no reply within ``wait_s``, 1 = a reply, 2 = an error.
+
+    The fork copies this multi-threaded process: a child forked while another thread (a ZeroMQ I/O
+    thread in a CURVE handshake) held a lock hangs before it knocks (seen once in CI-like runs). A
+    child that has not exited ``HUNG_S`` after its wait is killed and the knock forked again; its
+    answer, once it gives one, is never retried."""
+    for _ in range(3):
+        pid = os.fork()
+        if pid == 0:  # the child: no pytest, no inherited ZeroMQ context
+            code = 2
+            try:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+                sock = zmq.Context().socket(zmq.DEALER)
+                sock.linger = 0
+                sock.connect(address)
+                sock.send_multipart([b"0" * 16, P.encode(P.StatsRequest())])
+                code = 1 if sock.poll(int(wait_s * 1000)) else 0
+            finally:
+                os._exit(code)
+        exited = os.pidfd_open(pid)
         try:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            sock = zmq.Context().socket(zmq.DEALER)
-            sock.linger = 0
-            sock.connect(address)
-            sock.send_multipart([b"0" * 16, P.encode(P.StatsRequest())])
-            code = 1 if sock.poll(int(wait_s * 1000)) else 0
+            ready, _, _ = select.select([exited], [], [], wait_s + HUNG_S)
         finally:
-            os._exit(code)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            os.close(exited)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        status = os.waitpid(pid, 0)[1]
+        if ready:
+            return os.waitstatus_to_exitcode(status)
+    raise AssertionError(f"the knocking child hung three times (killed after {wait_s + HUNG_S:g}s each)")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a process of another user needs root to start")
