@@ -88,10 +88,12 @@ def split_microbatches(rows: list[int], lens: dict[int, int], *, max_seqs: int, 
                 break
         else:
             bins.append([r])
-    for calls in range(len(bins), min(len(bins) + 1, len(rows)) + 1) if packed else ():
-        even = balance_ranks(rows, [lens[r] for r in rows], calls)
-        if all(len(b) == 1 or sum(lens[r] for r in b) <= max_tokens for b in even):
-            return even
+    if packed:
+        row_lens = [lens[r] for r in rows]
+        for calls in range(len(bins), min(len(bins) + 1, len(rows)) + 1):
+            even = balance_ranks(rows, row_lens, calls)
+            if all(len(b) == 1 or sum(lens[r] for r in b) <= max_tokens for b in even):
+                return even
     return bins
 
 
