@@ -322,7 +322,8 @@ class Trainer(Daemon):
                    "refuses (areal_like/wire/group_checks.py)", self.data.dropped_groups)
         m.gauge("trainer/rolled_back_steps", "steps lost to crashes (labels skipped at resume)").set(
             self.rolled_back_steps)
-        m.gauge("trainer/mismatch_kl").set(stats.get("mismatch_kl", 0.0))
+        if "mismatch_kl" in stats:  # absent when no row was computed (trainer/step.py trained_rows)
+            m.gauge("trainer/mismatch_kl").set(stats["mismatch_kl"])
         m.gauge("trainer/grad_norm").set(stats.get("grad_norm", 0.0))
         m.counter("trainer/tokens").inc(batch.n_tokens)
         m.gauge("trainer/weight_sync_seconds").set(sync.seconds)

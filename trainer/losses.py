@@ -292,18 +292,24 @@ class Kernel:
     # advantages depend on the weights each minibatch starts from (vcpo's score norms): computed per
     # minibatch; otherwise once on the whole batch (REINFORCE++ whitens over the whole batch)
     per_minibatch: bool = False
+    # a row whose every advantage is 0 adds exactly 0 to the loss and its gradient, and no row's
+    # loss depends on another's: such rows need not be computed (trainer/step.py trained_rows)
+    zero_at_zero_advantage: bool = False
 
 
 # The others than the PPO family and GSPO take pi_behav as their anchor (vespo, vcpo's old = the
 # current policy detached, oapl's lagged policy) and use prox_logp only when it is given.
 KERNELS: dict[str, Kernel] = {k.name: k for k in (
-    Kernel("ppo", True, estimator_advantages, ppo_loss, None),
-    Kernel("decoupled_ppo", True, estimator_advantages, decoupled_ppo_loss, DecoupledPPOConfig),
-    Kernel("tis", True, estimator_advantages, tis_loss, TISConfig),
-    Kernel("mis", True, estimator_advantages, mis_loss, MISConfig),
-    Kernel("icepop", True, estimator_advantages, icepop_loss, IcePopConfig),
-    Kernel("gspo", True, estimator_advantages, gspo_loss, GSPOConfig),
-    Kernel("vespo", False, estimator_advantages, vespo_loss, VESPOConfig),
+    Kernel("ppo", True, estimator_advantages, ppo_loss, None, zero_at_zero_advantage=True),
+    Kernel("decoupled_ppo", True, estimator_advantages, decoupled_ppo_loss, DecoupledPPOConfig,
+           zero_at_zero_advantage=True),
+    Kernel("tis", True, estimator_advantages, tis_loss, TISConfig, zero_at_zero_advantage=True),
+    Kernel("mis", True, estimator_advantages, mis_loss, MISConfig, zero_at_zero_advantage=True),
+    Kernel("icepop", True, estimator_advantages, icepop_loss, IcePopConfig,
+           zero_at_zero_advantage=True),
+    Kernel("gspo", True, estimator_advantages, gspo_loss, GSPOConfig, zero_at_zero_advantage=True),
+    Kernel("vespo", False, estimator_advantages, vespo_loss, VESPOConfig,
+           zero_at_zero_advantage=True),
     Kernel("vcpo", False, vcpo_step_advantages, vcpo_loss, VCPOConfig, per_minibatch=True),
     Kernel("oapl", False, oapl_advantages, oapl_loss, OAPLConfig),
 )}

@@ -13,6 +13,8 @@ each call sees. Invariants (the invariance tests check them):
 - pi_prox is the policy at the start of the step: with one minibatch each micro-batch's own
   detached log-probs (``fuse_prox``), else a separate no-grad pass; the same numbers.
 - A non-finite step is skipped on every rank alike (``trainer/finite_guard.py``).
+- Rows left out by ``trained_rows`` (every advantage exactly 0) change neither loss nor gradient;
+  the stats other than the loss describe the rows computed.
 - VCPO: one extra backward per trajectory for its score norms; the LR is ESS-scaled for that
   optimizer step only.
 """
@@ -50,6 +52,7 @@ class StepSettings:
     pack_sequences: bool = False  # trainer.pack_sequences
     pack_min_padding: float = 0.0  # trainer.pack_min_padding (0: every minibatch packed)
     max_tokens_per_micro_batch: int = 0  # trainer.max_tokens_per_micro_batch (0: micro_batch_size)
+    skip_zero_advantage: bool = False  # trainer.skip_zero_advantage
 
     @classmethod
     def of(cls, t: TrainerConfig, task: TaskConfig) -> StepSettings:
@@ -57,7 +60,8 @@ class StepSettings:
                    num_minibatches=t.num_minibatches, grad_clip=t.grad_clip, temperature=task.temperature,
                    chunk_tokens=t.logprob_chunk_tokens, max_new_tokens=task.max_new_tokens,
                    pack_sequences=t.pack_sequences, pack_min_padding=t.pack_min_padding,
-                   max_tokens_per_micro_batch=t.max_tokens_per_micro_batch)
+                   max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
+                   skip_zero_advantage=t.skip_zero_advantage)
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> StepSettings:
@@ -196,17 +200,51 @@ def batch_advantages(batch: TrainBatch, s: StepSettings) -> Advantages | None:
 
 def forward_backward(policy: Policy, mb: TrainBatch, advantages: torch.Tensor, prox_logp: torch.Tensor | None,
                      s: StepSettings, loss_cfg: LossConfig, n_tokens: float, n_seqs: float,
-                     ref_logp: torch.Tensor | None = None, *, packed: bool) -> dict:
+                     ref_logp: torch.Tensor | None = None, *, packed: bool,
+                     share: float = 1.0) -> dict:
     """Loss and gradient of one micro-batch (on the device; ``packed``: its plan's layout); the
-    kernel's stats."""
+    kernel's stats. ``n_tokens`` / ``n_seqs`` count the rows computed, which are ``share`` of the
+    minibatch's loss normaliser (``trained_rows``): loss and gradient are scaled by it."""
     logp = output_logp(policy.model, mb, s.temperature, s.chunk_tokens, packed)
     if prox_logp is None and s.kernel.needs_prox:
         prox_logp = logp.detach()
     loss, stats = compute_policy_loss(
         loss_cfg, logp=logp, prox_logp=prox_logp, behav_logp=mb.behav_logp, advantages=advantages, mask=mb.mask,
         n_tokens_global=n_tokens, n_seqs_global=n_seqs, ref_logp=ref_logp)
-    (loss * policy.world_size).backward()  # FSDP2 averages over ranks; see the module docstring
+    (loss * (policy.world_size * share)).backward()  # FSDP2 averages over ranks (module docstring)
+    if share != 1.0:
+        stats = stats | {k: stats[k] * share for k in ("loss", "policy_loss")}
     return stats
+
+
+def trained_rows(rows: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                 s: StepSettings) -> torch.Tensor:
+    """The rows of a minibatch that are computed: those with an advantage other than exactly 0 when
+    ``skip_zero_advantage``, the kernel's loss is 0 with a zero gradient at A = 0
+    (``Kernel.zero_at_zero_advantage``) and there is no KL term; else all. A skipped row adds
+    exactly nothing to the loss or the gradient, so the update is the one computing every row."""
+    if not (s.skip_zero_advantage and s.kernel.zero_at_zero_advantage and not s.loss.kl_coef):
+        return rows
+    return rows[((advantages[rows] != 0) & (mask[rows] > 0)).any(-1)]
+
+
+def loss_share(cfg: LossConfig, mask: torch.Tensor, trained: torch.Tensor, n_tokens: float,
+               n_seqs: float) -> tuple[float, float, float]:
+    """(tokens, sequences) of the ``trained`` rows, and their share of the minibatch's normaliser
+    under ``cfg.agg``: 1.0 when every row is trained or the normaliser is a constant."""
+    t_tokens, t_seqs = float(mask[trained].sum()), float((mask[trained].sum(-1) > 0).sum())
+    if cfg.agg == "seq-mean-token-sum-norm":
+        return t_tokens, t_seqs, 1.0
+    share = t_seqs / n_seqs if cfg.agg.startswith("seq-mean") else t_tokens / n_tokens
+    return t_tokens, t_seqs, share
+
+
+def zero_gradients(model: torch.nn.Module) -> None:
+    """Zeros as every trainable parameter's gradient: the optimizer steps (momentum, weight decay)
+    as after a backward whose every advantage was 0."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
 
 
 def _reduce_stats(stats: dict) -> dict[str, float]:
@@ -267,19 +305,27 @@ def train_step(policy: Policy, batch: TrainBatch, s: StepSettings, prox_logp: to
             adv = whole._replace(values=whole.values[rows])
         advantages[rows] = adv.values.to(advantages.device)
         policy.optimizer.zero_grad(set_to_none=True)
-        mb_plan = plan(batch, rows, s)
-        stats: dict = {}
-        for idx, real in rank_calls(mb_plan, rows):
-            mb = batch.select(idx)
-            if not real:
-                mb.mask = torch.zeros_like(mb.mask)
-            t = mb.mask.shape[1]
-            prox = None if prox_logp is None else prox_logp[idx, :t].to(policy.device)
-            ref = None if ref_logp is None else ref_logp[idx, :t].to(policy.device)
-            mbs = forward_backward(policy, mb.to(policy.device), advantages[idx, :t].to(policy.device), prox, s,
-                                   loss_cfg, n_tokens, n_seqs, ref, packed=mb_plan.packed)
-            stats = accumulate_stats(stats, mbs)
-        out = _reduce_stats(stats) | layout_stats(mb_plan)
+        trained = trained_rows(rows, advantages, batch.mask, s)
+        out = {"loss": 0.0, "policy_loss": 0.0, "micro_batches": 0.0}  # no row to compute
+        if len(trained):
+            mb_plan = plan(batch, trained, s)
+            t_tokens, t_seqs, share = loss_share(loss_cfg, batch.mask, trained, n_tokens, n_seqs)
+            stats: dict = {}
+            for idx, real in rank_calls(mb_plan, trained):
+                mb = batch.select(idx)
+                if not real:
+                    mb.mask = torch.zeros_like(mb.mask)
+                t = mb.mask.shape[1]
+                prox = None if prox_logp is None else prox_logp[idx, :t].to(policy.device)
+                ref = None if ref_logp is None else ref_logp[idx, :t].to(policy.device)
+                adv_t = advantages[idx, :t].to(policy.device)
+                mbs = forward_backward(policy, mb.to(policy.device), adv_t, prox, s, loss_cfg, t_tokens,
+                                       t_seqs, ref, packed=mb_plan.packed, share=share)
+                stats = accumulate_stats(stats, mbs)
+            out = _reduce_stats(stats) | layout_stats(mb_plan)
+        else:
+            zero_gradients(policy.model)
+        out["zero_adv_skip_frac"] = 1.0 - len(trained) / len(rows)
         out["grad_norm"] = clip_gradients(policy.model, s.grad_clip)
         out[SKIPPED] = 0.0 if all_finite(out["loss"], out["grad_norm"], adv.lr_scale) else 1.0
         if out[SKIPPED]:  # never applied; the same decision on every rank (trainer/finite_guard.py)

@@ -210,8 +210,8 @@ class RolloutConfig:
     max_concurrent_groups: int = 8
     heartbeat_s: float = 1.0
     drain_on_update: bool = False  # finish in-flight requests before a weight update instead of aborting
-    # /pause_generation mode of a weight update: abort | retract (trainer/WEIGHT_SYNC.md)
-    pause_mode: str = "abort"
+    # /pause_generation mode of a weight update: retract | abort (trainer/WEIGHT_SYNC.md)
+    pause_mode: str = "retract"
     eval: bool = False  # this server runs the job's evaluations (eval.*); `areal-like run` sets it on the first
     metrics_port: int = 0
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -302,6 +302,9 @@ class TrainerConfig:
     # > 0: micro-batches of at most this many tokens instead of micro_batch_size sequences
     # (trainer/MEMORY.md); 0: off
     max_tokens_per_micro_batch: int = 0
+    # rows whose every advantage is exactly 0 (a group whose rewards are all equal) are not computed
+    # where that leaves the update unchanged (trainer/LOSSES.md, "Rows with zero advantage")
+    skip_zero_advantage: bool = True
     num_minibatches: int = 1  # optimizer steps per batch (all but the first are off-policy by construction)
     estimator: str = "grpo"
     loss: LossConfig = field(default_factory=LossConfig)

@@ -1,0 +1,139 @@
+"""Rows whose every advantage is 0 are not computed (``trainer/step.py`` ``trained_rows``), and the
+update is the one that computes them, in a real 1-rank process:
+
+- a batch of four groups, two of them with equal rewards (all 1, all 0: GRPO gives their rows
+  advantage exactly 0): with ``trainer.skip_zero_advantage`` the forward passes see only the other
+  two groups' rows, and the loss, the gradient norm and the updated weights are those of the step
+  computing all rows (to float rounding: the micro-batches differ), for a token-mean kernel
+  (decoupled PPO), GSPO (seq-mean-token-mean) and VESPO;
+- a batch where every group has equal rewards: no forward at all, and the weights after the step
+  (AdamW with weight decay, so the step moves them) are exactly those of the step computing all;
+- OAPL (its loss is not 0 at A = 0) and a KL term computes every row.
+
+The worker runs as ``python test_trainer_zero_advantage.py OUT``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+WORKER_TIMEOUT_S = 300
+MIXED = [[1.0] * 4, [0.0, 1.0, 1.0, 0.0], [0.0] * 4, [1.0, 0.0, 0.0, 0.0]]  # groups 0 and 2: A = 0
+EQUAL = [[1.0] * 4, [0.0] * 4, [1.0] * 4, [0.0] * 4]
+
+
+def groups(rewards: list[list[float]], seed: int = 0):
+    import numpy as np
+
+    from areal_like.wire.protocol import TrajectoryGroup
+    from areal_like.wire.trajectory import Trajectory
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for g, rs in enumerate(rewards):
+        trajs = []
+        for r in rs:
+            p, t = int(rng.integers(2, 7)), int(rng.integers(1, 9))
+            trajs.append(Trajectory.of(prompt_ids=rng.integers(4, 100, p), output_ids=rng.integers(4, 100, t),
+                                       behav_logp=-rng.random(t) * 5, versions=np.zeros(t, np.int32),
+                                       reward=r, finish_reason="stop"))
+        out.append(TrajectoryGroup(group_id=f"g{g}", server_id="s", lease_id=str(g), prompt_index=g, epoch=0,
+                                   trajectories=trajs))
+    return out
+
+
+def step(rewards: list[list[float]], overrides: list[str]) -> tuple[dict, dict, dict, list[int]]:
+    """(stats, weights before, weights after, rows of each forward call) of one step."""
+    import torch
+
+    import trainer.step as step_mod
+    from areal_like.settings.config import load_config
+    from tests.helpers_trainer import full_state_dict
+    from trainer.data import groups_to_batch
+    from trainer.model import build_policy, init_distributed, leave_distributed
+
+    cfg = load_config(["trainer.lr=1e-2", "trainer.micro_batch_size=4", "trainer.grad_clip=1e9",
+                       "trainer.weight_decay=0.1", *overrides])
+    init_distributed(cfg.trainer)
+    torch.manual_seed(0)
+    policy = build_policy(cfg.model, cfg.trainer, adam_eps=1e-3)
+    s = step_mod.StepSettings.from_config(cfg)
+    seen: list[int] = []
+    real_output_logp = step_mod.output_logp
+
+    def counting(model, mb, *a, **kw):
+        seen.append(int(mb.mask.shape[0]))
+        return real_output_logp(model, mb, *a, **kw)
+
+    ref = None  # the reference pass (the policy itself) before the counting starts
+    if cfg.trainer.loss.kl_coef:
+        ref = step_mod.reference_logp(policy.model, groups_to_batch(groups(rewards)), s, policy.device)
+    step_mod.output_logp = counting
+    try:
+        before = full_state_dict(policy.model)
+        stats = step_mod.train_step(policy, groups_to_batch(groups(rewards)), s, None, ref)
+        return stats, before, full_state_dict(policy.model), seen
+    finally:
+        step_mod.output_logp = real_output_logp
+        leave_distributed()
+
+
+def compare(rewards: list[list[float]], overrides: list[str]) -> dict:
+    (on, before, w_on, rows_on), (off, _, w_off, rows_off) = (
+        step(rewards, overrides + [f"trainer.skip_zero_advantage={flag}"]) for flag in ("true", "false"))
+    return {"rows_on": sum(rows_on), "rows_off": sum(rows_off), "loss": [on["loss"], off["loss"]],
+            "grad_norm": [on["grad_norm"], off["grad_norm"]], "skip_frac": on["zero_adv_skip_frac"],
+            "weight_diff": max(float((w_on[k] - w_off[k]).abs().max()) for k in w_on),
+            "moved": max(float((w_on[k] - before[k]).abs().max()) for k in w_on)}
+
+
+def worker(out: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    res = {kernel: compare(MIXED, [f"loss={kernel}"]) for kernel in ("decoupled_ppo", "gspo", "vespo")}
+    res["all_equal"] = compare(EQUAL, ["loss=decoupled_ppo"])
+    res["oapl"] = compare(MIXED, ["loss=oapl"])
+    res["kl"] = compare(MIXED, ["loss=decoupled_ppo", "trainer.loss.kl_coef=0.1"])
+    Path(out).write_text(json.dumps(res))
+
+
+def test_rows_with_zero_advantage_are_not_computed_and_the_update_is_the_same(tmp_path):
+    from tests.conftest import run_json_worker
+
+    r = run_json_worker(__file__, tmp_path / "out.json", WORKER_TIMEOUT_S)
+    for kernel in ("decoupled_ppo", "gspo", "vespo"):
+        k = r[kernel]
+        assert k["rows_off"] == 16 and k["rows_on"] == 8, kernel  # groups 0 and 2 are never computed
+        assert k["skip_frac"] == 0.5
+        assert abs(k["loss"][0] - k["loss"][1]) <= 1e-6 * max(1.0, abs(k["loss"][1])), kernel
+        assert abs(k["grad_norm"][0] - k["grad_norm"][1]) <= 1e-5 * k["grad_norm"][1], kernel
+        assert k["weight_diff"] <= 1e-6, kernel
+        assert k["moved"] > 1e-3, kernel  # not vacuous: the step moved the weights
+    e = r["all_equal"]
+    assert e["rows_on"] == 0 and e["rows_off"] == 16 and e["skip_frac"] == 1.0
+    assert e["loss"] == [0.0, 0.0] and e["grad_norm"] == [0.0, 0.0]
+    assert e["weight_diff"] == 0.0 and e["moved"] > 1e-4  # weight decay moved them, alike
+    for case in ("oapl", "kl"):
+        assert r[case]["rows_on"] == r[case]["rows_off"] == 16 and r[case]["skip_frac"] == 0.0, case
+
+
+def test_the_loss_share_of_the_rows_computed_follows_the_aggregation():
+    import torch
+
+    from areal_like.settings.config import load_config
+    from trainer.step import loss_share
+
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float32)
+    trained = torch.tensor([0, 3])  # 8 of 10 tokens, 2 of 3 sequences with a token
+    for agg, share in (("token-mean", 0.8), ("seq-mean-token-mean", 2 / 3), ("seq-mean-token-sum", 2 / 3),
+                       ("seq-mean-token-sum-norm", 1.0)):
+        cfg = load_config([f"trainer.loss.agg={agg}"]).trainer.loss
+        assert loss_share(cfg, mask, trained, 10.0, 3.0) == (8.0, 2.0, share), agg
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    worker(sys.argv[1])
