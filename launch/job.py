@@ -109,7 +109,8 @@ def job_specs(cfg: RunConfig, topo: Topology, config_path: Path, python: str = s
             argv = [python, "-m", "rollout_server", *base, *slot.overrides]
         else:
             own = [*base, *trainer_overrides(cfg)]
-            argv = _trainer_argv(python, cfg.launch.trainer_ranks, topo.host, own)
+            argv = _trainer_argv(python, cfg.launch.trainer_ranks, topo.host, own,
+                                 Path(cfg.run_dir) / "logs" / "torchrun")
         gpus = {} if slot.gpus is None else {"CUDA_VISIBLE_DEVICES": visible_devices(slot.gpus, inherited)}
         threads = {} if slot.threads is None else {"OMP_NUM_THREADS": str(slot.threads),
                                                    "MKL_NUM_THREADS": str(slot.threads)}
@@ -145,16 +146,17 @@ def engine_start_s(cfg: RunConfig) -> float:
     return cfg.rollout.engine.startup_timeout_s + 60
 
 
-def _trainer_argv(python: str, ranks: int, host: str, base: list[str]):
+def _trainer_argv(python: str, ranks: int, host: str, base: list[str], log_dir: Path):
     """``torchrun -m trainer`` for several ranks; one rank is ``python -m trainer`` itself (no agent
-    process importing torch beside it: ~1.5 s of CPU at start-up on a 2-core machine)."""
+    process importing torch beside it: ~1.5 s of CPU at start-up on a 2-core machine). torchrun's
+    own files go to ``log_dir`` (without one it leaves a directory in /tmp per start)."""
     if ranks == 1:
         return [python, "-m", "trainer", *base]
 
     def argv() -> list[str]:  # a fresh rendezvous port per (re)start: the old one may linger in TIME_WAIT
         return [python, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(ranks),
                 "--master-addr", host, "--master-port", str(free_port()), "--max-restarts", "0",
-                "-m", "trainer", *base]
+                "--log-dir", str(log_dir), "-m", "trainer", *base]
     return argv
 
 

@@ -56,7 +56,15 @@ except Exception as e:
 
 RAW = r"""
 import socket, sys, time
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=60)
+deadline = time.monotonic() + 60
+while True:  # rank 0's thread may not listen yet on a loaded machine
+    try:
+        s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=60)
+        break
+    except ConnectionRefusedError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.05)
 if sys.argv[2] == "garbage":
     s.sendall(b"\xff" * 4096)
 print("connected", flush=True)
