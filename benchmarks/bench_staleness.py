@@ -81,6 +81,7 @@ def cell_config(kernel: str, eta: int, seed: int, steps: int, args, run_dir: Pat
         "launch.num_rollout_servers=1", "launch.trainer_ranks=1", "launch.restarts=0",
         f"eval.max_examples={args.eval_examples}", "eval.k=4", f"eval.every={steps}", "eval.at_start=true",
         f"trainer.checkpoint_every={steps}", "tracking.sample_every=0", "export.at_end=false",
+        "trainer.skip_zero_advantage=false",  # the IS-weight stats over every row, for every kernel alike
         *args.overrides,
     ])
 

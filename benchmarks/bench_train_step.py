@@ -116,6 +116,7 @@ def main() -> None:
     from trainer.step import StepSettings
 
     cfg = load_config(["model=tiny", "task=addition", "loss=decoupled_ppo", "trainer.lr=3e-5",
+                       "trainer.skip_zero_advantage=false",  # every row, as the plain step computes
                        f"trainer.micro_batch_size={8 * args.groups}", *args.overrides])
     batch = workload_batch(args.groups, 8, args.max_new_tokens)
     init_distributed(cfg.trainer)

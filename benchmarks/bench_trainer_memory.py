@@ -92,7 +92,7 @@ def main() -> None:
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "tie_word_embeddings")]
     cfg = load_config([*overrides, "model.max_position_embeddings=4096", f"model.dtype={args.dtype}",
-                       "trainer.loss.kernel=ppo",
+                       "trainer.loss.kernel=ppo", "trainer.skip_zero_advantage=false",
                        "trainer.loss.agg=token-mean", f"trainer.micro_batch_size={args.mbs}",
                        f"trainer.logprob_chunk_tokens={args.chunk}",
                        f"trainer.activation_checkpointing={str(args.checkpointing).lower()}",

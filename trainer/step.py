@@ -221,9 +221,12 @@ def trained_rows(rows: torch.Tensor, advantages: torch.Tensor, mask: torch.Tenso
                  s: StepSettings) -> torch.Tensor:
     """The rows of a minibatch that are computed: those with an advantage other than exactly 0 when
     ``skip_zero_advantage``, the kernel's loss is 0 with a zero gradient at A = 0
-    (``Kernel.zero_at_zero_advantage``) and there is no KL term; else all. A skipped row adds
-    exactly nothing to the loss or the gradient, so the update is the one computing every row."""
-    if not (s.skip_zero_advantage and s.kernel.zero_at_zero_advantage and not s.loss.kl_coef):
+    (``Kernel.zero_at_zero_advantage``), and neither a KL term nor a separate pi_prox pass needs
+    every row in the same layout; else all. A skipped row adds exactly nothing to the loss or the
+    gradient, so the update is the one computing every row."""
+    separate_prox = s.kernel.needs_prox and not s.fuse_prox
+    allowed = s.skip_zero_advantage and s.kernel.zero_at_zero_advantage
+    if not allowed or s.loss.kl_coef or separate_prox:
         return rows
     return rows[((advantages[rows] != 0) & (mask[rows] > 0)).any(-1)]
 
@@ -233,18 +236,11 @@ def loss_share(cfg: LossConfig, mask: torch.Tensor, trained: torch.Tensor, n_tok
     """(tokens, sequences) of the ``trained`` rows, and their share of the minibatch's normaliser
     under ``cfg.agg``: 1.0 when every row is trained or the normaliser is a constant."""
     t_tokens, t_seqs = float(mask[trained].sum()), float((mask[trained].sum(-1) > 0).sum())
-    if cfg.agg == "seq-mean-token-sum-norm":
+    agg = getattr(cfg.params, "fixed_agg", cfg.agg)  # gspo and vcpo aggregate one way only
+    if agg == "seq-mean-token-sum-norm":
         return t_tokens, t_seqs, 1.0
-    share = t_seqs / n_seqs if cfg.agg.startswith("seq-mean") else t_tokens / n_tokens
+    share = t_seqs / n_seqs if agg.startswith("seq-mean") else t_tokens / n_tokens
     return t_tokens, t_seqs, share
-
-
-def zero_gradients(model: torch.nn.Module) -> None:
-    """Zeros as every trainable parameter's gradient: the optimizer steps (momentum, weight decay)
-    as after a backward whose every advantage was 0."""
-    for p in model.parameters():
-        if p.requires_grad:
-            p.grad = torch.zeros_like(p)
 
 
 def _reduce_stats(stats: dict) -> dict[str, float]:
@@ -306,25 +302,25 @@ def train_step(policy: Policy, batch: TrainBatch, s: StepSettings, prox_logp: to
         advantages[rows] = adv.values.to(advantages.device)
         policy.optimizer.zero_grad(set_to_none=True)
         trained = trained_rows(rows, advantages, batch.mask, s)
-        out = {"loss": 0.0, "policy_loss": 0.0, "micro_batches": 0.0}  # no row to compute
+        # no row to train: one runs at zero weight, so the gradients are zeros made by FSDP's usual
+        # passes and the optimizer steps as after any backward (momentum, weight decay)
+        mb_plan = plan(batch, trained if len(trained) else rows[:1], s)
+        t_tokens, t_seqs, share = loss_share(loss_cfg, batch.mask, trained, n_tokens, n_seqs)
+        stats: dict = {}
+        for idx, real in rank_calls(mb_plan, trained if len(trained) else rows[:1]):
+            mb = batch.select(idx)
+            if not (real and len(trained)):
+                mb.mask = torch.zeros_like(mb.mask)
+            t = mb.mask.shape[1]
+            prox = None if prox_logp is None else prox_logp[idx, :t].to(policy.device)
+            ref = None if ref_logp is None else ref_logp[idx, :t].to(policy.device)
+            adv_t = advantages[idx, :t].to(policy.device)
+            mbs = forward_backward(policy, mb.to(policy.device), adv_t, prox, s, loss_cfg, t_tokens,
+                                   t_seqs, ref, packed=mb_plan.packed, share=share)
+            stats = accumulate_stats(stats, mbs)
+        out = {"loss": 0.0, "policy_loss": 0.0}  # the stats of a row at zero weight mean nothing
         if len(trained):
-            mb_plan = plan(batch, trained, s)
-            t_tokens, t_seqs, share = loss_share(loss_cfg, batch.mask, trained, n_tokens, n_seqs)
-            stats: dict = {}
-            for idx, real in rank_calls(mb_plan, trained):
-                mb = batch.select(idx)
-                if not real:
-                    mb.mask = torch.zeros_like(mb.mask)
-                t = mb.mask.shape[1]
-                prox = None if prox_logp is None else prox_logp[idx, :t].to(policy.device)
-                ref = None if ref_logp is None else ref_logp[idx, :t].to(policy.device)
-                adv_t = advantages[idx, :t].to(policy.device)
-                mbs = forward_backward(policy, mb.to(policy.device), adv_t, prox, s, loss_cfg, t_tokens,
-                                       t_seqs, ref, packed=mb_plan.packed, share=share)
-                stats = accumulate_stats(stats, mbs)
             out = _reduce_stats(stats) | layout_stats(mb_plan)
-        else:
-            zero_gradients(policy.model)
         out["zero_adv_skip_frac"] = 1.0 - len(trained) / len(rows)
         out["grad_norm"] = clip_gradients(policy.model, s.grad_clip)
         out[SKIPPED] = 0.0 if all_finite(out["loss"], out["grad_norm"], adv.lr_scale) else 1.0
@@ -367,7 +363,7 @@ def layout_stats(p: Plan) -> dict[str, float]:
 
 def _combine(per_step: list[dict[str, float]]) -> dict[str, float]:
     out: dict[str, float] = {}
-    for k in per_step[0]:
+    for k in dict.fromkeys(k for d in per_step for k in d):  # a minibatch may have computed no row
         vals = [d[k] for d in per_step if k in d]
         total_or_mean = sum(vals) if k in _SUMMED else sum(vals) / len(vals)
         out[k] = max(vals) if k.endswith("_max") else total_or_mean

@@ -6,9 +6,12 @@ update is the one that computes them, in a real 1-rank process:
   two groups' rows, and the loss, the gradient norm and the updated weights are those of the step
   computing all rows (to float rounding: the micro-batches differ), for a token-mean kernel
   (decoupled PPO), GSPO (seq-mean-token-mean) and VESPO;
-- a batch where every group has equal rewards: no forward at all, and the weights after the step
-  (AdamW with weight decay, so the step moves them) are exactly those of the step computing all;
-- OAPL (its loss is not 0 at A = 0) and a KL term computes every row.
+- the same with PPO, ``seq-mean-token-sum`` and packed calls, and with two minibatches (VESPO)
+  whose first has no row to train: that one runs one row at zero weight, and the step's stats
+  still carry the second's;
+- a batch where every group has equal rewards: one row at zero weight, and the weights after the
+  step (AdamW with weight decay, so the step moves them) are exactly those of the step computing all;
+- OAPL (its loss is not 0 at A = 0), a KL term and a separate pi_prox pass compute every row.
 
 The worker runs as ``python test_trainer_zero_advantage.py OUT``.
 """
@@ -22,6 +25,7 @@ from pathlib import Path
 WORKER_TIMEOUT_S = 300
 MIXED = [[1.0] * 4, [0.0, 1.0, 1.0, 0.0], [0.0] * 4, [1.0, 0.0, 0.0, 0.0]]  # groups 0 and 2: A = 0
 EQUAL = [[1.0] * 4, [0.0] * 4, [1.0] * 4, [0.0] * 4]
+FIRST_EQUAL = [[1.0] * 4, [0.0] * 4, [0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]]  # minibatch 1: A = 0
 
 
 def groups(rewards: list[list[float]], seed: int = 0):
@@ -67,13 +71,15 @@ def step(rewards: list[list[float]], overrides: list[str]) -> tuple[dict, dict, 
         seen.append(int(mb.mask.shape[0]))
         return real_output_logp(model, mb, *a, **kw)
 
-    ref = None  # the reference pass (the policy itself) before the counting starts
+    batch = groups_to_batch(groups(rewards))
+    ref = None  # the reference and pi_prox passes before the counting starts
     if cfg.trainer.loss.kl_coef:
-        ref = step_mod.reference_logp(policy.model, groups_to_batch(groups(rewards)), s, policy.device)
+        ref = step_mod.reference_logp(policy.model, batch, s, policy.device)
+    prox = step_mod.recompute_prox_logp(policy, batch, s)  # None: fused into the training pass
     step_mod.output_logp = counting
     try:
         before = full_state_dict(policy.model)
-        stats = step_mod.train_step(policy, groups_to_batch(groups(rewards)), s, None, ref)
+        stats = step_mod.train_step(policy, batch, s, prox, ref)
         return stats, before, full_state_dict(policy.model), seen
     finally:
         step_mod.output_logp = real_output_logp
@@ -85,6 +91,7 @@ def compare(rewards: list[list[float]], overrides: list[str]) -> dict:
         step(rewards, overrides + [f"trainer.skip_zero_advantage={flag}"]) for flag in ("true", "false"))
     return {"rows_on": sum(rows_on), "rows_off": sum(rows_off), "loss": [on["loss"], off["loss"]],
             "grad_norm": [on["grad_norm"], off["grad_norm"]], "skip_frac": on["zero_adv_skip_frac"],
+            "has_mismatch_kl": "mismatch_kl" in on,
             "weight_diff": max(float((w_on[k] - w_off[k]).abs().max()) for k in w_on),
             "moved": max(float((w_on[k] - before[k]).abs().max()) for k in w_on)}
 
@@ -94,9 +101,13 @@ def worker(out: str) -> None:
 
     torch.set_num_threads(1)
     res = {kernel: compare(MIXED, [f"loss={kernel}"]) for kernel in ("decoupled_ppo", "gspo", "vespo")}
+    res["ppo_packed"] = compare(MIXED, ["loss=ppo", "trainer.loss.agg=seq-mean-token-sum",
+                                        "trainer.pack_sequences=true", "trainer.pack_min_padding=0"])
+    res["two_minibatches"] = compare(FIRST_EQUAL, ["loss=vespo", "trainer.num_minibatches=2"])
     res["all_equal"] = compare(EQUAL, ["loss=decoupled_ppo"])
     res["oapl"] = compare(MIXED, ["loss=oapl"])
     res["kl"] = compare(MIXED, ["loss=decoupled_ppo", "trainer.loss.kl_coef=0.1"])
+    res["prox_pass"] = compare(MIXED, ["loss=decoupled_ppo", "trainer.num_minibatches=2"])
     Path(out).write_text(json.dumps(res))
 
 
@@ -104,19 +115,20 @@ def test_rows_with_zero_advantage_are_not_computed_and_the_update_is_the_same(tm
     from tests.conftest import run_json_worker
 
     r = run_json_worker(__file__, tmp_path / "out.json", WORKER_TIMEOUT_S)
-    for kernel in ("decoupled_ppo", "gspo", "vespo"):
+    for kernel in ("decoupled_ppo", "gspo", "vespo", "ppo_packed", "two_minibatches"):
         k = r[kernel]
-        assert k["rows_off"] == 16 and k["rows_on"] == 8, kernel  # groups 0 and 2 are never computed
-        assert k["skip_frac"] == 0.5
+        # MIXED: groups 0 and 2 are never computed; FIRST_EQUAL: one row at zero weight, then 2 and 3
+        assert k["rows_off"] == 16 and k["rows_on"] == (9 if kernel == "two_minibatches" else 8), kernel
+        assert k["skip_frac"] == 0.5 and k["has_mismatch_kl"], kernel
         assert abs(k["loss"][0] - k["loss"][1]) <= 1e-6 * max(1.0, abs(k["loss"][1])), kernel
         assert abs(k["grad_norm"][0] - k["grad_norm"][1]) <= 1e-5 * k["grad_norm"][1], kernel
         assert k["weight_diff"] <= 1e-6, kernel
         assert k["moved"] > 1e-3, kernel  # not vacuous: the step moved the weights
     e = r["all_equal"]
-    assert e["rows_on"] == 0 and e["rows_off"] == 16 and e["skip_frac"] == 1.0
+    assert e["rows_on"] == 1 and e["rows_off"] == 16 and e["skip_frac"] == 1.0 and not e["has_mismatch_kl"]
     assert e["loss"] == [0.0, 0.0] and e["grad_norm"] == [0.0, 0.0]
     assert e["weight_diff"] == 0.0 and e["moved"] > 1e-4  # weight decay moved them, alike
-    for case in ("oapl", "kl"):
+    for case in ("oapl", "kl", "prox_pass"):
         assert r[case]["rows_on"] == r[case]["rows_off"] == 16 and r[case]["skip_frac"] == 0.0, case
 
 
