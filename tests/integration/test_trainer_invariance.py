@@ -43,7 +43,11 @@ CASES = [
     ("drgrpo_tokensum_norm", ["trainer.loss.kernel=ppo", "trainer.estimator=drgrpo",
                               "trainer.loss.agg=seq-mean-token-sum-norm"]),  # C = task.max_new_tokens
     ("vcpo", ["trainer.loss.kernel=vcpo", "trainer.loss.agg=seq-mean-token-mean"]),
+    # groups 0 and 1 solved (SOLVED): the first minibatch has no row to train and runs one at zero
+    # weight (trainer/step.py trained_rows), the second trains only its unsolved rows
+    ("vespo_2mb_solved", ["trainer.loss.kernel=vespo", "trainer.num_minibatches=2"]),
 ]
+SOLVED = {"vespo_2mb_solved": 2}  # case -> how many leading groups get reward 1 on every sample
 BUDGET = "trainer.max_tokens_per_micro_batch"
 # packed in every minibatch (the default packs only where padding would waste 15%)
 PACKED = ("trainer.pack_sequences=true", "trainer.pack_min_padding=0")
@@ -61,7 +65,8 @@ LAYOUTS_2 = [("padded mbs=2", ["trainer.pack_sequences=false", "trainer.micro_ba
 WORKER_TIMEOUT_S = 480
 
 
-def synthetic_groups(n_groups: int = 4, group_size: int = 4, seed: int = 0, version: int = 0):
+def synthetic_groups(n_groups: int = 4, group_size: int = 4, seed: int = 0, version: int = 0,
+                     solved: int = 0):
     import numpy as np
 
     from areal_like.wire.protocol import TrajectoryGroup
@@ -77,7 +82,8 @@ def synthetic_groups(n_groups: int = 4, group_size: int = 4, seed: int = 0, vers
             mask = np.ones(t, np.int32) if t < 5 else np.array([1, 1, 0, 0] + [1] * (t - 4))
             trajs.append(Trajectory.of(prompt_ids=rng.integers(4, 100, p), output_ids=rng.integers(4, 100, t),
                                     behav_logp=-rng.random(t) * 5, versions=np.full(t, version, np.int32),
-                                    reward=float(rng.integers(0, 2)), finish_reason="stop",
+                                    reward=max(float(rng.integers(0, 2)), float(g < solved)),
+                                    finish_reason="stop",
                                     loss_mask=mask))
         groups.append(TrajectoryGroup(group_id=f"g{g}", server_id="s", lease_id=str(g), prompt_index=g, epoch=0,
                                       trajectories=trajs))
@@ -94,9 +100,9 @@ def worker(out: str, layouts: list[tuple[str, list[str]]]) -> None:
     from trainer.model import build_policy, init_distributed, leave_distributed
     from trainer.step import StepSettings, recompute_prox_logp, train_step
 
-    batch = groups_to_batch(synthetic_groups())
     results = {}
     for name, overrides in CASES:
+        batch = groups_to_batch(synthetic_groups(solved=SOLVED.get(name, 0)))
         for label, layout in layouts:
             cfg = load_config(["trainer.lr=1e-2", "trainer.grad_clip=1e9", *layout, *overrides])
             rank, _ = init_distributed(cfg.trainer)
@@ -148,6 +154,8 @@ def test_loss_stats_and_weights_invariant_to_layout_and_ranks(tmp_path):
                 assert got["stats"]["padding_share"] == 0.0, (name, label)
             for key, w in ref["state"].items():
                 torch.testing.assert_close(got["state"][key], w, rtol=0, atol=1e-5, msg=f"{name} {label} {key}")
+        if name in SOLVED:  # not vacuous: the first minibatch trained no row, the second all of its rows
+            assert ref["stats"]["zero_adv_skip_frac"] == 0.5, name
         # the comparison is not vacuous: the step moved the weights by far more than the tolerance
         moved = max(float((w - one["init"][k]).abs().max()) for k, w in ref["state"].items())
         assert moved > 1e-3, (name, moved)
