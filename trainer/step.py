@@ -33,6 +33,7 @@ from trainer.advantages import AdvantageInputs, Advantages
 from trainer.data import TrainBatch
 from trainer.finite_guard import SKIPPED, all_finite
 from trainer.logprobs import CHUNK_TOKENS
+from trainer.loss_terms import norms
 from trainer.losses import KERNELS, Kernel, accumulate_stats, compute_policy_loss, finalize_stats, vcpo_is_weights
 from trainer.model import Policy, clip_gradients, evaluating
 from trainer.packing import Plan, plan_minibatch
@@ -235,7 +236,7 @@ def loss_share(cfg: LossConfig, mask: torch.Tensor, trained: torch.Tensor, n_tok
                n_seqs: float) -> tuple[float, float, float]:
     """(tokens, sequences) of the ``trained`` rows, and their share of the minibatch's normaliser
     under ``cfg.agg``: 1.0 when every row is trained or the normaliser is a constant."""
-    t_tokens, t_seqs = float(mask[trained].sum()), float((mask[trained].sum(-1) > 0).sum())
+    t_tokens, t_seqs = norms(mask[trained], None, None)  # 1 and 1 when none: their calls are masked
     agg = getattr(cfg.params, "fixed_agg", cfg.agg)  # gspo and vcpo aggregate one way only
     if agg == "seq-mean-token-sum-norm":
         return t_tokens, t_seqs, 1.0
@@ -304,10 +305,11 @@ def train_step(policy: Policy, batch: TrainBatch, s: StepSettings, prox_logp: to
         trained = trained_rows(rows, advantages, batch.mask, s)
         # no row to train: one runs at zero weight, so the gradients are zeros made by FSDP's usual
         # passes and the optimizer steps as after any backward (momentum, weight decay)
-        mb_plan = plan(batch, trained if len(trained) else rows[:1], s)
+        run = trained if len(trained) else rows[:1]
+        mb_plan = plan(batch, run, s)
         t_tokens, t_seqs, share = loss_share(loss_cfg, batch.mask, trained, n_tokens, n_seqs)
         stats: dict = {}
-        for idx, real in rank_calls(mb_plan, trained if len(trained) else rows[:1]):
+        for idx, real in rank_calls(mb_plan, run):
             mb = batch.select(idx)
             if not (real and len(trained)):
                 mb.mask = torch.zeros_like(mb.mask)
