@@ -79,7 +79,8 @@ def setup_logging(name: str, level: str | None = None) -> logging.Logger:
     if not getattr(root, "_areal_like_configured", False):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(
-            f"%(asctime)s %(levelname)s [{name} pid={os.getpid()}] %(name)s: %(message)s", "%H:%M:%S"))
+            f"%(asctime)s %(levelname)s [{name} pid={os.getpid()}] %(name)s: %(message)s",
+            "%H:%M:%S"))
         root.handlers[:] = [handler]
         root.setLevel(level)
         root._areal_like_configured = True  # type: ignore[attr-defined]
@@ -152,7 +153,8 @@ class Daemon:
             self.metrics_server = MetricsServer(self.metrics, self.metrics_port, self.metrics_host,
                                                 health=self.health, extra_text=self.metrics_text,
                                                 token=token).start()
-            self.log.info("metrics on http://%s:%d/metrics (%s)", self.metrics_host, self.metrics_server.port,
+            self.log.info("metrics on http://%s:%d/metrics (%s)", self.metrics_host,
+                          self.metrics_server.port,
                           "bearer token required" if token else "no token")
 
     def serve(self, install_signals: bool = True) -> int:
@@ -189,6 +191,7 @@ class Daemon:
             if self.metrics_server is not None:
                 self.metrics_server.stop()
             self.log.info("stopped (exit %d)", code)
-            for sig, handler in previous_handlers.items():  # serve() run in-process (tests) leaves no trace
+            # serve() run in-process (tests) leaves no trace
+            for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
         return code

@@ -31,7 +31,8 @@ def model_json(model: ModelConfig, key: str) -> object:
 
 
 def model_vocab_size(model: ModelConfig) -> int:
-    """Entries in the model's embedding (``model.path``'s config.json, else ``model.vocab_size``)."""
+    """Entries in the model's embedding (``model.path``'s config.json, else
+    ``model.vocab_size``)."""
     if not model.path:
         return model.vocab_size
     size = model_json(model, "vocab_size")
@@ -73,7 +74,8 @@ def request_frame_limit(cfg: RunConfig) -> int:
 
 
 def dataset_size(task: TaskConfig, model: ModelConfig) -> int:
-    """Prompts in one epoch of the task's train split, after the ``task.max_prompt_tokens`` filter."""
+    """Prompts in one epoch of the task's train split, after the ``task.max_prompt_tokens``
+    filter."""
     if task.name in SYNTHETIC:
         return task.num_prompts
     tokenizer = load_tokenizer(model) if task.max_prompt_tokens > 0 else None

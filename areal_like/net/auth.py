@@ -20,11 +20,13 @@ BIND_HOST_ENV = "AREAL_LIKE_BIND_HOST"
 LOOPBACK = "127.0.0.1"
 KEY_FILE = Path("secrets") / "engine_api_key"  # under the run directory
 REDACTED = "<redacted>"
-# environment variables whose values may be credentials (WANDB_API_KEY, HF_TOKEN, ...): broad on purpose
+# environment variables whose values may be credentials (WANDB_API_KEY, HF_TOKEN, ...):
+# broad on purpose
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH", re.IGNORECASE)
 # config keys that hold credentials (api_key, admin_api_key, hf_token, password); whole words, so
 # max_new_tokens, tokenizer and prompt_key are not among them
-SECRET_FIELD = re.compile(r"(^|[_-])(api[_-]?key|token|secret|passw(or)?d|credentials?)($|[_-])", re.IGNORECASE)
+SECRET_FIELD = re.compile(r"(^|[_-])(api[_-]?key|token|secret|passw(or)?d|credentials?)($|[_-])",
+                          re.IGNORECASE)
 _URL_PASSWORD = re.compile(r"(://[^/@:\s]+:)[^/@\s]+@")
 
 
@@ -62,7 +64,8 @@ def ensure_key_file(run_dir: str | Path) -> str:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
     key = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # never world-readable, not even briefly
+    # never world-readable, not even briefly
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(key + "\n")
     return key

@@ -51,12 +51,14 @@ class _Dealer:
         self._connect()
 
     def _send(self, msg: Message) -> bytes:
-        """Send ``msg`` under a fresh req_id (returned). A ProtocolError leaves the socket untouched."""
+        """Send ``msg`` under a fresh req_id (returned). A ProtocolError leaves the socket
+        untouched."""
         if self._sock is None:
             raise TransportError(f"client for {self.address} is closed")
         req_id = uuid.uuid4().bytes
         try:
-            self._writer.send(self._sock, [req_id], msg, zmq.NOBLOCK)  # asyncio: sent at once or Again
+            # asyncio: sent at once or Again
+            self._writer.send(self._sock, [req_id], msg, zmq.NOBLOCK)
         except zmq.Again:
             self.reconnect()
             raise TransportTimeout(f"send queue to {self.address} is full") from None
@@ -121,7 +123,8 @@ class AsyncClient(_Dealer):
         timeout = self.timeout_s if timeout_s is None else timeout_s
         (reply,) = await self.request_many([msg], timeout)
         if reply is None:
-            raise TransportTimeout(f"no reply from {self.address} within {timeout:.1f}s to {msg.TYPE}")
+            raise TransportTimeout(f"no reply from {self.address} within {timeout:.1f}s "
+                                   f"to {msg.TYPE}")
         if isinstance(reply, ProtocolError):
             raise reply
         return reply

@@ -27,11 +27,13 @@ from datetime import timedelta
 
 from areal_like.net.store_gate import StoreDoor, StoreGate, listen_on
 
-ABANDON_JOIN_S = 5.0  # after an abort: how long rank 0 waits for its own join to fail (it does at once)
+# after an abort: how long rank 0 waits for its own join to fail (it does at once)
+ABANDON_JOIN_S = 5.0
 _HOSTED: dict = {}  # group -> rank 0's store and gate, or a member's door (closed with the group)
 
 
-_RANDOM = random.SystemRandom()  # not the global generator: seeded alike, two ranks would pick alike
+# not the global generator: seeded alike, two ranks would pick alike
+_RANDOM = random.SystemRandom()
 _HANDED: set[int] = set()  # ports this process has handed out: never the same one twice
 _FIXED_LOW = 10000  # free_port's ports come from [_FIXED_LOW, the kernel's ephemeral range)
 
@@ -73,16 +75,17 @@ def init_weight_group(backend: str, master_addr: str, master_port: int, world_si
     timeout = timedelta(seconds=timeout_s)
     connect = timedelta(seconds=connect_timeout_s if connect_timeout_s is not None else timeout_s)
     if rank == 0:
-        return _host_group(backend, master_addr, master_port, world_size, group_name, timeout, connect,
-                           check, check_every_s)
+        return _host_group(backend, master_addr, master_port, world_size, group_name, timeout,
+                           connect, check, check_every_s)
     from torch.distributed.distributed_c10d import rendezvous
 
-    door = StoreDoor(master_addr, master_port, group_name)  # answers rank 0's gate for our store client
+    # answers rank 0's gate for our store client
+    door = StoreDoor(master_addr, master_port, group_name)
     try:
         # under torchrun a tcp:// rendezvous would otherwise connect to the elastic agent's store
         with _env({"TORCHELASTIC_USE_AGENT_STORE": "False"}):
-            raw, rank, world_size = next(rendezvous(f"tcp://127.0.0.1:{door.port}", rank, world_size,
-                                                    timeout=connect))
+            raw, rank, world_size = next(rendezvous(f"tcp://127.0.0.1:{door.port}", rank,
+                                                    world_size, timeout=connect))
         pg = _build_group(backend, raw, master_addr, world_size, rank, group_name, timeout, connect)
     except BaseException:
         door.close()
@@ -92,12 +95,14 @@ def init_weight_group(backend: str, master_addr: str, master_port: int, world_si
 
 
 def _host_group(backend: str, master_addr: str, master_port: int, world_size: int, group_name: str,
-                timeout: timedelta, connect: timedelta, check: Callable[[], None] | None, check_every_s: float):
+                timeout: timedelta, connect: timedelta, check: Callable[[], None] | None,
+                check_every_s: float):
     """Rank 0: serve the store and join through a client of it in a helper thread, running
     ``check`` meanwhile; if it raises, close the server (every join fails) and re-raise."""
     from torch.distributed import TCPStore
 
-    server = host_store("127.0.0.1", 0, world_size, connect)  # loopback only: members come through the gate
+    # loopback only: members come through the gate
+    server = host_store("127.0.0.1", 0, world_size, connect)
     try:
         gate = StoreGate(master_addr, master_port, group_name, server.port, store=server)
     except BaseException:
@@ -109,11 +114,13 @@ def _host_group(backend: str, master_addr: str, master_port: int, world_size: in
     def join() -> None:
         try:
             raw = TCPStore("127.0.0.1", server.port, world_size, False, connect, use_libuv=True)
-            pg = _build_group(backend, raw, master_addr, world_size, 0, group_name, timeout, connect)
+            pg = _build_group(backend, raw, master_addr, world_size, 0, group_name, timeout,
+                              connect)
         except Exception as e:
             result["error"] = e
             return
-        if abandoned.is_set():  # formed after all (an abort raced the last join): nobody will use it
+        # formed after all (an abort raced the last join): nobody will use it
+        if abandoned.is_set():
             _destroy(pg)
         result["pg"] = pg
 
@@ -139,18 +146,27 @@ def _host_group(backend: str, master_addr: str, master_port: int, world_size: in
 
 def _build_group(backend: str, raw, master_addr: str, world_size: int, rank: int, group_name: str,
                  timeout: timedelta, connect: timedelta):
-    """The group over a connected store client ``raw``: gloo connects the ranks now, NCCL at its first op."""
-    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
+    """The group over a connected store client ``raw``: gloo connects the ranks now, NCCL at its
+    first op."""
+    from torch.distributed.distributed_c10d import (
+        Backend,
+        PrefixStore,
+        _new_process_group_helper,
+        _world,
+    )
 
     raw.set_timeout(connect)  # gloo connects the ranks through the store now
     store = PrefixStore(group_name, raw)
     nccl = Backend(backend) == Backend.NCCL
     env = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"} if nccl else {}
+    # a GLOO_SOCKET_IFNAME the user set wins
     if rank == 0 and not nccl and "GLOO_SOCKET_IFNAME" not in os.environ and \
-            (iface := interface_of(master_addr)) is not None:  # a GLOO_SOCKET_IFNAME the user set wins
-        env["GLOO_SOCKET_IFNAME"] = iface  # read when the gloo group is built: its pairs listen there only
+            (iface := interface_of(master_addr)) is not None:
+        # read when the gloo group is built: its pairs listen there only
+        env["GLOO_SOCKET_IFNAME"] = iface
     with _env(env):
-        pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store, group_name=group_name,
+        pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store,
+                                          group_name=group_name,
                                           backend_options=_nccl_options(timeout) if nccl else None,
                                           timeout=timeout)
     raw.set_timeout(timeout)  # NCCL exchanges its unique id through the store at the first op
@@ -221,12 +237,14 @@ def _env(values: dict[str, str]):
 def destroy_weight_group(pg) -> None:
     if pg is not None:
         _destroy(pg)
-        if (kept := _HOSTED.pop(pg, None)) is not None:  # rank 0: the store and its gate; a member: its door
+        # rank 0: the store and its gate; a member: its door
+        if (kept := _HOSTED.pop(pg, None)) is not None:
             kept.close()
 
 
 def _destroy(pg) -> None:
     import torch.distributed as dist
 
-    with contextlib.suppress(Exception):  # a group broken by a dead peer may refuse a clean teardown
+    # a group broken by a dead peer may refuse a clean teardown
+    with contextlib.suppress(Exception):
         dist.destroy_process_group(pg)

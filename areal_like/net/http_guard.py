@@ -25,7 +25,8 @@ from aiohttp.web_protocol import RequestHandler
 from areal_like.net.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
-_client_errors = RateLimitedLog(log, every_s=60.0)  # a peer can send bad requests at will: no line per request
+# a peer can send bad requests at will: no line per request
+_client_errors = RateLimitedLog(log, every_s=60.0)
 REFUSED_LINGER_S = 2.0
 EVICT_IDLE_S = 1.0  # an unvouched kept-alive connection idle this long may go for a newcomer
 HEAD_PEEK_BYTES = 1024  # what a refused connection may send before it is answered
@@ -51,7 +52,8 @@ class HttpLimits:
     max_inflight: int = 256
 
     def __post_init__(self):
-        for name in ("max_body_bytes", "max_header_bytes", "max_headers", "max_connections", "max_inflight"):
+        for name in ("max_body_bytes", "max_header_bytes", "max_headers", "max_connections",
+                     "max_inflight"):
             if getattr(self, name) < 1:
                 raise ValueError(f"HttpLimits.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("header_timeout_s", "body_timeout_s", "keepalive_s"):
@@ -59,13 +61,14 @@ class HttpLimits:
                 raise ValueError(f"HttpLimits.{name} must be > 0, got {getattr(self, name)}")
 
 
-METRICS_LIMITS = HttpLimits(max_body_bytes=4096, header_timeout_s=5.0, body_timeout_s=5.0, keepalive_s=30.0,
-                            max_connections=64, max_inflight=16)
+METRICS_LIMITS = HttpLimits(max_body_bytes=4096, header_timeout_s=5.0, body_timeout_s=5.0,
+                            keepalive_s=30.0, max_connections=64, max_inflight=16)
 
 
 @dataclass
 class GuardStats:
-    """Refusals so far (read by a daemon's metrics); plain ints, touched only on the server's loop."""
+    """Refusals so far (read by a daemon's metrics); plain ints, touched only on the server's
+    loop."""
 
     connections: int = 0
     peak_connections: int = 0
@@ -129,8 +132,9 @@ class _GuardedHandler(RequestHandler):
 
     def __init__(self, manager, guard: _Guard, **kwargs):
         lim = guard.limits
-        super().__init__(manager, max_line_size=lim.max_header_bytes, max_field_size=lim.max_header_bytes,
-                         max_headers=lim.max_headers, keepalive_timeout=lim.keepalive_s, auto_decompress=False,
+        super().__init__(manager, max_line_size=lim.max_header_bytes,
+                         max_field_size=lim.max_header_bytes, max_headers=lim.max_headers,
+                         keepalive_timeout=lim.keepalive_s, auto_decompress=False,
                          access_log=None, **kwargs)
         self._guard, self._deadline, self._refused, self._lingering = guard, None, False, False
         self.vouched = False  # a request on it showed the bearer token (set by the middleware)
@@ -251,7 +255,8 @@ class _GuardedHandler(RequestHandler):
             if self._head is not None:
                 self._peek(data)
             return  # a refused connection's request is read and dropped
-        before = self._request_count  # incremented by the parser for each request whose head is complete
+        # incremented by the parser for each request whose head is complete
+        before = self._request_count
         self._heard_at = self._loop.time()
         super().data_received(data)
         if self._request_count != before:
@@ -260,7 +265,8 @@ class _GuardedHandler(RequestHandler):
             self._arm()  # the first bytes of the next request's head on a kept-alive connection
 
     def _arm(self) -> None:
-        self._deadline = self._loop.call_later(self._guard.limits.header_timeout_s, self._head_too_slow)
+        self._deadline = self._loop.call_later(self._guard.limits.header_timeout_s,
+                                               self._head_too_slow)
 
     def _disarm(self) -> None:
         if self._deadline is not None:
@@ -271,14 +277,18 @@ class _GuardedHandler(RequestHandler):
         self._deadline = None
         self._guard.stats.timed_out += 1
         if self.transport is not None:
-            self.transport.abort()  # nothing was read as a request: no answer, the socket just closes
+            # nothing was read as a request: no answer, the socket just closes
+            self.transport.abort()
 
     def log_exception(self, msg: str, *args, exc_info=None, **kw) -> None:
-        why = f"{type(exc_info).__name__}: {exc_info}".splitlines()[0] if isinstance(exc_info, BaseException) else ""
-        _client_errors.warning(f"{msg}:{type(exc_info).__name__}", "HTTP: " + msg + " (%s)", *args, why)
+        why = (f"{type(exc_info).__name__}: {exc_info}".splitlines()[0]
+               if isinstance(exc_info, BaseException) else "")
+        _client_errors.warning(f"{msg}:{type(exc_info).__name__}", "HTTP: " + msg + " (%s)",
+                               *args, why)
 
     def handle_error(self, request, status: int = 500, exc=None, message=None):
-        if isinstance(exc, LineTooLong) or (isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc)):
+        if isinstance(exc, LineTooLong) or (isinstance(exc, BadHttpMessage)
+                                            and "Too many headers" in str(exc)):
             status, message = 431, "Request Header Fields Too Large"  # aiohttp says 400
         return super().handle_error(request, status, exc, message)
 
@@ -300,7 +310,8 @@ def _guard_middleware(guard: _Guard):
                 request.protocol.vouched = True  # its idle time is a member's: never evicted
         capped = guard.capped_paths is None or request.path in guard.capped_paths
         if capped and stats.inflight >= lim.max_inflight:
-            return web.json_response({"error": f"over {lim.max_inflight} requests in flight; retry later"},
+            return web.json_response({"error": f"over {lim.max_inflight} requests in flight; "
+                                                "retry later"},
                                      status=429, headers={"Retry-After": "1"})
         stats.inflight += capped
         try:
@@ -311,7 +322,8 @@ def _guard_middleware(guard: _Guard):
                     await asyncio.wait_for(request.read(), lim.body_timeout_s)
                 except asyncio.TimeoutError:
                     stats.timed_out += 1
-                    return web.json_response({"error": f"body not received within {lim.body_timeout_s}s"},
+                    return web.json_response({"error": f"body not received within "
+                                                       f"{lim.body_timeout_s}s"},
                                              status=408, headers={"Connection": "close"})
                 except web.HTTPRequestEntityTooLarge:
                     return _too_large(request, lim)
@@ -334,7 +346,8 @@ def guarded_app(*, limits: HttpLimits, token: str | TokenCheck | None = None,
     check of the ``Authorization`` header); ``serve`` it for the connection limits too."""
     guard = _Guard(limits, token, frozenset(open_paths),
                    None if capped_paths is None else frozenset(capped_paths), health)
-    app = web.Application(middlewares=[_guard_middleware(guard), *middlewares], client_max_size=limits.max_body_bytes)
+    app = web.Application(middlewares=[_guard_middleware(guard), *middlewares],
+                          client_max_size=limits.max_body_bytes)
     app[GUARD_KEY] = guard
     return app
 
@@ -357,15 +370,18 @@ class GuardedServer:
 
 async def serve(app: web.Application, host: str, port: int, *, shutdown_timeout_s: float = 2.0,
                 handler_cancellation: bool = True) -> GuardedServer:
-    """Bind ``host:port`` (0 = a free port) and serve ``app`` (made by ``guarded_app``) on the running loop."""
+    """Bind ``host:port`` (0 = a free port) and serve ``app`` (made by ``guarded_app``) on the
+    running loop."""
     guard: _Guard = app[GUARD_KEY]
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout_s,
                            handler_cancellation=handler_cancellation)
     await runner.setup()
     manager, loop = runner.server, asyncio.get_running_loop()
     try:
-        server = await loop.create_server(lambda: _GuardedHandler(manager, guard, loop=loop), host, port,
-                                          backlog=min(guard.limits.max_connections, 1024), reuse_address=True)
+        server = await loop.create_server(lambda: _GuardedHandler(manager, guard, loop=loop),
+                                          host, port,
+                                          backlog=min(guard.limits.max_connections, 1024),
+                                          reuse_address=True)
     except BaseException:
         await runner.cleanup()
         raise

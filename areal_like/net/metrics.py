@@ -1,8 +1,8 @@
 """Prometheus ``/metrics`` and ``/health`` on a daemon's own port, from its own registry.
 
 Invariants: a metric's hierarchical name is stable (``buffer/staleness_max``), its Prometheus name
-is ``areal_`` + the name with ``/`` as ``_``; each daemon has a private ``CollectorRegistry`` (several
-daemons in one test process never collide).
+is ``areal_`` + the name with ``/`` as ``_``; each daemon has a private ``CollectorRegistry``
+(several daemons in one test process never collide).
 """
 
 from __future__ import annotations
@@ -43,9 +43,11 @@ class Metrics:
         with self._lock:
             m = self._by_name.get(name)
             if m is None:
-                m = kind(prom_name(name), doc or name, labelnames=labels, registry=self.registry, **kw)
+                m = kind(prom_name(name), doc or name, labelnames=labels, registry=self.registry,
+                         **kw)
                 self._by_name[name] = m
-            elif not isinstance(m, kind):  # one name, one meaning: a silent mix-up would corrupt dashboards
+            # one name, one meaning: a silent mix-up would corrupt dashboards
+            elif not isinstance(m, kind):
                 raise ValueError(f"metric {name!r} is a {type(m).__name__}, not a {kind.__name__}")
             return m
 
@@ -55,7 +57,8 @@ class Metrics:
     def gauge(self, name: str, doc: str = "", labels: tuple[str, ...] = ()) -> Gauge:
         return self._get(Gauge, name, doc, labels)
 
-    def histogram(self, name: str, doc: str = "", labels: tuple[str, ...] = (), buckets=None) -> Histogram:
+    def histogram(self, name: str, doc: str = "", labels: tuple[str, ...] = (),
+                  buckets=None) -> Histogram:
         kw = {"buckets": buckets} if buckets is not None else {}
         return self._get(Histogram, name, doc, labels, **kw)
 
@@ -92,10 +95,13 @@ class MetricsServer:
         self.app.router.add_get("/health", self._health)
         self._pool = ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="metrics-render")
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="metrics-http", daemon=True)
-        self._thread.start()  # the port is bound here, so that it is known (and a bind error raised) now
+        self._thread = threading.Thread(target=self._loop.run_forever, name="metrics-http",
+                                        daemon=True)
+        # the port is bound here, so that it is known (and a bind error raised) now
+        self._thread.start()
         try:
-            self._server = asyncio.run_coroutine_threadsafe(serve(self.app, host, port), self._loop).result()
+            self._server = asyncio.run_coroutine_threadsafe(serve(self.app, host, port),
+                                                            self._loop).result()
         except BaseException:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join()
@@ -135,7 +141,8 @@ class MetricsServer:
             ok, details = self.health()
         except Exception as e:  # a broken probe is an unhealthy daemon, not a crash
             ok, details = False, {"error": f"{type(e).__name__}: {e}"}
-        body = json.dumps({"ok": ok, "uptime_s": round(time.time() - self.started, 1), **details}, default=str)
+        body = json.dumps({"ok": ok, "uptime_s": round(time.time() - self.started, 1), **details},
+                          default=str)
         return (200 if ok else 503), body.encode()
 
     async def _metrics(self, request: web.Request) -> web.Response:

@@ -45,7 +45,8 @@ class Subscriber:
         security.connect(self._sock, address)
 
     def recv(self, timeout_s: float) -> Message | None:
-        """The next valid announcement within ``timeout_s``, or None (undecodable frames are skipped)."""
+        """The next valid announcement within ``timeout_s``, or None (undecodable frames are
+        skipped)."""
         deadline = time.monotonic() + timeout_s
         while self._sock.poll(max(0, int((deadline - time.monotonic()) * 1000)), zmq.POLLIN):
             if not isinstance(msg := decoded(self._sock.recv()), ProtocolError):

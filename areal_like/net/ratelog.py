@@ -19,7 +19,8 @@ class RateLimitedLog:
         self._lock = threading.Lock()
 
     def log(self, level: int, key: str, msg: str, *args) -> bool:
-        """Log ``msg % args`` at ``level`` unless ``key`` logged less than ``every_s`` ago; True if logged."""
+        """Log ``msg % args`` at ``level`` unless ``key`` logged less than ``every_s`` ago; True if
+        logged."""
         now = self.clock()
         with self._lock:
             last, suppressed = self._last.get(key, (None, 0))
@@ -28,7 +29,8 @@ class RateLimitedLog:
                 return False
             self._last[key] = (now, 0)
         if suppressed:
-            msg += f" ({suppressed} more since the last such line; logged at most every {self.every_s:.0f}s)"
+            msg += (f" ({suppressed} more since the last such line; logged at most every "
+                    f"{self.every_s:.0f}s)")
         self.logger.log(level, msg, *args)
         return True
 

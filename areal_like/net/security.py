@@ -91,7 +91,8 @@ def load(keys_dir: str | Path, role: str) -> Keys:
         public, secret = _read(keys_dir / f"{SERVER}.key_secret", keys_dir)
         allow = keys_dir / "clients"
         if not allow.is_dir() or not zmq.auth.load_certificates(allow):
-            raise SecurityError(f"no client keys in {allow}: nobody could connect (areal-like keys RUN_DIR makes them)")
+            raise SecurityError(f"no client keys in {allow}: nobody could connect "
+                                "(areal-like keys RUN_DIR makes them)")
         return Keys(role, public, secret, server_public, allow)
     public, secret = _read(keys_dir / "clients" / f"{role}.key_secret", keys_dir)
     return Keys(role, public, secret, server_public)
@@ -99,8 +100,10 @@ def load(keys_dir: str | Path, role: str) -> Keys:
 
 def _read(path: Path, keys_dir: Path) -> tuple[bytes, bytes | None]:
     if not path.is_file():
-        raise SecurityError(f"{path} is missing: make the job's keys with `areal-like keys RUN_DIR` (or set "
-                            f"security.keys_dir; security.curve=false turns authentication off) [keys_dir={keys_dir}]")
+        raise SecurityError(f"{path} is missing: make the job's keys with "
+                            "`areal-like keys RUN_DIR` (or set security.keys_dir; "
+                            "security.curve=false turns authentication off) "
+                            f"[keys_dir={keys_dir}]")
     try:
         public, secret = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as e:
@@ -115,8 +118,9 @@ def setup(cfg, role: str, logger: logging.Logger | None = None) -> Keys | None:
     logger = logger or log
     sec = cfg.security
     if not sec.curve:
-        logger.warning("security.curve=false: ZeroMQ traffic is NOT authenticated or encrypted; any process that "
-                       "can reach the buffer's ports can join this job (use only on a trusted network)")
+        logger.warning("security.curve=false: ZeroMQ traffic is NOT authenticated or encrypted; "
+                       "any process that can reach the buffer's ports can join this job (use only "
+                       "on a trusted network)")
         return None
     keys = load(cfg.resolve_path(sec.keys_dir), role)
     logger.info("CURVE on: %s keys from %s", role, cfg.resolve_path(sec.keys_dir))
@@ -196,10 +200,12 @@ class _Authenticator(ThreadAuthenticator):
             uid = peer_uid(msg[3])
             ok = msg[5] == b"NULL" and uid == os.geteuid()
             if not ok:
-                self.log.warning("refused an ipc peer: uid %s, mechanism %s (this job runs as uid %d)", uid,
+                self.log.warning("refused an ipc peer: uid %s, mechanism %s "
+                                 "(this job runs as uid %d)", uid,
                                  msg[5].decode(errors="replace"), os.geteuid())
             # User-Id "": no role (role_of gives None); a CURVE client's is its key's name
-            self._send_zap_reply(msg[1], b"200" if ok else b"400", b"OK" if ok else b"not this job's user", "")
+            self._send_zap_reply(msg[1], b"200" if ok else b"400",
+                                 b"OK" if ok else b"not this job's user", "")
             return
         await super().handle_zap_message(msg)
 
@@ -220,13 +226,14 @@ def private_dir(path: str | Path, create: bool = True) -> Path:
     except FileNotFoundError:
         raise SecurityError(f"{path} does not exist (the buffer makes it when it starts)") from None
     if not stat.S_ISDIR(st.st_mode):
-        raise SecurityError(f"{path} must be a directory (not a symlink or a file) to hold the job's sockets")
+        raise SecurityError(f"{path} must be a directory (not a symlink or a file) to hold the "
+                            "job's sockets")
     if st.st_uid != os.geteuid():
-        raise SecurityError(f"{path} is owned by uid {st.st_uid}, not by this process's user (uid {os.geteuid()}): "
-                            "its sockets could be someone else's")
+        raise SecurityError(f"{path} is owned by uid {st.st_uid}, not by this process's user "
+                            f"(uid {os.geteuid()}): its sockets could be someone else's")
     if st.st_mode & 0o077:
-        raise SecurityError(f"{path} has mode {stat.S_IMODE(st.st_mode):04o}: other users could reach the job's "
-                            "sockets in it; it must be 0700 (chmod 700)")
+        raise SecurityError(f"{path} has mode {stat.S_IMODE(st.st_mode):04o}: other users could "
+                            "reach the job's sockets in it; it must be 0700 (chmod 700)")
     return path
 
 
@@ -238,8 +245,8 @@ def ipc_path(address: str) -> Path | None:
     if not path.is_absolute():
         raise SecurityError(f"{address}: a same-node socket path must be absolute")
     if len(os.fsencode(path)) > IPC_PATH_MAX:
-        raise SecurityError(f"{address}: the path is {len(os.fsencode(path))} bytes, over AF_UNIX's "
-                            f"{IPC_PATH_MAX}; use a shorter directory")
+        raise SecurityError(f"{address}: the path is {len(os.fsencode(path))} bytes, over "
+                            f"AF_UNIX's {IPC_PATH_MAX}; use a shorter directory")
     return path
 
 
@@ -253,10 +260,12 @@ def bind(sock: zmq.Socket, address: str) -> None:
     private_dir(path.parent)
     _authenticator(sock.context, None)
     was_curve = sock.getsockopt(zmq.MECHANISM) == zmq.CURVE
-    domain = sock.getsockopt(zmq.ZAP_DOMAIN) or ZAP_DOMAIN.encode()  # libzmq takes no empty domain back
+    # libzmq takes no empty domain back
+    domain = sock.getsockopt(zmq.ZAP_DOMAIN) or ZAP_DOMAIN.encode()
     if not was_curve:
         _watch(sock)  # ``apply`` watches CURVE servers; refused ipc peers are counted either way
-    sock.setsockopt(zmq.CURVE_SERVER, 0)  # NULL mechanism for this endpoint only (options apply at bind)
+    # NULL mechanism for this endpoint only (options apply at bind)
+    sock.setsockopt(zmq.CURVE_SERVER, 0)
     sock.setsockopt(zmq.ZAP_DOMAIN, LOCAL_ZAP_DOMAIN.encode())
     try:
         sock.bind(address)  # libzmq removes a socket file left by an earlier run first

@@ -115,7 +115,8 @@ class _Relay:
         threading.Thread(target=self._copy, args=(upstream, conn, ended, True), daemon=True).start()
         self._copy(conn, upstream, ended)
 
-    def _copy(self, src: socket.socket, dst: socket.socket, ended: list[int], answers: bool = False) -> None:
+    def _copy(self, src: socket.socket, dst: socket.socket, ended: list[int],
+              answers: bool = False) -> None:
         with contextlib.suppress(OSError):
             while chunk := src.recv(1 << 16):
                 if answers:  # counted before it is passed on
@@ -132,15 +133,18 @@ class _Relay:
                 dst.shutdown(socket.SHUT_WR)  # the other direction may still carry a reply
 
     def _refuse(self, conn: socket.socket, why: str) -> None:
-        """Close ``conn`` unanswered and count it; logged at most once a minute per gate or door kind."""
+        """Close ``conn`` unanswered and count it; logged at most once a minute per gate or door
+        kind."""
         self.refused += 1
-        _refusals.warning(type(self).__name__, "%s refused a connection from %s (%s; %d refused so far)",
+        _refusals.warning(type(self).__name__,
+                          "%s refused a connection from %s (%s; %d refused so far)",
                           type(self).__name__, _peer(conn), why, self.refused)
         with contextlib.suppress(OSError):
             conn.close()
 
     def _admit(self, conn: socket.socket, deadline: float) -> socket.socket | None:
-        """The upstream socket to pipe ``conn`` to once it has proven itself; None: refused (each subclass)."""
+        """The upstream socket to pipe ``conn`` to once it has proven itself; None: refused (each
+        subclass)."""
         raise NotImplementedError
 
     def _track(self, sock: socket.socket) -> bool:
@@ -188,7 +192,8 @@ class StoreGate(_Relay):
     def _admit(self, conn: socket.socket, deadline: float) -> socket.socket | None:
         challenge = os.urandom(NONCE_BYTES)
         try:
-            ok = recv_exact(conn, 1, deadline) == MAGIC[:1] and recv_exact(conn, len(MAGIC) - 1, deadline) == MAGIC[1:]
+            ok = (recv_exact(conn, 1, deadline) == MAGIC[:1]
+                  and recv_exact(conn, len(MAGIC) - 1, deadline) == MAGIC[1:])
             if ok:  # a door: its nonce, our challenge and our own proof; then its proof of both
                 theirs = recv_exact(conn, NONCE_BYTES, deadline)
                 conn.sendall(challenge + proof(self.secret, b"gate", theirs, challenge))
@@ -203,7 +208,8 @@ class StoreGate(_Relay):
 
 
 class StoreDoor(_Relay):
-    """On loopback (``port``): this user's connections, carried through the gate at ``host:port``."""
+    """On loopback (``port``): this user's connections, carried through the gate at
+    ``host:port``."""
 
     def __init__(self, host: str, port: int, secret: str):
         self.target, self.secret = (host, port), secret
@@ -233,7 +239,8 @@ class StoreDoor(_Relay):
                     raise ConnectionError("the other end is not this group's store gate")
                 upstream.sendall(proof(self.secret, b"door", ours, challenge))
         except (OSError, ConnectionError) as e:
-            log.warning("could not pass the weight group's store gate at %s:%s: %s", *self.target, e)
+            log.warning("could not pass the weight group's store gate at %s:%s: %s",
+                        *self.target, e)
             upstream.close()
             return None
         return upstream

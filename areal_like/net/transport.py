@@ -20,7 +20,8 @@ from areal_like.net.peers import is_trainer_peer
 from areal_like.wire import protocol
 from areal_like.wire.protocol import Message, ProtocolError, decode, encode_into
 
-DEFAULT_TIMEOUT_S = 10.0  # a healthy buffer answers in milliseconds; 10 s means it is gone or wedged
+# a healthy buffer answers in milliseconds; 10 s means it is gone or wedged
+DEFAULT_TIMEOUT_S = 10.0
 SNDHWM = 1000  # frames queued per peer before sends fail fast
 INCOMING_LIMIT_FACTOR = 2  # receive bound (MAXMSGSIZE) = this x protocol.MAX_FRAME_BYTES
 REFUSE_WINDOW_BYTES = 64 * 1024 * 1024  # a tighter Server still receives and refuses up to this
@@ -76,7 +77,8 @@ class FrameWriter:
 
 
 def _send_copied(sock: zmq.Socket, head: list[bytes], frame: bytearray, flags: int) -> Any:
-    """Send ``[*head, frame]``, ``frame`` copied before this returns (the writer keeps its buffer)."""
+    """Send ``[*head, frame]``, ``frame`` copied before this returns (the writer keeps its
+    buffer)."""
     if type(sock) is zmq.Socket:  # parts one by one, cheaper than send_multipart's checks
         for part in head:  # a multipart message is queued whole: only the first send can fail
             sock.send(part, flags | _SNDMORE)
@@ -126,7 +128,8 @@ def new_socket(ctx: zmq.Context, kind: int, keys: security.Keys | None,
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, SNDHWM)
     sock.setsockopt(zmq.RCVHWM, SNDHWM)
-    bound = INCOMING_LIMIT_FACTOR * protocol.MAX_FRAME_BYTES if receive_bound is None else receive_bound
+    bound = (INCOMING_LIMIT_FACTOR * protocol.MAX_FRAME_BYTES if receive_bound is None
+             else receive_bound)
     sock.setsockopt(zmq.MAXMSGSIZE, bound)
     security.apply(sock, keys)  # before bind/connect
     return sock
@@ -198,7 +201,8 @@ class Server:
         return None
 
     def _request(self, frames: list[zmq.Frame]):
-        """(peer, req_id, message-or-error, payload, member) of a request; None for a refused one."""
+        """(peer, req_id, message-or-error, payload, member) of a request; None for a refused
+        one."""
         if len(frames) != 3:
             error = ProtocolError("expected [req_id, payload]", "frame")
             role = security.role_of(frames[-1])

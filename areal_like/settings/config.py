@@ -34,9 +34,11 @@ from areal_like.settings.schema import (
 )
 
 __all__ = [
-    "AGG_MODES", "ESTIMATORS", "LOSS_KINDS", "BufferConfig", "ConfigError", "EngineConfig", "EvalConfig", "ExportConfig", "LaunchConfig",
+    "AGG_MODES", "ESTIMATORS", "LOSS_KINDS", "BufferConfig", "ConfigError", "EngineConfig",
+    "EvalConfig", "ExportConfig", "LaunchConfig",
     "LoraConfig",
-    "LossConfig", "ModelConfig", "RolloutConfig", "RunConfig", "SecurityConfig", "TaskConfig", "TrackingConfig", "TrainerConfig", "WarmStartConfig",
+    "LossConfig", "ModelConfig", "RolloutConfig", "RunConfig", "SecurityConfig", "TaskConfig",
+    "TrackingConfig", "TrainerConfig", "WarmStartConfig",
     "WeightSyncConfig", "config_dir", "from_yaml", "group_options", "load_config",
     "load_daemon_config", "to_yaml", "EXPORT_TASK_FILE", "task_yaml", "task_from_yaml",
 ]
@@ -146,7 +148,8 @@ def _mandatory_keys(group: str, option: str) -> list[str]:
     for line in path.read_text().splitlines()[:5]:
         if line.startswith("# @package"):
             package = line.split(None, 2)[2].strip()
-    package = "" if package == "_global_" else group.replace("/", ".") if package == "_group_" else package
+    package = ("" if package == "_global_"
+               else group.replace("/", ".") if package == "_group_" else package)
 
     def walk(node, prefix: str):
         for k in node.keys():
@@ -160,7 +163,8 @@ def _mandatory_keys(group: str, option: str) -> list[str]:
 
 
 def _unknown_keys(obj: Any, prefix: str = "") -> list[str]:
-    """Keys a ``+key=value`` override smuggled past the schema (to_object sets them as attributes)."""
+    """Keys a ``+key=value`` override smuggled past the schema (to_object sets them as
+    attributes)."""
     import dataclasses
 
     out = [f"{prefix}{k}" for k in vars(obj) if k not in {f.name for f in dataclasses.fields(obj)}]
@@ -245,7 +249,8 @@ def to_yaml(cfg: Any, *, redacted: bool = False) -> str:
     from omegaconf import OmegaConf
 
     if redacted:
-        return OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(OmegaConf.structured(cfg)))))
+        return OmegaConf.to_yaml(OmegaConf.create(redact(
+            OmegaConf.to_container(OmegaConf.structured(cfg)))))
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
@@ -300,8 +305,9 @@ def load_daemon_config(argv: list[str], addresses: tuple[str, ...] = ()) -> RunC
     for key in addresses:
         value = operator.attrgetter(key)(cfg)
         if isinstance(value, str) and value.rsplit(":", 1)[-1] == "0":
-            raise ConfigError(f"{key}={value!r} has port 0: a daemon started on its own needs the buffer's real "
-                              "address (e.g. buffer.address=tcp://HOST:5555 buffer.pub_address=tcp://HOST:5556); "
+            raise ConfigError(f"{key}={value!r} has port 0: a daemon started on its own needs the "
+                              "buffer's real address (e.g. buffer.address=tcp://HOST:5555 "
+                              "buffer.pub_address=tcp://HOST:5556); "
                               "`areal-like run` picks free ports itself")
     return cfg
 
@@ -326,6 +332,7 @@ def _load_daemon_config(argv: list[str]) -> RunConfig:
     if not Path(path).is_file():
         raise ConfigError(f"--config-file {path!r} does not exist")
     cfg = _structured(lambda: OmegaConf.to_object(OmegaConf.merge(
-        OmegaConf.structured(RunConfig), OmegaConf.load(path), OmegaConf.from_dotlist(argv))), str(path))
+        OmegaConf.structured(RunConfig), OmegaConf.load(path),
+        OmegaConf.from_dotlist(argv))), str(path))
     assert isinstance(cfg, RunConfig)
     return cfg

@@ -13,7 +13,8 @@ class ConfigError(ValueError):
 
 def choice(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of "
+                          f"{', '.join(map(repr, allowed))}")
 
 
 def check(key: str, ok: bool, rule: str, value: Any) -> None:

@@ -74,7 +74,8 @@ class GSPOConfig:
 
 @dataclass(kw_only=True)
 class VESPOConfig:
-    """VESPO (section 7): phi(W) = W^k exp(lambda (1 - W)), (k, lambda) by the sign of the advantage."""
+    """VESPO (section 7): phi(W) = W^k exp(lambda (1 - W)), (k, lambda) by the sign of the
+    advantage."""
 
     k_pos: float = 2.0
     lambda_pos: float = 3.0
@@ -84,11 +85,13 @@ class VESPOConfig:
 
 @dataclass(kw_only=True)
 class VCPOConfig:
-    """VCPO (section 8): capped sequence IS weight, the off-policy optimal baseline, an ESS-scaled LR."""
+    """VCPO (section 8): capped sequence IS weight, the off-policy optimal baseline,
+    an ESS-scaled LR."""
 
     fixed_agg: ClassVar[str] = "seq-mean-token-mean"
     cap: float = 8.0
-    baseline_weight: str = "readme"  # readme: w^2 |g|^2 (paper) | code: wclip^2 w^2 |g|^2 (released code)
+    # readme: w^2 |g|^2 (paper) | code: wclip^2 w^2 |g|^2 (released code)
+    baseline_weight: str = "readme"
     ess_base: float = 1.0
 
     def __post_init__(self):
@@ -109,11 +112,13 @@ class OAPLConfig:
 
 @dataclass(kw_only=True)
 class LossConfig:
-    """The kernel, the knobs all kernels share, and one section per kernel (``params``: the chosen one's)."""
+    """The kernel, the knobs all kernels share, and one section per kernel (``params``: the chosen
+    one's)."""
 
     kernel: str = "decoupled_ppo"
     agg: str = "token-mean"  # gspo and vcpo always seq-mean-token-mean, oapl a mean over sequences
-    loss_scale_factor: float | None = None  # seq-mean-token-sum-norm constant C (None = task.max_new_tokens)
+    # seq-mean-token-sum-norm constant C (None = task.max_new_tokens)
+    loss_scale_factor: float | None = None
     eps_clip: float = 0.2  # the PPO trust region (ppo, decoupled_ppo, tis, mis, icepop)
     eps_clip_high: float | None = None  # None = eps_clip
     dual_clip: float | None = None  # c > 1, binds where A < 0
@@ -133,7 +138,8 @@ class LossConfig:
         choice(K + "agg", self.agg, AGG_MODES)
         choice(K + "kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
         check(K + "eps_clip", 0 < self.eps_clip < 1, "in (0, 1)", self.eps_clip)
-        check(K + "dual_clip", self.dual_clip is None or self.dual_clip > 1, "null or > 1", self.dual_clip)
+        check(K + "dual_clip", self.dual_clip is None or self.dual_clip > 1, "null or > 1",
+              self.dual_clip)
         check(K + "kl_coef", self.kl_coef >= 0, ">= 0", self.kl_coef)
 
     @property
@@ -142,6 +148,8 @@ class LossConfig:
         return getattr(self, self.kernel, None)
 
     def check_agg(self) -> None:
-        """A run config may not name an aggregation its kernel does not use (the kernel functions accept any)."""
+        """A run config may not name an aggregation its kernel does not use (the kernel functions
+        accept any)."""
         fixed = getattr(self.params, "fixed_agg", None)
-        check(K + "agg", fixed is None or self.agg == fixed, f"{fixed!r} with {K}kernel={self.kernel}", self.agg)
+        check(K + "agg", fixed is None or self.agg == fixed,
+              f"{fixed!r} with {K}kernel={self.kernel}", self.agg)

@@ -13,34 +13,40 @@ from areal_like.settings.config_checks import each
 
 @dataclass(kw_only=True)
 class EvalConfig:
-    """Evaluation on the eval split by a rollout server's engine at a known version; correct = reward 1."""
+    """Evaluation on the eval split by a rollout server's engine at a known version;
+    correct = reward 1."""
 
-    every: int = 0  # evaluate each time the policy version reaches a multiple of this; 0 = never during the run
+    # evaluate each time the policy version reaches a multiple of this; 0 = never during the run
+    every: int = 0
     at_start: bool = True  # with every > 0: also the initial weights (version 0), the baseline
     at_end: bool = True  # and once at trainer.steps
     max_examples: int = 0  # eval prompts used (first N of the split); 0 = all
-    k: int = 4  # samples per prompt at the sampling temperature, for pass@k and mean@k; 0 = greedy only
+    # samples per prompt at the sampling temperature, for pass@k and mean@k; 0 = greedy only
+    k: int = 4
     temperature: float | None = None  # None = task.temperature
     max_new_tokens: int | None = None  # None = task.max_new_tokens
-    final_timeout_s: float = 600.0  # how long `areal-like run` waits for the final eval after training
+    # how long `areal-like run` waits for the final eval after training
+    final_timeout_s: float = 600.0
     # The trainer's last push also waits (final_timeout_s at most) for a server that evaluates to
-    # register, so one that started late still gets the final weights; `areal-like run` sets it on the
-    # trainer's command line when it starts such a server (launch/job.py).
+    # register, so one that started late still gets the final weights; `areal-like run` sets it on
+    # the trainer's command line when it starts such a server (launch/job.py).
     await_server: bool = False
 
     def __post_init__(self):
         each("eval", self, ">= 0", "every", "max_examples", "k")
         _check("eval.temperature", self.temperature is None or self.temperature > 0,
                "null or > 0 (greedy is always measured)", self.temperature)
-        _check("eval.max_new_tokens", self.max_new_tokens is None or self.max_new_tokens >= 1, "null or >= 1",
-               self.max_new_tokens)
+        _check("eval.max_new_tokens", self.max_new_tokens is None or self.max_new_tokens >= 1,
+               "null or >= 1", self.max_new_tokens)
 
 
 @dataclass(kw_only=True)
 class ExportConfig:
-    """Hugging Face model directories written by the trainer (``areal-like export`` does the same offline)."""
+    """Hugging Face model directories written by the trainer (``areal-like export`` does the same
+    offline)."""
 
-    every: int = 0  # export each time the policy version reaches a multiple of this; 0 = never during the run
+    # export each time the policy version reaches a multiple of this; 0 = never during the run
+    every: int = 0
     at_end: bool = True  # and once when training ends
     dir: str = "export"  # relative to run_dir unless absolute; one v<version> directory per export
     shard_mb: int = 2048  # largest model.safetensors shard
@@ -63,7 +69,8 @@ class TrackingConfig:
 
     project: str = "areal-like"
     run_name: str = ""  # empty = the run directory's name
-    wandb_mode: str = "offline"  # online | offline (offline needs no network; `wandb sync` uploads later)
+    # online | offline (offline needs no network; `wandb sync` uploads later)
+    wandb_mode: str = "offline"
     sample_every: int = 10  # every N trainer steps, a table of samples; 0 = never
     sample_k: int = 8  # samples per table
 

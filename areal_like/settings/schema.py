@@ -27,8 +27,10 @@ from areal_like.settings.report_schema import TRACKERS, EvalConfig, ExportConfig
 class ModelConfig:
     """A local HF model (``path``) or a tiny Qwen2 built from the fields below."""
 
-    path: str | None = None  # a local HF directory, or a hub id (org/name) resolved once before any start
-    tokenizer: str = "char"  # model built from config: char | bpe (built from shipped text) | a local directory
+    # a local HF directory, or a hub id (org/name) resolved once before any start
+    path: str | None = None
+    # model built from config: char | bpe (built from shipped text) | a local directory
+    tokenizer: str = "char"
     vocab_size: int = 104  # must cover the tokenizer; the char tokenizer has 104 tokens
     hidden_size: int = 128
     intermediate_size: int = 256
@@ -47,7 +49,8 @@ class ModelConfig:
         each("model", self, "> 0", "vocab_size", "hidden_size", "intermediate_size",
              "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
              "max_position_embeddings")
-        _check("model.num_attention_heads", self.num_attention_heads % self.num_key_value_heads == 0,
+        _check("model.num_attention_heads",
+               self.num_attention_heads % self.num_key_value_heads == 0,
                "a multiple of model.num_key_value_heads", self.num_attention_heads)
         _check("model.hidden_size", self.hidden_size % self.num_attention_heads == 0,
                "a multiple of model.num_attention_heads", self.hidden_size)
@@ -55,16 +58,20 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class TaskConfig:
-    """What to train on: a shipped synthetic task or a dataset (``name=dataset``), and how it is scored."""
+    """What to train on: a shipped synthetic task or a dataset (``name=dataset``), and how it is
+    scored."""
 
-    name: str = "addition"  # addition | sort | reverse | countdown | calc, guess (with task.env) | dataset
+    # addition | sort | reverse | countdown | calc, guess (with task.env) | dataset
+    name: str = "addition"
     dataset_path: str | None = None
     eval_path: str | None = None  # the eval split; unset = eval_fraction of dataset_path held out
-    eval_fraction: float = 0.0  # held-out share of dataset_path when eval_path is unset (fixed seed)
+    # held-out share of dataset_path when eval_path is unset (fixed seed)
+    eval_fraction: float = 0.0
     prompt_key: str = "prompt"  # a column of plain prompt text ...
     messages_key: str = ""  # ... or, when set, a column of chat messages [{role, content}, ...]
     answer_key: str = "answer"  # the reference answer the reward grades against
-    metadata_keys: list[str] | None = None  # extra columns passed to the reward; None = all the others
+    # extra columns passed to the reward; None = all the others
+    metadata_keys: list[str] | None = None
     system_prompt: str = ""  # prepended as a system message (chat) or text (plain)
     # auto: plain prompts as text, chat rows through the tokenizer's template (TRL) | none: text
     # for both | Jinja text or a file of it, for both
@@ -79,8 +86,10 @@ class TaskConfig:
     top_p: float = 1.0
     top_k: int = -1
     reward_fn: str = ""  # dotted path "pkg.module:function"; empty = the task's own reward
-    reward_timeout_s: float = 5.0  # per sample; a reward past it is killed and scored 0 with its reason
-    reward_workers: int = 2  # processes of the reward pool (per rollout server); 0: in-process, unsandboxed
+    # per sample; a reward past it is killed and scored 0 with its reason
+    reward_timeout_s: float = 5.0
+    # processes of the reward pool (per rollout server); 0: in-process, unsandboxed
+    reward_workers: int = 2
     reward_memory_mb: int = 2048  # address-space limit of a reward worker; 0 = none
     reward_url: str = ""  # remote reward: POST a batch of (prompt, response, metadata) here
     reward_retries: int = 2  # remote reward: retries after a failed or timed-out call
@@ -88,12 +97,17 @@ class TaskConfig:
     # step rewards replace the task's reward; empty = single-turn
     env: str = ""
     max_turns: int = 8  # assistant turns per episode; then it ends with finish_reason "max_turns"
-    max_episode_tokens: int = 1024  # prompt + every turn's tokens; past it the episode ends ("max_tokens")
-    turn_timeout_s: float = 120.0  # one assistant turn's generation (across weight-sync pauses): "turn_timeout"
-    episode_timeout_s: float = 600.0  # the whole episode, tools and environment included: "episode_timeout"
-    tool_timeout_s: float = 5.0  # one tool call; past it the tool's worker is killed and the model sees an error
+    # prompt + every turn's tokens; past it the episode ends ("max_tokens")
+    max_episode_tokens: int = 1024
+    # one assistant turn's generation (across weight-sync pauses): "turn_timeout"
+    turn_timeout_s: float = 120.0
+    # the whole episode, tools and environment included: "episode_timeout"
+    episode_timeout_s: float = 600.0
+    # one tool call; past it the tool's worker is killed and the model sees an error
+    tool_timeout_s: float = 5.0
     tool_workers: int = 2  # processes that run tool calls (per rollout server)
-    tool_memory_mb: int = 2048  # address-space limit of a tool worker (sandboxed like rewards); 0 = none
+    # address-space limit of a tool worker (sandboxed like rewards); 0 = none
+    tool_memory_mb: int = 2048
     # agent episodes: "pkg.module:run", run(client_base_url, api_key, example) -> float talking to
     # the model through the OpenAI API (rollout_server/agent_episode.py); empty = no agent
     agent: str = ""
@@ -102,9 +116,11 @@ class TaskConfig:
     agent_tool_format: str = "hermes"  # the model's tool-call format: hermes (Qwen) | mistral
 
     def __post_init__(self):
-        _choice("task.name", self.name, ("addition", "sort", "reverse", "countdown", "calc", "guess", "dataset"))
+        _choice("task.name", self.name,
+                ("addition", "sort", "reverse", "countdown", "calc", "guess", "dataset"))
         if self.name == "dataset":
-            _check("task.dataset_path", bool(self.dataset_path), "set when task.name=dataset", self.dataset_path)
+            _check("task.dataset_path", bool(self.dataset_path), "set when task.name=dataset",
+                   self.dataset_path)
         _check("task.eval_fraction", 0 <= self.eval_fraction < 1, "in [0, 1)", self.eval_fraction)
         each("task", self, ">= 0", "max_prompt_tokens", "reward_workers", "reward_memory_mb",
              "reward_retries", "tool_memory_mb", "agent_memory_mb")
@@ -124,7 +140,8 @@ class TaskConfig:
         _check("task.chat_template", not (chat and self.chat_template == "none"),
                "a chat template (not none) when task.env or task.agent is set", self.chat_template)
         _choice("task.agent_tool_format", self.agent_tool_format, ("hermes", "mistral"))
-        _check("task.reward_url", not self.reward_url or self.reward_url.startswith(("http://", "https://")),
+        _check("task.reward_url",
+               not self.reward_url or self.reward_url.startswith(("http://", "https://")),
                "empty or an http(s) URL", self.reward_url)
 
 
@@ -136,14 +153,18 @@ class BufferConfig:
     groups_per_step: int = 8  # B: groups the trainer consumes per optimizer step
     max_inflight: int = 64  # cap on groups being generated at once (all servers)
     capacity: int = 1024  # stored groups; admission stops (back-pressure) at this size
-    stale_policy: str = "reissue"  # what happens to a group over the bound: drop | reissue its prompt
+    # what happens to a group over the bound: drop | reissue its prompt
+    stale_policy: str = "reissue"
     selection: str = "oldest"  # hand-out order: oldest (head version) | newest | fifo
-    filter_equal_rewards: bool = False  # drop groups with no learning signal (DAPO dynamic sampling)
+    # drop groups with no learning signal (DAPO dynamic sampling)
+    filter_equal_rewards: bool = False
     max_tokens_per_trajectory: int = 0  # 0 = no length filter
     lease_timeout_s: float = 120.0  # a credit not fulfilled by then is re-issued
     heartbeat_timeout_s: float = 15.0  # a rollout server silent this long leaves the roster
     wal_dir: str = "wal"  # relative to run_dir unless absolute
-    fsync: str = "always"  # always (ack after fsync; group commit) | batch (fsync every 50 ms; acks may precede it) | never
+    # always (ack after fsync; group commit) |
+    # batch (fsync every 50 ms; acks may precede it) | never
+    fsync: str = "always"
     # WAL segment: big, as a rotation stalls the loop for a few ms; at most 1/8 of the free disk
     segment_bytes: int = 256 * 1024 * 1024
     # groups are refused ("unavailable") this many bytes before the WAL's disk is full, and taken
@@ -162,12 +183,14 @@ class BufferConfig:
     io_threads: int = 0
 
     def __post_init__(self):
-        _check("buffer.io_threads", self.io_threads >= 0, ">= 0 (0 = from the cores)", self.io_threads)
+        _check("buffer.io_threads", self.io_threads >= 0, ">= 0 (0 = from the cores)",
+               self.io_threads)
         _check("buffer.max_frame_bytes", self.max_frame_bytes >= 0, ">= 0 (0 = sized to the job)",
                self.max_frame_bytes)
         each("buffer", self, ">= 0", "max_staleness", "wal_reserve_bytes")
         each("buffer", self, ">= 1", "groups_per_step", "max_inflight")
-        _check("buffer.capacity", self.capacity >= self.groups_per_step, ">= buffer.groups_per_step", self.capacity)
+        _check("buffer.capacity", self.capacity >= self.groups_per_step,
+               ">= buffer.groups_per_step", self.capacity)
         _choice("buffer.stale_policy", self.stale_policy, ("drop", "reissue"))
         _choice("buffer.selection", self.selection, ("oldest", "newest", "fifo"))
         _choice("buffer.fsync", self.fsync, ("always", "batch", "never"))
@@ -177,7 +200,8 @@ class BufferConfig:
 
 @dataclass(kw_only=True)
 class EngineConfig:
-    kind: str = "embedded"  # embedded (in-process CPU/GPU engine) | sglang (launch a real server) | url (attach)
+    # embedded (in-process CPU/GPU engine) | sglang (launch a real server) | url (attach)
+    kind: str = "embedded"
     url: str = ""  # kind=url: base URL of a running SGLang server
     host: str = "127.0.0.1"
     port: int = 0  # 0 = pick a free port
@@ -186,20 +210,28 @@ class EngineConfig:
     max_total_tokens: int = 65536  # KV slots budget of the embedded engine
     startup_timeout_s: float = 600.0
     request_timeout_s: float = 600.0
-    tp_size: int = 1  # GPUs per engine (SGLang's --tp-size); `run` places each rollout server on this many
-    sglang: dict = field(default_factory=dict)  # passed verbatim to `python -m sglang.launch_server`
+    # GPUs per engine (SGLang's --tp-size); `run` places each rollout server on this many
+    tp_size: int = 1
+    # passed verbatim to `python -m sglang.launch_server`
+    sglang: dict = field(default_factory=dict)
 
     def __post_init__(self):
         _choice("rollout.engine.kind", self.kind, ("embedded", "sglang", "url"))
-        _check("rollout.engine.tp_size", self.tp_size == 1 or (self.tp_size > 1 and self.kind == "sglang"),
+        _check("rollout.engine.tp_size",
+               self.tp_size == 1 or (self.tp_size > 1 and self.kind == "sglang"),
                "1, or > 1 with rollout.engine.kind=sglang", self.tp_size)
-        for key in sorted(set(self.sglang) & {"tp_size", "tp", "tensor_parallel_size"}):  # one source of truth
-            raise ConfigError(f"rollout.engine.sglang.{key} is not passed through: set rollout.engine.tp_size")
-        for key in sorted(k for k in self.sglang if SECRET_FIELD.search(str(k))):  # never in config.yaml or logs
-            raise ConfigError(f"rollout.engine.sglang.{key}: credentials are not configuration; the engine API key "
-                              f"comes from the environment ({ENGINE_KEY_ENV}; `areal-like run` makes one per job)")
+        # one source of truth
+        for key in sorted(set(self.sglang) & {"tp_size", "tp", "tensor_parallel_size"}):
+            raise ConfigError(f"rollout.engine.sglang.{key} is not passed through: "
+                              "set rollout.engine.tp_size")
+        # never in config.yaml or logs
+        for key in sorted(k for k in self.sglang if SECRET_FIELD.search(str(k))):
+            raise ConfigError(f"rollout.engine.sglang.{key}: credentials are not configuration; "
+                              f"the engine API key comes from the environment ({ENGINE_KEY_ENV}; "
+                              "`areal-like run` makes one per job)")
         if self.kind == "url":
-            _check("rollout.engine.url", self.url.startswith("http"), "an http(s) URL when kind=url", self.url)
+            _check("rollout.engine.url", self.url.startswith("http"),
+                   "an http(s) URL when kind=url", self.url)
 
 
 @dataclass(kw_only=True)
@@ -209,10 +241,12 @@ class RolloutConfig:
     pub_address: str = "${buffer.pub_address}"
     max_concurrent_groups: int = 8
     heartbeat_s: float = 1.0
-    drain_on_update: bool = False  # finish in-flight requests before a weight update instead of aborting
+    # finish in-flight requests before a weight update instead of aborting
+    drain_on_update: bool = False
     # /pause_generation mode of a weight update: retract | abort (trainer/WEIGHT_SYNC.md)
     pause_mode: str = "retract"
-    eval: bool = False  # this server runs the job's evaluations (eval.*); `areal-like run` sets it on the first
+    # this server runs the job's evaluations (eval.*); `areal-like run` sets it on the first
+    eval: bool = False
     metrics_port: int = 0
     engine: EngineConfig = field(default_factory=EngineConfig)
 
@@ -230,14 +264,17 @@ class WeightSyncConfig:
     master_addr: str = "127.0.0.1"  # address engines use to reach trainer rank 0
     master_port: int = 0  # 0 = pick a free port per group formation
     group_name: str = "areal_like_weights"
-    path: str = "auto"  # auto (tensor where `run` puts trainer and engine on one GPU) | distributed | tensor | disk
+    # auto (tensor where `run` puts trainer and engine on one GPU) | distributed | tensor | disk
+    path: str = "auto"
     # engines lagging by design (trainer/engine_lag.py); buffer.max_staleness must cover the lag
-    every: int = 1  # L: push only every L versions (OAPL's lagged inference); the engines lag up to L - 1
+    # L: push only every L versions (OAPL's lagged inference); the engines lag up to L - 1
+    every: int = 1
     delay: int = 0  # D: the engines always serve version v - D (a controlled-staleness experiment)
 
     @property
     def engine_lag(self) -> int:
-        """The most versions the engines may lag behind the trainer by design (0: every version pushed)."""
+        """The most versions the engines may lag behind the trainer by design (0: every version
+        pushed)."""
         return max(self.every - 1, self.delay)
     # a model in <= 2 buckets: its push finishes while the next step trains (trainer/WEIGHT_SYNC.md)
     overlap: bool = True
@@ -265,7 +302,8 @@ class LoraConfig:
 
     rank: int = 0  # 0 = off (every weight trains); r of the A [r, in] and B [out, r] matrices
     alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
-    dropout: float = 0.0  # on the adapter's input, in the training forward only (not in log-prob passes)
+    # on the adapter's input, in the training forward only (not in log-prob passes)
+    dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(LORA_DEFAULT_TARGETS))
 
     @property
@@ -305,7 +343,8 @@ class TrainerConfig:
     # rows whose every advantage is exactly 0 (a group whose rewards are all equal) are not computed
     # where that leaves the update unchanged (trainer/LOSSES.md, "Rows with zero advantage")
     skip_zero_advantage: bool = True
-    num_minibatches: int = 1  # optimizer steps per batch (all but the first are off-policy by construction)
+    # optimizer steps per batch (all but the first are off-policy by construction)
+    num_minibatches: int = 1
     estimator: str = "grpo"
     loss: LossConfig = field(default_factory=LossConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
@@ -322,12 +361,18 @@ class TrainerConfig:
     buffer_timeout_s: float = 120.0  # the buffer silent this long is an error, not a wait
     metrics_port: int = 0
     gloo_timeout_s: float = 300.0
-    ref_path: str | None = None  # the KL term's frozen reference (loss.kl_coef > 0): a local HF dir; None = initial
-    logprob_guard_tol: float = 0.05  # mean |engine - trainer| log-prob per token at start; <= 0: off (logprob_guard.py)
-    first_engine_wait_s: float = 0.0  # wait for rollout servers before the first push (0: at once; `run` sets it)
-    first_engines: int = 1  # how many: the first push waits (first_engine_wait_s) until this many registered
-    activation_checkpointing: bool = False  # recompute each decoder block in backward (trainer/MEMORY.md)
-    logprob_chunk_tokens: int = 512  # tokens per lm_head chunk of the log-probs: one [chunk, vocab] fp32 block
+    # the KL term's frozen reference (loss.kl_coef > 0): a local HF dir; None = initial
+    ref_path: str | None = None
+    # mean |engine - trainer| log-prob per token at start; <= 0: off (logprob_guard.py)
+    logprob_guard_tol: float = 0.05
+    # wait for rollout servers before the first push (0: at once; `run` sets it)
+    first_engine_wait_s: float = 0.0
+    # how many: the first push waits (first_engine_wait_s) until this many registered
+    first_engines: int = 1
+    # recompute each decoder block in backward (trainer/MEMORY.md)
+    activation_checkpointing: bool = False
+    # tokens per lm_head chunk of the log-probs: one [chunk, vocab] fp32 block
+    logprob_chunk_tokens: int = 512
 
     def __post_init__(self):
         each("trainer", self, ">= 1", "keep_checkpoints", "steps", "micro_batch_size",
@@ -369,8 +414,10 @@ class WarmStartConfig:
 class SecurityConfig:
     """Who may join the job's ZeroMQ traffic (areal_like/SECURITY.md)."""
 
-    curve: bool = True  # CURVE-encrypt and authenticate every ZeroMQ socket; false only on a trusted network
-    keys_dir: str = "keys"  # the job's keys (`areal-like keys RUN_DIR`); relative to run_dir unless absolute
+    # CURVE-encrypt and authenticate every ZeroMQ socket; false only on a trusted network
+    curve: bool = True
+    # the job's keys (`areal-like keys RUN_DIR`); relative to run_dir unless absolute
+    keys_dir: str = "keys"
     # a one-node `run`: daemons reach the buffer over ipc:// in <run_dir>/sock; false = tcp, CURVE
     local_ipc: bool = True
 
@@ -387,13 +434,15 @@ class LaunchConfig:
     restarts: int = 3  # per daemon within restart_window_s, before the job gives up
     # crashes older than the window no longer count; each restart in it waits twice the last
     restart_window_s: float = 3600.0
-    restart_backoff_s: float = 1.0  # wait before the first restart in the window; doubles per restart
+    # wait before the first restart in the window; doubles per restart
+    restart_backoff_s: float = 1.0
     restart_backoff_max_s: float = 60.0
     health_timeout_s: float = 300.0
     # rollout and trainer pools on disjoint cores; null: pinned when the counts come from the cores
     pin_cpus: bool | None = None
     omp_threads: int = 1
-    gpus_per_node: int = 0  # GPUs `run` places processes on (launch/placement.py); 0 = torch's count on cuda
+    # GPUs `run` places processes on (launch/placement.py); 0 = torch's count on cuda
+    gpus_per_node: int = 0
     # several nodes: the first train_nodes run trainer ranks, the others rollout servers
     # (launch/placement.py)
     nodes: int = 1
@@ -409,7 +458,8 @@ class LaunchConfig:
         each("launch", self, ">= 1", "log_backups", "auto_max_servers", "auto_max_threads", "nodes")
         each("launch", self, ">= 0", "gpus_per_node", "restarts", "restart_backoff_s")
         _check("launch.train_nodes", 1 <= self.train_nodes < max(self.nodes, 2),
-               f">= 1 and < launch.nodes={self.nodes} (the other nodes run the rollout servers)" if self.nodes > 1
+               f">= 1 and < launch.nodes={self.nodes} (the other nodes run the rollout servers)"
+               if self.nodes > 1
                else "1 on one node (launch.nodes=1)", self.train_nodes)
         for key in ("num_rollout_servers", "trainer_ranks"):
             n = getattr(self, key)
@@ -432,17 +482,20 @@ class RunConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
-    tracker: list[str] = field(default_factory=lambda: ["jsonl"])  # any of TRACKERS, e.g. [jsonl,tensorboard]
+    # any of TRACKERS, e.g. [jsonl,tensorboard]
+    tracker: list[str] = field(default_factory=lambda: ["jsonl"])
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self):
         for name in self.tracker:
             _choice("tracker", name, TRACKERS)
-        # engines that lag by design must still be admitted, and their groups consumed (buffer/STALENESS.md)
+        # engines that lag by design must still be admitted, and their groups consumed
+        # (buffer/STALENESS.md)
         lag = self.trainer.weight_sync.engine_lag
         _check("buffer.max_staleness", self.buffer.max_staleness >= lag,
-               f">= {lag}, the engines' lag (trainer.weight_sync.every - 1, or trainer.weight_sync.delay)",
+               f">= {lag}, the engines' lag (trainer.weight_sync.every - 1, or "
+               "trainer.weight_sync.delay)",
                self.buffer.max_staleness)
         if self.trainer.lora.enabled:
             self._check_lora_engine()

@@ -20,7 +20,8 @@ from typing import Any
 
 from areal_like.settings.config import ConfigError, TaskConfig
 
-BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}  # suffix -> datasets builder
+# suffix -> datasets builder
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,10 +65,12 @@ def load_examples(cfg: TaskConfig, key: str, value: str) -> list[Example]:
     rows = table.select_columns(list(dict.fromkeys([text_key, answer_key, *meta_keys]))).to_list()
     if not rows:
         raise ConfigError(f"{key}={value!r} has no rows")
-    return [row_example(cfg, row, i, (text_key, answer_key, meta_keys), value) for i, row in enumerate(rows)]
+    return [row_example(cfg, row, i, (text_key, answer_key, meta_keys), value)
+            for i, row in enumerate(rows)]
 
 
-def row_example(cfg: TaskConfig, row: dict, i: int, keys: tuple[str, str, list[str]], source: str) -> Example:
+def row_example(cfg: TaskConfig, row: dict, i: int, keys: tuple[str, str, list[str]],
+                source: str) -> Example:
     """Row ``i`` of ``source`` as an Example; ConfigError naming the key when it cannot be one."""
     text_key, answer_key, meta_keys = keys
     answer = row[answer_key]
@@ -105,7 +108,8 @@ def check_rows(cfg: TaskConfig, key: str, value: str, table: Any) -> str | None:
     if not bad:
         return None
     shown = ", ".join(map(str, bad[:SHOWN_ROWS])) + (", ..." if len(bad) > SHOWN_ROWS else "")
-    return f"{key}={value!r}: {len(bad)} of {n} rows cannot be used (rows {shown}); the first: {first}"
+    return (f"{key}={value!r}: {len(bad)} of {n} rows cannot be used (rows {shown}); "
+            f"the first: {first}")
 
 
 def task_columns(cfg: TaskConfig, columns: list[str], source: str) -> tuple[str, str, list[str]]:
@@ -115,7 +119,8 @@ def task_columns(cfg: TaskConfig, columns: list[str], source: str) -> tuple[str,
     answer_key = _require(columns, "task.answer_key", cfg.answer_key, source)
     if cfg.metadata_keys is None:
         return text_key, answer_key, [c for c in columns if c not in (text_key, answer_key)]
-    return text_key, answer_key, [_require(columns, "task.metadata_keys", k, source) for k in cfg.metadata_keys]
+    return text_key, answer_key, [_require(columns, "task.metadata_keys", k, source)
+                                  for k in cfg.metadata_keys]
 
 
 def load_table(key: str, value: str):
@@ -126,31 +131,36 @@ def load_table(key: str, value: str):
     import datasets
 
     datasets.disable_progress_bars()  # one bar per load is noise in every daemon's log
-    if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+    if path.is_dir() and ((path / "state.json").is_file()
+                          or (path / "dataset_dict.json").is_file()):
         loaded = datasets.load_from_disk(str(path))
-        return _one_split(loaded, key, value) if isinstance(loaded, datasets.DatasetDict) else loaded
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in BUILDERS
-                                                 and not any(part.startswith(".") for part in p.parts))
+        return (_one_split(loaded, key, value) if isinstance(loaded, datasets.DatasetDict)
+                else loaded)
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and p.suffix in BUILDERS
+        and not any(part.startswith(".") for part in p.parts))
     builders = {BUILDERS.get(f.suffix) for f in files}
     if not files or None in builders:
-        raise ConfigError(f"{key}={value!r}: expected a {', '.join(BUILDERS)} file, a directory of them, or a "
-                          "save_to_disk directory")
+        raise ConfigError(f"{key}={value!r}: expected a {', '.join(BUILDERS)} file, a directory of "
+                          "them, or a save_to_disk directory")
     if len(builders) > 1:
-        raise ConfigError(f"{key}={value!r}: the directory mixes formats ({', '.join(sorted(builders))}); "
-                          "keep one format per directory")
+        raise ConfigError(f"{key}={value!r}: the directory mixes formats "
+                          f"({', '.join(sorted(builders))}); keep one format per directory")
     return datasets.load_dataset(builders.pop(), data_files=[str(f) for f in files], split="train")
 
 
 def _local_path(key: str, value: str) -> Path:
     path = Path(value).expanduser()
     if not value or "://" in value or not path.exists():
-        raise ConfigError(f"{key}={value!r} is not a local file or directory; datasets are read from local "
-                          "files only, never downloaded (save a hub dataset with save_to_disk or to parquet first)")
+        raise ConfigError(f"{key}={value!r} is not a local file or directory; datasets are read "
+                          "from local files only, never downloaded (save a hub dataset with "
+                          "save_to_disk or to parquet first)")
     return path
 
 
 def _one_split(dataset_dict, key: str, value: str):
-    """The split of a saved DatasetDict that ``key`` means: its only split, else train / eval by role."""
+    """The split of a saved DatasetDict that ``key`` means: its only split, else train / eval by
+    role."""
     names = list(dataset_dict)
     if len(names) == 1:
         return dataset_dict[names[0]]
@@ -158,23 +168,26 @@ def _one_split(dataset_dict, key: str, value: str):
     for name in wanted:
         if name in names:
             return dataset_dict[name]
-    raise ConfigError(f"{key}={value!r} holds splits {names}; none of {list(wanted)}: point {key} at one split's "
-                      "directory")
+    raise ConfigError(f"{key}={value!r} holds splits {names}; none of {list(wanted)}: point {key} "
+                      "at one split's directory")
 
 
 def _require(columns: list[str], key: str, column: str, source: str) -> str:
     if column not in columns:
-        raise ConfigError(f"{key}={column!r}: no such column in {source}; columns found: {', '.join(columns)}")
+        raise ConfigError(f"{key}={column!r}: no such column in {source}; columns found: "
+                          f"{', '.join(columns)}")
     return column
 
 
 def _messages(value: Any, row: int, key: str, source: str) -> tuple[dict, ...]:
-    """Chat messages as plain dicts (keys a columnar format filled with None for this message dropped)."""
+    """Chat messages as plain dicts (keys a columnar format filled with None for this message
+    dropped)."""
     ok = isinstance(value, (list, tuple)) and value and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in value)
     if not ok:
-        raise ConfigError(f"task.messages_key={key!r}: row {row} of {source} is not a non-empty list of "
-                          f"{{role, content}} messages: {str(value)[:120]}")
+        raise ConfigError(f"task.messages_key={key!r}: row {row} of {source} is not a non-empty "
+                          f"list of {{role, content}} messages: {str(value)[:120]}")
     return tuple({k: _plain(v) for k, v in m.items() if v is not None} for m in value)
 
 
@@ -183,7 +196,8 @@ def _text(value: Any) -> str:
 
 
 def _plain(value: Any) -> Any:
-    """``value`` as plain msgpack-able Python: numpy scalars/arrays -> numbers/lists, dates -> ISO text."""
+    """``value`` as plain msgpack-able Python: numpy scalars/arrays -> numbers/lists, dates -> ISO
+    text."""
     if value is None or isinstance(value, (bool, int, float, str, bytes)):
         return value
     if isinstance(value, dict):

@@ -43,18 +43,23 @@ def as_step_result(value: Any) -> StepResult:
         return value
     if isinstance(value, tuple) and len(value) == 4:
         messages, reward, done, info = value
-        return StepResult(check_messages(messages, "step"), float(reward), bool(done), dict(info or {}))
-    raise TypeError(f"environment step returned {type(value).__name__}; expected (messages, reward, done, info)")
+        return StepResult(check_messages(messages, "step"), float(reward), bool(done),
+                          dict(info or {}))
+    raise TypeError(f"environment step returned {type(value).__name__}; "
+                    "expected (messages, reward, done, info)")
 
 
 def check_messages(messages: Any, where: str) -> list[dict]:
-    """``messages`` as a list of ``{"role": str, "content": str, ...}``; TypeError naming ``where``."""
+    """``messages`` as a list of ``{"role": str, "content": str, ...}``; TypeError naming
+    ``where``."""
     if not isinstance(messages, (list, tuple)):
-        raise TypeError(f"environment {where} returned {type(messages).__name__}; expected a list of messages")
+        raise TypeError(f"environment {where} returned {type(messages).__name__}; "
+                        "expected a list of messages")
     for m in messages:
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise TypeError(f"environment {where} returned a message that is not {{'role': str, 'content': str}}: "
-                            f"{m!r}")
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)):
+            raise TypeError(f"environment {where} returned a message that is not "
+                            f"{{'role': str, 'content': str}}: {m!r}")
     return [dict(m) for m in messages]
 
 
@@ -64,7 +69,8 @@ def load_environment(path: str) -> Any:
     env = factory()
     for method in ("reset", "step"):
         if not callable(getattr(env, method, None)):
-            raise TypeError(f"task.env={path!r} built a {type(env).__name__} without a {method}() method")
+            raise TypeError(f"task.env={path!r} built a {type(env).__name__} without a "
+                            f"{method}() method")
     return env
 
 
@@ -84,8 +90,10 @@ class ChatRenderer:
         self.tools = tools or None  # OpenAI-style function specs, for templates that list tools
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tools=self.tools,
-                                                  add_generation_prompt=add_generation_prompt, tokenize=False)
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.template,
+                                                  tools=self.tools,
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False)
 
     def encode(self, text: str) -> list[int]:
         return [int(t) for t in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
@@ -95,21 +103,26 @@ class ChatRenderer:
 
     def continuation_ids(self, messages: list[dict], assistant_text: str, generated_ids: list[int],
                          new_messages: list[dict]) -> list[int]:
-        """The context ids that follow a turn's generated ids: the rest of the assistant turn's markup
-        the engine did not generate (e.g. the newline after ``<|im_end|>``), the new messages and the
-        next generation prompt. ``messages`` is the conversation before the assistant turn."""
+        """The context ids that follow a turn's generated ids: the rest of the assistant turn's
+        markup the engine did not generate (e.g. the newline after ``<|im_end|>``), the new messages
+        and the next generation prompt. ``messages`` is the conversation before the assistant
+        turn."""
         before = self.render(messages, add_generation_prompt=True)
-        after = self.render(messages + [{"role": "assistant", "content": assistant_text}] + new_messages,
+        after = self.render(messages + [{"role": "assistant", "content": assistant_text}]
+                            + new_messages,
                             add_generation_prompt=True)
         if not after.startswith(before):
-            raise TemplateError("the chat template renders a conversation differently once it continues "
-                                "(earlier turns rewritten); multi-turn episodes need a prefix-stable template")
+            raise TemplateError("the chat template renders a conversation differently once it "
+                                "continues (earlier turns rewritten); multi-turn episodes need a "
+                                "prefix-stable template")
         rest = after[len(before):]
         if not rest.startswith(assistant_text):
-            raise TemplateError("the chat template does not render the assistant's content verbatim "
-                                f"(expected it to start with {assistant_text[:40]!r}, got {rest[:40]!r})")
+            raise TemplateError("the chat template does not render the assistant's content "
+                                f"verbatim (expected it to start with {assistant_text[:40]!r}, "
+                                f"got {rest[:40]!r})")
         rest = rest[len(assistant_text):]
-        # generated special tokens after the content (the EOS that ends the turn) are already in the ids
+        # generated special tokens after the content (the EOS that ends the turn)
+        # are already in the ids
         full = self.tokenizer.decode(generated_ids, skip_special_tokens=False)
         tail = full[len(assistant_text):] if full.startswith(assistant_text) else ""
         if tail and rest.startswith(tail):

@@ -12,12 +12,14 @@ import re
 GUESS_MAX = 32
 GUESS_TURN_COST = 0.15
 GUESS_CUT_CREDIT = 0.2
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+        ast.FloorDiv: operator.floordiv}
 MAX_EXPR_CHARS = 64
 
 CALC_TOOL = {"name": "calc", "function": "areal_like.tasks.envs:calc",
              "description": "evaluate an integer expression",
-             "parameters": {"type": "object", "properties": {"e": {"type": "string", "maxLength": MAX_EXPR_CHARS}},
+             "parameters": {"type": "object",
+                            "properties": {"e": {"type": "string", "maxLength": MAX_EXPR_CHARS}},
                             "required": ["e"], "additionalProperties": False}}
 
 
@@ -83,14 +85,16 @@ class GuessNumber:
             return [], 0.0, True, {"found": False, "guesses": self.turns}
         guess = int(m.group(1))
         if guess == self.target:
-            return [], max(0.0, 1.0 - GUESS_TURN_COST * (self.turns - 1)), True, {"found": True, "guesses": self.turns}
+            return ([], max(0.0, 1.0 - GUESS_TURN_COST * (self.turns - 1)), True,
+                    {"found": True, "guesses": self.turns})
         before = self.hi - self.lo
         if guess < self.target:
             self.lo = max(self.lo, guess + 1)
         else:
             self.hi = min(self.hi, guess - 1)
         cut = GUESS_CUT_CREDIT * (before - (self.hi - self.lo)) / GUESS_MAX
-        return [{"role": "user", "content": reply(guess, self.target, self.lo, self.hi)}], cut, False, {}
+        return ([{"role": "user", "content": reply(guess, self.target, self.lo, self.hi)}],
+                cut, False, {})
 
     @staticmethod
     def demo(example, rng: random.Random) -> list[dict]:

@@ -9,7 +9,13 @@ import re
 import threading
 from functools import lru_cache
 
-from math_verify import ExprExtractionConfig, LatexExtractionConfig, StringExtractionConfig, parse, verify
+from math_verify import (
+    ExprExtractionConfig,
+    LatexExtractionConfig,
+    StringExtractionConfig,
+    parse,
+    verify,
+)
 
 PARSE_TIMEOUT_S = 2  # whole seconds (signal.alarm); a parse past it yields nothing: 0.0
 VERIFY_TIMEOUT_S = 2  # per comparison of one reference reading with one response reading
@@ -40,7 +46,8 @@ def _timeout(seconds: int) -> int | None:
 @lru_cache(maxsize=4096)
 def _reference(answer: str) -> tuple:
     """The reference's readings (sympy objects and strings); a group's samples share one parse."""
-    return tuple(parse(f"${_normalise(answer)}$", list(REFERENCE_CONFIG), parsing_timeout=_timeout(PARSE_TIMEOUT_S)))
+    return tuple(parse(f"${_normalise(answer)}$", list(REFERENCE_CONFIG),
+                       parsing_timeout=_timeout(PARSE_TIMEOUT_S)))
 
 
 def _choice(response: str) -> str | None:
@@ -62,7 +69,8 @@ def math_reward(response: str, example) -> float:
     reference = _reference(example.answer)
     if not reference:
         return 0.0
-    got = parse(_normalise(response), list(RESPONSE_CONFIG), parsing_timeout=_timeout(PARSE_TIMEOUT_S))
+    got = parse(_normalise(response), list(RESPONSE_CONFIG),
+                parsing_timeout=_timeout(PARSE_TIMEOUT_S))
     if not got:
         return 0.0
     return 1.0 if verify(list(reference), got, timeout_seconds=_timeout(VERIFY_TIMEOUT_S)) else 0.0

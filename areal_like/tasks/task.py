@@ -37,8 +37,10 @@ def exact_match(response: str, example: Example) -> float:
     return 1.0 if response.strip() == example.answer else 0.0
 
 
-_COUNTDOWN_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
-                  ast.Div: lambda a, b: a / b}  # exact: Fraction / Fraction (x/0 raises ZeroDivisionError)
+_COUNTDOWN_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
+                  ast.Mult: lambda a, b: a * b,
+                  # exact: Fraction / Fraction (x/0 raises ZeroDivisionError)
+                  ast.Div: lambda a, b: a / b}
 MAX_LITERAL = 10**9  # task.digits <= 9: every offered number is below this
 
 
@@ -56,7 +58,8 @@ def countdown_reward(response: str, example: Example) -> float:
     """1.0 when the response is an expression of + - * / over the offered numbers (each at most
     once) equal to the target; parsed with ``ast``, never evaluated."""
     expr = response.strip()
-    if not expr or len(expr) > MAX_EXPRESSION_CHARS or any(c not in "0123456789+-*/() " for c in expr):
+    if (not expr or len(expr) > MAX_EXPRESSION_CHARS
+            or any(c not in "0123456789+-*/() " for c in expr)):
         return 0.0
     try:
         value = _arith(ast.parse(expr, mode="eval").body)
@@ -88,12 +91,14 @@ class Task(abc.ABC):
         self.cfg, self.split = cfg, split
 
     def __len__(self) -> int:
-        return self.cfg.num_prompts if self.split == "train" else min(self.cfg.num_prompts, SYNTHETIC_EVAL_SIZE)
+        return (self.cfg.num_prompts if self.split == "train"
+                else min(self.cfg.num_prompts, SYNTHETIC_EVAL_SIZE))
 
     def _rng(self, index: int) -> random.Random:
         if not 0 <= index < len(self):
             raise IndexError(f"prompt index {index} outside [0, {len(self)})")
-        if self.split == "eval":  # a string seed is hashed with SHA-512: the same stream in every process
+        # a string seed is hashed with SHA-512: the same stream in every process
+        if self.split == "eval":
             return random.Random(f"eval:{self.cfg.seed}:{index}")
         return random.Random(self.cfg.seed * 1_000_003 + index)
 
@@ -123,7 +128,8 @@ def _reverse(rng: random.Random, digits: int) -> Example:
 
 
 def _countdown(rng: random.Random, digits: int) -> Example:
-    """Reach a target with + - * over the given numbers, each at most once (``countdown_reward``)."""
+    """Reach a target with + - * over the given numbers, each at most once
+    (``countdown_reward``)."""
     nums = [rng.randrange(1, 10) for _ in range(max(2, digits + 1))]
     a, b = nums[0], nums[1]
     op = rng.choice("+-*")
@@ -232,8 +238,8 @@ def _template_text(value: str) -> str:
             return Path(value).expanduser().read_text()
     if "{{" in value or "{%" in value:
         return value
-    raise ConfigError(f"task.chat_template={value!r} is not 'auto', 'none', an existing file or a Jinja template "
-                      "(a template contains '{{' or '{%')")
+    raise ConfigError(f"task.chat_template={value!r} is not 'auto', 'none', an existing file or a "
+                      "Jinja template (a template contains '{{' or '{%')")
 
 
 def prompt_template(tokenizer: Any, example: Example, cfg: TaskConfig) -> str | None:
@@ -278,10 +284,12 @@ def encode_prompt(tokenizer: Any, example: Example, cfg: TaskConfig) -> list[int
         system = cfg.system_prompt if not own_system else ""
         text = f"{system}\n{example.prompt}" if system else example.prompt
         return [int(t) for t in tokenizer(text, add_special_tokens=True)["input_ids"]]
-    messages = list(example.messages) if example.messages else [{"role": "user", "content": example.prompt}]
+    messages = (list(example.messages) if example.messages
+                else [{"role": "user", "content": example.prompt}])
     if cfg.system_prompt and messages[0].get("role") != "system":
         messages.insert(0, {"role": "system", "content": cfg.system_prompt})
     # transformers 5 returns a BatchEncoding unless return_dict=False (plain ids then)
-    ids = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+    ids = tokenizer.apply_chat_template(messages, chat_template=template,
+                                        add_generation_prompt=True,
                                         tokenize=True, return_dict=False)
     return [int(t) for t in ids]

@@ -19,10 +19,11 @@ CORPUS = Path(__file__).resolve().parent / "data" / "corpus.txt"
 BPE_SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2; eos = <|im_end|>
 BPE_MIN_VOCAB = 256 + len(BPE_SPECIAL)  # the byte alphabet + the special tokens
 # Qwen2's pre-tokenizer: words, single digits, punctuation runs, newlines, spaces
-BPE_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+BPE_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                r"|\s+(?!\S)|\s+")
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-          "'<|im_end|>' + '\\n' }}{% endfor %}"
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+          "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
@@ -34,14 +35,17 @@ def char_tokenizer():
     # byte-level spelling (" " as "Ġ"): Qwen2Tokenizer, on a reload, puts its own byte-level
     # pre-tokenizer in front and would drop plain " " and "\n" entries
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    vocab = {(t if t in SPECIAL else byte_level.pre_tokenize_str(t)[0][0]): i for i, t in enumerate(CHAR_VOCAB)}
+    vocab = {(t if t in SPECIAL else byte_level.pre_tokenize_str(t)[0][0]): i
+             for i, t in enumerate(CHAR_VOCAB)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex("."), behavior="isolated"),
-                                                 byte_level])  # one token per (ASCII) character
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex("."), behavior="isolated"),
+        byte_level])  # one token per (ASCII) character
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS_ID)])
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
-                                 unk_token="<unk>")
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A",
+                                                       special_tokens=[("<bos>", BOS_ID)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
+                                 eos_token="<eos>", unk_token="<unk>")
     hf.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                         "{% if add_generation_prompt %}assistant: {% endif %}")
     return hf
@@ -54,15 +58,18 @@ def bpe_tokenizer(vocab_size: int = 512):
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < BPE_MIN_VOCAB:
-        raise ConfigError(f"model.vocab_size={vocab_size} is too small for model.tokenizer=bpe: it needs at least "
-                          f"{BPE_MIN_VOCAB} (256 bytes + {len(BPE_SPECIAL)} special tokens), e.g. 512")
+        raise ConfigError(f"model.vocab_size={vocab_size} is too small for model.tokenizer=bpe: "
+                          f"it needs at least {BPE_MIN_VOCAB} (256 bytes + {len(BPE_SPECIAL)} "
+                          "special tokens), e.g. 512")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(BPE_PATTERN), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=BPE_SPECIAL, min_frequency=2,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=BPE_SPECIAL,
+                                  min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
     tok.train([str(CORPUS)], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>",
                                    chat_template=CHATML)
@@ -73,7 +80,8 @@ def _has_tokenizer(path: Path) -> bool:
 
 
 def load_tokenizer(model: ModelConfig):
-    """The tokenizer of ``model``: from ``model.path`` when it holds one, else ``model.tokenizer``."""
+    """The tokenizer of ``model``: from ``model.path`` when it holds one, else
+    ``model.tokenizer``."""
     if model.path and _has_tokenizer(Path(model.path)):
         from transformers import AutoTokenizer
 
@@ -87,8 +95,8 @@ def load_tokenizer(model: ModelConfig):
 
         tok = AutoTokenizer.from_pretrained(str(Path(model.tokenizer).expanduser()))
     else:
-        raise ConfigError(f"model.tokenizer={model.tokenizer!r} is not 'char', 'bpe' or a local directory holding a "
-                          "tokenizer (tokenizer.json or tokenizer_config.json)")
+        raise ConfigError(f"model.tokenizer={model.tokenizer!r} is not 'char', 'bpe' or a local "
+                          "directory holding a tokenizer (tokenizer.json or tokenizer_config.json)")
     if len(tok) > model.vocab_size:
         raise ConfigError(f"model.vocab_size={model.vocab_size} is smaller than the tokenizer "
                           f"(model.tokenizer={model.tokenizer!r}: {len(tok)} tokens)")

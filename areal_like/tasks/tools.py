@@ -64,7 +64,8 @@ def _parse_one(body: str) -> ToolCall:
         try:
             args = json.loads(args)
         except json.JSONDecodeError as e:
-            return ToolCall(obj["name"], {}, f"invalid JSON in the arguments of {obj['name']}: {e.msg}")
+            return ToolCall(obj["name"], {},
+                            f"invalid JSON in the arguments of {obj['name']}: {e.msg}")
     if not isinstance(args, dict):
         return ToolCall(obj["name"], {}, f"the arguments of {obj['name']} must be an object")
     return ToolCall(obj["name"], args)
@@ -97,8 +98,10 @@ class ToolRegistry:
         if call.error:
             return call.error
         if call.name not in self.specs:
-            return f"unknown tool {call.name!r}; available: {', '.join(sorted(self.specs)) or 'none'}"
-        error = jsonschema.exceptions.best_match(self.validators[call.name].iter_errors(call.arguments))
+            return (f"unknown tool {call.name!r}; available: "
+                    f"{', '.join(sorted(self.specs)) or 'none'}")
+        error = jsonschema.exceptions.best_match(
+            self.validators[call.name].iter_errors(call.arguments))
         if error is not None:
             where = "/".join(map(str, error.absolute_path)) or "arguments"
             return f"invalid arguments for {call.name}: {where}: {error.message}"
@@ -113,4 +116,5 @@ def result_text(value: Any) -> str:
 
 def tool_message(name: str, content: str, error: bool = False) -> dict:
     """The tool message appended after a call (an error reads ``error: ...``)."""
-    return {"role": "tool", "name": name or "unknown", "content": f"error: {content}" if error else content}
+    return {"role": "tool", "name": name or "unknown",
+            "content": f"error: {content}" if error else content}

@@ -20,9 +20,10 @@ from areal_like.wire.weight_wire import torch_dtype  # re-exported: the model's 
 # org/name, as the hub spells model repos (an existing local path of that shape wins)
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 # what a download skips: other frameworks' weights and exports that transformers never reads
-DOWNLOAD_IGNORE = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "*.onnx_data", "*.gguf", "*.tflite", "*.pth",
-                   "original/*", "onnx/*", "openvino/*", "coreml/*"]
-TOKENIZER_NAMES = ("char", "bpe")  # model.tokenizer values that name a built-in tokenizer, not a directory
+DOWNLOAD_IGNORE = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "*.onnx_data", "*.gguf", "*.tflite",
+                   "*.pth", "original/*", "onnx/*", "openvino/*", "coreml/*"]
+# model.tokenizer values that name a built-in tokenizer, not a directory
+TOKENIZER_NAMES = ("char", "bpe")
 WEIGHT_GLOBS = ("*.safetensors", "*.bin")  # what from_pretrained loads (single or sharded)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # either makes a tokenizer directory
 
@@ -36,7 +37,8 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def resolve_model_path(path: str, key: str = "model.path", needs: tuple[str, ...] = WEIGHT_GLOBS) -> str:
+def resolve_model_path(path: str, key: str = "model.path",
+                       needs: tuple[str, ...] = WEIGHT_GLOBS) -> str:
     """``path`` as a local directory: itself, the hub id's cached snapshot holding one of ``needs``
     (globs), or downloaded (not with HF_HUB_OFFLINE); else one ConfigError line naming ``key``."""
     local = Path(path).expanduser()
@@ -54,23 +56,28 @@ def resolve_model_path(path: str, key: str = "model.path", needs: tuple[str, ...
         if holds(snap, needs):
             return snap
         partial = snap
-    except LocalEntryNotFoundError as e:  # not cached (or known incomplete): download below, unless offline
+    # not cached (or known incomplete): download below, unless offline
+    except LocalEntryNotFoundError as e:
         partial = getattr(e, "snapshot_path", None)
     except HFValidationError as e:
-        raise ConfigError(f"{key}={path!r} is not a local directory nor a valid hub id: {_first_line(e)}") from None
+        raise ConfigError(f"{key}={path!r} is not a local directory nor a valid hub id: "
+                          f"{_first_line(e)}") from None
     wanted = " or ".join(needs)
     where = (f"in the Hugging Face cache incompletely ({partial} has no {wanted})" if partial else
              f"not a local directory and not in the Hugging Face cache {constants.HF_HUB_CACHE}")
     if _offline():
-        raise ConfigError(f"{key}={path!r} is {where}, and HF_HUB_OFFLINE is set (unset it to download, "
-                          f"or give a local directory)")
+        raise ConfigError(f"{key}={path!r} is {where}, and HF_HUB_OFFLINE is set (unset it to "
+                          f"download, or give a local directory)")
     try:
-        snap = snapshot_download(path, ignore_patterns=DOWNLOAD_IGNORE)  # tqdm progress bars on stderr
+        # tqdm progress bars on stderr
+        snap = snapshot_download(path, ignore_patterns=DOWNLOAD_IGNORE)
     except Exception as e:  # network down, repo missing or gated: one line, not a traceback
-        raise ConfigError(f"{key}={path!r} is {where}, and the download failed: {_first_line(e)}") from None
-    if not holds(snap, needs):  # the Hub was unreachable and huggingface_hub fell back to the cached snapshot
-        raise ConfigError(f"{key}={path!r}: {snap} has no {wanted} after the download (the Hub unreachable, "
-                          "or the repository has none)")
+        raise ConfigError(f"{key}={path!r} is {where}, and the download failed: "
+                          f"{_first_line(e)}") from None
+    # the Hub was unreachable and huggingface_hub fell back to the cached snapshot
+    if not holds(snap, needs):
+        raise ConfigError(f"{key}={path!r}: {snap} has no {wanted} after the download (the Hub "
+                          "unreachable, or the repository has none)")
     return snap
 
 
@@ -91,10 +98,11 @@ def resolve_models(cfg: RunConfig) -> RunConfig:
     if model.path:
         model = dataclasses.replace(model, path=resolve_model_path(model.path, "model.path"))
     if model.tokenizer not in TOKENIZER_NAMES:
-        model = dataclasses.replace(model, tokenizer=resolve_model_path(model.tokenizer, "model.tokenizer",
-                                                                        TOKENIZER_FILES))
+        model = dataclasses.replace(model, tokenizer=resolve_model_path(
+            model.tokenizer, "model.tokenizer", TOKENIZER_FILES))
     if trainer.ref_path:
-        trainer = dataclasses.replace(trainer, ref_path=resolve_model_path(trainer.ref_path, "trainer.ref_path"))
+        trainer = dataclasses.replace(trainer, ref_path=resolve_model_path(
+            trainer.ref_path, "trainer.ref_path"))
     return dataclasses.replace(cfg, model=model, trainer=trainer)
 
 
@@ -106,10 +114,13 @@ def qwen2_config(cfg: ModelConfig, tokenizer=None):
 
     tok = tokenizer if tokenizer is not None else load_tokenizer(cfg)
     return Qwen2Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        num_key_value_heads=cfg.num_key_value_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
 
@@ -117,13 +128,15 @@ def qwen2_config(cfg: ModelConfig, tokenizer=None):
 def _local_model_dir(cfg: ModelConfig) -> Path:
     path = Path(cfg.path)
     if not (path / "config.json").is_file():
-        raise ConfigError(f"model.path={cfg.path!r} is not a local model directory (no config.json); "
-                          "a daemon never downloads: `areal-like run` resolves hub ids before it starts")
+        raise ConfigError(f"model.path={cfg.path!r} is not a local model directory "
+                          "(no config.json); a daemon never downloads: `areal-like run` "
+                          "resolves hub ids before it starts")
     return path
 
 
 def hf_config(cfg: ModelConfig):
-    """The Hugging Face config of ``cfg``: ``model.path``'s config.json, else the Qwen2 of the fields."""
+    """The Hugging Face config of ``cfg``: ``model.path``'s config.json, else the Qwen2 of the
+    fields."""
     from transformers import AutoConfig
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -150,7 +163,8 @@ def build_model(cfg: ModelConfig, device: str = "cpu", dtype: str | None = None)
     dt = torch_dtype(dtype or cfg.dtype)
     if cfg.path:
         path = _local_model_dir(cfg)
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt, attn_implementation=cfg.attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt,
+                                                     attn_implementation=cfg.attn_implementation)
     else:
         with torch.random.fork_rng(devices=[]):  # the caller's CPU generator is left as it was
             torch.manual_seed(cfg.init_seed)

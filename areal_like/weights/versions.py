@@ -34,12 +34,14 @@ def local_versions() -> RuntimeVersions:
         v = torch.cuda.nccl.version()  # a tuple (2, 30, 7); an int (23007) in old releases
         nccl = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
     # str(): torch.__version__ is a TorchVersion, which the wire codec does not take as a str
-    return RuntimeVersions(torch=str(torch.__version__), cuda=str(torch.version.cuda or ""), nccl=nccl)
+    return RuntimeVersions(torch=str(torch.__version__), cuda=str(torch.version.cuda or ""),
+                           nccl=nccl)
 
 
 def from_server_info(info: dict[str, Any]) -> RuntimeVersions:
     """The versions an engine's ``/server_info`` reports ("" where it reports none)."""
-    return RuntimeVersions(*(str(info.get(f"{k}_version") or "") for k in ("torch", "cuda", "nccl")))
+    return RuntimeVersions(*(str(info.get(f"{k}_version") or "")
+                             for k in ("torch", "cuda", "nccl")))
 
 
 def _release(torch_version: str) -> str:
@@ -54,7 +56,8 @@ def mismatch(own: RuntimeVersions, peer: RuntimeVersions, backend: str) -> str |
     """Why ``peer`` may not join a weight-sync group with ``own`` on ``backend``, naming both
     versions; None when it may (also when what differs is unknown on one side)."""
     if backend == "nccl":
-        checks = [("torch", _release(own.torch), _release(peer.torch)), ("CUDA", own.cuda, peer.cuda),
+        checks = [("torch", _release(own.torch), _release(peer.torch)),
+                  ("CUDA", own.cuda, peer.cuda),
                   ("NCCL", own.nccl, peer.nccl)]
     elif backend == "gloo":
         checks = [("torch major.minor", _major_minor(own.torch), _major_minor(peer.torch))]

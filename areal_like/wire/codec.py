@@ -37,7 +37,8 @@ def wire_array(value: Any, tag: str, name: str) -> tuple[str, int, memoryview]:
     """A 1-D array-like as ``(tag, length, bytes)``: that dtype contiguous without a copy, else
     converted (an int32 field takes only whole numbers that fit); raw bytes are refused."""
     dtype = _DTYPES[tag]
-    if type(value) is np.ndarray and value.dtype == dtype and (data := value.data).ndim == 1 and data.c_contiguous:
+    if (type(value) is np.ndarray and value.dtype == dtype and (data := value.data).ndim == 1
+            and data.c_contiguous):
         return tag, len(data), data
     if isinstance(value, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"raw bytes are ambiguous here; pass an array of {tag}", name)
@@ -50,7 +51,8 @@ def wire_array(value: Any, tag: str, name: str) -> tuple[str, int, memoryview]:
     if dtype.kind == "i" and len(src) and src.dtype != dtype:
         if src.dtype.kind == "f":  # np.zeros(n) and the like: whole numbers are taken
             if not np.all(np.isfinite(src)) or not np.all(src == np.trunc(src)):
-                raise ProtocolError(f"expected whole numbers, got {src.dtype} with fractions or non-finite values", name)
+                raise ProtocolError(f"expected whole numbers, got {src.dtype} with fractions or "
+                                    "non-finite values", name)
         elif src.dtype.kind not in "iu":
             raise ProtocolError(f"expected integers, got {src.dtype}", name)
         info = np.iinfo(dtype)
@@ -65,7 +67,8 @@ def wire_array(value: Any, tag: str, name: str) -> tuple[str, int, memoryview]:
 
 _FIELD_IN_TEXT = re.compile(r"^Object (?:missing required|contains unknown) field `(.+)`$")
 _NOT_FINITE = re.compile(rf"^Expected `float` [<>]= -?{re.escape(repr(sys.float_info.max))}$")
-_INSIDE_ARRAY = re.compile(r"^(.*\.(?:prompt_ids|output_ids|behav_logp|versions|loss_mask))\[\d+\]$")
+_INSIDE_ARRAY = re.compile(r"^(.*\.(?:prompt_ids|output_ids|behav_logp|versions|loss_mask))"
+                           r"\[\d+\]$")
 
 
 def error_from(e: Exception, version: int) -> ProtocolError:
@@ -73,7 +76,8 @@ def error_from(e: Exception, version: int) -> ProtocolError:
     if not isinstance(e, msgspec.ValidationError):  # not msgpack at all
         return ProtocolError(f"not a msgpack frame ({e})", "frame")
     reason, _, where = str(e).partition(" - at `")
-    where = where.removesuffix("`").removeprefix("key` in `")  # a bad map key is reported at its map
+    # a bad map key is reported at its map
+    where = where.removesuffix("`").removeprefix("key` in `")
     path = where.removeprefix("$").removeprefix(".")
     field = None
     if isinstance(e.__cause__, ProtocolError):  # raised by a message's validate()

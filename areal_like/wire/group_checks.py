@@ -20,14 +20,16 @@ LOGP_MIN, LOGP_MAX = -100.0, 0.1  # plausible behaviour log-probs (module docstr
 
 
 def content_problem(group: TrajectoryGroup, vocab_size: int) -> str | None:
-    """Why the group's tokens cannot be trained on by a model with ``vocab_size`` entries (None: they
-    can); ``vocab_size`` <= 0 skips the vocabulary check."""
+    """Why the group's tokens cannot be trained on by a model with ``vocab_size`` entries (None:
+    they can); ``vocab_size`` <= 0 skips the vocabulary check."""
     arrays = []
     for i, t in enumerate(group.trajectories):
         if len(t.prompt_ids) == 0:
-            return f"empty_prompt: trajectory {i} has no prompt tokens (its first output token has nothing to follow)"
+            return (f"empty_prompt: trajectory {i} has no prompt tokens (its first output token "
+                    "has nothing to follow)")
         if not mask_values_ok(t.loss_mask_wire):
-            return f"bad_loss_mask: trajectory {i} has loss_mask values other than 0 (context) and 1 (generated)"
+            return (f"bad_loss_mask: trajectory {i} has loss_mask values other than 0 (context) "
+                    "and 1 (generated)")
         arrays += [t.prompt_ids, t.output_ids]
     if (why := logp_problem(group)) is not None:
         return why

@@ -1,5 +1,5 @@
-"""Wire protocol: small, typed, immutable msgspec messages in msgpack frames (the format, the checks,
-the versions and who sends what: areal_like/DESIGN.md section 3).
+"""Wire protocol: small, typed, immutable msgspec messages in msgpack frames (the format, the
+checks, the versions and who sends what: areal_like/DESIGN.md section 3).
 
 Invariant: ``decode`` raises only ``ProtocolError`` (naming the field) for any input bytes.
 """
@@ -13,10 +13,11 @@ import msgspec
 from areal_like.wire.codec import Count, Finite, Message, ProtocolError, error_from
 from areal_like.wire.trajectory import Trajectory
 
-__all__ = ["PROTOCOL_VERSION", "MAX_FRAME_BYTES", "MAX_CREDITS_PER_REQUEST", "Message", "encode", "encode_into",
-           "decode", "TOP_LEVEL_TYPES"]
+__all__ = ["PROTOCOL_VERSION", "MAX_FRAME_BYTES", "MAX_CREDITS_PER_REQUEST", "Message", "encode",
+           "encode_into", "decode", "TOP_LEVEL_TYPES"]
 
-PROTOCOL_VERSION = 3  # 2: Trajectory.loss_mask; 3: versions and loss masks as runs (module docstring)
+# 2: Trajectory.loss_mask; 3: versions and loss masks as runs (module docstring)
+PROTOCOL_VERSION = 3
 MAX_FRAME_BYTES = 256 * 1024 * 1024  # one batch of many long groups stays far below this
 MAX_CREDITS_PER_REQUEST = 4096  # leases one TrajectoryGroup may ask for with its ack
 Wanted = Annotated[int, msgspec.Meta(ge=0, le=MAX_CREDITS_PER_REQUEST)]  # leases asked for at once
@@ -54,7 +55,8 @@ class Heartbeat(_TopLevel, tag="heartbeat"):
     server_id: str
     policy_version: int  # version the engine serves
     in_flight: Count = 0  # groups being generated
-    evaluating: bool = False  # running an evaluation: leave it out of weight syncs until it says False
+    # running an evaluation: leave it out of weight syncs until it says False
+    evaluating: bool = False
 
 
 class CreditRequest(_TopLevel, tag="credit_request"):
@@ -117,7 +119,8 @@ class Batch(_TopLevel, tag="batch"):
     groups: list[TrajectoryGroup]  # exactly n_groups fresh groups, or empty
     trainer_version: int
     reason: str = ""  # why empty
-    batch_id: str = ""  # unique id of a non-empty batch; the next BatchRequest acks it with ack_batch
+    # unique id of a non-empty batch; the next BatchRequest acks it with ack_batch
+    batch_id: str = ""
 
 
 class VersionUpdate(_TopLevel, tag="version_update"):
@@ -192,7 +195,8 @@ class WeightSyncPlan(_TopLevel, tag="weight_sync_plan"):
         count = WEIGHT_PATHS.get(self.path)
         want = count(self.buckets) if count is not None else None
         if want is not None and len(self.payloads) != want:
-            raise ProtocolError(f"path {self.path} needs {want} payload(s), got {len(self.payloads)}", "payloads")
+            raise ProtocolError(f"path {self.path} needs {want} payload(s), "
+                                f"got {len(self.payloads)}", "payloads")
         if self.path == "distributed" and self.master_port == 0:
             raise ProtocolError("the distributed path needs the group's port", "master_port")
 
@@ -210,7 +214,8 @@ class SyncDone(_TopLevel, tag="sync_done"):
     reason: str = ""
     pause_s: Finite = 0.0  # how long the engine was not generating
     want_credits: Wanted = 0  # leases wanted with the Ack (saves a CreditRequest after a sync)
-    plan_id: str = ""  # the plan answered; a late answer to an earlier plan is not this one's result
+    # the plan answered; a late answer to an earlier plan is not this one's result
+    plan_id: str = ""
 
 
 class SyncStatusRequest(_TopLevel, tag="sync_status_request"):
@@ -233,9 +238,10 @@ class Stats(_TopLevel, tag="stats"):
 
 
 
-_ALL = (Trajectory, Register, RegisterAck, Heartbeat, HeartbeatAck, CreditRequest, Credit, Credits, TrajectoryGroup,
-        Ack, BatchRequest, Batch, VersionUpdate, RosterRequest, RosterEntry, Roster, SyncMember, BucketSpec,
-        WeightSyncPlan, SyncDone, SyncStatusRequest, SyncStatus, StatsRequest, Stats)
+_ALL = (Trajectory, Register, RegisterAck, Heartbeat, HeartbeatAck, CreditRequest, Credit, Credits,
+        TrajectoryGroup, Ack, BatchRequest, Batch, VersionUpdate, RosterRequest, RosterEntry,
+        Roster, SyncMember, BucketSpec, WeightSyncPlan, SyncDone, SyncStatusRequest, SyncStatus,
+        StatsRequest, Stats)
 for _cls in _ALL:
     _cls.TYPE = _cls.__struct_config__.tag
 TOP_LEVEL_TYPES: dict[str, type[Message]] = {c.TYPE: c for c in _ALL if issubclass(c, _TopLevel)}
@@ -290,17 +296,20 @@ def decode(data: bytes | bytearray | memoryview, max_bytes: int | None = None) -
         return _DECODER.decode(data)
     except RecursionError:  # arrays or maps nested deeper than the interpreter's recursion limit
         raise ProtocolError("nested too deeply", "frame") from None
-    except (msgspec.MsgspecError, UnicodeDecodeError) as e:  # msgspec reports bad UTF-8 in a key like this
+    # msgspec reports bad UTF-8 in a key like this
+    except (msgspec.MsgspecError, UnicodeDecodeError) as e:
         if (version := _version_of(data)) is not None and version != PROTOCOL_VERSION:
             # named before whatever else is wrong: a version-1 group also lacks loss_mask, which
             # msgspec meets first (the version ends the frame)
-            raise ProtocolError(f"unsupported protocol version {version!r} (this side speaks {PROTOCOL_VERSION})",
+            raise ProtocolError(f"unsupported protocol version {version!r} "
+                                f"(this side speaks {PROTOCOL_VERSION})",
                                 "protocol") from None
         raise error_from(e, PROTOCOL_VERSION) from None
 
 
 def _frame(data: bytes | bytearray | memoryview) -> bytes | memoryview:
-    """``data`` as bytes or a read-only 1-D byte view (what msgspec slices arrays from correctly)."""
+    """``data`` as bytes or a read-only 1-D byte view (what msgspec slices arrays from
+    correctly)."""
     if isinstance(data, memoryview):
         return data.toreadonly().cast("B") if data.c_contiguous else data.tobytes()
     if isinstance(data, bytearray):
@@ -316,7 +325,8 @@ _VERSION_DECODER = msgspec.msgpack.Decoder(_Versioned)
 
 
 def _version_of(data: bytes | memoryview) -> Any:
-    """The ``protocol`` of a refused frame (None: absent, or not a map): read only on the error path."""
+    """The ``protocol`` of a refused frame (None: absent, or not a map): read only on the error
+    path."""
     try:
         return _VERSION_DECODER.decode(data).protocol
     except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):

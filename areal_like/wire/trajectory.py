@@ -50,7 +50,8 @@ def runs_of(values: Any, name: str) -> tuple[str, int, memoryview]:
     ends = np.append(changes + 1, n)
     pairs = np.empty(2 * len(ends), _I4)
     pairs[0::2], pairs[1::2] = a[ends - 1], ends
-    return RUNS, n, pairs.view(np.uint8).data.toreadonly()  # plain bytes, read-only, as a decoded frame's
+    # plain bytes, read-only, as a decoded frame's
+    return RUNS, n, pairs.view(np.uint8).data.toreadonly()
 
 
 def one_run(value: int, n: int) -> tuple[str, int, memoryview]:
@@ -73,7 +74,8 @@ def runs_ok(wire: tuple) -> bool:
 def runs_array(wire: tuple) -> np.ndarray:
     """The full (read-only) array of a runs wire form."""
     pairs = np.frombuffer(wire[2], _I4)
-    out = np.full(wire[1], pairs[0], _I4) if len(pairs) == 2 else np.repeat(pairs[0::2], np.diff(pairs[1::2], prepend=0))
+    out = (np.full(wire[1], pairs[0], _I4) if len(pairs) == 2
+           else np.repeat(pairs[0::2], np.diff(pairs[1::2], prepend=0)))
     out.flags.writeable = False
     return out
 
@@ -88,8 +90,10 @@ class Trajectory(Message, tag="trajectory"):
     output_ids_wire: I32 = msgspec.field(name="output_ids")  # [T] generated token ids
     # [T] log pi_behav(token) as the engine sampled it (fp32, temperature-scaled policy)
     behav_logp_wire: F32 = msgspec.field(name="behav_logp")
-    versions_wire: R32 = msgspec.field(name="versions")  # runs of [T]: policy_version that produced each token
-    loss_mask_wire: R32 = msgspec.field(name="loss_mask")  # runs of [T]: 1 generated (trained on), 0 context
+    # runs of [T]: policy_version that produced each token
+    versions_wire: R32 = msgspec.field(name="versions")
+    # runs of [T]: 1 generated (trained on), 0 context
+    loss_mask_wire: R32 = msgspec.field(name="loss_mask")
     reward: Finite  # scalar outcome reward
     finish_reason: str  # "stop" | "length" | "abort" | "error"
     metadata: dict[str, Any] = {}  # free-form, msgpack-able
@@ -111,7 +115,8 @@ class Trajectory(Message, tag="trajectory"):
                    reward, finish_reason, {} if metadata is None else metadata)
 
     def validate(self) -> None:
-        """Bytes match lengths, runs are well formed, per-token arrays have ``output_ids``' length."""
+        """Bytes match lengths, runs are well formed, per-token arrays have ``output_ids``'
+        length."""
         p, o, b, v, m = (self.prompt_ids_wire, self.output_ids_wire, self.behav_logp_wire,
                          self.versions_wire, self.loss_mask_wire)
         t = o[1]

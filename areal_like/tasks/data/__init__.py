@@ -1,1 +1,2 @@
-"""Data shipped with the package: the BPE tokenizer's training text and the math_chat example dataset."""
+"""Data shipped with the package: the BPE tokenizer's training text and the math_chat example
+dataset."""

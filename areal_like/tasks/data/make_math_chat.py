@@ -13,8 +13,8 @@ EVAL_ROWS = 300
 # level -> (source, questions drawn from that level's distinct questions). Levels 1-4 are place
 # value, which the tiny model learns in a short warm start; level 5 (one-digit facts, disjoint
 # between train and eval) and level 6 (two-digit plus one-digit, carries) are the hard tail.
-LEVELS = {1: ("place-value", 700), 2: ("tens-plus-ones", 90), 3: ("times-ten", 99), 4: ("drop-ones", 90),
-          5: ("one-digit", 100), 6: ("carry", 300)}
+LEVELS = {1: ("place-value", 700), 2: ("tens-plus-ones", 90), 3: ("times-ten", 99),
+          4: ("drop-ones", 90), 5: ("one-digit", 100), 6: ("carry", 300)}
 OUT_DIR = Path(__file__).resolve().parent / "math_chat"
 
 
@@ -58,7 +58,8 @@ def write(out_dir: Path = OUT_DIR) -> None:
         ("answer", pa.string()), ("source", pa.string()), ("level", pa.int32())])
     out_dir.mkdir(parents=True, exist_ok=True)
     for split, split_rows in rows().items():
-        pq.write_table(pa.Table.from_pylist(split_rows, schema=schema), out_dir / f"{split}.parquet")
+        pq.write_table(pa.Table.from_pylist(split_rows, schema=schema),
+                       out_dir / f"{split}.parquet")
 
 
 if __name__ == "__main__":
