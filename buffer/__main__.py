@@ -2,8 +2,9 @@
 
 The launcher passes the resolved run config (``<run_dir>/config.yaml``); overrides such as
 ``buffer.metrics_port=9100`` apply on top. The WAL lives in ``buffer.wal_dir`` (relative to
-``run_dir``); restarting with the same run_dir resumes from it. Exit status 2: invalid configuration or missing keys;
-3: another buffer holds that WAL directory (one buffer per ``wal_dir``).
+``run_dir``); restarting with the same run_dir resumes from it. Exit status 2: invalid
+configuration or missing keys; 3: another buffer holds that WAL directory (one buffer per
+``wal_dir``).
 """
 
 import os
@@ -36,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     except WalInUse as e:
         log.error("%s", e)
         return 3
-    except ConfigError as e:  # an input the preflight of `areal-like run` would have refused (a bad row)
+    # an input the preflight of `areal-like run` would have refused (a bad row)
+    except ConfigError as e:
         log.error("unusable input: %s", e)
         return 2
     return service.serve()

@@ -30,7 +30,8 @@ ABSENT_LOG_EVERY_S = 60.0  # a line about absent members at most this often (a k
 class Member:
     entry: P.RosterEntry
     last_seen: float
-    evaluating: bool = False  # out of weight syncs while its engine holds one version for an evaluation
+    # out of weight syncs while its engine holds one version for an evaluation
+    evaluating: bool = False
 
 
 @dataclass(slots=True)
@@ -47,8 +48,10 @@ class ControlPlane:
                  release: Callable[[Callable[[str], bool], str], None] = lambda keep, why: None):
         self.pub_address, self.heartbeat_timeout_s = pub_address, heartbeat_timeout_s
         self.clock, self.publish, self.log = clock, publish, log
-        self.release = release  # release(keep, why): re-issue the leases of servers ``keep`` rejects
-        self.started_at, self.orphans_checked = clock(), False  # restored leases of servers not back
+        # release(keep, why): re-issue the leases of servers ``keep`` rejects
+        self.release = release
+        # restored leases of servers not back
+        self.started_at, self.orphans_checked = clock(), False
         self.version = 0
         self.roster: dict[str, Member] = {}
         self.plan: P.WeightSyncPlan | None = None
@@ -107,23 +110,27 @@ class ControlPlane:
         if new:  # it holds none of the leases an earlier one left
             self.release(lambda sid: sid != m.server_id, f"{m.server_id} restarted")
             self.alive(m.server_id, "registered as a new process")
-        entry = P.RosterEntry(**{k: getattr(m, k) for k in field_names(P.RosterEntry)})  # Register has them all
+        # Register has them all
+        entry = P.RosterEntry(**{k: getattr(m, k) for k in field_names(P.RosterEntry)})
         if m.server_id not in self.roster:
-            self.log.info("server %s registered (engine %s, version %d, torch %r, CUDA %r, NCCL %r)", m.server_id,
-                          m.engine_url, m.policy_version, m.torch_version, m.cuda_version, m.nccl_version)
+            self.log.info("server %s registered (engine %s, version %d, torch %r, CUDA %r, "
+                          "NCCL %r)", m.server_id, m.engine_url, m.policy_version,
+                          m.torch_version, m.cuda_version, m.nccl_version)
         if new and (plan := self._pending_plan(m.server_id)) is not None:
             self._failed(m.server_id, plan, "restarted")
         self.roster[m.server_id] = Member(entry, self.clock())
         self.incarnations[m.server_id] = m.incarnation
         self.departed.pop(m.server_id, None)
-        return P.RegisterAck(server_id=m.server_id, policy_version=self.version, pub_address=self.pub_address)
+        return P.RegisterAck(server_id=m.server_id, policy_version=self.version,
+                             pub_address=self.pub_address)
 
     def heartbeat(self, m: P.Heartbeat) -> P.HeartbeatAck:
         member = self.touch(m.server_id, m.policy_version)
         if member is None:
             return P.HeartbeatAck(policy_version=self.version, known=False)
         if member.evaluating != m.evaluating:
-            self.log.info("server %s %s", m.server_id, "evaluating: out of weight syncs" if m.evaluating
+            self.log.info("server %s %s", m.server_id,
+                          "evaluating: out of weight syncs" if m.evaluating
                           else "done evaluating: back in weight syncs")
             member.evaluating = m.evaluating
         if (plan := self._pending_plan(m.server_id)) is not None:
@@ -205,7 +212,8 @@ class ControlPlane:
         if m.ok:
             self.touch(m.server_id, m.policy_version)
         else:
-            self.log.warning("server %s failed to load version %d: %s", m.server_id, m.policy_version, m.reason)
+            self.log.warning("server %s failed to load version %d: %s", m.server_id,
+                             m.policy_version, m.reason)
         return P.Ack(ref=str(m.policy_version), status="ok")
 
     def sync_status(self, m: P.SyncStatusRequest) -> P.SyncStatus:

@@ -57,7 +57,8 @@ class CreditLedger:
         return self.max_epochs > 0 and self.epoch >= self.max_epochs and not self.reissue
 
     def available(self, lag: int = 0) -> int:
-        """Credits admission allows now to an engine ``lag`` versions behind (before other limits)."""
+        """Credits admission allows now to an engine ``lag`` versions behind (before other
+        limits)."""
         return self.policy.capacity(self.consumed, self.started, self.in_flight, lag)
 
     def consume(self, n: int) -> None:
@@ -65,7 +66,8 @@ class CreditLedger:
         self.consumed += n
 
     def grant(self, server_id: str, n: int, lag: int = 0) -> list[Lease]:
-        """Lease up to ``n`` prompts (re-issues first) within the admission limit (``available``)."""
+        """Lease up to ``n`` prompts (re-issues first) within the admission limit
+        (``available``)."""
         out: list[Lease] = []
         n = min(n, self.available(lag))
         while len(out) < n:
@@ -79,7 +81,8 @@ class CreditLedger:
                 self.next_index += 1
                 if self.next_index == self.dataset_size:
                     self.next_index, self.epoch = 0, self.epoch + 1
-            lease = Lease(f"L{self.next_lease}", index, epoch, server_id, self.clock() + self.lease_timeout_s)
+            lease = Lease(f"L{self.next_lease}", index, epoch, server_id,
+                          self.clock() + self.lease_timeout_s)
             self.next_lease += 1
             self.started += 1
             self.leases[lease.lease_id] = lease
@@ -103,20 +106,23 @@ class CreditLedger:
         return lease
 
     def give_back(self, prompt_index: int, epoch: int, *, reissue: bool) -> None:
-        """A group was dropped (filter, staleness): return its slot, optionally re-queue its prompt."""
+        """A group was dropped (filter, staleness): return its slot, optionally re-queue its
+        prompt."""
         self.started -= 1
         if reissue:
             self.reissue.append((prompt_index, epoch))
             self._requeued.append((prompt_index, epoch))
 
     def cancel(self, lease_id: str, *, reissue: bool = True) -> Lease | None:
-        """The lease's group was rejected: the slot is returned, the prompt re-issued if ``reissue``."""
+        """The lease's group was rejected: the slot is returned, the prompt re-issued if
+        ``reissue``."""
         if (lease := self.fulfil(lease_id)) is not None:
             self.give_back(lease.prompt_index, lease.epoch, reissue=reissue)
         return lease
 
     def release(self, keep: Callable[[str], bool]) -> list[Lease]:
-        """Re-issue every lease whose holder ``keep`` rejects (it left the roster: it will not deliver)."""
+        """Re-issue every lease whose holder ``keep`` rejects (it left the roster: it will not
+        deliver)."""
         return self._cancel_all(lambda lease: not keep(lease.server_id))
 
     def expire(self) -> list[Lease]:
@@ -152,9 +158,10 @@ class CreditLedger:
                             "requeued": state["reissue"], "dequeued": 0})
 
     def take_changes(self) -> dict:
-        """What changed since the last ``snapshot``, ``take_changes`` or ``load_state``: the counters
-        (whole), the leases granted and closed, and the re-issue queue's pushes and pops (it is FIFO:
-        it becomes ``old + requeued`` without its first ``dequeued``, whatever the interleaving)."""
+        """What changed since the last ``snapshot``, ``take_changes`` or ``load_state``: the
+        counters (whole), the leases granted and closed, and the re-issue queue's pushes and pops
+        (it is FIFO: it becomes ``old + requeued`` without its first ``dequeued``, whatever the
+        interleaving)."""
         changes = {**self._counters(), "granted": _leases(self._granted), "closed": self._closed,
                    "requeued": [list(p) for p in self._requeued], "dequeued": self._dequeued}
         self._forget_changes()
@@ -173,7 +180,8 @@ class CreditLedger:
             self.leases.pop(lid, None)  # a replayed group record may have closed it already
         self.reissue.extend((i, e) for i, e in changes["requeued"])
         if changes["dequeued"] > len(self.reissue):
-            raise ValueError(f"change record takes {changes['dequeued']} re-issues of {len(self.reissue)}")
+            raise ValueError(f"change record takes {changes['dequeued']} re-issues of "
+                             f"{len(self.reissue)}")
         for _ in range(changes["dequeued"]):
             self.reissue.popleft()
         self._forget_changes()
@@ -203,9 +211,11 @@ def invalid_group(group: TrajectoryGroup, lease: Lease | None, newest_version: i
     if not 0 < len(group.group_id.encode()) <= MAX_GROUP_ID_BYTES:
         return f"invalid_group_id: must be 1 to {MAX_GROUP_ID_BYTES} bytes"
     if lease is None:
-        return f"unknown_lease: {group.lease_id} is not outstanding (expired and re-issued, or never granted)"
+        return (f"unknown_lease: {group.lease_id} is not outstanding (expired and re-issued, or "
+                "never granted)")
     if (lease.prompt_index, lease.epoch) != (group.prompt_index, group.epoch):
-        return f"lease_mismatch: lease {group.lease_id} is for prompt {lease.prompt_index} epoch {lease.epoch}"
+        return (f"lease_mismatch: lease {group.lease_id} is for prompt {lease.prompt_index} "
+                f"epoch {lease.epoch}")
     lo, hi, _ = versions or version_range(group)
     if hi > newest_version:
         return f"future_version: token version {hi} > newest published version {newest_version}"

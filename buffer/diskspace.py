@@ -13,12 +13,15 @@ from pathlib import Path
 
 from buffer.wal import WriteAheadLog
 
-DEGRADED_ROTATE_S = 1.0  # disk full: rotate (so that compaction can free consumed records) at most this often
-MIN_SEGMENT_BYTES = 1 << 20  # a segment sized to the disk (1/8 of its free space at start) is never smaller
+# disk full: rotate (so that compaction can free consumed records) at most this often
+DEGRADED_ROTATE_S = 1.0
+# a segment sized to the disk (1/8 of its free space at start) is never smaller
+MIN_SEGMENT_BYTES = 1 << 20
 
 
 class DiskGuard:
-    def __init__(self, path: Path, reserve_bytes: int, free_bytes: Callable[[Path], int] | None = None,
+    def __init__(self, path: Path, reserve_bytes: int,
+                 free_bytes: Callable[[Path], int] | None = None,
                  log: logging.Logger | None = None):
         self.path, self.reserve = Path(path), reserve_bytes
         self._read = free_bytes or (lambda p: shutil.disk_usage(p).free)
@@ -28,13 +31,15 @@ class DiskGuard:
         self._next_rotate = 0.0
 
     def sweep(self, wal: WriteAheadLog, checkpoint: Callable[[], dict]) -> None:
-        """Enter or leave the degraded mode; while in it, rotate the WAL now and then (compaction)."""
+        """Enter or leave the degraded mode; while in it, rotate the WAL now and then
+        (compaction)."""
         if self.refresh(hold=wal.disk_full):
             if self.degraded:
-                self.log.error("degraded: %s; new groups are refused as unavailable (their senders keep them), "
-                               "stored batches are still handed out", self.reason())
+                self.log.error("degraded: %s; new groups are refused as unavailable (their senders "
+                               "keep them), stored batches are still handed out", self.reason())
             else:
-                self.log.warning("disk space is back (%d bytes free): accepting groups again", self.free)
+                self.log.warning("disk space is back (%d bytes free): accepting groups again",
+                                 self.free)
         if wal.disk_full and not self.degraded:  # the fsync thread hit ENOSPC anyway
             self.full()
             self.log.error("degraded: no room to write %s; new groups are refused until space "
@@ -69,9 +74,10 @@ class DiskGuard:
         self.free -= nbytes
 
     def full(self) -> None:
-        """A write failed with ENOSPC although the estimate had room (another writer filled the disk)."""
+        """A write failed with ENOSPC although the estimate had room (another writer filled the
+        disk)."""
         self.free, self.degraded = 0, True
 
     def reason(self) -> str:
-        return (f"disk_full: {self.free} bytes free under {self.path}, below the reserve of {self.reserve} "
-                f"(buffer.wal_reserve_bytes); send it again later")
+        return (f"disk_full: {self.free} bytes free under {self.path}, below the reserve of "
+                f"{self.reserve} (buffer.wal_reserve_bytes); send it again later")

@@ -20,17 +20,21 @@ class BufferFacts:
     vocab_size: int  # model: token ids outside [0, vocab_size) are refused
     dataset_size: int  # task + model: prompts in one epoch, the ledger's cursor range
     engine_lag: int  # trainer.weight_sync.engine_lag: versions engines may lag by design
-    frame_limit: int  # task + model (or buffer.max_frame_bytes): bigger request frames are refused undecoded
+    # task + model (or buffer.max_frame_bytes): bigger request frames are refused undecoded
+    frame_limit: int
     wal_dir: Path  # buffer.wal_dir resolved against run_dir
-    local_dir: Path | None  # buffer.local_dir resolved against run_dir: same-node ipc:// sockets (None: none)
-    max_servers: int = MIN_SERVERS  # server ids one member key may have on the roster (buffer/peer_caps.py)
+    # buffer.local_dir resolved against run_dir: same-node ipc:// sockets (None: none)
+    local_dir: Path | None
+    # server ids one member key may have on the roster (buffer/peer_caps.py)
+    max_servers: int = MIN_SERVERS
     # the task's prompt encoding (areal_like.tasks.task.prompt_layout): logged
     prompt_layout: str = ""
     keys: Keys | None = None  # the server's CURVE keys (None: plain sockets)
 
     @classmethod
     def from_run(cls, cfg: RunConfig, keys: Keys | None = None) -> BufferFacts:
-        """The facts of the job ``cfg`` describes (reads the task's dataset to count its prompts)."""
+        """The facts of the job ``cfg`` describes (reads the task's dataset to count its
+        prompts)."""
         b, la = cfg.buffer, cfg.launch
         # twice the rollout servers the job launches on every rollout node (null counts one)
         nodes = la.nodes - la.train_nodes if la.nodes > 1 else 1

@@ -19,7 +19,8 @@ from buffer.wal import WalFailed
 MAX_BATCH_BYTES = P.MAX_FRAME_BYTES * 9 // 10  # a Batch is one frame; leave room for its envelope
 # Out of a resource while reading a record back: the record is intact, so the error stops the
 # daemon (a restart reads the group again) instead of dropping an acknowledged group for good.
-TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EAGAIN, errno.EINTR})
+TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EAGAIN,
+                              errno.EINTR})
 
 
 @dataclass(slots=True)
@@ -46,7 +47,8 @@ class Handout:
         self.store, self.read, self.drop, self.consume = store, read, drop, consume
         self.changed, self.metrics, self.log = changed, metrics, log  # changed(): in_transit did
         self.pending: list[PendingBatch] = []
-        self.in_transit: InTransit | None = None  # the last batch handed out, until the trainer acks it
+        # the last batch handed out, until the trainer acks it
+        self.in_transit: InTransit | None = None
 
     def hold(self, peer: bytes, req_id: bytes, request: P.BatchRequest, received: float,
              member: str = "local") -> None:
@@ -69,13 +71,16 @@ class Handout:
                 continue
             self.pending.remove(p)
             if taken is None:
-                why = (f"too_large: {n} groups exceed {MAX_BATCH_BYTES} bytes in one frame; ask for fewer" if too_large
-                       else f"{self.store.n_fresh(v)} of {n} fresh groups after {p.request.wait_s:.1f}s")
+                why = (f"too_large: {n} groups exceed {MAX_BATCH_BYTES} bytes in one frame; "
+                       "ask for fewer" if too_large
+                       else f"{self.store.n_fresh(v)} of {n} fresh groups after "
+                            f"{p.request.wait_s:.1f}s")
                 out.append((p, P.Batch(groups=[], trainer_version=v, reason=why)))
             else:
                 self.in_transit = InTransit(uuid.uuid4().hex, v, taken)
                 self.changed()
-                out.append((p, P.Batch(groups=groups, trainer_version=v, batch_id=self.in_transit.batch_id)))
+                out.append((p, P.Batch(groups=groups, trainer_version=v,
+                                       batch_id=self.in_transit.batch_id)))
         return out
 
     def _load_all(self, taken: list[StoredGroup]) -> list[P.TrajectoryGroup] | None:
@@ -87,10 +92,11 @@ class Handout:
             try:
                 groups.append(self._load(stored))
             except (OSError, P.ProtocolError) as e:
-                if isinstance(e, WalFailed) or (isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS):
+                if isinstance(e, WalFailed) or (isinstance(e, OSError)
+                                                and e.errno in TRANSIENT_ERRNOS):
                     raise
-                self.log.error("group %s cannot be read back from the WAL (%s): dropped, its prompt goes out again",
-                               stored.group_id, e)
+                self.log.error("group %s cannot be read back from the WAL (%s): dropped, "
+                               "its prompt goes out again", stored.group_id, e)
                 bad.append(stored)
         if not bad:
             return groups
@@ -124,13 +130,14 @@ class Handout:
             self.store.put(s)
         self.metrics.count("batches_redelivered")
         self.metrics.count("groups_redelivered", len(batch.groups))
-        self.log.warning("batch %s (%d groups) was not acknowledged (ack_batch=%r): its groups are back in the "
-                         "store", batch.batch_id, len(batch.groups), ack_batch)
+        self.log.warning("batch %s (%d groups) was not acknowledged (ack_batch=%r): its groups are "
+                         "back in the store", batch.batch_id, len(batch.groups), ack_batch)
 
     def record(self) -> list | None:
         """The batch in transit as the WAL's control state holds it."""
         batch = self.in_transit
-        return None if batch is None else [batch.batch_id, batch.version, [s.group_id for s in batch.groups]]
+        return None if batch is None else [batch.batch_id, batch.version,
+                                           [s.group_id for s in batch.groups]]
 
     def restore(self, record: list | None) -> None:
         """Recovery: the batch in transit when the buffer stopped leaves the store again."""
@@ -144,4 +151,5 @@ class Handout:
         return batch.version if (batch := self.in_transit) is not None else -1
 
     def in_transit_groups(self) -> int:
-        return len(batch.groups) if (batch := self.in_transit) is not None else 0  # one read: metrics thread
+        # one read: metrics thread
+        return len(batch.groups) if (batch := self.in_transit) is not None else 0

@@ -12,13 +12,14 @@ from collections.abc import Callable, Iterable
 from areal_like.net.metrics import Metrics
 from areal_like.net.security import REFUSAL_REASONS
 
-COUNTERS = ("groups_accepted", "groups_duplicate", "groups_consumed", "credits_granted", "credits_expired",
-            "credits_reissued", "credits_released", "wal_bytes_written", "batches_redelivered", "groups_redelivered",
-            "groups_deferred")
+COUNTERS = ("groups_accepted", "groups_duplicate", "groups_consumed", "credits_granted",
+            "credits_expired", "credits_reissued", "credits_released", "wal_bytes_written",
+            "batches_redelivered", "groups_redelivered", "groups_deferred")
 LABELLED = {"groups_dropped": ("stale", "equal_rewards", "max_tokens", "unreadable"),
-            "rejected": ("decode", "frame_too_large", "unknown_lease", "lease_mismatch", "future_version", "not_trainer",
-                         "version_jump", "reserved_id", "empty_prompt", "bad_loss_mask", "token_out_of_vocab",
-                         "nonfinite_logp", "implausible_logp", "peer_limit", "role")}
+            "rejected": ("decode", "frame_too_large", "unknown_lease", "lease_mismatch",
+                         "future_version", "not_trainer", "version_jump", "reserved_id",
+                         "empty_prompt", "bad_loss_mask", "token_out_of_vocab", "nonfinite_logp",
+                         "implausible_logp", "peer_limit", "role")}
 
 
 class BufferMetrics:
@@ -38,14 +39,18 @@ class BufferMetrics:
             by_state.labels(state=state).set_function(read)
         for name, (doc, read) in gauges.items():
             metrics.gauge(name, doc).set_function(read)
-        self._latency = metrics.histogram("buffer/request_seconds", "request latency by type", ("type",))
+        self._latency = metrics.histogram("buffer/request_seconds", "request latency by type",
+                                          ("type",))
         self._fsync = metrics.histogram("buffer/fsync_seconds", "WAL group commit latency (fsync)")
-        self._staleness = metrics.histogram("buffer/staleness", "staleness of consumed groups (versions)",
+        self._staleness = metrics.histogram("buffer/staleness",
+                                            "staleness of consumed groups (versions)",
                                             buckets=range(0, 17))
-        refused = metrics.counter("buffer/auth_refused", "peers refused at the CURVE handshake", ("reason",))
+        refused = metrics.counter("buffer/auth_refused", "peers refused at the CURVE handshake",
+                                  ("reason",))
         self._refused = {r: refused.labels(reason=r) for r in REFUSAL_REASONS}
         self._refused_lock = threading.Lock()
-        for reason in REFUSAL_REASONS:  # keys exist up front: the monitor thread never inserts into counts
+        # keys exist up front: the monitor thread never inserts into counts
+        for reason in REFUSAL_REASONS:
             self.counts[f"auth_refused_{reason}"] = 0
 
     def refused(self, reason: str) -> None:
@@ -75,9 +80,11 @@ class BufferMetrics:
 def service_gauges(svc) -> dict[str, tuple[str, Callable[[], float]]]:
     """The buffer service's gauges: name -> (doc, read when scraped)."""
     return {"buffer/trainer_version": ("", lambda: svc.control.version),
-            "buffer/max_staleness": ("the staleness bound eta (for alerts)", lambda: svc.cfg.max_staleness),
+            "buffer/max_staleness": ("the staleness bound eta (for alerts)",
+                                     lambda: svc.cfg.max_staleness),
             "buffer/roster_size": ("", lambda: len(svc.control.roster)),
-            "buffer/started": ("admission counter (groups holding a slot)", lambda: svc.ledger.started),
+            "buffer/started": ("admission counter (groups holding a slot)",
+                               lambda: svc.ledger.started),
             "buffer/consumed": ("groups the trainer consumed (admission counts against them)",
                                 lambda: svc.ledger.consumed),
             "buffer/stored_bytes": ("frame bytes of stored groups", lambda: svc.store.nbytes),
@@ -92,12 +99,16 @@ def service_gauges(svc) -> dict[str, tuple[str, Callable[[], float]]]:
 
 
 def service_stats(svc) -> dict:
-    """What a ``StatsRequest`` answers: every counter, the state's sizes and the leases each server holds."""
-    return {**svc.instruments.counts, "policy_version": svc.control.version, "stored": len(svc.store),
+    """What a ``StatsRequest`` answers: every counter, the state's sizes and the leases each
+    server holds."""
+    return {**svc.instruments.counts, "policy_version": svc.control.version,
+            "stored": len(svc.store),
             "in_transit": svc.handout.in_transit_groups(), "stored_bytes": svc.store.nbytes,
-            "in_flight": svc.ledger.in_flight, "started": svc.ledger.started, "consumed": svc.ledger.consumed,
+            "in_flight": svc.ledger.in_flight, "started": svc.ledger.started,
+            "consumed": svc.ledger.consumed,
             "cursor_index": svc.ledger.next_index, "cursor_epoch": svc.ledger.epoch,
             "reissue_queue": len(svc.ledger.reissue), "roster_size": len(svc.control.roster),
             "pending_batches": len(svc.handout.pending), "wal_bytes": svc.wal.disk_bytes,
             "wal_corrupt_records": svc.wal.corrupt_records, "disk_full": int(svc.disk.degraded),
-            **{f"leases_of_{sid}": n for sid, n in Counter(x.server_id for x in svc.ledger.leases.values()).items()}}
+            **{f"leases_of_{sid}": n
+               for sid, n in Counter(x.server_id for x in svc.ledger.leases.values()).items()}}

@@ -21,10 +21,11 @@ class PeerCaps:
     def __init__(self, max_servers: int = MIN_SERVERS, clock: Callable[[], float] = time.monotonic):
         self.max_servers, self.clock = max_servers, clock
         self.owner: dict[str, str] = {}  # server id -> the member that registered it last
-        self.tokens: dict[str, tuple[float, float]] = {}  # member -> (new ids it may register, when)
+        # member -> (new ids it may register, when)
+        self.tokens: dict[str, tuple[float, float]] = {}
 
-    def refusal(self, member: str, msg: P.Message | P.ProtocolError, pending: Iterable[PendingBatch],
-                roster: Container[str]) -> tuple[str, str] | None:
+    def refusal(self, member: str, msg: P.Message | P.ProtocolError,
+                pending: Iterable[PendingBatch], roster: Container[str]) -> tuple[str, str] | None:
         """``(reason, detail)`` when ``member`` may not send ``msg`` or is over a cap (None: a
         Register within the caps is recorded). ``pending``: the held BatchRequests."""
         if isinstance(msg, TRAINER_ONLY) and member not in ("trainer", LOCAL_MEMBER):

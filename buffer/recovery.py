@@ -27,7 +27,8 @@ class Unreadable:
     """A group record that no longer decodes, with what dropping it must give back."""
     group_id: str
     ref: WalRef
-    lease_id: str | None  # its lease, if still outstanding in the replayed state (else no prompt to give back)
+    # its lease, if still outstanding in the replayed state (else no prompt to give back)
+    lease_id: str | None
     prompt_index: int = -1
     epoch: int = -1
 
@@ -37,7 +38,8 @@ class Replayed:
     version: int = 0
     seen: dict[str, None] = field(default_factory=dict)  # accepted group ids, oldest first
     in_transit: list | None = None  # ``Handout.record()`` as last logged
-    filtered: dict[str, str] = field(default_factory=dict)  # stored group id -> why the filters refuse it
+    # stored group id -> why the filters refuse it
+    filtered: dict[str, str] = field(default_factory=dict)
     unreadable: dict[str, Unreadable] = field(default_factory=dict)
     records: int = 0
     groups: int = 0
@@ -46,7 +48,8 @@ class Replayed:
     lost_control: int = 0  # damaged control records that could not be restored
 
 
-def replay(wal: WriteAheadLog, ledger: CreditLedger, store: ReplayBuffer, log: logging.Logger) -> Replayed:
+def replay(wal: WriteAheadLog, ledger: CreditLedger, store: ReplayBuffer,
+           log: logging.Logger) -> Replayed:
     out = Replayed()
     # the last control record's number and segment; damage since
     last_n, last_segment, damaged = None, None, False
@@ -114,7 +117,8 @@ def _control(control: dict, ledger: CreditLedger, store: ReplayBuffer, out: Repl
         out.version, out.in_transit = changes["version"], changes.get("in_transit", out.in_transit)
 
 
-def _group(rec: Record, ledger: CreditLedger, store: ReplayBuffer, out: Replayed, log: logging.Logger) -> None:
+def _group(rec: Record, ledger: CreditLedger, store: ReplayBuffer, out: Replayed,
+           log: logging.Logger) -> None:
     try:
         group = decode(rec.frame)
     except ProtocolError as e:

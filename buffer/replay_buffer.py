@@ -65,7 +65,8 @@ class ReplayBuffer:
 
     def add(self, group: TrajectoryGroup, nbytes: int = 0, head_version: int | None = None,
             ref: object = None) -> bool:
-        """Store a group (False if one with its id is stored); with ``ref``, only its bookkeeping."""
+        """Store a group (False if one with its id is stored); with ``ref``, only its
+        bookkeeping."""
         head = group.head_version if head_version is None else head_version
         return self.put(StoredGroup(group.group_id, group.prompt_index, group.epoch, head, nbytes,
                                     None if ref is not None else group, ref))
@@ -100,7 +101,8 @@ class ReplayBuffer:
         stale_ids = [gid for v, ids in self._by_version.items() if v < oldest for gid in ids]
         return [self.pop(gid) for gid in stale_ids]
 
-    def take_stored(self, n_groups: int, trainer_version: int, max_bytes: int = 0) -> list[StoredGroup] | None:
+    def take_stored(self, n_groups: int, trainer_version: int,
+                    max_bytes: int = 0) -> list[StoredGroup] | None:
         """Exactly ``n_groups`` fresh groups in selection order, each with its bookkeeping (to
         ``put`` it back if need be), or None (nothing removed). With ``max_bytes``, also None when
         their frames add up to more (a reply must fit in one frame)."""
@@ -110,7 +112,8 @@ class ReplayBuffer:
         if self.selection == "fifo":
             order = (gid for gid, s in self._groups.items() if s.head_version >= oldest)
         else:
-            versions = sorted((v for v in self._by_version if v >= oldest), reverse=self.selection == "newest")
+            versions = sorted((v for v in self._by_version if v >= oldest),
+                              reverse=self.selection == "newest")
             order = (gid for v in versions for gid in self._by_version[v])
         chosen = list(islice(order, n_groups))
         if max_bytes and sum(self._groups[gid].nbytes for gid in chosen) > max_bytes:

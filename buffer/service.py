@@ -34,14 +34,18 @@ from buffer.replay_buffer import ReplayBuffer
 from buffer.staleness import StalenessPolicy
 from buffer.wal import DiskFull, WriteAheadLog, segment_path
 
-POLL_S = 0.02  # wait for the first request of a batch; bounds how late a held BatchRequest is answered
+# wait for the first request of a batch; bounds how late a held BatchRequest is answered
+POLL_S = 0.02
 POLL_BUSY_S = 0.001  # ...while replies wait for an fsync, where the WAL has no wake-up descriptor
-REJECT_LOG_EVERY_S = 60.0  # a kind of rejection is logged at most this often (a peer can send them at will)
+# a kind of rejection is logged at most this often (a peer can send them at will)
+REJECT_LOG_EVERY_S = 60.0
 MAX_POLL_BATCH = 512  # requests handled per loop iteration (one fsync for all of them)
 MAX_POLL_BYTES = 4 << 20  # ...or this many bytes: smaller fsyncs start sooner and overlap receiving
-SWEEP_S = 0.05  # lease expiry and roster timeouts at most this often (a scan per iteration cost % of ingest)
+# lease expiry and roster timeouts at most this often (a scan per iteration cost % of ingest)
+SWEEP_S = 0.05
 MAX_ENGINE_RETRIES = 3  # groups of one prompt refused for the engine's numbers before it is skipped
-SEEN_KEEP = 200_000  # group ids remembered for dedupe after consumption: hours of generation, ~20 MB
+# group ids remembered for dedupe after consumption: hours of generation, ~20 MB
+SEEN_KEEP = 200_000
 
 
 def io_threads(configured: int) -> int:
@@ -52,13 +56,17 @@ def io_threads(configured: int) -> int:
 class BufferService(Daemon):
     name = "buffer"
 
-    def __init__(self, b: BufferConfig, facts: BufferFacts, *, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, b: BufferConfig, facts: BufferFacts, *,
+                 clock: Callable[[], float] = time.monotonic):
         super().__init__(metrics_port=b.metrics_port)
         self.cfg, self.clock = b, clock
         self.facts = facts
-        self.rejections = RateLimitedLog(self.log, REJECT_LOG_EVERY_S)  # counted in full in buffer/rejected
-        self.policy = StalenessPolicy(b.max_staleness, b.groups_per_step, b.max_inflight, engine_lag=facts.engine_lag)
-        self.ledger = CreditLedger(self.policy, facts.dataset_size, lease_timeout_s=b.lease_timeout_s,
+        # counted in full in buffer/rejected
+        self.rejections = RateLimitedLog(self.log, REJECT_LOG_EVERY_S)
+        self.policy = StalenessPolicy(b.max_staleness, b.groups_per_step, b.max_inflight,
+                                      engine_lag=facts.engine_lag)
+        self.ledger = CreditLedger(self.policy, facts.dataset_size,
+                                   lease_timeout_s=b.lease_timeout_s,
                                    max_epochs=b.max_epochs, clock=clock)
         self.store = ReplayBuffer(self.policy, capacity=b.capacity, selection=b.selection,
                                   filter_equal_rewards=b.filter_equal_rewards,
@@ -67,21 +75,25 @@ class BufferService(Daemon):
         self.disk = DiskGuard(facts.wal_dir, b.wal_reserve_bytes, log=self.log)
         segment_bytes = min(b.segment_bytes, max(MIN_SEGMENT_BYTES, self.disk.free // 8))
         self.wal = WriteAheadLog(facts.wal_dir, fsync=b.fsync, segment_bytes=segment_bytes)
-        self.control = ControlPlane(b.pub_address, b.heartbeat_timeout_s, clock, lambda m: self.publisher.publish(m),
-                                    self.log, self._release)
-        self.instruments = BufferMetrics(self.metrics, {"in_flight": lambda: self.ledger.in_flight,
-                                                        "stored": lambda: len(self.store),
-                                                        "in_transit": lambda: self.handout.in_transit_groups()},
+        self.control = ControlPlane(b.pub_address, b.heartbeat_timeout_s, clock,
+                                    lambda m: self.publisher.publish(m), self.log, self._release)
+        self.instruments = BufferMetrics(self.metrics,
+                                         {"in_flight": lambda: self.ledger.in_flight,
+                                          "stored": lambda: len(self.store),
+                                          "in_transit": lambda: self.handout.in_transit_groups()},
                                          service_gauges(self))
-        self._consumed: list[str] = []  # group ids consumed or dropped this iteration (the hand-out extends it)
+        # group ids consumed or dropped this iteration (the hand-out extends it)
+        self._consumed: list[str] = []
         self.handout = Handout(self.store, self.wal.read_group, self._drop, self._on_consumed,
                                self._changed, self.instruments, self.log)
         self.caps = PeerCaps(facts.max_servers, clock=clock)
         self.seen: dict[str, None] = {}  # accepted group ids (ordered: oldest are forgotten first)
         # (prompt, epoch) -> groups refused for the engine's numbers; at MAX_ENGINE_RETRIES it is
-        # skipped this epoch like a bad prompt (in memory: a restart gives each prompt a fresh count)
+        # skipped this epoch like a bad prompt (in memory: a restart gives each prompt a
+        # fresh count)
         self.engine_faults: Counter[tuple[int, int]] = Counter()
-        self._waiting: deque[tuple] = deque()  # (ticket, peer, req_id, reply, type, t); peer None: publish
+        # (ticket, peer, req_id, reply, type, t); peer None: publish
+        self._waiting: deque[tuple] = deque()
         self._after_control: list[tuple] = []  # (peer, req_id, reply, type, t) waiting for this
         # iteration's control record
         self._dirty = False  # control state changed in this iteration: a control record is due
@@ -89,7 +101,8 @@ class BufferService(Daemon):
         self._handlers = {
             P.Register: self.control.register, P.Heartbeat: self.control.heartbeat,
             P.RosterRequest: self.control.roster_reply, P.WeightSyncPlan: self.control.take_plan,
-            P.SyncDone: lambda m: self._ack_with_leases(m, self.control.sync_done(m).ref, "ok"),  # the sync first
+            # the sync first
+            P.SyncDone: lambda m: self._ack_with_leases(m, self.control.sync_done(m).ref, "ok"),
             P.SyncStatusRequest: self.control.sync_status,
             P.CreditRequest: self._on_credits,
             P.StatsRequest: lambda m: P.Stats(values=self.stats()),
@@ -101,7 +114,8 @@ class BufferService(Daemon):
     @classmethod
     def from_run(cls, cfg: RunConfig, *, keys: security.Keys | None = None,
                  clock: Callable[[], float] = time.monotonic) -> BufferService:
-        """The buffer of the job ``cfg`` describes, serving CURVE with ``keys`` (None: plain sockets)."""
+        """The buffer of the job ``cfg`` describes, serving CURVE with ``keys`` (None: plain
+        sockets)."""
         return cls(cfg.buffer, BufferFacts.from_run(cfg, keys), clock=clock)
 
     # ------------------------------------------------------------------ lifecycle and the loop
@@ -123,9 +137,11 @@ class BufferService(Daemon):
             self.log.info("%s; %d prompts per epoch", f.prompt_layout, self.ledger.dataset_size)
 
     def run_once(self) -> None:
-        busy = self._waiting and self.wal.wakeup_fd is None  # else the fsync thread ends the wait itself
+        # else the fsync thread ends the wait itself
+        busy = self._waiting and self.wal.wakeup_fd is None
         self._receive(POLL_BUSY_S if busy else POLL_S)  # handle a batch of requests
-        if sweep := (now := time.monotonic()) >= self._next_sweep:  # real time: self.clock may be a test's
+        # real time: self.clock may be a test's
+        if sweep := (now := time.monotonic()) >= self._next_sweep:
             self._next_sweep = now + SWEEP_S
         self.settle(sweep=sweep)
 
@@ -157,7 +173,8 @@ class BufferService(Daemon):
     def health(self) -> tuple[bool, dict]:
         return self.failure is None, {"name": self.name, "policy_version": self.control.version,
                                       "stored": len(self.store), "in_flight": self.ledger.in_flight,
-                                      **({"degraded": self.disk.reason()} if self.disk.degraded else {})}
+                                      **({"degraded": self.disk.reason()} if self.disk.degraded
+                                         else {})}
 
     def recover(self) -> None:
         """Take the state the WAL holds, then drop what cannot be served (WAL.md, Recovery)."""
@@ -171,11 +188,14 @@ class BufferService(Daemon):
             self.log.error("wal %s: group %s at offset %d is damaged or no longer decodes: "
                            "dropped as unreadable%s",
                            segment_path(self.wal.dir, u.ref.segment).name, u.group_id, u.ref.offset,
-                           "" if u.lease_id else "; its lease is unknown, so its prompt is not re-issued")
+                           "" if u.lease_id
+                           else "; its lease is unknown, so its prompt is not re-issued")
             if u.lease_id is not None:
-                self.ledger.fulfil(u.lease_id)  # still open if the process died before its control record
+                # still open if the process died before its control record
+                self.ledger.fulfil(u.lease_id)
             self._drop([u], "unreadable", slots=u.lease_id is not None)
-        for gid, why in got.filtered.items():  # filtered, but died before its drop was logged (or config changed)
+        # filtered, but died before its drop was logged (or config changed)
+        for gid, why in got.filtered.items():
             if (stored := self.store.pop(gid)) is not None:
                 self._drop([stored], why)
         self.settle(sweep=False)
@@ -213,22 +233,26 @@ class BufferService(Daemon):
         elif isinstance(msg, P.BatchRequest):
             self.handout.hold(peer, req_id, msg, received, member)  # answered by settle()
             return
-        elif isinstance(msg, P.ProtocolError):  # frame_too_large: refused from its length, never decoded
+        elif isinstance(msg, P.ProtocolError):
+            # frame_too_large: refused from its length, never decoded
             label = "frame_too_large" if len(frame) > self.facts.frame_limit else "decode"
             self.instruments.count("rejected", reason=label)
-            self.rejections.warning(label, "rejected %s frame from %r: %s", "an oversized" if label != "decode"
-                                    else "an undecodable", peer[:64], msg)
+            self.rejections.warning(label, "rejected %s frame from %r: %s",
+                                    "an oversized" if label != "decode" else "an undecodable",
+                                    peer[:64], msg)
             reply, kind = P.Ack(ref="", status="rejected", reason=f"{label}: {msg}"), "invalid"
         elif isinstance(msg, P.TrajectoryGroup):
             reply, kind = self._on_group(msg, frame), msg.TYPE
         elif isinstance(msg, P.VersionUpdate):
             reply, kind = self._on_version(msg, peer), msg.TYPE
         elif isinstance(msg, P.Register) and takes_trainer_prefix(msg.server_id):
-            reply, kind = self._refuse("reserved_id", f"server id {msg.server_id!r} takes the trainer's prefix"), msg.TYPE
+            reply, kind = self._refuse("reserved_id", f"server id {msg.server_id!r} takes the "
+                                       "trainer's prefix"), msg.TYPE
         elif type(msg) in self._handlers:
             reply, kind = self._handlers[type(msg)](msg), msg.TYPE
         else:  # a valid message the buffer does not serve (e.g. a reply type sent by mistake)
-            reply, kind = self._refuse("unexpected_type", f"{msg.TYPE} is not a request", ref=""), "invalid"
+            reply, kind = self._refuse("unexpected_type", f"{msg.TYPE} is not a request",
+                                       ref=""), "invalid"
         self._queue_reply(peer, req_id, reply, kind, received)
 
     def _retry(self, label: str, lease: Lease) -> bool:
@@ -254,11 +278,12 @@ class BufferService(Daemon):
                   or group_checks.content_problem(g, self.facts.vocab_size))
         if reason is not None:
             self.instruments.count("rejected", reason=(label := reason.split(":")[0]))
-            self.rejections.warning(f"group:{label}", "rejected group %s from %s: %s", g.group_id, g.server_id, reason)
+            self.rejections.warning(f"group:{label}", "rejected group %s from %s: %s", g.group_id,
+                                    g.server_id, reason)
             if lease is not None and not reason.startswith("lease"):
-                # the sender drops a rejected group: generate it again, unless its content is what is
-                # wrong (the same prompt would come back the same way) or the engine's numbers were
-                # wrong MAX_ENGINE_RETRIES times for it: then it is skipped this epoch
+                # the sender drops a rejected group: generate it again, unless its content is what
+                # is wrong (the same prompt would come back the same way) or the engine's numbers
+                # were wrong MAX_ENGINE_RETRIES times for it: then it is skipped this epoch
                 self.ledger.cancel(lease.lease_id, reissue=self._retry(label, lease))
                 self._dirty = True
             return P.Ack(ref=g.group_id, status="rejected", reason=reason)
@@ -267,7 +292,8 @@ class BufferService(Daemon):
         except DiskFull:  # fsync=batch|never: written inline, and the estimate had room for it
             self.disk.full()
             ref = None
-        if ref is None:  # disk full: not stored, not acknowledged; the sender keeps it and sends it again
+        # disk full: not stored, not acknowledged; the sender keeps it and sends it again
+        if ref is None:
             self.instruments.count("groups_deferred")
             return P.Ack(ref=g.group_id, status="unavailable", reason=self.disk.reason())
         self.disk.wrote(ref.length)
@@ -279,15 +305,18 @@ class BufferService(Daemon):
         self._remember(g.group_id)
         self.instruments.count("groups_accepted")
         head = versions[2]
-        why = "stale" if not self.policy.is_fresh(head, self.control.version) else self.store.filter_reason(g)
+        why = ("stale" if not self.policy.is_fresh(head, self.control.version)
+               else self.store.filter_reason(g))
         if why is not None:  # acked (the sender is done with it), never stored
             self._drop([g], why)
         else:
-            self.store.add(g, len(frame), head, ref=ref)  # the frame's memory is freed: the WAL holds it
+            # the frame's memory is freed: the WAL holds it
+            self.store.add(g, len(frame), head, ref=ref)
         return self._ack_with_leases(g, g.group_id, "accepted")
 
     def _ack_with_leases(self, m: P.TrajectoryGroup | P.SyncDone, ref: str, status: str) -> P.Ack:
-        return P.Ack(ref=ref, status=status, credits=self._grant(m.server_id, m.want_credits)[0] if m.want_credits else [])
+        return P.Ack(ref=ref, status=status,
+                     credits=self._grant(m.server_id, m.want_credits)[0] if m.want_credits else [])
 
     def _on_credits(self, m: P.CreditRequest) -> P.Credits:
         credits, reason = self._grant(m.server_id, m.max_credits)
@@ -305,11 +334,13 @@ class BufferService(Daemon):
         elif self.store.free_slots(self.ledger.in_flight) < n:
             reason, n = "capacity", self.store.free_slots(self.ledger.in_flight)
         queued = len(self.ledger.reissue)
-        # an engine that missed a sync generates groups older than admission assumes: a smaller window.
-        # Its lag counts from the trainer's newest version: with an overlapped sync the trainer asks for
-        # the batch of v + 1 (and so opens the window) before it announces v + 1; never more than one ahead.
+        # an engine that missed a sync generates groups older than admission assumes: a smaller
+        # window. Its lag counts from the trainer's newest version: with an overlapped sync the
+        # trainer asks for the batch of v + 1 (and so opens the window) before it announces v + 1;
+        # never more than one ahead.
         newest = version + 1 if self.handout.trainer_version() > version else version
-        lag = self.policy.engine_lag_of(member.entry.policy_version, newest) if member is not None else 0
+        lag = (self.policy.engine_lag_of(member.entry.policy_version, newest)
+               if member is not None else 0)
         leases = self.ledger.grant(server_id, n, lag)
         if len(leases) < n:
             reason = self.ledger.shortfall_reason(lag)
@@ -321,19 +352,22 @@ class BufferService(Daemon):
                          deadline_s=self.cfg.lease_timeout_s) for x in leases], reason
 
     def _refuse(self, reason: str, detail: str, ref: str | None = None) -> P.Ack:
-        """Count and log (rate-limited) a refusal; its Ack's ``ref`` is the buffer's version by default."""
+        """Count and log (rate-limited) a refusal; its Ack's ``ref`` is the buffer's version by
+        default."""
         self.instruments.count("rejected", reason=reason)
         self.rejections.warning(reason, "refused: %s: %s", reason, detail)
         return P.Ack(ref=str(self.control.version) if ref is None else ref, status="rejected",
                      reason=f"{reason}: {detail}")
 
     def _on_version(self, m: P.VersionUpdate, peer: bytes) -> P.Ack:
-        """Versions come only from the trainer, one at a time (buffer/STALENESS.md, Versions). A refusal's
-        ``ref`` is the buffer's version: the trainer walks up from it."""
+        """Versions come only from the trainer, one at a time (buffer/STALENESS.md, Versions). A
+        refusal's ``ref`` is the buffer's version: the trainer walks up from it."""
         if not is_trainer_peer(peer):
-            return self._refuse("not_trainer", f"VersionUpdate({m.policy_version}) from {peer[:64]!r}")
+            return self._refuse("not_trainer",
+                                f"VersionUpdate({m.policy_version}) from {peer[:64]!r}")
         if m.policy_version > self.control.version + 1:
-            return self._refuse("version_jump", f"VersionUpdate({m.policy_version}) at version {self.control.version}")
+            return self._refuse("version_jump", f"VersionUpdate({m.policy_version}) at version "
+                                f"{self.control.version}")
         self.control.settle_plan(m.policy_version)  # the trainer is done with that version's plan
         if m.policy_version > self.control.version:
             self.control.version = m.policy_version
@@ -343,10 +377,11 @@ class BufferService(Daemon):
             self._after_control.append((None, b"", m, "", self.clock()))
         return P.Ack(ref=str(m.policy_version), status="ok")
 
-    # ------------------------------------------------------------------ what ties the parts together
+    # ----------------------------------------------------------------- what ties the parts together
     def _drop(self, groups: list, reason: str, *, slots: bool = True) -> None:
         """Groups never to be trained on: marked consumed in the WAL, counted, slots returned."""
-        reissue = reason == "unreadable" or (reason == "stale" and self.cfg.stale_policy == "reissue")
+        reissue = (reason == "unreadable"
+                   or (reason == "stale" and self.cfg.stale_policy == "reissue"))
         for g in groups:
             self._consumed.append(g.group_id)
             if slots:
@@ -385,7 +420,8 @@ class BufferService(Daemon):
         if len(self.seen) > 2 * SEEN_KEEP:
             self.seen = dict.fromkeys(list(self.seen)[-SEEN_KEEP:])
 
-    def _queue_reply(self, peer: bytes, req_id: bytes, reply: P.Message, kind: str, received: float) -> None:
+    def _queue_reply(self, peer: bytes, req_id: bytes, reply: P.Message, kind: str,
+                     received: float) -> None:
         """Send once what the reply depends on is durable (WAL.md, Replies wait for the disk)."""
         if isinstance(reply, P.Ack) and reply.status == "unavailable":
             self.server.send(peer, req_id, reply)
@@ -401,7 +437,8 @@ class BufferService(Daemon):
     def _log_control(self) -> None:
         """One control record with what changed in this iteration, then queue what waits for it."""
         if self._dirty:
-            record = {"changes": self._control(self.ledger.take_changes()), "consumed": self._consumed}
+            record = {"changes": self._control(self.ledger.take_changes()),
+                      "consumed": self._consumed}
             written = self.wal.append_control(record)
             self.disk.wrote(written)
             self.instruments.count("wal_bytes_written", written)
@@ -436,7 +473,8 @@ class BufferService(Daemon):
 
     def checkpoint(self) -> dict:
         """First record of every WAL segment: supersedes every older control record."""
-        return {"state": self._control(self.ledger.snapshot()), "seen": list(self.seen)[-SEEN_KEEP:]}
+        return {"state": self._control(self.ledger.snapshot()),
+                "seen": list(self.seen)[-SEEN_KEEP:]}
 
     def stats(self) -> dict:
         return service_stats(self)

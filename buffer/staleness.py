@@ -17,7 +17,8 @@ class StalenessPolicy:
     max_staleness: int  # eta
     groups_per_step: int  # B
     max_inflight: int  # cap on groups being generated at once
-    engine_lag: int = 0  # lambda: versions the engines may lag behind the trainer by design (<= eta)
+    # lambda: versions the engines may lag behind the trainer by design (<= eta)
+    engine_lag: int = 0
 
     def __post_init__(self) -> None:
         if self.max_staleness < 0 or self.groups_per_step < 1 or self.max_inflight < 1:
@@ -55,4 +56,5 @@ class StalenessPolicy:
         for h in head_versions:
             if not self.is_fresh(h, trainer_version):
                 raise StaleBatchError(f"group with head version {h} at trainer version "
-                                      f"{trainer_version} exceeds max_staleness={self.max_staleness}")
+                                      f"{trainer_version} exceeds "
+                                      f"max_staleness={self.max_staleness}")

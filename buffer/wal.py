@@ -39,26 +39,31 @@ from buffer.wal_format import (  # noqa: F401 (re-exported: the WAL's public nam
 
 BATCH_FSYNC_S = 0.05  # fsync=batch: a power loss takes at most the last 50 ms of acks
 DISK_RETRY_S = 0.5  # a full disk: how often wait_durable or the fsync thread tries queued records
-_ENCODER = msgspec.msgpack.Encoder()  # the bytes msgpack.packb(use_bin_type=True) writes, ~4x faster
+# the bytes msgpack.packb(use_bin_type=True) writes, ~4x faster
+_ENCODER = msgspec.msgpack.Encoder()
 
 log = logging.getLogger("buffer.wal")
 
 
 class WriteAheadLog:
-    def __init__(self, directory: str | Path, *, fsync: str = "always", segment_bytes: int = 256 << 20):
+    def __init__(self, directory: str | Path, *, fsync: str = "always",
+                 segment_bytes: int = 256 << 20):
         if fsync not in ("always", "batch", "never"):
             raise ValueError(f"fsync={fsync!r}")
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._unlock = weakref.finalize(self, unlock_directory, lock_directory(self.dir))  # also unclosed
+        self._unlock = weakref.finalize(self, unlock_directory,
+                                        lock_directory(self.dir))  # also unclosed
         self.fsync_policy, self.segment_bytes = fsync, segment_bytes
         self._fd: int | None = None
         self.segment = self.segment_size = 0  # current segment number, bytes appended to it
         self._checkpoint_size = 0  # bytes of the checkpoint that opens the current segment
         self._live: dict[str, int] = {}  # unconsumed group id -> the segment that holds it
         self._readers: dict[int, int] = {}  # segment -> read-only fd for read_group
-        self._dirty, self._last_fsync = False, 0.0  # written since the last sync ticket; time of the last fsync
-        self._cv = threading.Condition()  # group commit (fsync=always): tickets <= _synced are durable
+        # written since the last sync ticket; time of the last fsync
+        self._dirty, self._last_fsync = False, 0.0
+        # group commit (fsync=always): tickets <= _synced are durable
+        self._cv = threading.Condition()
         self._requested = self._synced = 0
         self._sync_error: BaseException | None = None
         self._fsync_times: list[float] = []
@@ -68,8 +73,10 @@ class WriteAheadLog:
         self._written = 0  # bytes of the current segment written to the file
         self.wakeup_fd: int | None = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
                                       if fsync == "always" and hasattr(os, "eventfd") else None)
-        self.corrupt_records = self.disk_bytes = 0  # disk_bytes: all segment files, kept without stat calls
-        self.disk_full = False  # records are waiting for disk space (the fsync thread's, or inline control records)
+        # disk_bytes: all segment files, kept without stat calls
+        self.corrupt_records = self.disk_bytes = 0
+        # records are waiting for disk space (the fsync thread's, or inline control records)
+        self.disk_full = False
         self.disk_error = ""  # the last write that found no room: the segment and the errno
         self._control_n, self._last_control = 0, b""  # the last control record's number, bytes
         self._replayed: dict | None = None  # the last control record replay read (not a checkpoint)
@@ -132,7 +139,8 @@ class WriteAheadLog:
             (n,) = GID_LEN.unpack_from(data, start + 1)
             gid = data[start + 3:start + 3 + n].decode()
             self._live[gid] = segment
-            return Record("G", segment, group_id=gid, frame=data[start + 3 + n:end], ref=WalRef(segment, pos, end - pos))
+            return Record("G", segment, group_id=gid, frame=data[start + 3 + n:end],
+                          ref=WalRef(segment, pos, end - pos))
         control = msgspec.msgpack.decode(data[start + 1:end])
         for gid in control.get("consumed", ()):
             self._live.pop(gid, None)
@@ -143,8 +151,8 @@ class WriteAheadLog:
     def open(self, checkpoint: dict) -> None:
         """Start a fresh segment beginning with ``checkpoint``, then compact."""
         self.segment += 1
-        self._fd = os.open(segment_path(self.dir, self.segment), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND,
-                           0o644)
+        self._fd = os.open(segment_path(self.dir, self.segment),
+                           os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
         self.segment_size = self._written = 0
         self.append_control({**checkpoint, "checkpoint": True})
         self._checkpoint_size = self.segment_size
@@ -161,7 +169,9 @@ class WriteAheadLog:
         if self._syncer is not None:  # fsync=always: the fsync thread checksums and writes it
             with self._cv:
                 self._queue.append(parts)
-        else:  # keeps the GIL for the checksum: 30 us on a 400 KB group, a GIL round trip can cost more
+        else:
+            # keeps the GIL for the checksum: 30 us on a 400 KB group, a GIL round trip can
+            # cost more
             self._write_inline(parts)
         self.segment_size += n
         self.disk_bytes += n
@@ -179,7 +189,8 @@ class WriteAheadLog:
             except DiskFull as e:
                 if parts[0] != b"C":
                     raise
-                log.warning("wal: disk full; %s (control records wait and are written when space returns)", e)
+                log.warning("wal: disk full; %s (control records wait and are written when space "
+                            "returns)", e)
                 self._full(e)
             except OSError as e:  # fatal (EFBIG, EIO): durable() raises from now on
                 raise self._fail(e) from None
@@ -215,7 +226,8 @@ class WriteAheadLog:
             self.wait_durable()
         fd = self._readers.get(ref.segment)
         if fd is None:
-            fd = self._readers[ref.segment] = os.open(segment_path(self.dir, ref.segment), os.O_RDONLY)
+            fd = self._readers[ref.segment] = os.open(segment_path(self.dir, ref.segment),
+                                                      os.O_RDONLY)
         data = os.pread(fd, ref.length, ref.offset)
         end, problem = record_problem(data, 0)
         if problem or end != len(data) or end < HEADER.size + 3 or data[HEADER.size] != ord("G"):
@@ -306,12 +318,14 @@ class WriteAheadLog:
             try:
                 self._write_queued(fd)  # every record of ticket `target` (and maybe more)
                 sync_data(fd)  # covers every write made before this call, so all of ticket `target`
-            except DiskFull as e:  # kept in the queue: written once there is space; nothing acked meanwhile
+            except DiskFull as e:
+                # kept in the queue: written once there is space; nothing acked meanwhile
                 if self._closing:
                     self._fail(e)
                     return
                 if not self.disk_full:
-                    log.warning("wal: disk full; %s (the records wait and are written when space returns)", e)
+                    log.warning("wal: disk full; %s (the records wait and are written when space "
+                                "returns)", e)
                 self._full(e)
                 time.sleep(DISK_RETRY_S)
                 continue
@@ -331,7 +345,8 @@ class WriteAheadLog:
     def _write_queued(self, fd: int) -> None:
         with self._cv:
             queue, self._queue = self._queue, []
-        for i, parts in enumerate(queue):  # crc32c and os.writev release the GIL while they read the parts
+        # crc32c and os.writev release the GIL while they read the parts
+        for i, parts in enumerate(queue):
             try:
                 record = [record_header(parts, -1), *parts]
                 self._written += write_record(fd, record, self._written)
@@ -355,7 +370,8 @@ class WriteAheadLog:
         self.disk_full = False
         now = time.monotonic()
         if not force and (self.fsync_policy == "never" or
-                          (self.fsync_policy == "batch" and now - self._last_fsync < BATCH_FSYNC_S)):
+                          (self.fsync_policy == "batch"
+                           and now - self._last_fsync < BATCH_FSYNC_S)):
             return None
         try:
             sync_data(self._fd)
@@ -372,7 +388,8 @@ class WriteAheadLog:
         return self.segment_size - self._checkpoint_size
 
     def maybe_rotate(self, checkpoint: Callable[[], dict], *, force: bool = False) -> bool:
-        """Open a new segment when the records after its checkpoint fill ``segment_bytes``, or now."""
+        """Open a new segment when the records after its checkpoint fill ``segment_bytes``, or
+        now."""
         if self.records_size < self.segment_bytes and not force:
             return False
         if self._queue and self._syncer is None:  # records waiting for space belong to this segment

@@ -18,7 +18,8 @@ from areal_like.daemon import ComponentStopped, LockHeld, pid_lock
 
 HEADER = struct.Struct("<II")
 GID_LEN = struct.Struct("<H")
-MAX_RECORD_BYTES = 1 << 30  # a length above this is corruption, not a record (frames are <= 256 MiB)
+# a length above this is corruption, not a record (frames are <= 256 MiB)
+MAX_RECORD_BYTES = 1 << 30
 
 
 class WalFailed(ComponentStopped, OSError):
@@ -58,7 +59,8 @@ def lock_directory(directory: Path) -> int | None:
     except LockHeld as held:
         holder = "unknown" if held.holder == "?" else held.holder
         raise WalInUse(f"WAL directory {directory} is in use by another buffer (pid {holder}): "
-                       "one buffer per wal_dir; stop that one or give this one its own run_dir") from None
+                       "one buffer per wal_dir; "
+                       "stop that one or give this one its own run_dir") from None
     except OSError as e:
         if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
             raise
