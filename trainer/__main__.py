@@ -7,7 +7,8 @@ Without ``--config-file`` the Hydra tree in ``configs/`` is composed with the ov
 import os
 import sys
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported: intra-op threads only oversubscribe
+# before torch is imported: intra-op threads only oversubscribe
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from areal_like.daemon import exit_process, setup_logging  # noqa: E402
 from areal_like.settings.config import ConfigError, load_daemon_config  # noqa: E402
@@ -34,6 +35,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    # The trainer is stopped and its records written: the launcher (torchrun's agent, or `run` itself
+    # The trainer is stopped and its records written: the launcher (torchrun's agent, or `run`
     # for one rank) sees the exit at once instead of after the interpreter's teardown.
     exit_process(main(sys.argv[1:]))

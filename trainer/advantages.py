@@ -31,10 +31,12 @@ def group_index(group_ids: Tensor | Sequence) -> Tensor:
 
 
 def _group_sums(values: Tensor, idx: Tensor) -> Tensor:
-    return torch.zeros(int(idx.max()) + 1, dtype=values.dtype, device=values.device).index_add_(0, idx, values)
+    return torch.zeros(int(idx.max()) + 1, dtype=values.dtype,
+                       device=values.device).index_add_(0, idx, values)
 
 
-def group_stats(rewards: Tensor, group_ids: Tensor | Sequence, *, unbiased: bool) -> tuple[Tensor, Tensor, Tensor]:
+def group_stats(rewards: Tensor, group_ids: Tensor | Sequence, *,
+                unbiased: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Per-response group mean, std and size [N]. Groups of size 1 get mean 0 and std 1 (verl)."""
     r = rewards.detach().double()
     idx = group_index(group_ids).to(r.device)
@@ -49,8 +51,8 @@ def group_stats(rewards: Tensor, group_ids: Tensor | Sequence, *, unbiased: bool
 
 
 def whiten(values: Tensor, mask: Tensor, *, eps: float = WHITEN_EPS) -> Tensor:
-    """Token-weighted global whitening (verl ``masked_whiten``): (x - mean) / sqrt(var + eps) over the
-    valid tokens, Bessel-corrected variance; padding stays 0."""
+    """Token-weighted global whitening (verl ``masked_whiten``): (x - mean) / sqrt(var + eps)
+    over the valid tokens, Bessel-corrected variance; padding stays 0."""
     m = mask.double()
     x = values.double()
     n = m.sum()
@@ -59,13 +61,14 @@ def whiten(values: Tensor, mask: Tensor, *, eps: float = WHITEN_EPS) -> Tensor:
     return (x - mean) * torch.rsqrt(var + eps) * m
 
 
-def compute_advantages(estimator: str, rewards: Tensor, group_ids: Tensor | Sequence, mask: Tensor) -> Tensor:
+def compute_advantages(estimator: str, rewards: Tensor, group_ids: Tensor | Sequence,
+                       mask: Tensor) -> Tensor:
     """Outcome-reward advantages [N, T] (fp32) for one of ``ESTIMATORS``.
 
-    grpo: (R - mean_g) / (std_g + 1e-6), unbiased std; drgrpo: R - mean_g; rloo: G/(G-1) (R - mean_g)
-    (= R - mean of the others; G = 1 gives R); reinforce_pp_baseline: R - mean_g broadcast to
-    tokens, then whitened over all valid tokens of the minibatch; reinforce_pp: R (gamma = 1 return)
-    broadcast, then the same whitening.
+    grpo: (R - mean_g) / (std_g + 1e-6), unbiased std; drgrpo: R - mean_g;
+    rloo: G/(G-1) (R - mean_g) (= R - mean of the others; G = 1 gives R); reinforce_pp_baseline:
+    R - mean_g broadcast to tokens, then whitened over all valid tokens of the minibatch;
+    reinforce_pp: R (gamma = 1 return) broadcast, then the same whitening.
     """
     m = mask.detach().double()
     r = rewards.detach().double().to(m.device)
@@ -110,7 +113,8 @@ def vcpo_advantages(
         raise ValueError(f"unknown vcpo baseline weight {weight_mode!r}; choose readme or code")
     idx = group_index(group_ids).to(r.device)
     # scale-free: else weights of e^-10 each would be swamped by the eps
-    c_max = torch.zeros(int(idx.max()) + 1, dtype=c.dtype, device=c.device).scatter_reduce(0, idx, c, "amax")
+    c_max = torch.zeros(int(idx.max()) + 1, dtype=c.dtype,
+                        device=c.device).scatter_reduce(0, idx, c, "amax")
     c = c / c_max.clamp(min=torch.finfo(c.dtype).tiny)[idx]
     b = _group_sums(c * r, idx) / (_group_sums(c, idx) + VCPO_EPS)
     adv = r - b[idx]
@@ -133,24 +137,27 @@ def vcpo_ess_lr_scale(is_weights: Tensor, *, base: float = 1.0) -> tuple[Tensor,
     return torch.sqrt(torch.clamp(ratio / base, max=1.0)), ess, ratio
 
 
-# ---------------------------------------------------------------- OAPL (LOSSES.md section 9, reconstruction)
+# ------------------------------------------------------- OAPL (LOSSES.md section 9, reconstruction)
 def oapl_targets(rewards: Tensor, group_ids: Tensor | Sequence, *, beta_v: float = 1.0) -> Tensor:
-    """Regression targets A*_i = R_i - V_hat(x_g) [N], V_hat = beta_v (logsumexp_j(R_j/beta_v) - log G).
+    """Regression targets A*_i = R_i - V_hat(x_g) [N],
+    V_hat = beta_v (logsumexp_j(R_j/beta_v) - log G).
 
-    RECONSTRUCTION (LOSSES.md section 9, UNCERTAIN): the soft value of the lagged inference policy's samples.
+    RECONSTRUCTION (LOSSES.md section 9, UNCERTAIN): the soft value of the lagged inference
+    policy's samples.
     """
     r = rewards.detach().double()
     idx = group_index(group_ids).to(r.device)
     n_groups = int(idx.max()) + 1
     z = r / beta_v
-    zmax = torch.full((n_groups,), -torch.inf, dtype=r.dtype, device=r.device).scatter_reduce(0, idx, z, "amax")
+    zmax = torch.full((n_groups,), -torch.inf, dtype=r.dtype,
+                      device=r.device).scatter_reduce(0, idx, z, "amax")
     sums = _group_sums(torch.exp(z - zmax[idx]), idx)
     counts = _group_sums(torch.ones_like(r), idx)
     v = beta_v * (zmax + torch.log(sums) - torch.log(counts))
     return (r - v[idx]).float()
 
 
-# ---------------------------------------------------------------- a kernel's advantages for one minibatch
+# ---------------------------------------------------------- a kernel's advantages for one minibatch
 @dataclass(frozen=True)
 class AdvantageInputs:
     """One minibatch (whole groups) as a kernel's ``advantages`` rule sees it."""
@@ -164,7 +171,8 @@ class AdvantageInputs:
 
 
 class Advantages(NamedTuple):
-    """Advantages [N, T] of a minibatch, the factor on this optimizer step's LR, and stats to log."""
+    """Advantages [N, T] of a minibatch, the factor on this optimizer step's LR,
+    and stats to log."""
 
     values: Tensor
     lr_scale: float = 1.0
@@ -172,23 +180,29 @@ class Advantages(NamedTuple):
 
 
 def estimator_advantages(a: AdvantageInputs, _params: object = None) -> Advantages:
-    """``trainer.estimator``'s advantages (section 1): the rule of every kernel but vcpo and oapl."""
+    """``trainer.estimator``'s advantages (section 1):
+    the rule of every kernel but vcpo and oapl."""
     return Advantages(compute_advantages(a.estimator, a.rewards, a.group_ids, a.mask))
 
 
 def oapl_advantages(a: AdvantageInputs, params: OAPLConfig) -> Advantages:
-    """OAPL's regression targets R - V_hat on every token (section 9), V_hat at temperature ``beta1``."""
+    """OAPL's regression targets R - V_hat on every token (section 9),
+    V_hat at temperature ``beta1``."""
     m = a.mask.detach().float()
-    return Advantages(oapl_targets(a.rewards, a.group_ids, beta_v=params.beta1).to(m.device)[:, None] * m)
+    return Advantages(
+        oapl_targets(a.rewards, a.group_ids, beta_v=params.beta1).to(m.device)[:, None] * m)
 
 
 def vcpo_step_advantages(a: AdvantageInputs, params: VCPOConfig) -> Advantages:
     """VCPO's OPOB advantages on every token and its ESS learning-rate scale (section 8)."""
     if a.score_terms is None:
-        raise ValueError("vcpo advantages need the per-trajectory score terms (see trainer/LOSSES.md section 8)")
+        raise ValueError("vcpo advantages need the per-trajectory score terms "
+                         "(see trainer/LOSSES.md section 8)")
     w, g2 = a.score_terms()
-    adv = vcpo_advantages(a.rewards, w, g2, a.group_ids, weight_mode=params.baseline_weight, is_cap=params.cap)
+    adv = vcpo_advantages(a.rewards, w, g2, a.group_ids, weight_mode=params.baseline_weight,
+                          is_cap=params.cap)
     scale, ess, _ = vcpo_ess_lr_scale(w, base=params.ess_base)
     m = a.mask.detach().float()
-    stats = {"vcpo_lr_scale": float(scale), "vcpo_ess": float(ess), "vcpo_grad_sq_norm_mean": float(g2.mean())}
+    stats = {"vcpo_lr_scale": float(scale), "vcpo_ess": float(ess),
+             "vcpo_grad_sq_norm_mean": float(g2.mean())}
     return Advantages(adv.to(m.device)[:, None] * m, float(scale), stats)

@@ -54,7 +54,8 @@ def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "meta.pt").is_file()]
+    done = [p for p in root.iterdir()
+            if p.is_dir() and p.name.startswith(PREFIX) and (p / "meta.pt").is_file()]
     return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
 
 
@@ -68,7 +69,8 @@ def _flat_checksum(named: dict, rank_local: bool) -> float:
     for i, (name, t) in enumerate(sorted(named.items())):
         if not isinstance(t, torch.Tensor) or t.dim() == 0 and name.endswith("step"):
             continue  # optimizer step counters are replicated, not sharded: not summable over ranks
-        total += (local(t) if rank_local else t).detach().double().sum().cpu() * (1 + (i % 7) * 1e-3)
+        total += ((local(t) if rank_local else t).detach().double().sum().cpu()
+                  * (1 + (i % 7) * 1e-3))
     return float(total)
 
 
@@ -84,7 +86,8 @@ def _flatten(prefix: str, obj, out: dict) -> dict:
 def state_checksums(policy: Policy) -> dict[str, float]:
     """Checksums of the model and optimizer state over all ranks (a collective)."""
     model_sd, optim_sd = get_state_dict(policy.model, policy.optimizer)
-    vals = torch.tensor([_flat_checksum(model_sd, True), _flat_checksum(_flatten("", optim_sd["state"], {}), True)],
+    vals = torch.tensor([_flat_checksum(model_sd, True),
+                         _flat_checksum(_flatten("", optim_sd["state"], {}), True)],
                         dtype=torch.float64)
     if several():
         dist.all_reduce(vals)
@@ -92,7 +95,8 @@ def state_checksums(policy: Policy) -> dict[str, float]:
 
 
 def _open_tmp(root: Path, version: int) -> tuple[Path, Path]:
-    """(temporary, final) directories of a save; the temporary one made empty (rank 0), then a barrier."""
+    """(temporary, final) directories of a save;
+    the temporary one made empty (rank 0), then a barrier."""
     final = root / f"{PREFIX}{version:08d}"
     tmp = root / f"{TMP_PREFIX}{final.name}"
     if rank_world()[0] == 0:
@@ -104,8 +108,10 @@ def _open_tmp(root: Path, version: int) -> tuple[Path, Path]:
 
 
 def _write_rest(tmp: Path, policy: Policy, version: int, extra: dict | None) -> None:
-    """RNG states (every rank) and meta.pt with the checksums (rank 0; the checksums are a collective)."""
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """RNG states (every rank) and meta.pt with the checksums
+    (rank 0; the checksums are a collective)."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "numpy": np.random.get_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, tmp / f"rng_rank{rank_world()[0]}.pt")
@@ -121,7 +127,8 @@ def _commit(root: Path, tmp: Path, final: Path, version: int, keep: int) -> None
     newest."""
     barrier()
     if rank_world()[0] == 0:
-        if final.exists():  # a re-save of the same version (e.g. shutdown right after a periodic save)
+        # a re-save of the same version (e.g. shutdown right after a periodic save)
+        if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
@@ -155,11 +162,13 @@ def _begin(root: Path, policy: Policy, version: int, extra: dict | None, save, *
 
 
 class AsyncSaver:
-    """Checkpoints written in the background (all ranks call ``save`` and ``finish``: collectives)."""
+    """Checkpoints written in the background
+    (all ranks call ``save`` and ``finish``: collectives)."""
 
     def __init__(self, root: Path, keep: int = KEEP):
         self.root, self.keep = root, keep
-        # DCP's background write runs collectives; a group of its own keeps them apart from training's
+        # DCP's background write runs collectives;
+        # a group of its own keeps them apart from training's
         self._pg = dist.new_group(backend="gloo") if several() else None
         self._pending: tuple | None = None  # (future, tmp, final, version)
 
@@ -320,7 +329,8 @@ def load_checkpoint(path: Path, policy: Policy) -> tuple[int, dict]:
         error = e
     _agree(error, path)
     dcp_load(state, path)
-    set_state_dict(policy.model, policy.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(policy.model, policy.optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])
     policy.scheduler.load_state_dict(meta["scheduler"])
     if rng is not None:  # absent when resuming with more ranks than were saved: fresh RNG for those
         torch.set_rng_state(rng["torch"])

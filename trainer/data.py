@@ -31,7 +31,8 @@ from trainer.ranks import from_rank0
 
 log = logging.getLogger("trainer.data")
 
-REPLY_MARGIN_S = 5.0  # on top of wait_s: the buffer answers within wait_s; the margin covers a loaded machine
+# on top of wait_s: the buffer answers within wait_s; the margin covers a loaded machine
+REPLY_MARGIN_S = 5.0
 PAD_ID = 0
 
 
@@ -45,7 +46,8 @@ class TrainBatch:
     prompt_lens: torch.Tensor  # [N] int64, >= 1
     output_lens: torch.Tensor  # [N] int64
     behav_logp: torch.Tensor  # [N, T] float32, engine logprobs of output tokens (0 on padding)
-    mask: torch.Tensor  # [N, T] float32, 1 on generated output tokens (Trajectory.loss_mask), 0 on context/padding
+    # [N, T] float32, 1 on generated output tokens (Trajectory.loss_mask), 0 on context/padding
+    mask: torch.Tensor
     rewards: torch.Tensor  # [N] float32
     group_ids: torch.Tensor  # [N] int64, index of the sequence's group in this batch
     head_versions: torch.Tensor  # [G] int64, min token version per group
@@ -79,7 +81,8 @@ def groups_to_batch(groups: list[TrajectoryGroup]) -> TrainBatch:
     p_lens = np.array([len(t.prompt_ids) for _, t in trajs], dtype=np.int64)
     o_lens = np.array([len(t.output_ids) for _, t in trajs], dtype=np.int64)
     if n == 0 or p_lens.min() < 1:
-        raise ValueError("every trajectory needs a non-empty prompt (its first output token is predicted from it)")
+        raise ValueError("every trajectory needs a non-empty prompt "
+                         "(its first output token is predicted from it)")
     s, t_max = int((p_lens + o_lens).max()), max(1, int(o_lens.max()))
     input_ids = np.full((n, s), PAD_ID, dtype=np.int64)
     behav = np.zeros((n, t_max), dtype=np.float32)
@@ -100,7 +103,8 @@ def groups_to_batch(groups: list[TrajectoryGroup]) -> TrainBatch:
     )
 
 
-RESYNC_CHECK_S = 5.0  # no data for this long: ask the buffer whether an engine is behind our version
+# no data for this long: ask the buffer whether an engine is behind our version
+RESYNC_CHECK_S = 5.0
 
 
 class BatchSource:
@@ -123,8 +127,10 @@ class BatchSource:
         self.client = Client(address, keys=keys, timeout_s=wait_s + REPLY_MARGIN_S,
                              identity="trainer") if rank == 0 else None
         self.empty_polls = 0  # metric: answers with no batch (waiting for data)
-        self.last_batch_id = ""  # acked in the next request: the buffer then marks that batch consumed
-        self.last_groups: list[TrajectoryGroup] = []  # rank 0: the groups of the last batch (sample tables)
+        # acked in the next request: the buffer then marks that batch consumed
+        self.last_batch_id = ""
+        # rank 0: the groups of the last batch (sample tables)
+        self.last_groups: list[TrajectoryGroup] = []
         self.on_stall: Callable[[], object] | None = None
         self._next_check = 0.0
 
@@ -133,13 +139,15 @@ class BatchSource:
         if self.should_stop():
             return "stop", None
         try:
-            reply = self.client.request(BatchRequest(n_groups=self.n_groups, trainer_version=version,
-                                                     wait_s=self.wait_s, ack_batch=self.last_batch_id))
+            reply = self.client.request(BatchRequest(n_groups=self.n_groups,
+                                                     trainer_version=version, wait_s=self.wait_s,
+                                                     ack_batch=self.last_batch_id))
         except TransportTimeout:
             silent = time.monotonic() - last_reply[0]
             if silent > self.buffer_timeout_s:
-                return "error", (f"the buffer at {self.client.address} has not answered for {silent:.0f}s "
-                                 f"(trainer.buffer_timeout_s={self.buffer_timeout_s:g}); is it running?")
+                return "error", (
+                    f"the buffer at {self.client.address} has not answered for {silent:.0f}s "
+                    f"(trainer.buffer_timeout_s={self.buffer_timeout_s:g}); is it running?")
             return "empty", "timeout"
         last_reply[0] = time.monotonic()
         if not isinstance(reply, Batch):
@@ -151,7 +159,8 @@ class BatchSource:
                 if behind:
                     return "resync", behind
             return "empty", reply.reason
-        self.last_batch_id = reply.batch_id  # acked even if nothing in it is usable: it must not come back
+        # acked even if nothing in it is usable: it must not come back
+        self.last_batch_id = reply.batch_id
         groups = self.usable(reply.groups)
         if not groups:
             return "empty", "every group of the batch was dropped"
@@ -181,7 +190,8 @@ class BatchSource:
     def next_batch(self, version: int) -> TrainBatch | None:
         """The next batch for step ``version -> version + 1``, or None when a stop was requested."""
         last_reply = [time.monotonic()]
-        self._next_check = time.monotonic() + RESYNC_CHECK_S  # a normal wait for generation is not a stall
+        # a normal wait for generation is not a stall
+        self._next_check = time.monotonic() + RESYNC_CHECK_S
         while True:
             status, payload = from_rank0(self._attempt(version, last_reply) if self.rank == 0
                                          else None)
@@ -193,7 +203,8 @@ class BatchSource:
                 raise BufferUnavailable(payload)
             if status == "resync":
                 if self.rank == 0:
-                    log.warning("no data for version %d and engines %s are behind it: re-pushing weights",
+                    log.warning("no data for version %d and engines %s are behind it: "
+                                "re-pushing weights",
                                 version, payload)
                 self.on_stall()
                 continue
@@ -201,7 +212,8 @@ class BatchSource:
             if self.rank == 0 and self.empty_polls % 10 == 0:
                 log.info("waiting for data for version %d (%s)", version, payload)
             if payload == "timeout":
-                time.sleep(0.1)  # the client already waited its timeout; avoid a hot loop on fast errors
+                # the client already waited its timeout; avoid a hot loop on fast errors
+                time.sleep(0.1)
 
     def close(self) -> None:
         if self.client is not None:

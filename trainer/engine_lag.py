@@ -27,7 +27,8 @@ from trainer.weight_sync import SyncReport, WeightBroadcaster
 class EngineSchedule:
     """Pushes (or only announces) after each step, by ``trainer.weight_sync.every`` / ``delay``."""
 
-    def __init__(self, cfg: WeightSyncConfig, broadcaster: WeightBroadcaster, model: torch.nn.Module,
+    def __init__(self, cfg: WeightSyncConfig, broadcaster: WeightBroadcaster,
+                 model: torch.nn.Module,
                  final_version: int):
         self.every, self.delay = cfg.every, cfg.delay
         self.wb, self.model, self.final_version = broadcaster, model, final_version
@@ -42,7 +43,8 @@ class EngineSchedule:
         """The version the engines should serve while the trainer is at ``version``."""
         if self.delay:
             return max(self.snapshots[0][0], version - self.delay)
-        if self.every > 1 and version % self.every and version < self.final_version and self.served is not None:
+        if (self.every > 1 and version % self.every and version < self.final_version
+                and self.served is not None):
             return self.served
         return version
 

@@ -148,7 +148,8 @@ class _ShardWriter:
         self.dir, self.max_bytes = directory, max_bytes
         self.current: dict[str, torch.Tensor] = {}
         self.current_bytes = 0
-        self.files: list[tuple[Path, list[str]]] = []  # (temporary file, tensor names) per written shard
+        # (temporary file, tensor names) per written shard
+        self.files: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
         self.total_params = 0
 
@@ -185,7 +186,8 @@ class _ShardWriter:
             final = SHARD_NAME.format(k=k, n=n)
             os.replace(path, self.dir / final)
             weight_map.update(dict.fromkeys(names, final))
-        index = {"metadata": {"total_parameters": self.total_params, "total_size": self.total_bytes},
+        index = {"metadata": {"total_parameters": self.total_params,
+                              "total_size": self.total_bytes},
                  "weight_map": weight_map}
         (self.dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         return n
@@ -206,7 +208,8 @@ def generation_config(model_cfg: ModelConfig, tokenizer, model_config):
     eos = tokenizer.eos_token_id
     if eos is not None:
         old = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
-        ids = [eos] + [i for i in old if i is not None and i != eos]  # keep a chat model's other stop ids
+        # keep a chat model's other stop ids
+        ids = [eos] + [i for i in old if i is not None and i != eos]
         gen.eos_token_id = ids[0] if len(ids) == 1 else ids
     return gen
 
@@ -225,7 +228,8 @@ def _add_legacy_keys(path: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _write_metadata(model: torch.nn.Module, directory: Path, model_cfg: ModelConfig, tokenizer, dtype: str) -> None:
+def _write_metadata(model: torch.nn.Module, directory: Path, model_cfg: ModelConfig, tokenizer,
+                    dtype: str) -> None:
     config = copy.deepcopy(model.config)
     # fully_shard swaps the class for a subclass named FSDP<Name>; the config must name the HF class
     config.architectures = [type(model).__name__.removeprefix("FSDP")]
@@ -237,7 +241,8 @@ def _write_metadata(model: torch.nn.Module, directory: Path, model_cfg: ModelCon
     tokenizer.save_pretrained(str(directory))
 
 
-def export_hf(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelConfig, tokenizer, shard_mb: int,
+def export_hf(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelConfig, tokenizer,
+              shard_mb: int,
               dtype: str, task: TaskConfig | None = None, merged: bool = False) -> Path:
     """Write ``model`` as an HF directory at ``out_dir`` in ``dtype`` (a collective; rank 0 writes;
     an existing ``out_dir`` is replaced). With LoRA adapters: ``export_adapter``."""
@@ -264,11 +269,13 @@ def _write_hf(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]
     if writer is not None:
         n = writer.finish()
         _write_metadata(model, tmp, model_cfg, tokenizer, dtype)
-        mode = (tmp / "config.json").stat().st_mode & 0o777  # what the umask gives (safetensors: 0600)
+        # what the umask gives (safetensors: 0600)
+        mode = (tmp / "config.json").stat().st_mode & 0o777
         for weights in tmp.glob("*.safetensors"):
             os.chmod(weights, mode)
         _publish(tmp, out_dir, task)
-        log.info("exported %s (%d shard%s, %.1f MiB, %s)", out_dir, n, "s" * (n > 1), writer.total_bytes / MIB, dtype)
+        log.info("exported %s (%d shard%s, %.1f MiB, %s)", out_dir, n, "s" * (n > 1),
+                 writer.total_bytes / MIB, dtype)
     barrier()
     return out_dir
 
@@ -298,7 +305,8 @@ def load_checkpoint_model(checkpoint: Path, model_cfg: ModelConfig,
     if lora is not None and lora.enabled:
         add_adapters(model, lora)
     state = {"model": model.state_dict()}
-    with warnings.catch_warnings():  # DCP warns that it loads in a single process: that is the point
+    # DCP warns that it loads in a single process: that is the point
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         dcp_load(state, checkpoint, no_dist=True)  # data only (trainer/checkpoint.py)
     model.load_state_dict(state["model"])
@@ -311,7 +319,8 @@ def export_tokenizer(model_cfg: ModelConfig, task: TaskConfig, tokenizer=None):
     from areal_like.tasks.task import chat_template_of
     from areal_like.tasks.tokenizer import load_tokenizer
 
-    tok = tokenizer if tokenizer is not None else load_tokenizer(model_cfg)  # the caller's, when it has one
+    # the caller's, when it has one
+    tok = tokenizer if tokenizer is not None else load_tokenizer(model_cfg)
     template = chat_template_of(tok, task)
     if template and template != getattr(tok, "chat_template", None):
         tok = copy.deepcopy(tok)  # the built-in tokenizers are cached and shared: never change them
@@ -319,9 +328,11 @@ def export_tokenizer(model_cfg: ModelConfig, task: TaskConfig, tokenizer=None):
     return tok
 
 
-def export_checkpoint(checkpoint: Path, out_dir: Path, cfg: RunConfig, *, shard_mb: int | None = None,
+def export_checkpoint(checkpoint: Path, out_dir: Path, cfg: RunConfig, *,
+                      shard_mb: int | None = None,
                       dtype: str | None = None) -> Path:
-    """``areal-like export``: a trainer DCP checkpoint directory -> an HF directory at ``out_dir``."""
+    """``areal-like export``:
+    a trainer DCP checkpoint directory -> an HF directory at ``out_dir``."""
     model = load_checkpoint_model(Path(checkpoint), cfg.model, cfg.trainer.lora)
     return export_hf(model, Path(out_dir), model_cfg=cfg.model,
                      tokenizer=export_tokenizer(cfg.model, cfg.task),
@@ -342,29 +353,36 @@ def _resolve_checkpoint(path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m trainer.export CHECKPOINT OUT [--config-file FILE] [--shard-mb N] [--dtype D]``."""
+    """``python -m trainer.export CHECKPOINT OUT [--config-file FILE] [--shard-mb N] [--dtype D]``.
+    """
     from areal_like.settings.config import ConfigError, load_daemon_config
     from areal_like.settings.report_schema import ExportConfig
 
     p = argparse.ArgumentParser(prog="areal-like export",
-                                description="Convert a trainer checkpoint into a Hugging Face model directory.")
-    p.add_argument("checkpoint", type=Path, help="<run_dir>/checkpoints/v<version> (or the checkpoints "
+                                description="Convert a trainer checkpoint into a Hugging Face "
+                                            "model directory.")
+    p.add_argument("checkpoint", type=Path, help="<run_dir>/checkpoints/v<version> "
+                                                 "(or the checkpoints "
                                                  "directory: its newest)")
     p.add_argument("out", type=Path, help="the HF directory to write (must not exist)")
-    p.add_argument("--config-file", type=Path, help="the run's config.yaml (default: <run_dir>/config.yaml "
+    p.add_argument("--config-file", type=Path, help="the run's config.yaml (default: "
+                                                    "<run_dir>/config.yaml "
                                                     "beside the checkpoints directory)")
     p.add_argument("--shard-mb", type=int, help=f"largest shard in MiB (default export.shard_mb, "
                                                 f"{ExportConfig().shard_mb})")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: model.dtype")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="default: model.dtype")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         ckpt = _resolve_checkpoint(args.checkpoint.resolve())
         config_file = args.config_file or ckpt.parent.parent / "config.yaml"
         if not config_file.is_file():
-            raise FileNotFoundError(f"no run config at {config_file}: pass --config-file <run_dir>/config.yaml")
+            raise FileNotFoundError(f"no run config at {config_file}: "
+                                    "pass --config-file <run_dir>/config.yaml")
         if args.out.exists():
-            raise FileExistsError(f"{args.out} exists: choose a new directory (an export never overwrites one)")
+            raise FileExistsError(f"{args.out} exists: choose a new directory "
+                                  "(an export never overwrites one)")
         if args.shard_mb is not None and args.shard_mb < 1:
             raise ValueError(f"--shard-mb={args.shard_mb} is invalid: must be >= 1")
         cfg = load_daemon_config(["--config-file", str(config_file)])

@@ -19,12 +19,16 @@ from areal_like.settings.config import ExportConfig, ModelConfig, RunConfig, Tas
 @dataclass(frozen=True)
 class TrainerFacts:
     model: ModelConfig  # the policy's (and reference's) architecture or weights, and the tokenizer
-    task: TaskConfig  # the engines' sampling (temperature, top-p/k, max_new_tokens), the chat template exports carry
+    # the engines' sampling (temperature, top-p/k, max_new_tokens), the chat template exports carry
+    task: TaskConfig
     export: ExportConfig  # in-run exports: when and in what shards
     seed: int  # torch's seed for this process
-    max_staleness: int  # buffer.max_staleness: the consume-time bound every batch is checked against
-    final_eval_timeout_s: float  # eval.final_timeout_s: how long the last push waits for an evaluating server
-    final_eval: bool  # eval.await_server: the last push waits for a server that evaluates to register
+    # buffer.max_staleness: the consume-time bound every batch is checked against
+    max_staleness: int
+    # eval.final_timeout_s: how long the last push waits for an evaluating server
+    final_eval_timeout_s: float
+    # eval.await_server: the last push waits for a server that evaluates to register
+    final_eval: bool
     sample_every: int  # tracking.sample_every: a sample table every this many steps (0: never)
     sample_k: int  # tracking.sample_k: trajectories in one sample table
     run_dir: Path  # where metrics/trainer.jsonl and samples.jsonl go
@@ -44,9 +48,11 @@ class TrainerFacts:
         """The facts of the job ``cfg`` describes; its buffer clients are CURVE clients with
         ``keys``."""
         return cls(model=cfg.model, task=cfg.task, export=cfg.export, seed=cfg.seed,
-                   max_staleness=cfg.buffer.max_staleness, final_eval_timeout_s=cfg.eval.final_timeout_s,
+                   max_staleness=cfg.buffer.max_staleness,
+                   final_eval_timeout_s=cfg.eval.final_timeout_s,
                    final_eval=cfg.eval.await_server,
-                   sample_every=cfg.tracking.sample_every, sample_k=cfg.tracking.sample_k, run_dir=Path(cfg.run_dir),
+                   sample_every=cfg.tracking.sample_every, sample_k=cfg.tracking.sample_k,
+                   run_dir=Path(cfg.run_dir),
                    checkpoint_dir=cfg.resolve_path(cfg.trainer.checkpoint_dir),
                    export_dir=cfg.resolve_path(cfg.export.dir), nodes=cfg.launch.nodes, keys=keys,
                    engine_key=engine_api_key(cfg.run_dir),

@@ -34,7 +34,8 @@ log = logging.getLogger("trainer.logprob_guard")
 PROBE_TEXT = "the answer is"  # any short text: only its token ids matter
 PROBE_TOKENS = 16  # new tokens per probe; enough that the mean is not one token's noise
 PROBE_TIMEOUT_S = 60.0  # one short generation on a busy engine
-CAUSES = ("the engine does not apply the sampling temperature to the log-probs it returns, or returns "
+CAUSES = ("the engine does not apply the sampling temperature "
+          "to the log-probs it returns, or returns "
           "them after top-p/top-k truncation, or runs with SGLANG_RETURN_ORIGINAL_LOGPROB set; "
           "or it does not serve the trainer's weights")
 
@@ -52,19 +53,22 @@ class Probe:
     engine_logp: list[float]
 
 
-def compare_logprobs(engine_logp: Sequence[float], trainer_logp: Sequence[float]) -> tuple[float, float]:
+def compare_logprobs(engine_logp: Sequence[float],
+                     trainer_logp: Sequence[float]) -> tuple[float, float]:
     """(mean, max) absolute per-token difference of two aligned log-prob sequences."""
     if len(engine_logp) != len(trainer_logp) or not engine_logp:
-        raise ValueError(f"log-prob sequences must be non-empty and aligned, got {len(engine_logp)} "
+        raise ValueError("log-prob sequences must be non-empty "
+                         f"and aligned, got {len(engine_logp)} "
                          f"and {len(trainer_logp)} tokens")
     diffs = [abs(float(a) - float(b)) for a, b in zip(engine_logp, trainer_logp)]
     return sum(diffs) / len(diffs), max(diffs)
 
 
 def mismatch_message(p: Probe, mean: float, worst: float, tol: float, temperature: float) -> str:
-    return (f"log-prob guard: engine {p.server_id} ({p.engine_url}) returns log-probs that differ from the "
-            f"trainer's by {mean:.4f} nats per token on average (max {worst:.4f}) over {len(p.output_ids)} "
-            f"tokens at temperature {temperature:g}, above trainer.logprob_guard_tol={tol:g}. Likely causes: "
+    return (f"log-prob guard: engine {p.server_id} ({p.engine_url}) returns log-probs that differ "
+            f"from the trainer's by {mean:.4f} nats per token on average (max {worst:.4f}) over "
+            f"{len(p.output_ids)} tokens at temperature {temperature:g}, above "
+            f"trainer.logprob_guard_tol={tol:g}. Likely causes: "
             f"{CAUSES}. Refusing to train: the importance ratios would be wrong.")
 
 
@@ -72,7 +76,8 @@ def generate_body(prompt_ids: list[int], temperature: float, adapter: str | None
     """SGLang's ``/generate`` request, as the rollout servers' client sends it (``lora_path``:
     ``adapter`` when not None)."""
     body = {"input_ids": [int(t) for t in prompt_ids], "return_logprob": True, "stream": False,
-            "sampling_params": {"max_new_tokens": PROBE_TOKENS, "temperature": temperature, "top_p": 1.0,
+            "sampling_params": {"max_new_tokens": PROBE_TOKENS, "temperature": temperature,
+                                "top_p": 1.0,
                                 "top_k": -1, "ignore_eos": True}}
     if adapter is not None:
         body["lora_path"] = adapter
@@ -92,13 +97,16 @@ def probe_engine(server_id: str, url: str, prompt_ids: list[int], temperature: f
         body = json.loads(resp.read())
     entries = body["meta_info"]["output_token_logprobs"]
     return Probe(server_id=server_id, engine_url=url, prompt_ids=list(prompt_ids),
-                 output_ids=[int(e[1]) for e in entries], engine_logp=[float(e[0]) for e in entries])
+                 output_ids=[int(e[1]) for e in entries],
+                 engine_logp=[float(e[0]) for e in entries])
 
 
 @torch.no_grad()
-def trainer_logprobs(model: torch.nn.Module, prompt_ids: list[int], output_ids: list[int], temperature: float,
+def trainer_logprobs(model: torch.nn.Module, prompt_ids: list[int], output_ids: list[int],
+                     temperature: float,
                      device: torch.device) -> list[float]:
-    """log pi(output token t | prompt, earlier outputs) under ``model`` with the trainer's convention."""
+    """log pi(output token t | prompt, earlier outputs) under ``model`` with the trainer's
+    convention."""
     from trainer.model import evaluating
 
     ids = torch.tensor([list(prompt_ids) + list(output_ids)], device=device)
@@ -130,7 +138,8 @@ def collect_probes(buffer: Client, served: Sequence[str], prompt_ids: list[int],
     probes, unchecked = [], {}
     for m in sorted(reply.members, key=lambda m: m.server_id):
         if m.server_id not in served:
-            log.warning("log-prob guard: %s does not serve the pushed weights yet; not probed", m.server_id)
+            log.warning("log-prob guard: %s does not serve the pushed weights yet; not probed",
+                        m.server_id)
             continue
         try:
             why = elsewhere(m.engine_url, several_nodes) or (
@@ -166,7 +175,8 @@ def run_guard(model: torch.nn.Module, device: torch.device, *, rank: int, buffer
         mine = trainer_logprobs(model, p.prompt_ids, p.output_ids, temperature, device)
         mean, worst = compare_logprobs(p.engine_logp, mine)
         if rank == 0:
-            log.info("log-prob guard: %s differs by %.2e per token (max %.2e)", p.server_id, mean, worst)
+            log.info("log-prob guard: %s differs by %.2e per token (max %.2e)", p.server_id, mean,
+                     worst)
             if mean > tol and verdict is None:
                 verdict = mismatch_message(p, mean, worst, tol, temperature)
     verdict = from_rank0(verdict)

@@ -21,7 +21,8 @@ CHUNK_BYTES = 256 * 2**20
 
 
 def _work_dtype(logits: Tensor) -> torch.dtype:
-    return torch.promote_types(logits.dtype, torch.float32)  # fp32, or fp64 for fp64 input (gradcheck)
+    # fp32, or fp64 for fp64 input (gradcheck)
+    return torch.promote_types(logits.dtype, torch.float32)
 
 
 def token_logprobs(
@@ -69,14 +70,16 @@ class _HiddenTokenLogprob(torch.autograd.Function):
     def forward(ctx, hidden: Tensor, weight: Tensor, tokens: Tensor, temperature: float, chunk: int,
                 shape: tuple[int, ...]) -> Tensor:
         wd = _work_dtype(hidden)
-        result = torch.empty(shape, dtype=wd, device=hidden.device)  # returned as is: not a view (FSDP2 hooks)
+        # returned as is: not a view (FSDP2 hooks)
+        result = torch.empty(shape, dtype=wd, device=hidden.device)
         out = result.view(-1)
         lse = torch.empty(hidden.shape[0], dtype=wd, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
             x = _chunk_logits(hidden[s : s + chunk], weight, temperature, wd)
             picked = x.gather(-1, tokens[s : s + chunk, None]).squeeze(-1)
             m = x.amax(-1, keepdim=True)
-            lse[s : s + chunk] = x.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))  # in place: one block
+            # in place: one block
+            lse[s : s + chunk] = x.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))
             out[s : s + chunk] = picked - lse[s : s + chunk]
             del x
         ctx.save_for_backward(hidden, weight, tokens, lse)
@@ -99,7 +102,8 @@ class _HiddenTokenLogprob(torch.autograd.Function):
             x = _chunk_logits(h, weight, ctx.temperature, wd)
             x.sub_(lse[s : s + chunk, None]).exp_().mul_(-g)  # -g / temperature * softmax, in place
             x.scatter_add_(-1, tokens[s : s + chunk, None], g)
-            gx = x.to(weight.dtype)  # the logits' gradient in the compute dtype, as autograd would give it
+            # the logits' gradient in the compute dtype, as autograd would give it
+            gx = x.to(weight.dtype)
             del x
             if need_h:
                 grad_h[s : s + chunk] = gx @ weight
@@ -109,7 +113,8 @@ class _HiddenTokenLogprob(torch.autograd.Function):
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
 
 
-def hidden_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, temperature: float = 1.0, *,
+def hidden_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor,
+                          temperature: float = 1.0, *,
                           chunk_tokens: int = CHUNK_TOKENS) -> Tensor:
     """log pi(token | prefix) [...] in fp32 from final hidden states ``hidden`` [..., H], the output
     embedding ``weight`` [V, H] (``lm_head.weight``) and ``tokens`` [...]; never more than
@@ -126,5 +131,6 @@ def hidden_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, temper
         raise ValueError(f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and tokens "
                          f"{tuple(tokens.shape)} do not match ([..., H], [V, H], [...])")
     flat = hidden.reshape(-1, hidden.shape[-1])
-    return _HiddenTokenLogprob.apply(flat, weight, tokens.reshape(-1).long(), float(temperature), int(chunk_tokens),
+    return _HiddenTokenLogprob.apply(flat, weight, tokens.reshape(-1).long(), float(temperature),
+                                     int(chunk_tokens),
                                      tuple(tokens.shape))

@@ -30,7 +30,13 @@ from areal_like.net.security import Keys
 from areal_like.settings.config import RunConfig, TrainerConfig
 from areal_like.tasks.tokenizer import load_tokenizer
 from areal_like.weights.lora import served_name
-from trainer.checkpoint import AsyncSaver, latest_checkpoint, load_checkpoint, save_checkpoint, state_checksums
+from trainer.checkpoint import (
+    AsyncSaver,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    state_checksums,
+)
 from trainer.data import BatchSource, TrainBatch
 from trainer.engine_lag import EngineSchedule
 from trainer.export import TMP_PREFIX as EXPORT_TMP_PREFIX
@@ -59,7 +65,8 @@ def assert_fresh(batch: TrainBatch, version: int, max_staleness: int) -> None:
 
 
 def layout_metrics(stats: dict[str, float], phase_times: dict[str, float]) -> dict[str, float]:
-    """The step's layout stats and ``trained_tokens_per_s`` (real tokens per second of its passes)."""
+    """The step's layout stats and ``trained_tokens_per_s``
+    (real tokens per second of its passes)."""
     compute_s = sum(phase_times.get(k, 0.0) for k in ("recompute_prox", "ref_logp", "train_step"))
     return {"trained_tokens_per_s": stats.get("seq_tokens", 0.0) / max(compute_s, 1e-9),
             **{k: stats.get(k, 0.0) for k in ("padding_share", "tokens_per_micro_batch",
@@ -102,7 +109,8 @@ class Trainer(Daemon):
         self.data = BatchSource(t.buffer_address, t.groups_per_step, keys=self.facts.keys,
                                 wait_s=t.batch_wait_s,
                                 buffer_timeout_s=t.buffer_timeout_s, rank=self.rank,
-                                should_stop=self.stop_requested.is_set, vocab_size=model_vocab_size(model_cfg))
+                                should_stop=self.stop_requested.is_set,
+                                vocab_size=model_vocab_size(model_cfg))
         self.broadcaster = WeightBroadcaster(t.weight_sync, buffer_address=t.buffer_address,
                                              keys=self.facts.keys, rank=self.rank,
                                              device=self.policy.device, send_dtype=model_cfg.dtype,
@@ -126,12 +134,16 @@ class Trainer(Daemon):
         lost = self.version - checkpoint_version  # labels announced by weights the crash lost
         self.rolled_back_steps += lost
         if ckpt is not None or lost:
-            self.record({"event": "resume", "policy_version": self.version, "checkpoint_version": checkpoint_version,
+            self.record({"event": "resume", "policy_version": self.version,
+                         "checkpoint_version": checkpoint_version,
                          "checkpoint": str(ckpt) if ckpt else None, "rolled_back_steps": lost,
-                         "rolled_back_total": self.rolled_back_steps, "steps_trained": self.steps_trained,
-                         **({"saved_checksums": meta["checksums"], "checksums": state_checksums(self.policy)}
+                         "rolled_back_total": self.rolled_back_steps,
+                         "steps_trained": self.steps_trained,
+                         **({"saved_checksums": meta["checksums"],
+                             "checksums": state_checksums(self.policy)}
                             if ckpt is not None else {})})
-        if lost:  # a second crash before the next periodic checkpoint must not roll these labels back again
+        # a second crash before the next periodic checkpoint must not roll these labels back again
+        if lost:
             self.checkpoint_now()
 
     def checkpoint_now(self) -> None:
@@ -141,13 +153,16 @@ class Trainer(Daemon):
     def warn_truncation(self) -> None:
         task = self.facts.task
         if self.rank == 0 and (task.top_p < 1 or task.top_k > 0):
-            self.log.warning("task.top_p=%g / task.top_k=%d truncate the sampler: the tokens come from the truncated "
-                             "distribution while the trainer scores them with the untruncated one, so the "
+            self.log.warning("task.top_p=%g / task.top_k=%d truncate the sampler: "
+                             "the tokens come from the truncated "
+                             "distribution while the trainer scores them "
+                             "with the untruncated one, so the "
                              "importance ratios are biased; use top_p=1, top_k=-1 for unbiased RL",
                              task.top_p, task.top_k)
 
     def guard_logprobs(self, sync: SyncReport) -> None:
-        """A collective: ``LogprobGuardError`` on an engine off the convention (logprob_guard.py)."""
+        """A collective: ``LogprobGuardError`` on an engine off the convention
+        (logprob_guard.py)."""
         tol = self.cfg.logprob_guard_tol
         if tol <= 0:
             return
@@ -169,39 +184,52 @@ class Trainer(Daemon):
                 "rolled_back_steps": self.rolled_back_steps}
 
     def monotonic_version(self, version: int) -> int:
-        """Versions never go backwards: when the buffer announced a version past ours (steps lost with
-        a crash) our weights take that label, so the buffer's counters and stored versions stay valid
-        (the next label would age every stored group without a step trained)."""
+        """Versions never go backwards: when the buffer announced a version past ours (steps lost
+        with a crash) our weights take that label, so the buffer's counters and stored versions
+        stay valid (the next label would age every stored group without a step trained)."""
         announced = from_rank0(self.broadcaster.announced_version(
             timeout_s=self.cfg.buffer_timeout_s) if self.rank == 0 else None)
         if announced is not None and announced > version:
             t = self.cfg
-            most = t.checkpoint_every * (2 if t.checkpoint_async else 1)  # async: the last save may be unfinished
+            # async: the last save may be unfinished
+            most = t.checkpoint_every * (2 if t.checkpoint_async else 1)
             if t.resume and announced > version + most:
-                raise RuntimeError(f"buffer announced policy_version {announced} but our weights are version "
-                                   f"{version}: a crash loses at most {most} steps (trainer.checkpoint_every="
-                                   f"{t.checkpoint_every}), so that version is not ours; refusing to take it as "
+                raise RuntimeError(f"buffer announced policy_version {announced} "
+                                   "but our weights are version "
+                                   f"{version}: a crash loses at most {most} steps "
+                                   "(trainer.checkpoint_every="
+                                   f"{t.checkpoint_every}), so that version is not ours; "
+                                   "refusing to take it as "
                                    "trained")
             self.log.warning("buffer announced policy_version %d but our weights are version %d: "
-                             "continuing as version %d (%d steps rolled back)", announced, version, announced,
+                             "continuing as version %d (%d steps rolled back)",
+                             announced, version, announced,
                              announced - version)
             return announced
         return version
 
-    def run(self) -> None:
-        t, model = self.cfg, self.policy.model
+    def initial_push(self) -> None:
+        t = self.cfg
         if self.rank == 0 and t.first_engine_wait_s > 0 and not await_registered(
-                self.broadcaster.client, t.first_engines, t.first_engine_wait_s, self.stop_requested.is_set):
-            self.log.warning("fewer than %d rollout servers registered after %.0fs: the initial push (and the "
-                             "log-prob guard) goes to those there are", t.first_engines, t.first_engine_wait_s)
+                self.broadcaster.client, t.first_engines, t.first_engine_wait_s,
+                self.stop_requested.is_set):
+            self.log.warning("fewer than %d rollout servers registered after %.0fs: the initial "
+                             "push (and the log-prob guard) goes to those there are",
+                             t.first_engines, t.first_engine_wait_s)
         with self.phase("weight_sync"):  # the other ranks wait in this collective
             sync = self.engines.after_step(self.version)
-        self.log.info("serving policy_version %d to %s", sync.version, sync.done or "no engines yet")
+        self.log.info("serving policy_version %d to %s", sync.version,
+                      sync.done or "no engines yet")
         with self.phase("logprob_guard"):
             self.guard_logprobs(sync)
+
+    def run(self) -> None:
+        t, model = self.cfg, self.policy.model
+        self.initial_push()
         while self.version < t.steps:
             t_step = time.monotonic()
-            self.phase_times = {}  # this step's phases only (the setup pushes and the last checkpoint are not)
+            # this step's phases only (the setup pushes and the last checkpoint are not)
+            self.phase_times = {}
             with self.phase("fetch_batch"):
                 batch = self.data.next_batch(self.version)
             if batch is None:
@@ -211,15 +239,18 @@ class Trainer(Daemon):
                 prox_logp = recompute_prox_logp(self.policy, batch, self.settings)
             with self.phase("ref_logp"):
                 ref_logp = reference_logp(self.reference, batch, self.settings, self.policy.device)
-            with self.phase("train_step"):  # the kernel's advantages, per minibatch, then its optimizer steps
+            # the kernel's advantages, per minibatch, then its optimizer steps
+            with self.phase("train_step"):
                 stats = train_step(self.policy, batch, self.settings, prox_logp, ref_logp)
             self.skips.observe(self.version + 1, stats)  # every rank alike: too many in a row stop
             self.version += 1
             self.steps_trained += 1
-            with self.phase("weight_sync"):  # a push (a small model's finishes in the background), or only the announcement
+            # a push (a small model's finishes in the background), or only the announcement
+            with self.phase("weight_sync"):
                 sync = self.engines.after_step(self.version, wait=not t.weight_sync.overlap)
             if self.version % t.checkpoint_every == 0:
-                with self.phase("checkpoint"):  # async: staging the state, and committing the previous save
+                # async: staging the state, and committing the previous save
+                with self.phase("checkpoint"):
                     if self.saver is not None:
                         self.saver.save(self.policy, self.version, self.checkpoint_extra())
                     else:
@@ -239,13 +270,17 @@ class Trainer(Daemon):
         if self.version >= t.steps:  # an evaluating server may have missed the last pushes
             with self.phase("catch_up"):
                 self.broadcaster.catch_up(model, self.version, self.facts.final_eval_timeout_s,
-                                          should_stop=self.stop_requested.is_set, final_eval=self.facts.final_eval)
+                                          should_stop=self.stop_requested.is_set,
+                                          final_eval=self.facts.final_eval)
         self.record({"event": "done", "policy_version": self.version, "steps": t.steps,
-                     "steps_trained": self.steps_trained, "rolled_back_steps": self.rolled_back_steps,
+                     "steps_trained": self.steps_trained,
+                     "rolled_back_steps": self.rolled_back_steps,
                      "labels_skipped": self.version - self.steps_trained})
-        self.log.info("done at policy_version %d (%d steps trained, %d rolled back by crashes)", self.version,
+        self.log.info("done at policy_version %d (%d steps trained, %d rolled back by crashes)",
+                      self.version,
                       self.steps_trained, self.rolled_back_steps)
-        self.completed = True  # every rank got here: stop() may wait for the others before leaving the group
+        # every rank got here: stop() may wait for the others before leaving the group
+        self.completed = True
 
     def export_if_due(self, final: bool = False) -> None:
         """Export (a collective) at multiples of ``export.every`` and at ``trainer.steps`` with
@@ -259,11 +294,14 @@ class Trainer(Daemon):
             return
         root = self.facts.export_dir
         with self.phase("export"):
-            if self.rank == 0:  # an export a crash interrupted (kill -9) left its temporary directory
+            # an export a crash interrupted (kill -9) left its temporary directory
+            if self.rank == 0:
                 for stale in root.glob(f"{EXPORT_TMP_PREFIX}*"):
                     shutil.rmtree(stale, ignore_errors=True)
-            out = export_hf(self.policy.model, root / f"v{self.version:08d}", model_cfg=self.facts.model,
-                            tokenizer=export_tokenizer(self.facts.model, self.facts.task, self.tokenizer),
+            out = export_hf(self.policy.model, root / f"v{self.version:08d}",
+                            model_cfg=self.facts.model,
+                            tokenizer=export_tokenizer(self.facts.model, self.facts.task,
+                                                       self.tokenizer),
                             shard_mb=e.shard_mb, dtype=self.facts.model.dtype, task=self.facts.task,
                             merged=e.merged)
             if self.rank == 0 and e.keep:
@@ -277,7 +315,8 @@ class Trainer(Daemon):
                 getattr(self, part).close()
         if self.completed:
             leave_distributed()
-        elif dist.is_initialized():  # after a failure a peer may be gone: a barrier would wait for its timeout
+        elif dist.is_initialized():
+            # after a failure a peer may be gone: a barrier would wait for its timeout
             dist.destroy_process_group()
 
     # ------------------------------------------------------------------ timing and metrics
@@ -292,50 +331,62 @@ class Trainer(Daemon):
             self.metrics.gauge("trainer/phase_seconds", "seconds of the last run of each phase",
                                ("phase",)).labels(phase=name).set(dt)
 
-    def report(self, batch: TrainBatch, stats: dict[str, float], sync: SyncReport, step_s: float) -> None:
+    def report(self, batch: TrainBatch, stats: dict[str, float], sync: SyncReport,
+               step_s: float) -> None:
         if self.rank != 0:
             return
         staleness = (self.version - 1) - batch.head_versions
         layout = layout_metrics(stats, self.phase_times)
         row = {
             "step": self.version, "policy_version": self.version, "loss": stats.get("loss"),
-            "reward_mean": float(batch.rewards.mean()), "staleness_mean": float(staleness.float().mean()),
+            "reward_mean": float(batch.rewards.mean()),
+            "staleness_mean": float(staleness.float().mean()),
             "staleness_max": int(staleness.max()), "tokens": batch.n_tokens, "seqs": batch.n_seqs,
             "tokens_per_s": batch.n_tokens / max(step_s, 1e-9), "step_seconds": step_s,
-            "phase_seconds": dict(self.phase_times), "data_wait_seconds": self.phase_times.get("fetch_batch", 0.0),
-            "weight_sync": {"version": sync.version, "seconds": sync.seconds, "blocked_s": sync.blocked_s,
-                            "overlapped": sync.overlapped, "bytes": sync.bytes, "transfer_s": sync.transfer_s,
+            "phase_seconds": dict(self.phase_times),
+            "data_wait_seconds": self.phase_times.get("fetch_batch", 0.0),
+            "weight_sync": {"version": sync.version, "seconds": sync.seconds,
+                            "blocked_s": sync.blocked_s,
+                            "overlapped": sync.overlapped, "bytes": sync.bytes,
+                            "transfer_s": sync.transfer_s,
                             "done": sync.done, "dropped": sync.dropped, "repushed": sync.repushed,
                             "pause_s": sync.pause_s, "error": sync.error},
-            "stats": stats, "steps_trained": self.steps_trained, "rolled_back_steps": self.rolled_back_steps,
+            "stats": stats, "steps_trained": self.steps_trained,
+            "rolled_back_steps": self.rolled_back_steps,
             "groups_dropped_bad_data": self.data.dropped_groups, **layout,
         }
         self.record(row)
         m = self.metrics
-        for key in ("loss", "reward_mean", "staleness_mean", "staleness_max", "tokens_per_s", "step_seconds",
+        for key in ("loss", "reward_mean", "staleness_mean", "staleness_max", "tokens_per_s",
+                    "step_seconds",
                     "data_wait_seconds", *layout):
             m.gauge(f"trainer/{key}").set(float(row[key]))
         for key, value in stats.items():
             m.gauge(f"trainer/stat/{key}", f"kernel/step stat {key}").set(value)
         m.gauge("trainer/policy_version").set(self.version)
-        m.count_to("trainer/groups_dropped_bad_data", "groups dropped from batches: what the buffer "
+        m.count_to("trainer/groups_dropped_bad_data",
+                   "groups dropped from batches: what the buffer "
                    "refuses (areal_like/wire/group_checks.py)", self.data.dropped_groups)
-        m.gauge("trainer/rolled_back_steps", "steps lost to crashes (labels skipped at resume)").set(
+        m.gauge("trainer/rolled_back_steps",
+                "steps lost to crashes (labels skipped at resume)").set(
             self.rolled_back_steps)
         if "mismatch_kl" in stats:  # absent when no row was computed (trainer/step.py trained_rows)
             m.gauge("trainer/mismatch_kl").set(stats["mismatch_kl"])
         m.gauge("trainer/grad_norm").set(stats.get("grad_norm", 0.0))
         m.counter("trainer/tokens").inc(batch.n_tokens)
         m.gauge("trainer/weight_sync_seconds").set(sync.seconds)
-        m.gauge("trainer/weight_sync_blocked_seconds", "the trainer's time inside the last push").set(sync.blocked_s)
+        m.gauge("trainer/weight_sync_blocked_seconds",
+                "the trainer's time inside the last push").set(sync.blocked_s)
         m.gauge("trainer/weight_sync_deadline_seconds").set(self.cfg.weight_sync.deadline_s)
         m.counter("trainer/weight_sync_bytes").inc(sync.bytes)
         m.counter("trainer/weight_sync_dropped").inc(len(sync.dropped))
-        m.counter("trainer/weight_sync_repushed", "members pushed a version again after another member was lost"
+        m.counter("trainer/weight_sync_repushed",
+                  "members pushed a version again after another member was lost"
                   ).inc(len(sync.repushed))
         if sync.pause_s:
             m.gauge("trainer/weight_sync_pause_max_seconds").set(max(sync.pause_s.values()))
-        self.log.info("v%d loss=%.4f reward=%.3f staleness=%.2f grad_norm=%.3f step=%.2fs sync=%.2fs",
+        self.log.info("v%d loss=%.4f reward=%.3f staleness=%.2f grad_norm=%.3f "
+                      "step=%.2fs sync=%.2fs",
                       self.version, row["loss"] or 0.0, row["reward_mean"], row["staleness_mean"],
                       stats.get("grad_norm", 0.0), step_s, sync.seconds)
         self.record_samples()

@@ -25,7 +25,8 @@ def clamped(x: Tensor) -> Tensor:
     return x.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
 
 
-def norms(mask: Tensor, n_tokens_global: float | None, n_seqs_global: float | None) -> tuple[float, float]:
+def norms(mask: Tensor, n_tokens_global: float | None,
+          n_seqs_global: float | None) -> tuple[float, float]:
     n_tok = float(mask.sum()) if n_tokens_global is None else float(n_tokens_global)
     n_seq = float((mask.sum(-1) > 0).sum()) if n_seqs_global is None else float(n_seqs_global)
     return max(n_tok, 1.0), max(n_seq, 1.0)
@@ -98,11 +99,13 @@ def weight_stats(w: Tensor, valid: Tensor, n: float, prefix: str = "is_weight") 
 def finalize_stats(stats: Stats) -> Stats:
     """Add derived stats after summing (``_max``: max-ing) the per-call stats over calls and ranks.
 
-    ``ess_ratio`` = ESS / n = mean(w)^2 / mean(w^2) (VCPO's rho_ess when w are its sequence weights).
+    ``ess_ratio`` = ESS / n = mean(w)^2 / mean(w^2) (VCPO's rho_ess when w are its sequence
+    weights).
     """
     out = dict(stats)
     if "is_weight_mean" in stats and "is_weight_sq_mean" in stats:
-        out["ess_ratio"] = stats["is_weight_mean"] ** 2 / stats["is_weight_sq_mean"].clamp(min=1e-30)
+        out["ess_ratio"] = (stats["is_weight_mean"] ** 2
+                            / stats["is_weight_sq_mean"].clamp(min=1e-30))
     return out
 
 
@@ -113,7 +116,8 @@ def accumulate_stats(total: Stats, stats: Stats) -> Stats:
         if k not in out:
             out[k] = v.detach()
         else:
-            out[k] = torch.maximum(out[k], v.detach()) if k.endswith("_max") else out[k] + v.detach()
+            out[k] = (torch.maximum(out[k], v.detach()) if k.endswith("_max")
+                      else out[k] + v.detach())
     return out
 
 
@@ -121,9 +125,9 @@ def accumulate_stats(total: Stats, stats: Stats) -> Stats:
 def mismatch_stats(old_logp: Tensor, behav_logp: Tensor, mask: Tensor, n_tok: float) -> Stats:
     """Trainer/engine mismatch KL(pi_behav || pi_old) estimated on the engine's own samples.
 
-    ``mismatch_kl`` is Schulman's k3 (http://joschu.net/blog/kl-approx.html) with log r = old - behav:
-    r - 1 - log r, unbiased and >= 0 per token; ``mismatch_kl_k1`` is the plain k1 = behav - old.
-    Token means, normalised by ``n_tok`` (sum-reducible).
+    ``mismatch_kl`` is Schulman's k3 (http://joschu.net/blog/kl-approx.html) with
+    log r = old - behav: r - 1 - log r, unbiased and >= 0 per token; ``mismatch_kl_k1`` is the
+    plain k1 = behav - old. Token means, normalised by ``n_tok`` (sum-reducible).
     """
     with torch.no_grad():
         log_r = log_ratio(old_logp.detach(), behav_logp.detach(), mask)

@@ -1,4 +1,5 @@
-"""Policy-loss kernels: pure functions, tensors in, ``(loss, stats)`` out, and their table ``KERNELS``.
+"""Policy-loss kernels: pure functions, tensors in, ``(loss, stats)`` out,
+and their table ``KERNELS``.
 
 Formulas, sources and the three log-prob streams: ``trainer/LOSSES.md`` (section numbers below).
 Invariants:
@@ -36,7 +37,9 @@ from trainer.advantages import (
     oapl_advantages,
     vcpo_step_advantages,
 )
-from trainer.loss_terms import (  # noqa: F401  (accumulate_stats, finalize_stats: re-exported for the trainer)
+
+# accumulate_stats, finalize_stats: re-exported for the trainer
+from trainer.loss_terms import (  # noqa: F401
     Stats,
     accumulate_stats,
     aggregate,
@@ -62,7 +65,8 @@ VESPO_LAMBDA_MIN = 1e-4
 
 @dataclass(frozen=True)
 class LossInputs:
-    """One call's rows (``[B, T]``; ``advantages`` may be ``[B]``) and the knobs every kernel shares."""
+    """One call's rows (``[B, T]``; ``advantages`` may be ``[B]``)
+    and the knobs every kernel shares."""
 
     logp: Tensor
     prox_logp: Tensor | None
@@ -74,7 +78,8 @@ class LossInputs:
     n_seqs_global: float | None = None
 
     def counts(self) -> tuple[float, float]:
-        """(tokens, sequences) that normalise this call: the minibatch's when given, else its own."""
+        """(tokens, sequences) that normalise this call:
+        the minibatch's when given, else its own."""
         return norms(self.mask, self.n_tokens_global, self.n_seqs_global)
 
     def aggregate(self, mat: Tensor, mode: str | None = None) -> Tensor:
@@ -88,15 +93,18 @@ class LossInputs:
 
 
 # ---------------------------------------------------------------- PPO family (sections 2, 4, 5, 6)
-def clip_loss(adv: Tensor, ratio: Tensor, eps_low: float, eps_high: float | None) -> tuple[Tensor, Tensor]:
-    """max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)) per token, and where the clipped term won."""
+def clip_loss(adv: Tensor, ratio: Tensor, eps_low: float,
+              eps_high: float | None) -> tuple[Tensor, Tensor]:
+    """max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)) per token,
+    and where the clipped term won."""
     l1 = -adv * ratio
     l2 = -adv * ratio.clamp(1.0 - eps_low, 1.0 + (eps_low if eps_high is None else eps_high))
     return torch.maximum(l1, l2), (l2 > l1).float()
 
 
 def ppo_token_loss(x: LossInputs) -> tuple[Tensor, Tensor, Tensor]:
-    """PPO-clip per-token loss ``[B, T]`` (section 2), plus float masks of clipped / dual-clipped tokens.
+    """PPO-clip per-token loss ``[B, T]`` (section 2),
+    plus float masks of clipped / dual-clipped tokens.
 
     r = exp(clamp(logp - sg prox)); l = max(-A r, -A clip(r, 1-eps, 1+eps_high)); where A < 0 and
     ``dual_clip`` = c is set: l = min(l, -A c). Gradient -A r where unclipped, 0 where clipped.
@@ -137,7 +145,8 @@ def ppo_loss(x: LossInputs, _params: None = None) -> tuple[Tensor, Stats]:
 
 def weighted_ppo_loss(x: LossInputs, level: str, keep: Callable[[Tensor], Tensor],
                       truncate_at: float | None = None) -> tuple[Tensor, Stats]:
-    """PPO per-token loss (after clip and dual clip) times a constant IS weight from rho = pi_prox/pi_behav.
+    """PPO per-token loss (after clip and dual clip) times a constant IS weight
+    from rho = pi_prox/pi_behav.
 
     ``level``: token rho, or the sequence product rho_i on every token of the sequence. The weight
     is rho where ``keep(rho)`` and 0 elsewhere (a rejected entry keeps its place in the
@@ -149,17 +158,20 @@ def weighted_ppo_loss(x: LossInputs, level: str, keep: Callable[[Tensor], Tensor
     rho, rho_raw, valid = _is_ratio(x, level)
     kept = keep(rho_raw)
     kept_tok = kept[:, None].expand_as(x.mask) if kept.dim() == 1 else kept
-    w = rho.clamp(max=truncate_at) if truncate_at is not None else torch.where(kept_tok, rho, torch.zeros_like(rho))
+    w = (rho.clamp(max=truncate_at) if truncate_at is not None
+         else torch.where(kept_tok, rho, torch.zeros_like(rho)))
     n_tok, n_seq = x.counts()
     n_level = n_tok if level == "token" else n_seq
     stats = _ppo_stats(clipped, dual, n_tok)
-    stats["truncated_frac" if truncate_at is not None else "masked_frac"] = ((~kept).float() * valid).sum() / n_level
+    stats["truncated_frac" if truncate_at is not None else "masked_frac"] = (
+        ((~kept).float() * valid).sum() / n_level)
     stats.update(weight_stats(rho_raw, valid, n_level))
     return x.aggregate(mat * w), stats
 
 
 def decoupled_ppo_loss(x: LossInputs, p: DecoupledPPOConfig) -> tuple[Tensor, Stats]:
-    """AReaL (section 4): tokens with rho <= cap keep weight rho, the others are dropped (not truncated)."""
+    """AReaL (section 4): tokens with rho <= cap keep weight rho,
+    the others are dropped (not truncated)."""
     return weighted_ppo_loss(x, "token", lambda rho: rho <= (torch.inf if p.cap is None else p.cap))
 
 
@@ -180,7 +192,8 @@ def icepop_loss(x: LossInputs, p: IcePopConfig) -> tuple[Tensor, Stats]:
 
 # ---------------------------------------------------------------- GSPO (section 3)
 def gspo_loss(x: LossInputs, p: GSPOConfig) -> tuple[Tensor, Stats]:
-    """GSPO (section 3): clipped geometric-mean sequence ratio s_i, token view with per-token gradient.
+    """GSPO (section 3): clipped geometric-mean sequence ratio s_i,
+    token view with per-token gradient.
 
     log s_it = sg[log s_i] + logp_t - sg[logp_t]: value log s_i, gradient 1 per token, so each
     token's gradient is -A s_i and the sequence gets the exact gradient of its objective.
@@ -193,7 +206,8 @@ def gspo_loss(x: LossInputs, p: GSPOConfig) -> tuple[Tensor, Stats]:
     mat, clipped = clip_loss(token_adv(x.advantages, mask), s, p.eps_clip, p.eps_clip_high)
     n_tok, n_seq = x.counts()
     seq_ratio = torch.exp(log_s.detach().clamp(max=GSPO_LOG_RATIO_MAX))
-    stats = {"clip_frac": (clipped * mask).sum() / n_tok, "seq_ratio_mean": (seq_ratio * x.valid()).sum() / n_seq}
+    stats = {"clip_frac": (clipped * mask).sum() / n_tok,
+             "seq_ratio_mean": (seq_ratio * x.valid()).sum() / n_seq}
     return x.aggregate(mat, "seq-mean-token-mean"), stats
 
 
@@ -205,7 +219,8 @@ def vespo_phi(log_w: Tensor, positive: Tensor, *, k_pos: float = 2.0, lambda_pos
     phi(1) = 1 (on-policy keeps full weight), phi -> 0 as W -> 0 and W -> inf; nan/inf -> 0.
     """
     k = torch.where(positive, torch.full_like(log_w, k_pos), torch.full_like(log_w, k_neg))
-    lam = torch.where(positive, torch.full_like(log_w, lambda_pos), torch.full_like(log_w, lambda_neg))
+    lam = torch.where(positive, torch.full_like(log_w, lambda_pos),
+                      torch.full_like(log_w, lambda_neg))
     lam = lam.clamp(min=VESPO_LAMBDA_MIN)
     w = torch.exp(log_w).clamp(min=VESPO_W_MIN)
     log_phi = lam + k * torch.log(w) - lam * w
@@ -213,7 +228,8 @@ def vespo_phi(log_w: Tensor, positive: Tensor, *, k_pos: float = 2.0, lambda_pos
 
 
 def vespo_loss(x: LossInputs, p: VESPOConfig) -> tuple[Tensor, Stats]:
-    """VESPO (section 7): REINFORCE with the sequence weight reshaped by phi(W), W = pi_theta/pi_behav.
+    """VESPO (section 7): REINFORCE with the sequence weight reshaped by phi(W),
+    W = pi_theta/pi_behav.
 
     log W_i = clamp(sum_t clamp(sg logp - old)) with old = behav (fully async), or old = prox plus
     the folded sum_t clamp(prox - behav) when ``prox_logp`` is given (verl's sync path): both give
@@ -236,9 +252,11 @@ def vespo_loss(x: LossInputs, p: VESPOConfig) -> tuple[Tensor, Stats]:
     return x.aggregate(-phi[:, None] * token_adv(x.advantages, mask) * lp), stats
 
 
-# ---------------------------------------------------------------- VCPO (section 8) and OAPL (section 9)
-def vcpo_is_weights(old_logp: Tensor, behav_logp: Tensor, mask: Tensor, *, cap: float = 8.0) -> tuple[Tensor, Tensor]:
-    """VCPO sequence IS weights (section 8, step 1): w_i = exp(clamp(sum_t (old - behav))), w~ = min(w, cap).
+# ------------------------------------------------------------ VCPO (section 8) and OAPL (section 9)
+def vcpo_is_weights(old_logp: Tensor, behav_logp: Tensor, mask: Tensor, *,
+                    cap: float = 8.0) -> tuple[Tensor, Tensor]:
+    """VCPO sequence IS weights (section 8, step 1):
+    w_i = exp(clamp(sum_t (old - behav))), w~ = min(w, cap).
 
     ``old`` is the current policy detached (``prox_logp`` when the trainer has it). Constants, [B].
     """
@@ -268,7 +286,8 @@ def oapl_loss(x: LossInputs, p: OAPLConfig) -> tuple[Tensor, Stats]:
 
     L = (1/B) sum_i (beta2 * Delta_i - A*_i)^2, Delta_i = sum_t (logp - behav) (sequence log-ratio
     to the lagged inference policy, no IS, no clamp: the regression pulls large ratios back) and
-    A*_i = R_i - V_hat(x_g), the ``advantages`` (``oapl_advantages``, whole minibatch). Mean over sequences.
+    A*_i = R_i - V_hat(x_g), the ``advantages`` (``oapl_advantages``, whole minibatch).
+    Mean over sequences.
     """
     delta = masked_diff(x.logp, x.behav_logp.detach(), x.mask).sum(-1)
     valid = x.valid()
@@ -285,10 +304,13 @@ class Kernel:
     """A policy-loss kernel: everything the trainer needs to know about it, in one entry."""
 
     name: str  # trainer.loss.kernel
-    needs_prox: bool  # the trainer recomputes pi_prox at the start of the step (else prox_logp is None)
-    advantages: Callable[[AdvantageInputs, Any], Advantages]  # per minibatch (whole groups), before its loss
+    # the trainer recomputes pi_prox at the start of the step (else prox_logp is None)
+    needs_prox: bool
+    # per minibatch (whole groups), before its loss
+    advantages: Callable[[AdvantageInputs, Any], Advantages]
     loss: Callable[[LossInputs, Any], tuple[Tensor, Stats]]  # per micro-batch call
-    config: type | None  # its own knobs: the section trainer.loss.<name> (None: only the shared ones)
+    # its own knobs: the section trainer.loss.<name> (None: only the shared ones)
+    config: type | None
     # advantages depend on the weights each minibatch starts from (vcpo's score norms): computed per
     # minibatch; otherwise once on the whole batch (REINFORCE++ whitens over the whole batch)
     per_minibatch: bool = False
@@ -316,7 +338,8 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
 
 
 def compute_policy_loss(
-    cfg: LossConfig, *, logp: Tensor, prox_logp: Tensor | None, behav_logp: Tensor, advantages: Tensor,
+    cfg: LossConfig, *, logp: Tensor, prox_logp: Tensor | None, behav_logp: Tensor,
+    advantages: Tensor,
     mask: Tensor, n_tokens_global: float | None = None, n_seqs_global: float | None = None,
     ref_logp: Tensor | None = None, entropy: Tensor | None = None,
 ) -> tuple[Tensor, Stats]:
@@ -326,8 +349,10 @@ def compute_policy_loss(
     ``cfg.kl_coef`` > 0; ``entropy`` only for its stat. Stats are detached and summable."""
     k = KERNELS[cfg.kernel]  # cfg.kernel is one of LOSS_KINDS (LossConfig checks it)
     if k.needs_prox and prox_logp is None:
-        raise ValueError(f"loss kernel {k.name!r} needs prox_logp (recompute it, or pass behav_logp for bypass mode)")
-    x = LossInputs(logp, prox_logp, behav_logp, advantages, mask.detach().float(), cfg, n_tokens_global,
+        raise ValueError(f"loss kernel {k.name!r} needs prox_logp "
+                         "(recompute it, or pass behav_logp for bypass mode)")
+    x = LossInputs(logp, prox_logp, behav_logp, advantages, mask.detach().float(), cfg,
+                   n_tokens_global,
                    n_seqs_global)
     loss, stats = k.loss(x, cfg.params)
     return _add_common(loss, stats, x, ref_logp, entropy)

@@ -68,7 +68,8 @@ def init_distributed(trainer_cfg: TrainerConfig) -> tuple[int, int]:
         if trainer_cfg.device.startswith("cuda"):
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                                world_size=1,
                                 timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
@@ -153,7 +154,8 @@ def output_weight(model: torch.nn.Module) -> torch.Tensor:
     """The lm_head weight the forward uses: plus PEFT's delta when a LoRA adapter on ``lm_head``
     is on (off: the KL reference). Read by attribute: a run without LoRA never imports peft."""
     head = model.get_output_embeddings()
-    lora_a = getattr(head, "lora_A", None)  # PEFT's LoraLayer: lora_A, disable_adapters, get_delta_weight
+    # PEFT's LoraLayer: lora_A, disable_adapters, get_delta_weight
+    lora_a = getattr(head, "lora_A", None)
     if lora_a is not None and ADAPTER in lora_a and not head.disable_adapters:
         return head.weight + head.get_delta_weight(ADAPTER)
     return head.weight
@@ -219,7 +221,8 @@ def build_reference(model_cfg: ModelConfig, trainer_cfg: TrainerConfig,
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
-    """Multiplier on the base LR after ``step`` optimizer steps: linear warmup, then the schedule."""
+    """Multiplier on the base LR after ``step`` optimizer steps:
+    linear warmup, then the schedule."""
 
     def f(step: int) -> float:
         if warmup_steps > 0 and step < warmup_steps:
@@ -235,7 +238,8 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     return f
 
 
-def build_policy(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, adam_eps: float = 1e-8) -> Policy:
+def build_policy(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *,
+                 adam_eps: float = 1e-8) -> Policy:
     """Build (or load) the sharded fp32 model and its optimizer. ``adam_eps``: for tests comparing
     weights across shardings (a larger eps keeps Adam's first step linear in the gradient)."""
     device = trainer_device(trainer_cfg)
@@ -248,7 +252,8 @@ def build_policy(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, adam_eps
     # The optimizer step count is the number of AdamW steps (num_minibatches per policy version).
     total = trainer_cfg.steps * trainer_cfg.num_minibatches
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(trainer_cfg.lr_schedule, trainer_cfg.warmup_steps * trainer_cfg.num_minibatches, total))
+        optimizer, lr_lambda(trainer_cfg.lr_schedule,
+                             trainer_cfg.warmup_steps * trainer_cfg.num_minibatches, total))
     return Policy(model, optimizer, scheduler, device, dist.get_rank(), dist.get_world_size())
 
 

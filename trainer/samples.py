@@ -43,17 +43,20 @@ def sample_rows(groups: Sequence[TrajectoryGroup], version: int, k: int,
         })
         if multiturn:
             rows[-1].update(turns=t.metadata.get("turns"), masked_share=float(1.0 - mask.mean()),
-                            segments=segments(t.output_ids.tolist(), mask.tolist(), versions.tolist(), decode))
+                            segments=segments(t.output_ids.tolist(), mask.tolist(),
+                                              versions.tolist(), decode))
     return rows
 
 
-def segments(ids: list[int], mask: list[int], versions: list[int], decode: Callable[[list[int]], str]) -> list[dict]:
+def segments(ids: list[int], mask: list[int], versions: list[int],
+             decode: Callable[[list[int]], str]) -> list[dict]:
     """Runs of consecutive tokens with the same source and version, decoded."""
     out: list[dict] = []
     start = 0
     for i in range(1, len(ids) + 1):
         if i == len(ids) or (mask[i], versions[i]) != (mask[start], versions[start]):
-            out.append({"source": "generated" if mask[start] else "context", "version": versions[start],
+            out.append({"source": "generated" if mask[start] else "context",
+                        "version": versions[start],
                         "text": decode(ids[start:i])})
             start = i
     return out

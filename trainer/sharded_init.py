@@ -44,12 +44,14 @@ class InitOp:
     @property
     def random(self) -> bool:
         return self.func._schema.name in ("aten::normal_", "aten::uniform_", "aten::bernoulli_",
-                                          "aten::random_", "aten::exponential_", "aten::log_normal_",
+                                          "aten::random_", "aten::exponential_",
+                                          "aten::log_normal_",
                                           "aten::cauchy_", "aten::geometric_")
 
 
 def record_init(cfg: ModelConfig) -> list[InitOp]:
-    """The in-place writes ``build_model(cfg)`` (no ``path``) performs, in order, without running it."""
+    """The in-place writes ``build_model(cfg)`` (no ``path``) performs,
+    in order, without running it."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._python_dispatch import TorchDispatchMode
     from transformers import AutoModelForCausalLM
@@ -61,7 +63,8 @@ def record_init(cfg: ModelConfig) -> list[InitOp]:
     class Recorder(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             schema = func._schema.arguments
-            if args and schema and schema[0].alias_info is not None and schema[0].alias_info.is_write:
+            if (args and schema and schema[0].alias_info is not None
+                    and schema[0].alias_info.is_write):
                 raw.append((func, args[0], args[1:], kwargs or {}))
             return func(*args, **(kwargs or {}))
 
@@ -73,11 +76,13 @@ def record_init(cfg: ModelConfig) -> list[InitOp]:
     ops = []
     for func, target, args, kwargs in raw:
         if kwargs:
-            raise ValueError(f"cannot replay the initialisation: {func} was called with keyword arguments")
+            raise ValueError(f"cannot replay the initialisation: {func} "
+                             "was called with keyword arguments")
         base = target._base if target._is_view() else target
         whole = not target._is_view() and target.is_contiguous()
         view = None if whole else (tuple(target.shape), target.stride(), target.storage_offset())
-        ops.append(InitOp(func, tuple(args), names.get(id(base)), tuple(base.shape), base.dtype, view,
+        ops.append(InitOp(func, tuple(args), names.get(id(base)), tuple(base.shape), base.dtype,
+                          view,
                           any(isinstance(a, torch.Tensor) for a in args)))
     return ops
 
@@ -115,7 +120,8 @@ def replay_init(ops: list[InitOp], params: dict[str, torch.Tensor], seed: int) -
                         op.func(_target(op, torch.empty(op.base_shape, dtype=op.dtype)), *op.args)
                     continue
                 if op.reads_tensor:
-                    raise ValueError(f"cannot replay the initialisation of {op.name}: {op.func} reads a tensor")
+                    raise ValueError(f"cannot replay the initialisation of {op.name}: "
+                                     f"{op.func} reads a tensor")
                 if i == last_full[op.name]:
                     full[op.name] = torch.empty(op.base_shape, dtype=op.dtype)
                 op.func(_target(op, full[op.name]), *op.args)
@@ -126,15 +132,19 @@ def replay_init(ops: list[InitOp], params: dict[str, torch.Tensor], seed: int) -
 
 
 def local_slices(param: torch.Tensor) -> tuple[slice, ...]:
-    """The index of this rank's shard of ``param`` in the full tensor (all of it if not a DTensor)."""
+    """The index of this rank's shard of ``param`` in the full tensor
+    (all of it if not a DTensor)."""
     if not isinstance(param, DTensor):
         return tuple(slice(0, n) for n in param.shape)
-    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh,
+                                                          param.placements)
     return tuple(slice(o, o + n) for o, n in zip(offset, shape))
 
 
-def write_shard(param: torch.Tensor, full_or_slice: torch.Tensor, already_sliced: bool = False) -> None:
-    """Copy this rank's rows of a full CPU tensor (or the rows already read) into ``param``'s shard."""
+def write_shard(param: torch.Tensor, full_or_slice: torch.Tensor,
+                already_sliced: bool = False) -> None:
+    """Copy this rank's rows of a full CPU tensor (or the rows already read)
+    into ``param``'s shard."""
     local = param.to_local() if isinstance(param, DTensor) else param
     src = full_or_slice if already_sliced else full_or_slice[local_slices(param)]
     if tuple(src.shape) != tuple(local.shape):
@@ -149,8 +159,9 @@ def load_safetensors(params: dict[str, torch.Tensor], directory: Path) -> None:
 
     files = sorted(directory.glob("*.safetensors"))
     if not files:
-        raise ValueError(f"model.path={str(directory)!r} has no *.safetensors files: the trainer loads "
-                         "safetensors only (save the model with save_pretrained(safe_serialization=True))")
+        raise ValueError(f"model.path={str(directory)!r} has no *.safetensors files: the trainer "
+                         "loads safetensors only (save the model with "
+                         "save_pretrained(safe_serialization=True))")
     index = directory / "model.safetensors.index.json"
     if index.is_file():  # a sharded checkpoint: read only the files the index names
         names = set(json.loads(index.read_text())["weight_map"].values())
@@ -162,13 +173,16 @@ def load_safetensors(params: dict[str, torch.Tensor], directory: Path) -> None:
                 if key not in params:
                     unexpected.append(key)
                     continue
-                write_shard(params[key], sf.get_slice(key)[local_slices(params[key])], already_sliced=True)
+                write_shard(params[key], sf.get_slice(key)[local_slices(params[key])],
+                            already_sliced=True)
                 done.add(key)
     missing = sorted(set(params) - done)
     if missing:
-        raise ValueError(f"model.path={str(directory)!r} lacks {len(missing)} weight(s): {missing[:8]}")
+        raise ValueError(f"model.path={str(directory)!r} lacks {len(missing)} weight(s): "
+                         f"{missing[:8]}")
     if unexpected:
-        log.warning("model.path=%s: %d tensor(s) not in the model ignored: %s", directory, len(unexpected),
+        log.warning("model.path=%s: %d tensor(s) not in the model ignored: %s", directory,
+                    len(unexpected),
                     unexpected[:8])
 
 
@@ -191,7 +205,8 @@ def restore_buffers(model: torch.nn.Module) -> None:
         if not own:
             continue
         if "RotaryEmbedding" not in type(module).__name__:
-            raise ValueError(f"cannot materialise buffers {sorted(own)} of {mod_name} ({type(module).__name__}) "
+            raise ValueError(f"cannot materialise buffers {sorted(own)} of {mod_name} "
+                             f"({type(module).__name__}) "
                              "from the meta device")
         with torch.device("cpu"):  # computed as build_model computes it, then moved
             fresh = type(module)(config=module.config)
@@ -203,8 +218,10 @@ def materialize(model: torch.nn.Module, cfg: ModelConfig, device: torch.device) 
     """Allocate ``model``'s (sharded) parameters on ``device`` and fill them from ``cfg.path`` or
     with ``cfg.init_seed``'s initialisation; returns ``model``."""
     model.to_empty(device=device)
-    if not any(isinstance(p, DTensor) for p in model.parameters()) and hasattr(model, "tie_weights"):
-        model.tie_weights()  # not sharded (one rank): to_empty gave each module its own meta -> device copy
+    if (not any(isinstance(p, DTensor) for p in model.parameters())
+            and hasattr(model, "tie_weights")):
+        # not sharded (one rank): to_empty gave each module its own meta -> device copy
+        model.tie_weights()
     named = dict(model.named_parameters())  # a tied parameter appears once, under its first name
     params = {base_name(n): p for n, p in named.items() if not is_adapter(n)}  # Hugging Face names
     if cfg.path:

@@ -34,7 +34,14 @@ from trainer.data import TrainBatch
 from trainer.finite_guard import SKIPPED, all_finite
 from trainer.logprobs import CHUNK_TOKENS
 from trainer.loss_terms import norms
-from trainer.losses import KERNELS, Kernel, accumulate_stats, compute_policy_loss, finalize_stats, vcpo_is_weights
+from trainer.losses import (
+    KERNELS,
+    Kernel,
+    accumulate_stats,
+    compute_policy_loss,
+    finalize_stats,
+    vcpo_is_weights,
+)
 from trainer.model import Policy, clip_gradients, evaluating
 from trainer.packing import Plan, plan_minibatch
 from trainer.ranks import local, rank_world, several
@@ -49,7 +56,8 @@ class StepSettings:
     grad_clip: float
     temperature: float
     chunk_tokens: int = CHUNK_TOKENS  # trainer.logprob_chunk_tokens
-    max_new_tokens: int | None = None  # task.max_new_tokens: Dr.GRPO's constant C when none is configured
+    # task.max_new_tokens: Dr.GRPO's constant C when none is configured
+    max_new_tokens: int | None = None
     pack_sequences: bool = False  # trainer.pack_sequences
     pack_min_padding: float = 0.0  # trainer.pack_min_padding (0: every minibatch packed)
     max_tokens_per_micro_batch: int = 0  # trainer.max_tokens_per_micro_batch (0: micro_batch_size)
@@ -58,7 +66,8 @@ class StepSettings:
     @classmethod
     def of(cls, t: TrainerConfig, task: TaskConfig) -> StepSettings:
         return cls(loss=t.loss, estimator=t.estimator, micro_batch_size=t.micro_batch_size,
-                   num_minibatches=t.num_minibatches, grad_clip=t.grad_clip, temperature=task.temperature,
+                   num_minibatches=t.num_minibatches, grad_clip=t.grad_clip,
+                   temperature=task.temperature,
                    chunk_tokens=t.logprob_chunk_tokens, max_new_tokens=task.max_new_tokens,
                    pack_sequences=t.pack_sequences, pack_min_padding=t.pack_min_padding,
                    max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
@@ -92,14 +101,15 @@ def output_logp(model: torch.nn.Module, mb: TrainBatch, temperature: float,
     if packed:
         return packed_output_logp(model, mb, temperature, chunk_tokens)
     s, t_max = mb.input_ids.shape[1], mb.mask.shape[1]
-    pos = (mb.prompt_lens[:, None] - 1 + torch.arange(t_max, device=mb.input_ids.device)).clamp(max=s - 2)
+    pos = (mb.prompt_lens[:, None] - 1
+           + torch.arange(t_max, device=mb.input_ids.device)).clamp(max=s - 2)
     return model.policy_logprobs(mb.input_ids, pos, temperature, chunk_tokens)
 
 
 def packed_output_logp(model: torch.nn.Module, mb: TrainBatch, temperature: float,
                        chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
-    """``output_logp`` with the rows packed into one row: row i at offset ``o_i``, its output token t
-    predicted at ``o_i + P_i - 1 + t``; only output tokens reach the lm_head."""
+    """``output_logp`` with the rows packed into one row: row i at offset ``o_i``, its output
+    token t predicted at ``o_i + P_i - 1 + t``; only output tokens reach the lm_head."""
     dev, lens = mb.input_ids.device, (mb.prompt_lens + mb.output_lens).cpu()
     n, t_max = mb.mask.shape
     ids = torch.cat([mb.input_ids[i, :int(k)] for i, k in enumerate(lens)])[None]
@@ -119,7 +129,8 @@ def packed_output_logp(model: torch.nn.Module, mb: TrainBatch, temperature: floa
 
 
 def minibatches(batch: TrainBatch, n: int) -> list[torch.Tensor]:
-    """Split the groups into ``n`` contiguous runs (sizes differ by at most one group); row indices."""
+    """Split the groups into ``n`` contiguous runs
+    (sizes differ by at most one group); row indices."""
     n_groups = int(batch.head_versions.numel())
     bounds = [round(k * n_groups / n) for k in range(n + 1)]
     out = []
@@ -154,7 +165,8 @@ def rank_calls(p: Plan, rows: torch.Tensor) -> Iterator[tuple[torch.Tensor, bool
 
 
 @torch.no_grad()
-def batch_logp(model: torch.nn.Module, batch: TrainBatch, s: StepSettings, device: torch.device) -> torch.Tensor:
+def batch_logp(model: torch.nn.Module, batch: TrainBatch, s: StepSettings,
+               device: torch.device) -> torch.Tensor:
     """log-probs [N, T] (CPU, fp32) of this rank's rows, over ``train_step``'s micro-batches."""
     out = torch.zeros_like(batch.behav_logp)
     with evaluating(model):  # no dropout: what the engines compute
@@ -184,7 +196,8 @@ def reference_logp(reference: torch.nn.Module | None, batch: TrainBatch, s: Step
         return batch_logp(reference, batch, s, device)
 
 
-def minibatch_advantages(policy: Policy, batch: TrainBatch, rows: torch.Tensor, s: StepSettings) -> Advantages:
+def minibatch_advantages(policy: Policy, batch: TrainBatch, rows: torch.Tensor,
+                         s: StepSettings) -> Advantages:
     """The kernel's advantages for one minibatch (whole groups), at the weights it starts from."""
     a = AdvantageInputs(batch.rewards[rows], batch.group_ids[rows], batch.mask[rows], s.estimator,
                         score_terms=lambda: sequence_score_terms(policy, batch, rows, s))
@@ -192,14 +205,16 @@ def minibatch_advantages(policy: Policy, batch: TrainBatch, rows: torch.Tensor, 
 
 
 def batch_advantages(batch: TrainBatch, s: StepSettings) -> Advantages | None:
-    """The kernel's advantages over the WHOLE batch; None when they need each minibatch's weights."""
+    """The kernel's advantages over the WHOLE batch;
+    None when they need each minibatch's weights."""
     if s.kernel.per_minibatch:
         return None
     a = AdvantageInputs(batch.rewards, batch.group_ids, batch.mask, s.estimator)
     return s.kernel.advantages(a, s.loss.params)
 
 
-def forward_backward(policy: Policy, mb: TrainBatch, advantages: torch.Tensor, prox_logp: torch.Tensor | None,
+def forward_backward(policy: Policy, mb: TrainBatch, advantages: torch.Tensor,
+                     prox_logp: torch.Tensor | None,
                      s: StepSettings, loss_cfg: LossConfig, n_tokens: float, n_seqs: float,
                      ref_logp: torch.Tensor | None = None, *, packed: bool,
                      share: float = 1.0) -> dict:
@@ -210,7 +225,8 @@ def forward_backward(policy: Policy, mb: TrainBatch, advantages: torch.Tensor, p
     if prox_logp is None and s.kernel.needs_prox:
         prox_logp = logp.detach()
     loss, stats = compute_policy_loss(
-        loss_cfg, logp=logp, prox_logp=prox_logp, behav_logp=mb.behav_logp, advantages=advantages, mask=mb.mask,
+        loss_cfg, logp=logp, prox_logp=prox_logp, behav_logp=mb.behav_logp, advantages=advantages,
+        mask=mb.mask,
         n_tokens_global=n_tokens, n_seqs_global=n_seqs, ref_logp=ref_logp)
     (loss * (policy.world_size * share)).backward()  # FSDP2 averages over ranks (module docstring)
     if share != 1.0:
@@ -249,7 +265,8 @@ def _reduce_stats(stats: dict) -> dict[str, float]:
     sums = [k for k in keys if not k.endswith("_max")]
     maxes = [k for k in keys if k.endswith("_max")]
     vs = torch.stack([stats[k].float().cpu().reshape(()) for k in sums]) if sums else torch.zeros(0)
-    vm = torch.stack([stats[k].float().cpu().reshape(()) for k in maxes]) if maxes else torch.zeros(0)
+    vm = (torch.stack([stats[k].float().cpu().reshape(()) for k in maxes]) if maxes
+          else torch.zeros(0))
     if several():
         dist.all_reduce(vs)
         dist.all_reduce(vm, op=dist.ReduceOp.MAX)
@@ -273,9 +290,11 @@ def sequence_score_terms(policy: Policy, batch: TrainBatch, rows: torch.Tensor,
         (score * (world if mine else 0.0)).backward()
         # Read after the backward: FSDP2 swaps sharded and unsharded parameters.
         params = [p for p in policy.model.parameters() if p.requires_grad]
-        g2[k] = sum(float(local(p.grad).double().pow(2).sum()) for p in params if p.grad is not None)
+        g2[k] = sum(float(local(p.grad).double().pow(2).sum())
+                    for p in params if p.grad is not None)
         if mine:
-            w[k] = float(vcpo_is_weights(logp.detach(), mb.behav_logp, mb.mask)[0][0])  # unclipped w
+            # unclipped w
+            w[k] = float(vcpo_is_weights(logp.detach(), mb.behav_logp, mb.mask)[0][0])
     policy.optimizer.zero_grad(set_to_none=True)
     if world > 1:
         dist.all_reduce(g2)
@@ -287,8 +306,10 @@ def train_step(policy: Policy, batch: TrainBatch, s: StepSettings, prox_logp: to
                ref_logp: torch.Tensor | None = None) -> dict[str, float]:
     """``num_minibatches`` optimizer steps on ``batch``; returns stats averaged over them."""
     if prox_logp is None and s.kernel.needs_prox and not s.fuse_prox:
-        raise ValueError(f"trainer.loss.kernel={s.loss.kernel} with trainer.num_minibatches={s.num_minibatches} "
-                         "needs the proximal log-probs recomputed before the step (recompute_prox_logp)")
+        raise ValueError(f"trainer.loss.kernel={s.loss.kernel} with "
+                         f"trainer.num_minibatches={s.num_minibatches} "
+                         "needs the proximal log-probs recomputed before the step "
+                         "(recompute_prox_logp)")
     loss_cfg = s.loss_config(batch)
     advantages = torch.zeros_like(batch.mask)
     per_step: list[dict[str, float]] = []

@@ -81,12 +81,14 @@ class BucketPipeline:
     def __init__(self, wait: Callable[[dist.Work], None] = lambda w: w.wait()):
         self.wait = wait
         self._staging: list[torch.Tensor | None] = [None] * self.SLOTS
-        self._works: list[dist.Work | None] = [None] * self.SLOTS  # per staging buffer: the broadcast reading it
+        # per staging buffer: the broadcast reading it
+        self._works: list[dist.Work | None] = [None] * self.SLOTS
         self._next = 0  # the staging buffer the next bucket is packed into
         self._staged: list[tuple[int, torch.Tensor]] = []  # packed, not yet launched, oldest first
 
     def stage(self, tensors: list[torch.Tensor]) -> int:
-        """Pack one bucket into the next staging buffer once its last broadcast completed; its bytes."""
+        """Pack one bucket into the next staging buffer once its last broadcast completed;
+        its bytes."""
         slot = self._next
         if any(s == slot for s, _ in self._staged):
             raise RuntimeError("both staging buffers hold buckets not launched yet")
@@ -94,7 +96,8 @@ class BucketPipeline:
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         buf = self._staging[slot]
         if buf is None or buf.numel() < nbytes or buf.device != tensors[0].device:
-            buf = self._staging[slot] = torch.empty(nbytes, dtype=torch.uint8, device=tensors[0].device)
+            buf = self._staging[slot] = torch.empty(nbytes, dtype=torch.uint8,
+                                                    device=tensors[0].device)
         self._staged.append((slot, pack(tensors, buf)))
         self._next = (slot + 1) % self.SLOTS
         return nbytes
@@ -135,7 +138,8 @@ class BucketPipeline:
         self._staged = list(staged)
 
     def abandon(self) -> None:
-        """After a failure or a push without members: forget the staged and the in-flight buckets."""
+        """After a failure or a push without members:
+        forget the staged and the in-flight buckets."""
         self._staged, self._works = [], [None] * self.SLOTS
 
     def release(self) -> None:

@@ -54,7 +54,8 @@ class WeightGroup:
         return True
 
     def form(self, plan: WeightSyncPlan, key: tuple, watch: RendezvousWatch) -> None:
-        """Join ``plan``'s group as rank 0; the rendezvous ends at ``watch.give_up`` or a lost member."""
+        """Join ``plan``'s group as rank 0;
+        the rendezvous ends at ``watch.give_up`` or a lost member."""
         self.teardown()
         self.pg = init_weight_group(plan.backend, plan.master_addr, plan.master_port,
                                     plan.world_size, 0, plan.group_name,
@@ -136,7 +137,8 @@ class GroupSender(Sender):
 
     def send(self, params, buckets: list[BucketSpec], report, deadline: float,
              check: Callable[[], None]) -> None:
-        """Broadcast the staged buckets, then gather (all ranks) and broadcast (rank 0) the others."""
+        """Broadcast the staged buckets, then gather (all ranks) and
+        broadcast (rank 0) the others."""
         healthy = self.rank == 0 and self.group.pg is not None
         self.pipeline.wait = lambda work: wait_work(work, deadline, self.group.backend, check)
         t0 = time.monotonic()

@@ -65,7 +65,8 @@ def _shared_by_file_name() -> Iterator[None]:
 
 
 def tensor_payload(named: list[tuple[str, torch.Tensor]]) -> str:
-    """SGLang's ``serialized_named_tensors`` entry (one TP rank): base64 of the ForkingPickler dump."""
+    """SGLang's ``serialized_named_tensors`` entry (one TP rank):
+    base64 of the ForkingPickler dump."""
     from multiprocessing.reduction import ForkingPickler
 
     buf = io.BytesIO()

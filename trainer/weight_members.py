@@ -19,11 +19,14 @@ log = logging.getLogger("trainer.weight_sync")
 BUFFER_REQUEST_TIMEOUT_S = 10.0  # the buffer answers control requests in milliseconds when alive
 # a stalled broadcast checks every slice whether a member already reported failure
 BROADCAST_SLICE_S = 1.0
-# SyncStatus poll period: short first (a small model's sync takes tens of ms), doubling up to the longest
+# SyncStatus poll period: short first (a small model's sync takes tens of ms),
+# doubling up to the longest
 STATUS_POLL_MIN_S = 0.005
 STATUS_POLL_S = 0.05
-ROSTER_POLL_S = 0.5  # while waiting for members: how often to check that they are still in the roster
-REPUSH_MIN_S = 1.0  # a re-push needs at least this much of the deadline left (a rendezvous and the buckets)
+# while waiting for members: how often to check that they are still in the roster
+ROSTER_POLL_S = 0.5
+# a re-push needs at least this much of the deadline left (a rendezvous and the buckets)
+REPUSH_MIN_S = 1.0
 # The end of the deadline a rendezvous leaves for the members' reports (so the buffer tells members
 # that joined and failed from those that never joined), at most this share of the time left
 REPORT_MARGIN_S = 1.0
@@ -37,7 +40,8 @@ def bounded(deadline: float) -> float:
 
 def rendezvous_end(deadline: float) -> float:
     """When a rendezvous starting now gives up: the reports' margin before ``deadline``."""
-    return deadline - min(REPORT_MARGIN_S, REPORT_MARGIN_SHARE * max(0.0, deadline - time.monotonic()))
+    return deadline - min(REPORT_MARGIN_S,
+                          REPORT_MARGIN_SHARE * max(0.0, deadline - time.monotonic()))
 
 
 class MembersLost(RuntimeError):
@@ -69,7 +73,8 @@ def failed_members(client, version: int) -> list[str]:
     return list(st.failed) if isinstance(st, SyncStatus) else []
 
 
-def await_registered(client, want: int, timeout_s: float, should_stop=lambda: False, poll_s: float = 0.1) -> bool:
+def await_registered(client, want: int, timeout_s: float, should_stop=lambda: False,
+                     poll_s: float = 0.1) -> bool:
     """Rank 0, before the initial push: whether ``want`` servers registered before ``timeout_s`` or
     a stop."""
     deadline = time.monotonic() + timeout_s
@@ -92,7 +97,8 @@ class RendezvousWatch:
     ``TimeoutError`` at ``give_up``."""
 
     def __init__(self, client, version: int, members: list[str], deadline: float, give_up: float):
-        self.client, self.version, self.members, self.deadline = client, version, set(members), deadline
+        self.client, self.version, self.members, self.deadline = (
+            client, version, set(members), deadline)
         self.give_up = give_up
 
     def __call__(self) -> None:

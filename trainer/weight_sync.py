@@ -166,8 +166,9 @@ class WeightBroadcaster:
 
     def catch_up(self, model: torch.nn.Module, version: int, timeout_s: float,
                  should_stop: Callable[[], bool] = lambda: False, final_eval: bool = False) -> int:
-        """After the last step (a collective; rank 0 decides each round): re-push ``version`` until
-        every member serves it and none evaluates, ``timeout_s`` passed or a stop; the pushes made."""
+        """After the last step (a collective; rank 0 decides each round): re-push ``version``
+        until every member serves it and none evaluates, ``timeout_s`` passed or a stop; the
+        pushes made."""
         self.join()
         deadline, pushes = time.monotonic() + timeout_s, 0
         while True:
@@ -183,8 +184,8 @@ class WeightBroadcaster:
 
     def catch_up_decision(self, version: int, deadline: float, pushes: int,
                           final_eval: bool = False) -> str:
-        """Rank 0: "wait" (a server evaluates, or ``final_eval`` and none that evaluates yet), "push"
-        (a member is behind; never one refused for its versions) or "done"."""
+        """Rank 0: "wait" (a server evaluates, or ``final_eval`` and none that evaluates yet),
+        "push" (a member is behind; never one refused for its versions) or "done"."""
         try:
             reply = roster(self.client, deadline)
         except (TransportTimeout, RuntimeError):
