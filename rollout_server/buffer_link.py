@@ -58,15 +58,18 @@ class BufferLink:
     """Groups out, leases in, for one server (module docstring)."""
 
     def __init__(self, control: AsyncClient, data: AsyncClient, server_id: str, metrics: Metrics,
-                 free_slots: Callable[[], int], blocked: Callable[[], bool], start: Callable[[Credit], None]):
+                 free_slots: Callable[[], int], blocked: Callable[[], bool],
+                 start: Callable[[Credit], None]):
         # two connections: a CreditRequest does not queue behind a group the buffer is storing
         self.control, self.data, self.server_id, self.metrics = control, data, server_id, metrics
         self.free_slots = free_slots  # episode slots not running an episode
-        self.blocked = blocked  # a weight sync is pending or applied: no lease is asked for or started
+        # a weight sync is pending or applied: no lease is asked for or started
+        self.blocked = blocked
         self.start = start  # starts the episode of one lease
         self.unacked: dict[str, Unacked] = {}
         self.ready = asyncio.Event()  # a group was added: the sender sends it at once
-        self.asked = 0  # leases asked for by requests still in flight (CreditRequest or a group's send)
+        # leases asked for by requests still in flight (CreditRequest or a group's send)
+        self.asked = 0
         self.held: list[Credit] = []  # leases that arrived while a weight sync blocked
         self.next_request_at = 0.0  # monotonic; credit requests back off while admission is closed
 
@@ -84,7 +87,8 @@ class BufferLink:
 
     def take(self, credits: list[Credit], via: str) -> None:
         """Leases received: started now, or held while a weight sync blocks."""
-        self.metrics.counter("rollout/leases_received", "leases received, by how they were asked for",
+        self.metrics.counter("rollout/leases_received",
+                             "leases received, by how they were asked for",
                              ("via",)).labels(via=via).inc(len(credits))
         self.held.extend(credits)
         self.start_held()
@@ -104,7 +108,8 @@ class BufferLink:
             return True
         self.asked += want
         try:
-            reply = await self.control.request(CreditRequest(server_id=self.server_id, max_credits=want))
+            reply = await self.control.request(CreditRequest(server_id=self.server_id,
+                                                             max_credits=want))
         except TransportTimeout:
             self.next_request_at = time.monotonic() + RESEND_BACKOFF_S
             return True
@@ -119,14 +124,17 @@ class BufferLink:
 
     async def report_sync(self, done: SyncDone, attempts: int) -> bool:
         """Tell the buffer a weight sync is over, asking for the free slots' leases with the report
-        when it loaded (a repeat asks for none, as a re-sent group does). False if no attempt was answered."""
-        if done.ok:  # a back-off from before is over: the version just loaded is what reopens admission
+        when it loaded (a repeat asks for none, as a re-sent group does). False if no attempt was
+        answered."""
+        # a back-off from before is over: the version just loaded is what reopens admission
+        if done.ok:
             self.window_moved()
         for attempt in range(attempts):
             want = self.wanted() if done.ok and attempt == 0 else 0
             self.asked += want
             try:
-                ack = await self.control.request(msgspec.structs.replace(done, want_credits=want) if want else done)
+                ack = await self.control.request(msgspec.structs.replace(done, want_credits=want)
+                                                 if want else done)
             except TransportTimeout:
                 continue
             finally:
@@ -147,7 +155,8 @@ class BufferLink:
             u.due = 0.0
 
     async def sender(self) -> None:
-        """Send every due group, forever, ``SEND_WINDOW`` in flight at once; keep each until the buffer acks it."""
+        """Send every due group, forever, ``SEND_WINDOW`` in flight at once; keep each until the
+        buffer acks it."""
         while True:
             self.ready.clear()
             now = time.monotonic()
@@ -173,7 +182,8 @@ class BufferLink:
             u.sends += 1
             self.metrics.counter("rollout/groups_resent" if u.sends > 1 else "rollout/groups_sent",
                                  "TrajectoryGroup sends").inc()
-            want = self.wanted() if u.sends == 1 else 0  # a re-send may be a duplicate (module docstring)
+            # a re-send may be a duplicate (module docstring)
+            want = self.wanted() if u.sends == 1 else 0
             self.asked += want
             asked += want
             msgs.append(msgspec.structs.replace(u.group, want_credits=want) if want else u.group)
@@ -196,10 +206,13 @@ class BufferLink:
                 log.warning("group %s rejected: %s", u.group.group_id, ack.reason)
                 self.metrics.counter("rollout/groups_rejected", "groups the buffer refused").inc()
             else:
-                self.metrics.counter("rollout/groups_acked", "groups acknowledged by the buffer").inc()
-        else:  # no answer, or "unavailable" (the buffer's disk is full): keep it, send it again later
+                self.metrics.counter("rollout/groups_acked",
+                                     "groups acknowledged by the buffer").inc()
+        else:
+            # no answer, or "unavailable" (the buffer's disk is full): keep it, send it again later
             if isinstance(ack, Ack) and ack.status == "unavailable":
-                self.metrics.counter("rollout/groups_deferred", "sends the buffer could not store (disk full)").inc()
+                self.metrics.counter("rollout/groups_deferred",
+                                     "sends the buffer could not store (disk full)").inc()
             u.due = time.monotonic() + RESEND_BACKOFF_S
 
     async def flush(self, seconds: float) -> None:
@@ -215,4 +228,5 @@ class BufferLink:
             if isinstance(ack, Ack) and ack.status in ("accepted", "duplicate"):
                 self.unacked.pop(u.group.group_id, None)
         if self.unacked:
-            log.warning("stopping with %d unacknowledged groups (their leases will be re-issued)", len(self.unacked))
+            log.warning("stopping with %d unacknowledged groups (their leases will be re-issued)",
+                        len(self.unacked))

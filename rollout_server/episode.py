@@ -89,14 +89,17 @@ def segment_versions(out: GenerateOutput, fallback: int) -> list[int]:
     return versions
 
 
-async def generate_sample(client: SGLangClient, prompt_ids: list[int], sampling: dict, max_new_tokens: int,
-                          current_version_fn: Callable[[], int], metrics: Metrics | None = None) -> Sample:
+async def generate_sample(client: SGLangClient, prompt_ids: list[int], sampling: dict,
+                          max_new_tokens: int, current_version_fn: Callable[[], int],
+                          metrics: Metrics | None = None) -> Sample:
     """Generate one sample to completion, resubmitting across pauses (module docstring)."""
-    return (await generate_group(client, prompt_ids, 1, sampling, max_new_tokens, current_version_fn, metrics))[0]
+    return (await generate_group(client, prompt_ids, 1, sampling, max_new_tokens,
+                                 current_version_fn, metrics))[0]
 
 
-async def generate_group(client: SGLangClient, prompt_ids: list[int], n: int, sampling: dict, max_new_tokens: int,
-                         current_version_fn: Callable[[], int], metrics: Metrics | None = None) -> list[Sample]:
+async def generate_group(client: SGLangClient, prompt_ids: list[int], n: int, sampling: dict,
+                         max_new_tokens: int, current_version_fn: Callable[[], int],
+                         metrics: Metrics | None = None) -> list[Sample]:
     """n samples for one prompt, each resubmitted across pauses on its own (module docstring). The
     samples not finished yet go to the engine as ONE batched ``/generate`` (a list of prompts, one
     per sample): one HTTP round trip per group and pause instead of one per sample."""
@@ -104,7 +107,8 @@ async def generate_group(client: SGLangClient, prompt_ids: list[int], n: int, sa
     pending = list(range(n))
     while pending:
         inputs = [prompt_ids + samples[i].output_ids for i in pending]
-        params = [dict(sampling, max_new_tokens=max_new_tokens - len(samples[i].output_ids)) for i in pending]
+        params = [dict(sampling, max_new_tokens=max_new_tokens - len(samples[i].output_ids))
+                  for i in pending]
         _gauge(metrics, "rollout/requests_in_flight", +len(pending))
         try:
             outs = await client.generate_batch(inputs, params) if len(pending) > 1 else \
@@ -112,23 +116,26 @@ async def generate_group(client: SGLangClient, prompt_ids: list[int], n: int, sa
         finally:
             _gauge(metrics, "rollout/requests_in_flight", -len(pending))
         pending = [i for i, out in zip(pending, outs, strict=True)
-                   if not _absorb(samples[i], out, i, empty, max_new_tokens, current_version_fn(), metrics)]
+                   if not _absorb(samples[i], out, i, empty, max_new_tokens, current_version_fn(),
+                                  metrics)]
     return samples
 
 
-def _absorb(sample: Sample, out: GenerateOutput, i: int, empty: list[int], max_new_tokens: int, version: int,
-            metrics: Metrics | None) -> bool:
+def _absorb(sample: Sample, out: GenerateOutput, i: int, empty: list[int], max_new_tokens: int,
+            version: int, metrics: Metrics | None) -> bool:
     """Append one segment to ``sample``; True when the sample is finished, False to resubmit it."""
     sample.output_ids += out.output_ids
     sample.logprobs += out.logprobs
     sample.versions += segment_versions(out, version)
     if metrics is not None:
-        metrics.counter("rollout/tokens_generated", "output tokens received").inc(len(out.output_ids))
+        metrics.counter("rollout/tokens_generated",
+                        "output tokens received").inc(len(out.output_ids))
     if out.finish_reason != "abort":
         sample.finish_reason = out.finish_reason
         return True
     if out.abort_status is not None and out.abort_status >= 400:
-        raise SGLangError("/generate", out.abort_status, f"request aborted by the engine: {out.finish_message}")
+        raise SGLangError("/generate", out.abort_status,
+                          f"request aborted by the engine: {out.finish_message}")
     if len(sample.output_ids) >= max_new_tokens:
         sample.finish_reason = "length"
         return True
@@ -174,11 +181,13 @@ async def run_episode(ctx: EpisodeContext, credit: Credit) -> TrajectoryGroup:
     example = ctx.task.example(credit.prompt_index, credit.epoch)
     prompt_ids = encode_prompt(ctx.tokenizer, example, ctx.task_cfg)
     t0 = time.monotonic()
-    samples = await generate_group(ctx.client, prompt_ids, ctx.task_cfg.group_size, ctx.sampling_params(),
-                                   ctx.task_cfg.max_new_tokens, ctx.current_version_fn, ctx.metrics)
+    samples = await generate_group(ctx.client, prompt_ids, ctx.task_cfg.group_size,
+                                   ctx.sampling_params(), ctx.task_cfg.max_new_tokens,
+                                   ctx.current_version_fn, ctx.metrics)
     if ctx.metrics is not None:
         ctx.metrics.histogram("rollout/generation_seconds", "wall time to generate one group",
-                              buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)).observe(time.monotonic() - t0)
+                              buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)).observe(
+                                  time.monotonic() - t0)
     texts = [ctx.tokenizer.decode(s.output_ids, skip_special_tokens=True) for s in samples]
     scores = await ctx.rewards.score_group(example.prompt, texts, example)
     trajectories = []
@@ -187,12 +196,15 @@ async def run_episode(ctx: EpisodeContext, credit: Credit) -> TrajectoryGroup:
         if error is not None:
             meta["reward_error"] = error
         trajectories.append(Trajectory.of(
-            prompt_ids=as_i32(prompt_ids), output_ids=as_i32(s.output_ids), behav_logp=as_f32(s.logprobs),
-            versions=as_i32(s.versions), reward=reward, finish_reason=s.finish_reason, metadata=meta))
+            prompt_ids=as_i32(prompt_ids), output_ids=as_i32(s.output_ids),
+            behav_logp=as_f32(s.logprobs), versions=as_i32(s.versions), reward=reward,
+            finish_reason=s.finish_reason, metadata=meta))
     if ctx.metrics is not None and trajectories:
         total = sum(t.reward for t in trajectories)
-        ctx.metrics.gauge("rollout/reward_mean", "mean reward of the last group").set(total / len(trajectories))
-        # every sample's reward: _sum / _count over an interval is its mean reward (`areal-like top`);
+        ctx.metrics.gauge("rollout/reward_mean",
+                          "mean reward of the last group").set(total / len(trajectories))
+        # every sample's reward: _sum / _count over an interval is its mean reward
+        # (`areal-like top`);
         # a histogram, not two counters, since a reward may be negative
         rewards = ctx.metrics.histogram("rollout/reward", "reward of every scored sample",
                                         buckets=(0.0, 0.25, 0.5, 0.75, 1.0))

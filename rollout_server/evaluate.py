@@ -32,7 +32,8 @@ from rollout_server.episode import generate_sample
 from rollout_server.facts import RolloutFacts
 from rollout_server.sglang_client import SGLangClient, SGLangError
 
-FULL_CREDIT = 1.0 - 1e-6  # a response "is correct" when its reward reaches 1 (verifiable rewards are 0/1)
+# a response "is correct" when its reward reaches 1 (verifiable rewards are 0/1)
+FULL_CREDIT = 1.0 - 1e-6
 EVAL_FILE = "eval.jsonl"
 
 
@@ -49,12 +50,14 @@ class EvalSettings:
 
     @classmethod
     def from_config(cls, ev: EvalConfig, task: TaskConfig) -> EvalSettings:
-        return cls(k=ev.k, temperature=ev.temperature or task.temperature, top_p=task.top_p, top_k=task.top_k,
-                   max_new_tokens=ev.max_new_tokens or task.max_new_tokens, max_examples=ev.max_examples)
+        return cls(k=ev.k, temperature=ev.temperature or task.temperature, top_p=task.top_p,
+                   top_k=task.top_k, max_new_tokens=ev.max_new_tokens or task.max_new_tokens,
+                   max_examples=ev.max_examples)
 
 
 class EvalSchedule:
-    """Which engine versions to evaluate (module docstring); ``done`` survives restarts via eval.jsonl."""
+    """Which engine versions to evaluate (module docstring); ``done`` survives restarts via
+    eval.jsonl."""
 
     def __init__(self, ev: EvalConfig, steps: int, done: set[int] | None = None):
         self.ev, self.steps = ev, steps
@@ -96,7 +99,8 @@ def append_record(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def summarize(rewards_greedy: Sequence[float], rewards_sampled: Sequence[Sequence[float]], k: int) -> dict:
+def summarize(rewards_greedy: Sequence[float], rewards_sampled: Sequence[Sequence[float]],
+              k: int) -> dict:
     """The eval figures from per-prompt rewards (pure; see the module docstring)."""
     n = len(rewards_greedy)
     out = {"n": n, "k": k,
@@ -109,28 +113,33 @@ def summarize(rewards_greedy: Sequence[float], rewards_sampled: Sequence[Sequenc
 
 
 async def evaluate(client: SGLangClient, examples: Sequence, encode: Callable[[object], list[int]],
-                   decode: Callable[[list[int]], str], rewards, settings: EvalSettings, stop_token_ids: list[int],
+                   decode: Callable[[list[int]], str], rewards, settings: EvalSettings,
+                   stop_token_ids: list[int],
                    version_fn: Callable[[], int], concurrency: int = 64) -> dict:
     """Greedy and k sampled responses for every example, scored with ``rewards`` (a RewardPool:
     ``await rewards.score_group(prompt, responses, example)``). Returns the figures plus the lowest
     and highest token version seen."""
     gate = asyncio.Semaphore(concurrency)
     versions: set[int] = set()
-    base = {"top_p": settings.top_p, "top_k": settings.top_k, "stop_token_ids": list(stop_token_ids)}
+    base = {"top_p": settings.top_p, "top_k": settings.top_k,
+            "stop_token_ids": list(stop_token_ids)}
 
     async def one(ids: list[int], temperature: float) -> list[int]:
         async with gate:
-            s = await generate_sample(client, ids, dict(base, temperature=temperature), settings.max_new_tokens,
+            s = await generate_sample(client, ids, dict(base, temperature=temperature),
+                                      settings.max_new_tokens,
                                       version_fn)
         versions.update(s.versions)
         return s.output_ids
 
     async def per_example(ex) -> tuple[float, list[float]] | None:
         """The example's greedy reward and sampled rewards; None when the engine refused it (for
-        example a prompt longer than its context): counted, not fatal, unless every example fails."""
+        example a prompt longer than its context): counted, not fatal, unless every example
+        fails."""
         try:
             ids = encode(ex)
-            outs = await asyncio.gather(one(ids, 0.0), *(one(ids, settings.temperature) for _ in range(settings.k)))
+            outs = await asyncio.gather(one(ids, 0.0), *(one(ids, settings.temperature)
+                                                         for _ in range(settings.k)))
         except SGLangError as e:
             errors.append(f"{type(e).__name__}: {e}")
             return None
@@ -138,7 +147,8 @@ async def evaluate(client: SGLangClient, examples: Sequence, encode: Callable[[o
         return scored[0][0], [r for r, _ in scored[1:]]
 
     errors: list[str] = []
-    results = [r for r in await asyncio.gather(*(per_example(ex) for ex in examples)) if r is not None]
+    results = [r for r in await asyncio.gather(*(per_example(ex) for ex in examples))
+               if r is not None]
     if errors and not results:
         raise SGLangError("/generate", None, f"every eval prompt failed; the first: {errors[0]}")
     figures = summarize([g for g, _ in results], [s for _, s in results], settings.k)
@@ -157,7 +167,8 @@ def record_eval_metrics(metrics, record: dict, k: int) -> None:
             metrics.gauge(f"rollout/eval_{key}", f"last evaluation: {key}").set(record[key])
     for key in ("mean", "pass"):
         if f"{key}@{k}" in record:
-            metrics.gauge(f"rollout/eval_{key}", f"last evaluation: {key}@k over k samples a prompt",
+            metrics.gauge(f"rollout/eval_{key}",
+                          f"last evaluation: {key}@k over k samples a prompt",
                           labels=("k",)).labels(k=str(k)).set(record[f"{key}@{k}"])
 
 
@@ -190,13 +201,15 @@ class ServerEvaluator:
         """Evaluate the engine (which serves ``version``) and record the result."""
         t0 = time.monotonic()
         figures = await self.figures(client, version)
-        record = {"time": time.time(), "policy_version": version, "final": self.schedule.is_final(version),
+        record = {"time": time.time(), "policy_version": version,
+                  "final": self.schedule.is_final(version),
                   "seconds": round(time.monotonic() - t0, 3), **figures}
         append_record(self.path, record)
         self.schedule.done.add(version)
         if self.metrics is not None:
             record_eval_metrics(self.metrics, record, self.settings.k)
-            self.metrics.gauge("rollout/eval_policy_version", "policy version of the last evaluation").set(version)
+            self.metrics.gauge("rollout/eval_policy_version",
+                               "policy version of the last evaluation").set(version)
             self.metrics.counter("rollout/evaluations", "evaluations run").inc()
         return record
 
@@ -219,11 +232,13 @@ def _default_config(path: Path) -> Path | None:
 
 
 def _to_hf_dir(checkpoint: Path, config_file: Path | None, out: Path) -> Path:
-    """A trainer checkpoint converted by ``python -m trainer.export`` (the trainer owns that format)."""
+    """A trainer checkpoint converted by ``python -m trainer.export`` (the trainer owns that
+    format)."""
     argv = [sys.executable, "-m", "trainer.export", str(checkpoint), str(out)]
     if config_file is not None:
         argv += ["--config-file", str(config_file)]
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)  # its JSON line is not ours: one line out
+    # its JSON line is not ours: one line out
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
     return out
 
 
@@ -238,7 +253,8 @@ async def _evaluate_model(cfg: RunConfig, version: int | None) -> dict:
     rewards = evaluator.rewards = RewardPool(cfg.task, evaluator.reward_path)
     key = secrets.token_urlsafe(32)  # this engine serves this call only
     engine = EmbeddedEngine(cfg.model, cfg.rollout.engine, api_key=key).start()
-    client = SGLangClient(engine.url, generate_timeout_s=cfg.rollout.engine.request_timeout_s, api_key=key)
+    client = SGLangClient(engine.url, generate_timeout_s=cfg.rollout.engine.request_timeout_s,
+                          api_key=key)
     try:
         t0 = time.monotonic()
         figures = await evaluator.figures(client, 0)
@@ -246,8 +262,10 @@ async def _evaluate_model(cfg: RunConfig, version: int | None) -> dict:
         await client.close()
         rewards.close()
         engine.stop()
-    figures.pop("token_versions", None)  # the engine's own label; the model's version is the directory's
-    return {"time": time.time(), "model": cfg.model.path, "policy_version": version, "task": cfg.task.name,
+    # the engine's own label; the model's version is the directory's
+    figures.pop("token_versions", None)
+    return {"time": time.time(), "model": cfg.model.path, "policy_version": version,
+            "task": cfg.task.name,
             "seconds": round(time.monotonic() - t0, 3), **figures}
 
 
@@ -257,14 +275,17 @@ def _evaluate_path(model: Path, cfg: RunConfig, config_file: Path | None) -> dic
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="areal-like-eval-") as tmp:
-        model_dir = _to_hf_dir(model, config_file, Path(tmp) / "hf") if _is_checkpoint(model) else model
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(model_dir.resolve())),
-                                  rollout=dataclasses.replace(cfg.rollout, engine=dataclasses.replace(
-                                      cfg.rollout.engine, kind="embedded", port=0)))
+        model_dir = (_to_hf_dir(model, config_file, Path(tmp) / "hf") if _is_checkpoint(model)
+                     else model)
+        cfg = dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, path=str(model_dir.resolve())),
+            rollout=dataclasses.replace(cfg.rollout, engine=dataclasses.replace(
+                cfg.rollout.engine, kind="embedded", port=0)))
         return asyncio.run(_evaluate_model(cfg, _version_of(model)))
 
 
-def _eval_config(model: Path, config_file: Path | None, overrides: list[str]) -> tuple[RunConfig, Path | None]:
+def _eval_config(model: Path, config_file: Path | None,
+                 overrides: list[str]) -> tuple[RunConfig, Path | None]:
     """The config evaluating ``model`` runs with, and the run config it came from (None: none);
     the order of the module docstring. ConfigError when nothing says which task to score."""
     import dataclasses
@@ -277,8 +298,10 @@ def _eval_config(model: Path, config_file: Path | None, overrides: list[str]) ->
     )
 
     keys = {o.split("=", 1)[0] for o in overrides}
-    if "task.eval_path" in keys and "task.dataset_path" not in keys:  # evaluating needs no training file
-        overrides.append("task.dataset_path=" + next(o for o in overrides if o.startswith("task.eval_path=")
+    # evaluating needs no training file
+    if "task.eval_path" in keys and "task.dataset_path" not in keys:
+        overrides.append("task.dataset_path=" + next(o for o in overrides
+                                                     if o.startswith("task.eval_path=")
                                                      ).split("=", 1)[1])
     named = "task" in keys  # task=NAME: the user's task, whatever the model's run trained on
     config_file = config_file or (None if named else _default_config(model))
@@ -290,9 +313,9 @@ def _eval_config(model: Path, config_file: Path | None, overrides: list[str]) ->
         task = task_from_yaml(stored.read_text(), [o for o in overrides if o.startswith("task.")])
         return dataclasses.replace(cfg, task=task), None
     if not any(k == "task" or k.startswith("task.") for k in keys):
-        raise ConfigError(f"{model} does not say which task to score it on (no {EXPORT_TASK_FILE} in it, no "
-                          "run config.yaml beside it): name one (task=NAME and its task.* keys) or pass "
-                          "--config-file <run_dir>/config.yaml")
+        raise ConfigError(f"{model} does not say which task to score it on (no {EXPORT_TASK_FILE} "
+                          "in it, no run config.yaml beside it): name one (task=NAME and its "
+                          "task.* keys) or pass --config-file <run_dir>/config.yaml")
     return load_daemon_config(overrides), None
 
 
@@ -303,12 +326,16 @@ def main(argv: list[str] | None = None) -> int:
     from areal_like.settings.config import ConfigError
     from rollout_server.reward_pool import RewardPoolError
 
-    p = argparse.ArgumentParser(prog="areal-like eval", description="Evaluate an HF model directory or a "
-                                "trainer checkpoint on the task's eval split (greedy accuracy, pass@k, mean@k).")
-    p.add_argument("model", type=Path, help="an HF model directory (e.g. run_dir/export/v00000200) or a "
-                                            "trainer checkpoint (run_dir/checkpoints/v00000200)")
-    p.add_argument("--config-file", type=Path, help="the run's config.yaml (default: the one of the run the "
-                                                    "model belongs to, when there is one)")
+    p = argparse.ArgumentParser(prog="areal-like eval",
+                                description="Evaluate an HF model directory or a trainer "
+                                            "checkpoint on the task's eval split (greedy "
+                                            "accuracy, pass@k, mean@k).")
+    p.add_argument("model", type=Path,
+                   help="an HF model directory (e.g. run_dir/export/v00000200) or a "
+                        "trainer checkpoint (run_dir/checkpoints/v00000200)")
+    p.add_argument("--config-file", type=Path,
+                   help="the run's config.yaml (default: the one of the run the "
+                        "model belongs to, when there is one)")
     p.add_argument("--out", type=Path, help="also append the result to this JSONL file")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. eval.k=8 task.eval_path=...")
     args = p.parse_args(argv)
@@ -318,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, config_file = _eval_config(args.model, args.config_file, list(args.overrides))
         record = _evaluate_path(args.model, cfg, config_file)
-    except (ConfigError, RewardPoolError, subprocess.CalledProcessError) as e:  # RewardPoolError: reward not loadable
+    except (ConfigError, RewardPoolError, subprocess.CalledProcessError) as e:
+        # RewardPoolError: reward not loadable
         print(f"error: {e}", file=sys.stderr)
         return 2
     record["model"] = str(args.model)

@@ -1,4 +1,5 @@
-"""What a rollout server needs to know about the rest of the job, beyond its own ``rollout`` section.
+"""What a rollout server needs to know about the rest of the job, beyond its own ``rollout``
+section.
 
 ``RolloutFacts.from_run(cfg)`` is the one place that reads other sections of the run config for a
 rollout server: the model and the task whole (shared knowledge), of the trainer only its steps,
@@ -18,7 +19,8 @@ from areal_like.settings.config import EvalConfig, LoraConfig, ModelConfig, RunC
 @dataclass(frozen=True)
 class RolloutFacts:
     model: ModelConfig  # the engine's weights (or architecture) and the tokenizer
-    task: TaskConfig  # prompts, sampling, rewards and multi-turn episodes: what the server generates
+    # prompts, sampling, rewards and multi-turn episodes: what the server generates
+    task: TaskConfig
     eval: EvalConfig  # what rollout.eval evaluates, and how often
     steps: int  # trainer.steps: the last policy version, which gets the final evaluation
     run_dir: Path  # where the SGLang log (logs/) and the eval records (eval.jsonl) go

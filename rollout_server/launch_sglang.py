@@ -43,12 +43,14 @@ STOP_GRACE_S = 30.0  # SGLang frees GPU memory and joins its subprocesses on SIG
 HEALTH_POLL_S = 1.0
 
 
-def spawn_tied(argv: list[str], stdout=None, stderr=None, env: dict[str, str] | None = None) -> subprocess.Popen:
+def spawn_tied(argv: list[str], stdout=None, stderr=None,
+               env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start ``argv`` in a session of its own, killed by the kernel when this process dies."""
     if not sys.platform.startswith("linux"):
         raise RuntimeError("spawn_tied needs Linux (prctl PR_SET_PDEATHSIG)")
     return subprocess.Popen(argv, stdout=stdout, stderr=stderr, env=env, start_new_session=True,
-                            preexec_fn=functools.partial(die_with_parent, os.getpid(), signal.SIGKILL))
+                            preexec_fn=functools.partial(die_with_parent, os.getpid(),
+                                                         signal.SIGKILL))
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
@@ -159,7 +161,8 @@ class SGLangProcess:
                  api_key: str | None = None, lora: LoraConfig | None = None):
         self.model, self.engine, self.api_key = model, engine, api_key
         self.lora = lora if lora is not None and lora.enabled else None  # serve its adapters
-        self.port = engine.port or free_port(engine.host if engine.host != "0.0.0.0" else "127.0.0.1")
+        self.port = engine.port or free_port(engine.host if engine.host != "0.0.0.0"
+                                             else "127.0.0.1")
         self.url = f"http://{engine.host}:{self.port}"
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
@@ -179,9 +182,10 @@ class SGLangProcess:
             check_sglang_version(installed_sglang())
         argv = sglang_command(self.model, self.engine, self.port, self.api_key, self.lora)
         log.info("starting SGLang: %s", " ".join(redact_argv(argv)))
-        # SGLang may print its server_args, the API key among them: its log is readable by this user only
-        out = os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") \
-            if self.log_path else None
+        # SGLang may print its server_args, the API key among them: its log is readable by this
+        # user only
+        out = (os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
+                         "ab") if self.log_path else None)
         if out is not None:
             os.fchmod(out.fileno(), 0o600)  # also a log an earlier run left readable
         self.proc = spawn_tied(argv, stdout=out, stderr=subprocess.STDOUT if out else None,
@@ -197,7 +201,8 @@ class SGLangProcess:
                 raise RuntimeError(f"SGLang exited with code {self.proc.returncode} during startup")
             if time.monotonic() > deadline:
                 self.stop()
-                raise TimeoutError(f"SGLang not healthy within {self.engine.startup_timeout_s:.0f}s")
+                raise TimeoutError("SGLang not healthy within "
+                                   f"{self.engine.startup_timeout_s:.0f}s")
             if stop_requested():
                 self.stop()
                 raise StartAborted("stop requested while SGLang was starting")
@@ -221,7 +226,8 @@ class SGLangProcess:
     def _healthy(self) -> bool:
         try:
             auth = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-            with urllib.request.urlopen(urllib.request.Request(self.url + "/health", headers=auth), timeout=10) as r:
+            with urllib.request.urlopen(urllib.request.Request(self.url + "/health", headers=auth),
+                                        timeout=10) as r:
                 return r.status == 200
         except OSError:
             return False

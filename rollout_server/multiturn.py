@@ -47,7 +47,8 @@ class Conversation(Transcript):
     turns: int = 0
     reward: float = 0.0
     resumed: int = 0
-    tool_calls: list[dict] = field(default_factory=list)  # {"name", "outcome", "seconds"} in call order
+    # {"name", "outcome", "seconds"} in call order
+    tool_calls: list[dict] = field(default_factory=list)
     info: dict = field(default_factory=dict)
 
     @property
@@ -64,7 +65,8 @@ class EpisodeRunner:
     """Runs conversations for one rollout server (shared: tool pool, renderer settings, metrics)."""
 
     def __init__(self, ctx: EpisodeContext, tools=None):
-        self.ctx, self.cfg, self.tools = ctx, ctx.task_cfg, tools  # tools: a ToolPool (or None: no tool runs)
+        # tools: a ToolPool (or None: no tool runs)
+        self.ctx, self.cfg, self.tools = ctx, ctx.task_cfg, tools
         self.template = env_template(ctx.tokenizer, ctx.task_cfg)
 
     async def run_group(self, credit: Credit) -> TrajectoryGroup:
@@ -76,17 +78,20 @@ class EpisodeRunner:
         """One conversation to its end (module docstring: the limits)."""
         env = load_environment(self.cfg.env)
         registry = ToolRegistry(getattr(env, "tools", None))
-        renderer = ChatRenderer(self.ctx.tokenizer, self.template, registry.openai() if registry else None)
+        renderer = ChatRenderer(self.ctx.tokenizer, self.template,
+                                registry.openai() if registry else None)
         messages = check_messages(await maybe_await(env.reset(example)), "reset")
         conv = Conversation(prompt_ids=renderer.prompt_ids(messages), messages=messages)
         try:
-            await asyncio.wait_for(self._turns(conv, env, registry, renderer), self.cfg.episode_timeout_s)
+            await asyncio.wait_for(self._turns(conv, env, registry, renderer),
+                                   self.cfg.episode_timeout_s)
         except (TimeoutError, asyncio.TimeoutError):
             conv.finish_reason = "episode_timeout"
         self.observe(conv)
         return conv
 
-    async def _turns(self, conv: Conversation, env, registry: ToolRegistry, renderer: ChatRenderer) -> None:
+    async def _turns(self, conv: Conversation, env, registry: ToolRegistry,
+                     renderer: ChatRenderer) -> None:
         ctx, cfg = self.ctx, self.cfg
         while True:
             budget = min(cfg.max_new_tokens, cfg.max_episode_tokens - conv.total_tokens)
@@ -137,7 +142,8 @@ class EpisodeRunner:
         conv.tool_calls.append({"name": name, "outcome": outcome, "seconds": round(seconds, 4)})
         m = self.ctx.metrics
         if m is not None:
-            m.counter("rollout/tool_calls", "tool calls by tool and outcome (ok, error, timeout, invalid)",
+            m.counter("rollout/tool_calls",
+                      "tool calls by tool and outcome (ok, error, timeout, invalid)",
                       ("tool", "outcome")).labels(tool=name, outcome=outcome).inc()
             if outcome != "invalid":
                 m.histogram("rollout/tool_seconds", "wall time of one tool call", ("tool",),
@@ -148,18 +154,21 @@ class EpisodeRunner:
         m = self.ctx.metrics
         if m is None:
             return
-        m.histogram("rollout/episode_turns", "assistant turns per multi-turn episode", buckets=TURN_BUCKETS
-                    ).observe(conv.turns)
+        m.histogram("rollout/episode_turns", "assistant turns per multi-turn episode",
+                    buckets=TURN_BUCKETS).observe(conv.turns)
         m.histogram("rollout/episode_tokens", "prompt + output tokens per multi-turn episode",
                     buckets=TOKEN_BUCKETS).observe(conv.total_tokens)
-        m.counter("rollout/episodes_finished", "multi-turn episodes by finish reason", ("reason",)).labels(
-            reason=conv.finish_reason).inc()
+        m.counter("rollout/episodes_finished", "multi-turn episodes by finish reason",
+                  ("reason",)).labels(reason=conv.finish_reason).inc()
         generated, total = sum(conv.loss_mask), len(conv.loss_mask)
-        m.counter("rollout/output_tokens_generated", "output tokens the policy generated (loss_mask 1)").inc(generated)
-        m.counter("rollout/output_tokens_context", "output tokens of environment, tools and markup (loss_mask 0)"
+        m.counter("rollout/output_tokens_generated",
+                  "output tokens the policy generated (loss_mask 1)").inc(generated)
+        m.counter("rollout/output_tokens_context",
+                  "output tokens of environment, tools and markup (loss_mask 0)"
                   ).inc(total - generated)
         if total:
-            m.gauge("rollout/masked_token_share", "share of the last episode's output tokens that are context"
+            m.gauge("rollout/masked_token_share",
+                    "share of the last episode's output tokens that are context"
                     ).set((total - generated) / total)
 
     def trajectory(self, conv: Conversation) -> Trajectory:

@@ -1,4 +1,5 @@
-"""Scoring responses in worker processes, so that a reward function cannot take the rollout server down.
+"""Scoring responses in worker processes, so that a reward function cannot take the rollout server
+down.
 
 The three modes (sandbox workers, one batch POST to ``task.reward_url``, in process with
 ``task.reward_workers=0``), what each guarantees and costs, its threads and its metrics:
@@ -48,7 +49,8 @@ SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60)
 
 
 class RewardPoolError(RuntimeError):
-    """The pool cannot score at all: its reward cannot be loaded in a worker, or no worker starts."""
+    """The pool cannot score at all: its reward cannot be loaded in a worker, or no worker
+    starts."""
 
 
 class _RemoteError(Exception):
@@ -60,12 +62,16 @@ class _RemoteError(Exception):
 class RewardPool:
     """Reward workers (or a remote reward) for one rollout server (module docstring)."""
 
-    def __init__(self, cfg: TaskConfig, default_path: str, metrics: Metrics | None = None, processes: int = 0):
-        """``processes``: what one sample may start (``sandbox.SandboxLimits.processes``; a reward needs none)."""
+    def __init__(self, cfg: TaskConfig, default_path: str, metrics: Metrics | None = None,
+                 processes: int = 0):
+        """``processes``: what one sample may start (``sandbox.SandboxLimits.processes``; a reward
+        needs none)."""
         self.path = cfg.reward_fn or default_path
-        self.name = f"task.reward_fn={self.path!r}" if cfg.reward_fn else f"the task's reward {self.path!r}"
+        self.name = (f"task.reward_fn={self.path!r}" if cfg.reward_fn
+                     else f"the task's reward {self.path!r}")
         self.timeout_s, self.memory_mb = cfg.reward_timeout_s, cfg.reward_memory_mb
-        self.limits = SandboxLimits(timeout_s=cfg.reward_timeout_s, memory_mb=cfg.reward_memory_mb, processes=processes)
+        self.limits = SandboxLimits(timeout_s=cfg.reward_timeout_s, memory_mb=cfg.reward_memory_mb,
+                                    processes=processes)
         self.url, self.retries = cfg.reward_url, cfg.reward_retries
         self.metrics = metrics
         self.clock: Callable[[], float] = time.monotonic  # paces the failure warnings
@@ -73,11 +79,14 @@ class RewardPool:
         self._lock = self._workers.lock  # also guards _error, _closed and _warned
         self._closed = False
         self._error: str | None = None  # set once: why the pool cannot score (RewardPoolError)
-        self._warned: dict[str, tuple[float, int]] = {}  # kind -> (when last logged, failures unlogged since)
-        self._inline: Callable | None = None  # task.reward_workers=0: the reward itself, called here
+        # kind -> (when last logged, failures unlogged since)
+        self._warned: dict[str, tuple[float, int]] = {}
+        # task.reward_workers=0: the reward itself, called here
+        self._inline: Callable | None = None
         if not self.url and cfg.reward_workers == 0:
             self._inline = self._load_inline()
-        elif not self.url:  # the workers import the reward: their ready replies are the check, not an import here
+        elif not self.url:
+            # the workers import the reward: their ready replies are the check, not an import here
             for i in range(cfg.reward_workers):
                 try:
                     self._workers.start(i)
@@ -90,7 +99,8 @@ class RewardPool:
         return self._workers.worker_pids
 
     async def score(self, prompt: str, response: str, example) -> Score:
-        """``(reward, None)`` or ``(0.0, reason)`` for one response (module docstring for what raises)."""
+        """``(reward, None)`` or ``(0.0, reason)`` for one response (module docstring for what
+        raises)."""
         return (await self.score_group(prompt, [response], example))[0]
 
     async def score_group(self, prompt: str, responses: list[str], example) -> list[Score]:
@@ -104,9 +114,12 @@ class RewardPool:
         if self._inline is not None:
             return [self._call_inline(r, example) for r in responses]
         loop = asyncio.get_running_loop()
-        k = min(len(responses), len(self._workers.workers)) or 1  # one call per worker: a thread handoff costs more than a sample
-        chunks = [responses[j * len(responses) // k:(j + 1) * len(responses) // k] for j in range(k)]
-        parts = await asyncio.gather(*(loop.run_in_executor(self._workers.threads, self._score_local, c, example)
+        # one call per worker: a thread handoff costs more than a sample
+        k = min(len(responses), len(self._workers.workers)) or 1
+        chunks = [responses[j * len(responses) // k:(j + 1) * len(responses) // k]
+                  for j in range(k)]
+        parts = await asyncio.gather(*(loop.run_in_executor(self._workers.threads,
+                                                            self._score_local, c, example)
                                        for c in chunks))
         return [score for part in parts for score in part]
 
@@ -115,14 +128,17 @@ class RewardPool:
         self._closed = True
         self._workers.close()
 
-    # ------------------------------------------------------------------ in process (reward_workers=0)
+    # ---------------------------------------------------------------- in process (reward_workers=0)
     def _load_inline(self) -> Callable:
         try:
             fn = import_function(self.path)
-        except BaseException as e:  # noqa: BLE001 - an exit() at import is the reward's failure, not the server's
-            raise RewardPoolError(f"{self.name} cannot be loaded: {type(e).__name__}: {e}".splitlines()[0]) from None
-        log.warning("%s is scored in the rollout server's own process (task.reward_workers=0): no sandbox, "
-                    "no memory or time limit; only for a reward trusted to be quick and safe", self.name)
+        except BaseException as e:  # noqa: BLE001
+            # an exit() at import is the reward's failure, not the server's
+            raise RewardPoolError(
+                f"{self.name} cannot be loaded: {type(e).__name__}: {e}".splitlines()[0]) from None
+        log.warning("%s is scored in the rollout server's own process (task.reward_workers=0): "
+                    "no sandbox, no memory or time limit; only for a reward trusted to be quick "
+                    "and safe", self.name)
         return fn
 
     def _call_inline(self, response: str, example) -> Score:
@@ -132,22 +148,25 @@ class RewardPool:
             reward, why = as_reward(self._inline(response, example))
         except MemoryError:
             reward, why, kind = 0.0, "MemoryError", "memory"
-        except BaseException as e:  # noqa: BLE001 - SystemExit too, as in a worker (nothing is awaited here)
+        except BaseException as e:  # noqa: BLE001
+            # SystemExit too, as in a worker (nothing is awaited here)
             reward, why = 0.0, f"{type(e).__name__}: {e}"
         self._observe(seconds := time.monotonic() - t0)
         if why is not None:
             self._failed(kind, why)
         if seconds > self.timeout_s and self._due("slow") is not None:
-            log.warning("%s took %.1fs in this process, past task.reward_timeout_s=%.1fs, which task.reward_workers=0 "
-                        "does not enforce: the server's loop (heartbeats included) waited meanwhile "
-                        "(logged at most every %.0fs)", self.name, seconds, self.timeout_s, WARN_EVERY_S)
+            log.warning("%s took %.1fs in this process, past task.reward_timeout_s=%.1fs, which "
+                        "task.reward_workers=0 does not enforce: the server's loop (heartbeats "
+                        "included) waited meanwhile (logged at most every %.0fs)", self.name,
+                        seconds, self.timeout_s, WARN_EVERY_S)
         return reward, why
 
     # ------------------------------------------------------------------ local
     def _score_local(self, responses: list[str], example) -> list[Score]:
         """``responses`` scored by one worker, in this one pool thread (``WorkerPool.call_all``).
         Raises RewardPoolError when a worker could not start (or the pool broke meanwhile: that
-        killed it). Samples left when the pool is closed meanwhile are not scored (nor a failure)."""
+        killed it). Samples left when the pool is closed meanwhile are not scored (nor a
+        failure)."""
         try:
             requests = [call_request((r, example), self.timeout_s) for r in responses]
         except Exception as e:
@@ -178,7 +197,8 @@ class RewardPool:
         return 0.0, why
 
     def _cannot_start(self, e: OSError) -> RewardPoolError:
-        return RewardPoolError(f"cannot start a reward worker for {self.name}: {type(e).__name__}: {e}")
+        return RewardPoolError(f"cannot start a reward worker for {self.name}: "
+                               f"{type(e).__name__}: {e}")
 
     def _break(self, why: str) -> None:
         """Make every scoring call raise RewardPoolError(why) from now on and kill every worker
@@ -201,25 +221,30 @@ class RewardPool:
 
     def _observe(self, seconds: float) -> None:
         if self.metrics is not None:
-            self.metrics.histogram("rollout/reward_seconds", "wall time of one reward call (a sample in a worker "
-                                   "or in process, or a batch POST)", buckets=SECONDS_BUCKETS).observe(seconds)
+            self.metrics.histogram("rollout/reward_seconds", "wall time of one reward call (a "
+                                   "sample in a worker or in process, or a batch POST)",
+                                   buckets=SECONDS_BUCKETS).observe(seconds)
 
     def _failed(self, kind: str, reason: str, n: int = 1) -> None:
-        """Count ``n`` samples scored 0 for ``kind``; warn at most once per WARN_EVERY_S for each kind."""
+        """Count ``n`` samples scored 0 for ``kind``; warn at most once per WARN_EVERY_S for each
+        kind."""
         if not n:
             return
         if self.metrics is not None:
-            self.metrics.counter("rollout/reward_failures", "samples scored 0 because their reward failed",
+            self.metrics.counter("rollout/reward_failures",
+                                 "samples scored 0 because their reward failed",
                                  ("kind",)).labels(kind=kind).inc(n)
         if (unlogged := self._due(kind, n)) is None:
             return
         since = f"; {unlogged} more since the last warning" if unlogged else ""
-        log.warning("%s: %d sample(s) scored 0, reward failure (%s): %s%s (logged at most every %.0fs per kind)",
+        log.warning("%s: %d sample(s) scored 0, reward failure (%s): %s%s (logged at most every "
+                    "%.0fs per kind)",
                     self.name, n, kind, reason, since, WARN_EVERY_S)
 
     def _due(self, kind: str, n: int = 0) -> int | None:
-        """A warning of ``kind`` may be logged now (at most once per WARN_EVERY_S): how many events of
-        that kind went unlogged since the last one; None: not yet (these ``n`` are added to them)."""
+        """A warning of ``kind`` may be logged now (at most once per WARN_EVERY_S): how many events
+        of that kind went unlogged since the last one; None: not yet (these ``n`` are added to
+        them)."""
         now = self.clock()
         with self._lock:
             last, unlogged = self._warned.get(kind, (None, 0))
@@ -239,7 +264,8 @@ class RewardPool:
         t0, reason = time.monotonic(), ""
         for attempt in range(self.retries + 1):
             if attempt:
-                await asyncio.sleep(min(REMOTE_BACKOFF_S * 2 ** (attempt - 1), REMOTE_BACKOFF_MAX_S))
+                await asyncio.sleep(min(REMOTE_BACKOFF_S * 2 ** (attempt - 1),
+                                        REMOTE_BACKOFF_MAX_S))
             try:
                 rewards = await self._post(body, len(responses))
             except _RemoteError as e:
@@ -260,10 +286,13 @@ class RewardPool:
     async def _post(self, body: str, n: int) -> list:
         """The answer's ``rewards`` list; raises _RemoteError."""
         try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as session:
-                async with session.post(self.url, data=body, headers={"Content-Type": "application/json"}) as resp:
+            async with aiohttp.ClientSession(
+                    timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as session:
+                async with session.post(self.url, data=body,
+                                        headers={"Content-Type": "application/json"}) as resp:
                     if resp.status >= 400:
-                        raise _RemoteError(f"HTTP {resp.status}", retry=resp.status >= 500 or resp.status == 429)
+                        raise _RemoteError(f"HTTP {resp.status}",
+                                           retry=resp.status >= 500 or resp.status == 429)
                     payload = await resp.json(content_type=None)
         except asyncio.TimeoutError:
             raise _RemoteError(f"timeout after {self.timeout_s}s", retry=True) from None

@@ -1,4 +1,5 @@
-"""A sandbox worker: one process that imports one function (a reward, a tool) and calls it, one call at a time.
+"""A sandbox worker: one process that imports one function (a reward, a tool) and calls it, one call
+at a time.
 
 ``rollout_server/sandbox.py`` starts it as ``python -I reward_worker.py FD`` (run as a script: its
 module level needs only the standard library) and talks to it over the socket ``FD``. Frames are
@@ -37,10 +38,12 @@ from collections.abc import Callable, Mapping
 HEADER = struct.Struct("!Q")
 ISOLATED_UID_BASE = 1_000_000_000  # + pid: a uid no other process has (pids stay below 2**22)
 PR_CAPBSET_DROP, PR_SET_SECUREBITS = 24, 28  # <linux/prctl.h>
-SECUREBITS_LOCKED_NOROOT = 0x2F  # NOROOT, NO_SETUID_FIXUP and KEEP_CAPS off, each locked (<linux/securebits.h>)
+# NOROOT, NO_SETUID_FIXUP and KEEP_CAPS off, each locked (<linux/securebits.h>)
+SECUREBITS_LOCKED_NOROOT = 0x2F
 CAPABILITY_VERSION_3 = 0x20080522
 CPU_GRACE_S = 3  # RLIMIT_CPU: CPU seconds past the most a sample could use before its timeout
-SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH", re.IGNORECASE)  # WANDB_API_KEY, HF_TOKEN, ...
+# WANDB_API_KEY, HF_TOKEN, ...
+SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH", re.IGNORECASE)
 
 
 def scrubbed_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
@@ -79,7 +82,8 @@ def probe(path: str, memory_mb: int) -> int:
 
 
 def as_reward(value: object) -> tuple[float, str | None]:
-    """``(float(value), None)`` for a finite real number (bools count as 0/1), else ``(0.0, why)``."""
+    """``(float(value), None)`` for a finite real number (bools count as 0/1), else
+    ``(0.0, why)``."""
     if not isinstance(value, numbers.Real):
         return 0.0, f"reward is not a number: {reprlib.repr(value)}"
     try:
@@ -140,9 +144,11 @@ def _limit_cpu(timeout_s: float) -> None:
     """The CPU-time backstop for one call: what all our CPUs could burn until the timeout, plus a
     grace, so it never ends a call the pool would not."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    soft = math.ceil(usage.ru_utime + usage.ru_stime + timeout_s * len(os.sched_getaffinity(0))) + CPU_GRACE_S
+    soft = math.ceil(usage.ru_utime + usage.ru_stime
+                     + timeout_s * len(os.sched_getaffinity(0))) + CPU_GRACE_S
     hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
-    resource.setrlimit(resource.RLIMIT_CPU, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+    resource.setrlimit(resource.RLIMIT_CPU,
+                       (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
 
 
 def call_one(fn: Callable, frame: bytes) -> dict:
@@ -159,7 +165,8 @@ def call_one(fn: Callable, frame: bytes) -> dict:
             result = float(result)
     except MemoryError:
         return {"kind": "memory", "reason": "MemoryError"}
-    except BaseException as e:  # noqa: BLE001 - SystemExit too: a call's failure is its own, not the worker's
+    except BaseException as e:  # noqa: BLE001
+        # SystemExit too: a call's failure is its own, not the worker's
         return {"kind": "error", "reason": f"{type(e).__name__}: {e}"}
     return {"result": result}
 
@@ -187,7 +194,8 @@ def confine(processes: int, dropped: bool) -> None:
     else:
         limit = _tasks_of(os.getuid()) + processes
         hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
-        limit = limit if hard == resource.RLIM_INFINITY else min(limit, hard)  # a hard limit cannot be raised
+        # a hard limit cannot be raised
+        limit = limit if hard == resource.RLIM_INFINITY else min(limit, hard)
     resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
 
 
@@ -196,13 +204,15 @@ class _CapHeader(ctypes.Structure):
 
 
 class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
 
 
 def _lock_capabilities(libc) -> None:
     """Empty the bounding set and lock securebits: no capabilities from uid 0 or an exec, ever."""
     cap = 0
-    while libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:  # EINVAL past the kernel's last capability
+    # EINVAL past the kernel's last capability
+    while libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:
         cap += 1
     _libc_call(libc, "prctl", PR_SET_SECUREBITS, SECUREBITS_LOCKED_NOROOT, 0, 0, 0)
 
@@ -238,18 +248,21 @@ def main(fd: int) -> int:
         dropped = drop_privileges(config.get("uid"))
         try:
             fn = load_reward(config["path"], config["memory_mb"])
-        except BaseException as e:  # noqa: BLE001 - reported to the pool, which cannot go on without the reward
+        except BaseException as e:  # noqa: BLE001
+            # reported to the pool, which cannot go on without the reward
             _send_json(sock, load_failure(e, config["memory_mb"]))
             return 1
         confine(config["processes"], dropped)
     except OSError as e:  # a worker that cannot be confined does not run user code
-        _send_json(sock, {"kind": "error", "reason": f"cannot confine the worker: {type(e).__name__}: {e}"})
+        _send_json(sock, {"kind": "error",
+                          "reason": f"cannot confine the worker: {type(e).__name__}: {e}"})
         return 1
     try:
         _send_json(sock, {"ready": True})
         while (frame := recv_frame(sock)) is not None:
             _send_json(sock, call_one(fn, frame))
-    except (ConnectionError, EOFError):  # the pool's process is gone (or reset the socket): so are we
+    except (ConnectionError, EOFError):
+        # the pool's process is gone (or reset the socket): so are we
         pass
     return 0
 

@@ -40,8 +40,10 @@ from rollout_server import reward_worker
 from rollout_server.reward_worker import recv_frame, scrubbed_env, send_frame
 
 WORKER_SCRIPT = str(Path(reward_worker.__file__).resolve())
-PIPELINE_BYTES = 32 * 1024  # requests queued on a worker ahead of its answers: far below a socket's buffer
-STARTUP_TIMEOUT_S = 120.0  # a fresh worker imports the function's module (sympy, torch, ...) on a busy machine
+# requests queued on a worker ahead of its answers: far below a socket's buffer
+PIPELINE_BYTES = 32 * 1024
+# a fresh worker imports the function's module (sympy, torch, ...) on a busy machine
+STARTUP_TIMEOUT_S = 120.0
 # PID 1 of the worker's namespaces: the job's code ($2.. up to --) bound read-only, each hidden
 # directory (then up to the next --) covered with an empty tmpfs nobody may enter; then it goes to
 # the caller's directory ($1) and runs the worker as a child (not exec: a PID 1 ignores signals it
@@ -100,7 +102,8 @@ def _argv(fd: int) -> list[str]:
 class SandboxLimits:
     timeout_s: float = 5.0  # wall clock of one call; the worker is killed past it
     memory_mb: int = 2048  # address space of the worker; 0 = none
-    processes: int = 0  # processes or threads one call may start (RLIMIT_NPROC above the worker itself)
+    # processes or threads one call may start (RLIMIT_NPROC above the worker itself)
+    processes: int = 0
 
 
 def call_request(args: tuple | list, timeout_s: float) -> bytes:
@@ -117,7 +120,8 @@ class StartFailed(Exception):
 
 
 class WorkerLost(Exception):
-    """A ready worker cannot answer any more (timeout, death); ``kind`` and ``reason`` as reported."""
+    """A ready worker cannot answer any more (timeout, death); ``kind`` and ``reason`` as
+    reported."""
 
     def __init__(self, kind: str, reason: str):
         super().__init__(reason)
@@ -173,7 +177,8 @@ class Worker:
         try:
             return json.loads(frame)
         except ValueError:
-            raise WorkerLost("error", f"unreadable reply from the worker: {frame[:100]!r}") from None
+            raise WorkerLost("error",
+                             f"unreadable reply from the worker: {frame[:100]!r}") from None
 
     def wait_ready(self) -> None:
         """Block until the worker has loaded its function; StartFailed if it did not in time."""
@@ -198,10 +203,12 @@ class Worker:
 
     def kill(self) -> None:
         """SIGKILL the worker's process group and reap the worker (idempotent)."""
-        if self.proc.returncode is None:  # once reaped, its pid (the group's id) may belong to another process
+        # once reaped, its pid (the group's id) may belong to another process
+        if self.proc.returncode is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:  # the group is gone (the worker died, and nothing it started lives)
+            except ProcessLookupError:
+                # the group is gone (the worker died, and nothing it started lives)
                 pass
             self.proc.wait()
         self.sock.close()
@@ -299,7 +306,8 @@ class WorkerPool:
                         queued, sent = queued + len(requests[sent]), sent + 1
                     replies.append(worker.reply(timeout_s))
                     queued -= len(requests[len(replies) - 1])
-                    now = time.monotonic()  # a request's time: from the answer before it (or the first send)
+                    # a request's time: from the answer before it (or the first send)
+                    now = time.monotonic()
                     observe(now - t0)
                     t0 = now
                     if replies[-1].get("kind") == "memory":

@@ -68,11 +68,14 @@ from rollout_server.weight_update import (
     require_local_engine,
 )
 
-LOOP_TICK_S = 0.2  # the main loop also wakes on events; the tick only bounds reaction to stop requests
-BUFFER_TIMEOUT_S = 5.0  # a healthy buffer answers in ms (one fsync per batch); 5 s means gone or wedged
+# the main loop also wakes on events; the tick only bounds reaction to stop requests
+LOOP_TICK_S = 0.2
+# a healthy buffer answers in ms (one fsync per batch); 5 s means gone or wedged
+BUFFER_TIMEOUT_S = 5.0
 SYNC_DONE_ATTEMPTS = 5  # SyncDone is idempotent; retry it through a short buffer outage
 REGISTER_RETRY_S = 2.0  # a Register refused over the buffer's caps is sent again after this
-FLUSH_ON_STOP_S = 3.0  # last sends on stop; well inside the launcher's grace period (GRACEFUL_STOP_S)
+# last sends on stop; well inside the launcher's grace period (GRACEFUL_STOP_S)
+FLUSH_ON_STOP_S = 3.0
 MAX_EPISODE_FAILURES = 5  # consecutive failed episodes (engine errors): the engine is broken; exit
 ENGINE_PROBE_S = 30.0  # after a failed sync: /health_generate (one token) must answer within this
 SYNC_INFO_EVERY = 100  # a sync's line is DEBUG but every this many versions (a failure: WARNING)
@@ -109,9 +112,12 @@ class RolloutServer(Daemon):
         self.plans_handled: set[tuple] = set()
         self.episode_failures = 0
         self.syncing = False  # a weight sync is being applied: no lease is asked for
-        self.evaluator = None  # rollout.eval: runs the job's evaluations (rollout_server/evaluate.py)
-        self.evaluating = False  # told to the buffer in heartbeats: it leaves us out of weight syncs
-        self.eval_version: int | None = None  # the version under evaluation: plans are declined meanwhile
+        # rollout.eval: runs the job's evaluations (rollout_server/evaluate.py)
+        self.evaluator = None
+        # told to the buffer in heartbeats: it leaves us out of weight syncs
+        self.evaluating = False
+        # the version under evaluation: plans are declined meanwhile
+        self.eval_version: int | None = None
         self.eval_task: asyncio.Task | None = None
         self.pub_address = self.rcfg.pub_address
         self.started = False  # start() finished: the engine is up
@@ -161,11 +167,13 @@ class RolloutServer(Daemon):
                 return
             self.engine_url, self.engine_ranks = self.engine.url, self.engine.engine_ranks
         else:
-            self.engine_url = require_local_engine(ecfg.url)  # it joins weight groups through our loopback door
+            # it joins weight groups through our loopback door
+            self.engine_url = require_local_engine(ecfg.url)
         self.tokenizer = load_tokenizer(self.facts.model)
         self.task = make_task(self.facts.task, self.tokenizer)
         self.rewards = RewardPool(self.facts.task, self.task.reward_path, metrics=self.metrics)
-        if self.facts.task.env:  # multi-turn episodes (rollout_server/multiturn.py): their tools run here
+        # multi-turn episodes (rollout_server/multiturn.py): their tools run here
+        if self.facts.task.env:
             from rollout_server.tool_pool import ToolPool
 
             self.tools = ToolPool(self.facts.task.tool_workers, self.facts.task.tool_timeout_s,
@@ -181,8 +189,8 @@ class RolloutServer(Daemon):
             from rollout_server.evaluate import ServerEvaluator
 
             self.evaluator = ServerEvaluator(self.facts, self.tokenizer, self.rewards, self.metrics)
-            self.log.info("evaluating %d eval prompts (eval.every=%d)", len(self.evaluator.examples),
-                          self.facts.eval.every)
+            self.log.info("evaluating %d eval prompts (eval.every=%d)",
+                          len(self.evaluator.examples), self.facts.eval.every)
         self.log.info("server %s, engine %s (%s)", self.server_id, self.engine_url, ecfg.kind)
         self.started = True
 
@@ -226,16 +234,19 @@ class RolloutServer(Daemon):
     async def main(self) -> None:
         self.wake = asyncio.Event()
         self.beat_now = asyncio.Event()  # a plan naming us was published (``announcements``)
-        self.client = SGLangClient(self.engine_url, generate_timeout_s=self.rcfg.engine.request_timeout_s,
-                                   api_key=self.api_key,  # an embedded engine answers /generate in-process
-                                   local=self.engine if self.rcfg.engine.kind == "embedded" else None)
+        self.client = SGLangClient(
+            self.engine_url, generate_timeout_s=self.rcfg.engine.request_timeout_s,
+            api_key=self.api_key,  # an embedded engine answers /generate in-process
+            local=self.engine if self.rcfg.engine.kind == "embedded" else None)
         to_buffer = {"keys": self.facts.keys, "timeout_s": BUFFER_TIMEOUT_S,
                      "identity": self.server_id}
         self.control = AsyncClient(self.rcfg.buffer_address, **to_buffer)
         self.data = AsyncClient(self.rcfg.buffer_address, **to_buffer)
         self.link = BufferLink(self.control, self.data, self.server_id, self.metrics,
-                               free_slots=lambda: self.rcfg.max_concurrent_groups - len(self.episodes),
-                               blocked=lambda: self.syncing or bool(self.plans), start=self.start_episode)
+                               free_slots=lambda: (self.rcfg.max_concurrent_groups
+                                                   - len(self.episodes)),
+                               blocked=lambda: self.syncing or bool(self.plans),
+                               start=self.start_episode)
         background = []
         try:
             await self.client.wait_healthy(self.rcfg.engine.startup_timeout_s)
@@ -247,7 +258,8 @@ class RolloutServer(Daemon):
             if self.rcfg.engine.kind == "url":  # its TP size decides how many group ranks it takes
                 self.engine_ranks = int(info.get("tp_size") or 1)
             self.versions = await engine_versions(self.rcfg.engine.kind, info)  # told in Register
-            self.metrics.gauge("rollout/policy_version", "version the engine serves").set(self.policy_version)
+            self.metrics.gauge("rollout/policy_version",
+                               "version the engine serves").set(self.policy_version)
             await self.register(fresh=True)
             background = [asyncio.create_task(c, name=c.__name__) for c in
                           (self.heartbeats(), self.announcements(), self.link.sender())]
@@ -256,7 +268,8 @@ class RolloutServer(Daemon):
                 self.raise_if_component_stopped()
                 _raise_if_done(background)
                 if plan := self.next_plan():
-                    await (self.decline_plan(plan) if self.eval_version is not None else self.sync_weights(plan))
+                    await (self.decline_plan(plan) if self.eval_version is not None
+                           else self.sync_weights(plan))
                 self.maybe_evaluate()
                 self.link.start_held()
                 if not await self.link.request_credits():
@@ -291,7 +304,8 @@ class RolloutServer(Daemon):
     async def register(self, fresh: bool = False) -> None:
         """Register, retrying until the buffer answers or a stop. ``fresh``: the first time since
         this process started; every Register carries this process's ``incarnation``."""
-        msg = Register(server_id=self.server_id, engine_url=self.engine_url, engine_ranks=self.engine_ranks,
+        msg = Register(server_id=self.server_id, engine_url=self.engine_url,
+                       engine_ranks=self.engine_ranks,
                        policy_version=self.policy_version, torch_version=self.versions.torch,
                        cuda_version=self.versions.cuda, nccl_version=self.versions.nccl,
                        evaluates=self.evaluator is not None, fresh=fresh,
@@ -300,10 +314,12 @@ class RolloutServer(Daemon):
             try:
                 ack = await self.control.request(msg)
             except TransportTimeout:
-                self.log.warning("buffer at %s not answering; retrying registration", self.rcfg.buffer_address)
+                self.log.warning("buffer at %s not answering; retrying registration",
+                                 self.rcfg.buffer_address)
                 continue
             if isinstance(ack, RegisterAck):
-                if not self.pub_address.startswith("ipc://"):  # a same-node server keeps its own ipc:// one
+                # a same-node server keeps its own ipc:// one
+                if not self.pub_address.startswith("ipc://"):
                     self.pub_address = ack.pub_address or self.pub_address
                 self.log.info("registered with the buffer (trainer version %d)", ack.policy_version)
                 return
@@ -325,7 +341,8 @@ class RolloutServer(Daemon):
             await self.heartbeat()
 
     async def heartbeat(self) -> None:
-        msg = Heartbeat(server_id=self.server_id, policy_version=self.policy_version, in_flight=len(self.episodes),
+        msg = Heartbeat(server_id=self.server_id, policy_version=self.policy_version,
+                        in_flight=len(self.episodes),
                         evaluating=self.evaluating)
         try:
             ack = await self.control.request(msg)
@@ -351,8 +368,8 @@ class RolloutServer(Daemon):
                     if any(m.server_id == self.server_id for m in msg.members):
                         self.beat_now.set()
                 elif isinstance(msg, VersionUpdate):
-                    self.metrics.gauge("rollout/trainer_version", "latest announced trainer version").set(
-                        msg.policy_version)
+                    self.metrics.gauge("rollout/trainer_version",
+                                       "latest announced trainer version").set(msg.policy_version)
                     self.link.window_moved()  # ask for leases now, not after a back-off
                     self.wake.set()
         finally:
@@ -394,19 +411,24 @@ class RolloutServer(Daemon):
             return
         if (e := task.exception() or unsendable(task.result())) is not None:
             self.episode_failures += 1
-            self.log.error("episode %s failed (%d in a row): %s", task.get_name(), self.episode_failures, e)
-            if isinstance(e, RewardPoolError):  # the reward cannot be loaded: every later episode fails alike
+            self.log.error("episode %s failed (%d in a row): %s", task.get_name(),
+                           self.episode_failures, e)
+            if isinstance(e, RewardPoolError):
+                # the reward cannot be loaded: every later episode fails alike
                 self.failure = self.failure or ComponentStopped(str(e))
             elif self.episode_failures >= MAX_EPISODE_FAILURES:
-                self.failure = self.failure or ComponentStopped(f"{self.episode_failures} episodes failed in a row: {e}")
+                self.failure = self.failure or ComponentStopped(
+                    f"{self.episode_failures} episodes failed in a row: {e}")
             return
         self.episode_failures = 0
         self.link.add(task.result())
 
     # ------------------------------------------------------------------ weight sync
     def offer_plan(self, plan: WeightSyncPlan) -> None:
-        key = (plan.policy_version, plan.plan_id, plan.group_name, plan.master_addr, plan.master_port, plan.reform)
-        if key in self.plans_handled or not any(m.server_id == self.server_id for m in plan.members):
+        key = (plan.policy_version, plan.plan_id, plan.group_name, plan.master_addr,
+               plan.master_port, plan.reform)
+        if (key in self.plans_handled
+                or not any(m.server_id == self.server_id for m in plan.members)):
             return
         self.plans[key] = plan
         self.wake.set()
@@ -423,8 +445,8 @@ class RolloutServer(Daemon):
         return plan
 
     async def sync_weights(self, plan: WeightSyncPlan) -> None:
-        self.log.debug("applying weight sync v%d (reform=%s, %d buckets)", plan.policy_version, plan.reform,
-                       len(plan.buckets))
+        self.log.debug("applying weight sync v%d (reform=%s, %d buckets)", plan.policy_version,
+                       plan.reform, len(plan.buckets))
         self.syncing = True
         try:
             if self.facts.lora.enabled and self.rcfg.engine.kind == "sglang":  # the adapter alone
@@ -441,11 +463,15 @@ class RolloutServer(Daemon):
             self.syncing = False
         if done.ok:
             self.policy_version = plan.policy_version
-            self.metrics.gauge("rollout/policy_version", "version the engine serves").set(self.policy_version)
-        self.metrics.histogram("rollout/weight_sync_pause_seconds", "engine pause per weight update",
-                               buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)).observe(done.pause_s)
-        level = logging.WARNING if not done.ok else logging.DEBUG if plan.policy_version % SYNC_INFO_EVERY \
-            else logging.INFO
+            self.metrics.gauge("rollout/policy_version",
+                               "version the engine serves").set(self.policy_version)
+        self.metrics.histogram("rollout/weight_sync_pause_seconds",
+                               "engine pause per weight update",
+                               buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)).observe(
+                                   done.pause_s)
+        level = (logging.WARNING if not done.ok
+                 else logging.DEBUG if plan.policy_version % SYNC_INFO_EVERY
+                 else logging.INFO)
         self.log.log(level, "weight sync v%d %s in %.2fs pause%s",
                      plan.policy_version, "done" if done.ok else "FAILED", done.pause_s,
                      f": {done.reason}" if done.reason else "")
@@ -474,8 +500,10 @@ class RolloutServer(Daemon):
 
     async def decline_plan(self, plan: WeightSyncPlan) -> None:
         """A plan that reached us after we left the roster to evaluate: decline it at once."""
-        self.log.warning("declining weight sync v%d: evaluating version %s", plan.policy_version, self.eval_version)
-        await self.report_sync(answer(plan, self.server_id, f"evaluating version {self.eval_version}"))
+        self.log.warning("declining weight sync v%d: evaluating version %s", plan.policy_version,
+                         self.eval_version)
+        await self.report_sync(answer(plan, self.server_id,
+                                      f"evaluating version {self.eval_version}"))
 
     # ------------------------------------------------------------------ evaluation
     def maybe_evaluate(self) -> None:
@@ -491,7 +519,8 @@ class RolloutServer(Daemon):
         self.evaluating = True
         try:
             await self.heartbeat()  # from its answer on, no new plan includes us
-            if not self.evaluator.schedule.is_final(self.policy_version):  # no plan follows the final version
+            # no plan follows the final version
+            if not self.evaluator.schedule.is_final(self.policy_version):
                 # a plan published just before came in the heartbeat its PUB hint sent, or comes
                 await asyncio.sleep(self.rcfg.heartbeat_s)
                 await self.heartbeat()  # in this answer's pending_plan; the main loop applies it

@@ -33,7 +33,8 @@ import aiohttp
 
 from areal_like.net.metrics import parse_exposition
 
-DEFAULT_TIMEOUT_S = 30.0  # control calls on a healthy server take milliseconds; 30 s is a wedged server
+# control calls on a healthy server take milliseconds; 30 s is a wedged server
+DEFAULT_TIMEOUT_S = 30.0
 GENERATE_TIMEOUT_S = 600.0  # a long generation on a busy CPU engine can take minutes
 MAX_ATTEMPTS = 4  # per call; with the backoff below a dead server is declared dead in about 3 s
 BACKOFF_S = 0.25  # first retry delay, doubled per attempt (0.25, 0.5, 1.0)
@@ -44,7 +45,9 @@ class SGLangError(RuntimeError):
     """A failed SGLang call. ``status`` is the HTTP status, or None if no answer came."""
 
     def __init__(self, endpoint: str, status: int | None, message: str):
-        super().__init__(f"{endpoint}: {'HTTP ' + str(status) if status is not None else 'unreachable'}: {message}")
+        super().__init__(f"{endpoint}: "
+                         f"{'HTTP ' + str(status) if status is not None else 'unreachable'}"
+                         f": {message}")
         self.endpoint = endpoint
         self.status = status
         self.message = message
@@ -98,14 +101,17 @@ def parse_generate_output(body: Any) -> GenerateOutput:
         if kind not in ("stop", "length", "abort"):
             raise ValueError(f"unknown finish_reason {fr!r}")
         message = str(fr.get("message") or fr.get("matched") or "") if isinstance(fr, dict) else ""
-        spans = [(str(s["version"]), int(s["start"]), int(s["end"])) for s in meta.get("weight_versions") or []]
+        spans = [(str(s["version"]), int(s["start"]), int(s["end"]))
+                 for s in meta.get("weight_versions") or []]
         version = meta.get("weight_version")
         return GenerateOutput(
             rid=str(meta.get("id", "")), output_ids=ids, logprobs=logprobs, finish_reason=kind,
-            finish_message=message, abort_status=fr.get("status_code") if isinstance(fr, dict) else None,
+            finish_message=message,
+            abort_status=fr.get("status_code") if isinstance(fr, dict) else None,
             weight_version=None if version is None else str(version), weight_spans=spans)
     except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise SGLangError("/generate", 200, f"unexpected response shape: {type(e).__name__}: {e}") from None
+        raise SGLangError("/generate", 200,
+                          f"unexpected response shape: {type(e).__name__}: {e}") from None
 
 
 def _under(out: GenerateOutput, adapter: tuple[str, int] | None) -> GenerateOutput:
@@ -131,7 +137,8 @@ class SGLangClient:
                  local: Any = None):
         self.base_url = base_url.rstrip("/")
         self.local = local  # an engine in this process (``generate_local``): /generate without HTTP
-        # sent as SGLang's --api-key expects it; never logged (SGLangError carries the answer, not the request)
+        # sent as SGLang's --api-key expects it; never logged (SGLangError carries the answer, not
+        # the request)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout_s = timeout_s
         self.generate_timeout_s = generate_timeout_s
@@ -157,10 +164,12 @@ class SGLangClient:
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             # no connection limit: a rollout server keeps many generate calls open at once
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=self._headers)
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                                  headers=self._headers)
         return self._session
 
-    async def _call(self, method: str, path: str, body: Any = None, *, timeout_s: float | None = None,
+    async def _call(self, method: str, path: str, body: Any = None, *,
+                    timeout_s: float | None = None,
                     idempotent: bool, params: dict | None = None) -> tuple[int, Any, str]:
         """One HTTP call with retries; returns (status, parsed JSON or None, raw text).
         ``timeout_s`` bounds the whole call, retries included. Raises SGLangError for non-2xx
@@ -180,8 +189,8 @@ class SGLangClient:
                 await asyncio.sleep(delay)
             timeout = aiohttp.ClientTimeout(total=max(1e-3, deadline - loop.time()))
             try:
-                async with self._http().request(method, self.base_url + path, json=body, params=params,
-                                                timeout=timeout) as resp:
+                async with self._http().request(method, self.base_url + path, json=body,
+                                                params=params, timeout=timeout) as resp:
                     raw = await resp.text()
                     try:
                         parsed = json.loads(raw) if raw.strip() else None
@@ -192,7 +201,8 @@ class SGLangClient:
                     if _ok(resp.status, parsed):
                         return resp.status, parsed, raw
                     last = SGLangError(path, resp.status, _error_message(parsed, raw))
-                    if not ((idempotent and resp.status >= 500) or resp.status == 429):  # 429: refused unread
+                    # 429: refused unread
+                    if not ((idempotent and resp.status >= 500) or resp.status == 429):
                         raise last
             except aiohttp.ClientConnectorError as e:  # nothing was sent: safe to retry any call
                 last = SGLangError(path, None, f"connection failed: {e}")
@@ -205,10 +215,12 @@ class SGLangClient:
     async def _call_local(self, path: str, body: Any, timeout_s: float) -> tuple[int, Any, str]:
         """``_call`` answered by ``local`` (an engine in this process), errors mapped alike."""
         try:
-            status, parsed = await asyncio.wait_for(self.local.generate_local(body), max(1e-3, timeout_s))
+            status, parsed = await asyncio.wait_for(self.local.generate_local(body),
+                                                    max(1e-3, timeout_s))
         except asyncio.TimeoutError:
             raise SGLangError(path, None, "TimeoutError: no answer in time") from None
-        except OSError as e:  # the engine is not up (or stopped meanwhile): as an unreachable server
+        except OSError as e:
+            # the engine is not up (or stopped meanwhile): as an unreachable server
             raise SGLangError(path, None, f"connection failed: {e}") from None
         if self.on_response is not None:
             self.on_response("POST", path, status, parsed, "")
@@ -246,7 +258,8 @@ class SGLangClient:
         return [_under(parse_generate_output(o), named) for o in (out if n else [out])]
 
     async def generate(self, input_ids: list[int], sampling_params: dict, *, rid: str | None = None,
-                       return_logprob: bool = True, timeout_s: float | None = None) -> GenerateOutput:
+                       return_logprob: bool = True,
+                       timeout_s: float | None = None) -> GenerateOutput:
         """``POST /generate`` for one prompt and one sample (``n`` must be 1: a group's samples are
         requests of their own)."""
         body = {"input_ids": [int(t) for t in input_ids], "sampling_params": dict(sampling_params),
@@ -265,14 +278,15 @@ class SGLangClient:
         return await self._generate(body, len(inputs), timeout_s)
 
     async def abort_request(self, rid: str = "", *, abort_all: bool = False) -> None:
-        await self._call("POST", "/abort_request", {"rid": rid, "abort_all": abort_all}, idempotent=True)
+        await self._call("POST", "/abort_request", {"rid": rid, "abort_all": abort_all},
+                         idempotent=True)
 
     # ------------------------------------------------------------------ health and info
     async def health(self, *, generate: bool = False, timeout_s: float = 5.0) -> bool:
         """``GET /health`` (or ``/health_generate``): True on 200; False on 503 or no answer."""
         try:
-            await self._call("GET", "/health_generate" if generate else "/health", timeout_s=timeout_s,
-                             idempotent=True)
+            await self._call("GET", "/health_generate" if generate else "/health",
+                             timeout_s=timeout_s, idempotent=True)
             return True
         except SGLangError:
             return False
@@ -318,30 +332,37 @@ class SGLangClient:
         deadline = loop.time() + timeout_s
         while True:
             try:
-                await self._call("POST", "/flush_cache", idempotent=True, timeout_s=max(1e-3, deadline - loop.time()))
+                await self._call("POST", "/flush_cache", idempotent=True,
+                                 timeout_s=max(1e-3, deadline - loop.time()))
                 return
             except SGLangError as e:
                 if e.status != 400 or loop.time() + FLUSH_POLL_S > deadline:
                     raise
             await asyncio.sleep(FLUSH_POLL_S)
 
-    async def pause_generation(self, mode: str = "abort", *, timeout_s: float | None = None) -> None:
+    async def pause_generation(self, mode: str = "abort", *,
+                               timeout_s: float | None = None) -> None:
         """Returns once every in-flight request was aborted and answered (mode ``abort``)."""
-        await self._call("POST", "/pause_generation", {"mode": mode}, timeout_s=timeout_s, idempotent=True)
+        await self._call("POST", "/pause_generation", {"mode": mode}, timeout_s=timeout_s,
+                         idempotent=True)
 
     async def continue_generation(self, *, timeout_s: float | None = None) -> None:
         await self._call("POST", "/continue_generation", {}, timeout_s=timeout_s, idempotent=True)
 
     # ------------------------------------------------------------------ weight updates
-    async def init_weights_update_group(self, *, master_address: str, master_port: int, rank_offset: int,
+    async def init_weights_update_group(self, *, master_address: str, master_port: int,
+                                        rank_offset: int,
                                         world_size: int, group_name: str, backend: str,
                                         timeout_s: float | None = None) -> None:
         """Blocks until every rank (the trainer included) joined the TCP rendezvous."""
-        body = {"master_address": master_address, "master_port": int(master_port), "rank_offset": int(rank_offset),
+        body = {"master_address": master_address, "master_port": int(master_port),
+                "rank_offset": int(rank_offset),
                 "world_size": int(world_size), "group_name": group_name, "backend": backend}
-        await self._call("POST", "/init_weights_update_group", body, timeout_s=timeout_s, idempotent=False)
+        await self._call("POST", "/init_weights_update_group", body, timeout_s=timeout_s,
+                         idempotent=False)
 
-    async def destroy_weights_update_group(self, group_name: str, *, timeout_s: float | None = None) -> None:
+    async def destroy_weights_update_group(self, group_name: str, *,
+                                           timeout_s: float | None = None) -> None:
         await self._call("POST", "/destroy_weights_update_group", {"group_name": group_name},
                          timeout_s=timeout_s, idempotent=True)
 

@@ -28,7 +28,8 @@ class ToolOutcome:
 
 
 def invoke(function: str, arguments: dict) -> str:
-    """In a worker: import the tool at ``function`` and call it with ``arguments``; its result as text."""
+    """In a worker: import the tool at ``function`` and call it with ``arguments``; its result as
+    text."""
     from areal_like.tasks.callables import import_function
 
     return result_text(import_function(function)(**arguments))
@@ -41,7 +42,8 @@ class ToolPool:
         self.memory_setting = memory_setting  # what an out-of-memory error tells the user to raise
         self.limits = SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb, processes=processes)
         self.workers = WorkerPool(INVOKE, self.limits, workers, "tool")
-        self.warming: list[Future] = [self.workers.threads.submit(self.workers.warm) for _ in range(workers)]
+        self.warming: list[Future] = [self.workers.threads.submit(self.workers.warm)
+                                      for _ in range(workers)]
 
     def wait_ready(self, timeout_s: float | None = None) -> None:
         """Block until every worker has started (imported its tool module's loader)."""
@@ -59,22 +61,28 @@ class ToolPool:
         """In a pool thread: one call on one worker."""
         seconds: list[float] = []
         try:
-            replies = self.workers.call_all([call_request((spec.function, arguments), self.timeout_s)],
+            replies = self.workers.call_all([call_request((spec.function, arguments),
+                                                          self.timeout_s)],
                                             self.timeout_s, seconds.append)
         except StartFailed as e:
             return ToolOutcome("error", f"{spec.name}: its worker could not start: {e.reason}", 0.0)
         except Exception as e:  # arguments that do not pickle, a worker that cannot be spawned
-            return ToolOutcome("error", f"{spec.name} could not be called: {type(e).__name__}: {e}", 0.0)
+            return ToolOutcome("error",
+                               f"{spec.name} could not be called: {type(e).__name__}: {e}", 0.0)
         if not replies:
-            return ToolOutcome("error", f"{spec.name}: its worker could not start: the pool was stopped", 0.0)
+            return ToolOutcome("error", f"{spec.name}: its worker could not start: "
+                                        "the pool was stopped", 0.0)
         reply, took = replies[0], seconds[-1]
         if isinstance(reply, WorkerLost) and reply.kind == "timeout":
-            return ToolOutcome("timeout", f"{spec.name} did not finish within {self.timeout_s:g}s", took)
+            return ToolOutcome("timeout",
+                               f"{spec.name} did not finish within {self.timeout_s:g}s", took)
         if isinstance(reply, WorkerLost):
-            return ToolOutcome("error", f"{spec.name} crashed its worker process ({reply.reason})", took)
+            return ToolOutcome("error",
+                               f"{spec.name} crashed its worker process ({reply.reason})", took)
         if "result" in reply:
             return ToolOutcome("ok", reply["result"], took)
         if reply["kind"] == "memory":
-            return ToolOutcome("error", f"{spec.name} ran out of memory ({reply['reason']}; the limit is "
-                                        f"{self.memory_setting}={self.limits.memory_mb})", took)
+            return ToolOutcome("error",
+                               f"{spec.name} ran out of memory ({reply['reason']}; the limit is "
+                               f"{self.memory_setting}={self.limits.memory_mb})", took)
         return ToolOutcome("error", f"{spec.name} raised {reply['reason']}", took)

@@ -33,10 +33,13 @@ from rollout_server.sglang_client import SGLangClient, SGLangError
 
 log = logging.getLogger(__name__)
 
-DESTROY_TIMEOUT_S = 10.0  # tearing down an old group is local work; a hang here means the group is broken
-CONTINUE_TIMEOUT_S = 30.0  # continue runs even after the deadline passed; it must not wait forever either
+# tearing down an old group is local work; a hang here means the group is broken
+DESTROY_TIMEOUT_S = 10.0
+# continue runs even after the deadline passed; it must not wait forever either
+CONTINUE_TIMEOUT_S = 30.0
 DRAIN_SHARE = 0.5  # at most this share of the deadline is spent letting in-flight requests finish
-_DOORS: dict[str, StoreDoor] = {}  # engine URL -> the door its store connection to its current group runs through
+# engine URL -> the door its store connection to its current group runs through
+_DOORS: dict[str, StoreDoor] = {}
 _JOINED: dict[str, str] = {}  # engine URL -> the group its engine was last told to join
 _RETIRED: dict[str, list[str]] = {}  # engine URL -> adapters no generate call names any more
 _unloading: set[asyncio.Task] = set()  # unloads in the background (held: tasks are not collected)
@@ -54,7 +57,8 @@ class _Deadline:
         return left
 
 
-async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_id: str, *, drain: bool,
+async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_id: str, *,
+                            drain: bool,
                             inflight_drained: Callable[[], Awaitable[None]] | None = None,
                             load_format: str | None = FLATTENED, door: bool = False,
                             pause_mode: str = "abort") -> SyncDone:
@@ -83,7 +87,8 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
         await client.pause_generation(pause_mode, timeout_s=deadline.left())
         if receiver.session:
             begin_timeout_s = deadline.left()
-            session_open = True  # before the call: a begin whose answer is late or lost may still have opened it
+            # before the call: a begin whose answer is late or lost may still have opened it
+            session_open = True
             await client.begin_weight_update(timeout_s=begin_timeout_s)
         await receiver.load(client, plan, load_format, deadline)
         if receiver.session:
@@ -95,7 +100,8 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
     finally:
         if init_task is not None and not init_task.done():
             init_task.cancel()
-        if session_open:  # a failed bucket (e.g. a peer died mid-broadcast) must not wedge every later sync
+        # a failed bucket (e.g. a peer died mid-broadcast) must not wedge every later sync
+        if session_open:
             try:
                 await client.end_weight_update(timeout_s=CONTINUE_TIMEOUT_S)
             except SGLangError as e:
@@ -227,22 +233,27 @@ async def _start_group_join(client: SGLangClient, plan: WeightSyncPlan, rank_off
     # every formation has a name of its own: the engine's last group is the one to tear down
     for name in dict.fromkeys(n for n in (_JOINED.get(client.base_url), plan.group_name) if n):
         try:
-            await client.destroy_weights_update_group(name, timeout_s=min(DESTROY_TIMEOUT_S, deadline.left()))
+            await client.destroy_weights_update_group(
+                name, timeout_s=min(DESTROY_TIMEOUT_S, deadline.left()))
         except SGLangError:
             pass  # no group yet, or the old one is already gone
     _JOINED[client.base_url] = plan.group_name
     address, port = plan.master_addr, plan.master_port
     if door:
-        if (old := _DOORS.pop(client.base_url, None)) is not None:  # the engine's old group is gone
+        # the engine's old group is gone
+        if (old := _DOORS.pop(client.base_url, None)) is not None:
             old.close()
         try:
-            _DOORS[client.base_url] = opened = StoreDoor(plan.master_addr, plan.master_port, plan.group_name)
+            _DOORS[client.base_url] = opened = StoreDoor(plan.master_addr, plan.master_port,
+                                                         plan.group_name)
         except OSError as e:
-            raise SGLangError("store door", None, f"cannot open a door to the weight group's store: {e}") from e
+            raise SGLangError("store door", None,
+                              f"cannot open a door to the weight group's store: {e}") from e
         address, port = "127.0.0.1", opened.port
     return asyncio.create_task(client.init_weights_update_group(
         master_address=address, master_port=port, rank_offset=rank_offset,
-        world_size=plan.world_size, group_name=plan.group_name, backend=plan.backend, timeout_s=deadline.left()))
+        world_size=plan.world_size, group_name=plan.group_name, backend=plan.backend,
+        timeout_s=deadline.left()))
 
 
 def require_local_engine(url: str) -> str:
@@ -254,17 +265,20 @@ def require_local_engine(url: str) -> str:
 
     host = urlparse(url).hostname or ""
     if host != "localhost" and interface_of(host) is None:
-        raise ValueError(f"rollout.engine.url={url!r}: an attached engine must run on this rollout server's node "
-                         f"({host!r} is not an address of it): it joins the trainer's weight groups through a door "
-                         "on this node's loopback (areal_like/net/store_gate.py)")
+        raise ValueError(f"rollout.engine.url={url!r}: an attached engine must run on this "
+                         f"rollout server's node ({host!r} is not an address of it): it joins "
+                         "the trainer's weight groups through a door on this node's loopback "
+                         "(areal_like/net/store_gate.py)")
     return url
 
 
-async def _drain(inflight_drained: Callable[[], Awaitable[None]], budget_s: float, deadline: _Deadline) -> None:
+async def _drain(inflight_drained: Callable[[], Awaitable[None]], budget_s: float,
+                 deadline: _Deadline) -> None:
     try:
         await asyncio.wait_for(inflight_drained(), min(budget_s, deadline.left()))
     except asyncio.TimeoutError:
-        log.warning("drain did not finish within %.1fs; aborting the remaining requests instead", budget_s)
+        log.warning("drain did not finish within %.1fs; aborting the remaining requests instead",
+                    budget_s)
 
 
 async def _continue(client: SGLangClient, reason: str) -> str:
