@@ -23,7 +23,8 @@ class ApiError(Exception):
 
 
 def validation_error(message: str) -> ApiError:
-    return ApiError(400, {"object": "error", "message": message, "type": "Bad Request", "param": None, "code": 400})
+    return ApiError(400, {"object": "error", "message": message, "type": "Bad Request",
+                          "param": None, "code": 400})
 
 
 def contract_error(text: str) -> ApiError:
@@ -59,19 +60,27 @@ def _check(ok: bool, v: Any, expected: str) -> None:
 
 
 _INT, _NUM, _BOOL, _STR = "i64", "f64", "a boolean", "a string"
-_SP_TYPES = {  # sampling_params key -> expected kind, in SGLang's field order (the error text lists them)
-    "max_new_tokens": _INT, "stop": "str_or_list", "stop_token_ids": "int_list", "stop_regex": "str_or_list",
+# sampling_params key -> expected kind, in SGLang's field order (the error text lists them)
+_SP_TYPES = {
+    "max_new_tokens": _INT, "stop": "str_or_list", "stop_token_ids": "int_list",
+    "stop_regex": "str_or_list",
     "temperature": _NUM, "top_p": _NUM, "top_k": _INT, "min_p": _NUM, "frequency_penalty": _NUM,
-    "presence_penalty": _NUM, "repetition_penalty": _NUM, "min_new_tokens": _INT, "n": _INT, "json_schema": _STR,
-    "regex": _STR, "ebnf": _STR, "structural_tag": _STR, "ignore_eos": _BOOL, "skip_special_tokens": _BOOL,
-    "spaces_between_special_tokens": _BOOL, "no_stop_trim": _BOOL, "stream_interval": _INT, "logit_bias": "map",
-    "sampling_seed": _INT, "custom_params": "any", "beam_width": _INT, "watermark": "map", "choice": "str_list",
+    "presence_penalty": _NUM, "repetition_penalty": _NUM, "min_new_tokens": _INT, "n": _INT,
+    "json_schema": _STR,
+    "regex": _STR, "ebnf": _STR, "structural_tag": _STR, "ignore_eos": _BOOL,
+    "skip_special_tokens": _BOOL,
+    "spaces_between_special_tokens": _BOOL, "no_stop_trim": _BOOL, "stream_interval": _INT,
+    "logit_bias": "map",
+    "sampling_seed": _INT, "custom_params": "any", "beam_width": _INT, "watermark": "map",
+    "choice": "str_list",
 }
 # Known keys we do not implement: refused unless they carry SGLang's default (a no-op) value.
 _UNSUPPORTED_DEFAULTS = {
-    "stop": (None, "", []), "stop_regex": (None, "", []), "min_p": (None, 0.0), "frequency_penalty": (None, 0.0),
+    "stop": (None, "", []), "stop_regex": (None, "", []), "min_p": (None, 0.0),
+    "frequency_penalty": (None, 0.0),
     "presence_penalty": (None, 0.0), "repetition_penalty": (None, 1.0), "min_new_tokens": (None, 0),
-    "json_schema": (None,), "regex": (None,), "ebnf": (None,), "structural_tag": (None,), "logit_bias": (None, {}),
+    "json_schema": (None,), "regex": (None,), "ebnf": (None,), "structural_tag": (None,),
+    "logit_bias": (None, {}),
     "beam_width": (None, 1), "watermark": (None,), "choice": (None, []), "custom_params": (None,),
 }
 
@@ -128,8 +137,9 @@ def parse_generate(body: Any, tokenizer, vocab_size: int, context_len: int,
                    max_chars: int | None = None) -> GenerateInput:
     """Validate a decoded ``/generate`` body; raises ApiError with SGLang's status and body."""
     if not isinstance(body, dict):
-        raise validation_error(f"[{{'type': 'dataclass_type', 'loc': ('body',), 'msg': 'Input should be a "
-                               f"dictionary or an instance of GenerateReqInput', 'input': {body!r}}}]")
+        raise validation_error(f"[{{'type': 'dataclass_type', 'loc': ('body',), "
+                               f"'msg': 'Input should be a dictionary or an instance of "
+                               f"GenerateReqInput', 'input': {body!r}}}]")
     _stage1(body)
     _stage2(body)
     text, input_ids = body.get("text"), body.get("input_ids")
@@ -139,8 +149,9 @@ def parse_generate(body: Any, tokenizer, vocab_size: int, context_len: int,
         is_batch = isinstance(text, list)
         for t in text if is_batch else [text]:
             if max_chars is not None and len(t) > max_chars:
-                raise value_error(f"The input text ({len(t)} characters) is longer than the model's context length "
-                                  f"({context_len} tokens) can hold (at most {max_chars} characters).")
+                raise value_error(
+                    f"The input text ({len(t)} characters) is longer than the model's context "
+                    f"length ({context_len} tokens) can hold (at most {max_chars} characters).")
         prompts = [tokenizer.encode(t) for t in (text if is_batch else [text])]
     else:
         is_batch = bool(input_ids) and isinstance(input_ids[0], list)
@@ -151,12 +162,15 @@ def parse_generate(body: Any, tokenizer, vocab_size: int, context_len: int,
     params = [_to_params(sp, vocab_size) for sp in sps]
     ns = {int(sp.get("n") or 1) for sp in sps}
     if len(ns) != 1:
-        raise value_error("The parallel_sample_num should be the same for all samples in sample params.")
+        raise value_error("The parallel_sample_num should be the same for all samples in sample "
+                          "params.")
     n = ns.pop()
     if n < 1:
         raise value_error(f"n must be at least 1, got {n}.")
-    if n * len(prompts) > MAX_FANOUT:  # each (prompt, sample) is a Request held in memory until answered
-        raise value_error(f"{len(prompts)} prompts x n={n} is over {MAX_FANOUT} sequences in one request.")
+    # each (prompt, sample) is a Request held in memory until answered
+    if n * len(prompts) > MAX_FANOUT:
+        raise value_error(f"{len(prompts)} prompts x n={n} is over {MAX_FANOUT} sequences in one "
+                          "request.")
     rid = body.get("rid")
     rids = rid if isinstance(rid, list) else [rid or uuid.uuid4().hex] if not is_batch else \
         [uuid.uuid4().hex for _ in prompts]
@@ -166,31 +180,38 @@ def parse_generate(body: Any, tokenizer, vocab_size: int, context_len: int,
     return_logprob = [bool(x) for x in _per_prompt(rl, len(prompts), "return_logprob")]
     for key in ("logprob_start_len", "top_logprobs_num"):
         for v in _per_prompt(body.get(key), len(prompts), key):
-            if v is not None and ((key == "logprob_start_len" and v >= 0) or (key == "top_logprobs_num" and v > 0)):
-                raise value_error(f"{key}={v} is not supported by the embedded engine (output token logprobs only)")
+            if v is not None and ((key == "logprob_start_len" and v >= 0)
+                                  or (key == "top_logprobs_num" and v > 0)):
+                raise value_error(f"{key}={v} is not supported by the embedded engine "
+                                  "(output token logprobs only)")
     if body.get("token_ids_logprob"):
         raise value_error("token_ids_logprob is not supported by the embedded engine")
     return GenerateInput(prompts=prompts, params=params, rids=[str(r) for r in rids], n=n,
-                         return_logprob=return_logprob, text_in_logprobs=bool(body.get("return_text_in_logprobs")),
+                         return_logprob=return_logprob,
+                         text_in_logprobs=bool(body.get("return_text_in_logprobs")),
                          is_single=not is_batch and n == 1, stream=bool(body.get("stream")),
                          prompt_ids_out=bool(body.get("return_prompt_token_ids")))
 
 
 def _stage1(body: dict) -> None:
     def bad(field: str, msg: str):
-        raise validation_error(f"[{{'type': 'value_error', 'loc': ('body', '{field}'), 'msg': '{msg}', "
+        raise validation_error(f"[{{'type': 'value_error', 'loc': ('body', '{field}'), "
+                               f"'msg': '{msg}', "
                                f"'input': {body[field]!r}}}]")
     text, ids, sp, rid = (body.get(k) for k in ("text", "input_ids", "sampling_params", "rid"))
     if text is not None and not (isinstance(text, str) or (isinstance(text, list)
-                                                           and all(isinstance(t, str) for t in text))):
+                                                           and all(isinstance(t, str)
+                                                                   for t in text))):
         bad("text", "Input should be a valid string or a list of strings")
     if ids is not None:
         flat = isinstance(ids, list) and all(_is_int(t) for t in ids)
         nested = isinstance(ids, list) and bool(ids) and all(
             isinstance(p, list) and all(_is_int(t) for t in p) for p in ids)
         if not (flat or nested):
-            bad("input_ids", "Input should be a valid list of integers or a list of lists of integers")
-    if sp is not None and not (isinstance(sp, dict) or (isinstance(sp, list) and all(isinstance(d, dict) for d in sp))):
+            bad("input_ids",
+                "Input should be a valid list of integers or a list of lists of integers")
+    if sp is not None and not (isinstance(sp, dict) or (isinstance(sp, list)
+                                                        and all(isinstance(d, dict) for d in sp))):
         bad("sampling_params", "Input should be a valid dictionary or a list of dictionaries")
     if rid is not None and not (isinstance(rid, str) or (isinstance(rid, list)
                                                          and all(isinstance(r, str) for r in rid))):
@@ -239,19 +260,23 @@ def _check_prompt(p: list[int], vocab_size: int, context_len: int) -> None:
 def _to_params(sp: dict, vocab_size: int) -> SamplingParams:
     for key, defaults in _UNSUPPORTED_DEFAULTS.items():
         if sp.get(key) not in defaults:
-            raise value_error(f"sampling_params.{key}={sp[key]!r} is not supported by the embedded engine")
-    get = lambda k, d: d if sp.get(k) is None else sp[k]  # noqa: E731 (JSON null = the default, as in SGLang)
+            raise value_error(f"sampling_params.{key}={sp[key]!r} is not supported by the "
+                              "embedded engine")
+    # JSON null = the default, as in SGLang
+    get = lambda k, d: d if sp.get(k) is None else sp[k]  # noqa: E731
     for key in ("max_new_tokens", "top_k", "sampling_seed", *("temperature", "top_p")):
         v = sp.get(key)  # JSON ints are unbounded: refuse what no tensor or float can hold
         if v is not None and not -MAX_INT < v < MAX_INT:
             raise value_error(f"sampling_params.{key}={v} is out of range (|value| < 2**63).")
     for t in sp.get("stop_token_ids") or ():
         if not 0 <= t < vocab_size:
-            raise value_error(f"sampling_params.stop_token_ids: {t} is out of vocabulary (vocab size {vocab_size}).")
+            raise value_error(f"sampling_params.stop_token_ids: {t} is out of vocabulary "
+                              f"(vocab size {vocab_size}).")
     seed = sp.get("sampling_seed")
     if seed is not None and seed < 0:
         raise value_error(f"sampling_params.sampling_seed must be >= 0, got {seed}.")
-    temperature, top_p, top_k = float(get("temperature", 1.0)), float(get("top_p", 1.0)), int(get("top_k", TOP_K_ALL))
+    temperature, top_p, top_k = (float(get("temperature", 1.0)), float(get("top_p", 1.0)),
+                                 int(get("top_k", TOP_K_ALL)))
     max_new = int(get("max_new_tokens", 128))
     if not (temperature >= 0.0 and temperature != float("inf")):
         raise value_error(f"temperature must be a non-negative finite number, got {temperature}.")
@@ -269,7 +294,8 @@ def _to_params(sp: dict, vocab_size: int) -> SamplingParams:
                           sampling_seed=sp.get("sampling_seed"))
 
 
-def build_output(req, tokenizer, *, return_logprob: bool, text_in_logprobs: bool, default_version: str,
+def build_output(req, tokenizer, *, return_logprob: bool,
+                 text_in_logprobs: bool, default_version: str,
                  finished: bool = True, prompt_ids: bool = False) -> dict:
     """One SGLang ``/generate`` result object for a scheduler Request; ``finished=False``: a
     streaming chunk (cumulative outputs so far). It reads the request while the scheduler thread
@@ -277,7 +303,8 @@ def build_output(req, tokenizer, *, return_logprob: bool, text_in_logprobs: bool
     n = len(req.output_versions)
     ids, logps, versions = req.output_ids[:n], req.output_logprobs[:n], req.output_versions[:n]
     meta: dict[str, Any] = {
-        "id": req.rid, "finish_reason": req.finish_reason if finished else None, "prompt_tokens": len(req.input_ids),
+        "id": req.rid, "finish_reason": req.finish_reason if finished else None,
+        "prompt_tokens": len(req.input_ids),
         "weight_version": versions[-1] if versions else default_version, "reasoning_tokens": 0,
         "completion_tokens": n, "cached_tokens": 0,
     }
@@ -310,13 +337,15 @@ REQUIRED = object()  # control_fields: a key the body must have
 
 
 def control_fields(body: dict, spec: dict) -> dict:
-    """Pydantic-lax parsing of a control body: defaults, required keys, int/float from numeric strings,
-    Literal choices (a tuple); unknown keys are dropped. Errors -> 400 ErrorResponse shape."""
+    """Pydantic-lax parsing of a control body: defaults, required keys, int/float from numeric
+    strings, Literal choices (a tuple); unknown keys are dropped. Errors -> 400 ErrorResponse
+    shape."""
     out = {}
     for key, (kind, default) in spec.items():
         v = body.get(key, default)
         if v is REQUIRED:
-            raise validation_error(f"[{{'type': 'missing', 'loc': ('body', '{key}'), 'msg': 'Field required'}}]")
+            raise validation_error(f"[{{'type': 'missing', 'loc': ('body', '{key}'), "
+                                   f"'msg': 'Field required'}}]")
         try:
             if v is None or kind is None:
                 pass
@@ -328,12 +357,14 @@ def control_fields(body: dict, spec: dict) -> dict:
                     raise ValueError("Input should be a valid boolean")
             elif kind in (int, float):
                 if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-                    raise ValueError(f"Input should be a valid {'integer' if kind is int else 'number'}")
+                    raise ValueError("Input should be a valid "
+                                     f"{'integer' if kind is int else 'number'}")
                 v = kind(v)
             elif not isinstance(v, kind):
                 raise ValueError(f"Input should be a valid {kind.__name__}")
         except (ValueError, OverflowError) as e:  # int(inf) overflows
-            raise validation_error(f"[{{'type': 'value_error', 'loc': ('body', '{key}'), 'msg': '{e}', "
+            raise validation_error(f"[{{'type': 'value_error', 'loc': ('body', '{key}'), "
+                                   f"'msg': '{e}', "
                                    f"'input': {v!r}}}]") from None
         out[key] = v
     return out

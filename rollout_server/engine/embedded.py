@@ -29,11 +29,14 @@ from rollout_server.engine.weights import WeightUpdater
 
 SERVER_START_TIMEOUT_S = 60.0  # binding a socket and starting a loop; long only on a loaded machine
 STOP_TIMEOUT_S = 10.0
-HTTP_SHUTDOWN_S = 2.0  # in-flight handlers get this long to answer (their requests are aborted first)
-# Every wait of the weight group (rendezvous, each broadcast) is bounded by this: a trainer that dies
-# mid-update frees the engine's receive thread after it. Long enough for a multi-GB bucket over gloo.
+# in-flight handlers get this long to answer (their requests are aborted first)
+HTTP_SHUTDOWN_S = 2.0
+# Every wait of the weight group (rendezvous, each broadcast) is bounded by this: a trainer that
+# dies mid-update frees the engine's receive thread after it. Long enough for a multi-GB bucket over
+# gloo.
 WEIGHT_GROUP_TIMEOUT_S = 300.0
-PROTOCOL_VERSION = "0.5.23"  # the SGLang release whose protocol this engine speaks (begin/end weight update)
+# the SGLang release whose protocol this engine speaks (begin/end weight update)
+PROTOCOL_VERSION = "0.5.23"
 CHAR_TOKENIZER = "areal_like.tasks.tokenizer:char_tokenizer"  # of a model built from config
 
 
@@ -44,7 +47,8 @@ class EmbeddedEngine:
         self.model_cfg, self.engine_cfg = model_cfg, engine_cfg
         # enabled: the model gets the trainer's adapters (areal_like/weights/lora.py)
         self.lora = lora
-        self.api_key, self.limits = api_key, limits  # api_key None: no authentication (in-process tests)
+        # api_key None: no authentication (in-process tests)
+        self.api_key, self.limits = api_key, limits
         self.tokenizer = tokenizer
         self.initial_weight_version, self.seed = weight_version, seed
         self.log = logging.getLogger("engine")
@@ -89,29 +93,33 @@ class EmbeddedEngine:
         self.eos_ids = self._eos_ids()
         self.metrics = EngineMetrics(self.model_name)
         self.scheduler = Scheduler(self.model, max_running=ec.max_running_requests,
-                                   max_total_tokens=ec.max_total_tokens, context_len=self.context_len,
+                                   max_total_tokens=ec.max_total_tokens,
+                                   context_len=self.context_len,
                                    weight_version=self.initial_weight_version, metrics=self.metrics,
                                    seed=self.seed).start()
         self.weights = WeightUpdater(self.scheduler, self.model_cfg,
-                                     group_timeout_s=min(WEIGHT_GROUP_TIMEOUT_S, ec.request_timeout_s))
+                                     group_timeout_s=min(WEIGHT_GROUP_TIMEOUT_S,
+                                                         ec.request_timeout_s))
         self._start_http()
         warm_up = self.generate_one_token(timeout_s=ec.startup_timeout_s)
         if not asyncio.run_coroutine_threadsafe(warm_up, self._loop).result():
             raise RuntimeError("engine warm-up generation did not complete")
         self.status = "up"
-        self.log.info("embedded engine up at %s (model %s, %d slots, context %d)", self.url, self.model_name,
+        self.log.info("embedded engine up at %s (model %s, %d slots, context %d)",
+                      self.url, self.model_name,
                       ec.max_running_requests, self.context_len)
 
     def stop(self) -> None:
         self.status = "stopping"
-        if self.scheduler is not None and self.scheduler.alive:  # answer in-flight requests right away
+        # answer in-flight requests right away
+        if self.scheduler is not None and self.scheduler.alive:
             self.scheduler.abort(abort_all=True, message="engine shutting down")
         if self._loop is not None and self._loop.is_running():
             try:
                 if self._server is not None:
                     closing = asyncio.run_coroutine_threadsafe(self._server.close(), self._loop)
                     closing.result(timeout=STOP_TIMEOUT_S)
-            except Exception:  # a stuck handler must not block shutdown; the loop is stopped below anyway
+            except Exception:  # a stuck handler must not block shutdown; the loop is stopped below
                 self.log.warning("HTTP server cleanup timed out")
             self.local.cancel_all()  # in-process calls (one may wait at the pause gate) end too
             self._loop.call_soon_threadsafe(self._loop.stop)
@@ -125,12 +133,13 @@ class EmbeddedEngine:
             self.weights.close()
 
     async def generate_local(self, body) -> tuple[int, object]:
-        """``POST /generate`` (not streaming) for a caller in this process, without HTTP (``local.py``):
-        (status, JSON body). ConnectionRefusedError while the engine is not up, ConnectionAbortedError
-        when it stops meanwhile."""
+        """``POST /generate`` (not streaming) for a caller in this process, without HTTP
+        (``local.py``): (status, JSON body). ConnectionRefusedError while the engine is not up,
+        ConnectionAbortedError when it stops meanwhile."""
         loop = self._loop
         if self.status != "up" or loop is None or not loop.is_running():
-            raise ConnectionRefusedError(f"the embedded engine is {self.status}")  # HTTP: connection refused
+            # HTTP: connection refused
+            raise ConnectionRefusedError(f"the embedded engine is {self.status}")
         return await self.local.call(loop, body)
 
     def _start_http(self) -> None:
@@ -154,7 +163,8 @@ class EmbeddedEngine:
     def _eos_ids(self) -> frozenset[int]:
         ids: set[int] = set()
         gen = getattr(self.model, "generation_config", None)
-        for src in (getattr(self.tokenizer, "eos_token_id", None), getattr(gen, "eos_token_id", None)):
+        for src in (getattr(self.tokenizer, "eos_token_id", None),
+                    getattr(gen, "eos_token_id", None)):
             if isinstance(src, int):
                 ids.add(src)
             elif src:
@@ -190,28 +200,37 @@ class EmbeddedEngine:
                 "is_generation": True,
                 "preferred_sampling_params": None, "weight_version": self.scheduler.weight_version,
                 "load_format": "auto", "reasoning_parser": None, "tool_call_parser": None,
-                "disaggregation_mode": "null", "has_image_understanding": False, "has_audio_understanding": False,
-                "model_type": getattr(cfg, "model_type", None), "architectures": getattr(cfg, "architectures", None)}
+                "disaggregation_mode": "null", "has_image_understanding": False,
+                "has_audio_understanding": False,
+                "model_type": getattr(cfg, "model_type", None),
+                "architectures": getattr(cfg, "architectures", None)}
 
     def server_info(self) -> dict:
         ec = self.engine_cfg
         return {"model_path": self.model_name, "served_model_name": self.model_name,
-                "tokenizer_path": self.model_info()["tokenizer_path"], "max_context_length": self.context_len,
-                "max_total_num_tokens": ec.max_total_tokens, "max_running_requests": ec.max_running_requests,
+                "tokenizer_path": self.model_info()["tokenizer_path"],
+                "max_context_length": self.context_len,
+                "max_total_num_tokens": ec.max_total_tokens,
+                "max_running_requests": ec.max_running_requests,
                 "version": PROTOCOL_VERSION, "engine": "areal_like.embedded", "frontend": "python",
-                "internal_states": [{**self.scheduler.load(), "weight_version": self.scheduler.weight_version,
+                "internal_states": [{**self.scheduler.load(),
+                                     "weight_version": self.scheduler.weight_version,
                                      "last_gen_throughput": self.metrics.throughput}],
-                "host": ec.host, "port": self.port, "device": ec.device, "dtype": self.model_cfg.dtype,
-                "startup_time": self.started_at, "incremental_streaming_output": False, "disaggregation_mode": "null",
+                "host": ec.host, "port": self.port, "device": ec.device,
+                "dtype": self.model_cfg.dtype,
+                "startup_time": self.started_at, "incremental_streaming_output": False,
+                "disaggregation_mode": "null",
                 "weight_version": self.scheduler.weight_version, "dp_size": 1, "tp_size": 1}
 
     def loads(self) -> dict:
         load = self.scheduler.load()
         ec = self.engine_cfg
         return {"timestamp": time.time(), "version": PROTOCOL_VERSION,
-                "accelerator": "cuda" if ec.device.startswith("cuda") else "cpu", "num_accelerators": 1,
+                "accelerator": "cuda" if ec.device.startswith("cuda") else "cpu",
+                "num_accelerators": 1,
                 "loads": [{"dp_rank": 0, **load, "num_total_tokens": load["num_used_tokens"],
-                           "max_total_num_tokens": ec.max_total_tokens, "max_running_requests": ec.max_running_requests,
+                           "max_total_num_tokens": ec.max_total_tokens,
+                           "max_running_requests": ec.max_running_requests,
                            "gen_throughput": self.metrics.throughput, "cache_hit_rate": 0.0,
                            "utilization": load["num_running_reqs"] / ec.max_running_requests}]}
 

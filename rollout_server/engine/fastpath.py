@@ -23,7 +23,8 @@ def _stock_classes(model_type: str) -> tuple[type, type, type, type]:
     import importlib
     mod = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
     prefix = {"qwen2": "Qwen2", "qwen3": "Qwen3", "llama": "Llama"}[model_type]
-    return tuple(getattr(mod, prefix + part) for part in ("ForCausalLM", "Model", "DecoderLayer", "Attention"))
+    return tuple(getattr(mod, prefix + part)
+                 for part in ("ForCausalLM", "Model", "DecoderLayer", "Attention"))
 
 
 def _untouched(module: torch.nn.Module, cls: type) -> bool:
@@ -55,7 +56,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _attention_inputs(attn, x: torch.Tensor, kv_heads: int, dim: int, cos, sin):
-    """q [N, kv_heads, G, D], k and v [N, kv_heads, D] for activations ``x`` [N, hidden], rotary applied."""
+    """q [N, kv_heads, G, D], k and v [N, kv_heads, D] for activations ``x`` [N, hidden], rotary
+    applied."""
     n = x.shape[0]
     q = attn.q_proj(x).view(n, kv_heads, -1, dim)
     k = attn.k_proj(x).view(n, kv_heads, dim)
@@ -91,7 +93,8 @@ def prefill(model, kv: SlotKV, seqs: list[list[int]], first_slot: int) -> torch.
             K[slot, :, :n] = k[a:a + n].transpose(0, 1)
             V[slot, :, :n] = v[a:a + n].transpose(0, 1)
             o[a:a + n] = F.scaled_dot_product_attention(
-                q[a:a + n].transpose(0, 1)[None], K[slot, :, :n][None], V[slot, :, :n][None], is_causal=True,
+                q[a:a + n].transpose(0, 1)[None], K[slot, :, :n][None],
+                V[slot, :, :n][None], is_causal=True,
                 scale=attn.scaling, enable_gqa=True)[0].transpose(0, 1)
         h = h + attn.o_proj(o.flatten(1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
@@ -109,12 +112,15 @@ def decode(model, kv: SlotKV, ids: torch.Tensor, pos: torch.Tensor, kv_len: int)
     cos, sin = cos[:, 0], sin[:, 0]  # [B, D]
     keys = torch.arange(kv_len, device=ids.device)
     neg = torch.finfo(h.dtype).min
-    mask = torch.zeros(B, kv_len, dtype=h.dtype, device=h.device).masked_fill_(keys[None, :] > pos[:, None], neg)
+    mask = torch.zeros(B, kv_len, dtype=h.dtype, device=h.device).masked_fill_(
+        keys[None, :] > pos[:, None], neg)
     mask = mask[:, None, None, :]  # [B, 1, 1, L]
     _, kv_heads, dim = kv.shape
-    # Flat row of each (slot, kv_head, pos) in a [slots * kv_heads * capacity, D] view of a layer's cache.
+    # Flat row of each (slot, kv_head, pos) in a [slots * kv_heads * capacity, D] view of a
+    # layer's cache.
     heads = torch.arange(kv_heads, device=ids.device)
-    write = ((torch.arange(B, device=ids.device)[:, None] * kv_heads + heads) * kv.capacity + pos[:, None]).view(-1)
+    write = ((torch.arange(B, device=ids.device)[:, None] * kv_heads + heads) * kv.capacity
+             + pos[:, None]).view(-1)
     for idx, layer in enumerate(inner.layers):
         attn = layer.self_attn
         x = layer.input_layernorm(h)
@@ -122,9 +128,11 @@ def decode(model, kv: SlotKV, ids: torch.Tensor, pos: torch.Tensor, kv_len: int)
         K, V = kv.K[idx], kv.V[idx]
         K.view(-1, dim).index_copy_(0, write, k.reshape(-1, dim))
         V.view(-1, dim).index_copy_(0, write, v.reshape(-1, dim))
-        scores = torch.matmul(q, K[:B, :, :kv_len].transpose(2, 3)) * attn.scaling + mask  # [B, kvh, G, L]
+        # [B, kvh, G, L]
+        scores = torch.matmul(q, K[:B, :, :kv_len].transpose(2, 3)) * attn.scaling + mask
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        o = torch.matmul(probs, V[:B, :, :kv_len]).reshape(B, -1)  # [B, heads * D], head = kv_head * G + g
+        # [B, heads * D], head = kv_head * G + g
+        o = torch.matmul(probs, V[:B, :, :kv_len]).reshape(B, -1)
         h = h + attn.o_proj(o)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     return model.lm_head(inner.norm(h))

@@ -31,13 +31,15 @@ from rollout_server.engine.api import (
 from rollout_server.engine.metrics import CONTENT_TYPE
 from rollout_server.engine.scheduler import Request
 
-PAUSE_ABORT_POLL_S = 1.0  # re-send abort-all while requests are still in flight (SGLang does the same)
+# re-send abort-all while requests are still in flight (SGLang does the same)
+PAUSE_ABORT_POLL_S = 1.0
 LOAD_TIMEOUT_S = 300.0  # a load waits for the current forward pass to end; generous under load
 HEALTH_TIMEOUT_S = 20.0  # SGLang's HEALTH_CHECK_TIMEOUT: a 1-token generation must finish by then
 # the body keys every update_weights_from_* endpoint takes
 _LOAD = {"load_format": (str, None), "abort_all_requests": (bool, False),
          "weight_version": (str, None), "flush_cache": (bool, True)}
-FLUSHED = ("Cache flushed.\nPlease check backend logs for more details. (When there are running or waiting "
+FLUSHED = ("Cache flushed.\n"
+           "Please check backend logs for more details. (When there are running or waiting "
            "requests, the operation will not be performed.)\n")
 
 
@@ -90,15 +92,19 @@ async def _body(request: web.Request) -> dict:
     try:
         body = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise validation_error(f"[{{'type': 'json_invalid', 'loc': ('body', {e.pos}), 'msg': 'JSON decode error', "
+        raise validation_error(f"[{{'type': 'json_invalid', 'loc': ('body', {e.pos}), "
+                               "'msg': 'JSON decode error', "
                                f"'input': {{}}, 'ctx': {{'error': {e.msg!r}}}}}]") from None
-    except (ValueError, RecursionError) as e:  # invalid UTF-8, an int of > 4300 digits, nesting past the stack
+    except (ValueError, RecursionError) as e:
+        # invalid UTF-8, an int of > 4300 digits, nesting past the stack
         why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:200]
-        raise validation_error(f"[{{'type': 'json_invalid', 'loc': ('body',), 'msg': 'JSON decode error', "
+        raise validation_error(f"[{{'type': 'json_invalid', 'loc': ('body',), "
+                               "'msg': 'JSON decode error', "
                                f"'input': {{}}, 'ctx': {{'error': {why!r}}}}}]") from None
     if not isinstance(body, dict):
-        raise validation_error(f"[{{'type': 'model_attributes_type', 'loc': ('body',), 'msg': 'Input should be a "
-                               f"valid dictionary or object to extract fields from', 'input': {body!r}}}]")
+        raise validation_error(f"[{{'type': 'model_attributes_type', 'loc': ('body',), "
+                               "'msg': 'Input should be a valid dictionary or object to extract "
+                               f"fields from', 'input': {body!r}}}]")
     return body
 
 
@@ -113,18 +119,21 @@ def _ok_or_400(ok: bool, msg: str, **extra) -> web.Response:
 
 
 class EngineHttp:
-    """Routes bound to one engine (``engine``: an ``EmbeddedEngine`` that has started its scheduler)."""
+    """Routes bound to one engine (``engine``: an ``EmbeddedEngine`` that has started its
+    scheduler)."""
 
     def __init__(self, engine):
         self.e = engine
         self.gate = Gate()
         # the longest text worth tokenizing (api.max_text_chars)
         self.max_text_chars = max_text_chars(engine.tokenizer, engine.context_len)
-        self.hold_posted = False  # an in_place/retract pause posted a hold that no continue released yet
+        # an in_place/retract pause posted a hold that no continue released yet
+        self.hold_posted = False
 
     def app(self) -> web.Application:
-        # every endpoint needs the API key (SGLang's --api-key: /health too), within the limits (http_guard.py);
-        # generate calls (which wait while paused) count against max_inflight, control calls always get in
+        # every endpoint needs the API key (SGLang's --api-key: /health too), within the limits
+        # (http_guard.py); generate calls (which wait while paused) count against max_inflight,
+        # control calls always get in
         app = guarded_app(limits=self.e.limits, token=self.e.api_key, capped_paths=("/generate",),
                           middlewares=(self._errors,))
         r = app.router
@@ -140,10 +149,13 @@ class EngineHttp:
         for path, describe in info.items():
             r.add_get(path, _json_of(describe))
         r.add_get("/metrics", self.metrics)
-        for path, handler in [("/abort_request", self.abort_request), ("/pause_generation", self.pause),
-                              ("/continue_generation", self.continue_), ("/init_weights_update_group", self.init_group),
+        for path, handler in [("/abort_request", self.abort_request),
+                              ("/pause_generation", self.pause),
+                              ("/continue_generation", self.continue_),
+                              ("/init_weights_update_group", self.init_group),
                               ("/destroy_weights_update_group", self.destroy_group),
-                              ("/begin_weight_update", self.begin_update), ("/end_weight_update", self.end_update),
+                              ("/begin_weight_update", self.begin_update),
+                              ("/end_weight_update", self.end_update),
                               ("/update_weights_from_distributed", self.update_distributed),
                               ("/update_weights_from_disk", self.update_disk),
                               ("/update_weights_from_tensor", self.update_tensor)]:
@@ -173,7 +185,8 @@ class EngineHttp:
             status, body = await self.answer(inp)
             return web.json_response(body, status=status)
         async with self.gate.reader():
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-cache"})
             await resp.prepare(request)
             await self._run(inp, resp)
             await resp.write(b"data: [DONE]\n\n")
@@ -184,7 +197,8 @@ class EngineHttp:
         return parse_generate(body, e.tokenizer, e.vocab_size, e.context_len, self.max_text_chars)
 
     async def answer(self, inp) -> tuple[int, object]:
-        """A parsed, not streaming ``/generate``'s (status, JSON body); also for in-process callers (local.py)."""
+        """A parsed, not streaming ``/generate``'s (status, JSON body); also for in-process callers
+        (local.py)."""
         async with self.gate.reader():
             reqs = await self._run(inp)
         for r, _ in reqs:  # an abort carrying an HTTP status is an error response, as in SGLang
@@ -195,23 +209,28 @@ class EngineHttp:
         return 200, outs[0] if inp.is_single else outs
 
     def _output(self, req: Request, return_logprob: bool, inp, finished: bool = True) -> dict:
-        return build_output(req, self.e.tokenizer, return_logprob=return_logprob, text_in_logprobs=inp.text_in_logprobs,
+        return build_output(req, self.e.tokenizer, return_logprob=return_logprob,
+                            text_in_logprobs=inp.text_in_logprobs,
                             default_version=self.e.scheduler.weight_version, finished=finished,
                             prompt_ids=inp.prompt_ids_out)
 
-    async def _run(self, inp, stream: web.StreamResponse | None = None) -> list[tuple[Request, bool]]:
-        """Submit every (prompt, sample) and wait for all; with ``stream``, write a chunk per update."""
+    async def _run(self, inp,
+                   stream: web.StreamResponse | None = None) -> list[tuple[Request, bool]]:
+        """Submit every (prompt, sample) and wait for all; with ``stream``, write a chunk per
+        update."""
         mailbox = self.e.scheduler.mail.for_loop(asyncio.get_running_loop())
         events: asyncio.Queue[int] = asyncio.Queue()
         made: list[tuple[Request, bool]] = []
         for i, prompt in enumerate(inp.prompts):
             for j in range(inp.n):
                 params = inp.params[i]
-                if params.sampling_seed is not None and j:  # distinct streams for the n samples of one seed
+                # distinct streams for the n samples of one seed
+                if params.sampling_seed is not None and j:
                     params = replace(params, sampling_seed=params.sampling_seed + j)
                 # scheduler thread -> this loop, after the step (mailbox.py)
                 notify = lambda _, idx=len(made): mailbox.post(events.put_nowait, idx)  # noqa: E731
-                req = Request(rid=inp.rids[i] if inp.n == 1 else uuid.uuid4().hex, input_ids=prompt, params=params,
+                req = Request(rid=inp.rids[i] if inp.n == 1 else uuid.uuid4().hex,
+                              input_ids=prompt, params=params,
                               stop_ids=self.e.stop_ids(params), on_finish=notify,
                               on_token=notify if stream is not None else None)
                 made.append((req, inp.return_logprob[i]))
@@ -233,7 +252,7 @@ class EngineHttp:
                         if not inp.is_single:
                             chunk["index"] = idx
                         await stream.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-        except (asyncio.CancelledError, ConnectionResetError):  # the client went away: free the slots
+        except (asyncio.CancelledError, ConnectionResetError):  # the client went away: free slots
             for req, _ in made:
                 self.e.scheduler.abort(req.rid)
             raise
@@ -256,17 +275,20 @@ class EngineHttp:
     # ---- cache, abort, pause
     async def flush_cache(self, request: web.Request) -> web.Response:
         ok = await asyncio.wrap_future(self.e.scheduler.call(lambda s: s.flush()))
-        return web.Response(text=FLUSHED if ok else "Flush cache failed.\n", status=200 if ok else 400)
+        return web.Response(text=FLUSHED if ok else "Flush cache failed.\n",
+                            status=200 if ok else 400)
 
     async def abort_request(self, request: web.Request) -> web.Response:
         f = control_fields(await _body(request), {"rid": (str, ""), "abort_all": (bool, False),
                                                                  "abort_message": (str, None)})
         if f["abort_all"] or f["rid"]:  # an empty rid without abort_all is ignored (SGLang)
-            self.e.scheduler.abort(f["rid"], abort_all=f["abort_all"], message=f["abort_message"] or "Aborted")
+            self.e.scheduler.abort(f["rid"], abort_all=f["abort_all"],
+                                   message=f["abort_message"] or "Aborted")
         return web.Response(status=200)
 
     async def pause(self, request: web.Request) -> web.Response:
-        f = control_fields(await _body(request), {"mode": (("abort", "retract", "in_place"), "abort")})
+        f = control_fields(await _body(request),
+                           {"mode": (("abort", "retract", "in_place"), "abort")})
         await self.gate.set_paused(True)
         sched = self.e.scheduler
         if f["mode"] == "abort":
@@ -274,43 +296,53 @@ class EngineHttp:
                 sched.abort(abort_all=True, message="Abort by pause_generation")
                 async with self.gate.cond:
                     try:
-                        await asyncio.wait_for(self.gate.cond.wait_for(lambda: not self.gate.readers),
+                        await asyncio.wait_for(self.gate.cond.wait_for(
+                                                   lambda: not self.gate.readers),
                                                PAUSE_ABORT_POLL_S)
                     except asyncio.TimeoutError:
                         pass
             self.e.metrics.set_paused(0)
         else:
-            self.hold_posted = True  # before the hold runs: a continue that overtakes it must still release it
-            self.e.metrics.set_paused(await asyncio.wrap_future(sched.hold(retract=f["mode"] == "retract")))
+            # before the hold runs: a continue that overtakes it must still release it
+            self.hold_posted = True
+            self.e.metrics.set_paused(await asyncio.wrap_future(
+                sched.hold(retract=f["mode"] == "retract")))
         return web.json_response({"message": "Generation paused successfully.", "status": "ok"})
 
     async def continue_(self, request: web.Request) -> web.Response:
         control_fields(await _body(request), {"torch_empty_cache": (bool, True)})
-        if self.hold_posted or self.e.scheduler.held:  # in_place / retract hold the steps; abort does not (no hop)
+        # in_place / retract hold the steps; abort does not (no hop)
+        if self.hold_posted or self.e.scheduler.held:
             self.hold_posted = False
-            await asyncio.wrap_future(self.e.scheduler.release())  # queued behind the hold, so it wins
+            # queued behind the hold, so it wins
+            await asyncio.wrap_future(self.e.scheduler.release())
         await self.gate.set_paused(False)
         self.e.metrics.set_paused(0)
         return web.json_response({"message": "Generation continued successfully.", "status": "ok"})
 
     # ---- weights
     async def weights_by_name(self, request: web.Request) -> web.Response:
-        f = control_fields(await _body(request), {"name": (str, REQUIRED), "truncate_size": (int, 100)})
+        f = control_fields(await _body(request),
+                           {"name": (str, REQUIRED), "truncate_size": (int, 100)})
 
         def read(sched):  # on the scheduler thread: never half-way through a weight load
             t = dict(sched.model.named_parameters()).get(f["name"])
             return None if t is None else t.detach().float().cpu()[:f["truncate_size"]].tolist()
         values = await asyncio.wrap_future(self.e.scheduler.call(read))
         if values is None:
-            return web.json_response({"error": {"message": "Get parameter by name failed"}}, status=400)
+            return web.json_response({"error": {"message": "Get parameter by name failed"}},
+                                     status=400)
         return web.json_response(values)
 
     async def init_group(self, request: web.Request) -> web.Response:
         f = control_fields(await _body(request), {
-            "master_address": (str, REQUIRED), "master_port": (int, REQUIRED), "rank_offset": (int, REQUIRED),
-            "world_size": (int, REQUIRED), "group_name": (str, "weight_update_group"), "backend": (str, "nccl")})
-        ok, msg = await asyncio.to_thread(self.e.weights.init_group, f["master_address"], f["master_port"],
-                                          f["rank_offset"], f["world_size"], f["group_name"], f["backend"])
+            "master_address": (str, REQUIRED), "master_port": (int, REQUIRED),
+            "rank_offset": (int, REQUIRED),
+            "world_size": (int, REQUIRED), "group_name": (str, "weight_update_group"),
+            "backend": (str, "nccl")})
+        ok, msg = await asyncio.to_thread(self.e.weights.init_group, f["master_address"],
+                                          f["master_port"], f["rank_offset"], f["world_size"],
+                                          f["group_name"], f["backend"])
         return _ok_or_400(ok, msg)
 
     async def destroy_group(self, request: web.Request) -> web.Response:
@@ -323,7 +355,8 @@ class EngineHttp:
 
     async def end_update(self, request: web.Request) -> web.Response:
         await _body(request)
-        w = self.e.weights  # end() waits for buckets answered before they were loaded: off the loop then
+        # end() waits for buckets answered before they were loaded: off the loop then
+        w = self.e.weights
         return _ok_or_400(*(await asyncio.to_thread(w.end) if w.unsettled else w.end()))
 
     async def update_distributed(self, request: web.Request) -> web.Response:
@@ -332,11 +365,14 @@ class EngineHttp:
             "group_name": (str, "weight_update_group"), **_LOAD,
             "selector": (("target", "draft", "all"), "all"), "torch_empty_cache": (bool, False)})
         if f["load_format"] not in (None, "auto", FLATTENED):
-            return _ok_or_400(False, f"load_format={f['load_format']!r} is not supported by the embedded engine")
+            return _ok_or_400(False, f"load_format={f['load_format']!r} is not supported by the "
+                                     "embedded engine")
         w = self.e.weights
-        args = (f["names"], f["dtypes"], f["shapes"], f["group_name"], f["weight_version"], f["flush_cache"],
-                f["load_format"], self.gate.paused)  # only a paused engine may answer a bucket before it arrived
-        return _ok_or_400(*await self._weight_load("distributed", w.update_from_distributed, args, f))
+        # only a paused engine may answer a bucket before it arrived
+        args = (f["names"], f["dtypes"], f["shapes"], f["group_name"], f["weight_version"],
+                f["flush_cache"], f["load_format"], self.gate.paused)
+        return _ok_or_400(*await self._weight_load("distributed", w.update_from_distributed,
+                                                   args, f))
 
     async def update_disk(self, request: web.Request) -> web.Response:
         f = control_fields(await _body(request), {"model_path": (str, REQUIRED), **_LOAD})

@@ -20,7 +20,8 @@ class SlotKV:
     def __init__(self, num_layers: int, slots: int, kv_heads: int, head_dim: int, max_len: int,
                  dtype: torch.dtype, device: torch.device | str):
         self.shape = (slots, kv_heads, head_dim)
-        self.num_layers, self.max_len, self.dtype, self.device = num_layers, max_len, dtype, torch.device(device)
+        self.num_layers, self.max_len, self.dtype, self.device = (num_layers, max_len, dtype,
+                                                                  torch.device(device))
         self.capacity = 0
         self.K: list[torch.Tensor] = []
         self.V: list[torch.Tensor] = []
@@ -64,7 +65,8 @@ class SlotKV:
                 t[dst, :, :length] = t[src, :, :length]
 
     # ---- model side (transformers' Cache protocol, the part decoders use)
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               *args, **kwargs):
         K, V = self.K[layer_idx], self.V[layer_idx]
         rows = self._rows
         if self._write_pos is not None:  # decode: one new token per row, each at its own position

@@ -21,7 +21,8 @@ class LocalGenerate:
     def __init__(self, http) -> None:
         self.http = http
         self._running: set[concurrent.futures.Future] = set()
-        self._ended: set[concurrent.futures.Future] = set()  # cancelled by cancel_all, not by their callers
+        # cancelled by cancel_all, not by their callers
+        self._ended: set[concurrent.futures.Future] = set()
         self.closed = False
 
     async def call(self, loop: asyncio.AbstractEventLoop, body) -> tuple[int, object]:

@@ -25,7 +25,8 @@ class Mailbox:
         self._lock = threading.Lock()
 
     def post(self, fn: Callable, *args) -> None:
-        """Queue ``fn(*args)`` for the loop (any thread); it runs after the scheduler's next flush."""
+        """Queue ``fn(*args)`` for the loop (any thread); it runs after the scheduler's next
+        flush."""
         with self._lock:
             self._queued.append((fn, args))
 
@@ -56,7 +57,8 @@ class Mailboxes:
 
     def for_loop(self, loop: asyncio.AbstractEventLoop) -> Mailbox:
         with self._lock:
-            for old in [k for k in self._boxes if k.is_closed()]:  # a loop that ended has no mail to get
+            # a loop that ended has no mail to get
+            for old in [k for k in self._boxes if k.is_closed()]:
                 del self._boxes[old]
             return self._boxes.setdefault(loop, Mailbox(loop))
 

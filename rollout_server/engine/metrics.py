@@ -20,7 +20,8 @@ class EngineMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         # SGLang's common labels (metrics_collector.py); one engine, no parallelism: constant ranks
-        m = {"model_name": model_name, "engine_type": "unified", "tp_rank": "0", "pp_rank": "0", "moe_ep_rank": "0"}
+        m = {"model_name": model_name, "engine_type": "unified", "tp_rank": "0", "pp_rank": "0",
+             "moe_ep_rank": "0"}
         base = tuple(m)
         req = (*base, "is_streaming")
 
@@ -28,24 +29,34 @@ class EngineMetrics:
             return Gauge(f"sglang:{name}", doc, labels, registry=r)
 
         self.num_running = gauge("num_running_reqs", "The number of running requests.").labels(**m)
-        self.num_queue = gauge("num_queue_reqs", "The number of requests in the waiting queue.").labels(**m)
-        self.token_usage = gauge("token_usage", "The token usage (used KV tokens / max_total_tokens).").labels(**m)
-        self.gen_throughput = gauge("gen_throughput", "The generation throughput (token/s).").labels(**m)
-        self.num_paused = gauge("num_paused_reqs", "The number of requests paused by async weight sync.").labels(**m)
+        self.num_queue = gauge("num_queue_reqs",
+                               "The number of requests in the waiting queue.").labels(**m)
+        self.token_usage = gauge("token_usage",
+                                 "The token usage (used KV tokens / max_total_tokens).").labels(**m)
+        self.gen_throughput = gauge("gen_throughput",
+                                    "The generation throughput (token/s).").labels(**m)
+        self.num_paused = gauge("num_paused_reqs",
+                                "The number of requests paused by async weight sync.").labels(**m)
         self.weight_load = gauge("weight_load_duration_seconds",
-                                 "Wall time of the last update_weights_from_<source>.", (*base, "source"))
+                                 "Wall time of the last update_weights_from_<source>.",
+                                 (*base, "source"))
         labels = {**m, "is_streaming": "false"}
-        self.prompt_tokens = Counter("sglang:prompt_tokens", "Number of prefill tokens processed.", req,
+        self.prompt_tokens = Counter("sglang:prompt_tokens",
+                                     "Number of prefill tokens processed.", req,
                                      registry=r).labels(**labels)
-        self.generation_tokens = Counter("sglang:generation_tokens", "Number of generation tokens processed.", req,
+        self.generation_tokens = Counter("sglang:generation_tokens",
+                                         "Number of generation tokens processed.", req,
                                          registry=r).labels(**labels)
         self.num_requests = Counter("sglang:num_requests", "The number of processed requests.", req,
                                     registry=r).labels(**labels)
-        self.num_aborted = Counter("sglang:num_aborted_requests", "Number of requests aborted.", base,
+        self.num_aborted = Counter("sglang:num_aborted_requests",
+                                   "Number of requests aborted.", base,
                                    registry=r).labels(**m)
-        self.ttft = Histogram("sglang:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+        self.ttft = Histogram("sglang:time_to_first_token_seconds",
+                              "Histogram of time to first token in seconds.",
                               req, buckets=_LATENCY_BUCKETS, registry=r).labels(**labels)
-        self.e2e = Histogram("sglang:e2e_request_latency_seconds", "Histogram of End-to-end request latency in "
+        self.e2e = Histogram("sglang:e2e_request_latency_seconds",
+                             "Histogram of End-to-end request latency in "
                              "seconds", req, buckets=_LATENCY_BUCKETS, registry=r).labels(**labels)
         self._labels = m
         self._window: list[tuple[float, int]] = []

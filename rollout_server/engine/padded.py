@@ -13,19 +13,22 @@ from rollout_server.engine.kv import SlotKV
 
 def _mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Additive 4D mask [B, 1, Q, K] from a boolean ``allowed`` [B, Q, K]."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed,
-                                                                                    torch.finfo(dtype).min)[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def prefill(model, kv: SlotKV, seqs: list[list[int]], first_slot: int) -> torch.Tensor:
-    """Last-position logits [k, vocab] of ``seqs``, their KV written into slots ``[first_slot, first_slot + k)``."""
+    """Last-position logits [k, vocab] of ``seqs``, their KV written into slots
+    ``[first_slot, first_slot + k)``."""
     device, dtype = kv.device, kv.dtype
     k = len(seqs)
     lens = torch.tensor([len(s) for s in seqs], device=device)
     L = int(lens.max())
-    ids = pad_sequence([torch.tensor(s, dtype=torch.long) for s in seqs], batch_first=True).to(device)
+    ids = pad_sequence([torch.tensor(s, dtype=torch.long) for s in seqs],
+                       batch_first=True).to(device)
     pos = torch.arange(L, device=device)
-    allowed = (pos[None, None, :] <= pos[None, :, None]) & (pos[None, None, :] < lens[:, None, None])
+    allowed = ((pos[None, None, :] <= pos[None, :, None])
+               & (pos[None, None, :] < lens[:, None, None]))
     kv.set_rows(slice(first_slot, first_slot + k), L)
     head = model.get_output_embeddings().register_forward_pre_hook(_last_positions(lens - 1))
     try:
@@ -45,9 +48,11 @@ def _last_positions(last: torch.Tensor):
 
 
 def decode(model, kv: SlotKV, ids: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """Logits [B, vocab] of one token per row (``ids`` [B]) at positions ``pos`` [B] of slots ``[0, B)``."""
+    """Logits [B, vocab] of one token per row (``ids`` [B]) at positions ``pos`` [B] of slots
+    ``[0, B)``."""
     keys = torch.arange(kv_len, device=kv.device)
     allowed = keys[None, None, :] <= pos[:, None, None]
     kv.set_rows(slice(0, len(ids)), kv_len, write_pos=pos)
-    return model(input_ids=ids[:, None], attention_mask=_mask(allowed, kv.dtype), position_ids=pos[:, None],
+    return model(input_ids=ids[:, None], attention_mask=_mask(allowed, kv.dtype),
+                 position_ids=pos[:, None],
                  past_key_values=kv, use_cache=True, logits_to_keep=1).logits[:, -1]

@@ -38,9 +38,11 @@ class SamplingParams:
         return 1.0 if self.temperature == 0.0 else self.temperature
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None],
            shared: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row. ``logits``: [B, V] (any dtype). Returns (tokens [B] long, logprobs [B] fp32)."""
+    """Sample one token per row. ``logits``: [B, V] (any dtype). Returns (tokens [B] long,
+    logprobs [B] fp32)."""
     logits = logits.float()
     temps = [p.effective_temperature for p in params]
     if all(t == 1.0 for t in temps):  # greedy rows and T=1 sampling: no scaled copy of the logits
@@ -50,20 +52,24 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     tokens = logits.argmax(dim=-1)  # the greedy rows' tokens; sampled rows are overwritten below
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
-        tokens[rows] = _sample_rows(scaled[rows], [params[i] for i in rows], [generators[i] for i in rows], shared)
+        tokens[rows] = _sample_rows(scaled[rows], [params[i] for i in rows],
+                                    [generators[i] for i in rows], shared)
     # log_softmax(scaled)[token] without materialising the whole [B, V] log_softmax
     return tokens, scaled.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1)
 
 
-def _sample_rows(scaled: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+def _sample_rows(scaled: torch.Tensor, params: list[SamplingParams],
+                 generators: list[torch.Generator | None],
                  shared: torch.Generator) -> torch.Tensor:
     scaled = _truncate(scaled, params)
     probs = torch.softmax(scaled, dim=-1)
     noise = torch.empty_like(probs)
     unseeded = [i for i, g in enumerate(generators) if g is None]
     if unseeded:
-        # Exponential noise is drawn on CPU from CPU generators so a seed means the same stream on any device.
-        noise[unseeded] = torch.empty(len(unseeded), probs.shape[1]).exponential_(generator=shared).to(probs.device)
+        # Exponential noise is drawn on CPU from CPU generators so a seed means the same stream on
+        # any device.
+        noise[unseeded] = (torch.empty(len(unseeded), probs.shape[1])
+                           .exponential_(generator=shared).to(probs.device))
     for i, g in enumerate(generators):
         if g is not None:
             noise[i] = torch.empty(probs.shape[1]).exponential_(generator=g).to(probs.device)
@@ -81,7 +87,8 @@ def _truncate(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tenso
     rank = torch.arange(vocab, device=scaled.device)[None, :]
     drop = rank >= top_k[:, None]
     sorted_probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability mass strictly above this token
+    # probability mass strictly above this token
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     drop |= mass_before > top_p[:, None]
     drop[:, 0] = False
     mask = torch.zeros_like(drop).scatter(1, order, drop)

@@ -30,7 +30,8 @@ from rollout_server.engine.sampling import SamplingParams, sample
 
 log = logging.getLogger(__name__)
 
-GATHER_GAP_S, GATHER_MAX_S = 0.001, 0.004  # an idle scheduler's wait for a burst's next submit, and in all
+# an idle scheduler's wait for a burst's next submit, and in all
+GATHER_GAP_S, GATHER_MAX_S = 0.001, 0.004
 IDLE_WAIT_S = 0.05  # idle loop wake-up; bounds command latency when nothing runs
 MAX_PREFILL_TOKENS = 8192  # padded tokens in one prefill batch (bounds activation memory)
 ADMIT_FRACTION = 8  # admissions wait for max_running / 8 free slots (see Scheduler.admit_batch)
@@ -45,7 +46,8 @@ class Request:
     params: SamplingParams
     stop_ids: frozenset[int]
     on_finish: Callable[[Request], None]
-    on_token: Callable[[Request], None] | None = None  # streaming: after each token of an unfinished request
+    # streaming: after each token of an unfinished request
+    on_token: Callable[[Request], None] | None = None
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     output_versions: list[str] = field(default_factory=list)
@@ -64,25 +66,30 @@ class Request:
 
 class Scheduler:
     def __init__(self, model, *, max_running: int, max_total_tokens: int, context_len: int,
-                 weight_version: str, metrics=None, seed: int = 0, gather_gap_s: float = GATHER_GAP_S,
+                 weight_version: str, metrics=None, seed: int = 0,
+                 gather_gap_s: float = GATHER_GAP_S,
                  gather_max_s: float = GATHER_MAX_S):
         cfg = model.config
         self.model = model
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.max_running, self.max_total_tokens, self.context_len = max_running, max_total_tokens, context_len
+        self.max_running, self.max_total_tokens, self.context_len = (max_running, max_total_tokens,
+                                                                     context_len)
         self.weight_version = weight_version
         self.metrics = metrics
         self.gather_gap_s, self.gather_max_s = gather_gap_s, gather_max_s
         self.shared_gen = torch.Generator().manual_seed(seed)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.kv = SlotKV(cfg.num_hidden_layers, max_running, cfg.num_key_value_heads, head_dim, context_len,
+        self.kv = SlotKV(cfg.num_hidden_layers, max_running, cfg.num_key_value_heads,
+                         head_dim, context_len,
                          self.dtype, self.device)
         layer_types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
         if layer_types != {"full_attention"}:
-            raise NotImplementedError(f"layer types {sorted(layer_types)}: the embedded engine builds "
+            raise NotImplementedError(f"layer types {sorted(layer_types)}: "
+                                      "the embedded engine builds "
                                       "full-attention masks only (no sliding-window layers)")
-        # Prefill and decode through fastpath when the model's layout is one it knows (same math, less overhead).
+        # Prefill and decode through fastpath when the model's layout is one it knows (same math,
+        # less overhead).
         self.use_fastpath = fastpath.supports(model)
         self.running: list[Request] = []  # running[i] lives in KV slot i
         self.waiting: deque[Request] = deque()
@@ -94,12 +101,14 @@ class Scheduler:
         self.heartbeat = time.monotonic()
         self.prefills = 0  # prefill passes run
         self.prefill_tokens = 0  # tokens run through prefill passes (shared prompts count once)
-        self.mail = Mailboxes()  # on_finish callbacks' calls to event loops, sent once per step (mailbox.py)
+        # on_finish callbacks' calls to event loops, sent once per step (mailbox.py)
+        self.mail = Mailboxes()
         self._inbox: list[Callable[[], None]] = []
         self._submits = 0  # submits among the inbox's commands
         self._cv = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop_guarded, name="engine-scheduler", daemon=True)
+        self._thread = threading.Thread(target=self._loop_guarded, name="engine-scheduler",
+                                        daemon=True)
 
     # ---- thread-safe API
     def start(self) -> Scheduler:
@@ -131,7 +140,8 @@ class Scheduler:
         return self.call(lambda s: setattr(s, "held", False))
 
     def call(self, fn: Callable[[Scheduler], object]) -> Future:
-        """Run ``fn(self)`` on the scheduler thread between two steps; the Future holds its result."""
+        """Run ``fn(self)`` on the scheduler thread between two steps; the Future holds its
+        result."""
         fut: Future = Future()
 
         def run():
@@ -186,11 +196,13 @@ class Scheduler:
         while True:
             self.mail.flush()  # what the last step finished, one wake-up per waiting loop
             with self._cv:
-                if not self._inbox and (self.held or not (self.running or self.waiting)) and not self._stopping:
+                if (not self._inbox and (self.held or not (self.running or self.waiting))
+                        and not self._stopping):
                     self._cv.wait(timeout=IDLE_WAIT_S)
                 if self._stopping:
                     break
-                if self._inbox and self._submits == len(self._inbox) and not (self.held or self.running or self.waiting):
+                if (self._inbox and self._submits == len(self._inbox)
+                        and not (self.held or self.running or self.waiting)):
                     self._gather()  # only submits came: wait for the rest of their burst
                     if self._stopping:
                         break
@@ -214,7 +226,8 @@ class Scheduler:
         seen = self._submits
         while (left := end - time.monotonic()) > 0 and not self._stopping:
             self._cv.wait(timeout=min(self.gather_gap_s, left))
-            if self._submits == seen or self._submits != len(self._inbox):  # a pause, or another command: now
+            # a pause, or another command: now
+            if self._submits == seen or self._submits != len(self._inbox):
                 return
             seen = self._submits
 
@@ -222,8 +235,10 @@ class Scheduler:
         if self.metrics and req.log_metrics:
             self.metrics.on_submit(req)
         if len(req.input_ids) + len(req.output_ids) >= self.context_len:  # would not fit a slot
-            self._finish(req, {"type": "abort", "message": f"The input ({len(req.input_ids)} tokens) is longer than "
-                               f"the context length ({self.context_len} tokens).", "status_code": 400,
+            self._finish(req, {"type": "abort",
+                               "message": f"The input ({len(req.input_ids)} tokens) is longer "
+                                          f"than the context length ({self.context_len} tokens).",
+                               "status_code": 400,
                                "err_type": "BadRequestError"})
         elif req.params.max_new_tokens == 0:
             self._finish(req, {"type": "length", "length": 0})
@@ -233,7 +248,8 @@ class Scheduler:
     def _admit(self) -> list[Request]:
         free = self.max_running - len(self.running)
         if self.running and free < min(len(self.waiting), self.admit_batch):
-            return []  # batch admissions: a prefill pass costs about a decode step, do fewer, larger ones
+            # batch admissions: a prefill pass costs about a decode step, do fewer, larger ones
+            return []
         new: list[Request] = []
         reserved = sum(self._reserve(r) for r in self.running)
         longest = 0
@@ -242,7 +258,8 @@ class Scheduler:
             need = self._reserve(r)
             longest = max(longest, len(r.input_ids) + len(r.output_ids))
             busy = self.running or new
-            if busy and (reserved + need > self.max_total_tokens or longest * (len(new) + 1) > MAX_PREFILL_TOKENS):
+            if busy and (reserved + need > self.max_total_tokens
+                         or longest * (len(new) + 1) > MAX_PREFILL_TOKENS):
                 break
             new.append(self.waiting.popleft())
             reserved += need
@@ -262,17 +279,21 @@ class Scheduler:
         B = len(self.running)
         first: dict[tuple[int, ...], int] = {}
         src = [first.setdefault(tuple(r.input_ids + r.output_ids), i) for i, r in enumerate(new)]
-        order = [i for i in range(len(new)) if src[i] == i] + [i for i in range(len(new)) if src[i] != i]
+        order = ([i for i in range(len(new)) if src[i] == i]
+                 + [i for i in range(len(new)) if src[i] != i])
         new = [new[i] for i in order]  # distinct sequences first, in slots [B, B + u)
-        seqs = [r.input_ids + r.output_ids for r in new]  # a retracted request re-prefills its outputs
+        # a retracted request re-prefills its outputs
+        seqs = [r.input_ids + r.output_ids for r in new]
         u, longest = len(first), max(map(len, seqs))
         self.kv.ensure(longest + 1)
-        self.running.extend(new)  # before the forward: if it raises, these are answered with the rest
+        # before the forward: if it raises, these are answered with the rest
+        self.running.extend(new)
         logits = self._path.prefill(self.model, self.kv, seqs[:u], B)
         self.prefill_tokens += sum(map(len, seqs[:u]))
         row = {orig: j for j, orig in enumerate(order)}  # original index -> position in `new`
         rows = [row[src[i]] for i in order]  # each request's distinct twin (a row of `logits`)
-        self.kv.move([B + rows[j] for j in range(u, len(new))], list(range(B + u, B + len(new))), longest)
+        self.kv.move([B + rows[j] for j in range(u, len(new))],
+                     list(range(B + u, B + len(new))), longest)
         for r, s in zip(new, seqs):
             r.cached = len(s)
         self._sample_and_retire(logits[rows], list(range(B, B + len(new))))
@@ -282,7 +303,8 @@ class Scheduler:
         start = torch.tensor([r.cached for r in self.running], device=self.device)
         kv_len = max(r.cached for r in self.running) + 1
         self.kv.ensure(kv_len)
-        last = torch.tensor([r.output_ids[-1] for r in self.running], dtype=torch.long, device=self.device)
+        last = torch.tensor([r.output_ids[-1] for r in self.running],
+                            dtype=torch.long, device=self.device)
         logits = self._path.decode(self.model, self.kv, last, start, kv_len)
         for r in self.running:
             r.cached += 1
@@ -290,7 +312,8 @@ class Scheduler:
 
     def _sample_and_retire(self, logits: torch.Tensor, slots: list[int]) -> None:
         reqs = [self.running[s] for s in slots]
-        tokens, logps = sample(logits, [r.params for r in reqs], [r.generator for r in reqs], self.shared_gen)
+        tokens, logps = sample(logits, [r.params for r in reqs],
+                               [r.generator for r in reqs], self.shared_gen)
         now = time.monotonic()
         done: list[tuple[int, dict]] = []
         for slot, r, tok, lp in zip(slots, reqs, tokens.tolist(), logps.tolist()):
@@ -332,13 +355,16 @@ class Scheduler:
         moves = [(src, dst) for dst, src in enumerate(held) if src != dst]
         try:
             if moves:
-                self.kv.move([s for s, _ in moves], [d for _, d in moves], max(running[d].cached for _, d in moves))
-        finally:  # out of the running list: finished here or never (a failed copy ends the loop, not them)
+                self.kv.move([s for s, _ in moves], [d for _, d in moves],
+                             max(running[d].cached for _, d in moves))
+        # out of the running list: finished here or never (a failed copy ends the loop, not them)
+        finally:
             for r, reason in finished:
                 self._finish(r, reason)
 
     def _finish(self, r: Request, reason: dict) -> None:
-        r.finished_at = time.monotonic()  # before finish_reason: readers on other threads test finish_reason
+        # before finish_reason: readers on other threads test finish_reason
+        r.finished_at = time.monotonic()
         r.finish_reason = reason
         r.cached = 0
         if self.metrics and r.log_metrics:
@@ -350,7 +376,8 @@ class Scheduler:
         keep: deque[Request] = deque()
         for r in self.waiting:
             if abort_all or r.rid == rid:
-                self._finish(r, {**reason, "message": "Abort in waiting queue" if not abort_all else message})
+                self._finish(r, {**reason,
+                                 "message": "Abort in waiting queue" if not abort_all else message})
             else:
                 keep.append(r)
         self.waiting = keep

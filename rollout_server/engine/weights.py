@@ -28,12 +28,16 @@ from areal_like.wire.weight_wire import FLATTENED, layout, torch_dtype, unpack
 
 log = logging.getLogger(__name__)
 
-NO_SESSION = ("update_weights_from_distributed must run between begin_weight_update() and end_weight_update()")
-NOT_FLUSHED = ("Weights were updated, but the cache was not flushed because requests are still running or "
+NO_SESSION = ("update_weights_from_distributed must run between begin_weight_update() and "
+              "end_weight_update()")
+NOT_FLUSHED = ("Weights were updated, but the cache was not flushed because "
+               "requests are still running or "
                "queued. Retract or finish them, then call /flush_cache.")
-LOAD_FORMATS = (None, "auto")  # a list of (name, tensor); SGLang's "flattened_bucket" needs its own classes
+# a list of (name, tensor); SGLang's "flattened_bucket" needs its own classes
+LOAD_FORMATS = (None, "auto")
 _MODULES = ("torch", "torch.storage", "torch._utils", "torch.multiprocessing.reductions")
-_BUILTINS = ("list", "tuple", "dict", "int", "float", "bool", "str", "slice", "getattr", "bytearray", "complex")
+_BUILTINS = ("list", "tuple", "dict", "int", "float", "bool", "str", "slice", "getattr",
+             "bytearray", "complex")
 
 
 class WeightUpdater:
@@ -44,10 +48,14 @@ class WeightUpdater:
         self.groups: dict[str, object] = {}
         self.session_open = False
         self._recv_lock = threading.Lock()  # one bucket at a time: broadcasts must not interleave
-        self._live: dict[tuple, torch.Tensor] = {}  # layout -> the flat buffer its parameters view now
-        self._spare: dict[tuple, torch.Tensor] = {}  # layout -> a free buffer the next bucket is received into
-        self._deferred_error = ""  # a bucket of this session answered before its load/receive failed later
-        self._session_id = 0  # +1 per begin(): a request of an abandoned session never posts a receive
+        # layout -> the flat buffer its parameters view now
+        self._live: dict[tuple, torch.Tensor] = {}
+        # layout -> a free buffer the next bucket is received into
+        self._spare: dict[tuple, torch.Tensor] = {}
+        # a bucket of this session answered before its load/receive failed later
+        self._deferred_error = ""
+        # +1 per begin(): a request of an abandoned session never posts a receive
+        self._session_id = 0
         self._early: list[Future] = []  # buckets answered before their load finished (end waits)
 
     # ---- group lifecycle (blocking)
@@ -58,7 +66,8 @@ class WeightUpdater:
         if group_name in self.groups:
             return False, f"Group {group_name} already exists; destroy it first."
         try:
-            pg = init_weight_group(backend, master_address, master_port, world_size, rank_offset, group_name,
+            pg = init_weight_group(backend, master_address, master_port, world_size,
+                                   rank_offset, group_name,
                                    self.group_timeout_s)
         except Exception as e:
             log.warning("init_weights_update_group %s failed: %s", group_name, e)
@@ -70,7 +79,8 @@ class WeightUpdater:
         from areal_like.net.distributed import destroy_weight_group
 
         pg = self.groups.pop(group_name, None)
-        self._spare.clear()  # receive buffers are only worth keeping while a group streams into them
+        # receive buffers are only worth keeping while a group streams into them
+        self._spare.clear()
         if pg is None:
             return False, f"Group {group_name} not in process groups."
         destroy_weight_group(pg)
@@ -91,7 +101,8 @@ class WeightUpdater:
 
     @property
     def unsettled(self) -> bool:
-        """Whether a bucket answered early is still being received or loaded (``end`` would wait)."""
+        """Whether a bucket answered early is still being received or loaded (``end`` would
+        wait)."""
         return not all(f.done() for f in self._early)
 
     def end(self) -> tuple[bool, str]:
@@ -111,7 +122,8 @@ class WeightUpdater:
     # ---- loading (blocking; called from executor threads)
     def update_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
                                 group_name: str, weight_version: str | None, flush_cache: bool,
-                                load_format: str | None = None, paused: bool = False) -> tuple[bool, str] | Future:
+                                load_format: str | None = None,
+                                paused: bool = False) -> tuple[bool, str] | Future:
         """(ok, message), or a Future of it. Only while ``paused`` may a bucket be answered before
         its receive completed (else a request let in after the answer could see it land)."""
         if not self.session_open:
@@ -122,13 +134,15 @@ class WeightUpdater:
         if pg is None:
             return False, f"Group {group_name} not in process groups."
         if load_format == FLATTENED:
-            return self._update_flattened(names, dtypes, shapes, pg, weight_version, flush_cache, paused)
+            return self._update_flattened(names, dtypes, shapes, pg,
+                                          weight_version, flush_cache, paused)
         import torch.distributed as dist
 
         device = self.scheduler.device
         with self._recv_lock:
             try:
-                if device.type == "cuda":  # NCCL binds its communicator to this thread's current device
+                # NCCL binds its communicator to this thread's current device
+                if device.type == "cuda":
                     torch.cuda.set_device(device)
                 bufs = [torch.empty(shape, dtype=torch_dtype(dt), device=device)
                         for dt, shape in zip(dtypes, shapes)]
@@ -162,7 +176,8 @@ class WeightUpdater:
         """Decode this rank's payload (the first) and load it like any bucket (a copy out of the
         sender's memory; ENGINE.md)."""
         if load_format not in LOAD_FORMATS:
-            return False, f"load_format={load_format!r} is not supported by the embedded engine (use null)"
+            return False, (f"load_format={load_format!r} is not supported by the embedded engine "
+                           "(use null)")
         if not payloads:
             return False, "serialized_named_tensors is empty"
         try:
@@ -172,19 +187,22 @@ class WeightUpdater:
         return self.load(tensors, weight_version, flush_cache)
 
     def _update_flattened(self, names: list[str], dtypes: list[str], shapes: list[list[int]], pg,
-                          weight_version: str | None, flush_cache: bool, paused: bool) -> tuple[bool, str] | Future:
+                          weight_version: str | None, flush_cache: bool,
+                          paused: bool) -> tuple[bool, str] | Future:
         """One bucket as one uint8 broadcast; a bucket answered early (ENGINE.md) holds
         ``_recv_lock`` until its receive completed and its load is queued (bucket order)."""
         import torch.distributed as dist
 
         try:
             tensor_layout, nbytes = layout(names, dtypes, shapes)
-        except ValueError as e:  # nothing was posted, so the sender's broadcast fails on its own deadline
+        except ValueError as e:
+            # nothing was posted, so the sender's broadcast fails on its own deadline
             return False, f"Failed to receive weights: {e}"
         device = self.scheduler.device
         key = tuple((n, str(dt), tuple(s)) for n, dt, s, _ in tensor_layout)
         session = self._session_id
-        if not self._recv_lock.acquire(timeout=self.group_timeout_s):  # released when the receive completed
+        # released when the receive completed
+        if not self._recv_lock.acquire(timeout=self.group_timeout_s):
             return False, "Failed to receive weights: an earlier bucket is still being received"
         stale = session != self._session_id or not self.session_open  # an abandoned session's
         refusal = NO_SESSION if stale else self._deferred_error
@@ -202,7 +220,8 @@ class WeightUpdater:
             self._recv_lock.release()
             return False, f"Failed to receive weights: {e}"
         tensors = unpack(flat, tensor_layout)
-        if device.type == "cpu":  # gloo's completion callback queues the load itself: one thread hop less
+        # gloo's completion callback queues the load itself: one thread hop less
+        if device.type == "cpu":
             early = weight_version is None and not flush_cache and paused
             early = early and not _refusal(self.scheduler.model.state_dict(), tensors)
             done: Future = Future()
@@ -215,7 +234,8 @@ class WeightUpdater:
             return True, "Succeeded to update parameter online."
         try:
             work.wait()
-            torch.cuda.synchronize(device)  # the bucket is complete before the scheduler swaps it in
+            # the bucket is complete before the scheduler swaps it in
+            torch.cuda.synchronize(device)
         except Exception as e:
             return False, f"Failed to receive weights: {e}"
         finally:
@@ -224,8 +244,8 @@ class WeightUpdater:
 
     def _received(self, fut, tensors: dict[str, torch.Tensor], swap: tuple[tuple, torch.Tensor],
                   label: tuple[str | None, bool], done: Future, early_session: int | None) -> None:
-        """A bucket's receive completed (gloo's thread; must not block): queue its load, then let the
-        next bucket's receive be posted. ``done`` gets the answer."""
+        """A bucket's receive completed (gloo's thread; must not block): queue its load, then let
+        the next bucket's receive be posted. ``done`` gets the answer."""
         try:
             fut.value()  # raises if the receive failed (the sender died, the group broke)
             out = self._apply(tensors, *label, swap=swap, wait_load=True)
@@ -235,7 +255,8 @@ class WeightUpdater:
             self._recv_lock.release()
         self._settle(out, done, early_session)
 
-    def _loader(self, tensors: dict[str, torch.Tensor], weight_version: str | None, flush_cache: bool,
+    def _loader(self, tensors: dict[str, torch.Tensor],
+                weight_version: str | None, flush_cache: bool,
                 swap: tuple[tuple, torch.Tensor] | None):
         """The load of one bucket on the scheduler thread. With ``swap=(layout, flat)`` the tensors
         are views of ``flat``, which the parameters may adopt instead of copying it."""
@@ -262,7 +283,8 @@ class WeightUpdater:
         if swap is not None:
             self._spare[swap[0]] = swap[1]
 
-    def _apply(self, tensors: dict[str, torch.Tensor], weight_version: str | None, flush_cache: bool,
+    def _apply(self, tensors: dict[str, torch.Tensor],
+               weight_version: str | None, flush_cache: bool,
                swap: tuple[tuple, torch.Tensor] | None = None,
                wait_load: bool = False) -> tuple[bool, str] | Future:
         """Queue the load of ``tensors``: a bucket that neither sets the version nor flushes is
@@ -305,12 +327,14 @@ class WeightUpdater:
     def _swap_in(self, model: torch.nn.Module, tensors: dict[str, torch.Tensor], key: tuple,
                  flat: torch.Tensor) -> bool:
         """Scheduler thread: make the parameters views of ``flat`` when every name is a distinct
-        parameter of the same dtype and device; the buffer they viewed (if any) becomes the spare."""
+        parameter of the same dtype and device; the buffer they viewed (if any) becomes the
+        spare."""
         params = dict(model.named_parameters())
         chosen = [params.get(n) for n in tensors]
         if any(p is None for p in chosen) or len({id(p) for p in chosen}) != len(chosen):
             return False  # a buffer, a tied alias or a repeated name: copy instead
-        if any(p.dtype != t.dtype or p.device != t.device for p, t in zip(chosen, tensors.values())):
+        if any(p.dtype != t.dtype or p.device != t.device
+               for p, t in zip(chosen, tensors.values())):
             return False
         for p, t in zip(chosen, tensors.values()):
             p.data = t
@@ -347,9 +371,11 @@ def decode_named_tensors(payload: str | bytes) -> dict[str, torch.Tensor]:
         data = base64.b64decode(payload, validate=True) if isinstance(payload, str) else payload
         named = _TensorUnpickler(io.BytesIO(data)).load()
     except (binascii.Error, pickle.UnpicklingError, EOFError, RuntimeError, OSError) as e:
-        raise ValueError(f"cannot decode serialized_named_tensors: {type(e).__name__}: {e}") from None
+        raise ValueError("cannot decode serialized_named_tensors: "
+                         f"{type(e).__name__}: {e}") from None
     if not isinstance(named, list) or not all(
-            isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) and isinstance(x[1], torch.Tensor)
+            isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)
+            and isinstance(x[1], torch.Tensor)
             for x in named):
         raise ValueError("serialized_named_tensors must hold a list of (name, tensor) pairs")
     out = dict(named)
