@@ -13,7 +13,8 @@ import os
 import sys
 
 DAEMON_MODULES = {"buffer": "buffer", "rollout": "rollout_server", "train": "trainer"}
-TOOL_MODULES = {"eval": "rollout_server.evaluate", "export": "trainer.export"}  # one-shot commands: python -m module
+# one-shot commands: python -m module
+TOOL_MODULES = {"eval": "rollout_server.evaluate", "export": "trainer.export"}
 # torchrun's flags that take a value, spelled with dashes (torchrun also takes underscores)
 TORCHRUN_FLAGS_WITH_VALUE = {"--nproc-per-node", "--nnodes", "--node-rank", "--master-addr",
                              "--master-port", "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id",
@@ -21,8 +22,10 @@ TORCHRUN_FLAGS_WITH_VALUE = {"--nproc-per-node", "--nnodes", "--node-rank", "--m
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="areal-like", description="Asynchronous streaming RL for LLM post-training.",
-                                epilog="Overrides are Hydra's key=value, e.g. experiment=quickstart trainer.lr=1e-4")
+    p = argparse.ArgumentParser(prog="areal-like",
+                                description="Asynchronous streaming RL for LLM post-training.",
+                                epilog="Overrides are Hydra's key=value, e.g. "
+                                       "experiment=quickstart trainer.lr=1e-4")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _process_commands(sub)
     _job_tool_commands(sub)
@@ -33,65 +36,87 @@ def _process_commands(sub) -> None:
     """The commands that start processes."""
     run = sub.add_parser("run", help="run the whole job on this machine")
     run.add_argument("-q", "--quiet", action="store_true",
-                     help="do not echo daemon logs (they stay in run_dir/logs); a failed job still prints why")
+                     help="do not echo daemon logs (they stay in run_dir/logs); a failed job still "
+                          "prints why")
     run.add_argument("--accept-changes", action="store_true",
-                     help="resume a run_dir although settings differ from its settings.yaml (they are listed)")
+                     help="resume a run_dir although settings differ from its settings.yaml "
+                          "(they are listed)")
     run.add_argument("overrides", nargs="*", help="Hydra overrides")
     for name, help_ in (("buffer", "run one buffer daemon in the foreground"),
                         ("rollout", "run one rollout server in the foreground")):
         d = sub.add_parser(name, help=help_)
-        d.add_argument("args", nargs=argparse.REMAINDER, help="[--config-file PATH] Hydra overrides")
-    tr = sub.add_parser("train", help="run the trainer under torchrun (torchrun flags pass through)",
-                        description="torchrun flags (--nproc-per-node, --nnodes, --node-rank, --master-addr, "
-                                    "--master-port, --rdzv-*) pass through; the rest are Hydra overrides.")
-    tr.add_argument("args", nargs=argparse.REMAINDER, help="[torchrun flags] [--config-file PATH] overrides")
-    ev = sub.add_parser("eval", help="evaluate an HF model directory or a trainer checkpoint on the eval split")
-    ev.add_argument("args", nargs=argparse.REMAINDER, help="MODEL [--config-file F] [--out FILE] [overrides]")
-    ex = sub.add_parser("export", help="convert a trainer checkpoint into a Hugging Face model directory",
-                        usage="areal-like export CHECKPOINT OUT [--config-file FILE] [--shard-mb N] "
-                              "[--dtype float32|bfloat16|float16]",
-                        description="Convert a trainer checkpoint into a Hugging Face model directory: loads the DCP "
-                                    "checkpoint (<run_dir>/checkpoints/v<version>, or the checkpoints directory for "
-                                    "its newest) on one process and writes config, safetensors shards, tokenizer and "
-                                    "generation config into OUT (which must not exist). The run's config defaults to "
-                                    "<run_dir>/config.yaml; --shard-mb and --dtype to export.shard_mb and model.dtype.")
+        d.add_argument("args", nargs=argparse.REMAINDER,
+                       help="[--config-file PATH] Hydra overrides")
+    tr = sub.add_parser("train",
+                        help="run the trainer under torchrun (torchrun flags pass through)",
+                        description="torchrun flags (--nproc-per-node, --nnodes, --node-rank, "
+                                    "--master-addr, --master-port, --rdzv-*) pass through; the "
+                                    "rest are Hydra overrides.")
+    tr.add_argument("args", nargs=argparse.REMAINDER,
+                    help="[torchrun flags] [--config-file PATH] overrides")
+    ev = sub.add_parser("eval", help="evaluate an HF model directory or a trainer checkpoint on "
+                                     "the eval split")
+    ev.add_argument("args", nargs=argparse.REMAINDER,
+                    help="MODEL [--config-file F] [--out FILE] [overrides]")
+    ex = sub.add_parser("export", help="convert a trainer checkpoint into a Hugging Face model "
+                                       "directory",
+                        usage="areal-like export CHECKPOINT OUT [--config-file FILE] "
+                              "[--shard-mb N] [--dtype float32|bfloat16|float16]",
+                        description="Convert a trainer checkpoint into a Hugging Face model "
+                                    "directory: loads the DCP checkpoint "
+                                    "(<run_dir>/checkpoints/v<version>, or the checkpoints "
+                                    "directory for its newest) on one process and writes config, "
+                                    "safetensors shards, tokenizer and generation config into OUT "
+                                    "(which must not exist). The run's config defaults to "
+                                    "<run_dir>/config.yaml; --shard-mb and --dtype to "
+                                    "export.shard_mb and model.dtype.")
     ex.add_argument("args", nargs=argparse.REMAINDER, help="CHECKPOINT OUT [options]")
 
 
 def _job_tool_commands(sub) -> None:
     """The commands that lay out, inspect or prepare a job."""
-    pl = sub.add_parser("plan", help="print where `run` would put every process (GPUs, ports); starts nothing",
-                        description="One line per process of `areal-like run` with the same overrides: node, "
-                                    "name, GPUs (its CUDA_VISIBLE_DEVICES) and ports and addresses; a port the "
-                                    "config leaves at 0 shows as 'auto' (run picks it when it starts). A layout "
-                                    "that does not fit the GPUs is refused (exit 2). Inputs are not checked "
+    pl = sub.add_parser("plan", help="print where `run` would put every process (GPUs, ports); "
+                                     "starts nothing",
+                        description="One line per process of `areal-like run` with the same "
+                                    "overrides: node, name, GPUs (its CUDA_VISIBLE_DEVICES) and "
+                                    "ports and addresses; a port the config leaves at 0 shows as "
+                                    "'auto' (run picks it when it starts). A layout that does not "
+                                    "fit the GPUs is refused (exit 2). Inputs are not checked "
                                     "(`areal-like config` does that).")
     pl.add_argument("overrides", nargs="*", help="Hydra overrides")
-    cf = sub.add_parser("config", help="print the resolved config as YAML (for --config-file on every node)")
+    cf = sub.add_parser("config", help="print the resolved config as YAML (for --config-file on "
+                                       "every node)")
     cf.add_argument("overrides", nargs="*", help="Hydra overrides")
-    tk = sub.add_parser("track", help="feed a run's metrics, evals and samples to its trackers (cfg.tracker)",
-                        description="Tails RUN_DIR's metrics/trainer.jsonl, eval.jsonl and samples.jsonl into the "
-                                    "trackers of RUN_DIR/config.yaml (overrides apply on top, e.g. "
-                                    "'tracker=[wandb]') until RUN_DIR/summary.json appears or Ctrl-C. For jobs "
-                                    "not started by `areal-like run` (which does this itself).")
+    tk = sub.add_parser("track", help="feed a run's metrics, evals and samples to its trackers "
+                                      "(cfg.tracker)",
+                        description="Tails RUN_DIR's metrics/trainer.jsonl, eval.jsonl and "
+                                    "samples.jsonl into the trackers of RUN_DIR/config.yaml "
+                                    "(overrides apply on top, e.g. 'tracker=[wandb]') until "
+                                    "RUN_DIR/summary.json appears or Ctrl-C. For jobs not started "
+                                    "by `areal-like run` (which does this itself).")
     tk.add_argument("run_dir", help="run directory (holds config.yaml)")
     tk.add_argument("--once", action="store_true", help="forward what is there now, then exit")
     tk.add_argument("overrides", nargs="*", help="Hydra overrides on top of RUN_DIR/config.yaml")
-    ky = sub.add_parser("keys", help="make a job's CURVE keys (buffer keypair, client keypairs, allow-list)",
-                        description="Writes the buffer's keypair and one keypair per kind of client (rollout, "
-                                    "trainer) into RUN_DIR/keys (mode 0600 files in a 0700 directory); keys that "
-                                    "exist are kept. Every node of the job needs this directory "
-                                    "(security.keys_dir; launch/MULTINODE.md). `areal-like run` makes them itself.")
+    ky = sub.add_parser("keys", help="make a job's CURVE keys (buffer keypair, client keypairs, "
+                                     "allow-list)",
+                        description="Writes the buffer's keypair and one keypair per kind of "
+                                    "client (rollout, trainer) into RUN_DIR/keys (mode 0600 files "
+                                    "in a 0700 directory); keys that exist are kept. Every node of "
+                                    "the job needs this directory (security.keys_dir; "
+                                    "launch/MULTINODE.md). `areal-like run` makes them itself.")
     ky.add_argument("run_dir", help="run directory (the keys go to RUN_DIR/keys unless --keys-dir)")
-    ky.add_argument("--keys-dir", help="where to write the keys instead (pass it as security.keys_dir)")
-    for name, help_ in (("top", "live terminal view of a running job"), ("status", "health of every daemon")):
+    ky.add_argument("--keys-dir",
+                    help="where to write the keys instead (pass it as security.keys_dir)")
+    for name, help_ in (("top", "live terminal view of a running job"),
+                        ("status", "health of every daemon")):
         t = sub.add_parser(name, help=help_)
-        t.add_argument("run_dir", nargs="?", help="run directory (default: the newest under ./runs)")
+        t.add_argument("run_dir", nargs="?",
+                       help="run directory (default: the newest under ./runs)")
         if name == "top":
             t.add_argument("--interval", type=float, default=2.0, help="seconds between scrapes")
             t.add_argument("--once", action="store_true",
-                           help="print one plain table (rates over one interval) and exit; without a "
-                                "terminal top prints plain tables anyway")
+                           help="print one plain table (rates over one interval) and exit; without "
+                                "a terminal top prints plain tables anyway")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,12 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in modules and argv[1:2] not in (["-h"], ["--help"]):
         # everything after the command is the module's (--config-file, torchrun flags, overrides):
         # argparse would reject flags it does not know
-        return _exec_trainer(argv[1:]) if argv[0] == "train" else _exec_module(modules[argv[0]], argv[1:])
+        return (_exec_trainer(argv[1:]) if argv[0] == "train"
+                else _exec_module(modules[argv[0]], argv[1:]))
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra and (args.command not in ("track", "run") or any(a.startswith("-") for a in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command in ("track", "run"):  # overrides after a flag (--once, -q): argparse leaves them over
+    # overrides after a flag (--once, -q): argparse leaves them over
+    if args.command in ("track", "run"):
         args.overrides += extra
     if args.command == "run":
         return _with_config(args.overrides, lambda cfg: _run(cfg, args.quiet, args.accept_changes))
@@ -119,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = args.run_dir or top.newest_run_dir()
     if run_dir is None:
-        print("error: no run directory given and none with ports.json under ./runs", file=sys.stderr)
+        print("error: no run directory given and none with ports.json under ./runs",
+              file=sys.stderr)
         return 2
     if args.command == "status":
         return top.status(run_dir)
@@ -127,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _exec_module(module: str, rest: list[str]) -> int:
-    """Replace this process with ``python -m module rest...`` (signals and exit code go straight through)."""
+    """Replace this process with ``python -m module rest...`` (signals and exit code go straight
+    through)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     argv = [sys.executable, "-m", module, *rest]
     sys.stdout.flush()
@@ -202,7 +231,8 @@ def _run(cfg, quiet: bool, accept_changes: bool) -> int:
     try:
         return run_job(cfg, quiet=quiet, accept_changes=accept_changes)
     except KeyboardInterrupt:  # Ctrl-C before the supervisor took over (the warm start, the checks)
-        print("[run] interrupted before the job started; nothing is running", file=sys.stderr, flush=True)
+        print("[run] interrupted before the job started; nothing is running", file=sys.stderr,
+              flush=True)
         return 130
 
 
@@ -212,7 +242,8 @@ def _plan(cfg) -> int:
     from launch.topology import layout_line, plan_lines
 
     _, topo = plan_job(cfg)
-    # the daemons' GPU settings and layout, but the ports as configured (``auto`` where run picks them)
+    # the daemons' GPU settings and layout, but the ports as configured (``auto`` where run picks
+    # them)
     laid = laid_out(cfg)[0]
     note = layout_line(cfg, laid, topo)  # the counts the cores chose, and why
     print("\n".join([*plan_lines(laid, topo), *([note] if note else [])]))
@@ -227,7 +258,8 @@ def _keys(run_dir: str, keys_dir: str | None) -> int:
 
     target = Path(keys_dir) if keys_dir else Path(run_dir) / "keys"
     written = make_keys(target)
-    print(f"{len(written)} key files written to {target}" if written else f"keys already in {target}: kept")
+    print(f"{len(written)} key files written to {target}" if written
+          else f"keys already in {target}: kept")
     had = read_key_file(run_dir)  # the engine API key the daemons read when the variable is unset
     ensure_key_file(run_dir)
     print(f"engine API key {'kept in' if had else 'written to'} {Path(run_dir) / KEY_FILE}")

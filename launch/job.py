@@ -20,12 +20,40 @@ from areal_like.net.auth import BIND_HOST_ENV, ENGINE_KEY_ENV, engine_api_key, e
 from areal_like.net.distributed import free_port
 from areal_like.net.security import make_keys
 from areal_like.settings.config import RunConfig, to_yaml
-from launch.local import ProcSpec, Supervisor, error_tail, rotating_file, write_json_atomic, write_line
-from launch.placement import check_one_node, needs_gpus, place_nodes, visible_devices, with_weight_path
+from launch.local import (
+    ProcSpec,
+    Supervisor,
+    error_tail,
+    rotating_file,
+    write_json_atomic,
+    write_line,
+)
+from launch.placement import (
+    check_one_node,
+    needs_gpus,
+    place_nodes,
+    visible_devices,
+    with_weight_path,
+)
 from launch.preflight import checked
-from launch.records import SUMMARY_WINDOW, read_jsonl, reward_of, step_of, summarize, trainer_jsonl, warm_plotting
+from launch.records import (
+    SUMMARY_WINDOW,
+    read_jsonl,
+    reward_of,
+    step_of,
+    summarize,
+    trainer_jsonl,
+    warm_plotting,
+)
 from launch.rundir import check_existing_run, check_resume_settings, lock_run_dir, write_settings
-from launch.topology import Topology, apply_topology, laptop_layout, plan_topology, wants_eval, with_local_ipc
+from launch.topology import (
+    Topology,
+    apply_topology,
+    laptop_layout,
+    plan_topology,
+    wants_eval,
+    with_local_ipc,
+)
 from launch.track_sink import JsonlTail, TrackerSink
 
 PROGRESS_EVERY_S = 5.0  # a live line this often keeps a terminal alive without flooding logs
@@ -35,12 +63,14 @@ TRACK_EVERY_S = 2.0  # tracker sink polls: reads only what the files gained, so 
 
 def with_gpu_count(cfg: RunConfig) -> RunConfig:
     """``launch.gpus_per_node`` from ``torch.cuda.device_count()`` when the config leaves it 0 and a
-    process of the job runs on a GPU; otherwise ``cfg`` as it is (CPU jobs never import torch here)."""
+    process of the job runs on a GPU; otherwise ``cfg`` as it is (CPU jobs never import torch
+    here)."""
     if cfg.launch.gpus_per_node or not needs_gpus(cfg):
         return cfg
     import torch
 
-    return dataclasses.replace(cfg, launch=dataclasses.replace(cfg.launch, gpus_per_node=torch.cuda.device_count()))
+    return dataclasses.replace(
+        cfg, launch=dataclasses.replace(cfg.launch, gpus_per_node=torch.cuda.device_count()))
 
 
 def usable_cpus() -> list[int]:
@@ -83,16 +113,20 @@ def prepare(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, T
     # no credential in it: they travel in the environment (areal_like/net/auth.py)
     path.write_text(to_yaml(cfg))
     if engine_api_key(run_dir) is None:
-        ensure_key_file(run_dir)  # the job's engine API key (kept on resume), which job_specs hands out
+        # the job's engine API key (kept on resume), which job_specs hands out
+        ensure_key_file(run_dir)
     return cfg, topo, path
 
 
-def job_specs(cfg: RunConfig, topo: Topology, config_path: Path, python: str = sys.executable) -> list[ProcSpec]:
+def job_specs(cfg: RunConfig, topo: Topology, config_path: Path,
+              python: str = sys.executable) -> list[ProcSpec]:
     """One ``ProcSpec`` per slot of ``topo``, started in ``start_stage`` order, with its GPUs."""
     env = {**{k: v for k, v in MALLOC_ENV.items() if k not in os.environ},
-           "OMP_NUM_THREADS": str(cfg.launch.omp_threads), "MKL_NUM_THREADS": str(cfg.launch.omp_threads),
+           "OMP_NUM_THREADS": str(cfg.launch.omp_threads),
+           "MKL_NUM_THREADS": str(cfg.launch.omp_threads),
            "AREAL_LIKE_RUN_DIR": cfg.run_dir,
-           # /metrics binds where the supervisor probes it: the job's host (loopback unless configured)
+           # /metrics binds where the supervisor probes it: the job's host
+           # (loopback unless configured)
            BIND_HOST_ENV: os.environ.get(BIND_HOST_ENV) or topo.host}
     key = engine_api_key(cfg.run_dir)  # one exported by the user, else the run's own (prepare)
     if key:
@@ -111,12 +145,16 @@ def job_specs(cfg: RunConfig, topo: Topology, config_path: Path, python: str = s
             own = [*base, *trainer_overrides(cfg)]
             argv = _trainer_argv(python, cfg.launch.trainer_ranks, topo.host, own,
                                  Path(cfg.run_dir) / "logs" / "torchrun")
-        gpus = {} if slot.gpus is None else {"CUDA_VISIBLE_DEVICES": visible_devices(slot.gpus, inherited)}
+        gpus = ({} if slot.gpus is None
+                else {"CUDA_VISIBLE_DEVICES": visible_devices(slot.gpus, inherited)})
         threads = {} if slot.threads is None else {"OMP_NUM_THREADS": str(slot.threads),
                                                    "MKL_NUM_THREADS": str(slot.threads)}
-        own = {k: v for k, v in slot.env  # a user's own setting wins (a wait policy over a spin count too)
-               if k not in os.environ and not (k.startswith("GOMP_") and "OMP_WAIT_POLICY" in os.environ)}
-        specs.append(ProcSpec(name=slot.name, argv=argv, env={**env, **gpus, **threads, **own}, health_url=health,
+        # a user's own setting wins (a wait policy over a spin count too)
+        own = {k: v for k, v in slot.env
+               if k not in os.environ
+               and not (k.startswith("GOMP_") and "OMP_WAIT_POLICY" in os.environ)}
+        specs.append(ProcSpec(name=slot.name, argv=argv, env={**env, **gpus, **threads, **own},
+                              health_url=health,
                               stage=start_stage(slot.kind, shared), main=slot.kind == "trainer",
                               cpus=slot.cpus,
                               health_timeout_s=engine_start_s(cfg) if slot.kind == "rollout"
@@ -137,7 +175,8 @@ def shares_gpu(cfg: RunConfig) -> bool:
 
 def start_stage(kind: str, shared: bool) -> int:
     """The buffer first, then the rollout servers and the trainer together; on one shared GPU the
-    trainer once every engine is up (SGLang sizes its KV cache from the memory free after loading)."""
+    trainer once every engine is up (SGLang sizes its KV cache from the memory free after
+    loading)."""
     return 0 if kind == "buffer" else 2 if kind == "trainer" and shared else 1
 
 
@@ -153,8 +192,10 @@ def _trainer_argv(python: str, ranks: int, host: str, base: list[str], log_dir: 
     if ranks == 1:
         return [python, "-m", "trainer", *base]
 
-    def argv() -> list[str]:  # a fresh rendezvous port per (re)start: the old one may linger in TIME_WAIT
-        return [python, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(ranks),
+    # a fresh rendezvous port per (re)start: the old one may linger in TIME_WAIT
+    def argv() -> list[str]:
+        return [python, "-m", "torch.distributed.run", "--nnodes", "1",
+                "--nproc-per-node", str(ranks),
                 "--master-addr", host, "--master-port", str(free_port()), "--max-restarts", "0",
                 "--log-dir", str(log_dir), "-m", "trainer", *base]
     return argv
@@ -162,26 +203,32 @@ def _trainer_argv(python: str, ranks: int, host: str, base: list[str], log_dir: 
 
 def write_ports(run_dir: Path, topo: Topology, sup: Supervisor) -> None:
     pids = sup.pids()
-    info = {**topo.to_json(), "run_dir": str(run_dir), "supervisor_pid": os.getpid(), "ports": topo.ports()}
+    info = {**topo.to_json(), "run_dir": str(run_dir), "supervisor_pid": os.getpid(),
+            "ports": topo.ports()}
     for d in info["daemons"]:
         d["pid"] = pids.get(d["name"])
     write_json_atomic(run_dir / "ports.json", info)
     targets = [{"targets": [f"{topo.host}:{d['metrics_port']}"],
-                "labels": {"daemon": d["name"], "kind": d["kind"], "run": run_dir.name}} for d in info["daemons"]]
+                "labels": {"daemon": d["name"], "kind": d["kind"], "run": run_dir.name}}
+               for d in info["daemons"]]
     write_json_atomic(run_dir / "prometheus_targets.json", targets)
 
 
 class Monitor:
-    """on_tick: the live progress line, the periodic /metrics scrape and the tracker sink's polls."""
+    """on_tick: the live progress line, the periodic /metrics scrape and the tracker sink's
+    polls."""
 
-    def __init__(self, cfg: RunConfig, topo: Topology, run_dir: Path, out=sys.stderr, since: int = 0,
-                 sink: TrackerSink | None = None):
+    def __init__(self, cfg: RunConfig, topo: Topology, run_dir: Path, out=sys.stderr,
+                 since: int = 0, sink: TrackerSink | None = None):
         self.cfg, self.topo, self.run_dir, self.out, self.sink = cfg, topo, run_dir, out, sink
-        self.tail = JsonlTail(trainer_jsonl(run_dir), since)  # this invocation's steps, each line read once
-        self.recent: dict[int, dict] = {}  # the last SUMMARY_WINDOW steps' records (a replayed step: the last)
+        # this invocation's steps, each line read once
+        self.tail = JsonlTail(trainer_jsonl(run_dir), since)
+        # the last SUMMARY_WINDOW steps' records (a replayed step: the last)
+        self.recent: dict[int, dict] = {}
         self.t0 = time.monotonic()
         self.next_line = self.next_scrape = self.next_track = 0.0
-        self.scrapes = rotating_file(run_dir / "metrics" / "scrape.jsonl", log_bytes(cfg), cfg.launch.log_backups)
+        self.scrapes = rotating_file(run_dir / "metrics" / "scrape.jsonl", log_bytes(cfg),
+                                     cfg.launch.log_backups)
 
     def __call__(self, sup: Supervisor) -> None:
         now = time.monotonic()
@@ -209,7 +256,8 @@ class Monitor:
         last = recs[-1]
         window = [reward_of(r) for r in recs[-SUMMARY_WINDOW:]]
         total = self.cfg.trainer.steps
-        done = min(total, int(last.get("step", last.get("policy_version", len(recs)))))  # counts resumed steps
+        # counts resumed steps
+        done = min(total, int(last.get("step", last.get("policy_version", len(recs)))))
         bar = "#" * int(20 * done / total) + "." * (20 - int(20 * done / total))
         return (f"[run] [{bar}] step {done}/{total}  reward {sum(window) / len(window):.3f}  "
                 f"version {last.get('policy_version', '?')}  {elapsed:.0f}s")
@@ -222,8 +270,10 @@ class Monitor:
                 values = scrape(f"http://{self.topo.host}:{slot.metrics_port}/metrics")
             except Exception:
                 continue  # down or restarting: the supervisor reports that
-            values = {k: v for k, v in values.items() if k.startswith("areal_") and "_bucket{" not in k}
-            write_line(self.scrapes, json.dumps({"t": round(time.time(), 3), "daemon": slot.name, "values": values}))
+            values = {k: v for k, v in values.items()
+                      if k.startswith("areal_") and "_bucket{" not in k}
+            write_line(self.scrapes, json.dumps({"t": round(time.time(), 3), "daemon": slot.name,
+                                                 "values": values}))
 
     def close(self) -> None:
         self.scrapes.close()
@@ -233,7 +283,8 @@ def log_bytes(cfg: RunConfig) -> int:  # where a daemon log or scrape.jsonl rota
     return int(cfg.launch.log_max_mb * (1 << 20))
 
 
-def wait_for_final_eval(cfg: RunConfig, run_dir: Path, sup: Supervisor, poll_s: float = 1.0) -> bool:
+def wait_for_final_eval(cfg: RunConfig, run_dir: Path, sup: Supervisor,
+                        poll_s: float = 1.0) -> bool:
     """After the trainer completed: whether the evaluating server wrote THIS run's final evaluation
     (``has_final_eval``) within ``eval.final_timeout_s``. Gives up at once when that server is
     down: nothing restarts it now, and only the trainer, gone now, could push it the weights."""
@@ -265,7 +316,8 @@ def on_trainer_done(cfg: RunConfig, run_dir: Path, sup: Supervisor) -> None:
 def has_final_eval(run_dir: Path, steps: int) -> bool:
     """Whether ``eval.jsonl`` holds the final evaluation of the version ``steps`` (a run resumed
     with more steps holds the earlier run's too)."""
-    return any(r.get("final") and r.get("policy_version") == steps for r in read_jsonl(run_dir / "eval.jsonl"))
+    return any(r.get("final") and r.get("policy_version") == steps
+               for r in read_jsonl(run_dir / "eval.jsonl"))
 
 
 def _supervisor_lines_only(line: str) -> None:
@@ -277,7 +329,8 @@ def report_failure(run_dir: Path, daemon: str, out=sys.stderr) -> None:
     """The failing daemon's last error lines, so that a failed job says why (also with ``-q``)."""
     log = run_dir / "logs" / f"{daemon}.log"
     lines = error_tail(log)
-    out.write(f"[run] {daemon} failed; the end of {log}:\n" + "".join(f"    {ln}\n" for ln in lines))
+    out.write(f"[run] {daemon} failed; the end of {log}:\n"
+              + "".join(f"    {ln}\n" for ln in lines))
     out.flush()
 
 
@@ -294,11 +347,14 @@ def start_job(cfg: RunConfig, accept_changes: bool) -> tuple[RunConfig, Topology
         resumed_from = check_existing_run(cfg)
         if resumed_from:
             for change in check_resume_settings(cfg, accept_changes):
-                print(f"[run] resuming with a changed setting: {change}", file=sys.stderr, flush=True)
-            print(f"[run] resuming at step {resumed_from} of {cfg.trainer.steps}", file=sys.stderr, flush=True)
+                print(f"[run] resuming with a changed setting: {change}", file=sys.stderr,
+                      flush=True)
+            print(f"[run] resuming at step {resumed_from} of {cfg.trainer.steps}", file=sys.stderr,
+                  flush=True)
         write_settings(cfg)
         plan_job(cfg)  # a layout that does not fit is refused now, not after the warm start
-        cfg = ensure_warm_start(cfg, log=lambda m: print(f"[warm-start] {m}", file=sys.stderr, flush=True))
+        cfg = ensure_warm_start(cfg, log=lambda m: print(f"[warm-start] {m}", file=sys.stderr,
+                                                         flush=True))
         return (*prepare(cfg), resumed_from, lock)
     except BaseException:
         if fresh:
@@ -312,8 +368,10 @@ def run_job(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False) -
     Raises ConfigError (before anything started) when an input is unusable or run_dir refuses
     (a resume with changed settings too, unless ``accept_changes``)."""
     t0 = time.monotonic()
-    check_one_node(cfg)  # several nodes: launch/slurm or launch/MULTINODE.md (`areal-like plan` shows them)
-    cfg = checked(cfg)  # hub ids resolved, inputs and tracker packages checked: before anything starts
+    # several nodes: launch/slurm or launch/MULTINODE.md (`areal-like plan` shows them)
+    check_one_node(cfg)
+    # hub ids resolved, inputs and tracker packages checked: before anything starts
+    cfg = checked(cfg)
     cfg, topo, config_path, resumed_from, lock = start_job(cfg, accept_changes)
     run_dir = Path(cfg.run_dir)
     jsonl = trainer_jsonl(run_dir)
@@ -323,19 +381,23 @@ def run_job(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False) -
     monitor = Monitor(cfg, topo, run_dir, since=since, sink=sink)
     try:
         sup = Supervisor(job_specs(cfg, topo, config_path), run_dir, restarts=cfg.launch.restarts,
-                         restart_window_s=cfg.launch.restart_window_s, restart_backoff_s=cfg.launch.restart_backoff_s,
+                         restart_window_s=cfg.launch.restart_window_s,
+                         restart_backoff_s=cfg.launch.restart_backoff_s,
                          restart_backoff_max_s=cfg.launch.restart_backoff_max_s,
                          health_timeout_s=cfg.launch.health_timeout_s, echo=echo,
-                         on_tick=monitor, on_change=lambda s: write_ports(run_dir, topo, s), inherit_fds=(lock,),
+                         on_tick=monitor, on_change=lambda s: write_ports(run_dir, topo, s),
+                         inherit_fds=(lock,),
                          log_max_bytes=log_bytes(cfg), log_backups=cfg.launch.log_backups)
         sup.install_signals()
         sup.on_complete = lambda s: on_trainer_done(cfg, run_dir, s)
-        print(f"[run] run_dir {run_dir}  (logs in {run_dir / 'logs'}; `areal-like top {run_dir}` for a live view)",
+        print(f"[run] run_dir {run_dir}  (logs in {run_dir / 'logs'}; "
+              f"`areal-like top {run_dir}` for a live view)",
               file=sys.stderr, flush=True)
         code = sup.run()
         if code != 0 and sup.failed is not None:
             report_failure(run_dir, sup.failed)
-        summary = summarize(run_dir, time.monotonic() - t0, code, since=since, resumed_from=resumed_from)
+        summary = summarize(run_dir, time.monotonic() - t0, code, since=since,
+                            resumed_from=resumed_from)
         sink.poll(final=True)  # every daemon has stopped: the files are complete
     finally:
         sink.close()

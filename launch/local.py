@@ -46,12 +46,14 @@ from areal_like.daemon import die_with_parent
 POLL_S = 0.5  # how often exits are noticed; a restart within a second is plenty for daemons
 STOP_GRACE_S = 15.0  # SIGTERM -> SIGKILL; above daemon.GRACEFUL_STOP_S so a clean stop can finish
 HEALTH_PROBE_S = 2.0  # one /health request; a daemon answering slower than this is not healthy
-RESTART_BACKOFF_S = 1.0  # first wait between a crash and its restart, so a crash loop does not spin the CPU
+# first wait between a crash and its restart, so a crash loop does not spin the CPU
+RESTART_BACKOFF_S = 1.0
 LOG_MAX_BYTES = 100 << 20  # a daemon's log file rotates past this (launch.log_max_mb)
 LOG_BACKUPS = 3  # rotated files kept per log (launch.log_backups)
 
 
-def rotating_file(path: Path, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS) -> RotatingFileHandler:
+def rotating_file(path: Path, max_bytes: int = LOG_MAX_BYTES,
+                  backups: int = LOG_BACKUPS) -> RotatingFileHandler:
     """Lines (``write_line``) into ``path``, rotated into ``path.1`` ... ``path.<backups>``."""
     handler = RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8",
                                   errors="replace", delay=True)  # opened at the first line
@@ -64,9 +66,9 @@ def write_line(handler: RotatingFileHandler, line: str) -> None:
 
 
 class RestartBudget:
-    """Restarts of one process in a sliding window: ``allow(now)`` records one if fewer than ``limit``
-    happened in the last ``window_s`` seconds; ``backoff(now)`` is the wait before it, ``base_s``
-    doubled for each restart already in the window, at most ``max_s``."""
+    """Restarts of one process in a sliding window: ``allow(now)`` records one if fewer than
+    ``limit`` happened in the last ``window_s`` seconds; ``backoff(now)`` is the wait before it,
+    ``base_s`` doubled for each restart already in the window, at most ``max_s``."""
 
     def __init__(self, limit: int, window_s: float = 3600.0, base_s: float = RESTART_BACKOFF_S,
                  max_s: float = 60.0):
@@ -97,7 +99,8 @@ class ProcSpec:
     env: dict[str, str] = field(default_factory=dict)  # added to the supervisor's environment
     health_url: str | None = None  # GET -> 200 when ready; None = ready once started
     stage: int = 0  # lower stages start (and become healthy) first
-    health_timeout_s: float | None = None  # its own start-up allowance, when longer than the supervisor's
+    # its own start-up allowance, when longer than the supervisor's
+    health_timeout_s: float | None = None
     main: bool = False  # exiting 0 completes the job (the trainer)
     cpus: tuple[int, ...] | None = None  # pinned cores (taskset)
 
@@ -126,7 +129,8 @@ class Supervisor:
                  health_timeout_s: float = 300.0, stop_grace_s: float = STOP_GRACE_S,
                  restart_window_s: float = 3600.0, restart_backoff_s: float = RESTART_BACKOFF_S,
                  restart_backoff_max_s: float = 60.0,
-                 echo: Callable[[str], None] | None = None, on_tick: Callable[[Supervisor], None] | None = None,
+                 echo: Callable[[str], None] | None = None,
+                 on_tick: Callable[[Supervisor], None] | None = None,
                  on_change: Callable[[Supervisor], None] | None = None,
                  inherit_fds: tuple[int, ...] = (), log_max_bytes: int = LOG_MAX_BYTES,
                  log_backups: int = LOG_BACKUPS):
@@ -139,16 +143,20 @@ class Supervisor:
         self.stop_grace_s = stop_grace_s
         self.echo = echo if echo is not None else _stderr_echo
         self.on_tick = on_tick
-        self.on_change = on_change  # called after any (re)start: e.g. rewrite ports.json with the new PIDs
-        self.on_complete: Callable[[Supervisor], None] | None = None  # after the main process completed,
-        # before anything is stopped (tests inspect the finished job's live daemons here)
+        # called after any (re)start: e.g. rewrite ports.json with the new PIDs
+        self.on_change = on_change
+        # after the main process completed, before anything is stopped (tests inspect the finished
+        # job's live daemons here)
+        self.on_complete: Callable[[Supervisor], None] | None = None
         self.inherit_fds = inherit_fds  # open in every process it starts (the run_dir lock)
         self.log_max_bytes, self.log_backups = log_max_bytes, log_backups
-        self.logs: dict[str, RotatingFileHandler] = {}  # one per process name, kept across its restarts
+        # one per process name, kept across its restarts
+        self.logs: dict[str, RotatingFileHandler] = {}
         self.stop_event = threading.Event()
         self.stopping = threading.Event()  # stop_all began: daemon output to the logs only
         self.outcome = ""
-        self.failed: str | None = None  # the process that failed the job (see error_tail for its log)
+        # the process that failed the job (see error_tail for its log)
+        self.failed: str | None = None
 
     # ---- public
     def request_stop(self, *_args) -> None:
@@ -171,11 +179,13 @@ class Supervisor:
     def install_signals(self) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
-        if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # nohup: the user asked to outlive the terminal
+        # nohup: the user asked to outlive the terminal
+        if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
             signal.signal(signal.SIGHUP, self.hang_up)
 
     def pids(self) -> dict[str, int | None]:
-        return {p.spec.name: (p.popen.pid if p.popen and p.popen.poll() is None else None) for p in self.procs}
+        return {p.spec.name: (p.popen.pid if p.popen and p.popen.poll() is None else None)
+                for p in self.procs}
 
     def proc(self, name: str) -> _Proc:
         return next(p for p in self.procs if p.spec.name == name)
@@ -214,7 +224,8 @@ class Supervisor:
         while not self.stop_event.is_set():
             tree = process_tree()  # one walk of the process table a tick, for every daemon
             for p in self.procs:
-                if p.restart_at is not None:  # waiting out its back-off; the others are still watched
+                # waiting out its back-off; the others are still watched
+                if p.restart_at is not None:
                     if time.monotonic() >= p.restart_at:
                         p.restart_at = None
                         self._start(p)
@@ -238,8 +249,8 @@ class Supervisor:
         now, budget = time.monotonic(), p.budget
         wait = budget.backoff(now)
         if not budget.allow(now):
-            raise JobFailed(f"{p.spec.name} exited with {rc} and has no restarts left ({budget.limit} "
-                            f"within {budget.window_s:.0f}s)", p.spec.name)
+            raise JobFailed(f"{p.spec.name} exited with {rc} and has no restarts left "
+                            f"({budget.limit} within {budget.window_s:.0f}s)", p.spec.name)
         p.restarts += 1
         p.restart_at = now + wait
         self.echo(f"[supervisor] {p.spec.name} exited with {rc}; restart {budget.recent(now)}/"
@@ -259,8 +270,8 @@ class Supervisor:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **p.spec.env}
         log = self.logs.get(p.spec.name)
         if log is None:
-            log = self.logs[p.spec.name] = rotating_file(self.log_dir / f"{p.spec.name}.log", self.log_max_bytes,
-                                                         self.log_backups)
+            log = self.logs[p.spec.name] = rotating_file(self.log_dir / f"{p.spec.name}.log",
+                                                         self.log_max_bytes, self.log_backups)
         write_line(log, f"{LOG_START}{time.strftime('%H:%M:%S')}: {' '.join(argv)}")
         p.popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, start_new_session=True,
@@ -289,12 +300,14 @@ class Supervisor:
             if p.popen.poll() is not None:
                 if p.spec.main and p.popen.returncode == 0:
                     return  # it completed before it was seen healthy (a short job): watch() says so
-                raise JobFailed(f"{p.spec.name} exited with {p.popen.returncode} before it was healthy "
+                raise JobFailed(f"{p.spec.name} exited with {p.popen.returncode} "
+                                "before it was healthy "
                                 f"(see {self.log_dir / (p.spec.name + '.log')})", p.spec.name)
             if probe(p.spec.health_url):
                 return
             if time.monotonic() > deadline:
-                raise JobFailed(f"{p.spec.name} not healthy at {p.spec.health_url} after {timeout_s:.0f}s",
+                raise JobFailed(f"{p.spec.name} not healthy at {p.spec.health_url} "
+                                f"after {timeout_s:.0f}s",
                                 p.spec.name)
             time.sleep(0.2)
 
@@ -316,7 +329,8 @@ class Supervisor:
             try:
                 p.popen.wait(self.stop_grace_s)
             except subprocess.TimeoutExpired:
-                self.echo(f"[supervisor] {p.spec.name} ignored SIGTERM for {self.stop_grace_s:.0f}s; SIGKILL")
+                self.echo(f"[supervisor] {p.spec.name} ignored SIGTERM for "
+                          f"{self.stop_grace_s:.0f}s; SIGKILL")
                 _signal_group(p.popen.pid, signal.SIGKILL)
                 p.popen.wait()
         if p.popen is not None:
@@ -342,10 +356,10 @@ TRACEBACK = "Traceback (most recent call last):"
 
 
 def error_tail(log: Path, max_lines: int = 20) -> list[str]:
-    """Why a process failed, from its log: within its last start, the last Python traceback up to its
-    exception line (torchrun's own ChildFailedError traceback is skipped: it only says that a rank
-    failed, the rank's traceback is above it), shortened to ``max_lines``; without a traceback, the
-    last ``max_lines`` lines. Empty when there is no log."""
+    """Why a process failed, from its log: within its last start, the last Python traceback up to
+    its exception line (torchrun's own ChildFailedError traceback is skipped: it only says that a
+    rank failed, the rank's traceback is above it), shortened to ``max_lines``; without a traceback,
+    the last ``max_lines`` lines. Empty when there is no log."""
     if not log.is_file():
         return []
     lines = log.read_text(errors="replace").splitlines()
@@ -401,7 +415,8 @@ def process_tree() -> dict[int, list[int]]:
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
-                with open(f"/proc/{name}/stat", "rb") as f:  # "pid (comm) state ppid ...": comm may hold ")"
+                # "pid (comm) state ppid ...": comm may hold ")"
+                with open(f"/proc/{name}/stat", "rb") as f:
                     ppid = int(f.read().rsplit(b")", 1)[1].split(None, 2)[1])
             except (OSError, ValueError, IndexError):  # exited during the walk
                 continue

@@ -13,7 +13,8 @@ Invariants (tested in tests/unit/test_placement.py):
   GPU 0 (``NodeGpus.shared``): the weights then go without a group (``with_weight_path``) and an
   SGLang engine leaves the trainer room (``SHARED_MEM_FRACTION_DEFAULT``, at most
   ``SHARED_MEM_FRACTION_MAX``);
-* the GPUs given out are ``[0, used)``; a process on CPU takes none, an engine by URL runs elsewhere.
+* the GPUs given out are ``[0, used)``; a process on CPU takes none, an engine by URL runs
+  elsewhere.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from dataclasses import dataclass, replace
 from areal_like.settings.config import ConfigError, RunConfig
 
 SHARED_MEM_FRACTION_DEFAULT = 0.4  # one shared GPU, fraction unset: what SGLang gets
-SHARED_MEM_FRACTION_MAX = 0.6  # one shared GPU: SGLang's static share; the trainer's weights, grads, Adam need the rest
+# one shared GPU: SGLang's static share; the trainer's weights, grads, Adam need the rest
+SHARED_MEM_FRACTION_MAX = 0.6
 COUNTS = ("num_rollout_servers", "trainer_ranks")  # launch.*: null = from the cores (CPU jobs only)
 
 
@@ -63,8 +65,9 @@ def visible_devices(gpus: tuple[int, ...], inherited: str | None = None) -> str:
         return ",".join(map(str, gpus))
     have = [d.strip() for d in inherited.split(",") if d.strip()]
     if gpus and max(gpus) >= len(have):
-        raise ConfigError(f"the plan needs GPU index {max(gpus)} but CUDA_VISIBLE_DEVICES={inherited!r} gives "
-                          f"this launcher {len(have)} GPUs; unset it or lower launch.gpus_per_node")
+        raise ConfigError(f"the plan needs GPU index {max(gpus)} but "
+                          f"CUDA_VISIBLE_DEVICES={inherited!r} gives this launcher {len(have)} "
+                          "GPUs; unset it or lower launch.gpus_per_node")
     return ",".join(have[g] for g in gpus)
 
 
@@ -74,18 +77,22 @@ def place_node(*, gpus_per_node: int, trainer_ranks: int, rollout_servers: int, 
     if not 0 <= node < nodes:
         raise ConfigError(f"node {node} is not one of the job's {nodes} nodes")
     need = trainer_ranks + rollout_servers * tp_size
-    if gpus_per_node == 1 and (trainer_ranks, rollout_servers, tp_size) == (1, 1, 1):  # the one-GPU machine
+    # the one-GPU machine
+    if gpus_per_node == 1 and (trainer_ranks, rollout_servers, tp_size) == (1, 1, 1):
         return NodeGpus(trainer=(0,), rollout=((0,),))
     if need > gpus_per_node:
         terms = [f"launch.trainer_ranks={trainer_ranks}"] if trainer_ranks else []
         if rollout_servers:
-            terms.append(f"launch.num_rollout_servers={rollout_servers} x rollout.engine.tp_size={tp_size}")
+            terms.append(f"launch.num_rollout_servers={rollout_servers} x "
+                         f"rollout.engine.tp_size={tp_size}")
         where = f" (node {node} of {nodes})" if nodes > 1 else ""
         raise ConfigError(
-            f"{' + '.join(terms)} needs {need} GPUs per node{where}; launch.gpus_per_node={gpus_per_node}: "
-            "one process per GPU (NCCL refuses two ranks of one group on one GPU; only a one-GPU node with "
-            "one trainer rank and one rollout server of tp_size 1 shares its GPU)")
-    rollout = tuple(tuple(range(trainer_ranks + i * tp_size, trainer_ranks + (i + 1) * tp_size))
+            f"{' + '.join(terms)} needs {need} GPUs per node{where}; "
+            f"launch.gpus_per_node={gpus_per_node}: one process per GPU (NCCL refuses two ranks of "
+            "one group on one GPU; only a one-GPU node with one trainer rank and one rollout "
+            "server of tp_size 1 shares its GPU)")
+    rollout = tuple(tuple(range(trainer_ranks + i * tp_size,
+                                trainer_ranks + (i + 1) * tp_size))
                     for i in range(rollout_servers))
     return NodeGpus(trainer=tuple(range(trainer_ranks)), rollout=rollout)
 
@@ -128,18 +135,22 @@ def place_nodes(cfg: RunConfig) -> tuple[NodeGpus, ...] | None:
     for k in range(la.nodes):
         trains, serves = node_roles(la.nodes, la.train_nodes, k)
         out.append(place_node(gpus_per_node=la.gpus_per_node,
-                              trainer_ranks=la.trainer_ranks if trains and trainer_on_gpu(cfg) else 0,
-                              rollout_servers=la.num_rollout_servers if serves and engine_on_gpu(cfg) else 0,
+                              trainer_ranks=(la.trainer_ranks
+                                             if trains and trainer_on_gpu(cfg) else 0),
+                              rollout_servers=(la.num_rollout_servers
+                                               if serves and engine_on_gpu(cfg) else 0),
                               tp_size=cfg.rollout.engine.tp_size, nodes=la.nodes, node=k))
     _check_weight_path(cfg, shared=any(n.shared for n in out))
     return tuple(out)
 
 
 def check_one_node(cfg: RunConfig) -> None:
-    """ConfigError unless the job is one node (``areal-like run`` starts processes on this machine only)."""
+    """ConfigError unless the job is one node (``areal-like run`` starts processes on this machine
+    only)."""
     if cfg.launch.nodes != 1:
-        raise ConfigError(f"launch.nodes={cfg.launch.nodes}: `areal-like run` starts one node; start several with "
-                          "launch/slurm/areal_like.sbatch or by hand (launch/MULTINODE.md)")
+        raise ConfigError(f"launch.nodes={cfg.launch.nodes}: `areal-like run` starts one node; "
+                          "start several with launch/slurm/areal_like.sbatch or by hand "
+                          "(launch/MULTINODE.md)")
 
 
 def _gpu_checks(cfg: RunConfig) -> bool:
@@ -148,19 +159,23 @@ def _gpu_checks(cfg: RunConfig) -> bool:
         _check_reachable(cfg)
     ws = cfg.trainer.weight_sync
     if ws.backend == "nccl" and not trainer_on_gpu(cfg):
-        raise ConfigError(f"trainer.weight_sync.backend=nccl with trainer.device={cfg.trainer.device!r}: NCCL "
-                          "broadcasts from GPU memory; use backend=gloo (or auto) for a CPU trainer")
+        raise ConfigError("trainer.weight_sync.backend=nccl with "
+                          f"trainer.device={cfg.trainer.device!r}: NCCL broadcasts from GPU "
+                          "memory; use backend=gloo (or auto) for a CPU trainer")
     if not needs_gpus(cfg):
         return False
     if cfg.launch.gpus_per_node < 1:
         engine = ("rollout.engine.kind=sglang" if cfg.rollout.engine.kind == "sglang"
                   else f"rollout.engine.device={cfg.rollout.engine.device!r}")
-        raise ConfigError(f"trainer.device={cfg.trainer.device!r} and {engine} need GPUs, and torch sees none "
-                          "here (launch.gpus_per_node=0 asks it): check the driver (nvidia-smi) and the torch "
-                          "build, or set launch.gpus_per_node=N to plan for a machine with N GPUs")
-    if cfg.rollout.engine.kind == "embedded" and engine_on_gpu(cfg) and cfg.rollout.engine.device != "cuda":
-        raise ConfigError(f"rollout.engine.device={cfg.rollout.engine.device!r}: each rollout server sees only "
-                          "its own GPUs (CUDA_VISIBLE_DEVICES), so the engine device is 'cuda'")
+        raise ConfigError(f"trainer.device={cfg.trainer.device!r} and {engine} need GPUs, and "
+                          "torch sees none here (launch.gpus_per_node=0 asks it): check the driver "
+                          "(nvidia-smi) and the torch build, or set launch.gpus_per_node=N to plan "
+                          "for a machine with N GPUs")
+    if (cfg.rollout.engine.kind == "embedded" and engine_on_gpu(cfg)
+            and cfg.rollout.engine.device != "cuda"):
+        raise ConfigError(f"rollout.engine.device={cfg.rollout.engine.device!r}: each rollout "
+                          "server sees only its own GPUs (CUDA_VISIBLE_DEVICES), so the engine "
+                          "device is 'cuda'")
     return True
 
 
@@ -175,8 +190,9 @@ def _check_reachable(cfg: RunConfig) -> None:
         keys.append(("trainer.weight_sync.master_addr", cfg.trainer.weight_sync.master_addr))
     for key, host in keys:
         if host.startswith(LOOPBACK) or host in ("0.0.0.0", "*"):
-            raise ConfigError(f"{key} host {host!r} with launch.nodes={cfg.launch.nodes}: processes on the other "
-                              "nodes cannot reach it; set it to node 0's address on the cluster network "
+            raise ConfigError(f"{key} host {host!r} with launch.nodes={cfg.launch.nodes}: "
+                              "processes on the other nodes cannot reach it; set it to node 0's "
+                              "address on the cluster network "
                               "(launch/MULTINODE.md: python -m launch.srun head-ip IFACE)")
 
 
@@ -184,8 +200,9 @@ def _check_weight_path(cfg: RunConfig, shared: bool) -> None:
     """``tensor`` passes CUDA IPC handles, which only a process on the same GPU can open."""
     path = cfg.trainer.weight_sync.path
     if path == "tensor" and not shared:
-        raise ConfigError("trainer.weight_sync.path=tensor with the trainer and the engines on different GPUs: "
-                          "a CUDA IPC handle opens only on the GPU it came from; use path=auto (distributed)")
+        raise ConfigError("trainer.weight_sync.path=tensor with the trainer and the engines on "
+                          "different GPUs: a CUDA IPC handle opens only on the GPU it came from; "
+                          "use path=auto (distributed)")
     if shared:
         _check_shared(cfg)
 
@@ -212,13 +229,15 @@ def _check_shared(cfg: RunConfig) -> None:
                           "one GPU; set trainer.weight_sync.backend=gloo (path auto then stays "
                           "distributed)")
     if ws.path == "distributed" and ws.backend != "gloo":
-        raise ConfigError("trainer.weight_sync.path=distributed with the trainer and the engine on one GPU: NCCL "
-                          "refuses two ranks on one GPU; use path=auto (tensor), tensor or disk, or backend=gloo")
+        raise ConfigError("trainer.weight_sync.path=distributed with the trainer and the engine on "
+                          "one GPU: NCCL refuses two ranks on one GPU; use path=auto (tensor), "
+                          "tensor or disk, or backend=gloo")
     frac = ec.sglang.get("mem_fraction_static")
     if ec.kind == "sglang" and frac is not None and not (isinstance(frac, (int, float))
                                                         and 0 < frac <= SHARED_MEM_FRACTION_MAX):
-        raise ConfigError(f"rollout.engine.sglang.mem_fraction_static={frac!r}: with the trainer on the same GPU "
-                          f"SGLang must leave it room; set it in (0, {SHARED_MEM_FRACTION_MAX}] (e.g. 0.4)")
+        raise ConfigError(f"rollout.engine.sglang.mem_fraction_static={frac!r}: with the trainer "
+                          "on the same GPU SGLang must leave it room; "
+                          f"set it in (0, {SHARED_MEM_FRACTION_MAX}] (e.g. 0.4)")
 
 
 def auto_path(cfg: RunConfig, shared: bool) -> str:

@@ -31,7 +31,8 @@ from launch.tracking import check_trackers
 from rollout_server.reward_worker import scrubbed_env
 
 REWARD_IMPORT_TIMEOUT_S = 120.0  # a reward module importing a big library on a loaded machine
-WARM_START_MARK = "warm_start.json"  # written by launch/warmstart.py into the model directory it saves
+# written by launch/warmstart.py into the model directory it saves
+WARM_START_MARK = "warm_start.json"
 
 # Run as `python -c`: the working directory is first on sys.path, as for the rollout server's
 # `python -m rollout_server`. The reward worker's own loader (address-space limit, then import):
@@ -50,11 +51,13 @@ class PreflightError(ConfigError):
 
 def checked(cfg: RunConfig) -> RunConfig:
     """``cfg`` with its hub ids resolved to local directories (downloaded if need be), once every
-    check passed on it; else PreflightError listing every problem (one line each, naming its key)."""
+    check passed on it; else PreflightError listing every problem (one line each, naming its
+    key)."""
     try:
         cfg = resolve_models(cfg)
         problems = check_models(cfg)
-    except ConfigError as e:  # a model key that resolves to nothing: the other inputs are still checked
+    except ConfigError as e:
+        # a model key that resolves to nothing: the other inputs are still checked
         problems = [str(e)]
     problems += [p for check in OTHER_CHECKS for p in check(cfg)]
     if problems:
@@ -65,7 +68,8 @@ def checked(cfg: RunConfig) -> RunConfig:
 def _model_dir(key: str, path: str) -> list[str]:
     p = Path(path).expanduser()
     if not p.is_dir():
-        return [f"{key}={path!r} does not exist (a Hugging Face model directory, or a hub id org/name)"]
+        return [f"{key}={path!r} does not exist "
+                "(a Hugging Face model directory, or a hub id org/name)"]
     if not (p / "config.json").is_file():
         return [f"{key}={path!r} has no config.json: not a Hugging Face model directory"]
     if not holds(p, WEIGHT_GLOBS):
@@ -77,16 +81,21 @@ def check_models(cfg: RunConfig) -> list[str]:
     out, path, tok = [], cfg.model.path, cfg.model.tokenizer
     if path:
         out = _model_dir("model.path", path)
-        # load_tokenizer would fall back to model.tokenizer=char/bpe: ids the model was never trained on
-        if not out and tok in TOKENIZER_NAMES and not holds(Path(path).expanduser(), TOKENIZER_FILES):
-            out.append(f"model.path={path!r} has no tokenizer files ({' or '.join(TOKENIZER_FILES)}): "
+        # load_tokenizer would fall back to model.tokenizer=char/bpe:
+        # ids the model was never trained on
+        if (not out and tok in TOKENIZER_NAMES
+                and not holds(Path(path).expanduser(), TOKENIZER_FILES)):
+            out.append(f"model.path={path!r} has no tokenizer files "
+                       f"({' or '.join(TOKENIZER_FILES)}): "
                        "give model.tokenizer=<a tokenizer directory>")
     if tok not in TOKENIZER_NAMES:
         p = Path(tok).expanduser()
         if not p.is_dir():
-            out.append(f"model.tokenizer={tok!r} is neither {' nor '.join(TOKENIZER_NAMES)} nor an existing directory")
+            out.append(f"model.tokenizer={tok!r} is neither {' nor '.join(TOKENIZER_NAMES)} "
+                       "nor an existing directory")
         elif not holds(p, TOKENIZER_FILES):
-            out.append(f"model.tokenizer={tok!r} has no {' or '.join(TOKENIZER_FILES)}: not a tokenizer directory")
+            out.append(f"model.tokenizer={tok!r} has no {' or '.join(TOKENIZER_FILES)}: "
+                       "not a tokenizer directory")
     if cfg.trainer.ref_path:
         out += _model_dir("trainer.ref_path", cfg.trainer.ref_path)
     return out
@@ -98,17 +107,19 @@ def check_warm_start(cfg: RunConfig) -> list[str]:
     path, steps = cfg.model.path, cfg.warm_start.steps
     if steps <= 0 or not path or (Path(path).expanduser() / WARM_START_MARK).is_file():
         return []
-    return [f"warm_start.steps={steps} with model.path={path!r}: the warm start is for the tiny model built from "
-            "config, not a Hugging Face model; add model=local_hf (no warm start, no tiny-model recipe) "
-            "or warm_start.steps=0"]
+    return [f"warm_start.steps={steps} with model.path={path!r}: the warm start is for the tiny "
+            "model built from config, not a Hugging Face model; add model=local_hf (no warm start, "
+            "no tiny-model recipe) or warm_start.steps=0"]
 
 
 def check_task_files(cfg: RunConfig) -> list[str]:
     t, out = cfg.task, []
     if t.name == "dataset" and t.dataset_path and not Path(t.dataset_path).expanduser().exists():
-        out.append(f"task.dataset_path={t.dataset_path!r} does not exist (relative paths start at {os.getcwd()})")
+        out.append(f"task.dataset_path={t.dataset_path!r} does not exist "
+                   f"(relative paths start at {os.getcwd()})")
     if t.eval_path and not Path(t.eval_path).expanduser().exists():
-        out.append(f"task.eval_path={t.eval_path!r} does not exist (relative paths start at {os.getcwd()})")
+        out.append(f"task.eval_path={t.eval_path!r} does not exist "
+                   f"(relative paths start at {os.getcwd()})")
     return out
 
 
@@ -157,7 +168,8 @@ def check_chat_template(cfg: RunConfig) -> list[str]:
     except jinja2.TemplateSyntaxError as e:
         shown = value if len(value) <= 60 else value[:57] + "..."
         reason = " ".join(str(e.message or e).split())  # one line, whatever jinja2 wrote
-        return [f"task.chat_template={shown!r} is not a valid Jinja template: {reason} (line {e.lineno})"]
+        return [f"task.chat_template={shown!r} is not a valid Jinja template: {reason} "
+                f"(line {e.lineno})"]
     return []
 
 
@@ -175,10 +187,12 @@ def check_chat_format(cfg: RunConfig) -> list[str]:
         return []
     if getattr(tokenizer, "chat_template", None):
         return []
-    source = f"model.path={cfg.model.path!r}" if cfg.model.path else f"model.tokenizer={cfg.model.tokenizer!r}"
-    return [f"task.messages_key={t.messages_key!r} is a chat dataset, but the tokenizer of {source} has no chat "
-            "template to lay its messages out: set task.chat_template to a Jinja template (or a file of one), "
-            "or task.chat_template=none to feed the messages' contents as plain text"]
+    source = (f"model.path={cfg.model.path!r}" if cfg.model.path
+              else f"model.tokenizer={cfg.model.tokenizer!r}")
+    return [f"task.messages_key={t.messages_key!r} is a chat dataset, but the tokenizer of "
+            f"{source} has no chat template to lay its messages out: set task.chat_template to a "
+            "Jinja template (or a file of one), or task.chat_template=none to feed the messages' "
+            "contents as plain text"]
 
 
 def check_reward_fn(cfg: RunConfig) -> list[str]:
@@ -195,15 +209,16 @@ def check_reward_fn(cfg: RunConfig) -> list[str]:
     except ValueError:
         return [f"task.reward_fn={spec!r} is not of the form package.module:function"]
     try:
-        r = subprocess.run([sys.executable, "-c", REWARD_PROBE, spec, str(memory_mb)], capture_output=True,
-                           text=True, timeout=REWARD_IMPORT_TIMEOUT_S, stdin=subprocess.DEVNULL,
-                           env=None if inline else scrubbed_env())
+        r = subprocess.run([sys.executable, "-c", REWARD_PROBE, spec, str(memory_mb)],
+                           capture_output=True, text=True, timeout=REWARD_IMPORT_TIMEOUT_S,
+                           stdin=subprocess.DEVNULL, env=None if inline else scrubbed_env())
     except subprocess.TimeoutExpired:
         return [f"task.reward_fn={spec!r}: importing it took over {REWARD_IMPORT_TIMEOUT_S:.0f}s"]
     if r.returncode == 0:
         return []
     lines = r.stdout.strip().splitlines()
-    reason = lines[-1] if lines else f"importing it ended the interpreter with status {r.returncode}"
+    reason = (lines[-1] if lines
+              else f"importing it ended the interpreter with status {r.returncode}")
     where = "in the rollout server (task.reward_workers=0)" if inline else "in a reward worker"
     return [f"task.reward_fn={spec!r} cannot be loaded {where}: {reason}"]
 
@@ -212,10 +227,11 @@ def check_engine(cfg: RunConfig) -> list[str]:
     out, engine = [], cfg.rollout.engine
     if engine.kind == "sglang":
         if importlib.util.find_spec("sglang") is None:
-            out.append("rollout.engine.kind=sglang needs the sglang package: pip install -e '.[gpu]' "
-                       "(or topology=gpu_embedded)")
+            out.append("rollout.engine.kind=sglang needs the sglang package: "
+                       "pip install -e '.[gpu]' (or topology=gpu_embedded)")
         if not cfg.model.path and cfg.warm_start.steps == 0:  # the warm start writes one
-            out.append("rollout.engine.kind=sglang needs model.path (SGLang serves a Hugging Face model directory)")
+            out.append("rollout.engine.kind=sglang needs model.path "
+                       "(SGLang serves a Hugging Face model directory)")
         out += check_tp_size(cfg)
     return out
 
@@ -266,7 +282,8 @@ def check_agent(cfg: RunConfig) -> list[str]:
 
 def check_tp_size(cfg: RunConfig) -> list[str]:
     """SGLang splits attention heads over ``tp_size`` GPUs: query heads evenly, key/value heads
-    evenly or replicated (``tp_size`` a multiple of them). Caught here, not after loading the model."""
+    evenly or replicated (``tp_size`` a multiple of them). Caught here, not after loading the
+    model."""
     tp = cfg.rollout.engine.tp_size
     if tp == 1:
         return []
@@ -278,9 +295,9 @@ def check_tp_size(cfg: RunConfig) -> list[str]:
         heads = hf.get("num_attention_heads", heads)
         kv, where = hf.get("num_key_value_heads", heads), str(config)
     if heads % tp or (kv % tp if kv >= tp else tp % kv):
-        return [f"rollout.engine.tp_size={tp} does not divide the model's {heads} attention heads and "
-                f"{kv} key/value heads ({where}): SGLang would fail after loading the model; pick a tp_size "
-                "that divides the heads"]
+        return [f"rollout.engine.tp_size={tp} does not divide the model's {heads} attention heads "
+                f"and {kv} key/value heads ({where}): SGLang would fail after loading the model; "
+                "pick a tp_size that divides the heads"]
     return []
 
 
@@ -289,11 +306,11 @@ def check_environment(cfg: RunConfig) -> list[str]:
     value = os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "")
     if value.strip().lower() in ("", "0", "false", "no", "off"):
         return []
-    return [f"SGLANG_RETURN_ORIGINAL_LOGPROB={value!r} is set: SGLang would return log-probs before the temperature "
-            "is applied, which biases every importance ratio; unset it"]
+    return [f"SGLANG_RETURN_ORIGINAL_LOGPROB={value!r} is set: SGLang would return log-probs "
+            "before the temperature is applied, which biases every importance ratio; unset it"]
 
 
 # every check but check_models, which checked() runs on the resolved model keys
 OTHER_CHECKS = (check_warm_start, check_task_files, check_dataset_columns, check_chat_template,
-                check_chat_format, check_reward_fn, check_env, check_agent, check_trackers, check_engine,
-                check_lora, check_environment)
+                check_chat_format, check_reward_fn, check_env, check_agent, check_trackers,
+                check_engine, check_lora, check_environment)

@@ -44,8 +44,9 @@ def step_of(rec: dict) -> int | None:
 
 
 def step_records(run_dir: Path, since: int = 0) -> list[dict]:
-    """One record per trainer step written from byte ``since`` of trainer.jsonl on (0: the whole run;
-    the size at start: this invocation's steps); the last one wins after a resume replays a step."""
+    """One record per trainer step written from byte ``since`` of trainer.jsonl on (0: the whole
+    run; the size at start: this invocation's steps); the last one wins after a resume replays a
+    step."""
     by_step: dict[int, dict] = {}
     for rec in read_jsonl(trainer_jsonl(run_dir), since):
         if (step := step_of(rec)) is not None:
@@ -67,7 +68,8 @@ def eval_summary(run_dir: Path) -> dict:
     return out
 
 
-def summarize(run_dir: Path, wall_s: float, code: int, since: int = 0, resumed_from: int = 0) -> dict:
+def summarize(run_dir: Path, wall_s: float, code: int, since: int = 0,
+              resumed_from: int = 0) -> dict:
     """The run's summary: rewards and steps of this invocation (trainer.jsonl from byte ``since``),
     ``resumed_from`` when it continued a checkpoint; the learning curve shows the whole run."""
     recs = step_records(run_dir, since)
@@ -76,7 +78,8 @@ def summarize(run_dir: Path, wall_s: float, code: int, since: int = 0, resumed_f
     summary = {
         "reward_first": round(sum(first) / len(first), 4) if first else None,
         "reward_last": round(sum(last) / len(last), 4) if last else None,
-        "steps": len(recs), "wall_s": round(wall_s, 1), "run_dir": str(run_dir), **outcome(run_dir, code, since),
+        "steps": len(recs), "wall_s": round(wall_s, 1), "run_dir": str(run_dir),
+        **outcome(run_dir, code, since),
     }
     summary.update(eval_summary(run_dir))
     if resumed_from:
@@ -89,11 +92,12 @@ def summarize(run_dir: Path, wall_s: float, code: int, since: int = 0, resumed_f
 
 
 def outcome(run_dir: Path, code: int, since: int = 0) -> dict:
-    """``ok`` is true only when the job exited cleanly and the trainer's last record of this invocation
-    says it finished (``event: done``) at ``trainer.steps`` or beyond; with what crashes cost:
-    ``rolled_back_steps`` (steps lost and trained again, the run's total), ``steps_trained`` (optimizer
-    steps the final weights hold: the final version less the labels resumes skipped)."""
-    done = [r for r in read_jsonl(trainer_jsonl(run_dir), since) if r.get("event") in ("done", "resume")]
+    """``ok`` is true only when the job exited cleanly and the trainer's last record of this
+    invocation says it finished (``event: done``) at ``trainer.steps`` or beyond; with what crashes
+    cost: ``rolled_back_steps`` (steps lost and trained again, the run's total), ``steps_trained``
+    (optimizer steps the final weights hold: the final version less the labels resumes skipped)."""
+    done = [r for r in read_jsonl(trainer_jsonl(run_dir), since)
+            if r.get("event") in ("done", "resume")]
     last = next((r for r in reversed(done) if r["event"] == "done"), None)
     out = {"ok": code == 0 and last is not None and last["policy_version"] >= last["steps"]}
     if last is not None:
@@ -136,7 +140,8 @@ def curve_figure(run_dir: Path, recs: list[dict], evals: list[dict]) -> Figure:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     # below the plot, never over it: inside the axes it hid the late eval points wherever it sat
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize="small", frameon=False)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize="small",
+              frameon=False)
     ax.set_title(run_dir.name)
     fig.tight_layout()
     return fig

@@ -22,8 +22,8 @@ LOCK_FILE = "job.lock"  # in run_dir; holds the PID of the areal-like run that t
 SETTINGS_FILE = "settings.yaml"  # in run_dir: the config as given to the last areal-like run
 # keys (prefixes) a resume may change; run_dir is the directory settings.yaml was found in, whatever
 # its spelling (relative from another cwd, a symlink); checkpoint and export retention train nothing
-FREE_ON_RESUME = ("trainer.steps", "launch.", "tracker", "tracking.", "run_dir", "trainer.keep_checkpoints",
-                  "export.keep")
+FREE_ON_RESUME = ("trainer.steps", "launch.", "tracker", "tracking.", "run_dir",
+                  "trainer.keep_checkpoints", "export.keep")
 
 CHECKPOINT_PREFIX = "v"  # trainer/checkpoint.py PREFIX: v00000012 holds policy_version 12
 CHECKPOINT_DONE = "meta.pt"  # written last into a checkpoint directory before its atomic rename
@@ -48,8 +48,9 @@ def lock_run_dir(run_dir: Path) -> int:
     try:
         return pid_lock(run_dir / LOCK_FILE, 0o600, flags=0)  # inheritable: every daemon holds it
     except LockHeld as held:
-        raise ConfigError(f"run_dir {run_dir} is in use by a running job (areal-like run pid {held.holder}, "
-                          "or its daemons still stopping): wait for it, stop it, or use a new run_dir") from None
+        raise ConfigError(f"run_dir {run_dir} is in use by a running job "
+                          f"(areal-like run pid {held.holder}, or its daemons still stopping): "
+                          "wait for it, stop it, or use a new run_dir") from None
 
 
 def check_existing_run(cfg: RunConfig) -> int:
@@ -60,10 +61,12 @@ def check_existing_run(cfg: RunConfig) -> int:
     if step is None:
         return 0
     if step >= cfg.trainer.steps:
-        raise ConfigError(f"run_dir {run_dir} already finished at step {step} (trainer.steps={cfg.trainer.steps}): "
+        raise ConfigError(f"run_dir {run_dir} already finished at step {step} "
+                          f"(trainer.steps={cfg.trainer.steps}): "
                           "raise trainer.steps to continue, or use a new run_dir")
     if not cfg.trainer.resume:
-        raise ConfigError(f"run_dir {run_dir} holds a checkpoint at step {step} but trainer.resume=false: "
+        raise ConfigError(f"run_dir {run_dir} holds a checkpoint at step {step} "
+                          "but trainer.resume=false: "
                           "use a new run_dir (or trainer.resume=true to continue it)")
     return step
 
@@ -81,11 +84,14 @@ def changed_settings(cfg: RunConfig) -> list[str]:
         return []
     try:
         old = from_yaml(path.read_text())
-    except Exception as e:  # noqa: BLE001 - unreadable (a schema since changed): say so, do not guess
-        return [f"{SETTINGS_FILE}: cannot be compared ({type(e).__name__}: {str(e).splitlines()[0]})"]
+    except Exception as e:  # noqa: BLE001
+        # unreadable (a schema since changed): say so, do not guess
+        return [f"{SETTINGS_FILE}: cannot be compared "
+                f"({type(e).__name__}: {str(e).splitlines()[0]})"]
     before, after = (flatten(OmegaConf.to_container(OmegaConf.structured(c)), sep=".")
                      for c in (old, cfg))
-    return [f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(before.keys() | after.keys())
+    return [f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
+            for key in sorted(before.keys() | after.keys())
             if before.get(key) != after.get(key) and not key.startswith(FREE_ON_RESUME)]
 
 
@@ -94,15 +100,17 @@ def check_resume_settings(cfg: RunConfig, accept: bool) -> list[str]:
     one line each, unless ``accept`` (``areal-like run --accept-changes``)."""
     changes = changed_settings(cfg)
     if changes and not accept:
-        raise ConfigError("\n".join([f"run_dir {Path(cfg.run_dir).resolve()} was run with other settings; "
-                                      f"resuming would change {len(changes)}:",
+        raise ConfigError("\n".join([f"run_dir {Path(cfg.run_dir).resolve()} was run with other "
+                                      f"settings; resuming would change {len(changes)}:",
                                       *(f"  {c}" for c in changes),
-                                      "add --accept-changes to resume with them, or use a new run_dir"]))
+                                      "add --accept-changes to resume with them, "
+                                      "or use a new run_dir"]))
     return changes
 
 
 def write_settings(cfg: RunConfig) -> None:
-    """``cfg`` (as given, before the layout) into ``settings.yaml``: what the next resume compares."""
+    """``cfg`` (as given, before the layout) into ``settings.yaml``: what the next resume
+    compares."""
     from areal_like.settings.config import to_yaml
 
     path = Path(cfg.run_dir).resolve() / SETTINGS_FILE

@@ -79,7 +79,8 @@ def physical_cores(cpus: int, lscpu: str | None = None) -> list[tuple[int, ...]]
         try:
             cpu, core, sock = (int(x or 0) for x in line.split(",")[:3])
         except ValueError:
-            raise ConfigError(f"--cpu-topology: {line!r} is not a `lscpu -p=CPU,CORE,SOCKET` line") from None
+            raise ConfigError(f"--cpu-topology: {line!r} "
+                              "is not a `lscpu -p=CPU,CORE,SOCKET` line") from None
         by_core.setdefault((sock, core), []).append(cpu)
     return [tuple(sorted(by_core[k])) for k in sorted(by_core)]
 
@@ -92,11 +93,13 @@ def node_cores(placed: NodeGpus, cores: list[tuple[int, ...]], gpus_per_node: in
     usable = cores[:len(cores) - BUFFER_CORES] if has_buffer else cores
     per_gpu = len(usable) // gpus_per_node
     if per_gpu < 1:
-        raise ConfigError(f"{len(cores)} cores per node cannot give each of launch.gpus_per_node={gpus_per_node} "
+        raise ConfigError(f"{len(cores)} cores per node cannot give each of "
+                          f"launch.gpus_per_node={gpus_per_node} "
                           "GPUs a core" + (" beside the buffer's" if has_buffer else ""))
 
     def block(gpus: tuple[int, ...]) -> tuple[int, ...]:
-        return tuple(c for g in gpus for core in usable[g * per_gpu:(g + 1) * per_gpu] for c in core)
+        return tuple(c for g in gpus for core in usable[g * per_gpu:(g + 1) * per_gpu]
+                     for c in core)
 
     out = {f"rollout-{i}": block(g) for i, g in enumerate(placed.rollout)}
     if placed.trainer:
@@ -127,23 +130,26 @@ class Step:
         return f"{self.name}\t{self.kind}\t{shlex.join(self.argv)}"
 
 
-def slurm_steps(cfg: RunConfig, hosts: list[str], *, config: str, cpus: int, master_port: int, restarts: int,
-                repo: str, lscpu: str | None = None) -> tuple[Topology, list[Step]]:
+def slurm_steps(cfg: RunConfig, hosts: list[str], *, config: str, cpus: int, master_port: int,
+                restarts: int, repo: str, lscpu: str | None = None) -> tuple[Topology, list[Step]]:
     """The plan of ``cfg`` on ``hosts`` (node k = ``hosts[k]``) as srun steps, buffer first;
     ``cpus`` logical CPUs per node, ``lscpu`` their cores and sockets (``physical_cores``)."""
     la = cfg.launch
     if len(hosts) != la.nodes:
-        raise ConfigError(f"launch.nodes={la.nodes} but the allocation has {len(hosts)} nodes ({', '.join(hosts)})")
+        raise ConfigError(f"launch.nodes={la.nodes} but the allocation has {len(hosts)} nodes "
+                          f"({', '.join(hosts)})")
     for key, port in (("buffer.address", split_address(cfg.buffer.address)[1]),
                       ("buffer.pub_address", split_address(cfg.buffer.pub_address)[1]),
-                      ("buffer.metrics_port", cfg.buffer.metrics_port), ("trainer.metrics_port", cfg.trainer.metrics_port),
+                      ("buffer.metrics_port", cfg.buffer.metrics_port),
+                      ("trainer.metrics_port", cfg.trainer.metrics_port),
                       ("rollout.metrics_port", cfg.rollout.metrics_port)):
         if not port:
-            raise ConfigError(f"{key} has port 0: every port of a Slurm job is fixed in its config (ports.json lists "
-                              "them for `areal-like top` and Prometheus)")
+            raise ConfigError(f"{key} has port 0: every port of a Slurm job is fixed in its config "
+                              "(ports.json lists them for `areal-like top` and Prometheus)")
     placed = place_nodes(cfg)
     if placed is None:
-        raise ConfigError(f"trainer.device={cfg.trainer.device!r} and rollout.engine.kind={cfg.rollout.engine.kind!r}: "
+        raise ConfigError(f"trainer.device={cfg.trainer.device!r} and "
+                          f"rollout.engine.kind={cfg.rollout.engine.kind!r}: "
                           "the Slurm recipe places GPU jobs (topology=gpu_sglang or gpu_embedded)")
     laid, topo = plan_job(cfg, ports=itertools.count(master_port))
     check_laid_out(cfg, laid)
@@ -158,7 +164,8 @@ def slurm_steps(cfg: RunConfig, hosts: list[str], *, config: str, cpus: int, mas
         key = slot.kind if slot.kind != "rollout" else f"rollout-{seen[slot.node]}"
         seen[slot.node] += slot.kind == "rollout"
         srun = ["srun", "--overlap", "--nodes=1", "--ntasks=1", f"--nodelist={hosts[slot.node]}",
-                f"--cpus-per-task={len(cores[slot.node][key])}", f"--cpu-bind=mask_cpu:{cpu_mask(cores[slot.node][key])}",
+                f"--cpus-per-task={len(cores[slot.node][key])}",
+                f"--cpu-bind=mask_cpu:{cpu_mask(cores[slot.node][key])}",
                 "env", f"CUDA_VISIBLE_DEVICES={visible_devices(slot.gpus or ())}"]
         wait = _after(cfg, topo, slot, hosts)
         command = _command(cfg, topo, slot, config, restarts, repo, hosts[slot.node])
@@ -198,9 +205,11 @@ def _command(cfg: RunConfig, topo: Topology, slot: DaemonSlot, config: str, rest
     if slot.kind == "rollout":  # restarted in place when it dies, like the local supervisor does
         address = engine_address(cfg, host)
         engine = [] if address == cfg.rollout.engine.host else [f"rollout.engine.host={address}"]
-        return ["bash", f"{repo}/launch/slurm/with_restarts.sh", str(restarts), "areal-like", "rollout",
+        return ["bash", f"{repo}/launch/slurm/with_restarts.sh", str(restarts),
+                "areal-like", "rollout",
                 "--config-file", config, *slot.overrides, *engine]
-    return ["areal-like", "train", "--nnodes", str(cfg.launch.train_nodes), "--node-rank", str(slot.node),
+    return ["areal-like", "train", "--nnodes", str(cfg.launch.train_nodes),
+            "--node-rank", str(slot.node),
             "--nproc-per-node", str(cfg.launch.trainer_ranks), "--master-addr", topo.host,
             "--master-port", str(topo.master_port), "--config-file", config,
             *trainer_overrides(cfg)]
@@ -217,7 +226,8 @@ def after(argv: list[str]) -> int:
     for url in argv[2:cut]:
         while not probe(url, timeout_s=5):
             if time.monotonic() >= deadline:
-                print(f"error: {url} did not answer within {argv[1]} s; not starting {argv[cut + 1]}",
+                print(f"error: {url} did not answer within {argv[1]} s; "
+                      f"not starting {argv[cut + 1]}",
                       file=sys.stderr)
                 return 1
             time.sleep(2.0)
@@ -225,7 +235,8 @@ def after(argv: list[str]) -> int:
 
 
 def final_eval(cfg: RunConfig, pid: int, poll_s: float = 1.0) -> int:
-    """``run``'s wait for the final evaluation (``launch.job.wait_for_final_eval``) for a Slurm job."""
+    """``run``'s wait for the final evaluation (``launch.job.wait_for_final_eval``) for a Slurm
+    job."""
     if not (wants_eval(cfg) and cfg.eval.at_end):
         return 0
     # the evaluating server's step as the wait reads a supervisor, with a stop event nobody sets
@@ -247,11 +258,15 @@ def main(argv: list[str]) -> int:
     hp.add_argument("iface", nargs="?", default="")
     sp = sub.add_parser("steps", help="one srun step per process of the plan (name, kind, command)")
     sp.add_argument("--config-file", required=True)
-    sp.add_argument("--hosts", required=True, help="comma-separated, node 0 first (scontrol show hostnames)")
+    sp.add_argument("--hosts", required=True,
+                    help="comma-separated, node 0 first (scontrol show hostnames)")
     sp.add_argument("--cpus-per-node", type=int, required=True)
-    sp.add_argument("--cpu-topology", help="a file with `lscpu -p=CPU,CORE,SOCKET` of a node (SMT and sockets)")
-    sp.add_argument("--master-port", type=int, required=True, help="torchrun's rendezvous on node 0")
-    sp.add_argument("--restarts", type=int, default=3, help="per rollout server, before its step fails")
+    sp.add_argument("--cpu-topology",
+                    help="a file with `lscpu -p=CPU,CORE,SOCKET` of a node (SMT and sockets)")
+    sp.add_argument("--master-port", type=int, required=True,
+                    help="torchrun's rendezvous on node 0")
+    sp.add_argument("--restarts", type=int, default=3,
+                    help="per rollout server, before its step fails")
     sp.add_argument("--repo", required=True, help="this checkout on the shared filesystem")
     sp.add_argument("--ports-json", help="write ports.json here")
     args = ap.parse_args(argv)
@@ -264,8 +279,10 @@ def main(argv: list[str]) -> int:
         cfg = load_daemon_config(["--config-file", args.config_file])
         hosts = args.hosts.split(",")
         topo, steps = slurm_steps(cfg, hosts, config=args.config_file, cpus=args.cpus_per_node,
-                                  master_port=args.master_port, restarts=args.restarts, repo=args.repo,
-                                  lscpu=Path(args.cpu_topology).read_text() if args.cpu_topology else None)
+                                  master_port=args.master_port, restarts=args.restarts,
+                                  repo=args.repo,
+                                  lscpu=(Path(args.cpu_topology).read_text()
+                                         if args.cpu_topology else None))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -18,7 +18,8 @@ from pathlib import Path
 from launch.local import alive
 from launch.records import read_jsonl, trainer_jsonl
 
-# (column title, kind, series, how): how = "value" | "rate" (per second, from a counter) | "mean" (histogram)
+# (column title, kind, series, how):
+# how = "value" | "rate" (per second, from a counter) | "mean" (histogram)
 COLUMNS = [
     ("version", "buffer", "areal_buffer_trainer_version", "value"),
     ("stored", "buffer", 'areal_buffer_groups{state="stored"}', "value"),
@@ -50,7 +51,8 @@ def newest_run_dir(root: str | Path = "runs") -> str | None:
 def load_ports(run_dir: str | Path) -> dict:
     path = Path(run_dir) / "ports.json"
     if not path.is_file():
-        raise SystemExit(f"error: {path} not found (is this a run directory started by `areal-like run`?)")
+        raise SystemExit(f"error: {path} not found (is this a run directory started by "
+                         "`areal-like run`?)")
     try:
         info = json.loads(path.read_text())
         names = [(d["name"], d["health_url"], d["metrics_url"]) for d in info["daemons"]]
@@ -101,12 +103,14 @@ def status(run_dir: str | Path) -> int:
     for d in info["daemons"]:
         ok, details = health(d["health_url"])
         all_ok &= ok
-        extra = f"uptime {details['uptime_s']}s" if "uptime_s" in details else details.get("error", "")
+        extra = (f"uptime {details['uptime_s']}s" if "uptime_s" in details
+                 else details.get("error", ""))
         now = state(ok, details, d.get("pid"), finished)
         print(f"{d['name']:<12} {now:<8} pid={d.get('pid')}  {d['health_url']}  {extra}")
     last = _last_step(Path(run_dir))
     if last:
-        print(f"trainer step {last.get('step')}  reward {last.get('reward_mean', float('nan')):.3f}  "
+        print(f"trainer step {last.get('step')}  "
+              f"reward {last.get('reward_mean', float('nan')):.3f}  "
               f"staleness max {last.get('staleness_max')}")
     return 0 if all_ok else 1
 
@@ -127,7 +131,8 @@ def snapshot(info: dict) -> dict[str, dict[str, float] | None]:
     return out
 
 
-def figure(values: dict[str, float], prev: dict[str, float] | None, dt: float, series: str, how: str) -> str:
+def figure(values: dict[str, float], prev: dict[str, float] | None, dt: float, series: str,
+           how: str) -> str:
     if how == "value":
         v = values.get(series)
     elif how == "ratio":  # the change of one counter over the change of another since prev
@@ -163,7 +168,8 @@ def render(info: dict, snap: dict, prev: dict, dt: float):
             if values is None:
                 table.add_row(d["name"], "[red]DOWN", *["-"] * len(cols))
                 continue
-            table.add_row(d["name"], "[green]ok", *[figure(values, prev.get(d["name"]), dt, s, h) for _, s, h in cols])
+            table.add_row(d["name"], "[green]ok",
+                          *[figure(values, prev.get(d["name"]), dt, s, h) for _, s, h in cols])
         tables.append(table)
     return tables
 
@@ -186,7 +192,8 @@ def live(run_dir: str | Path, interval_s: float = 2.0, once: bool = False) -> in
     prev, t_prev = (snapshot(info) if plain else {}), time.monotonic()
     console = Console(file=sys.stdout, force_terminal=False, color_system=None, width=160)
     try:
-        with contextlib.nullcontext() if plain else Live(refresh_per_second=4, screen=False) as view:
+        with (contextlib.nullcontext() if plain
+              else Live(refresh_per_second=4, screen=False)) as view:
             while True:
                 if plain:
                     time.sleep(interval_s)

@@ -42,8 +42,10 @@ class DaemonSlot:
     metrics_port: int
     cpus: tuple[int, ...] | None  # None = not pinned
     overrides: tuple[str, ...] = ()  # extra `key=value` for this daemon's command line
-    gpus: tuple[int, ...] | None = None  # its CUDA_VISIBLE_DEVICES; None = left as inherited (CPU topologies)
-    threads: int | None = None  # OMP_NUM_THREADS; None: launch.omp_threads (pinned: see auto_threads)
+    # its CUDA_VISIBLE_DEVICES; None = left as inherited (CPU topologies)
+    gpus: tuple[int, ...] | None = None
+    # OMP_NUM_THREADS; None: launch.omp_threads (pinned: see auto_threads)
+    threads: int | None = None
     env: tuple[tuple[str, str], ...] = ()  # more environment (pinned at eta 0: the trainer's spin)
     node: int = 0  # launch.nodes > 1: the node it runs on (the buffer and trainer rank 0 on node 0)
 
@@ -79,7 +81,8 @@ class Topology:
                 daemons.append({"name": s.name, "kind": s.kind, "metrics_port": s.metrics_port,
                                 "cpus": s.cpus, "gpus": s.gpus, "metrics_url": f"{url}/metrics",
                                 "health_url": f"{url}/health"})
-        return {"host": self.host, "buffer_address": self.buffer_address, "pub_address": self.pub_address,
+        return {"host": self.host, "buffer_address": self.buffer_address,
+                "pub_address": self.pub_address,
                 "master_port": self.master_port, "rollout_cpus": self.rollout_cpus,
                 "trainer_cpus": self.trainer_cpus, "daemons": daemons}
 
@@ -138,7 +141,8 @@ def _unique(ports: Iterable[int], taken: set[int]) -> Iterator[int]:
             yield p
 
 
-def plan_topology(cfg: RunConfig, ports: Iterable[int], cpus: Iterable[int] | None = None) -> Topology:
+def plan_topology(cfg: RunConfig, ports: Iterable[int],
+                  cpus: Iterable[int] | None = None) -> Topology:
     """Every port left at 0 from ``ports`` (skipping duplicates and fixed ports), and the GPUs of
     ``place_nodes``. Rollout server i of a node gets ``rollout.metrics_port + i`` when that is
     fixed; the trainer's port is rank 0's. On several nodes: the buffer and trainer rank 0 on node
@@ -157,28 +161,34 @@ def plan_topology(cfg: RunConfig, ports: Iterable[int], cpus: Iterable[int] | No
     rollout_cpus = trainer_cpus = None
     if cfg.launch.pin_cpus:
         rollout_cpus, trainer_cpus = split_cpus(cpus if cpus is not None else ())
-    no_gpu = () if placed is not None else None  # a GPU topology hides the GPUs from CPU-only daemons
+    # a GPU topology hides the GPUs from CPU-only daemons
+    no_gpu = () if placed is not None else None
     job_cpus = rollout_cpus + trainer_cpus if cfg.launch.pin_cpus else None  # both pools
     turns = takes_turns(cfg)
-    slots = [DaemonSlot(name="buffer", kind="buffer", metrics_port=pick(cfg.buffer.metrics_port), cpus=job_cpus,
-                        gpus=no_gpu)]
+    slots = [DaemonSlot(name="buffer", kind="buffer", metrics_port=pick(cfg.buffer.metrics_port),
+                        cpus=job_cpus, gpus=no_gpu)]
     trainers = []
     for k in range(cfg.launch.nodes):
         gpus = placed[k] if placed is not None else None
         trains, serves = node_roles(cfg.launch.nodes, cfg.launch.train_nodes, k)
         for i in range(cfg.launch.num_rollout_servers if serves else 0):
             j = sum(1 for s in slots if s.kind == "rollout")  # server ids run across nodes
-            slots.append(_rollout_slot(cfg, j, cfg.rollout.metrics_port + i if cfg.rollout.metrics_port
-                                       else next(source), rollout_cpus,
-                                       gpus.rollout[i] if gpus is not None and gpus.rollout else no_gpu, k))
-        if trains:  # trainer rank 0's node serves its metrics; the other nodes' ranks report through it
+            slots.append(_rollout_slot(cfg, j, cfg.rollout.metrics_port + i
+                                       if cfg.rollout.metrics_port else next(source), rollout_cpus,
+                                       gpus.rollout[i] if gpus is not None and gpus.rollout
+                                       else no_gpu, k))
+        # trainer rank 0's node serves its metrics; the other nodes' ranks report through it
+        if trains:
             cores = job_cpus if turns else trainer_cpus
-            trainers.append(DaemonSlot(name="trainer" if k == 0 else f"trainer-n{k}", kind="trainer",
+            trainers.append(DaemonSlot(name="trainer" if k == 0 else f"trainer-n{k}",
+                                       kind="trainer",
                                        metrics_port=pick(cfg.trainer.metrics_port) if k == 0 else 0,
-                                       cpus=cores, gpus=gpus.trainer if gpus is not None else None, node=k,
-                                       threads=auto_threads(cfg, cores),
-                                       env=(("GOMP_SPINCOUNT", str(TURN_SPINCOUNT)),) if turns else ()))
-    return Topology(host=host, buffer_address=f"tcp://{host}:{router}", pub_address=f"tcp://{pub_host}:{pub}",
+                                       cpus=cores, gpus=gpus.trainer if gpus is not None else None,
+                                       node=k, threads=auto_threads(cfg, cores),
+                                       env=((("GOMP_SPINCOUNT", str(TURN_SPINCOUNT)),) if turns
+                                            else ())))
+    return Topology(host=host, buffer_address=f"tcp://{host}:{router}",
+                    pub_address=f"tcp://{pub_host}:{pub}",
                     master_port=next(source), slots=(*slots, *trainers), rollout_cpus=rollout_cpus,
                     trainer_cpus=trainer_cpus)
 
@@ -198,7 +208,8 @@ def takes_turns(cfg: RunConfig) -> bool:
 
 def _fixed_ports(cfg: RunConfig, router: int, pub: int) -> set[int]:
     """The ports the config fixes (non-zero) on node 0; ConfigError when two daemons share one."""
-    n_roll = cfg.launch.num_rollout_servers if cfg.launch.nodes == 1 else 0  # other nodes: other hosts
+    # other nodes: other hosts
+    n_roll = cfg.launch.num_rollout_servers if cfg.launch.nodes == 1 else 0
     own = [p for p in (router, pub, cfg.buffer.metrics_port, cfg.trainer.metrics_port) if p]
     if cfg.rollout.metrics_port:
         own += [cfg.rollout.metrics_port + i for i in range(n_roll)]
@@ -207,11 +218,13 @@ def _fixed_ports(cfg: RunConfig, router: int, pub: int) -> set[int]:
     return set(own)
 
 
-def _rollout_slot(cfg: RunConfig, j: int, port: int, cpus: tuple[int, ...] | None, gpus: tuple[int, ...] | None,
-                  node: int) -> DaemonSlot:
-    evaluates = ("rollout.eval=true",) if j == 0 and wants_eval(cfg) else ()  # the first server evaluates
+def _rollout_slot(cfg: RunConfig, j: int, port: int, cpus: tuple[int, ...] | None,
+                  gpus: tuple[int, ...] | None, node: int) -> DaemonSlot:
+    # the first server evaluates
+    evaluates = ("rollout.eval=true",) if j == 0 and wants_eval(cfg) else ()
     return DaemonSlot(name=f"rollout-{j}", kind="rollout", metrics_port=port, cpus=cpus,
-                      overrides=(f"rollout.server_id=rollout-{j}", f"rollout.metrics_port={port}", *evaluates),
+                      overrides=(f"rollout.server_id=rollout-{j}", f"rollout.metrics_port={port}",
+                                 *evaluates),
                       gpus=gpus, node=node)
 
 
@@ -227,14 +240,17 @@ def apply_topology(cfg: RunConfig, topo: Topology) -> RunConfig:
     at once (``trainer.first_engine_wait_s`` 0) waits for every rollout server (so that each joins
     the first group) as long as the launcher waits for their health, and less than half the gloo
     timeout (its other ranks wait in the push's collective meanwhile)."""
-    buffer = dataclasses.replace(cfg.buffer, address=topo.buffer_address, pub_address=topo.pub_address,
+    buffer = dataclasses.replace(cfg.buffer, address=topo.buffer_address,
+                                 pub_address=topo.pub_address,
                                  metrics_port=topo.slot("buffer").metrics_port)
-    rollout = dataclasses.replace(cfg.rollout, buffer_address=topo.buffer_address, pub_address=topo.pub_address)
+    rollout = dataclasses.replace(cfg.rollout, buffer_address=topo.buffer_address,
+                                  pub_address=topo.pub_address)
     wait, servers = cfg.trainer.first_engine_wait_s, sum(s.kind == "rollout" for s in topo.slots)
     if not wait and servers:
         wait = min(cfg.launch.health_timeout_s, cfg.trainer.gloo_timeout_s / 2)
     trainer = dataclasses.replace(cfg.trainer, buffer_address=topo.buffer_address,
-                                  metrics_port=topo.slot("trainer").metrics_port, first_engine_wait_s=wait,
+                                  metrics_port=topo.slot("trainer").metrics_port,
+                                  first_engine_wait_s=wait,
                                   first_engines=max(cfg.trainer.first_engines, servers))
     return dataclasses.replace(cfg, buffer=buffer, rollout=rollout, trainer=trainer)
 
@@ -248,12 +264,15 @@ def with_local_ipc(cfg: RunConfig) -> RunConfig:
 
     if cfg.launch.nodes != 1 or not cfg.security.local_ipc:
         return cfg
-    local_dir = cfg.resolve_path(cfg.buffer.local_dir or "sock").resolve()  # a configured one is kept
+    # a configured one is kept
+    local_dir = cfg.resolve_path(cfg.buffer.local_dir or "sock").resolve()
     router, pub = local_addresses(local_dir)
     if max(len(os.fsencode(a[len("ipc://"):])) for a in (router, pub)) > IPC_PATH_MAX:
         return cfg
-    return dataclasses.replace(cfg, buffer=dataclasses.replace(cfg.buffer, local_dir=str(local_dir)),
-                               rollout=dataclasses.replace(cfg.rollout, buffer_address=router, pub_address=pub),
+    return dataclasses.replace(cfg,
+                               buffer=dataclasses.replace(cfg.buffer, local_dir=str(local_dir)),
+                               rollout=dataclasses.replace(cfg.rollout, buffer_address=router,
+                                                           pub_address=pub),
                                trainer=dataclasses.replace(cfg.trainer, buffer_address=router))
 
 
@@ -262,7 +281,8 @@ def plan_lines(cfg: RunConfig, topo: Topology) -> list[str]:
     ``none`` hidden) and where it listens or connects; a port ``cfg`` leaves at 0 is ``auto``.
     ``cfg`` is laid out (``launch.job.laid_out``): its weight path is resolved."""
     ws = cfg.trainer.weight_sync
-    backend = ws.backend if ws.backend != "auto" else ("nccl" if cfg.trainer.device.startswith("cuda") else "gloo")
+    backend = (ws.backend if ws.backend != "auto"
+               else ("nccl" if cfg.trainer.device.startswith("cuda") else "gloo"))
     fixed_metrics = {"buffer": cfg.buffer.metrics_port, "rollout": cfg.rollout.metrics_port,
                      "trainer": cfg.trainer.metrics_port}
     rows = [("node", "process", "gpus", "ports and addresses")]
@@ -270,14 +290,16 @@ def plan_lines(cfg: RunConfig, topo: Topology) -> list[str]:
         host = topo.host if s.node == 0 else f"node{s.node}"
         metrics = f"metrics {host}:{_port(fixed_metrics[s.kind], s.metrics_port)}"
         if s.kind == "buffer":
-            where = f"router {_addr(cfg.buffer.address)}  pub {_addr(cfg.buffer.pub_address)}  {metrics}"
+            where = (f"router {_addr(cfg.buffer.address)}  "
+                     f"pub {_addr(cfg.buffer.pub_address)}  {metrics}")
         elif s.kind == "rollout":
             where = f"{metrics}  {_engine(cfg, host)}"
         else:
             where = _trainer_where(cfg, topo, s, metrics if s.node == 0 else "", backend, ws.path)
         rows.append((str(s.node), s.name, _gpus(s.gpus), where))
     width = [max(len(r[i]) for r in rows) for i in range(3)]
-    return [f"{a:<{width[0]}}  {b:<{width[1]}}  {c:<{width[2]}}  {d}".rstrip() for a, b, c, d in rows]
+    return [f"{a:<{width[0]}}  {b:<{width[1]}}  {c:<{width[2]}}  {d}".rstrip()
+            for a, b, c, d in rows]
 
 
 def _gpus(gpus: tuple[int, ...] | None) -> str:
@@ -291,7 +313,8 @@ def _gpus(gpus: tuple[int, ...] | None) -> str:
     return planned if inherited is None else f"{planned} (={visible_devices(gpus, inherited)})"
 
 
-def _trainer_where(cfg: RunConfig, topo: Topology, s: DaemonSlot, metrics: str, backend: str, path: str) -> str:
+def _trainer_where(cfg: RunConfig, topo: Topology, s: DaemonSlot, metrics: str, backend: str,
+                   path: str) -> str:
     """One torchrun (on several nodes its ``--node-rank`` and global ranks), or, for one rank on
     one node, the trainer process itself."""
     la, ws = cfg.launch, cfg.trainer.weight_sync
@@ -299,11 +322,12 @@ def _trainer_where(cfg: RunConfig, topo: Topology, s: DaemonSlot, metrics: str, 
         + (" (LOCAL_RANK i: the i-th GPU)" if s.gpus else "")
     if la.nodes > 1:
         first = s.node * la.trainer_ranks
-        ranks = f"node-rank {s.node} of {la.train_nodes}, {ranks}, global {first}..{first + la.trainer_ranks - 1}"
+        ranks = (f"node-rank {s.node} of {la.train_nodes}, {ranks}, "
+                 f"global {first}..{first + la.trainer_ranks - 1}")
     if not metrics:  # another training node: its ranks reach rank 0 through the rendezvous
         return f"torchrun {ranks} rendezvous {topo.host}:auto"
-    sync = f"weight sync {backend} {ws.master_addr}:{_port(ws.master_port)}" if path == "distributed" \
-        else f"weight sync {path} (no group)"
+    sync = (f"weight sync {backend} {ws.master_addr}:{_port(ws.master_port)}"
+            if path == "distributed" else f"weight sync {path} (no group)")
     if la.nodes == 1 and la.trainer_ranks == 1:
         return f"{metrics}  python -m trainer (1 rank, no torchrun)  {sync}"
     return f"{metrics} (rank 0)  torchrun {ranks} rendezvous {topo.host}:auto  {sync}"

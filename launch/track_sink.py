@@ -32,7 +32,8 @@ class JsonlTail:
 
     def __init__(self, path: str | Path, since: int = 0):
         self.path = Path(path)
-        self.offset = since  # bytes consumed, partial line included (``since``: skipped, a line boundary)
+        # bytes consumed, partial line included (``since``: skipped, a line boundary)
+        self.offset = since
         self.partial = b""  # the bytes after the last newline
 
     def read(self, final: bool = False) -> list[dict]:
@@ -83,7 +84,8 @@ def scalars(row: dict, prefix: str, drop: tuple[str, ...] = ()) -> dict[str, flo
 
 
 class TrackerSink:
-    """``poll()`` forwards what the run's files gained since the last poll; ``close()`` the trackers."""
+    """``poll()`` forwards what the run's files gained since the last poll; ``close()`` the
+    trackers."""
 
     def __init__(self, run_dir: str | Path, trackers: list[Tracker]):
         run_dir = Path(run_dir)
@@ -102,7 +104,8 @@ class TrackerSink:
         """Forward every new complete row; ``final`` when the writers have stopped. Returns how many
         scalar rows and tables went out."""
         sent = 0
-        for tail, series, x in ((self.train, "train", "step"), (self.eval, "eval", "policy_version")):
+        for tail, series, x in ((self.train, "train", "step"),
+                                (self.eval, "eval", "policy_version")):
             for row in tail.read(final):
                 metrics = scalars(row, series, (x, "time"))
                 if _is_int(row.get(x)) and metrics:  # other rows (e.g. the resume event) have no x
@@ -117,7 +120,8 @@ class TrackerSink:
         sent = 0
         while self.pending:
             step = self.pending[0]["step"]
-            n = next((i for i, r in enumerate(self.pending) if r["step"] != step), len(self.pending))
+            n = next((i for i, r in enumerate(self.pending) if r["step"] != step),
+                     len(self.pending))
             if n == len(self.pending) and not settled:
                 break  # the newest table may still be growing
             table, self.pending = self.pending[:n], self.pending[n:]
@@ -130,8 +134,8 @@ class TrackerSink:
             try:
                 getattr(tracker, method)(*args)
             except Exception as e:  # a tracker is an observer: its failure must not end the job
-                log.warning("tracker %s failed (%s: %s); it gets no more data", type(tracker).__name__,
-                            type(e).__name__, e)
+                log.warning("tracker %s failed (%s: %s); it gets no more data",
+                            type(tracker).__name__, type(e).__name__, e)
                 self.trackers.remove(tracker)
                 self._close(tracker)
 
@@ -148,7 +152,8 @@ class TrackerSink:
         self.trackers = []
 
 
-def follow(sink: TrackerSink, run_dir: str | Path, stop: threading.Event, poll_s: float = FOLLOW_POLL_S) -> None:
+def follow(sink: TrackerSink, run_dir: str | Path, stop: threading.Event,
+           poll_s: float = FOLLOW_POLL_S) -> None:
     """Poll until ``<run_dir>/summary.json`` exists (the job is over) or ``stop`` is set, then a
     final poll. Does not close the sink."""
     summary = Path(run_dir) / "summary.json"

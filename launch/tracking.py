@@ -54,8 +54,9 @@ def check_trackers(cfg: RunConfig) -> list[str]:
     for name in cfg.tracker:
         modules, extra = TRACKER_MODULES.get(name, ((), ""))  # jsonl: no package
         if modules and not any(importlib.util.find_spec(m) is not None for m in modules):
-            out.append(f"tracker={name!r} needs the {' or '.join(map(repr, modules))} package, which is not "
-                       f"installed: pip install 'areal-like[{extra}]' (or drop {name!r} from tracker)")
+            out.append(f"tracker={name!r} needs the {' or '.join(map(repr, modules))} package, "
+                       "which is not installed: "
+                       f"pip install 'areal-like[{extra}]' (or drop {name!r} from tracker)")
     return out
 
 
@@ -86,7 +87,8 @@ def build_trackers(cfg: RunConfig, run_dir: str | Path | None = None) -> list[Tr
 
 
 def flatten(obj: dict[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:
-    """Nested dicts -> one level with "a/b" keys; other values (lists included) are kept as they are."""
+    """Nested dicts -> one level with "a/b" keys; other values (lists included) are kept as they
+    are."""
     out: dict[str, Any] = {}
     for key, value in obj.items():
         path = f"{prefix}{key}"
@@ -99,11 +101,13 @@ def flatten(obj: dict[str, Any], prefix: str = "", sep: str = "/") -> dict[str, 
 
 def cell(value: Any) -> Any:
     """A table cell: numbers and strings as they are, anything else (lists, None) as JSON text."""
-    return value if isinstance(value, (int, float, str)) and not isinstance(value, bool) else json.dumps(value)
+    return (value if isinstance(value, (int, float, str)) and not isinstance(value, bool)
+            else json.dumps(value))
 
 
 class JsonlTracker(Tracker):
-    """The merged view: ``{"step", "metrics"}`` and ``{"step", "table", "rows"}`` lines, in arrival order.
+    """The merged view: ``{"step", "metrics"}`` and ``{"step", "table", "rows"}`` lines, in arrival
+    order.
 
     The sink replays the run's files from their start whenever it starts, so this file is rewritten
     (not appended to) when the tracker opens: it is derived, never the only copy of anything."""
@@ -142,7 +146,8 @@ class TensorBoardTracker(Tracker):
     def __init__(self, logdir: Path):
         try:
             from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # torch's writer needs the tensorboard package; tensorboardX stands alone
+        except ImportError:
+            # torch's writer needs the tensorboard package; tensorboardX stands alone
             from tensorboardX import SummaryWriter
         self.writer = SummaryWriter(log_dir=str(logdir), flush_secs=5)
 
@@ -165,11 +170,12 @@ class WandbTracker(Tracker):
         import wandb
 
         directory.mkdir(parents=True, exist_ok=True)
-        # console="off": the process hosting the sink is a supervisor whose stdout is the job's result
+        # console="off": the process hosting the sink is a supervisor whose stdout is the job's
+        # result
         settings = wandb.Settings(console="off", x_disable_stats=True, save_code=False)
         self.wandb = wandb
-        self.run = wandb.init(project=project, name=name, dir=str(directory), mode=mode, config=config,
-                              settings=settings, reinit="create_new")
+        self.run = wandb.init(project=project, name=name, dir=str(directory), mode=mode,
+                              config=config, settings=settings, reinit="create_new")
         self.axes: set[str] = set()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -182,8 +188,10 @@ class WandbTracker(Tracker):
 
     def log_table(self, name: str, rows: list[dict], step: int) -> None:
         columns = list(dict.fromkeys(k for r in rows for k in r))
-        table = self.wandb.Table(columns=columns, data=[[cell(r.get(c)) for c in columns] for r in rows])
-        self.run.log({name: table})  # each log is a new version of the table; rows carry their "step"
+        table = self.wandb.Table(columns=columns,
+                                 data=[[cell(r.get(c)) for c in columns] for r in rows])
+        # each log is a new version of the table; rows carry their "step"
+        self.run.log({name: table})
 
     def close(self) -> None:
         self.run.finish()
@@ -206,13 +214,15 @@ class MlflowTracker(Tracker):
         exp = self.client.get_experiment_by_name(project)
         exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(project)
         self.run_id = self.client.create_run(exp_id, run_name=name).info.run_id
-        params = [Param(self.key(k), str(v)[:MLFLOW_PARAM_CHARS]) for k, v in flatten(config).items()]
+        params = [Param(self.key(k), str(v)[:MLFLOW_PARAM_CHARS])
+                  for k, v in flatten(config).items()]
         for i in range(0, len(params), MLFLOW_BATCH):
             self.client.log_batch(self.run_id, params=params[i:i + MLFLOW_BATCH])
 
     @staticmethod
     def key(name: str) -> str:
-        """MLflow names allow only alphanumerics, _ - . / and spaces: "eval/pass@k" -> "eval/pass_k"."""
+        """MLflow names allow only alphanumerics, _ - . / and spaces:
+        "eval/pass@k" -> "eval/pass_k"."""
         return re.sub(r"[^\w./\- ]", "_", name)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -224,14 +234,16 @@ class MlflowTracker(Tracker):
             self.client.log_batch(self.run_id, metrics=batch[i:i + MLFLOW_BATCH])
 
     def log_table(self, name: str, rows: list[dict], step: int) -> None:
-        self.client.log_dict(self.run_id, {"step": step, "rows": rows}, f"{self.key(name)}/step_{step:08d}.json")
+        self.client.log_dict(self.run_id, {"step": step, "rows": rows},
+                             f"{self.key(name)}/step_{step:08d}.json")
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
 
 
 class TrackioTracker(Tracker):
-    """trackio prints its banners on stdout, which is the supervisor's result channel: they go to stderr."""
+    """trackio prints its banners on stdout, which is the supervisor's result channel: they go to
+    stderr."""
 
     def __init__(self, directory: Path, project: str, name: str, config: dict):
         os.environ.setdefault("TRACKIO_DIR", str(directory))
@@ -248,9 +260,11 @@ class TrackioTracker(Tracker):
 
     def log_table(self, name: str, rows: list[dict], step: int) -> None:
         columns = list(dict.fromkeys(k for r in rows for k in r))
-        table = self.trackio.Table(columns=columns, data=[[cell(r.get(c)) for c in columns] for r in rows])
+        table = self.trackio.Table(columns=columns,
+                                   data=[[cell(r.get(c)) for c in columns] for r in rows])
         self.run.log({name: table}, step=step)
 
     def close(self) -> None:
         with contextlib.redirect_stdout(sys.stderr):
-            self.trackio.finish()  # finishes the run trackio.init made current, so its atexit hook has nothing left
+            # finishes the run trackio.init made current, so its atexit hook has nothing left
+            self.trackio.finish()

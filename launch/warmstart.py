@@ -25,14 +25,15 @@ from areal_like.settings.config import RunConfig
 LOG_EVERY = 100  # warm-start steps between progress lines
 EVAL_PROMPTS = 128  # prompts for the before/after accuracy line (greedy and sampled)
 # In the cache key: bumped when what a warm start saves changes, so older caches are not reused.
-# 2: the char tokenizer spells whitespace byte-level (older ones lose it when AutoTokenizer reloads them).
+# 2: the char tokenizer spells whitespace byte-level (older ones lose it when AutoTokenizer
+# reloads them).
 CACHE_FORMAT = 3  # 3: a dataset's plain prompt column is plain text under chat_template=auto
 
 
 def cache_key(cfg: RunConfig) -> str:
     ws = {k: v for k, v in dataclasses.asdict(cfg.warm_start).items() if k != "cache_dir"}
-    blob = json.dumps({"model": dataclasses.asdict(cfg.model), "task": dataclasses.asdict(cfg.task), "ws": ws,
-                       "format": CACHE_FORMAT}, sort_keys=True)
+    blob = json.dumps({"model": dataclasses.asdict(cfg.model), "task": dataclasses.asdict(cfg.task),
+                       "ws": ws, "format": CACHE_FORMAT}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -66,20 +67,24 @@ def ensure_warm_start(cfg: RunConfig, log: Callable[[str], None] = print) -> Run
 
 
 def _pairs(task, indices: list[int], tok) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, answer ids + EOS) of the task's examples, as the rollout server lays them out."""
+    """(prompt ids, answer ids + EOS) of the task's examples, as the rollout server lays them
+    out."""
     from areal_like.tasks.task import encode_prompt
 
     if tok.eos_token_id is None:
-        raise ValueError("the warm start needs a tokenizer with an EOS token (the model learns to stop)")
+        raise ValueError("the warm start needs a tokenizer with an EOS token "
+                         "(the model learns to stop)")
     out = []
     for i in indices:
         ex = task.example(i, 0)
-        answer = [int(t) for t in tok(ex.answer, add_special_tokens=False)["input_ids"]] + [int(tok.eos_token_id)]
+        answer = ([int(t) for t in tok(ex.answer, add_special_tokens=False)["input_ids"]]
+                  + [int(tok.eos_token_id)])
         out.append((encode_prompt(tok, ex, task.cfg), answer))
     return out
 
 
-def _demo_pairs(cfg: RunConfig, task, indices: list[int], tok, rng: random.Random) -> list[tuple[list[int], list[int]]]:
+def _demo_pairs(cfg: RunConfig, task, indices: list[int], tok,
+                rng: random.Random) -> list[tuple[list[int], list[int]]]:
     """Multi-turn tasks (``task.env``, or ``task.agent`` with a ``demo``): one (context ids,
     turn ids + EOS) pair per assistant turn of the ``demo`` conversations, laid out as the
     rollout server's episodes are (``areal_like.tasks.environment.ChatRenderer``)."""
@@ -91,7 +96,8 @@ def _demo_pairs(cfg: RunConfig, task, indices: list[int], tok, rng: random.Rando
         raise ValueError(f"warm_start.steps > 0 with task.env={cfg.task.env!r} / task.agent="
                          f"{cfg.task.agent!r}: it has no "
                          "demo(example, rng) to learn from; set warm_start.steps=0")
-    tools = [{"type": "function", "function": {k: t.get(k) for k in ("name", "description", "parameters")}}
+    tools = [{"type": "function",
+              "function": {k: t.get(k) for k in ("name", "description", "parameters")}}
              for t in getattr(env_cls, "tools", None) or []]
     renderer = ChatRenderer(tok, env_template(tok, cfg.task), tools or None)
     out = []
@@ -99,7 +105,8 @@ def _demo_pairs(cfg: RunConfig, task, indices: list[int], tok, rng: random.Rando
         demo = env_cls.demo(task.example(i, 0), rng)
         for k, m in enumerate(demo):
             if m["role"] == "assistant":
-                out.append((renderer.prompt_ids(demo[:k]), renderer.encode(m["content"]) + [int(tok.eos_token_id)]))
+                out.append((renderer.prompt_ids(demo[:k]),
+                            renderer.encode(m["content"]) + [int(tok.eos_token_id)]))
     return out
 
 
@@ -112,7 +119,8 @@ def _batch(pairs: list[tuple[list[int], list[int]]]):
         return pad_sequence([torch.tensor(r, dtype=torch.long) for r in rows], batch_first=True,
                             padding_value=value)
 
-    return (padded([p + a for p, a in pairs], 0), padded([[-100] * len(p) + a for p, a in pairs], -100),
+    return (padded([p + a for p, a in pairs], 0),
+            padded([[-100] * len(p) + a for p, a in pairs], -100),
             padded([[1] * (len(p) + len(a)) for p, a in pairs], 0))
 
 
@@ -147,19 +155,23 @@ def train_warm_start(cfg: RunConfig, out: Path, log: Callable[[str], None] = pri
     if cfg.task.env or cfg.task.agent:  # episodes: the RL run's first steps measure the warm start
         greedy = sampled = None
     else:
-        greedy, sampled = evaluate(model.eval(), tok, task, eval_idx, cfg.task.max_new_tokens, cfg.task.temperature)
-        log(f"accuracy after warm start: greedy {greedy:.2f}, sampled at T={cfg.task.temperature} {sampled:.2f}")
+        greedy, sampled = evaluate(model.eval(), tok, task, eval_idx, cfg.task.max_new_tokens,
+                                   cfg.task.temperature)
+        log(f"accuracy after warm start: greedy {greedy:.2f}, "
+            f"sampled at T={cfg.task.temperature} {sampled:.2f}")
     out.mkdir(parents=True, exist_ok=True)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one "Writing model shards" bar is noise in the run's output
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    (out / "warm_start.json").write_text(json.dumps({"key": out.name, "greedy_acc": greedy, "sampled_acc": sampled,
+    (out / "warm_start.json").write_text(json.dumps({"key": out.name, "greedy_acc": greedy,
+                                                     "sampled_acc": sampled,
                                                      "steps": cfg.warm_start.steps}))
 
 
-def evaluate(model, tok, task, indices: list[int], max_new_tokens: int, temperature: float) -> tuple[float, float]:
+def evaluate(model, tok, task, indices: list[int], max_new_tokens: int,
+             temperature: float) -> tuple[float, float]:
     """(greedy accuracy, sampled accuracy at ``temperature``) over the given prompts."""
     import torch
 
@@ -169,12 +181,14 @@ def evaluate(model, tok, task, indices: list[int], max_new_tokens: int, temperat
     examples = [task.example(i, 0) for i in indices]
     scores = []
     # sampled = the full temperature-scaled distribution, as the engine samples (no top-k/top-p)
-    for mode in ({"do_sample": False}, {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": 1.0}):
+    for mode in ({"do_sample": False},
+                 {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": 1.0}):
         hits = 0.0
         for ex in examples:  # one prompt at a time: no left-padding subtleties, and it is cheap
             ids = torch.tensor([encode_prompt(tok, ex, task.cfg)])
             with torch.no_grad():
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                out = model.generate(ids, attention_mask=torch.ones_like(ids),
+                                     max_new_tokens=max_new_tokens,
                                      eos_token_id=tok.eos_token_id, pad_token_id=pad, **mode)
             text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
             hits += task.reward(text, ex)
