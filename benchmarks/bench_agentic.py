@@ -1,4 +1,5 @@
-"""Asynchronous versus synchronous RL on long-tail multi-turn episodes, on the same machine in one run.
+"""Asynchronous versus synchronous RL on long-tail multi-turn episodes, on the same machine in one
+run.
 
 As ``bench_async.py`` (same measurement, same JSON convention), but every group is a set of
 multi-turn conversations whose turn counts follow a heavy tail (``areal_like/tasks/envs.py``:
@@ -132,9 +133,12 @@ async def _interleaved(ways: dict, calls: int) -> tuple[dict[str, list[float]], 
 def turn_distribution(n: int = 2000) -> dict[str, float]:
     """Turn counts of the first ``n`` training prompts (what the episodes draw)."""
     task = make_task(load_config(["experiment=bench_agentic"]).task)
-    turns = sorted(min(LongTail.TAIL_MAX_TURNS, int(random.Random(task.example(i).prompt).paretovariate(
-        LongTail.TAIL_ALPHA))) for i in range(n))
-    return {"mean": round(sum(turns) / n, 2), "p50": turns[n // 2], "p90": turns[int(n * 0.9)], "max": turns[-1]}
+    turns = sorted(min(LongTail.TAIL_MAX_TURNS,
+                       int(random.Random(task.example(i).prompt)
+                           .paretovariate(LongTail.TAIL_ALPHA)))
+                   for i in range(n))
+    return {"mean": round(sum(turns) / n, 2), "p50": turns[n // 2], "p90": turns[int(n * 0.9)],
+            "max": turns[-1]}
 
 
 def main() -> None:

@@ -1,10 +1,10 @@
 """Asynchronous versus synchronous RL, end to end, on the same machine in one run.
 
 Runs the real system twice (buffer + 1 rollout server with the embedded engine + a 1-rank trainer,
-under the local supervisor; configs/experiment/bench_async.yaml), once with eta = 0 (synchronous on-policy: generation waits for the
-new weights, training waits for the batch) and once with eta = 4 (asynchronous). As on a GPU
-cluster, the rollout pool and the trainer pool get disjoint resources in both runs: one core
-each, pinned with taskset (launch.pin_cpus), one thread per process.
+under the local supervisor; configs/experiment/bench_async.yaml), once with eta = 0 (synchronous
+on-policy: generation waits for the new weights, training waits for the batch) and once with eta = 4
+(asynchronous). As on a GPU cluster, the rollout pool and the trainer pool get disjoint resources in
+both runs: one core each, pinned with taskset (launch.pin_cpus), one thread per process.
 
 Measured from the trainer's per-step records (after ``--skip`` warm-up steps):
 * trained samples per second for each run;
@@ -41,18 +41,21 @@ from launch.records import step_records  # noqa: E402
 
 def run_once(run_dir: Path, eta: int, args) -> list[dict]:
     cfg = load_config([
-        "experiment=bench_async", f"model={args.model}", f"task.max_new_tokens={args.max_new_tokens}",
-        f"buffer.groups_per_step={args.groups}", f"buffer.max_staleness={eta}", f"trainer.steps={args.steps}",
+        "experiment=bench_async", f"model={args.model}",
+        f"task.max_new_tokens={args.max_new_tokens}", f"buffer.groups_per_step={args.groups}",
+        f"buffer.max_staleness={eta}", f"trainer.steps={args.steps}",
         f"trainer.micro_batch_size={8 * args.groups}", f"run_dir={run_dir}",
     ])
     return run_job(cfg, run_dir, eta)
 
 
 def run_job(cfg, run_dir: Path, eta: int) -> list[dict]:
-    """Run ``cfg`` on the first two cores (rollout pool and trainer pool); its trainer's step records."""
+    """Run ``cfg`` on the first two cores (rollout pool and trainer pool); its trainer's step
+    records."""
     cpus = sorted(os.sched_getaffinity(0))[:2]
     cfg, topo, path = prepare(cfg, cpus=cpus)
-    sup = Supervisor(job_specs(cfg, topo, path), run_dir, restarts=0, health_timeout_s=300, echo=lambda _: None)
+    sup = Supervisor(job_specs(cfg, topo, path), run_dir, restarts=0, health_timeout_s=300,
+                     echo=lambda _: None)
     code = sup.run()
     if code != 0:
         raise SystemExit(f"eta={eta} run failed: {sup.outcome}; logs in {run_dir / 'logs'}")
@@ -69,14 +72,16 @@ def phases(recs: list[dict], skip: int) -> tuple[float, float]:
     """(G, T): mean generation wait and mean training time per step of a synchronous run."""
     window = recs[skip + 1:]
     g = sum(r["phase_seconds"].get("fetch_batch", 0.0) for r in window) / len(window)
-    t = sum(sum(v for k, v in r["phase_seconds"].items() if k != "fetch_batch") for r in window) / len(window)
+    t = sum(sum(v for k, v in r["phase_seconds"].items() if k != "fetch_batch")
+            for r in window) / len(window)
     return g, t
 
 
 def phase_means(recs: list[dict], skip: int) -> dict[str, float]:
     window = recs[skip + 1:]
     keys = sorted({k for r in window for k in r["phase_seconds"]})
-    return {k: round(sum(r["phase_seconds"].get(k, 0.0) for r in window) / len(window), 3) for k in keys}
+    return {k: round(sum(r["phase_seconds"].get(k, 0.0) for r in window) / len(window), 3)
+            for k in keys}
 
 
 def main() -> None:
@@ -93,9 +98,9 @@ def main() -> None:
 
 
 def speedup_line(name: str, prefix: str, run_once, args) -> dict:
-    """Run the workload at eta = 0 and eta = 4 (``run_once(run_dir, eta, args)``, one after the other)
-    and compare: figure = trained samples/s at eta 4 over eta 0, baseline = the ideal speedup from
-    eta 0's measured generation and training phases, ratio = achieved / ideal."""
+    """Run the workload at eta = 0 and eta = 4 (``run_once(run_dir, eta, args)``, one after the
+    other) and compare: figure = trained samples/s at eta 4 over eta 0, baseline = the ideal speedup
+    from eta 0's measured generation and training phases, ratio = achieved / ideal."""
     if len(os.sched_getaffinity(0)) < 2:
         raise SystemExit("needs 2 cores: one for the rollout pool, one for the trainer pool")
     t0 = time.monotonic()

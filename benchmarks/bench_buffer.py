@@ -21,7 +21,8 @@ Cases (one JSON line each):
 * ``control_record_<n>_leases``: the control record the buffer logs after a loop iteration that
   closed one lease and granted one, with ``n`` leases outstanding: CPU to build and encode it as
   logged now (what changed, ``CreditLedger.take_changes``) against the whole state, which is what
-  every iteration used to log (and what a checkpoint still holds); bytes of both. In process, no I/O;
+  every iteration used to log (and what a checkpoint still holds); bytes of both.
+  In process, no I/O;
 * ``buffer_ingest_curve_capacity`` (``--curve-io-threads 1 N``): the same producers over tcp with
   CURVE on (each holding the job's ``rollout`` key, as rollout servers on other nodes do), fsync
   always, to a buffer with ``buffer.io_threads`` = N as ``figure`` and 1 as ``baseline``: what one
@@ -107,10 +108,11 @@ DISK_SECONDS = 3.0  # per disk ceiling: the disk alone varies less than the netw
 # for 7-8B models at large batch on one H100), in groups of 8 x 4,096 generated tokens
 CLUSTER_NEED_GROUPS_S = 1024 * 15_000 / (8 * 4096)
 REPLY_TIMEOUT_MS = 20_000  # a producer waiting this long means the server is gone: abort the case
-RAW_SERVER = """
+RAW_SERVER = ("""
 import sys, zmq
 ack = bytes.fromhex(sys.argv[2])  # a pre-encoded Ack: the raw server does no protocol work at all
-kept = [] if sys.argv[3] == "keep" else None  # keep every frame in memory, as the buffer's store does
+kept = [] if sys.argv[3] == "keep" else None"""
+              """  # keep every frame in memory, as the buffer's store does
 sock = zmq.Context.instance().socket(zmq.ROUTER)
 sock.bind(sys.argv[1])
 while True:
@@ -118,7 +120,7 @@ while True:
     if kept is not None:
         kept.append(payload)
     sock.send_multipart([peer, req_id, ack])
-"""
+""")
 
 
 def trajectories_blob(tokens: int, group_size: int, prompt_tokens: int = 256) -> bytes:
@@ -128,19 +130,23 @@ def trajectories_blob(tokens: int, group_size: int, prompt_tokens: int = 256) ->
                           output_ids=as_i32(rng.integers(0, 100, tokens)),
                           behav_logp=as_f32(-rng.random(tokens)), versions=as_i32(np.zeros(tokens)),
                           reward=float(i % 2), finish_reason="length") for i in range(group_size)]
-    group = P.TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0, trajectories=trajs)
-    return msgpack.packb(msgpack.unpackb(P.encode(group), raw=False)["trajectories"], use_bin_type=True)
+    group = P.TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0,
+                              trajectories=trajs)
+    return msgpack.packb(msgpack.unpackb(P.encode(group), raw=False)["trajectories"],
+                         use_bin_type=True)
 
 
 def _frame_prefix(blob: bytes) -> bytes:
     """A TrajectoryGroup frame up to its ids: the map header, type, protocol and the trajectories
     (msgpack maps are unordered; the ids come last so that only they change between groups)."""
     head = [msgpack.Packer().pack_map_header(9)]
-    head += [msgpack.packb(x) for x in ("type", "trajectory_group", "protocol", P.PROTOCOL_VERSION, "trajectories")]
+    head += [msgpack.packb(x) for x in ("type", "trajectory_group", "protocol", P.PROTOCOL_VERSION,
+                                        "trajectories")]
     return b"".join([*head, blob])
 
 
-def _frame_suffix(server_id: str, lease_id: str, prompt_index: int, epoch: int, want_credits: int = 1) -> bytes:
+def _frame_suffix(server_id: str, lease_id: str, prompt_index: int, epoch: int,
+                  want_credits: int = 1) -> bytes:
     ids = {"group_id": f"{server_id}-{lease_id}", "server_id": server_id, "lease_id": lease_id,
            "prompt_index": prompt_index, "epoch": epoch, "want_credits": want_credits}
     return b"".join(msgpack.packb(x) for kv in ids.items() for x in kv)
@@ -196,8 +202,10 @@ def _producer_thread(mode, address, sid, blob, t_start, t_stop, counts, lock, ke
     writer = FrameWriter(blob)
     leases: deque[tuple[str, int, int]] = deque()
     while time.time() < t_stop:
-        if not leases and mode == "buffer":  # holding no lease: ask for some (a rollout server asks for its free slots)
-            credits = P.decode(_request(sock, P.encode(P.CreditRequest(server_id=sid, max_credits=4)))).credits
+        # holding no lease: ask for some (a rollout server asks for its free slots)
+        if not leases and mode == "buffer":
+            credits = P.decode(_request(sock, P.encode(P.CreditRequest(server_id=sid,
+                                                                       max_credits=4)))).credits
             leases.extend((c.lease_id, c.prompt_index, c.epoch) for c in credits)
             if not leases:
                 time.sleep(0.005)
@@ -205,7 +213,8 @@ def _producer_thread(mode, address, sid, blob, t_start, t_stop, counts, lock, ke
         elif not leases:
             leases.extend((f"L{counter + i}", counter + i, 0) for i in range(4))
             counter += 4
-        frame = writer.frame(sid, *leases.popleft())  # asks for the next lease with its ack (want_credits=1)
+        # asks for the next lease with its ack (want_credits=1)
+        frame = writer.frame(sid, *leases.popleft())
         reply = _request(sock, frame)
         if mode == "buffer":
             ack = P.decode(reply)
@@ -259,7 +268,8 @@ def _machine_in_window(t_start: float, t_stop: float, out: dict) -> None:
     before = psutil.cpu_times()
     time.sleep(max(0.0, t_stop - time.time()))
     delta = {k: v - getattr(before, k) for k, v in psutil.cpu_times()._asdict().items()}
-    total = sum(v for k, v in delta.items() if k not in ("guest", "guest_nice")) or 1.0  # guest time is in user
+    # guest time is in user
+    total = sum(v for k, v in delta.items() if k not in ("guest", "guest_nice")) or 1.0
     out["idle"] = delta.get("idle", 0.0) / total
     out["iowait"] = delta.get("iowait", 0.0) / total
 
@@ -273,15 +283,19 @@ def run_producers(mode: str, address: str, args, server_pid: int, keys: str | No
     t_start = time.time() + args.warmup_s + 2.0  # 2 s for the spawned processes to import
     t_stop = t_start + args.seconds
     per = args.producers // args.processes
-    procs = [ctx.Process(target=_producer_process, args=(mode, address, w, per, args.tokens, args.group_size,
+    procs = [ctx.Process(target=_producer_process, args=(mode, address, w, per, args.tokens,
+                                                         args.group_size,
                                                          t_start, t_stop, out, keys))
              for w in range(args.processes)]
     for p in procs:
         p.start()
     server_cpu, producer_cpu, machine = {}, {}, {}
-    meters = [threading.Thread(target=_cpu_in_window, args=(pids, t_start, t_stop, into), daemon=True)
-              for pids, into in (([server_pid], server_cpu), ([p.pid for p in procs], producer_cpu))]
-    meters.append(threading.Thread(target=_machine_in_window, args=(t_start, t_stop, machine), daemon=True))
+    meters = [threading.Thread(target=_cpu_in_window, args=(pids, t_start, t_stop, into),
+                               daemon=True)
+              for pids, into in (([server_pid], server_cpu),
+                                 ([p.pid for p in procs], producer_cpu))]
+    meters.append(threading.Thread(target=_machine_in_window, args=(t_start, t_stop, machine),
+                                   daemon=True))
     for m in meters:
         m.start()
     results, deadline = [], time.time() + args.seconds + args.warmup_s + 120
@@ -290,14 +304,18 @@ def run_producers(mode: str, address: str, args, server_pid: int, keys: str | No
             results.append(out.get(timeout=1.0))
         except queue.Empty:  # failed: a producer died before reporting its counts (or none reports)
             reported = {r[0] for r in results}
-            dead = [p.exitcode for w, p in enumerate(procs) if p.exitcode not in (None, 0) and w not in reported]
+            dead = [p.exitcode for w, p in enumerate(procs)
+                    if p.exitcode not in (None, 0) and w not in reported]
             if dead or time.time() > deadline:
-                raise SystemExit(f"{mode}: a producer process failed (exit codes {dead}) or hung") from None
+                raise SystemExit(f"{mode}: a producer process failed (exit codes {dead}) "
+                                 "or hung") from None
     for p in procs:
         p.join(timeout=30)
-    for w, p in enumerate(procs):  # counts reported, then a crash on the way out: say so, keep the counts
+    # counts reported, then a crash on the way out: say so, keep the counts
+    for w, p in enumerate(procs):
         if p.exitcode not in (None, 0):
-            print(f"warning: {mode} producer {w} exited with code {p.exitcode} after reporting its counts",
+            print(f"warning: {mode} producer {w} exited with code {p.exitcode} "
+                  "after reporting its counts",
                   file=sys.stderr, flush=True)
     for m in meters:
         m.join(timeout=5)
@@ -316,17 +334,22 @@ def start_buffer(run_dir: Path, fsync: str, env: dict, io_threads: int = 0, prod
     """The buffer daemon; ``io_threads`` > 0: with CURVE on (keys in run_dir/keys) and that many I/O
     threads, else plain sockets on both sides (the buffer's work against the raw transport; what
     CURVE costs one stream is bench_transport.py's transport_stream_8xT_curve)."""
-    buf = BufferConfig(address=f"tcp://127.0.0.1:{free_port()}", pub_address=f"tcp://127.0.0.1:{free_port()}",
-                       max_staleness=1_000_000, groups_per_step=8, max_inflight=4096, capacity=10_000_000,
+    buf = BufferConfig(address=f"tcp://127.0.0.1:{free_port()}",
+                       pub_address=f"tcp://127.0.0.1:{free_port()}",
+                       max_staleness=1_000_000, groups_per_step=8, max_inflight=4096,
+                       capacity=10_000_000,
                        fsync=fsync, io_threads=max(io_threads, 1))
-    cfg = RunConfig(run_dir=str(run_dir), security=SecurityConfig(curve=io_threads > 0, local_ipc=False),
+    cfg = RunConfig(run_dir=str(run_dir),
+                    security=SecurityConfig(curve=io_threads > 0, local_ipc=False),
                     task=TaskConfig(num_prompts=10_000_000), buffer=buf,
-                    launch=LaunchConfig(num_rollout_servers=producers))  # every producer a server id
+                    # every producer a server id
+                    launch=LaunchConfig(num_rollout_servers=producers))
     run_dir.mkdir(parents=True)
     if io_threads:
         security.make_keys(run_dir / "keys")
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "buffer", "--config-file", str(run_dir / "config.yaml")],
+    proc = subprocess.Popen([sys.executable, "-m", "buffer", "--config-file",
+                             str(run_dir / "config.yaml")],
                             env=env, cwd=REPO, stderr=subprocess.DEVNULL)
     keys = security.load(run_dir / "keys", "trainer") if io_threads else None
     Client(cfg.buffer.address, keys=keys, timeout_s=60).request(P.StatsRequest())  # ready
@@ -338,7 +361,8 @@ def handout_latency(address: str, n_groups: int, trials: int) -> tuple[float, fl
     lat, last = [], ""
     for _ in range(trials):
         t0 = time.perf_counter()
-        batch = client.request(P.BatchRequest(n_groups=n_groups, trainer_version=0, wait_s=0, ack_batch=last))
+        batch = client.request(P.BatchRequest(n_groups=n_groups, trainer_version=0, wait_s=0,
+                                              ack_batch=last))
         lat.append(time.perf_counter() - t0)
         assert len(batch.groups) == n_groups, batch.reason
         last = batch.batch_id  # acked by the next request, as the trainer does
@@ -392,7 +416,8 @@ def disk_ceiling(directory: Path, args, kind: str) -> tuple[float, float]:
 
 
 def wal_ceiling(directory: Path, args) -> tuple[float, float]:
-    """Groups/s through the WAL alone: append, take a ticket, keep ``producers`` tickets outstanding."""
+    """Groups/s through the WAL alone: append, take a ticket, keep ``producers`` tickets
+    outstanding."""
     frame = group_frame(trajectories_blob(args.tokens, args.group_size), "disk", "L0", 0, 0)
     wal = WriteAheadLog(directory / "wal_ceiling", segment_bytes=BufferConfig().segment_bytes)
     list(wal.replay())
@@ -424,7 +449,8 @@ def emit(**row) -> None:
 def run_raw(keep: str, args, env: dict) -> tuple[float, float, dict]:
     ack = P.encode(P.Ack(ref="x", status="accepted")).hex()
     address = f"tcp://127.0.0.1:{free_port()}"
-    raw = subprocess.Popen([sys.executable, "-c", RAW_SERVER, address, ack, keep], env=env, cwd=REPO)
+    raw = subprocess.Popen([sys.executable, "-c", RAW_SERVER, address, ack, keep], env=env,
+                           cwd=REPO)
     try:
         return run_producers("raw", address, args, raw.pid)
     finally:
@@ -436,13 +462,16 @@ def memory_and_handout(address: str, pid: int, rss0: int, args, common: dict) ->
     stats = Client(address, timeout_s=60).request(P.StatsRequest()).values
     n_traj = stats["stored"] * args.group_size
     rss = psutil.Process(pid).memory_info().rss - rss0
-    per_100k, payload_100k = rss / n_traj * 1e5 / 2**20, stats["stored_bytes"] / n_traj * 1e5 / 2**20
+    per_100k, payload_100k = (rss / n_traj * 1e5 / 2**20,
+                              stats["stored_bytes"] / n_traj * 1e5 / 2**20)
     emit(name="buffer_memory", figure=round(per_100k, 1), unit="MiB per 100k stored trajectories",
          baseline=round(payload_100k, 1), ratio=round(payload_100k / per_100k, 3), goal=None,
-         wal_mib_per_100k=round(stats["wal_bytes"] / n_traj * 1e5 / 2**20, 1), stored_trajectories=n_traj, **common)
+         wal_mib_per_100k=round(stats["wal_bytes"] / n_traj * 1e5 / 2**20, 1),
+         stored_trajectories=n_traj, **common)
     trials = min(200, stats["stored"] // args.handout_groups)
     p50, p99 = handout_latency(address, args.handout_groups, trials)
-    emit(name="buffer_handout", figure=round(p50, 2), unit="ms p50", baseline=None, ratio=None, goal=None,
+    emit(name="buffer_handout", figure=round(p50, 2), unit="ms p50", baseline=None, ratio=None,
+         goal=None,
          p99_ms=round(p99, 2), n_groups=args.handout_groups, trials=trials, **common)
 
 
@@ -454,16 +483,19 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--warmup-s", type=float, default=1.0)
-    ap.add_argument("--rounds", type=int, default=2, help="raw and buffer runs alternate this many times")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="raw and buffer runs alternate this many times")
     ap.add_argument("--fsync", nargs="+", default=["always", "never"])
     ap.add_argument("--handout-groups", type=int, default=8)
     ap.add_argument("--curve-io-threads", type=int, nargs="*", default=[],
-                    help="CURVE capacity: buffer.io_threads values to ingest with CURVE on and fsync=always "
-                         "(the first is the baseline), e.g. 1 2")
+                    help="CURVE capacity: buffer.io_threads values to ingest with CURVE on and "
+                         "fsync=always (the first is the baseline), e.g. 1 2")
     ap.add_argument("--raw-keep", action="store_true",
-                    help="also run the raw server keeping every frame in memory (what storing them costs)")
+                    help="also run the raw server keeping every frame in memory "
+                         "(what storing them costs)")
     args = ap.parse_args()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "AREAL_LIKE_LOG_LEVEL": "WARNING"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "AREAL_LIKE_LOG_LEVEL": "WARNING"}
     common = {"tokens": args.tokens, "group_size": args.group_size, "producers": args.producers}
     cases = ["raw", *(["raw_keep"] if args.raw_keep else []), *args.fsync,
              *(f"curve{n}" for n in args.curve_io_threads)]
@@ -476,36 +508,45 @@ def main() -> None:
                     continue
                 threads = int(case[len("curve"):]) if case.startswith("curve") else 0
                 run_dir = Path(tmp) / f"{case}-{r}"
-                proc, cfg = start_buffer(run_dir, "always" if threads else case, env, threads, args.producers)
+                proc, cfg = start_buffer(run_dir, "always" if threads else case, env, threads,
+                                         args.producers)
                 try:
                     rss0 = psutil.Process(proc.pid).memory_info().rss
                     keys = str(run_dir / "keys") if threads else None
-                    runs[case].append(run_producers("buffer", cfg.buffer.address, args, proc.pid, keys))
+                    runs[case].append(run_producers("buffer", cfg.buffer.address, args, proc.pid,
+                                                    keys))
                     if r == args.rounds - 1 and case == args.fsync[0]:
                         memory_and_handout(cfg.buffer.address, proc.pid, rss0, args, common)
                 finally:
                     proc.terminate()
                     proc.wait(timeout=60)
                     shutil.rmtree(Path(tmp) / f"{case}-{r}", ignore_errors=True)
-                    os.sync()  # the next case must not pay for this one's deleted GBs (writeback, discards)
-        disk = {kind: disk_ceiling(Path(tmp), args, kind) for kind in ("sequential", "group_commit")}
+                    # the next case must not pay for this one's deleted GBs (writeback, discards)
+                    os.sync()
+        disk = {kind: disk_ceiling(Path(tmp), args, kind)
+                for kind in ("sequential", "group_commit")}
         wal_gps, wal_mbps = wal_ceiling(Path(tmp), args)
     raw = runs["raw"]
     raw_gps = statistics.mean(x[0] for x in raw)
     for case in (c for c in cases if not c.startswith("curve")):
         gps = statistics.mean(x[0] for x in runs[case])
-        ratios = [x[0] / base[0] for x, base in zip(runs[case], raw)]  # each run against the raw run of its round
+        # each run against the raw run of its round
+        ratios = [x[0] / base[0] for x, base in zip(runs[case], raw)]
         cpu = {k: round(statistics.mean(x[2][k] for x in runs[case]), 3) for k in runs[case][0][2]}
-        name = {"raw": "raw_transport", "raw_keep": "raw_transport_keeping_frames"}.get(case, f"buffer_ingest_fsync_{case}")
-        extra = {"of_disk_ceiling": round(gps / disk["group_commit"][0], 3)} if case not in ("raw", "raw_keep") else {}
+        name = {"raw": "raw_transport", "raw_keep": "raw_transport_keeping_frames"}.get(
+            case, f"buffer_ingest_fsync_{case}")
+        extra = ({"of_disk_ceiling": round(gps / disk["group_commit"][0], 3)}
+                 if case not in ("raw", "raw_keep") else {})
         emit(name=name, figure=round(gps, 1), unit="groups/s", baseline=round(raw_gps, 1),
              ratio=round(statistics.median(ratios), 3), goal=0.5 if case == "always" else None,
-             ratios=[round(x, 3) for x in ratios], mb_per_s=round(statistics.mean(x[1] for x in runs[case]), 1),
+             ratios=[round(x, 3) for x in ratios],
+             mb_per_s=round(statistics.mean(x[1] for x in runs[case]), 1),
              **extra, **cpu, **common)
     if len(args.curve_io_threads) >= 2:
         curve_line(args, runs, common)
     for kind, (gps, mbps) in disk.items():
-        emit(name=f"disk_ceiling_{kind}", figure=round(gps, 1), unit="groups/s", baseline=round(raw_gps, 1),
+        emit(name=f"disk_ceiling_{kind}", figure=round(gps, 1), unit="groups/s",
+             baseline=round(raw_gps, 1),
              ratio=round(gps / raw_gps, 3), goal=None, mb_per_s=round(mbps, 1), **common)
     emit(name="wal_ceiling", figure=round(wal_gps, 1), unit="groups/s", baseline=round(raw_gps, 1),
          ratio=round(wal_gps / raw_gps, 3), goal=None, mb_per_s=round(wal_mbps, 1), **common)
@@ -514,14 +555,17 @@ def main() -> None:
 
 
 def curve_line(args, runs: dict, common: dict) -> None:
-    """The CURVE capacity line: ingest with the last ``--curve-io-threads`` value against the first."""
+    """The CURVE capacity line: ingest with the last ``--curve-io-threads`` value against the
+    first."""
     base_n, n = args.curve_io_threads[0], args.curve_io_threads[-1]
     base, got = runs[f"curve{base_n}"], runs[f"curve{n}"]
     gps, base_gps = statistics.median(x[0] for x in got), statistics.median(x[0] for x in base)
     emit(name="buffer_ingest_curve_capacity", figure=round(gps, 1), unit="groups/s",
          baseline=round(base_gps, 1), ratio=round(gps / base_gps, 3), goal=None, io_threads=n,
-         baseline_io_threads=base_n, fsync="always", mb_per_s=round(statistics.median(x[1] for x in got), 1),
-         cluster_need_groups_s=round(CLUSTER_NEED_GROUPS_S, 1), need_ratio=round(gps / CLUSTER_NEED_GROUPS_S, 3),
+         baseline_io_threads=base_n, fsync="always",
+         mb_per_s=round(statistics.median(x[1] for x in got), 1),
+         cluster_need_groups_s=round(CLUSTER_NEED_GROUPS_S, 1),
+         need_ratio=round(gps / CLUSTER_NEED_GROUPS_S, 3),
          rounds=[round(x[0], 1) for x in got], baseline_rounds=[round(x[0], 1) for x in base],
          cores=len(os.sched_getaffinity(0)), **{k: v for k, v in got[-1][2].items()}, **common,
          **load_warning())
@@ -534,25 +578,29 @@ def load_warning() -> dict:
 
 
 def control_record_cost(leases: int, iterations: int = 300) -> None:
-    """One loop iteration's control record with ``leases`` outstanding: changes against whole state."""
+    """One loop iteration's control record with ``leases`` outstanding: changes against whole
+    state."""
     import msgspec
 
     encoder = msgspec.msgpack.Encoder()  # the WAL's control encoder
-    ledger = CreditLedger(StalenessPolicy(10**9, 8, 10**9), 10**9, lease_timeout_s=60.0, clock=time.monotonic)
+    ledger = CreditLedger(StalenessPolicy(10**9, 8, 10**9), 10**9, lease_timeout_s=60.0,
+                          clock=time.monotonic)
     servers = [f"rollout-server-{i:02d}" for i in range(64)]
     ledger.grant(servers[0], leases)
     ledger.take_changes()
     cost, size = {}, {}
     for how, build in (("whole", ledger.state), ("changes", ledger.take_changes)):
         t0 = time.process_time()
-        for i in range(iterations):  # one group delivered (its lease closes), one lease granted with the ack
+        # one group delivered (its lease closes), one lease granted with the ack
+        for i in range(iterations):
             ledger.fulfil(next(iter(ledger.leases)))
             ledger.grant(servers[i % 64], 1)
-            record = encoder.encode({"changes" if how == "changes" else "state": {**build(), "version": 0,
-                                                                                   "in_transit": None}})
+            record = encoder.encode({"changes" if how == "changes" else "state":
+                                     {**build(), "version": 0, "in_transit": None}})
         cost[how], size[how] = 1e6 * (time.process_time() - t0) / iterations, len(record)
-    emit(name=f"control_record_{leases}_leases", figure=round(cost["changes"], 1), unit="us per iteration",
-         baseline=round(cost["whole"], 1), ratio=round(cost["whole"] / cost["changes"], 1), goal=None,
+    emit(name=f"control_record_{leases}_leases", figure=round(cost["changes"], 1),
+         unit="us per iteration", baseline=round(cost["whole"], 1),
+         ratio=round(cost["whole"] / cost["changes"], 1), goal=None,
          bytes=size["changes"], baseline_bytes=size["whole"], leases=leases)
 
 

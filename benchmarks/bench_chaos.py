@@ -49,7 +49,8 @@ from launch.local import Supervisor  # noqa: E402
 from launch.records import outcome, step_records  # noqa: E402
 from launch.warmstart import ensure_warm_start  # noqa: E402
 
-FAULTS = ((0.33, "trainer"), (0.5, "buffer"), (0.71, "trainer"))  # (share of trainer.steps, daemon); off
+FAULTS = ((0.33, "trainer"), (0.5, "buffer"),
+          (0.71, "trainer"))  # (share of trainer.steps, daemon); off
 # multiples of a round checkpoint_every, where a kill would find the newest save just started
 
 
@@ -57,7 +58,8 @@ DROPPED = "areal_buffer_groups_dropped_total"
 
 
 def buffer_counts(url: str) -> Counter:
-    """The buffer's dropped groups per reason (``dropped_<reason>``) and its stored groups (``stored``)."""
+    """The buffer's dropped groups per reason (``dropped_<reason>``) and its stored groups
+    (``stored``)."""
     values, out = scrape(url), Counter()
     for series, value in values.items():
         if series.startswith(DROPPED + "{") and 'reason="' in series:
@@ -85,7 +87,8 @@ class Chaos:
                 counts = buffer_counts(self.buffer_url)
                 del counts["stored"]  # the store survives the restart (the WAL): counted at the end
                 self.before_kills.update(counts)
-            # the ranks too: torchrun alone would leave them to the supervisor's SIGTERM (they would save)
+            # the ranks too: torchrun alone would leave them to the supervisor's SIGTERM
+            # (they would save)
             for proc in [*psutil.Process(pid).children(recursive=True), psutil.Process(pid)]:
                 os.kill(proc.pid, signal.SIGKILL)
             self.killed.append({"daemon": name, "step": recs[-1]["step"], "pid": pid})
@@ -101,39 +104,47 @@ def run(run_dir: Path, args, chaos: bool) -> dict:
     cfg = ensure_warm_start(cfg, log=lambda m: print(f"[warm-start] {m}", file=sys.stderr))
     cfg, topo, path = prepare(cfg)
     acked: list[int] = []
-    buffer_url = next(f"http://{topo.host}:{s.metrics_port}/metrics" for s in topo.slots if s.kind == "buffer")
+    buffer_url = next(f"http://{topo.host}:{s.metrics_port}/metrics"
+                      for s in topo.slots if s.kind == "buffer")
     at_end: Counter = Counter()
 
     def read_acked(_sup: Supervisor) -> None:
         acked.append(sum(int(scrape(f"http://{topo.host}:{s.metrics_port}/metrics")
-                             .get("areal_rollout_groups_acked_total", 0)) for s in topo.slots if s.kind == "rollout"))
+                             .get("areal_rollout_groups_acked_total", 0))
+                         for s in topo.slots if s.kind == "rollout"))
         at_end.update(buffer_counts(buffer_url))
 
     faults = Chaos(run_dir, args.steps, buffer_url) if chaos else None
     sup = Supervisor(job_specs(cfg, topo, path), run_dir, restarts=cfg.launch.restarts,
-                     health_timeout_s=cfg.launch.health_timeout_s, echo=lambda _: None, on_tick=faults)
+                     health_timeout_s=cfg.launch.health_timeout_s, echo=lambda _: None,
+                     on_tick=faults)
     sup.on_complete = read_acked
     t0 = time.monotonic()
     code = sup.run()
     result = outcome(run_dir, code)
     if not result["ok"] or not acked:
-        raise SystemExit(f"{'chaos' if chaos else 'clean'} run failed: {sup.outcome}; logs in {run_dir / 'logs'}")
+        raise SystemExit(f"{'chaos' if chaos else 'clean'} run failed: {sup.outcome}; "
+                         f"logs in {run_dir / 'logs'}")
     trained = result["steps_trained"] * cfg.buffer.groups_per_step
-    waste = waste_by_cause(acked[0] - trained, result["rolled_back_steps"] * cfg.buffer.groups_per_step,
+    waste = waste_by_cause(acked[0] - trained,
+                           result["rolled_back_steps"] * cfg.buffer.groups_per_step,
                            at_end + (faults.before_kills if faults else Counter()))
     recs = step_records(run_dir)
     ckpt_s = sum(r.get("phase_seconds", {}).get("checkpoint", 0.0) for r in recs) / len(recs)
     return {"checkpoint_s_per_step": round(ckpt_s, 4),
-            "step_s": round(sum(r["step_seconds"] for r in recs) / len(recs), 4),"wall_s": round(time.monotonic() - t0, 1), "acked": acked[0], "trained": trained,
-            "wasted": acked[0] - trained, "wasted_share": round((acked[0] - trained) / acked[0], 4), "waste": waste,
-            "steps_trained": result["steps_trained"], "rolled_back_steps": result["rolled_back_steps"],
+            "step_s": round(sum(r["step_seconds"] for r in recs) / len(recs), 4),
+            "wall_s": round(time.monotonic() - t0, 1), "acked": acked[0], "trained": trained,
+            "wasted": acked[0] - trained, "wasted_share": round((acked[0] - trained) / acked[0], 4),
+            "waste": waste, "steps_trained": result["steps_trained"],
+            "rolled_back_steps": result["rolled_back_steps"],
             "staleness_max": max(r["staleness_max"] for r in recs),
             "eta": cfg.buffer.max_staleness, "faults": faults.killed if faults else []}
 
 
 def waste_by_cause(wasted: int, rolled_back: int, counts: Counter) -> dict[str, int]:
     """``wasted`` split per cause (module docstring); ``other`` is what no counter accounts for."""
-    out = {"rolled_back": rolled_back, **{k: v for k, v in sorted(counts.items()) if k.startswith("dropped_") and v},
+    out = {"rolled_back": rolled_back,
+           **{k: v for k, v in sorted(counts.items()) if k.startswith("dropped_") and v},
            "left_in_store": counts["stored"]}
     out["other"] = wasted - sum(out.values())
     return out
@@ -144,16 +155,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--checkpoint-every", type=int, default=50)
     ap.add_argument("--checkpoint-async", action="store_true", help="trainer.checkpoint_async=true")
-    ap.add_argument("--root", type=Path, default=None, help="directory for both runs (a warm start there is reused)")
+    ap.add_argument("--root", type=Path, default=None,
+                    help="directory for both runs (a warm start there is reused)")
     args = ap.parse_args()
     root = args.root or Path(tempfile.mkdtemp(prefix="bench-chaos-"))
     stamp = time.strftime("%H%M%S")
     clean = run(root / f"clean-{stamp}", args, chaos=False)
     chaos = run(root / f"chaos-{stamp}", args, chaos=True)
-    print(json.dumps({"bench": "chaos", "figure": chaos["wasted_share"], "baseline": clean["wasted_share"],
+    print(json.dumps({"bench": "chaos", "figure": chaos["wasted_share"],
+                      "baseline": clean["wasted_share"],
                       "ratio": round(chaos["wasted_share"] / max(clean["wasted_share"], 1e-9), 2),
                       "clean": clean, "chaos": chaos, "steps": args.steps,
-                      "checkpoint_every": args.checkpoint_every, "checkpoint_async": args.checkpoint_async,
+                      "checkpoint_every": args.checkpoint_every,
+                      "checkpoint_async": args.checkpoint_async,
                       "run_dir": str(root)}))
 
 

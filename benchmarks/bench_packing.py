@@ -93,7 +93,8 @@ def settings(overrides: list[str]):
     from trainer.step import StepSettings
 
     cfg = load_config(["model=small", "trainer.loss.kernel=decoupled_ppo", "trainer.grad_clip=1e9",
-                       "trainer.skip_zero_advantage=false", *overrides])  # every row, as measured before
+                       "trainer.skip_zero_advantage=false",  # every row, as measured before
+                       *overrides])
     return cfg, StepSettings.from_config(cfg)
 
 

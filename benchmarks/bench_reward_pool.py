@@ -57,7 +57,8 @@ async def measure(pool: RewardPool, groups: list, rounds: int) -> dict:
             times[per_sample].append(time.perf_counter() - t0)
             cpu[per_sample] += time.process_time() - c0
     figure, baseline = (statistics.median(times[k]) * 1e3 for k in (False, True))
-    return {"name": f"reward_pool_step_{GROUPS}x{GROUP_SIZE}", "figure": round(figure, 3), "unit": "ms per step",
+    return {"name": f"reward_pool_step_{GROUPS}x{GROUP_SIZE}", "figure": round(figure, 3),
+            "unit": "ms per step",
             "baseline": round(baseline, 3), "ratio": round(baseline / figure, 3), "goal": GOAL,
             "goal_met": baseline / figure >= GOAL, "cpu_ms": round(cpu[False] / rounds * 1e3, 3),
             "baseline_cpu_ms": round(cpu[True] / rounds * 1e3, 3), "workers": len(pool.worker_pids),
@@ -73,7 +74,8 @@ def main() -> int:
     groups = []
     for i in range(GROUPS):
         ex = task.example(i)
-        groups.append((ex, [ex.answer if k % 2 else str(k) for k in range(GROUP_SIZE)]))  # half right
+        # half right
+        groups.append((ex, [ex.answer if k % 2 else str(k) for k in range(GROUP_SIZE)]))
     pool = RewardPool(cfg.task, task.reward_path)
     try:
         print(json.dumps(asyncio.run(measure(pool, groups, args.rounds))), flush=True)

@@ -1,4 +1,5 @@
-"""Staleness science: how learning degrades with the lag eta, and which off-policy correction holds it.
+"""Staleness science: how learning degrades with the lag eta, and which off-policy correction
+holds it.
 
 Runs the real system (``areal-like run``'s ``launch.job.run_job``: warm start, buffer, rollout
 server with the embedded engine, FSDP2 trainer, final evaluation) on the quickstart's shipped task
@@ -74,14 +75,17 @@ STAT_KEYS = ("is_weight_mean", "is_weight_max", "ess_ratio", "mismatch_kl")
 def cell_config(kernel: str, eta: int, seed: int, steps: int, args, run_dir: Path):
     """The quickstart recipe, one rollout server and one trainer rank, the lag forced to ``eta``."""
     return load_config([
-        "experiment=quickstart", "topology=local_cpu", f"loss={kernel}", f"run_dir={run_dir}", f"seed={seed}",
+        "experiment=quickstart", "topology=local_cpu", f"loss={kernel}", f"run_dir={run_dir}",
+        f"seed={seed}",
         f"trainer.lr={LR}",
         f"buffer.max_staleness={eta}", f"trainer.weight_sync.delay={eta}", f"trainer.steps={steps}",
         f"buffer.groups_per_step={args.groups}", f"trainer.micro_batch_size={8 * args.groups}",
         "launch.num_rollout_servers=1", "launch.trainer_ranks=1", "launch.restarts=0",
-        f"eval.max_examples={args.eval_examples}", "eval.k=4", f"eval.every={steps}", "eval.at_start=true",
+        f"eval.max_examples={args.eval_examples}", "eval.k=4", f"eval.every={steps}",
+        "eval.at_start=true",
         f"trainer.checkpoint_every={steps}", "tracking.sample_every=0", "export.at_end=false",
-        "trainer.skip_zero_advantage=false",  # the IS-weight stats over every row, for every kernel alike
+        # the IS-weight stats over every row, for every kernel alike
+        "trainer.skip_zero_advantage=false",
         *args.overrides,
     ])
 
@@ -110,7 +114,8 @@ def read_run(run_dir: Path, steps: int) -> dict:
 def lag_exact_fraction(recs: list[dict], eta: int) -> float:
     """Steps whose every group was exactly min(v, eta) versions old (v: the version trained from),
     i.e. the forced lag held; mean == max == that value means every group had it."""
-    ok = [r["staleness_max"] == min(r["step"] - 1, eta) and abs(r["staleness_mean"] - min(r["step"] - 1, eta)) < 1e-9
+    ok = [r["staleness_max"] == min(r["step"] - 1, eta)
+          and abs(r["staleness_mean"] - min(r["step"] - 1, eta)) < 1e-9
           for r in recs]
     return sum(ok) / len(ok)
 
@@ -121,7 +126,8 @@ def _mean(xs: list[float]) -> float | None:
 
 
 def _rolling(xs: list[float], n: int) -> list[float]:
-    return [sum(xs[max(0, i - n + 1):i + 1]) / len(xs[max(0, i - n + 1):i + 1]) for i in range(len(xs))]
+    return [sum(xs[max(0, i - n + 1):i + 1]) / len(xs[max(0, i - n + 1):i + 1])
+            for i in range(len(xs))]
 
 
 def divergence_events(run: dict) -> int:
@@ -131,7 +137,8 @@ def divergence_events(run: dict) -> int:
                                          (r.get("loss") or 0.0, r["stats"].get("grad_norm", 0.0))))
     smooth = _rolling([r["reward_mean"] for r in recs], 10)
     fell = bool(smooth) and smooth[-1] < max(smooth) - COLLAPSE_DROP
-    worse = bool(run["eval"] and run["eval_start"]) and run["eval"]["mean@4"] < run["eval_start"]["mean@4"]
+    worse = (bool(run["eval"] and run["eval_start"])
+             and run["eval"]["mean@4"] < run["eval_start"]["mean@4"])
     return bad + int(fell or worse)
 
 
@@ -149,10 +156,13 @@ def summarize_cell(kernel: str, eta: int, runs: list[dict], steps: int, wall_s: 
         "accuracy_per_seed": accs, "accuracy_min": min(accs) if accs else None,
         "accuracy_start": _mean([run["eval_start"]["mean@4"] for run in runs if run["eval_start"]]),
         "greedy_accuracy": _mean([run["eval"]["greedy_accuracy"] for run in runs if run["eval"]]),
-        "greedy_start": _mean([run["eval_start"]["greedy_accuracy"] for run in runs if run["eval_start"]]),
-        "reward_at": {str(s): round(_mean([_mean(c[s - WINDOW:s]) for c in curves]), 4) for s in at if s <= n},
+        "greedy_start": _mean([run["eval_start"]["greedy_accuracy"] for run in runs
+                               if run["eval_start"]]),
+        "reward_at": {str(s): round(_mean([_mean(c[s - WINDOW:s]) for c in curves]), 4)
+                      for s in at if s <= n},
         "divergence_events": sum(divergence_events(run) for run in runs),
-        "staleness_mean": round(_mean([r["staleness_mean"] for run in runs for r in run["recs"]]), 3),
+        "staleness_mean": round(_mean([r["staleness_mean"] for run in runs
+                                       for r in run["recs"]]), 3),
         "staleness_max": max(r["staleness_max"] for run in runs for r in run["recs"]),
         "lag_exact_frac": round(_mean([lag_exact_fraction(run["recs"], eta) for run in runs]), 4),
         "wall_s": round(wall_s, 1),
@@ -181,7 +191,8 @@ def markdown_table(lines: list[dict]) -> str:
     seed]) and its ratio to the kernel's eta = 0 cell."""
     etas = sorted({ln["eta"] for ln in lines})
     by = {(ln["kernel"], ln["eta"]): ln for ln in lines}
-    rows = ["| kernel | " + " | ".join(f"eta = {e}" for e in etas) + " |", "|---|" + "---|" * len(etas)]
+    rows = ["| kernel | " + " | ".join(f"eta = {e}" for e in etas) + " |",
+            "|---|" + "---|" * len(etas)]
     for k in [k for k in KERNELS if any((k, e) in by for e in etas)]:
         cells = []
         for e in etas:
@@ -217,9 +228,11 @@ def plot(lines: list[dict], png: Path) -> Path:
         for ln in [ln for ln in lines if ln["eta"] == eta]:
             xs, c = range(1, len(ln["reward_curve"]) + 1), colors.get(ln["kernel"])
             ax.plot(xs, _rolling(ln["reward_curve"], WINDOW), label=ln["kernel"], lw=1.3, color=c)
-            ax.fill_between(xs, _rolling(ln["reward_curve_lo"], WINDOW), _rolling(ln["reward_curve_hi"], WINDOW),
+            ax.fill_between(xs, _rolling(ln["reward_curve_lo"], WINDOW),
+                            _rolling(ln["reward_curve_hi"], WINDOW),
                             color=c, alpha=0.15, lw=0)
-        ax.set_title(f"eta = {eta}" + (f" (groups {eta} versions old from step {eta + 1})" if eta else " (on-policy)"),
+        ax.set_title(f"eta = {eta}" + (f" (groups {eta} versions old from step {eta + 1})"
+                                       if eta else " (on-policy)"),
                      fontsize=9)
         ax.set_xlabel("trainer step")
         ax.set_ylim(0, 1)
@@ -234,15 +247,18 @@ def plot(lines: list[dict], png: Path) -> Path:
 
 
 def accuracy_panel(ax, lines: list[dict], etas: list[int], colors: dict) -> None:
-    """Final held-out accuracy (the benchmark's figure) per kernel at each eta, etas evenly spaced."""
+    """Final held-out accuracy (the benchmark's figure) per kernel at each eta, etas evenly
+    spaced."""
     kernels = [k for k in KERNELS if any(ln["kernel"] == k for ln in lines)]
     for j, k in enumerate(kernels):
-        cells = sorted((ln for ln in lines if ln["kernel"] == k and ln["figure"] is not None), key=lambda ln: ln["eta"])
+        cells = sorted((ln for ln in lines if ln["kernel"] == k and ln["figure"] is not None),
+                       key=lambda ln: ln["eta"])
         xs = [etas.index(ln["eta"]) + (j - (len(kernels) - 1) / 2) * 0.06 for ln in cells]
         ys = [ln["figure"] for ln in cells]
         lo = [max(0.0, y - min(ln["accuracy_per_seed"])) for y, ln in zip(ys, cells)]
         hi = [max(0.0, max(ln["accuracy_per_seed"]) - y) for y, ln in zip(ys, cells)]
-        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", ms=3.5, lw=1.1, capsize=2, color=colors.get(k), label=k)
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", ms=3.5, lw=1.1, capsize=2,
+                    color=colors.get(k), label=k)
     ax.set_xticks(range(len(etas)), [str(e) for e in etas])
     ax.set_xlabel("eta (every group exactly eta versions old)")
     ax.set_ylabel("final held-out mean@4 (sampled)")
@@ -254,28 +270,37 @@ def accuracy_panel(ax, lines: list[dict], etas: list[int], colors: dict) -> None
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="1 seed, 24 steps, eta {0, 8}, 128 eval prompts")
+    ap.add_argument("--quick", action="store_true",
+                    help="1 seed, 24 steps, eta {0, 8}, 128 eval prompts")
     ap.add_argument("--kernels", default=",".join(KERNELS))
     ap.add_argument("--etas", default=None, help="comma-separated (default 0,2,8,32; --quick 0,8)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 2; --quick 1)")
-    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
-    ap.add_argument("--steps", type=int, default=None, help="trainer steps per run (default 80; --quick 24)")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="seeds first-seed .. first-seed + seeds - 1")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="trainer steps per run (default 80; --quick 24)")
     ap.add_argument("--groups", type=int, default=4, help="groups per step (x8 samples)")
-    ap.add_argument("--eval-examples", type=int, default=None, help="held-out prompts (default 256; --quick 128)")
+    ap.add_argument("--eval-examples", type=int, default=None,
+                    help="held-out prompts (default 256; --quick 128)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="an extra config override for every run (repeatable), e.g. --set trainer.lr=3e-3")
+                    help="an extra config override for every run (repeatable), "
+                         "e.g. --set trainer.lr=3e-3")
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
-    ap.add_argument("--keep", default=None, help="keep every run directory under this path; a run already "
-                    "finished there (summary.json says ok) is read back instead of run again, so an "
-                    "interrupted benchmark resumes where it stopped")
-    ap.add_argument("--plot", default=None, help="only plot (and --table) an earlier run's JSON lines")
-    ap.add_argument("--from-runs", default=None, help="summarise the run directories kept under this path "
-                    "(--keep) instead of running; the cells' wall_s is then the runs' own")
+    ap.add_argument("--keep", default=None,
+                    help="keep every run directory under this path; a run already finished "
+                         "there (summary.json says ok) is read back instead of run again, so an "
+                         "interrupted benchmark resumes where it stopped")
+    ap.add_argument("--plot", default=None,
+                    help="only plot (and --table) an earlier run's JSON lines")
+    ap.add_argument("--from-runs", default=None,
+                    help="summarise the run directories kept under this path "
+                         "(--keep) instead of running; the cells' wall_s is then the runs' own")
     ap.add_argument("--png", default=str(Path(__file__).with_name("staleness.png")))
     ap.add_argument("--table", action="store_true", help="with --plot: print the markdown table")
     args = ap.parse_args()
     q = args.quick
-    args.etas = [int(e) for e in (args.etas or ("0,8" if q else ",".join(map(str, ETAS)))).split(",")]
+    args.etas = [int(e)
+                 for e in (args.etas or ("0,8" if q else ",".join(map(str, ETAS)))).split(",")]
     args.seeds = args.seeds or (1 if q else 2)
     args.steps = args.steps or (24 if q else 80)
     args.eval_examples = args.eval_examples or (128 if q else 256)
@@ -291,7 +316,8 @@ def summarize_kept(root: Path, args) -> list[dict]:
             if not dirs:
                 continue
             wall = sum(json.loads((d / "summary.json").read_text())["wall_s"] for d in dirs)
-            lines.append(summarize_cell(kernel, eta, [read_run(d, args.steps) for d in dirs], args.steps, wall))
+            lines.append(summarize_cell(kernel, eta, [read_run(d, args.steps) for d in dirs],
+                                        args.steps, wall))
     return lines
 
 
@@ -305,7 +331,8 @@ def run_cells(args) -> list[dict]:
                 seeds = range(args.first_seed, args.first_seed + args.seeds)
                 runs = [run_cell_seed(kernel, eta, seed, args.steps, args, root) for seed in seeds]
                 lines.append(summarize_cell(kernel, eta, runs, args.steps, time.monotonic() - t0))
-                print(f"[bench] {kernel} eta={eta}: acc {lines[-1]['figure']} in {lines[-1]['wall_s']}s",
+                print(f"[bench] {kernel} eta={eta}: acc {lines[-1]['figure']} "
+                      f"in {lines[-1]['wall_s']}s",
                       file=sys.stderr, flush=True)
     return lines
 

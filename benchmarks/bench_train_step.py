@@ -1,4 +1,5 @@
-"""The trainer's step versus a plain single-process PyTorch step of the same batch, same process setup.
+"""The trainer's step versus a plain single-process PyTorch step of the same batch, same process
+setup.
 
 Workload (issue: cut the fixed cost of a step): the tiny Qwen2 of ``model=tiny`` (0.5M parameters),
 2-digit addition prompts, 8 groups x 8 samples, at most 8 new tokens, decoupled PPO, one
@@ -39,7 +40,8 @@ import torch  # noqa: E402
 
 def workload_batch(n_groups: int, group_size: int, max_new: int, seed: int = 0):
     """A batch shaped like the addition task's: prompts ``"ab+cd="`` (7 char tokens with BOS-less
-    char tokenizer ids), outputs of 2..max_new tokens, random behaviour log-probs and 0/1 rewards."""
+    char tokenizer ids), outputs of 2..max_new tokens, random behaviour log-probs and 0/1
+    rewards."""
     from areal_like.wire.protocol import TrajectoryGroup
     from areal_like.wire.trajectory import Trajectory
     from trainer.data import groups_to_batch
@@ -52,13 +54,15 @@ def workload_batch(n_groups: int, group_size: int, max_new: int, seed: int = 0):
                             behav_logp=-rng.random(t) * 3, versions=np.zeros(t, np.int32),
                             reward=float(rng.integers(0, 2)), finish_reason="stop")
                  for t in rng.integers(2, max_new + 1, group_size)]
-        groups.append(TrajectoryGroup(group_id=f"g{g}", server_id="s", lease_id=str(g), prompt_index=g, epoch=0,
+        groups.append(TrajectoryGroup(group_id=f"g{g}", server_id="s", lease_id=str(g),
+                                      prompt_index=g, epoch=0,
                                       trajectories=trajs))
     return groups_to_batch(groups)
 
 
 class Plain:
-    """The baseline: one unwrapped HF model and AdamW, a textbook PPO-clip step on the padded batch."""
+    """The baseline: one unwrapped HF model and AdamW, a textbook PPO-clip step on the padded
+    batch."""
 
     def __init__(self, cfg, batch):
         from areal_like.weights.hf import build_model
@@ -71,10 +75,12 @@ class Plain:
         self.temp, self.clip, self.grad_clip = cfg.task.temperature, 0.2, t.grad_clip
         b = batch
         t_max = b.mask.shape[1]
-        self.pos = (b.prompt_lens[:, None] - 1 + torch.arange(t_max)).clamp(max=b.input_ids.shape[1] - 2)
+        self.pos = ((b.prompt_lens[:, None] - 1 + torch.arange(t_max))
+                    .clamp(max=b.input_ids.shape[1] - 2))
         self.targets = b.input_ids.gather(1, self.pos + 1)
         r = b.rewards
-        mean = torch.zeros(int(b.group_ids.max()) + 1).index_add_(0, b.group_ids, r) / torch.bincount(b.group_ids)
+        mean = (torch.zeros(int(b.group_ids.max()) + 1).index_add_(0, b.group_ids, r)
+                / torch.bincount(b.group_ids))
         self.adv = (r - mean[b.group_ids])[:, None].expand_as(b.mask)
         self.batch = b
 
@@ -82,11 +88,13 @@ class Plain:
         b = self.batch
         self.opt.zero_grad(set_to_none=True)
         logits = self.model(input_ids=b.input_ids).logits.float() / self.temp
-        logp_all = torch.log_softmax(logits.gather(1, self.pos[..., None].expand(-1, -1, logits.shape[-1])), -1)
+        logp_all = torch.log_softmax(
+            logits.gather(1, self.pos[..., None].expand(-1, -1, logits.shape[-1])), -1)
         logp = logp_all.gather(-1, self.targets[..., None]).squeeze(-1)
         ratio = torch.exp(logp - logp.detach())
         behav_w = torch.exp(logp.detach() - b.behav_logp).clamp(max=5.0)
-        pg = -torch.minimum(ratio * self.adv, ratio.clamp(1 - self.clip, 1 + self.clip) * self.adv) * behav_w
+        pg = -torch.minimum(ratio * self.adv,
+                            ratio.clamp(1 - self.clip, 1 + self.clip) * self.adv) * behav_w
         loss = (pg * b.mask).sum() / b.mask.sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
@@ -107,7 +115,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--groups", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=8)
-    ap.add_argument("--profile", action="store_true", help="print cProfile's top functions of the trainer's step")
+    ap.add_argument("--profile", action="store_true",
+                    help="print cProfile's top functions of the trainer's step")
     ap.add_argument("overrides", nargs="*", help="config overrides for both (key=value)")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -120,7 +129,8 @@ def main() -> None:
                        f"trainer.micro_batch_size={8 * args.groups}", *args.overrides])
     batch = workload_batch(args.groups, 8, args.max_new_tokens)
     init_distributed(cfg.trainer)
-    policy, settings, plain = build_policy(cfg.model, cfg.trainer), StepSettings.from_config(cfg), Plain(cfg, batch)
+    policy, settings, plain = (build_policy(cfg.model, cfg.trainer), StepSettings.from_config(cfg),
+                               Plain(cfg, batch))
     for _ in range(args.warmup):
         trainer_step(policy, batch, settings)
         plain.step()
@@ -134,13 +144,15 @@ def main() -> None:
         return
     times: dict[str, list[float]] = {"trainer": [], "plain": []}
     for _ in range(args.trials):
-        for name, fn in (("trainer", lambda: trainer_step(policy, batch, settings)), ("plain", plain.step)):
+        for name, fn in (("trainer", lambda: trainer_step(policy, batch, settings)),
+                         ("plain", plain.step)):
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
     fig, base = statistics.median(times["trainer"]), statistics.median(times["plain"])
     print(json.dumps({
-        "name": "train_step_vs_plain_pytorch", "figure": round(fig * 1e3, 2), "unit": "ms per step (median)",
+        "name": "train_step_vs_plain_pytorch", "figure": round(fig * 1e3, 2),
+        "unit": "ms per step (median)",
         "baseline": round(base * 1e3, 2), "ratio": round(fig / base, 3), "goal": 1.3,
         "tokens": batch.n_tokens, "seqs": batch.n_seqs, "padded_shape": list(batch.input_ids.shape),
         "trials": args.trials, "overrides": args.overrides,

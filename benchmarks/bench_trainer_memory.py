@@ -3,10 +3,10 @@
 One process, the trainer's own code path (world-size-1 gloo group, CPU, ``--dtype``: fp32 (not
 sharded) or bf16 (FSDP2 on a one-rank mesh with the mixed-precision policy)): the policy is
 built (``trainer.model.build_policy``: meta device, sharded, materialised) and ``--steps``
-``trainer.step.train_step`` calls run on a batch of ``--seqs`` sequences of ``--len`` tokens, ``--mbs``
-sequences per micro-batch (gradients accumulate over the micro-batches, as in a real step; from the
-second step on the AdamW moments exist during the forward/backward). Measured: the peak of the
-bytes held by tensors allocated from the start of the build
+``trainer.step.train_step`` calls run on a batch of ``--seqs`` sequences of ``--len`` tokens,
+``--mbs`` sequences per micro-batch (gradients accumulate over the micro-batches, as in a real step;
+from the second step on the AdamW moments exist during the forward/backward). Measured: the peak of
+the bytes held by tensors allocated from the start of the build
 to the end of the step (``benchmarks.memory.PeakTensorBytes``: parameters, gradients, AdamW states,
 all-gathered parameters, activations, log-prob chunks), and the process's peak RSS for reference
 (which adds torch/transformers themselves and allocator slack). The estimate is the accounting that
@@ -48,26 +48,34 @@ def synthetic_batch(seqs: int, length: int, prompt: int = 32):
     from trainer.data import groups_to_batch
 
     rng = np.random.default_rng(0)
-    trajs = [Trajectory.of(prompt_ids=rng.integers(4, 100, prompt), output_ids=rng.integers(4, 100, length - prompt),
-                           behav_logp=-rng.random(length - prompt) * 3, versions=np.zeros(length - prompt, np.int32),
+    trajs = [Trajectory.of(prompt_ids=rng.integers(4, 100, prompt),
+                           output_ids=rng.integers(4, 100, length - prompt),
+                           behav_logp=-rng.random(length - prompt) * 3,
+                           versions=np.zeros(length - prompt, np.int32),
                            reward=float(i % 2), finish_reason="stop") for i in range(seqs)]
-    return groups_to_batch([TrajectoryGroup(group_id="g0", server_id="s", lease_id="0", prompt_index=0, epoch=0,
+    return groups_to_batch([TrajectoryGroup(group_id="g0", server_id="s", lease_id="0",
+                                            prompt_index=0, epoch=0,
                                             trajectories=trajs)])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="0.5B", choices=("0.5B", "1.5B", "3B", "7B"))
-    p.add_argument("--layers", type=int, default=4, help="decoder blocks (the shape's own count: 0)")
-    p.add_argument("--vocab", type=int, default=0, help="vocabulary (the shape's own: 0); smaller makes the "
-                                                         "activations, not the embeddings, the peak")
+    p.add_argument("--layers", type=int, default=4,
+                   help="decoder blocks (the shape's own count: 0)")
+    p.add_argument("--vocab", type=int, default=0,
+                   help="vocabulary (the shape's own: 0); smaller makes the "
+                        "activations, not the embeddings, the peak")
     p.add_argument("--seqs", type=int, default=2)
     p.add_argument("--mbs", type=int, default=1, help="trainer.micro_batch_size (sequences)")
-    p.add_argument("--len", type=int, default=512, help="tokens per sequence (32 prompt + the rest output)")
+    p.add_argument("--len", type=int, default=512,
+                   help="tokens per sequence (32 prompt + the rest output)")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--chunk", type=int, default=512, help="trainer.logprob_chunk_tokens")
-    p.add_argument("--checkpointing", action="store_true", help="trainer.activation_checkpointing=true")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="model.dtype")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="trainer.activation_checkpointing=true")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="model.dtype")
     p.add_argument("--lora-rank", type=int, default=0,
                    help="trainer.lora.rank (0: off) on the default target_modules (fp32 base)")
     args = p.parse_args()
@@ -86,12 +94,15 @@ def main() -> None:
     from trainer.model import build_policy, init_distributed, leave_distributed
     from trainer.step import StepSettings, train_step
 
-    model_cfg = qwen2_shape(args.shape, **({"num_hidden_layers": args.layers} if args.layers else {}),
+    model_cfg = qwen2_shape(args.shape,
+                            **({"num_hidden_layers": args.layers} if args.layers else {}),
                             **({"vocab_size": args.vocab} if args.vocab else {}))
     overrides = [f"model.{k}={v}" for k, v in vars(model_cfg).items() if k in (
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+        "num_attention_heads",
         "num_key_value_heads", "tie_word_embeddings")]
-    cfg = load_config([*overrides, "model.max_position_embeddings=4096", f"model.dtype={args.dtype}",
+    cfg = load_config([*overrides, "model.max_position_embeddings=4096",
+                       f"model.dtype={args.dtype}",
                        "trainer.loss.kernel=ppo", "trainer.skip_zero_advantage=false",
                        "trainer.loss.agg=token-mean", f"trainer.micro_batch_size={args.mbs}",
                        f"trainer.logprob_chunk_tokens={args.chunk}",
@@ -117,8 +128,9 @@ def main() -> None:
                                   args.chunk, accumulating=many)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({
-        "name": "trainer_memory", "figure": round(m.peak / GIB, 3), "unit": "GiB (measured tensor peak)",
-        "baseline": round(est.total / GIB, 3), "ratio": round(m.peak / est.total, 3), "goal": "0.85 .. 1.15",
+        "name": "trainer_memory", "figure": round(m.peak / GIB, 3),
+        "unit": "GiB (measured tensor peak)", "baseline": round(est.total / GIB, 3),
+        "ratio": round(m.peak / est.total, 3), "goal": "0.85 .. 1.15",
         "shape": args.shape, "layers": cfg.model.num_hidden_layers, "vocab": cfg.model.vocab_size,
         "micro_batch_tokens": args.mbs * args.len,
         "micro_batches": -(-args.seqs // args.mbs), "steps": args.steps,

@@ -5,8 +5,8 @@ T in --tokens, default 512 and 4096. A receiving process serves both paths from 
 our ``Server`` (``recv`` decodes and validates the group, ``send`` answers an ``Ack``) and a raw
 ROUTER that answers a prebuilt reply of the same size without decoding anything.
 
-* **stream** (the goal's figure): the sender keeps ``WINDOW`` requests in flight (``--window``, 8; the
-  goals are set at 8, other windows print ``goal`` null) on a DEALER
+* **stream** (the goal's figure): the sender keeps ``WINDOW`` requests in flight (``--window``, 8;
+  the goals are set at 8, other windows print ``goal`` null) on a DEALER
   configured like ``dealer.Client``'s, sending each group the way ``Client.request`` does
   (``FrameWriter``: encoded, ``[req_id, frame]`` framing) and decoding each Ack; the raw twin
   sends prebuilt bytes of the same size (without a copy, above pyzmq's threshold) and reads
@@ -43,7 +43,8 @@ encode/decode (and build) cost of one group.
 
 Every line carries a ``warning`` when the machine is loaded (1-minute load above the CPU count).
 
-Run: ``python benchmarks/bench_transport.py [--tokens 512,4096] [--rounds 7] [--seconds 0.35] [--window 8]``
+Run: ``python benchmarks/bench_transport.py [--tokens 512,4096] [--rounds 7] [--seconds 0.35]
+[--window 8]``
 """
 
 from __future__ import annotations
@@ -132,10 +133,12 @@ def make_group(tokens: int, seed: int) -> P.TrajectoryGroup:
     trajs = [Trajectory.of(prompt_ids=rng.integers(0, 32000, PROMPT_TOKENS, dtype=np.int32),
                           output_ids=rng.integers(0, 32000, tokens, dtype=np.int32),
                           behav_logp=-rng.random(tokens, dtype=np.float32),
-                          versions=np.full(tokens, 3, dtype=np.int32), reward=float(i % 2), finish_reason="length",
+                          versions=np.full(tokens, 3, dtype=np.int32), reward=float(i % 2),
+                          finish_reason="length",
                           metadata={"answer": "42", "lens": [PROMPT_TOKENS, tokens]})
              for i in range(GROUP_SIZE)]
-    return P.TrajectoryGroup(group_id=f"bench-{seed:016d}", server_id="bench", lease_id=str(seed), prompt_index=seed,
+    return P.TrajectoryGroup(group_id=f"bench-{seed:016d}", server_id="bench", lease_id=str(seed),
+                             prompt_index=seed,
                              epoch=0, trajectories=trajs)
 
 
@@ -180,7 +183,8 @@ def send_ours(groups: list[P.TrajectoryGroup]):
 
 
 def send_built(groups: list[P.TrajectoryGroup]):
-    """Like ``send_ours``, building each group from its own copies of the arrays just before it is sent."""
+    """Like ``send_ours``, building each group from its own copies of the arrays just before it is
+    sent."""
     writer = FrameWriter()
     parts = [(g, trajectory_parts(g)) for g in groups]
 
@@ -192,13 +196,15 @@ def send_built(groups: list[P.TrajectoryGroup]):
 
 def trajectory_parts(group: P.TrajectoryGroup) -> list[dict]:
     """What a producer builds each of the group's trajectories from: fresh arrays and scalars."""
-    return [dict(prompt_ids=t.prompt_ids.copy(), output_ids=t.output_ids.copy(), behav_logp=t.behav_logp.copy(),
-                 versions=t.versions.copy(), reward=t.reward, finish_reason=t.finish_reason, metadata=t.metadata)
+    return [dict(prompt_ids=t.prompt_ids.copy(), output_ids=t.output_ids.copy(),
+                 behav_logp=t.behav_logp.copy(), versions=t.versions.copy(), reward=t.reward,
+                 finish_reason=t.finish_reason, metadata=t.metadata)
             for t in group.trajectories]
 
 
 def build_group(like: P.TrajectoryGroup, trajectories: list[dict]) -> P.TrajectoryGroup:
-    return P.TrajectoryGroup(group_id=like.group_id, server_id=like.server_id, lease_id=like.lease_id,
+    return P.TrajectoryGroup(group_id=like.group_id, server_id=like.server_id,
+                             lease_id=like.lease_id,
                              prompt_index=like.prompt_index, epoch=like.epoch,
                              trajectories=[Trajectory.of(**t) for t in trajectories])
 
@@ -249,8 +255,8 @@ def build_cost_us(group: P.TrajectoryGroup, repeats: int = 200) -> float:
     return 1e6 * (time.process_time() - t0) / repeats
 
 
-def bench_size(tokens: int, ours_addr: str, raw_addr: str, curve_addr: str, local_addr: str, keys: security.Keys,
-               receiver_pid: int, rounds: int, seconds: float) -> list[dict]:
+def bench_size(tokens: int, ours_addr: str, raw_addr: str, curve_addr: str, local_addr: str,
+               keys: security.Keys, receiver_pid: int, rounds: int, seconds: float) -> list[dict]:
     groups = [make_group(tokens, seed) for seed in range(4)]
     frame_bytes = len(P.encode(groups[0]))
     payload = os.urandom(frame_bytes)
@@ -261,12 +267,14 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, curve_addr: str, loca
         if not (isinstance(ack, P.Ack) and ack.status == "accepted" and ack.reason == expected):
             raise RuntimeError(f"receiver rejected the group: {ack}")
 
-    client, ours_sock, raw_sock = Client(ours_addr, timeout_s=REQUEST_TIMEOUT_S), dealer(ours_addr), dealer(raw_addr)
+    client, ours_sock, raw_sock = (Client(ours_addr, timeout_s=REQUEST_TIMEOUT_S),
+                                   dealer(ours_addr), dealer(raw_addr))
     curve_sock, local_sock = dealer(curve_addr, keys), dealer(local_addr, keys)
 
     modes = {
         ("stream", "ours"): lambda s: round_stream(ours_sock, send_ours(groups), check_ack, s),
-        ("stream", "raw"): lambda s: round_stream(raw_sock, send_raw(payload), lambda rid, reply: None, s),
+        ("stream", "raw"): lambda s: round_stream(raw_sock, send_raw(payload),
+                                                  lambda rid, reply: None, s),
         ("stream", "curve"): lambda s: round_stream(curve_sock, send_ours(groups), check_ack, s),
         ("stream", "local"): lambda s: round_stream(local_sock, send_ours(groups), check_ack, s),
         ("stream", "built"): lambda s: round_stream(ours_sock, send_built(groups), check_ack, s),
@@ -290,10 +298,12 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, curve_addr: str, loca
                 rate = fn(seconds)
                 cpu_s[key] += time.process_time() + child_cpu_s(receiver_pid) - c0
                 n_groups[key] += rate * (time.perf_counter() - w0)
-                for i, (a, b) in enumerate(zip(s0, (*cpu_split_s(os.getpid()), *cpu_split_s(receiver_pid)))):
+                for i, (a, b) in enumerate(zip(s0, (*cpu_split_s(os.getpid()),
+                                                    *cpu_split_s(receiver_pid)))):
                     split_s[key][i] += b - a
                 for thread, cpu in thread_cpu_s(pids).items():
-                    threads_s[key][thread] = threads_s[key].get(thread, 0.0) + cpu - t0.get(thread, cpu)
+                    threads_s[key][thread] = (threads_s[key].get(thread, 0.0) + cpu
+                                              - t0.get(thread, cpu))
                 rates[key].append(rate)
     finally:
         client.close()
@@ -303,8 +313,8 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, curve_addr: str, loca
         local_sock.close(linger=0)
     enc_us, dec_us = codec_cost_us(groups[0])
     costs = {"encode_us": enc_us, "decode_us": dec_us, "build_us": build_cost_us(groups[0])}
-    return summary_lines(tokens, costs, frame_bytes, rates, cpu_s, split_s, threads_s, n_groups, rounds, seconds,
-                         WINDOW, GOAL_WINDOW)
+    return summary_lines(tokens, costs, frame_bytes, rates, cpu_s, split_s, threads_s, n_groups,
+                         rounds, seconds, WINDOW, GOAL_WINDOW)
 
 
 def main() -> int:
@@ -312,8 +322,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--tokens", default="512,4096", help="comma-separated output lengths")
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--seconds", type=float, default=0.35, help="duration of one round of one mode")
-    parser.add_argument("--window", type=int, default=WINDOW, help="requests in flight in the stream pattern")
+    parser.add_argument("--seconds", type=float, default=0.35,
+                        help="duration of one round of one mode")
+    parser.add_argument("--window", type=int, default=WINDOW,
+                        help="requests in flight in the stream pattern")
     args = parser.parse_args()
     if args.window < 1:
         parser.error(f"--window must be >= 1, got {args.window}")
@@ -324,7 +336,8 @@ def main() -> int:
     security.make_keys(keys_dir.name)
     keys = security.load(keys_dir.name, "rollout")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, ours_addr, raw_addr, curve_addr, keys_dir.name, local_addr],
+    receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, ours_addr, raw_addr, curve_addr,
+                                 keys_dir.name, local_addr],
                                 stdout=subprocess.PIPE, text=True, env=env)
     try:
         import select
@@ -333,7 +346,8 @@ def main() -> int:
         if not ready or receiver.stdout.readline().strip() != "READY":
             raise RuntimeError("receiver did not start")
         for tokens in (int(t) for t in args.tokens.split(",")):
-            for line in bench_size(tokens, ours_addr, raw_addr, curve_addr, local_addr, keys, receiver.pid,
+            for line in bench_size(tokens, ours_addr, raw_addr, curve_addr, local_addr, keys,
+                                   receiver.pid,
                                    args.rounds, args.seconds):
                 print(json.dumps(line), flush=True)
     finally:

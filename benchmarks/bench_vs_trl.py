@@ -75,10 +75,12 @@ from launch.records import read_jsonl, step_of, step_records, trainer_jsonl  # n
 from launch.warmstart import ensure_warm_start, evaluate  # noqa: E402
 
 ETAS = (0, 4)
-TRL_MISSING = "TRL is not installed: pip install 'areal-like[trl]' (the optional extra `trl`) to measure the baseline"
+TRL_MISSING = ("TRL is not installed: pip install 'areal-like[trl]' (the optional extra `trl`) "
+               "to measure the baseline")
 
 
-# ---------------------------------------------------------------- pure pieces (tests/unit/test_bench_vs_trl.py)
+# ---------------------------------------------------------------- pure pieces
+# (tests/unit/test_bench_vs_trl.py)
 def exact_match_rewards(completions: list[str], answer: list[str], **_: object) -> list[float]:
     """TRL's reward-function signature (completions, then the dataset's columns by name), scored by
     the task's own reward: the same exact match our rollout servers use."""
@@ -121,16 +123,19 @@ def warm_log(message: str) -> None:
 
 
 def workload(run_dir: Path, eta: int = 0) -> RunConfig:
-    return load_config(["experiment=bench_vs_trl", f"buffer.max_staleness={eta}", f"run_dir={run_dir}"])
+    return load_config(["experiment=bench_vs_trl", f"buffer.max_staleness={eta}",
+                        f"run_dir={run_dir}"])
 
 
 def heldout(model, cfg: RunConfig, n: int) -> dict:
-    """Greedy (and sampled) accuracy on the first ``n`` eval-split prompts, one scorer for everyone."""
+    """Greedy (and sampled) accuracy on the first ``n`` eval-split prompts, one scorer for
+    everyone."""
     from areal_like.tasks.tokenizer import load_tokenizer
 
     task = make_task(cfg.task, split="eval")
     idx = list(range(min(n, len(task))))
-    greedy, sampled = evaluate(model.eval(), load_tokenizer(cfg.model), task, idx, cfg.task.max_new_tokens,
+    greedy, sampled = evaluate(model.eval(), load_tokenizer(cfg.model), task, idx,
+                               cfg.task.max_new_tokens,
                                cfg.task.temperature)
     return {"greedy": round(greedy, 4), "sampled": round(sampled, 4), "prompts": len(idx)}
 
@@ -148,8 +153,9 @@ def run_ours(cfg: RunConfig, cpus: list[int], budget_s: float, eval_n: int) -> d
     cfg, topo, path = prepare(cfg, cpus=cpus)
     jsonl = trainer_jsonl(run_dir)
 
-    start: float | None = None  # the log-prob guard's time, read once: re-reading the growing records
-    # every tick cost this process up to 66 ms of CPU per half second (a 180 s run's), on the job's cores
+    # the log-prob guard's time, read once: re-reading the growing records every tick cost this
+    # process up to 66 ms of CPU per half second (a 180 s run's), on the job's cores
+    start: float | None = None
 
     def stop_when_spent(sup: Supervisor) -> None:
         nonlocal start
@@ -164,15 +170,19 @@ def run_ours(cfg: RunConfig, cpus: list[int], budget_s: float, eval_n: int) -> d
     rows = read_jsonl(jsonl)
     start, recs = rl_start(rows, eta), counted_steps(step_records(run_dir), eta)
     if start is None or not recs:
-        raise SystemExit(f"eta={eta}: the run trained nothing ({sup.outcome}); logs in {run_dir / 'logs'}")
+        raise SystemExit(f"eta={eta}: the run trained nothing ({sup.outcome}); "
+                         f"logs in {run_dir / 'logs'}")
     sps, samples, seconds = rl_throughput(recs, start)
     export = run_dir / "final_hf"
-    subprocess.run([sys.executable, "-m", "trainer.export", str(run_dir / "checkpoints"), str(export),
-                    "--config-file", str(path)], check=True, capture_output=True,
+    subprocess.run([sys.executable, "-m", "trainer.export", str(run_dir / "checkpoints"),
+                    str(export), "--config-file", str(path)], check=True, capture_output=True,
                    env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
-    saved = sorted(int(p.name[1:]) for p in (run_dir / "checkpoints").glob("v*") if p.name[1:].isdigit())
-    return {"samples_per_s": round(sps, 2), "samples": samples, "steps": len(recs), "rl_seconds": round(seconds, 1),
-            "steps_per_s": round(len(recs) / seconds, 3), "last_step_version": recs[-1]["policy_version"], "checkpoint_version": saved[-1] if saved else None,
+    saved = sorted(int(p.name[1:]) for p in (run_dir / "checkpoints").glob("v*")
+                   if p.name[1:].isdigit())
+    return {"samples_per_s": round(sps, 2), "samples": samples, "steps": len(recs),
+            "rl_seconds": round(seconds, 1), "steps_per_s": round(len(recs) / seconds, 3),
+            "last_step_version": recs[-1]["policy_version"],
+            "checkpoint_version": saved[-1] if saved else None,
             "staleness_mean": round(sum(r["staleness_mean"] for r in recs) / len(recs), 2),
             "accuracy": heldout(load_hf(cfg, export), cfg, eval_n), "layout": layout_of(cfg)}
 
@@ -231,13 +241,15 @@ def run_trl(cfg: RunConfig, rows: list[dict], reward, cpus: list[int], budget_s:
     args = GRPOConfig(output_dir=str(root),
                       per_device_train_batch_size=prompts_per_step * t.group_size,
                       num_generations=t.group_size, max_completion_length=t.max_new_tokens,
-                      temperature=t.temperature, learning_rate=cfg.trainer.lr, use_vllm=False, use_cpu=True,
+                      temperature=t.temperature, learning_rate=cfg.trainer.lr, use_vllm=False,
+                      use_cpu=True,
                       max_steps=10**6, save_strategy="no", report_to="none", logging_steps=10**6,
                       disable_tqdm=True, seed=seed, bf16=False)
     trainer = GRPOTrainer(model=load_hf(cfg, warm), reward_funcs=reward, args=args,
                           train_dataset=data, processing_class=load_tokenizer(cfg.model),
                           callbacks=[Budget()])
-    with contextlib.redirect_stdout(sys.stderr):  # its end-of-training dict would break the JSON lines
+    # its end-of-training dict would break the JSON lines
+    with contextlib.redirect_stdout(sys.stderr):
         trainer.train()
     steps = len(ends) - 1
     seconds = ends[-1] - ends[0]
@@ -387,7 +399,8 @@ def main() -> None:
         eval_n = USER_EVAL_ROWS  # all of them: the accuracy goal's slack is below 256's error
     cpus = sorted(os.sched_getaffinity(0))[:2]
     if len(cpus) < 2:
-        raise SystemExit("needs 2 cores: the laptop topology splits them between generation and training")
+        raise SystemExit("needs 2 cores: the laptop topology splits them between generation "
+                         "and training")
     t0 = time.monotonic()
     version = trl_version()
     if version is None:

@@ -1,4 +1,5 @@
-"""Weight sync through the real code path (trainer sender -> 2 embedded engines over HTTP) vs one flat broadcast.
+"""Weight sync through the real code path (trainer sender -> 2 embedded engines over HTTP) vs one
+flat broadcast.
 
 Three processes on loopback. Rank 0 plays trainer rank 0: it builds a Qwen2
 (``areal_like.weights.hf.build_model``; default hidden 512, 4 layers, vocab 8192: ~24M fp32
@@ -27,11 +28,12 @@ Per line: figure = bytes / t_loaded (GB/s) with t_loaded = from the common start
 slowest engine's answer to its last ``/update_weights_from_distributed`` (received AND loaded),
 baseline = bytes / t_flat, ratio = t_flat / t_loaded (goal >= 0.85); ``pause_s`` = the slowest
 engine's real pause window (``SyncDone.pause_s``: ``/pause_generation`` sent until
-``/continue_generation`` answered), ``pause_over_transfer`` = pause / t_flat (goal <= 1.2). Median of
-``--trials`` trials after one warm-up; ``ratio_paired`` is the median over trials of each trial's
+``/continue_generation`` answered), ``pause_over_transfer`` = pause / t_flat (goal <= 1.2). Median
+of ``--trials`` trials after one warm-up; ``ratio_paired`` is the median over trials of each trial's
 flat time over its own sync time (robust to load that drifts during the run). The engines are idle
 (no requests to abort) and the trainer-side FSDP all-gather is not included. After the trials the
-engines' weights are checked to equal the sender's exactly (SHA-256), so a fast wrong sync cannot pass.
+engines' weights are checked to equal the sender's exactly (SHA-256), so a fast wrong sync cannot
+pass.
 
 History: this benchmark used to time only the broadcasts between bare processes (receivers
 calling ``dist.broadcast`` into the parameters or into fresh buffers, no engine, no HTTP), which
@@ -72,16 +74,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 GROUP_TIMEOUT_S = 120.0  # rendezvous and every op; the whole benchmark must fit in well under it
 GROUP = "bench_weights"
-CASES = ("flat", "per_tensor", "flattened")  # flattened last: the final checksum checks the system's path
+# flattened last: the final checksum checks the system's path
+CASES = ("flat", "per_tensor", "flattened")
 
 
 def model_config(args: argparse.Namespace, seed: int):
     from areal_like.settings.config import ModelConfig
 
     heads = max(1, args.hidden // 64)
-    return ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+    return ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                       intermediate_size=4 * args.hidden,
                        num_hidden_layers=args.layers, num_attention_heads=heads,
-                       num_key_value_heads=max(1, heads // 2), max_position_embeddings=256, init_seed=seed)
+                       num_key_value_heads=max(1, heads // 2), max_position_embeddings=256,
+                       init_seed=seed)
 
 
 def sender(args: argparse.Namespace, wport: int, buckets, model):
@@ -98,7 +103,8 @@ def sender(args: argparse.Namespace, wport: int, buckets, model):
     flat = torch.randn(nbytes // 4)
     pipeline = BucketPipeline()
 
-    def stage_first():  # before the start, as WeightBroadcaster.push packs them before it publishes the plan
+    # before the start, as WeightBroadcaster.push packs them before it publishes the plan
+    def stage_first():
         for b in buckets[:BucketPipeline.SLOTS]:
             pipeline.stage([params[n].detach() for n in b.names])
 
@@ -111,7 +117,8 @@ def sender(args: argparse.Namespace, wport: int, buckets, model):
 
     def per_tensor():
         for b in buckets:
-            for w in [dist.broadcast(params[n].detach(), group_src=0, group=pg, async_op=True) for n in b.names]:
+            for w in [dist.broadcast(params[n].detach(), group_src=0, group=pg, async_op=True)
+                      for n in b.names]:
                 w.wait()
 
     return {"flat": lambda: dist.broadcast(flat, group_src=0, group=pg), "flattened": flattened,
@@ -136,7 +143,8 @@ async def receiver_trials(args: argparse.Namespace, rank: int, wport: int, bucke
 
     results = {c: [] for c in CASES}
     async with SGLangClient(engine.url, timeout_s=GROUP_TIMEOUT_S, on_response=stamp) as client:
-        await client.init_weights_update_group(master_address="127.0.0.1", master_port=wport, rank_offset=rank,
+        await client.init_weights_update_group(master_address="127.0.0.1", master_port=wport,
+                                               rank_offset=rank,
                                                world_size=3, group_name=GROUP, backend="gloo",
                                                timeout_s=GROUP_TIMEOUT_S)
         pg = engine.weights.groups[GROUP]
@@ -146,7 +154,8 @@ async def receiver_trials(args: argparse.Namespace, rank: int, wport: int, bucke
         for trial in range(args.trials + 1):
             for case in CASES:
                 version += 1
-                plan = WeightSyncPlan(policy_version=version, group_name=GROUP, master_addr="127.0.0.1",
+                plan = WeightSyncPlan(policy_version=version, group_name=GROUP,
+                                      master_addr="127.0.0.1",
                                       master_port=wport, world_size=3, backend="gloo", reform=False,
                                       members=members, buckets=buckets, deadline_s=GROUP_TIMEOUT_S)
                 dist.barrier()
@@ -156,7 +165,8 @@ async def receiver_trials(args: argparse.Namespace, rank: int, wport: int, bucke
                     loaded = pause = time.perf_counter() - t0
                 else:
                     done = await apply_weight_sync(client, plan, f"engine-{rank}", drain=False,
-                                                   load_format=FLATTENED if case == "flattened" else None)
+                                                   load_format=(FLATTENED if case == "flattened"
+                                                                else None))
                     if not done.ok:
                         raise RuntimeError(f"sync failed: {done.reason}")
                     loaded, pause = last_update[0] - t0, done.pause_s
@@ -195,7 +205,8 @@ def worker(rank: int, cport: int, wport: int, args: argparse.Namespace) -> None:
                                 EngineConfig(max_running_requests=4, max_total_tokens=512)).start()
         model = engine.model
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{cport}", rank=rank, world_size=3)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{cport}", rank=rank,
+                                world_size=3)
         buckets = plan_buckets([(n, list(p.shape), "float32") for n, p in model.named_parameters()],
                                int(args.bucket_mb * 1024 * 1024))
         if rank == 0:
@@ -223,21 +234,25 @@ def worker(rank: int, cport: int, wport: int, args: argparse.Namespace) -> None:
     os._exit(0)  # skip interpreter teardown: destroying gloo groups at exit can abort the process
 
 
-def report(results: dict, nbytes: int, n_buckets: int, n_tensors: int, args: argparse.Namespace) -> None:
+def report(results: dict, nbytes: int, n_buckets: int, n_tensors: int,
+           args: argparse.Namespace) -> None:
     t_flat = statistics.median(r[0] for r in results["flat"] if r)
     best_flat = min(r[0] for r in results["flat"] if r)
     flats = [r[0] for r in results["flat"] if r]
     for case in ("flattened", "per_tensor"):
         rows = [r for r in results[case] if r]
         t_load, pause = statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows)
-        paired = statistics.median(f / r[0] for f, r in zip(flats, rows))  # each trial against its own flat round
+        # each trial against its own flat round
+        paired = statistics.median(f / r[0] for f, r in zip(flats, rows))
         print(json.dumps({
-            "name": f"weight_sync_{case}_vs_flat", "figure": round(nbytes / t_load / 1e9, 3), "unit": "GB/s",
-            "baseline": round(nbytes / t_flat / 1e9, 3), "ratio": round(t_flat / t_load, 3), "goal": ">= 0.85",
-            "loaded_s": round(t_load, 4), "pause_s": round(pause, 4), "transfer_s": round(t_flat, 4),
+            "name": f"weight_sync_{case}_vs_flat", "figure": round(nbytes / t_load / 1e9, 3),
+            "unit": "GB/s", "baseline": round(nbytes / t_flat / 1e9, 3),
+            "ratio": round(t_flat / t_load, 3), "goal": ">= 0.85", "loaded_s": round(t_load, 4),
+            "pause_s": round(pause, 4), "transfer_s": round(t_flat, 4),
             "pause_over_transfer": round(pause / t_flat, 3), "pause_goal": "<= 1.2",
-            "ratio_best_trials": round(best_flat / min(r[0] for r in rows), 3), "ratio_paired": round(paired, 3),
-            "bytes": nbytes, "tensors": n_tensors, "buckets": n_buckets, "bucket_mb": args.bucket_mb,
+            "ratio_best_trials": round(best_flat / min(r[0] for r in rows), 3),
+            "ratio_paired": round(paired, 3), "bytes": nbytes, "tensors": n_tensors,
+            "buckets": n_buckets, "bucket_mb": args.bucket_mb,
             "receivers": 2, "trials": args.trials, "backend": "gloo", "load": os.getloadavg()[0],
         }), flush=True)
 
@@ -250,12 +265,14 @@ def system_run(run_dir: Path, overlap: bool, args: argparse.Namespace,
     from launch.local import Supervisor
     from launch.records import step_records
 
-    cfg = load_config(["experiment=bench_async", "task=addition", "task.max_new_tokens=8", "task.temperature=1.0",
-                       "buffer.groups_per_step=8", f"buffer.max_staleness={args.eta}", f"trainer.steps={args.steps}",
+    cfg = load_config(["experiment=bench_async", "task=addition", "task.max_new_tokens=8",
+                       "task.temperature=1.0", "buffer.groups_per_step=8",
+                       f"buffer.max_staleness={args.eta}", f"trainer.steps={args.steps}",
                        "trainer.lr=3e-5", f"trainer.weight_sync.overlap={str(overlap).lower()}",
                        f"run_dir={run_dir}", *extra])
     cfg, topo, path = prepare(cfg, cpus=sorted(os.sched_getaffinity(0))[:2])
-    sup = Supervisor(job_specs(cfg, topo, path), run_dir, restarts=0, health_timeout_s=300, echo=lambda _: None)
+    sup = Supervisor(job_specs(cfg, topo, path), run_dir, restarts=0, health_timeout_s=300,
+                     echo=lambda _: None)
     if sup.run() != 0:
         raise SystemExit(f"overlap={overlap} run failed: {sup.outcome}; logs in {run_dir / 'logs'}")
     return step_records(run_dir)
@@ -274,8 +291,10 @@ def system_blocked(args: argparse.Namespace) -> None:
             recs = system_run(Path(tmp) / f"overlap_{overlap}", overlap, args)[args.skip:]
             blocked = [r["phase_seconds"]["weight_sync"] for r in recs]
             med[overlap] = statistics.median(blocked)
-            extra[f"sync_s_overlap_{overlap}"] = round(statistics.median(r["weight_sync"]["seconds"] for r in recs), 4)
-            extra[f"step_s_overlap_{overlap}"] = round(statistics.median(r["step_seconds"] for r in recs), 4)
+            extra[f"sync_s_overlap_{overlap}"] = round(
+                statistics.median(r["weight_sync"]["seconds"] for r in recs), 4)
+            extra[f"step_s_overlap_{overlap}"] = round(
+                statistics.median(r["step_seconds"] for r in recs), 4)
             extra["bytes"] = recs[-1]["weight_sync"]["bytes"]
     print(json.dumps({
         "name": "weight_sync_trainer_blocked_small_model", "figure": round(med[True] * 1e3, 2),
@@ -286,9 +305,9 @@ def system_blocked(args: argparse.Namespace) -> None:
 
 
 def system_lora(args: argparse.Namespace) -> None:
-    """``--system --lora R``: the real system twice on a Qwen2 of ``--hidden`` x ``--layers`` (overlap
-    as the defaults, off with ``--blocking``): full weights (baseline) and a rank-R LoRA adapter
-    alone (figure); bytes and the trainer's blocked time per version."""
+    """``--system --lora R``: the real system twice on a Qwen2 of ``--hidden`` x ``--layers``
+    (overlap as the defaults, off with ``--blocking``): full weights (baseline) and a rank-R LoRA
+    adapter alone (figure); bytes and the trainer's blocked time per version."""
     import tempfile
 
     sys.path.insert(0, str(REPO))
@@ -299,14 +318,16 @@ def system_lora(args: argparse.Namespace) -> None:
     out: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench_ws_lora_") as tmp:
         for case, lora in (("full", []), ("lora", [f"trainer.lora.rank={args.lora}"])):
-            recs = system_run(Path(tmp) / case, not args.blocking, args, [*model, *lora])[args.skip:]
+            recs = system_run(Path(tmp) / case, not args.blocking, args,
+                              [*model, *lora])[args.skip:]
             blocked = statistics.median(r["phase_seconds"]["weight_sync"] for r in recs)
             out[case] = {"blocked": blocked, "bytes": recs[-1]["weight_sync"]["bytes"],
                          "step_s": statistics.median(r["step_seconds"] for r in recs)}
     full, lora = out["full"], out["lora"]
     print(json.dumps({
         "name": "weight_sync_lora_adapter_vs_full", "figure": round(lora["blocked"] * 1e3, 2),
-        "unit": f"ms trainer blocked per version (median, overlap {'off' if args.blocking else 'on'})",
+        "unit": "ms trainer blocked per version (median, overlap "
+                f"{'off' if args.blocking else 'on'})",
         "baseline": round(full["blocked"] * 1e3, 2),
         "ratio": round(full["blocked"] / lora["blocked"], 1),
         "goal": "ratio >= 20 (rank 8, >= 8 layers)", "bytes_lora": lora["bytes"],
@@ -318,13 +339,16 @@ def system_lora(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--bucket-mb", type=float, default=64.0)
-    ap.add_argument("--trials", type=int, default=25)  # the machine is shared: medians need the rounds
-    ap.add_argument("--system", action="store_true", help="trainer-blocked time per version in the real system")
+    # the machine is shared: medians need the rounds
+    ap.add_argument("--trials", type=int, default=25)
+    ap.add_argument("--system", action="store_true",
+                    help="trainer-blocked time per version in the real system")
     ap.add_argument("--steps", type=int, default=25, help="--system: steps per run")
     ap.add_argument("--skip", type=int, default=5, help="--system: warm-up steps left out")
     ap.add_argument("--eta", type=int, default=4, help="--system: buffer.max_staleness")
@@ -350,7 +374,8 @@ def main() -> None:
 
     ports = f"{free_port()},{free_port()}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--rank", str(r), "--ports", ports],
+    procs = [subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--rank", str(r),
+                               "--ports", ports],
                               env=env) for r in range(3)]
     try:
         codes = [p.wait(timeout=GROUP_TIMEOUT_S * 2) for p in procs]

@@ -61,8 +61,10 @@ def block_params(cfg: ModelConfig) -> int:
 
 
 def root_params(cfg: ModelConfig) -> int:
-    """Parameters outside the blocks (FSDP2's root group): embeddings, final norm, untied lm_head."""
-    return cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2) + cfg.hidden_size
+    """Parameters outside the blocks (FSDP2's root group): embeddings, final norm, untied
+    lm_head."""
+    return (cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+            + cfg.hidden_size)
 
 
 def total_params(cfg: ModelConfig) -> int:
@@ -129,8 +131,9 @@ def _activation_bytes(cfg: ModelConfig, t: int, c: int, checkpointing: bool, per
 
 
 def _plain_tensors(leaves) -> list[torch.Tensor]:
-    """The plain tensors among ``leaves``, a wrapper subclass (DTensor) replaced by its inner tensors:
-    its own op runs below this mode, so its local allocation is only visible through its output."""
+    """The plain tensors among ``leaves``, a wrapper subclass (DTensor) replaced by its inner
+    tensors: its own op runs below this mode, so its local allocation is only visible through its
+    output."""
     out = []
     for t in leaves:
         if is_traceable_wrapper_subclass(t):
@@ -141,7 +144,8 @@ def _plain_tensors(leaves) -> list[torch.Tensor]:
 
 
 class PeakTensorBytes(TorchDispatchMode):
-    """``with PeakTensorBytes() as m: ...``; then ``m.peak`` (bytes) and ``m.current`` (still alive).
+    """``with PeakTensorBytes() as m: ...``; then ``m.peak`` (bytes) and ``m.current`` (still
+    alive).
 
     Counts each output storage once, from its creation until its Python object is collected
     (storages keep their Python object alive as long as any tensor views them). Tensor
@@ -178,13 +182,19 @@ class MemoryEstimate:
     weights: int  # this rank's shard of the fp32 master weights
     grads: int  # ... of the fp32 gradients
     adam: int  # ... of AdamW's two fp32 moments
-    gathered: int  # unsharded compute-dtype parameters: the root group, the current and the next block
-    gather_buffers: int  # FSDP2's flat all-gather outputs of the same, held until the next all-gather
-    block_grads: int  # one block's unsharded gradient (compute dtype, plus its fp32 copy for reduction)
+    gathered: int  # unsharded compute-dtype parameters: the root group, the current and
+                   # the next block
+    gather_buffers: int  # FSDP2's flat all-gather outputs of the same,
+                         # held until the next all-gather
+    block_grads: int  # one block's unsharded gradient
+                      # (compute dtype, plus its fp32 copy for reduction)
     activations: int  # what the forward keeps for backward
-    logprobs: int  # one [chunk, V] block (and its compute-dtype twin) + lm_head's gradient accumulator
-    root_grads: int  # the root group's unsharded gradients at the end of backward (+ the embedding's, + the new shard)
-    optimizer_temps: int  # the foreach AdamW step's temporary: sqrt of the second moment (a shard-sized fp32 list)
+    logprobs: int  # one [chunk, V] block (and its compute-dtype twin)
+                   # + lm_head's gradient accumulator
+    root_grads: int  # the root group's unsharded gradients at the end of backward
+                     # (+ the embedding's, + the new shard)
+    optimizer_temps: int  # the foreach AdamW step's temporary: sqrt of the second moment
+                          # (a shard-sized fp32 list)
     accumulating: bool = True  # gradients of an earlier micro-batch are held when a backward starts
 
     @property
@@ -194,7 +204,8 @@ class MemoryEstimate:
         gradients being reduced) and the optimizer step."""
         held = self.weights + self.grads + self.adam
         start = held - (0 if self.accumulating else self.grads)
-        return {"backward_start": start + self.gathered + self.gather_buffers + self.activations + self.logprobs,
+        return {"backward_start": start + self.gathered + self.gather_buffers + self.activations
+                                  + self.logprobs,
                 "backward_end": held + self.gathered + self.block_grads + self.root_grads,
                 "optimizer_step": held + self.optimizer_temps}
 
@@ -203,7 +214,8 @@ class MemoryEstimate:
         return max(self.moments.values())
 
 
-def estimate_peak_bytes(model_cfg: ModelConfig, world: int, micro_batch_tokens: int, dtype: str = "bfloat16",
+def estimate_peak_bytes(model_cfg: ModelConfig, world: int, micro_batch_tokens: int,
+                        dtype: str = "bfloat16",
                         checkpointing: bool = False, logprob_chunk: int = 512,
                         accumulating: bool = True) -> MemoryEstimate:
     """Peak memory of one trainer rank in a step: FSDP2 over ``world`` ranks, ``micro_batch_tokens``
@@ -211,7 +223,8 @@ def estimate_peak_bytes(model_cfg: ModelConfig, world: int, micro_batch_tokens: 
     optimizer step takes more than one micro-batch, so an earlier one's gradients are held when a
     backward starts (with one, none are: the step frees them, ``zero_grad(set_to_none=True)``)."""
     c = 4 if dtype == "float32" else 2
-    mp = 4 if c != 4 else 0  # mixed precision: the fp32 copy a bf16 gradient is reduced in / upcast to
+    # mixed precision: the fp32 copy a bf16 gradient is reduced in / upcast to
+    mp = 4 if c != 4 else 0
     p, blk, root = total_params(model_cfg), block_params(model_cfg), root_params(model_cfg)
     t, h, v = micro_batch_tokens, model_cfg.hidden_size, model_cfg.vocab_size
     acts = _activation_bytes(model_cfg, t, c, checkpointing, block_activation_bytes(model_cfg, c))
@@ -219,14 +232,17 @@ def estimate_peak_bytes(model_cfg: ModelConfig, world: int, micro_batch_tokens: 
     logprobs = chunk * v * (4 + c * (mp > 0)) + v * h * (4 + c * (mp > 0))
     shard = -(-p // world)
     # the embedding's dense gradient exists beside lm_head's until they are summed (tied weights);
-    # from the second micro-batch on, the reduce-scatter's output is a new shard added to the held one
+    # from the second micro-batch on, the reduce-scatter's output is a new shard added to the
+    # held one
     root_grads = (root * (c + mp) + (v * h * c if model_cfg.tie_word_embeddings else 0)
                   + 4 * -(-root // world))
-    # one fp32 rank is not sharded (trainer/model.py): it computes on its master weights, gathers nothing
+    # one fp32 rank is not sharded (trainer/model.py): it computes on its master weights,
+    # gathers nothing
     gathered = (root + 2 * blk) * c if world > 1 or c != 4 else 0
     return MemoryEstimate(weights=4 * shard, grads=4 * shard, adam=8 * shard, gathered=gathered,
                           gather_buffers=gathered,
-                          block_grads=blk * (c + mp), activations=acts, logprobs=logprobs, root_grads=root_grads,
+                          block_grads=blk * (c + mp), activations=acts, logprobs=logprobs,
+                          root_grads=root_grads,
                           optimizer_temps=4 * shard, accumulating=accumulating)
 
 
@@ -273,10 +289,10 @@ def lora_markdown_table(ranks: tuple[int, ...] = (8, 64), tokens: int = 4096, se
     fp32 base the trainer runs with fp32 and with bf16 compute, and a bf16 base (estimate only),
     each without and with activation checkpointing; whether each fits the ``room_gib`` an 80 GB GPU
     leaves the trainer beside SGLang's default share (README.md: ``mem_fraction_static=0.4``)."""
-    lines = ["| model | rank | adapter params | fp32 base, fp32 compute: peak GiB | with activation "
-             "checkpointing | fp32 base, bf16 compute | with activation checkpointing | bf16 base "
-             f"(not supported yet) | with activation checkpointing | fits {room_gib:.0f} GiB: fp32 "
-             "/ bf16 compute / bf16 base |", "|---" * 10 + "|"]
+    lines = ["| model | rank | adapter params | fp32 base, fp32 compute: peak GiB | "
+             "with activation checkpointing | fp32 base, bf16 compute | with activation "
+             "checkpointing | bf16 base (not supported yet) | with activation checkpointing | "
+             f"fits {room_gib:.0f} GiB: fp32 / bf16 compute / bf16 base |", "|---" * 10 + "|"]
     many = seqs * seq_len > tokens
     for name in QWEN2_SHAPES:
         cfg = qwen2_shape(name)
@@ -293,24 +309,28 @@ def lora_markdown_table(ranks: tuple[int, ...] = (8, 64), tokens: int = 4096, se
     return "\n".join(lines)
 
 
-def markdown_table(seqs: int = 8, seq_len: int = 2048, micro_batch_size: int = 8, worlds: tuple[int, ...] = (1, 2, 8),
+def markdown_table(seqs: int = 8, seq_len: int = 2048, micro_batch_size: int = 8,
+                   worlds: tuple[int, ...] = (1, 2, 8),
                    dtype: str = "bfloat16", chunk: int = 512) -> str:
     """The table of trainer/MEMORY.md: peak GiB per GPU for each Qwen2 shape and world size, with
     and without activation checkpointing. A rank trains ceil(seqs / world) sequences, at most
     ``micro_batch_size`` per forward/backward (``trainer/step.py``)."""
-    lines = ["| model | params | GPUs | tokens per micro-batch | peak GiB/GPU | with activation checkpointing "
+    lines = ["| model | params | GPUs | tokens per micro-batch | peak GiB/GPU | "
+             "with activation checkpointing "
              "| largest term |", "|---|---|---|---|---|---|---|"]
     for name in QWEN2_SHAPES:
         cfg = qwen2_shape(name)
         for world in worlds:
             tokens = min(micro_batch_size, -(-seqs // world)) * seq_len
-            many = -(-seqs // world) > micro_batch_size  # more than one micro-batch per optimizer step
+            # more than one micro-batch per optimizer step
+            many = -(-seqs // world) > micro_batch_size
             plain = estimate_peak_bytes(cfg, world, tokens, dtype, False, chunk, many)
             ckpt = estimate_peak_bytes(cfg, world, tokens, dtype, True, chunk, many)
             terms = {k: v for k, v in vars(plain).items() if k != "accumulating"}
             top = max(terms, key=terms.get)
             lines.append(f"| {name} | {total_params(cfg) / 1e9:.2f} B | {world} | {tokens} | "
-                         f"{plain.total / GIB:.1f} | {ckpt.total / GIB:.1f} | {top} ({terms[top] / GIB:.1f}) |")
+                         f"{plain.total / GIB:.1f} | {ckpt.total / GIB:.1f} | "
+                         f"{top} ({terms[top] / GIB:.1f}) |")
     return "\n".join(lines)
 
 

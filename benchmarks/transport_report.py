@@ -10,7 +10,8 @@ import statistics
 
 GROUP_SIZE = 8
 GOAL_RATIO_AT_4096 = 0.8  # ours over raw ZMQ, stream pattern
-GOAL_CURVE_RATIO_AT_4096 = 0.75  # CURVE over unencrypted: security may cost at most a quarter of the throughput
+# CURVE over unencrypted: security may cost at most a quarter of the throughput
+GOAL_CURVE_RATIO_AT_4096 = 0.75
 
 
 def child_cpu_s(pid: int) -> float:
@@ -38,25 +39,32 @@ def cpu_split_s(pid: int, task: str = "") -> tuple[float, float]:
 
 
 def load_warning() -> dict:
-    """A ``warning`` field when other work keeps the machine busy (1-minute load above its CPU count):
-    absolute figures are then low and noisy; ratios of one run (modes interleaved) still compare."""
+    """A ``warning`` field when other work keeps the machine busy (1-minute load above its CPU
+    count): absolute figures are then low and noisy; ratios of one run (modes interleaved) still
+    compare."""
     load, cpus = os.getloadavg()[0], os.cpu_count() or 1
     if load <= cpus:
         return {}
-    return {"warning": f"loaded machine (1-minute load {load:.1f} on {cpus} CPUs): compare ratios of one run only"}
+    return {"warning": f"loaded machine (1-minute load {load:.1f} on {cpus} CPUs): "
+                       "compare ratios of one run only"}
 
 
 def local_line(tokens: int, rates: dict, cpu_us, rounds: int, seconds: float) -> dict:
-    """The stream of ours over the same-node endpoint of the CURVE socket, against unencrypted tcp and CURVE."""
-    local, plain, curve = (statistics.median(rates[("stream", m)]) for m in ("local", "ours", "curve"))
-    return {"name": f"transport_stream_{GROUP_SIZE}x{tokens}_local", "figure": round(local, 1), "unit": "groups/s",
-            "baseline": round(plain, 1), "ratio": round(local / plain, 3), "ratio_to_curve": round(local / curve, 3),
+    """The stream of ours over the same-node endpoint of the CURVE socket, against unencrypted tcp
+    and CURVE."""
+    local, plain, curve = (statistics.median(rates[("stream", m)])
+                           for m in ("local", "ours", "curve"))
+    return {"name": f"transport_stream_{GROUP_SIZE}x{tokens}_local", "figure": round(local, 1),
+            "unit": "groups/s", "baseline": round(plain, 1), "ratio": round(local / plain, 3),
+            "ratio_to_curve": round(local / curve, 3),
             "cpu_us_per_group": round(cpu_us(("stream", "local")), 1),
-            "unencrypted_cpu_us_per_group": round(cpu_us(("stream", "ours")), 1), "rounds": rounds, "round_s": seconds,
-            "local_rounds": [round(x) for x in rates[("stream", "local")]], "load_avg_1m": round(os.getloadavg()[0], 2)}
+            "unencrypted_cpu_us_per_group": round(cpu_us(("stream", "ours")), 1), "rounds": rounds,
+            "round_s": seconds, "local_rounds": [round(x) for x in rates[("stream", "local")]],
+            "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
-def curve_line(tokens: int, rates: dict, cpu_us, busiest: dict[str, float], busiest_thread: dict[str, float],
+def curve_line(tokens: int, rates: dict, cpu_us, busiest: dict[str, float],
+               busiest_thread: dict[str, float],
                frame_bytes: int, rounds: int, seconds: float) -> dict:
     """The stream of ours with CURVE against the same stream without it (and both against raw ZMQ).
     Load-robust twins of ``ratio``, from CPU per group by mode: ``cpu_bound_ratio`` (the busier
@@ -65,10 +73,12 @@ def curve_line(tokens: int, rates: dict, cpu_us, busiest: dict[str, float], busi
     libzmq runs CURVE in its I/O thread, beside the Python thread)."""
     curve, plain, raw = (statistics.median(rates[("stream", m)]) for m in ("curve", "ours", "raw"))
     goal = GOAL_CURVE_RATIO_AT_4096 if tokens == 4096 else None
-    return {"name": f"transport_stream_{GROUP_SIZE}x{tokens}_curve", "figure": round(curve, 1), "unit": "groups/s",
+    return {"name": f"transport_stream_{GROUP_SIZE}x{tokens}_curve", "figure": round(curve, 1),
+            "unit": "groups/s",
             "baseline": round(plain, 1), "ratio": round(curve / plain, 3), "goal": goal,
             "goal_met": None if goal is None else curve / plain >= goal,
-            "ratio_to_raw": round(curve / raw, 3), "unencrypted_ratio_to_raw": round(plain / raw, 3),
+            "ratio_to_raw": round(curve / raw, 3),
+            "unencrypted_ratio_to_raw": round(plain / raw, 3),
             "raw": round(raw, 1), "mb_s": round(curve * frame_bytes / 1e6, 1),
             "cpu_us_per_group": round(cpu_us(("stream", "curve")), 1),
             "unencrypted_cpu_us_per_group": round(cpu_us(("stream", "ours")), 1),
@@ -84,9 +94,9 @@ def curve_line(tokens: int, rates: dict, cpu_us, busiest: dict[str, float], busi
             "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
-def summary_lines(tokens: int, costs: dict, frame_bytes: int, rates: dict, cpu_s: dict, split_s: dict,
-                  threads_s: dict, n_groups: dict, rounds: int, seconds: float, window: int,
-                  goal_window: int) -> list[dict]:
+def summary_lines(tokens: int, costs: dict, frame_bytes: int, rates: dict, cpu_s: dict,
+                  split_s: dict, threads_s: dict, n_groups: dict, rounds: int, seconds: float,
+                  window: int, goal_window: int) -> list[dict]:
     """bench_transport's JSON lines of one T from what the rounds measured (medians over rounds; CPU
     per group); ``costs``: the in-process encode, decode and build cost of one group. Goals are
     printed only at ``goal_window`` requests in flight."""
@@ -103,36 +113,49 @@ def summary_lines(tokens: int, costs: dict, frame_bytes: int, rates: dict, cpu_s
         cpu_ours, cpu_raw = cpu_us((pattern, "ours")), cpu_us((pattern, "raw"))
         ratio = figure / baseline
         goal = GOAL_RATIO_AT_4096 if (pattern == "stream" and tokens == 4096) else None
-        lines.append({"name": f"transport_{pattern}_{GROUP_SIZE}x{tokens}", "figure": round(figure, 1),
-                      "unit": "groups/s", "baseline": round(baseline, 1), "ratio": round(ratio, 3), "goal": goal,
+        lines.append({"name": f"transport_{pattern}_{GROUP_SIZE}x{tokens}",
+                      "figure": round(figure, 1), "unit": "groups/s",
+                      "baseline": round(baseline, 1), "ratio": round(ratio, 3), "goal": goal,
                       "goal_met": None if goal is None else ratio >= goal,
                       "mb_s": round(figure * frame_bytes / 1e6, 1),
-                      "baseline_mb_s": round(baseline * frame_bytes / 1e6, 1), "bytes_per_group": frame_bytes,
+                      "baseline_mb_s": round(baseline * frame_bytes / 1e6, 1),
+                      "bytes_per_group": frame_bytes,
                       # load-robust companion: CPU (both processes) per group, raw over ours
-                      "cpu_us_per_group": round(cpu_ours, 1), "baseline_cpu_us_per_group": round(cpu_raw, 1),
+                      "cpu_us_per_group": round(cpu_ours, 1),
+                      "baseline_cpu_us_per_group": round(cpu_raw, 1),
                       "cpu_ratio": round(cpu_raw / cpu_ours, 3),
-                      # diagnostics (clock-tick resolution): where the CPU per group goes, by process
-                      "cpu_split_us": {mode: dict(zip(("sender_user", "sender_sys", "receiver_user", "receiver_sys"),
-                                                      (round(1e6 * x / n_groups[(pattern, mode)]) for x in
-                                                       split_s[(pattern, mode)]))) for mode in ("ours", "raw")},
-                      "encode_us": round(enc_us, 1), "decode_us": round(dec_us, 1), "rounds": rounds,
-                      "round_s": seconds, "ours_rounds": [round(x) for x in ours], "raw_rounds": [round(x) for x in base],
+                      # diagnostics (clock-tick resolution): where CPU per group goes, by process
+                      "cpu_split_us": {mode: dict(zip(("sender_user", "sender_sys", "receiver_user",
+                                                       "receiver_sys"),
+                                                      (round(1e6 * x / n_groups[(pattern, mode)])
+                                                       for x in split_s[(pattern, mode)])))
+                                       for mode in ("ours", "raw")},
+                      "encode_us": round(enc_us, 1), "decode_us": round(dec_us, 1),
+                      "rounds": rounds, "round_s": seconds, "ours_rounds": [round(x) for x in ours],
+                      "raw_rounds": [round(x) for x in base],
                       "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()})
     built, base = rates[("stream", "built")], rates[("stream", "raw")]
-    lines.append({"name": f"transport_stream_{GROUP_SIZE}x{tokens}_built", "figure": round(statistics.median(built), 1),
+    lines.append({"name": f"transport_stream_{GROUP_SIZE}x{tokens}_built",
+                  "figure": round(statistics.median(built), 1),
                   "unit": "groups/s", "baseline": round(statistics.median(base), 1),
-                  "ratio": round(statistics.median(built) / statistics.median(base), 3), "goal": None,
+                  "ratio": round(statistics.median(built) / statistics.median(base), 3),
+                  "goal": None,
                   "cpu_us_per_group": round(cpu_us(("stream", "built")), 1),
                   "baseline_cpu_us_per_group": round(cpu_us(("stream", "raw")), 1),
                   "cpu_ratio": round(cpu_us(("stream", "raw")) / cpu_us(("stream", "built")), 3),
                   "build_us": round(costs["build_us"], 1), "rounds": rounds, "round_s": seconds,
-                  "built_rounds": [round(x) for x in built], "raw_rounds": [round(x) for x in base]})
+                  "built_rounds": [round(x) for x in built],
+                  "raw_rounds": [round(x) for x in base]})
     busiest = {m: 1e6 * max(split_s[("stream", m)][0] + split_s[("stream", m)][1],
-                            split_s[("stream", m)][2] + split_s[("stream", m)][3]) / n_groups[("stream", m)]
+                            split_s[("stream", m)][2] + split_s[("stream", m)][3])
+                  / n_groups[("stream", m)]
                for m in ("curve", "ours")}
     busiest_thread = {m: 1e6 * max(threads_s[("stream", m)].values()) / n_groups[("stream", m)]
                       for m in ("curve", "ours")}
-    lines.append(curve_line(tokens, rates, cpu_us, busiest, busiest_thread, frame_bytes, rounds, seconds))
+    lines.append(curve_line(tokens, rates, cpu_us, busiest, busiest_thread, frame_bytes, rounds,
+                            seconds))
     lines.append(local_line(tokens, rates, cpu_us, rounds, seconds))
-    stream = {"window": window, **({} if window == goal_window else {"goal": None, "goal_met": None})}
-    return [{**line, **(stream if "_stream_" in line["name"] else {}), **load_warning()} for line in lines]
+    stream = {"window": window,
+              **({} if window == goal_window else {"goal": None, "goal_met": None})}
+    return [{**line, **(stream if "_stream_" in line["name"] else {}), **load_warning()}
+            for line in lines]
