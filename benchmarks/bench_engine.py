@@ -185,7 +185,7 @@ def measure(model, engine, lengths: str, args) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=64,
                     help="sequences per round (prompts x samples)")
     ap.add_argument("--group", type=int, default=8, help="samples per prompt (GRPO group size)")

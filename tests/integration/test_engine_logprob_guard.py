@@ -176,7 +176,12 @@ def test_guard_probes_the_adapter_an_embedded_engine_serves_after_an_adapter_syn
     from areal_like.settings.config import load_config, to_yaml
     from areal_like.tasks.tokenizer import load_tokenizer
     from areal_like.weights.hf import build_model
-    from areal_like.weights.lora import adapters_disabled, add_adapters, served_name, synced_parameters
+    from areal_like.weights.lora import (
+        adapters_disabled,
+        add_adapters,
+        served_name,
+        synced_parameters,
+    )
     from areal_like.wire.protocol import Register
     from rollout_server.engine.embedded import EmbeddedEngine
     from rollout_server.sglang_client import SGLangClient

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.logprob_guard import PROBE_TOKENS, Probe, compare_logprobs, generate_body, mismatch_message
+from trainer.logprob_guard import (
+    PROBE_TOKENS,
+    Probe,
+    compare_logprobs,
+    generate_body,
+    mismatch_message,
+)
 
 
 def test_compare_within_tolerance():

@@ -16,7 +16,14 @@ from areal_like.settings.config import load_config
 from areal_like.wire.protocol import TrajectoryGroup
 from areal_like.wire.trajectory import Trajectory
 from trainer.data import groups_to_batch
-from trainer.step import StepSettings, batch_advantages, batch_logp, minibatches, output_logp, sequence_score_terms
+from trainer.step import (
+    StepSettings,
+    batch_advantages,
+    batch_logp,
+    minibatches,
+    output_logp,
+    sequence_score_terms,
+)
 
 
 def _groups(rewards: list[list[float]], lengths: list[list[int]]) -> list[TrajectoryGroup]:

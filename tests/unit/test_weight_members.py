@@ -7,7 +7,13 @@ import time
 import pytest
 
 from areal_like.wire import protocol as P
-from trainer.weight_members import REPUSH_MIN_S, MembersLost, RendezvousWatch, merge_repush, repush_targets
+from trainer.weight_members import (
+    REPUSH_MIN_S,
+    MembersLost,
+    RendezvousWatch,
+    merge_repush,
+    repush_targets,
+)
 from trainer.weight_sync import SyncReport
 
 
