@@ -18,7 +18,7 @@ TOOL_MODULES = {"eval": "rollout_server.evaluate", "export": "trainer.export"}
 # torchrun's flags that take a value, spelled with dashes (torchrun also takes underscores)
 TORCHRUN_FLAGS_WITH_VALUE = {"--nproc-per-node", "--nnodes", "--node-rank", "--master-addr",
                              "--master-port", "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id",
-                             "--max-restarts", "--local-addr"}
+                             "--max-restarts", "--local-addr", "--log-dir"}
 
 
 def _parser() -> argparse.ArgumentParser:

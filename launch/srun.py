@@ -211,8 +211,10 @@ def _command(cfg: RunConfig, topo: Topology, slot: DaemonSlot, config: str, rest
     return ["areal-like", "train", "--nnodes", str(cfg.launch.train_nodes),
             "--node-rank", str(slot.node),
             "--nproc-per-node", str(cfg.launch.trainer_ranks), "--master-addr", topo.host,
-            "--master-port", str(topo.master_port), "--config-file", config,
-            *trainer_overrides(cfg)]
+            "--master-port", str(topo.master_port),
+            # torchrun's own files (without a folder it leaves one in /tmp at every start)
+            "--log-dir", str(Path(cfg.run_dir) / "logs" / f"torchrun-node{slot.node}"),
+            "--config-file", config, *trainer_overrides(cfg)]
 
 
 def after(argv: list[str]) -> int:

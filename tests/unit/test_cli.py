@@ -62,9 +62,10 @@ def test_unknown_command_is_a_usage_error():
 def test_torchrun_flags_pass_through():
     flags, rest = split_torchrun_args(["--nproc-per-node", "2", "--nnodes=2", "--node-rank", "1",
                                        "--master-addr", "node-0", "--master-port", "29500",
+                                       "--log-dir", "run/logs/torchrun",
                                        "--config-file", "run/config.yaml", "trainer.steps=5"])
     assert flags == ["--nproc-per-node", "2", "--nnodes=2", "--node-rank", "1", "--master-addr", "node-0",
-                     "--master-port", "29500"]
+                     "--master-port", "29500", "--log-dir", "run/logs/torchrun"]
     assert rest == ["--config-file", "run/config.yaml", "trainer.steps=5"]
     flags, rest = split_torchrun_args(["trainer.steps=5"])
     assert flags == ["--standalone", "--nproc-per-node", "1"] and rest == ["trainer.steps=5"]

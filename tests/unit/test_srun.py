@@ -160,7 +160,8 @@ def test_steps_place_every_process_of_the_plan(nodes, tp):
         tail = list(t.argv[t.argv.index("train") - 1:])
         assert tail == ["areal-like", "train", "--nnodes", str(max(1, nodes - 1)), "--node-rank", str(k),
                         "--nproc-per-node", "2" if nodes == 1 else "4", "--master-addr", "10.1.2.3",
-                        "--master-port", "29500", "--config-file", "/shared/run/config.yaml",
+                        "--master-port", "29500", "--log-dir", f"/shared/run/logs/torchrun-node{k}",
+                        "--config-file", "/shared/run/config.yaml",
                         "eval.await_server=true"]  # as run's trainer: the final eval's server may be late
 
 
@@ -171,7 +172,8 @@ def test_two_nodes_tp2_exact_command_lines():
         "env CUDA_VISIBLE_DEVICES= areal-like buffer --config-file /shared/run/config.yaml",
         "trainer\ttrainer\tsrun --overlap --nodes=1 --ntasks=1 --nodelist=gpu0 --cpus-per-task=16 "
         "--cpu-bind=mask_cpu:0xffff env CUDA_VISIBLE_DEVICES=0,1,2,3 areal-like train --nnodes 1 --node-rank 0 "
-        "--nproc-per-node 4 --master-addr 10.1.2.3 --master-port 29500 --config-file /shared/run/config.yaml "
+        "--nproc-per-node 4 --master-addr 10.1.2.3 --master-port 29500 --log-dir /shared/run/logs/torchrun-node0 "
+        "--config-file /shared/run/config.yaml "
         "eval.await_server=true",
         "rollout-0\trollout\tsrun --overlap --nodes=1 --ntasks=1 --nodelist=gpu1 --cpus-per-task=8 "
         "--cpu-bind=mask_cpu:0xff env CUDA_VISIBLE_DEVICES=0,1 bash /shared/repo/launch/slurm/with_restarts.sh 3 "
