@@ -22,30 +22,35 @@ def sleepy(seconds: float) -> str:
 
 TOOLS = [
     {"name": "add", "function": "agent_envs:add", "description": "a + b",
-     "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+     "parameters": {"type": "object",
+                    "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
                     "required": ["a", "b"], "additionalProperties": False}},
     {"name": "boom", "function": "agent_envs:boom", "description": "raises",
-     "parameters": {"type": "object", "properties": {"reason": {"type": "string"}}, "required": ["reason"]}},
+     "parameters": {"type": "object", "properties": {"reason": {"type": "string"}},
+                    "required": ["reason"]}},
     {"name": "sleepy", "function": "agent_envs:sleepy", "description": "sleeps",
-     "parameters": {"type": "object", "properties": {"seconds": {"type": "number"}}, "required": ["seconds"]}},
+     "parameters": {"type": "object", "properties": {"seconds": {"type": "number"}},
+                    "required": ["seconds"]}},
 ]
 
 
 class Chat:
-    """Answers each turn with how many characters it read; done (reward 1) after ``DONE_AFTER`` steps.
-    Each step's reward is 0.25 before that, so a test sees the sum."""
+    """Answers each turn with how many characters it read; done (reward 1) after ``DONE_AFTER``
+    steps. Each step's reward is 0.25 before that, so a test sees the sum."""
 
     tools = TOOLS
     DONE_AFTER = 3
 
     def reset(self, example):
         self.steps = 0
-        return [{"role": "system", "content": "be brief"}, {"role": "user", "content": example.prompt}]
+        return [{"role": "system", "content": "be brief"},
+                {"role": "user", "content": example.prompt}]
 
     def step(self, text):
         self.steps += 1
         done = self.steps >= self.DONE_AFTER
-        return [{"role": "user", "content": f"read {len(text)}"}], 1.0 if done else 0.25, done, {"steps": self.steps}
+        return ([{"role": "user", "content": f"read {len(text)}"}], 1.0 if done else 0.25, done,
+                {"steps": self.steps})
 
 
 class Endless(Chat):

@@ -55,7 +55,8 @@ def behave(response: str, example) -> object:
         return float(len(list(Path(folder).iterdir())))
     if response.startswith("long "):  # a long response: its length
         return float(len(response))
-    if response.startswith("sleep "):  # "sleep S V": reward V after S seconds (to shuffle finishing order)
+    # "sleep S V": reward V after S seconds (to shuffle finishing order)
+    if response.startswith("sleep "):
         _, seconds, value = response.split()
         time.sleep(float(seconds))
         return float(value)
@@ -92,7 +93,8 @@ def segfault() -> None:
 
 def identity() -> dict:
     """What the sandbox lets the call see about itself."""
-    return {"uid": os.getuid(), "env": sorted(os.environ), "nproc": resource.getrlimit(resource.RLIMIT_NPROC)[0],
+    return {"uid": os.getuid(), "env": sorted(os.environ),
+            "nproc": resource.getrlimit(resource.RLIMIT_NPROC)[0],
             "memory": resource.getrlimit(resource.RLIMIT_AS)[0]}
 
 

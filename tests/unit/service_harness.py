@@ -29,7 +29,8 @@ class Sink:
 
 def start(tmp_path, buffer: BufferConfig, *, clock: Callable[[], float] | None = None,
           before_recover: Callable[[BufferService], None] | None = None) -> BufferService:
-    """A recovered service over 100 prompts with ``buffer``'s settings, its sockets replaced by sinks."""
+    """A recovered service over 100 prompts with ``buffer``'s settings, its sockets replaced by
+    sinks."""
     cfg = RunConfig(run_dir=str(tmp_path), task=TaskConfig(num_prompts=100), buffer=buffer)
     svc = BufferService.from_run(cfg) if clock is None else BufferService.from_run(cfg, clock=clock)
     if before_recover is not None:
@@ -40,7 +41,8 @@ def start(tmp_path, buffer: BufferConfig, *, clock: Callable[[], float] | None =
 
 
 def step(svc: BufferService, msg: P.Message, peer: bytes = b"trainer-ws-test") -> P.Message:
-    """Handle ``msg`` from ``peer`` as the loop would (settle, wait until durable, send); the reply."""
+    """Handle ``msg`` from ``peer`` as the loop would (settle, wait until durable, send); the
+    reply."""
     frame = P.encode(msg)
     svc.handle(peer, b"req", P.decode(frame), frame)
     svc.settle()

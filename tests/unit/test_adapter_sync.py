@@ -95,7 +95,8 @@ class FakeTransportClient(SGLangClient):
         self.engine.tasks.add(task)
         task.add_done_callback(self.engine.tasks.discard)
         try:
-            return 200, await asyncio.wait_for(asyncio.shield(task), timeout_s or self.timeout_s), ""
+            return 200, await asyncio.wait_for(asyncio.shield(task),
+                                               timeout_s or self.timeout_s), ""
         except asyncio.TimeoutError:
             raise SGLangError(path, None, "TimeoutError: no answer in time") from None
 

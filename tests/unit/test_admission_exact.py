@@ -27,7 +27,8 @@ TRAINER, STRAY = b"trainer-ws-t0", b"stray-c0ffee"
 
 
 def _start(tmp_path) -> BufferService:
-    return start(tmp_path, BufferConfig(max_staleness=ETA, groups_per_step=B, max_inflight=16, capacity=64,
+    return start(tmp_path, BufferConfig(max_staleness=ETA, groups_per_step=B,
+                                        max_inflight=16, capacity=64,
                                         stale_policy="reissue"))
 
 
@@ -37,7 +38,8 @@ def _step(svc: BufferService, msg: P.Message, peer: bytes = TRAINER) -> P.Messag
 
 def _deliver(svc: BufferService, n: int, version: int) -> None:
     for c in _step(svc, P.CreditRequest(server_id="s", max_credits=n)).credits:
-        t = Trajectory.of(prompt_ids=as_i32([1]), output_ids=as_i32([2, 3]), behav_logp=as_f32([-1, -1]),
+        t = Trajectory.of(prompt_ids=as_i32([1]), output_ids=as_i32([2, 3]),
+                         behav_logp=as_f32([-1, -1]),
                          versions=as_i32(np.full(2, version)), reward=1.0, finish_reason="stop")
         g = P.TrajectoryGroup(group_id=f"s-{c.lease_id}", server_id="s", lease_id=c.lease_id,
                               prompt_index=c.prompt_index, epoch=c.epoch, trajectories=[t])
@@ -52,24 +54,29 @@ def test_a_restart_that_skips_a_version_label_does_not_open_the_window(tmp_path)
     svc = _start(tmp_path)
     _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
     _deliver(svc, 10, 0)
-    assert (svc.ledger.started, svc.ledger.available()) == (4, 0)  # (eta + 1) * B ahead, the window is full
+    # (eta + 1) * B ahead, the window is full
+    assert (svc.ledger.started, svc.ledger.available()) == (4, 0)
     first = _step(svc, P.BatchRequest(n_groups=B, trainer_version=0, wait_s=0))
     _step(svc, P.VersionUpdate(policy_version=1))
-    second = _step(svc, P.BatchRequest(n_groups=B, trainer_version=1, wait_s=0, ack_batch=first.batch_id))
+    second = _step(svc, P.BatchRequest(n_groups=B, trainer_version=1, wait_s=0,
+                                       ack_batch=first.batch_id))
     assert len(second.groups) == B and svc.ledger.consumed == B and svc.ledger.available() == B
     _step(svc, P.Heartbeat(server_id="s", policy_version=1))
     _deliver(svc, 10, 1)
     assert _ahead(svc) == 4 and svc.ledger.available() == 0
-    # a trainer that announces 2 and then 3 without consuming a batch in between (as a resumed trainer
+    # a trainer that announces 2 then 3 without consuming a batch in between (as a resumed trainer
     # did when it took a fresh label for its checkpoint's weights)
     _step(svc, P.VersionUpdate(policy_version=2))
     _step(svc, P.VersionUpdate(policy_version=3))
     # at version 3 the stored head-0 groups are stale (dropped, slots back); what is ahead plus what
     # may start is still (eta + 1) * B, where (eta + v + 1) * B - started would admit 2 * B more
     old_rule = (ETA + 3 + 1) * B - svc.ledger.started
-    assert _ahead(svc) + svc.ledger.available() == (ETA + 1) * B and old_rule - svc.ledger.available() == 2 * B
-    third = _step(svc, P.BatchRequest(n_groups=B, trainer_version=3, wait_s=0, ack_batch=first.batch_id))
-    # the lost batch (head 0) came back: stale at version 3, dropped with its slots; nothing fresh yet
+    assert (_ahead(svc) + svc.ledger.available() == (ETA + 1) * B
+            and old_rule - svc.ledger.available() == 2 * B)
+    third = _step(svc, P.BatchRequest(n_groups=B, trainer_version=3, wait_s=0,
+                                      ack_batch=first.batch_id))
+    # the lost batch (head 0) came back: stale at version 3, dropped with its slots;
+    # nothing fresh yet
     assert third.groups == [] and svc.ledger.consumed == B
     assert _ahead(svc) + svc.ledger.available() == (ETA + 1) * B
     svc.wal.close()
@@ -80,13 +87,15 @@ def test_a_stray_consumer_neither_shrinks_the_window_nor_starves_the_trainer(tmp
     _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
     _deliver(svc, 10, 0)
     stray = _step(svc, P.BatchRequest(n_groups=B, trainer_version=0, wait_s=0), peer=STRAY)
-    _step(svc, P.BatchRequest(n_groups=1, trainer_version=0, wait_s=0, ack_batch=stray.batch_id), peer=STRAY)
+    _step(svc, P.BatchRequest(n_groups=1, trainer_version=0, wait_s=0, ack_batch=stray.batch_id),
+          peer=STRAY)
     # the stray consumer took 2 (acked) and holds 1 in transit: those 2 left the pipeline, so 2 new
     # groups may start; under (eta + v + 1) * B at v = 0 none could until the trainer moved on
     assert svc.ledger.consumed == B and svc.ledger.available() == B
     _deliver(svc, 10, 0)
     assert _ahead(svc) == (ETA + 1) * B and svc.ledger.available() == 0
-    batch = _step(svc, P.BatchRequest(n_groups=B, trainer_version=0, wait_s=0))  # the stray's 1 is back
+    # the stray's 1 is back
+    batch = _step(svc, P.BatchRequest(n_groups=B, trainer_version=0, wait_s=0))
     assert len(batch.groups) == B
     svc.wal.close()
 
@@ -129,30 +138,33 @@ def test_an_engine_that_missed_a_sync_starts_no_group_that_would_go_stale(tmp_pa
     _deliver(svc, 10, 0)
     first = _step(svc, P.BatchRequest(n_groups=B, trainer_version=0, wait_s=0))
     _step(svc, P.VersionUpdate(policy_version=1))  # the engine missed this sync: it still serves 0
-    second = _step(svc, P.BatchRequest(n_groups=B, trainer_version=1, wait_s=0, ack_batch=first.batch_id))
+    second = _step(svc, P.BatchRequest(n_groups=B, trainer_version=1, wait_s=0,
+                                       ack_batch=first.batch_id))
     assert len(second.groups) == B and svc.ledger.consumed == B and svc.ledger.started == 2 * B
     # B slots are free, but what the engine starts now has head 0 and is trained at version 2 at the
-    # earliest (second is in transit): staleness 2 > eta. Under the full window it got B credits, and
-    # both groups were dropped as stale at version 2.
+    # earliest (second is in transit): staleness 2 > eta. Under the full window it got B credits,
+    # and both groups were dropped as stale at version 2.
     refused = _step(svc, P.CreditRequest(server_id="s", max_credits=10))
     assert refused.credits == [] and refused.reason == "staleness"
     _step(svc, P.Heartbeat(server_id="s", policy_version=1))  # the next sync reached it
     _deliver(svc, 10, 1)
     assert svc.ledger.started == 3 * B
     _step(svc, P.VersionUpdate(policy_version=2))
-    third = _step(svc, P.BatchRequest(n_groups=B, trainer_version=2, wait_s=0, ack_batch=second.batch_id))
+    third = _step(svc, P.BatchRequest(n_groups=B, trainer_version=2, wait_s=0,
+                                      ack_batch=second.batch_id))
     assert len(third.groups) == B and svc.instruments.counts.get("groups_dropped_stale", 0) == 0
     svc.wal.close()
 
 
 def test_the_lag_counts_from_a_batch_asked_for_before_its_version_was_announced(tmp_path):
-    """An overlapped sync: the trainer asks for the batch of version 1 (acking version 0's, which opens
-    the window) while version 1's weights are still on their way and not yet announced."""
+    """An overlapped sync: the trainer asks for the batch of version 1 (acking version 0's, which
+    opens the window) while version 1's weights are still on their way and not yet announced."""
     svc = _start(tmp_path)
     _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
     _deliver(svc, 10, 0)
     first = _step(svc, P.BatchRequest(n_groups=B, trainer_version=0, wait_s=0))
-    second = _step(svc, P.BatchRequest(n_groups=B, trainer_version=1, wait_s=0, ack_batch=first.batch_id))
+    second = _step(svc, P.BatchRequest(n_groups=B, trainer_version=1, wait_s=0,
+                                       ack_batch=first.batch_id))
     assert len(second.groups) == B and svc.control.version == 0 and svc.ledger.consumed == B
     # what the engine (still version 0) starts now is trained at version 2 at the earliest: 2 > eta
     refused = _step(svc, P.CreditRequest(server_id="s", max_credits=10))

@@ -31,7 +31,8 @@ def close(actual, expected, rtol=1e-5, atol=1e-6):
                                torch.as_tensor(expected, dtype=torch.float64), rtol=rtol, atol=atol)
 
 
-# Group A: R = [1, 0, 1, 1], lengths [2, 3, 1, 2]; group B: R = [0, 0, 0, 1], lengths [1, 1, 2, 2] (14 tokens).
+# Group A: R = [1, 0, 1, 1], lengths [2, 3, 1, 2]; group B: R = [0, 0, 0, 1], lengths [1, 1, 2, 2]
+# (14 tokens).
 REWARDS = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0])
 GROUPS = ["A"] * 4 + ["B"] * 4
 LENGTHS = torch.tensor([2, 3, 1, 2, 1, 1, 2, 2])
@@ -42,9 +43,11 @@ EXPECTED = {
     "drgrpo": [0.25, -0.75, 0.25, 0.25, -0.25, -0.25, -0.25, 0.75],
     "rloo": [1 / 3, -1.0, 1 / 3, 1 / 3, -1 / 3, -1 / 3, -1 / 3, 1.0],
     # token mean of a = -0.0357143, unbiased token var = 0.2582418 (over the 14 valid tokens)
-    "reinforce_pp_baseline": [0.562236, -1.405590, 0.562236, 0.562236, -0.421677, -0.421677, -0.421677, 1.546149],
+    "reinforce_pp_baseline": [0.562236, -1.405590, 0.562236, 0.562236,
+                              -0.421677, -0.421677, -0.421677, 1.546149],
     # token mean 0.5, var 0.2692308 -> +-0.963624
-    "reinforce_pp": [0.963624, -0.963624, 0.963624, 0.963624, -0.963624, -0.963624, -0.963624, 0.963624],
+    "reinforce_pp": [0.963624, -0.963624, 0.963624, 0.963624,
+                     -0.963624, -0.963624, -0.963624, 0.963624],
 }
 
 
@@ -52,22 +55,26 @@ EXPECTED = {
 def test_estimator_vectors(estimator):
     adv = compute_advantages(estimator, REWARDS, GROUPS, MASK)
     assert adv.shape == MASK.shape and adv.dtype == torch.float32
-    close(adv, torch.tensor(EXPECTED[estimator])[:, None] * MASK)  # constant per response, 0 on padding
+    # constant per response, 0 on padding
+    close(adv, torch.tensor(EXPECTED[estimator])[:, None] * MASK)
 
 
 def test_group_ids_as_tensor_or_strings_agree():
     ids = torch.tensor([5, 5, 5, 5, 2, 2, 2, 2])
-    close(compute_advantages("grpo", REWARDS, ids, MASK), compute_advantages("grpo", REWARDS, GROUPS, MASK))
+    close(compute_advantages("grpo", REWARDS, ids, MASK),
+          compute_advantages("grpo", REWARDS, GROUPS, MASK))
     assert group_index(["x", "y", "x"]).tolist() == [0, 1, 0]
 
 
 def test_interleaved_groups_and_singletons():
-    # a group of size 1 gets mean 0 and std 1 (GRPO), advantage R (RLOO, REINFORCE++-baseline before whitening)
+    # a group of size 1 gets mean 0 and std 1 (GRPO), advantage R (RLOO, REINFORCE++-baseline
+    # before whitening)
     r = torch.tensor([1.0, 3.0, 0.0, 2.0])
     g = [0, 1, 0, 2]
     m = torch.ones(4, 2)
-    close(compute_advantages("grpo", r, g, m)[:, 0], [1 / math.sqrt(0.5) / (1 + 1e-6 / math.sqrt(0.5)) * 0.5,
-                                                     3.0 / (1 + 1e-6), -0.5 / (math.sqrt(0.5) + 1e-6), 2.0 / (1 + 1e-6)])
+    close(compute_advantages("grpo", r, g, m)[:, 0],
+          [1 / math.sqrt(0.5) / (1 + 1e-6 / math.sqrt(0.5)) * 0.5,
+           3.0 / (1 + 1e-6), -0.5 / (math.sqrt(0.5) + 1e-6), 2.0 / (1 + 1e-6)])
     close(compute_advantages("rloo", r, g, m)[:, 0], [1.0, 3.0, -1.0, 2.0])
     close(compute_advantages("drgrpo", r, g, m)[:, 0], [0.5, 3.0, -0.5, 2.0])
 
@@ -94,7 +101,8 @@ def test_vcpo_ess_extreme_weights_and_base():
     scale, ess, ratio = vcpo_ess_lr_scale(w)
     assert torch.isfinite(scale) and 1.0 <= float(ess) <= 4.0
     close(vcpo_ess_lr_scale(torch.ones(4), base=1.0)[0], 1.0)
-    close(vcpo_ess_lr_scale(torch.tensor([1.0, 1.0, 2.0, 0.5]), base=0.5)[0], 1.0)  # 0.81/0.5 > 1 -> capped
+    # 0.81/0.5 > 1 -> capped
+    close(vcpo_ess_lr_scale(torch.tensor([1.0, 1.0, 2.0, 0.5]), base=0.5)[0], 1.0)
 
 
 def test_vcpo_opob_readme_vector():
@@ -123,7 +131,8 @@ def test_vcpo_opob_code_mode_and_groups():
 
 
 def vcpo_two_buffer_gradient(
-    seq_grads: torch.Tensor, rewards: torch.Tensor, is_weights: torch.Tensor, grad_sq_norms: torch.Tensor,
+    seq_grads: torch.Tensor, rewards: torch.Tensor, is_weights: torch.Tensor,
+    grad_sq_norms: torch.Tensor,
     group_ids: list, *, weight_mode: str = "readme", is_cap: float = 8.0,
 ) -> torch.Tensor:
     """The released code's one-backward-per-trajectory accumulation, over explicit vectors.
@@ -131,8 +140,9 @@ def vcpo_two_buffer_gradient(
     ``seq_grads`` [N, D] holds each trajectory's token-mean score gradient gbar_i = grad (1/L_i)
     sum_t logp_it. Per group, buffer_R accumulates (R_i/sigma) w~_i gbar_i and buffer_1
     accumulates (1/sigma) w~_i gbar_i; closing the group adds buffer_R - b*_g buffer_1. The result
-    equals (1/B) sum_i A_i w~_i gbar_i (the ascent direction of trainer/LOSSES.md section 8, step 5) without knowing b*
-    before the backward passes; a trainer can run the same algebra on parameter gradients.
+    equals (1/B) sum_i A_i w~_i gbar_i (the ascent direction of trainer/LOSSES.md section 8, step 5)
+    without knowing b* before the backward passes; a trainer can run the same algebra on parameter
+    gradients.
     """
     idx = group_index(group_ids).to(seq_grads.device)
     r = rewards.detach().double()
@@ -149,7 +159,8 @@ def vcpo_two_buffer_gradient(
         for i in rows.tolist():  # one "backward" per trajectory
             buf_r += (r[i] / sigma[i]) * w_clip[i] * seq_grads[i].double()
             buf_1 += (1.0 / sigma[i]) * w_clip[i] * seq_grads[i].double()
-        c_g = c[rows] / c[rows].max().clamp(min=torch.finfo(c.dtype).tiny)  # scale-free, as vcpo_advantages
+        # scale-free, as vcpo_advantages
+        c_g = c[rows] / c[rows].max().clamp(min=torch.finfo(c.dtype).tiny)
         b_star = (c_g * r[rows]).sum() / (c_g.sum() + VCPO_EPS)
         total += buf_r - b_star * buf_1
     return total / len(r)
@@ -158,7 +169,8 @@ def vcpo_two_buffer_gradient(
 def test_vcpo_two_buffer_accumulation_matches_direct_estimator():
     g = torch.Generator().manual_seed(0)
     n, d = 8, 5
-    seq_grads = torch.randn(n, d, generator=g, dtype=torch.float64)  # token-mean score gradients gbar_i
+    # token-mean score gradients gbar_i
+    seq_grads = torch.randn(n, d, generator=g, dtype=torch.float64)
     r = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0])
     w = torch.exp(torch.randn(n, generator=g) * 1.5)
     g2 = torch.rand(n, generator=g) * 3 + 0.1
@@ -166,16 +178,18 @@ def test_vcpo_two_buffer_accumulation_matches_direct_estimator():
     for mode in ("readme", "code"):
         adv = vcpo_advantages(r, w, g2, groups, weight_mode=mode, is_cap=2.0).double()
         direct = (adv[:, None] * w.double().clamp(max=2.0)[:, None] * seq_grads).sum(0) / n
-        buffered = vcpo_two_buffer_gradient(seq_grads, r, w, g2, groups, weight_mode=mode, is_cap=2.0)
+        buffered = vcpo_two_buffer_gradient(seq_grads, r, w, g2, groups, weight_mode=mode,
+                                            is_cap=2.0)
         close(buffered, direct, rtol=1e-6, atol=1e-9)  # advantages come back in fp32
 
 
-# ---------------------------------------------------------------- OAPL (LOSSES.md section 9, reconstruction)
+# ------------------------------------------------------- OAPL (LOSSES.md section 9, reconstruction)
 def test_oapl_targets_vector_and_stability():
     r = torch.tensor([1.0, 0.0, 1.0, 1.0])
     close(oapl_targets(r, [0] * 4, beta_v=1.0), r - 0.8279889)
     close(oapl_targets(r, [0] * 4, beta_v=0.5), r - 0.8782209)
-    big = oapl_targets(torch.tensor([1e3, 0.0, 5.0]), [0, 0, 1], beta_v=1e-3)  # logsumexp, no overflow
+    # logsumexp, no overflow
+    big = oapl_targets(torch.tensor([1e3, 0.0, 5.0]), [0, 0, 1], beta_v=1e-3)
     assert torch.isfinite(big).all()
     close(big[2], 0.0)  # a singleton group's soft value is its own reward
 
@@ -186,7 +200,8 @@ def test_kernel_advantage_rules():
     close(oapl.values, oapl_targets(REWARDS, GROUPS, beta_v=2.0)[:, None] * MASK)
     close(estimator_advantages(inputs).values, compute_advantages("rloo", REWARDS, GROUPS, MASK))
     w, g2 = torch.full((8,), 0.5), torch.ones(8)
-    vcpo = vcpo_step_advantages(AdvantageInputs(REWARDS, GROUPS, MASK, "grpo", score_terms=lambda: (w, g2)),
+    vcpo = vcpo_step_advantages(AdvantageInputs(REWARDS, GROUPS, MASK, "grpo",
+                                                score_terms=lambda: (w, g2)),
                                 VCPOConfig())
     close(vcpo.values, vcpo_advantages(REWARDS, w, g2, GROUPS)[:, None] * MASK)
     # uniform weights: ESS = B, so the step keeps its learning rate
@@ -196,9 +211,9 @@ def test_kernel_advantage_rules():
 
 
 def test_vcpo_baseline_is_scale_free():
-    # Both sequence weights e^-10 (a policy far from the one that sampled): the baseline is a weighted
-    # mean, so equal weights must give the plain mean 0.5 and A = [1, -1] (it was [1.71, -0.29] when
-    # the 1e-8 eps was added to weights of e^-20 each)
+    # Both sequence weights e^-10 (a policy far from the one that sampled): the baseline is a
+    # weighted mean, so equal weights must give the plain mean 0.5 and A = [1, -1] (it was
+    # [1.71, -0.29] when the 1e-8 eps was added to weights of e^-20 each)
     r = torch.tensor([1.0, 0.0])
     w = torch.full((2,), math.exp(-10.0))
     g2 = torch.ones(2)
@@ -207,4 +222,5 @@ def test_vcpo_baseline_is_scale_free():
     # scaling every weight of a group by the same factor leaves the advantages unchanged
     w2, g22 = torch.tensor([1.0, 1.0, 2.0, 0.5]), torch.tensor([1.0, 4.0, 1.0, 1.0])
     r2 = torch.tensor([1.0, 0.0, 1.0, 0.0])
-    close(vcpo_advantages(r2, w2 * math.exp(-12.0), g22, [0] * 4), vcpo_advantages(r2, w2, g22, [0] * 4))
+    close(vcpo_advantages(r2, w2 * math.exp(-12.0), g22, [0] * 4),
+          vcpo_advantages(r2, w2, g22, [0] * 4))

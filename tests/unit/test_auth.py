@@ -37,34 +37,41 @@ def test_the_key_file_is_made_once_and_readable_by_its_owner_only(tmp_path):
     assert ensure_key_file(tmp_path / "other") != key  # another job, another key
 
 
-def test_a_local_job_hands_its_key_to_every_daemon_and_never_writes_it_into_config(tmp_path, monkeypatch):
+def test_a_local_job_hands_its_key_to_every_daemon_and_never_writes_it_into_config(
+        tmp_path, monkeypatch):
     monkeypatch.delenv(ENGINE_KEY_ENV, raising=False)
     monkeypatch.delenv(BIND_HOST_ENV, raising=False)
-    cfg = load_config([f"run_dir={tmp_path / 'run'}", "launch.num_rollout_servers=2", "launch.trainer_ranks=1"])
+    cfg = load_config([f"run_dir={tmp_path / 'run'}", "launch.num_rollout_servers=2",
+                       "launch.trainer_ranks=1"])
     cfg, topo, config_path = prepare(cfg)
     key = (tmp_path / "run" / KEY_FILE).read_text().strip()
     specs = job_specs(cfg, topo, config_path, python="py")
     assert {s.env[ENGINE_KEY_ENV] for s in specs} == {key} and len(specs) == 4
-    assert {s.env[BIND_HOST_ENV] for s in specs} == {"127.0.0.1"}  # /metrics on loopback for a local job
-    assert key not in config_path.read_text() and key not in " ".join(str(a) for s in specs
-                                                                      for a in (s.argv if isinstance(s.argv, list)
-                                                                                else s.argv()))
+    # /metrics on loopback for a local job
+    assert {s.env[BIND_HOST_ENV] for s in specs} == {"127.0.0.1"}
+    assert (key not in config_path.read_text()
+            and key not in " ".join(str(a) for s in specs
+                                    for a in (s.argv if isinstance(s.argv, list) else s.argv())))
     monkeypatch.setenv(ENGINE_KEY_ENV, "exported-by-the-user")  # e.g. an attached SGLang's key wins
-    assert {s.env[ENGINE_KEY_ENV] for s in job_specs(cfg, topo, config_path, python="py")} == {"exported-by-the-user"}
+    assert ({s.env[ENGINE_KEY_ENV] for s in job_specs(cfg, topo, config_path, python="py")}
+            == {"exported-by-the-user"})
 
 
 def test_credentials_are_refused_in_config():
-    with pytest.raises(ConfigError, match=f"rollout.engine.sglang.api_key: credentials are not configuration.*"
-                                          f"{ENGINE_KEY_ENV}"):
+    with pytest.raises(ConfigError, match=f"rollout.engine.sglang.api_key: credentials are not "
+                                          f"configuration.*{ENGINE_KEY_ENV}"):
         EngineConfig(kind="sglang", sglang={"api_key": "x"})
-    EngineConfig(kind="sglang", sglang={"max_prefill_tokens": 4096, "kv_cache_dtype": "auto"})  # not credentials
+    # not credentials
+    EngineConfig(kind="sglang", sglang={"max_prefill_tokens": 4096, "kv_cache_dtype": "auto"})
 
 
 def test_redaction_keeps_what_is_not_a_credential():
-    got = redact({"task": {"reward_url": "https://bot:hunter2@rewards.example/score", "prompt_key": "q",
-                           "max_new_tokens": 16}, "hf_token": "hf_x", "x": [{"api_key": "k"}], "empty_token": ""})
-    assert got == {"task": {"reward_url": "https://bot:<redacted>@rewards.example/score", "prompt_key": "q",
-                            "max_new_tokens": 16}, "hf_token": "<redacted>", "x": [{"api_key": "<redacted>"}],
+    got = redact({"task": {"reward_url": "https://bot:hunter2@rewards.example/score",
+                           "prompt_key": "q", "max_new_tokens": 16},
+                  "hf_token": "hf_x", "x": [{"api_key": "k"}], "empty_token": ""})
+    assert got == {"task": {"reward_url": "https://bot:<redacted>@rewards.example/score",
+                            "prompt_key": "q", "max_new_tokens": 16},
+                   "hf_token": "<redacted>", "x": [{"api_key": "<redacted>"}],
                    "empty_token": ""}
     assert redact_argv(["sglang", "--api-key", "K", "--port", "1", "--admin-api-key=Z"]) == [
         "sglang", "--api-key", "<redacted>", "--port", "1", "--admin-api-key=<redacted>"]
@@ -75,7 +82,8 @@ def test_sglang_gets_the_key_on_its_command_line():
 
     argv = sglang_command(ModelConfig(path="/m"), EngineConfig(kind="sglang"), 30000, api_key="K")
     assert argv[argv.index("--api-key") + 1] == "K"
-    assert "--api-key" not in sglang_command(ModelConfig(path="/m"), EngineConfig(kind="sglang"), 30000)
+    assert "--api-key" not in sglang_command(ModelConfig(path="/m"), EngineConfig(kind="sglang"),
+                                             30000)
 
 
 def test_areal_like_config_redacts_credentials(tmp_path):

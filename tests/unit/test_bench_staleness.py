@@ -8,14 +8,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("bench_staleness", ROOT / "benchmarks" / "bench_staleness.py")
+spec = importlib.util.spec_from_file_location("bench_staleness",
+                                              ROOT / "benchmarks" / "bench_staleness.py")
 bench = importlib.util.module_from_spec(spec)
 sys.modules.setdefault("bench_staleness", bench)
 spec.loader.exec_module(bench)
 
 
 def rec(step, reward, stale_mean, stale_max, loss=0.1, grad=1.0):
-    return {"step": step, "reward_mean": reward, "staleness_mean": stale_mean, "staleness_max": stale_max,
+    return {"step": step, "reward_mean": reward, "staleness_mean": stale_mean,
+            "staleness_max": stale_max,
             "loss": loss, "stats": {"grad_norm": grad}}
 
 
@@ -38,14 +40,17 @@ def test_divergence_events_count_bad_steps_a_fall_and_a_run_left_worse_than_it_s
     assert bench.divergence_events(run(rising)) == 0
     fallen = rising + [0.0] * 10  # best 10-step mean 0.45, last 0.0: fell more than 0.3
     assert bench.divergence_events(run(fallen)) == 1
-    assert bench.divergence_events(run([0.2] * 20, start=0.2, final=0.1)) == 1  # never rose, ended worse
+    # never rose, ended worse
+    assert bench.divergence_events(run([0.2] * 20, start=0.2, final=0.1)) == 1
     nan_step = [rec(1, 0.5, 0, 0, loss=float("nan")), rec(2, 0.5, 1, 1, grad=float("inf"))]
     assert bench.divergence_events(run([], recs=nan_step, final=0.5)) == 2
 
 
 def test_a_cell_pools_its_seeds_and_its_ratio_is_over_the_same_kernel_at_eta_0():
-    on = bench.summarize_cell("vcpo", 0, [run([0.5] * 10, final=0.8, eta=0), run([0.5] * 10, final=0.6, eta=0)], 10, 1.0)
-    off = bench.summarize_cell("vcpo", 2, [run([0.5] * 10, final=0.35), run([0.5] * 10, final=0.35)], 10, 1.0)
+    on = bench.summarize_cell("vcpo", 0, [run([0.5] * 10, final=0.8, eta=0),
+                                          run([0.5] * 10, final=0.6, eta=0)], 10, 1.0)
+    off = bench.summarize_cell("vcpo", 2, [run([0.5] * 10, final=0.35),
+                                           run([0.5] * 10, final=0.35)], 10, 1.0)
     lines = bench.with_baselines([on, off])
     assert on["figure"] == pytest.approx(0.7) and on["accuracy_min"] == 0.6 and on["ratio"] == 1.0
     assert off["baseline"] == pytest.approx(0.7) and off["ratio"] == pytest.approx(0.5)

@@ -16,7 +16,8 @@ _spec.loader.exec_module(bench)
 
 def test_reward_is_the_tasks_exact_match_per_completion():
     # TRL passes the dataset's `answer` column by name, one entry per completion
-    got = bench.exact_match_rewards(["82", " 82 ", "8", "820", ""], answer=["82", "82", "82", "82", "0"],
+    got = bench.exact_match_rewards(["82", " 82 ", "8", "820", ""],
+                                    answer=["82", "82", "82", "82", "0"],
                                     prompts=["37+45="] * 5, completion_ids=[[]] * 5)
     assert got == [1.0, 1.0, 0.0, 0.0, 0.0]
 
@@ -44,7 +45,8 @@ def test_the_budget_starts_after_the_steps_that_may_train_groups_made_during_sta
     """The buffer grants credits before the trainer is ready, so version-0
     groups generated during its start-up (before the log-prob guard) gave our side a head start
     in the first eta + 1 steps; the clock starts at the end of step eta + 1, later steps count."""
-    rows = [{"time": 1.0, "event": "resume"}, {"time": 2.5, "event": "logprob_guard", "passed": True},
+    rows = [{"time": 1.0, "event": "resume"},
+            {"time": 2.5, "event": "logprob_guard", "passed": True},
             *({"time": 3.0 + k, "step": k, "seqs": 64, "reward": 0.5} for k in range(1, 7))]
     assert bench.rl_start(rows, eta=0) == 4.0 and bench.rl_start(rows, eta=4) == 8.0
     assert [r["step"] for r in bench.counted_steps(rows, eta=0)] == [2, 3, 4, 5, 6]
@@ -57,7 +59,8 @@ def test_the_budget_starts_after_the_steps_that_may_train_groups_made_during_sta
 def test_the_workload_is_the_issues_and_starts_from_the_stronger_warm_start(tmp_path):
     cfg = bench.workload(tmp_path / "run", eta=4)
     t = cfg.task
-    assert (t.name, t.digits, t.group_size, t.max_new_tokens, t.temperature) == ("addition", 2, 8, 8, 1.0)
+    assert ((t.name, t.digits, t.group_size, t.max_new_tokens, t.temperature)
+            == ("addition", 2, 8, 8, 1.0))
     assert (cfg.buffer.groups_per_step, cfg.trainer.lr, cfg.buffer.max_staleness) == (8, 3e-5, 4)
     # 350 supervised steps at lr 1e-3: greedy held-out ~0.27 (1500 at 3e-3 stalled at ~0.07)
     assert (cfg.warm_start.steps, cfg.warm_start.lr, cfg.warm_start.batch_size) == (350, 1e-3, 64)

@@ -15,15 +15,16 @@ from launch.top import figure, render, status
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "launch.cli", *args],
+                          capture_output=True, text=True,
                           timeout=timeout)
 
 
 def test_help_is_fast_and_imports_nothing_heavy():
     code = ("import sys\nfrom launch.cli import main\n"
             "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
-            "heavy = [m for m in ('torch', 'transformers', 'hydra', 'buffer', 'trainer', 'rollout_server') "
-            "if m in sys.modules]\nassert not heavy, heavy\n")
+            "heavy = [m for m in ('torch', 'transformers', 'hydra', 'buffer', 'trainer', "
+            "'rollout_server') if m in sys.modules]\nassert not heavy, heavy\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     for cmd in ("run", "buffer", "rollout", "train", "top", "status", "export"):
@@ -64,7 +65,8 @@ def test_torchrun_flags_pass_through():
                                        "--master-addr", "node-0", "--master-port", "29500",
                                        "--log-dir", "run/logs/torchrun",
                                        "--config-file", "run/config.yaml", "trainer.steps=5"])
-    assert flags == ["--nproc-per-node", "2", "--nnodes=2", "--node-rank", "1", "--master-addr", "node-0",
+    assert flags == ["--nproc-per-node", "2", "--nnodes=2", "--node-rank", "1",
+                     "--master-addr", "node-0",
                      "--master-port", "29500", "--log-dir", "run/logs/torchrun"]
     assert rest == ["--config-file", "run/config.yaml", "trainer.steps=5"]
     flags, rest = split_torchrun_args(["trainer.steps=5"])
@@ -72,7 +74,8 @@ def test_torchrun_flags_pass_through():
 
 
 def _ports_json(tmp_path, ports: dict[str, int]) -> None:
-    daemons = [{"name": n, "kind": n.split("-")[0], "pid": None, "metrics_url": f"http://127.0.0.1:{p}/metrics",
+    daemons = [{"name": n, "kind": n.split("-")[0], "pid": None,
+                "metrics_url": f"http://127.0.0.1:{p}/metrics",
                 "health_url": f"http://127.0.0.1:{p}/health"} for n, p in ports.items()]
     (tmp_path / "ports.json").write_text(json.dumps({"daemons": daemons}))
 
@@ -101,9 +104,11 @@ def test_top_figures_values_rates_and_histogram_means():
     assert figure(now, None, 2.0, "areal_c_total", "rate") == "-"
     assert figure(now, prev, 2.0, "areal_h", "mean") == "1.5"
     assert figure(now, prev, 2.0, "areal_missing", "value") == "-"
-    info = {"daemons": [{"name": "buffer", "kind": "buffer"}, {"name": "rollout-0", "kind": "rollout"},
+    info = {"daemons": [{"name": "buffer", "kind": "buffer"},
+                        {"name": "rollout-0", "kind": "rollout"},
                         {"name": "trainer", "kind": "trainer"}]}
-    tables = render(info, {"buffer": {"areal_buffer_trainer_version": 4.0}, "rollout-0": None, "trainer": {}}, {}, 1)
+    tables = render(info, {"buffer": {"areal_buffer_trainer_version": 4.0}, "rollout-0": None,
+                           "trainer": {}}, {}, 1)
     assert [t.title for t in tables] == ["buffer", "rollout", "trainer"]
 
 
@@ -113,20 +118,25 @@ def test_daemon_commands_pass_every_argument_through(monkeypatch):
     main(["rollout", "--config-file", "run/config.yaml", "rollout.server_id=a"])
     main(["buffer", "buffer.metrics_port=9100"])
     main(["train", "--nproc-per-node", "2", "--config-file", "run/config.yaml", "trainer.steps=3"])
-    assert calls[0][1:] == ["-m", "rollout_server", "--config-file", "run/config.yaml", "rollout.server_id=a"]
+    assert calls[0][1:] == ["-m", "rollout_server", "--config-file", "run/config.yaml",
+                            "rollout.server_id=a"]
     assert calls[1][1:] == ["-m", "buffer", "buffer.metrics_port=9100"]
-    assert calls[2][1:] == ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m", "trainer",
+    assert calls[2][1:] == ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                            "-m", "trainer",
                             "--config-file", "run/config.yaml", "trainer.steps=3"]
 
 
 def test_export_runs_trainer_export_by_module_name_and_its_help_is_light(monkeypatch):
     calls = []
     monkeypatch.setattr("launch.cli.os.execv", lambda exe, argv: calls.append(argv))
-    main(["export", "runs/x/checkpoints/v00000012", "out", "--config-file", "runs/x/config.yaml", "--shard-mb", "5"])
-    assert calls == [[sys.executable, "-m", "trainer.export", "runs/x/checkpoints/v00000012", "out", "--config-file",
+    main(["export", "runs/x/checkpoints/v00000012", "out", "--config-file", "runs/x/config.yaml",
+          "--shard-mb", "5"])
+    assert calls == [[sys.executable, "-m", "trainer.export", "runs/x/checkpoints/v00000012", "out",
+                      "--config-file",
                       "runs/x/config.yaml", "--shard-mb", "5"]]
     code = ("import sys\nfrom launch.cli import main\n"
-            "try:\n    main(['export', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "try:\n    main(['export', '--help'])\n"
+            "except SystemExit as e:\n    assert e.code == 0\n"
             "assert not [m for m in ('torch', 'trainer') if m in sys.modules]\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
@@ -135,7 +145,8 @@ def test_export_runs_trainer_export_by_module_name_and_its_help_is_light(monkeyp
 
 def _ports(tmp_path, daemons: list[tuple[str, int, int | None]]) -> None:
     (tmp_path / "ports.json").write_text(json.dumps({"daemons": [
-        {"name": n, "kind": n.split("-")[0], "pid": pid, "metrics_url": f"http://127.0.0.1:{p}/metrics",
+        {"name": n, "kind": n.split("-")[0], "pid": pid,
+         "metrics_url": f"http://127.0.0.1:{p}/metrics",
          "health_url": f"http://127.0.0.1:{p}/health"} for n, p, pid in daemons]}))
 
 
@@ -146,11 +157,13 @@ def test_status_tells_starting_up_finished_and_down_apart(tmp_path, capsys):
     import time
 
     srv = MetricsServer(Metrics(), 0, "127.0.0.1").start()
-    waiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # no port open yet
+    # no port open yet
+    waiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     try:
-        _ports(tmp_path, [("buffer", srv.port, os.getpid()), ("rollout-0", free_port(), waiting.pid),
+        _ports(tmp_path, [("buffer", srv.port, os.getpid()),
+                          ("rollout-0", free_port(), waiting.pid),
                           ("trainer", free_port(), gone.pid)])
         assert status(tmp_path) == 1
         states = {ln.split()[0]: ln.split()[1] for ln in capsys.readouterr().out.splitlines()}
@@ -177,7 +190,8 @@ def test_top_without_a_terminal_prints_plain_tables(tmp_path):
         assert once.returncode == 0, once.stderr
         assert "trainer step -" in once.stdout and "buffer" in once.stdout and "7" in once.stdout
         assert "\x1b[" not in once.stdout  # no terminal control codes in a pipe
-        piped = subprocess.Popen([sys.executable, "-m", "launch.cli", "top", str(tmp_path), "--interval", "0.2"],
+        piped = subprocess.Popen([sys.executable, "-m", "launch.cli", "top", str(tmp_path),
+                                  "--interval", "0.2"],
                                  stdout=subprocess.PIPE, text=True)
         try:
             first = [piped.stdout.readline() for _ in range(3)]
@@ -204,9 +218,11 @@ def test_top_once_fails_when_nothing_answers_and_a_bad_ports_file_is_named(tmp_p
 def test_top_reward_is_the_mean_of_the_samples_scored_in_the_interval():
     series = "areal_rollout_reward_sum/areal_rollout_reward_count"
     prev = {"areal_rollout_reward_sum": 10.0, "areal_rollout_reward_count": 40.0}
-    now = {"areal_rollout_reward_sum": 16.0, "areal_rollout_reward_count": 48.0}  # 8 samples, 6.0 in all
+    # 8 samples, 6.0 in all
+    now = {"areal_rollout_reward_sum": 16.0, "areal_rollout_reward_count": 48.0}
     assert figure(now, prev, 2.0, series, "ratio") == "0.75"
-    assert figure(now, None, 2.0, series, "ratio") == "0.333"  # the first refresh: every sample so far
+    # the first refresh: every sample so far
+    assert figure(now, None, 2.0, series, "ratio") == "0.333"
     assert figure(now, now, 2.0, series, "ratio") == "-"  # none scored since
 
 

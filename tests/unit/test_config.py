@@ -18,12 +18,14 @@ from areal_like.settings.config import (
 )
 
 CONFIG_DIR = C.config_dir()
-GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir()
+                if p.is_dir() and not p.name.startswith((".", "_")))
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONFIG_DIR / g).glob("*.yaml"))]
 
 
 def mandatory_overrides(group: str, option: str, tmp_path: Path) -> list[str]:
-    """Values for the keys an option marks ``???``: a JSONL file for datasets, a directory otherwise."""
+    """Values for the keys an option marks ``???``: a JSONL file for datasets, a directory
+    otherwise."""
     out = []
     for key in C._mandatory_keys(group, option):
         if "dataset" in key:
@@ -53,9 +55,11 @@ def test_every_yaml_composes_and_validates(group, option, tmp_path, monkeypatch)
 
 def test_group_files_feed_the_typed_config():
     cfg = load_config(["model=small", "loss=tis", "task=sort"])
-    assert cfg.model.hidden_size == 384 and cfg.trainer.loss.kernel == "tis" and cfg.task.name == "sort"
+    assert (cfg.model.hidden_size == 384 and cfg.trainer.loss.kernel == "tis"
+            and cfg.task.name == "sort")
     assert cfg.trainer.loss.tis.cap == 2.0 and cfg.trainer.loss.params is cfg.trainer.loss.tis
-    assert load_config(["trainer.loss.kernel=ppo"]).trainer.loss.params is None  # ppo has only the shared knobs
+    # ppo has only the shared knobs
+    assert load_config(["trainer.loss.kernel=ppo"]).trainer.loss.params is None
     assert cfg.rollout.buffer_address == cfg.buffer.address  # interpolation resolved
     assert cfg.trainer.groups_per_step == cfg.buffer.groups_per_step
 
@@ -84,15 +88,18 @@ def test_bad_choice_lists_allowed_values():
     msg = error_of(["trainer.loss.kernel=xyz"])
     assert "trainer.loss.kernel" in msg and all(repr(k) in msg for k in C.LOSS_KINDS)
     assert "trainer.loss.tis.level" in error_of(["loss=tis", "trainer.loss.tis.level=word"])
-    assert "trainer.loss.icepop.low" in error_of(["trainer.loss.icepop.low=6"])  # above icepop.high (5)
+    # above icepop.high (5)
+    assert "trainer.loss.icepop.low" in error_of(["trainer.loss.icepop.low=6"])
     msg = error_of(["buffer.fsync=sometimes"])
     assert "buffer.fsync" in msg and "'always'" in msg and "'never'" in msg
 
 
 def test_unknown_group_option_lists_options():
     msg = error_of(["model=nope"])
-    assert "model" in msg and "'nope'" in msg and all(repr(o) in msg for o in C.group_options("model"))
-    assert "experiment" in error_of(["experiment=surely_not_an_experiment"])  # optional group: no silent skip
+    assert ("model" in msg and "'nope'" in msg
+            and all(repr(o) in msg for o in C.group_options("model")))
+    # optional group: no silent skip
+    assert "experiment" in error_of(["experiment=surely_not_an_experiment"])
 
 
 def test_unknown_key_is_rejected_naming_it():
@@ -124,7 +131,8 @@ def test_an_own_model_computes_in_bf16_on_a_gpu_and_fp32_on_cpu(tmp_path):
     assert load_config(own).model.dtype == "float32"
     assert load_config([*own, "trainer.device=cuda"]).model.dtype == "bfloat16"
     assert load_config([*own, "trainer.device=cuda:1"]).model.dtype == "bfloat16"
-    assert load_config([*own, "topology=gpu_embedded"]).model.dtype == "bfloat16"  # sets no dtype itself
+    # sets no dtype itself
+    assert load_config([*own, "topology=gpu_embedded"]).model.dtype == "bfloat16"
     assert load_config([*own, "model.dtype=float16"]).model.dtype == "float16"
 
 

@@ -1,5 +1,6 @@
 """Daemon lifecycle: graceful SIGTERM/SIGINT, a failure a part of the daemon records takes the
-daemon down with a log line naming it, and /metrics + /health served from the daemon's own registry."""
+daemon down with a log line naming it, and /metrics + /health served from the daemon's own
+registry."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ class Probe(Daemon):
 
     def run_once(self):
         self.metrics.counter("probe/ticks").inc()
-        if self.crash_at is not None and time.monotonic() >= self.crash_at:  # e.g. an episode's error
+        # e.g. an episode's error
+        if self.crash_at is not None and time.monotonic() >= self.crash_at:
             self.failure = self.failure or RuntimeError("boom in a component")
         time.sleep(0.02)
 
@@ -59,7 +61,8 @@ def read_line_starting(proc, prefix: str, timeout_s: float = STARTUP_TIMEOUT_S) 
                 return line.strip()
             if not line and proc.poll() is not None:
                 break
-    raise AssertionError(f"no line starting {prefix!r}; exit={proc.poll()} stderr={proc.stderr.read()[-2000:]}")
+    raise AssertionError(f"no line starting {prefix!r}; exit={proc.poll()} "
+                         f"stderr={proc.stderr.read()[-2000:]}")
 
 
 def http_get(url: str) -> tuple[int, str]:
@@ -84,7 +87,8 @@ def test_signal_stops_gracefully(spawn_python, tmp_path, sig):
     out, err = proc.communicate(timeout=EXIT_TIMEOUT_S)
     assert proc.returncode == 0, err
     assert "STOP_RAN" in out
-    assert "[probe pid=" in err and "stopped (exit 0)" in err  # structured log lines tagged with the name
+    # structured log lines tagged with the name
+    assert "[probe pid=" in err and "stopped (exit 0)" in err
 
 
 def test_a_recorded_failure_takes_the_daemon_down(spawn_python, tmp_path):
@@ -106,7 +110,8 @@ def test_metrics_and_health_endpoints(spawn_python, tmp_path, wait_until):
         return float(lines[0].split()[1]) if lines else 0.0
 
     status, text = http_get(base + "/metrics")
-    assert status == 200 and "# TYPE areal_probe_ticks_total counter" in text and "areal_probe_mode_crash 0.0" in text
+    assert (status == 200 and "# TYPE areal_probe_ticks_total counter" in text
+            and "areal_probe_mode_crash 0.0" in text)
     wait_until(lambda: ticks() >= 3, 30, what="the counter to advance")
     status, body = http_get(base + "/health")
     assert status == 200 and json.loads(body)["ok"] is True and json.loads(body)["name"] == "probe"

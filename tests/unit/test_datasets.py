@@ -1,4 +1,5 @@
-"""task.name=dataset: local files of every format, key mapping, splits, prompt filtering and chat templates."""
+"""task.name=dataset: local files of every format, key mapping, splits, prompt filtering and chat
+templates."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from areal_like.tasks.tokenizer import bpe_tokenizer, char_tokenizer, load_token
 
 ROWS = [{"question": f"What is {a} + {b}?", "answer": str(a + b), "level": a % 3, "source": "hand"}
         for a, b in [(2, 3), (10, 7), (41, 1), (6, 6), (9, 0), (13, 29)]]
-EXPECTED = [Example(r["question"], r["answer"], None, {"level": r["level"], "source": r["source"]}) for r in ROWS]
+EXPECTED = [Example(r["question"], r["answer"], None, {"level": r["level"], "source": r["source"]})
+            for r in ROWS]
 MATH_CHAT = Path(make_math_chat.__file__).parent / "math_chat"
 BRACKETS = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}[assistant] {% endif %}")
@@ -84,20 +86,25 @@ def test_saved_dataset_dict_gives_train_and_eval_by_role(tmp_path):
     import datasets
 
     datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:4]),
-                          "test": datasets.Dataset.from_list(ROWS[4:])}).save_to_disk(str(tmp_path / "dd"))
+                          "test": datasets.Dataset.from_list(ROWS[4:])}).save_to_disk(
+                              str(tmp_path / "dd"))
     cfg = task_cfg(tmp_path / "dd", eval_path=str(tmp_path / "dd"))
-    assert examples(make_task(cfg)) == EXPECTED[:4] and examples(make_task(cfg, split="eval")) == EXPECTED[4:]
+    assert (examples(make_task(cfg)) == EXPECTED[:4]
+            and examples(make_task(cfg, split="eval")) == EXPECTED[4:])
 
 
 def test_key_mapping_messages_answer_and_metadata(tmp_path):
-    rows = [{"chat": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+3?"}],
+    rows = [{"chat": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": "2+3?"}],
              "gold": 5, "level": 1, "src": "a"}]
     path = write_jsonl(tmp_path / "c.jsonl", rows)
     ex = make_task(task_cfg(path, messages_key="chat", answer_key="gold")).example(0)
     assert ex == Example("Be brief.\n2+3?", "5", tuple(rows[0]["chat"]), {"level": 1, "src": "a"})
-    only = make_task(task_cfg(path, messages_key="chat", answer_key="gold", metadata_keys=["src"])).example(0)
+    only = make_task(task_cfg(path, messages_key="chat", answer_key="gold",
+                              metadata_keys=["src"])).example(0)
     assert only.metadata == {"src": "a"}
-    assert make_task(task_cfg(path, messages_key="chat", answer_key="gold", metadata_keys=[])).example(0).metadata == {}
+    assert make_task(task_cfg(path, messages_key="chat", answer_key="gold",
+                              metadata_keys=[])).example(0).metadata == {}
 
 
 @pytest.mark.parametrize("override,key,column", [
@@ -109,11 +116,13 @@ def test_key_mapping_messages_answer_and_metadata(tmp_path):
 def test_a_missing_column_names_the_key_and_lists_the_columns(override, key, column, tmp_path):
     with pytest.raises(ConfigError) as err:
         make_task(task_cfg(write("parquet", tmp_path), **override))
-    assert f"{key}={column!r}" in str(err.value) and "columns found: question, answer, level, source" in str(err.value)
+    assert (f"{key}={column!r}" in str(err.value)
+            and "columns found: question, answer, level, source" in str(err.value))
 
 
 def test_bad_rows_are_named(tmp_path):
-    path = write_jsonl(tmp_path / "m.jsonl", [{"m": [{"role": "user", "content": "hi"}], "answer": "1"},
+    path = write_jsonl(tmp_path / "m.jsonl", [{"m": [{"role": "user", "content": "hi"}],
+                                               "answer": "1"},
                                               {"m": "not a chat", "answer": "2"}])
     with pytest.raises(ConfigError, match="task.messages_key='m': row 1 of .*m.jsonl"):
         make_task(task_cfg(path, messages_key="m"))
@@ -130,12 +139,13 @@ def test_bad_rows_are_named(tmp_path):
         make_task(task_cfg(tmp_path / "notes.txt"))
 
 
-@pytest.mark.parametrize("value", ["openai/gsm8k", "hf://datasets/openai/gsm8k", "https://example.com/d.jsonl",
+@pytest.mark.parametrize("value", ["openai/gsm8k", "hf://datasets/openai/gsm8k",
+                                   "https://example.com/d.jsonl",
                                    "missing.parquet"])
 def test_anything_but_a_local_path_is_refused(value, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match=f"task.dataset_path='{value}' is not a local file or directory.*never "
-                                          "downloaded"):
+    with pytest.raises(ConfigError, match=f"task.dataset_path='{value}' is not a local file or "
+                                          "directory.*never downloaded"):
         make_task(task_cfg(value))
     with pytest.raises(ConfigError, match=f"task.eval_path='{value}' is not a local"):
         make_task(task_cfg(write("jsonl", tmp_path), eval_path=value), split="eval")
@@ -143,7 +153,8 @@ def test_anything_but_a_local_path_is_refused(value, tmp_path, monkeypatch):
 
 def test_eval_split_from_its_own_file(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", ROWS[:4])
-    cfg = task_cfg(train, eval_path=str(write_jsonl(tmp_path / "eval.jsonl", ROWS[4:])), eval_fraction=0.5)
+    cfg = task_cfg(train, eval_path=str(write_jsonl(tmp_path / "eval.jsonl", ROWS[4:])),
+                   eval_fraction=0.5)
     assert has_eval_split(cfg)
     assert examples(make_task(cfg)) == EXPECTED[:4]  # eval_path set: nothing held out of train
     assert examples(make_task(cfg, split="eval")) == EXPECTED[4:]
@@ -154,18 +165,23 @@ def test_eval_split_by_fraction_is_fixed_disjoint_and_seeded(tmp_path):
     cfg = task_cfg(write_jsonl(tmp_path / "d.jsonl", rows), eval_fraction=0.25, seed=3)
     train, ev = examples(make_task(cfg)), examples(make_task(cfg, split="eval"))
     assert len(ev) == 10 and len(train) == 30
-    assert sorted(e.prompt for e in train + ev) == sorted(r["question"] for r in rows)  # disjoint, complete
+    # disjoint, complete
+    assert sorted(e.prompt for e in train + ev) == sorted(r["question"] for r in rows)
     assert [int(e.answer) for e in train] == sorted(int(e.answer) for e in train)  # file order kept
-    assert examples(make_task(cfg, split="eval")) == ev and examples(make_task(cfg)) == train  # same every call
-    other = examples(make_task(task_cfg(tmp_path / "d.jsonl", eval_fraction=0.25, seed=4), split="eval"))
+    # same every call
+    assert examples(make_task(cfg, split="eval")) == ev and examples(make_task(cfg)) == train
+    other = examples(make_task(task_cfg(tmp_path / "d.jsonl", eval_fraction=0.25, seed=4),
+                               split="eval"))
     assert other != ev
-    assert [len(part) for part in D.split_indices(3, 0.01, 0)] == [2, 1]  # at least one row held out
+    # at least one row held out
+    assert [len(part) for part in D.split_indices(3, 0.01, 0)] == [2, 1]
     assert [len(part) for part in D.split_indices(3, 0.99, 0)] == [1, 2]  # and at least one kept
     with pytest.raises(ConfigError, match="task.eval_fraction=0.5: the dataset has 1 row"):
         D.split_indices(1, 0.5, 0)
     no_eval = task_cfg(tmp_path / "d.jsonl")
     assert not has_eval_split(no_eval)
-    with pytest.raises(ConfigError, match="no eval split: set task.eval_path or task.eval_fraction"):
+    with pytest.raises(ConfigError,
+                       match="no eval split: set task.eval_path or task.eval_fraction"):
         make_task(no_eval, split="eval")
 
 
@@ -183,7 +199,8 @@ def test_long_prompts_are_filtered_and_counted_once(tmp_path, caplog, monkeypatc
     # the char template as task.chat_template: "user: " + prompt + "\nassistant: " = 18 + n ids
     templated = task_cfg(path, max_prompt_tokens=23, chat_template=tok.chat_template)
     assert [len(e.prompt) for e in examples(make_task(templated, tok))] == [3, 5]
-    assert dataset_size(templated, ModelConfig()) == 2 and dataset_size(task_cfg(path), ModelConfig()) == 4
+    assert (dataset_size(templated, ModelConfig()) == 2
+            and dataset_size(task_cfg(path), ModelConfig()) == 4)
     with pytest.raises(ValueError, match="pass the tokenizer"):
         make_task(cfg)
     with pytest.raises(ConfigError, match="task.max_prompt_tokens=2: every prompt"):
@@ -193,12 +210,14 @@ def test_long_prompts_are_filtered_and_counted_once(tmp_path, caplog, monkeypatc
 def test_metadata_values_become_plain_msgpack_types(tmp_path):
     table = pa.table({"question": ["q"], "answer": ["a"], "f32": pa.array([0.5], pa.float32()),
                       "when": pa.array([datetime.datetime(2024, 1, 2, 3, 4)], pa.timestamp("s")),
-                      "ids": pa.array([[1, 2]], pa.list_(pa.int16())), "dec": pa.array([Decimal("1.10")])})
+                      "ids": pa.array([[1, 2]], pa.list_(pa.int16())),
+                      "dec": pa.array([Decimal("1.10")])})
     pq.write_table(table, tmp_path / "t.parquet")
     meta = make_task(task_cfg(tmp_path / "t.parquet")).example(0).metadata
     assert meta == {"f32": 0.5, "when": "2024-01-02T03:04:00", "ids": [1, 2], "dec": "1.10"}
     assert msgpack.unpackb(msgpack.packb(meta)) == meta
-    assert D._plain({"a": np.int64(3), "b": (np.float32(0.25), np.array([1, 2])), 4: datetime.date(2024, 5, 6)}) == {
+    assert D._plain({"a": np.int64(3), "b": (np.float32(0.25), np.array([1, 2])),
+                     4: datetime.date(2024, 5, 6)}) == {
         "a": 3, "b": [0.25, [1, 2]], "4": "2024-05-06"}
     assert type(D._plain(np.int64(3))) is int and type(D._plain(np.bool_(True))) is bool
 
@@ -212,8 +231,10 @@ def test_chat_template_ids_are_the_tokenizers_own(tmp_path):
     reloaded = load_tokenizer(ModelConfig(tokenizer=str(tmp_path / "tok"), vocab_size=512))
     for tok in (bpe, reloaded):
         ids = encode_prompt(tok, ex, cfg)
-        assert ids == tok.apply_chat_template(list(ex.messages), add_generation_prompt=True, return_dict=False)
-        assert tok.decode(ids) == f"<|im_start|>user\n{ex.prompt}<|im_end|>\n<|im_start|>assistant\n"
+        assert ids == tok.apply_chat_template(list(ex.messages), add_generation_prompt=True,
+                                              return_dict=False)
+        assert tok.decode(ids) == (f"<|im_start|>user\n{ex.prompt}<|im_end|>\n"
+                                   "<|im_start|>assistant\n")
     plain_row = Example("What is 2 + 3?", "5")  # auto: a plain prompt is plain text (as in TRL)
     assert bpe.decode(encode_prompt(bpe, plain_row, cfg)) == "What is 2 + 3?"
     chatml = task_cfg(MATH_CHAT / "eval.parquet", chat_template=bpe.chat_template)  # a user message
@@ -223,17 +244,22 @@ def test_chat_template_ids_are_the_tokenizers_own(tmp_path):
 
 def test_chat_template_none_string_and_file(tmp_path):
     tok, ex = char_tokenizer(), Example("What is 2 + 3?", "5")
-    assert encode_prompt(tok, ex, task_cfg("d", chat_template="none")) == tok(ex.prompt)["input_ids"]
+    assert (encode_prompt(tok, ex, task_cfg("d", chat_template="none"))
+            == tok(ex.prompt)["input_ids"])
     assert encode_prompt(tok, ex, task_cfg("d")) == tok(ex.prompt)["input_ids"]  # auto: plain too
     expected = tok("[user] What is 2 + 3?\n[assistant] ", add_special_tokens=False)["input_ids"]
     assert encode_prompt(tok, ex, task_cfg("d", chat_template=BRACKETS)) == expected
     (tmp_path / "t.jinja").write_text(BRACKETS)
-    assert encode_prompt(tok, ex, task_cfg("d", chat_template=str(tmp_path / "t.jinja"))) == expected
-    long_line = BRACKETS.replace("\n", "{{ '\\n' }}") + "{# " + "x" * 300 + " #}"  # no newline, past NAME_MAX
+    assert (encode_prompt(tok, ex, task_cfg("d", chat_template=str(tmp_path / "t.jinja")))
+            == expected)
+    # no newline, past NAME_MAX
+    long_line = BRACKETS.replace("\n", "{{ '\\n' }}") + "{# " + "x" * 300 + " #}"
     assert encode_prompt(tok, ex, task_cfg("d", chat_template=long_line)) == expected
-    synthetic = TaskConfig(name="addition", chat_template=BRACKETS)  # an explicit template applies to every task
+    # an explicit template applies to every task
+    synthetic = TaskConfig(name="addition", chat_template=BRACKETS)
     assert encode_prompt(tok, ex, synthetic) == expected
-    assert tok.chat_template.startswith("{% for m in messages %}{{ m['role'] }}: ")  # the shared tokenizer is untouched
+    # the shared tokenizer is untouched
+    assert tok.chat_template.startswith("{% for m in messages %}{{ m['role'] }}: ")
     with pytest.raises(ConfigError, match="task.chat_template='chatml' is not"):
         encode_prompt(tok, ex, task_cfg("d", chat_template="chatml"))
 
@@ -249,7 +275,8 @@ def test_system_prompt_in_chat_and_plain_modes():
                                                 chat_template=template))
         assert tok.decode(plain, skip_special_tokens=True) == "Be brief.\n2+3?"
         assert plain[0] == tok.bos_token_id
-    own = Example("x", "5", ({"role": "system", "content": "Mine."}, {"role": "user", "content": "2+3?"}))
+    own = Example("x", "5", ({"role": "system", "content": "Mine."},
+                             {"role": "user", "content": "2+3?"}))
     assert tok.decode(encode_prompt(tok, own, task_cfg("d", system_prompt="Be brief."))) == (
         "system: Mine.\nuser: 2+3?\nassistant: ")  # the row's own system message wins
 
@@ -261,16 +288,19 @@ def test_math_chat_files_are_what_the_generator_writes():
         path = MATH_CHAT / f"{split}.parquet"
         assert path.stat().st_size < 1_000_000
         assert pq.read_table(path).to_pylist() == generated[split]
-    questions = {split: {r["messages"][0]["content"] for r in generated[split]} for split in generated}
+    questions = {split: {r["messages"][0]["content"] for r in generated[split]}
+                 for split in generated}
     assert len(questions["train"]) == 1079 and len(questions["eval"]) == 300
     assert not questions["train"] & questions["eval"]
 
 
 def test_math_chat_loads_as_a_chat_dataset_with_metadata():
-    cfg = task_cfg(MATH_CHAT / "train.parquet", eval_path=str(MATH_CHAT / "eval.parquet"), messages_key="messages")
+    cfg = task_cfg(MATH_CHAT / "train.parquet", eval_path=str(MATH_CHAT / "eval.parquet"),
+                   messages_key="messages")
     train, ev = make_task(cfg), make_task(cfg, split="eval")
     assert (len(train), len(ev)) == (1079, 300)
     for ex in (train.example(i) for i in range(len(train))):  # every answer is the question's value
         expression = ex.prompt.removeprefix("What is ").removesuffix("?")
         assert set(expression) <= set("0123456789+-* ") and int(ex.answer) == eval(expression)
-        assert set(ex.metadata) == {"source", "level"} and ex.metadata["level"] in (1, 2, 3, 4, 5, 6)
+        assert (set(ex.metadata) == {"source", "level"}
+                and ex.metadata["level"] in (1, 2, 3, 4, 5, 6))

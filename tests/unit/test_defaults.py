@@ -1,6 +1,7 @@
 """`areal-like run` with no experiment is a working job: it learns like the quickstart (warm start,
 the tiny model's recipe), runs in a directory of its own and on free ports, so two runs never
-collide; real models get none of the tiny model's recipe; multi-node recipes keep their addresses."""
+collide; real models get none of the tiny model's recipe; multi-node recipes keep their
+addresses."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def test_the_default_job_is_the_quickstart_recipe():
     default, quick = load_config([]), load_config(["experiment=quickstart"])
     assert default.warm_start.steps > 0 and default.warm_start == quick.warm_start
     assert default.model == quick.model and default.task == quick.task  # reverse 6 letters at T=2
-    assert (default.trainer.lr, default.trainer.micro_batch_size, default.trainer.steps) == (3e-4, 64, 200)
+    assert ((default.trainer.lr, default.trainer.micro_batch_size, default.trainer.steps)
+            == (3e-4, 64, 200))
     assert default.trainer.loss == quick.trainer.loss
     # and the layout: both leave the counts to the cores (launch/topology.py, laptop_layout)
     assert default.launch == quick.launch
@@ -30,7 +32,8 @@ def test_the_default_job_is_the_quickstart_recipe():
 
 def test_local_buffer_addresses_default_to_port_0():
     cfg = load_config([])
-    assert cfg.buffer.address == cfg.rollout.buffer_address == cfg.trainer.buffer_address == "tcp://127.0.0.1:0"
+    assert (cfg.buffer.address == cfg.rollout.buffer_address == cfg.trainer.buffer_address
+            == "tcp://127.0.0.1:0")
     assert cfg.buffer.pub_address == "tcp://127.0.0.1:0"
 
 
@@ -38,7 +41,8 @@ def test_two_prepared_jobs_get_different_ports(tmp_path):
     a, topo_a, _ = prepare(load_config([f"run_dir={tmp_path / 'a'}"]))
     b, topo_b, _ = prepare(load_config([f"run_dir={tmp_path / 'b'}"]))
     ports_a, ports_b = set(topo_a.ports().values()), set(topo_b.ports().values())
-    assert 0 not in ports_a | ports_b and ports_a != ports_b  # the old defaults were 5555/5556 for every run
+    # the old defaults were 5555/5556 for every run
+    assert 0 not in ports_a | ports_b and ports_a != ports_b
     assert a.buffer.address.endswith(f":{topo_a.ports()['buffer_router']}")  # what the daemons read
     assert f"address: {b.buffer.address}" in (tmp_path / "b" / "config.yaml").read_text()
 
@@ -63,14 +67,18 @@ def test_benchmark_keeps_a_random_init_model_at_temperature_1():
 def test_daemons_started_by_hand_refuse_port_0_and_take_the_multinode_addresses(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(to_yaml(load_config([f"run_dir={tmp_path}"])))
-    for keys in (("buffer.address", "buffer.pub_address"), ("rollout.buffer_address", "rollout.pub_address"),
+    for keys in (("buffer.address", "buffer.pub_address"),
+                 ("rollout.buffer_address", "rollout.pub_address"),
                  ("trainer.buffer_address",)):
-        with pytest.raises(ConfigError, match=rf"^{re.escape(keys[0])}='tcp://127.0.0.1:0' has port 0"):
+        with pytest.raises(ConfigError,
+                           match=rf"^{re.escape(keys[0])}='tcp://127.0.0.1:0' has port 0"):
             load_daemon_config(["--config-file", str(path)], addresses=keys)
     # what launch/slurm/areal_like.sbatch and launch/MULTINODE.md pass to `areal-like config`
-    multinode = load_config(["topology=gpu_sglang", f"run_dir={tmp_path}", "buffer.address=tcp://10.0.0.1:5555",
+    multinode = load_config(["topology=gpu_sglang", f"run_dir={tmp_path}",
+                             "buffer.address=tcp://10.0.0.1:5555",
                              "buffer.pub_address=tcp://10.0.0.1:5556", "buffer.metrics_port=9100",
-                             "trainer.metrics_port=9200", "trainer.weight_sync.master_addr=10.0.0.1"])
+                             "trainer.metrics_port=9200",
+                             "trainer.weight_sync.master_addr=10.0.0.1"])
     path.write_text(to_yaml(multinode))
     loaded = load_daemon_config(["--config-file", str(path)], addresses=("rollout.buffer_address",
                                                                           "rollout.pub_address"))

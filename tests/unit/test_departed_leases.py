@@ -26,8 +26,9 @@ class _Clock:
 
 
 def _start(tmp_path, clock) -> BufferService:
-    return start(tmp_path, BufferConfig(max_staleness=4, groups_per_step=2, max_inflight=32, capacity=64,
-                                        lease_timeout_s=LEASE_S, heartbeat_timeout_s=HEARTBEAT_S), clock=clock)
+    return start(tmp_path, BufferConfig(max_staleness=4, groups_per_step=2, max_inflight=32,
+                                        capacity=64, lease_timeout_s=LEASE_S,
+                                        heartbeat_timeout_s=HEARTBEAT_S), clock=clock)
 
 
 def _step(svc: BufferService, msg: P.Message) -> P.Message:
@@ -36,7 +37,8 @@ def _step(svc: BufferService, msg: P.Message) -> P.Message:
 
 def _join(svc: BufferService, sid: str, credits: int) -> list[int]:
     _step(svc, P.Register(server_id=sid, engine_url="http://x", policy_version=0))
-    return [c.prompt_index for c in _step(svc, P.CreditRequest(server_id=sid, max_credits=credits)).credits]
+    return [c.prompt_index
+            for c in _step(svc, P.CreditRequest(server_id=sid, max_credits=credits)).credits]
 
 
 def test_a_server_that_leaves_the_roster_releases_its_leases_at_once(tmp_path):
@@ -49,7 +51,8 @@ def test_a_server_that_leaves_the_roster_releases_its_leases_at_once(tmp_path):
     assert sorted(svc.control.roster) == ["live"] and svc.ledger.in_flight == 2
     assert svc.instruments.counts["credits_released"] == 3 and svc.ledger.started == 2
     # long before lease_timeout_s, the dead server's prompts go out again, first
-    assert [c.prompt_index for c in _step(svc, P.CreditRequest(server_id="live", max_credits=3)).credits] == dead
+    assert [c.prompt_index
+            for c in _step(svc, P.CreditRequest(server_id="live", max_credits=3)).credits] == dead
     svc.wal.close()
 
 
@@ -67,9 +70,11 @@ def test_after_a_restart_leases_of_a_server_that_never_returns_are_released(tmp_
     assert svc.ledger.in_flight == 5  # within the heartbeat timeout: "dead" may still come back
     clock.t += HEARTBEAT_S / 2 + 1
     _step(svc, P.Heartbeat(server_id="live", policy_version=0))
-    assert svc.ledger.in_flight == 2 and {x.server_id for x in svc.ledger.leases.values()} == {"live"}
+    assert (svc.ledger.in_flight == 2
+            and {x.server_id for x in svc.ledger.leases.values()} == {"live"})
     assert svc.instruments.counts["credits_released"] == 3
-    assert [c.prompt_index for c in _step(svc, P.CreditRequest(server_id="live", max_credits=3)).credits] == dead
+    assert [c.prompt_index
+            for c in _step(svc, P.CreditRequest(server_id="live", max_credits=3)).credits] == dead
     svc.wal.close()
 
 
@@ -78,16 +83,20 @@ def test_a_server_restarted_within_the_heartbeat_timeout_releases_its_old_leases
     svc = _start(tmp_path, clock)
     old = _join(svc, "r0", 3)
     _join(svc, "r1", 2)
-    clock.t += 1.0  # kill -9 and a restart well inside the heartbeat timeout: r0 never left the roster
-    _step(svc, P.Register(server_id="r0", engine_url="http://x", policy_version=0))  # re-registration: kept
+    # kill -9 and a restart well inside the heartbeat timeout: r0 never left the roster
+    clock.t += 1.0
+    # re-registration: kept
+    _step(svc, P.Register(server_id="r0", engine_url="http://x", policy_version=0))
     assert svc.ledger.in_flight == 5 and "credits_released" not in svc.instruments.counts
     assert (service_stats(svc)["leases_of_r0"], service_stats(svc)["leases_of_r1"]) == (3, 2)
     _step(svc, P.Register(server_id="r0", engine_url="http://x", policy_version=0, fresh=True))
     assert sorted(svc.control.roster) == ["r0", "r1"] and svc.ledger.in_flight == 2
-    assert {x.server_id for x in svc.ledger.leases.values()} == {"r1"} and "leases_of_r0" not in service_stats(svc)
+    assert ({x.server_id for x in svc.ledger.leases.values()} == {"r1"}
+            and "leases_of_r0" not in service_stats(svc))
     assert svc.instruments.counts["credits_released"] == 3
     # the old process's prompts go out again at once, first, to the new process
-    assert [c.prompt_index for c in _step(svc, P.CreditRequest(server_id="r0", max_credits=3)).credits] == old
+    assert [c.prompt_index
+            for c in _step(svc, P.CreditRequest(server_id="r0", max_credits=3)).credits] == old
     svc.wal.close()
 
 

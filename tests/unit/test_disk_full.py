@@ -41,8 +41,9 @@ class _Disk:
 def _start(tmp_path, disk: _Disk, fsync: str = "always") -> BufferService:
     def guard(svc: BufferService) -> None:
         svc.disk = DiskGuard(svc.wal.dir, RESERVE, free_bytes=disk, log=svc.log)
-    return start(tmp_path, BufferConfig(max_staleness=4, groups_per_step=2, max_inflight=16, capacity=64,
-                                        fsync=fsync, wal_reserve_bytes=RESERVE), before_recover=guard)
+    return start(tmp_path, BufferConfig(max_staleness=4, groups_per_step=2, max_inflight=16,
+                                        capacity=64, fsync=fsync, wal_reserve_bytes=RESERVE),
+                 before_recover=guard)
 
 
 def _step(svc: BufferService, msg: P.Message) -> P.Message:
@@ -50,7 +51,8 @@ def _step(svc: BufferService, msg: P.Message) -> P.Message:
 
 
 def _group(c: P.Credit) -> P.TrajectoryGroup:
-    t = Trajectory.of(prompt_ids=as_i32([1]), output_ids=as_i32([2, 3]), behav_logp=as_f32([-1, -1]),
+    t = Trajectory.of(prompt_ids=as_i32([1]), output_ids=as_i32([2, 3]),
+                     behav_logp=as_f32([-1, -1]),
                      versions=as_i32(np.zeros(2)), reward=1.0, finish_reason="stop")
     return P.TrajectoryGroup(group_id=f"s-{c.lease_id}", server_id="s", lease_id=c.lease_id,
                              prompt_index=c.prompt_index, epoch=c.epoch, trajectories=[t])
@@ -66,13 +68,15 @@ def test_a_full_disk_refuses_groups_keeps_handing_out_batches_and_resumes(tmp_pa
     disk.free = RESERVE - 1  # another writer filled the disk
     svc.settle()  # a sweep reads the free space
     ack = _step(svc, groups[2])
-    assert ack.status == "unavailable" and ack.reason.startswith("disk_full") and "wal_reserve_bytes" in ack.reason
+    assert (ack.status == "unavailable" and ack.reason.startswith("disk_full")
+            and "wal_reserve_bytes" in ack.reason)
     assert svc.health()[1]["degraded"].startswith("disk_full")
     more = _step(svc, P.CreditRequest(server_id="s", max_credits=3))
     assert more.credits == [] and more.reason == "disk_full"
     batch = _step(svc, P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0))  # hand-out goes on
     assert sorted(g.group_id for g in batch.groups) == sorted(g.group_id for g in groups[:2])
-    disk.free = int(1.5 * RESERVE)  # above the reserve, below twice it: still degraded (no flapping)
+    # above the reserve, below twice it: still degraded (no flapping)
+    disk.free = int(1.5 * RESERVE)
     svc.settle()
     assert _step(svc, groups[2]).status == "unavailable"
     disk.free = 2 * RESERVE
@@ -83,7 +87,8 @@ def test_a_full_disk_refuses_groups_keeps_handing_out_batches_and_resumes(tmp_pa
     svc.wal.close()
 
 
-def test_degraded_mode_compacts_consumed_records_without_waiting_for_a_full_segment(tmp_path, monkeypatch):
+def test_degraded_mode_compacts_consumed_records_without_waiting_for_a_full_segment(tmp_path,
+                                                                                    monkeypatch):
     monkeypatch.setattr(buffer.diskspace, "MIN_SEGMENT_BYTES", 1)
     disk = _Disk(100 * RESERVE)
     svc = _start(tmp_path, disk, fsync="batch")
@@ -132,7 +137,8 @@ def _partial_writev(real, fails: list[int]):
 
 
 @pytest.mark.parametrize("fsync", ["always", "batch"])
-def test_enospc_mid_record_cuts_it_off_and_nothing_is_acknowledged_that_is_not_on_disk(tmp_path, monkeypatch,
+def test_enospc_mid_record_cuts_it_off_and_nothing_is_acknowledged_that_is_not_on_disk(tmp_path,
+                                                                                      monkeypatch,
                                                                                       fsync):
     wal = WriteAheadLog(tmp_path / "wal", fsync=fsync)
     wal.open({"state": {}})
@@ -162,11 +168,13 @@ def test_enospc_mid_record_cuts_it_off_and_nothing_is_acknowledged_that_is_not_o
     again = WriteAheadLog(tmp_path / "wal", fsync=fsync)
     records = [r.group_id for r in again.replay() if r.kind == "G"]
     assert records == (["g0", "g1", "g2"] if fsync == "always" else ["g0", "g2"])
-    assert again.corrupt_records == 0 and size > 0  # the partial writes were cut off: no torn record
+    # the partial writes were cut off: no torn record
+    assert again.corrupt_records == 0 and size > 0
     again.close()
 
 
-def test_inline_control_records_wait_for_space_in_order_and_groups_are_refused_meanwhile(tmp_path, monkeypatch):
+def test_inline_control_records_wait_for_space_in_order_and_groups_are_refused_meanwhile(
+        tmp_path, monkeypatch):
     wal = WriteAheadLog(tmp_path / "wal", fsync="batch")
     wal.open({"state": {}})
     wal.append_group("g0", b"frame-0")
@@ -177,7 +185,8 @@ def test_inline_control_records_wait_for_space_in_order_and_groups_are_refused_m
     assert wal.disk_full and fails[0] == 1
     with pytest.raises(DiskFull):  # behind a waiting control record a group would break the order
         wal.append_group("g1", b"frame-1")
-    assert wal.commit(force=True) is None and wal.disk_full and fails[0] == 0  # still full: it waits
+    # still full: it waits
+    assert wal.commit(force=True) is None and wal.disk_full and fails[0] == 0
     assert not wal.maybe_rotate(lambda: {"state": {}}, force=True)  # it belongs to this segment
     wal.request_sync()  # space is back: written first, whatever the fsync policy's timing
     assert not wal.disk_full
@@ -209,7 +218,8 @@ def test_a_ticket_behind_an_inline_control_record_waiting_for_room_is_not_durabl
     again.close()
 
 
-def test_a_full_disk_under_a_consumed_mark_degrades_the_buffer_instead_of_stopping_it(tmp_path, monkeypatch):
+def test_a_full_disk_under_a_consumed_mark_degrades_the_buffer_instead_of_stopping_it(tmp_path,
+                                                                                      monkeypatch):
     disk = _Disk(100 * RESERVE)
     svc = _start(tmp_path, disk, fsync="batch")
     _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
@@ -218,7 +228,8 @@ def test_a_full_disk_under_a_consumed_mark_degrades_the_buffer_instead_of_stoppi
     assert [_step(svc, g).status for g in groups[:2]] == ["accepted", "accepted"]
     batch = _step(svc, P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0))
     fails = [10 ** 6]
-    monkeypatch.setattr(os, "writev", _partial_writev(os.writev, fails))  # full although the estimate had room
+    # full although the estimate had room
+    monkeypatch.setattr(os, "writev", _partial_writev(os.writev, fails))
     ack = P.encode(P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0,
                                   ack_batch=batch.batch_id))
     sent = len(svc.server.sent)

@@ -71,7 +71,8 @@ def test_an_adapter_push_overlaps_and_writes_the_staged_values_not_later_ones():
 
 
 def test_a_killed_writers_directory_goes_and_a_live_ones_stays(tmp_path):
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True,
                           text=True, check=True).stdout.strip()
     dead = tmp_path / f"{ROOT_PREFIX}{gone}_abc"
     live = tmp_path / f"{ROOT_PREFIX}{1}_abc"  # init: alive

@@ -27,26 +27,30 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCANNED_DIRS = ("areal_like", "buffer", "rollout_server", "trainer", "launch", "configs", "tests", "benchmarks")
+SCANNED_DIRS = ("areal_like", "buffer", "rollout_server", "trainer", "launch", "configs", "tests",
+                "benchmarks")
 SCANNED_ROOT_FILES = ("README.md", "pyproject.toml")
 SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".sh", ".sbatch"}
 SKIPPED_DIRS = {"build", ".git", "__pycache__", "node_modules", "runs"}
 
 # (pattern, what is wrong): references to documents that are not part of the repository
 FORBIDDEN = [
-    (re.compile(r"\bspecs/"), "path into a specs folder that is not in the repository (kernel formulas: "
-                              "trainer/LOSSES.md)"),
-    (re.compile(r"\bspecs?\s+\d+(\.\d+)?\b"), "kernel section cited from an outside spec (use trainer/LOSSES.md "
-                                                "section N)"),
-    (re.compile(r"\bDESIGN\b(?!\.md)"), "design page named without its path (areal_like/DESIGN.md)"),
-    (re.compile(r"\bSTYLE\s+R\d+\b|\(R\d+\)|\brule\s+R\d+\b"), "style-guide rule number (say the reason instead)"),
-    (re.compile(r"\bthe\s+brief\b", re.IGNORECASE), "reference to a brief outside the repository (say what "
-                                                      "it requires)"),
+    (re.compile(r"\bspecs/"), "path into a specs folder that is not in the repository "
+                              "(kernel formulas: trainer/LOSSES.md)"),
+    (re.compile(r"\bspecs?\s+\d+(\.\d+)?\b"), "kernel section cited from an outside spec "
+                                                "(use trainer/LOSSES.md section N)"),
+    (re.compile(r"\bDESIGN\b(?!\.md)"),
+     "design page named without its path (areal_like/DESIGN.md)"),
+    (re.compile(r"\bSTYLE\s+R\d+\b|\(R\d+\)|\brule\s+R\d+\b"),
+     "style-guide rule number (say the reason instead)"),
+    (re.compile(r"\bthe\s+brief\b", re.IGNORECASE), "reference to a brief outside the repository "
+                                                      "(say what it requires)"),
 ]
 URL = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+")
 # a Markdown file mention: optional ./ or ../, folders, a name; not glued to a longer path or glob
 MD_MENTION = re.compile(r"(?<![\w./*-])((?:\.{1,2}/)*(?:[\w.-]+/)*[\w-]+\.md)\b")
-SECTION_CITE = re.compile(r"(?<![\w./*-])((?:[\w.-]+/)*[\w-]+\.md)\)?,?\s+sections?\s+(\d+)(?:\s*-\s*(\d+))?")
+SECTION_CITE = re.compile(r"(?<![\w./*-])((?:[\w.-]+/)*[\w-]+\.md)\)?,?\s+sections?\s+"
+                          r"(\d+)(?:\s*-\s*(\d+))?")
 NUMBERED_HEADING = re.compile(r"^#+\s+(\d+)\.", re.MULTILINE)
 
 
@@ -117,19 +121,22 @@ def scan(root: Path) -> list[Problem]:
     for path in files:
         rel = str(path.relative_to(root))
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            problems += [Problem(rel, number, line, why) for why in line_problems(line, path, root, by_name)]
+            problems += [Problem(rel, number, line, why)
+                         for why in line_problems(line, path, root, by_name)]
     return problems
 
 
 def test_every_reference_resolves_inside_the_repository():
     problems = scan(ROOT)
-    assert not problems, "references that lead outside the repository:\n" + "\n".join(map(str, problems))
+    assert not problems, ("references that lead outside the repository:\n"
+                          + "\n".join(map(str, problems)))
 
 
 def test_the_scan_covers_the_documents_and_code():
     scanned = {str(p.relative_to(ROOT)) for p in scanned_files(ROOT)}
     for expected in ("README.md", "areal_like/DESIGN.md", "trainer/LOSSES.md", "trainer/losses.py",
-                     "configs/loss/oapl.yaml", "launch/slurm/areal_like.sbatch", "tests/unit/test_docs_resolve.py"):
+                     "configs/loss/oapl.yaml", "launch/slurm/areal_like.sbatch",
+                     "tests/unit/test_docs_resolve.py"):
         assert expected in scanned, expected
     assert not any(part.startswith(".venv") for p in scanned for part in Path(p).parts)
 
@@ -173,7 +180,8 @@ def test_scanner_reports_each_kind_of_dangling_reference_with_file_and_line(tmp_
 
 def test_scanner_accepts_references_that_resolve(tmp_path):
     good = "\n".join([
-        "# formulas: trainer/LOSSES" + MD + " section 2; design: areal_like/" + DESIGN_PAGE + MD + " sections 1-2",
+        "# formulas: trainer/LOSSES" + MD + " section 2; design: areal_like/" + DESIGN_PAGE + MD
+        + " sections 1-2",
         "# beside this file: ENGINE" + MD + ", and engine/ENGINE" + MD + " from rollout_server/",
         "# globs and URLs are not mentions: *" + MD + ", https://example.org/docs/GONE" + MD,
         "# an ordinary brief system prompt: 'Be brief.'; a spec object: ProcSpec(...)",

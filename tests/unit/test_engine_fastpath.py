@@ -1,6 +1,7 @@
-"""The scheduler's own prefill/decode path (fastpath.py) against transformers, for each family it accepts:
-greedy tokens equal ``generate`` token for token, logprobs equal a separate forward, and the path agrees
-with the model's own forward through the slot cache (the fallback every other model uses)."""
+"""The scheduler's own prefill/decode path (fastpath.py) against transformers, for each family it
+accepts: greedy tokens equal ``generate`` token for token, logprobs equal a separate forward, and
+the path agrees with the model's own forward through the slot cache (the fallback every other model
+uses)."""
 
 from __future__ import annotations
 
@@ -16,27 +17,33 @@ from rollout_server.engine.scheduler import Request, Scheduler
 
 WAIT_S = 120.0  # generous: the machine is shared
 EOS = 2
-SIZES = dict(vocab_size=104, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=192, eos_token_id=EOS, pad_token_id=0, bos_token_id=1)
+SIZES = dict(vocab_size=104, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=192,
+             eos_token_id=EOS, pad_token_id=0, bos_token_id=1)
 
 
 def tiny(kind: str):
     torch.manual_seed(0)
-    cfg = {"qwen2": lambda: Qwen2Config(**SIZES), "llama": lambda: LlamaConfig(**SIZES, attention_bias=True),
+    cfg = {"qwen2": lambda: Qwen2Config(**SIZES),
+           "llama": lambda: LlamaConfig(**SIZES, attention_bias=True),
            "qwen3": lambda: Qwen3Config(**SIZES, head_dim=16)}[kind]()
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
-    with torch.no_grad():  # a random init this small gives near-uniform logits; sharpen them so argmax is stable
+    # a random init this small gives near-uniform logits; sharpen them so argmax is stable
+    with torch.no_grad():
         model.lm_head.weight.mul_(8.0)
     return model
 
 
 def prompts(n: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    return [[1] + torch.randint(4, 104, (int(k),), generator=g).tolist() for k in torch.randint(2, 40, (n,), generator=g)]
+    return [[1] + torch.randint(4, 104, (int(k),), generator=g).tolist()
+            for k in torch.randint(2, 40, (n,), generator=g)]
 
 
-def run(model, ps, params, *, fast: bool = True, max_running: int = 3, sched: list | None = None) -> list[Request]:
-    s = Scheduler(model, max_running=max_running, max_total_tokens=4096, context_len=192, weight_version="0")
+def run(model, ps, params, *, fast: bool = True, max_running: int = 3,
+        sched: list | None = None) -> list[Request]:
+    s = Scheduler(model, max_running=max_running, max_total_tokens=4096, context_len=192,
+                  weight_version="0")
     s.use_fastpath = fast and s.use_fastpath
     if sched is not None:
         sched.append(s)
@@ -49,7 +56,8 @@ def run(model, ps, params, *, fast: bool = True, max_running: int = 3, sched: li
     s.start()
     try:
         for i, (p, sp) in enumerate(zip(ps, params)):
-            s.submit(Request(rid=str(i), input_ids=p, params=sp, stop_ids=frozenset([EOS]), on_finish=fin))
+            s.submit(Request(rid=str(i), input_ids=p, params=sp, stop_ids=frozenset([EOS]),
+                             on_finish=fin))
         assert finished.wait(WAIT_S), "requests did not finish"
     finally:
         s.stop()
@@ -65,14 +73,17 @@ def test_family_greedy_equals_generate_and_logprobs_equal_forward(kind):
     got = run(model, ps, [SamplingParams(max_new_tokens=m, temperature=0.0) for m in limits])
     for p, m, r in zip(ps, limits, got):
         with torch.no_grad():
-            ref = model.generate(torch.tensor([p]), max_new_tokens=m, do_sample=False, eos_token_id=EOS,
+            ref = model.generate(torch.tensor([p]), max_new_tokens=m, do_sample=False,
+                                 eos_token_id=EOS,
                                  pad_token_id=0)[0, len(p):].tolist()
         assert r.output_ids == ref
-    sampled = run(model, ps, [SamplingParams(max_new_tokens=20, temperature=0.8) for _ in ps], max_running=4)
+    sampled = run(model, ps, [SamplingParams(max_new_tokens=20, temperature=0.8) for _ in ps],
+                  max_running=4)
     for p, r in zip(ps, sampled):
         with torch.no_grad():
             logits = model(torch.tensor([p + r.output_ids])).logits[0, len(p) - 1:-1].float()
-        ref = torch.log_softmax(logits / 0.8, -1).gather(1, torch.tensor(r.output_ids)[:, None])[:, 0]
+        ref = (torch.log_softmax(logits / 0.8, -1)
+               .gather(1, torch.tensor(r.output_ids)[:, None])[:, 0])
         assert (ref - torch.tensor(r.output_logprobs)).abs().max().item() <= 1e-4
 
 
@@ -89,21 +100,25 @@ def test_fast_path_agrees_with_the_models_own_forward():
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_identical_prompts_share_one_prefill(fast):
-    """The n samples of one prompt admitted together are prefilled once; each still decodes on its own."""
+    """The n samples of one prompt admitted together are prefilled once; each still decodes on its
+    own."""
     torch.set_num_threads(1)
     model = tiny("qwen2")
     a, b = prompts(2, seed=7)
     ps = [a, b, a, a, b, a]
     made: list[Scheduler] = []
-    greedy = run(model, ps, [SamplingParams(max_new_tokens=12, temperature=0.0) for _ in ps], fast=fast,
+    greedy = run(model, ps, [SamplingParams(max_new_tokens=12, temperature=0.0) for _ in ps],
+                 fast=fast,
                  max_running=6, sched=made)
     assert made[0].prefill_tokens == len(a) + len(b)
     for p, r in zip(ps, greedy):
         with torch.no_grad():
-            ref = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=EOS,
+            ref = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False,
+                                 eos_token_id=EOS,
                                  pad_token_id=0)[0, len(p):].tolist()
         assert r.output_ids == ref
-    sampled = run(model, ps, [SamplingParams(max_new_tokens=16, temperature=1.0, sampling_seed=i) for i in range(6)],
+    sampled = run(model, ps, [SamplingParams(max_new_tokens=16, temperature=1.0, sampling_seed=i)
+                              for i in range(6)],
                   fast=fast, max_running=6)
     assert len({tuple(r.output_ids) for r in sampled}) == 6  # shared prompt KV, independent samples
     for p, r in zip(ps, sampled):
@@ -114,13 +129,15 @@ def test_identical_prompts_share_one_prefill(fast):
 
 
 def test_supports_only_known_layouts():
-    class Wrapped(torch.nn.Module):  # a module that only forwards: the scheduler must use its forward
+    # a module that only forwards: the scheduler must use its forward
+    class Wrapped(torch.nn.Module):
         def __init__(self, inner):
             super().__init__()
             self.inner, self.config = inner, inner.config
     model = tiny("qwen2")
     assert not fastpath.supports(Wrapped(model))
-    sliding = AutoModelForCausalLM.from_config(Qwen2Config(**SIZES, use_sliding_window=True, sliding_window=8,
+    sliding = AutoModelForCausalLM.from_config(Qwen2Config(**SIZES, use_sliding_window=True,
+                                                           sliding_window=8,
                                                            max_window_layers=0))
     assert not fastpath.supports(sliding)
 
@@ -129,16 +146,18 @@ def _greedy_equals_generate(model, ps, limit: int, **kw) -> None:
     got = run(model, ps, [SamplingParams(max_new_tokens=limit, temperature=0.0) for _ in ps], **kw)
     for p, r in zip(ps, got):
         with torch.no_grad():
-            ref = model.generate(torch.tensor([p]), max_new_tokens=limit, do_sample=False, eos_token_id=EOS,
+            ref = model.generate(torch.tensor([p]), max_new_tokens=limit, do_sample=False,
+                                 eos_token_id=EOS,
                                  pad_token_id=0)[0, len(p):].tolist()
         assert r.finish_reason["type"] != "abort", r.finish_reason
         assert r.output_ids == ref
 
 
 def test_a_model_whose_attention_or_layer_is_not_the_stock_one_goes_through_its_forward():
-    """The gate looks at the modules it re-implements (attention, decoder layer, model, head), not only at
-    ``model_type``: a subclass with its own forward (remote code, logit softcapping, ...) or a forward hook
-    would be silently skipped by fastpath, so such a model must use its own forward."""
+    """The gate looks at the modules it re-implements (attention, decoder layer, model, head), not
+    only at ``model_type``: a subclass with its own forward (remote code, logit softcapping, ...) or
+    a forward hook would be silently skipped by fastpath, so such a model must use its own
+    forward."""
     from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
 
     class ScaledAttention(Qwen2Attention):  # e.g. a remote-code variant: same weights, other math
@@ -160,15 +179,16 @@ def test_a_model_whose_attention_or_layer_is_not_the_stock_one_goes_through_its_
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_the_models_own_forward_serves_every_family(kind):
-    """The fallback (any model the gate refuses) passes its 4D mask in a form every decoder accepts: Llama's
-    forward takes a tensor, not the per-layer-type dict Qwen2's accepts."""
+    """The fallback (any model the gate refuses) passes its 4D mask in a form every decoder accepts:
+    Llama's forward takes a tensor, not the per-layer-type dict Qwen2's accepts."""
     torch.set_num_threads(1)
     _greedy_equals_generate(tiny(kind), prompts(3, seed=17), 10, fast=False)
 
 
 def test_a_weight_swap_between_steps_is_seen_by_the_next_forward():
-    """weights.py re-points each parameter's ``.data`` at a received buffer: fastpath must hold no reference to
-    a weight tensor, so the first pass after the swap already computes with the new weights."""
+    """weights.py re-points each parameter's ``.data`` at a received buffer: fastpath must hold no
+    reference to a weight tensor, so the first pass after the swap already computes with the new
+    weights."""
     torch.set_num_threads(1)
     model, other = tiny("qwen3"), tiny("qwen3")
     with torch.no_grad():
@@ -191,13 +211,16 @@ def test_a_weight_swap_between_steps_is_seen_by_the_next_forward():
                 if len(done) == len(ps):
                     finished.set()
             for i, p in enumerate(ps):
-                s.submit(Request(rid=f"{phase}{i}", input_ids=p, params=SamplingParams(max_new_tokens=10, temperature=0),
+                s.submit(Request(rid=f"{phase}{i}", input_ids=p,
+                                 params=SamplingParams(max_new_tokens=10, temperature=0),
                                  stop_ids=frozenset([EOS]), on_finish=fin))
             assert finished.wait(WAIT_S)
             with torch.no_grad():
-                refs = [other.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=EOS,
+                refs = [other.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False,
+                                       eos_token_id=EOS,
                                        pad_token_id=0)[0, len(p):].tolist() for p in ps]
             same = [done[f"{phase}{i}"].output_ids == ref for i, ref in enumerate(refs)]
-            assert all(same) if phase == "after" else not all(same)  # before: the weights really differ
+            # before: the weights really differ
+            assert all(same) if phase == "after" else not all(same)
     finally:
         s.stop()

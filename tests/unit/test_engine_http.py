@@ -1,5 +1,6 @@
-"""The embedded engine over real HTTP on 127.0.0.1 (one in-process engine for the module): SGLang response
-and error shapes, n > 1, concurrent greedy == transformers, pause/continue, abort, disk weight update."""
+"""The embedded engine over real HTTP on 127.0.0.1 (one in-process engine for the module): SGLang
+response and error shapes, n > 1, concurrent greedy == transformers, pause/continue, abort, disk
+weight update."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def engine():
 
 def call(engine, path: str, body=None, method: str | None = None) -> tuple[int, str]:
     data = None if body is None else body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(engine.url + path, data=data, method=method or ("GET" if data is None else "POST"),
+    req = urllib.request.Request(engine.url + path, data=data,
+                                 method=method or ("GET" if data is None else "POST"),
                                  headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as r:
@@ -54,10 +56,13 @@ def test_generate_shape_and_logprobs(engine):
     out = gen(engine, text="12+34=", sampling_params={"max_new_tokens": 6, "temperature": 0.5},
               return_logprob=True, return_text_in_logprobs=True, return_prompt_token_ids=True)
     meta = out["meta_info"]
-    assert set(out) == {"text", "output_ids", "meta_info", "prompt_token_ids"} and len(out["output_ids"]) == 6
+    assert (set(out) == {"text", "output_ids", "meta_info", "prompt_token_ids"}
+            and len(out["output_ids"]) == 6)
     assert out["prompt_token_ids"] == engine.tokenizer.encode("12+34=")
-    assert meta["prompt_tokens"] == 7 and meta["completion_tokens"] == 6 and meta["cached_tokens"] == 0
-    assert meta["finish_reason"] == {"type": "length", "length": 6} and meta["weight_version"] == "0"
+    assert (meta["prompt_tokens"] == 7 and meta["completion_tokens"] == 6
+            and meta["cached_tokens"] == 0)
+    assert (meta["finish_reason"] == {"type": "length", "length": 6}
+            and meta["weight_version"] == "0")
     assert isinstance(meta["id"], str) and meta["e2e_latency"] > 0
     entries = meta["output_token_logprobs"]
     assert [e[1] for e in entries] == out["output_ids"]
@@ -66,37 +71,44 @@ def test_generate_shape_and_logprobs(engine):
     ids = engine.tokenizer.encode("12+34=")
     with torch.no_grad():
         logits = engine.model(torch.tensor([ids + out["output_ids"]])).logits[0, len(ids) - 1:-1]
-    ref = torch.log_softmax(logits / 0.5, -1).gather(1, torch.tensor(out["output_ids"])[:, None])[:, 0]
+    ref = (torch.log_softmax(logits / 0.5, -1)
+           .gather(1, torch.tensor(out["output_ids"])[:, None])[:, 0])
     assert (ref - torch.tensor([e[0] for e in entries])).abs().max() <= 1e-4
 
 
 def test_concurrent_greedy_equals_transformers(engine):
     g = torch.Generator().manual_seed(5)
-    prompts = [[1] + torch.randint(4, 104, (int(k),), generator=g).tolist() for k in (3, 30, 11, 22, 7, 16)]
+    prompts = [[1] + torch.randint(4, 104, (int(k),), generator=g).tolist()
+               for k in (3, 30, 11, 22, 7, 16)]
     limits = [12, 50, 3, 30, 44, 20]
     with ThreadPoolExecutor(len(prompts)) as pool:
         outs = list(pool.map(lambda a: gen(engine, input_ids=a[0], sampling_params={
             "max_new_tokens": a[1], "temperature": 0.0}), zip(prompts, limits)))
     for p, m, out in zip(prompts, limits, outs):
         with torch.no_grad():
-            ref = engine.model.generate(torch.tensor([p]), max_new_tokens=m, do_sample=False, eos_token_id=2,
+            ref = engine.model.generate(torch.tensor([p]), max_new_tokens=m, do_sample=False,
+                                        eos_token_id=2,
                                         pad_token_id=0)[0, len(p):].tolist()
         assert out["output_ids"] == ref
         assert "output_token_logprobs" not in out["meta_info"]
 
 
 def test_n_samples_and_batches_return_arrays(engine):
-    outs = gen(engine, input_ids=[1, 20, 21], sampling_params={"max_new_tokens": 5, "n": 3, "ignore_eos": True},
+    outs = gen(engine, input_ids=[1, 20, 21],
+               sampling_params={"max_new_tokens": 5, "n": 3, "ignore_eos": True},
                return_logprob=True)
     assert isinstance(outs, list) and len(outs) == 3
     assert len({o["meta_info"]["id"] for o in outs}) == 3
-    assert all(len(o["output_ids"]) == 5 and len(o["meta_info"]["output_token_logprobs"]) == 5 for o in outs)
-    batch = gen(engine, input_ids=[[1, 5], [1, 6, 7]], sampling_params={"max_new_tokens": 2, "n": 2})
+    assert all(len(o["output_ids"]) == 5 and len(o["meta_info"]["output_token_logprobs"]) == 5
+               for o in outs)
+    batch = gen(engine, input_ids=[[1, 5], [1, 6, 7]],
+                sampling_params={"max_new_tokens": 2, "n": 2})
     assert [o["meta_info"]["prompt_tokens"] for o in batch] == [2, 2, 3, 3]
 
 
 def test_stop_token_ids_finish_with_stop(engine):
-    first = gen(engine, input_ids=[1, 9, 9], sampling_params={"max_new_tokens": 8, "temperature": 0})
+    first = gen(engine, input_ids=[1, 9, 9],
+                sampling_params={"max_new_tokens": 8, "temperature": 0})
     tok = first["output_ids"][2]
     out = gen(engine, input_ids=[1, 9, 9], sampling_params={"max_new_tokens": 8, "temperature": 0,
                                                             "stop_token_ids": [tok]})
@@ -124,7 +136,8 @@ def test_malformed_generate_gets_sglang_400(engine, body, shape):
         assert err["object"] == "error" and err["type"] == "Bad Request" and err["code"] == 400
         assert isinstance(err["message"], str) and err["param"] is None
     elif shape == "contract":
-        assert isinstance(err["error"], str) and err["error"].startswith(("unknown field", "invalid type"))
+        assert (isinstance(err["error"], str)
+                and err["error"].startswith(("unknown field", "invalid type")))
     else:
         assert isinstance(err["error"]["message"], str)
 
@@ -138,24 +151,29 @@ def test_control_endpoints_shapes(engine):
     loads = json.loads(call(engine, "/v1/loads")[1])["loads"][0]
     assert loads["num_running_reqs"] == 0 and loads["max_running_requests"] == 8
     assert call(engine, "/get_weight_version")[0] == 404  # removed in 0.5.23
-    status, text = call(engine, "/get_weights_by_name", {"name": "model.norm.weight", "truncate_size": 5})
+    status, text = call(engine, "/get_weights_by_name",
+                        {"name": "model.norm.weight", "truncate_size": 5})
     assert status == 200 and json.loads(text) == engine.model.model.norm.weight[:5].tolist()
     status, text = call(engine, "/get_weights_by_name", {"name": "no.such.weight"})
-    assert status == 400 and json.loads(text) == {"error": {"message": "Get parameter by name failed"}}
+    assert (status == 400
+            and json.loads(text) == {"error": {"message": "Get parameter by name failed"}})
     assert call(engine, "/flush_cache", {})[0] == 200 and call(engine, "/flush_cache")[0] == 200
     assert call(engine, "/abort_request", {"rid": "nope"}) == (200, "")
     status, text = call(engine, "/pause_generation", {"mode": "sideways"})
     assert status == 400 and json.loads(text)["code"] == 400
-    status, text = call(engine, "/update_weights_from_distributed", {"names": [], "dtypes": [], "shapes": []})
+    status, text = call(engine, "/update_weights_from_distributed",
+                        {"names": [], "dtypes": [], "shapes": []})
     assert status == 400 and "begin_weight_update" in json.loads(text)["message"]
     assert call(engine, "/end_weight_update", {})[0] == 400
-    assert json.loads(call(engine, "/begin_weight_update", {})[1]) == {"success": True, "message": "Success"}
+    assert (json.loads(call(engine, "/begin_weight_update", {})[1])
+            == {"success": True, "message": "Success"})
     assert call(engine, "/begin_weight_update", {})[0] == 400
     assert call(engine, "/end_weight_update", {})[0] == 200
     assert call(engine, "/init_weights_update_group", {"master_address": "127.0.0.1"})[0] == 400
     metrics = call(engine, "/metrics")[1]
-    for name in ("sglang:num_running_reqs", "sglang:num_queue_reqs", "sglang:token_usage", "sglang:gen_throughput",
-                 "sglang:prompt_tokens_total", "sglang:generation_tokens_total", "sglang:num_requests_total",
+    for name in ("sglang:num_running_reqs", "sglang:num_queue_reqs", "sglang:token_usage",
+                 "sglang:gen_throughput", "sglang:prompt_tokens_total",
+                 "sglang:generation_tokens_total", "sglang:num_requests_total",
                  "sglang:num_aborted_requests_total", "sglang:time_to_first_token_seconds_bucket",
                  "sglang:e2e_request_latency_seconds_count", "sglang:num_paused_reqs"):
         assert name in metrics, name
@@ -185,40 +203,49 @@ def wait_for(predicate, what: str) -> None:
 
 
 def test_pause_abort_partial_then_blocked_until_continue(engine):
-    long = {"input_ids": [1, 30, 31], "sampling_params": {"max_new_tokens": 240, "ignore_eos": True},
+    long = {"input_ids": [1, 30, 31],
+            "sampling_params": {"max_new_tokens": 240, "ignore_eos": True},
             "return_logprob": True}
     with ThreadPoolExecutor(4) as pool:
         try:
             inflight = [pool.submit(gen, engine, **long) for _ in range(2)]
-            wait_for(lambda: engine.scheduler.load()["num_used_tokens"] >= 20, "two running requests")
+            wait_for(lambda: engine.scheduler.load()["num_used_tokens"] >= 20,
+                     "two running requests")
             with stalled(engine):
                 pause = pool.submit(call, engine, "/pause_generation", {"mode": "abort"})
                 wait_for(lambda: engine.http.gate.paused, "the pause to reach the server")
             status, text = pause.result(timeout=HTTP_TIMEOUT_S)
-            assert status == 200 and json.loads(text) == {"message": "Generation paused successfully.", "status": "ok"}
-            assert engine.http.gate.readers == 0  # pause returned only after every in-flight request was answered
+            assert (status == 200
+                    and json.loads(text) == {"message": "Generation paused successfully.",
+                                             "status": "ok"})
+            # pause returned only after every in-flight request was answered
+            assert engine.http.gate.readers == 0
             for f in inflight:
                 out = f.result(timeout=HTTP_TIMEOUT_S)
                 assert out["meta_info"]["finish_reason"]["type"] == "abort"
                 assert 0 < len(out["output_ids"]) < 240
                 assert len(out["meta_info"]["output_token_logprobs"]) == len(out["output_ids"])
-            blocked = pool.submit(gen, engine, input_ids=[1, 5], sampling_params={"max_new_tokens": 2})
+            blocked = pool.submit(gen, engine, input_ids=[1, 5],
+                                  sampling_params={"max_new_tokens": 2})
             time.sleep(0.5)
             assert not blocked.done()  # waits, is not rejected
         finally:
             assert call(engine, "/continue_generation", {})[0] == 200
-        assert blocked.result(timeout=HTTP_TIMEOUT_S)["meta_info"]["finish_reason"]["type"] == "length"
+        assert (blocked.result(timeout=HTTP_TIMEOUT_S)["meta_info"]["finish_reason"]["type"]
+                == "length")
 
 
 def test_abort_request_by_rid(engine):
-    body = {"rid": "kill-me", "input_ids": [1, 40], "sampling_params": {"max_new_tokens": 250, "ignore_eos": True}}
+    body = {"rid": "kill-me", "input_ids": [1, 40],
+            "sampling_params": {"max_new_tokens": 250, "ignore_eos": True}}
     with ThreadPoolExecutor(1) as pool:
         f = pool.submit(gen, engine, **body)
         wait_for(lambda: engine.scheduler.load()["num_running_reqs"], "the request to run")
         with stalled(engine):
             assert call(engine, "/abort_request", {"rid": "kill-me"}) == (200, "")
         out = f.result(timeout=HTTP_TIMEOUT_S)
-    assert out["meta_info"]["id"] == "kill-me" and out["meta_info"]["finish_reason"]["type"] == "abort"
+    assert (out["meta_info"]["id"] == "kill-me"
+            and out["meta_info"]["finish_reason"]["type"] == "abort")
 
 
 @pytest.mark.parametrize("mode,flush", [("in_place", 400), ("retract", 200)])
@@ -226,7 +253,8 @@ def test_a_pause_keeps_the_request_and_the_flush_follows_sglang(engine, mode, fl
     """``in_place`` keeps the request running: the flush is refused. ``retract`` moves it back to
     the queue without KV, and the flush succeeds (SGLang 0.5.23's flush ignores the queue while
     paused). Either way the request then ends as it would have."""
-    body = {"input_ids": [1, 50, 51], "sampling_params": {"max_new_tokens": 120, "temperature": 0, "ignore_eos": True}}
+    body = {"input_ids": [1, 50, 51],
+            "sampling_params": {"max_new_tokens": 120, "temperature": 0, "ignore_eos": True}}
     ref = gen(engine, **body)["output_ids"]
     with ThreadPoolExecutor(2) as pool:
         try:
@@ -247,21 +275,24 @@ def test_a_pause_keeps_the_request_and_the_flush_follows_sglang(engine, mode, fl
 
 
 def test_a_continue_that_overtakes_its_in_place_pause_still_resumes(engine):
-    """/continue_generation can reach the server while an in_place pause's hold is still queued on the
-    scheduler (a client that gave up waiting for the pause, or sent both at once): the hold must not
-    win and leave the engine stepping nothing until some later continue."""
+    """/continue_generation can reach the server while an in_place pause's hold is still queued on
+    the scheduler (a client that gave up waiting for the pause, or sent both at once): the hold must
+    not win and leave the engine stepping nothing until some later continue."""
     with ThreadPoolExecutor(2) as pool:
         try:
-            with stalled(engine):  # the hold (and a release, if continue posts one) queue behind this
+            # the hold (and a release, if continue posts one) queue behind this
+            with stalled(engine):
                 pause = pool.submit(call, engine, "/pause_generation", {"mode": "in_place"})
-                wait_for(lambda: engine.http.gate.paused and engine.scheduler._inbox, "the hold to be queued")
+                wait_for(lambda: engine.http.gate.paused and engine.scheduler._inbox,
+                         "the hold to be queued")
                 resume = pool.submit(call, engine, "/continue_generation", {})
                 wait_for(lambda: not engine.http.gate.paused or len(engine.scheduler._inbox) >= 2,
                          "the continue to reach the server")
             assert pause.result(timeout=HTTP_TIMEOUT_S)[0] == 200
             assert resume.result(timeout=HTTP_TIMEOUT_S)[0] == 200
             assert not engine.scheduler.call(lambda s: s.held).result(timeout=HTTP_TIMEOUT_S)
-            assert gen(engine, input_ids=[1, 5], sampling_params={"max_new_tokens": 2})["output_ids"]
+            assert gen(engine, input_ids=[1, 5],
+                       sampling_params={"max_new_tokens": 2})["output_ids"]
         finally:
             if engine.scheduler.held:
                 call(engine, "/continue_generation", {})
@@ -274,7 +305,8 @@ def test_update_weights_from_disk(engine, tmp_path):
     probe = {"input_ids": [1, 60, 61, 62],
              "sampling_params": {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}}
     old_out = gen(engine, **probe)["output_ids"]  # its KV must not survive the update
-    status, text = call(engine, "/update_weights_from_disk", {"model_path": str(tmp_path / "m"), "weight_version": "7"})
+    status, text = call(engine, "/update_weights_from_disk",
+                        {"model_path": str(tmp_path / "m"), "weight_version": "7"})
     assert status == 200 and json.loads(text)["success"] is True
     try:
         assert state_checksum(engine.model) == state_checksum(new) != before
@@ -282,7 +314,8 @@ def test_update_weights_from_disk(engine, tmp_path):
         out = gen(engine, **probe)
         assert out["meta_info"]["weight_version"] == "7"
         with torch.no_grad():
-            ref = new.generate(torch.tensor([probe["input_ids"]]), max_new_tokens=12, do_sample=False,
+            ref = new.generate(torch.tensor([probe["input_ids"]]), max_new_tokens=12,
+                               do_sample=False,
                                eos_token_id=None, pad_token_id=0)[0, 4:].tolist()
         assert out["output_ids"] == ref != old_out
         bad = call(engine, "/update_weights_from_disk", {"model_path": str(tmp_path / "nothing")})
@@ -305,7 +338,8 @@ def test_client_disconnect_aborts_request(engine):
     import socket
 
     aborted = engine.metrics.num_aborted._value.get()
-    body = json.dumps({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 250, "ignore_eos": True}}).encode()
+    body = json.dumps({"input_ids": [1, 2],
+                       "sampling_params": {"max_new_tokens": 250, "ignore_eos": True}}).encode()
     sock = socket.create_connection(("127.0.0.1", engine.port), timeout=HTTP_TIMEOUT_S)
     sock.sendall(b"POST /generate HTTP/1.1\r\nHost: engine\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
@@ -314,11 +348,13 @@ def test_client_disconnect_aborts_request(engine):
         sock.close()
         time.sleep(0.3)  # the server notices the hang-up and queues the abort behind the stall
     wait_for(lambda: engine.metrics.num_aborted._value.get() > aborted, "the abort")
-    assert engine.metrics.num_aborted._value.get() == aborted + 1  # aborted, not run to its 250 tokens
+    # aborted, not run to its 250 tokens
+    assert engine.metrics.num_aborted._value.get() == aborted + 1
 
 
 def stream(engine, body: dict) -> list:
-    req = urllib.request.Request(engine.url + "/generate", data=json.dumps({**body, "stream": True}).encode(),
+    req = urllib.request.Request(engine.url + "/generate",
+                                 data=json.dumps({**body, "stream": True}).encode(),
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as r:
         assert r.headers["Content-Type"].startswith("text/event-stream")
@@ -328,7 +364,8 @@ def stream(engine, body: dict) -> list:
 
 
 def test_streaming_chunks_are_cumulative_and_end_like_the_plain_response(engine):
-    body = {"input_ids": [1, 70, 71], "sampling_params": {"max_new_tokens": 20, "temperature": 0, "ignore_eos": True},
+    body = {"input_ids": [1, 70, 71],
+            "sampling_params": {"max_new_tokens": 20, "temperature": 0, "ignore_eos": True},
             "return_logprob": True}
     plain = gen(engine, **body)
     chunks = stream(engine, body)
@@ -339,7 +376,8 @@ def test_streaming_chunks_are_cumulative_and_end_like_the_plain_response(engine)
         assert c["output_ids"] == plain["output_ids"][:len(c["output_ids"])]
         assert len(c["meta_info"]["output_token_logprobs"]) == len(c["output_ids"])
     last = chunks[-1]
-    assert last["meta_info"]["finish_reason"] == {"type": "length", "length": 20} and "e2e_latency" in last["meta_info"]
+    assert (last["meta_info"]["finish_reason"] == {"type": "length", "length": 20}
+            and "e2e_latency" in last["meta_info"])
     assert last["output_ids"] == plain["output_ids"] and last["text"] == plain["text"]
     many = stream(engine, {"input_ids": [1, 5], "sampling_params": {"max_new_tokens": 3, "n": 2}})
     assert {c["index"] for c in many} == {0, 1}

@@ -19,7 +19,8 @@ from areal_like.settings.config import EngineConfig, ModelConfig
 from rollout_server.engine import EmbeddedEngine
 
 KEY = "k-0123456789"
-LIMITS = HttpLimits(max_body_bytes=64 * 1024, header_timeout_s=2.0, body_timeout_s=2.0, max_connections=64,
+LIMITS = HttpLimits(max_body_bytes=64 * 1024, header_timeout_s=2.0, body_timeout_s=2.0,
+                    max_connections=64,
                     max_inflight=32)
 HTTP_TIMEOUT_S = 120.0
 
@@ -27,7 +28,8 @@ HTTP_TIMEOUT_S = 120.0
 @pytest.fixture(scope="module")
 def engine():
     torch.set_num_threads(1)
-    e = EmbeddedEngine(ModelConfig(max_position_embeddings=128), EngineConfig(max_running_requests=4),
+    e = EmbeddedEngine(ModelConfig(max_position_embeddings=128),
+                       EngineConfig(max_running_requests=4),
                        api_key=KEY, limits=LIMITS).start()
     try:
         yield e
@@ -35,9 +37,11 @@ def engine():
         e.stop()
 
 
-def call(engine, path: str, body: bytes | None = None, method: str = "POST", auth: str | None = f"Bearer {KEY}",
+def call(engine, path: str, body: bytes | None = None, method: str = "POST",
+         auth: str | None = f"Bearer {KEY}",
          headers: dict | None = None) -> tuple[int, str]:
-    h = {"Content-Type": "application/json", **({"Authorization": auth} if auth else {}), **(headers or {})}
+    h = {"Content-Type": "application/json", **({"Authorization": auth} if auth else {}),
+         **(headers or {})}
     req = urllib.request.Request(engine.url + path, data=body, method=method, headers=h)
     try:
         with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as r:
@@ -53,7 +57,8 @@ def routes(engine) -> list[tuple[str, str]]:
 
 def test_every_endpoint_refuses_a_missing_or_wrong_key(engine):
     found = routes(engine)
-    assert len(found) == 24 and ("POST", "/update_weights_from_distributed") in found and ("GET", "/health") in found
+    assert (len(found) == 24 and ("POST", "/update_weights_from_distributed") in found
+            and ("GET", "/health") in found)
     for method, path in found:
         body = b"{}" if method in ("POST", "PUT") else None
         for auth in (None, "Bearer wrong", f"Bearer {KEY}x", f"Basic {KEY}", KEY, "Bearer "):
@@ -74,7 +79,8 @@ def test_a_body_over_the_limit_gets_413(engine):
         for _ in range(80):
             yield b"1" * 1024
     req = urllib.request.Request(engine.url + "/generate", data=chunks(), method="POST",
-                                 headers={"Authorization": f"Bearer {KEY}", "Transfer-Encoding": "chunked"})
+                                 headers={"Authorization": f"Bearer {KEY}",
+                                          "Transfer-Encoding": "chunked"})
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S)
     assert e.value.code == 413
@@ -121,7 +127,8 @@ def test_a_client_sending_its_header_one_byte_a_second_is_cut_off(engine):
     before = engine._server.stats.timed_out
     header = b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"a" * 600
     sent, answer = drip(engine.port, header)
-    assert sent < len(header) and answer == b""  # closed with no answer, long before the header could end
+    # closed with no answer, long before the header could end
+    assert sent < len(header) and answer == b""
     assert engine._server.stats.timed_out == before + 1
     assert call(engine, "/health", method="GET")[0] == 200  # nothing else was held up
 
@@ -138,13 +145,18 @@ def test_a_client_sending_its_body_one_byte_a_second_gets_408(engine):
     (b'{"text": "\xff\xfe\xfa"}', "utf-8"),
     (b"[" * 30000 + b"]" * 30000, "nested too deeply"),
     (b'{"input_ids": [1, ' + b"9" * 5000 + b"]}", "digits"),
-    (json.dumps({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 10**30}}).encode(), "out of range"),
-    (json.dumps({"input_ids": [1, 2], "sampling_params": {"top_k": -(10**20)}}).encode(), "out of range"),
+    (json.dumps({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 10**30}}).encode(),
+     "out of range"),
+    (json.dumps({"input_ids": [1, 2], "sampling_params": {"top_k": -(10**20)}}).encode(),
+     "out of range"),
     (b'{"input_ids": [1, 2], "sampling_params": {"temperature": 1e400}}', "out of range"),
     (b'{"input_ids": [1, 2], "sampling_params": {"temperature": NaN}}', "out of range"),
-    (json.dumps({"input_ids": [1, 2], "sampling_params": {"sampling_seed": -1}}).encode(), "sampling_seed"),
-    (json.dumps({"input_ids": [1, 2], "sampling_params": {"stop_token_ids": [10**12]}}).encode(), "vocabulary"),
-    (json.dumps({"input_ids": [1, 2], "sampling_params": {"n": 10**6}}).encode(), "sequences in one request"),
+    (json.dumps({"input_ids": [1, 2], "sampling_params": {"sampling_seed": -1}}).encode(),
+     "sampling_seed"),
+    (json.dumps({"input_ids": [1, 2], "sampling_params": {"stop_token_ids": [10**12]}}).encode(),
+     "vocabulary"),
+    (json.dumps({"input_ids": [1, 2], "sampling_params": {"n": 10**6}}).encode(),
+     "sequences in one request"),
 ])
 def test_bad_input_gets_400_naming_the_problem(engine, body, why):
     status, text = call(engine, "/generate", body)
@@ -152,7 +164,8 @@ def test_bad_input_gets_400_naming_the_problem(engine, body, why):
 
 
 def test_bad_control_numbers_get_400(engine):
-    status, text = call(engine, "/get_weights_by_name", b'{"name": "x", "truncate_size": 1e400}')  # int(inf)
+    status, text = call(engine, "/get_weights_by_name",
+                        b'{"name": "x", "truncate_size": 1e400}')  # int(inf)
     assert status == 400 and "truncate_size" in text, text
 
 
@@ -160,7 +173,8 @@ def test_control_calls_get_through_while_generate_calls_fill_the_in_flight_cap(e
     """While paused, /generate calls wait (holding their in-flight slots); the cap refuses more with
     429, and /continue_generation still gets in and releases them."""
     assert call(engine, "/pause_generation", b'{"mode": "abort"}')[0] == 200
-    body = json.dumps({"input_ids": [1, 5], "sampling_params": {"max_new_tokens": 1, "temperature": 0}}).encode()
+    body = json.dumps({"input_ids": [1, 5],
+                       "sampling_params": {"max_new_tokens": 1, "temperature": 0}}).encode()
     statuses: list[int] = []
     waiting = [threading.Thread(target=lambda: statuses.append(call(engine, "/generate", body)[0]))
                for _ in range(LIMITS.max_inflight)]

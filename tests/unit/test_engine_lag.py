@@ -4,7 +4,8 @@
   trainer steps, and the buffer's admission admits exactly the lag that creates (L - 1);
 - forced delay (``trainer.weight_sync.delay = D``): the engines get the weights of version v - D,
   bit for bit, under that label;
-- OAPL: beta1 = 1 for the value estimate, beta2 = 1e-3 for the regression, on a hand-computed vector.
+- OAPL: beta1 = 1 for the value estimate, beta2 = 1e-3 for the regression, on a hand-computed
+  vector.
 
 ``EngineSchedule`` is driven here with a recording broadcaster (it only records what it was asked to
 push and announce, with a copy of the weights) around a real torch module and optimizer steps.
@@ -81,7 +82,8 @@ def test_forced_delay_serves_exactly_version_v_minus_D():
     assert wb.announced == list(range(7))
     for v, w in wb.pushed:  # each label carries exactly its own weights
         torch.testing.assert_close(w, weights[v], rtol=0, atol=0)
-    torch.testing.assert_close(sched.model.weight.detach(), weights[6], rtol=0, atol=0)  # the trainer keeps its own
+    # the trainer keeps its own
+    torch.testing.assert_close(sched.model.weight.detach(), weights[6], rtol=0, atol=0)
 
 
 def test_repush_resends_what_the_engines_should_serve():
@@ -127,7 +129,8 @@ def test_admission_admits_exactly_the_lag(every):
     for v in range(4 * every + 3):
         engine = every * (v // every)
         assert policy.engine_can_start(engine, v)
-        grant = policy.capacity(v * B, started, in_flight=0)  # consumed: one batch per version so far
+        # consumed: one batch per version so far
+        grant = policy.capacity(v * B, started, in_flight=0)
         assert grant == B  # exactly one batch per version: nothing is generated to go stale
         store += [engine] * grant
         started += grant
@@ -141,13 +144,15 @@ def test_admission_admits_exactly_the_lag(every):
 
 
 def test_config_requires_max_staleness_to_cover_the_lag():
-    assert load_config(["trainer.weight_sync.every=4", "buffer.max_staleness=3"]).trainer.weight_sync.engine_lag == 3
+    assert load_config(["trainer.weight_sync.every=4",
+                        "buffer.max_staleness=3"]).trainer.weight_sync.engine_lag == 3
     with pytest.raises(ConfigError, match=r"buffer.max_staleness.*>= 3"):
         load_config(["trainer.weight_sync.every=4", "buffer.max_staleness=2"])
     with pytest.raises(ConfigError, match=r"buffer.max_staleness.*>= 8"):
         load_config(["trainer.weight_sync.delay=8", "buffer.max_staleness=4"])
     with pytest.raises(ConfigError, match="trainer.weight_sync.delay"):
-        load_config(["trainer.weight_sync.every=2", "trainer.weight_sync.delay=1", "buffer.max_staleness=4"])
+        load_config(["trainer.weight_sync.every=2", "trainer.weight_sync.delay=1",
+                     "buffer.max_staleness=4"])
 
 
 def test_oapl_published_betas():
@@ -165,9 +170,11 @@ def test_oapl_published_betas():
     torch.testing.assert_close(adv[:, 0], r - v_hat, rtol=1e-6, atol=1e-6)
     behav = torch.zeros(4, 1)
     logp = torch.tensor([[2.0], [-1.0], [0.0], [3.0]], requires_grad=True)
-    loss, _ = compute_policy_loss(LossConfig(kernel="oapl"), logp=logp, prox_logp=None, behav_logp=behav,
+    loss, _ = compute_policy_loss(LossConfig(kernel="oapl"), logp=logp, prox_logp=None,
+                                  behav_logp=behav,
                                   advantages=adv, mask=mask)
     resid = [1e-3 * d - (ri - v_hat) for d, ri in zip([2.0, -1.0, 0.0, 3.0], [1.0, 0.0, 1.0, 1.0])]
     assert float(loss.detach()) == pytest.approx(sum(x * x for x in resid) / 4, rel=1e-6)
     loss.backward()
-    torch.testing.assert_close(logp.grad[:, 0], torch.tensor([2e-3 / 4 * x for x in resid]), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(logp.grad[:, 0], torch.tensor([2e-3 / 4 * x for x in resid]),
+                               rtol=1e-5, atol=1e-9)

@@ -33,13 +33,17 @@ def local(engine, body: dict) -> tuple[int, object]:
 
 def same_answer(a: dict, b: dict) -> None:
     """Equal but for what differs between any two calls (request id, latency)."""
-    strip = lambda o: {**o, "meta_info": {k: v for k, v in o["meta_info"].items() if k not in ("id", "e2e_latency")}}
-    assert strip(a) == strip(json.loads(json.dumps(b)))  # JSON-equal: what the endpoint would have sent
+    strip = lambda o: {**o, "meta_info": {k: v for k, v in o["meta_info"].items()
+                                          if k not in ("id", "e2e_latency")}}
+    # JSON-equal: what the endpoint would have sent
+    assert strip(a) == strip(json.loads(json.dumps(b)))
 
 
 def test_in_process_generate_answers_what_the_endpoint_answers(engine):
-    body = {"input_ids": [[1, 7, 8], [1, 9]], "sampling_params": [{"max_new_tokens": 6, "temperature": 0},
-            {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True}], "return_logprob": True}
+    body = {"input_ids": [[1, 7, 8], [1, 9]],
+            "sampling_params": [{"max_new_tokens": 6, "temperature": 0},
+                                {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True}],
+            "return_logprob": True}
     status, outs = local(engine, body)
     assert status == 200 and len(outs) == 2
     for over_http, in_process in zip(gen(engine, **body), outs):
@@ -54,8 +58,8 @@ def test_in_process_generate_waits_while_paused_and_a_cancelled_caller_aborts(en
     async def main():
         assert call(engine, "/pause_generation", {"mode": "abort"})[0] == 200
         try:
-            waiting = asyncio.ensure_future(engine.generate_local({"input_ids": [1, 5], "sampling_params": {
-                "max_new_tokens": 2}}))
+            waiting = asyncio.ensure_future(engine.generate_local(
+                {"input_ids": [1, 5], "sampling_params": {"max_new_tokens": 2}}))
             done, _ = await asyncio.wait([waiting], timeout=0.5)
             assert not done  # held back by the pause, not refused
         finally:
@@ -63,8 +67,8 @@ def test_in_process_generate_waits_while_paused_and_a_cancelled_caller_aborts(en
         status, out = await asyncio.wait_for(waiting, HTTP_TIMEOUT_S)
         assert status == 200 and out["meta_info"]["finish_reason"]["type"] == "length"
         aborted = engine.metrics.num_aborted._value.get()
-        long = asyncio.ensure_future(engine.generate_local({"input_ids": [1, 2], "sampling_params": {
-            "max_new_tokens": 250, "ignore_eos": True}}))
+        long = asyncio.ensure_future(engine.generate_local(
+            {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 250, "ignore_eos": True}}))
         deadline = time.monotonic() + HTTP_TIMEOUT_S
         while not engine.scheduler.load()["num_running_reqs"]:
             assert time.monotonic() < deadline, "the request never ran"
@@ -82,9 +86,10 @@ def test_the_client_maps_in_process_answers_like_http_ones(engine):
     async def main():
         client = SGLangClient("http://127.0.0.1:1", local=engine)  # no HTTP reachable
         outs = await client.generate_batch([[1, 3], [1, 4, 5]],
-                                           [{"max_new_tokens": 3, "temperature": 0, "ignore_eos": True}] * 2)
-        assert [(len(o.output_ids), len(o.logprobs), o.finish_reason, o.weight_version) for o in outs] == [
-            (3, 3, "length", "0")] * 2
+                                           [{"max_new_tokens": 3, "temperature": 0,
+                                             "ignore_eos": True}] * 2)
+        assert [(len(o.output_ids), len(o.logprobs), o.finish_reason, o.weight_version)
+                for o in outs] == [(3, 3, "length", "0")] * 2
         with pytest.raises(SGLangError) as e:
             await client.generate([1, 999], {"max_new_tokens": 2})
         assert e.value.status == 400
@@ -94,7 +99,8 @@ def test_the_client_maps_in_process_answers_like_http_ones(engine):
 
 def test_an_in_process_call_ends_when_its_engine_stops_and_later_ones_are_refused():
     """A call held at the pause gate when the engine stops ends (as unreachable, like a dropped
-    connection) instead of waiting for its timeout; a call to a stopped engine is refused at once."""
+    connection) instead of waiting for its timeout; a call to a stopped engine is refused at
+    once."""
     from rollout_server.sglang_client import SGLangClient, SGLangError
 
     e = EmbeddedEngine(MODEL, EngineConfig(max_running_requests=2)).start()
@@ -122,9 +128,9 @@ def test_an_in_process_call_ends_when_its_engine_stops_and_later_ones_are_refuse
 
 
 def test_calls_ended_by_cancel_all_say_so_and_a_caller_cancelled_stays_cancelled():
-    """``LocalGenerate`` on its own, with a handler that never answers: a call running when the engine
-    stops (``cancel_all``) and one made after it end with ConnectionAbortedError; a caller cancelled
-    for its own reasons sees its CancelledError."""
+    """``LocalGenerate`` on its own, with a handler that never answers: a call running when the
+    engine stops (``cancel_all``) and one made after it end with ConnectionAbortedError; a caller
+    cancelled for its own reasons sees its CancelledError."""
     import threading
     from types import SimpleNamespace
 

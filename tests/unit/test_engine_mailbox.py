@@ -51,6 +51,7 @@ def test_a_failing_call_does_not_keep_the_others_from_running_and_a_closed_loop_
     loop.close()
     boxes.flush()  # no error: nobody is left to tell
     other = asyncio.new_event_loop()
-    assert boxes.for_loop(other) is not box and box not in boxes._boxes.values()  # the closed loop's box is gone
+    # the closed loop's box is gone
+    assert boxes.for_loop(other) is not box and box not in boxes._boxes.values()
     other.close()
     assert got == ["after"]

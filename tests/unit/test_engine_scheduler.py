@@ -1,5 +1,6 @@
-"""Engine correctness at the scheduler level (no HTTP): greedy == transformers' generate, exact logprobs,
-continuous batching with refill, abort/retract, weight loads between steps, and the sampler's truncation."""
+"""Engine correctness at the scheduler level (no HTTP): greedy == transformers' generate, exact
+logprobs, continuous batching with refill, abort/retract, weight loads between steps, and the
+sampler's truncation."""
 
 from __future__ import annotations
 
@@ -28,8 +29,10 @@ def model():
 def make_scheduler(model):
     made: list[Scheduler] = []
 
-    def make(max_running: int = 3, max_total_tokens: int = 4096, own_model=None, **gather) -> Scheduler:
-        s = Scheduler(own_model or model, max_running=max_running, max_total_tokens=max_total_tokens, context_len=192,
+    def make(max_running: int = 3, max_total_tokens: int = 4096, own_model=None,
+             **gather) -> Scheduler:
+        s = Scheduler(own_model or model, max_running=max_running,
+                      max_total_tokens=max_total_tokens, context_len=192,
                       weight_version="0", **gather).start()
         made.append(s)
         return s
@@ -61,7 +64,8 @@ def run_all(s: Scheduler, ps: list[list[int]], params: list[SamplingParams], sto
     return [done[str(i)] for i in range(len(ps))]
 
 
-def full_forward_logprobs(model, prompt: list[int], out: list[int], temperature: float) -> torch.Tensor:
+def full_forward_logprobs(model, prompt: list[int], out: list[int],
+                          temperature: float) -> torch.Tensor:
     with torch.no_grad():
         logits = model(torch.tensor([prompt + out])).logits[0, len(prompt) - 1:-1].float()
     return torch.log_softmax(logits / temperature, -1).gather(1, torch.tensor(out)[:, None])[:, 0]
@@ -74,10 +78,12 @@ def test_greedy_equals_transformers_generate_with_refill(model, make_scheduler):
     got = run_all(s, ps, [SamplingParams(max_new_tokens=m, temperature=0.0) for m in limits])
     for p, m, r in zip(ps, limits, got):
         with torch.no_grad():
-            ref = model.generate(torch.tensor([p]), max_new_tokens=m, do_sample=False, eos_token_id=EOS,
+            ref = model.generate(torch.tensor([p]), max_new_tokens=m, do_sample=False,
+                                 eos_token_id=EOS,
                                  pad_token_id=0)[0, len(p):].tolist()
         assert r.output_ids == ref
-        expected = {"type": "stop", "matched": EOS} if ref[-1] == EOS else {"type": "length", "length": m}
+        expected = ({"type": "stop", "matched": EOS} if ref[-1] == EOS
+                    else {"type": "length", "length": m})
         assert r.finish_reason == expected
         assert r.output_versions == ["0"] * len(ref)
 
@@ -89,20 +95,24 @@ def test_many_rows_leaving_in_one_step_leave_the_others_their_own_kv(model, make
     limits = [4, 20, 4, 4, 13, 4, 20, 4, 4, 13, 4, 4]
     s = make_scheduler(max_running=12)
     s.hold().result(WAIT_S)  # all twelve are admitted together, however slowly they arrive
-    got = run_all(s, ps, [SamplingParams(max_new_tokens=m, temperature=0.0) for m in limits], then=s.release)
+    got = run_all(s, ps, [SamplingParams(max_new_tokens=m, temperature=0.0) for m in limits],
+                  then=s.release)
     assert s.prefills == 1
     for p, m, r in zip(ps, limits, got):
         with torch.no_grad():
-            ref = model.generate(torch.tensor([p]), max_new_tokens=m, do_sample=False, eos_token_id=EOS,
+            ref = model.generate(torch.tensor([p]), max_new_tokens=m, do_sample=False,
+                                 eos_token_id=EOS,
                                  pad_token_id=0)[0, len(p):].tolist()
         assert r.output_ids == ref
 
 
-@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 1 << 30), (0.7, 0.9, 20), (1.6, 1.0, 5)])
+@pytest.mark.parametrize("temperature,top_p,top_k",
+                         [(1.0, 1.0, 1 << 30), (0.7, 0.9, 20), (1.6, 1.0, 5)])
 def test_logprobs_equal_separate_forward(model, make_scheduler, temperature, top_p, top_k):
     ps = prompts(6, seed=1)
     s = make_scheduler(max_running=4)
-    params = [SamplingParams(max_new_tokens=24, temperature=temperature, top_p=top_p, top_k=top_k) for _ in ps]
+    params = [SamplingParams(max_new_tokens=24, temperature=temperature, top_p=top_p, top_k=top_k)
+              for _ in ps]
     for p, r in zip(ps, run_all(s, ps, params, stop_eos=False)):
         ref = full_forward_logprobs(model, p, r.output_ids, temperature)
         assert (ref - torch.tensor(r.output_logprobs)).abs().max().item() <= 1e-4
@@ -116,8 +126,9 @@ def test_logprobs_equal_separate_forward(model, make_scheduler, temperature, top
 def test_seeded_sampling_is_reproducible(model, make_scheduler):
     s = make_scheduler()
     p = prompts(1, seed=2) * 3
-    params = [SamplingParams(max_new_tokens=16, temperature=1.0, sampling_seed=7) for _ in range(2)] + \
-        [SamplingParams(max_new_tokens=16, temperature=1.0, sampling_seed=8)]
+    params = ([SamplingParams(max_new_tokens=16, temperature=1.0, sampling_seed=7)
+               for _ in range(2)]
+              + [SamplingParams(max_new_tokens=16, temperature=1.0, sampling_seed=8)])
     a, b, c = run_all(s, p, params, stop_eos=False)
     assert a.output_ids == b.output_ids and a.output_ids != c.output_ids
 
@@ -147,7 +158,8 @@ def test_abort_returns_partial_and_frees_slot(model, make_scheduler):
     def fin(r):
         finished[r.rid] = r
         ev.set()
-    long = Request(rid="long", input_ids=prompts(1)[0], params=SamplingParams(max_new_tokens=180, temperature=0.0),
+    long = Request(rid="long", input_ids=prompts(1)[0],
+                   params=SamplingParams(max_new_tokens=180, temperature=0.0),
                    stop_ids=frozenset(), on_finish=fin)
     s.submit(long)
     while not long.output_ids:
@@ -161,9 +173,11 @@ def test_abort_returns_partial_and_frees_slot(model, make_scheduler):
 
 
 def test_retract_and_weight_swap_between_steps(model, make_scheduler):
-    """Pause with retract, load new weights, release: outputs continue; versions switch at the swap."""
+    """Pause with retract, load new weights, release: outputs continue; versions switch at the
+    swap."""
     other = build_model(ModelConfig(max_position_embeddings=192, init_seed=1))
-    s = make_scheduler(max_running=2, own_model=build_model(ModelConfig(max_position_embeddings=192)))
+    s = make_scheduler(max_running=2,
+                       own_model=build_model(ModelConfig(max_position_embeddings=192)))
     p = prompts(1, seed=3)[0]
     done = threading.Event()
     req = Request(rid="r", input_ids=p, params=SamplingParams(max_new_tokens=60, temperature=0.0),
@@ -183,7 +197,8 @@ def test_retract_and_weight_swap_between_steps(model, make_scheduler):
     assert req.output_versions == ["0"] * cut + ["1"] * (60 - cut)
     # tokens after the swap are exactly new-weights greedy continuations of prompt + old tokens
     with torch.no_grad():
-        ref = other.generate(torch.tensor([p + req.output_ids[:cut]]), max_new_tokens=60 - cut, do_sample=False,
+        ref = other.generate(torch.tensor([p + req.output_ids[:cut]]), max_new_tokens=60 - cut,
+                             do_sample=False,
                              eos_token_id=None, pad_token_id=0)[0, len(p) + cut:].tolist()
     assert req.output_ids[cut:] == ref
 
@@ -202,30 +217,37 @@ def test_forward_failure_answers_every_request_and_stops(model, make_scheduler, 
                 raise RuntimeError("boom")
             return self.inner(**kw)
 
-        def get_output_embeddings(self):  # padded.prefill picks each row's last position at the head
+        # padded.prefill picks each row's last position at the head
+        def get_output_embeddings(self):
             return self.inner.get_output_embeddings()
     s = make_scheduler(max_running=2, own_model=Exploding())
     ps = prompts(3, seed=4)
-    got = run_all(s, ps, [SamplingParams(max_new_tokens=50, temperature=0.0) for _ in ps], stop_eos=False)
-    assert all(r.finish_reason["type"] == "abort" and r.finish_reason["status_code"] == 500 for r in got)
+    got = run_all(s, ps, [SamplingParams(max_new_tokens=50, temperature=0.0) for _ in ps],
+                  stop_eos=False)
+    assert all(r.finish_reason["type"] == "abort" and r.finish_reason["status_code"] == 500
+               for r in got)
     assert "boom" in got[0].finish_reason["message"]
     assert not s.alive
     with pytest.raises(RuntimeError):
-        s.submit(Request(rid="late", input_ids=[1, 5], params=SamplingParams(), stop_ids=frozenset(),
+        s.submit(Request(rid="late", input_ids=[1, 5], params=SamplingParams(),
+                         stop_ids=frozenset(),
                          on_finish=lambda r: None))
 
 
 def test_too_long_prompt_is_refused_not_fatal(model, make_scheduler):
     s = make_scheduler()
-    bad, ok = run_all(s, [[1] * 192, [1, 5]], [SamplingParams(max_new_tokens=3, temperature=0.0)] * 2, stop_eos=False)
+    bad, ok = run_all(s, [[1] * 192, [1, 5]],
+                      [SamplingParams(max_new_tokens=3, temperature=0.0)] * 2, stop_eos=False)
     assert bad.finish_reason["type"] == "abort" and bad.finish_reason["status_code"] == 400
     assert ok.finish_reason == {"type": "length", "length": 3} and s.alive
 
 
 def test_a_burst_at_an_idle_scheduler_is_prefilled_as_one_batch(model, make_scheduler):
     """Submits that trickle in (as a rollout server's groups do) while an idle scheduler
-    gathers are admitted together: one prefill for all of them, not one for the first and one for the rest."""
-    s = make_scheduler(max_running=8, gather_gap_s=2.0, gather_max_s=60.0)  # gaps far wider than the test's
+    gathers are admitted together: one prefill for all of them, not one for the first and one for
+    the rest."""
+    # gaps far wider than the test's
+    s = make_scheduler(max_running=8, gather_gap_s=2.0, gather_max_s=60.0)
     ps, finished, all_done = prompts(8, seed=3), [], threading.Event()
 
     def fin(r):
@@ -234,20 +256,25 @@ def test_a_burst_at_an_idle_scheduler_is_prefilled_as_one_batch(model, make_sche
             all_done.set()
     for i, p in enumerate(ps):
         if i:
-            time.sleep(0.2)  # spaced like separate HTTP requests; the first is alone at the engine for 0.2 s
-        s.submit(Request(rid=str(i), input_ids=p, params=SamplingParams(max_new_tokens=2, temperature=0.0),
+            # spaced like separate HTTP requests; the first is alone at the engine for 0.2 s
+            time.sleep(0.2)
+        s.submit(Request(rid=str(i), input_ids=p,
+                         params=SamplingParams(max_new_tokens=2, temperature=0.0),
                          stop_ids=frozenset(), on_finish=fin))
     assert all_done.wait(WAIT_S), "requests did not finish"
     assert s.prefills == 1 and s.prefill_tokens == sum(map(len, ps))
 
 
 def test_only_submits_are_gathered(make_scheduler):
-    """A command that is not a submit (a weight load, a pause) reaches an idle scheduler at once, also
-    when it comes during a burst's gather (which then ends: the burst runs with what came)."""
+    """A command that is not a submit (a weight load, a pause) reaches an idle scheduler at once,
+    also when it comes during a burst's gather (which then ends: the burst runs with what came)."""
     s = make_scheduler(gather_gap_s=30.0, gather_max_s=60.0)
     assert s.call(lambda sched: sched.prefills).result(timeout=15.0) == 0
     finished = threading.Event()
-    s.submit(Request(rid="r", input_ids=[1, 5, 6], params=SamplingParams(max_new_tokens=1, temperature=0.0),
-                     stop_ids=frozenset(), on_finish=lambda r: finished.set()))  # the scheduler gathers for 30 s
-    assert s.call(lambda sched: len(sched.waiting)).result(timeout=15.0) == 1  # run before the prefill
+    # the scheduler gathers for 30 s
+    s.submit(Request(rid="r", input_ids=[1, 5, 6],
+                     params=SamplingParams(max_new_tokens=1, temperature=0.0),
+                     stop_ids=frozenset(), on_finish=lambda r: finished.set()))
+    # run before the prefill
+    assert s.call(lambda sched: len(sched.waiting)).result(timeout=15.0) == 1
     assert finished.wait(15.0) and s.prefills == 1
