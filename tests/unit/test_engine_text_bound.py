@@ -46,14 +46,18 @@ def test_a_10mb_text_is_refused_before_tokenizing_and_the_engine_serves_on():
     calls = []
     encode = tokenizer.encode
     tokenizer.encode = lambda text, *a, **k: (calls.append(len(text)), encode(text, *a, **k))[1]
-    engine = EmbeddedEngine(model, EngineConfig(max_running_requests=2), tokenizer=tokenizer).start()
+    engine = EmbeddedEngine(model, EngineConfig(max_running_requests=2),
+                            tokenizer=tokenizer).start()
     try:
         calls.clear()  # the warm-up
-        status, body = post(engine.url, {"text": "7" * (10 * 1024 * 1024), "sampling_params": {"max_new_tokens": 2}})
+        status, body = post(engine.url, {"text": "7" * (10 * 1024 * 1024),
+                                         "sampling_params": {"max_new_tokens": 2}})
         assert status == 400, body
-        assert "(10485760 characters) is longer than the model's context length (128 tokens)" in body["error"]["message"]
+        assert ("(10485760 characters) is longer than the model's context length (128 tokens)"
+                in body["error"]["message"])
         assert calls == []  # refused before the tokenizer saw it
-        status, body = post(engine.url, {"text": ["1+1=", "7" * (10 * 1024 * 1024)]})  # one of a batch
+        # one of a batch
+        status, body = post(engine.url, {"text": ["1+1=", "7" * (10 * 1024 * 1024)]})
         assert status == 400 and calls == []
         status, body = post(engine.url, {"text": "1+1=", "sampling_params": {"max_new_tokens": 2}})
         assert status == 200 and len(body["output_ids"]) == 2 and calls == [4]

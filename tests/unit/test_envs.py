@@ -30,10 +30,14 @@ def test_calculator_rewards_the_right_product_once():
 def test_guessing_scores_fewer_turns_higher():
     env = GuessNumber()
     env.reset(Example("guess1-32", "20"))
-    # a wrong guess earns GUESS_CUT_CREDIT x the share of 1..32 it rules out: 1-16, then 24-32, then nothing
-    assert env.step("16") == ([{"role": "user", "content": "higher:17-32"}], GUESS_CUT_CREDIT * 16 / 32, False, {})
-    assert env.step("24") == ([{"role": "user", "content": "lower:17-23"}], GUESS_CUT_CREDIT * 9 / 32, False, {})
-    assert env.step("3") == ([{"role": "user", "content": "higher:17-23"}], 0.0, False, {})  # ruled out already
+    # a wrong guess earns GUESS_CUT_CREDIT x the share of 1..32 it rules out:
+    # 1-16, then 24-32, then nothing
+    assert env.step("16") == ([{"role": "user", "content": "higher:17-32"}],
+                              GUESS_CUT_CREDIT * 16 / 32, False, {})
+    assert env.step("24") == ([{"role": "user", "content": "lower:17-23"}],
+                              GUESS_CUT_CREDIT * 9 / 32, False, {})
+    # ruled out already
+    assert env.step("3") == ([{"role": "user", "content": "higher:17-23"}], 0.0, False, {})
     assert env.step("20") == ([], 1.0 - 3 * GUESS_TURN_COST, True, {"found": True, "guesses": 4})
     env.reset(Example("guess1-32", "20"))
     assert env.step("twenty") == ([], 0.0, True, {"found": False, "guesses": 1})
@@ -64,7 +68,8 @@ def test_demos_replay_through_their_environment(env_cls, task):
             k += 1 + len(new)
         assert done
         rewards.append(reward)
-    assert 0 < sum(rewards) / len(rewards) < 1  # some demos are imperfect: RL has something to improve
+    # some demos are imperfect: RL has something to improve
+    assert 0 < sum(rewards) / len(rewards) < 1
 
 
 def test_the_warm_start_sees_a_demo_laid_out_as_the_episode_would_be():
@@ -75,14 +80,18 @@ def test_the_warm_start_sees_a_demo_laid_out_as_the_episode_would_be():
 
     cfg = load_config(["experiment=calc_env"])
     tok, task = char_tokenizer(), make_task(cfg.task)
-    index = next(i for i in range(50) if len(Calculator.demo(task.example(i), random.Random(i))) == 4)
+    index = next(i for i in range(50)
+                 if len(Calculator.demo(task.example(i), random.Random(i))) == 4)
     demo = Calculator.demo(task.example(index), random.Random(index))
     pairs = _demo_pairs(cfg, task, [index], tok, random.Random(index))
     assert len(pairs) == 2  # one per assistant turn
-    # the episode: prompt, the generated call + EOS, the template's continuation, the generated answer + EOS
-    r = ChatRenderer(tok, cfg.task.chat_template, [{"type": "function", "function": Calculator.tools[0]}])
+    # the episode: prompt, the generated call + EOS, the template's continuation,
+    # the generated answer + EOS
+    r = ChatRenderer(tok, cfg.task.chat_template,
+                     [{"type": "function", "function": Calculator.tools[0]}])
     call = r.encode(demo[1]["content"]) + [tok.eos_token_id]
-    episode = r.prompt_ids(demo[:1]) + call + r.continuation_ids(demo[:1], demo[1]["content"], call, demo[2:3])
+    episode = (r.prompt_ids(demo[:1]) + call
+               + r.continuation_ids(demo[:1], demo[1]["content"], call, demo[2:3]))
     assert pairs[0] == (r.prompt_ids(demo[:1]), call)
     assert pairs[1] == (episode, r.encode(demo[3]["content"]) + [tok.eos_token_id])
 

@@ -8,7 +8,8 @@ from launch.local import error_tail
 
 RANK_TB = ['Traceback (most recent call last):', '  File "/x/trainer/loop.py", line 9, in start',
            '    self.policy = build_policy(cfg)', 'ValueError: model.vocab_size=10 is too small']
-TORCHRUN_TB = ['Traceback (most recent call last):', '  File "<frozen runpy>", line 198, in _run_module_as_main',
+TORCHRUN_TB = ['Traceback (most recent call last):',
+               '  File "<frozen runpy>", line 198, in _run_module_as_main',
                '    raise ChildFailedError(',
                'torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ',
                '============================================================', 'trainer FAILED']
@@ -16,14 +17,16 @@ TORCHRUN_TB = ['Traceback (most recent call last):', '  File "<frozen runpy>", l
 
 def log(tmp_path: Path, *sections: list[str]) -> Path:
     path = tmp_path / "trainer.log"
-    path.write_text("".join(f"---- start 10:00:0{i}: python -m x\n" + "".join(f"{ln}\n" for ln in lines)
+    path.write_text("".join(f"---- start 10:00:0{i}: python -m x\n"
+                            + "".join(f"{ln}\n" for ln in lines)
                             for i, lines in enumerate(sections)))
     return path
 
 
 def test_the_ranks_traceback_not_torchruns_wrapper(tmp_path):
     first = ["starting", *RANK_TB[:-1], "OSError: first start failed differently"]
-    second = ["starting", "12:00:01 INFO loading", *RANK_TB, "E1122 failed (exitcode: 1) local_rank: 0", *TORCHRUN_TB]
+    second = ["starting", "12:00:01 INFO loading", *RANK_TB,
+              "E1122 failed (exitcode: 1) local_rank: 0", *TORCHRUN_TB]
     assert error_tail(log(tmp_path, first, second)) == RANK_TB
 
 

@@ -1,9 +1,10 @@
 """The rollout server's side of an evaluation (rollout_server/server.py, evaluation section).
 
-A real ``RolloutServer`` object (nothing started) with a scripted buffer and evaluator: the plan that
-was already on its way when the server said "evaluating" is applied first and the evaluation runs at
-the version it brought; the heartbeats say evaluating before and not evaluating after; a plan that
-still arrives during the evaluation is declined at once with the reason; the schedule decides when.
+A real ``RolloutServer`` object (nothing started) with a scripted buffer and evaluator: the plan
+that was already on its way when the server said "evaluating" is applied first and the evaluation
+runs at the version it brought; the heartbeats say evaluating before and not evaluating after; a
+plan that still arrives during the evaluation is declined at once with the reason; the schedule
+decides when.
 """
 
 from __future__ import annotations
@@ -19,14 +20,17 @@ from rollout_server.server import RolloutServer
 
 
 def _plan(version: int, server_id: str = "me") -> P.WeightSyncPlan:
-    return P.WeightSyncPlan(policy_version=version, group_name="g", master_addr="127.0.0.1", master_port=1,
+    return P.WeightSyncPlan(policy_version=version, group_name="g",
+                            master_addr="127.0.0.1", master_port=1,
                             world_size=2, backend="gloo", reform=False,
-                            members=[P.SyncMember(server_id=server_id, rank_offset=1)], buckets=[], deadline_s=30.0,
+                            members=[P.SyncMember(server_id=server_id, rank_offset=1)],
+                            buckets=[], deadline_s=30.0,
                             plan_id=f"p{version}")
 
 
 class _Buffer:
-    """Answers Heartbeat (the first evaluating one carries a pending plan) and records every request."""
+    """Answers Heartbeat (the first evaluating one carries a pending plan) and records every
+    request."""
 
     def __init__(self, pending: P.WeightSyncPlan | None):
         self.pending, self.sent = pending, []
@@ -60,15 +64,18 @@ def _server() -> RolloutServer:
 
 
 def _attach(server: RolloutServer, buffer: _Buffer) -> _Buffer:
-    """``buffer`` as the server's control connection, also under its BufferLink (which reports syncs)."""
+    """``buffer`` as the server's control connection, also under its BufferLink (which reports
+    syncs)."""
     server.control = buffer
-    server.link = BufferLink(buffer, buffer, server.server_id, Metrics(), free_slots=lambda: 0, blocked=lambda: False,
+    server.link = BufferLink(buffer, buffer, server.server_id, Metrics(),
+                             free_slots=lambda: 0, blocked=lambda: False,
                              start=lambda credit: None)
     return buffer
 
 
 async def _main_loop(server: RolloutServer, done: asyncio.Event) -> None:
-    """What RolloutServer.main does with plans: apply one (here: take its version), or decline it."""
+    """What RolloutServer.main does with plans: apply one (here: take its version), or decline
+    it."""
     while not done.is_set():
         if plan := server.next_plan():
             if server.eval_version is not None:
@@ -78,7 +85,8 @@ async def _main_loop(server: RolloutServer, done: asyncio.Event) -> None:
         await asyncio.sleep(0.01)
 
 
-def test_a_plan_on_its_way_lands_first_then_the_evaluation_holds_one_version_and_declines_the_rest():
+def test_a_plan_on_its_way_lands_first_then_the_evaluation_holds_one_version_and_declines_the_rest(
+):
     server = _server()
     buffer = _attach(server, _Buffer(pending=_plan(6)))
 
@@ -91,9 +99,11 @@ def test_a_plan_on_its_way_lands_first_then_the_evaluation_holds_one_version_and
         await loop
 
     asyncio.run(scenario())
-    assert server.evaluator.versions == [6]  # the plan published before the buffer knew landed first
+    # the plan published before the buffer knew landed first
+    assert server.evaluator.versions == [6]
     beats = [m.evaluating for m in buffer.sent if isinstance(m, P.Heartbeat)]
-    assert beats[0] is True and beats[-1] is False and not server.evaluating and server.eval_version is None
+    assert (beats[0] is True and beats[-1] is False and not server.evaluating
+            and server.eval_version is None)
     declined = [m for m in buffer.sent if isinstance(m, P.SyncDone)]
     assert len(declined) == 1 and declined[0].policy_version == 7 and not declined[0].ok
     assert declined[0].reason == "evaluating version 6" and server.policy_version == 6
@@ -141,4 +151,5 @@ def test_the_final_evaluation_starts_at_once_no_plan_can_follow_the_final_versio
     asyncio.run(scenario())
     assert server.evaluator.versions == [20]
     beats = [m.evaluating for m in buffer.sent if isinstance(m, P.Heartbeat)]
-    assert beats == [True, False]  # left the syncs, evaluated, came back: no second "evaluating" beat
+    # left the syncs, evaluated, came back: no second "evaluating" beat
+    assert beats == [True, False]

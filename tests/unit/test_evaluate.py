@@ -1,4 +1,5 @@
-"""Evaluation: when it runs, what it measures, and how it keeps one version (rollout_server/evaluate.py).
+"""Evaluation: when it runs, what it measures, and how it keeps one version
+(rollout_server/evaluate.py).
 
 The schedule and the figures are pure; the roster rule is the buffer's real service with fake
 sockets (an evaluating server is out of weight syncs and back when it says so); the trainer's
@@ -24,7 +25,8 @@ from rollout_server.evaluate import EvalSchedule, read_done_versions, summarize
     (5, True, False, set(), [0, 5, 10, 15]),
     (0, True, True, set(), [20]),  # every=0: only the final one (no baseline without every)
     (0, True, False, set(), []),
-    (5, True, True, {0, 5}, [10, 15, 20]),  # a restarted server does not repeat what eval.jsonl holds
+    # a restarted server does not repeat what eval.jsonl holds
+    (5, True, True, {0, 5}, [10, 15, 20]),
 ])
 def test_schedule_versions_when_every_version_is_seen(every, at_start, at_end, done, due):
     s = EvalSchedule(EvalConfig(every=every, at_start=at_start, at_end=at_end), steps=20, done=done)
@@ -61,7 +63,8 @@ def test_summarize_hand_computed():
 
 def test_done_versions_survive_a_torn_line(tmp_path):
     path = tmp_path / "eval.jsonl"
-    path.write_text(json.dumps({"policy_version": 0}) + "\n" + json.dumps({"policy_version": 5}) + "\n{\"policy_ver")
+    path.write_text(json.dumps({"policy_version": 0}) + "\n" + json.dumps({"policy_version": 5})
+                    + "\n{\"policy_ver")
     assert read_done_versions(path) == {0, 5}
     assert read_done_versions(tmp_path / "missing.jsonl") == set()
 
@@ -94,14 +97,16 @@ class _ScriptedBuffer:
 
 
 def _roster(versions: dict[str, int], evaluating=(), evaluates=()) -> P.Roster:
-    return P.Roster(members=[P.RosterEntry(server_id=s, engine_url="", engine_ranks=1, policy_version=v,
+    return P.Roster(members=[P.RosterEntry(server_id=s, engine_url="",
+                                           engine_ranks=1, policy_version=v,
                                            evaluates=s in evaluates) for s, v in versions.items()],
                     policy_version=10, evaluating=list(evaluating))
 
 
 def test_final_catch_up_waits_for_the_evaluator_then_pushes_the_final_version_once():
-    """Trainer rank 0 at the end of a 10-step run: while a server evaluates it waits; once it is back
-    (at version 7) the final version is pushed again; when every member serves 10 it is done."""
+    """Trainer rank 0 at the end of a 10-step run: while a server evaluates it waits; once it is
+    back (at version 7) the final version is pushed again; when every member serves 10 it is
+    done."""
     import time
 
     import torch
@@ -109,10 +114,12 @@ def test_final_catch_up_waits_for_the_evaluator_then_pushes_the_final_version_on
     from areal_like.settings.config import WeightSyncConfig
     from trainer.weight_sync import WeightBroadcaster
 
-    b = WeightBroadcaster(WeightSyncConfig(), buffer_address="tcp://127.0.0.1:1", rank=0, device=torch.device("cpu"))
+    b = WeightBroadcaster(WeightSyncConfig(), buffer_address="tcp://127.0.0.1:1", rank=0,
+                          device=torch.device("cpu"))
     try:
         b.client.close()
-        b.client = _ScriptedBuffer([_roster({"b": 10}, evaluating=["a"]), _roster({"a": 7, "b": 10}),
+        b.client = _ScriptedBuffer([_roster({"b": 10}, evaluating=["a"]),
+                                    _roster({"a": 7, "b": 10}),
                                     _roster({"a": 10, "b": 10})])
         deadline = time.monotonic() + 60
         b.loaded = {"b": 10}  # what this trainer's pushes gave each member
@@ -120,7 +127,8 @@ def test_final_catch_up_waits_for_the_evaluator_then_pushes_the_final_version_on
         assert b.catch_up_decision(10, deadline, 0) == "push"
         b.loaded["a"] = 10  # the push
         assert b.catch_up_decision(10, deadline, 1) == "done"
-        # bounded: past the deadline, or after CATCH_UP_PUSHES, it gives up even if a member is behind
+        # bounded: past the deadline, or after CATCH_UP_PUSHES,
+        # it gives up even if a member is behind
         b.client = _ScriptedBuffer([_roster({"a": 7})])
         assert b.catch_up_decision(10, time.monotonic() - 1, 0) == "done"
         assert b.catch_up_decision(10, deadline, 3) == "done"
@@ -130,8 +138,8 @@ def test_final_catch_up_waits_for_the_evaluator_then_pushes_the_final_version_on
 
 def test_final_catch_up_waits_for_a_late_evaluator_to_register_and_pushes_to_it():
     """The trainer finished before the server that evaluates registered (it started late): with a
-    final evaluation scheduled (``eval.await_server``) it waits for that server, then pushes the final
-    version to it; without one, a roster of up-to-date members is done at once."""
+    final evaluation scheduled (``eval.await_server``) it waits for that server, then pushes the
+    final version to it; without one, a roster of up-to-date members is done at once."""
     import time
 
     import torch
@@ -139,10 +147,12 @@ def test_final_catch_up_waits_for_a_late_evaluator_to_register_and_pushes_to_it(
     from areal_like.settings.config import WeightSyncConfig
     from trainer.weight_sync import WeightBroadcaster
 
-    b = WeightBroadcaster(WeightSyncConfig(), buffer_address="tcp://127.0.0.1:1", rank=0, device=torch.device("cpu"))
+    b = WeightBroadcaster(WeightSyncConfig(), buffer_address="tcp://127.0.0.1:1", rank=0,
+                          device=torch.device("cpu"))
     try:
         b.client.close()
-        b.client = _ScriptedBuffer([_roster({"r1": 10}), _roster({"r0": 0, "r1": 10}, evaluates=["r0"]),
+        b.client = _ScriptedBuffer([_roster({"r1": 10}),
+                                    _roster({"r0": 0, "r1": 10}, evaluates=["r0"]),
                                     _roster({"r0": 10, "r1": 10}, evaluates=["r0"])])
         deadline = time.monotonic() + 60
         b.loaded = {"r1": 10}
@@ -171,7 +181,8 @@ def test_final_catch_up_pushes_to_a_member_whose_label_another_trainer_gave_it()
     from areal_like.settings.config import WeightSyncConfig
     from trainer.weight_sync import WeightBroadcaster
 
-    b = WeightBroadcaster(WeightSyncConfig(), buffer_address="tcp://127.0.0.1:1", rank=0, device=torch.device("cpu"))
+    b = WeightBroadcaster(WeightSyncConfig(), buffer_address="tcp://127.0.0.1:1", rank=0,
+                          device=torch.device("cpu"))
     try:
         b.client.close()
         b.client = _ScriptedBuffer([_roster({"a": 10, "b": 10}), _roster({"a": 10, "b": 10})])
@@ -184,8 +195,9 @@ def test_final_catch_up_pushes_to_a_member_whose_label_another_trainer_gave_it()
 
 
 class _ScriptedEngine:
-    """/generate as a function of (prompt, temperature): greedy answers "1" (right for prompt 0 only),
-    a prompt's sampled answers alternate right / wrong; prompt 9 is refused with an HTTP status (too long)."""
+    """/generate as a function of (prompt, temperature): greedy answers "1" (right for prompt 0
+    only), a prompt's sampled answers alternate right / wrong; prompt 9 is refused with an HTTP
+    status (too long)."""
 
     def __init__(self):
         self.sampled: dict[int, int] = {}
@@ -201,7 +213,8 @@ class _ScriptedEngine:
         else:
             self.sampled[prompt] = self.sampled.get(prompt, 0) + 1
             out = [prompt + 1] if self.sampled[prompt] % 2 else [7]
-        return GenerateOutput(rid="r", output_ids=out, logprobs=[-0.1] * len(out), finish_reason="stop",
+        return GenerateOutput(rid="r", output_ids=out,
+                              logprobs=[-0.1] * len(out), finish_reason="stop",
                               finish_message="", abort_status=None, weight_version="5")
 
 
@@ -216,15 +229,18 @@ def _eval(examples, k=2):
     from areal_like.tasks.task import Example
     from rollout_server.evaluate import EvalSettings, evaluate
 
-    settings = EvalSettings(k=k, temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=4, max_examples=0)
+    settings = EvalSettings(k=k, temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=4,
+                            max_examples=0)
     exs = [Example(prompt=str(p), answer=str(p + 1)) for p in examples]
-    return asyncio.run(evaluate(_ScriptedEngine(), exs, lambda ex: [int(ex.prompt)], lambda ids: str(ids[0]),
+    return asyncio.run(evaluate(_ScriptedEngine(), exs,
+                                lambda ex: [int(ex.prompt)], lambda ids: str(ids[0]),
                                 _Rewards(), settings, [2], lambda: 5))
 
 
 def test_evaluate_greedy_and_sampled_figures_with_a_refused_prompt_counted():
     out = _eval([0, 3, 9])
-    # prompt 0: greedy "1" is right; prompt 3: greedy "1" is wrong; prompt 9 refused (counted, left out)
+    # prompt 0: greedy "1" is right; prompt 3: greedy "1" is wrong;
+    # prompt 9 refused (counted, left out)
     assert out["n"] == 2 and out["errors"] == 1 and "prompt too long" in out["first_error"]
     assert out["greedy_accuracy"] == 0.5
     # each prompt's 2 samples: one right, one wrong
@@ -244,9 +260,11 @@ def test_eval_metrics_name_the_sample_count_in_a_label_not_in_the_name():
     from rollout_server.evaluate import record_eval_metrics
 
     m = Metrics()
-    record_eval_metrics(m, {"greedy_accuracy": 0.5, "greedy_reward": 0.6, "mean@4": 0.25, "pass@4": 0.75}, 4)
+    record_eval_metrics(m, {"greedy_accuracy": 0.5, "greedy_reward": 0.6, "mean@4": 0.25,
+                            "pass@4": 0.75}, 4)
     value = m.registry.get_sample_value
-    assert value("areal_rollout_eval_mean", {"k": "4"}) == 0.25 and value("areal_rollout_eval_pass", {"k": "4"}) == 0.75
+    assert (value("areal_rollout_eval_mean", {"k": "4"}) == 0.25
+            and value("areal_rollout_eval_pass", {"k": "4"}) == 0.75)
     assert value("areal_rollout_eval_greedy_accuracy") == 0.5
     assert b"_at_4" not in m.render()
 

@@ -1,9 +1,10 @@
 """launch/job.py wait_for_final_eval: the job stays up until THIS run's final evaluation is in
-eval.jsonl (``"final": true`` at ``trainer.steps``), and gives up when the evaluating server is down,
-on a stop request or at ``eval.final_timeout_s``.
+eval.jsonl (``"final": true`` at ``trainer.steps``), and gives up when the evaluating server is
+down, on a stop request or at ``eval.final_timeout_s``.
 
-The supervisor is a stand-in exposing the two things the wait reads (``pids()``, ``stop_event``); its
-``stop_event.wait`` is where the test plays the evaluating server, appending records to a real file.
+The supervisor is a stand-in exposing the two things the wait reads (``pids()``, ``stop_event``);
+its ``stop_event.wait`` is where the test plays the evaluating server, appending records to a real
+file.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ def cfg(timeout_s: float = 600.0):
 
 def append(run_dir: Path, version: int, final: bool) -> None:
     with (run_dir / "eval.jsonl").open("a") as f:
-        f.write(json.dumps({"policy_version": version, "final": final, "greedy_accuracy": 0.5}) + "\n")
+        f.write(json.dumps({"policy_version": version, "final": final, "greedy_accuracy": 0.5})
+                + "\n")
 
 
 class ServerPlaysOnWait(threading.Event):
@@ -69,23 +71,29 @@ def test_an_earlier_runs_final_record_is_not_this_runs(tmp_path, capsys):
     only_old = tmp_path / "old"
     only_old.mkdir()
     append(only_old, 5, True)
-    assert wait_for_final_eval(cfg(timeout_s=0.2), only_old, FakeSupervisor(threading.Event())) is False
-    assert capsys.readouterr().err.endswith("[run] no final evaluation: not written within eval.final_timeout_s=0.2\n")
+    assert wait_for_final_eval(cfg(timeout_s=0.2), only_old,
+                               FakeSupervisor(threading.Event())) is False
+    assert capsys.readouterr().err.endswith(
+        "[run] no final evaluation: not written within eval.final_timeout_s=0.2\n")
 
 
 def test_gives_up_at_the_deadline(tmp_path, capsys):
-    assert wait_for_final_eval(cfg(timeout_s=0.05), tmp_path, FakeSupervisor(threading.Event())) is False
+    assert wait_for_final_eval(cfg(timeout_s=0.05), tmp_path,
+                               FakeSupervisor(threading.Event())) is False
     assert capsys.readouterr().err.endswith(
         "[run] no final evaluation: not written within eval.final_timeout_s=0.05\n")
 
 
 def test_a_down_evaluator_ends_the_wait_unless_it_wrote_the_record_first(tmp_path, capsys):
     event = ServerPlaysOnWait(lambda n: None)
-    assert wait_for_final_eval(cfg(), tmp_path, FakeSupervisor(event, evaluator_alive=False)) is False
+    assert wait_for_final_eval(cfg(), tmp_path,
+                               FakeSupervisor(event, evaluator_alive=False)) is False
     assert event.waits == 0  # nothing would restart it: no point waiting
-    assert capsys.readouterr().err.endswith("[run] no final evaluation: the evaluating rollout server is down\n")
+    assert capsys.readouterr().err.endswith(
+        "[run] no final evaluation: the evaluating rollout server is down\n")
     append(tmp_path, 8, True)  # it wrote the final record, then exited
-    assert wait_for_final_eval(cfg(), tmp_path, FakeSupervisor(event, evaluator_alive=False)) is True
+    assert wait_for_final_eval(cfg(), tmp_path,
+                               FakeSupervisor(event, evaluator_alive=False)) is True
 
 
 def test_a_stop_request_ends_the_wait(tmp_path, capsys):

@@ -2,7 +2,8 @@
 
 * ``request_frame_limit`` is the biggest group the job can produce (hand-computed below) or the
   configured ``buffer.max_frame_bytes``;
-* ``decode`` refuses a frame over its limit before decoding it (a 73x-expanding frame costs nothing);
+* ``decode`` refuses a frame over its limit before decoding it (a 73x-expanding frame costs
+  nothing);
 * a real buffer process sent one 32 MB frame of valid msgpack (a list of 32 million empty maps,
   which would decode to ~2.3 GB) refuses it undecoded, counts it as ``rejected{frame_too_large}``,
   stays responsive and its peak RSS (VmHWM) grows by far less than the decode would take.
@@ -30,7 +31,8 @@ from areal_like.settings.config import (
 from areal_like.wire import protocol as P
 
 TIMEOUT_S = 60.0
-HUGE_MAPS = 32 * 1024 * 1024  # empty maps in the hostile frame: one byte each on the wire, ~72 decoded
+# empty maps in the hostile frame: one byte each on the wire, ~72 decoded
+HUGE_MAPS = 32 * 1024 * 1024
 
 
 def hostile_frame(n: int) -> bytes:
@@ -44,13 +46,16 @@ def hostile_frame(n: int) -> bytes:
 
 def test_the_limit_is_the_biggest_group_the_job_can_produce(tmp_path):
     cfg = RunConfig(task=TaskConfig(group_size=16, max_prompt_tokens=4096, max_new_tokens=8192))
-    per_trajectory = 4096 * 4 + 8192 * 16 + 64 * 1024  # prompt ids, output ids + logp + versions + mask, metadata
+    # prompt ids, output ids + logp + versions + mask, metadata
+    per_trajectory = 4096 * 4 + 8192 * 16 + 64 * 1024
     assert request_frame_limit(cfg) == 2 * 16 * per_trajectory == 6_815_744
     # no prompt bound: the model's context bounds it (config.json of model.path when set)
     (tmp_path / "config.json").write_text('{"max_position_embeddings": 32768, "vocab_size": 100}')
-    cfg = RunConfig(model=ModelConfig(path=str(tmp_path)), task=TaskConfig(group_size=16, max_new_tokens=8192))
+    cfg = RunConfig(model=ModelConfig(path=str(tmp_path)),
+                    task=TaskConfig(group_size=16, max_new_tokens=8192))
     assert request_frame_limit(cfg) == 2 * 16 * (32768 * 4 + 8192 * 16 + 64 * 1024)
-    assert request_frame_limit(RunConfig()) == 4 * 1024 * 1024  # a tiny job: the floor for control messages
+    # a tiny job: the floor for control messages
+    assert request_frame_limit(RunConfig()) == 4 * 1024 * 1024
     assert request_frame_limit(RunConfig(buffer=BufferConfig(max_frame_bytes=12345))) == 12345
     episodes = RunConfig(task=TaskConfig(group_size=16, max_prompt_tokens=4096, max_new_tokens=64,
                                          env="areal_like.tasks.envs:GuessNumber",
@@ -96,11 +101,13 @@ def test_a_32mb_frame_is_refused_undecoded_by_a_real_buffer(tmp_run_dir, spawn_p
         req_id, reply = sock.recv_multipart()
         ack = P.decode(reply)
         assert req_id == b"hostile" and isinstance(ack, P.Ack) and ack.status == "rejected"
-        assert ack.reason.startswith("frame_too_large:") and f"limit of {4 * 1024 * 1024}" in ack.reason
+        assert (ack.reason.startswith("frame_too_large:")
+                and f"limit of {4 * 1024 * 1024}" in ack.reason)
         stats = client.request(P.StatsRequest()).values  # still answering
         assert stats["rejected_frame_too_large"] == 1 and "rejected_decode" not in stats
         growth_mb = (vm_hwm_kb(proc.pid) - before) / 1024
-        print(f"buffer VmHWM {before / 1024:.0f} MB before, +{growth_mb:.0f} MB after a {len(frame) >> 20} MB frame")
+        print(f"buffer VmHWM {before / 1024:.0f} MB before, +{growth_mb:.0f} MB after a "
+              f"{len(frame) >> 20} MB frame")
         assert growth_mb < 200, f"peak RSS grew by {growth_mb:.0f} MB"
     finally:
         sock.close(linger=0)

@@ -1,5 +1,5 @@
-"""``free_port`` hands out ports a later bind to port 0 cannot take (a collision seen on a loaded CI run:
-the buffer's publisher, bound to port 0, got the metrics port picked for a rollout server)."""
+"""``free_port`` hands out ports a later bind to port 0 cannot take (a collision seen on a loaded CI
+run: the buffer's publisher, bound to port 0, got the metrics port picked for a rollout server)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Batch hand-out: a batch is in transit until the trainer's next request acks it (buffer/handout.py).
+"""Batch hand-out: a batch is in transit until the trainer's next request acks it
+(buffer/handout.py).
 
 The real service logic with fake sockets (the WAL is real, in tmp_path): in transit -> ack ->
 consumed; in transit -> a request without the ack -> the groups are back in the store; a restart
@@ -17,7 +18,8 @@ from buffer.service import BufferService
 
 
 def _start(tmp_path) -> BufferService:
-    return start(tmp_path, BufferConfig(max_staleness=1, groups_per_step=2, max_inflight=16, capacity=64))
+    return start(tmp_path, BufferConfig(max_staleness=1, groups_per_step=2, max_inflight=16,
+                                        capacity=64))
 
 
 def _step(svc: BufferService, msg: P.Message) -> P.Message:
@@ -28,7 +30,8 @@ def _fill(svc: BufferService, n: int) -> list[str]:
     _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
     ids = []
     for c in _step(svc, P.CreditRequest(server_id="s", max_credits=n)).credits:
-        t = Trajectory.of(prompt_ids=as_i32([1]), output_ids=as_i32([2, 3]), behav_logp=as_f32([-1, -1]),
+        t = Trajectory.of(prompt_ids=as_i32([1]), output_ids=as_i32([2, 3]),
+                          behav_logp=as_f32([-1, -1]),
                          versions=as_i32(np.zeros(2)), reward=1.0, finish_reason="stop")
         g = P.TrajectoryGroup(group_id=f"s-{c.lease_id}", server_id="s", lease_id=c.lease_id,
                               prompt_index=c.prompt_index, epoch=c.epoch, trajectories=[t])
@@ -46,13 +49,16 @@ def test_in_transit_then_ack_marks_consumed(tmp_path):
     ids = _fill(svc, 4)
     first = _ask(svc)
     assert first.batch_id and [g.group_id for g in first.groups] == ids[:2]
-    assert (len(svc.store), svc.handout.in_transit_groups(), svc.instruments.counts["groups_consumed"]) == (2, 2, 0)
+    assert (len(svc.store), svc.handout.in_transit_groups(),
+            svc.instruments.counts["groups_consumed"]) == (2, 2, 0)
     second = _ask(svc, ack=first.batch_id)  # acks the first, takes the next two
     assert [g.group_id for g in second.groups] == ids[2:] and second.batch_id != first.batch_id
-    assert (len(svc.store), svc.handout.in_transit_groups(), svc.instruments.counts["groups_consumed"]) == (0, 2, 2)
+    assert (len(svc.store), svc.handout.in_transit_groups(),
+            svc.instruments.counts["groups_consumed"]) == (0, 2, 2)
     assert svc.instruments.counts["batches_redelivered"] == 0
     empty = _ask(svc, ack=second.batch_id)
-    assert empty.groups == [] and empty.batch_id == "" and svc.instruments.counts["groups_consumed"] == 4
+    assert (empty.groups == [] and empty.batch_id == ""
+            and svc.instruments.counts["groups_consumed"] == 4)
     assert svc.handout.in_transit is None and svc.state()["in_transit"] is None
     svc.wal.close()
     restarted = _start(tmp_path)  # the WAL agrees: everything consumed
@@ -66,11 +72,14 @@ def test_a_request_without_the_ack_puts_the_batch_back(tmp_path):
     lost = _ask(svc)
     assert len(lost.groups) == 2 and len(svc.store) == 0
     again = _ask(svc)  # a restarted trainer acks nothing: the batch never arrived
-    assert sorted(g.group_id for g in again.groups) == sorted(ids) and again.batch_id != lost.batch_id
-    assert svc.instruments.counts["batches_redelivered"] == 1 and svc.instruments.counts["groups_redelivered"] == 2
+    assert (sorted(g.group_id for g in again.groups) == sorted(ids)
+            and again.batch_id != lost.batch_id)
+    assert (svc.instruments.counts["batches_redelivered"] == 1
+            and svc.instruments.counts["groups_redelivered"] == 2)
     stale_ack = _ask(svc, ack=lost.batch_id)  # an older id: the reply to `again` was lost too
     assert sorted(g.group_id for g in stale_ack.groups) == sorted(ids)
-    assert svc.instruments.counts["batches_redelivered"] == 2 and svc.instruments.counts["groups_consumed"] == 0
+    assert (svc.instruments.counts["batches_redelivered"] == 2
+            and svc.instruments.counts["groups_consumed"] == 0)
     _ask(svc, ack=stale_ack.batch_id)
     assert svc.instruments.counts["groups_consumed"] == 2 and len(svc.store) == 0
     svc.wal.close()
@@ -82,7 +91,8 @@ def test_returned_groups_are_checked_for_staleness_again(tmp_path):
     assert len(_ask(svc).groups) == 2
     _step(svc, P.VersionUpdate(policy_version=2))  # eta = 1: head version 0 is stale at 2
     batch = _step(svc, P.BatchRequest(n_groups=2, trainer_version=2, wait_s=0.0))
-    assert batch.groups == [] and svc.instruments.counts["groups_dropped_stale"] == 2 and svc.instruments.counts["groups_redelivered"] == 2
+    assert (batch.groups == [] and svc.instruments.counts["groups_dropped_stale"] == 2
+            and svc.instruments.counts["groups_redelivered"] == 2)
     svc.wal.close()
 
 
@@ -93,13 +103,16 @@ def test_wal_replay_restores_the_batch_in_transit(tmp_path):
     svc.wal.close()  # a crash after the hand-out: the WAL alone survives
 
     received = _start(tmp_path)  # the trainer got it: its ack consumes it, no double training
-    assert received.handout.in_transit is not None and received.handout.in_transit.batch_id == first.batch_id
+    assert (received.handout.in_transit is not None
+            and received.handout.in_transit.batch_id == first.batch_id)
     assert (len(received.store), received.handout.in_transit_groups()) == (2, 2)
     nxt = _ask(received, ack=first.batch_id)
-    assert [g.group_id for g in nxt.groups] == ids[2:] and received.instruments.counts["groups_consumed"] == 2
+    assert ([g.group_id for g in nxt.groups] == ids[2:]
+            and received.instruments.counts["groups_consumed"] == 2)
     received.wal.close()
 
-    svc = _start(tmp_path)  # restart again with `nxt` in transit; this time the trainer never got it
+    # restart again with `nxt` in transit; this time the trainer never got it
+    svc = _start(tmp_path)
     assert svc.handout.in_transit.batch_id == nxt.batch_id
     again = _ask(svc)
     assert sorted(g.group_id for g in again.groups) == sorted(ids[2:])
@@ -115,16 +128,20 @@ def test_stored_groups_live_in_the_wal_and_come_back_whole(tmp_path):
         t = Trajectory.of(prompt_ids=as_i32([k, 5]), output_ids=as_i32(np.arange(k, k + 7)),
                          behav_logp=as_f32(np.linspace(-1, -0.5, 7)), versions=as_i32(np.zeros(7)),
                          reward=float(k), finish_reason="stop")
-        sent.append(P.TrajectoryGroup(group_id=f"s-{c.lease_id}", server_id="s", lease_id=c.lease_id,
+        sent.append(P.TrajectoryGroup(group_id=f"s-{c.lease_id}",
+                                      server_id="s", lease_id=c.lease_id,
                                       prompt_index=c.prompt_index, epoch=c.epoch, trajectories=[t]))
         assert _step(svc, sent[-1]).status == "accepted"
-    assert all(s.group is None and s.ref is not None for s in svc.store.groups())  # no frame kept in memory
+    # no frame kept in memory
+    assert all(s.group is None and s.ref is not None for s in svc.store.groups())
     batch = _ask(svc)
     for got, want in zip(batch.groups, sent, strict=True):
-        assert (got.group_id, got.prompt_index, got.trajectories[0].reward) == (want.group_id, want.prompt_index,
-                                                                             want.trajectories[0].reward)
-        np.testing.assert_array_equal(got.trajectories[0].output_ids, want.trajectories[0].output_ids)
-        np.testing.assert_array_equal(got.trajectories[0].behav_logp, want.trajectories[0].behav_logp)
+        assert ((got.group_id, got.prompt_index, got.trajectories[0].reward)
+                == (want.group_id, want.prompt_index, want.trajectories[0].reward))
+        np.testing.assert_array_equal(got.trajectories[0].output_ids,
+                                      want.trajectories[0].output_ids)
+        np.testing.assert_array_equal(got.trajectories[0].behav_logp,
+                                      want.trajectories[0].behav_logp)
     svc.wal.close()
 
 
@@ -133,12 +150,14 @@ def test_a_record_damaged_on_disk_is_dropped_and_the_daemon_keeps_serving(tmp_pa
     ids = _fill(svc, 4)
     victim = next(s for s in svc.store.groups() if s.group_id == ids[0])
     segment = svc.wal.dir / f"seg-{victim.ref.segment:012d}.wal"
-    with open(segment, "r+b") as f:  # flip one byte in the middle of the record: its CRC no longer matches
+    # flip one byte in the middle of the record: its CRC no longer matches
+    with open(segment, "r+b") as f:
         f.seek(victim.ref.offset + victim.ref.length // 2)
         byte = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0xFF]))
-    _ask(svc)  # this pass drops the damaged group; the request stays held for the next pass of the loop
+    # this pass drops the damaged group; the request stays held for the next pass of the loop
+    _ask(svc)
     svc.settle()
     svc.wal.wait_durable()
     svc.send_durable()
@@ -146,7 +165,8 @@ def test_a_record_damaged_on_disk_is_dropped_and_the_daemon_keeps_serving(tmp_pa
     first = [g.group_id for g in batch.groups]
     assert len(first) == 2 and set(first) < set(ids[1:])  # the damaged group is never handed out
     assert svc.instruments.counts["groups_dropped_unreadable"] == 1
-    assert len(svc.ledger.reissue) == 1 and len(svc.store) == 1  # its prompt goes out again; one group stays
+    # its prompt goes out again; one group stays
+    assert len(svc.ledger.reissue) == 1 and len(svc.store) == 1
     last = _ask(svc, ack=batch.batch_id, n=1).groups[0].group_id
     assert sorted([*first, last]) == sorted(ids[1:])  # every readable group exactly once
     svc.wal.close()
@@ -168,7 +188,8 @@ def test_a_transient_read_error_never_drops_an_intact_group(tmp_path, monkeypatc
     real_open = os.open
 
     def no_fds(path, flags, *args):
-        if str(path).endswith(".wal") and flags & os.O_ACCMODE == os.O_RDONLY:  # a reader, direct or not
+        # a reader, direct or not
+        if str(path).endswith(".wal") and flags & os.O_ACCMODE == os.O_RDONLY:
             raise OSError(errno.EMFILE, "Too many open files")
         return real_open(path, flags, *args)
 
@@ -200,7 +221,8 @@ def _make_undecodable(wal_dir, ref) -> None:
     path.write_bytes(data)
 
 
-def test_a_group_that_no_longer_decodes_at_replay_is_dropped_and_stops_pinning_its_segment(tmp_path, caplog):
+def test_a_group_that_no_longer_decodes_at_replay_is_dropped_and_stops_pinning_its_segment(
+        tmp_path, caplog):
     """A skipped record used to stay 'unconsumed' in the log forever: compaction (a prefix only)
     never deleted a segment again. It is dropped as 'unreadable' like a damaged record at hand-out
     (prompt re-issued, slot returned), once, and its segment is compacted like any other."""
@@ -216,7 +238,8 @@ def test_a_group_that_no_longer_decodes_at_replay_is_dropped_and_stops_pinning_i
     assert restarted.instruments.counts["groups_dropped_unreadable"] == 1
     assert list(restarted.ledger.reissue) == [(victim.prompt_index, victim.epoch)]
     assert restarted.ledger.started == started - 1
-    assert f"seg-{victim.ref.segment:012d}.wal" in caplog.text and f"offset {victim.ref.offset}" in caplog.text
+    assert (f"seg-{victim.ref.segment:012d}.wal" in caplog.text
+            and f"offset {victim.ref.offset}" in caplog.text)
     batch = _ask(restarted, n=1)
     assert [g.group_id for g in batch.groups] == ids[1:]
     _ask(restarted, ack=batch.batch_id, n=1)  # the other group of that segment is consumed too
@@ -224,7 +247,8 @@ def test_a_group_that_no_longer_decodes_at_replay_is_dropped_and_stops_pinning_i
 
     again = _start(tmp_path)  # dropped once only; its segment is gone, with its read-only fd
     assert again.instruments.counts["groups_dropped_unreadable"] == 0
-    assert list(again.ledger.reissue) == [(victim.prompt_index, victim.epoch)] and again.ledger.started == started - 1
+    assert (list(again.ledger.reissue) == [(victim.prompt_index, victim.epoch)]
+            and again.ledger.started == started - 1)
     assert victim.ref.segment not in again.wal.segments()
     again.wal.close()
 
@@ -240,7 +264,8 @@ def test_an_undecodable_group_logged_before_its_lease_closed_returns_the_lease(t
     svc.wal.close()
 
     restarted = _start(tmp_path)
-    assert restarted.instruments.counts["groups_dropped_unreadable"] == 1 and restarted.ledger.in_flight == 0
+    assert (restarted.instruments.counts["groups_dropped_unreadable"] == 1
+            and restarted.ledger.in_flight == 0)
     assert list(restarted.ledger.reissue) == [(credit.prompt_index, credit.epoch)]
     assert restarted.ledger.started == started - 1
     restarted.wal.close()
@@ -251,10 +276,12 @@ def test_a_flood_of_undecodable_frames_costs_one_log_line_and_is_counted_in_full
     try:
         with caplog.at_level("WARNING", logger=svc.log.name):
             for _ in range(1000):  # what the transport hands over for a frame that does not decode
-                svc.handle(b"peer", b"req", P.ProtocolError("not a msgpack frame (ExtraData)", "frame"), b"\x93x")
+                svc.handle(b"peer", b"req",
+                           P.ProtocolError("not a msgpack frame (ExtraData)", "frame"), b"\x93x")
                 svc.settle()
         lines = [r for r in caplog.records if "undecodable" in r.getMessage()]
         assert len(lines) == 1
-        assert svc.metrics.registry.get_sample_value("areal_buffer_rejected_total", {"reason": "decode"}) == 1000
+        assert svc.metrics.registry.get_sample_value("areal_buffer_rejected_total",
+                                                     {"reason": "decode"}) == 1000
     finally:
         svc.stop()

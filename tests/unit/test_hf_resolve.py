@@ -21,13 +21,15 @@ from areal_like.settings.config import ConfigError, load_config
 from areal_like.weights.hf import looks_like_hub_id, resolve_model_path, resolve_models
 
 ROOT = Path(__file__).resolve().parents[2]
-REPO = "areal-like-test/tiny-cached"  # not a real repository: a lookup that reached the hub would fail
+# not a real repository: a lookup that reached the hub would fail
+REPO = "areal-like-test/tiny-cached"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def fake_cache(home: Path, repo: str = REPO, weights: bool = True, tokenizer: bool = False) -> Path:
     """An HF_HOME whose hub cache holds ``repo`` at refs/main; returns the snapshot directory.
-    Without ``weights``: what loading only a repository's config or tokenizer leaves in the cache."""
+    Without ``weights``: what loading only a repository's config or tokenizer leaves in the
+    cache."""
     entry = home / "hub" / f"models--{repo.replace('/', '--')}"
     snap = entry / "snapshots" / COMMIT
     snap.mkdir(parents=True)
@@ -50,7 +52,8 @@ def run_py(code: str, home: Path, offline: bool, *args: str, cwd: Path | None = 
     env.pop("HF_HUB_OFFLINE", None)
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
-    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", code, *args], env=env,
+                          capture_output=True, text=True,
                           timeout=120, cwd=cwd)
 
 
@@ -64,7 +67,8 @@ def test_local_directory_is_used_as_is(tmp_path):
 
 def test_hub_id_is_found_in_the_local_cache_without_the_network(tmp_path):
     snap = fake_cache(tmp_path / "hf")
-    # HF_HUB_OFFLINE unset: the cache is looked at first, so a cached model never reaches the network
+    # HF_HUB_OFFLINE unset: the cache is looked at first,
+    # so a cached model never reaches the network
     r = run_py(RESOLVE, tmp_path / "hf", False, REPO)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(snap)
@@ -85,15 +89,18 @@ def test_missing_hub_id_offline_is_one_line_naming_the_key(tmp_path):
 
 ONE_LINE = ("import sys\nfrom areal_like.settings.config import ConfigError\n"
             "from areal_like.weights.hf import resolve_model_path\n"
-            "try:\n    print(resolve_model_path(*sys.argv[1:]))\nexcept ConfigError as e:\n    print('error:', e)\n")
+            "try:\n    print(resolve_model_path(*sys.argv[1:]))\n"
+            "except ConfigError as e:\n    print('error:', e)\n")
 
 
 def test_a_cache_without_weights_is_incomplete_offline(tmp_path):
-    snap = fake_cache(tmp_path / "hf", weights=False, tokenizer=True)  # AutoTokenizer.from_pretrained cached these
+    # AutoTokenizer.from_pretrained cached these
+    snap = fake_cache(tmp_path / "hf", weights=False, tokenizer=True)
     r = run_py(ONE_LINE, tmp_path / "hf", True, REPO)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == (f"error: model.path={REPO!r} is in the Hugging Face cache incompletely ({snap} has no "
-                        "*.safetensors or *.bin), and HF_HUB_OFFLINE is set (unset it to download, or give a local "
+    assert r.stdout == (f"error: model.path={REPO!r} is in the Hugging Face cache incompletely "
+                        f"({snap} has no *.safetensors or *.bin), and HF_HUB_OFFLINE is set "
+                        "(unset it to download, or give a local "
                         "directory)\n")
     # the same snapshot is complete for model.tokenizer, which needs tokenizer files, not weights
     code = ("from areal_like.settings.config import load_config\n"
@@ -112,35 +119,42 @@ def test_a_cache_without_weights_is_completed_by_a_download(tmp_path):
     r = run_py(ONE_LINE, tmp_path / "hf", False, REPO, endpoint=hub)
     assert r.returncode == 0, r.stderr
     # it went for the download (not returned the partial snapshot), which fell back to that snapshot
-    assert r.stdout == (f"error: model.path={REPO!r}: {snap} has no *.safetensors or *.bin after the download "
+    assert r.stdout == (f"error: model.path={REPO!r}: {snap} has no *.safetensors or *.bin "
+                        "after the download "
                         "(the Hub unreachable, or the repository has none)\n")
 
 
 def test_areal_like_config_prints_the_resolved_directory(tmp_path):
     snap = fake_cache(tmp_path / "hf", tokenizer=True)
     code = "import sys; from launch.cli import main; sys.exit(main(sys.argv[1:]))"
-    r = run_py(code, tmp_path / "hf", True, "config", "model=local_hf", f"model.path={REPO}", cwd=tmp_path)
+    r = run_py(code, tmp_path / "hf", True, "config", "model=local_hf", f"model.path={REPO}",
+               cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert f"path: {snap}\n" in r.stdout
-    r = run_py(code, tmp_path / "hf", True, "config", "model=local_hf", "model.path=areal-like-test/not-cached",
+    r = run_py(code, tmp_path / "hf", True, "config", "model=local_hf",
+               "model.path=areal-like-test/not-cached",
                cwd=tmp_path)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1
-    assert r.stderr.startswith("error: model.path='areal-like-test/not-cached' is not a local directory")
+    assert r.stderr.startswith(
+        "error: model.path='areal-like-test/not-cached' is not a local directory")
     assert "Traceback" not in r.stderr
 
 
 def test_neither_a_directory_nor_a_hub_id(tmp_path):
-    with pytest.raises(ConfigError, match=r"^model\.path='/no/such/dir' does not exist \(and is not a hub id"):
+    with pytest.raises(ConfigError,
+                       match=r"^model\.path='/no/such/dir' does not exist \(and is not a hub id"):
         resolve_model_path("/no/such/dir")
     (tmp_path / "f").write_text("x")
-    with pytest.raises(ConfigError, match=r"^trainer\.ref_path=.* is a file, not a model directory"):
+    with pytest.raises(ConfigError,
+                       match=r"^trainer\.ref_path=.* is a file, not a model directory"):
         resolve_model_path(str(tmp_path / "f"), key="trainer.ref_path")
 
 
 @pytest.mark.parametrize("text,expected", [
     ("Qwen/Qwen2.5-0.5B-Instruct", True), ("org/name", True), ("gpt2", False), ("/abs/path", False),
-    ("./rel/dir", False), ("a/b/c", False), ("org/--x", False), ("org/a..b", False), ("~/models/x", False),
+    ("./rel/dir", False), ("a/b/c", False), ("org/--x", False), ("org/a..b", False),
+    ("~/models/x", False),
 ])
 def test_hub_id_shape(text, expected):
     assert looks_like_hub_id(text) is expected
@@ -153,7 +167,8 @@ def test_resolve_models_resolves_every_model_key_and_leaves_the_input_alone(tmp_
     cfg = load_config([f"model.path={model}", f"model.tokenizer={tok}", f"trainer.ref_path={ref}"])
     assert resolve_models(cfg) == cfg  # local directories: as is
     built = load_config([])
-    assert resolve_models(built) == built  # a model built from config, the char tokenizer: nothing to resolve
+    # a model built from config, the char tokenizer: nothing to resolve
+    assert resolve_models(built) == built
     bad = load_config(["model.tokenizer=/no/tok"])
     with pytest.raises(ConfigError, match=r"^model\.tokenizer='/no/tok' does not exist"):
         resolve_models(bad)

@@ -1,4 +1,5 @@
-"""The package import graph points one way: process packages import ``areal_like``, never each other.
+"""The package import graph points one way: process packages import ``areal_like``, never each
+other.
 
 ``buffer``, ``rollout_server`` and ``trainer`` run as separate processes; an import between
 them would drag one process's dependencies (and state) into another. ``launch`` orchestrates
@@ -35,18 +36,21 @@ ALL_PACKAGES = (*CHECKED, "launch")
 FORBIDDEN = {pkg: {p for p in (*PROCESS_PACKAGES, "launch") if p != pkg} for pkg in CHECKED}
 
 
-IMPORT_CALLS = {"import_module", "__import__"}  # importlib.import_module(...), import_module(...), __import__(...)
+# importlib.import_module(...), import_module(...), __import__(...)
+IMPORT_CALLS = {"import_module", "__import__"}
 
 
 def names_project_module(text: str) -> str | None:
     """The top-level package of ``text`` when it is a dotted path to a module of this repository
     (``pkg.mod`` or ``pkg.mod:attr``), else None. A bare package name is not counted (``"trainer"``
-    is also a daemon's name), nor a config key (``"trainer.lr"``, ``"trainer.weight_sync.backend"``)."""
+    is also a daemon's name), nor a config key (``"trainer.lr"``,
+    ``"trainer.weight_sync.backend"``)."""
     parts = text.partition(":")[0].split(".")
     if len(parts) < 2 or not all(p.isidentifier() for p in parts) or parts[0] not in ALL_PACKAGES:
         return None
     base = ROOT.joinpath(*parts)
-    return parts[0] if base.with_suffix(".py").is_file() or (base / "__init__.py").is_file() else None
+    return (parts[0] if base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+            else None)
 
 
 def _string_imports(node: ast.AST, package: str) -> list[tuple[int, str]]:
@@ -54,7 +58,8 @@ def _string_imports(node: ast.AST, package: str) -> list[tuple[int, str]]:
     naming a project module."""
     if isinstance(node, ast.Call):
         fn = node.func
-        name = fn.attr if isinstance(fn, ast.Attribute) else fn.id if isinstance(fn, ast.Name) else ""
+        name = (fn.attr if isinstance(fn, ast.Attribute)
+                else fn.id if isinstance(fn, ast.Name) else "")
         arg = node.args[0] if node.args else None
         if name in IMPORT_CALLS and isinstance(arg, ast.Constant) and isinstance(arg.value, str):
             return [(node.lineno, arg.value.split(".")[0])]
@@ -107,7 +112,8 @@ def test_walker_sees_every_import_form(tmp_path, monkeypatch):
     pkg = tmp_path / "buffer" / "sub"
     pkg.mkdir(parents=True)
     src = pkg / "m.py"
-    src.write_text("import trainer.loop\nfrom rollout_server import x\nfrom .. import y\nfrom ... import z\n"
+    src.write_text("import trainer.loop\nfrom rollout_server import x\n"
+                   "from .. import y\nfrom ... import z\n"
                    "def f():\n    import launch\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     targets = [t for _, t in imported_top_levels(src, "buffer")]
@@ -116,7 +122,8 @@ def test_walker_sees_every_import_form(tmp_path, monkeypatch):
 
 def test_walker_sees_imports_hidden_in_strings(tmp_path, monkeypatch):
     """The check can fail: each upward reach below is reported, the legitimate strings are not."""
-    for module in ("launch/job.py", "trainer/export.py", "rollout_server/rewards.py", "areal_like/cli.py"):
+    for module in ("launch/job.py", "trainer/export.py", "rollout_server/rewards.py",
+                   "areal_like/cli.py"):
         (tmp_path / module).parent.mkdir(exist_ok=True)
         (tmp_path / module).write_text("")
     src = tmp_path / "areal_like" / "cli.py"
@@ -127,8 +134,10 @@ def test_walker_sees_imports_hidden_in_strings(tmp_path, monkeypatch):
         "buf = __import__('buffer')\n"  # 5
         "REWARD = 'rollout_server.rewards:math_reward'\n"  # 6: a dotted path something will import
         "TOOL = ['-m', 'trainer.export']\n"  # 7: a module something will start
-        "user = importlib.import_module(path)\n"  # a path computed at run time: a user's, not counted
-        "keys = ('trainer.lr', 'trainer.export.shard_mb', 'trainer', 'launch.nope')\n"  # config keys, names
+        # a path computed at run time: a user's, not counted
+        "user = importlib.import_module(path)\n"
+        # config keys, names
+        "keys = ('trainer.lr', 'trainer.export.shard_mb', 'trainer', 'launch.nope')\n"
         "own = 'areal_like.cli:main'\n")  # its own package: allowed
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     found = sorted(imported_top_levels(src, "areal_like"))
@@ -136,17 +145,21 @@ def test_walker_sees_imports_hidden_in_strings(tmp_path, monkeypatch):
         (3, "launch"), (4, "trainer"), (5, "buffer"), (6, "rollout_server"), (7, "trainer")]
     violations = [t for _, t in found if t in FORBIDDEN["areal_like"]]
     assert violations == ["launch", "trainer", "buffer", "rollout_server", "trainer"]
-    exec_only = tmp_path / "rollout_server" / "rewards.py"  # a process package may start another as a process
+    # a process package may start another as a process
+    exec_only = tmp_path / "rollout_server" / "rewards.py"
     exec_only.write_text("import sys\nargv = [sys.executable, '-m', 'trainer.export']\n"
                          "m = __import__('trainer.export')\n")
-    assert [(line, t) for line, t in imported_top_levels(exec_only, "rollout_server") if t != "sys"] == [(3, "trainer")]
+    assert [(line, t) for line, t in imported_top_levels(exec_only, "rollout_server")
+            if t != "sys"] == [(3, "trainer")]
 
 
 def test_config_module_does_not_import_torch():
     code = ("import sys; import areal_like.settings.config, areal_like.wire.protocol, "
             "areal_like.net.transport, areal_like.daemon, areal_like.net.metrics; "
-            "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules); print(heavy)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+            "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules); "
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT,
                          env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout

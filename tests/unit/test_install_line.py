@@ -16,9 +16,12 @@ CPU_TORCH = "pip install torch==2.13.0 --index-url https://download.pytorch.org/
 
 def test_every_torch_install_line_takes_the_cpu_build_from_pytorchs_index():
     readme = (ROOT / "README.md").read_text()
-    commands = [ln for ln in readme.splitlines() if ln.startswith("python3 -m venv .venv") and "torch==" in ln]
+    commands = [ln for ln in readme.splitlines()
+                if ln.startswith("python3 -m venv .venv") and "torch==" in ln]
     assert len(commands) == 2, commands  # the quickstart and the tests
     for command in commands:
         assert f"&& {CPU_TORCH} &&" in command, command
-    ci = [ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if re.search(r"pip install\b.*torch", ln)]
-    assert len(ci) == 1 and ci[0].endswith(CPU_TORCH.replace("pip install", "pip install --quiet")), ci
+    ci = [ln for ln in (ROOT / ".ci" / "run").read_text().splitlines()
+          if re.search(r"pip install\b.*torch", ln)]
+    assert (len(ci) == 1
+            and ci[0].endswith(CPU_TORCH.replace("pip install", "pip install --quiet"))), ci

@@ -1,6 +1,8 @@
-"""Same-node endpoints (security.bind/connect with ipc://): what protects them, and that tcp keeps CURVE.
+"""Same-node endpoints (security.bind/connect with ipc://): what protects them, and that tcp keeps
+CURVE.
 
-Real sockets in one process, plus (as root) a real process of another user knocking on the socket."""
+Real sockets in one process, plus (as root) a real process of another user knocking on the
+socket."""
 
 from __future__ import annotations
 
@@ -51,11 +53,13 @@ def refusals():
 
 
 def serve_acks(server: Server, stop: threading.Event) -> threading.Thread:
-    """Answer every request on ``server`` with an accepted Ack naming the message type, until ``stop``."""
+    """Answer every request on ``server`` with an accepted Ack naming the message type, until
+    ``stop``."""
     def loop() -> None:
         while not stop.is_set():
             if (got := server.recv(0.05)) is not None:
-                server.send(got[0], got[1], P.Ack(ref="", status="accepted", reason=type(got[2]).__name__))
+                server.send(got[0], got[1],
+                            P.Ack(ref="", status="accepted", reason=type(got[2]).__name__))
 
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
@@ -93,8 +97,10 @@ def test_ipc_addresses_and_peer_credentials_are_read_exactly(tmp_path):
         security.ipc_path("ipc://relative/router")
     with pytest.raises(security.SecurityError, match="over AF_UNIX's 107"):
         security.ipc_path("ipc:///" + "d" * 120)
-    assert local_addresses("/run/job/sock") == ("ipc:///run/job/sock/router", "ipc:///run/job/sock/pub")
-    # libzmq's ZAP address of an ipc peer is host:uid:gid:pid (SO_PEERCRED); a tcp peer's holds no uid
+    assert local_addresses("/run/job/sock") == ("ipc:///run/job/sock/router",
+                                                "ipc:///run/job/sock/pub")
+    # libzmq's ZAP address of an ipc peer is host:uid:gid:pid (SO_PEERCRED);
+    # a tcp peer's holds no uid
     assert security.peer_uid(b"localhost:1000:100:4242") == 1000
     assert security.peer_uid(b"127.0.0.1") is None and security.peer_uid(b"") is None
 
@@ -111,7 +117,8 @@ def test_tcp_keeps_curve_while_ipc_serves_this_user_without_it(tmp_path, keys, r
         curve = Client(tcp, keys=member, timeout_s=ANSWER_S)
         local = Client(router, keys=member, timeout_s=ANSWER_S)
         assert curve.request(P.StatsRequest()).reason == "StatsRequest"
-        assert local.request(P.StatsRequest()).reason == "StatsRequest"  # the ipc endpoint speaks no CURVE
+        # the ipc endpoint speaks no CURVE
+        assert local.request(P.StatsRequest()).reason == "StatsRequest"
         # no keys: ipc still serves this user, tcp refuses it
         plain_local, plain_tcp = Client(router, timeout_s=ANSWER_S), Client(tcp, timeout_s=2.0)
         assert plain_local.request(P.StatsRequest()).reason == "StatsRequest"
@@ -134,7 +141,8 @@ def test_a_socket_directory_others_can_enter_is_refused_before_anything_binds(tm
         Server(f"tcp://127.0.0.1:{port}", keys=security.load(keys, security.SERVER),
                local_address=local_addresses(tmp_path / "sock")[0])
     probe = zmq.Context.instance().socket(zmq.ROUTER)  # the tcp port is released with the socket
-    deadline = time.monotonic() + ANSWER_S  # libzmq closes a socket in its I/O thread, after close() returns
+    # libzmq closes a socket in its I/O thread, after close() returns
+    deadline = time.monotonic() + ANSWER_S
     while True:
         try:
             probe.bind(f"tcp://127.0.0.1:{port}")
@@ -144,7 +152,8 @@ def test_a_socket_directory_others_can_enter_is_refused_before_anything_binds(tm
                 raise
             time.sleep(0.02)
     probe.close(linger=0)
-    with pytest.raises(security.SecurityError, match="mode 0755"):  # and a client will not connect there
+    # and a client will not connect there
+    with pytest.raises(security.SecurityError, match="mode 0755"):
         Client(local_addresses(tmp_path / "sock")[0])
 
 
@@ -152,8 +161,8 @@ HUNG_S = 30.0  # past its wait, a knocking child that has not exited is hung
 
 
 def knock_as(uid: int, address: str, wait_s: float) -> int:
-    """Fork a process that drops to ``uid``, connects a plain DEALER to ``address`` and sends a request;
-    returns its exit status: 0 = no reply within ``wait_s``, 1 = a reply, 2 = an error.
+    """Fork a process that drops to ``uid``, connects a plain DEALER to ``address`` and sends a
+    request; returns its exit status: 0 = no reply within ``wait_s``, 1 = a reply, 2 = an error.
 
     The fork copies this multi-threaded process: a child forked while another thread (a ZeroMQ I/O
     thread in a CURVE handshake) held a lock hangs before it knocks (seen once in CI-like runs). A
@@ -184,16 +193,19 @@ def knock_as(uid: int, address: str, wait_s: float) -> int:
         status = os.waitpid(pid, 0)[1]
         if ready:
             return os.waitstatus_to_exitcode(status)
-    raise AssertionError(f"the knocking child hung three times (killed after {wait_s + HUNG_S:g}s each)")
+    raise AssertionError("the knocking child hung three times "
+                         f"(killed after {wait_s + HUNG_S:g}s each)")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a process of another user needs root to start")
 @pytest.mark.parametrize("curve", [True, False], ids=["curve_on", "curve_off"])
-def test_a_process_of_another_user_is_refused_even_when_the_kernel_lets_it_in(keys, refusals, curve):
+def test_a_process_of_another_user_is_refused_even_when_the_kernel_lets_it_in(
+        keys, refusals, curve):
     """Defence in depth: the directory and socket are opened to everyone after binding (what a wrong
     umask or chmod would do); the uid check in the ZAP handler still refuses the other user, and the
     refusal is counted, with CURVE on tcp or without (security.curve=false)."""
-    sock_dir = Path(tempfile.mkdtemp(prefix="ipc-"))  # not under pytest's 0700 tmp root: nobody must reach it
+    # not under pytest's 0700 tmp root: nobody must reach it
+    sock_dir = Path(tempfile.mkdtemp(prefix="ipc-"))
     tcp, (router, _pub) = f"tcp://127.0.0.1:{free_port()}", local_addresses(sock_dir)
     server = Server(tcp, keys=security.load(keys, security.SERVER) if curve else None,
                     local_address=router)
@@ -233,11 +245,13 @@ def test_a_one_node_run_points_every_daemon_at_the_same_node_sockets(tmp_path):
     local = with_local_ipc(cfg)
     router, pub = local_addresses(tmp_path / "sock")
     assert local.buffer.local_dir == str(tmp_path / "sock")
-    assert local.rollout.buffer_address == local.trainer.buffer_address == router and local.rollout.pub_address == pub
+    assert (local.rollout.buffer_address == local.trainer.buffer_address == router
+            and local.rollout.pub_address == pub)
     assert local.buffer.address == cfg.buffer.address  # tcp stays (tools, other nodes), with CURVE
     assert with_local_ipc(_cfg(f"run_dir={tmp_path}", "security.local_ipc=false")) == _cfg(
         f"run_dir={tmp_path}", "security.local_ipc=false")
     chosen = with_local_ipc(_cfg(f"run_dir={tmp_path}", f"buffer.local_dir={tmp_path / 'mine'}"))
     assert chosen.rollout.buffer_address == local_addresses(tmp_path / "mine")[0]
     deep = tmp_path / ("d" * 100)
-    assert with_local_ipc(_cfg(f"run_dir={deep}")).buffer.local_dir == ""  # would not fit AF_UNIX: tcp + CURVE
+    # would not fit AF_UNIX: tcp + CURVE
+    assert with_local_ipc(_cfg(f"run_dir={deep}")).buffer.local_dir == ""

@@ -1,4 +1,5 @@
-"""trainer/logprob_guard.py: the comparison, the refusal message and the probe request, on hand-made values."""
+"""trainer/logprob_guard.py: the comparison, the refusal message and the probe request, on hand-made
+values."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def test_compare_within_tolerance():
 def test_compare_beyond_tolerance_shifted_and_temperature():
     shifted = compare_logprobs([-1.3, -2.3, -0.8], [-1.0, -2.0, -0.5])  # every log-prob off by 0.3
     assert shifted == pytest.approx((0.3, 0.3))
-    # log-probs at T=1 vs T=2 of a 2-token vocabulary with logits (2, 0): log_softmax([2,0]) vs log_softmax([1,0])
+    # log-probs at T=1 vs T=2 of a 2-token vocabulary with logits (2, 0):
+    # log_softmax([2,0]) vs log_softmax([1,0])
     mean, worst = compare_logprobs([-0.126928, -2.126928], [-0.313262, -1.313262])
     assert mean == pytest.approx((0.186334 + 0.813666) / 2, abs=1e-6)
     assert worst == pytest.approx(0.813666, abs=1e-6)
@@ -31,7 +33,8 @@ def test_compare_beyond_tolerance_shifted_and_temperature():
 
 
 def test_one_outlier_does_not_trip_the_mean():
-    """bf16 kernels leave single tokens off by a few tenths: the mean stays small, the max does not."""
+    """bf16 kernels leave single tokens off by a few tenths: the mean stays small, the max does
+    not."""
     mean, worst = compare_logprobs([-1.0] * 15 + [-1.4], [-1.0] * 16)
     assert worst == pytest.approx(0.4) and mean == pytest.approx(0.025)
 
@@ -44,16 +47,19 @@ def test_compare_refuses_misaligned_or_empty():
 
 
 def test_mismatch_message_names_engine_difference_tolerance_and_causes():
-    p = Probe(server_id="rollout-3", engine_url="http://10.0.0.7:30000", prompt_ids=[1, 2], output_ids=[5, 6, 7],
+    p = Probe(server_id="rollout-3", engine_url="http://10.0.0.7:30000",
+              prompt_ids=[1, 2], output_ids=[5, 6, 7],
               engine_logp=[-1.0, -1.0, -1.0])
     msg = mismatch_message(p, 0.31, 0.9, 0.05, 2.0)
-    for part in ("rollout-3", "http://10.0.0.7:30000", "0.3100", "max 0.9000", "trainer.logprob_guard_tol=0.05",
-                 "temperature 2", "SGLANG_RETURN_ORIGINAL_LOGPROB", "top-p/top-k", "Refusing to train"):
+    for part in ("rollout-3", "http://10.0.0.7:30000", "0.3100", "max 0.9000",
+                 "trainer.logprob_guard_tol=0.05", "temperature 2",
+                 "SGLANG_RETURN_ORIGINAL_LOGPROB", "top-p/top-k", "Refusing to train"):
         assert part in msg, part
 
 
 def test_probe_request_is_untruncated_at_the_run_temperature():
     body = generate_body([1, 2, 3], 0.7)
     assert body == {"input_ids": [1, 2, 3], "return_logprob": True, "stream": False,
-                    "sampling_params": {"max_new_tokens": PROBE_TOKENS, "temperature": 0.7, "top_p": 1.0,
+                    "sampling_params": {"max_new_tokens": PROBE_TOKENS,
+                                        "temperature": 0.7, "top_p": 1.0,
                                         "top_k": -1, "ignore_eos": True}}

@@ -22,7 +22,8 @@ def test_matches_reference_and_gradient(temperature, chunk_bytes):
     weights = torch.randn(3, 4, generator=g)
     out = token_logprobs(logits, tokens, temperature, chunk_bytes=chunk_bytes)
     assert out.dtype == torch.float32 and out.shape == (3, 4)
-    torch.testing.assert_close(out.double(), reference(logits.detach(), tokens, temperature), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), reference(logits.detach(), tokens, temperature),
+                               rtol=1e-5, atol=1e-5)
     (out * weights).sum().backward()
     ref_logits = logits.detach().clone().requires_grad_(True)
     (reference(ref_logits, tokens, temperature) * weights).sum().backward()
@@ -32,7 +33,8 @@ def test_matches_reference_and_gradient(temperature, chunk_bytes):
 def test_gradcheck_float64():
     logits = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
     tokens = torch.randint(0, 7, (2, 3))
-    assert torch.autograd.gradcheck(lambda z: token_logprobs(z, tokens, 0.8, chunk_bytes=8 * 7 * 2), (logits,))
+    assert torch.autograd.gradcheck(
+        lambda z: token_logprobs(z, tokens, 0.8, chunk_bytes=8 * 7 * 2), (logits,))
 
 
 def test_bf16_logits_are_upcast_to_fp32():
@@ -43,7 +45,8 @@ def test_bf16_logits_are_upcast_to_fp32():
     assert out.dtype == torch.float32
     exact = reference(logits.detach(), tokens, 1.0)  # fp64 math on the same bf16 inputs
     assert (out.double() - exact).abs().max() < 1e-5
-    bf16_math = torch.log_softmax(logits.detach(), -1).gather(-1, tokens[..., None]).squeeze(-1).double()
+    bf16_math = (torch.log_softmax(logits.detach(), -1).gather(-1, tokens[..., None])
+                 .squeeze(-1).double())
     assert (bf16_math - exact).abs().max() > 1e-3  # what the upcast avoids
     out.sum().backward()
     assert logits.grad.dtype == torch.bfloat16 and torch.isfinite(logits.grad.float()).all()
@@ -54,7 +57,8 @@ def test_extreme_logits_are_finite():
     tokens = torch.tensor([[1, 2]])
     out = token_logprobs(logits, tokens, 0.5)
     # fp32 spacing at 2e4 is 2e-3: the logsumexp of three equal -2e4 logits is exact only to that
-    torch.testing.assert_close(out, torch.tensor([[-4e4, -torch.log(torch.tensor(3.0))]]), rtol=0, atol=4e-3)
+    torch.testing.assert_close(out, torch.tensor([[-4e4, -torch.log(torch.tensor(3.0))]]),
+                               rtol=0, atol=4e-3)
     out.sum().backward()
     assert torch.isfinite(logits.grad).all()
 

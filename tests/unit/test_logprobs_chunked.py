@@ -30,7 +30,8 @@ def test_hand_computed_case():
     # d logp0 / d logits0 = (onehot(2) - softmax([0.5, 0, 1])) / 2; d logits0 / d h0 = W
     p = torch.softmax(torch.tensor([0.5, 0.0, 1.0], dtype=torch.float64), 0)
     g0 = (torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64) - p) / 2
-    torch.testing.assert_close(hidden.grad[0].double(), g0 @ weight.detach().double(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(hidden.grad[0].double(), g0 @ weight.detach().double(),
+                               rtol=0, atol=1e-6)
 
 
 def _case(n=7, h=5, v=11, seed=0, dtype=torch.float32):
@@ -46,7 +47,8 @@ def _case(n=7, h=5, v=11, seed=0, dtype=torch.float32):
 def test_values_and_gradients_equal_the_unchunked_computation(chunk, temperature):
     hidden, weight, tokens, w_out = _case()
     h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    out = hidden_token_logprobs(h1.view(1, 7, 5), w1, tokens.view(1, 7), temperature, chunk_tokens=chunk)
+    out = hidden_token_logprobs(h1.view(1, 7, 5), w1, tokens.view(1, 7), temperature,
+                                chunk_tokens=chunk)
     assert out.shape == (1, 7) and out.dtype == torch.float32
     (out.view(-1) * w_out).sum().backward()
     h2, w2 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
@@ -61,8 +63,9 @@ def test_gradcheck_float64():
     hidden, weight, tokens, _ = _case(n=5, h=3, v=6, dtype=torch.float64)
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda a, b: hidden_token_logprobs(a, b, tokens, 0.8, chunk_tokens=2),
-                                    (hidden, weight))
+    assert torch.autograd.gradcheck(
+        lambda a, b: hidden_token_logprobs(a, b, tokens, 0.8, chunk_tokens=2),
+        (hidden, weight))
 
 
 def test_bf16_compute_gives_fp32_logprobs_and_bf16_gradients():

@@ -44,7 +44,8 @@ def test_measuring_passes_run_without_dropout():
     trajs = [Trajectory.of(prompt_ids=np.array([5, 6, 7]), output_ids=np.arange(10, 16),
                            behav_logp=np.full(6, -1.0), versions=np.zeros(6, np.int32), reward=1.0,
                            finish_reason="stop")]
-    batch = groups_to_batch([TrajectoryGroup(group_id="g", server_id="s", lease_id="0", prompt_index=0,
+    batch = groups_to_batch([TrajectoryGroup(group_id="g", server_id="s",
+                                             lease_id="0", prompt_index=0,
                                              epoch=0, trajectories=trajs)])
     s = StepSettings.from_config(cfg)
     first, second = (batch_logp(model, batch, s, torch.device("cpu")) for _ in range(2))
@@ -55,7 +56,8 @@ def test_measuring_passes_run_without_dropout():
     model.train()
     torch.testing.assert_close(first[0, :6], want, rtol=0, atol=1e-5)
     assert torch.equal(first, second) and model.training
-    guard = trainer_logprobs(model, [5, 6, 7], list(range(10, 16)), s.temperature, torch.device("cpu"))
+    guard = trainer_logprobs(model, [5, 6, 7], list(range(10, 16)), s.temperature,
+                             torch.device("cpu"))
     torch.testing.assert_close(torch.tensor(guard), want, rtol=0, atol=1e-5)
     assert model.training
 

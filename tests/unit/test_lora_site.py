@@ -50,6 +50,7 @@ def test_without_lora_no_sitecustomize_of_this_project_runs(tmp_path: Path):
     engine = EngineConfig(kind="sglang", sglang={"device": "cpu"})
     env = sglang_env(engine, dict(os.environ), lora=False)
     assert str(SITE_DIR) not in env["PYTHONPATH"].split(os.pathsep) and UNPINNED_ENV not in env
-    done = subprocess.run([sys.executable, "-c", "import torch; print(hasattr(torch.zeros, 'unpinned'))"],
+    done = subprocess.run([sys.executable, "-c",
+                           "import torch; print(hasattr(torch.zeros, 'unpinned'))"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.stdout.strip() == "False", done.stderr

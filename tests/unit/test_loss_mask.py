@@ -24,7 +24,8 @@ from trainer.advantages import AdvantageInputs, compute_advantages
 from trainer.data import groups_to_batch
 from trainer.losses import KERNELS, compute_policy_loss
 
-# 3 trajectories, 9 output positions; 0 = context (environment / tool tokens), padding after the length
+# 3 trajectories, 9 output positions; 0 = context (environment / tool tokens),
+# padding after the length
 LENGTHS = [9, 7, 5]
 CONTEXT = [[3, 4, 5], [2, 3], []]
 GROUP_IDS = torch.tensor([0, 0, 1])
@@ -43,11 +44,13 @@ def masked_batch(seed: int) -> dict[str, torch.Tensor]:
     def rand(scale: float) -> torch.Tensor:
         x = -torch.rand(shape, generator=g, dtype=torch.float64).float() * scale - 0.05
         return torch.where(mask > 0, x, torch.full(shape, -30.0))
-    return {"logp": rand(2.0), "prox": rand(2.0), "behav": rand(2.0), "ref": rand(2.0), "mask": mask}
+    return {"logp": rand(2.0), "prox": rand(2.0), "behav": rand(2.0), "ref": rand(2.0),
+            "mask": mask}
 
 
 def compact(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Each row's generated tokens, moved left; context and padding columns deleted (zeros after)."""
+    """Each row's generated tokens, moved left; context and padding columns deleted (zeros
+    after)."""
     width = int(mask.sum(-1).max())
     out = torch.zeros(t.shape[0], width, dtype=t.dtype)
     for i in range(t.shape[0]):
@@ -59,14 +62,16 @@ def compact(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def loss_and_grad(kind: str, agg: str, b: dict, adv: torch.Tensor):
     lp = b["logp"].clone().requires_grad_(True)
     cfg = LossConfig(kernel=kind, agg=agg, loss_scale_factor=SCALE, kl_coef=0.1)
-    loss, stats = compute_policy_loss(cfg, logp=lp, prox_logp=b["prox"], behav_logp=b["behav"], advantages=adv,
+    loss, stats = compute_policy_loss(cfg, logp=lp, prox_logp=b["prox"],
+                                      behav_logp=b["behav"], advantages=adv,
                                       mask=b["mask"], ref_logp=b["ref"])
     loss.backward()
     return loss.detach(), lp.grad, stats
 
 
 def kernel_advantages(kind: str, mask: torch.Tensor, estimator: str) -> torch.Tensor:
-    w, g2 = torch.tensor([0.9, 1.2, 1.0], dtype=torch.float64), torch.tensor([2.0, 3.0, 1.0], dtype=torch.float64)
+    w, g2 = (torch.tensor([0.9, 1.2, 1.0], dtype=torch.float64),
+             torch.tensor([2.0, 3.0, 1.0], dtype=torch.float64))
     a = AdvantageInputs(REWARDS, GROUP_IDS, mask, estimator, score_terms=lambda: (w, g2))
     return KERNELS[kind].advantages(a, LossConfig(kernel=kind).params).values
 
@@ -86,7 +91,8 @@ def test_context_tokens_train_like_tokens_removed_by_hand(kind, agg):
     torch.testing.assert_close(compact(grad_f, full["mask"]), grad_c, rtol=1e-5, atol=1e-7)
     assert torch.all(grad_f[full["mask"] == 0] == 0)  # context tokens get no gradient
     for k in stats_c:
-        torch.testing.assert_close(stats_f[k], stats_c[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(stats_f[k], stats_c[k], rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
@@ -102,8 +108,9 @@ def trajectory(n: int, context: list[int], loss_mask: bool = True) -> Trajectory
     mask = np.ones(n, np.int32)
     mask[context] = 0
     return Trajectory.of(prompt_ids=as_i32([5, 6]), output_ids=as_i32(np.arange(10, 10 + n)),
-                           behav_logp=as_f32(np.where(mask == 1, -0.5, 0.0)), versions=as_i32(np.zeros(n)),
-                           reward=1.0, finish_reason="stop", loss_mask=as_i32(mask) if loss_mask else None)
+                         behav_logp=as_f32(np.where(mask == 1, -0.5, 0.0)),
+                         versions=as_i32(np.zeros(n)), reward=1.0, finish_reason="stop",
+                         loss_mask=as_i32(mask) if loss_mask else None)
 
 
 def test_the_trainers_loss_mask_is_the_trajectorys_across_the_wire():
@@ -113,28 +120,34 @@ def test_the_trainers_loss_mask_is_the_trajectorys_across_the_wire():
     torch.testing.assert_close(batch.mask, masked_batch(0)["mask"])
     assert batch.n_tokens == sum(LENGTHS) - sum(map(len, CONTEXT))
     assert torch.all(batch.input_ids[0, 2:11] == torch.arange(10, 19))  # context stays in the input
-    plain = groups_to_batch([P.TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0,
+    plain = groups_to_batch([P.TrajectoryGroup(group_id="g", server_id="s", lease_id="l",
+                                               prompt_index=0, epoch=0,
                                                trajectories=[trajectory(4, [], loss_mask=False)])])
     assert plain.mask.tolist() == [[1.0, 1.0, 1.0, 1.0]]  # single-turn: every token generated
 
 
 def test_a_bad_mask_or_an_old_version_frame_is_refused():
     with pytest.raises(P.ProtocolError, match="0 \\(context\\) or 1") as info:
-        Trajectory.of(prompt_ids=[1], output_ids=[2, 3], behav_logp=[0.0, 0.0], versions=[0, 0], reward=0.0,
+        Trajectory.of(prompt_ids=[1], output_ids=[2, 3], behav_logp=[0.0, 0.0],
+                      versions=[0, 0], reward=0.0,
                         finish_reason="stop", loss_mask=[1, 2])
     assert info.value.field == "loss_mask"
     with pytest.raises(P.ProtocolError, match="length 1 != len"):
-        Trajectory.of(prompt_ids=[1], output_ids=[2, 3], behav_logp=[0.0, 0.0], versions=[0, 0], reward=0.0,
+        Trajectory.of(prompt_ids=[1], output_ids=[2, 3], behav_logp=[0.0, 0.0],
+                      versions=[0, 0], reward=0.0,
                         finish_reason="stop", loss_mask=[1])
     group = P.TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0,
                               trajectories=[trajectory(3, [1])])
-    for bad in ([1, 0, 2], [1, -1, 1], [1, 256, 1]):  # on the wire, as a sender not built on Trajectory.of might
+    # on the wire, as a sender not built on Trajectory.of might
+    for bad in ([1, 0, 2], [1, -1, 1], [1, 256, 1]):
         wire = msgpack.unpackb(P.encode(group))
         wire["trajectories"][0]["loss_mask"][2] = runs_of(bad, "loss_mask")[2].tobytes()
-        decoded = P.decode(msgpack.packb(wire))  # decode checks the mask's length, not its values (the hot path)
+        # decode checks the mask's length, not its values (the hot path)
+        decoded = P.decode(msgpack.packb(wire))
         # the buffer's admission and the trainer's data source read every value
         # (areal_like/wire/group_checks.py)
-        assert content_problem(decoded, vocab_size=0).startswith("bad_loss_mask: trajectory 0 has loss_mask"), bad
+        assert content_problem(decoded, vocab_size=0).startswith(
+            "bad_loss_mask: trajectory 0 has loss_mask"), bad
     assert content_problem(group, vocab_size=0) is None
     wire = msgpack.unpackb(P.encode(group))
     del wire["trajectories"][0]["loss_mask"]  # a frame without its mask: named as such
@@ -144,5 +157,6 @@ def test_a_bad_mask_or_an_old_version_frame_is_refused():
     wire = msgpack.unpackb(P.encode(group))
     wire["protocol"] = 1
     del wire["trajectories"][0]["loss_mask"]  # as a version-1 sender wrote it
-    with pytest.raises(P.ProtocolError, match="unsupported protocol version 1 \\(this side speaks 3\\)"):
+    with pytest.raises(P.ProtocolError,
+                       match="unsupported protocol version 1 \\(this side speaks 3\\)"):
         P.decode(msgpack.packb(wire))

@@ -1,5 +1,6 @@
-"""Policy-loss kernels: hand-computed vectors for every kernel of trainer/LOSSES.md (loss and gradient
-w.r.t. logp, rtol 1e-5), aggregation vectors, gradient flow, stability and micro-batch invariance."""
+"""Policy-loss kernels: hand-computed vectors for every kernel of trainer/LOSSES.md (loss and
+gradient w.r.t. logp, rtol 1e-5), aggregation vectors, gradient flow, stability and micro-batch
+invariance."""
 
 from __future__ import annotations
 
@@ -32,13 +33,15 @@ def close(actual, expected, rtol=RTOL, atol=ATOL):
                                torch.as_tensor(expected, dtype=torch.float64), rtol=rtol, atol=atol)
 
 
-def run(kind, *, logp, prox=None, behav=None, adv, mask=None, agg="token-mean", ref_logp=None, **hp):
+def run(kind, *, logp, prox=None, behav=None, adv, mask=None, agg="token-mean", ref_logp=None,
+        **hp):
     """Call the dispatcher with logp as a fresh leaf; return (loss, grad wrt logp, stats)."""
     lp = logp.clone().detach().requires_grad_(True)
     mask = torch.ones_like(lp) if mask is None else mask
     behav = prox if behav is None else behav
-    loss, stats = compute_policy_loss(LossConfig(kernel=kind, agg=agg, **hp), logp=lp, prox_logp=prox,
-                                      behav_logp=behav, advantages=adv, mask=mask, ref_logp=ref_logp)
+    loss, stats = compute_policy_loss(LossConfig(kernel=kind, agg=agg, **hp), logp=lp,
+                                      prox_logp=prox, behav_logp=behav, advantages=adv, mask=mask,
+                                      ref_logp=ref_logp)
     loss.backward()
     return loss.detach(), lp.grad, stats
 
@@ -52,7 +55,8 @@ RHO5 = torch.tensor([[1.0, 3.0, 0.5, 2.5, 1.2]])
 
 # ---------------------------------------------------------------- aggregation (LOSSES.md section 0)
 @pytest.mark.parametrize("mode,expected", [("token-mean", 2.0), ("seq-mean-token-mean", 2.25),
-                                           ("seq-mean-token-sum", 3.0), ("seq-mean-token-sum-norm", 2.0)])
+                                           ("seq-mean-token-sum", 3.0),
+                                           ("seq-mean-token-sum-norm", 2.0)])
 def test_aggregation_vector(mode, expected):
     lmat = torch.tensor([[1.0, 2.0, 9.0], [3.0, 9.0, 9.0]])
     m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
@@ -70,7 +74,8 @@ def test_aggregation_ignores_nan_padding_and_empty_rows():
 # ---------------------------------------------------------------- PPO / GRPO (section 2)
 @pytest.mark.parametrize("eps_high,expected", [(0.2, 0.6), (0.28, 0.584)])
 def test_ppo_vector(eps_high, expected):
-    loss, grad, stats = run("ppo", logp=LOGP5, prox=PROX5, adv=A5, eps_clip=0.2, eps_clip_high=eps_high,
+    loss, grad, stats = run("ppo", logp=LOGP5, prox=PROX5, adv=A5,
+                            eps_clip=0.2, eps_clip_high=eps_high,
                             dual_clip=3.0)
     close(loss, expected)
     close(grad, [[-0.22, 0.0, 0.0, 0.0, 0.30]])
@@ -92,8 +97,9 @@ def test_gspo_vector():
     lr = torch.tensor([[1e-4, 3e-4, 0.0], [1e-3] * 3, [1e-3] * 3], dtype=torch.float64)
     m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
     prox = torch.log(torch.full((3, 3), 0.5, dtype=torch.float64))
-    loss, grad, _ = run("gspo", logp=(prox + lr).float(), prox=prox.float(), adv=torch.tensor([1.0, 1.0, -1.0]),
-                        mask=m, agg="token-mean", gspo=GSPOConfig(eps_clip=3e-4, eps_clip_high=4e-4))
+    loss, grad, _ = run("gspo", logp=(prox + lr).float(), prox=prox.float(),
+                        adv=torch.tensor([1.0, 1.0, -1.0]), mask=m, agg="token-mean",
+                        gspo=GSPOConfig(eps_clip=3e-4, eps_clip_high=4e-4))
     close(loss, -0.33319984, rtol=1e-5)
     expected = [[-0.16670, -0.16670, 0.0], [0.0, 0.0, 0.0], [0.111222] * 3]
     close(grad, expected, rtol=1e-4, atol=1e-6)  # the expected values have 5-6 digits
@@ -112,14 +118,16 @@ def test_decoupled_ppo_vector(cap, expected, grad):
                          decoupled_ppo=DecoupledPPOConfig(cap=cap))
     close(loss, expected)
     close(g, grad)
-    close(stats["masked_frac"], 0.4 if cap else 0.0)  # rho 3.0 and 2.5 dropped, still in the denominator
+    # rho 3.0 and 2.5 dropped, still in the denominator
+    close(stats["masked_frac"], 0.4 if cap else 0.0)
     close(stats["is_weight_max"], 3.0)
 
 
 # ---------------------------------------------------------------- TIS (section 5)
 def test_tis_token_vector():
     behav = PROX5 - torch.log(RHO5)
-    loss, g, stats = run("tis", logp=LOGP5, prox=PROX5, behav=behav, adv=A5, eps_clip=0.2, dual_clip=3.0,
+    loss, g, stats = run("tis", logp=LOGP5, prox=PROX5, behav=behav, adv=A5,
+                         eps_clip=0.2, dual_clip=3.0,
                          tis=TISConfig(cap=2.0, level="token"))
     close(loss, 0.94)
     close(g, [[-0.22, 0.0, 0.0, 0.0, 0.36]])
@@ -131,9 +139,11 @@ def test_tis_sequence_weights_and_loss():
     rho_seq = torch.tensor([1.5, 3.0, 0.4])
     m = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
     prox = torch.log(torch.full((3, 2), 0.5))
-    behav = prox - torch.log(rho_seq)[:, None] * m / m.sum(-1, keepdim=True)  # log rho spread over tokens
+    # log rho spread over tokens
+    behav = prox - torch.log(rho_seq)[:, None] * m / m.sum(-1, keepdim=True)
     adv = torch.tensor([1.0, -1.0, 1.0])
-    loss, g, _ = run("tis", logp=prox, prox=prox, behav=behav, adv=adv, mask=m, tis=TISConfig(cap=2.0, level="sequence"))
+    loss, g, _ = run("tis", logp=prox, prox=prox, behav=behav, adv=adv, mask=m,
+                     tis=TISConfig(cap=2.0, level="sequence"))
     w = torch.tensor([1.5, 2.0, 0.4])
     # on-policy (r = 1, unclipped): per-token loss -A w, gradient -A w / n_tokens
     close(loss, (-adv * w * m.sum(-1)).sum() / 5)
@@ -148,7 +158,8 @@ def test_seq_mis_weights(low, weights):
     prox = torch.log(torch.full((3, 2), 0.5))
     behav = prox - torch.log(rho_seq)[:, None] / 2
     adv = torch.tensor([1.0, 1.0, 1.0])
-    loss, g, stats = run("mis", logp=prox, prox=prox, behav=behav, adv=adv, mask=m, mis=MISConfig(low=low, high=2.0))
+    loss, g, stats = run("mis", logp=prox, prox=prox, behav=behav, adv=adv, mask=m,
+                         mis=MISConfig(low=low, high=2.0))
     w = torch.tensor(weights)
     close(g, -w[:, None].expand(3, 2) / 6)  # rejected sequences keep their place in the denominator
     close(loss, -(w * 2).sum() / 6)
@@ -157,7 +168,8 @@ def test_seq_mis_weights(low, weights):
 
 def test_icepop_vector():
     behav = PROX5 - torch.log(torch.tensor([[1.0, 6.0, 0.3, 2.5, 1.2]]))
-    loss, g, stats = run("icepop", logp=LOGP5, prox=PROX5, behav=behav, adv=A5, eps_clip=0.2, dual_clip=3.0,
+    loss, g, stats = run("icepop", logp=LOGP5, prox=PROX5, behav=behav, adv=A5,
+                         eps_clip=0.2, dual_clip=3.0,
                          icepop=IcePopConfig(low=0.5, high=5.0))
     close(loss, 1.64)
     close(g, [[-0.22, 0.0, 0.0, 0.0, 0.36]])
@@ -166,7 +178,8 @@ def test_icepop_vector():
 
 # ---------------------------------------------------------------- VESPO (section 7)
 @pytest.mark.parametrize("w,positive,phi", [
-    (1.0, True, 1.0), (1.0, False, 1.0), (1.5, True, 0.502043), (0.8, False, 0.763814), (1.5, False, 1.241593),
+    (1.0, True, 1.0), (1.0, False, 1.0), (1.5, True, 0.502043), (0.8, False, 0.763814),
+    (1.5, False, 1.241593),
     (0.5, True, 1.120422), (3.0, True, 0.022309), (3.0, False, 0.494522),
 ])
 def test_vespo_phi_table(w, positive, phi):
@@ -180,29 +193,33 @@ VESPO_OLD = VESPO_LP - torch.tensor([[math.log(1.5) / 2] * 3, [math.log(0.8) / 3
 
 
 def test_vespo_full_vector_async():
-    loss, g, stats = run("vespo", logp=VESPO_LP, behav=VESPO_OLD, adv=torch.tensor([1.0, -1.0]), mask=VESPO_M)
+    loss, g, stats = run("vespo", logp=VESPO_LP, behav=VESPO_OLD, adv=torch.tensor([1.0, -1.0]),
+                         mask=VESPO_M)
     close(loss, -0.370835, rtol=1e-5)
     close(g, [[-0.100409, -0.100409, 0.0], [0.152763] * 3], rtol=1e-5, atol=1e-6)
     close(stats["is_weight_max"], 1.5)
 
 
 def test_vespo_prox_folded_gives_same_weight():
-    """With prox given, log W = sum(logp - prox) + sum(prox - behav): still W = pi_theta / pi_behav."""
+    """With prox given, log W = sum(logp - prox) + sum(prox - behav): still
+    W = pi_theta / pi_behav."""
     prox = VESPO_LP - 0.05 * VESPO_M
-    loss, g, _ = run("vespo", logp=VESPO_LP, prox=prox, behav=VESPO_OLD, adv=torch.tensor([1.0, -1.0]),
+    loss, g, _ = run("vespo", logp=VESPO_LP, prox=prox, behav=VESPO_OLD,
+                     adv=torch.tensor([1.0, -1.0]),
                      mask=VESPO_M)
     close(loss, -0.370835, rtol=1e-5)
     close(g, [[-0.100409, -0.100409, 0.0], [0.152763] * 3], rtol=1e-5, atol=1e-6)
 
 
-# ---------------------------------------------------------------- VCPO loss (section 8, steps 2 and 5)
+# ------------------------------------------------------------- VCPO loss (section 8, steps 2 and 5)
 def test_vcpo_loss_is_weighted_reinforce():
     # w = [exp(0.3), exp(2.5)] -> w~ = [1.349859, 8] with cap 8; seq-mean-token-mean over B = 2.
     lp = torch.log(torch.tensor([[0.5, 0.25, 1.0], [0.4, 0.5, 0.2]]))
     m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     behav = lp - torch.tensor([[0.1, 0.2, 0.0], [1.0, 1.0, 0.5]])
     adv = torch.tensor([0.5, -1.5])
-    loss, g, stats = run("vcpo", logp=lp, behav=behav, adv=adv, mask=m, agg="token-mean", vcpo=VCPOConfig(cap=8.0))
+    loss, g, stats = run("vcpo", logp=lp, behav=behav, adv=adv, mask=m, agg="token-mean",
+                         vcpo=VCPOConfig(cap=8.0))
     wt = torch.tensor([math.exp(0.3), 8.0])
     L = m.sum(-1)
     expected = (-(adv * wt) * ((lp * m).sum(-1) / L)).sum() / 2
@@ -226,19 +243,22 @@ def test_oapl_vector():
     close(loss, 0.1441801, rtol=1e-5)
     dl_ddelta = torch.tensor([0.013994, 0.363994, -0.086006, 0.063994])
     close(g, dl_ddelta[:, None] * m, rtol=1e-4, atol=1e-6)  # the expected values have 6 decimals
-    close(g, (2 / 4 * (delta - targets))[:, None] * m)  # exact: (2 beta / B)(beta Delta_i - target_i)
+    # exact: (2 beta / B)(beta Delta_i - target_i)
+    close(g, (2 / 4 * (delta - targets))[:, None] * m)
     close(oapl_targets(rewards, [0] * 4, beta_v=0.5), rewards - 0.8782209, rtol=1e-5, atol=1e-6)
 
 
 def test_sequence_log_ratio_is_clamped_after_summing():
-    # token log-ratios [+30, -25]: the sequence ratio is exp(5), not exp(20 - 20) (LOSSES.md section 0, rule 1)
+    # token log-ratios [+30, -25]: the sequence ratio is exp(5), not exp(20 - 20)
+    # (LOSSES.md section 0, rule 1)
     old = torch.tensor([[30.0, -25.0, float("nan")]])
     behav = torch.zeros(1, 3)
     m = torch.tensor([[1.0, 1.0, 0.0]])
     w, w_clip = losses.vcpo_is_weights(old, behav, m, cap=8.0)
     close(w, [math.exp(5.0)])
     close(w_clip, [8.0])
-    _, _, stats = run("mis", logp=old, prox=old, behav=behav, adv=torch.ones(1), mask=m, mis=MISConfig(low=0.0, high=1e9))
+    _, _, stats = run("mis", logp=old, prox=old, behav=behav, adv=torch.ones(1), mask=m,
+                      mis=MISConfig(low=0.0, high=1e9))
     close(stats["is_weight_max"], math.exp(5.0), rtol=1e-5)
 
 
@@ -251,14 +271,16 @@ def test_kl_penalty_estimators_and_clamps():
     close(losses.kl_penalty(lp, ref, m, estimator="k1"), d)
     close(losses.kl_penalty(lp, ref, m, estimator="k2"), 0.5 * d * d)
     close(losses.kl_penalty(lp, ref, m, estimator="k3"), torch.exp(-d) + d - 1)
-    big = losses.kl_penalty(torch.tensor([[-1e4]]), torch.tensor([[0.0]]), torch.ones(1, 1), estimator="k3")
+    big = losses.kl_penalty(torch.tensor([[-1e4]]), torch.tensor([[0.0]]), torch.ones(1, 1),
+                            estimator="k3")
     close(big, [[10.0]])  # log-ratio clamped to -20, k3 clamped to 10
 
 
 def test_kl_term_adds_to_loss():
     ref = PROX5 - 0.1
     base, g0, _ = run("ppo", logp=LOGP5, prox=PROX5, adv=A5, dual_clip=3.0)
-    loss, g, stats = run("ppo", logp=LOGP5, prox=PROX5, adv=A5, dual_clip=3.0, kl_coef=0.5, kl_estimator="k1",
+    loss, g, stats = run("ppo", logp=LOGP5, prox=PROX5, adv=A5, dual_clip=3.0,
+                         kl_coef=0.5, kl_estimator="k1",
                          ref_logp=ref)
     close(loss - base, 0.5 * (LOGP5 - ref).mean())
     close(g - g0, torch.full((1, 5), 0.5 / 5))
@@ -272,9 +294,11 @@ def test_kernel_table():
     assert tuple(losses.KERNELS) == LOSS_KINDS
     assert {k for k in LOSS_KINDS if not losses.KERNELS[k].needs_prox} == {"vespo", "vcpo", "oapl"}
     cfg = LossConfig()
-    for name, k in losses.KERNELS.items():  # a kernel's own knobs are the section trainer.loss.<name>
+    # a kernel's own knobs are the section trainer.loss.<name>
+    for name, k in losses.KERNELS.items():
         assert k.name == name
-        assert type(getattr(cfg, name, None)) is (type(None) if k.config is None else k.config), name
+        assert (type(getattr(cfg, name, None))
+                is (type(None) if k.config is None else k.config)), name
     with pytest.raises(TypeError, match="eps_clp"):
         LossConfig(kernel="ppo", eps_clp=0.2)
     with pytest.raises(ConfigError, match="trainer.loss.kernel"):
@@ -282,10 +306,12 @@ def test_kernel_table():
     with pytest.raises(ValueError, match="needs prox_logp"):
         run("tis", logp=LOGP5, prox=None, behav=PROX5, adv=A5)
     # a kernel reads its own section and the shared knobs, nothing else
-    loss, _, stats = run("tis", logp=LOGP5, prox=PROX5, behav=PROX5 - torch.log(RHO5), adv=A5, dual_clip=3.0,
-                         mis=MISConfig(low=0.9, high=1.0), decoupled_ppo=DecoupledPPOConfig(cap=1.5))
+    loss, _, stats = run("tis", logp=LOGP5, prox=PROX5, behav=PROX5 - torch.log(RHO5), adv=A5,
+                         dual_clip=3.0, mis=MISConfig(low=0.9, high=1.0),
+                         decoupled_ppo=DecoupledPPOConfig(cap=1.5))
     close(loss, 0.94)
-    for k in ("loss", "policy_loss", "mismatch_kl", "mismatch_kl_k1", "is_weight_mean", "is_weight_max"):
+    for k in ("loss", "policy_loss", "mismatch_kl", "mismatch_kl_k1", "is_weight_mean",
+              "is_weight_max"):
         assert k in stats and not stats[k].requires_grad
 
 
@@ -311,14 +337,16 @@ def test_mismatch_kl_is_k3_of_behav_vs_prox():
     close(stats["mismatch_kl_k1"], (-torch.log(RHO5)).mean())
     ent = torch.full((1, 5), 0.7)
     lp = LOGP5.clone().requires_grad_(True)
-    _, s = compute_policy_loss(LossConfig(kernel="ppo"), logp=lp, prox_logp=PROX5, behav_logp=PROX5, advantages=A5,
+    _, s = compute_policy_loss(LossConfig(kernel="ppo"), logp=lp, prox_logp=PROX5,
+                               behav_logp=PROX5, advantages=A5,
                                mask=torch.ones(1, 5), entropy=ent)
     close(s["entropy"], 0.7)
 
 
-# ---------------------------------------------------------------- gradient flow, stability, invariance
+# ------------------------------------------------------------- gradient flow, stability, invariance
 def make_batch(seed=0, b=6, t=7, spread=0.3):
-    """Random [b, t] batch with ragged lengths (>= 1) and garbage (nan) in the padding of every stream."""
+    """Random [b, t] batch with ragged lengths (>= 1) and garbage (nan) in the padding of every
+    stream."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, t + 1, (b,), generator=g)
     lengths[0] = t
@@ -334,9 +362,12 @@ def make_batch(seed=0, b=6, t=7, spread=0.3):
     return dict(logp=logp, prox=prox, behav=behav, adv=adv, mask=mask, ref=ref)
 
 
-KIND_HP = {"ppo": dict(dual_clip=3.0), "decoupled_ppo": dict(decoupled_ppo=DecoupledPPOConfig(cap=1.5)),
-           "tis": dict(tis=TISConfig(level="sequence")), "mis": dict(mis=MISConfig(low=0.2, high=5.0)),
-           "icepop": dict(icepop=IcePopConfig(high=5.0)), "gspo": dict(gspo=GSPOConfig(eps_clip=0.1, eps_clip_high=None)),
+KIND_HP = {"ppo": dict(dual_clip=3.0),
+           "decoupled_ppo": dict(decoupled_ppo=DecoupledPPOConfig(cap=1.5)),
+           "tis": dict(tis=TISConfig(level="sequence")),
+           "mis": dict(mis=MISConfig(low=0.2, high=5.0)),
+           "icepop": dict(icepop=IcePopConfig(high=5.0)),
+           "gspo": dict(gspo=GSPOConfig(eps_clip=0.1, eps_clip_high=None)),
            "vespo": {}, "vcpo": {}, "oapl": dict(oapl=OAPLConfig(beta2=0.5))}
 
 
@@ -344,8 +375,9 @@ KIND_HP = {"ppo": dict(dual_clip=3.0), "decoupled_ppo": dict(decoupled_ppo=Decou
 def test_gradient_flows_only_to_logp(kind):
     b = make_batch(1)
     leaves = {k: b[k].clone().requires_grad_(True) for k in ("logp", "prox", "behav", "adv", "ref")}
-    loss, stats = compute_policy_loss(LossConfig(kernel=kind, kl_coef=0.1, **KIND_HP[kind]), logp=leaves["logp"],
-                                      prox_logp=leaves["prox"], behav_logp=leaves["behav"], advantages=leaves["adv"],
+    loss, stats = compute_policy_loss(LossConfig(kernel=kind, kl_coef=0.1, **KIND_HP[kind]),
+                                      logp=leaves["logp"], prox_logp=leaves["prox"],
+                                      behav_logp=leaves["behav"], advantages=leaves["adv"],
                                       mask=b["mask"], ref_logp=leaves["ref"])
     loss.backward()
     grad = leaves["logp"].grad
@@ -369,14 +401,16 @@ def test_extreme_log_ratios_and_lengths_are_finite(kind, sign):
     adv = torch.tensor([1.0, -1.0, 2.0, -3.0])
     for agg in AGG_MODES:
         loss, g, stats = run(kind, logp=logp, prox=prox, behav=behav, adv=adv, mask=mask, agg=agg,
-                             ref_logp=prox, kl_coef=0.1, **{**KIND_HP[kind], "decoupled_ppo": DecoupledPPOConfig(cap=None)})
+                             ref_logp=prox, kl_coef=0.1,
+                             **{**KIND_HP[kind], "decoupled_ppo": DecoupledPPOConfig(cap=None)})
         assert torch.isfinite(loss), (kind, agg)
         assert torch.isfinite(g).all(), (kind, agg)
         assert all(torch.isfinite(v).all() for v in stats.values()), (kind, agg, stats)
 
 
 def _split_losses(kind, agg, b, sizes, trim):
-    """Whole batch vs micro-batches (optionally re-padded to their own max length) with global counts."""
+    """Whole batch vs micro-batches (optionally re-padded to their own max length) with global
+    counts."""
     hp = dict(KIND_HP[kind], loss_scale_factor=7.0)
     n_tok = float(b["mask"].sum())
     n_seq = float((b["mask"].sum(-1) > 0).sum())
@@ -386,9 +420,11 @@ def _split_losses(kind, agg, b, sizes, trim):
         m = b["mask"][sl]
         width = int(m.sum(-1).max()) if trim else m.shape[1]
         cut = (slice(None), slice(0, width))
-        loss, stats = compute_policy_loss(LossConfig(kernel=kind, agg=agg, kl_coef=0.05, **hp), logp=lp[cut],
-                                          prox_logp=b["prox"][sl][cut], behav_logp=b["behav"][sl][cut],
-                                          advantages=b["adv"][sl][cut], mask=m[cut], ref_logp=b["ref"][sl][cut],
+        loss, stats = compute_policy_loss(LossConfig(kernel=kind, agg=agg, kl_coef=0.05, **hp),
+                                          logp=lp[cut], prox_logp=b["prox"][sl][cut],
+                                          behav_logp=b["behav"][sl][cut],
+                                          advantages=b["adv"][sl][cut], mask=m[cut],
+                                          ref_logp=b["ref"][sl][cut],
                                           **norms)
         loss.backward()
         return loss.detach(), lp.grad, stats

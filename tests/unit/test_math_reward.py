@@ -18,7 +18,8 @@ from areal_like.tasks.task import Example
 
 
 def known_limit(response: str, reference: str, expected: float, why: str):
-    return pytest.param(response, reference, expected, marks=pytest.mark.xfail(strict=True, reason=why))
+    return pytest.param(response, reference, expected,
+                        marks=pytest.mark.xfail(strict=True, reason=why))
 
 
 ROWS = [
@@ -68,14 +69,16 @@ ROWS = [
     ("The answer is (B).", "(A)", 0.0),
     (r"\boxed{B}", r"\textbf{(A)}", 0.0),
     ("", "(C)", 0.0),
-    known_limit("A quick check gives (C).", "C", 1.0, "the leading article 'A' is read as the choice"),
+    known_limit("A quick check gives (C).", "C", 1.0,
+                "the leading article 'A' is read as the choice"),
     # units
     (r"\boxed{5 \text{ cm}}", "5", 1.0),
     ("It is 5 cm long.", r"5\text{ cm}", 1.0),
     (r"\boxed{12 \text{ dollars}}", r"12\text{ dollars}", 1.0),
     (r"\boxed{13\text{ dollars}}", r"12\text{ dollars}", 0.0),
     ("She pays $12.", "12", 1.0),
-    known_limit("12", "12 dollars", 1.0, "a plain-word unit makes the reference a product of symbols"),
+    known_limit("12", "12 dollars", 1.0,
+                "a plain-word unit makes the reference a product of symbols"),
     # negative numbers
     (r"\boxed{-5}", "-5", 1.0),
     (r"\boxed{5}", "-5", 0.0),
@@ -107,7 +110,8 @@ ROWS = [
 @pytest.mark.parametrize("response,reference,expected", ROWS)
 def test_math_reward_table(response, reference, expected, monkeypatch):
     # which answers match, not how fast: the 2 s production bounds are wall-clock alarms, and a
-    # cold sympy parse went past them on 2 cores shared by 4 test workers and other jobs (3/4 scored 0)
+    # cold sympy parse went past them on 2 cores shared by 4 test workers and other jobs
+    # (3/4 scored 0)
     monkeypatch.setattr(rewards, "PARSE_TIMEOUT_S", 60)
     monkeypatch.setattr(rewards, "VERIFY_TIMEOUT_S", 60)
     assert math_reward(response, Example("", reference)) == expected
@@ -116,7 +120,8 @@ def test_math_reward_table(response, reference, expected, monkeypatch):
 def test_math_reward_off_the_main_thread():
     """math-verify's signal timeouts raise outside the main thread; there they are off instead."""
     with ThreadPoolExecutor(1) as pool:
-        assert pool.submit(math_reward, r"\boxed{2\sqrt{2}}", Example("", r"\sqrt8")).result() == 1.0
+        assert pool.submit(math_reward, r"\boxed{2\sqrt{2}}",
+                           Example("", r"\sqrt8")).result() == 1.0
         assert pool.submit(math_reward, r"\boxed{3}", Example("", r"\sqrt8")).result() == 0.0
 
 

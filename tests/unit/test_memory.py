@@ -83,7 +83,8 @@ def _saved_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, tokens: int = 4
     x = torch.randn(1, tokens, cfg.hidden_size, dtype=dtype, requires_grad=True)
     pos = torch.arange(tokens)[None]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x, attention_mask=None, position_ids=pos, position_embeddings=model.model.rotary_emb(x, pos))
+        layer(x, attention_mask=None, position_ids=pos,
+              position_embeddings=model.model.rotary_emb(x, pos))
     # the block's input is saved by the block itself only through its RMSNorm; the formula counts
     # it once per block in any case (the previous block's output is held for this one)
     seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
@@ -97,7 +98,8 @@ def test_block_activation_bytes_match_what_the_layer_saves(dtype, c, shape, lora
     h, i, heads, kv = shape
     cfg = ModelConfig(vocab_size=104, hidden_size=h, intermediate_size=i, num_hidden_layers=1,
                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=64)
-    want = lora_block_activation_bytes(cfg, c, lora_rank) if lora_rank else block_activation_bytes(cfg, c)
+    want = (lora_block_activation_bytes(cfg, c, lora_rank) if lora_rank
+            else block_activation_bytes(cfg, c))
     assert _saved_bytes_per_token(cfg, dtype, lora_rank=lora_rank) == want
 
 
@@ -149,18 +151,24 @@ def test_estimate_terms():
     assert one.weights == 4 * 7_615_616_512 and eight.weights == 4 * 951_952_064
     assert eight.adam == 2 * eight.weights and eight.grads == eight.weights == eight.optimizer_temps
     assert one.activations == eight.activations and one.gathered == eight.gathered
-    ckpt = estimate_peak_bytes(cfg, world=8, micro_batch_tokens=4096, dtype="bfloat16", checkpointing=True)
+    ckpt = estimate_peak_bytes(cfg, world=8, micro_batch_tokens=4096, dtype="bfloat16",
+                               checkpointing=True)
     assert ckpt.activations < eight.activations / 10
-    # the log-prob working set: one [512, V] fp32 block and its bf16 twin, lm_head's fp32 accumulator and bf16 grad
+    # the log-prob working set: one [512, V] fp32 block and its bf16 twin,
+    # lm_head's fp32 accumulator and bf16 grad
     assert eight.logprobs == 512 * 152064 * 6 + 152064 * 3584 * 6
     assert eight.total == max(eight.moments.values()) == eight.moments["backward_start"]
     # 16 bytes per parameter alone put a 7B model past one 80 GB GPU; 8-way sharding brings it under
     assert one.total > 80e9 and eight.total < 80e9 and ckpt.total < eight.total
-    fp32 = estimate_peak_bytes(qwen2_shape("0.5B"), world=1, micro_batch_tokens=512, dtype="float32")
-    assert fp32.block_grads == block_params(qwen2_shape("0.5B")) * 4  # no fp32 copy without mixed precision
-    assert fp32.gathered == fp32.gather_buffers == 0  # one fp32 rank is not sharded: nothing is gathered
+    fp32 = estimate_peak_bytes(qwen2_shape("0.5B"), world=1, micro_batch_tokens=512,
+                               dtype="float32")
+    # no fp32 copy without mixed precision
+    assert fp32.block_grads == block_params(qwen2_shape("0.5B")) * 4
+    # one fp32 rank is not sharded: nothing is gathered
+    assert fp32.gathered == fp32.gather_buffers == 0
     # one micro-batch per optimizer step: no gradients are held when its backward starts
-    single = estimate_peak_bytes(cfg, world=8, micro_batch_tokens=4096, dtype="bfloat16", accumulating=False)
+    single = estimate_peak_bytes(cfg, world=8, micro_batch_tokens=4096, dtype="bfloat16",
+                                 accumulating=False)
     assert eight.moments["backward_start"] - single.moments["backward_start"] == eight.grads
     assert single.moments["backward_end"] == eight.moments["backward_end"]
 
@@ -192,7 +200,8 @@ print(json.dumps({
 def test_7b_shaped_model_is_sharded_on_meta_without_allocating_it():
     from tests.conftest import child_env
 
-    proc = subprocess.run([sys.executable, "-c", WORKER], capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([sys.executable, "-c", WORKER],
+                          capture_output=True, text=True, timeout=300,
                           env=child_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])

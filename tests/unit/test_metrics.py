@@ -26,7 +26,8 @@ def test_registries_are_private_and_get_or_create():
     a.counter("x/by_kind", labels=("kind",)).labels(kind="ok").inc()
     text = a.render().decode()
     assert "areal_x_events_total 2.0" in text and "areal_x_level 1.5" in text
-    assert 'areal_x_seconds_bucket{le="1.0"} 1.0' in text and 'areal_x_by_kind_total{kind="ok"} 1.0' in text
+    assert ('areal_x_seconds_bucket{le="1.0"} 1.0' in text
+            and 'areal_x_by_kind_total{kind="ok"} 1.0' in text)
     assert "areal_x_events_total 5.0" in b.render().decode()
 
 
@@ -56,11 +57,13 @@ def test_server_endpoints_and_scrape():
         return state["ok"], {"detail": 7}
 
     server = MetricsServer(m, 0, "127.0.0.1", health=health,
-                           extra_text=lambda: "# TYPE sglang:num_running_reqs gauge\nsglang:num_running_reqs 4.0\n").start()
+                           extra_text=lambda: ("# TYPE sglang:num_running_reqs gauge\n"
+                                               "sglang:num_running_reqs 4.0\n")).start()
     try:
         base = f"http://127.0.0.1:{server.port}"
         status, ctype, text = get(base + "/metrics")
-        assert status == 200 and ctype.startswith("text/plain") and "areal_t_requests_total 3.0" in text
+        assert (status == 200 and ctype.startswith("text/plain")
+                and "areal_t_requests_total 3.0" in text)
         values = scrape(base + "/metrics")
         assert values["areal_t_requests_total"] == 3.0 and values["sglang:num_running_reqs"] == 4.0
         status, ctype, body = get(base + "/health?verbose=1")
@@ -104,7 +107,8 @@ def test_many_idle_connections_cost_no_threads_and_are_cut_off():
 
     from areal_like.net.http_guard import HttpLimits
 
-    limits = HttpLimits(max_connections=32, header_timeout_s=1.0, max_inflight=4, max_body_bytes=1024)
+    limits = HttpLimits(max_connections=32, header_timeout_s=1.0, max_inflight=4,
+                        max_body_bytes=1024)
     before = threading.active_count()
     server = MetricsServer(Metrics(), 0, "127.0.0.1", limits=limits)
     socks = []

@@ -1,4 +1,5 @@
-"""``areal-like run``'s live progress line (launch/job.py, ``Monitor``): each new trainer record read once."""
+"""``areal-like run``'s live progress line (launch/job.py, ``Monitor``): each new trainer record
+read once."""
 
 from __future__ import annotations
 

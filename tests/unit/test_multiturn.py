@@ -1,6 +1,7 @@
-"""Multi-turn episodes against a scripted engine (rollout_server/multiturn.py): token ids equal the chat
-template's rendering of the final conversation, tool errors become messages the model reads, limits
-end episodes with their finish reason, and a weight sync mid-episode keeps every token's version.
+"""Multi-turn episodes against a scripted engine (rollout_server/multiturn.py): token ids equal the
+chat template's rendering of the final conversation, tool errors become messages the model reads,
+limits end episodes with their finish reason, and a weight sync mid-episode keeps every token's
+version.
 
 The engine is a stand-in for SGLang's ``/generate`` (the only call an episode makes): each call
 answers the next scripted reply, encoded by the real tokenizer and ended by EOS, truncated to the
@@ -30,8 +31,8 @@ EOS = TOK.eos_token_id
 
 
 class ScriptedEngine:
-    """``generate`` answers the scripted replies in order. ``pause_after[k] = n``: reply k stops after
-    n tokens with an abort, the served version then becomes ``version + 1``."""
+    """``generate`` answers the scripted replies in order. ``pause_after[k] = n``: reply k stops
+    after n tokens with an abort, the served version then becomes ``version + 1``."""
 
     def __init__(self, replies: list[str | None], pause_after: dict[int, int] | None = None):
         self.replies, self.pause_after = list(replies), dict(pause_after or {})
@@ -56,14 +57,17 @@ class ScriptedEngine:
             self.version += 1
         else:
             self.turn += 1
-        return GenerateOutput(rid="r", output_ids=ids, logprobs=[-0.01 * (i + 1) for i in range(len(ids))],
-                              finish_reason=finish, finish_message="", abort_status=None, weight_version=version)
+        return GenerateOutput(rid="r", output_ids=ids,
+                              logprobs=[-0.01 * (i + 1) for i in range(len(ids))],
+                              finish_reason=finish, finish_message="", abort_status=None,
+                              weight_version=version)
 
 
 def runner(engine, tools=None, **task) -> EpisodeRunner:
     cfg = TaskConfig(env=task.pop("env", "agent_envs:Chat"), chat_template=CHATML, group_size=1,
                      max_new_tokens=task.pop("max_new_tokens", 64), **task)
-    ctx = EpisodeContext(client=engine, task=make_task(cfg), tokenizer=TOK, rewards=None, task_cfg=cfg,
+    ctx = EpisodeContext(client=engine, task=make_task(cfg), tokenizer=TOK,
+                         rewards=None, task_cfg=cfg,
                          server_id="s", current_version_fn=lambda: engine.version)
     return EpisodeRunner(ctx, tools)
 
@@ -89,7 +93,8 @@ def test_ids_are_the_templates_rendering_of_the_final_conversation(tools):
     engine = ScriptedEngine(["hello there", CALL_ADD, "it is 5", "bye"])
     conv, traj = episode(engine, tools)
     assert (conv.finish_reason, conv.turns, traj.reward) == ("stop", 4, 0.25 + 0.25 + 1.0)
-    assert [m["role"] for m in conv.messages] == ["system", "user", "assistant", "user", "assistant", "tool",
+    assert [m["role"] for m in conv.messages] == ["system", "user", "assistant",
+                                                  "user", "assistant", "tool",
                                                   "assistant", "user", "assistant", "user"]
     assert conv.messages[5]["content"] == "5"
     # the final assistant turn ends with its generated EOS; the template then adds "\n" and the last
@@ -99,12 +104,15 @@ def test_ids_are_the_templates_rendering_of_the_final_conversation(tools):
     newline = TOK("\n", add_special_tokens=False)["input_ids"]
     assert ids + newline == TOK(rendered, add_special_tokens=False)["input_ids"]
     # every request was the whole conversation so far, and only generated tokens are trained on
-    gen = [TOK(r, add_special_tokens=False)["input_ids"] + [EOS] for r in ["hello there", CALL_ADD, "it is 5", "bye"]]
+    gen = [TOK(r, add_special_tokens=False)["input_ids"] + [EOS]
+           for r in ["hello there", CALL_ADD, "it is 5", "bye"]]
     mask = traj.loss_mask
     assert list(traj.output_ids[mask == 1]) == sum(gen, [])
-    assert [c[0] for c in engine.calls] == [ids[:len(traj.prompt_ids) + k] for k in _turn_starts(mask)]
+    assert [c[0] for c in engine.calls] == [ids[:len(traj.prompt_ids) + k]
+                                            for k in _turn_starts(mask)]
     assert np.all(traj.behav_logp[mask == 0] == 0) and np.all(traj.behav_logp[mask == 1] < 0)
-    assert conv.tool_calls == [{"name": "add", "outcome": "ok", "seconds": conv.tool_calls[0]["seconds"]}]
+    assert conv.tool_calls == [{"name": "add", "outcome": "ok",
+                                "seconds": conv.tool_calls[0]["seconds"]}]
 
 
 def _turn_starts(mask: np.ndarray) -> list[int]:
@@ -119,7 +127,8 @@ def test_bad_tool_calls_become_error_messages_and_the_episode_goes_on(tools):
            '<tool_call>{"name": "boom", "arguments": {"reason": "kaput"}}</tool_call>',
            '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 1}}',
            CALL_ADD]
-    conv, traj = episode(engine := ScriptedEngine(bad), tools, max_turns=len(bad), max_new_tokens=128)
+    conv, traj = episode(engine := ScriptedEngine(bad), tools, max_turns=len(bad),
+                         max_new_tokens=128)
     assert (conv.finish_reason, conv.turns, len(engine.calls)) == ("max_turns", 6, 6)
     said = [m["content"] for m in conv.messages if m["role"] == "tool"]
     assert said[0].startswith("error: unknown tool 'nope'")
@@ -128,29 +137,35 @@ def test_bad_tool_calls_become_error_messages_and_the_episode_goes_on(tools):
     assert said[3] == "error: boom raised ValueError: kaput"
     assert said[4].startswith("error: unterminated <tool_call>")
     assert said[5] == "5"  # the pool still works after a tool raised
-    assert [c["outcome"] for c in conv.tool_calls] == ["invalid", "invalid", "invalid", "error", "invalid", "ok"]
+    assert [c["outcome"] for c in conv.tool_calls] == ["invalid", "invalid", "invalid", "error",
+                                                       "invalid", "ok"]
 
 
 def test_a_tool_past_its_timeout_is_killed_and_reported():
     pool = ToolPool(workers=1, timeout_s=1.0)
     try:
         pool.wait_ready()
-        calls = ['<tool_call>{"name": "sleepy", "arguments": {"seconds": 600}}</tool_call>', CALL_ADD]
+        calls = ['<tool_call>{"name": "sleepy", "arguments": {"seconds": 600}}</tool_call>',
+                 CALL_ADD]
         conv, _ = episode(ScriptedEngine(calls), pool, max_turns=2, tool_timeout_s=1.0)
         said = [m["content"] for m in conv.messages if m["role"] == "tool"]
         assert said[0] == "error: sleepy did not finish within 1s"
         assert [c["outcome"] for c in conv.tool_calls][0] == "timeout"
-        assert said[1] in ("5", "error: add did not finish within 1s")  # the new pool may still be starting
+        # the new pool may still be starting
+        assert said[1] in ("5", "error: add did not finish within 1s")
     finally:
         pool.close()
 
 
 def test_tool_calls_are_parsed_from_qwen_format():
-    calls = parse_tool_calls('x <tool_call>\n{"name": "add", "arguments": "{\\"a\\": 1, \\"b\\": 2}"}\n</tool_call>'
-                             '<tool_call>{"name": "add", "arguments": {"a": 3, "b": 4}}</tool_call>')
+    calls = parse_tool_calls('x <tool_call>\n{"name": "add", "arguments": '
+                             '"{\\"a\\": 1, \\"b\\": 2}"}\n</tool_call>'
+                             '<tool_call>{"name": "add", "arguments": {"a": 3, "b": 4}}'
+                             '</tool_call>')
     assert [(c.name, c.arguments, c.error) for c in calls] == [("add", {"a": 1, "b": 2}, ""),
                                                               ("add", {"a": 3, "b": 4}, "")]
-    with pytest.raises(Exception, match="is not valid under any of the given schemas|is not of type"):
+    with pytest.raises(Exception,
+                       match="is not valid under any of the given schemas|is not of type"):
         ToolRegistry([{"name": "t", "function": "m:f", "parameters": {"type": 7}}])
 
 
@@ -170,7 +185,8 @@ def test_limits_end_episodes_with_their_finish_reason(limits, reason):
         assert conv.turns == 3
     if reason == "max_tokens":
         assert len(traj.prompt_ids) + traj.n_tokens <= 120 and conv.turns >= 2
-    if reason == "turn_timeout":  # the first turn and its continuation stay; the cut turn is dropped
+    # the first turn and its continuation stay; the cut turn is dropped
+    if reason == "turn_timeout":
         assert conv.turns == 1 and traj.loss_mask[-1] == 0
     if reason == "episode_timeout":
         assert conv.turns == 1
@@ -178,18 +194,21 @@ def test_limits_end_episodes_with_their_finish_reason(limits, reason):
 
 def test_a_weight_sync_mid_episode_keeps_every_tokens_version():
     replies = ["first turn", "second turn is long", "third"]
-    engine = ScriptedEngine(replies, pause_after={1: 3})  # turn 2 is paused after 3 tokens, resumes at v1
+    # turn 2 is paused after 3 tokens, resumes at v1
+    engine = ScriptedEngine(replies, pause_after={1: 3})
     conv, traj = episode(engine, env="agent_envs:Chat")
     g = [TOK(r, add_special_tokens=False)["input_ids"] + [EOS] for r in replies]
     mask, versions, out = traj.loss_mask, traj.versions, list(traj.output_ids)
     starts = _turn_starts(mask)
     assert len(engine.calls) == 4 and conv.resumed == 1
-    resumed_input = engine.calls[2][0]  # the resubmitted request: everything so far, the 3 tokens included
+    # the resubmitted request: everything so far, the 3 tokens included
+    resumed_input = engine.calls[2][0]
     assert resumed_input == list(traj.prompt_ids) + out[:starts[1] + 3]
     assert engine.calls[2][1]["max_new_tokens"] == engine.calls[1][1]["max_new_tokens"] - 3
     want = [0] * len(g[0]) + [0] * 3 + [1] * (len(g[1]) - 3) + [1] * len(g[2])
     assert list(versions[mask == 1]) == want
-    assert list(versions[mask == 0]) == [0] * (starts[1] - len(g[0])) + [1] * (starts[2] - starts[1] - len(g[1]))
+    assert list(versions[mask == 0]) == ([0] * (starts[1] - len(g[0]))
+                                         + [1] * (starts[2] - starts[1] - len(g[1])))
     assert traj.head_version == 0 and list(traj.output_ids[mask == 1]) == sum(g, [])
 
 
@@ -199,11 +218,15 @@ def test_a_logged_sample_shows_each_tokens_source_and_version():
 
     engine = ScriptedEngine(["first turn", "second turn is long", "third"], pause_after={1: 3})
     _, traj = episode(engine)
-    group = TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0, trajectories=[traj])
-    row = sample_rows([group], version=2, k=1, decode=lambda ids: TOK.decode(ids, skip_special_tokens=False))[0]
+    group = TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0,
+                            trajectories=[traj])
+    row = sample_rows([group], version=2, k=1,
+                      decode=lambda ids: TOK.decode(ids, skip_special_tokens=False))[0]
     assert row["turns"] == 3 and row["staleness"] == 2 and 0 < row["masked_share"] < 1
     assert [(s["source"], s["version"]) for s in row["segments"]] == [
-        ("generated", 0), ("context", 0), ("generated", 0), ("generated", 1), ("context", 1), ("generated", 1)]
+        ("generated", 0), ("context", 0), ("generated", 0), ("generated", 1), ("context", 1),
+        ("generated", 1)]
     assert "".join(s["text"] for s in row["segments"]) == row["response"]
     assert row["segments"][0]["text"] == "first turn<|im_end|>"
-    assert row["segments"][1]["text"] == "\n<|im_start|>user\nread 10<|im_end|>\n<|im_start|>assistant\n"
+    assert row["segments"][1]["text"] == ("\n<|im_start|>user\nread 10<|im_end|>\n"
+                                          "<|im_start|>assistant\n")

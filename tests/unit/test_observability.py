@@ -51,7 +51,8 @@ def test_files_parse():
     assert {j["job_name"] for j in prom["scrape_configs"]} >= {"areal-like"}
     rules = yaml.safe_load((OBS / "alerts.yml").read_text())
     alerts = {r["alert"] for g in rules["groups"] for r in g["rules"]}
-    assert {"TrainerNoStep", "WeightSyncOverDeadline", "StalenessAtBound", "EngineUnhealthy"} <= alerts
+    assert {"TrainerNoStep", "WeightSyncOverDeadline", "StalenessAtBound",
+            "EngineUnhealthy"} <= alerts
     dash = json.loads((OBS / "grafana_dashboard.json").read_text())
     assert dash["panels"] and all(p["targets"] for p in dash["panels"])
 

@@ -140,7 +140,8 @@ def _batch(*groups: list[tuple[int, int]], seed: int = 0):
         group_id=f"g{i}", server_id="s", lease_id="0", prompt_index=i, epoch=0,
         trajectories=[Trajectory.of(prompt_ids=rng.integers(4, 100, p),
                                     output_ids=rng.integers(4, 100, o), behav_logp=np.full(o, -1.0),
-                                    versions=np.zeros(o, np.int32), reward=1.0, finish_reason="stop")
+                                    versions=np.zeros(o, np.int32), reward=1.0,
+                                    finish_reason="stop")
                       for p, o in shapes]) for i, shapes in enumerate(groups)])
 
 
