@@ -18,7 +18,8 @@ from launch.topology import apply_topology, plan_topology
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ("buffer.address=tcp://10.0.0.1:5555", "buffer.pub_address=tcp://10.0.0.1:5556",
-           "trainer.weight_sync.master_addr=10.0.0.1")  # what other nodes dial: node 0 on the cluster network
+           # what other nodes dial: node 0 on the cluster network
+           "trainer.weight_sync.master_addr=10.0.0.1")
 
 
 @pytest.mark.parametrize("gpus,trainer,servers,tp,want_trainer,want_rollout", [
@@ -41,19 +42,23 @@ def test_one_node_layouts(gpus, trainer, servers, tp, want_trainer, want_rollout
     (4, 2, 2, 2, 6),
     (8, 2, 4, 2, 10),
 ])
-def test_a_layout_over_the_gpus_is_refused_with_the_keys_and_numbers(gpus, trainer, servers, tp, need):
+def test_a_layout_over_the_gpus_is_refused_with_the_keys_and_numbers(
+        gpus, trainer, servers, tp, need):
     with pytest.raises(ConfigError) as e:
         place_node(gpus_per_node=gpus, trainer_ranks=trainer, rollout_servers=servers, tp_size=tp)
-    assert str(e.value).startswith(f"launch.trainer_ranks={trainer} + launch.num_rollout_servers={servers} x "
+    assert str(e.value).startswith(f"launch.trainer_ranks={trainer} + "
+                                   f"launch.num_rollout_servers={servers} x "
                                    f"rollout.engine.tp_size={tp} needs {need} GPUs per node; "
                                    f"launch.gpus_per_node={gpus}: one process per GPU")
-    assert "only a one-GPU node with one trainer rank and one rollout server" in str(e.value) and "NCCL" in str(e.value)
+    assert ("only a one-GPU node with one trainer rank and one rollout server" in str(e.value)
+            and "NCCL" in str(e.value))
 
 
 @pytest.mark.parametrize("gpus", [1, 2, 4, 8])
 @pytest.mark.parametrize("nodes,train_nodes,tp", [(2, 1, 1), (3, 1, 2), (3, 2, 1), (3, 2, 4)])
 def test_several_nodes_node_by_node(gpus, nodes, train_nodes, tp):
-    """Training nodes carry only trainer ranks, the others only rollout servers (what the sbatch starts)."""
+    """Training nodes carry only trainer ranks, the others only rollout servers (what the sbatch
+    starts)."""
     if tp > gpus:
         pytest.skip("an engine wider than the node")
     plans = place_nodes(load_config([
@@ -66,7 +71,8 @@ def test_several_nodes_node_by_node(gpus, nodes, train_nodes, tp):
         if k < train_nodes:
             assert p.trainer == tuple(range(gpus)) and p.rollout == ()
         else:
-            assert p.trainer == () and p.rollout == tuple(tuple(range(i, i + tp)) for i in range(0, gpus, tp))
+            assert p.trainer == () and p.rollout == tuple(tuple(range(i, i + tp))
+                                                          for i in range(0, gpus, tp))
 
 
 def test_one_node_of_place_nodes_is_the_run_layout():
@@ -77,13 +83,18 @@ def test_one_node_of_place_nodes_is_the_run_layout():
 
 
 def test_several_nodes_refusals():
-    base = ["topology=gpu_sglang", "launch.gpus_per_node=8", "launch.nodes=3", "launch.train_nodes=1", *CLUSTER]
-    with pytest.raises(ConfigError, match=r"^launch.num_rollout_servers=5 x rollout.engine.tp_size=2 needs 10 GPUs "
+    base = ["topology=gpu_sglang", "launch.gpus_per_node=8", "launch.nodes=3",
+            "launch.train_nodes=1", *CLUSTER]
+    with pytest.raises(ConfigError, match=r"^launch.num_rollout_servers=5 x "
+                                          r"rollout.engine.tp_size=2 needs 10 GPUs "
                                           r"per node \(node 1 of 3\); launch.gpus_per_node=8"):
-        place_nodes(load_config([*base, "launch.num_rollout_servers=5", "rollout.engine.tp_size=2"]))
-    with pytest.raises(ConfigError, match=r"^launch.trainer_ranks=9 needs 9 GPUs per node \(node 0 of 3\)"):
+        place_nodes(load_config([*base, "launch.num_rollout_servers=5",
+                                 "rollout.engine.tp_size=2"]))
+    with pytest.raises(ConfigError,
+                       match=r"^launch.trainer_ranks=9 needs 9 GPUs per node \(node 0 of 3\)"):
         place_nodes(load_config([*base, "launch.trainer_ranks=9"]))
-    with pytest.raises(ConfigError, match="launch.train_nodes=3 is invalid: must be >= 1 and < launch.nodes=3"):
+    with pytest.raises(ConfigError, match="launch.train_nodes=3 is invalid: "
+                                          "must be >= 1 and < launch.nodes=3"):
         load_config(["launch.nodes=3", "launch.train_nodes=3"])
     with pytest.raises(ConfigError, match="launch.train_nodes=2 is invalid: must be 1 on one node"):
         load_config(["launch.train_nodes=2"])
@@ -94,24 +105,29 @@ def test_several_nodes_refusals():
 def test_a_node_outside_the_job_and_too_many_servers_on_a_later_node_are_refused():
     with pytest.raises(ConfigError, match="node 3 is not one of the job's 3 nodes"):
         place_node(gpus_per_node=8, trainer_ranks=0, rollout_servers=1, tp_size=1, nodes=3, node=3)
-    with pytest.raises(ConfigError, match=r"^launch.num_rollout_servers=3 x rollout.engine.tp_size=2 needs 6 GPUs "
+    with pytest.raises(ConfigError, match=r"^launch.num_rollout_servers=3 x "
+                                          r"rollout.engine.tp_size=2 needs 6 GPUs "
                                           r"per node \(node 2 of 3\); launch.gpus_per_node=4"):
         place_node(gpus_per_node=4, trainer_ranks=0, rollout_servers=3, tp_size=2, nodes=3, node=2)
 
 
 def test_place_nodes_reads_the_config_and_cpu_topologies_take_no_gpu():
-    assert place_nodes(load_config(["launch.gpus_per_node=8"])) is None  # the default topology is CPU
-    (sg,) = place_nodes(load_config(["topology=gpu_sglang", "launch.gpus_per_node=4", "launch.trainer_ranks=2",
+    # the default topology is CPU
+    assert place_nodes(load_config(["launch.gpus_per_node=8"])) is None
+    (sg,) = place_nodes(load_config(["topology=gpu_sglang", "launch.gpus_per_node=4",
+                                "launch.trainer_ranks=2",
                                 "launch.num_rollout_servers=1", "rollout.engine.tp_size=2"]))
     assert (sg.trainer, sg.rollout) == ((0, 1), ((2, 3),))
     # the trainer on CPU, the embedded engines on the GPUs: only the engines take one
-    (mixed,) = place_nodes(load_config(["topology=gpu_embedded", "trainer.device=cpu", "launch.gpus_per_node=2",
+    (mixed,) = place_nodes(load_config(["topology=gpu_embedded", "trainer.device=cpu",
+                                        "launch.gpus_per_node=2",
                                         "launch.num_rollout_servers=2"]))
     assert (mixed.trainer, mixed.rollout) == ((), ((0,), (1,)))
     with pytest.raises(ConfigError, match="need GPUs, and torch sees none here"):
         place_nodes(load_config(["topology=gpu_embedded"]))
     with pytest.raises(ConfigError, match="rollout.engine.device='cuda:1'"):
-        place_nodes(load_config(["topology=gpu_embedded", "rollout.engine.device=cuda:1", "launch.gpus_per_node=4"]))
+        place_nodes(load_config(["topology=gpu_embedded", "rollout.engine.device=cuda:1",
+                                 "launch.gpus_per_node=4"]))
 
 
 def test_tp_size_is_one_key():
@@ -124,7 +140,8 @@ def test_tp_size_is_one_key():
 def _specs(*overrides: str):
     cfg = load_config(list(overrides))
     topo = plan_topology(cfg, itertools.count(31000))
-    return {s.name: s for s in job_specs(apply_topology(cfg, topo), topo, Path("/x/config.yaml"), python="py")}
+    return {s.name: s for s in job_specs(apply_topology(cfg, topo), topo, Path("/x/config.yaml"),
+                                         python="py")}
 
 
 def test_every_process_gets_its_own_cuda_visible_devices():
@@ -144,8 +161,10 @@ def test_an_inherited_cuda_visible_devices_is_translated_not_overwritten(monkeyp
     assert {name: s.env["CUDA_VISIBLE_DEVICES"] for name, s in specs.items()} == \
         {"buffer": "", "rollout-0": "6,7", "trainer": "4,5"}
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a,GPU-b")  # UUIDs are entries like any other
-    assert _specs("topology=gpu_sglang", "launch.gpus_per_node=2")["rollout-0"].env["CUDA_VISIBLE_DEVICES"] == "GPU-b"
-    with pytest.raises(ConfigError, match=r"needs GPU index 3 but CUDA_VISIBLE_DEVICES='GPU-a,GPU-b' gives this "
+    assert (_specs("topology=gpu_sglang", "launch.gpus_per_node=2")["rollout-0"]
+            .env["CUDA_VISIBLE_DEVICES"] == "GPU-b")
+    with pytest.raises(ConfigError, match=r"needs GPU index 3 but "
+                                          r"CUDA_VISIBLE_DEVICES='GPU-a,GPU-b' gives this "
                                           r"launcher 2 GPUs"):
         _specs("topology=gpu_sglang", "launch.gpus_per_node=4", "launch.trainer_ranks=2",
                "launch.num_rollout_servers=1", "rollout.engine.tp_size=2")
@@ -165,10 +184,12 @@ def test_one_shared_gpu_starts_the_trainer_after_the_engine():
      "trainer.weight_sync.path=tensor with the trainer and the engines on different GPUs"),
     (("launch.gpus_per_node=8", "launch.nodes=2", "trainer.weight_sync.path=disk", *CLUSTER),
      "trainer.weight_sync.path=disk with launch.nodes=2: the trainer writes to its own node's"),
-    (("launch.gpus_per_node=8", "launch.nodes=2"), "buffer.address host '127.0.0.1' with launch.nodes=2"),
+    (("launch.gpus_per_node=8", "launch.nodes=2"),
+     "buffer.address host '127.0.0.1' with launch.nodes=2"),
     (("launch.gpus_per_node=8", "launch.nodes=2", *CLUSTER[:2]),
      "trainer.weight_sync.master_addr host '127.0.0.1' with launch.nodes=2"),
-    (("launch.gpus_per_node=8", "launch.nodes=2", *CLUSTER[:1], "buffer.pub_address=tcp://localhost:5556"),
+    (("launch.gpus_per_node=8", "launch.nodes=2", *CLUSTER[:1],
+      "buffer.pub_address=tcp://localhost:5556"),
      "buffer.pub_address host 'localhost'"),
 ])
 def test_layouts_a_gpu_run_would_hang_or_crash_on_are_refused(overrides, message):
@@ -177,27 +198,33 @@ def test_layouts_a_gpu_run_would_hang_or_crash_on_are_refused(overrides, message
 
 
 def test_nccl_with_a_cpu_trainer_is_refused():
-    with pytest.raises(ConfigError, match=r"^trainer.weight_sync.backend=nccl with trainer.device='cpu'"):
-        place_nodes(load_config(["topology=gpu_embedded", "trainer.device=cpu", "launch.gpus_per_node=2",
+    with pytest.raises(ConfigError,
+                       match=r"^trainer.weight_sync.backend=nccl with trainer.device='cpu'"):
+        place_nodes(load_config(["topology=gpu_embedded", "trainer.device=cpu",
+                                 "launch.gpus_per_node=2",
                                  "trainer.weight_sync.backend=nccl"]))
-    cpu_trainer = load_config(["topology=gpu_embedded", "trainer.device=cpu", "launch.gpus_per_node=2"])
+    cpu_trainer = load_config(["topology=gpu_embedded", "trainer.device=cpu",
+                               "launch.gpus_per_node=2"])
     assert place_nodes(cpu_trainer)[0].trainer == ()  # the topology's backend=auto is gloo for it
 
 
 def test_cpu_topology_processes_inherit_cuda_visible_devices():
-    specs = _specs("launch.gpus_per_node=8", "launch.num_rollout_servers=2", "launch.trainer_ranks=2")
+    specs = _specs("launch.gpus_per_node=8", "launch.num_rollout_servers=2",
+                   "launch.trainer_ranks=2")
     assert all("CUDA_VISIBLE_DEVICES" not in s.env for s in specs.values())
 
 
 def _plan(*overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.cli", "plan", *overrides], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "launch.cli", "plan", *overrides],
+                          capture_output=True,
                           text=True, timeout=120, cwd=ROOT)
 
 
 def test_plan_prints_one_line_per_process_and_starts_nothing(tmp_path):
     run_dir = tmp_path / "run"
     r = _plan("topology=gpu_sglang", "launch.gpus_per_node=8", "launch.trainer_ranks=4",
-              "launch.num_rollout_servers=2", "rollout.engine.tp_size=2", "buffer.address=tcp://10.0.0.5:7000",
+              "launch.num_rollout_servers=2", "rollout.engine.tp_size=2",
+              "buffer.address=tcp://10.0.0.5:7000",
               "rollout.metrics_port=9101", f"run_dir={run_dir}")
     assert r.returncode == 0, r.stderr
     rows = [line.split(None, 3) for line in r.stdout.splitlines()]
@@ -205,7 +232,8 @@ def test_plan_prints_one_line_per_process_and_starts_nothing(tmp_path):
     assert [row[:3] for row in rows[1:]] == [["0", "buffer", "none"], ["0", "rollout-0", "4,5"],
                                              ["0", "rollout-1", "6,7"], ["0", "trainer", "0,1,2,3"]]
     buffer, roll0, roll1, trainer = (row[3] for row in rows[1:])
-    assert buffer.startswith("router tcp://10.0.0.5:7000  pub tcp://127.0.0.1:auto  metrics 10.0.0.5:auto")
+    assert buffer.startswith("router tcp://10.0.0.5:7000  pub tcp://127.0.0.1:auto  "
+                             "metrics 10.0.0.5:auto")
     assert roll0 == "metrics 10.0.0.5:9101  engine sglang tp=2 http://127.0.0.1:auto"
     assert roll1.startswith("metrics 10.0.0.5:9102")
     assert "torchrun 4 ranks" in trainer and "weight sync nccl 127.0.0.1:auto" in trainer
@@ -217,11 +245,13 @@ def test_plan_refuses_a_layout_that_does_not_fit():
               "launch.num_rollout_servers=4", "rollout.engine.tp_size=2")
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("error: launch.trainer_ranks=2 + launch.num_rollout_servers=4 x "
-                               "rollout.engine.tp_size=2 needs 10 GPUs per node; launch.gpus_per_node=8")
+                               "rollout.engine.tp_size=2 needs 10 GPUs per node; "
+                               "launch.gpus_per_node=8")
 
 
 def test_plan_prints_every_node_of_a_multi_node_job():
-    r = _plan("topology=gpu_sglang", "launch.gpus_per_node=4", "launch.nodes=3", "launch.train_nodes=2",
+    r = _plan("topology=gpu_sglang", "launch.gpus_per_node=4", "launch.nodes=3",
+              "launch.train_nodes=2",
               "launch.trainer_ranks=4", "launch.num_rollout_servers=2", "rollout.engine.tp_size=2",
               *CLUSTER, "rollout.metrics_port=9101", "trainer.metrics_port=9200")
     assert r.returncode == 0, r.stderr
@@ -229,8 +259,11 @@ def test_plan_prints_every_node_of_a_multi_node_job():
     assert [row[:3] for row in rows] == [["0", "buffer", "none"], ["0", "trainer", "0,1,2,3"],
                                          ["1", "trainer-n1", "0,1,2,3"], ["2", "rollout-0", "0,1"],
                                          ["2", "rollout-1", "2,3"]]
-    assert "torchrun node-rank 0 of 2, 4 ranks (LOCAL_RANK i: the i-th GPU), global 0..3" in rows[1][3]
+    assert ("torchrun node-rank 0 of 2, 4 ranks (LOCAL_RANK i: the i-th GPU), global 0..3"
+            in rows[1][3])
     assert "metrics 10.0.0.1:9200 (rank 0)" in rows[1][3]
-    assert rows[2][3] == ("torchrun node-rank 1 of 2, 4 ranks (LOCAL_RANK i: the i-th GPU), global 4..7 "
+    assert rows[2][3] == ("torchrun node-rank 1 of 2, 4 ranks (LOCAL_RANK i: the i-th GPU), "
+                          "global 4..7 "
                           "rendezvous 10.0.0.1:auto")
-    assert rows[3][3].startswith("metrics node2:9101  engine sglang tp=2") and rows[4][3].startswith("metrics node2:9102")
+    assert (rows[3][3].startswith("metrics node2:9101  engine sglang tp=2")
+            and rows[4][3].startswith("metrics node2:9102"))

@@ -1,5 +1,6 @@
 """launch/placement.py on a one-GPU machine: the trainer and one engine share GPU 0, the weight path
-resolves to ``tensor``, and what cannot work there (NCCL group, SGLang taking the whole GPU) is refused."""
+resolves to ``tensor``, and what cannot work there (NCCL group, SGLang taking the whole GPU) is
+refused."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from launch.placement import (
 from launch.topology import apply_topology, plan_topology
 
 ROOT = Path(__file__).resolve().parents[2]
-ONE_GPU_SGLANG = ("topology=gpu_sglang", "launch.gpus_per_node=1", "rollout.engine.sglang.mem_fraction_static=0.4")
+ONE_GPU_SGLANG = ("topology=gpu_sglang", "launch.gpus_per_node=1",
+                  "rollout.engine.sglang.mem_fraction_static=0.4")
 
 
 def test_one_gpu_one_trainer_rank_one_server_share_gpu_0():
@@ -33,7 +35,8 @@ def test_one_gpu_one_trainer_rank_one_server_share_gpu_0():
 
 @pytest.mark.parametrize("trainer,servers", [(2, 1), (1, 2)])
 def test_one_gpu_shares_only_one_trainer_rank_and_one_server(trainer, servers):
-    with pytest.raises(ConfigError, match="only a one-GPU node with one trainer rank and one rollout server"):
+    with pytest.raises(ConfigError,
+                       match="only a one-GPU node with one trainer rank and one rollout server"):
         place_node(gpus_per_node=1, trainer_ranks=trainer, rollout_servers=servers, tp_size=1)
 
 
@@ -56,23 +59,30 @@ def test_an_sglang_lora_job_gets_its_adapter_as_a_directory_on_any_gpu_of_the_tr
     for gpus in ("1", "2"):
         cfg = with_weight_path(load_config([*lora, f"launch.gpus_per_node={gpus}"]))
         assert cfg.trainer.weight_sync.path == "disk", gpus
-    with pytest.raises(ConfigError, match=r"^trainer\.lora\.rank > 0 with SGLang and launch\.nodes=2"):
+    with pytest.raises(ConfigError,
+                       match=r"^trainer\.lora\.rank > 0 with SGLang and launch\.nodes=2"):
         place_nodes(load_config([*lora, "launch.gpus_per_node=2", "launch.nodes=2",
-                                 "buffer.address=tcp://10.0.0.1:5555", "buffer.pub_address=tcp://10.0.0.1:5556",
+                                 "buffer.address=tcp://10.0.0.1:5555",
+                                 "buffer.pub_address=tcp://10.0.0.1:5556",
                                  "trainer.weight_sync.master_addr=10.0.0.1"]))
-    with pytest.raises(ConfigError, match=r"^trainer\.lora\.rank > 0 with SGLang and launch\.nodes=2"):
-        place_nodes(load_config(["topology=cpu_sglang", "trainer.lora.rank=8", "launch.nodes=2"]))  # CPU too
+    with pytest.raises(ConfigError,
+                       match=r"^trainer\.lora\.rank > 0 with SGLang and launch\.nodes=2"):
+        # CPU too
+        place_nodes(load_config(["topology=cpu_sglang", "trainer.lora.rank=8", "launch.nodes=2"]))
     embedded = with_weight_path(load_config(["topology=gpu_embedded", "trainer.lora.rank=8",
-                                             "launch.gpus_per_node=1", "trainer.weight_sync.backend=gloo",
+                                             "launch.gpus_per_node=1",
+                                             "trainer.weight_sync.backend=gloo",
                                              "model.dtype=float32"]))
     assert embedded.trainer.weight_sync.path == "distributed"  # its adapter goes over the group
 
 
 def test_shared_gpu_refusals_name_the_key():
-    with pytest.raises(ConfigError, match=r"^trainer\.weight_sync\.path=distributed with the trainer and the engine"):
+    with pytest.raises(ConfigError, match=r"^trainer\.weight_sync\.path=distributed "
+                                          r"with the trainer and the engine"):
         place_nodes(load_config([*ONE_GPU_SGLANG, "trainer.weight_sync.path=distributed"]))
+    # gloo on CUDA tensors shares a GPU fine
     place_nodes(load_config([*ONE_GPU_SGLANG, "trainer.weight_sync.path=distributed",
-                           "trainer.weight_sync.backend=gloo"]))  # gloo on CUDA tensors shares a GPU fine
+                           "trainer.weight_sync.backend=gloo"]))
     for frac in ("0.8", "0", "'lots'"):
         with pytest.raises(ConfigError, match=r"^rollout\.engine\.sglang\.mem_fraction_static="):
             place_nodes(load_config(["topology=gpu_sglang", "launch.gpus_per_node=1",
@@ -96,17 +106,20 @@ def test_a_shared_gpu_gives_sglang_a_fraction_that_leaves_the_trainer_room():
 def test_both_processes_see_gpu_0_and_the_daemons_read_the_tensor_path():
     cfg, topo = plan_job(load_config(list(ONE_GPU_SGLANG)))
     specs = {s.name: s for s in job_specs(cfg, topo, Path("/x/config.yaml"), python="py")}
-    assert specs["trainer"].env["CUDA_VISIBLE_DEVICES"] == "0" == specs["rollout-0"].env["CUDA_VISIBLE_DEVICES"]
+    assert (specs["trainer"].env["CUDA_VISIBLE_DEVICES"] == "0"
+            == specs["rollout-0"].env["CUDA_VISIBLE_DEVICES"])
     assert cfg.trainer.weight_sync.path == "tensor"
     topo2 = plan_topology(cfg, itertools.count(31000))
     assert apply_topology(cfg, topo2).trainer.weight_sync.path == "tensor"
 
 
 def test_plan_prints_the_shared_gpu_and_the_path():
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "plan", *ONE_GPU_SGLANG], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "plan", *ONE_GPU_SGLANG],
+                       capture_output=True,
                        text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     rows = {row.split(None, 3)[1]: row.split(None, 3) for row in r.stdout.splitlines()[1:]}
     assert rows["rollout-0"][2] == "0" and rows["trainer"][2] == "0"
     assert "weight sync tensor (no group)" in rows["trainer"][3]
-    assert "python -m trainer (1 rank, no torchrun)" in rows["trainer"][3]  # what job_specs starts for one rank
+    # what job_specs starts for one rank
+    assert "python -m trainer (1 rank, no torchrun)" in rows["trainer"][3]

@@ -42,7 +42,8 @@ def test_a_tensor_larger_than_a_bucket_gets_its_own():
 
 
 def test_dtype_grouped_in_first_appearance_order_and_stable_within_dtype():
-    specs = [("w1", [4], "bfloat16"), ("n1", [4], "float32"), ("w2", [4], "bfloat16"), ("n2", [4], "float32")]
+    specs = [("w1", [4], "bfloat16"), ("n1", [4], "float32"), ("w2", [4], "bfloat16"),
+             ("n2", [4], "float32")]
     buckets = plan_buckets(specs, MB)
     assert _names(buckets) == [["w1", "w2"], ["n1", "n2"]]
     assert [set(b.dtypes) for b in buckets] == [{"bfloat16"}, {"float32"}]
@@ -74,7 +75,9 @@ def test_plan_travels_on_the_wire():
     from areal_like.wire.protocol import WeightSyncPlan, decode, encode
 
     buckets = plan_buckets([("a", [2, 3], "float32"), ("b", [5], "bfloat16")], MB)
-    plan = WeightSyncPlan(policy_version=3, group_name="g", master_addr="127.0.0.1", master_port=1234, world_size=2,
+    plan = WeightSyncPlan(policy_version=3, group_name="g", master_addr="127.0.0.1",
+                          master_port=1234, world_size=2,
                           backend="gloo", reform=True, members=[], buckets=buckets, deadline_s=10.0)
     back = decode(encode(plan))
-    assert [(b.names, b.dtypes, b.shapes) for b in back.buckets] == [(b.names, b.dtypes, b.shapes) for b in buckets]
+    assert ([(b.names, b.dtypes, b.shapes) for b in back.buckets]
+            == [(b.names, b.dtypes, b.shapes) for b in buckets])

@@ -59,27 +59,33 @@ def test_model_path_must_be_a_model_directory(tmp_path):
     (sharded / "pytorch_model-00001-of-00002.bin").write_bytes(b"")
     assert pf.check_models(model_cfg(path=str(sharded))) == []
     missing = pf.check_models(model_cfg(path=str(tmp_path / "nope")))
-    assert len(missing) == 1 and missing[0].startswith(f"model.path={str(tmp_path / 'nope')!r} does not exist")
+    assert len(missing) == 1 and missing[0].startswith(
+        f"model.path={str(tmp_path / 'nope')!r} does not exist")
 
 
 def test_tokenizer_directory_and_reference_model(tmp_path):
     tok = tmp_path / "tok"
     tok.mkdir()
     assert pf.check_models(model_cfg(tokenizer=str(tok))) == [
-        f"model.tokenizer={str(tok)!r} has no tokenizer.json or tokenizer_config.json: not a tokenizer directory"]
+        f"model.tokenizer={str(tok)!r} has no tokenizer.json or tokenizer_config.json: "
+        "not a tokenizer directory"]
     (tok / "tokenizer_config.json").write_text("{}")
     assert pf.check_models(model_cfg(tokenizer=str(tok))) == []
     assert pf.check_models(model_cfg(tokenizer="bpe")) == []
-    with_ref = dataclasses.replace(base(), trainer=dataclasses.replace(base().trainer, ref_path=str(tok)))
+    with_ref = dataclasses.replace(base(),
+                                   trainer=dataclasses.replace(base().trainer, ref_path=str(tok)))
     assert pf.check_models(with_ref) == [f"trainer.ref_path={str(tok)!r} has no config.json: "
                                          "not a Hugging Face model directory"]
 
 
 def test_model_path_without_a_tokenizer_needs_a_tokenizer_directory(tmp_path):
-    bare = hf_dir(tmp_path / "bare", tokenizer=False)  # e.g. model.save_pretrained without the tokenizer
-    for builtin in ("char", "bpe"):  # what load_tokenizer would fall back to: ids the model never saw
+    # e.g. model.save_pretrained without the tokenizer
+    bare = hf_dir(tmp_path / "bare", tokenizer=False)
+    # what load_tokenizer would fall back to: ids the model never saw
+    for builtin in ("char", "bpe"):
         assert pf.check_models(model_cfg(path=str(bare), tokenizer=builtin)) == [
-            f"model.path={str(bare)!r} has no tokenizer files (tokenizer.json or tokenizer_config.json): "
+            f"model.path={str(bare)!r} has no tokenizer files "
+            "(tokenizer.json or tokenizer_config.json): "
             "give model.tokenizer=<a tokenizer directory>"]
     tok = tmp_path / "tok"
     tok.mkdir()
@@ -93,11 +99,14 @@ def test_model_path_without_a_tokenizer_needs_a_tokenizer_directory(tmp_path):
 def test_a_warm_start_output_carries_its_tokenizer_and_passes(tmp_path, monkeypatch):
     from launch import warmstart
 
-    monkeypatch.setattr(warmstart, "EVAL_PROMPTS", 1)  # the before/after accuracy line: one prompt is enough
-    cfg = load_config([f"run_dir={tmp_path / 'run'}", "warm_start.steps=1", "warm_start.batch_size=2",
+    # the before/after accuracy line: one prompt is enough
+    monkeypatch.setattr(warmstart, "EVAL_PROMPTS", 1)
+    cfg = load_config([f"run_dir={tmp_path / 'run'}", "warm_start.steps=1",
+                       "warm_start.batch_size=2",
                        "task.max_new_tokens=2"])
     warmed = warmstart.ensure_warm_start(cfg, log=lambda m: None)
-    assert warmed.model.tokenizer == "char" and (Path(warmed.model.path) / "tokenizer.json").is_file()
+    assert (warmed.model.tokenizer == "char"
+            and (Path(warmed.model.path) / "tokenizer.json").is_file())
     assert pf.checked(warmed) == warmed  # refined further: warm_start.steps still 1
     again = dataclasses.replace(warmed, warm_start=dataclasses.replace(warmed.warm_start, steps=0))
     assert pf.checked(again) == again
@@ -105,15 +114,18 @@ def test_a_warm_start_output_carries_its_tokenizer_and_passes(tmp_path, monkeypa
 
 def test_warm_start_only_for_a_tiny_model_or_its_own_output(tmp_path):
     model = hf_dir(tmp_path / "qwen")
-    cfg = model_cfg(path=str(model))  # model.path=... alone keeps model=tiny and its 150-step warm start
+    # model.path=... alone keeps model=tiny and its 150-step warm start
+    cfg = model_cfg(path=str(model))
     assert base().warm_start.steps == 150
     assert pf.check_warm_start(cfg) == [
-        f"warm_start.steps=150 with model.path={str(model)!r}: the warm start is for the tiny model built from "
-        "config, not a Hugging Face model; add model=local_hf (no warm start, no tiny-model recipe) "
+        f"warm_start.steps=150 with model.path={str(model)!r}: the warm start is for the tiny "
+        "model built from config, not a Hugging Face model; add model=local_hf (no warm start, "
+        "no tiny-model recipe) "
         "or warm_start.steps=0"]
     assert pf.check_warm_start(load_config(["model=local_hf", f"model.path={model}"])) == []
     assert pf.check_warm_start(base()) == []  # built from config
-    (model / "warm_start.json").write_text("{}")  # a directory an earlier warm start wrote: refined further
+    # a directory an earlier warm start wrote: refined further
+    (model / "warm_start.json").write_text("{}")
     assert pf.check_warm_start(cfg) == []
 
 
@@ -137,19 +149,24 @@ def test_dataset_columns_named_by_the_task_keys_must_exist(tmp_path, monkeypatch
     ok = dict(name="dataset", dataset_path="train.jsonl", prompt_key="question")
     assert pf.check_dataset_columns(cfg_with(**ok)) == []
     assert pf.check_dataset_columns(cfg_with(name="dataset", dataset_path="train.jsonl")) == [
-        "task.prompt_key='prompt': no such column in train.jsonl; columns found: question, answer, level"]
+        "task.prompt_key='prompt': no such column in train.jsonl; "
+        "columns found: question, answer, level"]
     assert pf.check_dataset_columns(cfg_with(**ok, messages_key="messages")) == [
-        "task.messages_key='messages': no such column in train.jsonl; columns found: question, answer, level"]
+        "task.messages_key='messages': no such column in train.jsonl; "
+        "columns found: question, answer, level"]
     assert pf.check_dataset_columns(cfg_with(**ok, answer_key="solution")) == [
-        "task.answer_key='solution': no such column in train.jsonl; columns found: question, answer, level"]
+        "task.answer_key='solution': no such column in train.jsonl; "
+        "columns found: question, answer, level"]
     assert pf.check_dataset_columns(cfg_with(**ok, metadata_keys=["level", "source"])) == [
-        "task.metadata_keys='source': no such column in train.jsonl; columns found: question, answer, level"]
+        "task.metadata_keys='source': no such column in train.jsonl; "
+        "columns found: question, answer, level"]
     assert pf.check_dataset_columns(cfg_with(**ok, eval_path="eval.jsonl")) == [
         "task.answer_key='answer': no such column in eval.jsonl; columns found: question, solution"]
     (tmp_path / "broken.jsonl").write_text('{"question": "1+1=", "answer": \n')
     [line] = pf.check_dataset_columns(cfg_with(**{**ok, "dataset_path": "broken.jsonl"}))
     assert line.startswith("task.dataset_path='broken.jsonl' cannot be read: ") and "\n" not in line
-    # a missing file is check_task_files' line, not a second one here; a synthetic task reads no columns
+    # a missing file is check_task_files' line, not a second one here;
+    # a synthetic task reads no columns
     assert pf.check_dataset_columns(cfg_with(**{**ok, "dataset_path": "nope.jsonl"})) == []
     assert pf.check_dataset_columns(cfg_with(eval_path="eval.jsonl")) == []
 
@@ -160,25 +177,32 @@ def test_chat_template_is_auto_none_a_file_or_a_template_that_compiles(tmp_path,
         assert pf.check_chat_template(cfg_with(chat_template=value)) == [], value
     # what transformers' apply_chat_template accepts: loop controls and {% generation %} blocks
     (tmp_path / "chat.jinja").write_text("{% for m in messages %}{% generation %}{{ m['content'] }}"
-                                         "{% endgeneration %}{% if loop.index > 2 %}{% break %}{% endif %}"
+                                         "{% endgeneration %}{% if loop.index > 2 %}"
+                                         "{% break %}{% endif %}"
                                          "{% endfor %}")
     assert pf.check_chat_template(cfg_with(chat_template="chat.jinja")) == []
     (tmp_path / "bad.jinja").write_text("{% for m in messages %}\n{{ m['content'] }}\n")
     assert pf.check_chat_template(cfg_with(chat_template="bad.jinja")) == [
-        "task.chat_template='bad.jinja' is not a valid Jinja template: Unexpected end of template. Jinja was "
-        "looking for the following tags: 'endfor' or 'else'. The innermost block that needs to be closed is "
+        "task.chat_template='bad.jinja' is not a valid Jinja template: Unexpected end of template. "
+        "Jinja was looking for the following tags: 'endfor' or 'else'. The innermost block that "
+        "needs to be closed is "
         "'for'. (line 2)"]
     assert pf.check_chat_template(cfg_with(chat_template="{{ messages[0]['content'] ")) == [
-        "task.chat_template=\"{{ messages[0]['content'] \" is not a valid Jinja template: unexpected end of "
+        "task.chat_template=\"{{ messages[0]['content'] \" is not a valid Jinja template: "
+        "unexpected end of "
         "template, expected 'end of print statement'. (line 1)"]
     assert pf.check_chat_template(cfg_with(chat_template="templates/chatml.jinja")) == [
-        "task.chat_template='templates/chatml.jinja' is not 'auto', 'none', an existing file or a Jinja template "
+        "task.chat_template='templates/chatml.jinja' is not 'auto', 'none', an existing file "
+        "or a Jinja template "
         "(a template contains '{{' or '{%')"]
 
 
-def test_reward_fn_is_imported_from_the_working_directory_like_the_rollout_servers_do(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the child Python finds my_rewards.py here, as `python -m rollout_server` would
-    (tmp_path / "my_rewards.py").write_text("def score(response, example):\n    return 1.0\nTHRESHOLD = 3\n")
+def test_reward_fn_is_imported_from_the_working_directory_like_the_rollout_servers_do(
+        tmp_path, monkeypatch):
+    # the child Python finds my_rewards.py here, as `python -m rollout_server` would
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_rewards.py").write_text("def score(response, example):\n    return 1.0\n"
+                                            "THRESHOLD = 3\n")
     (tmp_path / "broken_rewards.py").write_text("import no_such_package_areal\n")
     (tmp_path / "exits_rewards.py").write_text("raise SystemExit(7)\n")
     assert pf.check_reward_fn(cfg_with(reward_fn="my_rewards:score")) == []
@@ -190,37 +214,46 @@ def test_reward_fn_is_imported_from_the_working_directory_like_the_rollout_serve
         "task.reward_fn='my_rewards:nothing' cannot be loaded in a reward worker: AttributeError: "
         "module 'my_rewards' has no attribute 'nothing'"]
     assert pf.check_reward_fn(cfg_with(reward_fn="broken_rewards:score")) == [
-        "task.reward_fn='broken_rewards:score' cannot be loaded in a reward worker: ModuleNotFoundError: "
+        "task.reward_fn='broken_rewards:score' cannot be loaded in a reward worker: "
+        "ModuleNotFoundError: "
         "No module named 'no_such_package_areal'"]
     assert pf.check_reward_fn(cfg_with(reward_fn="exits_rewards:score")) == [
         "task.reward_fn='exits_rewards:score' cannot be loaded in a reward worker: SystemExit: 7"]
     assert pf.check_reward_fn(cfg_with(reward_fn="score")) == [
         "task.reward_fn='score' is not of the form package.module:function"]
     # a remote reward replaces the function: its import is not the job's business
-    assert pf.check_reward_fn(cfg_with(reward_fn="broken_rewards:score", reward_url="http://127.0.0.1:1/r")) == []
+    assert pf.check_reward_fn(cfg_with(reward_fn="broken_rewards:score",
+                                       reward_url="http://127.0.0.1:1/r")) == []
 
 
 def test_reward_fn_is_loaded_under_the_workers_memory_limit_and_environment(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "big_rewards.py").write_text("BLOCK = bytearray(300 * 2**20)\ndef score(response, example):\n"
+    (tmp_path / "big_rewards.py").write_text("BLOCK = bytearray(300 * 2**20)\n"
+                                             "def score(response, example):\n"
                                              "    return 1.0\n")
-    (tmp_path / "secret_rewards.py").write_text("import os\nTOKEN = os.environ['AREAL_TEST_API_TOKEN']\n"
+    (tmp_path / "secret_rewards.py").write_text("import os\n"
+                                                "TOKEN = os.environ['AREAL_TEST_API_TOKEN']\n"
                                                 "def score(response, example):\n    return 1.0\n")
     # a reward worker (task.reward_memory_mb of address space) could not import it: refused here too
     assert pf.check_reward_fn(cfg_with(reward_fn="big_rewards:score", reward_memory_mb=256)) == [
         "task.reward_fn='big_rewards:score' cannot be loaded in a reward worker: "
         "MemoryError (task.reward_memory_mb=256 limits the address space)"]
     assert pf.check_reward_fn(cfg_with(reward_fn="big_rewards:score", reward_memory_mb=1024)) == []
-    assert pf.check_reward_fn(cfg_with(reward_fn="big_rewards:score", reward_memory_mb=0)) == []  # no limit
+    # no limit
+    assert pf.check_reward_fn(cfg_with(reward_fn="big_rewards:score", reward_memory_mb=0)) == []
     # the workers' environment has no secrets: neither has the probe's
     monkeypatch.setenv("AREAL_TEST_API_TOKEN", "s3cret")
     assert pf.check_reward_fn(cfg_with(reward_fn="secret_rewards:score")) == [
-        "task.reward_fn='secret_rewards:score' cannot be loaded in a reward worker: KeyError: 'AREAL_TEST_API_TOKEN'"]
-    # task.reward_workers=0 loads it in the rollout server itself: no limit, the environment as it is
+        "task.reward_fn='secret_rewards:score' cannot be loaded in a reward worker: "
+        "KeyError: 'AREAL_TEST_API_TOKEN'"]
+    # task.reward_workers=0 loads it in the rollout server itself:
+    # no limit, the environment as it is
     for name in ("big_rewards", "secret_rewards"):
-        assert pf.check_reward_fn(cfg_with(reward_fn=f"{name}:score", reward_memory_mb=256, reward_workers=0)) == []
+        assert pf.check_reward_fn(cfg_with(reward_fn=f"{name}:score", reward_memory_mb=256,
+                                           reward_workers=0)) == []
     assert pf.check_reward_fn(cfg_with(reward_fn="big_rewards:nothing", reward_workers=0)) == [
-        "task.reward_fn='big_rewards:nothing' cannot be loaded in the rollout server (task.reward_workers=0): "
+        "task.reward_fn='big_rewards:nothing' cannot be loaded in the rollout server "
+        "(task.reward_workers=0): "
         "AttributeError: module 'big_rewards' has no attribute 'nothing'"]
 
 
@@ -229,7 +262,8 @@ def test_trackers_packages_are_checked(monkeypatch):
     assert pf.check_trackers(cfg) == []  # the test extra installs every tracker
     monkeypatch.setitem(sys.modules, "wandb", None)  # find_spec answers None: as if not installed
     assert pf.check_trackers(cfg) == [
-        "tracker='wandb' needs the 'wandb' package, which is not installed: pip install 'areal-like[wandb]' "
+        "tracker='wandb' needs the 'wandb' package, which is not installed: "
+        "pip install 'areal-like[wandb]' "
         "(or drop 'wandb' from tracker)"]
     assert pf.check_trackers(dataclasses.replace(cfg, tracker=["jsonl"])) == []
 
@@ -237,41 +271,52 @@ def test_trackers_packages_are_checked(monkeypatch):
 def test_sglang_engine_needs_its_package_and_a_model_directory(tmp_path):
     cfg = load_config(["rollout.engine.kind=sglang", "warm_start.steps=0"])
     problems = pf.check_engine(cfg)
-    assert "rollout.engine.kind=sglang needs model.path (SGLang serves a Hugging Face model directory)" in problems
+    assert ("rollout.engine.kind=sglang needs model.path (SGLang serves a Hugging Face model "
+            "directory)" in problems)
     has_sglang = importlib.util.find_spec("sglang") is not None
-    assert any(p.startswith("rollout.engine.kind=sglang needs the sglang package") for p in problems) != has_sglang
+    assert any(p.startswith("rollout.engine.kind=sglang needs the sglang package")
+               for p in problems) != has_sglang
     assert pf.check_engine(base()) == []  # embedded
 
 
 @pytest.mark.parametrize("heads,kv,tp,ok", [(14, 2, 2, True), (14, 2, 4, False), (28, 4, 8, False),
-                                              (32, 8, 8, True), (32, 4, 8, True), (12, 12, 3, True), (12, 12, 8, False)])
+                                              (32, 8, 8, True), (32, 4, 8, True), (12, 12, 3, True),
+                                              (12, 12, 8, False)])
 def test_tp_size_must_split_the_heads(tmp_path, heads, kv, tp, ok):
     """Query heads split evenly; key/value heads split evenly or are replicated (tp a multiple)."""
-    (tmp_path / "config.json").write_text(f'{{"num_attention_heads": {heads}, "num_key_value_heads": {kv}}}')
-    cfg = load_config(["rollout.engine.kind=sglang", f"rollout.engine.tp_size={tp}", f"model.path={tmp_path}"])
+    (tmp_path / "config.json").write_text(f'{{"num_attention_heads": {heads}, '
+                                          f'"num_key_value_heads": {kv}}}')
+    cfg = load_config(["rollout.engine.kind=sglang", f"rollout.engine.tp_size={tp}",
+                       f"model.path={tmp_path}"])
     problems = pf.check_tp_size(cfg)
     assert (problems == []) == ok
     if not ok:
-        assert problems[0].startswith(f"rollout.engine.tp_size={tp} does not divide the model's {heads} attention "
-                                      f"heads and {kv} key/value heads ({tmp_path / 'config.json'})")
-    tiny = load_config(["rollout.engine.kind=sglang", "rollout.engine.tp_size=3"])  # 4 heads, 2 kv from config
-    assert pf.check_tp_size(tiny)[0].startswith("rollout.engine.tp_size=3 does not divide the model's 4 attention")
+        assert problems[0].startswith(f"rollout.engine.tp_size={tp} does not divide the model's "
+                                      f"{heads} attention heads and {kv} key/value heads "
+                                      f"({tmp_path / 'config.json'})")
+    # 4 heads, 2 kv from config
+    tiny = load_config(["rollout.engine.kind=sglang", "rollout.engine.tp_size=3"])
+    assert pf.check_tp_size(tiny)[0].startswith("rollout.engine.tp_size=3 does not divide "
+                                                "the model's 4 attention")
 
 
 def test_preflight_lists_every_problem_and_checked_resolves_first(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "eval.jsonl").write_text('{"question": "2+2=", "answer": "4"}\n')
-    cfg = dataclasses.replace(cfg_with(name="dataset", dataset_path="nope.jsonl", eval_path="eval.jsonl",
+    cfg = dataclasses.replace(cfg_with(name="dataset", dataset_path="nope.jsonl",
+                                       eval_path="eval.jsonl",
                                        chat_template="{% for %}"),
                               model=model_cfg(path=str(tmp_path / "no_model")).model)
     with pytest.raises(pf.PreflightError) as info:
         pf.checked(cfg)
     assert isinstance(info.value, ConfigError)
     keys = [p.split("=", 1)[0] for p in info.value.problems]
-    assert keys == ["model.path", "warm_start.steps", "task.dataset_path", "task.prompt_key", "task.chat_template"]
+    assert keys == ["model.path", "warm_start.steps", "task.dataset_path", "task.prompt_key",
+                    "task.chat_template"]
     assert str(info.value).splitlines() == info.value.problems
     model = hf_dir(tmp_path / "model")
-    good = dataclasses.replace(model_cfg(path=str(model)), warm_start=dataclasses.replace(base().warm_start, steps=0))
+    good = dataclasses.replace(model_cfg(path=str(model)),
+                               warm_start=dataclasses.replace(base().warm_start, steps=0))
     assert pf.checked(good) == good
 
 
@@ -284,7 +329,8 @@ def test_areal_like_run_refuses_bad_inputs_in_one_line_each_before_starting_anyt
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert [ln.split("=", 1)[0] for ln in lines] == ["error: model.path", "error: warm_start.steps",
-                                                     "error: task.eval_path", "error: task.reward_fn"], lines
+                                                     "error: task.eval_path",
+                                                     "error: task.reward_fn"], lines
     assert "Traceback" not in r.stderr and r.stdout == ""
     assert not run_dir.exists()  # no warm start, no daemon, not even the run directory
 
@@ -293,7 +339,8 @@ def test_areal_like_run_refuses_bad_inputs_in_one_line_each_before_starting_anyt
 def test_inherited_return_original_logprob_is_refused(monkeypatch, value):
     monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", value)
     problems = pf.check_environment(base())
-    assert len(problems) == 1 and problems[0].startswith(f"SGLANG_RETURN_ORIGINAL_LOGPROB={value!r} is set")
+    assert len(problems) == 1 and problems[0].startswith(
+        f"SGLANG_RETURN_ORIGINAL_LOGPROB={value!r} is set")
     with pytest.raises(pf.PreflightError) as e:
         pf.checked(base())
     assert e.value.problems == problems
@@ -321,7 +368,8 @@ def test_a_chat_dataset_needs_a_chat_template_unless_the_task_says_what_to_do(tm
     tok.chat_template = None
     tok.save_pretrained(str(tmp_path / "tok"))
     data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{i}+1?"}], "answer": str(i + 1)})
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{i}+1?"}],
+                                        "answer": str(i + 1)})
                             + "\n" for i in range(4)))
     common = ["task=dataset", f"task.dataset_path={data}", "task.messages_key=messages",
               f"model.tokenizer={tmp_path / 'tok'}"]
@@ -333,9 +381,10 @@ def test_a_chat_dataset_needs_a_chat_template_unless_the_task_says_what_to_do(tm
     r = config()
     assert r.returncode == 2 and r.stdout == "", r.stderr
     assert r.stderr.splitlines() == [
-        f"error: task.messages_key='messages' is a chat dataset, but the tokenizer of model.tokenizer="
-        f"{str(tmp_path / 'tok')!r} has no chat template to lay its messages out: set task.chat_template to a "
-        "Jinja template (or a file of one), or task.chat_template=none to feed the messages' contents as plain text"]
+        "error: task.messages_key='messages' is a chat dataset, but the tokenizer of "
+        f"model.tokenizer={str(tmp_path / 'tok')!r} has no chat template to lay its messages out: "
+        "set task.chat_template to a Jinja template (or a file of one), or task.chat_template=none "
+        "to feed the messages' contents as plain text"]
     (tmp_path / "chat.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     for says in ("task.chat_template=none", f"task.chat_template={tmp_path / 'chat.jinja'}"):
         r = config(says)
@@ -351,20 +400,24 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
 
 @pytest.mark.parametrize("bad_row, why", [
     ({"prompt_messages": [{"role": "user", "content": "1+1?"}], "answer": None}, "has no answer"),
-    ({"prompt_messages": None, "answer": "2"}, "is not a non-empty list of {role, content} messages"),
+    ({"prompt_messages": None, "answer": "2"},
+     "is not a non-empty list of {role, content} messages"),
     ({"prompt_messages": [], "answer": "2"}, "is not a non-empty list of {role, content} messages"),
 ])
-def test_rows_whose_contents_make_no_example_are_refused_before_start_in_one_line(tmp_path, bad_row, why):
+def test_rows_whose_contents_make_no_example_are_refused_before_start_in_one_line(
+        tmp_path, bad_row, why):
     """Rows 3 and 6 of 8 unusable: `areal-like config` (the preflight `run` runs before anything
     starts) exits 2 with one line counting them and naming their rows, no traceback."""
     good = {"prompt_messages": [{"role": "user", "content": "1+1?"}], "answer": "2"}
     data = _jsonl(tmp_path / "rows.jsonl", [bad_row if i in (3, 6) else good for i in range(8)])
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "config", "task=dataset", f"task.dataset_path={data}",
-                        "task.messages_key=prompt_messages"], capture_output=True, text=True, timeout=120,
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "config", "task=dataset",
+                        f"task.dataset_path={data}", "task.messages_key=prompt_messages"],
+                       capture_output=True, text=True, timeout=120,
                        cwd=tmp_path)
     assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
     [line] = r.stderr.splitlines()
-    assert line.startswith(f"error: task.dataset_path={str(data)!r}: 2 of 8 rows cannot be used (rows 3, 6); "
+    assert line.startswith(f"error: task.dataset_path={str(data)!r}: 2 of 8 rows cannot be used "
+                           "(rows 3, 6); "
                            "the first: task."), line
     assert f"row 3 of {data} {why}" in line, line
 
@@ -373,10 +426,14 @@ def test_row_check_streams_batches_and_shows_the_first_rows(tmp_path, monkeypatc
     from areal_like.tasks import datasets as ds
 
     monkeypatch.setattr(ds, "ROW_BATCH", 3)  # several batches: row numbers run on across them
-    data = _jsonl(tmp_path / "rows.jsonl", [{"prompt": "p", "answer": None if i % 4 == 1 else "a"} for i in range(30)])
+    data = _jsonl(tmp_path / "rows.jsonl", [{"prompt": "p", "answer": None if i % 4 == 1 else "a"}
+                                            for i in range(30)])
     task = TaskConfig(name="dataset", dataset_path=str(data))
-    line = ds.check_rows(task, "task.dataset_path", str(data), ds.load_table("task.dataset_path", str(data)))
-    assert line.startswith(f"task.dataset_path={str(data)!r}: 8 of 30 rows cannot be used (rows 1, 5, 9, 13, 17, "
+    line = ds.check_rows(task, "task.dataset_path", str(data),
+                         ds.load_table("task.dataset_path", str(data)))
+    assert line.startswith(f"task.dataset_path={str(data)!r}: 8 of 30 rows cannot be used "
+                           "(rows 1, 5, 9, 13, 17, "
                            "...); the first: task.answer_key='answer': row 1 of"), line
     ok = _jsonl(tmp_path / "ok.jsonl", [{"prompt": "p", "answer": "a"}] * 5)
-    assert ds.check_rows(task, "task.dataset_path", str(ok), ds.load_table("task.dataset_path", str(ok))) is None
+    assert ds.check_rows(task, "task.dataset_path", str(ok),
+                         ds.load_table("task.dataset_path", str(ok))) is None

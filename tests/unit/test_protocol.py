@@ -26,7 +26,8 @@ FLOAT = st.floats(allow_nan=False, allow_infinity=False)
 TEXT = st.text(max_size=12)
 JSON_LEAF = st.one_of(st.none(), st.booleans(), INT, FLOAT, TEXT, st.binary(max_size=8))
 FREE_DICT = st.dictionaries(TEXT, st.recursive(JSON_LEAF, lambda c: st.lists(c, max_size=3)
-                                               | st.dictionaries(TEXT, c, max_size=3), max_leaves=6), max_size=4)
+                                               | st.dictionaries(TEXT, c, max_size=3),
+                                               max_leaves=6), max_size=4)
 MAX_TOKENS = 24
 
 
@@ -42,7 +43,8 @@ def _f32(n: int) -> st.SearchStrategy:
 @st.composite
 def _trajectory(draw) -> Trajectory:
     t = draw(st.integers(0, MAX_TOKENS))
-    return Trajectory.of(prompt_ids=draw(_i32(draw(st.integers(0, MAX_TOKENS)))), output_ids=draw(_i32(t)),
+    return Trajectory.of(prompt_ids=draw(_i32(draw(st.integers(0, MAX_TOKENS)))),
+                        output_ids=draw(_i32(t)),
                         behav_logp=draw(_f32(t)), versions=draw(_i32(t)), reward=draw(FLOAT),
                         finish_reason=draw(st.sampled_from(["stop", "length", "abort", "error"])),
                         metadata=draw(FREE_DICT))
@@ -52,13 +54,16 @@ def _trajectory(draw) -> Trajectory:
 def _bucket_spec(draw) -> P.BucketSpec:
     n = draw(st.integers(0, 4))
     return P.BucketSpec(names=draw(st.lists(TEXT, min_size=n, max_size=n)),
-                        dtypes=draw(st.lists(st.sampled_from(["float32", "bfloat16"]), min_size=n, max_size=n)),
-                        shapes=draw(st.lists(st.lists(SMALL_INT, max_size=3), min_size=n, max_size=n)))
+                        dtypes=draw(st.lists(st.sampled_from(["float32", "bfloat16"]), min_size=n,
+                                             max_size=n)),
+                        shapes=draw(st.lists(st.lists(SMALL_INT, max_size=3), min_size=n,
+                                             max_size=n)))
 
 
 @st.composite
 def _weight_sync_plan(draw) -> P.WeightSyncPlan:
-    """Payloads that fit the path (none, one per bucket, one directory), or a path only a newer server knows."""
+    """Payloads that fit the path (none, one per bucket, one directory), or a path only a newer
+    server knows."""
     path = draw(st.sampled_from(["distributed", "tensor", "disk", "shm"]))
     buckets = draw(st.lists(_bucket_spec(), max_size=3))
     n = {"distributed": 0, "tensor": len(buckets), "disk": 1}.get(path)
@@ -72,7 +77,8 @@ def _weight_sync_plan(draw) -> P.WeightSyncPlan:
 
 # Classes whose validate() constrains several fields together get a hand-written strategy;
 # single fields with a rule get an override; everything else is derived from the annotations.
-CLASS_STRATEGIES: dict[type, st.SearchStrategy] = {Trajectory: _trajectory(), P.BucketSpec: _bucket_spec(),
+CLASS_STRATEGIES: dict[type, st.SearchStrategy] = {Trajectory: _trajectory(),
+                                                   P.BucketSpec: _bucket_spec(),
                                                    P.WeightSyncPlan: _weight_sync_plan()}
 FIELD_STRATEGIES = {
     (P.Ack, "status"): st.sampled_from(["accepted", "duplicate", "rejected", "ok"]),
@@ -134,8 +140,10 @@ def assert_same(a, b, path: str = "") -> None:
 # ---------------------------------------------------------------- round trips
 
 
-@pytest.mark.parametrize("cls", sorted(P.TOP_LEVEL_TYPES.values(), key=lambda c: c.TYPE), ids=lambda c: c.TYPE)
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@pytest.mark.parametrize("cls", sorted(P.TOP_LEVEL_TYPES.values(), key=lambda c: c.TYPE),
+                         ids=lambda c: c.TYPE)
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data())
 def test_round_trip_every_message_type(cls, data):
     msg = data.draw(message_strategy(cls))
@@ -147,16 +155,19 @@ def test_round_trip_every_message_type(cls, data):
 
 
 def test_top_level_types_cover_design_messages():
-    expected = {"register", "register_ack", "heartbeat", "heartbeat_ack", "credit_request", "credits",
-                "trajectory_group", "ack", "batch_request", "batch", "version_update", "weight_sync_plan",
+    expected = {"register", "register_ack", "heartbeat", "heartbeat_ack", "credit_request",
+                "credits", "trajectory_group", "ack", "batch_request", "batch", "version_update",
+                "weight_sync_plan",
                 "sync_done", "stats_request", "stats"}
     assert expected <= set(P.TOP_LEVEL_TYPES)
-    assert not {"trajectory", "credit", "bucket_spec", "sync_member", "roster_entry"} & set(P.TOP_LEVEL_TYPES)
+    assert not ({"trajectory", "credit", "bucket_spec", "sync_member", "roster_entry"}
+                & set(P.TOP_LEVEL_TYPES))
 
 
 def make_traj(t: int = 5, reward: float = 1.0, **kw) -> Trajectory:
-    args = dict(prompt_ids=np.arange(3), output_ids=np.arange(t) + 10, behav_logp=-np.arange(t) / 10.0,
-                versions=np.full(t, 7), reward=reward, finish_reason="stop", metadata={"k": [1, "x"]})
+    args = dict(prompt_ids=np.arange(3), output_ids=np.arange(t) + 10,
+                behav_logp=-np.arange(t) / 10.0, versions=np.full(t, 7), reward=reward,
+                finish_reason="stop", metadata={"k": [1, "x"]})
     return Trajectory.of(**{**args, **kw})
 
 
@@ -165,20 +176,24 @@ def make_group(n: int = 2, t: int = 5) -> P.TrajectoryGroup:
                              trajectories=[make_traj(t) for _ in range(n)])
 
 
-@pytest.mark.parametrize("as_input", [bytes, bytearray, memoryview, lambda b: memoryview(bytearray(b))],
+@pytest.mark.parametrize("as_input", [bytes, bytearray, memoryview,
+                                      lambda b: memoryview(bytearray(b))],
                          ids=["bytes", "bytearray", "memoryview", "writable-memoryview"])
 def test_arrays_decode_as_readonly_zero_copy_views(as_input):
     frame = P.encode(make_group())
     back = P.decode(as_input(frame))
     traj = back.trajectories[0]
-    for name, dtype in (("prompt_ids", np.int32), ("output_ids", np.int32), ("behav_logp", np.float32)):
+    for name, dtype in (("prompt_ids", np.int32), ("output_ids", np.int32),
+                        ("behav_logp", np.float32)):
         arr = getattr(traj, name)
-        assert type(arr) is np.ndarray and arr.dtype == np.dtype(dtype) and arr.dtype.byteorder in "<="
+        assert (type(arr) is np.ndarray and arr.dtype == np.dtype(dtype)
+                and arr.dtype.byteorder in "<=")
         assert not arr.flags.writeable and not arr.flags.owndata  # numpy.frombuffer over the frame
         assert isinstance(arr.base, memoryview) and arr.base.readonly
         if as_input is bytes:
             assert arr.base.obj is frame  # no copy of the array bytes at all
-    for name in ("versions", "loss_mask"):  # runs, expanded on access into a read-only array of their own
+    # runs, expanded on access into a read-only array of their own
+    for name in ("versions", "loss_mask"):
         arr, runs = getattr(traj, name), getattr(traj, f"{name}_wire")[2]
         assert arr.dtype == np.dtype(np.int32) and not arr.flags.writeable and len(arr) == 5
         assert runs.readonly and (as_input is not bytes or runs.obj is frame)
@@ -196,7 +211,8 @@ def test_decoded_arrays_have_the_right_values():
 
 def test_arrays_travel_as_raw_bytes_not_lists():
     wire = msgpack.unpackb(P.encode(make_group(1, 3)))
-    assert wire["trajectories"][0]["output_ids"] == ["<i4", 3, np.arange(10, 13, dtype="<i4").tobytes()]
+    assert wire["trajectories"][0]["output_ids"] == ["<i4", 3,
+                                                     np.arange(10, 13, dtype="<i4").tobytes()]
     assert wire["trajectories"][0]["behav_logp"][0] == "<f4"
     # versions and the mask as runs, (value, end) pairs: one run each here
     assert wire["trajectories"][0]["versions"] == ["runs<i4", 3, np.array([7, 3], "<i4").tobytes()]
@@ -218,8 +234,9 @@ def test_senders_use_plain_types_and_encode_refuses_others():
 
 
 def test_trajectory_of_converts_array_likes_to_the_wire_dtypes():
+    # list, int64, strided float64
     traj = make_traj(output_ids=[10, 11, 12, 13, 14], versions=np.full(5, 7, dtype=np.int64),
-                     behav_logp=np.arange(10, dtype=np.float64)[::2],  # list, int64, strided float64
+                     behav_logp=np.arange(10, dtype=np.float64)[::2],
                      prompt_ids=np.zeros(2))  # whole numbers as float64
     group = P.TrajectoryGroup(group_id="s-1", server_id="s", lease_id="1", prompt_index=4, epoch=0,
                               trajectories=[traj])
@@ -232,7 +249,8 @@ def test_trajectory_of_converts_array_likes_to_the_wire_dtypes():
 def test_equal_dtypes_are_taken_without_a_copy_and_2d_arrays_are_refused():
     import pickle
 
-    equal_dtype = np.arange(5, dtype=pickle.loads(pickle.dumps(np.dtype("<i4"))))  # equal, not the same object
+    # equal, not the same object
+    equal_dtype = np.arange(5, dtype=pickle.loads(pickle.dumps(np.dtype("<i4"))))
     traj = make_traj(prompt_ids=as_i32([1]), output_ids=equal_dtype, behav_logp=as_f32(np.zeros(5)),
                      versions=as_i32(np.zeros(5)))
     assert len(traj.output_ids) == 5 and np.shares_memory(traj.output_ids, equal_dtype)  # no copy
@@ -245,7 +263,8 @@ def test_equal_dtypes_are_taken_without_a_copy_and_2d_arrays_are_refused():
     ("output_ids", ["a", "b", "c", "d", "e"], "expected integers"),  # a str array
     ("output_ids", 7, "1-D"), ("prompt_ids", np.array(5), "1-D"),
     ("prompt_ids", b"\1\0\0\0", "raw bytes"), ("output_ids", np.arange(5) + 2**40, "outside <i4"),
-    ("output_ids", np.arange(5) + 0.5, "whole numbers"), ("versions", np.full(5, np.nan), "whole numbers"),
+    ("output_ids", np.arange(5) + 0.5, "whole numbers"),
+    ("versions", np.full(5, np.nan), "whole numbers"),
     ("versions", np.ones(5, dtype=bool), "expected integers"),
 ])
 def test_trajectory_of_refuses_what_it_cannot_convert_naming_the_field(field, value, says):
@@ -265,7 +284,8 @@ def test_a_trajectory_pickles_copies_and_its_arrays_are_views_of_the_frame():
     built = make_traj()
     twin = copy.deepcopy(built)
     assert_same(built, twin)
-    assert not np.shares_memory(twin.output_ids, built.output_ids) and twin.metadata is not built.metadata
+    assert (not np.shares_memory(twin.output_ids, built.output_ids)
+            and twin.metadata is not built.metadata)
     assert "output_ids=array([10, 11, 12, 13, 14]" in repr(built)  # not the wire triples
     assert back.n_tokens == 5 and back.head_version == 7
     ids = traj.output_ids
@@ -347,7 +367,8 @@ def test_rejects_extra_field():
     (("trajectories", 0), [1, 2], "trajectories[0]"),
     (("trajectories", 0, "reward"), "1.0", "trajectories[0].reward"),
     (("trajectories", 0, "metadata"), [1], "trajectories[0].metadata"),
-    (("trajectories", 0, "output_ids"), [10, 11, 12, 13, 14], "trajectories[0].output_ids"),  # list, not bytes
+    # list, not bytes
+    (("trajectories", 0, "output_ids"), [10, 11, 12, 13, 14], "trajectories[0].output_ids"),
     (("trajectories", 1, "finish_reason"), None, "trajectories[1].finish_reason"),
 ])
 def test_rejects_wrongly_typed_field(path, bad, expect):
@@ -450,7 +471,8 @@ def test_want_credits_is_optional_and_bounded():
     for bad in (-1, P.MAX_CREDITS_PER_REQUEST + 1):
         ask["max_credits"] = bad
         assert reject(ask).field == "max_credits"
-    done = wire_of(P.SyncDone(server_id="s", policy_version=3, ok=True))  # the same field on a SyncDone
+    # the same field on a SyncDone
+    done = wire_of(P.SyncDone(server_id="s", policy_version=3, ok=True))
     del done["want_credits"]
     assert P.decode(msgpack.packb(done, use_bin_type=True)).want_credits == 0
     for bad in (-1, P.MAX_CREDITS_PER_REQUEST + 1):
@@ -458,23 +480,28 @@ def test_want_credits_is_optional_and_bounded():
         assert reject(done).field == "want_credits"
 
 
-_PLAN = dict(policy_version=1, group_name="g", master_addr="127.0.0.1", master_port=29500, world_size=2,
-             backend="gloo", reform=True, members=[P.SyncMember(server_id="s", rank_offset=1)], buckets=[],
+_PLAN = dict(policy_version=1, group_name="g", master_addr="127.0.0.1", master_port=29500,
+             world_size=2, backend="gloo", reform=True,
+             members=[P.SyncMember(server_id="s", rank_offset=1)], buckets=[],
              deadline_s=30.0)
 
 
 @pytest.mark.parametrize("msg, path, bad", [
-    (P.Register(server_id="s", engine_url="http://e"), ("engine_ranks",), [0, -1, P.MAX_GROUP_RANKS + 1]),
+    (P.Register(server_id="s", engine_url="http://e"), ("engine_ranks",),
+     [0, -1, P.MAX_GROUP_RANKS + 1]),
     (P.Heartbeat(server_id="s", policy_version=0), ("in_flight",), [-1]),
-    (P.Credits(credits=[P.Credit(lease_id="L", prompt_index=0, epoch=0, deadline_s=1.0)], policy_version=0),
+    (P.Credits(credits=[P.Credit(lease_id="L", prompt_index=0, epoch=0, deadline_s=1.0)],
+               policy_version=0),
      ("credits", 0, "prompt_index"), [-1]),
     (make_group(), ("epoch",), [-1]),
     (make_group(), ("prompt_index",), [-3]),
     (P.BatchRequest(n_groups=1, trainer_version=0), ("n_groups",), [0, -2]),
-    (P.Roster(members=[P.RosterEntry(server_id="s", engine_url="u", engine_ranks=1, policy_version=0)],
+    (P.Roster(members=[P.RosterEntry(server_id="s", engine_url="u", engine_ranks=1,
+                                     policy_version=0)],
               policy_version=0), ("members", 0, "engine_ranks"), [0]),
     (P.WeightSyncPlan(**_PLAN), ("master_port",), [0, -1, 65536]),  # 0: only without a group
-    (P.WeightSyncPlan(**{**_PLAN, "master_port": 0, "path": "disk", "payloads": ["/d"]}), ("master_port",),
+    (P.WeightSyncPlan(**{**_PLAN, "master_port": 0, "path": "disk", "payloads": ["/d"]}),
+     ("master_port",),
      [-1, 65536]),
     (P.WeightSyncPlan(**_PLAN), ("world_size",), [0]),
     (P.WeightSyncPlan(**_PLAN), ("members", 0, "rank_offset"), [-1, P.MAX_GROUP_RANKS]),
@@ -497,8 +524,9 @@ def test_weight_sync_plan_payloads_fit_its_path():
     one. A known path takes exactly its payloads (one per bucket, one directory, none); an unknown
     path decodes, so the server can refuse it with a SyncDone that names it."""
     bucket = P.BucketSpec(names=["w"], dtypes=["float32"], shapes=[[2]])
-    plan = P.WeightSyncPlan(policy_version=1, group_name="g", master_addr="h", master_port=1, world_size=2,
-                            backend="gloo", reform=False, members=[], buckets=[bucket, bucket], deadline_s=5.0)
+    plan = P.WeightSyncPlan(policy_version=1, group_name="g", master_addr="h", master_port=1,
+                            world_size=2, backend="gloo", reform=False, members=[],
+                            buckets=[bucket, bucket], deadline_s=5.0)
     wire = wire_of(plan)
     del wire["path"], wire["payloads"]
     old = P.decode(msgpack.packb(wire, use_bin_type=True))
@@ -506,11 +534,13 @@ def test_weight_sync_plan_payloads_fit_its_path():
     for path, payloads in (("tensor", ["a", "b"]), ("disk", ["/d"]), ("shm", ["x"])):
         back = P.decode(P.encode(msgspec.structs.replace(plan, path=path, payloads=payloads)))
         assert (back.path, back.payloads) == (path, payloads)
-    for path, payloads in (("tensor", ["a"]), ("disk", []), ("disk", ["/d", "/e"]), ("distributed", ["x"])):
+    for path, payloads in (("tensor", ["a"]), ("disk", []), ("disk", ["/d", "/e"]),
+                           ("distributed", ["x"])):
         with pytest.raises(P.ProtocolError) as info:
             msgspec.structs.replace(plan, path=path, payloads=payloads)  # refused when built
         assert info.value.field == "payloads" and f"path {path} needs" in str(info.value)
-        assert reject({**wire, "path": path, "payloads": payloads}).field == "payloads"  # and when decoded
+        # and when decoded
+        assert reject({**wire, "path": path, "payloads": payloads}).field == "payloads"
     assert reject({**wire, "payloads": [1]}).field == "payloads[0]"
 
 
@@ -530,7 +560,8 @@ def test_rejects_non_frames():
         with pytest.raises(P.ProtocolError) as info:
             P.decode(bad)  # type: ignore[arg-type]
         assert info.value.field == "frame"
-    for bad in (b"", b"\xc1", msgpack.packb([1, 2]), msgpack.packb({1: 2}), msgpack.packb({"a": 1}) + b"\x00"):
+    for bad in (b"", b"\xc1", msgpack.packb([1, 2]), msgpack.packb({1: 2}),
+                msgpack.packb({"a": 1}) + b"\x00"):
         with pytest.raises(P.ProtocolError):
             P.decode(bad)
 
@@ -550,21 +581,27 @@ FUZZ_FRAMES = 12_000
 def _valid_frames(rng: random.Random) -> list[bytes]:
     frames = [P.encode(make_group(n=rng.randint(1, 3), t=rng.randint(0, 12))) for _ in range(8)]
     frames += [P.encode(m) for m in (
-        P.Register(server_id="r", engine_url="http://h:1"), P.Heartbeat(server_id="r", policy_version=3),
+        P.Register(server_id="r", engine_url="http://h:1"),
+        P.Heartbeat(server_id="r", policy_version=3),
         P.HeartbeatAck(policy_version=2, known=True, pending_plan=P.WeightSyncPlan(
-            policy_version=2, group_name="g", master_addr="h", master_port=9, world_size=3, backend="gloo",
+            policy_version=2, group_name="g", master_addr="h", master_port=9, world_size=3,
+            backend="gloo",
             reform=True, members=[P.SyncMember(server_id="r", rank_offset=1)],
-            buckets=[P.BucketSpec(names=["w"], dtypes=["float32"], shapes=[[2, 3]])], deadline_s=5.0)),
-        P.Credits(credits=[P.Credit(lease_id="1", prompt_index=2, epoch=0, deadline_s=9.0)], policy_version=1),
+            buckets=[P.BucketSpec(names=["w"], dtypes=["float32"], shapes=[[2, 3]])],
+            deadline_s=5.0)),
+        P.Credits(credits=[P.Credit(lease_id="1", prompt_index=2, epoch=0, deadline_s=9.0)],
+                  policy_version=1),
         P.Batch(groups=[make_group()], trainer_version=3), P.Stats(values={"a": 1.5}),
-        P.Roster(members=[P.RosterEntry(server_id="r", engine_url="u", engine_ranks=1, policy_version=0)],
+        P.Roster(members=[P.RosterEntry(server_id="r", engine_url="u", engine_ranks=1,
+                                        policy_version=0)],
                  policy_version=0), P.SyncStatus(policy_version=1, done=["a"], failed=[]))]
     return frames
 
 
 def _random_value(rng: random.Random):
-    return rng.choice([None, True, -1, 2**40, -(2**63), 2**64 - 1, 1.5, math.nan, math.inf, "", "x" * rng.randint(0, 5),
-                       b"\x00\x01", [], [1, "a"], {}, {1: 2}, {"k": {b"b": [1]}}, {"type": "trajectory"},
+    return rng.choice([None, True, -1, 2**40, -(2**63), 2**64 - 1, 1.5, math.nan, math.inf, "",
+                       "x" * rng.randint(0, 5), b"\x00\x01", [], [1, "a"], {}, {1: 2},
+                       {"k": {b"b": [1]}}, {"type": "trajectory"},
                        msgpack.ExtType(5, b"x"), msgpack.Timestamp(1, 5), ["<i4", 1, b"\0\0\0\0"],
                        ["<f4", 2, b"\0"], ["<i4", True, b""], ("<i4", 0, b"")])
 
@@ -576,7 +613,8 @@ def _structural_mutation(rng: random.Random, frame: bytes) -> bytes:
     stack = [tree]
     while stack:
         node = stack.pop()
-        children = list(node.values()) if isinstance(node, dict) else node if isinstance(node, list) else []
+        children = (list(node.values()) if isinstance(node, dict)
+                    else node if isinstance(node, list) else [])
         for child in children:
             if isinstance(child, (dict, list)):
                 nodes.append(child)

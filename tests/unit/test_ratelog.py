@@ -18,4 +18,5 @@ def test_one_line_per_key_and_period_with_the_suppressed_count(caplog):
     assert sum(logged) == 1 and logged[0]
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["bad frame 0", "another kind",
-                     "bad frame 100000 (99999 more since the last such line; logged at most every 60s)"]
+                     "bad frame 100000 (99999 more since the last such line; "
+                     "logged at most every 60s)"]

@@ -1,4 +1,5 @@
-"""ReplayBuffer: selection order, exactly-n-or-nothing, the consume-time invariant, filters, capacity."""
+"""ReplayBuffer: selection order, exactly-n-or-nothing, the consume-time invariant, filters,
+capacity."""
 
 from __future__ import annotations
 
@@ -17,12 +18,15 @@ def make_group(gid: str, head: int, rewards=(0.0, 1.0), tokens: int = 4) -> Traj
     first = np.full(tokens, head + 1)
     first[0] = head  # head version = min over tokens
     trajs = [Trajectory.of(prompt_ids=as_i32([5, 6]), output_ids=as_i32(np.arange(tokens)),
-                        behav_logp=as_f32(np.full(tokens, -0.5)), versions=first if i == 0 else np.full(tokens, head + 1),
+                        behav_logp=as_f32(np.full(tokens, -0.5)),
+                        versions=first if i == 0 else np.full(tokens, head + 1),
                         reward=float(r), finish_reason="stop") for i, r in enumerate(rewards)]
-    return TrajectoryGroup(group_id=gid, server_id="s", lease_id=gid, prompt_index=0, epoch=0, trajectories=trajs)
+    return TrajectoryGroup(group_id=gid, server_id="s", lease_id=gid, prompt_index=0, epoch=0,
+                           trajectories=trajs)
 
 
-def take_batch(buf: ReplayBuffer, n: int, version: int, max_bytes: int = 0) -> list[TrajectoryGroup] | None:
+def take_batch(buf: ReplayBuffer, n: int, version: int,
+               max_bytes: int = 0) -> list[TrajectoryGroup] | None:
     """The groups of ``take_stored`` (what the hand-out sends)."""
     taken = buf.take_stored(n, version, max_bytes)
     return None if taken is None else [s.group for s in taken]
@@ -65,7 +69,8 @@ def test_stale_group_is_never_returned():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["add", "take", "sweep"]), st.integers(0, 6), st.integers(1, 4)),
+@given(st.lists(st.tuples(st.sampled_from(["add", "take", "sweep"]), st.integers(0, 6),
+                          st.integers(1, 4)),
                 max_size=60), st.integers(0, 2), st.sampled_from(["oldest", "newest", "fifo"]))
 def test_invariant_under_random_operations(ops, eta, selection):
     buf = make_buffer(eta=eta, selection=selection)
@@ -90,9 +95,11 @@ def test_filters():
     buf = make_buffer(filter_equal_rewards=True, max_tokens_per_trajectory=8)
     assert buf.filter_reason(make_group("a", 0, rewards=(1.0, 1.0))) == "equal_rewards"
     assert buf.filter_reason(make_group("b", 0, rewards=(1.0, 0.0))) is None
-    assert buf.filter_reason(make_group("c", 0, rewards=(1.0,))) is None  # one sample: no group baseline
+    # one sample: no group baseline
+    assert buf.filter_reason(make_group("c", 0, rewards=(1.0,))) is None
     assert buf.filter_reason(make_group("d", 0, tokens=9)) == "max_tokens"
-    assert make_buffer().filter_reason(make_group("e", 0, rewards=(1.0, 1.0), tokens=99)) is None  # filters off
+    # filters off
+    assert make_buffer().filter_reason(make_group("e", 0, rewards=(1.0, 1.0), tokens=99)) is None
 
 
 def test_capacity_counts_in_flight_and_add_dedupes():

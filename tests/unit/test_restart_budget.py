@@ -26,7 +26,8 @@ def test_crashes_spread_over_time_never_run_out():
     for t in (0.0, 10.0, 20.0):  # a chaos run: three restarts
         assert b.allow(t)
     assert not b.allow(50.0)
-    # hours later, one crash: the chaos run's restarts are out of the window, the wait is back to base
+    # hours later, one crash: the chaos run's restarts are out of the window,
+    # the wait is back to base
     assert b.recent(5000.0) == 0 and b.backoff(5000.0) == 1.0 and b.allow(5000.0)
     assert b.allow(5001.0) and b.allow(5002.0) and not b.allow(5003.0)
     assert b.allow(5100.5)  # the crash at 5000 left the window; those at 5001 and 5002 still count

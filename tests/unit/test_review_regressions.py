@@ -37,12 +37,14 @@ class SessionEngine:
         self.calls.append(path)
         if path == "/begin_weight_update":
             if self.session_open:
-                return web.json_response({"success": False, "message": "a session is already open"}, status=400)
+                return web.json_response(
+                    {"success": False, "message": "a session is already open"}, status=400)
             self.session_open = True
             await asyncio.sleep(self.begin_delays.pop(0) if self.begin_delays else 0.0)
         elif path == "/end_weight_update":
             if not self.session_open:
-                return web.json_response({"success": False, "message": "no session is open"}, status=400)
+                return web.json_response(
+                    {"success": False, "message": "no session is open"}, status=400)
             self.session_open = False
         elif path == "/update_weights_from_distributed" and not self.session_open:
             return web.json_response({"success": False, "message": "no session"}, status=400)
@@ -56,9 +58,11 @@ class SessionEngine:
 
 
 def _plan(version: int, deadline_s: float) -> WeightSyncPlan:
-    return WeightSyncPlan(policy_version=version, group_name="g", master_addr="127.0.0.1", master_port=1,
-                          world_size=2, backend="gloo", reform=False, members=[SyncMember(server_id="s0", rank_offset=1)],
-                          buckets=[BucketSpec(names=["w"], dtypes=["float32"], shapes=[[2]])], deadline_s=deadline_s)
+    return WeightSyncPlan(policy_version=version, group_name="g", master_addr="127.0.0.1",
+                          master_port=1, world_size=2, backend="gloo", reform=False,
+                          members=[SyncMember(server_id="s0", rank_offset=1)],
+                          buckets=[BucketSpec(names=["w"], dtypes=["float32"], shapes=[[2]])],
+                          deadline_s=deadline_s)
 
 
 def test_a_begin_that_times_out_after_the_engine_opened_the_session_does_not_wedge_later_syncs():
@@ -66,7 +70,8 @@ def test_a_begin_that_times_out_after_the_engine_opened_the_session_does_not_wed
     engine executed but whose answer came after the deadline left the session open for good, and
     every later sync was refused ("already open"): the engine never received weights again."""
     async def main():
-        engine = SessionEngine(begin_delays=[2.0])  # the first begin answers after the plan's deadline
+        # the first begin answers after the plan's deadline
+        engine = SessionEngine(begin_delays=[2.0])
         client = SGLangClient(await engine.start(), timeout_s=10.0)
         try:
             first = await apply_weight_sync(client, _plan(1, deadline_s=0.5), "s0", drain=False)

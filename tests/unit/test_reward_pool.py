@@ -1,7 +1,7 @@
-"""RewardPool with real worker processes (and, with ``reward_workers=0``, in this process): failures of a running reward are contained, scored 0
-with their reason (and logged at most once a minute per kind), and the lost worker is replaced;
-a reward that cannot be loaded in a worker is fatal; results keep their order; secrets stay out;
-close() leaves nothing.
+"""RewardPool with real worker processes (and, with ``reward_workers=0``, in this process): failures
+of a running reward are contained, scored 0 with their reason (and logged at most once a minute per
+kind), and the lost worker is replaced; a reward that cannot be loaded in a worker is fatal; results
+keep their order; secrets stay out; close() leaves nothing.
 
 The reward is ``reward_fns:behave`` (tests/unit/reward_fns.py), found through the test process's
 sys.path, which the workers get too.
@@ -34,9 +34,11 @@ PATH = "reward_fns:behave"
 def make_pool():
     pools = []
 
-    def make(default_path: str = PATH, metrics: Metrics | None = None, processes: int = 0, **task) -> RewardPool:
+    def make(default_path: str = PATH, metrics: Metrics | None = None, processes: int = 0,
+             **task) -> RewardPool:
         task = {"reward_timeout_s": 2.0, "reward_workers": 2, **task}
-        pools.append(RewardPool(TaskConfig(**task), default_path, metrics=metrics, processes=processes))
+        pools.append(RewardPool(TaskConfig(**task), default_path, metrics=metrics,
+                                processes=processes))
         return pools[-1]
 
     yield make
@@ -57,7 +59,8 @@ def gone(proc: psutil.Process) -> bool:
 
 
 def failures(metrics: Metrics, kind: str) -> float:
-    return metrics.registry.get_sample_value("areal_rollout_reward_failures_total", {"kind": kind}) or 0.0
+    return metrics.registry.get_sample_value("areal_rollout_reward_failures_total",
+                                             {"kind": kind}) or 0.0
 
 
 def test_group_results_keep_the_order_of_the_responses(make_pool):
@@ -77,7 +80,8 @@ def test_a_crashing_reward_scores_zero_and_keeps_its_worker(make_pool):
     metrics = Metrics()
     pool = make_pool(metrics=metrics, reward_workers=1)
     before = pool.worker_pids
-    assert score(pool, "crash", "1.5") == [(0.0, "ZeroDivisionError: division by zero on purpose"), (1.5, None)]
+    assert score(pool, "crash", "1.5") == [(0.0, "ZeroDivisionError: division by zero on purpose"),
+                                           (1.5, None)]
     assert pool.worker_pids == before
     assert failures(metrics, "error") == 1
     assert metrics.registry.get_sample_value("areal_rollout_reward_seconds_count") == 2
@@ -103,7 +107,8 @@ def test_samples_after_a_lost_worker_are_scored_by_its_replacement(make_pool):
     pool = make_pool(metrics=metrics, reward_timeout_s=1.0, reward_workers=1)
     first = pool.worker_pids
     assert score(pool, "1", "hang", "3", "exit", "5") == [
-        (1.0, None), (0.0, "timeout after 1.0s"), (3.0, None), (0.0, "worker died: exit code 3"), (5.0, None)]
+        (1.0, None), (0.0, "timeout after 1.0s"), (3.0, None), (0.0, "worker died: exit code 3"),
+        (5.0, None)]
     assert pool.worker_pids != first
     assert failures(metrics, "timeout") == 1 and failures(metrics, "died") == 1
 
@@ -121,7 +126,8 @@ def test_every_sample_is_timed_and_a_memory_failure_costs_only_its_own(make_pool
     pool = make_pool(metrics=metrics, reward_timeout_s=1.0, reward_memory_mb=256, reward_workers=1)
     assert score(pool, "1", "hang", "hog", "4") == [
         (1.0, None), (0.0, "timeout after 1.0s"), (0.0, "MemoryError"), (4.0, None)]
-    assert metrics.registry.get_sample_value("areal_rollout_reward_seconds_count") == 4  # the lost ones too
+    # the lost ones too
+    assert metrics.registry.get_sample_value("areal_rollout_reward_seconds_count") == 4
     assert failures(metrics, "timeout") == 1 and failures(metrics, "memory") == 1
 
 
@@ -163,7 +169,8 @@ def test_values_that_are_not_finite_numbers_score_zero(make_pool):
     pool = make_pool()
     assert score(pool, "nan", "text", "-2") == [
         (0.0, "reward is not finite: nan"), (0.0, "reward is not a number: '1.0'"), (-2.0, None)]
-    (reward, why), = score(pool, "huge")  # an int past a double's range crosses as JSON, then cannot be a float
+    # an int past a double's range crosses as JSON, then cannot be a float
+    (reward, why), = score(pool, "huge")
     assert reward == 0.0 and why.startswith("reward is not finite: 1000")
 
 
@@ -173,8 +180,9 @@ def test_workers_do_not_see_secrets(make_pool, monkeypatch):
     assert behave("secret", EXAMPLE) == 1.0  # the check sees the secret where it is set
     pool = make_pool()
     assert score(pool, "secret", "secret") == [(0.0, None), (0.0, None)]
-    env = scrubbed_env({"WANDB_API_KEY": "k", "HF_TOKEN": "t", "AWS_SECRET_ACCESS_KEY": "s", "PGPASSWORD": "p",
-                        "GITHUB_TOKEN": "g", "PATH": "/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": "/repo"})
+    env = scrubbed_env({"WANDB_API_KEY": "k", "HF_TOKEN": "t", "AWS_SECRET_ACCESS_KEY": "s",
+                        "PGPASSWORD": "p", "GITHUB_TOKEN": "g", "PATH": "/bin",
+                        "OMP_NUM_THREADS": "1", "PYTHONPATH": "/repo"})
     assert env == {"PATH": "/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": "/repo"}
 
 
@@ -192,19 +200,22 @@ def test_task_reward_fn_overrides_the_default_path(make_pool):
 
 def test_close_leaves_no_process_behind(make_pool, wait_until):
     pool = make_pool(reward_timeout_s=30.0, processes=1)  # a reward may start one process here
-    grandchild = psutil.Process(int(score(pool, "child")[0][0]))  # a worker's own child, still running
+    # a worker's own child, still running
+    grandchild = psutil.Process(int(score(pool, "child")[0][0]))
     workers = [psutil.Process(pid) for pid in pool.worker_pids]
 
     async def close_while_one_hangs():
         hung = asyncio.ensure_future(pool.score(EXAMPLE.prompt, "hang", EXAMPLE))
-        await asyncio.sleep(0.2)  # let it reach a worker (if it does not, it is scored all the same)
+        # let it reach a worker (if it does not, it is scored all the same)
+        await asyncio.sleep(0.2)
         pool.close()
         return await hung
 
     reward, reason = asyncio.run(close_while_one_hangs())
     assert reward == 0.0 and reason is not None
     assert all(gone(p) for p in workers)  # killed and reaped by close()
-    wait_until(lambda: gone(grandchild), timeout_s=10, what="the worker's child to die of its SIGKILL")
+    wait_until(lambda: gone(grandchild), timeout_s=10,
+               what="the worker's child to die of its SIGKILL")
     mine = {p.pid for p in psutil.Process().children(recursive=True)}
     assert not mine & {p.pid for p in [*workers, grandchild]}
     with pytest.raises(RuntimeError, match="closed"):
@@ -229,18 +240,21 @@ def test_a_reward_that_cannot_be_loaded_is_fatal_at_the_first_score(path, why, m
         score(pool, "1", "2", "3")
     assert str(e.value) == f"task.reward_fn={path!r} cannot be loaded in a reward worker: {why}"
     assert all_gone(workers)  # every worker, not only the one that said why
-    with pytest.raises(RewardPoolError, match="cannot be loaded"):  # and it stays broken: no new worker
+    # and it stays broken: no new worker
+    with pytest.raises(RewardPoolError, match="cannot be loaded"):
         score(pool, "1")
     assert [p.pid for p in workers] == pool.worker_pids and all_gone(workers)
 
 
 def test_the_tasks_own_reward_is_named_when_it_cannot_be_loaded(make_pool):
-    with pytest.raises(RewardPoolError, match=r"^the task's reward 'nope\.module:fn' cannot be loaded in a reward "
+    with pytest.raises(RewardPoolError, match=r"^the task's reward 'nope\.module:fn' cannot be "
+                                              r"loaded in a reward "
                                               r"worker: ModuleNotFoundError"):
         score(make_pool("nope.module:fn"), "1")
 
 
-WORKER_ONLY_FAILURES = {  # module source -> why its import fails in a worker, though it imports here
+# module source -> why its import fails in a worker, though it imports here
+WORKER_ONLY_FAILURES = {
     "needs_secret": ("import os\nif 'AREAL_TEST_API_TOKEN' not in os.environ:\n"
                      "    raise RuntimeError('AREAL_TEST_API_TOKEN is not set')\n",
                      "RuntimeError: AREAL_TEST_API_TOKEN is not set"),
@@ -250,9 +264,11 @@ WORKER_ONLY_FAILURES = {  # module source -> why its import fails in a worker, t
 
 
 @pytest.mark.parametrize("module", sorted(WORKER_ONLY_FAILURES))
-def test_a_reward_that_imports_here_but_not_in_a_worker_is_fatal(module, make_pool, tmp_path, monkeypatch):
+def test_a_reward_that_imports_here_but_not_in_a_worker_is_fatal(
+        module, make_pool, tmp_path, monkeypatch):
     source, why = WORKER_ONLY_FAILURES[module]
-    (tmp_path / f"{module}.py").write_text(source + "def score(response, example):\n    return 1.0\n")
+    (tmp_path / f"{module}.py").write_text(source + "def score(response, example):\n"
+                                           "    return 1.0\n")
     monkeypatch.syspath_prepend(str(tmp_path))  # the workers get this process's sys.path
     monkeypatch.setenv(SECRET_VAR, "s3cret")  # scrubbed from the workers' environment
     assert importlib.import_module(module).score("", EXAMPLE) == 1.0  # fine in this process
@@ -261,7 +277,8 @@ def test_a_reward_that_imports_here_but_not_in_a_worker_is_fatal(module, make_po
     workers = [psutil.Process(pid) for pid in pool.worker_pids]
     with pytest.raises(RewardPoolError) as e:
         score(pool, "1")
-    assert str(e.value) == f"task.reward_fn='{module}:score' cannot be loaded in a reward worker: {why}"
+    assert str(e.value) == (f"task.reward_fn='{module}:score' cannot be loaded in a reward worker: "
+                            f"{why}")
     assert all_gone(workers)
 
 
@@ -270,7 +287,8 @@ def test_a_worker_that_dies_before_it_is_ready_is_fatal(make_pool, tmp_path, mon
     monkeypatch.syspath_prepend(str(tmp_path))
     pool = make_pool(reward_fn="exits_at_import:score")
     workers = [psutil.Process(pid) for pid in pool.worker_pids]
-    with pytest.raises(RewardPoolError, match=r"^task\.reward_fn='exits_at_import:score' cannot be loaded in a "
+    with pytest.raises(RewardPoolError, match=r"^task\.reward_fn='exits_at_import:score' "
+                                              r"cannot be loaded in a "
                                               r"reward worker: worker died: exit code 4$"):
         score(pool, "1")
     assert all_gone(workers)
@@ -299,16 +317,20 @@ def test_failures_are_logged_at_most_once_a_minute_per_kind(make_pool, caplog):
     def warnings() -> list[str]:
         return [r.getMessage() for r in caplog.records if r.name == "rollout_server.reward_pool"]
 
-    assert score(pool, *["crash"] * 5) == [(0.0, "ZeroDivisionError: division by zero on purpose")] * 5
-    assert warnings() == [f"task.reward_fn={PATH!r}: 1 sample(s) scored 0, reward failure (error): ZeroDivisionError:"
-                          f" division by zero on purpose (logged at most every {WARN_EVERY_S:.0f}s per kind)"]
+    assert (score(pool, *["crash"] * 5)
+            == [(0.0, "ZeroDivisionError: division by zero on purpose")] * 5)
+    assert warnings() == [f"task.reward_fn={PATH!r}: 1 sample(s) scored 0, reward failure (error): "
+                          "ZeroDivisionError: division by zero on purpose "
+                          f"(logged at most every {WARN_EVERY_S:.0f}s per kind)"]
     now[0] += WARN_EVERY_S / 2
     assert score(pool, "exit", "crash") == [(0.0, "worker died: exit code 3"),
                                             (0.0, "ZeroDivisionError: division by zero on purpose")]
-    assert len(warnings()) == 2 and "(died): worker died: exit code 3" in warnings()[1]  # a new kind: logged
+    # a new kind: logged
+    assert len(warnings()) == 2 and "(died): worker died: exit code 3" in warnings()[1]
     now[0] += WARN_EVERY_S / 2
     assert score(pool, "nan") == [(0.0, "reward is not finite: nan")]
-    assert len(warnings()) == 3  # a minute after the first: the latest reason, and how many were not logged
+    # a minute after the first: the latest reason, and how many were not logged
+    assert len(warnings()) == 3
     assert "(error): reward is not finite: nan; 5 more since the last warning" in warnings()[2]
     assert failures(metrics, "error") == 7 and failures(metrics, "died") == 1
 
@@ -319,17 +341,21 @@ def test_a_reward_that_cannot_be_loaded_stops_the_rollout_server_at_once():
     async def episode(error: Exception) -> None:
         raise error
 
-    async def finish(error: Exception) -> None:  # an episode task ends with `error`, as in serve_until_stopped
+    # an episode task ends with `error`, as in serve_until_stopped
+    async def finish(error: Exception) -> None:
         server.wake = asyncio.Event()
         task = asyncio.create_task(episode(error))
         await asyncio.gather(task, return_exceptions=True)
         server._episode_done(task)
 
     asyncio.run(finish(RuntimeError("engine hiccup")))
-    assert server.failure is None and server.episode_failures == 1  # an episode may fail now and then
-    asyncio.run(finish(RewardPoolError("task.reward_fn='x:y' cannot be loaded in a reward worker: ValueError: v")))
+    # an episode may fail now and then
+    assert server.failure is None and server.episode_failures == 1
+    asyncio.run(finish(RewardPoolError("task.reward_fn='x:y' cannot be loaded in a reward "
+                                       "worker: ValueError: v")))
     assert isinstance(server.failure, ComponentStopped)
-    assert str(server.failure) == "task.reward_fn='x:y' cannot be loaded in a reward worker: ValueError: v"
+    assert str(server.failure) == ("task.reward_fn='x:y' cannot be loaded in a reward worker: "
+                                   "ValueError: v")
 
 
 def test_reward_workers_0_scores_in_this_process_by_the_same_rules(make_pool, caplog):
@@ -340,13 +366,17 @@ def test_reward_workers_0_scores_in_this_process_by_the_same_rules(make_pool, ca
     got = score(pool, "1.5", "crash", "nan", "text", "pid", "sys_exit", "huge", "sleep 0.05 2")
     assert got[:6] == [(1.5, None), (0.0, "ZeroDivisionError: division by zero on purpose"),
                        (0.0, "reward is not finite: nan"), (0.0, "reward is not a number: '1.0'"),
-                       (float(os.getpid()), None), (0.0, "SystemExit: 3")]  # an exit() is the sample's, not the server's
-    assert got[6][0] == 0.0 and got[6][1].startswith("reward is not finite: 1000") and got[7] == (2.0, None)
+                       # an exit() is the sample's, not the server's
+                       (float(os.getpid()), None), (0.0, "SystemExit: 3")]
+    assert (got[6][0] == 0.0 and got[6][1].startswith("reward is not finite: 1000")
+            and got[7] == (2.0, None))
     assert failures(metrics, "error") == 5
     assert metrics.registry.get_sample_value("areal_rollout_reward_seconds_count") == 8
     assert "does not enforce" in caplog.text  # the slow sample is logged (its time is not bounded)
-    with pytest.raises(RewardPoolError, match=r"^task.reward_fn='nope\.module:fn' cannot be loaded: ModuleNotFoundError"):
-        make_pool(reward_workers=0, reward_fn="nope.module:fn")  # at start, as a worker's failed import is
+    with pytest.raises(RewardPoolError, match=r"^task.reward_fn='nope\.module:fn' "
+                                              r"cannot be loaded: ModuleNotFoundError"):
+        # at start, as a worker's failed import is
+        make_pool(reward_workers=0, reward_fn="nope.module:fn")
 
 
 def test_a_group_the_wire_cannot_carry_fails_its_episode_not_the_sender():
@@ -360,10 +390,12 @@ def test_a_group_the_wire_cannot_carry_fails_its_episode_not_the_sender():
 
     server = RolloutServer.from_run(load_config([]))
     sent: list[str] = []
-    server.link = type("Link", (), {"add": lambda self, g: sent.append(g.group_id)})()  # the sender's queue
+    # the sender's queue
+    server.link = type("Link", (), {"add": lambda self, g: sent.append(g.group_id)})()
 
     def group(meta: dict) -> TrajectoryGroup:
-        t = Trajectory.of(prompt_ids=as_i32([1, 2]), output_ids=as_i32([3]), behav_logp=as_f32([-0.5]),
+        t = Trajectory.of(prompt_ids=as_i32([1, 2]), output_ids=as_i32([3]),
+                          behav_logp=as_f32([-0.5]),
                           versions=as_i32([0]), reward=1.0, finish_reason="stop", metadata=meta)
         return TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0,
                                trajectories=[t])

@@ -25,7 +25,8 @@ EXAMPLE = MetaExample("Half of 3?", "1.5", {"source": "unit", "level": 2})
 
 
 class RewardServer:
-    """Answers ``{"rewards": [float(response), ...]}``; ``mode`` scripts failures. Records each body."""
+    """Answers ``{"rewards": [float(response), ...]}``; ``mode`` scripts failures. Records each
+    body."""
 
     def __init__(self, mode: str = "ok"):
         self.mode, self.bodies = mode, []
@@ -46,7 +47,8 @@ class RewardServer:
         return web.json_response({"rewards": rewards})
 
 
-def run(mode: str, responses: list[str], metrics: Metrics | None = None, **task) -> tuple[list, RewardServer]:
+def run(mode: str, responses: list[str], metrics: Metrics | None = None,
+        **task) -> tuple[list, RewardServer]:
     async def main():
         server = RewardServer(mode)
         app = web.Application()
@@ -57,7 +59,8 @@ def run(mode: str, responses: list[str], metrics: Metrics | None = None, **task)
         sock.bind(("127.0.0.1", 0))  # ephemeral: the kernel picks a free port
         await web.SockSite(runner, sock).start()
         url = f"http://127.0.0.1:{sock.getsockname()[1]}/score"
-        pool = RewardPool(TaskConfig(reward_url=url, **{"reward_timeout_s": 2.0, **task}), "unused:path", metrics)
+        pool = RewardPool(TaskConfig(reward_url=url, **{"reward_timeout_s": 2.0, **task}),
+                          "unused:path", metrics)
         try:
             return await pool.score_group(EXAMPLE.prompt, responses, EXAMPLE), server
         finally:
@@ -73,7 +76,8 @@ def test_one_batch_per_group_in_order():
     got, server = run("ok", ["1", "0.5", "0"], metrics)
     assert got == [(1.0, None), (0.5, None), (0.0, None)]
     assert server.bodies == [{"items": [
-        {"prompt": "Half of 3?", "response": r, "answer": "1.5", "metadata": {"source": "unit", "level": 2}}
+        {"prompt": "Half of 3?", "response": r, "answer": "1.5",
+         "metadata": {"source": "unit", "level": 2}}
         for r in ("1", "0.5", "0")]}]
     assert metrics.registry.get_sample_value("areal_rollout_reward_seconds_count") == 1
 
@@ -91,13 +95,16 @@ def test_a_server_that_fails_twice_is_retried():
 def test_a_server_that_always_fails_scores_every_item_zero_after_the_retries():
     metrics = Metrics()
     got, server = run("always_500", ["1", "1"], metrics, reward_retries=2)
-    assert got == [(0.0, "remote reward: HTTP 500 (attempt 3 of 3)")] * 2 and len(server.bodies) == 3
-    assert metrics.registry.get_sample_value("areal_rollout_reward_failures_total", {"kind": "remote"}) == 2
+    assert (got == [(0.0, "remote reward: HTTP 500 (attempt 3 of 3)")] * 2
+            and len(server.bodies) == 3)
+    assert metrics.registry.get_sample_value("areal_rollout_reward_failures_total",
+                                             {"kind": "remote"}) == 2
 
 
 def test_a_hanging_server_times_out():
     got, server = run("hang", ["1"], reward_timeout_s=1.0, reward_retries=1)
-    assert got == [(0.0, "remote reward: timeout after 1.0s (attempt 2 of 2)")] and len(server.bodies) == 2
+    assert (got == [(0.0, "remote reward: timeout after 1.0s (attempt 2 of 2)")]
+            and len(server.bodies) == 2)
 
 
 def test_a_wrong_length_answer_is_not_retried():
@@ -112,7 +119,8 @@ def test_an_unreachable_url_scores_zero_with_the_reason():
     port = sock.getsockname()[1]
     try:
         async def main():
-            pool = RewardPool(TaskConfig(reward_url=f"http://127.0.0.1:{port}/", reward_retries=0), "unused:path")
+            pool = RewardPool(TaskConfig(reward_url=f"http://127.0.0.1:{port}/", reward_retries=0),
+                              "unused:path")
             try:
                 return await pool.score(EXAMPLE.prompt, "1", EXAMPLE)
             finally:
@@ -120,4 +128,5 @@ def test_an_unreachable_url_scores_zero_with_the_reason():
         reward, reason = asyncio.run(main())
     finally:
         sock.close()
-    assert reward == 0.0 and reason.startswith("remote reward: ClientConnectorError") and "attempt 1 of 1" in reason
+    assert (reward == 0.0 and reason.startswith("remote reward: ClientConnectorError")
+            and "attempt 1 of 1" in reason)

@@ -46,17 +46,20 @@ def test_fresh_unfinished_and_finished_runs(tmp_path):
     checkpoint(tmp_path / "checkpoints", 200)
     with pytest.raises(ConfigError) as info:
         check_existing_run(cfg)
-    assert str(info.value) == (f"run_dir {tmp_path} already finished at step 200 (trainer.steps=200): "
+    assert str(info.value) == (f"run_dir {tmp_path} already finished at step 200 "
+                               "(trainer.steps=200): "
                                "raise trainer.steps to continue, or use a new run_dir")
     assert check_existing_run(load_config([f"run_dir={tmp_path}", "trainer.steps=300"])) == 200
     with pytest.raises(ConfigError, match="trainer.resume=false"):
-        check_existing_run(load_config([f"run_dir={tmp_path}", "trainer.steps=300", "trainer.resume=false"]))
+        check_existing_run(load_config([f"run_dir={tmp_path}", "trainer.steps=300",
+                                        "trainer.resume=false"]))
 
 
 def test_checkpoint_dir_outside_the_run_dir(tmp_path):
     ckpts = tmp_path / "elsewhere"
     checkpoint(ckpts, 7)
-    cfg = load_config([f"run_dir={tmp_path / 'run'}", f"trainer.checkpoint_dir={ckpts}", "trainer.steps=7"])
+    cfg = load_config([f"run_dir={tmp_path / 'run'}", f"trainer.checkpoint_dir={ckpts}",
+                       "trainer.steps=7"])
     with pytest.raises(ConfigError, match="already finished at step 7"):
         check_existing_run(cfg)
 
@@ -66,7 +69,8 @@ def test_a_run_dir_in_use_by_a_live_job_is_refused(tmp_path):
     holder's descriptor (its process exiting) frees it."""
     held = lock_run_dir(tmp_path / "run")
     try:
-        with pytest.raises(ConfigError, match=rf"in use by a running job \(areal-like run pid {os.getpid()},"):
+        with pytest.raises(ConfigError,
+                           match=rf"in use by a running job \(areal-like run pid {os.getpid()},"):
             lock_run_dir(tmp_path / "run")
     finally:
         os.close(held)
@@ -75,10 +79,12 @@ def test_a_run_dir_in_use_by_a_live_job_is_refused(tmp_path):
 
 def test_running_a_finished_run_again_exits_2_with_one_line(tmp_path):
     checkpoint(tmp_path / "run" / "checkpoints", 200)
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "run", "-q", f"run_dir={tmp_path / 'run'}",
-                        "trainer.steps=200"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "run", "-q",
+                        f"run_dir={tmp_path / 'run'}", "trainer.steps=200"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 2 and r.stdout == ""  # no summary line claiming "ok": true
-    assert r.stderr == (f"error: run_dir {tmp_path / 'run'} already finished at step 200 (trainer.steps=200): "
+    assert r.stderr == (f"error: run_dir {tmp_path / 'run'} already finished at step 200 "
+                        "(trainer.steps=200): "
                         "raise trainer.steps to continue, or use a new run_dir\n")
     assert not (tmp_path / "run" / "logs").exists()
 
@@ -90,7 +96,8 @@ def test_summary_counts_only_this_invocations_steps(tmp_path):
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in earlier))
     since = jsonl.stat().st_size
     # this invocation resumed from the checkpoint at step 8: it re-trains 9 and 10, then 11 and 12
-    now = [{"event": "resume", "policy_version": 8}] + [{"step": s, "reward_mean": 0.5} for s in range(9, 13)]
+    now = ([{"event": "resume", "policy_version": 8}]
+           + [{"step": s, "reward_mean": 0.5} for s in range(9, 13)])
     with jsonl.open("a") as f:
         f.write("".join(json.dumps(r) + "\n" for r in now))
     summary = summarize(tmp_path, 1.0, 0, since=since, resumed_from=8)
@@ -101,11 +108,13 @@ def test_summary_counts_only_this_invocations_steps(tmp_path):
     assert fresh["steps"] == 12 and "resumed_from" not in fresh
 
 
-def test_trainer_done_loads_the_plotting_code_and_waits_only_for_a_scheduled_eval(tmp_path, monkeypatch):
+def test_trainer_done_loads_the_plotting_code_and_waits_only_for_a_scheduled_eval(
+        tmp_path, monkeypatch):
     import launch.job as job
 
     waited = []
-    monkeypatch.setattr(job, "wait_for_final_eval", lambda cfg, run_dir, sup: waited.append(run_dir))
+    monkeypatch.setattr(job, "wait_for_final_eval",
+                        lambda cfg, run_dir, sup: waited.append(run_dir))
     started = []
     monkeypatch.setattr(job, "warm_plotting", lambda: started.append(True))
     cfg = load_config(["experiment=quickstart", "eval.at_end=false"])
@@ -126,7 +135,8 @@ def test_the_summary_shows_a_first_evaluation_only_when_there_were_two(tmp_path)
     from launch.records import eval_summary
 
     evals = tmp_path / "eval.jsonl"
-    evals.write_text(json.dumps({"policy_version": 200, "greedy_accuracy": 0.9, "final": True}) + "\n")
+    evals.write_text(json.dumps({"policy_version": 200, "greedy_accuracy": 0.9, "final": True})
+                     + "\n")
     assert list(eval_summary(tmp_path)) == ["eval_last"]  # not an "eval_first" repeating the last
     evals.write_text("".join(json.dumps({"policy_version": v, "greedy_accuracy": a}) + "\n"
                              for v, a in ((0, 0.1), (100, 0.5), (200, 0.9))))
@@ -143,27 +153,32 @@ def test_the_learning_curve_legend_sits_outside_the_plot(tmp_path):
     from launch.records import curve_figure
 
     recs = [{"step": s, "reward_mean": s / 100} for s in range(1, 101)]
-    evals = [{"policy_version": v, "greedy_accuracy": v / 100, "mean@4": v / 120, "k": 4} for v in (0, 50, 100)]
+    evals = [{"policy_version": v, "greedy_accuracy": v / 100, "mean@4": v / 120, "k": 4}
+             for v in (0, 50, 100)]
     fig = curve_figure(tmp_path, recs, evals)
     renderer = FigureCanvasAgg(fig).get_renderer()
     fig.draw(renderer)
     [ax] = fig.axes
     legend, plot = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
     assert not legend.overlaps(plot), (legend, plot)
-    assert legend.y1 <= plot.y0 and fig.bbox.contains(legend.x0, legend.y0)  # below the axes, inside the image
+    # below the axes, inside the image
+    assert legend.y1 <= plot.y0 and fig.bbox.contains(legend.x0, legend.y0)
 
 
 def test_a_resume_naming_the_same_run_dir_another_way_changes_nothing(tmp_path, monkeypatch):
     """``run_dir=/abs/run`` then ``run_dir=run`` from its parent is the same run: the settings file
-    lives in it, so the spelling of its path is not a changed setting (a resume refused for it was)."""
+    lives in it, so the spelling of its path is not a changed setting (a resume refused for it
+    was)."""
     from launch.rundir import changed_settings, write_settings
 
     run = tmp_path / "run"
     run.mkdir()
     write_settings(load_config([f"run_dir={run}", "trainer.steps=20", "trainer.lr=3e-4"]))
     monkeypatch.chdir(tmp_path)
-    assert changed_settings(load_config(["run_dir=run", "trainer.steps=30", "trainer.lr=3e-4"])) == []
-    assert changed_settings(load_config(["run_dir=run", "trainer.steps=30", "trainer.lr=1e-3"])) == [
+    assert changed_settings(load_config(["run_dir=run", "trainer.steps=30",
+                                         "trainer.lr=3e-4"])) == []
+    assert changed_settings(load_config(["run_dir=run", "trainer.steps=30",
+                                         "trainer.lr=1e-3"])) == [
         "trainer.lr: 0.0003 -> 0.001"]
 
 
@@ -173,5 +188,6 @@ def test_retention_settings_may_change_on_resume(tmp_path):
     from launch.rundir import changed_settings, write_settings
 
     write_settings(load_config([f"run_dir={tmp_path}", "trainer.steps=20"]))
-    assert changed_settings(load_config([f"run_dir={tmp_path}", "trainer.steps=30", "trainer.keep_checkpoints=1",
+    assert changed_settings(load_config([f"run_dir={tmp_path}", "trainer.steps=30",
+                                         "trainer.keep_checkpoints=1",
                                          "export.keep=3"])) == []

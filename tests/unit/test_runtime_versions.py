@@ -1,5 +1,6 @@
 """One torch everywhere: engines report torch/CUDA/NCCL in Register, the buffer keeps them in the
-roster, and the trainer leaves a member out of a weight sync when its versions cannot share the group.
+roster, and the trainer leaves a member out of a weight sync when its versions cannot share the
+group.
 
 The rule is a pure function (areal_like/weights/versions.py) checked against a table; the wire
 fields round-trip and old frames without them still decode; the buffer is the real service with fake
@@ -35,15 +36,20 @@ VERSIONS = {"torch_version": "2.14.1+cu130", "cuda_version": "13.0", "nccl_versi
     (GPU, "nccl", None),  # same versions
     (RuntimeVersions("2.14.1+cu128", "12.8", "2.30.7"), "nccl", ["CUDA 13.0 here, 12.8 there"]),
     (RuntimeVersions("2.14.1+cu130", "13.0", "2.27.3"), "nccl", ["NCCL 2.30.7 here, 2.27.3 there"]),
-    (RuntimeVersions("2.13.0+cu130", "13.0", "2.30.7"), "nccl", ["torch 2.14.1 here, 2.13.0 there"]),
+    (RuntimeVersions("2.13.0+cu130", "13.0", "2.30.7"), "nccl",
+     ["torch 2.14.1 here, 2.13.0 there"]),
     (RuntimeVersions("2.13.0+cu128", "12.8", "2.27.3"), "nccl",
-     ["torch 2.14.1 here, 2.13.0 there", "CUDA 13.0 here, 12.8 there", "NCCL 2.30.7 here, 2.27.3 there"]),
-    (RuntimeVersions("2.14.1", "13.0", "2.30.7"), "nccl", None),  # build tag only: the CUDA version decides
+     ["torch 2.14.1 here, 2.13.0 there", "CUDA 13.0 here, 12.8 there",
+      "NCCL 2.30.7 here, 2.27.3 there"]),
+    # build tag only: the CUDA version decides
+    (RuntimeVersions("2.14.1", "13.0", "2.30.7"), "nccl", None),
     (RuntimeVersions(), "nccl", None),  # unknown (an older server): accepted
-    (RuntimeVersions("2.14.1+cu130", "13.0", ""), "nccl", None),  # NCCL unknown there: the rest agrees
+    # NCCL unknown there: the rest agrees
+    (RuntimeVersions("2.14.1+cu130", "13.0", ""), "nccl", None),
     (RuntimeVersions("2.13.0+cu130", "", ""), "nccl", ["torch 2.14.1 here, 2.13.0 there"]),
     (RuntimeVersions("2.14.0", "", ""), "gloo", None),  # gloo: a patch release may meet
-    (RuntimeVersions("2.14.1+cu128", "12.8", "2.27.3"), "gloo", None),  # gloo: CUDA/NCCL play no part
+    # gloo: CUDA/NCCL play no part
+    (RuntimeVersions("2.14.1+cu128", "12.8", "2.27.3"), "gloo", None),
     (RuntimeVersions("2.13.0", "", ""), "gloo", ["torch major.minor 2.14 here, 2.13 there"]),
     (RuntimeVersions(), "gloo", None),
 ])
@@ -67,16 +73,20 @@ def test_local_versions_are_this_process_torch():
     v = local_versions()
     assert v.torch == torch.__version__ and v.cuda == (torch.version.cuda or "")
     assert (v.nccl != "") == torch.cuda.is_available()
-    assert v.known() and type(v.torch) is str  # torch.__version__ is a str subclass the codec refuses
-    reg = P.decode(P.encode(P.Register(server_id="r", engine_url="u", torch_version=v.torch, cuda_version=v.cuda,
+    # torch.__version__ is a str subclass the codec refuses
+    assert v.known() and type(v.torch) is str
+    reg = P.decode(P.encode(P.Register(server_id="r", engine_url="u", torch_version=v.torch,
+                                       cuda_version=v.cuda,
                                        nccl_version=v.nccl)))
     assert (reg.torch_version, reg.cuda_version, reg.nccl_version) == (v.torch, v.cuda, v.nccl)
 
 
 def test_versions_from_server_info():
-    assert from_server_info({"version": "0.5.23", "tp_size": 2}) == RuntimeVersions()  # SGLang says nothing
+    # SGLang says nothing
+    assert from_server_info({"version": "0.5.23", "tp_size": 2}) == RuntimeVersions()
     assert from_server_info({**VERSIONS, "tp_size": 1}) == GPU
-    assert from_server_info({"torch_version": "2.14.1", "cuda_version": None}) == RuntimeVersions("2.14.1")
+    assert (from_server_info({"torch_version": "2.14.1", "cuda_version": None})
+            == RuntimeVersions("2.14.1"))
 
 
 def test_the_rollout_server_reports_the_engine_versions():
@@ -105,20 +115,23 @@ def _values(msg: P.Message) -> dict:
 
 
 def test_register_and_roster_entry_round_trip_with_and_without_versions():
-    reg = P.Register(server_id="r", engine_url="http://h:1", engine_ranks=2, policy_version=3, **VERSIONS)
+    reg = P.Register(server_id="r", engine_url="http://h:1", engine_ranks=2, policy_version=3,
+                     **VERSIONS)
     assert _values(P.decode(P.encode(reg))) == _values(reg)
     old = _without(reg, *FIELDS)
     got = P.decode(old)
     assert (got.server_id, got.engine_ranks, got.policy_version) == ("r", 2, 3)
     assert (got.torch_version, got.cuda_version, got.nccl_version) == ("", "", "")
-    entry = P.RosterEntry(server_id="r", engine_url="u", engine_ranks=1, policy_version=0, **VERSIONS)
+    entry = P.RosterEntry(server_id="r", engine_url="u", engine_ranks=1, policy_version=0,
+                          **VERSIONS)
     roster = P.Roster(members=[entry], policy_version=0)
     assert _values(P.decode(P.encode(roster)).members[0]) == _values(entry)
     wire = msgpack.unpackb(P.encode(roster), raw=False)
     for name in FIELDS:
         del wire["members"][0][name]
     old_entry = P.decode(msgpack.packb(wire, use_bin_type=True)).members[0]
-    assert _values(old_entry) == _values(P.RosterEntry(server_id="r", engine_url="u", engine_ranks=1, policy_version=0))
+    assert _values(old_entry) == _values(P.RosterEntry(server_id="r", engine_url="u",
+                                                       engine_ranks=1, policy_version=0))
     assert old_entry.torch_version == old_entry.cuda_version == old_entry.nccl_version == ""
 
 
@@ -135,15 +148,19 @@ def test_version_fields_must_be_strings():
 def test_the_buffer_keeps_the_versions_from_register_in_the_roster(tmp_path):
     svc = _start(tmp_path)  # the real buffer service with fake sockets (test_handout.py)
     try:
-        _step(svc, P.Register(server_id="new", engine_url="http://n", engine_ranks=2, policy_version=0, evaluates=True,
+        _step(svc, P.Register(server_id="new", engine_url="http://n", engine_ranks=2,
+                              policy_version=0, evaluates=True,
                               **VERSIONS))
-        old = _without(P.Register(server_id="old", engine_url="http://o"), *FIELDS)  # an older server's frame
+        # an older server's frame
+        old = _without(P.Register(server_id="old", engine_url="http://o"), *FIELDS)
         svc.handle(b"peer", b"req", P.decode(old), old)
         members = {m.server_id: m for m in _step(svc, P.RosterRequest()).members}
-        assert _values(members["new"]) == {"server_id": "new", "engine_url": "http://n", "engine_ranks": 2,
-                                           "policy_version": 0, "evaluates": True, "incarnation": "",
+        assert _values(members["new"]) == {"server_id": "new", "engine_url": "http://n",
+                                           "engine_ranks": 2, "policy_version": 0,
+                                           "evaluates": True, "incarnation": "",
                                            **VERSIONS}
-        assert (members["old"].torch_version, members["old"].cuda_version, members["old"].nccl_version) == ("",) * 3
+        assert (members["old"].torch_version, members["old"].cuda_version,
+                members["old"].nccl_version) == ("",) * 3
         _step(svc, P.Heartbeat(server_id="new", policy_version=4))  # a version change keeps them
         members = {m.server_id: m for m in _step(svc, P.RosterRequest()).members}
         assert members["new"].policy_version == 4 and members["new"].nccl_version == "2.30.7"
@@ -168,14 +185,16 @@ class _ScriptedBuffer:
 
 
 def _entry(sid: str, v: RuntimeVersions) -> P.RosterEntry:
-    return P.RosterEntry(server_id=sid, engine_url="", engine_ranks=2 if sid == "b" else 1, policy_version=0,
+    return P.RosterEntry(server_id=sid, engine_url="", engine_ranks=2 if sid == "b" else 1,
+                         policy_version=0,
                          torch_version=v.torch, cuda_version=v.cuda, nccl_version=v.nccl)
 
 
 @pytest.fixture
 def broadcaster():
     metrics = Metrics()
-    b = WeightBroadcaster(WeightSyncConfig(backend="nccl"), buffer_address="tcp://127.0.0.1:1", rank=0,
+    b = WeightBroadcaster(WeightSyncConfig(backend="nccl"), buffer_address="tcp://127.0.0.1:1",
+                          rank=0,
                           device=torch.device("cpu"), metrics=metrics)
     b.client.close()
     b.versions = GPU  # as on a GPU node: the rule, not this machine's torch, is under test
@@ -196,10 +215,12 @@ def test_the_trainer_leaves_out_members_whose_versions_differ(broadcaster, caplo
         assert b._admit(entries, report) == [("a", 1, ""), ("c", 1, "")]
         assert report.refused == ["b"] and _refused_count(metrics) == 1
         errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-        assert len(errors) == 1 and "server b" in errors[0] and "NCCL 2.30.7 here, 2.27.3 there" in errors[0]
+        assert (len(errors) == 1 and "server b" in errors[0]
+                and "NCCL 2.30.7 here, 2.27.3 there" in errors[0])
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 1 and "server c reports no torch/CUDA/NCCL versions" in warnings[0]
-        b._admit(entries, SyncReport(version=6))  # refused again (counted), the old peer warned about once
+        # refused again (counted), the old peer warned about once
+        b._admit(entries, SyncReport(version=6))
     assert _refused_count(metrics) == 2
     assert sum(r.levelno == logging.WARNING for r in caplog.records) == 1
 
@@ -208,7 +229,8 @@ def test_a_plan_with_every_member_refused_is_not_sent(broadcaster):
     """The refused member is out of the plan; with nobody left, nothing is published and no group
     forms, so nothing waits on a peer that will not come."""
     b, metrics = broadcaster
-    b.client = _ScriptedBuffer(P.Roster(members=[_entry("a", RuntimeVersions("2.13.0", "12.8", "2.27.3"))],
+    b.client = _ScriptedBuffer(P.Roster(members=[_entry("a", RuntimeVersions("2.13.0", "12.8",
+                                                                             "2.27.3"))],
                                         policy_version=4))
     report = SyncReport(version=5)
     assert b._setup([], report, float("inf"), None, set()) is False
@@ -220,11 +242,15 @@ def test_catch_up_does_not_wait_for_a_refused_member(broadcaster):
     import time
 
     b, _ = broadcaster
-    b._admit([_entry("a", GPU), _entry("b", RuntimeVersions("2.13.0", "12.8", "2.27.3"))], SyncReport(version=9))
-    b.client = _ScriptedBuffer(P.Roster(members=[P.RosterEntry(server_id="a", engine_url="", engine_ranks=1,
+    b._admit([_entry("a", GPU), _entry("b", RuntimeVersions("2.13.0", "12.8", "2.27.3"))],
+             SyncReport(version=9))
+    b.client = _ScriptedBuffer(P.Roster(members=[P.RosterEntry(server_id="a", engine_url="",
+                                                                engine_ranks=1,
                                                                 policy_version=10),
-                                                 P.RosterEntry(server_id="b", engine_url="", engine_ranks=1,
-                                                               policy_version=3)], policy_version=10))
+                                                 P.RosterEntry(server_id="b", engine_url="",
+                                                               engine_ranks=1,
+                                                               policy_version=3)],
+                                        policy_version=10))
     b.loaded = {"a": 10}  # a loaded the final version from this trainer
     assert b.catch_up_decision(10, time.monotonic() + 60, 0) == "done"
 

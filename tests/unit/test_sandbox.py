@@ -28,7 +28,8 @@ def my_children() -> set[int]:
 
 def test_a_call_returns_its_json_result_and_leaves_no_process():
     before = my_children()
-    assert run_sandboxed("reward_fns:add", (2, 3), LIMITS) == SandboxResult(True, {"sum": 5, "args": [2, 3]})
+    assert (run_sandboxed("reward_fns:add", (2, 3), LIMITS)
+            == SandboxResult(True, {"sum": 5, "args": [2, 3]}))
     assert my_children() == before
 
 
@@ -44,14 +45,16 @@ def test_an_exception_is_an_error_with_its_reason():
 
 def test_hang_is_killed_at_the_deadline():
     before = my_children()
-    got = run_sandboxed("reward_fns:behave", ("hang", None), SandboxLimits(timeout_s=1.0, memory_mb=512))
+    got = run_sandboxed("reward_fns:behave", ("hang", None),
+                        SandboxLimits(timeout_s=1.0, memory_mb=512))
     assert (got.kind, got.reason) == ("timeout", "timeout after 1.0s")
     assert my_children() == before  # killed by PID and reaped
 
 
 def test_fork_bomb_cannot_fork():
     got = run_sandboxed("reward_fns:fork_bomb", (64,), LIMITS)
-    assert got.kind == "error" and got.reason.startswith("BlockingIOError"), got  # the very first fork is refused
+    # the very first fork is refused
+    assert got.kind == "error" and got.reason.startswith("BlockingIOError"), got
 
 
 def test_fork_bomb_that_ignores_refusals_is_killed_at_the_deadline():
@@ -67,19 +70,23 @@ def test_allowed_processes_are_allowed():
 
 
 def test_memory_hog_gets_memory_error():
-    got = run_sandboxed("reward_fns:behave", ("hog", None), SandboxLimits(timeout_s=5.0, memory_mb=256))
+    got = run_sandboxed("reward_fns:behave", ("hog", None),
+                        SandboxLimits(timeout_s=5.0, memory_mb=256))
     assert (got.kind, got.reason) == ("memory", "MemoryError")
 
 
 def test_the_call_runs_confined_and_without_secrets(monkeypatch):
-    for name in (ENGINE_KEY_ENV, METRICS_TOKEN_ENV, "WANDB_API_KEY", "HF_TOKEN", "DB_PASSWORD", "MY_SECRET"):
+    for name in (ENGINE_KEY_ENV, METRICS_TOKEN_ENV, "WANDB_API_KEY", "HF_TOKEN", "DB_PASSWORD",
+                 "MY_SECRET"):
         monkeypatch.setenv(name, "s3cret")
     got = run_sandboxed("reward_fns:identity", (), LIMITS)
     assert got.ok, got
-    assert not {ENGINE_KEY_ENV, METRICS_TOKEN_ENV, "WANDB_API_KEY", "HF_TOKEN", "DB_PASSWORD", "MY_SECRET"} \
+    assert not {ENGINE_KEY_ENV, METRICS_TOKEN_ENV, "WANDB_API_KEY", "HF_TOKEN", "DB_PASSWORD",
+                "MY_SECRET"} \
         & set(got.value["env"])
     assert got.value["memory"] == 512 * 2**20
-    if os.geteuid() == 0:  # root drops to a uid of its own, where RLIMIT_NPROC binds: itself and nothing else
+    # root drops to a uid of its own, where RLIMIT_NPROC binds: itself and nothing else
+    if os.geteuid() == 0:
         assert got.value["uid"] != 0 and got.value["nproc"] == 1
     else:
         assert got.value["nproc"] >= 1
@@ -97,8 +104,10 @@ def test_reward_pool_scores_a_fork_bomb_as_failed_and_counts_it():
     try:
         example = Example("q", "a")
         got = asyncio.run(pool.score_group("q", ["bomb", "1.5"], example))
-        assert got[0][0] == 0.0 and got[0][1].startswith("BlockingIOError") and got[1] == (1.5, None)
-        value = metrics.registry.get_sample_value("areal_rollout_reward_failures_total", {"kind": "error"})
+        assert (got[0][0] == 0.0 and got[0][1].startswith("BlockingIOError")
+                and got[1] == (1.5, None))
+        value = metrics.registry.get_sample_value("areal_rollout_reward_failures_total",
+                                                  {"kind": "error"})
         assert value == 1.0
     finally:
         pool.close()
@@ -108,4 +117,5 @@ def test_the_worker_scrubs_what_the_job_calls_secret():
     from areal_like.net.auth import SECRET_NAME
     from rollout_server.reward_worker import SECRET_NAME as WORKER_SECRET_NAME  # a stdlib-only copy
 
-    assert WORKER_SECRET_NAME.pattern == SECRET_NAME.pattern and WORKER_SECRET_NAME.flags == SECRET_NAME.flags
+    assert (WORKER_SECRET_NAME.pattern == SECRET_NAME.pattern
+            and WORKER_SECRET_NAME.flags == SECRET_NAME.flags)

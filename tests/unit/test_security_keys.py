@@ -22,7 +22,8 @@ def test_curve_off_warns_and_leaves_sockets_plain(tmp_path, caplog):
         security.apply(sock, None)
         assert sock.getsockopt(zmq.MECHANISM) == zmq.NULL
         sock.close(linger=0)
-    assert any(r.levelno == logging.WARNING and "NOT authenticated" in r.getMessage() for r in caplog.records)
+    assert any(r.levelno == logging.WARNING and "NOT authenticated" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_curve_on_loads_the_role_keys_and_makes_curve_clients(tmp_path):
@@ -47,14 +48,16 @@ def test_curve_on_loads_the_role_keys_and_makes_curve_clients(tmp_path):
 
 
 def test_missing_keys_are_named(tmp_path):
-    with pytest.raises(security.SecurityError, match=r"server\.key is missing.*areal-like keys RUN_DIR"):
+    with pytest.raises(security.SecurityError,
+                       match=r"server\.key is missing.*areal-like keys RUN_DIR"):
         security.load(tmp_path / "nowhere", "rollout")
     security.make_keys(tmp_path / "keys", clients=("rollout",))
     with pytest.raises(security.SecurityError, match=r"clients/trainer\.key_secret is missing"):
         security.load(tmp_path / "keys", "trainer")
     for public in (tmp_path / "keys" / "clients").glob("*.key"):
         public.unlink()
-    with pytest.raises(security.SecurityError, match="no client keys"):  # an empty allow-list admits nobody
+    # an empty allow-list admits nobody
+    with pytest.raises(security.SecurityError, match="no client keys"):
         security.load(tmp_path / "keys", security.SERVER)
     (tmp_path / "keys" / "server.key").write_text("not a certificate")
     with pytest.raises(security.SecurityError, match="not a ZeroMQ certificate"):
@@ -65,5 +68,6 @@ def test_a_secret_key_never_shows_in_a_repr(tmp_path):
     security.make_keys(tmp_path / "keys")
     for role in (security.SERVER, "rollout"):
         keys = security.load(tmp_path / "keys", role)
-        assert keys.secret and keys.secret not in repr(keys).encode() and repr(keys.secret) not in repr(keys)
+        assert (keys.secret and keys.secret not in repr(keys).encode()
+                and repr(keys.secret) not in repr(keys))
         assert keys.public.decode() in repr(keys)  # the public half still identifies it

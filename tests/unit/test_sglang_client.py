@@ -61,7 +61,8 @@ class Scripted:
 
 def gen_response(ids, logps, finish, version="0", rid="r"):
     return {"text": "", "output_ids": ids,
-            "meta_info": {"id": rid, "finish_reason": finish, "prompt_tokens": 3, "completion_tokens": len(ids),
+            "meta_info": {"id": rid, "finish_reason": finish, "prompt_tokens": 3,
+                          "completion_tokens": len(ids),
                           "weight_version": version,
                           "output_token_logprobs": [[lp, t, None] for t, lp in zip(ids, logps)]}}
 
@@ -83,13 +84,16 @@ def run(coro_fn):
 def test_generate_parses_tokens_logprobs_finish_and_version():
     async def body(server, client):
         server.script["/generate"] = [(200, gen_response([5, 6, 2], [-0.5, -1.25, -0.125],
-                                                          {"type": "stop", "matched": 2}, version="3"))]
+                                                          {"type": "stop", "matched": 2},
+                                                          version="3"))]
         out = await client.generate([1, 7, 8], {"max_new_tokens": 4, "temperature": 1.0})
         assert out == GenerateOutput(rid="r", output_ids=[5, 6, 2], logprobs=[-0.5, -1.25, -0.125],
                                      finish_reason="stop", finish_message="2", abort_status=None,
                                      weight_version="3", weight_spans=[])
-        assert server.calls == [("/generate", {"input_ids": [1, 7, 8], "return_logprob": True, "stream": False,
-                                               "sampling_params": {"max_new_tokens": 4, "temperature": 1.0}})]
+        assert server.calls == [("/generate", {"input_ids": [1, 7, 8], "return_logprob": True,
+                                               "stream": False,
+                                               "sampling_params": {"max_new_tokens": 4,
+                                                                   "temperature": 1.0}})]
     run(body)
 
 
@@ -114,15 +118,18 @@ def test_generate_is_not_retried_after_it_may_have_run():
 
 def test_idempotent_calls_retry_on_5xx_and_generate_retries_on_refused_connection():
     async def body(server, client):
-        server.script["/model_info"] = [(503, "starting"), (503, "starting"), (200, {"weight_version": "7"})]
+        server.script["/model_info"] = [(503, "starting"), (503, "starting"),
+                                        (200, {"weight_version": "7"})]
         assert await client.weight_version() == "7"
         assert server.count("/model_info") == 3
 
         # connection refused before anything was sent: safe even for generate
         late = Scripted()
-        late.script["/generate"] = [(200, gen_response([9], [-0.5], {"type": "length", "length": 1}))]
+        late.script["/generate"] = [(200, gen_response([9], [-0.5],
+                                                       {"type": "length", "length": 1}))]
         late_client = SGLangClient(f"http://127.0.0.1:{late.port}")
-        starter = asyncio.get_running_loop().call_later(0.1, lambda: asyncio.ensure_future(late.start()))
+        starter = asyncio.get_running_loop().call_later(
+            0.1, lambda: asyncio.ensure_future(late.start()))
         try:
             out = await late_client.generate([1], {"max_new_tokens": 1})
             assert out.output_ids == [9] and late.count("/generate") == 1
@@ -148,16 +155,23 @@ def test_unreachable_server_raises_after_bounded_attempts():
 
 def test_error_bodies_of_every_sglang_shape_become_the_message():
     async def body(server, client):
-        server.script["/pause_generation"] = [(400, {"message": "bad mode", "type": "Bad Request", "code": 400})]
-        server.script["/init_weights_update_group"] = [(400, {"success": False, "message": "rendezvous failed"})]
-        server.script["/update_weights_from_distributed"] = [(200, {"success": False, "message": "not in session"})]
-        server.script["/abort_request"] = [(400, {"error": "invalid type: string \"x\", expected a boolean"})]
+        server.script["/pause_generation"] = [
+            (400, {"message": "bad mode", "type": "Bad Request", "code": 400})]
+        server.script["/init_weights_update_group"] = [
+            (400, {"success": False, "message": "rendezvous failed"})]
+        server.script["/update_weights_from_distributed"] = [
+            (200, {"success": False, "message": "not in session"})]
+        server.script["/abort_request"] = [
+            (400, {"error": "invalid type: string \"x\", expected a boolean"})]
         cases = [
             (client.pause_generation("bogus"), 400, "bad mode"),
-            (client.init_weights_update_group(master_address="h", master_port=1, rank_offset=1, world_size=2,
-                                              group_name="g", backend="gloo"), 400, "rendezvous failed"),
-            (client.update_weights_from_distributed(names=["w"], dtypes=["float32"], shapes=[[2]], group_name="g",
-                                                    weight_version="1", flush_cache=True), 200, "not in session"),
+            (client.init_weights_update_group(master_address="h", master_port=1, rank_offset=1,
+                                              world_size=2, group_name="g", backend="gloo"),
+             400, "rendezvous failed"),
+            (client.update_weights_from_distributed(names=["w"], dtypes=["float32"], shapes=[[2]],
+                                                    group_name="g", weight_version="1",
+                                                    flush_cache=True),
+             200, "not in session"),
             (client.abort_request("x"), 400, 'invalid type: string "x", expected a boolean'),
         ]
         for call, status, message in cases:
@@ -184,7 +198,8 @@ def test_weight_session_endpoints_missing_on_older_servers_are_detected_once():
 
 def test_flush_cache_polls_while_requests_run():
     async def body(server, client):
-        server.script["/flush_cache"] = [(400, "requests running"), (400, "requests running"), (200, "Cache flushed.")]
+        server.script["/flush_cache"] = [(400, "requests running"), (400, "requests running"),
+                                         (200, "Cache flushed.")]
         await client.flush_cache(timeout_s=10)
         assert server.count("/flush_cache") == 3
         server.script["/flush_cache"] = [(400, "requests running")]
@@ -199,17 +214,21 @@ def test_interrupted_sample_is_resumed_with_prompt_plus_tokens_and_remaining_bud
     async def body(server, client):
         server.script["/generate"] = [
             (200, gen_response([10, 11], [-0.1, -0.2], abort, version="4")),
-            (200, gen_response([], [], {"type": "abort", "message": "Abort in waiting queue"}, version="4")),
+            (200, gen_response([], [], {"type": "abort", "message": "Abort in waiting queue"},
+                               version="4")),
             (200, gen_response([12, 2], [-0.3, -0.4], {"type": "stop", "matched": 2}, version="5")),
         ]
-        s = await generate_sample(client, [1, 7], {"temperature": 1.0}, 8, current_version_fn=lambda: 99)
-        assert (s.output_ids, s.logprobs, s.versions) == ([10, 11, 12, 2], [-0.1, -0.2, -0.3, -0.4], [4, 4, 5, 5])
+        s = await generate_sample(client, [1, 7], {"temperature": 1.0}, 8,
+                                  current_version_fn=lambda: 99)
+        assert (s.output_ids, s.logprobs, s.versions) == ([10, 11, 12, 2], [-0.1, -0.2, -0.3, -0.4],
+                                                          [4, 4, 5, 5])
         assert s.finish_reason == "stop" and s.resumed == 2
         sent = [b for p, b in server.calls if p == "/generate"]
         assert [b["input_ids"] for b in sent] == [[1, 7], [1, 7, 10, 11], [1, 7, 10, 11]]
         assert [b["sampling_params"]["max_new_tokens"] for b in sent] == [8, 6, 6]
 
-        # an abort that exhausts the budget finishes as length; an abort with an HTTP status is an error
+        # an abort that exhausts the budget finishes as length;
+        # an abort with an HTTP status is an error
         server.script["/generate"] = [(200, gen_response([3, 4], [-1.0, -1.0], abort, version="5"))]
         s = await generate_sample(client, [1], {}, 2, current_version_fn=lambda: 0)
         assert s.finish_reason == "length" and s.output_ids == [3, 4]
@@ -231,10 +250,12 @@ def test_segment_versions_use_spans_and_fall_back_for_non_integer_versions():
 
 def test_sglang_command_passes_every_option_through():
     argv = sglang_command(ModelConfig(path="/m"), EngineConfig(kind="sglang", tp_size=2, sglang={
-        "skip_server_warmup": True, "enable_metrics": False, "cuda_graph_max_bs": 8, "weight_version": "7"}), 30001)
+        "skip_server_warmup": True, "enable_metrics": False, "cuda_graph_max_bs": 8,
+        "weight_version": "7"}), 30001)
     assert argv[1:3] == ["-m", "sglang.launch_server"]
-    assert argv[3:] == ["--model-path", "/m", "--host", "127.0.0.1", "--port", "30001", "--weight-version", "7",
-                        "--tp-size", "2", "--dtype", "float32", "--skip-server-warmup", "--cuda-graph-max-bs", "8"]
+    assert argv[3:] == ["--model-path", "/m", "--host", "127.0.0.1", "--port", "30001",
+                        "--weight-version", "7", "--tp-size", "2", "--dtype", "float32",
+                        "--skip-server-warmup", "--cuda-graph-max-bs", "8"]
 
 
 @pytest.mark.parametrize("sglang,want", [
@@ -243,7 +264,8 @@ def test_sglang_command_passes_every_option_through():
     ({"dtype": None}, []),  # set to null: SGLang's own default (config.json)
 ])
 def test_sglang_dtype_follows_model_dtype_unless_passed_through(sglang, want):
-    argv = sglang_command(ModelConfig(path="/m", dtype="bfloat16"), EngineConfig(kind="sglang", sglang=sglang), 1)
+    argv = sglang_command(ModelConfig(path="/m", dtype="bfloat16"),
+                          EngineConfig(kind="sglang", sglang=sglang), 1)
     got = [a for i, a in enumerate(argv) if a == "--dtype" or (i and argv[i - 1] == "--dtype")]
     assert got == want
 
@@ -253,15 +275,17 @@ def test_tp_size_has_one_source_of_truth():
         EngineConfig(kind="sglang", sglang={"tp_size": 2})
     with pytest.raises(ConfigError, match=r"rollout.engine.tp_size=2 is invalid"):
         EngineConfig(kind="embedded", tp_size=2)
-    assert SGLangProcess(ModelConfig(path="/m"), EngineConfig(kind="sglang", tp_size=4)).engine_ranks == 4
+    assert SGLangProcess(ModelConfig(path="/m"),
+                         EngineConfig(kind="sglang", tp_size=4)).engine_ranks == 4
 
 
 def _plan(reform: bool, buckets: int = 2, deadline_s: float = 10.0):
     from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
 
-    return WeightSyncPlan(policy_version=3, group_name="g", master_addr="10.0.0.1", master_port=29500, world_size=3,
-                          backend="gloo", reform=reform, members=[SyncMember(server_id="s0", rank_offset=1),
-                                                                  SyncMember(server_id="s1", rank_offset=2)],
+    return WeightSyncPlan(policy_version=3, group_name="g", master_addr="10.0.0.1",
+                          master_port=29500, world_size=3, backend="gloo", reform=reform,
+                          members=[SyncMember(server_id="s0", rank_offset=1),
+                                   SyncMember(server_id="s1", rank_offset=2)],
                           buckets=[BucketSpec(names=[f"w{i}"], dtypes=["float32"], shapes=[[2, 2]])
                                    for i in range(buckets)], deadline_s=deadline_s)
 
@@ -273,40 +297,50 @@ def test_weight_sync_follows_the_contract_in_order():
     from rollout_server.weight_update import apply_weight_sync
 
     async def body(server, client):
-        for path in ("/destroy_weights_update_group", "/init_weights_update_group", "/pause_generation",
-                     "/begin_weight_update", "/update_weights_from_distributed", "/end_weight_update",
+        for path in ("/destroy_weights_update_group", "/init_weights_update_group",
+                     "/pause_generation", "/begin_weight_update",
+                     "/update_weights_from_distributed", "/end_weight_update",
                      "/continue_generation"):
             server.script[path] = [OK]
         drained = []
 
         async def drain():
             drained.append(len(server.calls))
-        done = await apply_weight_sync(client, _plan(reform=True), "s1", drain=True, inflight_drained=drain)
+        done = await apply_weight_sync(client, _plan(reform=True), "s1", drain=True,
+                                       inflight_drained=drain)
         assert done.ok and done.server_id == "s1" and done.policy_version == 3 and done.pause_s > 0
         assert [p for p, _ in server.calls] == [
             "/destroy_weights_update_group", "/init_weights_update_group", "/pause_generation",
-            "/begin_weight_update", "/update_weights_from_distributed", "/update_weights_from_distributed",
+            "/begin_weight_update", "/update_weights_from_distributed",
+            "/update_weights_from_distributed",
             "/end_weight_update", "/continue_generation"]
         bodies = dict(server.calls[:3])
-        assert bodies["/init_weights_update_group"] == {"master_address": "10.0.0.1", "master_port": 29500,
-                                                         "rank_offset": 2, "world_size": 3, "group_name": "g",
+        assert bodies["/init_weights_update_group"] == {"master_address": "10.0.0.1",
+                                                         "master_port": 29500, "rank_offset": 2,
+                                                         "world_size": 3, "group_name": "g",
                                                          "backend": "gloo"}
         assert bodies["/pause_generation"] == {"mode": "abort"}
         updates = [b for p, b in server.calls if p == "/update_weights_from_distributed"]
-        # the new version label goes only with the last bucket: a half-applied sync keeps the old label
+        # the new version label goes only with the last bucket:
+        # a half-applied sync keeps the old label
         assert [(b["names"], b.get("weight_version"), b["flush_cache"]) for b in updates] == [
             (["w0"], None, False), (["w1"], "3", True)]
-        assert drained and drained[0] in (1, 2)  # after the group join was issued (concurrent), before the pause
+        # after the group join was issued (concurrent), before the pause
+        assert drained and drained[0] in (1, 2)
 
         # not a member: nothing is called
         n = len(server.calls)
         done = await apply_weight_sync(client, _plan(reform=False), "s9", drain=False)
         assert not done.ok and "not a member" in done.reason and len(server.calls) == n
 
-        # a path this server does not know (a newer trainer): refused, naming it, and nothing is called
-        done = await apply_weight_sync(client, msgspec.structs.replace(_plan(reform=False), path="shm"), "s1",
+        # a path this server does not know (a newer trainer): refused, naming it,
+        # and nothing is called
+        done = await apply_weight_sync(client,
+                                       msgspec.structs.replace(_plan(reform=False), path="shm"),
+                                       "s1",
                                        drain=False)
-        assert not done.ok and "unknown weight-sync path 'shm'" in done.reason and len(server.calls) == n
+        assert (not done.ok and "unknown weight-sync path 'shm'" in done.reason
+                and len(server.calls) == n)
     run(body)
 
 
@@ -317,21 +351,25 @@ def test_a_failed_sync_reports_the_reason_and_always_continues():
         server.script["/pause_generation"] = [OK]
         server.script["/continue_generation"] = [OK]
         server.script["/begin_weight_update"] = [OK]
-        server.script["/update_weights_from_distributed"] = [(400, {"success": False, "message": "bad shape"})]
+        server.script["/update_weights_from_distributed"] = [
+            (400, {"success": False, "message": "bad shape"})]
         server.script["/end_weight_update"] = [OK]
         done = await apply_weight_sync(client, _plan(reform=False), "s0", drain=False)
         assert not done.ok and "bad shape" in done.reason
         # the session is closed (or every later sync would be refused) and generation continues
         assert [p for p, _ in server.calls][-2:] == ["/end_weight_update", "/continue_generation"]
 
-        # a rendezvous that never completes is bounded by the plan's deadline; the engine was never paused
+        # a rendezvous that never completes is bounded by the plan's deadline;
+        # the engine was never paused
         async def hang(_):
             await asyncio.sleep(1.5)
             return OK
         server.calls.clear()
-        server.script["/destroy_weights_update_group"] = [(400, {"success": False, "message": "no group"})]
+        server.script["/destroy_weights_update_group"] = [
+            (400, {"success": False, "message": "no group"})]
         server.script["/init_weights_update_group"] = [hang]
-        done = await apply_weight_sync(client, _plan(reform=True, deadline_s=0.5), "s0", drain=False)
+        done = await apply_weight_sync(client, _plan(reform=True, deadline_s=0.5), "s0",
+                                       drain=False)
         assert not done.ok and "Timeout" in done.reason and done.pause_s == 0.0
         assert "/pause_generation" not in [p for p, _ in server.calls]
     run(body)
@@ -339,21 +377,24 @@ def test_a_failed_sync_reports_the_reason_and_always_continues():
 
 def test_timeout_bounds_the_whole_call_including_retries():
     async def body(server, client):
-        server.script["/pause_generation"] = [(503, "busy")]  # idempotent and 5xx: retried until the budget
+        # idempotent and 5xx: retried until the budget
+        server.script["/pause_generation"] = [(503, "busy")]
         with pytest.raises(SGLangError) as e:
             await client.pause_generation(timeout_s=0.5)
         assert e.value.status == 503
-        assert 1 <= server.count("/pause_generation") <= 2  # without the budget: 4 attempts (backoff 0.25, 0.5, 1.0)
+        # without the budget: 4 attempts (backoff 0.25, 0.5, 1.0)
+        assert 1 <= server.count("/pause_generation") <= 2
     run(body)
 
 
 def test_the_sglang_log_is_readable_by_this_user_only(tmp_path):
-    """SGLang may print its server_args, the API key among them: its log is 0600, also one left by an
-    earlier run. (No SGLang here: the server exits at once, after the log was opened.)"""
+    """SGLang may print its server_args, the API key among them: its log is 0600, also one left by
+    an earlier run. (No SGLang here: the server exits at once, after the log was opened.)"""
     log = tmp_path / "sglang-s0.log"
     log.write_text("an earlier run\n")
     log.chmod(0o644)
-    proc = SGLangProcess(ModelConfig(path="/m"), EngineConfig(kind="sglang", startup_timeout_s=60), str(log))
+    proc = SGLangProcess(ModelConfig(path="/m"), EngineConfig(kind="sglang", startup_timeout_s=60),
+                         str(log))
     with pytest.raises(RuntimeError, match="SGLang exited"):
         proc.start()
     assert log.stat().st_mode & 0o777 == 0o600 and log.read_text().startswith("an earlier run\n")
