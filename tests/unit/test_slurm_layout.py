@@ -25,12 +25,14 @@ from launch import cli, srun
 from launch.job import job_specs, plan_job
 
 HEAD = ("buffer.address=tcp://10.1.2.3:5555", "buffer.pub_address=tcp://10.1.2.3:5556",
-        "trainer.weight_sync.master_addr=10.1.2.3", "buffer.metrics_port=9100", "rollout.metrics_port=9101",
+        "trainer.weight_sync.master_addr=10.1.2.3", "buffer.metrics_port=9100",
+        "rollout.metrics_port=9101",
         "trainer.metrics_port=9200")  # what the sbatch script passes: HEAD_IP and fixed ports
 
 
 def _one(gpus, trainer, servers, tp, *extra):
-    return ("topology=gpu_sglang", f"launch.gpus_per_node={gpus}", f"launch.trainer_ranks={trainer}",
+    return ("topology=gpu_sglang", f"launch.gpus_per_node={gpus}",
+            f"launch.trainer_ranks={trainer}",
             f"launch.num_rollout_servers={servers}", f"rollout.engine.tp_size={tp}", *extra)
 
 
@@ -45,19 +47,23 @@ LAYOUTS = [
     _one(1, 1, 1, 1, "rollout.engine.sglang.mem_fraction_static=0.3"),
     ("topology=gpu_embedded", "launch.gpus_per_node=1"),
     ("topology=gpu_embedded", "launch.gpus_per_node=2"),
-    ("topology=gpu_embedded", "trainer.device=cpu", "launch.gpus_per_node=2"),  # a CPU trainer beside GPU engines
-    *(_one(*layout) for layout in [(2, 1, 1, 1), (4, 2, 2, 1), (4, 2, 1, 2), (8, 4, 2, 2), (8, 2, 3, 2),
-                                   (8, 1, 1, 4)]),
-    *(_many(g, n, t, tp) for g in (1, 2, 4, 8) for n, t, tp in [(2, 1, 1), (3, 1, 2), (3, 2, 1), (3, 2, 4)]
+    # a CPU trainer beside GPU engines
+    ("topology=gpu_embedded", "trainer.device=cpu", "launch.gpus_per_node=2"),
+    *(_one(*layout) for layout in [(2, 1, 1, 1), (4, 2, 2, 1), (4, 2, 1, 2), (8, 4, 2, 2),
+                                   (8, 2, 3, 2), (8, 1, 1, 4)]),
+    *(_many(g, n, t, tp) for g in (1, 2, 4, 8)
+      for n, t, tp in [(2, 1, 1), (3, 1, 2), (3, 2, 1), (3, 2, 4)]
       if tp <= g),
     _many(4, 2, 1, 2),  # test_srun.py's
 ]
 
 
 def _daemon_config(argv: list[str]):
-    """The config a daemon started with ``argv`` reads: its --config-file plus the key=value after it."""
+    """The config a daemon started with ``argv`` reads: its --config-file plus the key=value after
+    it."""
     i = argv.index("--config-file")
-    return load_daemon_config(argv[i:i + 2] + [a for a in argv[i + 2:] if "=" in a and not a.startswith("-")])
+    return load_daemon_config(argv[i:i + 2] + [a for a in argv[i + 2:]
+                                               if "=" in a and not a.startswith("-")])
 
 
 def _slurm(tmp_path: Path, overrides: tuple[str, ...], nodes: int, capsys) -> dict[str, tuple]:
@@ -66,15 +72,16 @@ def _slurm(tmp_path: Path, overrides: tuple[str, ...], nodes: int, capsys) -> di
     config = tmp_path / "config.yaml"
     config.write_text(capsys.readouterr().out)
     hosts = ",".join(f"gpu{k}" for k in range(nodes))
-    assert srun.main(["steps", "--config-file", str(config), "--hosts", hosts, "--cpus-per-node", "64",
+    assert srun.main(["steps", "--config-file", str(config), "--hosts", hosts,
+                      "--cpus-per-node", "64",
                       "--master-port", "29500", "--repo", "/repo"]) == 0
     out = {}
     for line in capsys.readouterr().out.splitlines():
         name, _, cmd = line.split("\t")
         argv = shlex.split(cmd)
         rest = argv[argv.index("env") + 2:]
-        waits = rest[rest.index("--timeout-s") + 2:rest.index("--")] if rest[:4] == ["python", "-m", "launch.srun",
-                                                                                    "after"] else []
+        waits = (rest[rest.index("--timeout-s") + 2:rest.index("--")]
+                 if rest[:4] == ["python", "-m", "launch.srun", "after"] else [])
         out[name] = (_daemon_config(rest), argv[argv.index("env") + 1], waits)
     return out
 
@@ -89,13 +96,16 @@ def _run(tmp_path: Path, overrides: tuple[str, ...], nodes: int) -> dict[str, tu
         argv = list(spec.argv() if callable(spec.argv) else spec.argv)
         if nodes > 1 and spec.name.startswith("rollout-"):  # node k of the allocation is gpu<k>
             argv.append(f"rollout.engine.host=gpu{topo.slot(spec.name).node}")
-        out[spec.name] = (_daemon_config(argv), f"CUDA_VISIBLE_DEVICES={spec.env['CUDA_VISIBLE_DEVICES']}",
+        out[spec.name] = (_daemon_config(argv),
+                          f"CUDA_VISIBLE_DEVICES={spec.env['CUDA_VISIBLE_DEVICES']}",
                           spec.stage)
     return out
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: " ".join(a.split(".")[-1] for a in layout[1:]))
-def test_each_slurm_step_gets_the_config_run_gives_that_process(layout, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("layout", LAYOUTS,
+                         ids=lambda layout: " ".join(a.split(".")[-1] for a in layout[1:]))
+def test_each_slurm_step_gets_the_config_run_gives_that_process(layout, tmp_path, monkeypatch,
+                                                                capsys):
     monkeypatch.setattr(launch.preflight, "checked", lambda cfg: cfg)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     nodes = int(next((a.split("=")[1] for a in layout if a.startswith("launch.nodes=")), 1))
@@ -108,7 +118,8 @@ def test_each_slurm_step_gets_the_config_run_gives_that_process(layout, tmp_path
         assert got_gpus == gpus, name
         rollouts = [f"http://10.1.2.3:{s[0].rollout.metrics_port}/health" for n, s in slurm.items()
                     if n.startswith("rollout-")]
-        assert waits == (rollouts if stage == 2 else []), name  # buffer first: the sbatch script's own wait
+        # buffer first: the sbatch script's own wait
+        assert waits == (rollouts if stage == 2 else []), name
 
 
 def test_one_shared_gpu_is_laid_out_on_slurm_as_by_run(tmp_path, monkeypatch, capsys):
@@ -125,7 +136,8 @@ def test_one_shared_gpu_is_laid_out_on_slurm_as_by_run(tmp_path, monkeypatch, ca
 def test_steps_refuse_a_config_that_is_not_laid_out(tmp_path, capsys):
     config = tmp_path / "config.yaml"
     config.write_text(to_yaml(load_config([*_one(1, 1, 1, 1), *HEAD, f"run_dir={tmp_path}"])))
-    assert srun.main(["steps", "--config-file", str(config), "--hosts", "gpu0", "--cpus-per-node", "8",
+    assert srun.main(["steps", "--config-file", str(config), "--hosts", "gpu0",
+                      "--cpus-per-node", "8",
                       "--master-port", "29500", "--repo", "/repo"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: the config is not laid out for its launch.* layout (") and \
@@ -133,7 +145,8 @@ def test_steps_refuse_a_config_that_is_not_laid_out(tmp_path, capsys):
 
 
 def test_after_starts_the_command_once_the_url_is_healthy_and_refuses_when_it_is_not():
-    """`python -m launch.srun after`, the trainer step's wait on one shared GPU, with a real server."""
+    """`python -m launch.srun after`, the trainer step's wait on one shared GPU, with a real
+    server."""
     import http.server
     import subprocess
     import sys
@@ -152,13 +165,13 @@ def test_after_starts_the_command_once_the_url_is_healthy_and_refuses_when_it_is
     root = Path(__file__).resolve().parents[2]
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
-        ok = subprocess.run([sys.executable, "-m", "launch.srun", "after", "--timeout-s", "60", f"{url}/health",
-                             "--", sys.executable, "-c", "print('started')"], capture_output=True, text=True,
-                            timeout=120, cwd=root)
+        ok = subprocess.run([sys.executable, "-m", "launch.srun", "after", "--timeout-s", "60",
+                             f"{url}/health", "--", sys.executable, "-c", "print('started')"],
+                            capture_output=True, text=True, timeout=120, cwd=root)
         assert (ok.returncode, ok.stdout) == (0, "started\n"), ok.stderr
-        late = subprocess.run([sys.executable, "-m", "launch.srun", "after", "--timeout-s", "1", f"{url}/nope",
-                               "--", sys.executable, "-c", "print('started')"], capture_output=True, text=True,
-                              timeout=120, cwd=root)
+        late = subprocess.run([sys.executable, "-m", "launch.srun", "after", "--timeout-s", "1",
+                               f"{url}/nope", "--", sys.executable, "-c", "print('started')"],
+                              capture_output=True, text=True, timeout=120, cwd=root)
         assert late.returncode == 1 and late.stdout == ""
         assert late.stderr.startswith(f"error: {url}/nope did not answer within 1 s; not starting")
     finally:
@@ -172,16 +185,18 @@ def test_final_eval_waits_for_the_record_while_the_evaluating_step_lives(tmp_pat
     import sys
     import threading
 
-    cfg = load_config([f"run_dir={tmp_path}", "experiment=quickstart", "trainer.steps=3", "eval.at_end=true",
-                       "eval.final_timeout_s=60"])
-    step = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # the rollout-0 step
+    cfg = load_config([f"run_dir={tmp_path}", "experiment=quickstart", "trainer.steps=3",
+                       "eval.at_end=true", "eval.final_timeout_s=60"])
+    # the rollout-0 step
+    step = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         record = threading.Timer(1.0, lambda: (tmp_path / "eval.jsonl").write_text(
             '{"final": true, "policy_version": 3}\n'))
         record.start()
         assert srun.final_eval(cfg, step.pid, poll_s=0.1) == 0  # returns once the record is there
         record.join()
-        (tmp_path / "eval.jsonl").write_text('{"final": true, "policy_version": 2}\n')  # an earlier run's
+        # an earlier run's
+        (tmp_path / "eval.jsonl").write_text('{"final": true, "policy_version": 2}\n')
         step.kill()
         step.wait(timeout=30)
         assert srun.final_eval(cfg, step.pid, poll_s=0.1) == 1  # its server is gone: nothing comes

@@ -77,7 +77,8 @@ def _samples(n: int = 41, rss=lambda i: 100_000, wal=lambda i: 1000, log=lambda 
 
 def test_phases_start_at_the_first_trained_version_and_warm_up_is_a_fraction_of_the_span():
     ph = soak.phases(_samples(), warmup_frac=0.25, window_frac=0.1)
-    assert (ph["start"], ph["end"], ph["warm"], ph["window"], ph["mid"]) == (10, 400, 107.5, 39, 205)
+    assert ((ph["start"], ph["end"], ph["warm"], ph["window"], ph["mid"])
+            == (10, 400, 107.5, 39, 205))
     with pytest.raises(ValueError):
         soak.phases(_samples(2), 0.25, 0.1)
 

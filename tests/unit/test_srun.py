@@ -40,16 +40,20 @@ def fake_ifaces(monkeypatch):
 
 
 def test_head_ip_is_the_named_interfaces_address(fake_ifaces):
-    assert head_ip("ib0") == "10.1.2.3"  # not the first address `hostname -I` would give (172.17.0.9)
+    # not the first address `hostname -I` would give (172.17.0.9)
+    assert head_ip("ib0") == "10.1.2.3"
     assert head_ip("eth0") == "172.17.0.9"
 
 
 @pytest.mark.parametrize("iface,message", [
-    ("", "HEAD_IFACE is not set: name the network interface the other nodes reach this node on (e.g. HEAD_IFACE=ib0); "
+    ("", "HEAD_IFACE is not set: name the network interface the other nodes reach this node on "
+         "(e.g. HEAD_IFACE=ib0); "
          "this node has: lo=127.0.0.1, eth0=172.17.0.9, ib0=10.1.2.3"),
-    ("eth7", "HEAD_IFACE=eth7 is not an interface of this node; interfaces with an IPv4 address here: lo=127.0.0.1, "
+    ("eth7", "HEAD_IFACE=eth7 is not an interface of this node; "
+             "interfaces with an IPv4 address here: lo=127.0.0.1, "
              "eth0=172.17.0.9, ib0=10.1.2.3"),
-    ("ib1", "HEAD_IFACE=ib1 has no IPv4 address; interfaces with an IPv4 address here: lo=127.0.0.1, "
+    ("ib1", "HEAD_IFACE=ib1 has no IPv4 address; "
+            "interfaces with an IPv4 address here: lo=127.0.0.1, "
             "eth0=172.17.0.9, ib0=10.1.2.3"),
 ])
 def test_head_ip_errors_name_the_interface_and_the_ones_there_are(fake_ifaces, iface, message):
@@ -71,35 +75,41 @@ def test_head_ip_on_the_real_loopback():
 
 def test_the_sbatch_command_line_prints_the_address_or_one_error_line():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    ok = subprocess.run([sys.executable, "-m", "launch.srun", "head-ip", "lo"], capture_output=True, text=True,
-                        env=env, timeout=120, cwd=ROOT)
+    ok = subprocess.run([sys.executable, "-m", "launch.srun", "head-ip", "lo"],
+                        capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
     assert (ok.returncode, ok.stdout) == (0, "127.0.0.1\n")
-    bad = subprocess.run([sys.executable, "-m", "launch.srun", "head-ip"], capture_output=True, text=True,
-                         env=env, timeout=120, cwd=ROOT)
-    assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.startswith("error: HEAD_IFACE is not set")
+    bad = subprocess.run([sys.executable, "-m", "launch.srun", "head-ip"],
+                         capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
+    assert (bad.returncode == 2 and bad.stdout == ""
+            and bad.stderr.startswith("error: HEAD_IFACE is not set"))
 
 
 def test_cores_follow_the_gpus_and_never_overlap():
     placed = place_node(gpus_per_node=8, trainer_ranks=4, rollout_servers=2, tp_size=2)
-    cores = node_cores(placed, physical_cores(33), gpus_per_node=8, has_buffer=True)  # 32 for GPUs (4 each), 1 buffer
-    assert cores == {"trainer": tuple(range(16)), "rollout-0": tuple(range(16, 24)), "rollout-1": tuple(range(24, 32)),
-                     "buffer": (32,)}
+    # 32 for GPUs (4 each), 1 buffer
+    cores = node_cores(placed, physical_cores(33), gpus_per_node=8, has_buffer=True)
+    assert cores == {"trainer": tuple(range(16)), "rollout-0": tuple(range(16, 24)),
+                     "rollout-1": tuple(range(24, 32)), "buffer": (32,)}
     assert cpu_mask(cores["rollout-0"]) == "0xff0000" and cpu_mask((0, 1)) == "0x3"
-    with pytest.raises(ConfigError, match="^8 cores per node cannot give each of launch.gpus_per_node=8 GPUs a core "
+    with pytest.raises(ConfigError, match="^8 cores per node cannot give each of "
+                                          "launch.gpus_per_node=8 GPUs a core "
                                           "beside the buffer's"):
         node_cores(placed, physical_cores(8), gpus_per_node=8, has_buffer=True)
 
 
 def test_hyperthreads_stay_with_their_core_and_blocks_follow_sockets():
     """2 sockets x 4 cores x 2 threads, numbered as Linux does: core c's siblings are c and c + 8,
-    socket 0 has cores 0-3. Two GPUs: each gets the four cores of one socket, both threads of each."""
-    lscpu = "# CPU,Core,Socket\n" + "".join(f"{cpu},{cpu % 8},{(cpu % 8) // 4}\n" for cpu in range(16))
+    socket 0 has cores 0-3. Two GPUs: each gets the four cores of one socket, both threads of
+    each."""
+    lscpu = "# CPU,Core,Socket\n" + "".join(f"{cpu},{cpu % 8},{(cpu % 8) // 4}\n"
+                                            for cpu in range(16))
     cores = physical_cores(16, lscpu)
     assert cores[:2] == [(0, 8), (1, 9)] and len(cores) == 8
     placed = place_node(gpus_per_node=2, trainer_ranks=1, rollout_servers=1, tp_size=1)
     got = node_cores(placed, cores, gpus_per_node=2, has_buffer=False)
     assert got == {"trainer": (0, 8, 1, 9, 2, 10, 3, 11), "rollout-0": (4, 12, 5, 13, 6, 14, 7, 15)}
-    with_buffer = node_cores(placed, cores, gpus_per_node=2, has_buffer=True)  # 7 cores left: 3 per GPU
+    # 7 cores left: 3 per GPU
+    with_buffer = node_cores(placed, cores, gpus_per_node=2, has_buffer=True)
     assert with_buffer["buffer"] == (7, 15) and with_buffer["rollout-0"] == (3, 11, 4, 12, 5, 13)
     with pytest.raises(ConfigError, match="--cpu-topology: 'x,y' is not a"):
         physical_cores(4, "x,y\n")
@@ -117,26 +127,29 @@ def _user_cfg(nodes: int, tp: int, *extra: str):
                         f"launch.nodes={nodes}", f"launch.train_nodes={max(1, nodes - 1)}",
                         f"launch.gpus_per_node={gpus}", f"launch.trainer_ranks={trainer}",
                         f"launch.num_rollout_servers={servers}", f"rollout.engine.tp_size={tp}",
-                        "buffer.address=tcp://10.1.2.3:5555", "buffer.pub_address=tcp://10.1.2.3:5556",
-                        "trainer.weight_sync.master_addr=10.1.2.3", "buffer.metrics_port=9100", "rollout.metrics_port=9101", "trainer.metrics_port=9200", *extra])
+                        "buffer.address=tcp://10.1.2.3:5555",
+                        "buffer.pub_address=tcp://10.1.2.3:5556",
+                        "trainer.weight_sync.master_addr=10.1.2.3", "buffer.metrics_port=9100",
+                        "rollout.metrics_port=9101", "trainer.metrics_port=9200", *extra])
 
 
 def _steps(nodes: int, tp: int):
     hosts = [f"gpu{k}" for k in range(nodes)]
-    return slurm_steps(_cfg(nodes, tp), hosts, config="/shared/run/config.yaml", cpus=17, master_port=29500,
-                       restarts=3, repo="/shared/repo")
+    return slurm_steps(_cfg(nodes, tp), hosts, config="/shared/run/config.yaml", cpus=17,
+                       master_port=29500, restarts=3, repo="/shared/repo")
 
 
 def _opts(argv) -> dict[str, str]:
-    return dict(a[2:].split("=", 1) for a in argv[:argv.index("env")] if a.startswith("--") and "=" in a)
+    return dict(a[2:].split("=", 1) for a in argv[:argv.index("env")]
+                if a.startswith("--") and "=" in a)
 
 
 @pytest.mark.parametrize("nodes", [1, 2, 3])
 @pytest.mark.parametrize("tp", [1, 2])
 def test_steps_place_every_process_of_the_plan(nodes, tp):
     topo, steps = _steps(nodes, tp)
-    assert steps[0].kind == "buffer" and steps[0].argv[-4:] == ("areal-like", "buffer", "--config-file",
-                                                                 "/shared/run/config.yaml")
+    assert steps[0].kind == "buffer" and steps[0].argv[-4:] == (
+        "areal-like", "buffer", "--config-file", "/shared/run/config.yaml")
     per_node: dict[str, list[int]] = {}
     for step in steps:
         opts = _opts(step.argv)
@@ -146,9 +159,11 @@ def test_steps_place_every_process_of_the_plan(nodes, tp):
         per_node.setdefault(opts["nodelist"], []).append(mask)
         slot = topo.slot(step.name)
         assert opts["nodelist"] == f"gpu{slot.node}"
-        assert step.argv[step.argv.index("env") + 1] == f"CUDA_VISIBLE_DEVICES={','.join(map(str, slot.gpus))}"
+        assert step.argv[step.argv.index("env") + 1] == (
+            f"CUDA_VISIBLE_DEVICES={','.join(map(str, slot.gpus))}")
     for masks in per_node.values():  # no two processes of a node share a core
-        assert sum(masks) == sum(set(masks)) and all(a & b == 0 for i, a in enumerate(masks) for b in masks[i + 1:])
+        assert sum(masks) == sum(set(masks)) and all(a & b == 0 for i, a in enumerate(masks)
+                                                     for b in masks[i + 1:])
     rollouts = [s for s in steps if s.kind == "rollout"]
     servers = (2 // tp) if nodes == 1 else (nodes - max(1, nodes - 1)) * (4 // tp)
     assert [s.name for s in rollouts] == [f"rollout-{j}" for j in range(servers)]
@@ -158,31 +173,41 @@ def test_steps_place_every_process_of_the_plan(nodes, tp):
     assert len(trainers) == max(1, nodes - 1)
     for k, t in enumerate(trainers):
         tail = list(t.argv[t.argv.index("train") - 1:])
-        assert tail == ["areal-like", "train", "--nnodes", str(max(1, nodes - 1)), "--node-rank", str(k),
+        assert tail == ["areal-like", "train", "--nnodes", str(max(1, nodes - 1)),
+                        "--node-rank", str(k),
                         "--nproc-per-node", "2" if nodes == 1 else "4", "--master-addr", "10.1.2.3",
                         "--master-port", "29500", "--log-dir", f"/shared/run/logs/torchrun-node{k}",
                         "--config-file", "/shared/run/config.yaml",
-                        "eval.await_server=true"]  # as run's trainer: the final eval's server may be late
+                        # as run's trainer: the final eval's server may be late
+                        "eval.await_server=true"]
 
 
 def test_two_nodes_tp2_exact_command_lines():
     _, steps = _steps(2, 2)
     assert [s.line() for s in steps] == [
-        "buffer\tbuffer\tsrun --overlap --nodes=1 --ntasks=1 --nodelist=gpu0 --cpus-per-task=1 --cpu-bind=mask_cpu:0x10000 "
+        "buffer\tbuffer\tsrun --overlap --nodes=1 --ntasks=1 --nodelist=gpu0 --cpus-per-task=1 "
+        "--cpu-bind=mask_cpu:0x10000 "
         "env CUDA_VISIBLE_DEVICES= areal-like buffer --config-file /shared/run/config.yaml",
         "trainer\ttrainer\tsrun --overlap --nodes=1 --ntasks=1 --nodelist=gpu0 --cpus-per-task=16 "
-        "--cpu-bind=mask_cpu:0xffff env CUDA_VISIBLE_DEVICES=0,1,2,3 areal-like train --nnodes 1 --node-rank 0 "
-        "--nproc-per-node 4 --master-addr 10.1.2.3 --master-port 29500 --log-dir /shared/run/logs/torchrun-node0 "
+        "--cpu-bind=mask_cpu:0xffff env CUDA_VISIBLE_DEVICES=0,1,2,3 areal-like train "
+        "--nnodes 1 --node-rank 0 "
+        "--nproc-per-node 4 --master-addr 10.1.2.3 --master-port 29500 "
+        "--log-dir /shared/run/logs/torchrun-node0 "
         "--config-file /shared/run/config.yaml "
         "eval.await_server=true",
         "rollout-0\trollout\tsrun --overlap --nodes=1 --ntasks=1 --nodelist=gpu1 --cpus-per-task=8 "
-        "--cpu-bind=mask_cpu:0xff env CUDA_VISIBLE_DEVICES=0,1 bash /shared/repo/launch/slurm/with_restarts.sh 3 "
-        "areal-like rollout --config-file /shared/run/config.yaml rollout.server_id=rollout-0 rollout.metrics_port=9101 "
+        "--cpu-bind=mask_cpu:0xff env CUDA_VISIBLE_DEVICES=0,1 "
+        "bash /shared/repo/launch/slurm/with_restarts.sh 3 "
+        "areal-like rollout --config-file /shared/run/config.yaml rollout.server_id=rollout-0 "
+        "rollout.metrics_port=9101 "
         "rollout.eval=true "  # the first server runs the job's evaluations
-        "rollout.engine.host=gpu1",  # on its node's address, where trainer rank 0's log-prob guard reaches it
+        # on its node's address, where trainer rank 0's log-prob guard reaches it
+        "rollout.engine.host=gpu1",
         "rollout-1\trollout\tsrun --overlap --nodes=1 --ntasks=1 --nodelist=gpu1 --cpus-per-task=8 "
-        "--cpu-bind=mask_cpu:0xff00 env CUDA_VISIBLE_DEVICES=2,3 bash /shared/repo/launch/slurm/with_restarts.sh 3 "
-        "areal-like rollout --config-file /shared/run/config.yaml rollout.server_id=rollout-1 rollout.metrics_port=9102 "
+        "--cpu-bind=mask_cpu:0xff00 env CUDA_VISIBLE_DEVICES=2,3 "
+        "bash /shared/repo/launch/slurm/with_restarts.sh 3 "
+        "areal-like rollout --config-file /shared/run/config.yaml rollout.server_id=rollout-1 "
+        "rollout.metrics_port=9102 "
         "rollout.engine.host=gpu1",
     ]
 
@@ -190,20 +215,27 @@ def test_two_nodes_tp2_exact_command_lines():
 def test_ports_json_lists_each_daemon_at_its_nodes_address():
     topo, _ = _steps(3, 2)
     got = {d["name"]: d["metrics_url"] for d in topo.to_json(["gpu0", "gpu1", "gpu2"])["daemons"]}
-    assert got == {"buffer": "http://10.1.2.3:9100/metrics", "rollout-0": "http://gpu2:9101/metrics",
-                   "rollout-1": "http://gpu2:9102/metrics", "trainer": "http://10.1.2.3:9200/metrics"}
+    assert got == {"buffer": "http://10.1.2.3:9100/metrics",
+                   "rollout-0": "http://gpu2:9101/metrics",
+                   "rollout-1": "http://gpu2:9102/metrics",
+                   "trainer": "http://10.1.2.3:9200/metrics"}
 
 
 def test_steps_refuse_what_a_slurm_job_cannot_run():
-    with pytest.raises(ConfigError, match=r"^launch.nodes=2 but the allocation has 3 nodes \(a, b, c\)"):
-        slurm_steps(_cfg(2, 1), ["a", "b", "c"], config="c", cpus=16, master_port=1, restarts=0, repo="r")
-    with pytest.raises(ConfigError, match="^rollout.metrics_port has port 0: every port of a Slurm job is fixed"):
-        slurm_steps(_cfg(2, 1, "rollout.metrics_port=0"), ["a", "b"], config="c", cpus=16, master_port=1,
-                    restarts=0, repo="r")
+    with pytest.raises(ConfigError,
+                       match=r"^launch.nodes=2 but the allocation has 3 nodes \(a, b, c\)"):
+        slurm_steps(_cfg(2, 1), ["a", "b", "c"], config="c", cpus=16, master_port=1, restarts=0,
+                    repo="r")
+    with pytest.raises(ConfigError, match="^rollout.metrics_port has port 0: "
+                                          "every port of a Slurm job is fixed"):
+        slurm_steps(_cfg(2, 1, "rollout.metrics_port=0"), ["a", "b"], config="c", cpus=16,
+                    master_port=1, restarts=0, repo="r")
     with pytest.raises(ConfigError, match="the Slurm recipe places GPU jobs"):
-        slurm_steps(load_config(["launch.nodes=2", "buffer.address=tcp://h:1", "buffer.pub_address=tcp://h:2",
+        slurm_steps(load_config(["launch.nodes=2", "buffer.address=tcp://h:1",
+                                 "buffer.pub_address=tcp://h:2",
                                  "trainer.weight_sync.master_addr=h",
-                                 "buffer.metrics_port=3", "rollout.metrics_port=4", "trainer.metrics_port=5"]),
+                                 "buffer.metrics_port=3", "rollout.metrics_port=4",
+                                 "trainer.metrics_port=5"]),
                     ["a", "b"], config="c", cpus=16, master_port=1, restarts=0, repo="r")
 
 
@@ -214,15 +246,18 @@ def test_with_restarts_restarts_a_failing_command_then_gives_up(tmp_path):
                        env={**os.environ, "RESTART_BACKOFF_S": "0"})
     assert r.returncode == 3 and count.read_text() == "run\n" * 3
     assert "restart 2/2" in r.stderr and "no restarts left (2)" in r.stderr
-    ok = subprocess.run(["bash", str(ROOT / "launch/slurm/with_restarts.sh"), "2", "true"], timeout=60)
+    ok = subprocess.run(["bash", str(ROOT / "launch/slurm/with_restarts.sh"), "2", "true"],
+                        timeout=60)
     assert ok.returncode == 0
 
 
 def test_a_cpu_trainer_takes_the_cores_of_the_gpus_nothing_uses():
-    placed = place_node(gpus_per_node=4, trainer_ranks=0, rollout_servers=2, tp_size=1)  # trainer.device=cpu
-    cores = node_cores(placed, physical_cores(17), gpus_per_node=4, has_buffer=True, cpu_trainer=True)
-    assert cores == {"rollout-0": (0, 1, 2, 3), "rollout-1": (4, 5, 6, 7), "trainer": tuple(range(8, 16)),
-                     "buffer": (16,)}
+    # trainer.device=cpu
+    placed = place_node(gpus_per_node=4, trainer_ranks=0, rollout_servers=2, tp_size=1)
+    cores = node_cores(placed, physical_cores(17), gpus_per_node=4, has_buffer=True,
+                       cpu_trainer=True)
+    assert cores == {"rollout-0": (0, 1, 2, 3), "rollout-1": (4, 5, 6, 7),
+                     "trainer": tuple(range(8, 16)), "buffer": (16,)}
     full = place_node(gpus_per_node=2, trainer_ranks=0, rollout_servers=2, tp_size=1)
     with pytest.raises(ConfigError, match="^trainer.device=cpu on a node whose 2 GPUs all serve"):
         node_cores(full, physical_cores(9), gpus_per_node=2, has_buffer=True, cpu_trainer=True)

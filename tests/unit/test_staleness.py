@@ -20,7 +20,8 @@ class FakeClock:
         return self.t
 
 
-# eta, B, v, started, in_flight, max_inflight, expected capacity (the trainer consumed B per version: v * B)
+# eta, B, v, started, in_flight, max_inflight, expected capacity
+# (the trainer consumed B per version: v * B)
 ADMISSION = [
     (0, 4, 0, 0, 0, 64, 4),  # (0+0+1)*4 = 4 - 0
     (0, 4, 0, 4, 4, 64, 0),  # synchronous: the 5th group waits for v = 1
@@ -32,7 +33,8 @@ ADMISSION = [
     (2, 8, 3, 40, 10, 64, 8),  # (2+3+1)*8 = 48 - 40 = 8; in-flight room 54
     (4, 8, 0, 0, 0, 16, 16),  # staleness room 40, in-flight cap 16 binds
     (4, 8, 0, 30, 10, 16, 6),  # staleness room 40-30 = 10, in-flight room 16-10 = 6
-    (3, 2, 0, 9, 0, 64, 0),  # over the limit (e.g. restored after a restart): 8-9 -> 0, never negative
+    # over the limit (e.g. restored after a restart): 8-9 -> 0, never negative
+    (3, 2, 0, 9, 0, 64, 0),
 ]
 
 
@@ -81,7 +83,8 @@ def test_eta_zero_is_synchronous():
 def test_admission_bounds_in_flight_plus_stored():
     """started - consumed = in_flight + stored <= (eta + 1) * B at every version."""
     eta, B = 2, 4
-    ledger = CreditLedger(StalenessPolicy(eta, B, 1000), 10_000, lease_timeout_s=60, clock=FakeClock())
+    ledger = CreditLedger(StalenessPolicy(eta, B, 1000), 10_000, lease_timeout_s=60,
+                          clock=FakeClock())
     consumed = 0
     for _v in range(6):
         for lease in ledger.grant("s", 1000):
@@ -111,7 +114,8 @@ def test_lease_expiry_and_reissue_with_a_fake_clock():
 
 
 def test_cursor_wraps_into_epochs_and_stops_at_max_epochs():
-    ledger = CreditLedger(StalenessPolicy(10, 10, 100), 3, lease_timeout_s=1, max_epochs=2, clock=FakeClock())
+    ledger = CreditLedger(StalenessPolicy(10, 10, 100), 3, lease_timeout_s=1, max_epochs=2,
+                          clock=FakeClock())
     got = [(x.prompt_index, x.epoch) for x in ledger.grant("s", 10)]
     assert got == [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]
     assert ledger.exhausted and ledger.grant("s", 10) == []
@@ -133,7 +137,7 @@ def test_state_round_trip_neither_repeats_nor_skips():
     assert [(x.lease_id, x.prompt_index) for x in again] == [("L3", 1), ("L4", 3)]
 
 
-# ---------------------------------------------------------------- the service's books, under random traffic
+# -------------------------------------------------------- the service's books, under random traffic
 
 class _FakeServer:
     def __init__(self):
@@ -157,14 +161,16 @@ def _group(credit, server_id: str, version: int, rewards):
     from areal_like.wire import protocol as P
     from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 
-    trajs = [Trajectory.of(prompt_ids=as_i32([1]), output_ids=as_i32([2, 3]), behav_logp=as_f32([-1, -1]),
-                          versions=as_i32([version, version]), reward=float(r), finish_reason="stop") for r in rewards]
-    return P.TrajectoryGroup(group_id=f"{server_id}-{credit.lease_id}", server_id=server_id, lease_id=credit.lease_id,
-                             prompt_index=credit.prompt_index, epoch=credit.epoch, trajectories=trajs), np
+    trajs = [Trajectory.of(prompt_ids=as_i32([1]), output_ids=as_i32([2, 3]),
+                           behav_logp=as_f32([-1, -1]), versions=as_i32([version, version]),
+                           reward=float(r), finish_reason="stop") for r in rewards]
+    return P.TrajectoryGroup(group_id=f"{server_id}-{credit.lease_id}", server_id=server_id,
+                             lease_id=credit.lease_id, prompt_index=credit.prompt_index,
+                             epoch=credit.epoch, trajectories=trajs), np
 
 
-OPS = {"credits": 3, "deliver": 4, "redeliver": 1, "batch": 2, "lost_batch": 1, "bump": 1, "tick": 1,
-       "heartbeat": 1, "restart": 1}  # weights
+OPS = {"credits": 3, "deliver": 4, "redeliver": 1, "batch": 2, "lost_batch": 1, "bump": 1,
+       "tick": 1, "heartbeat": 1, "restart": 1}  # weights
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -177,12 +183,13 @@ def test_change_records_rebuild_the_state(seed):
     import msgspec
 
     rng, clock = random.Random(seed), FakeClock(0.0)
-    ledger = CreditLedger(StalenessPolicy(2, 3, 12), 7, lease_timeout_s=5.0, max_epochs=rng.choice([0, 3]),
-                          clock=clock)
+    ledger = CreditLedger(StalenessPolicy(2, 3, 12), 7, lease_timeout_s=5.0,
+                          max_epochs=rng.choice([0, 3]), clock=clock)
     replica = CreditLedger(StalenessPolicy(2, 3, 12), 7, lease_timeout_s=5.0, clock=clock)
     given_back = 0
     for step in range(300):
-        op = rng.choice(["grant", "grant", "fulfil", "cancel", "drop", "expire", "tick", "record", "snapshot"])
+        op = rng.choice(["grant", "grant", "fulfil", "cancel", "drop", "expire", "tick", "record",
+                         "snapshot"])
         leases = list(ledger.leases)
         if op == "grant":
             ledger.grant(rng.choice("ab"), rng.randint(1, 4))
@@ -190,7 +197,8 @@ def test_change_records_rebuild_the_state(seed):
                 ledger.consume(rng.randint(0, 3))
         elif op in ("fulfil", "cancel") and leases:
             getattr(ledger, op)(rng.choice(leases))
-        elif op == "drop" and ledger.started > len(ledger.leases) + given_back:  # a stored group is dropped
+        elif op == "drop" and ledger.started > len(ledger.leases) + given_back:
+            # a stored group is dropped
             ledger.give_back(rng.randint(0, 6), 0, reissue=rng.random() < 0.5)
             given_back += 1
         elif op == "expire":
@@ -198,7 +206,8 @@ def test_change_records_rebuild_the_state(seed):
         elif op == "tick":
             clock.t += rng.choice([1.0, 3.0])
         elif op == "record":  # what the WAL gets: msgpack, as written
-            replica.apply_changes(msgspec.msgpack.decode(msgspec.msgpack.encode(ledger.take_changes())))
+            replica.apply_changes(
+                msgspec.msgpack.decode(msgspec.msgpack.encode(ledger.take_changes())))
             assert replica.state() == ledger.state(), step
         elif op == "snapshot":  # a checkpoint: the replica starts over from it
             replica.load_state(ledger.snapshot())
@@ -211,15 +220,18 @@ def test_a_change_record_costs_what_changed_not_what_is_outstanding():
     not 4,096 (the whole state is ~117 KB of msgpack)."""
     import msgspec
 
-    ledger = CreditLedger(StalenessPolicy(10_000, 8, 100_000), 10**6, lease_timeout_s=60.0, clock=FakeClock())
+    ledger = CreditLedger(StalenessPolicy(10_000, 8, 100_000), 10**6, lease_timeout_s=60.0,
+                          clock=FakeClock())
     for s in range(64):
         ledger.grant(f"rollout-server-{s:02d}", 64)
     ledger.take_changes()
     ledger.fulfil("L17")
     ledger.grant("rollout-server-99", 1)
     changes = ledger.take_changes()
-    assert (changes["granted"], changes["closed"]) == ([["L4096", 4096, 0, "rollout-server-99"]], ["L17"])
-    assert len(msgspec.msgpack.encode(changes)) < 150 < 100_000 < len(msgspec.msgpack.encode(ledger.state()))
+    assert ((changes["granted"], changes["closed"])
+            == ([["L4096", 4096, 0, "rollout-server-99"]], ["L17"]))
+    assert (len(msgspec.msgpack.encode(changes)) < 150 < 100_000
+            < len(msgspec.msgpack.encode(ledger.state())))
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -239,7 +251,8 @@ def test_books_balance_under_random_traffic(seed, tmp_path):
     rng = random.Random(seed)
     clock = FakeClock(0.0)
     cfg = RunConfig(run_dir=str(tmp_path), task=TaskConfig(num_prompts=7), buffer=BufferConfig(
-        max_staleness=rng.choice([0, 1, 2]), groups_per_step=rng.choice([1, 2, 3]), max_inflight=6, capacity=8,
+        max_staleness=rng.choice([0, 1, 2]), groups_per_step=rng.choice([1, 2, 3]),
+        max_inflight=6, capacity=8,
         lease_timeout_s=10.0, heartbeat_timeout_s=1000.0, filter_equal_rewards=rng.random() < 0.5,
         stale_policy="reissue"))
     svc = BufferService.from_run(cfg, clock=clock)
@@ -269,21 +282,24 @@ def test_books_balance_under_random_traffic(seed, tmp_path):
             held += [(c, sid, v) for c in reply.credits]
         elif op in ("deliver", "redeliver") and (held if op == "deliver" else delivered):
             pool = held if op == "deliver" else delivered
-            credit, owner, gen_v = pool.pop(rng.randrange(len(pool))) if op == "deliver" else rng.choice(pool)
+            credit, owner, gen_v = (pool.pop(rng.randrange(len(pool))) if op == "deliver"
+                                    else rng.choice(pool))
             group, _ = _group(credit, owner, gen_v, rng.choice([(0.0, 1.0), (1.0, 1.0)]))
             step(group, encode(group))
             if op == "deliver":
                 delivered.append((credit, owner, gen_v))
         elif op in ("batch", "lost_batch"):
             ack = last_batch if op == "batch" else ""
-            step(P.BatchRequest(n_groups=cfg.buffer.groups_per_step, trainer_version=v, wait_s=0.0, ack_batch=ack))
+            step(P.BatchRequest(n_groups=cfg.buffer.groups_per_step, trainer_version=v, wait_s=0.0,
+                                ack_batch=ack))
             batch = svc.server.sent[-1]
             assert all(v - g.head_version <= cfg.buffer.max_staleness for g in batch.groups)
             if ack:
                 consumed += in_transit
             in_transit, last_batch = [], ack
             if batch.groups:
-                in_transit, last_batch = [(g.prompt_index, g.epoch) for g in batch.groups], batch.batch_id
+                in_transit, last_batch = ([(g.prompt_index, g.epoch) for g in batch.groups],
+                                          batch.batch_id)
                 v += 1
                 step(P.VersionUpdate(policy_version=v))
         elif op == "bump":  # the trainer moves on without a batch from us: stored groups age
@@ -300,7 +316,8 @@ def test_books_balance_under_random_traffic(seed, tmp_path):
             svc = BufferService.from_run(cfg, clock=clock)
             svc.recover()
             svc.server, svc.publisher = _FakeServer(), _FakePublisher()
-            assert (svc.state(), {g.group_id for g in svc.store.groups()}, svc.control.version) == before
+            assert (svc.state(), {g.group_id for g in svc.store.groups()},
+                    svc.control.version) == before
             for server_id in ("a", "b"):  # the roster is soft state: servers re-register
                 step(P.Register(server_id=server_id, engine_url="http://x", policy_version=v))
         ledger = svc.ledger
@@ -308,14 +325,18 @@ def test_books_balance_under_random_traffic(seed, tmp_path):
         assert svc.handout.in_transit_groups() == len(in_transit)
         if not cfg.buffer.filter_equal_rewards:  # filtered prompts are deliberately not re-issued
             below = [(i, e) for e in range(ledger.epoch + 1)
-                     for i in range(ledger.next_index if e == ledger.epoch else cfg.task.num_prompts)]
-            places = consumed + in_transit + [(g.prompt_index, g.epoch) for g in svc.store.groups()] \
-                + [(x.prompt_index, x.epoch) for x in ledger.leases.values()] + list(ledger.reissue)
+                     for i in range(ledger.next_index if e == ledger.epoch
+                                    else cfg.task.num_prompts)]
+            places = (consumed + in_transit
+                      + [(g.prompt_index, g.epoch) for g in svc.store.groups()]
+                      + [(x.prompt_index, x.epoch) for x in ledger.leases.values()]
+                      + list(ledger.reissue))
             assert sorted(places) == sorted(below)
     svc.wal.close()
     restarted = BufferService.from_run(cfg, clock=clock)  # the WAL alone rebuilds the same state
     restarted.recover()
     assert restarted.state() == svc.state() and restarted.control.version == svc.control.version
-    assert {g.group_id for g in restarted.store.groups()} == {g.group_id for g in svc.store.groups()}
+    assert ({g.group_id for g in restarted.store.groups()}
+            == {g.group_id for g in svc.store.groups()})
     assert set(restarted.seen) == set(svc.seen)
     restarted.wal.close()

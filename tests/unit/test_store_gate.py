@@ -66,13 +66,16 @@ def test_a_door_carries_bytes_through_the_gate_unchanged_both_ways(echo):
 
 def test_a_wrong_name_and_a_torch_client_get_nothing(echo):
     port = free_port()
-    gate, door = StoreGate("127.0.0.1", port, SECRET, echo), StoreDoor("127.0.0.1", port, "another name")
+    gate, door = (StoreGate("127.0.0.1", port, SECRET, echo),
+                  StoreDoor("127.0.0.1", port, "another name"))
     try:
         with socket.create_connection(("127.0.0.1", door.port), timeout=DEADLINE_S) as s:
-            s.sendall(b"\x00store")  # the door cannot pass the gate: the client's connection is closed
+            # the door cannot pass the gate: the client's connection is closed
+            s.sendall(b"\x00store")
             assert closed_by_peer(s)
         with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S) as s:
-            s.sendall(b"\x00\xce\xf7\x85\x3c")  # a torch client's first message, straight to the gate
+            # a torch client's first message, straight to the gate
+            s.sendall(b"\x00\xce\xf7\x85\x3c")
             assert closed_by_peer(s)
         assert gate.answered == 0 and gate.refused >= 1
     finally:
@@ -99,7 +102,8 @@ def test_a_slow_sender_is_cut_off_at_the_handshake_deadline_in_all(monkeypatch, 
                     closed = True
                 if closed:
                     break
-            assert closed and time.monotonic() - t0 < len(slow) * 0.1 / 2, "not cut off at the deadline"
+            assert closed and time.monotonic() - t0 < len(slow) * 0.1 / 2, (
+                "not cut off at the deadline")
         assert gate.refused == 1 and gate.answered == 0
     finally:
         gate.close()
@@ -112,7 +116,8 @@ def test_connections_past_the_cap_are_closed_at_once(monkeypatch, echo):
     idle = [socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S) for _ in range(2)]
     try:
         deadline = time.monotonic() + DEADLINE_S
-        while True:  # the two idle ones hold both places until HANDSHAKE_S; a third is refused meanwhile
+        # the two idle ones hold both places until HANDSHAKE_S; a third is refused meanwhile
+        while True:
             with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S) as s:
                 if closed_by_peer(s) and gate.refused:
                     break
@@ -150,7 +155,8 @@ def test_a_door_proves_nothing_to_a_listener_that_cannot_prove_the_name():
             s.sendall(b"\x00secret key of the group/")  # what a member's store client would send
             assert closed_by_peer(s)
         thread.join(DEADLINE_S)
-        assert got["hello"].startswith(MAGIC) and got["after"] == b""  # no proof, not a byte of the client's
+        # no proof, not a byte of the client's
+        assert got["hello"].startswith(MAGIC) and got["after"] == b""
     finally:
         door.close()
         squatter.close()

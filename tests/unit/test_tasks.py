@@ -40,8 +40,10 @@ def test_synthetic_eval_split_is_fixed_and_drawn_apart_from_train(name):
     cfg = TaskConfig(name=name, digits=4, num_prompts=1000)
     assert has_eval_split(cfg)
     train, ev = make_task(cfg), make_task(cfg, split="eval")
-    assert len(ev) == SYNTHETIC_EVAL_SIZE and len(make_task(TaskConfig(name=name, num_prompts=9), split="eval")) == 9
-    assert [ev.example(i) for i in range(20)] == [make_task(cfg, split="eval").example(i) for i in range(20)]
+    assert (len(ev) == SYNTHETIC_EVAL_SIZE
+            and len(make_task(TaskConfig(name=name, num_prompts=9), split="eval")) == 9)
+    assert [ev.example(i) for i in range(20)] == [make_task(cfg, split="eval").example(i)
+                                                  for i in range(20)]
     assert [ev.example(i) for i in range(20)] != [train.example(i) for i in range(20)]
     assert all(ev.reward(ev.example(i).answer, ev.example(i)) == 1.0 for i in range(20))
     with pytest.raises(IndexError):
@@ -51,10 +53,12 @@ def test_synthetic_eval_split_is_fixed_and_drawn_apart_from_train(name):
 
 
 def test_rewards_are_module_level_functions_named_by_path():
-    for name, fn in (("addition", exact_match), ("reverse", exact_match), ("countdown", countdown_reward)):
+    for name, fn in (("addition", exact_match), ("reverse", exact_match),
+                     ("countdown", countdown_reward)):
         task = make_task(TaskConfig(name=name))
         assert load_function(task.reward_path) is fn
-    assert load_function(DatasetTask.reward_path) is math_reward  # named by path: areal_like never imports it
+    # named by path: areal_like never imports it
+    assert load_function(DatasetTask.reward_path) is math_reward
 
 
 def test_one_parser_for_function_paths():
@@ -74,7 +78,8 @@ def test_one_parser_for_function_paths():
 def test_example_is_frozen_and_picklable():
     ex = Example("p", "a", ({"role": "user", "content": "p"},), {"level": 2, "tags": ["x"]})
     assert pickle.loads(pickle.dumps(ex)) == ex
-    assert Example("p", "a").metadata == {} and Example("p", "a").metadata is not Example("q", "b").metadata
+    assert (Example("p", "a").metadata == {}
+            and Example("p", "a").metadata is not Example("q", "b").metadata)
     with pytest.raises(AttributeError):
         ex.answer = "b"
 
@@ -102,19 +107,24 @@ def test_countdown_parses_instead_of_evaluating():
     assert countdown_reward("9**8**7", Example("cd 9 8 7 to 15:", "9+8-2")) == 0.0
     assert countdown_reward("2**999999", Example("cd 2 999999 to 4:", "2*2")) == 0.0
     assert countdown_reward("2*999999", Example("cd 2 999999 to 1999998:", "2*999999")) == 1.0
-    assert countdown_reward("-3+5", Example("cd 3 5 to 2:", "5-3")) == 0.0  # unary minus is not an operator here
+    # unary minus is not an operator here
+    assert countdown_reward("-3+5", Example("cd 3 5 to 2:", "5-3")) == 0.0
     assert countdown_reward("3" * 41, Example("cd 3 to 3:", "3")) == 0.0  # over the length bound
 
 
 def test_countdown_divides_exactly_and_refuses_what_is_not_arithmetic():
     ex = Example("cd 8 2 3 to 12:", "8+2*2")
     assert countdown_reward("8/2*3", ex) == 1.0  # (8/2)*3
-    assert countdown_reward("(8+2)/3", Example("cd 8 2 3 to 3:", "")) == 0.0  # 10/3 is not 3: exact, no rounding
+    # 10/3 is not 3: exact, no rounding
+    assert countdown_reward("(8+2)/3", Example("cd 8 2 3 to 3:", "")) == 0.0
     assert countdown_reward("(3-3)", Example("cd 3 3 to 0:", "")) == 1.0
-    assert countdown_reward("8/(3-3)", Example("cd 8 3 3 to 0:", "")) == 0.0  # division by zero scores 0
-    assert countdown_reward("8//2", Example("cd 8 2 to 4:", "")) == 0.0  # floor division is not offered
+    # division by zero scores 0
+    assert countdown_reward("8/(3-3)", Example("cd 8 3 3 to 0:", "")) == 0.0
+    # floor division is not offered
+    assert countdown_reward("8//2", Example("cd 8 2 to 4:", "")) == 0.0
     assert countdown_reward("9**8**7", Example("cd 9 8 7 to 15:", "9+8-2")) == 0.0
-    assert countdown_reward("1000000000*2", Example("cd 1000000000 2 to 2000000000:", "")) == 0.0  # not small
+    # not small
+    assert countdown_reward("1000000000*2", Example("cd 1000000000 2 to 2000000000:", "")) == 0.0
 
 
 def test_dataset_task_and_math_reward(tmp_path):
@@ -151,4 +161,5 @@ def test_synthetic_prompts_stay_plain_text_whatever_the_tokenizer_template():
     assert tok.chat_template  # the char tokenizer has a template: dataset tasks use it
     for template in ("auto", "none"):
         ids = encode_prompt(tok, ex, TaskConfig(name="reverse", digits=4, chat_template=template))
-        assert ids == tok(ex.prompt)["input_ids"] and ids[0] == BOS_ID and len(ids) == len(ex.prompt) + 1
+        assert (ids == tok(ex.prompt)["input_ids"] and ids[0] == BOS_ID
+                and len(ids) == len(ex.prompt) + 1)

@@ -1,4 +1,5 @@
-"""The BPE tokenizer built from the shipped corpus, load_tokenizer's choices, and the model's token ids."""
+"""The BPE tokenizer built from the shipped corpus, load_tokenizer's choices, and the model's token
+ids."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from areal_like.weights.hf import qwen2_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 37 + 45?"}]
-CHATML_TEXT = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 37 + 45?<|im_end|>\n"
+CHATML_TEXT = ("<|im_start|>system\nBe brief.<|im_end|>\n"
+               "<|im_start|>user\nWhat is 37 + 45?<|im_end|>\n"
                "<|im_start|>assistant\n")
 
 
@@ -35,7 +37,8 @@ def test_bpe_build_is_deterministic_across_processes(tmp_path):
 def test_bpe_special_tokens_digits_and_exact_round_trip():
     tok = bpe_tokenizer(512)
     assert len(tok) <= 512
-    assert [tok.convert_ids_to_tokens(i) for i in range(3)] == ["<pad>", "<|im_start|>", "<|im_end|>"]
+    assert ([tok.convert_ids_to_tokens(i) for i in range(3)]
+            == ["<pad>", "<|im_start|>", "<|im_end|>"])
     assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (0, 2, None)
     assert tok("What is 37 + 45?")["input_ids"][0] not in (0, 1, 2)  # nothing added in front
     digits = tok("1234567890", add_special_tokens=False)["input_ids"]
@@ -53,7 +56,8 @@ def test_bpe_chat_template_is_chatml():
     assert tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False) == CHATML_TEXT
     without = tok.apply_chat_template(CHAT, add_generation_prompt=False, tokenize=False)
     assert without + "<|im_start|>assistant\n" == CHATML_TEXT
-    assert tok.apply_chat_template(CHAT, add_generation_prompt=True, return_dict=False) == tok(CHATML_TEXT)["input_ids"]
+    assert (tok.apply_chat_template(CHAT, add_generation_prompt=True, return_dict=False)
+            == tok(CHATML_TEXT)["input_ids"])
 
 
 def test_bpe_save_and_reload_keeps_ids_specials_and_template(tmp_path):
@@ -61,7 +65,8 @@ def test_bpe_save_and_reload_keeps_ids_specials_and_template(tmp_path):
     tok.save_pretrained(tmp_path)
     again = load_tokenizer(ModelConfig(path=str(tmp_path), vocab_size=512))
     assert again is not tok and again.chat_template == tok.chat_template
-    assert (again.pad_token_id, again.eos_token_id, len(again)) == (tok.pad_token_id, tok.eos_token_id, len(tok))
+    assert ((again.pad_token_id, again.eos_token_id, len(again))
+            == (tok.pad_token_id, tok.eos_token_id, len(tok)))
     text = "What is 37 + 45? The answer is \\boxed{82}."
     assert again(text)["input_ids"] == tok(text)["input_ids"]
     assert (again.apply_chat_template(CHAT, add_generation_prompt=True, return_dict=False)
@@ -75,7 +80,8 @@ def test_load_tokenizer_honours_model_tokenizer(tmp_path):
     from_dir = load_tokenizer(ModelConfig(tokenizer=str(tmp_path / "tok"), vocab_size=512))
     assert from_dir("37 + 45")["input_ids"] == bpe_tokenizer(512)("37 + 45")["input_ids"]
     for vocab in (64, BPE_MIN_VOCAB - 1):
-        with pytest.raises(ConfigError, match=f"model.vocab_size={vocab} .*at least {BPE_MIN_VOCAB}"):
+        with pytest.raises(ConfigError,
+                           match=f"model.vocab_size={vocab} .*at least {BPE_MIN_VOCAB}"):
             load_tokenizer(ModelConfig(tokenizer="bpe", vocab_size=vocab))
     with pytest.raises(ConfigError, match="model.vocab_size=300 is smaller than the tokenizer"):
         load_tokenizer(ModelConfig(tokenizer=str(tmp_path / "tok"), vocab_size=300))
@@ -94,17 +100,21 @@ def test_built_model_config_carries_the_tokenizer_ids():
 
 
 def test_char_tokenizer_reloaded_from_a_qwen2_model_directory_keeps_whitespace(tmp_path):
-    """A warm-started model directory (config.json says qwen2) makes AutoTokenizer pick transformers'
-    Qwen2Tokenizer, which rebuilds the pre-tokenizer; it once dropped every space and newline."""
+    """A warm-started model directory (config.json says qwen2) makes AutoTokenizer pick
+    transformers' Qwen2Tokenizer, which rebuilds the pre-tokenizer; it once dropped every space and
+    newline."""
     tok = char_tokenizer()
     tok.save_pretrained(tmp_path)
     qwen2_config(ModelConfig()).save_pretrained(tmp_path)
     again = load_tokenizer(ModelConfig(path=str(tmp_path)))
     assert type(again).__name__ == "Qwen2Tokenizer"  # the class that dropped whitespace
     text = "a b\n\tc\r\x0b\x0c"
-    ids = [1, 14, 98, 15, 100, 99, 16, 101, 102, 103]  # <bos>, then string.printable's index + 4 per character
+    # <bos>, then string.printable's index + 4 per character
+    ids = [1, 14, 98, 15, 100, 99, 16, 101, 102, 103]
     assert tok(text)["input_ids"] == again(text)["input_ids"] == ids
-    assert tok.decode(ids, skip_special_tokens=True) == again.decode(ids, skip_special_tokens=True) == text
+    assert (tok.decode(ids, skip_special_tokens=True)
+            == again.decode(ids, skip_special_tokens=True) == text)
     assert again("347 * 29 = x")["input_ids"] == tok("347 * 29 = x")["input_ids"]
     chat = [{"role": "user", "content": "a b"}]
-    assert again.apply_chat_template(chat, return_dict=False) == tok.apply_chat_template(chat, return_dict=False)
+    assert (again.apply_chat_template(chat, return_dict=False)
+            == tok.apply_chat_template(chat, return_dict=False))

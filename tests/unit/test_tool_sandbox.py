@@ -53,14 +53,17 @@ def test_a_call_returns_its_result_as_text(pool):
 
 def test_crash_is_an_error_naming_the_signal(pool):
     got = call(pool, "segfault")
-    assert (got.outcome, got.content) == ("error", "segfault crashed its worker process (worker died: signal 11)")
+    assert (got.outcome, got.content) == (
+        "error", "segfault crashed its worker process (worker died: signal 11)")
     still_works(pool)
 
 
 def test_hang_is_killed_at_the_timeout_with_what_it_started(pool):
     before = my_children()
-    got = call(pool, "behave", response="child", example=None)  # leaves a `sleep 600` behind... if it may fork
-    assert got.outcome == "error" and "BlockingIOError" in got.content, got  # it may not: no process of its own
+    # leaves a `sleep 600` behind... if it may fork
+    got = call(pool, "behave", response="child", example=None)
+    # it may not: no process of its own
+    assert got.outcome == "error" and "BlockingIOError" in got.content, got
     got = call(pool, "behave", response="hang", example=None)
     assert (got.outcome, got.content) == ("timeout", "behave did not finish within 2s")
     assert not my_children() - before - set(pool.workers.worker_pids)  # the killed worker is reaped
@@ -69,7 +72,8 @@ def test_hang_is_killed_at_the_timeout_with_what_it_started(pool):
 
 def test_fork_bomb_cannot_fork(pool):
     got = call(pool, "fork_bomb", limit=64)
-    assert got.outcome == "error" and got.content.startswith("fork_bomb raised BlockingIOError"), got
+    assert (got.outcome == "error"
+            and got.content.startswith("fork_bomb raised BlockingIOError")), got
     still_works(pool)
 
 

@@ -45,7 +45,8 @@ def append(path: Path, *rows: dict | str) -> None:
 
 
 def merged(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "tracking" / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line)
+            for line in (run / "tracking" / "metrics.jsonl").read_text().splitlines()]
 
 
 # ---------------------------------------------------------------------------- tailing
@@ -59,10 +60,12 @@ def test_tail_reads_only_complete_lines_of_a_growing_file(tmp_path):
     assert tail.read() == [{"step": 1}, {"step": 2}]
     assert tail.read() == []  # the line being written waits
     append(path, 'ss": 0.5}\n\nnot json\n[1, 2]\n{"step": 4}\n')
-    assert tail.read() == [{"step": 3, "loss": 0.5}, {"step": 4}]  # blank, non-JSON, non-object lines skipped
+    # blank, non-JSON, non-object lines skipped
+    assert tail.read() == [{"step": 3, "loss": 0.5}, {"step": 4}]
     append(path, '{"step": 5}')
     assert tail.read() == []
-    assert tail.read(final=True) == [{"step": 5}]  # the writers stopped: an unterminated last line counts
+    # the writers stopped: an unterminated last line counts
+    assert tail.read(final=True) == [{"step": 5}]
     path.write_text(json.dumps({"step": 9}) + "\n")  # replaced by a shorter file
     assert tail.read() == [{"step": 9}]
 
@@ -71,7 +74,8 @@ def test_scalars_flatten_nested_dicts_and_keep_only_numbers():
     row = {"step": 3, "time": 1.5, "loss": 0.25, "stats": {"kl": 0.125, "n": 2, "deep": {"x": -1}},
            "weight_sync": {"done": ["r0"], "error": None, "ok": True}, "tag": "x"}
     assert scalars(row, "train", ("step", "time")) == {"train/loss": 0.25, "train/stats/kl": 0.125,
-                                                       "train/stats/n": 2.0, "train/stats/deep/x": -1.0}
+                                                       "train/stats/n": 2.0,
+                                                       "train/stats/deep/x": -1.0}
 
 
 def test_sink_forwards_trainer_eval_and_sample_rows(tmp_path):
@@ -82,19 +86,22 @@ def test_sink_forwards_trainer_eval_and_sample_rows(tmp_path):
            {"time": 1.0, "step": 1, "policy_version": 1, "loss": 0.5, "stats": {"kl": 0.01},
             "weight_sync": {"done": ["r0"], "error": None}},
            {"time": 2.0, "event": "resume", "policy_version": 1})
-    append(run / "eval.jsonl", {"policy_version": 0, "greedy_accuracy": 0.25, "pass@k": 0.5, "k": 4, "final": False,
-                                "time": 3.0})
-    table2 = [{"step": 2, "prompt": "ab", "reward": 1.0}, {"step": 2, "prompt": "cd", "reward": 0.0}]
+    append(run / "eval.jsonl", {"policy_version": 0, "greedy_accuracy": 0.25, "pass@k": 0.5, "k": 4,
+                                "final": False, "time": 3.0})
+    table2 = [{"step": 2, "prompt": "ab", "reward": 1.0},
+              {"step": 2, "prompt": "cd", "reward": 0.0}]
     append(run / "samples.jsonl", *table2)
     assert sink.poll() == 2  # the trainer row and the eval row; the table may still be growing
     assert sink.poll() == 1  # the file did not change since: the table is whole
-    table4, table6 = [{"step": 4, "prompt": "ef"}, {"step": 4, "prompt": "gh"}], [{"step": 6, "prompt": "ij"}]
+    table4, table6 = ([{"step": 4, "prompt": "ef"}, {"step": 4, "prompt": "gh"}],
+                      [{"step": 6, "prompt": "ij"}])
     append(run / "samples.jsonl", *table4, *table6)
     assert sink.poll() == 1  # step 4 is followed by step 6, which is held
     assert sink.poll(final=True) == 1
     sink.close()
     assert merged(run) == [
-        {"step": 1, "metrics": {"train/policy_version": 1.0, "train/loss": 0.5, "train/stats/kl": 0.01}},
+        {"step": 1, "metrics": {"train/policy_version": 1.0, "train/loss": 0.5,
+                                "train/stats/kl": 0.01}},
         {"step": 0, "metrics": {"eval/greedy_accuracy": 0.25, "eval/pass@k": 0.5, "eval/k": 4.0}},
         {"step": 2, "table": "samples", "rows": table2},
         {"step": 4, "table": "samples", "rows": table4},
@@ -178,7 +185,8 @@ def test_track_command_forwards_a_finished_run_and_takes_overrides(tmp_path):
     assert main(["track", str(run), "--once", "tracker=[jsonl,tensorboard]"]) == 0
     assert len(merged(run)) == 2  # rewritten from the files, not appended to
     assert list((run / "tracking" / "tensorboard").glob("events.out.tfevents.*"))
-    assert main(["track", str(tmp_path / "nowhere"), "--once"]) == 2  # no config.yaml: a clear error
+    # no config.yaml: a clear error
+    assert main(["track", str(tmp_path / "nowhere"), "--once"]) == 2
 
 
 # ---------------------------------------------------------------------------- backends, read back
@@ -203,7 +211,8 @@ def test_tensorboard_event_files_hold_scalars_and_the_text_table(tmp_path):
     assert [(e.step, e.value) for e in ea.Scalars("eval/pass@k")] == [(3, 0.25)]
     (text,) = ea.Tensors("samples/text_summary")
     assert text.step == 4
-    assert text.tensor_proto.string_val[0].decode() == "| prompt | versions |\n| --- | --- |\n| a\\|b | [1, 2] |"
+    assert text.tensor_proto.string_val[0].decode() == (
+        "| prompt | versions |\n| --- | --- |\n| a\\|b | [1, 2] |")
 
 
 def wandb_records(path: Path) -> list:
@@ -249,24 +258,29 @@ def test_wandb_offline_run_directory_holds_history_config_and_table(tmp_path, mo
         wandb.teardown()  # the wandb-core service this test started
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     records = wandb_records(run_file)
-    history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+    history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                for item in r.history.item}
                for r in records if r.WhichOneof("record_type") == "history"]
     assert {"train/loss": 0.5, "train/step": 5}.items() <= history[0].items()
     assert {"eval/pass@k": 0.25, "eval/step": 3}.items() <= history[1].items()
     assert history[2]["samples/_type"] == "table-file" and history[2]["samples/nrows"] == 1
     (table,) = run_file.parent.glob("files/media/table/samples_*.table.json")
-    assert json.loads(table.read_text()) == {"columns": ["step", "prompt", "versions"], "data": [[5, "p", "[1, 2]"]]}
+    assert json.loads(table.read_text()) == {"columns": ["step", "prompt", "versions"],
+                                             "data": [[5, "p", "[1, 2]"]]}
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert (run.project, run.display_name) == ("proj", "r1")
-    assert json.loads(next(i.value_json for i in run.config.update if i.key == "trainer")) == {"lr": 0.001}
+    assert json.loads(next(i.value_json for i in run.config.update
+                           if i.key == "trainer")) == {"lr": 0.001}
 
 
 def test_mlflow_file_store_holds_metrics_params_and_tables(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the tracker sets it; this undoes it afterwards
+    # the tracker sets it; this undoes it afterwards
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     rows = [{"step": 4, "prompt": "p", "versions": [1, 2]}]
-    ml = MlflowTracker(tmp_path / "mlruns", "proj", "r1", {"trainer": {"lr": 0.001}, "tracker": ["mlflow"]})
+    ml = MlflowTracker(tmp_path / "mlruns", "proj", "r1",
+                       {"trainer": {"lr": 0.001}, "tracker": ["mlflow"]})
     ml.log_metrics({"train/loss": 0.5, "eval/pass@k": 0.25}, 3)
     ml.log_metrics({"train/loss": 0.25}, 4)
     ml.log_table("samples", rows, 4)
@@ -274,11 +288,13 @@ def test_mlflow_file_store_holds_metrics_params_and_tables(tmp_path, monkeypatch
     client = MlflowClient(tracking_uri=f"file:{tmp_path / 'mlruns'}")
     (run,) = client.search_runs([client.get_experiment_by_name("proj").experiment_id])
     assert run.info.run_name == "r1" and run.info.status == "FINISHED"
-    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")] == [(3, 0.5),
-                                                                                                    (4, 0.25)]
-    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval/pass_k")] == [(3, 0.25)]
+    assert ([(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")]
+            == [(3, 0.5), (4, 0.25)])
+    assert ([(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval/pass_k")]
+            == [(3, 0.25)])
     assert run.data.params == {"trainer/lr": "0.001", "tracker": "['mlflow']"}
-    local = client.download_artifacts(run.info.run_id, "samples/step_00000004.json", str(tmp_path / "dl"))
+    local = client.download_artifacts(run.info.run_id, "samples/step_00000004.json",
+                                      str(tmp_path / "dl"))
     assert json.loads(Path(local).read_text()) == {"step": 4, "rows": rows}
 
 
@@ -295,25 +311,32 @@ def test_trackio_store_holds_metrics_and_tables(tmp_path):
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRACKIO_DIR"}
     env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HOME=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == ""  # trackio's banners went to stderr: stdout is the supervisor's result line
+    # trackio's banners went to stderr: stdout is the supervisor's result line
+    assert proc.stdout == ""
     with sqlite3.connect(tmp_path / "trackio" / "proj.db") as db:
         logged = [(name, step, json.loads(m)) for name, step, m in
                   db.execute("SELECT run_name, step, metrics FROM metrics ORDER BY id")]
     assert logged == [("r1", 3, {"train/loss": 0.5}), ("r1", 2, {"eval/pass@k": 0.25}),
                       ("r1", 3, {"samples": {"_type": "trackio.table",
-                                             "_value": [{"step": 3, "prompt": "p", "versions": "[1, 2]"}]}})]
+                                             "_value": [{"step": 3, "prompt": "p",
+                                                         "versions": "[1, 2]"}]}})]
 
 
 def test_check_trackers_names_the_missing_package_and_its_extra(monkeypatch, tmp_path):
-    assert tracking.check_trackers(RunConfig(tracker=["jsonl", "tensorboard", "wandb", "mlflow", "trackio"])) == []
-    monkeypatch.setitem(tracking.TRACKER_MODULES, "wandb", (("areal_like_no_such_package",), "wandb"))
+    assert tracking.check_trackers(RunConfig(tracker=["jsonl", "tensorboard", "wandb", "mlflow",
+                                                      "trackio"])) == []
+    monkeypatch.setitem(tracking.TRACKER_MODULES, "wandb",
+                        (("areal_like_no_such_package",), "wandb"))
     assert tracking.check_trackers(RunConfig(tracker=["jsonl"])) == []  # not configured: not needed
-    missing = "tracker='wandb' needs the 'areal_like_no_such_package' package, which is not installed: "
+    missing = ("tracker='wandb' needs the 'areal_like_no_such_package' package, "
+               "which is not installed: ")
     assert tracking.check_trackers(RunConfig(tracker=["jsonl", "wandb"])) == [
         missing + "pip install 'areal-like[wandb]' (or drop 'wandb' from tracker)"]
-    with pytest.raises(ConfigError, match=r"^tracker='wandb' needs the 'areal_like_no_such_package' package"):
+    with pytest.raises(ConfigError,
+                       match=r"^tracker='wandb' needs the 'areal_like_no_such_package' package"):
         tracking.build_trackers(RunConfig(tracker=["jsonl", "wandb"]), tmp_path)
     # `areal-like run` stops there: exit 2, and no run directory (nothing was started)
     assert main(["run", "tracker=[jsonl,wandb]", f"run_dir={tmp_path / 'run'}"]) == 2
@@ -325,8 +348,9 @@ def test_check_trackers_names_the_missing_package_and_its_extra(monkeypatch, tmp
 
 def _traj(prompt: str, out: list[int], versions: list[int], reward: float, finish: str = "stop",
           metadata: dict | None = None) -> Trajectory:
-    return Trajectory.of(prompt_ids=as_i32(char_tokenizer()(prompt)["input_ids"]), output_ids=as_i32(out),
-                        behav_logp=as_f32([-1.0] * len(out)), versions=as_i32(versions), reward=reward,
+    return Trajectory.of(prompt_ids=as_i32(char_tokenizer()(prompt)["input_ids"]),
+                        output_ids=as_i32(out), behav_logp=as_f32([-1.0] * len(out)),
+                        versions=as_i32(versions), reward=reward,
                         finish_reason=finish, metadata=metadata or {})
 
 
@@ -338,8 +362,8 @@ def _batch_groups() -> list[P.TrajectoryGroup]:
     g0 = [_traj("ab", _ids("ba"), [5, 6], 1.0, metadata={"text": "BA (engine text)"}),
           _traj("ab", _ids("xy") + [EOS_ID], [6, 6, 7], 0.0)]
     g1 = [_traj("cd", _ids("dcc"), [7, 7, 7], 0.5, finish="length")]
-    return [P.TrajectoryGroup(group_id=f"g{i}", server_id="s0", lease_id=f"l{i}", prompt_index=i, epoch=0,
-                              trajectories=ts) for i, ts in enumerate((g0, g1))]
+    return [P.TrajectoryGroup(group_id=f"g{i}", server_id="s0", lease_id=f"l{i}", prompt_index=i,
+                              epoch=0, trajectories=ts) for i, ts in enumerate((g0, g1))]
 
 
 def test_sample_rows_from_a_hand_made_batch():
@@ -348,8 +372,8 @@ def test_sample_rows_from_a_hand_made_batch():
 
     rows = sample_rows(_batch_groups(), version=7, k=8, decode=decode)
     assert rows == [  # round-robin over the groups: trajectory 0 of each group first
-        {"step": 8, "policy_version": 7, "prompt": "ab", "response": "BA (engine text)", "reward": 1.0,
-         "versions": [5, 6], "staleness": 2, "finish_reason": "stop"},
+        {"step": 8, "policy_version": 7, "prompt": "ab", "response": "BA (engine text)",
+         "reward": 1.0, "versions": [5, 6], "staleness": 2, "finish_reason": "stop"},
         {"step": 8, "policy_version": 7, "prompt": "cd", "response": "dcc", "reward": 0.5,
          "versions": [7, 7], "staleness": 0, "finish_reason": "length"},
         {"step": 8, "policy_version": 7, "prompt": "ab", "response": "xy", "reward": 0.0,
@@ -363,7 +387,8 @@ def test_trainer_appends_a_sample_table_every_sample_every_steps(tmp_path, monke
     monkeypatch.delenv("RANK", raising=False)
     cfg = RunConfig(run_dir=str(tmp_path), tracking=TrackingConfig(sample_every=10, sample_k=2))
     trainer = Trainer.from_run(cfg)
-    trainer.data = BatchSource("tcp://127.0.0.1:1", 2, wait_s=1, buffer_timeout_s=1, rank=1)  # no socket on rank 1
+    # no socket on rank 1
+    trainer.data = BatchSource("tcp://127.0.0.1:1", 2, wait_s=1, buffer_timeout_s=1, rank=1)
     trainer.data.last_groups = _batch_groups()
     for trainer.version in (9, 10, 11):
         trainer.record_samples()
@@ -377,7 +402,8 @@ def test_trainer_appends_a_sample_table_every_sample_every_steps(tmp_path, monke
 
 def _lines(fig) -> dict[str, list[tuple[float, float]]]:
     (ax,) = fig.axes
-    return {line.get_label(): [tuple(map(float, p)) for p in line.get_xydata()] for line in ax.get_lines()}
+    return {line.get_label(): [tuple(map(float, p)) for p in line.get_xydata()]
+            for line in ax.get_lines()}
 
 
 def test_learning_curve_gains_eval_points_when_eval_jsonl_exists(tmp_path):
@@ -389,9 +415,11 @@ def test_learning_curve_gains_eval_points_when_eval_jsonl_exists(tmp_path):
         "reward (3-step mean)": [(1, 0.25), (2, 0.375), (3, 0.5)]}
     without = plot_curve(tmp_path, recs).read_bytes()
     append(tmp_path / "eval.jsonl",
-           {"policy_version": 0, "greedy_accuracy": 0.125, "mean@4": 0.0625, "k": 4, "final": False},
+           {"policy_version": 0, "greedy_accuracy": 0.125, "mean@4": 0.0625, "k": 4,
+            "final": False},
            {"policy_version": 3, "greedy_accuracy": 0.5, "mean@4": 0.25, "k": 4, "final": False},
-           {"policy_version": 3, "greedy_accuracy": 0.625, "mean@4": 0.375, "k": 4, "final": True})  # last wins
+           # last wins
+           {"policy_version": 3, "greedy_accuracy": 0.625, "mean@4": 0.375, "k": 4, "final": True})
     lines = _lines(curve_figure(tmp_path, recs, eval_records(tmp_path)))
     assert lines["eval accuracy (greedy)"] == [(0, 0.125), (3, 0.625)]
     assert lines["eval mean@4"] == [(0, 0.0625), (3, 0.375)]

@@ -1,4 +1,5 @@
-"""Trainer liveness and safety guards: re-push when engines are behind, consume-time staleness check."""
+"""Trainer liveness and safety guards: re-push when engines are behind, consume-time staleness
+check."""
 
 import threading
 
@@ -12,8 +13,10 @@ from areal_like.wire.trajectory import Trajectory
 
 
 def _group(version: int, gid: str = "g0") -> P.TrajectoryGroup:
-    traj = Trajectory.of(prompt_ids=np.array([1, 5, 6], np.int32), output_ids=np.array([7, 2], np.int32),
-                        behav_logp=np.array([-1.0, -0.5], np.float32), versions=np.full(2, version, np.int32),
+    traj = Trajectory.of(prompt_ids=np.array([1, 5, 6], np.int32),
+                        output_ids=np.array([7, 2], np.int32),
+                        behav_logp=np.array([-1.0, -0.5], np.float32),
+                        versions=np.full(2, version, np.int32),
                         reward=1.0, finish_reason="stop")
     return P.TrajectoryGroup(group_id=gid, server_id="s", lease_id="l", prompt_index=0, epoch=0,
                              trajectories=[traj, traj])
@@ -36,12 +39,15 @@ class StandIn:
             peer, req_id, m = got
             if isinstance(m, P.BatchRequest):
                 fresh = self.engine_version >= m.trainer_version
-                reply = P.Batch(groups=[_group(m.trainer_version)] if fresh else [], trainer_version=m.trainer_version,
+                reply = P.Batch(groups=[_group(m.trainer_version)] if fresh else [],
+                                trainer_version=m.trainer_version,
                                 reason="" if fresh else "no data", batch_id="b1" if fresh else "")
             else:
                 self.roster_requests += 1
-                reply = P.Roster(members=[P.RosterEntry(server_id="s", engine_url="http://x", engine_ranks=1,
-                                                        policy_version=self.engine_version)], policy_version=3)
+                reply = P.Roster(members=[P.RosterEntry(server_id="s", engine_url="http://x",
+                                                        engine_ranks=1,
+                                                        policy_version=self.engine_version)],
+                                 policy_version=3)
             self.server.send(peer, req_id, reply)
 
     def close(self):
@@ -55,7 +61,8 @@ def test_no_data_and_an_engine_behind_triggers_a_repush(free_port, monkeypatch):
 
     monkeypatch.setattr(data, "RESYNC_CHECK_S", 0.2)
     address = f"tcp://127.0.0.1:{free_port()}"
-    buffer = StandIn(address, engine_version=0)  # a restarted engine serves version 0; the trainer is at 3
+    # a restarted engine serves version 0; the trainer is at 3
+    buffer = StandIn(address, engine_version=0)
     source = data.BatchSource(address, 1, wait_s=0.05, buffer_timeout_s=30, rank=0)
     pushes = []
 

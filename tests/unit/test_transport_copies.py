@@ -1,7 +1,7 @@
 """Transport copy discipline, in one process over loopback TCP: decoded arrays are views of the
 received ZMQ frame and stay valid after the frame is dropped and more frames arrive; the sender's
-kept encode buffer never corrupts frames still queued; big frames hand their buffer over; frames beyond the incoming bound are
-cut before they reach the server."""
+kept encode buffer never corrupts frames still queued; big frames hand their buffer over; frames
+beyond the incoming bound are cut before they reach the server."""
 
 from __future__ import annotations
 
@@ -27,10 +27,11 @@ def group(seed: int, tokens: int = 4096, n: int = 4) -> P.TrajectoryGroup:
     trajs = [Trajectory.of(prompt_ids=rng.integers(0, 1000, 16, dtype=np.int32),
                           output_ids=rng.integers(0, 1000, tokens, dtype=np.int32),
                           behav_logp=-rng.random(tokens, dtype=np.float32),
-                          versions=np.full(tokens, seed, dtype=np.int32), reward=float(seed), finish_reason="stop")
+                          versions=np.full(tokens, seed, dtype=np.int32), reward=float(seed),
+                          finish_reason="stop")
              for _ in range(n)]
-    return P.TrajectoryGroup(group_id=f"g-{seed}", server_id="s", lease_id=str(seed), prompt_index=seed, epoch=0,
-                             trajectories=trajs)
+    return P.TrajectoryGroup(group_id=f"g-{seed}", server_id="s", lease_id=str(seed),
+                             prompt_index=seed, epoch=0, trajectories=trajs)
 
 
 def same_group(a: P.TrajectoryGroup, b: P.TrajectoryGroup) -> bool:
@@ -70,7 +71,8 @@ def test_decoded_arrays_outlive_the_received_frame(server_and_dealer):
     assert req_id == b"r1" and isinstance(msg, P.TrajectoryGroup)
     arr = msg.trajectories[0].output_ids
     assert not arr.flags.owndata and not arr.flags.writeable  # a view of ZMQ's buffer, not a copy
-    assert isinstance(arr.base, memoryview) and isinstance(arr.base.obj, zmq.Frame)  # holds the frame
+    # holds the frame
+    assert isinstance(arr.base, memoryview) and isinstance(arr.base.obj, zmq.Frame)
     del payload
     gc.collect()
     for seed in range(2, 12):  # new frames reuse whatever memory was freed meanwhile
@@ -97,7 +99,8 @@ def test_payload_stays_valid_and_decodes_again(server_and_dealer):
 def test_kept_buffer_never_corrupts_queued_frames(server_and_dealer):
     server, dealer = server_and_dealer
     writer = FrameWriter()
-    sent = [group(seed, tokens=512 * (seed + 1)) for seed in range(6)]  # sizes change frame to frame
+    # sizes change frame to frame
+    sent = [group(seed, tokens=512 * (seed + 1)) for seed in range(6)]
     for i, g in enumerate(sent):  # all queued before the server reads any
         writer.send(dealer, [str(i).encode()], g)
     buffer = writer._buf
@@ -143,7 +146,8 @@ def test_a_frame_over_the_limit_is_not_kept_either(server_and_dealer, monkeypatc
 def test_invalid_message_sends_nothing(server_and_dealer):
     server, dealer = server_and_dealer
     writer = FrameWriter()
-    bad = P.Stats(values={"x": object()})  # valid, but a value msgpack cannot carry: refused by encode
+    # valid, but a value msgpack cannot carry: refused by encode
+    bad = P.Stats(values={"x": object()})
     with pytest.raises(P.ProtocolError) as info:
         writer.send(dealer, [b"bad"], bad)
     assert info.value.field == "frame"
@@ -186,7 +190,8 @@ def test_a_frame_above_the_incoming_limit_never_reaches_the_server(free_port, mo
     server = Server(f"tcp://127.0.0.1:{free_port()}")
     big, other = (new_socket(zmq.Context.instance(), zmq.DEALER, None) for _ in range(2))
     try:
-        assert server._sock.getsockopt(zmq.MAXMSGSIZE) == transport.INCOMING_LIMIT_FACTOR * 128 * 1024
+        assert (server._sock.getsockopt(zmq.MAXMSGSIZE)
+                == transport.INCOMING_LIMIT_FACTOR * 128 * 1024)
         for sock in (big, other):
             sock.connect(server.address)
         big.send_multipart([b"moderate", b"\x00" * (200 * 1024)])
@@ -198,7 +203,8 @@ def test_a_frame_above_the_incoming_limit_never_reaches_the_server(free_port, mo
         other.send_multipart([b"other", P.encode(P.Ack(ref="r", status="ok"))])
         seen = [item[1] for item in receive(server, 1)]
         deadline = time.monotonic() + REQUEST_TIMEOUT_S
-        while b"again" not in seen and time.monotonic() < deadline:  # the cut peer reconnects and is heard
+        # the cut peer reconnects and is heard
+        while b"again" not in seen and time.monotonic() < deadline:
             big.send_multipart([b"again", P.encode(P.Ack(ref="r", status="ok"))])
             while (item := server.recv(0.5)) is not None:
                 seen.append(item[1])

@@ -22,11 +22,13 @@ TIMEOUT_MS = 20_000  # loopback on a loaded 2-core box: generous, frames take mi
 
 
 def small_group(seed: int) -> P.TrajectoryGroup:
-    traj = Trajectory.of(prompt_ids=np.arange(3, dtype=np.int32), output_ids=np.arange(5, dtype=np.int32) + seed,
-                        behav_logp=-np.ones(5, dtype=np.float32), versions=np.zeros(5, dtype=np.int32),
+    traj = Trajectory.of(prompt_ids=np.arange(3, dtype=np.int32),
+                        output_ids=np.arange(5, dtype=np.int32) + seed,
+                        behav_logp=-np.ones(5, dtype=np.float32),
+                        versions=np.zeros(5, dtype=np.int32),
                         reward=1.0, finish_reason="stop")
-    return P.TrajectoryGroup(group_id=f"g-{seed}", server_id="s", lease_id="l", prompt_index=seed, epoch=0,
-                             trajectories=[traj])
+    return P.TrajectoryGroup(group_id=f"g-{seed}", server_id="s", lease_id="l", prompt_index=seed,
+                             epoch=0, trajectories=[traj])
 
 
 @pytest.fixture
@@ -158,7 +160,8 @@ def test_request_many_pipelines_and_matches_replies_by_request(free_port):
     received: list = []
 
     def answer_in_reverse() -> None:
-        received.extend(server.recv(TIMEOUT_MS / 1000) for _ in range(3))  # all three before the first reply
+        # all three before the first reply
+        received.extend(server.recv(TIMEOUT_MS / 1000) for _ in range(3))
         for peer, req_id, msg in reversed(received):
             if msg.group_id == "g-1":
                 server._sock.send_multipart([peer, req_id, b"\x00not a message"])
@@ -175,7 +178,8 @@ def test_request_many_pipelines_and_matches_replies_by_request(free_port):
             assert None not in received and (first.ref, last.ref) == ("g-0", "g-2")
             assert isinstance(bad, P.ProtocolError)
             old = client._sock
-            assert await client.request_many([small_group(7), small_group(8)], timeout_s=0.2) == [None, None]
+            assert await client.request_many([small_group(7), small_group(8)],
+                                             timeout_s=0.2) == [None, None]
             assert client._sock is not old
             with pytest.raises(TimeoutError):
                 await client.request(small_group(9), timeout_s=0.2)

@@ -55,7 +55,8 @@ def test_every_start_opens_a_new_segment(tmp_path):
     wal.close()
 
 
-@pytest.mark.parametrize("damage", ["truncate_payload", "truncate_header", "flip_byte", "garbage_length"])
+@pytest.mark.parametrize("damage", ["truncate_payload", "truncate_header", "flip_byte",
+                                    "garbage_length"])
 def test_torn_or_corrupt_tail_is_skipped_and_logged(tmp_path, damage, caplog):
     wal = WriteAheadLog(tmp_path)
     list(wal.replay())
@@ -115,7 +116,8 @@ def test_compaction_deletes_fully_consumed_prefix_only(tmp_path):
         wal.commit()
         wal.maybe_rotate(lambda: {"checkpoint_of": "state"})
     assert wal.segments() == [1, 2, 3, 4]
-    wal.append_control({"consumed": ["b"]})  # segment 2 is clear but segment 1 is not: nothing deleted
+    # segment 2 is clear but segment 1 is not: nothing deleted
+    wal.append_control({"consumed": ["b"]})
     assert wal.compact() == [] and wal.segments() == [1, 2, 3, 4]
     wal.append_control({"consumed": ["a"]})
     assert wal.compact() == [1, 2]
@@ -180,7 +182,8 @@ def test_a_failing_fsync_is_fatal_not_silent(tmp_path, monkeypatch):
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr("buffer.wal.os.fsync", broken_fsync)
-    monkeypatch.setattr("buffer.wal.os.fdatasync", broken_fsync)  # group commit syncs data (and the size)
+    # group commit syncs data (and the size)
+    monkeypatch.setattr("buffer.wal.os.fdatasync", broken_fsync)
     wal.append_group("a", b"1")
     ticket = wal.request_sync()
     with pytest.raises(OSError, match=r"WAL .*seg-.*\.wal: writing it to disk failed: .*\(EIO\)"):
@@ -199,13 +202,15 @@ def test_group_frames_are_read_back_from_the_log_and_checked(tmp_path):
     wal.open({})
     refs = {gid: wal.append_group(gid, gid.encode() * 1000) for gid in ("a", "bb")}
     wal.append_control({"consumed": []})
-    assert {gid: bytes(wal.read_group(ref)) for gid, ref in refs.items()} == {"a": b"a" * 1000, "bb": b"bb" * 1000}
+    assert ({gid: bytes(wal.read_group(ref)) for gid, ref in refs.items()}
+            == {"a": b"a" * 1000, "bb": b"bb" * 1000})
     wal.close()
     wal2 = WriteAheadLog(tmp_path)
     replayed = {r.group_id: r.ref for r in wal2.replay() if r.kind == "G"}
     assert replayed == refs  # replay finds them where the writer put them
     assert bytes(wal2.read_group(replayed["bb"])) == b"bb" * 1000
-    with segment_path(tmp_path, 1).open("r+b") as f:  # one flipped bit in the last byte of "a"'s frame
+    # one flipped bit in the last byte of "a"'s frame
+    with segment_path(tmp_path, 1).open("r+b") as f:
         f.seek(refs["a"].offset + refs["a"].length - 1)
         byte = f.read(1)[0]
         f.seek(-1, os.SEEK_CUR)
@@ -237,8 +242,8 @@ def test_the_log_syncs_where_the_os_has_no_fdatasync(tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", WAL_WITHOUT_FDATASYNC, str(tmp_path)], capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", WAL_WITHOUT_FDATASYNC, str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
@@ -306,10 +311,12 @@ def test_a_failed_write_is_not_taken_for_a_damaged_record_at_hand_out(tmp_path, 
     svc.send_durable()
     groups = []
     for c in svc.server.sent[-1].credits:
-        t = Trajectory.of(prompt_ids=as_i32([1]), output_ids=as_i32([2, 3]), behav_logp=as_f32([-1, -1]),
+        t = Trajectory.of(prompt_ids=as_i32([1]), output_ids=as_i32([2, 3]),
+                            behav_logp=as_f32([-1, -1]),
                             versions=as_i32(np.zeros(2)), reward=1.0, finish_reason="stop")
-        groups.append(P.TrajectoryGroup(group_id=f"s-{c.lease_id}", server_id="s", lease_id=c.lease_id,
-                                        prompt_index=c.prompt_index, epoch=c.epoch, trajectories=[t]))
+        groups.append(P.TrajectoryGroup(group_id=f"s-{c.lease_id}", server_id="s",
+                                        lease_id=c.lease_id, prompt_index=c.prompt_index,
+                                        epoch=c.epoch, trajectories=[t]))
     handle(groups[0])
     svc.wal.wait_durable()  # the first group is on disk
 
@@ -355,8 +362,8 @@ def test_a_reader_descriptor_numbered_0_is_kept_and_closed(tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", WAL_READER_ON_FD_0, str(tmp_path)], capture_output=True,
-                         text=True, timeout=120, stdin=subprocess.DEVNULL)
+    out = subprocess.run([sys.executable, "-c", WAL_READER_ON_FD_0, str(tmp_path)],
+                         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "closed"
 
@@ -397,7 +404,8 @@ def _signal_and_wait(running, release) -> None:
 
 def test_a_forked_child_does_not_keep_the_directory_locked(tmp_path):
     """A child forked while the log is open (multiprocessing's default on Linux) shares the lock
-    file; it lets go of it at once, so the directory is free as soon as the parent closes its log."""
+    file; it lets go of it at once, so the directory is free as soon as the parent closes its
+    log."""
     import multiprocessing as mp
 
     wal = WriteAheadLog(tmp_path)

@@ -13,8 +13,10 @@ def test_cache_key_covers_model_task_and_warm_start_but_not_the_run_dir(tmp_path
     a = load_config(["experiment=quickstart", f"run_dir={tmp_path}/r1"])
     b = load_config(["experiment=quickstart", f"run_dir={tmp_path}/r2"])
     assert cache_key(a) == cache_key(b)
-    assert cache_path(a) == cache_path(b) == tmp_path / "warmstart" / cache_key(a)  # next to the run dirs
-    for override in ("task.digits=3", "model.hidden_size=64", "warm_start.steps=7", "warm_start.lr=1e-4"):
+    # next to the run dirs
+    assert cache_path(a) == cache_path(b) == tmp_path / "warmstart" / cache_key(a)
+    for override in ("task.digits=3", "model.hidden_size=64", "warm_start.steps=7",
+                     "warm_start.lr=1e-4"):
         assert cache_key(load_config(["experiment=quickstart", override])) != cache_key(a), override
 
 
@@ -28,7 +30,8 @@ def test_cache_key_covers_the_saved_format(monkeypatch):
 
 
 def test_batch_puts_loss_on_the_answer_and_eos_only():
-    # prompt [1, 10, 11] (bos + 2 chars), answer [20, 2] (1 char + eos); second row shorter and padded
+    # prompt [1, 10, 11] (bos + 2 chars), answer [20, 2] (1 char + eos);
+    # second row shorter and padded
     ids, labels, mask = _batch([([1, 10, 11], [20, 2]), ([1, 10], [21, 2])])
     assert ids.tolist() == [[1, 10, 11, 20, 2], [1, 10, 21, 2, 0]]
     assert labels.tolist() == [[-100, -100, -100, 20, 2], [-100, -100, 21, 2, -100]]
@@ -64,11 +67,13 @@ def test_pairs_use_the_rollout_servers_prompt_layout():
     shipped = Path(__file__).resolve().parents[2] / "areal_like" / "tasks" / "data"
     data = shipped / "math_chat" / "eval.parquet"
     chat = load_config(["task=dataset", f"task.dataset_path={data}",
-                        "task.messages_key=messages", "model.tokenizer=bpe", "model.vocab_size=512"])
+                        "task.messages_key=messages", "model.tokenizer=bpe",
+                        "model.vocab_size=512"])
     tok = load_tokenizer(chat.model)
     task = make_task(chat.task, tok)
     [(prompt, answer)] = _pairs(task, [3], tok)
     ex = task.example(3)
     assert prompt == encode_prompt(tok, ex, chat.task)
-    assert tok.decode(prompt + answer) == (f"<|im_start|>user\n{ex.prompt}<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(prompt + answer) == (f"<|im_start|>user\n{ex.prompt}<|im_end|>\n"
+                                           "<|im_start|>assistant\n"
                                            f"{ex.answer}<|im_end|>")

@@ -52,7 +52,8 @@ def test_pipeline_packs_the_next_bucket_while_one_is_on_the_wire():
         pipe = BucketPipeline(wait=lambda w: (w.wait(), waited.append(w)))
         buckets = [[torch.full((4,), float(i))] for i in range(4)]
         pipe.stage(buckets[0])
-        pipe.stage(buckets[1])  # both staging buffers packed before anything is sent (before the plan)
+        # both staging buffers packed before anything is sent (before the plan)
+        pipe.stage(buckets[1])
         first = pipe._staging[0].data_ptr()
         assert pipe.staged == 2 and pipe._staging[1].data_ptr() != first
         with pytest.raises(RuntimeError):

@@ -1,4 +1,5 @@
-"""The re-push decision and the rendezvous watch (trainer/weight_members.py), against scripted buffer replies."""
+"""The re-push decision and the rendezvous watch (trainer/weight_members.py), against scripted
+buffer replies."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ class _Buffer:
 
 
 def _roster(*ids: str) -> P.Roster:
-    return P.Roster(members=[P.RosterEntry(server_id=s, engine_url="", engine_ranks=1, policy_version=0)
+    return P.Roster(members=[P.RosterEntry(server_id=s, engine_url="", engine_ranks=1,
+                                           policy_version=0)
                              for s in ids], policy_version=3)
 
 
@@ -49,7 +51,8 @@ def test_survivors_of_a_member_gone_from_the_roster_get_the_version_again():
 
 
 def test_a_member_lost_at_the_rendezvous_is_never_pushed_to_even_when_still_in_the_roster():
-    report = _report(["a", "b"])  # a declined (it reported failure) before the group formed; both still listed
+    # a declined (it reported failure) before the group formed; both still listed
+    report = _report(["a", "b"])
     assert repush_targets(_Buffer(_roster("a", "b")), report, {"a"}, _later()) == ["b"]
 
 
@@ -67,25 +70,27 @@ def test_no_re_push(case):
 def test_merge_keeps_one_report_per_version():
     report = _report(["a", "b", "c"], done=["c"])
     report.error, report.bytes, report.loaded = "broadcast failed", 100, {"c": "first"}
-    again = SyncReport(version=4, members=["b"], done=["b"], bytes=100, pause_s={"b": 0.2}, error="",
-                       plan_id="again", loaded={"b": "again"})
+    again = SyncReport(version=4, members=["b"], done=["b"], bytes=100, pause_s={"b": 0.2},
+                       error="", plan_id="again", loaded={"b": "again"})
     merge_repush(report, again)
     assert (report.done, report.dropped, report.repushed) == (["b", "c"], ["a"], ["b"])
     assert report.loaded == {"b": "again", "c": "first"}  # each names the adapter it loaded (LoRA)
-    assert report.bytes == 200 and report.pause_s == {"b": 0.2} and report.error == "broadcast failed"
+    assert (report.bytes == 200 and report.pause_s == {"b": 0.2}
+            and report.error == "broadcast failed")
 
 
 def test_the_watch_raises_for_a_failure_report_or_a_departure():
-    status = P.SyncStatus(policy_version=4, done=[], failed=["x", "b"])  # x: not a member of this plan
+    # x: not a member of this plan
+    status = P.SyncStatus(policy_version=4, done=[], failed=["x", "b"])
     with pytest.raises(MembersLost) as lost:
         RendezvousWatch(_Buffer(status, _roster("a", "b")), 4, ["a", "b"], _later(), _later())()
     assert lost.value.lost == ["b"]
     with pytest.raises(MembersLost) as lost:
-        RendezvousWatch(_Buffer(P.SyncStatus(policy_version=4, done=[], failed=[]), _roster("b")), 4, ["a", "b"],
-                        _later(), _later())()
+        RendezvousWatch(_Buffer(P.SyncStatus(policy_version=4, done=[], failed=[]), _roster("b")),
+                        4, ["a", "b"], _later(), _later())()
     assert lost.value.lost == ["a"]
-    RendezvousWatch(_Buffer(P.SyncStatus(policy_version=4, done=[], failed=[]), _roster("a", "b")), 4, ["a", "b"],
-                    _later(), _later())()  # everyone there: no error
+    RendezvousWatch(_Buffer(P.SyncStatus(policy_version=4, done=[], failed=[]), _roster("a", "b")),
+                    4, ["a", "b"], _later(), _later())()  # everyone there: no error
 
 
 def test_the_watch_gives_up_at_its_end_without_asking_the_buffer():
@@ -96,7 +101,8 @@ def test_the_watch_gives_up_at_its_end_without_asking_the_buffer():
 
 
 def _status(done=(), failed=()) -> P.SyncStatus:
-    return P.SyncStatus(policy_version=4, done=list(done), failed=list(failed), pause_s={s: 0.01 for s in done})
+    return P.SyncStatus(policy_version=4, done=list(done), failed=list(failed),
+                        pause_s={s: 0.01 for s in done})
 
 
 def test_await_members_polls_short_then_longer_and_never_sleeps_once_all_reported(monkeypatch):
@@ -133,9 +139,11 @@ def test_the_initial_push_waits_for_the_servers_and_gives_up_at_its_timeout(monk
     assert wm.await_registered(empty, 1, timeout_s=0.0) is False and len(empty.sent) == 1
     assert wm.await_registered(_Buffer(), 1, timeout_s=30.0, should_stop=lambda: True) is False
     # two wanted: one evaluating out of the syncs counts, a member twice does not
-    evaluating = P.Roster(members=_roster("rollout-1").members, policy_version=0, evaluating=["rollout-0"])
-    both = _Buffer(_roster("rollout-1"), P.Roster(members=_roster("rollout-1").members, policy_version=0,
-                                                  evaluating=["rollout-1"]), evaluating)
+    evaluating = P.Roster(members=_roster("rollout-1").members, policy_version=0,
+                          evaluating=["rollout-0"])
+    both = _Buffer(_roster("rollout-1"), P.Roster(members=_roster("rollout-1").members,
+                                                  policy_version=0, evaluating=["rollout-1"]),
+                   evaluating)
     assert wm.await_registered(both, 2, timeout_s=30.0) is True and len(both.sent) == 3
 
 

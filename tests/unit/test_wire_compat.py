@@ -2,8 +2,8 @@
 the one this build reads (areal_like/wire/protocol.py, "Compatibility"; buffer/recovery.py).
 
 The fixtures were written once by the protocol-version-2 build and are never regenerated:
-``tests/fixtures/wire_v2`` holds one frame of every message type, ``tests/fixtures/wal_v2`` a buffer's
-WAL with stored, consumed and leased groups. So:
+``tests/fixtures/wire_v2`` holds one frame of every message type, ``tests/fixtures/wal_v2`` a
+buffer's WAL with stored, consumed and leased groups. So:
 
 * every one of those frames, received live, is refused with an error naming protocol version 2 and
   this side's version (and nothing else about it: the version is read before any field);
