@@ -37,7 +37,8 @@ BASE_OVERRIDES = [
     "launch.num_rollout_servers=2", "launch.trainer_ranks=2",  # a fixed layout, not the cores'
     "task.group_size=4", "buffer.groups_per_step=4",
     "buffer.lease_timeout_s=15", "buffer.heartbeat_timeout_s=8",
-    "trainer.checkpoint_every=1", "trainer.micro_batch_size=16", "trainer.weight_sync.deadline_s=30",
+    "trainer.checkpoint_every=1", "trainer.micro_batch_size=16",
+    "trainer.weight_sync.deadline_s=30",
     "launch.health_timeout_s=180", "launch.restarts=2",
 ]
 
@@ -49,8 +50,8 @@ def warm_model(root: Path) -> str:
 
 
 def system_config(run_dir: Path, model_path: str, *overrides: str) -> RunConfig:
-    return load_config([*BASE_OVERRIDES, f"run_dir={run_dir}", f"model.path={model_path}", "warm_start.steps=0",
-                        *overrides])
+    return load_config([*BASE_OVERRIDES, f"run_dir={run_dir}", f"model.path={model_path}",
+                        "warm_start.steps=0", *overrides])
 
 
 class RunningSystem:
@@ -61,7 +62,8 @@ class RunningSystem:
         self.run_dir = Path(self.cfg.run_dir)
         self.lines: list[str] = []
         self.sup = Supervisor(job_specs(self.cfg, self.topo, config_path), self.run_dir,
-                              restarts=self.cfg.launch.restarts, health_timeout_s=self.cfg.launch.health_timeout_s,
+                              restarts=self.cfg.launch.restarts,
+                              health_timeout_s=self.cfg.launch.health_timeout_s,
                               echo=self.lines.append)
         self.code: int | None = None
         # on completion the daemons stay up until the test releases them (or HOLD_S passes)
@@ -103,7 +105,8 @@ class RunningSystem:
         for pid, created in self.seen.items():
             try:
                 proc = psutil.Process(pid)
-                if abs(proc.create_time() - created) < 1e-3 and proc.status() != psutil.STATUS_ZOMBIE:
+                if (abs(proc.create_time() - created) < 1e-3
+                        and proc.status() != psutil.STATUS_ZOMBIE):
                     left.append(pid)
             except psutil.Error:
                 continue
@@ -129,12 +132,14 @@ class RunningSystem:
             if value:
                 return value
             if self.finished() and self.code != 0:
-                raise AssertionError(f"job ended ({self.sup.outcome}) while waiting for {what}\n" + self.tail())
+                raise AssertionError(f"job ended ({self.sup.outcome}) while waiting for {what}\n"
+                                     + self.tail())
             time.sleep(poll_s)
         raise AssertionError(f"timed out after {timeout_s}s waiting for {what}\n" + self.tail())
 
     def wait_step(self, n: int, timeout_s: float = 120) -> None:
-        self.wait_for(lambda: any(r["step"] >= n for r in self.steps()), timeout_s, f"trainer step {n}")
+        self.wait_for(lambda: any(r["step"] >= n for r in self.steps()), timeout_s,
+                      f"trainer step {n}")
 
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.lines[-n:])
@@ -151,8 +156,8 @@ class RunningSystem:
         return self.sup.proc(name).popen.pid
 
     def client_keys(self) -> security.Keys | None:
-        """The trainer's CURVE keys of this job (None with security.curve=false): what this test's own
-        requests to the buffer present."""
+        """The trainer's CURVE keys of this job (None with security.curve=false): what this test's
+        own requests to the buffer present."""
         if not self.cfg.security.curve:
             return None
         return security.load(self.cfg.resolve_path(self.cfg.security.keys_dir), "trainer")
@@ -175,10 +180,12 @@ def _auth(key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-def engine_weights(engine_url: str, names: list[str], key: str | None = None) -> tuple[int, dict[str, list]] | None:
+def engine_weights(engine_url: str, names: list[str],
+                   key: str | None = None) -> tuple[int, dict[str, list]] | None:
     """(weight_version, full parameters) read between two equal version reads, else None."""
     def get(path: str, body: dict | None = None):
-        req = urllib.request.Request(engine_url + path, data=json.dumps(body).encode() if body else None,
+        req = urllib.request.Request(engine_url + path,
+                                     data=json.dumps(body).encode() if body else None,
                                      headers={"Content-Type": "application/json", **_auth(key)})
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.loads(r.read())
@@ -191,13 +198,15 @@ def engine_weights(engine_url: str, names: list[str], key: str | None = None) ->
 
 def engine_prefix(engine_url: str, names: list[str], rows: int,
                   key: str | None = None) -> tuple[int, dict[str, list]] | None:
-    """(weight_version, the first ``rows`` rows of every parameter) at one stable version, else None.
+    """(weight_version, the first ``rows`` rows of every parameter) at one stable version,
+    else None.
 
     A small read (SGLang's ``truncate_size``) fits between two weight syncs, so intermediate
     versions are caught; reads on the engine's scheduler thread never see a half-loaded version.
     """
     def get(path: str, body: dict | None = None):
-        req = urllib.request.Request(engine_url + path, data=json.dumps(body).encode() if body else None,
+        req = urllib.request.Request(engine_url + path,
+                                     data=json.dumps(body).encode() if body else None,
                                      headers={"Content-Type": "application/json", **_auth(key)})
         with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read())
@@ -209,13 +218,15 @@ def engine_prefix(engine_url: str, names: list[str], rows: int,
 
 
 def checkpoint_prefix(ckpt_dir: Path, rows: int, scratch: Path) -> dict | None:
-    """The first ``rows`` rows of every model tensor of a trainer DCP checkpoint (None if rotated away)."""
+    """The first ``rows`` rows of every model tensor of a trainer DCP checkpoint
+    (None if rotated away)."""
     import torch
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     copy, out = scratch / ckpt_dir.name, scratch / f"{ckpt_dir.name}.pt"
     try:
-        shutil.copytree(ckpt_dir, copy)  # a copy is quick; the trainer rotates checkpoints away fast
+        # a copy is quick; the trainer rotates checkpoints away fast
+        shutil.copytree(ckpt_dir, copy)
         dcp_to_torch_save(str(copy), str(out))
         model = torch.load(out, weights_only=False)["model"]
     except Exception:  # deleted by checkpoint rotation (KEEP=2) while we copied it
@@ -227,7 +238,8 @@ def checkpoint_prefix(ckpt_dir: Path, rows: int, scratch: Path) -> dict | None:
 
 
 def checksum(named: dict) -> float:
-    """trainer/checkpoint.py's model checksum: sum of each tensor in float64, weighted by sorted position."""
+    """trainer/checkpoint.py's model checksum: sum of each tensor in float64,
+    weighted by sorted position."""
     import torch
 
     total = torch.zeros((), dtype=torch.float64)

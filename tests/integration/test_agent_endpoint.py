@@ -89,7 +89,8 @@ def rendering(messages: list[dict]) -> list[int]:
         ChatRenderer(TOK, CALC["chat_template"]).render(messages, add_generation_prompt=False))
 
 
-@pytest.mark.parametrize("agent", [calc_agent, langgraph_calc_agent], ids=["openai_sdk", "langgraph"])
+@pytest.mark.parametrize("agent", [calc_agent, langgraph_calc_agent],
+                         ids=["openai_sdk", "langgraph"])
 def test_calc_agent_round_trip_is_one_trajectory_of_the_templates_rendering(agent):
     """The same agent written with the openai SDK and with LangGraph: either way one trajectory."""
     example = make_task(task_cfg()).example(0)

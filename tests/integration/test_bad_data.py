@@ -21,10 +21,12 @@ from trainer.data import BatchSource
 VOCAB = 104  # ModelConfig's default vocab_size (the char tokenizer)
 
 
-def _with_tokens(group: P.TrajectoryGroup, prompt: list[int], output: list[int]) -> P.TrajectoryGroup:
+def _with_tokens(group: P.TrajectoryGroup, prompt: list[int],
+                 output: list[int]) -> P.TrajectoryGroup:
     t = group.trajectories[0]
     bad = Trajectory.of(prompt_ids=as_i32(prompt), output_ids=as_i32(output),
-                       behav_logp=as_f32(np.full(len(output), -1.0)), versions=as_i32(np.zeros(len(output))),
+                       behav_logp=as_f32(np.full(len(output), -1.0)),
+                       versions=as_i32(np.zeros(len(output))),
                        reward=t.reward, finish_reason="stop")
     return msgspec.structs.replace(group, trajectories=[bad, *group.trajectories[1:]])
 
@@ -34,10 +36,13 @@ def test_buffer_refuses_out_of_vocab_tokens_and_empty_prompts_with_a_reason(tmp_
     with running(cfg) as (svc, c):
         register(c)
         credits = c.request(P.CreditRequest(server_id="s0", max_credits=5)).credits
-        cases = [(_with_tokens(make_group(credits[0]), [7, 8], [1, VOCAB]), "token_out_of_vocab: token id 104"),
-                 (_with_tokens(make_group(credits[1]), [-3, 8], [1, 2]), "token_out_of_vocab: token id -3"),
+        cases = [(_with_tokens(make_group(credits[0]), [7, 8], [1, VOCAB]),
+                  "token_out_of_vocab: token id 104"),
+                 (_with_tokens(make_group(credits[1]), [-3, 8], [1, 2]),
+                  "token_out_of_vocab: token id -3"),
                  (_with_tokens(make_group(credits[2]), [], [1, 2]), "empty_prompt"),
-                 (_with_tokens(make_group(credits[3]), [7, 8], [0, VOCAB - 1]), None)]  # the edges are valid
+                 # the edges are valid
+                 (_with_tokens(make_group(credits[3]), [7, 8], [0, VOCAB - 1]), None)]
         for group, reason in cases:
             ack = c.request(group)
             if reason is None:
@@ -45,7 +50,8 @@ def test_buffer_refuses_out_of_vocab_tokens_and_empty_prompts_with_a_reason(tmp_
             else:
                 assert ack.status == "rejected" and ack.reason.startswith(reason), ack.reason
         s = c.request(P.StatsRequest()).values
-        assert (s["rejected_token_out_of_vocab"], s["rejected_empty_prompt"], s["groups_accepted"]) == (2, 1, 1)
+        assert (s["rejected_token_out_of_vocab"], s["rejected_empty_prompt"],
+                s["groups_accepted"]) == (2, 1, 1)
         # the refused groups' slots came back and their prompts are skipped, not re-issued for ever
         assert (s["started"], s["in_flight"], s["stored"], s["reissue_queue"]) == (2, 1, 1, 0)
 
@@ -62,7 +68,8 @@ class _OneBatch:
         while not self.stop.is_set():
             if (got := self.server.recv(0.05)) is not None:
                 peer, req_id, m = got
-                self.server.send(peer, req_id, P.Batch(groups=self.groups, trainer_version=m.trainer_version,
+                self.server.send(peer, req_id, P.Batch(groups=self.groups,
+                                                       trainer_version=m.trainer_version,
                                                        batch_id="b1"))
 
     def close(self) -> None:
@@ -74,8 +81,10 @@ class _OneBatch:
 def test_trainer_drops_a_bad_group_from_its_batch_and_goes_on(free_port):
     credit = P.Credit(lease_id="L0", prompt_index=0, epoch=0, deadline_s=1.0)
     good = make_group(credit)
-    oov = _with_tokens(make_group(P.Credit(lease_id="L1", prompt_index=1, epoch=0, deadline_s=1.0)), [7], [VOCAB + 5])
-    empty = _with_tokens(make_group(P.Credit(lease_id="L2", prompt_index=2, epoch=0, deadline_s=1.0)), [], [3])
+    oov = _with_tokens(make_group(P.Credit(lease_id="L1", prompt_index=1, epoch=0,
+                                           deadline_s=1.0)), [7], [VOCAB + 5])
+    empty = _with_tokens(make_group(P.Credit(lease_id="L2", prompt_index=2, epoch=0,
+                                             deadline_s=1.0)), [], [3])
     address = f"tcp://127.0.0.1:{free_port()}"
     buffer = _OneBatch(address, [oov, good, empty])
     source = BatchSource(address, 3, wait_s=0.05, buffer_timeout_s=30, rank=0, vocab_size=VOCAB)
@@ -83,7 +92,8 @@ def test_trainer_drops_a_bad_group_from_its_batch_and_goes_on(free_port):
         batch = source.next_batch(0)
         assert batch is not None and int(batch.head_versions.numel()) == 1 and batch.n_seqs == 2
         assert int(batch.input_ids.max()) < VOCAB and source.dropped_groups == 2
-        assert [g.group_id for g in source.last_groups] == [good.group_id] and source.last_batch_id == "b1"
+        assert ([g.group_id for g in source.last_groups] == [good.group_id]
+                and source.last_batch_id == "b1")
     finally:
         source.close()
         buffer.close()

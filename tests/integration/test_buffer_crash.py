@@ -35,7 +35,8 @@ from areal_like.settings.config import (
 from areal_like.wire import protocol as P
 from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 
-PLAIN = SecurityConfig(curve=False)  # the daemons here talk to this test's plain sockets (CURVE: test_security)
+# the daemons here talk to this test's plain sockets (CURVE: test_security)
+PLAIN = SecurityConfig(curve=False)
 
 N_PRODUCERS = 3
 GROUPS_PER_PRODUCER = 50
@@ -54,11 +55,14 @@ produce(*sys.argv[1:])
 def group_for(credit: P.Credit, server_id: str) -> P.TrajectoryGroup:
     """Content derived from the prompt index, so the test can verify it after the crashes."""
     k = credit.prompt_index
-    trajs = [Trajectory.of(prompt_ids=as_i32([k, k + 1]), output_ids=as_i32(np.arange(k, k + 6 + i)),
-                          behav_logp=as_f32(np.full(6 + i, -0.25 * i)), versions=as_i32(np.zeros(6 + i)),
+    trajs = [Trajectory.of(prompt_ids=as_i32([k, k + 1]),
+                          output_ids=as_i32(np.arange(k, k + 6 + i)),
+                          behav_logp=as_f32(np.full(6 + i, -0.25 * i)),
+                          versions=as_i32(np.zeros(6 + i)),
                           reward=float(i), finish_reason="stop") for i in range(2)]
     return P.TrajectoryGroup(group_id=f"{server_id}-{credit.lease_id}", server_id=server_id,
-                             lease_id=credit.lease_id, prompt_index=k, epoch=credit.epoch, trajectories=trajs)
+                             lease_id=credit.lease_id, prompt_index=k, epoch=credit.epoch,
+                             trajectories=trajs)
 
 
 def produce(address: str, server_id: str, out_path: str, target: str) -> None:
@@ -70,11 +74,13 @@ def produce(address: str, server_id: str, out_path: str, target: str) -> None:
     while acked < int(target):
         try:
             if not registered:
-                client.request(P.Register(server_id=server_id, engine_url="http://x", policy_version=0))
+                client.request(P.Register(server_id=server_id, engine_url="http://x",
+                                          policy_version=0))
                 registered = True
             if not unacked:
                 credits = client.request(P.CreditRequest(server_id=server_id, max_credits=3))
-                registered = credits.reason != "unknown_server"  # the buffer restarted: register again
+                # the buffer restarted: register again
+                registered = credits.reason != "unknown_server"
                 unacked = [group_for(c, server_id) for c in credits.credits]
                 if not unacked:
                     time.sleep(0.05)
@@ -97,7 +103,8 @@ def stored_groups(address: str, timeout_s: float) -> list:
         stored = trainer.request(P.StatsRequest()).values["stored"]
         if stored == 0:  # a BatchRequest asks for at least one group
             return []
-        return trainer.request(P.BatchRequest(n_groups=stored, trainer_version=0, wait_s=1.0)).groups
+        return trainer.request(P.BatchRequest(n_groups=stored, trainer_version=0,
+                                              wait_s=1.0)).groups
     finally:
         trainer.close()
 
@@ -115,7 +122,8 @@ def test_kill9_mid_stream_loses_and_duplicates_nothing(tmp_run_dir, spawn_python
     cfg = RunConfig(run_dir=str(tmp_run_dir), security=PLAIN, task=TaskConfig(num_prompts=100_000),
                     model=ModelConfig(vocab_size=1024), buffer=BufferConfig(
         address=f"tcp://127.0.0.1:{free_port()}", pub_address=f"tcp://127.0.0.1:{free_port()}",
-        max_staleness=10_000, groups_per_step=1, capacity=10_000, lease_timeout_s=3.0, segment_bytes=16_384))
+        max_staleness=10_000, groups_per_step=1, capacity=10_000, lease_timeout_s=3.0,
+        segment_bytes=16_384))
     config_file = tmp_run_dir / "config.yaml"
     config_file.write_text(to_yaml(cfg))
 
@@ -125,7 +133,8 @@ def test_kill9_mid_stream_loses_and_duplicates_nothing(tmp_run_dir, spawn_python
     buffer = start_buffer()
     outs = [tmp_run_dir / f"acks-{i}.jsonl" for i in range(N_PRODUCERS)]
     producers = [spawn_python(PRODUCER.format(here=str(Path(__file__).parent)),
-                              [cfg.buffer.address, f"p{i}", outs[i], GROUPS_PER_PRODUCER], capture=False)
+                              [cfg.buffer.address, f"p{i}", outs[i], GROUPS_PER_PRODUCER],
+                              capture=False)
                  for i in range(N_PRODUCERS)]
     for threshold in KILL_AFTER_ACKS:
         wait_until(lambda: len(read_acks(outs)) >= threshold, TIMEOUT_S, what=f"{threshold} acks")
@@ -144,7 +153,8 @@ def test_kill9_mid_stream_loses_and_duplicates_nothing(tmp_run_dir, spawn_python
     assert len(delivered) == len(set(delivered)), "a group was stored twice"
     assert set(delivered) == acked, "an acked group was lost (or an unacked one appeared)"
     for g in groups:
-        expected = group_for(P.Credit(lease_id=g.lease_id, prompt_index=g.prompt_index, epoch=0, deadline_s=0),
+        expected = group_for(P.Credit(lease_id=g.lease_id, prompt_index=g.prompt_index, epoch=0,
+                                      deadline_s=0),
                              g.server_id)
         for got, want in zip(g.trajectories, expected.trajectories, strict=True):
             np.testing.assert_array_equal(got.output_ids, want.output_ids)
@@ -159,7 +169,8 @@ def test_kill9_mid_stream_loses_and_duplicates_nothing(tmp_run_dir, spawn_python
     assert ledger.epoch == 0
     prompts = [g.prompt_index for g in groups] + [x.prompt_index for x in ledger.leases.values()] \
         + [i for i, _ in ledger.reissue]
-    assert sorted(prompts) == list(range(ledger.next_index)), "the cursor repeated or skipped a prompt"
+    assert sorted(prompts) == list(range(ledger.next_index)), (
+        "the cursor repeated or skipped a prompt")
     assert len(svc.store) == 0  # everything was consumed, and the consumption was durable
     svc.wal.close()
 
@@ -173,12 +184,15 @@ def test_kill9_mid_stream_loses_and_duplicates_nothing(tmp_run_dir, spawn_python
     svc.wal.close()
 
 
-def test_a_second_buffer_on_the_same_wal_is_refused_until_the_first_is_gone(tmp_run_dir, spawn_python):
+def test_a_second_buffer_on_the_same_wal_is_refused_until_the_first_is_gone(
+        tmp_run_dir, spawn_python):
     """Two buffers on one WAL directory would append to, truncate and compact the same segments: the
-    second refuses to start (exit 3, naming the holder's PID) and the first serves on untouched; once
-    the first is killed (kill -9: no close), the kernel has dropped its lock and a new one starts."""
+    second refuses to start (exit 3, naming the holder's PID) and the first serves on untouched;
+    once the first is killed (kill -9: no close), the kernel has dropped its lock and a new one
+    starts."""
     def config(name: str) -> tuple[Path, str]:
-        cfg = RunConfig(run_dir=str(tmp_run_dir), security=PLAIN, task=TaskConfig(num_prompts=1000), buffer=BufferConfig(
+        cfg = RunConfig(run_dir=str(tmp_run_dir), security=PLAIN, task=TaskConfig(num_prompts=1000),
+                        buffer=BufferConfig(
             address=f"tcp://127.0.0.1:{free_port()}", pub_address=f"tcp://127.0.0.1:{free_port()}"))
         path = tmp_run_dir / f"{name}.yaml"  # the same run_dir, so the same wal_dir
         path.write_text(to_yaml(cfg))
@@ -204,6 +218,7 @@ def test_a_second_buffer_on_the_same_wal_is_refused_until_the_first_is_gone(tmp_
     third = spawn_python("buffer", ["--config-file", second_cfg], capture=False)
     assert stored(second_addr) == 0 and third.poll() is None
 
-if __name__ == "__main__":  # a producer started by hand: python test_buffer_crash.py ADDRESS ID OUT N
+# a producer started by hand: python test_buffer_crash.py ADDRESS ID OUT N
+if __name__ == "__main__":
     produce(*sys.argv[1:])
     os._exit(0)

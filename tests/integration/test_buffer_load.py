@@ -1,4 +1,5 @@
-"""Load test on loopback: 32 producer threads (each its own Client) and a fake trainer, bounded time.
+"""Load test on loopback: 32 producer threads (each its own Client) and a fake trainer,
+bounded time.
 
 The buffer is a real ``python -m buffer`` process so that its memory can be watched. Checks:
 zero lost (every acked group is delivered to the trainer, still stored, or counted as dropped
@@ -22,7 +23,8 @@ from areal_like.settings.config import BufferConfig, RunConfig, SecurityConfig, 
 from areal_like.wire import protocol as P
 from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 
-PLAIN = SecurityConfig(curve=False)  # the daemons here talk to this test's plain sockets (CURVE: test_security)
+# the daemons here talk to this test's plain sockets (CURVE: test_security)
+PLAIN = SecurityConfig(curve=False)
 
 N_PRODUCERS = 32
 RUN_S = 4.0  # streaming time; bounded on purpose
@@ -33,20 +35,25 @@ RSS_LIMIT_MB = 400  # interpreter + zmq + prometheus ~60 MB; 128 small groups ar
 
 def make_group(credit: P.Credit, server_id: str, version: int) -> P.TrajectoryGroup:
     trajs = [Trajectory.of(prompt_ids=as_i32([1, 2, 3]), output_ids=as_i32(np.arange(16)),
-                          behav_logp=as_f32(np.full(16, -1.0)), versions=as_i32(np.full(16, version)),
+                          behav_logp=as_f32(np.full(16, -1.0)),
+                          versions=as_i32(np.full(16, version)),
                           reward=float(i % 2), finish_reason="stop") for i in range(4)]
-    return P.TrajectoryGroup(group_id=f"{server_id}-{credit.lease_id}", server_id=server_id, lease_id=credit.lease_id,
-                             prompt_index=credit.prompt_index, epoch=credit.epoch, trajectories=trajs)
+    return P.TrajectoryGroup(group_id=f"{server_id}-{credit.lease_id}", server_id=server_id,
+                             lease_id=credit.lease_id, prompt_index=credit.prompt_index,
+                             epoch=credit.epoch, trajectories=trajs)
 
 
-def producer(address: str, server_id: str, stop: threading.Event, acked: list[str], errors: list[str]) -> None:
+def producer(address: str, server_id: str, stop: threading.Event, acked: list[str],
+             errors: list[str]) -> None:
     client = Client(address, timeout_s=REQUEST_S)
     try:
         client.request(P.Register(server_id=server_id, engine_url="http://x", policy_version=0))
         while not stop.is_set():
             credits = client.request(P.CreditRequest(server_id=server_id, max_credits=2))
-            if not credits.credits:  # our "engine" follows the trainer: report the version we now serve
-                client.request(P.Heartbeat(server_id=server_id, policy_version=credits.policy_version))
+            # our "engine" follows the trainer: report the version we now serve
+            if not credits.credits:
+                client.request(P.Heartbeat(server_id=server_id,
+                                           policy_version=credits.policy_version))
                 time.sleep(0.02)
                 continue
             for credit in credits.credits:  # finish what was leased, even after stop
@@ -61,12 +68,14 @@ def producer(address: str, server_id: str, stop: threading.Event, acked: list[st
         client.close()
 
 
-def trainer(address: str, stop: threading.Event, delivered: list[str], versions: list[tuple[int, str]]) -> None:
+def trainer(address: str, stop: threading.Event, delivered: list[str],
+            versions: list[tuple[int, str]]) -> None:
     client = Client(address, timeout_s=REQUEST_S, identity=TRAINER_PEER)
     v, last = 0, ""
     try:
         while not stop.is_set():
-            batch = client.request(P.BatchRequest(n_groups=8, trainer_version=v, wait_s=0.5, ack_batch=last))
+            batch = client.request(P.BatchRequest(n_groups=8, trainer_version=v, wait_s=0.5,
+                                                  ack_batch=last))
             if batch.groups:
                 delivered.extend(g.group_id for g in batch.groups)
                 v, last = v + 1, batch.batch_id
@@ -77,9 +86,11 @@ def trainer(address: str, stop: threading.Event, delivered: list[str], versions:
 
 
 def test_32_producers_zero_lost_zero_duplicated_memory_bounded(tmp_run_dir, spawn_python):
-    cfg = RunConfig(run_dir=str(tmp_run_dir), security=PLAIN, task=TaskConfig(num_prompts=1_000_000), buffer=BufferConfig(
+    cfg = RunConfig(run_dir=str(tmp_run_dir), security=PLAIN,
+                    task=TaskConfig(num_prompts=1_000_000), buffer=BufferConfig(
         address=f"tcp://127.0.0.1:{free_port()}", pub_address=f"tcp://127.0.0.1:{free_port()}",
-        max_staleness=4, groups_per_step=8, max_inflight=64, capacity=CAPACITY, segment_bytes=1 << 20))
+        max_staleness=4, groups_per_step=8, max_inflight=64, capacity=CAPACITY,
+        segment_bytes=1 << 20))
     (tmp_run_dir / "config.yaml").write_text(to_yaml(cfg))
     proc = spawn_python("buffer", ["--config-file", tmp_run_dir / "config.yaml"], capture=False)
     client = Client(cfg.buffer.address, timeout_s=REQUEST_S)
@@ -91,9 +102,11 @@ def test_32_producers_zero_lost_zero_duplicated_memory_bounded(tmp_run_dir, spaw
     errors: list[str] = []
     delivered: list[str] = []
     final_version: list[tuple[int, str]] = []  # (version, id of the last batch received)
-    threads = [threading.Thread(target=producer, args=(cfg.buffer.address, f"p{i}", stop_producers, acked, errors))
+    threads = [threading.Thread(target=producer,
+                                args=(cfg.buffer.address, f"p{i}", stop_producers, acked, errors))
                for i in range(N_PRODUCERS)]
-    threads.append(threading.Thread(target=trainer, args=(cfg.buffer.address, stop_trainer, delivered, final_version)))
+    threads.append(threading.Thread(target=trainer, args=(cfg.buffer.address, stop_trainer,
+                                                          delivered, final_version)))
     for t in threads:
         t.start()
     peak_stored = peak_rss = 0
@@ -113,22 +126,24 @@ def test_32_producers_zero_lost_zero_duplicated_memory_bounded(tmp_run_dir, spaw
     s = client.request(P.StatsRequest()).values
     v, last = final_version[0]
     # at least one group (n_groups >= 1 on the wire): with none stored the answer is empty
-    rest = client.request(P.BatchRequest(n_groups=max(1, s["stored"]), trainer_version=v, wait_s=0.5,
-                                         ack_batch=last))
+    rest = client.request(P.BatchRequest(n_groups=max(1, s["stored"]), trainer_version=v,
+                                         wait_s=0.5, ack_batch=last))
     rest = rest if rest.groups else None
     remaining = [g.group_id for g in rest.groups] if rest else []
     s = client.request(P.StatsRequest()).values
     client.close()
 
     assert errors == []
-    assert len(acked) == len(set(acked)) and len(acked) > N_PRODUCERS  # every producer got work done
+    # every producer got work done
+    assert len(acked) == len(set(acked)) and len(acked) > N_PRODUCERS
     out = delivered + remaining
     assert len(out) == len(set(out)), "a group was handed out twice"
     assert set(out) <= set(acked)
     dropped = s.get("groups_dropped_stale", 0)
     assert len(acked) == len(out) + dropped, "an acked group is unaccounted for"
-    assert s["groups_accepted"] == len(acked) and s["stored"] == 0 and s.get("batches_redelivered", 0) == 0
+    assert (s["groups_accepted"] == len(acked) and s["stored"] == 0
+            and s.get("batches_redelivered", 0) == 0)
     assert peak_stored <= CAPACITY
     assert peak_rss < RSS_LIMIT_MB * 2**20, f"buffer RSS {peak_rss / 2**20:.0f} MB"
-    print(f"load: {len(acked)} groups acked, {len(delivered)} trained on at {v} versions, {dropped} stale, "
-          f"peak stored {peak_stored}, peak RSS {peak_rss / 2**20:.0f} MB")
+    print(f"load: {len(acked)} groups acked, {len(delivered)} trained on at {v} versions, "
+          f"{dropped} stale, peak stored {peak_stored}, peak RSS {peak_rss / 2**20:.0f} MB")

@@ -31,8 +31,10 @@ TIMEOUT_S = 30.0  # generous: the machine is shared and loaded
 
 
 def make_cfg(run_dir, num_prompts=1000, **buffer_kw) -> RunConfig:
-    buf = BufferConfig(address=f"tcp://127.0.0.1:{free_port()}", pub_address=f"tcp://127.0.0.1:{free_port()}",
-                       **{"max_staleness": 1, "groups_per_step": 2, "lease_timeout_s": 60.0, **buffer_kw})
+    buf = BufferConfig(address=f"tcp://127.0.0.1:{free_port()}",
+                       pub_address=f"tcp://127.0.0.1:{free_port()}",
+                       **{"max_staleness": 1, "groups_per_step": 2, "lease_timeout_s": 60.0,
+                          **buffer_kw})
     return RunConfig(run_dir=str(run_dir), buffer=buf, task=TaskConfig(num_prompts=num_prompts))
 
 
@@ -41,7 +43,8 @@ def running(cfg: RunConfig, clock=time.monotonic):
     svc = BufferService.from_run(cfg, clock=clock)
     thread = threading.Thread(target=svc.serve, kwargs={"install_signals": False}, daemon=True)
     thread.start()
-    client = Client(cfg.buffer.address, timeout_s=TIMEOUT_S, identity=TRAINER_PEER)  # also announces versions
+    # also announces versions
+    client = Client(cfg.buffer.address, timeout_s=TIMEOUT_S, identity=TRAINER_PEER)
     try:
         client.request(P.StatsRequest())  # ready
         yield svc, client
@@ -52,22 +55,27 @@ def running(cfg: RunConfig, clock=time.monotonic):
         assert not thread.is_alive()
 
 
-def make_group(credit: P.Credit, server_id="s0", version=0, rewards=(0.0, 1.0), tokens=4) -> P.TrajectoryGroup:
+def make_group(credit: P.Credit, server_id="s0", version=0, rewards=(0.0, 1.0),
+               tokens=4) -> P.TrajectoryGroup:
     trajs = [Trajectory.of(prompt_ids=as_i32([7, 8]), output_ids=as_i32(np.arange(tokens)),
-                          behav_logp=as_f32(np.full(tokens, -1.0)), versions=as_i32(np.full(tokens, version)),
+                          behav_logp=as_f32(np.full(tokens, -1.0)),
+                          versions=as_i32(np.full(tokens, version)),
                           reward=float(r), finish_reason="stop") for r in rewards]
-    return P.TrajectoryGroup(group_id=f"{server_id}-{credit.lease_id}", server_id=server_id, lease_id=credit.lease_id,
-                             prompt_index=credit.prompt_index, epoch=credit.epoch, trajectories=trajs)
+    return P.TrajectoryGroup(group_id=f"{server_id}-{credit.lease_id}", server_id=server_id,
+                             lease_id=credit.lease_id, prompt_index=credit.prompt_index,
+                             epoch=credit.epoch, trajectories=trajs)
 
 
 def register(client, server_id="s0", version=0) -> None:
-    ack = client.request(P.Register(server_id=server_id, engine_url="http://127.0.0.1:1", policy_version=version))
+    ack = client.request(P.Register(server_id=server_id, engine_url="http://127.0.0.1:1",
+                                    policy_version=version))
     assert isinstance(ack, P.RegisterAck)
 
 
 def link_to(cfg: RunConfig, server_id: str, started: list, slots: int = 2):
     """A rollout server's BufferLink to the buffer of ``cfg`` (call it in the event loop; close
-    ``link.control`` after), starting each lease it gets into ``started``, ``slots`` episode slots."""
+    ``link.control`` after), starting each lease it gets into ``started``,
+    ``slots`` episode slots."""
     from areal_like.net.dealer import AsyncClient
     from areal_like.net.metrics import Metrics
     from rollout_server.buffer_link import BufferLink
@@ -88,13 +96,15 @@ def test_credits_groups_dedupe_and_batches(tmp_path):
         register(c)
         credits = c.request(P.CreditRequest(server_id="s0", max_credits=10))
         # eta = 1, B = 2, v = 0: (1 + 0 + 1) * 2 = 4 credits, then admission stops
-        assert [x.prompt_index for x in credits.credits] == [0, 1, 2, 3] and credits.reason == "staleness"
+        assert ([x.prompt_index for x in credits.credits] == [0, 1, 2, 3]
+                and credits.reason == "staleness")
         groups = [make_group(x) for x in credits.credits]
         for g in groups:
             assert c.request(g).status == "accepted"
         assert c.request(groups[0]).status == "duplicate"
         batch = c.request(P.BatchRequest(n_groups=2, trainer_version=0, wait_s=5))
-        assert [g.group_id for g in batch.groups] == ["s0-L0", "s0-L1"]  # oldest first, then arrival
+        # oldest first, then arrival
+        assert [g.group_id for g in batch.groups] == ["s0-L0", "s0-L1"]
         np.testing.assert_array_equal(batch.groups[0].trajectories[1].output_ids, np.arange(4))
         assert c.request(groups[0]).status == "duplicate"  # consumed, still remembered
         sub = Subscriber(cfg.buffer.pub_address)
@@ -106,21 +116,27 @@ def test_credits_groups_dedupe_and_batches(tmp_path):
         finally:
             sub.close()
         more = c.request(P.CreditRequest(server_id="s0", max_credits=10))
-        assert more.credits == [] and more.reason == "staleness"  # nothing consumed yet: 4 ahead, full
+        # nothing consumed yet: 4 ahead, full
+        assert more.credits == [] and more.reason == "staleness"
         s = stats(c)  # the batch is in transit until the next request acks it
-        assert (s["groups_accepted"], s.get("groups_consumed", 0), s["stored"], s["in_transit"]) == (4, 0, 2, 2)
-        ack = c.request(P.BatchRequest(n_groups=3, trainer_version=1, wait_s=0, ack_batch=batch.batch_id))
+        assert (s["groups_accepted"], s.get("groups_consumed", 0), s["stored"],
+                s["in_transit"]) == (4, 0, 2, 2)
+        ack = c.request(P.BatchRequest(n_groups=3, trainer_version=1, wait_s=0,
+                                       ack_batch=batch.batch_id))
         assert ack.groups == [] and batch.batch_id
-        c.request(P.Heartbeat(server_id="s0", policy_version=1))  # its engine got version 1 (else it waits for it)
+        # its engine got version 1 (else it waits for it)
+        c.request(P.Heartbeat(server_id="s0", policy_version=1))
         more = c.request(P.CreditRequest(server_id="s0", max_credits=10))
         assert [x.prompt_index for x in more.credits] == [4, 5]  # 2 consumed + (1+1)*2 = 6 started
         s = stats(c)
-        assert (s["groups_accepted"], s["groups_duplicate"], s["groups_consumed"], s["stored"]) == (4, 2, 2, 2)
+        assert (s["groups_accepted"], s["groups_duplicate"], s["groups_consumed"],
+                s["stored"]) == (4, 2, 2, 2)
         assert s["in_transit"] == 0
         assert s["policy_version"] == 1 and s["in_flight"] == 2 and s["credits_granted"] == 6
         text = scrape(f"http://127.0.0.1:{svc.metrics_server.port}/metrics")
         assert text['areal_buffer_groups{state="stored"}'] == 2
-        assert text["areal_buffer_staleness_count"] == 2 and text["areal_buffer_trainer_version"] == 1
+        assert (text["areal_buffer_staleness_count"] == 2
+                and text["areal_buffer_trainer_version"] == 1)
         assert text["areal_buffer_credits_granted_total"] == 6
         assert any(k.startswith("areal_buffer_fsync_seconds_count") for k in text)
 
@@ -142,7 +158,8 @@ def test_bad_input_is_rejected_with_a_reason_and_the_daemon_keeps_serving(tmp_pa
         # a NaN reward cannot be encoded by a well-behaved sender: patch the frame by hand
         wire = msgpack.unpackb(P.encode(make_group(credits[2])), raw=False)
         wire["trajectories"][0]["reward"] = math.nan
-        raw = [msgpack.packb(wire, use_bin_type=True), msgpack.packb({"type": "stats_request", "protocol": 99}),
+        raw = [msgpack.packb(wire, use_bin_type=True),
+               msgpack.packb({"type": "stats_request", "protocol": 99}),
                b"not msgpack at all \xc1"]
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.connect(cfg.buffer.address)
@@ -153,9 +170,11 @@ def test_bad_input_is_rejected_with_a_reason_and_the_daemon_keeps_serving(tmp_pa
                 assert sock.poll(int(TIMEOUT_S * 1000))
                 req_id, reply = sock.recv_multipart()
                 ack = P.decode(reply)
-                assert req_id == bytes([i]) and ack.status == "rejected" and ack.reason.startswith("decode")
+                assert (req_id == bytes([i]) and ack.status == "rejected"
+                        and ack.reason.startswith("decode"))
                 reasons.append(ack.reason)
-            assert "trajectories[0].reward" in reasons[0] and "protocol" in reasons[1] and "frame" in reasons[2]
+            assert ("trajectories[0].reward" in reasons[0] and "protocol" in reasons[1]
+                    and "frame" in reasons[2])
         finally:
             sock.close(linger=0)
         s = stats(c)  # still serving
@@ -190,7 +209,8 @@ def test_held_batch_request_and_empty_answer_after_wait(tmp_path):
         c.request(make_group(credits[0]))
         t0 = time.monotonic()
         empty = c.request(P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0.3))
-        assert empty.groups == [] and "1 of 2 fresh" in empty.reason and time.monotonic() - t0 >= 0.3
+        assert (empty.groups == [] and "1 of 2 fresh" in empty.reason
+                and time.monotonic() - t0 >= 0.3)
         trainer = Client(cfg.buffer.address, timeout_s=TIMEOUT_S)
         got = {}
         t = threading.Thread(target=lambda: got.setdefault("b", trainer.request(
@@ -213,12 +233,13 @@ def test_stale_groups_are_dropped_and_their_prompts_reissued(tmp_path):
         c.request(P.VersionUpdate(policy_version=1))  # the trainer moved on without it
         s = stats(c)
         assert s["groups_dropped_stale"] == 1 and s["stored"] == 0 and s["reissue_queue"] == 1
-        assert c.request(make_group(credits[1], version=0)).status == "accepted"  # valid lease, stale content
+        # valid lease, stale content
+        assert c.request(make_group(credits[1], version=0)).status == "accepted"
         assert c.request(P.BatchRequest(n_groups=1, trainer_version=1, wait_s=0.1)).groups == []
         assert stats(c)["groups_dropped_stale"] == 2
         c.request(P.Heartbeat(server_id="s0", policy_version=1))
         again = c.request(P.CreditRequest(server_id="s0", max_credits=4)).credits
-        # nothing consumed: 0 + (0+1)*2 = 2 limit, 2 started - 2 dropped = 0 -> the 2 re-issued prompts
+        # nothing consumed: 0 + (0+1)*2 = 2 limit, 2 started - 2 dropped = 0 -> 2 re-issued prompts
         # ((eta + v + 1) * B would admit 2 more at v = 1, as if a batch had been consumed at v = 0)
         assert [x.prompt_index for x in again] == [0, 1]
 
@@ -241,24 +262,31 @@ def test_weight_sync_flow_and_roster_liveness(tmp_path):
         register(c, "b")
         roster = c.request(P.RosterRequest())
         assert sorted(m.server_id for m in roster.members) == ["a", "b"]
-        plan = P.WeightSyncPlan(policy_version=1, group_name="w", master_addr="127.0.0.1", master_port=1234,
-                                world_size=3, backend="gloo", reform=True,
+        plan = P.WeightSyncPlan(policy_version=1, group_name="w", master_addr="127.0.0.1",
+                                master_port=1234, world_size=3, backend="gloo", reform=True,
                                 members=[P.SyncMember(server_id="a", rank_offset=1),
                                          P.SyncMember(server_id="b", rank_offset=2)],
-                                buckets=[P.BucketSpec(names=["w"], dtypes=["float32"], shapes=[[2, 2]])], deadline_s=60)
+                                buckets=[P.BucketSpec(names=["w"], dtypes=["float32"],
+                                                      shapes=[[2, 2]])], deadline_s=60)
         assert c.request(plan).status == "ok"
         hb = c.request(P.Heartbeat(server_id="a", policy_version=0))
-        assert hb.known and hb.pending_plan.policy_version == 1 and hb.pending_plan.members[1].rank_offset == 2
+        assert (hb.known and hb.pending_plan.policy_version == 1
+                and hb.pending_plan.members[1].rank_offset == 2)
         c.request(P.SyncDone(server_id="a", policy_version=1, ok=True, pause_s=0.1))
         c.request(P.SyncDone(server_id="b", policy_version=1, ok=False, reason="timeout"))
         status = c.request(P.SyncStatusRequest(policy_version=1))
         assert (status.done, status.failed) == (["a"], ["b"])
         assert c.request(P.Heartbeat(server_id="a", policy_version=1)).pending_plan is None
-        assert c.request(P.Heartbeat(server_id="b", policy_version=0)).pending_plan is None  # reported (failed)
-        assert c.request(msgspec.structs.replace(plan, plan_id="same")).status == "ok"  # the trainer's re-push
-        assert c.request(P.Heartbeat(server_id="a", policy_version=1)).pending_plan.plan_id == "same"
-        assert c.request(P.SyncStatusRequest(policy_version=1)).done == []  # earlier results do not count
-        assert c.request(msgspec.structs.replace(plan, plan_id="same")).status == "ok"  # re-sent, not re-pushed
+        # reported (failed)
+        assert c.request(P.Heartbeat(server_id="b", policy_version=0)).pending_plan is None
+        # the trainer's re-push
+        assert c.request(msgspec.structs.replace(plan, plan_id="same")).status == "ok"
+        assert (c.request(P.Heartbeat(server_id="a", policy_version=1)).pending_plan.plan_id
+                == "same")
+        # earlier results do not count
+        assert c.request(P.SyncStatusRequest(policy_version=1)).done == []
+        # re-sent, not re-pushed
+        assert c.request(msgspec.structs.replace(plan, plan_id="same")).status == "ok"
         c.request(P.SyncDone(server_id="a", policy_version=1, ok=True))
         c.request(msgspec.structs.replace(plan, plan_id="same"))
         c.request(P.SyncDone(server_id="b", policy_version=1, ok=False, reason="timeout"))
@@ -331,7 +359,8 @@ def test_expired_lease_is_reissued_to_the_next_requester(tmp_path):
 
 
 def test_filtered_group_returns_its_slot(tmp_path):
-    """DAPO filter: a group with equal rewards is acked, not stored, and its admission slot comes back."""
+    """DAPO filter: a group with equal rewards is acked, not stored, and its admission
+    slot comes back."""
     cfg = make_cfg(tmp_path, max_staleness=0, groups_per_step=2, filter_equal_rewards=True)
     with running(cfg) as (svc, c):
         register(c)
@@ -342,7 +371,8 @@ def test_filtered_group_returns_its_slot(tmp_path):
         s = stats(c)
         assert (s["groups_dropped_equal_rewards"], s["stored"], s["started"]) == (1, 1, 1)
         more = c.request(P.CreditRequest(server_id="s0", max_credits=5)).credits
-        assert [x.prompt_index for x in more] == [2]  # a new prompt (no re-issue): the trainer is not starved
+        # a new prompt (no re-issue): the trainer is not starved
+        assert [x.prompt_index for x in more] == [2]
 
 
 def test_restart_resumes_counters_without_a_capacity_burst(tmp_path):
@@ -356,9 +386,11 @@ def test_restart_resumes_counters_without_a_capacity_burst(tmp_path):
         register(c)
         s = stats(c)
         assert (s["started"], s["in_flight"], s["stored"], s["cursor_index"]) == (2, 1, 1, 2)
-        assert c.request(P.CreditRequest(server_id="s0", max_credits=5)).reason == "staleness"  # no burst
+        # no burst
+        assert c.request(P.CreditRequest(server_id="s0", max_credits=5)).reason == "staleness"
         assert c.request(make_group(credits[0])).status == "duplicate"
-        assert c.request(make_group(credits[1])).status == "accepted"  # the restored lease is still valid
+        # the restored lease is still valid
+        assert c.request(make_group(credits[1])).status == "accepted"
         batch = c.request(P.BatchRequest(n_groups=2, trainer_version=0, wait_s=5))
         assert sorted(g.prompt_index for g in batch.groups) == [0, 1]
 
@@ -367,20 +399,24 @@ def test_a_group_asks_for_leases_with_its_ack_and_they_survive_a_restart(tmp_pat
     """``want_credits``: the Ack carries new leases (the same admission rules as a CreditRequest:
     capped by staleness and capacity, none for a rejected group), and they are durable before the
     Ack is sent: after a restart they are still outstanding, and the cursor does not repeat them."""
-    cfg = make_cfg(tmp_path, max_staleness=1, groups_per_step=2)  # (1 + 0 + 1) * 2 = 4 groups may start
+    # (1 + 0 + 1) * 2 = 4 groups may start
+    cfg = make_cfg(tmp_path, max_staleness=1, groups_per_step=2)
     with running(cfg) as (svc, c):
         register(c)
         (first,) = c.request(P.CreditRequest(server_id="s0", max_credits=1)).credits
         ack = c.request(msgspec.structs.replace(make_group(first), want_credits=2))
         assert ack.status == "accepted" and [x.prompt_index for x in ack.credits] == [1, 2]
         again = c.request(msgspec.structs.replace(make_group(ack.credits[0]), want_credits=5))
-        assert again.status == "accepted" and [x.prompt_index for x in again.credits] == [3]  # the bound: 4
-        # durable before the Ack was sent: a copy of the WAL taken now (nothing else was asked since)
-        # ends in a control record that grants that lease
+        # the bound: 4
+        assert again.status == "accepted" and [x.prompt_index for x in again.credits] == [3]
+        # durable before the Ack was sent: a copy of the WAL taken now
+        # (nothing else was asked since) ends in a control record that grants that lease
         shutil.copytree(svc.wal.dir, tmp_path / "wal-copy")
-        controls = [r.control for r in WriteAheadLog(tmp_path / "wal-copy").replay() if r.kind == "C"]
+        controls = [r.control for r in WriteAheadLog(tmp_path / "wal-copy").replay()
+                    if r.kind == "C"]
         assert again.credits[0].lease_id in [x[0] for x in controls[-1]["changes"]["granted"]]
-        bad = msgspec.structs.replace(make_group(ack.credits[1], version=9), want_credits=1)  # a future version
+        # a future version
+        bad = msgspec.structs.replace(make_group(ack.credits[1], version=9), want_credits=1)
         rejected = c.request(bad)
         assert rejected.status == "rejected" and rejected.credits == []
         assert stats(c)["credits_granted"] == 4
@@ -389,9 +425,11 @@ def test_a_group_asks_for_leases_with_its_ack_and_they_survive_a_restart(tmp_pat
         register(c)
         s = stats(c)
         assert (s["cursor_index"], s["stored"]) == (4, 2)
-        lease = next(x for x in svc.ledger.leases.values() if x.lease_id == granted_before_restart[0])
+        lease = next(x for x in svc.ledger.leases.values()
+                     if x.lease_id == granted_before_restart[0])
         assert lease.prompt_index == 3  # the lease an Ack carried is still outstanding
-        late = c.request(make_group(P.Credit(lease_id=lease.lease_id, prompt_index=3, epoch=0, deadline_s=60.0)))
+        late = c.request(make_group(P.Credit(lease_id=lease.lease_id, prompt_index=3, epoch=0,
+                                             deadline_s=60.0)))
         assert late.status == "accepted"
 
 
@@ -416,7 +454,8 @@ def test_a_rollout_server_gets_its_next_leases_with_each_ack(tmp_path):
 
         async def scenario() -> None:
             client = AsyncClient(cfg.buffer.address, timeout_s=TIMEOUT_S, identity="s0")
-            link = BufferLink(client, client, "s0", Metrics(), free_slots=lambda: 2,  # 3 slots, one busy
+            link = BufferLink(client, client, "s0", Metrics(),
+                              free_slots=lambda: 2,  # 3 slots, one busy
                               blocked=lambda: syncing[0], start=started.append)
             try:
                 assert link.wanted() == 2
@@ -430,7 +469,8 @@ def test_a_rollout_server_gets_its_next_leases_with_each_ack(tmp_path):
                 assert [x.prompt_index for x in started] == [3, 4] and link.asked == 0
                 assert not link.unacked
                 started.clear()
-                resend = Unacked(make_group(first), sends=1)  # a re-send: answered as a duplicate, no lease
+                # a re-send: answered as a duplicate, no lease
+                resend = Unacked(make_group(first), sends=1)
                 assert await link.send(resend) and started == []
                 task = asyncio.ensure_future(link.send(Unacked(make_group(second))))
                 await asyncio.sleep(0)
@@ -453,10 +493,11 @@ def test_a_rollout_server_gets_its_next_leases_with_each_ack(tmp_path):
 
 
 def test_a_weight_sync_report_brings_the_leases_of_the_new_version(tmp_path):
-    """At eta 0 every lease of version v + 1 waits for the engine to load v + 1. The SyncDone that says
-    it did asks for the free slots' leases (``BufferLink.report_sync``) and its Ack carries them: the
-    sync is recorded first, so they are granted against the version just loaded. A server whose sync
-    failed still serves v and, at eta 0, gets none; a credit back-off left from before the sync is over."""
+    """At eta 0 every lease of version v + 1 waits for the engine to load v + 1. The SyncDone that
+    says it did asks for the free slots' leases (``BufferLink.report_sync``) and its Ack carries
+    them: the sync is recorded first, so they are granted against the version just loaded. A server
+    whose sync failed still serves v and, at eta 0, gets none; a credit back-off left from before
+    the sync is over."""
     import asyncio
 
     cfg = make_cfg(tmp_path, max_staleness=0, groups_per_step=2)
@@ -467,18 +508,22 @@ def test_a_weight_sync_report_brings_the_leases_of_the_new_version(tmp_path):
             assert c.request(make_group(credit, server_id="a")).status == "accepted"
         batch = c.request(P.BatchRequest(n_groups=2, trainer_version=0, wait_s=5))
         assert len(batch.groups) == 2
-        c.request(P.BatchRequest(n_groups=2, trainer_version=1, wait_s=0.05, ack_batch=batch.batch_id))  # consumed
+        c.request(P.BatchRequest(n_groups=2, trainer_version=1, wait_s=0.05,
+                                 ack_batch=batch.batch_id))  # consumed
         c.request(P.VersionUpdate(policy_version=1))
         assert c.request(P.CreditRequest(server_id="a", max_credits=2)).reason == "stale_engine"
-        failed = c.request(P.SyncDone(server_id="b", policy_version=1, ok=False, reason="timeout", want_credits=2))
+        failed = c.request(P.SyncDone(server_id="b", policy_version=1, ok=False, reason="timeout",
+                                      want_credits=2))
         assert failed.status == "ok" and failed.credits == []
         started: list[P.Credit] = []
 
         async def scenario() -> None:
             link = link_to(cfg, "a", started)
-            link.next_request_at = time.monotonic() + 3600  # a CreditRequest during the step was refused
+            # a CreditRequest during the step was refused
+            link.next_request_at = time.monotonic() + 3600
             try:
-                assert await link.report_sync(P.SyncDone(server_id="a", policy_version=1, ok=True), attempts=1)
+                assert await link.report_sync(P.SyncDone(server_id="a", policy_version=1, ok=True),
+                                              attempts=1)
                 assert [x.prompt_index for x in started] == [2, 3] and link.asked == 0
             finally:
                 link.control.close()

@@ -34,23 +34,26 @@ def _last_step(system: RunningSystem) -> int:
 
 
 def _acked(system: RunningSystem) -> int:
-    return sum(int(system.metrics(f"rollout-{i}").get("areal_rollout_groups_acked_total", 0)) for i in range(2))
+    return sum(int(system.metrics(f"rollout-{i}").get("areal_rollout_groups_acked_total", 0))
+               for i in range(2))
 
 
 def _kill_trainer(system: RunningSystem, n_resumes: int, at_least: int) -> None:
-    """kill -9 of torchrun and of its ranks, by PID, as a machine fault would (torchrun alone would leave
-    the ranks to the supervisor's SIGTERM, on which they save a checkpoint and nothing is lost).
+    """kill -9 of torchrun and of its ranks, by PID, as a machine fault would (torchrun alone would
+    leave the ranks to the supervisor's SIGTERM, on which they save a checkpoint and nothing is
+    lost).
 
     The kill waits for step ``at_least`` and for a step two or three past a checkpoint, so that it
-    rolls steps back: a step takes well under a second, and a kill just after a checkpoint rolls back
-    nothing (nor does one just after the next step's record, before that step's version is announced:
-    the rolled-back steps count announced labels)."""
+    rolls steps back: a step takes well under a second, and a kill just after a checkpoint rolls
+    back nothing (nor does one just after the next step's record, before that step's version is
+    announced: the rolled-back steps count announced labels)."""
     system.wait_for(lambda: (s := _last_step(system)) >= at_least and s % CKPT in (2, 3), 300,
                     f"a step >= {at_least} just past a checkpoint", poll_s=0.02)
     torchrun = psutil.Process(system.pid("trainer"))
     for proc in [*torchrun.children(recursive=True), torchrun]:
         os.kill(proc.pid, signal.SIGKILL)
-    system.wait_for(lambda: len([r for r in system.records() if r.get("event") == "resume"]) > n_resumes, 240,
+    system.wait_for(lambda: len([r for r in system.records()
+                                 if r.get("event") == "resume"]) > n_resumes, 240,
                     "the trainer to resume")
 
 
@@ -58,11 +61,13 @@ def _kill_trainer(system: RunningSystem, n_resumes: int, at_least: int) -> None:
 @pytest.mark.timeout(900)
 def test_kill9_trainer_twice_and_buffer_once_the_run_completes_and_says_what_it_cost(tmp_path):
     model = warm_model(WARM_CACHE)
-    cfg = system_config(tmp_path / "run", model, f"trainer.steps={STEPS}", f"buffer.max_staleness={ETA}",
-                        f"buffer.groups_per_step={B}", f"trainer.checkpoint_every={CKPT}", "launch.restarts=3")
+    cfg = system_config(tmp_path / "run", model, f"trainer.steps={STEPS}",
+                        f"buffer.max_staleness={ETA}", f"buffer.groups_per_step={B}",
+                        f"trainer.checkpoint_every={CKPT}", "launch.restarts=3")
     with RunningSystem(cfg) as system:
         _kill_trainer(system, 0, at_least=CKPT + 1)
-        system.wait_for(lambda: _last_step(system) >= 13, 300, "steps after the first trainer restart")
+        system.wait_for(lambda: _last_step(system) >= 13, 300,
+                        "steps after the first trainer restart")
         os.kill(system.pid("buffer"), signal.SIGKILL)
         system.wait_for(lambda: system.sup.proc("buffer").restarts == 1, 60, "the buffer restart")
         _kill_trainer(system, 1, at_least=19)  # steps after the buffer restart
@@ -73,17 +78,20 @@ def test_kill9_trainer_twice_and_buffer_once_the_run_completes_and_says_what_it_
     result = outcome(system.run_dir, system.code)
     resumes = [r for r in system.records() if r.get("event") == "resume"]
     assert len(resumes) == 2 and all(0 < r["rolled_back_steps"] <= CKPT for r in resumes), resumes
-    # each resume gave the checkpoint's weights the last announced label: only the lost steps' labels are skipped
+    # each resume gave the checkpoint's weights the last announced label: only the lost steps'
+    # labels are skipped
     assert result["ok"] and result["steps_trained"] + result["rolled_back_steps"] == STEPS, result
     assert result["rolled_back_steps"] == sum(r["rolled_back_steps"] for r in resumes) > 0, result
     steps = system.steps()
     assert max(r["staleness_max"] for r in steps) <= ETA
     over = [v for k, v in stale_hist.items() if k.startswith("areal_buffer_staleness_bucket") and
             f'le="{float(ETA)}"' in k]
-    assert over and over[0] == stale_hist["areal_buffer_staleness_count"]  # every consumed group <= eta
+    # every consumed group <= eta
+    assert over and over[0] == stale_hist["areal_buffer_staleness_count"]
     trained = result["steps_trained"] * B
     wasted = acked - trained
-    # rolled-back batches, plus at most the staleness window, (eta + 1) * B, at each of 3 faults and at the end
+    # rolled-back batches, plus at most the staleness window, (eta + 1) * B, at each of 3 faults
+    # and at the end
     assert 0 <= wasted <= result["rolled_back_steps"] * B + 4 * (ETA + 1) * B, (acked, trained)
     print(f"chaos: acked {acked}, trained {trained}, wasted {wasted} ({wasted / acked:.1%}), "
           f"rolled back {result['rolled_back_steps']}")

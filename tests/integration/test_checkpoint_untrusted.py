@@ -34,7 +34,8 @@ class Planted:
 
 def plant_value(directory: Path, fqn: str, marker: Path) -> None:
     """Make DCP's stored value ``fqn`` (not a tensor: DCP ``torch.save``s it into a shard file) a
-    planted pickle: appended to its shard, and the (trusted, re-pickled) ``.metadata`` pointed at it."""
+    planted pickle: appended to its shard, and the (trusted, re-pickled) ``.metadata``
+    pointed at it."""
     import dataclasses
     import io
     import pickle
@@ -71,7 +72,8 @@ def _outcome(fn, marker: Path) -> dict:
     try:
         fn()
         error = ""
-    except BaseException as e:  # noqa: BLE001 (what happened, whatever it was; DCP's are BaseException)
+    except BaseException as e:  # noqa: BLE001
+        # (what happened, whatever it was; DCP's are BaseException)
         error = f"{type(e).__name__}: {e}"
     return {"error": error, "ran": marker.exists()}
 

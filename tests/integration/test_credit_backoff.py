@@ -1,5 +1,6 @@
-"""A rollout server's credit back-off and the trainer's announcements (rollout_server/buffer_link.py,
-``window_moved``; rollout_server/server.py, ``announcements``), against the real buffer and a real PUB socket."""
+"""A rollout server's credit back-off and the trainer's announcements
+(rollout_server/buffer_link.py, ``window_moved``; rollout_server/server.py, ``announcements``),
+against the real buffer and a real PUB socket."""
 
 from __future__ import annotations
 
@@ -16,13 +17,15 @@ from rollout_server import buffer_link
 from rollout_server.server import RolloutServer
 
 
-def test_a_refused_credit_request_is_asked_again_as_soon_as_the_trainer_announces(tmp_path, monkeypatch):
-    """At eta 0 a server's sync report can reach the buffer before the trainer's request for its next
-    batch, which is what consumes the last one: the report and the CreditRequest after it are refused
-    ("staleness") and the link backs off. With the default overlapped push the trainer's announcement
-    comes after that request (trainer/weight_sync.py, ``_finish``), and ends the back-off
-    (``BufferLink.window_moved``): the next ask gets the leases."""
-    monkeypatch.setattr(buffer_link, "CREDIT_RETRY_S", 3600.0)  # the back-off outlasts any slow machine
+def test_a_refused_credit_request_is_asked_again_as_soon_as_the_trainer_announces(
+        tmp_path, monkeypatch):
+    """At eta 0 a server's sync report can reach the buffer before the trainer's request for its
+    next batch, which is what consumes the last one: the report and the CreditRequest after it are
+    refused ("staleness") and the link backs off. With the default overlapped push the trainer's
+    announcement comes after that request (trainer/weight_sync.py, ``_finish``), and ends the
+    back-off (``BufferLink.window_moved``): the next ask gets the leases."""
+    # the back-off outlasts any slow machine
+    monkeypatch.setattr(buffer_link, "CREDIT_RETRY_S", 3600.0)
     cfg = make_cfg(tmp_path, max_staleness=0, groups_per_step=2)
     with running(cfg) as (svc, c):
         register(c, "a")
@@ -34,11 +37,13 @@ def test_a_refused_credit_request_is_asked_again_as_soon_as_the_trainer_announce
         async def scenario() -> None:
             link = link_to(cfg, "a", started)
             try:
-                assert await link.report_sync(P.SyncDone(server_id="a", policy_version=1, ok=True), attempts=1)
+                assert await link.report_sync(P.SyncDone(server_id="a", policy_version=1, ok=True),
+                                              attempts=1)
                 assert await link.request_credits()
                 assert started == [] and link.wanted() == 0  # refused, backing off
-                await asyncio.to_thread(c.request, P.BatchRequest(n_groups=2, trainer_version=1, wait_s=0.05,
-                                                                  ack_batch=batch.batch_id))
+                await asyncio.to_thread(c.request,
+                                        P.BatchRequest(n_groups=2, trainer_version=1, wait_s=0.05,
+                                                       ack_batch=batch.batch_id))
                 await asyncio.to_thread(c.request, P.VersionUpdate(policy_version=1))
                 assert link.wanted() == 0  # without the announcement it would wait out the back-off
                 link.window_moved()
@@ -51,13 +56,15 @@ def test_a_refused_credit_request_is_asked_again_as_soon_as_the_trainer_announce
 
 
 def test_the_servers_announcement_loop_ends_the_back_off_and_wakes_the_main_loop():
-    """``RolloutServer.announcements`` on a VersionUpdate: the trainer-version gauge, ``window_moved``,
-    and the main loop woken (it asks for leases at once)."""
+    """``RolloutServer.announcements`` on a VersionUpdate: the trainer-version gauge,
+    ``window_moved``, and the main loop woken (it asks for leases at once)."""
     address = f"tcp://127.0.0.1:{free_port()}"
     pub = Publisher(address)
     moved = []
-    server = types.SimpleNamespace(pub_address=address, metrics=Metrics(), wake=None, offer_plan=moved.append,
-                                   link=types.SimpleNamespace(window_moved=lambda: moved.append("moved")),
+    server = types.SimpleNamespace(pub_address=address, metrics=Metrics(), wake=None,
+                                   offer_plan=moved.append,
+                                   link=types.SimpleNamespace(
+                                       window_moved=lambda: moved.append("moved")),
                                    facts=types.SimpleNamespace(keys=None))  # plain sockets
 
     async def scenario() -> None:
@@ -65,7 +72,8 @@ def test_the_servers_announcement_loop_ends_the_back_off_and_wakes_the_main_loop
         listening = asyncio.create_task(RolloutServer.announcements(server))
         try:
             async with asyncio.timeout(TIMEOUT_S):
-                while not server.wake.is_set():  # PUB drops what it sends before the subscription lands
+                # PUB drops what it sends before the subscription lands
+                while not server.wake.is_set():
                     pub.publish(P.VersionUpdate(policy_version=7))
                     await asyncio.sleep(0.05)
         finally:

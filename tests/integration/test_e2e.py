@@ -4,10 +4,10 @@ trainer under torchrun, started by the real supervisor.
 Shown: versions advance one per step; every trained group had staleness <= eta (trainer's
 per-step record and the buffer's staleness histogram); every sync reports both engines done,
 none dropped; during the run, at (almost) every version, each engine's weights equal the
-trainer's checkpoint of that version (the first rows of the parameters read, a rotating few per read,
-over SGLang's /get_weights_by_name at a stable weight_version, exact); after the last sync, with the finished
-job held up, each engine's full weights equal the trainer's (checksum); the reward mean rises;
-nothing is left running.
+trainer's checkpoint of that version (the first rows of the parameters read, a rotating few per
+read, over SGLang's /get_weights_by_name at a stable weight_version, exact); after the last sync,
+with the finished job held up, each engine's full weights equal the trainer's (checksum); the reward
+mean rises; nothing is left running.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ STEPS = 48
 ETA = 2
 ROWS = 4  # rows of each parameter compared at every version caught during the run
 NAMES_PER_READ = 3  # parameters read per stable weight_version (a rotating slice of all of them)
-WARM_CACHE = Path(tempfile.gettempdir()) / "areal-like-test-warmstart"  # keyed by config hash inside
+# keyed by config hash inside
+WARM_CACHE = Path(tempfile.gettempdir()) / "areal-like-test-warmstart"
 
 
 def _param_names(model_dir: str) -> list[str]:
@@ -44,11 +45,12 @@ def _param_names(model_dir: str) -> list[str]:
 
 
 class WeightWatcher(threading.Thread):
-    """During the run: the first rows of engine parameters (a rotating slice per read) at each version
-    it serves, and the same rows of every trainer checkpoint as it appears (checkpoint_every=1);
-    compared afterwards."""
+    """During the run: the first rows of engine parameters (a rotating slice per read) at each
+    version it serves, and the same rows of every trainer checkpoint as it appears
+    (checkpoint_every=1); compared afterwards."""
 
-    def __init__(self, system: RunningSystem, engines: dict[str, str], names: list[str], scratch: Path):
+    def __init__(self, system: RunningSystem, engines: dict[str, str], names: list[str],
+                 scratch: Path):
         super().__init__(daemon=True)
         self.system, self.engines, self.names, self.scratch = system, engines, names, scratch
         self.engine_rows: dict[tuple[str, int], dict] = {}
@@ -79,7 +81,8 @@ class WeightWatcher(threading.Thread):
     def _read_checkpoints(self) -> None:
         ckpts = self.system.run_dir / "checkpoints"
         while not self.stop.is_set():
-            done = [d for d in ckpts.glob("v*") if (d / "meta.pt").is_file()] if ckpts.is_dir() else []
+            done = ([d for d in ckpts.glob("v*") if (d / "meta.pt").is_file()]
+                    if ckpts.is_dir() else [])
             fresh = [d for d in done if int(d.name[1:]) not in self.trainer_rows]
             if fresh:  # newest first: older ones are about to be rotated away
                 newest = max(fresh, key=lambda d: int(d.name[1:]))
@@ -96,7 +99,8 @@ class WeightWatcher(threading.Thread):
             want = self.trainer_rows.get(version)
             if want is None:
                 continue
-            same = all(torch.equal(torch.tensor(rows[n], dtype=torch.float32), want[n]) for n in rows)
+            same = all(torch.equal(torch.tensor(rows[n], dtype=torch.float32), want[n])
+                       for n in rows)
             (matched.add(version) if same else mismatched.append((server, version)))
         return matched, mismatched
 
@@ -105,17 +109,21 @@ class WeightWatcher(threading.Thread):
 @pytest.mark.timeout(400)
 def test_async_system_learns_with_bounded_staleness_and_synced_weights(tmp_path):
     model = warm_model(WARM_CACHE)
-    cfg = system_config(tmp_path / "run", model, f"trainer.steps={STEPS}", f"buffer.max_staleness={ETA}")
+    cfg = system_config(tmp_path / "run", model, f"trainer.steps={STEPS}",
+                        f"buffer.max_staleness={ETA}")
     with RunningSystem(cfg) as system:
-        roster = system.wait_for(lambda: (r := system.roster()) and len(r) == 2 and r, 180, "2 rollout servers")
-        watcher = WeightWatcher(system, {s: m.engine_url for s, m in roster.items()}, _param_names(model), tmp_path)
+        roster = system.wait_for(lambda: (r := system.roster()) and len(r) == 2 and r, 180,
+                                 "2 rollout servers")
+        watcher = WeightWatcher(system, {s: m.engine_url for s, m in roster.items()},
+                                _param_names(model), tmp_path)
         watcher.start()
         try:
             system.wait_for(system.completed.is_set, 300, "the trainer to finish")
         finally:
             watcher.stop.set()
             watcher.join(timeout=60)
-        # the job is complete and its daemons still up: every engine serves the last version, exactly
+        # the job is complete and its daemons still up:
+        # every engine serves the last version, exactly
         final_sum = checkpoint_checksum(system.run_dir, STEPS)
         for server, entry in roster.items():
             got = engine_weights(entry.engine_url, watcher.names, system.engine_key)
@@ -134,23 +142,26 @@ def test_async_system_learns_with_bounded_staleness_and_synced_weights(tmp_path)
     # (step 1's: the setup push, which may precede the servers' registration)
     syncs = [r["weight_sync"] for r in steps if r["weight_sync"]["version"] >= 1]
     assert [s["version"] for s in syncs] == list(range(1, STEPS)), syncs
-    assert all(not s["dropped"] and sorted(s["done"]) == ["rollout-0", "rollout-1"] for s in syncs), syncs
+    assert all(not s["dropped"] and sorted(s["done"]) == ["rollout-0", "rollout-1"]
+               for s in syncs), syncs
 
     hist = watcher.buffer_metrics
     total = hist.get("areal_buffer_staleness_count", 0)
     assert total > 0 and hist[f'areal_buffer_staleness_bucket{{le="{float(ETA)}"}}'] == total
 
     # during the run: every engine read at a stable version equals the trainer's checkpoint of that
-    # version (first ROWS rows of each parameter read there, exact), for many versions, not just the last
+    # version (first ROWS rows of each parameter read there, exact), for many versions,
+    # not just the last
     matched, mismatched = watcher.compare()
     print("versions with engine weights == trainer checkpoint:", sorted(matched))
     assert not mismatched, mismatched
-    assert len(matched) >= 3, (sorted(matched), sorted(watcher.trainer_rows), sorted(watcher.engine_rows))
+    assert len(matched) >= 3, (sorted(matched), sorted(watcher.trainer_rows),
+                               sorted(watcher.engine_rows))
 
     # A step's reward mean is over 16 samples (std ~0.1 at these rewards), so the rise is judged on
-    # the first and last quarter of the run (192 samples each; std of the difference ~0.045). Over 24
-    # steps the rise was too small to tell from noise: +0.03 and +0.04 seen in 2 of 5 runs. Over 48
-    # steps, measured in 4 runs: +0.15 to +0.23.
+    # the first and last quarter of the run (192 samples each; std of the difference ~0.045).
+    # Over 24 steps the rise was too small to tell from noise: +0.03 and +0.04 seen in 2 of 5 runs.
+    # Over 48 steps, measured in 4 runs: +0.15 to +0.23.
     rewards = [r["reward_mean"] for r in steps]
     quarter = STEPS // 4
     first, last = sum(rewards[:quarter]) / quarter, sum(rewards[-quarter:]) / quarter

@@ -36,17 +36,20 @@ argv = [sys.executable, *sys.argv[3:]]
 if sys.argv[2] == "tied":
     child = spawn_tied(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 else:
-    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
 print(f"CHILD {child.pid}", flush=True)
 threading.Event().wait()
 """
 
 
 def _start_parent(mode: str, *child_argv: str) -> tuple[subprocess.Popen, psutil.Process]:
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(REPO), mode, *child_argv], stdout=subprocess.PIPE,
-                              text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(REPO), mode, *child_argv],
+                              stdout=subprocess.PIPE, text=True, cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     line = parent.stdout.readline()
-    assert line.startswith("CHILD "), f"stand-in rollout server printed {line!r} (exit {parent.poll()})"
+    assert line.startswith("CHILD "), (
+        f"stand-in rollout server printed {line!r} (exit {parent.poll()})")
     return parent, psutil.Process(int(line.split()[1]))
 
 
@@ -78,13 +81,17 @@ def _kill(*procs) -> None:
 
 def test_engine_and_its_port_go_when_the_rollout_server_is_killed():
     port = free_port()
-    parent, child = _start_parent("tied", "-m", "rollout_server.engine", "--host", "127.0.0.1", "--port", str(port))
+    parent, child = _start_parent("tied", "-m", "rollout_server.engine", "--host", "127.0.0.1",
+                                  "--port", str(port))
     try:
         deadline = time.monotonic() + HEALTH_DEADLINE_S
-        while time.monotonic() < deadline and child.is_running() and not _healthy(f"http://127.0.0.1:{port}/health"):
+        while (time.monotonic() < deadline and child.is_running()
+                and not _healthy(f"http://127.0.0.1:{port}/health")):
             psutil.wait_procs([child], timeout=0.5)  # returns early if the engine died
-        assert child.is_running() and _healthy(f"http://127.0.0.1:{port}/health"), "the engine never came up"
-        assert os.getpgid(child.pid) == child.pid != os.getpgid(parent.pid)  # a process group of its own
+        assert child.is_running() and _healthy(f"http://127.0.0.1:{port}/health"), (
+            "the engine never came up")
+        # a process group of its own
+        assert os.getpgid(child.pid) == child.pid != os.getpgid(parent.pid)
         assert not _port_free(port)
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait()

@@ -42,8 +42,8 @@ async def burst(url: str, n: int, key: str | None = KEY) -> collections.Counter:
     """``n`` concurrent /generate calls; counts status codes (and client-side errors by name)."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True), headers=headers,
-                                     timeout=timeout) as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True),
+                                     headers=headers, timeout=timeout) as session:
         async def one():
             try:
                 async with session.post(url + "/generate", json=BODY) as r:
@@ -55,13 +55,16 @@ async def burst(url: str, n: int, key: str | None = KEY) -> collections.Counter:
 
 
 def test_a_thousand_concurrent_requests_get_answers_and_rss_stays_bounded(spawn_python):
-    proc = spawn_python("rollout_server.engine", ["--port", "0", "model.max_position_embeddings=128",
+    proc = spawn_python("rollout_server.engine", ["--port", "0",
+                                                  "model.max_position_embeddings=128",
                                                   "rollout.engine.max_running_requests=16"],
                         env={ENGINE_KEY_ENV: KEY})
-    threading.Thread(target=lambda: proc.stderr.read(), daemon=True).start()  # never let its log pipe fill
+    # never let its log pipe fill
+    threading.Thread(target=lambda: proc.stderr.read(), daemon=True).start()
     url = engine_url(proc)
     engine = psutil.Process(proc.pid)
-    assert asyncio.run(burst(url, 8)) == {200: 8}  # warm: the steady state the burst is measured against
+    # warm: the steady state the burst is measured against
+    assert asyncio.run(burst(url, 8)) == {200: 8}
     assert asyncio.run(burst(url, 4, key=None)) == {401: 4}
     rss_before = engine.memory_info().rss
     got = asyncio.run(burst(url, REQUESTS))
@@ -73,7 +76,8 @@ def test_a_thousand_concurrent_requests_get_answers_and_rss_stays_bounded(spawn_
           f"after a second burst {rss_again / 2**20:.0f} MiB")
     for counts in (got, again):
         assert sum(counts.values()) == REQUESTS and set(counts) <= {200, 429, 503}, counts
-        assert counts[200] >= HttpLimits().max_inflight  # as many as the cap admits at once are served
+        # as many as the cap admits at once are served
+        assert counts[200] >= HttpLimits().max_inflight
     assert proc.poll() is None
     assert rss_after - rss_before < RSS_BOUND and rss_again - rss_before < RSS_BOUND
     assert asyncio.run(burst(url, 4)) == {200: 4}

@@ -19,8 +19,10 @@ from aiohttp import web
 TEMPERATURE = 0.5
 
 
-def start_proxy(target: str, port: int) -> tuple[asyncio.AbstractEventLoop, threading.Thread, web.AppRunner]:
-    """An SGLang-shaped engine whose log-probs ignore the temperature (it samples and scores at T=1)."""
+def start_proxy(target: str,
+                port: int) -> tuple[asyncio.AbstractEventLoop, threading.Thread, web.AppRunner]:
+    """An SGLang-shaped engine whose log-probs ignore the temperature
+    (it samples and scores at T=1)."""
 
     async def generate(request: web.Request) -> web.Response:
         body = await request.json()
@@ -56,8 +58,10 @@ def test_guard_passes_a_correct_engine_and_refuses_one_that_ignores_the_temperat
     from trainer.logprob_guard import PROBE_TEXT, LogprobGuardError, run_guard
 
     torch.manual_seed(0)
-    cfg = load_config([f"run_dir={tmp_path}", "security.curve=false", f"buffer.address=tcp://127.0.0.1:{free_port()}",
-                       f"buffer.pub_address=tcp://127.0.0.1:{free_port()}", "buffer.heartbeat_timeout_s=120",
+    cfg = load_config([f"run_dir={tmp_path}", "security.curve=false",
+                       f"buffer.address=tcp://127.0.0.1:{free_port()}",
+                       f"buffer.pub_address=tcp://127.0.0.1:{free_port()}",
+                       "buffer.heartbeat_timeout_s=120",
                        f"task.temperature={TEMPERATURE}", "rollout.engine.max_running_requests=2",
                        "rollout.engine.max_total_tokens=1024"])
     cfg_path = tmp_path / "config.yaml"
@@ -69,19 +73,24 @@ def test_guard_passes_a_correct_engine_and_refuses_one_that_ignores_the_temperat
     try:
         proxy = start_proxy(engine.url, proxy_port)
         trainer_model = build_model(cfg.model, device="cpu", dtype="float32").eval()
-        trainer_model.load_state_dict(engine.model.state_dict())  # the weights the initial push delivers
+        # the weights the initial push delivers
+        trainer_model.load_state_dict(engine.model.state_dict())
         prompt = list(load_tokenizer(cfg.model).encode(PROBE_TEXT))
-        client.request(Register(server_id="good", engine_url=engine.url, engine_ranks=1, policy_version=0))
-        client.request(Register(server_id="no-temperature", engine_url=f"http://127.0.0.1:{proxy_port}",
+        client.request(Register(server_id="good", engine_url=engine.url, engine_ranks=1,
+                                policy_version=0))
+        client.request(Register(server_id="no-temperature",
+                                engine_url=f"http://127.0.0.1:{proxy_port}",
                                 engine_ranks=1, policy_version=0))
 
         def guard(served: list[str], tol: float = 0.05) -> list[str]:
             passed, unchecked = run_guard(trainer_model, torch.device("cpu"), rank=0, buffer=client,
-                                          served=served, prompt_ids=prompt, temperature=TEMPERATURE, tol=tol)
+                                          served=served, prompt_ids=prompt, temperature=TEMPERATURE,
+                                          tol=tol)
             assert unchecked == {}  # one node: the loopback URLs are the engines' own
             return passed
 
-        assert guard(["good"]) == ["good"]  # the mis-configured engine did not take the push: not probed
+        # the mis-configured engine did not take the push: not probed
+        assert guard(["good"]) == ["good"]
         with pytest.raises(LogprobGuardError) as e:
             guard(["good", "no-temperature"])
         msg = str(e.value)
@@ -117,9 +126,10 @@ def routable_ipv4() -> str | None:
 
 def test_on_several_nodes_the_guard_probes_a_routable_engine_and_reports_a_loopback_one_unchecked(
         tmp_path, spawn_python, free_port):
-    """Issue 36, item 6: rank 0 probes the URL an engine registered. An engine listening on its node's
-    address (rollout.engine.host) is probed there and passes; one that registered 127.0.0.1 on a job of
-    several nodes would be probed on rank 0's own machine: it is reported NOT CHECKED, not passed."""
+    """Issue 36, item 6: rank 0 probes the URL an engine registered. An engine listening on its
+    node's address (rollout.engine.host) is probed there and passes; one that registered 127.0.0.1
+    on a job of several nodes would be probed on rank 0's own machine: it is reported NOT CHECKED,
+    not passed."""
     import dataclasses
 
     import torch
@@ -135,8 +145,10 @@ def test_on_several_nodes_the_guard_probes_a_routable_engine_and_reports_a_loopb
     host = routable_ipv4()
     if host is None:
         pytest.skip("this machine has no non-loopback IPv4 address")
-    cfg = load_config([f"run_dir={tmp_path}", "security.curve=false", f"buffer.address=tcp://127.0.0.1:{free_port()}",
-                       f"buffer.pub_address=tcp://127.0.0.1:{free_port()}", "buffer.heartbeat_timeout_s=120",
+    cfg = load_config([f"run_dir={tmp_path}", "security.curve=false",
+                       f"buffer.address=tcp://127.0.0.1:{free_port()}",
+                       f"buffer.pub_address=tcp://127.0.0.1:{free_port()}",
+                       "buffer.heartbeat_timeout_s=120",
                        f"task.temperature={TEMPERATURE}", "rollout.engine.max_running_requests=2",
                        "rollout.engine.max_total_tokens=1024", f"rollout.engine.host={host}"])
     cfg_path = tmp_path / "config.yaml"
@@ -144,20 +156,24 @@ def test_on_several_nodes_the_guard_probes_a_routable_engine_and_reports_a_loopb
     spawn_python("buffer", ["--config-file", cfg_path], capture=False)
     engine = EmbeddedEngine(cfg.model, cfg.rollout.engine).start()
     # the trap: an engine answering on rank 0's own loopback, as another job's (or node's) would
-    local = EmbeddedEngine(cfg.model, dataclasses.replace(cfg.rollout.engine, host="127.0.0.1")).start()
+    local = EmbeddedEngine(cfg.model,
+                           dataclasses.replace(cfg.rollout.engine, host="127.0.0.1")).start()
     client = Client(cfg.buffer.address, timeout_s=60)
     try:
         assert engine.url.startswith(f"http://{host}:")  # what a rollout server registers for it
         trainer_model = build_model(cfg.model, device="cpu", dtype="float32").eval()
         trainer_model.load_state_dict(engine.model.state_dict())
-        client.request(Register(server_id="routable", engine_url=engine.url, engine_ranks=1, policy_version=0))
-        client.request(Register(server_id="loopback", engine_url=local.url, engine_ranks=1, policy_version=0))
+        client.request(Register(server_id="routable", engine_url=engine.url, engine_ranks=1,
+                                policy_version=0))
+        client.request(Register(server_id="loopback", engine_url=local.url, engine_ranks=1,
+                                policy_version=0))
         passed, unchecked = run_guard(trainer_model, torch.device("cpu"), rank=0, buffer=client,
                                       served=["routable", "loopback"], prompt_ids=list(
                                           load_tokenizer(cfg.model).encode(PROBE_TEXT)),
                                       temperature=TEMPERATURE, tol=0.05, several_nodes=True)
         assert passed == ["routable"]
-        assert list(unchecked) == ["loopback"] and "set rollout.engine.host" in unchecked["loopback"]
+        assert (list(unchecked) == ["loopback"]
+                and "set rollout.engine.host" in unchecked["loopback"])
     finally:
         client.close()
         engine.stop()
@@ -189,8 +205,10 @@ def test_guard_probes_the_adapter_an_embedded_engine_serves_after_an_adapter_syn
     from trainer.weight_local import tensor_payload
 
     torch.manual_seed(0)
-    cfg = load_config([f"run_dir={tmp_path}", "security.curve=false", f"buffer.address=tcp://127.0.0.1:{free_port()}",
-                       f"buffer.pub_address=tcp://127.0.0.1:{free_port()}", "buffer.heartbeat_timeout_s=120",
+    cfg = load_config([f"run_dir={tmp_path}", "security.curve=false",
+                       f"buffer.address=tcp://127.0.0.1:{free_port()}",
+                       f"buffer.pub_address=tcp://127.0.0.1:{free_port()}",
+                       "buffer.heartbeat_timeout_s=120",
                        f"task.temperature={TEMPERATURE}", "rollout.engine.max_running_requests=2",
                        "rollout.engine.max_total_tokens=1024", "trainer.lora.rank=4",
                        "trainer.lora.target_modules=[q_proj,v_proj,down_proj,lm_head]"])
@@ -200,7 +218,8 @@ def test_guard_probes_the_adapter_an_embedded_engine_serves_after_an_adapter_syn
     engine = EmbeddedEngine(cfg.model, cfg.rollout.engine, lora=cfg.trainer.lora).start()
     client = Client(cfg.buffer.address, timeout_s=60)
     try:
-        trainer_model = add_adapters(build_model(cfg.model, device="cpu", dtype="float32"), cfg.trainer.lora)
+        trainer_model = add_adapters(build_model(cfg.model, device="cpu", dtype="float32"),
+                                     cfg.trainer.lora)
         trainer_model.load_state_dict(engine.model.state_dict())  # the same base, B = 0
         with torch.no_grad():  # a trained adapter, as a resumed job's checkpoint holds
             for name, p in trainer_model.named_parameters():
@@ -211,7 +230,8 @@ def test_guard_probes_the_adapter_an_embedded_engine_serves_after_an_adapter_syn
         strategy = torch.multiprocessing.get_sharing_strategy()
         torch.multiprocessing.set_sharing_strategy("file_system")
         try:
-            adapter = [(n, p.detach().clone().share_memory_()) for n, p in synced_parameters(trainer_model)]
+            adapter = [(n, p.detach().clone().share_memory_())
+                       for n, p in synced_parameters(trainer_model)]
             payload = tensor_payload(adapter)
         finally:
             torch.multiprocessing.set_sharing_strategy(strategy)
@@ -221,12 +241,13 @@ def test_guard_probes_the_adapter_an_embedded_engine_serves_after_an_adapter_syn
                 await c.update_weights_from_tensor([payload], weight_version="3")
 
         asyncio.run(sync())
-        client.request(Register(server_id="s", engine_url=engine.url, engine_ranks=1, policy_version=3))
+        client.request(Register(server_id="s", engine_url=engine.url, engine_ranks=1,
+                                policy_version=3))
         prompt = list(load_tokenizer(cfg.model).encode(PROBE_TEXT))
 
         def guard() -> list[str]:
-            return run_guard(trainer_model, torch.device("cpu"), rank=0, buffer=client, served=["s"],
-                             prompt_ids=prompt, temperature=TEMPERATURE, tol=0.05,
+            return run_guard(trainer_model, torch.device("cpu"), rank=0, buffer=client,
+                             served=["s"], prompt_ids=prompt, temperature=TEMPERATURE, tol=0.05,
                              adapters={"s": served_name(3, "plan")})[0]
 
         assert guard() == ["s"]  # the engine serves the synced adapter, and the probe measured it

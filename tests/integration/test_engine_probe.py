@@ -5,11 +5,12 @@ scheduler) or lose its scheduler to SGLang's watchdog: it stays up and answers n
 processes and sockets: the buffer daemon; a rollout server (``python -m rollout_server``) with
 ``rollout.engine.kind=sglang`` under the Slurm restart wrapper (``launch/slurm/with_restarts.sh``),
 whose real launcher starts its engine in its own process (``sglang_standin``: the embedded engine's
-HTTP server in SGLang's place, SGLang needs a GPU); a world-size-1 trainer (``tests/weight_pusher.py``,
-the real ``WeightBroadcaster``). The engine is frozen with SIGSTOP, by PID, before the trainer
-pushes v1: the server's sync fails at its deadline, its probe (``/health_generate``) gets no answer,
-the server exits 1 killing the frozen engine, and the wrapper restarts it: a fresh engine (another
-PID) serves, the server registers again, the frozen one is gone.
+HTTP server in SGLang's place, SGLang needs a GPU); a world-size-1 trainer
+(``tests/weight_pusher.py``, the real ``WeightBroadcaster``). The engine is frozen with SIGSTOP, by
+PID, before the trainer pushes v1: the server's sync fails at its deadline, its probe
+(``/health_generate``) gets no answer, the server exits 1 killing the frozen engine, and the wrapper
+restarts it: a fresh engine (another PID) serves, the server registers again, the frozen one is
+gone.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ STANDIN = HERE / "sglang_standin"
 DEADLINE_S = 6.0  # the sync deadline: short, the failure is the point
 STARTUP_S = 180.0
 # Spawner starts python only: become bash, stdout and stderr appended to the file argv[1]
-EXEC_BASH = ("import os, sys; fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600); "
+EXEC_BASH = ("import os, sys; "
+             "fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600); "
              "os.dup2(fd, 1); os.dup2(fd, 2); os.execvp('bash', ['bash', *sys.argv[2:]])")
 
 
@@ -55,9 +57,12 @@ def _start(tmp_path: Path, spawn_python, free_port, wait_until):
     build_model(base.model).save_pretrained(tmp_path / "model")
     metrics = free_port()
     cfg = load_config([f"run_dir={tmp_path}", "security.curve=false", "rollout.engine.kind=sglang",
-                       f"model.path={tmp_path / 'model'}", f"buffer.address=tcp://127.0.0.1:{free_port()}",
-                       f"buffer.pub_address=tcp://127.0.0.1:{free_port()}", "rollout.engine.max_running_requests=4",
-                       "rollout.engine.max_total_tokens=2048", f"trainer.weight_sync.deadline_s={DEADLINE_S}",
+                       f"model.path={tmp_path / 'model'}",
+                       f"buffer.address=tcp://127.0.0.1:{free_port()}",
+                       f"buffer.pub_address=tcp://127.0.0.1:{free_port()}",
+                       "rollout.engine.max_running_requests=4",
+                       "rollout.engine.max_total_tokens=2048",
+                       f"trainer.weight_sync.deadline_s={DEADLINE_S}",
                        "rollout.engine.startup_timeout_s=120", "buffer.heartbeat_timeout_s=120"])
     path = tmp_path / "config.yaml"
     path.write_text(to_yaml(cfg))
@@ -65,9 +70,11 @@ def _start(tmp_path: Path, spawn_python, free_port, wait_until):
     spawn_python("buffer", ["--config-file", path], capture=False)
     env = {"PYTHONPATH": f"{STANDIN}{os.pathsep}{REPO}", "AREAL_LIKE_STANDIN_CONFIG": str(path),
            "AREAL_LIKE_STANDIN_PIDS": str(tmp_path / "engine.pids"), "RESTART_BACKOFF_S": "0"}
-    server = spawn_python(EXEC_BASH, [tmp_path / "server.log", REPO / "launch/slurm/with_restarts.sh", "1",
+    server = spawn_python(EXEC_BASH, [tmp_path / "server.log",
+                                      REPO / "launch/slurm/with_restarts.sh", "1",
                                       sys.executable, "-m",
-                                      "rollout_server", "--config-file", path, "rollout.server_id=rollout-0",
+                                      "rollout_server", "--config-file", path,
+                                      "rollout.server_id=rollout-0",
                                       f"rollout.metrics_port={metrics}"], env=env, capture=False)
     wait_until(lambda: _healthy(metrics), STARTUP_S, 0.5, "the rollout server's /health")
     return cfg, path, server, metrics
@@ -101,19 +108,24 @@ def test_an_engine_that_stops_answering_during_a_failed_sync_is_restarted(
     os.kill(frozen, signal.SIGSTOP)  # up, answering nothing: a wedged SGLang
     try:
         start_pusher(spawn_python, path, tmp_path, [{"version": 1, "members": 1}])
-        report = wait_until(lambda: _report(tmp_path, 1), DEADLINE_S + 120, 0.2, "the v1 push's report")
+        report = wait_until(lambda: _report(tmp_path, 1), DEADLINE_S + 120, 0.2,
+                            "the v1 push's report")
         assert report["dropped"] == ["rollout-0"], report  # the sync failed
-        # the probe finds no answer, the server exits 1 and kills the frozen engine; the wrapper restarts it
+        # the probe finds no answer, the server exits 1 and kills the frozen engine;
+        # the wrapper restarts it
         wait_until(lambda: len(_pids(tmp_path / "engine.pids")) == 2, 180, 0.2, "a second engine")
-        wait_until(lambda: not psutil.pid_exists(frozen) or psutil.Process(frozen).status() == psutil.STATUS_ZOMBIE,
+        wait_until(lambda: (not psutil.pid_exists(frozen)
+                            or psutil.Process(frozen).status() == psutil.STATUS_ZOMBIE),
                    60, 0.2, "the frozen engine to be gone")
         fresh = _pids(tmp_path / "engine.pids")[1]
         wait_until(lambda: _healthy(metrics), STARTUP_S, 0.5, "the restarted server's /health")
-        new_url = wait_until(lambda: (u := _roster_url(cfg)) != old_url and u, 60, 0.2, "a new registration")
+        new_url = wait_until(lambda: (u := _roster_url(cfg)) != old_url and u, 60, 0.2,
+                             "a new registration")
         assert psutil.Process(fresh).status() != psutil.STATUS_STOPPED and new_url != old_url
         assert server.poll() is None  # the wrapper runs the restarted server
         log = (tmp_path / "server.log").read_text()
-        assert "did not answer /health_generate within 30s after the failed weight sync v1" in log, log[-3000:]
+        assert ("did not answer /health_generate within 30s after the failed weight sync v1"
+                in log), log[-3000:]
         assert "restart 1/1" in log
     finally:
         if psutil.pid_exists(frozen):

@@ -2,9 +2,9 @@
 
 The sender is a separate Python process that joins the weight group as rank 0 with
 ``areal_like.net.distributed.init_weight_group`` and broadcasts a model built with a different init
-seed, in two buckets, exactly like trainer rank 0 does (areal_like/DESIGN.md section 4); the test drives the
-engine through the SGLang endpoints (init group, pause, begin, update x2, end, continue): once
-with one broadcast per tensor (SGLang's default format), once with several consecutive syncs in
+seed, in two buckets, exactly like trainer rank 0 does (areal_like/DESIGN.md section 4); the test
+drives the engine through the SGLang endpoints (init group, pause, begin, update x2, end, continue):
+once with one broadcast per tensor (SGLang's default format), once with several consecutive syncs in
 the flattened-bucket format the trainer uses (received into spare buffers and swapped in).
 """
 
@@ -61,10 +61,11 @@ os._exit(0)  # skip interpreter teardown: a gloo group whose peer already left c
 
 
 FLAT_SENDER = (Path(__file__).resolve().parents[1] / "weight_sender.py").read_text()  # group rank 0
-# several syncs in a row: fp32 (swapped in), fp32 again (received into the buffer the first one retired),
-# bf16 on the wire into the fp32 engine (cannot be swapped: copied with a cast), then fp32 (swapped again)
-ROUNDS = [{"seed": 21, "dtype": "float32"}, {"seed": 22, "dtype": "float32"}, {"seed": 23, "dtype": "bfloat16"},
-          {"seed": 24, "dtype": "float32"}]
+# several syncs in a row: fp32 (swapped in), fp32 again (received into the buffer the first one
+# retired), bf16 on the wire into the fp32 engine (cannot be swapped: copied with a cast),
+# then fp32 (swapped again)
+ROUNDS = [{"seed": 21, "dtype": "float32"}, {"seed": 22, "dtype": "float32"},
+          {"seed": 23, "dtype": "bfloat16"}, {"seed": 24, "dtype": "float32"}]
 
 
 def post(url: str, path: str, body: dict | None = None) -> tuple[int, dict | str]:
@@ -102,7 +103,8 @@ def read_line(proc, prefix: str, timeout_s: float) -> str:
             break
         if line.startswith(prefix):
             return line.strip()
-    raise AssertionError(f"no {prefix!r} line from pid {proc.pid}; stderr: {proc.stderr.read()[-2000:]}")
+    raise AssertionError(f"no {prefix!r} line from pid {proc.pid}; "
+                         f"stderr: {proc.stderr.read()[-2000:]}")
 
 
 @pytest.fixture
@@ -124,9 +126,10 @@ def test_weight_update_over_gloo_from_another_process(engine, spawn_python):
     buckets = [names[: len(names) // 2], names[len(names) // 2:]]
     assert state_checksum(engine.model) != state_checksum(target)
     with ThreadPoolExecutor(2) as pool:
+        # master_port as a string: pydantic-lax like SGLang
         joined = pool.submit(post, url, "/init_weights_update_group", {
-            "master_address": "127.0.0.1", "master_port": str(port), "rank_offset": 1, "world_size": 2,
-            "group_name": GROUP, "backend": "gloo"})  # master_port as a string: pydantic-lax like SGLang
+            "master_address": "127.0.0.1", "master_port": str(port), "rank_offset": 1,
+            "world_size": 2, "group_name": GROUP, "backend": "gloo"})
         assert read_line(sender, "JOINED", PROCESS_START_S) == "JOINED"
         assert joined.result(timeout=HTTP_TIMEOUT_S) == (200, {
             "success": True, "message": "Succeeded to initialize custom process group."})
@@ -150,7 +153,8 @@ def test_weight_update_over_gloo_from_another_process(engine, spawn_python):
     assert state_checksum(engine.model) == state_checksum(target)
     for (name, p), q in zip(engine.model.named_parameters(), target.parameters()):
         assert torch.equal(p, q), name
-    status, info = post(url, "/generate", {"input_ids": [1, 7], "sampling_params": {"max_new_tokens": 3}})
+    status, info = post(url, "/generate", {"input_ids": [1, 7],
+                                           "sampling_params": {"max_new_tokens": 3}})
     assert info["meta_info"]["weight_version"] == "1"
     assert json.loads(urllib.request.urlopen(url + "/model_info").read())["weight_version"] == "1"
     assert post(url, "/destroy_weights_update_group", {"group_name": GROUP}) == (200, {
@@ -159,17 +163,20 @@ def test_weight_update_over_gloo_from_another_process(engine, spawn_python):
 
 
 def test_standalone_engine_process(spawn_python):
-    proc = spawn_python("rollout_server.engine", ["--port", "0", "model.max_position_embeddings=128",
+    proc = spawn_python("rollout_server.engine", ["--port", "0",
+                                                  "model.max_position_embeddings=128",
                                                   "rollout.engine.max_running_requests=4"])
     url = read_line(proc, "ENGINE_URL", PROCESS_START_S).split()[1]
     assert urllib.request.urlopen(url + "/health", timeout=HTTP_TIMEOUT_S).status == 200
-    status, out = post(url, "/generate", {"text": "7+8=", "sampling_params": {"max_new_tokens": 4, "temperature": 0},
+    status, out = post(url, "/generate", {"text": "7+8=",
+                                          "sampling_params": {"max_new_tokens": 4,
+                                                              "temperature": 0},
                                           "return_logprob": True})
     assert status == 200 and len(out["output_ids"]) <= 4
     with torch.no_grad():  # the standalone process built the same tiny model (fixed init seed)
         ids = char_tokenizer().encode("7+8=")
-        ref = build_model(MODEL).generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False, eos_token_id=2,
-                                          pad_token_id=0)
+        ref = build_model(MODEL).generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False,
+                                          eos_token_id=2, pad_token_id=0)
     assert out["output_ids"] == ref[0, len(ids):].tolist()
     metrics = urllib.request.urlopen(url + "/metrics", timeout=HTTP_TIMEOUT_S).read().decode()
     line = next(x for x in metrics.splitlines() if x.startswith("sglang:generation_tokens_total{"))
@@ -186,21 +193,26 @@ def test_consecutive_flattened_bucket_syncs_swap_exact_weights(engine, spawn_pyt
     bucket_names = [b.names for b in plan_buckets([(n, s, "float32") for n, s in names], 40_000)]
     shapes = dict(names)
     assert len(bucket_names) >= 3
-    sender = spawn_python(FLAT_SENDER, [json.dumps({"model": model_fields, "port": port, "group": GROUP,
-                                                    "buckets": bucket_names, "rounds": ROUNDS})])
+    sender = spawn_python(FLAT_SENDER, [json.dumps({"model": model_fields, "port": port,
+                                                    "group": GROUP, "buckets": bucket_names,
+                                                    "rounds": ROUNDS})])
 
     async def syncs() -> list[tuple[bool, str, str, str]]:
         out = []
         async with SGLangClient(engine.url, timeout_s=HTTP_TIMEOUT_S) as client:
             for version, r in enumerate(ROUNDS, start=1):
-                buckets = [BucketSpec(names=b, dtypes=[r["dtype"]] * len(b), shapes=[shapes[n] for n in b])
-                           for b in bucket_names]  # the sender's buckets, in this round's wire dtype
-                plan = WeightSyncPlan(policy_version=version, group_name=GROUP, master_addr="127.0.0.1",
-                                      master_port=port, world_size=2, backend="gloo", reform=version == 1,
-                                      members=[SyncMember(server_id="e", rank_offset=1)], buckets=buckets,
-                                      deadline_s=HTTP_TIMEOUT_S)
+                # the sender's buckets, in this round's wire dtype
+                buckets = [BucketSpec(names=b, dtypes=[r["dtype"]] * len(b),
+                                      shapes=[shapes[n] for n in b])
+                           for b in bucket_names]
+                plan = WeightSyncPlan(policy_version=version, group_name=GROUP,
+                                      master_addr="127.0.0.1", master_port=port, world_size=2,
+                                      backend="gloo", reform=version == 1,
+                                      members=[SyncMember(server_id="e", rank_offset=1)],
+                                      buckets=buckets, deadline_s=HTTP_TIMEOUT_S)
                 done = await apply_weight_sync(client, plan, "e", drain=False)
-                out.append((done.ok, done.reason, await client.weight_version(), state_checksum(engine.model)))
+                out.append((done.ok, done.reason, await client.weight_version(),
+                            state_checksum(engine.model)))
                 _no_spare_is_viewed_by_a_parameter(engine)
         return out
 
@@ -210,55 +222,62 @@ def test_consecutive_flattened_bucket_syncs_swap_exact_weights(engine, spawn_pyt
         assert ok, reason
         assert served == str(version)
         target = build_model(ModelConfig(**model_fields, init_seed=r["seed"]))
-        if r["dtype"] == "bfloat16":  # what a bf16 wire can carry: the sender's values rounded to bf16
+        # what a bf16 wire can carry: the sender's values rounded to bf16
+        if r["dtype"] == "bfloat16":
             with torch.no_grad():
                 for p in target.parameters():
                     p.copy_(p.to(torch.bfloat16))
         assert checksum == state_checksum(target), f"round {version}"
     live = {flat.untyped_storage().data_ptr() for flat in engine.weights._live.values()}
-    assert {p.untyped_storage().data_ptr() for p in engine.model.parameters()} <= live  # swapped, not copied
-    status, out = post(engine.url, "/generate", {"input_ids": [1, 7], "sampling_params": {"max_new_tokens": 3}})
+    # swapped, not copied
+    assert {p.untyped_storage().data_ptr() for p in engine.model.parameters()} <= live
+    status, out = post(engine.url, "/generate", {"input_ids": [1, 7],
+                                                 "sampling_params": {"max_new_tokens": 3}})
     assert status == 200 and out["meta_info"]["weight_version"] == str(len(ROUNDS))
 
 
 def _no_spare_is_viewed_by_a_parameter(engine) -> None:
     """The swap invariant: the buffers the next syncs are received into hold no live parameter."""
-    spans = [(p.untyped_storage().data_ptr(), p.untyped_storage().nbytes()) for p in engine.model.parameters()]
+    spans = [(p.untyped_storage().data_ptr(), p.untyped_storage().nbytes())
+             for p in engine.model.parameters()]
     for flat in engine.weights._spare.values():
         a, n = flat.untyped_storage().data_ptr(), flat.untyped_storage().nbytes()
         assert all(b + m <= a or a + n <= b for b, m in spans)
 
 
 def test_a_sender_crash_mid_sync_never_labels_mixed_weights(engine, spawn_python):
-    """Buckets that are not the last are answered before their receive completes: a trainer that dies
-    after bucket 0 must still leave the engine on its old version label, and the next sync works."""
+    """Buckets that are not the last are answered before their receive completes: a trainer that
+    dies after bucket 0 must still leave the engine on its old version label, and the next sync
+    works."""
     names = [(n, list(p.shape)) for n, p in engine.model.named_parameters()]
     plan_specs = plan_buckets([(n, s, "float32") for n, s in names], 40_000)
     assert len(plan_specs) >= 3
     bucket_names = [b.names for b in plan_specs]
     ports = [free_port(), free_port()]
-    crashing = spawn_python(FLAT_SENDER, [json.dumps({"model": {"max_position_embeddings": 128, "init_seed": 31},
-                                                      "port": ports[0], "group": GROUP, "buckets": bucket_names,
-                                                      "stop_after": 1})])
+    crashing = spawn_python(FLAT_SENDER, [json.dumps({
+        "model": {"max_position_embeddings": 128, "init_seed": 31}, "port": ports[0],
+        "group": GROUP, "buckets": bucket_names, "stop_after": 1})])
 
     async def sync(version: int, port: int):
-        plan = WeightSyncPlan(policy_version=version, group_name=GROUP, master_addr="127.0.0.1", master_port=port,
-                              world_size=2, backend="gloo", reform=True,
-                              members=[SyncMember(server_id="e", rank_offset=1)], buckets=plan_specs,
-                              deadline_s=HTTP_TIMEOUT_S)
+        plan = WeightSyncPlan(policy_version=version, group_name=GROUP, master_addr="127.0.0.1",
+                              master_port=port, world_size=2, backend="gloo", reform=True,
+                              members=[SyncMember(server_id="e", rank_offset=1)],
+                              buckets=plan_specs, deadline_s=HTTP_TIMEOUT_S)
         async with SGLangClient(engine.url, timeout_s=HTTP_TIMEOUT_S) as client:
             done = await apply_weight_sync(client, plan, "e", drain=False)
             return done, await client.weight_version()
 
     done, served = asyncio.run(sync(1, ports[0]))
     assert read_line(crashing, "crashing", PROCESS_START_S) == "crashing"
-    assert not done.ok and served == "0", (done, served)  # some buckets may be new: the label stays old
-    sender = spawn_python(FLAT_SENDER, [json.dumps({"model": {"max_position_embeddings": 128, "init_seed": 32},
-                                                    "port": ports[1], "group": GROUP, "buckets": bucket_names})])
+    # some buckets may be new: the label stays old
+    assert not done.ok and served == "0", (done, served)
+    sender = spawn_python(FLAT_SENDER, [json.dumps({
+        "model": {"max_position_embeddings": 128, "init_seed": 32}, "port": ports[1],
+        "group": GROUP, "buckets": bucket_names})])
     done, served = asyncio.run(sync(2, ports[1]))
     assert done.ok and served == "2", done.reason
-    assert state_checksum(engine.model) == state_checksum(build_model(ModelConfig(max_position_embeddings=128,
-                                                                                   init_seed=32)))
+    assert (state_checksum(engine.model)
+            == state_checksum(build_model(ModelConfig(max_position_embeddings=128, init_seed=32))))
     assert read_line(sender, "sent", PROCESS_START_S) == "sent"
 
 
@@ -266,53 +285,60 @@ def test_a_refused_flattened_bucket_is_drained_and_loads_nothing(engine, spawn_p
     names = [(n, list(p.shape)) for n, p in engine.model.named_parameters()]
     specs = plan_buckets([(n, s, "float32") for n, s in names], 40_000)
     port = free_port()
-    sender = spawn_python(FLAT_SENDER, [json.dumps({"model": {"max_position_embeddings": 128, "init_seed": 41},
-                                                    "port": port, "group": GROUP, "buckets": [b.names for b in specs]})])
+    sender = spawn_python(FLAT_SENDER, [json.dumps({
+        "model": {"max_position_embeddings": 128, "init_seed": 41}, "port": port,
+        "group": GROUP, "buckets": [b.names for b in specs]})])
     before = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
     with ThreadPoolExecutor(1) as pool:
         joined = pool.submit(post, engine.url, "/init_weights_update_group", {
             "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
             "group_name": GROUP, "backend": "gloo"})
         assert joined.result(timeout=HTTP_TIMEOUT_S)[0] == 200
-    assert post(engine.url, "/pause_generation", {"mode": "abort"})[0] == 200  # paused: buckets answered early
+    # paused: buckets answered early
+    assert post(engine.url, "/pause_generation", {"mode": "abort"})[0] == 200
     assert post(engine.url, "/begin_weight_update", {})[0] == 200
-    for i, b in enumerate(specs):  # bucket 0 under a wrong name: refused after its bytes were drained
+    # bucket 0 under a wrong name: refused after its bytes were drained
+    for i, b in enumerate(specs):
         last = i == len(specs) - 1
         status, body = post(engine.url, "/update_weights_from_distributed", {
-            "names": ["bogus." + n for n in b.names] if i == 0 else b.names, "dtypes": b.dtypes, "shapes": b.shapes,
+            "names": ["bogus." + n for n in b.names] if i == 0 else b.names,
+            "dtypes": b.dtypes, "shapes": b.shapes,
             "group_name": GROUP, "load_format": "flattened_bucket", "flush_cache": last,
             **({"weight_version": "1"} if last else {})})
         assert (status, body["success"]) == ((400, False) if i == 0 else (200, True)), body
     assert post(engine.url, "/end_weight_update", {})[0] == 200
     assert post(engine.url, "/continue_generation", {})[0] == 200
     assert read_line(sender, "sent", PROCESS_START_S) == "sent"
-    target = dict(build_model(ModelConfig(max_position_embeddings=128, init_seed=41)).named_parameters())
+    target = dict(build_model(ModelConfig(max_position_embeddings=128,
+                                          init_seed=41)).named_parameters())
     for n, p in engine.model.named_parameters():
         assert torch.equal(p, before[n] if n in specs[0].names else target[n]), n
 
 
-def test_an_unlabelled_last_bucket_is_settled_before_end_weight_update_answers(engine, spawn_python, tmp_path):
+def test_an_unlabelled_last_bucket_is_settled_before_end_weight_update_answers(
+        engine, spawn_python, tmp_path):
     """SGLang's schema lets a client send its last bucket with ``flush_cache: false`` and no
-    ``weight_version`` (and flush or label later). The engine answers such a bucket once its receive is
-    posted, so ``/end_weight_update`` is where the client learns the outcome: it must report a receive
-    that failed after that answer (not "Success" over weights that never arrived), and once it answers
-    the bucket must be loaded."""
+    ``weight_version`` (and flush or label later). The engine answers such a bucket once its receive
+    is posted, so ``/end_weight_update`` is where the client learns the outcome: it must report a
+    receive that failed after that answer (not "Success" over weights that never arrived), and once
+    it answers the bucket must be loaded."""
     names = [(n, list(p.shape)) for n, p in engine.model.named_parameters()]
     bucket = plan_buckets([(n, s, "float32") for n, s in names], 40_000)[0]
-    body = {"names": bucket.names, "dtypes": bucket.dtypes, "shapes": bucket.shapes, "group_name": GROUP,
-            "load_format": "flattened_bucket", "flush_cache": False}
+    body = {"names": bucket.names, "dtypes": bucket.dtypes, "shapes": bucket.shapes,
+            "group_name": GROUP, "load_format": "flattened_bucket", "flush_cache": False}
     before = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
 
     def session(seed: int, go: Path, **spec) -> tuple[tuple, tuple, object]:
         port = free_port()
-        sender = spawn_python(FLAT_SENDER, [json.dumps({"model": {"max_position_embeddings": 128, "init_seed": seed},
-                                                        "port": port, "group": GROUP, "buckets": [bucket.names],
-                                                        "wait_for": str(go), **spec})])
+        sender = spawn_python(FLAT_SENDER, [json.dumps({
+            "model": {"max_position_embeddings": 128, "init_seed": seed}, "port": port,
+            "group": GROUP, "buckets": [bucket.names], "wait_for": str(go), **spec})])
         post(engine.url, "/destroy_weights_update_group", {"group_name": GROUP})
         assert post(engine.url, "/init_weights_update_group", {
             "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
             "group_name": GROUP, "backend": "gloo"})[0] == 200
-        assert post(engine.url, "/pause_generation", {"mode": "abort"})[0] == 200  # as the rollout server does
+        # as the rollout server does
+        assert post(engine.url, "/pause_generation", {"mode": "abort"})[0] == 200
         assert post(engine.url, "/begin_weight_update", {})[0] == 200
         update = post(engine.url, "/update_weights_from_distributed", body)
         go.touch()  # only now does the sender broadcast (or crash)
@@ -328,33 +354,38 @@ def test_an_unlabelled_last_bucket_is_settled_before_end_weight_update_answers(e
         assert torch.equal(p, before[n]), n
     update, end, sender = session(52, tmp_path / "go2")
     assert update[0] == 200 and end[0] == 200, (update, end)
-    target = dict(build_model(ModelConfig(max_position_embeddings=128, init_seed=52)).named_parameters())
-    for n, p in engine.model.named_parameters():  # read right after end answered: the bucket is loaded
+    target = dict(build_model(ModelConfig(max_position_embeddings=128,
+                                          init_seed=52)).named_parameters())
+    # read right after end answered: the bucket is loaded
+    for n, p in engine.model.named_parameters():
         assert torch.equal(p, target[n] if n in bucket.names else before[n]), n
     assert read_line(sender, "sent", PROCESS_START_S) == "sent"
     assert post(engine.url, "/end_weight_update", {})[0] == 400  # the session is closed
 
 
-def test_an_update_while_not_paused_holds_new_requests_until_its_bucket_is_loaded(engine, spawn_python, tmp_path):
-    """Without /pause_generation a weight update takes the gate's writer side (as SGLang's model-update
-    lock): a /generate that arrives meanwhile starts only once the bucket is loaded, so it never spans
-    two weight states. Here the sender holds bucket 0 back until the test lets it go; the request must
-    not start before that, and it then runs entirely on the updated weights."""
+def test_an_update_while_not_paused_holds_new_requests_until_its_bucket_is_loaded(
+        engine, spawn_python, tmp_path):
+    """Without /pause_generation a weight update takes the gate's writer side (as SGLang's
+    model-update lock): a /generate that arrives meanwhile starts only once the bucket is loaded, so
+    it never spans two weight states. Here the sender holds bucket 0 back until the test lets it go;
+    the request must not start before that, and it then runs entirely on the updated weights."""
     names = [(n, list(p.shape)) for n, p in engine.model.named_parameters()]
     specs = plan_buckets([(n, s, "float32") for n, s in names], 40_000)
     port, go = free_port(), tmp_path / "go"
-    sender = spawn_python(FLAT_SENDER, [json.dumps({"model": {"max_position_embeddings": 128, "init_seed": 81},
-                                                    "port": port, "group": GROUP, "buckets": [specs[0].names],
-                                                    "wait_for": str(go)})])
-    mixed = build_model(MODEL)  # what the engine holds once bucket 0 is in: bucket 0 new, the rest old
-    new = dict(build_model(ModelConfig(max_position_embeddings=128, init_seed=81)).named_parameters())
+    sender = spawn_python(FLAT_SENDER, [json.dumps({
+        "model": {"max_position_embeddings": 128, "init_seed": 81}, "port": port,
+        "group": GROUP, "buckets": [specs[0].names], "wait_for": str(go)})])
+    # what the engine holds once bucket 0 is in: bucket 0 new, the rest old
+    mixed = build_model(MODEL)
+    new = dict(build_model(ModelConfig(max_position_embeddings=128,
+                                       init_seed=81)).named_parameters())
     with torch.no_grad():
         for n, p in mixed.named_parameters():
             if n in specs[0].names:
                 p.copy_(new[n])
     prompt = [1, 40, 41, 42]
-    body = {"names": specs[0].names, "dtypes": specs[0].dtypes, "shapes": specs[0].shapes, "group_name": GROUP,
-            "load_format": "flattened_bucket", "flush_cache": False}
+    body = {"names": specs[0].names, "dtypes": specs[0].dtypes, "shapes": specs[0].shapes,
+            "group_name": GROUP, "load_format": "flattened_bucket", "flush_cache": False}
     with ThreadPoolExecutor(2) as pool:
         assert pool.submit(post, engine.url, "/init_weights_update_group", {
             "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
@@ -362,12 +393,15 @@ def test_an_update_while_not_paused_holds_new_requests_until_its_bucket_is_loade
         assert post(engine.url, "/begin_weight_update", {})[0] == 200
         update = pool.submit(post, engine.url, "/update_weights_from_distributed", body)
         try:
-            wait_deadline = time.monotonic() + 1.0  # the update reaches the engine (or is answered) first
+            # the update reaches the engine (or is answered) first
+            wait_deadline = time.monotonic() + 1.0
             while not update.done() and time.monotonic() < wait_deadline:
                 time.sleep(0.01)
-            request = pool.submit(post, engine.url, "/generate", {"input_ids": prompt, "sampling_params": {
-                "max_new_tokens": 24, "temperature": 0, "ignore_eos": True}})
-            window = time.monotonic() + 2.0  # bounded look: the request must not start before bucket 0 arrived
+            request = pool.submit(post, engine.url, "/generate", {
+                "input_ids": prompt,
+                "sampling_params": {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True}})
+            # bounded look: the request must not start before bucket 0 arrived
+            window = time.monotonic() + 2.0
             started = False
             while time.monotonic() < window and not started:
                 started = request.done() or engine.scheduler.load()["num_running_reqs"] > 0
@@ -380,7 +414,7 @@ def test_an_update_while_not_paused_holds_new_requests_until_its_bucket_is_loade
     assert post(engine.url, "/end_weight_update", {})[0] == 200
     assert status == 200 and out["meta_info"]["weight_version"] == "0"
     with torch.no_grad():
-        ref = mixed.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)
+        ref = mixed.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
     assert out["output_ids"] == ref[0, len(prompt):].tolist()
     assert read_line(sender, "sent", PROCESS_START_S) == "sent"

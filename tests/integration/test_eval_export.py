@@ -50,8 +50,8 @@ def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 def run_job(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     """``areal-like run -q`` at test size from the warm-started model (no warm start of its own)."""
-    return _cli("run", "-q", *BASE_OVERRIDES, f"model.path={warm_model(WARM_CACHE)}", "warm_start.steps=0",
-                f"run_dir={run_dir}", *overrides)
+    return _cli("run", "-q", *BASE_OVERRIDES, f"model.path={warm_model(WARM_CACHE)}",
+                "warm_start.steps=0", f"run_dir={run_dir}", *overrides)
 
 
 def _children() -> set[int]:
@@ -72,8 +72,9 @@ def test_in_run_evaluation_matches_the_exported_model(tmp_path):
 
     evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
     versions = [e["policy_version"] for e in evals]
-    # 0 and the final 6 always; in between, the first version the evaluating engine served past 3: 3
-    # itself, or later when the server was still evaluating version 0 while 3 went by (a loaded machine)
+    # 0 and the final 6 always; in between, the first version the evaluating engine served past 3:
+    # 3 itself, or later when the server was still evaluating version 0 while 3 went by
+    # (a loaded machine)
     assert versions[0] == 0 and versions[-1] == 6 and len(versions) in (2, 3), versions
     assert all(0 < v < 6 and v >= 3 for v in versions[1:-1]), versions
     assert [e["final"] for e in evals] == [False] * (len(evals) - 1) + [True]
@@ -84,7 +85,8 @@ def test_in_run_evaluation_matches_the_exported_model(tmp_path):
     final = evals[-1]
     assert summary["eval_first"]["policy_version"] == 0
     assert summary["eval_last"]["greedy_accuracy"] == final["greedy_accuracy"]
-    assert final["greedy_accuracy"] > 0.5  # the warm-started model reverses greedily: the figure means something
+    # the warm-started model reverses greedily: the figure means something
+    assert final["greedy_accuracy"] > 0.5
 
     export = run_dir / "export" / "v00000006"
     offline = _cli("eval", str(export), "--out", str(tmp_path / "offline.jsonl"))
@@ -92,9 +94,11 @@ def test_in_run_evaluation_matches_the_exported_model(tmp_path):
     record = json.loads(offline.stdout.strip().splitlines()[-1])
     assert record["policy_version"] == 6 and record["n"] == 96
     assert record["greedy_accuracy"] == final["greedy_accuracy"]
-    assert json.loads((tmp_path / "offline.jsonl").read_text())["greedy_accuracy"] == final["greedy_accuracy"]
+    assert (json.loads((tmp_path / "offline.jsonl").read_text())["greedy_accuracy"]
+            == final["greedy_accuracy"])
 
     checkpoint = _cli("eval", str(run_dir / "checkpoints" / "v00000006"))
     assert checkpoint.returncode == 0, checkpoint.stderr[-3000:]
-    assert json.loads(checkpoint.stdout.strip().splitlines()[-1])["greedy_accuracy"] == final["greedy_accuracy"]
+    assert (json.loads(checkpoint.stdout.strip().splitlines()[-1])["greedy_accuracy"]
+            == final["greedy_accuracy"])
     assert _children() <= before

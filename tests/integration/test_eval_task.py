@@ -35,21 +35,24 @@ from trainer.export import export_hf
 root = Path(sys.argv[1])
 cfg = load_config(["task=sort"])
 model, tok = build_model(cfg.model, dtype="float32"), load_tokenizer(cfg.model)
-export_hf(model, root / "bare" / "v00000003", model_cfg=cfg.model, tokenizer=tok, shard_mb=64, dtype="float32")
-export_hf(model, root / "moved" / "v00000003", model_cfg=cfg.model, tokenizer=tok, shard_mb=64, dtype="float32",
-          task=cfg.task)
+export_hf(model, root / "bare" / "v00000003", model_cfg=cfg.model, tokenizer=tok, shard_mb=64,
+          dtype="float32")
+export_hf(model, root / "moved" / "v00000003", model_cfg=cfg.model, tokenizer=tok, shard_mb=64,
+          dtype="float32", task=cfg.task)
 """
-FAST = ["eval.max_examples=4", "eval.k=0"]  # four greedy answers: the task is the point, not the score
+# four greedy answers: the task is the point, not the score
+FAST = ["eval.max_examples=4", "eval.k=0"]
 
 
 def _eval(model: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.cli", "eval", str(model), *FAST, *overrides],
-                          capture_output=True, text=True, timeout=300, cwd=REPO_ROOT, env=child_env())
+    return subprocess.run([sys.executable, "-m", "launch.cli", "eval", str(model), *FAST,
+                           *overrides], capture_output=True, text=True, timeout=300,
+                          cwd=REPO_ROOT, env=child_env())
 
 
 def test_an_export_is_scored_on_its_stored_task_and_a_bare_model_is_refused(tmp_path):
-    subprocess.run([sys.executable, "-c", EXPORT, str(tmp_path)], check=True, timeout=300, cwd=REPO_ROOT,
-                   env=child_env())
+    subprocess.run([sys.executable, "-c", EXPORT, str(tmp_path)], check=True, timeout=300,
+                   cwd=REPO_ROOT, env=child_env())
     moved, bare = tmp_path / "moved" / "v00000003", tmp_path / "bare" / "v00000003"
 
     r = _eval(moved, "task.max_new_tokens=5")

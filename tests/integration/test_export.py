@@ -6,7 +6,8 @@
   round-trip; tied embeddings are written once and re-tied; a bf16 export is one file.
 - The trainer daemon (2 ranks, a stand-in buffer) exports at multiples of ``export.every`` and at
   the end, in its "export" phase, next to the KL reference's "ref_logp" phase; ``areal-like
-  export`` of its checkpoint at a version gives exactly the tensors of the in-run export at that version.
+  export`` of its checkpoint at a version gives exactly the tensors of the in-run export at that
+  version.
 
 The worker half of this file runs as ``python -c RUNNER test_export.py OUT_DIR`` in each rank.
 """
@@ -21,7 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 RUNNER = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
-TIMEOUT_S = 300  # cold torch + transformers imports of two ranks on a loaded 2-core machine, plus the work
+# cold torch + transformers imports of two ranks on a loaded 2-core machine, plus the work
+TIMEOUT_S = 300
 SHARD_MB = 1
 PROBE = [[1, 40, 41, 42, 2, 50, 60, 70], [1, 7, 8, 9, 10, 11, 12, 13]]
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}]
@@ -44,21 +46,22 @@ def worker(out_dir: Path) -> None:
     results = {}
     for tied in (False, True):
         # 256 wide: ~5 MiB of fp32 weights, several 1 MiB shards
-        cfg = load_config([f"model.tie_word_embeddings={tied}", "model.hidden_size=256", "model.intermediate_size=512",
-                           "trainer.lr=1e-2"])
+        cfg = load_config([f"model.tie_word_embeddings={tied}", "model.hidden_size=256",
+                           "model.intermediate_size=512", "trainer.lr=1e-2"])
         rank, _ = init_distributed(cfg.trainer)
         policy = build_policy(cfg.model, cfg.trainer)
         s = StepSettings.from_config(cfg)
         batch = groups_to_batch(synthetic_groups())
         train_step(policy, batch, s, recompute_prox_logp(policy, batch, s))
         with torch.no_grad():
-            logits = policy.model(input_ids=torch.tensor(PROBE)).logits  # all ranks: FSDP2 all-gathers
+            # all ranks: FSDP2 all-gathers
+            logits = policy.model(input_ids=torch.tensor(PROBE)).logits
         tok = load_tokenizer(cfg.model)
-        export_hf(policy.model, out_dir / f"tied{int(tied)}", model_cfg=cfg.model, tokenizer=tok, shard_mb=SHARD_MB,
-                  dtype="float32")
+        export_hf(policy.model, out_dir / f"tied{int(tied)}", model_cfg=cfg.model, tokenizer=tok,
+                  shard_mb=SHARD_MB, dtype="float32")
         if not tied:
-            export_hf(policy.model, out_dir / "bf16", model_cfg=cfg.model, tokenizer=tok, shard_mb=64,
-                      dtype="bfloat16")
+            export_hf(policy.model, out_dir / "bf16", model_cfg=cfg.model, tokenizer=tok,
+                      shard_mb=64, dtype="bfloat16")
         results[tied] = {"logits": logits.detach().clone(), "state": full_state_dict(policy.model)}
     if rank == 0:
         torch.save(results, out_dir / "trained.pt")
@@ -78,13 +81,15 @@ def check_layout(directory: Path, state: dict, tied: bool) -> None:
 
     files = _tensors(directory)
     n = len(files)
-    assert n >= 3 and sorted(files) == [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+    assert n >= 3 and sorted(files) == [f"model-{k:05d}-of-{n:05d}.safetensors"
+                                        for k in range(1, n + 1)]
     index = json.loads((directory / "model.safetensors.index.json").read_text())
     located = {name: f for f, ts in files.items() for name in ts}
     assert index["weight_map"] == located  # every tensor of every shard, in the file that holds it
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for ts in files.values()
-                                                  for t in ts.values())
-    assert index["metadata"]["total_parameters"] == sum(t.numel() for ts in files.values() for t in ts.values())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size()
+                                                  for ts in files.values() for t in ts.values())
+    assert index["metadata"]["total_parameters"] == sum(t.numel() for ts in files.values()
+                                                        for t in ts.values())
     for ts in files.values():  # a shard stays under the limit unless it holds one tensor alone
         assert len(ts) == 1 or sum(t.numel() * 4 for t in ts.values()) <= SHARD_MB * 2**20
     expected = {k: v for k, v in state.items() if not (tied and k == "lm_head.weight")}
@@ -101,7 +106,8 @@ def check_loads(directory: Path, logits, tied: bool) -> None:
     from areal_like.tasks.tokenizer import char_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(directory)).eval()
-    assert model.config.tie_word_embeddings is tied and model.config.architectures == ["Qwen2ForCausalLM"]
+    assert (model.config.tie_word_embeddings is tied
+            and model.config.architectures == ["Qwen2ForCausalLM"])
     assert (model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()) is tied
     with torch.no_grad():
         got = model(input_ids=torch.tensor(PROBE)).logits
@@ -112,10 +118,11 @@ def check_loads(directory: Path, logits, tied: bool) -> None:
     assert (loaded.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
             == ours.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True))
     gen = GenerationConfig.from_pretrained(str(directory))
-    assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id) == (ours.bos_token_id, ours.eos_token_id,
-                                                                        ours.pad_token_id) == (1, 2, 0)
+    assert ((gen.bos_token_id, gen.eos_token_id, gen.pad_token_id)
+            == (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (1, 2, 0))
     config = json.loads((directory / "config.json").read_text())
-    assert config["use_cache"] is True and config["dtype"] == "float32" and config["rope_theta"] == 10000.0
+    assert (config["use_cache"] is True and config["dtype"] == "float32"
+            and config["rope_theta"] == 10000.0)
 
 
 def test_export_round_trip_from_two_fsdp_ranks(tmp_path, spawn_python, free_port):
@@ -123,8 +130,8 @@ def test_export_round_trip_from_two_fsdp_ranks(tmp_path, spawn_python, free_port
     from safetensors.torch import load_file
 
     env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    procs = [spawn_python(RUNNER, [__file__, tmp_path], capture=False, env={**env, "RANK": str(r),
-                                                                           "LOCAL_RANK": str(r)}) for r in (0, 1)]
+    procs = [spawn_python(RUNNER, [__file__, tmp_path], capture=False,
+                          env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
     assert [p.wait(timeout=TIMEOUT_S) for p in procs] == [0, 0]
     trained = torch.load(tmp_path / "trained.pt")
     assert not list(tmp_path.glob(".tmp_*"))  # every export was renamed into place
@@ -136,13 +143,15 @@ def test_export_round_trip_from_two_fsdp_ranks(tmp_path, spawn_python, free_port
     weights = load_file(str(bf16 / "model.safetensors"))
     assert set(weights) == set(trained[False]["state"])
     for name, w in trained[False]["state"].items():
-        assert weights[name].dtype == torch.bfloat16 and torch.equal(weights[name], w.to(torch.bfloat16)), name
+        assert (weights[name].dtype == torch.bfloat16
+                and torch.equal(weights[name], w.to(torch.bfloat16))), name
     assert json.loads((bf16 / "config.json").read_text())["dtype"] == "bfloat16"
 
 
-# ---------------------------------------------------------------- the daemon and `areal-like export`
+# --------------------------------------------------------------- the daemon and `areal-like export`
 def _lines(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    return ([json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+            if path.is_file() else [])
 
 
 def test_in_run_export_and_cli_export_of_the_checkpoint_agree(tmp_path, spawn_python, free_port):
@@ -152,35 +161,41 @@ def test_in_run_export_and_cli_export_of_the_checkpoint_agree(tmp_path, spawn_py
     from areal_like.settings.config import load_config, to_yaml
 
     address = f"tcp://127.0.0.1:{free_port()}"
-    cfg = load_config([f"run_dir={tmp_path}", "security.curve=false", f"buffer.address={address}", "trainer.steps=3",
-                       "trainer.checkpoint_every=2", "export.every=2", f"export.shard_mb={SHARD_MB}",
-                       "trainer.loss.kl_coef=0.05", "trainer.lr=1e-3", "trainer.micro_batch_size=4",
-                       "trainer.batch_wait_s=1"])
+    cfg = load_config([f"run_dir={tmp_path}", "security.curve=false", f"buffer.address={address}",
+                       "trainer.steps=3", "trainer.checkpoint_every=2", "export.every=2",
+                       f"export.shard_mb={SHARD_MB}", "trainer.loss.kl_coef=0.05",
+                       "trainer.lr=1e-3", "trainer.micro_batch_size=4", "trainer.batch_wait_s=1"])
     (tmp_path / "config.yaml").write_text(to_yaml(cfg))
     buffer = BufferStandIn(address)
     try:
         env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
         ranks = [spawn_python("trainer", ["--config-file", tmp_path / "config.yaml"], capture=False,
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
-        assert [p.wait(timeout=TIMEOUT_S) for p in ranks] == [0, 0]  # trainer.steps reached: a clean exit
+        # trainer.steps reached: a clean exit
+        assert [p.wait(timeout=TIMEOUT_S) for p in ranks] == [0, 0]
     finally:
         buffer.close()
     exports = tmp_path / "export"
-    assert sorted(p.name for p in exports.iterdir()) == ["v00000002", "v00000003"]  # every=2, and the end
+    # every=2, and the end
+    assert sorted(p.name for p in exports.iterdir()) == ["v00000002", "v00000003"]
     rows = _lines(tmp_path / "metrics" / "trainer.jsonl")
     assert [(r["policy_version"], r["path"]) for r in rows if r.get("event") == "export"] == [
         (2, str(exports / "v00000002")), (3, str(exports / "v00000003"))]
     steps = {r["step"]: r for r in rows if "step" in r}
-    assert steps[1]["stats"]["kl_ref"] == 0.0 and steps[3]["stats"]["kl_ref"] > 0  # reference = initial weights
-    # a step's record holds that step's phases only: step 2 checkpoints and exports, 1 and 3 do neither
-    # (3's export and checkpoint come after its record, at the end), and the setup's guard is no step's
+    # reference = initial weights
+    assert steps[1]["stats"]["kl_ref"] == 0.0 and steps[3]["stats"]["kl_ref"] > 0
+    # a step's record holds that step's phases only: step 2 checkpoints and exports, 1 and 3 do
+    # neither (3's export and checkpoint come after its record, at the end), and the setup's guard
+    # is no step's
     assert {"checkpoint", "export", "ref_logp", "train_step"} <= set(steps[2]["phase_seconds"])
     for k in (1, 3):
-        assert not {"checkpoint", "export", "logprob_guard"} & set(steps[k]["phase_seconds"]), steps[k]
+        assert not ({"checkpoint", "export", "logprob_guard"}
+                    & set(steps[k]["phase_seconds"])), steps[k]
         assert steps[k]["phase_seconds"]["fetch_batch"] == steps[k]["data_wait_seconds"]
 
     ckpt, out = tmp_path / "checkpoints" / "v00000002", tmp_path / "offline_v2"
-    cli = spawn_python("launch.cli", ["export", ckpt, out])  # config: <run_dir>/config.yaml by default
+    # config: <run_dir>/config.yaml by default
+    cli = spawn_python("launch.cli", ["export", ckpt, out])
     stdout, stderr = cli.communicate(timeout=TIMEOUT_S)
     assert cli.returncode == 0, stderr
     assert json.loads(stdout.strip().splitlines()[-1])["out"] == str(out.resolve())
@@ -198,11 +213,12 @@ def test_in_run_export_and_cli_export_of_the_checkpoint_agree(tmp_path, spawn_py
     assert any(not torch.equal(final[f][n], t) for f, ts in online.items() for n, t in ts.items())
 
     again = spawn_python("launch.cli", ["export", ckpt, out])
-    assert again.communicate(timeout=TIMEOUT_S)[1].strip().endswith("choose a new directory (an export never "
-                                                                    "overwrites one)")
+    assert again.communicate(timeout=TIMEOUT_S)[1].strip().endswith(
+        "choose a new directory (an export never overwrites one)")
     assert again.returncode == 2
     wrong = spawn_python("launch.cli", ["export", tmp_path / "metrics", tmp_path / "x"])
-    assert "neither a trainer checkpoint nor a directory of them" in wrong.communicate(timeout=TIMEOUT_S)[1]
+    assert ("neither a trainer checkpoint nor a directory of them"
+            in wrong.communicate(timeout=TIMEOUT_S)[1])
     assert wrong.returncode == 2 and not (tmp_path / "x").exists()
 
 
